@@ -1,0 +1,45 @@
+"""Typed errors. Each carries what the SMTP client and the sysadmin need to see."""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    """Base of every error the relay raises on purpose."""
+
+
+class SmtpReply(RelayError):
+    """An SMTP reply to give the client instead of accepting the message."""
+
+    def __init__(self, code: int, status: str, text: str) -> None:
+        super().__init__(f"{code} {status} {text}")
+        self.code = code
+        self.status = status
+        self.text = text
+
+    @property
+    def line(self) -> str:
+        return f"{self.code} {self.status} {self.text}"
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+
+class Rejected(SmtpReply):
+    """The policy refuses this message (unknown or unauthorised sender, bad input)."""
+
+
+class UpstreamError(SmtpReply):
+    """The upstream refused or could not be reached; carries its own reply text."""
+
+
+class PolicyError(RelayError):
+    """The policy file is invalid; ``problems`` holds every located problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class SigningError(RelayError):
+    """A DKIM signature could not be made."""

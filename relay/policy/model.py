@@ -1,0 +1,207 @@
+"""The typed, frozen policy every pipeline stage reads.
+
+The YAML file is parsed and validated once (see ``relay.policy.load``) into
+these objects; the stages are then pure functions over them, so a running
+policy can be swapped atomically and two messages never see half of one.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path
+
+
+class AuthMode(enum.Enum):
+    REQUIRED = "required"
+    OPTIONAL = "optional"
+    OFF = "off"
+
+
+class IdentitySource(enum.Enum):
+    """Where the sending user can be read from, tried in the policy's order."""
+
+    AUTH_LOGIN = "auth_login"
+    ENVELOPE_SENDER = "envelope_sender"
+    HEADER_FROM = "header_from"
+    HEADER = "header"
+
+
+class UnknownSender(enum.Enum):
+    REJECT = "reject"
+    DEFAULT = "default"
+
+
+class ReplyToKind(enum.Enum):
+    SENDER = "sender"
+    COMPANY = "company"
+    HEADER = "header"
+    ADDRESS = "address"
+    KEEP = "keep"
+
+
+class TlsMode(enum.Enum):
+    NONE = "none"
+    STARTTLS = "starttls"
+    IMPLICIT = "implicit"
+    AUTO = "auto"
+
+
+class DkimAlgorithm(enum.Enum):
+    RSA = "rsa"
+    ED25519 = "ed25519"
+
+
+class ConditionKind(enum.Enum):
+    HEADER = "header"
+    SUBJECT = "subject"
+    ATTACHMENT = "attachment"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    address: str
+    port: int
+    auth: AuthMode
+    tls: TlsFiles | None
+    allow: tuple[IPv4Network | IPv6Network, ...]
+    max_message_size: int
+    max_recipients: int
+    idle_timeout: float
+
+
+@dataclass(frozen=True)
+class Login:
+    """An AUTH credential of one ERP installation, bound to one tenant."""
+
+    login: str
+    password_hash: str
+    tenant: str
+    users: tuple[str, ...]  # empty: any user of the tenant
+
+
+@dataclass(frozen=True)
+class User:
+    id: str
+    tenant: str
+    name: str
+    address: str
+    aliases: tuple[str, ...]  # further addresses that identify this user (lower case)
+
+
+@dataclass(frozen=True)
+class ReplyToSource:
+    kind: ReplyToKind
+    value: str = ""  # header name for HEADER, the address for ADDRESS
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: str
+    name: str
+    address: str  # the company's own address ("company" Reply-To)
+    verified_domains: tuple[str, ...]  # users of these domains keep their own From
+    upstream: str
+    default_user: str | None
+    reply_to: Mapping[str, tuple[ReplyToSource, ...]]  # document type or "default"
+    bcc_sender: frozenset[str]  # document types that get the automatic BCC
+    users: Mapping[str, User]
+
+
+@dataclass(frozen=True)
+class Condition:
+    kind: ConditionKind
+    pattern: re.Pattern[str]
+    header: str = ""  # only for HEADER
+
+
+@dataclass(frozen=True)
+class DocumentRule:
+    id: str
+    doc_type: str
+    conditions: tuple[Condition, ...]  # all must match
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    domain: str
+    selector: str
+    algorithm: DkimAlgorithm
+    key_file: Path
+    private_key: bytes  # PEM (rsa) or base64 seed (ed25519), read at load time
+
+
+@dataclass(frozen=True)
+class SmtpUpstream:
+    name: str
+    host: str
+    port: int
+    tls: TlsMode
+    username: str | None
+    password_file: Path | None
+    password_env: str | None
+    timeout: float
+
+
+@dataclass(frozen=True)
+class DirectoryUpstream:
+    name: str
+    path: Path
+
+
+Upstream = SmtpUpstream | DirectoryUpstream
+
+
+@dataclass(frozen=True)
+class Platform:
+    from_address: str
+    display_name: str  # template over {user.name}, {user.address}, {tenant.name}
+    return_path: str  # envelope sender used upstream
+    hostname: str  # right-hand side of generated Message-IDs
+
+
+@dataclass(frozen=True)
+class Identify:
+    order: tuple[IdentitySource, ...]
+    header: str  # the ERP's user header, e.g. X-ERP-User
+    unknown_sender: UnknownSender
+    default_tenant: str | None  # for UNKNOWN_SENDER.DEFAULT without a login
+
+
+@dataclass(frozen=True)
+class UserRef:
+    tenant: str
+    user: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    source: Path
+    digest: str  # sha256 of the policy file: the policy version
+    platform: Platform
+    listeners: tuple[Listener, ...]
+    identify: Identify
+    classify: tuple[DocumentRule, ...]
+    control_headers: tuple[str, ...]  # relay-only headers stripped before sending
+    dkim_keys: tuple[DkimKey, ...]
+    upstreams: Mapping[str, Upstream]
+    logins: Mapping[str, Login]
+    tenants: Mapping[str, Tenant]
+    addresses: Mapping[str, UserRef]  # lower-case address/alias -> user
+
+    def user(self, ref: UserRef) -> User:
+        return self.tenants[ref.tenant].users[ref.user]
+
+    def keys_for(self, domain: str) -> tuple[DkimKey, ...]:
+        domain = domain.lower()
+        return tuple(k for k in self.dkim_keys if k.domain == domain)
