@@ -43,3 +43,7 @@ class PolicyError(RelayError):
 
 class SigningError(RelayError):
     """A DKIM signature could not be made."""
+
+
+class HeaderInjection(RelayError):
+    """A value would break out of its header field (CR, LF or NUL in it)."""
