@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
+
 
 class RelayError(Exception):
     """Base of every error the relay raises on purpose."""
@@ -11,6 +15,9 @@ class SmtpReply(RelayError):
     """An SMTP reply to give the client instead of accepting the message."""
 
     def __init__(self, code: int, status: str, text: str) -> None:
+        # Texts quote addresses and upstream replies; a CR or LF in them
+        # would let a client's input forge further reply lines.
+        text = _UNSAFE.sub(" ", text)
         super().__init__(f"{code} {status} {text}")
         self.code = code
         self.status = status

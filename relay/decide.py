@@ -1,0 +1,167 @@
+"""The policy decision for one message: identities, recipients, signing, route.
+
+A pure function: everything it needs (the policy, the submission, the read
+view, the time and a unique token) comes in as arguments, so ``relay
+preview`` shows exactly what the daemon would do. Every choice is recorded
+with its reason for the preview and the logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import format_datetime, getaddresses
+
+from relay.classify import Classification
+from relay.errors import HeaderInjection
+from relay.headers import format_address
+from relay.identify import Identity
+from relay.message import MessageView
+from relay.policy.model import DkimKey, Policy, ReplyToKind, ReplyToSource, Upstream
+from relay.rewrite import HeaderEdits
+from relay.submission import Submission
+
+
+@dataclass(frozen=True)
+class Decision:
+    identity: Identity
+    classification: Classification
+    from_before: str | None
+    from_after: str
+    reply_to_before: str | None
+    reply_to_after: str | None  # None: the message's own Reply-To is kept
+    bcc_added: tuple[str, ...]
+    recipients: tuple[str, ...]  # envelope recipients upstream, BCC included
+    edits: HeaderEdits
+    signing: tuple[DkimKey, ...]
+    signing_domain: str
+    upstream: Upstream
+    mail_from: str
+    reasons: tuple[str, ...]
+
+
+def decide(
+    policy: Policy,
+    submission: Submission,
+    view: MessageView,
+    identity: Identity,
+    classification: Classification,
+    now: datetime,
+    token: str,
+) -> Decision:
+    reasons = [*identity.reasons, classification.reason]
+    from_after, signing_domain, why = _from(policy, identity)
+    reasons.append(why)
+    reply_to_after, why = _reply_to(identity, classification.doc_type, view)
+    reasons.append(why)
+    bcc, why = _bcc(identity, classification.doc_type, submission.rcpt_tos)
+    reasons.append(why)
+    signing = policy.keys_for(signing_domain)
+    if not signing:
+        reasons.append(f"no DKIM key for {signing_domain}: the message is not signed")
+
+    updates = [("From", from_after)]
+    if reply_to_after is not None:
+        updates.append(("Reply-To", reply_to_after))
+    if view.get("Message-ID") is None:
+        updates.append(("Message-ID", f"<{token}@{policy.platform.hostname}>"))
+        reasons.append("Message-ID was missing: added")
+    if view.get("Date") is None:
+        updates.append(("Date", format_datetime(now)))
+        reasons.append("Date was missing: added")
+    edits = HeaderEdits(remove=("Bcc", *policy.control_headers), set=tuple(updates))
+
+    return Decision(
+        identity=identity,
+        classification=classification,
+        from_before=view.get("From"),
+        from_after=from_after,
+        reply_to_before=view.get("Reply-To"),
+        reply_to_after=reply_to_after,
+        bcc_added=bcc,
+        recipients=(*submission.rcpt_tos, *bcc),
+        edits=edits,
+        signing=signing,
+        signing_domain=signing_domain,
+        upstream=policy.upstreams[identity.tenant.upstream],
+        mail_from=policy.platform.return_path,
+        reasons=tuple(reasons),
+    )
+
+
+def _from(policy: Policy, identity: Identity) -> tuple[str, str, str]:
+    """The From value, the domain whose key signs it, and why."""
+    user, tenant = identity.user, identity.tenant
+    domain = user.address.rsplit("@", 1)[1].lower()
+    if domain in tenant.verified_domains:
+        why = f"From is the user's own address: {domain} is a verified domain of {tenant.id!r}"
+        return format_address(user.name, user.address), domain, why
+    name = policy.platform.display_name.format_map(
+        {"user": _Fields(name=user.name, address=user.address), "tenant": _Fields(name=tenant.name)}
+    )
+    platform = policy.platform.from_address
+    why = f"From is the platform address {platform} with display name {name!r}"
+    return format_address(name, platform), platform.rsplit("@", 1)[1].lower(), why
+
+
+class _Fields:
+    """Attribute access for the display-name template, nothing else."""
+
+    def __init__(self, **values: str) -> None:
+        self.__dict__.update(values)
+
+
+def _reply_to(identity: Identity, doc_type: str, view: MessageView) -> tuple[str | None, str]:
+    tenant = identity.tenant
+    chain = tenant.reply_to.get(doc_type) or tenant.reply_to["default"]
+    skipped: list[str] = []
+    for source in chain:
+        if source.kind is ReplyToKind.KEEP:
+            return None, _chain_why("Reply-To kept as the message has it", skipped)
+        value = _reply_to_value(source, identity, view)
+        if value is not None:
+            return value, _chain_why(f"Reply-To from {_label(source)}: {value}", skipped)
+        skipped.append(_label(source))
+    return None, _chain_why("no Reply-To source gave an address; Reply-To left as it was", skipped)
+
+
+def _reply_to_value(source: ReplyToSource, identity: Identity, view: MessageView) -> str | None:
+    if source.kind is ReplyToKind.SENDER:
+        return format_address(identity.user.name, identity.user.address)
+    if source.kind is ReplyToKind.COMPANY:
+        return format_address(identity.tenant.name, identity.tenant.address)
+    if source.kind is ReplyToKind.ADDRESS:
+        return source.value
+    for name, address in getaddresses(list(view.get_all(source.value))):
+        if "@" not in address:
+            continue
+        try:
+            return format_address(name, address)
+        except HeaderInjection:
+            continue
+    return None
+
+
+def _label(source: ReplyToSource) -> str:
+    if source.kind is ReplyToKind.HEADER:
+        return f"header {source.value}"
+    if source.kind is ReplyToKind.ADDRESS:
+        return "fixed address"
+    return source.kind.value
+
+
+def _chain_why(why: str, skipped: list[str]) -> str:
+    if not skipped:
+        return why
+    return f"{why} (empty before it: {', '.join(skipped)})"
+
+
+def _bcc(
+    identity: Identity, doc_type: str, rcpt_tos: tuple[str, ...]
+) -> tuple[tuple[str, ...], str]:
+    address = identity.user.address
+    if doc_type not in identity.tenant.bcc_sender:
+        return (), f"no automatic BCC: {doc_type!r} is not a BCC document type"
+    if address.lower() in {r.lower() for r in rcpt_tos}:
+        return (), f"no automatic BCC: {address} is already a recipient"
+    return (address,), f"automatic BCC to the sender {address} ({doc_type!r})"

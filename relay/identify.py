@@ -1,0 +1,148 @@
+"""Which user of which tenant sent a message, and whether they may.
+
+ERPs identify their users in different ways (their own AUTH login, the
+envelope sender, the From header, a header of their own), so the policy
+lists the sources in the order to try. The first source that names a known
+user wins; a login may then still forbid that user, which is refused rather
+than silently sent under another identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from relay.errors import Rejected
+from relay.message import MessageView
+from relay.policy.model import (
+    IdentitySource,
+    Login,
+    Policy,
+    Tenant,
+    UnknownSender,
+    User,
+    UserRef,
+)
+from relay.submission import Submission
+
+
+@dataclass(frozen=True)
+class Identity:
+    tenant: Tenant
+    user: User
+    login: str | None
+    source: str  # which source named the user, or "default"
+    reasons: tuple[str, ...]
+
+
+def identify(policy: Policy, submission: Submission, view: MessageView) -> Identity:
+    login = policy.logins.get(submission.auth_login) if submission.auth_login else None
+    reasons: list[str] = []
+    if login is not None:
+        reasons.append(f"AUTH login {login.login!r} belongs to tenant {login.tenant!r}")
+    for source in policy.identify.order:
+        found = _lookup(policy, source, submission, view, login)
+        if found is None:
+            continue
+        ref, why = found
+        _authorise(login, ref)
+        reasons.append(why)
+        return _identity(policy, ref, login, source.value, reasons)
+    return _fallback(policy, submission, view, login, reasons)
+
+
+def _lookup(
+    policy: Policy,
+    source: IdentitySource,
+    submission: Submission,
+    view: MessageView,
+    login: Login | None,
+) -> tuple[UserRef, str] | None:
+    if source is IdentitySource.AUTH_LOGIN:
+        if login is not None and len(login.users) == 1:
+            ref = UserRef(login.tenant, login.users[0])
+            return ref, f"AUTH login {login.login!r} is bound to user {ref.user!r}"
+        return None
+    if source is IdentitySource.ENVELOPE_SENDER:
+        ref = policy.addresses.get(submission.mail_from.lower())
+        if ref is not None:
+            return ref, f"envelope sender <{submission.mail_from}> is user {ref.user!r}"
+        return None
+    if source is IdentitySource.HEADER_FROM:
+        for _, address in view.addresses("From"):
+            ref = policy.addresses.get(address.lower())
+            if ref is not None:
+                return ref, f"From address <{address}> is user {ref.user!r}"
+        return None
+    return _lookup_header(policy, view, login)
+
+
+def _lookup_header(
+    policy: Policy, view: MessageView, login: Login | None
+) -> tuple[UserRef, str] | None:
+    """The ERP's own header may carry an address or the user's id in the tenant."""
+    name = policy.identify.header
+    value = (view.get(name) or "").strip()
+    if not value:
+        return None
+    ref = policy.addresses.get(value.lower())
+    if ref is None:
+        tenant_id = login.tenant if login is not None else policy.identify.default_tenant
+        tenant = policy.tenants.get(tenant_id) if tenant_id else None
+        if tenant is not None and value in tenant.users:
+            ref = UserRef(tenant.id, value)
+    if ref is None:
+        return None
+    return ref, f"header {name}: {value!r} is user {ref.user!r}"
+
+
+def _authorise(login: Login | None, ref: UserRef) -> None:
+    if login is None:
+        return
+    if ref.tenant != login.tenant:
+        raise Rejected(
+            550,
+            "5.7.1",
+            f"Login {login.login} may not send as a user of another tenant ({ref.user})",
+        )
+    if login.users and ref.user not in login.users:
+        raise Rejected(550, "5.7.1", f"Login {login.login} may not send as user {ref.user}")
+
+
+def _fallback(
+    policy: Policy,
+    submission: Submission,
+    view: MessageView,
+    login: Login | None,
+    reasons: list[str],
+) -> Identity:
+    tried = _describe_tried(submission, view)
+    if policy.identify.unknown_sender is UnknownSender.DEFAULT:
+        tenant_id = login.tenant if login is not None else policy.identify.default_tenant
+        tenant = policy.tenants.get(tenant_id) if tenant_id else None
+        if tenant is not None and tenant.default_user is not None:
+            ref = UserRef(tenant.id, tenant.default_user)
+            _authorise(login, ref)
+            reasons.append(
+                f"no user matched ({tried}); using default user {ref.user!r}"
+                f" of tenant {tenant.id!r}"
+            )
+            return _identity(policy, ref, login, "default", reasons)
+    raise Rejected(550, "5.7.1", f"Sender not known to this relay ({tried})")
+
+
+def _describe_tried(submission: Submission, view: MessageView) -> str:
+    sender = submission.mail_from or "<>"
+    from_header = ", ".join(a for _, a in view.addresses("From")) or "none"
+    return f"envelope sender {sender}, From {from_header}"
+
+
+def _identity(
+    policy: Policy, ref: UserRef, login: Login | None, source: str, reasons: list[str]
+) -> Identity:
+    return Identity(
+        tenant=policy.tenants[ref.tenant],
+        user=policy.user(ref),
+        login=login.login if login is not None else None,
+        source=source,
+        reasons=tuple(reasons),
+    )

@@ -1,0 +1,64 @@
+"""A read-only view of a submitted message, for the policy stages to look at.
+
+The email package is used here only to *read* values (decoded header text,
+addresses, attachment file names); the bytes that are sent are edited by
+``relay.rewrite`` and never regenerated from this view.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+from dataclasses import dataclass
+from email.header import decode_header, make_header
+from email.message import Message
+from email.utils import getaddresses
+
+_PARSER = email.parser.BytesParser(policy=email.policy.compat32)
+
+
+@dataclass(frozen=True)
+class MessageView:
+    headers: tuple[tuple[str, str], ...]  # (name, decoded unfolded value), in order
+    attachments: tuple[str, ...]  # file names of every MIME part that has one
+
+    def get(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for n, v in self.headers if n.lower() == name), None)
+
+    def get_all(self, name: str) -> tuple[str, ...]:
+        name = name.lower()
+        return tuple(v for n, v in self.headers if n.lower() == name)
+
+    def addresses(self, name: str) -> tuple[tuple[str, str], ...]:
+        """(display name, address) pairs of every ``name`` header, empty ones left out."""
+        pairs = getaddresses(list(self.get_all(name)))
+        return tuple((n, a) for n, a in pairs if a and "@" in a)
+
+    @property
+    def subject(self) -> str:
+        return self.get("Subject") or ""
+
+
+def decode(value: str) -> str:
+    """Decode RFC 2047 words; a malformed word is kept as it was written."""
+    unfolded = " ".join(value.split("\r\n")).replace("\n", " ")
+    try:
+        return str(make_header(decode_header(unfolded)))
+    except (ValueError, LookupError, UnicodeError):
+        return unfolded
+
+
+def read(raw: bytes) -> MessageView:
+    msg = _PARSER.parsebytes(raw)
+    headers = tuple((name, decode(str(value))) for name, value in msg.items())
+    return MessageView(headers=headers, attachments=tuple(_filenames(msg)))
+
+
+def _filenames(msg: Message) -> list[str]:
+    names = []
+    for part in msg.walk():
+        filename = part.get_filename()
+        if filename:
+            names.append(decode(str(filename)))
+    return names

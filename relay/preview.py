@@ -1,0 +1,124 @@
+"""``relay preview``: the daemon's own decision for a message, explained.
+
+A sysadmin changing the policy wants to see, before any mail goes out,
+who the relay thinks sent a message, why, and what the message will look
+like. This renders ``pipeline.prepare``'s result; nothing is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from email.utils import getaddresses
+
+from relay import headers, message
+from relay.decide import Decision
+from relay.pipeline import Prepared, prepare
+from relay.policy.model import DirectoryUpstream, Policy, SmtpUpstream, Upstream
+from relay.submission import Submission
+
+_LINE_END = re.compile(rb"\r?\n")
+
+
+def submission_from_file(
+    raw: bytes, auth_login: str | None, mail_from: str | None, rcpts: list[str]
+) -> Submission:
+    """Build the SMTP transaction an ERP would have made for this .eml file.
+
+    Files on disk usually have LF line ends; SMTP delivers CRLF, so the
+    preview converts them as an SMTP client would.
+    """
+    data = _LINE_END.sub(b"\r\n", raw)
+    view = message.read(data)
+    if mail_from is None:
+        senders = view.addresses("From")
+        mail_from = senders[0][1] if senders else ""
+    if not rcpts:
+        found = getaddresses([*view.get_all("To"), *view.get_all("Cc"), *view.get_all("Bcc")])
+        rcpts = [address for _, address in found if "@" in address]
+    return Submission(
+        listener="preview",
+        client_address="preview",
+        auth_login=auth_login,
+        mail_from=mail_from,
+        rcpt_tos=tuple(rcpts),
+        data=data,
+    )
+
+
+def render(policy: Policy, submission: Submission, *, as_json: bool) -> str:
+    prepared = prepare(policy, submission)
+    report = _report(policy, submission, prepared)
+    if as_json:
+        return json.dumps(report, indent=2, ensure_ascii=False)
+    return _text(report)
+
+
+def _report(policy: Policy, submission: Submission, prepared: Prepared) -> dict:
+    d: Decision = prepared.decision
+    fields, _ = headers.split(prepared.message)
+    return {
+        "policy": {"file": str(policy.source), "version": policy.digest[:12]},
+        "tenant": {"id": d.identity.tenant.id, "name": d.identity.tenant.name},
+        "user": {
+            "id": d.identity.user.id,
+            "name": d.identity.user.name,
+            "address": d.identity.user.address,
+            "found_by": d.identity.source,
+        },
+        "auth_login": submission.auth_login,
+        "document": {"type": d.classification.doc_type, "rule": d.classification.rule},
+        "from": {"before": d.from_before, "after": d.from_after},
+        "reply_to": {"before": d.reply_to_before, "after": d.reply_to_after or d.reply_to_before},
+        "envelope": {"mail_from": d.mail_from, "recipients": list(d.recipients)},
+        "bcc_added": list(d.bcc_added),
+        "headers_removed": [
+            f.name for f in headers.split(submission.data)[0] if _removed(f.name, d)
+        ],
+        "dkim": [
+            {"domain": k.domain, "selector": k.selector, "algorithm": k.algorithm.value}
+            for k in d.signing
+        ],
+        "upstream": _describe(d.upstream),
+        "reasons": list(d.reasons),
+        "headers": b"".join(f.raw for f in fields).decode("ascii", "replace"),
+    }
+
+
+def _removed(name: str, d: Decision) -> bool:
+    return name.lower() in {n.lower() for n in d.edits.remove}
+
+
+def _describe(upstream: Upstream) -> str:
+    if isinstance(upstream, DirectoryUpstream):
+        return f"{upstream.name} (directory {upstream.path})"
+    assert isinstance(upstream, SmtpUpstream)
+    return f"{upstream.name} (smtp {upstream.host}:{upstream.port}, tls {upstream.tls.value})"
+
+
+def _text(r: dict) -> str:
+    user, tenant = r["user"], r["tenant"]
+    dkim = ", ".join(f"d={k['domain']} s={k['selector']} ({k['algorithm']})" for k in r["dkim"])
+    doc = r["document"]
+    lines = [
+        f"Policy:      {r['policy']['file']} (version {r['policy']['version']})",
+        f"User:        {user['name']} <{user['address']}>"
+        f" ({user['id']}, found by {user['found_by']})",
+        f"Tenant:      {tenant['name']} ({tenant['id']})",
+        f"Document:    {doc['type']}" + (f" (rule {doc['rule']})" if doc["rule"] else ""),
+        f"From:        {r['from']['before']}  ->  {r['from']['after']}",
+        f"Reply-To:    {r['reply_to']['before']}  ->  {r['reply_to']['after']}",
+        f"BCC added:   {', '.join(r['bcc_added']) or 'none'}",
+        f"Removed:     {', '.join(r['headers_removed']) or 'none'}",
+        f"Envelope:    MAIL FROM <{r['envelope']['mail_from']}>",
+        f"Recipients:  {', '.join(r['envelope']['recipients']) or 'none'}",
+        f"DKIM:        {dkim or 'not signed'}",
+        f"Upstream:    {r['upstream']}",
+        "",
+        "Why:",
+        *(f"  - {reason}" for reason in r["reasons"]),
+        "",
+        "Headers as sent:",
+        r["headers"].rstrip("\r\n").replace("\r\n", "\n"),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,17 @@
+#!/bin/sh
+# Install what the tests need (Debian packages for the real SMTP client and
+# the independent DKIM verifier, Python packages into ./.venv) and run them.
+set -eu
+cd "$(dirname "$0")/.."
+need=""
+command -v swaks >/dev/null || need="$need swaks"
+command -v opendkim >/dev/null || need="$need opendkim"
+command -v opendkim-genkey >/dev/null || need="$need opendkim-tools"
+if [ -n "$need" ]; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $need
+fi
+scripts/venv.sh test
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,25 @@
+#!/bin/sh
+# Create ./.venv and install the relay into it (with the test tools when
+# called with "test"). Debian's system Python needs python3-venv for this.
+set -eu
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+extras=${1:-}
+if [ ! -x .venv/bin/python ]; then
+    if ! "$PYTHON" -m venv .venv 2>/dev/null; then
+        rm -rf .venv
+        if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+            "$PYTHON" -m venv .venv
+        else
+            echo "cannot create a virtualenv: install python3-venv (apt-get install python3-venv)" >&2
+            exit 1
+        fi
+    fi
+fi
+stamp=.venv/.installed${extras:+-$extras}
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+    touch "$stamp"
+fi

@@ -1,0 +1,48 @@
+"""Fixtures shared by the tests: a policy directory with real DKIM keys."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from relay.keygen import generate
+from relay.policy.model import DkimAlgorithm
+
+DATA = Path(__file__).parent / "data"
+KEYS = (
+    ("platform.example", "s1", DkimAlgorithm.RSA),
+    ("platform.example", "e1", DkimAlgorithm.ED25519),
+    ("globex.example", "g1", DkimAlgorithm.RSA),
+)
+
+
+@pytest.fixture(scope="session")
+def key_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """Keys are slow to make; one set serves the whole session."""
+    directory = tmp_path_factory.mktemp("keys")
+    records = {}
+    for domain, selector, algorithm in KEYS:
+        _, record = generate(domain, selector, algorithm, directory)
+        records[f"{selector}._domainkey.{domain}"] = _txt_value(record)
+    return directory, records
+
+
+def _txt_value(record: str) -> str:
+    """The TXT value from a zone-file record: the quoted strings joined."""
+    parts = record.split('"')[1::2]
+    return "".join(parts)
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path, key_dir: tuple[Path, dict[str, str]]) -> Path:
+    shutil.copytree(key_dir[0], tmp_path / "keys")
+    path = tmp_path / "relay.yaml"
+    shutil.copy(DATA / "relay.yaml", path)
+    return path
+
+
+@pytest.fixture
+def dns_records(key_dir: tuple[Path, dict[str, str]]) -> dict[str, str]:
+    return key_dir[1]

@@ -1,0 +1,64 @@
+"""Runs ``relay serve`` as a real process for end-to-end tests, and stops it by PID."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class RelayProcess:
+    def __init__(self, policy: Path, port: int, log: Path) -> None:
+        self.policy = policy
+        self.port = port
+        self.log_path = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> RelayProcess:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "relay", "serve", "-c", str(self.policy)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self._wait_listening()
+        return self
+
+    def _wait_listening(self, timeout: float = 15.0) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"relay exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.recv(512)
+                    s.sendall(b"QUIT\r\n")
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"relay did not listen on {self.port}:\n{self.log()}")
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")

@@ -1,0 +1,71 @@
+"""A real SMTP server on loopback that records what it receives: the upstream in tests."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import dataclass, field
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+
+
+@dataclass
+class Sink:
+    """Records every message; ``refuse`` maps a recipient to the reply it gets."""
+
+    refuse: dict[str, str] = field(default_factory=dict)
+    messages: list[Received] = field(default_factory=list)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.messages.append(
+            Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)
+        )
+        return "250 2.0.0 sink accepted"
+
+    def wait(self, count: int = 1, timeout: float = 10.0) -> list[Received]:
+        pause = threading.Event()
+        for _ in range(int(timeout * 20)):
+            if len(self.messages) >= count:
+                return self.messages
+            pause.wait(0.05)
+        raise AssertionError(f"sink received {len(self.messages)} of {count} messages")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SinkServer:
+    """Runs a Sink on 127.0.0.1 on a free port until stopped."""
+
+    def __init__(self, sink: Sink | None = None) -> None:
+        self.sink = sink or Sink()
+        self.port = free_port()
+        self.controller = Controller(
+            self.sink, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=False, ready_timeout=10
+        )
+
+    def __enter__(self) -> SinkServer:
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.controller.stop()

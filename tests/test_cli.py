@@ -1,0 +1,107 @@
+"""The ``relay`` command line as a sysadmin runs it: a real process, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def relay(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        capture_output=True, text=True, input=stdin, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+
+
+INVOICE = (
+    "From: Kari <kari@acme.example>\n"
+    "To: customer@example.org\n"
+    "Bcc: archive@example.org\n"
+    "Subject: Faktura 4711\n"
+    "X-ERP-User: kari\n"
+    "\n"
+    "Hei!\n"
+)
+
+
+def test_check_accepts_the_example_policy(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    done = relay("dkim", "keygen", "--domain", "platform.example", "--selector", "dev",
+                 "--directory", str(tmp_path / "dkim"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    done = relay("check", "-c", str(tmp_path / "config" / "relay.example.yaml"))
+    assert done.returncode == 0, done.stderr
+    assert "ok" in done.stdout
+
+
+def test_check_reports_located_problems_and_exits_78(tmp_path: Path) -> None:
+    bad = tmp_path / "relay.yaml"
+    bad.write_text("version: 1\nplatform:\n  from_adress: x@y.example\n")
+    done = relay("check", "-c", str(bad))
+    assert done.returncode == 78
+    assert f"{bad}:3:3: platform.from_adress: unknown key" in done.stderr
+
+
+def test_preview_explains_and_sends_nothing(policy_file: Path, tmp_path: Path) -> None:
+    eml = tmp_path / "invoice.eml"
+    eml.write_text(INVOICE)
+    done = relay("preview", "-c", str(policy_file), str(eml), "--auth-login", "erp-acme")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "User:        Kåre Ødegård <kari@acme.example> (kari, found by envelope_sender)" in out
+    assert "Document:    invoice (rule invoice-subject)" in out
+    assert "BCC added:   kari@acme.example" in out
+    assert "Removed:     Bcc, X-ERP-User" in out
+    assert "Recipients:  customer@example.org, archive@example.org, kari@acme.example" in out
+    assert "DKIM:        d=platform.example s=s1 (rsa), d=platform.example s=e1 (ed25519)" in out
+    assert "DKIM-Signature:" in out
+    assert not (tmp_path / "outbox").exists()
+
+
+def test_preview_json(policy_file: Path, tmp_path: Path) -> None:
+    eml = tmp_path / "invoice.eml"
+    eml.write_text(INVOICE)
+    done = relay("preview", "-c", str(policy_file), str(eml), "--json",
+                 "--mail-from", "erp@erp.example", "--rcpt", "c@example.org")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["user"]["id"] == "kari"
+    assert report["document"] == {"type": "invoice", "rule": "invoice-subject"}
+    assert report["envelope"]["recipients"] == ["c@example.org", "kari@acme.example"]
+    assert report["reply_to"]["after"] == "=?utf-8?b?S8OlcmUgw5hkZWfDpXJk?= <kari@acme.example>"
+
+
+def test_preview_of_a_refused_message(policy_file: Path, tmp_path: Path) -> None:
+    eml = tmp_path / "x.eml"
+    eml.write_text("From: who@nowhere.example\nTo: a@example.org\n\nx\n")
+    done = relay("preview", "-c", str(policy_file), str(eml))
+    assert done.returncode == 65
+    assert "would refuse this message: 550 5.7.1 Sender not known" in done.stderr
+
+
+def test_keygen_writes_private_key_0600_and_prints_record(tmp_path: Path) -> None:
+    done = relay("dkim", "keygen", "--domain", "example.com", "--selector", "ed",
+                 "--algorithm", "ed25519", "--directory", str(tmp_path))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    key = tmp_path / "example.com.ed.private"
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    assert done.stdout.startswith("ed._domainkey.example.com. IN TXT")
+    assert "k=ed25519" in done.stdout
+
+
+def test_passwd_hash_verifies(tmp_path: Path) -> None:
+    done = relay("passwd", stdin="s3cret\n")
+    assert done.returncode == 0, done.stderr
+    from relay.passwd import verify_password
+
+    encoded = done.stdout.strip()
+    assert encoded.startswith("scrypt$")
+    assert verify_password("s3cret", encoded)
+    assert not verify_password("s3cret!", encoded)

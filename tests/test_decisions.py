@@ -1,0 +1,252 @@
+"""Identify, classify and decide, run through the same ``prepare`` the daemon uses."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from email.header import decode_header, make_header
+from pathlib import Path
+
+import pytest
+
+from relay import headers, message
+from relay.errors import Rejected
+from relay.pipeline import Prepared, prepare
+from relay.policy.load import load
+from relay.submission import Submission
+
+NOW = datetime(2026, 11, 23, 9, 30, tzinfo=UTC)
+BODY = b"Dear customer,\r\n\r\nplease find attached.\r\n.dot line\r\n"
+
+
+def msg(*fields: str, body: bytes = BODY) -> bytes:
+    return "".join(f"{f}\r\n" for f in fields).encode() + b"\r\n" + body
+
+
+BASE = (
+    "From: Jan <jan@acme.example>",
+    "To: customer@example.org",
+    "Subject: Hello",
+    "Date: Mon, 23 Nov 2026 09:00:00 +0000",
+    "Message-ID: <m1@erp.acme.example>",
+)
+
+
+def run(
+    policy_file: Path,
+    data: bytes,
+    *,
+    login: str | None = None,
+    mail_from: str = "erp@erp.acme.example",
+    rcpts: tuple[str, ...] = ("customer@example.org",),
+) -> Prepared:
+    sub = Submission("local", "127.0.0.1", login, mail_from, rcpts, data)
+    return prepare(load(policy_file), sub, NOW)
+
+
+def header(prepared: Prepared, name: str) -> str | None:
+    return message.read(prepared.message).get(name)
+
+
+def decoded(value: str | None) -> str:
+    assert value is not None
+    return str(make_header(decode_header(value)))
+
+
+# identify
+
+
+def test_user_from_envelope_sender(policy_file: Path) -> None:
+    p = run(policy_file, msg(*BASE), mail_from="kari@acme.example")
+    assert p.decision.identity.user.id == "kari"
+    assert p.decision.identity.source == "envelope_sender"
+    assert any("envelope sender <kari@acme.example>" in r for r in p.decision.reasons)
+
+
+def test_user_from_alias_in_from_header(policy_file: Path) -> None:
+    data = msg("From: Sales <SALG@acme.example>", *BASE[1:])
+    p = run(policy_file, data)
+    assert (p.decision.identity.user.id, p.decision.identity.source) == ("kari", "header_from")
+
+
+def test_user_from_erp_header_by_id(policy_file: Path) -> None:
+    data = msg("From: ERP <erp@erp.acme.example>", "X-ERP-User: kari", *BASE[1:])
+    p = run(policy_file, data, login="erp-acme")
+    assert (p.decision.identity.user.id, p.decision.identity.source) == ("kari", "header")
+
+
+def test_login_bound_to_one_user_wins(policy_file: Path) -> None:
+    p = run(policy_file, msg(*BASE), login="erp-acme-jan", mail_from="x@erp.example")
+    assert (p.decision.identity.user.id, p.decision.identity.source) == ("jan", "auth_login")
+
+
+def test_login_of_one_tenant_cannot_send_as_another(policy_file: Path) -> None:
+    data = msg("From: Hank <hank@globex.example>", *BASE[1:])
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, data, login="erp-acme")
+    assert caught.value.line.startswith("550 5.7.1 Login erp-acme may not send as a user")
+
+
+def test_login_restricted_to_users(policy_file: Path) -> None:
+    text = policy_file.read_text().replace(
+        "order: [auth_login, envelope_sender, header_from, header]", "order: [envelope_sender]"
+    )
+    policy_file.write_text(text)
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, msg(*BASE), login="erp-acme-jan", mail_from="kari@acme.example")
+    assert caught.value.line == "550 5.7.1 Login erp-acme-jan may not send as user kari"
+
+
+def test_unknown_sender_rejected_with_what_was_tried(policy_file: Path) -> None:
+    data = msg("From: Who <who@nowhere.example>", *BASE[1:])
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, data, mail_from="who@nowhere.example")
+    assert caught.value.line == (
+        "550 5.7.1 Sender not known to this relay "
+        "(envelope sender who@nowhere.example, From who@nowhere.example)"
+    )
+
+
+def test_unknown_sender_default_user(policy_file: Path) -> None:
+    text = policy_file.read_text().replace("unknown_sender: reject", "unknown_sender: default")
+    policy_file.write_text(text)
+    data = msg("From: Who <who@nowhere.example>", *BASE[1:])
+    p = run(policy_file, data, login="erp-acme", mail_from="who@nowhere.example")
+    assert (p.decision.identity.user.id, p.decision.identity.source) == ("jan", "default")
+
+
+# classify
+
+
+@pytest.mark.parametrize(
+    ("fields", "doc_type", "rule"),
+    [
+        (("X-Document-Type: invoice", "Subject: Your documents"), "invoice", "invoice-header"),
+        (("Subject: Rechnung 4711",), "invoice", "invoice-subject"),
+        (("Subject: =?utf-8?q?Faktura_nr=2E_12?=",), "invoice", "invoice-subject"),
+        (("Subject: Tilbud på arbeid",), "quote", "quote-subject"),
+        (("Subject: Order 77",), "other", None),
+        (("Subject: Hello",), "other", None),
+    ],
+)
+def test_classify(
+    policy_file: Path, fields: tuple[str, ...], doc_type: str, rule: str | None
+) -> None:
+    base = [f for f in BASE if not f.startswith("Subject")]
+    p = run(policy_file, msg(*base, *fields), mail_from="jan@acme.example")
+    assert (p.decision.classification.doc_type, p.decision.classification.rule) == (doc_type, rule)
+
+
+def test_classify_conditions_combine_with_and(policy_file: Path) -> None:
+    mixed = (
+        "MIME-Version: 1.0",
+        'Content-Type: multipart/mixed; boundary="b1"',
+    )
+    body = (
+        b"--b1\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n"
+        b"--b1\r\nContent-Type: application/pdf\r\n"
+        b'Content-Disposition: attachment; filename="ORD-77.PDF"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQK\r\n--b1--\r\n"
+    )
+    base = [f for f in BASE if not f.startswith("Subject")]
+    p = run(policy_file, msg(*base, "Subject: Order 77", *mixed, body=body))
+    assert p.decision.classification.doc_type == "order_confirmation"
+    assert "attachment matches '.PDF'" in p.decision.classification.reason
+
+
+# decide and rewrite
+
+
+def test_platform_from_with_display_name_and_reply_to_sender(policy_file: Path) -> None:
+    p = run(policy_file, msg(*BASE))
+    assert header(p, "From") == "Jan Janssens via Acme AS <noreply@platform.example>"
+    assert header(p, "Reply-To") == "Jan Janssens <jan@acme.example>"
+    assert p.decision.signing_domain == "platform.example"
+    assert [k.selector for k in p.decision.signing] == ["s1", "e1"]
+
+
+def test_non_ascii_display_name_is_encoded(policy_file: Path) -> None:
+    p = run(policy_file, msg(*BASE), mail_from="kari@acme.example")
+    raw_from = header(p, "From")
+    assert raw_from is not None and raw_from.isascii() and "=?" in raw_from
+    # the read view decodes, so check the bytes themselves
+    fields, _ = headers.split(p.message)
+    from_raw = next(f.raw for f in fields if f.name.lower() == "from").decode("ascii")
+    assert "Kåre Ødegård via Acme AS" in decoded(from_raw.split(":", 1)[1].strip())
+
+
+def test_verified_domain_keeps_users_own_from(policy_file: Path) -> None:
+    data = msg("From: Hank <hank@globex.example>", *BASE[1:])
+    p = run(policy_file, data, login="erp-globex")
+    assert header(p, "From") == "Hank Scorpio <hank@globex.example>"
+    assert header(p, "Reply-To") == "Globex GmbH <info@globex.example>"
+    assert [k.domain for k in p.decision.signing] == ["globex.example"]
+
+
+def test_invoice_reply_to_from_erp_header_and_fallback(policy_file: Path) -> None:
+    base = [f for f in BASE if not f.startswith("Subject")]
+    with_header = msg(*base, "Subject: Invoice 1", "X-Responsible: Per <per@acme.example>")
+    p = run(policy_file, with_header)
+    assert header(p, "Reply-To") == "Per <per@acme.example>"
+    assert header(p, "X-Responsible") is None
+
+    p = run(policy_file, msg(*base, "Subject: Invoice 1", "X-Responsible:"))
+    assert header(p, "Reply-To") == "Jan Janssens <jan@acme.example>"
+    assert any("empty before it: header X-Responsible" in r for r in p.decision.reasons)
+
+
+def test_reply_to_keep(policy_file: Path) -> None:
+    base = [f for f in BASE if not f.startswith("Subject")]
+    p = run(policy_file, msg(*base, "Subject: Quote 5", "Reply-To: desk@acme.example"))
+    assert header(p, "Reply-To") == "desk@acme.example"
+
+
+def test_bcc_to_sender_for_invoice_only_in_envelope(policy_file: Path) -> None:
+    base = [f for f in BASE if not f.startswith("Subject")]
+    p = run(policy_file, msg(*base, "Subject: Invoice 9"))
+    assert p.decision.bcc_added == ("jan@acme.example",)
+    assert p.decision.recipients == ("customer@example.org", "jan@acme.example")
+    assert b"jan@acme.example" not in headers.split(p.message)[0][-1].raw
+    assert not any(f.name.lower() == "bcc" for f in headers.split(p.message)[0])
+
+    p = run(policy_file, msg(*BASE))
+    assert p.decision.bcc_added == ()
+
+
+def test_bcc_never_duplicates_a_recipient(policy_file: Path) -> None:
+    base = [f for f in BASE if not f.startswith("Subject")]
+    p = run(
+        policy_file, msg(*base, "Subject: Invoice 9"), rcpts=("c@example.org", "JAN@acme.example")
+    )
+    assert p.decision.bcc_added == ()
+    assert p.decision.recipients == ("c@example.org", "JAN@acme.example")
+
+
+def test_bcc_header_and_control_headers_removed_body_untouched(policy_file: Path) -> None:
+    data = msg(
+        *BASE,
+        "Cc: a@example.org, b@example.org",
+        "Bcc: secret@example.org",
+        "X-ERP-User: jan",
+        "X-Document-Type: invoice",
+    )
+    p = run(policy_file, data, rcpts=("customer@example.org", "secret@example.org"))
+    view = message.read(p.message)
+    assert view.get("Bcc") is None and view.get("X-ERP-User") is None
+    assert view.get("X-Document-Type") is None
+    assert view.get("Cc") == "a@example.org, b@example.org"
+    assert "secret@example.org" in p.decision.recipients
+    assert p.message.endswith(b"\r\n\r\n" + BODY)
+    assert p.message.split(b"\r\n\r\n", 1)[1] == BODY
+
+
+def test_missing_date_and_message_id_are_added(policy_file: Path) -> None:
+    data = msg("From: Jan <jan@acme.example>", "To: customer@example.org", "Subject: Hi")
+    p = run(policy_file, data)
+    assert header(p, "Date") == "Mon, 23 Nov 2026 09:30:00 +0000"
+    assert header(p, "Message-ID") == f"<{p.queue_id}@relay.platform.example>"
+
+
+def test_signature_is_prepended(policy_file: Path) -> None:
+    p = run(policy_file, msg(*BASE))
+    names = [f.name for f in headers.split(p.message)[0]]
+    assert names[:2] == ["DKIM-Signature", "DKIM-Signature"]

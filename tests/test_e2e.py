@@ -1,0 +1,201 @@
+"""End to end: real SMTP clients -> ``relay serve`` (a real process) -> a real SMTP sink."""
+
+from __future__ import annotations
+
+import signal
+import smtplib
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from relay import headers, message
+from tests.dkimtools import assert_opendkim_ok, dkimpy_verify
+from tests.relayproc import RelayProcess
+from tests.sink import Sink, SinkServer, free_port
+
+PDF = b"JVBERi0xLjQKJcfsj6IKMSAwIG9iago8PC9UeXBlL0NhdGFsb2c+PgplbmRvYmoK\r\n"
+BODY = (
+    b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    b"Hei,\r\nvedlagt faktura 4711.\r\n..leading dot stays\r\nMed vennlig hilsen\r\n"
+    b'--b1\r\nContent-Type: application/pdf; name="INV-4711.pdf"\r\n'
+    b'Content-Disposition: attachment; filename="INV-4711.pdf"\r\n'
+    b"Content-Transfer-Encoding: base64\r\n\r\n" + PDF + b"--b1--\r\n"
+)
+INVOICE = (
+    b"From: =?utf-8?q?Kari_Nordmann?= <kari@acme.example>\r\n"
+    b"To: Customer One <one@example.org>,\r\n two@example.org\r\n"
+    b"Bcc: hidden@example.org\r\n"
+    b"Subject: =?utf-8?q?Faktura_4711_fra_Acme?=\r\n"
+    b"X-ERP-User: kari\r\n"
+    b"X-Responsible: Per Hansen <per@acme.example>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="b1"\r\n'
+    b"\r\n" + BODY
+)
+RCPTS = ["one@example.org", "two@example.org", "hidden@example.org"]
+
+
+def _policy(policy_file: Path, relay_port: int, sink_port: int) -> Path:
+    text = policy_file.read_text()
+    text = text.replace("port: 2525", f"port: {relay_port}")
+    smtp = (
+        f"  default:\n    type: smtp\n    host: 127.0.0.1\n    port: {sink_port}\n"
+        "    tls: none\n    timeout: 10\n"
+    )
+    text = text.replace("  default:\n    type: directory\n    path: outbox\n", smtp)
+    policy_file.write_text(text)
+    return policy_file
+
+
+@pytest.fixture
+def sink() -> Iterator[SinkServer]:
+    with SinkServer() as server:
+        yield server
+
+
+@pytest.fixture
+def relay(policy_file: Path, sink: SinkServer, tmp_path: Path) -> Iterator[RelayProcess]:
+    port = free_port()
+    with RelayProcess(_policy(policy_file, port, sink.port), port, tmp_path / "relay.log") as proc:
+        yield proc
+
+
+def send(relay: RelayProcess, data: bytes, rcpts: list[str], login: bool = True) -> str:
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
+        if login:
+            client.login("erp-acme", "demo-password")
+        client.mail("erp@erp.acme.example")
+        for rcpt in rcpts:
+            client.rcpt(rcpt)
+        code, reply = client.data(data)
+    assert code == 250, reply
+    return reply.decode()
+
+
+def test_invoice_rewritten_signed_and_delivered(
+    relay: RelayProcess, sink: SinkServer, dns_records: dict[str, str], tmp_path: Path
+) -> None:
+    reply = send(relay, INVOICE, RCPTS)
+    assert reply.startswith("2.0.0 Ok: queued as ")
+    queue_id = reply.rsplit(" ", 1)[1]
+
+    (got,) = sink.sink.wait(1)
+    assert got.mail_from == "bounces@platform.example"
+    assert got.rcpt_tos == [*RCPTS, "kari@acme.example"]
+    view = message.read(got.data)
+    assert view.get("From") == "Kari Nordmann via Acme AS <noreply@platform.example>"
+    assert view.get("Reply-To") == "Per Hansen <per@acme.example>"
+    assert view.get("To") == "Customer One <one@example.org>,  two@example.org"
+    for gone in ("Bcc", "X-ERP-User", "X-Responsible"):
+        assert view.get(gone) is None
+    assert b"hidden@example.org" not in got.data
+    assert got.data.split(b"\r\n\r\n", 1)[1] == BODY
+    assert view.get("Message-ID") == f"<{queue_id}@relay.platform.example>"
+
+    assert dkimpy_verify(got.data, dns_records)
+    assert_opendkim_ok(got.data, dns_records, tmp_path)
+    assert f"{queue_id} tenant=acme user=kari login=erp-acme type=invoice" in relay.log()
+    assert "status=sent" in relay.log()
+
+
+def test_swaks_submission(relay: RelayProcess, sink: SinkServer) -> None:
+    out = subprocess.run(
+        [
+            "swaks", "--server", f"127.0.0.1:{relay.port}",
+            "--auth", "LOGIN", "--auth-user", "erp-acme", "--auth-password", "demo-password",
+            "--from", "jan@acme.example", "--to", "customer@example.org",
+            "--header", "Subject: Tilbud 17", "--body", "Se vedlagt tilbud.",
+        ],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    (got,) = sink.sink.wait(1)
+    assert got.rcpt_tos == ["customer@example.org", "jan@acme.example"]
+    assert message.read(got.data).get("Reply-To") == "Jan Janssens <jan@acme.example>"
+
+
+def test_unknown_sender_refused_and_nothing_sent(relay: RelayProcess, sink: SinkServer) -> None:
+    data = b"From: x@nowhere.example\r\nTo: one@example.org\r\nSubject: hi\r\n\r\nhi\r\n"
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
+        client.mail("x@nowhere.example")
+        client.rcpt("one@example.org")
+        code, reply = client.data(data)
+    assert code == 550
+    assert reply.startswith(b"5.7.1 Sender not known to this relay")
+    time.sleep(0.2)
+    assert sink.sink.messages == []
+
+
+def test_upstream_refusal_passed_back_with_its_text(policy_file: Path, tmp_path: Path) -> None:
+    refusing = Sink(refuse={"one@example.org": "550 5.1.1 <one@example.org>: mailbox unknown"})
+    with SinkServer(refusing) as sink:
+        port = free_port()
+        policy = _policy(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            data = b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: Hi\r\n\r\nhi\r\n"
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
+                client.mail("jan@acme.example")
+                client.rcpt("one@example.org")
+                code, reply = client.data(data)
+    assert code == 550
+    assert b"mailbox unknown" in reply
+
+
+def test_upstream_down_is_a_temporary_failure(policy_file: Path, tmp_path: Path) -> None:
+    port, dead = free_port(), free_port()
+    with RelayProcess(_policy(policy_file, port, dead), port, tmp_path / "relay.log") as relay:
+        data = b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: Hi\r\n\r\nhi\r\n"
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
+            client.mail("jan@acme.example")
+            client.rcpt("one@example.org")
+            code, reply = client.data(data)
+    assert code == 451
+    assert reply.startswith(b"4.4.1")
+
+
+def test_reload_keeps_old_policy_when_new_one_is_broken(
+    relay: RelayProcess, sink: SinkServer, policy_file: Path
+) -> None:
+    good = policy_file.read_text()
+    policy_file.write_text(good.replace("name: Acme AS", "name: Acme AS\n    bogus: 1"))
+    relay.signal(signal.SIGHUP)
+    _wait_for(lambda: "bogus" in relay.log())
+    send(
+        relay,
+        b"From: jan@acme.example\r\nTo: a@example.org\r\nSubject: x\r\n\r\nx\r\n",
+        ["a@example.org"],
+    )
+    assert "Jan Janssens via Acme AS" in (message.read(sink.sink.wait(1)[0].data).get("From") or "")
+
+    policy_file.write_text(good.replace("name: Acme AS", "name: Acme Norge AS"))
+    relay.signal(signal.SIGHUP)
+    _wait_for(lambda: "reloaded" in relay.log().lower())
+    send(
+        relay,
+        b"From: jan@acme.example\r\nTo: a@example.org\r\nSubject: x\r\n\r\nx\r\n",
+        ["a@example.org"],
+    )
+    assert "via Acme Norge AS" in (message.read(sink.sink.wait(2)[1].data).get("From") or "")
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def test_headers_of_signed_message_keep_original_order(
+    relay: RelayProcess, sink: SinkServer
+) -> None:
+    send(relay, INVOICE, RCPTS)
+    (got,) = sink.sink.wait(1)
+    names = [f.name for f in headers.split(got.data)[0]]
+    assert names[:2] == ["DKIM-Signature", "DKIM-Signature"]
+    assert names[2:] == ["From", "To", "Subject", "MIME-Version", "Content-Type", "Reply-To",
+                         "Message-ID", "Date"]  # fmt: skip
