@@ -1,0 +1,24 @@
+"""The durable spool: a message answered with 250 is on disk and survives a crash."""
+
+from relay.spool.entry import (
+    DELIVERED,
+    EXPIRED,
+    FAILED,
+    PENDING,
+    QueueEntry,
+    RecipientState,
+)
+from relay.spool.store import NoSuchEntry, Spool, SpoolBusy, SpoolError
+
+__all__ = [
+    "DELIVERED",
+    "EXPIRED",
+    "FAILED",
+    "PENDING",
+    "NoSuchEntry",
+    "QueueEntry",
+    "RecipientState",
+    "Spool",
+    "SpoolBusy",
+    "SpoolError",
+]

@@ -1,0 +1,145 @@
+"""The spooled envelope: everything needed to deliver, retry and notify after a restart.
+
+The message bytes live beside it in their own file; this record is the part
+that changes (per-recipient state, the next attempt, hold). It is JSON so a
+sysadmin can read it with ``cat`` and an older or newer relay can still load it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import typing
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+VERSION = 1
+
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"
+EXPIRED = "expired"
+STATUSES = frozenset({PENDING, DELIVERED, FAILED, EXPIRED})
+
+
+@dataclass
+class RecipientState:
+    """One envelope recipient. ``notify`` is False for the relay's own BCC copy:
+    the sending user never asked for it, so its failure must not bother them."""
+
+    address: str
+    status: str
+    notify: bool
+    attempts: int = 0
+    reply: str | None = None
+    updated: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.status not in STATUSES:
+            raise ValueError(f"recipient status {self.status!r} is not one of {sorted(STATUSES)}")
+
+
+@dataclass
+class QueueEntry:
+    """A message accepted with 250 and not yet finished.
+
+    ``subject``, ``message_id`` and ``date`` are copied out of the message so
+    failure notices and queue listings need not parse it again.
+    """
+
+    queue_id: str
+    arrival: float
+    mail_from: str
+    recipients: list[RecipientState]
+    upstream: str
+    tenant: str
+    user: str
+    notify_address: str
+    doc_type: str
+    subject: str
+    message_id: str
+    date: str
+    size: int
+    client_address: str
+    auth_login: str | None
+    next_attempt: float
+    attempts: int = 0
+    held: bool = False
+    is_notice: bool = False
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if not isinstance(self.recipients, list) or not all(
+            isinstance(r, RecipientState) for r in self.recipients
+        ):
+            raise ValueError("recipients must be a list of RecipientState")
+
+    def pending(self) -> list[RecipientState]:
+        return [r for r in self.recipients if r.status == PENDING]
+
+    @property
+    def finished(self) -> bool:
+        """True once every recipient has a final status: the entry can go."""
+        return not self.pending()
+
+    def to_json(self) -> str:
+        record = {"version": VERSION, **asdict(self)}
+        return json.dumps(record, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> QueueEntry:
+        """Unknown members are ignored so a record written by a newer relay still loads.
+
+        Anything malformed raises ValueError, whatever the underlying cause.
+        """
+        try:
+            raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise ValueError("not a JSON object")
+            version = raw.get("version")
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise ValueError(f"bad version {version!r}")
+            recipients = raw.get("recipients")
+            if not isinstance(recipients, list) or not all(isinstance(r, dict) for r in recipients):
+                raise ValueError("recipients is not a list of objects")
+            known = _known(cls, raw)
+            known["recipients"] = [RecipientState(**_known(RecipientState, r)) for r in recipients]
+            return cls(**known)
+        except (TypeError, KeyError, UnicodeDecodeError) as exc:
+            raise ValueError(f"bad queue record: {exc}") from exc
+
+
+def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls) if f.init}
+    return {k: v for k, v in raw.items() if k in names}
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_types(obj: object) -> None:
+    """A hand-edited or truncated record must fail at load, not later inside a listing."""
+    for name, hint in _hints(type(obj)).items():
+        if name == "recipients":
+            continue
+        value = getattr(obj, name)
+        if not _accepts(hint, value):
+            raise ValueError(f"{name} has the wrong type: {value!r}")
+
+
+def _accepts(hint: Any, value: object) -> bool:
+    for option in typing.get_args(hint) or (hint,):
+        if option is type(None) and value is None:
+            return True
+        if option is bool and isinstance(value, bool):
+            return True
+        if isinstance(value, bool):
+            continue
+        if option is float and isinstance(value, int | float):
+            return True
+        if option in (int, str) and isinstance(value, option):
+            return True
+    return False

@@ -1,0 +1,322 @@
+"""The durable queue: once ``put`` returns, the message survives a crash.
+
+Layout under the spool directory (mode 0700)::
+
+    msg/ID        the signed message bytes, written once
+    env/ID.json   the QueueEntry; its presence means the entry is complete
+    lock/ID.lock  flock target shared by the daemon and the queue tools
+    kick          touched by ``relay queue retry`` to wake the delivery engine
+
+Every file is written to a temp name in its final directory, fsynced, renamed
+and the directory fsynced. The message goes first and the JSON last; recovery
+removes what a crash in between leaves. fsync calls stay in the two helpers at
+the bottom so a group-commit variant can batch the directory syncs.
+
+The delivery engine polls ``kicked_since(last)`` (one stat) between its
+regular scans and rescans at once when it is true; a kick only shortens the
+wait, since a retried entry is due anyway (``next_attempt = 0``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from relay.errors import RelayError
+from relay.spool.entry import QueueEntry
+
+log = logging.getLogger("relay")
+
+_ID = re.compile(r"[0-9A-Z]{16}")
+_TMP_SUFFIX = ".tmp"
+
+
+class SpoolError(RelayError):
+    """The spool could not be read or written; the message must not be acknowledged."""
+
+    def __init__(self, path: Path | str, strerror: str) -> None:
+        super().__init__(f"{path}: {strerror}")
+        self.path = str(path)
+        self.strerror = strerror
+
+    @classmethod
+    def from_os(cls, exc: OSError, path: Path | str) -> SpoolError:
+        return cls(path, exc.strerror or str(exc))
+
+
+class SpoolBusy(SpoolError):
+    """Another process (usually the delivery engine) holds the entry's lock."""
+
+
+class NoSuchEntry(SpoolError):
+    """No complete entry with this ID: never queued, already finished, or deleted."""
+
+
+class Spool:
+    """One spool directory. Safe to use from several processes at once if each
+    change to an existing entry happens under ``lock`` and loads after locking.
+
+    When root runs a queue tool on a spool owned by the daemon's user, new
+    files are handed to that user so the daemon can still open them.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._msg = self.directory / "msg"
+        self._env = self.directory / "env"
+        self._locks = self.directory / "lock"
+        self._kick = self.directory / "kick"
+        created = not self.directory.exists()
+        with _translated(self.directory):
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = os.stat(self.directory)
+            self._owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid else None
+            for sub in (self._msg, self._env, self._locks):
+                sub.mkdir(mode=0o700, exist_ok=True)
+                if self._owner:
+                    os.chown(sub, *self._owner)
+        _fsync_dir(self.directory)
+        if created:
+            _fsync_dir(self.directory.parent)
+
+    def message_path(self, queue_id: str) -> Path:
+        return self._msg / _checked(queue_id)
+
+    def _env_path(self, queue_id: str) -> Path:
+        return self._env / f"{_checked(queue_id)}.json"
+
+    def put(self, entry: QueueEntry, data: bytes) -> None:
+        """Durably store a new entry; only after this returns may the client get 250."""
+        self.put_stream(entry, (data,))
+
+    def put_stream(self, entry: QueueEntry, chunks: Iterable[bytes]) -> None:
+        """``put`` for a message that arrives in pieces, so it need not sit in memory twice."""
+        msg, env = self.message_path(entry.queue_id), self._env_path(entry.queue_id)
+        if msg.exists() or env.exists():
+            raise SpoolError(env, "queue ID already in the spool")
+        try:
+            self._write_atomic(msg, chunks)
+            _fsync_dir(self._msg)
+            self._write_atomic(env, (entry.to_json().encode(),))
+            _fsync_dir(self._env)
+        except BaseException:
+            _unlink_quietly(env)
+            _unlink_quietly(msg)
+            raise
+
+    def load(self, queue_id: str) -> QueueEntry:
+        path = self._env_path(queue_id)
+        with _translated(path, queue_id):
+            raw = path.read_bytes()
+        try:
+            entry = QueueEntry.from_json(raw)
+        except ValueError as exc:
+            raise SpoolError(path, f"unreadable queue record: {exc}") from exc
+        if entry.queue_id != queue_id:
+            raise SpoolError(path, f"record is for queue ID {entry.queue_id}")
+        return entry
+
+    def read_message(self, queue_id: str) -> bytes:
+        path = self.message_path(queue_id)
+        with _translated(path, queue_id):
+            return path.read_bytes()
+
+    def open_message(self, queue_id: str) -> BinaryIO:
+        """For reading a large message in pieces; the caller closes it."""
+        path = self.message_path(queue_id)
+        with _translated(path, queue_id):
+            return path.open("rb")
+
+    def update(self, entry: QueueEntry) -> None:
+        """Replace the record atomically; call it with the entry's lock held."""
+        if not self.message_path(entry.queue_id).exists():
+            raise NoSuchEntry(entry.queue_id, "no such queue entry")
+        self._write_atomic(self._env_path(entry.queue_id), (entry.to_json().encode(),))
+        _fsync_dir(self._env)
+
+    def remove(self, queue_id: str) -> None:
+        """The record goes first and durably, so a crash can leave only a message
+        without a record (cleaned by ``recover``), never a record without its message."""
+        env = self._env_path(queue_id)
+        with _translated(env, queue_id):
+            env.unlink()
+        _fsync_dir(self._env)
+        _unlink_quietly(self.message_path(queue_id))
+        _unlink_quietly(self._locks / f"{queue_id}.lock")
+
+    def ids(self) -> list[str]:
+        """Queue IDs start with the arrival time, so sorted IDs are oldest first."""
+        return sorted(
+            name[:-5]
+            for name in self._listdir(self._env)
+            if name.endswith(".json") and _ID.fullmatch(name[:-5])
+        )
+
+    def entries(self) -> Iterator[QueueEntry]:
+        """A damaged record is logged and skipped so one bad file cannot stop the queue."""
+        for queue_id in self.ids():
+            try:
+                yield self.load(queue_id)
+            except NoSuchEntry:
+                continue
+            except SpoolError as exc:
+                log.warning("%s skipped unreadable queue entry: %s", queue_id, exc)
+
+    def recover(self, min_age: float = 60.0) -> int:
+        """Clean up what a crash left behind; returns the number of complete entries.
+
+        Files younger than ``min_age`` seconds may belong to a put in progress in
+        another process and are left alone; pass 0 only when no daemon runs.
+        """
+        cutoff = time.time() - min_age
+        complete = set(self.ids())
+        for path in self._leftovers(complete):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    log.info("spool recovery removed %s", path)
+                    _unlink_quietly(path)
+        for queue_id in complete:
+            if not self.message_path(queue_id).exists():
+                log.warning("%s queue record has no message file %s", queue_id, self._msg)
+        return len(complete)
+
+    def _leftovers(self, complete: set[str]) -> Iterator[Path]:
+        """Temp files anywhere, and messages or lock files whose record is gone."""
+        for directory in (self._msg, self._env, self._locks):
+            for name in self._listdir(directory):
+                stem = name.removesuffix(".lock")
+                temp = name.startswith(".") and name.endswith(_TMP_SUFFIX)
+                orphan = directory is not self._env and _ID.fullmatch(stem) and stem not in complete
+                if temp or orphan:
+                    yield directory / name
+
+    @contextlib.contextmanager
+    def lock(self, queue_id: str, blocking: bool = True) -> Iterator[None]:
+        """Exclusive use of one entry across processes. The delivery engine, in
+        an event loop, should pass ``blocking=False`` and skip busy entries."""
+        path = self._locks / f"{_checked(queue_id)}.lock"
+        fd = self._acquire(path, blocking)
+        try:
+            if not self._env_path(queue_id).exists():
+                _unlink_quietly(path)
+                raise NoSuchEntry(queue_id, "no such queue entry")
+            yield
+        finally:
+            os.close(fd)
+
+    def _acquire(self, path: Path, blocking: bool) -> int:
+        """``remove`` unlinks the lock file, so a lock won on an unlinked inode is retried."""
+        while True:
+            with _translated(path):
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self._adopt(fd)
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                held = os.fstat(fd)
+                current = os.stat(path)
+                if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+                    return fd
+            except BlockingIOError as exc:
+                os.close(fd)
+                raise SpoolBusy(path, "in use by another process") from exc
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                os.close(fd)
+                raise SpoolError.from_os(exc, path) from exc
+            os.close(fd)
+
+    def kick(self) -> None:
+        """Ask a running daemon to rescan the queue now."""
+        with _translated(self._kick):
+            fd = os.open(self._kick, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self._adopt(fd)
+                os.utime(fd)
+            finally:
+                os.close(fd)
+
+    def last_kick(self) -> float:
+        """The mtime of the last kick, 0.0 if never; remember it before a scan."""
+        with _translated(self._kick):
+            try:
+                return os.stat(self._kick).st_mtime
+            except FileNotFoundError:
+                return 0.0
+
+    def kicked_since(self, mtime: float) -> bool:
+        return self.last_kick() > mtime
+
+    def _write_atomic(self, target: Path, chunks: Iterable[bytes]) -> None:
+        tmp: str | None = None
+        try:
+            fd, tmp = tempfile.mkstemp(
+                dir=target.parent, prefix=f".{target.name}.", suffix=_TMP_SUFFIX
+            )
+            with open(fd, "wb") as file:
+                self._adopt(fd)
+                for chunk in chunks:
+                    file.write(chunk)
+                file.flush()
+                _fsync_file(fd)
+            os.replace(tmp, target)
+        except BaseException as exc:
+            if tmp is not None:
+                _unlink_quietly(Path(tmp))
+            if isinstance(exc, OSError):
+                raise SpoolError.from_os(exc, target) from exc
+            raise
+
+    def _adopt(self, fd: int) -> None:
+        if self._owner:
+            os.fchown(fd, *self._owner)
+
+    def _listdir(self, directory: Path) -> list[str]:
+        with _translated(directory):
+            return os.listdir(directory)
+
+
+def _checked(queue_id: str) -> str:
+    """IDs reach the file system from the command line: nothing like ``../x`` may pass."""
+    if not isinstance(queue_id, str) or not _ID.fullmatch(queue_id):
+        raise NoSuchEntry(str(queue_id), "not a queue ID")
+    return queue_id
+
+
+@contextlib.contextmanager
+def _translated(path: Path, queue_id: str | None = None) -> Iterator[None]:
+    """OSError becomes SpoolError; a missing file, NoSuchEntry when it is an entry's."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        if queue_id is None:
+            raise SpoolError.from_os(exc, path) from exc
+        raise NoSuchEntry(queue_id, "no such queue entry") from exc
+    except OSError as exc:
+        raise SpoolError.from_os(exc, path) from exc
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _fsync_file(fd: int) -> None:
+    os.fsync(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with _translated(directory):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

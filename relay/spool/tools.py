@@ -1,0 +1,289 @@
+"""The sysadmin's queue commands, shaped after Postfix's postqueue and postsuper.
+
+Output mimics ``mailq`` and ``postqueue -j`` so habits and scripts carry
+over. Every change takes the entry's lock without waiting: an entry being
+delivered right now is reported and skipped rather than stalling the command
+behind a slow upstream. The commands that change entries return the entries
+they changed so the caller can write the audit record of who did what.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple, TextIO
+
+from relay.spool.entry import QueueEntry
+from relay.spool.store import NoSuchEntry, Spool, SpoolBusy, SpoolError
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_ID_WIDTH = 17  # 16-character ID and the hold mark
+_RCPT_INDENT = " " * (_ID_WIDTH + 8 + 1 + 20 + 1)
+_HEADER = (
+    f"{'-Queue ID-':<{_ID_WIDTH}}{'--Size--':>8} {'----Arrival Time----':>20} "
+    "-Sender/Recipient-------"
+)
+_MAX_HEADER_BYTES = 1 << 20
+
+
+class Outcome(NamedTuple):
+    """Exit code for the shell, and the entries actually changed, for the audit log."""
+
+    code: int
+    entries: list[QueueEntry]
+
+
+class _Skip(Exception):
+    """This entry is left as it is; an error only if the user named it."""
+
+
+def list_queue(spool: Spool, out: TextIO, *, as_json: bool = False) -> int:
+    """``relay queue list [--json]``: like ``mailq`` / ``postqueue -j``."""
+    entries = list(spool.entries())
+    if as_json:
+        for entry in entries:
+            out.write(json.dumps(_json_record(entry)) + "\n")
+        return 0
+    if not entries:
+        out.write("Mail queue is empty\n")
+        return 0
+    out.write(_HEADER + "\n")
+    for entry in entries:
+        _write_entry(entry, out)
+    total = sum(e.size for e in entries)
+    plural = "" if len(entries) == 1 else "s"
+    out.write(f"-- {total // 1024} Kbytes in {len(entries)} Request{plural}.\n")
+    return 0
+
+
+def _json_record(entry: QueueEntry) -> dict[str, object]:
+    recipients: list[dict[str, str]] = []
+    for rcpt in entry.pending():
+        # Like postqueue -j, delay_reason is absent until an attempt gave one.
+        item = {"address": rcpt.address}
+        if rcpt.reply:
+            item["delay_reason"] = rcpt.reply
+        recipients.append(item)
+    return {
+        "queue_name": "hold" if entry.held else "active",
+        "queue_id": entry.queue_id,
+        "arrival_time": int(entry.arrival),
+        "message_size": entry.size,
+        "sender": entry.mail_from,
+        "recipients": recipients,
+        "tenant": entry.tenant,
+        "user": entry.user,
+        "doc_type": entry.doc_type,
+    }
+
+
+def _write_entry(entry: QueueEntry, out: TextIO) -> None:
+    mark = "!" if entry.held else " "
+    sender = _printable(entry.mail_from) or "MAILER-DAEMON"
+    out.write(
+        f"{entry.queue_id + mark:<{_ID_WIDTH}}{entry.size:>8} {_when(entry.arrival):<20} {sender}\n"
+    )
+    last_reason = None
+    for rcpt in entry.pending():
+        if rcpt.reply and rcpt.reply != last_reason:
+            out.write(f"{' ' * _ID_WIDTH}({_printable(rcpt.reply)})\n")
+        last_reason = rcpt.reply
+        out.write(f"{_RCPT_INDENT}{_printable(rcpt.address)}\n")
+    out.write("\n")
+
+
+def _when(epoch: float) -> str:
+    """asctime's layout, as mailq prints it: ``Mon Nov  3 09:30:00``."""
+    t = time.localtime(epoch)
+    return f"{time.strftime('%a %b', t)} {t.tm_mday:2d} {time.strftime('%H:%M:%S', t)}"
+
+
+def _printable(text: str) -> str:
+    """Addresses and upstream replies come from outside; no escape sequences reach the tty."""
+    return _CONTROL.sub("?", text)
+
+
+def show(spool: Spool, queue_id: str, out: TextIO, err: TextIO) -> int:
+    """``relay queue show ID``: the record and the message headers, never the body."""
+    queue_id = _normalise(queue_id)
+    try:
+        entry = spool.load(queue_id)
+        headers = _read_headers(spool, queue_id)
+    except SpoolError as exc:
+        _report(err, queue_id, exc)
+        return 1
+    record = json.loads(entry.to_json())
+    out.write(json.dumps(record, indent=2, ensure_ascii=False) + "\n\n")
+    text = headers.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    out.write(_CONTROL_BUT_NEWLINE.sub("?", text))
+    return 0
+
+
+def _read_headers(spool: Spool, queue_id: str) -> bytes:
+    lines = []
+    path = spool.message_path(queue_id)
+    try:
+        with path.open("rb") as message:
+            size = 0
+            for line in message:
+                if line in (b"\r\n", b"\n") or size > _MAX_HEADER_BYTES:
+                    break
+                lines.append(line)
+                size += len(line)
+    except FileNotFoundError as exc:
+        raise NoSuchEntry(queue_id, "no such queue entry") from exc
+    except OSError as exc:
+        raise SpoolError.from_os(exc, path) from exc
+    return b"".join(lines)
+
+
+def delete(
+    spool: Spool, targets: Sequence[str], out: TextIO, err: TextIO, stdin: TextIO | None = None
+) -> Outcome:
+    """``relay queue delete ID...|-|ALL``: the returned entries are gone for good."""
+    outcome = _each(spool, targets, err, stdin, lambda entry: True, remove=True)
+    _summary(out, "Deleted", outcome)
+    return outcome
+
+
+def retry(
+    spool: Spool, targets: Sequence[str], out: TextIO, err: TextIO, stdin: TextIO | None = None
+) -> Outcome:
+    """``relay queue retry ID|ALL``: due now, and a running daemon is woken to try."""
+
+    def change(entry: QueueEntry) -> bool:
+        if entry.held:
+            raise _Skip("on hold; release it first")
+        entry.next_attempt = 0.0
+        return True
+
+    outcome = _each(spool, targets, err, stdin, change)
+    return _finish(spool, out, err, "Scheduled for retry", outcome)
+
+
+def hold(
+    spool: Spool, targets: Sequence[str], out: TextIO, err: TextIO, stdin: TextIO | None = None
+) -> Outcome:
+    """``relay queue hold ID...``: kept, but not delivered until released."""
+
+    def change(entry: QueueEntry) -> bool:
+        was, entry.held = entry.held, True
+        return not was
+
+    outcome = _each(spool, targets, err, stdin, change)
+    _summary(out, "Placed on hold", outcome)
+    return outcome
+
+
+def release(
+    spool: Spool, targets: Sequence[str], out: TextIO, err: TextIO, stdin: TextIO | None = None
+) -> Outcome:
+    """``relay queue release ID...``: back in the queue at its scheduled time."""
+
+    def change(entry: QueueEntry) -> bool:
+        was, entry.held = entry.held, False
+        return was
+
+    outcome = _each(spool, targets, err, stdin, change)
+    return _finish(spool, out, err, "Released from hold", outcome)
+
+
+def _finish(spool: Spool, out: TextIO, err: TextIO, verb: str, outcome: Outcome) -> Outcome:
+    _summary(out, verb, outcome)
+    if not outcome.entries:
+        return outcome
+    try:
+        spool.kick()
+    except SpoolError as exc:
+        err.write(f"relay queue: could not wake the daemon: {exc}\n")
+        return Outcome(1, outcome.entries)
+    return outcome
+
+
+def _each(
+    spool: Spool,
+    targets: Sequence[str],
+    err: TextIO,
+    stdin: TextIO | None,
+    change: Callable[[QueueEntry], bool],
+    *,
+    remove: bool = False,
+) -> Outcome:
+    """Apply ``change`` to each target under its lock; ``change`` says whether it did anything."""
+    code = 0
+    changed: list[QueueEntry] = []
+    for queue_id, named in _resolve(spool, targets, stdin):
+        try:
+            with spool.lock(queue_id, blocking=False):
+                try:
+                    entry = spool.load(queue_id)
+                except SpoolError as exc:
+                    if not remove or isinstance(exc, NoSuchEntry):
+                        raise
+                    # A damaged record must still be deletable; there is no entry to return.
+                    spool.remove(queue_id)
+                    err.write(f"{queue_id}: deleted an unreadable record ({exc.strerror})\n")
+                    continue
+                if not change(entry):
+                    continue
+                if remove:
+                    spool.remove(queue_id)
+                else:
+                    spool.update(entry)
+                changed.append(entry)
+        except _Skip as skip:
+            if named:
+                err.write(f"{_printable(queue_id)}: {skip}\n")
+                code = 1
+        except NoSuchEntry as exc:
+            # Under ALL an entry finishing meanwhile is not an error.
+            if named:
+                _report(err, queue_id, exc)
+                code = 1
+        except SpoolBusy:
+            err.write(f"{queue_id}: being delivered right now, skipped; try again\n")
+            code = 1
+        except SpoolError as exc:
+            _report(err, queue_id, exc)
+            code = 1
+    return Outcome(code, changed)
+
+
+def _resolve(
+    spool: Spool, targets: Sequence[str], stdin: TextIO | None
+) -> Iterator[tuple[str, bool]]:
+    """IDs with whether the user named them; ``ALL`` and ``-`` as in postsuper."""
+    seen: set[str] = set()
+    for target in targets:
+        if target == "ALL":
+            found = [(queue_id, False) for queue_id in spool.ids()]
+        elif target == "-":
+            lines = (stdin or sys.stdin).read().splitlines()
+            found = [(_normalise(line), True) for line in lines if line.strip()]
+        else:
+            found = [(_normalise(target), True)]
+        for queue_id, named in found:
+            if queue_id not in seen:
+                seen.add(queue_id)
+                yield queue_id, named
+
+
+def _normalise(text: str) -> str:
+    """Accept IDs pasted from ``mailq`` output: any case, with the ``!``/``*`` mark."""
+    return text.strip().rstrip("!*").upper()
+
+
+def _report(err: TextIO, queue_id: str, exc: SpoolError) -> None:
+    if isinstance(exc, NoSuchEntry):
+        err.write(f"{_printable(queue_id)}: {exc.strerror}\n")
+    else:
+        err.write(f"{_printable(queue_id)}: {exc}\n")
+
+
+def _summary(out: TextIO, verb: str, outcome: Outcome) -> None:
+    count = len(outcome.entries)
+    out.write(f"{verb}: {count} message{'' if count == 1 else 's'}\n")

@@ -1,0 +1,284 @@
+"""The queue commands against a real spool, as a sysadmin would run them."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.queueid import new_queue_id
+from relay.spool import DELIVERED, PENDING, QueueEntry, RecipientState, Spool, tools
+
+ROOT = Path(__file__).resolve().parent.parent
+MESSAGE = b"From: alice@acme.example\r\nSubject: Invoice 7\r\n\r\nSECRET BODY\r\n"
+ARRIVAL = 1_795_000_000.0
+
+
+def make_entry(queue_id: str | None = None, **changes: object) -> QueueEntry:
+    entry = QueueEntry(
+        queue_id=queue_id or new_queue_id(),
+        arrival=ARRIVAL,
+        mail_from="bounces@platform.example",
+        recipients=[
+            RecipientState("customer@example.net", PENDING, notify=True),
+            RecipientState("archive@acme.example", PENDING, notify=False),
+        ],
+        upstream="default",
+        tenant="acme",
+        user="alice",
+        notify_address="alice@acme.example",
+        doc_type="invoice",
+        subject="Invoice 7",
+        message_id="<7@acme.example>",
+        date="Mon, 23 Nov 2026 09:30:00 +0100",
+        size=3000,
+        client_address="10.0.0.5",
+        auth_login="erp1",
+        next_attempt=ARRIVAL + 600,
+    )
+    for name, value in changes.items():
+        setattr(entry, name, value)
+    return entry
+
+
+@contextlib.contextmanager
+def locked_elsewhere(directory: Path, queue_id: str) -> Iterator[None]:
+    script = textwrap.dedent(
+        """
+        import sys
+        from pathlib import Path
+        from relay.spool import Spool
+        with Spool(Path(sys.argv[1])).lock(sys.argv[2]):
+            print("locked", flush=True)
+            sys.stdin.readline()
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(directory), queue_id],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool")
+
+
+@pytest.fixture
+def two(spool: Spool) -> list[QueueEntry]:
+    """An older entry with one recipient deferred and one delivered, and a newer one."""
+    first = make_entry(new_queue_id(now_ns=int(ARRIVAL * 1e9)))
+    first.recipients[0].reply = "451 4.7.1 Greylisted, \x1b[31mtry later"
+    first.recipients[1].status = DELIVERED
+    first.recipients[1].reply = "250 2.0.0 Ok"
+    second = make_entry(new_queue_id(), mail_from="", size=2000, tenant="globex")
+    for entry in (first, second):
+        spool.put(entry, MESSAGE)
+    return [first, second]
+
+
+def run(
+    command: object, spool: Spool, *args: object, stdin: str = ""
+) -> tuple[tools.Outcome, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    outcome = command(spool, *args, out, err, io.StringIO(stdin))  # type: ignore[operator]
+    return outcome, out.getvalue(), err.getvalue()
+
+
+def listing(spool: Spool, as_json: bool = False) -> str:
+    out = io.StringIO()
+    assert tools.list_queue(spool, out, as_json=as_json) == 0
+    return out.getvalue()
+
+
+def test_empty_queue(spool: Spool) -> None:
+    assert listing(spool) == "Mail queue is empty\n"
+    assert listing(spool, as_json=True) == ""
+
+
+def test_list_like_mailq(spool: Spool, two: list[QueueEntry]) -> None:
+    first, second = two
+    lines = listing(spool).splitlines()
+    assert lines[0].startswith("-Queue ID-") and lines[0].endswith("-Sender/Recipient-------")
+    when = time.strftime("%a %b %d %H:%M:%S", time.localtime(ARRIVAL))
+    assert lines[1].split() == [first.queue_id, "3000", *when.split(), "bounces@platform.example"]
+    assert lines[2].strip() == "(451 4.7.1 Greylisted, ?[31mtry later)"
+    assert lines[3].strip() == "customer@example.net"
+    assert lines[3].index("customer") == lines[1].index("bounces@")
+    assert lines[4] == ""
+    assert lines[5].split()[0] == second.queue_id
+    assert lines[5].endswith(" MAILER-DAEMON")
+    assert [line.strip() for line in lines[6:8]] == [
+        "customer@example.net",
+        "archive@acme.example",
+    ]
+    assert lines[-1] == "-- 4 Kbytes in 2 Requests."
+    assert "archive@acme.example" not in "\n".join(lines[:5])  # delivered: not listed
+
+
+def test_list_json_like_postqueue(spool: Spool, two: list[QueueEntry]) -> None:
+    records = [json.loads(line) for line in listing(spool, as_json=True).splitlines()]
+    assert [r["queue_id"] for r in records] == [e.queue_id for e in two]
+    first = records[0]
+    assert set(first) == {
+        "queue_name",
+        "queue_id",
+        "arrival_time",
+        "message_size",
+        "sender",
+        "recipients",
+        "tenant",
+        "user",
+        "doc_type",
+    }
+    assert first["queue_name"] == "active"
+    assert first["arrival_time"] == int(ARRIVAL)
+    assert first["message_size"] == 3000
+    assert first["recipients"] == [
+        {
+            "address": "customer@example.net",
+            "delay_reason": "451 4.7.1 Greylisted, \x1b[31mtry later",
+        }
+    ]
+    assert records[1]["sender"] == ""
+    assert records[1]["recipients"][0] == {"address": "customer@example.net"}
+    assert (records[1]["tenant"], records[1]["user"], records[1]["doc_type"]) == (
+        "globex",
+        "alice",
+        "invoice",
+    )
+
+
+def test_hold_and_release(spool: Spool, two: list[QueueEntry]) -> None:
+    first, second = two
+    outcome, out, err = run(tools.hold, spool, [second.queue_id])
+    assert outcome.code == 0 and err == ""
+    assert [e.queue_id for e in outcome.entries] == [second.queue_id]
+    assert out == "Placed on hold: 1 message\n"
+    assert spool.load(second.queue_id).held
+    assert f"{second.queue_id}! " in listing(spool)
+    assert f"{first.queue_id}  " in listing(spool)
+    queues = [json.loads(line)["queue_name"] for line in listing(spool, as_json=True).splitlines()]
+    assert queues == ["active", "hold"]
+
+    again, out, _ = run(tools.hold, spool, [second.queue_id])
+    assert again == (0, []) and out == "Placed on hold: 0 messages\n"
+
+    outcome, out, _ = run(tools.release, spool, [second.queue_id.lower() + "!"])
+    assert outcome.code == 0 and len(outcome.entries) == 1
+    assert out == "Released from hold: 1 message\n"
+    assert not spool.load(second.queue_id).held
+    assert spool.kicked_since(0.0)
+
+
+def test_retry_makes_entries_due_and_kicks(spool: Spool, two: list[QueueEntry]) -> None:
+    first, second = two
+    assert spool.last_kick() == 0.0
+    outcome, out, _ = run(tools.retry, spool, [first.queue_id])
+    assert outcome.code == 0
+    assert spool.load(first.queue_id).next_attempt == 0
+    assert spool.load(second.queue_id).next_attempt == ARRIVAL + 600
+    assert spool.kicked_since(0.0)
+    assert out == "Scheduled for retry: 1 message\n"
+
+    run(tools.hold, spool, [second.queue_id])
+    outcome, _, err = run(tools.retry, spool, [second.queue_id])
+    assert outcome == (1, []) and "on hold" in err
+    outcome, out, err = run(tools.retry, spool, ["ALL"])
+    assert outcome.code == 0 and err == ""  # a held entry is simply not part of ALL
+    assert [e.queue_id for e in outcome.entries] == [first.queue_id]
+
+
+def test_delete_by_id_returns_the_entries_for_the_audit(
+    spool: Spool, two: list[QueueEntry]
+) -> None:
+    first, second = two
+    outcome, out, err = run(tools.delete, spool, [first.queue_id])
+    assert outcome.code == 0 and err == "" and out == "Deleted: 1 message\n"
+    assert outcome.entries == [first]
+    assert spool.ids() == [second.queue_id]
+    assert not spool.message_path(first.queue_id).exists()
+
+
+def test_delete_ids_from_stdin(spool: Spool, two: list[QueueEntry]) -> None:
+    stdin = f"\n  {two[0].queue_id.lower()}\n{two[1].queue_id}!\n\n{two[0].queue_id}\n"
+    outcome, out, err = run(tools.delete, spool, ["-"], stdin=stdin)
+    assert outcome.code == 0 and err == ""
+    assert outcome.entries == two
+    assert spool.ids() == []
+    assert out == "Deleted: 2 messages\n"
+
+
+def test_delete_all(spool: Spool, two: list[QueueEntry]) -> None:
+    outcome, out, _ = run(tools.delete, spool, ["ALL"])
+    assert outcome == (0, two) and out == "Deleted: 2 messages\n"
+    assert spool.ids() == [] and listing(spool) == "Mail queue is empty\n"
+
+
+def test_unknown_ids_are_reported_and_the_rest_done(spool: Spool, two: list[QueueEntry]) -> None:
+    unknown = new_queue_id()
+    for command in (tools.delete, tools.hold, tools.release, tools.retry):
+        outcome, _, err = run(command, spool, [unknown, "../../etc/passwd"])
+        assert outcome == (1, [])
+        assert f"{unknown}: no such queue entry" in err
+        assert "../../ETC/PASSWD: not a queue ID" in err
+    outcome, _, _ = run(tools.delete, spool, [unknown, two[0].queue_id])
+    assert outcome == (1, [two[0]])
+    assert spool.ids() == [two[1].queue_id]
+
+
+def test_busy_entry_is_skipped(spool: Spool, two: list[QueueEntry]) -> None:
+    first, second = two
+    with locked_elsewhere(spool.directory, first.queue_id):
+        outcome, _, err = run(tools.delete, spool, ["ALL"])
+        assert outcome == (1, [second])
+        assert f"{first.queue_id}: being delivered" in err
+        outcome, _, _ = run(tools.hold, spool, [first.queue_id])
+        assert outcome == (1, [])
+    assert spool.ids() == [first.queue_id]
+    assert not spool.load(first.queue_id).held
+
+
+def test_show_prints_record_and_headers_not_body(spool: Spool, two: list[QueueEntry]) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    assert tools.show(spool, two[0].queue_id, out, err) == 0
+    record_text, headers = out.getvalue().split("\n\n", 1)
+    assert QueueEntry.from_json(record_text) == two[0]
+    assert headers == "From: alice@acme.example\nSubject: Invoice 7\n"
+    assert "SECRET BODY" not in out.getvalue()
+
+    out, err = io.StringIO(), io.StringIO()
+    assert tools.show(spool, new_queue_id(), out, err) == 1
+    assert "no such queue entry" in err.getvalue() and out.getvalue() == ""
+
+
+def test_a_damaged_record_can_still_be_deleted(spool: Spool, two: list[QueueEntry]) -> None:
+    damaged = two[0].queue_id
+    (spool.directory / "env" / f"{damaged}.json").write_text('{"version": 1}')
+    assert listing(spool).count("Request") == 1
+    outcome, _, _ = run(tools.hold, spool, [damaged])
+    assert outcome.code == 1
+    outcome, out, err = run(tools.delete, spool, ["ALL"])
+    assert outcome == (0, [two[1]]) and out == "Deleted: 1 message\n"
+    assert f"{damaged}: deleted an unreadable record" in err
+    assert spool.ids() == [] and not spool.message_path(damaged).exists()

@@ -1,0 +1,462 @@
+"""The spool on a real file system: round trips, crash leftovers, failures, locks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.queueid import new_queue_id
+from relay.spool import (
+    DELIVERED,
+    PENDING,
+    NoSuchEntry,
+    QueueEntry,
+    RecipientState,
+    Spool,
+    SpoolBusy,
+    SpoolError,
+)
+from relay.spool import store as store_module
+
+ROOT = Path(__file__).resolve().parent.parent
+MESSAGE = b"From: a@example.com\r\nSubject: Invoice 7\r\n\r\nBody\r\n"
+LOCK_HOLDER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from relay.spool import Spool
+    with Spool(Path(sys.argv[1])).lock(sys.argv[2]):
+        print("locked", flush=True)
+        sys.stdin.readline()
+    """
+)
+
+
+def make_entry(queue_id: str | None = None, **changes: object) -> QueueEntry:
+    entry = QueueEntry(
+        queue_id=queue_id or new_queue_id(),
+        arrival=time.time(),
+        mail_from="bounces@platform.example",
+        recipients=[
+            RecipientState("customer@example.net", PENDING, notify=True),
+            RecipientState("archive@acme.example", PENDING, notify=False),
+        ],
+        upstream="default",
+        tenant="acme",
+        user="alice",
+        notify_address="alice@acme.example",
+        doc_type="invoice",
+        subject="Invoice 7",
+        message_id="<7@acme.example>",
+        date="Mon, 23 Nov 2026 09:30:00 +0100",
+        size=len(MESSAGE),
+        client_address="10.0.0.5",
+        auth_login="erp1",
+        next_attempt=time.time(),
+    )
+    for name, value in changes.items():
+        setattr(entry, name, value)
+    return entry
+
+
+@contextlib.contextmanager
+def locked_elsewhere(directory: Path, queue_id: str) -> Iterator[None]:
+    """Another process holds the entry's lock for the duration."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(directory), queue_id],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+
+def all_files(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
+def age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool")
+
+
+def test_put_load_round_trip(spool: Spool) -> None:
+    entry = make_entry()
+    spool.put(entry, MESSAGE)
+    assert spool.load(entry.queue_id) == entry
+    assert spool.read_message(entry.queue_id) == MESSAGE
+    assert spool.message_path(entry.queue_id).read_bytes() == MESSAGE
+    with spool.open_message(entry.queue_id) as file:
+        assert file.read() == MESSAGE
+    assert spool.ids() == [entry.queue_id]
+    assert list(spool.entries()) == [entry]
+    assert spool.directory.stat().st_mode & 0o777 == 0o700
+    assert spool.recover() == 1
+
+
+def test_put_stream_and_ids_sorted_by_arrival(spool: Spool) -> None:
+    ids = [new_queue_id(now_ns=t * 10**9) for t in (1_700_000_300, 1_700_000_100, 1_700_000_200)]
+    for queue_id in ids:
+        spool.put_stream(make_entry(queue_id), iter([b"From: a\r\n", b"\r\nx\r\n"]))
+    assert spool.ids() == sorted(ids)
+    assert spool.read_message(ids[0]) == b"From: a\r\n\r\nx\r\n"
+
+
+def test_record_is_versioned_json_and_tolerates_unknown_fields() -> None:
+    entry = make_entry()
+    record = json.loads(entry.to_json())
+    assert record["version"] == 1
+    assert record["recipients"][1]["notify"] is False
+    record["added_in_version_2"] = {"x": 1}
+    record["recipients"][0]["future"] = True
+    assert QueueEntry.from_json(json.dumps(record)) == entry
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda r: r.pop("queue_id"),
+        lambda r: r.pop("version"),
+        lambda r: r.update(arrival="yesterday"),
+        lambda r: r.update(held="no"),
+        lambda r: r["recipients"][0].update(status="lost"),
+        lambda r: r["recipients"][0].pop("notify"),
+        lambda r: r.update(recipients={"a": 1}),
+    ],
+)
+def test_damaged_record_is_a_value_error(damage: object) -> None:
+    record = json.loads(make_entry().to_json())
+    damage(record)  # type: ignore[operator]
+    with pytest.raises(ValueError):
+        QueueEntry.from_json(json.dumps(record))
+    with pytest.raises(ValueError):
+        QueueEntry.from_json(b"\xff{")
+
+
+def test_pending_and_finished() -> None:
+    entry = make_entry()
+    assert [r.address for r in entry.pending()] == ["customer@example.net", "archive@acme.example"]
+    entry.recipients[0].status = DELIVERED
+    assert not entry.finished
+    entry.recipients[1].status = "failed"
+    assert entry.pending() == [] and entry.finished
+
+
+def test_same_queue_id_twice_is_refused(spool: Spool) -> None:
+    entry = make_entry()
+    spool.put(entry, MESSAGE)
+    with pytest.raises(SpoolError):
+        spool.put(entry, b"other")
+    assert spool.read_message(entry.queue_id) == MESSAGE
+
+
+def test_crash_between_message_and_record_leaves_an_orphan_recovery_removes(spool: Spool) -> None:
+    kept = make_entry()
+    spool.put(kept, MESSAGE)
+    orphan = new_queue_id()
+    spool._write_atomic(spool.message_path(orphan), [MESSAGE])  # the first step of put only
+    stale_temp = spool.directory / "env" / f".{orphan}.json.abc.tmp"
+    fresh_temp = spool.directory / "msg" / f".{orphan}.def.tmp"
+    stale_temp.write_bytes(b'{"version": 1')
+    fresh_temp.write_bytes(b"partial")
+    (spool.directory / "lock" / f"{orphan}.lock").touch()
+
+    assert spool.ids() == [kept.queue_id]
+    assert spool.recover() == 1  # everything is younger than a minute: maybe a put in progress
+    assert (spool.directory / "msg" / orphan).exists()
+
+    for path in (
+        spool.message_path(orphan),
+        stale_temp,
+        spool.directory / "lock" / f"{orphan}.lock",
+    ):
+        age(path, 120)
+    assert spool.recover() == 1
+    assert all_files(spool.directory) == sorted(
+        [f"env/{kept.queue_id}.json", f"msg/{kept.queue_id}", f"msg/.{orphan}.def.tmp"]
+    )
+    assert spool.recover(min_age=0) == 1
+    assert not fresh_temp.exists()
+    assert spool.load(kept.queue_id) == kept
+
+
+def test_record_without_message_is_reported_not_deleted(
+    spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    entry = make_entry()
+    spool.put(entry, MESSAGE)
+    spool.message_path(entry.queue_id).unlink()
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        assert spool.recover(min_age=0) == 1
+    assert "no message file" in caplog.text
+    with pytest.raises(NoSuchEntry):
+        spool.read_message(entry.queue_id)
+
+
+@pytest.mark.parametrize("broken", ["msg", "env"])
+def test_unwritable_directory_raises_and_leaves_nothing(spool: Spool, broken: str) -> None:
+    # A regular file where the directory should be fails even for root.
+    (spool.directory / broken).rmdir()
+    (spool.directory / broken).write_bytes(b"")
+    entry = make_entry()
+    with pytest.raises(SpoolError) as caught:
+        spool.put(entry, MESSAGE)
+    assert caught.value.strerror == "Not a directory"
+    assert entry.queue_id in caught.value.path
+    assert all_files(spool.directory) == [broken]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0500 directory anyway")
+def test_read_only_spool_raises_and_leaves_nothing(spool: Spool) -> None:
+    (spool.directory / "msg").chmod(0o500)
+    try:
+        with pytest.raises(SpoolError):
+            spool.put(make_entry(), MESSAGE)
+    finally:
+        (spool.directory / "msg").chmod(0o700)
+    assert all_files(spool.directory) == []
+
+
+DISK_FULL = textwrap.dedent(
+    """
+    import resource, signal, sys
+    from pathlib import Path
+    from relay.spool import Spool, SpoolError
+    from tests.test_spool import make_entry
+    spool = Spool(Path(sys.argv[1]))
+    if sys.argv[2] == "update":
+        entry = spool.load(spool.ids()[0])
+        entry.subject = "x" * 20000
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    try:
+        if sys.argv[2] == "update":
+            spool.update(entry)
+        else:
+            spool.put(make_entry(), b"x" * 100000)
+    except SpoolError as exc:
+        print(exc.strerror)
+    """
+)
+
+
+@pytest.mark.parametrize("step", ["put", "update"])
+def test_full_disk_raises_and_leaves_the_spool_as_it_was(spool: Spool, step: str) -> None:
+    """RLIMIT_FSIZE makes writes fail like a full disk would, for root too."""
+    entry = make_entry()
+    spool.put(entry, MESSAGE)
+    before = {name: (spool.directory / name).read_bytes() for name in all_files(spool.directory)}
+    result = subprocess.run(
+        [sys.executable, "-c", DISK_FULL, str(spool.directory), step],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=30,
+        check=True,
+    )
+    assert result.stdout.strip() == "File too large"
+    assert {n: (spool.directory / n).read_bytes() for n in all_files(spool.directory)} == before
+    assert spool.load(entry.queue_id) == entry
+
+
+def test_update_replaces_the_record_atomically(spool: Spool) -> None:
+    entry = make_entry()
+    spool.put(entry, MESSAGE)
+    path = spool.directory / "env" / f"{entry.queue_id}.json"
+    with path.open("rb") as reader_before:
+        entry.recipients[0].status = DELIVERED
+        entry.recipients[0].reply = "250 2.0.0 Ok"
+        entry.attempts = 1
+        spool.update(entry)
+        # A reader that opened the old file still sees all of it: the new one was renamed in.
+        assert QueueEntry.from_json(reader_before.read()).attempts == 0
+    assert spool.load(entry.queue_id) == entry
+    assert all_files(spool.directory) == [f"env/{entry.queue_id}.json", f"msg/{entry.queue_id}"]
+
+
+def test_update_of_a_removed_entry_does_not_resurrect_it(spool: Spool) -> None:
+    entry = make_entry()
+    spool.put(entry, MESSAGE)
+    spool.remove(entry.queue_id)
+    with pytest.raises(NoSuchEntry):
+        spool.update(entry)
+    assert spool.ids() == []
+
+
+def test_remove_deletes_record_message_and_lock(spool: Spool) -> None:
+    entry = make_entry()
+    spool.put(entry, MESSAGE)
+    with spool.lock(entry.queue_id):
+        spool.remove(entry.queue_id)
+    assert all_files(spool.directory) == []
+    with pytest.raises(NoSuchEntry):
+        spool.remove(entry.queue_id)
+    with pytest.raises(NoSuchEntry):
+        spool.load(entry.queue_id)
+
+
+class Crash(BaseException):
+    pass
+
+
+def test_crash_during_remove_leaves_only_an_orphan_message(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = make_entry()
+    spool.put(entry, MESSAGE)
+
+    def crash(directory: Path) -> None:
+        raise Crash
+
+    monkeypatch.setattr(store_module, "_fsync_dir", crash)
+    with pytest.raises(Crash):
+        spool.remove(entry.queue_id)
+    monkeypatch.undo()
+    assert spool.ids() == []
+    assert spool.message_path(entry.queue_id).exists()
+    age(spool.message_path(entry.queue_id), 120)
+    assert spool.recover() == 0
+    assert all_files(spool.directory) == []
+
+
+def test_lock_held_by_another_process_is_busy(spool: Spool) -> None:
+    entry = make_entry()
+    spool.put(entry, MESSAGE)
+    with (
+        locked_elsewhere(spool.directory, entry.queue_id),
+        pytest.raises(SpoolBusy),
+        spool.lock(entry.queue_id, blocking=False),
+    ):
+        pass
+    with spool.lock(entry.queue_id, blocking=False):
+        assert spool.load(entry.queue_id) == entry
+
+
+INCREMENTER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from relay.spool import Spool
+    spool = Spool(Path(sys.argv[1]))
+    for _ in range(int(sys.argv[3])):
+        with spool.lock(sys.argv[2]):
+            entry = spool.load(sys.argv[2])
+            entry.attempts += 1
+            spool.update(entry)
+    """
+)
+
+
+def test_concurrent_updates_under_lock_lose_nothing(spool: Spool) -> None:
+    """Two processes read-modify-write the same entry; the lock serialises them."""
+    entry = make_entry()
+    spool.put(entry, MESSAGE)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", INCREMENTER, str(spool.directory), entry.queue_id, "25"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        for _ in range(2)
+    ]
+    assert [proc.wait(timeout=60) for proc in procs] == [0, 0]
+    assert spool.load(entry.queue_id).attempts == 50
+
+
+def test_waiting_for_a_lock_whose_entry_is_removed_meanwhile(spool: Spool) -> None:
+    entry = make_entry()
+    spool.put(entry, MESSAGE)
+    outcome: list[BaseException | None] = []
+
+    def wait_for_lock() -> None:
+        try:
+            with spool.lock(entry.queue_id):
+                outcome.append(None)
+        except NoSuchEntry as exc:
+            outcome.append(exc)
+
+    with spool.lock(entry.queue_id):
+        waiter = threading.Thread(target=wait_for_lock)
+        waiter.start()
+        time.sleep(0.2)  # the waiter now blocks on the lock file that remove() unlinks
+        spool.remove(entry.queue_id)
+    waiter.join(timeout=10)
+    assert len(outcome) == 1 and isinstance(outcome[0], NoSuchEntry)
+    assert all_files(spool.directory) == []
+
+
+def test_lock_on_unknown_or_malformed_id(spool: Spool) -> None:
+    for queue_id in (new_queue_id(), "../../etc/passwd", "", "0" * 17):
+        with pytest.raises(NoSuchEntry), spool.lock(queue_id):
+            pass
+        with pytest.raises(NoSuchEntry):
+            spool.load(queue_id)
+    assert all_files(spool.directory) == []
+
+
+def test_unreadable_record_is_skipped_with_a_warning(
+    spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = make_entry()
+    spool.put(good, MESSAGE)
+    bad = new_queue_id()
+    (spool.directory / "env" / f"{bad}.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        assert list(spool.entries()) == [good]
+    assert bad in caplog.text
+    with pytest.raises(SpoolError, match="unreadable"):
+        spool.load(bad)
+
+
+def test_kick(spool: Spool) -> None:
+    assert spool.last_kick() == 0.0
+    assert not spool.kicked_since(0.0)
+    spool.kick()
+    assert spool.kicked_since(0.0)
+    seen = spool.last_kick()
+    assert not spool.kicked_since(seen)
+    age(spool.directory / "kick", 10)
+    seen = spool.last_kick()
+    spool.kick()
+    assert spool.kicked_since(seen)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files for another user")
+def test_root_hands_new_files_to_the_spool_owner(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, 65534, 65534)
+    spool = Spool(directory)
+    entry = make_entry()
+    spool.put(entry, MESSAGE)
+    with spool.lock(entry.queue_id):
+        spool.update(entry)
+    spool.kick()
+    owners = {(p.stat().st_uid, p.stat().st_gid) for p in directory.rglob("*")}
+    assert owners == {(65534, 65534)}
