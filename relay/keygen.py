@@ -1,0 +1,121 @@
+"""DKIM key pairs and the DNS records that publish them.
+
+Key files use the formats ``relay.sign`` hands to dkimpy unchanged: RSA as a
+PKCS#1 PEM (which opendkim and older dkimpy read too), Ed25519 as the base64
+of the 32-byte seed. The record is printed in zone-file syntax like
+``opendkim-genkey`` does, so it can be pasted into a zone or a DNS web form.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from relay.policy.model import DkimAlgorithm, DkimKey
+
+# RFC 8301: signers use at least 1024 bits, verifiers must handle up to 4096.
+MIN_RSA_BITS = 1024
+MAX_RSA_BITS = 4096
+_TXT_STRING_MAX = 255  # one character-string in a TXT record (RFC 1035 3.3)
+
+# The names become part of a file name: this also keeps out "/" and "..".
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+
+def generate(
+    domain: str,
+    selector: str,
+    algorithm: DkimAlgorithm,
+    directory: Path,
+    bits: int = 2048,
+) -> tuple[Path, str]:
+    """Write a new private key to ``directory`` and return it with its DNS record.
+
+    Raises ValueError for a bad name or key size and FileExistsError rather
+    than replace a key whose public half may already be in DNS.
+    """
+    domain = domain.lower()
+    for what, name in (("domain", domain), ("selector", selector)):
+        if not _NAME.fullmatch(name) or len(name) > 253:
+            raise ValueError(f"invalid DKIM {what} {name!r}: expected a DNS name")
+    if algorithm is DkimAlgorithm.RSA:
+        if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
+            raise ValueError(f"RSA key size {bits} outside {MIN_RSA_BITS}..{MAX_RSA_BITS} bits")
+        private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+        data = private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    else:
+        seed = ed25519.Ed25519PrivateKey.generate().private_bytes_raw()
+        data = base64.b64encode(seed) + b"\n"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / f"{domain}.{selector}.private"
+    _write_new(path, data)
+    key = DkimKey(domain, selector, algorithm, path, data)
+    return path, zone_record(domain, selector, public_record_value(key))
+
+
+def public_record_value(key: DkimKey) -> str:
+    """The TXT value ``v=DKIM1; k=...; p=...`` that publishes ``key``'s public half.
+
+    Raises ValueError, naming the key, when its private key cannot be read.
+    """
+    try:
+        if key.algorithm is DkimAlgorithm.RSA:
+            private = serialization.load_pem_private_key(key.private_key, password=None)
+            if not isinstance(private, rsa.RSAPrivateKey):
+                raise ValueError(f"not an RSA key but {type(private).__name__}")
+            public = private.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        else:
+            seed = base64.b64decode(b"".join(key.private_key.split()), validate=True)
+            if len(seed) != 32:
+                raise ValueError(f"an Ed25519 seed is 32 bytes, not {len(seed)}")
+            private_ed = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+            public = private_ed.public_key().public_bytes_raw()
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise ValueError(
+            f"cannot read the {key.algorithm.value} private key for "
+            f"d={key.domain} s={key.selector} from {key.key_file}: {exc}"
+        ) from exc
+    return f"v=DKIM1; k={key.algorithm.value}; p={base64.b64encode(public).decode('ascii')}"
+
+
+def zone_record(domain: str, selector: str, value: str) -> str:
+    """``value`` as a one-line zone-file TXT record, split into legal strings."""
+    head, sep, key = value.partition("p=")
+    strings = [head] if sep else []
+    rest = sep + key if sep else value
+    strings += [rest[i : i + _TXT_STRING_MAX] for i in range(0, len(rest), _TXT_STRING_MAX)]
+    quoted = " ".join(f'"{s}"' for s in strings)
+    return f"{selector}._domainkey.{domain}. IN TXT ( {quoted} )"
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` readable by its owner only, from the first byte on."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise FileExistsError(
+            f"{path} already exists; not overwriting a DKIM key "
+            "(choose a new selector, or remove the file first)"
+        ) from None
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), 0o600)  # the umask may have taken the owner's bits
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
