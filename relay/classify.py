@@ -11,9 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from relay.message import MessageView
-from relay.policy.model import Condition, ConditionKind, DocumentRule
-
-DEFAULT_TYPE = "other"
+from relay.policy.model import DEFAULT_DOC_TYPE, Condition, ConditionKind, DocumentRule
 
 
 @dataclass(frozen=True)
@@ -29,7 +27,7 @@ def classify(rules: tuple[DocumentRule, ...], view: MessageView) -> Classificati
         if all(e is not None for e in evidence):
             why = " and ".join(e for e in evidence if e)
             return Classification(rule.doc_type, rule.id, f"rule {rule.id!r}: {why}")
-    return Classification(DEFAULT_TYPE, None, f"no rule matched; type {DEFAULT_TYPE!r}")
+    return Classification(DEFAULT_DOC_TYPE, None, f"no rule matched; type {DEFAULT_DOC_TYPE!r}")
 
 
 def _match(condition: Condition, view: MessageView) -> str | None:

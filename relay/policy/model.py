@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
+DEFAULT_DOC_TYPE = "other"  # the type of a message no classify rule matches
+
 
 class AuthMode(enum.Enum):
     REQUIRED = "required"

@@ -1,0 +1,304 @@
+"""Builders for the sections that name each other: upstreams, tenants with users, logins.
+
+References (a login's tenant, a tenant's upstream, a Reply-To document type)
+are checked against the names the file declares, not against the entries
+that validated, so one broken tenant does not drag a cascade of "no such
+tenant" problems behind it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from types import MappingProxyType
+
+from yaml.nodes import Node, SequenceNode
+
+from relay.policy import values
+from relay.policy.model import (
+    DirectoryUpstream,
+    Login,
+    ReplyToKind,
+    ReplyToSource,
+    SmtpUpstream,
+    Tenant,
+    TlsMode,
+    Upstream,
+    User,
+    UserRef,
+)
+from relay.policy.schema import Ctx, Map, hint, items, text
+
+_NO_PASSWORD = "do not put passwords in the policy; "
+_SMTP_FORBIDDEN = {"password": _NO_PASSWORD + "use password_file or password_env"}
+_LOGIN_FORBIDDEN = {"password": _NO_PASSWORD + "put a `relay passwd` hash in password_hash"}
+_SMTP_KEYS = ("type", "host", "port", "tls", "username", "password_file", "password_env")
+_SMTP_KEYS += ("timeout",)
+_TENANT_KEYS = ("name", "address", "upstream", "verified_domains", "default_user")
+_TENANT_KEYS += ("reply_to", "bcc_sender", "users")
+_LOGIN_KEYS = ("password_hash", "tenant", "users")
+_HASH = re.compile(r"scrypt(\$[^$\s]+){5}")
+_DEFAULT_REPLY_TO = (ReplyToSource(ReplyToKind.SENDER), ReplyToSource(ReplyToKind.COMPANY))
+_REPLY_TO = "sender, company, keep, header:NAME or an address"
+
+
+def upstreams(ctx: Ctx, root: Map) -> tuple[Mapping[str, Upstream] | None, set[str]]:
+    """The upstreams, and the names declared (for the tenants' references)."""
+    found: dict[str, Upstream | None] = {}
+    entries = root.entries("upstreams", "a mapping of upstream names to upstreams")
+    if root.has("upstreams") and not entries:
+        ctx.problem(root.get("upstreams"), "upstreams", "at least one upstream is needed")
+    for name, key, node, path in entries:
+        m = Map(ctx, node, path, (*_SMTP_KEYS, "path"), ("type",), _SMTP_FORBIDDEN, at=key)
+        kind = m.text("type", "one of: smtp, directory")
+        if kind == "directory":
+            m.only(("type", "path"), "a directory upstream")
+            m.require("path")
+            directory = m.read("path", values.file_path)
+            found[name] = DirectoryUpstream(name, directory) if directory else None
+        elif kind == "smtp":
+            m.only(_SMTP_KEYS, "an smtp upstream")
+            m.require("host")
+            found[name] = _smtp(ctx, m, name)
+        else:
+            if kind is not None:
+                message = "expected one of: smtp, directory" + hint(kind, ("smtp", "directory"))
+                ctx.problem(m.get("type"), m.sub("type"), message)
+            found[name] = None
+    names = set(found)
+    if not found or None in found.values():
+        return None, names
+    return MappingProxyType(found), names
+
+
+def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
+    host = m.text("host", "a host name")
+    tls = m.choice("tls", TlsMode, TlsMode.AUTO)
+    port = m.integer("port", 465 if tls is TlsMode.IMPLICIT else 587, 1, 65535, "a port number")
+    username = m.text("username", "a user name")
+    password_file = m.read("password_file", values.file_path)
+    password_env = m.read("password_env", values.env_name)
+    timeout = m.number("timeout", 60)
+    ok = None not in (host, tls, port, timeout)
+    ok = ok and (password_file is not None or not m.has("password_file"))
+    ok = ok and (password_env is not None or not m.has("password_env"))
+    ok = ok and (username is not None or not m.has("username"))
+    if m.has("password_file") and m.has("password_env"):
+        message = "set password_file or password_env, not both"
+        ctx.problem(m.get("password_env"), m.sub("password_env"), message)
+        ok = False
+    if not m.has("username") and (m.has("password_file") or m.has("password_env")):
+        ctx.problem(m.node, m.sub("username"), "a password needs a username")
+        ok = False
+    if not ok:
+        return None
+    return SmtpUpstream(name, host, port, tls, username, password_file, password_env, timeout)
+
+
+class Roster:
+    """What the tenants declare: users per tenant, default users, and every address
+    or alias seen so far (to refuse one used by two users)."""
+
+    def __init__(self) -> None:
+        self.users: dict[str, set[str]] = {}
+        self.default_user: dict[str, str | None] = {}
+        self.addresses: dict[str, UserRef] = {}
+        self._where: dict[str, str] = {}
+
+    def claim(self, ctx: Ctx, node: Node, path: str, address: str, ref: UserRef) -> None:
+        key = address.lower()
+        if key in self._where:
+            ctx.problem(node, path, f"{address} is already used by {self._where[key]}")
+            return
+        self.addresses[key] = ref
+        self._where[key] = path
+
+
+def tenants(
+    ctx: Ctx, root: Map, upstream_names: Collection[str], doc_types: Collection[str], roster: Roster
+) -> Mapping[str, Tenant] | None:
+    found: dict[str, Tenant | None] = {}
+    entries = root.entries("tenants", "a mapping of tenant ids to tenants")
+    if root.has("tenants") and not entries:
+        ctx.problem(root.get("tenants"), "tenants", "at least one tenant is needed")
+    for tenant_id, key, node, path in entries:
+        required = ("name", "address", "upstream", "users")
+        m = Map(ctx, node, path, _TENANT_KEYS, required, at=key)
+        found[tenant_id] = _tenant(ctx, m, tenant_id, upstream_names, doc_types, roster)
+    if not found or None in found.values():
+        return None
+    return MappingProxyType(found)
+
+
+def _tenant(
+    ctx: Ctx,
+    m: Map,
+    tenant_id: str,
+    upstream_names: Collection[str],
+    doc_types: Collection[str],
+    roster: Roster,
+) -> Tenant | None:
+    name = m.text("name", "a company name")
+    address = m.read("address", values.address)
+    users = _users(ctx, m, tenant_id, roster)
+    default_user = m.text("default_user", "a user id of this tenant")
+    roster.default_user[tenant_id] = default_user
+    declared = roster.users[tenant_id]
+    if default_user is not None and declared and default_user not in declared:
+        message = f"no user {default_user!r} in this tenant" + hint(default_user, declared)
+        ctx.problem(m.get("default_user"), m.sub("default_user"), message)
+        default_user = None
+    upstream = m.text("upstream", "an upstream name")
+    if upstream is not None and upstream not in upstream_names:
+        message = f"no upstream {upstream!r}" + hint(upstream, upstream_names)
+        ctx.problem(m.get("upstream"), m.sub("upstream"), message)
+        upstream = None
+    domains = [
+        values.domain(ctx, n, p) for n, p in m.items("verified_domains", "a list of domains")
+    ]
+    bcc = [_doc_type(ctx, n, p, doc_types) for n, p in m.items("bcc_sender", "a list of types")]
+    reply_to = _reply_to(ctx, m, doc_types)
+    if None in (name, address, upstream, users, reply_to, *domains, *bcc):
+        return None
+    if default_user is None and m.has("default_user"):
+        return None
+    return Tenant(
+        id=tenant_id,
+        name=name,
+        address=address,
+        verified_domains=tuple(domains),
+        upstream=upstream,
+        default_user=default_user,
+        reply_to=reply_to,
+        bcc_sender=frozenset(bcc),
+        users=users,
+    )
+
+
+def _users(ctx: Ctx, tenant: Map, tenant_id: str, roster: Roster) -> Mapping[str, User] | None:
+    found: dict[str, User | None] = {}
+    entries = tenant.entries("users", "a mapping of user ids to users")
+    roster.users[tenant_id] = {user_id for user_id, *_ in entries}
+    if tenant.has("users") and not entries:
+        ctx.problem(tenant.get("users"), tenant.sub("users"), "a tenant needs at least one user")
+        return None
+    for user_id, key, node, path in entries:
+        m = Map(ctx, node, path, ("name", "address", "aliases"), ("name", "address"), at=key)
+        ref = UserRef(tenant_id, user_id)
+        name = m.text("name", "a person's name")
+        address = m.read("address", values.address)
+        if address is not None:
+            roster.claim(ctx, m.get("address"), m.sub("address"), address, ref)
+        aliases = []
+        for alias_node, alias_path in m.items("aliases", "a list of addresses"):
+            alias = values.address(ctx, alias_node, alias_path)
+            if alias is not None:
+                roster.claim(ctx, alias_node, alias_path, alias, ref)
+            aliases.append(alias.lower() if alias is not None else None)
+        ok = name is not None and address is not None and None not in aliases
+        found[user_id] = User(user_id, tenant_id, name, address, tuple(aliases)) if ok else None
+    if not found or None in found.values():
+        return None
+    return MappingProxyType(found)
+
+
+def _doc_type(ctx: Ctx, node: Node, path: str, doc_types: Collection[str]) -> str | None:
+    value = text(ctx, node, path, "a document type")
+    if value is not None and value not in doc_types:
+        message = f"no document type {value!r} in classify" + hint(value, doc_types)
+        ctx.problem(node, path, message)
+        return None
+    return value
+
+
+def _reply_to(
+    ctx: Ctx, tenant: Map, doc_types: Collection[str]
+) -> Mapping[str, tuple[ReplyToSource, ...]] | None:
+    chains: dict[str, tuple[ReplyToSource, ...] | None] = {}
+    entries = tenant.entries("reply_to", "a mapping of document types to Reply-To lists")
+    for doc_type, key_node, node, path in entries:
+        if doc_type == "default" or doc_type in doc_types:
+            chains[doc_type] = _chain(ctx, node, path)
+            continue
+        near = hint(doc_type, {"default", *doc_types})
+        ctx.problem(key_node, path, f"no document type {doc_type!r} in classify{near}")
+        chains[doc_type] = None
+    chains.setdefault("default", _DEFAULT_REPLY_TO)
+    if None in chains.values():
+        return None
+    return MappingProxyType(chains)
+
+
+def _chain(ctx: Ctx, node: Node, path: str) -> tuple[ReplyToSource, ...] | None:
+    """Sources tried in order; ``keep`` ends the chain, so it may only come last."""
+    entries = items(ctx, node, path, f"a list of: {_REPLY_TO}")
+    if not entries:
+        if isinstance(node, SequenceNode):
+            ctx.problem(node, path, f"expected at least one of: {_REPLY_TO}")
+        return None
+    sources = [_source(ctx, item, item_path) for item, item_path in entries]
+    for source, (item, item_path) in zip(sources[:-1], entries[:-1], strict=True):
+        if source is not None and source.kind is ReplyToKind.KEEP:
+            ctx.problem(item, item_path, "keep ends the chain, so it can only be the last item")
+            return None
+    return None if None in sources else tuple(sources)
+
+
+def _source(ctx: Ctx, node: Node, path: str) -> ReplyToSource | None:
+    value = text(ctx, node, path, _REPLY_TO)
+    if value is None:
+        return None
+    if value in ("sender", "company", "keep"):
+        return ReplyToSource(ReplyToKind(value))
+    if value.startswith("header:"):
+        name = value.removeprefix("header:").strip()
+        if values.is_header_name(name):
+            return ReplyToSource(ReplyToKind.HEADER, name)
+        ctx.problem(node, path, f"{name!r} is not a header name like X-Responsible")
+        return None
+    if "@" in value:
+        if values.is_address(value):
+            return ReplyToSource(ReplyToKind.ADDRESS, value)
+        ctx.problem(node, path, f"{value!r} is not an address like name@example.com")
+        return None
+    near = hint(value, ("sender", "company", "keep"))
+    ctx.problem(node, path, f"expected {_REPLY_TO}, not {value!r}{near}")
+    return None
+
+
+def logins(
+    ctx: Ctx, root: Map, declared: Mapping[str, Collection[str]]
+) -> Mapping[str, Login] | None:
+    found: dict[str, Login | None] = {}
+    for name, key, node, path in root.entries("logins", "a mapping of login names to logins"):
+        m = Map(ctx, node, path, _LOGIN_KEYS, _LOGIN_KEYS[:2], _LOGIN_FORBIDDEN, at=key)
+        password_hash = m.text("password_hash", "a password hash made with `relay passwd`")
+        if password_hash is not None and not _HASH.fullmatch(password_hash):
+            message = "expected a password hash made with `relay passwd` (scrypt$...)"
+            ctx.problem(m.get("password_hash"), m.sub("password_hash"), message)
+            password_hash = None
+        tenant = m.text("tenant", "a tenant id")
+        if tenant is not None and tenant not in declared:
+            message = f"no tenant {tenant!r}" + hint(tenant, declared)
+            ctx.problem(m.get("tenant"), m.sub("tenant"), message)
+            tenant = None
+        users = [
+            _login_user(ctx, n, p, tenant, declared)
+            for n, p in m.items("users", "a list of user ids")
+        ]
+        ok = password_hash is not None and tenant is not None and None not in users
+        found[name] = Login(name, password_hash, tenant, tuple(users)) if ok else None
+    if None in found.values():
+        return None
+    return MappingProxyType(found)
+
+
+def _login_user(
+    ctx: Ctx, node: Node, path: str, tenant: str | None, declared: Mapping[str, Collection[str]]
+) -> str | None:
+    user = text(ctx, node, path, "a user id")
+    if user is not None and tenant is not None and user not in declared[tenant]:
+        near = hint(user, declared[tenant])
+        ctx.problem(node, path, f"no user {user!r} in tenant {tenant!r}{near}")
+        return None
+    return user

@@ -1,0 +1,100 @@
+"""Load the policy YAML into the frozen ``Policy``, or say everything wrong with it.
+
+The relay refuses to start on an invalid policy, so the sysadmin's only
+view of a mistake is this module's report: every problem at once, in file
+order, each as ``FILE:LINE:COL: dotted.path: message`` like a compiler,
+rather than a traceback about the first one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from types import MappingProxyType
+from typing import TextIO
+
+from relay.errors import PolicyError
+from relay.policy import accounts, sections
+from relay.policy.model import Policy
+from relay.policy.schema import Ctx, Map
+from relay.policy.yamlsource import Problems, read
+
+EX_CONFIG = 78
+VERSION = 1
+_SECTIONS = ("version", "platform", "listeners", "identify", "control_headers", "classify")
+_SECTIONS += ("dkim", "upstreams", "logins", "tenants")
+_REQUIRED = ("version", "platform", "listeners", "upstreams", "tenants")
+
+
+def load(path: Path) -> Policy:
+    """Read and validate the policy; raises PolicyError listing every problem."""
+    problems = Problems(str(path))
+    data, root = read(path, problems)
+    policy = None
+    if data is not None and root is not None:
+        ctx = Ctx(problems, path.absolute().parent)
+        policy = _build(ctx, Map(ctx, root, "", _SECTIONS, _REQUIRED), path, data)
+    if len(problems) or policy is None:
+        raise PolicyError(problems.in_file_order() or [f"{path}: invalid policy"])
+    return policy
+
+
+def _build(ctx: Ctx, root: Map, path: Path, data: bytes) -> Policy | None:
+    if not root.ok:
+        return None
+    version = root.integer("version", None, 0, 2**31, f"the policy version ({VERSION})")
+    if version is not None and version != VERSION:
+        message = f"unsupported policy version {version}: this relay reads version {VERSION}"
+        ctx.problem(root.get("version"), "version", message)
+    rules, doc_types = sections.classify(ctx, root)
+    keys, key_domains = sections.dkim(ctx, root)
+    platform = sections.platform(ctx, root, key_domains)
+    listeners = sections.listeners(ctx, root)
+    upstreams, upstream_names = accounts.upstreams(ctx, root)
+    roster = accounts.Roster()
+    tenants = accounts.tenants(ctx, root, upstream_names, doc_types, roster)
+    logins = accounts.logins(ctx, root, roster.users)
+    identify, control_headers = sections.identify(ctx, root, roster.default_user)
+    parts = (platform, listeners, identify, rules, control_headers, keys, upstreams, logins)
+    if len(ctx.problems) or None in parts or tenants is None:
+        return None
+    return Policy(
+        source=path,
+        digest=hashlib.sha256(data).hexdigest(),
+        platform=platform,
+        listeners=listeners,
+        identify=identify,
+        classify=rules,
+        control_headers=control_headers,
+        dkim_keys=keys,
+        upstreams=upstreams,
+        logins=logins,
+        tenants=tenants,
+        addresses=MappingProxyType(dict(roster.addresses)),
+    )
+
+
+def check_main(path: Path, out: TextIO, err: TextIO) -> int:
+    """``relay check``: the problems and a count on ``err`` (exit 78), or one ok line."""
+    try:
+        policy = load(path)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, file=err)
+        print(f"{path}: {_count(len(exc.problems), 'problem')}", file=err)
+        return EX_CONFIG
+    users = sum(len(tenant.users) for tenant in policy.tenants.values())
+    summary = ", ".join(
+        (
+            f"policy {policy.digest[:12]}",
+            _count(len(policy.tenants), "tenant"),
+            _count(users, "user"),
+            _count(len(policy.classify), "document rule"),
+        )
+    )
+    print(f"{path}: ok ({summary})", file=out)
+    return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

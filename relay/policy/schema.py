@@ -1,0 +1,294 @@
+"""Typed readers over located YAML nodes: each value is checked where it stands.
+
+A reader either returns the value or records a problem at the node and
+returns None, so that one pass over the file finds every problem. The
+readers are strict where YAML 1.1 is lenient: a string field never accepts
+what YAML turned into a boolean, a date or a reformatted number, because
+``name: no`` silently becoming ``False`` is worse than asking for quotes.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Callable, Collection, Mapping
+from difflib import get_close_matches
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from relay.policy.yamlsource import NULL_TAG, STR_TAG, Problems, is_null, is_plain, pairs
+
+E = TypeVar("E", bound=enum.Enum)
+T = TypeVar("T")
+
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_IMPLICIT = {
+    "tag:yaml.org,2002:bool": "the boolean",
+    _INT_TAG: "the number",
+    _FLOAT_TAG: "the number",
+    NULL_TAG: "null",
+    "tag:yaml.org,2002:timestamp": "the date",
+}
+_DECIMAL = re.compile(r"0|[1-9][0-9]*")
+_LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
+_INJECTION = re.compile(r"[\r\n\x00]")
+
+
+class Ctx:
+    """Where problems go and where the policy's relative paths start."""
+
+    def __init__(self, problems: Problems, base: Path) -> None:
+        self.problems = problems
+        self.base = base
+
+    def problem(self, where: Node | None, path: str, message: str) -> None:
+        self.problems.add(where, path, message)
+
+    def path(self, text: str) -> Path:
+        path = Path(text)
+        return path if path.is_absolute() else self.base / path
+
+
+def join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def hint(word: str, choices: Collection[str]) -> str:
+    """The did-you-mean suffix for a near miss, else nothing."""
+    close = get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class Map:
+    """One YAML mapping with a fixed set of keys; unknown, duplicate and missing keys
+    are problems as soon as it is opened. A key with an empty (null) value counts
+    as absent, so optional keys may be left blank."""
+
+    def __init__(
+        self,
+        ctx: Ctx,
+        node: Node | None,
+        path: str,
+        keys: Collection[str],
+        required: Collection[str] = (),
+        forbidden: Mapping[str, str] | None = None,
+        at: Node | None = None,
+    ) -> None:
+        self.ctx, self.node, self.path = ctx, node, path
+        # an empty value has no stable position of its own; its key has
+        self._at = at if at is not None and node is not None and is_null(node) else node
+        self.ok = True
+        self._items: dict[str, tuple[ScalarNode, Node]] = {}
+        if node is None:
+            return
+        if isinstance(node, MappingNode):
+            forbidden = forbidden or {}
+            for key, key_node, value in pairs(node, path, ctx.problems):
+                if key in keys:
+                    self._items[key] = (key_node, value)
+                elif key in forbidden:
+                    ctx.problem(key_node, join(path, key), forbidden[key])
+                else:
+                    ctx.problem(key_node, join(path, key), "unknown key" + _key_hint(key, keys))
+        elif not is_null(node):
+            ctx.problem(node, path, "expected a mapping")
+            self.ok = False
+            return
+        self.require(*required)
+
+    def require(self, *keys: str) -> None:
+        """Missing keys are located at the mapping (or the empty value) that lacks them."""
+        if self._at is None:
+            return
+        for key in keys:
+            if key not in self._items:
+                self.ctx.problem(self._at, join(self.path, key), "required key is missing")
+            elif is_null(self._items[key][1]):
+                where = self._items[key][0]
+                self.ctx.problem(where, join(self.path, key), "required key has no value")
+
+    def only(self, keys: Collection[str], what: str) -> None:
+        """Refuse keys that exist, but not for this variant (e.g. ``host`` of a directory)."""
+        for key, (key_node, _) in self._items.items():
+            if key not in keys:
+                message = f"unknown key for {what}" + _key_hint(key, keys)
+                self.ctx.problem(key_node, join(self.path, key), message)
+
+    def has(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def get(self, key: str) -> Node | None:
+        item = self._items.get(key)
+        if item is None or is_null(item[1]):
+            return None
+        return item[1]
+
+    def sub(self, key: str) -> str:
+        return join(self.path, key)
+
+    def map(self, key: str, keys: Collection[str], required: Collection[str] = ()) -> Map:
+        """The mapping under ``key``; when the key is absent, an empty one with no problems."""
+        return Map(self.ctx, self.get(key), self.sub(key), keys, required)
+
+    def read(self, key: str, reader: Callable[[Ctx, Node, str], T]) -> T | None:
+        node = self.get(key)
+        return None if node is None else reader(self.ctx, node, self.sub(key))
+
+    def text(self, key: str, what: str = "a string") -> str | None:
+        node = self.get(key)
+        return None if node is None else text(self.ctx, node, self.sub(key), what)
+
+    def choice(self, key: str, kind: type[E], default: E | None = None) -> E | None:
+        node = self.get(key)
+        return default if node is None else choice(self.ctx, node, self.sub(key), kind)
+
+    def integer(self, key: str, default: int | None, low: int, high: int, what: str) -> int | None:
+        node = self.get(key)
+        if node is None:
+            return default
+        return integer(self.ctx, node, self.sub(key), low, high, what)
+
+    def number(self, key: str, default: float) -> float | None:
+        node = self.get(key)
+        return default if node is None else number(self.ctx, node, self.sub(key))
+
+    def items(self, key: str, what: str) -> list[tuple[Node, str]]:
+        node = self.get(key)
+        return [] if node is None else items(self.ctx, node, self.sub(key), what)
+
+    def entries(self, key: str, what: str) -> list[tuple[str, ScalarNode, Node, str]]:
+        """The (name, key node, value, path) of a mapping whose keys the sysadmin chose."""
+        node = self.get(key)
+        if node is None:
+            return []
+        path = self.sub(key)
+        if not isinstance(node, MappingNode):
+            self.ctx.problem(node, path, f"expected {what}")
+            return []
+        return [
+            (name, k, v, join(path, name)) for name, k, v in pairs(node, path, self.ctx.problems)
+        ]
+
+
+def _key_hint(key: str, keys: Collection[str]) -> str:
+    return hint(key, keys) or f" (expected one of: {', '.join(keys)})"
+
+
+def text(
+    ctx: Ctx, node: Node, path: str, what: str = "a string", multiline: bool = False
+) -> str | None:
+    """A string, as written; CR, LF and NUL are refused because strings end up in headers."""
+    if not isinstance(node, ScalarNode):
+        ctx.problem(node, path, f"expected {what}")
+        return None
+    if node.tag == STR_TAG or (
+        is_plain(node) and node.tag in (_INT_TAG, _FLOAT_TAG) and _DECIMAL.fullmatch(node.value)
+    ):
+        value = node.value
+    elif is_plain(node) and node.tag == NULL_TAG and not node.value:
+        ctx.problem(node, path, f"expected {what}, found no value")
+        return None
+    elif is_plain(node) and node.tag in _IMPLICIT:
+        meaning = _meaning(node)
+        ctx.problem(
+            node,
+            path,
+            f"expected {what}, but YAML reads the unquoted {node.value}"
+            f' as {meaning}; put it in quotes: "{node.value}"',
+        )
+        return None
+    else:
+        ctx.problem(node, path, f"expected {what}")
+        return None
+    if not value.strip():
+        ctx.problem(node, path, f"expected {what}, not an empty string")
+        return None
+    if not multiline and _INJECTION.search(value):
+        ctx.problem(node, path, "must not contain CR, LF or NUL (header injection)")
+        return None
+    return value
+
+
+def _meaning(node: ScalarNode) -> str:
+    label = _IMPLICIT[node.tag]
+    if node.tag == NULL_TAG:
+        return "null, i.e. no value"
+    try:
+        value = _construct(node)
+    except (yaml.YAMLError, ValueError, OverflowError):
+        return label.replace("the ", "a ")
+    if isinstance(value, bool):
+        return f"{label} {str(value).lower()}"
+    return f"{label} {value}"
+
+
+def integer(ctx: Ctx, node: Node, path: str, low: int, high: int, what: str) -> int | None:
+    value = _numeric(ctx, node, path, what, (_INT_TAG,))
+    if value is None:
+        return None
+    if not low <= value <= high:
+        ctx.problem(node, path, f"{value} is out of range: expected {what}")
+        return None
+    return int(value)
+
+
+def number(ctx: Ctx, node: Node, path: str) -> float | None:
+    what = "a positive number of seconds"
+    value = _numeric(ctx, node, path, what, (_INT_TAG, _FLOAT_TAG))
+    if value is None:
+        return None
+    if not (math.isfinite(value) and value > 0):
+        ctx.problem(node, path, f"expected {what}")
+        return None
+    return float(value)
+
+
+def _numeric(
+    ctx: Ctx, node: Node, path: str, what: str, tags: tuple[str, ...]
+) -> int | float | None:
+    """A number as YAML 1.1 reads it, except where that differs from what was meant:
+    a leading zero makes octal (0465 is 309) or a string (0587), a colon base 60."""
+    raw = node.value if isinstance(node, ScalarNode) and is_plain(node) else ""
+    if _LEADING_ZERO.fullmatch(raw):
+        meaning = "a string" if node.tag == STR_TAG else f"octal, i.e. {_construct(node)}"
+        decimal = int(raw.replace("_", ""))
+        message = f"YAML 1.1 reads {raw} as {meaning}; write it without the leading zero: {decimal}"
+        ctx.problem(node, path, message)
+        return None
+    if not isinstance(node, ScalarNode) or node.tag not in tags:
+        ctx.problem(node, path, f"expected {what}")
+        return None
+    value = _construct(node)
+    if ":" in raw:
+        ctx.problem(node, path, f"YAML 1.1 reads {raw} as {value} (base 60); write {value}")
+        return None
+    return value
+
+
+def _construct(node: ScalarNode) -> object:
+    return SafeConstructor().construct_object(node)
+
+
+def choice(ctx: Ctx, node: Node, path: str, kind: type[E]) -> E | None:
+    """An enum by its value. Uses the source text, so ``auth: off`` means "off", not False."""
+    values = [member.value for member in kind]
+    if isinstance(node, ScalarNode) and node.value in values:
+        return kind(node.value)
+    got = node.value if isinstance(node, ScalarNode) else ""
+    ctx.problem(node, path, f"expected one of: {', '.join(values)}" + hint(got, values))
+    return None
+
+
+def items(ctx: Ctx, node: Node, path: str, what: str) -> list[tuple[Node, str]]:
+    if not isinstance(node, SequenceNode):
+        ctx.problem(node, path, f"expected {what}")
+        return []
+    return [(item, join(path, i)) for i, item in enumerate(node.value)]

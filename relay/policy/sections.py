@@ -1,0 +1,258 @@
+"""Builders for the relay-wide sections: platform, listeners, identify, classify, dkim.
+
+Each builder reads its section through ``schema.Map`` (which reports
+unknown, duplicate and missing keys) and returns None where a problem was
+recorded; the loader only assembles a Policy when no builder found any.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Collection, Mapping
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from types import SimpleNamespace
+
+from yaml.nodes import Node, SequenceNode
+
+from relay.policy import values
+from relay.policy.model import (
+    DEFAULT_DOC_TYPE,
+    AuthMode,
+    Condition,
+    ConditionKind,
+    DkimAlgorithm,
+    DkimKey,
+    DocumentRule,
+    Identify,
+    IdentitySource,
+    Listener,
+    Platform,
+    TlsFiles,
+    UnknownSender,
+)
+from relay.policy.schema import Ctx, Map, choice, hint, items, text
+
+_PLACEHOLDERS = ("user.name", "user.address", "tenant.name")
+_SAMPLE = {
+    "user": SimpleNamespace(name="Jan Janssens", address="jan@example.com"),
+    "tenant": SimpleNamespace(name="Acme AS"),
+}
+_DEFAULT_ALLOW = ("127.0.0.0/8", "::1/128")
+_DEFAULT_CONTROL = ("X-ERP-User", "X-Document-Type")
+
+
+def platform(ctx: Ctx, root: Map, key_domains: Collection[str]) -> Platform | None:
+    m = root.map(
+        "platform",
+        ("from_address", "display_name", "return_path", "hostname"),
+        required=("from_address", "display_name"),
+    )
+    from_address = m.read("from_address", values.address)
+    display_name = m.read("display_name", _template)
+    return_path = m.read("return_path", values.address) if m.has("return_path") else from_address
+    own_domain = from_address.rpartition("@")[2].lower() if from_address else None
+    hostname = m.read("hostname", values.domain) if m.has("hostname") else own_domain
+    if own_domain is not None and own_domain not in key_domains:
+        ctx.problem(
+            m.get("from_address"),
+            m.sub("from_address"),
+            f"no DKIM key for {own_domain} in dkim.keys: the relay could not sign its own From",
+        )
+    if from_address is None or display_name is None or return_path is None or hostname is None:
+        return None
+    return Platform(from_address, display_name, return_path, hostname)
+
+
+def _template(ctx: Ctx, node: Node, path: str) -> str | None:
+    """The display name template; only the documented placeholders, so a typo
+    shows up here rather than as a KeyError on the first message."""
+    value = text(ctx, node, path, "a display name template")
+    if value is None:
+        return None
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+        for field in fields:
+            if field not in _PLACEHOLDERS:
+                allowed = ", ".join(f"{{{p}}}" for p in _PLACEHOLDERS)
+                near = hint(field, _PLACEHOLDERS)
+                ctx.problem(node, path, f"unknown placeholder {{{field}}}{near}; use {allowed}")
+                return None
+        value.format_map(_SAMPLE)
+    except (ValueError, KeyError, AttributeError, IndexError, TypeError) as exc:
+        ctx.problem(node, path, f"invalid template: {exc}")
+        return None
+    return value
+
+
+def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
+    found: list[Listener | None] = []
+    names: dict[str, str] = {}
+    sockets: dict[tuple[str, int], str] = {}
+    entries = root.items("listeners", "a list of listeners")
+    if root.has("listeners") and not entries:
+        ctx.problem(root.get("listeners"), "listeners", "at least one listener is needed")
+    keys = ("name", "address", "port", "auth", "tls", "allow")
+    keys += ("max_message_size", "max_recipients", "idle_timeout")
+    for node, path in entries:
+        m = Map(ctx, node, path, keys, required=("name", "address", "port"))
+        name = m.text("name", "a listener name")
+        if name is not None and name in names:
+            ctx.problem(
+                m.get("name"), m.sub("name"), f"listener name already used by {names[name]}"
+            )
+        elif name is not None:
+            names[name] = path
+        address = m.text("address", "a listen address like 127.0.0.1")
+        port = m.integer("port", None, 1, 65535, "a port number (1..65535)")
+        if address is not None and port is not None:
+            if (address, port) in sockets:
+                where = sockets[address, port]
+                ctx.problem(m.get("port"), m.sub("port"), f"{address}:{port} is also {where}")
+            sockets[address, port] = path
+        tls = _tls(ctx, m)
+        allow = _allow(ctx, m)
+        size = m.integer("max_message_size", 26214400, 1, 2**40, "a positive number of bytes")
+        recipients = m.integer("max_recipients", 100, 1, 100000, "a positive integer")
+        auth = m.choice("auth", AuthMode, AuthMode.OPTIONAL)
+        fields = (name, address, port, auth, allow, size, recipients, m.number("idle_timeout", 300))
+        ok = None not in fields and (tls is not None or not m.has("tls"))
+        found.append(Listener(*fields[:4], tls, *fields[4:]) if ok else None)
+    if not found or None in found:
+        return None
+    return tuple(found)
+
+
+def _tls(ctx: Ctx, listener: Map) -> TlsFiles | None:
+    m = listener.map("tls", ("cert", "key"), required=("cert", "key"))
+    cert = m.read("cert", values.existing_file)
+    key = m.read("key", values.existing_file)
+    return TlsFiles(cert, key) if cert is not None and key is not None else None
+
+
+def _allow(ctx: Ctx, m: Map) -> tuple[IPv4Network | IPv6Network, ...] | None:
+    node = m.get("allow")
+    if node is None:
+        return tuple(ip_network(c) for c in _DEFAULT_ALLOW)
+    entries = items(ctx, node, m.sub("allow"), "a list of CIDRs")
+    if isinstance(node, SequenceNode) and not entries:
+        ctx.problem(node, m.sub("allow"), "an empty allow list refuses every client")
+        return None
+    networks = [values.cidr(ctx, item, path) for item, path in entries]
+    return tuple(networks) if entries and None not in networks else None
+
+
+def identify(
+    ctx: Ctx, root: Map, default_users: Mapping[str, str | None]
+) -> tuple[Identify | None, tuple[str, ...] | None]:
+    """The Identify section and the control headers, which must include its header."""
+    m = root.map("identify", ("order", "header", "unknown_sender", "default_tenant"))
+    order = _order(ctx, m)
+    header = m.read("header", values.header_name) if m.has("header") else "X-ERP-User"
+    unknown = m.choice("unknown_sender", UnknownSender, UnknownSender.REJECT)
+    tenant = m.text("default_tenant", "a tenant id")
+    ok = order is not None and header is not None and unknown is not None
+    ok = ok and (tenant is not None or not m.has("default_tenant"))
+    where, path = m.get("default_tenant"), m.sub("default_tenant")
+    if tenant is not None and tenant not in default_users:
+        ctx.problem(where, path, f"no tenant {tenant!r}" + hint(tenant, default_users))
+        ok = False
+    elif tenant is not None and unknown is UnknownSender.DEFAULT and not default_users[tenant]:
+        message = f"tenant {tenant!r} has no default_user, so unknown senders are still refused"
+        ctx.problem(where, path, message)
+        ok = False
+    controls = _control_headers(ctx, root, header)
+    return (Identify(order, header, unknown, tenant) if ok else None), controls
+
+
+def _order(ctx: Ctx, m: Map) -> tuple[IdentitySource, ...] | None:
+    if not m.has("order"):
+        return tuple(IdentitySource)
+    entries = m.items("order", "a list of: " + ", ".join(s.value for s in IdentitySource))
+    if not entries:
+        return None
+    order: list[IdentitySource | None] = []
+    for node, path in entries:
+        source = choice(ctx, node, path, IdentitySource)
+        if source is not None and source in order:
+            ctx.problem(node, path, f"{source.value} is listed twice")
+        order.append(source)
+    return tuple(order) if None not in order else None
+
+
+def _control_headers(ctx: Ctx, root: Map, identify_header: str | None) -> tuple[str, ...] | None:
+    if root.has("control_headers"):
+        entries = root.items("control_headers", "a list of header names")
+        found = [values.header_name(ctx, node, path) for node, path in entries]
+        if None in found:
+            return None
+    else:
+        found = list(_DEFAULT_CONTROL)
+    if identify_header is not None:
+        found.append(identify_header)
+    unique: dict[str, str] = {}
+    for name in found:
+        unique.setdefault(name.lower(), name)
+    return tuple(unique.values())
+
+
+def classify(ctx: Ctx, root: Map) -> tuple[tuple[DocumentRule, ...] | None, set[str]]:
+    """The rules, and every document type they name (for Reply-To and BCC references)."""
+    rules: list[DocumentRule | None] = []
+    types = {DEFAULT_DOC_TYPE}
+    ids: dict[str, str] = {}
+    keys = ("id", "type", "header", "subject", "attachment")
+    for node, path in root.items("classify", "a list of rules"):
+        m = Map(ctx, node, path, keys, required=("id", "type"))
+        rule_id = m.text("id", "a rule id")
+        if rule_id is not None and rule_id in ids:
+            ctx.problem(m.get("id"), m.sub("id"), f"rule id already used by {ids[rule_id]}")
+        elif rule_id is not None:
+            ids[rule_id] = path
+        doc_type = m.read("type", values.doc_type)
+        if doc_type is not None:
+            types.add(doc_type)
+        conditions = _conditions(ctx, m)
+        if m.ok and not (m.has("header") or m.has("subject") or m.has("attachment")):
+            ctx.problem(node, path, "a rule needs at least one of: header, subject, attachment")
+            conditions = None
+        ok = rule_id is not None and doc_type is not None and conditions
+        rules.append(DocumentRule(rule_id, doc_type, conditions) if ok else None)
+    return (None if None in rules else tuple(rules)), types
+
+
+def _conditions(ctx: Ctx, rule: Map) -> tuple[Condition, ...] | None:
+    found: list[Condition | None] = []
+    if rule.has("header"):
+        m = rule.map("header", ("name", "pattern"), required=("name", "pattern"))
+        name, pattern = m.read("name", values.header_name), m.read("pattern", values.regex)
+        ok = name is not None and pattern is not None
+        found.append(Condition(ConditionKind.HEADER, pattern, name) if ok else None)
+    for kind in (ConditionKind.SUBJECT, ConditionKind.ATTACHMENT):
+        if rule.has(kind.value):
+            pattern = rule.read(kind.value, values.regex)
+            found.append(Condition(kind, pattern) if pattern is not None else None)
+    return None if None in found else tuple(found)
+
+
+def dkim(ctx: Ctx, root: Map) -> tuple[tuple[DkimKey, ...] | None, set[str]]:
+    """The signing keys, read now, and every domain named (for the platform check)."""
+    keys: list[DkimKey | None] = []
+    domains: set[str] = set()
+    seen: dict[tuple[str, str], str] = {}
+    fields = ("domain", "selector", "algorithm", "key_file")
+    for node, path in root.map("dkim", ("keys",)).items("keys", "a list of keys"):
+        m = Map(ctx, node, path, fields, required=("domain", "selector", "key_file"))
+        domain = m.read("domain", values.domain)
+        selector = m.read("selector", values.selector)
+        if domain is not None:
+            domains.add(domain)
+        if domain is not None and selector is not None:
+            if (domain, selector) in seen:
+                message = f"{selector}._domainkey.{domain} is also {seen[domain, selector]}"
+                ctx.problem(m.get("selector"), m.sub("selector"), message)
+            seen[domain, selector] = path
+        algorithm = m.choice("algorithm", DkimAlgorithm, DkimAlgorithm.RSA)
+        key = m.read("key_file", values.read_file)
+        ok = domain and selector and algorithm and key
+        keys.append(DkimKey(domain, selector, algorithm, *key) if ok else None)
+    return (None if None in keys else tuple(keys)), domains

@@ -1,0 +1,148 @@
+"""Readers for the policy's value kinds: addresses, domains, header names, CIDRs, regexes.
+
+Each value is refused at load time if it could not work at send time,
+because a relay that starts and then fails (or, worse, writes a broken
+header) on the first real invoice is harder to diagnose than ``relay check``.
+"""
+
+from __future__ import annotations
+
+import re
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from pathlib import Path
+
+from yaml.nodes import Node
+
+from relay.policy.schema import Ctx, text
+
+_LABEL = r"[^\W_](?:[\w-]*[^\W_])?"
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_LOCAL = re.compile(r"[^@\s<>()\[\],;:\"\\\x00-\x1f\x7f]+")
+_HEADER_NAME = re.compile(r"[!-9;-~]+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DOC_TYPE = re.compile(r"[\w.-]+")
+
+
+def address(ctx: Ctx, node: Node, path: str) -> str | None:
+    """``local@domain`` as written (case kept: it is shown in headers)."""
+    value = text(ctx, node, path, "an address like name@example.com")
+    if value is None:
+        return None
+    if not is_address(value):
+        ctx.problem(node, path, f"{value!r} is not an address like name@example.com")
+        return None
+    return value
+
+
+def is_address(value: str) -> bool:
+    local, at, domain = value.rpartition("@")
+    return bool(at and _LOCAL.fullmatch(local) and _DOMAIN.fullmatch(domain))
+
+
+def is_header_name(value: str) -> bool:
+    return bool(_HEADER_NAME.fullmatch(value))
+
+
+def domain(ctx: Ctx, node: Node, path: str) -> str | None:
+    value = text(ctx, node, path, "a domain name like example.com")
+    if value is None:
+        return None
+    if not _DOMAIN.fullmatch(value):
+        ctx.problem(node, path, f"{value!r} is not a domain name like example.com")
+        return None
+    return value.lower()
+
+
+def header_name(ctx: Ctx, node: Node, path: str) -> str | None:
+    value = text(ctx, node, path, "a header name like X-ERP-User")
+    if value is None:
+        return None
+    if not is_header_name(value):
+        ctx.problem(node, path, f"{value!r} is not a header name like X-ERP-User")
+        return None
+    return value
+
+
+def selector(ctx: Ctx, node: Node, path: str) -> str | None:
+    value = text(ctx, node, path, "a DKIM selector like s1")
+    if value is None:
+        return None
+    if not _DOMAIN.fullmatch(value):
+        ctx.problem(node, path, f"{value!r} is not a DKIM selector (DNS labels like s1)")
+        return None
+    return value
+
+
+def env_name(ctx: Ctx, node: Node, path: str) -> str | None:
+    value = text(ctx, node, path, "an environment variable name")
+    if value is None:
+        return None
+    if not _ENV_NAME.fullmatch(value):
+        ctx.problem(node, path, f"{value!r} is not an environment variable name")
+        return None
+    return value
+
+
+def doc_type(ctx: Ctx, node: Node, path: str) -> str | None:
+    """A document type; "default" is taken, it names the fallback Reply-To chain."""
+    value = text(ctx, node, path, "a document type like invoice")
+    if value is None:
+        return None
+    if not _DOC_TYPE.fullmatch(value):
+        ctx.problem(node, path, f"{value!r} is not a document type like invoice")
+        return None
+    if value == "default":
+        ctx.problem(node, path, '"default" is reserved for the default Reply-To chain')
+        return None
+    return value
+
+
+def cidr(ctx: Ctx, node: Node, path: str) -> IPv4Network | IPv6Network | None:
+    value = text(ctx, node, path, "a CIDR like 10.0.0.0/8")
+    if value is None:
+        return None
+    try:
+        return ip_network(value, strict=False)
+    except ValueError as exc:
+        ctx.problem(node, path, f"invalid CIDR: {exc}")
+        return None
+
+
+def regex(ctx: Ctx, node: Node, path: str) -> re.Pattern[str] | None:
+    value = text(ctx, node, path, "a regular expression", multiline=True)
+    if value is None:
+        return None
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        ctx.problem(node, path, f"invalid regular expression: {exc}")
+        return None
+
+
+def file_path(ctx: Ctx, node: Node, path: str) -> Path | None:
+    """A path relative to the policy file's directory, so a policy moves with its files."""
+    value = text(ctx, node, path, "a file path")
+    return None if value is None else ctx.path(value)
+
+
+def existing_file(ctx: Ctx, node: Node, path: str) -> Path | None:
+    resolved = file_path(ctx, node, path)
+    if resolved is not None and not resolved.is_file():
+        ctx.problem(node, path, f"no such file: {resolved}")
+        return None
+    return resolved
+
+
+def read_file(ctx: Ctx, node: Node, path: str) -> tuple[Path, bytes] | None:
+    resolved = file_path(ctx, node, path)
+    if resolved is None:
+        return None
+    try:
+        data = resolved.read_bytes()
+    except OSError as exc:
+        ctx.problem(node, path, f"cannot read {resolved}: {exc.strerror or exc}")
+        return None
+    if not data.strip():
+        ctx.problem(node, path, f"{resolved} is empty")
+        return None
+    return resolved, data

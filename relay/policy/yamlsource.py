@@ -1,0 +1,178 @@
+"""The YAML layer of the policy loader: node trees that remember where they came from.
+
+PyYAML's ``safe_load`` throws positions away, silently keeps the last of
+two equal keys and turns ``no`` into ``False``. The loader therefore works
+on composed nodes, which keep their marks and their source text, and every
+problem found is collected here with its place in the file so that a
+sysadmin sees all of them at once, in file order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+try:
+    _Loader: type = yaml.CSafeLoader
+except AttributeError:  # PyYAML built without libyaml
+    _Loader = yaml.SafeLoader
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
+STR_TAG = "tag:yaml.org,2002:str"
+NULL_TAG = "tag:yaml.org,2002:null"
+
+
+@dataclass(order=True)
+class _Problem:
+    line: int
+    col: int
+    seq: int
+    text: str = field(compare=False)
+
+
+class Problems:
+    """Every problem of one policy file, each with its line and column (1-based)."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self._items: list[_Problem] = []
+
+    def add(
+        self, where: Node | yaml.Mark | tuple[int, int] | None, path: str, message: str
+    ) -> None:
+        text = f"{path}: {message}" if path else message
+        if where is None:
+            line, col, prefix = 0, 0, f"{self.file}: "
+        else:
+            if isinstance(where, Node):
+                where = where.start_mark
+            if not isinstance(where, tuple):
+                where = (where.line + 1, where.column + 1)
+            line, col = where
+            prefix = f"{self.file}:{line}:{col}: "
+        self._items.append(_Problem(line, col, len(self._items), prefix + text))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def in_file_order(self) -> list[str]:
+        return [p.text for p in sorted(self._items)]
+
+
+def read(path: Path, problems: Problems) -> tuple[bytes | None, Node | None]:
+    """The file's bytes and its node tree; either is None when it cannot be had."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        problems.add(None, "", f"cannot read the policy file: {exc.strerror or exc}")
+        return None, None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        problems.add(_position(data, exc.start), "", f"the file is not UTF-8 text ({exc.reason})")
+        return data, None
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        problems.add(exc.problem_mark, "", _syntax_message(exc))
+        return data, None
+    except yaml.reader.ReaderError as exc:
+        where = _position(text, exc.position)
+        problems.add(where, "", f"YAML syntax error: unacceptable character #x{exc.character:04x}")
+        return data, None
+    except yaml.YAMLError as exc:
+        problems.add((1, 1), "", f"YAML syntax error: {exc}")
+        return data, None
+    if node is None:
+        problems.add((1, 1), "", "the policy file is empty")
+    return data, node
+
+
+def _syntax_message(exc: yaml.MarkedYAMLError) -> str:
+    message = f"YAML syntax error: {exc.problem}"
+    if exc.context:
+        mark = exc.context_mark
+        where = f" at {mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        message += f" ({exc.context}{where})"
+    return message
+
+
+def _position(text: str | bytes, index: int) -> tuple[int, int]:
+    before = text[:index]
+    newline = "\n" if isinstance(before, str) else b"\n"
+    line = before.count(newline) + 1
+    return line, index - (before.rfind(newline) + 1) + 1
+
+
+def is_plain(node: ScalarNode) -> bool:
+    """Unquoted: only plain scalars get YAML 1.1's implicit bool/int/float/null tags."""
+    return not node.style
+
+
+def is_null(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and node.tag == NULL_TAG
+
+
+def pairs(
+    node: MappingNode, path: str, problems: Problems, _active: frozenset[int] = frozenset()
+) -> Iterator[tuple[str, ScalarNode, Node]]:
+    """A mapping's entries with string keys, each key once, merge keys (<<) expanded.
+
+    PyYAML keeps the last of two equal keys without a word; here the second
+    is a problem (and dropped) so an edit further down cannot silently undo
+    one further up.
+    """
+    seen: dict[str, ScalarNode] = {}
+    merged: list[tuple[str, ScalarNode, Node]] = []
+    for key_node, value in node.value:
+        if key_node.tag == MERGE_TAG:
+            merged.extend(_merged(value, path, problems, _active | {id(node)}))
+            continue
+        key = _key(key_node, path, problems)
+        if key is None:
+            continue
+        first = seen.get(key)
+        if first is not None:
+            line, col = first.start_mark.line + 1, first.start_mark.column + 1
+            problems.add(key_node, _join(path, key), f"duplicate key (first at {line}:{col})")
+            continue
+        seen[key] = key_node
+        yield key, key_node, value
+    for key, key_node, value in merged:
+        if key not in seen:
+            seen[key] = key_node
+            yield key, key_node, value
+
+
+def _merged(
+    value: Node, path: str, problems: Problems, active: frozenset[int]
+) -> Iterator[tuple[str, ScalarNode, Node]]:
+    sources = value.value if isinstance(value, SequenceNode) else [value]
+    for source in sources:
+        if not isinstance(source, MappingNode) or id(source) in active:
+            problems.add(source, path, "a merge key (<<) needs a mapping or a list of mappings")
+            continue
+        yield from pairs(source, path, problems, active)
+
+
+def _key(node: Node, path: str, problems: Problems) -> str | None:
+    if isinstance(node, ScalarNode) and node.tag == STR_TAG:
+        return node.value
+    if isinstance(node, ScalarNode) and is_plain(node):
+        problems.add(
+            node,
+            path,
+            f"YAML reads the unquoted key {node.value} as a {node.tag.rsplit(':', 1)[-1]},"
+            f' not a name; put it in quotes: "{node.value}"',
+        )
+    else:
+        problems.add(node, path, "expected a string as key")
+    return None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key

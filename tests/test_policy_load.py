@@ -1,0 +1,445 @@
+"""The policy loader on real files: what a valid policy becomes, and what a sysadmin
+is told, line and column, about an invalid one."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import shutil
+from ipaddress import ip_network
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+import yaml
+
+from relay.errors import PolicyError
+from relay.policy import yamlsource
+from relay.policy.load import check_main, load
+from relay.policy.model import (
+    AuthMode,
+    ConditionKind,
+    DirectoryUpstream,
+    DkimAlgorithm,
+    IdentitySource,
+    ReplyToKind,
+    ReplyToSource,
+    SmtpUpstream,
+    TlsMode,
+    UnknownSender,
+    UserRef,
+)
+
+ROOT = Path(__file__).parent.parent
+POLICIES = Path(__file__).parent / "policies"
+SENDER, COMPANY = ReplyToSource(ReplyToKind.SENDER), ReplyToSource(ReplyToKind.COMPANY)
+
+# Every bad fixture, with exactly the problems it must report (after "FILE:").
+BAD = {
+    "bad-unknown-key.yaml": [
+        "28:9: tenants.acme.users.jan.alises: unknown key (did you mean 'aliases'?)",
+    ],
+    "bad-duplicate-key.yaml": [
+        "10:5: listeners[0].port: duplicate key (first at 9:5)",
+    ],
+    "bad-syntax.yaml": [
+        "24:5: YAML syntax error: could not find expected ':'"
+        " (while scanning a simple key at 23:5)",
+    ],
+    "bad-key-file.yaml": [
+        "14:17: dkim.keys[0].key_file: cannot read @DIR@/keys/missing.private:"
+        " No such file or directory",
+    ],
+    "bad-cidr.yaml": [
+        "10:25: listeners[0].allow[1]: invalid CIDR:"
+        " '10.1.2.300/16' does not appear to be an IPv4 or IPv6 network",
+    ],
+    "bad-regex.yaml": [
+        "13:14: classify[0].subject: invalid regular expression:"
+        " missing ), unterminated subpattern at position 4",
+    ],
+    "bad-injection.yaml": [
+        "5:17: platform.display_name: must not contain CR, LF or NUL (header injection)",
+    ],
+    "bad-placeholder.yaml": [
+        "5:17: platform.display_name: unknown placeholder {tenant.company}"
+        " (did you mean 'tenant.name'?); use {user.name}, {user.address}, {tenant.name}",
+    ],
+    "bad-quote-me.yaml": [
+        "22:11: tenants.acme.name: expected a company name, but YAML reads the unquoted 1:30"
+        ' as the number 90; put it in quotes: "1:30"',
+        "27:15: tenants.acme.users.jan.name: expected a person's name, but YAML reads the"
+        ' unquoted no as the boolean false; put it in quotes: "no"',
+    ],
+    "bad-types.yaml": [
+        "4:17: platform.from_address: expected an address like name@example.com",
+        "9:11: listeners[0].port: expected a port number (1..65535)",
+        "10:11: listeners[0].auth: expected one of: required, optional, off",
+        "11:12: listeners[0].allow: expected a list of CIDRs",
+        "12:21: listeners[0].max_recipients: 0 is out of range: expected a positive integer",
+        "13:19: listeners[0].idle_timeout: YAML 1.1 reads 5:00 as 300 (base 60); write 300",
+        "16:11: listeners[1].port: YAML 1.1 reads 0587 as a string;"
+        " write it without the leading zero: 587",
+        "18:10: identify.order: expected a list of:"
+        " auth_login, envelope_sender, header_from, header",
+        "23:18: dkim.keys[0].algorithm: expected one of: rsa, ed25519 (did you mean 'rsa'?)",
+        "27:11: upstreams.outbox.type: expected one of: smtp, directory",
+        "29:9: tenants.acme: expected a mapping",
+    ],
+    "bad-references.yaml": [
+        "10:19: identify.default_tenant: no tenant 'acne' (did you mean 'acme'?)",
+        "20:94: logins.erp-acme.users[1]: no user 'jon' in tenant 'acme' (did you mean 'jan'?)",
+        "21:77: logins.erp-globex.tenant: no tenant 'globex'",
+        "27:19: tenants.acme.default_user: no user 'jane' in this tenant (did you mean 'jan'?)",
+        "29:7: tenants.acme.reply_to.invoices: no document type 'invoices' in classify"
+        " (did you mean 'invoice'?)",
+        "31:27: tenants.acme.bcc_sender[1]: no document type 'qoute' in classify"
+        " (did you mean 'quote'?)",
+        "37:15: tenants.beta.upstream: no upstream 'outbx' (did you mean 'outbox'?)",
+    ],
+    "bad-shared-address.yaml": [
+        "20:73: tenants.acme.users.kari.aliases[0]: Sales@Acme.Example is already used by"
+        " tenants.acme.users.jan.aliases[0]",
+        "26:43: tenants.globex.users.hank.address: JAN@acme.example is already used by"
+        " tenants.acme.users.jan.address",
+    ],
+    "bad-reply-to.yaml": [
+        "19:17: tenants.acme.reply_to.default[0]: keep ends the chain,"
+        " so it can only be the last item",
+        "20:15: tenants.acme.reply_to.other[0]: expected sender, company, keep, header:NAME"
+        " or an address, not 'sendr' (did you mean 'sender'?)",
+        "20:22: tenants.acme.reply_to.other[1]: 'X Responsible' is not a header name"
+        " like X-Responsible",
+        "20:46: tenants.acme.reply_to.other[2]: 'billing@' is not an address like name@example.com",
+    ],
+    "bad-password.yaml": [
+        "16:5: upstreams.smarthost.password: do not put passwords in the policy;"
+        " use password_file or password_env",
+        "19:5: logins.erp-acme.password: do not put passwords in the policy;"
+        " put a `relay passwd` hash in password_hash",
+    ],
+    "bad-missing.yaml": [
+        "2:1: listeners: required key is missing",
+        "2:10: version: unsupported policy version 2: this relay reads version 1",
+        "4:3: platform.from_address: required key is missing",
+        "6:11: upstreams.outbox.path: required key is missing",
+        "9:5: tenants.acme.address: required key is missing",
+        "12:12: tenants.acme.users.jan.name: required key is missing",
+    ],
+}
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        load(path)
+    assert str(caught.value) == "\n".join(caught.value.problems)
+    return caught.value.problems
+
+
+def expected(path: Path, lines: list[str]) -> list[str]:
+    return [f"{path}:{line}".replace("@DIR@", str(path.absolute().parent)) for line in lines]
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_policy_reports_every_problem_located(name: str) -> None:
+    path = POLICIES / name
+    assert problems(path) == expected(path, BAD[name])
+
+
+def test_every_bad_fixture_is_pinned() -> None:
+    assert {p.name for p in POLICIES.glob("bad-*.yaml")} == set(BAD)
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_the_pure_python_loader_reports_the_same(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Machines without libyaml fall back to yaml.SafeLoader; the report must not change."""
+    monkeypatch.setattr(yamlsource, "_Loader", yaml.SafeLoader)
+    path = POLICIES / name
+    assert problems(path) == expected(path, BAD[name])
+
+
+def test_the_c_loader_is_used_when_there_is_one() -> None:
+    assert yamlsource._Loader is getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def test_the_example_policy_loads_as_written(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    (tmp_path / "dkim").mkdir()
+    key = b"-----BEGIN PRIVATE KEY-----\nnot a real key\n-----END PRIVATE KEY-----\n"
+    (tmp_path / "dkim" / "platform.example.dev.private").write_bytes(key)
+    path = tmp_path / "config" / "relay.example.yaml"
+    policy = load(path)
+
+    assert policy.source == path
+    assert policy.digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert policy.platform.from_address == "noreply@platform.example"
+    assert policy.platform.return_path == "bounces@platform.example"
+    assert policy.platform.hostname == "relay.platform.example"
+    (listener,) = policy.listeners
+    assert (listener.name, listener.address, listener.port) == ("local", "127.0.0.1", 2525)
+    assert listener.auth is AuthMode.OPTIONAL and listener.tls is None
+    assert listener.allow == (ip_network("127.0.0.0/8"), ip_network("::1/128"))
+    assert policy.identify.order == tuple(IdentitySource)
+    assert policy.control_headers == ("X-ERP-User", "X-Document-Type", "X-Responsible")
+    assert [(r.id, r.doc_type) for r in policy.classify][:2] == [
+        ("invoice-header", "invoice"),
+        ("invoice-subject", "invoice"),
+    ]
+    assert policy.classify[1].conditions[0].pattern.search("Re: Faktura 2024-17")
+    assert [c.kind for c in policy.classify[-1].conditions] == [
+        ConditionKind.SUBJECT,
+        ConditionKind.ATTACHMENT,
+    ]
+    (dkim,) = policy.keys_for("Platform.Example")
+    assert dkim.key_file == tmp_path / "config" / ".." / "dkim" / "platform.example.dev.private"
+    assert dkim.private_key == key and dkim.algorithm is DkimAlgorithm.RSA
+    assert policy.upstreams["default"] == DirectoryUpstream(
+        "default", tmp_path / "config" / ".." / "outbox"
+    )
+    assert policy.logins["erp-acme"].tenant == "acme" and policy.logins["erp-acme"].users == ()
+    acme = policy.tenants["acme"]
+    assert acme.reply_to["default"] == (SENDER, COMPANY)
+    assert acme.reply_to["invoice"][0] == ReplyToSource(ReplyToKind.HEADER, "X-Responsible")
+    assert acme.bcc_sender == {"invoice", "quote", "credit_note", "order_confirmation"}
+    assert policy.addresses == {
+        "jan@acme.example": UserRef("acme", "jan"),
+        "kari@acme.example": UserRef("acme", "kari"),
+        "salg@acme.example": UserRef("acme", "kari"),
+    }
+    for mapping in (policy.tenants, policy.upstreams, policy.logins, policy.addresses):
+        assert isinstance(mapping, MappingProxyType)
+    assert isinstance(acme.users, MappingProxyType)
+    assert isinstance(acme.reply_to, MappingProxyType)
+
+
+def test_the_example_policy_without_its_key_has_only_that_problem(tmp_path: Path) -> None:
+    path = tmp_path / "relay.example.yaml"
+    shutil.copy(ROOT / "config" / "relay.example.yaml", path)
+    missing = tmp_path / ".." / "dkim" / "platform.example.dev.private"
+    assert problems(path) == [
+        f"{path}:67:17: dkim.keys[0].key_file: cannot read {missing}: No such file or directory"
+    ]
+
+
+def test_omitted_keys_take_their_defaults() -> None:
+    policy = load(POLICIES / "minimal.yaml")
+    platform = policy.platform
+    assert platform.return_path == platform.from_address == "NoReply@Platform.example"
+    assert platform.hostname == "platform.example"
+    (listener,) = policy.listeners
+    assert listener.auth is AuthMode.OPTIONAL and listener.tls is None
+    assert listener.allow == (ip_network("127.0.0.0/8"), ip_network("::1/128"))
+    assert (listener.max_message_size, listener.max_recipients) == (26214400, 100)
+    assert listener.idle_timeout == 300
+    identify = policy.identify
+    assert identify.order == (
+        IdentitySource.AUTH_LOGIN,
+        IdentitySource.ENVELOPE_SENDER,
+        IdentitySource.HEADER_FROM,
+        IdentitySource.HEADER,
+    )
+    assert identify.header == "X-ERP-User" and identify.default_tenant is None
+    assert identify.unknown_sender is UnknownSender.REJECT
+    assert policy.control_headers == ("X-ERP-User", "X-Document-Type")
+    assert policy.classify == () and dict(policy.logins) == {}
+    assert policy.dkim_keys[0].algorithm is DkimAlgorithm.RSA
+    acme = policy.tenants["acme"]
+    assert dict(acme.reply_to) == {"default": (SENDER, COMPANY)}
+    assert acme.bcc_sender == frozenset() and acme.verified_domains == ()
+    assert acme.default_user is None and acme.users["jan"].aliases == ()
+
+
+def test_every_key_set() -> None:
+    path = POLICIES / "full.yaml"
+    here = path.absolute().parent
+    policy = load(path)
+    assert policy.platform.display_name == "{user.name} ({user.address}) for {tenant.name}"
+    assert policy.platform.hostname == "relay.platform.example"
+    local, submission = policy.listeners
+    assert local.auth is AuthMode.OFF
+    assert submission.auth is AuthMode.REQUIRED and submission.address == "::"
+    assert submission.tls is not None and submission.tls.cert == here / "tls" / "relay.crt"
+    assert submission.allow[2] == ip_network("192.168.1.0/24")
+    assert (submission.max_message_size, submission.max_recipients) == (10485760, 20)
+    assert submission.idle_timeout == 12.5
+    assert policy.identify.order == (IdentitySource.HEADER, IdentitySource.AUTH_LOGIN)
+    assert policy.identify.unknown_sender is UnknownSender.DEFAULT
+    assert policy.identify.default_tenant == "acme"
+    # the identify header is a control header already, whatever its case
+    assert policy.control_headers == ("X-Document-Type", "x-sender-id", "X-Responsible")
+    (header,) = policy.classify[0].conditions
+    assert (header.kind, header.header) == (ConditionKind.HEADER, "X-Document-Type")
+    assert [k.domain for k in policy.dkim_keys] == ["platform.example", "acme.example"]
+    assert policy.dkim_keys[1].algorithm is DkimAlgorithm.ED25519
+    upstreams = policy.upstreams
+    assert upstreams["smarthost"] == SmtpUpstream(
+        "smarthost", "smtp.platform.example", 2587, TlsMode.STARTTLS, "relay",
+        here / "secrets" / "smarthost.password", None, 30,
+    )  # fmt: skip
+    assert upstreams["tunnel"] == SmtpUpstream(
+        "tunnel", "smtp.example", 465, TlsMode.IMPLICIT, "relay", None, "RELAY_SMTP_PASSWORD", 60
+    )
+    assert upstreams["plain"] == SmtpUpstream(
+        "plain", "localhost", 587, TlsMode.AUTO, None, None, None, 60
+    )
+    assert upstreams["outbox"] == DirectoryUpstream("outbox", Path("/var/spool/relay/outbox"))
+    assert policy.logins["erp-acme"].users == ("jan",)
+    acme = policy.tenants["acme"]
+    assert acme.verified_domains == ("acme.example",)
+    assert acme.reply_to["invoice"][2] == ReplyToSource(
+        ReplyToKind.ADDRESS, "accounts@acme.example"
+    )
+    assert acme.reply_to["other"] == (ReplyToSource(ReplyToKind.KEEP),)
+    assert acme.reply_to["default"] == (COMPANY,)
+    assert acme.bcc_sender == {"invoice", "other"}
+    jan = acme.users["jan"]
+    assert jan.address == "Jan@Acme.example"
+    assert jan.aliases == ("salg@acme.example", "j.janssens@acme.example")
+    assert set(policy.addresses) == {
+        "jan@acme.example", "salg@acme.example", "j.janssens@acme.example", "hank@globex.example",
+    }  # fmt: skip
+    assert policy.user(policy.addresses["hank@globex.example"]).name == "Hank Scorpio"
+
+
+def variant(tmp_path: Path, old: str, new: str) -> Path:
+    """minimal.yaml with one change, beside copies of its key and TLS files."""
+    shutil.copytree(POLICIES / "keys", tmp_path / "keys")
+    shutil.copytree(POLICIES / "tls", tmp_path / "tls")
+    text = (POLICIES / "minimal.yaml").read_text()
+    assert text.count(old) == 1
+    path = tmp_path / "relay.yaml"
+    path.write_text(text.replace(old, new))
+    return path
+
+
+def test_auth_off_is_an_enum_not_a_boolean(tmp_path: Path) -> None:
+    path = variant(tmp_path, "    port: 2525\n", "    port: 2525\n    auth: off\n")
+    assert load(path).listeners[0].auth is AuthMode.OFF
+
+
+def test_a_user_name_yaml_reads_as_a_boolean_must_be_quoted(tmp_path: Path) -> None:
+    path = variant(tmp_path, "name: Jan Janssens", "name: no")
+    assert problems(path) == [
+        f"{path}:26:15: tenants.acme.users.jan.name: expected a person's name,"
+        ' but YAML reads the unquoted no as the boolean false; put it in quotes: "no"'
+    ]
+    path.write_text(path.read_text().replace("name: no", 'name: "no"'))
+    assert load(path).tenants["acme"].users["jan"].name == "no"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        ('name: Acme AS', 'name: "Acme\\0AS"', "21:11: tenants.acme.name"),
+        ("name: Jan Janssens", 'name: "Jan\\nBcc: x@example.org"',
+         "26:15: tenants.acme.users.jan.name"),
+        ("address: jan@acme.example", 'address: "jan@acme.example\\r"',
+         "27:18: tenants.acme.users.jan.address"),
+    ],
+)  # fmt: skip
+def test_cr_lf_and_nul_are_refused_wherever_they_could_reach_a_header(
+    tmp_path: Path, old: str, new: str, problem: str
+) -> None:
+    path = variant(tmp_path, old, new)
+    assert problems(path) == [
+        f"{path}:{problem}: must not contain CR, LF or NUL (header injection)"
+    ]
+
+
+def test_a_missing_tls_certificate_is_a_problem(tmp_path: Path) -> None:
+    path = variant(
+        tmp_path,
+        "    port: 2525\n",
+        "    port: 2525\n    tls: {cert: tls/nope.crt, key: tls/relay.key}\n",
+    )
+    assert problems(path) == [
+        f"{path}:10:17: listeners[0].tls.cert: no such file: {tmp_path}/tls/nope.crt"
+    ]
+
+
+def test_the_platform_domain_needs_a_dkim_key(tmp_path: Path) -> None:
+    path = variant(tmp_path, "    - domain: platform.example", "    - domain: other.example")
+    assert problems(path) == [
+        f"{path}:4:17: platform.from_address: no DKIM key for platform.example in dkim.keys:"
+        " the relay could not sign its own From"
+    ]
+
+
+def test_a_default_tenant_for_unknown_senders_needs_a_default_user(tmp_path: Path) -> None:
+    identify = "identify:\n  unknown_sender: default\n  default_tenant: acme\ndkim:\n"
+    path = variant(tmp_path, "dkim:\n", identify)
+    assert problems(path) == [
+        f"{path}:12:19: identify.default_tenant: tenant 'acme' has no default_user,"
+        " so unknown senders are still refused"
+    ]
+
+
+def test_anchors_and_merge_keys_work(tmp_path: Path) -> None:
+    users = (
+        "      jan: &person\n        name: Jan Janssens\n        address: jan@acme.example\n"
+        "      per:\n        <<: *person\n        address: per@acme.example\n"
+    )
+    path = variant(
+        tmp_path,
+        "      jan:\n        name: Jan Janssens\n        address: jan@acme.example\n",
+        users,
+    )
+    per = load(path).tenants["acme"].users["per"]
+    assert (per.name, per.address) == ("Jan Janssens", "per@acme.example")
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", "1:1: the policy file is empty"),
+        (b"- version: 1\n", "1:1: expected a mapping"),
+        (b"version: 1\nplatform: caf\xe9\n",
+         "2:14: the file is not UTF-8 text (invalid continuation byte)"),
+        (b'version: 1\nplatform: "x\n',
+         "3:1: YAML syntax error: found unexpected end of stream"
+         " (while scanning a quoted scalar at 2:11)"),
+    ],
+)  # fmt: skip
+def test_unparsable_files_are_one_located_problem(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_bytes(content)
+    assert problems(path) == [f"{path}:{problem}"]
+
+
+def test_problems_come_in_file_order_across_sections() -> None:
+    """Sections are checked in dependency order (tenants before logins), not file order."""
+    path = POLICIES / "bad-references.yaml"
+    found = problems(path)
+    where = [tuple(int(n) for n in re.match(r".*?:(\d+):(\d+): ", p).groups()) for p in found]
+    assert where == sorted(where) and len(found) == 7
+
+
+def test_check_main_ok_line() -> None:
+    path = POLICIES / "full.yaml"
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    assert out.getvalue() == f"{path}: ok (policy {digest}, 2 tenants, 2 users, 2 document rules)\n"
+    assert err.getvalue() == ""
+
+
+def test_check_main_prints_every_problem_and_a_count() -> None:
+    path = POLICIES / "bad-references.yaml"
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 78
+    assert out.getvalue() == ""
+    assert err.getvalue().splitlines() == [*expected(path, BAD[path.name]), f"{path}: 7 problems"]
+
+
+def test_check_main_on_a_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 78
+    assert err.getvalue() == (
+        f"{path}: cannot read the policy file: No such file or directory\n{path}: 1 problem\n"
+    )
