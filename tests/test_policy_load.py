@@ -220,7 +220,7 @@ def test_the_example_policy_without_its_key_has_only_that_problem(tmp_path: Path
     shutil.copy(ROOT / "config" / "relay.example.yaml", path)
     missing = tmp_path / ".." / "dkim" / "platform.example.dev.private"
     assert problems(path) == [
-        f"{path}:67:17: dkim.keys[0].key_file: cannot read {missing}: No such file or directory"
+        f"{path}:71:17: dkim.keys[0].key_file: cannot read {missing}: No such file or directory"
     ]
 
 
@@ -443,3 +443,35 @@ def test_check_main_on_a_missing_file(tmp_path: Path) -> None:
     assert err.getvalue() == (
         f"{path}: cannot read the policy file: No such file or directory\n{path}: 1 problem\n"
     )
+
+
+def test_state_queue_and_audit_defaults(tmp_path: Path) -> None:
+    policy = load(variant(tmp_path, "    port: 2525\n", "    port: 2525\n"))
+    assert policy.queue.directory == tmp_path / "state" / "queue"
+    assert (policy.queue.first_retry, policy.queue.max_retry) == (60, 3600)
+    assert (policy.queue.lifetime, policy.queue.concurrency) == (432000, 10)
+    assert policy.audit.directory == tmp_path / "state" / "audit"
+    assert policy.audit.hmac_key is None and policy.audit.record_subject is False
+    assert policy.listeners[0].immediate == 0
+
+
+def test_state_queue_and_audit_set(tmp_path: Path) -> None:
+    (tmp_path / "audit.key").write_text("k3y\n")
+    settings = (
+        "version: 1\nstate_directory: /var/lib/erp-relay\n"
+        "queue: {first_retry: 30, max_retry: 600, lifetime: 86400, concurrency: 4}\n"
+        "audit: {hmac_key_file: audit.key, record_subject: yes, retention_days: 400}\n"
+    )
+    policy = load(variant(tmp_path, "version: 1\n", settings))
+    assert policy.queue.directory == Path("/var/lib/erp-relay/queue")
+    assert (policy.queue.first_retry, policy.queue.max_retry) == (30, 600)
+    assert (policy.queue.lifetime, policy.queue.concurrency) == (86400, 4)
+    assert policy.audit.hmac_key == b"k3y"
+    assert policy.audit.record_subject is True and policy.audit.retention_days == 400
+
+
+def test_retry_ceiling_below_first_retry_is_located(tmp_path: Path) -> None:
+    path = variant(
+        tmp_path, "version: 1\n", "version: 1\nqueue:\n  first_retry: 60\n  max_retry: 5\n"
+    )
+    assert problems(path) == [f"{path}:5:14: queue.max_retry: must not be less than first_retry"]

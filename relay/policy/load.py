@@ -22,7 +22,7 @@ from relay.policy.yamlsource import Problems, read
 EX_CONFIG = 78
 VERSION = 1
 _SECTIONS = ("version", "platform", "listeners", "identify", "control_headers", "classify")
-_SECTIONS += ("dkim", "upstreams", "logins", "tenants")
+_SECTIONS += ("dkim", "upstreams", "logins", "tenants", "state_directory", "queue", "audit")
 _REQUIRED = ("version", "platform", "listeners", "upstreams", "tenants")
 
 
@@ -55,8 +55,9 @@ def _build(ctx: Ctx, root: Map, path: Path, data: bytes) -> Policy | None:
     tenants = accounts.tenants(ctx, root, upstream_names, doc_types, roster)
     logins = accounts.logins(ctx, root, roster.users)
     identify, control_headers = sections.identify(ctx, root, roster.default_user)
+    queue, audit = sections.state(ctx, root)
     parts = (platform, listeners, identify, rules, control_headers, keys, upstreams, logins)
-    if len(ctx.problems) or None in parts or tenants is None:
+    if len(ctx.problems) or None in parts or tenants is None or queue is None or audit is None:
         return None
     return Policy(
         source=path,
@@ -71,6 +72,8 @@ def _build(ctx: Ctx, root: Map, path: Path, data: bytes) -> Policy | None:
         logins=logins,
         tenants=tenants,
         addresses=MappingProxyType(dict(roster.addresses)),
+        queue=queue,
+        audit=audit,
     )
 
 

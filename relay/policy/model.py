@@ -80,6 +80,7 @@ class Listener:
     max_message_size: int
     max_recipients: int
     idle_timeout: float
+    immediate: float = 0.0  # seconds to wait for the first delivery attempt; 0: answer at once
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,24 @@ class Identify:
 
 
 @dataclass(frozen=True)
+class QueueSettings:
+    directory: Path  # the spool
+    first_retry: float  # seconds before the first retry of a deferred recipient
+    max_retry: float  # ceiling of the exponential backoff
+    lifetime: float  # after this, pending recipients expire
+    concurrency: int  # deliveries at once per upstream
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    directory: Path
+    hmac_key: bytes | None  # read at load; makes the hash chain unforgeable
+    record_subject: bool  # privacy: subjects are left out unless asked for
+    compress_after_days: int | None
+    retention_days: int | None
+
+
+@dataclass(frozen=True)
 class UserRef:
     tenant: str
     user: str
@@ -200,6 +219,8 @@ class Policy:
     logins: Mapping[str, Login]
     tenants: Mapping[str, Tenant]
     addresses: Mapping[str, UserRef]  # lower-case address/alias -> user
+    queue: QueueSettings
+    audit: AuditSettings
 
     def user(self, ref: UserRef) -> User:
         return self.tenants[ref.tenant].users[ref.user]

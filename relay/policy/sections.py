@@ -7,6 +7,7 @@ recorded; the loader only assembles a Policy when no builder found any.
 
 from __future__ import annotations
 
+import enum
 import string
 from collections.abc import Collection, Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_network
@@ -17,6 +18,7 @@ from yaml.nodes import Node, SequenceNode
 from relay.policy import values
 from relay.policy.model import (
     DEFAULT_DOC_TYPE,
+    AuditSettings,
     AuthMode,
     Condition,
     ConditionKind,
@@ -27,6 +29,7 @@ from relay.policy.model import (
     IdentitySource,
     Listener,
     Platform,
+    QueueSettings,
     TlsFiles,
     UnknownSender,
 )
@@ -92,7 +95,7 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
     if root.has("listeners") and not entries:
         ctx.problem(root.get("listeners"), "listeners", "at least one listener is needed")
     keys = ("name", "address", "port", "auth", "tls", "allow")
-    keys += ("max_message_size", "max_recipients", "idle_timeout")
+    keys += ("max_message_size", "max_recipients", "idle_timeout", "immediate")
     for node, path in entries:
         m = Map(ctx, node, path, keys, required=("name", "address", "port"))
         name = m.text("name", "a listener name")
@@ -114,7 +117,18 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
         size = m.integer("max_message_size", 26214400, 1, 2**40, "a positive number of bytes")
         recipients = m.integer("max_recipients", 100, 1, 100000, "a positive integer")
         auth = m.choice("auth", AuthMode, AuthMode.OPTIONAL)
-        fields = (name, address, port, auth, allow, size, recipients, m.number("idle_timeout", 300))
+        idle = m.number("idle_timeout", 300)
+        fields = (
+            name,
+            address,
+            port,
+            auth,
+            allow,
+            size,
+            recipients,
+            idle,
+            m.number("immediate", 0),
+        )
         ok = None not in fields and (tls is not None or not m.has("tls"))
         found.append(Listener(*fields[:4], tls, *fields[4:]) if ok else None)
     if not found or None in found:
@@ -256,3 +270,42 @@ def dkim(ctx: Ctx, root: Map) -> tuple[tuple[DkimKey, ...] | None, set[str]]:
         ok = domain and selector and algorithm and key
         keys.append(DkimKey(domain, selector, algorithm, *key) if ok else None)
     return (None if None in keys else tuple(keys)), domains
+
+
+def state(ctx: Ctx, root: Map) -> tuple[QueueSettings | None, AuditSettings | None]:
+    """Where the spool and the audit log live, and how the queue retries.
+
+    Both default to a ``state`` directory beside the policy file; a service
+    sets ``state_directory`` to its own (e.g. /var/lib/erp-relay).
+    """
+    base = root.read("state_directory", values.file_path) if root.has("state_directory") else None
+    base = base or ctx.base / "state"
+    q = root.map("queue", ("first_retry", "max_retry", "lifetime", "concurrency"))
+    first, ceiling = q.number("first_retry", 60), q.number("max_retry", 3600)
+    lifetime = q.number("lifetime", 5 * 86400)
+    concurrency = q.integer("concurrency", 10, 1, 1000, "a number of deliveries (1..1000)")
+    if first is not None and ceiling is not None and ceiling < first:
+        ctx.problem(q.get("max_retry"), q.sub("max_retry"), "must not be less than first_retry")
+        return None, None
+    a = root.map(
+        "audit", ("hmac_key_file", "record_subject", "compress_after_days", "retention_days")
+    )
+    key = a.read("hmac_key_file", values.read_file)
+    subject = a.choice("record_subject", _YesNo, _YesNo.NO)
+    compress = a.integer("compress_after_days", None, 1, 100000, "a number of days")
+    retention = a.integer("retention_days", None, 1, 1000000, "a number of days")
+    if a.has("hmac_key_file") and key is None:
+        return None, None
+    numbers = (first, ceiling, lifetime, concurrency, subject)
+    if None in numbers:
+        return None, None
+    queue = QueueSettings(base / "queue", first, ceiling, lifetime, concurrency)
+    audit = AuditSettings(
+        base / "audit", key[1].strip() if key else None, subject is _YesNo.YES, compress, retention
+    )
+    return queue, audit
+
+
+class _YesNo(enum.Enum):
+    YES = "yes"
+    NO = "no"
