@@ -1,0 +1,113 @@
+"""AUTH PLAIN and LOGIN checked against the policy's ``logins``.
+
+The mechanisms are the handler's own ``auth_*`` methods (aiosmtpd prefers
+them over its built-ins) because aiosmtpd's authenticator hook is
+synchronous and scrypt takes ~50 ms: it runs in a thread so other sessions
+keep moving. An unknown login is checked against a throw-away hash, so the
+reply time does not reveal which logins exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import functools
+import logging
+import secrets
+from base64 import b64decode
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult
+
+from relay.passwd import hash_password, verify_password
+from relay.policy.model import Policy
+
+log = logging.getLogger("relay")
+
+BAD_BASE64 = "501 5.5.2 Cannot decode base64"
+BAD_PLAIN = "501 5.5.2 Cannot split the PLAIN credentials"
+USERNAME_CHALLENGE = "Username:"
+PASSWORD_CHALLENGE = "Password:"
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    login: str  # becomes Submission.auth_login
+
+
+class Mechanisms:
+    """Mixin for the handler: ``auth_PLAIN`` and ``auth_LOGIN`` in aiosmtpd's style."""
+
+    _current_policy: Callable[[], Policy]
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            blob = await _decode(server, args[1])
+            if blob is None:
+                return AuthResult(success=False, handled=True)
+        assert isinstance(blob, bytes)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await server.push(BAD_PLAIN)
+            return AuthResult(success=False, handled=True)
+        authzid, login, password = parts
+        if authzid and authzid != login:  # acting for someone else is not offered
+            return AuthResult(success=False, handled=False)
+        return await self._check(server, login, password)
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await server.challenge_auth(USERNAME_CHALLENGE)
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            login = await _decode(server, args[1])
+            if login is None:
+                return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth(PASSWORD_CHALLENGE)
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        assert isinstance(login, bytes) and isinstance(password, bytes)
+        return await self._check(server, login, password)
+
+    async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
+        peer = server.session.peer[0] if server.session and server.session.peer else "?"
+        try:
+            name, secret = login.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            log.warning("AUTH failed client=%s: credentials are not UTF-8", peer)
+            return AuthResult(success=False, handled=False)
+        entry = self._current_policy().logins.get(name)
+        encoded = entry.password_hash if entry is not None else None
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(None, _verify, secret, encoded)
+        if ok and entry is not None:
+            log.debug("AUTH ok client=%s login=%s", peer, name)
+            return AuthResult(success=True, auth_data=Authenticated(name))
+        log.warning("AUTH failed client=%s login=%r", peer, name)
+        return AuthResult(success=False, handled=False)
+
+
+async def _decode(server: SMTP, text: str) -> bytes | None:
+    try:
+        return b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        await server.push(BAD_BASE64)
+        return None
+
+
+def _verify(secret: str, encoded: str | None) -> bool:
+    if encoded is None:
+        verify_password(secret, _decoy())
+        return False
+    return verify_password(secret, encoded)
+
+
+@functools.cache
+def _decoy() -> str:
+    return hash_password(secrets.token_urlsafe(16))

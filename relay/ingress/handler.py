@@ -1,0 +1,157 @@
+"""The aiosmtpd handler of one listener: envelope checks, then the pipeline.
+
+The policy is fetched once per message through ``current_policy``, so a
+reload takes effect between transactions and a message never sees two
+policies. Whatever goes wrong inside the pipeline, the client gets a
+definite reply: the pipeline's own refusal, or ``451 4.3.0`` for anything
+unexpected, and never a 250 for a message the relay did not take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
+
+from relay.errors import SmtpReply
+from relay.ingress import content
+from relay.ingress.auth import Authenticated, Mechanisms
+from relay.ingress.protocol import RelaySMTP, client_address
+from relay.policy.model import AuthMode, Listener, Policy
+from relay.submission import Submission
+
+log = logging.getLogger("relay")
+
+Process = Callable[[Policy, Submission], Awaitable[str]]
+
+LOCAL_ERROR = "451 4.3.0 Local error, try again later"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+BAD_ADDRESS = "553 5.1.3 Bad address syntax: {address!r}"
+
+_REPLY = re.compile(r"[2-5][0-9][0-9]( [^\x00-\x1f\x7f]*)?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class RelayHandler(Mechanisms):
+    def __init__(
+        self,
+        listener: Listener,
+        current_policy: Callable[[], Policy],
+        process: Process,
+        in_flight: set[asyncio.Task[str]] | None = None,
+    ) -> None:
+        self._listener = listener
+        self._current_policy = current_policy
+        self._process = process
+        self._in_flight = in_flight if in_flight is not None else set()
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # aiosmtpd leaves this to an EHLO hook
+        if self._listener.auth is AuthMode.OFF:
+            responses = [r for r in responses if not r[4:].upper().startswith("AUTH")]
+        return responses
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if address != "<>" and not _is_address(address):
+            return BAD_ADDRESS.format(address=address)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if not _is_address(address):
+            return BAD_ADDRESS.format(address=address)
+        if len(envelope.rcpt_tos) >= self._listener.max_recipients:
+            return TOO_MANY_RECIPIENTS
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        data = envelope.original_content or b""
+        client = client_address(session.peer)
+        refusal = content.refusal(data)
+        if refusal is not None:
+            log.info("refused client=%s from=<%s>: %s", client, envelope.mail_from, refusal.line)
+            return refusal.line
+        submission = Submission(
+            listener=self._listener.name,
+            client_address=str(client),
+            auth_login=_login(session),
+            mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            data=data,
+        )
+        task = asyncio.ensure_future(self._reply_for(self._current_policy(), submission))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        try:
+            if isinstance(server, RelaySMTP):
+                with server.processing():
+                    return await asyncio.shield(task)
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The client went away (or we are stopping): the delivery goes on
+            # rather than being cut off half-way; say how it ended.
+            task.add_done_callback(lambda t: _log_orphan(t, submission))
+            raise
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            log.warning("TLS handshake failed: %s", error.__cause__ or error)
+        else:
+            log.error("SMTP session error", exc_info=error)
+        return LOCAL_ERROR
+
+    async def _reply_for(self, policy: Policy, submission: Submission) -> str:
+        try:
+            reply = await self._process(policy, submission)
+        except SmtpReply as refused:
+            return refused.line
+        except Exception:
+            log.exception(
+                "processing failed client=%s login=%s from=<%s>",
+                submission.client_address,
+                submission.auth_login or "-",
+                submission.mail_from,
+            )
+            return LOCAL_ERROR
+        if not isinstance(reply, str) or not _REPLY.fullmatch(reply):
+            log.error("pipeline returned an unusable reply %r; answering 451", reply)
+            return LOCAL_ERROR
+        return reply
+
+
+def _is_address(address: str) -> bool:
+    """aiosmtpd checked the syntax; this adds a domain and no bare CR (it splits on LF only)."""
+    local, _, domain = address.rpartition("@")
+    return bool(local and domain) and not _CONTROL.search(address)
+
+
+def _login(session: Session) -> str | None:
+    auth = session.auth_data if session.authenticated else None
+    return auth.login if isinstance(auth, Authenticated) else None
+
+
+def _log_orphan(task: asyncio.Task[str], submission: Submission) -> None:
+    outcome = "cancelled" if task.cancelled() else task.result()
+    log.warning(
+        "client=%s from=<%s> left before the reply; it would have been: %s",
+        submission.client_address,
+        submission.mail_from,
+        outcome,
+    )

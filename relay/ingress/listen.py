@@ -1,0 +1,169 @@
+"""Open the policy's listeners and close them gracefully.
+
+One asyncio server per listener, each connection getting its own
+``RelaySMTP`` around the listener's handler. AUTH is only offered over TLS,
+except on listeners bound to loopback alone: there the password cannot be
+sniffed off the wire, and local ERPs often cannot do STARTTLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+
+from relay.ingress.handler import Process, RelayHandler
+from relay.ingress.protocol import RelaySMTP
+from relay.policy.model import AuthMode, Listener, Policy, TlsFiles
+
+log = logging.getLogger("relay")
+
+IDENT = "ESMTP ERP relay"
+_MECHANISMS = ("PLAIN", "LOGIN")
+_AUTH_ATTEMPTS = 10  # per connection; each costs an scrypt
+_UNLIMITED = 2**31  # aiosmtpd limits every command once one is limited
+
+
+@dataclass
+class Ingress:
+    """The running listeners, their connections and the messages being processed."""
+
+    servers: list[tuple[Listener, asyncio.Server]] = field(default_factory=list)
+    connections: set[RelaySMTP] = field(default_factory=set)
+    in_flight: set[asyncio.Task[str]] = field(default_factory=set)
+
+    def bound(self) -> list[tuple[Listener, str, int]]:
+        """Each listening socket's real address: a port 0 or a host name resolves here."""
+        return [
+            (listener, *sock.getsockname()[:2])
+            for listener, server in self.servers
+            for sock in server.sockets
+        ]
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop accepting; let transactions under way finish for up to ``grace`` seconds.
+
+        Idle connections are told 421 at once; a connection is left alone while
+        it is between MAIL and the reply to DATA, and told 421 when it is done.
+        """
+        for _, server in self.servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.connections or self.in_flight:
+            for connection in list(self.connections):
+                if not connection.in_transaction:
+                    connection.shut_down()
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        if self.connections or self.in_flight:
+            log.warning(
+                "stopped with %d connections and %d messages still in progress",
+                len(self.connections),
+                len(self.in_flight),
+            )
+        for connection in list(self.connections):
+            connection.shut_down()
+        for _, server in self.servers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+
+
+async def start(
+    listeners: Sequence[Listener], current_policy: Callable[[], Policy], process: Process
+) -> Ingress:
+    """Listen on every listener, or on none: raises OSError or ssl.SSLError."""
+    loop = asyncio.get_running_loop()
+    ingress = Ingress()
+    try:
+        for listener in listeners:
+            factory = _factory(listener, current_policy, process, ingress, loop)
+            server = await loop.create_server(factory, host=listener.address, port=listener.port)
+            ingress.servers.append((listener, server))
+    except BaseException:
+        for _, server in ingress.servers:
+            server.close()
+        raise
+    return ingress
+
+
+def _factory(
+    listener: Listener,
+    current_policy: Callable[[], Policy],
+    process: Process,
+    ingress: Ingress,
+    loop: asyncio.AbstractEventLoop,
+) -> Callable[[], RelaySMTP]:
+    handler = RelayHandler(listener, current_policy, process, ingress.in_flight)
+    tls = tls_context(listener.tls) if listener.tls is not None else None
+    auth_needs_tls = not loopback_only(listener.address)
+    _warn_about_auth(listener, tls is not None, auth_needs_tls)
+    excluded = _MECHANISMS if listener.auth is AuthMode.OFF else ()
+
+    def build() -> RelaySMTP:
+        with warnings.catch_warnings():
+            # aiosmtpd warns about AUTH without TLS; here it is loopback only.
+            warnings.simplefilter("ignore")
+            return RelaySMTP(
+                handler,
+                listener_name=listener.name,
+                allow=listener.allow,
+                connections=ingress.connections,
+                hostname=current_policy().platform.hostname,
+                ident=IDENT,
+                data_size_limit=listener.max_message_size,
+                enable_SMTPUTF8=False,
+                decode_data=False,
+                tls_context=tls,
+                timeout=listener.idle_timeout,
+                auth_required=listener.auth is AuthMode.REQUIRED,
+                auth_require_tls=auth_needs_tls,
+                auth_exclude_mechanism=excluded,
+                command_call_limit={"AUTH": _AUTH_ATTEMPTS, "*": _UNLIMITED},
+                loop=loop,
+            )
+
+    return build
+
+
+def tls_context(files: TlsFiles) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(files.cert, files.key)
+    return context
+
+
+def loopback_only(address: str) -> bool:
+    """Whether every address the listener binds is a loopback address."""
+    try:
+        return ip_address(address).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(address, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    return bool(infos) and all(ip_address(info[4][0]).is_loopback for info in infos)
+
+
+def _warn_about_auth(listener: Listener, has_tls: bool, auth_needs_tls: bool) -> None:
+    if listener.auth is AuthMode.OFF or has_tls or not auth_needs_tls:
+        return
+    if listener.auth is AuthMode.REQUIRED:
+        log.error(
+            "listener %s: auth is required but no client can log in: AUTH needs TLS on %s;"
+            " configure tls or bind to loopback",
+            listener.name,
+            listener.address,
+        )
+    else:
+        log.warning(
+            "listener %s: AUTH is not offered: it needs TLS on %s", listener.name, listener.address
+        )

@@ -1,0 +1,137 @@
+"""``relay serve``: the daemon's lifecycle around the listeners.
+
+SIGHUP reloads the policy. A broken file never replaces a working policy:
+the problems are logged and the old one stays, so ``systemctl reload`` with
+a typo does not take mail down. Listener settings are bound into the open
+sockets, so changes to them are reported and wait for a restart.
+
+SIGTERM and SIGINT stop accepting at once, let transactions under way
+finish for up to ``STOP_GRACE`` seconds (an ERP that got no reply would send
+the message again) and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from relay.errors import PolicyError
+from relay.policy.model import Policy
+
+log = logging.getLogger("relay")
+
+STOP_GRACE = 10.0
+EX_OSERR = 71
+EX_CONFIG = 78
+LOG_FORMAT = "%(asctime)s relay[%(process)d] %(levelname)s %(message)s"
+
+
+class PolicyHolder:
+    """The current policy; swapping one reference is atomic for every reader."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def current(self) -> Policy:
+        return self.policy
+
+
+async def serve(policy_path: Path, ready: Callable[[], None] | None = None) -> int:
+    from relay.ingress import start
+    from relay.pipeline import process
+    from relay.policy.load import load
+
+    try:
+        policy = load(policy_path)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            log.error("%s", problem)
+        log.error("%s: invalid policy, not starting", policy_path)
+        return EX_CONFIG
+    holder = PolicyHolder(policy)
+    try:
+        ingress = await start(policy.listeners, holder.current, process)
+    except ssl.SSLError as exc:
+        log.error("cannot load a listener's TLS certificate or key: %s", exc)
+        return EX_CONFIG
+    except OSError as exc:
+        log.error("cannot listen: %s", exc.strerror or exc)
+        return EX_OSERR
+    for listener, host, port in ingress.bound():
+        log.info("listening on %s (listener %s)", _hostport(host, port), listener.name)
+    log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
+
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        if reloads:
+            log.info("SIGHUP: a reload is already running")
+            return
+        task = loop.create_task(_reload(policy_path, holder, load))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    try:
+        if ready is not None:
+            ready()
+        await stopping.wait()
+        log.info("stopping: no new connections; waiting up to %gs for transactions", STOP_GRACE)
+        await ingress.close(STOP_GRACE)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+    log.info("stopped")
+    return 0
+
+
+async def _reload(path: Path, holder: PolicyHolder, load: Callable[[Path], Policy]) -> None:
+    old = holder.policy
+    try:
+        new = await asyncio.to_thread(load, path)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            log.error("%s", problem)
+        log.error("reload failed: keeping policy %s", old.digest[:12])
+        return
+    except Exception:
+        log.exception("reload failed: keeping policy %s", old.digest[:12])
+        return
+    holder.policy = new
+    log.info("policy reloaded: %s (was %s)", new.digest[:12], old.digest[:12])
+    changed = sorted({item.name for item in set(new.listeners) ^ set(old.listeners)})
+    if changed:
+        log.warning(
+            "listener settings changed (%s): they take effect after a restart", ", ".join(changed)
+        )
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    # aiosmtpd logs every command at INFO and its own doubts per connection
+    # at WARNING; the relay logs what an operator needs itself.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
+
+
+def run(policy_path: Path) -> int:
+    import uvloop
+
+    configure_logging()
+    return uvloop.run(serve(Path(policy_path)))

@@ -1,0 +1,19 @@
+"""Where a message leaves the relay: an SMTP smarthost or a directory of files."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """An accepted delivery; ``refused`` lists recipients the upstream would not take.
+
+    A partial refusal is still a delivery: the accepted recipients have the
+    message, so the caller reports the refused ones rather than failing and
+    making the ERP send everything again.
+    """
+
+    reply: str  # the upstream's reply to DATA, or where the directory upstream wrote it
+    refused: Mapping[str, str] = field(default_factory=dict)  # recipient -> "550 5.1.1 ..."

@@ -1,0 +1,73 @@
+"""The directory upstream: each message becomes two files instead of being sent.
+
+``NAME.eml`` holds the exact bytes that would have gone out and
+``NAME.envelope.json`` (``{"mail_from": ..., "rcpt_tos": [...]}``) says to
+whom, because the envelope recipients (the BCC among them) are not in the
+message. NAME is ``<UTC timestamp>-<random>``, so a listing sorts by time.
+
+Each file is written under a dot-prefixed temporary name, fsynced and
+renamed; the envelope comes last, so its presence means the pair is
+complete and a reader never sees half a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from relay.errors import UpstreamError
+from relay.policy.model import DirectoryUpstream
+from relay.upstream import DeliveryResult
+
+
+async def write(
+    upstream: DirectoryUpstream, mail_from: str, rcpt_tos: Sequence[str], data: bytes
+) -> DeliveryResult:
+    envelope = {"mail_from": mail_from, "rcpt_tos": list(rcpt_tos)}
+    try:
+        path = await asyncio.to_thread(_write_pair, upstream.path, data, envelope)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        text = f"Upstream {upstream.name} cannot write to {upstream.path}: {reason}"
+        raise UpstreamError(451, "4.3.0", text) from exc
+    return DeliveryResult(f"written to {path}")
+
+
+def _write_pair(directory: Path, data: bytes, envelope: dict[str, object]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"{datetime.now(UTC):%Y%m%dT%H%M%S.%fZ}-{secrets.token_hex(4)}"
+    message = directory / f"{name}.eml"
+    _write_atomic(message, data)
+    meta = json.dumps(envelope, ensure_ascii=False, indent=1).encode("utf-8") + b"\n"
+    _write_atomic(directory / f"{name}.envelope.json", meta)
+    _fsync_directory(directory)
+    return message
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(content)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

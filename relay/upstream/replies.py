@@ -1,0 +1,48 @@
+"""Turn an upstream's SMTP reply into the reply the ERP gets.
+
+The ERP shows our reply to its user or decides from it whether to retry, so
+the upstream's own code and text pass through. Only codes that would
+mislead the ERP are changed: 421 would tell it that *our* connection is
+closing, and 530/534/535/538 are about the relay's own login upstream, not
+about the message; both become 451, so the message is retried rather than
+bounced, with the upstream's text kept.
+"""
+
+from __future__ import annotations
+
+import re
+
+from relay.errors import UpstreamError
+
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_OUR_LOGIN = frozenset({530, 534, 535, 538})
+
+
+def split(code: int, message: str) -> tuple[str, str]:
+    """The enhanced status code and the text, with multi-line replies on one line."""
+    status = ""
+    texts: list[str] = []
+    for line in message.splitlines() or [""]:
+        head, _, rest = line.strip().partition(" ")
+        if _ENHANCED.fullmatch(head):
+            status = status or head
+            line = rest
+        if line.strip():
+            texts.append(line.strip())
+    if not status or status[0] != str(code)[0]:
+        status = f"{code // 100}.0.0"
+    return status, " ".join(texts)
+
+
+def line(code: int, message: str) -> str:
+    status, text = split(code, message)
+    return f"{code} {status} {text}".rstrip()
+
+
+def refusal(code: int, message: str, suffix: str = "") -> UpstreamError:
+    status, text = split(code, message)
+    if code == 421 or code in _OUR_LOGIN:
+        code, status = 451, "4" + status[1:]
+    elif not 400 <= code < 600:
+        code, status = 451, "4.4.0"  # not a refusal a client can act on; try again later
+    return UpstreamError(code, status, text + suffix)

@@ -1,0 +1,142 @@
+"""The SMTP upstream: one aiosmtplib connection per message.
+
+The relay is a proxy today, so an upstream refusal is answered to the ERP
+with the upstream's own code and text (see ``replies``). When the upstream
+cannot be reached, the TLS handshake fails or it does not answer in time,
+the ERP gets ``451 4.4.1`` (``4.4.2`` for a connection lost mid-way) and a
+text naming the upstream, what went wrong and at which stage, so whoever reads it in the
+ERP's log knows where to look. A problem with the relay's own settings
+(password file unreadable, upstream refusing our login) is ``451 4.3.5``
+or ``451 4.7.x``: the message is fine and must be retried, not bounced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import socket
+import ssl
+from collections.abc import Sequence
+
+import aiosmtplib
+
+from relay.errors import UpstreamError
+from relay.policy.model import SmtpUpstream, TlsMode
+from relay.upstream import DeliveryResult, replies
+
+_START_TLS: dict[TlsMode, bool | None] = {
+    TlsMode.NONE: False,
+    TlsMode.STARTTLS: True,
+    TlsMode.IMPLICIT: False,
+    TlsMode.AUTO: None,  # aiosmtplib: STARTTLS when the server offers it
+}
+
+
+async def send(
+    upstream: SmtpUpstream, mail_from: str, rcpt_tos: Sequence[str], data: bytes
+) -> DeliveryResult:
+    password = _password(upstream) if upstream.username else None
+    client = aiosmtplib.SMTP(
+        hostname=upstream.host,
+        port=upstream.port,
+        timeout=upstream.timeout,
+        use_tls=upstream.tls is TlsMode.IMPLICIT,
+        start_tls=_START_TLS[upstream.tls],
+        local_hostname=await asyncio.to_thread(_local_hostname),
+    )
+    stage = "connecting"
+    try:
+        await client.connect()
+        if password is not None:
+            stage = "logging in"
+            await client.login(upstream.username, password)
+        stage = "sending"
+        refused, reply = await client.sendmail(mail_from, list(rcpt_tos), data)
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+            await client.quit()
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        raise _all_refused(exc) from exc
+    except aiosmtplib.SMTPAuthenticationError as exc:
+        text = f"Upstream {_where(upstream)} refused the relay's login: "
+        raise UpstreamError(451, "4.7.0", text + replies.line(exc.code, exc.message)) from exc
+    except aiosmtplib.SMTPHeloError as exc:
+        raise _failed(upstream, stage, replies.line(exc.code, exc.message)) from exc
+    except aiosmtplib.SMTPResponseException as exc:
+        if stage == "connecting":  # greeting or STARTTLS refused: nothing about this message
+            raise _failed(upstream, stage, replies.line(exc.code, exc.message)) from exc
+        raise replies.refusal(exc.code, exc.message) from exc
+    except aiosmtplib.SMTPTimeoutError as exc:
+        raise _failed(upstream, stage, f"no answer within {upstream.timeout:g}s") from exc
+    except aiosmtplib.SMTPServerDisconnected as exc:
+        status = "4.4.1" if stage == "connecting" else "4.4.2"
+        raise _failed(upstream, stage, "connection lost", status) from exc
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        raise _failed(upstream, stage, _reason(exc)) from exc
+    except ValueError as exc:  # aiosmtplib refuses an address it cannot send safely
+        raise UpstreamError(550, "5.1.3", f"Address refused: {exc}") from exc
+    finally:
+        client.close()
+    return DeliveryResult(
+        replies.line(250, reply),
+        {rcpt: replies.line(r.code, r.message) for rcpt, r in refused.items()},
+    )
+
+
+def _password(upstream: SmtpUpstream) -> str:
+    if upstream.password_file is not None:
+        try:
+            return upstream.password_file.read_text("utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            text = f"Upstream {upstream.name}: cannot read {upstream.password_file}: {reason}"
+            raise UpstreamError(451, "4.3.5", text) from exc
+    if upstream.password_env is not None:
+        value = os.environ.get(upstream.password_env)
+        if value is None:
+            text = f"Upstream {upstream.name}: environment variable {upstream.password_env} unset"
+            raise UpstreamError(451, "4.3.5", text)
+        return value
+    raise UpstreamError(451, "4.3.5", f"Upstream {upstream.name}: username but no password")
+
+
+def _all_refused(exc: aiosmtplib.SMTPRecipientsRefused) -> UpstreamError:
+    """One reply for the whole message: temporary if any refusal is, so a retry can help."""
+    refusals = exc.recipients
+    first = next((r for r in refusals if r.code < 500), refusals[0])
+    more = f" (and {len(refusals) - 1} more recipients refused)" if len(refusals) > 1 else ""
+    return replies.refusal(first.code, first.message, more)
+
+
+def _failed(
+    upstream: SmtpUpstream, stage: str, reason: str, status: str = "4.4.1"
+) -> UpstreamError:
+    return UpstreamError(451, status, f"Upstream {_where(upstream)}: {reason} ({stage})")
+
+
+def _where(upstream: SmtpUpstream) -> str:
+    return f"{upstream.name} ({upstream.host}:{upstream.port})"
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause reads best: "Connection refused", not aiosmtplib's wrapper."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not accepted: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed: {exc.reason or exc}"
+    if isinstance(exc, socket.gaierror):
+        return f"host not found: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)  # asyncio's strerror is "Connect call failed (...)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+@functools.cache
+def _local_hostname() -> str:
+    """getfqdn may wait on DNS for seconds; once per process is enough."""
+    return socket.getfqdn()

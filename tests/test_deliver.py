@@ -1,0 +1,449 @@
+"""Delivery to real upstreams on loopback: aiosmtpd sinks (plain, TLS, AUTH) and directories."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from relay.deliver import DeliveryResult, deliver
+from relay.errors import UpstreamError
+from relay.policy.model import DirectoryUpstream, SmtpUpstream, TlsMode
+from relay.upstream import replies
+from tests.certs import Certs, make_certs
+
+MESSAGE = (
+    b"From: Jan via Acme <noreply@platform.example>\r\n"
+    b"To: one@example.org\r\n"
+    b"Subject: Faktura 4711\r\n"
+    b"\r\n"
+    b".leading dot\r\n"
+    b".\r\n"
+    b"..two dots\r\n"
+    b"\xc3\x86 8-bit \xff\r\n"
+    b"\r\n"
+    b"last line"  # no final CRLF: SMTP adds one, nothing else may change
+)
+SENT = MESSAGE + b"\r\n"
+RCPTS = ["one@example.org", "two@example.org"]
+
+
+@dataclass
+class Got:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    tls: bool
+    login: str | None
+
+
+@dataclass
+class SinkHandler:
+    refuse: dict[str, str] = field(default_factory=dict)
+    data_reply: str = "250 2.0.0 Ok: queued as SINK1"
+    delay: float = 0.0
+    messages: list[Got] = field(default_factory=list)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        login = session.auth_data.login.decode() if session.authenticated else None
+        assert isinstance(envelope.original_content, bytes)
+        self.messages.append(
+            Got(
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                envelope.original_content,
+                server.transport.get_extra_info("ssl_object") is not None,
+                login,
+            )
+        )
+        return self.data_reply
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_context(certs: Certs) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.cert, certs.key)
+    return context
+
+
+def authenticator(
+    server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+) -> AuthResult:
+    ok = isinstance(data, LoginPassword) and (data.login, data.password) == (b"relay", b"s3cret")
+    return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
+
+
+class Sink:
+    def __init__(self, handler: SinkHandler | None = None, **kwargs: Any) -> None:
+        self.handler = handler or SinkHandler()
+        self.port = free_port()
+        kwargs.setdefault("server_hostname", "localhost")
+        self.controller = Controller(
+            self.handler,
+            hostname="127.0.0.1",
+            port=self.port,
+            enable_SMTPUTF8=False,
+            ready_timeout=10,
+            **kwargs,
+        )
+
+    def __enter__(self) -> Sink:
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.controller.stop()
+
+
+def upstream(port: int, tls: TlsMode = TlsMode.NONE, **kwargs: Any) -> SmtpUpstream:
+    settings: dict[str, Any] = dict(
+        name="smarthost", host="127.0.0.1", port=port, tls=tls,
+        username=None, password_file=None, password_env=None, timeout=5.0,
+    )  # fmt: skip
+    settings.update(kwargs)
+    return SmtpUpstream(**settings)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def trust_test_ca(certs: Certs, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca))
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    with Sink() as running:
+        yield running
+
+
+# --- directory --------------------------------------------------------------------
+
+
+async def test_directory_writes_message_and_envelope(tmp_path: Path) -> None:
+    outbox = tmp_path / "does" / "not" / "exist"
+    result = await deliver(
+        DirectoryUpstream("outbox", outbox), "b@platform.example", RCPTS, MESSAGE
+    )
+    (eml,) = outbox.glob("*.eml")
+    (meta,) = outbox.glob("*.envelope.json")
+    assert eml.read_bytes() == MESSAGE
+    assert meta.name == eml.name.removesuffix(".eml") + ".envelope.json"
+    assert json.loads(meta.read_text()) == {"mail_from": "b@platform.example", "rcpt_tos": RCPTS}
+    assert sorted(p.name for p in outbox.iterdir()) == sorted([eml.name, meta.name])
+    assert result == DeliveryResult(f"written to {eml}", {})
+
+
+async def test_directory_names_are_unique_and_sort_by_time(tmp_path: Path) -> None:
+    target = DirectoryUpstream("outbox", tmp_path)
+    for n in range(5):
+        await deliver(target, "b@platform.example", [f"r{n}@example.org"], MESSAGE)
+    metas = sorted(tmp_path.glob("*.envelope.json"))
+    assert len(metas) == 5
+    assert [json.loads(m.read_text())["rcpt_tos"] for m in metas] == [
+        [f"r{n}@example.org"] for n in range(5)
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+async def test_directory_unwritable_is_temporary(tmp_path: Path) -> None:
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(UpstreamError) as failed:
+            await deliver(
+                DirectoryUpstream("outbox", tmp_path / "x"), "b@p.example", RCPTS, MESSAGE
+            )
+    finally:
+        tmp_path.chmod(0o700)
+    assert (failed.value.code, failed.value.status) == (451, "4.3.0")
+    assert "Permission denied" in failed.value.text
+
+
+async def test_directory_path_that_is_a_file_is_temporary(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UpstreamError) as failed:
+        await deliver(DirectoryUpstream("outbox", tmp_path / "file"), "b@p.example", RCPTS, MESSAGE)
+    assert (failed.value.code, failed.value.status) == (451, "4.3.0")
+    assert "outbox" in failed.value.text
+
+
+# --- SMTP: accepted ---------------------------------------------------------------
+
+
+async def test_smtp_delivers_byte_identical(sink: Sink) -> None:
+    result = await deliver(upstream(sink.port), "bounces@platform.example", RCPTS, MESSAGE)
+    assert result == DeliveryResult("250 2.0.0 Ok: queued as SINK1", {})
+    (got,) = sink.handler.messages
+    assert got.mail_from == "bounces@platform.example"
+    assert got.rcpt_tos == RCPTS
+    assert got.data == SENT
+    assert not got.tls
+
+
+async def test_partial_refusal_delivers_to_the_others() -> None:
+    handler = SinkHandler(refuse={"two@example.org": "550 5.1.1 <two@example.org>: no such user"})
+    with Sink(handler) as sink:
+        result = await deliver(upstream(sink.port), "b@platform.example", RCPTS, MESSAGE)
+    assert result.refused == {"two@example.org": "550 5.1.1 <two@example.org>: no such user"}
+    assert result.reply.startswith("250 ")
+    (got,) = handler.messages
+    assert got.rcpt_tos == ["one@example.org"]
+    assert got.data == SENT
+
+
+# --- SMTP: refused, with the upstream's own words ---------------------------------
+
+
+async def test_permanent_refusal_passes_through() -> None:
+    handler = SinkHandler(
+        refuse={"one@example.org": "550 5.1.1 <one@example.org>: mailbox unknown"}
+    )
+    with Sink(handler) as sink, pytest.raises(UpstreamError) as failed:
+        await deliver(upstream(sink.port), "b@p.example", ["one@example.org"], MESSAGE)
+    assert failed.value.line == "550 5.1.1 <one@example.org>: mailbox unknown"
+    assert handler.messages == []
+
+
+async def test_temporary_refusal_passes_through() -> None:
+    handler = SinkHandler(refuse={"one@example.org": "451 4.7.1 Greylisted, try again in 5 min"})
+    with Sink(handler) as sink, pytest.raises(UpstreamError) as failed:
+        await deliver(upstream(sink.port), "b@p.example", ["one@example.org"], MESSAGE)
+    assert failed.value.line == "451 4.7.1 Greylisted, try again in 5 min"
+    assert not failed.value.permanent
+
+
+async def test_all_refused_mixed_is_temporary_so_a_retry_can_help() -> None:
+    refuse = {
+        "one@example.org": "550 5.1.1 unknown",
+        "two@example.org": "452 4.2.2 mailbox full",
+    }
+    with Sink(SinkHandler(refuse=refuse)) as sink, pytest.raises(UpstreamError) as failed:
+        await deliver(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
+    assert failed.value.line == "452 4.2.2 mailbox full (and 1 more recipients refused)"
+
+
+async def test_refusal_after_data_passes_through() -> None:
+    handler = SinkHandler(data_reply="554 5.7.1 Message rejected as spam")
+    with Sink(handler) as sink, pytest.raises(UpstreamError) as failed:
+        await deliver(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
+    assert failed.value.line == "554 5.7.1 Message rejected as spam"
+
+
+async def test_refusal_without_enhanced_code_gets_one() -> None:
+    handler = SinkHandler(refuse={"one@example.org": "550 no such user here"})
+    with Sink(handler) as sink, pytest.raises(UpstreamError) as failed:
+        await deliver(upstream(sink.port), "b@p.example", ["one@example.org"], MESSAGE)
+    assert failed.value.line == "550 5.0.0 no such user here"
+
+
+async def test_421_becomes_451_with_the_upstream_text() -> None:
+    handler = SinkHandler(refuse={"one@example.org": "421 4.7.0 Too many connections"})
+    with Sink(handler) as sink, pytest.raises(UpstreamError) as failed:
+        await deliver(upstream(sink.port), "b@p.example", ["one@example.org"], MESSAGE)
+    assert failed.value.line == "451 4.7.0 Too many connections"
+
+
+# --- SMTP: unreachable ------------------------------------------------------------
+
+
+async def test_connection_refused_is_451_4_4_1() -> None:
+    port = free_port()
+    with pytest.raises(UpstreamError) as failed:
+        await deliver(upstream(port), "b@p.example", RCPTS, MESSAGE)
+    assert (failed.value.code, failed.value.status) == (451, "4.4.1")
+    assert (
+        failed.value.text
+        == f"Upstream smarthost (127.0.0.1:{port}): Connection refused (connecting)"
+    )
+
+
+async def test_no_answer_in_time_is_451_4_4_1() -> None:
+    handler = SinkHandler(delay=5.0)
+    with Sink(handler) as sink, pytest.raises(UpstreamError) as failed:
+        await asyncio.wait_for(
+            deliver(upstream(sink.port, timeout=0.5), "b@p.example", RCPTS, MESSAGE), 10
+        )
+    assert (failed.value.code, failed.value.status) == (451, "4.4.1")
+    assert "no answer within 0.5s (sending)" in failed.value.text
+
+
+async def test_silent_server_times_out_while_connecting() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        with pytest.raises(UpstreamError) as failed:
+            await asyncio.wait_for(
+                deliver(upstream(port, timeout=0.5), "b@p.example", RCPTS, MESSAGE), 10
+            )
+    assert (failed.value.code, failed.value.status) == (451, "4.4.1")
+    assert "(connecting)" in failed.value.text
+
+
+# --- SMTP: TLS --------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("trust_test_ca")
+async def test_starttls(certs: Certs) -> None:
+    with Sink(tls_context=server_context(certs)) as sink:
+        await deliver(upstream(sink.port, TlsMode.STARTTLS), "b@p.example", RCPTS, MESSAGE)
+    (got,) = sink.handler.messages
+    assert got.tls
+    assert got.data == SENT
+
+
+@pytest.mark.usefixtures("trust_test_ca")
+async def test_implicit_tls(certs: Certs) -> None:
+    with Sink(ssl_context=server_context(certs)) as sink:
+        await deliver(upstream(sink.port, TlsMode.IMPLICIT), "b@p.example", RCPTS, MESSAGE)
+    (got,) = sink.handler.messages
+    assert got.tls
+
+
+@pytest.mark.usefixtures("trust_test_ca")
+async def test_auto_uses_starttls_when_offered(certs: Certs) -> None:
+    with Sink(tls_context=server_context(certs)) as sink:
+        await deliver(upstream(sink.port, TlsMode.AUTO), "b@p.example", RCPTS, MESSAGE)
+    assert sink.handler.messages[0].tls
+
+
+async def test_auto_goes_plain_when_not_offered(sink: Sink) -> None:
+    await deliver(upstream(sink.port, TlsMode.AUTO), "b@p.example", RCPTS, MESSAGE)
+    assert not sink.handler.messages[0].tls
+
+
+async def test_starttls_required_but_not_offered_is_451(sink: Sink) -> None:
+    with pytest.raises(UpstreamError) as failed:
+        await deliver(upstream(sink.port, TlsMode.STARTTLS), "b@p.example", RCPTS, MESSAGE)
+    assert (failed.value.code, failed.value.status) == (451, "4.4.1")
+    assert "STARTTLS" in failed.value.text
+    assert sink.handler.messages == []
+
+
+@pytest.mark.parametrize("mode", [TlsMode.STARTTLS, TlsMode.IMPLICIT])
+async def test_untrusted_certificate_is_451(certs: Certs, mode: TlsMode) -> None:
+    kwargs = {"tls_context" if mode is TlsMode.STARTTLS else "ssl_context": server_context(certs)}
+    with Sink(**kwargs) as sink, pytest.raises(UpstreamError) as failed:
+        await deliver(upstream(sink.port, mode), "b@p.example", RCPTS, MESSAGE)
+    assert (failed.value.code, failed.value.status) == (451, "4.4.1")
+    assert "TLS certificate not accepted" in failed.value.text
+    assert sink.handler.messages == []
+
+
+async def test_certificate_for_another_name_is_451(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = make_certs(tmp_path, names=("smtp.other.example",))
+    monkeypatch.setenv("SSL_CERT_FILE", str(other.ca))
+    with (
+        Sink(tls_context=server_context(other)) as sink,
+        pytest.raises(UpstreamError) as failed,
+    ):
+        await deliver(upstream(sink.port, TlsMode.STARTTLS), "b@p.example", RCPTS, MESSAGE)
+    assert "TLS certificate not accepted" in failed.value.text
+    assert "mismatch" in failed.value.text
+
+
+# --- SMTP: AUTH -------------------------------------------------------------------
+
+
+@pytest.fixture
+def auth_sink() -> Iterator[Sink]:
+    with Sink(authenticator=authenticator, auth_require_tls=False) as running:
+        yield running
+
+
+async def test_login_with_password_file(auth_sink: Sink, tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    target = upstream(auth_sink.port, username="relay", password_file=secret)
+    await deliver(target, "b@p.example", RCPTS, MESSAGE)
+    assert auth_sink.handler.messages[0].login == "relay"
+
+
+async def test_login_with_password_env(auth_sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAY_TEST_SMARTHOST_PASSWORD", "s3cret")
+    target = upstream(
+        auth_sink.port, username="relay", password_env="RELAY_TEST_SMARTHOST_PASSWORD"
+    )
+    await deliver(target, "b@p.example", RCPTS, MESSAGE)
+    assert auth_sink.handler.messages[0].login == "relay"
+
+
+async def test_login_refused_is_temporary(auth_sink: Sink, tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("wrong\n")
+    target = upstream(auth_sink.port, username="relay", password_file=secret)
+    with pytest.raises(UpstreamError) as failed:
+        await deliver(target, "b@p.example", RCPTS, MESSAGE)
+    assert (failed.value.code, failed.value.status) == (451, "4.7.0")
+    assert "535 5.7.8" in failed.value.text
+    assert auth_sink.handler.messages == []
+
+
+async def test_missing_password_is_a_local_configuration_error(
+    auth_sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RELAY_TEST_UNSET", raising=False)
+    for target in (
+        upstream(auth_sink.port, username="relay", password_file=tmp_path / "missing"),
+        upstream(auth_sink.port, username="relay", password_env="RELAY_TEST_UNSET"),
+    ):
+        with pytest.raises(UpstreamError) as failed:
+            await deliver(target, "b@p.example", RCPTS, MESSAGE)
+        assert (failed.value.code, failed.value.status) == (451, "4.3.5")
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+async def test_upstream_demanding_auth_we_do_not_do_is_temporary() -> None:
+    with (
+        Sink(authenticator=authenticator, auth_require_tls=False, auth_required=True) as sink,
+        pytest.raises(UpstreamError) as failed,
+    ):
+        await deliver(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
+    assert failed.value.line == "451 4.7.0 Authentication required"
+
+
+# --- reply parsing ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "status", "text"),
+    [
+        (550, "5.1.1 <a@b>: unknown", "5.1.1", "<a@b>: unknown"),
+        (550, "unknown user", "5.0.0", "unknown user"),
+        (550, "4.1.1 class mismatch", "5.0.0", "class mismatch"),
+        (554, "5.7.1 first line\n5.7.1 second line", "5.7.1", "first line second line"),
+        (451, "", "4.0.0", ""),
+    ],
+)
+def test_reply_split(code: int, message: str, status: str, text: str) -> None:
+    assert replies.split(code, message) == (status, text)

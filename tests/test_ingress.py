@@ -1,0 +1,569 @@
+"""The SMTP side over real sockets: smtplib, raw bytes and swaks against ``relay.ingress``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import smtplib
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from relay.errors import Rejected
+from relay.ingress import content, listen
+from relay.policy.model import AuthMode, TlsFiles
+from tests.certs import make_certs
+from tests.ingress_harness import Raw, Recorder, Relay, swaks
+from tests.minimal_policy import listener, policy
+
+MESSAGE = (
+    b"From: Jan <jan@acme.example>\r\n"
+    b"To: one@example.org\r\n"
+    b"Subject: Invoice 4711\r\n"
+    b"\r\n"
+    b"Hello,\r\n"
+    b".leading dot survives\r\n"
+    b"\xc3\x86 8-bit body\r\n"
+)
+
+
+@pytest.fixture
+def relay() -> Iterator[Relay]:
+    with Relay([listener()]) as running:
+        yield running
+
+
+def plain(login: str, password: str) -> str:
+    return base64.b64encode(f"\0{login}\0{password}".encode()).decode()
+
+
+# --- the normal path -------------------------------------------------------------
+
+
+def test_message_reaches_process_exactly(relay: Relay) -> None:
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        client.ehlo()
+        client.mail("erp@acme.example")
+        client.rcpt("one@example.org")
+        client.rcpt("two@example.org")
+        code, reply = client.data(MESSAGE)
+    assert (code, reply) == (250, b"2.0.0 Ok: queued as TEST")
+    ((got_policy, sub),) = relay.process.calls
+    assert got_policy is relay.policy
+    assert sub.listener == "test"
+    assert sub.client_address == "127.0.0.1"
+    assert sub.auth_login is None
+    assert sub.mail_from == "erp@acme.example"
+    assert sub.rcpt_tos == ("one@example.org", "two@example.org")
+    assert sub.data == MESSAGE
+
+
+def test_ehlo_advertises_size_and_auth_but_not_smtputf8(relay: Relay) -> None:
+    with Raw(relay.port) as raw:
+        assert raw.greeting == ["220 relay.test.example ESMTP ERP relay"]
+        lines = raw.ehlo()
+    keywords = [line[4:] for line in lines]
+    assert "SIZE 100000" in keywords
+    assert "AUTH LOGIN PLAIN" in keywords
+    assert "8BITMIME" in keywords
+    assert not any("SMTPUTF8" in k.upper() for k in keywords)
+
+
+def test_null_sender_is_accepted_and_passed_as_empty(relay: Relay) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"MAIL FROM:<>").startswith("250")
+        assert raw.cmd(b"RCPT TO:<one@example.org>").startswith("250")
+        assert raw.cmd(b"DATA").startswith("354")
+        assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
+    assert relay.process.submissions[0].mail_from == ""
+
+
+def test_policy_is_read_per_message(relay: Relay) -> None:
+    first = relay.policy
+    second = policy((listener(),), digest="1" * 64)
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        client.sendmail("erp@acme.example", ["one@example.org"], MESSAGE)
+        relay.policy = second
+        client.sendmail("erp@acme.example", ["one@example.org"], MESSAGE)
+    assert [p for p, _ in relay.process.calls] == [first, second]
+
+
+# --- envelope checks -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("MAIL FROM:<jørgen@acme.example>".encode(), "501 5.6.7 "),
+        (b"MAIL FROM:<erp@acme.example> SMTPUTF8", "555 5.5.4 "),
+    ],
+)
+def test_non_ascii_sender_refused(relay: Relay, command: bytes, expected: str) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        reply = raw.cmd(command)
+    assert reply.startswith(expected), reply
+
+
+def test_non_ascii_recipient_refused(relay: Relay) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        reply = raw.cmd("RCPT TO:<kunde@bære.example>".encode())
+    assert reply.startswith("501 5.6.7 "), reply
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (b"MAIL FROM:<erp\racme@acme.example>", "553 5.1.3 "),
+        (b"MAIL FROM:<no-domain>", "553 5.1.3 "),
+    ],
+)
+def test_malformed_sender_refused(relay: Relay, command: bytes, expected: str) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(command).startswith(expected)
+
+
+def test_null_recipient_refused(relay: Relay) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        raw.cmd(b"MAIL FROM:<erp@acme.example>")
+        assert raw.cmd(b"RCPT TO:<>").startswith("553 5.1.3 ")
+
+
+def test_too_many_recipients(relay: Relay) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        raw.cmd(b"MAIL FROM:<erp@acme.example>")
+        for n in range(5):
+            assert raw.cmd(b"RCPT TO:<r%d@example.org>" % n).startswith("250")
+        assert raw.cmd(b"RCPT TO:<r5@example.org>") == "452 4.5.3 Too many recipients"
+        assert raw.cmd(b"DATA").startswith("354")
+        assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
+    assert len(relay.process.submissions[0].rcpt_tos) == 5
+
+
+def test_allow_list_refuses_other_clients() -> None:
+    with Relay([listener(allow=("10.0.0.0/8",))]) as relay, Raw(relay.port) as raw:
+        assert raw.greeting[0].startswith("554 5.7.1 Client 127.0.0.1 is not allowed")
+        assert raw.closed()
+    assert relay.process.calls == []
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
+def test_ipv6_listener_and_allow_list() -> None:
+    with Relay([listener(address="::1", allow=("::1/128",))]) as relay:
+        with smtplib.SMTP("::1", relay.port, timeout=10) as client:
+            client.sendmail("erp@acme.example", ["one@example.org"], MESSAGE)
+        assert relay.process.submissions[0].client_address == "::1"
+    with (
+        Relay([listener(address="::1", allow=("127.0.0.0/8",))]) as relay,
+        Raw(relay.port, host="::1") as raw,
+    ):
+        assert raw.greeting[0].startswith("554 5.7.1 ")
+
+
+# --- size and line limits --------------------------------------------------------
+
+
+def test_size_declared_too_big_refused(relay: Relay) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        reply = raw.cmd(b"MAIL FROM:<erp@acme.example> SIZE=100001")
+    assert reply.startswith("552 5.3.4 "), reply
+
+
+def test_size_enforced_on_data(relay: Relay) -> None:
+    big = b"Subject: big\r\n\r\n" + (b"x" * 900 + b"\r\n") * 120
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        client.ehlo()
+        client.mail("erp@acme.example")  # no SIZE: the limit must hold anyway
+        client.rcpt("one@example.org")
+        code, reply = client.data(big)
+        assert code == 552
+        assert reply.startswith(b"5.3.4 ")
+        assert client.noop()[0] == 250
+    assert relay.process.calls == []
+
+
+@pytest.mark.parametrize("length", [998])
+def test_longest_allowed_line_passes(relay: Relay, length: int) -> None:
+    body = b"x" * length + b"\r\n" + b"." + b"y" * (length - 1) + b"\r\n"
+    with Raw(relay.port) as raw:
+        raw.envelope()
+        assert raw.cmd(b"DATA").startswith("354")
+        raw.send(body.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+        assert raw.reply()[-1].startswith("250")
+    assert relay.process.submissions[0].data == body
+
+
+@pytest.mark.parametrize("length", [999, 1000, 1001, 5000, 100_000])
+def test_over_long_data_line_refused(length: int) -> None:
+    with Relay([listener(max_message_size=1_000_000)]) as relay, Raw(relay.port) as raw:
+        raw.envelope()
+        assert raw.cmd(b"DATA").startswith("354")
+        raw.send(b"Subject: x\r\n\r\n" + b"x" * length + b"\r\nend\r\n.\r\n")
+        reply = raw.reply()[-1]
+        assert reply.startswith("500 5.5.2 Line too long"), reply
+        assert raw.cmd(b"NOOP").startswith("250")
+        assert relay.process.calls == []
+
+
+def test_over_long_command_line_refused(relay: Relay) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        reply = raw.cmd(b"MAIL FROM:<" + b"a" * 600 + b"@acme.example>")
+        assert reply == "500 5.5.2 Command line too long"
+        reply = raw.cmd(b"MAIL FROM:<" + b"a" * 5000 + b"@acme.example>")
+        assert reply == "500 5.5.2 Command line too long"
+        assert raw.cmd(b"NOOP").startswith("250")
+
+
+def test_nul_in_data_refused(relay: Relay) -> None:
+    with Raw(relay.port) as raw:
+        raw.envelope()
+        assert raw.cmd(b"DATA").startswith("354")
+        raw.send(b"Subject: x\r\n\r\nnul \x00 here\r\n.\r\n")
+        assert raw.reply()[-1].startswith("554 5.6.0 ")
+    assert relay.process.calls == []
+
+
+# --- SMTP smuggling --------------------------------------------------------------
+
+SMUGGLED = b"MAIL FROM:<ceo@acme.example>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
+SMUGGLED += b"From: ceo@acme.example\r\n\r\nsmuggled\r\n"
+
+VARIANTS = {
+    "LF.LF": b"\n.\n",
+    "CR.CR": b"\r.\r",
+    "LF.CRLF": b"\n.\r\n",
+    "CRLF.LF": b"\r\n.\n",
+    "CR.CRLF": b"\r.\r\n",
+    "CRLF.CR": b"\r\n.\r",
+    "LF.CR": b"\n.\r",
+    "CR.LF": b"\r.\n",
+    "CRLF.LFCRLF": b"\r\n.\n\r\n",
+    "LFLF": b"\n\n",
+}
+
+
+@pytest.mark.parametrize("ending", VARIANTS.values(), ids=VARIANTS.keys())
+def test_smuggling_sequence_never_ends_data(relay: Relay, ending: bytes) -> None:
+    with Raw(relay.port) as raw:
+        raw.envelope()
+        assert raw.cmd(b"DATA").startswith("354")
+        raw.send(b"Subject: first\r\n\r\nbody" + ending + SMUGGLED + b".\r\n")
+        reply = raw.reply()
+        assert reply == [
+            "550 5.6.11 Bare <CR> or <LF> received: lines must end with <CR><LF> (RFC 5321 2.3.8)"
+        ]
+        # Exactly one reply: nothing of the smuggled transaction was run.
+        assert raw.cmd(b"NOOP") == "250 OK"
+        # The session is clean: the next message goes through on its own.
+        raw.envelope()
+        assert raw.cmd(b"DATA").startswith("354")
+        assert raw.cmd(b"Subject: second\r\n\r\nok\r\n.").startswith("250 ")
+    (sub,) = relay.process.submissions
+    assert sub.data == b"Subject: second\r\n\r\nok\r\n"
+    assert sub.rcpt_tos == ("one@example.org",)
+
+
+@pytest.mark.parametrize("bare", [b"\n", b"\r"], ids=["LF", "CR"])
+def test_bare_newline_anywhere_refused(relay: Relay, bare: bytes) -> None:
+    with Raw(relay.port) as raw:
+        raw.envelope()
+        raw.cmd(b"DATA")
+        raw.send(b"Subject: x\r\n\r\nline one" + bare + b"line two\r\n.\r\n")
+        assert raw.reply()[-1].startswith("550 5.6.11 ")
+    assert relay.process.calls == []
+
+
+# --- replies from the pipeline ---------------------------------------------------
+
+
+def test_rejected_by_process_gives_its_exact_reply() -> None:
+    refusal = Rejected(550, "5.7.1", "Sender not known to this relay: x@nowhere.example")
+    with Relay([listener()], Recorder(error=refusal)) as relay, Raw(relay.port) as raw:
+        raw.envelope()
+        raw.cmd(b"DATA")
+        assert raw.cmd(MESSAGE + b".") == refusal.line
+
+
+def test_unexpected_error_in_process_is_451_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="relay")
+    with (
+        Relay([listener()], Recorder(error=RuntimeError("boom"))) as relay,
+        smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client,
+    ):
+        client.ehlo()
+        client.mail("erp@acme.example")
+        client.rcpt("one@example.org")
+        code, reply = client.data(MESSAGE)
+        assert (code, reply) == (451, b"4.3.0 Local error, try again later")
+        assert client.noop()[0] == 250
+    failed = [r for r in caplog.records if r.name == "relay" and r.exc_info]
+    assert failed and "RuntimeError: boom" in caplog.text
+
+
+@pytest.mark.parametrize("reply", ["", "ok", "250 fine\r\n250 injected", None])
+def test_unusable_reply_from_process_is_451(reply: str) -> None:
+    with Relay([listener()], Recorder(reply=reply)) as relay, Raw(relay.port) as raw:
+        raw.envelope()
+        raw.cmd(b"DATA")
+        assert raw.cmd(MESSAGE + b".") == "451 4.3.0 Local error, try again later"
+        assert raw.cmd(b"NOOP") == "250 OK"
+
+
+# --- AUTH ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_swaks_auth_success(relay: Relay, mechanism: str) -> None:
+    done = swaks(
+        relay.port,
+        "--auth", mechanism, "--auth-user", "erp-acme", "--auth-password", "demo-password",
+        "--from", "jan@acme.example", "--to", "customer@example.org",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "235 2.7.0 Authentication successful" in done.stdout
+    assert relay.process.submissions[0].auth_login == "erp-acme"
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_swaks_auth_failure(relay: Relay, mechanism: str) -> None:
+    done = swaks(
+        relay.port,
+        "--auth", mechanism, "--auth-user", "erp-acme", "--auth-password", "wrong",
+        "--from", "jan@acme.example", "--to", "customer@example.org",
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "535 5.7.8 Authentication credentials invalid" in done.stdout
+    assert relay.process.calls == []
+
+
+@pytest.mark.parametrize(
+    ("login", "password"),
+    [("erp-acme", "wrong"), ("nobody", "demo-password"), ("erp-acme", "")],
+)
+def test_auth_failure_smtplib(relay: Relay, login: str, password: str) -> None:
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+            client.login(login, password)
+        assert failed.value.smtp_code == 535
+
+
+def test_auth_plain_with_foreign_authzid_refused(relay: Relay) -> None:
+    blob = base64.b64encode(b"someone-else\0erp-acme\0demo-password")
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"AUTH PLAIN " + blob).startswith("535 ")
+        same = base64.b64encode(b"erp-acme\0erp-acme\0demo-password")
+        assert raw.cmd(b"AUTH PLAIN " + same).startswith("235 ")
+
+
+@pytest.mark.parametrize(
+    "command", [b"AUTH PLAIN !!!", b"AUTH PLAIN " + base64.b64encode(b"no-separators")]
+)
+def test_auth_garbage_gets_501(relay: Relay, command: bytes) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(command).startswith("501 5.5.2 ")
+        assert raw.cmd(b"NOOP") == "250 OK"
+
+
+def test_auth_attempts_per_connection_are_limited(relay: Relay) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        for _ in range(10):
+            assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "x").encode()).startswith("535")
+        assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "x").encode()).startswith("421")
+
+
+def test_auth_required_refuses_mail_before_auth() -> None:
+    with Relay([listener(auth=AuthMode.REQUIRED)]) as relay:
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            assert raw.cmd(b"MAIL FROM:<erp@acme.example>") == "530 5.7.0 Authentication required"
+            assert raw.cmd(b"RCPT TO:<one@example.org>") == "530 5.7.0 Authentication required"
+            assert raw.cmd(b"DATA") == "530 5.7.0 Authentication required"
+            assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()).startswith(
+                "235"
+            )
+            assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        done = swaks(
+            relay.port,
+            "--auth", "LOGIN", "--auth-user", "erp-acme", "--auth-password", "demo-password",
+            "--from", "jan@acme.example", "--to", "customer@example.org",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout
+    assert relay.process.submissions[0].auth_login == "erp-acme"
+
+
+def test_auth_off_is_not_offered() -> None:
+    with Relay([listener(auth=AuthMode.OFF)]) as relay, Raw(relay.port) as raw:
+        assert not any("AUTH" in line for line in raw.ehlo())
+        reply = raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode())
+        assert reply.startswith("504 ")
+
+
+def test_loopback_decision() -> None:
+    assert listen.loopback_only("127.0.0.1")
+    assert listen.loopback_only("127.0.0.2")
+    assert listen.loopback_only("::1")
+    assert not listen.loopback_only("0.0.0.0")
+    assert not listen.loopback_only("::")
+    assert not listen.loopback_only("")
+    assert not listen.loopback_only("192.0.2.10")
+    assert not listen.loopback_only("2001:db8::1")
+    assert not listen.loopback_only("no-such-host.invalid")
+
+
+@pytest.fixture
+def not_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Treat the 127.0.0.1 test listener as if it were on a public address."""
+    monkeypatch.setattr(listen, "loopback_only", lambda address: False)
+
+
+@pytest.fixture
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    certs = make_certs(tmp_path_factory.mktemp("tls"))
+    return TlsFiles(certs.cert, certs.key)
+
+
+@pytest.mark.usefixtures("not_loopback")
+def test_auth_refused_before_starttls_off_loopback(tls_files: TlsFiles) -> None:
+    with Relay([listener(tls=tls_files)]) as relay, Raw(relay.port) as raw:
+        lines = raw.ehlo()
+        assert "250-STARTTLS" in lines
+        assert not any("AUTH" in line for line in lines)
+        reply = raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode())
+        assert reply.startswith("538 5.7.11 ")
+
+
+@pytest.mark.usefixtures("not_loopback")
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_swaks_starttls_then_auth(tls_files: TlsFiles, mechanism: str) -> None:
+    with Relay([listener(tls=tls_files, auth=AuthMode.REQUIRED)]) as relay:
+        done = swaks(
+            relay.port, "--tls",
+            "--auth", mechanism, "--auth-user", "erp-acme", "--auth-password", "demo-password",
+            "--from", "jan@acme.example", "--to", "customer@example.org",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "220 Ready to start TLS" in done.stdout
+    assert relay.process.submissions[0].auth_login == "erp-acme"
+
+
+@pytest.mark.usefixtures("not_loopback")
+def test_without_tls_configured_auth_is_never_offered_off_loopback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with Relay([listener(auth=AuthMode.REQUIRED)]) as relay, Raw(relay.port) as raw:
+        assert not any("AUTH" in line or "STARTTLS" in line for line in raw.ehlo())
+    assert "no client can log in" in caplog.text
+
+
+# --- timeouts and shutdown -------------------------------------------------------
+
+
+def test_idle_connection_is_closed() -> None:
+    with Relay([listener(idle_timeout=0.3)]) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        started = time.monotonic()
+        assert raw.closed()
+        assert time.monotonic() - started < 5
+
+
+def test_slow_upload_is_not_idle() -> None:
+    with Relay([listener(idle_timeout=0.5)]) as relay, Raw(relay.port) as raw:
+        raw.envelope()
+        raw.cmd(b"DATA")
+        for n in range(8):  # 1.6 s in all, but never 0.5 s without a byte
+            raw.send(b"X-Line: %d\r\n" % n)
+            time.sleep(0.2)
+        assert raw.cmd(b"\r\nbody\r\n.").startswith("250")
+
+
+def test_slow_processing_is_not_idle() -> None:
+    with Relay([listener(idle_timeout=0.3)], Recorder(delay=1.0)) as relay, Raw(relay.port) as raw:
+        raw.envelope()
+        raw.cmd(b"DATA")
+        assert raw.cmd(MESSAGE + b".").startswith("250")
+        assert raw.cmd(b"NOOP") == "250 OK"
+
+
+def test_close_lets_a_transaction_finish_and_says_421_to_idle_clients() -> None:
+    with Relay([listener()], Recorder(delay=1.0)) as relay:
+        port = relay.port
+        with Raw(port) as idle, Raw(port) as busy:
+            idle.ehlo()
+            busy.envelope()
+            busy.cmd(b"DATA")
+            busy.send(MESSAGE + b".\r\n")
+            time.sleep(0.2)  # the message is being processed
+            assert relay.ingress is not None
+            closing = asyncio.run_coroutine_threadsafe(relay.ingress.close(5), relay.loop)
+            assert idle.reply() == ["421 4.3.2 Service shutting down, try again later"]
+            assert idle.closed()
+            assert busy.reply()[-1].startswith("250 2.0.0")
+            assert busy.reply() == ["421 4.3.2 Service shutting down, try again later"]
+            assert busy.closed()
+            closing.result(10)
+            relay.ingress = None
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_client_leaving_during_processing_does_not_cut_delivery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="relay")
+    with Relay([listener()], Recorder(delay=0.5)) as relay:
+        with Raw(relay.port) as raw:
+            raw.envelope()
+            raw.cmd(b"DATA")
+            raw.send(MESSAGE + b".\r\n")
+            time.sleep(0.1)
+        assert relay.process.finished.wait(5)
+        deadline = time.monotonic() + 5
+        while "left before the reply" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert "it would have been: 250 2.0.0 Ok: queued as TEST" in caplog.text
+
+
+# --- the content rules on their own ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"", None),
+        (b"\r\n", None),
+        (b"a\r\nb\r\n", None),
+        (b"x" * 998 + b"\r\n", None),
+        (b"a\rb\r\n", 550),
+        (b"a\nb\r\n", 550),
+        (b"a\r\r\n", 550),
+        (b"a\r\n\n", 550),
+        (b"a\n\r", 550),
+        (b"a\x00b\r\n", 554),
+        (b"x" * 999 + b"\r\n", 500),
+        (b"ok\r\n" + b"x" * 999, 500),
+    ],
+)
+def test_content_rules(data: bytes, code: int | None) -> None:
+    found = content.refusal(data)
+    assert (found.code if found else None) == code
+
+
+def test_content_rules_are_fast_on_a_big_message() -> None:
+    data = (b"A" * 76 + b"\r\n") * 330_000  # 25 MB of base64
+    started = time.monotonic()
+    assert content.refusal(data) is None
+    assert time.monotonic() - started < 1.0

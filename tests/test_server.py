@@ -1,0 +1,201 @@
+"""``relay serve`` as a real process (uvloop, signals), with a stand-in pipeline.
+
+The stand-in answers with the tenant's name from the policy it was given,
+so the tests can see which policy a message met.
+"""
+
+from __future__ import annotations
+
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.certs import make_certs
+from tests.ingress_harness import swaks
+
+LAUNCH = """
+import asyncio, os, sys, types
+fake = types.ModuleType("relay.pipeline")
+async def process(policy, submission):
+    await asyncio.sleep(float(os.environ.get("FAKE_DELAY", "0")))
+    return "250 2.0.0 via " + policy.tenants["acme"].name.replace(" ", "_")
+fake.process = process
+sys.modules["relay.pipeline"] = fake
+from relay.server import run
+sys.exit(run(sys.argv[1]))
+"""
+MESSAGE = b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: x\r\n\r\nx\r\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Daemon:
+    def __init__(self, policy: Path, log: Path, delay: float = 0.0) -> None:
+        self.log_path = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", LAUNCH, str(policy)],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("wb"),
+            env={"FAKE_DELAY": str(delay), "PATH": "/usr/bin:/bin"},
+            cwd=Path(__file__).parent.parent,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"condition not reached; log:\n{self.log()}")
+
+    def wait_log(self, text: str) -> None:
+        self.wait_for(lambda: text in self.log())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def policy(policy_file: Path, port: int) -> Path:
+    policy_file.write_text(policy_file.read_text().replace("port: 2525", f"port: {port}"))
+    return policy_file
+
+
+@pytest.fixture
+def daemon(policy: Path, tmp_path: Path) -> Iterator[Daemon]:
+    running = Daemon(policy, tmp_path / "relay.log")
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def send(port: int) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        client.ehlo()
+        client.mail("jan@acme.example")
+        client.rcpt("one@example.org")
+        return client.data(MESSAGE)
+
+
+def test_serves_logs_and_stops_cleanly(daemon: Daemon, port: int) -> None:
+    daemon.wait_log(f"listening on 127.0.0.1:{port} (listener local)")
+    assert send(port) == (250, b"2.0.0 via Acme_AS")
+    assert daemon.stop() == 0
+    log = daemon.log()
+    assert " relay[" in log and " INFO stopped" in log
+    assert "Traceback" not in log
+    assert ">> b'MAIL" not in log  # aiosmtpd's per-command chatter stays out
+
+
+def test_reload_keeps_old_policy_on_error_and_swaks_on_good_one(
+    daemon: Daemon, policy: Path, port: int
+) -> None:
+    daemon.wait_log("listening on")
+    good = policy.read_text()
+    policy.write_text(good.replace("name: Acme AS", "name: Acme AS\n    bogus: 1"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log("reload failed: keeping policy")
+    assert "bogus" in daemon.log()
+    assert send(port) == (250, b"2.0.0 via Acme_AS")
+
+    policy.write_text(good.replace("name: Acme AS", "name: Acme Norge AS"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log("policy reloaded")
+    assert send(port) == (250, b"2.0.0 via Acme_Norge_AS")
+    assert "restart" not in daemon.log()
+
+    policy.write_text(good.replace("auth: optional", "auth: required"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_for(lambda: daemon.log().count("policy reloaded") == 2)
+    daemon.wait_log("listener settings changed (local): they take effect after a restart")
+    assert send(port)[0] == 250  # still the listener as started: auth optional
+
+
+def test_sigterm_lets_the_transaction_in_progress_finish(policy: Path, tmp_path: Path) -> None:
+    port = int(policy.read_text().split("port: ", 1)[1].split()[0])
+    running = Daemon(policy, tmp_path / "relay.log", delay=1.5)
+    try:
+        running.wait_log("listening on")
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+            client.ehlo()
+            client.mail("jan@acme.example")
+            client.rcpt("one@example.org")
+            client.putcmd("data")
+            assert client.getreply()[0] == 354
+            client.send(MESSAGE + b".\r\n")
+            time.sleep(0.3)
+            running.proc.send_signal(signal.SIGTERM)
+            assert client.getreply() == (250, b"2.0.0 via Acme_AS")
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        assert running.proc.wait(15) == 0
+    finally:
+        running.stop()
+
+
+def test_starttls_and_auth_under_uvloop(policy: Path, tmp_path: Path) -> None:
+    port = int(policy.read_text().split("port: ", 1)[1].split()[0])
+    certs = make_certs(tmp_path / "tls")
+    text = policy.read_text().replace(
+        "    auth: optional\n",
+        f"    auth: required\n    tls: {{cert: {certs.cert}, key: {certs.key}}}\n",
+    )
+    policy.write_text(text)
+    running = Daemon(policy, tmp_path / "relay.log")
+    try:
+        running.wait_log("listening on")
+        done = swaks(
+            port, "--tls",
+            "--auth", "PLAIN", "--auth-user", "erp-acme", "--auth-password", "demo-password",
+            "--from", "jan@acme.example", "--to", "customer@example.org",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + running.log()
+        assert "250 2.0.0 via Acme_AS" in done.stdout
+    finally:
+        assert running.stop() == 0
+
+
+def test_invalid_policy_does_not_start(policy: Path, tmp_path: Path) -> None:
+    policy.write_text(policy.read_text().replace("name: Acme AS", "name: Acme AS\n    bogus: 1"))
+    running = Daemon(policy, tmp_path / "relay.log")
+    assert running.proc.wait(20) == 78
+    assert "bogus" in running.log()
+
+
+def test_port_in_use_does_not_start(policy: Path, tmp_path: Path) -> None:
+    port = int(policy.read_text().split("port: ", 1)[1].split()[0])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        running = Daemon(policy, tmp_path / "relay.log")
+        assert running.proc.wait(20) == 71
+    assert "cannot listen" in running.log()
