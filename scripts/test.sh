@@ -7,6 +7,7 @@ need=""
 command -v swaks >/dev/null || need="$need swaks"
 command -v opendkim >/dev/null || need="$need opendkim"
 command -v opendkim-genkey >/dev/null || need="$need opendkim-tools"
+command -v jq >/dev/null || need="$need jq"
 if [ -n "$need" ]; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"

@@ -1,0 +1,272 @@
+"""The hash chain: how a record is sealed, and how the whole log is checked.
+
+Each record's ``hash`` covers its own content and, through ``prev``, every
+record before it, so changing, removing, inserting or reordering any line
+breaks the chain from that point on. Plain SHA-256 catches accidents and
+clumsy edits; someone who can rewrite the files can also recompute a plain
+chain, which is what the optional HMAC key (kept off the log's disk) stops.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import hmac
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from relay.audit import reader
+
+GENESIS = "erp-relay audit log v1"
+GENESIS_HASH = hashlib.sha256(GENESIS.encode()).hexdigest()
+
+
+def canonical(record: dict[str, Any]) -> str:
+    """Compact JSON in the record's own key order, UTF-8 kept as is."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def digest(prev: str, body: str, key: bytes | None = None) -> str:
+    """``body`` is the canonical JSON of the record without ``hash``."""
+    data = f"{prev}\n{body}".encode()
+    if key is None:
+        return hashlib.sha256(data).hexdigest()
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def seal(record: dict[str, Any], key: bytes | None = None) -> tuple[str, str]:
+    """The stored line (without its newline) and hash of a record ending in ``prev``."""
+    body = canonical(record)
+    value = digest(record["prev"], body, key)
+    return f'{body[:-1]},"hash":"{value}"}}', value
+
+
+def load_key(path: Path) -> bytes:
+    """The HMAC key as the policy reads it: the file's bytes, surrounding whitespace removed."""
+    return path.read_bytes().strip()
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file} line {self.line}: {self.message}"
+
+
+@dataclass
+class VerifyResult:
+    files: int = 0
+    records: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    head: str | None = None  # hash of the newest record: write it down to anchor the log
+    problem: Problem | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+class _Lines:
+    """Numbered lines of one file with a one-line look-ahead for diagnosis."""
+
+    def __init__(self, file: reader.DayFile) -> None:
+        self.name = file.name
+        self._it: Iterator[bytes] = reader.lines(file)
+        self._next: bytes | None = None
+        self.number = 0
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._next is not None:
+            line, self._next = self._next, None
+        else:
+            line = self._read()
+        self.number += 1
+        return line
+
+    def peek(self) -> dict[str, Any] | None:
+        if self._next is None:
+            try:
+                self._next = self._read()
+            except StopIteration:
+                return None
+        return reader.parse(self._next)
+
+    def _read(self) -> bytes:
+        try:
+            return next(self._it)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            problem = Problem(self.name, self.number + 1, f"the compressed file is damaged: {exc}")
+            raise _Tampered(problem) from exc
+
+
+class _Tampered(Exception):
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+
+
+def verify(
+    directory: Path, hmac_key: bytes | None = None, since: date | None = None
+) -> VerifyResult:
+    """Check every file from ``since`` (or the start) on; stop at the first problem.
+
+    Raises OSError when the directory or a file cannot be read at all: that
+    is a question for the sysadmin, not evidence of tampering.
+    """
+    result = VerifyResult()
+    verifier = _Verifier(result, hmac_key)
+    try:
+        for file in reader.day_files(directory, since=since):
+            result.files += 1
+            verifier.file(file)
+        verifier.finish(since)
+    except _Tampered as exc:
+        result.problem = exc.problem
+    if result.records == 0 and result.problem is None:
+        result.notes.append("the log is empty: no records to verify")
+    return result
+
+
+def _span(first: int, last: int) -> str:
+    return f"record {first}" if first == last else f"records {first}..{last}"
+
+
+class _Verifier:
+    def __init__(self, result: VerifyResult, key: bytes | None) -> None:
+        self.r = result
+        self.key = key
+        self.last: dict[str, Any] | None = None
+        self.before_last: str | None = None  # hash of the record before ``last``
+        self.last_file = ""
+        self.last_line = 0
+        self.start: tuple[str, int, str] | None = None  # file, seq, prev of an unproven start
+        self.pruned: dict[tuple[Any, Any], dict[str, Any]] = {}
+
+    def file(self, file: reader.DayFile) -> None:
+        lines = _Lines(file)
+        for raw in lines:
+            record = self.record(lines, raw)
+            self.link(lines, record)
+            self.r.records += 1
+            if record["event"] == "pruned":
+                self.pruned[(record.get("through_seq"), record.get("through_hash"))] = record
+            self.before_last = self.last["hash"] if self.last else None
+            self.last, self.last_file, self.last_line = record, file.name, lines.number
+            self.r.last_seq, self.r.head = record["seq"], record["hash"]
+            if self.r.first_seq is None:
+                self.r.first_seq = record["seq"]
+
+    def record(self, lines: _Lines, raw: bytes) -> dict[str, Any]:
+        def fail(message: str) -> _Tampered:
+            return _Tampered(Problem(lines.name, lines.number, message))
+
+        if not raw.endswith(b"\n"):
+            raise fail("truncated record: the file ends in the middle of a line")
+        record = reader.parse(raw)
+        if record is None:
+            raise fail("not a valid audit record (broken JSON or a cut-off line)")
+        stored = record.pop("hash", None)
+        if not (
+            isinstance(stored, str)
+            and isinstance(record.get("seq"), int)
+            and isinstance(record.get("prev"), str)
+            and "event" in record
+        ):
+            raise fail("not an audit record (seq, event, prev or hash missing)")
+        line, expected = seal(record, self.key)
+        seq = record["seq"]
+        if line.encode() + b"\n" == raw and stored == expected:
+            record["hash"] = stored
+            return record
+        ahead = lines.peek()
+        if self.last and ahead and ahead.get("prev") == self.last["hash"]:
+            raise fail(f"this line (seq {seq}) was inserted: it is forged, its hash is wrong")
+        if self.last is None:
+            raise fail(
+                f"record seq {seq} was changed: its hash does not match its content"
+                " (or the log was written with a different HMAC key, or without one)"
+            )
+        raise fail(f"record seq {seq} was changed: its hash does not match its content")
+
+    def link(self, lines: _Lines, record: dict[str, Any]) -> None:
+        seq, prev, number = record["seq"], record["prev"], lines.number
+
+        def fail(message: str) -> _Tampered:
+            return _Tampered(Problem(lines.name, number, message))
+
+        if self.last is None:
+            if seq == 1 and prev != GENESIS_HASH:
+                raise fail("seq 1 does not start from the genesis hash: the start was replaced")
+            if seq != 1:
+                self.start = (lines.name, seq, prev)
+            return
+        last_seq = self.last["seq"]
+        if seq == last_seq + 1:
+            if prev != self.last["hash"]:
+                raise fail(
+                    f"record seq {seq} does not chain to the record before it"
+                    f" ({self.last_file} line {self.last_line}): one of them was replaced"
+                )
+            return
+        if seq > last_seq + 1:
+            gap = _span(last_seq + 1, seq - 1)
+            if number == 1:
+                raise fail(
+                    f"{gap} missing between {self.last_file} and {lines.name}"
+                    " (a file removed, or its end cut off)"
+                )
+            ahead = lines.peek()
+            if ahead and ahead.get("seq") == last_seq + 1:
+                raise fail(
+                    f"lines {number} and {number + 1} are out of order"
+                    f" (seq {seq} comes before seq {last_seq + 1})"
+                )
+            raise fail(f"{gap} missing before this line (deleted)")
+        if seq == last_seq and prev == self.before_last:
+            raise fail(
+                f"line {self.last_line} of {self.last_file} (seq {seq}) was inserted:"
+                " this line chains to the record before it"
+            )
+        raise fail(
+            f"record seq {seq} follows seq {last_seq}: a line was inserted, copied or moved here"
+        )
+
+    def finish(self, since: date | None) -> None:
+        if self.last is not None and self.start is None:
+            self.r.notes.append("the chain starts at its genesis (seq 1)")
+        if self.start is None:
+            return
+        name, seq, prev = self.start
+        if since is not None:
+            self.r.notes.append(
+                f"verified from --since {since}: starts at seq {seq} in {name};"
+                " earlier records not checked"
+            )
+            return
+        pruned = self.pruned.get((seq - 1, prev))
+        if pruned is not None:
+            self.r.notes.append(
+                f"starts after retention at seq {seq} in {name}: {_span(1, seq - 1)} were"
+                f" deleted by retention (older than {pruned.get('retention_days')} days)"
+                f" at {pruned['time']}"
+            )
+            return
+        problem = Problem(
+            name,
+            1,
+            f"the chain starts at seq {seq}: {_span(1, seq - 1)} missing before it"
+            " and no retention record explains it",
+        )
+        raise _Tampered(problem)

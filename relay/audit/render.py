@@ -1,0 +1,232 @@
+"""Output for people (aligned tables, a message's story) and for tools (JSON lines, CSV).
+
+Text output replaces control characters: recipients, subjects and upstream
+replies come from outside, and an escape sequence must not reach an
+auditor's terminal. JSON lines are the stored records exactly as written;
+CSV keeps every field, one column each, so spreadsheets get the full record.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TextIO
+
+from relay.audit import events
+from relay.audit.chain import canonical
+from relay.audit.search import REPORT_COLUMNS, recipients_of
+
+TABLE_COLUMNS = ("time", "event", "queue_id", "tenant", "user", "doc_type", "recipient", "reply")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NESTED = {"dkim": ("domain", "selector"), "suppression": ("reason", "since")}
+
+
+def _csv_columns() -> tuple[str, ...]:
+    names: list[str] = []
+    for spec in events.SCHEMA.values():
+        for name, _ in spec:
+            if name in _NESTED and name != "dkim":
+                names += [
+                    f"{name}.{part}" for part in _NESTED[name] if f"{name}.{part}" not in names
+                ]
+            elif name not in names:
+                names.append(name)
+    return (*events.HEAD, *names, *events.TAIL)
+
+
+CSV_COLUMNS = _csv_columns()
+
+
+def _safe(value: Any) -> str:
+    if value is None:
+        return "-"
+    return _CONTROL.sub("?", str(value))
+
+
+def csv_row(record: dict[str, Any]) -> dict[str, str]:
+    """Lists joined with spaces, DKIM keys as domain/selector, nested fields flattened."""
+    row = {}
+    for key, value in record.items():
+        if key == "dkim":
+            row[key] = " ".join(f"{k['domain']}/{k['selector']}" for k in value)
+        elif isinstance(value, dict):
+            row.update({f"{key}.{part}": _plain(v) for part, v in value.items()})
+        else:
+            row[key] = _plain(value)
+    return row
+
+
+def _plain(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def write_csv(records: Iterable[dict[str, Any]], out: TextIO) -> int:
+    writer = csv.DictWriter(out, CSV_COLUMNS, extrasaction="ignore", lineterminator="\r\n")
+    writer.writeheader()
+    count = 0
+    for record in records:
+        writer.writerow(csv_row(record))
+        count += 1
+    return count
+
+
+def write_jsonl(records: Iterable[dict[str, Any]], out: TextIO) -> int:
+    count = 0
+    for record in records:
+        out.write(canonical(record) + "\n")
+        count += 1
+    return count
+
+
+def table_row(
+    record: dict[str, Any], owners: Mapping[str, dict[str, Any]] | None = None
+) -> list[str]:
+    """``owners`` (queue ID to ``received`` record) fills in tenant, user and type."""
+    reply = record.get("reply")
+    if reply is None and record.get("event") == "bounced":
+        reply = f"{record.get('dsn_status')} {record.get('diagnostic') or ''}".strip()
+    cells = {**record, "recipient": " ".join(recipients_of(record)) or None, "reply": reply}
+    owner = (owners or {}).get(record.get("queue_id") or "")
+    if owner is not None and "tenant" not in record:
+        cells.update({k: owner.get(k) for k in ("tenant", "user", "doc_type")})
+    return [_safe(cells.get(c)) for c in TABLE_COLUMNS]
+
+
+def write_table(
+    records: Iterable[dict[str, Any]],
+    out: TextIO,
+    owners: Callable[[set[str]], Mapping[str, dict[str, Any]]] | None = None,
+) -> int:
+    """Aligned columns; ``owners`` looks up the messages of events that lack their tenant."""
+    records = list(records)
+    missing = {r["queue_id"] for r in records if r.get("queue_id") and "tenant" not in r}
+    found = owners(missing) if owners and missing else {}
+    rows = [table_row(r, found) for r in records]
+    _aligned([list(TABLE_COLUMNS), *rows], out)
+    return len(rows)
+
+
+def _aligned(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
+        out.write("  ".join([*cells, row[-1]]).rstrip() + "\n")
+
+
+def write_records(
+    records: Iterable[dict[str, Any]],
+    out: TextIO,
+    output: str,
+    owners: Callable[[set[str]], Mapping[str, dict[str, Any]]] | None = None,
+) -> int:
+    """In the named format (table, json, csv); how many records were written."""
+    if output == "table":
+        return write_table(records, out, owners)
+    return write_csv(records, out) if output == "csv" else write_jsonl(records, out)
+
+
+def timeline(records: Sequence[dict[str, Any]]) -> str:
+    """A message's story: what was received and changed, then each recipient's fate."""
+    lines: list[str] = []
+    per_recipient: dict[str, list[str]] = {}
+    for r in records:
+        when, event = r.get("time"), r.get("event")
+        if event == "received":
+            lines += _received(r)
+        elif event in (
+            "delivered",
+            "deferred",
+            "failed",
+            "expired",
+            "suppressed",
+            "bounced",
+            "complained",
+        ):
+            per_recipient.setdefault(_safe(r.get("recipient")), []).append(
+                f"    {when}  {event:<10} {_outcome(r)}".rstrip()
+            )
+        elif event == "queued":
+            lines.append(
+                f"{when}  queued for {len(r.get('recipients') or [])} recipient(s),"
+                f" {r.get('size')} bytes (queue ID {_safe(r.get('queue_id'))})"
+            )
+        elif event == "deleted":
+            gone = " ".join(r.get("recipients") or [])
+            lines.append(f"{when}  deleted by {_safe(r.get('by'))}: {_safe(gone)}")
+        elif event == "rejected":
+            lines.append(
+                f"{when}  rejected from {_safe(r.get('client_address'))}: {_safe(r.get('reply'))}"
+            )
+        else:
+            lines.append(f"{when}  {_safe(event)}")
+    if per_recipient:
+        lines.append("Recipients:")
+        for address, steps in per_recipient.items():
+            lines.append(f"  {address}")
+            lines += steps
+    return "\n".join(lines) + "\n"
+
+
+def _received(r: dict[str, Any]) -> list[str]:
+    dkim = ", ".join(f"{k['domain']}/{k['selector']}" for k in r.get("dkim") or []) or "not signed"
+    lines = [
+        f"Message {_safe(r.get('message_id'))}, queue ID {_safe(r.get('queue_id'))}",
+        f"{r.get('time')}  received from {_safe(r.get('client_address'))}"
+        f" (login {_safe(r.get('auth_login'))}, listener {_safe(r.get('listener'))})",
+        f"    tenant {_safe(r.get('tenant'))}, user {_safe(r.get('user'))},"
+        f" document {_safe(r.get('doc_type'))} (rule {_safe(r.get('rule'))})",
+        f"    envelope <{_safe(r.get('mail_from'))}> to "
+        + ", ".join(f"<{_safe(a)}>" for a in r.get("rcpt_tos") or []),
+    ]
+    if "subject" in r:
+        lines.append(f"    subject   {_safe(r['subject'])}")
+    lines += [
+        f"    From      {_safe(r.get('from_before'))} -> {_safe(r.get('from_after'))}",
+        f"    Reply-To  {_safe(r.get('reply_to_before'))} -> "
+        + (_safe(r["reply_to_after"]) if r.get("reply_to_after") else "(kept)"),
+        f"    BCC added {_safe(', '.join(r.get('bcc_added') or [])) or '(none)'}",
+        f"    DKIM      {_safe(dkim)}",
+        f"    upstream  {_safe(r.get('upstream'))}, {r.get('size')} bytes,"
+        f" policy {_safe(str(r.get('policy_version'))[:12])}",
+    ]
+    return lines
+
+
+def _outcome(r: dict[str, Any]) -> str:
+    event = r.get("event")
+    if event == "delivered":
+        return (
+            f"{_safe(r.get('reply'))} (via {_safe(r.get('upstream'))}, attempt {r.get('attempts')})"
+        )
+    if event == "deferred":
+        return f"{_safe(r.get('reply'))} (next attempt {_safe(r.get('next_attempt'))})"
+    if event == "suppressed":
+        s = r.get("suppression") or {}
+        return f"suppressed: {_safe(s.get('reason'))} since {_safe(s.get('since'))}"
+    if event == "bounced":
+        return f"{_safe(r.get('dsn_status'))} {_safe(r.get('diagnostic'))}"
+    if event == "complained":
+        return f"feedback type {_safe(r.get('feedback_type'))}"
+    return _safe(r.get("reply")) if "reply" in r else ""
+
+
+def write_report(rows: list[dict[str, Any]], out: TextIO, output: str) -> None:
+    if output == "json":
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return
+    if output == "csv":
+        writer = csv.DictWriter(out, REPORT_COLUMNS, lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    total = {"tenant": "TOTAL", "doc_type": ""}
+    total.update({c: sum(r[c] for r in rows) for c in REPORT_COLUMNS[2:]})
+    table = [[_safe(row[c]) for c in REPORT_COLUMNS] for row in [*rows, total]]
+    _aligned([list(REPORT_COLUMNS), *table], out)

@@ -1,0 +1,333 @@
+"""Finding records: filters, a message's timeline, and per-tenant reports.
+
+Only ``received`` names the tenant, user and document type; later events
+carry the queue ID. Filtering on those therefore joins on the queue ID: the
+scan starts ``lookback_days`` before ``since`` so a message received last
+month but bounced this week still counts, and in those early files only
+the ``received`` lines that mention the tenant are decoded.
+
+Speed comes from never decoding a line that cannot match: whole day files
+outside the window are skipped by name, and every line must contain the
+JSON text of each exact filter (``"event":"failed"``) before ``json.loads``
+sees it. The decoded record is then checked exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any
+
+from relay.audit import events, reader
+
+LOOKBACK_DAYS = 30
+_RECEIVED = b'"event":"received"'
+_RELATIVE = re.compile(r"(\d+)([dhm])")
+_HEAD = re.compile(rb'"time":"([^"]*)","event":"([a-z_]+)","queue_id":(?:"([^"\\]*)"|null)')
+_STRING = rb'"((?:[^"\\]|\\.)*)"'
+_OWNER = re.compile(
+    rb'"tenant":%s,"user":%s,"doc_type":%s' % (_STRING, rb'"(?:[^"\\]|\\.)*"', _STRING)
+)
+COUNTED = {
+    "delivered": "delivered",
+    "failed": "failed",
+    "expired": "expired",
+    "bounced": "bounced",
+    "suppressed": "suppressed",
+    "complained": "complaints",
+}
+REPORT_COLUMNS = ("tenant", "doc_type", "sent", *COUNTED.values())
+
+
+def parse_when(
+    text: str | date | None, *, end: bool = False, now: datetime | None = None
+) -> datetime | None:
+    """A point in time from the command line: a day, an ISO time, or ``7d``/``12h``/``30m`` ago.
+
+    A bare day given as the end of a range includes that whole day, which
+    is what ``--since 2024-05-01 --until 2024-05-07`` means to a person.
+    """
+    if text is None:
+        return None
+    if isinstance(text, datetime):
+        return text if text.tzinfo else text.replace(tzinfo=UTC)
+    if isinstance(text, date):
+        moment = datetime.combine(text, time(), UTC)
+        return moment + timedelta(days=1) if end else moment
+    relative = _RELATIVE.fullmatch(text.strip())
+    if relative:
+        unit = {"d": "days", "h": "hours", "m": "minutes"}[relative.group(2)]
+        return (now or datetime.now(UTC)) - timedelta(**{unit: int(relative.group(1))})
+    if len(text.strip()) == 10:
+        return parse_when(date.fromisoformat(text.strip()), end=end)
+    return parse_when(datetime.fromisoformat(text.strip().replace("Z", "+00:00")))
+
+
+@dataclass(frozen=True)
+class _Window:
+    since: str
+    until: str
+    first_day: date | None
+    last_day: date | None
+
+    @classmethod
+    def of(cls, since: str | date | None, until: str | date | None) -> _Window:
+        start, stop = parse_when(since), parse_when(until, end=True)
+        last_day = None
+        if stop is not None:
+            last_day = (stop - timedelta(microseconds=1)).astimezone(UTC).date()
+        return cls(
+            events.timestamp(start) if start else "",
+            events.timestamp(stop) if stop else "~",
+            start.astimezone(UTC).date() if start else None,
+            last_day,
+        )
+
+    def contains(self, record: dict[str, Any]) -> bool:
+        return self.since <= str(record.get("time")) < self.until
+
+
+def _text(value: str) -> bytes:
+    """How a string appears inside the stored JSON, without its quotes."""
+    return json.dumps(value, ensure_ascii=False)[1:-1].encode()
+
+
+def recipients_of(record: dict[str, Any]) -> list[str]:
+    for key in ("recipient", "rcpt_tos", "recipients"):
+        value = record.get(key)
+        if value is not None:
+            return [value] if isinstance(value, str) else list(value)
+    return []
+
+
+def search(
+    directory: Path,
+    since: str | date | None = None,
+    until: str | date | None = None,
+    tenant: str | None = None,
+    user: str | None = None,
+    recipient: str | None = None,
+    doc_type: str | None = None,
+    status: str | None = None,
+    message_id: str | None = None,
+    queue_id: str | None = None,
+    *,
+    lookback_days: int = LOOKBACK_DAYS,
+) -> Iterator[dict[str, Any]]:
+    """Records matching every given filter, in log order.
+
+    ``status`` is an event name; ``recipient`` (case-insensitive) matches
+    ``recipient``, ``rcpt_tos`` or ``recipients``; ``message_id`` matches
+    with or without angle brackets.
+    """
+    if status is not None and status not in events.SCHEMA:
+        raise ValueError(f"unknown status {status!r}: one of {', '.join(events.SCHEMA)}")
+    window = _Window.of(since, until)
+    join = {k: v for k, v in (("tenant", tenant), ("user", user), ("doc_type", doc_type)) if v}
+    joining = bool(join) and status != "received"
+    join_needles = [b'"%s":"%s"' % (k.encode(), _text(v)) for k, v in join.items()]
+    needles = []
+    if status is not None:
+        needles.append(b'"event":"%s"' % status.encode())
+    if queue_id is not None:
+        needles.append(b'"queue_id":"%s"' % _text(queue_id))
+    bare_id = message_id.strip().strip("<>") if message_id is not None else None
+    if bare_id is not None:
+        needles.append(_text(bare_id))
+    rcpt = recipient.strip().lower() if recipient is not None else None
+    rcpt_needle = _text(recipient.strip()).lower() if recipient is not None else b""
+
+    def matches(record: dict[str, Any]) -> bool:
+        return (
+            window.contains(record)
+            and (status is None or record.get("event") == status)
+            and (queue_id is None or record.get("queue_id") == queue_id)
+            and (bare_id is None or (record.get("message_id") or "").strip("<>") == bare_id)
+            and (rcpt is None or any(r.lower() == rcpt for r in recipients_of(record)))
+        )
+
+    # The rarest exact text drives the scan; the other filters check its lines.
+    if queue_id is not None or bare_id is not None:
+        driver: bytes | None = needles[1 if status is not None else 0]
+    elif rcpt is not None:
+        driver = rcpt_needle
+    elif join and not joining:
+        driver = join_needles[0]
+    else:
+        driver = needles[0] if needles else None
+    lowered = rcpt is not None and driver is rcpt_needle
+
+    wanted: set[str | None] = set()
+    first = window.first_day
+    if joining and first is not None:
+        first -= timedelta(days=lookback_days)
+    for file in reader.day_files(directory, first, window.last_day):
+        early = window.first_day is not None and file.day < window.first_day
+        for block in reader.chunks(file):
+            low = block.lower() if rcpt is not None else block
+            if early:
+                starts: list[int] | None = _starts(block, join_needles[0])
+            elif driver is None:
+                starts = None
+            else:
+                starts = _starts(low if lowered else block, driver)
+                if joining:
+                    starts = sorted({*starts, *_starts(block, join_needles[0])})
+            for start, line in _lines(block, starts):
+                if join and _RECEIVED in line and all(n in line for n in join_needles):
+                    record = _decode(line)
+                    if record is None or any(record.get(k) != v for k, v in join.items()):
+                        continue
+                    wanted.add(record.get("queue_id"))
+                    if not early and matches(record):
+                        yield record
+                    continue
+                if early or not all(n in line for n in needles):
+                    continue
+                if rcpt is not None and rcpt_needle not in low[start : start + len(line)]:
+                    continue
+                if joining:
+                    head = _HEAD.search(line)
+                    if head is None or (head.group(3) or b"").decode() not in wanted:
+                        continue
+                record = _decode(line)
+                if record is None or not matches(record):
+                    continue
+                if join and (
+                    record.get("event") == "received" or record.get("queue_id") not in wanted
+                ):
+                    continue
+                yield record
+
+
+def _starts(block: bytes, needle: bytes) -> list[int]:
+    """Where each line containing ``needle`` begins."""
+    found = []
+    position = block.find(needle)
+    while position >= 0:
+        found.append(block.rfind(b"\n", 0, position) + 1)
+        position = block.find(needle, block.index(b"\n", position))
+    return found
+
+
+def _lines(block: bytes, starts: list[int] | None) -> Iterator[tuple[int, bytes]]:
+    """The lines at ``starts`` (every line when None), without their newline."""
+    if starts is None:
+        start = 0
+        for line in block.split(b"\n")[:-1]:
+            yield start, line
+            start += len(line) + 1
+        return
+    for start in starts:
+        yield start, block[start : block.index(b"\n", start)]
+
+
+def _unescape(text: bytes) -> str:
+    return json.loads(b'"%s"' % text) if b"\\" in text else text.decode()
+
+
+def _decode(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def show(
+    directory: Path,
+    ident: str,
+    since: str | date | None = None,
+    until: str | date | None = None,
+) -> list[dict[str, Any]]:
+    """Every record of a message, by queue ID or Message-ID, in log order."""
+    bare = ident.strip().strip("<>")
+    if not bare:
+        return []
+    window = _Window.of(since, until)
+    needle = _text(bare)
+    found = []
+    for file in reader.day_files(directory, window.first_day, window.last_day):
+        for block in reader.chunks(file):
+            for _, line in _lines(block, _starts(block, needle)):
+                record = _decode(line)
+                if record is None or not window.contains(record):
+                    continue
+                message_id = (record.get("message_id") or "").strip("<>")
+                if bare in (record.get("queue_id"), message_id):
+                    found.append(record)
+    return found
+
+
+def owners(
+    directory: Path,
+    queue_ids: set[str],
+    since: str | date | None = None,
+    until: str | date | None = None,
+    *,
+    lookback_days: int = LOOKBACK_DAYS,
+) -> dict[str, dict[str, Any]]:
+    """The ``received`` record of each queue ID, for showing tenant, user and type beside
+    later events. Only ``received`` lines are looked at, and only decoded when wanted."""
+    window = _Window.of(since, until)
+    first = window.first_day - timedelta(days=lookback_days) if window.first_day else None
+    found: dict[str, dict[str, Any]] = {}
+    for file in reader.day_files(directory, first, window.last_day):
+        for block in reader.chunks(file):
+            for _, line in _lines(block, _starts(block, _RECEIVED)):
+                head = _HEAD.search(line)
+                if head is None or (head.group(3) or b"").decode() not in queue_ids:
+                    continue
+                record = _decode(line)
+                if record is not None:
+                    found[record["queue_id"]] = record
+    return found
+
+
+def report(
+    directory: Path,
+    since: str | date | None = None,
+    until: str | date | None = None,
+    *,
+    lookback_days: int = LOOKBACK_DAYS,
+) -> list[dict[str, Any]]:
+    """Counts per tenant and document type, one row each, sorted.
+
+    ``sent`` counts messages received in the window; the other columns
+    count per-recipient events in the window, attributed through their
+    queue ID to the message's tenant and type (``?`` when its ``received``
+    record is older than the look-back).
+    """
+    window = _Window.of(since, until)
+    first = window.first_day - timedelta(days=lookback_days) if window.first_day else None
+    owner: dict[str, tuple[str, str]] = {}
+    counts: dict[tuple[str, str], Counter[str]] = {}
+    for file in reader.day_files(directory, first, window.last_day):
+        early = window.first_day is not None and file.day < window.first_day
+        for block in reader.chunks(file):
+            for head in _HEAD.finditer(block):
+                event = head.group(2)
+                if event == b"received":
+                    owner_of = _OWNER.search(block, head.end(), block.index(b"\n", head.end()))
+                    if owner_of is None:
+                        continue
+                    key = (_unescape(owner_of.group(1)), _unescape(owner_of.group(2)))
+                    owner[(head.group(3) or b"").decode()] = key
+                    if not early and window.since <= head.group(1).decode() < window.until:
+                        counts.setdefault(key, Counter())["sent"] += 1
+                elif not early and event.decode() in COUNTED:
+                    if not window.since <= head.group(1).decode() < window.until:
+                        continue
+                    key = owner.get((head.group(3) or b"").decode(), ("?", "?"))
+                    counts.setdefault(key, Counter())[COUNTED[event.decode()]] += 1
+    rows = []
+    for (tenant, doc_type), counter in sorted(counts.items()):
+        row: dict[str, Any] = {"tenant": tenant, "doc_type": doc_type}
+        row.update({c: counter[c] for c in REPORT_COLUMNS[2:]})
+        rows.append(row)
+    return rows

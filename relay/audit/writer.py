@@ -1,0 +1,299 @@
+"""Appending to the audit log: one chained, fsynced write per call.
+
+The daemon answers 250 only after ``append`` returns, so a message the
+client believes accepted always has its record on disk. Several processes
+append (the daemon, and ``relay queue delete`` recording who deleted what),
+so the chain's tail is shared state: every append holds an exclusive
+``flock`` on ``.lock`` and re-reads the tail whenever another process may
+have written since (the open file grew, or the directory changed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from relay.audit import events, reader
+from relay.audit.chain import GENESIS_HASH, seal
+from relay.errors import RelayError
+
+log = logging.getLogger("relay.audit")
+
+
+class AuditError(RelayError):
+    """The audit record could not be made durable: answer 451, accept nothing."""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class AuditLog:
+    def __init__(
+        self,
+        directory: Path,
+        hmac_key: bytes | None = None,
+        compress_after_days: int | None = None,
+        retention_days: int | None = None,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.directory = Path(directory)
+        self.compress_after_days = compress_after_days
+        self.retention_days = retention_days
+        self._key = hmac_key
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._fd_day: date | None = None
+        self._size = 0  # of the open file after our last write
+        self._day: date | None = None  # of the newest file: never write to an older one
+        self._seq = 0
+        self._prev = GENESIS_HASH
+        self._stamp: int | None = None  # directory mtime when the tail was last read
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+            self._lock_fd = os.open(self.directory / ".lock", flags, 0o600)
+            with self._locked():
+                self._load()
+        except OSError as exc:
+            raise AuditError(f"audit log {self.directory}: {exc.strerror or exc}") from exc
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """Seq and hash of the last record this process knows of."""
+        return self._seq, self._prev
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.append_many([record])
+
+    def append_many(self, records: list[dict[str, Any]]) -> None:
+        """Write, flush and fsync all records as one write; raise AuditError on any failure.
+
+        On failure nothing is left half-written: the file is cut back to its
+        previous end, and the next call re-reads the tail from disk.
+        """
+        for record in records:
+            events.check(record)
+        if not records:
+            return
+        try:
+            with self._locked():
+                self._refresh()
+                now = self._clock()
+                day = max(now.astimezone(UTC).date(), self._day or date.min)
+                if self._fd is None or self._fd_day != day:
+                    self._open(day)
+                time = events.timestamp(now)
+                seq, prev, lines = self._seq, self._prev, []
+                for record in records:
+                    seq += 1
+                    line, prev = seal(
+                        {"v": events.VERSION, "seq": seq, "time": time, **record, "prev": prev},
+                        self._key,
+                    )
+                    lines.append(line)
+                data = ("\n".join(lines) + "\n").encode()
+                try:
+                    self._write(data)
+                except OSError:
+                    self._undo()
+                    raise
+                self._seq, self._prev, self._size = seq, prev, self._size + len(data)
+        except OSError as exc:
+            raise AuditError(f"audit log {self.directory}: {exc.strerror or exc}") from exc
+
+    def maintain(self, now: datetime | None = None) -> list[str]:
+        """Delete days past retention, then compress closed days; what was done.
+
+        Before deleting, a ``pruned`` record names the files and the seq and
+        hash of their last record, so verify can tell retention from
+        someone removing the log's beginning. The newest day is never touched.
+        """
+        today = (now or self._clock()).astimezone(UTC).date()
+        done: list[str] = []
+        try:
+            files = reader.day_files(self.directory)
+            if self.retention_days is not None and files:
+                cutoff = today - timedelta(days=self.retention_days)
+                doomed = [f for f in files[:-1] if f.day < cutoff]
+                done += self._prune(doomed)
+            if self.compress_after_days is not None:
+                files = reader.day_files(self.directory)
+                limit = today - timedelta(days=self.compress_after_days)
+                for file in files[:-1]:
+                    if not file.compressed and file.day <= limit:
+                        self._compress(file.path)
+                        done.append(f"compressed {file.name}")
+        except OSError as exc:
+            raise AuditError(f"audit log maintenance: {exc.strerror or exc}") from exc
+        return done
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._lock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _refresh(self) -> None:
+        """Re-read the tail if anyone else may have appended since our last write."""
+        info = os.stat(self.directory)
+        if not stat.S_ISDIR(info.st_mode):
+            raise NotADirectoryError(20, "Not a directory", str(self.directory))
+        grown = self._fd is not None and os.fstat(self._fd).st_size != self._size
+        if grown or info.st_mtime_ns != self._stamp:
+            self._load()
+
+    def _load(self) -> None:
+        self._stamp = None  # until the tail is known again
+        self._close()
+        self._seq, self._prev, self._day = 0, GENESIS_HASH, None
+        files = reader.day_files(self.directory)
+        if files:
+            newest = files[-1]
+            # A plain file beside a compressed one for the same day would hide it.
+            self._day = newest.day + timedelta(days=1) if newest.compressed else newest.day
+        for file in reversed(files):
+            line, torn = reader.last_line(file.path)
+            if torn and file is files[-1] and not file.compressed:
+                self._terminate(file.path)
+            if line is None:
+                continue
+            record = reader.parse(line)
+            if not (record and isinstance(record.get("seq"), int) and "hash" in record):
+                raise OSError(
+                    f"the last record of {file.name} is unreadable: run relay audit verify"
+                )
+            self._seq, self._prev = record["seq"], record["hash"]
+            break
+        self._stamp = os.stat(self.directory).st_mtime_ns
+
+    def _terminate(self, path: Path) -> None:
+        """Keep a torn last line (a crash mid-write) as evidence, but end it."""
+        log.warning("audit log %s ends in a torn line; terminating it", path.name)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _open(self, day: date) -> None:
+        self._close()
+        path = self.directory / reader.file_name(day)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        self._fd = os.open(path, flags, 0o640)
+        self._fd_day = self._day = day
+        self._size = os.fstat(self._fd).st_size
+        _fsync_directory(self.directory)  # the new file's name must survive a crash too
+        self._stamp = os.stat(self.directory).st_mtime_ns
+
+    def _write(self, data: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        os.fsync(self._fd)
+
+    def _undo(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+                os.fsync(self._fd)
+        self._close()
+        self._stamp = None
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd = self._fd_day = None
+
+    def _prune(self, doomed: list[reader.DayFile]) -> list[str]:
+        last = None
+        for file in reversed(doomed):
+            line, _ = reader.last_line(file.path)
+            last = reader.parse(line) if line else None
+            if last is not None:
+                break
+        if last is not None and self.retention_days is not None:
+            self.append(
+                events.pruned(
+                    files=[f.name for f in doomed],
+                    through_seq=last["seq"],
+                    through_hash=last["hash"],
+                    retention_days=self.retention_days,
+                )
+            )
+        for file in doomed:
+            for name in (reader.file_name(file.day), reader.file_name(file.day, True)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.directory / name)
+        if doomed:
+            _fsync_directory(self.directory)
+        return [f"deleted {f.name}" for f in doomed]
+
+    def _compress(self, path: Path) -> None:
+        """Write the .gz beside it, check it decompresses to the same bytes, then swap."""
+        target = path.with_name(path.name + ".gz")
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(path, "rb") as source, open(temporary, "wb") as raw:
+                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as packed:
+                    shutil.copyfileobj(source, packed, 1 << 20)
+                raw.flush()
+                os.fsync(raw.fileno())
+            with open(path, "rb") as original, gzip.open(temporary, "rb") as copy:
+                if _sha256(original) != _sha256(copy):
+                    raise OSError(f"compressing {path.name} did not round-trip")
+            os.replace(temporary, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        _fsync_directory(self.directory)
+        os.unlink(path)
+        _fsync_directory(self.directory)
+
+
+def _sha256(stream: Any) -> str:
+    digest = hashlib.sha256()
+    for block in iter(lambda: stream.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

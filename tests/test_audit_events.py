@@ -1,0 +1,151 @@
+"""The audit schema is a contract with auditors' scripts: pinned here, key by key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from relay.audit import AuditLog, events
+from tests.test_audit_fixture import ACME_INVOICE, Clock, build, read_all, received
+
+HEAD = ["v", "seq", "time", "event", "queue_id", "message_id"]
+TAIL = ["prev", "hash"]
+PINNED = {
+    "received": [
+        "client_address", "auth_login", "listener", "mail_from", "rcpt_tos", "size", "tenant",
+        "user", "doc_type", "rule", "from_before", "from_after", "reply_to_before",
+        "reply_to_after", "bcc_added", "dkim", "upstream", "policy_version",
+    ],
+    "rejected": ["client_address", "auth_login", "mail_from", "rcpt_tos", "reply"],
+    "queued": ["recipients", "size"],
+    "delivered": ["recipient", "upstream", "reply", "attempts"],
+    "deferred": ["recipient", "reply", "next_attempt"],
+    "failed": ["recipient", "reply"],
+    "expired": ["recipient"],
+    "suppressed": ["recipient", "suppression"],
+    "bounced": ["recipient", "dsn_status", "diagnostic"],
+    "complained": ["recipient", "feedback_type"],
+    "deleted": ["by", "recipients"],
+    "policy_loaded": ["policy_file", "policy_sha256"],
+    "pruned": ["files", "through_seq", "through_hash", "retention_days"],
+}  # fmt: skip
+
+
+def test_every_event_is_pinned() -> None:
+    assert set(PINNED) == set(events.SCHEMA)
+    for event, own in PINNED.items():
+        assert list(events.fields(event, with_optional=False)) == HEAD + own + TAIL
+    assert list(events.fields("received"))[-3:] == ["subject", "prev", "hash"]
+
+
+def test_stored_records_have_the_pinned_key_order(tmp_path: Path) -> None:
+    build(tmp_path)
+    q, m = ACME_INVOICE
+    log = AuditLog(tmp_path, clock=Clock())
+    log.append(events.expired(queue_id=q, message_id=m, recipient="ap@customer.example"))
+    log.close()
+    seen = set()
+    for record in read_all(tmp_path):
+        own = PINNED[record["event"]] + (["subject"] if "subject" in record else [])
+        assert list(record) == HEAD + own + TAIL
+        assert record["v"] == 1
+        seen.add(record["event"])
+    assert seen == set(PINNED) - {"pruned"}  # pruned: see test_audit_writer
+
+
+def test_builders_reject_unknown_and_missing_fields() -> None:
+    with pytest.raises(TypeError):
+        events.delivered(  # type: ignore[call-arg]
+            queue_id="Q",
+            message_id=None,
+            recipient="a@b",
+            upstream="u",
+            reply="250",
+            attempts=1,
+            body="never",
+        )
+    with pytest.raises(TypeError):
+        events.failed(queue_id="Q", message_id=None, recipient="a@b")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        events._build("failed", "Q", None, recipient="a@b", reply="5", colour="red")
+
+
+def test_builders_reject_wrong_types() -> None:
+    with pytest.raises(ValueError, match="attempts"):
+        events.delivered(
+            queue_id="Q", message_id=None, recipient="a@b", upstream="u", reply="250", attempts="1"
+        )  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="recipients"):
+        events.queued(queue_id="Q", message_id=None, recipients="a@b", size=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="size"):
+        events.queued(queue_id="Q", message_id=None, recipients=["a@b"], size=True)
+
+
+def test_writer_refuses_records_not_made_by_a_builder(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path, clock=Clock())
+    record = events.failed(queue_id="Q", message_id=None, recipient="a@b", reply="550")
+    with pytest.raises(ValueError, match="unknown audit event"):
+        log.append({**record, "event": "exploded"})
+    with pytest.raises(ValueError, match="schema"):
+        log.append({**record, "extra": 1})
+    with pytest.raises(ValueError, match="schema"):
+        log.append(dict(reversed(record.items())))
+    assert not list(tmp_path.glob("audit-*"))
+
+
+def test_subject_only_when_passed() -> None:
+    ids = ("Q1", "<m@x>")
+    without = received(ids, "acme", "jan", "invoice", ["a@b"])
+    assert "subject" not in without
+    assert received(ids, "acme", "jan", "invoice", ["a@b"], subject=None) == without
+    assert received(ids, "acme", "jan", "invoice", ["a@b"], subject="Invoice 1")["subject"] == (
+        "Invoice 1"
+    )
+
+
+def test_undecodable_header_text_is_made_writable() -> None:
+    record = events.failed(queue_id="Q", message_id="<\udcff@x>", recipient="a@b", reply="550")
+    assert record["message_id"] == "<\ufffd@x>"
+    json.dumps(record, ensure_ascii=False).encode()
+
+
+def test_times_are_utc_with_milliseconds() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    when = datetime(2024, 5, 6, 11, 0, 0, 123999, tzinfo=timezone(timedelta(hours=2)))
+    assert events.timestamp(when) == "2024-05-06T09:00:00.123Z"
+    record = events.deferred(
+        queue_id="Q", message_id=None, recipient="a@b", reply="451", next_attempt=when
+    )
+    assert record["next_attempt"] == "2024-05-06T09:00:00.123Z"
+
+
+def test_received_for_takes_the_pipelines_objects() -> None:
+    submission = SimpleNamespace(
+        listener="submission",
+        client_address="192.0.2.1",
+        auth_login="erp",
+        mail_from="jan@acme.example",
+        rcpt_tos=("buyer@customer.example",),
+    )
+    decision = SimpleNamespace(
+        identity=SimpleNamespace(tenant=SimpleNamespace(id="acme"), user=SimpleNamespace(id="jan")),
+        classification=SimpleNamespace(doc_type="invoice", rule="inv"),
+        from_before="Jan <jan@acme.example>",
+        from_after="Jan via P <noreply@p.example>",
+        reply_to_before=None,
+        reply_to_after="Jan <jan@acme.example>",
+        bcc_added=("jan@acme.example",),
+        signing=(SimpleNamespace(domain="p.example", selector="s1"),),
+        upstream=SimpleNamespace(name="smarthost"),
+    )
+    record = events.received_for("Q1", "<m@x>", submission, decision, 123, "abc")  # type: ignore[arg-type]
+    assert record["rcpt_tos"] == ["buyer@customer.example"]
+    assert record["dkim"] == [{"domain": "p.example", "selector": "s1"}]
+    assert record["tenant"] == "acme" and record["rule"] == "inv" and "subject" not in record
+    reply = SimpleNamespace(line="550 5.7.1 Unknown sender")
+    rejected = events.rejected_for(submission, reply)  # type: ignore[arg-type]
+    assert rejected["reply"] == "550 5.7.1 Unknown sender" and rejected["queue_id"] is None

@@ -1,0 +1,298 @@
+"""Searching, showing and reporting on the fixture log, plain and compressed."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from relay.audit import AuditLog, events, verify
+from relay.audit.commands import report_main, search_main, show_main
+from relay.audit.render import CSV_COLUMNS, TABLE_COLUMNS, csv_row, timeline, write_csv
+from relay.audit.search import parse_when, report, search, show
+from tests.test_audit_fixture import ACME_INVOICE, GLOBEX, START, Clock, build, read_all
+
+ACME = [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 17, 18]
+INVOICE_1 = [2, 3, 4, 5, 6, 12, 17]
+
+
+@pytest.fixture(params=["plain", "gzip"])
+def log_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    build(tmp_path)
+    if request.param == "gzip":
+        AuditLog(tmp_path, compress_after_days=1, clock=Clock(START + timedelta(days=5))).maintain()
+        assert len(list(tmp_path.glob("*.gz"))) == 2
+    return tmp_path
+
+
+def seqs(directory: Path, **filters: object) -> list[int]:
+    return [r["seq"] for r in search(directory, **filters)]  # type: ignore[arg-type]
+
+
+def test_filters(log_dir: Path) -> None:
+    assert seqs(log_dir) == list(range(1, 19))
+    assert seqs(log_dir, status="failed") == [9]
+    assert seqs(log_dir, status="received") == [2, 7, 13]
+    assert seqs(log_dir, queue_id=GLOBEX[0]) == [13, 14, 15, 16]
+    assert seqs(log_dir, queue_id=GLOBEX[0], status="bounced") == [16]
+    assert seqs(log_dir, message_id=ACME_INVOICE[1]) == INVOICE_1
+    assert seqs(log_dir, message_id=ACME_INVOICE[1].strip("<>")) == INVOICE_1
+    assert seqs(log_dir, message_id="inv-1001") == []
+
+
+def test_tenant_user_and_type_follow_the_message_through_its_queue_id(log_dir: Path) -> None:
+    assert seqs(log_dir, tenant="acme") == ACME
+    assert seqs(log_dir, tenant="globex") == [13, 14, 15, 16]
+    assert seqs(log_dir, tenant="acme", user="eva") == [7, 8, 9, 10, 18]
+    assert seqs(log_dir, doc_type="invoice") == [2, 3, 4, 5, 6, 12, 13, 14, 15, 16, 17]
+    assert seqs(log_dir, tenant="acme", status="delivered") == [4, 6, 12]
+    assert seqs(log_dir, tenant="acme", status="received") == [2, 7]
+    assert seqs(log_dir, tenant="nobody") == []
+
+
+def test_recipient_matches_any_recipient_field_without_case(log_dir: Path) -> None:
+    assert seqs(log_dir, recipient="buyer@customer.example") == [2, 3, 4, 11, 13, 14, 15, 16, 17]
+    assert seqs(log_dir, recipient="sales@prospect.example") == [7, 8, 9]
+    assert seqs(log_dir, recipient="BUYER@customer.example", tenant="globex") == [13, 14, 15, 16]
+    assert seqs(log_dir, recipient="customer.example") == []
+
+
+def test_time_window_by_day_and_time(log_dir: Path) -> None:
+    assert seqs(log_dir, since="2024-05-07") == list(range(12, 19))
+    assert seqs(log_dir, until="2024-05-06") == list(range(1, 12))
+    assert seqs(log_dir, since="2024-05-07", until="2024-05-07") == [12, 13, 14, 15]
+    assert seqs(log_dir, since="2024-05-06T09:05:02Z", until="2024-05-06T09:15:02Z") == [4, 5, 6]
+
+
+def test_the_join_looks_back_before_since(log_dir: Path) -> None:
+    assert seqs(log_dir, since="2024-05-08", tenant="acme") == [17, 18]
+    assert seqs(log_dir, since="2024-05-08", tenant="acme", lookback_days=0) == []
+
+
+def test_unknown_status_is_refused(log_dir: Path) -> None:
+    with pytest.raises(ValueError, match="unknown status 'sent'"):
+        list(search(log_dir, status="sent"))
+
+
+def test_json_output_is_the_stored_lines(log_dir: Path) -> None:
+    out = io.StringIO()
+    assert search_main(log_dir, tenant="globex", output="json", out=out, err=io.StringIO()) == 0
+    stored = [json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in read_all(log_dir)]
+    assert out.getvalue().splitlines() == stored[12:16]
+
+
+def test_csv_round_trips_through_dictreader(tmp_path: Path) -> None:
+    build(tmp_path)
+    log = AuditLog(tmp_path, clock=Clock(START + timedelta(days=2, hours=1)))
+    log.append(
+        events.failed(
+            queue_id="Q9",
+            message_id='<"odd", id@x>',
+            recipient="a@b",
+            reply='550 "no", really\r\nnot, at all; =cmd|x',
+        )
+    )
+    records = read_all(tmp_path)
+    out = io.StringIO()
+    assert write_csv(records, out) == len(records)
+    rows = list(csv.DictReader(io.StringIO(out.getvalue(), newline="")))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert len(rows) == len(records)
+    for row, record in zip(rows, records, strict=True):
+        assert {k: v for k, v in row.items() if v} == {
+            k: v for k, v in csv_row(record).items() if v
+        }
+    received = rows[1]
+    assert received["rcpt_tos"].split() == ["buyer@customer.example", "ap@customer.example"]
+    assert received["dkim"] == "platform.example/s1 platform.example/e1"
+    assert rows[9]["suppression.reason"] == "complaint"
+    assert rows[-1]["reply"] == '550 "no", really\r\nnot, at all; =cmd|x'
+    assert rows[-1]["message_id"] == '<"odd", id@x>'
+
+
+def test_table_is_aligned_and_safe(log_dir: Path) -> None:
+    log = AuditLog(log_dir, clock=Clock(START + timedelta(days=2, hours=1)))
+    log.append(
+        events.failed(
+            queue_id="Q9", message_id=None, recipient="a@b", reply="550 \x1b[31mred\x1b[0m"
+        )
+    )
+    out = io.StringIO()
+    assert search_main(log_dir, since="2024-05-08", out=out, err=io.StringIO()) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == list(TABLE_COLUMNS)
+    column = lines[0].index("queue_id")
+    assert all(line[column - 2 : column] == "  " for line in lines)
+    assert lines[1].split()[:3] == ["2024-05-08T00:15:02.000Z", "bounced", GLOBEX[0]]
+    assert "5.2.2 smtp; 552 mailbox full" in lines[1]
+    assert "\x1b" not in out.getvalue() and "?[31mred?[0m" in lines[-1]
+
+
+def test_search_main_exit_codes(log_dir: Path) -> None:
+    err = io.StringIO()
+    assert search_main(log_dir, tenant="nobody", out=io.StringIO(), err=err) == 1
+    assert search_main(log_dir, status="sent", out=io.StringIO(), err=err) == 2
+    assert search_main(log_dir, since="last tuesday", out=io.StringIO(), err=err) == 2
+    assert search_main(log_dir, output="xml", out=io.StringIO(), err=err) == 2
+    assert search_main(log_dir / "nope", out=io.StringIO(), err=err) == 2
+    out = io.StringIO()
+    assert search_main(log_dir, status="failed", output="csv", out=out, err=err) == 0
+    assert [r["seq"] for r in csv.DictReader(io.StringIO(out.getvalue()))] == ["9"]
+
+
+def test_show_is_the_whole_timeline_in_order(log_dir: Path) -> None:
+    by_queue = show(log_dir, ACME_INVOICE[0])
+    assert [r["seq"] for r in by_queue] == INVOICE_1
+    assert show(log_dir, ACME_INVOICE[1]) == by_queue
+    assert show(log_dir, ACME_INVOICE[1].strip("<>")) == by_queue
+    assert show(log_dir, "Q-none") == []
+    text = timeline(by_queue)
+    expected = [
+        "Message <inv-1001@erp.acme.example>, queue ID Q0000000000000A1",
+        "2024-05-06T09:05:00.000Z  received from 192.0.2.10 (login erp-acme, listener submission)",
+        "    tenant acme, user jan, document invoice (rule invoice-header)",
+        "    envelope <jan@acme.example> to <buyer@customer.example>, <ap@customer.example>",
+        '    From      Jan <jan@acme.example> -> "Jan via Platform" <noreply@platform.example>',
+        "    Reply-To  - -> Jan <jan@acme.example>",
+        "    BCC added jan@acme.example",
+        "    DKIM      platform.example/s1, platform.example/e1",
+        "    upstream  smarthost, 48213 bytes, policy 9f2c9f2c9f2c",
+        "2024-05-06T09:05:00.000Z  queued for 3 recipient(s), 49001 bytes (queue ID Q0000000000000A1)",  # noqa: E501
+        "Recipients:",
+        "  buyer@customer.example",
+        "    2024-05-06T09:05:02.000Z  delivered  250 2.0.0 Ok: queued as 4Vx1 (via smarthost, attempt 1)",  # noqa: E501
+        "    2024-05-08T00:15:02.000Z  complained feedback type abuse",
+        "  ap@customer.example",
+        "    2024-05-06T09:05:02.000Z  deferred   451 4.7.1 Greylisted (next attempt 2024-05-07T00:05:02.000Z)",  # noqa: E501
+        "    2024-05-07T00:15:02.000Z  delivered  250 2.0.0 Ok (via smarthost, attempt 2)",
+        "  jan@acme.example",
+        "    2024-05-06T09:05:02.000Z  delivered  250 2.0.0 Ok: queued as 4Vx2 (via smarthost, attempt 1)",  # noqa: E501
+    ]
+    assert text.splitlines() == expected
+
+
+def test_show_main(log_dir: Path) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    assert show_main(log_dir, "<quote-77@erp.acme.example>", out=out, err=err) == 0
+    assert "    subject   Quote 77" in out.getvalue()
+    assert "deleted by root (relay queue delete): eva@acme.example" in out.getvalue()
+    assert "suppressed: complaint since 2024-04-01T00:00:00.000Z" in out.getvalue()
+    out = io.StringIO()
+    assert show_main(log_dir, GLOBEX[0], output="json", out=out, err=err) == 0
+    assert [json.loads(line)["seq"] for line in out.getvalue().splitlines()] == [13, 14, 15, 16]
+    assert show_main(log_dir, "nothing", out=io.StringIO(), err=err) == 1
+
+
+def test_report_counts_per_tenant_and_type(log_dir: Path) -> None:
+    zero = dict.fromkeys(
+        ("sent", "delivered", "failed", "expired", "bounced", "suppressed", "complaints"), 0
+    )
+    assert report(log_dir) == [
+        {
+            "tenant": "acme",
+            "doc_type": "invoice",
+            **zero,
+            "sent": 1,
+            "delivered": 3,
+            "complaints": 1,
+        },
+        {"tenant": "acme", "doc_type": "quote", **zero, "sent": 1, "failed": 1, "suppressed": 1},
+        {
+            "tenant": "globex",
+            "doc_type": "invoice",
+            **zero,
+            "sent": 1,
+            "delivered": 1,
+            "bounced": 1,
+        },
+    ]
+    assert report(log_dir, since="2024-05-07") == [
+        {"tenant": "acme", "doc_type": "invoice", **zero, "delivered": 1, "complaints": 1},
+        {
+            "tenant": "globex",
+            "doc_type": "invoice",
+            **zero,
+            "sent": 1,
+            "delivered": 1,
+            "bounced": 1,
+        },
+    ]
+
+
+def test_report_outputs(log_dir: Path) -> None:
+    out = io.StringIO()
+    assert report_main(log_dir, out=out, err=io.StringIO()) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == [
+        "tenant",
+        "doc_type",
+        "sent",
+        "delivered",
+        "failed",
+        "expired",
+        "bounced",
+        "suppressed",
+        "complaints",
+    ]
+    assert lines[-1].split() == ["TOTAL", "3", "4", "1", "0", "1", "1", "1"]
+    out = io.StringIO()
+    report_main(log_dir, output="csv", out=out, err=io.StringIO())
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert rows[2] == {
+        "tenant": "globex",
+        "doc_type": "invoice",
+        "sent": "1",
+        "delivered": "1",
+        "failed": "0",
+        "expired": "0",
+        "bounced": "1",
+        "suppressed": "0",
+        "complaints": "0",
+    }
+    out = io.StringIO()
+    report_main(log_dir, since="2024-05-08", output="json", out=out, err=io.StringIO())
+    assert [json.loads(line)["tenant"] for line in out.getvalue().splitlines()] == [
+        "acme",
+        "globex",
+    ]
+    assert report_main(log_dir, since="soon", out=io.StringIO(), err=io.StringIO()) == 2
+
+
+def test_parse_when() -> None:
+    now = datetime(2024, 5, 10, 12, 0, tzinfo=UTC)
+    assert parse_when("7d", now=now) == datetime(2024, 5, 3, 12, 0, tzinfo=UTC)
+    assert parse_when("12h", now=now) == datetime(2024, 5, 10, 0, 0, tzinfo=UTC)
+    assert parse_when("2024-05-01") == datetime(2024, 5, 1, tzinfo=UTC)
+    assert parse_when("2024-05-01", end=True) == datetime(2024, 5, 2, tzinfo=UTC)
+    assert parse_when("2024-05-01T10:00Z") == datetime(2024, 5, 1, 10, tzinfo=UTC)
+    assert parse_when("2024-05-01T12:00+02:00") == datetime(2024, 5, 1, 10, tzinfo=UTC)
+    assert parse_when(None) is None
+    with pytest.raises(ValueError):
+        parse_when("tuesday")
+
+
+def test_table_names_the_tenant_of_later_events(log_dir: Path) -> None:
+    out = io.StringIO()
+    assert search_main(log_dir, status="bounced", out=out, err=io.StringIO()) == 0
+    assert out.getvalue().splitlines()[1].split()[3:7] == [
+        "globex", "hank", "invoice", "buyer@customer.example"
+    ]  # fmt: skip
+
+
+def test_report_without_the_received_record(log_dir: Path) -> None:
+    rows = report(log_dir, since="2024-05-08", lookback_days=0)
+    assert [(r["tenant"], r["doc_type"], r["bounced"], r["complaints"]) for r in rows] == [
+        ("?", "?", 1, 1)
+    ]
+
+
+def test_the_benchmark_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from relay.audit import bench
+
+    assert bench.main(["3000", str(tmp_path)]) == 0
+    assert verify(tmp_path).records >= 3000
+    assert "search tenant=tenant07 status=failed (join)" in capsys.readouterr().out

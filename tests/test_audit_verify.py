@@ -1,0 +1,300 @@
+"""Tampering with the audit log on disk, in every way an auditor asks about.
+
+Each test edits the fixture's real files and checks that verify names the
+first problem by file and line, in words an auditor can act on.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from datetime import date, timedelta
+from pathlib import Path
+
+import pytest
+
+from relay.audit import AuditLog, events, verify
+from relay.audit.chain import seal
+from relay.audit.commands import verify_main
+from tests.test_audit_fixture import START, Clock, build
+
+DAY1, DAY2, DAY3 = "audit-2024-05-06.jsonl", "audit-2024-05-07.jsonl", "audit-2024-05-08.jsonl"
+KEY = b"0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    build(tmp_path)
+    return tmp_path
+
+
+def _lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def _problem(directory: Path, key: bytes | None = None) -> tuple[str, int, str]:
+    result = verify(directory, key)
+    assert result.problem is not None, "tampering went unnoticed"
+    return result.problem.file, result.problem.line, result.problem.message
+
+
+def _resealed(line: bytes, key: bytes | None = None, **changes: object) -> bytes:
+    """What an attacker without the HMAC key can do: edit and recompute the hash."""
+    record = json.loads(line)
+    record.pop("hash")
+    record.update(changes)
+    return seal(record, key)[0].encode() + b"\n"
+
+
+def test_untouched_log_verifies_with_counts(log_dir: Path) -> None:
+    result = verify(log_dir)
+    assert result.ok and result.files == 3 and result.records == 18
+    assert (result.first_seq, result.last_seq) == (1, 18)
+    out, err = io.StringIO(), io.StringIO()
+    assert verify_main(log_dir, None, out, err) == 0
+    assert "audit log intact: 18 records in 3 files (seq 1..18)" in out.getvalue()
+    assert f"head: seq 18 hash {result.head}" in out.getvalue()
+    assert err.getvalue() == ""
+
+
+def test_one_changed_byte(log_dir: Path) -> None:
+    path = log_dir / DAY1
+    data = path.read_bytes()
+    at = data.index(b"4Vx1")
+    path.write_bytes(data[:at] + b"5" + data[at + 1 :])
+    assert _problem(log_dir) == (
+        DAY1,
+        4,
+        "record seq 4 was changed: its hash does not match its content",
+    )
+    out, err = io.StringIO(), io.StringIO()
+    assert verify_main(log_dir, None, out, err) == 1
+    assert f"TAMPERED: {DAY1} line 4: record seq 4 was changed" in err.getvalue()
+
+
+def test_a_changed_record_with_a_recomputed_hash(log_dir: Path) -> None:
+    path = log_dir / DAY1
+    lines = _lines(path)
+    lines[3] = _resealed(lines[3], reply="250 2.0.0 fine")
+    path.write_bytes(b"".join(lines))
+    file, line, message = _problem(log_dir)
+    assert (file, line) == (DAY1, 5)
+    assert f"does not chain to the record before it ({DAY1} line 4)" in message
+
+
+def test_a_deleted_line(log_dir: Path) -> None:
+    path = log_dir / DAY1
+    lines = _lines(path)
+    del lines[4]
+    path.write_bytes(b"".join(lines))
+    assert _problem(log_dir) == (DAY1, 5, "record 5 missing before this line (deleted)")
+
+
+def test_several_deleted_lines(log_dir: Path) -> None:
+    path = log_dir / DAY1
+    lines = _lines(path)
+    del lines[4:7]
+    path.write_bytes(b"".join(lines))
+    assert _problem(log_dir) == (DAY1, 5, "records 5..7 missing before this line (deleted)")
+
+
+def test_two_swapped_lines(log_dir: Path) -> None:
+    path = log_dir / DAY1
+    lines = _lines(path)
+    lines[3], lines[4] = lines[4], lines[3]
+    path.write_bytes(b"".join(lines))
+    assert _problem(log_dir) == (
+        DAY1,
+        4,
+        "lines 4 and 5 are out of order (seq 5 comes before seq 4)",
+    )
+
+
+def test_an_inserted_forged_line(log_dir: Path) -> None:
+    path = log_dir / DAY1
+    lines = _lines(path)
+    forged = lines[3].replace(b"buyer@customer.example", b"thief@elsewhere.example")
+    lines.insert(4, forged)
+    path.write_bytes(b"".join(lines))
+    file, line, message = _problem(log_dir)
+    assert (file, line) == (DAY1, 5)
+    assert "was inserted" in message and "forged" in message
+
+
+def test_an_inserted_line_with_a_valid_hash(log_dir: Path) -> None:
+    """Without an HMAC key a forger can compute a valid hash; the next record exposes it."""
+    path = log_dir / DAY1
+    lines = _lines(path)
+    lines.insert(
+        4,
+        _resealed(
+            lines[3], seq=5, prev=json.loads(lines[3])["hash"], recipient="thief@elsewhere.example"
+        ),
+    )
+    path.write_bytes(b"".join(lines))
+    file, line, message = _problem(log_dir)
+    assert (file, line) == (DAY1, 6)
+    assert f"line 5 of {DAY1} (seq 5) was inserted" in message
+
+
+def test_a_copied_line(log_dir: Path) -> None:
+    path = log_dir / DAY1
+    lines = _lines(path)
+    lines.insert(8, lines[2])
+    path.write_bytes(b"".join(lines))
+    assert _problem(log_dir) == (
+        DAY1,
+        9,
+        "record seq 3 follows seq 8: a line was inserted, copied or moved here",
+    )
+
+
+def test_a_file_truncated_mid_line(log_dir: Path) -> None:
+    path = log_dir / DAY3
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 40])
+    assert _problem(log_dir) == (DAY3, 3, "truncated record: the file ends in the middle of a line")
+
+
+def test_an_earlier_file_truncated_mid_line(log_dir: Path) -> None:
+    path = log_dir / DAY1
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 10])
+    assert _problem(log_dir)[:2] == (DAY1, 11)
+
+
+def test_a_whole_day_removed(log_dir: Path) -> None:
+    (log_dir / DAY2).unlink()
+    assert _problem(log_dir) == (
+        DAY3,
+        1,
+        f"records 12..15 missing between {DAY1} and {DAY3} (a file removed, or its end cut off)",
+    )
+
+
+def test_the_first_day_removed_without_retention(log_dir: Path) -> None:
+    (log_dir / DAY1).unlink()
+    file, line, message = _problem(log_dir)
+    assert (file, line) == (DAY2, 1)
+    assert message == (
+        "the chain starts at seq 12: records 1..11 missing before it"
+        " and no retention record explains it"
+    )
+
+
+def test_since_skips_earlier_days_and_says_so(log_dir: Path) -> None:
+    (log_dir / DAY1).unlink()
+    result = verify(log_dir, since=date(2024, 5, 7))
+    assert result.ok and result.records == 7
+    assert result.notes == [
+        f"verified from --since 2024-05-07: starts at seq 12 in {DAY2}; earlier records not checked"
+    ]
+    out = io.StringIO()
+    assert verify_main(log_dir, "2024-05-07", out, io.StringIO()) == 0
+    assert "earlier records not checked" in out.getvalue()
+
+
+def test_retention_is_told_apart_from_removal(log_dir: Path) -> None:
+    log = AuditLog(log_dir, retention_days=1, clock=Clock(START + timedelta(days=2)))
+    log.maintain()
+    assert not (log_dir / DAY1).exists()
+    result = verify(log_dir)
+    assert result.ok
+    assert result.notes[0].startswith(
+        f"starts after retention at seq 12 in {DAY2}: records 1..11 were deleted by retention"
+        " (older than 1 days) at 2024-05-08T09:00:00.000Z"
+    )
+    (log_dir / DAY2).unlink()  # removing more than retention did is still caught
+    assert _problem(log_dir)[:2] == (DAY3, 1)
+
+
+def test_a_replaced_start_of_the_log(log_dir: Path) -> None:
+    path = log_dir / DAY1
+    lines = _lines(path)
+    lines[0] = _resealed(lines[0], prev="0" * 64)
+    path.write_bytes(b"".join(lines))
+    assert _problem(log_dir)[:2] == (DAY1, 1)
+
+
+def test_garbage_line(log_dir: Path) -> None:
+    path = log_dir / DAY2
+    path.write_bytes(path.read_bytes() + b"hello\n")
+    assert _problem(log_dir) == (
+        DAY2,
+        5,
+        "not a valid audit record (broken JSON or a cut-off line)",
+    )
+
+
+def test_hmac_chain_verifies_only_with_its_key(tmp_path: Path) -> None:
+    build(tmp_path, key=KEY)
+    assert verify(tmp_path, KEY).ok
+    file, line, message = _problem(tmp_path)
+    assert (file, line) == (DAY1, 1) and "HMAC key" in message
+    assert _problem(tmp_path, b"another key")[:2] == (DAY1, 1)
+
+
+def test_hmac_rejects_a_chain_recomputed_with_plain_sha256(tmp_path: Path) -> None:
+    build(tmp_path, key=KEY)
+    prev = None
+    for name in (DAY1, DAY2, DAY3):  # the attacker edits a record and rebuilds every hash
+        out = []
+        for line in _lines(tmp_path / name):
+            record = json.loads(line)
+            record.pop("hash")
+            if prev is not None:
+                record["prev"] = prev
+            if record["seq"] == 4:
+                record["recipient"] = "thief@elsewhere.example"
+            text, prev = seal(record)
+            out.append(text.encode() + b"\n")
+        (tmp_path / name).write_bytes(b"".join(out))
+    assert verify(tmp_path).ok  # a plain chain is self-consistent...
+    assert _problem(tmp_path, KEY)[:2] == (DAY1, 1)  # ...but not under the key
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY + b"\n")
+    from relay.audit import load_key
+
+    assert load_key(key_file) == KEY
+    assert verify_main(tmp_path, None, io.StringIO(), io.StringIO(), load_key(key_file)) == 1
+
+
+def test_compressed_days_verify_and_tampering_inside_them_is_found(log_dir: Path) -> None:
+    AuditLog(log_dir, compress_after_days=1, clock=Clock(START + timedelta(days=3))).maintain()
+    assert verify(log_dir).ok
+    gz = log_dir / (DAY2 + ".gz")
+    with gzip.open(gz, "rb") as f:
+        data = f.read()
+    with gzip.open(gz, "wb") as f:
+        f.write(data.replace(b"250 ok", b"250 OK"))
+    assert _problem(log_dir) == (
+        DAY2 + ".gz",
+        4,
+        "record seq 15 was changed: its hash does not match its content",
+    )
+
+
+def test_a_damaged_compressed_file(log_dir: Path) -> None:
+    AuditLog(log_dir, compress_after_days=1, clock=Clock(START + timedelta(days=3))).maintain()
+    gz = log_dir / (DAY1 + ".gz")
+    gz.write_bytes(gz.read_bytes()[:-30])
+    file, _, message = _problem(log_dir)
+    assert file == DAY1 + ".gz" and "compressed file is damaged" in message
+
+
+def test_empty_and_missing_logs(tmp_path: Path) -> None:
+    result = verify(tmp_path)
+    assert result.ok and result.records == 0 and "empty" in result.notes[0]
+    err = io.StringIO()
+    assert verify_main(tmp_path / "nope", None, io.StringIO(), err) == 2
+    assert "No such file or directory" in err.getvalue()
+    assert verify_main(tmp_path, "yesterday-ish", io.StringIO(), io.StringIO()) == 2
+
+
+def test_records_appended_after_verify_extend_the_same_chain(log_dir: Path) -> None:
+    head = verify(log_dir).head
+    log = AuditLog(log_dir, clock=Clock(START + timedelta(days=2, hours=1)))
+    log.append(events.expired(queue_id="Q", message_id=None, recipient="a@b"))
+    last = json.loads(_lines(log_dir / DAY3)[-1])
+    assert last["prev"] == head and verify(log_dir).ok

@@ -1,0 +1,285 @@
+"""Writing the audit log on real files: days, reopening, failures, maintenance."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from relay.audit import AuditError, AuditLog, events, verify
+from relay.audit.chain import GENESIS_HASH
+from relay.audit.search import search
+from tests.test_audit_fixture import START, Clock, build, read_all
+
+
+def _failed(n: int) -> dict:
+    return events.failed(queue_id=f"Q{n}", message_id=None, recipient="a@b", reply="550 no")
+
+
+def test_first_record_starts_from_genesis_and_each_links_to_the_last(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path, clock=Clock())
+    log.append(_failed(1))
+    log.append_many([_failed(2), _failed(3)])
+    records = read_all(tmp_path)
+    assert [r["seq"] for r in records] == [1, 2, 3]
+    assert records[0]["prev"] == GENESIS_HASH
+    assert [r["prev"] for r in records[1:]] == [r["hash"] for r in records[:-1]]
+    assert records[0]["time"] == "2024-05-06T09:00:00.000Z"
+    assert log.head == (3, records[-1]["hash"])
+
+
+def test_lines_are_compact_utf8_json(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path, clock=Clock())
+    log.append(
+        events.failed(
+            queue_id="Q",
+            message_id=None,
+            recipient="jürgen@ex.example",
+            reply="550 line\r\nbreak \u2028",
+        )
+    )
+    raw = (tmp_path / "audit-2024-05-06.jsonl").read_bytes()
+    assert raw.count(b"\n") == 1 and raw.endswith(b"}\n")
+    assert "jürgen".encode() in raw and b"\\r\\n" in raw and b", " not in raw
+
+
+def test_days_roll_over_at_utc_midnight_and_the_chain_crosses_them(tmp_path: Path) -> None:
+    clock = Clock(datetime(2024, 5, 6, 23, 59, 59, 999000, tzinfo=UTC))
+    log = AuditLog(tmp_path, clock=clock)
+    log.append(_failed(1))
+    clock.advance(milliseconds=1)
+    log.append(_failed(2))
+    assert (tmp_path / "audit-2024-05-06.jsonl").read_text().count("\n") == 1
+    second = json.loads((tmp_path / "audit-2024-05-07.jsonl").read_text())
+    first = json.loads((tmp_path / "audit-2024-05-06.jsonl").read_text())
+    assert second["seq"] == 2 and second["prev"] == first["hash"]
+    assert second["time"] == "2024-05-07T00:00:00.000Z"
+
+
+def test_reopening_continues_seq_and_prev(tmp_path: Path) -> None:
+    clock = build(tmp_path)
+    before = read_all(tmp_path)
+    clock.advance(days=3)
+    log = AuditLog(tmp_path, clock=clock)
+    assert log.head == (before[-1]["seq"], before[-1]["hash"])
+    log.append(_failed(99))
+    after = read_all(tmp_path)[-1]
+    assert after["seq"] == before[-1]["seq"] + 1 and after["prev"] == before[-1]["hash"]
+    assert verify(tmp_path).ok
+
+
+def test_a_clock_going_back_never_writes_into_an_older_day(tmp_path: Path) -> None:
+    clock = Clock(datetime(2024, 5, 7, 0, 0, 1, tzinfo=UTC))
+    log = AuditLog(tmp_path, clock=clock)
+    log.append(_failed(1))
+    clock.advance(seconds=-5)
+    log.append(_failed(2))
+    assert sorted(p.name for p in tmp_path.glob("audit-*")) == ["audit-2024-05-07.jsonl"]
+    assert verify(tmp_path).ok
+
+
+def test_two_writers_share_one_chain(tmp_path: Path) -> None:
+    """The daemon and ``relay queue delete`` append to the same log."""
+    clock = Clock()
+    daemon, tool = AuditLog(tmp_path, clock=clock), AuditLog(tmp_path, clock=clock)
+    daemon.append(_failed(1))
+    tool.append(_failed(2))
+    daemon.append(_failed(3))
+    clock.advance(days=1)
+    tool.append(_failed(4))
+    daemon.append(_failed(5))
+    assert [r["seq"] for r in read_all(tmp_path)] == [1, 2, 3, 4, 5]
+    assert verify(tmp_path).ok
+
+
+def test_threads_append_without_breaking_the_chain(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path, clock=Clock())
+
+    def work(base: int) -> None:
+        for n in range(50):
+            log.append(_failed(base + n))
+
+    threads = [threading.Thread(target=work, args=(i * 100,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result = verify(tmp_path)
+    assert result.ok and result.records == 200
+
+
+def test_fsync_failure_raises_audit_error_and_leaves_no_half_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = AuditLog(tmp_path, clock=Clock())
+    log.append(_failed(1))
+    size = (tmp_path / "audit-2024-05-06.jsonl").stat().st_size
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(AuditError, match="Input/output error"):
+        log.append(_failed(2))
+    monkeypatch.undo()
+    assert (tmp_path / "audit-2024-05-06.jsonl").stat().st_size == size
+    log.append(_failed(3))
+    assert [r["seq"] for r in read_all(tmp_path)] == [1, 2]
+    assert verify(tmp_path).ok
+
+
+def test_directory_replaced_by_a_file_raises_audit_error(tmp_path: Path) -> None:
+    directory = tmp_path / "audit"
+    log = AuditLog(directory, clock=Clock())
+    log.append(_failed(1))
+    shutil.rmtree(directory)
+    directory.write_text("not a directory")
+    with pytest.raises(AuditError):
+        log.append(_failed(2))
+
+
+def test_unusable_directory_fails_at_open(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(AuditError):
+        AuditLog(tmp_path / "file" / "audit")
+
+
+def test_a_torn_last_line_is_kept_and_ended_on_reopen(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path, clock=Clock())
+    log.append_many([_failed(1), _failed(2)])
+    log.close()
+    path = tmp_path / "audit-2024-05-06.jsonl"
+    path.write_bytes(path.read_bytes() + b'{"v":1,"seq":3,"ti')  # a crash mid-write
+    log = AuditLog(tmp_path, clock=Clock())
+    assert log.head[0] == 2
+    log.append(_failed(3))
+    lines = path.read_bytes().split(b"\n")
+    assert lines[2] == b'{"v":1,"seq":3,"ti' and json.loads(lines[3])["seq"] == 3
+    result = verify(tmp_path)
+    assert not result.ok and result.problem and result.problem.line == 3
+
+
+def test_maintain_compresses_closed_days_and_keeps_the_chain(tmp_path: Path) -> None:
+    build(tmp_path)
+    log = AuditLog(tmp_path, compress_after_days=1, clock=Clock(START + timedelta(days=2)))
+    done = log.maintain()
+    assert done == ["compressed audit-2024-05-06.jsonl", "compressed audit-2024-05-07.jsonl"]
+    names = sorted(p.name for p in tmp_path.glob("audit-*"))
+    assert names == [
+        "audit-2024-05-06.jsonl.gz",
+        "audit-2024-05-07.jsonl.gz",
+        "audit-2024-05-08.jsonl",
+    ]
+    with gzip.open(tmp_path / "audit-2024-05-06.jsonl.gz", "rb") as f:
+        assert f.readline().startswith(b'{"v":1,"seq":1,')
+    assert verify(tmp_path).ok
+    assert [r["seq"] for r in search(tmp_path, tenant="acme", status="failed")] == [9]
+    log.append(_failed(1))
+    assert verify(tmp_path).ok
+
+
+def test_maintain_never_compresses_the_newest_day(tmp_path: Path) -> None:
+    build(tmp_path)
+    log = AuditLog(tmp_path, compress_after_days=1, clock=Clock(START + timedelta(days=30)))
+    log.maintain()
+    assert (tmp_path / "audit-2024-05-08.jsonl").exists()
+
+
+def test_retention_deletes_old_days_after_recording_it(tmp_path: Path) -> None:
+    build(tmp_path)
+    kept_first = json.loads((tmp_path / "audit-2024-05-08.jsonl").read_text().splitlines()[0])
+    clock = Clock(datetime(2024, 5, 10, 1, 0, tzinfo=UTC))
+    log = AuditLog(tmp_path, retention_days=2, clock=clock)
+    assert log.maintain() == ["deleted audit-2024-05-06.jsonl", "deleted audit-2024-05-07.jsonl"]
+    names = sorted(p.name for p in tmp_path.glob("audit-*"))
+    assert names == ["audit-2024-05-08.jsonl", "audit-2024-05-10.jsonl"]
+    pruned = json.loads((tmp_path / "audit-2024-05-10.jsonl").read_text())
+    assert pruned["event"] == "pruned"
+    assert pruned["files"] == ["audit-2024-05-06.jsonl", "audit-2024-05-07.jsonl"]
+    assert pruned["through_seq"] == kept_first["seq"] - 1
+    assert pruned["through_hash"] == kept_first["prev"]
+    result = verify(tmp_path)
+    assert result.ok, result.problem
+    assert any("starts after retention at seq" in n for n in result.notes)
+
+
+def test_an_unreadable_last_record_stops_the_writer(tmp_path: Path) -> None:
+    AuditLog(tmp_path, clock=Clock()).append(_failed(1))
+    path = tmp_path / "audit-2024-05-06.jsonl"
+    path.write_bytes(path.read_bytes() + b"garbage\n")
+    with pytest.raises(AuditError, match="unreadable: run relay audit verify"):
+        AuditLog(tmp_path, clock=Clock())
+
+
+def test_a_compressed_newest_day_is_not_written_beside(tmp_path: Path) -> None:
+    AuditLog(tmp_path, clock=Clock()).append(_failed(1))
+    plain = tmp_path / "audit-2024-05-06.jsonl"
+    with gzip.open(tmp_path / "audit-2024-05-06.jsonl.gz", "wb") as f:
+        f.write(plain.read_bytes())
+    plain.unlink()
+    AuditLog(tmp_path, clock=Clock()).append(_failed(2))
+    assert (tmp_path / "audit-2024-05-07.jsonl").exists()
+    assert [r["seq"] for r in read_all(tmp_path)] == [1, 2]
+    assert verify(tmp_path).ok
+
+
+def test_retention_deletes_compressed_days_too(tmp_path: Path) -> None:
+    build(tmp_path)
+    AuditLog(tmp_path, compress_after_days=1, clock=Clock(START + timedelta(days=2))).maintain()
+    log = AuditLog(tmp_path, retention_days=1, clock=Clock(START + timedelta(days=3)))
+    assert log.maintain() == [
+        "deleted audit-2024-05-06.jsonl.gz", "deleted audit-2024-05-07.jsonl.gz"
+    ]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.glob("audit-*")) == [
+        "audit-2024-05-08.jsonl", "audit-2024-05-09.jsonl"
+    ]  # fmt: skip
+    assert verify(tmp_path).ok
+
+
+def test_a_disk_full_mid_write_leaves_no_half_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = AuditLog(tmp_path, clock=Clock())
+    log.append(_failed(1))
+    real_write, calls = os.write, []
+
+    def half_then_full(fd: int, data: bytes) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(AuditError, match="No space left on device"):
+        log.append_many([_failed(2), _failed(3)])
+    monkeypatch.undo()
+    log.append(_failed(4))
+    assert [r["seq"] for r in read_all(tmp_path)] == [1, 2]
+    assert verify(tmp_path).ok
+
+
+def test_a_failed_tail_read_is_retried_not_guessed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    daemon, tool = AuditLog(tmp_path, clock=clock), AuditLog(tmp_path, clock=clock)
+    daemon.append(_failed(1))
+    tool.append(_failed(2))
+    from relay.audit import reader
+
+    def unreadable(*args: object, **kwargs: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(reader, "day_files", unreadable)
+    with pytest.raises(AuditError):
+        daemon.append(_failed(3))
+    monkeypatch.undo()
+    daemon.append(_failed(3))
+    assert [r["seq"] for r in read_all(tmp_path)] == [1, 2, 3]
+    assert verify(tmp_path).ok
