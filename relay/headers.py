@@ -1,0 +1,234 @@
+"""Header fields as raw bytes: split a message into fields, build new field lines.
+
+The relay promises to pass on every byte it does not mean to change, so a
+field is kept as the exact bytes the client sent (folding, case and spacing
+included). Nothing here regenerates a message with the email package: its
+generator refolds and requotes headers and has had header-injection bugs
+(CVE-2024-6923). New lines are built from plain ASCII and refused outright
+when a value could end its line early.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import re
+from dataclasses import dataclass
+
+from relay.errors import HeaderInjection
+
+MAX_LINE = 78  # RFC 5322 2.1.1, line ending not counted
+MAX_LINE_ENCODED = 76  # RFC 2047 2, for a line holding an encoded word
+# RFC 2047 allows 75; 60 leaves room for "Field-Name: " before the first
+# word while its line stays within 76.
+_WORD_MAX = 60
+_WORD_PREFIX = {"q": "=?utf-8?q?", "b": "=?utf-8?b?"}
+_PAYLOAD_MAX = _WORD_MAX - len(_WORD_PREFIX["q"]) - len("?=")
+
+_FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+_BREAKS = re.compile(r"[\r\n\x00]")
+# Besides CR and LF, some parsers end a line at VT, FF or other controls.
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]*\]"
+_ADDR_SPEC = re.compile(rf"(?:{_DOT_ATOM}|{_QUOTED})@(?:{_DOT_ATOM}|{_LITERAL})")
+_PHRASE = re.compile(rf"{_ATEXT}+(?: {_ATEXT}+)*")
+_Q_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One header field exactly as received, continuation lines and line ending included."""
+
+    name: str
+    raw: bytes
+
+
+def split(raw: bytes) -> tuple[list[Field], bytes]:
+    """The header fields, and the rest: the blank separator line and the body.
+
+    Joining every ``Field.raw`` and the rest gives back ``raw`` exactly. A
+    line that is neither a field nor a continuation ends the header block
+    and starts the rest, so odd input is carried along as body instead of
+    being dropped or guessed at. Only LF ends a line; a bare CR is content.
+    """
+    starts: list[tuple[int, bytes]] = []
+    pos = 0
+    while pos < len(raw):
+        newline = raw.find(b"\n", pos)
+        end = len(raw) if newline < 0 else newline + 1
+        if raw[pos] in b" \t":
+            if not starts:
+                break
+        else:
+            match = _FIELD_START.match(raw, pos, end)
+            if match is None:
+                break
+            starts.append((pos, match.group()[:-1]))
+        pos = end
+    if not starts:
+        return [], raw
+    ends = [offset for offset, _ in starts[1:]] + [pos]
+    fields = [
+        Field(name.decode("ascii"), raw[start:end])
+        for (start, name), end in zip(starts, ends, strict=True)
+    ]
+    return fields, raw[pos:]
+
+
+def value(field: Field) -> str:
+    """The field's value unfolded, with the surrounding white space removed."""
+    text = field.raw.split(b":", 1)[1].decode("utf-8", errors="replace")
+    return re.sub(r"\r?\n(?=[ \t])", "", text).strip(" \t\r\n")
+
+
+def line_ending(raw: bytes) -> bytes:
+    """The message's line ending, taken from its first line; CRLF if it has none."""
+    newline = raw.find(b"\n")
+    return b"\n" if newline >= 0 and raw[newline - 1 : newline] != b"\r" else b"\r\n"
+
+
+def format_address(display_name: str, address: str) -> str:
+    """``name <address>`` as plain ASCII that every parser reads back the same.
+
+    The name is written as a bare phrase when it is all atoms, as a quoted
+    string when it is other printable ASCII, and as RFC 2047 encoded words
+    otherwise, or when it looks like an encoded word itself (a plain
+    ``=?...?=`` would be decoded by the reader). The address must be a
+    plain ASCII ``local@domain``: anything else (``>``, a comma, a space)
+    could turn one mailbox into several.
+    """
+    for what, text in (("display name", display_name), ("address", address)):
+        if _BREAKS.search(text):
+            raise HeaderInjection(f"{what} contains CR, LF or NUL: {_show(text)}")
+    if not _ADDR_SPEC.fullmatch(address):
+        raise HeaderInjection(f"not a plain local@domain address: {_show(address)}")
+    if not display_name:
+        return address
+    return f"{_phrase(display_name)} <{address}>"
+
+
+def fold(name: str, value: str) -> bytes:
+    """``Name: value`` plus CRLF, folded at white space to keep lines within 78 characters.
+
+    Lines that hold an RFC 2047 encoded word are kept within 76 (RFC 2047 2).
+
+    Folds go only before white space outside quoted strings and angle
+    brackets, so an encoded word or an address is never cut. A value is
+    refused when a parser anywhere could read a line break into it: CR, LF,
+    NUL, other controls (VT and FF end lines for some) and non-ASCII
+    (U+2028, U+0085 do the same); callers encode such text first.
+    """
+    if not _FIELD_NAME.fullmatch(name):
+        raise HeaderInjection(f"not a header field name: {_show(name)}")
+    if _BREAKS.search(value):
+        raise HeaderInjection(f"{name} value contains CR, LF or NUL: {_show(value)}")
+    if _CONTROLS.search(value) or not value.isascii():
+        raise HeaderInjection(f"{name} value is not printable ASCII: {_show(value)}")
+    if not value:
+        return f"{name}:\r\n".encode("ascii")
+    text = f"{name}: {value}"
+    offset = len(name) + 2
+    cuts = [0, *(offset + i for i in _fold_points(value)), len(text)]
+    lines = [""]
+    for start, end in itertools.pairwise(cuts):
+        piece = text[start:end]
+        joined = lines[-1] + piece
+        limit = MAX_LINE_ENCODED if "=?" in joined else MAX_LINE
+        if not lines[-1] or len(joined) <= limit:
+            lines[-1] += piece
+        else:
+            lines.append(piece)
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def _fold_points(value: str) -> list[int]:
+    """Where a fold may go: the start of a white-space run outside quotes and brackets.
+
+    A run that ends the value is left alone: folding there would leave a
+    line of nothing but white space.
+    """
+    points = []
+    last = len(value.rstrip(" \t"))
+    quoted = escaped = bracketed = False
+    for i, ch in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted:
+            escaped = ch == "\\"
+            quoted = ch != '"'
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            bracketed = True
+        elif ch == ">":
+            bracketed = False
+        elif ch in " \t" and 0 < i < last and value[i - 1] not in " \t" and not bracketed:
+            points.append(i)
+    return points
+
+
+def _phrase(name: str) -> str:
+    if _PHRASE.fullmatch(name) and "=?" not in name:
+        return name
+    if all(" " <= ch <= "~" for ch in name) and "=?" not in name:
+        return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return " ".join(_encoded_words(name))
+
+
+def _encoded_words(text: str) -> list[str]:
+    """RFC 2047 words for a phrase, each within 60 characters and whole characters only.
+
+    Q is used when it is not longer than B: it stays readable for mostly
+    Latin names. Words are cut after white space where possible: some
+    readers (Python's own header parser among them) keep the space between
+    two encoded words in a phrase, where RFC 2047 says to drop it, and would
+    otherwise show a space in the middle of a word.
+    """
+    q_length = sum(len(_q_char(ch)) for ch in text)
+    b_length = -(-len(text.encode("utf-8")) // 3) * 4
+    if q_length <= b_length:
+        prefix, size, limit = _WORD_PREFIX["q"], _q_length, _PAYLOAD_MAX
+    else:
+        prefix, size, limit = _WORD_PREFIX["b"], _utf8_length, _PAYLOAD_MAX // 4 * 3
+    chunks = [""]
+    for piece in re.findall(r"[^ \t]+[ \t]*|[ \t]+", text):
+        if size(chunks[-1] + piece) > limit and chunks[-1]:
+            chunks.append("")
+        for ch in piece:
+            if size(chunks[-1] + ch) > limit:
+                chunks.append("")
+            chunks[-1] += ch
+    return [f"{prefix}{_encode_chunk(prefix, chunk)}?=" for chunk in chunks]
+
+
+def _encode_chunk(prefix: str, chunk: str) -> str:
+    if prefix == _WORD_PREFIX["q"]:
+        return "".join(map(_q_char, chunk))
+    return base64.b64encode(chunk.encode("utf-8")).decode("ascii")
+
+
+def _q_length(text: str) -> int:
+    return sum(len(_q_char(ch)) for ch in text)
+
+
+def _utf8_length(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def _q_char(ch: str) -> str:
+    if ch in _Q_SAFE:
+        return ch
+    if ch == " ":
+        return "_"
+    return "".join(f"={byte:02X}" for byte in ch.encode("utf-8"))
+
+
+def _show(text: str) -> str:
+    """A short printable rendering of a refused value for the error message."""
+    shown = repr(text)
+    return shown if len(shown) <= 80 else shown[:77] + "..."

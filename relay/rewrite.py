@@ -1,0 +1,70 @@
+"""Apply the policy's header edits to the raw message.
+
+Only the fields named in the edits change; every other header line keeps
+its bytes and its folding and the body is passed on untouched, so the
+recipient and the DKIM signature see what the ERP wrote plus our edits,
+never a regenerated copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from relay.headers import fold, line_ending, split
+
+
+@dataclass(frozen=True)
+class HeaderEdits:
+    """Field names are matched case-insensitively; ``set`` wins over ``remove``."""
+
+    remove: tuple[str, ...] = ()  # every occurrence goes
+    set: tuple[tuple[str, str], ...] = ()  # replaces the first occurrence in place, else appended
+
+
+def apply(raw: bytes, edits: HeaderEdits) -> bytes:
+    """The message with ``edits`` made; every other byte as it came.
+
+    New lines take the message's own line ending so a bare-LF message does
+    not become a mix. Every new line is built (and refused with
+    ``HeaderInjection``) before anything is assembled. When a header block
+    is not closed by a blank line, one is put after it, so what is read as
+    body here stays body for every reader downstream instead of becoming a
+    continuation of a field we added.
+    """
+    if not edits.remove and not edits.set:
+        return raw
+    eol = line_ending(raw)
+    new: dict[str, bytes] = {}
+    for name, text in edits.set:
+        key = name.lower()
+        if key in new:
+            raise ValueError(f"header edit sets {name} twice")
+        line = fold(name, text)
+        new[key] = line if eol == b"\r\n" else line.replace(b"\r\n", eol)
+    remove = {name.lower() for name in edits.remove}
+
+    fields, rest = split(raw)
+    out: list[bytes] = []
+    placed: set[str] = set()
+    for field in fields:
+        key = field.name.lower()
+        if key in new:
+            if key not in placed:
+                out.append(new[key])
+                placed.add(key)
+        elif key not in remove:
+            out.append(field.raw)
+    appended = [line for key, line in new.items() if key not in placed]
+    if appended and out and not out[-1].endswith(b"\n"):
+        out[-1] += eol
+    out.extend(appended)
+    if out and rest and not rest.startswith((b"\r\n", b"\n")):
+        out.append(eol)
+    return b"".join(out) + rest
+
+
+def prepend(raw: bytes, fields: bytes) -> bytes:
+    """Ready-made field lines (DKIM-Signature) put before the message's first field."""
+    if fields and not fields.endswith(b"\n"):
+        raise ValueError("prepended header fields must end with a line ending")
+    return fields + raw
