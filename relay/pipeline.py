@@ -1,25 +1,31 @@
-"""One submitted message through identify, classify, decide, rewrite, sign, deliver.
+"""One submitted message through identify, classify, decide, rewrite, sign, spool.
 
 ``prepare`` is everything up to the signed bytes and has no side effects,
-so ``relay preview`` runs exactly the code the daemon runs. ``process`` adds
-delivery and the one log line per message a sysadmin greps for.
+so ``relay preview`` runs exactly the code the daemon runs. ``Acceptor``
+adds the spool and the audit records; delivery is the engine's job.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from relay import message, rewrite
+from relay.audit import AuditError, events
 from relay.classify import classify
 from relay.decide import Decision, decide
-from relay.deliver import deliver
-from relay.errors import HeaderInjection, Rejected, SigningError, SmtpReply
+from relay.engine import Engine
+from relay.errors import HeaderInjection, Rejected, SigningError, SmtpReply, UpstreamError
 from relay.identify import identify
 from relay.policy.model import Policy
 from relay.queueid import new_queue_id
+from relay.record import Recorder
 from relay.sign import sign
+from relay.spool import PENDING, QueueEntry, RecipientState, Spool, SpoolError
 from relay.submission import Submission
 
 log = logging.getLogger("relay")
@@ -52,48 +58,145 @@ def prepare(policy: Policy, submission: Submission, now: datetime | None = None)
     return Prepared(queue_id, decision, signature + rewritten)
 
 
-async def process(policy: Policy, submission: Submission) -> str:
-    try:
-        prepared = prepare(policy, submission)
-    except SmtpReply as reply:
+class Acceptor:
+    """The receiving side's last step: spool, audit, then the 250.
+
+    A message is answered 250 only when it is in the spool and its
+    ``received`` and ``queued`` records are in the audit log, both fsynced;
+    if either write fails the client gets 451 and nothing is kept. The
+    engine is told to keep its hands off the entry until the answer is
+    decided, so a message refused here can never be delivered anyway.
+    """
+
+    def __init__(self, spool: Spool, engine: Engine, recorder: Recorder) -> None:
+        self.spool = spool
+        self.engine = engine
+        self.recorder = recorder
+
+    async def process(self, policy: Policy, submission: Submission) -> str:
+        try:
+            prepared = prepare(policy, submission)
+        except SmtpReply as reply:
+            await self._rejected(submission, reply)
+            raise
+        entry = _entry(prepared, submission)
+        self.engine.accepting.add(entry.queue_id)
+        try:
+            await self._keep(policy, submission, prepared, entry)
+        finally:
+            self.engine.accepting.discard(entry.queue_id)
         log.info(
-            "rejected client=%s login=%s from=<%s> reply=%r",
+            "%s: client=%s login=%s from=<%s> tenant=%s user=%s type=%s rule=%s size=%d"
+            " nrcpt=%d bcc=%s dkim=%s relay=%s queued",
+            entry.queue_id,
             submission.client_address,
             submission.auth_login or "-",
             submission.mail_from,
+            entry.tenant,
+            entry.user,
+            entry.doc_type,
+            prepared.decision.classification.rule or "-",
+            entry.size,
+            len(entry.recipients),
+            ",".join(f"<{r}>" for r in prepared.decision.bcc_added) or "-",
+            ",".join(f"{k.domain}/{k.selector}" for k in prepared.decision.signing) or "none",
+            entry.upstream,
+        )
+        listener = next((x for x in policy.listeners if x.name == submission.listener), None)
+        if listener is not None and listener.immediate > 0:
+            return await self._immediate(entry, listener.immediate)
+        self.engine.wake()
+        return f"250 2.0.0 Ok: queued as {entry.queue_id}"
+
+    async def _keep(
+        self, policy: Policy, submission: Submission, prepared: Prepared, entry: QueueEntry
+    ) -> None:
+        try:
+            await asyncio.to_thread(self.spool.put, entry, prepared.message)
+        except SpoolError as exc:
+            log.error("%s: cannot write to the spool: %s", entry.queue_id, exc)
+            raise SmtpReply(451, "4.3.0", "Queue write failed, try again later") from exc
+        subject = message.read(submission.data).subject if policy.audit.record_subject else None
+        self.recorder.add(
+            events.received_for(
+                entry.queue_id,
+                entry.message_id,
+                submission,
+                prepared.decision,
+                entry.size,
+                policy.digest,
+                subject,
+            )
+        )
+        self.recorder.add(
+            events.queued(
+                queue_id=entry.queue_id,
+                message_id=entry.message_id,
+                recipients=[r.address for r in entry.recipients],
+                size=entry.size,
+            )
+        )
+        try:
+            await self.recorder.flush()
+        except AuditError as exc:
+            log.error("%s: cannot write the audit log: %s", entry.queue_id, exc)
+            await asyncio.to_thread(self.spool.remove, entry.queue_id)
+            raise SmtpReply(451, "4.3.0", "Audit log write failed, try again later") from exc
+
+    async def _immediate(self, entry: QueueEntry, wait: float) -> str:
+        """Wait a little for the first attempt, for ERPs that show the server's answer."""
+        task = self.engine.attempt_now(entry.queue_id, immediate=True)
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(task), wait)
+        except TimeoutError:
+            return f"250 2.0.0 Ok: queued as {entry.queue_id}"
+        if outcome.status == "refused":
+            code = int(outcome.reply[:3]) if outcome.reply[:3].isdigit() else 550
+            status, _, text = outcome.reply[4:].partition(" ")
+            if not re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", status):
+                status, text = "5.0.0", outcome.reply[4:]
+            raise UpstreamError(code, status, text)
+        return f"250 2.0.0 Ok: queued as {entry.queue_id}"
+
+    async def _rejected(self, submission: Submission, reply: SmtpReply) -> None:
+        log.info(
+            "reject: client=%s login=%s from=<%s> to=%s: %s",
+            submission.client_address,
+            submission.auth_login or "-",
+            submission.mail_from,
+            ",".join(f"<{r}>" for r in submission.rcpt_tos),
             reply.line,
         )
-        raise
+        self.recorder.add(events.rejected_for(submission, reply))
+        try:
+            await self.recorder.flush()
+        except AuditError as exc:
+            log.error("cannot write the audit log: %s", exc)
+
+
+def _entry(prepared: Prepared, submission: Submission) -> QueueEntry:
     decision = prepared.decision
-    try:
-        result = await deliver(
-            decision.upstream, decision.mail_from, decision.recipients, prepared.message
-        )
-    except SmtpReply as reply:
-        _log_delivery(prepared, "deferred" if reply.code < 500 else "bounced", reply.line)
-        raise
-    _log_delivery(prepared, "sent", result.reply)
-    for rcpt, reason in result.refused.items():
-        log.info("%s to=<%s> status=bounced reply=%r", prepared.queue_id, rcpt, reason)
-    return f"250 2.0.0 Ok: queued as {prepared.queue_id}"
-
-
-def _log_delivery(prepared: Prepared, status: str, reply: str) -> None:
-    d = prepared.decision
-    log.info(
-        "%s tenant=%s user=%s login=%s type=%s rule=%s to=%s bcc=%s dkim=%s relay=%s"
-        " size=%d status=%s reply=%r",
-        prepared.queue_id,
-        d.identity.tenant.id,
-        d.identity.user.id,
-        d.identity.login or "-",
-        d.classification.doc_type,
-        d.classification.rule or "-",
-        ",".join(f"<{r}>" for r in d.recipients),
-        ",".join(f"<{r}>" for r in d.bcc_added) or "-",
-        ",".join(f"{k.domain}/{k.selector}" for k in d.signing) or "none",
-        d.upstream.name,
-        len(prepared.message),
-        status,
-        reply,
+    view = message.read(prepared.message)
+    bcc = set(decision.bcc_added)
+    now = time.time()
+    return QueueEntry(
+        queue_id=prepared.queue_id,
+        arrival=now,
+        mail_from=decision.mail_from,
+        recipients=[
+            RecipientState(address, PENDING, notify=address not in bcc)
+            for address in decision.recipients
+        ],
+        upstream=decision.upstream.name,
+        tenant=decision.identity.tenant.id,
+        user=decision.identity.user.id,
+        notify_address=decision.identity.user.address,
+        doc_type=decision.classification.doc_type,
+        subject=view.subject,
+        message_id=view.get("Message-ID") or "",
+        date=view.get("Date") or "",
+        size=len(prepared.message),
+        client_address=submission.client_address,
+        auth_login=submission.auth_login,
+        next_attempt=now,
     )

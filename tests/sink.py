@@ -22,6 +22,7 @@ class Sink:
     """Records every message; ``refuse`` maps a recipient to the reply it gets."""
 
     refuse: dict[str, str] = field(default_factory=dict)
+    data_reply: str = "250 2.0.0 sink accepted"
     messages: list[Received] = field(default_factory=list)
 
     async def handle_RCPT(
@@ -33,10 +34,12 @@ class Sink:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if not self.data_reply.startswith("2"):
+            return self.data_reply
         self.messages.append(
             Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)
         )
-        return "250 2.0.0 sink accepted"
+        return self.data_reply
 
     def wait(self, count: int = 1, timeout: float = 10.0) -> list[Received]:
         pause = threading.Event()
@@ -56,9 +59,9 @@ def free_port() -> int:
 class SinkServer:
     """Runs a Sink on 127.0.0.1 on a free port until stopped."""
 
-    def __init__(self, sink: Sink | None = None) -> None:
+    def __init__(self, sink: Sink | None = None, port: int | None = None) -> None:
         self.sink = sink or Sink()
-        self.port = free_port()
+        self.port = port or free_port()
         self.controller = Controller(
             self.sink, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=False, ready_timeout=10
         )

@@ -7,6 +7,7 @@ import smtplib
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from email.utils import parseaddr
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from relay import headers, message
 from tests.dkimtools import assert_opendkim_ok, dkimpy_verify
 from tests.relayproc import RelayProcess
-from tests.sink import Sink, SinkServer, free_port
+from tests.sink import SinkServer, free_port
 
 PDF = b"JVBERi0xLjQKJcfsj6IKMSAwIG9iago8PC9UeXBlL0NhdGFsb2c+PgplbmRvYmoK\r\n"
 BODY = (
@@ -86,7 +87,10 @@ def test_invoice_rewritten_signed_and_delivered(
     assert got.mail_from == "bounces@platform.example"
     assert got.rcpt_tos == [*RCPTS, "kari@acme.example"]
     view = message.read(got.data)
-    assert view.get("From") == "Kari Nordmann via Acme AS <noreply@platform.example>"
+    assert parseaddr(view.get("From") or "") == (
+        "Kåre Ødegård via Acme AS",
+        "noreply@platform.example",
+    )
     assert view.get("Reply-To") == "Per Hansen <per@acme.example>"
     assert view.get("To") == "Customer One <one@example.org>,  two@example.org"
     for gone in ("Bcc", "X-ERP-User", "X-Responsible"):
@@ -97,7 +101,10 @@ def test_invoice_rewritten_signed_and_delivered(
 
     assert dkimpy_verify(got.data, dns_records)
     assert_opendkim_ok(got.data, dns_records, tmp_path)
-    assert f"{queue_id} tenant=acme user=kari login=erp-acme type=invoice" in relay.log()
+    log = relay.log()
+    assert f"{queue_id}: client=127.0.0.1 login=erp-acme from=<erp@erp.acme.example>" in log
+    assert "tenant=acme user=kari type=invoice rule=invoice-subject" in log
+    _wait_for(lambda: f"{queue_id}: to=<one@example.org>, relay=default" in relay.log())
     assert "status=sent" in relay.log()
 
 
@@ -107,7 +114,7 @@ def test_swaks_submission(relay: RelayProcess, sink: SinkServer) -> None:
             "swaks", "--server", f"127.0.0.1:{relay.port}",
             "--auth", "LOGIN", "--auth-user", "erp-acme", "--auth-password", "demo-password",
             "--from", "jan@acme.example", "--to", "customer@example.org",
-            "--header", "Subject: Tilbud 17", "--body", "Se vedlagt tilbud.",
+            "--header", "Subject: Faktura 17", "--body", "Se vedlagt faktura.",
         ],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
@@ -120,6 +127,7 @@ def test_swaks_submission(relay: RelayProcess, sink: SinkServer) -> None:
 def test_unknown_sender_refused_and_nothing_sent(relay: RelayProcess, sink: SinkServer) -> None:
     data = b"From: x@nowhere.example\r\nTo: one@example.org\r\nSubject: hi\r\n\r\nhi\r\n"
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
+        client.ehlo()
         client.mail("x@nowhere.example")
         client.rcpt("one@example.org")
         code, reply = client.data(data)
@@ -127,33 +135,6 @@ def test_unknown_sender_refused_and_nothing_sent(relay: RelayProcess, sink: Sink
     assert reply.startswith(b"5.7.1 Sender not known to this relay")
     time.sleep(0.2)
     assert sink.sink.messages == []
-
-
-def test_upstream_refusal_passed_back_with_its_text(policy_file: Path, tmp_path: Path) -> None:
-    refusing = Sink(refuse={"one@example.org": "550 5.1.1 <one@example.org>: mailbox unknown"})
-    with SinkServer(refusing) as sink:
-        port = free_port()
-        policy = _policy(policy_file, port, sink.port)
-        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
-            data = b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: Hi\r\n\r\nhi\r\n"
-            with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
-                client.mail("jan@acme.example")
-                client.rcpt("one@example.org")
-                code, reply = client.data(data)
-    assert code == 550
-    assert b"mailbox unknown" in reply
-
-
-def test_upstream_down_is_a_temporary_failure(policy_file: Path, tmp_path: Path) -> None:
-    port, dead = free_port(), free_port()
-    with RelayProcess(_policy(policy_file, port, dead), port, tmp_path / "relay.log") as relay:
-        data = b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: Hi\r\n\r\nhi\r\n"
-        with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
-            client.mail("jan@acme.example")
-            client.rcpt("one@example.org")
-            code, reply = client.data(data)
-    assert code == 451
-    assert reply.startswith(b"4.4.1")
 
 
 def test_reload_keeps_old_policy_when_new_one_is_broken(
