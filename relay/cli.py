@@ -10,6 +10,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from relay.policy.model import Policy
 
 EX_USAGE = 64
 EX_DATAERR = 65
@@ -64,7 +68,60 @@ def _parser() -> argparse.ArgumentParser:
 
     passwd = sub.add_parser("passwd", help="hash an AUTH password for the policy's logins")
     passwd.set_defaults(run=_passwd)
+    _queue_parsers(sub)
+    _audit_parsers(sub)
     return parser
+
+
+def _queue_parsers(sub: argparse._SubParsersAction) -> None:
+    queue = sub.add_parser("queue", help="list and manage queued messages (like postqueue)")
+    verbs = queue.add_subparsers(metavar="COMMAND")
+    listing = verbs.add_parser("list", help="list queued messages")
+    _policy_option(listing)
+    listing.add_argument("--json", action="store_true", help="JSON lines, postqueue -j names")
+    listing.set_defaults(run=_queue, verb="list")
+    show = verbs.add_parser("show", help="one message's record and headers")
+    _policy_option(show)
+    show.add_argument("queue_id")
+    show.set_defaults(run=_queue, verb="show")
+    for verb, text in (
+        ("retry", "deliver now (ID... or ALL)"),
+        ("delete", "remove messages (ID..., - for IDs on stdin, or ALL)"),
+        ("hold", "keep messages from delivery until released"),
+        ("release", "let held messages be delivered"),
+    ):
+        command = verbs.add_parser(verb, help=text)
+        _policy_option(command)
+        command.add_argument("targets", nargs="+", metavar="ID")
+        command.set_defaults(run=_queue, verb=verb)
+
+
+def _audit_parsers(sub: argparse._SubParsersAction) -> None:
+    audit = sub.add_parser("audit", help="search and verify the audit log")
+    verbs = audit.add_subparsers(metavar="COMMAND")
+    search = verbs.add_parser("search", help="events matching all the filters given")
+    _policy_option(search)
+    for option in ("since", "until", "tenant", "user", "recipient", "doc-type", "status"):
+        search.add_argument(f"--{option}")
+    search.add_argument("--message-id")
+    search.add_argument("--queue-id")
+    search.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    search.set_defaults(run=_audit, verb="search")
+    show = verbs.add_parser("show", help="one document's timeline, by queue ID or Message-ID")
+    _policy_option(show)
+    show.add_argument("ident", metavar="ID")
+    show.add_argument("--format", choices=["text", "json"], default="text")
+    show.set_defaults(run=_audit, verb="show")
+    report = verbs.add_parser("report", help="counts per tenant and document type")
+    _policy_option(report)
+    report.add_argument("--since")
+    report.add_argument("--until")
+    report.add_argument("--format", choices=["text", "json", "csv"], default="text")
+    report.set_defaults(run=_audit, verb="report")
+    verify = verbs.add_parser("verify", help="check the hash chain; exit 1 if tampered")
+    _policy_option(verify)
+    verify.add_argument("--since")
+    verify.set_defaults(run=_audit, verb="verify")
 
 
 def _policy_option(parser: argparse.ArgumentParser) -> None:
@@ -86,14 +143,11 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from relay.errors import PolicyError, SmtpReply
-    from relay.policy.load import load
+    from relay.errors import SmtpReply
     from relay.preview import render, submission_from_file
 
-    try:
-        policy = load(args.config)
-    except PolicyError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
+    policy = _load_or_report(args.config)
+    if policy is None:
         return EX_CONFIG
     try:
         raw = args.message.read_bytes()
@@ -108,6 +162,72 @@ def _preview(args: argparse.Namespace) -> int:
         return EX_DATAERR
     print(text)
     return 0
+
+
+def _load_or_report(path: Path) -> Policy | None:
+    from relay.errors import PolicyError
+    from relay.policy.load import load
+
+    try:
+        return load(path)
+    except PolicyError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return None
+
+
+def _queue(args: argparse.Namespace) -> int:
+    from relay.spool import Spool, tools
+
+    policy = _load_or_report(args.config)
+    if policy is None:
+        return EX_CONFIG
+    spool = Spool(policy.queue.directory)
+    if args.verb == "list":
+        return tools.list_queue(spool, sys.stdout, as_json=args.json)
+    if args.verb == "show":
+        return tools.show(spool, args.queue_id, sys.stdout, sys.stderr)
+    verb = getattr(tools, args.verb)
+    outcome = verb(spool, args.targets, sys.stdout, sys.stderr)
+    if args.verb == "delete" and outcome.entries:
+        from relay.record import Recorder, audit_log, operator
+
+        recorder = Recorder(audit_log(policy))
+        for entry in outcome.entries:
+            recorder.deleted(entry, operator())
+        recorder.flush_sync()
+    return outcome.code
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from relay.audit import commands
+
+    policy = _load_or_report(args.config)
+    if policy is None:
+        return EX_CONFIG
+    directory, out, err = policy.audit.directory, sys.stdout, sys.stderr
+    if args.verb == "search":
+        return commands.search_main(
+            directory,
+            since=args.since,
+            until=args.until,
+            tenant=args.tenant,
+            user=args.user,
+            recipient=args.recipient,
+            doc_type=args.doc_type,
+            status=args.status,
+            message_id=args.message_id,
+            queue_id=args.queue_id,
+            output=args.format,
+            out=out,
+            err=err,
+        )
+    if args.verb == "show":
+        return commands.show_main(directory, args.ident, output=args.format, out=out, err=err)
+    if args.verb == "report":
+        return commands.report_main(
+            directory, since=args.since, until=args.until, output=args.format, out=out, err=err
+        )
+    return commands.verify_main(directory, args.since, out, err, hmac_key=policy.audit.hmac_key)
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from relay.engine import Attempt
+from relay.errors import UpstreamError
 from relay.policy.model import DirectoryUpstream, SmtpUpstream, Upstream
 from relay.upstream import DeliveryResult, directory, smtp
 
-__all__ = ["DeliveryResult", "deliver"]
+__all__ = ["DeliveryResult", "attempt", "deliver"]
 
 
 async def deliver(
@@ -26,3 +28,21 @@ async def deliver(
     if isinstance(upstream, DirectoryUpstream):
         return await directory.write(upstream, mail_from, rcpt_tos, data)
     raise TypeError(f"unknown upstream type {type(upstream).__name__}")
+
+
+async def attempt(
+    upstream: Upstream, mail_from: str, rcpt_tos: Sequence[str], data: bytes
+) -> Attempt:
+    """One delivery attempt as the engine sees it: a reply for every recipient."""
+    try:
+        result = await deliver(upstream, mail_from, rcpt_tos, data)
+    except UpstreamError as exc:
+        return Attempt(dict.fromkeys(rcpt_tos, (exc.code, exc.line)))
+    replies = {rcpt: (250, result.reply) for rcpt in rcpt_tos}
+    for rcpt, reply in result.refused.items():
+        replies[rcpt] = (_code(reply), reply)
+    return Attempt(replies)
+
+
+def _code(reply: str) -> int:
+    return int(reply[:3]) if reply[:3].isdigit() else 451

@@ -19,14 +19,19 @@ import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from relay.errors import PolicyError
+from relay.errors import PolicyError, RelayError
 from relay.policy.model import Policy
+
+if TYPE_CHECKING:
+    from relay.audit import AuditLog
 
 log = logging.getLogger("relay")
 
 STOP_GRACE = 10.0
 EX_OSERR = 71
+EX_CANTCREAT = 73
 EX_CONFIG = 78
 LOG_FORMAT = "%(asctime)s relay[%(process)d] %(levelname)s %(message)s"
 
@@ -42,9 +47,14 @@ class PolicyHolder:
 
 
 async def serve(policy_path: Path, ready: Callable[[], None] | None = None) -> int:
+    from relay.audit import AuditError, events
+    from relay.deliver import attempt
+    from relay.engine import Engine
     from relay.ingress import start
-    from relay.pipeline import process
+    from relay.pipeline import Acceptor
     from relay.policy.load import load
+    from relay.record import Recorder, audit_log
+    from relay.spool import Spool, SpoolError
 
     try:
         policy = load(policy_path)
@@ -55,7 +65,21 @@ async def serve(policy_path: Path, ready: Callable[[], None] | None = None) -> i
         return EX_CONFIG
     holder = PolicyHolder(policy)
     try:
-        ingress = await start(policy.listeners, holder.current, process)
+        spool = Spool(policy.queue.directory)
+        recovered = await asyncio.to_thread(spool.recover)
+        audit = audit_log(policy)
+        await asyncio.to_thread(audit.maintain)
+        audit.append(
+            events.policy_loaded(policy_file=str(policy_path), policy_sha256=policy.digest)
+        )
+    except (SpoolError, AuditError, OSError) as exc:
+        log.error("cannot open the state directory: %s", exc)
+        return EX_CANTCREAT
+    log.info("spool %s: %d messages to deliver", policy.queue.directory, recovered)
+    engine = Engine(spool, holder.current, attempt, Recorder(audit))
+    acceptor = Acceptor(spool, engine, Recorder(audit))
+    try:
+        ingress = await start(policy.listeners, holder.current, acceptor.process)
     except ssl.SSLError as exc:
         log.error("cannot load a listener's TLS certificate or key: %s", exc)
         return EX_CONFIG
@@ -67,6 +91,7 @@ async def serve(policy_path: Path, ready: Callable[[], None] | None = None) -> i
     log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
 
     loop = asyncio.get_running_loop()
+    delivering = loop.create_task(engine.run())
     stopping = asyncio.Event()
     reloads: set[asyncio.Task[None]] = set()
 
@@ -74,7 +99,7 @@ async def serve(policy_path: Path, ready: Callable[[], None] | None = None) -> i
         if reloads:
             log.info("SIGHUP: a reload is already running")
             return
-        task = loop.create_task(_reload(policy_path, holder, load))
+        task = loop.create_task(_reload(policy_path, holder, load, audit))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
@@ -87,6 +112,9 @@ async def serve(policy_path: Path, ready: Callable[[], None] | None = None) -> i
         await stopping.wait()
         log.info("stopping: no new connections; waiting up to %gs for transactions", STOP_GRACE)
         await ingress.close(STOP_GRACE)
+        await engine.stop(STOP_GRACE)
+        await delivering
+        audit.close()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
@@ -94,7 +122,11 @@ async def serve(policy_path: Path, ready: Callable[[], None] | None = None) -> i
     return 0
 
 
-async def _reload(path: Path, holder: PolicyHolder, load: Callable[[Path], Policy]) -> None:
+async def _reload(
+    path: Path, holder: PolicyHolder, load: Callable[[Path], Policy], audit: AuditLog
+) -> None:
+    from relay.audit import events
+
     old = holder.policy
     try:
         new = await asyncio.to_thread(load, path)
@@ -108,6 +140,11 @@ async def _reload(path: Path, holder: PolicyHolder, load: Callable[[Path], Polic
         return
     holder.policy = new
     log.info("policy reloaded: %s (was %s)", new.digest[:12], old.digest[:12])
+    record = events.policy_loaded(policy_file=str(path), policy_sha256=new.digest)
+    try:
+        await asyncio.to_thread(audit.append, record)
+    except RelayError as exc:
+        log.error("cannot write the audit log: %s", exc)
     changed = sorted({item.name for item in set(new.listeners) ^ set(old.listeners)})
     if changed:
         log.warning(

@@ -23,10 +23,13 @@ from tests.ingress_harness import swaks
 LAUNCH = """
 import asyncio, os, sys, types
 fake = types.ModuleType("relay.pipeline")
-async def process(policy, submission):
-    await asyncio.sleep(float(os.environ.get("FAKE_DELAY", "0")))
-    return "250 2.0.0 via " + policy.tenants["acme"].name.replace(" ", "_")
-fake.process = process
+class Acceptor:
+    def __init__(self, spool, engine, recorder):
+        pass
+    async def process(self, policy, submission):
+        await asyncio.sleep(float(os.environ.get("FAKE_DELAY", "0")))
+        return "250 2.0.0 via " + policy.tenants["acme"].name.replace(" ", "_")
+fake.Acceptor = Acceptor
 sys.modules["relay.pipeline"] = fake
 from relay.server import run
 sys.exit(run(sys.argv[1]))

@@ -1,0 +1,224 @@
+"""The delivery engine: takes spooled messages upstream until each one is finished.
+
+Like Postfix's qmgr it owns the schedule, not the bytes: the spool is the
+only hand-off from the receiving side, so a restart simply rescans it. Each
+recipient ends delivered, failed (5xx) or expired (past the queue
+lifetime); temporary failures are retried with exponential backoff and
+jitter, so many deferred messages do not all come back at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from relay.audit import AuditError
+from relay.notice import build_notice
+from relay.policy.model import Policy, QueueSettings, Upstream
+from relay.record import Recorder
+from relay.spool import DELIVERED, EXPIRED, FAILED, QueueEntry, RecipientState, Spool
+from relay.spool.store import NoSuchEntry, SpoolBusy, SpoolError
+
+log = logging.getLogger("relay")
+
+POLL = 1.0  # seconds between looks at the spool for kicks and due entries
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended: ``delivered``, ``failed``, ``deferred``, ``busy`` or
+    ``refused`` (immediate mode: every recipient refused, nothing kept), with the
+    reply to pass back when refused."""
+
+    status: str
+    reply: str = ""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What the upstream said to each recipient of one delivery attempt."""
+
+    replies: dict[str, tuple[int, str]]  # recipient -> (code, reply line)
+
+
+Sender = Callable[[Upstream, str, Sequence[str], bytes], Awaitable[Attempt]]
+
+
+def backoff(settings: QueueSettings, attempts: int, rng: Callable[[], float]) -> float:
+    """Seconds to wait after the n-th failed attempt: doubling, capped, +-10% jitter."""
+    base = min(settings.first_retry * 2 ** max(attempts - 1, 0), settings.max_retry)
+    return base * (0.9 + 0.2 * rng())
+
+
+class Engine:
+    def __init__(
+        self,
+        spool: Spool,
+        policy: Callable[[], Policy],
+        send: Sender,
+        recorder: Recorder,
+        clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.spool = spool
+        self.policy = policy
+        self.send = send
+        self.recorder = recorder
+        self.clock = clock
+        self.rng = rng
+        self._wake = asyncio.Event()
+        self._busy: dict[str, asyncio.Task[Outcome]] = {}
+        self.accepting: set[str] = set()  # being accepted: not the engine's until answered
+        self._limits: dict[str, asyncio.Semaphore] = {}
+        self._stopping = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver until ``stop``; a kick from ``relay queue retry`` or ``wake`` looks at once."""
+        seen_kick = self.spool.last_kick()
+        while not self._stopping:
+            self._start_due()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), POLL)
+            self._wake.clear()
+            if self.spool.kicked_since(seen_kick):
+                seen_kick = self.spool.last_kick()
+
+    async def stop(self, timeout: float) -> None:
+        """Start nothing new; let deliveries in progress finish within ``timeout``."""
+        self._stopping = True
+        self._wake.set()
+        if self._busy:
+            await asyncio.wait(list(self._busy.values()), timeout=timeout)
+
+    def attempt_now(self, queue_id: str, immediate: bool = False) -> asyncio.Task[Outcome]:
+        """Start (or join) the delivery of one entry. With ``immediate`` a message every
+        recipient refuses is dropped without a notice: its sender is waiting for the reply."""
+        task = self._busy.get(queue_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._deliver(queue_id, immediate))
+            self._busy[queue_id] = task
+            task.add_done_callback(lambda _: self._busy.pop(queue_id, None))
+        return task
+
+    def _start_due(self) -> None:
+        now = self.clock()
+        for entry in self.spool.entries():
+            if entry.queue_id in self._busy or entry.queue_id in self.accepting:
+                continue
+            if entry.held or entry.next_attempt > now:
+                continue
+            self.attempt_now(entry.queue_id)
+
+    def _limit(self, upstream: str) -> asyncio.Semaphore:
+        if upstream not in self._limits:
+            self._limits[upstream] = asyncio.Semaphore(self.policy().queue.concurrency)
+        return self._limits[upstream]
+
+    async def _deliver(self, queue_id: str, immediate: bool) -> Outcome:
+        try:
+            with self.spool.lock(queue_id, blocking=False):
+                entry = self.spool.load(queue_id)
+                async with self._limit(entry.upstream):
+                    return await self._attempt(entry, immediate)
+        except (SpoolBusy, NoSuchEntry):
+            return Outcome("busy")
+        except SpoolError as exc:
+            log.error("%s spool error: %s", queue_id, exc)
+            return Outcome("busy")
+
+    async def _attempt(self, entry: QueueEntry, immediate: bool = False) -> Outcome:
+        policy = self.policy()
+        now = self.clock()
+        if now - entry.arrival > policy.queue.lifetime:
+            days = policy.queue.lifetime / 86400
+            for rcpt in entry.pending():
+                last = f"; last reply: {rcpt.reply}" if rcpt.reply else ""
+                reply = f"not delivered within {days:g} days{last}"
+                self._settle(entry, rcpt.address, EXPIRED, reply)
+            return await self._finish(entry, policy)
+        upstream = policy.upstreams.get(entry.upstream)
+        pending = [r.address for r in entry.pending()]
+        if upstream is None:
+            replies = dict.fromkeys(pending, (451, f"451 4.3.5 no upstream {entry.upstream!r}"))
+        else:
+            data = await asyncio.to_thread(self.spool.read_message, entry.queue_id)
+            replies = (await self.send(upstream, entry.mail_from, pending, data)).replies
+        entry.attempts += 1
+        for rcpt in entry.pending():
+            rcpt.attempts += 1
+        codes = [replies.get(a, (451, ""))[0] for a in pending]
+        if immediate and all(code >= 500 for code in codes):
+            return await self._refuse(entry, pending, replies)
+        deferred = False
+        for address in pending:
+            code, reply = replies.get(address, (451, "451 4.3.0 no reply for this recipient"))
+            if 200 <= code < 300:
+                self._settle(entry, address, DELIVERED, reply)
+            elif code >= 500:
+                self._settle(entry, address, FAILED, reply)
+            else:
+                deferred = True
+                self._note(entry, address, reply)
+        if not deferred:
+            return await self._finish(entry, policy)
+        entry.next_attempt = now + backoff(policy.queue, entry.attempts, self.rng)
+        for rcpt in entry.pending():
+            self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
+        await self._flush(entry)
+        await asyncio.to_thread(self.spool.update, entry)
+        return Outcome("deferred")
+
+    async def _refuse(
+        self, entry: QueueEntry, pending: list[str], replies: dict[str, tuple[int, str]]
+    ) -> Outcome:
+        for address in pending:
+            self._settle(entry, address, FAILED, replies[address][1])
+        await self._flush(entry)
+        await asyncio.to_thread(self.spool.remove, entry.queue_id)
+        return Outcome("refused", replies[pending[0]][1])
+
+    async def _flush(self, entry: QueueEntry) -> None:
+        try:
+            await self.recorder.flush()
+        except AuditError as exc:
+            log.error("%s: AUDIT LOG WRITE FAILED: %s", entry.queue_id, exc)
+
+    def _settle(self, entry: QueueEntry, address: str, status: str, reply: str) -> None:
+        rcpt = self._note(entry, address, reply)
+        rcpt.status = status
+        if status == DELIVERED:
+            self.recorder.delivered(entry, address, reply)
+        elif status == FAILED:
+            self.recorder.failed(entry, address, reply)
+        else:
+            self.recorder.expired(entry, address, reply)
+
+    def _note(self, entry: QueueEntry, address: str, reply: str) -> RecipientState:
+        rcpt = next(r for r in entry.recipients if r.address == address)
+        rcpt.reply = reply
+        rcpt.updated = self.clock()
+        return rcpt
+
+    async def _finish(self, entry: QueueEntry, policy: Policy) -> Outcome:
+        """Queue a notice for the failures the sender should hear of, then drop the entry."""
+        failures = [r for r in entry.recipients if r.status in (FAILED, EXPIRED) and r.notify]
+        if failures and not entry.is_notice:
+            notice, data = build_notice(policy, entry, failures, self.clock())
+            try:
+                await asyncio.to_thread(self.spool.put, notice, data)
+                self.recorder.notice(entry, notice)
+                self.wake()
+            except SpoolError as exc:
+                log.error("%s could not queue the failure notice: %s", entry.queue_id, exc)
+        await self._flush(entry)
+        await asyncio.to_thread(self.spool.remove, entry.queue_id)
+        statuses = {r.status for r in entry.recipients}
+        return Outcome(DELIVERED if statuses == {DELIVERED} else FAILED)

@@ -1,0 +1,92 @@
+"""The plain-language notice a sending user gets when a document did not arrive.
+
+ERPs send from shared technical addresses and never read DSNs, so the relay
+writes to the *person* who sent the document, in words: which document,
+to whom, and what the receiving server said. The notice has a null
+envelope sender and ``Auto-Submitted`` (RFC 3834), so it can never cause
+a notice or an auto-reply in turn.
+"""
+
+from __future__ import annotations
+
+import quopri
+from collections.abc import Sequence
+from email.header import Header
+from email.utils import formatdate
+
+from relay.headers import fold, format_address
+from relay.policy.model import Policy
+from relay.queueid import new_queue_id
+from relay.sign import sign
+from relay.spool import PENDING, QueueEntry, RecipientState
+
+NOTICE_TYPE = "notice"
+
+
+def build_notice(
+    policy: Policy, entry: QueueEntry, failures: Sequence[RecipientState], now: float
+) -> tuple[QueueEntry, bytes]:
+    queue_id = new_queue_id()
+    tenant = policy.tenants.get(entry.tenant)
+    sender = format_address(
+        f"Mail relay for {tenant.name}" if tenant else "Mail relay", policy.platform.from_address
+    )
+    subject = f"Undelivered: {entry.subject}" if entry.subject else "Undelivered document"
+    date = formatdate(now, localtime=False, usegmt=True)
+    message_id = f"<{queue_id}@{policy.platform.hostname}>"
+    head = b"".join(
+        fold(name, value)
+        for name, value in (
+            ("From", sender),
+            ("To", entry.notify_address),
+            ("Subject", Header(subject, "utf-8").encode() if not subject.isascii() else subject),
+            ("Date", date),
+            ("Message-ID", message_id),
+            ("Auto-Submitted", "auto-generated"),
+            ("MIME-Version", "1.0"),
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Transfer-Encoding", "quoted-printable"),
+        )
+    )
+    body = quopri.encodestring(_text(entry, failures).encode()).replace(b"\n", b"\r\n")
+    message = head + b"\r\n" + body
+    signed = sign(message, policy.keys_for(policy.platform.from_address.rsplit("@", 1)[1]))
+    data = signed + message
+    notice = QueueEntry(
+        queue_id=queue_id,
+        arrival=now,
+        mail_from="",
+        recipients=[RecipientState(entry.notify_address, PENDING, notify=False)],
+        upstream=entry.upstream,
+        tenant=entry.tenant,
+        user=entry.user,
+        notify_address=entry.notify_address,
+        doc_type=NOTICE_TYPE,
+        subject=subject,
+        message_id=message_id,
+        date=date,
+        size=len(data),
+        client_address="relay",
+        auth_login=None,
+        next_attempt=0.0,
+        is_notice=True,
+    )
+    return notice, data
+
+
+def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
+    lines = [
+        "A document you sent could not be delivered to everyone.",
+        "",
+        f"Document:   {entry.subject or '(no subject)'}",
+        f"Sent:       {entry.date or formatdate(entry.arrival, usegmt=True)}",
+        f"Queue ID:   {entry.queue_id}",
+        "",
+    ]
+    for rcpt in failures:
+        lines += [f"Recipient:  {rcpt.address}", f"Reason:     {rcpt.reply or 'unknown'}", ""]
+    lines += [
+        "Please check the address, or reach the recipient another way.",
+        "This notice was written by the mail relay; replies to it are not read.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,143 @@
+"""The record stage: one place that reports what happened to a message.
+
+Sysadmins and auditors read different streams. The operational log (the
+``relay`` logger, stderr or journald) gets one line per event with
+Postfix's field names (``to= relay= delay= dsn= status=``) so existing
+habits and tools carry over; the audit log gets a structured, chained
+record for the same event. Every stage reports through here, so the two
+can never disagree about what happened.
+
+Audit records are collected and written together by ``flush`` (one fsync
+for all recipients of an attempt), before the spool records the new state:
+after a crash the audit log may hold an event the spool forgot, never the
+other way round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from relay.audit import AuditLog
+from relay.audit import events as ev
+from relay.policy.model import Policy
+from relay.spool import QueueEntry
+
+log = logging.getLogger("relay")
+_DSN = re.compile(r"^\d{3}[ -](\d\.\d{1,3}\.\d{1,3})\b")
+
+
+def dsn(reply: str) -> str:
+    found = _DSN.match(reply)
+    return found.group(1) if found else "-"
+
+
+def audit_log(policy: Policy) -> AuditLog:
+    settings = policy.audit
+    return AuditLog(
+        settings.directory,
+        hmac_key=settings.hmac_key,
+        compress_after_days=settings.compress_after_days,
+        retention_days=settings.retention_days,
+    )
+
+
+def operator() -> str:
+    """Who ran a queue command: the sudo caller when there is one."""
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+class Recorder:
+    def __init__(self, audit: AuditLog | None, clock: Callable[[], float] = time.time) -> None:
+        self.audit = audit
+        self.clock = clock
+        self._pending: list[dict[str, Any]] = []
+
+    def add(self, record: dict[str, Any]) -> None:
+        if self.audit is not None:
+            self._pending.append(record)
+
+    async def flush(self) -> None:
+        """Write what was collected; raises AuditError, the caller decides what that means."""
+        await asyncio.to_thread(self.flush_sync)
+
+    def flush_sync(self) -> None:
+        records, self._pending = self._pending, []
+        if records and self.audit is not None:
+            self.audit.append_many(records)
+
+    def _delivery_line(self, entry: QueueEntry, address: str, status: str, reply: str) -> None:
+        log.info(
+            "%s: to=<%s>, relay=%s, delay=%.1f, dsn=%s, status=%s (%s)",
+            entry.queue_id,
+            address,
+            entry.upstream,
+            self.clock() - entry.arrival,
+            dsn(reply),
+            status,
+            reply,
+        )
+
+    def delivered(self, entry: QueueEntry, address: str, reply: str) -> None:
+        self._delivery_line(entry, address, "sent", reply)
+        attempts = next((r.attempts for r in entry.recipients if r.address == address), 0)
+        self.add(
+            ev.delivered(
+                queue_id=entry.queue_id,
+                message_id=entry.message_id,
+                recipient=address,
+                upstream=entry.upstream,
+                reply=reply,
+                attempts=attempts,
+            )
+        )
+
+    def deferred(self, entry: QueueEntry, address: str, reply: str, next_attempt: float) -> None:
+        self._delivery_line(entry, address, "deferred", reply)
+        self.add(
+            ev.deferred(
+                queue_id=entry.queue_id,
+                message_id=entry.message_id,
+                recipient=address,
+                reply=reply,
+                next_attempt=datetime.fromtimestamp(next_attempt, UTC),
+            )
+        )
+
+    def failed(self, entry: QueueEntry, address: str, reply: str) -> None:
+        self._delivery_line(entry, address, "bounced", reply)
+        self.add(
+            ev.failed(
+                queue_id=entry.queue_id, message_id=entry.message_id, recipient=address, reply=reply
+            )
+        )
+
+    def expired(self, entry: QueueEntry, address: str, reply: str) -> None:
+        self._delivery_line(entry, address, "expired", reply)
+        self.add(
+            ev.expired(queue_id=entry.queue_id, message_id=entry.message_id, recipient=address)
+        )
+
+    def notice(self, entry: QueueEntry, notice: QueueEntry) -> None:
+        log.info(
+            "%s: failure notice to=<%s> queued as %s",
+            entry.queue_id,
+            notice.notify_address,
+            notice.queue_id,
+        )
+
+    def deleted(self, entry: QueueEntry, by: str) -> None:
+        log.info("%s: removed from the queue by %s", entry.queue_id, by)
+        pending = [r.address for r in entry.pending()]
+        self.add(
+            ev.deleted(
+                queue_id=entry.queue_id, message_id=entry.message_id, by=by, recipients=pending
+            )
+        )

@@ -1,0 +1,261 @@
+"""The durable queue end to end: a real relay process, a real sink that misbehaves."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from relay import message
+from tests.relayproc import RelayProcess
+from tests.sink import Sink, SinkServer, free_port
+
+ROOT = Path(__file__).parent.parent
+SMALL = b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: Hello\r\n\r\nhi\r\n"
+
+
+def configure(policy_file: Path, relay_port: int, sink_port: int, extra: str = "") -> Path:
+    text = policy_file.read_text().replace("port: 2525", f"port: {relay_port}")
+    smtp = (
+        f"  default:\n    type: smtp\n    host: 127.0.0.1\n    port: {sink_port}\n"
+        "    tls: none\n    timeout: 5\n"
+    )
+    text = text.replace("  default:\n    type: directory\n    path: outbox\n", smtp)
+    text += "queue: {first_retry: 0.5, max_retry: 1, lifetime: 3600}\n" + extra
+    policy_file.write_text(text)
+    return policy_file
+
+
+def send(port: int, data: bytes = SMALL, rcpts: tuple[str, ...] = ("one@example.org",)) -> str:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo()
+        client.mail("jan@acme.example")
+        for rcpt in rcpts:
+            client.rcpt(rcpt)
+        code, reply = client.data(data)
+    assert code == 250, reply
+    return reply.decode().rsplit(" ", 1)[1]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def relay_cli(policy: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args[:2], "-c", str(policy), *args[2:]],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT, input=stdin,
+    )  # fmt: skip
+
+
+def audit_events(policy: Path, queue_id: str) -> list[str]:
+    done = relay_cli(policy, "audit", "show", queue_id, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    records = (
+        json.loads(done.stdout)
+        if done.stdout.lstrip().startswith("[")
+        else [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    )
+    return [(r["event"], r.get("recipient")) for r in records]
+
+
+def test_upstream_down_then_back_delivers_everything(policy_file: Path, tmp_path: Path) -> None:
+    port, sink_port = free_port(), free_port()
+    policy = configure(policy_file, port, sink_port)
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        ids = [send(port) for _ in range(3)]
+        wait_for(lambda: relay.log().count("status=deferred") >= 3)
+        listed = relay_cli(policy, "queue", "list", "--json")
+        assert {json.loads(line)["queue_id"] for line in listed.stdout.splitlines()} == set(ids)
+        with SinkServer(port=sink_port) as sink:
+            sink.sink.wait(3)
+            wait_for(lambda: relay.log().count("status=sent") >= 3)
+        assert relay_cli(policy, "queue", "list").stdout.strip() == "Mail queue is empty"
+    events = audit_events(policy, ids[0])
+    assert events[:2] == [("received", None), ("queued", None)]
+    assert ("deferred", "one@example.org") in events
+    assert events[-1] == ("delivered", "one@example.org")
+
+
+def test_one_recipient_refused_others_delivered_and_sender_told(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    refusing = Sink(refuse={"two@example.org": "550 5.1.1 <two@example.org>: no such user"})
+    with SinkServer(refusing) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            data = SMALL.replace(b"Subject: Hello", b"Subject: Invoice 4711")
+            qid = send(port, data, ("one@example.org", "two@example.org", "three@example.org"))
+            original, notice = sink.sink.wait(2)
+            assert original.rcpt_tos == ["one@example.org", "three@example.org", "jan@acme.example"]
+            assert notice.mail_from == "<>"  # the null sender: a notice never bounces
+            assert notice.rcpt_tos == ["jan@acme.example"]
+            text = message.read(notice.data)
+            assert text.get("Subject") == "Undelivered: Invoice 4711"
+            assert text.get("Auto-Submitted") == "auto-generated"
+            body = notice.data.split(b"\r\n\r\n", 1)[1].decode()
+            assert "two@example.org" in body and "no such user" in body and qid in body
+            time.sleep(0.5)
+            assert len(sink.sink.messages) == 2
+    events = audit_events(policy, qid)
+    assert ("failed", "two@example.org") in events
+    assert ("delivered", "one@example.org") in events
+    assert ("delivered", "jan@acme.example") in events
+
+
+def test_failed_automatic_bcc_never_produces_a_notice(policy_file: Path, tmp_path: Path) -> None:
+    refusing = Sink(refuse={"jan@acme.example": "550 5.2.2 mailbox full"})
+    with SinkServer(refusing) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            send(port, SMALL.replace(b"Subject: Hello", b"Subject: Invoice 1"))
+            sink.sink.wait(1)
+            wait_for(lambda: "status=bounced" in relay.log())
+            time.sleep(1.0)
+            assert len(sink.sink.messages) == 1
+            assert "failure notice" not in relay.log()
+
+
+def test_immediate_mode_passes_a_permanent_refusal_back(policy_file: Path, tmp_path: Path) -> None:
+    refusing = Sink(refuse={"one@example.org": "550 5.1.1 <one@example.org>: mailbox unknown"})
+    with SinkServer(refusing) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        policy.write_text(
+            policy.read_text().replace("auth: optional", "auth: optional\n    immediate: 10")
+        )
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.ehlo()
+                client.mail("jan@acme.example")
+                client.rcpt("one@example.org")
+                code, reply = client.data(SMALL)
+            assert (code, reply) == (550, b"5.1.1 <one@example.org>: mailbox unknown")
+            assert relay_cli(policy, "queue", "list").stdout.strip() == "Mail queue is empty"
+            time.sleep(0.5)
+            assert sink.sink.messages == []
+            qid = send(port, SMALL, ("two@example.org",))
+            assert sink.sink.wait(1)[0].rcpt_tos == ["two@example.org"]
+    assert audit_events(policy, qid)[-1] == ("delivered", "two@example.org")
+
+
+def test_expired_messages_fail_and_tell_the_sender(policy_file: Path, tmp_path: Path) -> None:
+    port, dead = free_port(), free_port()
+    policy = configure(policy_file, port, dead)
+    policy.write_text(policy.read_text().replace("lifetime: 3600", "lifetime: 2"))
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        qid = send(port)
+        wait_for(lambda: "status=expired" in relay.log())
+    events = audit_events(policy, qid)
+    assert events[-1] == ("expired", "one@example.org")
+    assert "failure notice" in relay.log()
+
+
+def test_spool_write_failure_answers_451_and_relay_keeps_running(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    with SinkServer() as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            spool_msg = tmp_path / "state" / "queue" / "msg"
+            spool_msg.rename(tmp_path / "msg.saved")
+            spool_msg.write_text("not a directory")
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.ehlo()
+                client.mail("jan@acme.example")
+                client.rcpt("one@example.org")
+                code, reply = client.data(SMALL)
+            assert (code, reply) == (451, b"4.3.0 Queue write failed, try again later")
+            spool_msg.unlink()
+            (tmp_path / "msg.saved").rename(spool_msg)
+            send(port)
+            sink.sink.wait(1)
+            assert "cannot write to the spool" in relay.log()
+
+
+def test_hold_release_and_delete_while_running(policy_file: Path, tmp_path: Path) -> None:
+    port, sink_port = free_port(), free_port()
+    policy = configure(policy_file, port, sink_port)
+    with RelayProcess(policy, port, tmp_path / "relay.log"):
+        keep, drop = send(port), send(port)
+        assert relay_cli(policy, "queue", "hold", keep).returncode == 0
+        assert relay_cli(policy, "queue", "delete", "-", stdin=f"{drop}\n").returncode == 0
+        with SinkServer(port=sink_port) as sink:
+            time.sleep(2.0)
+            assert sink.sink.messages == []
+            assert relay_cli(policy, "queue", "release", keep).returncode == 0
+            sink.sink.wait(1)
+    assert audit_events(policy, drop)[-1] == ("deleted", None)
+    assert audit_events(policy, keep)[-1] == ("delivered", "one@example.org")
+    assert relay_cli(policy, "audit", "verify").returncode == 0
+
+
+def test_kill_9_loses_no_acknowledged_message(policy_file: Path, tmp_path: Path) -> None:
+    """Send over several connections, kill -9 the relay at random moments, restart it:
+    every message that got a 250 reaches the sink; duplicates are only possible at kills."""
+    with SinkServer() as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        acknowledged: list[str] = []
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def client(n: int) -> None:
+            for i in range(400):
+                if stop.is_set():
+                    return
+                body = f"Subject: m-{n}-{i}\r\n".encode()
+                data = SMALL.replace(b"Subject: Hello\r\n", body)
+                try:
+                    send(port, data)
+                except (OSError, smtplib.SMTPException, AssertionError):
+                    time.sleep(0.05)
+                    continue
+                with lock:
+                    acknowledged.append(f"m-{n}-{i}")
+
+        workers = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+        relay = RelayProcess(policy, port, tmp_path / "relay.log").__enter__()
+        for worker in workers:
+            worker.start()
+        rng = random.Random(7)
+        for _ in range(3):
+            time.sleep(rng.uniform(0.5, 1.5))
+            assert relay.proc is not None
+            os.kill(relay.proc.pid, signal.SIGKILL)
+            relay.proc.wait(10)
+            relay = RelayProcess(policy, port, tmp_path / "relay.log").__enter__()
+        time.sleep(1.0)
+        stop.set()
+        for worker in workers:
+            worker.join(60)
+        try:
+            wait_for(lambda: _subjects(sink) >= set(acknowledged), timeout=60)
+        finally:
+            relay.stop()
+        got = [message.read(m.data).subject for m in sink.sink.messages]
+        duplicates = len(got) - len(set(got))
+        print(f"acknowledged={len(acknowledged)} received={len(got)} duplicates={duplicates}")
+        assert len(acknowledged) > 50
+        assert set(acknowledged) <= set(got)
+        assert duplicates <= 12
+
+
+def _subjects(sink: SinkServer) -> set[str]:
+    return {message.read(m.data).subject for m in list(sink.sink.messages)}
