@@ -28,6 +28,7 @@ _PAYLOAD_MAX = _WORD_MAX - len(_WORD_PREFIX["q"]) - len("?=")
 _FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 _BREAKS = re.compile(r"[\r\n\x00]")
+_SURROGATES = re.compile("[\ud800-\udfff]")  # not text: cannot be written as UTF-8
 # Besides CR and LF, some parsers end a line at VT, FF or other controls.
 _CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -107,9 +108,27 @@ def format_address(display_name: str, address: str) -> str:
             raise HeaderInjection(f"{what} contains CR, LF or NUL: {_show(text)}")
     if not _ADDR_SPEC.fullmatch(address):
         raise HeaderInjection(f"not a plain local@domain address: {_show(address)}")
+    if _SURROGATES.search(display_name):
+        raise HeaderInjection(f"display name is not valid text: {_show(display_name)}")
     if not display_name:
         return address
     return f"{_phrase(display_name)} <{address}>"
+
+
+def encode_text(text: str) -> str:
+    """Free text (a Subject) as ASCII for ``fold``: as it is, or as RFC 2047 words.
+
+    Unlike ``email.header.Header.encode`` it never folds, so its result
+    can go straight into ``fold``; a ``=?...?=`` in plain text is encoded
+    too, or the reader would decode it.
+    """
+    if _BREAKS.search(text):
+        raise HeaderInjection(f"text contains CR, LF or NUL: {_show(text)}")
+    if _SURROGATES.search(text):
+        raise HeaderInjection(f"not valid text: {_show(text)}")
+    if all(" " <= ch <= "~" for ch in text) and "=?" not in text:
+        return text
+    return " ".join(_encoded_words(text))
 
 
 def fold(name: str, value: str) -> bytes:
@@ -191,33 +210,26 @@ def _encoded_words(text: str) -> list[str]:
     """
     q_length = sum(len(_q_char(ch)) for ch in text)
     b_length = -(-len(text.encode("utf-8")) // 3) * 4
-    if q_length <= b_length:
-        prefix, size, limit = _WORD_PREFIX["q"], _q_length, _PAYLOAD_MAX
-    else:
-        prefix, size, limit = _WORD_PREFIX["b"], _utf8_length, _PAYLOAD_MAX // 4 * 3
-    chunks = [""]
+    use_q = q_length <= b_length
+    limit = _PAYLOAD_MAX if use_q else _PAYLOAD_MAX // 4 * 3  # B: bytes before encoding
+
+    def size(ch: str) -> int:
+        return len(_q_char(ch)) if use_q else len(ch.encode("utf-8"))
+
+    chunks, used = [""], 0
     for piece in re.findall(r"[^ \t]+[ \t]*|[ \t]+", text):
-        if size(chunks[-1] + piece) > limit and chunks[-1]:
+        if used and used + sum(map(size, piece)) > limit:
             chunks.append("")
+            used = 0
         for ch in piece:
-            if size(chunks[-1] + ch) > limit:
+            if used + size(ch) > limit:
                 chunks.append("")
+                used = 0
             chunks[-1] += ch
-    return [f"{prefix}{_encode_chunk(prefix, chunk)}?=" for chunk in chunks]
-
-
-def _encode_chunk(prefix: str, chunk: str) -> str:
-    if prefix == _WORD_PREFIX["q"]:
-        return "".join(map(_q_char, chunk))
-    return base64.b64encode(chunk.encode("utf-8")).decode("ascii")
-
-
-def _q_length(text: str) -> int:
-    return sum(len(_q_char(ch)) for ch in text)
-
-
-def _utf8_length(text: str) -> int:
-    return len(text.encode("utf-8"))
+            used += size(ch)
+    if use_q:
+        return [f"{_WORD_PREFIX['q']}{''.join(map(_q_char, c))}?=" for c in chunks]
+    return [f"{_WORD_PREFIX['b']}{base64.b64encode(c.encode()).decode()}?=" for c in chunks]
 
 
 def _q_char(ch: str) -> str:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import re
 from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import getaddresses
 
 _PARSER = email.parser.BytesParser(policy=email.policy.compat32)
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class MessageView:
 
 def decode(value: str) -> str:
     """Decode RFC 2047 words; a malformed word is kept as it was written."""
-    unfolded = " ".join(value.split("\r\n")).replace("\n", " ")
+    unfolded = _FOLD.sub("", value)
     try:
         return str(make_header(decode_header(unfolded)))
     except (ValueError, LookupError, UnicodeError):

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import quopri
 from collections.abc import Sequence
-from email.header import Header
 from email.utils import formatdate
 
-from relay.headers import fold, format_address
+from relay.headers import encode_text, fold, format_address
 from relay.policy.model import Policy
 from relay.queueid import new_queue_id
 from relay.sign import sign
@@ -39,7 +38,7 @@ def build_notice(
         for name, value in (
             ("From", sender),
             ("To", entry.notify_address),
-            ("Subject", Header(subject, "utf-8").encode() if not subject.isascii() else subject),
+            ("Subject", subject if subject.isascii() else encode_text(subject)),
             ("Date", date),
             ("Message-ID", message_id),
             ("Auto-Submitted", "auto-generated"),

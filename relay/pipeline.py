@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from relay import message, rewrite
+from relay import headers, message, rewrite
 from relay.audit import AuditError, events
 from relay.classify import classify
 from relay.decide import Decision, decide
@@ -40,6 +40,7 @@ class Prepared:
 
 def prepare(policy: Policy, submission: Submission, now: datetime | None = None) -> Prepared:
     queue_id = new_queue_id()
+    _check_header_block(submission.data)
     view = message.read(submission.data)
     identity = identify(policy, submission, view)
     classification = classify(policy.classify, view)
@@ -56,6 +57,19 @@ def prepare(policy: Policy, submission: Submission, now: datetime | None = None)
         log.error("%s DKIM signing failed: %s", queue_id, exc)
         raise SmtpReply(451, "4.3.0", "DKIM signing failed, try again later") from exc
     return Prepared(queue_id, decision, signature + rewritten)
+
+
+def _check_header_block(data: bytes) -> None:
+    """Refuse what the byte-level splitter and a reading parser would see differently.
+
+    A line in the header that is neither a field nor a continuation (an mbox
+    ``From `` line, ``Bcc : x``) ends the header for the rewrite but not for
+    every reader: a Bcc hidden that way could reach the recipients.
+    """
+    _, rest = headers.split(data)
+    if rest and not rest.startswith((b"\r\n", b"\n")):
+        line = rest.split(b"\n", 1)[0][:60].decode("ascii", "replace").strip()
+        raise Rejected(550, "5.6.0", f"Malformed header line: {line!r}")
 
 
 class Acceptor:

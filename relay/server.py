@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay")
 
 STOP_GRACE = 10.0
+AUDIT_UPKEEP = 86400.0
 EX_OSERR = 71
 EX_CANTCREAT = 73
 EX_CONFIG = 78
@@ -92,6 +93,7 @@ async def serve(policy_path: Path, ready: Callable[[], None] | None = None) -> i
 
     loop = asyncio.get_running_loop()
     delivering = loop.create_task(engine.run())
+    upkeep = loop.create_task(_audit_upkeep(audit))
     stopping = asyncio.Event()
     reloads: set[asyncio.Task[None]] = set()
 
@@ -114,6 +116,7 @@ async def serve(policy_path: Path, ready: Callable[[], None] | None = None) -> i
         await ingress.close(STOP_GRACE)
         await engine.stop(STOP_GRACE)
         await delivering
+        upkeep.cancel()
         audit.close()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -150,6 +153,19 @@ async def _reload(
         log.warning(
             "listener settings changed (%s): they take effect after a restart", ", ".join(changed)
         )
+
+
+async def _audit_upkeep(audit: AuditLog) -> None:
+    """Compress closed days and apply retention once a day, as the policy asks."""
+    while True:
+        await asyncio.sleep(AUDIT_UPKEEP)
+        try:
+            done = await asyncio.to_thread(audit.maintain)
+        except RelayError as exc:
+            log.error("audit log upkeep failed: %s", exc)
+            continue
+        for line in done:
+            log.info("audit log: %s", line)
 
 
 def _hostport(host: str, port: int) -> str:

@@ -250,3 +250,22 @@ def test_signature_is_prepended(policy_file: Path) -> None:
     p = run(policy_file, msg(*BASE))
     names = [f.name for f in headers.split(p.message)[0]]
     assert names[:2] == ["DKIM-Signature", "DKIM-Signature"]
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        "From jan@acme.example Mon Nov 23 09:00:00 2026",
+        "Bcc : hidden@example.org",
+    ],
+)
+def test_header_lines_readers_disagree_on_are_refused(policy_file: Path, first: str) -> None:
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, msg(*BASE, first, "Subject: x"))
+    assert caught.value.code == 550
+    assert caught.value.line.startswith("550 5.6.0 Malformed header line:")
+
+
+def test_unfolded_values_read_as_written(policy_file: Path) -> None:
+    view = message.read(msg("From: Jan <jan@acme.example>", "To: a@example.org,", " b@example.org"))
+    assert view.get("To") == "a@example.org, b@example.org"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import smtplib
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from email.utils import parseaddr
@@ -92,7 +94,7 @@ def test_invoice_rewritten_signed_and_delivered(
         "noreply@platform.example",
     )
     assert view.get("Reply-To") == "Per Hansen <per@acme.example>"
-    assert view.get("To") == "Customer One <one@example.org>,  two@example.org"
+    assert view.get("To") == "Customer One <one@example.org>, two@example.org"
     for gone in ("Bcc", "X-ERP-User", "X-Responsible"):
         assert view.get(gone) is None
     assert b"hidden@example.org" not in got.data
@@ -135,6 +137,15 @@ def test_unknown_sender_refused_and_nothing_sent(relay: RelayProcess, sink: Sink
     assert reply.startswith(b"5.7.1 Sender not known to this relay")
     time.sleep(0.2)
     assert sink.sink.messages == []
+    found = subprocess.run(
+        [sys.executable, "-m", "relay", "audit", "search", "-c", str(relay.policy),
+         "--status", "rejected", "--format", "json"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    (record,) = [json.loads(line) for line in found.stdout.splitlines()]
+    assert record["mail_from"] == "x@nowhere.example"
+    assert record["reply"].startswith("550 5.7.1 Sender not known to this relay")
 
 
 def test_reload_keeps_old_policy_when_new_one_is_broken(

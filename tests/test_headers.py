@@ -12,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from relay.errors import HeaderInjection
-from relay.headers import Field, fold, format_address, line_ending, split, value
+from relay.headers import Field, encode_text, fold, format_address, line_ending, split, value
 
 # split
 
@@ -191,6 +191,13 @@ def test_format_address_refuses_line_breaks(bad: str) -> None:
         format_address("Jan", f"jan{bad}@acme.example")
 
 
+def test_lone_surrogates_are_refused() -> None:
+    with pytest.raises(HeaderInjection):
+        format_address("M\udcfcller", "m@acme.example")
+    with pytest.raises(HeaderInjection):
+        encode_text("M\udcfcller")
+
+
 @pytest.mark.parametrize(
     "address",
     [
@@ -351,3 +358,34 @@ def test_no_value_ever_becomes_a_separate_field(text: str) -> None:
     fields, rest = split(line + b"\r\nbody")
     assert [f.name for f in fields] == ["Subject"]
     assert rest == b"\r\nbody"
+
+
+# encode_text
+
+
+def test_encode_text() -> None:
+    assert encode_text("Invoice 4711: due (now)") == "Invoice 4711: due (now)"
+    assert encode_text("Faktura für März") == "=?utf-8?b?RmFrdHVyYSBmw7xyIE3DpHJ6?="
+    assert encode_text("Rechnung für Leistungen im Oktober") == (
+        "=?utf-8?q?Rechnung_f=C3=BCr_Leistungen_im_Oktober?="
+    )
+    assert encode_text("=?utf-8?q?x?=") == "=?utf-8?b?PT91dGYtOD9xP3g/PQ==?="
+    with pytest.raises(HeaderInjection):
+        encode_text("Evil\r\nBcc: x@y")
+
+
+@given(st.text(max_size=300))
+@settings(max_examples=300)
+def test_encode_text_folds_and_decodes_back(text: str) -> None:
+    if re.search(r"[\r\n\0]", text):
+        with pytest.raises(HeaderInjection):
+            encode_text(text)
+        return
+    encoded = encode_text(text)
+    if encoded == text:
+        assert text.isascii()
+        return
+    line = fold("Subject", encoded)
+    assert all(len(x) <= 76 for x in line.split(b"\r\n"))
+    unfolded = line[len("Subject: ") : -2].replace(b"\r\n", b"").decode("ascii")
+    assert str(make_header(decode_header(unfolded))) == text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -19,6 +20,8 @@ from tests.relayproc import RelayProcess
 from tests.sink import Sink, SinkServer, free_port
 
 ROOT = Path(__file__).parent.parent
+MESSAGES_PER_CLIENT = 500
+KILLS = 5
 SMALL = b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: Hello\r\n\r\nhi\r\n"
 
 
@@ -85,9 +88,14 @@ def test_upstream_down_then_back_delivers_everything(policy_file: Path, tmp_path
             wait_for(lambda: relay.log().count("status=sent") >= 3)
         assert relay_cli(policy, "queue", "list").stdout.strip() == "Mail queue is empty"
     events = audit_events(policy, ids[0])
-    assert events[:2] == [("received", None), ("queued", None)]
-    assert ("deferred", "one@example.org") in events
-    assert events[-1] == ("delivered", "one@example.org")
+    retries = len(events) - 3
+    assert retries >= 1
+    assert events == [
+        ("received", None),
+        ("queued", None),
+        *[("deferred", "one@example.org")] * retries,
+        ("delivered", "one@example.org"),
+    ]
 
 
 def test_one_recipient_refused_others_delivered_and_sender_told(
@@ -111,10 +119,14 @@ def test_one_recipient_refused_others_delivered_and_sender_told(
             assert "two@example.org" in body and "no such user" in body and qid in body
             time.sleep(0.5)
             assert len(sink.sink.messages) == 2
-    events = audit_events(policy, qid)
-    assert ("failed", "two@example.org") in events
-    assert ("delivered", "one@example.org") in events
-    assert ("delivered", "jan@acme.example") in events
+    assert audit_events(policy, qid) == [
+        ("received", None),
+        ("queued", None),
+        ("delivered", "one@example.org"),
+        ("failed", "two@example.org"),
+        ("delivered", "three@example.org"),
+        ("delivered", "jan@acme.example"),
+    ]
 
 
 def test_failed_automatic_bcc_never_produces_a_notice(policy_file: Path, tmp_path: Path) -> None:
@@ -151,7 +163,11 @@ def test_immediate_mode_passes_a_permanent_refusal_back(policy_file: Path, tmp_p
             assert sink.sink.messages == []
             qid = send(port, SMALL, ("two@example.org",))
             assert sink.sink.wait(1)[0].rcpt_tos == ["two@example.org"]
-    assert audit_events(policy, qid)[-1] == ("delivered", "two@example.org")
+    assert audit_events(policy, qid) == [
+        ("received", None),
+        ("queued", None),
+        ("delivered", "two@example.org"),
+    ]
 
 
 def test_expired_messages_fail_and_tell_the_sender(policy_file: Path, tmp_path: Path) -> None:
@@ -162,7 +178,13 @@ def test_expired_messages_fail_and_tell_the_sender(policy_file: Path, tmp_path: 
         qid = send(port)
         wait_for(lambda: "status=expired" in relay.log())
     events = audit_events(policy, qid)
-    assert events[-1] == ("expired", "one@example.org")
+    retries = len(events) - 3
+    assert events == [
+        ("received", None),
+        ("queued", None),
+        *[("deferred", "one@example.org")] * retries,
+        ("expired", "one@example.org"),
+    ]
     assert "failure notice" in relay.log()
 
 
@@ -201,8 +223,13 @@ def test_hold_release_and_delete_while_running(policy_file: Path, tmp_path: Path
             assert sink.sink.messages == []
             assert relay_cli(policy, "queue", "release", keep).returncode == 0
             sink.sink.wait(1)
-    assert audit_events(policy, drop)[-1] == ("deleted", None)
-    assert audit_events(policy, keep)[-1] == ("delivered", "one@example.org")
+    dropped = audit_events(policy, drop)
+    assert dropped[:2] == [("received", None), ("queued", None)]
+    assert set(dropped[2:-1]) <= {("deferred", "one@example.org")}
+    assert dropped[-1] == ("deleted", None)
+    kept = audit_events(policy, keep)
+    assert kept[-1] == ("delivered", "one@example.org")
+    assert set(kept[2:-1]) <= {("deferred", "one@example.org")}
     assert relay_cli(policy, "audit", "verify").returncode == 0
 
 
@@ -217,7 +244,7 @@ def test_kill_9_loses_no_acknowledged_message(policy_file: Path, tmp_path: Path)
         stop = threading.Event()
 
         def client(n: int) -> None:
-            for i in range(400):
+            for i in range(MESSAGES_PER_CLIENT):
                 if stop.is_set():
                     return
                 body = f"Subject: m-{n}-{i}\r\n".encode()
@@ -235,16 +262,15 @@ def test_kill_9_loses_no_acknowledged_message(policy_file: Path, tmp_path: Path)
         for worker in workers:
             worker.start()
         rng = random.Random(7)
-        for _ in range(3):
-            time.sleep(rng.uniform(0.5, 1.5))
+        for _ in range(KILLS):
+            time.sleep(rng.uniform(1.0, 4.0))
             assert relay.proc is not None
             os.kill(relay.proc.pid, signal.SIGKILL)
             relay.proc.wait(10)
             relay = RelayProcess(policy, port, tmp_path / "relay.log").__enter__()
-        time.sleep(1.0)
-        stop.set()
         for worker in workers:
-            worker.join(60)
+            worker.join(240)
+        stop.set()
         try:
             wait_for(lambda: _subjects(sink) >= set(acknowledged), timeout=60)
         finally:
@@ -252,10 +278,23 @@ def test_kill_9_loses_no_acknowledged_message(policy_file: Path, tmp_path: Path)
         got = [message.read(m.data).subject for m in sink.sink.messages]
         duplicates = len(got) - len(set(got))
         print(f"acknowledged={len(acknowledged)} received={len(got)} duplicates={duplicates}")
-        assert len(acknowledged) > 50
+        assert len(acknowledged) > 0.9 * 4 * MESSAGES_PER_CLIENT
         assert set(acknowledged) <= set(got)
-        assert duplicates <= 12
+        assert duplicates <= 4 * KILLS
 
 
 def _subjects(sink: SinkServer) -> set[str]:
     return {message.read(m.data).subject for m in list(sink.sink.messages)}
+
+
+def test_notice_for_a_long_non_ascii_subject(policy_file: Path, tmp_path: Path) -> None:
+    refusing = Sink(refuse={"one@example.org": "550 5.1.1 no such user"})
+    subject = "Faktura nr. 4711 for arbeid utført på Ørneveien 12 i Tromsø, januar-mars 2026"
+    encoded = "=?utf-8?b?" + base64.b64encode(subject.encode()).decode() + "?="
+    with SinkServer(refusing) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            send(port, SMALL.replace(b"Subject: Hello", f"Subject: {encoded}".encode()))
+            notices = [m for m in sink.sink.wait(2) if m.mail_from == "<>"]
+    assert message.read(notices[0].data).get("Subject") == f"Undelivered: {subject}"
