@@ -8,7 +8,7 @@ import smtplib
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from email.utils import parseaddr
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import pytest
 
 from relay import headers, message
 from tests.dkimtools import assert_opendkim_ok, dkimpy_verify
-from tests.relayproc import RelayProcess
+from tests.relayproc import RelayProcess, wait_for
 from tests.sink import SinkServer, free_port
 
 PDF = b"JVBERi0xLjQKJcfsj6IKMSAwIG9iago8PC9UeXBlL0NhdGFsb2c+PgplbmRvYmoK\r\n"
@@ -106,7 +106,7 @@ def test_invoice_rewritten_signed_and_delivered(
     log = relay.log()
     assert f"{queue_id}: client=127.0.0.1 login=erp-acme from=<erp@erp.acme.example>" in log
     assert "tenant=acme user=kari type=invoice rule=invoice-subject" in log
-    _wait_for(lambda: f"{queue_id}: to=<one@example.org>, relay=default" in relay.log())
+    wait_for(lambda: f"{queue_id}: to=<one@example.org>, relay=default" in relay.log())
     assert "status=sent" in relay.log()
 
 
@@ -154,7 +154,7 @@ def test_reload_keeps_old_policy_when_new_one_is_broken(
     good = policy_file.read_text()
     policy_file.write_text(good.replace("name: Acme AS", "name: Acme AS\n    bogus: 1"))
     relay.signal(signal.SIGHUP)
-    _wait_for(lambda: "bogus" in relay.log())
+    wait_for(lambda: "bogus" in relay.log())
     send(
         relay,
         b"From: jan@acme.example\r\nTo: a@example.org\r\nSubject: x\r\n\r\nx\r\n",
@@ -164,22 +164,13 @@ def test_reload_keeps_old_policy_when_new_one_is_broken(
 
     policy_file.write_text(good.replace("name: Acme AS", "name: Acme Norge AS"))
     relay.signal(signal.SIGHUP)
-    _wait_for(lambda: "reloaded" in relay.log().lower())
+    wait_for(lambda: "reloaded" in relay.log().lower())
     send(
         relay,
         b"From: jan@acme.example\r\nTo: a@example.org\r\nSubject: x\r\n\r\nx\r\n",
         ["a@example.org"],
     )
     assert "via Acme Norge AS" in (message.read(sink.sink.wait(2)[1].data).get("From") or "")
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def test_headers_of_signed_message_keep_original_order(

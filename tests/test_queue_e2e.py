@@ -12,11 +12,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from relay import message
-from tests.relayproc import RelayProcess
+from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
 
 ROOT = Path(__file__).parent.parent
@@ -46,15 +45,6 @@ def send(port: int, data: bytes = SMALL, rcpts: tuple[str, ...] = ("one@example.
         code, reply = client.data(data)
     assert code == 250, reply
     return reply.decode().rsplit(" ", 1)[1]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def relay_cli(policy: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
-import subprocess
-import sys
-import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from relay.queueid import new_queue_id
-from relay.spool import DELIVERED, PENDING, QueueEntry, RecipientState, Spool, tools
+from relay.spool import DELIVERED, QueueEntry, Spool, tools
+from tests import spoolkit
+from tests.spoolkit import locked_elsewhere
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGE = b"From: alice@acme.example\r\nSubject: Invoice 7\r\n\r\nSECRET BODY\r\n"
@@ -24,59 +20,8 @@ ARRIVAL = 1_795_000_000.0
 
 
 def make_entry(queue_id: str | None = None, **changes: object) -> QueueEntry:
-    entry = QueueEntry(
-        queue_id=queue_id or new_queue_id(),
-        arrival=ARRIVAL,
-        mail_from="bounces@platform.example",
-        recipients=[
-            RecipientState("customer@example.net", PENDING, notify=True),
-            RecipientState("archive@acme.example", PENDING, notify=False),
-        ],
-        upstream="default",
-        tenant="acme",
-        user="alice",
-        notify_address="alice@acme.example",
-        doc_type="invoice",
-        subject="Invoice 7",
-        message_id="<7@acme.example>",
-        date="Mon, 23 Nov 2026 09:30:00 +0100",
-        size=3000,
-        client_address="10.0.0.5",
-        auth_login="erp1",
-        next_attempt=ARRIVAL + 600,
-    )
-    for name, value in changes.items():
-        setattr(entry, name, value)
-    return entry
-
-
-@contextlib.contextmanager
-def locked_elsewhere(directory: Path, queue_id: str) -> Iterator[None]:
-    script = textwrap.dedent(
-        """
-        import sys
-        from pathlib import Path
-        from relay.spool import Spool
-        with Spool(Path(sys.argv[1])).lock(sys.argv[2]):
-            print("locked", flush=True)
-            sys.stdin.readline()
-        """
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(directory), queue_id],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert proc.stdout is not None and proc.stdin is not None
-    try:
-        assert proc.stdout.readline().strip() == "locked"
-        yield
-    finally:
-        proc.stdin.write("\n")
-        proc.stdin.close()
-        proc.wait(timeout=10)
+    """Entries at a fixed arrival time, so listings can be pinned exactly."""
+    return spoolkit.make_entry(queue_id, arrival=ARRIVAL, next_attempt=ARRIVAL + 600, **changes)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -11,7 +10,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,76 +17,17 @@ import pytest
 from relay.queueid import new_queue_id
 from relay.spool import (
     DELIVERED,
-    PENDING,
     NoSuchEntry,
     QueueEntry,
-    RecipientState,
     Spool,
     SpoolBusy,
     SpoolError,
 )
 from relay.spool import store as store_module
+from tests.spoolkit import locked_elsewhere, make_entry
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGE = b"From: a@example.com\r\nSubject: Invoice 7\r\n\r\nBody\r\n"
-LOCK_HOLDER = textwrap.dedent(
-    """
-    import sys
-    from pathlib import Path
-    from relay.spool import Spool
-    with Spool(Path(sys.argv[1])).lock(sys.argv[2]):
-        print("locked", flush=True)
-        sys.stdin.readline()
-    """
-)
-
-
-def make_entry(queue_id: str | None = None, **changes: object) -> QueueEntry:
-    entry = QueueEntry(
-        queue_id=queue_id or new_queue_id(),
-        arrival=time.time(),
-        mail_from="bounces@platform.example",
-        recipients=[
-            RecipientState("customer@example.net", PENDING, notify=True),
-            RecipientState("archive@acme.example", PENDING, notify=False),
-        ],
-        upstream="default",
-        tenant="acme",
-        user="alice",
-        notify_address="alice@acme.example",
-        doc_type="invoice",
-        subject="Invoice 7",
-        message_id="<7@acme.example>",
-        date="Mon, 23 Nov 2026 09:30:00 +0100",
-        size=len(MESSAGE),
-        client_address="10.0.0.5",
-        auth_login="erp1",
-        next_attempt=time.time(),
-    )
-    for name, value in changes.items():
-        setattr(entry, name, value)
-    return entry
-
-
-@contextlib.contextmanager
-def locked_elsewhere(directory: Path, queue_id: str) -> Iterator[None]:
-    """Another process holds the entry's lock for the duration."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LOCK_HOLDER, str(directory), queue_id],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert proc.stdout is not None and proc.stdin is not None
-    try:
-        assert proc.stdout.readline().strip() == "locked"
-        yield
-    finally:
-        proc.stdin.write("\n")
-        proc.stdin.close()
-        proc.wait(timeout=10)
 
 
 def all_files(directory: Path) -> list[str]:
@@ -106,7 +45,7 @@ def spool(tmp_path: Path) -> Spool:
 
 
 def test_put_load_round_trip(spool: Spool) -> None:
-    entry = make_entry()
+    entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
     assert spool.load(entry.queue_id) == entry
     assert spool.read_message(entry.queue_id) == MESSAGE
@@ -128,7 +67,7 @@ def test_put_stream_and_ids_sorted_by_arrival(spool: Spool) -> None:
 
 
 def test_record_is_versioned_json_and_tolerates_unknown_fields() -> None:
-    entry = make_entry()
+    entry = make_entry(size=len(MESSAGE))
     record = json.loads(entry.to_json())
     assert record["version"] == 1
     assert record["recipients"][1]["notify"] is False
@@ -150,7 +89,7 @@ def test_record_is_versioned_json_and_tolerates_unknown_fields() -> None:
     ],
 )
 def test_damaged_record_is_a_value_error(damage: object) -> None:
-    record = json.loads(make_entry().to_json())
+    record = json.loads(make_entry(size=len(MESSAGE)).to_json())
     damage(record)  # type: ignore[operator]
     with pytest.raises(ValueError):
         QueueEntry.from_json(json.dumps(record))
@@ -159,7 +98,7 @@ def test_damaged_record_is_a_value_error(damage: object) -> None:
 
 
 def test_pending_and_finished() -> None:
-    entry = make_entry()
+    entry = make_entry(size=len(MESSAGE))
     assert [r.address for r in entry.pending()] == ["customer@example.net", "archive@acme.example"]
     entry.recipients[0].status = DELIVERED
     assert not entry.finished
@@ -168,7 +107,7 @@ def test_pending_and_finished() -> None:
 
 
 def test_same_queue_id_twice_is_refused(spool: Spool) -> None:
-    entry = make_entry()
+    entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
     with pytest.raises(SpoolError):
         spool.put(entry, b"other")
@@ -176,7 +115,7 @@ def test_same_queue_id_twice_is_refused(spool: Spool) -> None:
 
 
 def test_crash_between_message_and_record_leaves_an_orphan_recovery_removes(spool: Spool) -> None:
-    kept = make_entry()
+    kept = make_entry(size=len(MESSAGE))
     spool.put(kept, MESSAGE)
     orphan = new_queue_id()
     spool._write_atomic(spool.message_path(orphan), [MESSAGE])  # the first step of put only
@@ -208,7 +147,7 @@ def test_crash_between_message_and_record_leaves_an_orphan_recovery_removes(spoo
 def test_record_without_message_is_reported_not_deleted(
     spool: Spool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    entry = make_entry()
+    entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
     spool.message_path(entry.queue_id).unlink()
     with caplog.at_level(logging.WARNING, logger="relay"):
@@ -223,7 +162,7 @@ def test_unwritable_directory_raises_and_leaves_nothing(spool: Spool, broken: st
     # A regular file where the directory should be fails even for root.
     (spool.directory / broken).rmdir()
     (spool.directory / broken).write_bytes(b"")
-    entry = make_entry()
+    entry = make_entry(size=len(MESSAGE))
     with pytest.raises(SpoolError) as caught:
         spool.put(entry, MESSAGE)
     assert caught.value.strerror == "Not a directory"
@@ -236,7 +175,7 @@ def test_read_only_spool_raises_and_leaves_nothing(spool: Spool) -> None:
     (spool.directory / "msg").chmod(0o500)
     try:
         with pytest.raises(SpoolError):
-            spool.put(make_entry(), MESSAGE)
+            spool.put(make_entry(size=len(MESSAGE)), MESSAGE)
     finally:
         (spool.directory / "msg").chmod(0o700)
     assert all_files(spool.directory) == []
@@ -247,7 +186,7 @@ DISK_FULL = textwrap.dedent(
     import resource, signal, sys
     from pathlib import Path
     from relay.spool import Spool, SpoolError
-    from tests.test_spool import make_entry
+    from tests.spoolkit import make_entry
     spool = Spool(Path(sys.argv[1]))
     if sys.argv[2] == "update":
         entry = spool.load(spool.ids()[0])
@@ -268,7 +207,7 @@ DISK_FULL = textwrap.dedent(
 @pytest.mark.parametrize("step", ["put", "update"])
 def test_full_disk_raises_and_leaves_the_spool_as_it_was(spool: Spool, step: str) -> None:
     """RLIMIT_FSIZE makes writes fail like a full disk would, for root too."""
-    entry = make_entry()
+    entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
     before = {name: (spool.directory / name).read_bytes() for name in all_files(spool.directory)}
     result = subprocess.run(
@@ -286,7 +225,7 @@ def test_full_disk_raises_and_leaves_the_spool_as_it_was(spool: Spool, step: str
 
 
 def test_update_replaces_the_record_atomically(spool: Spool) -> None:
-    entry = make_entry()
+    entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
     path = spool.directory / "env" / f"{entry.queue_id}.json"
     with path.open("rb") as reader_before:
@@ -301,7 +240,7 @@ def test_update_replaces_the_record_atomically(spool: Spool) -> None:
 
 
 def test_update_of_a_removed_entry_does_not_resurrect_it(spool: Spool) -> None:
-    entry = make_entry()
+    entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
     spool.remove(entry.queue_id)
     with pytest.raises(NoSuchEntry):
@@ -310,7 +249,7 @@ def test_update_of_a_removed_entry_does_not_resurrect_it(spool: Spool) -> None:
 
 
 def test_remove_deletes_record_message_and_lock(spool: Spool) -> None:
-    entry = make_entry()
+    entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
     with spool.lock(entry.queue_id):
         spool.remove(entry.queue_id)
@@ -328,7 +267,7 @@ class Crash(BaseException):
 def test_crash_during_remove_leaves_only_an_orphan_message(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    entry = make_entry()
+    entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
 
     def crash(directory: Path) -> None:
@@ -346,7 +285,7 @@ def test_crash_during_remove_leaves_only_an_orphan_message(
 
 
 def test_lock_held_by_another_process_is_busy(spool: Spool) -> None:
-    entry = make_entry()
+    entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
     with (
         locked_elsewhere(spool.directory, entry.queue_id),
@@ -375,7 +314,7 @@ INCREMENTER = textwrap.dedent(
 
 def test_concurrent_updates_under_lock_lose_nothing(spool: Spool) -> None:
     """Two processes read-modify-write the same entry; the lock serialises them."""
-    entry = make_entry()
+    entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
     procs = [
         subprocess.Popen(
@@ -390,7 +329,7 @@ def test_concurrent_updates_under_lock_lose_nothing(spool: Spool) -> None:
 
 
 def test_waiting_for_a_lock_whose_entry_is_removed_meanwhile(spool: Spool) -> None:
-    entry = make_entry()
+    entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
     outcome: list[BaseException | None] = []
 
@@ -423,7 +362,7 @@ def test_lock_on_unknown_or_malformed_id(spool: Spool) -> None:
 def test_unreadable_record_is_skipped_with_a_warning(
     spool: Spool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    good = make_entry()
+    good = make_entry(size=len(MESSAGE))
     spool.put(good, MESSAGE)
     bad = new_queue_id()
     (spool.directory / "env" / f"{bad}.json").write_text("{not json")
@@ -453,7 +392,7 @@ def test_root_hands_new_files_to_the_spool_owner(tmp_path: Path) -> None:
     directory.mkdir(mode=0o700)
     os.chown(directory, 65534, 65534)
     spool = Spool(directory)
-    entry = make_entry()
+    entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
     with spool.lock(entry.queue_id):
         spool.update(entry)

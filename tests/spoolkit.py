@@ -1,0 +1,83 @@
+"""Spool test helpers shared by the store and queue-tool tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from relay.queueid import new_queue_id
+from relay.spool import PENDING, QueueEntry, RecipientState
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCK_HOLDER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from relay.spool import Spool
+    with Spool(Path(sys.argv[1])).lock(sys.argv[2]):
+        print("locked", flush=True)
+        sys.stdin.readline()
+    """
+)
+
+
+def make_entry(
+    queue_id: str | None = None,
+    *,
+    arrival: float | None = None,
+    size: int = 3000,
+    **changes: object,
+) -> QueueEntry:
+    """An invoice to a customer plus the sender's automatic BCC copy."""
+    arrival = time.time() if arrival is None else arrival
+    entry = QueueEntry(
+        queue_id=queue_id or new_queue_id(),
+        arrival=arrival,
+        mail_from="bounces@platform.example",
+        recipients=[
+            RecipientState("customer@example.net", PENDING, notify=True),
+            RecipientState("archive@acme.example", PENDING, notify=False),
+        ],
+        upstream="default",
+        tenant="acme",
+        user="alice",
+        notify_address="alice@acme.example",
+        doc_type="invoice",
+        subject="Invoice 7",
+        message_id="<7@acme.example>",
+        date="Mon, 23 Nov 2026 09:30:00 +0100",
+        size=size,
+        client_address="10.0.0.5",
+        auth_login="erp1",
+        next_attempt=arrival,
+    )
+    for name, value in changes.items():
+        setattr(entry, name, value)
+    return entry
+
+
+@contextlib.contextmanager
+def locked_elsewhere(directory: Path, queue_id: str) -> Iterator[None]:
+    """Another process holds the entry's lock for the duration."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(directory), queue_id],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        proc.wait(timeout=10)
