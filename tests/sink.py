@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ class Sink:
 
     refuse: dict[str, str] = field(default_factory=dict)
     data_reply: str = "250 2.0.0 sink accepted"
+    delay: float = 0.0  # seconds before answering DATA: a slow upstream
     messages: list[Received] = field(default_factory=list)
 
     async def handle_RCPT(
@@ -34,6 +36,7 @@ class Sink:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        await asyncio.sleep(self.delay)
         if not self.data_reply.startswith("2"):
             return self.data_reply
         self.messages.append(

@@ -1,7 +1,7 @@
-"""``relay serve`` as a real process (uvloop, signals), with a stand-in pipeline.
+"""``relay serve`` as a real process: uvloop, signals, reload, TLS, start-up failures.
 
-The stand-in answers with the tenant's name from the policy it was given,
-so the tests can see which policy a message met.
+Messages go to the test policy's directory upstream, where the From
+display name shows which policy (which tenant name) a message met.
 """
 
 from __future__ import annotations
@@ -13,46 +13,36 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from email.utils import parseaddr
 from pathlib import Path
 
 import pytest
 
+from relay import message
 from tests.certs import make_certs
 from tests.ingress_harness import swaks
+from tests.sink import Sink, SinkServer, free_port
 
-LAUNCH = """
-import asyncio, os, sys, types
-fake = types.ModuleType("relay.pipeline")
-class Acceptor:
-    def __init__(self, spool, engine, recorder):
-        pass
-    async def process(self, policy, submission):
-        await asyncio.sleep(float(os.environ.get("FAKE_DELAY", "0")))
-        return "250 2.0.0 via " + policy.tenants["acme"].name.replace(" ", "_")
-fake.Acceptor = Acceptor
-sys.modules["relay.pipeline"] = fake
-from relay.server import run
-sys.exit(run(sys.argv[1]))
-"""
 MESSAGE = b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: x\r\n\r\nx\r\n"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Daemon:
-    def __init__(self, policy: Path, log: Path, delay: float = 0.0) -> None:
+    def __init__(self, policy: Path, log: Path) -> None:
         self.log_path = log
+        self.outbox = policy.parent / "outbox"
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, str(policy)],
+            [sys.executable, "-m", "relay", "serve", "-c", str(policy)],
             stdout=subprocess.DEVNULL,
             stderr=log.open("wb"),
-            env={"FAKE_DELAY": str(delay), "PATH": "/usr/bin:/bin"},
+            env={"PATH": "/usr/bin:/bin"},
             cwd=Path(__file__).parent.parent,
         )
+
+    def sent_from(self, count: int) -> str:
+        """The From display name of the count-th message the upstream received."""
+        self.wait_for(lambda: len(list(self.outbox.glob("*.eml"))) >= count)
+        newest = sorted(self.outbox.glob("*.eml"))[count - 1]
+        return parseaddr(message.read(newest.read_bytes()).get("From") or "")[0]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -106,12 +96,15 @@ def send(port: int) -> tuple[int, bytes]:
         client.ehlo()
         client.mail("jan@acme.example")
         client.rcpt("one@example.org")
-        return client.data(MESSAGE)
+        code, reply = client.data(MESSAGE)
+    assert reply.startswith(b"2.0.0 Ok: queued as ") or code != 250, reply
+    return code, reply
 
 
 def test_serves_logs_and_stops_cleanly(daemon: Daemon, port: int) -> None:
     daemon.wait_log(f"listening on 127.0.0.1:{port} (listener local)")
-    assert send(port) == (250, b"2.0.0 via Acme_AS")
+    assert send(port)[0] == 250
+    assert daemon.sent_from(1) == "Jan Janssens via Acme AS"
     assert daemon.stop() == 0
     log = daemon.log()
     assert " relay[" in log and " INFO stopped" in log
@@ -128,12 +121,14 @@ def test_reload_keeps_old_policy_on_error_and_swaks_on_good_one(
     daemon.proc.send_signal(signal.SIGHUP)
     daemon.wait_log("reload failed: keeping policy")
     assert "bogus" in daemon.log()
-    assert send(port) == (250, b"2.0.0 via Acme_AS")
+    assert send(port)[0] == 250
+    assert daemon.sent_from(1) == "Jan Janssens via Acme AS"
 
     policy.write_text(good.replace("name: Acme AS", "name: Acme Norge AS"))
     daemon.proc.send_signal(signal.SIGHUP)
     daemon.wait_log("policy reloaded")
-    assert send(port) == (250, b"2.0.0 via Acme_Norge_AS")
+    assert send(port)[0] == 250
+    assert daemon.sent_from(2) == "Jan Janssens via Acme Norge AS"
     assert "restart" not in daemon.log()
 
     policy.write_text(good.replace("auth: optional", "auth: required"))
@@ -144,8 +139,23 @@ def test_reload_keeps_old_policy_on_error_and_swaks_on_good_one(
 
 
 def test_sigterm_lets_the_transaction_in_progress_finish(policy: Path, tmp_path: Path) -> None:
+    """Immediate mode towards a slow upstream keeps the ERP's transaction open."""
     port = int(policy.read_text().split("port: ", 1)[1].split()[0])
-    running = Daemon(policy, tmp_path / "relay.log", delay=1.5)
+    with SinkServer(Sink(delay=1.5)) as sink:
+        upstream = (
+            f"  default:\n    type: smtp\n    host: 127.0.0.1\n    port: {sink.port}\n"
+            "    tls: none\n    timeout: 10\n"
+        )
+        text = policy.read_text().replace(
+            "  default:\n    type: directory\n    path: outbox\n", upstream
+        )
+        policy.write_text(text.replace("auth: optional", "auth: optional\n    immediate: 5"))
+        _finish_during_sigterm(policy, port, tmp_path)
+        assert len(sink.sink.messages) == 1
+
+
+def _finish_during_sigterm(policy: Path, port: int, tmp_path: Path) -> None:
+    running = Daemon(policy, tmp_path / "relay.log")
     try:
         running.wait_log("listening on")
         with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
@@ -157,7 +167,8 @@ def test_sigterm_lets_the_transaction_in_progress_finish(policy: Path, tmp_path:
             client.send(MESSAGE + b".\r\n")
             time.sleep(0.3)
             running.proc.send_signal(signal.SIGTERM)
-            assert client.getreply() == (250, b"2.0.0 via Acme_AS")
+            code, reply = client.getreply()
+            assert code == 250 and reply.startswith(b"2.0.0 Ok: queued as "), reply
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
         assert running.proc.wait(15) == 0
@@ -182,7 +193,8 @@ def test_starttls_and_auth_under_uvloop(policy: Path, tmp_path: Path) -> None:
             "--from", "jan@acme.example", "--to", "customer@example.org",
         )  # fmt: skip
         assert done.returncode == 0, done.stdout + running.log()
-        assert "250 2.0.0 via Acme_AS" in done.stdout
+        assert "250 2.0.0 Ok: queued as" in done.stdout
+        assert running.sent_from(1) == "Jan Janssens via Acme AS"
     finally:
         assert running.stop() == 0
 
