@@ -269,3 +269,15 @@ def test_header_lines_readers_disagree_on_are_refused(policy_file: Path, first: 
 def test_unfolded_values_read_as_written(policy_file: Path) -> None:
     view = message.read(msg("From: Jan <jan@acme.example>", "To: a@example.org,", " b@example.org"))
     assert view.get("To") == "a@example.org, b@example.org"
+
+
+def test_verified_domain_without_key_is_sent_unsigned_and_says_so(policy_file: Path) -> None:
+    text = policy_file.read_text()
+    start = text.index("    - domain: globex.example")
+    end = text.index("upstreams:")
+    policy_file.write_text(text[:start] + text[end:])
+    data = msg("From: Hank <hank@globex.example>", *BASE[1:])
+    p = run(policy_file, data, login="erp-globex")
+    assert p.decision.signing == ()
+    assert "no DKIM key for globex.example: the message is not signed" in p.decision.reasons
+    assert not any(f.name == "DKIM-Signature" for f in headers.split(p.message)[0])

@@ -288,3 +288,22 @@ def test_notice_for_a_long_non_ascii_subject(policy_file: Path, tmp_path: Path) 
             send(port, SMALL.replace(b"Subject: Hello", f"Subject: {encoded}".encode()))
             notices = [m for m in sink.sink.wait(2) if m.mail_from == "<>"]
     assert message.read(notices[0].data).get("Subject") == f"Undelivered: {subject}"
+
+
+def test_temporary_refusal_then_acceptance(policy_file: Path, tmp_path: Path) -> None:
+    with SinkServer(Sink(data_reply="451 4.3.0 greylisted, try later")) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            qid = send(port)
+            wait_for(lambda: "greylisted" in relay.log())
+            sink.sink.data_reply = "250 2.0.0 sink accepted"
+            sink.sink.wait(1)
+            wait_for(lambda: "status=sent" in relay.log())
+    events = audit_events(policy, qid)
+    assert events[:3] == [
+        ("received", None),
+        ("queued", None),
+        ("deferred", "one@example.org"),
+    ]
+    assert events[-1] == ("delivered", "one@example.org")
