@@ -9,20 +9,30 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import getaddresses
 
 _PARSER = email.parser.BytesParser(policy=email.policy.compat32)
+_HEADERS = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MessageView:
+    """Header values are read at once; the MIME structure only when a rule asks for
+    attachment names, since parsing a large message's parts costs more than the rest."""
+
     headers: tuple[tuple[str, str], ...]  # (name, decoded unfolded value), in order
-    attachments: tuple[str, ...]  # file names of every MIME part that has one
+    raw: bytes = field(repr=False)
+
+    @functools.cached_property
+    def attachments(self) -> tuple[str, ...]:
+        """File names of every MIME part that has one."""
+        return tuple(_filenames(_PARSER.parsebytes(self.raw)))
 
     def get(self, name: str) -> str | None:
         name = name.lower()
@@ -52,9 +62,9 @@ def decode(value: str) -> str:
 
 
 def read(raw: bytes) -> MessageView:
-    msg = _PARSER.parsebytes(raw)
+    msg = _HEADERS.parsebytes(raw)
     headers = tuple((name, decode(str(value))) for name, value in msg.items())
-    return MessageView(headers=headers, attachments=tuple(_filenames(msg)))
+    return MessageView(headers=headers, raw=raw)
 
 
 def _filenames(msg: Message) -> list[str]:

@@ -21,6 +21,7 @@ from relay.decide import Decision, decide
 from relay.engine import Engine
 from relay.errors import HeaderInjection, Rejected, SigningError, SmtpReply, UpstreamError
 from relay.identify import identify
+from relay.message import MessageView
 from relay.policy.model import Policy
 from relay.queueid import new_queue_id
 from relay.record import Recorder
@@ -35,7 +36,15 @@ log = logging.getLogger("relay")
 class Prepared:
     queue_id: str
     decision: Decision
+    view: MessageView  # the message as submitted
     message: bytes  # rewritten and signed, ready to send
+
+    def header(self, name: str) -> str:
+        """A header as sent: the policy's new value, else the submitted one."""
+        for field_name, value in self.decision.edits.set:
+            if field_name.lower() == name.lower():
+                return value
+        return self.view.get(name) or ""
 
 
 def prepare(policy: Policy, submission: Submission, now: datetime | None = None) -> Prepared:
@@ -56,7 +65,7 @@ def prepare(policy: Policy, submission: Submission, now: datetime | None = None)
     except SigningError as exc:
         log.error("%s DKIM signing failed: %s", queue_id, exc)
         raise SmtpReply(451, "4.3.0", "DKIM signing failed, try again later") from exc
-    return Prepared(queue_id, decision, signature + rewritten)
+    return Prepared(queue_id, decision, view, signature + rewritten)
 
 
 def _check_header_block(data: bytes) -> None:
@@ -130,7 +139,7 @@ class Acceptor:
         except SpoolError as exc:
             log.error("%s: cannot write to the spool: %s", entry.queue_id, exc)
             raise SmtpReply(451, "4.3.0", "Queue write failed, try again later") from exc
-        subject = message.read(submission.data).subject if policy.audit.record_subject else None
+        subject = prepared.view.subject if policy.audit.record_subject else None
         self.recorder.add(
             events.received_for(
                 entry.queue_id,
@@ -190,7 +199,6 @@ class Acceptor:
 
 def _entry(prepared: Prepared, submission: Submission) -> QueueEntry:
     decision = prepared.decision
-    view = message.read(prepared.message)
     bcc = set(decision.bcc_added)
     now = time.time()
     return QueueEntry(
@@ -206,9 +214,9 @@ def _entry(prepared: Prepared, submission: Submission) -> QueueEntry:
         user=decision.identity.user.id,
         notify_address=decision.identity.user.address,
         doc_type=decision.classification.doc_type,
-        subject=view.subject,
-        message_id=view.get("Message-ID") or "",
-        date=view.get("Date") or "",
+        subject=prepared.view.subject,
+        message_id=prepared.header("Message-ID"),
+        date=prepared.header("Date"),
         size=len(prepared.message),
         client_address=submission.client_address,
         auth_login=submission.auth_login,
