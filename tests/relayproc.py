@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import signal
 import socket
 import subprocess
@@ -12,7 +13,10 @@ from pathlib import Path
 
 
 class RelayProcess:
-    def __init__(self, policy: Path, port: int, log: Path) -> None:
+    def __init__(
+        self, policy: Path, port: int, log: Path, max_file_size: int | None = None
+    ) -> None:
+        self.max_file_size = max_file_size  # RLIMIT_FSIZE: writes past it fail with EFBIG
         self.policy = policy
         self.port = port
         self.log_path = log
@@ -24,9 +28,15 @@ class RelayProcess:
                 [sys.executable, "-m", "relay", "serve", "-c", str(self.policy)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=self._limits if self.max_file_size else None,
             )
         self._wait_listening()
         return self
+
+    def _limits(self) -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        limit = self.max_file_size or resource.RLIM_INFINITY
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     def _wait_listening(self, timeout: float = 15.0) -> None:
         assert self.proc is not None

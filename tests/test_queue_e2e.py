@@ -307,3 +307,31 @@ def test_temporary_refusal_then_acceptance(policy_file: Path, tmp_path: Path) ->
         ("deferred", "one@example.org"),
     ]
     assert events[-1] == ("delivered", "one@example.org")
+
+
+def test_audit_write_failure_answers_451_and_keeps_nothing(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The audit log grows with every message while each spool file stays small, so a
+    file-size limit makes the audit append fail first, as a full disk would."""
+    with SinkServer() as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        log = tmp_path / "relay.log"
+        with RelayProcess(policy, port, log, max_file_size=24_000) as relay:
+            replies = []
+            for _ in range(40):
+                with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                    client.ehlo()
+                    client.mail("jan@acme.example")
+                    client.rcpt("one@example.org")
+                    replies.append(client.data(SMALL))
+                if replies[-1][0] != 250:
+                    break
+            assert replies[-1] == (451, b"4.3.0 Audit log write failed, try again later")
+            accepted = sum(1 for code, _ in replies if code == 250)
+            assert accepted >= 1
+            assert "cannot write the audit log" in relay.log()
+            time.sleep(1.0)
+            assert len(sink.sink.messages) == accepted
+            assert relay_cli(policy, "queue", "list").stdout.strip() == "Mail queue is empty"
