@@ -56,6 +56,7 @@ async def serve(policy_path: Path, ready: Callable[[], None] | None = None) -> i
     from relay.policy.load import load
     from relay.record import Recorder, audit_log
     from relay.spool import Spool, SpoolError
+    from relay.upstream.pool import close_default_pool
 
     try:
         policy = load(policy_path)
@@ -116,6 +117,7 @@ async def serve(policy_path: Path, ready: Callable[[], None] | None = None) -> i
         await ingress.close(STOP_GRACE)
         await engine.stop(STOP_GRACE)
         await delivering
+        await close_default_pool()
         upkeep.cancel()
         audit.close()
     finally:

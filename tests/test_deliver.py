@@ -19,7 +19,8 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from relay.deliver import DeliveryResult, deliver
 from relay.errors import UpstreamError
 from relay.policy.model import DirectoryUpstream, SmtpUpstream, TlsMode
-from relay.upstream import replies
+from relay.upstream import replies, smtp
+from relay.upstream.pool import Pool
 from tests.certs import Certs, make_certs
 
 MESSAGE = (
@@ -137,6 +138,14 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 @pytest.fixture
 def trust_test_ca(certs: Certs, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca))
+
+
+@pytest.fixture(autouse=True)
+def unpooled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One connection per message here, as before pooling: these tests stop their sink
+    while the test runs, and aiosmtpd's ``Controller.stop`` leaks the server side of a
+    TLS connection still open. Reuse is tested in ``test_pool.py``."""
+    monkeypatch.setattr(smtp, "default_pool", lambda: Pool(max_idle_per_key=0))
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The SMTP upstream: one aiosmtplib connection per message.
+"""The SMTP upstream: one message per transaction on a pooled aiosmtplib connection.
 
 The relay is a proxy today, so an upstream refusal is answered to the ERP
 with the upstream's own code and text (see ``replies``). When the upstream
@@ -8,12 +8,13 @@ text naming the upstream, what went wrong and at which stage, so whoever reads i
 ERP's log knows where to look. A problem with the relay's own settings
 (password file unreadable, upstream refusing our login) is ``451 4.3.5``
 or ``451 4.7.x``: the message is fine and must be retried, not bounced.
+Connections are kept and reused across messages (see ``pool``); the
+mapping is the same whether a message travelled on a new or a reused one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import socket
@@ -25,6 +26,7 @@ import aiosmtplib
 from relay.errors import UpstreamError
 from relay.policy.model import SmtpUpstream, TlsMode
 from relay.upstream import DeliveryResult, replies
+from relay.upstream.pool import Pool, PoolKey, default_pool
 
 _START_TLS: dict[TlsMode, bool | None] = {
     TlsMode.NONE: False,
@@ -35,9 +37,29 @@ _START_TLS: dict[TlsMode, bool | None] = {
 
 
 async def send(
-    upstream: SmtpUpstream, mail_from: str, rcpt_tos: Sequence[str], data: bytes
+    upstream: SmtpUpstream,
+    mail_from: str,
+    rcpt_tos: Sequence[str],
+    data: bytes,
+    *,
+    pool: Pool | None = None,
 ) -> DeliveryResult:
     password = _password(upstream) if upstream.username else None
+    pool = default_pool() if pool is None else pool
+    opener = functools.partial(_open, upstream, password)
+    try:
+        async with pool.lease(PoolKey.of(upstream, password), opener, upstream.timeout) as client:
+            refused, reply = await client.sendmail(mail_from, list(rcpt_tos), data)
+    except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
+        raise _mapped(upstream, "sending", exc) from exc
+    return DeliveryResult(
+        replies.line(250, reply),
+        {rcpt: replies.line(r.code, r.message) for rcpt, r in refused.items()},
+    )
+
+
+async def _open(upstream: SmtpUpstream, password: str | None) -> aiosmtplib.SMTP:
+    """A connected, logged-in client; its errors are mapped here, where the stage is known."""
     client = aiosmtplib.SMTP(
         hostname=upstream.host,
         port=upstream.port,
@@ -47,41 +69,43 @@ async def send(
         local_hostname=await asyncio.to_thread(_local_hostname),
     )
     stage = "connecting"
+    opened = False
     try:
         await client.connect()
         if password is not None:
             stage = "logging in"
             await client.login(upstream.username, password)
-        stage = "sending"
-        refused, reply = await client.sendmail(mail_from, list(rcpt_tos), data)
-        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-            await client.quit()
-    except aiosmtplib.SMTPRecipientsRefused as exc:
-        raise _all_refused(exc) from exc
-    except aiosmtplib.SMTPAuthenticationError as exc:
-        text = f"Upstream {_where(upstream)} refused the relay's login: "
-        raise UpstreamError(451, "4.7.0", text + replies.line(exc.code, exc.message)) from exc
-    except aiosmtplib.SMTPHeloError as exc:
-        raise _failed(upstream, stage, replies.line(exc.code, exc.message)) from exc
-    except aiosmtplib.SMTPResponseException as exc:
-        if stage == "connecting":  # greeting or STARTTLS refused: nothing about this message
-            raise _failed(upstream, stage, replies.line(exc.code, exc.message)) from exc
-        raise replies.refusal(exc.code, exc.message) from exc
-    except aiosmtplib.SMTPTimeoutError as exc:
-        raise _failed(upstream, stage, f"no answer within {upstream.timeout:g}s") from exc
-    except aiosmtplib.SMTPServerDisconnected as exc:
-        status = "4.4.1" if stage == "connecting" else "4.4.2"
-        raise _failed(upstream, stage, "connection lost", status) from exc
-    except (aiosmtplib.SMTPException, OSError) as exc:
-        raise _failed(upstream, stage, _reason(exc)) from exc
-    except ValueError as exc:  # aiosmtplib refuses an address it cannot send safely
-        raise UpstreamError(550, "5.1.3", f"Address refused: {exc}") from exc
+        opened = True
+    except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
+        raise _mapped(upstream, stage, exc) from exc
     finally:
-        client.close()
-    return DeliveryResult(
-        replies.line(250, reply),
-        {rcpt: replies.line(r.code, r.message) for rcpt, r in refused.items()},
-    )
+        if not opened:
+            client.close()
+    return client
+
+
+def _mapped(upstream: SmtpUpstream, stage: str, exc: Exception) -> UpstreamError:
+    """Most specific first: a refused login or EHLO is also a response exception."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return _all_refused(exc)
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        text = f"Upstream {_where(upstream)} refused the relay's login: "
+        return UpstreamError(451, "4.7.0", text + replies.line(exc.code, exc.message))
+    if isinstance(exc, aiosmtplib.SMTPHeloError):
+        return _failed(upstream, stage, replies.line(exc.code, exc.message))
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        if stage == "connecting":  # greeting or STARTTLS refused: nothing about this message
+            return _failed(upstream, stage, replies.line(exc.code, exc.message))
+        return replies.refusal(exc.code, exc.message)
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError):
+        return _failed(upstream, stage, f"no answer within {upstream.timeout:g}s")
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        status = "4.4.1" if stage == "connecting" else "4.4.2"
+        return _failed(upstream, stage, "connection lost", status)
+    if isinstance(exc, aiosmtplib.SMTPException | OSError):
+        return _failed(upstream, stage, _reason(exc))
+    # ValueError: aiosmtplib refuses an address it cannot send safely
+    return UpstreamError(550, "5.1.3", f"Address refused: {exc}")
 
 
 def _password(upstream: SmtpUpstream) -> str:

@@ -1,0 +1,242 @@
+"""Reuse logged-in upstream SMTP connections across messages.
+
+An ERP sends in bursts, and a fresh TCP + EHLO + STARTTLS + AUTH per message
+costs the upstream more than the message does. Connections are kept per
+``PoolKey``: host, port, TLS mode, login name and a keyed digest of the
+password. Two tenants' credentials can therefore never share a connection
+(Haraka #2788; Postfix disables its cache under sender-dependent auth for
+the same reason), and a password changed by a policy reload never reuses a
+connection logged in with the old one.
+
+A connection goes back to the idle set only when the transaction left it in
+step with the server (accepted, or refused with a clean reply); a timeout,
+lost connection or cancellation closes it. A reused connection gets ``RSET``
+first, and one that fails it is replaced quietly, not reported as a failed
+delivery. Idle connections get ``QUIT`` after ``idle_timeout`` from a
+single reaper task, which exits whenever nothing is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+from relay.policy.model import SmtpUpstream, TlsMode
+
+IDLE_TIMEOUT = 30.0  # seconds; Postfix uses 2, but ERPs send in bursts a few seconds apart
+REUSE_LIMIT = 100  # messages per connection, as Postfix's smtp_connection_reuse_count_limit
+MAX_IDLE_PER_KEY = 10  # the engine's default concurrency per upstream
+QUIT_TIMEOUT = 5.0  # a goodbye is not worth waiting longer for
+
+Opener = Callable[[], Awaitable[aiosmtplib.SMTP]]
+
+log = logging.getLogger("relay")
+
+_SALT = os.urandom(16)  # the digest identifies a password within this process only
+_IN_STEP = (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused, ValueError)
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    """Everything a connection's login depends on; connections are shared only within one key."""
+
+    host: str
+    port: int
+    tls: TlsMode
+    username: str | None
+    secret: bytes = field(repr=False)
+
+    @classmethod
+    def of(cls, upstream: SmtpUpstream, password: str | None) -> PoolKey:
+        secret = b""
+        if password is not None:
+            raw = password.encode("utf-8", "surrogateescape")
+            secret = hashlib.blake2b(raw, key=_SALT, digest_size=16).digest()
+        return cls(upstream.host.lower(), upstream.port, upstream.tls, upstream.username, secret)
+
+
+@dataclass(eq=False)
+class _Connection:
+    key: PoolKey
+    client: aiosmtplib.SMTP
+    uses: int = 0
+    idle_since: float = 0.0
+
+
+class Pool:
+    """Idle connections by key; each lease has its connection to itself until it ends.
+
+    After ``close()`` the pool keeps nothing: leases still work, but every
+    connection is closed with ``QUIT`` when its transaction ends.
+    """
+
+    def __init__(
+        self,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        reuse_limit: int = REUSE_LIMIT,
+        max_idle_per_key: int = MAX_IDLE_PER_KEY,
+    ) -> None:
+        self.idle_timeout = idle_timeout
+        self.reuse_limit = reuse_limit
+        self.max_idle_per_key = max_idle_per_key
+        self.opened = 0  # connections opened over the pool's life
+        self._idle: dict[PoolKey, list[_Connection]] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def idle_count(self, key: PoolKey | None = None) -> int:
+        if key is not None:
+            return len(self._idle.get(key, ()))
+        return sum(len(conns) for conns in self._idle.values())
+
+    @contextlib.asynccontextmanager
+    async def lease(
+        self, key: PoolKey, opener: Opener, timeout: float
+    ) -> AsyncIterator[aiosmtplib.SMTP]:
+        """A connection for one transaction; ``opener`` makes a logged-in one when none is idle.
+
+        Errors from ``opener`` pass through untouched, so the caller maps them
+        with the stage it knows.
+        """
+        conn = await self._acquire(key, opener, timeout)
+        in_step = False
+        try:
+            yield conn.client
+            in_step = True
+        except _IN_STEP:
+            in_step = True
+            raise
+        finally:
+            if in_step:
+                await self._check_in(conn)
+            else:
+                conn.client.close()
+
+    async def close(self) -> None:
+        """QUIT every idle connection; the daemon awaits this at shutdown."""
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.wait([self._reaper])
+            self._reaper = None
+        idle = [conn for conns in self._idle.values() for conn in conns]
+        self._idle.clear()
+        await asyncio.gather(*(_quit(conn) for conn in idle))
+
+    async def _acquire(self, key: PoolKey, opener: Opener, timeout: float) -> _Connection:
+        while (conn := self._take(key)) is not None:
+            conn.client.timeout = timeout
+            if time.monotonic() >= conn.idle_since + self.idle_timeout:
+                await _quit(conn)
+            elif await _usable(conn):
+                return conn
+        conn = _Connection(key, await opener())
+        self.opened += 1
+        return conn
+
+    def _take(self, key: PoolKey) -> _Connection | None:
+        """The most recently used idle connection, so the surplus ones age out."""
+        conns = self._idle.get(key)
+        if not conns:
+            return None
+        conn = conns.pop()
+        if not conns:
+            del self._idle[key]
+        return conn
+
+    async def _check_in(self, conn: _Connection) -> None:
+        conn.uses += 1
+        if not conn.client.is_connected:
+            conn.client.close()
+            return
+        if (
+            self._closed
+            or conn.uses >= self.reuse_limit
+            or self.idle_count(conn.key) >= self.max_idle_per_key
+        ):
+            await _quit(conn)
+            return
+        conn.idle_since = time.monotonic()
+        self._idle.setdefault(conn.key, []).append(conn)
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def _reap(self) -> None:
+        while self._idle:
+            now = time.monotonic()
+            ending = [
+                conn
+                for conns in self._idle.values()
+                for conn in conns
+                if now >= conn.idle_since + self.idle_timeout or not conn.client.is_connected
+            ]
+            for conn in ending:
+                self._forget(conn)
+            await asyncio.gather(*(_quit(conn) for conn in ending))
+            if self._idle:
+                first = min(c.idle_since for conns in self._idle.values() for c in conns)
+                await asyncio.sleep(max(first + self.idle_timeout - time.monotonic(), 0.0))
+
+    def _forget(self, conn: _Connection) -> None:
+        conns = self._idle[conn.key]
+        conns.remove(conn)
+        if not conns:
+            del self._idle[conn.key]
+
+
+async def _usable(conn: _Connection) -> bool:
+    """A server may drop an idle connection at any time; RSET finds out before MAIL would."""
+    if conn.client.is_connected:
+        try:
+            await conn.client.rset()
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            log.debug("upstream %s:%d: idle connection stale: %s", *_hostport(conn), exc)
+        else:
+            return True
+    conn.client.close()
+    return False
+
+
+async def _quit(conn: _Connection) -> None:
+    try:
+        if conn.client.is_connected:
+            await conn.client.quit(timeout=min(conn.client.timeout or QUIT_TIMEOUT, QUIT_TIMEOUT))
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        log.debug("upstream %s:%d: QUIT failed: %s", *_hostport(conn), exc)
+    finally:
+        conn.client.close()
+
+
+def _hostport(conn: _Connection) -> tuple[str, int]:
+    return conn.key.host, conn.key.port
+
+
+_default: tuple[asyncio.AbstractEventLoop, Pool] | None = None
+
+
+def default_pool() -> Pool:
+    """The pool ``deliver`` uses. Connections belong to the loop that opened them,
+    so a different running loop (a test's) gets a pool of its own."""
+    global _default
+    loop = asyncio.get_running_loop()
+    if _default is None or _default[0] is not loop:
+        _default = (loop, Pool())
+    return _default[1]
+
+
+async def close_default_pool() -> None:
+    """QUIT the default pool's connections; a later ``deliver`` starts a fresh pool."""
+    global _default
+    if _default is not None and _default[0] is asyncio.get_running_loop():
+        pool = _default[1]
+        _default = None
+        await pool.close()

@@ -1,0 +1,495 @@
+"""Pooled upstream connections against real aiosmtpd servers on loopback.
+
+The sink records every connection it accepts: the commands on it, the login
+it performed and the messages that travelled on it, so reuse and isolation
+are checked where they matter, at the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from relay.deliver import attempt, deliver
+from relay.errors import UpstreamError
+from relay.policy.model import SmtpUpstream, TlsMode
+from relay.upstream import DeliveryResult, smtp
+from relay.upstream.pool import Pool, PoolKey, close_default_pool, default_pool
+from tests.certs import make_certs
+from tests.sink import free_port
+
+MESSAGE = b"From: a@platform.example\r\nTo: one@example.org\r\nSubject: pool\r\n\r\nbody\r\n"
+PASSWORDS = {"acme": {"acme-pw", "acme-pw-2"}, "globex": {"globex-pw"}}
+
+
+@dataclass
+class Conn:
+    """One TCP connection as the sink saw it."""
+
+    commands: list[str] = field(default_factory=list)
+    login: str | None = None
+    messages: list[str] = field(default_factory=list)  # envelope senders, in order
+    tls: list[bool] = field(default_factory=list)  # whether each message came encrypted
+    closed: bool = False
+
+
+@dataclass
+class Recorder:
+    """Handler hooks; ``rset_reply`` answers RSET once, ``drop`` hangs up after each message."""
+
+    delay: float = 0.0
+    drop: bool = False
+    rset_reply: str | None = None
+    refuse: dict[str, str] = field(default_factory=dict)
+    conns: list[Conn] = field(default_factory=list)
+
+    @property
+    def connections(self) -> list[Conn]:
+        """The controller's own readiness probe says nothing; a client always sends EHLO."""
+        return [c for c in self.conns if c.commands]
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        reply, self.rset_reply = self.rset_reply, None
+        return reply or "250 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        assert isinstance(server, RecordingSMTP)
+        server.conn.messages.append(envelope.mail_from)
+        server.conn.tls.append(server.transport.get_extra_info("ssl_object") is not None)
+        if self.drop:
+            asyncio.get_running_loop().call_later(0.05, server.transport.close)
+        return "250 2.0.0 Ok"
+
+
+class RecordingSMTP(SMTP):
+    def __init__(self, handler: Recorder, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.conn = Conn()
+        handler.conns.append(self.conn)
+        for verb, method in list(self._smtp_methods.items()):
+            self._smtp_methods[verb] = self._recorded(verb, method)
+
+    def _recorded(
+        self, verb: str, method: Callable[[str], Awaitable[None]]
+    ) -> Callable[[str], Awaitable[None]]:
+        @functools.wraps(method)
+        async def recorded(arg: str) -> None:
+            self.conn.commands.append(verb)
+            await method(arg)
+            if verb == "AUTH" and self.session.authenticated:
+                self.conn.login = self.session.auth_data.login.decode()
+
+        return recorded
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.conn.closed = True
+        super().connection_lost(error)
+
+
+class RecordingController(Controller):
+    def factory(self) -> SMTP:
+        return RecordingSMTP(self.handler, **self.SMTP_kwargs)
+
+
+def authenticator(
+    server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+) -> AuthResult:
+    ok = isinstance(data, LoginPassword) and (
+        data.password.decode() in PASSWORDS.get(data.login.decode(), ())
+    )
+    return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
+
+
+@contextlib.contextmanager
+def running(
+    recorder: Recorder | None = None, port: int | None = None, **kwargs: Any
+) -> Iterator[tuple[Recorder, int]]:
+    recorder = recorder or Recorder()
+    port = port or free_port()
+    controller = RecordingController(
+        recorder,
+        hostname="127.0.0.1",
+        port=port,
+        enable_SMTPUTF8=False,
+        ready_timeout=10,
+        server_hostname="localhost",
+        **kwargs,
+    )
+    controller.start()
+    try:
+        yield recorder, port
+    finally:
+        controller.stop()
+
+
+def upstream(port: int, **kwargs: Any) -> SmtpUpstream:
+    settings: dict[str, Any] = dict(
+        name="smarthost", host="127.0.0.1", port=port, tls=TlsMode.NONE,
+        username=None, password_file=None, password_env=None, timeout=5.0,
+    )  # fmt: skip
+    settings.update(kwargs)
+    return SmtpUpstream(**settings)
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[Pool]:
+    made = Pool()
+    yield made
+    await made.close()
+
+
+@pytest.fixture
+def sink() -> Iterator[tuple[Recorder, int]]:
+    with running() as started:
+        yield started
+
+
+async def send(
+    pool: Pool, target: SmtpUpstream, sender: str, rcpt: str = "one@example.org"
+) -> DeliveryResult:
+    return await smtp.send(target, sender, [rcpt], MESSAGE, pool=pool)
+
+
+def transactions(conn: Conn) -> list[list[str]]:
+    """The commands of each transaction: from the first command after the previous DATA."""
+    chunks: list[list[str]] = [[]]
+    for verb in conn.commands:
+        chunks[-1].append(verb)
+        if verb == "DATA":
+            chunks.append([])
+    return chunks
+
+
+# --- reuse ------------------------------------------------------------------------
+
+
+async def test_sequential_messages_share_one_connection_with_rset_between() -> None:
+    with running() as (rec, port):
+        target = upstream(port)
+        for n in range(5):
+            await deliver(target, f"m{n}@platform.example", ["one@example.org"], MESSAGE)
+        await close_default_pool()
+        await eventually(lambda: rec.connections[0].closed)
+    (conn,) = rec.connections
+    assert conn.messages == [f"m{n}@platform.example" for n in range(5)]
+    first, *later, tail = transactions(conn)
+    assert first == ["EHLO", "MAIL", "RCPT", "DATA"]
+    assert later == [["RSET", "MAIL", "RCPT", "DATA"]] * 4
+    assert tail == ["QUIT"]
+
+
+async def test_attempt_uses_the_default_pool_too(sink: tuple[Recorder, int]) -> None:
+    rec, port = sink
+    for _ in range(3):
+        result = await attempt(upstream(port), "b@p.example", ["one@example.org"], MESSAGE)
+        assert result.replies["one@example.org"][0] == 250
+    assert default_pool().idle_count() == 1
+    await close_default_pool()
+    assert len(rec.connections) == 1
+
+
+async def test_clean_refusal_keeps_the_connection(pool: Pool) -> None:
+    rec = Recorder(refuse={"gone@example.org": "550 5.1.1 no such user"})
+    with running(rec) as (_, port):
+        with pytest.raises(UpstreamError) as failed:
+            await send(pool, upstream(port), "b@p.example", "gone@example.org")
+        assert failed.value.line == "550 5.1.1 no such user"
+        await send(pool, upstream(port), "b@p.example")
+        await pool.close()
+    (conn,) = rec.connections
+    assert conn.messages == ["b@p.example"]
+
+
+async def test_timeout_closes_the_connection_instead_of_reusing_it(pool: Pool) -> None:
+    rec = Recorder(delay=1.0)
+    with running(rec) as (_, port):
+        slow = upstream(port, timeout=0.3)
+        with pytest.raises(UpstreamError) as failed:
+            await send(pool, slow, "b@p.example")
+        assert "no answer within 0.3s (sending)" in failed.value.text
+        assert pool.idle_count() == 0
+        rec.delay = 0.0
+        await send(pool, upstream(port), "b@p.example")
+        await pool.close()
+    assert len(rec.connections) == 2
+    assert rec.connections[1].commands[0] == "EHLO"
+
+
+async def test_cancelled_transaction_closes_the_connection(pool: Pool) -> None:
+    rec = Recorder(delay=5.0)
+    with running(rec) as (_, port):
+        task = asyncio.create_task(send(pool, upstream(port), "b@p.example"))
+        await eventually(lambda: bool(rec.connections) and "DATA" in rec.connections[0].commands)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert pool.idle_count() == 0
+        await eventually(lambda: rec.connections[0].closed)
+
+
+# --- isolation --------------------------------------------------------------------
+
+
+def tenant(tmp_path: Path, port: int, user: str, password: str, **kwargs: Any) -> SmtpUpstream:
+    secret = tmp_path / f"{user}.password"
+    secret.write_text(password + "\n")
+    return upstream(port, name=user, username=user, password_file=secret, **kwargs)
+
+
+async def test_tenants_never_share_a_connection(tmp_path: Path, pool: Pool) -> None:
+    with running(authenticator=authenticator, auth_require_tls=False) as (rec, port):
+        acme = tenant(tmp_path, port, "acme", "acme-pw")
+        globex = tenant(tmp_path, port, "globex", "globex-pw")
+        for n in range(4):
+            for target in (acme, globex):
+                sender = f"{target.username}-{n}@platform.example"
+                await send(pool, target, sender)
+        await asyncio.gather(
+            *(
+                send(pool, t, f"{t.username}-c{n}@platform.example")
+                for n in range(3)
+                for t in (acme, globex)
+            )
+        )
+        await pool.close()
+    carried = 0
+    for conn in rec.connections:
+        assert conn.login in PASSWORDS
+        assert conn.commands.count("AUTH") == 1
+        assert conn.commands.index("AUTH") < conn.commands.index("MAIL")
+        for sender in conn.messages:
+            assert sender.startswith(f"{conn.login}-")
+        carried += len(conn.messages)
+    assert carried == 14
+    logins = sorted(c.login for c in rec.connections if c.login)
+    assert logins.count("acme") >= 1 and logins.count("globex") >= 1
+    sequential = [c for c in rec.connections if any("-0@" in m for m in c.messages)]
+    assert sorted(len([m for m in c.messages if "-c" not in m]) for c in sequential) == [4, 4]
+
+
+async def test_changed_password_opens_a_new_connection(tmp_path: Path, pool: Pool) -> None:
+    with running(authenticator=authenticator, auth_require_tls=False) as (rec, port):
+        before = tenant(tmp_path, port, "acme", "acme-pw")
+        await send(pool, before, "old@platform.example")
+        after = tenant(tmp_path, port, "acme", "acme-pw-2")
+        await send(pool, after, "new@platform.example")
+        await pool.close()
+    assert [c.messages for c in rec.connections] == [
+        ["old@platform.example"],
+        ["new@platform.example"],
+    ]
+    assert all(c.commands.count("AUTH") == 1 for c in rec.connections)
+
+
+def test_key_separates_credentials_and_hides_the_password(tmp_path: Path) -> None:
+    base = upstream(25)
+    keys = {
+        PoolKey.of(base, None),
+        PoolKey.of(upstream(25, username="acme"), "pw"),
+        PoolKey.of(upstream(25, username="acme"), "pw2"),
+        PoolKey.of(upstream(25, username="globex"), "pw"),
+        PoolKey.of(upstream(25, tls=TlsMode.STARTTLS), None),
+        PoolKey.of(upstream(26), None),
+    }
+    assert len(keys) == 6
+    assert PoolKey.of(upstream(25, username="acme"), "pw") in keys
+    assert "pw" not in repr(PoolKey.of(upstream(25, username="acme"), "pw"))
+
+
+async def test_starttls_login_is_reused_encrypted(
+    tmp_path: Path, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    certs = make_certs(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.cert, certs.key)
+    with running(tls_context=context, authenticator=authenticator) as (rec, port):
+        target = tenant(tmp_path, port, "acme", "acme-pw", tls=TlsMode.STARTTLS)
+        for n in range(3):
+            await send(pool, target, f"acme-{n}@platform.example")
+        await pool.close()  # before the sink stops: see the note in test_deliver.py
+        await eventually(lambda: rec.connections[0].closed)
+    (conn,) = rec.connections
+    assert conn.commands.count("STARTTLS") == 1
+    assert conn.commands.count("AUTH") == 1
+    assert conn.login == "acme"
+    assert conn.tls == [True, True, True]
+    assert conn.commands.count("RSET") == 2
+
+
+# --- stale connections ------------------------------------------------------------
+
+
+async def test_connection_the_server_dropped_is_replaced(pool: Pool) -> None:
+    with running(Recorder(drop=True)) as (rec, port):
+        for n in range(3):
+            await send(pool, upstream(port), f"m{n}@p.example")
+            await eventually(lambda: rec.connections[-1].closed)
+        await pool.close()
+    assert [c.messages for c in rec.connections] == [
+        ["m0@p.example"],
+        ["m1@p.example"],
+        ["m2@p.example"],
+    ]
+
+
+async def test_restarted_server_is_reconnected_without_a_failure(pool: Pool) -> None:
+    port = free_port()
+    with running(port=port) as (first, _):
+        await send(pool, upstream(port), "a@p.example")
+    assert pool.idle_count() == 1
+    with running(port=port) as (second, _):
+        await send(pool, upstream(port), "b@p.example")
+        await pool.close()
+    assert [c.messages for c in first.connections] == [["a@p.example"]]
+    assert [c.messages for c in second.connections] == [["b@p.example"]]
+
+
+async def test_refused_rset_means_stale_not_failed(pool: Pool) -> None:
+    with running(Recorder(rset_reply="502 5.5.1 not now")) as (rec, port):
+        for n in range(2):
+            await send(pool, upstream(port), f"m{n}@p.example")
+        await pool.close()
+    first, second = rec.connections
+    assert first.messages == ["m0@p.example"]
+    assert first.commands[-1] == "RSET"
+    assert second.messages == ["m1@p.example"]
+
+
+# --- idle timeout, close, limits --------------------------------------------------
+
+
+async def test_idle_connection_gets_quit_after_the_idle_timeout(sink: tuple[Recorder, int]) -> None:
+    rec, port = sink
+    pool = Pool(idle_timeout=0.3)
+    try:
+        await send(pool, upstream(port), "a@p.example")
+        assert pool.idle_count() == 1
+        await eventually(lambda: rec.connections[0].closed)
+        assert rec.connections[0].commands[-1] == "QUIT"
+        assert pool.idle_count() == 0
+        await send(pool, upstream(port), "b@p.example")
+        assert len(rec.connections) == 2
+    finally:
+        await pool.close()
+
+
+async def test_close_quits_every_idle_connection(sink: tuple[Recorder, int]) -> None:
+    rec, port = sink
+    rec.delay = 0.2
+    pool = Pool()
+    await asyncio.gather(*(send(pool, upstream(port), f"m{n}@p.example") for n in range(3)))
+    assert pool.idle_count() == 3
+    await pool.close()
+    assert pool.idle_count() == 0
+    await eventually(lambda: all(c.closed for c in rec.connections))
+    assert len(rec.connections) == 3
+    assert all(c.commands[-1] == "QUIT" for c in rec.connections)
+    await send(pool, upstream(port), "late@p.example")
+    assert pool.idle_count() == 0  # a closed pool keeps nothing
+
+
+async def test_reuse_limit_opens_a_new_connection(sink: tuple[Recorder, int]) -> None:
+    rec, port = sink
+    pool = Pool(reuse_limit=2)
+    try:
+        for n in range(5):
+            await send(pool, upstream(port), f"m{n}@p.example")
+    finally:
+        await pool.close()
+    assert [len(c.messages) for c in rec.connections] == [2, 2, 1]
+    assert all(c.commands[-1] == "QUIT" for c in rec.connections)
+
+
+async def test_idle_connections_per_key_are_capped(sink: tuple[Recorder, int]) -> None:
+    rec, port = sink
+    rec.delay = 0.2
+    pool = Pool(max_idle_per_key=2)
+    try:
+        await asyncio.gather(*(send(pool, upstream(port), f"m{n}@p.example") for n in range(5)))
+        assert pool.idle_count() == 2
+        await eventually(lambda: sum(c.closed for c in rec.connections) == 3)
+    finally:
+        await pool.close()
+
+
+# --- concurrency ------------------------------------------------------------------
+
+
+async def test_concurrent_sends_each_get_their_own_connection(
+    sink: tuple[Recorder, int], pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rec, port = sink
+    rec.delay = 0.5
+    leased: set[int] = set()
+    lease = pool.lease
+
+    @contextlib.asynccontextmanager
+    async def watched(*args: Any) -> AsyncIterator[aiosmtplib.SMTP]:
+        async with lease(*args) as client:
+            assert id(client) not in leased, "one connection in two transactions"
+            leased.add(id(client))
+            try:
+                yield client
+            finally:
+                leased.discard(id(client))
+
+    monkeypatch.setattr(pool, "lease", watched)
+
+    async def burst(tag: str, count: int, stagger: float) -> None:
+        async def one(n: int) -> None:
+            await asyncio.sleep(n * stagger)
+            await send(pool, upstream(port), f"{tag}{n}@p.example")
+
+        await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(count))), 10)
+
+    started = time.monotonic()
+    await burst("a", 10, 0.0)
+    assert time.monotonic() - started < 3.5  # ten 0.5 s transactions side by side, not in a row
+    assert len(rec.connections) == 10
+    assert all(len(c.messages) == 1 for c in rec.connections)
+    # Arriving one by one while the others are still busy: ten take the idle connections,
+    # the other five must open their own rather than join a busy one.
+    await burst("b", 15, 0.01)
+    assert len(rec.connections) == 15
+    assert sorted(len(c.messages) for c in rec.connections) == [1] * 5 + [2] * 10
+    assert pool.opened == 15
+    assert pool.idle_count() == 10
+
+
+async def test_default_pool_belongs_to_the_running_loop() -> None:
+    pool = default_pool()
+    assert default_pool() is pool
+    await close_default_pool()
+    assert default_pool() is not pool
+    await close_default_pool()
