@@ -26,7 +26,8 @@ from relay.spool.store import NoSuchEntry, SpoolBusy, SpoolError
 
 log = logging.getLogger("relay")
 
-POLL = 1.0  # seconds between looks at the spool for kicks and due entries
+POLL = 1.0  # longest sleep between looks at the schedule and for kicks
+RESCAN = 60.0  # the spool directory is read again this often, as a safety net
 
 
 @dataclass(frozen=True)
@@ -76,20 +77,43 @@ class Engine:
         self.accepting: set[str] = set()  # being accepted: not the engine's until answered
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._stopping = False
+        self._schedule: dict[str, float] = {}  # queue ID -> next attempt
 
-    def wake(self) -> None:
+    def submit(self, queue_id: str, when: float | None = None) -> None:
+        """A new entry in the spool: deliver it at ``when`` (now by default)."""
+        self._schedule[queue_id] = self.clock() if when is None else when
         self._wake.set()
 
     async def run(self) -> None:
-        """Deliver until ``stop``; a kick from ``relay queue retry`` or ``wake`` looks at once."""
+        """Deliver until ``stop``.
+
+        The schedule lives in memory: reading every record on each wake-up
+        cost more than delivering once messages piled up. The directory is
+        read at start, when ``relay queue retry``/``release`` kick, and every
+        ``RESCAN`` seconds in case a record changed behind the engine's back.
+        """
         seen_kick = self.spool.last_kick()
+        await self._rescan()
+        last_scan = self.clock()
         while not self._stopping:
             self._start_due()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), POLL)
+                await asyncio.wait_for(self._wake.wait(), self._sleep())
             self._wake.clear()
-            if self.spool.kicked_since(seen_kick):
+            if self.spool.kicked_since(seen_kick) or self.clock() - last_scan > RESCAN:
                 seen_kick = self.spool.last_kick()
+                await self._rescan()
+                last_scan = self.clock()
+
+    async def _rescan(self) -> None:
+        found = await asyncio.to_thread(
+            lambda: {e.queue_id: e.next_attempt for e in self.spool.entries() if not e.held}
+        )
+        self._schedule = found
+
+    def _sleep(self) -> float:
+        waiting = [t for q, t in self._schedule.items() if q not in self._busy]
+        return max(0.0, min([POLL, *(t - self.clock() for t in waiting)]))
 
     async def stop(self, timeout: float) -> None:
         """Start nothing new; let deliveries in progress finish within ``timeout``."""
@@ -110,12 +134,10 @@ class Engine:
 
     def _start_due(self) -> None:
         now = self.clock()
-        for entry in self.spool.entries():
-            if entry.queue_id in self._busy or entry.queue_id in self.accepting:
+        for queue_id, when in list(self._schedule.items()):
+            if when > now or queue_id in self._busy or queue_id in self.accepting:
                 continue
-            if entry.held or entry.next_attempt > now:
-                continue
-            self.attempt_now(entry.queue_id)
+            self.attempt_now(queue_id)
 
     def _limit(self, upstream: str) -> asyncio.Semaphore:
         if upstream not in self._limits:
@@ -123,12 +145,24 @@ class Engine:
         return self._limits[upstream]
 
     async def _deliver(self, queue_id: str, immediate: bool) -> Outcome:
+        outcome = await self._locked_attempt(queue_id, immediate)
+        if outcome.status == "busy":
+            self._schedule[queue_id] = self.clock() + POLL
+        elif outcome.status != "deferred":
+            self._schedule.pop(queue_id, None)
+        return outcome
+
+    async def _locked_attempt(self, queue_id: str, immediate: bool) -> Outcome:
         try:
             with self.spool.lock(queue_id, blocking=False):
                 entry = self.spool.load(queue_id)
+                if entry.held:
+                    return Outcome("held")
                 async with self._limit(entry.upstream):
                     return await self._attempt(entry, immediate)
-        except (SpoolBusy, NoSuchEntry):
+        except NoSuchEntry:
+            return Outcome("gone")
+        except SpoolBusy:
             return Outcome("busy")
         except SpoolError as exc:
             log.error("%s spool error: %s", queue_id, exc)
@@ -174,6 +208,7 @@ class Engine:
             self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
         await self._flush(entry)
         await asyncio.to_thread(self.spool.update, entry)
+        self._schedule[entry.queue_id] = entry.next_attempt
         return Outcome("deferred")
 
     async def _refuse(
@@ -215,7 +250,7 @@ class Engine:
             try:
                 await asyncio.to_thread(self.spool.put, notice, data)
                 self.recorder.notice(entry, notice)
-                self.wake()
+                self.submit(notice.queue_id)
             except SpoolError as exc:
                 log.error("%s could not queue the failure notice: %s", entry.queue_id, exc)
         await self._flush(entry)

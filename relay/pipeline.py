@@ -125,10 +125,10 @@ class Acceptor:
             ",".join(f"{k.domain}/{k.selector}" for k in prepared.decision.signing) or "none",
             entry.upstream,
         )
+        self.engine.submit(entry.queue_id)
         listener = next((x for x in policy.listeners if x.name == submission.listener), None)
         if listener is not None and listener.immediate > 0:
             return await self._immediate(entry, listener.immediate)
-        self.engine.wake()
         return f"250 2.0.0 Ok: queued as {entry.queue_id}"
 
     async def _keep(
