@@ -19,13 +19,11 @@ class Received:
 
 
 @dataclass
-class Sink:
-    """Records every message; ``refuse`` maps a recipient to the reply it gets."""
+class RefusingRecipients:
+    """aiosmtpd handler part shared by the test sinks: ``refuse`` maps a recipient
+    to the reply it gets; everyone else is accepted."""
 
     refuse: dict[str, str] = field(default_factory=dict)
-    data_reply: str = "250 2.0.0 sink accepted"
-    delay: float = 0.0  # seconds before answering DATA: a slow upstream
-    messages: list[Received] = field(default_factory=list)
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
@@ -34,6 +32,15 @@ class Sink:
             return self.refuse[address]
         envelope.rcpt_tos.append(address)
         return "250 OK"
+
+
+@dataclass
+class Sink(RefusingRecipients):
+    """Records every message."""
+
+    data_reply: str = "250 2.0.0 sink accepted"
+    delay: float = 0.0  # seconds before answering DATA: a slow upstream
+    messages: list[Received] = field(default_factory=list)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         await asyncio.sleep(self.delay)

@@ -22,6 +22,7 @@ from relay.policy.model import DirectoryUpstream, SmtpUpstream, TlsMode
 from relay.upstream import replies, smtp
 from relay.upstream.pool import Pool
 from tests.certs import Certs, make_certs
+from tests.sink import RefusingRecipients
 
 MESSAGE = (
     b"From: Jan via Acme <noreply@platform.example>\r\n"
@@ -49,19 +50,10 @@ class Got:
 
 
 @dataclass
-class SinkHandler:
-    refuse: dict[str, str] = field(default_factory=dict)
+class SinkHandler(RefusingRecipients):
     data_reply: str = "250 2.0.0 Ok: queued as SINK1"
     delay: float = 0.0
     messages: list[Got] = field(default_factory=list)
-
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
-    ) -> str:
-        if address in self.refuse:
-            return self.refuse[address]
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.delay:

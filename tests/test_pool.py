@@ -28,7 +28,7 @@ from relay.policy.model import SmtpUpstream, TlsMode
 from relay.upstream import DeliveryResult, smtp
 from relay.upstream.pool import Pool, PoolKey, close_default_pool, default_pool
 from tests.certs import make_certs
-from tests.sink import free_port
+from tests.sink import RefusingRecipients, free_port
 
 MESSAGE = b"From: a@platform.example\r\nTo: one@example.org\r\nSubject: pool\r\n\r\nbody\r\n"
 PASSWORDS = {"acme": {"acme-pw", "acme-pw-2"}, "globex": {"globex-pw"}}
@@ -46,13 +46,12 @@ class Conn:
 
 
 @dataclass
-class Recorder:
+class Recorder(RefusingRecipients):
     """Handler hooks; ``rset_reply`` answers RSET once, ``drop`` hangs up after each message."""
 
     delay: float = 0.0
     drop: bool = False
     rset_reply: str | None = None
-    refuse: dict[str, str] = field(default_factory=dict)
     conns: list[Conn] = field(default_factory=list)
 
     @property
@@ -63,14 +62,6 @@ class Recorder:
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         reply, self.rset_reply = self.rset_reply, None
         return reply or "250 OK"
-
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
-    ) -> str:
-        if address in self.refuse:
-            return self.refuse[address]
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.delay:
