@@ -194,7 +194,7 @@ def _queue(args: argparse.Namespace) -> int:
         recorder = Recorder(audit_log(policy))
         for entry in outcome.entries:
             recorder.deleted(entry, operator())
-        recorder.flush_sync()
+            recorder.flush_sync(entry.queue_id)
     return outcome.code
 
 

@@ -32,7 +32,8 @@ RESCAN = 60.0  # the spool directory is read again this often, as a safety net
 
 @dataclass(frozen=True)
 class Outcome:
-    """How an attempt ended: ``delivered``, ``failed``, ``deferred``, ``busy`` or
+    """How an attempt ended: ``delivered``, ``failed``, ``deferred``, ``busy``
+    (locked elsewhere: try again soon), ``held``, ``gone`` (deleted meanwhile) or
     ``refused`` (immediate mode: every recipient refused, nothing kept), with the
     reply to pass back when refused."""
 
@@ -222,7 +223,7 @@ class Engine:
 
     async def _flush(self, entry: QueueEntry) -> None:
         try:
-            await self.recorder.flush()
+            await self.recorder.flush(entry.queue_id)
         except AuditError as exc:
             log.error("%s: AUDIT LOG WRITE FAILED: %s", entry.queue_id, exc)
 

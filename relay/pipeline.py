@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,7 +18,7 @@ from relay.audit import AuditError, events
 from relay.classify import classify
 from relay.decide import Decision, decide
 from relay.engine import Engine
-from relay.errors import HeaderInjection, Rejected, SigningError, SmtpReply, UpstreamError
+from relay.errors import HeaderInjection, Rejected, SigningError, SmtpReply
 from relay.identify import identify
 from relay.message import MessageView
 from relay.policy.model import Policy
@@ -28,6 +27,7 @@ from relay.record import Recorder
 from relay.sign import sign
 from relay.spool import PENDING, QueueEntry, RecipientState, Spool, SpoolError
 from relay.submission import Submission
+from relay.upstream import replies
 
 log = logging.getLogger("relay")
 
@@ -160,7 +160,7 @@ class Acceptor:
             )
         )
         try:
-            await self.recorder.flush()
+            await self.recorder.flush(entry.queue_id)
         except AuditError as exc:
             log.error("%s: cannot write the audit log: %s", entry.queue_id, exc)
             await asyncio.to_thread(self.spool.remove, entry.queue_id)
@@ -175,10 +175,7 @@ class Acceptor:
             return f"250 2.0.0 Ok: queued as {entry.queue_id}"
         if outcome.status == "refused":
             code = int(outcome.reply[:3]) if outcome.reply[:3].isdigit() else 550
-            status, _, text = outcome.reply[4:].partition(" ")
-            if not re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", status):
-                status, text = "5.0.0", outcome.reply[4:]
-            raise UpstreamError(code, status, text)
+            raise replies.refusal(code, outcome.reply[4:])
         return f"250 2.0.0 Ok: queued as {entry.queue_id}"
 
     async def _rejected(self, submission: Submission, reply: SmtpReply) -> None:
@@ -192,7 +189,7 @@ class Acceptor:
         )
         self.recorder.add(events.rejected_for(submission, reply))
         try:
-            await self.recorder.flush()
+            await self.recorder.flush(None)
         except AuditError as exc:
             log.error("cannot write the audit log: %s", exc)
 

@@ -7,8 +7,10 @@ habits and tools carry over; the audit log gets a structured, chained
 record for the same event. Every stage reports through here, so the two
 can never disagree about what happened.
 
-Audit records are collected and written together by ``flush`` (one fsync
-for all recipients of an attempt), before the spool records the new state:
+Audit records are collected per message and written together by ``flush``
+(one fsync for all recipients of an attempt). Each message has its own
+buffer, so one session's flush can never write, or lose, another's records.
+They are written before the spool records the new state:
 after a crash the audit log may hold an event the spool forgot, never the
 other way round.
 """
@@ -58,18 +60,21 @@ class Recorder:
     def __init__(self, audit: AuditLog | None, clock: Callable[[], float] = time.time) -> None:
         self.audit = audit
         self.clock = clock
-        self._pending: list[dict[str, Any]] = []
+        self._pending: dict[str | None, list[dict[str, Any]]] = {}
 
     def add(self, record: dict[str, Any]) -> None:
         if self.audit is not None:
-            self._pending.append(record)
+            self._pending.setdefault(record["queue_id"], []).append(record)
 
-    async def flush(self) -> None:
-        """Write what was collected; raises AuditError, the caller decides what that means."""
-        await asyncio.to_thread(self.flush_sync)
+    async def flush(self, queue_id: str | None) -> None:
+        """Write what was collected for one message; raises AuditError, the caller
+        decides what that means. The buffer is taken here, on the event loop."""
+        records = self._pending.pop(queue_id, [])
+        if records and self.audit is not None:
+            await asyncio.to_thread(self.audit.append_many, records)
 
-    def flush_sync(self) -> None:
-        records, self._pending = self._pending, []
+    def flush_sync(self, queue_id: str | None) -> None:
+        records = self._pending.pop(queue_id, [])
         if records and self.audit is not None:
             self.audit.append_many(records)
 
