@@ -160,9 +160,43 @@ def test_a_torn_last_line_is_kept_and_ended_on_reopen(tmp_path: Path) -> None:
     assert log.head[0] == 2
     log.append(_failed(3))
     lines = path.read_bytes().split(b"\n")
-    assert lines[2] == b'{"v":1,"seq":3,"ti' and json.loads(lines[3])["seq"] == 3
+    assert lines[2] == b'{"v":1,"seq":3,"ti [torn write, ended by the relay]'
+    assert json.loads(lines[3])["seq"] == 3
     result = verify(tmp_path)
     assert not result.ok and result.problem and result.problem.line == 3
+
+
+def test_an_ended_torn_line_does_not_stop_the_next_writer(tmp_path: Path) -> None:
+    """A second start (or another worker) after the crash continues the chain."""
+    log = AuditLog(tmp_path, clock=Clock())
+    log.append_many([_failed(1), _failed(2)])
+    log.close()
+    path = tmp_path / "audit-2024-05-06.jsonl"
+    path.write_bytes(path.read_bytes() + b'{"v":1,"seq":3,"ti')
+    AuditLog(tmp_path, clock=Clock()).close()  # ends the torn line, writes nothing
+    again = AuditLog(tmp_path, clock=Clock())
+    assert again.head[0] == 2
+    again.append(_failed(3))
+    records = [json.loads(x) for x in path.read_bytes().split(b"\n") if x.endswith(b"}")]
+    assert [r["seq"] for r in records] == [1, 2, 3]
+    assert records[2]["prev"] == records[1]["hash"]
+    result = verify(tmp_path)
+    assert not result.ok and result.problem and result.problem.line == 3
+
+
+def test_writers_in_two_processes_keep_one_chain(tmp_path: Path) -> None:
+    """Worker processes each have their own writer on the same directory."""
+    with AuditLog(tmp_path, clock=Clock()) as supervisor:
+        supervisor.append(_failed(1))  # today's file exists before the workers start
+    first, second = AuditLog(tmp_path, clock=Clock()), AuditLog(tmp_path, clock=Clock())
+    first.append(_failed(2))
+    second.append(_failed(3))  # never wrote before: must not start from its stale head
+    first.append(_failed(4))  # the file grew behind its back
+    second.append(_failed(5))
+    first.close()
+    second.close()
+    assert verify(tmp_path).ok
+    assert [r["seq"] for r in read_all(tmp_path)] == [1, 2, 3, 4, 5]
 
 
 def test_maintain_compresses_closed_days_and_keeps_the_chain(tmp_path: Path) -> None:

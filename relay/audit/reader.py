@@ -73,6 +73,9 @@ def open_file(file: DayFile | Path) -> BinaryIO:
     return open(path, "rb")
 
 
+TORN_END = b" [torn write, ended by the relay]\n"
+
+
 def lines(file: DayFile | Path) -> Iterator[bytes]:
     """Raw lines with their ``\\n``; a last line without one was cut short."""
     with open_file(file) as stream:
@@ -120,27 +123,37 @@ def last_line(path: Path) -> tuple[bytes | None, bool]:
     """The last complete line of a file, and whether a torn line follows it.
 
     A plain file is read backwards in chunks: the writer needs only its tail
-    to continue the chain, however large the day has grown.
+    to continue the chain, however large the day has grown. A torn line the
+    writer has already ended (``TORN_END``) is passed over: it stays in the
+    file as evidence, and the chain goes on from the record before it.
     """
     if path.suffix == ".gz":
         last, torn = None, False
         for line in lines(path):
-            if line.endswith(b"\n"):
-                last, torn = line, False
-            else:
+            if not line.endswith(b"\n"):
                 torn = True
+            elif not line.endswith(TORN_END):
+                last, torn = line, False
         return last, torn
     with open(path, "rb") as stream:
         position = stream.seek(0, os.SEEK_END)
         tail = b""
-        while position > 0 and tail.count(b"\n") < 2:
+        while (found := _last_complete(tail, position == 0)) is None and position > 0:
             step = min(_CHUNK, position)
             position -= step
             stream.seek(position)
             tail = stream.read(step) + tail
-    torn = bool(tail) and not tail.endswith(b"\n")
-    end = tail.rfind(b"\n")
-    if end < 0:
-        return None, torn
-    start = tail.rfind(b"\n", 0, end) + 1
-    return tail[start : end + 1], torn
+    return found, bool(tail) and not tail.endswith(b"\n")
+
+
+def _last_complete(tail: bytes, whole: bool) -> bytes | None:
+    """The last complete line in ``tail`` not ended by the writer, if ``tail`` shows all of it."""
+    end = tail.rfind(b"\n") + 1
+    while end > 0:
+        start = tail.rfind(b"\n", 0, end - 1) + 1
+        if start == 0 and not whole:
+            return None  # the line may begin before the tail
+        if not tail.endswith(TORN_END, 0, end):
+            return tail[start:end]
+        end = start
+    return None

@@ -169,8 +169,9 @@ class AuditLog:
         info = os.stat(self.directory)
         if not stat.S_ISDIR(info.st_mode):
             raise NotADirectoryError(20, "Not a directory", str(self.directory))
-        grown = self._fd is not None and os.fstat(self._fd).st_size != self._size
-        if grown or info.st_mtime_ns != self._stamp:
+        # Without an open file, another writer's appends change no size or mtime we know.
+        unknown = self._fd is None or os.fstat(self._fd).st_size != self._size
+        if unknown or info.st_mtime_ns != self._stamp:
             self._load()
 
     def _load(self) -> None:
@@ -202,7 +203,7 @@ class AuditLog:
         log.warning("audit log %s ends in a torn line; terminating it", path.name)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         try:
-            os.write(fd, b"\n")
+            os.write(fd, reader.TORN_END)
             os.fsync(fd)
         finally:
             os.close(fd)
