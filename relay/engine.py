@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from relay.audit import AuditError
+from relay.groupcommit import GroupCommit
 from relay.notice import build_notice
 from relay.policy.model import Policy, QueueSettings, Upstream
 from relay.record import Recorder
@@ -33,7 +34,8 @@ RESCAN = 60.0  # the spool directory is read again this often, as a safety net
 @dataclass(frozen=True)
 class Outcome:
     """How an attempt ended: ``delivered``, ``failed``, ``deferred``, ``busy``
-    (locked elsewhere: try again soon), ``held``, ``gone`` (deleted meanwhile) or
+    (locked elsewhere: try again soon), ``later`` (another worker deferred it
+    meanwhile: not due yet), ``held``, ``gone`` (deleted meanwhile) or
     ``refused`` (immediate mode: every recipient refused, nothing kept), with the
     reply to pass back when refused."""
 
@@ -79,6 +81,7 @@ class Engine:
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._stopping = False
         self._schedule: dict[str, float] = {}  # queue ID -> next attempt
+        self._remove = GroupCommit(spool.remove_many)
 
     def submit(self, queue_id: str, when: float | None = None) -> None:
         """A new entry in the spool: deliver it at ``when`` (now by default)."""
@@ -149,7 +152,7 @@ class Engine:
         outcome = await self._locked_attempt(queue_id, immediate)
         if outcome.status == "busy":
             self._schedule[queue_id] = self.clock() + POLL
-        elif outcome.status != "deferred":
+        elif outcome.status not in ("deferred", "later"):
             self._schedule.pop(queue_id, None)
         return outcome
 
@@ -159,6 +162,9 @@ class Engine:
                 entry = self.spool.load(queue_id)
                 if entry.held:
                     return Outcome("held")
+                if entry.next_attempt > self.clock() + POLL and not immediate:
+                    self._schedule[queue_id] = entry.next_attempt
+                    return Outcome("later")
                 async with self._limit(entry.upstream):
                     return await self._attempt(entry, immediate)
         except NoSuchEntry:
@@ -184,7 +190,7 @@ class Engine:
         if upstream is None:
             replies = dict.fromkeys(pending, (451, f"451 4.3.5 no upstream {entry.upstream!r}"))
         else:
-            data = await asyncio.to_thread(self.spool.read_message, entry.queue_id)
+            data = self.spool.read_message(entry.queue_id)
             replies = (await self.send(upstream, entry.mail_from, pending, data)).replies
         entry.attempts += 1
         for rcpt in entry.pending():
@@ -255,6 +261,6 @@ class Engine:
             except SpoolError as exc:
                 log.error("%s could not queue the failure notice: %s", entry.queue_id, exc)
         await self._flush(entry)
-        await asyncio.to_thread(self.spool.remove, entry.queue_id)
+        await self._remove(entry.queue_id)
         statuses = {r.status for r in entry.recipients}
         return Outcome(DELIVERED if statuses == {DELIVERED} else FAILED)

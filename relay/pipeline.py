@@ -19,6 +19,7 @@ from relay.classify import classify
 from relay.decide import Decision, decide
 from relay.engine import Engine
 from relay.errors import HeaderInjection, Rejected, SigningError, SmtpReply
+from relay.groupcommit import GroupCommit
 from relay.identify import identify
 from relay.message import MessageView
 from relay.policy.model import Policy
@@ -86,15 +87,17 @@ class Acceptor:
 
     A message is answered 250 only when it is in the spool and its
     ``received`` and ``queued`` records are in the audit log, both fsynced;
-    if either write fails the client gets 451 and nothing is kept. The
-    engine is told to keep its hands off the entry until the answer is
-    decided, so a message refused here can never be delivered anyway.
+    if either write fails the client gets 451 and nothing is kept. Until the
+    answer is decided the entry's lock is held (other worker processes'
+    engines see the spool too) and this process's engine is told to keep
+    its hands off, so a message refused here can never be delivered anyway.
     """
 
     def __init__(self, spool: Spool, engine: Engine, recorder: Recorder) -> None:
         self.spool = spool
         self.engine = engine
         self.recorder = recorder
+        self._put = GroupCommit(spool.put_many)
 
     async def process(self, policy: Policy, submission: Submission) -> str:
         try:
@@ -105,7 +108,11 @@ class Acceptor:
         entry = _entry(prepared, submission)
         self.engine.accepting.add(entry.queue_id)
         try:
-            await self._keep(policy, submission, prepared, entry)
+            with self.spool.reserve(entry.queue_id):
+                await self._keep(policy, submission, prepared, entry)
+        except SpoolError as exc:
+            log.error("%s: cannot lock the new queue entry: %s", entry.queue_id, exc)
+            raise SmtpReply(451, "4.3.0", "Queue write failed, try again later") from exc
         finally:
             self.engine.accepting.discard(entry.queue_id)
         log.info(
@@ -135,7 +142,7 @@ class Acceptor:
         self, policy: Policy, submission: Submission, prepared: Prepared, entry: QueueEntry
     ) -> None:
         try:
-            await asyncio.to_thread(self.spool.put, entry, prepared.message)
+            await self._put((entry, (prepared.message,)))
         except SpoolError as exc:
             log.error("%s: cannot write to the spool: %s", entry.queue_id, exc)
             raise SmtpReply(451, "4.3.0", "Queue write failed, try again later") from exc

@@ -17,7 +17,6 @@ other way round.
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import logging
 import os
@@ -29,6 +28,7 @@ from typing import Any
 
 from relay.audit import AuditLog
 from relay.audit import events as ev
+from relay.groupcommit import GroupCommit
 from relay.policy.model import Policy
 from relay.spool import QueueEntry
 
@@ -57,10 +57,15 @@ def operator() -> str:
 
 
 class Recorder:
+    """Records are written by group commit (``relay.groupcommit``): every message
+    flushed in one pass of the event loop shares one write and one fsync. A
+    failed write writes none of them, so each caller can refuse its message."""
+
     def __init__(self, audit: AuditLog | None, clock: Callable[[], float] = time.time) -> None:
         self.audit = audit
         self.clock = clock
         self._pending: dict[str | None, list[dict[str, Any]]] = {}
+        self._write = GroupCommit(self._append)
 
     def add(self, record: dict[str, Any]) -> None:
         if self.audit is not None:
@@ -71,12 +76,17 @@ class Recorder:
         decides what that means. The buffer is taken here, on the event loop."""
         records = self._pending.pop(queue_id, [])
         if records and self.audit is not None:
-            await asyncio.to_thread(self.audit.append_many, records)
+            await self._write(records)
 
     def flush_sync(self, queue_id: str | None) -> None:
         records = self._pending.pop(queue_id, [])
         if records and self.audit is not None:
             self.audit.append_many(records)
+
+    def _append(self, batches: list[list[dict[str, Any]]]) -> list[None]:
+        assert self.audit is not None
+        self.audit.append_many([record for records in batches for record in records])
+        return [None] * len(batches)
 
     def _delivery_line(self, entry: QueueEntry, address: str, status: str, reply: str) -> None:
         log.info(

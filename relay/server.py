@@ -17,7 +17,6 @@ import logging
 import signal
 import ssl
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +25,8 @@ from relay.policy.model import Policy
 
 if TYPE_CHECKING:
     from relay.audit import AuditLog
+    from relay.ingress import Sockets
+    from relay.supervisor import WorkerLink
 
 log = logging.getLogger("relay")
 
@@ -47,54 +48,102 @@ class PolicyHolder:
         return self.policy
 
 
-async def serve(policy_path: Path, ready: Callable[[], None] | None = None) -> int:
-    from relay.audit import AuditError, events
-    from relay.deliver import attempt
-    from relay.engine import Engine
-    from relay.ingress import start
-    from relay.pipeline import Acceptor
-    from relay.policy.load import load
-    from relay.record import Recorder, audit_log
-    from relay.spool import Spool, SpoolError
-    from relay.upstream.pool import close_default_pool
+def run(policy_path: Path) -> int:
+    """``relay serve``: open the state, bind the listeners, then serve in one
+    process or, with ``workers`` above 1, in worker processes under a supervisor."""
+    import uvloop
 
-    try:
-        policy = load(policy_path)
-    except PolicyError as exc:
-        for problem in exc.problems:
-            log.error("%s", problem)
+    from relay.ingress import bind, tls_context
+    from relay.supervisor import Supervisor
+
+    configure_logging()
+    policy_path = Path(policy_path)
+    policy = _load(policy_path)
+    if policy is None:
         log.error("%s: invalid policy, not starting", policy_path)
         return EX_CONFIG
-    holder = PolicyHolder(policy)
+    code = _open_state(policy, policy_path)
+    if code:
+        return code
     try:
-        spool = Spool(policy.queue.directory)
-        recovered = await asyncio.to_thread(spool.recover)
-        audit = audit_log(policy)
-        await asyncio.to_thread(audit.maintain)
-        audit.append(
-            events.policy_loaded(policy_file=str(policy_path), policy_sha256=policy.digest)
-        )
-    except (SpoolError, AuditError, OSError) as exc:
-        log.error("cannot open the state directory: %s", exc)
-        return EX_CANTCREAT
-    log.info("spool %s: %d messages to deliver", policy.queue.directory, recovered)
-    engine = Engine(spool, holder.current, attempt, Recorder(audit))
-    acceptor = Acceptor(spool, engine, Recorder(audit))
-    try:
-        ingress = await start(policy.listeners, holder.current, acceptor.process)
+        for listener in policy.listeners:
+            if listener.tls is not None:
+                tls_context(listener.tls)
+        sockets = bind(policy.listeners)
     except ssl.SSLError as exc:
         log.error("cannot load a listener's TLS certificate or key: %s", exc)
         return EX_CONFIG
     except OSError as exc:
         log.error("cannot listen: %s", exc.strerror or exc)
         return EX_OSERR
-    for listener, host, port in ingress.bound():
-        log.info("listening on %s (listener %s)", _hostport(host, port), listener.name)
+    for listener in policy.listeners:
+        for sock in sockets[listener.name]:
+            host, port = sock.getsockname()[:2]
+            log.info("listening on %s (listener %s)", _hostport(host, port), listener.name)
     log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
+    if policy.workers == 1:
+        return uvloop.run(serve(policy_path, policy, sockets))
+    return Supervisor(policy_path, policy, sockets).run()
+
+
+def _load(path: Path) -> Policy | None:
+    from relay.policy.load import load
+
+    try:
+        return load(path)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            log.error("%s", problem)
+        return None
+
+
+def _open_state(policy: Policy, policy_path: Path) -> int:
+    """Recover the spool and open the audit log once, before any worker starts."""
+    from relay.audit import AuditError, events
+    from relay.record import audit_log
+    from relay.spool import Spool, SpoolError
+
+    try:
+        recovered = Spool(policy.queue.directory).recover()
+        with audit_log(policy) as audit:
+            audit.maintain()
+            audit.append(
+                events.policy_loaded(policy_file=str(policy_path), policy_sha256=policy.digest)
+            )
+    except (SpoolError, AuditError, OSError) as exc:
+        log.error("cannot open the state directory: %s", exc)
+        return EX_CANTCREAT
+    log.info("spool %s: %d messages to deliver", policy.queue.directory, recovered)
+    return 0
+
+
+async def serve(
+    policy_path: Path,
+    policy: Policy,
+    sockets: Sockets,
+    worker: WorkerLink | None = None,
+) -> int:
+    """Receive and deliver until SIGTERM. As one of several workers (``worker``
+    set) the supervisor keeps the audit log's upkeep and its policy records."""
+    from relay.deliver import attempt
+    from relay.engine import Engine
+    from relay.ingress import start
+    from relay.pipeline import Acceptor
+    from relay.record import Recorder, audit_log
+    from relay.spool import Spool
+    from relay.upstream.pool import close_default_pool
+
+    holder = PolicyHolder(policy)
+    spool = Spool(policy.queue.directory)
+    audit = audit_log(policy)
+    recorder = Recorder(audit)  # one, so receiving and delivering share each fsync
+    engine = Engine(spool, holder.current, attempt, recorder)
+    acceptor = Acceptor(spool, engine, recorder)
+    ingress = await start(policy.listeners, holder.current, acceptor.process, sockets)
 
     loop = asyncio.get_running_loop()
     delivering = loop.create_task(engine.run())
-    upkeep = loop.create_task(_audit_upkeep(audit))
+    chores = [loop.create_task(_audit_upkeep(audit))] if worker is None else []
     stopping = asyncio.Event()
     reloads: set[asyncio.Task[None]] = set()
 
@@ -102,23 +151,27 @@ async def serve(policy_path: Path, ready: Callable[[], None] | None = None) -> i
         if reloads:
             log.info("SIGHUP: a reload is already running")
             return
-        task = loop.create_task(_reload(policy_path, holder, load, audit))
+        task = loop.create_task(_reload(policy_path, holder, audit, worker))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    if worker is not None:
+        chores.append(loop.create_task(worker.watch_parent(stopping.set)))
+        worker.ready()
+    else:
+        log.info("serving in one process")
     try:
-        if ready is not None:
-            ready()
         await stopping.wait()
         log.info("stopping: no new connections; waiting up to %gs for transactions", STOP_GRACE)
         await ingress.close(STOP_GRACE)
         await engine.stop(STOP_GRACE)
         await delivering
         await close_default_pool()
-        upkeep.cancel()
+        for chore in chores:
+            chore.cancel()
         audit.close()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -128,46 +181,75 @@ async def serve(policy_path: Path, ready: Callable[[], None] | None = None) -> i
 
 
 async def _reload(
-    path: Path, holder: PolicyHolder, load: Callable[[Path], Policy], audit: AuditLog
+    path: Path, holder: PolicyHolder, audit: AuditLog, worker: WorkerLink | None
 ) -> None:
-    from relay.audit import events
-
+    """Swap in the policy file's new version. A worker only confirms it: the
+    supervisor has checked the file, reported it and recorded it already."""
     old = holder.policy
+    new = await asyncio.to_thread(reloaded, path, old, worker is not None)
+    if new is None:
+        return
+    holder.policy = new
+    if worker is not None:
+        log.info("worker %d: policy %s in use", worker.index, new.digest[:12])
+    else:
+        await asyncio.to_thread(record_policy, audit, path, new)
+
+
+def reloaded(path: Path, old: Policy, quiet: bool = False) -> Policy | None:
+    """The policy file read again, or None (logged) when it is broken."""
+    from relay.policy.load import load
+
     try:
-        new = await asyncio.to_thread(load, path)
+        new = load(path)
     except PolicyError as exc:
         for problem in exc.problems:
             log.error("%s", problem)
         log.error("reload failed: keeping policy %s", old.digest[:12])
-        return
+        return None
     except Exception:
         log.exception("reload failed: keeping policy %s", old.digest[:12])
-        return
-    holder.policy = new
+        return None
+    if quiet:
+        return new
     log.info("policy reloaded: %s (was %s)", new.digest[:12], old.digest[:12])
-    record = events.policy_loaded(policy_file=str(path), policy_sha256=new.digest)
-    try:
-        await asyncio.to_thread(audit.append, record)
-    except RelayError as exc:
-        log.error("cannot write the audit log: %s", exc)
     changed = sorted({item.name for item in set(new.listeners) ^ set(old.listeners)})
     if changed:
         log.warning(
             "listener settings changed (%s): they take effect after a restart", ", ".join(changed)
         )
+    if new.workers != old.workers:
+        log.warning(
+            "workers changed (%d to %d): takes effect after a restart", old.workers, new.workers
+        )
+    return new
+
+
+def record_policy(audit: AuditLog, path: Path, policy: Policy) -> None:
+    from relay.audit import events
+
+    record = events.policy_loaded(policy_file=str(path), policy_sha256=policy.digest)
+    try:
+        audit.append(record)
+    except RelayError as exc:
+        log.error("cannot write the audit log: %s", exc)
 
 
 async def _audit_upkeep(audit: AuditLog) -> None:
-    """Compress closed days and apply retention once a day, as the policy asks."""
     while True:
         await asyncio.sleep(AUDIT_UPKEEP)
-        try:
-            done = await asyncio.to_thread(audit.maintain)
-        except RelayError as exc:
-            log.error("audit log upkeep failed: %s", exc)
-            continue
-        for line in done:
-            log.info("audit log: %s", line)
+        await asyncio.to_thread(audit_upkeep, audit)
+
+
+def audit_upkeep(audit: AuditLog) -> None:
+    """Compress closed days and apply retention, as the policy asks; run once a day."""
+    try:
+        done = audit.maintain()
+    except RelayError as exc:
+        log.error("audit log upkeep failed: %s", exc)
+        return
+    for line in done:
+        log.info("audit log: %s", line)
 
 
 def _hostport(host: str, port: int) -> str:
@@ -183,10 +265,3 @@ def configure_logging() -> None:
     # aiosmtpd logs every command at INFO and its own doubts per connection
     # at WARNING; the relay logs what an operator needs itself.
     logging.getLogger("mail.log").setLevel(logging.ERROR)
-
-
-def run(policy_path: Path) -> int:
-    import uvloop
-
-    configure_logging()
-    return uvloop.run(serve(Path(policy_path)))

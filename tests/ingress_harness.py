@@ -14,7 +14,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from relay.ingress import Ingress, start
+from relay.ingress import Ingress, bind, start
 from relay.policy.model import Listener, Policy
 from relay.submission import Submission
 from tests.minimal_policy import policy as make_policy
@@ -71,7 +71,9 @@ class Relay:
 
     def __enter__(self) -> Relay:
         self.thread.start()
-        self.ingress = self.call(start(self.listeners, self.current_policy, self.process))
+        self.ingress = self.call(
+            start(self.listeners, self.current_policy, self.process, bind(self.listeners))
+        )
         return self
 
     @property

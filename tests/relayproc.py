@@ -48,9 +48,11 @@ class RelayProcess:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                     s.recv(512)
                     s.sendall(b"QUIT\r\n")
-                return
+                if " serving" in self.log():  # every worker process, not just the first
+                    return
             except OSError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         raise AssertionError(f"relay did not listen on {self.port}:\n{self.log()}")
 
     def signal(self, signum: int) -> None:

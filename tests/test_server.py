@@ -6,6 +6,7 @@ display name shows which policy (which tenant name) a message met.
 
 from __future__ import annotations
 
+import re
 import signal
 import smtplib
 import socket
@@ -60,6 +61,14 @@ class Daemon:
     def wait_log(self, text: str) -> None:
         self.wait_for(lambda: text in self.log())
 
+    def wait_reloaded(self, times: int) -> None:
+        """Until the policy is reloaded ``times`` times, in every worker process."""
+        self.wait_log(" serving")
+        found = re.search(r"(\d+) workers serving", self.log())
+        workers = int(found.group(1)) if found else 0
+        self.wait_for(lambda: self.log().count("policy reloaded") == times)
+        self.wait_for(lambda: self.log().count(": policy ") >= workers * times)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -103,6 +112,7 @@ def send(port: int) -> tuple[int, bytes]:
 
 def test_serves_logs_and_stops_cleanly(daemon: Daemon, port: int) -> None:
     daemon.wait_log(f"listening on 127.0.0.1:{port} (listener local)")
+    daemon.wait_log(" serving")
     assert send(port)[0] == 250
     assert daemon.sent_from(1) == "Jan Janssens via Acme AS"
     assert daemon.stop() == 0
@@ -115,7 +125,7 @@ def test_serves_logs_and_stops_cleanly(daemon: Daemon, port: int) -> None:
 def test_reload_keeps_old_policy_on_error_and_swaks_on_good_one(
     daemon: Daemon, policy: Path, port: int
 ) -> None:
-    daemon.wait_log("listening on")
+    daemon.wait_log(" serving")
     good = policy.read_text()
     policy.write_text(good.replace("name: Acme AS", "name: Acme AS\n    bogus: 1"))
     daemon.proc.send_signal(signal.SIGHUP)
@@ -126,14 +136,14 @@ def test_reload_keeps_old_policy_on_error_and_swaks_on_good_one(
 
     policy.write_text(good.replace("name: Acme AS", "name: Acme Norge AS"))
     daemon.proc.send_signal(signal.SIGHUP)
-    daemon.wait_log("policy reloaded")
+    daemon.wait_reloaded(1)
     assert send(port)[0] == 250
     assert daemon.sent_from(2) == "Jan Janssens via Acme Norge AS"
     assert "restart" not in daemon.log()
 
     policy.write_text(good.replace("auth: optional", "auth: required"))
     daemon.proc.send_signal(signal.SIGHUP)
-    daemon.wait_for(lambda: daemon.log().count("policy reloaded") == 2)
+    daemon.wait_reloaded(2)
     daemon.wait_log("listener settings changed (local): they take effect after a restart")
     assert send(port)[0] == 250  # still the listener as started: auth optional
 
@@ -157,7 +167,7 @@ def test_sigterm_lets_the_transaction_in_progress_finish(policy: Path, tmp_path:
 def _finish_during_sigterm(policy: Path, port: int, tmp_path: Path) -> None:
     running = Daemon(policy, tmp_path / "relay.log")
     try:
-        running.wait_log("listening on")
+        running.wait_log(" serving")
         with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
             client.ehlo()
             client.mail("jan@acme.example")
@@ -186,7 +196,7 @@ def test_starttls_and_auth_under_uvloop(policy: Path, tmp_path: Path) -> None:
     policy.write_text(text)
     running = Daemon(policy, tmp_path / "relay.log")
     try:
-        running.wait_log("listening on")
+        running.wait_log(" serving")
         done = swaks(
             port, "--tls",
             "--auth", "PLAIN", "--auth-user", "erp-acme", "--auth-password", "demo-password",

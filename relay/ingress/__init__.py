@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from relay.ingress.handler import LOCAL_ERROR, Process, RelayHandler
-from relay.ingress.listen import Ingress, loopback_only, start, tls_context
+from relay.ingress.listen import Ingress, Sockets, bind, loopback_only, start, tls_context
 
 __all__ = [
     "LOCAL_ERROR",
     "Ingress",
     "Process",
     "RelayHandler",
+    "Sockets",
+    "bind",
     "loopback_only",
     "start",
     "tls_context",

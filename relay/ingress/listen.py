@@ -14,7 +14,7 @@ import logging
 import socket
 import ssl
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 
@@ -28,6 +28,7 @@ IDENT = "ESMTP ERP relay"
 _MECHANISMS = ("PLAIN", "LOGIN")
 _AUTH_ATTEMPTS = 10  # per connection; each costs an scrypt
 _UNLIMITED = 2**31  # aiosmtpd limits every command once one is limited
+_BACKLOG = 511  # connections waiting for accept: bursts of ERP batch jobs
 
 
 @dataclass
@@ -76,17 +77,56 @@ class Ingress:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
 
 
+Sockets = Mapping[str, Sequence[socket.socket]]  # listener name -> its listening sockets
+
+
+def bind(listeners: Sequence[Listener]) -> dict[str, list[socket.socket]]:
+    """The listening sockets of every listener, or none: raises OSError.
+
+    Bound before any worker starts, so every worker process accepts on the
+    same sockets and a port already in use fails the start, as it should.
+    """
+    bound: dict[str, list[socket.socket]] = {}
+    try:
+        for listener in listeners:
+            bound[listener.name] = []
+            infos = socket.getaddrinfo(
+                listener.address,
+                listener.port,
+                type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE,
+            )
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                bound[listener.name].append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(_BACKLOG)
+                sock.setblocking(False)
+    except BaseException:
+        for sock in (s for group in bound.values() for s in group):
+            sock.close()
+        raise
+    return bound
+
+
 async def start(
-    listeners: Sequence[Listener], current_policy: Callable[[], Policy], process: Process
+    listeners: Sequence[Listener],
+    current_policy: Callable[[], Policy],
+    process: Process,
+    sockets: Sockets,
 ) -> Ingress:
-    """Listen on every listener, or on none: raises OSError or ssl.SSLError."""
+    """Serve every listener on its sockets from ``bind``; raises ssl.SSLError."""
     loop = asyncio.get_running_loop()
     ingress = Ingress()
     try:
         for listener in listeners:
             factory = _factory(listener, current_policy, process, ingress, loop)
-            server = await loop.create_server(factory, host=listener.address, port=listener.port)
-            ingress.servers.append((listener, server))
+            for sock in sockets[listener.name]:
+                server = await loop.create_server(factory, sock=sock)
+                ingress.servers.append((listener, server))
     except BaseException:
         for _, server in ingress.servers:
             server.close()

@@ -23,6 +23,7 @@ EX_CONFIG = 78
 VERSION = 1
 _SECTIONS = ("version", "platform", "listeners", "identify", "control_headers", "classify")
 _SECTIONS += ("dkim", "upstreams", "logins", "tenants", "state_directory", "queue", "audit")
+_SECTIONS += ("workers",)
 _REQUIRED = ("version", "platform", "listeners", "upstreams", "tenants")
 
 
@@ -56,8 +57,9 @@ def _build(ctx: Ctx, root: Map, path: Path, data: bytes) -> Policy | None:
     logins = accounts.logins(ctx, root, roster.users)
     identify, control_headers = sections.identify(ctx, root, roster.default_user)
     queue, audit = sections.state(ctx, root)
+    workers = sections.workers(ctx, root)
     parts = (platform, listeners, identify, rules, control_headers, keys, upstreams, logins)
-    if len(ctx.problems) or None in parts or tenants is None or queue is None or audit is None:
+    if len(ctx.problems) or None in parts or None in (tenants, queue, audit, workers):
         return None
     return Policy(
         source=path,
@@ -74,6 +76,7 @@ def _build(ctx: Ctx, root: Map, path: Path, data: bytes) -> Policy | None:
         addresses=MappingProxyType(dict(roster.addresses)),
         queue=queue,
         audit=audit,
+        workers=workers,
     )
 
 

@@ -221,6 +221,7 @@ class Policy:
     addresses: Mapping[str, UserRef]  # lower-case address/alias -> user
     queue: QueueSettings
     audit: AuditSettings
+    workers: int = 1  # processes receiving and delivering, each with its own event loop
 
     def user(self, ref: UserRef) -> User:
         return self.tenants[ref.tenant].users[ref.user]

@@ -8,12 +8,13 @@ recorded; the loader only assembles a Policy when no builder found any.
 from __future__ import annotations
 
 import enum
+import os
 import string
 from collections.abc import Collection, Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from types import SimpleNamespace
 
-from yaml.nodes import Node, SequenceNode
+from yaml.nodes import Node, ScalarNode, SequenceNode
 
 from relay.policy import values
 from relay.policy.model import (
@@ -304,6 +305,25 @@ def state(ctx: Ctx, root: Map) -> tuple[QueueSettings | None, AuditSettings | No
         base / "audit", key[1].strip() if key else None, subject is _YesNo.YES, compress, retention
     )
     return queue, audit
+
+
+MAX_WORKERS = 64
+
+
+def workers(ctx: Ctx, root: Map) -> int | None:
+    """Processes that receive and deliver; ``auto`` (the default) is one per usable CPU.
+
+    One event loop is one core: DKIM, TLS and the SMTP dialogue on both sides
+    are CPU work, so a busy relay needs a process per core to keep up.
+    """
+    node = root.get("workers")
+    if node is None or (isinstance(node, ScalarNode) and node.value == "auto"):
+        return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+    what = f"auto or a number of processes (1..{MAX_WORKERS})"
+    if isinstance(node, ScalarNode) and not node.value.lstrip("+").isdigit():
+        ctx.problem(node, root.sub("workers"), f"expected {what}")
+        return None
+    return root.integer("workers", None, 1, MAX_WORKERS, what)
 
 
 class _YesNo(enum.Enum):

@@ -26,7 +26,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,6 +50,9 @@ class SpoolError(RelayError):
     @classmethod
     def from_os(cls, exc: OSError, path: Path | str) -> SpoolError:
         return cls(path, exc.strerror or str(exc))
+
+
+Failure = SpoolError | None
 
 
 class SpoolBusy(SpoolError):
@@ -99,18 +102,67 @@ class Spool:
 
     def put_stream(self, entry: QueueEntry, chunks: Iterable[bytes]) -> None:
         """``put`` for a message that arrives in pieces, so it need not sit in memory twice."""
-        msg, env = self.message_path(entry.queue_id), self._env_path(entry.queue_id)
-        if msg.exists() or env.exists():
-            raise SpoolError(env, "queue ID already in the spool")
+        error = self.put_many([(entry, chunks)])[0]
+        if error is not None:
+            raise error
+
+    def put_many(self, items: Sequence[tuple[QueueEntry, Iterable[bytes]]]) -> list[Failure]:
+        """``put`` for several entries with one fsync per directory (group commit).
+
+        Returns, per entry, None when it is stored or the SpoolError that kept
+        it out; an entry that failed leaves nothing behind.
+        """
+        failures: list[Failure] = [self._taken(entry.queue_id) for entry, _ in items]
+        taken_before = list(failures)
+
+        def each(step: Callable[[QueueEntry, Iterable[bytes]], None]) -> None:
+            for i, (entry, chunks) in enumerate(items):
+                if failures[i] is None:
+                    try:
+                        step(entry, chunks)
+                    except SpoolError as exc:
+                        failures[i] = exc
+                        self._discard(entry.queue_id)
+
+        def sync(directory: Path) -> None:
+            if all(failures):
+                return
+            try:
+                _fsync_dir(directory)
+            except SpoolError as exc:
+                for i, (entry, _) in enumerate(items):
+                    if failures[i] is None:
+                        failures[i] = exc
+                        self._discard(entry.queue_id)
+
         try:
-            self._write_atomic(msg, chunks)
-            _fsync_dir(self._msg)
-            self._write_atomic(env, (entry.to_json().encode(),))
-            _fsync_dir(self._env)
+            each(
+                lambda entry, chunks: self._write_atomic(self.message_path(entry.queue_id), chunks)
+            )
+            sync(self._msg)
+            each(
+                lambda entry, _: self._write_atomic(
+                    self._env_path(entry.queue_id), (entry.to_json().encode(),)
+                )
+            )
+            sync(self._env)
         except BaseException:
-            _unlink_quietly(env)
-            _unlink_quietly(msg)
+            for (entry, _), taken in zip(items, taken_before, strict=True):
+                if taken is None:
+                    self._discard(entry.queue_id)
             raise
+        return failures
+
+    def _taken(self, queue_id: str) -> Failure:
+        """A new entry never overwrites, nor on failure removes, one already there."""
+        if self.message_path(queue_id).exists() or self._env_path(queue_id).exists():
+            return SpoolError(self._env_path(queue_id), "queue ID already in the spool")
+        return None
+
+    def _discard(self, queue_id: str) -> None:
+        """Undo a ``put`` that did not complete; the record first, as in ``remove``."""
+        _unlink_quietly(self._env_path(queue_id))
+        _unlink_quietly(self.message_path(queue_id))
 
     def load(self, queue_id: str) -> QueueEntry:
         path = self._env_path(queue_id)
@@ -145,12 +197,27 @@ class Spool:
     def remove(self, queue_id: str) -> None:
         """The record goes first and durably, so a crash can leave only a message
         without a record (cleaned by ``recover``), never a record without its message."""
-        env = self._env_path(queue_id)
-        with _translated(env, queue_id):
-            env.unlink()
-        _fsync_dir(self._env)
-        _unlink_quietly(self.message_path(queue_id))
-        _unlink_quietly(self._locks / f"{queue_id}.lock")
+        error = self.remove_many([queue_id])[0]
+        if error is not None:
+            raise error
+
+    def remove_many(self, queue_ids: Sequence[str]) -> list[Failure]:
+        """``remove`` for several entries with one fsync of the directory."""
+        failures: list[Failure] = [None] * len(queue_ids)
+        for i, queue_id in enumerate(queue_ids):
+            env = self._env_path(queue_id)
+            try:
+                with _translated(env, queue_id):
+                    env.unlink()
+            except SpoolError as exc:
+                failures[i] = exc
+        if not all(failures):
+            _fsync_dir(self._env)
+        for queue_id, failure in zip(queue_ids, failures, strict=True):
+            if failure is None:
+                _unlink_quietly(self.message_path(queue_id))
+                _unlink_quietly(self._locks / f"{queue_id}.lock")
+        return failures
 
     def ids(self) -> list[str]:
         """Queue IDs start with the arrival time, so sorted IDs are oldest first."""
@@ -210,6 +277,19 @@ class Spool:
                 raise NoSuchEntry(queue_id, "no such queue entry")
             yield
         finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def reserve(self, queue_id: str) -> Iterator[None]:
+        """Hold a new entry's lock while it is accepted, so no delivery engine in
+        another process can take it between ``put`` and the client's answer."""
+        path = self._locks / f"{_checked(queue_id)}.lock"
+        fd = self._acquire(path, blocking=True)
+        try:
+            yield
+        finally:
+            if not self._env_path(queue_id).exists():
+                _unlink_quietly(path)
             os.close(fd)
 
     def _acquire(self, path: Path, blocking: bool) -> int:
