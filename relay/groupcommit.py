@@ -37,10 +37,16 @@ class GroupCommit(Generic[T]):
 
     def _run(self) -> None:
         batch, self._batch = self._batch, []
+        interrupted: BaseException | None = None
         try:
             outcomes = list(self._commit_many([item for item, _ in batch]))
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} items")
         except Exception as exc:  # every waiter must hear, or it waits forever
             outcomes = [exc] * len(batch)
+        except BaseException as exc:  # e.g. KeyboardInterrupt: release, then let it rise
+            outcomes = [RuntimeError("interrupted before the commit finished")] * len(batch)
+            interrupted = exc
         for (_, done), outcome in zip(batch, outcomes, strict=True):
             if done.done():  # its session was cancelled meanwhile
                 continue
@@ -48,3 +54,5 @@ class GroupCommit(Generic[T]):
                 done.set_result(None)
             else:
                 done.set_exception(outcome)
+        if interrupted is not None:
+            raise interrupted

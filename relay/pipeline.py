@@ -8,6 +8,7 @@ adds the spool and the audit records; delivery is the engine's job.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ class Acceptor:
         self.spool = spool
         self.engine = engine
         self.recorder = recorder
-        self._put = GroupCommit(spool.put_many)
+        self._put = GroupCommit(functools.partial(spool.put_many, hold=True))
 
     async def process(self, policy: Policy, submission: Submission) -> str:
         try:
@@ -108,12 +109,9 @@ class Acceptor:
         entry = _entry(prepared, submission)
         self.engine.accepting.add(entry.queue_id)
         try:
-            with self.spool.reserve(entry.queue_id):
-                await self._keep(policy, submission, prepared, entry)
-        except SpoolError as exc:
-            log.error("%s: cannot lock the new queue entry: %s", entry.queue_id, exc)
-            raise SmtpReply(451, "4.3.0", "Queue write failed, try again later") from exc
+            await self._keep(policy, submission, prepared, entry)
         finally:
+            self.spool.release(entry.queue_id)
             self.engine.accepting.discard(entry.queue_id)
         log.info(
             "%s: client=%s login=%s from=<%s> tenant=%s user=%s type=%s rule=%s size=%d"

@@ -123,17 +123,12 @@ def test_crash_between_message_and_record_leaves_an_orphan_recovery_removes(spoo
     fresh_temp = spool.directory / "msg" / f".{orphan}.def.tmp"
     stale_temp.write_bytes(b'{"version": 1')
     fresh_temp.write_bytes(b"partial")
-    (spool.directory / "lock" / f"{orphan}.lock").touch()
 
     assert spool.ids() == [kept.queue_id]
     assert spool.recover() == 1  # everything is younger than a minute: maybe a put in progress
     assert (spool.directory / "msg" / orphan).exists()
 
-    for path in (
-        spool.message_path(orphan),
-        stale_temp,
-        spool.directory / "lock" / f"{orphan}.lock",
-    ):
+    for path in (spool.message_path(orphan), stale_temp):
         age(path, 120)
     assert spool.recover() == 1
     assert all_files(spool.directory) == sorted(
@@ -399,3 +394,41 @@ def test_root_hands_new_files_to_the_spool_owner(tmp_path: Path) -> None:
     spool.kick()
     owners = {(p.stat().st_uid, p.stat().st_gid) for p in directory.rglob("*")}
     assert owners == {(65534, 65534)}
+
+
+TRY_LOCK = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from relay.spool import Spool, SpoolBusy
+    try:
+        with Spool(Path(sys.argv[1])).lock(sys.argv[2], blocking=False):
+            print("locked")
+    except SpoolBusy:
+        print("busy")
+    """
+)
+
+
+def _lock_from_another_process(spool: Spool, queue_id: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", TRY_LOCK, str(spool.directory), queue_id],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def test_a_held_new_entry_is_locked_until_released(spool: Spool) -> None:
+    """Another worker's engine must not take a message whose client awaits its answer."""
+    entry = make_entry(size=len(MESSAGE))
+    assert spool.put_many([(entry, (MESSAGE,))], hold=True) == [None]
+    assert spool.ids() == [entry.queue_id]
+    assert _lock_from_another_process(spool, entry.queue_id) == "busy"
+    spool.release(entry.queue_id)
+    assert _lock_from_another_process(spool, entry.queue_id) == "locked"
+    assert not (spool.directory / "lock").exists()  # the message file is the lock

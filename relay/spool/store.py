@@ -2,15 +2,16 @@
 
 Layout under the spool directory (mode 0700)::
 
-    msg/ID        the signed message bytes, written once
+    msg/ID        the signed message bytes, written once; also the entry's lock
     env/ID.json   the QueueEntry; its presence means the entry is complete
-    lock/ID.lock  flock target shared by the daemon and the queue tools
     kick          touched by ``relay queue retry`` to wake the delivery engine
 
 Every file is written to a temp name in its final directory, fsynced, renamed
 and the directory fsynced. The message goes first and the JSON last; recovery
-removes what a crash in between leaves. fsync calls stay in the two helpers at
-the bottom so a group-commit variant can batch the directory syncs.
+removes what a crash in between leaves. ``put_many`` and ``remove_many`` share
+the directory fsyncs of a whole batch (group commit). The message file is
+never replaced, so it carries the ``flock`` that the daemon's workers and
+the queue tools take: no lock file is created and deleted per message.
 
 The delivery engine polls ``kicked_since(last)`` (one stat) between its
 regular scans and rescans at once when it is true; a kick only shortens the
@@ -75,14 +76,14 @@ class Spool:
         self.directory = Path(directory)
         self._msg = self.directory / "msg"
         self._env = self.directory / "env"
-        self._locks = self.directory / "lock"
         self._kick = self.directory / "kick"
+        self._held: dict[str, int] = {}  # queue ID -> locked message file, see put_many
         created = not self.directory.exists()
         with _translated(self.directory):
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             st = os.stat(self.directory)
             self._owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid else None
-            for sub in (self._msg, self._env, self._locks):
+            for sub in (self._msg, self._env):
                 sub.mkdir(mode=0o700, exist_ok=True)
                 if self._owner:
                     os.chown(sub, *self._owner)
@@ -106,13 +107,19 @@ class Spool:
         if error is not None:
             raise error
 
-    def put_many(self, items: Sequence[tuple[QueueEntry, Iterable[bytes]]]) -> list[Failure]:
+    def put_many(
+        self, items: Sequence[tuple[QueueEntry, Iterable[bytes]]], hold: bool = False
+    ) -> list[Failure]:
         """``put`` for several entries with one fsync per directory (group commit).
 
         Returns, per entry, None when it is stored or the SpoolError that kept
-        it out; an entry that failed leaves nothing behind.
+        it out; an entry that failed leaves nothing behind. With ``hold`` each
+        stored entry stays locked, from before its record exists, until
+        ``release``: no engine in another process can take it while its client
+        still waits for the answer.
         """
-        failures: list[Failure] = [self._taken(entry.queue_id) for entry, _ in items]
+        seen: set[str] = set()
+        failures: list[Failure] = [self._taken(entry.queue_id, seen) for entry, _ in items]
         taken_before = list(failures)
 
         def each(step: Callable[[QueueEntry, Iterable[bytes]], None]) -> None:
@@ -135,10 +142,13 @@ class Spool:
                         failures[i] = exc
                         self._discard(entry.queue_id)
 
+        def write_message(entry: QueueEntry, chunks: Iterable[bytes]) -> None:
+            held = self._write_atomic(self.message_path(entry.queue_id), chunks, hold)
+            if held is not None:
+                self._held[entry.queue_id] = held
+
         try:
-            each(
-                lambda entry, chunks: self._write_atomic(self.message_path(entry.queue_id), chunks)
-            )
+            each(write_message)
             sync(self._msg)
             each(
                 lambda entry, _: self._write_atomic(
@@ -153,16 +163,30 @@ class Spool:
             raise
         return failures
 
-    def _taken(self, queue_id: str) -> Failure:
-        """A new entry never overwrites, nor on failure removes, one already there."""
-        if self.message_path(queue_id).exists() or self._env_path(queue_id).exists():
-            return SpoolError(self._env_path(queue_id), "queue ID already in the spool")
-        return None
+    def _taken(self, queue_id: str, seen: set[str]) -> Failure:
+        """A new entry never overwrites, nor on failure removes, one already there
+        or earlier in the same batch."""
+        try:
+            taken = queue_id in seen or self.message_path(queue_id).exists()
+            taken = taken or self._env_path(queue_id).exists()
+        except SpoolError as exc:
+            return exc
+        seen.add(queue_id)
+        return (
+            SpoolError(self._env_path(queue_id), "queue ID already in the spool") if taken else None
+        )
 
     def _discard(self, queue_id: str) -> None:
         """Undo a ``put`` that did not complete; the record first, as in ``remove``."""
         _unlink_quietly(self._env_path(queue_id))
         _unlink_quietly(self.message_path(queue_id))
+        self.release(queue_id)
+
+    def release(self, queue_id: str) -> None:
+        """Let go of an entry ``put_many(hold=True)`` kept locked."""
+        fd = self._held.pop(queue_id, None)
+        if fd is not None:
+            os.close(fd)
 
     def load(self, queue_id: str) -> QueueEntry:
         path = self._env_path(queue_id)
@@ -205,8 +229,8 @@ class Spool:
         """``remove`` for several entries with one fsync of the directory."""
         failures: list[Failure] = [None] * len(queue_ids)
         for i, queue_id in enumerate(queue_ids):
-            env = self._env_path(queue_id)
             try:
+                env = self._env_path(queue_id)
                 with _translated(env, queue_id):
                     env.unlink()
             except SpoolError as exc:
@@ -216,7 +240,6 @@ class Spool:
         for queue_id, failure in zip(queue_ids, failures, strict=True):
             if failure is None:
                 _unlink_quietly(self.message_path(queue_id))
-                _unlink_quietly(self._locks / f"{queue_id}.lock")
         return failures
 
     def ids(self) -> list[str]:
@@ -256,12 +279,11 @@ class Spool:
         return len(complete)
 
     def _leftovers(self, complete: set[str]) -> Iterator[Path]:
-        """Temp files anywhere, and messages or lock files whose record is gone."""
-        for directory in (self._msg, self._env, self._locks):
+        """Temp files anywhere, and messages whose record is gone."""
+        for directory in (self._msg, self._env):
             for name in self._listdir(directory):
-                stem = name.removesuffix(".lock")
                 temp = name.startswith(".") and name.endswith(_TMP_SUFFIX)
-                orphan = directory is not self._env and _ID.fullmatch(stem) and stem not in complete
+                orphan = directory is self._msg and _ID.fullmatch(name) and name not in complete
                 if temp or orphan:
                     yield directory / name
 
@@ -269,49 +291,21 @@ class Spool:
     def lock(self, queue_id: str, blocking: bool = True) -> Iterator[None]:
         """Exclusive use of one entry across processes. The delivery engine, in
         an event loop, should pass ``blocking=False`` and skip busy entries."""
-        path = self._locks / f"{_checked(queue_id)}.lock"
-        fd = self._acquire(path, blocking)
+        path = self.message_path(queue_id)
+        with _translated(path, queue_id):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError as exc:
+                raise SpoolBusy(path, "in use by another process") from exc
+            except OSError as exc:
+                raise SpoolError.from_os(exc, path) from exc
+            # removed while we waited: the record goes first, under this same lock
             if not self._env_path(queue_id).exists():
-                _unlink_quietly(path)
                 raise NoSuchEntry(queue_id, "no such queue entry")
             yield
         finally:
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def reserve(self, queue_id: str) -> Iterator[None]:
-        """Hold a new entry's lock while it is accepted, so no delivery engine in
-        another process can take it between ``put`` and the client's answer."""
-        path = self._locks / f"{_checked(queue_id)}.lock"
-        fd = self._acquire(path, blocking=True)
-        try:
-            yield
-        finally:
-            if not self._env_path(queue_id).exists():
-                _unlink_quietly(path)
-            os.close(fd)
-
-    def _acquire(self, path: Path, blocking: bool) -> int:
-        """``remove`` unlinks the lock file, so a lock won on an unlinked inode is retried."""
-        while True:
-            with _translated(path):
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                self._adopt(fd)
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-                held = os.fstat(fd)
-                current = os.stat(path)
-                if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
-                    return fd
-            except BlockingIOError as exc:
-                os.close(fd)
-                raise SpoolBusy(path, "in use by another process") from exc
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                os.close(fd)
-                raise SpoolError.from_os(exc, path) from exc
             os.close(fd)
 
     def kick(self) -> None:
@@ -335,13 +329,20 @@ class Spool:
     def kicked_since(self, mtime: float) -> bool:
         return self.last_kick() > mtime
 
-    def _write_atomic(self, target: Path, chunks: Iterable[bytes]) -> None:
+    def _write_atomic(
+        self, target: Path, chunks: Iterable[bytes], hold: bool = False
+    ) -> int | None:
+        """With ``hold``, the file comes back locked: an open descriptor holding its flock."""
         tmp: str | None = None
+        held: int | None = None
         try:
             fd, tmp = tempfile.mkstemp(
                 dir=target.parent, prefix=f".{target.name}.", suffix=_TMP_SUFFIX
             )
             with open(fd, "wb") as file:
+                if hold:
+                    held = os.dup(fd)
+                    fcntl.flock(held, fcntl.LOCK_EX)
                 self._adopt(fd)
                 for chunk in chunks:
                     file.write(chunk)
@@ -349,11 +350,14 @@ class Spool:
                 _fsync_file(fd)
             os.replace(tmp, target)
         except BaseException as exc:
+            if held is not None:
+                os.close(held)
             if tmp is not None:
                 _unlink_quietly(Path(tmp))
             if isinstance(exc, OSError):
                 raise SpoolError.from_os(exc, target) from exc
             raise
+        return held
 
     def _adopt(self, fd: int) -> None:
         if self._owner:

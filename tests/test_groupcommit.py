@@ -1,0 +1,150 @@
+"""Group commit: what is queued in one event-loop pass is committed by one call,
+and every waiter is released with the outcome of its own item."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from relay.groupcommit import GroupCommit
+
+
+class Committer:
+    """A ``commit_many`` that remembers every batch it was given; ``outcome`` decides,
+    per item, what its waiter gets (None, or an exception to raise)."""
+
+    def __init__(self, outcome: Callable[[int], BaseException | None] = lambda item: None) -> None:
+        self.batches: list[list[int]] = []
+        self.outcome = outcome
+        self.failure: Exception | None = None  # raised by the whole call when set
+
+    def __call__(self, items: list[int]) -> list[BaseException | None]:
+        self.batches.append(list(items))
+        if self.failure is not None:
+            raise self.failure
+        return [self.outcome(item) for item in items]
+
+
+async def settled(*waiters: Awaitable[Any], exceptions: bool = False) -> list[Any]:
+    """``gather`` that fails fast, instead of hanging, if a waiter is never released."""
+    return await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=exceptions), 5)
+
+
+@pytest.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """What reaches the loop's exception handler: an error in a callback such as
+    ``InvalidStateError`` from setting a cancelled future would land here."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    yield errors
+    loop.set_exception_handler(None)
+
+
+async def test_one_pass_is_one_batch_in_order_and_a_later_pass_a_new_one(
+    loop_errors: list[dict[str, Any]],
+) -> None:
+    committer = Committer()
+    commit = GroupCommit(committer)
+    results = await settled(*(commit(i) for i in range(10)))
+    assert results == [None] * 10
+    assert committer.batches == [list(range(10))]
+
+    await asyncio.wait_for(commit(10), 5)
+    assert committer.batches == [list(range(10)), [10]]
+    assert await settled(commit(11), commit(12)) == [None, None]
+    assert committer.batches == [list(range(10)), [10], [11, 12]]
+    assert loop_errors == []
+
+
+async def test_commit_is_not_made_before_the_loop_pass_ends() -> None:
+    committer = Committer()
+    commit = GroupCommit(committer)
+    first = asyncio.create_task(commit(1))
+    await asyncio.sleep(0)  # the task has queued its item; the batch has not run yet
+    assert committer.batches == []
+    assert not first.done()
+    second = asyncio.create_task(commit(2))
+    await settled(first, second)
+    # The second item arrived a pass later, after the first batch was already due.
+    assert committer.batches == [[1], [2]]
+
+
+async def test_only_the_failed_items_waiter_raises(loop_errors: list[dict[str, Any]]) -> None:
+    refused = OSError(28, "No space left on device")
+    committer = Committer(lambda item: refused if item == 3 else None)
+    commit = GroupCommit(committer)
+    results = await settled(*(commit(i) for i in range(10)), exceptions=True)
+    assert results[3] is refused
+    assert results[:3] + results[4:] == [None] * 9
+    assert committer.batches == [list(range(10))]
+    assert loop_errors == []
+
+
+async def test_a_raising_commit_fails_every_waiter_and_the_next_batch_works(
+    loop_errors: list[dict[str, Any]],
+) -> None:
+    committer = Committer()
+    boom = RuntimeError("disk gone")
+    committer.failure = boom
+    commit = GroupCommit(committer)
+    results = await settled(*(commit(i) for i in range(5)), exceptions=True)
+    assert len(results) == 5
+    assert all(result is boom for result in results)
+
+    committer.failure = None
+    results = await settled(*(commit(i) for i in range(5, 8)), exceptions=True)
+    assert results == [None, None, None]
+    assert committer.batches == [[0, 1, 2, 3, 4], [5, 6, 7]]
+    committer.failure = boom
+    with pytest.raises(RuntimeError) as caught:  # a lone waiter hears it too
+        await asyncio.wait_for(commit(8), 5)
+    assert caught.value is boom
+    assert loop_errors == []
+
+
+@pytest.mark.parametrize("when", ["before the batch runs", "while it is committed"])
+@pytest.mark.parametrize("own_outcome", ["ok", "error"])
+async def test_a_cancelled_waiter_does_not_break_the_batch(
+    loop_errors: list[dict[str, Any]], when: str, own_outcome: str
+) -> None:
+    refused = OSError(5, "Input/output error")
+    tasks: list[asyncio.Task[None]] = []
+
+    def outcome(item: int) -> BaseException | None:
+        if item == 2 and when == "while it is committed":
+            tasks[2].cancel()
+        if item in (2, 4) and own_outcome == "error":
+            return refused
+        return None
+
+    committer = Committer(outcome)
+    commit = GroupCommit(committer)
+    tasks += [asyncio.create_task(commit(i)) for i in range(5)]
+    if when == "before the batch runs":
+        await asyncio.sleep(0)  # every task has queued its item
+        assert committer.batches == []
+        tasks[2].cancel()
+    results = await settled(*tasks, exceptions=True)
+
+    assert committer.batches == [[0, 1, 2, 3, 4]]  # the cancelled item was still committed
+    assert isinstance(results[2], asyncio.CancelledError)
+    expected_4 = refused if own_outcome == "error" else None
+    assert results[:2] + results[3:] == [None, None, None, expected_4]
+    assert loop_errors == []
+
+    # The committer still works afterwards.
+    assert await settled(commit(5), commit(6)) == [None, None]
+    assert committer.batches[1:] == [[5, 6]]
+
+
+async def test_a_commit_with_the_wrong_number_of_outcomes_fails_every_waiter(
+    loop_errors: list[dict[str, Any]],
+) -> None:
+    commit = GroupCommit(lambda items: [None])
+    results = await settled(commit(1), commit(2), exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results), results
+    assert loop_errors == []

@@ -1,0 +1,350 @@
+"""Group commit on disk: ``Spool.put_many``/``remove_many`` share the directory
+fsyncs of a batch, and one entry's failure is that entry's alone; the Recorder
+writes the records of messages flushed together with one audit append."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.audit import AuditError, AuditLog, verify
+from relay.audit import events as ev
+from relay.queueid import new_queue_id
+from relay.record import Recorder
+from relay.spool import NoSuchEntry, QueueEntry, Spool, SpoolError
+from relay.spool import store as store_module
+from tests.spoolkit import make_entry
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def all_files(directory: Path) -> list[str]:
+    """Every file, temp files (``.ID.xxxx.tmp``) included."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
+def message(n: int) -> bytes:
+    return f"From: a@example.com\r\nSubject: Invoice {n}\r\n\r\nBody {n}\r\n".encode()
+
+
+def entry_files(entry: QueueEntry) -> list[str]:
+    return [f"env/{entry.queue_id}.json", f"msg/{entry.queue_id}"]
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool")
+
+
+@pytest.fixture
+def dir_syncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the directories fsynced from now on; the real fsync still happens."""
+    synced: list[str] = []
+    real = store_module._fsync_dir
+
+    def counting(directory: Path) -> None:
+        synced.append(Path(directory).name)
+        real(directory)
+
+    monkeypatch.setattr(store_module, "_fsync_dir", counting)
+    return synced
+
+
+def test_put_many_stores_all_with_one_fsync_per_directory(
+    spool: Spool, dir_syncs: list[str]
+) -> None:
+    entries = [make_entry(size=len(message(n))) for n in range(5)]
+    failures = spool.put_many([(e, iter([message(n)])) for n, e in enumerate(entries)])
+    assert failures == [None] * 5
+    assert sorted(dir_syncs) == ["env", "msg"]
+    for n, entry in enumerate(entries):
+        assert spool.load(entry.queue_id) == entry
+        assert spool.read_message(entry.queue_id) == message(n)
+    assert spool.ids() == sorted(e.queue_id for e in entries)
+    assert all_files(spool.directory) == sorted(f for e in entries for f in entry_files(e))
+
+
+def test_single_puts_fsync_both_directories_each_time(spool: Spool, dir_syncs: list[str]) -> None:
+    """The baseline the batch is measured against: 2 directory fsyncs per put."""
+    for n in range(5):
+        spool.put(make_entry(), message(n))
+    assert len(dir_syncs) == 10
+    assert dir_syncs.count("msg") == 5 and dir_syncs.count("env") == 5
+    assert len(spool.ids()) == 5
+
+
+@pytest.mark.parametrize("position", [0, 2, 4])
+@pytest.mark.parametrize("existing", ["complete entry", "message without record"])
+def test_a_queue_id_already_in_the_spool_is_refused_and_left_alone(
+    spool: Spool, dir_syncs: list[str], position: int, existing: str
+) -> None:
+    old = make_entry(size=len(message(99)))
+    spool.put(old, message(99))
+    if existing == "message without record":  # e.g. a crash between the two writes
+        (spool.directory / "env" / f"{old.queue_id}.json").unlink()
+    before = {name: (spool.directory / name).read_bytes() for name in all_files(spool.directory)}
+    dir_syncs.clear()
+
+    clash = make_entry(old.queue_id, size=7, subject="Not the old one", tenant="globex")
+    entries = [make_entry(size=len(message(n))) for n in range(4)]
+    entries.insert(position, clash)
+    batch = [
+        (e, [b"replace", b"d!"] if e is clash else [message(n)]) for n, e in enumerate(entries)
+    ]
+
+    failures = spool.put_many(batch)
+
+    assert isinstance(failures[position], SpoolError)
+    assert not isinstance(failures[position], NoSuchEntry)
+    assert "already" in failures[position].strerror
+    assert [f is None for f in failures] == [e is not clash for e in entries]
+    # The old entry is byte for byte what it was.
+    assert {name: (spool.directory / name).read_bytes() for name in before} == before
+    if existing == "complete entry":
+        assert spool.load(old.queue_id) == old
+    assert spool.read_message(old.queue_id) == message(99)
+    # The others are stored, and nothing else (no temp file) is there.
+    others = [(n, e) for n, e in enumerate(entries) if e is not clash]
+    for n, entry in others:
+        assert spool.load(entry.queue_id) == entry
+        assert spool.read_message(entry.queue_id) == message(n)
+    assert all_files(spool.directory) == sorted(
+        [*before, *(f for _, e in others for f in entry_files(e))]
+    )
+    assert sorted(dir_syncs) == ["env", "msg"]
+
+
+def failing_chunks(after: int) -> Iterator[bytes]:
+    """A message that breaks off after ``after`` chunks as if the disk filled up."""
+    for n in range(after):
+        yield f"chunk {n}\r\n".encode() * 100
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("position", [0, 2, 4])
+def test_a_write_failure_fails_only_that_entry_and_leaves_nothing_of_it(
+    spool: Spool, dir_syncs: list[str], position: int
+) -> None:
+    entries = [make_entry(size=len(message(n))) for n in range(5)]
+    bad = entries[position]
+    batch = [
+        (e, failing_chunks(3) if e is bad else iter([message(n)])) for n, e in enumerate(entries)
+    ]
+
+    failures = spool.put_many(batch)
+
+    failure = failures[position]
+    assert isinstance(failure, SpoolError)
+    assert failure.strerror == "No space left on device"
+    assert bad.queue_id in failure.path
+    assert failures[:position] + failures[position + 1 :] == [None] * 4
+    good = [(n, e) for n, e in enumerate(entries) if e is not bad]
+    # No file of the failed entry, temp files included: only the others' files.
+    assert all_files(spool.directory) == sorted(f for _, e in good for f in entry_files(e))
+    assert not any(bad.queue_id in name for name in all_files(spool.directory))
+    for n, entry in good:
+        assert spool.load(entry.queue_id) == entry
+        assert spool.read_message(entry.queue_id) == message(n)
+    with pytest.raises(NoSuchEntry):
+        spool.load(bad.queue_id)
+    assert sorted(dir_syncs) == ["env", "msg"]
+    assert spool.recover(min_age=0) == 4
+
+
+BIG_RECORD = textwrap.dedent(
+    """
+    import json, resource, signal, sys
+    from pathlib import Path
+    from relay.spool import Spool
+    from tests.spoolkit import make_entry
+    spool = Spool(Path(sys.argv[1]))
+    entries = [make_entry() for _ in range(3)]
+    entries[1].subject = "x" * 20000  # its record, not its message, is over the limit
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    failures = spool.put_many([(e, (b"small message",)) for e in entries])
+    print(json.dumps({
+        "ids": [e.queue_id for e in entries],
+        "failures": [f and [type(f).__name__, f.strerror] for f in failures],
+    }))
+    """
+)
+
+
+def test_a_record_write_failure_takes_back_that_entrys_message(spool: Spool) -> None:
+    """RLIMIT_FSIZE fails the second step (the record) for one entry, for root too:
+    its message, already renamed into msg/, must go again."""
+    result = subprocess.run(
+        [sys.executable, "-c", BIG_RECORD, str(spool.directory)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=30,
+        check=True,
+    )
+    out = json.loads(result.stdout)
+    first, bad, last = out["ids"]
+    assert out["failures"] == [None, ["SpoolError", "File too large"], None]
+    assert all_files(spool.directory) == sorted(
+        [f"env/{first}.json", f"msg/{first}", f"env/{last}.json", f"msg/{last}"]
+    )
+    assert spool.ids() == sorted([first, last])
+    assert spool.read_message(last) == b"small message"
+    assert not any(bad in name for name in all_files(spool.directory))
+
+
+def test_a_batch_where_every_entry_fails_stores_nothing(spool: Spool) -> None:
+    entries = [make_entry() for _ in range(3)]
+    failures = spool.put_many([(e, failing_chunks(n)) for n, e in enumerate(entries)])
+    assert all(isinstance(f, SpoolError) for f in failures)
+    assert all_files(spool.directory) == []
+
+
+def test_remove_many_with_one_missing_id(spool: Spool, dir_syncs: list[str]) -> None:
+    kept = make_entry()
+    first, second = make_entry(), make_entry()
+    for n, entry in enumerate((kept, first, second)):
+        spool.put(entry, message(n))
+    with spool.lock(first.queue_id):  # locked and released first, as the engine does
+        pass
+    missing = new_queue_id()
+    dir_syncs.clear()
+
+    failures = spool.remove_many([first.queue_id, missing, second.queue_id])
+
+    assert failures[0] is None and failures[2] is None
+    assert isinstance(failures[1], NoSuchEntry)
+    assert dir_syncs == ["env"]
+    for gone in (first, second):
+        with pytest.raises(NoSuchEntry):
+            spool.load(gone.queue_id)
+        with pytest.raises(NoSuchEntry):
+            spool.read_message(gone.queue_id)
+    assert spool.ids() == [kept.queue_id]
+    assert all_files(spool.directory) == entry_files(kept)
+    assert spool.read_message(kept.queue_id) == message(0)
+
+
+# Recorder: records of messages flushed together go out in one append.
+
+
+def queued(queue_id: str) -> dict:
+    return ev.queued(queue_id=queue_id, message_id=None, recipients=["a@example.org"], size=10)
+
+
+def written(directory: Path) -> list[str]:
+    """The queue IDs of the records in the log, in order."""
+    lines = [
+        line for f in sorted(directory.glob("audit-*.jsonl")) for line in f.read_text().splitlines()
+    ]
+    return [json.loads(line)["queue_id"] for line in lines]
+
+
+@pytest.fixture
+def appends(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The queue IDs of the records of every ``AuditLog.append_many`` call."""
+    calls: list[list[str]] = []
+    real = AuditLog.append_many
+
+    def counting(self: AuditLog, records: list[dict]) -> None:
+        calls.append([record["queue_id"] for record in records])
+        real(self, records)
+
+    monkeypatch.setattr(AuditLog, "append_many", counting)
+    return calls
+
+
+def delivered(queue_id: str, recipient: str) -> dict:
+    return ev.delivered(
+        queue_id=queue_id,
+        message_id=None,
+        recipient=recipient,
+        upstream="default",
+        reply="250 2.0.0 Ok",
+        attempts=1,
+    )
+
+
+async def test_concurrent_flushes_share_one_append(
+    tmp_path: Path, appends: list[list[str]]
+) -> None:
+    audit_dir = tmp_path / "audit"
+    recorder = Recorder(AuditLog(audit_dir))
+    recorder.add(queued("A"))
+    recorder.add(queued("B"))
+    recorder.add(delivered("A", "a@example.org"))
+    recorder.add(delivered("B", "b@example.org"))
+
+    await asyncio.gather(recorder.flush("A"), recorder.flush("B"))
+
+    assert appends == [["A", "A", "B", "B"]]
+    assert written(audit_dir) == ["A", "A", "B", "B"]
+    result = verify(audit_dir)
+    assert result.ok, result.problem
+    assert result.records == 4
+
+    # A later flush is a separate append that continues the same chain.
+    recorder.add(delivered("C", "c@example.org"))
+    await recorder.flush("C")
+    assert appends == [["A", "A", "B", "B"], ["C"]]
+    result = verify(audit_dir)
+    assert result.ok, result.problem
+    assert result.records == 5
+
+
+async def test_a_failed_shared_append_fails_both_flushes(
+    tmp_path: Path, appends: list[list[str]]
+) -> None:
+    """A regular file where the audit directory was makes the write fail, even for root."""
+    audit_dir = tmp_path / "audit"
+    recorder = Recorder(AuditLog(audit_dir))
+    recorder.add(queued("A"))
+    recorder.add(queued("B"))
+    shutil.rmtree(audit_dir)
+    audit_dir.write_text("not a directory")
+
+    results = await asyncio.gather(recorder.flush("A"), recorder.flush("B"), return_exceptions=True)
+
+    assert [type(r) for r in results] == [AuditError, AuditError]
+    assert appends == [["A", "B"]]  # one attempt for both
+    assert audit_dir.read_text() == "not a directory"
+
+    # With the directory back, the next flushes are written and the log verifies.
+    audit_dir.unlink()
+    recorder.audit = AuditLog(audit_dir)
+    recorder.add(queued("C"))
+    recorder.add(queued("D"))
+    await asyncio.gather(recorder.flush("C"), recorder.flush("D"))
+    assert appends[1:] == [["C", "D"]]
+    assert written(audit_dir) == ["C", "D"]
+    assert verify(audit_dir).ok
+
+
+def test_the_same_queue_id_twice_in_one_batch_keeps_the_first(spool: Spool) -> None:
+    entry = make_entry(size=len(message(1)))
+    outcomes = spool.put_many([(entry, (message(1),)), (entry, (message(2),))], hold=True)
+    assert outcomes[0] is None and isinstance(outcomes[1], SpoolError)
+    assert spool.read_message(entry.queue_id) == message(1)
+    spool.release(entry.queue_id)
+    assert spool._held == {}
+
+
+def test_a_malformed_queue_id_fails_alone_in_remove_many(spool: Spool) -> None:
+    entries = [make_entry(size=len(message(n))) for n in range(2)]
+    for n, entry in enumerate(entries):
+        spool.put(entry, message(n))
+    outcomes = spool.remove_many([entries[0].queue_id, "../etc", entries[1].queue_id])
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], NoSuchEntry)
+    assert all_files(spool.directory) == []
