@@ -186,7 +186,10 @@ async def _reload(
     """Swap in the policy file's new version. A worker only confirms it: the
     supervisor has checked the file, reported it and recorded it already."""
     old = holder.policy
-    new = await asyncio.to_thread(reloaded, path, old, worker is not None)
+    if worker is None:
+        new = await asyncio.to_thread(reloaded, path, old)
+    else:
+        new = await asyncio.to_thread(worker.checked_policy, path, old)
     if new is None:
         return
     holder.policy = new
@@ -196,12 +199,14 @@ async def _reload(
         await asyncio.to_thread(record_policy, audit, path, new)
 
 
-def reloaded(path: Path, old: Policy, quiet: bool = False) -> Policy | None:
-    """The policy file read again, or None (logged) when it is broken."""
+def reloaded(
+    path: Path, old: Policy, quiet: bool = False, data: bytes | None = None
+) -> Policy | None:
+    """The policy file (or ``data``, its text) read again, or None (logged) when it is broken."""
     from relay.policy.load import load
 
     try:
-        new = load(path)
+        new = load(path, data)
     except PolicyError as exc:
         for problem in exc.problems:
             log.error("%s", problem)

@@ -7,7 +7,9 @@ worker), forks the workers, which all accept on the same sockets, and
 then only watches: it restarts a worker that dies, passes SIGHUP on after
 checking the policy itself (a broken file reaches no worker), records each
 policy version once, runs the audit log's daily upkeep, and on SIGTERM
-lets every worker finish its transactions before exiting.
+lets every worker finish its transactions before exiting. On SIGHUP the
+workers load the text the supervisor checked (``policy.checked.yaml`` in
+the state directory), never the file itself, which may have changed again.
 
 Each worker is a whole relay: its own spool writer, delivery engine,
 upstream connections and audit writer. They share the spool (entries are
@@ -36,7 +38,6 @@ from relay.ingress import Sockets
 from relay.policy.model import Policy
 from relay.server import (
     AUDIT_UPKEEP,
-    EX_CONFIG,
     STOP_GRACE,
     audit_upkeep,
     record_policy,
@@ -64,12 +65,25 @@ class _Worker:
 
 
 class WorkerLink:
-    """A worker's side of the supervisor: readiness, and noticing it is gone."""
+    """A worker's side of the supervisor: readiness, the checked policy, and
+    noticing the supervisor is gone."""
 
-    def __init__(self, index: int, supervisor: int, ready_fd: int | None) -> None:
+    def __init__(self, index: int, supervisor: int, ready_fd: int | None, checked: Path) -> None:
         self.index = index
         self.supervisor = supervisor
         self._ready_fd = ready_fd
+        self._checked = checked
+
+    def checked_policy(self, path: Path, old: Policy) -> Policy | None:
+        """The policy text the supervisor checked and recorded, not the file as it is
+        now: it may have changed again since, and no worker may run a text nobody
+        checked (or one the others do not run)."""
+        try:
+            data = self._checked.read_bytes()
+        except OSError as exc:
+            log.error("worker %d: cannot read the checked policy: %s", self.index, exc)
+            return None
+        return reloaded(path, old, quiet=True, data=data)
 
     def ready(self) -> None:
         if self._ready_fd is not None:
@@ -91,6 +105,8 @@ class Supervisor:
         self.policy = policy
         self.sockets = sockets
         self.workers: dict[int, _Worker] = {}  # by pid
+        # the text of the last policy checked on SIGHUP, for the workers to load
+        self.checked = policy.queue.directory.parent / "policy.checked.yaml"
         self.restarts: dict[int, tuple[float, int]] = {}  # index -> (when, quick deaths)
 
     def run(self) -> int:
@@ -166,10 +182,6 @@ class Supervisor:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
-            code = os.waitstatus_to_exitcode(status)
-            if code == EX_CONFIG:
-                log.error("worker %d exited: the policy cannot be served; stopping", worker.index)
-                return code
             quick = worker.quick_deaths + 1 if time.monotonic() - worker.started < QUICK else 0
             delay = RESTART_DELAY[min(quick, len(RESTART_DELAY) - 1)]
             log.error(
@@ -192,9 +204,8 @@ class Supervisor:
         if pid == 0:  # the worker
             code = EX_SOFTWARE
             try:
-                code = _worker(
-                    self.policy_path, self.policy, self.sockets, index, supervisor, ready_fd
-                )
+                link = WorkerLink(index, supervisor, ready_fd, self.checked)
+                code = _worker(self.policy_path, self.policy, self.sockets, link)
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
@@ -204,8 +215,18 @@ class Supervisor:
         log.info("worker %d started (pid %d)", index, pid)
 
     def _reload(self) -> None:
-        new = reloaded(self.policy_path, self.policy)
+        try:
+            data = self.policy_path.read_bytes()
+        except OSError as exc:
+            log.error("reload failed: %s: keeping policy %s", exc, self.policy.digest[:12])
+            return
+        new = reloaded(self.policy_path, self.policy, data=data)
         if new is None:
+            return
+        try:
+            _write_private(self.checked, data)
+        except OSError as exc:
+            log.error("reload failed: cannot hand the policy to the workers: %s", exc)
             return
         self.policy = new
         self._with_audit(lambda audit: record_policy(audit, self.policy_path, new))
@@ -258,22 +279,27 @@ class Supervisor:
         return found
 
 
-def _worker(
-    policy_path: Path,
-    policy: Policy,
-    sockets: Sockets,
-    index: int,
-    supervisor: int,
-    ready_fd: int | None,
-) -> int:
+def _worker(policy_path: Path, policy: Policy, sockets: Sockets, link: WorkerLink) -> int:
     for signum in SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != supervisor:
+    if os.getppid() != link.supervisor:
         return 0
-    link = WorkerLink(index, supervisor, ready_fd)
     return uvloop.run(serve(policy_path, policy, sockets, link))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically with a file only the relay's user can read."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -27,10 +27,14 @@ _SECTIONS += ("workers",)
 _REQUIRED = ("version", "platform", "listeners", "upstreams", "tenants")
 
 
-def load(path: Path) -> Policy:
-    """Read and validate the policy; raises PolicyError listing every problem."""
+def load(path: Path, data: bytes | None = None) -> Policy:
+    """Read and validate the policy; raises PolicyError listing every problem.
+
+    ``data`` stands in for the file's content (paths in it still resolve
+    beside ``path``): the workers build exactly the text their supervisor checked.
+    """
     problems = Problems(str(path))
-    data, root = read(path, problems)
+    data, root = read(path, problems, data)
     policy = None
     if data is not None and root is not None:
         ctx = Ctx(problems, path.absolute().parent)

@@ -63,13 +63,17 @@ class Problems:
         return [p.text for p in sorted(self._items)]
 
 
-def read(path: Path, problems: Problems) -> tuple[bytes | None, Node | None]:
-    """The file's bytes and its node tree; either is None when it cannot be had."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        problems.add(None, "", f"cannot read the policy file: {exc.strerror or exc}")
-        return None, None
+def read(
+    path: Path, problems: Problems, data: bytes | None = None
+) -> tuple[bytes | None, Node | None]:
+    """The file's bytes (``data`` when given) and its node tree; either is None
+    when it cannot be had."""
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            problems.add(None, "", f"cannot read the policy file: {exc.strerror or exc}")
+            return None, None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -1,0 +1,434 @@
+"""``workers: N``: a supervisor and its worker processes, as real processes on loopback.
+
+The supervisor's and every worker's log lines carry their own PID
+(``relay[PID]``), so the log shows which process accepted a message, which
+worker was restarted and which one took a new policy into use. Messages go
+to the test policy's directory upstream (``outbox/*.eml`` next to the
+policy), where the From display name shows the tenant name a message met.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from email.utils import parseaddr
+from pathlib import Path
+
+import pytest
+
+from relay import message
+from tests.sink import SinkServer, free_port
+
+ROOT = Path(__file__).parent.parent
+MESSAGE = b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: x\r\n\r\nx\r\n"
+STARTED = re.compile(r"relay\[(\d+)\] INFO worker (\d+) started \(pid (\d+)\)$", re.M)
+QUEUED = re.compile(r"relay\[(\d+)\] INFO (\w+): client=.* queued$", re.M)
+WORKER_POLICY = re.compile(r"relay\[(\d+)\] INFO worker (\d+): policy (\w+) in use$", re.M)
+RELOADED = re.compile(r"relay\[(\d+)\] INFO policy reloaded: (\w+) \(was (\w+)\)$", re.M)
+LOADED = re.compile(r"INFO policy (\w+) loaded from ")
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for a parent that may never reap it counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def is_relay(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return b"\0relay\0serve\0" in cmdline
+
+
+class Relay:
+    """``relay serve`` started by the test; every PID it logs is stopped by the test too."""
+
+    def __init__(self, policy: Path, port: int, log: Path) -> None:
+        self.policy = policy
+        self.port = port
+        self.log_path = log
+        self.outbox = policy.parent / "outbox"
+        with log.open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "relay", "serve", "-c", str(policy)],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                cwd=ROOT,
+            )
+        self.pid = self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"not within {timeout}s: {what}; log:\n{self.log()}")
+
+    def wait_serving(self) -> None:
+        self.wait_for(lambda: " serving" in self.log() or self.proc.poll() is not None, "serving")
+        assert self.proc.poll() is None, f"relay exited {self.proc.returncode}:\n{self.log()}"
+
+    def started(self) -> list[tuple[int, int]]:
+        """(worker index, pid) of every ``worker N started`` line, in order."""
+        found = []
+        for logger, index, pid in STARTED.findall(self.log()):
+            assert int(logger) == self.pid, "only the supervisor starts workers"
+            found.append((int(index), int(pid)))
+        return found
+
+    def queued_by(self) -> dict[str, int]:
+        """Queue ID -> the PID that logged it queued."""
+        return {qid: int(pid) for pid, qid in QUEUED.findall(self.log())}
+
+    def pids(self) -> set[int]:
+        return {self.pid} | {pid for _, pid in self.started()}
+
+    def delivered(self) -> dict[str, Path]:
+        """Queue ID (from the Message-ID the relay set) -> the file the upstream wrote."""
+        found = {}
+        for path in self.outbox.glob("*.eml"):
+            mid = message.read(path.read_bytes()).get("Message-ID") or ""
+            found[mid.strip("<>").split("@")[0]] = path
+        return found
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM to the supervisor; whatever relay process is left is killed by PID."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
+        finally:
+            self.kill_leftovers()
+        return self.proc.returncode
+
+    def kill_leftovers(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        for _, pid in self.started():
+            if alive(pid) and is_relay(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+def configure(policy_file: Path, port: int, workers: str = "2") -> Path:
+    text = policy_file.read_text()
+    assert "port: 2525" in text and "\nworkers:" not in text
+    policy_file.write_text(text.replace("port: 2525", f"port: {port}") + f"workers: {workers}\n")
+    return policy_file
+
+
+@pytest.fixture
+def relay(policy_file: Path, port: int, tmp_path: Path) -> Iterator[Relay]:
+    running = Relay(configure(policy_file, port), port, tmp_path / "relay.log")
+    try:
+        running.wait_serving()
+        yield running
+    finally:
+        running.stop()
+
+
+def send(port: int) -> str:
+    """One message on a connection of its own; its queue ID."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        client.ehlo()
+        client.mail("jan@acme.example")
+        client.rcpt("one@example.org")
+        code, reply = client.data(MESSAGE)
+    assert code == 250 and reply.startswith(b"2.0.0 Ok: queued as "), (code, reply)
+    return reply.decode().rsplit(" ", 1)[1]
+
+
+def send_many(port: int, count: int, clients: int = 4) -> list[str]:
+    """``count`` messages from ``clients`` concurrent senders, each on a fresh connection."""
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(lambda _: send(port), range(count)))
+
+
+def send_until_every_worker_took_one(relay: Relay, workers: set[int], limit: int = 60) -> list[str]:
+    """Batches of messages until each of ``workers`` has queued one of them (bounded)."""
+    sent: list[str] = []
+    while len(sent) < limit:
+        sent += send_many(relay.port, 6)
+        ids = set(sent)
+        relay.wait_for(lambda ids=ids: ids <= relay.queued_by().keys(), "queued lines")
+        if workers <= {relay.queued_by()[qid] for qid in sent}:
+            return sent
+    took = {relay.queued_by()[qid] for qid in sent}
+    raise AssertionError(f"{len(sent)} messages, all taken by {took}, not by all of {workers}")
+
+
+def audit_records(relay: Relay) -> list[dict]:
+    done = relay_cli("audit", "search", "-c", str(relay.policy), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def relay_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+
+
+def from_name(path: Path) -> str:
+    return parseaddr(message.read(path.read_bytes()).get("From") or "")[0]
+
+
+def test_two_workers_share_the_load_the_spool_and_one_audit_chain(relay: Relay) -> None:
+    assert "2 workers serving" in relay.log()
+    started = relay.started()
+    assert sorted(index for index, _ in started) == [0, 1], relay.log()
+    workers = {pid for _, pid in started}
+    assert len(workers) == 2 and relay.pid not in workers
+    assert all(alive(pid) and is_relay(pid) for pid in workers)
+
+    ids = send_many(relay.port, 20)
+    assert len(set(ids)) == 20
+    relay.wait_for(lambda: relay.delivered().keys() >= set(ids), "all 20 upstream")
+    assert len(list(relay.outbox.glob("*.eml"))) == 20  # each exactly once
+    queued = relay.queued_by()
+    assert {queued[qid] for qid in ids} == workers, relay.log()  # both served, nobody else
+
+    assert relay.stop() == 0
+    log = relay.log()
+    assert "Traceback" not in log and " ERROR " not in log, log
+    for pid in workers:
+        assert f"relay[{pid}] INFO stopped" in log
+    done = relay_cli("audit", "verify", "-c", str(relay.policy))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "audit log intact" in done.stdout
+    records = audit_records(relay)
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))  # one chain, no gaps
+    for event in ("received", "queued", "delivered"):
+        found = sorted(r["queue_id"] for r in records if r["event"] == event)
+        assert found == sorted(ids), event  # one record of each per message
+
+
+def kill_worker(relay: Relay, index: int) -> tuple[int, float]:
+    """SIGKILL worker ``index``; its replacement's PID and the restart delay the supervisor gave."""
+    victim = [pid for i, pid in relay.started() if i == index][-1]
+    before = len(relay.started())
+    os.kill(victim, signal.SIGKILL)
+    report = re.compile(
+        rf"relay\[{relay.pid}\] ERROR worker {index} \(pid {victim}\) was killed by SIGKILL; "
+        r"starting a new one in (\d+(?:\.\d+)?)s$",
+        re.M,
+    )
+    relay.wait_for(lambda: report.search(relay.log()) is not None, f"worker {index} reported")
+    relay.wait_for(lambda: len(relay.started()) == before + 1, f"a new worker {index}")
+    new_index, replacement = relay.started()[-1]
+    assert new_index == index and replacement != victim, relay.log()
+    assert not alive(victim)
+    found = report.search(relay.log())
+    assert found is not None
+    return replacement, float(found.group(1))
+
+
+def test_killed_worker_is_replaced_and_sigterm_stops_everything(relay: Relay) -> None:
+    first = dict(relay.started())
+    interim, delay = kill_worker(relay, 0)
+    replacement, next_delay = kill_worker(relay, 0)  # dies again at once: a crash loop
+    assert next_delay > delay, relay.log()
+    assert len({first[0], first[1], interim, replacement}) == 4
+    relay.wait_for(lambda: alive(replacement), "the new worker runs")
+
+    ids = send_until_every_worker_took_one(relay, {replacement, first[1]})
+    relay.wait_for(lambda: relay.delivered().keys() >= set(ids), "messages upstream")
+    assert not {first[0], interim} & set(relay.queued_by().values())
+
+    seen = relay.pids()
+    assert seen == {relay.pid, first[0], first[1], interim, replacement}
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
+        client.ehlo()
+        client.mail("jan@acme.example")
+        client.rcpt("one@example.org")
+        client.putcmd("data")
+        assert client.getreply()[0] == 354
+        relay.proc.send_signal(signal.SIGTERM)
+        relay.wait_for(lambda: "stopping: telling 2 workers" in relay.log(), "stopping")
+        time.sleep(0.2)  # the workers have their SIGTERM too
+        client.send(MESSAGE + b".\r\n")
+        code, reply = client.getreply()
+        assert code == 250 and reply.startswith(b"2.0.0 Ok: queued as "), reply  # finished
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", relay.port), timeout=2).close()
+    assert relay.proc.wait(15) == 0, relay.log()
+    log = relay.log()
+    for pid in (first[1], replacement):
+        assert f"relay[{pid}] INFO stopped" in log
+    assert reply.decode().rsplit(" ", 1)[1] in relay.delivered()
+    left = {pid for pid in seen if alive(pid)}
+    assert not left, f"still running: {left}\n{log}"
+    assert "Traceback" not in log
+
+
+def test_messages_a_killed_worker_queued_are_delivered_once(
+    policy_file: Path, port: int, tmp_path: Path
+) -> None:
+    """The upstream is down: both workers hold deferred messages in the shared spool
+    when one is killed; once the upstream is back, each message arrives exactly once."""
+    sink_port = free_port()
+    policy = configure(policy_file, port)
+    smtp = (
+        f"  default:\n    type: smtp\n    host: 127.0.0.1\n    port: {sink_port}\n"
+        "    tls: none\n    timeout: 5\n"
+    )
+    text = policy.read_text().replace("  default:\n    type: directory\n    path: outbox\n", smtp)
+    policy.write_text(text + "queue: {first_retry: 0.5, max_retry: 1, lifetime: 3600}\n")
+    relay = Relay(policy, port, tmp_path / "relay.log")
+    try:
+        relay.wait_serving()
+        ids = send_until_every_worker_took_one(relay, {pid for _, pid in relay.started()})
+        relay.wait_for(lambda: relay.log().count("status=deferred") >= len(ids), "deferred")
+        kill_worker(relay, 0)
+        with SinkServer(port=sink_port) as sink:
+            sink.sink.wait(len(ids), timeout=15)
+            relay.wait_for(lambda: relay.log().count("status=sent") >= len(ids), "all sent")
+            assert relay.stop() == 0
+        got = [message.read(m.data).get("Message-ID") or "" for m in sink.sink.messages]
+        assert sorted(got) == sorted(f"<{qid}@relay.platform.example>" for qid in ids)
+    finally:
+        relay.stop()
+    done = relay_cli("audit", "verify", "-c", str(policy))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_workers_stop_when_the_supervisor_is_killed(relay: Relay) -> None:
+    workers = {pid for _, pid in relay.started()}
+    assert len(workers) == 2 and all(alive(pid) for pid in workers)
+    send(relay.port)
+    relay.proc.kill()
+    assert relay.proc.wait(5) == -signal.SIGKILL
+    relay.wait_for(lambda: not any(alive(pid) for pid in workers), "every worker gone", timeout=10)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", relay.port), timeout=2).close()
+
+
+def test_sighup_checks_the_policy_once_and_every_worker_takes_a_good_one(
+    relay: Relay,
+) -> None:
+    workers = {pid for _, pid in relay.started()}
+    loaded = LOADED.search(relay.log())
+    assert loaded is not None
+    old = loaded.group(1)
+    good = relay.policy.read_text()
+
+    relay.policy.write_text(good.replace("name: Acme AS", "name: Acme AS\n    bogus: 1"))
+    relay.proc.send_signal(signal.SIGHUP)
+    relay.wait_for(lambda: "reload failed" in relay.log(), "reload failed")
+    first = send(relay.port)
+    relay.wait_for(lambda: first in relay.delivered(), "a message under the old policy")
+    assert from_name(relay.delivered()[first]) == "Jan Janssens via Acme AS"
+    time.sleep(0.5)  # a worker told of the broken file would say so by now
+    log = relay.log()
+    failed = re.findall(r"relay\[(\d+)\] ERROR reload failed: keeping policy (\w+)$", log, re.M)
+    assert failed == [(str(relay.pid), old)], log  # the supervisor alone, keeping the old one
+    assert not WORKER_POLICY.search(log) and "policy reloaded" not in log, log
+
+    relay.policy.write_text(good.replace("name: Acme AS", "name: Acme Norge AS"))
+    relay.proc.send_signal(signal.SIGHUP)
+    relay.wait_for(lambda: len(WORKER_POLICY.findall(relay.log())) >= 2, "both workers reload")
+    log = relay.log()
+    reloads = RELOADED.findall(log)
+    assert len(reloads) == 1, log  # reported once, by the supervisor
+    supervisor, new, was = reloads[0]
+    assert (int(supervisor), was) == (relay.pid, old) and new != old
+    in_use = {(int(pid), int(index), digest) for pid, index, digest in WORKER_POLICY.findall(log)}
+    assert in_use == {(pid, index, new) for index, pid in relay.started()}, log
+
+    ids = send_until_every_worker_took_one(relay, workers)
+    relay.wait_for(lambda: relay.delivered().keys() >= set(ids), "messages upstream")
+    names = {from_name(relay.delivered()[qid]) for qid in ids}
+    assert names == {"Jan Janssens via Acme Norge AS"}
+
+    assert relay.stop() == 0
+    records = audit_records(relay)
+    versions = [r["policy_sha256"][:12] for r in records if r["event"] == "policy_loaded"]
+    assert versions == [old, new]  # each version recorded once, not once per worker
+    assert relay_cli("audit", "verify", "-c", str(relay.policy)).returncode == 0
+
+
+def test_workers_take_the_text_the_supervisor_checked_not_a_later_edit(relay: Relay) -> None:
+    """The file changes again right after SIGHUP: workers must not read it themselves."""
+    good = relay.policy.read_text()
+    relay.policy.write_text(good.replace("name: Acme AS", "name: Acme A AS"))
+    relay.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.005)
+    relay.policy.write_text(good.replace("name: Acme AS", "name: Acme B AS"))
+    relay.wait_for(lambda: len(WORKER_POLICY.findall(relay.log())) >= 2, "both workers reload")
+    log = relay.log()
+    (_, checked, _), *_ = RELOADED.findall(log)
+    assert {digest for _, _, digest in WORKER_POLICY.findall(log)} == {checked}, log
+    assert relay.stop() == 0
+    versions = [
+        r["policy_sha256"][:12] for r in audit_records(relay) if r["event"] == "policy_loaded"
+    ]
+    assert versions[-1] == checked
+
+
+def test_one_worker_runs_without_a_supervisor(policy_file: Path, port: int, tmp_path: Path) -> None:
+    running = Relay(configure(policy_file, port, "1"), port, tmp_path / "relay.log")
+    try:
+        running.wait_serving()
+        qid = send(port)
+        running.wait_for(lambda: qid in running.delivered(), "the message upstream")
+        assert running.queued_by()[qid] == running.pid  # the process we started took it
+        assert running.stop() == 0
+    finally:
+        running.stop()
+    log = running.log()
+    assert f"relay[{running.pid}] INFO serving in one process" in log
+    assert " INFO worker " not in log and "workers serving" not in log, log
+    assert set(re.findall(r"relay\[(\d+)\]", log)) == {str(running.pid)}
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("0", "workers: 0 is out of range: expected auto or a number of processes (1..64)"),
+        ("65", "workers: 65 is out of range: expected auto or a number of processes (1..64)"),
+        ("many", "workers: expected auto or a number of processes (1..64)"),
+    ],
+)
+def test_check_refuses_a_bad_worker_count(
+    policy_file: Path, port: int, value: str, problem: str
+) -> None:
+    policy = configure(policy_file, port, value)
+    line = len(policy.read_text().splitlines())
+    done = relay_cli("check", "-c", str(policy))
+    assert done.returncode == 78, done.stdout + done.stderr
+    assert f"{policy}:{line}:10: {problem}\n" in done.stderr
+    assert f"{policy}: 1 problem" in done.stderr
+
+
+@pytest.mark.parametrize("value", ["auto", "3", "1", "64"])
+def test_check_accepts_auto_and_a_count(policy_file: Path, port: int, value: str) -> None:
+    done = relay_cli("check", "-c", str(configure(policy_file, port, value)))
+    assert done.returncode == 0, done.stdout + done.stderr
