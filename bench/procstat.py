@@ -89,6 +89,12 @@ def tree_pss_kb(root: int) -> int:
     return sum(pss_kb(pid) for pid in [root, *descendants(root)])
 
 
+def tree_max_kb(root: int, field: str) -> int | None:
+    """The largest ``field`` (e.g. VmHWM) of any process in a tree: a worker's own peak."""
+    found = [status_kb(pid, field) for pid in [root, *descendants(root)]]
+    return max((kb for kb in found if kb is not None), default=None)
+
+
 def alive(pid: int) -> bool:
     fields = _stat_fields(pid)
     return fields is not None and fields[0] != "Z"

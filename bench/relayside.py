@@ -66,6 +66,7 @@ def write_policy(
     state: Path,
     users: Users,
     max_message_size: int = 26214400,
+    workers: str | None = None,
 ) -> Path:
     q = json.dumps  # a JSON string is a valid YAML scalar: no quoting surprises
     lines = [
@@ -117,6 +118,7 @@ def write_policy(
         "    tls: none",
         "    timeout: 60",
         f"state_directory: {q(str(state))}",
+        f"workers: {workers or 'auto'}",
         "audit:",
         "  record_subject: no",
         "tenants:",
