@@ -8,8 +8,11 @@
   with ``552 5.3.4`` is easier to act on than ``552 Error: Too much mail data``);
 - knowing whether a transaction is under way, for a graceful shutdown.
 
+- DATA read in large pieces rather than line by line (``data``).
+
 It leans on aiosmtpd 1.4's internals (``_handle_client``, ``_reset_timeout``,
-``_timeout_handle``); the tests exercise each of them over real sockets.
+``_timeout_handle``, ``_reader``, ``_set_post_data_state``,
+``_call_handler_hook``); the tests exercise each of them over real sockets.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import MISSING, SMTP, syntax
 
-from relay.ingress import content
+from relay.ingress import content, data
 
 log = logging.getLogger("relay")
 
@@ -93,6 +96,34 @@ class RelaySMTP(SMTP):
             self.transport.close()
             return
         await super()._handle_client()
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA with the section read in large pieces (see ``data``)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            section = await data.read(self._reader, self.data_size_limit)
+        except asyncio.CancelledError:
+            log.info("connection lost during DATA")
+            self._writer.close()
+            raise
+        if section.overflow is not data.Overflow.NONE:
+            await self.push(self._too_big())
+            self._set_post_data_state()
+            return
+        self.envelope.content = self.envelope.original_content = section.content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):

@@ -1,0 +1,96 @@
+"""DATA read in large pieces ends where aiosmtpd's line reader ends, and nowhere else."""
+
+from __future__ import annotations
+
+import asyncio
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.ingress import data
+
+LIMIT = 1001  # aiosmtpd's stream reader limit (its line length limit)
+
+
+def reference(wire: bytes) -> tuple[bytes, bytes]:
+    """aiosmtpd 1.4's DATA loop, line by line: (content, what is left unread)."""
+    lines, rest = [], wire
+    while True:
+        line, sep, rest = rest.partition(b"\r\n")
+        assert sep, "the test wire always ends DATA"
+        if line == b".":
+            break
+        lines.append(line[1:] if line.startswith(b".") else line)
+    return b"".join(line + b"\r\n" for line in lines), rest
+
+
+async def read_in_pieces(
+    wire: bytes, piece: int, limit: int | None = None
+) -> tuple[data.Data, bytes, int]:
+    reader = asyncio.StreamReader(limit=LIMIT)
+
+    async def feed() -> None:
+        for start in range(0, len(wire), piece):
+            reader.feed_data(wire[start : start + piece])
+            await asyncio.sleep(0)
+        reader.feed_eof()
+
+    feeding = asyncio.ensure_future(feed())
+    section = await asyncio.wait_for(data.read(reader, limit), 10)
+    await feeding
+    return section, await reader.read(), reader._limit
+
+
+async def test_empty_message_and_pipelined_command_left_unread() -> None:
+    section, rest, window = await read_in_pieces(b".\r\nRSET\r\n", 64)
+    assert section == data.Data(b"", data.Overflow.NONE)
+    assert rest == b"RSET\r\n" and window == LIMIT
+
+
+async def test_dots_are_unstuffed_on_every_line() -> None:
+    wire = b"..first\r\nplain\r\n.x\r\n...\r\nend.\r\n.\r\nQUIT\r\n"
+    section, rest, _ = await read_in_pieces(wire, 5)
+    assert section.content == b".first\r\nplain\r\nx\r\n..\r\nend.\r\n"
+    assert rest == b"QUIT\r\n"
+
+
+async def test_smuggling_sequences_do_not_end_the_section() -> None:
+    for fake in (b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n", b"\r\n.\r"):
+        wire = b"Subject: x\r\n\r\nbody" + fake + b"MAIL FROM:<evil@x>\r\n.\r\nNOOP\r\n"
+        section, rest, _ = await read_in_pieces(wire, 7)
+        assert section.content.endswith(b"MAIL FROM:<evil@x>\r\n") and rest == b"NOOP\r\n"
+        assert (section.content, rest) == reference(wire)
+
+
+async def test_a_large_message_in_small_segments() -> None:
+    body = b"".join(b"QUJD" * 19 + b"\r\n" for _ in range(3000))  # 234 KB of base64
+    section, rest, window = await read_in_pieces(body + b".\r\nQUIT\r\n", 1460)
+    assert section.content == body and rest == b"QUIT\r\n" and window == LIMIT
+
+
+async def test_past_the_limit_is_drained_and_the_next_command_kept() -> None:
+    body = b"x" * 60 + b"\r\n"
+    wire = body * 100 + b".\r\nRSET\r\n"
+    section, rest, _ = await read_in_pieces(wire, 100, limit=len(body) * 50)
+    assert section == data.Data(b"", data.Overflow.TOO_MUCH)
+    assert rest == b"RSET\r\n"
+    section, _, _ = await read_in_pieces(wire, 100, limit=len(body) * 100 + 3)
+    assert section.overflow is data.Overflow.NONE and section.content == body * 100
+
+
+lines = st.lists(
+    st.sampled_from([b"", b".", b"..", b".x", b"x.", b"a\rb", b"a\nb", b"\n.", b"\r.", b"ok"])
+    | st.binary(max_size=40).map(lambda b: b.replace(b"\r\n", b"")),
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=lines, piece=st.integers(1, 50), after=st.sampled_from([b"", b"RSET\r\n"]))
+def test_same_content_and_same_end_as_aiosmtpd(
+    lines: list[bytes], piece: int, after: bytes
+) -> None:
+    stuffed = [b"." + line if line.startswith(b".") else line for line in lines]
+    wire = b"".join(line + b"\r\n" for line in stuffed) + b".\r\n" + after
+    section, rest, _ = asyncio.run(read_in_pieces(wire, piece))
+    assert (section.content, rest) == reference(wire)
