@@ -62,9 +62,16 @@ def decode(value: str) -> str:
 
 
 def read(raw: bytes) -> MessageView:
-    msg = _HEADERS.parsebytes(raw)
+    msg = _HEADERS.parsebytes(_head(raw))
     headers = tuple((name, decode(str(value))) for name, value in msg.items())
     return MessageView(headers=headers, raw=raw)
+
+
+def _head(raw: bytes) -> bytes:
+    """Up to the blank line: the header parser stops there, but first splits
+    everything it is given into lines, a 100 KB body included."""
+    ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+    return raw[: min(ends) + 2] if ends else raw
 
 
 def _filenames(msg: Message) -> list[str]:
