@@ -311,6 +311,7 @@ def test_a_failed_tail_read_is_retried_not_guessed(
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(reader, "day_files", unreadable)
+    monkeypatch.setattr(reader, "last_line", unreadable)
     with pytest.raises(AuditError):
         daemon.append(_failed(3))
     monkeypatch.undo()

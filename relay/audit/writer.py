@@ -169,10 +169,25 @@ class AuditLog:
         info = os.stat(self.directory)
         if not stat.S_ISDIR(info.st_mode):
             raise NotADirectoryError(20, "Not a directory", str(self.directory))
-        # Without an open file, another writer's appends change no size or mtime we know.
-        unknown = self._fd is None or os.fstat(self._fd).st_size != self._size
-        if unknown or info.st_mtime_ns != self._stamp:
+        if self._fd is None or info.st_mtime_ns != self._stamp:
+            # Without an open file, another writer's appends change nothing we know.
             self._load()
+        elif os.fstat(self._fd).st_size != self._size:
+            self._follow()
+
+    def _follow(self) -> None:
+        """Another process appended to our day's file: continue from its last record,
+        keeping the file open (a full reload would fsync the directory again)."""
+        assert self._fd is not None and self._fd_day is not None
+        path = self.directory / reader.file_name(self._fd_day)
+        line, torn = reader.last_line(path)
+        if torn:
+            self._terminate(path)
+        if line is None:
+            self._load()
+            return
+        self._seq, self._prev = _head(line, path.name)
+        self._size = os.fstat(self._fd).st_size
 
     def _load(self) -> None:
         self._stamp = None  # until the tail is known again
@@ -189,12 +204,7 @@ class AuditLog:
                 self._terminate(file.path)
             if line is None:
                 continue
-            record = reader.parse(line)
-            if not (record and isinstance(record.get("seq"), int) and "hash" in record):
-                raise OSError(
-                    f"the last record of {file.name} is unreadable: run relay audit verify"
-                )
-            self._seq, self._prev = record["seq"], record["hash"]
+            self._seq, self._prev = _head(line, file.name)
             break
         self._stamp = os.stat(self.directory).st_mtime_ns
 
@@ -211,11 +221,14 @@ class AuditLog:
     def _open(self, day: date) -> None:
         self._close()
         path = self.directory / reader.file_name(day)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        self._fd = os.open(path, flags, 0o640)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+        try:
+            self._fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o640)
+            _fsync_directory(self.directory)  # the new file's name must survive a crash too
+        except FileExistsError:
+            self._fd = os.open(path, flags)
         self._fd_day = self._day = day
         self._size = os.fstat(self._fd).st_size
-        _fsync_directory(self.directory)  # the new file's name must survive a crash too
         self._stamp = os.stat(self.directory).st_mtime_ns
 
     def _write(self, data: bytes) -> None:
@@ -283,6 +296,14 @@ class AuditLog:
         _fsync_directory(self.directory)
         os.unlink(path)
         _fsync_directory(self.directory)
+
+
+def _head(line: bytes, name: str) -> tuple[int, str]:
+    """Seq and hash of a file's last record, where the chain continues."""
+    record = reader.parse(line)
+    if not (record and isinstance(record.get("seq"), int) and "hash" in record):
+        raise OSError(f"the last record of {name} is unreadable: run relay audit verify")
+    return record["seq"], record["hash"]
 
 
 def _sha256(stream: Any) -> str:
