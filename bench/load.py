@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import random
 import time
 from dataclasses import dataclass, field
@@ -212,12 +213,19 @@ async def drive(
     sessions: int,
     reconnect: bool = False,
     timeout: float = 60.0,
+    rate: float | None = None,
 ) -> list[Result]:
-    """Send every job over ``sessions`` concurrent connections; one Result per job."""
+    """Send every job over ``sessions`` concurrent connections; one Result per job.
+
+    With ``rate`` (messages/s) the n-th message starts no sooner than n/rate
+    seconds in: an open-loop load below saturation, for latency at that rate.
+    """
     queue: asyncio.Queue[Job] = asyncio.Queue()
     for job in work:
         queue.put_nowait(job)
     results: list[Result] = []
+    loop = asyncio.get_running_loop()
+    started, taken = loop.time(), itertools.count()
 
     async def session() -> None:
         conn = None
@@ -226,6 +234,8 @@ async def drive(
                 job = queue.get_nowait()
             except asyncio.QueueEmpty:
                 break
+            if rate:
+                await asyncio.sleep(max(0.0, started + next(taken) / rate - loop.time()))
             try:
                 if conn is None:
                     conn = await _open(host, port, timeout)

@@ -54,12 +54,14 @@ class Scenario:
     size: int
     sessions: int
     messages: int
+    paced: bool = False  # at half the rate the same side reached in (a) of this run
 
     @property
     def title(self) -> str:
         size = f"{self.size // KB} KB" if self.size >= KB else f"{self.size} B"
         plural = "s" if self.sessions != 1 else ""
-        return f"({self.name}) {size} x {self.messages}, {self.sessions} session{plural}"
+        pace = ", paced at half of (a)'s rate" if self.paced else ""
+        return f"({self.name}) {size} x {self.messages}, {self.sessions} session{plural}{pace}"
 
 
 def say(*parts: object) -> None:
@@ -240,7 +242,14 @@ class Bench:
         sink.forget(tag)
 
     def measure(
-        self, port: int, sink: BaseSink, sc: Scenario, tag: str, cpu, seed: int
+        self,
+        port: int,
+        sink: BaseSink,
+        sc: Scenario,
+        tag: str,
+        cpu,
+        seed: int,
+        rate: float | None = None,
     ) -> dict[str, Any]:
         if self.args.driver == "smtp-source":
             return self.measure_smtp_source(port, sink, sc, tag, cpu)
@@ -248,7 +257,7 @@ class Bench:
         own0 = os.times()
         cpu0, sink0, t0 = cpu(), sink.cpu_seconds(), time.time()
         results = load.run(
-            load.drive("127.0.0.1", port, work, sc.sessions, self.args.reconnect, 120)
+            load.drive("127.0.0.1", port, work, sc.sessions, self.args.reconnect, 120, rate)
         )
         t_sent = time.time()
         own1 = os.times()
@@ -329,7 +338,7 @@ class Bench:
             "cpu_ms_per_msg": (cpu1 - cpu0) / max(arrived, 1) * 1000,
         }
 
-    def run_relay(self, sc: Scenario, rep: int) -> dict[str, Any]:
+    def run_relay(self, sc: Scenario, rep: int, rate: float | None = None) -> dict[str, Any]:
         tag = f"r{sc.name}{rep}"
         relay = self.start_relay(f"{sc.name}{rep}")
         try:
@@ -342,6 +351,7 @@ class Bench:
                 tag,
                 lambda: procstat.tree_cpu(relay.pid),
                 seed=rep + 1,
+                rate=rate,
             )
             out["peak_rss_mb"] = (procstat.tree_max_kb(relay.pid, "VmHWM") or 0) / KB
             out["mem_end_mb"] = procstat.tree_pss_kb(relay.pid) / KB
@@ -356,12 +366,18 @@ class Bench:
             relay.stop()
             self.cleanup.remove(relay)
 
-    def run_postfix(self, sc: Scenario, rep: int) -> dict[str, Any]:
+    def run_postfix(self, sc: Scenario, rep: int, rate: float | None = None) -> dict[str, Any]:
         assert self.postfix is not None and self.postfix_sink is not None
         tag = f"p{sc.name}{rep}"
         self.warm_up(self.postfix_port, self.postfix_sink, sc, tag + "w")
         out = self.measure(
-            self.postfix_port, self.postfix_sink, sc, tag, self.postfix.cpu_seconds, seed=rep + 1
+            self.postfix_port,
+            self.postfix_sink,
+            sc,
+            tag,
+            self.postfix.cpu_seconds,
+            seed=rep + 1,
+            rate=rate,
         )
         out["mem_end_mb"] = self.postfix.pss_kb() / KB  # PSS sum over all processes, at the end
         if out["arrived"] < (out["accepted"] or 0) or out["refused_or_failed"]:
@@ -755,16 +771,19 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
         return [Scenario("custom", size, args.sessions or 20, n)]
     wanted = args.scenarios
     if wanted is None:
-        wanted = "" if (args.big or args.idle) else "a,b,c"
+        wanted = "" if (args.big or args.idle) else "a,b,c,h"
     table = {
         "a": Scenario("a", 2 * KB, 20, args.messages or (60 if quick else 1000)),
         "b": Scenario("b", 100 * KB, 20, args.messages or (30 if quick else 300)),
         "c": Scenario("c", 2 * KB, 1, args.messages or (40 if quick else 1000)),
+        "h": Scenario("h", 2 * KB, 20, args.messages or (60 if quick else 1000), paced=True),
     }
     chosen = [s.strip() for s in wanted.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in table]
     if unknown:
-        raise SystemExit(f"unknown scenario(s): {', '.join(unknown)} (a, b, c)")
+        raise SystemExit(f"unknown scenario(s): {', '.join(unknown)} (a, b, c, h)")
+    if "h" in chosen and ("a" not in chosen or chosen.index("a") > chosen.index("h")):
+        raise SystemExit("scenario h is paced at half of (a)'s rate: list a before it")
     return [table[s] for s in chosen]
 
 
@@ -794,7 +813,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--scenarios",
-        help="which default scenarios: a,b,c (default all; none when only --big/--idle are given)",
+        help="which default scenarios: a,b,c,h (default all; none when only --big/--idle"
+        " are given); h is (a) paced at half the rate (a) reached, for accept latency",
     )
     p.add_argument("--quick", action="store_true", help="small counts, 1 repeat: a smoke run")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -907,10 +927,16 @@ def main(argv: list[str] | None = None) -> int:
                 for side in order:
                     if side == "postfix" and bench.postfix is None:
                         continue
+                    rate = None
+                    if sc.paced:  # half of what this side reached in (a), this repetition
+                        rate = 0.5 * (runs[("a", side)][-1].get("msgs_per_s") or 1.0)
                     say(f"run {rep + 1}/{args.repeat} {sc.title}: {side} ...")
-                    run = (
-                        bench.run_relay(sc, rep) if side == "relay" else bench.run_postfix(sc, rep)
-                    )
+                    if side == "relay":
+                        run = bench.run_relay(sc, rep, rate)
+                    else:
+                        run = bench.run_postfix(sc, rep, rate)
+                    if rate:
+                        run["paced_at_per_s"] = rate
                     runs.setdefault((sc.name, side), []).append(run)
                     say(
                         "    "
