@@ -57,6 +57,13 @@ def split(raw: bytes) -> tuple[list[Field], bytes]:
     and starts the rest, so odd input is carried along as body instead of
     being dropped or guessed at. Only LF ends a line; a bare CR is content.
     """
+    fields, end = split_at(raw)
+    return fields, raw[end:]
+
+
+def split_at(raw: bytes) -> tuple[list[Field], int]:
+    """``split`` with the offset where the rest starts instead of a copy of it:
+    the body of a 25 MB message need not be copied to look at its header."""
     starts: list[tuple[int, bytes]] = []
     pos = 0
     while pos < len(raw):
@@ -72,13 +79,13 @@ def split(raw: bytes) -> tuple[list[Field], bytes]:
             starts.append((pos, match.group()[:-1]))
         pos = end
     if not starts:
-        return [], raw
+        return [], 0
     ends = [offset for offset, _ in starts[1:]] + [pos]
     fields = [
         Field(name.decode("ascii"), raw[start:end])
         for (start, name), end in zip(starts, ends, strict=True)
     ]
-    return fields, raw[pos:]
+    return fields, pos
 
 
 def value(field: Field) -> str:

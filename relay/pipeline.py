@@ -39,7 +39,21 @@ class Prepared:
     queue_id: str
     decision: Decision
     view: MessageView  # the message as submitted
-    message: bytes  # rewritten and signed, ready to send
+    signature: bytes  # the DKIM-Signature fields, to go first
+    rewritten: bytes  # the message with the policy's header edits
+
+    @property
+    def chunks(self) -> tuple[bytes, bytes]:
+        """The message to send, in pieces: a large one is not copied once more to join them."""
+        return self.signature, self.rewritten
+
+    @property
+    def message(self) -> bytes:
+        return self.signature + self.rewritten
+
+    @property
+    def size(self) -> int:
+        return len(self.signature) + len(self.rewritten)
 
     def header(self, name: str) -> str:
         """A header as sent: the policy's new value, else the submitted one."""
@@ -67,7 +81,7 @@ def prepare(policy: Policy, submission: Submission, now: datetime | None = None)
     except SigningError as exc:
         log.error("%s DKIM signing failed: %s", queue_id, exc)
         raise SmtpReply(451, "4.3.0", "DKIM signing failed, try again later") from exc
-    return Prepared(queue_id, decision, view, signature + rewritten)
+    return Prepared(queue_id, decision, view, signature, rewritten)
 
 
 def _check_header_block(data: bytes) -> None:
@@ -77,9 +91,9 @@ def _check_header_block(data: bytes) -> None:
     ``From `` line, ``Bcc : x``) ends the header for the rewrite but not for
     every reader: a Bcc hidden that way could reach the recipients.
     """
-    _, rest = headers.split(data)
-    if rest and not rest.startswith((b"\r\n", b"\n")):
-        line = rest.split(b"\n", 1)[0][:60].decode("ascii", "replace").strip()
+    _, body = headers.split_at(data)
+    if body < len(data) and not data.startswith((b"\r\n", b"\n"), body):
+        line = data[body : body + 60].split(b"\n", 1)[0].decode("ascii", "replace").strip()
         raise Rejected(550, "5.6.0", f"Malformed header line: {line!r}")
 
 
@@ -140,7 +154,7 @@ class Acceptor:
         self, policy: Policy, submission: Submission, prepared: Prepared, entry: QueueEntry
     ) -> None:
         try:
-            await self._put((entry, (prepared.message,)))
+            await self._put((entry, prepared.chunks))
         except SpoolError as exc:
             log.error("%s: cannot write to the spool: %s", entry.queue_id, exc)
             raise SmtpReply(451, "4.3.0", "Queue write failed, try again later") from exc
@@ -219,7 +233,7 @@ def _entry(prepared: Prepared, submission: Submission) -> QueueEntry:
         subject=prepared.view.subject,
         message_id=prepared.header("Message-ID"),
         date=prepared.header("Date"),
-        size=len(prepared.message),
+        size=prepared.size,
         client_address=submission.client_address,
         auth_login=submission.auth_login,
         next_attempt=now,

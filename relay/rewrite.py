@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.headers import fold, line_ending, split
+from relay.headers import fold, line_ending, split_at
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def apply(raw: bytes, edits: HeaderEdits) -> bytes:
         new[key] = line if eol == b"\r\n" else line.replace(b"\r\n", eol)
     remove = {name.lower() for name in edits.remove}
 
-    fields, rest = split(raw)
+    fields, body = split_at(raw)
     out: list[bytes] = []
     placed: set[str] = set()
     for field in fields:
@@ -58,9 +58,9 @@ def apply(raw: bytes, edits: HeaderEdits) -> bytes:
     if appended and out and not out[-1].endswith(b"\n"):
         out[-1] += eol
     out.extend(appended)
-    if out and rest and not rest.startswith((b"\r\n", b"\n")):
+    if out and body < len(raw) and not raw.startswith((b"\r\n", b"\n"), body):
         out.append(eol)
-    return b"".join(out) + rest
+    return b"".join([*out, memoryview(raw)[body:]])  # one copy of the body, not two
 
 
 def prepend(raw: bytes, fields: bytes) -> bytes:

@@ -7,7 +7,7 @@ import asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.ingress import data
+from relay.ingress import content, data
 
 LIMIT = 1001  # aiosmtpd's stream reader limit (its line length limit)
 
@@ -94,3 +94,17 @@ def test_same_content_and_same_end_as_aiosmtpd(
     wire = b"".join(line + b"\r\n" for line in stuffed) + b".\r\n" + after
     section, rest, _ = asyncio.run(read_in_pieces(wire, piece))
     assert (section.content, rest) == reference(wire)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=st.lists(st.integers(0, 40), max_size=15),
+    closed=st.booleans(),
+    piece=st.integers(1, 60),
+)
+def test_longest_line_in_pieces_is_the_longest_line(
+    lines: list[int], closed: bool, piece: int
+) -> None:
+    message = b"\r\n".join(b"x" * n for n in lines) + (b"\r\n" if closed else b"")
+    expected = max(map(len, message.split(b"\r\n")), default=0)
+    assert content.longest_line(message, piece) == expected
