@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import socket
@@ -29,6 +30,7 @@ class RelayProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=self._limits if self.max_file_size else None,
+                start_new_session=True,  # its own process group: see crash()
             )
         self._wait_listening()
         return self
@@ -58,6 +60,13 @@ class RelayProcess:
     def signal(self, signum: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(signum)
+
+    def crash(self) -> None:
+        """kill -9 the supervisor and every worker at once, as a crash of the
+        service would (killing only the supervisor makes the workers stop cleanly)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
 
     def stop(self, timeout: float = 15.0) -> int:
         assert self.proc is not None
