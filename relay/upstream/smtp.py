@@ -25,7 +25,7 @@ import aiosmtplib
 
 from relay.errors import UpstreamError
 from relay.policy.model import SmtpUpstream, TlsMode
-from relay.upstream import DeliveryResult, replies
+from relay.upstream import DeliveryResult, replies, transaction
 from relay.upstream.pool import Pool, PoolKey, default_pool
 
 _START_TLS: dict[TlsMode, bool | None] = {
@@ -49,7 +49,9 @@ async def send(
     opener = functools.partial(_open, upstream, password)
     try:
         async with pool.lease(PoolKey.of(upstream, password), opener, upstream.timeout) as client:
-            refused, reply = await client.sendmail(mail_from, list(rcpt_tos), data)
+            refused, reply = await transaction.send(
+                client, mail_from, rcpt_tos, data, upstream.timeout
+            )
     except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
         raise _mapped(upstream, "sending", exc) from exc
     return DeliveryResult(

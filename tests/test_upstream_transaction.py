@@ -1,0 +1,86 @@
+"""The SMTP transaction writes the stored bytes as they are, over a real server."""
+
+from __future__ import annotations
+
+import aiosmtplib
+import pytest
+
+from relay.upstream import transaction
+from tests.sink import Sink, SinkServer
+
+MESSAGE = b"From: a@example.org\r\nSubject: dots\r\n\r\n.first\r\nmiddle\r\n..two\r\n.\r\nend\r\n"
+
+
+def test_a_clean_message_is_sent_without_a_copy() -> None:
+    clean = b"Subject: x\r\n\r\nbody\r\n"
+    assert transaction.wire(clean) is clean
+
+
+@pytest.mark.parametrize(
+    ("stored", "sent"),
+    [
+        (b".a\r\nb\r\n.\r\n", b"..a\r\nb\r\n..\r\n"),
+        (b"a\nb\rc\r\n", b"a\r\nb\r\nc\r\n"),
+        (b"no final line ending", b"no final line ending\r\n"),
+        (b"", b""),
+    ],
+)
+def test_wire_stuffs_dots_and_ends_lines_with_crlf(stored: bytes, sent: bytes) -> None:
+    assert transaction.wire(stored) == sent
+
+
+async def _send(
+    sink: SinkServer, rcpts: list[str], data: bytes = MESSAGE
+) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, start_tls=False, timeout=10)
+    await client.connect()
+    try:
+        return await transaction.send(client, "bounces@example.net", rcpts, data, 10)
+    finally:
+        client.close()
+
+
+async def test_dotted_lines_arrive_intact() -> None:
+    with SinkServer() as sink:
+        refused, reply = await _send(sink, ["one@example.org", "two@example.org"])
+    assert refused == {} and reply == "2.0.0 sink accepted"
+    (got,) = sink.sink.messages
+    assert got.data == MESSAGE and got.rcpt_tos == ["one@example.org", "two@example.org"]
+
+
+async def test_one_refused_recipient_is_reported_and_the_others_get_it() -> None:
+    refusing = Sink(refuse={"gone@example.org": "550 5.1.1 no such user"})
+    with SinkServer(refusing) as sink:
+        refused, _ = await _send(sink, ["gone@example.org", "one@example.org"])
+    assert {a: (r.code, r.message) for a, r in refused.items()} == {
+        "gone@example.org": (550, "5.1.1 no such user")
+    }
+    assert [m.rcpt_tos for m in sink.sink.messages] == [["one@example.org"]]
+
+
+async def test_every_recipient_refused_raises_and_the_connection_stays_usable() -> None:
+    refusing = Sink(refuse={"gone@example.org": "450 4.2.1 try later"})
+    with SinkServer(refusing) as sink:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, start_tls=False)
+        await client.connect()
+        try:
+            with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as refused:
+                await transaction.send(client, "b@example.net", ["gone@example.org"], MESSAGE, 10)
+            assert refused.value.recipients[0].code == 450
+            await transaction.send(client, "b@example.net", ["one@example.org"], MESSAGE, 10)
+        finally:
+            client.close()
+    assert [m.rcpt_tos for m in sink.sink.messages] == [["one@example.org"]]
+
+
+async def test_a_refused_data_section_raises_the_servers_reply() -> None:
+    refusing = Sink(data_reply="554 5.6.0 content refused")
+    with SinkServer(refusing) as sink, pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        await _send(sink, ["one@example.org"])
+    assert (refused.value.code, refused.value.message) == (554, "5.6.0 content refused")
+
+
+async def test_an_address_it_cannot_send_is_refused_before_anything_is_sent() -> None:
+    with SinkServer() as sink, pytest.raises(ValueError):
+        await _send(sink, ["one@example.org", "not an address@example.org"])
+    assert sink.sink.messages == []
