@@ -1,6 +1,6 @@
 """The comparison: a private, throw-away Postfix instance with OpenDKIM as a milter.
 
-Modelled on the reference set-up (shared/reference/postfix-anchor): its own
+Modelled on the usual Postfix + OpenDKIM set-up for this job: its own
 config, queue and data directories under a temporary directory; smtpd on
 127.0.0.1 only; everything relayed to the sink; a ~1,000-address
 suppression list (check_recipient_access hash:), the From rewritten to the
