@@ -49,11 +49,14 @@ def test_put_load_round_trip(spool: Spool) -> None:
     spool.put(entry, MESSAGE)
     assert spool.load(entry.queue_id) == entry
     assert spool.read_message(entry.queue_id) == MESSAGE
-    assert spool.message_path(entry.queue_id).read_bytes() == MESSAGE
+    # one file: the first record on its own line, then the message
+    stored = spool.message_path(entry.queue_id).read_bytes()
+    assert stored == entry.to_json().encode() + b"\n" + MESSAGE
     with spool.open_message(entry.queue_id) as file:
         assert file.read() == MESSAGE
     assert spool.ids() == [entry.queue_id]
     assert list(spool.entries()) == [entry]
+    assert all_files(spool.directory) == [f"msg/{entry.queue_id}"]
     assert spool.directory.stat().st_mode & 0o777 == 0o700
     assert spool.recover() == 1
 
@@ -114,45 +117,46 @@ def test_same_queue_id_twice_is_refused(spool: Spool) -> None:
     assert spool.read_message(entry.queue_id) == MESSAGE
 
 
-def test_crash_between_message_and_record_leaves_an_orphan_recovery_removes(spool: Spool) -> None:
+def test_what_a_crash_leaves_behind_recovery_removes(spool: Spool) -> None:
+    """A put cut short leaves a temp file; a remove cut short, a changed record
+    whose entry is gone. Young files may belong to a put or remove in progress."""
     kept = make_entry(size=len(MESSAGE))
     spool.put(kept, MESSAGE)
-    orphan = new_queue_id()
-    spool._write_atomic(spool.message_path(orphan), [MESSAGE])  # the first step of put only
-    stale_temp = spool.directory / "env" / f".{orphan}.json.abc.tmp"
-    fresh_temp = spool.directory / "msg" / f".{orphan}.def.tmp"
+    gone = new_queue_id()
+    stale_record = spool.directory / "env" / f"{gone}.json"
+    stale_record.write_text(make_entry(gone).to_json())
+    stale_temp = spool.directory / "env" / f".{gone}.json.abc.tmp"
+    fresh_temp = spool.directory / "msg" / f".{gone}.def.tmp"
     stale_temp.write_bytes(b'{"version": 1')
     fresh_temp.write_bytes(b"partial")
 
     assert spool.ids() == [kept.queue_id]
-    assert spool.recover() == 1  # everything is younger than a minute: maybe a put in progress
-    assert (spool.directory / "msg" / orphan).exists()
+    assert spool.recover() == 1  # everything is younger than a minute
+    assert stale_record.exists()
 
-    for path in (spool.message_path(orphan), stale_temp):
+    for path in (stale_record, stale_temp):
         age(path, 120)
     assert spool.recover() == 1
-    assert all_files(spool.directory) == sorted(
-        [f"env/{kept.queue_id}.json", f"msg/{kept.queue_id}", f"msg/.{orphan}.def.tmp"]
-    )
+    assert all_files(spool.directory) == sorted([f"msg/{kept.queue_id}", f"msg/.{gone}.def.tmp"])
     assert spool.recover(min_age=0) == 1
     assert not fresh_temp.exists()
     assert spool.load(kept.queue_id) == kept
 
 
-def test_record_without_message_is_reported_not_deleted(
-    spool: Spool, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_changed_record_outlives_nothing(spool: Spool) -> None:
     entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
-    spool.message_path(entry.queue_id).unlink()
-    with caplog.at_level(logging.WARNING, logger="relay"):
-        assert spool.recover(min_age=0) == 1
-    assert "no message file" in caplog.text
+    entry.attempts = 1
+    spool.update(entry)
+    spool.remove(entry.queue_id)
+    assert all_files(spool.directory) == []
+    with pytest.raises(NoSuchEntry):
+        spool.load(entry.queue_id)
     with pytest.raises(NoSuchEntry):
         spool.read_message(entry.queue_id)
 
 
-@pytest.mark.parametrize("broken", ["msg", "env"])
+@pytest.mark.parametrize("broken", ["msg"])
 def test_unwritable_directory_raises_and_leaves_nothing(spool: Spool, broken: str) -> None:
     # A regular file where the directory should be fails even for root.
     (spool.directory / broken).rmdir()
@@ -222,15 +226,18 @@ def test_full_disk_raises_and_leaves_the_spool_as_it_was(spool: Spool, step: str
 def test_update_replaces_the_record_atomically(spool: Spool) -> None:
     entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
+    entry.attempts = 1
+    spool.update(entry)
     path = spool.directory / "env" / f"{entry.queue_id}.json"
     with path.open("rb") as reader_before:
         entry.recipients[0].status = DELIVERED
         entry.recipients[0].reply = "250 2.0.0 Ok"
-        entry.attempts = 1
+        entry.attempts = 2
         spool.update(entry)
         # A reader that opened the old file still sees all of it: the new one was renamed in.
-        assert QueueEntry.from_json(reader_before.read()).attempts == 0
+        assert QueueEntry.from_json(reader_before.read()).attempts == 1
     assert spool.load(entry.queue_id) == entry
+    assert spool.read_message(entry.queue_id) == MESSAGE
     assert all_files(spool.directory) == [f"env/{entry.queue_id}.json", f"msg/{entry.queue_id}"]
 
 
@@ -259,11 +266,13 @@ class Crash(BaseException):
     pass
 
 
-def test_crash_during_remove_leaves_only_an_orphan_message(
+def test_crash_during_remove_leaves_only_an_orphan_record(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
+    entry.attempts = 1
+    spool.update(entry)
 
     def crash(directory: Path) -> None:
         raise Crash
@@ -272,9 +281,10 @@ def test_crash_during_remove_leaves_only_an_orphan_message(
     with pytest.raises(Crash):
         spool.remove(entry.queue_id)
     monkeypatch.undo()
-    assert spool.ids() == []
-    assert spool.message_path(entry.queue_id).exists()
-    age(spool.message_path(entry.queue_id), 120)
+    assert spool.ids() == []  # the entry's file went first
+    record = spool.directory / "env" / f"{entry.queue_id}.json"
+    assert record.exists()
+    age(record, 120)
     assert spool.recover() == 0
     assert all_files(spool.directory) == []
 
@@ -359,7 +369,9 @@ def test_unreadable_record_is_skipped_with_a_warning(
 ) -> None:
     good = make_entry(size=len(MESSAGE))
     spool.put(good, MESSAGE)
-    bad = new_queue_id()
+    bad = make_entry(size=len(MESSAGE))
+    spool.put(bad, MESSAGE)
+    bad = bad.queue_id
     (spool.directory / "env" / f"{bad}.json").write_text("{not json")
     with caplog.at_level(logging.WARNING, logger="relay"):
         assert list(spool.entries()) == [good]

@@ -38,7 +38,7 @@ def message(n: int) -> bytes:
 
 
 def entry_files(entry: QueueEntry) -> list[str]:
-    return [f"env/{entry.queue_id}.json", f"msg/{entry.queue_id}"]
+    return [f"msg/{entry.queue_id}"]  # the record inside, until it changes
 
 
 @pytest.fixture
@@ -60,13 +60,11 @@ def dir_syncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return synced
 
 
-def test_put_many_stores_all_with_one_fsync_per_directory(
-    spool: Spool, dir_syncs: list[str]
-) -> None:
+def test_put_many_stores_all_with_one_directory_fsync(spool: Spool, dir_syncs: list[str]) -> None:
     entries = [make_entry(size=len(message(n))) for n in range(5)]
     failures = spool.put_many([(e, iter([message(n)])) for n, e in enumerate(entries)])
     assert failures == [None] * 5
-    assert sorted(dir_syncs) == ["env", "msg"]
+    assert dir_syncs == ["msg"]
     for n, entry in enumerate(entries):
         assert spool.load(entry.queue_id) == entry
         assert spool.read_message(entry.queue_id) == message(n)
@@ -74,24 +72,24 @@ def test_put_many_stores_all_with_one_fsync_per_directory(
     assert all_files(spool.directory) == sorted(f for e in entries for f in entry_files(e))
 
 
-def test_single_puts_fsync_both_directories_each_time(spool: Spool, dir_syncs: list[str]) -> None:
-    """The baseline the batch is measured against: 2 directory fsyncs per put."""
+def test_single_puts_fsync_the_directory_each_time(spool: Spool, dir_syncs: list[str]) -> None:
+    """The baseline the batch is measured against: a directory fsync per put."""
     for n in range(5):
         spool.put(make_entry(), message(n))
-    assert len(dir_syncs) == 10
-    assert dir_syncs.count("msg") == 5 and dir_syncs.count("env") == 5
+    assert dir_syncs == ["msg"] * 5
     assert len(spool.ids()) == 5
 
 
 @pytest.mark.parametrize("position", [0, 2, 4])
-@pytest.mark.parametrize("existing", ["complete entry", "message without record"])
+@pytest.mark.parametrize("existing", ["new entry", "entry with a changed record"])
 def test_a_queue_id_already_in_the_spool_is_refused_and_left_alone(
     spool: Spool, dir_syncs: list[str], position: int, existing: str
 ) -> None:
     old = make_entry(size=len(message(99)))
     spool.put(old, message(99))
-    if existing == "message without record":  # e.g. a crash between the two writes
-        (spool.directory / "env" / f"{old.queue_id}.json").unlink()
+    if existing == "entry with a changed record":
+        old.attempts = 1
+        spool.update(old)
     before = {name: (spool.directory / name).read_bytes() for name in all_files(spool.directory)}
     dir_syncs.clear()
 
@@ -110,8 +108,7 @@ def test_a_queue_id_already_in_the_spool_is_refused_and_left_alone(
     assert [f is None for f in failures] == [e is not clash for e in entries]
     # The old entry is byte for byte what it was.
     assert {name: (spool.directory / name).read_bytes() for name in before} == before
-    if existing == "complete entry":
-        assert spool.load(old.queue_id) == old
+    assert spool.load(old.queue_id) == old
     assert spool.read_message(old.queue_id) == message(99)
     # The others are stored, and nothing else (no temp file) is there.
     others = [(n, e) for n, e in enumerate(entries) if e is not clash]
@@ -121,7 +118,7 @@ def test_a_queue_id_already_in_the_spool_is_refused_and_left_alone(
     assert all_files(spool.directory) == sorted(
         [*before, *(f for _, e in others for f in entry_files(e))]
     )
-    assert sorted(dir_syncs) == ["env", "msg"]
+    assert dir_syncs == ["msg"]
 
 
 def failing_chunks(after: int) -> Iterator[bytes]:
@@ -157,7 +154,7 @@ def test_a_write_failure_fails_only_that_entry_and_leaves_nothing_of_it(
         assert spool.read_message(entry.queue_id) == message(n)
     with pytest.raises(NoSuchEntry):
         spool.load(bad.queue_id)
-    assert sorted(dir_syncs) == ["env", "msg"]
+    assert dir_syncs == ["msg"]
     assert spool.recover(min_age=0) == 4
 
 
@@ -169,7 +166,7 @@ BIG_RECORD = textwrap.dedent(
     from tests.spoolkit import make_entry
     spool = Spool(Path(sys.argv[1]))
     entries = [make_entry() for _ in range(3)]
-    entries[1].subject = "x" * 20000  # its record, not its message, is over the limit
+    entries[1].subject = "x" * 20000  # its record at the head of its file is over the limit
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
     failures = spool.put_many([(e, (b"small message",)) for e in entries])
@@ -181,9 +178,8 @@ BIG_RECORD = textwrap.dedent(
 )
 
 
-def test_a_record_write_failure_takes_back_that_entrys_message(spool: Spool) -> None:
-    """RLIMIT_FSIZE fails the second step (the record) for one entry, for root too:
-    its message, already renamed into msg/, must go again."""
+def test_a_record_too_big_for_the_disk_fails_only_that_entry(spool: Spool) -> None:
+    """RLIMIT_FSIZE fails one entry's write, for root too: nothing of it stays."""
     result = subprocess.run(
         [sys.executable, "-c", BIG_RECORD, str(spool.directory)],
         capture_output=True,
@@ -196,9 +192,7 @@ def test_a_record_write_failure_takes_back_that_entrys_message(spool: Spool) -> 
     out = json.loads(result.stdout)
     first, bad, last = out["ids"]
     assert out["failures"] == [None, ["SpoolError", "File too large"], None]
-    assert all_files(spool.directory) == sorted(
-        [f"env/{first}.json", f"msg/{first}", f"env/{last}.json", f"msg/{last}"]
-    )
+    assert all_files(spool.directory) == sorted([f"msg/{first}", f"msg/{last}"])
     assert spool.ids() == sorted([first, last])
     assert spool.read_message(last) == b"small message"
     assert not any(bad in name for name in all_files(spool.directory))
@@ -225,7 +219,7 @@ def test_remove_many_with_one_missing_id(spool: Spool, dir_syncs: list[str]) -> 
 
     assert failures[0] is None and failures[2] is None
     assert isinstance(failures[1], NoSuchEntry)
-    assert dir_syncs == ["env"]
+    assert dir_syncs == ["msg"]
     for gone in (first, second):
         with pytest.raises(NoSuchEntry):
             spool.load(gone.queue_id)

@@ -2,16 +2,20 @@
 
 Layout under the spool directory (mode 0700)::
 
-    msg/ID        the signed message bytes, written once; also the entry's lock
-    env/ID.json   the QueueEntry; its presence means the entry is complete
+    msg/ID        the entry: its first record (the QueueEntry as one JSON line),
+                  then the signed message bytes; its presence means the entry
+                  is complete; written once, never replaced; the entry's lock
+    env/ID.json   the record as changed since (attempts, replies, hold), which
+                  takes the place of the first one
     kick          touched by ``relay queue retry`` to wake the delivery engine
 
 Every file is written to a temp name in its final directory, fsynced, renamed
-and the directory fsynced. The message goes first and the JSON last; recovery
-removes what a crash in between leaves. ``put_many`` and ``remove_many`` share
-the directory fsyncs of a whole batch (group commit). The message file is
-never replaced, so it carries the ``flock`` that the daemon's workers and
-the queue tools take: no lock file is created and deleted per message.
+and the directory fsynced, so a new entry costs one file and two fsyncs (the
+directory's shared by a batch: ``put_many`` and ``remove_many`` are group
+commits); only a deferral or a hold writes a second file. Removal unlinks the
+message first, so a crash leaves at most a changed record without its entry,
+which ``recover`` removes. The message file carries the ``flock`` that the
+daemon's workers and the queue tools take: no lock file per message.
 
 The delivery engine polls ``kicked_since(last)`` (one stat) between its
 regular scans and rescans at once when it is true; a kick only shortens the
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import re
@@ -142,20 +147,16 @@ class Spool:
                         failures[i] = exc
                         self._discard(entry.queue_id)
 
-        def write_message(entry: QueueEntry, chunks: Iterable[bytes]) -> None:
-            held = self._write_atomic(self.message_path(entry.queue_id), chunks, hold)
+        def write_entry(entry: QueueEntry, chunks: Iterable[bytes]) -> None:
+            record = entry.to_json().encode() + b"\n"
+            path = self.message_path(entry.queue_id)
+            held = self._write_atomic(path, itertools.chain((record,), chunks), hold)
             if held is not None:
                 self._held[entry.queue_id] = held
 
         try:
-            each(write_message)
+            each(write_entry)
             sync(self._msg)
-            each(
-                lambda entry, _: self._write_atomic(
-                    self._env_path(entry.queue_id), (entry.to_json().encode(),)
-                )
-            )
-            sync(self._env)
         except BaseException:
             for (entry, _), taken in zip(items, taken_before, strict=True):
                 if taken is None:
@@ -177,8 +178,7 @@ class Spool:
         )
 
     def _discard(self, queue_id: str) -> None:
-        """Undo a ``put`` that did not complete; the record first, as in ``remove``."""
-        _unlink_quietly(self._env_path(queue_id))
+        """Undo a ``put`` that did not complete."""
         _unlink_quietly(self.message_path(queue_id))
         self.release(queue_id)
 
@@ -189,9 +189,16 @@ class Spool:
             os.close(fd)
 
     def load(self, queue_id: str) -> QueueEntry:
+        """The changed record if there is one, else the first, from the entry's file."""
         path = self._env_path(queue_id)
-        with _translated(path, queue_id):
+        try:
             raw = path.read_bytes()
+        except FileNotFoundError:
+            path = self.message_path(queue_id)
+            with _translated(path, queue_id), path.open("rb") as entry_file:
+                raw = entry_file.readline()
+        except OSError as exc:
+            raise SpoolError.from_os(exc, path) from exc
         try:
             entry = QueueEntry.from_json(raw)
         except ValueError as exc:
@@ -201,15 +208,20 @@ class Spool:
         return entry
 
     def read_message(self, queue_id: str) -> bytes:
-        path = self.message_path(queue_id)
-        with _translated(path, queue_id):
-            return path.read_bytes()
+        with self.open_message(queue_id) as message:
+            return message.read()
 
     def open_message(self, queue_id: str) -> BinaryIO:
-        """For reading a large message in pieces; the caller closes it."""
+        """The message, past the entry's first record; the caller closes it."""
         path = self.message_path(queue_id)
         with _translated(path, queue_id):
-            return path.open("rb")
+            message = path.open("rb")
+            try:
+                message.readline()
+            except BaseException:
+                message.close()
+                raise
+        return message
 
     def update(self, entry: QueueEntry) -> None:
         """Replace the record atomically; call it with the entry's lock held."""
@@ -219,8 +231,8 @@ class Spool:
         _fsync_dir(self._env)
 
     def remove(self, queue_id: str) -> None:
-        """The record goes first and durably, so a crash can leave only a message
-        without a record (cleaned by ``recover``), never a record without its message."""
+        """The entry's file goes first and durably; a changed record left behind
+        by a crash has no entry any more and is cleaned by ``recover``."""
         error = self.remove_many([queue_id])[0]
         if error is not None:
             raise error
@@ -230,25 +242,21 @@ class Spool:
         failures: list[Failure] = [None] * len(queue_ids)
         for i, queue_id in enumerate(queue_ids):
             try:
-                env = self._env_path(queue_id)
-                with _translated(env, queue_id):
-                    env.unlink()
+                path = self.message_path(queue_id)
+                with _translated(path, queue_id):
+                    path.unlink()
             except SpoolError as exc:
                 failures[i] = exc
         if not all(failures):
-            _fsync_dir(self._env)
+            _fsync_dir(self._msg)
         for queue_id, failure in zip(queue_ids, failures, strict=True):
             if failure is None:
-                _unlink_quietly(self.message_path(queue_id))
+                _unlink_quietly(self._env_path(queue_id))
         return failures
 
     def ids(self) -> list[str]:
         """Queue IDs start with the arrival time, so sorted IDs are oldest first."""
-        return sorted(
-            name[:-5]
-            for name in self._listdir(self._env)
-            if name.endswith(".json") and _ID.fullmatch(name[:-5])
-        )
+        return sorted(name for name in self._listdir(self._msg) if _ID.fullmatch(name))
 
     def entries(self) -> Iterator[QueueEntry]:
         """A damaged record is logged and skipped so one bad file cannot stop the queue."""
@@ -273,17 +281,14 @@ class Spool:
                 if path.stat().st_mtime < cutoff:
                     log.info("spool recovery removed %s", path)
                     _unlink_quietly(path)
-        for queue_id in complete:
-            if not self.message_path(queue_id).exists():
-                log.warning("%s queue record has no message file %s", queue_id, self._msg)
         return len(complete)
 
     def _leftovers(self, complete: set[str]) -> Iterator[Path]:
-        """Temp files anywhere, and messages whose record is gone."""
+        """Temp files anywhere, and changed records whose entry is gone."""
         for directory in (self._msg, self._env):
             for name in self._listdir(directory):
                 temp = name.startswith(".") and name.endswith(_TMP_SUFFIX)
-                orphan = directory is self._msg and _ID.fullmatch(name) and name not in complete
+                orphan = directory is self._env and name.removesuffix(".json") not in complete
                 if temp or orphan:
                     yield directory / name
 
@@ -301,8 +306,7 @@ class Spool:
                 raise SpoolBusy(path, "in use by another process") from exc
             except OSError as exc:
                 raise SpoolError.from_os(exc, path) from exc
-            # removed while we waited: the record goes first, under this same lock
-            if not self._env_path(queue_id).exists():
+            if os.fstat(fd).st_nlink == 0:  # removed while we waited for the lock
                 raise NoSuchEntry(queue_id, "no such queue entry")
             yield
         finally:

@@ -125,19 +125,13 @@ def show(spool: Spool, queue_id: str, out: TextIO, err: TextIO) -> int:
 
 def _read_headers(spool: Spool, queue_id: str) -> bytes:
     lines = []
-    path = spool.message_path(queue_id)
-    try:
-        with path.open("rb") as message:
-            size = 0
-            for line in message:
-                if line in (b"\r\n", b"\n") or size > _MAX_HEADER_BYTES:
-                    break
-                lines.append(line)
-                size += len(line)
-    except FileNotFoundError as exc:
-        raise NoSuchEntry(queue_id, "no such queue entry") from exc
-    except OSError as exc:
-        raise SpoolError.from_os(exc, path) from exc
+    with spool.open_message(queue_id) as message:
+        size = 0
+        for line in message:
+            if line in (b"\r\n", b"\n") or size > _MAX_HEADER_BYTES:
+                break
+            lines.append(line)
+            size += len(line)
     return b"".join(lines)
 
 
