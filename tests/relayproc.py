@@ -70,20 +70,25 @@ class RelayProcess:
 
     def stop(self, timeout: float = 15.0) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return terminate(self.proc, timeout)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM and wait; SIGKILL if it is still there after ``timeout``. Its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:

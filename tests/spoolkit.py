@@ -27,6 +27,20 @@ LOCK_HOLDER = textwrap.dedent(
 )
 
 
+def run_script(script: str, *args: str) -> str:
+    """Run a Python snippet against the spool in its own process; its output."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=30,
+        check=True,
+    )
+    return done.stdout
+
+
 def make_entry(
     queue_id: str | None = None,
     *,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from relay.audit import AuditError, AuditLog
+from relay.audit import AuditError, AuditLog, verify
 from relay.audit import events as ev
 from relay.record import Recorder
 
@@ -49,3 +50,86 @@ async def test_a_failed_flush_does_not_take_another_messages_records(tmp_path: P
     recorder.audit = AuditLog(audit_dir)
     await recorder.flush("B")
     assert written(audit_dir) == ["B"]
+
+
+# Recorder: records of messages flushed together go out in one append.
+
+
+@pytest.fixture
+def appends(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The queue IDs of the records of every ``AuditLog.append_many`` call."""
+    calls: list[list[str]] = []
+    real = AuditLog.append_many
+
+    def counting(self: AuditLog, records: list[dict]) -> None:
+        calls.append([record["queue_id"] for record in records])
+        real(self, records)
+
+    monkeypatch.setattr(AuditLog, "append_many", counting)
+    return calls
+
+
+def delivered(queue_id: str, recipient: str) -> dict:
+    return ev.delivered(
+        queue_id=queue_id,
+        message_id=None,
+        recipient=recipient,
+        upstream="default",
+        reply="250 2.0.0 Ok",
+        attempts=1,
+    )
+
+
+async def test_concurrent_flushes_share_one_append(
+    tmp_path: Path, appends: list[list[str]]
+) -> None:
+    audit_dir = tmp_path / "audit"
+    recorder = Recorder(AuditLog(audit_dir))
+    recorder.add(queued("A"))
+    recorder.add(queued("B"))
+    recorder.add(delivered("A", "a@example.org"))
+    recorder.add(delivered("B", "b@example.org"))
+
+    await asyncio.gather(recorder.flush("A"), recorder.flush("B"))
+
+    assert appends == [["A", "A", "B", "B"]]
+    assert written(audit_dir) == ["A", "A", "B", "B"]
+    result = verify(audit_dir)
+    assert result.ok, result.problem
+    assert result.records == 4
+
+    # A later flush is a separate append that continues the same chain.
+    recorder.add(delivered("C", "c@example.org"))
+    await recorder.flush("C")
+    assert appends == [["A", "A", "B", "B"], ["C"]]
+    result = verify(audit_dir)
+    assert result.ok, result.problem
+    assert result.records == 5
+
+
+async def test_a_failed_shared_append_fails_both_flushes(
+    tmp_path: Path, appends: list[list[str]]
+) -> None:
+    """A regular file where the audit directory was makes the write fail, even for root."""
+    audit_dir = tmp_path / "audit"
+    recorder = Recorder(AuditLog(audit_dir))
+    recorder.add(queued("A"))
+    recorder.add(queued("B"))
+    shutil.rmtree(audit_dir)
+    audit_dir.write_text("not a directory")
+
+    results = await asyncio.gather(recorder.flush("A"), recorder.flush("B"), return_exceptions=True)
+
+    assert [type(r) for r in results] == [AuditError, AuditError]
+    assert appends == [["A", "B"]]  # one attempt for both
+    assert audit_dir.read_text() == "not a directory"
+
+    # With the directory back, the next flushes are written and the log verifies.
+    audit_dir.unlink()
+    recorder.audit = AuditLog(audit_dir)
+    recorder.add(queued("C"))
+    recorder.add(queued("D"))
+    await asyncio.gather(recorder.flush("C"), recorder.flush("D"))
+    assert appends[1:] == [["C", "D"]]
+    assert written(audit_dir) == ["C", "D"]
+    assert verify(audit_dir).ok

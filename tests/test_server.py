@@ -22,6 +22,7 @@ import pytest
 from relay import message
 from tests.certs import make_certs
 from tests.ingress_harness import swaks
+from tests.relayproc import terminate
 from tests.sink import Sink, SinkServer, free_port
 
 MESSAGE = b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: x\r\n\r\nx\r\n"
@@ -70,14 +71,7 @@ class Daemon:
         self.wait_for(lambda: self.log().count(": policy ") >= workers * times)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return terminate(self.proc, 20)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from relay.spool import (
     SpoolError,
 )
 from relay.spool import store as store_module
-from tests.spoolkit import locked_elsewhere, make_entry
+from tests.spoolkit import locked_elsewhere, make_entry, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGE = b"From: a@example.com\r\nSubject: Invoice 7\r\n\r\nBody\r\n"
@@ -209,16 +209,7 @@ def test_full_disk_raises_and_leaves_the_spool_as_it_was(spool: Spool, step: str
     entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
     before = {name: (spool.directory / name).read_bytes() for name in all_files(spool.directory)}
-    result = subprocess.run(
-        [sys.executable, "-c", DISK_FULL, str(spool.directory), step],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=30,
-        check=True,
-    )
-    assert result.stdout.strip() == "File too large"
+    assert run_script(DISK_FULL, str(spool.directory), step).strip() == "File too large"
     assert {n: (spool.directory / n).read_bytes() for n in all_files(spool.directory)} == before
     assert spool.load(entry.queue_id) == entry
 
@@ -423,16 +414,7 @@ TRY_LOCK = textwrap.dedent(
 
 
 def _lock_from_another_process(spool: Spool, queue_id: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", TRY_LOCK, str(spool.directory), queue_id],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return done.stdout.strip()
+    return run_script(TRY_LOCK, str(spool.directory), queue_id).strip()
 
 
 def test_a_held_new_entry_is_locked_until_released(spool: Spool) -> None:

@@ -4,26 +4,18 @@ writes the records of messages flushed together with one audit append."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import json
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from relay.audit import AuditError, AuditLog, verify
-from relay.audit import events as ev
 from relay.queueid import new_queue_id
-from relay.record import Recorder
 from relay.spool import NoSuchEntry, QueueEntry, Spool, SpoolError
 from relay.spool import store as store_module
-from tests.spoolkit import make_entry
+from tests.spoolkit import make_entry, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,7 +155,7 @@ BIG_RECORD = textwrap.dedent(
     import json, resource, signal, sys
     from pathlib import Path
     from relay.spool import Spool
-    from tests.spoolkit import make_entry
+    from tests.spoolkit import make_entry, run_script
     spool = Spool(Path(sys.argv[1]))
     entries = [make_entry() for _ in range(3)]
     entries[1].subject = "x" * 20000  # its record at the head of its file is over the limit
@@ -180,16 +172,7 @@ BIG_RECORD = textwrap.dedent(
 
 def test_a_record_too_big_for_the_disk_fails_only_that_entry(spool: Spool) -> None:
     """RLIMIT_FSIZE fails one entry's write, for root too: nothing of it stays."""
-    result = subprocess.run(
-        [sys.executable, "-c", BIG_RECORD, str(spool.directory)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=30,
-        check=True,
-    )
-    out = json.loads(result.stdout)
+    out = json.loads(run_script(BIG_RECORD, str(spool.directory)))
     first, bad, last = out["ids"]
     assert out["failures"] == [None, ["SpoolError", "File too large"], None]
     assert all_files(spool.directory) == sorted([f"msg/{first}", f"msg/{last}"])
@@ -228,101 +211,6 @@ def test_remove_many_with_one_missing_id(spool: Spool, dir_syncs: list[str]) -> 
     assert spool.ids() == [kept.queue_id]
     assert all_files(spool.directory) == entry_files(kept)
     assert spool.read_message(kept.queue_id) == message(0)
-
-
-# Recorder: records of messages flushed together go out in one append.
-
-
-def queued(queue_id: str) -> dict:
-    return ev.queued(queue_id=queue_id, message_id=None, recipients=["a@example.org"], size=10)
-
-
-def written(directory: Path) -> list[str]:
-    """The queue IDs of the records in the log, in order."""
-    lines = [
-        line for f in sorted(directory.glob("audit-*.jsonl")) for line in f.read_text().splitlines()
-    ]
-    return [json.loads(line)["queue_id"] for line in lines]
-
-
-@pytest.fixture
-def appends(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """The queue IDs of the records of every ``AuditLog.append_many`` call."""
-    calls: list[list[str]] = []
-    real = AuditLog.append_many
-
-    def counting(self: AuditLog, records: list[dict]) -> None:
-        calls.append([record["queue_id"] for record in records])
-        real(self, records)
-
-    monkeypatch.setattr(AuditLog, "append_many", counting)
-    return calls
-
-
-def delivered(queue_id: str, recipient: str) -> dict:
-    return ev.delivered(
-        queue_id=queue_id,
-        message_id=None,
-        recipient=recipient,
-        upstream="default",
-        reply="250 2.0.0 Ok",
-        attempts=1,
-    )
-
-
-async def test_concurrent_flushes_share_one_append(
-    tmp_path: Path, appends: list[list[str]]
-) -> None:
-    audit_dir = tmp_path / "audit"
-    recorder = Recorder(AuditLog(audit_dir))
-    recorder.add(queued("A"))
-    recorder.add(queued("B"))
-    recorder.add(delivered("A", "a@example.org"))
-    recorder.add(delivered("B", "b@example.org"))
-
-    await asyncio.gather(recorder.flush("A"), recorder.flush("B"))
-
-    assert appends == [["A", "A", "B", "B"]]
-    assert written(audit_dir) == ["A", "A", "B", "B"]
-    result = verify(audit_dir)
-    assert result.ok, result.problem
-    assert result.records == 4
-
-    # A later flush is a separate append that continues the same chain.
-    recorder.add(delivered("C", "c@example.org"))
-    await recorder.flush("C")
-    assert appends == [["A", "A", "B", "B"], ["C"]]
-    result = verify(audit_dir)
-    assert result.ok, result.problem
-    assert result.records == 5
-
-
-async def test_a_failed_shared_append_fails_both_flushes(
-    tmp_path: Path, appends: list[list[str]]
-) -> None:
-    """A regular file where the audit directory was makes the write fail, even for root."""
-    audit_dir = tmp_path / "audit"
-    recorder = Recorder(AuditLog(audit_dir))
-    recorder.add(queued("A"))
-    recorder.add(queued("B"))
-    shutil.rmtree(audit_dir)
-    audit_dir.write_text("not a directory")
-
-    results = await asyncio.gather(recorder.flush("A"), recorder.flush("B"), return_exceptions=True)
-
-    assert [type(r) for r in results] == [AuditError, AuditError]
-    assert appends == [["A", "B"]]  # one attempt for both
-    assert audit_dir.read_text() == "not a directory"
-
-    # With the directory back, the next flushes are written and the log verifies.
-    audit_dir.unlink()
-    recorder.audit = AuditLog(audit_dir)
-    recorder.add(queued("C"))
-    recorder.add(queued("D"))
-    await asyncio.gather(recorder.flush("C"), recorder.flush("D"))
-    assert appends[1:] == [["C", "D"]]
-    assert written(audit_dir) == ["C", "D"]
-    assert verify(audit_dir).ok
 
 
 def test_the_same_queue_id_twice_in_one_batch_keeps_the_first(spool: Spool) -> None:

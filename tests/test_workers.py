@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from relay import message
+from tests.relayproc import terminate
 from tests.sink import SinkServer, free_port
 
 ROOT = Path(__file__).parent.parent
@@ -112,16 +113,9 @@ class Relay:
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM to the supervisor; whatever relay process is left is killed by PID."""
         try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(5)
+            return terminate(self.proc, timeout)
         finally:
             self.kill_leftovers()
-        return self.proc.returncode
 
     def kill_leftovers(self) -> None:
         if self.proc.poll() is None:
