@@ -116,6 +116,7 @@ class Supervisor:
             if code == 0:
                 code = self._watch()
             self._stop()
+            log.info("stopped")
             return code
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
