@@ -51,7 +51,7 @@ def test_put_load_round_trip(spool: Spool) -> None:
     assert spool.read_message(entry.queue_id) == MESSAGE
     # one file: the first record on its own line, then the message
     stored = spool.message_path(entry.queue_id).read_bytes()
-    assert stored == entry.to_json().encode() + b"\n" + MESSAGE
+    assert stored == store_module.RECORD_MARK + entry.to_json().encode() + b"\n" + MESSAGE
     with spool.open_message(entry.queue_id) as file:
         assert file.read() == MESSAGE
     assert spool.ids() == [entry.queue_id]
@@ -426,3 +426,30 @@ def test_a_held_new_entry_is_locked_until_released(spool: Spool) -> None:
     spool.release(entry.queue_id)
     assert _lock_from_another_process(spool, entry.queue_id) == "locked"
     assert not (spool.directory / "lock").exists()  # the message file is the lock
+
+
+def test_an_entry_queued_in_the_earlier_layout_is_read_and_delivered_whole(spool: Spool) -> None:
+    """Before records moved into the entry's file, msg/ID held the message alone
+    and env/ID.json the record; a lock file each. Such a queue survives an upgrade."""
+    entry = make_entry(size=len(MESSAGE))
+    message = b"DKIM-Signature: v=1; a=rsa-sha256;\r\n b=abc\r\n" + MESSAGE
+    spool.message_path(entry.queue_id).write_bytes(message)
+    (spool.directory / "env" / f"{entry.queue_id}.json").write_text(entry.to_json())
+    (spool.directory / "lock").mkdir()
+    (spool.directory / "lock" / f"{entry.queue_id}.lock").touch()
+    crashed = new_queue_id()  # the earlier layout's crash between message and record
+    spool.message_path(crashed).write_bytes(MESSAGE)
+    age(spool.message_path(crashed), 120)
+    age(spool.directory / "lock" / f"{entry.queue_id}.lock", 120)
+
+    assert spool.recover() == 1
+    assert spool.ids() == [entry.queue_id]
+    assert spool.load(entry.queue_id) == entry
+    assert spool.read_message(entry.queue_id) == message
+    assert not (spool.directory / "lock").exists()
+    entry.attempts = 1
+    with spool.lock(entry.queue_id):
+        spool.update(entry)
+    assert spool.load(entry.queue_id) == entry
+    spool.remove(entry.queue_id)
+    assert all_files(spool.directory) == []

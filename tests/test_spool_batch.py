@@ -230,3 +230,18 @@ def test_a_malformed_queue_id_fails_alone_in_remove_many(spool: Spool) -> None:
     assert outcomes[0] is None and outcomes[2] is None
     assert isinstance(outcomes[1], NoSuchEntry)
     assert all_files(spool.directory) == []
+
+
+def test_an_unexpected_error_in_one_entry_fails_that_entry_alone(spool: Spool) -> None:
+    def broken() -> Iterator[bytes]:
+        yield b"From: a@example.com\r\n"
+        raise RuntimeError("a bug in whatever produced the message")
+
+    entries = [make_entry(size=len(message(n))) for n in range(3)]
+    failures = spool.put_many(
+        [(e, broken() if n == 1 else (message(n),)) for n, e in enumerate(entries)]
+    )
+    assert failures[0] is None and failures[2] is None
+    assert isinstance(failures[1], SpoolError) and "a bug" in failures[1].strerror
+    assert spool.ids() == sorted([entries[0].queue_id, entries[2].queue_id])
+    assert all_files(spool.directory) == sorted(f"msg/{entries[n].queue_id}" for n in (0, 2))

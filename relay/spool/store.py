@@ -42,6 +42,10 @@ from relay.spool.entry import QueueEntry
 log = logging.getLogger("relay")
 
 _ID = re.compile(r"[0-9A-Z]{16}")
+# Starts an entry's file, before its first record. No message can start with
+# it (the ingress refuses a first line that is not a header field), so an
+# entry queued with the message alone in msg/ID is still read correctly.
+RECORD_MARK = b"relay-queue-entry 1 "
 _TMP_SUFFIX = ".tmp"
 
 
@@ -135,6 +139,10 @@ class Spool:
                     except SpoolError as exc:
                         failures[i] = exc
                         self._discard(entry.queue_id)
+                    except Exception as exc:  # one entry's bad data fails that entry alone
+                        path = self.message_path(entry.queue_id)
+                        failures[i] = SpoolError(path, f"cannot store it: {exc!r}")
+                        self._discard(entry.queue_id)
 
         def sync(directory: Path) -> None:
             if all(failures):
@@ -148,7 +156,7 @@ class Spool:
                         self._discard(entry.queue_id)
 
         def write_entry(entry: QueueEntry, chunks: Iterable[bytes]) -> None:
-            record = entry.to_json().encode() + b"\n"
+            record = RECORD_MARK + entry.to_json().encode() + b"\n"
             path = self.message_path(entry.queue_id)
             held = self._write_atomic(path, itertools.chain((record,), chunks), hold)
             if held is not None:
@@ -194,9 +202,7 @@ class Spool:
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            path = self.message_path(queue_id)
-            with _translated(path, queue_id), path.open("rb") as entry_file:
-                raw = entry_file.readline()
+            raw = self._first_record(queue_id)
         except OSError as exc:
             raise SpoolError.from_os(exc, path) from exc
         try:
@@ -207,17 +213,30 @@ class Spool:
             raise SpoolError(path, f"record is for queue ID {entry.queue_id}")
         return entry
 
+    def _first_record(self, queue_id: str) -> bytes:
+        path = self.message_path(queue_id)
+        with _translated(path, queue_id), path.open("rb") as entry_file:
+            line = entry_file.readline()
+        if not line.startswith(RECORD_MARK):
+            raise SpoolError(path, "unreadable queue record: no record in the entry's file")
+        return line[len(RECORD_MARK) :]
+
     def read_message(self, queue_id: str) -> bytes:
         with self.open_message(queue_id) as message:
             return message.read()
 
     def open_message(self, queue_id: str) -> BinaryIO:
-        """The message, past the entry's first record; the caller closes it."""
+        """The message, past the entry's first record; the caller closes it.
+
+        A file without the mark is all message: an entry queued before records
+        moved into the entry's file (its record is in env/ID.json).
+        """
         path = self.message_path(queue_id)
         with _translated(path, queue_id):
             message = path.open("rb")
             try:
-                message.readline()
+                if not message.readline().startswith(RECORD_MARK):
+                    message.seek(0)
             except BaseException:
                 message.close()
                 raise
@@ -275,20 +294,37 @@ class Spool:
         another process and are left alone; pass 0 only when no daemon runs.
         """
         cutoff = time.time() - min_age
-        complete = set(self.ids())
+        complete = {q for q in self.ids() if self._has_record(q)}
         for path in self._leftovers(complete):
             with contextlib.suppress(FileNotFoundError):
                 if path.stat().st_mtime < cutoff:
                     log.info("spool recovery removed %s", path)
                     _unlink_quietly(path)
+        with contextlib.suppress(OSError):
+            (self.directory / "lock").rmdir()  # lock files of an earlier layout, emptied above
         return len(complete)
 
+    def _has_record(self, queue_id: str) -> bool:
+        """A message queued before records moved into the entry's file has its
+        record beside it; without one it is what a crash mid-put left then."""
+        if self._env_path(queue_id).exists():
+            return True
+        try:
+            with self.message_path(queue_id).open("rb") as entry_file:
+                return entry_file.read(len(RECORD_MARK)) == RECORD_MARK
+        except OSError:
+            return False
+
     def _leftovers(self, complete: set[str]) -> Iterator[Path]:
-        """Temp files anywhere, and changed records whose entry is gone."""
-        for directory in (self._msg, self._env):
+        """Temp files anywhere, changed records whose entry is gone, messages
+        without a record, and lock files of an earlier layout."""
+        old_locks = self.directory / "lock"
+        directories = [self._msg, self._env, *([old_locks] if old_locks.is_dir() else [])]
+        for directory in directories:
             for name in self._listdir(directory):
                 temp = name.startswith(".") and name.endswith(_TMP_SUFFIX)
-                orphan = directory is self._env and name.removesuffix(".json") not in complete
+                entry = name.removesuffix(".json") if directory is self._env else name
+                orphan = directory is old_locks or (_ID.fullmatch(entry) and entry not in complete)
                 if temp or orphan:
                     yield directory / name
 
