@@ -146,21 +146,29 @@ async def serve(
     chores = [loop.create_task(_audit_upkeep(audit))] if worker is None else []
     stopping = asyncio.Event()
     reloads: set[asyncio.Task[None]] = set()
+    again: list[bool] = []  # a SIGHUP came during a reload: the last one must win
 
     def reload() -> None:
         if reloads:
-            log.info("SIGHUP: a reload is already running")
+            log.info("SIGHUP during a reload: reading the policy again after it")
+            again[:] = [True]
             return
         task = loop.create_task(_reload(policy_path, holder, audit, worker))
         reloads.add(task)
-        task.add_done_callback(reloads.discard)
+        task.add_done_callback(reloaded_once)
+
+    def reloaded_once(task: asyncio.Task[None]) -> None:
+        reloads.discard(task)
+        if again:
+            again.clear()
+            reload()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
     if worker is not None:
         chores.append(loop.create_task(worker.watch_parent(stopping.set)))
-        worker.ready()
+        worker.ready()  # also lets through the signals held back until now
     else:
         log.info("serving in one process")
     try:

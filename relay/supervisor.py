@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hashlib
 import logging
 import os
 import select
@@ -86,6 +87,9 @@ class WorkerLink:
         return reloaded(path, old, quiet=True, data=data)
 
     def ready(self) -> None:
+        """Serving, with its own signal handlers: the signals held back since the
+        fork (a SIGHUP or SIGTERM then would have killed it) come through now."""
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         if self._ready_fd is not None:
             os.write(self._ready_fd, b"r")
             os.close(self._ready_fd)
@@ -119,9 +123,12 @@ class Supervisor:
             log.info("stopped")
             return code
         finally:
+            while signal.sigtimedwait(SIGNALS, 0) is not None:
+                pass  # a signal left pending would end the process by its default action
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
     def _start(self) -> int:
+        self._hand_over_policy()
         pipes = {}
         for index in range(self.policy.workers):
             read_fd, write_fd = os.pipe()
@@ -146,6 +153,18 @@ class Supervisor:
                 os.close(fd)
         log.info("%d workers serving", len(self.workers))
         return 0
+
+    def _hand_over_policy(self) -> None:
+        """The text the workers would load on a SIGHUP sent to them directly: the
+        policy they run, or nothing if the file has changed since it was read."""
+        try:
+            data = self.policy_path.read_bytes()
+            if hashlib.sha256(data).hexdigest() == self.policy.digest:
+                _write_private(self.checked, data)
+            else:
+                self.checked.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot hand the policy to the workers: %s", exc)
 
     def _failed_start(self, index: int) -> int:
         """A worker that cannot start will not start on a retry either: stop, say why."""
@@ -282,8 +301,7 @@ class Supervisor:
 
 def _worker(policy_path: Path, policy: Policy, sockets: Sockets, link: WorkerLink) -> int:
     for signum in SIGNALS:
-        signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        signal.signal(signum, signal.SIG_DFL)  # still blocked: see WorkerLink.ready
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != link.supervisor:
         return 0

@@ -426,3 +426,46 @@ def test_check_refuses_a_bad_worker_count(
 def test_check_accepts_auto_and_a_count(policy_file: Path, port: int, value: str) -> None:
     done = relay_cli("check", "-c", str(configure(policy_file, port, value)))
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_last_of_two_quick_sighups_wins_in_every_worker(relay: Relay) -> None:
+    good = relay.policy.read_text()
+    relay.policy.write_text(good.replace("name: Acme AS", "name: Acme A AS"))
+    relay.proc.send_signal(signal.SIGHUP)
+    relay.wait_for(lambda: len(RELOADED.findall(relay.log())) == 1, "the first reload")
+    relay.policy.write_text(good.replace("name: Acme AS", "name: Acme B AS"))
+    relay.proc.send_signal(signal.SIGHUP)
+    relay.wait_for(lambda: len(RELOADED.findall(relay.log())) == 2, "the second reload")
+    last = RELOADED.findall(relay.log())[-1][1]
+
+    def every_worker_on_the_last() -> bool:
+        latest = {index: digest for _, index, digest in WORKER_POLICY.findall(relay.log())}
+        return set(latest) == {"0", "1"} and set(latest.values()) == {last}
+
+    relay.wait_for(every_worker_on_the_last, "both workers on the last policy")
+
+
+def test_a_sighup_while_a_worker_restarts_does_not_kill_it(relay: Relay) -> None:
+    before = len(relay.started())
+    victim = [pid for index, pid in relay.started() if index == 0][-1]
+    os.kill(victim, signal.SIGKILL)
+    relay.wait_for(lambda: len(relay.started()) == before + 1, "the new worker 0")
+    relay.proc.send_signal(signal.SIGHUP)  # a reload at that very moment
+    newcomer = relay.started()[-1][1]
+    relay.wait_for(lambda: f"relay[{newcomer}] INFO worker 0: policy" in relay.log(), "its reload")
+    assert "killed by SIGHUP" not in relay.log()
+
+
+def test_a_sighup_while_stopping_still_ends_cleanly(relay: Relay) -> None:
+    waiting = []
+    for _ in range(4):  # transactions under way: the workers wait for them
+        client = smtplib.SMTP("127.0.0.1", relay.port, timeout=20)
+        client.ehlo()
+        client.mail("jan@acme.example")
+        waiting.append(client)
+    relay.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    relay.proc.send_signal(signal.SIGHUP)
+    for client in waiting:
+        client.close()
+    assert relay.proc.wait(40) == 0
