@@ -74,8 +74,10 @@ async def test_past_the_limit_is_drained_and_the_next_command_kept() -> None:
     section, rest, _ = await read_in_pieces(wire, 100, limit=len(body) * 50)
     assert section == data.Data(b"", data.Overflow.TOO_MUCH)
     assert rest == b"RSET\r\n"
-    section, _, _ = await read_in_pieces(wire, 100, limit=len(body) * 100 + 3)
+    section, _, _ = await read_in_pieces(wire, 100, limit=len(body) * 100)
     assert section.overflow is data.Overflow.NONE and section.content == body * 100
+    section, _, _ = await read_in_pieces(wire, 100, limit=len(body) * 100 - 1)
+    assert section.overflow is data.Overflow.TOO_MUCH
 
 
 lines = st.lists(

@@ -4,29 +4,31 @@ from __future__ import annotations
 
 import aiosmtplib
 import pytest
+from aiosmtpd.controller import Controller
 
 from relay.upstream import transaction
-from tests.sink import Sink, SinkServer
+from tests.sink import Sink, SinkServer, free_port
 
 MESSAGE = b"From: a@example.org\r\nSubject: dots\r\n\r\n.first\r\nmiddle\r\n..two\r\n.\r\nend\r\n"
 
 
 def test_a_clean_message_is_sent_without_a_copy() -> None:
     clean = b"Subject: x\r\n\r\nbody\r\n"
-    assert transaction.wire(clean) is clean
+    assert transaction.wire(clean) == (clean, len(clean))
+    assert transaction.wire(clean)[0] is clean
 
 
 @pytest.mark.parametrize(
-    ("stored", "sent"),
+    ("stored", "sent", "size"),
     [
-        (b".a\r\nb\r\n.\r\n", b"..a\r\nb\r\n..\r\n"),
-        (b"a\nb\rc\r\n", b"a\r\nb\r\nc\r\n"),
-        (b"no final line ending", b"no final line ending\r\n"),
-        (b"", b""),
+        (b".a\r\nb\r\n.\r\n", b"..a\r\nb\r\n..\r\n", 10),
+        (b"a\nb\rc\r\n", b"a\r\nb\r\nc\r\n", 9),
+        (b"no final line ending", b"no final line ending\r\n", 22),
+        (b"", b"", 0),
     ],
 )
-def test_wire_stuffs_dots_and_ends_lines_with_crlf(stored: bytes, sent: bytes) -> None:
-    assert transaction.wire(stored) == sent
+def test_wire_stuffs_dots_and_ends_lines_with_crlf(stored: bytes, sent: bytes, size: int) -> None:
+    assert transaction.wire(stored) == (sent, size)  # size: RFC 1870, before stuffing
 
 
 async def _send(
@@ -84,3 +86,20 @@ async def test_an_address_it_cannot_send_is_refused_before_anything_is_sent() ->
     with SinkServer() as sink, pytest.raises(ValueError):
         await _send(sink, ["one@example.org", "not an address@example.org"])
     assert sink.sink.messages == []
+
+
+async def test_the_size_is_declared_so_a_too_big_message_is_refused_at_mail() -> None:
+    """An upstream that offers SIZE refuses before the message is sent at all."""
+    controller = Controller(Sink(), hostname="127.0.0.1", port=free_port(), data_size_limit=60)
+    controller.start()
+    try:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=controller.port, start_tls=False)
+        await client.connect()
+        try:
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                await transaction.send(client, "b@example.net", ["one@example.org"], MESSAGE, 10)
+        finally:
+            client.close()
+    finally:
+        controller.stop()
+    assert refused.value.code == 552

@@ -227,6 +227,9 @@ class AuditLog:
             _fsync_directory(self.directory)  # the new file's name must survive a crash too
         except FileExistsError:
             self._fd = os.open(path, flags)
+            line, _ = reader.last_line(path)  # created by another writer since our last look?
+            if line is not None:
+                self._seq, self._prev = _head(line, path.name)
         self._fd_day = self._day = day
         self._size = os.fstat(self._fd).st_size
         self._stamp = os.stat(self.directory).st_mtime_ns

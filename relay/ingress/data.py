@@ -53,13 +53,15 @@ async def _read(reader: asyncio.StreamReader, limit: int | None) -> Data:
         except asyncio.LimitOverrunError as exc:
             piece = await reader.readexactly(exc.consumed)
         size += len(piece)
-        if overflow is Overflow.NONE and limit and size > limit:
+        tail = (tail + piece[-len(_END) :])[-len(_END) :]
+        ended = tail == _END
+        content = size - len(_DOT_LINE) if ended else size  # the final dot is not mail
+        if overflow is Overflow.NONE and limit and content > limit:
             overflow = Overflow.TOO_MUCH
             received = bytearray()
         if overflow is Overflow.NONE:
             received += piece
-        tail = (tail + piece[-len(_END) :])[-len(_END) :]
-        if tail == _END:
+        if ended:
             break
     if overflow is not Overflow.NONE:
         return Data(b"", overflow)

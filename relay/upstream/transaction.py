@@ -24,17 +24,19 @@ from aiosmtplib.email import parse_address
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 
 
-def wire(data: bytes) -> bytes:
+def wire(data: bytes) -> tuple[bytes, int]:
     """The DATA section without its final dot: CRLF line endings, ending in CRLF,
-    dot-stuffed (RFC 5321 4.5.2). ``data`` itself when it is already that."""
+    dot-stuffed (RFC 5321 4.5.2), ``data`` itself when it is already that; and
+    the size to declare (RFC 1870: before stuffing, without the final dot)."""
     pairs = data.count(b"\r\n")
     if data.count(b"\r") != pairs or data.count(b"\n") != pairs:
         data = _LINE_ENDINGS.sub(b"\r\n", data)
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
+    size = len(data)
     if data.startswith(b".") or b"\r\n." in data:
         data = (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..")
-    return data
+    return data, size
 
 
 async def send(
@@ -44,8 +46,10 @@ async def send(
     raising what ``aiosmtplib.SMTP.sendmail`` raises for the same replies."""
     for address in (mail_from, *rcpt_tos):
         parse_address(address)  # refuse before anything is sent
-    section = wire(data)
-    options = [f"SIZE={len(section) + 3}"] if client.supports_extension("size") else []
+    section, size = wire(data)
+    if client.is_ehlo_or_helo_needed:
+        await client.ehlo(timeout=timeout)  # SIZE is declared only to who offers it
+    options = [f"SIZE={size}"] if client.supports_extension("size") else []
     try:
         await client.mail(mail_from, options=options, timeout=timeout)
         refused: dict[str, aiosmtplib.SMTPResponse] = {}
