@@ -109,7 +109,7 @@ class Supervisor:
         self.policy = policy
         self.sockets = sockets
         self.workers: dict[int, _Worker] = {}  # by pid
-        # the text of the last policy checked on SIGHUP, for the workers to load
+        # the policy text the workers load on SIGHUP: the one the supervisor checked
         self.checked = policy.queue.directory.parent / "policy.checked.yaml"
         self.restarts: dict[int, tuple[float, int]] = {}  # index -> (when, quick deaths)
 
@@ -190,14 +190,12 @@ class Supervisor:
                 return 0
             if info is not None and info.si_signo == signal.SIGHUP:
                 self._reload()
-            code = self._reap_and_restart()
-            if code:
-                return code
+            self._reap_and_restart()
             if time.monotonic() >= next_upkeep:
                 next_upkeep += AUDIT_UPKEEP
                 self._upkeep()
 
-    def _reap_and_restart(self) -> int:
+    def _reap_and_restart(self) -> None:
         for pid, status in self._reaped():
             worker = self.workers.pop(pid, None)
             if worker is None:
@@ -216,7 +214,6 @@ class Supervisor:
             if when <= time.monotonic():
                 del self.restarts[index]
                 self._spawn(index, None, quick)
-        return 0
 
     def _spawn(self, index: int, ready_fd: int | None, quick_deaths: int = 0) -> None:
         supervisor = os.getpid()
