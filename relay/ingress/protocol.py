@@ -8,10 +8,11 @@
   with ``552 5.3.4`` is easier to act on than ``552 Error: Too much mail data``);
 - knowing whether a transaction is under way, for a graceful shutdown.
 
-- DATA read in large pieces rather than line by line (``data``).
+- DATA read in large pieces rather than line by line (``data``), and the
+  usual ``<local@domain>`` path parsed without the header parser (``address``).
 
 It leans on aiosmtpd 1.4's internals (``_handle_client``, ``_reset_timeout``,
-``_timeout_handle``, ``_reader``, ``_set_post_data_state``,
+``_timeout_handle``, ``_reader``, ``_set_post_data_state``, ``_getaddr``,
 ``_call_handler_hook``); the tests exercise each of them over real sockets.
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from relay.ingress import content, data
+from relay.ingress.address import plain_path
 
 log = logging.getLogger("relay")
 
@@ -96,6 +98,15 @@ class RelaySMTP(SMTP):
             self.transport.close()
             return
         await super()._handle_client()
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        plain = plain_path(arg)
+        if plain is None:
+            return super()._getaddr(arg)
+        localpart = plain[0].rpartition("@")[0]
+        if self.local_part_limit and len(localpart) > self.local_part_limit:
+            return None, None
+        return plain
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:

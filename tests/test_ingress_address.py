@@ -1,0 +1,95 @@
+"""The fast path for MAIL/RCPT paths gives exactly what aiosmtpd's parser gives."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiosmtpd.smtp import SMTP
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from relay.ingress.address import plain_path
+from relay.ingress.protocol import RelaySMTP
+
+PIECES = st.sampled_from(
+    [*"abcXYZ019.@<> \t\r\n\x0b\"()\\,;:[]!#$%&'*+/=?^_`{|}~-é", "SIZE=100", "BODY=8BITMIME"]
+)
+
+PART = st.one_of(
+    st.from_regex(r"[a-z0-9+_'-]{1,6}(\.[a-z0-9-]{1,4}){0,2}", fullmatch=True),
+    st.text(alphabet="abz09.-+_'\" \\()[]é", min_size=0, max_size=12),
+)
+SUFFIX = st.sampled_from(["", " ", " SIZE=100", "SIZE=1", " (c) SIZE=1", "\tBODY=7BIT", "(c)", ">"])
+PATHS = st.builds(
+    lambda a, b, c, d: f"{a}<{b}@{c}>{d}", st.sampled_from(["", " "]), PART, PART, SUFFIX
+)
+
+
+def _protocols(limit: int) -> tuple[SMTP, RelaySMTP]:
+    async def make() -> tuple[SMTP, RelaySMTP]:
+        ours = RelaySMTP(object(), listener_name="t", allow=(), connections=set())
+        theirs = SMTP(object())
+        ours.local_part_limit = theirs.local_part_limit = limit
+        return theirs, ours
+
+    return asyncio.run(make())
+
+
+THEIRS, OURS = _protocols(0)
+THEIRS_LIMITED, OURS_LIMITED = _protocols(8)
+
+
+@given(st.one_of(st.lists(PIECES, max_size=30).map("".join), PATHS))
+@settings(max_examples=3000, deadline=None)
+@example("<a@b.example>")
+@example("<a.b@c.example> SIZE=100")
+@example("<a..b@c.example>")
+@example("<.a@c.example>")
+@example("<a@c.example.>")
+@example("< a@c.example>")
+@example("<a@c.example >")
+@example("<a@[127.0.0.1]>")
+@example('<"a b"@c.example>')
+@example("<>")
+@example("<postmaster>")
+@example("<é@c.example>")
+@example("<a@b>>")
+@example("<a@b>(x)")
+@example("<a@b> (x) SIZE=1")
+@example("<a@b> \t SIZE=1")
+@example("<a@b>SIZE=1")
+@example("<@relay.example:a@b.example>")
+def test_same_result_as_aiosmtpd(arg: str) -> None:
+    assert _outcome(OURS, arg) == _outcome(THEIRS, arg)
+    assert _outcome(OURS_LIMITED, arg) == _outcome(THEIRS_LIMITED, arg)
+
+
+def _outcome(protocol: SMTP, arg: str) -> object:
+    """The parse, or the exception aiosmtpd's parser raises on some input (e.g. ``<``)."""
+    try:
+        return protocol._getaddr(arg)
+    except Exception as exc:  # comparing failures too
+        return type(exc)
+
+
+@pytest.mark.parametrize(
+    ("arg", "expected"),
+    [
+        ("<jan@acme.example>", ("jan@acme.example", "")),
+        ("<j.o'k+x@a-b.example> SIZE=9", ("j.o'k+x@a-b.example", "SIZE=9")),
+        ("<jan@acme.example> (comment) SIZE=9", None),
+        ("<a..b@acme.example>", None),
+        ('<"a b"@acme.example>', None),
+        ("<>", None),
+        ("jan@acme.example", None),
+        ("<jan@acme.example", None),
+    ],
+)
+def test_plain_path(arg: str, expected: tuple[str, str] | None) -> None:
+    assert plain_path(arg) == expected
+
+
+def test_local_part_limit_applies_on_the_fast_path() -> None:
+    assert OURS_LIMITED._getaddr("<toolongname@acme.example>") == (None, None)
+    assert OURS_LIMITED._getaddr("<short@acme.example>") == ("short@acme.example", "")
