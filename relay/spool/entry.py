@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 VERSION = 1
@@ -84,7 +84,13 @@ class QueueEntry:
         return not self.pending()
 
     def to_json(self) -> str:
-        record = {"version": VERSION, **asdict(self)}
+        """``asdict`` without its deep copy: written for every message, and the
+        members are all plain values but the recipients."""
+        record = {
+            "version": VERSION,
+            **vars(self),
+            "recipients": [dict(vars(r)) for r in self.recipients],
+        }
         return json.dumps(record, ensure_ascii=False)
 
     @classmethod

@@ -25,6 +25,7 @@ wait, since a retried entry is due anyway (``next_attempt = 0``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import logging
@@ -47,6 +48,7 @@ _ID = re.compile(r"[0-9A-Z]{16}")
 # entry queued with the message alone in msg/ID is still read correctly.
 RECORD_MARK = b"relay-queue-entry 1 "
 _TMP_SUFFIX = ".tmp"
+_IOV_MAX = 1024
 
 
 class SpoolError(RelayError):
@@ -189,6 +191,11 @@ class Spool:
         """Undo a ``put`` that did not complete."""
         _unlink_quietly(self.message_path(queue_id))
         self.release(queue_id)
+
+    def detach(self, queue_id: str) -> int | None:
+        """Take over the lock ``put_many(hold=True)`` kept: the open descriptor
+        holding the entry's flock, now the caller's to close."""
+        return self._held.pop(queue_id, None)
 
     def release(self, queue_id: str) -> None:
         """Let go of an entry ``put_many(hold=True)`` kept locked."""
@@ -386,22 +393,22 @@ class Spool:
     ) -> int | None:
         """With ``hold``, the file comes back locked: an open descriptor holding its flock."""
         tmp: str | None = None
+        fd: int | None = None
         held: int | None = None
         try:
-            fd, tmp = tempfile.mkstemp(
-                dir=target.parent, prefix=f".{target.name}.", suffix=_TMP_SUFFIX
-            )
-            with open(fd, "wb") as file:
-                if hold:
-                    held = os.dup(fd)
-                    fcntl.flock(held, fcntl.LOCK_EX)
-                self._adopt(fd)
-                for chunk in chunks:
-                    file.write(chunk)
-                file.flush()
-                _fsync_file(fd)
+            fd, tmp = _create_temporary(target)
+            if hold:
+                held = os.dup(fd)
+                fcntl.flock(held, fcntl.LOCK_EX)
+            self._adopt(fd)
+            _write_all(fd, chunks)
+            _fsync_file(fd)
+            os.close(fd)
+            fd = None
             os.replace(tmp, target)
         except BaseException as exc:
+            if fd is not None:
+                os.close(fd)
             if held is not None:
                 os.close(held)
             if tmp is not None:
@@ -433,6 +440,33 @@ def _message_start(raw: BinaryIO) -> int:
             return position + newline + 1
         position += len(chunk)
     return position
+
+
+def _create_temporary(target: Path) -> tuple[int, str]:
+    """The file a write goes to before its rename: named after its target, which
+    is unique while its writer holds it (a new ID, or an entry's lock); a name
+    left by a crash gets a random neighbour instead."""
+    tmp = f"{target.parent}/.{target.name}{_TMP_SUFFIX}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        return os.open(tmp, flags, 0o600), tmp
+    except FileExistsError:
+        return tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=_TMP_SUFFIX)
+
+
+def _write_all(fd: int, chunks: Iterable[bytes]) -> None:
+    """All the chunks, in as few system calls as the kernel allows, without joining them."""
+    pending = [memoryview(chunk) for chunk in chunks if chunk]
+    while pending:
+        written = os.writev(fd, pending[:_IOV_MAX])
+        if not written:
+            raise OSError(errno.EIO, "the file system took none of the data")
+        while written:
+            if written >= len(pending[0]):
+                written -= len(pending.pop(0))
+            else:
+                pending[0] = pending[0][written:]
+                written = 0
 
 
 def _checked(queue_id: str) -> str:
