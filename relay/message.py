@@ -55,6 +55,8 @@ class MessageView:
 def decode(value: str) -> str:
     """Decode RFC 2047 words; a malformed word is kept as it was written."""
     unfolded = _FOLD.sub("", value)
+    if "=?" not in unfolded:
+        return unfolded  # no encoded word: what the decoder would give back, at no cost
     try:
         return str(make_header(decode_header(unfolded)))
     except (ValueError, LookupError, UnicodeError):

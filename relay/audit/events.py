@@ -9,6 +9,7 @@ when the caller passes it (a privacy choice that belongs to the policy).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -107,6 +108,7 @@ SCHEMA: Mapping[str, tuple[tuple[str, Check], ...]] = {
 OPTIONAL = {("received", "subject")}
 
 
+@functools.cache
 def fields(event: str, *, with_optional: bool = True) -> tuple[str, ...]:
     """The full key order of a stored record of this event."""
     own = tuple(name for name, _ in SCHEMA[event] if with_optional or (event, name) not in OPTIONAL)

@@ -1,0 +1,46 @@
+"""The read-only view of a message: decoded header values as the email package gives them."""
+
+from __future__ import annotations
+
+import re
+from email.header import decode_header, make_header
+
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from relay import message
+
+
+def _decoded_by_the_email_package(value: str) -> str:
+    unfolded = re.sub(r"\r?\n(?=[ \t])", "", value)
+    try:
+        return str(make_header(decode_header(unfolded)))
+    except (ValueError, LookupError, UnicodeError):
+        return unfolded
+
+
+PIECES = st.sampled_from([*'ab =?Qq_B\t\r\n"é\udce9', "=?utf-8?q?", "?=", "=C3=A6"])
+
+
+@given(st.lists(PIECES, max_size=25).map("".join))
+@settings(max_examples=3000, deadline=None)
+@example("Invoice 7")
+@example("=?utf-8?q?Faktura_n=C3=A6r?=")
+@example("a\r\n b")
+@example("=?bogus")
+@example("caf\udce9")
+def test_decode_agrees_with_the_email_package(value: str) -> None:
+    assert message.decode(value) == _decoded_by_the_email_package(value)
+
+
+def test_view_reads_encoded_and_plain_values() -> None:
+    view = message.read(
+        b"Subject: =?utf-8?q?Faktura_n=C3=A6r?= 7\r\n"
+        b"From: Jan <jan@acme.example>\r\n"
+        b"X-Folded: one\r\n two\r\n"
+        b"\r\nbody =?utf-8?q?x?=\r\n"
+    )
+    assert view.subject == "Faktura nær 7"
+    assert view.get("from") == "Jan <jan@acme.example>"
+    assert view.get("X-Folded") == "one two"
+    assert view.addresses("From") == (("Jan", "jan@acme.example"),)
