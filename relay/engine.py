@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,6 +30,8 @@ log = logging.getLogger("relay")
 
 POLL = 1.0  # longest sleep between looks at the schedule and for kicks
 RESCAN = 60.0  # the spool directory is read again this often, as a safety net
+WARM_MESSAGE = 1 << 20  # larger messages are read back from the spool when their turn comes
+WARM_TOTAL = 16 << 20  # what handed-over messages may hold in memory, all together
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,20 @@ class Attempt:
 
 
 Sender = Callable[[Upstream, str, Sequence[str], bytes], Awaitable[Attempt]]
+
+
+@dataclass(frozen=True)
+class Warm:
+    """A just-accepted entry as the receiving side holds it: its lock (the open,
+    flocked entry file), its record and its bytes. Handed straight to the
+    engine, its first attempt needs no open, lock, parse or read of the spool."""
+
+    lock: int
+    entry: QueueEntry
+    data: bytes
+
+    def close(self) -> None:
+        os.close(self.lock)
 
 
 def backoff(settings: QueueSettings, attempts: int, rng: Callable[[], float]) -> float:
@@ -81,12 +98,32 @@ class Engine:
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._stopping = False
         self._schedule: dict[str, float] = {}  # queue ID -> next attempt
+        self._planned_in_scan: dict[str, float] | None = None
         self._remove = GroupCommit(spool.remove_many)
+        self._warm: dict[str, Warm] = {}
+        self._warm_bytes = 0
 
-    def submit(self, queue_id: str, when: float | None = None) -> None:
-        """A new entry in the spool: deliver it at ``when`` (now by default)."""
-        self._schedule[queue_id] = self.clock() if when is None else when
+    def submit(self, queue_id: str, when: float | None = None, warm: Warm | None = None) -> None:
+        """A new entry in the spool: deliver it at ``when`` (now by default).
+
+        ``warm`` hands over the entry as accepted, lock included; the engine
+        keeps it for the first attempt while the memory bound allows, and
+        otherwise lets go of the lock and reads the entry back when it is due.
+        """
+        if warm is not None:
+            size = len(warm.data)
+            if self._stopping or size > WARM_MESSAGE or self._warm_bytes + size > WARM_TOTAL:
+                warm.close()
+            else:
+                self._warm[queue_id] = warm
+                self._warm_bytes += size
+        self._plan(queue_id, self.clock() if when is None else when)
         self._wake.set()
+
+    def _plan(self, queue_id: str, when: float) -> None:
+        self._schedule[queue_id] = when
+        if self._planned_in_scan is not None:
+            self._planned_in_scan[queue_id] = when
 
     async def run(self) -> None:
         """Deliver until ``stop``.
@@ -110,9 +147,16 @@ class Engine:
                 last_scan = self.clock()
 
     async def _rescan(self) -> None:
-        found = await asyncio.to_thread(
-            lambda: {e.queue_id: e.next_attempt for e in self.spool.entries() if not e.held}
-        )
+        """What is planned while the directory is read is newer than what the
+        read finds: a message accepted meanwhile must not wait for the next scan."""
+        self._planned_in_scan = {}
+        try:
+            found = await asyncio.to_thread(
+                lambda: {e.queue_id: e.next_attempt for e in self.spool.entries() if not e.held}
+            )
+            found.update(self._planned_in_scan)
+        finally:
+            self._planned_in_scan = None
         self._schedule = found
 
     def _sleep(self) -> float:
@@ -123,6 +167,10 @@ class Engine:
         """Start nothing new; let deliveries in progress finish within ``timeout``."""
         self._stopping = True
         self._wake.set()
+        for warm in self._warm.values():
+            warm.close()  # not started: the next start reads the spool
+        self._warm.clear()
+        self._warm_bytes = 0
         if self._busy:
             await asyncio.wait(list(self._busy.values()), timeout=timeout)
 
@@ -151,19 +199,30 @@ class Engine:
     async def _deliver(self, queue_id: str, immediate: bool) -> Outcome:
         outcome = await self._locked_attempt(queue_id, immediate)
         if outcome.status == "busy":
-            self._schedule[queue_id] = self.clock() + POLL
+            self._plan(queue_id, self.clock() + POLL)
         elif outcome.status not in ("deferred", "later"):
             self._schedule.pop(queue_id, None)
         return outcome
 
+    def _take_warm(self, queue_id: str) -> Warm | None:
+        warm = self._warm.pop(queue_id, None)
+        if warm is not None:
+            self._warm_bytes -= len(warm.data)
+        return warm
+
     async def _locked_attempt(self, queue_id: str, immediate: bool) -> Outcome:
+        warm = self._take_warm(queue_id)
         try:
+            if warm is not None:
+                with contextlib.closing(warm):
+                    async with self._limit(warm.entry.upstream):
+                        return await self._attempt(warm.entry, immediate, warm.data)
             with self.spool.lock(queue_id, blocking=False):
                 entry = self.spool.load(queue_id)
                 if entry.held:
                     return Outcome("held")
                 if entry.next_attempt > self.clock() + POLL and not immediate:
-                    self._schedule[queue_id] = entry.next_attempt
+                    self._plan(queue_id, entry.next_attempt)
                     return Outcome("later")
                 async with self._limit(entry.upstream):
                     return await self._attempt(entry, immediate)
@@ -175,7 +234,9 @@ class Engine:
             log.error("%s spool error: %s", queue_id, exc)
             return Outcome("busy")
 
-    async def _attempt(self, entry: QueueEntry, immediate: bool = False) -> Outcome:
+    async def _attempt(
+        self, entry: QueueEntry, immediate: bool = False, data: bytes | None = None
+    ) -> Outcome:
         policy = self.policy()
         now = self.clock()
         if now - entry.arrival > policy.queue.lifetime:
@@ -190,7 +251,8 @@ class Engine:
         if upstream is None:
             replies = dict.fromkeys(pending, (451, f"451 4.3.5 no upstream {entry.upstream!r}"))
         else:
-            data = self.spool.read_message(entry.queue_id)
+            if data is None:
+                data = self.spool.read_message(entry.queue_id)
             replies = (await self.send(upstream, entry.mail_from, pending, data)).replies
         entry.attempts += 1
         for rcpt in entry.pending():
@@ -215,7 +277,7 @@ class Engine:
             self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
         await self._flush(entry)
         await asyncio.to_thread(self.spool.update, entry)
-        self._schedule[entry.queue_id] = entry.next_attempt
+        self._plan(entry.queue_id, entry.next_attempt)
         return Outcome("deferred")
 
     async def _refuse(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ from relay import headers, message, rewrite
 from relay.audit import AuditError, events
 from relay.classify import classify
 from relay.decide import Decision, decide
-from relay.engine import Engine
+from relay.engine import WARM_MESSAGE, Engine, Warm
 from relay.errors import HeaderInjection, Rejected, SigningError, SmtpReply
 from relay.groupcommit import GroupCommit
 from relay.identify import identify
@@ -124,6 +125,7 @@ class Acceptor:
         self.engine.accepting.add(entry.queue_id)
         try:
             await self._keep(policy, submission, prepared, entry)
+            lock = self.spool.detach(entry.queue_id)
         finally:
             self.spool.release(entry.queue_id)
             self.engine.accepting.discard(entry.queue_id)
@@ -144,7 +146,7 @@ class Acceptor:
             ",".join(f"{k.domain}/{k.selector}" for k in prepared.decision.signing) or "none",
             entry.upstream,
         )
-        self.engine.submit(entry.queue_id)
+        self.engine.submit(entry.queue_id, warm=_warm(lock, entry, prepared))
         listener = next((x for x in policy.listeners if x.name == submission.listener), None)
         if listener is not None and listener.immediate > 0:
             return await self._immediate(entry, listener.immediate)
@@ -211,6 +213,17 @@ class Acceptor:
             await self.recorder.flush(None)
         except AuditError as exc:
             log.error("cannot write the audit log: %s", exc)
+
+
+def _warm(lock: int | None, entry: QueueEntry, prepared: Prepared) -> Warm | None:
+    """The entry as the engine would read it back, for the engine to keep if it can:
+    only small messages are joined into one buffer here."""
+    if lock is None:
+        return None
+    if prepared.size > WARM_MESSAGE:
+        os.close(lock)
+        return None
+    return Warm(lock, entry, prepared.message)
 
 
 def _entry(prepared: Prepared, submission: Submission) -> QueueEntry:

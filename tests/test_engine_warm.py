@@ -1,0 +1,178 @@
+"""A just-accepted entry handed straight to the engine (``Warm``): delivered from
+memory under the lock the receiving side took, within a memory bound, and let
+go of cleanly when the engine stops first."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from relay import engine as engine_module
+from relay.deliver import attempt
+from relay.engine import Engine, Warm
+from relay.policy.model import DirectoryUpstream, Policy
+from relay.record import Recorder
+from relay.spool import QueueEntry, Spool
+from tests import minimal_policy
+from tests.spoolkit import make_entry, run_script
+
+TRY_LOCK = """
+import sys
+from pathlib import Path
+from relay.spool import NoSuchEntry, Spool, SpoolBusy
+try:
+    with Spool(Path(sys.argv[1])).lock(sys.argv[2], blocking=False):
+        print("locked")
+except SpoolBusy:
+    print("busy")
+except NoSuchEntry:
+    print("gone")
+"""
+
+
+def message(n: int, size: int = 0) -> bytes:
+    return b"Subject: Invoice %d\r\n\r\n" % n + b"x" * size + b"\r\n"
+
+
+def lock_elsewhere(spool: Spool, queue_id: str) -> str:
+    """What another worker process gets when it tries the entry's lock."""
+    return run_script(TRY_LOCK, str(spool.directory), queue_id).strip()
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Path:
+    return tmp_path / "outbox"
+
+
+@pytest.fixture
+def policy(outbox: Path) -> Policy:
+    upstream = DirectoryUpstream("default", outbox)
+    return dataclasses.replace(
+        minimal_policy.policy(), upstreams=MappingProxyType({"default": upstream})
+    )
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool")
+
+
+@pytest.fixture
+def engine(spool: Spool, policy: Policy) -> Engine:
+    """Not running yet: what is submitted waits until ``running``."""
+    return Engine(spool, lambda: policy, attempt, Recorder(None))
+
+
+@contextlib.asynccontextmanager
+async def running(engine: Engine) -> AsyncIterator[Engine]:
+    task = asyncio.create_task(engine.run())
+    try:
+        yield engine
+    finally:
+        await engine.stop(5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def accept(spool: Spool, entry: QueueEntry, data: bytes) -> Warm:
+    """What the receiving side hands over: the entry stored and still locked."""
+    assert spool.put_many([(entry, (data,))], hold=True) == [None]
+    lock = spool.detach(entry.queue_id)
+    assert lock is not None
+    return Warm(lock, entry, data)
+
+
+async def delivered(outbox: Path, count: int) -> list[bytes]:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        found = sorted(outbox.glob("*.eml")) if outbox.exists() else []
+        if len(found) >= count:
+            return [path.read_bytes() for path in found]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"fewer than {count} messages delivered in time")
+
+
+async def gone(spool: Spool) -> None:
+    deadline = time.monotonic() + 20
+    while spool.ids():
+        assert time.monotonic() < deadline, f"still queued: {spool.ids()}"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_handed_over_entry_stays_locked_until_its_attempt(
+    engine: Engine, spool: Spool, outbox: Path
+) -> None:
+    entry = make_entry(size=len(message(1)))
+    engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)))
+    assert lock_elsewhere(spool, entry.queue_id) == "busy"
+    async with running(engine):
+        assert await delivered(outbox, 1) == [message(1)]
+        await gone(spool)
+    assert lock_elsewhere(spool, entry.queue_id) == "gone"
+
+
+async def test_beyond_the_memory_bound_entries_are_let_go_and_read_back(
+    engine: Engine, spool: Spool, outbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "WARM_TOTAL", 3000)
+    entries = [make_entry(size=len(message(n, 1000))) for n in range(3)]
+    for n, entry in enumerate(entries):
+        engine.submit(entry.queue_id, warm=accept(spool, entry, message(n, 1000)))
+    states = [lock_elsewhere(spool, entry.queue_id) for entry in entries]
+    assert states == ["busy", "busy", "locked"]  # the third would pass the bound
+    async with running(engine):
+        assert sorted(await delivered(outbox, 3)) == sorted(message(n, 1000) for n in range(3))
+        await gone(spool)
+
+
+async def test_a_large_message_is_never_kept_in_memory(
+    engine: Engine, spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "WARM_MESSAGE", 500)
+    entry = make_entry(size=len(message(1, 1000)))
+    engine.submit(entry.queue_id, warm=accept(spool, entry, message(1, 1000)))
+    assert lock_elsewhere(spool, entry.queue_id) == "locked"
+
+
+async def test_stopping_lets_go_of_entries_not_started(
+    engine: Engine, spool: Spool, policy: Policy, outbox: Path
+) -> None:
+    entry = make_entry(size=len(message(1)))
+    engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)))
+    await engine.stop(5)
+    assert lock_elsewhere(spool, entry.queue_id) == "locked"
+    async with running(Engine(spool, lambda: policy, attempt, Recorder(None))):
+        assert await delivered(outbox, 1) == [message(1)]
+        await gone(spool)
+
+
+async def test_a_message_accepted_while_the_engine_reads_the_spool_is_not_forgotten(
+    spool: Spool, policy: Policy, outbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan's result used to replace the schedule, dropping what was submitted
+    during it until the next scan a minute later (holding its lock all the while)."""
+    scanning, go_on = threading.Event(), threading.Event()
+    read = spool.entries
+
+    def slow_entries() -> Iterator[QueueEntry]:
+        found = list(read())  # the directory as it was before the new message
+        scanning.set()
+        go_on.wait(10)
+        yield from found
+
+    monkeypatch.setattr(spool, "entries", slow_entries)
+    async with running(Engine(spool, lambda: policy, attempt, Recorder(None))) as engine:
+        assert await asyncio.to_thread(scanning.wait, 10)
+        entry = make_entry(size=len(message(1)))
+        engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)))
+        go_on.set()
+        assert await delivered(outbox, 1) == [message(1)]
+        await gone(spool)
