@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import aiosmtplib
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtplib.email import quote_address
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from relay.upstream import transaction
 from tests.sink import Sink, SinkServer, free_port
@@ -103,3 +108,29 @@ async def test_the_size_is_declared_so_a_too_big_message_is_refused_at_mail() ->
     finally:
         controller.stop()
     assert refused.value.code == 552
+
+
+ADDRESS_PIECES = st.sampled_from([*'ab9.@<> "()\\,;:é\r\n\x00', "x@y.example", "Jan <", ">"])
+
+
+@given(st.lists(ADDRESS_PIECES, max_size=12).map("".join))
+@settings(max_examples=2000, deadline=None)
+@example("jan@acme.example")
+@example("j.o'k+x@a-b.example")
+@example("a..b@acme.example")
+@example('"a b"@acme.example')
+@example("Jan <jan@acme.example>")
+@example("jan@acme.example\r\nRCPT TO:<x@example.org>")
+@example("jé@acme.example")
+def test_paths_are_what_aiosmtplib_would_send(address: str) -> None:
+    """The envelope bytes, or the refusal, are aiosmtplib's own for every address."""
+    assert _outcome(transaction.path, address) == _outcome(
+        lambda a: quote_address(a).encode("ascii"), address
+    )
+
+
+def _outcome(quote: Callable[[str], bytes], address: str) -> object:
+    try:
+        return quote(address)
+    except ValueError as exc:  # UnicodeEncodeError included
+        return type(exc)

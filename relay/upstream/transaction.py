@@ -8,8 +8,10 @@ spool only ever holds messages with CRLF line endings (the ingress refuses
 bare CR and LF; the relay's own notices are built that way), so here the
 bytes are checked with three counts and written as they are; only a message
 with a line starting with a dot is copied, to stuff it. The envelope goes
-through aiosmtplib's own ``mail`` and ``rcpt``, and its errors are the ones
-``sendmail`` raises, so the reply mapping in ``smtp`` does not change.
+out as ``mail`` and ``rcpt`` would send it, with the errors they raise, so
+the reply mapping in ``smtp`` does not change; a plain ``local@domain`` is
+quoted as it is, without the ``email`` package's address parser those run
+twice per address.
 """
 
 from __future__ import annotations
@@ -19,9 +21,20 @@ import re
 from collections.abc import Sequence
 
 import aiosmtplib
-from aiosmtplib.email import parse_address
+from aiosmtplib.email import quote_address
 
+_RCPT_OK = (aiosmtplib.SMTPStatus.completed, aiosmtplib.SMTPStatus.will_forward)
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*")
+
+
+def path(address: str) -> bytes:
+    """``<address>`` as aiosmtplib's ``quote_address`` makes it (ValueError for
+    what must not go on a command line), a plain ``local@domain`` directly."""
+    if _PLAIN.fullmatch(address):
+        return b"<" + address.encode("ascii") + b">"
+    return quote_address(address).encode("ascii")
 
 
 def wire(data: bytes) -> tuple[bytes, int]:
@@ -44,22 +57,24 @@ async def send(
 ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
     """MAIL, RCPT for each recipient, DATA: (refused recipients, the final reply),
     raising what ``aiosmtplib.SMTP.sendmail`` raises for the same replies."""
-    for address in (mail_from, *rcpt_tos):
-        parse_address(address)  # refuse before anything is sent
+    paths = [path(address) for address in (mail_from, *rcpt_tos)]  # refuse before sending
     section, size = wire(data)
     if client.is_ehlo_or_helo_needed:
         await client.ehlo(timeout=timeout)  # SIZE is declared only to who offers it
-    options = [f"SIZE={size}"] if client.supports_extension("size") else []
+    options = [b"SIZE=%d" % size] if client.supports_extension("size") else []
     try:
-        await client.mail(mail_from, options=options, timeout=timeout)
+        reply = await client.execute_command(
+            b"MAIL", b"FROM:" + paths[0], *options, timeout=timeout
+        )
+        if reply.code != aiosmtplib.SMTPStatus.completed:
+            raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, mail_from)
         refused: dict[str, aiosmtplib.SMTPResponse] = {}
         errors: list[aiosmtplib.SMTPRecipientRefused] = []
-        for address in rcpt_tos:
-            try:
-                await client.rcpt(address, timeout=timeout)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                errors.append(exc)
-                refused[address] = aiosmtplib.SMTPResponse(exc.code, exc.message)
+        for address, rcpt_path in zip(rcpt_tos, paths[1:], strict=True):
+            reply = await client.execute_command(b"RCPT", b"TO:" + rcpt_path, timeout=timeout)
+            if reply.code not in _RCPT_OK:
+                errors.append(aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, address))
+                refused[address] = reply
         if len(errors) == len(rcpt_tos):
             raise aiosmtplib.SMTPRecipientsRefused(errors)
         reply = await _data(client, section, timeout)
