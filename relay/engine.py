@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import os
 import random
@@ -98,6 +99,7 @@ class Engine:
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._stopping = False
         self._schedule: dict[str, float] = {}  # queue ID -> next attempt
+        self._due: list[tuple[float, str]] = []  # heap over _schedule, stale items skipped
         self._planned_in_scan: dict[str, float] | None = None
         self._remove = GroupCommit(spool.remove_many)
         self._warm: dict[str, Warm] = {}
@@ -122,6 +124,9 @@ class Engine:
 
     def _plan(self, queue_id: str, when: float) -> None:
         self._schedule[queue_id] = when
+        heapq.heappush(self._due, (when, queue_id))
+        if len(self._due) > 2 * len(self._schedule) + 1000:
+            self._reindex()
         if self._planned_in_scan is not None:
             self._planned_in_scan[queue_id] = when
 
@@ -158,10 +163,22 @@ class Engine:
         finally:
             self._planned_in_scan = None
         self._schedule = found
+        self._reindex()
+
+    def _reindex(self) -> None:
+        self._due = [(when, queue_id) for queue_id, when in self._schedule.items()]
+        heapq.heapify(self._due)
+
+    def _stale(self, item: tuple[float, str]) -> bool:
+        """Planned again since, or finished: the schedule has the last word."""
+        return self._schedule.get(item[1]) != item[0]
 
     def _sleep(self) -> float:
-        waiting = [t for q, t in self._schedule.items() if q not in self._busy]
-        return max(0.0, min([POLL, *(t - self.clock() for t in waiting)]))
+        while self._due and self._stale(self._due[0]):
+            heapq.heappop(self._due)
+        if not self._due:
+            return POLL
+        return max(0.0, min(POLL, self._due[0][0] - self.clock()))
 
     async def stop(self, timeout: float) -> None:
         """Start nothing new; let deliveries in progress finish within ``timeout``."""
@@ -185,9 +202,17 @@ class Engine:
         return task
 
     def _start_due(self) -> None:
+        """Start what is due, in order; the heap makes this cost what is due, not
+        the size of the queue (a wake-up per accepted message, with thousands
+        of deferred messages waiting, used to walk all of them)."""
         now = self.clock()
-        for queue_id, when in list(self._schedule.items()):
-            if when > now or queue_id in self._busy or queue_id in self.accepting:
+        while self._due and self._due[0][0] <= now:
+            item = heapq.heappop(self._due)
+            queue_id = item[1]
+            if self._stale(item) or queue_id in self._busy:
+                continue  # a running attempt plans what comes next itself
+            if queue_id in self.accepting:
+                self._plan(queue_id, now + POLL)
                 continue
             self.attempt_now(queue_id)
 

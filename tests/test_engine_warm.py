@@ -176,3 +176,21 @@ async def test_a_message_accepted_while_the_engine_reads_the_spool_is_not_forgot
         go_on.set()
         assert await delivered(outbox, 1) == [message(1)]
         await gone(spool)
+
+
+async def test_the_latest_plan_for_an_entry_is_the_one_kept(
+    engine: Engine, spool: Spool, outbox: Path
+) -> None:
+    """Handed over for now, then planned for later before the engine got to it:
+    it waits, still locked (the first plan is stale)."""
+    later = time.time() + 3600
+    entry = make_entry(size=len(message(1)), next_attempt=later)
+    async with running(engine):
+        await asyncio.sleep(0.2)  # past the engine's first look at the spool
+        engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)))
+        engine.submit(entry.queue_id, when=later)
+        await asyncio.sleep(0.5)
+        assert not outbox.exists() or not list(outbox.iterdir())
+        assert lock_elsewhere(spool, entry.queue_id) == "busy"
+        engine.submit(entry.queue_id)
+        assert await delivered(outbox, 1) == [message(1)]
