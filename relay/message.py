@@ -72,7 +72,9 @@ def read(raw: bytes) -> MessageView:
 def _head(raw: bytes) -> bytes:
     """Up to the blank line: the header parser stops there, but first splits
     everything it is given into lines, a 100 KB body included."""
-    ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+    crlf = raw.find(b"\r\n\r\n")
+    lf = raw.find(b"\n\n", 0, len(raw) if crlf < 0 else crlf)  # not through the body
+    ends = [i for i in (crlf, lf) if i >= 0]
     return raw[: min(ends) + 2] if ends else raw
 
 

@@ -98,15 +98,13 @@ def test_same_content_and_same_end_as_aiosmtpd(
     assert (section.content, rest) == reference(wire)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(
     lines=st.lists(st.integers(0, 40), max_size=15),
     closed=st.booleans(),
-    piece=st.integers(1, 60),
+    limit=st.integers(0, 45),
 )
-def test_longest_line_in_pieces_is_the_longest_line(
-    lines: list[int], closed: bool, piece: int
-) -> None:
+def test_long_lines_are_found_wherever_they_are(lines: list[int], closed: bool, limit: int) -> None:
     message = b"\r\n".join(b"x" * n for n in lines) + (b"\r\n" if closed else b"")
-    expected = max(map(len, message.split(b"\r\n")), default=0)
-    assert content.longest_line(message, piece) == expected
+    expected = max(map(len, message.split(b"\r\n")), default=0) > limit
+    assert content.has_long_line(message, limit) == expected

@@ -44,3 +44,10 @@ def test_view_reads_encoded_and_plain_values() -> None:
     assert view.get("from") == "Jan <jan@acme.example>"
     assert view.get("X-Folded") == "one two"
     assert view.addresses("From") == (("Jan", "jan@acme.example"),)
+
+
+@given(st.lists(st.sampled_from([b"A: b", b"\r\n", b"\n", b" c", b"x"]), max_size=12).map(b"".join))
+@settings(max_examples=2000, deadline=None)
+def test_the_header_block_ends_at_the_first_empty_line(raw: bytes) -> None:
+    ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+    assert message._head(raw) == (raw[: min(ends) + 2] if ends else raw)
