@@ -140,13 +140,16 @@ class Engine:
         """
         seen_kick = self.spool.last_kick()
         await self._rescan()
-        last_scan = self.clock()
+        last_scan = last_look = self.clock()
         while not self._stopping:
             self._start_due()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._sleep())
             self._wake.clear()
-            if self.spool.kicked_since(seen_kick) or self.clock() - last_scan > RESCAN:
+            if self.clock() - last_look < POLL:
+                continue  # woken per accepted message: a stat each time added up
+            last_look = self.clock()
+            if self.spool.kicked_since(seen_kick) or last_look - last_scan > RESCAN:
                 seen_kick = self.spool.last_kick()
                 await self._rescan()
                 last_scan = self.clock()

@@ -395,8 +395,9 @@ class Spool:
         tmp: str | None = None
         fd: int | None = None
         held: int | None = None
+        name = os.fspath(target)  # once: a Path makes its string anew for every call
         try:
-            fd, tmp = _create_temporary(target)
+            fd, tmp = _create_temporary(name)
             if hold:
                 held = os.dup(fd)
                 fcntl.flock(held, fcntl.LOCK_EX)
@@ -405,7 +406,7 @@ class Spool:
             _fsync_file(fd)
             os.close(fd)
             fd = None
-            os.replace(tmp, target)
+            os.replace(tmp, name)
         except BaseException as exc:
             if fd is not None:
                 os.close(fd)
@@ -442,16 +443,17 @@ def _message_start(raw: BinaryIO) -> int:
     return position
 
 
-def _create_temporary(target: Path) -> tuple[int, str]:
+def _create_temporary(target: str) -> tuple[int, str]:
     """The file a write goes to before its rename: named after its target, which
     is unique while its writer holds it (a new ID, or an entry's lock); a name
     left by a crash gets a random neighbour instead."""
-    tmp = f"{target.parent}/.{target.name}{_TMP_SUFFIX}"
+    directory, _, name = target.rpartition("/")
+    tmp = f"{directory}/.{name}{_TMP_SUFFIX}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
         return os.open(tmp, flags, 0o600), tmp
     except FileExistsError:
-        return tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=_TMP_SUFFIX)
+        return tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=_TMP_SUFFIX)
 
 
 def _write_all(fd: int, chunks: Iterable[bytes]) -> None:
