@@ -101,7 +101,7 @@ class Engine:
         self._schedule: dict[str, float] = {}  # queue ID -> next attempt
         self._due: list[tuple[float, str]] = []  # heap over _schedule, stale items skipped
         self._planned_in_scan: dict[str, float] | None = None
-        self._remove = GroupCommit(spool.remove_many)
+        self._remove = GroupCommit(spool.remove_many, "spool-remove")
         self._warm: dict[str, Warm] = {}
         self._warm_bytes = 0
 

@@ -1,15 +1,24 @@
-"""Group commit: what concurrent sessions ask to make durable in one event-loop
-pass is written with one set of fsyncs.
+"""Group commit: what concurrent sessions ask to make durable is written with
+one set of fsyncs, in a thread of its own, while the event loop goes on.
 
-An fsync costs the same for one record as for twenty, and the spool and the
-audit log are written on the event loop itself (a worker thread fighting the
-loop for the GIL cost more than the write). A waiter is released only
-with the outcome of its own item: on disk, or the error that kept it off.
+An fsync costs the same for one record as for twenty, and it blocks: on the
+event loop, every session waited for the disk. Each ``GroupCommit`` has one
+thread and one batch on its way to disk at a time; whatever is asked for
+meanwhile is the next batch, so batches grow with the load. Handing a whole
+batch to the thread costs one switch, not one per write (per-write threads
+fought the loop for the GIL and cost more than the writes).
+
+A waiter is released only with the outcome of its own item: on disk, or the
+error that kept it off. It is released only once its batch is done, even
+when it is cancelled meanwhile: a caller must never clean up after a write
+that may still land.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -20,39 +29,56 @@ Commit = Callable[[list[T]], Sequence[BaseException | None]]
 
 class GroupCommit(Generic[T]):
     """``await commit(item)`` returns once ``commit_many`` has made it durable, or raises
-    its error. ``commit_many`` gets every item queued in the same loop pass and
-    returns, for each, None or the exception its waiter should get."""
+    its error. ``commit_many`` runs in this object's own thread and gets every item
+    queued since the previous batch; it returns, for each, None or the exception its
+    waiter should get."""
 
-    def __init__(self, commit_many: Commit[T]) -> None:
+    def __init__(self, commit_many: Commit[T], name: str = "commit") -> None:
         self._commit_many = commit_many
         self._batch: list[tuple[T, asyncio.Future[None]]] = []
+        self._busy = False
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
 
     async def __call__(self, item: T) -> None:
         loop = asyncio.get_running_loop()
-        if not self._batch:
-            loop.call_soon(self._run)
+        if not self._batch and not self._busy:
+            loop.call_soon(self._start)
         done: asyncio.Future[None] = loop.create_future()
         self._batch.append((item, done))
-        await done
-
-    def _run(self) -> None:
-        batch, self._batch = self._batch, []
-        interrupted: BaseException | None = None
         try:
-            outcomes = list(self._commit_many([item for item, _ in batch]))
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            while not done.done():  # the batch may still land: wait for it, then give way
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait((done,))
+            done.exception()  # retrieved: no "never retrieved" warning once it has gone
+            raise
+
+    def _start(self) -> None:
+        if self._busy or not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        self._busy = True
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self._thread, self._commit_many, [i for i, _ in batch])
+        work.add_done_callback(lambda finished: self._finish(batch, finished))
+
+    def _finish(self, batch: list[tuple[T, asyncio.Future[None]]], work: asyncio.Future) -> None:
+        self._busy = False
+        try:
+            outcomes = list(work.result())
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} items")
-        except Exception as exc:  # every waiter must hear, or it waits forever
+        except Exception as exc:  # every waiter must hear
             outcomes = [exc] * len(batch)
-        except BaseException as exc:  # e.g. KeyboardInterrupt: release, then let it rise
+        except BaseException:  # e.g. the thread's future cancelled as the loop closes
             outcomes = [RuntimeError("interrupted before the commit finished")] * len(batch)
-            interrupted = exc
         for (_, done), outcome in zip(batch, outcomes, strict=True):
-            if done.done():  # its session was cancelled meanwhile
+            if done.done():
                 continue
             if outcome is None:
                 done.set_result(None)
             else:
                 done.set_exception(outcome)
-        if interrupted is not None:
-            raise interrupted
+        if self._batch:
+            asyncio.get_running_loop().call_soon(self._start)

@@ -113,7 +113,7 @@ class Acceptor:
         self.spool = spool
         self.engine = engine
         self.recorder = recorder
-        self._put = GroupCommit(functools.partial(spool.put_many, hold=True))
+        self._put = GroupCommit(functools.partial(spool.put_many, hold=True), "spool-put")
 
     async def process(self, policy: Policy, submission: Submission) -> str:
         try:

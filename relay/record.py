@@ -65,7 +65,7 @@ class Recorder:
         self.audit = audit
         self.clock = clock
         self._pending: dict[str | None, list[dict[str, Any]]] = {}
-        self._write = GroupCommit(self._append)
+        self._write = GroupCommit(self._append, "audit")
 
     def add(self, record: dict[str, Any]) -> None:
         if self.audit is not None:

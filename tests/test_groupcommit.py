@@ -1,9 +1,12 @@
-"""Group commit: what is queued in one event-loop pass is committed by one call,
-and every waiter is released with the outcome of its own item."""
+"""Group commit: what is queued while no batch is on its way is committed by one
+call in the committer's own thread, and every waiter is released with the
+outcome of its own item, after its batch is done, even when cancelled."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -114,9 +117,11 @@ async def test_a_cancelled_waiter_does_not_break_the_batch(
     refused = OSError(5, "Input/output error")
     tasks: list[asyncio.Task[None]] = []
 
+    loop = asyncio.get_running_loop()
+
     def outcome(item: int) -> BaseException | None:
         if item == 2 and when == "while it is committed":
-            tasks[2].cancel()
+            loop.call_soon_threadsafe(tasks[2].cancel)
         if item in (2, 4) and own_outcome == "error":
             return refused
         return None
@@ -148,3 +153,49 @@ async def test_a_commit_with_the_wrong_number_of_outcomes_fails_every_waiter(
     results = await settled(commit(1), commit(2), exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results), results
     assert loop_errors == []
+
+
+async def test_the_loop_goes_on_while_a_batch_is_on_its_way_and_the_next_batch_waits() -> None:
+    """The commit blocks its own thread, not the loop; what comes meanwhile is one batch."""
+    release = threading.Event()
+    committer = Committer()
+
+    def slow(items: list[int]) -> list[BaseException | None]:
+        if not release.wait(5):
+            raise TimeoutError("the loop never released the commit")
+        return committer(items)
+
+    commit = GroupCommit(slow)
+    first = asyncio.create_task(commit(1))
+    await asyncio.sleep(0.05)  # batch [1] is in the thread, waiting for the event
+    later = [asyncio.create_task(commit(i)) for i in (2, 3, 4)]
+    await asyncio.sleep(0.05)
+    assert not first.done()
+    release.set()  # set by the loop: it kept running while the commit blocked
+    assert await settled(first, *later) == [None] * 4
+    assert committer.batches == [[1], [2, 3, 4]]
+
+
+async def test_a_cancelled_waiter_leaves_only_once_its_batch_is_done() -> None:
+    """Its caller cleans up after a cancellation (e.g. lets go of a lock): the write
+    must not land after that."""
+    entered, release = threading.Event(), threading.Event()
+    finished: list[float] = []
+
+    def slow(items: list[int]) -> list[BaseException | None]:
+        entered.set()
+        release.wait(5)
+        time.sleep(0.05)
+        finished.append(time.monotonic())
+        return [None] * len(items)
+
+    commit = GroupCommit(slow)
+    waiter = asyncio.create_task(commit(1))
+    assert await asyncio.to_thread(entered.wait, 5)
+    waiter.cancel()
+    await asyncio.sleep(0.05)
+    assert not waiter.done()  # still waiting for the batch
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiter, 5)
+    assert len(finished) == 1
