@@ -189,8 +189,8 @@ class Engine:
         self._wake.set()
         for warm in self._warm.values():
             warm.close()  # not started: the next start reads the spool
+            self._warm_bytes -= len(warm.data)
         self._warm.clear()
-        self._warm_bytes = 0
         if self._busy:
             await asyncio.wait(list(self._busy.values()), timeout=timeout)
 
@@ -232,19 +232,16 @@ class Engine:
             self._schedule.pop(queue_id, None)
         return outcome
 
-    def _take_warm(self, queue_id: str) -> Warm | None:
-        warm = self._warm.pop(queue_id, None)
-        if warm is not None:
-            self._warm_bytes -= len(warm.data)
-        return warm
-
     async def _locked_attempt(self, queue_id: str, immediate: bool) -> Outcome:
-        warm = self._take_warm(queue_id)
+        warm = self._warm.pop(queue_id, None)
         try:
             if warm is not None:
-                with contextlib.closing(warm):
-                    async with self._limit(warm.entry.upstream):
-                        return await self._attempt(warm.entry, immediate, warm.data)
+                try:
+                    with contextlib.closing(warm):
+                        async with self._limit(warm.entry.upstream):
+                            return await self._attempt(warm.entry, immediate, warm.data)
+                finally:  # its bytes count until the attempt ends, waiting for a slot included
+                    self._warm_bytes -= len(warm.data)
             with self.spool.lock(queue_id, blocking=False):
                 entry = self.spool.load(queue_id)
                 if entry.held:

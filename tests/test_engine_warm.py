@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 
@@ -194,3 +195,28 @@ async def test_the_latest_plan_for_an_entry_is_the_one_kept(
         assert lock_elsewhere(spool, entry.queue_id) == "busy"
         engine.submit(entry.queue_id)
         assert await delivered(outbox, 1) == [message(1)]
+
+
+async def test_entries_waiting_for_a_delivery_slot_still_count_against_the_bound(
+    spool: Spool, policy: Policy, outbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow upstream fills the slots; what waits for one keeps its bytes, so it counts."""
+    monkeypatch.setattr(engine_module, "WARM_TOTAL", 3000)
+    gate = asyncio.Event()
+
+    async def slow_upstream(*args: Any) -> Any:
+        await gate.wait()
+        return await attempt(*args)
+
+    one_slot = dataclasses.replace(policy, queue=dataclasses.replace(policy.queue, concurrency=1))
+    async with running(Engine(spool, lambda: one_slot, slow_upstream, Recorder(None))) as engine:
+        await asyncio.sleep(0.2)  # past the engine's first look at the spool
+        entries = [make_entry(size=len(message(n, 1000))) for n in range(3)]
+        for n, entry in enumerate(entries[:2]):
+            engine.submit(entry.queue_id, warm=accept(spool, entry, message(n, 1000)))
+        await asyncio.sleep(0.2)  # both started: one sending, one waiting for the slot
+        engine.submit(entries[2].queue_id, warm=accept(spool, entries[2], message(2, 1000)))
+        assert lock_elsewhere(spool, entries[2].queue_id) == "locked"  # over the bound: let go
+        gate.set()
+        assert len(await delivered(outbox, 3)) == 3
+        await gone(spool)
