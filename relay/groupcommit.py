@@ -11,7 +11,8 @@ fought the loop for the GIL and cost more than the writes).
 A waiter is released only with the outcome of its own item: on disk, or the
 error that kept it off. It is released only once its batch is done, even
 when it is cancelled meanwhile: a caller must never clean up after a write
-that may still land.
+that may still land. A cancelled waiter then gets its item's error if it
+did not land, and the cancellation if it did.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ class GroupCommit(Generic[T]):
             while not done.done():  # the batch may still land: wait for it, then give way
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait((done,))
-            done.exception()  # retrieved: no "never retrieved" warning once it has gone
+            error = done.exception()
+            if error is not None:
+                raise error from None  # it did not land: the caller's usual error path
             raise
 
     def _start(self) -> None:

@@ -8,6 +8,7 @@ adds the spool and the audit records; delivery is the engine's job.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -160,6 +161,10 @@ class Acceptor:
         except SpoolError as exc:
             log.error("%s: cannot write to the spool: %s", entry.queue_id, exc)
             raise SmtpReply(451, "4.3.0", "Queue write failed, try again later") from exc
+        except asyncio.CancelledError:  # stored, but no 250 went out and no record names it
+            with contextlib.suppress(SpoolError):
+                self.spool.remove(entry.queue_id)
+            raise
         subject = prepared.view.subject if policy.audit.record_subject else None
         self.recorder.add(
             events.received_for(
