@@ -33,10 +33,10 @@ _SURROGATES = re.compile("[\ud800-\udfff]")  # not text: cannot be written as UT
 _CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"  # RFC 5322 3.2.3; also the plain SMTP path's parts
 _QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
 _LITERAL = r"\[[\x21-\x5a\x5e-\x7e]*\]"
-_ADDR_SPEC = re.compile(rf"(?:{_DOT_ATOM}|{_QUOTED})@(?:{_DOT_ATOM}|{_LITERAL})")
+_ADDR_SPEC = re.compile(rf"(?:{DOT_ATOM}|{_QUOTED})@(?:{DOT_ATOM}|{_LITERAL})")
 _PHRASE = re.compile(rf"{_ATEXT}+(?: {_ATEXT}+)*")
 _Q_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
 

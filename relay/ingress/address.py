@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import re
 
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
-_PATH = re.compile(rf"<({_DOT_ATOM}@{_DOT_ATOM})>")
+from relay.headers import DOT_ATOM
+
+_PATH = re.compile(rf"<({DOT_ATOM}@{DOT_ATOM})>")
 
 
 def plain_path(arg: str) -> tuple[str, str] | None:

@@ -23,10 +23,11 @@ from collections.abc import Sequence
 import aiosmtplib
 from aiosmtplib.email import quote_address
 
+from relay.headers import DOT_ATOM
+
 _RCPT_OK = (aiosmtplib.SMTPStatus.completed, aiosmtplib.SMTPStatus.will_forward)
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_PLAIN = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*")
+_PLAIN = re.compile(rf"{DOT_ATOM}@{DOT_ATOM}")
 
 
 def path(address: str) -> bytes:
