@@ -21,9 +21,20 @@ class Received:
 @dataclass
 class RefusingRecipients:
     """aiosmtpd handler part shared by the test sinks: ``refuse`` maps a recipient
-    to the reply it gets; everyone else is accepted."""
+    to the reply it gets; everyone else is accepted. With ``pipelining`` the sink
+    offers PIPELINING, as Postfix does (aiosmtpd reads pipelined commands but
+    does not say so)."""
 
     refuse: dict[str, str] = field(default_factory=dict)
+    pipelining: bool = False
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list
+    ) -> list:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list

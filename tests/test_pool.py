@@ -159,6 +159,12 @@ async def pool() -> AsyncIterator[Pool]:
     await made.close()
 
 
+@pytest.fixture(params=[False, True], ids=["one-at-a-time", "pipelining"])
+def pipelining(request: pytest.FixtureRequest) -> bool:
+    """Reuse must work the same whether the transactions are pipelined or not."""
+    return request.param
+
+
 @pytest.fixture
 def sink() -> Iterator[tuple[Recorder, int]]:
     with running() as started:
@@ -184,8 +190,10 @@ def transactions(conn: Conn) -> list[list[str]]:
 # --- reuse ------------------------------------------------------------------------
 
 
-async def test_sequential_messages_share_one_connection_with_rset_between() -> None:
-    with running() as (rec, port):
+async def test_sequential_messages_share_one_connection_with_rset_between(
+    pipelining: bool,
+) -> None:
+    with running(Recorder(pipelining=pipelining)) as (rec, port):
         target = upstream(port)
         for n in range(5):
             await deliver(target, f"m{n}@platform.example", ["one@example.org"], MESSAGE)
@@ -209,8 +217,8 @@ async def test_attempt_uses_the_default_pool_too(sink: tuple[Recorder, int]) -> 
     assert len(rec.connections) == 1
 
 
-async def test_clean_refusal_keeps_the_connection(pool: Pool) -> None:
-    rec = Recorder(refuse={"gone@example.org": "550 5.1.1 no such user"})
+async def test_clean_refusal_keeps_the_connection(pool: Pool, pipelining: bool) -> None:
+    rec = Recorder(refuse={"gone@example.org": "550 5.1.1 no such user"}, pipelining=pipelining)
     with running(rec) as (_, port):
         with pytest.raises(UpstreamError) as failed:
             await send(pool, upstream(port), "b@p.example", "gone@example.org")
@@ -221,8 +229,10 @@ async def test_clean_refusal_keeps_the_connection(pool: Pool) -> None:
     assert conn.messages == ["b@p.example"]
 
 
-async def test_timeout_closes_the_connection_instead_of_reusing_it(pool: Pool) -> None:
-    rec = Recorder(delay=1.0)
+async def test_timeout_closes_the_connection_instead_of_reusing_it(
+    pool: Pool, pipelining: bool
+) -> None:
+    rec = Recorder(delay=1.0, pipelining=pipelining)
     with running(rec) as (_, port):
         slow = upstream(port, timeout=0.3)
         with pytest.raises(UpstreamError) as failed:
@@ -236,8 +246,8 @@ async def test_timeout_closes_the_connection_instead_of_reusing_it(pool: Pool) -
     assert rec.connections[1].commands[0] == "EHLO"
 
 
-async def test_cancelled_transaction_closes_the_connection(pool: Pool) -> None:
-    rec = Recorder(delay=5.0)
+async def test_cancelled_transaction_closes_the_connection(pool: Pool, pipelining: bool) -> None:
+    rec = Recorder(delay=5.0, pipelining=pipelining)
     with running(rec) as (_, port):
         task = asyncio.create_task(send(pool, upstream(port), "b@p.example"))
         await eventually(lambda: bool(rec.connections) and "DATA" in rec.connections[0].commands)
@@ -318,13 +328,14 @@ def test_key_separates_credentials_and_hides_the_password(tmp_path: Path) -> Non
 
 
 async def test_starttls_login_is_reused_encrypted(
-    tmp_path: Path, pool: Pool, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, pool: Pool, monkeypatch: pytest.MonkeyPatch, pipelining: bool
 ) -> None:
     certs = make_certs(tmp_path)
     monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca))
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certs.cert, certs.key)
-    with running(tls_context=context, authenticator=authenticator) as (rec, port):
+    recorder = Recorder(pipelining=pipelining)
+    with running(recorder, tls_context=context, authenticator=authenticator) as (rec, port):
         target = tenant(tmp_path, port, "acme", "acme-pw", tls=TlsMode.STARTTLS)
         for n in range(3):
             await send(pool, target, f"acme-{n}@platform.example")
@@ -341,8 +352,8 @@ async def test_starttls_login_is_reused_encrypted(
 # --- stale connections ------------------------------------------------------------
 
 
-async def test_connection_the_server_dropped_is_replaced(pool: Pool) -> None:
-    with running(Recorder(drop=True)) as (rec, port):
+async def test_connection_the_server_dropped_is_replaced(pool: Pool, pipelining: bool) -> None:
+    with running(Recorder(drop=True, pipelining=pipelining)) as (rec, port):
         for n in range(3):
             await send(pool, upstream(port), f"m{n}@p.example")
             await eventually(lambda: rec.connections[-1].closed)
@@ -366,8 +377,9 @@ async def test_restarted_server_is_reconnected_without_a_failure(pool: Pool) -> 
     assert [c.messages for c in second.connections] == [["b@p.example"]]
 
 
-async def test_refused_rset_means_stale_not_failed(pool: Pool) -> None:
-    with running(Recorder(rset_reply="502 5.5.1 not now")) as (rec, port):
+async def test_refused_rset_means_stale_not_failed(pool: Pool, pipelining: bool) -> None:
+    recorder = Recorder(rset_reply="502 5.5.1 not now", pipelining=pipelining)
+    with running(recorder) as (rec, port):
         for n in range(2):
             await send(pool, upstream(port), f"m{n}@p.example")
         await pool.close()

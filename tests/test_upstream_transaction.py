@@ -36,6 +36,12 @@ def test_wire_stuffs_dots_and_ends_lines_with_crlf(stored: bytes, sent: bytes, s
     assert transaction.wire(stored) == (sent, size)  # size: RFC 1870, before stuffing
 
 
+@pytest.fixture(params=[False, True], ids=["one-at-a-time", "pipelining"])
+def pipelining(request: pytest.FixtureRequest) -> bool:
+    """Every transaction test runs against a server with and without PIPELINING."""
+    return request.param
+
+
 async def _send(
     sink: SinkServer, rcpts: list[str], data: bytes = MESSAGE
 ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
@@ -47,16 +53,16 @@ async def _send(
         client.close()
 
 
-async def test_dotted_lines_arrive_intact() -> None:
-    with SinkServer() as sink:
+async def test_dotted_lines_arrive_intact(pipelining: bool) -> None:
+    with SinkServer(Sink(pipelining=pipelining)) as sink:
         refused, reply = await _send(sink, ["one@example.org", "two@example.org"])
     assert refused == {} and reply == "2.0.0 sink accepted"
     (got,) = sink.sink.messages
     assert got.data == MESSAGE and got.rcpt_tos == ["one@example.org", "two@example.org"]
 
 
-async def test_one_refused_recipient_is_reported_and_the_others_get_it() -> None:
-    refusing = Sink(refuse={"gone@example.org": "550 5.1.1 no such user"})
+async def test_one_refused_recipient_is_reported_and_the_others_get_it(pipelining: bool) -> None:
+    refusing = Sink(refuse={"gone@example.org": "550 5.1.1 no such user"}, pipelining=pipelining)
     with SinkServer(refusing) as sink:
         refused, _ = await _send(sink, ["gone@example.org", "one@example.org"])
     assert {a: (r.code, r.message) for a, r in refused.items()} == {
@@ -65,8 +71,10 @@ async def test_one_refused_recipient_is_reported_and_the_others_get_it() -> None
     assert [m.rcpt_tos for m in sink.sink.messages] == [["one@example.org"]]
 
 
-async def test_every_recipient_refused_raises_and_the_connection_stays_usable() -> None:
-    refusing = Sink(refuse={"gone@example.org": "450 4.2.1 try later"})
+async def test_every_recipient_refused_raises_and_the_connection_stays_usable(
+    pipelining: bool,
+) -> None:
+    refusing = Sink(refuse={"gone@example.org": "450 4.2.1 try later"}, pipelining=pipelining)
     with SinkServer(refusing) as sink:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, start_tls=False)
         await client.connect()
@@ -80,22 +88,27 @@ async def test_every_recipient_refused_raises_and_the_connection_stays_usable() 
     assert [m.rcpt_tos for m in sink.sink.messages] == [["one@example.org"]]
 
 
-async def test_a_refused_data_section_raises_the_servers_reply() -> None:
-    refusing = Sink(data_reply="554 5.6.0 content refused")
+async def test_a_refused_data_section_raises_the_servers_reply(pipelining: bool) -> None:
+    refusing = Sink(data_reply="554 5.6.0 content refused", pipelining=pipelining)
     with SinkServer(refusing) as sink, pytest.raises(aiosmtplib.SMTPDataError) as refused:
         await _send(sink, ["one@example.org"])
     assert (refused.value.code, refused.value.message) == (554, "5.6.0 content refused")
 
 
-async def test_an_address_it_cannot_send_is_refused_before_anything_is_sent() -> None:
-    with SinkServer() as sink, pytest.raises(ValueError):
+async def test_an_address_it_cannot_send_is_refused_before_anything_is_sent(
+    pipelining: bool,
+) -> None:
+    with SinkServer(Sink(pipelining=pipelining)) as sink, pytest.raises(ValueError):
         await _send(sink, ["one@example.org", "not an address@example.org"])
     assert sink.sink.messages == []
 
 
-async def test_the_size_is_declared_so_a_too_big_message_is_refused_at_mail() -> None:
+async def test_the_size_is_declared_so_a_too_big_message_is_refused_at_mail(
+    pipelining: bool,
+) -> None:
     """An upstream that offers SIZE refuses before the message is sent at all."""
-    controller = Controller(Sink(), hostname="127.0.0.1", port=free_port(), data_size_limit=60)
+    sink = Sink(pipelining=pipelining)
+    controller = Controller(sink, hostname="127.0.0.1", port=free_port(), data_size_limit=60)
     controller.start()
     try:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=controller.port, start_tls=False)

@@ -24,8 +24,8 @@ import aiosmtplib
 from aiosmtplib.email import quote_address
 
 from relay.headers import DOT_ATOM
+from relay.upstream import pipelining
 
-_RCPT_OK = (aiosmtplib.SMTPStatus.completed, aiosmtplib.SMTPStatus.will_forward)
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 _PLAIN = re.compile(rf"{DOT_ATOM}@{DOT_ATOM}")
 
@@ -64,6 +64,13 @@ async def send(
         await client.ehlo(timeout=timeout)  # SIZE is declared only to who offers it
     options = [b"SIZE=%d" % size] if client.supports_extension("size") else []
     try:
+        if client.supports_extension("pipelining"):
+            mail = b" ".join((b"MAIL FROM:" + paths[0], *options))
+            rcpts = [b"RCPT TO:" + rcpt_path for rcpt_path in paths[1:]]
+            refused, final = await pipelining.send(
+                client, mail_from, mail, rcpt_tos, rcpts, section, timeout
+            )
+            return refused, final.message
         reply = await client.execute_command(
             b"MAIL", b"FROM:" + paths[0], *options, timeout=timeout
         )
@@ -73,7 +80,7 @@ async def send(
         errors: list[aiosmtplib.SMTPRecipientRefused] = []
         for address, rcpt_path in zip(rcpt_tos, paths[1:], strict=True):
             reply = await client.execute_command(b"RCPT", b"TO:" + rcpt_path, timeout=timeout)
-            if reply.code not in _RCPT_OK:
+            if reply.code not in pipelining.RCPT_OK:
                 errors.append(aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, address))
                 refused[address] = reply
         if len(errors) == len(rcpt_tos):

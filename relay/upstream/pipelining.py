@@ -1,0 +1,158 @@
+"""MAIL, RCPT and DATA in one write to a server that offers PIPELINING (RFC 2920).
+
+One reply at a time, a message to two recipients cost five round trips and
+five wake-ups of the event loop, and aiosmtplib's reading of each reply was
+the largest part of the relay's CPU after signing. aiosmtplib cannot read
+several replies to one write (it drops what arrives while a reply waits to be
+picked up), so for the length of a transaction a small reader of our own
+stands in for its protocol on the same transport: connecting, STARTTLS,
+login, RSET and QUIT stay aiosmtplib's. The replies are mapped to the errors
+aiosmtplib raises for them, so what the relay makes of them does not change.
+
+The message itself goes only after the server said 354 to DATA, so a
+connection lost before any reply never leaves a half-sent message behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import aiosmtplib
+from aiosmtplib import SMTPResponse, SMTPStatus
+
+RCPT_OK = (SMTPStatus.completed, SMTPStatus.will_forward)
+MAX_REPLY = 32768  # as aiosmtplib: a reply longer than this is no SMTP reply
+
+
+class _Replies(asyncio.Protocol):
+    """Collects complete replies as they arrive; ``take`` waits for as many as it needs."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._lines: list[bytes] = []
+        self._replies: list[SMTPResponse] = []
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._wanted = 0
+        self.lost = False
+        self.lost_with: Exception | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while (end := self._buffer.find(b"\n")) >= 0:
+            line = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
+            self._line(line)
+        if len(self._buffer) > MAX_REPLY:
+            self._fail(_invalid("Response too long"))
+        self._wake()
+
+    def _line(self, line: bytes) -> None:
+        if self._error is not None:
+            return
+        if not line[:3].isdigit():
+            text = line.decode("utf-8", "replace").strip()
+            self._fail(_invalid(f"Malformed SMTP response line: {text}"))
+            return
+        self._lines.append(line)
+        if line[3:4] == b"-":
+            if sum(map(len, self._lines)) > MAX_REPLY:
+                self._fail(_invalid("Response too long"))
+            return
+        text = b"\n".join(part[4:].strip(b" \t\r\n") for part in self._lines)
+        self._replies.append(SMTPResponse(int(line[:3]), text.decode("utf-8", "surrogateescape")))
+        self._lines = []
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost, self.lost_with = True, exc
+        self._fail(aiosmtplib.SMTPServerDisconnected("Connection lost"))
+
+    def _fail(self, error: Exception) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        ready = self._error is not None or len(self._replies) >= self._wanted
+        if self._waiter is not None and ready and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def take(self, count: int, timeout: float) -> list[SMTPResponse]:
+        if len(self._replies) < count and self._error is None:
+            self._wanted = count
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            except TimeoutError:
+                text = "Timed out waiting for server response"
+                raise aiosmtplib.SMTPReadTimeoutError(text) from None
+            finally:
+                self._waiter = None
+        if len(self._replies) < count:
+            assert self._error is not None
+            raise self._error
+        taken, self._replies = self._replies[:count], self._replies[count:]
+        return taken
+
+
+def _invalid(text: str) -> aiosmtplib.SMTPResponseException:
+    return aiosmtplib.SMTPResponseException(SMTPStatus.invalid_response, text)
+
+
+async def send(
+    client: aiosmtplib.SMTP,
+    mail_from: str,
+    mail_command: bytes,
+    rcpt_tos: Sequence[str],
+    rcpt_commands: Sequence[bytes],
+    section: bytes,
+    timeout: float,
+) -> tuple[dict[str, SMTPResponse], SMTPResponse]:
+    """The transaction on ``client``'s connection: (refused recipients, the final reply),
+    raising what the one-at-a-time transaction raises for the same replies."""
+    protocol = client.protocol
+    transport = protocol.transport if protocol is not None else None
+    if protocol is None or transport is None or transport.is_closing():
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    replies = _Replies()
+    transport.set_protocol(replies)
+    try:
+        transport.write(b"".join(c + b"\r\n" for c in (mail_command, *rcpt_commands, b"DATA")))
+        got = await replies.take(len(rcpt_commands) + 2, timeout)
+        mail, rcpts, start = got[0], got[1:-1], got[-1]
+        if mail.code != SMTPStatus.completed:
+            if start.code == SMTPStatus.start_input:  # DATA without a sender: out of step
+                transport.close()
+            raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, mail_from)
+        refused = {a: r for a, r in zip(rcpt_tos, rcpts, strict=True) if r.code not in RCPT_OK}
+        if len(refused) == len(rcpt_tos):
+            if start.code == SMTPStatus.start_input:  # some servers do: end it, empty
+                transport.write(b".\r\n")
+                await replies.take(1, timeout)
+            raise aiosmtplib.SMTPRecipientsRefused(
+                [aiosmtplib.SMTPRecipientRefused(r.code, r.message, a) for a, r in refused.items()]
+            )
+        if start.code != SMTPStatus.start_input:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        transport.write(section)  # the transport keeps a reference: no copy
+        transport.write(b".\r\n")
+        (final,) = await replies.take(1, timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, asyncio.CancelledError):
+        transport.close()  # out of step with the server: never reuse it
+        raise
+    except aiosmtplib.SMTPResponseException as exc:
+        if exc.code == SMTPStatus.invalid_response:
+            transport.close()
+        raise
+    finally:
+        transport.set_protocol(protocol)
+        if replies.lost:
+            protocol.connection_lost(replies.lost_with)
+    if final.code != SMTPStatus.completed:
+        raise aiosmtplib.SMTPDataError(final.code, final.message)
+    return refused, final

@@ -1,0 +1,222 @@
+"""Pipelined transactions (RFC 2920) against a scripted server on loopback.
+
+The server offers PIPELINING and says nothing about a transaction until the
+whole command group, up to DATA, has arrived: a client that waited for each
+reply before the next command would never get one. Its replies are scripted,
+so the odd ones real servers send can be tried too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+import uvloop
+from aiosmtpd.controller import Controller
+
+from relay.policy.model import SmtpUpstream, TlsMode
+from relay.upstream import smtp, transaction
+from relay.upstream.pool import Pool
+from tests.certs import make_certs
+from tests.sink import Sink, free_port
+
+MESSAGE = b"From: a@example.org\r\nSubject: pipelined\r\n\r\n.dot\r\nbody\r\n"
+RCPTS = ["one@example.org", "two@example.org"]
+OK = [b"250 2.1.0 sender ok\r\n", b"250 2.1.5 one ok\r\n", b"250 2.1.5 two ok\r\n", b"354 go\r\n"]
+
+
+@dataclass
+class Script:
+    replies: list[bytes]  # to the command group, written as they are
+    final: bytes = b"250 2.0.0 queued as X\r\n"
+    byte_by_byte: bool = False
+    hang_up: bool = False  # after the command group, without a word
+    groups: list[bytes] = field(default_factory=list)
+    sections: list[bytes] = field(default_factory=list)
+    later: list[bytes] = field(default_factory=list)  # commands after the transaction
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 scripted ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-scripted\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 8BITMIME\r\n")
+        self.groups.append(await reader.readuntil(b"DATA\r\n"))
+        if self.hang_up:
+            writer.close()
+            return
+        for reply in self.replies:
+            for piece in (
+                [reply[i : i + 1] for i in range(len(reply))] if self.byte_by_byte else [reply]
+            ):
+                writer.write(piece)
+                await writer.drain()
+        if self.replies and self.replies[-1].startswith(b"354"):
+            lines = [await reader.readline()]
+            while lines[-1] not in (b".\r\n", b""):
+                lines.append(await reader.readline())
+            self.sections.append(b"".join(lines))
+            writer.write(self.final)
+        while line := await reader.readline():
+            self.later.append(line)
+            writer.write(b"221 bye\r\n" if line.startswith(b"QUIT") else b"250 ok\r\n")
+
+
+@contextlib.asynccontextmanager
+async def connected(script: Script, timeout: float = 5.0) -> AsyncIterator[aiosmtplib.SMTP]:
+    server = await asyncio.start_server(script.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=timeout)
+    await client.connect()
+    try:
+        yield client
+    finally:
+        client.close()
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 5)
+
+
+async def send(client: aiosmtplib.SMTP, timeout: float = 5.0) -> tuple[dict, str]:
+    return await transaction.send(client, "b@example.net", RCPTS, MESSAGE, timeout)
+
+
+async def test_the_commands_go_in_one_group_and_replies_may_come_byte_by_byte() -> None:
+    multiline = [b"250-sender\r\n250-is\r\n250 fine\r\n", *OK[1:]]
+    script = Script(multiline, byte_by_byte=True)
+    async with connected(script) as client:
+        refused, reply = await send(client)
+        await client.rset()  # aiosmtplib reads its own replies again afterwards
+        await client.quit()
+    assert (refused, reply) == ({}, "2.0.0 queued as X")
+    size = len(MESSAGE)
+    assert script.groups == [
+        b"MAIL FROM:<b@example.net> SIZE=%d\r\n" % size
+        + b"RCPT TO:<one@example.org>\r\nRCPT TO:<two@example.org>\r\nDATA\r\n"
+    ]
+    assert script.sections == [MESSAGE.replace(b"\r\n.dot", b"\r\n..dot") + b".\r\n"]
+    assert script.later == [b"RSET\r\n", b"QUIT\r\n"]
+
+
+async def test_a_refused_recipient_is_reported_and_the_others_get_the_message() -> None:
+    script = Script([OK[0], b"550 5.1.1 no such user\r\n", OK[2], OK[3]])
+    async with connected(script) as client:
+        refused, _ = await send(client)
+    assert {a: (r.code, r.message) for a, r in refused.items()} == {
+        "one@example.org": (550, "5.1.1 no such user")
+    }
+    assert len(script.sections) == 1
+
+
+async def test_data_started_with_every_recipient_refused_is_ended_empty() -> None:
+    """RFC 2920 expects 503 to DATA then; after a 354 a lone dot goes, not the message."""
+    refusal = b"450 4.2.1 try later\r\n"
+    script = Script([OK[0], refusal, refusal, OK[3]], final=b"554 5.5.1 no valid recipients\r\n")
+    async with connected(script) as client:
+        with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as refused:
+            await send(client)
+        assert client.is_connected
+    assert [r.code for r in refused.value.recipients] == [450, 450]
+    assert script.sections == [b".\r\n"]
+
+
+async def test_a_refused_sender_raises_and_keeps_the_connection() -> None:
+    need = b"503 5.5.1 need MAIL\r\n"
+    script = Script([b"550 5.7.1 sender refused\r\n", need, need, need])
+    async with connected(script) as client:
+        with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+            await send(client)
+        assert client.is_connected
+    assert (refused.value.code, refused.value.message) == (550, "5.7.1 sender refused")
+    assert script.sections == []
+
+
+async def test_data_started_without_a_sender_closes_the_connection() -> None:
+    script = Script([b"550 5.7.1 sender refused\r\n", OK[1], OK[2], OK[3]])
+    async with connected(script) as client:
+        with pytest.raises(aiosmtplib.SMTPSenderRefused):
+            await send(client)
+        await asyncio.sleep(0.05)
+        assert not client.is_connected  # out of step: never reused
+
+
+async def test_a_refused_data_command_raises_its_reply() -> None:
+    script = Script([*OK[:3], b"451 4.3.0 not now\r\n"])
+    async with connected(script) as client:
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await send(client)
+    assert (refused.value.code, refused.value.message) == (451, "4.3.0 not now")
+
+
+async def test_a_refused_message_raises_the_final_reply() -> None:
+    script = Script(OK, final=b"554 5.6.0 content refused\r\n")
+    async with connected(script) as client:
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await send(client)
+    assert (refused.value.code, refused.value.message) == (554, "5.6.0 content refused")
+
+
+async def test_a_malformed_reply_closes_the_connection() -> None:
+    script = Script([b"hello there\r\n"])
+    async with connected(script) as client:
+        with pytest.raises(aiosmtplib.SMTPResponseException) as bad:
+            await send(client)
+        await asyncio.sleep(0.05)
+        assert not client.is_connected
+    assert bad.value.code == -1 and "Malformed" in bad.value.message
+
+
+async def test_a_server_hanging_up_mid_transaction_is_a_lost_connection() -> None:
+    script = Script([], hang_up=True)
+    async with connected(script) as client:
+        with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+            await send(client)
+        await asyncio.sleep(0.05)
+        assert not client.is_connected
+    assert script.sections == []
+
+
+async def test_no_answer_is_a_timeout_and_closes_the_connection() -> None:
+    script = Script([OK[0]])  # then silence
+    async with connected(script) as client:
+        with pytest.raises(aiosmtplib.SMTPReadTimeoutError):
+            await send(client, timeout=0.3)
+        await asyncio.sleep(0.05)
+        assert not client.is_connected
+
+
+def test_starttls_connections_are_reused_pipelined_under_uvloop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon runs uvloop: its TLS transport must hand over to the reader and back too."""
+    certs = make_certs(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.cert, certs.key)
+    sink = Sink(pipelining=True)
+    controller = Controller(
+        sink, hostname="127.0.0.1", port=free_port(), tls_context=context,
+        require_starttls=True, server_hostname="localhost", ready_timeout=10,
+    )  # fmt: skip
+    target = SmtpUpstream(
+        name="smarthost", host="127.0.0.1", port=controller.port, tls=TlsMode.STARTTLS,
+        username=None, password_file=None, password_env=None, timeout=5.0,
+    )  # fmt: skip
+
+    async def three() -> int:
+        pool = Pool()
+        for n in range(3):
+            await smtp.send(target, f"m{n}@p.example", ["one@example.org"], MESSAGE, pool=pool)
+        await pool.close()
+        return pool.opened
+
+    controller.start()
+    try:
+        assert uvloop.run(three()) == 1
+    finally:
+        controller.stop()
+    assert [m.mail_from for m in sink.messages] == [f"m{n}@p.example" for n in range(3)]
+    assert {m.data for m in sink.messages} == {MESSAGE}
