@@ -8,13 +8,12 @@ adds the spool and the audit records; delivery is the engine's job.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from relay import headers, message, rewrite
 from relay.audit import AuditError, events
@@ -34,6 +33,9 @@ from relay.submission import Submission
 from relay.upstream import replies
 
 log = logging.getLogger("relay")
+
+
+_ToStore = tuple[QueueEntry, tuple[bytes, bytes], list[dict[str, Any]]]  # entry, message, records
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class Acceptor:
         self.spool = spool
         self.engine = engine
         self.recorder = recorder
-        self._put = GroupCommit(functools.partial(spool.put_many, hold=True), "spool-put")
+        self._store = GroupCommit(self._store_many, "accept")
 
     async def process(self, policy: Policy, submission: Submission) -> str:
         try:
@@ -156,17 +158,8 @@ class Acceptor:
     async def _keep(
         self, policy: Policy, submission: Submission, prepared: Prepared, entry: QueueEntry
     ) -> None:
-        try:
-            await self._put((entry, prepared.chunks))
-        except SpoolError as exc:
-            log.error("%s: cannot write to the spool: %s", entry.queue_id, exc)
-            raise SmtpReply(451, "4.3.0", "Queue write failed, try again later") from exc
-        except asyncio.CancelledError:  # stored, but no 250 went out and no record names it
-            with contextlib.suppress(SpoolError):
-                self.spool.remove(entry.queue_id)
-            raise
         subject = prepared.view.subject if policy.audit.record_subject else None
-        self.recorder.add(
+        records = [
             events.received_for(
                 entry.queue_id,
                 entry.message_id,
@@ -175,22 +168,48 @@ class Acceptor:
                 entry.size,
                 policy.digest,
                 subject,
-            )
-        )
-        self.recorder.add(
+            ),
             events.queued(
                 queue_id=entry.queue_id,
                 message_id=entry.message_id,
                 recipients=[r.address for r in entry.recipients],
                 size=entry.size,
-            )
-        )
+            ),
+        ]
         try:
-            await self.recorder.flush(entry.queue_id)
+            await self._store((entry, prepared.chunks, records))
+        except SpoolError as exc:
+            log.error("%s: cannot write to the spool: %s", entry.queue_id, exc)
+            raise SmtpReply(451, "4.3.0", "Queue write failed, try again later") from exc
         except AuditError as exc:
             log.error("%s: cannot write the audit log: %s", entry.queue_id, exc)
-            await asyncio.to_thread(self.spool.remove, entry.queue_id)
             raise SmtpReply(451, "4.3.0", "Audit log write failed, try again later") from exc
+        except asyncio.CancelledError:
+            # stored and recorded as queued, but no 250 went out: it is
+            # delivered all the same (at least once), so the audit log says how it ended
+            self.engine.submit(entry.queue_id)
+            raise
+
+    def _store_many(self, items: list[_ToStore]) -> list[Exception | None]:
+        """The spool, then the audit records, for a batch in one trip to the writing thread.
+
+        Only entries that are in the spool get their records; if the records
+        cannot be written, those entries are taken out again: no message is
+        kept that the audit log does not name.
+        """
+        failures: list[Exception | None] = list(
+            self.spool.put_many([(entry, chunks) for entry, chunks, _ in items], hold=True)
+        )
+        stored = [i for i, failure in enumerate(failures) if failure is None]
+        try:
+            self.recorder.write([record for i in stored for record in items[i][2]])
+        except AuditError as exc:
+            left = self.spool.remove_many([items[i][0].queue_id for i in stored])
+            for i, kept in zip(stored, left, strict=True):
+                failures[i] = exc
+                if kept is not None:
+                    log.error("%s: refused, but not removed: %s", items[i][0].queue_id, kept)
+        return failures
 
     async def _immediate(self, entry: QueueEntry, wait: float) -> str:
         """Wait a little for the first attempt, for ERPs that show the server's answer."""

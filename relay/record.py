@@ -79,7 +79,10 @@ class Recorder:
             await self._write(records)
 
     def flush_sync(self, queue_id: str | None) -> None:
-        records = self._pending.pop(queue_id, [])
+        self.write(self._pending.pop(queue_id, []))
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        """Append and fsync now, in the caller's thread; raises AuditError."""
         if records and self.audit is not None:
             self.audit.append_many(records)
 
