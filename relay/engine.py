@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from relay.audit import AuditError
 from relay.groupcommit import GroupCommit
@@ -25,7 +26,7 @@ from relay.notice import build_notice
 from relay.policy.model import Policy, QueueSettings, Upstream
 from relay.record import Recorder
 from relay.spool import DELIVERED, EXPIRED, FAILED, QueueEntry, RecipientState, Spool
-from relay.spool.store import NoSuchEntry, SpoolBusy, SpoolError
+from relay.spool.store import Failure, NoSuchEntry, SpoolBusy, SpoolError
 
 log = logging.getLogger("relay")
 
@@ -101,7 +102,7 @@ class Engine:
         self._schedule: dict[str, float] = {}  # queue ID -> next attempt
         self._due: list[tuple[float, str]] = []  # heap over _schedule, stale items skipped
         self._planned_in_scan: dict[str, float] | None = None
-        self._remove = GroupCommit(spool.remove_many, "spool-remove")
+        self._done = GroupCommit(self._finish_many, "finish")
         self._warm: dict[str, Warm] = {}
         self._warm_bytes = 0
 
@@ -314,6 +315,17 @@ class Engine:
         await asyncio.to_thread(self.spool.remove, entry.queue_id)
         return Outcome("refused", replies[pending[0]][1])
 
+    def _finish_many(self, items: list[tuple[str, list[dict[str, Any]]]]) -> list[Failure]:
+        """The final records, then the entries gone, for a batch in one trip to the
+        writing thread: the audit log may name an outcome the spool has not caught
+        up with after a crash, never the other way round."""
+        try:
+            self.recorder.write([record for _, records in items for record in records])
+        except AuditError as exc:
+            ids = ", ".join(queue_id for queue_id, _ in items)
+            log.error("%s: AUDIT LOG WRITE FAILED: %s", ids, exc)
+        return self.spool.remove_many([queue_id for queue_id, _ in items])
+
     async def _flush(self, entry: QueueEntry) -> None:
         try:
             await self.recorder.flush(entry.queue_id)
@@ -347,7 +359,6 @@ class Engine:
                 self.submit(notice.queue_id)
             except SpoolError as exc:
                 log.error("%s could not queue the failure notice: %s", entry.queue_id, exc)
-        await self._flush(entry)
-        await self._remove(entry.queue_id)
+        await self._done((entry.queue_id, self.recorder.take(entry.queue_id)))
         statuses = {r.status for r in entry.recipients}
         return Outcome(DELIVERED if statuses == {DELIVERED} else FAILED)

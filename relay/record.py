@@ -79,7 +79,11 @@ class Recorder:
             await self._write(records)
 
     def flush_sync(self, queue_id: str | None) -> None:
-        self.write(self._pending.pop(queue_id, []))
+        self.write(self.take(queue_id))
+
+    def take(self, queue_id: str | None) -> list[dict[str, Any]]:
+        """What was collected for one message, for the caller to ``write``."""
+        return self._pending.pop(queue_id, [])
 
     def write(self, records: list[dict[str, Any]]) -> None:
         """Append and fsync now, in the caller's thread; raises AuditError."""
