@@ -21,7 +21,7 @@ import uvloop
 from aiosmtpd.controller import Controller
 
 from relay.policy.model import SmtpUpstream, TlsMode
-from relay.upstream import smtp, transaction
+from relay.upstream import pipelining, smtp, transaction
 from relay.upstream.pool import Pool
 from tests.certs import make_certs
 from tests.sink import Sink, free_port
@@ -59,7 +59,8 @@ class Script:
             lines = [await reader.readline()]
             while lines[-1] not in (b".\r\n", b""):
                 lines.append(await reader.readline())
-            self.sections.append(b"".join(lines))
+            if lines[-1] == b".\r\n":
+                self.sections.append(b"".join(lines))
             writer.write(self.final)
         while line := await reader.readline():
             self.later.append(line)
@@ -80,8 +81,10 @@ async def connected(script: Script, timeout: float = 5.0) -> AsyncIterator[aiosm
         await asyncio.wait_for(server.wait_closed(), 5)
 
 
-async def send(client: aiosmtplib.SMTP, timeout: float = 5.0) -> tuple[dict, str]:
-    return await transaction.send(client, "b@example.net", RCPTS, MESSAGE, timeout)
+async def send(
+    client: aiosmtplib.SMTP, timeout: float = 5.0, reset: bool = False
+) -> tuple[dict, str]:
+    return await transaction.send(client, "b@example.net", RCPTS, MESSAGE, timeout, reset)
 
 
 async def test_the_commands_go_in_one_group_and_replies_may_come_byte_by_byte() -> None:
@@ -99,6 +102,37 @@ async def test_the_commands_go_in_one_group_and_replies_may_come_byte_by_byte() 
     ]
     assert script.sections == [MESSAGE.replace(b"\r\n.dot", b"\r\n..dot") + b".\r\n"]
     assert script.later == [b"RSET\r\n", b"QUIT\r\n"]
+
+
+async def test_a_reused_connections_rset_goes_first_in_the_group() -> None:
+    script = Script([b"250 2.0.0 reset\r\n", *OK])
+    async with connected(script) as client:
+        assert await send(client, reset=True) == ({}, "2.0.0 queued as X")
+    assert script.groups[0].startswith(b"RSET\r\nMAIL FROM:<b@example.net> ")
+    assert len(script.sections) == 1
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        Script([b"502 5.5.1 not now\r\n", *OK]),
+        Script([], hang_up=True),
+    ],
+    ids=["refused", "hung-up"],
+)
+async def test_a_failed_rset_means_stale_and_nothing_is_sent(script: Script) -> None:
+    async with connected(script) as client:
+        with pytest.raises(pipelining.Stale):
+            await send(client, reset=True)
+        await asyncio.sleep(0.05)
+        assert not client.is_connected
+    assert script.sections == []
+
+
+async def test_no_reply_to_rset_means_stale() -> None:
+    async with connected(Script([])) as client:
+        with pytest.raises(pipelining.Stale):
+            await send(client, timeout=0.3, reset=True)
 
 
 async def test_a_refused_recipient_is_reported_and_the_others_get_the_message() -> None:

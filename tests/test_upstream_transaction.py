@@ -61,6 +61,20 @@ async def test_dotted_lines_arrive_intact(pipelining: bool) -> None:
     assert got.data == MESSAGE and got.rcpt_tos == ["one@example.org", "two@example.org"]
 
 
+async def test_a_reset_goes_before_the_transaction(pipelining: bool) -> None:
+    with SinkServer(Sink(pipelining=pipelining)) as sink:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, start_tls=False)
+        await client.connect()
+        try:
+            for reset in (False, True):
+                await transaction.send(
+                    client, "b@example.net", ["one@example.org"], MESSAGE, 10, reset
+                )
+        finally:
+            client.close()
+    assert [m.data for m in sink.sink.messages] == [MESSAGE, MESSAGE]
+
+
 async def test_one_refused_recipient_is_reported_and_the_others_get_it(pipelining: bool) -> None:
     refusing = Sink(refuse={"gone@example.org": "550 5.1.1 no such user"}, pipelining=pipelining)
     with SinkServer(refusing) as sink:

@@ -11,6 +11,9 @@ aiosmtplib raises for them, so what the relay makes of them does not change.
 
 The message itself goes only after the server said 354 to DATA, so a
 connection lost before any reply never leaves a half-sent message behind.
+That is also why a reused connection's RSET can go first in the group: if
+it finds the connection dead or refused, nothing of the message went out,
+and ``Stale`` tells the caller to try again on a new connection.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ from aiosmtplib import SMTPResponse, SMTPStatus
 
 RCPT_OK = (SMTPStatus.completed, SMTPStatus.will_forward)
 MAX_REPLY = 32768  # as aiosmtplib: a reply longer than this is no SMTP reply
+
+
+class Stale(aiosmtplib.SMTPServerDisconnected):
+    """A reused connection failed its RSET: closed, and nothing of the message was sent."""
 
 
 class _Replies(asyncio.Protocol):
@@ -100,6 +107,15 @@ class _Replies(asyncio.Protocol):
         return taken
 
 
+async def _reset(replies: _Replies, timeout: float) -> None:
+    try:
+        (reply,) = await replies.take(1, timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+        raise Stale(f"no reply to RSET: {exc}") from exc
+    if reply.code != SMTPStatus.completed:
+        raise Stale(f"RSET refused: {reply.code} {reply.message}")
+
+
 def _invalid(text: str) -> aiosmtplib.SMTPResponseException:
     return aiosmtplib.SMTPResponseException(SMTPStatus.invalid_response, text)
 
@@ -112,9 +128,11 @@ async def send(
     rcpt_commands: Sequence[bytes],
     section: bytes,
     timeout: float,
+    reset: bool = False,
 ) -> tuple[dict[str, SMTPResponse], SMTPResponse]:
     """The transaction on ``client``'s connection: (refused recipients, the final reply),
-    raising what the one-at-a-time transaction raises for the same replies."""
+    raising what the one-at-a-time transaction raises for the same replies.
+    With ``reset`` an RSET goes first, and ``Stale`` if it fails."""
     protocol = client.protocol
     transport = protocol.transport if protocol is not None else None
     if protocol is None or transport is None or transport.is_closing():
@@ -122,7 +140,10 @@ async def send(
     replies = _Replies()
     transport.set_protocol(replies)
     try:
-        transport.write(b"".join(c + b"\r\n" for c in (mail_command, *rcpt_commands, b"DATA")))
+        group = (*([b"RSET"] if reset else []), mail_command, *rcpt_commands, b"DATA")
+        transport.write(b"".join(command + b"\r\n" for command in group))
+        if reset:
+            await _reset(replies, timeout)
         got = await replies.take(len(rcpt_commands) + 2, timeout)
         mail, rcpts, start = got[0], got[1:-1], got[-1]
         if mail.code != SMTPStatus.completed:

@@ -12,8 +12,11 @@ A connection goes back to the idle set only when the transaction left it in
 step with the server (accepted, or refused with a clean reply); a timeout,
 lost connection or cancellation closes it. A reused connection gets ``RSET``
 first, and one that fails it is replaced quietly, not reported as a failed
-delivery. Idle connections get ``QUIT`` after ``idle_timeout`` from a
-single reaper task, which exits whenever nothing is idle.
+delivery: on its own before the transaction, or, to a server that offers
+PIPELINING, as the first command of the transaction's group (``Lease.reset``;
+the caller then takes a new lease when ``pipelining.Stale`` says it failed).
+Idle connections get ``QUIT`` after ``idle_timeout`` from a single reaper
+task, which exits whenever nothing is idle.
 """
 
 from __future__ import annotations
@@ -63,6 +66,15 @@ class PoolKey:
         return cls(upstream.host.lower(), upstream.port, upstream.tls, upstream.username, secret)
 
 
+@dataclass(frozen=True)
+class Lease:
+    """A connection for one transaction; ``reset``: its RSET is still to be sent,
+    first in the transaction's pipelined group."""
+
+    client: aiosmtplib.SMTP
+    reset: bool = False
+
+
 @dataclass(eq=False)
 class _Connection:
     key: PoolKey
@@ -99,18 +111,16 @@ class Pool:
         return sum(len(conns) for conns in self._idle.values())
 
     @contextlib.asynccontextmanager
-    async def lease(
-        self, key: PoolKey, opener: Opener, timeout: float
-    ) -> AsyncIterator[aiosmtplib.SMTP]:
+    async def lease(self, key: PoolKey, opener: Opener, timeout: float) -> AsyncIterator[Lease]:
         """A connection for one transaction; ``opener`` makes a logged-in one when none is idle.
 
         Errors from ``opener`` pass through untouched, so the caller maps them
         with the stage it knows.
         """
-        conn = await self._acquire(key, opener, timeout)
+        conn, reset = await self._acquire(key, opener, timeout)
         in_step = False
         try:
-            yield conn.client
+            yield Lease(conn.client, reset)
             in_step = True
         except _IN_STEP:
             in_step = True
@@ -132,16 +142,20 @@ class Pool:
         self._idle.clear()
         await asyncio.gather(*(_quit(conn) for conn in idle))
 
-    async def _acquire(self, key: PoolKey, opener: Opener, timeout: float) -> _Connection:
+    async def _acquire(
+        self, key: PoolKey, opener: Opener, timeout: float
+    ) -> tuple[_Connection, bool]:
         while (conn := self._take(key)) is not None:
             conn.client.timeout = timeout
             if time.monotonic() >= conn.idle_since + self.idle_timeout:
                 await _quit(conn)
+            elif conn.client.is_connected and conn.client.supports_extension("pipelining"):
+                return conn, True
             elif await _usable(conn):
-                return conn
+                return conn, False
         conn = _Connection(key, await opener())
         self.opened += 1
-        return conn
+        return conn, False
 
     def _take(self, key: PoolKey) -> _Connection | None:
         """The most recently used idle connection, so the surplus ones age out."""

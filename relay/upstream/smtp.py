@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import socket
 import ssl
@@ -26,7 +27,10 @@ import aiosmtplib
 from relay.errors import UpstreamError
 from relay.policy.model import SmtpUpstream, TlsMode
 from relay.upstream import DeliveryResult, replies, transaction
+from relay.upstream.pipelining import Stale
 from relay.upstream.pool import Pool, PoolKey, default_pool
+
+log = logging.getLogger("relay")
 
 _START_TLS: dict[TlsMode, bool | None] = {
     TlsMode.NONE: False,
@@ -47,11 +51,19 @@ async def send(
     password = _password(upstream) if upstream.username else None
     pool = default_pool() if pool is None else pool
     opener = functools.partial(_open, upstream, password)
+    key = PoolKey.of(upstream, password)
     try:
-        async with pool.lease(PoolKey.of(upstream, password), opener, upstream.timeout) as client:
-            refused, reply = await transaction.send(
-                client, mail_from, rcpt_tos, data, upstream.timeout
-            )
+        for _ in range(pool.max_idle_per_key + 1):  # each stale one is closed: a new one comes
+            try:
+                async with pool.lease(key, opener, upstream.timeout) as lease:
+                    refused, reply = await transaction.send(
+                        lease.client, mail_from, rcpt_tos, data, upstream.timeout, lease.reset
+                    )
+                break
+            except Stale as exc:
+                log.debug("upstream %s: idle connection stale: %s", _where(upstream), exc)
+        else:
+            raise aiosmtplib.SMTPServerDisconnected("every idle connection was stale")
     except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
         raise _mapped(upstream, "sending", exc) from exc
     return DeliveryResult(

@@ -54,10 +54,16 @@ def wire(data: bytes) -> tuple[bytes, int]:
 
 
 async def send(
-    client: aiosmtplib.SMTP, mail_from: str, rcpt_tos: Sequence[str], data: bytes, timeout: float
+    client: aiosmtplib.SMTP,
+    mail_from: str,
+    rcpt_tos: Sequence[str],
+    data: bytes,
+    timeout: float,
+    reset: bool = False,
 ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
     """MAIL, RCPT for each recipient, DATA: (refused recipients, the final reply),
-    raising what ``aiosmtplib.SMTP.sendmail`` raises for the same replies."""
+    raising what ``aiosmtplib.SMTP.sendmail`` raises for the same replies.
+    With ``reset`` an RSET goes first; pipelined, ``pipelining.Stale`` says it failed."""
     paths = [path(address) for address in (mail_from, *rcpt_tos)]  # refuse before sending
     section, size = wire(data)
     if client.is_ehlo_or_helo_needed:
@@ -68,9 +74,11 @@ async def send(
             mail = b" ".join((b"MAIL FROM:" + paths[0], *options))
             rcpts = [b"RCPT TO:" + rcpt_path for rcpt_path in paths[1:]]
             refused, final = await pipelining.send(
-                client, mail_from, mail, rcpt_tos, rcpts, section, timeout
+                client, mail_from, mail, rcpt_tos, rcpts, section, timeout, reset
             )
             return refused, final.message
+        if reset:
+            await client.rset(timeout=timeout)
         reply = await client.execute_command(
             b"MAIL", b"FROM:" + paths[0], *options, timeout=timeout
         )
