@@ -480,6 +480,17 @@ def test_idle_connection_is_closed() -> None:
         assert time.monotonic() - started < 5
 
 
+def test_idle_after_commands_is_closed_counting_from_the_last_one() -> None:
+    with Relay([listener(idle_timeout=0.3)]) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        for _ in range(6):  # 0.6 s in all, never 0.3 s without a command
+            assert raw.cmd(b"NOOP") == "250 OK"
+            time.sleep(0.1)
+        last = time.monotonic()
+        assert raw.closed()
+        assert 0.15 < time.monotonic() - last < 5
+
+
 def test_slow_upload_is_not_idle() -> None:
     with Relay([listener(idle_timeout=0.5)]) as relay, Raw(relay.port) as raw:
         raw.envelope()

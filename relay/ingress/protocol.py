@@ -53,6 +53,7 @@ class RelaySMTP(SMTP):
         self._allow = allow
         self._connections = connections
         self._holding = False
+        self._deadline = 0.0  # loop time: idle until then is allowed
         self._better = {
             "552 Error: Too much mail data": self._too_big(),
             "552 Error: message size exceeds fixed maximum message size": self._too_big(),
@@ -84,6 +85,23 @@ class RelaySMTP(SMTP):
         if not self._holding:
             self._reset_timeout()
         super().data_received(data)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Move the idle deadline; the timer is re-armed only when it would fire
+        too early or is gone. aiosmtpd re-arms it on every command and this class
+        on every packet too: a cancel and a new timer each time added up."""
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > self._deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(self._deadline, self._idle_check)
+
+    def _idle_check(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._idle_check)
+        else:
+            self._timeout_cb()
 
     async def _handle_client(self) -> None:
         assert self.session is not None and self.transport is not None
