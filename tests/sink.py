@@ -51,7 +51,13 @@ class Sink(RefusingRecipients):
 
     data_reply: str = "250 2.0.0 sink accepted"
     delay: float = 0.0  # seconds before answering DATA: a slow upstream
+    rset_reply: str = "250 OK"
     messages: list[Received] = field(default_factory=list)
+    resets: int = 0
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.resets += 1
+        return self.rset_reply
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         await asyncio.sleep(self.delay)

@@ -33,10 +33,13 @@ OK = [b"250 2.1.0 sender ok\r\n", b"250 2.1.5 one ok\r\n", b"250 2.1.5 two ok\r\
 
 @dataclass
 class Script:
-    replies: list[bytes]  # to the command group, written as they are
+    """``replies`` answer RSET (when reset), MAIL, each RCPT and DATA, in order."""
+
+    replies: list[bytes]
     final: bytes = b"250 2.0.0 queued as X\r\n"
     byte_by_byte: bool = False
-    hang_up: bool = False  # after the command group, without a word
+    pipelining: bool = True  # else PIPELINING is not offered and each command gets its reply
+    then_hang_up: bool = False  # after the replies (and the message, after a 354)
     groups: list[bytes] = field(default_factory=list)
     sections: list[bytes] = field(default_factory=list)
     later: list[bytes] = field(default_factory=list)  # commands after the transaction
@@ -44,34 +47,48 @@ class Script:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 scripted ESMTP\r\n")
         await reader.readline()
-        writer.write(b"250-scripted\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 8BITMIME\r\n")
-        self.groups.append(await reader.readuntil(b"DATA\r\n"))
-        if self.hang_up:
-            writer.close()
-            return
-        for reply in self.replies:
-            for piece in (
-                [reply[i : i + 1] for i in range(len(reply))] if self.byte_by_byte else [reply]
-            ):
-                writer.write(piece)
-                await writer.drain()
+        offer = b"250-PIPELINING\r\n" if self.pipelining else b""
+        writer.write(b"250-scripted\r\n" + offer + b"250-SIZE 100000\r\n250 8BITMIME\r\n")
+        if self.pipelining:
+            self.groups.append(await reader.readuntil(b"DATA\r\n"))
+            await self._say(writer, self.replies)
+        else:
+            for reply in self.replies:
+                if not await reader.readline():
+                    return
+                await self._say(writer, [reply])
         if self.replies and self.replies[-1].startswith(b"354"):
             lines = [await reader.readline()]
             while lines[-1] not in (b".\r\n", b""):
                 lines.append(await reader.readline())
             if lines[-1] == b".\r\n":
                 self.sections.append(b"".join(lines))
-            writer.write(self.final)
+                writer.write(self.final)
+        if self.then_hang_up:
+            writer.close()
+            return
         while line := await reader.readline():
             self.later.append(line)
             writer.write(b"221 bye\r\n" if line.startswith(b"QUIT") else b"250 ok\r\n")
 
+    async def _say(self, writer: asyncio.StreamWriter, replies: list[bytes]) -> None:
+        for reply in replies:
+            pieces = [reply[i : i + 1] for i in range(len(reply))] if self.byte_by_byte else [reply]
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+
 
 @contextlib.asynccontextmanager
-async def connected(script: Script, timeout: float = 5.0) -> AsyncIterator[aiosmtplib.SMTP]:
-    server = await asyncio.start_server(script.serve, "127.0.0.1", 0)
+async def connected(
+    script: Script, timeout: float = 5.0, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[aiosmtplib.SMTP]:
+    server = await asyncio.start_server(script.serve, "127.0.0.1", 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=timeout)
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=port, start_tls=False, use_tls=tls is not None,
+        validate_certs=False, timeout=timeout,
+    )  # fmt: skip
     await client.connect()
     try:
         yield client
@@ -116,7 +133,7 @@ async def test_a_reused_connections_rset_goes_first_in_the_group() -> None:
     "script",
     [
         Script([b"502 5.5.1 not now\r\n", *OK]),
-        Script([], hang_up=True),
+        Script([], then_hang_up=True),
     ],
     ids=["refused", "hung-up"],
 )
@@ -204,13 +221,68 @@ async def test_a_malformed_reply_closes_the_connection() -> None:
 
 
 async def test_a_server_hanging_up_mid_transaction_is_a_lost_connection() -> None:
-    script = Script([], hang_up=True)
+    script = Script([], then_hang_up=True)
     async with connected(script) as client:
         with pytest.raises(aiosmtplib.SMTPServerDisconnected):
             await send(client)
         await asyncio.sleep(0.05)
         assert not client.is_connected
-    assert script.sections == []
+    assert len(script.groups) == 1  # it had the whole group, and said nothing
+
+
+REFUSED_THEN_GONE = {
+    "sender-554": [b"554 5.7.1 sender refused\r\n"],
+    "sender-421": [b"421 4.7.0 closing\r\n"],
+    "every-recipient": [OK[0], b"550 5.1.1 no one\r\n", b"550 5.1.1 no two\r\n"],
+    "one-recipient": [OK[0], b"550 5.1.1 no one\r\n"],
+    "nothing": [],
+    "everything-but-data": OK[:3],
+}
+
+
+@pytest.mark.parametrize("replies", REFUSED_THEN_GONE.values(), ids=REFUSED_THEN_GONE.keys())
+async def test_replies_then_a_hang_up_read_as_one_at_a_time(replies: list[bytes]) -> None:
+    """A refusal the server made before hanging up is what the message gets, pipelined
+    or not; without one, the connection was lost."""
+    outcomes = []
+    for pipelined in (False, True):
+        script = Script(list(replies), pipelining=pipelined, then_hang_up=True)
+        async with connected(script) as client:
+            with pytest.raises(aiosmtplib.SMTPException) as failed:
+                await send(client)
+            await asyncio.sleep(0.05)
+            assert not client.is_connected
+        outcomes.append(_described(failed.value))
+    assert outcomes[0] == outcomes[1]
+
+
+def _described(error: aiosmtplib.SMTPException) -> tuple[str, list[int]]:
+    if isinstance(error, aiosmtplib.SMTPRecipientsRefused):
+        return type(error).__name__, [r.code for r in error.recipients]
+    if isinstance(error, aiosmtplib.SMTPResponseException):
+        return type(error).__name__, [error.code]
+    return type(error).__name__, []
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_tls_connection_lost_mid_group_is_stale_and_aiosmtplib_hears_of_it(
+    tmp_path: Path, loop: str
+) -> None:
+    """A lost TLS transport cannot take back aiosmtplib's protocol (asyncio's raises
+    if asked); the end of the connection must reach aiosmtplib all the same."""
+    certs = make_certs(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.cert, certs.key)
+
+    async def reused_after_hang_up() -> bool:
+        async with connected(Script([], then_hang_up=True), tls=context) as client:
+            with pytest.raises(pipelining.Stale):
+                await send(client, reset=True)
+            await asyncio.sleep(0.1)
+            return client.is_connected
+
+    run = uvloop.run if loop == "uvloop" else asyncio.run
+    assert run(reused_after_hang_up()) is False
 
 
 async def test_no_answer_is_a_timeout_and_closes_the_connection() -> None:

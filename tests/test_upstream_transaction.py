@@ -8,9 +8,11 @@ import aiosmtplib
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import COMMAND_INJECTION_REGEX
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from relay.upstream import pipelining as pipelining_module
 from relay.upstream import transaction
 from tests.sink import Sink, SinkServer, free_port
 
@@ -73,6 +75,25 @@ async def test_a_reset_goes_before_the_transaction(pipelining: bool) -> None:
         finally:
             client.close()
     assert [m.data for m in sink.sink.messages] == [MESSAGE, MESSAGE]
+    assert sink.sink.resets == 1
+
+
+async def test_a_refused_reset_means_a_stale_connection_not_a_refused_message(
+    pipelining: bool,
+) -> None:
+    refusing = Sink(pipelining=pipelining, rset_reply="502 5.5.1 not now")
+    with SinkServer(refusing) as sink:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, start_tls=False)
+        await client.connect()
+        try:
+            with pytest.raises(pipelining_module.Stale):
+                await transaction.send(
+                    client, "b@example.net", ["one@example.org"], MESSAGE, 10, True
+                )
+            assert not client.is_connected
+        finally:
+            client.close()
+    assert sink.sink.messages == []
 
 
 async def test_one_refused_recipient_is_reported_and_the_others_get_it(pipelining: bool) -> None:
@@ -109,11 +130,12 @@ async def test_a_refused_data_section_raises_the_servers_reply(pipelining: bool)
     assert (refused.value.code, refused.value.message) == (554, "5.6.0 content refused")
 
 
+@pytest.mark.parametrize("bad", ["not an address@example.org", '"x\x00y"@example.org'])
 async def test_an_address_it_cannot_send_is_refused_before_anything_is_sent(
-    pipelining: bool,
+    pipelining: bool, bad: str
 ) -> None:
     with SinkServer(Sink(pipelining=pipelining)) as sink, pytest.raises(ValueError):
-        await _send(sink, ["one@example.org", "not an address@example.org"])
+        await _send(sink, ["one@example.org", bad])
     assert sink.sink.messages == []
 
 
@@ -149,11 +171,18 @@ ADDRESS_PIECES = st.sampled_from([*'ab9.@<> "()\\,;:é\r\n\x00', "x@y.example", 
 @example("Jan <jan@acme.example>")
 @example("jan@acme.example\r\nRCPT TO:<x@example.org>")
 @example("jé@acme.example")
+@example('"x\x00y"@example.org')
 def test_paths_are_what_aiosmtplib_would_send(address: str) -> None:
     """The envelope bytes, or the refusal, are aiosmtplib's own for every address."""
-    assert _outcome(transaction.path, address) == _outcome(
-        lambda a: quote_address(a).encode("ascii"), address
-    )
+    assert _outcome(transaction.path, address) == _outcome(_aiosmtplib_path, address)
+
+
+def _aiosmtplib_path(address: str) -> bytes:
+    """The path aiosmtplib sends: quoted, then refused with control characters in it."""
+    quoted = quote_address(address).encode("ascii")
+    if COMMAND_INJECTION_REGEX.search(quoted):
+        raise ValueError("prohibited control character")
+    return quoted
 
 
 def _outcome(quote: Callable[[str], bytes], address: str) -> object:

@@ -35,15 +35,16 @@ class Stale(aiosmtplib.SMTPServerDisconnected):
 class _Replies(asyncio.Protocol):
     """Collects complete replies as they arrive; ``take`` waits for as many as it needs."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: asyncio.BaseProtocol) -> None:
+        self._owner = owner  # aiosmtplib's protocol, which has the transport back afterwards
+        self._released = False
+        self._lost: tuple[Exception | None] | None = None
         self._buffer = bytearray()
         self._lines: list[bytes] = []
         self._replies: list[SMTPResponse] = []
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._wanted = 0
-        self.lost = False
-        self.lost_with: Exception | None = None
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -76,8 +77,23 @@ class _Replies(asyncio.Protocol):
         return False  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost, self.lost_with = True, exc
         self._fail(aiosmtplib.SMTPServerDisconnected("Connection lost"))
+        if self._released:
+            self._owner.connection_lost(exc)
+        else:
+            self._lost = (exc,)
+
+    def release(self) -> None:
+        """The transaction is over on a closing transport, which keeps this reader
+        (a TLS transport cannot change its protocol once lost): the end of the
+        connection still reaches aiosmtplib, now or when it comes."""
+        self._released = True
+        if self._lost is not None:
+            self._owner.connection_lost(self._lost[0])
+
+    def arrived(self) -> list[SMTPResponse]:
+        """The replies in so far, when ``take`` raised before it had all it wanted."""
+        return list(self._replies)
 
     def _fail(self, error: Exception) -> None:
         if self._error is None:
@@ -133,34 +149,41 @@ async def send(
     """The transaction on ``client``'s connection: (refused recipients, the final reply),
     raising what the one-at-a-time transaction raises for the same replies.
     With ``reset`` an RSET goes first, and ``Stale`` if it fails."""
+    group = (*([b"RSET"] if reset else []), mail_command, *rcpt_commands, b"DATA")
     protocol = client.protocol
     transport = protocol.transport if protocol is not None else None
     if protocol is None or transport is None or transport.is_closing():
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    replies = _Replies()
+    replies = _Replies(protocol)
     transport.set_protocol(replies)
     try:
-        group = (*([b"RSET"] if reset else []), mail_command, *rcpt_commands, b"DATA")
         transport.write(b"".join(command + b"\r\n" for command in group))
         if reset:
             await _reset(replies, timeout)
-        got = await replies.take(len(rcpt_commands) + 2, timeout)
-        mail, rcpts, start = got[0], got[1:-1], got[-1]
-        if mail.code != SMTPStatus.completed:
-            if start.code == SMTPStatus.start_input:  # DATA without a sender: out of step
-                transport.close()
-            raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, mail_from)
-        refused = {a: r for a, r in zip(rcpt_tos, rcpts, strict=True) if r.code not in RCPT_OK}
-        if len(refused) == len(rcpt_tos):
-            if start.code == SMTPStatus.start_input:  # some servers do: end it, empty
-                transport.write(b".\r\n")
-                await replies.take(1, timeout)
-            raise aiosmtplib.SMTPRecipientsRefused(
-                [aiosmtplib.SMTPRecipientRefused(r.code, r.message, a) for a, r in refused.items()]
-            )
+        try:
+            got = await replies.take(len(rcpt_commands) + 2, timeout)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as lost:
+            refusal = _refusal(replies.arrived(), mail_from, rcpt_tos)
+            if refusal is None:
+                raise
+            transport.close()  # a refusal, then a hang-up or silence: the refusal counts
+            raise refusal from lost
+        if any(reply.code == SMTPStatus.domain_unavailable for reply in got):
+            transport.close()  # 421: the server is closing the connection (as aiosmtplib)
+        start = got[-1]
+        refusal = _refusal(got, mail_from, rcpt_tos)
+        if refusal is not None:
+            if start.code == SMTPStatus.start_input and not transport.is_closing():
+                if isinstance(refusal, aiosmtplib.SMTPSenderRefused):
+                    transport.close()  # DATA without a sender: out of step
+                else:  # every recipient refused, yet 354: end it, empty
+                    transport.write(b".\r\n")
+                    await replies.take(1, timeout)
+            raise refusal
         if start.code != SMTPStatus.start_input:
             raise aiosmtplib.SMTPDataError(start.code, start.message)
-        transport.writelines((section, b".\r\n"))  # one system call; uvloop does not copy
+        # one system call; uvloop (the daemon's loop) keeps references, no copy
+        transport.writelines((section, b".\r\n"))
         (final,) = await replies.take(1, timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, asyncio.CancelledError):
         transport.close()  # out of step with the server: never reuse it
@@ -170,9 +193,31 @@ async def send(
             transport.close()
         raise
     finally:
-        transport.set_protocol(protocol)
-        if replies.lost:
-            protocol.connection_lost(replies.lost_with)
+        if transport.is_closing():
+            replies.release()
+        else:
+            transport.set_protocol(protocol)
     if final.code != SMTPStatus.completed:
+        if final.code == SMTPStatus.domain_unavailable:
+            transport.close()
         raise aiosmtplib.SMTPDataError(final.code, final.message)
+    refused = {a: r for a, r in zip(rcpt_tos, got[1:-1], strict=True) if r.code not in RCPT_OK}
     return refused, final
+
+
+def _refusal(
+    got: Sequence[SMTPResponse], mail_from: str, rcpt_tos: Sequence[str]
+) -> aiosmtplib.SMTPException | None:
+    """What the one-at-a-time transaction raises for these replies before DATA:
+    the sender refused, or every recipient; None while neither is known."""
+    if not got:
+        return None
+    if got[0].code != SMTPStatus.completed:
+        return aiosmtplib.SMTPSenderRefused(got[0].code, got[0].message, mail_from)
+    rcpts = got[1 : 1 + len(rcpt_tos)]
+    if len(rcpts) < len(rcpt_tos) or any(reply.code in RCPT_OK for reply in rcpts):
+        return None
+    pairs = zip(rcpt_tos, rcpts, strict=True)
+    return aiosmtplib.SMTPRecipientsRefused(
+        [aiosmtplib.SMTPRecipientRefused(r.code, r.message, a) for a, r in pairs]
+    )

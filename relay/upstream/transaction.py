@@ -28,14 +28,20 @@ from relay.upstream import pipelining
 
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 _PLAIN = re.compile(rf"{DOT_ATOM}@{DOT_ATOM}")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # aiosmtplib's COMMAND_INJECTION_REGEX
 
 
 def path(address: str) -> bytes:
-    """``<address>`` as aiosmtplib's ``quote_address`` makes it (ValueError for
-    what must not go on a command line), a plain ``local@domain`` directly."""
+    """``<address>`` as aiosmtplib's ``quote_address`` makes it, a plain
+    ``local@domain`` directly; ValueError for what must not go on a command
+    line, checked as aiosmtplib checks a command's arguments (the pipelined
+    transaction does not go through that check)."""
     if _PLAIN.fullmatch(address):
         return b"<" + address.encode("ascii") + b">"
-    return quote_address(address).encode("ascii")
+    quoted = quote_address(address).encode("ascii")
+    if _CONTROL.search(quoted):
+        raise ValueError("Command arg contains a prohibited control character")
+    return quoted
 
 
 def wire(data: bytes) -> tuple[bytes, int]:
@@ -78,7 +84,7 @@ async def send(
             )
             return refused, final.message
         if reset:
-            await client.rset(timeout=timeout)
+            await _reset(client, timeout)
         reply = await client.execute_command(
             b"MAIL", b"FROM:" + paths[0], *options, timeout=timeout
         )
@@ -99,6 +105,15 @@ async def send(
             await client.rset(timeout=timeout)
         raise
     return refused, reply.message
+
+
+async def _reset(client: aiosmtplib.SMTP, timeout: float) -> None:
+    """As in the pipelined group: a failed RSET means a stale connection, not a refusal."""
+    try:
+        await client.rset(timeout=timeout)
+    except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPServerDisconnected) as exc:
+        client.close()
+        raise pipelining.Stale(f"RSET failed: {exc}") from exc
 
 
 async def _data(client: aiosmtplib.SMTP, section: bytes, timeout: float) -> aiosmtplib.SMTPResponse:
