@@ -51,3 +51,42 @@ def test_view_reads_encoded_and_plain_values() -> None:
 def test_the_header_block_ends_at_the_first_empty_line(raw: bytes) -> None:
     ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
     assert message._head(raw) == (raw[: min(ends) + 2] if ends else raw)
+
+
+FIELD_PIECES = st.sampled_from(
+    [b"Subject", b"From", b"X-A", b":", b" ", b"\t", b"\r\n", b"\n", b"\r", b"\r\n ",
+     b"\n\t", b"x", b"=?utf-8?q?n=C3=A6r?=", b"a@b.example", b"\xc3\xa6", b"From ", b"\x00"]
+)  # fmt: skip
+
+
+@given(st.lists(FIELD_PIECES, max_size=30).map(b"".join))
+@settings(max_examples=5000, deadline=None)
+@example(b"Subject: hi  \r\nTo: a@b.example\r\n")
+@example(b"Subject:\r\n folded\r\n\tagain\r\n")
+@example(b"Subject: x\n\r\n")
+@example(b":empty name\r\n")
+@example(b" starts folded\r\n")
+@example(b"From x\r\nSubject: y\r\n")
+@example(b"Subject: caf\xc3\xa9\r\n")
+@example(b"Subject: a\rb\r\n")
+def test_headers_read_as_the_email_package_reads_them(head: bytes) -> None:
+    """The plain reading, where it answers at all, is the parser's; and read() is
+    the parser's reading either way."""
+    by_parser = [
+        (name, str(value))
+        for name, value in message._HEADERS.parsebytes(message._head(head)).items()
+    ]
+    plain = message._plain_fields(message._head(head))
+    if plain is not None:
+        assert plain == by_parser
+    expected = tuple((name, message.decode(value)) for name, value in by_parser)
+    assert message.read(head).headers == expected
+
+
+def test_plain_header_blocks_are_read_without_the_parser() -> None:
+    head = b"Subject: Invoice 7\r\nFrom: Jan <jan@acme.example>\r\nX-A: one\r\n two\r\n"
+    assert message._plain_fields(message._head(head + b"\r\nbody\r\n")) == [
+        ("Subject", "Invoice 7"),
+        ("From", "Jan <jan@acme.example>"),
+        ("X-A", "one\r\n two"),
+    ]
