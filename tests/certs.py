@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,13 @@ def make_certs(
         )
     )
     return paths
+
+
+def server_context(certs: Certs) -> ssl.SSLContext:
+    """What a test server presents: the leaf certificate and its key."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.cert, certs.key)
+    return context
 
 
 def _alt_name(name: str) -> x509.GeneralName:

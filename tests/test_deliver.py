@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import socket
-import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from relay.errors import UpstreamError
 from relay.policy.model import DirectoryUpstream, SmtpUpstream, TlsMode
 from relay.upstream import replies, smtp
 from relay.upstream.pool import Pool
-from tests.certs import Certs, make_certs
+from tests.certs import Certs, make_certs, server_context
 from tests.sink import RefusingRecipients
 
 MESSAGE = (
@@ -76,12 +75,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def server_context(certs: Certs) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certs.cert, certs.key)
-    return context
 
 
 def authenticator(

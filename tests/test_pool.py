@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from relay.errors import UpstreamError
 from relay.policy.model import SmtpUpstream, TlsMode
 from relay.upstream import DeliveryResult, smtp
 from relay.upstream.pool import Pool, PoolKey, close_default_pool, default_pool
-from tests.certs import make_certs
+from tests.certs import make_certs, server_context
 from tests.sink import RefusingRecipients, free_port
 
 MESSAGE = b"From: a@platform.example\r\nTo: one@example.org\r\nSubject: pool\r\n\r\nbody\r\n"
@@ -332,8 +331,7 @@ async def test_starttls_login_is_reused_encrypted(
 ) -> None:
     certs = make_certs(tmp_path)
     monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca))
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certs.cert, certs.key)
+    context = server_context(certs)
     recorder = Recorder(pipelining=pipelining)
     with running(recorder, tls_context=context, authenticator=authenticator) as (rec, port):
         target = tenant(tmp_path, port, "acme", "acme-pw", tls=TlsMode.STARTTLS)

@@ -23,7 +23,7 @@ from aiosmtpd.controller import Controller
 from relay.policy.model import SmtpUpstream, TlsMode
 from relay.upstream import pipelining, smtp, transaction
 from relay.upstream.pool import Pool
-from tests.certs import make_certs
+from tests.certs import make_certs, server_context
 from tests.sink import Sink, free_port
 
 MESSAGE = b"From: a@example.org\r\nSubject: pipelined\r\n\r\n.dot\r\nbody\r\n"
@@ -271,8 +271,7 @@ def test_a_tls_connection_lost_mid_group_is_stale_and_aiosmtplib_hears_of_it(
     """A lost TLS transport cannot take back aiosmtplib's protocol (asyncio's raises
     if asked); the end of the connection must reach aiosmtplib all the same."""
     certs = make_certs(tmp_path)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certs.cert, certs.key)
+    context = server_context(certs)
 
     async def reused_after_hang_up() -> bool:
         async with connected(Script([], then_hang_up=True), tls=context) as client:
@@ -300,8 +299,7 @@ def test_starttls_connections_are_reused_pipelined_under_uvloop(
     """The daemon runs uvloop: its TLS transport must hand over to the reader and back too."""
     certs = make_certs(tmp_path)
     monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca))
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certs.cert, certs.key)
+    context = server_context(certs)
     sink = Sink(pipelining=True)
     controller = Controller(
         sink, hostname="127.0.0.1", port=free_port(), tls_context=context,
