@@ -11,7 +11,8 @@ with a line starting with a dot is copied, to stuff it. The envelope goes
 out as ``mail`` and ``rcpt`` would send it, with the errors they raise, so
 the reply mapping in ``smtp`` does not change; a plain ``local@domain`` is
 quoted as it is, without the ``email`` package's address parser those run
-twice per address.
+twice per address. To a server that offers PIPELINING the commands go as
+one group (``pipelining``), with the same errors for the same replies.
 """
 
 from __future__ import annotations
