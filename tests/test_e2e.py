@@ -17,7 +17,7 @@ import pytest
 from relay import headers, message
 from tests.dkimtools import assert_opendkim_ok, dkimpy_verify
 from tests.relayproc import RelayProcess, wait_for
-from tests.sink import SinkServer, free_port
+from tests.sink import Sink, SinkServer, free_port
 
 PDF = b"JVBERi0xLjQKJcfsj6IKMSAwIG9iago8PC9UeXBlL0NhdGFsb2c+PgplbmRvYmoK\r\n"
 BODY = (
@@ -53,9 +53,10 @@ def _policy(policy_file: Path, relay_port: int, sink_port: int) -> Path:
     return policy_file
 
 
-@pytest.fixture
-def sink() -> Iterator[SinkServer]:
-    with SinkServer() as server:
+@pytest.fixture(params=[False, True], ids=["one-at-a-time", "pipelining"])
+def sink(request: pytest.FixtureRequest) -> Iterator[SinkServer]:
+    """The upstream, with and without PIPELINING: the daemon (uvloop) takes either path."""
+    with SinkServer(Sink(pipelining=request.param)) as server:
         yield server
 
 
