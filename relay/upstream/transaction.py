@@ -23,13 +23,13 @@ from collections.abc import Sequence
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import COMMAND_INJECTION_REGEX
 
 from relay.headers import DOT_ATOM
 from relay.upstream import pipelining
 
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
 _PLAIN = re.compile(rf"{DOT_ATOM}@{DOT_ATOM}")
-_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # aiosmtplib's COMMAND_INJECTION_REGEX
 
 
 def path(address: str) -> bytes:
@@ -40,7 +40,7 @@ def path(address: str) -> bytes:
     if _PLAIN.fullmatch(address):
         return b"<" + address.encode("ascii") + b">"
     quoted = quote_address(address).encode("ascii")
-    if _CONTROL.search(quoted):
+    if COMMAND_INJECTION_REGEX.search(quoted):
         raise ValueError("Command arg contains a prohibited control character")
     return quoted
 
