@@ -1,14 +1,18 @@
-"""Fixtures shared by the tests: a policy directory with real DKIM keys."""
+"""Fixtures shared by the tests: a policy directory with real DKIM keys, and
+upstreams with and without PIPELINING."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from relay.keygen import generate
 from relay.policy.model import DkimAlgorithm
+from relay.upstream import pipelining as pipelined_transaction
 
 DATA = Path(__file__).parent / "data"
 KEYS = (
@@ -46,3 +50,19 @@ def policy_file(tmp_path: Path, key_dir: tuple[Path, dict[str, str]]) -> Path:
 @pytest.fixture
 def dns_records(key_dir: tuple[Path, dict[str, str]]) -> dict[str, str]:
     return key_dir[1]
+
+
+@pytest.fixture(params=[False, True], ids=["one-at-a-time", "pipelining"])
+def pipelining(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[bool]:
+    """Whether the test's upstream offers PIPELINING; afterwards, that the
+    transaction took the path the upstream offered (the real one, counted)."""
+    runs: list[bool] = []
+    real = pipelined_transaction.send
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        runs.append(True)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(pipelined_transaction, "send", counted)
+    yield request.param
+    assert bool(runs) == request.param, f"pipelined transactions: {len(runs)}"

@@ -158,12 +158,6 @@ async def pool() -> AsyncIterator[Pool]:
     await made.close()
 
 
-@pytest.fixture(params=[False, True], ids=["one-at-a-time", "pipelining"])
-def pipelining(request: pytest.FixtureRequest) -> bool:
-    """Reuse must work the same whether the transactions are pipelined or not."""
-    return request.param
-
-
 @pytest.fixture
 def sink() -> Iterator[tuple[Recorder, int]]:
     with running() as started:

@@ -36,10 +36,10 @@ class Script:
     """``replies`` answer RSET (when reset), MAIL, each RCPT and DATA, in order."""
 
     replies: list[bytes]
-    final: bytes = b"250 2.0.0 queued as X\r\n"
+    final: bytes | None = b"250 2.0.0 queued as X\r\n"  # None: the dot gets no answer
     byte_by_byte: bool = False
     pipelining: bool = True  # else PIPELINING is not offered and each command gets its reply
-    then_hang_up: bool = False  # after the replies (and the message, after a 354)
+    after: str = "serve"  # then (after the message, if 354): "serve", "hang up" or "silence"
     groups: list[bytes] = field(default_factory=list)
     sections: list[bytes] = field(default_factory=list)
     later: list[bytes] = field(default_factory=list)  # commands after the transaction
@@ -63,9 +63,14 @@ class Script:
                 lines.append(await reader.readline())
             if lines[-1] == b".\r\n":
                 self.sections.append(b"".join(lines))
-                writer.write(self.final)
-        if self.then_hang_up:
+                if self.final is not None:
+                    writer.write(self.final)
+        if self.after == "hang up":
             writer.close()
+            return
+        if self.after == "silence":
+            while await reader.read(4096):
+                pass
             return
         while line := await reader.readline():
             self.later.append(line)
@@ -133,7 +138,7 @@ async def test_a_reused_connections_rset_goes_first_in_the_group() -> None:
     "script",
     [
         Script([b"502 5.5.1 not now\r\n", *OK]),
-        Script([], then_hang_up=True),
+        Script([], after="hang up"),
     ],
     ids=["refused", "hung-up"],
 )
@@ -221,39 +226,69 @@ async def test_a_malformed_reply_closes_the_connection() -> None:
 
 
 async def test_a_server_hanging_up_mid_transaction_is_a_lost_connection() -> None:
-    script = Script([], then_hang_up=True)
+    script = Script([], after="hang up")
     async with connected(script) as client:
         with pytest.raises(aiosmtplib.SMTPServerDisconnected):
             await send(client)
         await asyncio.sleep(0.05)
-        assert not client.is_connected
+        assert client.protocol is None  # aiosmtplib was told the connection ended
     assert len(script.groups) == 1  # it had the whole group, and said nothing
 
 
 REFUSED_THEN_GONE = {
-    "sender-554": [b"554 5.7.1 sender refused\r\n"],
-    "sender-421": [b"421 4.7.0 closing\r\n"],
-    "every-recipient": [OK[0], b"550 5.1.1 no one\r\n", b"550 5.1.1 no two\r\n"],
-    "one-recipient": [OK[0], b"550 5.1.1 no one\r\n"],
-    "nothing": [],
-    "everything-but-data": OK[:3],
+    "sender-554": ([b"554 5.7.1 sender refused\r\n"], None),
+    "sender-421": ([b"421 4.7.0 closing\r\n"], None),
+    "every-recipient": ([OK[0], b"550 5.1.1 no one\r\n", b"550 5.1.1 no two\r\n"], None),
+    "every-recipient-yet-354": (
+        [OK[0], b"550 5.1.1 no one\r\n", b"550 5.1.1 no two\r\n", OK[3]],
+        None,
+    ),
+    "one-recipient": ([OK[0], b"550 5.1.1 no one\r\n"], None),
+    "nothing": ([], None),
+    "everything-but-data": (OK[:3], None),
 }
 
 
-@pytest.mark.parametrize("replies", REFUSED_THEN_GONE.values(), ids=REFUSED_THEN_GONE.keys())
-async def test_replies_then_a_hang_up_read_as_one_at_a_time(replies: list[bytes]) -> None:
-    """A refusal the server made before hanging up is what the message gets, pipelined
-    or not; without one, the connection was lost."""
+@pytest.mark.parametrize("after", ["hang up", "silence"])
+@pytest.mark.parametrize("script", REFUSED_THEN_GONE.values(), ids=REFUSED_THEN_GONE.keys())
+async def test_replies_then_a_hang_up_or_silence_read_as_one_at_a_time(
+    script: tuple[list[bytes], bytes | None], after: str
+) -> None:
+    """A refusal the server made before it hung up or went silent is what the
+    message gets, pipelined or not; without one, the connection was lost or timed out."""
     outcomes = []
     for pipelined in (False, True):
-        script = Script(list(replies), pipelining=pipelined, then_hang_up=True)
-        async with connected(script) as client:
+        replies, final = script
+        server = Script(list(replies), final=final, pipelining=pipelined, after=after)
+        async with connected(server) as client:
             with pytest.raises(aiosmtplib.SMTPException) as failed:
+                await send(client, timeout=0.5)
+            await asyncio.sleep(0.05)
+            assert not (pipelined and client.is_connected)  # not kept after any of these
+        outcomes.append(_described(failed.value))
+    assert outcomes[0] == outcomes[1]
+
+
+GOES_ON = {
+    "sender-421": Script([b"421 4.7.0 closing\r\n", *[b"503 5.5.1 no\r\n"] * 3]),
+    "final-421": Script(list(OK), final=b"421 4.7.0 closing\r\n"),
+}
+
+
+@pytest.mark.parametrize("script", GOES_ON.values(), ids=GOES_ON.keys())
+async def test_a_421_closes_the_connection_as_aiosmtplib_does(script: Script) -> None:
+    """The server says it is closing but has not yet: the connection is not kept."""
+    outcomes = []
+    for pipelined in (False, True):
+        server = Script(list(script.replies), final=script.final, pipelining=pipelined)
+        async with connected(server) as client:
+            with pytest.raises(aiosmtplib.SMTPResponseException) as failed:
                 await send(client)
             await asyncio.sleep(0.05)
             assert not client.is_connected
         outcomes.append(_described(failed.value))
     assert outcomes[0] == outcomes[1]
+    assert outcomes[0][1] == [421]
 
 
 def _described(error: aiosmtplib.SMTPException) -> tuple[str, list[int]]:
@@ -273,15 +308,15 @@ def test_a_tls_connection_lost_mid_group_is_stale_and_aiosmtplib_hears_of_it(
     certs = make_certs(tmp_path)
     context = server_context(certs)
 
-    async def reused_after_hang_up() -> bool:
-        async with connected(Script([], then_hang_up=True), tls=context) as client:
+    async def told_of_the_end() -> bool:
+        async with connected(Script([], after="hang up"), tls=context) as client:
             with pytest.raises(pipelining.Stale):
                 await send(client, reset=True)
             await asyncio.sleep(0.1)
-            return client.is_connected
+            return client.protocol is None  # its connection_lost ran: it let go
 
     run = uvloop.run if loop == "uvloop" else asyncio.run
-    assert run(reused_after_hang_up()) is False
+    assert run(told_of_the_end())
 
 
 async def test_no_answer_is_a_timeout_and_closes_the_connection() -> None:

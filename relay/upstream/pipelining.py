@@ -26,6 +26,7 @@ from aiosmtplib import SMTPResponse, SMTPStatus
 
 RCPT_OK = (SMTPStatus.completed, SMTPStatus.will_forward)
 MAX_REPLY = 32768  # as aiosmtplib: a reply longer than this is no SMTP reply
+_SPARE = 16  # replies beyond those asked for before the server counts as out of step
 
 
 class Stale(aiosmtplib.SMTPServerDisconnected):
@@ -35,8 +36,9 @@ class Stale(aiosmtplib.SMTPServerDisconnected):
 class _Replies(asyncio.Protocol):
     """Collects complete replies as they arrive; ``take`` waits for as many as it needs."""
 
-    def __init__(self, owner: asyncio.BaseProtocol) -> None:
+    def __init__(self, owner: asyncio.BaseProtocol, expected: int) -> None:
         self._owner = owner  # aiosmtplib's protocol, which has the transport back afterwards
+        self._most = expected + _SPARE
         self._released = False
         self._lost: tuple[Exception | None] | None = None
         self._buffer = bytearray()
@@ -62,6 +64,9 @@ class _Replies(asyncio.Protocol):
         if not line[:3].isdigit():
             text = line.decode("utf-8", "replace").strip()
             self._fail(_invalid(f"Malformed SMTP response line: {text}"))
+            return
+        if len(self._replies) > self._most:  # far more than was asked: not in step
+            self._fail(_invalid("Too many replies"))
             return
         self._lines.append(line)
         if line[3:4] == b"-":
@@ -154,7 +159,7 @@ async def send(
     transport = protocol.transport if protocol is not None else None
     if protocol is None or transport is None or transport.is_closing():
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    replies = _Replies(protocol)
+    replies = _Replies(protocol, len(group) + 1)
     transport.set_protocol(replies)
     try:
         transport.write(b"".join(command + b"\r\n" for command in group))
@@ -178,7 +183,7 @@ async def send(
                     transport.close()  # DATA without a sender: out of step
                 else:  # every recipient refused, yet 354: end it, empty
                     transport.write(b".\r\n")
-                    await replies.take(1, timeout)
+                    await _end_empty(replies, transport, timeout)
             raise refusal
         if start.code != SMTPStatus.start_input:
             raise aiosmtplib.SMTPDataError(start.code, start.message)
@@ -203,6 +208,19 @@ async def send(
         raise aiosmtplib.SMTPDataError(final.code, final.message)
     refused = {a: r for a, r in zip(rcpt_tos, got[1:-1], strict=True) if r.code not in RCPT_OK}
     return refused, final
+
+
+async def _end_empty(replies: _Replies, transport: asyncio.BaseTransport, timeout: float) -> None:
+    """The reply to a lone dot says nothing about the message: whatever it is, the
+    refusal of every recipient stands, and a connection that did not answer it
+    cleanly is not kept."""
+    try:
+        (ended,) = await replies.take(1, timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        transport.close()
+        return
+    if ended.code == SMTPStatus.domain_unavailable:
+        transport.close()
 
 
 def _refusal(

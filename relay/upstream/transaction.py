@@ -102,7 +102,11 @@ async def send(
             raise aiosmtplib.SMTPRecipientsRefused(errors)
         reply = await _data(client, section, timeout)
     except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
-        with contextlib.suppress(ConnectionError, aiosmtplib.SMTPResponseException):
+        # the refusal stands whatever happens to the RSET; aiosmtplib closes a
+        # connection whose RSET is lost or unanswered, so it is not reused
+        with contextlib.suppress(
+            ConnectionError, aiosmtplib.SMTPResponseException, aiosmtplib.SMTPTimeoutError
+        ):
             await client.rset(timeout=timeout)
         raise
     return refused, reply.message
@@ -112,7 +116,11 @@ async def _reset(client: aiosmtplib.SMTP, timeout: float) -> None:
     """As in the pipelined group: a failed RSET means a stale connection, not a refusal."""
     try:
         await client.rset(timeout=timeout)
-    except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPServerDisconnected) as exc:
+    except (
+        aiosmtplib.SMTPResponseException,
+        aiosmtplib.SMTPServerDisconnected,
+        aiosmtplib.SMTPTimeoutError,
+    ) as exc:
         client.close()
         raise pipelining.Stale(f"RSET failed: {exc}") from exc
 
@@ -131,6 +139,8 @@ async def _data(client: aiosmtplib.SMTP, section: bytes, timeout: float) -> aios
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         client.close()  # out of step with the server: never reuse it
         raise
+    if reply.code == aiosmtplib.SMTPStatus.domain_unavailable:
+        client.close()  # as aiosmtplib does for a 421 to any command it sends
     if reply.code != aiosmtplib.SMTPStatus.completed:
         raise aiosmtplib.SMTPDataError(reply.code, reply.message)
     return reply
