@@ -173,8 +173,8 @@ async def send(
                 raise
             transport.close()  # a refusal, then a hang-up or silence: the refusal counts
             raise refusal from lost
-        if any(reply.code == SMTPStatus.domain_unavailable for reply in got):
-            transport.close()  # 421: the server is closing the connection (as aiosmtplib)
+        for reply in got:
+            _close_on_421(reply, transport)
         start = got[-1]
         refusal = _refusal(got, mail_from, rcpt_tos)
         if refusal is not None:
@@ -203,8 +203,7 @@ async def send(
         else:
             transport.set_protocol(protocol)
     if final.code != SMTPStatus.completed:
-        if final.code == SMTPStatus.domain_unavailable:
-            transport.close()
+        _close_on_421(final, transport)
         raise aiosmtplib.SMTPDataError(final.code, final.message)
     refused = {a: r for a, r in zip(rcpt_tos, got[1:-1], strict=True) if r.code not in RCPT_OK}
     return refused, final
@@ -219,7 +218,12 @@ async def _end_empty(replies: _Replies, transport: asyncio.BaseTransport, timeou
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         transport.close()
         return
-    if ended.code == SMTPStatus.domain_unavailable:
+    _close_on_421(ended, transport)
+
+
+def _close_on_421(reply: SMTPResponse, transport: asyncio.BaseTransport) -> None:
+    """421: the server is closing the connection; aiosmtplib closes it too."""
+    if reply.code == SMTPStatus.domain_unavailable:
         transport.close()
 
 
