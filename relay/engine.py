@@ -160,14 +160,18 @@ class Engine:
         read finds: a message accepted meanwhile must not wait for the next scan."""
         self._planned_in_scan = {}
         try:
-            found = await asyncio.to_thread(
-                lambda: {e.queue_id: e.next_attempt for e in self.spool.entries() if not e.held}
-            )
+            found = await asyncio.to_thread(self._read_schedule)
             found.update(self._planned_in_scan)
         finally:
             self._planned_in_scan = None
         self._schedule = found
         self._reindex()
+
+    def _read_schedule(self) -> dict[str, float]:
+        """Every entry's next attempt, from the spool; on the way, free files kept
+        too long go (``Spool.trim_recycled``)."""
+        self.spool.trim_recycled()
+        return {e.queue_id: e.next_attempt for e in self.spool.entries() if not e.held}
 
     def _reindex(self) -> None:
         self._due = [(when, queue_id) for queue_id, when in self._schedule.items()]
@@ -324,7 +328,7 @@ class Engine:
         except AuditError as exc:
             ids = ", ".join(queue_id for queue_id, _ in items)
             log.error("%s: AUDIT LOG WRITE FAILED: %s", ids, exc)
-        return self.spool.remove_many([queue_id for queue_id, _ in items])
+        return self.spool.remove_many([queue_id for queue_id, _ in items], recycle=True)
 
     async def _flush(self, entry: QueueEntry) -> None:
         try:

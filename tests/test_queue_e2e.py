@@ -331,3 +331,38 @@ def test_audit_write_failure_answers_451_and_keeps_nothing(
             time.sleep(1.0)
             assert len(sink.sink.messages) == accepted
             assert relay_cli(policy, "queue", "list").stdout.strip() == "Mail queue is empty"
+
+
+def test_a_delivered_messages_file_carries_the_next_message(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The engine recycles what it delivered, and the next accepted message on
+    the same worker is written into that file, whole and signed."""
+    with SinkServer() as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            msg = tmp_path / "state" / "queue" / "msg"
+
+            def queue(client: smtplib.SMTP, rcpt: str, data: bytes) -> str:
+                client.mail("jan@acme.example")
+                client.rcpt(rcpt)
+                code, reply = client.data(data)
+                assert code == 250, reply
+                return reply.decode().rsplit(" ", 1)[1]
+
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:  # one worker
+                client.ehlo()
+                first = queue(client, "one@example.org", SMALL)
+                free = msg / f".free.{first}"
+                wait_for(free.exists)
+                inode = free.stat().st_ino
+                time.sleep(0.3)  # the engine lets go of the delivered entry's lock
+                second = queue(client, "two@example.org", SMALL + b"more\r\n")
+                wait_for((msg / f".free.{second}").exists)
+            assert (msg / f".free.{second}").stat().st_ino == inode
+            assert not free.exists()
+            arrived = sink.sink.wait(2)
+            assert ["one@example.org" in m.rcpt_tos for m in arrived] == [True, False]
+            assert arrived[1].data.endswith(b"\r\n\r\nhi\r\nmore\r\n")
+            assert arrived[1].data.startswith(b"DKIM-Signature:")

@@ -17,6 +17,16 @@ message first, so a crash leaves at most a changed record without its entry,
 which ``recover`` removes. The message file carries the ``flock`` that the
 daemon's workers and the queue tools take: no lock file per message.
 
+Files of delivered entries are recycled, as PostgreSQL recycles its WAL
+segments: ``remove_many(recycle=True)`` renames the file to ``msg/.free.ID``
+and the next ``put`` overwrites it in place instead of creating a file.
+Creating a file costs an inode and new blocks; on ext4 without a journal
+every creation also walks the inodes freed in the last half minute, which
+made a new entry cost several times what an overwrite does. A free file is
+private to the process that freed it, kept at most ``RECYCLE_TTL`` seconds
+(``trim_recycled``) and removed by ``recover`` after a restart, so a
+delivered message does not linger in the spool.
+
 The delivery engine polls ``kicked_since(last)`` (one stat) between its
 regular scans and rescans at once when it is true; a kick only shortens the
 wait, since a retried entry is due anyway (``next_attempt = 0``).
@@ -24,6 +34,7 @@ wait, since a retried entry is due anyway (``next_attempt = 0``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -48,7 +59,15 @@ _ID = re.compile(r"[0-9A-Z]{16}")
 # entry queued with the message alone in msg/ID is still read correctly.
 RECORD_MARK = b"relay-queue-entry 1 "
 _TMP_SUFFIX = ".tmp"
+_FREE_PREFIX = ".free."
 _IOV_MAX = 1024
+#: Free files kept per process: a few more than the entries one process has
+#: between their 250 and their delivery at full speed.
+RECYCLE_MAX = 64
+#: A bigger file is removed, not kept: reusing it would save little.
+RECYCLE_SIZE = 1 << 20
+#: Seconds a free file (a delivered message's bytes) may wait to be reused.
+RECYCLE_TTL = 30.0
 
 
 class SpoolError(RelayError):
@@ -89,6 +108,9 @@ class Spool:
         self._env = self.directory / "env"
         self._kick = self.directory / "kick"
         self._held: dict[str, int] = {}  # queue ID -> locked message file, see put_many
+        # (path, when freed) of this process's free files, oldest first; deque
+        # operations are atomic, and the writing threads share it
+        self._free: collections.deque[tuple[str, float]] = collections.deque()
         created = not self.directory.exists()
         with _translated(self.directory):
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -160,7 +182,7 @@ class Spool:
         def write_entry(entry: QueueEntry, chunks: Iterable[bytes]) -> None:
             record = RECORD_MARK + entry.to_json().encode() + b"\n"
             path = self.message_path(entry.queue_id)
-            held = self._write_atomic(path, itertools.chain((record,), chunks), hold)
+            held = self._write_atomic(path, itertools.chain((record,), chunks), hold, reuse=True)
             if held is not None:
                 self._held[entry.queue_id] = held
 
@@ -275,14 +297,21 @@ class Spool:
         if error is not None:
             raise error
 
-    def remove_many(self, queue_ids: Sequence[str]) -> list[Failure]:
-        """``remove`` for several entries with one fsync of the directory."""
+    def remove_many(self, queue_ids: Sequence[str], recycle: bool = False) -> list[Failure]:
+        """``remove`` for several entries with one fsync of the directory.
+
+        With ``recycle`` the files of small entries are kept for the next
+        ``put`` of this process (see the module's docstring): only for
+        entries whose message has reached its final state, since the file
+        keeps the message's bytes until it is reused or trimmed.
+        """
         failures: list[Failure] = [None] * len(queue_ids)
         for i, queue_id in enumerate(queue_ids):
             try:
                 path = self.message_path(queue_id)
                 with _translated(path, queue_id):
-                    path.unlink()
+                    if not (recycle and self._recycle(os.fspath(path), queue_id)):
+                        path.unlink()
             except SpoolError as exc:
                 failures[i] = exc
         if not all(failures):
@@ -291,6 +320,63 @@ class Spool:
             if failure is None:
                 _unlink_quietly(self._env_path(queue_id))
         return failures
+
+    def _recycle(self, path: str, queue_id: str) -> bool:
+        """Move an entry's file aside for reuse; False when it is not worth keeping."""
+        if len(self._free) >= RECYCLE_MAX or os.stat(path).st_size > RECYCLE_SIZE:
+            return False
+        free = f"{self._msg}/{_FREE_PREFIX}{queue_id}"
+        os.rename(path, free)
+        self._free.append((free, time.monotonic()))
+        return True
+
+    def _reuse(self) -> tuple[int, str] | None:
+        """A free file opened for overwriting, with its name; None when there is none.
+
+        One whose lock is still held (the engine that delivered it has not
+        closed it yet, or a queue tool is about to find the entry gone) goes
+        back to the end of the line.
+        """
+        for _ in range(len(self._free)):
+            try:
+                name, freed = self._free.popleft()
+            except IndexError:
+                return None
+            if time.monotonic() - freed > RECYCLE_TTL:
+                _unlink_quietly(Path(name))
+                continue
+            fd = None
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CLOEXEC)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd, name
+            except BlockingIOError:
+                self._free.append((name, freed))
+            except OSError:
+                _unlink_quietly(Path(name))
+            if fd is not None:
+                os.close(fd)
+        return None
+
+    def trim_recycled(self) -> int:
+        """Remove free files kept longer than ``RECYCLE_TTL``; returns how many.
+
+        Called now and then by the delivery engine, so a quiet relay does not
+        keep delivered messages' bytes for long.
+        """
+        trimmed = 0
+        cutoff = time.monotonic() - RECYCLE_TTL
+        for _ in range(len(self._free)):
+            try:
+                name, freed = self._free.popleft()
+            except IndexError:
+                break
+            if freed < cutoff:
+                _unlink_quietly(Path(name))
+                trimmed += 1
+            else:
+                self._free.append((name, freed))
+        return trimmed
 
     def ids(self) -> list[str]:
         """Queue IDs start with the arrival time, so sorted IDs are oldest first."""
@@ -335,13 +421,14 @@ class Spool:
             return False
 
     def _leftovers(self, complete: set[str]) -> Iterator[Path]:
-        """Temp files anywhere, changed records whose entry is gone, messages
-        without a record, and lock files of an earlier layout."""
+        """Temp and free files anywhere, changed records whose entry is gone,
+        messages without a record, and lock files of an earlier layout."""
         old_locks = self.directory / "lock"
         directories = [self._msg, self._env, *([old_locks] if old_locks.is_dir() else [])]
         for directory in directories:
             for name in self._listdir(directory):
                 temp = name.startswith(".") and name.endswith(_TMP_SUFFIX)
+                temp = temp or name.startswith(_FREE_PREFIX)
                 entry = name.removesuffix(".json") if directory is self._env else name
                 orphan = directory is old_locks or (_ID.fullmatch(entry) and entry not in complete)
                 if temp or orphan:
@@ -361,7 +448,7 @@ class Spool:
                 raise SpoolBusy(path, "in use by another process") from exc
             except OSError as exc:
                 raise SpoolError.from_os(exc, path) from exc
-            if os.fstat(fd).st_nlink == 0:  # removed while we waited for the lock
+            if not _same_file(fd, path):  # removed (or recycled) while we waited
                 raise NoSuchEntry(queue_id, "no such queue entry")
             yield
         finally:
@@ -389,20 +476,29 @@ class Spool:
         return self.last_kick() > mtime
 
     def _write_atomic(
-        self, target: Path, chunks: Iterable[bytes], hold: bool = False
+        self, target: Path, chunks: Iterable[bytes], hold: bool = False, reuse: bool = False
     ) -> int | None:
-        """With ``hold``, the file comes back locked: an open descriptor holding its flock."""
+        """With ``hold``, the file comes back locked: an open descriptor holding its flock.
+        With ``reuse``, a free file is overwritten if this process has one."""
         tmp: str | None = None
         fd: int | None = None
         held: int | None = None
         name = os.fspath(target)  # once: a Path makes its string anew for every call
         try:
-            fd, tmp = _create_temporary(name)
-            if hold:
-                held = os.dup(fd)
-                fcntl.flock(held, fcntl.LOCK_EX)
+            reused = self._reuse() if reuse else None
+            if reused is not None:
+                fd, tmp = reused  # locked already: its lock goes with the file
+                if hold:
+                    held = os.dup(fd)
+            else:
+                fd, tmp = _create_temporary(name)
+                if hold:
+                    held = os.dup(fd)
+                    fcntl.flock(held, fcntl.LOCK_EX)
             self._adopt(fd)
-            _write_all(fd, chunks)
+            size = _write_all(fd, chunks)
+            if reused is not None:
+                os.ftruncate(fd, size)  # the old entry may have been longer
             _fsync_file(fd)
             os.close(fd)
             fd = None
@@ -456,9 +552,11 @@ def _create_temporary(target: str) -> tuple[int, str]:
         return tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=_TMP_SUFFIX)
 
 
-def _write_all(fd: int, chunks: Iterable[bytes]) -> None:
-    """All the chunks, in as few system calls as the kernel allows, without joining them."""
+def _write_all(fd: int, chunks: Iterable[bytes]) -> int:
+    """All the chunks, in as few system calls as the kernel allows, without joining
+    them; returns how many bytes that was."""
     pending = [memoryview(chunk) for chunk in chunks if chunk]
+    size = sum(len(view) for view in pending)
     while pending:
         written = os.writev(fd, pending[:_IOV_MAX])
         if not written:
@@ -469,6 +567,17 @@ def _write_all(fd: int, chunks: Iterable[bytes]) -> None:
             else:
                 pending[0] = pending[0][written:]
                 written = 0
+    return size
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _checked(queue_id: str) -> str:

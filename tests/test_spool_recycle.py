@@ -1,0 +1,183 @@
+"""Recycled entry files: a delivered entry's file is overwritten by the next put,
+never read as anything but the new entry, and kept for a bounded time only."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from relay.spool import NoSuchEntry, Spool
+from relay.spool import store as store_module
+from tests.spoolkit import locked_elsewhere, make_entry
+
+LONG = b"From: a@example.com\r\nSubject: Invoice 1\r\n\r\n" + b"x" * 5000 + b"\r\n"
+SHORT = b"From: b@example.com\r\nSubject: Invoice 2\r\n\r\nshort\r\n"
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool")
+
+
+def names(spool: Spool) -> list[str]:
+    return sorted(os.listdir(spool.directory / "msg"))
+
+
+def test_a_delivered_entrys_file_is_overwritten_by_the_next_entry(spool: Spool) -> None:
+    first = make_entry(size=len(LONG))
+    spool.put(first, LONG)
+    inode = spool.message_path(first.queue_id).stat().st_ino
+    assert spool.remove_many([first.queue_id], recycle=True) == [None]
+    assert names(spool) == [f".free.{first.queue_id}"]
+    assert spool.ids() == [] and list(spool.entries()) == []
+
+    second = make_entry(size=len(SHORT))
+    spool.put(second, SHORT)
+    path = spool.message_path(second.queue_id)
+    assert path.stat().st_ino == inode  # the same file, not a new one
+    # nothing of the longer message it replaced is left at the end
+    assert path.read_bytes() == store_module.RECORD_MARK + second.to_json().encode() + b"\n" + SHORT
+    assert spool.load(second.queue_id) == second
+    assert spool.read_message(second.queue_id) == SHORT
+    assert names(spool) == [second.queue_id]
+
+
+def test_only_remove_many_with_recycle_keeps_a_file(spool: Spool) -> None:
+    one = make_entry(size=len(SHORT))
+    spool.put(one, SHORT)
+    spool.remove(one.queue_id)  # the queue tools' and refusals' way: the bytes go
+    assert names(spool) == []
+
+
+def test_a_big_entry_is_removed_not_kept(spool: Spool) -> None:
+    big = b"From: a@example.com\r\n\r\n" + b"y" * (store_module.RECYCLE_SIZE + 1)
+    entry = make_entry(size=len(big))
+    spool.put(entry, big)
+    spool.remove_many([entry.queue_id], recycle=True)
+    assert names(spool) == []
+
+
+def test_no_more_free_files_than_the_limit(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "RECYCLE_MAX", 2)
+    entries = [make_entry(size=len(SHORT)) for _ in range(4)]
+    spool.put_many([(entry, (SHORT,)) for entry in entries])
+    spool.remove_many([entry.queue_id for entry in entries], recycle=True)
+    assert len(names(spool)) == 2
+    assert all(name.startswith(".free.") for name in names(spool))
+
+
+def test_free_files_kept_too_long_are_trimmed(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entries = [make_entry(size=len(SHORT)) for _ in range(3)]
+    spool.put_many([(entry, (SHORT,)) for entry in entries])
+    clock = [1000.0]
+    monkeypatch.setattr(store_module.time, "monotonic", lambda: clock[0])
+    spool.remove_many([entries[0].queue_id, entries[1].queue_id], recycle=True)
+    clock[0] += store_module.RECYCLE_TTL / 2
+    spool.remove_many([entries[2].queue_id], recycle=True)
+    assert spool.trim_recycled() == 0
+    clock[0] += store_module.RECYCLE_TTL / 2 + 1
+    assert spool.trim_recycled() == 2
+    assert names(spool) == [f".free.{entries[2].queue_id}"]
+    # a put after the last one's time is up creates a new file instead
+    clock[0] += store_module.RECYCLE_TTL
+    fresh = make_entry(size=len(SHORT))
+    spool.put(fresh, SHORT)
+    assert names(spool) == [fresh.queue_id]
+    assert spool.read_message(fresh.queue_id) == SHORT
+
+
+def test_a_free_file_still_locked_is_passed_over(spool: Spool) -> None:
+    first = make_entry(size=len(SHORT))
+    spool.put(first, SHORT)
+    with spool.lock(first.queue_id):  # the engine that delivered it still holds it
+        spool.remove_many([first.queue_id], recycle=True)
+        second = make_entry(size=len(SHORT))
+        spool.put(second, SHORT)
+        assert sorted(names(spool)) == sorted([f".free.{first.queue_id}", second.queue_id])
+    third = make_entry(size=len(SHORT))
+    spool.put(third, SHORT)  # now unlocked, it is taken
+    assert sorted(names(spool)) == sorted([second.queue_id, third.queue_id])
+    assert spool.read_message(third.queue_id) == SHORT
+
+
+def test_a_free_file_locked_by_another_process_is_passed_over(spool: Spool) -> None:
+    first = make_entry(size=len(SHORT))
+    spool.put(first, SHORT)
+    free = spool.directory / "msg" / f".free.{first.queue_id}"
+    with locked_elsewhere(spool.directory, first.queue_id):
+        spool.remove_many([first.queue_id], recycle=True)
+        second = make_entry(size=len(SHORT))
+        spool.put(second, SHORT)
+        assert free.exists()
+        assert spool.read_message(second.queue_id) == SHORT
+
+
+def test_a_waiter_for_a_recycled_entry_finds_it_gone(spool: Spool) -> None:
+    """The file lives on under another name: the waiter must not take it for its entry."""
+    entry = make_entry(size=len(SHORT))
+    spool.put(entry, SHORT)
+    outcome: list[BaseException | None] = []
+
+    def wait_for_lock() -> None:
+        try:
+            with spool.lock(entry.queue_id):
+                outcome.append(None)
+        except NoSuchEntry as exc:
+            outcome.append(exc)
+
+    with spool.lock(entry.queue_id):
+        waiter = threading.Thread(target=wait_for_lock)
+        waiter.start()
+        time.sleep(0.2)  # the waiter now blocks on the file that is about to be recycled
+        spool.remove_many([entry.queue_id], recycle=True)
+    waiter.join(timeout=10)
+    assert len(outcome) == 1 and isinstance(outcome[0], NoSuchEntry)
+
+
+def test_a_vanished_free_file_is_skipped(spool: Spool) -> None:
+    first = make_entry(size=len(SHORT))
+    spool.put(first, SHORT)
+    spool.remove_many([first.queue_id], recycle=True)
+    (spool.directory / "msg" / f".free.{first.queue_id}").unlink()  # a sysadmin cleaned up
+    second = make_entry(size=len(SHORT))
+    spool.put(second, SHORT)
+    assert names(spool) == [second.queue_id]
+    assert spool.read_message(second.queue_id) == SHORT
+
+
+def test_recovery_removes_free_files_left_by_an_earlier_run(spool: Spool) -> None:
+    kept = make_entry(size=len(SHORT))
+    done = make_entry(size=len(SHORT))
+    spool.put_many([(kept, (SHORT,)), (done, (SHORT,))])
+    spool.remove_many([done.queue_id], recycle=True)
+    free = spool.directory / "msg" / f".free.{done.queue_id}"
+    assert Spool(spool.directory).recover() == 1  # young: may be a running process's
+    assert free.exists()
+    then = time.time() - 120
+    os.utime(free, (then, then))
+    assert Spool(spool.directory).recover() == 1
+    assert names(spool) == [kept.queue_id]
+    assert spool.read_message(kept.queue_id) == SHORT
+
+
+def test_a_failed_overwrite_leaves_neither_entry_nor_free_file(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = make_entry(size=len(SHORT))
+    spool.put(first, SHORT)
+    spool.remove_many([first.queue_id], recycle=True)
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module, "_fsync_file", full)
+    second = make_entry(size=len(LONG))
+    failures = spool.put_many([(second, (LONG,))])
+    assert failures[0] is not None and "No space left" in str(failures[0])
+    assert names(spool) == []
