@@ -198,6 +198,7 @@ class Engine:
         self._warm.clear()
         if self._busy:
             await asyncio.wait(list(self._busy.values()), timeout=timeout)
+        await asyncio.to_thread(self.spool.trim_recycled, 0.0)
 
     def attempt_now(self, queue_id: str, immediate: bool = False) -> asyncio.Task[Outcome]:
         """Start (or join) the delivery of one entry. With ``immediate`` a message every

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
+import os
 import random
 import smtplib
 import subprocess
@@ -357,7 +359,7 @@ def test_a_delivered_messages_file_carries_the_next_message(
                 free = msg / f".free.{first}"
                 wait_for(free.exists)
                 inode = free.stat().st_ino
-                time.sleep(0.3)  # the engine lets go of the delivered entry's lock
+                wait_for(lambda: _unlocked(free))  # the engine lets go of the delivered entry
                 second = queue(client, "two@example.org", SMALL + b"more\r\n")
                 wait_for((msg / f".free.{second}").exists)
             assert (msg / f".free.{second}").stat().st_ino == inode
@@ -366,3 +368,14 @@ def test_a_delivered_messages_file_carries_the_next_message(
             assert ["one@example.org" in m.rcpt_tos for m in arrived] == [True, False]
             assert arrived[1].data.endswith(b"\r\n\r\nhi\r\nmore\r\n")
             assert arrived[1].data.startswith(b"DKIM-Signature:")
+
+
+def _unlocked(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True

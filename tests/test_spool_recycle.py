@@ -3,6 +3,7 @@ never read as anything but the new entry, and kept for a bounded time only."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import time
@@ -118,11 +119,20 @@ def test_a_free_file_locked_by_another_process_is_passed_over(spool: Spool) -> N
         assert spool.read_message(second.queue_id) == SHORT
 
 
-def test_a_waiter_for_a_recycled_entry_finds_it_gone(spool: Spool) -> None:
+def test_a_waiter_for_a_recycled_entry_finds_it_gone(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The file lives on under another name: the waiter must not take it for its entry."""
     entry = make_entry(size=len(SHORT))
     spool.put(entry, SHORT)
     outcome: list[BaseException | None] = []
+    real_flock = fcntl.flock
+    waiting = threading.Event()
+
+    def flock(fd: int, operation: int) -> None:
+        if threading.current_thread() is waiter:
+            waiting.set()  # the waiter has the file open and is about to block on it
+        real_flock(fd, operation)
 
     def wait_for_lock() -> None:
         try:
@@ -131,10 +141,12 @@ def test_a_waiter_for_a_recycled_entry_finds_it_gone(spool: Spool) -> None:
         except NoSuchEntry as exc:
             outcome.append(exc)
 
+    waiter = threading.Thread(target=wait_for_lock)
+    monkeypatch.setattr(fcntl, "flock", flock)
     with spool.lock(entry.queue_id):
-        waiter = threading.Thread(target=wait_for_lock)
         waiter.start()
-        time.sleep(0.2)  # the waiter now blocks on the file that is about to be recycled
+        assert waiting.wait(10)
+        time.sleep(0.1)
         spool.remove_many([entry.queue_id], recycle=True)
     waiter.join(timeout=10)
     assert len(outcome) == 1 and isinstance(outcome[0], NoSuchEntry)
@@ -151,19 +163,77 @@ def test_a_vanished_free_file_is_skipped(spool: Spool) -> None:
     assert spool.read_message(second.queue_id) == SHORT
 
 
-def test_recovery_removes_free_files_left_by_an_earlier_run(spool: Spool) -> None:
+def test_recovery_removes_free_files_left_by_an_earlier_run(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     kept = make_entry(size=len(SHORT))
     done = make_entry(size=len(SHORT))
     spool.put_many([(kept, (SHORT,)), (done, (SHORT,))])
     spool.remove_many([done.queue_id], recycle=True)
     free = spool.directory / "msg" / f".free.{done.queue_id}"
-    assert Spool(spool.directory).recover() == 1  # young: may be a running process's
+    assert Spool(spool.directory).recover() == 1  # just freed: may be a running process's
     assert free.exists()
-    then = time.time() - 120
-    os.utime(free, (then, then))
+    now = time.time()
+    monkeypatch.setattr(store_module.time, "time", lambda: now + 120)
     assert Spool(spool.directory).recover() == 1
     assert names(spool) == [kept.queue_id]
     assert spool.read_message(kept.queue_id) == SHORT
+
+
+def test_free_files_of_a_worker_that_died_are_swept(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = Spool(spool.directory)  # another process's, which will never reuse it
+    entry = make_entry(size=len(SHORT))
+    dead.put(entry, SHORT)
+    dead.remove_many([entry.queue_id], recycle=True)
+    assert spool.trim_recycled() == 0
+    assert names(spool) == [f".free.{entry.queue_id}"]
+    now = time.time()
+    monkeypatch.setattr(store_module.time, "time", lambda: now + 2 * store_module.RECYCLE_TTL + 1)
+    assert spool.trim_recycled() == 1
+    assert names(spool) == []
+
+
+def test_a_stopping_engine_leaves_no_free_file(spool: Spool) -> None:
+    entries = [make_entry(size=len(SHORT)) for _ in range(3)]
+    spool.put_many([(entry, (SHORT,)) for entry in entries])
+    spool.remove_many([entry.queue_id for entry in entries], recycle=True)
+    assert spool.trim_recycled(0.0) == 3
+    assert names(spool) == []
+
+
+def test_a_file_whose_rename_may_not_have_landed_is_never_reused(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = make_entry(size=len(SHORT))
+    spool.put(first, SHORT)
+
+    def failing(directory: Path) -> None:
+        raise store_module.SpoolError(directory, "Input/output error")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store_module, "_fsync_dir", failing)
+        with pytest.raises(store_module.SpoolError):
+            spool.remove_many([first.queue_id], recycle=True)
+    assert names(spool) == []  # neither the entry nor a free file
+    second = make_entry(size=len(SHORT))
+    spool.put(second, SHORT)
+    assert names(spool) == [second.queue_id]
+
+
+def test_a_reader_without_the_lock_hears_when_the_file_became_another_entry(
+    spool: Spool,
+) -> None:
+    first = make_entry(size=len(LONG))
+    spool.put(first, LONG)
+    second = make_entry(size=len(SHORT))
+    with pytest.raises(NoSuchEntry), spool.open_message(first.queue_id) as message:
+        spool.remove_many([first.queue_id], recycle=True)
+        spool.put(second, SHORT)  # written into the file the reader holds open
+        message.read()
+    with spool.open_message(second.queue_id) as message:
+        assert message.read() == SHORT
 
 
 def test_a_failed_overwrite_leaves_neither_entry_nor_free_file(

@@ -23,9 +23,10 @@ and the next ``put`` overwrites it in place instead of creating a file.
 Creating a file costs an inode and new blocks; on ext4 without a journal
 every creation also walks the inodes freed in the last half minute, which
 made a new entry cost several times what an overwrite does. A free file is
-private to the process that freed it, kept at most ``RECYCLE_TTL`` seconds
-(``trim_recycled``) and removed by ``recover`` after a restart, so a
-delivered message does not linger in the spool.
+private to the process that freed it and offered for reuse only once its
+rename is durable; one not reused within ``RECYCLE_TTL`` seconds is removed
+at the engine's next scan, and all of them when the engine stops
+(``trim_recycled``), so a delivered message does not linger in the spool.
 
 The delivery engine polls ``kicked_since(last)`` (one stat) between its
 regular scans and rescans at once when it is true; a kick only shortens the
@@ -246,6 +247,7 @@ class Spool:
         path = self.message_path(queue_id)
         with _translated(path, queue_id), path.open("rb") as entry_file:
             line = entry_file.readline()
+            _still_named(entry_file.fileno(), path, queue_id)
         if not line.startswith(RECORD_MARK):
             raise SpoolError(path, "unreadable queue record: no record in the entry's file")
         return line[len(RECORD_MARK) :]
@@ -264,24 +266,25 @@ class Spool:
                 if not more:
                     break
                 data += more
+            _still_named(raw.fileno(), path, queue_id)
         return data or b""
 
-    def open_message(self, queue_id: str) -> BinaryIO:
-        """The message, past the entry's first record; the caller closes it.
+    @contextlib.contextmanager
+    def open_message(self, queue_id: str) -> Iterator[BinaryIO]:
+        """The message, past the entry's first record, for reading without the lock.
 
-        A file without the mark is all message: an entry queued before records
-        moved into the entry's file (its record is in env/ID.json).
+        Leaving the block raises NoSuchEntry if the entry was removed
+        meanwhile: its file may have been recycled, and what was read may
+        be another message. A file without the mark is all message: an entry
+        queued before records moved into the entry's file (its record is in
+        env/ID.json).
         """
         path = self.message_path(queue_id)
-        with _translated(path, queue_id):
-            message = path.open("rb")
-            try:
-                if not message.readline().startswith(RECORD_MARK):
-                    message.seek(0)
-            except BaseException:
-                message.close()
-                raise
-        return message
+        with _translated(path, queue_id), path.open("rb") as message:
+            if not message.readline().startswith(RECORD_MARK):
+                message.seek(0)
+            yield message
+            _still_named(message.fileno(), path, queue_id)
 
     def update(self, entry: QueueEntry) -> None:
         """Replace the record atomically; call it with the entry's lock held."""
@@ -306,29 +309,40 @@ class Spool:
         keeps the message's bytes until it is reused or trimmed.
         """
         failures: list[Failure] = [None] * len(queue_ids)
+        freed: list[str] = []
         for i, queue_id in enumerate(queue_ids):
             try:
                 path = self.message_path(queue_id)
                 with _translated(path, queue_id):
-                    if not (recycle and self._recycle(os.fspath(path), queue_id)):
+                    free = self._recycle(os.fspath(path), queue_id, len(freed)) if recycle else None
+                    if free is None:
                         path.unlink()
+                    else:
+                        freed.append(free)
             except SpoolError as exc:
                 failures[i] = exc
         if not all(failures):
-            _fsync_dir(self._msg)
+            try:
+                _fsync_dir(self._msg)
+            except SpoolError:
+                for free in freed:  # its rename may not have landed: never reuse it
+                    _unlink_quietly(Path(free))
+                raise
+        now = time.monotonic()
+        self._free.extend((free, now) for free in freed)  # only once the renames are durable
         for queue_id, failure in zip(queue_ids, failures, strict=True):
             if failure is None:
                 _unlink_quietly(self._env_path(queue_id))
         return failures
 
-    def _recycle(self, path: str, queue_id: str) -> bool:
-        """Move an entry's file aside for reuse; False when it is not worth keeping."""
-        if len(self._free) >= RECYCLE_MAX or os.stat(path).st_size > RECYCLE_SIZE:
-            return False
+    def _recycle(self, path: str, queue_id: str, pending: int) -> str | None:
+        """Move an entry's file aside for reuse; its new name, or None when it is
+        not worth keeping (``pending``: files moved aside by this batch so far)."""
+        if len(self._free) + pending >= RECYCLE_MAX or os.stat(path).st_size > RECYCLE_SIZE:
+            return None
         free = f"{self._msg}/{_FREE_PREFIX}{queue_id}"
         os.rename(path, free)
-        self._free.append((free, time.monotonic()))
-        return True
+        return free
 
     def _reuse(self) -> tuple[int, str] | None:
         """A free file opened for overwriting, with its name; None when there is none.
@@ -358,24 +372,33 @@ class Spool:
                 os.close(fd)
         return None
 
-    def trim_recycled(self) -> int:
-        """Remove free files kept longer than ``RECYCLE_TTL``; returns how many.
+    def trim_recycled(self, keep: float = RECYCLE_TTL) -> int:
+        """Remove this process's free files kept longer than ``keep`` seconds, and
+        any other free file freed more than twice ``RECYCLE_TTL`` ago (left by a
+        worker that died: nobody will reuse it); returns how many went.
 
-        Called now and then by the delivery engine, so a quiet relay does not
-        keep delivered messages' bytes for long.
+        Called by the delivery engine at each scan of the spool and, with
+        ``keep=0``, when it stops, so a delivered message's bytes do not linger.
         """
         trimmed = 0
-        cutoff = time.monotonic() - RECYCLE_TTL
+        cutoff = time.monotonic() - keep
         for _ in range(len(self._free)):
             try:
                 name, freed = self._free.popleft()
             except IndexError:
                 break
-            if freed < cutoff:
+            if freed <= cutoff:
                 _unlink_quietly(Path(name))
                 trimmed += 1
             else:
                 self._free.append((name, freed))
+        orphaned = time.time() - 2 * RECYCLE_TTL
+        for name in self._listdir(self._msg):
+            path = self._msg / name
+            with contextlib.suppress(FileNotFoundError):
+                if name.startswith(_FREE_PREFIX) and path.stat().st_ctime < orphaned:
+                    _unlink_quietly(path)
+                    trimmed += 1
         return trimmed
 
     def ids(self) -> list[str]:
@@ -402,7 +425,10 @@ class Spool:
         complete = {q for q in self.ids() if self._has_record(q)}
         for path in self._leftovers(complete):
             with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime < cutoff:
+                info = path.stat()
+                # a free file's mtime is its message's; the rename that freed it set ctime
+                freed = path.name.startswith(_FREE_PREFIX)
+                if (info.st_ctime if freed else info.st_mtime) < cutoff:
                     log.info("spool recovery removed %s", path)
                     _unlink_quietly(path)
         with contextlib.suppress(OSError):
@@ -448,8 +474,8 @@ class Spool:
                 raise SpoolBusy(path, "in use by another process") from exc
             except OSError as exc:
                 raise SpoolError.from_os(exc, path) from exc
-            if not _same_file(fd, path):  # removed (or recycled) while we waited
-                raise NoSuchEntry(queue_id, "no such queue entry")
+            with _translated(path, queue_id):
+                _still_named(fd, path, queue_id)  # removed (or recycled) while we waited
             yield
         finally:
             os.close(fd)
@@ -570,14 +596,16 @@ def _write_all(fd: int, chunks: Iterable[bytes]) -> int:
     return size
 
 
-def _same_file(fd: int, path: Path) -> bool:
-    """Whether ``path`` still names the file open as ``fd``."""
+def _still_named(fd: int, path: Path, queue_id: str) -> None:
+    """NoSuchEntry unless ``path`` still names the file open as ``fd``: an entry's
+    file outlives its removal when it is recycled, and then holds another entry."""
     try:
         named = os.stat(path)
     except FileNotFoundError:
-        return False
+        named = None
     held = os.fstat(fd)
-    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+    if named is None or (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+        raise NoSuchEntry(queue_id, "no such queue entry")
 
 
 def _checked(queue_id: str) -> str:
