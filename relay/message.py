@@ -65,15 +65,18 @@ def decode(value: str) -> str:
         return unfolded
 
 
-def read(raw: bytes) -> MessageView:
+def read(raw: bytes, split: tuple[list[headers.Field], int] | None = None) -> MessageView:
+    """``split`` is ``headers.split_at(raw)`` when the caller has it already."""
     head = _head(raw)
-    fields = _plain_fields(head)
+    fields = _plain_fields(head, split if split is not None and split[1] == len(head) else None)
     if fields is None:
         fields = [(name, str(value)) for name, value in _HEADERS.parsebytes(head).items()]
     return MessageView(headers=tuple((name, decode(value)) for name, value in fields), raw=raw)
 
 
-def _plain_fields(head: bytes) -> list[tuple[str, str]] | None:
+def _plain_fields(
+    head: bytes, split: tuple[list[headers.Field], int] | None = None
+) -> list[tuple[str, str]] | None:
     """(name, raw value) as the email package's compat32 parser gives them, for a
     header block with nothing unusual in it (ASCII, CRLF or LF line endings, every
     line a field or a continuation); None for anything else, which the parser reads.
@@ -84,7 +87,7 @@ def _plain_fields(head: bytes) -> list[tuple[str, str]] | None:
     """
     if not head.isascii() or head.count(b"\r") != head.count(b"\r\n"):
         return None
-    fields, end = headers.split_at(head)
+    fields, end = split or headers.split_at(head)
     if end != len(head):
         return None
     found = []

@@ -69,15 +69,16 @@ class Prepared:
 
 def prepare(policy: Policy, submission: Submission, now: datetime | None = None) -> Prepared:
     queue_id = new_queue_id()
-    _check_header_block(submission.data)
-    view = message.read(submission.data)
+    split = headers.split_at(submission.data)  # once: each step below needs it
+    _check_header_block(submission.data, split[1])
+    view = message.read(submission.data, split)
     identity = identify(policy, submission, view)
     classification = classify(policy.classify, view)
     decision = decide(
         policy, submission, view, identity, classification, now or datetime.now(UTC), queue_id
     )
     try:
-        rewritten = rewrite.apply(submission.data, decision.edits)
+        rewritten = rewrite.apply(submission.data, decision.edits, split)
     except HeaderInjection as exc:
         raise Rejected(550, "5.6.0", f"Header value refused: {exc}") from exc
     try:
@@ -88,14 +89,13 @@ def prepare(policy: Policy, submission: Submission, now: datetime | None = None)
     return Prepared(queue_id, decision, view, signature, rewritten)
 
 
-def _check_header_block(data: bytes) -> None:
+def _check_header_block(data: bytes, body: int) -> None:
     """Refuse what the byte-level splitter and a reading parser would see differently.
 
     A line in the header that is neither a field nor a continuation (an mbox
     ``From `` line, ``Bcc : x``) ends the header for the rewrite but not for
     every reader: a Bcc hidden that way could reach the recipients.
     """
-    _, body = headers.split_at(data)
     if body < len(data) and not data.startswith((b"\r\n", b"\n"), body):
         line = data[body : body + 60].split(b"\n", 1)[0].decode("ascii", "replace").strip()
         raise Rejected(550, "5.6.0", f"Malformed header line: {line!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.headers import fold, line_ending, split_at
+from relay.headers import Field, fold, line_ending, split_at
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class HeaderEdits:
     set: tuple[tuple[str, str], ...] = ()  # replaces the first occurrence in place, else appended
 
 
-def apply(raw: bytes, edits: HeaderEdits) -> bytes:
+def apply(raw: bytes, edits: HeaderEdits, split: tuple[list[Field], int] | None = None) -> bytes:
     """The message with ``edits`` made; every other byte as it came.
 
     New lines take the message's own line ending so a bare-LF message does
@@ -29,7 +29,8 @@ def apply(raw: bytes, edits: HeaderEdits) -> bytes:
     ``HeaderInjection``) before anything is assembled. When a header block
     is not closed by a blank line, one is put after it, so what is read as
     body here stays body for every reader downstream instead of becoming a
-    continuation of a field we added.
+    continuation of a field we added. ``split`` is ``split_at(raw)`` when the
+    caller has it already.
     """
     if not edits.remove and not edits.set:
         return raw
@@ -43,7 +44,7 @@ def apply(raw: bytes, edits: HeaderEdits) -> bytes:
         new[key] = line if eol == b"\r\n" else line.replace(b"\r\n", eol)
     remove = {name.lower() for name in edits.remove}
 
-    fields, body = split_at(raw)
+    fields, body = split or split_at(raw)
     out: list[bytes] = []
     placed: set[str] = set()
     for field in fields:

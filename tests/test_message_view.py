@@ -8,7 +8,7 @@ from email.header import decode_header, make_header
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from relay import message
+from relay import headers, message
 
 
 def _decoded_by_the_email_package(value: str) -> str:
@@ -81,6 +81,8 @@ def test_headers_read_as_the_email_package_reads_them(head: bytes) -> None:
         assert plain == by_parser
     expected = tuple((name, message.decode(value)) for name, value in by_parser)
     assert message.read(head).headers == expected
+    for whole in (head, head + b"\r\nbody: not a field\r\n"):  # with the split made once
+        assert message.read(whole, headers.split_at(whole)).headers == message.read(whole).headers
 
 
 def test_plain_header_blocks_are_read_without_the_parser() -> None:
