@@ -9,9 +9,11 @@ bounded chunks, for every signature of the message.
 Everything that decides an output byte, i.e. header parsing, header
 canonicalisation, tag order, folding and the b= placeholder trick, is either
 dkimpy's own function or a transcription of ``DKIM.sign`` and
-``DomainSigner.gen_header`` from dkimpy 1.1.8. tests/test_sign_fast.py
-compares the output with ``dkim.sign`` byte for byte, so an upgrade that
-changes any of it fails there rather than in a receiver's verifier.
+``DomainSigner.gen_header`` from dkimpy 1.1.8; the header and body
+canonicalisations are redone with bytes methods and held to dkimpy's by
+property tests. tests/test_sign_fast.py compares the output with
+``dkim.sign`` byte for byte, so an upgrade that changes any of it fails
+there rather than in a receiver's verifier.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class Message:
         self._body_start = _body_start(message)
         #: ``[name, value]`` pairs exactly as ``dkim.DKIM(message).headers``.
         self.headers: list[list[bytes]] = dkim.rfc822_parse(message[: self._body_start])[0]
-        self._relaxed_headers = _RELAXED.canonicalize_headers(self.headers)
+        self._relaxed_headers = relaxed_headers(self.headers)
         self._body_hash: bytes | None = None
 
     @property
@@ -110,6 +112,22 @@ class Message:
         fields[-1] = (b"b", base64.b64encode(signer(hasher.digest())))
         folded = dkim.fold(_join(fields) + _LINESEP, namelen=len(_FIELD), linesep=_LINESEP)
         return _FIELD + b": " + folded
+
+
+def relaxed_headers(headers: Sequence[Sequence[bytes]]) -> list[tuple[bytes, bytes]]:
+    """dkimpy's relaxed header canonicalisation (``Relaxed.canonicalize_headers``)
+    with bytes methods instead of two regular expressions per field, which were
+    a tenth of signing's Python time: line ends dropped (a CR only with its LF),
+    runs of blanks made one space, the value stripped, the name lower case."""
+    out = []
+    for name, value in headers:
+        value = value.replace(b"\r\n", b"").replace(b"\n", b"")
+        if b"\t" in value:
+            value = value.translate(_TAB_TO_SPACE)
+        while b"  " in value:
+            value = value.replace(b"  ", b" ")
+        out.append((name.lower().rstrip(), value.strip() + _LINESEP))
+    return out
 
 
 def relaxed_body_hash(message: bytes, start: int = 0) -> bytes:

@@ -302,6 +302,22 @@ def test_body_hash_equals_dkimpy_for_any_body_and_chunk_size(body: bytes, chunk:
         assert dkimfast.relaxed_body_hash(body) == dkimpy_body_hash(body)
 
 
+_HEADER_BYTES = st.lists(
+    st.sampled_from([b" ", b"\t", b"\r\n", b"\n", b"\r", b"a", b"Z", b"\xc3\xb8", b"\x0b", b"  "]),
+    max_size=40,
+).map(b"".join)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    fields=st.lists(
+        st.tuples(st.one_of(_HEADER_BYTES, st.binary(max_size=12)), _HEADER_BYTES), max_size=6
+    )
+)
+def test_header_canonicalisation_equals_dkimpy(fields: list[tuple[bytes, bytes]]) -> None:
+    assert dkimfast.relaxed_headers(fields) == Relaxed.canonicalize_headers(fields)
+
+
 _NAMES = st.sampled_from(
     ["From", "from", "To", "Cc", "Subject", "SUBJECT", "Date", "Reply-To", "X-Other", "Received"]
 )
