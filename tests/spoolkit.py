@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 from relay.queueid import new_queue_id
-from relay.spool import PENDING, QueueEntry, RecipientState
+from relay.spool import PENDING, NoSuchEntry, QueueEntry, RecipientState, Spool
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK_HOLDER = textwrap.dedent(
@@ -95,3 +98,32 @@ def locked_elsewhere(directory: Path, queue_id: str) -> Iterator[None]:
         proc.stdin.write("\n")
         proc.stdin.close()
         proc.wait(timeout=10)
+
+
+def removed_while_waiting(spool: Spool, queue_id: str, remove: Callable[[], object]) -> list:
+    """What ``spool.lock`` gave a thread that was waiting for the lock while the
+    holder removed the entry: ``[None]`` if it got the lock, else the exception."""
+    outcome: list[BaseException | None] = []
+    real_flock = fcntl.flock
+    waiting = threading.Event()
+
+    def flock(fd: int, operation: int) -> None:
+        if threading.current_thread() is waiter:
+            waiting.set()  # the waiter has the file open and is about to block on it
+        real_flock(fd, operation)
+
+    def wait_for_lock() -> None:
+        try:
+            with spool.lock(queue_id):
+                outcome.append(None)
+        except NoSuchEntry as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait_for_lock)
+    with mock.patch.object(fcntl, "flock", flock), spool.lock(queue_id):
+        waiter.start()
+        assert waiting.wait(10)
+        time.sleep(0.1)  # from its flock call into the kernel's wait
+        remove()
+    waiter.join(timeout=10)
+    return outcome

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from relay.spool import (
     SpoolError,
 )
 from relay.spool import store as store_module
-from tests.spoolkit import locked_elsewhere, make_entry, run_script
+from tests.spoolkit import locked_elsewhere, make_entry, removed_while_waiting, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGE = b"From: a@example.com\r\nSubject: Invoice 7\r\n\r\nBody\r\n"
@@ -365,21 +364,7 @@ def test_concurrent_updates_under_lock_lose_nothing(spool: Spool) -> None:
 def test_waiting_for_a_lock_whose_entry_is_removed_meanwhile(spool: Spool) -> None:
     entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
-    outcome: list[BaseException | None] = []
-
-    def wait_for_lock() -> None:
-        try:
-            with spool.lock(entry.queue_id):
-                outcome.append(None)
-        except NoSuchEntry as exc:
-            outcome.append(exc)
-
-    with spool.lock(entry.queue_id):
-        waiter = threading.Thread(target=wait_for_lock)
-        waiter.start()
-        time.sleep(0.2)  # the waiter now blocks on the lock file that remove() unlinks
-        spool.remove(entry.queue_id)
-    waiter.join(timeout=10)
+    outcome = removed_while_waiting(spool, entry.queue_id, lambda: spool.remove(entry.queue_id))
     assert len(outcome) == 1 and isinstance(outcome[0], NoSuchEntry)
     assert all_files(spool.directory) == []
 

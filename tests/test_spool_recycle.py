@@ -3,9 +3,7 @@ never read as anything but the new entry, and kept for a bounded time only."""
 
 from __future__ import annotations
 
-import fcntl
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import pytest
 
 from relay.spool import NoSuchEntry, Spool
 from relay.spool import store as store_module
-from tests.spoolkit import locked_elsewhere, make_entry
+from tests.spoolkit import locked_elsewhere, make_entry, removed_while_waiting
 
 LONG = b"From: a@example.com\r\nSubject: Invoice 1\r\n\r\n" + b"x" * 5000 + b"\r\n"
 SHORT = b"From: b@example.com\r\nSubject: Invoice 2\r\n\r\nshort\r\n"
@@ -119,36 +117,13 @@ def test_a_free_file_locked_by_another_process_is_passed_over(spool: Spool) -> N
         assert spool.read_message(second.queue_id) == SHORT
 
 
-def test_a_waiter_for_a_recycled_entry_finds_it_gone(
-    spool: Spool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_waiter_for_a_recycled_entry_finds_it_gone(spool: Spool) -> None:
     """The file lives on under another name: the waiter must not take it for its entry."""
     entry = make_entry(size=len(SHORT))
     spool.put(entry, SHORT)
-    outcome: list[BaseException | None] = []
-    real_flock = fcntl.flock
-    waiting = threading.Event()
-
-    def flock(fd: int, operation: int) -> None:
-        if threading.current_thread() is waiter:
-            waiting.set()  # the waiter has the file open and is about to block on it
-        real_flock(fd, operation)
-
-    def wait_for_lock() -> None:
-        try:
-            with spool.lock(entry.queue_id):
-                outcome.append(None)
-        except NoSuchEntry as exc:
-            outcome.append(exc)
-
-    waiter = threading.Thread(target=wait_for_lock)
-    monkeypatch.setattr(fcntl, "flock", flock)
-    with spool.lock(entry.queue_id):
-        waiter.start()
-        assert waiting.wait(10)
-        time.sleep(0.1)
-        spool.remove_many([entry.queue_id], recycle=True)
-    waiter.join(timeout=10)
+    outcome = removed_while_waiting(
+        spool, entry.queue_id, lambda: spool.remove_many([entry.queue_id], recycle=True)
+    )
     assert len(outcome) == 1 and isinstance(outcome[0], NoSuchEntry)
 
 
