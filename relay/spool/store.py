@@ -7,6 +7,7 @@ Layout under the spool directory (mode 0700)::
                   is complete; written once, never replaced; the entry's lock
     env/ID.json   the record as changed since (attempts, replies, hold), which
                   takes the place of the first one
+    msg/.free.ID  a delivered entry's file, kept to be overwritten by a new one
     kick          touched by ``relay queue retry`` to wake the delivery engine
 
 Every file is written to a temp name in its final directory, fsynced, renamed
