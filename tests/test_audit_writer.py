@@ -166,6 +166,30 @@ def test_a_torn_last_line_is_kept_and_ended_on_reopen(tmp_path: Path) -> None:
     assert not result.ok and result.problem and result.problem.line == 3
 
 
+def test_a_writer_follows_long_records_and_a_torn_line_through_its_own_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker's appends, read back through the open descriptor: a record
+    longer than one read, and a line torn by that worker's crash."""
+    from relay.audit import reader
+
+    monkeypatch.setattr(reader, "_CHUNK", 16)  # every record spans several reads
+    clock = Clock()
+    daemon, other = AuditLog(tmp_path, clock=clock), AuditLog(tmp_path, clock=clock)
+    daemon.append(_failed(1))
+    other.append_many([_failed(2), _failed(3)])
+    daemon.append(_failed(4))
+    assert [r["seq"] for r in read_all(tmp_path)] == [1, 2, 3, 4]
+    path = tmp_path / "audit-2024-05-06.jsonl"
+    with path.open("ab") as torn:  # the other worker died mid-write
+        torn.write(b'{"v":1,"seq":5,"ti')
+    daemon.append(_failed(5))
+    records = [json.loads(x) for x in path.read_bytes().split(b"\n") if x.endswith(b"}")]
+    assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[4]["prev"] == records[3]["hash"]
+    assert daemon.head == (5, records[4]["hash"])
+
+
 def test_an_ended_torn_line_does_not_stop_the_next_writer(tmp_path: Path) -> None:
     """A second start (or another worker) after the crash continues the chain."""
     log = AuditLog(tmp_path, clock=Clock())
@@ -312,6 +336,7 @@ def test_a_failed_tail_read_is_retried_not_guessed(
 
     monkeypatch.setattr(reader, "day_files", unreadable)
     monkeypatch.setattr(reader, "last_line", unreadable)
+    monkeypatch.setattr(reader, "last_line_of", unreadable)
     with pytest.raises(AuditError):
         daemon.append(_failed(3))
     monkeypatch.undo()

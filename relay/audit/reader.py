@@ -135,14 +135,20 @@ def last_line(path: Path) -> tuple[bytes | None, bool]:
             elif not line.endswith(TORN_END):
                 last, torn = line, False
         return last, torn
-    with open(path, "rb") as stream:
-        position = stream.seek(0, os.SEEK_END)
-        tail = b""
-        while (found := _last_complete(tail, position == 0)) is None and position > 0:
-            step = min(_CHUNK, position)
-            position -= step
-            stream.seek(position)
-            tail = stream.read(step) + tail
+    with open(path, "rb", buffering=0) as stream:
+        return last_line_of(stream.fileno(), os.fstat(stream.fileno()).st_size)
+
+
+def last_line_of(fd: int, size: int) -> tuple[bytes | None, bool]:
+    """``last_line`` of a plain file open for reading whose size is ``size``: the
+    writer follows another process's appends on its own descriptor, without
+    opening the file by name each time."""
+    position = size
+    tail = b""
+    while (found := _last_complete(tail, position == 0)) is None and position > 0:
+        step = min(_CHUNK, position)
+        position -= step
+        tail = os.pread(fd, step, position) + tail
     return found, bool(tail) and not tail.endswith(b"\n")
 
 

@@ -172,22 +172,24 @@ class AuditLog:
         if self._fd is None or info.st_mtime_ns != self._stamp:
             # Without an open file, another writer's appends change nothing we know.
             self._load()
-        elif os.fstat(self._fd).st_size != self._size:
-            self._follow()
+        elif (size := os.fstat(self._fd).st_size) != self._size:
+            self._follow(size)
 
-    def _follow(self) -> None:
-        """Another process appended to our day's file: continue from its last record,
-        keeping the file open (a full reload would fsync the directory again)."""
+    def _follow(self, size: int) -> None:
+        """Another process appended to our day's file (now ``size`` bytes): continue
+        from its last record, read through our own descriptor (a full reload would
+        fsync the directory again)."""
         assert self._fd is not None and self._fd_day is not None
         path = self.directory / reader.file_name(self._fd_day)
-        line, torn = reader.last_line(path)
+        line, torn = reader.last_line_of(self._fd, size)
         if torn:
             self._terminate(path)
+            size = os.fstat(self._fd).st_size
         if line is None:
             self._load()
             return
         self._seq, self._prev = _head(line, path.name)
-        self._size = os.fstat(self._fd).st_size
+        self._size = size
 
     def _load(self) -> None:
         self._stamp = None  # until the tail is known again
@@ -221,7 +223,7 @@ class AuditLog:
     def _open(self, day: date) -> None:
         self._close()
         path = self.directory / reader.file_name(day)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC  # read too: see _follow
         try:
             self._fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o640)
             _fsync_directory(self.directory)  # the new file's name must survive a crash too
