@@ -103,6 +103,7 @@ class Engine:
         self._due: list[tuple[float, str]] = []  # heap over _schedule, stale items skipped
         self._planned_in_scan: dict[str, float] | None = None
         self._done = GroupCommit(self._finish_many, "finish")
+        self._syncing: asyncio.Task[None] | None = None
         self._warm: dict[str, Warm] = {}
         self._warm_bytes = 0
 
@@ -150,10 +151,25 @@ class Engine:
             if self.clock() - last_look < POLL:
                 continue  # woken per accepted message: a stat each time added up
             last_look = self.clock()
+            self._sync_removals()
             if self.spool.kicked_since(seen_kick) or last_look - last_scan > RESCAN:
                 seen_kick = self.spool.last_kick()
                 await self._rescan()
                 last_scan = self.clock()
+
+    def _sync_removals(self) -> None:
+        """Finished entries are removed without an fsync of their own (see
+        ``_finish_many``); the next accepted batch's fsync makes their removal
+        durable, or, on a quiet relay, this one, within a POLL."""
+        if self._syncing is None and self.spool.removals_pending:
+            work = asyncio.to_thread(self.spool.sync_removals)
+            self._syncing = asyncio.get_running_loop().create_task(work)
+            self._syncing.add_done_callback(self._synced)
+
+    def _synced(self, task: asyncio.Task[None]) -> None:
+        self._syncing = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cannot make the removal of delivered messages durable: %s", task.exception())
 
     async def _rescan(self) -> None:
         """What is planned while the directory is read is newer than what the
@@ -198,6 +214,12 @@ class Engine:
         self._warm.clear()
         if self._busy:
             await asyncio.wait(list(self._busy.values()), timeout=timeout)
+        if self._syncing is not None:
+            await asyncio.wait((self._syncing,))
+        try:
+            await asyncio.to_thread(self.spool.sync_removals)
+        except SpoolError as exc:
+            log.error("cannot make the removal of delivered messages durable: %s", exc)
         await asyncio.to_thread(self.spool.trim_recycled, 0.0)
 
     def attempt_now(self, queue_id: str, immediate: bool = False) -> asyncio.Task[Outcome]:
@@ -323,13 +345,20 @@ class Engine:
     def _finish_many(self, items: list[tuple[str, list[dict[str, Any]]]]) -> list[Failure]:
         """The final records, then the entries gone, for a batch in one trip to the
         writing thread: the audit log may name an outcome the spool has not caught
-        up with after a crash, never the other way round."""
+        up with after a crash, never the other way round.
+
+        The removal waits for no fsync of its own (``lazy``): nobody waits for
+        it, and a directory fsync per finished batch, on top of the accepted
+        batches' ones, lengthened every 250 that queued behind it on the disk
+        ((c) 202 -> 237 msg/s, (h) p99 41 -> 26 ms without it). After a power
+        loss a message delivered just before may be delivered again.
+        """
         try:
             self.recorder.write([record for _, records in items for record in records])
         except AuditError as exc:
             ids = ", ".join(queue_id for queue_id, _ in items)
             log.error("%s: AUDIT LOG WRITE FAILED: %s", ids, exc)
-        return self.spool.remove_many([queue_id for queue_id, _ in items], recycle=True)
+        return self.spool.remove_many([queue_id for queue_id, _ in items], recycle=True, lazy=True)
 
     async def _flush(self, entry: QueueEntry) -> None:
         try:

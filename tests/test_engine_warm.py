@@ -220,3 +220,22 @@ async def test_entries_waiting_for_a_delivery_slot_still_count_against_the_bound
         gate.set()
         assert len(await delivered(outbox, 3)) == 3
         await gone(spool)
+
+
+async def test_a_quiet_engine_makes_its_removals_durable_and_leaves_no_free_file(
+    engine: Engine, spool: Spool, outbox: Path
+) -> None:
+    """Delivered entries go without an fsync of their own; with no new message
+    to share one, the engine's own follows within about a second, and its free
+    files go when it stops."""
+    entry = make_entry(size=len(message(1)))
+    engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)))
+    async with running(engine):
+        assert await delivered(outbox, 1) == [message(1)]
+        await gone(spool)
+        deadline = time.monotonic() + 3 * engine_module.POLL + 5
+        while spool.removals_pending:
+            assert time.monotonic() < deadline, "the removal was never made durable"
+            await asyncio.sleep(0.05)
+        assert [p.name for p in (spool.directory / "msg").iterdir()] == [f".free.{entry.queue_id}"]
+    assert list((spool.directory / "msg").iterdir()) == []

@@ -226,3 +226,68 @@ def test_a_failed_overwrite_leaves_neither_entry_nor_free_file(
     failures = spool.put_many([(second, (LONG,))])
     assert failures[0] is not None and "No space left" in str(failures[0])
     assert names(spool) == []
+
+
+def test_a_lazy_removal_is_made_durable_by_the_next_put(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its free file waits for a directory fsync before it may be reused."""
+    synced: list[Path] = []
+    real = store_module._fsync_dir
+
+    def counted(directory: Path) -> None:
+        synced.append(directory)
+        real(directory)
+
+    monkeypatch.setattr(store_module, "_fsync_dir", counted)
+    first = make_entry(size=len(SHORT))
+    spool.put(first, SHORT)
+    inode = spool.message_path(first.queue_id).stat().st_ino
+    synced.clear()
+    spool.remove_many([first.queue_id], recycle=True, lazy=True)
+    assert synced == [] and spool.removals_pending
+    assert names(spool) == [f".free.{first.queue_id}"]
+    second = make_entry(size=len(SHORT))
+    spool.put(second, SHORT)  # its fsync covers the removal, but came after its write
+    assert spool.message_path(second.queue_id).stat().st_ino != inode
+    assert synced == [spool.directory / "msg"] and not spool.removals_pending
+    third = make_entry(size=len(SHORT))
+    spool.put(third, SHORT)
+    assert spool.message_path(third.queue_id).stat().st_ino == inode
+
+
+def test_sync_removals_makes_a_lazy_removal_durable_once(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr(store_module, "_fsync_dir", synced.append)
+    entries = [make_entry(size=len(SHORT)) for _ in range(2)]
+    spool.put_many([(entry, (SHORT,)) for entry in entries])
+    synced.clear()
+    spool.remove_many([entries[0].queue_id], recycle=True, lazy=True)
+    spool.remove_many([entries[1].queue_id], lazy=True)  # not recycled: unlinked
+    spool.sync_removals()
+    spool.sync_removals()  # nothing left to make durable
+    assert synced == [spool.directory / "msg"]
+    assert names(spool) == [f".free.{entries[0].queue_id}"]
+    assert spool.trim_recycled(0.0) == 1  # promoted to reusable by that fsync
+
+
+def test_a_failed_sync_of_lazy_removals_drops_their_free_files_and_retries(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = make_entry(size=len(SHORT))
+    spool.put(entry, SHORT)
+    spool.remove_many([entry.queue_id], recycle=True, lazy=True)
+
+    def failing(directory: Path) -> None:
+        raise store_module.SpoolError(directory, "Input/output error")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store_module, "_fsync_dir", failing)
+        with pytest.raises(store_module.SpoolError):
+            spool.sync_removals()
+    assert names(spool) == []
+    assert spool.removals_pending  # the next sync tries again
+    spool.sync_removals()
+    assert not spool.removals_pending

@@ -15,7 +15,9 @@ and the directory fsynced, so a new entry costs one file and two fsyncs (the
 directory's shared by a batch: ``put_many`` and ``remove_many`` are group
 commits); only a deferral or a hold writes a second file. Removal unlinks the
 message first, so a crash leaves at most a changed record without its entry,
-which ``recover`` removes. The message file carries the ``flock`` that the
+which ``recover`` removes; the engine's removals of delivered entries wait
+for the next fsync of the directory instead of making their own
+(``remove_many(lazy=True)``). The message file carries the ``flock`` that the
 daemon's workers and the queue tools take: no lock file per message.
 
 Files of delivered entries are recycled, as PostgreSQL recycles its WAL
@@ -45,6 +47,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -113,6 +116,11 @@ class Spool:
         # (path, when freed) of this process's free files, oldest first; deque
         # operations are atomic, and the writing threads share it
         self._free: collections.deque[tuple[str, float]] = collections.deque()
+        # removals no fsync of msg/ has covered yet, and the free files among
+        # them, not to be reused before one has; see remove_many(lazy=True)
+        self._sync_lock = threading.Lock()
+        self._unsynced: list[str] = []
+        self._dirty = False
         created = not self.directory.exists()
         with _translated(self.directory):
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -170,11 +178,11 @@ class Spool:
                         failures[i] = SpoolError(path, f"cannot store it: {exc!r}")
                         self._discard(entry.queue_id)
 
-        def sync(directory: Path) -> None:
+        def sync() -> None:
             if all(failures):
                 return
             try:
-                _fsync_dir(directory)
+                self._sync_msg()
             except SpoolError as exc:
                 for i, (entry, _) in enumerate(items):
                     if failures[i] is None:
@@ -190,7 +198,7 @@ class Spool:
 
         try:
             each(write_entry)
-            sync(self._msg)
+            sync()
         except BaseException:
             for (entry, _), taken in zip(items, taken_before, strict=True):
                 if taken is None:
@@ -301,45 +309,76 @@ class Spool:
         if error is not None:
             raise error
 
-    def remove_many(self, queue_ids: Sequence[str], recycle: bool = False) -> list[Failure]:
+    def remove_many(
+        self, queue_ids: Sequence[str], recycle: bool = False, lazy: bool = False
+    ) -> list[Failure]:
         """``remove`` for several entries with one fsync of the directory.
 
         With ``recycle`` the files of small entries are kept for the next
         ``put`` of this process (see the module's docstring): only for
         entries whose message has reached its final state, since the file
         keeps the message's bytes until it is reused or trimmed.
+
+        With ``lazy`` the directory is not fsynced: the next ``put`` (whose
+        fsync covers these removals too) or ``sync_removals`` makes them
+        durable. Until then a power loss can bring an entry back, and it is
+        delivered again: only for entries already delivered, like Postfix,
+        which never fsyncs the removal of a delivered message.
         """
         failures: list[Failure] = [None] * len(queue_ids)
-        freed: list[str] = []
         for i, queue_id in enumerate(queue_ids):
             try:
                 path = self.message_path(queue_id)
-                with _translated(path, queue_id):
-                    free = self._recycle(os.fspath(path), queue_id, len(freed)) if recycle else None
+                with _translated(path, queue_id), self._sync_lock:
+                    free = self._recycle(os.fspath(path), queue_id) if recycle else None
                     if free is None:
                         path.unlink()
                     else:
-                        freed.append(free)
+                        self._unsynced.append(free)
+                    self._dirty = True
             except SpoolError as exc:
                 failures[i] = exc
-        if not all(failures):
-            try:
-                _fsync_dir(self._msg)
-            except SpoolError:
-                for free in freed:  # its rename may not have landed: never reuse it
-                    _unlink_quietly(Path(free))
-                raise
-        now = time.monotonic()
-        self._free.extend((free, now) for free in freed)  # only once the renames are durable
+        if not all(failures) and not lazy:
+            self._sync_msg()
         for queue_id, failure in zip(queue_ids, failures, strict=True):
             if failure is None:
                 _unlink_quietly(self._env_path(queue_id))
         return failures
 
-    def _recycle(self, path: str, queue_id: str, pending: int) -> str | None:
+    @property
+    def removals_pending(self) -> bool:
+        """Whether a ``remove_many(lazy=True)`` awaits its directory fsync."""
+        return self._dirty
+
+    def sync_removals(self) -> None:
+        """Make the removals of ``remove_many(lazy=True)`` durable, unless an
+        fsync of the directory since has done it already."""
+        if self._dirty:
+            self._sync_msg()
+
+    def _sync_msg(self) -> None:
+        """fsync msg/. It also makes every removal done before it durable, so the
+        free files among them may be reused from now on; if it fails they are
+        removed instead, since their renames may not have landed."""
+        with self._sync_lock:
+            pending, self._unsynced = self._unsynced, []
+            self._dirty = False
+        try:
+            _fsync_dir(self._msg)
+        except SpoolError:
+            for free in pending:
+                _unlink_quietly(Path(free))
+            with self._sync_lock:
+                self._dirty = True  # the removals may not have landed either: try again
+            raise
+        now = time.monotonic()
+        self._free.extend((free, now) for free in pending)
+
+    def _recycle(self, path: str, queue_id: str) -> str | None:
         """Move an entry's file aside for reuse; its new name, or None when it is
-        not worth keeping (``pending``: files moved aside by this batch so far)."""
-        if len(self._free) + pending >= RECYCLE_MAX or os.stat(path).st_size > RECYCLE_SIZE:
+        not worth keeping. Call it with ``_sync_lock`` held."""
+        kept = len(self._free) + len(self._unsynced)
+        if kept >= RECYCLE_MAX or os.stat(path).st_size > RECYCLE_SIZE:
             return None
         free = f"{self._msg}/{_FREE_PREFIX}{queue_id}"
         os.rename(path, free)
