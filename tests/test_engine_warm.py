@@ -226,7 +226,7 @@ async def test_a_quiet_engine_makes_its_removals_durable_and_leaves_no_free_file
     engine: Engine, spool: Spool, outbox: Path
 ) -> None:
     """Delivered entries go without an fsync of their own; with no new message
-    to share one, the engine's own follows within about a second, and its free
+    to share one, the engine's own follows within two POLLs, and its free
     files go when it stops."""
     entry = make_entry(size=len(message(1)))
     engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)))

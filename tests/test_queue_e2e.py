@@ -358,7 +358,7 @@ def test_a_delivered_messages_file_carries_the_next_message(
                 wait_for(free.exists)
                 inode = free.stat().st_ino
                 # reusable once the engine has let go of it and a directory fsync
-                # has made its rename durable (the engine's, within a second)
+                # has made its rename durable (the engine's, within two seconds)
                 for attempt in range(20):
                     time.sleep(0.5)
                     later = queue(client, "two@example.org", SMALL + f"more {attempt}\r\n".encode())
@@ -370,5 +370,7 @@ def test_a_delivered_messages_file_carries_the_next_message(
             assert not free.exists()
             arrived = sink.sink.wait(attempt + 2)
             assert "one@example.org" in arrived[0].rcpt_tos
+            assert "two@example.org" in arrived[-1].rcpt_tos
+            assert "one@example.org" not in arrived[-1].rcpt_tos
             assert arrived[-1].data.endswith(f"\r\n\r\nhi\r\nmore {attempt}\r\n".encode())
             assert arrived[-1].data.startswith(b"DKIM-Signature:")

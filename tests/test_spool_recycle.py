@@ -4,6 +4,7 @@ never read as anything but the new entry, and kept for a bounded time only."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -264,13 +265,58 @@ def test_sync_removals_makes_a_lazy_removal_durable_once(
     entries = [make_entry(size=len(SHORT)) for _ in range(2)]
     spool.put_many([(entry, (SHORT,)) for entry in entries])
     synced.clear()
-    spool.remove_many([entries[0].queue_id], recycle=True, lazy=True)
-    spool.remove_many([entries[1].queue_id], lazy=True)  # not recycled: unlinked
+    spool.remove_many([entry.queue_id for entry in entries], recycle=True, lazy=True)
+    assert synced == []
     spool.sync_removals()
     spool.sync_removals()  # nothing left to make durable
     assert synced == [spool.directory / "msg"]
+    assert spool.trim_recycled(0.0) == 2  # made reusable by that fsync
+
+
+def test_a_lazy_removal_that_unlinks_is_fsynced_at_once(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A freed inode may be the next file's: its old name must not come back."""
+    synced: list[Path] = []
+    monkeypatch.setattr(store_module, "_fsync_dir", synced.append)
+    monkeypatch.setattr(store_module, "RECYCLE_MAX", 1)
+    entries = [make_entry(size=len(SHORT)) for _ in range(2)]
+    spool.put_many([(entry, (SHORT,)) for entry in entries])
+    synced.clear()
+    spool.remove_many([entry.queue_id for entry in entries], recycle=True, lazy=True)
+    assert synced == [spool.directory / "msg"]  # the second one was unlinked
+    assert not spool.removals_pending
     assert names(spool) == [f".free.{entries[0].queue_id}"]
-    assert spool.trim_recycled(0.0) == 1  # promoted to reusable by that fsync
+
+
+def test_a_rename_during_a_running_fsync_waits_for_the_next_one(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """That fsync may have read the directory before the rename: it proves nothing."""
+    entries = [make_entry(size=len(SHORT)) for _ in range(2)]
+    spool.put_many([(entry, (SHORT,)) for entry in entries])
+    spool.remove_many([entries[0].queue_id], recycle=True, lazy=True)
+    inside, go_on = threading.Event(), threading.Event()
+    real = store_module._fsync_dir
+
+    def slow(directory: Path) -> None:
+        inside.set()
+        assert go_on.wait(10)
+        real(directory)
+
+    monkeypatch.setattr(store_module, "_fsync_dir", slow)
+    syncing = threading.Thread(target=spool.sync_removals)
+    syncing.start()
+    assert inside.wait(10)
+    spool.remove_many([entries[1].queue_id], recycle=True, lazy=True)
+    go_on.set()
+    syncing.join(10)
+    assert spool.removals_pending  # the second rename is not covered yet
+    monkeypatch.setattr(store_module, "_fsync_dir", real)
+    assert spool.trim_recycled(0.0) == 1  # only the first was made reusable
+    spool.sync_removals()
+    assert not spool.removals_pending
+    assert spool.trim_recycled(0.0) == 1
 
 
 def test_a_failed_sync_of_lazy_removals_drops_their_free_files_and_retries(
@@ -290,4 +336,37 @@ def test_a_failed_sync_of_lazy_removals_drops_their_free_files_and_retries(
     assert names(spool) == []
     assert spool.removals_pending  # the next sync tries again
     spool.sync_removals()
+    assert not spool.removals_pending
+    assert spool.trim_recycled(0.0) == 0  # nothing was left to reuse
+
+
+def test_a_sync_while_another_is_running_does_its_own(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The running one may yet fail: a stopping engine must not take it for done."""
+    entry = make_entry(size=len(SHORT))
+    spool.put(entry, SHORT)
+    spool.remove_many([entry.queue_id], recycle=True, lazy=True)
+    calls: list[Path] = []
+    go_on = threading.Event()
+
+    def slow(directory: Path) -> None:
+        calls.append(directory)
+        assert go_on.wait(10)
+
+    monkeypatch.setattr(store_module, "_fsync_dir", slow)
+    first = threading.Thread(target=spool.sync_removals)
+    first.start()
+    deadline = time.monotonic() + 10
+    while not calls:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    second = threading.Thread(target=spool.sync_removals)
+    second.start()
+    while len(calls) < 2:
+        assert time.monotonic() < deadline, "the second sync returned without an fsync"
+        time.sleep(0.01)
+    go_on.set()
+    first.join(10)
+    second.join(10)
     assert not spool.removals_pending

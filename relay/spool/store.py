@@ -121,6 +121,7 @@ class Spool:
         self._sync_lock = threading.Lock()
         self._unsynced: list[str] = []
         self._dirty = False
+        self._removals = 0
         created = not self.directory.exists()
         with _translated(self.directory):
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -319,13 +320,17 @@ class Spool:
         entries whose message has reached its final state, since the file
         keeps the message's bytes until it is reused or trimmed.
 
-        With ``lazy`` the directory is not fsynced: the next ``put`` (whose
-        fsync covers these removals too) or ``sync_removals`` makes them
-        durable. Until then a power loss can bring an entry back, and it is
-        delivered again: only for entries already delivered, like Postfix,
-        which never fsyncs the removal of a delivered message.
+        With ``lazy`` the directory is not fsynced for files moved aside for
+        reuse: the next ``put`` (whose fsync covers these removals too) or
+        ``sync_removals`` makes them durable. Until then a power loss can
+        bring an entry back, and it is delivered again: only for entries
+        already delivered, like Postfix, which never fsyncs the removal of a
+        delivered message. An unlinked file is fsynced away at once even so:
+        its inode may be reused by the next file, and a name that came back
+        after a power loss would then name another entry's bytes.
         """
         failures: list[Failure] = [None] * len(queue_ids)
+        unlinked = False
         for i, queue_id in enumerate(queue_ids):
             try:
                 path = self.message_path(queue_id)
@@ -333,12 +338,14 @@ class Spool:
                     free = self._recycle(os.fspath(path), queue_id) if recycle else None
                     if free is None:
                         path.unlink()
+                        unlinked = True
                     else:
                         self._unsynced.append(free)
                     self._dirty = True
+                    self._removals += 1
             except SpoolError as exc:
                 failures[i] = exc
-        if not all(failures) and not lazy:
+        if not all(failures) and (unlinked or not lazy):
             self._sync_msg()
         for queue_id, failure in zip(queue_ids, failures, strict=True):
             if failure is None:
@@ -359,18 +366,20 @@ class Spool:
     def _sync_msg(self) -> None:
         """fsync msg/. It also makes every removal done before it durable, so the
         free files among them may be reused from now on; if it fails they are
-        removed instead, since their renames may not have landed."""
+        removed instead, since their renames may not have landed. Removals are
+        pending until an fsync that started after the last of them succeeds."""
         with self._sync_lock:
             pending, self._unsynced = self._unsynced, []
-            self._dirty = False
+            seen = self._removals
         try:
             _fsync_dir(self._msg)
         except SpoolError:
             for free in pending:
                 _unlink_quietly(Path(free))
-            with self._sync_lock:
-                self._dirty = True  # the removals may not have landed either: try again
             raise
+        with self._sync_lock:
+            if self._removals == seen:
+                self._dirty = False
         now = time.monotonic()
         self._free.extend((free, now) for free in pending)
 
