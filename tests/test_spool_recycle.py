@@ -27,6 +27,18 @@ def names(spool: Spool) -> list[str]:
     return sorted(os.listdir(spool.directory / "msg"))
 
 
+def failing_fsync(directory: Path) -> None:
+    raise store_module.SpoolError(directory, "Input/output error")
+
+
+def removed_lazily(spool: Spool) -> str:
+    """A delivered entry, moved aside without a directory fsync; its queue ID."""
+    entry = make_entry(size=len(SHORT))
+    spool.put(entry, SHORT)
+    spool.remove_many([entry.queue_id], recycle=True, lazy=True)
+    return entry.queue_id
+
+
 def test_a_delivered_entrys_file_is_overwritten_by_the_next_entry(spool: Spool) -> None:
     first = make_entry(size=len(LONG))
     spool.put(first, LONG)
@@ -184,12 +196,8 @@ def test_a_file_whose_rename_may_not_have_landed_is_never_reused(
 ) -> None:
     first = make_entry(size=len(SHORT))
     spool.put(first, SHORT)
-
-    def failing(directory: Path) -> None:
-        raise store_module.SpoolError(directory, "Input/output error")
-
     with monkeypatch.context() as patched:
-        patched.setattr(store_module, "_fsync_dir", failing)
+        patched.setattr(store_module, "_fsync_dir", failing_fsync)
         with pytest.raises(store_module.SpoolError):
             spool.remove_many([first.queue_id], recycle=True)
     assert names(spool) == []  # neither the entry nor a free file
@@ -322,15 +330,9 @@ def test_a_rename_during_a_running_fsync_waits_for_the_next_one(
 def test_a_failed_sync_of_lazy_removals_drops_their_free_files_and_retries(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    entry = make_entry(size=len(SHORT))
-    spool.put(entry, SHORT)
-    spool.remove_many([entry.queue_id], recycle=True, lazy=True)
-
-    def failing(directory: Path) -> None:
-        raise store_module.SpoolError(directory, "Input/output error")
-
+    removed_lazily(spool)
     with monkeypatch.context() as patched:
-        patched.setattr(store_module, "_fsync_dir", failing)
+        patched.setattr(store_module, "_fsync_dir", failing_fsync)
         with pytest.raises(store_module.SpoolError):
             spool.sync_removals()
     assert names(spool) == []
@@ -344,9 +346,7 @@ def test_a_sync_while_another_is_running_does_its_own(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The running one may yet fail: a stopping engine must not take it for done."""
-    entry = make_entry(size=len(SHORT))
-    spool.put(entry, SHORT)
-    spool.remove_many([entry.queue_id], recycle=True, lazy=True)
+    removed_lazily(spool)
     calls: list[Path] = []
     go_on = threading.Event()
 
