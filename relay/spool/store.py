@@ -120,8 +120,8 @@ class Spool:
         # them, not to be reused before one has; see remove_many(lazy=True)
         self._sync_lock = threading.Lock()
         self._unsynced: list[str] = []
-        self._dirty = False
-        self._removals = 0
+        self._removals = 0  # counted, and how many of them a finished fsync covers
+        self._synced = 0
         created = not self.directory.exists()
         with _translated(self.directory):
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -341,7 +341,6 @@ class Spool:
                         unlinked = True
                     else:
                         self._unsynced.append(free)
-                    self._dirty = True
                     self._removals += 1
             except SpoolError as exc:
                 failures[i] = exc
@@ -355,12 +354,12 @@ class Spool:
     @property
     def removals_pending(self) -> bool:
         """Whether a ``remove_many(lazy=True)`` awaits its directory fsync."""
-        return self._dirty
+        return self._removals != self._synced
 
     def sync_removals(self) -> None:
         """Make the removals of ``remove_many(lazy=True)`` durable, unless an
         fsync of the directory since has done it already."""
-        if self._dirty:
+        if self.removals_pending:
             self._sync_msg()
 
     def _sync_msg(self) -> None:
@@ -378,8 +377,7 @@ class Spool:
                 _unlink_quietly(Path(free))
             raise
         with self._sync_lock:
-            if self._removals == seen:
-                self._dirty = False
+            self._synced = max(self._synced, seen)
         now = time.monotonic()
         self._free.extend((free, now) for free in pending)
 
@@ -560,15 +558,11 @@ class Spool:
         held: int | None = None
         name = os.fspath(target)  # once: a Path makes its string anew for every call
         try:
-            reused = self._reuse() if reuse else None
-            if reused is not None:
-                fd, tmp = reused  # locked already: its lock goes with the file
-                if hold:
-                    held = os.dup(fd)
-            else:
-                fd, tmp = _create_temporary(name)
-                if hold:
-                    held = os.dup(fd)
+            reused = self._reuse() if reuse else None  # locked already
+            fd, tmp = reused if reused is not None else _create_temporary(name)
+            if hold:
+                held = os.dup(fd)  # shares the lock of a reused file
+                if reused is None:
                     fcntl.flock(held, fcntl.LOCK_EX)
             self._adopt(fd)
             size = _write_all(fd, chunks)
