@@ -492,6 +492,7 @@ class Bench:
                     "raw",
                     "--output",
                     str(raw),
+                    "--subprocesses",  # the workers, not the supervisor waiting on them
                     "--gil",  # samples of the thread holding the GIL: where Python CPU goes
                     "--duration",
                     "600",
