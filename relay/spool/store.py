@@ -511,6 +511,15 @@ class Spool:
     def lock(self, queue_id: str, blocking: bool = True) -> Iterator[None]:
         """Exclusive use of one entry across processes. The delivery engine, in
         an event loop, should pass ``blocking=False`` and skip busy entries."""
+        fd = self.acquire(queue_id, blocking)
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    def acquire(self, queue_id: str, blocking: bool = True) -> int:
+        """``lock`` for a holder that lets go later: the entry stays locked until
+        the returned descriptor is closed."""
         path = self.message_path(queue_id)
         with _translated(path, queue_id):
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -523,9 +532,10 @@ class Spool:
                 raise SpoolError.from_os(exc, path) from exc
             with _translated(path, queue_id):
                 _still_named(fd, path, queue_id)  # removed (or recycled) while we waited
-            yield
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
 
     def kick(self) -> None:
         """Ask a running daemon to rescan the queue now."""
