@@ -85,10 +85,24 @@ class Recorder:
         """What was collected for one message, for the caller to ``write``."""
         return self._pending.pop(queue_id, [])
 
-    def write(self, records: list[dict[str, Any]]) -> None:
-        """Append and fsync now, in the caller's thread; raises AuditError."""
+    def write(self, records: list[dict[str, Any]], sync: bool = True) -> int:
+        """Append and fsync now, in the caller's thread; raises AuditError.
+
+        With ``sync=False`` there is no fsync: ``synced`` says of the
+        returned ticket when one has covered the records.
+        """
         if records and self.audit is not None:
-            self.audit.append_many(records)
+            return self.audit.append_many(records, sync=sync)
+        return 0
+
+    def synced(self, ticket: int) -> bool | None:
+        """See ``AuditLog.synced``; without an audit log everything is."""
+        return True if self.audit is None else self.audit.synced(ticket)
+
+    def sync(self) -> None:
+        """fsync what ``write(sync=False)`` left; raises AuditError."""
+        if self.audit is not None:
+            self.audit.sync()
 
     def _append(self, batches: list[list[dict[str, Any]]]) -> list[None]:
         assert self.audit is not None

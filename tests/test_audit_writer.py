@@ -343,3 +343,84 @@ def test_a_failed_tail_read_is_retried_not_guessed(
     daemon.append(_failed(3))
     assert [r["seq"] for r in read_all(tmp_path)] == [1, 2, 3]
     assert verify(tmp_path).ok
+
+
+class FsyncCounter:
+    """Counts the fsyncs the writer makes, and can make them fail."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        self.names: list[str] = []
+        self.failing = False
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            self.calls += 1
+            self.names.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+            if self.failing:
+                raise OSError(5, "Input/output error")
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_an_unsynced_write_is_on_disk_once_a_later_fsync_covers_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = AuditLog(tmp_path, clock=Clock())
+    log.append(_failed(0))  # the day's file exists: its creation fsyncs the directory
+    fsyncs = FsyncCounter(monkeypatch)
+    first = log.append_many([_failed(1)], sync=False)
+    second = log.append_many([_failed(2)], sync=False)
+    assert fsyncs.calls == 0
+    assert 0 < first < second
+    assert log.synced(first) is False and log.synced(second) is False
+    log.append(_failed(3))  # an fsynced write covers what came before it in the file
+    assert fsyncs.calls == 1
+    assert log.synced(first) is True and log.synced(second) is True
+    assert log.synced(0) is True
+    third = log.append_many([_failed(4)], sync=False)
+    log.sync()
+    assert log.synced(third) is True
+    log.sync()  # nothing left to cover
+    assert fsyncs.calls == 2
+    assert [r["seq"] for r in read_all(tmp_path)] == [1, 2, 3, 4, 5]
+    assert verify(tmp_path).ok
+
+
+def test_a_failed_fsync_leaves_unsynced_writes_in_doubt_for_good(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed fsync the kernel may have dropped the pages: a later fsync that
+    succeeds says nothing about them, so their writer must write them again."""
+    log = AuditLog(tmp_path, clock=Clock())
+    fsyncs = FsyncCounter(monkeypatch)
+    doubtful = log.append_many([_failed(1)], sync=False)
+    fsyncs.failing = True
+    with pytest.raises(AuditError, match="Input/output error"):
+        log.sync()
+    fsyncs.failing = False
+    log.sync()
+    log.append(_failed(2))
+    assert log.synced(doubtful) is None
+    later = log.append_many([_failed(3)], sync=False)
+    log.sync()
+    assert log.synced(later) is True
+    assert log.synced(doubtful) is None
+
+
+def test_unsynced_writes_of_a_day_are_fsynced_when_the_day_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    log = AuditLog(tmp_path, clock=clock)
+    fsyncs = FsyncCounter(monkeypatch)
+    ticket = log.append_many([_failed(1)], sync=False)
+    clock.now += timedelta(days=1)
+    log.append(_failed(2))  # next day's file: its fsync does not reach the first day's
+    assert log.synced(ticket) is True
+    first, second = "audit-2024-05-06.jsonl", "audit-2024-05-07.jsonl"
+    assert first in fsyncs.names and second in fsyncs.names
+    assert fsyncs.names.index(first) < fsyncs.names.index(second)
+    assert [r["seq"] for r in read_all(tmp_path)] == [1, 2]
+    assert verify(tmp_path).ok

@@ -1,7 +1,10 @@
-"""Appending to the audit log: one chained, fsynced write per call.
+"""Appending to the audit log: one chained write per call, fsynced unless asked not to.
 
 The daemon answers 250 only after ``append`` returns, so a message the
-client believes accepted always has its record on disk. Several processes
+client believes accepted always has its record on disk. Records nobody
+waits for (a delivery's outcome) may be written without an fsync of their
+own and given a ticket: the next fsync of this process covers them, and
+``synced`` tells the writer when, so it can act on them only then. Several processes
 append (the daemon, and ``relay queue delete`` recording who deleted what),
 so the chain's tail is shared state: every append holds an exclusive
 ``flock`` on ``.lock`` and re-reads the tail whenever another process may
@@ -62,6 +65,9 @@ class AuditLog:
         self._seq = 0
         self._prev = GENESIS_HASH
         self._stamp: int | None = None  # directory mtime when the tail was last read
+        self._writes = 0  # tickets: writes made without an fsync of their own
+        self._durable = 0  # every ticket up to this one is on disk
+        self._doubtful = 0  # an fsync failed with tickets up to this one unsynced
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
@@ -79,16 +85,19 @@ class AuditLog:
     def append(self, record: dict[str, Any]) -> None:
         self.append_many([record])
 
-    def append_many(self, records: list[dict[str, Any]]) -> None:
-        """Write, flush and fsync all records as one write; raise AuditError on any failure.
+    def append_many(self, records: list[dict[str, Any]], sync: bool = True) -> int:
+        """Write all records as one write and fsync it; raise AuditError on any failure.
 
         On failure nothing is left half-written: the file is cut back to its
         previous end, and the next call re-reads the tail from disk.
+
+        With ``sync=False`` there is no fsync: the records are on disk once
+        ``synced`` says so of the returned ticket (0 means on disk already).
         """
         for record in records:
             events.check(record)
         if not records:
-            return
+            return 0
         try:
             with self._locked():
                 self._refresh()
@@ -107,11 +116,32 @@ class AuditLog:
                     lines.append(line)
                 data = ("\n".join(lines) + "\n").encode()
                 try:
-                    self._write(data)
+                    self._write(data, sync)
                 except OSError:
                     self._undo()
                     raise
                 self._seq, self._prev, self._size = seq, prev, self._size + len(data)
+                if sync:
+                    return 0
+                self._writes += 1
+                return self._writes
+        except OSError as exc:
+            raise AuditError(f"audit log {self.directory}: {exc.strerror or exc}") from exc
+
+    def synced(self, ticket: int) -> bool | None:
+        """Whether the records of ``append_many(sync=False)`` are on disk: True,
+        False (not yet: ``sync``), or None when an fsync failed before covering
+        them, or the ticket is negative (never written): write them again."""
+        if ticket < 0 or 0 < ticket <= self._doubtful:
+            return None
+        return ticket <= self._durable
+
+    def sync(self) -> None:
+        """fsync what was written without; raise AuditError if that fails."""
+        try:
+            with self._lock:
+                if self._durable < self._writes and self._fd is not None:
+                    self._fsync()
         except OSError as exc:
             raise AuditError(f"audit log {self.directory}: {exc.strerror or exc}") from exc
 
@@ -236,23 +266,40 @@ class AuditLog:
         self._size = os.fstat(self._fd).st_size
         self._stamp = os.stat(self.directory).st_mtime_ns
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, sync: bool) -> None:
         assert self._fd is not None
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
-        os.fsync(self._fd)
+        if sync:
+            self._fsync()
+
+    def _fsync(self) -> None:
+        """fsync the open file: it covers every ticket written to it so far. After
+        a failed fsync the kernel may have dropped the unsynced pages, so no later
+        one can vouch for those tickets."""
+        assert self._fd is not None
+        upto = self._writes
+        try:
+            os.fsync(self._fd)
+        except OSError:
+            self._doubtful = upto
+            raise
+        self._durable = upto
 
     def _undo(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self._size)
-                os.fsync(self._fd)
+                self._fsync()
         self._close()
         self._stamp = None
 
     def _close(self) -> None:
         if self._fd is not None:
+            with contextlib.suppress(OSError):
+                if self._durable < self._writes:
+                    self._fsync()  # no later fsync of this process reaches this file
             with contextlib.suppress(OSError):
                 os.close(self._fd)
         self._fd = self._fd_day = None
