@@ -18,15 +18,15 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from relay.audit import AuditError
 from relay.groupcommit import GroupCommit
 from relay.notice import build_notice
 from relay.policy.model import Policy, QueueSettings, Upstream
 from relay.record import Recorder
+from relay.settle import EntryLock, Finished, Settle, Settler
 from relay.spool import DELIVERED, EXPIRED, FAILED, QueueEntry, RecipientState, Spool
-from relay.spool.store import Failure, NoSuchEntry, SpoolBusy, SpoolError
+from relay.spool.store import NoSuchEntry, SpoolBusy, SpoolError
 
 log = logging.getLogger("relay")
 
@@ -72,6 +72,12 @@ class Warm:
         os.close(self.lock)
 
 
+def _unsettled(error: BaseException) -> str:
+    if isinstance(error, AuditError):
+        return f"delivered messages stay in the queue until the audit log takes them: {error}"
+    return f"cannot make the removal of delivered messages durable: {error}"
+
+
 def backoff(settings: QueueSettings, attempts: int, rng: Callable[[], float]) -> float:
     """Seconds to wait after the n-th failed attempt: doubling, capped, +-10% jitter."""
     base = min(settings.first_retry * 2 ** max(attempts - 1, 0), settings.max_retry)
@@ -102,9 +108,12 @@ class Engine:
         self._schedule: dict[str, float] = {}  # queue ID -> next attempt
         self._due: list[tuple[float, str]] = []  # heap over _schedule, stale items skipped
         self._planned_in_scan: dict[str, float] | None = None
-        self._done = GroupCommit(self._finish_many, "finish")
-        self._syncing: asyncio.Task[None] | None = None
-        self._sync_error: str | None = None
+        self._settler = Settler(spool, recorder)
+        self._done: GroupCommit[Finished | Settle] = GroupCommit(
+            self._settler.finish_many, "finish"
+        )
+        self._settling: asyncio.Task[None] | None = None
+        self._settle_error: str | None = None
         self._warm: dict[str, Warm] = {}
         self._warm_bytes = 0
 
@@ -154,28 +163,31 @@ class Engine:
             if self.clock() - last_look < POLL:
                 continue  # woken per accepted message: a stat each time added up
             last_look = self.clock()
-            self._sync_removals()
+            self._settle_finished()
             if self.spool.kicked_since(seen_kick) or last_look - last_scan > RESCAN:
                 seen_kick = self.spool.last_kick()
                 await self._rescan()
                 last_scan = self.clock()
 
-    def _sync_removals(self) -> None:
-        """Finished entries are removed without an fsync of their own (see
-        ``_finish_many``); the next accepted batch's fsync makes their removal
-        durable, or, on a quiet relay, this one, within a POLL."""
-        if self._syncing is None and self.spool.removals_pending:
-            work = asyncio.to_thread(self.spool.sync_removals)
-            self._syncing = asyncio.get_running_loop().create_task(work)
-            self._syncing.add_done_callback(self._synced)
+    def _settle_finished(self) -> None:
+        """Finished entries wait for an fsync that covers their final records, then
+        for one that makes their removal durable (``relay.settle``); on a busy
+        relay the accepted batches' fsyncs do both, on a quiet one this, once a POLL."""
+        if self._settling is None and (self._settler.waiting or self.spool.removals_pending):
+            self._settling = asyncio.get_running_loop().create_task(self._done(Settle()))
+            self._settling.add_done_callback(self._finished_settled)
 
-    def _synced(self, task: asyncio.Task[None]) -> None:
-        """Tried again at the next look; a broken spool is reported once, not per POLL."""
-        self._syncing = None
+    def remove_covered(self) -> None:
+        """For the thread that has just fsynced the audit log: see ``Settler.remove_covered``."""
+        self._settler.remove_covered()
+
+    def _finished_settled(self, task: asyncio.Task[None]) -> None:
+        """Tried again at the next look; a broken disk is reported once, not per POLL."""
+        self._settling = None
         error = None if task.cancelled() else task.exception()
-        if error is not None and str(error) != self._sync_error:
-            log.error("cannot make the removal of delivered messages durable: %s", error)
-        self._sync_error = None if error is None else str(error)
+        if error is not None and str(error) != self._settle_error:
+            log.error("%s", _unsettled(error))
+        self._settle_error = None if error is None else str(error)
 
     async def _rescan(self) -> None:
         """What is planned while the directory is read is newer than what the
@@ -206,7 +218,7 @@ class Engine:
     def _sleep(self) -> float:
         while self._due and self._stale(self._due[0]):
             heapq.heappop(self._due)
-        if not self._due:
+        if not self._due or self._backlogged():
             return POLL
         return max(0.0, min(POLL, self._due[0][0] - self.clock()))
 
@@ -220,13 +232,13 @@ class Engine:
         self._warm.clear()
         if self._busy:
             await asyncio.wait(list(self._busy.values()), timeout=timeout)
-        while self._syncing is not None:
-            await asyncio.wait((self._syncing,))
+        while self._settling is not None:
+            await asyncio.wait((self._settling,))
             await asyncio.sleep(0)  # its done callback clears it
         try:
-            await asyncio.to_thread(self.spool.sync_removals)
-        except SpoolError as exc:
-            log.error("cannot make the removal of delivered messages durable: %s", exc)
+            await self._done(Settle(final=True))
+        except (AuditError, SpoolError) as exc:
+            log.error("%s", _unsettled(exc))
         await asyncio.to_thread(self.spool.trim_recycled, 0.0)
 
     def attempt_now(self, queue_id: str, immediate: bool = False) -> asyncio.Task[Outcome]:
@@ -244,7 +256,7 @@ class Engine:
         the size of the queue (a wake-up per accepted message, with thousands
         of deferred messages waiting, used to walk all of them)."""
         now = self.clock()
-        while self._due and self._due[0][0] <= now:
+        while self._due and self._due[0][0] <= now and not self._backlogged():
             item = heapq.heappop(self._due)
             queue_id = item[1]
             if self._stale(item) or queue_id in self._busy:
@@ -253,6 +265,12 @@ class Engine:
                 self._plan(queue_id, now + POLL)
                 continue
             self.attempt_now(queue_id)
+
+    def _backlogged(self) -> bool:
+        """Nothing new starts while too many finished entries wait for the audit log:
+        a log that refuses writes would otherwise pile up open files, and mail
+        delivered with no record of it."""
+        return self._settler.full
 
     def _limit(self, upstream: str) -> asyncio.Semaphore:
         if upstream not in self._limits:
@@ -269,23 +287,23 @@ class Engine:
 
     async def _locked_attempt(self, queue_id: str, immediate: bool) -> Outcome:
         warm = self._warm.pop(queue_id, None)
+        lock = EntryLock(None if warm is None else warm.lock)
         try:
             if warm is not None:
                 try:
-                    with contextlib.closing(warm):
-                        async with self._limit(warm.entry.upstream):
-                            return await self._attempt(warm.entry, immediate, warm.data)
+                    async with self._limit(warm.entry.upstream):
+                        return await self._attempt(warm.entry, lock, immediate, warm.data)
                 finally:  # its bytes count until the attempt ends, waiting for a slot included
                     self._warm_bytes -= len(warm.data)
-            with self.spool.lock(queue_id, blocking=False):
-                entry = self.spool.load(queue_id)
-                if entry.held:
-                    return Outcome("held")
-                if entry.next_attempt > self.clock() + POLL and not immediate:
-                    self._plan(queue_id, entry.next_attempt)
-                    return Outcome("later")
-                async with self._limit(entry.upstream):
-                    return await self._attempt(entry, immediate)
+            lock.fd = self.spool.acquire(queue_id, blocking=False)
+            entry = self.spool.load(queue_id)
+            if entry.held:
+                return Outcome("held")
+            if entry.next_attempt > self.clock() + POLL and not immediate:
+                self._plan(queue_id, entry.next_attempt)
+                return Outcome("later")
+            async with self._limit(entry.upstream):
+                return await self._attempt(entry, lock, immediate)
         except NoSuchEntry:
             return Outcome("gone")
         except SpoolBusy:
@@ -293,9 +311,11 @@ class Engine:
         except SpoolError as exc:
             log.error("%s spool error: %s", queue_id, exc)
             return Outcome("busy")
+        finally:
+            lock.close()  # unless _finish took it over
 
     async def _attempt(
-        self, entry: QueueEntry, immediate: bool = False, data: bytes | None = None
+        self, entry: QueueEntry, lock: EntryLock, immediate: bool = False, data: bytes | None = None
     ) -> Outcome:
         policy = self.policy()
         now = self.clock()
@@ -305,7 +325,7 @@ class Engine:
                 last = f"; last reply: {rcpt.reply}" if rcpt.reply else ""
                 reply = f"not delivered within {days:g} days{last}"
                 self._settle(entry, rcpt.address, EXPIRED, reply)
-            return await self._finish(entry, policy)
+            return await self._finish(entry, policy, lock)
         upstream = policy.upstreams.get(entry.upstream)
         pending = [r.address for r in entry.pending()]
         if upstream is None:
@@ -331,7 +351,7 @@ class Engine:
                 deferred = True
                 self._note(entry, address, reply)
         if not deferred:
-            return await self._finish(entry, policy)
+            return await self._finish(entry, policy, lock)
         entry.next_attempt = now + backoff(policy.queue, entry.attempts, self.rng)
         for rcpt in entry.pending():
             self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
@@ -348,24 +368,6 @@ class Engine:
         await self._flush(entry)
         await asyncio.to_thread(self.spool.remove, entry.queue_id)
         return Outcome("refused", replies[pending[0]][1])
-
-    def _finish_many(self, items: list[tuple[str, list[dict[str, Any]]]]) -> list[Failure]:
-        """The final records, then the entries gone, for a batch in one trip to the
-        writing thread: the audit log may name an outcome the spool has not caught
-        up with after a crash, never the other way round.
-
-        The removal waits for no fsync of its own (``lazy``): nobody waits for
-        it, and a directory fsync per finished batch, on top of the accepted
-        batches' ones, lengthened every 250 that queued behind it on the disk
-        (side by side, (c) 209 -> 225 msg/s). After a power loss a message
-        delivered in the last two POLLs may be delivered again.
-        """
-        try:
-            self.recorder.write([record for _, records in items for record in records])
-        except AuditError as exc:
-            ids = ", ".join(queue_id for queue_id, _ in items)
-            log.error("%s: AUDIT LOG WRITE FAILED: %s", ids, exc)
-        return self.spool.remove_many([queue_id for queue_id, _ in items], recycle=True, lazy=True)
 
     async def _flush(self, entry: QueueEntry) -> None:
         try:
@@ -389,7 +391,7 @@ class Engine:
         rcpt.updated = self.clock()
         return rcpt
 
-    async def _finish(self, entry: QueueEntry, policy: Policy) -> Outcome:
+    async def _finish(self, entry: QueueEntry, policy: Policy, lock: EntryLock) -> Outcome:
         """Queue a notice for the failures the sender should hear of, then drop the entry."""
         failures = [r for r in entry.recipients if r.status in (FAILED, EXPIRED) and r.notify]
         if failures and not entry.is_notice:
@@ -400,6 +402,7 @@ class Engine:
                 self.submit(notice.queue_id)
             except SpoolError as exc:
                 log.error("%s could not queue the failure notice: %s", entry.queue_id, exc)
-        await self._done((entry.queue_id, self.recorder.take(entry.queue_id)))
+        records = self.recorder.take(entry.queue_id)
+        await self._done(Finished(entry.queue_id, records, EntryLock(lock.take())))
         statuses = {r.status for r in entry.recipients}
         return Outcome(DELIVERED if statuses == {DELIVERED} else FAILED)

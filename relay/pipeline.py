@@ -203,6 +203,7 @@ class Acceptor:
         stored = [i for i, failure in enumerate(failures) if failure is None]
         try:
             self.recorder.write([record for i in stored for record in items[i][2]])
+            self.engine.remove_covered()
         except AuditError as exc:
             left = self.spool.remove_many([items[i][0].queue_id for i in stored])
             for i, kept in zip(stored, left, strict=True):

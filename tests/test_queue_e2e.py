@@ -74,7 +74,7 @@ def test_upstream_down_then_back_delivers_everything(policy_file: Path, tmp_path
         with SinkServer(port=sink_port) as sink:
             sink.sink.wait(3)
             wait_for(lambda: relay.log().count("status=sent") >= 3)
-        assert relay_cli(policy, "queue", "list").stdout.strip() == "Mail queue is empty"
+        wait_for(lambda: relay_cli(policy, "queue", "list").stdout.strip() == "Mail queue is empty")
     events = audit_events(policy, ids[0])
     retries = len(events) - 3
     assert retries >= 1
@@ -305,11 +305,13 @@ def test_temporary_refusal_then_acceptance(policy_file: Path, tmp_path: Path) ->
     assert events[-1] == ("delivered", "one@example.org")
 
 
-def test_audit_write_failure_answers_451_and_keeps_nothing(
+def test_audit_write_failure_answers_451_and_leaves_no_outcome_unrecorded(
     policy_file: Path, tmp_path: Path
 ) -> None:
     """The audit log grows with every message while each spool file stays small, so a
-    file-size limit makes the audit append fail first, as a full disk would."""
+    file-size limit makes the audit append fail first, as a full disk would. The
+    refused message is not kept; a delivered one leaves the queue only with its
+    outcome on record, and stays in it while the log cannot take that."""
     with SinkServer() as sink:
         port = free_port()
         policy = configure(policy_file, port, sink.port)
@@ -325,12 +327,18 @@ def test_audit_write_failure_answers_451_and_keeps_nothing(
                 if replies[-1][0] != 250:
                     break
             assert replies[-1] == (451, b"4.3.0 Audit log write failed, try again later")
-            accepted = sum(1 for code, _ in replies if code == 250)
-            assert accepted >= 1
+            accepted = [reply.decode().rsplit(" ", 1)[-1] for code, reply in replies if code == 250]
+            assert accepted
             assert "cannot write the audit log" in relay.log()
-            time.sleep(1.0)
-            assert len(sink.sink.messages) == accepted
-            assert relay_cli(policy, "queue", "list").stdout.strip() == "Mail queue is empty"
+            wait_for(lambda: len(sink.sink.messages) == len(accepted))
+        assert len(sink.sink.messages) == len(accepted)
+        listed = relay_cli(policy, "queue", "list", "--json").stdout.splitlines()
+    still_queued = {json.loads(line)["queue_id"] for line in listed}
+    assert still_queued <= set(accepted)
+    for qid in accepted:
+        on_record = ("delivered", "one@example.org") in audit_events(policy, qid)
+        assert on_record != (qid in still_queued), qid
+    assert ("kept in the queue" in log.read_text()) == bool(still_queued)
 
 
 def test_a_delivered_messages_file_carries_the_next_message(

@@ -1,0 +1,298 @@
+"""A delivered entry leaves the spool only once its outcome is on disk in the audit
+log: its final records get no fsync of their own, so it waits, still locked, for
+one that covers them (the next accepted message's, or the engine's own)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import resource
+import signal
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+
+from relay import engine as engine_module
+from relay import settle as settle_module
+from relay.audit import AuditLog, events, reader, verify
+from relay.deliver import attempt
+from relay.engine import Engine
+from relay.policy.model import DirectoryUpstream, Policy
+from relay.record import Recorder
+from relay.spool import Spool
+from tests import minimal_policy
+from tests.spoolkit import make_entry, run_script
+from tests.test_engine_warm import accept, delivered, lock_elsewhere, message, running
+
+DELIVERED = [("delivered", "customer@example.net"), ("delivered", "archive@acme.example")]
+
+
+def policy_for(outbox: Path) -> Policy:
+    upstream = DirectoryUpstream("default", outbox)
+    return dataclasses.replace(
+        minimal_policy.policy(), upstreams=MappingProxyType({"default": upstream})
+    )
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Path:
+    return tmp_path / "outbox"
+
+
+@pytest.fixture
+def policy(outbox: Path) -> Policy:
+    return policy_for(outbox)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool")
+
+
+def outcomes(audit: Path, queue_id: str) -> list[tuple[str, str | None]]:
+    return [
+        (r["event"], r.get("recipient"))
+        for r in reader.records(audit)
+        if r.get("queue_id") == queue_id
+    ]
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_a_delivered_entry_stays_locked_until_its_records_are_fsynced(
+    spool: Spool, policy: Policy, outbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "POLL", 3600.0)  # no quiet-relay fsync meanwhile
+    audit = AuditLog(tmp_path / "audit")
+    audit.append(events.failed(queue_id="OLDER", message_id=None, recipient="a@b", reply="550"))
+    engine = Engine(spool, lambda: policy, attempt, Recorder(audit))
+    first, second = (make_entry(size=len(message(n))) for n in (1, 2))
+    engine.submit(first.queue_id, warm=accept(spool, first, message(1)))
+    async with running(engine):
+        assert await delivered(outbox, 1) == [message(1)]
+        await until(lambda: outcomes(audit.directory, first.queue_id) == DELIVERED, "records")
+        assert spool.ids() == [first.queue_id]
+        assert lock_elsewhere(spool, first.queue_id) == "busy"  # nobody delivers it again
+        # what an accepted message's fsync does: it covers the first entry's records
+        audit.append(events.failed(queue_id="NEWER", message_id=None, recipient="a@b", reply="550"))
+        engine.submit(second.queue_id, warm=accept(spool, second, message(2)))
+        assert len(await delivered(outbox, 2)) == 2
+        await until(lambda: spool.ids() == [second.queue_id], "the first one removed")
+        assert lock_elsewhere(spool, second.queue_id) == "busy"
+    assert spool.ids() == []  # the stop made the second one's records durable, then removed it
+    assert outcomes(audit.directory, second.queue_id) == DELIVERED
+    assert verify(audit.directory).ok
+
+
+def fsyncs_of(monkeypatch: pytest.MonkeyPatch, failing: Callable[[str], bool]) -> list[str]:
+    """The names of the files fsynced from now on; an fsync of a name ``failing``
+    accepts fails, as a disk's I/O error would."""
+    names: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        names.append(name)
+        if failing(name):
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return names
+
+
+async def test_a_quiet_engine_settles_its_delivered_entries_within_a_poll(
+    spool: Spool, policy: Policy, outbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "POLL", 0.2)
+    audit = AuditLog(tmp_path / "audit")
+    entry = make_entry(size=len(message(1)))
+    engine = Engine(spool, lambda: policy, attempt, Recorder(audit))
+    engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)))
+    async with running(engine):
+        fsynced = fsyncs_of(monkeypatch, lambda name: False)
+        assert await delivered(outbox, 1) == [message(1)]
+        await until(lambda: spool.ids() == [], "settled", timeout=5)
+        await until(lambda: not spool.removals_pending, "the removal made durable", timeout=5)
+        audit_file = str(audit.directory / reader.file_name(datetime.now(UTC).date()))
+        msg = str(spool.directory / "msg")
+        assert audit_file in fsynced and msg in fsynced
+        assert fsynced.index(audit_file) < len(fsynced) - 1 - fsynced[::-1].index(msg)
+    assert outcomes(audit.directory, entry.queue_id) == DELIVERED
+
+
+async def test_records_an_fsync_failure_put_in_doubt_are_written_again(
+    spool: Spool, policy: Policy, outbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed fsync the kernel may have dropped the records: they are written
+    again, so the log may name the outcome twice, but never lacks it."""
+    monkeypatch.setattr(engine_module, "POLL", 0.2)
+    audit = AuditLog(tmp_path / "audit")
+    audit.append(events.failed(queue_id="OLDER", message_id=None, recipient="a@b", reply="550"))
+    entry = make_entry(size=len(message(1)))
+    engine = Engine(spool, lambda: policy, attempt, Recorder(audit))
+    engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)))
+    broken = [True]
+    fsyncs_of(monkeypatch, lambda name: broken[0] and name.endswith(".jsonl"))
+    async with running(engine):
+        assert await delivered(outbox, 1) == [message(1)]
+        await asyncio.sleep(0.6)  # a few POLLs: each fsync fails
+        assert spool.ids() == [entry.queue_id]
+        assert lock_elsewhere(spool, entry.queue_id) == "busy"
+        broken[0] = False
+        await until(lambda: spool.ids() == [], "removed once written again")
+    assert outcomes(audit.directory, entry.queue_id) == DELIVERED + DELIVERED
+    assert verify(audit.directory).ok
+
+
+async def test_an_attempt_that_outlives_the_stop_settles_at_once(
+    spool: Spool, policy: Policy, outbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "POLL", 3600.0)
+    audit = AuditLog(tmp_path / "audit")
+    gate = asyncio.Event()
+
+    async def slow_upstream(*args: Any) -> Any:
+        await gate.wait()
+        return await attempt(*args)
+
+    engine = Engine(spool, lambda: policy, slow_upstream, Recorder(audit))
+    entry = make_entry(size=len(message(1)))
+    engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)))
+    task = asyncio.create_task(engine.run())
+    try:
+        await asyncio.sleep(0.2)  # the attempt waits for the upstream
+        await engine.stop(0.1)
+        gate.set()
+        assert await delivered(outbox, 1) == [message(1)]
+        await until(lambda: spool.ids() == [], "removed after the stop")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert outcomes(audit.directory, entry.queue_id) == DELIVERED
+    assert lock_elsewhere(spool, entry.queue_id) == "gone"
+
+
+def refused(base: str, mode: str) -> None:
+    """In a process of its own (a file-size limit is per process), the audit log
+    refuses the final records. ``recover``: then takes them once there is room.
+    ``stop``: never does; at most two entries wait, and the engine stops."""
+    engine_module.POLL = 0.2
+    settle_module.WAITING_MAX = 2
+    directory = Path(base)
+    audit = AuditLog(directory / "audit")
+    audit.append(events.failed(queue_id="OLDER", message_id=None, recipient="a@b", reply="550"))
+    spool = Spool(directory / "spool")
+    policy = policy_for(directory / "outbox")
+    errors: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: errors.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("relay").addHandler(handler)
+    entries = [make_entry(size=len(message(n))) for n in range(1 if mode == "recover" else 3)]
+    warm = [accept(spool, entry, message(n)) for n, entry in enumerate(entries)]
+    size = (directory / "audit" / reader.file_name(datetime.now(UTC).date())).stat().st_size
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 64, hard))  # the outbox files fit
+
+    def locked() -> list[bool]:
+        states = []
+        for entry in entries:
+            fd = os.open(spool.message_path(entry.queue_id), os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                states.append(False)
+            except BlockingIOError:
+                states.append(True)
+            finally:
+                os.close(fd)
+        return states
+
+    async def main() -> dict[str, object]:
+        engine = Engine(spool, lambda: policy, attempt, Recorder(audit))
+        for entry, handed in zip(entries[:2], warm[:2], strict=False):
+            engine.submit(entry.queue_id, warm=handed)
+        found: dict[str, object] = {"ids": [entry.queue_id for entry in entries]}
+        async with running(engine):
+            await delivered(directory / "outbox", min(len(entries), 2))
+            await until(lambda: any("AUDIT LOG WRITE FAILED" in e for e in errors), "refused")
+            for entry, handed in zip(entries[2:], warm[2:], strict=True):
+                engine.submit(entry.queue_id, warm=handed)
+            await asyncio.sleep(0.6)  # a few POLLs: each tries again, and fails
+            found["delivered"] = len(list((directory / "outbox").glob("*.eml")))
+            found["kept"] = spool.ids()
+            found["locked"] = locked()
+            if mode == "recover":
+                resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+                await until(lambda: spool.ids() == [], "removed once written")
+        found["after"] = spool.ids()
+        found["locked_after"] = [] if mode == "recover" else locked()
+        found["errors"] = errors
+        return found
+
+    print(json.dumps(asyncio.run(main())))
+
+
+def run_refused(tmp_path: Path, mode: str) -> dict[str, Any]:
+    script = "import sys\nfrom tests.test_engine_settle import refused\nrefused(*sys.argv[1:])\n"
+    return json.loads(run_script(script, str(tmp_path), mode).splitlines()[-1])
+
+
+def test_final_records_the_audit_log_refuses_are_written_again_before_removal(
+    tmp_path: Path,
+) -> None:
+    found = run_refused(tmp_path, "recover")
+    assert found["kept"] == found["ids"] and found["locked"] == [True]
+    assert found["after"] == []
+    assert outcomes(tmp_path / "audit", found["ids"][0]) == DELIVERED  # once: none was written
+    assert verify(tmp_path / "audit").ok
+
+
+def test_with_the_audit_log_refusing_deliveries_pause_and_the_stop_lets_go(
+    tmp_path: Path,
+) -> None:
+    """Entries that cannot be settled are let go at the stop, to be delivered (and
+    recorded) again after a restart; and no more than a few wait meanwhile."""
+    found = run_refused(tmp_path, "stop")
+    assert found["delivered"] == 2  # the third waits for the audit log
+    assert sorted(found["kept"]) == sorted(found["ids"])
+    assert found["locked"] == [True, True, True]  # two delivered, one handed over, not begun
+    assert sorted(found["after"]) == sorted(found["ids"])
+    assert found["locked_after"] == [False, False, False]
+    assert any("stay in the queue until the audit log takes them" in e for e in found["errors"])
+
+
+async def test_the_thread_that_fsyncs_the_log_removes_what_it_covered(
+    spool: Spool, policy: Policy, outbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the accepting thread does after its fsync: waiting entries go at once,
+    not at the next finished delivery (a crash would have them delivered again)."""
+    monkeypatch.setattr(engine_module, "POLL", 3600.0)
+    audit = AuditLog(tmp_path / "audit")
+    engine = Engine(spool, lambda: policy, attempt, Recorder(audit))
+    entry = make_entry(size=len(message(1)))
+    engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)))
+    async with running(engine):
+        assert await delivered(outbox, 1) == [message(1)]
+        await until(lambda: outcomes(audit.directory, entry.queue_id) == DELIVERED, "records")
+        engine.remove_covered()  # nothing covered it yet
+        assert spool.ids() == [entry.queue_id]
+        audit.append(events.failed(queue_id="NEWER", message_id=None, recipient="a@b", reply="550"))
+        engine.remove_covered()
+        assert spool.ids() == []
+        assert lock_elsewhere(spool, entry.queue_id) == "gone"
+
