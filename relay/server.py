@@ -101,11 +101,14 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
     """Recover the spool and open the audit log once, before any worker starts."""
     from relay.audit import AuditError, events
     from relay.record import audit_log
+    from relay.settle import settle_recorded
     from relay.spool import Spool, SpoolError
 
     try:
-        recovered = Spool(policy.queue.directory).recover()
+        spool = Spool(policy.queue.directory)
+        recovered = spool.recover()
         with audit_log(policy) as audit:
+            settled = settle_recorded(spool, audit.directory)
             audit.maintain()
             audit.append(
                 events.policy_loaded(policy_file=str(policy_path), policy_sha256=policy.digest)
@@ -113,7 +116,9 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
     except (SpoolError, AuditError, OSError) as exc:
         log.error("cannot open the state directory: %s", exc)
         return EX_CANTCREAT
-    log.info("spool %s: %d messages to deliver", policy.queue.directory, recovered)
+    for queue_id in settled:
+        log.info("%s: finished before the restart, per the audit log; removed", queue_id)
+    log.info("spool %s: %d messages to deliver", policy.queue.directory, recovered - len(settled))
     return 0
 
 

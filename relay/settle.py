@@ -26,9 +26,10 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from relay.audit import AuditError
+from relay.audit import AuditError, reader
 from relay.record import Recorder
 from relay.spool import Spool
 from relay.spool.store import SpoolError
@@ -37,6 +38,7 @@ log = logging.getLogger("relay")
 
 WAITING_MAX = 64  # finished entries that may wait, locked, for an fsync of the audit log
 UNWRITTEN = -1  # the ticket of records the audit log refused: write them again
+FINAL_EVENTS = ("delivered", "failed", "expired")
 
 
 class EntryLock:
@@ -183,3 +185,43 @@ class Settler:
             if failure is not None:
                 log.error("%s delivered, but still in the queue: %s", item.queue_id, failure)
 
+
+RECENT = 16 << 20  # how much of the audit log's end a restart reads for outcomes
+
+
+def settle_recorded(spool: Spool, audit: Path, budget: int = RECENT) -> list[str]:
+    """Remove the entries whose every pending recipient has its outcome in the
+    audit log already; their queue IDs.
+
+    For a restart, before any worker delivers: a crashed worker's waiting
+    entries had their records written, which the kernel keeps, so they are
+    settled here rather than delivered again. The records are fsynced first.
+    Only the log's end is read: such entries finished moments before the crash.
+    """
+    queued = set(spool.ids())
+    outcomes: dict[str, set[str]] = {}
+    for record in reader.recent(audit, budget) if queued else ():
+        if record.get("queue_id") in queued and record.get("event") in FINAL_EVENTS:
+            outcomes.setdefault(record["queue_id"], set()).add(str(record.get("recipient")))
+    settled = []
+    for queue_id, recipients in outcomes.items():
+        try:
+            with spool.lock(queue_id, blocking=False):
+                pending = {r.address for r in spool.load(queue_id).pending()}
+        except SpoolError:
+            continue  # busy, gone or unreadable: the engine sees to it
+        if pending <= recipients:
+            settled.append(queue_id)
+    if settled:
+        _fsync_days(audit)
+        spool.remove_many(settled)
+    return settled
+
+
+def _fsync_days(audit: Path) -> None:
+    for file in reader.day_files(audit)[-2:]:
+        fd = os.open(file.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

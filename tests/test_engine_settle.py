@@ -28,7 +28,8 @@ from relay.deliver import attempt
 from relay.engine import Engine
 from relay.policy.model import DirectoryUpstream, Policy
 from relay.record import Recorder
-from relay.spool import Spool
+from relay.settle import settle_recorded
+from relay.spool import QueueEntry, Spool
 from tests import minimal_policy
 from tests.spoolkit import make_entry, run_script
 from tests.test_engine_warm import accept, delivered, lock_elsewhere, message, running
@@ -296,3 +297,54 @@ async def test_the_thread_that_fsyncs_the_log_removes_what_it_covered(
         assert spool.ids() == []
         assert lock_elsewhere(spool, entry.queue_id) == "gone"
 
+
+def test_a_restart_removes_entries_whose_outcome_the_log_has_and_no_other(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """A crashed worker's waiting entries: delivered, on record, not yet removed."""
+    audit = AuditLog(tmp_path / "audit")
+    done, half, untouched, held = (make_entry(size=len(message(n))) for n in range(4))
+    for n, entry in enumerate((done, half, untouched, held)):
+        assert spool.put_many([(entry, (message(n),))]) == [None]
+    recipients = [r.address for r in done.recipients]
+
+    def delivered_to(entry: QueueEntry, address: str) -> dict[str, Any]:
+        return events.delivered(
+            queue_id=entry.queue_id,
+            message_id=entry.message_id,
+            recipient=address,
+            upstream="default",
+            reply="250 ok",
+            attempts=1,
+        )
+
+    audit.append_many(
+        [delivered_to(done, a) for a in recipients]
+        + [delivered_to(half, recipients[0])]
+        + [delivered_to(held, a) for a in recipients],
+        sync=False,  # as a crashed worker left them: written, perhaps not fsynced
+    )
+    with spool.lock(held.queue_id):  # a live worker's entry
+        assert settle_recorded(spool, audit.directory) == [done.queue_id]
+    assert sorted(spool.ids()) == sorted(e.queue_id for e in (half, untouched, held))
+    assert settle_recorded(spool, audit.directory) == [held.queue_id]
+
+
+def test_a_restart_reads_only_the_end_of_the_log(spool: Spool, tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path / "audit")
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    for address in (r.address for r in entry.recipients):
+        audit.append(
+            events.failed(
+                queue_id=entry.queue_id, message_id=None, recipient=address, reply="550 no"
+            )
+        )
+    later = [
+        events.failed(queue_id=f"OTHER{n}", message_id=None, recipient="a@b", reply="550")
+        for n in range(50)
+    ]
+    audit.append_many(later)
+    assert settle_recorded(spool, audit.directory, budget=2000) == []
+    assert settle_recorded(spool, audit.directory) == [entry.queue_id]
+    assert spool.ids() == []

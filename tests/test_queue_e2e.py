@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 from relay import message
+from relay.audit import AuditLog, events
+from relay.policy.load import load
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
 
@@ -382,3 +384,35 @@ def test_a_delivered_messages_file_carries_the_next_message(
             assert "one@example.org" not in arrived[-1].rcpt_tos
             assert arrived[-1].data.endswith(f"\r\n\r\nhi\r\nmore {attempt}\r\n".encode())
             assert arrived[-1].data.startswith(b"DKIM-Signature:")
+
+
+def test_a_restart_does_not_deliver_again_what_the_audit_log_says_was_delivered(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """What a worker killed while the entry waited for its fsync leaves behind: the
+    delivered record written, the entry still queued."""
+    port, sink_port = free_port(), free_port()
+    policy = configure(policy_file, port, sink_port)
+    with RelayProcess(policy, port, tmp_path / "first.log") as relay:
+        qid = send(port)
+        wait_for(lambda: "status=deferred" in relay.log())
+    loaded = load(policy)
+    with AuditLog(loaded.audit.directory) as audit:
+        audit.append(
+            events.delivered(
+                queue_id=qid,
+                message_id=None,
+                recipient="one@example.org",
+                upstream="default",
+                reply="250 2.0.0 accepted before the crash",
+                attempts=1,
+            )
+        )
+    with (
+        SinkServer(port=sink_port) as sink,
+        RelayProcess(policy, port, tmp_path / "second.log") as relay,
+    ):
+        assert f"{qid}: finished before the restart" in relay.log()
+        time.sleep(1.5)  # past the retry it was due for
+        assert sink.sink.messages == []
+        assert relay_cli(policy, "queue", "list").stdout.strip() == "Mail queue is empty"

@@ -119,6 +119,26 @@ def parse(line: bytes) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def recent(directory: Path, budget: int) -> Iterator[dict[str, Any]]:
+    """The records in the last ``budget`` bytes of the plain day files, newest
+    file first, each file's in order: what happened just before now, without
+    reading a day's log from its start."""
+    for file in reversed(day_files(directory)):
+        if budget <= 0 or file.compressed:
+            return
+        with open(file.path, "rb", buffering=0) as stream:
+            size = os.fstat(stream.fileno()).st_size
+            start = max(0, size - budget)
+            tail = os.pread(stream.fileno(), size - start, start)
+        budget -= len(tail)
+        if start > 0:
+            tail = tail[tail.find(b"\n") + 1 :]  # the first line began before the tail
+        for line in tail.split(b"\n")[:-1]:  # after the last: nothing, or a torn line
+            record = parse(line + b"\n")
+            if record is not None:
+                yield record
+
+
 def last_line(path: Path) -> tuple[bytes | None, bool]:
     """The last complete line of a file, and whether a torn line follows it.
 
