@@ -184,6 +184,7 @@ class Engine:
     def _finished_settled(self, task: asyncio.Task[None]) -> None:
         """Tried again at the next look; a broken disk is reported once, not per POLL."""
         self._settling = None
+        self._wake.set()  # what was held back may start now
         error = None if task.cancelled() else task.exception()
         if error is not None and str(error) != self._settle_error:
             log.error("%s", _unsettled(error))
@@ -317,6 +318,8 @@ class Engine:
     async def _attempt(
         self, entry: QueueEntry, lock: EntryLock, immediate: bool = False, data: bytes | None = None
     ) -> Outcome:
+        if self._backlogged():  # checked again here: attempts may wait long for a slot
+            return Outcome("busy")
         policy = self.policy()
         now = self.clock()
         if now - entry.arrival > policy.queue.lifetime:
@@ -403,6 +406,9 @@ class Engine:
             except SpoolError as exc:
                 log.error("%s could not queue the failure notice: %s", entry.queue_id, exc)
         records = self.recorder.take(entry.queue_id)
+        backlogged = self._backlogged()
         await self._done(Finished(entry.queue_id, records, EntryLock(lock.take())))
+        if backlogged:
+            self._wake.set()  # what was held back may start now
         statuses = {r.status for r in entry.recipients}
         return Outcome(DELIVERED if statuses == {DELIVERED} else FAILED)

@@ -203,13 +203,17 @@ class Acceptor:
         stored = [i for i, failure in enumerate(failures) if failure is None]
         try:
             self.recorder.write([record for i in stored for record in items[i][2]])
-            self.engine.remove_covered()
         except AuditError as exc:
             left = self.spool.remove_many([items[i][0].queue_id for i in stored])
             for i, kept in zip(stored, left, strict=True):
                 failures[i] = exc
                 if kept is not None:
                     log.error("%s: refused, but not removed: %s", items[i][0].queue_id, kept)
+            return failures
+        try:  # that fsync may have covered delivered entries' records: see Engine.remove_covered
+            self.engine.remove_covered()
+        except Exception as exc:  # this batch is stored and on record: nothing here may fail it
+            log.error("cannot remove delivered messages from the queue: %r", exc)
         return failures
 
     async def _immediate(self, entry: QueueEntry, wait: float) -> str:

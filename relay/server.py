@@ -26,6 +26,7 @@ from relay.policy.model import Policy
 if TYPE_CHECKING:
     from relay.audit import AuditLog
     from relay.ingress import Sockets
+    from relay.spool import Spool
     from relay.supervisor import WorkerLink
 
 log = logging.getLogger("relay")
@@ -101,14 +102,13 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
     """Recover the spool and open the audit log once, before any worker starts."""
     from relay.audit import AuditError, events
     from relay.record import audit_log
-    from relay.settle import settle_recorded
     from relay.spool import Spool, SpoolError
 
     try:
         spool = Spool(policy.queue.directory)
         recovered = spool.recover()
         with audit_log(policy) as audit:
-            settled = settle_recorded(spool, audit.directory)
+            settled = _settle_recorded(spool, audit)
             audit.maintain()
             audit.append(
                 events.policy_loaded(policy_file=str(policy_path), policy_sha256=policy.digest)
@@ -120,6 +120,19 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
         log.info("%s: finished before the restart, per the audit log; removed", queue_id)
     log.info("spool %s: %d messages to deliver", policy.queue.directory, recovered - len(settled))
     return 0
+
+
+def _settle_recorded(spool: Spool, audit: AuditLog) -> list[str]:
+    """Only saves deliveries: when it cannot, the engine delivers those entries again."""
+    from relay.audit import AuditError
+    from relay.settle import settle_recorded
+    from relay.spool import SpoolError
+
+    try:
+        return settle_recorded(spool, audit)
+    except (AuditError, SpoolError, OSError, ValueError) as exc:
+        log.warning("cannot look up in the audit log what finished before the restart: %s", exc)
+        return []
 
 
 async def serve(

@@ -395,6 +395,8 @@ def test_a_failed_fsync_leaves_unsynced_writes_in_doubt_for_good(
     succeeds says nothing about them, so their writer must write them again."""
     log = AuditLog(tmp_path, clock=Clock())
     fsyncs = FsyncCounter(monkeypatch)
+    on_disk = log.append_many([_failed(0)], sync=False)
+    log.sync()
     doubtful = log.append_many([_failed(1)], sync=False)
     fsyncs.failing = True
     with pytest.raises(AuditError, match="Input/output error"):
@@ -407,6 +409,7 @@ def test_a_failed_fsync_leaves_unsynced_writes_in_doubt_for_good(
     log.sync()
     assert log.synced(later) is True
     assert log.synced(doubtful) is None
+    assert log.synced(on_disk) is True  # an earlier fsync covered it
 
 
 def test_unsynced_writes_of_a_day_are_fsynced_when_the_day_closes(

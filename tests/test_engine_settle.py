@@ -129,7 +129,7 @@ async def test_a_quiet_engine_settles_its_delivered_entries_within_a_poll(
         assert await delivered(outbox, 1) == [message(1)]
         await until(lambda: spool.ids() == [], "settled", timeout=5)
         await until(lambda: not spool.removals_pending, "the removal made durable", timeout=5)
-        audit_file = str(audit.directory / reader.file_name(datetime.now(UTC).date()))
+        audit_file = str(reader.day_files(audit.directory)[-1].path)
         msg = str(spool.directory / "msg")
         assert audit_file in fsynced and msg in fsynced
         assert fsynced.index(audit_file) < len(fsynced) - 1 - fsynced[::-1].index(msg)
@@ -148,10 +148,10 @@ async def test_records_an_fsync_failure_put_in_doubt_are_written_again(
     engine = Engine(spool, lambda: policy, attempt, Recorder(audit))
     engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)))
     broken = [True]
-    fsyncs_of(monkeypatch, lambda name: broken[0] and name.endswith(".jsonl"))
+    fsynced = fsyncs_of(monkeypatch, lambda name: broken[0] and name.endswith(".jsonl"))
     async with running(engine):
         assert await delivered(outbox, 1) == [message(1)]
-        await asyncio.sleep(0.6)  # a few POLLs: each fsync fails
+        await until(lambda: any(name.endswith(".jsonl") for name in fsynced), "a failed fsync")
         assert spool.ids() == [entry.queue_id]
         assert lock_elsewhere(spool, entry.queue_id) == "busy"
         broken[0] = False
@@ -165,9 +165,10 @@ async def test_an_attempt_that_outlives_the_stop_settles_at_once(
 ) -> None:
     monkeypatch.setattr(engine_module, "POLL", 3600.0)
     audit = AuditLog(tmp_path / "audit")
-    gate = asyncio.Event()
+    gate, sending = asyncio.Event(), asyncio.Event()
 
     async def slow_upstream(*args: Any) -> Any:
+        sending.set()
         await gate.wait()
         return await attempt(*args)
 
@@ -176,7 +177,7 @@ async def test_an_attempt_that_outlives_the_stop_settles_at_once(
     engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)))
     task = asyncio.create_task(engine.run())
     try:
-        await asyncio.sleep(0.2)  # the attempt waits for the upstream
+        await asyncio.wait_for(sending.wait(), 10)
         await engine.stop(0.1)
         gate.set()
         assert await delivered(outbox, 1) == [message(1)]
@@ -230,7 +231,12 @@ def refused(base: str, mode: str) -> None:
         found: dict[str, object] = {"ids": [entry.queue_id for entry in entries]}
         async with running(engine):
             await delivered(directory / "outbox", min(len(entries), 2))
-            await until(lambda: any("AUDIT LOG WRITE FAILED" in e for e in errors), "refused")
+            for entry in entries[:2]:  # both wait: the third may not start
+
+                def refused_for(queue_id: str = entry.queue_id) -> bool:
+                    return any("AUDIT LOG WRITE FAILED" in e and queue_id in e for e in errors)
+
+                await until(refused_for, "refused")
             for entry, handed in zip(entries[2:], warm[2:], strict=True):
                 engine.submit(entry.queue_id, warm=handed)
             await asyncio.sleep(0.6)  # a few POLLs: each tries again, and fails
@@ -293,8 +299,12 @@ async def test_the_thread_that_fsyncs_the_log_removes_what_it_covered(
         engine.remove_covered()  # nothing covered it yet
         assert spool.ids() == [entry.queue_id]
         audit.append(events.failed(queue_id="NEWER", message_id=None, recipient="a@b", reply="550"))
-        engine.remove_covered()
-        assert spool.ids() == []
+
+        def removed() -> bool:  # unless the finishing thread is still at work
+            engine.remove_covered()
+            return spool.ids() == []
+
+        await until(removed, "removed by the covering thread")
         assert lock_elsewhere(spool, entry.queue_id) == "gone"
 
 
@@ -303,31 +313,43 @@ def test_a_restart_removes_entries_whose_outcome_the_log_has_and_no_other(
 ) -> None:
     """A crashed worker's waiting entries: delivered, on record, not yet removed."""
     audit = AuditLog(tmp_path / "audit")
-    done, half, untouched, held = (make_entry(size=len(message(n))) for n in range(4))
-    for n, entry in enumerate((done, half, untouched, held)):
+    done, half, untouched, held, stale = (make_entry(size=len(message(n))) for n in range(5))
+    for n, entry in enumerate((done, half, untouched, held, stale)):
         assert spool.put_many([(entry, (message(n),))]) == [None]
     recipients = [r.address for r in done.recipients]
-
-    def delivered_to(entry: QueueEntry, address: str) -> dict[str, Any]:
-        return events.delivered(
-            queue_id=entry.queue_id,
-            message_id=entry.message_id,
-            recipient=address,
-            upstream="default",
-            reply="250 ok",
-            attempts=1,
-        )
-
     audit.append_many(
         [delivered_to(done, a) for a in recipients]
         + [delivered_to(half, recipients[0])]
-        + [delivered_to(held, a) for a in recipients],
+        + [delivered_to(held, a) for a in recipients]
+        + [delivered_to(stale, a) for a in recipients],
         sync=False,  # as a crashed worker left them: written, perhaps not fsynced
     )
+    audit.append(  # a later attempt's outcome replaces the earlier one
+        events.deferred(
+            queue_id=stale.queue_id,
+            message_id=None,
+            recipient=recipients[0],
+            reply="451 later",
+            next_attempt=datetime.now(UTC),
+        )
+    )
     with spool.lock(held.queue_id):  # a live worker's entry
-        assert settle_recorded(spool, audit.directory) == [done.queue_id]
-    assert sorted(spool.ids()) == sorted(e.queue_id for e in (half, untouched, held))
-    assert settle_recorded(spool, audit.directory) == [held.queue_id]
+        assert settle_recorded(spool, audit) == [done.queue_id]
+    assert sorted(spool.ids()) == sorted(e.queue_id for e in (half, untouched, held, stale))
+    assert sorted(outcomes(audit.directory, done.queue_id)) == sorted(DELIVERED * 2)  # again
+    assert settle_recorded(spool, audit) == [held.queue_id]
+    assert verify(audit.directory).ok
+
+
+def delivered_to(entry: QueueEntry, address: str) -> dict[str, Any]:
+    return events.delivered(
+        queue_id=entry.queue_id,
+        message_id=entry.message_id,
+        recipient=address,
+        upstream="default",
+        reply="250 ok",
+        attempts=1,
+    )
 
 
 def test_a_restart_reads_only_the_end_of_the_log(spool: Spool, tmp_path: Path) -> None:
@@ -345,6 +367,6 @@ def test_a_restart_reads_only_the_end_of_the_log(spool: Spool, tmp_path: Path) -
         for n in range(50)
     ]
     audit.append_many(later)
-    assert settle_recorded(spool, audit.directory, budget=2000) == []
-    assert settle_recorded(spool, audit.directory) == [entry.queue_id]
+    assert settle_recorded(spool, audit, budget=2000) == []
+    assert settle_recorded(spool, audit) == [entry.queue_id]
     assert spool.ids() == []

@@ -129,10 +129,12 @@ def recent(directory: Path, budget: int) -> Iterator[dict[str, Any]]:
         with open(file.path, "rb", buffering=0) as stream:
             size = os.fstat(stream.fileno()).st_size
             start = max(0, size - budget)
-            tail = os.pread(stream.fileno(), size - start, start)
-        budget -= len(tail)
-        if start > 0:
-            tail = tail[tail.find(b"\n") + 1 :]  # the first line began before the tail
+            before = min(start, 1)  # the byte before says whether a line begins at start
+            tail = os.pread(stream.fileno(), size - start + before, start - before)
+        budget -= size - start
+        if start > 0:  # from the first line that begins in the tail, if one does
+            cut = tail.find(b"\n")
+            tail = tail[cut + 1 :] if cut >= 0 else b""
         for line in tail.split(b"\n")[:-1]:  # after the last: nothing, or a torn line
             record = parse(line + b"\n")
             if record is not None:

@@ -67,7 +67,7 @@ class AuditLog:
         self._stamp: int | None = None  # directory mtime when the tail was last read
         self._writes = 0  # tickets: writes made without an fsync of their own
         self._durable = 0  # every ticket up to this one is on disk
-        self._doubtful = 0  # an fsync failed with tickets up to this one unsynced
+        self._doubtful = (0, 0)  # an fsync failed with these tickets (lo, hi] unsynced
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
@@ -132,7 +132,7 @@ class AuditLog:
         """Whether the records of ``append_many(sync=False)`` are on disk: True,
         False (not yet: ``sync``), or None when an fsync failed before covering
         them, or the ticket is negative (never written): write them again."""
-        if ticket < 0 or 0 < ticket <= self._doubtful:
+        if ticket < 0 or self._doubtful[0] < ticket <= self._doubtful[1]:
             return None
         return ticket <= self._durable
 
@@ -277,13 +277,14 @@ class AuditLog:
     def _fsync(self) -> None:
         """fsync the open file: it covers every ticket written to it so far. After
         a failed fsync the kernel may have dropped the unsynced pages, so no later
-        one can vouch for those tickets."""
+        one can vouch for those tickets (those an earlier fsync covered stay on disk)."""
         assert self._fd is not None
         upto = self._writes
         try:
             os.fsync(self._fd)
         except OSError:
-            self._doubtful = upto
+            low, high = self._doubtful
+            self._doubtful = (min(low, self._durable) if high else self._durable, upto)
             raise
         self._durable = upto
 
