@@ -1,5 +1,7 @@
-"""Fixtures shared by the tests: a policy directory with real DKIM keys, and
-upstreams with and without PIPELINING."""
+"""Fixtures shared by the tests: a policy directory with real DKIM keys,
+upstreams with and without PIPELINING, and for the delivery engine's tests a
+spool and a policy that delivers into a directory (modules may define their
+own ``spool`` or ``policy``)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ from typing import Any
 import pytest
 
 from relay.keygen import generate
-from relay.policy.model import DkimAlgorithm
+from relay.policy.model import DkimAlgorithm, Policy
+from relay.spool import Spool
 from relay.upstream import pipelining as pipelined_transaction
+from tests import minimal_policy
 
 DATA = Path(__file__).parent / "data"
 KEYS = (
@@ -66,3 +70,18 @@ def pipelining(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(pipelined_transaction, "send", counted)
     yield request.param
     assert bool(runs) == request.param, f"pipelined transactions: {len(runs)}"
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Path:
+    return tmp_path / "outbox"
+
+
+@pytest.fixture
+def policy(outbox: Path) -> Policy:
+    return minimal_policy.delivering_to(outbox)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool")

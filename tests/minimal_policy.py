@@ -10,6 +10,7 @@ from types import MappingProxyType
 from relay.policy.model import (
     AuditSettings,
     AuthMode,
+    DirectoryUpstream,
     Identify,
     IdentitySource,
     Listener,
@@ -85,3 +86,9 @@ def policy(
 
 def replace(item: Listener, **changes: object) -> Listener:
     return dataclasses.replace(item, **changes)  # type: ignore[arg-type]
+
+
+def delivering_to(outbox: Path) -> Policy:
+    """``policy()`` with one upstream, ``default``, that writes into ``outbox``."""
+    upstream = DirectoryUpstream("default", outbox)
+    return dataclasses.replace(policy(), upstreams=MappingProxyType({"default": upstream}))

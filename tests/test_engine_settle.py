@@ -5,7 +5,6 @@ one that covers them (the next accepted message's, or the engine's own)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import fcntl
 import json
 import logging
@@ -16,7 +15,6 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -26,7 +24,7 @@ from relay import settle as settle_module
 from relay.audit import AuditLog, events, reader, verify
 from relay.deliver import attempt
 from relay.engine import Engine
-from relay.policy.model import DirectoryUpstream, Policy
+from relay.policy.model import Policy
 from relay.record import Recorder
 from relay.settle import settle_recorded
 from relay.spool import QueueEntry, Spool
@@ -35,28 +33,6 @@ from tests.spoolkit import make_entry, run_script
 from tests.test_engine_warm import accept, delivered, lock_elsewhere, message, running
 
 DELIVERED = [("delivered", "customer@example.net"), ("delivered", "archive@acme.example")]
-
-
-def policy_for(outbox: Path) -> Policy:
-    upstream = DirectoryUpstream("default", outbox)
-    return dataclasses.replace(
-        minimal_policy.policy(), upstreams=MappingProxyType({"default": upstream})
-    )
-
-
-@pytest.fixture
-def outbox(tmp_path: Path) -> Path:
-    return tmp_path / "outbox"
-
-
-@pytest.fixture
-def policy(outbox: Path) -> Policy:
-    return policy_for(outbox)
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool(tmp_path / "spool")
 
 
 def outcomes(audit: Path, queue_id: str) -> list[tuple[str, str | None]]:
@@ -199,7 +175,7 @@ def refused(base: str, mode: str) -> None:
     audit = AuditLog(directory / "audit")
     audit.append(events.failed(queue_id="OLDER", message_id=None, recipient="a@b", reply="550"))
     spool = Spool(directory / "spool")
-    policy = policy_for(directory / "outbox")
+    policy = minimal_policy.delivering_to(directory / "outbox")
     errors: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: errors.append(record.getMessage())  # type: ignore[method-assign]

@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -19,10 +18,9 @@ import pytest
 from relay import engine as engine_module
 from relay.deliver import attempt
 from relay.engine import Engine, Warm
-from relay.policy.model import DirectoryUpstream, Policy
+from relay.policy.model import Policy
 from relay.record import Recorder
 from relay.spool import QueueEntry, Spool
-from tests import minimal_policy
 from tests.spoolkit import make_entry, run_script
 
 TRY_LOCK = """
@@ -46,24 +44,6 @@ def message(n: int, size: int = 0) -> bytes:
 def lock_elsewhere(spool: Spool, queue_id: str) -> str:
     """What another worker process gets when it tries the entry's lock."""
     return run_script(TRY_LOCK, str(spool.directory), queue_id).strip()
-
-
-@pytest.fixture
-def outbox(tmp_path: Path) -> Path:
-    return tmp_path / "outbox"
-
-
-@pytest.fixture
-def policy(outbox: Path) -> Policy:
-    upstream = DirectoryUpstream("default", outbox)
-    return dataclasses.replace(
-        minimal_policy.policy(), upstreams=MappingProxyType({"default": upstream})
-    )
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool(tmp_path / "spool")
 
 
 @pytest.fixture
