@@ -103,6 +103,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._busy: dict[str, asyncio.Task[Outcome]] = {}
         self.accepting: set[str] = set()  # being accepted: not the engine's until answered
+        self._answering: set[str] = set()  # immediate attempts whose client still waits
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._stopping = False
         self._schedule: dict[str, float] = {}  # queue ID -> next attempt
@@ -244,13 +245,29 @@ class Engine:
 
     def attempt_now(self, queue_id: str, immediate: bool = False) -> asyncio.Task[Outcome]:
         """Start (or join) the delivery of one entry. With ``immediate`` a message every
-        recipient refuses is dropped without a notice: its sender is waiting for the reply."""
+        recipient refuses is dropped without a notice, while its sender is waiting for
+        the reply (until ``answered``)."""
         task = self._busy.get(queue_id)
         if task is None:
+            if immediate:
+                self._answering.add(queue_id)
             task = asyncio.get_running_loop().create_task(self._deliver(queue_id, immediate))
             self._busy[queue_id] = task
-            task.add_done_callback(lambda _: self._busy.pop(queue_id, None))
+            task.add_done_callback(lambda _: self._attempt_ended(queue_id))
         return task
+
+    def _attempt_ended(self, queue_id: str) -> None:
+        self._busy.pop(queue_id, None)
+        self._answering.discard(queue_id)
+
+    def answered(self, queue_id: str) -> bool:
+        """The immediate attempt's client is told 250 now and a refusal reaches the
+        sender as a notice; False when the attempt has already decided to pass
+        its refusal back (or ended): then the caller waits for its outcome."""
+        if queue_id not in self._answering:
+            return False
+        self._answering.discard(queue_id)
+        return True
 
     def _start_due(self) -> None:
         """Start what is due, in order; the heap makes this cost what is due, not
@@ -341,7 +358,8 @@ class Engine:
         for rcpt in entry.pending():
             rcpt.attempts += 1
         codes = [replies.get(a, (451, ""))[0] for a in pending]
-        if immediate and all(code >= 500 for code in codes):
+        if immediate and all(code >= 500 for code in codes) and entry.queue_id in self._answering:
+            self._answering.discard(entry.queue_id)  # the client hears it: no 250 any more
             return await self._refuse(entry, pending, replies)
         deferred = False
         for address in pending:

@@ -416,3 +416,22 @@ def test_a_restart_does_not_deliver_again_what_the_audit_log_says_was_delivered(
         time.sleep(1.5)  # past the retry it was due for
         assert sink.sink.messages == []
         assert relay_cli(policy, "queue", "list").stdout.strip() == "Mail queue is empty"
+
+
+def test_a_refusal_after_the_immediate_wait_reaches_the_sender(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The ERP got its 250 when the wait ran out: a refusal that comes later is no
+    longer its to hear, so the sending user gets the notice, as without the wait."""
+    late = Sink(data_reply="550 5.7.1 refused after a while", delay=2.0)
+    with SinkServer(late) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        policy.write_text(
+            policy.read_text().replace("auth: optional", "auth: optional\n    immediate: 0.5")
+        )
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            qid = send(port)
+            wait_for(lambda: "failure notice" in relay.log())
+            assert f"{qid}: failure notice to=<" in relay.log()
+    assert ("failed", "one@example.org") in audit_events(policy, qid)
