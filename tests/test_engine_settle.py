@@ -5,6 +5,7 @@ one that covers them (the next accepted message's, or the engine's own)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import json
 import logging
@@ -168,14 +169,17 @@ async def test_an_attempt_that_outlives_the_stop_settles_at_once(
 def refused(base: str, mode: str) -> None:
     """In a process of its own (a file-size limit is per process), the audit log
     refuses the final records. ``recover``: then takes them once there is room.
-    ``stop``: never does; at most two entries wait, and the engine stops."""
+    ``stop``: never does; two entries wait, the third is due later, and the engine
+    stops. ``slot``: the same, but the third has begun and waits for a slot."""
     engine_module.POLL = 0.2
-    settle_module.WAITING_MAX = 2
+    settle_module.WAITING_MAX = 1 if mode == "slot" else 2  # slot: full when one ends
     directory = Path(base)
     audit = AuditLog(directory / "audit")
     audit.append(events.failed(queue_id="OLDER", message_id=None, recipient="a@b", reply="550"))
     spool = Spool(directory / "spool")
     policy = minimal_policy.delivering_to(directory / "outbox")
+    if mode == "slot":  # all three start at once; the third waits for a slot
+        policy = dataclasses.replace(policy, queue=dataclasses.replace(policy.queue, concurrency=2))
     errors: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: errors.append(record.getMessage())  # type: ignore[method-assign]
@@ -202,7 +206,8 @@ def refused(base: str, mode: str) -> None:
 
     async def main() -> dict[str, object]:
         engine = Engine(spool, lambda: policy, attempt, Recorder(audit))
-        for entry, handed in zip(entries[:2], warm[:2], strict=False):
+        first = len(entries) if mode == "slot" else 2
+        for entry, handed in zip(entries[:first], warm[:first], strict=False):
             engine.submit(entry.queue_id, warm=handed)
         found: dict[str, object] = {"ids": [entry.queue_id for entry in entries]}
         async with running(engine):
@@ -213,7 +218,7 @@ def refused(base: str, mode: str) -> None:
                     return any("AUDIT LOG WRITE FAILED" in e and queue_id in e for e in errors)
 
                 await until(refused_for, "refused")
-            for entry, handed in zip(entries[2:], warm[2:], strict=True):
+            for entry, handed in zip(entries[first:], warm[first:], strict=True):
                 engine.submit(entry.queue_id, warm=handed)
             await asyncio.sleep(0.6)  # a few POLLs: each tries again, and fails
             found["delivered"] = len(list((directory / "outbox").glob("*.eml")))
@@ -245,15 +250,19 @@ def test_final_records_the_audit_log_refuses_are_written_again_before_removal(
     assert verify(tmp_path / "audit").ok
 
 
+@pytest.mark.parametrize("mode", ["stop", "slot"])
 def test_with_the_audit_log_refusing_deliveries_pause_and_the_stop_lets_go(
-    tmp_path: Path,
+    tmp_path: Path, mode: str
 ) -> None:
     """Entries that cannot be settled are let go at the stop, to be delivered (and
-    recorded) again after a restart; and no more than a few wait meanwhile."""
-    found = run_refused(tmp_path, "stop")
+    recorded) again after a restart; and no more than a few wait meanwhile, whether
+    the next one is due later (``stop``) or already waits for a slot (``slot``)."""
+    found = run_refused(tmp_path, mode)
     assert found["delivered"] == 2  # the third waits for the audit log
     assert sorted(found["kept"]) == sorted(found["ids"])
-    assert found["locked"] == [True, True, True]  # two delivered, one handed over, not begun
+    # two delivered and waiting; the third handed over and not begun, or let go of
+    # when its turn came (read back from the spool later)
+    assert found["locked"] == [True, True, mode == "stop"]
     assert sorted(found["after"]) == sorted(found["ids"])
     assert found["locked_after"] == [False, False, False]
     assert any("stay in the queue until the audit log takes them" in e for e in found["errors"])
