@@ -425,7 +425,7 @@ class Engine:
                 log.error("%s could not queue the failure notice: %s", entry.queue_id, exc)
         records = self.recorder.take(entry.queue_id)
         backlogged = self._backlogged()
-        await self._done(Finished(entry.queue_id, records, EntryLock(lock.take())))
+        await self._done(Finished(entry.queue_id, records, EntryLock(lock.take()), entry.size))
         if backlogged:
             self._wake.set()  # what was held back may start now
         statuses = {r.status for r in entry.recipients}

@@ -33,11 +33,12 @@ from typing import Any
 from relay.audit import AuditError, AuditLog, events, reader
 from relay.record import Recorder
 from relay.spool import Spool
-from relay.spool.store import SpoolError
+from relay.spool.store import RECYCLE_SIZE, SpoolError
 
 log = logging.getLogger("relay")
 
 WAITING_MAX = 64  # finished entries that may wait, locked, for an fsync of the audit log
+SMALL = RECYCLE_SIZE // 2  # surely kept for reuse, record and all: removed without an fsync
 UNWRITTEN = -1  # the ticket of records the audit log refused: write them again
 FINAL_EVENTS = ("delivered", "failed", "expired")
 
@@ -65,6 +66,7 @@ class Finished:
     queue_id: str
     records: list[dict[str, Any]]
     lock: EntryLock
+    size: int = 0
     ticket: int = UNWRITTEN
 
 
@@ -98,10 +100,12 @@ class Settler:
         finishing thread is at work (it does that too); for the thread that just
         made such an fsync, so that entries wait for the length of one batch, not
         until the next delivery finishes (when only a worker crashes, the
-        others deliver its waiting entries again)."""
+        others deliver its waiting entries again). Small entries only: the file
+        of a large one is unlinked, and that unlink's fsync would hold up the
+        batch's 250s."""
         if self._waiting and self._lock.acquire(blocking=False):
             try:
-                self._remove_settled()
+                self._remove_settled(SMALL)
             finally:
                 self._lock.release()
 
@@ -164,11 +168,14 @@ class Settler:
             return exc
         return None
 
-    def _remove_settled(self) -> None:
+    def _remove_settled(self, largest: int | None = None) -> None:
+        """``largest``: leave larger entries to the finishing thread. Their files are
+        unlinked, not kept for reuse, and an unlink is fsynced at once."""
         settled: list[Finished] = []
         waiting: list[Finished] = []
         for item in self._waiting:
-            (settled if self.recorder.synced(item.ticket) else waiting).append(item)
+            small = largest is None or item.size <= largest
+            (settled if small and self.recorder.synced(item.ticket) else waiting).append(item)
         self._waiting = waiting
         if not settled:
             return

@@ -293,6 +293,26 @@ async def test_the_thread_that_fsyncs_the_log_removes_what_it_covered(
         assert lock_elsewhere(spool, entry.queue_id) == "gone"
 
 
+async def test_the_covering_thread_leaves_large_entries_to_the_finishing_thread(
+    spool: Spool, policy: Policy, outbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "POLL", 3600.0)
+    monkeypatch.setattr(settle_module, "SMALL", len(message(1)) - 1)  # this one is large
+    audit = AuditLog(tmp_path / "audit")
+    engine = Engine(spool, lambda: policy, attempt, Recorder(audit))
+    entry = make_entry(size=len(message(1)))
+    engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)))
+    async with running(engine):
+        assert await delivered(outbox, 1) == [message(1)]
+        await until(lambda: outcomes(audit.directory, entry.queue_id) == DELIVERED, "records")
+        audit.append(events.failed(queue_id="NEWER", message_id=None, recipient="a@b", reply="550"))
+        for _ in range(20):
+            engine.remove_covered()
+            await asyncio.sleep(0.01)
+        assert spool.ids() == [entry.queue_id]
+    assert spool.ids() == []  # the stop's settling, in the finishing thread
+
+
 def test_a_restart_removes_entries_whose_outcome_the_log_has_and_no_other(
     spool: Spool, tmp_path: Path
 ) -> None:
