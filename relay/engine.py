@@ -115,6 +115,7 @@ class Engine:
         )
         self._settling: asyncio.Task[None] | None = None
         self._settle_error: str | None = None
+        self._scan_error: str | None = None
         self._warm: dict[str, Warm] = {}
         self._warm_bytes = 0
 
@@ -151,9 +152,9 @@ class Engine:
         read at start, when ``relay queue retry``/``release`` kick, and every
         ``RESCAN`` seconds in case a record changed behind the engine's back.
         """
-        seen_kick = self.spool.last_kick()
-        await self._rescan()
-        last_scan = last_look = self.clock()
+        seen_kick = self._last_kick()
+        last_scan = self.clock() if await self._rescan() else 0.0
+        last_look = self.clock()
         while not self._stopping:
             self._start_due()
             with contextlib.suppress(TimeoutError):
@@ -165,10 +166,16 @@ class Engine:
                 continue  # woken per accepted message: a stat each time added up
             last_look = self.clock()
             self._settle_finished()
-            if self.spool.kicked_since(seen_kick) or last_look - last_scan > RESCAN:
-                seen_kick = self.spool.last_kick()
-                await self._rescan()
-                last_scan = self.clock()
+            if self._last_kick() > seen_kick or last_look - last_scan > RESCAN:
+                seen_kick = self._last_kick()
+                if await self._rescan():  # else again at the next look
+                    last_scan = self.clock()
+
+    def _last_kick(self) -> float:
+        try:
+            return self.spool.last_kick()
+        except SpoolError:
+            return 0.0  # the scan that follows reports it
 
     def _settle_finished(self) -> None:
         """Finished entries wait for an fsync that covers their final records, then
@@ -191,17 +198,30 @@ class Engine:
             log.error("%s", _unsettled(error))
         self._settle_error = None if error is None else str(error)
 
-    async def _rescan(self) -> None:
+    async def _rescan(self) -> bool:
         """What is planned while the directory is read is newer than what the
-        read finds: a message accepted meanwhile must not wait for the next scan."""
+        read finds: a message accepted meanwhile must not wait for the next scan.
+
+        A spool that cannot be read (a directory gone for a moment, EIO) is
+        reported once and read again at each look; delivery of what the engine
+        knows goes on. It used to end the engine, silently, for good."""
         self._planned_in_scan = {}
         try:
             found = await asyncio.to_thread(self._read_schedule)
             found.update(self._planned_in_scan)
+        except SpoolError as exc:
+            if str(exc) != self._scan_error:
+                log.error("cannot read the spool, trying again: %s", exc)
+            self._scan_error = str(exc)
+            return False
         finally:
             self._planned_in_scan = None
+        if self._scan_error is not None:
+            log.info("spool readable again")
+            self._scan_error = None
         self._schedule = found
         self._reindex()
+        return True
 
     def _read_schedule(self) -> dict[str, float]:
         """Every entry's next attempt, from the spool; on the way, free files kept

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -219,3 +220,30 @@ async def test_a_quiet_engine_makes_its_removals_durable_and_leaves_no_free_file
             await asyncio.sleep(0.05)
         assert [p.name for p in (spool.directory / "msg").iterdir()] == [f".free.{entry.queue_id}"]
     assert list((spool.directory / "msg").iterdir()) == []
+
+
+async def test_a_spool_that_cannot_be_read_for_a_while_does_not_end_delivery(
+    engine: Engine,
+    spool: Spool,
+    outbox: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The scan at start fails (the message directory is a file for a moment); the
+    engine says so once, goes on, and finds the entry when the spool is back."""
+    caplog.set_level(logging.INFO, logger="relay")
+    monkeypatch.setattr(engine_module, "POLL", 0.1)
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    msg = spool.directory / "msg"
+    msg.rename(spool.directory / "msg.away")
+    msg.write_text("not a directory")
+    async with running(engine):
+        await asyncio.sleep(0.5)  # several looks, each scan failing
+        failed = [m for m in caplog.messages if "cannot read the spool" in m]
+        assert len(failed) == 1
+        msg.unlink()
+        (spool.directory / "msg.away").rename(msg)
+        assert await delivered(outbox, 1) == [message(1)]
+        await gone(spool)
+    assert "spool readable again" in caplog.messages

@@ -31,8 +31,8 @@ rename is durable; one not reused within ``RECYCLE_TTL`` seconds is removed
 at the engine's next scan, and all of them when the engine stops
 (``trim_recycled``), so a delivered message does not linger in the spool.
 
-The delivery engine polls ``kicked_since(last)`` (one stat) between its
-regular scans and rescans at once when it is true; a kick only shortens the
+The delivery engine polls ``last_kick()`` (one stat) between its regular
+scans and rescans at once when it is newer than the last it saw; a kick only shortens the
 wait, since a retried entry is due anyway (``next_attempt = 0``).
 """
 
@@ -554,9 +554,6 @@ class Spool:
                 return os.stat(self._kick).st_mtime
             except FileNotFoundError:
                 return 0.0
-
-    def kicked_since(self, mtime: float) -> bool:
-        return self.last_kick() > mtime
 
     def _write_atomic(
         self, target: Path, chunks: Iterable[bytes], hold: bool = False, reuse: bool = False
