@@ -104,6 +104,7 @@ class Engine:
         self._busy: dict[str, asyncio.Task[Outcome]] = {}
         self.accepting: set[str] = set()  # being accepted: not the engine's until answered
         self._answering: set[str] = set()  # immediate attempts whose client still waits
+        self._refusing: set[str] = set()  # immediate attempts passing a refusal back
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._stopping = False
         self._schedule: dict[str, float] = {}  # queue ID -> next attempt
@@ -153,8 +154,8 @@ class Engine:
         ``RESCAN`` seconds in case a record changed behind the engine's back.
         """
         seen_kick = self._last_kick()
-        last_scan = self.clock() if await self._rescan() else 0.0
-        last_look = self.clock()
+        scan_wanted = not await self._rescan()
+        last_scan = last_look = self.clock()
         while not self._stopping:
             self._start_due()
             with contextlib.suppress(TimeoutError):
@@ -166,10 +167,11 @@ class Engine:
                 continue  # woken per accepted message: a stat each time added up
             last_look = self.clock()
             self._settle_finished()
-            if self._last_kick() > seen_kick or last_look - last_scan > RESCAN:
-                seen_kick = self._last_kick()
-                if await self._rescan():  # else again at the next look
-                    last_scan = self.clock()
+            kicked = self._last_kick()
+            if kicked > seen_kick or last_look - last_scan > RESCAN or scan_wanted:
+                seen_kick = kicked
+                scan_wanted = not await self._rescan()  # if it failed, again at the next look
+                last_scan = self.clock()
 
     def _last_kick(self) -> float:
         try:
@@ -209,7 +211,7 @@ class Engine:
         try:
             found = await asyncio.to_thread(self._read_schedule)
             found.update(self._planned_in_scan)
-        except SpoolError as exc:
+        except (SpoolError, OSError) as exc:
             if str(exc) != self._scan_error:
                 log.error("cannot read the spool, trying again: %s", exc)
             self._scan_error = str(exc)
@@ -261,7 +263,10 @@ class Engine:
             await self._done(Settle(final=True))
         except (AuditError, SpoolError) as exc:
             log.error("%s", _unsettled(exc))
-        await asyncio.to_thread(self.spool.trim_recycled, 0.0)
+        try:
+            await asyncio.to_thread(self.spool.trim_recycled, 0.0)
+        except SpoolError as exc:
+            log.error("cannot remove the files kept for reuse: %s", exc)
 
     def attempt_now(self, queue_id: str, immediate: bool = False) -> asyncio.Task[Outcome]:
         """Start (or join) the delivery of one entry. With ``immediate`` a message every
@@ -269,25 +274,27 @@ class Engine:
         the reply (until ``answered``)."""
         task = self._busy.get(queue_id)
         if task is None:
-            if immediate:
-                self._answering.add(queue_id)
             task = asyncio.get_running_loop().create_task(self._deliver(queue_id, immediate))
             self._busy[queue_id] = task
             task.add_done_callback(lambda _: self._attempt_ended(queue_id))
+            if immediate:
+                self._answering.add(queue_id)
         return task
 
     def _attempt_ended(self, queue_id: str) -> None:
         self._busy.pop(queue_id, None)
         self._answering.discard(queue_id)
+        self._refusing.discard(queue_id)
 
-    def answered(self, queue_id: str) -> bool:
-        """The immediate attempt's client is told 250 now and a refusal reaches the
-        sender as a notice; False when the attempt has already decided to pass
-        its refusal back (or ended): then the caller waits for its outcome."""
-        if queue_id not in self._answering:
-            return False
+    def answered(self, queue_id: str, task: asyncio.Task[Outcome]) -> bool:
+        """The immediate attempt's (``task``) client is told 250 now and a refusal
+        reaches the sender as a notice; False when the attempt has already decided
+        to pass its refusal back, or has done so: then the caller takes its outcome."""
         self._answering.discard(queue_id)
-        return True
+        if queue_id in self._refusing:
+            return False
+        ended = task.done() and not task.cancelled() and task.exception() is None
+        return not (ended and task.result().status == "refused")
 
     def _start_due(self) -> None:
         """Start what is due, in order; the heap makes this cost what is due, not
@@ -299,8 +306,8 @@ class Engine:
             queue_id = item[1]
             if self._stale(item) or queue_id in self._busy:
                 continue  # a running attempt plans what comes next itself
-            if queue_id in self.accepting:
-                self._plan(queue_id, now + POLL)
+            if queue_id in self.accepting or (self._scan_error and queue_id not in self._warm):
+                self._plan(queue_id, now + POLL)  # accepting, or in a spool that cannot be read
                 continue
             self.attempt_now(queue_id)
 
@@ -379,7 +386,8 @@ class Engine:
             rcpt.attempts += 1
         codes = [replies.get(a, (451, ""))[0] for a in pending]
         if immediate and all(code >= 500 for code in codes) and entry.queue_id in self._answering:
-            self._answering.discard(entry.queue_id)  # the client hears it: no 250 any more
+            self._answering.discard(entry.queue_id)
+            self._refusing.add(entry.queue_id)  # the client hears it: no 250 any more
             return await self._refuse(entry, pending, replies)
         deferred = False
         for address in pending:
@@ -407,7 +415,12 @@ class Engine:
         for address in pending:
             self._settle(entry, address, FAILED, replies[address][1])
         await self._flush(entry)
-        await asyncio.to_thread(self.spool.remove, entry.queue_id)
+        try:
+            await asyncio.to_thread(self.spool.remove, entry.queue_id)
+        except SpoolError as exc:
+            if self.spool.message_path(entry.queue_id).exists():
+                raise  # still queued: busy, and the next attempt tells the sender
+            log.error("%s refused; its removal may not be durable: %s", entry.queue_id, exc)
         return Outcome("refused", replies[pending[0]][1])
 
     async def _flush(self, entry: QueueEntry) -> None:

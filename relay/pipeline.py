@@ -222,9 +222,9 @@ class Acceptor:
         try:
             outcome = await asyncio.wait_for(asyncio.shield(task), wait)
         except TimeoutError:
-            if self.engine.answered(entry.queue_id):
+            if self.engine.answered(entry.queue_id, task):
                 return f"250 2.0.0 Ok: queued as {entry.queue_id}"
-            outcome = await task  # its refusal is already on its way back
+            outcome = await asyncio.shield(task)  # its refusal is on its way back
         if outcome.status == "refused":
             code = int(outcome.reply[:3]) if outcome.reply[:3].isdigit() else 550
             raise replies.refusal(code, outcome.reply[4:])

@@ -9,8 +9,8 @@ side-by-side runs: the accept p99 at half the full rate 37 -> 31 and 49 ->
 40 ms, one session +8 and +7 % messages/s). Instead the entry stays in the
 spool, and locked, so no engine delivers it again, until an fsync of the
 audit log by this process has covered its records: usually the next
-accepted batch's, whose writing thread removes the entries it covered right
-away (``remove_covered``), else the engine's own, asked for once a POLL and
+accepted batch's, whose writing thread removes the small entries it covered
+right away (``remove_covered``), else the engine's own, asked for once a POLL and
 at stop. Records the audit log refused, or that a failed fsync put in
 doubt, are written again first. The removal itself is lazy too (see
 ``Spool.remove_many``): the next fsync of the spool directory makes it

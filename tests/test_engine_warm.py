@@ -18,7 +18,7 @@ import pytest
 
 from relay import engine as engine_module
 from relay.deliver import attempt
-from relay.engine import Engine, Warm
+from relay.engine import Attempt, Engine, Warm
 from relay.policy.model import Policy
 from relay.record import Recorder
 from relay.spool import QueueEntry, Spool
@@ -247,3 +247,27 @@ async def test_a_spool_that_cannot_be_read_for_a_while_does_not_end_delivery(
         assert await delivered(outbox, 1) == [message(1)]
         await gone(spool)
     assert "spool readable again" in caplog.messages
+
+
+async def test_an_immediate_refusal_already_passed_back_is_not_turned_into_a_250(
+    spool: Spool, policy: Policy, outbox: Path
+) -> None:
+    """The wait ran out just as the refusal came: its client must hear the refusal
+    (the message is gone), not a 250; a delivered one is a 250 whenever it ends."""
+
+    async def refusing(upstream: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+        return Attempt({r: (550, "550 5.1.1 no such user") for r in rcpts})
+
+    async with running(Engine(spool, lambda: policy, refusing, Recorder(None))) as engine:
+        entry = make_entry(size=len(message(1)))
+        engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)), when=time.time() + 60)
+        task = engine.attempt_now(entry.queue_id, immediate=True)
+        assert (await task).status == "refused"
+        assert not engine.answered(entry.queue_id, task)
+        assert spool.ids() == []
+    async with running(Engine(spool, lambda: policy, attempt, Recorder(None))) as engine:
+        entry = make_entry(size=len(message(2)))
+        engine.submit(entry.queue_id, warm=accept(spool, entry, message(2)), when=time.time() + 60)
+        task = engine.attempt_now(entry.queue_id, immediate=True)
+        assert (await task).status == "delivered"
+        assert engine.answered(entry.queue_id, task)
