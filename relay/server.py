@@ -160,9 +160,10 @@ async def serve(
     ingress = await start(policy.listeners, holder.current, acceptor.process, sockets)
 
     loop = asyncio.get_running_loop()
-    delivering = loop.create_task(engine.run())
-    chores = [loop.create_task(_audit_upkeep(audit))] if worker is None else []
     stopping = asyncio.Event()
+    delivering = loop.create_task(engine.run())
+    delivering.add_done_callback(lambda task: _engine_ended(task, stopping))
+    chores = [loop.create_task(_audit_upkeep(audit))] if worker is None else []
     reloads: set[asyncio.Task[None]] = set()
     again: list[bool] = []  # a SIGHUP came during a reload: the last one must win
 
@@ -194,7 +195,9 @@ async def serve(
         log.info("stopping: no new connections; waiting up to %gs for transactions", STOP_GRACE)
         await ingress.close(STOP_GRACE)
         await engine.stop(STOP_GRACE)
-        await delivering
+        failed = delivering.done() and _failure(delivering) is not None
+        if not failed:
+            await delivering
         await close_default_pool()
         for chore in chores:
             chore.cancel()
@@ -203,7 +206,20 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     log.info("stopped")
-    return 0
+    return 1 if failed else 0
+
+
+def _failure(task: asyncio.Task[None]) -> BaseException | None:
+    return None if task.cancelled() else task.exception()
+
+
+def _engine_ended(task: asyncio.Task[None], stopping: asyncio.Event) -> None:
+    """A worker that no longer delivers must not go on accepting: it stops, and
+    exits 1 for the supervisor (or systemd) to start it again."""
+    error = _failure(task)
+    if error is not None:
+        log.critical("the delivery engine failed, stopping: %r", error, exc_info=error)
+        stopping.set()
 
 
 async def _reload(

@@ -469,3 +469,48 @@ def test_a_sighup_while_stopping_still_ends_cleanly(relay: Relay) -> None:
     for client in waiting:
         client.close()
     assert relay.proc.wait(40) == 0
+
+
+BROKEN_ENGINE = """
+import asyncio, sys
+from relay import engine
+
+async def broken(self):
+    await asyncio.sleep(0.5)
+    raise RuntimeError("a bug in the delivery engine")
+
+engine.Engine.run = broken  # before the workers are forked: each of them has it
+from relay.server import run
+sys.exit(run(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_worker_whose_engine_fails_stops_and_is_started_again(
+    policy_file: Path, port: int, tmp_path: Path, workers: str
+) -> None:
+    """It would otherwise go on accepting mail it never delivers, saying nothing."""
+    policy = configure(policy_file, port, workers)
+    log = tmp_path / "relay.log"
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", BROKEN_ENGINE, str(policy)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            cwd=Path(__file__).parent.parent,
+        )
+    try:
+        deadline = time.monotonic() + 20
+        wanted = "exited with status 1; starting a new one" if workers == "2" else "stopped"
+        while wanted not in log.read_text() and time.monotonic() < deadline:
+            assert workers == "2" or proc.poll() in (None, 1)
+            time.sleep(0.1)
+        text = log.read_text()
+        assert "the delivery engine failed, stopping: RuntimeError" in text
+        assert wanted in text
+        if workers == "1":
+            assert proc.wait(10) == 1
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
