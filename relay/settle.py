@@ -66,7 +66,7 @@ class Finished:
     queue_id: str
     records: list[dict[str, Any]]
     lock: EntryLock
-    size: int = 0
+    size: int  # of the message: a large one's file is not kept for reuse
     ticket: int = UNWRITTEN
 
 
