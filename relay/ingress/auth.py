@@ -3,8 +3,9 @@
 The mechanisms are the handler's own ``auth_*`` methods (aiosmtpd prefers
 them over its built-ins) because aiosmtpd's authenticator hook is
 synchronous and scrypt takes ~50 ms: it runs in a thread so other sessions
-keep moving. An unknown login is checked against a throw-away hash, so the
-reply time does not reveal which logins exist.
+keep moving, and a password that verified lately is remembered
+(``authcache``). An unknown login is checked against a throw-away hash, so
+the reply time does not reveal which logins exist.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult
 
+from relay.ingress.authcache import Verified
 from relay.passwd import hash_password, verify_password
 from relay.policy.model import Policy
 
@@ -40,6 +42,7 @@ class Mechanisms:
     """Mixin for the handler: ``auth_PLAIN`` and ``auth_LOGIN`` in aiosmtpd's style."""
 
     _current_policy: Callable[[], Policy]
+    _verified: Verified
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -84,8 +87,12 @@ class Mechanisms:
             return AuthResult(success=False, handled=False)
         entry = self._current_policy().logins.get(name)
         encoded = entry.password_hash if entry is not None else None
-        loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(None, _verify, secret, encoded)
+        ok = encoded is not None and self._verified.known(name, encoded, password)
+        if not ok:
+            loop = asyncio.get_running_loop()
+            ok = await loop.run_in_executor(None, _verify, secret, encoded)
+            if ok and encoded is not None:
+                self._verified.remember(name, encoded, password)
         if ok and entry is not None:
             log.debug("AUTH ok client=%s login=%s", peer, name)
             return AuthResult(success=True, auth_data=Authenticated(name))

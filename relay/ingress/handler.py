@@ -19,6 +19,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 from relay.errors import SmtpReply
 from relay.ingress import content
 from relay.ingress.auth import Authenticated, Mechanisms
+from relay.ingress.authcache import Verified
 from relay.ingress.protocol import RelaySMTP, client_address
 from relay.policy.model import AuthMode, Listener, Policy
 from relay.submission import Submission
@@ -47,6 +48,7 @@ class RelayHandler(Mechanisms):
         self._current_policy = current_policy
         self._process = process
         self._in_flight = in_flight if in_flight is not None else set()
+        self._verified = Verified()
 
     async def handle_EHLO(
         self,
