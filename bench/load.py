@@ -151,7 +151,8 @@ async def _command(
     return await _reply(reader, timeout)
 
 
-async def _open(host: str, port: int, timeout: float):
+async def _open(host: str, port: int, timeout: float, login: tuple[str, str] | None = None):
+    """Greeting, EHLO and, with ``login``, AUTH PLAIN."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     code, text = await _reply(reader, timeout)
     if code != 220:
@@ -161,6 +162,12 @@ async def _open(host: str, port: int, timeout: float):
     if code != 250:
         writer.close()
         raise SmtpError(f"EHLO: {text}")
+    if login is not None:
+        blob = base64.b64encode(f"\0{login[0]}\0{login[1]}".encode()).decode()
+        code, text = await _command(reader, writer, f"AUTH PLAIN {blob}", timeout)
+        if code != 235:
+            writer.close()
+            raise SmtpError(f"AUTH: {text}")
     return reader, writer
 
 
@@ -214,8 +221,10 @@ async def drive(
     reconnect: bool = False,
     timeout: float = 60.0,
     rate: float | None = None,
+    login: tuple[str, str] | None = None,
 ) -> list[Result]:
     """Send every job over ``sessions`` concurrent connections; one Result per job.
+    With ``login`` every connection logs in first.
 
     With ``rate`` (messages/s) the n-th message starts no sooner than n/rate
     seconds in: an open-loop load below saturation, for latency at that rate.
@@ -238,7 +247,7 @@ async def drive(
                 await asyncio.sleep(max(0.0, started + next(taken) / rate - loop.time()))
             try:
                 if conn is None:
-                    conn = await _open(host, port, timeout)
+                    conn = await _open(host, port, timeout, login)
                 results.append(await _transaction(*conn, job, timeout))
             except (OSError, SmtpError, TimeoutError, ValueError) as exc:
                 results.append(Result(job.token, 0, f"client error: {exc!r}"))

@@ -67,6 +67,7 @@ def write_policy(
     users: Users,
     max_message_size: int = 26214400,
     workers: str | None = None,
+    login: tuple[str, str] | None = None,
 ) -> Path:
     q = json.dumps  # a JSON string is a valid YAML scalar: no quoting surprises
     lines = [
@@ -81,7 +82,7 @@ def write_policy(
         "  - name: bench",
         "    address: 127.0.0.1",
         f"    port: {port}",
-        "    auth: off",
+        f"    auth: {'optional' if login else 'off'}",
         "    allow: [127.0.0.0/8]",
         f"    max_message_size: {max_message_size}",
         "    max_recipients: 100",
@@ -121,6 +122,7 @@ def write_policy(
         f"workers: {workers or 'auto'}",
         "audit:",
         "  record_subject: no",
+        *_logins(login),
         "tenants:",
         "  acme:",
         "    name: Acme AS",
@@ -142,6 +144,21 @@ def write_policy(
         ]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _logins(login: tuple[str, str] | None) -> list[str]:
+    """The ERP's login, for ``--auth``: any user of the tenant, as in the example policy."""
+    if login is None:
+        return []
+    from relay.passwd import hash_password
+
+    name, password = login
+    return [
+        "logins:",
+        f"  {name}:",
+        f"    password_hash: {json.dumps(hash_password(password))}",
+        "    tenant: acme",
+    ]
 
 
 def check_policy(path: Path) -> None:
