@@ -61,6 +61,20 @@ def test_message_reaches_process_exactly(relay: Relay) -> None:
     assert sub.data == MESSAGE
 
 
+def test_the_short_dir_lists_every_hook_aiosmtpd_looks_for(relay: Relay) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert relay.ingress is not None
+        (protocol,) = relay.ingress.connections
+        handler = protocol.event_handler
+        for obj, prefixes in ((protocol, ("auth_", "smtp_")), (handler, ("auth_", "handle_"))):
+            full = [name for name in object.__dir__(obj) if name.startswith(prefixes)]
+            assert sorted(full) == dir(obj)
+        assert {"DATA", "MAIL", "RCPT", "EHLO", "AUTH", "STARTTLS"} <= protocol._smtp_methods.keys()
+        assert {"PLAIN", "LOGIN"} <= protocol._auth_methods.keys()
+        assert {"DATA", "EHLO", "MAIL", "RCPT"} <= protocol._handle_hooks.keys()
+
+
 def test_ehlo_advertises_size_and_auth_but_not_smtputf8(relay: Relay) -> None:
     with Raw(relay.port) as raw:
         assert raw.greeting == ["220 relay.test.example ESMTP ERP relay"]

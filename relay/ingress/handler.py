@@ -20,7 +20,7 @@ from relay.errors import SmtpReply
 from relay.ingress import content
 from relay.ingress.auth import Authenticated, Mechanisms
 from relay.ingress.authcache import Verified
-from relay.ingress.protocol import RelaySMTP, client_address
+from relay.ingress.protocol import RelaySMTP, client_address, hook_names
 from relay.policy.model import AuthMode, Listener, Policy
 from relay.submission import Submission
 
@@ -49,6 +49,10 @@ class RelayHandler(Mechanisms):
         self._process = process
         self._in_flight = in_flight if in_flight is not None else set()
         self._verified = Verified()
+
+    def __dir__(self) -> list[str]:
+        """See ``RelaySMTP.__dir__``: aiosmtpd looks for its hooks here on every connection."""
+        return hook_names(type(self), ("auth_", "handle_"))
 
     async def handle_EHLO(
         self,
