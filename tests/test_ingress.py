@@ -75,6 +75,17 @@ def test_the_short_dir_lists_every_hook_aiosmtpd_looks_for(relay: Relay) -> None
         assert {"DATA", "EHLO", "MAIL", "RCPT"} <= protocol._handle_hooks.keys()
 
 
+def test_the_ehlo_reply_goes_to_aiosmtpd_as_one_write(relay: Relay) -> None:
+    lines = ["250-relay.test.example", "250-SIZE 100000", "250-AUTH LOGIN PLAIN", "250 HELP"]
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert relay.ingress is not None
+        (protocol,) = relay.ingress.connections
+        hook = protocol.event_handler.handle_EHLO
+        out = relay.call(hook(protocol, protocol.session, protocol.envelope, "erp", lines))
+    assert out == ["\r\n".join(lines)]
+
+
 def test_ehlo_advertises_size_and_auth_but_not_smtputf8(relay: Relay) -> None:
     with Raw(relay.port) as raw:
         assert raw.greeting == ["220 relay.test.example ESMTP ERP relay"]

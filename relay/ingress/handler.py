@@ -65,7 +65,9 @@ class RelayHandler(Mechanisms):
         session.host_name = hostname  # aiosmtpd leaves this to an EHLO hook
         if self._listener.auth is AuthMode.OFF:
             responses = [r for r in responses if not r[4:].upper().startswith("AUTH")]
-        return responses
+        # aiosmtpd writes each line it is given on its own: one system call, and
+        # one wake-up of the client, per line of a reply sent on every connection
+        return ["\r\n".join(responses)]
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
