@@ -44,13 +44,16 @@ def relay() -> Iterator[Relay]:
         yield running
 
 
-def login(relay: Relay, name: str, password: str) -> int:
-    """One AUTH PLAIN (``SMTP.login`` would try LOGIN too after a refusal)."""
-    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+def login(
+    relay: Relay, name: str, password: str, mechanism: str = "PLAIN", port: int | None = None
+) -> int:
+    """One AUTH (``SMTP.login`` would try the other mechanism too after a refusal)."""
+    with smtplib.SMTP("127.0.0.1", port or relay.port, timeout=10) as client:
         client.ehlo()
         client.user, client.password = name, password
+        method = client.auth_plain if mechanism == "PLAIN" else client.auth_login
         try:
-            code, _ = client.auth("PLAIN", client.auth_plain)
+            code, _ = client.auth(mechanism, method)
         except smtplib.SMTPAuthenticationError as exc:
             code = exc.smtp_code
         return code
@@ -60,6 +63,22 @@ def test_a_repeat_login_skips_scrypt(relay: Relay, scrypts: list[str]) -> None:
     assert login(relay, LOGIN, PASSWORD) == 235
     assert login(relay, LOGIN, PASSWORD) == 235
     assert login(relay, LOGIN, PASSWORD) == 235
+    assert scrypts == [PASSWORD]
+
+
+def test_auth_login_uses_the_same_memory(relay: Relay, scrypts: list[str]) -> None:
+    assert login(relay, LOGIN, PASSWORD, "LOGIN") == 235
+    assert login(relay, LOGIN, PASSWORD, "PLAIN") == 235
+    assert login(relay, LOGIN, "demo-passwore", "LOGIN") == 535
+    assert scrypts == [PASSWORD, "demo-passwore"]
+
+
+def test_every_listener_of_a_worker_shares_the_memory(scrypts: list[str]) -> None:
+    with Relay([listener(name="one"), listener(name="two")]) as relay:
+        assert relay.ingress is not None
+        ports = sorted({port for _, _, port in relay.ingress.bound()})
+        assert len(ports) == 2
+        assert [login(relay, LOGIN, PASSWORD, port=port) for port in ports] == [235, 235]
     assert scrypts == [PASSWORD]
 
 
@@ -98,6 +117,21 @@ def test_remembered_until_the_ttl_runs_out() -> None:
     assert not verified.known(LOGIN, DEMO_HASH, PASSWORD.encode())
     clock.now -= 1.0  # gone, not just hidden by the clock
     assert not verified.known(LOGIN, DEMO_HASH, PASSWORD.encode())
+
+
+def test_a_digest_goes_at_its_ttl_also_when_nobody_asks_for_it() -> None:
+    clock = Clock()
+    verified = Verified(ttl=60.0, clock=clock)
+    verified.remember("old", DEMO_HASH, PASSWORD.encode())  # say its hash is replaced
+    clock.now += 30.0
+    verified.remember(LOGIN, DEMO_HASH, PASSWORD.encode())
+    assert len(verified) == 2
+    clock.now += 30.0
+    assert verified.known(LOGIN, DEMO_HASH, PASSWORD.encode())
+    assert len(verified) == 1  # "old" went without being asked for
+    clock.now += 30.0
+    verified.remember("other", DEMO_HASH, PASSWORD.encode())
+    assert len(verified) == 1
 
 
 def test_only_the_same_login_hash_and_password_match() -> None:

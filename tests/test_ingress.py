@@ -75,6 +75,22 @@ def test_the_short_dir_lists_every_hook_aiosmtpd_looks_for(relay: Relay) -> None
         assert {"DATA", "EHLO", "MAIL", "RCPT"} <= protocol._handle_hooks.keys()
 
 
+def test_a_hook_set_on_the_handler_itself_is_found(relay: Relay) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert relay.ingress is not None
+        (protocol,) = relay.ingress.connections
+        handler = protocol.event_handler
+
+    async def handle_NOOP(server: object, session: object, envelope: object, arg: str) -> str:
+        return "250 2.0.0 hooked"
+
+    handler.handle_NOOP = handle_NOOP
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"NOOP") == "250 2.0.0 hooked"
+
+
 def test_the_ehlo_reply_goes_to_aiosmtpd_as_one_write(relay: Relay) -> None:
     lines = ["250-relay.test.example", "250-SIZE 100000", "250-AUTH LOGIN PLAIN", "250 HELP"]
     with Raw(relay.port) as raw:

@@ -43,16 +43,17 @@ class RelayHandler(Mechanisms):
         current_policy: Callable[[], Policy],
         process: Process,
         in_flight: set[asyncio.Task[str]] | None = None,
+        verified: Verified | None = None,
     ) -> None:
         self._listener = listener
         self._current_policy = current_policy
         self._process = process
         self._in_flight = in_flight if in_flight is not None else set()
-        self._verified = Verified()
+        self._verified = verified if verified is not None else Verified()
 
     def __dir__(self) -> list[str]:
         """See ``RelaySMTP.__dir__``: aiosmtpd looks for its hooks here on every connection."""
-        return hook_names(type(self), ("auth_", "handle_"))
+        return hook_names(self, ("auth_", "handle_"))
 
     async def handle_EHLO(
         self,
@@ -67,7 +68,7 @@ class RelayHandler(Mechanisms):
             responses = [r for r in responses if not r[4:].upper().startswith("AUTH")]
         # aiosmtpd writes each line it is given on its own: one system call, and
         # one wake-up of the client, per line of a reply sent on every connection
-        return ["\r\n".join(responses)]
+        return ["\r\n".join(responses)] if responses else responses
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 
+from relay.ingress.authcache import Verified
 from relay.ingress.handler import Process, RelayHandler
 from relay.ingress.protocol import RelaySMTP
 from relay.policy.model import AuthMode, Listener, Policy, TlsFiles
@@ -38,6 +39,7 @@ class Ingress:
     servers: list[tuple[Listener, asyncio.Server]] = field(default_factory=list)
     connections: set[RelaySMTP] = field(default_factory=set)
     in_flight: set[asyncio.Task[str]] = field(default_factory=set)
+    verified: Verified = field(default_factory=Verified)  # AUTH passwords, for every listener
 
     def bound(self) -> list[tuple[Listener, str, int]]:
         """Each listening socket's real address: a port 0 or a host name resolves here."""
@@ -141,7 +143,7 @@ def _factory(
     ingress: Ingress,
     loop: asyncio.AbstractEventLoop,
 ) -> Callable[[], RelaySMTP]:
-    handler = RelayHandler(listener, current_policy, process, ingress.in_flight)
+    handler = RelayHandler(listener, current_policy, process, ingress.in_flight, ingress.verified)
     tls = tls_context(listener.tls) if listener.tls is not None else None
     auth_needs_tls = not loopback_only(listener.address)
     _warn_about_auth(listener, tls is not None, auth_needs_tls)
