@@ -8,6 +8,12 @@ meanwhile is the next batch, so batches grow with the load. Handing a whole
 batch to the thread costs one switch, not one per write (per-write threads
 fought the loop for the GIL and cost more than the writes).
 
+With ``inline`` the caller may say that nobody else could use the time:
+an item asked for while nothing is on its way is then committed at once,
+on the event loop's own thread. For a lone session the trip to the thread
+and back (two wake-ups, and the GIL handed over after each system call)
+cost more than the loop could do meanwhile.
+
 A waiter is released only with the outcome of its own item: on disk, or the
 error that kept it off. It is released only once its batch is done, even
 when it is cancelled meanwhile: a caller must never clean up after a write
@@ -34,8 +40,14 @@ class GroupCommit(Generic[T]):
     queued since the previous batch; it returns, for each, None or the exception its
     waiter should get."""
 
-    def __init__(self, commit_many: Commit[T], name: str = "commit") -> None:
+    def __init__(
+        self,
+        commit_many: Commit[T],
+        name: str = "commit",
+        inline: Callable[[], bool] | None = None,
+    ) -> None:
         self._commit_many = commit_many
+        self._inline = inline
         self._batch: list[tuple[T, asyncio.Future[None]]] = []
         self._busy = False
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
@@ -43,6 +55,9 @@ class GroupCommit(Generic[T]):
     async def __call__(self, item: T) -> None:
         loop = asyncio.get_running_loop()
         if not self._batch and not self._busy:
+            if self._inline is not None and self._inline():
+                self._commit_now(item)
+                return
             loop.call_soon(self._start)
         done: asyncio.Future[None] = loop.create_future()
         self._batch.append((item, done))
@@ -56,6 +71,13 @@ class GroupCommit(Generic[T]):
             if error is not None:
                 raise error from None  # it did not land: the caller's usual error path
             raise
+
+    def _commit_now(self, item: T) -> None:
+        outcomes = list(self._commit_many([item]))
+        if len(outcomes) != 1:
+            raise RuntimeError(f"{len(outcomes)} outcomes for 1 item")
+        if outcomes[0] is not None:
+            raise outcomes[0]
 
     def _start(self) -> None:
         if self._busy or not self._batch:

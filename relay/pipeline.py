@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -112,11 +113,23 @@ class Acceptor:
     its hands off, so a message refused here can never be delivered anyway.
     """
 
-    def __init__(self, spool: Spool, engine: Engine, recorder: Recorder) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        engine: Engine,
+        recorder: Recorder,
+        sessions: Callable[[], int] | None = None,
+    ) -> None:
         self.spool = spool
         self.engine = engine
         self.recorder = recorder
-        self._store = GroupCommit(self._store_many, "accept")
+        self.sessions = sessions  # SMTP connections open in this process, once the ingress runs
+        self._store = GroupCommit(self._store_many, "accept", inline=self._alone)
+
+    def _alone(self) -> bool:
+        """One SMTP session in this process: its message is written on the event
+        loop, which has nothing else to do for a client that waits for this write."""
+        return self.sessions is not None and self.sessions() <= 1
 
     async def process(self, policy: Policy, submission: Submission) -> str:
         try:

@@ -158,6 +158,7 @@ async def serve(
     engine = Engine(spool, holder.current, attempt, recorder)
     acceptor = Acceptor(spool, engine, recorder)
     ingress = await start(policy.listeners, holder.current, acceptor.process, sockets)
+    acceptor.sessions = lambda: len(ingress.connections)
 
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()

@@ -202,3 +202,49 @@ async def test_a_cancelled_waiter_leaves_only_once_its_batch_is_done() -> None:
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(waiter, 5)
     assert len(finished) == 1
+
+
+async def test_inline_commits_at_once_on_the_loops_thread_when_nothing_is_on_its_way() -> None:
+    threads: list[int] = []
+    committer = Committer(lambda item: ValueError(item) if item == 2 else None)
+
+    def record(items: list[int]) -> list[BaseException | None]:
+        threads.append(threading.get_ident())
+        return committer(items)
+
+    alone = [True]
+    commit = GroupCommit(record, inline=lambda: alone[0])
+    await asyncio.wait_for(commit(1), 5)
+    with pytest.raises(ValueError):
+        await asyncio.wait_for(commit(2), 5)
+    alone[0] = False
+    await asyncio.wait_for(commit(3), 5)
+    assert committer.batches == [[1], [2], [3]]
+    assert threads[:2] == [threading.get_ident()] * 2
+    assert threads[2] != threading.get_ident()
+
+
+async def test_inline_waits_its_turn_behind_a_batch_on_its_way() -> None:
+    """Never two commits at once, nor one ahead of a batch on its way."""
+    release = threading.Event()
+    committer = Committer()
+    threads: list[int] = []
+
+    def slow(items: list[int]) -> list[BaseException | None]:
+        threads.append(threading.get_ident())
+        if items == [1] and not release.wait(5):
+            raise TimeoutError("the loop never released the commit")
+        return committer(items)
+
+    alone = [False]
+    commit = GroupCommit(slow, inline=lambda: alone[0])
+    on_its_way = asyncio.create_task(commit(1))
+    await asyncio.sleep(0.05)  # [1] is in the thread, waiting for the event
+    alone[0] = True
+    behind = asyncio.create_task(commit(2))
+    await asyncio.sleep(0.05)
+    assert not behind.done()
+    release.set()
+    assert await settled(on_its_way, behind) == [None, None]
+    assert committer.batches == [[1], [2]]
+    assert threading.get_ident() not in threads
