@@ -93,6 +93,7 @@ class Engine:
         recorder: Recorder,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
+        alone: Callable[[], bool] | None = None,
     ) -> None:
         self.spool = spool
         self.policy = policy
@@ -111,8 +112,9 @@ class Engine:
         self._due: list[tuple[float, str]] = []  # heap over _schedule, stale items skipped
         self._planned_in_scan: dict[str, float] | None = None
         self._settler = Settler(spool, recorder)
+        # ``alone``: with one SMTP session outcomes are recorded on the event loop too
         self._done: GroupCommit[Finished | Settle] = GroupCommit(
-            self._settler.finish_many, "finish"
+            self._settler.finish_many, "finish", inline=alone
         )
         self._settling: asyncio.Task[None] | None = None
         self._settle_error: str | None = None

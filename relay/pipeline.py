@@ -118,18 +118,13 @@ class Acceptor:
         spool: Spool,
         engine: Engine,
         recorder: Recorder,
-        sessions: Callable[[], int] | None = None,
+        alone: Callable[[], bool] | None = None,
     ) -> None:
         self.spool = spool
         self.engine = engine
         self.recorder = recorder
-        self.sessions = sessions  # SMTP connections open in this process, once the ingress runs
-        self._store = GroupCommit(self._store_many, "accept", inline=self._alone)
-
-    def _alone(self) -> bool:
-        """One SMTP session in this process: its message is written on the event
-        loop, which has nothing else to do for a client that waits for this write."""
-        return self.sessions is not None and self.sessions() <= 1
+        # ``alone``: a lone session's message is written on the event loop
+        self._store = GroupCommit(self._store_many, "accept", inline=alone)
 
     async def process(self, policy: Policy, submission: Submission) -> str:
         try:

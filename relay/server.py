@@ -145,7 +145,7 @@ async def serve(
     set) the supervisor keeps the audit log's upkeep and its policy records."""
     from relay.deliver import attempt
     from relay.engine import Engine
-    from relay.ingress import start
+    from relay.ingress import Ingress, start
     from relay.pipeline import Acceptor
     from relay.record import Recorder, audit_log
     from relay.spool import Spool
@@ -155,10 +155,16 @@ async def serve(
     spool = Spool(policy.queue.directory)
     audit = audit_log(policy)
     recorder = Recorder(audit)  # one, so receiving and delivering share each fsync
-    engine = Engine(spool, holder.current, attempt, recorder)
-    acceptor = Acceptor(spool, engine, recorder)
+    ingress: Ingress | None = None
+
+    def alone() -> bool:
+        """One SMTP session in this process: the event loop has nothing better to do
+        than its writes (see ``relay.groupcommit``)."""
+        return ingress is not None and len(ingress.connections) <= 1
+
+    engine = Engine(spool, holder.current, attempt, recorder, alone=alone)
+    acceptor = Acceptor(spool, engine, recorder, alone=alone)
     ingress = await start(policy.listeners, holder.current, acceptor.process, sockets)
-    acceptor.sessions = lambda: len(ingress.connections)
 
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()

@@ -19,7 +19,8 @@ from the records it wrote (``settle_recorded``).
 
 The engine's finishing thread runs ``finish_many``, one batch at a time
 (``relay.groupcommit``); the accepting thread only removes what is covered,
-and only when the finishing thread is not at work.
+and only when the finishing thread is not at work. For a lone SMTP session
+both run on the event loop instead, one after the other (``inline``).
 """
 
 from __future__ import annotations
