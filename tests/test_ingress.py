@@ -14,6 +14,7 @@ import pytest
 
 from relay.errors import Rejected
 from relay.ingress import content, listen
+from relay.ingress.protocol import RelaySMTP
 from relay.policy.model import AuthMode, TlsFiles
 from tests.certs import make_certs
 from tests.ingress_harness import Raw, Recorder, Relay, swaks
@@ -61,11 +62,17 @@ def test_message_reaches_process_exactly(relay: Relay) -> None:
     assert sub.data == MESSAGE
 
 
+def only_connection(relay: Relay, raw: Raw) -> RelaySMTP:
+    """The protocol object serving ``raw``, the relay's one connection."""
+    raw.ehlo()
+    assert relay.ingress is not None
+    (protocol,) = relay.ingress.connections
+    return protocol
+
+
 def test_the_short_dir_lists_every_hook_aiosmtpd_looks_for(relay: Relay) -> None:
     with Raw(relay.port) as raw:
-        raw.ehlo()
-        assert relay.ingress is not None
-        (protocol,) = relay.ingress.connections
+        protocol = only_connection(relay, raw)
         handler = protocol.event_handler
         for obj, prefixes in ((protocol, ("auth_", "smtp_")), (handler, ("auth_", "handle_"))):
             full = [name for name in object.__dir__(obj) if name.startswith(prefixes)]
@@ -77,10 +84,7 @@ def test_the_short_dir_lists_every_hook_aiosmtpd_looks_for(relay: Relay) -> None
 
 def test_a_hook_set_on_the_handler_itself_is_found(relay: Relay) -> None:
     with Raw(relay.port) as raw:
-        raw.ehlo()
-        assert relay.ingress is not None
-        (protocol,) = relay.ingress.connections
-        handler = protocol.event_handler
+        handler = only_connection(relay, raw).event_handler
 
     async def handle_NOOP(server: object, session: object, envelope: object, arg: str) -> str:
         return "250 2.0.0 hooked"
@@ -94,9 +98,7 @@ def test_a_hook_set_on_the_handler_itself_is_found(relay: Relay) -> None:
 def test_the_ehlo_reply_goes_to_aiosmtpd_as_one_write(relay: Relay) -> None:
     lines = ["250-relay.test.example", "250-SIZE 100000", "250-AUTH LOGIN PLAIN", "250 HELP"]
     with Raw(relay.port) as raw:
-        raw.ehlo()
-        assert relay.ingress is not None
-        (protocol,) = relay.ingress.connections
+        protocol = only_connection(relay, raw)
         hook = protocol.event_handler.handle_EHLO
         out = relay.call(hook(protocol, protocol.session, protocol.envelope, "erp", lines))
     assert out == ["\r\n".join(lines)]
