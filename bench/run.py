@@ -55,12 +55,14 @@ class Scenario:
     sessions: int
     messages: int
     paced: bool = False  # at half the rate the same side reached in (a) of this run
+    rate: float | None = None  # messages/s, the same for both sides
 
     @property
     def title(self) -> str:
         size = f"{self.size // KB} KB" if self.size >= KB else f"{self.size} B"
         plural = "s" if self.sessions != 1 else ""
         pace = ", paced at half of (a)'s rate" if self.paced else ""
+        pace = f", paced at {self.rate:g} msg/s" if self.rate else pace
         return f"({self.name}) {size} x {self.messages}, {self.sessions} session{plural}{pace}"
 
 
@@ -782,10 +784,12 @@ def print_report(report: dict[str, Any]) -> None:
 
 def scenarios(args: argparse.Namespace) -> list[Scenario]:
     quick = args.quick
+    if args.rate and not (args.size or args.sessions):
+        raise SystemExit("--rate paces a custom scenario: give --sessions or --size too")
     if args.size or args.sessions:
         size = args.size or 2048
         n = args.messages or (40 if quick else (300 if size > 16 * KB else 1000))
-        return [Scenario("custom", size, args.sessions or 20, n)]
+        return [Scenario("custom", size, args.sessions or 20, n, rate=args.rate)]
     wanted = args.scenarios
     if wanted is None:
         wanted = "" if (args.big or args.idle) else "a,b,c,h"
@@ -823,6 +827,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--messages", type=int, help="messages per run (overrides the defaults)")
     p.add_argument("--repeat", type=int, help="runs per scenario; the median is reported (3)")
     p.add_argument("--sessions", type=int, help="a single custom scenario with this many sessions")
+    p.add_argument(
+        "--rate",
+        type=float,
+        help="pace the custom scenario at this many messages/s (both sides), for"
+        " accept latency below saturation",
+    )
     p.add_argument(
         "--size",
         type=size_arg,
@@ -953,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
                 for side in order:
                     if side == "postfix" and bench.postfix is None:
                         continue
-                    rate = None
+                    rate = sc.rate
                     if sc.paced:  # half of what this side reached in (a), this repetition
                         rate = 0.5 * (runs[("a", side)][-1].get("msgs_per_s") or 1.0)
                     say(f"run {rep + 1}/{args.repeat} {sc.title}: {side} ...")
