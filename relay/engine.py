@@ -416,7 +416,15 @@ class Engine:
     ) -> Outcome:
         for address in pending:
             self._settle(entry, address, FAILED, replies[address][1])
-        await self._flush(entry)
+        try:
+            await self.recorder.flush(entry.queue_id)
+        except AuditError as exc:
+            # removed now, it would end with no final record: it stays queued, its
+            # client hears 250, and the next refusal reaches the sender as a notice
+            log.error("%s: AUDIT LOG WRITE FAILED, kept in the queue: %s", entry.queue_id, exc)
+            policy = self.policy().queue
+            self._plan(entry.queue_id, self.clock() + backoff(policy, entry.attempts, self.rng))
+            return Outcome("deferred", replies[pending[0]][1])
         try:
             await asyncio.to_thread(self.spool.remove, entry.queue_id)
         except SpoolError as exc:

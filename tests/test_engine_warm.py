@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -17,12 +18,14 @@ from typing import Any
 import pytest
 
 from relay import engine as engine_module
+from relay.audit import AuditLog
 from relay.deliver import attempt
 from relay.engine import Attempt, Engine, Warm
 from relay.policy.model import Policy
 from relay.record import Recorder
 from relay.spool import QueueEntry, Spool
 from tests.spoolkit import make_entry, run_script
+from tests.test_audit_fixture import read_all
 
 TRY_LOCK = """
 import sys
@@ -271,3 +274,32 @@ async def test_an_immediate_refusal_already_passed_back_is_not_turned_into_a_250
         task = engine.attempt_now(entry.queue_id, immediate=True)
         assert (await task).status == "delivered"
         assert engine.answered(entry.queue_id, task)
+
+
+async def test_an_immediate_refusal_the_audit_log_cannot_record_stays_queued(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    """Removed, the message would end with no final record: it stays in the queue,
+    its client is told 250, and the next attempt's refusal is recorded as usual."""
+
+    async def refusing(upstream: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+        return Attempt({r: (550, "550 5.1.1 no such user") for r in rcpts})
+
+    audit_dir = tmp_path / "audit"
+    recorder = Recorder(AuditLog(audit_dir))
+    async with running(Engine(spool, lambda: policy, refusing, recorder)) as engine:
+        entry = make_entry(size=len(message(1)))
+        engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)), when=time.time() + 60)
+        shutil.rmtree(audit_dir)
+        audit_dir.write_text("not a directory")  # every append fails, as on a full disk
+        task = engine.attempt_now(entry.queue_id, immediate=True)
+        assert (await task).status == "deferred"
+        assert engine.answered(entry.queue_id, task)  # the client hears 250
+        assert spool.ids() == [entry.queue_id]
+        audit_dir.unlink()
+        recorder.audit = AuditLog(audit_dir)
+        assert (await engine.attempt_now(entry.queue_id)).status == "failed"
+        await gone(spool)
+    failed = [r for r in read_all(audit_dir) if r["event"] == "failed"]
+    mine = [r["recipient"] for r in failed if r["queue_id"] == entry.queue_id]
+    assert mine == [r.address for r in entry.recipients]
