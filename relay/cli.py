@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from relay.policy.model import Policy
+    from relay.spool import QueueEntry, Spool
 
 EX_USAGE = 64
 EX_DATAERR = 65
@@ -186,16 +187,30 @@ def _queue(args: argparse.Namespace) -> int:
         return tools.list_queue(spool, sys.stdout, as_json=args.json)
     if args.verb == "show":
         return tools.show(spool, args.queue_id, sys.stdout, sys.stderr)
+    if args.verb == "delete":
+        return _delete(policy, spool, args.targets)
     verb = getattr(tools, args.verb)
-    outcome = verb(spool, args.targets, sys.stdout, sys.stderr)
-    if args.verb == "delete" and outcome.entries:
-        from relay.record import Recorder, audit_log, operator
+    return verb(spool, args.targets, sys.stdout, sys.stderr).code
 
+
+def _delete(policy: Policy, spool: Spool, targets: list[str]) -> int:
+    """Each deletion is on record before its message goes (``tools.delete``)."""
+    from relay.audit import AuditError
+    from relay.record import Recorder, audit_log, operator
+    from relay.spool import tools
+
+    try:
         recorder = Recorder(audit_log(policy))
-        for entry in outcome.entries:
-            recorder.deleted(entry, operator())
-            recorder.flush_sync(entry.queue_id)
-    return outcome.code
+    except AuditError as exc:
+        print(f"relay queue delete: nothing deleted: {exc}", file=sys.stderr)
+        return 1
+    who = operator()
+
+    def record(queue_id: str, entry: QueueEntry | None) -> None:
+        recorder.deleted(queue_id, entry, who)
+        recorder.flush_sync(queue_id)
+
+    return tools.delete(spool, targets, sys.stdout, sys.stderr, record=record).code
 
 
 def _audit(args: argparse.Namespace) -> int:

@@ -169,11 +169,9 @@ class Recorder:
             notice.queue_id,
         )
 
-    def deleted(self, entry: QueueEntry, by: str) -> None:
-        log.info("%s: removed from the queue by %s", entry.queue_id, by)
-        pending = [r.address for r in entry.pending()]
-        self.add(
-            ev.deleted(
-                queue_id=entry.queue_id, message_id=entry.message_id, by=by, recipients=pending
-            )
-        )
+    def deleted(self, queue_id: str, entry: QueueEntry | None, by: str) -> None:
+        """``entry`` is None when its record could not be read: who is not known."""
+        log.info("%s: removed from the queue by %s", queue_id, by)
+        pending = [] if entry is None else [r.address for r in entry.pending()]
+        message_id = None if entry is None else entry.message_id
+        self.add(ev.deleted(queue_id=queue_id, message_id=message_id, by=by, recipients=pending))

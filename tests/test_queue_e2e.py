@@ -223,6 +223,31 @@ def test_hold_release_and_delete_while_running(policy_file: Path, tmp_path: Path
     assert relay_cli(policy, "audit", "verify").returncode == 0
 
 
+def test_delete_refuses_to_remove_what_the_audit_log_cannot_record(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """With the audit log unwritable, ``relay queue delete`` says so and keeps the
+    message; once the log is back, the deletion is its last record."""
+    port = free_port()
+    policy = configure(policy_file, port, free_port())  # no upstream: the message stays
+    with RelayProcess(policy, port, tmp_path / "relay.log"):
+        queue_id = send(port)
+    audit_dir = tmp_path / "state" / "audit"
+    audit_dir.rename(tmp_path / "audit.away")
+    audit_dir.write_text("not a directory")
+    done = relay_cli(policy, "queue", "delete", queue_id)
+    assert done.returncode == 1
+    assert "nothing deleted" in done.stderr and "audit" in done.stderr
+    assert queue_id in relay_cli(policy, "queue", "list").stdout
+    audit_dir.unlink()
+    (tmp_path / "audit.away").rename(audit_dir)
+    done = relay_cli(policy, "queue", "delete", queue_id)
+    assert done.returncode == 0, done.stderr
+    assert relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n"
+    assert audit_events(policy, queue_id)[-1] == ("deleted", None)
+    assert relay_cli(policy, "audit", "verify").returncode == 0
+
+
 def test_kill_9_loses_no_acknowledged_message(policy_file: Path, tmp_path: Path) -> None:
     """Send over several connections, kill -9 the relay at random moments, restart it:
     every message that got a 250 reaches the sink; duplicates are only possible at kills."""

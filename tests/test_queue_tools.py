@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.audit import AuditError
 from relay.queueid import new_queue_id
 from relay.spool import DELIVERED, QueueEntry, Spool, tools
 from tests import spoolkit
@@ -43,10 +44,10 @@ def two(spool: Spool) -> list[QueueEntry]:
 
 
 def run(
-    command: object, spool: Spool, *args: object, stdin: str = ""
+    command: object, spool: Spool, *args: object, stdin: str = "", **options: object
 ) -> tuple[tools.Outcome, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    outcome = command(spool, *args, out, err, io.StringIO(stdin))  # type: ignore[operator]
+    outcome = command(spool, *args, out, err, io.StringIO(stdin), **options)  # type: ignore[operator]
     return outcome, out.getvalue(), err.getvalue()
 
 
@@ -227,3 +228,48 @@ def test_a_damaged_record_can_still_be_deleted(spool: Spool, two: list[QueueEntr
     assert outcome == (0, [two[1]]) and out == "Deleted: 1 message\n"
     assert f"{damaged}: deleted an unreadable record" in err
     assert spool.ids() == [] and not spool.message_path(damaged).exists()
+
+
+def test_each_deletion_is_recorded_before_its_message_goes(
+    spool: Spool, two: list[QueueEntry]
+) -> None:
+    seen: list[tuple[str, bool, bool]] = []
+
+    def record(queue_id: str, entry: QueueEntry | None) -> None:
+        seen.append((queue_id, entry is not None, spool.message_path(queue_id).exists()))
+
+    outcome, _, err = run(tools.delete, spool, ["ALL"], record=record)
+    assert outcome == (0, two) and err == ""
+    assert seen == [(e.queue_id, True, True) for e in two]
+    assert spool.ids() == []
+
+
+def test_a_deletion_the_audit_log_cannot_record_leaves_the_message(
+    spool: Spool, two: list[QueueEntry]
+) -> None:
+    first, second = two
+
+    def record(queue_id: str, entry: QueueEntry | None) -> None:
+        if queue_id == first.queue_id:
+            raise AuditError("audit log /var/lib/relay/audit: No space left on device")
+
+    outcome, out, err = run(tools.delete, spool, ["ALL"], record=record)
+    assert outcome == (1, [second]) and out == "Deleted: 1 message\n"
+    assert f"{first.queue_id}: not deleted, the audit log cannot record it" in err
+    assert "No space left on device" in err
+    assert spool.ids() == [first.queue_id]
+    assert spool.load(first.queue_id) == first
+
+
+def test_a_damaged_record_is_recorded_as_deleted_too(spool: Spool, two: list[QueueEntry]) -> None:
+    damaged = two[0].queue_id
+    (spool.directory / "env" / f"{damaged}.json").write_text('{"version": 1}')
+    seen: list[tuple[str, QueueEntry | None]] = []
+    outcome, _, _ = run(
+        tools.delete,
+        spool,
+        [damaged],
+        record=lambda queue_id, entry: seen.append((queue_id, entry)),
+    )
+    assert outcome == (0, [])
+    assert seen == [(damaged, None)]

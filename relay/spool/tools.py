@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple, TextIO
 
+from relay.audit import AuditError
 from relay.spool.entry import QueueEntry
 from relay.spool.store import NoSuchEntry, Spool, SpoolBusy, SpoolError
 
@@ -135,13 +136,32 @@ def _read_headers(spool: Spool, queue_id: str) -> bytes:
     return b"".join(lines)
 
 
+#: Makes a deletion durable on record before the entry goes: given the queue ID
+#: and the entry (None when its record is unreadable); raising keeps the entry.
+Record = Callable[[str, QueueEntry | None], None]
+
+
 def delete(
-    spool: Spool, targets: Sequence[str], out: TextIO, err: TextIO, stdin: TextIO | None = None
+    spool: Spool,
+    targets: Sequence[str],
+    out: TextIO,
+    err: TextIO,
+    stdin: TextIO | None = None,
+    record: Record | None = None,
 ) -> Outcome:
-    """``relay queue delete ID...|-|ALL``: the returned entries are gone for good."""
-    outcome = _each(spool, targets, err, stdin, lambda entry: True, remove=True)
+    """``relay queue delete ID...|-|ALL``: the returned entries are gone for good.
+
+    Each is recorded first, under its lock: a message removed with no record
+    would end nowhere in the audit log, while a record whose removal then
+    fails is followed by the message's real end when it comes.
+    """
+    outcome = _each(spool, targets, err, stdin, lambda entry: True, remove=record or _unrecorded)
     _summary(out, "Deleted", outcome)
     return outcome
+
+
+def _unrecorded(queue_id: str, entry: QueueEntry | None) -> None:
+    """A spool without an audit log (the tests' and ``preview``'s)."""
 
 
 def retry(
@@ -205,9 +225,10 @@ def _each(
     stdin: TextIO | None,
     change: Callable[[QueueEntry], bool],
     *,
-    remove: bool = False,
+    remove: Record | None = None,
 ) -> Outcome:
-    """Apply ``change`` to each target under its lock; ``change`` says whether it did anything."""
+    """Apply ``change`` to each target under its lock; ``change`` says whether it did anything.
+    With ``remove`` each changed entry is recorded by it, then removed."""
     code = 0
     changed: list[QueueEntry] = []
     for queue_id, named in _resolve(spool, targets, stdin):
@@ -216,15 +237,17 @@ def _each(
                 try:
                     entry = spool.load(queue_id)
                 except SpoolError as exc:
-                    if not remove or isinstance(exc, NoSuchEntry):
+                    if remove is None or isinstance(exc, NoSuchEntry):
                         raise
                     # A damaged record must still be deletable; there is no entry to return.
+                    remove(queue_id, None)
                     spool.remove(queue_id)
                     err.write(f"{queue_id}: deleted an unreadable record ({exc.strerror})\n")
                     continue
                 if not change(entry):
                     continue
-                if remove:
+                if remove is not None:
+                    remove(queue_id, entry)
                     spool.remove(queue_id)
                 else:
                     spool.update(entry)
@@ -243,6 +266,9 @@ def _each(
             code = 1
         except SpoolError as exc:
             _report(err, queue_id, exc)
+            code = 1
+        except AuditError as exc:
+            err.write(f"{queue_id}: not deleted, the audit log cannot record it: {exc}\n")
             code = 1
     return Outcome(code, changed)
 
