@@ -9,10 +9,11 @@ import shutil
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from relay.audit import AuditError, AuditLog, events, verify
+from relay.audit import AuditError, AuditLog, events, verify, writer
 from relay.audit.chain import GENESIS_HASH
 from relay.audit.search import search
 from tests.test_audit_fixture import START, Clock, build, read_all
@@ -427,3 +428,28 @@ def test_unsynced_writes_of_a_day_are_fsynced_when_the_day_closes(
     assert fsyncs.names.index(first) < fsyncs.names.index(second)
     assert [r["seq"] for r in read_all(tmp_path)] == [1, 2]
     assert verify(tmp_path).ok
+
+
+def test_a_day_written_to_while_it_is_compressed_is_left_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer whose clock still read that day appends to it, late: the file is
+    not swapped for a copy that lacks the record; the next upkeep tries again."""
+    build(tmp_path)
+    log = AuditLog(tmp_path, compress_after_days=1, clock=Clock(START + timedelta(days=2)))
+    day = tmp_path / "audit-2024-05-07.jsonl"
+    checksum = writer._sha256
+
+    def checked_then_late_append(stream: Any) -> str:
+        value = checksum(stream)
+        if getattr(stream, "name", None) == str(day):  # the original, read for the check
+            with open(day, "ab") as late:
+                late.write(b'{"late": true}\n')
+        return value
+
+    monkeypatch.setattr(writer, "_sha256", checked_then_late_append)
+    with pytest.raises(AuditError, match="written to while it was compressed"):
+        log.maintain()
+    assert day.read_bytes().endswith(b'{"late": true}\n')
+    assert not day.with_name(day.name + ".gz").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

@@ -333,6 +333,7 @@ class AuditLog:
         """Write the .gz beside it, check it decompresses to the same bytes, then swap."""
         target = path.with_name(path.name + ".gz")
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        before = os.stat(path)
         try:
             with open(path, "rb") as source, open(temporary, "wb") as raw:
                 with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as packed:
@@ -342,12 +343,18 @@ class AuditLog:
             with open(path, "rb") as original, gzip.open(temporary, "rb") as copy:
                 if _sha256(original) != _sha256(copy):
                     raise OSError(f"compressing {path.name} did not round-trip")
-            os.replace(temporary, target)
+            # the swap under the lock: a writer whose clock still read that day
+            # may have appended to it, and its record must not go with the file
+            with self._locked():
+                after = os.stat(path)
+                if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                    raise OSError(f"{path.name} was written to while it was compressed")
+                os.replace(temporary, target)
+                _fsync_directory(self.directory)
+                os.unlink(path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
-        _fsync_directory(self.directory)
-        os.unlink(path)
         _fsync_directory(self.directory)
 
 
