@@ -46,6 +46,7 @@ class Got:
     data: bytes
     tls: bool
     login: str | None
+    helo: str | None = None
 
 
 @dataclass
@@ -66,6 +67,7 @@ class SinkHandler(RefusingRecipients):
                 envelope.original_content,
                 server.transport.get_extra_info("ssl_object") is not None,
                 login,
+                session.host_name,
             )
         )
         return self.data_reply
@@ -339,6 +341,42 @@ async def test_starttls_required_but_not_offered_is_451(sink: Sink) -> None:
         await deliver(upstream(sink.port, TlsMode.STARTTLS), "b@p.example", RCPTS, MESSAGE)
     assert (failed.value.code, failed.value.status) == (451, "4.4.1")
     assert "STARTTLS" in failed.value.text
+    assert sink.handler.messages == []
+
+
+async def test_ca_file_trusts_a_private_ca_and_helo_name_is_what_ehlo_says(
+    certs: Certs,
+) -> None:
+    with Sink(tls_context=server_context(certs)) as sink:
+        private = upstream(
+            sink.port, TlsMode.STARTTLS, ca_file=certs.ca, helo_name="relay.platform.example"
+        )
+        await deliver(private, "b@p.example", RCPTS, MESSAGE)
+    (got,) = sink.handler.messages
+    assert got.tls and got.data == SENT
+    assert got.helo == "relay.platform.example"
+
+
+async def test_without_a_helo_name_ehlo_says_this_hosts_name(sink: Sink) -> None:
+    await deliver(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
+    assert sink.handler.messages[0].helo == socket.getfqdn()
+
+
+async def test_ca_file_replaces_the_systems_cas(
+    certs: Certs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CA the system trusts (here through SSL_CERT_FILE) is not enough when
+    ``ca_file`` names another."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca))
+    other = make_certs(tmp_path)
+    with (
+        Sink(tls_context=server_context(certs)) as sink,
+        pytest.raises(UpstreamError) as failed,
+    ):
+        await deliver(
+            upstream(sink.port, TlsMode.STARTTLS, ca_file=other.ca), "b@p.example", RCPTS, MESSAGE
+        )
+    assert "TLS certificate not accepted" in failed.value.text
     assert sink.handler.messages == []
 
 

@@ -277,7 +277,8 @@ def test_every_key_set() -> None:
     upstreams = policy.upstreams
     assert upstreams["smarthost"] == SmtpUpstream(
         "smarthost", "smtp.platform.example", 2587, TlsMode.STARTTLS, "relay",
-        here / "secrets" / "smarthost.password", None, 30,
+        here / "secrets" / "smarthost.password", None, 30, "relay.platform.example",
+        here / "tls" / "ca.crt",
     )  # fmt: skip
     assert upstreams["tunnel"] == SmtpUpstream(
         "tunnel", "smtp.example", 465, TlsMode.IMPLICIT, "relay", None, "RELAY_SMTP_PASSWORD", 60
@@ -358,6 +359,26 @@ def test_a_missing_tls_certificate_is_a_problem(tmp_path: Path) -> None:
     assert problems(path) == [
         f"{path}:10:17: listeners[0].tls.cert: no such file: {tmp_path}/tls/nope.crt"
     ]
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ("tls: starttls\nca_file: tls/relay.key", "ca_file: cannot load CA certificates (PEM)"),
+        ("tls: starttls\nca_file: tls/nope.crt", "ca_file: no such file:"),
+        ("tls: none\nca_file: tls/ca.crt", "ca_file: has no use with tls: none"),
+        ("helo_name: relay host", "helo_name: 'relay host' is not a domain name"),
+    ],
+)
+def test_a_smtp_upstreams_helo_name_and_ca_file_are_checked(
+    tmp_path: Path, settings: str, problem: str
+) -> None:
+    lines = ["type: smtp", "host: smtp.example", *settings.splitlines()]
+    smtp = "".join(f"    {line}\n" for line in lines)
+    path = variant(tmp_path, "    type: directory\n    path: outbox\n", smtp)
+    (found,) = problems(path)
+    where = rf"{re.escape(str(path))}:\d+:\d+: upstreams\.outbox\."
+    assert re.match(where + re.escape(problem), found)
 
 
 def test_the_platform_domain_needs_a_dkim_key(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ _NO_PASSWORD = "do not put passwords in the policy; "
 _SMTP_FORBIDDEN = {"password": _NO_PASSWORD + "use password_file or password_env"}
 _LOGIN_FORBIDDEN = {"password": _NO_PASSWORD + "put a `relay passwd` hash in password_hash"}
 _SMTP_KEYS = ("type", "host", "port", "tls", "username", "password_file", "password_env")
-_SMTP_KEYS += ("timeout",)
+_SMTP_KEYS += ("timeout", "helo_name", "ca_file")
 _TENANT_KEYS = ("name", "address", "upstream", "verified_domains", "default_user")
 _TENANT_KEYS += ("reply_to", "bcc_sender", "users")
 _LOGIN_KEYS = ("password_hash", "tenant", "users")
@@ -79,7 +79,14 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
     password_file = m.read("password_file", values.file_path)
     password_env = m.read("password_env", values.env_name)
     timeout = m.number("timeout", 60)
+    helo_name = m.read("helo_name", values.domain)
+    ca_file = m.read("ca_file", values.ca_file)
     ok = None not in (host, tls, port, timeout)
+    ok = ok and (helo_name is not None or not m.has("helo_name"))
+    ok = ok and (ca_file is not None or not m.has("ca_file"))
+    if ca_file is not None and tls is TlsMode.NONE:
+        ctx.problem(m.get("ca_file"), m.sub("ca_file"), "has no use with tls: none")
+        ok = False
     ok = ok and (password_file is not None or not m.has("password_file"))
     ok = ok and (password_env is not None or not m.has("password_env"))
     ok = ok and (username is not None or not m.has("username"))
@@ -92,7 +99,9 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
         ok = False
     if not ok:
         return None
-    return SmtpUpstream(name, host, port, tls, username, password_file, password_env, timeout)
+    return SmtpUpstream(
+        name, host, port, tls, username, password_file, password_env, timeout, helo_name, ca_file
+    )
 
 
 class Roster:

@@ -154,6 +154,8 @@ class SmtpUpstream:
     password_file: Path | None
     password_env: str | None
     timeout: float
+    helo_name: str | None = None  # sent in EHLO; None: this host's FQDN
+    ca_file: Path | None = None  # CA certificates the upstream's must chain to; None: the system's
 
 
 @dataclass(frozen=True)

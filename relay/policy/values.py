@@ -7,7 +7,9 @@ header) on the first real invoice is harder to diagnose than ``relay check``.
 
 from __future__ import annotations
 
+import os
 import re
+import ssl
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 
@@ -129,6 +131,21 @@ def existing_file(ctx: Ctx, node: Node, path: str) -> Path | None:
     resolved = file_path(ctx, node, path)
     if resolved is not None and not resolved.is_file():
         ctx.problem(node, path, f"no such file: {resolved}")
+        return None
+    return resolved
+
+
+def ca_file(ctx: Ctx, node: Node, path: str) -> Path | None:
+    """A PEM file of CA certificates, loaded once here so that a wrong file is
+    found by ``relay check``, not by the first delivery."""
+    resolved = existing_file(ctx, node, path)
+    if resolved is None:
+        return None
+    try:
+        ssl.create_default_context(cafile=os.fspath(resolved))
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        ctx.problem(node, path, f"cannot load CA certificates (PEM) from {resolved}: {reason}")
         return None
     return resolved
 

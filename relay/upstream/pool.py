@@ -29,6 +29,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiosmtplib
 
@@ -56,6 +57,8 @@ class PoolKey:
     tls: TlsMode
     username: str | None
     secret: bytes = field(repr=False)
+    helo_name: str | None = None
+    ca_file: Path | None = None
 
     @classmethod
     def of(cls, upstream: SmtpUpstream, password: str | None) -> PoolKey:
@@ -63,7 +66,15 @@ class PoolKey:
         if password is not None:
             raw = password.encode("utf-8", "surrogateescape")
             secret = hashlib.blake2b(raw, key=_SALT, digest_size=16).digest()
-        return cls(upstream.host.lower(), upstream.port, upstream.tls, upstream.username, secret)
+        return cls(
+            upstream.host.lower(),
+            upstream.port,
+            upstream.tls,
+            upstream.username,
+            secret,
+            upstream.helo_name,
+            upstream.ca_file,
+        )
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import os
 import socket
 import ssl
 from collections.abc import Sequence
+from pathlib import Path
 
 import aiosmtplib
 
@@ -74,15 +75,20 @@ async def send(
 
 async def _open(upstream: SmtpUpstream, password: str | None) -> aiosmtplib.SMTP:
     """A connected, logged-in client; its errors are mapped here, where the stage is known."""
+    stage = "connecting"
+    try:
+        pinned = None if upstream.ca_file is None else _pinned(upstream.ca_file)
+    except OSError as exc:  # ssl.SSLError too
+        raise _mapped(upstream, stage, exc) from exc
     client = aiosmtplib.SMTP(
         hostname=upstream.host,
         port=upstream.port,
         timeout=upstream.timeout,
         use_tls=upstream.tls is TlsMode.IMPLICIT,
         start_tls=_START_TLS[upstream.tls],
-        local_hostname=await asyncio.to_thread(_local_hostname),
+        local_hostname=upstream.helo_name or await asyncio.to_thread(_local_hostname),
+        tls_context=pinned,
     )
-    stage = "connecting"
     opened = False
     try:
         await client.connect()
@@ -172,6 +178,14 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def _pinned(ca_file: Path) -> ssl.SSLContext:
+    """Only these CAs, not the system's as well (aiosmtplib's ``cert_bundle`` adds
+    them): a private smarthost's certificate is checked against its own CA, as
+    Postfix does with ``smtp_tls_CAfile``. Read per connection, so a renewed
+    file is used without a reload; connections are pooled."""
+    return ssl.create_default_context(cafile=os.fspath(ca_file))
 
 
 @functools.cache
