@@ -25,7 +25,15 @@ from relay.notice import build_notice
 from relay.policy.model import Policy, QueueSettings, Upstream
 from relay.record import Recorder
 from relay.settle import EntryLock, Finished, Settle, Settler
-from relay.spool import DELIVERED, EXPIRED, FAILED, QueueEntry, RecipientState, Spool
+from relay.spool import (
+    DELIVERED,
+    EXPIRED,
+    FAILED,
+    PENDING,
+    QueueEntry,
+    RecipientState,
+    Spool,
+)
 from relay.spool.store import NoSuchEntry, SpoolBusy, SpoolError
 
 log = logging.getLogger("relay")
@@ -419,12 +427,7 @@ class Engine:
         try:
             await self.recorder.flush(entry.queue_id)
         except AuditError as exc:
-            # removed now, it would end with no final record: it stays queued, its
-            # client hears 250, and the next refusal reaches the sender as a notice
-            log.error("%s: AUDIT LOG WRITE FAILED, kept in the queue: %s", entry.queue_id, exc)
-            policy = self.policy().queue
-            self._plan(entry.queue_id, self.clock() + backoff(policy, entry.attempts, self.rng))
-            return Outcome("deferred", replies[pending[0]][1])
+            return await self._keep_unrecorded(entry, pending, replies[pending[0]][1], exc)
         try:
             await asyncio.to_thread(self.spool.remove, entry.queue_id)
         except SpoolError as exc:
@@ -432,6 +435,30 @@ class Engine:
                 raise  # still queued: busy, and the next attempt tells the sender
             log.error("%s refused; its removal may not be durable: %s", entry.queue_id, exc)
         return Outcome("refused", replies[pending[0]][1])
+
+    async def _keep_unrecorded(
+        self, entry: QueueEntry, pending: list[str], reply: str, error: AuditError
+    ) -> Outcome:
+        """A refusal whose records the audit log refused: removed now, the message
+        would end with no final record. It stays queued, pending, with its next
+        attempt planned and stored; its client hears 250, and the next refusal
+        reaches the sender as a notice."""
+        entry.next_attempt = self.clock() + backoff(self.policy().queue, entry.attempts, self.rng)
+        for rcpt in entry.recipients:
+            if rcpt.address in pending:
+                rcpt.status = PENDING
+        log.error(
+            "%s: AUDIT LOG WRITE FAILED, so not bounced: kept in the queue until %s: %s",
+            entry.queue_id,
+            time.strftime("%H:%M:%S", time.localtime(entry.next_attempt)),
+            error,
+        )
+        try:
+            await asyncio.to_thread(self.spool.update, entry)
+        except SpoolError as exc:  # the arrival's record stays: tried again sooner
+            log.error("%s: cannot store the next attempt: %s", entry.queue_id, exc)
+        self._plan(entry.queue_id, entry.next_attempt)
+        return Outcome("deferred", reply)
 
     async def _flush(self, entry: QueueEntry) -> None:
         try:

@@ -296,8 +296,15 @@ async def test_an_immediate_refusal_the_audit_log_cannot_record_stays_queued(
         assert (await task).status == "deferred"
         assert engine.answered(entry.queue_id, task)  # the client hears 250
         assert spool.ids() == [entry.queue_id]
+        stored = spool.load(entry.queue_id)  # what another worker, or a restart, finds
+        assert [r.status for r in stored.recipients] == ["pending"] * len(entry.recipients)
+        assert stored.next_attempt >= time.time() + policy.queue.first_retry / 2
         audit_dir.unlink()
         recorder.audit = AuditLog(audit_dir)
+        assert (await engine.attempt_now(entry.queue_id)).status == "later"
+        with spool.lock(entry.queue_id):  # as `relay queue retry` does
+            stored.next_attempt = 0.0
+            spool.update(stored)
         assert (await engine.attempt_now(entry.queue_id)).status == "failed"
         await gone(spool)
     failed = [r for r in read_all(audit_dir) if r["event"] == "failed"]
