@@ -165,8 +165,10 @@ class AuditLog:
                 limit = today - timedelta(days=self.compress_after_days)
                 for file in files[:-1]:
                     if not file.compressed and file.day <= limit:
-                        self._compress(file.path)
-                        done.append(f"compressed {file.name}")
+                        if self._compress(file.path):
+                            done.append(f"compressed {file.name}")
+                        else:
+                            done.append(f"left {file.name} as it is: written to meanwhile")
         except OSError as exc:
             raise AuditError(f"audit log maintenance: {exc.strerror or exc}") from exc
         return done
@@ -329,8 +331,9 @@ class AuditLog:
             _fsync_directory(self.directory)
         return [f"deleted {f.name}" for f in doomed]
 
-    def _compress(self, path: Path) -> None:
-        """Write the .gz beside it, check it decompresses to the same bytes, then swap."""
+    def _compress(self, path: Path) -> bool:
+        """Write the .gz beside it, check it decompresses to the same bytes, then swap;
+        False when the file changed meanwhile: it is left for the next upkeep."""
         target = path.with_name(path.name + ".gz")
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         before = os.stat(path)
@@ -348,7 +351,7 @@ class AuditLog:
             with self._locked():
                 after = os.stat(path)
                 if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-                    raise OSError(f"{path.name} was written to while it was compressed")
+                    return False
                 os.replace(temporary, target)
                 _fsync_directory(self.directory)
                 os.unlink(path)
@@ -356,6 +359,7 @@ class AuditLog:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
         _fsync_directory(self.directory)
+        return True
 
 
 def _head(line: bytes, name: str) -> tuple[int, str]:
