@@ -344,17 +344,30 @@ async def test_starttls_required_but_not_offered_is_451(sink: Sink) -> None:
     assert sink.handler.messages == []
 
 
+@pytest.mark.parametrize("mode", [TlsMode.STARTTLS, TlsMode.IMPLICIT])
 async def test_ca_file_trusts_a_private_ca_and_helo_name_is_what_ehlo_says(
-    certs: Certs,
+    certs: Certs, mode: TlsMode
 ) -> None:
-    with Sink(tls_context=server_context(certs)) as sink:
-        private = upstream(
-            sink.port, TlsMode.STARTTLS, ca_file=certs.ca, helo_name="relay.platform.example"
-        )
+    kwargs = {"tls_context" if mode is TlsMode.STARTTLS else "ssl_context": server_context(certs)}
+    with Sink(**kwargs) as sink:
+        private = upstream(sink.port, mode, ca_file=certs.ca, helo_name="relay.platform.example")
         await deliver(private, "b@p.example", RCPTS, MESSAGE)
     (got,) = sink.handler.messages
     assert got.tls and got.data == SENT
     assert got.helo == "relay.platform.example"
+
+
+async def test_a_ca_file_gone_since_the_policy_loaded_is_the_relays_setting(
+    certs: Certs, tmp_path: Path
+) -> None:
+    gone = tmp_path / "renewed-ca.pem"
+    with Sink(tls_context=server_context(certs)) as sink, pytest.raises(UpstreamError) as failed:
+        await deliver(
+            upstream(sink.port, TlsMode.STARTTLS, ca_file=gone), "b@p.example", RCPTS, MESSAGE
+        )
+    assert (failed.value.code, failed.value.status) == (451, "4.3.5")
+    assert f"cannot load CA certificates from {gone}" in failed.value.text
+    assert sink.handler.messages == []
 
 
 async def test_without_a_helo_name_ehlo_says_this_hosts_name(sink: Sink) -> None:

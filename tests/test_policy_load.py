@@ -366,8 +366,11 @@ def test_a_missing_tls_certificate_is_a_problem(tmp_path: Path) -> None:
     [
         ("tls: starttls\nca_file: tls/relay.key", "ca_file: cannot load CA certificates (PEM)"),
         ("tls: starttls\nca_file: tls/nope.crt", "ca_file: no such file:"),
-        ("tls: none\nca_file: tls/ca.crt", "ca_file: has no use with tls: none"),
-        ("helo_name: relay host", "helo_name: 'relay host' is not a domain name"),
+        ("tls: none\nca_file: tls/ca.crt", "ca_file: needs tls: starttls or implicit"),
+        ("tls: auto\nca_file: tls/ca.crt", "ca_file: needs tls: starttls or implicit"),
+        ("helo_name: relay host", "helo_name: 'relay host' is not a host name"),
+        ("helo_name: '[192.0.2.300]'", "helo_name: '[192.0.2.300]' is not a host name"),
+        ("helo_name: '[IPv6:192.0.2.1]'", "helo_name: '[IPv6:192.0.2.1]' is not a host name"),
     ],
 )
 def test_a_smtp_upstreams_helo_name_and_ca_file_are_checked(
@@ -379,6 +382,23 @@ def test_a_smtp_upstreams_helo_name_and_ca_file_are_checked(
     (found,) = problems(path)
     where = rf"{re.escape(str(path))}:\d+:\d+: upstreams\.outbox\."
     assert re.match(where + re.escape(problem), found)
+
+
+@pytest.mark.parametrize(
+    ("written", "read"),
+    [
+        ("Relay.Example.com", "relay.example.com"),
+        ("'[192.0.2.1]'", "[192.0.2.1]"),
+        ("'[IPv6:2001:db8::1]'", "[IPv6:2001:db8::1]"),
+    ],
+)
+def test_a_helo_name_is_a_host_name_or_an_address_literal(
+    tmp_path: Path, written: str, read: str
+) -> None:
+    smtp = f"    type: smtp\n    host: smtp.example\n    helo_name: {written}\n"
+    policy = load(variant(tmp_path, "    type: directory\n    path: outbox\n", smtp))
+    upstream = policy.upstreams["outbox"]
+    assert isinstance(upstream, SmtpUpstream) and upstream.helo_name == read
 
 
 def test_the_platform_domain_needs_a_dkim_key(tmp_path: Path) -> None:

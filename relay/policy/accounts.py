@@ -79,13 +79,14 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
     password_file = m.read("password_file", values.file_path)
     password_env = m.read("password_env", values.env_name)
     timeout = m.number("timeout", 60)
-    helo_name = m.read("helo_name", values.domain)
+    helo_name = m.read("helo_name", values.helo_name)
     ca_file = m.read("ca_file", values.ca_file)
     ok = None not in (host, tls, port, timeout)
     ok = ok and (helo_name is not None or not m.has("helo_name"))
     ok = ok and (ca_file is not None or not m.has("ca_file"))
-    if ca_file is not None and tls is TlsMode.NONE:
-        ctx.problem(m.get("ca_file"), m.sub("ca_file"), "has no use with tls: none")
+    if ca_file is not None and tls in (TlsMode.NONE, TlsMode.AUTO):
+        message = "needs tls: starttls or implicit (with none or auto mail may go in plain text)"
+        ctx.problem(m.get("ca_file"), m.sub("ca_file"), message)
         ok = False
     ok = ok and (password_file is not None or not m.has("password_file"))
     ok = ok and (password_env is not None or not m.has("password_env"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import ssl
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 
 from yaml.nodes import Node
@@ -53,6 +53,27 @@ def domain(ctx: Ctx, node: Node, path: str) -> str | None:
         ctx.problem(node, path, f"{value!r} is not a domain name like example.com")
         return None
     return value.lower()
+
+
+def helo_name(ctx: Ctx, node: Node, path: str) -> str | None:
+    """What EHLO may say (RFC 5321 4.1.3): a domain, or an address literal such as
+    ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` for a host without a name."""
+    value = text(ctx, node, path, "a host name like relay.example.com")
+    if value is None:
+        return None
+    literal = value[1:-1] if value.startswith("[") and value.endswith("]") else None
+    if literal is not None:
+        version, address = (6, literal[5:]) if literal[:5].lower() == "ipv6:" else (4, literal)
+        try:
+            if ip_address(address).version == version:
+                return value
+        except ValueError:
+            pass
+    elif _DOMAIN.fullmatch(value):
+        return value.lower()
+    expected = "a host name like relay.example.com, or an address literal like [192.0.2.1]"
+    ctx.problem(node, path, f"{value!r} is not {expected}")
+    return None
 
 
 def header_name(ctx: Ctx, node: Node, path: str) -> str | None:

@@ -75,11 +75,9 @@ async def send(
 
 async def _open(upstream: SmtpUpstream, password: str | None) -> aiosmtplib.SMTP:
     """A connected, logged-in client; its errors are mapped here, where the stage is known."""
+    ca_file = upstream.ca_file
+    pinned = None if ca_file is None else await asyncio.to_thread(_pinned, upstream, ca_file)
     stage = "connecting"
-    try:
-        pinned = None if upstream.ca_file is None else _pinned(upstream.ca_file)
-    except OSError as exc:  # ssl.SSLError too
-        raise _mapped(upstream, stage, exc) from exc
     client = aiosmtplib.SMTP(
         hostname=upstream.host,
         port=upstream.port,
@@ -180,12 +178,19 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _pinned(ca_file: Path) -> ssl.SSLContext:
-    """Only these CAs, not the system's as well (aiosmtplib's ``cert_bundle`` adds
-    them): a private smarthost's certificate is checked against its own CA, as
-    Postfix does with ``smtp_tls_CAfile``. Read per connection, so a renewed
-    file is used without a reload; connections are pooled."""
-    return ssl.create_default_context(cafile=os.fspath(ca_file))
+def _pinned(upstream: SmtpUpstream, ca_file: Path) -> ssl.SSLContext:
+    """Only the ``ca_file``'s CAs, not the system's as well (aiosmtplib's
+    ``cert_bundle`` adds them): a private smarthost's certificate is checked
+    against its own CA, as Postfix does with ``smtp_tls_CAfile``. Read per
+    connection, so a renewed file is used without a reload; connections are
+    pooled. A file gone or damaged since the policy was loaded is the relay's
+    setting, not the upstream's fault: 4.3.5, naming the file."""
+    try:
+        return ssl.create_default_context(cafile=os.fspath(ca_file))
+    except OSError as exc:  # ssl.SSLError too
+        reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+        text = f"Upstream {upstream.name}: cannot load CA certificates from {ca_file}"
+        raise UpstreamError(451, "4.3.5", f"{text}: {reason}") from exc
 
 
 @functools.cache
