@@ -170,7 +170,8 @@ class Recorder:
         )
 
     def deleted(self, queue_id: str, entry: QueueEntry | None, by: str) -> None:
-        """``entry`` is None when its record could not be read: who is not known."""
+        """``entry`` is None when its record could not be read: its message ID and
+        recipients are not known."""
         log.info("%s: removed from the queue by %s", queue_id, by)
         pending = [] if entry is None else [r.address for r in entry.pending()]
         message_id = None if entry is None else entry.message_id

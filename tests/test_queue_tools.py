@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from relay.audit import AuditError
+from relay.audit import AuditError, AuditLog
 from relay.queueid import new_queue_id
+from relay.record import Recorder
 from relay.spool import DELIVERED, QueueEntry, Spool, tools
 from tests import spoolkit
 from tests.spoolkit import locked_elsewhere
+from tests.test_audit_fixture import read_all
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGE = b"From: alice@acme.example\r\nSubject: Invoice 7\r\n\r\nSECRET BODY\r\n"
@@ -261,15 +263,19 @@ def test_a_deletion_the_audit_log_cannot_record_leaves_the_message(
     assert spool.load(first.queue_id) == first
 
 
-def test_a_damaged_record_is_recorded_as_deleted_too(spool: Spool, two: list[QueueEntry]) -> None:
+def test_a_damaged_record_is_recorded_as_deleted_too(
+    spool: Spool, two: list[QueueEntry], tmp_path: Path
+) -> None:
     damaged = two[0].queue_id
     (spool.directory / "env" / f"{damaged}.json").write_text('{"version": 1}')
-    seen: list[tuple[str, QueueEntry | None]] = []
-    outcome, _, _ = run(
-        tools.delete,
-        spool,
-        [damaged],
-        record=lambda queue_id, entry: seen.append((queue_id, entry)),
-    )
+    recorder = Recorder(AuditLog(tmp_path / "audit"))
+
+    def record(queue_id: str, entry: QueueEntry | None) -> None:
+        recorder.deleted(queue_id, entry, "root")
+        recorder.flush_sync(queue_id)
+
+    outcome, _, _ = run(tools.delete, spool, [damaged], record=record)
     assert outcome == (0, [])
-    assert seen == [(damaged, None)]
+    (deleted,) = read_all(tmp_path / "audit")
+    assert deleted["event"] == "deleted" and deleted["queue_id"] == damaged
+    assert deleted["message_id"] is None and deleted["recipients"] == []
