@@ -101,12 +101,13 @@ class Settler:
         finishing thread is at work (it does that too); for the thread that just
         made such an fsync, so that entries wait for the length of one batch, not
         until the next delivery finishes (when only a worker crashes, the
-        others deliver its waiting entries again). Small entries only: the file
-        of a large one is unlinked, and that unlink's fsync would hold up the
-        batch's 250s."""
+        others deliver its waiting entries again). Only as many small entries as
+        files are kept for reuse: any other file is unlinked, and that unlink's
+        fsync would hold up the batch's 250s (after a backlog drains, say, when
+        the worker keeps all the free files it may)."""
         if self._waiting and self._lock.acquire(blocking=False):
             try:
-                self._remove_settled(SMALL)
+                self._remove_settled(SMALL, self.spool.recycle_room)
             finally:
                 self._lock.release()
 
@@ -169,14 +170,17 @@ class Settler:
             return exc
         return None
 
-    def _remove_settled(self, largest: int | None = None) -> None:
-        """``largest``: leave larger entries to the finishing thread. Their files are
-        unlinked, not kept for reuse, and an unlink is fsynced at once."""
+    def _remove_settled(self, largest: int | None = None, most: int | None = None) -> None:
+        """``largest`` and ``most``: leave larger entries, and any beyond the first
+        ``most``, to the finishing thread. Their files are unlinked, not kept for
+        reuse, and an unlink is fsynced at once."""
         settled: list[Finished] = []
         waiting: list[Finished] = []
         for item in self._waiting:
             small = largest is None or item.size <= largest
-            (settled if small and self.recorder.synced(item.ticket) else waiting).append(item)
+            room = most is None or len(settled) < most
+            ready = small and room and self.recorder.synced(item.ticket)
+            (settled if ready else waiting).append(item)
         self._waiting = waiting
         if not settled:
             return

@@ -29,6 +29,7 @@ from relay.policy.model import Policy
 from relay.record import Recorder
 from relay.settle import settle_recorded
 from relay.spool import QueueEntry, Spool
+from relay.spool import store as store_module
 from tests import minimal_policy
 from tests.spoolkit import make_entry, run_script
 from tests.test_engine_warm import accept, delivered, lock_elsewhere, message, running
@@ -268,21 +269,25 @@ def test_with_the_audit_log_refusing_deliveries_pause_and_the_stop_lets_go(
     assert any("stay in the queue until the audit log takes them" in e for e in found["errors"])
 
 
-@pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
+@pytest.mark.parametrize("left", ["", "large", "no room"], ids=["small", "large", "no-room"])
 async def test_the_thread_that_fsyncs_the_log_removes_what_it_covered(
     spool: Spool,
     policy: Policy,
     outbox: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    large: bool,
+    left: str,
 ) -> None:
     """What the accepting thread does after its fsync: waiting entries go at once,
     not at the next finished delivery (a crash would have them delivered again);
-    large ones, whose unlink is fsynced at once, are left to the finishing thread."""
+    those whose files would be unlinked, and that unlink fsynced at once, are
+    left to the finishing thread: large ones, and any when the process keeps
+    as many free files as it may."""
     monkeypatch.setattr(engine_module, "POLL", 3600.0)
-    if large:
+    if left == "large":
         monkeypatch.setattr(settle_module, "SMALL", len(message(1)) - 1)
+    if left == "no room":
+        monkeypatch.setattr(store_module, "RECYCLE_MAX", 0)
     audit = AuditLog(tmp_path / "audit")
     engine = Engine(spool, lambda: policy, attempt, Recorder(audit))
     entry = make_entry(size=len(message(1)))
@@ -298,8 +303,8 @@ async def test_the_thread_that_fsyncs_the_log_removes_what_it_covered(
             if spool.ids() == []:
                 break
             await asyncio.sleep(0.01)
-        assert spool.ids() == ([entry.queue_id] if large else [])
-    assert spool.ids() == []  # the large one: the stop's settling, in the finishing thread
+        assert spool.ids() == ([entry.queue_id] if left else [])
+    assert spool.ids() == []  # the one left: the stop's settling, in the finishing thread
 
 
 def test_a_restart_removes_entries_whose_outcome_the_log_has_and_no_other(

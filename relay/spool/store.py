@@ -352,6 +352,12 @@ class Spool:
         return failures
 
     @property
+    def recycle_room(self) -> int:
+        """How many more delivered entries' files this process would keep for reuse
+        now, rather than unlink (and fsync at once); a hint, read without a lock."""
+        return max(0, RECYCLE_MAX - len(self._free) - len(self._unsynced))
+
+    @property
     def removals_pending(self) -> bool:
         """Whether a ``remove_many(lazy=True)`` awaits its directory fsync."""
         return self._removals != self._synced
