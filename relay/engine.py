@@ -25,15 +25,7 @@ from relay.notice import build_notice
 from relay.policy.model import Policy, QueueSettings, Upstream
 from relay.record import Recorder
 from relay.settle import EntryLock, Finished, Settle, Settler
-from relay.spool import (
-    DELIVERED,
-    EXPIRED,
-    FAILED,
-    PENDING,
-    QueueEntry,
-    RecipientState,
-    Spool,
-)
+from relay.spool import DELIVERED, EXPIRED, FAILED, PENDING, QueueEntry, RecipientState, Spool
 from relay.spool.store import NoSuchEntry, SpoolBusy, SpoolError
 
 log = logging.getLogger("relay")
