@@ -15,6 +15,7 @@ import heapq
 import logging
 import os
 import random
+import resource
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,14 @@ POLL = 1.0  # longest sleep between looks at the schedule and for kicks
 RESCAN = 60.0  # the spool directory is read again this often, as a safety net
 WARM_MESSAGE = 1 << 20  # larger messages are read back from the spool when their turn comes
 WARM_TOTAL = 16 << 20  # what handed-over messages may hold in memory, all together
+
+
+def warm_files() -> int:
+    """How many handed-over entries may wait: each keeps its file open (its lock),
+    so a quarter of the open-file limit, the rest being for connections and the
+    spool. 16 MiB of 2 KB messages would be 8,000 of them."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1 << 16 if soft == resource.RLIM_INFINITY else max(1, soft // 4)
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,8 @@ class Engine:
         self._scan_error: str | None = None
         self._warm: dict[str, Warm] = {}
         self._warm_bytes = 0
+        self._warm_files = 0  # like the bytes, until each one's attempt ends
+        self._warm_most = warm_files()
 
     def submit(self, queue_id: str, when: float | None = None, warm: Warm | None = None) -> None:
         """A new entry in the spool: deliver it at ``when`` (now by default).
@@ -131,11 +142,13 @@ class Engine:
         """
         if warm is not None:
             size = len(warm.data)
-            if self._stopping or size > WARM_MESSAGE or self._warm_bytes + size > WARM_TOTAL:
+            full = self._warm_bytes + size > WARM_TOTAL or self._warm_files >= self._warm_most
+            if self._stopping or size > WARM_MESSAGE or full:
                 warm.close()
             else:
                 self._warm[queue_id] = warm
                 self._warm_bytes += size
+                self._warm_files += 1
         self._plan(queue_id, self.clock() if when is None else when)
         self._wake.set()
 
@@ -255,6 +268,7 @@ class Engine:
         for warm in self._warm.values():
             warm.close()  # not started: the next start reads the spool
             self._warm_bytes -= len(warm.data)
+            self._warm_files -= 1
         self._warm.clear()
         if self._busy:
             await asyncio.wait(list(self._busy.values()), timeout=timeout)
@@ -340,8 +354,9 @@ class Engine:
                 try:
                     async with self._limit(warm.entry.upstream):
                         return await self._attempt(warm.entry, lock, immediate, warm.data)
-                finally:  # its bytes count until the attempt ends, waiting for a slot included
+                finally:  # it counts until the attempt ends, waiting for a slot included
                     self._warm_bytes -= len(warm.data)
+                    self._warm_files -= 1
             lock.fd = self.spool.acquire(queue_id, blocking=False)
             entry = self.spool.load(queue_id)
             if entry.held:

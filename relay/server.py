@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import ssl
 import sys
@@ -66,6 +67,7 @@ def run(policy_path: Path) -> int:
     code = _open_state(policy, policy_path)
     if code:
         return code
+    raise_open_files()
     try:
         for listener in policy.listeners:
             if listener.tls is not None:
@@ -85,6 +87,37 @@ def run(policy_path: Path) -> int:
     if policy.workers == 1:
         return uvloop.run(serve(policy_path, policy, sockets))
     return Supervisor(policy_path, policy, sockets).run()
+
+
+#: Below this many open files a busy relay runs out: each connection takes one,
+#: and so does each accepted message until its delivery begins.
+FEW_FILES = 4096
+#: The soft limit is raised no further than this, even when the hard one is
+#: unlimited: a file table that size is already more than a relay needs.
+MOST_FILES = 1 << 20
+
+
+def raise_open_files() -> int:
+    """The soft limit on open files raised to the hard one (as Go's runtime does);
+    the limit in force. The soft default of 1024 is kept for programs that use
+    ``select``, which the relay does not. At that limit libuv accepts and closes
+    connections at once, and neither the client nor the log says why."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MOST_FILES if hard == resource.RLIM_INFINITY else min(hard, MOST_FILES)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            log.info("open files: limit raised from %d to %d", soft, want)
+            soft = want
+        except (ValueError, OSError) as exc:
+            log.warning("open files: cannot raise the limit of %d: %s", soft, exc)
+    if soft != resource.RLIM_INFINITY and soft < FEW_FILES:
+        log.warning(
+            "open files: limited to %d; each connection and each message waiting for"
+            " its delivery takes one: raise the hard limit (LimitNOFILE in the unit)",
+            soft,
+        )
+    return soft
 
 
 def _load(path: Path) -> Policy | None:

@@ -15,9 +15,15 @@ from pathlib import Path
 
 class RelayProcess:
     def __init__(
-        self, policy: Path, port: int, log: Path, max_file_size: int | None = None
+        self,
+        policy: Path,
+        port: int,
+        log: Path,
+        max_file_size: int | None = None,
+        open_files: tuple[int, int] | None = None,
     ) -> None:
         self.max_file_size = max_file_size  # RLIMIT_FSIZE: writes past it fail with EFBIG
+        self.open_files = open_files  # RLIMIT_NOFILE (soft, hard) it starts with
         self.policy = policy
         self.port = port
         self.log_path = log
@@ -29,16 +35,19 @@ class RelayProcess:
                 [sys.executable, "-m", "relay", "serve", "-c", str(self.policy)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=self._limits if self.max_file_size else None,
+                preexec_fn=self._limits if self.max_file_size or self.open_files else None,
                 start_new_session=True,  # its own process group: see crash()
             )
         self._wait_listening()
         return self
 
     def _limits(self) -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        limit = self.max_file_size or resource.RLIM_INFINITY
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        if self.max_file_size:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            limit = self.max_file_size
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        if self.open_files:
+            resource.setrlimit(resource.RLIMIT_NOFILE, self.open_files)
 
     def _wait_listening(self, timeout: float = 15.0) -> None:
         assert self.proc is not None

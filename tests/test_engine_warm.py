@@ -181,11 +181,16 @@ async def test_the_latest_plan_for_an_entry_is_the_one_kept(
         assert await delivered(outbox, 1) == [message(1)]
 
 
+@pytest.mark.parametrize("bound", ["bytes", "files"])
 async def test_entries_waiting_for_a_delivery_slot_still_count_against_the_bound(
-    spool: Spool, policy: Policy, outbox: Path, monkeypatch: pytest.MonkeyPatch
+    spool: Spool, policy: Policy, outbox: Path, monkeypatch: pytest.MonkeyPatch, bound: str
 ) -> None:
-    """A slow upstream fills the slots; what waits for one keeps its bytes, so it counts."""
-    monkeypatch.setattr(engine_module, "WARM_TOTAL", 3000)
+    """A slow upstream fills the slots; what waits for one keeps its bytes and its
+    open file, so it counts against both bounds."""
+    if bound == "bytes":
+        monkeypatch.setattr(engine_module, "WARM_TOTAL", 3000)
+    else:
+        monkeypatch.setattr(engine_module, "warm_files", lambda: 2)
     gate = asyncio.Event()
 
     async def slow_upstream(*args: Any) -> Any:
