@@ -430,24 +430,37 @@ def test_unsynced_writes_of_a_day_are_fsynced_when_the_day_closes(
     assert verify(tmp_path).ok
 
 
+@pytest.mark.parametrize("when", ["after the copy", "after the check"])
 def test_a_day_written_to_while_it_is_compressed_is_left_as_it_is(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
     """A writer whose clock still read that day appends to it, late: the file is
     not swapped for a copy that lacks the record; the next upkeep tries again."""
     build(tmp_path)
     log = AuditLog(tmp_path, compress_after_days=1, clock=Clock(START + timedelta(days=2)))
     day = tmp_path / "audit-2024-05-07.jsonl"
-    checksum = writer._sha256
+
+    def late_append() -> None:
+        with open(day, "ab") as late:
+            late.write(b'{"late": true}\n')
+
+    copy, checksum = shutil.copyfileobj, writer._sha256
+
+    def copied_then_late_append(source: Any, target: Any, length: int = 0) -> None:
+        copy(source, target, length)
+        if source.name == str(day):
+            late_append()
 
     def checked_then_late_append(stream: Any) -> str:
         value = checksum(stream)
         if getattr(stream, "name", None) == str(day):  # the original, read for the check
-            with open(day, "ab") as late:
-                late.write(b'{"late": true}\n')
+            late_append()
         return value
 
-    monkeypatch.setattr(writer, "_sha256", checked_then_late_append)
+    if when == "after the copy":
+        monkeypatch.setattr(shutil, "copyfileobj", copied_then_late_append)
+    else:
+        monkeypatch.setattr(writer, "_sha256", checked_then_late_append)
     assert log.maintain() == [
         "compressed audit-2024-05-06.jsonl",
         "left audit-2024-05-07.jsonl as it is: written to meanwhile",

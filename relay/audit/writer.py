@@ -343,14 +343,15 @@ class AuditLog:
                     shutil.copyfileobj(source, packed, 1 << 20)
                 raw.flush()
                 os.fsync(raw.fileno())
+            if _changed(path, before):
+                return False
             with open(path, "rb") as original, gzip.open(temporary, "rb") as copy:
                 if _sha256(original) != _sha256(copy):
                     raise OSError(f"compressing {path.name} did not round-trip")
             # the swap under the lock: a writer whose clock still read that day
             # may have appended to it, and its record must not go with the file
             with self._locked():
-                after = os.stat(path)
-                if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                if _changed(path, before):
                     return False
                 os.replace(temporary, target)
                 _fsync_directory(self.directory)
@@ -368,6 +369,11 @@ def _head(line: bytes, name: str) -> tuple[int, str]:
     if not (record and isinstance(record.get("seq"), int) and "hash" in record):
         raise OSError(f"the last record of {name} is unreadable: run relay audit verify")
     return record["seq"], record["hash"]
+
+
+def _changed(path: Path, before: os.stat_result) -> bool:
+    after = os.stat(path)
+    return (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
 
 
 def _sha256(stream: Any) -> str:
