@@ -37,10 +37,13 @@ WARM_MESSAGE = 1 << 20  # larger messages are read back from the spool when thei
 WARM_TOTAL = 16 << 20  # what handed-over messages may hold in memory, all together
 
 
-def warm_files() -> int:
-    """How many handed-over entries may wait: each keeps its file open (its lock),
-    so a quarter of the open-file limit, the rest being for connections and the
-    spool. 16 MiB of 2 KB messages would be 8,000 of them."""
+def file_budget() -> int:
+    """How many handed-over entries may wait, and how many attempts may run: each
+    keeps its entry's file open (its lock), an attempt read back from the spool
+    while it waits for a delivery slot too. A quarter of the open-file limit
+    each, the rest being for connections and the spool: 16 MiB of 2 KB
+    messages would be 8,000 files, and a backlog due at once after an outage
+    (or at a restart) one per queued message."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return 1 << 16 if soft == resource.RLIM_INFINITY else max(1, soft // 4)
 
@@ -131,7 +134,7 @@ class Engine:
         self._warm: dict[str, Warm] = {}
         self._warm_bytes = 0
         self._warm_files = 0  # like the bytes, until each one's attempt ends
-        self._warm_most = warm_files()
+        self._files = file_budget()
 
     def submit(self, queue_id: str, when: float | None = None, warm: Warm | None = None) -> None:
         """A new entry in the spool: deliver it at ``when`` (now by default).
@@ -142,7 +145,7 @@ class Engine:
         """
         if warm is not None:
             size = len(warm.data)
-            full = self._warm_bytes + size > WARM_TOTAL or self._warm_files >= self._warm_most
+            full = self._warm_bytes + size > WARM_TOTAL or self._warm_files >= self._files
             if self._stopping or size > WARM_MESSAGE or full:
                 warm.close()
             else:
@@ -257,7 +260,7 @@ class Engine:
     def _sleep(self) -> float:
         while self._due and self._stale(self._due[0]):
             heapq.heappop(self._due)
-        if not self._due or self._backlogged():
+        if not self._due or self._held_back():
             return POLL
         return max(0.0, min(POLL, self._due[0][0] - self.clock()))
 
@@ -298,7 +301,8 @@ class Engine:
         return task
 
     def _attempt_ended(self, queue_id: str) -> None:
-        self._busy.pop(queue_id, None)
+        if self._busy.pop(queue_id, None) is not None and len(self._busy) == self._files - 1:
+            self._wake.set()  # room for what is due again
         self._answering.discard(queue_id)
         self._refusing.discard(queue_id)
 
@@ -317,7 +321,7 @@ class Engine:
         the size of the queue (a wake-up per accepted message, with thousands
         of deferred messages waiting, used to walk all of them)."""
         now = self.clock()
-        while self._due and self._due[0][0] <= now and not self._backlogged():
+        while self._due and self._due[0][0] <= now and not self._held_back():
             item = heapq.heappop(self._due)
             queue_id = item[1]
             if self._stale(item) or queue_id in self._busy:
@@ -326,6 +330,11 @@ class Engine:
                 self._plan(queue_id, now + POLL)  # accepting, or in a spool that cannot be read
                 continue
             self.attempt_now(queue_id)
+
+    def _held_back(self) -> bool:
+        """Nothing more starts while as many attempts run as files may be open for
+        them, nor while ``_backlogged``."""
+        return len(self._busy) >= self._files or self._backlogged()
 
     def _backlogged(self) -> bool:
         """Nothing new starts while too many finished entries wait for the audit log:

@@ -190,7 +190,7 @@ async def test_entries_waiting_for_a_delivery_slot_still_count_against_the_bound
     if bound == "bytes":
         monkeypatch.setattr(engine_module, "WARM_TOTAL", 3000)
     else:
-        monkeypatch.setattr(engine_module, "warm_files", lambda: 2)
+        monkeypatch.setattr(engine_module, "file_budget", lambda: 2)
     gate = asyncio.Event()
 
     async def slow_upstream(*args: Any) -> Any:
@@ -208,6 +208,32 @@ async def test_entries_waiting_for_a_delivery_slot_still_count_against_the_bound
         assert lock_elsewhere(spool, entries[2].queue_id) == "locked"  # over the bound: let go
         gate.set()
         assert len(await delivered(outbox, 3)) == 3
+        await gone(spool)
+
+
+async def test_a_backlog_due_at_once_holds_no_more_files_than_its_budget(
+    spool: Spool, policy: Policy, outbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an outage, or at a restart, the whole queue is due: each attempt read
+    back from the spool holds its entry's file while it waits for a slot, so no
+    more attempts start than the budget; the rest start as those end."""
+    monkeypatch.setattr(engine_module, "file_budget", lambda: 2)
+    gate = asyncio.Event()
+
+    async def slow_upstream(*args: Any) -> Any:
+        await gate.wait()
+        return await attempt(*args)
+
+    entries = [make_entry(size=len(message(n))) for n in range(5)]
+    for n, entry in enumerate(entries):
+        assert spool.put_many([(entry, (message(n),))]) == [None]
+    one_slot = dataclasses.replace(policy, queue=dataclasses.replace(policy.queue, concurrency=1))
+    async with running(Engine(spool, lambda: one_slot, slow_upstream, Recorder(None))):
+        await asyncio.sleep(0.5)  # the scan found all five due
+        held = [lock_elsewhere(spool, entry.queue_id) == "busy" for entry in entries]
+        assert sum(held) == 2
+        gate.set()
+        assert len(await delivered(outbox, 5)) == 5
         await gone(spool)
 
 
