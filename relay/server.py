@@ -99,9 +99,11 @@ MOST_FILES = 1 << 20
 
 def raise_open_files() -> int:
     """The soft limit on open files raised to the hard one (as Go's runtime does);
-    the limit in force. The soft default of 1024 is kept for programs that use
-    ``select``, which the relay does not. At that limit libuv accepts and closes
-    connections at once, and neither the client nor the log says why."""
+    the limit in force. The soft default of 1024 is kept for programs that
+    ``select`` on high descriptors; the event loops use epoll, and the
+    supervisor's ``select`` watches only its few pipes, opened first. At that
+    limit libuv accepts and closes connections at once, and neither the client
+    nor the log says why."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = MOST_FILES if hard == resource.RLIM_INFINITY else min(hard, MOST_FILES)
     if soft != resource.RLIM_INFINITY and soft < want:

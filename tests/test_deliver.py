@@ -357,16 +357,19 @@ async def test_ca_file_trusts_a_private_ca_and_helo_name_is_what_ehlo_says(
     assert got.helo == "relay.platform.example"
 
 
-async def test_a_ca_file_gone_since_the_policy_loaded_is_the_relays_setting(
-    certs: Certs, tmp_path: Path
+@pytest.mark.parametrize("damage", ["gone", "half-written"])
+async def test_a_ca_file_gone_or_damaged_since_the_policy_loaded_is_the_relays_setting(
+    certs: Certs, tmp_path: Path, damage: str
 ) -> None:
-    gone = tmp_path / "renewed-ca.pem"
+    ca_file = tmp_path / "renewed-ca.pem"
+    if damage == "half-written":
+        ca_file.write_bytes(certs.ca.read_bytes()[:200])
     with Sink(tls_context=server_context(certs)) as sink, pytest.raises(UpstreamError) as failed:
         await deliver(
-            upstream(sink.port, TlsMode.STARTTLS, ca_file=gone), "b@p.example", RCPTS, MESSAGE
+            upstream(sink.port, TlsMode.STARTTLS, ca_file=ca_file), "b@p.example", RCPTS, MESSAGE
         )
     assert (failed.value.code, failed.value.status) == (451, "4.3.5")
-    assert f"cannot load CA certificates from {gone}" in failed.value.text
+    assert f"cannot load CA certificates from {ca_file}: " in failed.value.text
     assert sink.handler.messages == []
 
 

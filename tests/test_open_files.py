@@ -32,7 +32,7 @@ def test_a_low_soft_limit_is_raised_and_every_connection_is_served(
     policy_file: Path, tmp_path: Path
 ) -> None:
     port = free_port()
-    policy = configure(policy_file, port, free_port())
+    policy = configure(policy_file, port, free_port(), "workers: 1\n")  # all in one process
     with RelayProcess(policy, port, tmp_path / "relay.log", open_files=(64, 2048)) as relay:
         replies = greeted(port, CONNECTIONS)
         assert send(port)  # and a whole transaction after them

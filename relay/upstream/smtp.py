@@ -188,7 +188,7 @@ def _pinned(upstream: SmtpUpstream, ca_file: Path) -> ssl.SSLContext:
     try:
         return ssl.create_default_context(cafile=os.fspath(ca_file))
     except OSError as exc:  # ssl.SSLError too
-        reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+        reason = exc.strerror or str(exc)
         text = f"Upstream {upstream.name}: cannot load CA certificates from {ca_file}"
         raise UpstreamError(451, "4.3.5", f"{text}: {reason}") from exc
 
