@@ -6,6 +6,9 @@ import gzip
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,6 +20,8 @@ from relay.audit import AuditError, AuditLog, events, verify, writer
 from relay.audit.chain import GENESIS_HASH
 from relay.audit.search import search
 from tests.test_audit_fixture import START, Clock, build, read_all
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _failed(n: int) -> dict:
@@ -468,3 +473,39 @@ def test_a_day_written_to_while_it_is_compressed_is_left_as_it_is(
     assert day.read_bytes().endswith(b'{"late": true}\n')
     assert not day.with_name(day.name + ".gz").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+APPEND_AS_DAEMON = """
+import os, sys
+from pathlib import Path
+from relay.audit import AuditLog, events
+os.setgid(65534)  # after the imports: the interpreter's files may be root's alone
+os.setuid(65534)
+AuditLog(Path(sys.argv[1])).append(
+    events.failed(queue_id="LATER", message_id=None, recipient="a@b.example", reply="550")
+)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files for another user")
+def test_root_hands_the_files_it_creates_to_the_logs_owner() -> None:
+    """``relay queue delete`` as root may be the first writer of a day: the daemon,
+    running as the directory's owner, must still be able to append."""
+    base = Path(tempfile.mkdtemp(prefix="relay-audit-owner-"))  # not under root's 0700 tmp
+    try:
+        base.chmod(0o755)
+        directory = base / "audit"
+        directory.mkdir(mode=0o700)
+        os.chown(directory, 65534, 65534)
+        AuditLog(directory).append(_failed(1))
+        owners = {(p.stat().st_uid, p.stat().st_gid) for p in directory.iterdir()}
+        assert owners == {(65534, 65534)}
+        done = subprocess.run(
+            [sys.executable, "-c", APPEND_AS_DAEMON, str(directory)],
+            capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert [r["queue_id"] for r in read_all(directory)][-1] == "LATER"
+        assert verify(directory).ok
+    finally:
+        shutil.rmtree(base)

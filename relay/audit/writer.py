@@ -70,8 +70,12 @@ class AuditLog:
         self._doubtful = (0, 0)  # an fsync failed with these tickets (lo, hi] unsynced
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            st = os.stat(self.directory)
+            # root running a queue tool on the daemon's log: what it creates stays the daemon's
+            self._owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid else None
             flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
             self._lock_fd = os.open(self.directory / ".lock", flags, 0o600)
+            self._adopt(self._lock_fd)
             with self._locked():
                 self._load()
         except OSError as exc:
@@ -258,6 +262,7 @@ class AuditLog:
         flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC  # read too: see _follow
         try:
             self._fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o640)
+            self._adopt(self._fd)
             _fsync_directory(self.directory)  # the new file's name must survive a crash too
         except FileExistsError:
             self._fd = os.open(path, flags)
@@ -267,6 +272,10 @@ class AuditLog:
         self._fd_day = self._day = day
         self._size = os.fstat(self._fd).st_size
         self._stamp = os.stat(self.directory).st_mtime_ns
+
+    def _adopt(self, fd: int) -> None:
+        if self._owner:
+            os.fchown(fd, *self._owner)
 
     def _write(self, data: bytes, sync: bool) -> None:
         assert self._fd is not None
