@@ -13,6 +13,7 @@ the message again) and exit 0.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import resource
 import signal
@@ -286,7 +287,12 @@ async def _reload(
 def reloaded(
     path: Path, old: Policy, quiet: bool = False, data: bytes | None = None
 ) -> Policy | None:
-    """The policy file (or ``data``, its text) read again, or None (logged) when it is broken."""
+    """The policy file (or ``data``, its text) read again, or None (logged) when it is broken.
+
+    The listeners stay as the daemon bound them: their settings (auth, allow,
+    sizes, immediate) take effect at a restart, in every worker at once; a
+    worker started later (one that died is replaced) must not serve a port
+    differently from the others, nor a running one differently per message."""
     from relay.policy.load import load
 
     try:
@@ -299,10 +305,11 @@ def reloaded(
     except Exception:
         log.exception("reload failed: keeping policy %s", old.digest[:12])
         return None
+    changed = sorted({item.name for item in set(new.listeners) ^ set(old.listeners)})
+    new = dataclasses.replace(new, listeners=old.listeners)
     if quiet:
         return new
     log.info("policy reloaded: %s (was %s)", new.digest[:12], old.digest[:12])
-    changed = sorted({item.name for item in set(new.listeners) ^ set(old.listeners)})
     if changed:
         log.warning(
             "listener settings changed (%s): they take effect after a restart", ", ".join(changed)

@@ -514,3 +514,25 @@ def test_a_worker_whose_engine_fails_stops_and_is_started_again(
         if proc.poll() is None:
             proc.terminate()
             proc.wait(10)
+
+
+def test_a_replaced_worker_serves_the_listeners_as_the_others_do(relay: Relay) -> None:
+    """Listener settings changed by a reload wait for a restart in every worker: one
+    started later to replace a dead one must not answer the same port differently."""
+    relay.policy.write_text(
+        relay.policy.read_text().replace(
+            "auth: optional", "auth: optional\n    max_message_size: 5000"
+        )
+    )
+    relay.proc.send_signal(signal.SIGHUP)
+    relay.wait_for(lambda: len(WORKER_POLICY.findall(relay.log())) >= 2, "both workers reload")
+    assert "listener settings changed (local): they take effect after a restart" in relay.log()
+    replacement, _ = kill_worker(relay, 0)
+    relay.wait_for(lambda: alive(replacement), "the new worker runs")
+    time.sleep(0.5)  # serving: its start is logged before its listeners are up
+    sizes = set()
+    for _ in range(12):  # connections spread over both workers
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
+            client.ehlo()
+            sizes.add(client.esmtp_features.get("size"))
+    assert sizes == {"26214400"}, relay.log()
