@@ -27,7 +27,7 @@ from relay.policy.model import Policy
 
 if TYPE_CHECKING:
     from relay.audit import AuditLog
-    from relay.ingress import Sockets
+    from relay.ingress import Ingress, Sockets
     from relay.spool import Spool
     from relay.supervisor import WorkerLink
 
@@ -181,7 +181,7 @@ async def serve(
     set) the supervisor keeps the audit log's upkeep and its policy records."""
     from relay.deliver import attempt
     from relay.engine import Engine
-    from relay.ingress import Ingress, start
+    from relay.ingress import start
     from relay.pipeline import Acceptor
     from relay.record import Recorder, audit_log
     from relay.spool import Spool
@@ -215,7 +215,7 @@ async def serve(
             log.info("SIGHUP during a reload: reading the policy again after it")
             again[:] = [True]
             return
-        task = loop.create_task(_reload(policy_path, holder, audit, worker))
+        task = loop.create_task(_reload(policy_path, holder, audit, worker, ingress))
         reloads.add(task)
         task.add_done_callback(reloaded_once)
 
@@ -266,10 +266,16 @@ def _engine_ended(task: asyncio.Task[None], stopping: asyncio.Event) -> None:
 
 
 async def _reload(
-    path: Path, holder: PolicyHolder, audit: AuditLog, worker: WorkerLink | None
+    path: Path,
+    holder: PolicyHolder,
+    audit: AuditLog,
+    worker: WorkerLink | None,
+    ingress: Ingress | None,
 ) -> None:
-    """Swap in the policy file's new version. A worker only confirms it: the
-    supervisor has checked the file, reported it and recorded it already."""
+    """Swap in the policy file's new version, and read the listeners' TLS
+    certificates again (a reload is how a renewed one is taken up). A worker
+    only confirms the policy: the supervisor has checked the file, reported
+    it and recorded it already."""
     old = holder.policy
     if worker is None:
         new = await asyncio.to_thread(reloaded, path, old)
@@ -278,6 +284,8 @@ async def _reload(
     if new is None:
         return
     holder.policy = new
+    if ingress is not None:
+        ingress.reload_tls()
     if worker is not None:
         log.info("worker %d: policy %s in use", worker.index, new.digest[:12])
     else:

@@ -30,6 +30,7 @@ from relay.policy.model import (
     UnknownSender,
     UserRef,
 )
+from tests.certs import make_certs
 
 ROOT = Path(__file__).parent.parent
 POLICIES = Path(__file__).parent / "policies"
@@ -399,6 +400,21 @@ def test_a_helo_name_is_a_host_name_or_an_address_literal(
     policy = load(variant(tmp_path, "    type: directory\n    path: outbox\n", smtp))
     upstream = policy.upstreams["outbox"]
     assert isinstance(upstream, SmtpUpstream) and upstream.helo_name == read
+
+
+def test_a_tls_key_that_is_not_the_certificates_is_a_problem(tmp_path: Path) -> None:
+    """What a renewal that replaced one file of the two leaves: ``relay check``, and
+    so a reload through the unit, refuses it before a worker would."""
+    other = make_certs(tmp_path / "other")
+    path = variant(
+        tmp_path,
+        "    port: 2525\n",
+        f"    port: 2525\n    tls: {{cert: tls/relay.crt, key: {other.key}}}\n",
+    )
+    (found,) = problems(path)
+    cert = tmp_path / "tls" / "relay.crt"
+    assert re.match(rf"{re.escape(str(path))}:10:\d+: listeners\[0\]\.tls: cannot use ", found)
+    assert f"cannot use {cert} with {other.key}: " in found
 
 
 def test_the_platform_domain_needs_a_dkim_key(tmp_path: Path) -> None:

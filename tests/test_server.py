@@ -7,9 +7,11 @@ display name shows which policy (which tenant name) a message met.
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -199,6 +201,56 @@ def test_starttls_and_auth_under_uvloop(policy: Path, tmp_path: Path) -> None:
         assert done.returncode == 0, done.stdout + running.log()
         assert "250 2.0.0 Ok: queued as" in done.stdout
         assert running.sent_from(1) == "Jan Janssens via Acme AS"
+    finally:
+        assert running.stop() == 0
+
+
+def served_certificate(port: int) -> bytes:
+    """The certificate (DER) a STARTTLS session is shown."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # which one is served is the question, not trust
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        client.ehlo()
+        client.starttls(context=context)
+        assert isinstance(client.sock, ssl.SSLSocket)
+        served = client.sock.getpeercert(binary_form=True)
+    assert served is not None
+    return served
+
+
+def der(path: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+
+def test_a_reload_takes_up_a_renewed_certificate_and_refuses_a_mismatched_one(
+    policy: Path, tmp_path: Path
+) -> None:
+    port = int(policy.read_text().split("port: ", 1)[1].split()[0])
+    first, renewed, other = (make_certs(tmp_path / name) for name in ("first", "renewed", "other"))
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "relay.crt", live / "relay.key"
+    shutil.copy(first.cert, cert)
+    shutil.copy(first.key, key)
+    text = policy.read_text().replace(
+        "    auth: optional\n", f"    auth: optional\n    tls: {{cert: {cert}, key: {key}}}\n"
+    )
+    policy.write_text(text)
+    running = Daemon(policy, tmp_path / "relay.log")
+    try:
+        running.wait_log(" serving")
+        assert served_certificate(port) == der(first.cert)
+        shutil.copy(renewed.cert, cert)  # as a renewal hook would, then reload
+        shutil.copy(renewed.key, key)
+        running.proc.send_signal(signal.SIGHUP)
+        running.wait_reloaded(1)
+        assert {served_certificate(port) for _ in range(8)} == {der(renewed.cert)}
+        shutil.copy(other.cert, cert)  # its key left behind: the pair does not match
+        running.proc.send_signal(signal.SIGHUP)
+        running.wait_log("reload failed: keeping policy")
+        assert f"cannot use {cert} with {key}" in running.log()
+        assert {served_certificate(port) for _ in range(8)} == {der(renewed.cert)}
     finally:
         assert running.stop() == 0
 

@@ -40,6 +40,28 @@ class Ingress:
     connections: set[RelaySMTP] = field(default_factory=set)
     in_flight: set[asyncio.Task[str]] = field(default_factory=set)
     verified: Verified = field(default_factory=Verified)  # AUTH passwords, for every listener
+    tls: dict[str, ssl.SSLContext] = field(default_factory=dict)  # per listener, for STARTTLS
+
+    def reload_tls(self) -> None:
+        """Read each listener's certificate and key again (a reload after a renewal):
+        new connections get the new ones; a pair that does not load keeps the old."""
+        listeners = {listener.name: listener for listener, _ in self.servers}  # one per socket
+        for listener in listeners.values():
+            if listener.tls is None or listener.name not in self.tls:
+                continue
+            try:
+                self.tls[listener.name] = tls_context(listener.tls)
+            except (ssl.SSLError, OSError) as exc:
+                log.error(
+                    "listener %s: keeping the TLS certificate loaded before: %s: %s",
+                    listener.name,
+                    listener.tls.cert,
+                    exc.strerror or exc,
+                )
+            else:
+                log.info(
+                    "listener %s: TLS certificate %s read again", listener.name, listener.tls.cert
+                )
 
     def bound(self) -> list[tuple[Listener, str, int]]:
         """Each listening socket's real address: a port 0 or a host name resolves here."""
@@ -145,6 +167,8 @@ def _factory(
 ) -> Callable[[], RelaySMTP]:
     handler = RelayHandler(listener, current_policy, process, ingress.in_flight, ingress.verified)
     tls = tls_context(listener.tls) if listener.tls is not None else None
+    if tls is not None:
+        ingress.tls[listener.name] = tls
     auth_needs_tls = not loopback_only(listener.address)
     _warn_about_auth(listener, tls is not None, auth_needs_tls)
     excluded = _MECHANISMS if listener.auth is AuthMode.OFF else ()
@@ -163,7 +187,7 @@ def _factory(
                 data_size_limit=listener.max_message_size,
                 enable_SMTPUTF8=False,
                 decode_data=False,
-                tls_context=tls,
+                tls_context=ingress.tls.get(listener.name),
                 timeout=listener.idle_timeout,
                 auth_required=listener.auth is AuthMode.REQUIRED,
                 auth_require_tls=auth_needs_tls,

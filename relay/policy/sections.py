@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+import ssl
 import string
 from collections.abc import Collection, Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_network
@@ -138,10 +139,21 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
 
 
 def _tls(ctx: Ctx, listener: Map) -> TlsFiles | None:
+    """Loaded once here, so that ``relay check`` (and so a reload) finds a key that
+    is not the certificate's, or a file half-written by a renewal, before a
+    worker does."""
     m = listener.map("tls", ("cert", "key"), required=("cert", "key"))
     cert = m.read("cert", values.existing_file)
     key = m.read("key", values.existing_file)
-    return TlsFiles(cert, key) if cert is not None and key is not None else None
+    if cert is None or key is None:
+        return None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        reason = exc.strerror or str(exc)
+        ctx.problem(m.node, listener.sub("tls"), f"cannot use {cert} with {key}: {reason}")
+        return None
+    return TlsFiles(cert, key)
 
 
 def _allow(ctx: Ctx, m: Map) -> tuple[IPv4Network | IPv6Network, ...] | None:
