@@ -15,8 +15,10 @@ from pathlib import Path
 from relay import message
 from relay.audit import AuditLog, events
 from relay.policy.load import load
+from relay.spool import Spool
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
+from tests.spoolkit import make_entry
 
 ROOT = Path(__file__).parent.parent
 MESSAGES_PER_CLIENT = 500
@@ -460,3 +462,22 @@ def test_a_refusal_after_the_immediate_wait_reaches_the_sender(
             wait_for(lambda: "failure notice" in relay.log())
             assert f"{qid}: failure notice to=<" in relay.log()
     assert ("failed", "one@example.org") in audit_events(policy, qid)
+
+
+def test_a_listing_piped_into_head_ends_quietly(policy_file: Path) -> None:
+    """``relay queue list | head``: the reader goes away, the listing stops, with
+    no traceback on the terminal."""
+    policy = load(policy_file)
+    spool = Spool(policy.queue.directory)
+    entries = [make_entry(size=len(SMALL)) for _ in range(3000)]
+    assert spool.put_many([(entry, (SMALL,)) for entry in entries]) == [None] * len(entries)
+    listing = subprocess.Popen(
+        [sys.executable, "-m", "relay", "queue", "list", "-c", str(policy_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    assert listing.stdout is not None and listing.stderr is not None
+    assert listing.stdout.readline()  # what head prints, then it exits
+    listing.stdout.close()
+    assert listing.wait(60) == 1
+    assert "Traceback" not in listing.stderr.read().decode()
+    listing.stderr.close()
