@@ -509,3 +509,21 @@ def test_root_hands_the_files_it_creates_to_the_logs_owner() -> None:
         assert verify(directory).ok
     finally:
         shutil.rmtree(base)
+
+
+def test_records_removed_behind_the_writers_back_are_reported_and_show_in_verify(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The day's file moved away while the relay runs: a new chain from the genesis
+    would verify as intact; the writer says so and goes on from the head it knows."""
+    log = AuditLog(tmp_path / "audit", clock=Clock())
+    for n in range(1, 4):
+        log.append(_failed(n))
+    day = tmp_path / "audit" / "audit-2024-05-06.jsonl"
+    day.rename(tmp_path / "elsewhere")
+    log.append(_failed(4))
+    assert [r["seq"] for r in read_all(tmp_path / "audit")] == [4]
+    assert "records up to seq 3 were written, its files now end at seq 0" in caplog.text
+    result = verify(tmp_path / "audit")
+    assert not result.ok and result.problem is not None
+    assert "records 1..3 missing" in result.problem.message

@@ -228,6 +228,11 @@ class AuditLog:
         self._size = size
 
     def _load(self) -> None:
+        """The tail from the disk. One older than the records this process knows
+        were written means the newest were removed behind its back: that is said,
+        and the chain goes on from the known head, so that verify shows the gap
+        rather than a new chain that looks intact."""
+        known = (self._seq, self._prev)
         self._stamp = None  # until the tail is known again
         self._close()
         self._seq, self._prev, self._day = 0, GENESIS_HASH, None
@@ -244,6 +249,16 @@ class AuditLog:
                 continue
             self._seq, self._prev = _head(line, file.name)
             break
+        if self._seq < known[0]:
+            log.error(
+                "audit log %s: records up to seq %d were written, its files now end at"
+                " seq %d: the newest were removed; the chain goes on from seq %d",
+                self.directory,
+                known[0],
+                self._seq,
+                known[0],
+            )
+            self._seq, self._prev = known
         self._stamp = os.stat(self.directory).st_mtime_ns
 
     def _terminate(self, path: Path) -> None:
