@@ -430,6 +430,7 @@ class Engine:
         entry.next_attempt = now + backoff(policy.queue, entry.attempts, self.rng)
         for rcpt in entry.pending():
             self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
+        await self._notify(entry, policy)
         await self._flush(entry)
         await asyncio.to_thread(self.spool.update, entry)
         self._plan(entry.queue_id, entry.next_attempt)
@@ -498,17 +499,28 @@ class Engine:
         rcpt.updated = self.clock()
         return rcpt
 
+    async def _notify(self, entry: QueueEntry, policy: Policy) -> None:
+        """Queue a notice for the failures the sender has not heard of yet; each is
+        told once (``notify`` goes False), so one that fails while others are
+        deferred is told now, as Postfix does, not when the last is done (days
+        later, or never if the message is deleted meanwhile)."""
+        failures = [r for r in entry.recipients if r.status in (FAILED, EXPIRED) and r.notify]
+        if not failures or entry.is_notice:
+            return
+        notice, data = build_notice(policy, entry, failures, self.clock())
+        try:
+            await asyncio.to_thread(self.spool.put, notice, data)
+        except SpoolError as exc:
+            log.error("%s could not queue the failure notice: %s", entry.queue_id, exc)
+            return
+        self.recorder.notice(entry, notice)
+        self.submit(notice.queue_id)
+        for rcpt in failures:
+            rcpt.notify = False
+
     async def _finish(self, entry: QueueEntry, policy: Policy, lock: EntryLock) -> Outcome:
         """Queue a notice for the failures the sender should hear of, then drop the entry."""
-        failures = [r for r in entry.recipients if r.status in (FAILED, EXPIRED) and r.notify]
-        if failures and not entry.is_notice:
-            notice, data = build_notice(policy, entry, failures, self.clock())
-            try:
-                await asyncio.to_thread(self.spool.put, notice, data)
-                self.recorder.notice(entry, notice)
-                self.submit(notice.queue_id)
-            except SpoolError as exc:
-                log.error("%s could not queue the failure notice: %s", entry.queue_id, exc)
+        await self._notify(entry, policy)
         records = self.recorder.take(entry.queue_id)
         backlogged = self._backlogged()
         await self._done(Finished(entry.queue_id, records, EntryLock(lock.take()), entry.size))

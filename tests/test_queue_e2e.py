@@ -121,6 +121,37 @@ def test_one_recipient_refused_others_delivered_and_sender_told(
     ]
 
 
+def test_a_failure_is_told_at_once_while_another_recipient_is_deferred(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """two@ is refused, three@ deferred: the sender hears of two@ now, not once
+    three@ is done (that can be days), and only once."""
+    refusing = Sink(
+        refuse={
+            "two@example.org": "550 5.1.1 <two@example.org>: no such user",
+            "three@example.org": "451 4.2.0 <three@example.org>: mailbox busy",
+        }
+    )
+    with SinkServer(refusing) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            qid = send(port, SMALL, ("one@example.org", "two@example.org", "three@example.org"))
+            first, notice = sink.sink.wait(2)
+            assert notice.mail_from == "<>" and notice.rcpt_tos == ["jan@acme.example"]
+            body = notice.data.split(b"\r\n\r\n", 1)[1].decode()
+            assert "two@example.org" in body and "three@example.org" not in body
+            assert "three@example.org" not in first.rcpt_tos  # deferred meanwhile
+            del refusing.refuse["three@example.org"]
+            later = sink.sink.wait(3)[2]
+            assert later.rcpt_tos == ["three@example.org"]
+            time.sleep(0.5)
+            assert len(sink.sink.messages) == 3  # no second notice when the message is done
+    events_of = audit_events(policy, qid)
+    assert ("failed", "two@example.org") in events_of
+    assert events_of[-1] == ("delivered", "three@example.org")
+
+
 def test_failed_automatic_bcc_never_produces_a_notice(policy_file: Path, tmp_path: Path) -> None:
     refusing = Sink(refuse={"jan@acme.example": "550 5.2.2 mailbox full"})
     with SinkServer(refusing) as sink:
