@@ -70,7 +70,7 @@ def _json_record(entry: QueueEntry) -> dict[str, object]:
             item["delay_reason"] = rcpt.reply
         recipients.append(item)
     return {
-        "queue_name": "hold" if entry.held else "active",
+        "queue_name": _queue_name(entry),
         "queue_id": entry.queue_id,
         "arrival_time": int(entry.arrival),
         "message_size": entry.size,
@@ -80,6 +80,15 @@ def _json_record(entry: QueueEntry) -> dict[str, object]:
         "user": entry.user,
         "doc_type": entry.doc_type,
     }
+
+
+def _queue_name(entry: QueueEntry) -> str:
+    """postqueue -j's names: what monitoring that counts deferred mail expects."""
+    if entry.held:
+        return "hold"
+    if entry.attempts or any(rcpt.reply for rcpt in entry.pending()):
+        return "deferred"
+    return "active"
 
 
 def _write_entry(entry: QueueEntry, out: TextIO) -> None:
