@@ -326,6 +326,13 @@ def reloaded(
         log.warning(
             "workers changed (%d to %d): takes effect after a restart", old.workers, new.workers
         )
+    gone = sorted(set(old.upstreams) - set(new.upstreams))
+    if gone:
+        log.warning(
+            "upstreams removed (%s): messages already queued for them are deferred"
+            " until an upstream of that name is back, or they expire",
+            ", ".join(gone),
+        )
     return new
 
 

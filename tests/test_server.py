@@ -143,6 +143,12 @@ def test_reload_keeps_old_policy_on_error_and_swaks_on_good_one(
     daemon.wait_log("listener settings changed (local): they take effect after a restart")
     assert send(port)[0] == 250  # still the listener as started: auth optional
 
+    renamed = good.replace("  default:\n    type: directory", "  outbox:\n    type: directory")
+    policy.write_text(renamed.replace("upstream: default", "upstream: outbox"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_reloaded(3)
+    daemon.wait_log("upstreams removed (default): messages already queued for them are deferred")
+
 
 def test_sigterm_lets_the_transaction_in_progress_finish(policy: Path, tmp_path: Path) -> None:
     """Immediate mode towards a slow upstream keeps the ERP's transaction open."""
