@@ -132,6 +132,9 @@ class Engine:
         self._settle_error: str | None = None
         self._scan_error: str | None = None
         self._warm: dict[str, Warm] = {}
+        # recipients told of in this process: a deferral whose record could not be
+        # stored (a disk in trouble) must not tell them again at every retry
+        self._told: dict[str, set[str]] = {}
         self._warm_bytes = 0
         self._warm_files = 0  # like the bytes, until each one's attempt ends
         self._files = file_budget()
@@ -504,7 +507,12 @@ class Engine:
         told once (``notify`` goes False), so one that fails while others are
         deferred is told now, as Postfix does, not when the last is done (days
         later, or never if the message is deleted meanwhile)."""
-        failures = [r for r in entry.recipients if r.status in (FAILED, EXPIRED) and r.notify]
+        told = self._told.get(entry.queue_id, set())
+        failures = [
+            r
+            for r in entry.recipients
+            if r.status in (FAILED, EXPIRED) and r.notify and r.address not in told
+        ]
         if not failures or entry.is_notice:
             return
         notice, data = build_notice(policy, entry, failures, self.clock())
@@ -516,11 +524,14 @@ class Engine:
         self.recorder.notice(entry, notice)
         self.submit(notice.queue_id)
         for rcpt in failures:
-            rcpt.notify = False
+            rcpt.notify = False  # stored with the deferral; until then, and if that fails:
+            told.add(rcpt.address)
+        self._told[entry.queue_id] = told
 
     async def _finish(self, entry: QueueEntry, policy: Policy, lock: EntryLock) -> Outcome:
         """Queue a notice for the failures the sender should hear of, then drop the entry."""
         await self._notify(entry, policy)
+        self._told.pop(entry.queue_id, None)
         records = self.recorder.take(entry.queue_id)
         backlogged = self._backlogged()
         await self._done(Finished(entry.queue_id, records, EntryLock(lock.take()), entry.size))

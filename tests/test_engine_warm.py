@@ -23,7 +23,7 @@ from relay.deliver import attempt
 from relay.engine import Attempt, Engine, Warm
 from relay.policy.model import Policy
 from relay.record import Recorder
-from relay.spool import QueueEntry, Spool
+from relay.spool import QueueEntry, Spool, SpoolError
 from tests.spoolkit import make_entry, run_script
 from tests.test_audit_fixture import read_all
 
@@ -341,3 +341,32 @@ async def test_an_immediate_refusal_the_audit_log_cannot_record_stays_queued(
     failed = [r for r in read_all(audit_dir) if r["event"] == "failed"]
     mine = [r["recipient"] for r in failed if r["queue_id"] == entry.queue_id]
     assert mine == [r.address for r in entry.recipients]
+
+
+async def test_a_failure_is_told_once_even_when_its_deferral_cannot_be_stored(
+    spool: Spool,
+    policy: Policy,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One recipient refused, one deferred, and the spool refuses the deferral's
+    record (a disk in trouble): each retry finds the refused one pending again,
+    and must not tell the sender again."""
+    caplog.set_level(logging.INFO, logger="relay")
+    entry = make_entry(size=len(message(1)))
+    refused, deferred = (r.address for r in entry.recipients[:2])
+
+    async def upstream(target: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+        answers = {refused: (550, "550 5.1.1 no such user"), deferred: (451, "451 4.2.0 busy")}
+        return Attempt({r: answers.get(r, (250, "250 ok")) for r in rcpts})
+
+    def broken_update(changed: QueueEntry) -> None:
+        raise SpoolError(spool.directory, "No space left on device")
+
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    monkeypatch.setattr(spool, "update", broken_update)
+    async with running(Engine(spool, lambda: policy, upstream, Recorder(None))) as engine:
+        for _ in range(3):
+            await engine.attempt_now(entry.queue_id)
+        told = [m for m in caplog.messages if f"{entry.queue_id}: failure notice to=" in m]
+        assert len(told) == 1
