@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from relay.audit import AuditError, AuditLog, events, verify, writer
+from relay.audit import AuditError, AuditLog, events, reader, verify, writer
 from relay.audit.chain import GENESIS_HASH
 from relay.audit.search import search
 from tests.test_audit_fixture import START, Clock, build, read_all
@@ -511,16 +511,34 @@ def test_root_hands_the_files_it_creates_to_the_logs_owner() -> None:
         shutil.rmtree(base)
 
 
+@pytest.mark.parametrize("stumble", [False, True], ids=["at-once", "after-a-failed-read"])
 def test_records_removed_behind_the_writers_back_are_reported_and_show_in_verify(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    stumble: bool,
 ) -> None:
     """The day's file moved away while the relay runs: a new chain from the genesis
-    would verify as intact; the writer says so and goes on from the head it knows."""
+    would verify as intact; the writer says so and goes on from the head it knows,
+    even when the first read of the directory after it failed."""
     log = AuditLog(tmp_path / "audit", clock=Clock())
     for n in range(1, 4):
         log.append(_failed(n))
     day = tmp_path / "audit" / "audit-2024-05-06.jsonl"
     day.rename(tmp_path / "elsewhere")
+    if stumble:
+        listing = reader.day_files
+        calls: list[int] = []
+
+        def failing_once(directory: Path, **kwargs: Any) -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                raise OSError(5, "Input/output error")
+            return listing(directory, **kwargs)
+
+        monkeypatch.setattr(writer.reader, "day_files", failing_once)
+        with pytest.raises(AuditError):
+            log.append(_failed(4))
     log.append(_failed(4))
     assert [r["seq"] for r in read_all(tmp_path / "audit")] == [4]
     assert "records up to seq 3 were written, its files now end at seq 0" in caplog.text

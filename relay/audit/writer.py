@@ -64,6 +64,7 @@ class AuditLog:
         self._day: date | None = None  # of the newest file: never write to an older one
         self._seq = 0
         self._prev = GENESIS_HASH
+        self._high = (0, GENESIS_HASH)  # the newest record this process wrote or read
         self._stamp: int | None = None  # directory mtime when the tail was last read
         self._writes = 0  # tickets: writes made without an fsync of their own
         self._durable = 0  # every ticket up to this one is on disk
@@ -125,6 +126,7 @@ class AuditLog:
                     self._undo()
                     raise
                 self._seq, self._prev, self._size = seq, prev, self._size + len(data)
+                self._saw()
                 if sync:
                     return 0
                 self._writes += 1
@@ -225,6 +227,7 @@ class AuditLog:
             self._load()
             return
         self._seq, self._prev = _head(line, path.name)
+        self._saw()
         self._size = size
 
     def _load(self) -> None:
@@ -232,7 +235,7 @@ class AuditLog:
         were written means the newest were removed behind its back: that is said,
         and the chain goes on from the known head, so that verify shows the gap
         rather than a new chain that looks intact."""
-        known = (self._seq, self._prev)
+        known = self._high
         self._stamp = None  # until the tail is known again
         self._close()
         self._seq, self._prev, self._day = 0, GENESIS_HASH, None
@@ -249,7 +252,7 @@ class AuditLog:
                 continue
             self._seq, self._prev = _head(line, file.name)
             break
-        if self._seq < known[0]:
+        if self._seq < known[0]:  # what this process wrote or saw, kept through failed loads
             log.error(
                 "audit log %s: records up to seq %d were written, its files now end at"
                 " seq %d: the newest were removed; the chain goes on from seq %d",
@@ -259,7 +262,12 @@ class AuditLog:
                 known[0],
             )
             self._seq, self._prev = known
+        self._high = (self._seq, self._prev)
         self._stamp = os.stat(self.directory).st_mtime_ns
+
+    def _saw(self) -> None:
+        if self._seq > self._high[0]:
+            self._high = (self._seq, self._prev)
 
     def _terminate(self, path: Path) -> None:
         """Keep a torn last line (a crash mid-write) as evidence, but end it."""
@@ -284,6 +292,7 @@ class AuditLog:
             line, _ = reader.last_line(path)  # created by another writer since our last look?
             if line is not None:
                 self._seq, self._prev = _head(line, path.name)
+                self._saw()
         self._fd_day = self._day = day
         self._size = os.fstat(self._fd).st_size
         self._stamp = os.stat(self.directory).st_mtime_ns
