@@ -29,8 +29,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return EX_USAGE
-    try:
+    if args.run is _serve:
         return int(args.run(args))
+    try:
+        code = int(args.run(args))
+        sys.stdout.flush()  # what is still buffered meets the closed pipe here, not at exit
+        return code
     except BrokenPipeError:
         # the reader went away (``relay queue list | head``): no traceback, as the
         # Python documentation's note on SIGPIPE does it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import smtplib
 import subprocess
@@ -502,9 +503,10 @@ def test_a_listing_piped_into_head_ends_quietly(policy_file: Path) -> None:
     spool = Spool(policy.queue.directory)
     entries = [make_entry(size=len(SMALL)) for _ in range(3000)]
     assert spool.put_many([(entry, (SMALL,)) for entry in entries]) == [None] * len(entries)
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     listing = subprocess.Popen(
         [sys.executable, "-m", "relay", "queue", "list", "-c", str(policy_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=buffered,
     )  # fmt: skip
     assert listing.stdout is not None and listing.stderr is not None
     assert listing.stdout.readline()  # what head prints, then it exits

@@ -529,10 +529,21 @@ def test_a_replaced_worker_serves_the_listeners_as_the_others_do(relay: Relay) -
     assert "listener settings changed (local): they take effect after a restart" in relay.log()
     replacement, _ = kill_worker(relay, 0)
     relay.wait_for(lambda: alive(replacement), "the new worker runs")
-    time.sleep(0.5)  # serving: its start is logged before its listeners are up
-    sizes = set()
-    for _ in range(12):  # connections spread over both workers
+    other = dict(relay.started())[1]
+    bigger = MESSAGE.replace(b"\r\n\r\n", b"\r\n\r\n" + (b"x" * 76 + b"\r\n") * 100, 1)
+    assert 5000 < len(bigger) < 26214400
+    took: set[int] = set()
+    for _ in range(60):  # until both workers took one: SO_REUSEPORT spreads connections
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
             client.ehlo()
-            sizes.add(client.esmtp_features.get("size"))
-    assert sizes == {"26214400"}, relay.log()
+            assert client.esmtp_features.get("size") == "26214400", relay.log()
+            client.mail("jan@acme.example")
+            client.rcpt("one@example.org")
+            code, reply = client.data(bigger)
+        assert code == 250, (code, reply, relay.log())  # not 552: the size as started
+        qid = reply.decode().rsplit(" ", 1)[1]
+        relay.wait_for(lambda qid=qid: qid in relay.queued_by(), "queued")
+        took.add(relay.queued_by()[qid])
+        if took == {replacement, other}:
+            break
+    assert took == {replacement, other}, relay.log()
