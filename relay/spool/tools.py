@@ -156,7 +156,8 @@ def delete(
     out: TextIO,
     err: TextIO,
     stdin: TextIO | None = None,
-    record: Record | None = None,
+    *,
+    record: Record,
 ) -> Outcome:
     """``relay queue delete ID...|-|ALL``: the returned entries are gone for good.
 
@@ -164,13 +165,9 @@ def delete(
     would end nowhere in the audit log, while a record whose removal then
     fails is followed by the message's real end when it comes.
     """
-    outcome = _each(spool, targets, err, stdin, lambda entry: True, remove=record or _unrecorded)
+    outcome = _each(spool, targets, err, stdin, lambda entry: True, remove=record)
     _summary(out, "Deleted", outcome)
     return outcome
-
-
-def _unrecorded(queue_id: str, entry: QueueEntry | None) -> None:
-    """A spool without an audit log (the tests' and ``preview``'s)."""
 
 
 def retry(
