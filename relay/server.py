@@ -158,6 +158,22 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
     return 0
 
 
+def settle_orphans(policy: Policy, audit: AuditLog, why: str) -> None:
+    """Entries a dead worker had delivered, their records written, wait for a
+    removal that will not come, unlocked now: settled from the audit log, as at a
+    start, before anyone delivers them again. A live worker's own are locked,
+    and left alone."""
+    from relay.spool import Spool, SpoolError
+
+    try:
+        spool = Spool(policy.queue.directory)
+    except SpoolError as exc:
+        log.warning("cannot open the spool to settle what %s left: %s", why, exc)
+        return
+    for queue_id in _settle_recorded(spool, audit):
+        log.info("%s: finished before %s, per the audit log; removed", queue_id, why)
+
+
 def _settle_recorded(spool: Spool, audit: AuditLog) -> list[str]:
     """Only saves deliveries: when it cannot, the engine delivers those entries again."""
     from relay.audit import AuditError

@@ -14,8 +14,9 @@ right away (``remove_covered``), else the engine's own, asked for once a POLL an
 at stop. Records the audit log refused, or that a failed fsync put in
 doubt, are written again first. The removal itself is lazy too (see
 ``Spool.remove_many``): the next fsync of the spool directory makes it
-durable. A crashed worker's waiting entries are settled at the next start
-from the records it wrote (``settle_recorded``).
+durable. A crashed worker's waiting entries are settled from the records it
+wrote (``settle_recorded``): by the supervisor before it starts the
+replacement, and at the next start.
 
 The engine's finishing thread runs ``finish_many``, one batch at a time
 (``relay.groupcommit``); the accepting thread only removes what is covered,

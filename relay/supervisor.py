@@ -44,6 +44,7 @@ from relay.server import (
     record_policy,
     reloaded,
     serve,
+    settle_orphans,
 )
 
 log = logging.getLogger("relay")
@@ -210,6 +211,8 @@ class Supervisor:
                 delay,
             )
             self.restarts[worker.index] = (time.monotonic() + delay, quick)
+            why = f"worker {worker.index} (pid {pid}) ended"
+            self._with_audit(lambda audit, why=why: settle_orphans(self.policy, audit, why))
         for index, (when, quick) in list(self.restarts.items()):
             if when <= time.monotonic():
                 del self.restarts[index]

@@ -26,8 +26,12 @@ from pathlib import Path
 import pytest
 
 from relay import message
+from relay.audit import AuditLog, events
+from relay.policy.load import load
+from relay.spool import Spool
 from tests.relayproc import terminate
 from tests.sink import SinkServer, free_port
+from tests.spoolkit import make_entry
 
 ROOT = Path(__file__).parent.parent
 MESSAGE = b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: x\r\n\r\nx\r\n"
@@ -547,3 +551,33 @@ def test_a_replaced_worker_serves_the_listeners_as_the_others_do(relay: Relay) -
         if took == {replacement, other}:
             break
     assert took == {replacement, other}, relay.log()
+
+
+def test_what_a_dead_worker_delivered_is_settled_not_sent_again(relay: Relay) -> None:
+    """A worker killed after it delivered a message and wrote its records, before
+    the removal: its entry is left unlocked in the shared spool. The supervisor
+    settles it from the audit log before the replacement, whose first look at
+    the spool would otherwise deliver it again."""
+    policy = load(relay.policy)
+    entry = make_entry(size=len(MESSAGE), message_id="<orphan@relay.platform.example>")
+    assert Spool(policy.queue.directory).put_many([(entry, (MESSAGE,))]) == [None]
+    done = [
+        events.delivered(
+            queue_id=entry.queue_id,
+            message_id=entry.message_id,
+            recipient=rcpt.address,
+            upstream="default",
+            reply="250 ok",
+            attempts=1,
+        )
+        for rcpt in entry.recipients
+    ]
+    with AuditLog(policy.audit.directory) as audit:
+        audit.append_many(done)
+    replacement, _ = kill_worker(relay, 0)
+    relay.wait_for(lambda: alive(replacement), "the new worker runs")
+    relay.wait_for(lambda: f"{entry.queue_id}: finished before worker 0" in relay.log(), "settled")
+    ids = send_until_every_worker_took_one(relay, {replacement, dict(relay.started())[1]})
+    relay.wait_for(lambda: relay.delivered().keys() >= set(ids), "messages upstream")
+    assert entry.queue_id not in relay.delivered()  # not sent again
+    assert entry.queue_id not in Spool(policy.queue.directory).ids()
