@@ -498,6 +498,9 @@ def test_root_hands_the_files_it_creates_to_the_logs_owner() -> None:
         directory.mkdir(mode=0o700)
         os.chown(directory, 65534, 65534)
         AuditLog(directory).append(_failed(1))
+        for left in directory.iterdir():  # as a root tool before the fix left them
+            os.chown(left, 0, 0)
+        AuditLog(directory).append(_failed(2))
         owners = {(p.stat().st_uid, p.stat().st_gid) for p in directory.iterdir()}
         assert owners == {(65534, 65534)}
         done = subprocess.run(

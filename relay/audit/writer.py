@@ -289,6 +289,7 @@ class AuditLog:
             _fsync_directory(self.directory)  # the new file's name must survive a crash too
         except FileExistsError:
             self._fd = os.open(path, flags)
+            self._adopt(self._fd)  # mends a day file an earlier root tool left as root's
             line, _ = reader.last_line(path)  # created by another writer since our last look?
             if line is not None:
                 self._seq, self._prev = _head(line, path.name)
