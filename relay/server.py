@@ -17,13 +17,13 @@ import dataclasses
 import logging
 import resource
 import signal
-import ssl
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from relay.errors import PolicyError, RelayError
-from relay.policy.model import Policy
+from relay.policy.model import Listener, Policy
 
 if TYPE_CHECKING:
     from relay.audit import AuditLog
@@ -56,7 +56,7 @@ def run(policy_path: Path) -> int:
     process or, with ``workers`` above 1, in worker processes under a supervisor."""
     import uvloop
 
-    from relay.ingress import bind, tls_context
+    from relay.ingress import bind
     from relay.supervisor import Supervisor
 
     configure_logging()
@@ -70,13 +70,7 @@ def run(policy_path: Path) -> int:
         return code
     raise_open_files()
     try:
-        for listener in policy.listeners:
-            if listener.tls is not None:
-                tls_context(listener.tls)
         sockets = bind(policy.listeners)
-    except ssl.SSLError as exc:
-        log.error("cannot load a listener's TLS certificate or key: %s", exc)
-        return EX_CONFIG
     except OSError as exc:
         log.error("cannot listen: %s", exc.strerror or exc)
         return EX_OSERR
@@ -301,7 +295,7 @@ async def _reload(
         return
     holder.policy = new
     if ingress is not None:
-        ingress.reload_tls()
+        ingress.reload_tls(new.listeners)
     if worker is not None:
         log.info("worker %d: policy %s in use", worker.index, new.digest[:12])
     else:
@@ -330,7 +324,7 @@ def reloaded(
         log.exception("reload failed: keeping policy %s", old.digest[:12])
         return None
     changed = sorted({item.name for item in set(new.listeners) ^ set(old.listeners)})
-    new = dataclasses.replace(new, listeners=old.listeners)
+    new = dataclasses.replace(new, listeners=_as_bound(old.listeners, new.listeners))
     if quiet:
         return new
     log.info("policy reloaded: %s (was %s)", new.digest[:12], old.digest[:12])
@@ -350,6 +344,18 @@ def reloaded(
             ", ".join(gone),
         )
     return new
+
+
+def _as_bound(old: Sequence[Listener], new: Sequence[Listener]) -> tuple[Listener, ...]:
+    """The listeners as bound, each with its certificate and key as just read
+    when it names the same files: a renewal is taken up, other changes wait."""
+    read = {listener.name: listener.tls for listener in new}
+    return tuple(
+        dataclasses.replace(listener, tls=read[listener.name])
+        if listener.tls is not None and listener.tls == read.get(listener.name)
+        else listener
+        for listener in old
+    )
 
 
 def record_policy(audit: AuditLog, path: Path, policy: Policy) -> None:

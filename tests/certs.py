@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import smtplib
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,3 +92,21 @@ def _alt_name(name: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
         return x509.DNSName(name)
+
+
+def served_certificate(port: int) -> bytes:
+    """The certificate (DER) a STARTTLS session is shown."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # which one is served is the question, not trust
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        client.ehlo()
+        client.starttls(context=context)
+        assert isinstance(client.sock, ssl.SSLSocket)
+        served = client.sock.getpeercert(binary_form=True)
+    assert served is not None
+    return served
+
+
+def der(path: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(path.read_text())

@@ -16,6 +16,7 @@ from relay.errors import Rejected
 from relay.ingress import content, listen
 from relay.ingress.protocol import RelaySMTP
 from relay.policy.model import AuthMode, TlsFiles
+from relay.policy.tlspair import read_pair
 from tests.certs import make_certs
 from tests.ingress_harness import Raw, Recorder, Relay, swaks
 from tests.minimal_policy import listener, policy
@@ -476,7 +477,7 @@ def not_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     certs = make_certs(tmp_path_factory.mktemp("tls"))
-    return TlsFiles(certs.cert, certs.key)
+    return read_pair(certs.cert, certs.key)
 
 
 @pytest.mark.usefixtures("not_loopback")

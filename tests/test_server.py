@@ -11,7 +11,6 @@ import shutil
 import signal
 import smtplib
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -22,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from relay import message
-from tests.certs import make_certs
+from relay.policy.load import load
+from relay.server import reloaded
+from tests.certs import der, make_certs, served_certificate
 from tests.ingress_harness import swaks
 from tests.relayproc import terminate
 from tests.sink import Sink, SinkServer, free_port
@@ -211,24 +212,6 @@ def test_starttls_and_auth_under_uvloop(policy: Path, tmp_path: Path) -> None:
         assert running.stop() == 0
 
 
-def served_certificate(port: int) -> bytes:
-    """The certificate (DER) a STARTTLS session is shown."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # which one is served is the question, not trust
-    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
-        client.ehlo()
-        client.starttls(context=context)
-        assert isinstance(client.sock, ssl.SSLSocket)
-        served = client.sock.getpeercert(binary_form=True)
-    assert served is not None
-    return served
-
-
-def der(path: Path) -> bytes:
-    return ssl.PEM_cert_to_DER_cert(path.read_text())
-
-
 def test_a_reload_takes_up_a_renewed_certificate_and_refuses_a_mismatched_one(
     policy: Path, tmp_path: Path
 ) -> None:
@@ -259,6 +242,40 @@ def test_a_reload_takes_up_a_renewed_certificate_and_refuses_a_mismatched_one(
         assert {served_certificate(port) for _ in range(8)} == {der(renewed.cert)}
     finally:
         assert running.stop() == 0
+
+
+def test_a_reload_takes_a_renewed_pair_and_keeps_the_bound_one_when_moved(
+    policy: Path, tmp_path: Path
+) -> None:
+    """The listeners stay as bound: a reload takes up new bytes in the same
+    files (a renewal), while other files named wait for a restart."""
+    first, renewed = make_certs(tmp_path / "first"), make_certs(tmp_path / "renewed")
+    cert, key = tmp_path / "relay.crt", tmp_path / "relay.key"
+    shutil.copy(first.cert, cert)
+    shutil.copy(first.key, key)
+    text = policy.read_text()
+    policy.write_text(
+        text.replace(
+            "    auth: optional\n", f"    auth: optional\n    tls: {{cert: {cert}, key: {key}}}\n"
+        )
+    )
+    started = load(policy)
+    shutil.copy(renewed.cert, cert)
+    shutil.copy(renewed.key, key)
+    new = reloaded(policy, started, quiet=True)
+    assert new is not None and new.listeners[0].tls is not None
+    assert new.listeners[0].tls.cert_pem == renewed.cert.read_bytes()
+    assert new.listeners[0].tls.key_pem == renewed.key.read_bytes()
+    policy.write_text(
+        text.replace(
+            "    auth: optional\n",
+            f"    auth: optional\n    tls: {{cert: {first.cert}, key: {first.key}}}\n",
+        )
+    )
+    moved = reloaded(policy, new, quiet=True)
+    assert moved is not None and moved.listeners[0].tls is not None
+    assert moved.listeners[0].tls.cert == cert
+    assert moved.listeners[0].tls.cert_pem == renewed.cert.read_bytes()
 
 
 def test_invalid_policy_does_not_start(policy: Path, tmp_path: Path) -> None:

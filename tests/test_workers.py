@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import smtplib
 import socket
@@ -29,6 +30,7 @@ from relay import message
 from relay.audit import AuditLog, events
 from relay.policy.load import load
 from relay.spool import Spool
+from tests.certs import der, make_certs, served_certificate
 from tests.relayproc import terminate
 from tests.sink import SinkServer, free_port
 from tests.spoolkit import make_entry
@@ -581,3 +583,33 @@ def test_what_a_dead_worker_delivered_is_settled_not_sent_again(relay: Relay) ->
     relay.wait_for(lambda: relay.delivered().keys() >= set(ids), "messages upstream")
     assert entry.queue_id not in relay.delivered()  # not sent again
     assert entry.queue_id not in Spool(policy.queue.directory).ids()
+
+
+def test_a_replaced_worker_serves_the_certificate_checked_not_a_broken_one_on_disk(
+    policy_file: Path, port: int, tmp_path: Path
+) -> None:
+    """A certificate renewed on disk with a key it does not match is refused by
+    check and reload; a worker started later to replace a dead one serves the
+    pair the supervisor checked instead of failing at start, again and again."""
+    first, other = make_certs(tmp_path / "first"), make_certs(tmp_path / "other")
+    cert, key = tmp_path / "relay.crt", tmp_path / "relay.key"
+    shutil.copy(first.cert, cert)
+    shutil.copy(first.key, key)
+    text = configure(policy_file, port).read_text()
+    assert "    auth: optional\n" in text
+    policy_file.write_text(
+        text.replace(
+            "    auth: optional\n", f"    auth: optional\n    tls: {{cert: {cert}, key: {key}}}\n"
+        )
+    )
+    relay = Relay(policy_file, port, tmp_path / "relay.log")
+    try:
+        relay.wait_serving()
+        shutil.copy(other.cert, cert)  # its key left behind: the pair on disk does not match
+        replacements = [kill_worker(relay, index)[0] for index in (0, 1)]
+        # no other worker is left: a connection waits for a replacement to accept it
+        assert {served_certificate(port) for _ in range(8)} == {der(first.cert)}, relay.log()
+        assert all(alive(pid) for pid in replacements), relay.log()
+        assert " failed" not in relay.log()
+    finally:
+        relay.stop()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from relay.ingress.handler import LOCAL_ERROR, Process, RelayHandler
-from relay.ingress.listen import Ingress, Sockets, bind, loopback_only, start, tls_context
+from relay.ingress.listen import Ingress, Sockets, bind, loopback_only, start
 
 __all__ = [
     "LOCAL_ERROR",
@@ -14,5 +14,4 @@ __all__ = [
     "bind",
     "loopback_only",
     "start",
-    "tls_context",
 ]

@@ -21,7 +21,8 @@ from ipaddress import ip_address
 from relay.ingress.authcache import Verified
 from relay.ingress.handler import Process, RelayHandler
 from relay.ingress.protocol import RelaySMTP
-from relay.policy.model import AuthMode, Listener, Policy, TlsFiles
+from relay.policy.model import AuthMode, Listener, Policy
+from relay.policy.tlspair import server_context
 
 log = logging.getLogger("relay")
 
@@ -42,15 +43,14 @@ class Ingress:
     verified: Verified = field(default_factory=Verified)  # AUTH passwords, for every listener
     tls: dict[str, ssl.SSLContext] = field(default_factory=dict)  # per listener, for STARTTLS
 
-    def reload_tls(self) -> None:
-        """Read each listener's certificate and key again (a reload after a renewal):
-        new connections get the new ones; a pair that does not load keeps the old."""
-        listeners = {listener.name: listener for listener, _ in self.servers}  # one per socket
-        for listener in listeners.values():
+    def reload_tls(self, listeners: Sequence[Listener]) -> None:
+        """Take up the listeners' certificates as the reloaded policy read them
+        (a reload is how a renewal is taken up); one that does not load keeps the old."""
+        for listener in listeners:
             if listener.tls is None or listener.name not in self.tls:
                 continue
             try:
-                self.tls[listener.name] = tls_context(listener.tls)
+                self.tls[listener.name] = server_context(listener.tls)
             except (ssl.SSLError, OSError) as exc:
                 log.error(
                     "listener %s: keeping the TLS certificate loaded before: %s: %s",
@@ -166,7 +166,7 @@ def _factory(
     loop: asyncio.AbstractEventLoop,
 ) -> Callable[[], RelaySMTP]:
     handler = RelayHandler(listener, current_policy, process, ingress.in_flight, ingress.verified)
-    tls = tls_context(listener.tls) if listener.tls is not None else None
+    tls = server_context(listener.tls) if listener.tls is not None else None
     if tls is not None:
         ingress.tls[listener.name] = tls
     auth_needs_tls = not loopback_only(listener.address)
@@ -197,13 +197,6 @@ def _factory(
             )
 
     return build
-
-
-def tls_context(files: TlsFiles) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(files.cert, files.key)
-    return context
 
 
 def loopback_only(address: str) -> bool:

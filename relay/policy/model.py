@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
@@ -65,8 +65,12 @@ class ConditionKind(enum.Enum):
 
 @dataclass(frozen=True)
 class TlsFiles:
+    """The files as named, and their bytes as read and checked (see ``tlspair``)."""
+
     cert: Path
     key: Path
+    cert_pem: bytes = field(repr=False, compare=False)
+    key_pem: bytes = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 from yaml.nodes import Node, ScalarNode, SequenceNode
 
-from relay.policy import values
+from relay.policy import tlspair, values
 from relay.policy.model import (
     DEFAULT_DOC_TYPE,
     AuditSettings,
@@ -148,12 +148,11 @@ def _tls(ctx: Ctx, listener: Map) -> TlsFiles | None:
     if cert is None or key is None:
         return None
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        return tlspair.read_pair(cert, key)
     except (ssl.SSLError, OSError) as exc:
         reason = exc.strerror or str(exc)
         ctx.problem(m.node, listener.sub("tls"), f"cannot use {cert} with {key}: {reason}")
         return None
-    return TlsFiles(cert, key)
 
 
 def _allow(ctx: Ctx, m: Map) -> tuple[IPv4Network | IPv6Network, ...] | None:

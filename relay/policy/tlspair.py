@@ -1,0 +1,47 @@
+"""A listener's certificate and key: read once, checked, and served as read.
+
+Every worker builds its TLS context from the bytes the policy loader read
+and checked, not from the files: a worker started later to replace a dead
+one serves the pair the supervisor checked, even when the files have since
+been replaced by a pair that does not match (which ``relay check`` and a
+reload refuse). Before, such a worker failed at start, again and again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+from relay.policy.model import TlsFiles
+
+
+def read_pair(cert: Path, key: Path) -> TlsFiles:
+    """Both files' bytes, loaded once as a server would: raises OSError or
+    ssl.SSLError (a key that is not the certificate's, a half-written file)."""
+    pair = TlsFiles(cert, key, cert.read_bytes(), key.read_bytes())
+    server_context(pair)
+    return pair
+
+
+def server_context(pair: TlsFiles) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    with _in_memory(pair.cert_pem) as cert, _in_memory(pair.key_pem) as key:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+@contextlib.contextmanager
+def _in_memory(data: bytes) -> Iterator[str]:
+    """A path OpenSSL can open that holds ``data``: it reads keys from files only."""
+    fd = os.memfd_create("relay-tls", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
