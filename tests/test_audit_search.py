@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from relay.audit.render import CSV_COLUMNS, TABLE_COLUMNS, csv_row, timeline, wr
 from relay.audit.search import parse_when, report, search, show
 from tests.test_audit_fixture import ACME_INVOICE, GLOBEX, START, Clock, build, read_all
 
+ROOT = Path(__file__).resolve().parent.parent
 ACME = [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 17, 18]
 INVOICE_1 = [2, 3, 4, 5, 6, 12, 17]
 
@@ -142,6 +146,31 @@ def test_search_main_exit_codes(log_dir: Path) -> None:
     out = io.StringIO()
     assert search_main(log_dir, status="failed", output="csv", out=out, err=err) == 0
     assert [r["seq"] for r in csv.DictReader(io.StringIO(out.getvalue()))] == ["9"]
+
+
+@pytest.mark.parametrize("output", ["table", "json", "csv"])
+def test_a_search_piped_into_head_ends_quietly(policy_file: Path, output: str) -> None:
+    """``relay audit search | head -1`` in a pipefail script: the reader going away
+    is no unreadable log (exit 2), it ends as ``relay queue list | head`` does."""
+    with AuditLog(policy_file.parent / "state" / "audit", clock=Clock()) as log:
+        log.append_many(
+            [
+                events.failed(queue_id=f"Q{n}", message_id=None, recipient="a@b", reply="550 no")
+                for n in range(3000)
+            ]
+        )
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    command = [sys.executable, "-m", "relay", "audit", "search", "-c", str(policy_file)]
+    searching = subprocess.Popen(
+        [*command, "--format", output],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=buffered,
+    )  # fmt: skip
+    assert searching.stdout is not None and searching.stderr is not None
+    assert searching.stdout.readline()  # what head prints, then it exits
+    searching.stdout.close()
+    assert searching.wait(60) == 1
+    assert searching.stderr.read().decode() == ""
+    searching.stderr.close()
 
 
 def test_show_is_the_whole_timeline_in_order(log_dir: Path) -> None:
