@@ -17,7 +17,7 @@ from relay.audit import AuditLog, events, verify
 from relay.audit.commands import report_main, search_main, show_main
 from relay.audit.render import CSV_COLUMNS, TABLE_COLUMNS, csv_row, timeline, write_csv
 from relay.audit.search import parse_when, report, search, show
-from tests.test_audit_fixture import ACME_INVOICE, GLOBEX, START, Clock, build, read_all
+from tests.test_audit_fixture import ACME_INVOICE, ACME_QUOTE, GLOBEX, START, Clock, build, read_all
 
 ROOT = Path(__file__).resolve().parent.parent
 ACME = [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 17, 18]
@@ -250,6 +250,38 @@ def test_report_counts_per_tenant_and_type(log_dir: Path) -> None:
             "bounced": 1,
         },
     ]
+
+
+def test_a_failure_notice_counts_under_the_tenant_of_its_message(tmp_path: Path) -> None:
+    """A notice has no ``received`` record of its own: without its link it was a
+    ``? ?`` row, an unknown tenant in the month's report."""
+    clock = build(tmp_path)
+    q, m = ACME_QUOTE
+    notice = "Q00000000000N1"
+    with AuditLog(tmp_path, clock=clock) as log:
+        log.append(
+            events.notified(
+                queue_id=q, message_id=m, recipient="eva@acme.example", notice_queue_id=notice
+            )
+        )
+        log.append(
+            events.delivered(
+                queue_id=notice,
+                message_id=f"<{notice}@platform.example>",
+                recipient="eva@acme.example",
+                upstream="smarthost",
+                reply="250 ok",
+                attempts=1,
+            )
+        )
+    rows = report(tmp_path, since="2024-05-08")
+    assert [(r["tenant"], r["doc_type"], r["sent"], r["delivered"]) for r in rows] == [
+        ("acme", "invoice", 0, 0),
+        ("acme", "notice", 0, 1),
+        ("globex", "invoice", 0, 0),
+    ]
+    story = timeline(show(tmp_path, q))
+    assert f"failure notice to eva@acme.example queued as {notice}" in story
 
 
 def test_report_outputs(log_dir: Path) -> None:
