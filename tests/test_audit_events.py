@@ -29,6 +29,7 @@ PINNED = {
     "bounced": ["recipient", "dsn_status", "diagnostic"],
     "complained": ["recipient", "feedback_type"],
     "deleted": ["by", "recipients"],
+    "notified": ["recipient", "notice_queue_id"],
     "policy_loaded": ["policy_file", "policy_sha256"],
     "pruned": ["files", "through_seq", "through_hash", "retention_days"],
 }  # fmt: skip
@@ -46,6 +47,11 @@ def test_stored_records_have_the_pinned_key_order(tmp_path: Path) -> None:
     q, m = ACME_INVOICE
     log = AuditLog(tmp_path, clock=Clock())
     log.append(events.expired(queue_id=q, message_id=m, recipient="ap@customer.example"))
+    log.append(
+        events.notified(
+            queue_id=q, message_id=m, recipient="jan@acme.example", notice_queue_id="QN"
+        )
+    )
     log.close()
     seen = set()
     for record in read_all(tmp_path):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,8 +17,9 @@ from relay.audit import AuditLog, events, verify
 from relay.audit.commands import report_main, search_main, show_main
 from relay.audit.render import CSV_COLUMNS, TABLE_COLUMNS, csv_row, timeline, write_csv
 from relay.audit.search import parse_when, report, search, show
-from tests.test_audit_fixture import ACME_INVOICE, GLOBEX, START, Clock, build, read_all
+from tests.test_audit_fixture import ACME_INVOICE, ACME_QUOTE, GLOBEX, START, Clock, build, read_all
 
+ROOT = Path(__file__).resolve().parent.parent
 ACME = [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 17, 18]
 INVOICE_1 = [2, 3, 4, 5, 6, 12, 17]
 
@@ -144,6 +148,31 @@ def test_search_main_exit_codes(log_dir: Path) -> None:
     assert [r["seq"] for r in csv.DictReader(io.StringIO(out.getvalue()))] == ["9"]
 
 
+@pytest.mark.parametrize("output", ["table", "json", "csv"])
+def test_a_search_piped_into_head_ends_quietly(policy_file: Path, output: str) -> None:
+    """``relay audit search | head -1`` in a pipefail script: the reader going away
+    is no unreadable log (exit 2), it ends as ``relay queue list | head`` does."""
+    with AuditLog(policy_file.parent / "state" / "audit", clock=Clock()) as log:
+        log.append_many(
+            [
+                events.failed(queue_id=f"Q{n}", message_id=None, recipient="a@b", reply="550 no")
+                for n in range(3000)
+            ]
+        )
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    command = [sys.executable, "-m", "relay", "audit", "search", "-c", str(policy_file)]
+    searching = subprocess.Popen(
+        [*command, "--format", output],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=buffered,
+    )  # fmt: skip
+    assert searching.stdout is not None and searching.stderr is not None
+    assert searching.stdout.readline()  # what head prints, then it exits
+    searching.stdout.close()
+    assert searching.wait(60) == 1
+    assert searching.stderr.read().decode() == ""
+    searching.stderr.close()
+
+
 def test_show_is_the_whole_timeline_in_order(log_dir: Path) -> None:
     by_queue = show(log_dir, ACME_INVOICE[0])
     assert [r["seq"] for r in by_queue] == INVOICE_1
@@ -221,6 +250,38 @@ def test_report_counts_per_tenant_and_type(log_dir: Path) -> None:
             "bounced": 1,
         },
     ]
+
+
+def test_a_failure_notice_counts_under_the_tenant_of_its_message(tmp_path: Path) -> None:
+    """A notice has no ``received`` record of its own: without its link it was a
+    ``? ?`` row, an unknown tenant in the month's report."""
+    clock = build(tmp_path)
+    q, m = ACME_QUOTE
+    notice = "Q00000000000N1"
+    with AuditLog(tmp_path, clock=clock) as log:
+        log.append(
+            events.notified(
+                queue_id=q, message_id=m, recipient="eva@acme.example", notice_queue_id=notice
+            )
+        )
+        log.append(
+            events.delivered(
+                queue_id=notice,
+                message_id=f"<{notice}@platform.example>",
+                recipient="eva@acme.example",
+                upstream="smarthost",
+                reply="250 ok",
+                attempts=1,
+            )
+        )
+    rows = report(tmp_path, since="2024-05-08")
+    assert [(r["tenant"], r["doc_type"], r["sent"], r["delivered"]) for r in rows] == [
+        ("acme", "invoice", 0, 0),
+        ("acme", "notice", 0, 1),
+        ("globex", "invoice", 0, 0),
+    ]
+    story = timeline(show(tmp_path, q))
+    assert f"failure notice to eva@acme.example queued as {notice}" in story
 
 
 def test_report_outputs(log_dir: Path) -> None:

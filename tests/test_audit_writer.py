@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -548,3 +549,35 @@ def test_records_removed_behind_the_writers_back_are_reported_and_show_in_verify
     result = verify(tmp_path / "audit")
     assert not result.ok and result.problem is not None
     assert "records 1..3 missing" in result.problem.message
+
+
+def _cut_in_place(day: Path, keep: bytes) -> None:
+    with open(day, "wb") as file:  # same inode, as an editor writing over the file does
+        file.write(keep)
+
+
+def _cut_by_replacing(day: Path, keep: bytes) -> None:
+    fresh = day.with_name(".edited")  # a new inode renamed over it, as ``sed -i`` does
+    fresh.write_bytes(keep)
+    os.replace(fresh, day)
+
+
+@pytest.mark.parametrize("cut", [_cut_in_place, _cut_by_replacing], ids=["in-place", "replaced"])
+def test_records_cut_from_the_end_behind_the_writers_back_show_in_verify(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, cut: Callable[[Path, bytes], None]
+) -> None:
+    """The newest lines cut off the day's file the relay writes: taking the shorter
+    file's tail would reuse their seqs in a chain that verifies as intact."""
+    log = AuditLog(tmp_path, clock=Clock())
+    for n in range(1, 7):
+        log.append(_failed(n))
+    written = log.head
+    day = tmp_path / "audit-2024-05-06.jsonl"
+    cut(day, b"".join(day.read_bytes().splitlines(keepends=True)[:-3]))
+    log.append(_failed(7))
+    last = read_all(tmp_path)[-1]
+    assert (last["seq"], last["prev"]) == (written[0] + 1, written[1])
+    assert "records up to seq 6 were written, its files now end at seq 3" in caplog.text
+    result = verify(tmp_path)
+    assert not result.ok and result.problem is not None
+    assert "records 4..6 missing" in result.problem.message

@@ -62,8 +62,7 @@ def search_main(
         err.write(f"relay audit search: {exc}\n")
         return 2
     except OSError as exc:
-        err.write(f"relay audit search: {directory}: {exc.strerror or exc}\n")
-        return 2
+        return _unreadable("search", directory, exc, err)
     return 0 if count else 1
 
 
@@ -74,8 +73,7 @@ def show_main(
     try:
         records = show(directory, ident)
     except OSError as exc:
-        err.write(f"relay audit show: {directory}: {exc.strerror or exc}\n")
-        return 2
+        return _unreadable("show", directory, exc, err)
     if not records:
         err.write(f"relay audit show: no records for {ident!r}\n")
         return 1
@@ -103,8 +101,7 @@ def report_main(
         err.write(f"relay audit report: {exc}\n")
         return 2
     except OSError as exc:
-        err.write(f"relay audit report: {directory}: {exc.strerror or exc}\n")
-        return 2
+        return _unreadable("report", directory, exc, err)
     render.write_report(rows, out, output)
     return 0
 
@@ -125,8 +122,7 @@ def verify_main(
     try:
         result = verify(directory, hmac_key, day.date() if day else None)
     except OSError as exc:
-        err.write(f"relay audit verify: {directory}: {exc.strerror or exc}\n")
-        return 2
+        return _unreadable("verify", directory, exc, err)
     for note in result.notes:
         out.write(f"note: {note}\n")
     if result.problem is not None:
@@ -138,6 +134,16 @@ def verify_main(
     if result.head:
         out.write(f"head: seq {result.last_seq} hash {result.head}\n")
     return 0
+
+
+def _unreadable(verb: str, directory: Path, exc: OSError, err: TextIO) -> int:
+    """Exit 2 for a log that could not be read. A reader that went away
+    (``| head``) is no fault of the log: that goes on up to the command line,
+    which ends quietly as for every listing."""
+    if isinstance(exc, BrokenPipeError):
+        raise exc
+    err.write(f"relay audit {verb}: {directory}: {exc.strerror or exc}\n")
+    return 2
 
 
 def _check_times(*values: str | None) -> None:

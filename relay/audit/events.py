@@ -95,6 +95,9 @@ SCHEMA: Mapping[str, tuple[tuple[str, Check], ...]] = {
     "bounced": (("recipient", _str), ("dsn_status", _str), ("diagnostic", _opt_str)),
     "complained": (("recipient", _str), ("feedback_type", _str)),
     "deleted": (("by", _str), ("recipients", _strs)),
+    # The failure notice is a message of its own with no received record:
+    # this links it to the message it is about, for the report.
+    "notified": (("recipient", _str), ("notice_queue_id", _str)),
     "policy_loaded": (("policy_file", _str), ("policy_sha256", _str)),
     # Written by AuditLog.maintain before it deletes old files, so verify can
     # tell retention from someone removing the start of the log.
@@ -337,6 +340,12 @@ def complained(
 
 def deleted(*, queue_id: str, message_id: str | None, by: str, recipients: Sequence[str]) -> dict:
     return _build("deleted", **locals())
+
+
+def notified(
+    *, queue_id: str, message_id: str | None, recipient: str, notice_queue_id: str
+) -> dict:
+    return _build("notified", **locals())
 
 
 def policy_loaded(*, policy_file: str, policy_sha256: str) -> dict:

@@ -156,6 +156,11 @@ def timeline(records: Sequence[dict[str, Any]]) -> str:
                 f"{when}  queued for {len(r.get('recipients') or [])} recipient(s),"
                 f" {r.get('size')} bytes (queue ID {_safe(r.get('queue_id'))})"
             )
+        elif event == "notified":
+            lines.append(
+                f"{when}  failure notice to {_safe(r.get('recipient'))}"
+                f" queued as {_safe(r.get('notice_queue_id'))}"
+            )
         elif event == "deleted":
             gone = " ".join(r.get("recipients") or [])
             lines.append(f"{when}  deleted by {_safe(r.get('by'))}: {_safe(gone)}")

@@ -33,6 +33,8 @@ _STRING = rb'"((?:[^"\\]|\\.)*)"'
 _OWNER = re.compile(
     rb'"tenant":%s,"user":%s,"doc_type":%s' % (_STRING, rb'"(?:[^"\\]|\\.)*"', _STRING)
 )
+_NOTICE = re.compile(rb'"notice_queue_id":"([^"\\]*)"')
+NOTICE_TYPE = "notice"  # the document type a failure notice is queued as
 COUNTED = {
     "delivered": "delivered",
     "failed": "failed",
@@ -301,12 +303,15 @@ def report(
     ``sent`` counts messages received in the window; the other columns
     count per-recipient events in the window, attributed through their
     queue ID to the message's tenant and type (``?`` when its ``received``
-    record is older than the look-back).
+    record is older than the look-back). A failure notice has no ``received``
+    record: its ``notified`` record names it, and it counts as a ``notice`` of
+    the tenant of the message it is about.
     """
     window = _Window.of(since, until)
     first = window.first_day - timedelta(days=lookback_days) if window.first_day else None
     owner: dict[str, tuple[str, str]] = {}
     counts: dict[tuple[str, str], Counter[str]] = {}
+    unowned: dict[str, Counter[str]] = {}  # attributed at the end: a link may come later
     for file in reader.day_files(directory, first, window.last_day):
         early = window.first_day is not None and file.day < window.first_day
         for block in reader.chunks(file):
@@ -320,11 +325,24 @@ def report(
                     owner[(head.group(3) or b"").decode()] = key
                     if not early and window.since <= head.group(1).decode() < window.until:
                         counts.setdefault(key, Counter())["sent"] += 1
+                elif event == b"notified":
+                    link = _NOTICE.search(block, head.end(), block.index(b"\n", head.end()))
+                    if link is not None:
+                        about = owner.get((head.group(3) or b"").decode(), ("?", "?"))
+                        owner[link.group(1).decode()] = (about[0], NOTICE_TYPE)
                 elif not early and event.decode() in COUNTED:
                     if not window.since <= head.group(1).decode() < window.until:
                         continue
-                    key = owner.get((head.group(3) or b"").decode(), ("?", "?"))
-                    counts.setdefault(key, Counter())[COUNTED[event.decode()]] += 1
+                    queue_id = (head.group(3) or b"").decode()
+                    key = owner.get(queue_id)
+                    tally = (
+                        counts.setdefault(key, Counter())
+                        if key
+                        else unowned.setdefault(queue_id, Counter())
+                    )
+                    tally[COUNTED[event.decode()]] += 1
+    for queue_id, tally in unowned.items():
+        counts.setdefault(owner.get(queue_id, ("?", "?")), Counter()).update(tally)
     rows = []
     for (tenant, doc_type), counter in sorted(counts.items()):
         row: dict[str, Any] = {"tenant": tenant, "doc_type": doc_type}

@@ -8,7 +8,7 @@ own and given a ticket: the next fsync of this process covers them, and
 append (the daemon, and ``relay queue delete`` recording who deleted what),
 so the chain's tail is shared state: every append holds an exclusive
 ``flock`` on ``.lock`` and re-reads the tail whenever another process may
-have written since (the open file grew, or the directory changed).
+have written since (the open file changed size, or the directory changed).
 """
 
 from __future__ import annotations
@@ -125,8 +125,8 @@ class AuditLog:
                 except OSError:
                     self._undo()
                     raise
-                self._seq, self._prev, self._size = seq, prev, self._size + len(data)
-                self._saw()
+                self._seq, self._prev = self._high = seq, prev
+                self._size += len(data)
                 if sync:
                     return 0
                 self._writes += 1
@@ -226,16 +226,11 @@ class AuditLog:
         if line is None:
             self._load()
             return
-        self._seq, self._prev = _head(line, path.name)
-        self._saw()
+        self._resume(_head(line, path.name))  # a file cut in place shrinks: see _resume
         self._size = size
 
     def _load(self) -> None:
-        """The tail from the disk. One older than the records this process knows
-        were written means the newest were removed behind its back: that is said,
-        and the chain goes on from the known head, so that verify shows the gap
-        rather than a new chain that looks intact."""
-        known = self._high
+        """The tail from the disk, over every day file (see _resume)."""
         self._stamp = None  # until the tail is known again
         self._close()
         self._seq, self._prev, self._day = 0, GENESIS_HASH, None
@@ -244,30 +239,36 @@ class AuditLog:
             newest = files[-1]
             # A plain file beside a compressed one for the same day would hide it.
             self._day = newest.day + timedelta(days=1) if newest.compressed else newest.day
+        head = (0, GENESIS_HASH)
         for file in reversed(files):
             line, torn = reader.last_line(file.path)
             if torn and file is files[-1] and not file.compressed:
                 self._terminate(file.path)
             if line is None:
                 continue
-            self._seq, self._prev = _head(line, file.name)
+            head = _head(line, file.name)
             break
-        if self._seq < known[0]:  # what this process wrote or saw, kept through failed loads
+        self._resume(head)
+        self._stamp = os.stat(self.directory).st_mtime_ns
+
+    def _resume(self, head: tuple[int, str]) -> None:
+        """Go on from the tail read from disk. One older than the records this
+        process knows were written means the newest were removed behind its back
+        (a file moved, replaced or cut in place): that is said, and the chain goes
+        on from the known head, so that verify shows the gap rather than a new
+        chain that looks intact."""
+        known = self._high  # what this process wrote or saw, kept through failed loads
+        if head[0] < known[0]:
             log.error(
                 "audit log %s: records up to seq %d were written, its files now end at"
                 " seq %d: the newest were removed; the chain goes on from seq %d",
                 self.directory,
                 known[0],
-                self._seq,
+                head[0],
                 known[0],
             )
-            self._seq, self._prev = known
-        self._high = (self._seq, self._prev)
-        self._stamp = os.stat(self.directory).st_mtime_ns
-
-    def _saw(self) -> None:
-        if self._seq > self._high[0]:
-            self._high = (self._seq, self._prev)
+            head = known
+        self._seq, self._prev = self._high = head
 
     def _terminate(self, path: Path) -> None:
         """Keep a torn last line (a crash mid-write) as evidence, but end it."""
@@ -291,9 +292,9 @@ class AuditLog:
             self._fd = os.open(path, flags)
             self._adopt(self._fd)  # mends a day file an earlier root tool left as root's
             line, _ = reader.last_line(path)  # created by another writer since our last look?
-            if line is not None:
-                self._seq, self._prev = _head(line, path.name)
-                self._saw()
+            head = _head(line, path.name) if line is not None else None
+            if head is not None and head[0] > self._seq:  # never back behind a known head
+                self._resume(head)
         self._fd_day = self._day = day
         self._size = os.fstat(self._fd).st_size
         self._stamp = os.stat(self.directory).st_mtime_ns
