@@ -13,13 +13,12 @@ import quopri
 from collections.abc import Sequence
 from email.utils import formatdate
 
+from relay.audit import events
 from relay.headers import encode_text, fold, format_address
 from relay.policy.model import Policy
 from relay.queueid import new_queue_id
 from relay.sign import sign
 from relay.spool import PENDING, QueueEntry, RecipientState
-
-NOTICE_TYPE = "notice"
 
 
 def build_notice(
@@ -60,7 +59,7 @@ def build_notice(
         tenant=entry.tenant,
         user=entry.user,
         notify_address=entry.notify_address,
-        doc_type=NOTICE_TYPE,
+        doc_type=events.NOTICE_TYPE,
         subject=subject,
         message_id=message_id,
         date=date,

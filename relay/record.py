@@ -168,6 +168,14 @@ class Recorder:
             notice.notify_address,
             notice.queue_id,
         )
+        self.add(
+            ev.notified(
+                queue_id=entry.queue_id,
+                message_id=entry.message_id,
+                recipient=notice.notify_address,
+                notice_queue_id=notice.queue_id,
+            )
+        )
 
     def deleted(self, queue_id: str, entry: QueueEntry | None, by: str) -> None:
         """``entry`` is None when its record could not be read: its message ID and

@@ -119,7 +119,12 @@ def test_one_recipient_refused_others_delivered_and_sender_told(
         ("failed", "two@example.org"),
         ("delivered", "three@example.org"),
         ("delivered", "jan@acme.example"),
+        ("notified", "jan@acme.example"),  # the notice: queued under an ID of its own
     ]
+    report = relay_cli(policy, "audit", "report", "--format", "json")
+    rows = {(r["tenant"], r["doc_type"]): r for r in map(json.loads, report.stdout.splitlines())}
+    assert rows.keys() == {("acme", "invoice"), ("acme", "notice")}, report.stdout
+    assert rows["acme", "notice"]["delivered"] == 1
 
 
 def test_a_failure_is_told_at_once_while_another_recipient_is_deferred(
@@ -202,12 +207,13 @@ def test_expired_messages_fail_and_tell_the_sender(policy_file: Path, tmp_path: 
         qid = send(port)
         wait_for(lambda: "status=expired" in relay.log())
     events = audit_events(policy, qid)
-    retries = len(events) - 3
+    retries = len(events) - 4
     assert events == [
         ("received", None),
         ("queued", None),
         *[("deferred", "one@example.org")] * retries,
         ("expired", "one@example.org"),
+        ("notified", "jan@acme.example"),
     ]
     assert "failure notice" in relay.log()
 

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from relay.submission import Submission
 
 VERSION = 1
+#: The document type a failure notice is queued and recorded as.
+NOTICE_TYPE = "notice"
 HEAD = ("v", "seq", "time", "event", "queue_id", "message_id")  # before the event's fields
 TAIL = ("prev", "hash")  # after them
 

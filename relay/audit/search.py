@@ -34,7 +34,6 @@ _OWNER = re.compile(
     rb'"tenant":%s,"user":%s,"doc_type":%s' % (_STRING, rb'"(?:[^"\\]|\\.)*"', _STRING)
 )
 _NOTICE = re.compile(rb'"notice_queue_id":"([^"\\]*)"')
-NOTICE_TYPE = "notice"  # the document type a failure notice is queued as
 COUNTED = {
     "delivered": "delivered",
     "failed": "failed",
@@ -329,7 +328,7 @@ def report(
                     link = _NOTICE.search(block, head.end(), block.index(b"\n", head.end()))
                     if link is not None:
                         about = owner.get((head.group(3) or b"").decode(), ("?", "?"))
-                        owner[link.group(1).decode()] = (about[0], NOTICE_TYPE)
+                        owner[link.group(1).decode()] = (about[0], events.NOTICE_TYPE)
                 elif not early and event.decode() in COUNTED:
                     if not window.since <= head.group(1).decode() < window.until:
                         continue
