@@ -215,6 +215,21 @@ async def test_partial_refusal_delivers_to_the_others() -> None:
     assert got.data == SENT
 
 
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_a_recipient_not_taken_is_never_delivered_whatever_its_code(
+    pipelining: bool,
+) -> None:
+    """A 252 to RCPT is not 250 or 251: the recipient was not taken."""
+    refuse = {"two@example.org": "252 2.1.5 Cannot VRFY user"}
+    handler = SinkHandler(refuse=refuse, pipelining=pipelining)
+    with Sink(handler) as sink:
+        got = await attempt(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
+        alone = await attempt(upstream(sink.port), "b@p.example", ["two@example.org"], MESSAGE)
+    assert got.replies["two@example.org"] == (451, "451 4.4.0 Cannot VRFY user")
+    assert alone.replies == {"two@example.org": (451, "451 4.4.0 Cannot VRFY user")}
+    assert [m.rcpt_tos for m in handler.messages] == [["one@example.org"]]
+
+
 # --- SMTP: refused, with the upstream's own words ---------------------------------
 
 
