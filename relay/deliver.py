@@ -2,8 +2,9 @@
 
 ``deliver`` returns a ``DeliveryResult`` (the upstream's reply, and the
 recipients it refused when it accepted others) or raises ``UpstreamError``
-with the upstream's own code and text when it refused the message, or
-``451 4.4.x`` when it could not be reached. See ``relay.upstream.smtp`` for
+with the upstream's own code and text when it refused the message
+(``RecipientsRefused``, with each one's reply, when it refused every
+recipient), or ``451 4.4.x`` when it could not be reached. See ``relay.upstream.smtp`` for
 how SMTP replies are mapped and ``relay.upstream.directory`` for the files
 the directory upstream writes.
 """
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from relay.engine import Attempt
 from relay.errors import UpstreamError
 from relay.policy.model import DirectoryUpstream, SmtpUpstream, Upstream
-from relay.upstream import DeliveryResult, directory, smtp
+from relay.upstream import DeliveryResult, RecipientsRefused, directory, smtp
 
 __all__ = ["DeliveryResult", "attempt", "deliver"]
 
@@ -37,9 +38,12 @@ async def attempt(
     try:
         result = await deliver(upstream, mail_from, rcpt_tos, data)
     except UpstreamError as exc:
-        return Attempt(dict.fromkeys(rcpt_tos, (exc.code, exc.line)))
-    replies = {rcpt: (250, result.reply) for rcpt in rcpt_tos}
-    for rcpt, reply in result.refused.items():
+        replies = dict.fromkeys(rcpt_tos, (exc.code, exc.line))
+        refused = exc.refused if isinstance(exc, RecipientsRefused) else {}
+    else:
+        replies = dict.fromkeys(rcpt_tos, (250, result.reply))
+        refused = result.refused
+    for rcpt, reply in refused.items():
         replies[rcpt] = (_code(reply), reply)
     return Attempt(replies)
 

@@ -15,10 +15,10 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from relay.deliver import DeliveryResult, deliver
+from relay.deliver import DeliveryResult, attempt, deliver
 from relay.errors import UpstreamError
 from relay.policy.model import DirectoryUpstream, SmtpUpstream, TlsMode
-from relay.upstream import replies, smtp
+from relay.upstream import RecipientsRefused, replies, smtp
 from relay.upstream.pool import Pool
 from tests.certs import Certs, make_certs, server_context
 from tests.sink import RefusingRecipients
@@ -215,6 +215,21 @@ async def test_partial_refusal_delivers_to_the_others() -> None:
     assert got.data == SENT
 
 
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_a_recipient_not_taken_is_never_delivered_whatever_its_code(
+    pipelining: bool,
+) -> None:
+    """A 252 to RCPT is not 250 or 251: the recipient was not taken."""
+    refuse = {"two@example.org": "252 2.1.5 Cannot VRFY user"}
+    handler = SinkHandler(refuse=refuse, pipelining=pipelining)
+    with Sink(handler) as sink:
+        got = await attempt(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
+        alone = await attempt(upstream(sink.port), "b@p.example", ["two@example.org"], MESSAGE)
+    assert got.replies["two@example.org"] == (451, "451 4.4.0 Cannot VRFY user")
+    assert alone.replies == {"two@example.org": (451, "451 4.4.0 Cannot VRFY user")}
+    assert [m.rcpt_tos for m in handler.messages] == [["one@example.org"]]
+
+
 # --- SMTP: refused, with the upstream's own words ---------------------------------
 
 
@@ -241,9 +256,30 @@ async def test_all_refused_mixed_is_temporary_so_a_retry_can_help() -> None:
         "one@example.org": "550 5.1.1 unknown",
         "two@example.org": "452 4.2.2 mailbox full",
     }
-    with Sink(SinkHandler(refuse=refuse)) as sink, pytest.raises(UpstreamError) as failed:
+    with Sink(SinkHandler(refuse=refuse)) as sink, pytest.raises(RecipientsRefused) as failed:
         await deliver(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
     assert failed.value.line == "452 4.2.2 mailbox full (and 1 more recipients refused)"
+    assert failed.value.refused == refuse
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_every_recipient_refused_each_gets_its_own_reply(pipelining: bool) -> None:
+    """A 5xx is not deferred because another recipient got a 4xx, and each
+    recipient's record quotes what the upstream said to it."""
+    refuse = {
+        "bad@example.org": "550 5.1.1 No such user",
+        "soft@example.org": "450 4.2.1 try later",
+        "deny@example.org": "553 5.7.1 Relaying denied",
+    }
+    handler = SinkHandler(refuse=refuse, pipelining=pipelining)
+    with Sink(handler) as sink:
+        got = await attempt(upstream(sink.port), "b@p.example", list(refuse), MESSAGE)
+    assert got.replies == {
+        "bad@example.org": (550, "550 5.1.1 No such user"),
+        "soft@example.org": (450, "450 4.2.1 try later"),
+        "deny@example.org": (553, "553 5.7.1 Relaying denied"),
+    }
+    assert handler.messages == []
 
 
 async def test_refusal_after_data_passes_through() -> None:

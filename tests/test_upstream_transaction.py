@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import aiosmtplib
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX
 from hypothesis import example, given, settings
@@ -149,6 +151,58 @@ async def test_the_size_is_declared_so_a_too_big_message_is_refused_at_mail(
     finally:
         controller.stop()
     assert refused.value.code == 552
+
+
+@dataclass
+class OptionsSink(Sink):
+    """Records each MAIL FROM's parameters; offers 8BITMIME only with ``eightbit``."""
+
+    eightbit: bool = True
+    mail_options: list[list[str]] = field(default_factory=list)
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list
+    ) -> list:
+        responses = await super().handle_EHLO(server, session, envelope, hostname, responses)
+        return responses if self.eightbit else [r for r in responses if r != "250-8BITMIME"]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        self.mail_options.append(options)
+        envelope.mail_from = address  # what aiosmtpd does when there is no hook
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+
+EIGHT_BIT = [
+    b"Subject: Rechnung f\xc3\xbcr Jan\r\n\r\nbody\r\n",  # RFC 6532 header, 7-bit body
+    b"Subject: x\r\n\r\n\xc3\x86 8-bit \xff\r\n",
+]
+
+
+@pytest.mark.parametrize("data", EIGHT_BIT)
+async def test_8bit_content_is_announced_to_a_server_that_offers_8bitmime(
+    pipelining: bool, data: bytes
+) -> None:
+    recording = OptionsSink(pipelining=pipelining)
+    with SinkServer(recording) as sink:
+        await _send(sink, ["one@example.org"], data)
+        await _send(sink, ["one@example.org"], MESSAGE)
+    assert recording.mail_options == [
+        [f"SIZE={len(data)}", "BODY=8BITMIME"],
+        [f"SIZE={len(MESSAGE)}"],  # 7-bit: nothing to announce
+    ]
+    assert [m.data for m in recording.messages] == [data, MESSAGE]
+
+
+async def test_8bit_content_goes_as_it_is_to_a_server_without_8bitmime(pipelining: bool) -> None:
+    """Neither announced nor converted: the signed bytes arrive unchanged."""
+    recording = OptionsSink(pipelining=pipelining, eightbit=False)
+    with SinkServer(recording) as sink:
+        await _send(sink, ["one@example.org"], EIGHT_BIT[1])
+    assert recording.mail_options == [[f"SIZE={len(EIGHT_BIT[1])}"]]
+    assert [m.data for m in recording.messages] == [EIGHT_BIT[1]]
 
 
 ADDRESS_PIECES = st.sampled_from([*'ab9.@<> "()\\,;:é\r\n\x00', "x@y.example", "Jan <", ">"])

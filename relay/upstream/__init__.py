@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from relay.errors import UpstreamError
+
 
 @dataclass(frozen=True)
 class DeliveryResult:
@@ -17,3 +19,14 @@ class DeliveryResult:
 
     reply: str  # the upstream's reply to DATA, or where the directory upstream wrote it
     refused: Mapping[str, str] = field(default_factory=dict)  # recipient -> "550 5.1.1 ..."
+
+
+class RecipientsRefused(UpstreamError):
+    """The upstream refused every recipient. Its own reply stands for them all
+    where only one can be given; ``refused`` keeps each recipient's, as in a
+    ``DeliveryResult``, so a recipient refused for good fails while another is
+    retried, each recorded with what the upstream said to it."""
+
+    def __init__(self, reply: UpstreamError, refused: Mapping[str, str]) -> None:
+        super().__init__(reply.code, reply.status, reply.text)
+        self.refused = refused

@@ -27,7 +27,7 @@ import aiosmtplib
 
 from relay.errors import UpstreamError
 from relay.policy.model import SmtpUpstream, TlsMode
-from relay.upstream import DeliveryResult, replies, transaction
+from relay.upstream import DeliveryResult, RecipientsRefused, replies, transaction
 from relay.upstream.pipelining import Stale
 from relay.upstream.pool import Pool, PoolKey, default_pool
 
@@ -69,7 +69,7 @@ async def send(
         raise _mapped(upstream, "sending", exc) from exc
     return DeliveryResult(
         replies.line(250, reply),
-        {rcpt: replies.line(r.code, r.message) for rcpt, r in refused.items()},
+        {rcpt: _refused(r.code, r.message) for rcpt, r in refused.items()},
     )
 
 
@@ -143,12 +143,21 @@ def _password(upstream: SmtpUpstream) -> str:
     raise UpstreamError(451, "4.3.5", f"Upstream {upstream.name}: username but no password")
 
 
-def _all_refused(exc: aiosmtplib.SMTPRecipientsRefused) -> UpstreamError:
-    """One reply for the whole message: temporary if any refusal is, so a retry can help."""
+def _all_refused(exc: aiosmtplib.SMTPRecipientsRefused) -> RecipientsRefused:
+    """Each recipient's own reply, and one for the whole message: temporary if
+    any refusal is, so a retry can help."""
     refusals = exc.recipients
     first = next((r for r in refusals if r.code < 500), refusals[0])
     more = f" (and {len(refusals) - 1} more recipients refused)" if len(refusals) > 1 else ""
-    return replies.refusal(first.code, first.message, more)
+    each = {r.recipient: _refused(r.code, r.message) for r in refusals}
+    return RecipientsRefused(replies.refusal(first.code, first.message, more), each)
+
+
+def _refused(code: int, message: str) -> str:
+    """A recipient's refusal as the whole message's would be: a server that
+    answers RCPT with neither 250 nor 251 did not take it, so even its 252
+    or 3xx is a reply to retry on (``451 4.4.0``), never a delivery."""
+    return replies.refusal(code, message).line
 
 
 def _failed(

@@ -1,0 +1,48 @@
+"""Refusals end to end: a real relay process and a real upstream that refuses per recipient."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tests.relayproc import RelayProcess, wait_for
+from tests.sink import Sink, SinkServer, free_port
+from tests.test_queue_e2e import audit_events, configure, send
+
+REFUSE = {
+    "bad@example.org": "550 5.1.1 No such user",
+    "soft@example.org": "450 4.2.1 try later",
+    "deny@example.org": "553 5.7.1 Relaying denied",
+}
+
+
+def test_every_recipient_refused_fails_the_permanent_ones_and_defers_only_the_other(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The 5xx recipients are not retried for days because another got a 4xx: they
+    fail at once, the sender hears of them, and each line quotes its own reply."""
+    refusing = Sink(refuse=dict(REFUSE))
+    with SinkServer(refusing) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            qid = send(port, rcpts=tuple(REFUSE))
+            (notice,) = sink.sink.wait(1)
+            wait_for(lambda: relay.log().count(f"{qid}: to=<soft@example.org>") >= 2)
+            lines = relay.log()
+    assert notice.mail_from == "<>" and notice.rcpt_tos == ["jan@acme.example"]
+    body = notice.data.split(b"\r\n\r\n", 1)[1].decode()
+    assert "bad@example.org" in body and "deny@example.org" in body
+    assert "soft@example.org" not in body
+    said = re.findall(rf"{qid}: to=<([^>]+)>.*status=(\w+) \((.*)\)", lines)
+    assert set(said[:3]) == {
+        ("bad@example.org", "bounced", REFUSE["bad@example.org"]),
+        ("soft@example.org", "deferred", REFUSE["soft@example.org"]),
+        ("deny@example.org", "bounced", REFUSE["deny@example.org"]),
+    }
+    assert {(address, status) for address, status, _ in said[3:]} == {
+        ("soft@example.org", "deferred")
+    }
+    events = audit_events(policy, qid)
+    assert ("failed", "bad@example.org") in events and ("failed", "deny@example.org") in events
+    assert ("deferred", "bad@example.org") not in events
