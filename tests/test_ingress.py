@@ -164,14 +164,42 @@ def test_non_ascii_recipient_refused(relay: Relay) -> None:
 @pytest.mark.parametrize(
     ("command", "expected"),
     [
-        (b"MAIL FROM:<erp\racme@acme.example>", "553 5.1.3 "),
-        (b"MAIL FROM:<no-domain>", "553 5.1.3 "),
+        (b"MAIL FROM:<erp\racme@acme.example>", "553 5.1.7 Bad address syntax: "),
+        (b"MAIL FROM:<no-domain>", "553 5.1.7 Bad address syntax: "),
+        (b'MAIL FROM:<"erp@acme.example">', "553 5.1.7 Quoted local parts are not supported: "),
+        (b'MAIL FROM:<"e rp"@acme.example>', "553 5.1.7 Quoted local parts are not supported: "),
     ],
 )
 def test_malformed_sender_refused(relay: Relay, command: bytes, expected: str) -> None:
     with Raw(relay.port) as raw:
         raw.ehlo()
         assert raw.cmd(command).startswith(expected)
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        (b'"postmaster@example.org"', "553 5.1.3 Quoted local parts are not supported: "),
+        (b'"root@"', "553 5.1.3 Quoted local parts are not supported: "),
+        (b'"a b"@example.org', "553 5.1.3 Quoted local parts are not supported: "),
+        (b"root@[192.0.2.1]", "553 5.1.3 Bad address syntax: "),
+        (b"root@-example.org", "553 5.1.3 Bad address syntax: "),
+        (b"root.@example.org", "553 5.1.3 Bad address syntax: "),
+        (b"root", "553 5.1.3 Bad address syntax: "),
+    ],
+)
+def test_recipient_not_sent_as_given_refused(relay: Relay, path: bytes, expected: str) -> None:
+    """What the relay accepts goes upstream and into the audit log unchanged;
+    aiosmtpd parses these, but the upstream client would rewrite them."""
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        assert raw.cmd(b"RCPT TO:<" + path + b">").startswith(expected)
+        assert raw.cmd(b"RCPT TO:<one@example.org>").startswith("250")
+        assert raw.cmd(b"DATA").startswith("354")
+        assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
+    assert relay.process.submissions[0].rcpt_tos == ("one@example.org",)
 
 
 def test_null_recipient_refused(relay: Relay) -> None:
