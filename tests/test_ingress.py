@@ -170,11 +170,18 @@ def test_non_ascii_recipient_refused(relay: Relay) -> None:
         (b'MAIL FROM:<"e rp"@acme.example>', "553 5.1.7 Quoted local parts are not supported: "),
     ],
 )
-def test_malformed_sender_refused(relay: Relay, command: bytes, expected: str) -> None:
+def test_malformed_sender_refused(
+    relay: Relay, command: bytes, expected: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
     with Raw(relay.port) as raw:
         raw.ehlo()
-        assert raw.cmd(command).startswith(expected)
+        reply = raw.cmd(command)
+        assert reply.startswith(expected)
         assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+    (line,) = refused_lines(caplog)
+    assert line.startswith("refused client=127.0.0.1 from=<") and line.endswith(reply)
+    assert "\r" not in line
 
 
 @pytest.mark.parametrize(
@@ -244,14 +251,26 @@ def test_ipv6_listener_and_allow_list() -> None:
 # --- size and line limits --------------------------------------------------------
 
 
-def test_size_declared_too_big_refused(relay: Relay) -> None:
+def refused_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The log's lines for messages refused on the SMTP side."""
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused ")]
+
+
+def test_size_declared_too_big_refused(relay: Relay, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
     with Raw(relay.port) as raw:
         raw.ehlo()
         reply = raw.cmd(b"MAIL FROM:<erp@acme.example> SIZE=100001")
-    assert reply.startswith("552 5.3.4 "), reply
+        assert raw.cmd(b"MAIL FROM:<> SIZE=100001") == reply
+    assert reply == "552 5.3.4 Message size exceeds the maximum of 100000 bytes"
+    assert refused_lines(caplog) == [
+        f"refused client=127.0.0.1 from=<erp@acme.example>: {reply}",
+        f"refused client=127.0.0.1 from=<>: {reply}",
+    ]
 
 
-def test_size_enforced_on_data(relay: Relay) -> None:
+def test_size_enforced_on_data(relay: Relay, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
     big = b"Subject: big\r\n\r\n" + (b"x" * 900 + b"\r\n") * 120
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
         client.ehlo()
@@ -262,6 +281,9 @@ def test_size_enforced_on_data(relay: Relay) -> None:
         assert reply.startswith(b"5.3.4 ")
         assert client.noop()[0] == 250
     assert relay.process.calls == []
+    assert refused_lines(caplog) == [
+        f"refused client=127.0.0.1 from=<erp@acme.example>: 552 {reply.decode()}"
+    ]
 
 
 @pytest.mark.parametrize("length", [998])
@@ -457,13 +479,18 @@ def test_auth_attempts_per_connection_are_limited(relay: Relay) -> None:
         assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "x").encode()).startswith("421")
 
 
-def test_auth_required_refuses_mail_before_auth() -> None:
+def test_auth_required_refuses_mail_before_auth(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
     with Relay([listener(auth=AuthMode.REQUIRED)]) as relay:
         with Raw(relay.port) as raw:
             raw.ehlo()
             assert raw.cmd(b"MAIL FROM:<erp@acme.example>") == "530 5.7.0 Authentication required"
             assert raw.cmd(b"RCPT TO:<one@example.org>") == "530 5.7.0 Authentication required"
             assert raw.cmd(b"DATA") == "530 5.7.0 Authentication required"
+            assert refused_lines(caplog) == [  # one line for the message, not per command
+                "refused client=127.0.0.1 from=<erp@acme.example>:"
+                " 530 5.7.0 Authentication required"
+            ]
             assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()).startswith(
                 "235"
             )

@@ -21,7 +21,7 @@ from relay.ingress import content
 from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
 from relay.ingress.auth import Authenticated, Mechanisms
 from relay.ingress.authcache import Verified
-from relay.ingress.protocol import RelaySMTP, client_address, hook_names
+from relay.ingress.protocol import RelaySMTP, client_address, hook_names, log_refused
 from relay.policy.model import AuthMode, Listener, Policy
 from relay.submission import Submission
 
@@ -93,14 +93,13 @@ class RelayHandler(Mechanisms):
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data = envelope.original_content or b""
-        client = client_address(session.peer)
         refusal = content.refusal(data)
         if refusal is not None:
-            log.info("refused client=%s from=<%s>: %s", client, envelope.mail_from, refusal.line)
+            log_refused(session.peer, envelope.mail_from, refusal.line)
             return refusal.line
         submission = Submission(
             listener=self._listener.name,
-            client_address=str(client),
+            client_address=str(client_address(session.peer)),
             auth_login=_login(session),
             mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
             rcpt_tos=tuple(envelope.rcpt_tos),

@@ -6,7 +6,10 @@
   would be cut off mid-transaction;
 - enhanced status codes on the replies aiosmtpd words itself (an ERP log
   with ``552 5.3.4`` is easier to act on than ``552 Error: Too much mail data``);
-- knowing whether a transaction is under way, for a graceful shutdown.
+- knowing whether a transaction is under way, for a graceful shutdown;
+- a log line for each message refused here, as for those refused later: a
+  refused MAIL (a SIZE declared too big, AUTH missing) and DATA over the size
+  limit.
 
 - DATA read in large pieces rather than line by line (``data``), and the
   usual ``<local@domain>`` path parsed without the header parser (``address``).
@@ -22,6 +25,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
@@ -37,6 +41,9 @@ Network = IPv4Network | IPv6Network
 
 NOT_ALLOWED = "554 5.7.1 Client {client} is not allowed to use this relay"
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
+
+_GIVEN_SENDER = re.compile(r"FROM:\s*<([^>]*)>", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class RelaySMTP(SMTP):
@@ -55,6 +62,7 @@ class RelaySMTP(SMTP):
         self._connections = connections
         self._holding = False
         self._deadline = 0.0  # loop time: idle until then is allowed
+        self._mail_arg: str | None = None  # while a MAIL command is handled
         self._better = {
             "552 Error: Too much mail data": self._too_big(),
             "552 Error: message size exceeds fixed maximum message size": self._too_big(),
@@ -134,6 +142,15 @@ class RelaySMTP(SMTP):
             return None, None
         return plain
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """aiosmtpd's MAIL; a refusal ends the message here, so ``push`` logs it."""
+        self._mail_arg = arg or ""
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self._mail_arg = None
+
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA with the section read in large pieces (see ``data``)."""
@@ -154,6 +171,8 @@ class RelaySMTP(SMTP):
             self._writer.close()
             raise
         if section.overflow is not data.Overflow.NONE:
+            assert self.session is not None
+            log_refused(self.session.peer, self.envelope.mail_from, self._too_big())
             await self.push(self._too_big())
             self._set_post_data_state()
             return
@@ -165,6 +184,9 @@ class RelaySMTP(SMTP):
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
             status = self._better.get(status, status)
+            if self._mail_arg is not None and status.startswith("5"):
+                assert self.session is not None
+                log_refused(self.session.peer, given_sender(self._mail_arg), status)
         await super().push(status)
 
     @contextlib.contextmanager
@@ -198,6 +220,19 @@ def hook_names(obj: object, prefixes: tuple[str, ...]) -> list[str]:
 @functools.cache
 def _class_names(cls: type, prefixes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(name for name in dir(cls) if name.startswith(prefixes))
+
+
+def log_refused(peer: Any, mail_from: str | None, reply: str) -> None:
+    """The log line of a message refused on the SMTP side, one per message."""
+    sender = "" if mail_from in (None, "<>") else mail_from
+    log.info("refused client=%s from=<%s>: %s", client_address(peer), sender, reply)
+
+
+def given_sender(arg: str | None) -> str:
+    """The path a MAIL command names, as given (controls blanked), for a log
+    line: a MAIL refused before its path is parsed still names its sender."""
+    match = _GIVEN_SENDER.match(arg or "")
+    return _CONTROL.sub(" ", match.group(1)) if match else "?"
 
 
 def client_address(peer: Any) -> IPv4Address | IPv6Address | None:
