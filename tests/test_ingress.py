@@ -571,10 +571,14 @@ def test_without_tls_configured_auth_is_never_offered_off_loopback(
 # --- timeouts and shutdown -------------------------------------------------------
 
 
-def test_idle_connection_is_closed() -> None:
+IDLE = ["421 4.4.2 relay.test.example Error: timeout exceeded"]
+
+
+def test_idle_connection_is_told_and_closed() -> None:
     with Relay([listener(idle_timeout=0.3)]) as relay, Raw(relay.port) as raw:
         raw.ehlo()
         started = time.monotonic()
+        assert raw.reply() == IDLE
         assert raw.closed()
         assert time.monotonic() - started < 5
 
@@ -586,6 +590,7 @@ def test_idle_after_commands_is_closed_counting_from_the_last_one() -> None:
             assert raw.cmd(b"NOOP") == "250 OK"
             time.sleep(0.1)
         last = time.monotonic()
+        assert raw.reply() == IDLE
         assert raw.closed()
         assert 0.15 < time.monotonic() - last < 5
 

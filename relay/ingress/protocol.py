@@ -3,7 +3,8 @@
 - the client allow-list, checked before the greeting;
 - an idle timeout that means idle: aiosmtpd only re-arms its timer on a
   command, so a long DATA upload or a slow upstream behind ``handle_DATA``
-  would be cut off mid-transaction;
+  would be cut off mid-transaction; and the client is told ``421`` before
+  the connection is closed, where aiosmtpd closes it without a word;
 - enhanced status codes on the replies aiosmtpd words itself (an ERP log
   with ``552 5.3.4`` is easier to act on than ``552 Error: Too much mail data``);
 - knowing whether a transaction is under way, for a graceful shutdown;
@@ -119,6 +120,11 @@ class RelaySMTP(SMTP):
         else:
             self._timeout_cb()
 
+    def _timeout_cb(self) -> None:
+        """An ERP's log then says why the connection ended (RFC 5321 3.8, as Postfix does)."""
+        self._say(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+        super()._timeout_cb()
+
     async def _handle_client(self) -> None:
         assert self.session is not None and self.transport is not None
         address = client_address(self.session.peer)
@@ -204,10 +210,15 @@ class RelaySMTP(SMTP):
 
     def shut_down(self) -> None:
         """Tell the client why the connection ends (RFC 5321 3.8), then end it."""
+        if self.transport is not None:
+            self._say(SHUTTING_DOWN)
+            self.transport.close()
+
+    def _say(self, reply: bytes) -> None:
+        """Write a last reply unless the connection is already going."""
         if self.transport is not None and not self.transport.is_closing():
             with contextlib.suppress(OSError, RuntimeError):
-                self.transport.write(SHUTTING_DOWN)
-            self.transport.close()
+                self.transport.write(reply)
 
 
 def hook_names(obj: object, prefixes: tuple[str, ...]) -> list[str]:
