@@ -15,6 +15,7 @@ import pytest
 from relay.errors import Rejected
 from relay.ingress import content, listen
 from relay.ingress.protocol import RelaySMTP
+from relay.passwd import hash_password
 from relay.policy.model import AuthMode, TlsFiles
 from relay.policy.tlspair import read_pair
 from tests.certs import make_certs
@@ -469,6 +470,84 @@ def test_auth_garbage_gets_501(relay: Relay, command: bytes) -> None:
         raw.ehlo()
         assert raw.cmd(command).startswith("501 5.5.2 ")
         assert raw.cmd(b"NOOP") == "250 OK"
+
+
+@pytest.mark.parametrize("length", [600, 2000])
+def test_long_password_logs_in(length: int) -> None:
+    """smtplib sends AUTH PLAIN with the credentials on the command line (over
+    aiosmtpd's 512 octets here, within RFC 4954's 12288), and LOGIN's password
+    line is as long (over aiosmtpd's 1001 for the longer one)."""
+    password = "p" * length
+    logins = {"erp-long": hash_password(password)}
+    with Relay([listener()], policy=policy((listener(),), logins=logins)) as relay:
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            assert raw.cmd(b"AUTH PLAIN " + plain("erp-long", password).encode()).startswith("235")
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            assert client.login("erp-long", password)[0] == 235
+            client.sendmail("erp@acme.example", ["one@example.org"], MESSAGE)
+    assert relay.process.submissions[0].auth_login == "erp-long"
+
+
+def test_auth_command_longer_than_rfc_4954_allows_refused(relay: Relay) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"AUTH PLAIN " + b"A" * 12300) == "500 5.5.2 Command line too long"
+        assert raw.cmd(b"MAIL FROM:<" + b"a" * 600 + b"@acme.example>") == (
+            "500 5.5.2 Command line too long"  # the other commands keep their limit
+        )
+        assert raw.cmd(b"NOOP") == "250 OK"
+
+
+def test_long_auth_response_in_pieces_stays_in_step(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A response line over aiosmtpd's 1001 octets, sent in two writes."""
+    login = base64.b64encode(b"x" * 1200)
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"AUTH LOGIN") == "334 VXNlcm5hbWU6"
+        raw.send(login[:700])
+        time.sleep(0.1)
+        assert raw.cmd(login[700:]) == "334 UGFzc3dvcmQ6"
+        assert raw.cmd(base64.b64encode(b"secret")).startswith("535 5.7.8 ")
+        assert raw.cmd(b"NOOP") == "250 OK"
+    assert "Traceback" not in caplog.text and "ValueError" not in caplog.text
+
+
+def test_auth_response_longer_than_rfc_4954_allows_is_500_5_5_6(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"AUTH LOGIN") == "334 VXNlcm5hbWU6"
+        raw.send(b"A" * 9000)
+        time.sleep(0.1)
+        reply = raw.cmd(b"A" * 9000 + b" NOOP")
+        assert reply == "500 5.5.6 Authentication Exchange line is too long"
+        assert raw.cmd(b"NOOP") == "250 OK"  # nothing of the long line was taken as a command
+        assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()).startswith(
+            "235 "
+        )
+    assert "Traceback" not in caplog.text
+
+
+def test_auth_cancelled_with_star(relay: Relay) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"AUTH PLAIN") == "334 "
+        assert raw.cmd(b"*") == "501 5.7.0 Auth aborted"
+        assert raw.cmd(b"NOOP") == "250 OK"
+
+
+def test_auth_plain_empty_initial_response_fails_authentication(relay: Relay) -> None:
+    """``=`` is an empty initial response (RFC 4954 4): no credentials, not bad base64."""
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"AUTH PLAIN =") == "535 5.7.8 Authentication credentials invalid"
+        assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()).startswith(
+            "235 "
+        )
 
 
 def test_auth_attempts_per_connection_are_limited(relay: Relay) -> None:
