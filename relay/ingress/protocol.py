@@ -223,8 +223,9 @@ class RelaySMTP(SMTP):
             raise
         if section.overflow is not data.Overflow.NONE:
             assert self.session is not None
-            log_refused(self.session.peer, self.envelope.mail_from, self._too_big())
-            await self.push(self._too_big())
+            reply = self._too_big()
+            log_refused(self.session.peer, self.envelope.mail_from, reply)
+            await self.push(reply)
             self._set_post_data_state()
             return
         self.envelope.content = self.envelope.original_content = section.content
