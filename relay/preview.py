@@ -2,7 +2,9 @@
 
 A sysadmin changing the policy wants to see, before any mail goes out,
 who the relay thinks sent a message, why, and what the message will look
-like. This renders ``pipeline.prepare``'s result; nothing is sent.
+like. This renders ``pipeline.prepare``'s result; nothing is sent. What the
+SMTP side would refuse before the pipeline sees it (a login the policy does
+not know, an envelope address it does not take) is refused here too.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from email.utils import getaddresses
 
 from relay import headers, message
 from relay.decide import Decision
+from relay.errors import Rejected
+from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
 from relay.pipeline import Prepared, prepare
 from relay.policy.model import DirectoryUpstream, Policy, SmtpUpstream, Upstream
 from relay.submission import Submission
@@ -47,11 +51,29 @@ def submission_from_file(
 
 
 def render(policy: Policy, submission: Submission, *, as_json: bool) -> str:
+    """The report; raises SmtpReply for a message the relay would refuse."""
+    _check_envelope(policy, submission)
     prepared = prepare(policy, submission)
     report = _report(policy, submission, prepared)
     if as_json:
         return json.dumps(report, indent=2, ensure_ascii=False)
     return _text(report)
+
+
+def _check_envelope(policy: Policy, submission: Submission) -> None:
+    """Raise the SMTP side's refusal of this transaction, if it has one: an
+    ERP could not log in or name these addresses, so no preview of them helps."""
+    login = submission.auth_login
+    if login is not None and login not in policy.logins:
+        raise Rejected(
+            535, "5.7.8", f"Authentication credentials invalid: no login {login!r} in the policy"
+        )
+    paths = [(submission.mail_from, SENDER)] if submission.mail_from else []
+    paths += [(rcpt, RECIPIENT) for rcpt in submission.rcpt_tos]
+    for address, status in paths:
+        refused = mailbox_refusal(address, status)
+        if refused is not None:
+            raise refused
 
 
 def _report(policy: Policy, submission: Submission, prepared: Prepared) -> dict:

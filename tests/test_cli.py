@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -84,6 +86,26 @@ def test_preview_of_a_refused_message(policy_file: Path, tmp_path: Path) -> None
     done = relay("preview", "-c", str(policy_file), str(eml))
     assert done.returncode == 65
     assert "would refuse this message: 550 5.7.1 Sender not known" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "reply"),
+    [
+        (["--auth-login", "nobody"], "535 5.7.8 Authentication credentials invalid: no login"),
+        (["--rcpt", "bad address"], "553 5.1.3 Bad address syntax: 'bad address'"),
+        (["--rcpt", '"root@"'], "553 5.1.3 Quoted local parts are not supported"),
+        (["--mail-from", "kari@"], "553 5.1.7 Bad address syntax: 'kari@'"),
+    ],
+)
+def test_preview_refuses_what_the_smtp_side_refuses(
+    policy_file: Path, tmp_path: Path, option: list[str], reply: str
+) -> None:
+    eml = tmp_path / "invoice.eml"
+    eml.write_text(INVOICE)
+    done = relay("preview", "-c", str(policy_file), str(eml), *option)
+    assert done.returncode == 65, done.stdout
+    assert f"relay preview: the relay would refuse this message: {reply}" in done.stderr
+    assert done.stdout == ""
 
 
 def test_keygen_writes_private_key_0600_and_prints_record(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 from relay.errors import Rejected
 from relay.ingress import content, listen
 from relay.ingress.protocol import RelaySMTP
+from relay.passwd import hash_password
 from relay.policy.model import AuthMode, TlsFiles
 from relay.policy.tlspair import read_pair
 from tests.certs import make_certs
@@ -164,14 +165,49 @@ def test_non_ascii_recipient_refused(relay: Relay) -> None:
 @pytest.mark.parametrize(
     ("command", "expected"),
     [
-        (b"MAIL FROM:<erp\racme@acme.example>", "553 5.1.3 "),
-        (b"MAIL FROM:<no-domain>", "553 5.1.3 "),
+        (b"MAIL FROM:<erp\racme@acme.example>", "553 5.1.7 Bad address syntax: "),
+        (b"MAIL FROM:<no-domain>", "553 5.1.7 Bad address syntax: "),
+        (b'MAIL FROM:<"erp@acme.example">', "553 5.1.7 Quoted local parts are not supported: "),
+        (b'MAIL FROM:<"e rp"@acme.example>', "553 5.1.7 Quoted local parts are not supported: "),
     ],
 )
-def test_malformed_sender_refused(relay: Relay, command: bytes, expected: str) -> None:
+def test_malformed_sender_refused(
+    relay: Relay, command: bytes, expected: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
     with Raw(relay.port) as raw:
         raw.ehlo()
-        assert raw.cmd(command).startswith(expected)
+        reply = raw.cmd(command)
+        assert reply.startswith(expected)
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+    (line,) = refused_lines(caplog)
+    assert line.startswith("refused client=127.0.0.1 from=<") and line.endswith(reply)
+    assert "\r" not in line
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        (b'"postmaster@example.org"', "553 5.1.3 Quoted local parts are not supported: "),
+        (b'"root@"', "553 5.1.3 Quoted local parts are not supported: "),
+        (b'"a b"@example.org', "553 5.1.3 Quoted local parts are not supported: "),
+        (b"root@[192.0.2.1]", "553 5.1.3 Bad address syntax: "),
+        (b"root@-example.org", "553 5.1.3 Bad address syntax: "),
+        (b"root.@example.org", "553 5.1.3 Bad address syntax: "),
+        (b"root", "553 5.1.3 Bad address syntax: "),
+    ],
+)
+def test_recipient_not_sent_as_given_refused(relay: Relay, path: bytes, expected: str) -> None:
+    """What the relay accepts goes upstream and into the audit log unchanged;
+    aiosmtpd parses these, but the upstream client would rewrite them."""
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        assert raw.cmd(b"RCPT TO:<" + path + b">").startswith(expected)
+        assert raw.cmd(b"RCPT TO:<one@example.org>").startswith("250")
+        assert raw.cmd(b"DATA").startswith("354")
+        assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
+    assert relay.process.submissions[0].rcpt_tos == ("one@example.org",)
 
 
 def test_null_recipient_refused(relay: Relay) -> None:
@@ -216,14 +252,26 @@ def test_ipv6_listener_and_allow_list() -> None:
 # --- size and line limits --------------------------------------------------------
 
 
-def test_size_declared_too_big_refused(relay: Relay) -> None:
+def refused_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The log's lines for messages refused on the SMTP side."""
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused ")]
+
+
+def test_size_declared_too_big_refused(relay: Relay, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
     with Raw(relay.port) as raw:
         raw.ehlo()
         reply = raw.cmd(b"MAIL FROM:<erp@acme.example> SIZE=100001")
-    assert reply.startswith("552 5.3.4 "), reply
+        assert raw.cmd(b"MAIL FROM:<> SIZE=100001") == reply
+    assert reply == "552 5.3.4 Message size exceeds the maximum of 100000 bytes"
+    assert refused_lines(caplog) == [
+        f"refused client=127.0.0.1 from=<erp@acme.example>: {reply}",
+        f"refused client=127.0.0.1 from=<>: {reply}",
+    ]
 
 
-def test_size_enforced_on_data(relay: Relay) -> None:
+def test_size_enforced_on_data(relay: Relay, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
     big = b"Subject: big\r\n\r\n" + (b"x" * 900 + b"\r\n") * 120
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
         client.ehlo()
@@ -234,6 +282,9 @@ def test_size_enforced_on_data(relay: Relay) -> None:
         assert reply.startswith(b"5.3.4 ")
         assert client.noop()[0] == 250
     assert relay.process.calls == []
+    assert refused_lines(caplog) == [
+        f"refused client=127.0.0.1 from=<erp@acme.example>: 552 {reply.decode()}"
+    ]
 
 
 @pytest.mark.parametrize("length", [998])
@@ -421,6 +472,84 @@ def test_auth_garbage_gets_501(relay: Relay, command: bytes) -> None:
         assert raw.cmd(b"NOOP") == "250 OK"
 
 
+@pytest.mark.parametrize("length", [600, 2000])
+def test_long_password_logs_in(length: int) -> None:
+    """smtplib sends AUTH PLAIN with the credentials on the command line (over
+    aiosmtpd's 512 octets here, within RFC 4954's 12288), and LOGIN's password
+    line is as long (over aiosmtpd's 1001 for the longer one)."""
+    password = "p" * length
+    logins = {"erp-long": hash_password(password)}
+    with Relay([listener()], policy=policy((listener(),), logins=logins)) as relay:
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            assert raw.cmd(b"AUTH PLAIN " + plain("erp-long", password).encode()).startswith("235")
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            assert client.login("erp-long", password)[0] == 235
+            client.sendmail("erp@acme.example", ["one@example.org"], MESSAGE)
+    assert relay.process.submissions[0].auth_login == "erp-long"
+
+
+def test_auth_command_longer_than_rfc_4954_allows_refused(relay: Relay) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"AUTH PLAIN " + b"A" * 12300) == "500 5.5.2 Command line too long"
+        assert raw.cmd(b"MAIL FROM:<" + b"a" * 600 + b"@acme.example>") == (
+            "500 5.5.2 Command line too long"  # the other commands keep their limit
+        )
+        assert raw.cmd(b"NOOP") == "250 OK"
+
+
+def test_long_auth_response_in_pieces_stays_in_step(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A response line over aiosmtpd's 1001 octets, sent in two writes."""
+    login = base64.b64encode(b"x" * 1200)
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"AUTH LOGIN") == "334 VXNlcm5hbWU6"
+        raw.send(login[:700])
+        time.sleep(0.1)
+        assert raw.cmd(login[700:]) == "334 UGFzc3dvcmQ6"
+        assert raw.cmd(base64.b64encode(b"secret")).startswith("535 5.7.8 ")
+        assert raw.cmd(b"NOOP") == "250 OK"
+    assert "Traceback" not in caplog.text and "ValueError" not in caplog.text
+
+
+def test_auth_response_longer_than_rfc_4954_allows_is_500_5_5_6(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"AUTH LOGIN") == "334 VXNlcm5hbWU6"
+        raw.send(b"A" * 9000)
+        time.sleep(0.1)
+        reply = raw.cmd(b"A" * 9000 + b" NOOP")
+        assert reply == "500 5.5.6 Authentication Exchange line is too long"
+        assert raw.cmd(b"NOOP") == "250 OK"  # nothing of the long line was taken as a command
+        assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()).startswith(
+            "235 "
+        )
+    assert "Traceback" not in caplog.text
+
+
+def test_auth_cancelled_with_star(relay: Relay) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"AUTH PLAIN") == "334 "
+        assert raw.cmd(b"*") == "501 5.7.0 Auth aborted"
+        assert raw.cmd(b"NOOP") == "250 OK"
+
+
+def test_auth_plain_empty_initial_response_fails_authentication(relay: Relay) -> None:
+    """``=`` is an empty initial response (RFC 4954 4): no credentials, not bad base64."""
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"AUTH PLAIN =") == "535 5.7.8 Authentication credentials invalid"
+        assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()).startswith(
+            "235 "
+        )
+
+
 def test_auth_attempts_per_connection_are_limited(relay: Relay) -> None:
     with Raw(relay.port) as raw:
         raw.ehlo()
@@ -429,13 +558,18 @@ def test_auth_attempts_per_connection_are_limited(relay: Relay) -> None:
         assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "x").encode()).startswith("421")
 
 
-def test_auth_required_refuses_mail_before_auth() -> None:
+def test_auth_required_refuses_mail_before_auth(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
     with Relay([listener(auth=AuthMode.REQUIRED)]) as relay:
         with Raw(relay.port) as raw:
             raw.ehlo()
             assert raw.cmd(b"MAIL FROM:<erp@acme.example>") == "530 5.7.0 Authentication required"
             assert raw.cmd(b"RCPT TO:<one@example.org>") == "530 5.7.0 Authentication required"
             assert raw.cmd(b"DATA") == "530 5.7.0 Authentication required"
+            assert refused_lines(caplog) == [  # one line for the message, not per command
+                "refused client=127.0.0.1 from=<erp@acme.example>:"
+                " 530 5.7.0 Authentication required"
+            ]
             assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()).startswith(
                 "235"
             )
@@ -516,10 +650,14 @@ def test_without_tls_configured_auth_is_never_offered_off_loopback(
 # --- timeouts and shutdown -------------------------------------------------------
 
 
-def test_idle_connection_is_closed() -> None:
+IDLE = ["421 4.4.2 relay.test.example Error: timeout exceeded"]
+
+
+def test_idle_connection_is_told_and_closed() -> None:
     with Relay([listener(idle_timeout=0.3)]) as relay, Raw(relay.port) as raw:
         raw.ehlo()
         started = time.monotonic()
+        assert raw.reply() == IDLE
         assert raw.closed()
         assert time.monotonic() - started < 5
 
@@ -531,6 +669,7 @@ def test_idle_after_commands_is_closed_counting_from_the_last_one() -> None:
             assert raw.cmd(b"NOOP") == "250 OK"
             time.sleep(0.1)
         last = time.monotonic()
+        assert raw.reply() == IDLE
         assert raw.closed()
         assert 0.15 < time.monotonic() - last < 5
 

@@ -9,7 +9,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from relay.ingress.address import plain_path
+from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal, plain_path
 from relay.ingress.protocol import RelaySMTP
 
 PIECES = st.sampled_from(
@@ -93,3 +93,29 @@ def test_plain_path(arg: str, expected: tuple[str, str] | None) -> None:
 def test_local_part_limit_applies_on_the_fast_path() -> None:
     assert OURS_LIMITED._getaddr("<toolongname@acme.example>") == (None, None)
     assert OURS_LIMITED._getaddr("<short@acme.example>") == ("short@acme.example", "")
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["jan@acme.example", "o'brien+x@sub.example.org", "A.B@EXAMPLE.ORG", "root@localhost"],
+)
+def test_mailbox_taken(address: str) -> None:
+    assert mailbox_refusal(address, RECIPIENT) is None
+
+
+@pytest.mark.parametrize(
+    ("address", "text"),
+    [
+        ('"postmaster@x"', "Quoted local parts are not supported: "),
+        ('"a b"@acme.example', "Quoted local parts are not supported: "),
+        ("root@", "Bad address syntax: "),
+        ("root@[192.0.2.1]", "Bad address syntax: "),
+        ("root@acme..example", "Bad address syntax: "),
+        ("root@acme_x.example", "Bad address syntax: "),
+        ("root@acme.example.", "Bad address syntax: "),
+    ],
+)
+def test_mailbox_refused(address: str, text: str) -> None:
+    refused = mailbox_refusal(address, SENDER)
+    assert refused is not None
+    assert refused.line.startswith("553 5.1.7 " + text)

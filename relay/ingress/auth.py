@@ -28,6 +28,7 @@ from relay.policy.model import Policy
 log = logging.getLogger("relay")
 
 BAD_BASE64 = "501 5.5.2 Cannot decode base64"
+AUTH_ABORTED = "501 5.7.0 Auth aborted"
 BAD_PLAIN = "501 5.5.2 Cannot split the PLAIN credentials"
 USERNAME_CHALLENGE = "Username:"
 PASSWORD_CHALLENGE = "Password:"
@@ -54,6 +55,8 @@ class Mechanisms:
             if blob is None:
                 return AuthResult(success=False, handled=True)
         assert isinstance(blob, bytes)
+        if not blob:  # no credentials at all
+            return AuthResult(success=False, handled=False)
         parts = blob.split(b"\0")
         if len(parts) != 3:
             await server.push(BAD_PLAIN)
@@ -101,6 +104,9 @@ class Mechanisms:
 
 
 async def _decode(server: SMTP, text: str) -> bytes | None:
+    """An initial response; ``=`` is an empty one (RFC 4954 4)."""
+    if text == "=":
+        return b""
     try:
         return b64decode(text, validate=True)
     except (binascii.Error, ValueError):

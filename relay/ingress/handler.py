@@ -18,9 +18,10 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
 
 from relay.errors import SmtpReply
 from relay.ingress import content
+from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
 from relay.ingress.auth import Authenticated, Mechanisms
 from relay.ingress.authcache import Verified
-from relay.ingress.protocol import RelaySMTP, client_address, hook_names
+from relay.ingress.protocol import RelaySMTP, client_address, hook_names, log_refused
 from relay.policy.model import AuthMode, Listener, Policy
 from relay.submission import Submission
 
@@ -30,10 +31,8 @@ Process = Callable[[Policy, Submission], Awaitable[str]]
 
 LOCAL_ERROR = "451 4.3.0 Local error, try again later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
-BAD_ADDRESS = "553 5.1.3 Bad address syntax: {address!r}"
 
 _REPLY = re.compile(r"[2-5][0-9][0-9]( [^\x00-\x1f\x7f]*)?")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class RelayHandler(Mechanisms):
@@ -73,8 +72,9 @@ class RelayHandler(Mechanisms):
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        if address != "<>" and not _is_address(address):
-            return BAD_ADDRESS.format(address=address)
+        refused = None if address == "<>" else mailbox_refusal(address, SENDER)
+        if refused is not None:
+            return refused.line
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
@@ -82,8 +82,9 @@ class RelayHandler(Mechanisms):
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        if not _is_address(address):
-            return BAD_ADDRESS.format(address=address)
+        refused = mailbox_refusal(address, RECIPIENT)
+        if refused is not None:
+            return refused.line
         if len(envelope.rcpt_tos) >= self._listener.max_recipients:
             return TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address)
@@ -92,14 +93,13 @@ class RelayHandler(Mechanisms):
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data = envelope.original_content or b""
-        client = client_address(session.peer)
         refusal = content.refusal(data)
         if refusal is not None:
-            log.info("refused client=%s from=<%s>: %s", client, envelope.mail_from, refusal.line)
+            log_refused(session.peer, envelope.mail_from, refusal.line)
             return refusal.line
         submission = Submission(
             listener=self._listener.name,
-            client_address=str(client),
+            client_address=str(client_address(session.peer)),
             auth_login=_login(session),
             mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
             rcpt_tos=tuple(envelope.rcpt_tos),
@@ -143,12 +143,6 @@ class RelayHandler(Mechanisms):
             log.error("pipeline returned an unusable reply %r; answering 451", reply)
             return LOCAL_ERROR
         return reply
-
-
-def _is_address(address: str) -> bool:
-    """aiosmtpd checked the syntax; this adds a domain and no bare CR (it splits on LF only)."""
-    local, _, domain = address.rpartition("@")
-    return bool(local and domain) and not _CONTROL.search(address)
 
 
 def _login(session: Session) -> str | None:

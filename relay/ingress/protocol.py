@@ -3,33 +3,47 @@
 - the client allow-list, checked before the greeting;
 - an idle timeout that means idle: aiosmtpd only re-arms its timer on a
   command, so a long DATA upload or a slow upstream behind ``handle_DATA``
-  would be cut off mid-transaction;
+  would be cut off mid-transaction; and the client is told ``421`` before
+  the connection is closed, where aiosmtpd closes it without a word;
 - enhanced status codes on the replies aiosmtpd words itself (an ERP log
   with ``552 5.3.4`` is easier to act on than ``552 Error: Too much mail data``);
-- knowing whether a transaction is under way, for a graceful shutdown.
+- knowing whether a transaction is under way, for a graceful shutdown;
+- AUTH lines as long as RFC 4954 allows (12288 octets; aiosmtpd allows 512,
+  too short for a long password with smtplib's AUTH PLAIN), and an AUTH
+  response longer than that refused with ``500 5.5.6``, read to its end so
+  that the rest of it is not taken for a command;
+- a log line for each message refused here, as for those refused later: a
+  refused MAIL (a SIZE declared too big, AUTH missing) and DATA over the size
+  limit.
 
 - DATA read in large pieces rather than line by line (``data``), and the
   usual ``<local@domain>`` path parsed without the header parser (``address``).
 
 It leans on aiosmtpd 1.4's internals (``_handle_client``, ``_reset_timeout``,
-``_timeout_handle``, ``_reader``, ``_set_post_data_state``, ``_getaddr``,
-``_call_handler_hook``); the tests exercise each of them over real sockets.
+``_timeout_handle``, ``_timeout_cb``, ``_reader``, ``_set_post_data_state``,
+``_getaddr``, ``_call_handler_hook``, ``command_size_limits``,
+``line_length_limit``); the tests exercise each of them over real sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
+import binascii
+import collections
 import contextlib
 import functools
 import logging
+import re
+from base64 import b64decode, b64encode
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, syntax
+from aiosmtpd.smtp import MISSING, SMTP, _Missing, syntax
 
 from relay.ingress import content, data
 from relay.ingress.address import plain_path
+from relay.ingress.auth import AUTH_ABORTED, BAD_BASE64
 
 log = logging.getLogger("relay")
 
@@ -37,9 +51,19 @@ Network = IPv4Network | IPv6Network
 
 NOT_ALLOWED = "554 5.7.1 Client {client} is not allowed to use this relay"
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
+AUTH_LINE = 12288  # octets in an AUTH command or response line, RFC 4954 4
+AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"
+
+_GIVEN_SENDER = re.compile(r"FROM:\s*<([^>]*)>", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class RelaySMTP(SMTP):
+    # What the stream reader takes as one line: an AUTH line. Every other
+    # command is still held to its own limit (``command_size_limits``), DATA
+    # lines to theirs (``content``).
+    line_length_limit = AUTH_LINE + 2
+
     def __init__(
         self,
         handler: Any,
@@ -50,11 +74,16 @@ class RelaySMTP(SMTP):
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
+        # aiosmtpd's is one dict for all connections, which each new one clears
+        self.command_size_limits = collections.defaultdict(
+            lambda: SMTP.command_size_limit, AUTH=AUTH_LINE
+        )
         self._listener_name = listener_name
         self._allow = allow
         self._connections = connections
         self._holding = False
         self._deadline = 0.0  # loop time: idle until then is allowed
+        self._mail_arg: str | None = None  # while a MAIL command is handled
         self._better = {
             "552 Error: Too much mail data": self._too_big(),
             "552 Error: message size exceeds fixed maximum message size": self._too_big(),
@@ -111,6 +140,11 @@ class RelaySMTP(SMTP):
         else:
             self._timeout_cb()
 
+    def _timeout_cb(self) -> None:
+        """An ERP's log then says why the connection ended (RFC 5321 3.8, as Postfix does)."""
+        self._say(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+        super()._timeout_cb()
+
     async def _handle_client(self) -> None:
         assert self.session is not None and self.transport is not None
         address = client_address(self.session.peer)
@@ -134,6 +168,40 @@ class RelaySMTP(SMTP):
             return None, None
         return plain
 
+    async def challenge_auth(
+        self,
+        challenge: str | bytes,
+        encode_to_b64: bool = True,
+        log_client_response: bool = False,
+    ) -> bytes | _Missing:
+        """aiosmtpd's, with the response read by ``read_line``: aiosmtpd's readline
+        raised on a long one (a 451 and a traceback) and left the rest of it to be
+        read as a command. A response is never logged: it holds a password."""
+        challenge = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (b64encode(challenge) if encode_to_b64 else challenge))
+        line = await read_line(self._reader)
+        if line is None:
+            await self.push(AUTH_LINE_TOO_LONG)
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":
+            await self.push(AUTH_ABORTED)
+            return MISSING
+        try:
+            return b64decode(blob, validate=True)
+        except binascii.Error:
+            await self.push(BAD_BASE64)
+            return MISSING
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """aiosmtpd's MAIL; a refusal ends the message here, so ``push`` logs it."""
+        self._mail_arg = arg or ""
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self._mail_arg = None
+
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA with the section read in large pieces (see ``data``)."""
@@ -154,7 +222,10 @@ class RelaySMTP(SMTP):
             self._writer.close()
             raise
         if section.overflow is not data.Overflow.NONE:
-            await self.push(self._too_big())
+            assert self.session is not None
+            reply = self._too_big()
+            log_refused(self.session.peer, self.envelope.mail_from, reply)
+            await self.push(reply)
             self._set_post_data_state()
             return
         self.envelope.content = self.envelope.original_content = section.content
@@ -165,6 +236,9 @@ class RelaySMTP(SMTP):
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
             status = self._better.get(status, status)
+            if self._mail_arg is not None and status.startswith("5"):
+                assert self.session is not None
+                log_refused(self.session.peer, given_sender(self._mail_arg), status)
         await super().push(status)
 
     @contextlib.contextmanager
@@ -182,10 +256,35 @@ class RelaySMTP(SMTP):
 
     def shut_down(self) -> None:
         """Tell the client why the connection ends (RFC 5321 3.8), then end it."""
+        if self.transport is not None:
+            self._say(SHUTTING_DOWN)
+            self.transport.close()
+
+    def _say(self, reply: bytes) -> None:
+        """Write a last reply unless the connection is already going."""
         if self.transport is not None and not self.transport.is_closing():
             with contextlib.suppress(OSError, RuntimeError):
-                self.transport.write(SHUTTING_DOWN)
-            self.transport.close()
+                self.transport.write(reply)
+
+
+async def read_line(reader: asyncio.StreamReader) -> bytes | None:
+    """One line, or None for one longer than the reader's limit, which is then
+    read to its end and dropped; at the end of the stream, what there was."""
+    try:
+        return await reader.readuntil()
+    except asyncio.IncompleteReadError as exc:
+        return exc.partial
+    except asyncio.LimitOverrunError as exc:
+        consumed = exc.consumed
+    while True:
+        try:
+            await reader.readexactly(consumed)
+            await reader.readuntil()
+            return None
+        except asyncio.LimitOverrunError as exc:
+            consumed = exc.consumed
+        except asyncio.IncompleteReadError:
+            return None
 
 
 def hook_names(obj: object, prefixes: tuple[str, ...]) -> list[str]:
@@ -198,6 +297,19 @@ def hook_names(obj: object, prefixes: tuple[str, ...]) -> list[str]:
 @functools.cache
 def _class_names(cls: type, prefixes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(name for name in dir(cls) if name.startswith(prefixes))
+
+
+def log_refused(peer: Any, mail_from: str | None, reply: str) -> None:
+    """The log line of a message refused on the SMTP side, one per message."""
+    sender = "" if mail_from in (None, "<>") else mail_from
+    log.info("refused client=%s from=<%s>: %s", client_address(peer), sender, reply)
+
+
+def given_sender(arg: str | None) -> str:
+    """The path a MAIL command names, as given (controls blanked), for a log
+    line: a MAIL refused before its path is parsed still names its sender."""
+    match = _GIVEN_SENDER.match(arg or "")
+    return _CONTROL.sub(" ", match.group(1)) if match else "?"
 
 
 def client_address(peer: Any) -> IPv4Address | IPv6Address | None:
