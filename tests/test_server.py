@@ -293,3 +293,22 @@ def test_port_in_use_does_not_start(policy: Path, tmp_path: Path) -> None:
         running = Daemon(policy, tmp_path / "relay.log")
         assert running.proc.wait(20) == 71
     assert "cannot listen" in running.log()
+
+
+def test_a_reload_keeps_the_policy_when_a_dkim_key_cannot_sign(
+    daemon: Daemon, policy: Path, port: int
+) -> None:
+    """Such a key used to be taken up, and every message then got 451."""
+    daemon.wait_log(" serving")
+    key = policy.parent / "keys" / "platform.example.e1.private"
+    key.write_bytes(b"garbage\n")
+    policy.write_text(policy.read_text().replace("name: Acme AS", "name: Acme Norge AS"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log("reload failed: keeping policy")
+    assert f"dkim.keys[1].key_file: cannot sign with {key}: not an Ed25519 private key" in (
+        daemon.log()
+    )
+    assert send(port)[0] == 250
+    assert daemon.sent_from(1) == "Jan Janssens via Acme AS"
+    signed = next(daemon.outbox.glob("*.eml")).read_bytes()
+    assert signed.count(b"DKIM-Signature:") == 2 and b"s=e1" in signed

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 from yaml.nodes import Node, ScalarNode, SequenceNode
 
-from relay.policy import tlspair, values
+from relay.policy import dkimkey, tlspair, values
 from relay.policy.model import (
     DEFAULT_DOC_TYPE,
     AuditSettings,
@@ -261,7 +261,7 @@ def _conditions(ctx: Ctx, rule: Map) -> tuple[Condition, ...] | None:
 
 
 def dkim(ctx: Ctx, root: Map) -> tuple[tuple[DkimKey, ...] | None, set[str]]:
-    """The signing keys, read now, and every domain named (for the platform check)."""
+    """The signing keys, read and tried now, and every domain named (for the platform check)."""
     keys: list[DkimKey | None] = []
     domains: set[str] = set()
     seen: dict[tuple[str, str], str] = {}
@@ -280,8 +280,20 @@ def dkim(ctx: Ctx, root: Map) -> tuple[tuple[DkimKey, ...] | None, set[str]]:
         algorithm = m.choice("algorithm", DkimAlgorithm, DkimAlgorithm.RSA)
         key = m.read("key_file", values.read_file)
         ok = domain and selector and algorithm and key
-        keys.append(DkimKey(domain, selector, algorithm, *key) if ok else None)
+        keys.append(
+            _signing_key(ctx, m, DkimKey(domain, selector, algorithm, *key)) if ok else None
+        )
     return (None if None in keys else tuple(keys)), domains
+
+
+def _signing_key(ctx: Ctx, m: Map, key: DkimKey) -> DkimKey | None:
+    """The key once it has signed, so that ``relay check`` and a reload refuse a
+    file the relay would fail every message with."""
+    wrong = dkimkey.problem(key)
+    if wrong is None:
+        return key
+    ctx.problem(m.get("key_file"), m.sub("key_file"), f"cannot sign with {key.key_file}: {wrong}")
+    return None
 
 
 def state(ctx: Ctx, root: Map) -> tuple[QueueSettings | None, AuditSettings | None]:
