@@ -278,6 +278,24 @@ def test_a_reload_takes_a_renewed_pair_and_keeps_the_bound_one_when_moved(
     assert moved.listeners[0].tls.cert_pem == renewed.cert.read_bytes()
 
 
+def test_a_reload_keeps_the_state_directory_and_audit_key_it_started_with(
+    policy: Path, tmp_path: Path
+) -> None:
+    """As a worker takes a reload (quiet): the spool and the audit chain stay where
+    they were opened, and with their key; the rest of the audit settings change."""
+    started = load(policy)
+    (tmp_path / "audit.key").write_text("k3y\n")
+    settings = (
+        "state_directory: elsewhere\naudit: {hmac_key_file: audit.key, record_subject: yes}\n"
+    )
+    policy.write_text(policy.read_text() + settings)
+    new = reloaded(policy, started, quiet=True)
+    assert new is not None and new.digest != started.digest
+    assert new.queue.directory == started.queue.directory == tmp_path / "state" / "queue"
+    assert new.audit.directory == started.audit.directory
+    assert new.audit.hmac_key is None and new.audit.record_subject is True
+
+
 def test_invalid_policy_does_not_start(policy: Path, tmp_path: Path) -> None:
     policy.write_text(policy.read_text().replace("name: Acme AS", "name: Acme AS\n    bogus: 1"))
     running = Daemon(policy, tmp_path / "relay.log")
