@@ -73,7 +73,7 @@ def run(policy_path: Path) -> int:
     try:
         sockets = bind(policy.listeners)
     except OSError as exc:
-        log.error("cannot listen: %s", exc.strerror or exc)
+        log.error("%s", exc.strerror or exc)
         return EX_OSERR
     for listener in policy.listeners:
         for sock in sockets[listener.name]:

@@ -310,7 +310,8 @@ def test_port_in_use_does_not_start(policy: Path, tmp_path: Path) -> None:
         taken.listen()
         running = Daemon(policy, tmp_path / "relay.log")
         assert running.proc.wait(20) == 71
-    assert "cannot listen" in running.log()
+    where = f"ERROR cannot listen on 127.0.0.1:{port} (listener local): Address already in use"
+    assert where in running.log()
 
 
 def test_a_reload_keeps_the_policy_when_a_dkim_key_cannot_sign(
