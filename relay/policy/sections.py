@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import enum
 import os
+import pwd
 import ssl
 import string
 from collections.abc import Collection, Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_network
+from pathlib import Path
 from types import SimpleNamespace
 
 from yaml.nodes import Node, ScalarNode, SequenceNode
@@ -304,6 +306,7 @@ def state(ctx: Ctx, root: Map) -> tuple[QueueSettings | None, AuditSettings | No
     """
     base = root.read("state_directory", values.file_path) if root.has("state_directory") else None
     base = base or ctx.base / "state"
+    _writable(ctx, root, base)
     q = root.map("queue", ("first_retry", "max_retry", "lifetime", "concurrency"))
     first, ceiling = q.number("first_retry", 60), q.number("max_retry", 3600)
     lifetime = q.number("lifetime", 5 * 86400)
@@ -328,6 +331,32 @@ def state(ctx: Ctx, root: Map) -> tuple[QueueSettings | None, AuditSettings | No
         base / "audit", key[1].strip() if key else None, subject is _YesNo.YES, compress, retention
     )
     return queue, audit
+
+
+def _writable(ctx: Ctx, root: Map, base: Path) -> None:
+    """``relay serve`` creates the spool and the audit log under ``base``, or fails
+    at its start. ``relay check`` runs as the service user (the unit's ExecStartPre),
+    so it warns when that user could not: the file itself is not wrong."""
+    user = _user()
+    for directory in (base / "queue", base / "audit"):
+        existing = next(p for p in (directory, *directory.parents) if p.exists())
+        if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+            continue
+        if existing == directory:
+            what = f"write in {directory}"
+        else:
+            why = f"is not writable by {user}" if existing.is_dir() else "is not a directory"
+            what = f"create {directory} ({existing} {why})"
+        message = f"{user} cannot {what}: relay serve run as {user} would fail"
+        ctx.problems.warn(root.get("state_directory"), "state_directory", message)
+        return
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid {os.getuid()}"
 
 
 MAX_WORKERS = 64
