@@ -77,12 +77,14 @@ def test_check_warns_when_the_state_directory_cannot_be_made_there(
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+@pytest.mark.parametrize("mode", [0o555, 0o000], ids=["read-only", "closed"])
 def test_check_warns_when_the_user_cannot_create_the_state_directory(
-    policy_file: Path, tmp_path: Path
+    policy_file: Path, tmp_path: Path, mode: int
 ) -> None:
-    """As ExecStartPre runs it, as the service user: the parent is someone else's."""
+    """As ExecStartPre runs it, as the service user: the parent is someone else's
+    (one it may not even look into is no crash either)."""
     locked = tmp_path / "locked"
-    locked.mkdir(mode=0o555)
+    locked.mkdir(mode=mode)
     try:
         policy_file.write_text(policy_file.read_text() + "state_directory: locked/state\n")
         done = check(policy_file)

@@ -339,13 +339,14 @@ def _writable(ctx: Ctx, root: Map, base: Path) -> None:
     so it warns when that user could not: the file itself is not wrong."""
     user = _user()
     for directory in (base / "queue", base / "audit"):
-        existing = next(p for p in (directory, *directory.parents) if p.exists())
-        if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        # os.path, not Path: it says False, rather than raise, behind a closed directory
+        existing = next(p for p in (directory, *directory.parents) if os.path.exists(p))
+        if os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK):
             continue
         if existing == directory:
             what = f"write in {directory}"
         else:
-            why = f"is not writable by {user}" if existing.is_dir() else "is not a directory"
+            why = f"is not writable by {user}" if os.path.isdir(existing) else "is not a directory"
             what = f"create {directory} ({existing} {why})"
         message = f"{user} cannot {what}: relay serve run as {user} would fail"
         ctx.problems.warn(root.get("state_directory"), "state_directory", message)
