@@ -3,7 +3,8 @@
 SIGHUP reloads the policy. A broken file never replaces a working policy:
 the problems are logged and the old one stays, so ``systemctl reload`` with
 a typo does not take mail down. Listener settings are bound into the open
-sockets, so changes to them are reported and wait for a restart.
+sockets, and the state directory and the audit key into the open spool and
+audit chain, so changes to them are reported and wait for a restart.
 
 SIGTERM and SIGINT stop accepting at once, let transactions under way
 finish for up to ``STOP_GRACE`` seconds (an ERP that got no reply would send
@@ -72,7 +73,7 @@ def run(policy_path: Path) -> int:
     try:
         sockets = bind(policy.listeners)
     except OSError as exc:
-        log.error("cannot listen: %s", exc.strerror or exc)
+        log.error("%s", exc.strerror or exc)
         return EX_OSERR
     for listener in policy.listeners:
         for sock in sockets[listener.name]:
@@ -310,11 +311,12 @@ def reloaded(
     The listeners stay as the daemon bound them: their settings (auth, allow,
     sizes, immediate) take effect at a restart, in every worker at once; a
     worker started later (one that died is replaced) must not serve a port
-    differently from the others, nor a running one differently per message."""
+    differently from the others, nor a running one differently per message.
+    The state directory and the audit key stay as opened, for the same reason."""
     from relay.policy.load import load
 
     try:
-        new = load(path, data)
+        read = load(path, data)
     except PolicyError as exc:
         for problem in exc.problems:
             log.error("%s", problem)
@@ -323,8 +325,10 @@ def reloaded(
     except Exception:
         log.exception("reload failed: keeping policy %s", old.digest[:12])
         return None
-    changed = sorted({item.name for item in set(new.listeners) ^ set(old.listeners)})
-    new = dataclasses.replace(new, listeners=_as_bound(old.listeners, new.listeners))
+    changed = sorted({item.name for item in set(read.listeners) ^ set(old.listeners)})
+    new = _as_opened(
+        old, dataclasses.replace(read, listeners=_as_bound(old.listeners, read.listeners))
+    )
     if quiet:
         return new
     log.info("policy reloaded: %s (was %s)", new.digest[:12], old.digest[:12])
@@ -332,6 +336,7 @@ def reloaded(
         log.warning(
             "listener settings changed (%s): they take effect after a restart", ", ".join(changed)
         )
+    _warn_state_changed(old, read)
     if new.workers != old.workers:
         log.warning(
             "workers changed (%d to %d): takes effect after a restart", old.workers, new.workers
@@ -344,6 +349,36 @@ def reloaded(
             ", ".join(gone),
         )
     return new
+
+
+def _as_opened(old: Policy, new: Policy) -> Policy:
+    """The state directory and the audit key as the daemon opened them. The spool
+    and the audit chain are open there; a new directory would start a second
+    spool and a second chain beside them, and a new key would make the chain
+    fail verification with either key from the record it changed at."""
+    queue = dataclasses.replace(new.queue, directory=old.queue.directory)
+    audit = dataclasses.replace(
+        new.audit, directory=old.audit.directory, hmac_key=old.audit.hmac_key
+    )
+    return dataclasses.replace(new, queue=queue, audit=audit)
+
+
+def _warn_state_changed(old: Policy, read: Policy) -> None:
+    if read.queue.directory.parent != old.queue.directory.parent:
+        log.warning(
+            "state_directory changed (%s to %s): takes effect after a restart; until then"
+            " the spool and the audit log stay in the old one, while relay queue and"
+            " relay audit, which read the policy file, look in the new one",
+            old.queue.directory.parent,
+            read.queue.directory.parent,
+        )
+    if read.audit.hmac_key != old.audit.hmac_key:
+        log.warning(
+            "audit.hmac_key_file changed: takes effect after a restart; until then the"
+            " audit log is written with the key it started with, while relay audit verify,"
+            " which reads the policy file, uses the new one (see docs/audit-log.md on"
+            " changing the key)"
+        )
 
 
 def _as_bound(old: Sequence[Listener], new: Sequence[Listener]) -> tuple[Listener, ...]:

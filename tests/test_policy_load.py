@@ -7,12 +7,15 @@ import hashlib
 import io
 import re
 import shutil
+from collections.abc import Callable
 from ipaddress import ip_network
 from pathlib import Path
 from types import MappingProxyType
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from relay.errors import PolicyError
 from relay.policy import yamlsource
@@ -169,7 +172,7 @@ def test_the_c_loader_is_used_when_there_is_one() -> None:
 def test_the_example_policy_loads_as_written(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "config", tmp_path / "config")
     (tmp_path / "dkim").mkdir()
-    key = b"-----BEGIN PRIVATE KEY-----\nnot a real key\n-----END PRIVATE KEY-----\n"
+    key = (POLICIES / "keys" / "platform.example.s1.private").read_bytes()
     (tmp_path / "dkim" / "platform.example.dev.private").write_bytes(key)
     path = tmp_path / "config" / "relay.example.yaml"
     policy = load(path)
@@ -415,6 +418,65 @@ def test_a_tls_key_that_is_not_the_certificates_is_a_problem(tmp_path: Path) -> 
     cert = tmp_path / "tls" / "relay.crt"
     assert re.match(rf"{re.escape(str(path))}:10:\d+: listeners\[0\]\.tls: cannot use ", found)
     assert f"cannot use {cert} with {other.key}: " in found
+
+
+def _pkcs8_ed25519() -> bytes:
+    return ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+RSA_KEY = POLICIES / "keys" / "platform.example.s1.private"
+ED25519_KEY = POLICIES / "keys" / "acme.example.a1.private"
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "content", "problem"),
+    [
+        ("rsa", lambda: b"garbage\n", "not an RSA private key in PEM form"),
+        (
+            "rsa",
+            ED25519_KEY.read_bytes,
+            "an Ed25519 key, but algorithm says rsa: set algorithm: ed25519, or name the RSA key",
+        ),
+        (
+            "ed25519",
+            RSA_KEY.read_bytes,
+            "an RSA key, but algorithm says ed25519: set algorithm: rsa, or name the Ed25519 key",
+        ),
+        ("ed25519", lambda: b"c2hvcnQ=\n", "not an Ed25519 private key: the base64 of its"),
+        ("ed25519", _pkcs8_ed25519, "an Ed25519 key in PEM form; the relay reads the base64"),
+        (
+            "rsa",
+            lambda: RSA_KEY.read_bytes().replace(b"\n", b"\r\n"),
+            "an RSA key with CR LF line ends; the relay reads LF only",
+        ),
+    ],
+    ids=["garbage", "ed25519-as-rsa", "rsa-as-ed25519", "short-seed", "ed25519-pem", "crlf"],
+)
+def test_a_dkim_key_the_relay_cannot_sign_with_is_a_located_problem(
+    tmp_path: Path, algorithm: str, content: Callable[[], bytes], problem: str
+) -> None:
+    """Reading the file was not enough: such a key passed, and then every
+    message got 451 at signing. The key signs once at load, as it would then."""
+    path = variant(
+        tmp_path, "      selector: s1\n", f"      selector: s1\n      algorithm: {algorithm}\n"
+    )
+    key = tmp_path / "keys" / "platform.example.s1.private"
+    key.write_bytes(content())
+    (found,) = problems(path)
+    assert found.startswith(
+        f"{path}:15:17: dkim.keys[0].key_file: cannot sign with {key}: {problem}"
+    )
+
+
+def test_a_dkim_key_of_either_algorithm_loads_when_it_signs(tmp_path: Path) -> None:
+    path = variant(
+        tmp_path, "      selector: s1\n", "      selector: s1\n      algorithm: ed25519\n"
+    )
+    shutil.copy(ED25519_KEY, tmp_path / "keys" / "platform.example.s1.private")
+    (key,) = load(path).dkim_keys
+    assert key.algorithm is DkimAlgorithm.ED25519 and key.private_key == ED25519_KEY.read_bytes()
 
 
 def test_the_platform_domain_needs_a_dkim_key(tmp_path: Path) -> None:

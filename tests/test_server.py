@@ -278,6 +278,24 @@ def test_a_reload_takes_a_renewed_pair_and_keeps_the_bound_one_when_moved(
     assert moved.listeners[0].tls.cert_pem == renewed.cert.read_bytes()
 
 
+def test_a_reload_keeps_the_state_directory_and_audit_key_it_started_with(
+    policy: Path, tmp_path: Path
+) -> None:
+    """As a worker takes a reload (quiet): the spool and the audit chain stay where
+    they were opened, and with their key; the rest of the audit settings change."""
+    started = load(policy)
+    (tmp_path / "audit.key").write_text("k3y\n")
+    settings = (
+        "state_directory: elsewhere\naudit: {hmac_key_file: audit.key, record_subject: yes}\n"
+    )
+    policy.write_text(policy.read_text() + settings)
+    new = reloaded(policy, started, quiet=True)
+    assert new is not None and new.digest != started.digest
+    assert new.queue.directory == started.queue.directory == tmp_path / "state" / "queue"
+    assert new.audit.directory == started.audit.directory
+    assert new.audit.hmac_key is None and new.audit.record_subject is True
+
+
 def test_invalid_policy_does_not_start(policy: Path, tmp_path: Path) -> None:
     policy.write_text(policy.read_text().replace("name: Acme AS", "name: Acme AS\n    bogus: 1"))
     running = Daemon(policy, tmp_path / "relay.log")
@@ -292,4 +310,24 @@ def test_port_in_use_does_not_start(policy: Path, tmp_path: Path) -> None:
         taken.listen()
         running = Daemon(policy, tmp_path / "relay.log")
         assert running.proc.wait(20) == 71
-    assert "cannot listen" in running.log()
+    where = f"ERROR cannot listen on 127.0.0.1:{port} (listener local): Address already in use"
+    assert where in running.log()
+
+
+def test_a_reload_keeps_the_policy_when_a_dkim_key_cannot_sign(
+    daemon: Daemon, policy: Path, port: int
+) -> None:
+    """Such a key used to be taken up, and every message then got 451."""
+    daemon.wait_log(" serving")
+    key = policy.parent / "keys" / "platform.example.e1.private"
+    key.write_bytes(b"garbage\n")
+    policy.write_text(policy.read_text().replace("name: Acme AS", "name: Acme Norge AS"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log("reload failed: keeping policy")
+    assert f"dkim.keys[1].key_file: cannot sign with {key}: not an Ed25519 private key" in (
+        daemon.log()
+    )
+    assert send(port)[0] == 250
+    assert daemon.sent_from(1) == "Jan Janssens via Acme AS"
+    signed = next(daemon.outbox.glob("*.eml")).read_bytes()
+    assert signed.count(b"DKIM-Signature:") == 2 and b"s=e1" in signed

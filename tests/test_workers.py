@@ -613,3 +613,56 @@ def test_a_replaced_worker_serves_the_certificate_checked_not_a_broken_one_on_di
         assert " failed" not in relay.log()
     finally:
         relay.stop()
+
+
+def reload_in_every_worker(relay: Relay, text: str) -> None:
+    """``text`` as the policy file, SIGHUP, until both workers (and any replacement) run it."""
+    before = len(WORKER_POLICY.findall(relay.log()))
+    relay.policy.write_text(text)
+    relay.proc.send_signal(signal.SIGHUP)
+    relay.wait_for(lambda: len(WORKER_POLICY.findall(relay.log())) >= before + 2, "reloaded")
+
+
+def deliver_by_both_workers(relay: Relay) -> None:
+    """A worker replaced after the reload, then messages from it and from the other."""
+    replacement, _ = kill_worker(relay, 0)
+    other = [pid for index, pid in relay.started() if index == 1][-1]
+    ids = send_until_every_worker_took_one(relay, {replacement, other})
+    relay.wait_for(lambda: relay.delivered().keys() >= set(ids), "messages upstream")
+
+
+def test_a_new_audit_key_waits_for_a_restart_and_the_chain_stays_whole(relay: Relay) -> None:
+    """A reload used to switch the supervisor (and any replaced worker) to the new
+    key mid-chain, after which verify failed with either key, for good."""
+    start = relay.policy.read_text()
+    (relay.policy.parent / "audit.key").write_text("a-new-key\n")
+    reload_in_every_worker(relay, start + "audit:\n  hmac_key_file: audit.key\n")
+    assert "audit.hmac_key_file changed: takes effect after a restart" in relay.log()
+    deliver_by_both_workers(relay)
+    assert relay.stop() == 0
+
+    relay.policy.write_text(start)  # the key the log was started with: none
+    done = relay_cli("audit", "verify", "-c", str(relay.policy))
+    assert done.returncode == 0, done.stdout + done.stderr
+    events_seen = [r["event"] for r in audit_records(relay)]
+    assert events_seen.count("policy_loaded") == 2 and events_seen.count("delivered") >= 2
+
+
+def test_a_new_state_directory_waits_for_a_restart(relay: Relay) -> None:
+    """A reload used to start a second audit chain in the new directory (the
+    supervisor's), while the workers kept the old spool."""
+    start = relay.policy.read_text()
+    old_state = relay.policy.parent / "state"
+    reload_in_every_worker(relay, start + "state_directory: elsewhere\n")
+    log = relay.log()
+    moved = f"state_directory changed ({old_state} to {relay.policy.parent / 'elsewhere'})"
+    assert f"{moved}: takes effect after a restart" in log, log
+    assert "relay queue and relay audit, which read the policy file, look in the new one" in log
+    deliver_by_both_workers(relay)
+    assert relay.stop() == 0
+
+    assert not (relay.policy.parent / "elsewhere").exists()
+    relay.policy.write_text(start)
+    assert relay_cli("audit", "verify", "-c", str(relay.policy)).returncode == 0
+    events_seen = [r["event"] for r in audit_records(relay)]
+    assert events_seen.count("policy_loaded") == 2 and events_seen.count("delivered") >= 2

@@ -105,7 +105,9 @@ Sockets = Mapping[str, Sequence[socket.socket]]  # listener name -> its listenin
 
 
 def bind(listeners: Sequence[Listener]) -> dict[str, list[socket.socket]]:
-    """The listening sockets of every listener, or none: raises OSError.
+    """The listening sockets of every listener, or none: raises OSError, its
+    strerror ``cannot listen on ADDRESS:PORT (listener NAME): why``; the reason
+    alone does not say which of the listeners, or of a name's addresses, failed.
 
     Bound before any worker starts, so every worker process accepts on the
     same sockets and a port already in use fails the start, as it should.
@@ -114,21 +116,29 @@ def bind(listeners: Sequence[Listener]) -> dict[str, list[socket.socket]]:
     try:
         for listener in listeners:
             bound[listener.name] = []
-            infos = socket.getaddrinfo(
-                listener.address,
-                listener.port,
-                type=socket.SOCK_STREAM,
-                flags=socket.AI_PASSIVE,
-            )
-            for family, kind, proto, _, address in dict.fromkeys(infos):
-                sock = socket.socket(family, kind, proto)
-                bound[listener.name].append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(address)
-                sock.listen(_BACKLOG)
-                sock.setblocking(False)
+            where: tuple[str, int] = (listener.address, listener.port)
+            try:
+                infos = socket.getaddrinfo(
+                    listener.address,
+                    listener.port,
+                    type=socket.SOCK_STREAM,
+                    flags=socket.AI_PASSIVE,
+                )
+                for family, kind, proto, _, address in dict.fromkeys(infos):
+                    where = address[:2]
+                    sock = socket.socket(family, kind, proto)
+                    bound[listener.name].append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.bind(address)
+                    sock.listen(_BACKLOG)
+                    sock.setblocking(False)
+            except OSError as exc:
+                host, port = where
+                on = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                reason = f"cannot listen on {on} (listener {listener.name}): {exc.strerror or exc}"
+                raise OSError(exc.errno, reason) from exc
     except BaseException:
         for sock in (s for group in bound.values() for s in group):
             sock.close()

@@ -33,6 +33,11 @@ def load(path: Path, data: bytes | None = None) -> Policy:
     ``data`` stands in for the file's content (paths in it still resolve
     beside ``path``): the workers build exactly the text their supervisor checked.
     """
+    return _load(path, data)[0]
+
+
+def _load(path: Path, data: bytes | None = None) -> tuple[Policy, list[str]]:
+    """The policy and the warnings about this host, which only ``relay check`` shows."""
     problems = Problems(str(path))
     data, root = read(path, problems, data)
     policy = None
@@ -41,7 +46,7 @@ def load(path: Path, data: bytes | None = None) -> Policy:
         policy = _build(ctx, Map(ctx, root, "", _SECTIONS, _REQUIRED), path, data)
     if len(problems) or policy is None:
         raise PolicyError(problems.in_file_order() or [f"{path}: invalid policy"])
-    return policy
+    return policy, problems.warnings_in_file_order()
 
 
 def _build(ctx: Ctx, root: Map, path: Path, data: bytes) -> Policy | None:
@@ -85,14 +90,17 @@ def _build(ctx: Ctx, root: Map, path: Path, data: bytes) -> Policy | None:
 
 
 def check_main(path: Path, out: TextIO, err: TextIO) -> int:
-    """``relay check``: the problems and a count on ``err`` (exit 78), or one ok line."""
+    """``relay check``: the problems and a count on ``err`` (exit 78), or one ok line
+    (after any warnings on ``err``)."""
     try:
-        policy = load(path)
+        policy, warnings = _load(path)
     except PolicyError as exc:
         for problem in exc.problems:
             print(problem, file=err)
         print(f"{path}: {_count(len(exc.problems), 'problem')}", file=err)
         return EX_CONFIG
+    for warning in warnings:
+        print(warning, file=err)
     users = sum(len(tenant.users) for tenant in policy.tenants.values())
     summary = ", ".join(
         (

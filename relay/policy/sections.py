@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import enum
 import os
+import pwd
 import ssl
 import string
 from collections.abc import Collection, Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_network
+from pathlib import Path
 from types import SimpleNamespace
 
 from yaml.nodes import Node, ScalarNode, SequenceNode
 
-from relay.policy import tlspair, values
+from relay.policy import dkimkey, tlspair, values
 from relay.policy.model import (
     DEFAULT_DOC_TYPE,
     AuditSettings,
@@ -261,7 +263,7 @@ def _conditions(ctx: Ctx, rule: Map) -> tuple[Condition, ...] | None:
 
 
 def dkim(ctx: Ctx, root: Map) -> tuple[tuple[DkimKey, ...] | None, set[str]]:
-    """The signing keys, read now, and every domain named (for the platform check)."""
+    """The signing keys, read and tried now, and every domain named (for the platform check)."""
     keys: list[DkimKey | None] = []
     domains: set[str] = set()
     seen: dict[tuple[str, str], str] = {}
@@ -280,8 +282,20 @@ def dkim(ctx: Ctx, root: Map) -> tuple[tuple[DkimKey, ...] | None, set[str]]:
         algorithm = m.choice("algorithm", DkimAlgorithm, DkimAlgorithm.RSA)
         key = m.read("key_file", values.read_file)
         ok = domain and selector and algorithm and key
-        keys.append(DkimKey(domain, selector, algorithm, *key) if ok else None)
+        keys.append(
+            _signing_key(ctx, m, DkimKey(domain, selector, algorithm, *key)) if ok else None
+        )
     return (None if None in keys else tuple(keys)), domains
+
+
+def _signing_key(ctx: Ctx, m: Map, key: DkimKey) -> DkimKey | None:
+    """The key once it has signed, so that ``relay check`` and a reload refuse a
+    file the relay would fail every message with."""
+    wrong = dkimkey.problem(key)
+    if wrong is None:
+        return key
+    ctx.problem(m.get("key_file"), m.sub("key_file"), f"cannot sign with {key.key_file}: {wrong}")
+    return None
 
 
 def state(ctx: Ctx, root: Map) -> tuple[QueueSettings | None, AuditSettings | None]:
@@ -292,6 +306,7 @@ def state(ctx: Ctx, root: Map) -> tuple[QueueSettings | None, AuditSettings | No
     """
     base = root.read("state_directory", values.file_path) if root.has("state_directory") else None
     base = base or ctx.base / "state"
+    _writable(ctx, root, base)
     q = root.map("queue", ("first_retry", "max_retry", "lifetime", "concurrency"))
     first, ceiling = q.number("first_retry", 60), q.number("max_retry", 3600)
     lifetime = q.number("lifetime", 5 * 86400)
@@ -316,6 +331,33 @@ def state(ctx: Ctx, root: Map) -> tuple[QueueSettings | None, AuditSettings | No
         base / "audit", key[1].strip() if key else None, subject is _YesNo.YES, compress, retention
     )
     return queue, audit
+
+
+def _writable(ctx: Ctx, root: Map, base: Path) -> None:
+    """``relay serve`` creates the spool and the audit log under ``base``, or fails
+    at its start. ``relay check`` runs as the service user (the unit's ExecStartPre),
+    so it warns when that user could not: the file itself is not wrong."""
+    user = _user()
+    for directory in (base / "queue", base / "audit"):
+        # os.path, not Path: it says False, rather than raise, behind a closed directory
+        existing = next(p for p in (directory, *directory.parents) if os.path.exists(p))
+        if os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK):
+            continue
+        if existing == directory:
+            what = f"write in {directory}"
+        else:
+            why = f"is not writable by {user}" if os.path.isdir(existing) else "is not a directory"
+            what = f"create {directory} ({existing} {why})"
+        message = f"{user} cannot {what}: relay serve run as {user} would fail"
+        ctx.problems.warn(root.get("state_directory"), "state_directory", message)
+        return
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid {os.getuid()}"
 
 
 MAX_WORKERS = 64

@@ -40,27 +40,42 @@ class Problems:
     def __init__(self, file: str) -> None:
         self.file = file
         self._items: list[_Problem] = []
+        self._warnings: list[_Problem] = []
 
     def add(
         self, where: Node | yaml.Mark | tuple[int, int] | None, path: str, message: str
     ) -> None:
+        self._items.append(self._located(where, path, message, len(self._items)))
+
+    def warn(
+        self, where: Node | yaml.Mark | tuple[int, int] | None, path: str, message: str
+    ) -> None:
+        """Not a mistake in the file, but the relay would fail on this host: only
+        ``relay check`` reports it, and the policy still loads."""
+        warning = self._located(where, f"warning: {path}", message, len(self._warnings))
+        self._warnings.append(warning)
+
+    def _located(
+        self, where: Node | yaml.Mark | tuple[int, int] | None, path: str, message: str, seq: int
+    ) -> _Problem:
         text = f"{path}: {message}" if path else message
         if where is None:
-            line, col, prefix = 0, 0, f"{self.file}: "
-        else:
-            if isinstance(where, Node):
-                where = where.start_mark
-            if not isinstance(where, tuple):
-                where = (where.line + 1, where.column + 1)
-            line, col = where
-            prefix = f"{self.file}:{line}:{col}: "
-        self._items.append(_Problem(line, col, len(self._items), prefix + text))
+            return _Problem(0, 0, seq, f"{self.file}: {text}")
+        if isinstance(where, Node):
+            where = where.start_mark
+        if not isinstance(where, tuple):
+            where = (where.line + 1, where.column + 1)
+        line, col = where
+        return _Problem(line, col, seq, f"{self.file}:{line}:{col}: {text}")
 
     def __len__(self) -> int:
         return len(self._items)
 
     def in_file_order(self) -> list[str]:
         return [p.text for p in sorted(self._items)]
+
+    def warnings_in_file_order(self) -> list[str]:
+        return [p.text for p in sorted(self._warnings)]
 
 
 def read(

@@ -1,0 +1,76 @@
+"""A DKIM key is checked by signing with it, as the relay will, when the policy loads.
+
+Reading the file is not enough: a file that is no key, or a key of the
+other algorithm, passed ``relay check`` and a reload, and then every
+message was refused with ``451 DKIM signing failed``. One signature of a
+small message through ``relay.sign`` takes the same path as a real one
+(and leaves the parsed key in its cache for the first message), so what
+passes here signs there. When it fails, the file is looked at to say what
+it holds instead, and what the relay expects.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from relay.errors import SigningError
+from relay.policy.model import DkimAlgorithm, DkimKey
+from relay.sign import sign
+
+_SAMPLE = b"From: <postmaster@example.invalid>\r\nSubject: key check\r\n\r\nkey check\r\n"
+_NAMES = {DkimAlgorithm.RSA: "RSA", DkimAlgorithm.ED25519: "Ed25519"}
+_EXPECTED = {
+    DkimAlgorithm.RSA: "an RSA private key in PEM form",
+    DkimAlgorithm.ED25519: "an Ed25519 private key: the base64 of its 32-byte seed",
+}
+_KEYGEN = "as `relay dkim keygen` writes it"
+
+
+def problem(key: DkimKey) -> str | None:
+    """None when the relay can sign with ``key``, else what is wrong, for the sysadmin."""
+    try:
+        sign(_SAMPLE, [key], now=0)
+    except SigningError as exc:
+        cause = exc.__cause__ or exc
+        return _explain(key, " ".join(str(cause).split()) or type(cause).__name__)
+    return None
+
+
+def _explain(key: DkimKey, reason: str) -> str:
+    found = _held(key.private_key)
+    wanted = key.algorithm
+    if found is None:
+        return f"not {_EXPECTED[wanted]} ({reason})"
+    held, form = found
+    if held is not wanted:
+        return (
+            f"an {_NAMES[held]} key, but algorithm says {wanted.value}:"
+            f" set algorithm: {held.value}, or name the {_NAMES[wanted]} key"
+        )
+    if form == "pem" and wanted is DkimAlgorithm.ED25519:
+        return f"an Ed25519 key in PEM form; the relay reads the base64 of its seed, {_KEYGEN}"
+    if b"\r" in key.private_key:
+        return f"an {_NAMES[held]} key with CR LF line ends; the relay reads LF only, {_KEYGEN}"
+    return f"an {_NAMES[held]} key the relay cannot sign with ({reason})"
+
+
+def _held(data: bytes) -> tuple[DkimAlgorithm, str] | None:
+    """Which kind of key the file holds, and in which form ("pem" or "seed"), if any."""
+    try:
+        private = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        private = None
+    if isinstance(private, rsa.RSAPrivateKey):
+        return DkimAlgorithm.RSA, "pem"
+    if isinstance(private, ed25519.Ed25519PrivateKey):
+        return DkimAlgorithm.ED25519, "pem"
+    try:
+        seed = base64.b64decode(data.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return (DkimAlgorithm.ED25519, "seed") if len(seed) == 32 else None

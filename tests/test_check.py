@@ -1,0 +1,98 @@
+"""``relay check`` as the unit's ExecStartPre and ``systemctl reload`` run it: a real
+process on real files, so that what it passes the daemon can run."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def check(policy: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "check", "-c", str(policy)],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+
+
+def line_of(policy: Path, text: str) -> int:
+    (number,) = [n for n, line in enumerate(policy.read_text().splitlines(), 1) if text in line]
+    return number
+
+
+@pytest.mark.parametrize(
+    ("key", "content", "problem"),
+    [
+        ("s1", b"garbage\n", "not an RSA private key in PEM form"),
+        ("s1", None, "an Ed25519 key, but algorithm says rsa"),
+    ],
+    ids=["garbage", "ed25519-as-rsa"],
+)
+def test_check_refuses_a_dkim_key_the_relay_cannot_sign_with(
+    policy_file: Path, key: str, content: bytes | None, problem: str
+) -> None:
+    """Both passed before, and then every message was refused with 451 at signing."""
+    keys = policy_file.parent / "keys"
+    path = keys / f"platform.example.{key}.private"
+    path.write_bytes(
+        (keys / "platform.example.e1.private").read_bytes() if content is None else content
+    )
+    done = check(policy_file)
+    assert done.returncode == 78, done.stdout + done.stderr
+    line = line_of(policy_file, f"key_file: keys/platform.example.{key}.private")
+    where = f"{policy_file}:{line}:17: dkim.keys[0].key_file: cannot sign with {path}: {problem}"
+    assert where in done.stderr
+    assert f"{policy_file}: 1 problem" in done.stderr
+
+
+def test_check_is_quiet_about_a_state_directory_it_can_create(policy_file: Path) -> None:
+    done = check(policy_file)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.startswith(f"{policy_file}: ok (")
+
+
+def test_check_warns_when_the_state_directory_cannot_be_made_there(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """relay serve would fail at its start (73); the file itself is not wrong, so
+    the check still passes, and says why the start will not."""
+    (tmp_path / "blocker").write_text("a file, not a directory\n")
+    policy_file.write_text(policy_file.read_text() + "state_directory: blocker/state\n")
+    done = check(policy_file)
+    assert done.returncode == 0, done.stderr
+    line = line_of(policy_file, "state_directory:")
+    user = pwd.getpwuid(os.getuid()).pw_name
+    queue = tmp_path / "blocker" / "state" / "queue"
+    assert done.stderr == (
+        f"{policy_file}:{line}:18: warning: state_directory: {user} cannot create {queue}"
+        f" ({tmp_path / 'blocker'} is not a directory): relay serve run as {user} would fail\n"
+    )
+    assert done.stdout.startswith(f"{policy_file}: ok (")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+@pytest.mark.parametrize("mode", [0o555, 0o000], ids=["read-only", "closed"])
+def test_check_warns_when_the_user_cannot_create_the_state_directory(
+    policy_file: Path, tmp_path: Path, mode: int
+) -> None:
+    """As ExecStartPre runs it, as the service user: the parent is someone else's
+    (one it may not even look into is no crash either)."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=mode)
+    try:
+        policy_file.write_text(policy_file.read_text() + "state_directory: locked/state\n")
+        done = check(policy_file)
+    finally:
+        locked.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    user = pwd.getpwuid(os.getuid()).pw_name
+    queue = locked / "state" / "queue"
+    assert f"warning: state_directory: {user} cannot create {queue} ({locked} is not" in (
+        done.stderr
+    )
