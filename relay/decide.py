@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from email.utils import format_datetime, getaddresses
+from email.utils import format_datetime
 
 from relay.classify import Classification
 from relay.errors import HeaderInjection
@@ -132,9 +132,7 @@ def _reply_to_value(source: ReplyToSource, identity: Identity, view: MessageView
         return format_address(identity.tenant.name, identity.tenant.address)
     if source.kind is ReplyToKind.ADDRESS:
         return source.value
-    for name, address in getaddresses(list(view.get_all(source.value))):
-        if "@" not in address:
-            continue
+    for name, address in view.addresses(source.value):
         try:
             return format_address(name, address)
         except HeaderInjection:
