@@ -21,6 +21,10 @@ from relay.policy.model import DkimKey, Policy, ReplyToKind, ReplyToSource, Upst
 from relay.rewrite import HeaderEdits
 from relay.submission import Submission
 
+# Removed from every message: the Bcc fields name hidden recipients, and a
+# Sender next to the From the relay sets is shown as "Sender on behalf of From".
+_REMOVED = ("Bcc", "Resent-Bcc", "Sender")
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -69,7 +73,9 @@ def decide(
     if view.get("Date") is None:
         updates.append(("Date", format_datetime(now)))
         reasons.append("Date was missing: added")
-    edits = HeaderEdits(remove=("Bcc", *policy.control_headers), set=tuple(updates))
+    if view.get("Sender") is not None:
+        reasons.append("Sender removed: clients would show it as sending on behalf of the From")
+    edits = HeaderEdits(remove=(*_REMOVED, *policy.control_headers), set=tuple(updates))
 
     return Decision(
         identity=identity,

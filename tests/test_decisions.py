@@ -335,3 +335,26 @@ def test_an_address_longer_than_smtp_allows_is_no_reply_to_source(policy_file: P
     assert header(p, "Reply-To") == "Jan Janssens <jan@acme.example>"
     assert any("empty before it: header X-Responsible" in r for r in p.decision.reasons)
     assert max(map(len, p.message.split(b"\r\n"))) <= 998
+
+
+def test_resent_bcc_is_removed_like_bcc(policy_file: Path) -> None:
+    data = msg(
+        *BASE,
+        "Resent-Bcc: hidden@example.org",
+        "RESENT-BCC: other@example.org,",
+        " more@example.org",
+    )
+    head = run(policy_file, data).message.split(b"\r\n\r\n", 1)[0]
+    for hidden in (b"Resent-Bcc", b"hidden@", b"other@", b"more@"):
+        assert hidden.lower() not in head.lower()
+
+
+def test_sender_is_removed_when_the_relay_sets_from(policy_file: Path) -> None:
+    data = msg(*BASE, "Sender: ceo@bank.example", "sender: Other\r\n <other@bank.example>")
+    p = run(policy_file, data, mail_from="kari@acme.example")
+    assert message.read(p.message).get_all("Sender") == ()
+    assert b"bank.example" not in p.message
+    assert "Sender removed" in " ".join(p.decision.reasons)
+
+    p = run(policy_file, msg(*BASE))
+    assert not any("Sender" in r for r in p.decision.reasons)
