@@ -337,6 +337,13 @@ def test_an_address_longer_than_smtp_allows_is_no_reply_to_source(policy_file: P
     assert max(map(len, p.message.split(b"\r\n"))) <= 998
 
 
+def test_a_reply_to_name_without_fold_points_is_encoded(policy_file: Path) -> None:
+    name = "a." * 600
+    p = run(policy_file, msg(*INVOICE, f'X-Responsible: "{name}" <per@acme.example>'))
+    assert message.read(p.message).addresses("Reply-To") == ((name, "per@acme.example"),)
+    assert max(map(len, p.message.split(b"\r\n"))) <= 78
+
+
 def test_resent_bcc_is_removed_like_bcc(policy_file: Path) -> None:
     data = msg(
         *BASE,
