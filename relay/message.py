@@ -28,8 +28,9 @@ _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 @dataclass(frozen=True, eq=False)
 class MessageView:
-    """Header values are read at once; the MIME structure only when a rule asks for
-    attachment names, since parsing a large message's parts costs more than the rest."""
+    """Header fields are read at once, decoded when first asked for; the MIME structure
+    only when a rule asks for attachment names, since parsing a large message's parts
+    costs more than the rest."""
 
     written: tuple[tuple[str, str], ...]  # (name, unfolded value as written), in order
     raw: bytes = field(repr=False)
