@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from email.utils import format_datetime, getaddresses
+from email.utils import format_datetime
 
 from relay.classify import Classification
 from relay.errors import HeaderInjection
@@ -20,6 +20,10 @@ from relay.message import MessageView
 from relay.policy.model import DkimKey, Policy, ReplyToKind, ReplyToSource, Upstream
 from relay.rewrite import HeaderEdits
 from relay.submission import Submission
+
+# Removed from every message: the Bcc fields name hidden recipients, and a
+# Sender next to the From the relay sets is shown as "Sender on behalf of From".
+_REMOVED = ("Bcc", "Resent-Bcc", "Sender")
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,9 @@ def decide(
     if view.get("Date") is None:
         updates.append(("Date", format_datetime(now)))
         reasons.append("Date was missing: added")
-    edits = HeaderEdits(remove=("Bcc", *policy.control_headers), set=tuple(updates))
+    if view.get("Sender") is not None:
+        reasons.append("Sender removed: clients would show it as sending on behalf of the From")
+    edits = HeaderEdits(remove=(*_REMOVED, *policy.control_headers), set=tuple(updates))
 
     return Decision(
         identity=identity,
@@ -132,9 +138,7 @@ def _reply_to_value(source: ReplyToSource, identity: Identity, view: MessageView
         return format_address(identity.tenant.name, identity.tenant.address)
     if source.kind is ReplyToKind.ADDRESS:
         return source.value
-    for name, address in getaddresses(list(view.get_all(source.value))):
-        if "@" not in address:
-            continue
+    for name, address in view.addresses(source.value):
         try:
             return format_address(name, address)
         except HeaderInjection:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from relay.errors import HeaderInjection
 
 MAX_LINE = 78  # RFC 5322 2.1.1, line ending not counted
+MAX_LINE_HARD = 998  # the same section's limit that readers may enforce (78 is a SHOULD)
 MAX_LINE_ENCODED = 76  # RFC 2047 2, for a line holding an encoded word
 # RFC 2047 allows 75; 60 leaves room for "Field-Name: " before the first
 # word while its line stays within 76.
@@ -106,7 +107,8 @@ def format_address(display_name: str, address: str) -> str:
     The name is written as a bare phrase when it is all atoms, as a quoted
     string when it is other printable ASCII, and as RFC 2047 encoded words
     otherwise, or when it looks like an encoded word itself (a plain
-    ``=?...?=`` would be decoded by the reader). The address must be a
+    ``=?...?=`` would be decoded by the reader), or when ``fold`` could not
+    break it into lines (a long atom or quoted string). The address must be a
     plain ASCII ``local@domain``: anything else (``>``, a comma, a space)
     could turn one mailbox into several.
     """
@@ -127,13 +129,14 @@ def encode_text(text: str) -> str:
 
     Unlike ``email.header.Header.encode`` it never folds, so its result
     can go straight into ``fold``; a ``=?...?=`` in plain text is encoded
-    too, or the reader would decode it.
+    too, or the reader would decode it, and so is text ``fold`` could not
+    break into lines.
     """
     if _BREAKS.search(text):
         raise HeaderInjection(f"text contains CR, LF or NUL: {_show(text)}")
     if _SURROGATES.search(text):
         raise HeaderInjection(f"not valid text: {_show(text)}")
-    if all(" " <= ch <= "~" for ch in text) and "=?" not in text:
+    if all(" " <= ch <= "~" for ch in text) and "=?" not in text and _foldable(text):
         return text
     return " ".join(_encoded_words(text))
 
@@ -147,7 +150,9 @@ def fold(name: str, value: str) -> bytes:
     brackets, so an encoded word or an address is never cut. A value is
     refused when a parser anywhere could read a line break into it: CR, LF,
     NUL, other controls (VT and FF end lines for some) and non-ASCII
-    (U+2028, U+0085 do the same); callers encode such text first.
+    (U+2028, U+0085 do the same); callers encode such text first. It is
+    refused too when a line would exceed 998 characters: a server may cut
+    such a line, and what follows the cut would start a field of its own.
     """
     if not _FIELD_NAME.fullmatch(name):
         raise HeaderInjection(f"not a header field name: {_show(name)}")
@@ -169,7 +174,17 @@ def fold(name: str, value: str) -> bytes:
             lines[-1] += piece
         else:
             lines.append(piece)
+    if max(map(len, lines)) > MAX_LINE_HARD:
+        raise HeaderInjection(
+            f"{name} value cannot be folded within {MAX_LINE_HARD} characters: {_show(value)}"
+        )
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def _foldable(value: str) -> bool:
+    """Whether ``fold`` can break ``value`` into pieces that each fit a line."""
+    cuts = [0, *_fold_points(value), len(value)]
+    return all(end - start <= MAX_LINE for start, end in itertools.pairwise(cuts))
 
 
 def _fold_points(value: str) -> list[int]:
@@ -199,10 +214,11 @@ def _fold_points(value: str) -> list[int]:
 
 
 def _phrase(name: str) -> str:
-    if _PHRASE.fullmatch(name) and "=?" not in name:
-        return name
     if all(" " <= ch <= "~" for ch in name) and "=?" not in name:
-        return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        quoted = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        plain = name if _PHRASE.fullmatch(name) else quoted
+        if _foldable(plain):
+            return plain
     return " ".join(_encoded_words(name))
 
 

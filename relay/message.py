@@ -3,6 +3,9 @@
 The email package is used here only to *read* values (decoded header text,
 addresses, attachment file names); the bytes that are sent are edited by
 ``relay.rewrite`` and never regenerated from this view.
+
+A header block that is valid UTF-8 is read as UTF-8 (RFC 6532), as ERPs
+write names and subjects that way; other 8-bit bytes come out as U+FFFD.
 """
 
 from __future__ import annotations
@@ -19,17 +22,23 @@ from email.utils import getaddresses
 from relay import headers
 
 _PARSER = email.parser.BytesParser(policy=email.policy.compat32)
-_HEADERS = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+_HEADERS = email.parser.HeaderParser(policy=email.policy.compat32)
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
 @dataclass(frozen=True, eq=False)
 class MessageView:
-    """Header values are read at once; the MIME structure only when a rule asks for
-    attachment names, since parsing a large message's parts costs more than the rest."""
+    """Header fields are read at once, decoded when first asked for; the MIME structure
+    only when a rule asks for attachment names, since parsing a large message's parts
+    costs more than the rest."""
 
-    headers: tuple[tuple[str, str], ...]  # (name, decoded unfolded value), in order
+    written: tuple[tuple[str, str], ...]  # (name, unfolded value as written), in order
     raw: bytes = field(repr=False)
+
+    @functools.cached_property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """(name, decoded unfolded value), in order."""
+        return tuple((name, decode(value)) for name, value in self.written)
 
     @functools.cached_property
     def attachments(self) -> tuple[str, ...]:
@@ -45,9 +54,17 @@ class MessageView:
         return tuple(v for n, v in self.headers if n.lower() == name)
 
     def addresses(self, name: str) -> tuple[tuple[str, str], ...]:
-        """(display name, address) pairs of every ``name`` header, empty ones left out."""
-        pairs = getaddresses(list(self.get_all(name)))
-        return tuple((n, a) for n, a in pairs if a and "@" in a)
+        """(decoded display name, address) pairs of every ``name`` header that names
+        a mailbox SMTP can deliver to.
+
+        The value is parsed as written and only the names are decoded after: an
+        encoded word may hold ``<``, ``,`` or ``@``, which are text in a name and
+        must not turn one mailbox into another. Empty addresses and ones longer
+        than RFC 5321 allows (4.5.3.1) are left out: no server takes them.
+        """
+        name = name.lower()
+        pairs = getaddresses([v for n, v in self.written if n.lower() == name])
+        return tuple((decode(n), a) for n, a in pairs if _deliverable(a))
 
     @property
     def subject(self) -> str:
@@ -65,34 +82,56 @@ def decode(value: str) -> str:
         return unfolded
 
 
+def _deliverable(address: str) -> bool:
+    local, at, _ = address.rpartition("@")
+    return bool(at) and len(local.encode()) <= 64 and len(address.encode()) <= 254
+
+
 def read(raw: bytes, split: tuple[list[headers.Field], int] | None = None) -> MessageView:
     """``split`` is ``headers.split_at(raw)`` when the caller has it already."""
     head = _head(raw)
     fields = _plain_fields(head, split if split is not None and split[1] == len(head) else None)
     if fields is None:
-        fields = [(name, str(value)) for name, value in _HEADERS.parsebytes(head).items()]
-    return MessageView(headers=tuple((name, decode(value)) for name, value in fields), raw=raw)
+        fields = [(name, str(value)) for name, value in _HEADERS.parsestr(_text(head)).items()]
+    return MessageView(
+        written=tuple((name, _FOLD.sub("", value)) for name, value in fields), raw=raw
+    )
+
+
+def _text(head: bytes) -> str:
+    """The header block as UTF-8 text, or else as the email package's byte parser
+    reads it: 8-bit bytes kept as surrogates, which its values show as U+FFFD."""
+    try:
+        return head.decode("utf-8")
+    except UnicodeDecodeError:
+        return head.decode("ascii", errors="surrogateescape")
 
 
 def _plain_fields(
     head: bytes, split: tuple[list[headers.Field], int] | None = None
 ) -> list[tuple[str, str]] | None:
-    """(name, raw value) as the email package's compat32 parser gives them, for a
-    header block with nothing unusual in it (ASCII, CRLF or LF line endings, every
-    line a field or a continuation); None for anything else, which the parser reads.
+    """(name, raw value) as the email package's compat32 parser gives them for the
+    block's ``_text``, for a header block with nothing unusual in it (UTF-8, CRLF or
+    LF line endings, every line a field or a continuation); None for anything else,
+    which the parser reads.
 
     The parser was 5% of the relay's CPU for what is, for nearly every message,
     splitting lines at colons; tests/test_message_view.py holds the two readings
     to each other.
     """
-    if not head.isascii() or head.count(b"\r") != head.count(b"\r\n"):
+    if head.count(b"\r") != head.count(b"\r\n"):
         return None
+    if not head.isascii():
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     fields, end = split or headers.split_at(head)
     if end != len(head):
         return None
     found = []
     for one in fields:
-        value = one.raw.decode("ascii").split(":", 1)[1]
+        value = one.raw.decode("utf-8").split(":", 1)[1]
         found.append((one.name, value.lstrip(" \t").rstrip("\r\n")))
     return found
 

@@ -281,3 +281,87 @@ def test_verified_domain_without_key_is_sent_unsigned_and_says_so(policy_file: P
     assert p.decision.signing == ()
     assert "no DKIM key for globex.example: the message is not signed" in p.decision.reasons
     assert not any(f.name == "DKIM-Signature" for f in headers.split(p.message)[0])
+
+
+# header values an ERP passes on from its users
+
+
+def test_user_from_from_header_is_the_address_not_text_in_its_name(policy_file: Path) -> None:
+    data = msg("From: =?utf-8?q?Kari=2C_jan=40acme.example?= <kari@acme.example>", *BASE[1:])
+    p = run(policy_file, data, mail_from="erp@erp.acme.example")
+    assert (p.decision.identity.user.id, p.decision.identity.source) == ("kari", "header_from")
+
+
+INVOICE = (*(f for f in BASE if not f.startswith("Subject")), "Subject: Invoice 1")
+
+
+def test_encoded_words_in_the_reply_to_source_stay_in_the_name(policy_file: Path) -> None:
+    responsible = "=?utf-8?q?=C3=85se_=3Cevil=40attacker.example=3E=2C?= <per@acme.example>"
+    p = run(policy_file, msg(*INVOICE, f"X-Responsible: {responsible}"))
+    assert message.read(p.message).addresses("Reply-To") == (
+        ("Åse <evil@attacker.example>,", "per@acme.example"),
+    )
+    (field,) = [f for f in headers.split(p.message)[0] if f.name == "Reply-To"]
+    assert b"evil@attacker.example" not in field.raw
+
+
+def test_a_line_break_encoded_in_the_reply_to_source_skips_it(policy_file: Path) -> None:
+    responsible = "=?utf-8?q?Evil=0D=0ABcc=3A_x=40y.example?= <per@acme.example>"
+    p = run(policy_file, msg(*INVOICE, f"X-Responsible: {responsible}"))
+    assert header(p, "Reply-To") == "Jan Janssens <jan@acme.example>"
+    assert b"x@y.example" not in p.message
+    assert any("empty before it: header X-Responsible" in r for r in p.decision.reasons)
+
+
+def test_raw_utf8_names_and_subjects_are_read_as_utf8(policy_file: Path) -> None:
+    text = policy_file.read_text().replace("|rechnung)", "|rechnung|rückerstattung)")
+    policy_file.write_text(text)
+    base = [f for f in BASE if not f.startswith("Subject")]
+    data = msg(
+        *base, "Subject: Rückerstattung für März", "X-Responsible: Jörg Müller <j@acme.example>"
+    )
+    p = run(policy_file, data)
+    assert p.decision.classification.rule == "invoice-subject"
+    assert p.view.subject == "Rückerstattung für März"
+    assert message.read(p.message).addresses("Reply-To") == (("Jörg Müller", "j@acme.example"),)
+
+    p = run(policy_file, msg(*INVOICE, 'X-Responsible: "Müller, Hans" <hans@acme.example>'))
+    assert message.read(p.message).addresses("Reply-To") == (("Müller, Hans", "hans@acme.example"),)
+
+
+def test_an_address_longer_than_smtp_allows_is_no_reply_to_source(policy_file: Path) -> None:
+    long_local = f'Per <"{"a" * 600}\r\n {"a" * 600}"@acme.example>'
+    p = run(policy_file, msg(*INVOICE, f"X-Responsible: {long_local}"))
+    assert header(p, "Reply-To") == "Jan Janssens <jan@acme.example>"
+    assert any("empty before it: header X-Responsible" in r for r in p.decision.reasons)
+    assert max(map(len, p.message.split(b"\r\n"))) <= 998
+
+
+def test_a_reply_to_name_without_fold_points_is_encoded(policy_file: Path) -> None:
+    name = "a." * 600
+    p = run(policy_file, msg(*INVOICE, f'X-Responsible: "{name}" <per@acme.example>'))
+    assert message.read(p.message).addresses("Reply-To") == ((name, "per@acme.example"),)
+    assert max(map(len, p.message.split(b"\r\n"))) <= 78
+
+
+def test_resent_bcc_is_removed_like_bcc(policy_file: Path) -> None:
+    data = msg(
+        *BASE,
+        "Resent-Bcc: hidden@example.org",
+        "RESENT-BCC: other@example.org,",
+        " more@example.org",
+    )
+    head = run(policy_file, data).message.split(b"\r\n\r\n", 1)[0]
+    for hidden in (b"Resent-Bcc", b"hidden@", b"other@", b"more@"):
+        assert hidden.lower() not in head.lower()
+
+
+def test_sender_is_removed_when_the_relay_sets_from(policy_file: Path) -> None:
+    data = msg(*BASE, "Sender: ceo@bank.example", "sender: Other\r\n <other@bank.example>")
+    p = run(policy_file, data, mail_from="kari@acme.example")
+    assert message.read(p.message).get_all("Sender") == ()
+    assert b"bank.example" not in p.message
+    assert "Sender removed" in " ".join(p.decision.reasons)
+
+    p = run(policy_file, msg(*BASE))
+    assert not any("Sender" in r for r in p.decision.reasons)

@@ -183,3 +183,45 @@ def test_headers_of_signed_message_keep_original_order(
     assert names[:2] == ["DKIM-Signature", "DKIM-Signature"]
     assert names[2:] == ["From", "To", "Subject", "MIME-Version", "Content-Type", "Reply-To",
                          "Message-ID", "Date"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("responsible", "reply_to"),
+    [
+        (
+            "=?utf-8?q?=C3=85se_=3Cevil=40attacker.example=3E=2C?= <per@acme.example>",
+            ("Åse <evil@attacker.example>,", "per@acme.example"),
+        ),
+        ('"Müller, Jörg" <jorg@acme.example>', ("Müller, Jörg", "jorg@acme.example")),
+    ],
+    ids=["encoded-name", "raw-utf8-name"],
+)
+def test_what_users_put_in_headers_cannot_redirect_replies_or_leak(
+    relay: RelayProcess,
+    sink: SinkServer,
+    dns_records: dict[str, str],
+    tmp_path: Path,
+    responsible: str,
+    reply_to: tuple[str, str],
+) -> None:
+    """Display names, raw UTF-8, Resent-Bcc and Sender, as an ERP passes them on."""
+    data = (
+        "From: Kari <kari@acme.example>\r\n"
+        "Sender: ceo@bank.example\r\n"
+        "To: one@example.org\r\n"
+        "Resent-Bcc: hidden2@example.org\r\n"
+        "Subject: Faktura for Ørsted og März\r\n"
+        f"X-Responsible: {responsible}\r\n"
+        "\r\nHei\r\n"
+    ).encode()
+    send(relay, data, ["one@example.org", "hidden2@example.org"])
+    (got,) = sink.sink.wait(1)
+    view = message.read(got.data)
+    assert view.addresses("Reply-To") == (reply_to,)
+    assert view.get_all("Sender") == () and view.get_all("Resent-Bcc") == ()
+    head = got.data.split(b"\r\n\r\n", 1)[0]
+    assert "Subject: Faktura for Ørsted og März\r\n".encode() in head
+    for leaked in (b"hidden2@", b"bank.example", b"evil@attacker"):
+        assert leaked not in head
+    assert dkimpy_verify(got.data, dns_records)
+    assert_opendkim_ok(got.data, dns_records, tmp_path)

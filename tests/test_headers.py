@@ -252,6 +252,9 @@ _NAMES = st.one_of(
 @example("=?utf-8?q?x?=", "a@b.example")
 @example("a\u2028b\x85c", "a@b.example")
 @example("  ", "a@b.example")
+@example("a." * 600, "a@b.example")
+@example("a" * 1200, "a@b.example")
+@example("x" * 79, "a@b.example")
 def test_format_address_round_trips_through_the_email_parsers(name: str, address: str) -> None:
     if re.search(r"[\r\n\0]", name):
         with pytest.raises(HeaderInjection):
@@ -268,8 +271,21 @@ def test_format_address_round_trips_through_the_email_parsers(name: str, address
     assert mailbox.addr_spec == address
     assert _shown_by_headerregistry(name, got) == mailbox.display_name
     # And it survives being put into a field line: one field, nothing more.
-    fields, rest = split(fold("From", got) + b"\r\n")
+    line = fold("From", got)
+    fields, rest = split(line + b"\r\n")
     assert [f.name for f in fields] == ["From"] and rest == b"\r\n"
+    assert max(map(len, line.split(b"\r\n"))) <= len("From: ") + max(78, len(address) + 2)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a." * 600, "a" * 1200, "Jan " + "x" * 78, "Acme (" + "a" * 80 + ")", '"' * 80],
+)
+def test_names_fold_cannot_break_are_written_as_encoded_words(name: str) -> None:
+    """A long atom or quoted string has no fold point: as encoded words it folds."""
+    got = format_address(name, "per@acme.example")
+    assert got.startswith("=?utf-8?") and _decoded_name(got) == name
+    assert all(len(line) <= 76 for line in fold("Reply-To", got).split(b"\r\n"))
 
 
 # fold
@@ -309,6 +325,17 @@ def test_fold_without_fold_points_leaves_a_long_line() -> None:
     token = "x" * 100
     assert fold("X-Token", token) == f"X-Token: {token}\r\n".encode()
     assert fold("X-Token", token + "  ") == f"X-Token: {token}  \r\n".encode()
+    longest = "x" * (998 - len("X-Token: "))
+    assert fold("X-Token", longest) == f"X-Token: {longest}\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["x" * 990, f'Per <"{"a" * 1200}"@acme.example>', '"' + "a." * 600 + '" <a@b.example>'],
+)
+def test_fold_refuses_lines_over_998(value: str) -> None:
+    with pytest.raises(HeaderInjection, match="cannot be folded within 998"):
+        fold("X-Token", value)
 
 
 @pytest.mark.parametrize(
@@ -370,22 +397,27 @@ def test_encode_text() -> None:
         "=?utf-8?q?Rechnung_f=C3=BCr_Leistungen_im_Oktober?="
     )
     assert encode_text("=?utf-8?q?x?=") == "=?utf-8?b?PT91dGYtOD9xP3g/PQ==?="
+    assert encode_text("Invoice " + "x" * 77) == "Invoice " + "x" * 77  # " x...": a line
+    assert encode_text("Invoice " + "x" * 78).startswith("=?utf-8?q?Invoice_?= ")
     with pytest.raises(HeaderInjection):
         encode_text("Evil\r\nBcc: x@y")
 
 
 @given(st.text(max_size=300))
 @settings(max_examples=300)
+@example("a" * 1200)
+@example('Invoice "' + "a " * 100)
 def test_encode_text_folds_and_decodes_back(text: str) -> None:
     if re.search(r"[\r\n\0]", text):
         with pytest.raises(HeaderInjection):
             encode_text(text)
         return
     encoded = encode_text(text)
+    line = fold("Subject", encoded)
     if encoded == text:
         assert text.isascii()
+        assert max(map(len, line.split(b"\r\n"))) <= 78 + len("Subject: ")
         return
-    line = fold("Subject", encoded)
     assert all(len(x) <= 76 for x in line.split(b"\r\n"))
     unfolded = line[len("Subject: ") : -2].replace(b"\r\n", b"").decode("ascii")
     assert str(make_header(decode_header(unfolded))) == text

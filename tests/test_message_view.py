@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import email.parser
 import re
 from email.header import decode_header, make_header
+from email.policy import compat32
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -55,8 +58,20 @@ def test_the_header_block_ends_at_the_first_empty_line(raw: bytes) -> None:
 
 FIELD_PIECES = st.sampled_from(
     [b"Subject", b"From", b"X-A", b":", b" ", b"\t", b"\r\n", b"\n", b"\r", b"\r\n ",
-     b"\n\t", b"x", b"=?utf-8?q?n=C3=A6r?=", b"a@b.example", b"\xc3\xa6", b"From ", b"\x00"]
+     b"\n\t", b"x", b"=?utf-8?q?n=C3=A6r?=", b"a@b.example", b"\xc3\xa6", b"From ", b"\x00",
+     b"\xe9", b"\xe2\x80\xa8", b"\xc2\x85"]
 )  # fmt: skip
+
+
+def _parsed(head: bytes) -> list[tuple[str, str]]:
+    """compat32's reading: of the text when the block is UTF-8, else of the bytes."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        found = email.parser.BytesHeaderParser(policy=compat32).parsebytes(head)
+    else:
+        found = email.parser.HeaderParser(policy=compat32).parsestr(text)
+    return [(name, str(value)) for name, value in found.items()]
 
 
 @given(st.lists(FIELD_PIECES, max_size=30).map(b"".join))
@@ -68,14 +83,13 @@ FIELD_PIECES = st.sampled_from(
 @example(b" starts folded\r\n")
 @example(b"From x\r\nSubject: y\r\n")
 @example(b"Subject: caf\xc3\xa9\r\n")
+@example(b"Subject: caf\xe9\r\n")
+@example(b"Subject: a\xe2\x80\xa8b\r\nTo: c\xc2\x85d\r\n")
 @example(b"Subject: a\rb\r\n")
 def test_headers_read_as_the_email_package_reads_them(head: bytes) -> None:
     """The plain reading, where it answers at all, is the parser's; and read() is
     the parser's reading either way."""
-    by_parser = [
-        (name, str(value))
-        for name, value in message._HEADERS.parsebytes(message._head(head)).items()
-    ]
+    by_parser = _parsed(message._head(head))
     plain = message._plain_fields(message._head(head))
     if plain is not None:
         assert plain == by_parser
@@ -92,3 +106,59 @@ def test_plain_header_blocks_are_read_without_the_parser() -> None:
         ("From", "Jan <jan@acme.example>"),
         ("X-A", "one\r\n two"),
     ]
+
+
+def test_raw_utf8_values_are_read_as_utf8() -> None:
+    view = message.read(
+        "Subject: Faktura for Ørsted \u2013 März\r\n"
+        "X-Responsible: Jörg Müller <jorg@acme.example>\r\n"
+        'Cc: "Müller, Hans" <hans@acme.example>\r\n'
+        "\r\nbody\r\n".encode()
+    )
+    assert view.subject == "Faktura for Ørsted \u2013 März"
+    assert view.addresses("X-Responsible") == (("Jörg Müller", "jorg@acme.example"),)
+    assert view.addresses("Cc") == (("Müller, Hans", "hans@acme.example"),)
+
+
+def test_8bit_values_that_are_not_utf8_are_not_guessed_at() -> None:
+    view = message.read(b"Subject: caf\xe9 \xc3\xa6\r\n\r\nbody\r\n")
+    assert view.subject == "caf\ufffd \ufffd\ufffd"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            "=?utf-8?q?=C3=85se_=3Cevil=40attacker.example=3E=2C?= <per@acme.example>",
+            (("Åse <evil@attacker.example>,", "per@acme.example"),),
+        ),
+        (
+            "=?utf-8?q?Evil=0D=0ABcc=3A_x=40y.example?= <per@acme.example>",
+            (("Evil\r\nBcc: x@y.example", "per@acme.example"),),
+        ),
+        (
+            "=?utf-8?q?Kari=2C_jan=40acme.example?= <kari@acme.example>",
+            (("Kari, jan@acme.example", "kari@acme.example"),),
+        ),
+        ("Per <per@acme.example>,\r\n Åse <ase@acme.example>", (("Per", "per@acme.example"),
+                                                               ("Åse", "ase@acme.example"))),
+    ],
+)  # fmt: skip
+def test_addresses_are_parsed_as_written_and_only_names_decoded(
+    value: str, expected: tuple[tuple[str, str], ...]
+) -> None:
+    """An encoded word is text in a display name: what it holds takes no part in parsing."""
+    view = message.read(f"X-Responsible: {value}\r\n\r\nbody\r\n".encode())
+    assert view.addresses("x-responsible") == expected
+
+
+def test_addresses_longer_than_smtp_allows_are_left_out() -> None:
+    local = "a" * 64
+    domain = ".".join(["d" * 60] * 3) + ".example"  # 254 with the local part
+    longest = f"{local}@{domain[: 254 - 65]}"
+    assert len(longest) == 254
+    view = message.read(
+        f"To: <{local}a@acme.example>, <{longest}>, <x{longest}>,\r\n"
+        f' Per <"{"a" * 600}\r\n {"a" * 600}"@acme.example>\r\n\r\n'.encode()
+    )
+    assert view.addresses("To") == (("", longest),)
