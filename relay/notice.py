@@ -29,7 +29,9 @@ def build_notice(
     sender = format_address(
         f"Mail relay for {tenant.name}" if tenant else "Mail relay", policy.platform.from_address
     )
-    subject = f"Undelivered: {entry.subject}" if entry.subject else "Undelivered document"
+    subject = (
+        f"Undelivered: {_printable(entry.subject)}" if entry.subject else "Undelivered document"
+    )
     date = formatdate(now, localtime=False, usegmt=True)
     message_id = f"<{queue_id}@{policy.platform.hostname}>"
     head = b"".join(
@@ -37,7 +39,7 @@ def build_notice(
         for name, value in (
             ("From", sender),
             ("To", entry.notify_address),
-            ("Subject", subject if subject.isascii() else encode_text(subject)),
+            ("Subject", encode_text(subject)),
             ("Date", date),
             ("Message-ID", message_id),
             ("Auto-Submitted", "auto-generated"),
@@ -88,3 +90,9 @@ def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
         "This notice was written by the mail relay; replies to it are not read.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _printable(text: str) -> str:
+    """The document's subject as decoded may hold controls (an encoded CR, VT or
+    NUL): the notice shows them as spaces rather than fail to be written."""
+    return "".join(ch if ch.isprintable() else " " for ch in text)
