@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-from email.utils import getaddresses
 
 from relay import headers, message
 from relay.decide import Decision
@@ -38,8 +37,7 @@ def submission_from_file(
         senders = view.addresses("From")
         mail_from = senders[0][1] if senders else ""
     if not rcpts:
-        found = getaddresses([*view.get_all("To"), *view.get_all("Cc"), *view.get_all("Bcc")])
-        rcpts = [address for _, address in found if "@" in address]
+        rcpts = [a for name in ("To", "Cc", "Bcc") for _, a in view.addresses(name)]
     return Submission(
         listener="preview",
         client_address="preview",

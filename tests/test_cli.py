@@ -67,6 +67,23 @@ def test_preview_explains_and_sends_nothing(policy_file: Path, tmp_path: Path) -
     assert not (tmp_path / "outbox").exists()
 
 
+def test_preview_takes_recipients_as_written_not_from_encoded_names(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """An address spelled inside an encoded display name is part of the name."""
+    eml = tmp_path / "invoice.eml"
+    eml.write_text(
+        INVOICE.replace(
+            "To: customer@example.org\n",
+            "To: =?utf-8?q?Ola=2C_extra=40example=2Eorg?= <customer@example.org>\n",
+        )
+    )
+    done = relay("preview", "-c", str(policy_file), str(eml), "--json")
+    assert done.returncode == 0, done.stderr
+    recipients = json.loads(done.stdout)["envelope"]["recipients"]
+    assert recipients == ["customer@example.org", "archive@example.org", "kari@acme.example"]
+
+
 def test_preview_json(policy_file: Path, tmp_path: Path) -> None:
     eml = tmp_path / "invoice.eml"
     eml.write_text(INVOICE)
