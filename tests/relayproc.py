@@ -108,3 +108,22 @@ def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("condition not reached in time")
+
+
+def piped_into_head(*args: str) -> tuple[int, str]:
+    """``relay ARGS | head -1``: the exit status and standard error of a relay
+    command whose reader goes away after the first line (output buffered as
+    it is in a pipe)."""
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    command = subprocess.Popen(
+        [sys.executable, "-m", "relay", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=buffered,
+        cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert command.stdout is not None and command.stderr is not None
+    assert command.stdout.readline()  # what head prints, then it exits
+    command.stdout.close()
+    status = command.wait(60)
+    errors = command.stderr.read().decode()
+    command.stderr.close()
+    return status, errors

@@ -5,9 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from relay.audit import AuditLog, events, verify
 from relay.audit.commands import report_main, search_main, show_main
 from relay.audit.render import CSV_COLUMNS, TABLE_COLUMNS, csv_row, timeline, write_csv
 from relay.audit.search import parse_when, report, search, show
+from tests.relayproc import piped_into_head
 from tests.test_audit_fixture import ACME_INVOICE, ACME_QUOTE, GLOBEX, START, Clock, build, read_all
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,18 +157,8 @@ def test_a_search_piped_into_head_ends_quietly(policy_file: Path, output: str) -
                 for n in range(3000)
             ]
         )
-    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    command = [sys.executable, "-m", "relay", "audit", "search", "-c", str(policy_file)]
-    searching = subprocess.Popen(
-        [*command, "--format", output],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=buffered,
-    )  # fmt: skip
-    assert searching.stdout is not None and searching.stderr is not None
-    assert searching.stdout.readline()  # what head prints, then it exits
-    searching.stdout.close()
-    assert searching.wait(60) == 1
-    assert searching.stderr.read().decode() == ""
-    searching.stderr.close()
+    status, errors = piped_into_head("audit", "search", "-c", str(policy_file), "--format", output)
+    assert (status, errors) == (1, "")
 
 
 def test_show_is_the_whole_timeline_in_order(log_dir: Path) -> None:

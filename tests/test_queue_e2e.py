@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import smtplib
 import subprocess
@@ -17,7 +16,7 @@ from relay import message
 from relay.audit import AuditLog, events
 from relay.policy.load import load
 from relay.spool import Spool
-from tests.relayproc import RelayProcess, wait_for
+from tests.relayproc import RelayProcess, piped_into_head, wait_for
 from tests.sink import Sink, SinkServer, free_port
 from tests.spoolkit import make_entry
 
@@ -509,14 +508,6 @@ def test_a_listing_piped_into_head_ends_quietly(policy_file: Path) -> None:
     spool = Spool(policy.queue.directory)
     entries = [make_entry(size=len(SMALL)) for _ in range(3000)]
     assert spool.put_many([(entry, (SMALL,)) for entry in entries]) == [None] * len(entries)
-    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    listing = subprocess.Popen(
-        [sys.executable, "-m", "relay", "queue", "list", "-c", str(policy_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=buffered,
-    )  # fmt: skip
-    assert listing.stdout is not None and listing.stderr is not None
-    assert listing.stdout.readline()  # what head prints, then it exits
-    listing.stdout.close()
-    assert listing.wait(60) == 1
-    assert "Traceback" not in listing.stderr.read().decode()
-    listing.stderr.close()
+    status, errors = piped_into_head("queue", "list", "-c", str(policy_file))
+    assert status == 1
+    assert "Traceback" not in errors
