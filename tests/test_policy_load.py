@@ -594,3 +594,35 @@ def test_retry_ceiling_below_first_retry_is_located(tmp_path: Path) -> None:
         tmp_path, "version: 1\n", "version: 1\nqueue:\n  first_retry: 60\n  max_retry: 5\n"
     )
     assert problems(path) == [f"{path}:5:14: queue.max_retry: must not be less than first_retry"]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        (
+            "address: jan@acme.example",
+            f"address: {'j' * 65}@acme.example",
+            f"tenants.acme.users.jan.address: '{'j' * 65}@acme.example' is longer than SMTP"
+            " allows: 64 characters before the @, 254 in all",
+        ),
+        (
+            "address: jan@acme.example",
+            "address: jan@ødegård.example",
+            "tenants.acme.users.jan.address: 'jan@ødegård.example' is not ASCII:"
+            " the relay sends no SMTPUTF8",
+        ),
+        (
+            "address: post@acme.example",
+            "address: post@acme.example\n    verified_domains: [ødegård.example]",
+            "tenants.acme.verified_domains[0]: 'ødegård.example' is not ASCII:"
+            " write it as 'xn--degrd-ora3k.example'",
+        ),
+    ],
+)
+def test_addresses_and_domains_the_relay_could_not_send_are_refused(
+    tmp_path: Path, old: str, new: str, problem: str
+) -> None:
+    """An address or domain SMTP cannot carry without SMTPUTF8, or a header line
+    cannot hold, would refuse every message at the rewrite or the signature."""
+    path = variant(tmp_path, old, new)
+    assert [p.split(": ", 1)[1] for p in problems(path)] == [problem]

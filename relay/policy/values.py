@@ -31,14 +31,31 @@ def address(ctx: Ctx, node: Node, path: str) -> str | None:
     if value is None:
         return None
     if not is_address(value):
-        ctx.problem(node, path, f"{value!r} is not an address like name@example.com")
+        ctx.problem(node, path, f"{value!r} {_not_address(value)}")
         return None
     return value
 
 
 def is_address(value: str) -> bool:
+    """ASCII, and within SMTP's limits (RFC 5321 4.5.3.1): anything else could not
+    be sent without SMTPUTF8, or written into a header line."""
     local, at, domain = value.rpartition("@")
-    return bool(at and _LOCAL.fullmatch(local) and _DOMAIN.fullmatch(domain))
+    return bool(
+        at
+        and value.isascii()
+        and len(local) <= 64
+        and len(value) <= 254
+        and _LOCAL.fullmatch(local)
+        and _DOMAIN.fullmatch(domain)
+    )
+
+
+def _not_address(value: str) -> str:
+    if not value.isascii():
+        return "is not ASCII: the relay sends no SMTPUTF8"
+    if len(value.rpartition("@")[0]) > 64 or len(value) > 254:
+        return "is longer than SMTP allows: 64 characters before the @, 254 in all"
+    return "is not an address like name@example.com"
 
 
 def is_header_name(value: str) -> bool:
@@ -52,7 +69,17 @@ def domain(ctx: Ctx, node: Node, path: str) -> str | None:
     if not _DOMAIN.fullmatch(value):
         ctx.problem(node, path, f"{value!r} is not a domain name like example.com")
         return None
+    if not value.isascii():  # DKIM's d= and SMTP without SMTPUTF8 take A-labels only
+        ctx.problem(node, path, f"{value!r} is not ASCII: write it as {_a_labels(value)!r}")
+        return None
     return value.lower()
+
+
+def _a_labels(value: str) -> str:
+    try:
+        return value.encode("idna").decode("ascii")
+    except UnicodeError:
+        return "xn--..."
 
 
 def helo_name(ctx: Ctx, node: Node, path: str) -> str | None:
