@@ -54,8 +54,6 @@ def _explain(key: DkimKey, reason: str) -> str:
         )
     if form == "pem" and wanted is DkimAlgorithm.ED25519:
         return f"an Ed25519 key in PEM form; the relay reads the base64 of its seed, {_KEYGEN}"
-    if b"\r" in key.private_key:
-        return f"an {_NAMES[held]} key with CR LF line ends; the relay reads LF only, {_KEYGEN}"
     return f"an {_NAMES[held]} key the relay cannot sign with ({reason})"
 
 

@@ -283,9 +283,17 @@ def dkim(ctx: Ctx, root: Map) -> tuple[tuple[DkimKey, ...] | None, set[str]]:
         key = m.read("key_file", values.read_file)
         ok = domain and selector and algorithm and key
         keys.append(
-            _signing_key(ctx, m, DkimKey(domain, selector, algorithm, *key)) if ok else None
+            _signing_key(ctx, m, DkimKey(domain, selector, algorithm, key[0], _lf(key[1])))
+            if ok
+            else None
         )
     return (None if None in keys else tuple(keys)), domains
+
+
+def _lf(pem: bytes) -> bytes:
+    """A key file saved with CR LF line ends (a Windows editor) reads as written
+    with LF: the PEM parser the signer shares with dkimpy takes LF only."""
+    return pem.replace(b"\r\n", b"\n")
 
 
 def _signing_key(ctx: Ctx, m: Map, key: DkimKey) -> DkimKey | None:
