@@ -43,6 +43,9 @@ WAITING_MAX = 64  # finished entries that may wait, locked, for an fsync of the 
 SMALL = RECYCLE_SIZE // 2  # surely kept for reuse, record and all: removed without an fsync
 UNWRITTEN = -1  # the ticket of records the audit log refused: write them again
 FINAL_EVENTS = ("delivered", "failed", "expired")
+#: The records that say where a recipient's delivery stands; others name a
+#: recipient too (``notified``: the sender told, who may also be a recipient).
+ATTEMPT_EVENTS = (*FINAL_EVENTS, "deferred")
 
 
 class EntryLock:
@@ -220,6 +223,8 @@ def settle_recorded(spool: Spool, audit: AuditLog, budget: int = RECENT) -> list
     for record in reader.recent(audit.directory, budget) if queued else ():
         queue_id, recipient, seq = (record.get(k) for k in ("queue_id", "recipient", "seq"))
         if not (isinstance(queue_id, str) and isinstance(recipient, str) and isinstance(seq, int)):
+            continue
+        if record.get("event") not in ATTEMPT_EVENTS:
             continue
         if queue_id in queued and seq > latest.get((queue_id, recipient), {}).get("seq", -1):
             latest[(queue_id, recipient)] = record

@@ -340,6 +340,33 @@ def test_a_restart_removes_entries_whose_outcome_the_log_has_and_no_other(
     assert verify(audit.directory).ok
 
 
+def test_a_restart_settles_an_entry_whose_sender_was_told_and_got_the_copy(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """The failure notice's record names the sender, who is also the automatic
+    BCC recipient: it says nothing of that copy's delivery, which stands."""
+    audit = AuditLog(tmp_path / "audit")
+    entry = make_entry(size=len(message(1)))
+    customer, sender = (r.address for r in entry.recipients)
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    audit.append_many(
+        [
+            events.failed(
+                queue_id=entry.queue_id, message_id=None, recipient=customer, reply="550 no"
+            ),
+            delivered_to(entry, sender),
+            events.notified(
+                queue_id=entry.queue_id,
+                message_id=None,
+                recipient=sender,
+                notice_queue_id="NOTICE",
+            ),
+        ]
+    )
+    assert settle_recorded(spool, audit) == [entry.queue_id]
+    assert spool.ids() == []
+
+
 def delivered_to(entry: QueueEntry, address: str) -> dict[str, Any]:
     return events.delivered(
         queue_id=entry.queue_id,
