@@ -300,7 +300,13 @@ async def _reload(
     if worker is not None:
         log.info("worker %d: policy %s in use", worker.index, new.digest[:12])
     else:
+        in_use(new, old)
         await asyncio.to_thread(record_policy, audit, path, new)
+
+
+def in_use(new: Policy, old: Policy) -> None:
+    """Said once the new policy is what the daemon runs, not when it was read."""
+    log.info("policy reloaded: %s (was %s)", new.digest[:12], old.digest[:12])
 
 
 def reloaded(
@@ -331,7 +337,6 @@ def reloaded(
     )
     if quiet:
         return new
-    log.info("policy reloaded: %s (was %s)", new.digest[:12], old.digest[:12])
     if changed:
         log.warning(
             "listener settings changed (%s): they take effect after a restart", ", ".join(changed)

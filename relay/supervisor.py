@@ -41,6 +41,7 @@ from relay.server import (
     AUDIT_UPKEEP,
     STOP_GRACE,
     audit_upkeep,
+    in_use,
     record_policy,
     reloaded,
     serve,
@@ -248,6 +249,7 @@ class Supervisor:
         except OSError as exc:
             log.error("reload failed: cannot hand the policy to the workers: %s", exc)
             return
+        in_use(new, self.policy)
         self.policy = new
         self._with_audit(lambda audit: record_policy(audit, self.policy_path, new))
         for pid in self.workers:
