@@ -25,20 +25,20 @@ from relay import dkimfast
 from relay.errors import SigningError
 from relay.policy.model import DkimAlgorithm, DkimKey
 
-# A name listed n times is signed for each occurrence plus n - 1 more times:
-# the extra entries match no field, so a verifier fails if one is added later
-# (RFC 6376 8.15). From is the field a forger would add a second one of.
-SIGNED_HEADERS: tuple[str, ...] = (
-    "From",
-    "From",
-    "Reply-To",
-    "To",
-    "Cc",
-    "Subject",
-    "Date",
-    "Message-ID",
+# Each is signed for every occurrence and once more (RFC 6376 8.15): the extra
+# entry matches no field, so a verifier fails if one is added later. These are
+# signed even when absent: a Reply-To, Subject or Cc added to an invoice on its
+# way ("new bank details, reply here") would otherwise pass DKIM and DMARC.
+# The relay writes From, Date and Message-ID itself, so no hop adds them.
+OVERSIGNED: tuple[str, ...] = ("From", "Reply-To", "To", "Cc", "Subject", "Date", "Message-ID")
+# These are signed (and oversigned) only when present: some hops add a missing
+# MIME-Version, and the rest are absent from most plain messages.
+WHEN_PRESENT: tuple[str, ...] = (
     "MIME-Version",
     "Content-Type",
+    "Content-Transfer-Encoding",
+    "In-Reply-To",
+    "References",
 )
 
 _ALGORITHMS = {
@@ -67,9 +67,9 @@ def sign(message: bytes, keys: Sequence[DkimKey], *, now: int | None = None) -> 
     except dkim.DKIMException as exc:
         reason = _reason(exc)
         raise SigningError(f"{_who(ordered)}: the message cannot be parsed: {reason}") from exc
-    names = _header_names(prepared.headers)
-    if b"from" not in names:
+    if not any(field[0].lower() == b"from" for field in prepared.headers):
         raise SigningError(f"{_who(ordered)}: the message has no From header field")
+    names = _header_names(prepared.headers)
     timestamp = int(time.time()) if now is None else now
     return b"".join(_sign_one(prepared, key, names, timestamp) for key in ordered)
 
@@ -77,15 +77,15 @@ def sign(message: bytes, keys: Sequence[DkimKey], *, now: int | None = None) -> 
 def _header_names(headers: Sequence[Sequence[bytes]]) -> list[bytes]:
     """The h= list: each wanted field per occurrence, plus its oversigning.
 
-    A field the message lacks is left out rather than signed as absent, so a
-    hop that adds a missing Date or Message-ID does not break the signature.
+    See OVERSIGNED and WHEN_PRESENT.
     """
     present = Counter(field[0].lower() for field in headers)
-    wanted = Counter(name.lower().encode("ascii") for name in SIGNED_HEADERS)
     names: list[bytes] = []
-    for name, times in wanted.items():
+    for name in (n.lower().encode("ascii") for n in OVERSIGNED):
+        names += [name] * (present[name] + 1)
+    for name in (n.lower().encode("ascii") for n in WHEN_PRESENT):
         if present[name]:
-            names += [name] * (present[name] + times - 1)
+            names += [name] * (present[name] + 1)
     return names
 
 
