@@ -67,12 +67,15 @@ def decide(
     updates = [("From", from_after)]
     if reply_to_after is not None:
         updates.append(("Reply-To", reply_to_after))
-    if view.get("Message-ID") is None:
+    if not (view.get("Message-ID") or "").strip():
         updates.append(("Message-ID", f"<{token}@{policy.platform.hostname}>"))
         reasons.append("Message-ID was missing: added")
-    if view.get("Date") is None:
+    if not (view.get("Date") or "").strip():
         updates.append(("Date", format_datetime(now)))
         reasons.append("Date was missing: added")
+    for name, replaced in (("From", True), ("Reply-To", reply_to_after is not None)):
+        if replaced and len(view.get_all(name)) > 1:
+            reasons.append(f"{name} appeared {len(view.get_all(name))} times: one is written")
     if view.get("Sender") is not None:
         reasons.append("Sender removed: clients would show it as sending on behalf of the From")
     edits = HeaderEdits(remove=(*_REMOVED, *policy.control_headers), set=tuple(updates))

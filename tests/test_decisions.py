@@ -246,6 +246,30 @@ def test_missing_date_and_message_id_are_added(policy_file: Path) -> None:
     assert header(p, "Message-ID") == f"<{p.queue_id}@relay.platform.example>"
 
 
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_empty_date_and_message_id_are_filled_in(policy_file: Path, blank: str) -> None:
+    """An empty field is missing to a reader (RFC 5322): it is replaced, not kept."""
+    data = msg(
+        "From: Jan <jan@acme.example>", "To: customer@example.org", "Subject: Hi",
+        f"Date:{blank}", f"Message-ID:{blank}",
+    )  # fmt: skip
+    p = run(policy_file, data)
+    view = message.read(p.message)
+    assert view.get_all("Date") == ("Mon, 23 Nov 2026 09:30:00 +0000",)
+    assert view.get_all("Message-ID") == (f"<{p.queue_id}@relay.platform.example>",)
+
+
+def test_a_second_from_or_reply_to_is_dropped_and_said(policy_file: Path) -> None:
+    data = msg(
+        *BASE, "From: CEO <ceo@bank.example>", "Reply-To: a@x.example", "Reply-To: b@y.example"
+    )
+    p = run(policy_file, data)
+    view = message.read(p.message)
+    assert len(view.get_all("From")) == 1 and len(view.get_all("Reply-To")) == 1
+    assert "From appeared 2 times: one is written" in p.decision.reasons
+    assert "Reply-To appeared 2 times: one is written" in p.decision.reasons
+
+
 def test_signature_is_prepended(policy_file: Path) -> None:
     p = run(policy_file, msg(*BASE))
     names = [f.name for f in headers.split(p.message)[0]]
