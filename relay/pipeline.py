@@ -173,7 +173,7 @@ class Acceptor:
                 entry.message_id,
                 submission,
                 prepared.decision,
-                entry.size,
+                len(submission.data),  # as received; ``queued`` has it as sent
                 policy.digest,
                 subject,
             ),

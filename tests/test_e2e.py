@@ -149,6 +149,23 @@ def test_unknown_sender_refused_and_nothing_sent(relay: RelayProcess, sink: Sink
     assert record["reply"].startswith("550 5.7.1 Sender not known to this relay")
 
 
+def test_the_audit_log_has_the_size_as_received_and_as_sent(
+    relay: RelayProcess, sink: SinkServer
+) -> None:
+    data = b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: x\r\n\r\nx\r\n"
+    send(relay, data, ["one@example.org"])
+    (got,) = sink.sink.wait(1)
+    found = subprocess.run(
+        [sys.executable, "-m", "relay", "audit", "search", "-c", str(relay.policy),
+         "--format", "json"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    sizes = {r["event"]: r.get("size") for r in map(json.loads, found.stdout.splitlines())}
+    assert sizes["received"] == len(data)
+    assert sizes["queued"] == len(got.data) > len(data)  # rewritten and signed
+
+
 def test_reload_keeps_old_policy_when_new_one_is_broken(
     relay: RelayProcess, sink: SinkServer, policy_file: Path
 ) -> None:
