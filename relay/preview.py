@@ -15,6 +15,7 @@ import re
 from relay import headers, message
 from relay.decide import Decision
 from relay.errors import Rejected
+from relay.ingress import content
 from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
 from relay.pipeline import Prepared, prepare
 from relay.policy.model import DirectoryUpstream, Policy, SmtpUpstream, Upstream
@@ -60,7 +61,8 @@ def render(policy: Policy, submission: Submission, *, as_json: bool) -> str:
 
 def _check_envelope(policy: Policy, submission: Submission) -> None:
     """Raise the SMTP side's refusal of this transaction, if it has one: an
-    ERP could not log in or name these addresses, so no preview of them helps."""
+    ERP could not log in, name these addresses or send this content, so no
+    preview of them helps."""
     login = submission.auth_login
     if login is not None and login not in policy.logins:
         raise Rejected(
@@ -72,6 +74,9 @@ def _check_envelope(policy: Policy, submission: Submission) -> None:
         refused = mailbox_refusal(address, status)
         if refused is not None:
             raise refused
+    refused = content.refusal(submission.data)  # after DATA: bare CR, NUL, long lines
+    if refused is not None:
+        raise refused
 
 
 def _report(policy: Policy, submission: Submission, prepared: Prepared) -> dict:

@@ -125,6 +125,21 @@ def test_preview_refuses_what_the_smtp_side_refuses(
     assert done.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("body", "reply"),
+    [("x" * 1500 + "\n", "500 5.5.2"), ("a\0b\n", "554 5.6.0")],
+    ids=["long-line", "nul"],
+)
+def test_preview_refuses_content_the_smtp_side_refuses(
+    policy_file: Path, tmp_path: Path, body: str, reply: str
+) -> None:
+    eml = tmp_path / "invoice.eml"
+    eml.write_text(INVOICE + body)
+    done = relay("preview", "-c", str(policy_file), str(eml))
+    assert done.returncode == 65, done.stdout
+    assert f"relay preview: the relay would refuse this message: {reply}" in done.stderr
+
+
 def test_keygen_writes_private_key_0600_and_prints_record(tmp_path: Path) -> None:
     done = relay("dkim", "keygen", "--domain", "example.com", "--selector", "ed",
                  "--algorithm", "ed25519", "--directory", str(tmp_path))  # fmt: skip
