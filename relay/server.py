@@ -130,7 +130,10 @@ def _load(path: Path) -> Policy | None:
 
 
 def _open_state(policy: Policy, policy_path: Path) -> int:
-    """Recover the spool and open the audit log once, before any worker starts."""
+    """Recover the spool and open the audit log once, before any worker starts.
+    The audit upkeep comes after the policy record: today's file then exists, so
+    yesterday's is no longer the newest, which upkeep never touches, and is
+    compressed now rather than a day later."""
     from relay.audit import AuditError, events
     from relay.record import audit_log
     from relay.spool import Spool, SpoolError
@@ -140,10 +143,10 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
         recovered = spool.recover()
         with audit_log(policy) as audit:
             settled = _settle_recorded(spool, audit)
-            audit.maintain()
             audit.append(
                 events.policy_loaded(policy_file=str(policy_path), policy_sha256=policy.digest)
             )
+            audit_upkeep(audit)
     except (SpoolError, AuditError, OSError) as exc:
         log.error("cannot open the state directory: %s", exc)
         return EX_CANTCREAT
