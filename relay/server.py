@@ -321,7 +321,8 @@ def reloaded(
     sizes, immediate) take effect at a restart, in every worker at once; a
     worker started later (one that died is replaced) must not serve a port
     differently from the others, nor a running one differently per message.
-    The state directory and the audit key stay as opened, for the same reason."""
+    The state directory and the audit key stay as opened, for the same reason.
+    ``queue.concurrency`` is read when the engine first delivers to an upstream."""
     from relay.policy.load import load
 
     try:
@@ -348,6 +349,12 @@ def reloaded(
     if new.workers != old.workers:
         log.warning(
             "workers changed (%d to %d): takes effect after a restart", old.workers, new.workers
+        )
+    if new.queue.concurrency != old.queue.concurrency:
+        log.warning(
+            "queue.concurrency changed (%d to %d): takes effect after a restart",
+            old.queue.concurrency,
+            new.queue.concurrency,
         )
     gone = sorted(set(old.upstreams) - set(new.upstreams))
     if gone:

@@ -299,6 +299,19 @@ def test_a_reload_keeps_the_state_directory_and_audit_key_it_started_with(
     assert new.audit.hmac_key is None and new.audit.record_subject is True
 
 
+def test_a_reload_says_a_new_concurrency_waits_for_a_restart(
+    policy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each worker fixes an upstream's delivery limit when it first delivers
+    there; a reload that changes it silently did nothing. Retry times apply at once."""
+    started = load(policy)
+    policy.write_text(policy.read_text() + "queue: {concurrency: 3, first_retry: 60}\n")
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        assert reloaded(policy, started) is not None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["queue.concurrency changed (10 to 3): takes effect after a restart"]
+
+
 def test_the_start_logs_its_audit_upkeep_and_closes_yesterday(
     policy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
