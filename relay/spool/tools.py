@@ -3,7 +3,8 @@
 Output mimics ``mailq`` and ``postqueue -j`` so habits and scripts carry
 over. Every change takes the entry's lock without waiting: an entry being
 delivered right now is reported and skipped rather than stalling the command
-behind a slow upstream. The commands that change entries return the entries
+behind a slow upstream; an error only when named, so that ``hold ALL`` from
+cron does not fail on a queue that is busy. The commands that change entries return the entries
 they changed so the caller can write the audit record of who did what.
 """
 
@@ -268,8 +269,16 @@ def _each(
                 _report(err, queue_id, exc)
                 code = 1
         except SpoolBusy:
-            err.write(f"{queue_id}: being delivered right now, skipped; try again\n")
-            code = 1
+            # Under ALL, as postsuper: what was there to do is done; this one is
+            # either delivered now or left queued as it was, and said so.
+            if named:
+                err.write(f"{queue_id}: being delivered right now, skipped; try again\n")
+                code = 1
+            else:
+                err.write(
+                    f"{queue_id}: being delivered right now, skipped: delivered now, or left"
+                    " queued as it was (name it to try again)\n"
+                )
         except SpoolError as exc:
             _report(err, queue_id, exc)
             code = 1
