@@ -130,7 +130,10 @@ def _load(path: Path) -> Policy | None:
 
 
 def _open_state(policy: Policy, policy_path: Path) -> int:
-    """Recover the spool and open the audit log once, before any worker starts."""
+    """Recover the spool and open the audit log once, before any worker starts.
+    The audit upkeep comes after the policy record: today's file then exists, so
+    yesterday's is no longer the newest, which upkeep never touches, and is
+    compressed now rather than a day later."""
     from relay.audit import AuditError, events
     from relay.record import audit_log
     from relay.spool import Spool, SpoolError
@@ -140,10 +143,10 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
         recovered = spool.recover()
         with audit_log(policy) as audit:
             settled = _settle_recorded(spool, audit)
-            audit.maintain()
             audit.append(
                 events.policy_loaded(policy_file=str(policy_path), policy_sha256=policy.digest)
             )
+            audit_upkeep(audit)
     except (SpoolError, AuditError, OSError) as exc:
         log.error("cannot open the state directory: %s", exc)
         return EX_CANTCREAT
@@ -318,7 +321,8 @@ def reloaded(
     sizes, immediate) take effect at a restart, in every worker at once; a
     worker started later (one that died is replaced) must not serve a port
     differently from the others, nor a running one differently per message.
-    The state directory and the audit key stay as opened, for the same reason."""
+    The state directory and the audit key stay as opened, for the same reason.
+    ``queue.concurrency`` is read when the engine first delivers to an upstream."""
     from relay.policy.load import load
 
     try:
@@ -345,6 +349,12 @@ def reloaded(
     if new.workers != old.workers:
         log.warning(
             "workers changed (%d to %d): takes effect after a restart", old.workers, new.workers
+        )
+    if new.queue.concurrency != old.queue.concurrency:
+        log.warning(
+            "queue.concurrency changed (%d to %d): takes effect after a restart",
+            old.queue.concurrency,
+            new.queue.concurrency,
         )
     gone = sorted(set(old.upstreams) - set(new.upstreams))
     if gone:

@@ -256,6 +256,23 @@ def test_maintain_never_compresses_the_newest_day(tmp_path: Path) -> None:
     assert (tmp_path / "audit-2024-05-08.jsonl").exists()
 
 
+def test_compressed_days_are_as_private_as_plain_ones(tmp_path: Path) -> None:
+    """Started by hand or in a container the umask is often 022: a day's records
+    must not become readable by everyone once they are gzipped."""
+    umask = os.umask(0o022)
+    try:
+        build(tmp_path)
+        AuditLog(tmp_path, compress_after_days=1, clock=Clock(START + timedelta(days=2))).maintain()
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.glob("audit-*")}
+    assert modes == {
+        "audit-2024-05-06.jsonl.gz": 0o640,
+        "audit-2024-05-07.jsonl.gz": 0o640,
+        "audit-2024-05-08.jsonl": 0o640,
+    }
+
+
 def test_retention_deletes_old_days_after_recording_it(tmp_path: Path) -> None:
     build(tmp_path)
     kept_first = json.loads((tmp_path / "audit-2024-05-08.jsonl").read_text().splitlines()[0])
@@ -513,6 +530,17 @@ def test_root_hands_the_files_it_creates_to_the_logs_owner() -> None:
         assert verify(directory).ok
     finally:
         shutil.rmtree(base)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files for another user")
+def test_root_hands_the_files_it_compresses_to_the_logs_owner(tmp_path: Path) -> None:
+    """The daemon's upkeep must be able to delete, by retention, what root compressed."""
+    os.chown(tmp_path, 65534, 65534)
+    build(tmp_path)
+    AuditLog(tmp_path, compress_after_days=1, clock=Clock(START + timedelta(days=2))).maintain()
+    owners = {p.name: (p.stat().st_uid, p.stat().st_gid) for p in tmp_path.glob("audit-*")}
+    assert set(owners.values()) == {(65534, 65534)}
+    assert "audit-2024-05-06.jsonl.gz" in owners
 
 
 @pytest.mark.parametrize("stumble", [False, True], ids=["at-once", "after-a-failed-read"])

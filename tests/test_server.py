@@ -6,6 +6,7 @@ display name shows which policy (which tenant name) a message met.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import signal
@@ -15,14 +16,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from email.utils import parseaddr
 from pathlib import Path
 
 import pytest
 
 from relay import message
+from relay.audit import AuditLog, events, reader, verify
 from relay.policy.load import load
-from relay.server import reloaded
+from relay.server import _open_state, reloaded
 from tests.certs import der, make_certs, served_certificate
 from tests.ingress_harness import swaks
 from tests.relayproc import terminate
@@ -294,6 +297,44 @@ def test_a_reload_keeps_the_state_directory_and_audit_key_it_started_with(
     assert new.queue.directory == started.queue.directory == tmp_path / "state" / "queue"
     assert new.audit.directory == started.audit.directory
     assert new.audit.hmac_key is None and new.audit.record_subject is True
+
+
+def test_a_reload_says_a_new_concurrency_waits_for_a_restart(
+    policy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each worker fixes an upstream's delivery limit when it first delivers
+    there; a reload that changes it silently did nothing. Retry times apply at once."""
+    started = load(policy)
+    policy.write_text(policy.read_text() + "queue: {concurrency: 3, first_retry: 60}\n")
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        assert reloaded(policy, started) is not None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["queue.concurrency changed (10 to 3): takes effect after a restart"]
+
+
+def test_the_start_logs_its_audit_upkeep_and_closes_yesterday(
+    policy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The upkeep at the start deleted and compressed without a word, and left
+    yesterday's file (then still the newest) plain for another day."""
+    policy.write_text(policy.read_text() + "audit: {compress_after_days: 1}\n")
+    audit = tmp_path / "state" / "audit"
+    now = datetime.now(UTC)
+    for days in (3, 1):
+        AuditLog(audit, clock=lambda days=days: now - timedelta(days=days)).append(
+            events.policy_loaded(policy_file=str(policy), policy_sha256="9f2c" * 16)
+        )
+    with caplog.at_level(logging.INFO, logger="relay"):
+        assert _open_state(load(policy), policy) == 0
+    names = [reader.file_name((now - timedelta(days=days)).date()) for days in (3, 1)]
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("audit log:")]
+    assert logged == [f"audit log: compressed {names[0]}", f"audit log: compressed {names[1]}"]
+    assert sorted(p.name for p in audit.glob("audit-*")) == [
+        names[0] + ".gz",
+        names[1] + ".gz",
+        reader.file_name(now.date()),
+    ]
+    assert verify(audit).ok
 
 
 def test_invalid_policy_does_not_start(policy: Path, tmp_path: Path) -> None:

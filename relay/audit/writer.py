@@ -34,6 +34,9 @@ from relay.errors import RelayError
 
 log = logging.getLogger("relay.audit")
 
+#: Day files, plain and compressed: records name addresses, tenants and users.
+FILE_MODE = 0o640
+
 
 class AuditError(RelayError):
     """The audit record could not be made durable: answer 451, accept nothing."""
@@ -285,7 +288,7 @@ class AuditLog:
         path = self.directory / reader.file_name(day)
         flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC  # read too: see _follow
         try:
-            self._fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o640)
+            self._fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
             self._adopt(self._fd)
             _fsync_directory(self.directory)  # the new file's name must survive a crash too
         except FileExistsError:
@@ -298,6 +301,18 @@ class AuditLog:
         self._fd_day = self._day = day
         self._size = os.fstat(self._fd).st_size
         self._stamp = os.stat(self.directory).st_mtime_ns
+
+    def _create(self, path: Path) -> int:
+        """A new file as private as a day file, and as the log's owner's."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a crashed run's, with whatever mode it had
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        try:
+            self._adopt(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
 
     def _adopt(self, fd: int) -> None:
         if self._owner:
@@ -373,7 +388,7 @@ class AuditLog:
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         before = os.stat(path)
         try:
-            with open(path, "rb") as source, open(temporary, "wb") as raw:
+            with open(path, "rb") as source, open(self._create(temporary), "wb") as raw:
                 with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as packed:
                     shutil.copyfileobj(source, packed, 1 << 20)
                 raw.flush()

@@ -3,7 +3,8 @@
 Output mimics ``mailq`` and ``postqueue -j`` so habits and scripts carry
 over. Every change takes the entry's lock without waiting: an entry being
 delivered right now is reported and skipped rather than stalling the command
-behind a slow upstream. The commands that change entries return the entries
+behind a slow upstream; an error only when named, so that ``hold ALL`` from
+cron does not fail on a queue that is busy. The commands that change entries return the entries
 they changed so the caller can write the audit record of who did what.
 """
 
@@ -14,6 +15,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
 from typing import NamedTuple, TextIO
 
 from relay.audit import AuditError
@@ -73,6 +75,7 @@ def _json_record(entry: QueueEntry) -> dict[str, object]:
         "queue_name": _queue_name(entry),
         "queue_id": entry.queue_id,
         "arrival_time": int(entry.arrival),
+        "next_attempt_time": int(entry.next_attempt),
         "message_size": entry.size,
         "sender": entry.mail_from,
         "recipients": recipients,
@@ -103,6 +106,8 @@ def _write_entry(entry: QueueEntry, out: TextIO) -> None:
             out.write(f"{' ' * _ID_WIDTH}({_printable(rcpt.reply)})\n")
         last_reason = rcpt.reply
         out.write(f"{_RCPT_INDENT}{_printable(rcpt.address)}\n")
+    if not entry.held and entry.next_attempt > time.time():
+        out.write(f"{' ' * _ID_WIDTH}(next attempt {_when(entry.next_attempt)})\n")
     out.write("\n")
 
 
@@ -126,11 +131,31 @@ def show(spool: Spool, queue_id: str, out: TextIO, err: TextIO) -> int:
     except SpoolError as exc:
         _report(err, queue_id, exc)
         return 1
-    record = json.loads(entry.to_json())
+    record = _readable(json.loads(entry.to_json()))
     out.write(json.dumps(record, indent=2, ensure_ascii=False) + "\n\n")
     text = headers.decode("utf-8", errors="replace").replace("\r\n", "\n")
     out.write(_CONTROL_BUT_NEWLINE.sub("?", text))
     return 0
+
+
+def _readable(record: dict[str, object]) -> dict[str, object]:
+    """Each epoch time followed by the same time as local ISO 8601 (``arrival_local``);
+    the numbers stay as they are for scripts."""
+    shown: dict[str, object] = {}
+    for key, value in record.items():
+        shown[key] = value
+        if key in ("arrival", "next_attempt", "updated") and isinstance(value, float | int):
+            shown[f"{key}_local"] = _iso(value)
+        elif key == "recipients" and isinstance(value, list):
+            shown[key] = [_readable(item) for item in value]
+    return shown
+
+
+def _iso(epoch: float) -> str:
+    """``now`` for an entry made due at once (``retry`` sets its next attempt to 0)."""
+    if epoch <= 0:
+        return "now"
+    return datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
 
 
 def _read_headers(spool: Spool, queue_id: str) -> bytes:
@@ -268,8 +293,16 @@ def _each(
                 _report(err, queue_id, exc)
                 code = 1
         except SpoolBusy:
-            err.write(f"{queue_id}: being delivered right now, skipped; try again\n")
-            code = 1
+            # Under ALL, as postsuper: what was there to do is done; this one is
+            # either delivered now or left queued as it was, and said so.
+            if named:
+                err.write(f"{queue_id}: being delivered right now, skipped; try again\n")
+                code = 1
+            else:
+                err.write(
+                    f"{queue_id}: being delivered right now, skipped: delivered now, or left"
+                    " queued as it was (name it to try again)\n"
+                )
         except SpoolError as exc:
             _report(err, queue_id, exc)
             code = 1
