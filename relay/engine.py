@@ -242,7 +242,7 @@ class Engine:
         if self._scan_error is not None:
             log.info("spool readable again")
             self._scan_error = None
-        self._schedule = found
+        self._schedule = {q: when for q, when in found.items() if not self._settler.stuck(q)}
         self._reindex()
         return True
 
