@@ -90,6 +90,17 @@ def _unsettled(error: BaseException) -> str:
     return f"cannot make the removal of delivered messages durable: {error}"
 
 
+UNITS = (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))
+
+
+def duration(seconds: float) -> str:
+    """For people: an expiry notice said "0.000462963 days" for a 40-second lifetime."""
+    whole = max(round(seconds), 0)
+    name, size = next((u for u in UNITS if whole >= u[1] and whole % u[1] == 0), UNITS[-1])
+    count = whole // size
+    return f"{count} {name}{'' if count == 1 else 's'}"
+
+
 def backoff(settings: QueueSettings, attempts: int, rng: Callable[[], float]) -> float:
     """Seconds to wait after the n-th failed attempt: doubling, capped, +-10% jitter."""
     base = min(settings.first_retry * 2 ** max(attempts - 1, 0), settings.max_retry)
@@ -395,13 +406,7 @@ class Engine:
             return Outcome("busy")
         policy = self.policy()
         now = self.clock()
-        if now - entry.arrival > policy.queue.lifetime:
-            days = policy.queue.lifetime / 86400
-            for rcpt in entry.pending():
-                last = f"; last reply: {rcpt.reply}" if rcpt.reply else ""
-                reply = f"not delivered within {days:g} days{last}"
-                self._settle(entry, rcpt.address, EXPIRED, reply)
-            return await self._finish(entry, policy, lock)
+        deadline = entry.arrival + policy.queue.lifetime
         upstream = policy.upstreams.get(entry.upstream)
         pending = [r.address for r in entry.pending()]
         if upstream is None:
@@ -425,12 +430,16 @@ class Engine:
                 self._settle(entry, address, DELIVERED, reply)
             elif code >= 500:
                 self._settle(entry, address, FAILED, reply)
+            elif now >= deadline:  # that was the last try, as in Postfix
+                lifetime = duration(policy.queue.lifetime)
+                reply = f"not delivered within {lifetime}; last reply: {reply}"
+                self._settle(entry, address, EXPIRED, reply)
             else:
                 deferred = True
                 self._note(entry, address, reply)
         if not deferred:
             return await self._finish(entry, policy, lock)
-        entry.next_attempt = now + backoff(policy.queue, entry.attempts, self.rng)
+        entry.next_attempt = min(now + backoff(policy.queue, entry.attempts, self.rng), deadline)
         for rcpt in entry.pending():
             self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
         await self._notify(entry, policy)
