@@ -146,6 +146,10 @@ class Engine:
         # recipients told of in this process: a deferral whose record could not be
         # stored (a disk in trouble) must not tell them again at every retry
         self._told: dict[str, set[str]] = {}
+        # deferrals the spool could not store: (next attempt, attempts), so that the
+        # backoff holds (it used to retry once a POLL) until a store works again
+        self._unstored: dict[str, tuple[float, int]] = {}
+        self._store_error: SpoolError | None = None
         self._warm_bytes = 0
         self._warm_files = 0  # like the bytes, until each one's attempt ends
         self._files = file_budget()
@@ -367,6 +371,7 @@ class Engine:
             self._plan(queue_id, self.clock() + POLL)
         elif outcome.status not in ("deferred", "later"):
             self._schedule.pop(queue_id, None)
+            self._unstored.pop(queue_id, None)
         return outcome
 
     async def _locked_attempt(self, queue_id: str, immediate: bool) -> Outcome:
@@ -381,7 +386,7 @@ class Engine:
                     self._warm_bytes -= len(warm.data)
                     self._warm_files -= 1
             lock.fd = self.spool.acquire(queue_id, blocking=False)
-            entry = self.spool.load(queue_id)
+            entry = self._remembered(self.spool.load(queue_id))
             if entry.held:
                 return Outcome("held")
             if entry.next_attempt > self.clock() + POLL and not immediate:
@@ -444,9 +449,34 @@ class Engine:
             self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
         await self._notify(entry, policy)
         await self._flush(entry)
-        await asyncio.to_thread(self.spool.update, entry)
+        await self._store(entry)
         self._plan(entry.queue_id, entry.next_attempt)
         return Outcome("deferred")
+
+    async def _store(self, entry: QueueEntry) -> None:
+        """A deferral the spool refuses is kept in memory instead, and the trouble
+        logged once, not at every attempt; a restart forgets it (retried sooner)."""
+        try:
+            await asyncio.to_thread(self.spool.update, entry)
+        except NoSuchEntry:
+            raise
+        except SpoolError as exc:
+            self._unstored[entry.queue_id] = (entry.next_attempt, entry.attempts)
+            if self._store_error is None:
+                log.error("cannot store deferrals; their next attempts are kept in memory: %s", exc)
+            self._store_error = exc
+            return
+        self._unstored.pop(entry.queue_id, None)
+        if self._store_error is not None:
+            log.info("deferrals stored again")
+            self._store_error = None
+
+    def _remembered(self, entry: QueueEntry) -> QueueEntry:
+        """The entry as stored, with the deferral the spool could not store."""
+        when, attempts = self._unstored.get(entry.queue_id, (0.0, 0))
+        entry.next_attempt = max(entry.next_attempt, when)
+        entry.attempts = max(entry.attempts, attempts)
+        return entry
 
     async def _refuse(
         self, entry: QueueEntry, pending: list[str], replies: dict[str, tuple[int, str]]

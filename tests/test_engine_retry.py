@@ -4,7 +4,9 @@ store keeps its backoff in memory; a stop that cuts attempts off says so."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 import time
 from email import message_from_bytes
 from email.policy import default
@@ -13,13 +15,15 @@ from typing import Any
 
 import pytest
 
+from relay import engine as engine_module
 from relay.audit import AuditLog, reader
 from relay.engine import Attempt, Engine, duration
 from relay.policy.model import Policy
 from relay.record import Recorder
 from relay.spool import Spool
 from tests.spoolkit import make_entry
-from tests.test_engine_warm import message
+from tests.test_engine_settle import frozen, until
+from tests.test_engine_warm import message, running
 
 BUSY = (451, "451 4.2.0 mailbox busy")
 
@@ -106,3 +110,27 @@ async def test_an_entry_expires_when_its_last_attempt_fails_and_says_so_plainly(
     (notice,) = spool.ids()
     text = message_from_bytes(spool.read_message(notice), policy=default).get_content()
     assert "not delivered within 40 seconds; last reply: 451 4.2.0 mailbox busy" in text
+
+
+async def test_a_deferral_the_spool_cannot_store_still_waits_its_backoff(
+    spool: Spool,
+    policy: Policy,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It used to be retried once a POLL, with an ERROR line and a deferred record
+    each time, for as long as the spool refused the record."""
+    caplog.set_level(logging.INFO, logger="relay")
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    upstream = Upstream()
+    queue = with_queue(policy, first_retry=0.3, max_retry=10)
+    engine = Engine(spool, lambda: queue, upstream, Recorder(None), rng=lambda: 0.5)
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    async with running(engine):
+        with frozen(spool.directory / "env"):  # where changed records go
+            await asyncio.sleep(1.5)  # attempts at 0, 0.3 and 0.9 s; the next at 2.1
+            assert upstream.attempts == 3
+        await until(lambda: "deferrals stored again" in caplog.messages, "stored", timeout=5)
+    assert len([m for m in caplog.messages if "cannot store deferrals" in m]) == 1
+    assert spool.load(entry.queue_id).attempts == 4
