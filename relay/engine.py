@@ -292,7 +292,14 @@ class Engine:
             self._warm_files -= 1
         self._warm.clear()
         if self._busy:
-            await asyncio.wait(list(self._busy.values()), timeout=timeout)
+            _, running = await asyncio.wait(list(self._busy.values()), timeout=timeout)
+            if running:
+                log.warning(
+                    "giving up %d delivery attempt(s) still running after %gs:"
+                    " their messages stay queued and are tried again at the next start",
+                    len(running),
+                    timeout,
+                )
         while self._settling is not None:
             await asyncio.wait((self._settling,))
             await asyncio.sleep(0)  # its done callback clears it

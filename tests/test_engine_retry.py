@@ -134,3 +134,27 @@ async def test_a_deferral_the_spool_cannot_store_still_waits_its_backoff(
         await until(lambda: "deferrals stored again" in caplog.messages, "stored", timeout=5)
     assert len([m for m in caplog.messages if "cannot store deferrals" in m]) == 1
     assert spool.load(entry.queue_id).attempts == 4
+
+
+async def test_a_stop_that_cuts_attempts_off_says_how_many_stay_queued(
+    spool: Spool, policy: Policy, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = asyncio.Event()
+
+    async def stalled(*args: Any) -> Attempt:
+        await gate.wait()
+        return Attempt({})
+
+    engine = Engine(spool, lambda: policy, stalled, Recorder(None))
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    task = engine.attempt_now(entry.queue_id)
+    await asyncio.sleep(0.1)
+    await engine.stop(0.1)
+    gate.set()
+    await task
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == [
+        "giving up 1 delivery attempt(s) still running after 0.1s: their messages"
+        " stay queued and are tried again at the next start"
+    ]
