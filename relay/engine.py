@@ -90,6 +90,17 @@ def _unsettled(error: BaseException) -> str:
     return f"cannot make the removal of delivered messages durable: {error}"
 
 
+UNITS = (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))
+
+
+def duration(seconds: float) -> str:
+    """For people: an expiry notice said "0.000462963 days" for a 40-second lifetime."""
+    whole = max(round(seconds), 0)
+    name, size = next((u for u in UNITS if whole >= u[1] and whole % u[1] == 0), UNITS[-1])
+    count = whole // size
+    return f"{count} {name}{'' if count == 1 else 's'}"
+
+
 def backoff(settings: QueueSettings, attempts: int, rng: Callable[[], float]) -> float:
     """Seconds to wait after the n-th failed attempt: doubling, capped, +-10% jitter."""
     base = min(settings.first_retry * 2 ** max(attempts - 1, 0), settings.max_retry)
@@ -135,6 +146,10 @@ class Engine:
         # recipients told of in this process: a deferral whose record could not be
         # stored (a disk in trouble) must not tell them again at every retry
         self._told: dict[str, set[str]] = {}
+        # deferrals the spool could not store: (next attempt, attempts), so that the
+        # backoff holds (it used to retry once a POLL) until a store works again
+        self._unstored: dict[str, tuple[float, int]] = {}
+        self._store_error: SpoolError | None = None
         self._warm_bytes = 0
         self._warm_files = 0  # like the bytes, until each one's attempt ends
         self._files = file_budget()
@@ -242,7 +257,7 @@ class Engine:
         if self._scan_error is not None:
             log.info("spool readable again")
             self._scan_error = None
-        self._schedule = found
+        self._schedule = {q: when for q, when in found.items() if not self._settler.stuck(q)}
         self._reindex()
         return True
 
@@ -277,7 +292,14 @@ class Engine:
             self._warm_files -= 1
         self._warm.clear()
         if self._busy:
-            await asyncio.wait(list(self._busy.values()), timeout=timeout)
+            _, running = await asyncio.wait(list(self._busy.values()), timeout=timeout)
+            if running:
+                log.warning(
+                    "giving up %d delivery attempt(s) still running after %gs:"
+                    " their messages stay queued and are tried again at the next start",
+                    len(running),
+                    timeout,
+                )
         while self._settling is not None:
             await asyncio.wait((self._settling,))
             await asyncio.sleep(0)  # its done callback clears it
@@ -356,6 +378,7 @@ class Engine:
             self._plan(queue_id, self.clock() + POLL)
         elif outcome.status not in ("deferred", "later"):
             self._schedule.pop(queue_id, None)
+            self._unstored.pop(queue_id, None)
         return outcome
 
     async def _locked_attempt(self, queue_id: str, immediate: bool) -> Outcome:
@@ -370,7 +393,7 @@ class Engine:
                     self._warm_bytes -= len(warm.data)
                     self._warm_files -= 1
             lock.fd = self.spool.acquire(queue_id, blocking=False)
-            entry = self.spool.load(queue_id)
+            entry = self._remembered(self.spool.load(queue_id))
             if entry.held:
                 return Outcome("held")
             if entry.next_attempt > self.clock() + POLL and not immediate:
@@ -395,13 +418,7 @@ class Engine:
             return Outcome("busy")
         policy = self.policy()
         now = self.clock()
-        if now - entry.arrival > policy.queue.lifetime:
-            days = policy.queue.lifetime / 86400
-            for rcpt in entry.pending():
-                last = f"; last reply: {rcpt.reply}" if rcpt.reply else ""
-                reply = f"not delivered within {days:g} days{last}"
-                self._settle(entry, rcpt.address, EXPIRED, reply)
-            return await self._finish(entry, policy, lock)
+        deadline = entry.arrival + policy.queue.lifetime
         upstream = policy.upstreams.get(entry.upstream)
         pending = [r.address for r in entry.pending()]
         if upstream is None:
@@ -425,19 +442,48 @@ class Engine:
                 self._settle(entry, address, DELIVERED, reply)
             elif code >= 500:
                 self._settle(entry, address, FAILED, reply)
+            elif now >= deadline:  # that was the last try, as in Postfix
+                lifetime = duration(policy.queue.lifetime)
+                reply = f"not delivered within {lifetime}; last reply: {reply}"
+                self._settle(entry, address, EXPIRED, reply)
             else:
                 deferred = True
                 self._note(entry, address, reply)
         if not deferred:
             return await self._finish(entry, policy, lock)
-        entry.next_attempt = now + backoff(policy.queue, entry.attempts, self.rng)
+        entry.next_attempt = min(now + backoff(policy.queue, entry.attempts, self.rng), deadline)
         for rcpt in entry.pending():
             self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
         await self._notify(entry, policy)
         await self._flush(entry)
-        await asyncio.to_thread(self.spool.update, entry)
+        await self._store(entry)
         self._plan(entry.queue_id, entry.next_attempt)
         return Outcome("deferred")
+
+    async def _store(self, entry: QueueEntry) -> None:
+        """A deferral the spool refuses is kept in memory instead, and the trouble
+        logged once, not at every attempt; a restart forgets it (retried sooner)."""
+        try:
+            await asyncio.to_thread(self.spool.update, entry)
+        except NoSuchEntry:
+            raise
+        except SpoolError as exc:
+            self._unstored[entry.queue_id] = (entry.next_attempt, entry.attempts)
+            if self._store_error is None:
+                log.error("cannot store deferrals; their next attempts are kept in memory: %s", exc)
+            self._store_error = exc
+            return
+        self._unstored.pop(entry.queue_id, None)
+        if self._store_error is not None:
+            log.info("deferrals stored again")
+            self._store_error = None
+
+    def _remembered(self, entry: QueueEntry) -> QueueEntry:
+        """The entry as stored, with the deferral the spool could not store."""
+        when, attempts = self._unstored.get(entry.queue_id, (0.0, 0))
+        entry.next_attempt = max(entry.next_attempt, when)
+        entry.attempts = max(entry.attempts, attempts)
+        return entry
 
     async def _refuse(
         self, entry: QueueEntry, pending: list[str], replies: dict[str, tuple[int, str]]

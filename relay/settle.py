@@ -35,7 +35,7 @@ from typing import Any
 from relay.audit import AuditError, AuditLog, events, reader
 from relay.record import Recorder
 from relay.spool import Spool
-from relay.spool.store import RECYCLE_SIZE, SpoolError
+from relay.spool.store import RECYCLE_SIZE, NoSuchEntry, SpoolError
 
 log = logging.getLogger("relay")
 
@@ -90,11 +90,17 @@ class Settler:
         self._waiting: list[Finished] = []
         self._final = False
         self._lock = threading.Lock()
+        self._stuck: set[str] = set()  # delivered, but the spool refused their removal
+        self._stuck_error: str | None = None
 
     @property
     def waiting(self) -> int:
         """How many entries wait; read from other threads, it is a hint."""
         return len(self._waiting)
+
+    def stuck(self, queue_id: str) -> bool:
+        """Whether the entry was finished and waits for its removal: not to be planned."""
+        return queue_id in self._stuck
 
     @property
     def full(self) -> bool:
@@ -144,6 +150,7 @@ class Settler:
             for item in self._waiting:  # for the next start: settle_recorded, or delivered again
                 item.lock.close()
             self._waiting = []
+            self._stuck.clear()
         return [None if isinstance(item, Finished) else error for item in items]
 
     def _write(self, finished: list[Finished]) -> None:
@@ -177,7 +184,9 @@ class Settler:
     def _remove_settled(self, largest: int | None = None, most: int | None = None) -> None:
         """``largest`` and ``most``: leave larger entries, and any beyond the first
         ``most``, to the finishing thread. Their files are unlinked, not kept for
-        reuse, and an unlink is fsynced at once."""
+        reuse, and an unlink is fsynced at once. An entry whose file cannot be
+        removed stays waiting, locked, and is tried again with the next removals:
+        let go, it was delivered again at every scan of the spool, by every worker."""
         settled: list[Finished] = []
         waiting: list[Finished] = []
         for item in self._waiting:
@@ -188,19 +197,36 @@ class Settler:
         self._waiting = waiting
         if not settled:
             return
+        failures: list[SpoolError | None] = [None] * len(settled)
         try:
             failures = self.spool.remove_many(
                 [item.queue_id for item in settled], recycle=True, lazy=True
             )
         except SpoolError as exc:  # the directory fsync after an unlink: removed, not durable
             log.error("delivered messages removed, not yet durably: %s", exc)
-            failures = [None] * len(settled)
         finally:
-            for item in settled:
-                item.lock.close()
-        for item, failure in zip(settled, failures, strict=True):
-            if failure is not None:
-                log.error("%s delivered, but still in the queue: %s", item.queue_id, failure)
+            for item, failure in zip(settled, failures, strict=True):
+                if failure is None or isinstance(failure, NoSuchEntry):
+                    item.lock.close()
+                    self._stuck.discard(item.queue_id)
+                else:
+                    self._waiting.append(item)
+                    self._report_stuck(item.queue_id, failure)
+        if not self._stuck and self._stuck_error is not None:
+            log.info("delivered messages leave the queue again")
+            self._stuck_error = None
+
+    def _report_stuck(self, queue_id: str, failure: SpoolError) -> None:
+        """Once, not per entry and retry: a queue directory that refuses removals
+        refuses them all, every time they are tried."""
+        self._stuck.add(queue_id)
+        if self._stuck_error != failure.strerror:
+            log.error(
+                "delivered messages cannot be removed from the queue; they stay, locked,"
+                " and are removed once that works again: %s",
+                failure,
+            )
+        self._stuck_error = failure.strerror
 
 
 RECENT = 16 << 20  # how much of the audit log's end a restart reads for outcomes

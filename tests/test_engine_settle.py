@@ -5,6 +5,7 @@ one that covers them (the next accepted message's, or the engine's own)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -12,8 +13,9 @@ import logging
 import os
 import resource
 import signal
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -165,6 +167,56 @@ async def test_an_attempt_that_outlives_the_stop_settles_at_once(
         await asyncio.gather(task, return_exceptions=True)
     assert outcomes(audit.directory, entry.queue_id) == DELIVERED
     assert lock_elsewhere(spool, entry.queue_id) == "gone"
+
+
+@contextlib.contextmanager
+def frozen(directory: Path) -> Iterator[None]:
+    """Nothing in ``directory`` can be created, removed or renamed while inside, as
+    when it is read-only: made immutable for root (who writes anywhere)."""
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode:
+            pytest.skip("no chattr +i on this file system")
+        undo = ["chattr", "-i", str(directory)]
+    else:
+        directory.chmod(0o500)
+        undo = ["chmod", "700", str(directory)]
+    try:
+        yield
+    finally:
+        subprocess.run(undo, check=True)
+
+
+async def test_a_delivered_entry_its_removal_fails_for_is_not_delivered_again(
+    spool: Spool,
+    policy: Policy,
+    outbox: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Let go when its removal failed, it was delivered again at every scan of the
+    spool, by every worker, for as long as the queue directory refused removals."""
+    caplog.set_level(logging.INFO, logger="relay")
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    monkeypatch.setattr(engine_module, "RESCAN", 0.1)
+    audit = AuditLog(tmp_path / "audit")
+    entries = [make_entry(size=len(message(n))) for n in (1, 2)]
+    stored = spool.put_many([(entry, (message(n),)) for n, entry in enumerate(entries, 1)])
+    assert stored == [None, None]
+    ids = [entry.queue_id for entry in entries]
+    async with running(Engine(spool, lambda: policy, attempt, Recorder(audit))):
+        with frozen(spool.directory / "msg"):
+            assert len(await delivered(outbox, 2)) == 2
+            await asyncio.sleep(1.0)  # a scan of the spool every 0.1 s
+            assert len(list(outbox.glob("*.eml"))) == 2
+            assert sorted(spool.ids()) == sorted(ids)
+            assert [lock_elsewhere(spool, q) for q in ids] == ["busy", "busy"]  # other workers
+        await until(lambda: spool.ids() == [], "removed once the directory lets them go")
+    assert len(list(outbox.glob("*.eml"))) == 2
+    assert len([m for m in caplog.messages if "cannot be removed" in m]) == 1
+    assert "delivered messages leave the queue again" in caplog.messages
+    for queue_id in ids:
+        assert outcomes(audit.directory, queue_id) == DELIVERED
 
 
 def refused(base: str, mode: str) -> None:

@@ -1,0 +1,160 @@
+"""Retries and their end: the last attempt comes at the queue lifetime and an
+entry expires only when that attempt fails too; a deferral the spool cannot
+store keeps its backoff in memory; a stop that cuts attempts off says so."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from email import message_from_bytes
+from email.policy import default
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay import engine as engine_module
+from relay.audit import AuditLog, reader
+from relay.engine import Attempt, Engine, duration
+from relay.policy.model import Policy
+from relay.record import Recorder
+from relay.spool import Spool
+from tests.spoolkit import make_entry
+from tests.test_engine_settle import frozen, until
+from tests.test_engine_warm import message, running
+
+BUSY = (451, "451 4.2.0 mailbox busy")
+
+
+class Upstream:
+    """Answers every recipient with ``answer``, switched by the test; counts attempts."""
+
+    def __init__(self, answer: tuple[int, str] = BUSY) -> None:
+        self.answer = answer
+        self.attempts = 0
+
+    async def __call__(self, target: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+        self.attempts += 1
+        return Attempt(dict.fromkeys(rcpts, self.answer))
+
+
+def with_queue(policy: Policy, **settings: float) -> Policy:
+    return dataclasses.replace(policy, queue=dataclasses.replace(policy.queue, **settings))
+
+
+def records(audit: Path, queue_id: str) -> list[tuple[str, str]]:
+    return [
+        (r["event"], r.get("reply", ""))
+        for r in reader.records(audit)
+        if r.get("queue_id") == queue_id and r.get("recipient") == "customer@example.net"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "said"),
+    [
+        (40, "40 seconds"),
+        (1, "1 second"),
+        (90 * 60, "90 minutes"),
+        (4 * 3600, "4 hours"),
+        (36 * 3600, "36 hours"),
+        (86400, "1 day"),
+        (5 * 86400, "5 days"),
+    ],
+)
+def test_a_lifetime_reads_as_people_say_it(seconds: float, said: str) -> None:
+    assert duration(seconds) == said
+
+
+async def test_the_last_attempt_comes_at_the_lifetime_and_may_still_deliver(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    """An upstream back in the last stretch of the lifetime used to see its mail
+    bounced anyway: the next attempt was planned past the lifetime, and an entry
+    due after it expired without one more try."""
+    now = [time.time()]
+    audit = AuditLog(tmp_path / "audit")
+    upstream = Upstream()
+    queue = with_queue(policy, first_retry=30, max_retry=3600, lifetime=40)
+    engine = Engine(spool, lambda: queue, upstream, Recorder(audit), clock=lambda: now[0])
+    entry = make_entry(arrival=now[0] - 20, size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+    assert spool.load(entry.queue_id).next_attempt == entry.arrival + 40  # not 27-33 s on
+    now[0] = entry.arrival + 41  # a moment late, as the loop is
+    upstream.answer = (250, "250 2.0.0 ok")
+    assert (await engine.attempt_now(entry.queue_id)).status == "delivered"
+    await engine.stop(5)
+    assert [event for event, _ in records(audit.directory, entry.queue_id)] == [
+        "deferred",
+        "delivered",
+    ]
+
+
+async def test_an_entry_expires_when_its_last_attempt_fails_and_says_so_plainly(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    """The reason reaches the sender's notice: it read "within 0.000462963 days"."""
+    audit = AuditLog(tmp_path / "audit")
+    upstream = Upstream()
+    queue = with_queue(policy, lifetime=40)
+    engine = Engine(spool, lambda: queue, upstream, Recorder(audit))
+    entry = make_entry(arrival=time.time() - 41, size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    assert (await engine.attempt_now(entry.queue_id)).status == "failed"
+    await engine.stop(5)
+    assert upstream.attempts == 1
+    assert records(audit.directory, entry.queue_id) == [("expired", "")]
+    (notice,) = spool.ids()
+    text = message_from_bytes(spool.read_message(notice), policy=default).get_content()
+    assert "not delivered within 40 seconds; last reply: 451 4.2.0 mailbox busy" in text
+
+
+async def test_a_deferral_the_spool_cannot_store_still_waits_its_backoff(
+    spool: Spool,
+    policy: Policy,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It used to be retried once a POLL, with an ERROR line and a deferred record
+    each time, for as long as the spool refused the record."""
+    caplog.set_level(logging.INFO, logger="relay")
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    upstream = Upstream()
+    queue = with_queue(policy, first_retry=0.3, max_retry=10)
+    engine = Engine(spool, lambda: queue, upstream, Recorder(None), rng=lambda: 0.5)
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    async with running(engine):
+        with frozen(spool.directory / "env"):  # where changed records go
+            await asyncio.sleep(1.5)  # attempts at 0, 0.3 and 0.9 s; the next at 2.1
+            assert upstream.attempts == 3
+        await until(lambda: "deferrals stored again" in caplog.messages, "stored", timeout=5)
+    assert len([m for m in caplog.messages if "cannot store deferrals" in m]) == 1
+    assert spool.load(entry.queue_id).attempts == 4
+
+
+async def test_a_stop_that_cuts_attempts_off_says_how_many_stay_queued(
+    spool: Spool, policy: Policy, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = asyncio.Event()
+
+    async def stalled(*args: Any) -> Attempt:
+        await gate.wait()
+        return Attempt({})
+
+    engine = Engine(spool, lambda: policy, stalled, Recorder(None))
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    task = engine.attempt_now(entry.queue_id)
+    await asyncio.sleep(0.1)
+    await engine.stop(0.1)
+    gate.set()
+    await task
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == [
+        "giving up 1 delivery attempt(s) still running after 0.1s: their messages"
+        " stay queued and are tried again at the next start"
+    ]
