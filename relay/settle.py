@@ -35,7 +35,7 @@ from typing import Any
 from relay.audit import AuditError, AuditLog, events, reader
 from relay.record import Recorder
 from relay.spool import Spool
-from relay.spool.store import RECYCLE_SIZE, NoSuchEntry, SpoolError
+from relay.spool.store import RECYCLE_SIZE, NoSuchEntry, SpoolError, UnsyncedRemovals
 
 log = logging.getLogger("relay")
 
@@ -202,7 +202,8 @@ class Settler:
             failures = self.spool.remove_many(
                 [item.queue_id for item in settled], recycle=True, lazy=True
             )
-        except SpoolError as exc:  # the directory fsync after an unlink: removed, not durable
+        except UnsyncedRemovals as exc:  # removed, not durably; those not removed stay
+            failures = exc.failures
             log.error("delivered messages removed, not yet durably: %s", exc)
         finally:
             for item, failure in zip(settled, failures, strict=True):

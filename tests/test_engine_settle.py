@@ -219,6 +219,47 @@ async def test_a_delivered_entry_its_removal_fails_for_is_not_delivered_again(
         assert outcomes(audit.directory, queue_id) == DELIVERED
 
 
+async def test_an_entry_not_removed_stays_when_the_directory_fsync_fails_too(
+    spool: Spool, policy: Policy, outbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One removal round: a small entry's file cannot be moved aside and a large
+    one's unlink cannot be fsynced (EIO, once each). The small one must stay
+    locked and waiting, not be let go with the others and delivered again."""
+    monkeypatch.setattr(engine_module, "POLL", 0.3)
+    monkeypatch.setattr(engine_module, "RESCAN", 0.2)
+    audit = AuditLog(tmp_path / "audit")
+    small = make_entry(size=len(message(1)))
+    large_data = message(2, size=store_module.RECYCLE_SIZE * 2)
+    large = make_entry(size=len(large_data))
+    fault = {"on": False}
+    recycle, sync_msg = Spool._recycle, Spool._sync_msg
+
+    def failing_recycle(self: Spool, path: str, queue_id: str) -> str | None:
+        if fault["on"] and queue_id == small.queue_id:
+            raise OSError(5, "Input/output error")
+        return recycle(self, path, queue_id)
+
+    def failing_sync(self: Spool) -> None:
+        if fault["on"]:
+            fault["on"] = False
+            raise store_module.SpoolError(self.directory, "Input/output error")
+        sync_msg(self)
+
+    monkeypatch.setattr(Spool, "_recycle", failing_recycle)
+    monkeypatch.setattr(Spool, "_sync_msg", failing_sync)
+    engine = Engine(spool, lambda: policy, attempt, Recorder(audit))
+    engine.submit(small.queue_id, warm=accept(spool, small, message(1)))
+    engine.submit(large.queue_id, warm=accept(spool, large, large_data))
+    fault["on"] = True
+    async with running(engine):
+        await delivered(outbox, 2)
+        await until(lambda: not fault["on"], "the removal round")
+        await asyncio.sleep(1.0)  # rescans every 0.2 s
+        await until(lambda: spool.ids() == [], "removed at a later round")
+    assert len(list(outbox.glob("*.eml"))) == 2
+    assert outcomes(audit.directory, small.queue_id) == DELIVERED
+
+
 def refused(base: str, mode: str) -> None:
     """In a process of its own (a file-size limit is per process), the audit log
     refuses the final records. ``recover``: then takes them once there is room.

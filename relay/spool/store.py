@@ -99,6 +99,15 @@ class NoSuchEntry(SpoolError):
     """No complete entry with this ID: never queued, already finished, or deleted."""
 
 
+class UnsyncedRemovals(SpoolError):
+    """``remove_many`` removed entries but could not fsync their directory;
+    ``failures`` still says, per entry, which were not removed at all."""
+
+    def __init__(self, error: SpoolError, failures: list[Failure]) -> None:
+        super().__init__(error.path, error.strerror)
+        self.failures = failures
+
+
 class Spool:
     """One spool directory. Safe to use from several processes at once if each
     change to an existing entry happens under ``lock`` and loads after locking.
@@ -345,7 +354,10 @@ class Spool:
             except SpoolError as exc:
                 failures[i] = exc
         if not all(failures) and (unlinked or not lazy):
-            self._sync_msg()
+            try:
+                self._sync_msg()
+            except SpoolError as exc:
+                raise UnsyncedRemovals(exc, failures) from exc
         for queue_id, failure in zip(queue_ids, failures, strict=True):
             if failure is None:
                 _unlink_quietly(self._env_path(queue_id))
