@@ -258,6 +258,7 @@ class Engine:
             log.info("spool readable again")
             self._scan_error = None
         self._schedule = {q: when for q, when in found.items() if not self._settler.stuck(q)}
+        self._unstored = {q: kept for q, kept in self._unstored.items() if q in found}
         self._reindex()
         return True
 
@@ -479,7 +480,10 @@ class Engine:
             self._store_error = None
 
     def _remembered(self, entry: QueueEntry) -> QueueEntry:
-        """The entry as stored, with the deferral the spool could not store."""
+        """The entry as stored, with the deferral the spool could not store; a
+        ``relay queue retry`` stored since (next attempt 0) makes it due now."""
+        if entry.next_attempt == 0.0:
+            self._unstored.pop(entry.queue_id, None)
         when, attempts = self._unstored.get(entry.queue_id, (0.0, 0))
         entry.next_attempt = max(entry.next_attempt, when)
         entry.attempts = max(entry.attempts, attempts)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import logging
 import time
 from email import message_from_bytes
@@ -20,7 +21,7 @@ from relay.audit import AuditLog, reader
 from relay.engine import Attempt, Engine, duration
 from relay.policy.model import Policy
 from relay.record import Recorder
-from relay.spool import Spool
+from relay.spool import Spool, tools
 from tests.spoolkit import make_entry
 from tests.test_engine_settle import frozen, until
 from tests.test_engine_warm import message, running
@@ -134,6 +135,31 @@ async def test_a_deferral_the_spool_cannot_store_still_waits_its_backoff(
         await until(lambda: "deferrals stored again" in caplog.messages, "stored", timeout=5)
     assert len([m for m in caplog.messages if "cannot store deferrals" in m]) == 1
     assert spool.load(entry.queue_id).attempts == 4
+
+
+async def test_a_retry_asked_for_wins_over_a_deferral_kept_in_memory(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``relay queue retry`` stores a next attempt of 0 once the spool takes
+    records again: the backoff the engine kept meanwhile must not outlast it;
+    nor is it kept for an entry that has left the spool."""
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    monkeypatch.setattr(engine_module, "RESCAN", 0.1)
+    upstream = Upstream()
+    queue = with_queue(policy, first_retry=300, max_retry=300)
+    engine = Engine(spool, lambda: queue, upstream, Recorder(None), rng=lambda: 0.5)
+    entry, other = (make_entry(size=len(message(n))) for n in (1, 2))
+    assert spool.put_many([(entry, (message(1),)), (other, (message(2),))]) == [None, None]
+    async with running(engine):
+        with frozen(spool.directory / "env"):
+            await until(lambda: upstream.attempts == 2, "both deferred, in memory only")
+        assert tools.retry(spool, [entry.queue_id], io.StringIO(), io.StringIO()).code == 0
+        await until(lambda: upstream.attempts == 3, "tried again at once", timeout=5)
+        gone = tools.delete(
+            spool, [other.queue_id], io.StringIO(), io.StringIO(), record=lambda *_: None
+        )
+        assert gone.code == 0
+        await until(lambda: other.queue_id not in engine._unstored, "forgotten", timeout=5)
 
 
 async def test_a_stop_that_cuts_attempts_off_says_how_many_stay_queued(
