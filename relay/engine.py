@@ -51,7 +51,7 @@ def file_budget() -> int:
 @dataclass(frozen=True)
 class Outcome:
     """How an attempt ended: ``delivered``, ``failed``, ``deferred``, ``busy``
-    (locked elsewhere: try again soon), ``later`` (another worker deferred it
+    (try again soon), ``locked`` (by another process), ``later`` (another worker deferred it
     meanwhile: not due yet), ``held``, ``gone`` (deleted meanwhile) or
     ``refused`` (immediate mode: every recipient refused, nothing kept), with the
     reply to pass back when refused."""
@@ -150,6 +150,9 @@ class Engine:
         # backoff holds (it used to retry once a POLL) until a store works again
         self._unstored: dict[str, tuple[float, int]] = {}
         self._store_error: SpoolError | None = None
+        # entries another process holds, and how many times in a row: a worker
+        # whose removals fail holds its delivered ones for long (see Settler)
+        self._locked: dict[str, int] = {}
         self._warm_bytes = 0
         self._warm_files = 0  # like the bytes, until each one's attempt ends
         self._files = file_budget()
@@ -259,6 +262,7 @@ class Engine:
             self._scan_error = None
         self._schedule = {q: when for q, when in found.items() if not self._settler.stuck(q)}
         self._unstored = {q: kept for q, kept in self._unstored.items() if q in found}
+        self._locked = {q: tries for q, tries in self._locked.items() if q in found}
         self._reindex()
         return True
 
@@ -375,7 +379,11 @@ class Engine:
 
     async def _deliver(self, queue_id: str, immediate: bool) -> Outcome:
         outcome = await self._locked_attempt(queue_id, immediate)
-        if outcome.status == "busy":
+        tries = self._locked.pop(queue_id, 0)
+        if outcome.status == "locked":  # being delivered, or held there until it can go
+            self._locked[queue_id] = tries + 1
+            self._plan(queue_id, self.clock() + min(POLL * 2**tries, RESCAN))
+        elif outcome.status == "busy":
             self._plan(queue_id, self.clock() + POLL)
         elif outcome.status not in ("deferred", "later"):
             self._schedule.pop(queue_id, None)
@@ -405,7 +413,7 @@ class Engine:
         except NoSuchEntry:
             return Outcome("gone")
         except SpoolBusy:
-            return Outcome("busy")
+            return Outcome("locked")
         except SpoolError as exc:
             log.error("%s spool error: %s", queue_id, exc)
             return Outcome("busy")

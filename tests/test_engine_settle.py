@@ -260,6 +260,36 @@ async def test_an_entry_not_removed_stays_when_the_directory_fsync_fails_too(
     assert outcomes(audit.directory, small.queue_id) == DELIVERED
 
 
+async def test_another_worker_tries_an_entry_held_for_long_less_and_less_often(
+    spool: Spool, policy: Policy, outbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose removals fail holds its delivered entries; another one
+    found each locked and tried it again once a POLL, for as long as that lasted."""
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    monkeypatch.setattr(engine_module, "RESCAN", 1.0)
+    audit = AuditLog(tmp_path / "audit")
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    other = Spool(spool.directory)  # as another worker process opens it
+    tries: list[str] = []
+    acquire = other.acquire
+
+    def counted(queue_id: str, blocking: bool = True) -> int:
+        tries.append(queue_id)
+        return acquire(queue_id, blocking)
+
+    monkeypatch.setattr(other, "acquire", counted)
+    first = Engine(spool, lambda: policy, attempt, Recorder(audit))
+    async with running(first):
+        with frozen(spool.directory / "msg"):
+            await delivered(outbox, 1)
+            await until(lambda: first._settler.stuck(entry.queue_id), "held, not removable")
+            async with running(Engine(other, lambda: policy, attempt, Recorder(audit))):
+                await asyncio.sleep(3.0)  # 60 tries once a POLL
+    assert 0 < len(tries) < 15
+    assert len(list(outbox.glob("*.eml"))) == 1
+
+
 def refused(base: str, mode: str) -> None:
     """In a process of its own (a file-size limit is per process), the audit log
     refuses the final records. ``recover``: then takes them once there is room.
