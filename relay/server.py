@@ -19,7 +19,7 @@ import logging
 import resource
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -220,7 +220,7 @@ async def serve(
     stopping = asyncio.Event()
     delivering = loop.create_task(engine.run())
     delivering.add_done_callback(lambda task: _engine_ended(task, stopping))
-    chores = [loop.create_task(_audit_upkeep(audit))] if worker is None else []
+    chores = [loop.create_task(_audit_upkeep(audit, holder.current))] if worker is None else []
     reloads: set[asyncio.Task[None]] = set()
     again: list[bool] = []  # a SIGHUP came during a reload: the last one must win
 
@@ -418,9 +418,14 @@ def record_policy(audit: AuditLog, path: Path, policy: Policy) -> None:
         log.error("cannot write the audit log: %s", exc)
 
 
-async def _audit_upkeep(audit: AuditLog) -> None:
+async def _audit_upkeep(audit: AuditLog, current: Callable[[], Policy]) -> None:
+    """The policy's retention and compression as they are at each run: a reload
+    changes them at once (the supervisor's upkeep reads the policy each time)."""
     while True:
         await asyncio.sleep(AUDIT_UPKEEP)
+        settings = current().audit
+        audit.retention_days = settings.retention_days
+        audit.compress_after_days = settings.compress_after_days
         await asyncio.to_thread(audit_upkeep, audit)
 
 

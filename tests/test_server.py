@@ -6,6 +6,7 @@ display name shows which policy (which tenant name) a message met.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from relay import message
+from relay import server as server_module
 from relay.audit import AuditLog, events, reader, verify
 from relay.policy.load import load
 from relay.server import _open_state, reloaded
@@ -335,6 +337,38 @@ def test_the_start_logs_its_audit_upkeep_and_closes_yesterday(
         reader.file_name(now.date()),
     ]
     assert verify(audit).ok
+
+
+def test_the_daily_upkeep_uses_the_audit_settings_a_reload_brought(
+    policy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run in one process, the upkeep kept the settings the log was opened with."""
+    monkeypatch.setattr(server_module, "AUDIT_UPKEEP", 0.01)
+    audit_dir = tmp_path / "audit"
+    now = datetime.now(UTC)
+    for days in (3, 0):
+        AuditLog(audit_dir, clock=lambda days=days: now - timedelta(days=days)).append(
+            events.policy_loaded(policy_file=str(policy), policy_sha256="9f2c" * 16)
+        )
+    started = load(policy)
+    assert started.audit.compress_after_days is None
+    policy.write_text(policy.read_text() + "audit: {compress_after_days: 1}\n")
+    reloaded_policy = load(policy)
+    old = reader.file_name((now - timedelta(days=3)).date())
+
+    async def upkeep() -> None:
+        task = asyncio.ensure_future(
+            server_module._audit_upkeep(AuditLog(audit_dir), lambda: reloaded_policy)
+        )
+        for _ in range(500):
+            if (audit_dir / f"{old}.gz").exists():
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(upkeep())
+    assert (audit_dir / f"{old}.gz").exists()
+    assert verify(audit_dir).ok
 
 
 def test_invalid_policy_does_not_start(policy: Path, tmp_path: Path) -> None:
