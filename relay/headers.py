@@ -101,6 +101,13 @@ def line_ending(raw: bytes) -> bytes:
     return b"\n" if newline >= 0 and raw[newline - 1 : newline] != b"\r" else b"\r\n"
 
 
+def fits_smtp(address: str) -> bool:
+    """Within RFC 5321's lengths (4.5.3.1): 64 octets before the @, 254 in all;
+    no server takes a longer one, and no header line could hold it."""
+    local = address.rpartition("@")[0]
+    return len(local.encode()) <= 64 and len(address.encode()) <= 254
+
+
 def format_address(display_name: str, address: str) -> str:
     """``name <address>`` as plain ASCII that every parser reads back the same.
 

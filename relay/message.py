@@ -83,8 +83,7 @@ def decode(value: str) -> str:
 
 
 def _deliverable(address: str) -> bool:
-    local, at, _ = address.rpartition("@")
-    return bool(at) and len(local.encode()) <= 64 and len(address.encode()) <= 254
+    return "@" in address and headers.fits_smtp(address)
 
 
 def read(raw: bytes, split: tuple[list[headers.Field], int] | None = None) -> MessageView:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from yaml.nodes import Node
 
+from relay.headers import fits_smtp
 from relay.policy.schema import Ctx, text
 
 _LABEL = r"[^\W_](?:[\w-]*[^\W_])?"
@@ -43,8 +44,7 @@ def is_address(value: str) -> bool:
     return bool(
         at
         and value.isascii()
-        and len(local) <= 64
-        and len(value) <= 254
+        and fits_smtp(value)
         and _LOCAL.fullmatch(local)
         and _DOMAIN.fullmatch(domain)
     )
@@ -53,7 +53,7 @@ def is_address(value: str) -> bool:
 def _not_address(value: str) -> str:
     if not value.isascii():
         return "is not ASCII: the relay sends no SMTPUTF8"
-    if len(value.rpartition("@")[0]) > 64 or len(value) > 254:
+    if not fits_smtp(value):
         return "is longer than SMTP allows: 64 characters before the @, 254 in all"
     return "is not an address like name@example.com"
 
