@@ -261,8 +261,9 @@ class Engine:
             log.info("spool readable again")
             self._scan_error = None
         self._schedule = {q: when for q, when in found.items() if not self._settler.stuck(q)}
-        self._unstored = {q: kept for q, kept in self._unstored.items() if q in found}
-        self._locked = {q: tries for q, tries in self._locked.items() if q in found}
+        for memory in (self._unstored, self._locked, self._told):  # gone: deleted, or elsewhere
+            for queue_id in memory.keys() - found.keys():
+                del memory[queue_id]
         self._reindex()
         return True
 
