@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from relay.ingress import Ingress, bind, start
+from relay.ingress.authlimit import AuthFailures
 from relay.policy.model import Listener, Policy
 from relay.submission import Submission
 from tests.minimal_policy import policy as make_policy
@@ -55,8 +56,11 @@ class Relay:
         listeners: list[Listener],
         process: Recorder | None = None,
         policy: Policy | None = None,
+        failures: AuthFailures | None = None,
     ) -> None:
         self.process = process or Recorder()
+        # failed logins answered at once unless a test asks for the real delay
+        self.failures = failures or AuthFailures(delay=0.0)
         self.policy = policy or make_policy(tuple(listeners))
         self.listeners = listeners
         self.loop = asyncio.new_event_loop()
@@ -72,7 +76,13 @@ class Relay:
     def __enter__(self) -> Relay:
         self.thread.start()
         self.ingress = self.call(
-            start(self.listeners, self.current_policy, self.process, bind(self.listeners))
+            start(
+                self.listeners,
+                self.current_policy,
+                self.process,
+                bind(self.listeners),
+                self.failures,
+            )
         )
         return self
 

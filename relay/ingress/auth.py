@@ -5,7 +5,8 @@ them over its built-ins) because aiosmtpd's authenticator hook is
 synchronous and scrypt takes ~50 ms: it runs in a thread so other sessions
 keep moving, and a password that verified lately is remembered
 (``authcache``). An unknown login is checked against a throw-away hash, so
-the reply time does not reveal which logins exist.
+the reply time does not reveal which logins exist. Failures are slowed down
+and then refused (``authlimit``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult
 
 from relay.ingress.authcache import Verified
+from relay.ingress.authlimit import TOO_MANY_FROM, AuthFailures
 from relay.passwd import hash_password, verify_password
 from relay.policy.model import Policy
 
@@ -44,8 +46,12 @@ class Mechanisms:
 
     _current_policy: Callable[[], Policy]
     _verified: Verified
+    _failures: AuthFailures
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        locked = self._locked(server)
+        if locked is not None:
+            return locked
         if len(args) == 1:
             blob = await server.challenge_auth("")
             if blob is MISSING:
@@ -67,6 +73,9 @@ class Mechanisms:
         return await self._check(server, login, password)
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        locked = self._locked(server)
+        if locked is not None:
+            return locked
         if len(args) == 1:
             login = await server.challenge_auth(USERNAME_CHALLENGE)
             if login is MISSING:
@@ -81,13 +90,23 @@ class Mechanisms:
         assert isinstance(login, bytes) and isinstance(password, bytes)
         return await self._check(server, login, password)
 
+    def _locked(self, server: SMTP) -> AuthResult | None:
+        """A 454 for an address that failed too often lately, before any challenge."""
+        peer = _peer(server)
+        wait = self._failures.locked(peer)
+        if not wait:
+            return None
+        log.debug("AUTH refused client=%s: too many failed logins", peer)
+        reply = TOO_MANY_FROM.format(client=peer, wait=max(round(wait), 1))
+        return AuthResult(success=False, handled=False, message=reply)
+
     async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
-        peer = server.session.peer[0] if server.session and server.session.peer else "?"
+        peer = _peer(server)
         try:
             name, secret = login.decode("utf-8"), password.decode("utf-8")
         except UnicodeDecodeError:
             log.warning("AUTH failed client=%s: credentials are not UTF-8", peer)
-            return AuthResult(success=False, handled=False)
+            return await self._failed(peer)
         entry = self._current_policy().logins.get(name)
         encoded = entry.password_hash if entry is not None else None
         ok = encoded is not None and self._verified.known(name, encoded, password)
@@ -98,9 +117,26 @@ class Mechanisms:
                 self._verified.remember(name, encoded, password)
         if ok and entry is not None:
             log.debug("AUTH ok client=%s login=%s", peer, name)
+            self._failures.succeeded(peer)
             return AuthResult(success=True, auth_data=Authenticated(name))
         log.warning("AUTH failed client=%s login=%r", peer, name)
+        return await self._failed(peer)
+
+    async def _failed(self, peer: str) -> AuthResult:
+        """A 535, after the delay."""
+        if self._failures.failed(peer):
+            log.warning(
+                "AUTH locked client=%s: %d failed logins in %d s, AUTH refused for now",
+                peer,
+                self._failures.per_client,
+                self._failures.window,
+            )
+        await asyncio.sleep(self._failures.delay)
         return AuthResult(success=False, handled=False)
+
+
+def _peer(server: SMTP) -> str:
+    return str(server.session.peer[0]) if server.session and server.session.peer else "?"
 
 
 async def _decode(server: SMTP, text: str) -> bytes | None:

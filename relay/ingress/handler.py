@@ -21,6 +21,7 @@ from relay.ingress import content
 from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
 from relay.ingress.auth import Authenticated, Mechanisms
 from relay.ingress.authcache import Verified
+from relay.ingress.authlimit import AuthFailures
 from relay.ingress.protocol import RelaySMTP, client_address, hook_names, log_refused
 from relay.policy.model import AuthMode, Listener, Policy
 from relay.submission import Submission
@@ -43,12 +44,14 @@ class RelayHandler(Mechanisms):
         process: Process,
         in_flight: set[asyncio.Task[str]] | None = None,
         verified: Verified | None = None,
+        failures: AuthFailures | None = None,
     ) -> None:
         self._listener = listener
         self._current_policy = current_policy
         self._process = process
         self._in_flight = in_flight if in_flight is not None else set()
         self._verified = verified if verified is not None else Verified()
+        self._failures = failures if failures is not None else AuthFailures()
 
     def __dir__(self) -> list[str]:
         """See ``RelaySMTP.__dir__``: aiosmtpd looks for its hooks here on every connection."""

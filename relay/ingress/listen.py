@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ipaddress import ip_address
 
 from relay.ingress.authcache import Verified
+from relay.ingress.authlimit import AuthFailures
 from relay.ingress.handler import Process, RelayHandler
 from relay.ingress.protocol import RelaySMTP
 from relay.policy.model import AuthMode, Listener, Policy
@@ -41,6 +42,7 @@ class Ingress:
     connections: set[RelaySMTP] = field(default_factory=set)
     in_flight: set[asyncio.Task[str]] = field(default_factory=set)
     verified: Verified = field(default_factory=Verified)  # AUTH passwords, for every listener
+    failures: AuthFailures = field(default_factory=AuthFailures)  # failed logins, likewise
     tls: dict[str, ssl.SSLContext] = field(default_factory=dict)  # per listener, for STARTTLS
 
     def reload_tls(self, listeners: Sequence[Listener]) -> None:
@@ -151,10 +153,11 @@ async def start(
     current_policy: Callable[[], Policy],
     process: Process,
     sockets: Sockets,
+    failures: AuthFailures | None = None,
 ) -> Ingress:
     """Serve every listener on its sockets from ``bind``; raises ssl.SSLError."""
     loop = asyncio.get_running_loop()
-    ingress = Ingress()
+    ingress = Ingress(failures=failures or AuthFailures())
     try:
         for listener in listeners:
             factory = _factory(listener, current_policy, process, ingress, loop)
@@ -175,7 +178,9 @@ def _factory(
     ingress: Ingress,
     loop: asyncio.AbstractEventLoop,
 ) -> Callable[[], RelaySMTP]:
-    handler = RelayHandler(listener, current_policy, process, ingress.in_flight, ingress.verified)
+    handler = RelayHandler(
+        listener, current_policy, process, ingress.in_flight, ingress.verified, ingress.failures
+    )
     tls = server_context(listener.tls) if listener.tls is not None else None
     if tls is not None:
         ingress.tls[listener.name] = tls

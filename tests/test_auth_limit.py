@@ -1,0 +1,135 @@
+"""Failed logins: slowed down, then refused per client address without an scrypt."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+
+import pytest
+
+from relay.ingress.authlimit import AuthFailures
+from tests.ingress_harness import Raw, Relay
+from tests.minimal_policy import listener
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def plain(login: str, password: str) -> bytes:
+    return b"AUTH PLAIN " + base64.b64encode(f"\0{login}\0{password}".encode())
+
+
+def test_an_address_is_locked_after_its_failures_within_the_window() -> None:
+    clock = Clock()
+    failures = AuthFailures(per_client=3, window=60.0, clock=clock)
+    assert [failures.failed("192.0.2.1") for _ in range(3)] == [False, False, True]
+    assert failures.locked("192.0.2.1") == 60.0
+    assert failures.locked("192.0.2.2") == 0.0
+    clock.now += 59.0
+    assert failures.locked("192.0.2.1") == 1.0
+    clock.now += 1.0
+    assert failures.locked("192.0.2.1") == 0.0
+
+
+def test_failures_spread_beyond_the_window_never_lock() -> None:
+    clock = Clock()
+    failures = AuthFailures(per_client=3, window=60.0, clock=clock)
+    for _ in range(10):
+        assert not failures.failed("192.0.2.1")
+        clock.now += 31.0
+        assert failures.locked("192.0.2.1") == 0.0
+
+
+def test_a_success_forgets_the_address_failures() -> None:
+    failures = AuthFailures(per_client=3, clock=Clock())
+    failures.failed("192.0.2.1")
+    failures.failed("192.0.2.1")
+    failures.succeeded("192.0.2.1")
+    assert not failures.failed("192.0.2.1")
+    assert not failures.failed("192.0.2.1")
+    assert failures.failed("192.0.2.1")
+
+
+def test_only_so_many_addresses_are_remembered() -> None:
+    failures = AuthFailures(per_client=2, clients=3, clock=Clock())
+    for n in range(5):
+        failures.failed(f"192.0.2.{n}")
+        failures.failed(f"192.0.2.{n}")
+    assert [failures.locked(f"192.0.2.{n}") > 0 for n in range(5)] == [
+        False,
+        False,
+        True,
+        True,
+        True,
+    ]
+
+
+def test_a_locked_client_gets_454_without_a_check_also_on_a_new_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="relay")
+    clock = Clock()
+    failures = AuthFailures(per_client=3, window=600.0, delay=0.0, clock=clock)
+    with Relay([listener()], failures=failures) as relay:
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            for _ in range(3):
+                assert raw.cmd(plain("erp-acme", "guess")).startswith("535 5.7.8 ")
+            # the right password too: no scrypt is spent on a locked address
+            reply = raw.cmd(plain("erp-acme", "demo-password"))
+            assert reply == (
+                "454 4.7.0 Too many failed logins from 127.0.0.1, try again in 600 seconds"
+            )
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            assert raw.cmd(b"AUTH LOGIN").startswith("454 4.7.0 ")
+            assert raw.cmd(b"NOOP") == "250 OK"
+            clock.now += 600.0
+            assert raw.cmd(plain("erp-acme", "demo-password")).startswith("235 ")
+    assert "AUTH locked client=127.0.0.1: 3 failed logins in 600 s" in caplog.text
+    assert caplog.text.count("AUTH failed client=127.0.0.1") == 3
+
+
+def test_a_failure_is_answered_after_the_delay_without_holding_up_others() -> None:
+    answered: list[tuple[str, float]] = []
+    with (
+        Relay([listener()], failures=AuthFailures(delay=1.5)) as relay,
+        Raw(relay.port) as slow,
+        Raw(relay.port) as other,
+    ):
+        slow.ehlo()
+        other.ehlo()
+
+        def fail() -> None:
+            started = time.monotonic()
+            reply = slow.cmd(plain("erp-acme", "guess"))
+            answered.append((reply, time.monotonic() - started))
+
+        thread = threading.Thread(target=fail)
+        thread.start()
+        try:
+            time.sleep(0.2)  # the failure is being held back now
+            assert other.cmd(plain("erp-acme", "demo-password")).startswith("235 ")
+            assert thread.is_alive()
+        finally:
+            thread.join(10)
+    ((reply, took),) = answered
+    assert reply.startswith("535 5.7.8 ")
+    assert took >= 1.5
+
+
+def test_a_login_that_succeeds_clears_the_address_failures() -> None:
+    failures = AuthFailures(per_client=3, delay=0.0)
+    with Relay([listener()], failures=failures) as relay:
+        for password in ("guess", "guess", "demo-password", "guess", "guess", "demo-password"):
+            with Raw(relay.port) as raw:
+                raw.ehlo()
+                expected = "235 " if password == "demo-password" else "535 "
+                assert raw.cmd(plain("erp-acme", password)).startswith(expected)
