@@ -29,6 +29,7 @@ from relay.policy.model import Listener, Policy
 if TYPE_CHECKING:
     from relay.audit import AuditLog
     from relay.ingress import Ingress, Sockets
+    from relay.settle import Settled
     from relay.spool import Spool
     from relay.supervisor import WorkerLink
 
@@ -150,9 +151,12 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
     except (SpoolError, AuditError, OSError) as exc:
         log.error("cannot open the state directory: %s", exc)
         return EX_CANTCREAT
-    for queue_id in settled:
-        log.info("%s: finished before the restart, per the audit log; removed", queue_id)
-    log.info("spool %s: %d messages to deliver", policy.queue.directory, recovered - len(settled))
+    _log_settled(settled, "the restart")
+    log.info(
+        "spool %s: %d messages to deliver",
+        policy.queue.directory,
+        recovered - len(settled.finished) - len(settled.unrecorded),
+    )
     return 0
 
 
@@ -168,21 +172,32 @@ def settle_orphans(policy: Policy, audit: AuditLog, why: str) -> None:
     except SpoolError as exc:
         log.warning("cannot open the spool to settle what %s left: %s", why, exc)
         return
-    for queue_id in _settle_recorded(spool, audit):
+    _log_settled(_settle_recorded(spool, audit), why)
+
+
+def _log_settled(settled: Settled, why: str) -> None:
+    for queue_id in settled.finished:
         log.info("%s: finished before %s, per the audit log; removed", queue_id, why)
+    for queue_id in settled.unrecorded:
+        log.warning(
+            "%s: stored but not on record before %s, so never acknowledged;"
+            " removed (its client got no 250 and sends it again)",
+            queue_id,
+            why,
+        )
 
 
-def _settle_recorded(spool: Spool, audit: AuditLog) -> list[str]:
+def _settle_recorded(spool: Spool, audit: AuditLog) -> Settled:
     """Only saves deliveries: when it cannot, the engine delivers those entries again."""
     from relay.audit import AuditError
-    from relay.settle import settle_recorded
+    from relay.settle import Settled, settle_recorded
     from relay.spool import SpoolError
 
     try:
         return settle_recorded(spool, audit)
     except (AuditError, SpoolError, OSError, ValueError) as exc:
         log.warning("cannot look up in the audit log what finished before the restart: %s", exc)
-        return []
+        return Settled()
 
 
 async def serve(

@@ -26,15 +26,19 @@ both run on the event loop instead, one after the other (``inline``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from relay.audit import AuditError, AuditLog, events, reader
+from relay.queueid import queue_id_time
 from relay.record import Recorder
-from relay.spool import Spool
+from relay.spool import QueueEntry, Spool
 from relay.spool.store import RECYCLE_SIZE, NoSuchEntry, SpoolError, UnsyncedRemovals
 
 log = logging.getLogger("relay")
@@ -231,59 +235,136 @@ class Settler:
 
 
 RECENT = 16 << 20  # how much of the audit log's end a restart reads for outcomes
+WIDER = 8  # times RECENT, read once more when that covered too little time
+#: How much later than the oldest record read an entry must have been made
+#: for a missing record to mean it was never written. A record written after
+#: the entry's could only carry an earlier time if the clock was set back in
+#: between: by less than this, it cannot make an acknowledged message look
+#: unrecorded (the part of the log read may span minutes or seconds; that
+#: does not matter).
+MARGIN = 2.0
 
 
-def settle_recorded(spool: Spool, audit: AuditLog, budget: int = RECENT) -> list[str]:
+@dataclass
+class Settled:
+    """What ``settle_recorded`` removed."""
+
+    finished: list[str] = field(default_factory=list)  # every outcome on record
+    unrecorded: list[str] = field(default_factory=list)  # stored, never acknowledged
+
+
+@dataclass
+class _Tail:
+    """What the end of the audit log says about the entries in the spool."""
+
+    latest: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    named: set[str] = field(default_factory=set)  # queue IDs any record names
+    oldest: float | None = None  # when the oldest record read was written
+
+    @classmethod
+    def read(cls, directory: Path, queued: set[str], budget: int) -> _Tail:
+        tail = cls()
+        oldest: str | None = None
+        for record in reader.recent(directory, budget):
+            when = record.get("time")
+            if isinstance(when, str) and (oldest is None or when < oldest):
+                oldest = when
+            queue_id, recipient, seq = (record.get(k) for k in ("queue_id", "recipient", "seq"))
+            tail.named.update(
+                name for name in (queue_id, record.get("notice_queue_id")) if name in queued
+            )
+            if not (
+                isinstance(queue_id, str) and isinstance(recipient, str) and isinstance(seq, int)
+            ):
+                continue
+            if record.get("event") not in ATTEMPT_EVENTS:
+                continue
+            if queue_id in queued and seq > tail.latest.get((queue_id, recipient), {}).get(
+                "seq", -1
+            ):
+                tail.latest[(queue_id, recipient)] = record
+        if oldest is not None:
+            with contextlib.suppress(ValueError):
+                tail.oldest = datetime.fromisoformat(oldest).timestamp()
+        return tail
+
+    def unrecorded(self, queue_id: str) -> bool | None:
+        """Whether the log would name the entry if its records had been written:
+        True (it does not), False (it does), None (it covers too little time)."""
+        if queue_id in self.named:
+            return False
+        made = queue_id_time(queue_id)
+        if made is None or self.oldest is None or made < self.oldest + MARGIN:
+            return None
+        return True
+
+
+def settle_recorded(spool: Spool, audit: AuditLog, budget: int = RECENT) -> Settled:
     """Remove the entries whose every pending recipient's last record in the
-    audit log is an outcome; their queue IDs.
+    audit log is an outcome, and those the log has never heard of.
 
-    For a restart, before any worker delivers: a crashed worker's waiting
-    entries had their records written, which the kernel keeps, so they are
-    settled here rather than delivered again. Only the log's end is read:
-    such entries finished moments before the crash. The records relied on
-    are appended again, fsynced, before the entries go: an fsync that failed
-    before the crash may have kept them off the disk, and no fsync now would
-    say so (the log may then name such an outcome twice, never not at all).
+    For a restart, and after a worker died, before any worker delivers:
+    a crashed worker's waiting entries had their records written, which the
+    kernel keeps, so they are settled here rather than delivered again. Only
+    the log's end is read: such entries finished moments before the crash.
+    The records relied on are appended again, fsynced, before the entries
+    go: an fsync that failed before the crash may have kept them off the
+    disk, and no fsync now would say so (the log may then name such an
+    outcome twice, never not at all).
+
+    A worker that died between storing a message and writing its
+    ``received`` and ``queued`` records left an entry nobody acknowledged:
+    its client got no 250 and sends it again. Delivered, it would reach the
+    recipient twice, once with no audit trail; it is removed instead, when
+    no record names it though the part of the log read began well before
+    its queue ID was made. An entry already attempted (with its changed
+    record beside it), or a failure notice, is left to the engine.
     """
     queued = set(spool.ids())
-    latest: dict[tuple[str, str], dict[str, Any]] = {}
-    for record in reader.recent(audit.directory, budget) if queued else ():
-        queue_id, recipient, seq = (record.get(k) for k in ("queue_id", "recipient", "seq"))
-        if not (isinstance(queue_id, str) and isinstance(recipient, str) and isinstance(seq, int)):
-            continue
-        if record.get("event") not in ATTEMPT_EVENTS:
-            continue
-        if queue_id in queued and seq > latest.get((queue_id, recipient), {}).get("seq", -1):
-            latest[(queue_id, recipient)] = record
+    if not queued:
+        return Settled()
+    tail = _Tail.read(audit.directory, queued, budget)
+    fresh = {q for q in queued if q not in tail.named and not spool.changed(q)}
+    if any(tail.unrecorded(q) is None for q in fresh):
+        tail = _Tail.read(audit.directory, queued, budget * WIDER)
     outcomes: dict[str, dict[str, dict[str, Any]]] = {}
-    for (queue_id, recipient), record in latest.items():
+    for (queue_id, recipient), record in tail.latest.items():
         if record.get("event") in FINAL_EVENTS:
             outcomes.setdefault(queue_id, {})[recipient] = record
+    settled = Settled()
     held: list[tuple[str, int]] = []
     again: list[dict[str, Any]] = []
     try:
-        for queue_id, known in outcomes.items():
+        for queue_id in sorted(outcomes.keys() | {q for q in fresh if tail.unrecorded(q)}):
             try:
                 fd = spool.acquire(queue_id, blocking=False)
             except SpoolError:
                 continue  # busy or gone: not ours to settle
             held.append((queue_id, fd))
             try:
-                pending: set[str] | None = {r.address for r in spool.load(queue_id).pending()}
+                entry: QueueEntry | None = spool.load(queue_id)
             except SpoolError:
-                pending = None  # unreadable: the engine reports it
-            if pending is not None and pending <= known.keys():
-                again += [_as_built(known[address]) for address in sorted(pending)]
+                entry = None  # unreadable: the engine reports it
+            known = outcomes.get(queue_id, {})
+            if entry is not None and known and {r.address for r in entry.pending()} <= known.keys():
+                again += [_as_built(known[r.address]) for r in entry.pending()]
+                settled.finished.append(queue_id)
+            elif entry is not None and not known and not entry.is_notice:
+                settled.unrecorded.append(queue_id)
             else:
                 os.close(held.pop()[1])
         if not held:
-            return []
-        audit.append_many(again)
+            return settled
+        if again:
+            audit.append_many(again)
         failures = spool.remove_many([queue_id for queue_id, _ in held])
     finally:
         for _, fd in held:
             os.close(fd)
-    return [queue_id for (queue_id, _), failure in zip(held, failures, strict=True) if not failure]
+    kept = {queue_id for (queue_id, _), failure in zip(held, failures, strict=True) if failure}
+    settled.finished = [q for q in settled.finished if q not in kept]
+    settled.unrecorded = [q for q in settled.unrecorded if q not in kept]
+    return settled
 
 
 def _as_built(record: dict[str, Any]) -> dict[str, Any]:

@@ -28,8 +28,9 @@ from relay.audit import AuditLog, events, reader, verify
 from relay.deliver import attempt
 from relay.engine import Engine
 from relay.policy.model import Policy
+from relay.queueid import new_queue_id
 from relay.record import Recorder
-from relay.settle import settle_recorded
+from relay.settle import Settled, settle_recorded
 from relay.spool import QueueEntry, Spool
 from relay.spool import store as store_module
 from tests import minimal_policy
@@ -456,10 +457,10 @@ def test_a_restart_removes_entries_whose_outcome_the_log_has_and_no_other(
         )
     )
     with spool.lock(held.queue_id):  # a live worker's entry
-        assert settle_recorded(spool, audit) == [done.queue_id]
+        assert settle_recorded(spool, audit).finished == [done.queue_id]
     assert sorted(spool.ids()) == sorted(e.queue_id for e in (half, untouched, held, stale))
     assert sorted(outcomes(audit.directory, done.queue_id)) == sorted(DELIVERED * 2)  # again
-    assert settle_recorded(spool, audit) == [held.queue_id]
+    assert settle_recorded(spool, audit).finished == [held.queue_id]
     assert verify(audit.directory).ok
 
 
@@ -486,7 +487,7 @@ def test_a_restart_settles_an_entry_whose_sender_was_told_and_got_the_copy(
             ),
         ]
     )
-    assert settle_recorded(spool, audit) == [entry.queue_id]
+    assert settle_recorded(spool, audit).finished == [entry.queue_id]
     assert spool.ids() == []
 
 
@@ -513,9 +514,82 @@ def test_a_restart_reads_only_the_end_of_the_log(spool: Spool, tmp_path: Path) -
         )
     later = [
         events.failed(queue_id=f"OTHER{n}", message_id=None, recipient="a@b", reply="550")
-        for n in range(50)
+        for n in range(400)  # beyond the wider second read, too
     ]
     audit.append_many(later)
-    assert settle_recorded(spool, audit, budget=2000) == []
-    assert settle_recorded(spool, audit) == [entry.queue_id]
+    assert settle_recorded(spool, audit, budget=2000) == Settled()  # older than what it read
+    assert spool.ids() == [entry.queue_id]
+    assert settle_recorded(spool, audit).finished == [entry.queue_id]
     assert spool.ids() == []
+
+
+def made_at(when: float, **changes: Any) -> QueueEntry:
+    """An entry whose queue ID was made at ``when``, as the accepting worker makes it."""
+    return make_entry(new_queue_id(int(when * 1e9)), arrival=when, **changes)
+
+
+def test_a_restart_removes_what_was_stored_but_never_recorded(spool: Spool, tmp_path: Path) -> None:
+    """A worker killed between the spool write and the audit write: no 250 went
+    out, and delivering the message would send it twice, once with no trail."""
+    now = time.time()
+    clock = {"now": now - 60}
+    audit = AuditLog(tmp_path / "audit", clock=lambda: datetime.fromtimestamp(clock["now"], UTC))
+    audit.append(events.policy_loaded(policy_file="relay.yaml", policy_sha256="0" * 64))
+    clock["now"] = now
+    lost, acknowledged, attempted, notice, early, busy = (
+        made_at(now - 30),
+        made_at(now - 30),
+        made_at(now - 30),
+        made_at(now - 30, is_notice=True),
+        made_at(now - 59),  # too close to the oldest record read to tell
+        made_at(now - 30),
+    )
+    entries = (lost, acknowledged, attempted, notice, early, busy)
+    for n, entry in enumerate(entries):
+        assert spool.put_many([(entry, (message(n),))]) == [None]
+    audit.append(
+        events.queued(
+            queue_id=acknowledged.queue_id,
+            message_id=acknowledged.message_id,
+            recipients=[r.address for r in acknowledged.recipients],
+            size=acknowledged.size,
+        )
+    )
+    with spool.lock(attempted.queue_id):
+        attempted.attempts = 1
+        spool.update(attempted)
+    before = len(list(reader.recent(audit.directory, 1 << 20)))
+    with spool.lock(busy.queue_id):  # a live worker's, still waiting for its records
+        assert settle_recorded(spool, audit) == Settled(unrecorded=[lost.queue_id])
+    assert sorted(spool.ids()) == sorted(e.queue_id for e in entries if e is not lost)
+    assert len(list(reader.recent(audit.directory, 1 << 20))) == before  # nothing to record
+    assert settle_recorded(spool, audit) == Settled(unrecorded=[busy.queue_id])
+
+
+def test_a_log_read_too_short_to_tell_is_read_further_back(spool: Spool, tmp_path: Path) -> None:
+    now = time.time()
+    clock = {"now": now - 60}
+    audit = AuditLog(tmp_path / "audit", clock=lambda: datetime.fromtimestamp(clock["now"], UTC))
+    audit.append(events.policy_loaded(policy_file="relay.yaml", policy_sha256="0" * 64))
+    clock["now"] = now
+    lost, acknowledged = made_at(now - 30), made_at(now - 30)
+    assert spool.put_many([(lost, (message(1),)), (acknowledged, (message(2),))]) == [None, None]
+    clock["now"] = now - 30
+    audit.append(
+        events.queued(
+            queue_id=acknowledged.queue_id,
+            message_id=acknowledged.message_id,
+            recipients=[r.address for r in acknowledged.recipients],
+            size=acknowledged.size,
+        )
+    )
+    clock["now"] = now
+    audit.append_many(
+        [
+            events.failed(queue_id=f"OTHER{n}", message_id=None, recipient="a@b", reply="550")
+            for n in range(40)
+        ]
+    )
+    assert len(b"".join(f.path.read_bytes() for f in reader.day_files(audit.directory))) > 2000
+    assert settle_recorded(spool, audit, budget=2000) == Settled(unrecorded=[lost.queue_id])
+    assert spool.ids() == [acknowledged.queue_id]

@@ -9,6 +9,7 @@ policy), where the From display name shows the tenant name a message met.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from relay import message
+from relay import settle as settle_module
 from relay.audit import AuditLog, events
 from relay.policy.load import load
 from relay.spool import Spool
@@ -666,3 +669,59 @@ def test_a_new_state_directory_waits_for_a_restart(relay: Relay) -> None:
     assert relay_cli("audit", "verify", "-c", str(relay.policy)).returncode == 0
     events_seen = [r["event"] for r in audit_records(relay)]
     assert events_seen.count("policy_loaded") == 2 and events_seen.count("delivered") >= 2
+
+
+def test_a_message_stored_by_a_worker_killed_before_its_records_is_not_delivered(
+    relay: Relay,
+) -> None:
+    """Killed between the spool write and the audit write, the worker never
+    answered 250: the client sends the message again. Delivered, the stored
+    copy would reach the customer twice, once with no audit trail; the
+    supervisor removes it before the replacement starts."""
+    policy = load(relay.policy)
+    spool = Spool(policy.queue.directory)
+    time.sleep(settle_module.MARGIN + 0.5)  # later than the start's record, as in service
+    lock = os.open(policy.audit.directory / ".lock", os.O_RDWR)
+    replies: list[object] = []
+
+    def client() -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
+                smtp.sendmail("jan@acme.example", ["one@example.org"], MESSAGE)
+            replies.append("250")
+        except (smtplib.SMTPException, OSError) as exc:
+            replies.append(exc)
+
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the worker stops at its audit write
+        sender = threading.Thread(target=client)
+        sender.start()
+        relay.wait_for(lambda: len(spool.ids()) == 1, "the message in the spool")
+        (queue_id,) = spool.ids()
+        holder = next(
+            (index, pid)
+            for index, pid in relay.started()
+            if any(
+                link.resolve() == spool.message_path(queue_id)
+                for link in Path(f"/proc/{pid}/fd").iterdir()
+                if link.is_symlink()
+            )
+        )
+        os.kill(holder[1], signal.SIGKILL)
+        relay.wait_for(lambda: f"(pid {holder[1]}) was killed by SIGKILL" in relay.log(), "death")
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
+    sender.join(30)
+    assert len(replies) == 1 and isinstance(replies[0], smtplib.SMTPServerDisconnected), replies
+    relay.wait_for(
+        lambda: f"{queue_id}: stored but not on record before worker {holder[0]}" in relay.log(),
+        "removed as never acknowledged",
+    )
+    relay.wait_for(lambda: len(relay.started()) == 3, "a new worker")
+    ids = send_until_every_worker_took_one(relay, set(dict(relay.started()).values()))
+    relay.wait_for(lambda: relay.delivered().keys() >= set(ids), "later messages upstream")
+    assert queue_id not in relay.delivered()
+    assert queue_id not in spool.ids()
+    assert relay.stop() == 0
+    assert not [r for r in audit_records(relay) if r.get("queue_id") == queue_id]

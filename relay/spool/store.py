@@ -150,6 +150,10 @@ class Spool:
     def _env_path(self, queue_id: str) -> Path:
         return self._env / f"{_checked(queue_id)}.json"
 
+    def changed(self, queue_id: str) -> bool:
+        """Whether the entry's record was changed since it was stored (an attempt, a hold)."""
+        return self._env_path(queue_id).exists()
+
     def put(self, entry: QueueEntry, data: bytes) -> None:
         """Durably store a new entry; only after this returns may the client get 250."""
         self.put_stream(entry, (data,))
