@@ -37,6 +37,7 @@ log = logging.getLogger("relay")
 
 STOP_GRACE = 10.0
 AUDIT_UPKEEP = 86400.0
+LEFTOVER_AGE = 3600.0  # seconds; see spool_upkeep
 EX_OSERR = 71
 EX_CANTCREAT = 73
 EX_CONFIG = 78
@@ -438,10 +439,25 @@ async def _audit_upkeep(audit: AuditLog, current: Callable[[], Policy]) -> None:
     changes them at once (the supervisor's upkeep reads the policy each time)."""
     while True:
         await asyncio.sleep(AUDIT_UPKEEP)
-        settings = current().audit
-        audit.retention_days = settings.retention_days
-        audit.compress_after_days = settings.compress_after_days
+        policy = current()
+        audit.retention_days = policy.audit.retention_days
+        audit.compress_after_days = policy.audit.compress_after_days
         await asyncio.to_thread(audit_upkeep, audit)
+        await asyncio.to_thread(spool_upkeep, policy)
+
+
+def spool_upkeep(policy: Policy) -> None:
+    """What a crash left in the spool (temp files, files kept for reuse) that the
+    start's recovery had to leave: a restart right after the crash finds them
+    too young to be sure no process still writes them. Once a day, those older
+    than an hour, or than the longest a client may stay silent mid-message."""
+    from relay.spool import Spool, SpoolError
+
+    idle = max((listener.idle_timeout for listener in policy.listeners), default=0.0)
+    try:
+        Spool(policy.queue.directory).recover(min_age=max(LEFTOVER_AGE, idle + 60.0))
+    except SpoolError as exc:
+        log.error("spool upkeep failed: %s", exc)
 
 
 def audit_upkeep(audit: AuditLog) -> None:

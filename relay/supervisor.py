@@ -46,6 +46,7 @@ from relay.server import (
     reloaded,
     serve,
     settle_orphans,
+    spool_upkeep,
 )
 
 log = logging.getLogger("relay")
@@ -257,6 +258,7 @@ class Supervisor:
 
     def _upkeep(self) -> None:
         self._with_audit(audit_upkeep)
+        spool_upkeep(self.policy)
 
     def _with_audit(self, work: Callable[..., None]) -> None:
         from relay.audit import AuditError

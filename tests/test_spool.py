@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from relay.queueid import new_queue_id
+from relay.server import spool_upkeep
 from relay.spool import (
     DELIVERED,
     NoSuchEntry,
@@ -24,6 +25,7 @@ from relay.spool import (
     SpoolError,
 )
 from relay.spool import store as store_module
+from tests import minimal_policy
 from tests.spoolkit import locked_elsewhere, make_entry, removed_while_waiting, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -475,3 +477,29 @@ def test_an_entry_queued_in_the_earlier_layout_is_read_and_delivered_whole(spool
     assert spool.load(entry.queue_id) == entry
     spool.remove(entry.queue_id)
     assert all_files(spool.directory) == []
+
+
+def test_the_daily_upkeep_removes_what_a_crash_left_once_it_is_old_enough(
+    tmp_path: Path,
+) -> None:
+    """A restart right after a crash leaves its temp and free files: too young
+    then to tell from a put in progress. The daily upkeep removes them later,
+    keeping what a client silent mid-message (up to its idle timeout) may still write."""
+    state = tmp_path / "state"
+    policy = dataclasses.replace(
+        minimal_policy.policy((minimal_policy.listener(idle_timeout=7200),)),
+        queue=dataclasses.replace(minimal_policy.policy().queue, directory=state / "queue"),
+    )
+    spool = Spool(policy.queue.directory)
+    kept = make_entry(size=len(MESSAGE))
+    spool.put(kept, MESSAGE)
+    gone = new_queue_id()
+    left = [spool.directory / "msg" / f".{gone}.abc.tmp", spool.directory / "env" / f"{gone}.json"]
+    writing = spool.directory / "msg" / f".{new_queue_id()}.def.tmp"
+    for path in (*left, writing):
+        path.write_bytes(b"partial")
+    for path in left:
+        age(path, 7300)
+    age(writing, 7000)  # within the idle timeout: perhaps a client still sending
+    spool_upkeep(policy)
+    assert all_files(spool.directory) == sorted([f"msg/{kept.queue_id}", f"msg/{writing.name}"])
