@@ -19,13 +19,14 @@ import resource
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from relay.audit import AuditError
 from relay.groupcommit import GroupCommit
 from relay.notice import build_notice
 from relay.policy.model import Policy, QueueSettings, Upstream
 from relay.record import Recorder
-from relay.settle import EntryLock, Finished, Settle, Settler
+from relay.settle import WAITING_MAX, EntryLock, Finished, Settle, Settler
 from relay.spool import DELIVERED, EXPIRED, FAILED, PENDING, QueueEntry, RecipientState, Spool
 from relay.spool.store import NoSuchEntry, SpoolBusy, SpoolError
 
@@ -46,6 +47,16 @@ def file_budget() -> int:
     (or at a restart) one per queued message."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return 1 << 16 if soft == resource.RLIM_INFINITY else max(1, soft // 4)
+
+
+@dataclass
+class Untold:
+    """A finished entry waiting for its failure notice to be queued."""
+
+    entry: QueueEntry
+    records: list[dict[str, Any]]
+    lock: EntryLock
+    tries: int = 0
 
 
 @dataclass(frozen=True)
@@ -153,6 +164,9 @@ class Engine:
         # entries another process holds, and how many times in a row: a worker
         # whose removals fail holds its delivered ones for long (see Settler)
         self._locked: dict[str, int] = {}
+        # finished entries whose failure notice the spool could not take: kept,
+        # locked, with their records, until it does
+        self._untold: dict[str, Untold] = {}
         self._warm_bytes = 0
         self._warm_files = 0  # like the bytes, until each one's attempt ends
         self._files = file_budget()
@@ -310,6 +324,10 @@ class Engine:
             await asyncio.wait((self._settling,))
             await asyncio.sleep(0)  # its done callback clears it
         try:
+            for queue_id, untold in list(self._untold.items()):
+                log.error("%s: the relay stops before the failure notice could be queued", queue_id)
+                del self._untold[queue_id]
+                await self._done(Finished(queue_id, untold.records, untold.lock, untold.entry.size))
             await self._done(Settle(final=True))
         except (AuditError, SpoolError) as exc:
             log.error("%s", _unsettled(exc))
@@ -370,8 +388,9 @@ class Engine:
     def _backlogged(self) -> bool:
         """Nothing new starts while too many finished entries wait for the audit log:
         a log that refuses writes would otherwise pile up open files, and mail
-        delivered with no record of it."""
-        return self._settler.full
+        delivered with no record of it; likewise while too many wait for the
+        spool to take their failure notices."""
+        return self._settler.full or len(self._untold) >= WAITING_MAX
 
     def _limit(self, upstream: str) -> asyncio.Semaphore:
         if upstream not in self._limits:
@@ -392,6 +411,9 @@ class Engine:
         return outcome
 
     async def _locked_attempt(self, queue_id: str, immediate: bool) -> Outcome:
+        untold = self._untold.pop(queue_id, None)
+        if untold is not None:
+            return await self._finish(untold.entry, self.policy(), untold.lock, untold)
         warm = self._warm.pop(queue_id, None)
         lock = EntryLock(None if warm is None else warm.lock)
         try:
@@ -561,7 +583,7 @@ class Engine:
         rcpt.updated = self.clock()
         return rcpt
 
-    async def _notify(self, entry: QueueEntry, policy: Policy) -> None:
+    async def _notify(self, entry: QueueEntry, policy: Policy) -> bool:
         """Queue a notice for the failures the sender has not heard of yet; each is
         told once (``notify`` goes False), so one that fails while others are
         deferred is told now, as Postfix does, not when the last is done (days
@@ -573,25 +595,38 @@ class Engine:
             if r.status in (FAILED, EXPIRED) and r.notify and r.address not in told
         ]
         if not failures or entry.is_notice:
-            return
+            return True
         notice, data = build_notice(policy, entry, failures, self.clock())
         try:
             await asyncio.to_thread(self.spool.put, notice, data)
         except SpoolError as exc:
             log.error("%s could not queue the failure notice: %s", entry.queue_id, exc)
-            return
+            return False
         self.recorder.notice(entry, notice)
         self.submit(notice.queue_id)
         for rcpt in failures:
             rcpt.notify = False  # stored with the deferral; until then, and if that fails:
             told.add(rcpt.address)
         self._told[entry.queue_id] = told
+        return True
 
-    async def _finish(self, entry: QueueEntry, policy: Policy, lock: EntryLock) -> Outcome:
-        """Queue a notice for the failures the sender should hear of, then drop the entry."""
-        await self._notify(entry, policy)
+    async def _finish(
+        self, entry: QueueEntry, policy: Policy, lock: EntryLock, untold: Untold | None = None
+    ) -> Outcome:
+        """Queue a notice for the failures the sender should hear of, then drop the entry.
+
+        If the spool cannot take the notice (a full disk), the entry stays,
+        locked, with its records, and the notice is tried again, each time
+        later (up to a RESCAN); at a stop it goes without."""
+        records = [] if untold is None else untold.records
+        if not await self._notify(entry, policy):
+            tries = 0 if untold is None else untold.tries + 1
+            records += self.recorder.take(entry.queue_id)
+            self._untold[entry.queue_id] = Untold(entry, records, EntryLock(lock.take()), tries)
+            self._plan(entry.queue_id, self.clock() + min(POLL * 2**tries, RESCAN))
+            return Outcome("deferred")
         self._told.pop(entry.queue_id, None)
-        records = self.recorder.take(entry.queue_id)
+        records += self.recorder.take(entry.queue_id)
         backlogged = self._backlogged()
         await self._done(Finished(entry.queue_id, records, EntryLock(lock.take()), entry.size))
         if backlogged:

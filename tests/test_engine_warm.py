@@ -370,3 +370,77 @@ async def test_a_failure_is_told_once_even_when_its_deferral_cannot_be_stored(
             await engine.attempt_now(entry.queue_id)
         told = [m for m in caplog.messages if f"{entry.queue_id}: failure notice to=" in m]
         assert len(told) == 1
+
+
+async def test_a_failure_notice_the_spool_cannot_take_keeps_the_entry_until_it_can(
+    spool: Spool, policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attempt that ends a message finds the disk full: the sender must still
+    be told. The entry stays, locked (no other worker sends it again), with
+    its records, until the notice is queued."""
+    entry = make_entry(size=len(message(1)))
+    refused, copy = (r.address for r in entry.recipients[:2])
+    sent: list[tuple[list[str], bytes]] = []
+
+    async def upstream(target: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+        sent.append((list(rcpts), data))
+        return Attempt(
+            {r: (550, "550 5.1.1 no such user") if r == refused else (250, "ok") for r in rcpts}
+        )
+
+    full = True
+    put = spool.put
+
+    def put_unless_full(*args: Any) -> None:
+        if full:
+            raise SpoolError(spool.directory, "No space left on device")
+        put(*args)
+
+    monkeypatch.setattr(spool, "put", put_unless_full)
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    audit = tmp_path / "audit"
+    async with running(
+        Engine(spool, lambda: policy, upstream, Recorder(AuditLog(audit)))
+    ) as engine:
+        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+        assert spool.ids() == [entry.queue_id]
+        assert lock_elsewhere(spool, entry.queue_id) == "busy"
+        await asyncio.sleep(0.3)  # tried again meanwhile, still full
+        assert spool.ids() == [entry.queue_id] and len(sent) == 1
+        full = False
+        await gone(spool)  # the notice, queued, delivered, and the entry gone
+    assert [rcpts for rcpts, _ in sent] == [[refused, copy], [entry.notify_address]]
+    assert b"no such user" in sent[1][1]
+    story = [(r["event"], r.get("recipient")) for r in read_all(audit)]
+    assert story.count(("failed", refused)) == 1
+    assert story.count(("delivered", copy)) == 1
+    assert story.count(("notified", entry.notify_address)) == 1
+
+
+async def test_an_entry_waiting_for_its_notice_at_the_stop_ends_with_its_records(
+    spool: Spool,
+    policy: Policy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    entry = make_entry(size=len(message(1)))
+
+    async def upstream(target: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+        return Attempt(dict.fromkeys(rcpts, (550, "550 5.1.1 no such user")))
+
+    def full(*args: Any) -> None:
+        raise SpoolError(spool.directory, "No space left on device")
+
+    monkeypatch.setattr(spool, "put", full)
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    audit = tmp_path / "audit"
+    async with running(
+        Engine(spool, lambda: policy, upstream, Recorder(AuditLog(audit)))
+    ) as engine:
+        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+    assert spool.ids() == []
+    assert f"{entry.queue_id}: the relay stops before the failure notice" in caplog.text
+    failed = [r["recipient"] for r in read_all(audit) if r["event"] == "failed"]
+    assert failed == [r.address for r in entry.recipients]
