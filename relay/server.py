@@ -136,7 +136,7 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
     The audit upkeep comes after the policy record: today's file then exists, so
     yesterday's is no longer the newest, which upkeep never touches, and is
     compressed now rather than a day later."""
-    from relay.audit import AuditError, events
+    from relay.audit import AuditError
     from relay.record import audit_log
     from relay.spool import Spool, SpoolError
 
@@ -145,9 +145,7 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
         recovered = spool.recover()
         with audit_log(policy) as audit:
             settled = _settle_recorded(spool, audit)
-            audit.append(
-                events.policy_loaded(policy_file=str(policy_path), policy_sha256=policy.digest)
-            )
+            record_policy(audit, policy_path, policy)  # a full disk: serve, answering 451
             audit_upkeep(audit)
     except (SpoolError, AuditError, OSError) as exc:
         log.error("cannot open the state directory: %s", exc)

@@ -371,6 +371,34 @@ def test_temporary_refusal_then_acceptance(policy_file: Path, tmp_path: Path) ->
     assert events[-1] == ("delivered", "one@example.org")
 
 
+def test_a_relay_started_on_a_full_disk_serves_and_answers_451(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A full disk at start (here a file-size limit the audit log has reached)
+    is a disk that fills up later on: the relay runs and refuses mail with
+    451 until there is room, instead of exiting (a service manager would
+    soon give up restarting it)."""
+    with SinkServer() as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "first.log"):
+            for _ in range(6):
+                send(port)
+            wait_for(lambda: len(sink.sink.messages) == 6)
+        (day,) = load(policy).audit.directory.glob("audit-*.jsonl")
+        size = day.stat().st_size
+        assert size > 3000  # room for the log lines, which the limit holds to it too
+        with RelayProcess(policy, port, tmp_path / "relay.log", max_file_size=size) as relay:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.ehlo()
+                client.mail("jan@acme.example")
+                client.rcpt("one@example.org")
+                assert client.data(SMALL) == (451, b"4.3.0 Audit log write failed, try again later")
+            assert "cannot write the audit log" in relay.log()
+            assert "cannot open the state directory" not in relay.log()
+        assert day.stat().st_size == size
+
+
 def test_audit_write_failure_answers_451_and_leaves_no_outcome_unrecorded(
     policy_file: Path, tmp_path: Path
 ) -> None:
