@@ -562,10 +562,12 @@ class Engine:
         return Outcome("deferred", reply)
 
     async def _flush(self, entry: QueueEntry) -> None:
+        """A deferral's records; those the log refuses are written with the
+        message's next ones (its next attempt's, or its final ones)."""
         try:
-            await self.recorder.flush(entry.queue_id)
+            await self.recorder.flush(entry.queue_id, keep=True)
         except AuditError as exc:
-            log.error("%s: AUDIT LOG WRITE FAILED: %s", entry.queue_id, exc)
+            log.error("%s: AUDIT LOG WRITE FAILED, kept for later: %s", entry.queue_id, exc)
 
     def _settle(self, entry: QueueEntry, address: str, status: str, reply: str) -> None:
         rcpt = self._note(entry, address, reply)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from relay.audit import AuditLog
+from relay.audit import AuditError, AuditLog
 from relay.audit import events as ev
 from relay.groupcommit import GroupCommit
 from relay.policy.model import Policy
@@ -71,12 +71,19 @@ class Recorder:
         if self.audit is not None:
             self._pending.setdefault(record["queue_id"], []).append(record)
 
-    async def flush(self, queue_id: str | None) -> None:
+    async def flush(self, queue_id: str | None, keep: bool = False) -> None:
         """Write what was collected for one message; raises AuditError, the caller
-        decides what that means. The buffer is taken here, on the event loop."""
+        decides what that means. The buffer is taken here, on the event loop;
+        with ``keep`` records that could not be written go back into it, to be
+        written with the message's next ones."""
         records = self._pending.pop(queue_id, [])
         if records and self.audit is not None:
-            await self._write(records)
+            try:
+                await self._write(records)
+            except AuditError:
+                if keep:
+                    self._pending[queue_id] = records + self._pending.get(queue_id, [])
+                raise
 
     def flush_sync(self, queue_id: str | None) -> None:
         self.write(self.take(queue_id))

@@ -444,3 +444,31 @@ async def test_an_entry_waiting_for_its_notice_at_the_stop_ends_with_its_records
     assert f"{entry.queue_id}: the relay stops before the failure notice" in caplog.text
     failed = [r["recipient"] for r in read_all(audit) if r["event"] == "failed"]
     assert failed == [r.address for r in entry.recipients]
+
+
+async def test_a_deferral_the_audit_log_refuses_is_recorded_with_the_next_attempt(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    """Every attempt's outcome is on record, also one made while the log could
+    not take it (a full disk): it is written with the message's next records."""
+
+    async def busy(upstream: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+        return Attempt({r: (451, "451 4.2.0 try later") for r in rcpts})
+
+    audit_dir = tmp_path / "audit"
+    recorder = Recorder(AuditLog(audit_dir))
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    async with running(Engine(spool, lambda: policy, busy, recorder)) as engine:
+        shutil.rmtree(audit_dir)
+        audit_dir.write_text("not a directory")  # every append fails, as on a full disk
+        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+        audit_dir.unlink()
+        recorder.audit = AuditLog(audit_dir)
+        with spool.lock(entry.queue_id):  # as `relay queue retry` does
+            stored = spool.load(entry.queue_id)
+            stored.next_attempt = 0.0
+            spool.update(stored)
+        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+    deferred = [r["recipient"] for r in read_all(audit_dir) if r["event"] == "deferred"]
+    assert sorted(deferred) == sorted(2 * [r.address for r in entry.recipients])
