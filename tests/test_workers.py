@@ -9,6 +9,7 @@ policy), where the From display name shows the tenant name a message met.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import message
+from relay import message, supervisor
 from relay import settle as settle_module
 from relay.audit import AuditLog, events
 from relay.policy.load import load
@@ -725,3 +726,18 @@ def test_a_message_stored_by_a_worker_killed_before_its_records_is_not_delivered
     assert queue_id not in spool.ids()
     assert relay.stop() == 0
     assert not [r for r in audit_records(relay) if r.get("queue_id") == queue_id]
+
+
+def test_the_policy_for_the_workers_left_unwritten_leaves_no_empty_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk: the error names the file, and no empty temp file stays behind."""
+    target = tmp_path / ".policy.checked.yaml"
+
+    def full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(supervisor.os, "write", full)
+    with pytest.raises(OSError, match=rf"{target}: No space left on device"):
+        supervisor._write_private(target, b"version: 1\n")
+    assert list(tmp_path.iterdir()) == []
