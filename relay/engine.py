@@ -251,6 +251,8 @@ class Engine:
         error = None if task.cancelled() else task.exception()
         if error is not None and str(error) != self._settle_error:
             log.error("%s", _unsettled(error))
+        elif error is None and self._settle_error is not None:
+            log.info("delivered messages are on record and leave the queue again")
         self._settle_error = None if error is None else str(error)
 
     async def _rescan(self) -> bool:

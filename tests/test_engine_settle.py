@@ -309,6 +309,7 @@ def refused(base: str, mode: str) -> None:
     handler = logging.Handler()
     handler.emit = lambda record: errors.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("relay").addHandler(handler)
+    logging.getLogger("relay").setLevel(logging.INFO)
     entries = [make_entry(size=len(message(n))) for n in range(1 if mode == "recover" else 3)]
     warm = [accept(spool, entry, message(n)) for n, entry in enumerate(entries)]
     size = (directory / "audit" / reader.file_name(datetime.now(UTC).date())).stat().st_size
@@ -373,6 +374,8 @@ def test_final_records_the_audit_log_refuses_are_written_again_before_removal(
     assert found["after"] == []
     assert outcomes(tmp_path / "audit", found["ids"][0]) == DELIVERED  # once: none was written
     assert verify(tmp_path / "audit").ok
+    said = [e for e in found["errors"] if "audit log takes them" in e or "on record and" in e]
+    assert len(said) == 2 and "leave the queue again" in said[1], found["errors"]
 
 
 @pytest.mark.parametrize("mode", ["stop", "slot"])
