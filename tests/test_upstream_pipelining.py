@@ -359,3 +359,29 @@ def test_starttls_connections_are_reused_pipelined_under_uvloop(
         controller.stop()
     assert [m.mail_from for m in sink.messages] == [f"m{n}@p.example" for n in range(3)]
     assert {m.data for m in sink.messages} == {MESSAGE}
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "one-at-a-time"])
+async def test_reply_bytes_that_are_not_utf8_are_quoted_as_text(pipelined: bool) -> None:
+    """A Latin-1 server's text once reached the notice and the spool as surrogates,
+    which neither can write: the message was sent again at every scan, for ever."""
+    script = Script(
+        [OK[0], b"550 5.1.1 bo\xeete pleine\r\n", OK[2], OK[3]],
+        final=b"250 2.0.0 re\xe7u \x1b[0m\r\n",
+        pipelining=pipelined,
+    )
+    server = await asyncio.start_server(script.serve, "127.0.0.1", 0)
+    target = SmtpUpstream(
+        name="latin1", host="127.0.0.1", port=server.sockets[0].getsockname()[1],
+        tls=TlsMode.NONE, username=None, password_file=None, password_env=None, timeout=5.0,
+    )  # fmt: skip
+    pool = Pool()
+    try:
+        result = await smtp.send(target, "b@example.net", RCPTS, MESSAGE, pool=pool)
+    finally:
+        await pool.close()
+        server.close()
+    assert result.refused == {"one@example.org": "550 5.1.1 bo\ufffdte pleine"}
+    assert result.reply == "250 2.0.0 re\ufffdu  [0m"  # the escape character a space
+    for text in (result.reply, *result.refused.values()):
+        text.encode("utf-8")

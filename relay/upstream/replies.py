@@ -16,10 +16,18 @@ from relay.errors import UpstreamError
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _OUR_LOGIN = frozenset({530, 534, 535, 538})
+_CONTROL = re.compile(r"[\x00-\x09\x0b\x0c\x0e-\x1f\x7f]")  # all but CR and LF
 
 
 def split(code: int, message: str) -> tuple[str, str]:
-    """The enhanced status code and the text, with multi-line replies on one line."""
+    """The enhanced status code and the text, with multi-line replies on one line.
+
+    The text goes into the audit log, the spool, the log and the sender's
+    notice, which all take only text: bytes of a reply that are not UTF-8
+    (the client keeps them as surrogates) become U+FFFD, control characters
+    a space."""
+    message = message.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    message = _CONTROL.sub(" ", message)
     status = ""
     texts: list[str] = []
     for line in message.splitlines() or [""]:
