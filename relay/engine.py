@@ -400,7 +400,10 @@ class Engine:
         return self._limits[upstream]
 
     async def _deliver(self, queue_id: str, immediate: bool) -> Outcome:
-        outcome = await self._locked_attempt(queue_id, immediate)
+        try:
+            outcome = await self._locked_attempt(queue_id, immediate)
+        except Exception:  # a fault of the relay's own: see _faulted
+            return self._faulted(queue_id)
         tries = self._locked.pop(queue_id, 0)
         if outcome.status == "locked":  # being delivered, or held there until it can go
             self._locked[queue_id] = tries + 1
@@ -411,6 +414,18 @@ class Engine:
             self._schedule.pop(queue_id, None)
             self._unstored.pop(queue_id, None)
         return outcome
+
+    def _faulted(self, queue_id: str) -> Outcome:
+        """An attempt that raised what no attempt should (a bug) ends with the
+        entry as it was stored, perhaps after the upstream took the message: tried
+        again at every scan, it would reach its recipients once a minute. It is
+        tried again later and later instead, as a deferral kept in memory."""
+        log.exception("%s: delivery attempt failed in the relay itself", queue_id)
+        _, attempts = self._unstored.get(queue_id, (0.0, 0))
+        delay = backoff(self.policy().queue, attempts + 1, self.rng)
+        self._unstored[queue_id] = (self.clock() + delay, attempts + 1)
+        self._plan(queue_id, self.clock() + delay)
+        return Outcome("deferred")
 
     async def _locked_attempt(self, queue_id: str, immediate: bool) -> Outcome:
         untold = self._untold.pop(queue_id, None)

@@ -472,3 +472,24 @@ async def test_a_deferral_the_audit_log_refuses_is_recorded_with_the_next_attemp
         assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
     deferred = [r["recipient"] for r in read_all(audit_dir) if r["event"] == "deferred"]
     assert sorted(deferred) == sorted(2 * [r.address for r in entry.recipients])
+
+
+async def test_an_attempt_the_relay_itself_fails_is_tried_later_not_at_every_scan(
+    spool: Spool, policy: Policy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug after the upstream took the message leaves the entry as stored:
+    each look at the spool would send it again."""
+    sent: list[str] = []
+
+    async def faulty(upstream: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+        sent.append(sender)
+        raise RuntimeError("a bug")
+
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    async with running(Engine(spool, lambda: policy, faulty, Recorder(None))) as engine:
+        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+        assert (await engine.attempt_now(entry.queue_id)).status == "later"
+    assert len(sent) == 1
+    assert f"{entry.queue_id}: delivery attempt failed in the relay itself" in caplog.text
+    assert "RuntimeError: a bug" in caplog.text
