@@ -43,12 +43,19 @@ class Script:
     groups: list[bytes] = field(default_factory=list)
     sections: list[bytes] = field(default_factory=list)
     later: list[bytes] = field(default_factory=list)  # commands after the transaction
+    ehlo: bytes | None = None  # else EHLO is refused with this, and HELO (then) accepted
+    greetings: list[bytes] = field(default_factory=list)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 scripted ESMTP\r\n")
-        await reader.readline()
-        offer = b"250-PIPELINING\r\n" if self.pipelining else b""
-        writer.write(b"250-scripted\r\n" + offer + b"250-SIZE 100000\r\n250 8BITMIME\r\n")
+        self.greetings.append(await reader.readline())
+        if self.ehlo is not None:
+            writer.write(self.ehlo)
+            self.greetings.append(await reader.readline())
+            writer.write(b"250 scripted\r\n")
+        else:
+            offer = b"250-PIPELINING\r\n" if self.pipelining else b""
+            writer.write(b"250-scripted\r\n" + offer + b"250-SIZE 100000\r\n250 8BITMIME\r\n")
         if self.pipelining:
             self.groups.append(await reader.readuntil(b"DATA\r\n"))
             await self._say(writer, self.replies)
@@ -385,3 +392,23 @@ async def test_reply_bytes_that_are_not_utf8_are_quoted_as_text(pipelined: bool)
     assert result.reply == "250 2.0.0 re\ufffdu  [0m"  # the escape character a space
     for text in (result.reply, *result.refused.values()):
         text.encode("utf-8")
+
+
+async def test_a_server_that_does_not_know_ehlo_is_greeted_with_helo() -> None:
+    """RFC 5321 3.2: such a smarthost got mail only over a connection the pool
+    happened to reset, never over a new one."""
+    script = Script(OK, ehlo=b"500 5.5.1 EHLO not understood\r\n", pipelining=False)
+    async with connected(script) as client:
+        assert await send(client) == ({}, "2.0.0 queued as X")
+    assert [line.split(b" ")[0] for line in script.greetings] == [b"EHLO", b"HELO"]
+    assert len(script.sections) == 1
+
+
+async def test_an_ehlo_refused_for_another_reason_is_not_answered_with_helo() -> None:
+    script = Script(OK, ehlo=b"554 5.7.1 go away\r\n", pipelining=False)
+    async with connected(script) as client:
+        with pytest.raises(aiosmtplib.SMTPHeloError):
+            await send(client)
+    assert script.greetings[0].startswith(b"EHLO")
+    assert not any(line.startswith(b"HELO") for line in script.greetings)
+    assert script.sections == []

@@ -29,6 +29,7 @@ from relay.headers import DOT_ATOM
 from relay.upstream import pipelining
 
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+_EHLO_UNKNOWN = (500, 502)  # command not recognised, not implemented
 _PLAIN = re.compile(rf"{DOT_ATOM}@{DOT_ATOM}")
 
 
@@ -74,7 +75,7 @@ async def send(
     paths = [path(address) for address in (mail_from, *rcpt_tos)]  # refuse before sending
     section, size = wire(data)
     if client.is_ehlo_or_helo_needed:
-        await client.ehlo(timeout=timeout)  # the options depend on what it offers
+        await _greet(client, timeout)
     options = _options(client, data, size)
     try:
         if client.supports_extension("pipelining"):
@@ -110,6 +111,17 @@ async def send(
             await client.rset(timeout=timeout)
         raise
     return refused, reply.message
+
+
+async def _greet(client: aiosmtplib.SMTP, timeout: float) -> None:
+    """EHLO, for the options it offers; HELO to a server that does not know
+    EHLO (RFC 5321 3.2), which a smarthost of old may not."""
+    try:
+        await client.ehlo(timeout=timeout)
+    except aiosmtplib.SMTPHeloError as exc:
+        if exc.code not in _EHLO_UNKNOWN or not client.is_connected:
+            raise
+        await client.helo(timeout=timeout)
 
 
 def _options(client: aiosmtplib.SMTP, data: bytes, size: int) -> list[bytes]:
