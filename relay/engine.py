@@ -500,7 +500,8 @@ class Engine:
                 self._note(entry, address, reply)
         if not deferred:
             return await self._finish(entry, policy, lock)
-        entry.next_attempt = min(now + backoff(policy.queue, entry.attempts, self.rng), deadline)
+        ended = self.clock()  # the wait runs from the attempt's end: a timeout may be long
+        entry.next_attempt = min(ended + backoff(policy.queue, entry.attempts, self.rng), deadline)
         for rcpt in entry.pending():
             self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
         await self._notify(entry, policy)

@@ -493,3 +493,22 @@ async def test_an_attempt_the_relay_itself_fails_is_tried_later_not_at_every_sca
     assert len(sent) == 1
     assert f"{entry.queue_id}: delivery attempt failed in the relay itself" in caplog.text
     assert "RuntimeError: a bug" in caplog.text
+
+
+async def test_the_wait_for_a_retry_runs_from_the_end_of_the_attempt(
+    spool: Spool, policy: Policy
+) -> None:
+    """An upstream that answers only at its timeout: counted from the start, the
+    wait was gone by the time the attempt ended, and the retry came at once."""
+
+    async def slow(upstream: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+        await asyncio.sleep(0.5)
+        return Attempt(dict.fromkeys(rcpts, (451, "451 4.4.2 timeout")))
+
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    engine = Engine(spool, lambda: policy, slow, Recorder(None), rng=lambda: 0.5)  # no jitter
+    async with running(engine):
+        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+        ended = time.time()
+    assert spool.load(entry.queue_id).next_attempt >= ended + policy.queue.first_retry - 0.01
