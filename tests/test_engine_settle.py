@@ -526,6 +526,16 @@ def test_a_restart_reads_only_the_end_of_the_log(spool: Spool, tmp_path: Path) -
     assert spool.ids() == []
 
 
+def queued(entry: QueueEntry) -> dict[str, Any]:
+    """The record the accepting worker writes before its 250."""
+    return events.queued(
+        queue_id=entry.queue_id,
+        message_id=entry.message_id,
+        recipients=[r.address for r in entry.recipients],
+        size=entry.size,
+    )
+
+
 def made_at(when: float, **changes: Any) -> QueueEntry:
     """An entry whose queue ID was made at ``when``, as the accepting worker makes it."""
     return make_entry(new_queue_id(int(when * 1e9)), arrival=when, **changes)
@@ -550,14 +560,7 @@ def test_a_restart_removes_what_was_stored_but_never_recorded(spool: Spool, tmp_
     entries = (lost, acknowledged, attempted, notice, early, busy)
     for n, entry in enumerate(entries):
         assert spool.put_many([(entry, (message(n),))]) == [None]
-    audit.append(
-        events.queued(
-            queue_id=acknowledged.queue_id,
-            message_id=acknowledged.message_id,
-            recipients=[r.address for r in acknowledged.recipients],
-            size=acknowledged.size,
-        )
-    )
+    audit.append(queued(acknowledged))
     with spool.lock(attempted.queue_id):
         attempted.attempts = 1
         spool.update(attempted)
@@ -578,14 +581,7 @@ def test_a_log_read_too_short_to_tell_is_read_further_back(spool: Spool, tmp_pat
     lost, acknowledged = made_at(now - 30), made_at(now - 30)
     assert spool.put_many([(lost, (message(1),)), (acknowledged, (message(2),))]) == [None, None]
     clock["now"] = now - 30
-    audit.append(
-        events.queued(
-            queue_id=acknowledged.queue_id,
-            message_id=acknowledged.message_id,
-            recipients=[r.address for r in acknowledged.recipients],
-            size=acknowledged.size,
-        )
-    )
+    audit.append(queued(acknowledged))
     clock["now"] = now
     audit.append_many(
         [

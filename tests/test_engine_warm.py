@@ -67,6 +67,16 @@ async def running(engine: Engine) -> AsyncIterator[Engine]:
         await asyncio.gather(task, return_exceptions=True)
 
 
+@contextlib.asynccontextmanager
+async def queued_and_running(
+    spool: Spool, entry: QueueEntry, engine: Engine
+) -> AsyncIterator[Engine]:
+    """``entry`` in the spool (its message ``message(1)``), then ``engine`` running."""
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    async with running(engine):
+        yield engine
+
+
 def accept(spool: Spool, entry: QueueEntry, data: bytes) -> Warm:
     """What the receiving side hands over: the entry stored and still locked."""
     assert spool.put_many([(entry, (data,))], hold=True) == [None]
@@ -398,10 +408,9 @@ async def test_a_failure_notice_the_spool_cannot_take_keeps_the_entry_until_it_c
 
     monkeypatch.setattr(spool, "put", put_unless_full)
     monkeypatch.setattr(engine_module, "POLL", 0.05)
-    assert spool.put_many([(entry, (message(1),))]) == [None]
     audit = tmp_path / "audit"
-    async with running(
-        Engine(spool, lambda: policy, upstream, Recorder(AuditLog(audit)))
+    async with queued_and_running(
+        spool, entry, Engine(spool, lambda: policy, upstream, Recorder(AuditLog(audit)))
     ) as engine:
         assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
         assert spool.ids() == [entry.queue_id]
@@ -434,10 +443,9 @@ async def test_an_entry_waiting_for_its_notice_at_the_stop_ends_with_its_records
         raise SpoolError(spool.directory, "No space left on device")
 
     monkeypatch.setattr(spool, "put", full)
-    assert spool.put_many([(entry, (message(1),))]) == [None]
     audit = tmp_path / "audit"
-    async with running(
-        Engine(spool, lambda: policy, upstream, Recorder(AuditLog(audit)))
+    async with queued_and_running(
+        spool, entry, Engine(spool, lambda: policy, upstream, Recorder(AuditLog(audit)))
     ) as engine:
         assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
     assert spool.ids() == []
