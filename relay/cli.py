@@ -189,12 +189,16 @@ def _load_or_report(path: Path) -> Policy | None:
 
 
 def _queue(args: argparse.Namespace) -> int:
-    from relay.spool import Spool, tools
+    from relay.spool import Spool, SpoolError, tools
 
     policy = _load_or_report(args.config)
     if policy is None:
         return EX_CONFIG
-    spool = Spool(policy.queue.directory)
+    try:
+        spool = Spool(policy.queue.directory, create=False)
+    except SpoolError as exc:
+        print(f"relay queue: {exc}", file=sys.stderr)
+        return EX_NOINPUT
     if args.verb == "list":
         return tools.list_queue(spool, sys.stdout, as_json=args.json)
     if args.verb == "show":

@@ -539,3 +539,20 @@ def test_a_listing_piped_into_head_ends_quietly(policy_file: Path) -> None:
     status, errors = piped_into_head("queue", "list", "-c", str(policy_file))
     assert status == 1
     assert "Traceback" not in errors
+
+
+def test_queue_tools_on_a_state_directory_with_no_queue_say_so_and_make_none(
+    policy_file: Path,
+) -> None:
+    """A policy pointing elsewhere than where the relay runs (a changed
+    ``state_directory`` waiting for a restart): "Mail queue is empty" would be a lie."""
+    text = policy_file.read_text()
+    assert "\nstate_directory:" not in text
+    policy_file.write_text(text + "state_directory: elsewhere\n")
+    state = load(policy_file).queue.directory.parent
+    for verb in (["list"], ["show", "25Y1H0XKK5N1GHFX"], ["retry", "ALL"]):
+        done = relay_cli(policy_file, "queue", *verb)
+        assert done.returncode == 66, done
+        why = "no queue here (has the relay run with this policy?)"
+        assert done.stderr == f"relay queue: {state / 'queue'}: {why}\n"
+    assert not state.exists()

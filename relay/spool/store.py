@@ -116,7 +116,9 @@ class Spool:
     files are handed to that user so the daemon can still open them.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, create: bool = True) -> None:
+        """Without ``create`` (the queue tools) a spool that is not there is an
+        error: an empty one made up in its place would say the queue is empty."""
         self.directory = Path(directory)
         self._msg = self.directory / "msg"
         self._env = self.directory / "env"
@@ -132,6 +134,8 @@ class Spool:
         self._removals = 0  # counted, and how many of them a finished fsync covers
         self._synced = 0
         created = not self.directory.exists()
+        if not create and (created or not (self._msg.is_dir() and self._env.is_dir())):
+            raise SpoolError(self.directory, "no queue here (has the relay run with this policy?)")
         with _translated(self.directory):
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             st = os.stat(self.directory)
