@@ -6,16 +6,20 @@ first problem by file and line, in words an auditor can act on.
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import io
 import json
+import os
+import threading
+import time
 from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
 
 from relay.audit import AuditLog, events, verify
-from relay.audit.chain import seal
+from relay.audit.chain import VerifyResult, seal
 from relay.audit.commands import verify_main
 from tests.test_audit_fixture import START, Clock, build
 
@@ -298,3 +302,28 @@ def test_records_appended_after_verify_extend_the_same_chain(log_dir: Path) -> N
     log.append(events.expired(queue_id="Q", message_id=None, recipient="a@b"))
     last = json.loads(_lines(log_dir / DAY3)[-1])
     assert last["prev"] == head and verify(log_dir).ok
+
+
+def test_a_line_the_relay_is_appending_is_waited_for_not_called_truncated(log_dir: Path) -> None:
+    """verify on a running relay's log may read the last line half-written; the
+    writer holds the log's lock for the append, and verify waits for it."""
+    path = log_dir / DAY3
+    data = path.read_bytes()
+    whole = verify(log_dir).records
+    path.write_bytes(data[:-40])  # the first part of the append is in the file
+    lock = os.open(log_dir / ".lock", os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as the writer holds it
+    results: list[VerifyResult] = []
+    reading = threading.Thread(target=lambda: results.append(verify(log_dir)))
+    try:
+        reading.start()
+        time.sleep(0.3)
+        assert reading.is_alive() and not results  # waiting for the append to end
+        with path.open("ab") as stream:
+            stream.write(data[-40:])
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
+        reading.join(10)
+    (result,) = results
+    assert result.ok and result.records == whole

@@ -9,12 +9,14 @@ chain, which is what the optional HMAC key (kept off the log's disk) stops.
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import hmac
 import json
+import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -81,9 +83,11 @@ class _Lines:
 
     def __init__(self, file: reader.DayFile) -> None:
         self.name = file.name
+        self._file = file
         self._it: Iterator[bytes] = reader.lines(file)
         self._next: bytes | None = None
         self.number = 0
+        self._offset = 0  # where the line ``_read`` returns next begins, in a plain file
 
     def __iter__(self) -> _Lines:
         return self
@@ -106,10 +110,38 @@ class _Lines:
 
     def _read(self) -> bytes:
         try:
-            return next(self._it)
+            line = next(self._it)
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
             problem = Problem(self.name, self.number + 1, f"the compressed file is damaged: {exc}")
             raise _Tampered(problem) from exc
+        if not line.endswith(b"\n") and not self._file.compressed:
+            line = self._finished(line)
+        self._offset += len(line)
+        return line
+
+    def _finished(self, torn: bytes) -> bytes:
+        """A last line read while the relay was appending it: read again once the
+        append is over (the writers' lock, held for one append), so a running
+        relay's log does not look cut off. Still torn then, it is what it is.
+        The lines appended since are left to the next verify."""
+        lock = self._file.path.parent / ".lock"
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return torn  # a copy of the log: nobody writes it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with open(self._file.path, "rb") as stream:
+                stream.seek(self._offset)
+                line = stream.readline()
+        finally:
+            os.close(fd)
+        if line.endswith(b"\n"):
+            if isinstance(self._it, Generator):
+                self._it.close()
+            self._it = iter(())
+            return line
+        return torn
 
 
 class _Tampered(Exception):
