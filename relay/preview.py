@@ -121,6 +121,11 @@ def _describe(upstream: Upstream) -> str:
     return f"{upstream.name} (smtp {upstream.host}:{upstream.port}, tls {upstream.tls.value})"
 
 
+def _shown(header: str | None) -> str:
+    """A header the message has none of reads as ``audit show`` has it."""
+    return "-" if header is None else header
+
+
 def _text(r: dict) -> str:
     user, tenant = r["user"], r["tenant"]
     dkim = ", ".join(f"d={k['domain']} s={k['selector']} ({k['algorithm']})" for k in r["dkim"])
@@ -131,8 +136,8 @@ def _text(r: dict) -> str:
         f" ({user['id']}, found by {user['found_by']})",
         f"Tenant:      {tenant['name']} ({tenant['id']})",
         f"Document:    {doc['type']}" + (f" (rule {doc['rule']})" if doc["rule"] else ""),
-        f"From:        {r['from']['before']}  ->  {r['from']['after']}",
-        f"Reply-To:    {r['reply_to']['before']}  ->  {r['reply_to']['after']}",
+        f"From:        {_shown(r['from']['before'])}  ->  {_shown(r['from']['after'])}",
+        f"Reply-To:    {_shown(r['reply_to']['before'])}  ->  {_shown(r['reply_to']['after'])}",
         f"BCC added:   {', '.join(r['bcc_added']) or 'none'}",
         f"Removed:     {', '.join(r['headers_removed']) or 'none'}",
         f"Envelope:    MAIL FROM <{r['envelope']['mail_from']}>",

@@ -64,6 +64,7 @@ def test_preview_explains_and_sends_nothing(policy_file: Path, tmp_path: Path) -
     assert "Recipients:  customer@example.org, archive@example.org, kari@acme.example" in out
     assert "DKIM:        d=platform.example s=s1 (rsa), d=platform.example s=e1 (ed25519)" in out
     assert "DKIM-Signature:" in out
+    assert "\nReply-To:    -  ->  " in out  # it had none
     assert not (tmp_path / "outbox").exists()
 
 
