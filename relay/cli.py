@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -188,10 +189,51 @@ def _load_or_report(path: Path) -> Policy | None:
         return None
 
 
+def _tool_policy(path: Path) -> Policy | None:
+    """The policy for the queue and audit tools. While the file does not load
+    (an edit the relay refused at its reload, say), they go by the policy the
+    relay runs, whose text its supervisor keeps in the state directory: that
+    is when an operator needs them most."""
+    from relay.errors import PolicyError
+    from relay.policy.load import load
+
+    try:
+        return load(path)
+    except PolicyError as exc:
+        problems = exc.problems
+    running = _running_policy_file(path)
+    if running is not None:
+        try:
+            policy = load(path, running.read_bytes())
+        except (PolicyError, OSError):
+            pass
+        else:
+            print(f"{problems[0]}\nrelay: {path} does not load, so this goes by the policy"
+                  f" the relay runs ({running})", file=sys.stderr)  # fmt: skip
+            return policy
+    print("\n".join(problems), file=sys.stderr)
+    return None
+
+
+def _running_policy_file(path: Path) -> Path | None:
+    """The running policy's text, found from the file's ``state_directory`` line
+    (or the default beside the file), read as text: the YAML may be what broke."""
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    found = re.search(r"^state_directory:[ \t]*(\S.*?)[ \t]*$", text, re.MULTILINE)
+    state = Path(found.group(1).strip("'\"") if found else "state")
+    if not state.is_absolute():
+        state = path.absolute().parent / state
+    checked = state / "policy.checked.yaml"
+    return checked if checked.is_file() else None
+
+
 def _queue(args: argparse.Namespace) -> int:
     from relay.spool import Spool, SpoolError, tools
 
-    policy = _load_or_report(args.config)
+    policy = _tool_policy(args.config)
     if policy is None:
         return EX_CONFIG
     try:
@@ -232,7 +274,7 @@ def _delete(policy: Policy, spool: Spool, targets: list[str]) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from relay.audit import commands
 
-    policy = _load_or_report(args.config)
+    policy = _tool_policy(args.config)
     if policy is None:
         return EX_CONFIG
     directory, out, err = policy.audit.directory, sys.stdout, sys.stderr

@@ -741,3 +741,24 @@ def test_the_policy_for_the_workers_left_unwritten_leaves_no_empty_file(
     with pytest.raises(OSError, match=rf"{target}: No space left on device"):
         supervisor._write_private(target, b"version: 1\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_tools_go_by_the_running_policy_while_the_file_is_broken(relay: Relay) -> None:
+    """An edit the relay refused at its reload: the running relay keeps its
+    policy, and so do the queue and audit tools, when they are needed most."""
+    send(relay.port)
+    good = relay.policy.read_text()
+    relay.policy.write_text(good + "queue: {frist_retry: 1}\n")
+    try:
+        os.kill(relay.pid, signal.SIGHUP)
+        relay.wait_for(lambda: "reload failed: keeping policy" in relay.log(), "refused")
+        for args in (("queue", "list"), ("audit", "verify")):
+            done = relay_cli(*args, "-c", str(relay.policy))
+            assert done.returncode == 0, done.stderr
+            assert "frist_retry: unknown key" in done.stderr
+            assert "does not load, so this goes by the policy the relay runs" in done.stderr
+        assert "audit log intact" in relay_cli("audit", "verify", "-c", str(relay.policy)).stdout
+        relay.policy.write_text("version: [")  # not even YAML: its state directory is the default
+        assert relay_cli("queue", "list", "-c", str(relay.policy)).returncode == 0
+    finally:
+        relay.policy.write_text(good)
