@@ -135,6 +135,11 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
     verify = verbs.add_parser("verify", help="check the hash chain; exit 1 if tampered")
     _policy_option(verify)
     verify.add_argument("--since")
+    verify.add_argument(
+        "--anchor",
+        metavar="HEAD",
+        help="a head verify printed before ('seq N hash H'): that record must still be there",
+    )
     verify.set_defaults(run=_audit, verb="verify")
 
 
@@ -300,7 +305,9 @@ def _audit(args: argparse.Namespace) -> int:
         return commands.report_main(
             directory, since=args.since, until=args.until, output=args.format, out=out, err=err
         )
-    return commands.verify_main(directory, args.since, out, err, hmac_key=policy.audit.hmac_key)
+    return commands.verify_main(
+        directory, args.since, out, err, hmac_key=policy.audit.hmac_key, anchor=args.anchor
+    )
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -327,3 +327,45 @@ def test_a_line_the_relay_is_appending_is_waited_for_not_called_truncated(log_di
         reading.join(10)
     (result,) = results
     assert result.ok and result.records == whole
+
+
+def test_records_cut_from_the_end_are_found_with_the_head_written_down(log_dir: Path) -> None:
+    """A shorter chain is still whole: only a head noted before shows the cut."""
+    out = io.StringIO()
+    assert verify_main(log_dir, None, out, io.StringIO()) == 0
+    written_down = next(line for line in out.getvalue().splitlines() if line.startswith("head:"))
+    assert verify_main(log_dir, None, io.StringIO(), io.StringIO(), anchor=written_down) == 0
+    path = log_dir / DAY3
+    path.write_bytes(b"".join(_lines(path)[:-2]))  # the last two records gone
+    assert verify(log_dir).ok  # as before: nothing else can tell
+    err = io.StringIO()
+    assert verify_main(log_dir, None, io.StringIO(), err, anchor=written_down) == 1
+    assert err.getvalue().startswith(
+        f"relay audit verify: TAMPERED: {DAY3} line 1: the log ends at seq 16,"
+        " before the anchor's seq 18: records were removed from its end\n"
+    )
+
+
+def test_an_anchor_whose_record_was_replaced(log_dir: Path) -> None:
+    head = verify(log_dir).head
+    assert head is not None
+    path = log_dir / DAY3
+    lines = _lines(path)
+    lines[-1] = _resealed(lines[-1], recipient="someone@else.example")
+    path.write_bytes(b"".join(lines))
+    assert verify(log_dir).ok  # a plain chain recomputed at its end
+    err = io.StringIO()
+    assert verify_main(log_dir, None, io.StringIO(), err, anchor=f"18:{head}") == 1
+    assert "record seq 18 is not the one written down" in err.getvalue()
+
+
+def test_an_anchor_older_than_the_days_verified_is_not_checked(log_dir: Path) -> None:
+    head = verify(log_dir).head
+    out = io.StringIO()
+    assert verify_main(log_dir, "2024-05-08", out, io.StringIO(), anchor=f"seq 2 hash {head}") == 0
+    assert "note: the anchor (seq 2) is older than the records verified: not checked" in (
+        out.getvalue()
+    )
+    err = io.StringIO()
+    assert verify_main(log_dir, None, io.StringIO(), err, anchor="18") == 2
+    assert "bad --anchor '18'" in err.getvalue()

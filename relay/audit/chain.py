@@ -149,8 +149,21 @@ class _Tampered(Exception):
         self.problem = problem
 
 
+@dataclass(frozen=True)
+class Anchor:
+    """A head ``relay audit verify`` printed once, written down elsewhere: the
+    log must still hold that record. Only this catches records removed from
+    the end, which leaves a shorter chain that is still whole."""
+
+    seq: int
+    hash: str
+
+
 def verify(
-    directory: Path, hmac_key: bytes | None = None, since: date | None = None
+    directory: Path,
+    hmac_key: bytes | None = None,
+    since: date | None = None,
+    anchor: Anchor | None = None,
 ) -> VerifyResult:
     """Check every file from ``since`` (or the start) on; stop at the first problem.
 
@@ -158,12 +171,14 @@ def verify(
     is a question for the sysadmin, not evidence of tampering.
     """
     result = VerifyResult()
-    verifier = _Verifier(result, hmac_key)
+    verifier = _Verifier(result, hmac_key, None if anchor is None else anchor.seq)
     try:
         for file in reader.day_files(directory, since=since):
             result.files += 1
             verifier.file(file)
         verifier.finish(since)
+        if anchor is not None:
+            verifier.anchored(anchor)
     except _Tampered as exc:
         result.problem = exc.problem
     if result.records == 0 and result.problem is None:
@@ -176,7 +191,7 @@ def _span(first: int, last: int) -> str:
 
 
 class _Verifier:
-    def __init__(self, result: VerifyResult, key: bytes | None) -> None:
+    def __init__(self, result: VerifyResult, key: bytes | None, anchor_seq: int | None) -> None:
         self.r = result
         self.key = key
         self.last: dict[str, Any] | None = None
@@ -185,6 +200,8 @@ class _Verifier:
         self.last_line = 0
         self.start: tuple[str, int, str] | None = None  # file, seq, prev of an unproven start
         self.pruned: dict[tuple[Any, Any], dict[str, Any]] = {}
+        self.anchor_seq = anchor_seq
+        self.at_anchor: tuple[str, str, int] | None = None  # its hash, file, line
 
     def file(self, file: reader.DayFile) -> None:
         lines = _Lines(file)
@@ -196,6 +213,8 @@ class _Verifier:
                 self.pruned[(record.get("through_seq"), record.get("through_hash"))] = record
             self.before_last = self.last["hash"] if self.last else None
             self.last, self.last_file, self.last_line = record, file.name, lines.number
+            if record["seq"] == self.anchor_seq:
+                self.at_anchor = (record["hash"], file.name, lines.number)
             self.r.last_seq, self.r.head = record["seq"], record["hash"]
             if self.r.first_seq is None:
                 self.r.first_seq = record["seq"]
@@ -274,6 +293,28 @@ class _Verifier:
         raise fail(
             f"record seq {seq} follows seq {last_seq}: a line was inserted, copied or moved here"
         )
+
+    def anchored(self, anchor: Anchor) -> None:
+        found = self.at_anchor
+        if found is not None:
+            stored, name, line = found
+            if stored != anchor.hash:
+                raise _Tampered(
+                    Problem(name, line, f"record seq {anchor.seq} is not the one written down:"
+                            f" its hash is {stored}, the anchor's {anchor.hash}")
+                )  # fmt: skip
+            self.r.notes.append(f"the anchor (seq {anchor.seq}) is in the log as written down")
+        elif self.r.last_seq is None or self.r.last_seq < anchor.seq:
+            ends = "is empty" if self.r.last_seq is None else f"ends at seq {self.r.last_seq}"
+            raise _Tampered(
+                Problem(self.last_file or "-", self.last_line,
+                        f"the log {ends}, before the anchor's seq {anchor.seq}:"
+                        " records were removed from its end")
+            )  # fmt: skip
+        else:
+            self.r.notes.append(
+                f"the anchor (seq {anchor.seq}) is older than the records verified: not checked"
+            )
 
     def finish(self, since: date | None) -> None:
         if self.last is not None and self.start is None:

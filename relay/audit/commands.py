@@ -8,16 +8,18 @@ found (or, for verify, tampered), 2 bad arguments or an unreadable log.
 
 from __future__ import annotations
 
+import re
 from datetime import date
 from pathlib import Path
 from typing import TextIO
 
 from relay.audit import render
-from relay.audit.chain import verify
+from relay.audit.chain import Anchor, verify
 from relay.audit.search import owners, parse_when, report, search, show
 
 OUTPUTS = ("table", "json", "csv")
 SHOW_OUTPUTS = ("text", "json")
+_ANCHOR = re.compile(r"(?:head:\s*)?(?:seq\s+)?(\d+)(?:\s+hash\s+|\s*:\s*)([0-9a-fA-F]{64})")
 REPORT_OUTPUTS = ("text", "json", "csv")
 
 
@@ -112,15 +114,25 @@ def verify_main(
     out: TextIO,
     err: TextIO,
     hmac_key: bytes | None = None,
+    anchor: str | None = None,
 ) -> int:
-    """``relay audit verify [--since DATE]``: 0 intact, 1 tampered, 2 unreadable."""
+    """``relay audit verify [--since DATE] [--anchor 'seq N hash H']``: 0 intact,
+    1 tampered, 2 unreadable. The anchor is a head printed before, pasted as is."""
     try:
         day = parse_when(since)
     except ValueError as exc:
         err.write(f"relay audit verify: bad --since: {exc}\n")
         return 2
+    head = None
+    if anchor is not None:
+        found = _ANCHOR.fullmatch(anchor.strip())
+        if found is None:
+            err.write(f"relay audit verify: bad --anchor {anchor!r}: give the head verify"
+                      " printed, 'seq N hash H' (or N:H)\n")  # fmt: skip
+            return 2
+        head = Anchor(int(found.group(1)), found.group(2).lower())
     try:
-        result = verify(directory, hmac_key, day.date() if day else None)
+        result = verify(directory, hmac_key, day.date() if day else None, head)
     except OSError as exc:
         return _unreadable("verify", directory, exc, err)
     for note in result.notes:
