@@ -190,8 +190,11 @@ def delete(
     would end nowhere in the audit log, while a record whose removal then
     fails is followed by the message's real end when it comes.
     """
-    outcome = _each(spool, targets, err, stdin, lambda entry: True, remove=record)
-    _summary(out, "Deleted", outcome)
+    unreadable: list[str] = []
+    outcome = _each(
+        spool, targets, err, stdin, lambda entry: True, remove=record, unreadable=unreadable
+    )
+    _summary(out, "Deleted", outcome, len(unreadable))
     return outcome
 
 
@@ -257,9 +260,11 @@ def _each(
     change: Callable[[QueueEntry], bool],
     *,
     remove: Record | None = None,
+    unreadable: list[str] | None = None,
 ) -> Outcome:
     """Apply ``change`` to each target under its lock; ``change`` says whether it did anything.
-    With ``remove`` each changed entry is recorded by it, then removed."""
+    With ``remove`` each changed entry is recorded by it, then removed, and so is
+    one whose record cannot be read (its ID goes into ``unreadable``)."""
     code = 0
     changed: list[QueueEntry] = []
     for queue_id, named in _resolve(spool, targets, stdin):
@@ -274,6 +279,8 @@ def _each(
                     remove(queue_id, None)
                     spool.remove(queue_id)
                     err.write(f"{queue_id}: deleted an unreadable record ({exc.strerror})\n")
+                    if unreadable is not None:
+                        unreadable.append(queue_id)
                     continue
                 if not change(entry):
                     continue
@@ -343,6 +350,6 @@ def _report(err: TextIO, queue_id: str, exc: SpoolError) -> None:
         err.write(f"{_printable(queue_id)}: {exc}\n")
 
 
-def _summary(out: TextIO, verb: str, outcome: Outcome) -> None:
-    count = len(outcome.entries)
+def _summary(out: TextIO, verb: str, outcome: Outcome, more: int = 0) -> None:
+    count = len(outcome.entries) + more
     out.write(f"{verb}: {count} message{'' if count == 1 else 's'}\n")
