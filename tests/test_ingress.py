@@ -7,6 +7,7 @@ import base64
 import logging
 import smtplib
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 
@@ -761,3 +762,50 @@ def test_content_rules_are_fast_on_a_big_message() -> None:
     started = time.monotonic()
     assert content.refusal(data) is None
     assert time.monotonic() - started < 1.0
+
+
+def test_a_starttls_handshake_cut_off_by_the_idle_timeout_ends_the_session(
+    tls_files: TlsFiles,
+) -> None:
+    """asyncio says nothing to the protocol of a connection lost mid-handshake:
+    each such connection kept its session, and its memory, for good."""
+    with Relay([listener(tls=tls_files, idle_timeout=0.5)]) as relay:
+        assert relay.ingress is not None
+        connections = relay.ingress.connections
+        for _ in range(3):
+            with Raw(relay.port) as raw:
+                raw.ehlo()
+                assert raw.cmd(b"STARTTLS") == "220 Ready to start TLS"
+                raw.sock.settimeout(10)
+                assert raw.sock.recv(100) == b""  # no ClientHello: closed at the timeout
+        deadline = time.monotonic() + 10
+        while connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not connections
+
+
+def test_starttls_inside_tls_is_refused(tls_files: TlsFiles) -> None:
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with (
+        Relay([listener(tls=tls_files)]) as relay,
+        smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client,
+    ):
+        client.starttls(context=context)
+        client.ehlo()
+        assert not client.has_extn("starttls")
+        assert client.docmd("STARTTLS") == (554, b"5.5.1 Error: TLS already active")
+        assert client.noop()[0] == 250
+
+
+def test_auth_during_a_mail_transaction_is_refused(relay: Relay) -> None:
+    """RFC 4954 4: the transaction began without the login; it must not end with it."""
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"MAIL FROM:<jan@acme.example>").startswith("250")
+        reply = raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode())
+        assert reply == "503 5.5.1 Error: AUTH not permitted during a mail transaction"
+        assert raw.cmd(b"RSET").startswith("250")
+        assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()).startswith(
+            "235 "
+        )

@@ -82,6 +82,7 @@ class RelaySMTP(SMTP):
         self._allow = allow
         self._connections = connections
         self._holding = False
+        self._lost = False  # connection_lost was called (see smtp_STARTTLS)
         self._deadline = 0.0  # loop time: idle until then is allowed
         self._mail_arg: str | None = None  # while a MAIL command is handled
         self._better = {
@@ -115,6 +116,9 @@ class RelaySMTP(SMTP):
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
         self._connections.discard(self)
         super().connection_lost(error)
 
@@ -201,6 +205,27 @@ class RelaySMTP(SMTP):
             await super().smtp_MAIL(arg)
         finally:
             self._mail_arg = None
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS, refused once TLS is on (it would start TLS within
+        TLS), and with the end of a connection cut off during the handshake
+        seen to: asyncio tells the protocol nothing then, and the session
+        waited for ever, holding its memory (about 320 KB each)."""
+        if self._tls_protocol is not None:
+            await self.push("554 5.5.1 Error: TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
+        assert self.session is not None
+        handshake_cut = self._tls_protocol is not None and self.session.ssl is None
+        if handshake_cut and not self._lost:
+            self.connection_lost(None)
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        if self.in_transaction:  # RFC 4954 4
+            await self.push("503 5.5.1 Error: AUTH not permitted during a mail transaction")
+            return
+        await super().smtp_AUTH(arg)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
