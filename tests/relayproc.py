@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -38,7 +39,12 @@ class RelayProcess:
                 preexec_fn=self._limits if self.max_file_size or self.open_files else None,
                 start_new_session=True,  # its own process group: see crash()
             )
-        self._wait_listening()
+        try:
+            self._wait_listening()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):  # nothing of it left
+                self.crash()  # a relay that never served is stopped all the same, workers too
+            raise
         return self
 
     def _limits(self) -> None:
