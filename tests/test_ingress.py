@@ -809,3 +809,18 @@ def test_auth_during_a_mail_transaction_is_refused(relay: Relay) -> None:
         assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()).startswith(
             "235 "
         )
+
+
+@pytest.mark.parametrize("value", ["<>", "jan@acme.example", "jan+2Bx@acme.example"])
+def test_the_auth_parameter_of_mail_is_taken(relay: Relay, value: str) -> None:
+    """RFC 4954 5: relays that log in send it; refused, their mail could not be sent."""
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert (
+            raw.cmd(f"MAIL FROM:<jan@acme.example> AUTH={value} SIZE=100".encode())
+            == "250 2.1.0 OK"
+        )
+        assert raw.cmd(b"RCPT TO:<one@example.org>").startswith("250")
+        assert raw.cmd(b"DATA").startswith("354")
+        assert raw.cmd(MESSAGE.replace(b"\r\n.", b"\r\n..") + b".").startswith("250")
+    assert relay.process.submissions[0].mail_from == "jan@acme.example"

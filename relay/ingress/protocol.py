@@ -55,6 +55,7 @@ AUTH_LINE = 12288  # octets in an AUTH command or response line, RFC 4954 4
 AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"
 
 _GIVEN_SENDER = re.compile(r"FROM:\s*<([^>]*)>", re.IGNORECASE)
+_AUTH_PARAMETER = re.compile(r"[ \t]+AUTH=\S*", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -199,8 +200,12 @@ class RelaySMTP(SMTP):
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
-        """aiosmtpd's MAIL; a refusal ends the message here, so ``push`` logs it."""
+        """aiosmtpd's MAIL; a refusal ends the message here, so ``push`` logs it.
+        An ``AUTH=`` parameter (RFC 4954 5, sent by relays that log in) is taken
+        and ignored, as ``AUTH=<>``: the relay trusts no one's word for the sender."""
         self._mail_arg = arg or ""
+        if arg:
+            arg = _AUTH_PARAMETER.sub("", arg)
         try:
             await super().smtp_MAIL(arg)
         finally:
