@@ -630,3 +630,24 @@ def test_a_dkim_key_saved_with_cr_lf_line_ends_signs(tmp_path: Path) -> None:
     key.write_bytes(RSA_KEY.read_bytes().replace(b"\n", b"\r\n"))
     (loaded,) = load(path).dkim_keys
     assert loaded.private_key == RSA_KEY.read_bytes()
+
+
+def test_ipv4_mapped_addresses_are_read_as_the_ipv4_ones_they_name(tmp_path: Path) -> None:
+    """Clients of a dual-stack socket are matched by their IPv4 address, so a
+    mapped network in ``allow`` never matched; a mapped listen address cannot be bound."""
+    shutil.copytree(POLICIES / "keys", tmp_path / "keys")
+    path = tmp_path / "relay.yaml"
+    text = (POLICIES / "minimal.yaml").read_text()
+    allow = "    port: 2525\n    allow: ['::ffff:127.0.0.0/104', '::ffff:192.0.2.7', '::1']\n"
+    path.write_text(text.replace("    port: 2525\n", allow))
+    (listener,) = load(path).listeners
+    assert listener.allow == (
+        ip_network("127.0.0.0/8"),
+        ip_network("192.0.2.7/32"),
+        ip_network("::1/128"),
+    )
+    path.write_text(text.replace("address: 127.0.0.1", "address: '::ffff:127.0.0.1'"))
+    assert problems(path) == [
+        f"{path}:8:14: listeners[0].address: an IPv4-mapped address cannot be listened on"
+        " (IPv6 sockets are IPv6 only): write 127.0.0.1"
+    ]

@@ -13,7 +13,7 @@ import pwd
 import ssl
 import string
 from collections.abc import Collection, Mapping
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -110,6 +110,14 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
         elif name is not None:
             names[name] = path
         address = m.text("address", "a listen address like 127.0.0.1")
+        if address is not None and _ipv4_mapped(address):
+            ctx.problem(
+                m.get("address"),
+                m.sub("address"),
+                "an IPv4-mapped address cannot be listened on (IPv6 sockets are IPv6 only):"
+                f" write {_ipv4_mapped(address)}",
+            )
+            address = None
         port = m.integer("port", None, 1, 65535, "a port number (1..65535)")
         if address is not None and port is not None:
             if (address, port) in sockets:
@@ -155,6 +163,15 @@ def _tls(ctx: Ctx, listener: Map) -> TlsFiles | None:
         reason = exc.strerror or str(exc)
         ctx.problem(m.node, listener.sub("tls"), f"cannot use {cert} with {key}: {reason}")
         return None
+
+
+def _ipv4_mapped(address: str) -> str | None:
+    try:
+        found = ip_address(address)
+    except ValueError:
+        return None
+    mapped = found.ipv4_mapped if isinstance(found, IPv6Address) else None
+    return None if mapped is None else str(mapped)
 
 
 def _allow(ctx: Ctx, m: Map) -> tuple[IPv4Network | IPv6Network, ...] | None:

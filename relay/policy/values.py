@@ -152,10 +152,23 @@ def cidr(ctx: Ctx, node: Node, path: str) -> IPv4Network | IPv6Network | None:
     if value is None:
         return None
     try:
-        return ip_network(value, strict=False)
+        network = ip_network(value, strict=False)
     except ValueError as exc:
         ctx.problem(node, path, f"invalid CIDR: {exc}")
         return None
+    mapped = _mapped_ipv4(network)
+    return network if mapped is None else mapped
+
+
+def _mapped_ipv4(network: IPv4Network | IPv6Network) -> IPv4Network | None:
+    """An IPv4-mapped network (``::ffff:127.0.0.0/104``) as the IPv4 one it
+    names: clients of a dual-stack socket are matched by their IPv4 address."""
+    if network.version != 6 or network.prefixlen < 96:
+        return None
+    start = network.network_address.ipv4_mapped  # type: ignore[union-attr]
+    if start is None:
+        return None
+    return IPv4Network((start, network.prefixlen - 96))
 
 
 def regex(ctx: Ctx, node: Node, path: str) -> re.Pattern[str] | None:
