@@ -824,3 +824,11 @@ def test_the_auth_parameter_of_mail_is_taken(relay: Relay, value: str) -> None:
         assert raw.cmd(b"DATA").startswith("354")
         assert raw.cmd(MESSAGE.replace(b"\r\n.", b"\r\n..") + b".").startswith("250")
     assert relay.process.submissions[0].mail_from == "jan@acme.example"
+
+
+def test_an_auth_mechanism_named_in_lower_case_is_known(relay: Relay) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"AUTH plain " + plain("erp-acme", "demo-password").encode()).startswith(
+            "235 "
+        )

@@ -230,7 +230,8 @@ class RelaySMTP(SMTP):
         if self.in_transaction:  # RFC 4954 4
             await self.push("503 5.5.1 Error: AUTH not permitted during a mail transaction")
             return
-        await super().smtp_AUTH(arg)
+        mechanism, space, rest = (arg or "").partition(" ")
+        await super().smtp_AUTH(mechanism.upper() + space + rest)  # names are case-blind
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
