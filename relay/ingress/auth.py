@@ -61,15 +61,18 @@ class Mechanisms:
             if blob is None:
                 return AuthResult(success=False, handled=True)
         assert isinstance(blob, bytes)
-        if not blob:  # no credentials at all
-            return AuthResult(success=False, handled=False)
+        if not blob:
+            log.warning("AUTH failed client=%s: no credentials", _peer(server))
+            return await self._failed(_peer(server))
         parts = blob.split(b"\0")
         if len(parts) != 3:
             await server.push(BAD_PLAIN)
             return AuthResult(success=False, handled=True)
         authzid, login, password = parts
         if authzid and authzid != login:  # acting for someone else is not offered
-            return AuthResult(success=False, handled=False)
+            name = login.decode("utf-8", "replace")
+            log.warning("AUTH failed client=%s login=%r: for another login", _peer(server), name)
+            return await self._failed(_peer(server))
         return await self._check(server, login, password)
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
