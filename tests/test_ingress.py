@@ -832,3 +832,18 @@ def test_an_auth_mechanism_named_in_lower_case_is_known(relay: Relay) -> None:
         assert raw.cmd(b"AUTH plain " + plain("erp-acme", "demo-password").encode()).startswith(
             "235 "
         )
+
+
+def test_a_client_gone_in_the_middle_of_data_is_logged_by_address(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
+    with Raw(relay.port) as raw:
+        raw.envelope(b"jan@acme.example", b"one@example.org")
+        assert raw.cmd(b"DATA").startswith("354")
+        raw.send(b"Subject: half\r\n\r\nthe first half")
+    deadline = time.monotonic() + 10
+    while "connection lost during DATA" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "connection lost during DATA client=127.0.0.1" in caplog.text
+    assert relay.process.submissions == []

@@ -249,7 +249,8 @@ class RelaySMTP(SMTP):
         try:
             section = await data.read(self._reader, self.data_size_limit)
         except asyncio.CancelledError:
-            log.info("connection lost during DATA")
+            assert self.session is not None
+            log.info("connection lost during DATA client=%s", client_address(self.session.peer))
             self._writer.close()
             raise
         if section.overflow is not data.Overflow.NONE:
