@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from relay import headers, message, rewrite
+from relay import headers, message, rewrite, trace
 from relay.audit import AuditError, events
 from relay.classify import classify
 from relay.decide import Decision, decide
@@ -46,19 +46,20 @@ class Prepared:
     view: MessageView  # the message as submitted
     signature: bytes  # the DKIM-Signature fields, to go first
     rewritten: bytes  # the message with the policy's header edits
+    trace: bytes = b""  # the Received field, between the two (as OpenDKIM behind Postfix has it)
 
     @property
     def chunks(self) -> tuple[bytes, bytes]:
         """The message to send, in pieces: a large one is not copied once more to join them."""
-        return self.signature, self.rewritten
+        return self.signature + self.trace, self.rewritten
 
     @property
     def message(self) -> bytes:
-        return self.signature + self.rewritten
+        return self.signature + self.trace + self.rewritten
 
     @property
     def size(self) -> int:
-        return len(self.signature) + len(self.rewritten)
+        return len(self.signature) + len(self.trace) + len(self.rewritten)
 
     def header(self, name: str) -> str:
         """A header as sent: the policy's new value, else the submitted one."""
@@ -75,9 +76,8 @@ def prepare(policy: Policy, submission: Submission, now: datetime | None = None)
     view = message.read(submission.data, split)
     identity = identify(policy, submission, view)
     classification = classify(policy.classify, view)
-    decision = decide(
-        policy, submission, view, identity, classification, now or datetime.now(UTC), queue_id
-    )
+    now = now or datetime.now(UTC)
+    decision = decide(policy, submission, view, identity, classification, now, queue_id)
     try:
         rewritten = rewrite.apply(submission.data, decision.edits, split)
     except HeaderInjection as exc:
@@ -87,7 +87,9 @@ def prepare(policy: Policy, submission: Submission, now: datetime | None = None)
     except SigningError as exc:
         log.error("%s DKIM signing failed: %s", queue_id, exc)
         raise SmtpReply(451, "4.3.0", "DKIM signing failed, try again later") from exc
-    return Prepared(queue_id, decision, view, signature, rewritten)
+    eol = headers.line_ending(submission.data)
+    received = trace.received(submission, policy.platform.hostname, queue_id, now, eol)
+    return Prepared(queue_id, decision, view, signature, rewritten, received)
 
 
 def _check_header_block(data: bytes, body: int) -> None:

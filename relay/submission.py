@@ -13,3 +13,5 @@ class Submission:
     mail_from: str
     rcpt_tos: tuple[str, ...]
     data: bytes  # CRLF line endings, dot-unstuffed, as aiosmtpd delivers it
+    helo: str = ""  # the name the client gave in EHLO or HELO
+    tls: bool = False  # the session ran over TLS

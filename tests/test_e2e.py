@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import smtplib
 import subprocess
@@ -197,9 +198,28 @@ def test_headers_of_signed_message_keep_original_order(
     send(relay, INVOICE, RCPTS)
     (got,) = sink.sink.wait(1)
     names = [f.name for f in headers.split(got.data)[0]]
-    assert names[:2] == ["DKIM-Signature", "DKIM-Signature"]
-    assert names[2:] == ["From", "To", "Subject", "MIME-Version", "Content-Type", "Reply-To",
+    assert names[:3] == ["DKIM-Signature", "DKIM-Signature", "Received"]
+    assert names[3:] == ["From", "To", "Subject", "MIME-Version", "Content-Type", "Reply-To",
                          "Message-ID", "Date"]  # fmt: skip
+
+
+def test_a_received_field_tells_the_next_hop_who_handed_the_message_over(
+    relay: RelayProcess, sink: SinkServer
+) -> None:
+    """RFC 5321 4.4; ESMTPA for a login (RFC 3848), and no recipient named, BCC or not."""
+    with smtplib.SMTP("127.0.0.1", relay.port, local_hostname="erp.acme.example") as client:
+        client.login("erp-acme", "demo-password")
+        client.sendmail("erp@erp.acme.example", RCPTS, INVOICE)
+    (got,) = sink.sink.wait(1)
+    (field,) = [f for f in headers.split(got.data)[0] if f.name == "Received"]
+    value = b" ".join(field.raw.split())
+    found = re.fullmatch(
+        rb"Received: from erp\.acme\.example \(\[127\.0\.0\.1\]\) by relay\.platform\.example"
+        rb" with ESMTPA id ([0-9A-Z]{16}); \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d \+0000",
+        value,
+    )
+    assert found is not None, value
+    assert f"{found.group(1).decode()}: client=127.0.0.1 login=erp-acme" in relay.log()
 
 
 @pytest.mark.parametrize(

@@ -107,6 +107,8 @@ class RelayHandler(Mechanisms):
             mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
             rcpt_tos=tuple(envelope.rcpt_tos),
             data=data,
+            helo=session.host_name or "",
+            tls=session.ssl is not None,
         )
         task = asyncio.ensure_future(self._reply_for(self._current_policy(), submission))
         self._in_flight.add(task)
