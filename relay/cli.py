@@ -118,7 +118,7 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
     for option in ("since", "until", "tenant", "user", "recipient", "doc-type", "status"):
         search.add_argument(f"--{option}")
     search.add_argument("--message-id")
-    search.add_argument("--queue-id")
+    search.add_argument("--queue-id", type=str.upper)  # as the queue tools take it
     search.add_argument("--format", choices=["table", "json", "csv"], default="table")
     search.set_defaults(run=_audit, verb="search")
     show = verbs.add_parser("show", help="one document's timeline, by queue ID or Message-ID")

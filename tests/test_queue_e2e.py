@@ -120,6 +120,10 @@ def test_one_recipient_refused_others_delivered_and_sender_told(
         ("delivered", "jan@acme.example"),
         ("notified", "jan@acme.example"),  # the notice: queued under an ID of its own
     ]
+    # as the queue tools take it: pasted in lower case
+    found = relay_cli(policy, "audit", "search", "--queue-id", qid.lower(), "--format", "json")
+    assert found.returncode == 0, found.stderr
+    assert {json.loads(line)["queue_id"] for line in found.stdout.splitlines()} == {qid}
     report = relay_cli(policy, "audit", "report", "--format", "json")
     rows = {(r["tenant"], r["doc_type"]): r for r in map(json.loads, report.stdout.splitlines())}
     assert rows.keys() == {("acme", "invoice"), ("acme", "notice")}, report.stdout
