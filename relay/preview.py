@@ -74,6 +74,14 @@ def _check_envelope(policy: Policy, submission: Submission) -> None:
         refused = mailbox_refusal(address, status)
         if refused is not None:
             raise refused
+    most = max((listener.max_recipients for listener in policy.listeners), default=None)
+    if most is not None and len(submission.rcpt_tos) > most:
+        raise Rejected(452, "4.5.3", f"Too many recipients: no listener takes more than {most}")
+    largest = max((listener.max_message_size for listener in policy.listeners), default=None)
+    if largest is not None and len(submission.data) > largest:
+        raise Rejected(
+            552, "5.3.4", f"Message size exceeds the maximum of any listener ({largest} bytes)"
+        )
     refused = content.refusal(submission.data)  # after DATA: bare CR, NUL, long lines
     if refused is not None:
         raise refused

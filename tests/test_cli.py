@@ -113,7 +113,12 @@ def test_preview_of_a_refused_message(policy_file: Path, tmp_path: Path) -> None
         (["--rcpt", "bad address"], "553 5.1.3 Bad address syntax: 'bad address'"),
         (["--rcpt", '"root@"'], "553 5.1.3 Quoted local parts are not supported"),
         (["--mail-from", "kari@"], "553 5.1.7 Bad address syntax: 'kari@'"),
+        (
+            [arg for n in range(101) for arg in ("--rcpt", f"r{n}@example.org")],
+            "452 4.5.3 Too many recipients: no listener takes more than 100",
+        ),
     ],
+    ids=["login", "rcpt-syntax", "rcpt-quoted", "sender", "too-many-rcpts"],
 )
 def test_preview_refuses_what_the_smtp_side_refuses(
     policy_file: Path, tmp_path: Path, option: list[str], reply: str
@@ -160,3 +165,20 @@ def test_passwd_hash_verifies(tmp_path: Path) -> None:
     assert encoded.startswith("scrypt$")
     assert verify_password("s3cret", encoded)
     assert not verify_password("s3cret!", encoded)
+
+
+def test_preview_refuses_a_message_bigger_than_every_listener_takes(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    text = policy_file.read_text()
+    policy_file.write_text(
+        text.replace("    auth: optional\n", "    auth: optional\n    max_message_size: 200\n", 1)
+    )
+    eml = tmp_path / "invoice.eml"
+    eml.write_text(INVOICE + "x" * 200 + "\n")
+    done = relay("preview", "-c", str(policy_file), str(eml))
+    assert done.returncode == 65, done.stdout
+    reply = "552 5.3.4 Message size exceeds the maximum of any listener (200 bytes)"
+    assert f"would refuse this message: {reply}" in done.stderr
+    eml.write_text(INVOICE)
+    assert relay("preview", "-c", str(policy_file), str(eml)).returncode == 0
