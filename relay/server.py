@@ -335,8 +335,9 @@ def reloaded(
     sizes, immediate) take effect at a restart, in every worker at once; a
     worker started later (one that died is replaced) must not serve a port
     differently from the others, nor a running one differently per message.
-    The state directory and the audit key stay as opened, for the same reason.
-    ``queue.concurrency`` is read when the engine first delivers to an upstream."""
+    The state directory and the audit key stay as opened, for the same reason,
+    and so do ``workers`` and ``queue.concurrency`` (each engine fixes an
+    upstream's limit when it first delivers there)."""
     from relay.policy.load import load
 
     try:
@@ -360,15 +361,15 @@ def reloaded(
             "listener settings changed (%s): they take effect after a restart", ", ".join(changed)
         )
     _warn_state_changed(old, read)
-    if new.workers != old.workers:
+    if read.workers != old.workers:
         log.warning(
-            "workers changed (%d to %d): takes effect after a restart", old.workers, new.workers
+            "workers changed (%d to %d): takes effect after a restart", old.workers, read.workers
         )
-    if new.queue.concurrency != old.queue.concurrency:
+    if read.queue.concurrency != old.queue.concurrency:
         log.warning(
             "queue.concurrency changed (%d to %d): takes effect after a restart",
             old.queue.concurrency,
-            new.queue.concurrency,
+            read.queue.concurrency,
         )
     gone = sorted(set(old.upstreams) - set(new.upstreams))
     if gone:
@@ -384,12 +385,16 @@ def _as_opened(old: Policy, new: Policy) -> Policy:
     """The state directory and the audit key as the daemon opened them. The spool
     and the audit chain are open there; a new directory would start a second
     spool and a second chain beside them, and a new key would make the chain
-    fail verification with either key from the record it changed at."""
-    queue = dataclasses.replace(new.queue, directory=old.queue.directory)
+    fail verification with either key from the record it changed at. So do
+    ``workers`` and ``queue.concurrency`` stay as they run, so that a reload
+    compares with what runs, not with the file read before."""
+    queue = dataclasses.replace(
+        new.queue, directory=old.queue.directory, concurrency=old.queue.concurrency
+    )
     audit = dataclasses.replace(
         new.audit, directory=old.audit.directory, hmac_key=old.audit.hmac_key
     )
-    return dataclasses.replace(new, queue=queue, audit=audit)
+    return dataclasses.replace(new, queue=queue, audit=audit, workers=old.workers)
 
 
 def _warn_state_changed(old: Policy, read: Policy) -> None:

@@ -307,11 +307,18 @@ def test_a_reload_says_a_new_concurrency_waits_for_a_restart(
     """Each worker fixes an upstream's delivery limit when it first delivers
     there; a reload that changes it silently did nothing. Retry times apply at once."""
     started = load(policy)
-    policy.write_text(policy.read_text() + "queue: {concurrency: 3, first_retry: 60}\n")
+    text = policy.read_text()
+    policy.write_text(text + "queue: {concurrency: 3, first_retry: 60}\n")
     with caplog.at_level(logging.WARNING, logger="relay"):
-        assert reloaded(policy, started) is not None
+        running = reloaded(policy, started)
+    assert running is not None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["queue.concurrency changed (10 to 3): takes effect after a restart"]
+    caplog.clear()
+    policy.write_text(text)  # back to what runs: nothing waits for a restart any more
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        assert reloaded(policy, running) is not None
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == []
 
 
 def test_the_start_logs_its_audit_upkeep_and_closes_yesterday(
