@@ -1,16 +1,16 @@
-"""Failed logins slowed down and then refused, per connection and per client.
+"""Failed logins slowed down, then refused per client address.
 
 A wrong password costs its scrypt (~50 ms of CPU, in a thread) by design,
 so a client guessing passwords as fast as it can would keep every core busy
 and starve the ERPs' mail. As Postfix's ``smtpd_error_sleep_time`` and
 anvil's ``smtpd_client_auth_rate_limit`` do, each failure is answered only
-after ``DELAY`` seconds, a connection is closed (``421 4.7.0``) after
-``PER_CONNECTION`` failures, and a client address with ``PER_CLIENT``
-failures within ``WINDOW`` seconds gets ``454 4.7.0`` for every AUTH, with
-no scrypt, until the oldest of them is that old. A login that succeeds
-forgets its address's failures. Each worker process counts on its own, so a
-client spread over several workers may get that many times the tries; the
-log line of each failure names the client for fail2ban.
+after ``DELAY`` seconds, and a client address with ``PER_CLIENT`` failures
+within ``WINDOW`` seconds gets ``454 4.7.0`` for every AUTH, with no scrypt,
+until the oldest of them is that old (a connection itself is closed after
+ten AUTH commands, ``listen``). A login that succeeds forgets its address's
+failures. Each worker process counts on its own, so a client spread over
+several workers may get that many times the tries; the log line of each
+failure names the client for fail2ban.
 """
 
 from __future__ import annotations
