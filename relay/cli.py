@@ -220,6 +220,11 @@ def _tool_policy(path: Path) -> Policy | None:
     return None
 
 
+_STATE_LINE = re.compile(  # a plain or quoted scalar, perhaps with a comment after it
+    r"^state_directory:[ \t]*([\"']?)([^\s\"'#][^\"'#]*?)\1[ \t]*(?:#.*)?$", re.MULTILINE
+)
+
+
 def _running_policy_file(path: Path) -> Path | None:
     """The running policy's text, found from the file's ``state_directory`` line
     (or the default beside the file), read as text: the YAML may be what broke."""
@@ -227,8 +232,8 @@ def _running_policy_file(path: Path) -> Path | None:
         text = path.read_text("utf-8")
     except (OSError, UnicodeDecodeError):
         return None
-    found = re.search(r"^state_directory:[ \t]*(\S.*?)[ \t]*$", text, re.MULTILINE)
-    state = Path(found.group(1).strip("'\"") if found else "state")
+    found = _STATE_LINE.search(text)
+    state = Path(found.group(2) if found else "state")
     if not state.is_absolute():
         state = path.absolute().parent / state
     checked = state / "policy.checked.yaml"

@@ -182,3 +182,27 @@ def test_preview_refuses_a_message_bigger_than_every_listener_takes(
     assert f"would refuse this message: {reply}" in done.stderr
     eml.write_text(INVOICE)
     assert relay("preview", "-c", str(policy_file), str(eml)).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "state_directory: ../run\n",
+        "state_directory: ../run   # where the relay keeps its queue\n",
+        "state_directory: '../run'\n",
+        'state_directory: "../run"  # quoted\n',
+    ],
+)
+def test_the_tools_find_the_running_policy_from_the_state_directory_line(
+    tmp_path: Path, line: str
+) -> None:
+    """Read as text: the YAML around it may be what broke."""
+    from relay.cli import _running_policy_file
+
+    checked = tmp_path / "run" / "policy.checked.yaml"
+    checked.parent.mkdir()
+    checked.write_text("version: 1\n")
+    policy = tmp_path / "etc" / "relay.yaml"
+    policy.parent.mkdir()
+    policy.write_text("version: [\n" + line)
+    assert _running_policy_file(policy) == policy.absolute().parent / "../run/policy.checked.yaml"
