@@ -318,13 +318,41 @@ async def test_connection_refused_is_451_4_4_1() -> None:
 
 
 async def test_no_answer_in_time_is_451_4_4_1() -> None:
-    handler = SinkHandler(delay=5.0)
-    with Sink(handler) as sink, pytest.raises(UpstreamError) as failed:
-        await asyncio.wait_for(
-            deliver(upstream(sink.port, timeout=0.5), "b@p.example", RCPTS, MESSAGE), 10
-        )
+    with socket.socket() as mute:  # takes the connection, never greets
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        target = upstream(mute.getsockname()[1], timeout=0.5)
+        with pytest.raises(UpstreamError) as failed:
+            await asyncio.wait_for(deliver(target, "b@p.example", RCPTS, MESSAGE), 10)
     assert (failed.value.code, failed.value.status) == (451, "4.4.1")
-    assert "no answer within 0.5s (sending)" in failed.value.text
+    assert "no answer within 0.5s (connecting)" in failed.value.text
+
+
+async def test_the_end_of_the_message_may_take_longer_than_a_command(pipelining: bool) -> None:
+    """A server that scans a message before it answers the final dot (RFC 5321
+    4.5.3.2.6 gives it ten minutes) is waited for: given up on at the command
+    timeout, the message would be sent again and arrive twice."""
+    handler = SinkHandler(delay=1.0, pipelining=pipelining)
+    with Sink(handler) as sink:
+        target = upstream(sink.port, timeout=0.3, data_timeout=10.0)
+        result = await asyncio.wait_for(deliver(target, "b@p.example", RCPTS, MESSAGE), 20)
+    assert result.reply.startswith("250")
+    assert not result.refused
+    assert len(handler.messages) == 1
+
+
+async def test_no_reply_to_the_end_of_the_message_says_it_may_arrive_twice(
+    pipelining: bool,
+) -> None:
+    handler = SinkHandler(delay=5.0, pipelining=pipelining)
+    with Sink(handler) as sink, pytest.raises(UpstreamError) as failed:
+        target = upstream(sink.port, timeout=5.0, data_timeout=0.5)
+        await asyncio.wait_for(deliver(target, "b@p.example", RCPTS, MESSAGE), 10)
+    assert (failed.value.code, failed.value.status) == (451, "4.4.2")
+    assert failed.value.text == (
+        f"Upstream smarthost (127.0.0.1:{sink.port}): no reply to the end of the message"
+        " within 0.5s; it may arrive twice (sending)"
+    )
 
 
 async def test_silent_server_times_out_while_connecting() -> None:

@@ -282,7 +282,7 @@ def test_every_key_set() -> None:
     assert upstreams["smarthost"] == SmtpUpstream(
         "smarthost", "smtp.platform.example", 2587, TlsMode.STARTTLS, "relay",
         here / "secrets" / "smarthost.password", None, 30, "relay.platform.example",
-        here / "tls" / "ca.crt",
+        here / "tls" / "ca.crt", data_timeout=900,
     )  # fmt: skip
     assert upstreams["tunnel"] == SmtpUpstream(
         "tunnel", "smtp.example", 465, TlsMode.IMPLICIT, "relay", None, "RELAY_SMTP_PASSWORD", 60
@@ -290,6 +290,7 @@ def test_every_key_set() -> None:
     assert upstreams["plain"] == SmtpUpstream(
         "plain", "localhost", 587, TlsMode.AUTO, None, None, None, 60
     )
+    assert upstreams["plain"].data_timeout == 600  # RFC 5321 4.5.3.2.6
     assert upstreams["outbox"] == DirectoryUpstream("outbox", Path("/var/spool/relay/outbox"))
     assert policy.logins["erp-acme"].users == ("jan",)
     acme = policy.tenants["acme"]
@@ -375,11 +376,11 @@ def test_a_missing_tls_certificate_is_a_problem(tmp_path: Path) -> None:
         ("helo_name: relay host", "helo_name: 'relay host' is not a host name"),
         ("helo_name: '[192.0.2.300]'", "helo_name: '[192.0.2.300]' is not a host name"),
         ("helo_name: '[IPv6:192.0.2.1]'", "helo_name: '[IPv6:192.0.2.1]' is not a host name"),
+        ("data_timeout: 0", "data_timeout: expected a positive number of seconds"),
+        ("data_timeout: 10:00", "data_timeout: YAML 1.1 reads 10:00 as 600 (base 60); write 600"),
     ],
 )
-def test_a_smtp_upstreams_helo_name_and_ca_file_are_checked(
-    tmp_path: Path, settings: str, problem: str
-) -> None:
+def test_a_smtp_upstreams_settings_are_checked(tmp_path: Path, settings: str, problem: str) -> None:
     lines = ["type: smtp", "host: smtp.example", *settings.splitlines()]
     smtp = "".join(f"    {line}\n" for line in lines)
     path = variant(tmp_path, "    type: directory\n    path: outbox\n", smtp)

@@ -227,10 +227,10 @@ async def test_timeout_closes_the_connection_instead_of_reusing_it(
 ) -> None:
     rec = Recorder(delay=1.0, pipelining=pipelining)
     with running(rec) as (_, port):
-        slow = upstream(port, timeout=0.3)
+        slow = upstream(port, timeout=5.0, data_timeout=0.3)
         with pytest.raises(UpstreamError) as failed:
             await send(pool, slow, "b@p.example")
-        assert "no answer within 0.3s (sending)" in failed.value.text
+        assert "no reply to the end of the message within 0.3s" in failed.value.text
         assert pool.idle_count() == 0
         rec.delay = 0.0
         await send(pool, upstream(port), "b@p.example")

@@ -375,6 +375,27 @@ def test_temporary_refusal_then_acceptance(policy_file: Path, tmp_path: Path) ->
     assert events[-1] == ("delivered", "one@example.org")
 
 
+def test_a_smarthost_that_scans_before_it_answers_gets_the_message_once(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The reply to the end of the message comes after the command timeout (a
+    content scanner): waited for, delivered once, and no deferral on record."""
+    with SinkServer(Sink(delay=1.5)) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        policy.write_text(policy.read_text().replace("timeout: 5\n", "timeout: 0.3\n"))
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            qid = send(port)
+            wait_for(lambda: "status=sent" in relay.log())
+            time.sleep(1.0)  # past the retry a deferral would have brought
+    assert len(sink.sink.messages) == 1
+    assert audit_events(policy, qid) == [
+        ("received", None),
+        ("queued", None),
+        ("delivered", "one@example.org"),
+    ]
+
+
 def test_a_relay_started_on_a_full_disk_serves_and_answers_451(
     policy_file: Path, tmp_path: Path
 ) -> None:

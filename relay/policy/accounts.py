@@ -16,6 +16,7 @@ from yaml.nodes import Node, SequenceNode
 
 from relay.policy import values
 from relay.policy.model import (
+    DATA_TIMEOUT,
     DirectoryUpstream,
     Login,
     ReplyToKind,
@@ -33,7 +34,7 @@ _NO_PASSWORD = "do not put passwords in the policy; "
 _SMTP_FORBIDDEN = {"password": _NO_PASSWORD + "use password_file or password_env"}
 _LOGIN_FORBIDDEN = {"password": _NO_PASSWORD + "put a `relay passwd` hash in password_hash"}
 _SMTP_KEYS = ("type", "host", "port", "tls", "username", "password_file", "password_env")
-_SMTP_KEYS += ("timeout", "helo_name", "ca_file")
+_SMTP_KEYS += ("timeout", "data_timeout", "helo_name", "ca_file")
 _TENANT_KEYS = ("name", "address", "upstream", "verified_domains", "default_user")
 _TENANT_KEYS += ("reply_to", "bcc_sender", "users")
 _LOGIN_KEYS = ("password_hash", "tenant", "users")
@@ -79,9 +80,10 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
     password_file = m.read("password_file", values.file_path)
     password_env = m.read("password_env", values.env_name)
     timeout = m.number("timeout", 60)
+    data_timeout = m.number("data_timeout", DATA_TIMEOUT)
     helo_name = m.read("helo_name", values.helo_name)
     ca_file = m.read("ca_file", values.ca_file)
-    ok = None not in (host, tls, port, timeout)
+    ok = None not in (host, tls, port, timeout, data_timeout)
     ok = ok and (helo_name is not None or not m.has("helo_name"))
     ok = ok and (ca_file is not None or not m.has("ca_file"))
     if ca_file is not None and tls in (TlsMode.NONE, TlsMode.AUTO):
@@ -101,7 +103,17 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
     if not ok:
         return None
     return SmtpUpstream(
-        name, host, port, tls, username, password_file, password_env, timeout, helo_name, ca_file
+        name,
+        host,
+        port,
+        tls,
+        username,
+        password_file,
+        password_env,
+        timeout,
+        helo_name,
+        ca_file,
+        data_timeout,
     )
 
 

@@ -148,6 +148,13 @@ class DkimKey:
     private_key: bytes  # PEM (rsa) or base64 seed (ed25519), read at load time
 
 
+#: Seconds to wait for the reply to the end of a message, its sending included:
+#: RFC 5321 4.5.3.2.6's ten minutes (Postfix's ``smtp_data_done_timeout``).
+#: The server may be scanning it; given up on too soon, it is sent again and
+#: its recipients get it twice.
+DATA_TIMEOUT = 600.0
+
+
 @dataclass(frozen=True)
 class SmtpUpstream:
     name: str
@@ -160,6 +167,7 @@ class SmtpUpstream:
     timeout: float
     helo_name: str | None = None  # sent in EHLO; None: this host's FQDN
     ca_file: Path | None = None  # CA certificates the upstream's must chain to; None: the system's
+    data_timeout: float = DATA_TIMEOUT
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ and ``Stale`` tells the caller to try again on a new connection.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from typing import TypeVar
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse, SMTPStatus
@@ -27,10 +28,25 @@ from aiosmtplib import SMTPResponse, SMTPStatus
 RCPT_OK = (SMTPStatus.completed, SMTPStatus.will_forward)
 MAX_REPLY = 32768  # as aiosmtplib: a reply longer than this is no SMTP reply
 _SPARE = 16  # replies beyond those asked for before the server counts as out of step
+T = TypeVar("T")
 
 
 class Stale(aiosmtplib.SMTPServerDisconnected):
     """A reused connection failed its RSET: closed, and nothing of the message was sent."""
+
+
+class DataTimeout(aiosmtplib.SMTPTimeoutError):
+    """No reply to the end of the message in time: the server may have taken it."""
+
+
+async def final_reply(wait: Awaitable[T], timeout: float) -> T:
+    """``wait`` for the reply to the end of the message; its timeout is ``DataTimeout``."""
+    try:
+        return await wait
+    except aiosmtplib.SMTPTimeoutError as exc:
+        raise DataTimeout(
+            f"no reply to the end of the message within {timeout:g}s; it may arrive twice"
+        ) from exc
 
 
 class _Replies(asyncio.Protocol):
@@ -150,10 +166,12 @@ async def send(
     section: bytes,
     timeout: float,
     reset: bool = False,
+    data_timeout: float | None = None,
 ) -> tuple[dict[str, SMTPResponse], SMTPResponse]:
     """The transaction on ``client``'s connection: (refused recipients, the final reply),
     raising what the one-at-a-time transaction raises for the same replies.
-    With ``reset`` an RSET goes first, and ``Stale`` if it fails."""
+    With ``reset`` an RSET goes first, and ``Stale`` if it fails. The reply to
+    the end of the message may take ``data_timeout`` (default: ``timeout``)."""
     group = (*([b"RSET"] if reset else []), mail_command, *rcpt_commands, b"DATA")
     protocol = client.protocol
     transport = protocol.transport if protocol is not None else None
@@ -189,7 +207,8 @@ async def send(
             raise aiosmtplib.SMTPDataError(start.code, start.message)
         # one system call; uvloop (the daemon's loop) keeps references, no copy
         transport.writelines((section, b".\r\n"))
-        (final,) = await replies.take(1, timeout)
+        done = timeout if data_timeout is None else data_timeout
+        (final,) = await final_reply(replies.take(1, done), done)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, asyncio.CancelledError):
         transport.close()  # out of step with the server: never reuse it
         raise

@@ -28,7 +28,7 @@ import aiosmtplib
 from relay.errors import UpstreamError
 from relay.policy.model import SmtpUpstream, TlsMode
 from relay.upstream import DeliveryResult, RecipientsRefused, replies, transaction
-from relay.upstream.pipelining import Stale
+from relay.upstream.pipelining import DataTimeout, Stale
 from relay.upstream.pool import Pool, PoolKey, default_pool
 
 log = logging.getLogger("relay")
@@ -58,7 +58,13 @@ async def send(
             try:
                 async with pool.lease(key, opener, upstream.timeout) as lease:
                     refused, reply = await transaction.send(
-                        lease.client, mail_from, rcpt_tos, data, upstream.timeout, lease.reset
+                        lease.client,
+                        mail_from,
+                        rcpt_tos,
+                        data,
+                        upstream.timeout,
+                        lease.reset,
+                        upstream.data_timeout,
                     )
                 break
             except Stale as exc:
@@ -115,6 +121,8 @@ def _mapped(upstream: SmtpUpstream, stage: str, exc: Exception) -> UpstreamError
         if stage == "connecting":  # greeting or STARTTLS refused: nothing about this message
             return _failed(upstream, stage, replies.line(exc.code, exc.message))
         return replies.refusal(exc.code, exc.message)
+    if isinstance(exc, DataTimeout):
+        return _failed(upstream, stage, str(exc), "4.4.2")
     if isinstance(exc, aiosmtplib.SMTPTimeoutError):
         return _failed(upstream, stage, f"no answer within {upstream.timeout:g}s")
     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):

@@ -68,10 +68,14 @@ async def send(
     data: bytes,
     timeout: float,
     reset: bool = False,
+    data_timeout: float | None = None,
 ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
     """MAIL, RCPT for each recipient, DATA: (refused recipients, the final reply),
     raising what ``aiosmtplib.SMTP.sendmail`` raises for the same replies.
-    With ``reset`` an RSET goes first; pipelined, ``pipelining.Stale`` says it failed."""
+    With ``reset`` an RSET goes first; pipelined, ``pipelining.Stale`` says it failed.
+    The reply to the end of the message may take ``data_timeout`` (default:
+    ``timeout``), and ``pipelining.DataTimeout`` says it did not come."""
+    done = timeout if data_timeout is None else data_timeout
     paths = [path(address) for address in (mail_from, *rcpt_tos)]  # refuse before sending
     section, size = wire(data)
     if client.is_ehlo_or_helo_needed:
@@ -82,7 +86,7 @@ async def send(
             mail = b" ".join((b"MAIL FROM:" + paths[0], *options))
             rcpts = [b"RCPT TO:" + rcpt_path for rcpt_path in paths[1:]]
             refused, final = await pipelining.send(
-                client, mail_from, mail, rcpt_tos, rcpts, section, timeout, reset
+                client, mail_from, mail, rcpt_tos, rcpts, section, timeout, reset, done
             )
             return refused, final.message
         if reset:
@@ -101,7 +105,7 @@ async def send(
                 refused[address] = reply
         if len(errors) == len(rcpt_tos):
             raise aiosmtplib.SMTPRecipientsRefused(errors)
-        reply = await _data(client, section, timeout)
+        reply = await _data(client, section, timeout, done)
     except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
         # the refusal stands whatever happens to the RSET; aiosmtplib closes a
         # connection whose RSET is lost or unanswered, so it is not reused
@@ -151,7 +155,9 @@ async def _reset(client: aiosmtplib.SMTP, timeout: float) -> None:
         raise pipelining.Stale(f"RSET failed: {exc}") from exc
 
 
-async def _data(client: aiosmtplib.SMTP, section: bytes, timeout: float) -> aiosmtplib.SMTPResponse:
+async def _data(
+    client: aiosmtplib.SMTP, section: bytes, timeout: float, done: float
+) -> aiosmtplib.SMTPResponse:
     start = await client.execute_command(b"DATA", timeout=timeout)
     if start.code != aiosmtplib.SMTPStatus.start_input:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
@@ -161,7 +167,7 @@ async def _data(client: aiosmtplib.SMTP, section: bytes, timeout: float) -> aios
     try:
         protocol.write(section)  # the transport keeps a reference: no copy
         protocol.write(b".\r\n")
-        reply = await protocol.read_response(timeout=timeout)
+        reply = await pipelining.final_reply(protocol.read_response(timeout=done), done)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         client.close()  # out of step with the server: never reuse it
         raise
