@@ -10,6 +10,7 @@ recipient to everyone else.
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import datetime
 from email.utils import format_datetime
@@ -34,6 +35,7 @@ def received(
     return fold("Received", value).replace(b"\r\n", eol)
 
 
+@functools.lru_cache(maxsize=4096)
 def _literal(address: str) -> str:
     """The client's address as RFC 5321's TCP-info has it: ``[192.0.2.1]``, ``[IPv6:...]``."""
     try:

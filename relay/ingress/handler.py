@@ -22,7 +22,7 @@ from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
 from relay.ingress.auth import Authenticated, Mechanisms
 from relay.ingress.authcache import Verified
 from relay.ingress.authlimit import AuthFailures
-from relay.ingress.protocol import RelaySMTP, client_address, hook_names, log_refused
+from relay.ingress.protocol import RelaySMTP, client_text, hook_names, log_refused
 from relay.policy.model import AuthMode, Listener, Policy
 from relay.submission import Submission
 
@@ -102,7 +102,7 @@ class RelayHandler(Mechanisms):
             return refusal.line
         submission = Submission(
             listener=self._listener.name,
-            client_address=str(client_address(session.peer)),
+            client_address=client_text(session.peer),
             auth_login=_login(session),
             mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
             rcpt_tos=tuple(envelope.rcpt_tos),

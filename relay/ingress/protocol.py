@@ -348,8 +348,27 @@ def client_address(peer: Any) -> IPv4Address | IPv6Address | None:
     """The client's IP; IPv4 clients of a dual-stack socket are shown as IPv4."""
     if not isinstance(peer, tuple) or not peer:
         return None
+    return _host_address(peer[0])
+
+
+def client_text(peer: Any) -> str:
+    """``client_address`` as the log and the audit records write it."""
+    if not isinstance(peer, tuple) or not peer:
+        return str(None)
+    return _host_text(peer[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_text(host: Any) -> str:
+    return str(_host_address(host))
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_address(host: Any) -> IPv4Address | IPv6Address | None:
+    """Parsed once per client, not once per message: ``ipaddress`` is slow enough
+    to show in a lone session's profile."""
     try:
-        address = ip_address(peer[0])
+        address = ip_address(host)
     except ValueError:
         return None
     if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
