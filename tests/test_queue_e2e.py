@@ -293,7 +293,9 @@ def test_delete_refuses_to_remove_what_the_audit_log_cannot_record(
 
 def test_kill_9_loses_no_acknowledged_message(policy_file: Path, tmp_path: Path) -> None:
     """Send over several connections, kill -9 the relay at random moments, restart it:
-    every message that got a 250 reaches the sink; duplicates are only possible at kills."""
+    every message that got a 250 reaches the sink; duplicates are only possible at kills.
+    A message that got no answer is sent again, so a slow restart costs time, not
+    messages (the test once skipped them, and failed when a restart was slow)."""
     with SinkServer() as sink:
         port = free_port()
         policy = configure(policy_file, port, sink.port)
@@ -302,18 +304,19 @@ def test_kill_9_loses_no_acknowledged_message(policy_file: Path, tmp_path: Path)
         stop = threading.Event()
 
         def client(n: int) -> None:
+            """As an ERP does: a message without a 250 is sent again."""
             for i in range(MESSAGES_PER_CLIENT):
-                if stop.is_set():
-                    return
                 body = f"Subject: m-{n}-{i}\r\n".encode()
                 data = SMALL.replace(b"Subject: Hello\r\n", body)
-                try:
-                    send(port, data)
-                except (OSError, smtplib.SMTPException, AssertionError):
-                    time.sleep(0.05)
-                    continue
-                with lock:
-                    acknowledged.append(f"m-{n}-{i}")
+                while not stop.is_set():
+                    try:
+                        send(port, data)
+                    except (OSError, smtplib.SMTPException, AssertionError):
+                        time.sleep(0.05)
+                        continue
+                    with lock:
+                        acknowledged.append(f"m-{n}-{i}")
+                    break
 
         workers = [threading.Thread(target=client, args=(n,)) for n in range(4)]
         relay = RelayProcess(policy, port, tmp_path / "relay.log").__enter__()
@@ -336,7 +339,9 @@ def test_kill_9_loses_no_acknowledged_message(policy_file: Path, tmp_path: Path)
         print(f"acknowledged={len(acknowledged)} received={len(got)} duplicates={duplicates}")
         assert len(acknowledged) > 0.9 * 4 * MESSAGES_PER_CLIENT
         assert set(acknowledged) <= set(got)
-        assert duplicates <= 4 * KILLS
+        # per kill and client, at most: a message stored but unanswered (sent
+        # again) and a delivery cut off before its record (delivered again)
+        assert duplicates <= 2 * 4 * KILLS
 
 
 def _subjects(sink: SinkServer) -> set[str]:
