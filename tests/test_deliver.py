@@ -225,8 +225,9 @@ async def test_a_recipient_not_taken_is_never_delivered_whatever_its_code(
     with Sink(handler) as sink:
         got = await attempt(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
         alone = await attempt(upstream(sink.port), "b@p.example", ["two@example.org"], MESSAGE)
-    assert got.replies["two@example.org"] == (451, "451 4.4.0 Cannot VRFY user")
-    assert alone.replies == {"two@example.org": (451, "451 4.4.0 Cannot VRFY user")}
+    said = "451 4.4.0 Cannot VRFY user (upstream replied 252 2.1.5)"
+    assert got.replies["two@example.org"] == (451, said)
+    assert alone.replies == {"two@example.org": (451, said)}
     assert [m.rcpt_tos for m in handler.messages] == [["one@example.org"]]
 
 
@@ -300,7 +301,7 @@ async def test_421_becomes_451_with_the_upstream_text() -> None:
     handler = SinkHandler(refuse={"one@example.org": "421 4.7.0 Too many connections"})
     with Sink(handler) as sink, pytest.raises(UpstreamError) as failed:
         await deliver(upstream(sink.port), "b@p.example", ["one@example.org"], MESSAGE)
-    assert failed.value.line == "451 4.7.0 Too many connections"
+    assert failed.value.line == "451 4.7.0 Too many connections (upstream replied 421 4.7.0)"
 
 
 # --- SMTP: unreachable ------------------------------------------------------------
@@ -541,7 +542,7 @@ async def test_upstream_demanding_auth_we_do_not_do_is_temporary() -> None:
         pytest.raises(UpstreamError) as failed,
     ):
         await deliver(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
-    assert failed.value.line == "451 4.7.0 Authentication required"
+    assert failed.value.line == "451 4.7.0 Authentication required (upstream replied 530 5.7.0)"
 
 
 # --- reply parsing ----------------------------------------------------------------

@@ -5,7 +5,7 @@ the upstream's own code and text pass through. Only codes that would
 mislead the ERP are changed: 421 would tell it that *our* connection is
 closing, and 530/534/535/538 are about the relay's own login upstream, not
 about the message; both become 451, so the message is retried rather than
-bounced, with the upstream's text kept.
+bounced, with the upstream's text kept and its code named after it.
 """
 
 from __future__ import annotations
@@ -48,9 +48,15 @@ def line(code: int, message: str) -> str:
 
 
 def refusal(code: int, message: str, suffix: str = "") -> UpstreamError:
+    """A changed code says what it was, in the text: the audit log, the log and
+    the sender's notice quote this reply, and should not put a 451 in the
+    upstream's mouth where it said 421."""
     status, text = split(code, message)
+    said = f"{code} {status}"
     if code == 421 or code in _OUR_LOGIN:
         code, status = 451, "4" + status[1:]
     elif not 400 <= code < 600:
         code, status = 451, "4.4.0"  # not a refusal a client can act on; try again later
+    if f"{code} {status}" != said:
+        text = f"{text} (upstream replied {said})".lstrip()
     return UpstreamError(code, status, text + suffix)
