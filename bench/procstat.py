@@ -14,6 +14,17 @@ from pathlib import Path
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def stolen_seconds() -> float:
+    """CPU time the hypervisor gave other guests while this one wanted it,
+    summed over the CPUs (``steal`` in /proc/stat); 0 where there is none."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return 0.0
+    return int(fields[8]) / TICK if len(fields) > 8 and fields[0] == "cpu" else 0.0
+
+
 def _stat_fields(pid: int) -> list[str] | None:
     try:
         text = Path(f"/proc/{pid}/stat").read_text()

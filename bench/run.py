@@ -263,6 +263,7 @@ class Bench:
             return self.measure_smtp_source(port, sink, sc, tag, cpu)
         work = load.jobs(tag, sc.messages, sc.size, self.users, seed=seed)
         own0 = os.times()
+        stolen0 = procstat.stolen_seconds()
         cpu0, sink0, t0 = cpu(), sink.cpu_seconds(), time.time()
         results = load.run(
             load.drive(
@@ -283,6 +284,7 @@ class Bench:
         arrivals = sink.wait_for(tag, len(ok), wait)
         time.sleep(0.3)  # let the server finish its bookkeeping after the last delivery
         cpu1, sink1 = cpu(), sink.cpu_seconds()
+        stolen = stolen_share(stolen0, t0)
         sink.forget(tag)
         failures = [r for r in results if r.code != 250]
         out: dict[str, Any] = {
@@ -306,6 +308,7 @@ class Bench:
         client = (own1.user + own1.system) - (own0.user + own0.system)
         out["client_cpu_ms_per_msg"] = client / max(len(results), 1) * 1000
         out["sink_cpu_ms_per_msg"] = (sink1 - sink0) / max(len(arrivals), 1) * 1000
+        out["stolen_pct"] = stolen
         return out
 
     def measure_smtp_source(
@@ -334,12 +337,14 @@ class Bench:
         if not self.args.reconnect:
             command.append("-d")
         command.append(f"127.0.0.1:{port}")
+        stolen0 = procstat.stolen_seconds()
         cpu0, t0 = cpu(), time.time()
         done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
         t_sent = time.time()
         arrived = sink.wait_count(token, sc.messages, max(60.0, 3 * (t_sent - t0)))
         time.sleep(0.3)
         cpu1 = cpu()
+        stolen = stolen_share(stolen0, t0)
         last = sink.latest.get(token, t_sent)
         with_bcc = sink.multi.get(token, 0)
         sink.forget(tag)
@@ -353,6 +358,7 @@ class Bench:
             "msgs_per_s": arrived / (last - t0) if arrived else None,
             "accepted_per_s": sc.messages / (t_sent - t0) if done.returncode == 0 else None,
             "cpu_ms_per_msg": (cpu1 - cpu0) / max(arrived, 1) * 1000,
+            "stolen_pct": stolen,
         }
 
     def run_relay(self, sc: Scenario, rep: int, rate: float | None = None) -> dict[str, Any]:
@@ -639,7 +645,15 @@ ROWS = [
     ("mem_end_mb", "memory at end (MB) [2]", "{:.1f}"),
     ("client_cpu_ms_per_msg", "load generator CPU per message (ms)", "{:.2f}"),
     ("sink_cpu_ms_per_msg", "sink CPU per message (ms)", "{:.2f}"),
+    ("stolen_pct", "CPU taken by other guests (% of all CPUs) [3]", "{:.1f}"),
 ]
+
+
+def stolen_share(stolen0: float, t0: float) -> float:
+    """The hypervisor's ``steal`` since ``stolen0``, as a share of every CPU's time since
+    ``t0``: on a shared virtual machine, the runs it is high in are the ones to doubt."""
+    elapsed = (time.time() - t0) * (os.cpu_count() or 1)
+    return 100 * (procstat.stolen_seconds() - stolen0) / elapsed if elapsed > 0 else 0.0
 
 
 def fmt(value: Any, pattern: str) -> str:
@@ -693,7 +707,7 @@ def print_report(report: dict[str, Any]) -> None:
             if pf:
                 b = pf["median"].get(key)
                 ratio = a / b if isinstance(a, (int, float)) and b else None
-                if key in ("client_cpu_ms_per_msg", "sink_cpu_ms_per_msg"):
+                if key in ("client_cpu_ms_per_msg", "sink_cpu_ms_per_msg", "stolen_pct"):
                     ratio = None
                 line += f"{fmt(b, pattern):>14}{fmt(ratio, '{:.2f}'):>15}"
             if a is None and (not pf or pf["median"].get(key) is None):
@@ -725,6 +739,11 @@ def print_report(report: dict[str, Any]) -> None:
         print(
             "  [2] relay: sum of PSS over its processes; postfix: the same, plus OpenDKIM"
             " (shared pages counted once)",
+            file=out,
+        )
+        print(
+            "  [3] the hypervisor's steal time during the run (/proc/stat): CPU this"
+            " virtual machine wanted and other guests got; compare runs with little of it",
             file=out,
         )
         print(
