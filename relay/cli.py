@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -150,6 +151,10 @@ def _policy_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # A reload asked for while the relay starts (``kill -HUP`` right after
+    # ``systemctl start``) waits until it serves: SIGHUP's default action
+    # would end it, and systemd does not restart a service that SIGHUP ended.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     from relay.server import run
 
     return run(args.config)

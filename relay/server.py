@@ -260,6 +260,7 @@ async def serve(
         chores.append(loop.create_task(worker.watch_parent(stopping.set)))
         worker.ready()  # also lets through the signals held back until now
     else:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # see relay.cli._serve
         log.info("serving in one process")
     try:
         await stopping.wait()

@@ -378,6 +378,36 @@ def test_the_daily_upkeep_uses_the_audit_settings_a_reload_brought(
     assert verify(audit_dir).ok
 
 
+def _sighup_held(pid: int) -> bool:
+    """Whether the process blocks SIGHUP now (``SigBlk`` in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    blocked = next(line for line in status.splitlines() if line.startswith("SigBlk:"))
+    return bool(int(blocked.split()[1], 16) >> (signal.SIGHUP - 1) & 1)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_sighup_while_the_relay_starts_is_a_reload_once_it_serves(
+    policy: Path, tmp_path: Path, port: int, workers: int
+) -> None:
+    """``systemctl reload`` just after a start: SIGHUP's default action ended the
+    relay before it served (and systemd does not restart a service SIGHUP ended).
+    It is held from before the policy is read, then taken as a reload."""
+    policy.write_text(policy.read_text() + f"workers: {workers}\n")
+    running = Daemon(policy, tmp_path / "relay.log")
+    try:
+        running.wait_for(lambda: _sighup_held(running.proc.pid))
+        assert " serving" not in running.log()  # still starting
+        running.proc.send_signal(signal.SIGHUP)
+        running.wait_reloaded(1)
+        assert running.proc.poll() is None
+        assert send(port)[0] == 250
+    finally:
+        assert running.stop() == 0
+
+
 def test_invalid_policy_does_not_start(policy: Path, tmp_path: Path) -> None:
     policy.write_text(policy.read_text().replace("name: Acme AS", "name: Acme AS\n    bogus: 1"))
     running = Daemon(policy, tmp_path / "relay.log")
