@@ -35,7 +35,16 @@ class Identity:
 
 
 def identify(policy: Policy, submission: Submission, view: MessageView) -> Identity:
+    """A session whose login a reload removed sends no more: read as no login at
+    all, it would no longer be bound to its tenant, and could send as any."""
     login = policy.logins.get(submission.auth_login) if submission.auth_login else None
+    if submission.auth_login and login is None:
+        raise Rejected(
+            535,
+            "5.7.8",
+            "Authentication credentials invalid:"
+            f" no login {submission.auth_login!r} in the policy",
+        )
     reasons: list[str] = []
     if login is not None:
         reasons.append(f"AUTH login {login.login!r} belongs to tenant {login.tenant!r}")

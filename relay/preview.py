@@ -61,13 +61,9 @@ def render(policy: Policy, submission: Submission, *, as_json: bool) -> str:
 
 def _check_envelope(policy: Policy, submission: Submission) -> None:
     """Raise the SMTP side's refusal of this transaction, if it has one: an
-    ERP could not log in, name these addresses or send this content, so no
-    preview of them helps."""
-    login = submission.auth_login
-    if login is not None and login not in policy.logins:
-        raise Rejected(
-            535, "5.7.8", f"Authentication credentials invalid: no login {login!r} in the policy"
-        )
+    ERP could not name these addresses or send this content, so no preview of
+    them helps. A login the policy does not have is refused by ``prepare``,
+    as in the daemon, where a reload may have removed it mid-session."""
     paths = [(submission.mail_from, SENDER)] if submission.mail_from else []
     paths += [(rcpt, RECIPIENT) for rcpt in submission.rcpt_tos]
     for address, status in paths:

@@ -378,6 +378,39 @@ def test_the_daily_upkeep_uses_the_audit_settings_a_reload_brought(
     assert verify(audit_dir).ok
 
 
+def test_a_login_a_reload_removed_sends_nothing_more_in_its_open_session(
+    daemon: Daemon, policy: Path, port: int
+) -> None:
+    """Read as no login at all, the session was no longer bound to its tenant:
+    refused as another tenant's sender before the reload, it sent as one after."""
+    daemon.wait_log(" serving")
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        client.login("erp-globex", "demo-password")
+
+        def send_as(sender: str) -> tuple[int, bytes]:
+            client.mail(sender)
+            client.rcpt("one@example.org")
+            try:
+                return client.data(MESSAGE.replace(b"jan@acme.example", sender.encode()))
+            except smtplib.SMTPDataError as refused:
+                return refused.smtp_code, refused.smtp_error
+
+        assert send_as("hank@globex.example")[0] == 250
+        assert send_as("jan@acme.example")[0] == 550
+        text = policy.read_text()
+        login = text[text.index("  erp-globex:") : text.index("tenants:")]
+        policy.write_text(text.replace(login, ""))
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_reloaded(1)
+        refused = (
+            535,
+            b"5.7.8 Authentication credentials invalid: no login 'erp-globex' in the policy",
+        )
+        assert send_as("jan@acme.example") == refused
+        assert send_as("hank@globex.example") == refused
+    assert len(list(daemon.outbox.glob("*.eml"))) == 1
+
+
 def _sighup_held(pid: int) -> bool:
     """Whether the process blocks SIGHUP now (``SigBlk`` in /proc/PID/status)."""
     try:
