@@ -42,8 +42,7 @@ def identify(policy: Policy, submission: Submission, view: MessageView) -> Ident
         raise Rejected(
             535,
             "5.7.8",
-            "Authentication credentials invalid:"
-            f" no login {submission.auth_login!r} in the policy",
+            f"Authentication credentials invalid: no login {submission.auth_login!r} in the policy",
         )
     reasons: list[str] = []
     if login is not None:

@@ -249,6 +249,11 @@ class Acceptor:
             ",".join(f"<{r}>" for r in submission.rcpt_tos),
             reply.line,
         )
+        await self.refused(submission, reply)
+
+    async def refused(self, submission: Submission, reply: SmtpReply) -> None:
+        """A refused message on record (the pipeline's refusals, and the SMTP
+        side's of content no upstream should see: bare line ends, NUL, long lines)."""
         self.recorder.add(events.rejected_for(submission, reply))
         try:
             await self.recorder.flush(None)

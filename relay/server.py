@@ -228,7 +228,9 @@ async def serve(
 
     engine = Engine(spool, holder.current, attempt, recorder, alone=alone)
     acceptor = Acceptor(spool, engine, recorder, alone=alone)
-    ingress = await start(policy.listeners, holder.current, acceptor.process, sockets)
+    ingress = await start(
+        policy.listeners, holder.current, acceptor.process, sockets, refused=acceptor.refused
+    )
 
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()

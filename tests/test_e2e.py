@@ -6,6 +6,7 @@ import json
 import re
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -148,6 +149,46 @@ def test_unknown_sender_refused_and_nothing_sent(relay: RelayProcess, sink: Sink
     (record,) = [json.loads(line) for line in found.stdout.splitlines()]
     assert record["mail_from"] == "x@nowhere.example"
     assert record["reply"].startswith("550 5.7.1 Sender not known to this relay")
+
+
+def _rejected_records(relay: RelayProcess) -> list[dict]:
+    found = subprocess.run(
+        [sys.executable, "-m", "relay", "audit", "search", "-c", str(relay.policy),
+         "--status", "rejected", "--format", "json"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    return [json.loads(line) for line in found.stdout.splitlines()]
+
+
+def test_content_the_smtp_side_refuses_is_on_record(relay: RelayProcess, sink: SinkServer) -> None:
+    """A bare line feed, a NUL, a line over 998 octets: refused before the pipeline
+    sees the message, and an auditor finds each refusal as the pipeline's own."""
+    head = b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: x\r\n\r\n"
+    sent = [head + b"one\ntwo\r\n", head + b"a\0b\r\n", head + b"x" * 999 + b"\r\n"]
+    replies = []
+    for data in sent:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=20) as raw:
+            stream = raw.makefile("rwb")
+            stream.readline()
+            for command in (b"EHLO erp.example", b"MAIL FROM:<jan@acme.example>",
+                            b"RCPT TO:<one@example.org>", b"DATA"):  # fmt: skip
+                stream.write(command + b"\r\n")
+                stream.flush()
+                line = stream.readline()
+                while line[3:4] == b"-":
+                    line = stream.readline()
+            assert line.startswith(b"354"), line
+            stream.write(data + b".\r\n")
+            stream.flush()
+            replies.append(stream.readline().decode().rstrip())
+    assert [reply[:9] for reply in replies] == ["550 5.6.1", "554 5.6.0", "500 5.5.2"]
+    records = _rejected_records(relay)
+    assert [r["reply"] for r in records] == replies
+    assert {(r["mail_from"], tuple(r["rcpt_tos"])) for r in records} == {
+        ("jan@acme.example", ("one@example.org",))
+    }
+    assert sink.sink.messages == []
 
 
 def test_the_audit_log_has_the_size_as_received_and_as_sent(

@@ -29,6 +29,8 @@ from relay.submission import Submission
 log = logging.getLogger("relay")
 
 Process = Callable[[Policy, Submission], Awaitable[str]]
+#: Puts on record a message the SMTP side refused for its content.
+Refused = Callable[[Submission, SmtpReply], Awaitable[None]]
 
 LOCAL_ERROR = "451 4.3.0 Local error, try again later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
@@ -45,6 +47,7 @@ class RelayHandler(Mechanisms):
         in_flight: set[asyncio.Task[str]] | None = None,
         verified: Verified | None = None,
         failures: AuthFailures | None = None,
+        refused: Refused | None = None,
     ) -> None:
         self._listener = listener
         self._current_policy = current_policy
@@ -52,6 +55,7 @@ class RelayHandler(Mechanisms):
         self._in_flight = in_flight if in_flight is not None else set()
         self._verified = verified if verified is not None else Verified()
         self._failures = failures if failures is not None else AuthFailures()
+        self._refused = refused
 
     def __dir__(self) -> list[str]:
         """See ``RelaySMTP.__dir__``: aiosmtpd looks for its hooks here on every connection."""
@@ -96,10 +100,6 @@ class RelayHandler(Mechanisms):
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data = envelope.original_content or b""
-        refusal = content.refusal(data)
-        if refusal is not None:
-            log_refused(session.peer, envelope.mail_from, refusal.line)
-            return refusal.line
         submission = Submission(
             listener=self._listener.name,
             client_address=client_text(session.peer),
@@ -110,6 +110,12 @@ class RelayHandler(Mechanisms):
             helo=session.host_name or "",
             tls=session.ssl is not None,
         )
+        refusal = content.refusal(data)
+        if refusal is not None:
+            log_refused(session.peer, envelope.mail_from, refusal.line)
+            if self._refused is not None:
+                await self._refused(submission, refusal)
+            return refusal.line
         task = asyncio.ensure_future(self._reply_for(self._current_policy(), submission))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)

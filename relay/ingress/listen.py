@@ -20,7 +20,7 @@ from ipaddress import ip_address
 
 from relay.ingress.authcache import Verified
 from relay.ingress.authlimit import AuthFailures
-from relay.ingress.handler import Process, RelayHandler
+from relay.ingress.handler import Process, Refused, RelayHandler
 from relay.ingress.protocol import RelaySMTP
 from relay.policy.model import AuthMode, Listener, Policy
 from relay.policy.tlspair import server_context
@@ -44,6 +44,7 @@ class Ingress:
     verified: Verified = field(default_factory=Verified)  # AUTH passwords, for every listener
     failures: AuthFailures = field(default_factory=AuthFailures)  # failed logins, likewise
     tls: dict[str, ssl.SSLContext] = field(default_factory=dict)  # per listener, for STARTTLS
+    refused: Refused | None = None  # puts content the SMTP side refused on record
 
     def reload_tls(self, listeners: Sequence[Listener]) -> None:
         """Take up the listeners' certificates as the reloaded policy read them
@@ -154,10 +155,11 @@ async def start(
     process: Process,
     sockets: Sockets,
     failures: AuthFailures | None = None,
+    refused: Refused | None = None,
 ) -> Ingress:
     """Serve every listener on its sockets from ``bind``; raises ssl.SSLError."""
     loop = asyncio.get_running_loop()
-    ingress = Ingress(failures=failures or AuthFailures())
+    ingress = Ingress(failures=failures or AuthFailures(), refused=refused)
     try:
         for listener in listeners:
             factory = _factory(listener, current_policy, process, ingress, loop)
@@ -179,7 +181,13 @@ def _factory(
     loop: asyncio.AbstractEventLoop,
 ) -> Callable[[], RelaySMTP]:
     handler = RelayHandler(
-        listener, current_policy, process, ingress.in_flight, ingress.verified, ingress.failures
+        listener,
+        current_policy,
+        process,
+        ingress.in_flight,
+        ingress.verified,
+        ingress.failures,
+        ingress.refused,
     )
     tls = server_context(listener.tls) if listener.tls is not None else None
     if tls is not None:
