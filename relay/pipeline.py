@@ -73,6 +73,7 @@ def prepare(policy: Policy, submission: Submission, now: datetime | None = None)
     queue_id = new_queue_id()
     split = headers.split_at(submission.data)  # once: each step below needs it
     _check_header_block(submission.data, split[1])
+    _check_page_breaks(split[0])
     view = message.read(submission.data, split)
     identity = identify(policy, submission, view)
     classification = classify(policy.classify, view)
@@ -102,6 +103,25 @@ def _check_header_block(data: bytes, body: int) -> None:
     if body < len(data) and not data.startswith((b"\r\n", b"\n"), body):
         line = data[body : body + 60].split(b"\n", 1)[0].decode("ascii", "replace").strip()
         raise Rejected(550, "5.6.0", f"Malformed header line: {line!r}")
+
+
+_PAGE_BREAKS = {b"\x0b": "vertical tab", b"\x0c": "form feed"}
+
+
+def _check_page_breaks(fields: list[headers.Field]) -> None:
+    """Refuse a vertical tab or form feed in a header field (left over from a
+    print layout). DKIM verifiers read them differently: dkimpy keeps them as
+    RFC 6376 says, OpenDKIM takes them for white space, so a signature over
+    such a field fails at receivers that run OpenDKIM."""
+    for field in fields:
+        for char, name in _PAGE_BREAKS.items():
+            if char in field.raw:
+                raise Rejected(
+                    550,
+                    "5.6.0",
+                    f"A {name} in header field {field.name}: not signable for every"
+                    " receiver, remove it",
+                )
 
 
 class Acceptor:

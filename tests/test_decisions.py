@@ -290,6 +290,29 @@ def test_header_lines_readers_disagree_on_are_refused(policy_file: Path, first: 
     assert caught.value.line.startswith("550 5.6.0 Malformed header line:")
 
 
+@pytest.mark.parametrize(
+    ("lines", "refusal"),
+    [
+        (("Subject: Faktura\x0c42",), "A form feed in header field Subject"),
+        (("Subject: Faktura", " \x0b42"), "A vertical tab in header field Subject"),
+        (("X-Print-Layout: \x0c",), "A form feed in header field X-Print-Layout"),
+    ],
+)
+def test_a_page_break_in_a_header_field_is_refused(
+    policy_file: Path, lines: tuple[str, ...], refusal: str
+) -> None:
+    """OpenDKIM reads VT and FF in a field as white space, dkimpy (and RFC 6376)
+    does not: signed, the message would fail DKIM at OpenDKIM's receivers."""
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, msg(*BASE, *lines))
+    assert caught.value.line == f"550 5.6.0 {refusal}: not signable for every receiver, remove it"
+
+
+def test_a_page_break_in_the_body_passes(policy_file: Path) -> None:
+    p = run(policy_file, msg(*BASE, body=b"page one\x0cpage two\r\n"))
+    assert p.message.endswith(b"page one\x0cpage two\r\n")
+
+
 def test_unfolded_values_read_as_written(policy_file: Path) -> None:
     view = message.read(msg("From: Jan <jan@acme.example>", "To: a@example.org,", " b@example.org"))
     assert view.get("To") == "a@example.org, b@example.org"
