@@ -353,7 +353,7 @@ def reloaded(
     except Exception:
         log.exception("reload failed: keeping policy %s", old.digest[:12])
         return None
-    changed = sorted({item.name for item in set(read.listeners) ^ set(old.listeners)})
+    changed = _listener_changes(old.listeners, read.listeners)
     new = _as_opened(
         old, dataclasses.replace(read, listeners=_as_bound(old.listeners, read.listeners))
     )
@@ -361,7 +361,7 @@ def reloaded(
         return new
     if changed:
         log.warning(
-            "listener settings changed (%s): they take effect after a restart", ", ".join(changed)
+            "listener settings changed (%s): they take effect after a restart", "; ".join(changed)
         )
     _warn_state_changed(old, read)
     if read.workers != old.workers:
@@ -382,6 +382,26 @@ def reloaded(
             ", ".join(gone),
         )
     return new
+
+
+def _listener_changes(old: Sequence[Listener], new: Sequence[Listener]) -> list[str]:
+    """What changed, per listener (``local: port, auth``), for the warning that it
+    waits for a restart: a sysadmin should not have to diff the file to know."""
+    before = {listener.name: listener for listener in old}
+    after = {listener.name: listener for listener in new}
+    changes = []
+    for name in sorted(before.keys() | after.keys()):
+        was, now = before.get(name), after.get(name)
+        if was is None or now is None:
+            changes.append(f"{name}: {'added' if was is None else 'removed'}")
+        elif was != now:
+            keys = [f.name for f in dataclasses.fields(now) if _differs(was, now, f.name)]
+            changes.append(f"{name}: {', '.join(keys)}")
+    return changes
+
+
+def _differs(was: Listener, now: Listener, key: str) -> bool:
+    return bool(getattr(was, key) != getattr(now, key))
 
 
 def _as_opened(old: Policy, new: Policy) -> Policy:

@@ -27,9 +27,10 @@ from relay import message
 from relay import server as server_module
 from relay.audit import AuditLog, events, reader, verify
 from relay.policy.load import load
-from relay.server import _open_state, reloaded
+from relay.server import _listener_changes, _open_state, reloaded
 from tests.certs import der, make_certs, served_certificate
 from tests.ingress_harness import swaks
+from tests.minimal_policy import listener
 from tests.relayproc import terminate
 from tests.sink import Sink, SinkServer, free_port
 
@@ -146,7 +147,7 @@ def test_reload_keeps_old_policy_on_error_and_swaks_on_good_one(
     policy.write_text(good.replace("auth: optional", "auth: required"))
     daemon.proc.send_signal(signal.SIGHUP)
     daemon.wait_reloaded(2)
-    daemon.wait_log("listener settings changed (local): they take effect after a restart")
+    daemon.wait_log("listener settings changed (local: auth): they take effect after a restart")
     assert send(port)[0] == 250  # still the listener as started: auth optional
 
     renamed = good.replace("  default:\n    type: directory", "  outbox:\n    type: directory")
@@ -409,6 +410,17 @@ def test_a_login_a_reload_removed_sends_nothing_more_in_its_open_session(
         assert send_as("jan@acme.example") == refused
         assert send_as("hank@globex.example") == refused
     assert len(list(daemon.outbox.glob("*.eml"))) == 1
+
+
+def test_the_warning_of_a_listener_change_says_what_changed() -> None:
+    old = (listener(name="local"), listener(name="lan", port=25))
+    new = (listener(name="local", port=2526, max_recipients=9), listener(name="wan"))
+    assert _listener_changes(old, new) == [
+        "lan: removed",
+        "local: port, max_recipients",
+        "wan: added",
+    ]
+    assert _listener_changes(old, old) == []
 
 
 def _sighup_held(pid: int) -> bool:
