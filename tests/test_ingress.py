@@ -380,6 +380,28 @@ def test_bare_newline_anywhere_refused(relay: Relay, bare: bytes) -> None:
     assert relay.process.calls == []
 
 
+def test_a_client_on_bare_line_feeds_hears_why_at_its_end_of_data(relay: Relay) -> None:
+    """Its ``.<LF>`` does not end DATA (that would open the door to smuggling), so
+    it waited, hearing nothing, until the idle timeout; now the silence after it
+    gets the refusal and the connection ends, before anything after it is read."""
+    with Raw(relay.port) as raw:
+        raw.send(b"EHLO erp.example\nMAIL FROM:<erp@acme.example>\n")
+        raw.reply()
+        assert raw.reply() == ["250 2.1.0 OK"]
+        raw.send(b"RCPT TO:<one@example.org>\n")
+        assert raw.reply() == ["250 2.1.5 OK"]
+        raw.send(b"DATA\n")
+        assert raw.reply()[0].startswith("354")
+        started = time.monotonic()
+        raw.send(b"Subject: x\n\nbody\n.\n")
+        assert raw.reply() == [
+            "550 5.6.11 Bare <CR> or <LF> received: lines must end with <CR><LF> (RFC 5321 2.3.8)"
+        ]
+        assert time.monotonic() - started < 10  # not the idle timeout
+        assert raw.closed()
+    assert relay.process.calls == []
+
+
 # --- replies from the pipeline ---------------------------------------------------
 
 

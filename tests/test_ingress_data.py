@@ -47,6 +47,33 @@ async def test_empty_message_and_pipelined_command_left_unread() -> None:
     assert rest == b"RSET\r\n" and window == LIMIT
 
 
+async def test_a_dot_line_after_bare_line_feeds_then_silence_is_a_bare_end() -> None:
+    for wire in (b"Subject: x\n\nbody\n.\n", b"Subject: x\r\n\r\nbody\n.\r\n", b".\n"):
+        reader = asyncio.StreamReader(limit=LIMIT)
+        reader.feed_data(wire)  # and then nothing: the client waits for the reply
+        section = await asyncio.wait_for(data.read(reader, None), data.STALL + 5)
+        assert section == data.Data(b"", data.Overflow.NONE, bare_end=True), wire
+
+
+async def test_a_bare_dot_line_the_client_goes_on_after_is_no_end(monkeypatch) -> None:
+    """Only silence makes it an end: more data (a slow client) and the section goes on,
+    to be refused whole for its bare line feed, as before."""
+    monkeypatch.setattr(data, "STALL", 0.2)
+    reader = asyncio.StreamReader(limit=LIMIT)
+    reader.feed_data(b"Subject: x\r\n\r\nbody\n.\n")
+
+    async def rest() -> None:
+        await asyncio.sleep(0.05)
+        reader.feed_data(b"more\r\n.\r\nNOOP\r\n")
+
+    feeding = asyncio.ensure_future(rest())
+    section = await asyncio.wait_for(data.read(reader, None), 5)
+    await feeding
+    assert section.content == b"Subject: x\r\n\r\nbody\n.\nmore\r\n"
+    assert not section.bare_end
+    assert content.refusal(section.content) is content.BARE_NEWLINE
+
+
 async def test_dots_are_unstuffed_on_every_line() -> None:
     wire = b"..first\r\nplain\r\n.x\r\n...\r\nend.\r\n.\r\nQUIT\r\n"
     section, rest, _ = await read_in_pieces(wire, 5)

@@ -8,17 +8,27 @@ stream reader's window widened, and ends exactly where aiosmtpd does: at
 <CR><LF>.<CR><LF> and nowhere else, leaving any pipelined command after it
 unread. Everything else (line length, bare CR or LF, NUL) is judged on the
 whole message by ``content.refusal``, as before.
+
+A client that ends its lines with a bare LF ends the data with ``.<LF>``
+and then waits for a reply that, by those rules, would never come: it heard
+nothing until the idle timeout. When the data so far ends in such a dot
+line and nothing more comes for ``STALL`` seconds, the section ends as a
+bare end, for the caller to refuse; what the client might send after it is
+never read as SMTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import re
 from dataclasses import dataclass
 
 WINDOW = 1 << 16  # bytes the reader may buffer while DATA comes in
 _DOT_LINE = b".\r\n"
 _END = b"\r\n.\r\n"
+_BARE_END = re.compile(rb"\n\.\r?\n\Z")  # .<LF> or .<CR><LF> after an LF
+STALL = 1.0  # seconds of silence after a bare end before it counts as one
 
 
 class Overflow(enum.Enum):
@@ -30,6 +40,7 @@ class Overflow(enum.Enum):
 class Data:
     content: bytes  # dot-unstuffed, ending in <CR><LF> unless empty
     overflow: Overflow
+    bare_end: bool = False  # ended by a dot line not in <CR><LF>s; content empty
 
 
 async def read(reader: asyncio.StreamReader, limit: int | None) -> Data:
@@ -49,9 +60,11 @@ async def _read(reader: asyncio.StreamReader, limit: int | None) -> Data:
     tail = b"\r\n"  # the section starts at a line start, as if after a CRLF
     while True:
         try:
-            piece = await reader.readuntil(_DOT_LINE)
+            piece = await _until_dot_line(reader, tail)
         except asyncio.LimitOverrunError as exc:
             piece = await reader.readexactly(exc.consumed)
+        if piece is None:
+            return Data(b"", overflow, bare_end=True)
         size += len(piece)
         tail = (tail + piece[-len(_END) :])[-len(_END) :]
         ended = tail == _END
@@ -67,6 +80,18 @@ async def _read(reader: asyncio.StreamReader, limit: int | None) -> Data:
         return Data(b"", overflow)
     del received[-len(_DOT_LINE) :]
     return Data(_unstuff(bytes(received)), overflow)
+
+
+async def _until_dot_line(reader: asyncio.StreamReader, tail: bytes) -> bytes | None:
+    """The next piece up to a ``.<CR><LF>``, or None for a bare end (see above)."""
+    while True:
+        try:
+            async with asyncio.timeout(STALL):
+                return await reader.readuntil(_DOT_LINE)
+        except TimeoutError:
+            waiting = bytes(reader._buffer[-len(_END) :])  # private to asyncio, read only
+            if _BARE_END.search((tail + waiting)[-len(_END) :]):
+                return None
 
 
 def _unstuff(data: bytes) -> bytes:

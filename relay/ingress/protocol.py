@@ -253,6 +253,13 @@ class RelaySMTP(SMTP):
             log.info("connection lost during DATA client=%s", client_address(self.session.peer))
             self._writer.close()
             raise
+        if section.bare_end:
+            assert self.session is not None
+            log_refused(self.session.peer, self.envelope.mail_from, content.BARE_NEWLINE.line)
+            self._say(content.BARE_NEWLINE.line.encode() + b"\r\n")
+            if self.transport is not None:
+                self.transport.close()  # out of step: whatever follows is not read
+            return
         if section.overflow is not data.Overflow.NONE:
             assert self.session is not None
             reply = self._too_big()
