@@ -15,6 +15,7 @@ import email.policy
 import functools
 import re
 from dataclasses import dataclass, field
+from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import getaddresses
@@ -78,7 +79,7 @@ def decode(value: str) -> str:
         return unfolded  # no encoded word: what the decoder would give back, at no cost
     try:
         return str(make_header(decode_header(unfolded)))
-    except (ValueError, LookupError, UnicodeError):
+    except (ValueError, LookupError, UnicodeError, MessageError):  # a charset named in 8 bits
         return unfolded
 
 
