@@ -146,9 +146,15 @@ def _head(raw: bytes) -> bytes:
 
 
 def _filenames(msg: Message) -> list[str]:
+    """A name the email package cannot read (a broken RFC 2231 parameter: its
+    charset unknown, its pieces misnumbered) is left out rather than failing the
+    message, which would be answered 451 at every try."""
     names = []
     for part in msg.walk():
-        filename = part.get_filename()
+        try:
+            filename = part.get_filename()
+        except (TypeError, ValueError, LookupError, MessageError):
+            continue
         if filename:
             names.append(decode(str(filename)))
     return names

@@ -44,6 +44,26 @@ def test_an_encoded_word_naming_a_charset_in_8_bits_is_kept_as_written() -> None
     assert view.subject == "=?é?b?=?= 7"
 
 
+@pytest.mark.parametrize(
+    "disposition",
+    [
+        "filename*=iso-8859-1''a.pdf; filename*0=b.pdf",  # TypeError: pieces misnumbered
+        "filename*=idna''%C3%A6.pdf",  # UnicodeError
+        "filename*=punycode''%C3%A6.pdf",  # UnicodeDecodeError
+    ],
+)
+def test_an_attachment_name_the_email_package_cannot_read_is_left_out(disposition: str) -> None:
+    """Its exception escaped the view: the message got 451 at every try."""
+    raw = (
+        b"From: a@b.example\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Disposition: attachment; filename=invoice.pdf\r\n\r\nx\r\n"
+        b"--b\r\nContent-Disposition: attachment; " + disposition.encode() + b"\r\n\r\ny\r\n"
+        b"--b--\r\n"
+    )
+    assert message.read(raw).attachments == ("invoice.pdf",)
+
+
 def test_view_reads_encoded_and_plain_values() -> None:
     view = message.read(
         b"Subject: =?utf-8?q?Faktura_n=C3=A6r?= 7\r\n"
