@@ -43,8 +43,12 @@ class MessageView:
 
     @functools.cached_property
     def attachments(self) -> tuple[str, ...]:
-        """File names of every MIME part that has one."""
-        return tuple(_filenames(_PARSER.parsebytes(self.raw)))
+        """File names of every MIME part that has one; none where the email
+        package's parser recurses too deep (parts nested a thousand levels)."""
+        try:
+            return tuple(_filenames(_PARSER.parsebytes(self.raw)))
+        except RecursionError:
+            return ()
 
     def get(self, name: str) -> str | None:
         name = name.lower()
@@ -61,10 +65,15 @@ class MessageView:
         The value is parsed as written and only the names are decoded after: an
         encoded word may hold ``<``, ``,`` or ``@``, which are text in a name and
         must not turn one mailbox into another. Empty addresses and ones longer
-        than RFC 5321 allows (4.5.3.1) are left out: no server takes them.
+        than RFC 5321 allows (4.5.3.1) are left out: no server takes them, and so
+        is a value the email package's parser recurses on too deep (comments or
+        groups nested hundreds of levels), which would otherwise fail the message.
         """
         name = name.lower()
-        pairs = getaddresses([v for n, v in self.written if n.lower() == name])
+        try:
+            pairs = getaddresses([v for n, v in self.written if n.lower() == name])
+        except RecursionError:
+            return ()
         return tuple((decode(n), a) for n, a in pairs if _deliverable(a))
 
     @property

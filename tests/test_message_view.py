@@ -64,6 +64,25 @@ def test_an_attachment_name_the_email_package_cannot_read_is_left_out(dispositio
     assert message.read(raw).attachments == ("invoice.pdf",)
 
 
+@pytest.mark.parametrize("nested", ["(" * 990, ":" * 990], ids=["comments", "groups"])
+def test_an_address_header_nested_past_the_parsers_depth_names_no_one(nested: str) -> None:
+    """One line under 998 octets made the email package's address parser recurse
+    past Python's limit: the RecursionError failed the message with 451 at every try."""
+    view = message.read(f"From: {nested}\r\nReply-To: a@b.example\r\n\r\nx\r\n".encode())
+    assert view.addresses("From") == ()
+    assert view.addresses("Reply-To") == (("", "a@b.example"),)
+
+
+def test_parts_nested_past_the_parsers_depth_have_no_attachment_names() -> None:
+    depth = 1200
+    opening = b"".join(
+        b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i)
+        for i in range(depth)
+    )
+    raw = b"From: a@b.example\r\nMIME-Version: 1.0\r\n" + opening + b"\r\nx\r\n"
+    assert message.read(raw).attachments == ()
+
+
 def test_view_reads_encoded_and_plain_values() -> None:
     view = message.read(
         b"Subject: =?utf-8?q?Faktura_n=C3=A6r?= 7\r\n"
