@@ -129,6 +129,16 @@ def test_swaks_submission(relay: RelayProcess, sink: SinkServer) -> None:
     assert message.read(got.data).get("Reply-To") == "Jan Janssens <jan@acme.example>"
 
 
+def _rejected_records(relay: RelayProcess) -> list[dict]:
+    found = subprocess.run(
+        [sys.executable, "-m", "relay", "audit", "search", "-c", str(relay.policy),
+         "--status", "rejected", "--format", "json"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    return [json.loads(line) for line in found.stdout.splitlines()]
+
+
 def test_unknown_sender_refused_and_nothing_sent(relay: RelayProcess, sink: SinkServer) -> None:
     data = b"From: x@nowhere.example\r\nTo: one@example.org\r\nSubject: hi\r\n\r\nhi\r\n"
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
@@ -140,25 +150,9 @@ def test_unknown_sender_refused_and_nothing_sent(relay: RelayProcess, sink: Sink
     assert reply.startswith(b"5.7.1 Sender not known to this relay")
     time.sleep(0.2)
     assert sink.sink.messages == []
-    found = subprocess.run(
-        [sys.executable, "-m", "relay", "audit", "search", "-c", str(relay.policy),
-         "--status", "rejected", "--format", "json"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert found.returncode == 0, found.stderr
-    (record,) = [json.loads(line) for line in found.stdout.splitlines()]
+    (record,) = _rejected_records(relay)
     assert record["mail_from"] == "x@nowhere.example"
     assert record["reply"].startswith("550 5.7.1 Sender not known to this relay")
-
-
-def _rejected_records(relay: RelayProcess) -> list[dict]:
-    found = subprocess.run(
-        [sys.executable, "-m", "relay", "audit", "search", "-c", str(relay.policy),
-         "--status", "rejected", "--format", "json"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert found.returncode == 0, found.stderr
-    return [json.loads(line) for line in found.stdout.splitlines()]
 
 
 def test_content_the_smtp_side_refuses_is_on_record(relay: RelayProcess, sink: SinkServer) -> None:
