@@ -18,11 +18,52 @@ from dataclasses import dataclass, field
 from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.message import Message
-from email.utils import getaddresses
+from email.utils import decode_params, getaddresses
 
 from relay import headers
 
-_PARSER = email.parser.BytesParser(policy=email.policy.compat32)
+
+class _Part(Message):
+    """A MIME part whose parameters (``boundary``, ``filename``) are split in one
+    pass. The email package's own split recounts the quotes before each ``;``:
+    a ``Content-Type`` with an open quote and 50 KB of ``;`` kept the worker's
+    event loop busy for 5 seconds, growing with the square of its size."""
+
+    def _get_params_preserve(self, failobj: object, header: str) -> object:
+        value = self.get(header)
+        if value is None:
+            return failobj
+        params = []
+        for piece in split_params(str(value)):
+            name, sep, val = piece.partition("=")
+            params.append((name.strip(), val.strip() if sep else ""))
+        return decode_params(params)
+
+
+_PARAM_BREAKS = re.compile(r'(?<!\\)"|;')
+
+
+def split_params(value: str) -> list[str]:
+    """A header value's ``;``-separated pieces as the email package splits them
+    (a ``;`` inside quotes, a quote after a backslash not counting as one), each
+    stripped, with a parameter's name lower-cased."""
+    pieces, start, quoted = [], 0, False
+    for found in _PARAM_BREAKS.finditer(value):
+        if found[0] == '"':
+            quoted = not quoted
+        elif not quoted:
+            pieces.append(value[start : found.start()])
+            start = found.end()
+    pieces.append(value[start:])
+    return [_named(piece) for piece in pieces]
+
+
+def _named(piece: str) -> str:
+    name, sep, val = piece.partition("=")
+    return (name.strip().lower() + "=" + val.strip()).strip() if sep else piece.strip()
+
+
+_PARSER = email.parser.BytesParser(_Part, policy=email.policy.compat32)
 _HEADERS = email.parser.HeaderParser(policy=email.policy.compat32)
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 

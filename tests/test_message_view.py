@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.message
 import email.parser
 import re
 from email.errors import MessageError
@@ -62,6 +63,41 @@ def test_an_attachment_name_the_email_package_cannot_read_is_left_out(dispositio
         b"--b--\r\n"
     )
     assert message.read(raw).attachments == ("invoice.pdf",)
+
+
+PARAM_PIECES = st.sampled_from([";", '"', "\\", "=", " ", "\t", "a", "B", "\r\n ", "=?x?="])
+
+
+@given(st.lists(PARAM_PIECES, max_size=30).map("".join))
+@settings(max_examples=3000, deadline=None)
+@example('multipart/mixed; boundary="a;b"; x=1')
+@example('a; b="c\\"; d"; e')
+@example('a; b="c\\\\"; d')
+@example("")
+@example(";;")
+def test_parameters_split_as_the_email_package_splits_them(value: str) -> None:
+    assert message.split_params(value) == email.message._parseparam(value)
+
+
+def test_parameters_are_not_split_by_the_email_packages_quadratic_splitter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With an open quote, its splitter recounts the quotes before every ``;``:
+    a 52 KB ``Content-Type`` took 4.9 s, 100 KB 20 s, on the worker's event loop."""
+
+    def quadratic(value: str) -> list[str]:
+        raise AssertionError("the email package's parameter splitter ran")
+
+    monkeypatch.setattr(email.message, "_parseparam", quadratic)
+    stuffing = b";\r\n " * 25_000
+    raw = (
+        b"From: a@b.example\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary=Q; x="' + stuffing + b"\r\n\r\n"
+        b"--Q\r\nContent-Disposition: attachment; filename*=utf-8''n%C3%A6r.pdf\r\n\r\nx\r\n"
+        b'--Q\r\nContent-Disposition: attachment; filename="a;b.pdf"\r\n\r\ny\r\n'
+        b"--Q--\r\n"
+    )
+    assert message.read(raw).attachments == ("nær.pdf", "a;b.pdf")
 
 
 @pytest.mark.parametrize("nested", ["(" * 990, ":" * 990], ids=["comments", "groups"])
