@@ -155,6 +155,25 @@ def test_unknown_sender_refused_and_nothing_sent(relay: RelayProcess, sink: Sink
     assert record["reply"].startswith("550 5.7.1 Sender not known to this relay")
 
 
+def test_a_refusal_naming_a_non_ascii_address_is_a_550_on_record(
+    relay: RelayProcess, sink: SinkServer
+) -> None:
+    """The reply quoted the From address as written, which SMTP without SMTPUTF8
+    cannot carry: the ERP got 451 for a refused message and retried it for ever."""
+    data = "From: J\u00f6rg <j\u00f6rg@nowhere.example>\r\nTo: one@example.org\r\n\r\nhi\r\n"
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
+        client.ehlo()
+        client.mail("x@nowhere.example")
+        client.rcpt("one@example.org")
+        code, reply = client.data(data.encode())
+    assert code == 550
+    assert reply.endswith(b"From j\\xf6rg@nowhere.example)")
+    (record,) = _rejected_records(relay)
+    assert record["reply"] == "550 " + reply.decode("unicode_escape")
+    assert record["reply"].endswith("From j\u00f6rg@nowhere.example)")
+    assert sink.sink.messages == []
+
+
 def test_content_the_smtp_side_refuses_is_on_record(relay: RelayProcess, sink: SinkServer) -> None:
     """A bare line feed, a NUL, a line over 998 octets: refused before the pipeline
     sees the message, and an auditor finds each refusal as the pipeline's own."""

@@ -413,6 +413,43 @@ def test_rejected_by_process_gives_its_exact_reply() -> None:
         assert raw.cmd(MESSAGE + b".") == refusal.line
 
 
+@pytest.mark.parametrize(
+    ("text", "told"),
+    [
+        (
+            "Sender not known (From j\u00f6rg@acme.example)",
+            "Sender not known (From j\\xf6rg@acme.example)",
+        ),
+        ("Sender not known (" + "a@b.example, " * 800 + "z@b.example)", None),
+    ],
+    ids=["non-ascii", "over-512-octets"],
+)
+def test_a_refusal_reaches_the_client_as_one_ascii_line_of_at_most_512_octets(
+    text: str, told: str | None
+) -> None:
+    """A non-ASCII text could not be written (SMTPUTF8 is not offered): the client
+    got 451 and retried a refused message for ever. smtplib read a 10 KB line as
+    "Line too long" and dropped the connection instead of the refusal."""
+    refusal = Rejected(550, "5.7.1", text)
+    with (
+        Relay([listener()], Recorder(error=refusal)) as relay,
+        smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client,
+    ):
+        client.ehlo()
+        client.mail("erp@acme.example")
+        client.rcpt("one@example.org")
+        code, reply = client.data(MESSAGE)
+        assert client.noop()[0] == 250
+    assert code == 550
+    assert len(f"550 {reply.decode('ascii')}\r\n") <= 512
+    if told is not None:
+        assert reply.decode() == f"5.7.1 {told}"
+    else:
+        assert reply.startswith(b"5.7.1 Sender not known (a@b.example, ")
+        assert b" ... " in reply
+        assert reply.endswith(b"a@b.example, z@b.example)")
+
+
 def test_unexpected_error_in_process_is_451_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="relay")
     with (

@@ -274,7 +274,7 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
-            status = self._better.get(status, status)
+            status = _fit(self._better.get(status, status))
             if self._mail_arg is not None and status.startswith("5"):
                 assert self.session is not None
                 log_refused(self.session.peer, given_sender(self._mail_arg), status)
@@ -385,3 +385,22 @@ def _host_address(host: Any) -> IPv4Address | IPv6Address | None:
 
 def allowed(address: IPv4Address | IPv6Address, networks: tuple[Network, ...]) -> bool:
     return any(address.version == net.version and address in net for net in networks)
+
+
+_REPLY_OCTETS = 510  # RFC 5321 4.5.3.1.5: 512 with the CRLF
+_REPLY_END = 100
+_ELIDED = " ... "
+
+
+def _fit(line: str) -> str:
+    """A reply line any client can read: in ASCII, since SMTPUTF8 is not offered
+    (other characters as ``\\xe4`` escapes), and within RFC 5321's 512 octets,
+    its middle left out so that the reason at the start and an upstream's reply
+    quoted at the end both stay; the audit log keeps the whole text. smtplib
+    gave up on a longer line ("Line too long") instead of reading the refusal;
+    a non-ASCII one could not be sent at all and became a 451, retried for ever."""
+    line = line.encode("ascii", "backslashreplace").decode("ascii")
+    if len(line) <= _REPLY_OCTETS:
+        return line
+    head = _REPLY_OCTETS - len(_ELIDED) - _REPLY_END
+    return line[:head] + _ELIDED + line[-_REPLY_END:]
