@@ -76,6 +76,7 @@ class MessageView:
 
     written: tuple[tuple[str, str], ...]  # (name, unfolded value as written), in order
     raw: bytes = field(repr=False)
+    _addresses: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict, repr=False)
 
     @functools.cached_property
     def headers(self) -> tuple[tuple[str, str], ...]:
@@ -109,8 +110,16 @@ class MessageView:
         than RFC 5321 allows (4.5.3.1) are left out: no server takes them, and so
         is a value the email package's parser recurses on too deep (comments or
         groups nested hundreds of levels), which would otherwise fail the message.
+        Each name is parsed once: an unknown sender's From is read to identify it
+        and again to say so.
         """
         name = name.lower()
+        found = self._addresses.get(name)
+        if found is None:
+            found = self._addresses[name] = self._parse_addresses(name)
+        return found
+
+    def _parse_addresses(self, name: str) -> tuple[tuple[str, str], ...]:
         try:
             pairs = getaddresses([v for n, v in self.written if n.lower() == name])
         except RecursionError:
