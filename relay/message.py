@@ -5,7 +5,9 @@ addresses, attachment file names); the bytes that are sent are edited by
 ``relay.rewrite`` and never regenerated from this view.
 
 A header block that is valid UTF-8 is read as UTF-8 (RFC 6532), as ERPs
-write names and subjects that way; other 8-bit bytes come out as U+FFFD.
+write names and subjects that way; in one that is not, a line that is not
+UTF-8 is read as Windows-1252, what a legacy ERP on Windows writes and what
+the WHATWG Encoding Standard reads for a page labelled ISO-8859-1.
 """
 
 from __future__ import annotations
@@ -158,12 +160,31 @@ def read(raw: bytes, split: tuple[list[headers.Field], int] | None = None) -> Me
 
 
 def _text(head: bytes) -> str:
-    """The header block as UTF-8 text, or else as the email package's byte parser
-    reads it: 8-bit bytes kept as surrogates, which its values show as U+FFFD."""
+    """The header block as UTF-8 text, or else line by line: a name in Latin-1
+    bytes came out as ``J\ufffdrgen`` in the signed ``Reply-To``."""
     try:
         return head.decode("utf-8")
     except UnicodeDecodeError:
-        return head.decode("ascii", errors="surrogateescape")
+        return "".join(_line_text(line) for line in head.splitlines(keepends=True))
+
+
+def _line_text(line: bytes) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        return line.decode("latin-1").translate(_WINDOWS_1252)
+
+
+def _windows_1252(byte: int) -> str:
+    """Python's codec has no character for five of the bytes; WHATWG maps them
+    to the C1 controls, as Latin-1 does."""
+    try:
+        return bytes([byte]).decode("cp1252")
+    except UnicodeDecodeError:
+        return chr(byte)
+
+
+_WINDOWS_1252 = str.maketrans({byte: _windows_1252(byte) for byte in range(0x80, 0xA0)})
 
 
 def _plain_fields(

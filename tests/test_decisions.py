@@ -398,6 +398,24 @@ def test_raw_utf8_names_and_subjects_are_read_as_utf8(policy_file: Path) -> None
     assert message.read(p.message).addresses("Reply-To") == (("Müller, Hans", "hans@acme.example"),)
 
 
+def test_8bit_names_and_subjects_that_are_not_utf8_are_read_as_windows_1252(
+    policy_file: Path,
+) -> None:
+    """A legacy ERP on Windows writes Latin-1 / Windows-1252 bytes: the name went
+    into the signed Reply-To as ``J\ufffdrg M\ufffdller``, the rule missed the subject."""
+    text = policy_file.read_text().replace("|rechnung)", "|rechnung|rückerstattung)")
+    policy_file.write_text(text)
+    base = msg(*[f for f in BASE if not f.startswith("Subject")])
+    data = (
+        b"Subject: R\xfcckerstattung f\xfcr M\xe4rz \x80 12\r\n"
+        b"X-Responsible: J\xf6rg M\xfcller <j@acme.example>\r\n" + base
+    )
+    p = run(policy_file, data)
+    assert p.decision.classification.rule == "invoice-subject"
+    assert p.view.subject == "Rückerstattung für März € 12"
+    assert message.read(p.message).addresses("Reply-To") == (("Jörg Müller", "j@acme.example"),)
+
+
 def test_an_address_longer_than_smtp_allows_is_no_reply_to_source(policy_file: Path) -> None:
     long_local = f'Per <"{"a" * 600}\r\n {"a" * 600}"@acme.example>'
     p = run(policy_file, msg(*INVOICE, f"X-Responsible: {long_local}"))

@@ -162,13 +162,8 @@ FIELD_PIECES = st.sampled_from(
 
 
 def _parsed(head: bytes) -> list[tuple[str, str]]:
-    """compat32's reading: of the text when the block is UTF-8, else of the bytes."""
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        found = email.parser.BytesHeaderParser(policy=compat32).parsebytes(head)
-    else:
-        found = email.parser.HeaderParser(policy=compat32).parsestr(text)
+    """compat32's reading of the block's text."""
+    found = email.parser.HeaderParser(policy=compat32).parsestr(message._text(head))
     return [(name, str(value)) for name, value in found.items()]
 
 
@@ -218,9 +213,16 @@ def test_raw_utf8_values_are_read_as_utf8() -> None:
     assert view.addresses("Cc") == (("Müller, Hans", "hans@acme.example"),)
 
 
-def test_8bit_values_that_are_not_utf8_are_not_guessed_at() -> None:
-    view = message.read(b"Subject: caf\xe9 \xc3\xa6\r\n\r\nbody\r\n")
-    assert view.subject == "caf\ufffd \ufffd\ufffd"
+def test_8bit_lines_that_are_not_utf8_are_read_as_windows_1252() -> None:
+    view = message.read(
+        b"Subject: caf\xe9 \x80 \x93ok\x94 \x81\r\n"
+        b"To: M\xc3\xbcller <m@example.org>\r\n"  # UTF-8 in the same block stays UTF-8
+        b"X-Mixed: \xc3\xa6 \xe6\r\n"  # not UTF-8 as a whole line: each byte a character
+        b"\r\nbody\r\n"
+    )
+    assert view.subject == "café € \u201cok\u201d \x81"  # 0x81: no character, WHATWG's C1
+    assert view.addresses("To") == (("Müller", "m@example.org"),)
+    assert view.get("X-Mixed") == "\u00c3\u00a6 \u00e6"
 
 
 @pytest.mark.parametrize(
