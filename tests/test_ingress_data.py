@@ -55,6 +55,34 @@ async def test_a_dot_line_after_bare_line_feeds_then_silence_is_a_bare_end() -> 
         assert section == data.Data(b"", data.Overflow.NONE, bare_end=True), wire
 
 
+class _LateEnd(asyncio.StreamReader):
+    """The proper end arrives in the same turn of the event loop as the stall
+    timer runs out: in the buffer, with the wait for it timed out."""
+
+    def __init__(self, first: bytes, end: bytes) -> None:
+        super().__init__(limit=LIMIT)
+        self.feed_data(first)
+        self._end = end
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        if self._end:
+            self.feed_data(self._end)
+            self._end = b""
+            raise TimeoutError
+        return await super().readuntil(separator)
+
+
+async def test_a_proper_end_that_comes_as_the_stall_timer_runs_out_ends_the_message() -> None:
+    """``\\r\\n.\\r\\n`` was taken for a bare end: a valid message the client sent a
+    second after the 354 (or paused a second before its dot) was refused 550 5.6.11."""
+    for first, end in ((b"Subject: x\r\n\r\nbody\r\n", b".\r\n"), (b"", b".\r\n")):
+        section = await asyncio.wait_for(data.read(_LateEnd(first, end), None), 5)
+        assert section == data.Data(first, data.Overflow.NONE), (first, end)
+    for first, end in ((b"Subject: x\r\n\r\nbody\n", b".\r\n"), (b"body\r\n", b".\n")):
+        section = await asyncio.wait_for(data.read(_LateEnd(first, end), None), 5)
+        assert section.bare_end, (first, end)
+
+
 async def test_a_bare_dot_line_the_client_goes_on_after_is_no_end(monkeypatch) -> None:
     """Only silence makes it an end: more data (a slow client) and the section goes on,
     to be refused whole for its bare line feed, as before."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 WINDOW = 1 << 16  # bytes the reader may buffer while DATA comes in
 _DOT_LINE = b".\r\n"
 _END = b"\r\n.\r\n"
-_BARE_END = re.compile(rb"\n\.\r?\n\Z")  # .<LF> or .<CR><LF> after an LF
+_BARE_END = re.compile(rb"(?:(?<!\r)\n\.\r?\n|\n\.\n)\Z")  # a dot line not all in CRLFs
 STALL = 1.0  # seconds of silence after a bare end before it counts as one
 
 
@@ -89,6 +89,8 @@ async def _until_dot_line(reader: asyncio.StreamReader, tail: bytes) -> bytes | 
             async with asyncio.timeout(STALL):
                 return await reader.readuntil(_DOT_LINE)
         except TimeoutError:
+            # The proper end may have come in just as the timer ran out: it is
+            # waiting in the buffer, and the next readuntil returns it.
             waiting = bytes(reader._buffer[-len(_END) :])  # private to asyncio, read only
             if _BARE_END.search((tail + waiting)[-len(_END) :]):
                 return None
