@@ -153,6 +153,23 @@ def test_same_content_and_same_end_as_aiosmtpd(
     assert (section.content, rest) == reference(wire)
 
 
+@settings(max_examples=300, deadline=None)
+@given(lines=lines, piece=st.integers(1, 50))
+def test_the_size_limit_counts_the_mail_not_the_dots_added_for_transparency(
+    lines: list[bytes], piece: int
+) -> None:
+    """RFC 1870 4: a message announced with SIZE=N and N octets long was refused
+    at the end of its data when a line of it began with a dot."""
+    stuffed = [b"." + line if line.startswith(b".") else line for line in lines]
+    wire = b"".join(line + b"\r\n" for line in stuffed) + b".\r\n"
+    mail, _ = reference(wire)
+    section, _, _ = asyncio.run(read_in_pieces(wire, piece, limit=max(len(mail), 1)))
+    assert section == data.Data(mail, data.Overflow.NONE)
+    if len(mail) > 1:
+        section, _, _ = asyncio.run(read_in_pieces(wire, piece, limit=len(mail) - 1))
+        assert section.overflow is data.Overflow.TOO_MUCH
+
+
 @settings(max_examples=2000, deadline=None)
 @given(
     lines=st.lists(st.integers(0, 40), max_size=15),

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 WINDOW = 1 << 16  # bytes the reader may buffer while DATA comes in
 _DOT_LINE = b".\r\n"
 _END = b"\r\n.\r\n"
+_STUFFED = b"\r\n."  # a line's first dot: added by the client, or the final one
 _BARE_END = re.compile(rb"(?:(?<!\r)\n\.\r?\n|\n\.\n)\Z")  # a dot line not all in CRLFs
 STALL = 1.0  # seconds of silence after a bare end before it counts as one
 
@@ -55,7 +56,7 @@ async def read(reader: asyncio.StreamReader, limit: int | None) -> Data:
 
 async def _read(reader: asyncio.StreamReader, limit: int | None) -> Data:
     received = bytearray()
-    size = 0
+    size = 0  # of the mail: without the dots added for transparency (RFC 1870 4)
     overflow = Overflow.NONE
     tail = b"\r\n"  # the section starts at a line start, as if after a CRLF
     while True:
@@ -65,10 +66,10 @@ async def _read(reader: asyncio.StreamReader, limit: int | None) -> Data:
             piece = await reader.readexactly(exc.consumed)
         if piece is None:
             return Data(b"", overflow, bare_end=True)
-        size += len(piece)
+        size += len(piece) - (tail[-2:] + piece).count(_STUFFED)
         tail = (tail + piece[-len(_END) :])[-len(_END) :]
         ended = tail == _END
-        content = size - len(_DOT_LINE) if ended else size  # the final dot is not mail
+        content = size - len(b"\r\n") if ended else size  # the final dot line is not mail
         if overflow is Overflow.NONE and limit and content > limit:
             overflow = Overflow.TOO_MUCH
             received = bytearray()
