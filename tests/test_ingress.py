@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import smtplib
 import socket
@@ -402,6 +403,42 @@ def test_a_client_on_bare_line_feeds_hears_why_at_its_end_of_data(relay: Relay) 
     assert relay.process.calls == []
 
 
+def _replies_after_half_close(port: int, wire: bytes) -> list[str]:
+    """Send ``wire``, close the sending side, read every reply until the server closes."""
+    with Raw(port) as raw:
+        raw.send(wire)
+        raw.sock.shutdown(socket.SHUT_WR)
+        replies = []
+        with contextlib.suppress(EOFError):
+            while True:
+                replies.append(raw.reply()[-1])
+    return replies
+
+
+def test_a_client_that_closes_its_side_after_sending_hears_every_reply() -> None:
+    """aiosmtpd cancelled the session at the client's end of stream: a message
+    accepted after it got no 250 (a resend would duplicate it), and a second
+    pipelined transaction was dropped."""
+    transaction = b"MAIL FROM:<erp@acme.example>\r\nRCPT TO:<one@example.org>\r\nDATA\r\n"
+    transaction += MESSAGE + b".\r\n"
+    with Relay([listener()], Recorder(delay=0.3)) as relay:
+        replies = _replies_after_half_close(relay.port, b"EHLO c.example\r\n" + transaction * 2)
+        assert replies[1:] == [
+            "250 2.1.0 OK", "250 2.1.5 OK", "354 End data with <CR><LF>.<CR><LF>",
+            "250 2.0.0 Ok: queued as TEST",
+        ] * 2  # fmt: skip
+        assert len(relay.process.calls) == 2
+        replies = _replies_after_half_close(
+            relay.port, b"EHLO c.example\r\n" + transaction + b"QUIT\r\n"
+        )
+        assert replies[-2:] == ["250 2.0.0 Ok: queued as TEST", "221 Bye"]
+        replies = _replies_after_half_close(  # the end comes inside the data: nothing kept
+            relay.port, b"EHLO c.example\r\n" + transaction[:-40]
+        )
+        assert replies[-1] == "354 End data with <CR><LF>.<CR><LF>"
+    assert len(relay.process.calls) == 3
+
+
 # --- replies from the pipeline ---------------------------------------------------
 
 
@@ -786,9 +823,12 @@ def test_client_leaving_during_processing_does_not_cut_delivery(
             time.sleep(0.1)
         assert relay.process.finished.wait(5)
         deadline = time.monotonic() + 5
-        while "left before the reply" not in caplog.text and time.monotonic() < deadline:
+        while "before the reply" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.05)
-    assert "it would have been: 250 2.0.0 Ok: queued as TEST" in caplog.text
+    assert (
+        "client=127.0.0.1 from=<erp@acme.example> closed its side before the reply,"
+        " which it may not read: 250 2.0.0 Ok: queued as TEST"
+    ) in caplog.text
 
 
 # --- the content rules on their own ----------------------------------------------

@@ -84,6 +84,7 @@ class RelaySMTP(SMTP):
         self._connections = connections
         self._holding = False
         self._lost = False  # connection_lost was called (see smtp_STARTTLS)
+        self._ended = False  # the client has closed (at least) its sending side
         self._deadline = 0.0  # loop time: idle until then is allowed
         self._mail_arg: str | None = None  # while a MAIL command is handled
         self._better = {
@@ -122,6 +123,32 @@ class RelaySMTP(SMTP):
         self._lost = True
         self._connections.discard(self)
         super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        """A client may close its side once it has sent everything, QUIT
+        included, and read the replies still to come (Postfix answers them):
+        aiosmtpd cancelled the session at once, so the 250 for a message the
+        relay went on to accept was never sent, and a second pipelined
+        transaction was dropped. The reader is told of the end instead, and
+        the session answers what came before it. TLS has no half-close."""
+        assert self.session is not None
+        self._ended = True
+        if self.session.ssl is not None:
+            return super().eof_received()
+        return asyncio.StreamReaderProtocol.eof_received(self)
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, asyncio.IncompleteReadError):  # everything before the end answered
+            assert self.session is not None
+            log.info("client=%s closed the connection", client_address(self.session.peer))
+            self._ended_by_client()
+            return ""
+        return await super().handle_exception(error)
+
+    def _ended_by_client(self) -> None:
+        if self.transport is not None:
+            self.transport.close()  # after what is still to be written
+        self.connection_lost(None)
 
     def data_received(self, data: bytes) -> None:
         if not self._holding:
@@ -248,9 +275,12 @@ class RelaySMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
             section = await data.read(self._reader, self.data_size_limit)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, asyncio.IncompleteReadError) as exc:
             assert self.session is not None
             log.info("connection lost during DATA client=%s", client_address(self.session.peer))
+            if isinstance(exc, asyncio.IncompleteReadError):
+                self._ended_by_client()
+                return
             self._writer.close()
             raise
         if section.bare_end:
@@ -268,11 +298,22 @@ class RelaySMTP(SMTP):
             self._set_post_data_state()
             return
         self.envelope.content = self.envelope.original_content = section.content
+        sender = self.envelope.mail_from
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
-        await self.push("250 OK" if status is MISSING else status)
+        status = "250 OK" if status is MISSING else status
+        if self._ended:
+            log.warning(
+                "client=%s from=<%s> closed its side before the reply, which it may not read: %s",
+                client_address(self.session.peer),
+                sender,
+                status,
+            )
+        await self.push(status)
 
     async def push(self, status: str | bytes) -> None:
+        if self.transport is None:
+            return  # the connection has ended: nothing to answer
         if isinstance(status, str):
             status = _fit(self._better.get(status, status))
             if self._mail_arg is not None and status.startswith("5"):
