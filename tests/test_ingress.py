@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from relay.errors import Rejected
-from relay.ingress import content, listen
+from relay.ingress import content, listen, protocol
 from relay.ingress.protocol import RelaySMTP
 from relay.passwd import hash_password
 from relay.policy.model import AuthMode, TlsFiles
@@ -809,6 +809,51 @@ def test_close_lets_a_transaction_finish_and_says_421_to_idle_clients() -> None:
             relay.ingress = None
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def _stuffed_and_not_reading(port: int) -> socket.socket:
+    """A client that pipelines NOOPs until nothing more fits, reading no reply."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    chunk, idle_since, deadline = b"NOOP\r\n" * 10_000, time.monotonic(), time.monotonic() + 30
+    while time.monotonic() - idle_since < 1 and time.monotonic() < deadline:
+        try:
+            sock.send(chunk)
+            idle_since = time.monotonic()
+        except BlockingIOError:
+            time.sleep(0.05)
+        except (ConnectionResetError, BrokenPipeError):
+            break  # let go already: idle while the client still tried to send
+    return sock
+
+
+def _until_no_connections(relay: Relay, seconds: float) -> bool:
+    assert relay.ingress is not None
+    deadline = time.monotonic() + seconds
+    while relay.ingress.connections and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not relay.ingress.connections
+
+
+def test_a_client_that_reads_no_replies_is_let_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing waits to write out the replies, which such a client never takes:
+    the connection outlived the idle timeout, and a shutdown, for good."""
+    monkeypatch.setattr(protocol, "LINGER", 0.5)
+    with (
+        Relay([listener(idle_timeout=0.5)]) as relay,
+        contextlib.closing(_stuffed_and_not_reading(relay.port)),
+    ):
+        assert _until_no_connections(relay, 15)
+    with (
+        Relay([listener()]) as relay,
+        contextlib.closing(_stuffed_and_not_reading(relay.port)),
+    ):
+        assert relay.ingress is not None
+        relay.call(relay.ingress.close(5), timeout=15)
+        assert not relay.ingress.connections
+        relay.ingress = None
 
 
 def test_client_leaving_during_processing_does_not_cut_delivery(

@@ -46,6 +46,7 @@ from relay.ingress.address import plain_path
 from relay.ingress.auth import AUTH_ABORTED, BAD_BASE64
 
 log = logging.getLogger("relay")
+LINGER = 5.0  # seconds a closing connection may take to write out its last replies
 
 Network = IPv4Network | IPv6Network
 
@@ -148,6 +149,7 @@ class RelaySMTP(SMTP):
     def _ended_by_client(self) -> None:
         if self.transport is not None:
             self.transport.close()  # after what is still to be written
+            self._abort_unless_closed()
         self.connection_lost(None)
 
     def data_received(self, data: bytes) -> None:
@@ -176,6 +178,14 @@ class RelaySMTP(SMTP):
         """An ERP's log then says why the connection ended (RFC 5321 3.8, as Postfix does)."""
         self._say(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
         super()._timeout_cb()
+        self._abort_unless_closed()
+
+    def _abort_unless_closed(self) -> None:
+        """A closing transport first writes out what it holds, which a client that
+        reads nothing never lets it do: the connection was kept for good, past
+        the idle timeout and a shutdown, holding its buffers."""
+        if self.transport is not None:
+            self.loop.call_later(LINGER, self.transport.abort)  # no-op once closed
 
     async def _handle_client(self) -> None:
         assert self.session is not None and self.transport is not None
@@ -339,6 +349,7 @@ class RelaySMTP(SMTP):
         if self.transport is not None:
             self._say(SHUTTING_DOWN)
             self.transport.close()
+            self._abort_unless_closed()
 
     def _say(self, reply: bytes) -> None:
         """Write a last reply unless the connection is already going."""
