@@ -403,6 +403,21 @@ def test_a_client_on_bare_line_feeds_hears_why_at_its_end_of_data(relay: Relay) 
     assert relay.process.calls == []
 
 
+def test_controls_a_command_held_are_not_echoed_raw() -> None:
+    with Relay([listener()]) as relay, Raw(relay.port) as raw:
+        assert raw.cmd(b"NOOP\rRSET") == '500 Error: command "NOOP\\x0dRSET" not recognized'
+        assert raw.cmd(b"NO\x00OP") == '500 Error: command "NO\\x00OP" not recognized'
+        assert raw.cmd(b"NOOP") == "250 OK"
+
+
+def test_too_many_unknown_commands_is_a_421_before_the_close() -> None:
+    """RFC 5321 3.8: a server closes the connection only after 221 or 421."""
+    with Relay([listener()]) as relay, Raw(relay.port) as raw:
+        replies = [raw.cmd(b"BOGUS") for _ in range(5)]
+        assert replies[-1] == "421 4.7.0 Too many unrecognized commands, closing the connection"
+        assert raw.closed()
+
+
 def _replies_after_half_close(port: int, wire: bytes) -> list[str]:
     """Send ``wire``, close the sending side, read every reply until the server closes."""
     with Raw(port) as raw:

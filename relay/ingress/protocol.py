@@ -97,6 +97,10 @@ class RelaySMTP(SMTP):
                 "501 5.6.7 Non-ASCII characters are not allowed: SMTPUTF8 is not offered"
             ),
             "501 Error: SMTPUTF8 disabled": "555 5.5.4 SMTPUTF8 is not offered",
+            # RFC 5321 3.8: a server closes the connection only after a 221 or 421
+            "502 5.5.1 Too many unrecognized commands, goodbye.": (
+                "421 4.7.0 Too many unrecognized commands, closing the connection"
+            ),
         }
 
     def __dir__(self) -> list[str]:
@@ -442,16 +446,22 @@ def allowed(address: IPv4Address | IPv6Address, networks: tuple[Network, ...]) -
 _REPLY_OCTETS = 510  # RFC 5321 4.5.3.1.5: 512 with the CRLF
 _REPLY_END = 100
 _ELIDED = " ... "
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _escaped(control: re.Match[str]) -> str:
+    return f"\\x{ord(control[0]):02x}"
 
 
 def _fit(line: str) -> str:
     """A reply line any client can read: in ASCII, since SMTPUTF8 is not offered
-    (other characters as ``\\xe4`` escapes), and within RFC 5321's 512 octets,
-    its middle left out so that the reason at the start and an upstream's reply
-    quoted at the end both stay; the audit log keeps the whole text. smtplib
+    (other characters, and controls such as a CR or NUL echoed from a command,
+    as ``\\xe4`` escapes), and within RFC 5321's 512 octets, its middle left out
+    so that the reason at the start and an upstream's reply quoted at the end
+    both stay; the audit log keeps the whole text. smtplib
     gave up on a longer line ("Line too long") instead of reading the refusal;
     a non-ASCII one could not be sent at all and became a 451, retried for ever."""
-    line = line.encode("ascii", "backslashreplace").decode("ascii")
+    line = _CONTROL.sub(_escaped, line.encode("ascii", "backslashreplace").decode("ascii"))
     if len(line) <= _REPLY_OCTETS:
         return line
     head = _REPLY_OCTETS - len(_ELIDED) - _REPLY_END
