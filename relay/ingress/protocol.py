@@ -453,14 +453,19 @@ def _escaped(control: re.Match[str]) -> str:
     return f"\\x{ord(control[0]):02x}"
 
 
-def _fit(line: str) -> str:
+def _fit(reply: str) -> str:
     """A reply line any client can read: in ASCII, since SMTPUTF8 is not offered
     (other characters, and controls such as a CR or NUL echoed from a command,
     as ``\\xe4`` escapes), and within RFC 5321's 512 octets, its middle left out
     so that the reason at the start and an upstream's reply quoted at the end
     both stay; the audit log keeps the whole text. smtplib
     gave up on a longer line ("Line too long") instead of reading the refusal;
-    a non-ASCII one could not be sent at all and became a 451, retried for ever."""
+    a non-ASCII one could not be sent at all and became a 451, retried for ever.
+    aiosmtpd writes EHLO's lines in one piece, so each line is fitted alone."""
+    return "\r\n".join(map(_fit_line, reply.split("\r\n")))
+
+
+def _fit_line(line: str) -> str:
     line = _CONTROL.sub(_escaped, line.encode("ascii", "backslashreplace").decode("ascii"))
     if len(line) <= _REPLY_OCTETS:
         return line
