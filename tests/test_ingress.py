@@ -212,6 +212,21 @@ def test_recipient_not_sent_as_given_refused(relay: Relay, path: bytes, expected
     assert relay.process.submissions[0].rcpt_tos == ("one@example.org",)
 
 
+def test_a_recipient_given_twice_is_sent_once(relay: Relay) -> None:
+    """Both went upstream, and the recipient got the message twice; the same
+    address in other case is the same mailbox, as for the automatic BCC."""
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        for rcpt in (b"one@example.org", b"two@example.org", b"One@Example.org") + (
+            b"one@example.org",
+        ) * 5:  # no more than max_recipients (5) counted
+            assert raw.cmd(b"RCPT TO:<" + rcpt + b">").startswith("250 2.1.5")
+        assert raw.cmd(b"DATA").startswith("354")
+        assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
+    assert relay.process.submissions[0].rcpt_tos == ("one@example.org", "two@example.org")
+
+
 def test_null_recipient_refused(relay: Relay) -> None:
     with Raw(relay.port) as raw:
         raw.ehlo()

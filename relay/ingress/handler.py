@@ -92,6 +92,8 @@ class RelayHandler(Mechanisms):
         refused = mailbox_refusal(address, RECIPIENT)
         if refused is not None:
             return refused.line
+        if address.lower() in (given.lower() for given in envelope.rcpt_tos):
+            return "250 2.1.5 OK, a recipient already given: sent once"  # as with the BCC
         if len(envelope.rcpt_tos) >= self._listener.max_recipients:
             return TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address)
