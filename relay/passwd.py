@@ -32,10 +32,10 @@ def verify_password(password: str, encoded: str) -> bool:
     """True only for the right password; any malformed input is simply False."""
     if not isinstance(password, str) or not isinstance(encoded, str):
         return False
-    parsed = _parse(encoded)
-    if parsed is None:
+    try:
+        n, r, p, salt, expected = parse_hash(encoded)
+    except MalformedHash:
         return False
-    n, r, p, salt, expected = parsed
     try:
         secret = password.encode("utf-8")
     except UnicodeEncodeError:
@@ -47,25 +47,52 @@ def verify_password(password: str, encoded: str) -> bool:
     return hmac.compare_digest(key, expected)
 
 
-def _parse(encoded: str) -> tuple[int, int, int, bytes, bytes] | None:
+class MalformedHash(ValueError):
+    """A hash no password can match; its text says what is wrong with it."""
+
+
+def parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
+    """N, r, p, salt and hash; raises MalformedHash. The policy loader checks its
+    hashes with this, the verifier's own parser, so that a hash that could never
+    verify is refused by ``relay check`` instead of failing every AUTH."""
     parts = encoded.split("$")
-    if len(parts) != 6 or parts[0] != "scrypt":
-        return None
+    if parts[0] != "scrypt":
+        raise MalformedHash("not an scrypt hash: it must start with scrypt$")
+    if len(parts) != 6:
+        raise MalformedHash(f"expected 6 fields, scrypt$N$r$p$salt$hash, not {len(parts)}")
     if not all(part.isascii() and part.isdigit() and len(part) < 12 for part in parts[1:4]):
-        return None
+        raise MalformedHash("N, r and p must be decimal numbers")
     n, r, p = (int(part) for part in parts[1:4])
-    if not (n > 1 and n & (n - 1) == 0 and r > 0 and 0 < p <= _MAX_P):
-        return None
-    if 128 * r * n > _MAX_BLOCKS:
-        return None
-    try:
-        salt = base64.b64decode(parts[4], validate=True)
-        expected = base64.b64decode(parts[5], validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    if not salt or not 16 <= len(expected) <= 64:
-        return None
+    _check_cost(n, r, p)
+    salt = _decode(parts[4], "salt")
+    expected = _decode(parts[5], "hash")
+    if not salt:
+        raise MalformedHash("the salt is empty")
+    if not 16 <= len(expected) <= 64:
+        raise MalformedHash(f"the hash is {len(expected)} bytes; expected 16 to 64")
     return n, r, p, salt, expected
+
+
+def _check_cost(n: int, r: int, p: int) -> None:
+    """Limits that keep a hostile or mistyped hash from tying up memory or CPU."""
+    if not (n > 1 and n & (n - 1) == 0):
+        raise MalformedHash(f"N={n} is not a power of two above 1")
+    if not (r > 0 and 0 < p <= _MAX_P):
+        raise MalformedHash(f"r must be at least 1 and p 1 to {_MAX_P} (r={r}, p={p})")
+    if 128 * r * n > _MAX_BLOCKS:
+        need, limit = _mebibytes(128 * r * n), _mebibytes(_MAX_BLOCKS)
+        raise MalformedHash(f"N={n}, r={r} needs {need} of memory; the relay allows {limit}")
+
+
+def _mebibytes(size: int) -> str:
+    return f"{size // 2**20:,} MiB"
+
+
+def _decode(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MalformedHash(f"the {what} is not base64 ({exc})") from exc
 
 
 def _derive(secret: bytes, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:

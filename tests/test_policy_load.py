@@ -93,8 +93,8 @@ BAD = {
     ],
     "bad-references.yaml": [
         "10:19: identify.default_tenant: no tenant 'acne' (did you mean 'acme'?)",
-        "20:94: logins.erp-acme.users[1]: no user 'jon' in tenant 'acme' (did you mean 'jan'?)",
-        "21:77: logins.erp-globex.tenant: no tenant 'globex'",
+        "20:110: logins.erp-acme.users[1]: no user 'jon' in tenant 'acme' (did you mean 'jan'?)",
+        "21:93: logins.erp-globex.tenant: no tenant 'globex'",
         "27:19: tenants.acme.default_user: no user 'jane' in this tenant (did you mean 'jan'?)",
         "29:7: tenants.acme.reply_to.invoices: no document type 'invoices' in classify"
         " (did you mean 'invoice'?)",
@@ -651,4 +651,38 @@ def test_ipv4_mapped_addresses_are_read_as_the_ipv4_ones_they_name(tmp_path: Pat
     assert problems(path) == [
         f"{path}:8:14: listeners[0].address: an IPv4-mapped address cannot be listened on"
         " (IPv6 sockets are IPv6 only): write 127.0.0.1"
+    ]
+
+
+DEMO_SALT = "cmVsYXktZGVtby1zYWx0IQ=="
+DEMO_KEY = "x0qG+cibjmfhHeWXcJAwGW27gNPyIus2vhexTU+5xXk="
+
+
+@pytest.mark.parametrize(
+    ("written", "problem"),
+    [
+        (
+            f"scrypt$16384$8$1${DEMO_SALT}${DEMO_KEY[:-1]}",
+            "the hash is not base64 (Incorrect padding)",
+        ),
+        (f"scrypt$abc$8$1${DEMO_SALT}${DEMO_KEY}", "N, r and p must be decimal numbers"),
+        (
+            f"scrypt$1073741824$8$1${DEMO_SALT}${DEMO_KEY}",
+            "N=1073741824, r=8 needs 1,048,576 MiB of memory; the relay allows 256 MiB",
+        ),
+        (f"scrypt$16383$8$1${DEMO_SALT}${DEMO_KEY}", "N=16383 is not a power of two above 1"),
+        ("demo-password", "not an scrypt hash: it must start with scrypt$"),
+    ],
+    ids=["no-padding", "letters-for-n", "huge-n", "n-not-power-of-two", "plain-text"],
+)
+def test_a_password_hash_the_verifier_cannot_read_is_a_located_problem(
+    tmp_path: Path, written: str, problem: str
+) -> None:
+    """Such a hash passed, and then every AUTH of the login failed as if the
+    password were wrong; it is read now by the verifier's own parser."""
+    login = f"logins:\n  erp:\n    password_hash: '{written}'\n    tenant: acme\ntenants:\n"
+    path = variant(tmp_path, "tenants:\n", login)
+    assert problems(path) == [
+        f"{path}:21:20: logins.erp.password_hash: expected a hash made with `relay passwd`;"
+        f" no password can match this one: {problem}"
     ]

@@ -8,12 +8,12 @@ tenant" problems behind it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Mapping
 from types import MappingProxyType
 
 from yaml.nodes import Node, SequenceNode
 
+from relay import passwd
 from relay.policy import values
 from relay.policy.model import (
     DATA_TIMEOUT,
@@ -38,7 +38,6 @@ _SMTP_KEYS += ("timeout", "data_timeout", "helo_name", "ca_file")
 _TENANT_KEYS = ("name", "address", "upstream", "verified_domains", "default_user")
 _TENANT_KEYS += ("reply_to", "bcc_sender", "users")
 _LOGIN_KEYS = ("password_hash", "tenant", "users")
-_HASH = re.compile(r"scrypt(\$[^$\s]+){5}")
 _DEFAULT_REPLY_TO = (ReplyToSource(ReplyToKind.SENDER), ReplyToSource(ReplyToKind.COMPANY))
 _REPLY_TO = "sender, company, keep, header:NAME or an address"
 
@@ -294,11 +293,7 @@ def logins(
     found: dict[str, Login | None] = {}
     for name, key, node, path in root.entries("logins", "a mapping of login names to logins"):
         m = Map(ctx, node, path, _LOGIN_KEYS, _LOGIN_KEYS[:2], _LOGIN_FORBIDDEN, at=key)
-        password_hash = m.text("password_hash", "a password hash made with `relay passwd`")
-        if password_hash is not None and not _HASH.fullmatch(password_hash):
-            message = "expected a password hash made with `relay passwd` (scrypt$...)"
-            ctx.problem(m.get("password_hash"), m.sub("password_hash"), message)
-            password_hash = None
+        password_hash = m.read("password_hash", _password_hash)
         tenant = m.text("tenant", "a tenant id")
         if tenant is not None and tenant not in declared:
             message = f"no tenant {tenant!r}" + hint(tenant, declared)
@@ -313,6 +308,21 @@ def logins(
     if None in found.values():
         return None
     return MappingProxyType(found)
+
+
+def _password_hash(ctx: Ctx, node: Node, path: str) -> str | None:
+    """Parsed as the verifier parses it: a hash it cannot read passed before,
+    and then every AUTH of the login failed as if the password were wrong."""
+    value = text(ctx, node, path, "a password hash made with `relay passwd`")
+    if value is None:
+        return None
+    try:
+        passwd.parse_hash(value)
+    except passwd.MalformedHash as exc:
+        message = f"expected a hash made with `relay passwd`; no password can match this one: {exc}"
+        ctx.problem(node, path, message)
+        return None
+    return value
 
 
 def _login_user(
