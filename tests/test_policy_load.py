@@ -686,3 +686,35 @@ def test_a_password_hash_the_verifier_cannot_read_is_a_located_problem(
         f"{path}:21:20: logins.erp.password_hash: expected a hash made with `relay passwd`;"
         f" no password can match this one: {problem}"
     ]
+
+
+def _smtp_upstream_with(tmp_path: Path, settings: str) -> Path:
+    """minimal.yaml whose upstream is an smtp one with ``settings`` (lines)."""
+    lines = ["type: smtp", "host: smtp.example", "tls: starttls", *settings.splitlines()]
+    smtp = "".join(f"    {line}\n" for line in lines)
+    return variant(tmp_path, "    type: directory\n    path: outbox\n", smtp)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "cannot read {file}: No such file or directory"),
+        (b"", "{file} is empty"),
+        (b"caf\xe9\n", "{file} is not UTF-8 text (invalid continuation byte)"),
+    ],
+    ids=["missing", "empty", "not-utf-8"],
+)
+def test_an_upstream_password_file_the_relay_could_not_read_is_a_problem(
+    tmp_path: Path, content: bytes | None, problem: str
+) -> None:
+    """It passed, and every message to the upstream was then deferred with 451."""
+    path = _smtp_upstream_with(tmp_path, "username: relay\npassword_file: smarthost.password")
+    file = tmp_path / "smarthost.password"
+    if content is not None:
+        file.write_bytes(content)
+    assert problems(path) == [
+        f"{path}:21:20: upstreams.outbox.password_file: " + problem.format(file=file)
+    ]
+    file.write_bytes(b"s3cret\n")
+    upstream = load(path).upstreams["outbox"]
+    assert isinstance(upstream, SmtpUpstream) and upstream.password_file == file

@@ -76,7 +76,7 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
     tls = m.choice("tls", TlsMode, TlsMode.AUTO)
     port = m.integer("port", 465 if tls is TlsMode.IMPLICIT else 587, 1, 65535, "a port number")
     username = m.text("username", "a user name")
-    password_file = m.read("password_file", values.file_path)
+    password_file = m.read("password_file", values.password_file)
     password_env = m.read("password_env", values.env_name)
     timeout = m.number("timeout", 60)
     data_timeout = m.number("data_timeout", DATA_TIMEOUT)

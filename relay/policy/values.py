@@ -224,3 +224,19 @@ def read_file(ctx: Ctx, node: Node, path: str) -> tuple[Path, bytes] | None:
         ctx.problem(node, path, f"{resolved} is empty")
         return None
     return resolved, data
+
+
+def password_file(ctx: Ctx, node: Node, path: str) -> Path | None:
+    """Read now only to be checked (the relay reads it again at each delivery, so
+    a changed password needs no reload): a missing or unreadable file passed,
+    and then every message to the upstream was deferred with 451."""
+    found = read_file(ctx, node, path)
+    if found is None:
+        return None
+    resolved, data = found
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        ctx.problem(node, path, f"{resolved} is not UTF-8 text ({exc.reason})")
+        return None
+    return resolved
