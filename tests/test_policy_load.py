@@ -718,3 +718,20 @@ def test_an_upstream_password_file_the_relay_could_not_read_is_a_problem(
     file.write_bytes(b"s3cret\n")
     upstream = load(path).upstreams["outbox"]
     assert isinstance(upstream, SmtpUpstream) and upstream.password_file == file
+
+
+def test_a_retry_ceiling_below_first_retry_hides_no_audit_problem(tmp_path: Path) -> None:
+    """The queue's check returned early: the audit section was not read at all,
+    and its problems came one ``relay check`` later."""
+    settings = (
+        "version: 1\nqueue: {first_retry: 60, max_retry: 5}\n"
+        "audit: {hmac_key_file: nope.key, retention_days: -5, record_subjct: yes}\n"
+    )
+    path = variant(tmp_path, "version: 1\n", settings)
+    assert problems(path) == [
+        f"{path}:3:37: queue.max_retry: must not be less than first_retry",
+        f"{path}:4:24: audit.hmac_key_file: cannot read {tmp_path / 'nope.key'}:"
+        " No such file or directory",
+        f"{path}:4:50: audit.retention_days: -5 is out of range: expected a number of days",
+        f"{path}:4:54: audit.record_subjct: unknown key (did you mean 'record_subject'?)",
+    ]

@@ -336,9 +336,10 @@ def state(ctx: Ctx, root: Map) -> tuple[QueueSettings | None, AuditSettings | No
     first, ceiling = q.number("first_retry", 60), q.number("max_retry", 3600)
     lifetime = q.number("lifetime", 5 * 86400)
     concurrency = q.integer("concurrency", 10, 1, 1000, "a number of deliveries (1..1000)")
-    if first is not None and ceiling is not None and ceiling < first:
+    inverted = first is not None and ceiling is not None and ceiling < first
+    if inverted:
         ctx.problem(q.get("max_retry"), q.sub("max_retry"), "must not be less than first_retry")
-        return None, None
+    # the audit section is read whatever the queue's state: check reports every problem
     a = root.map(
         "audit", ("hmac_key_file", "record_subject", "compress_after_days", "retention_days")
     )
@@ -346,7 +347,7 @@ def state(ctx: Ctx, root: Map) -> tuple[QueueSettings | None, AuditSettings | No
     subject = a.choice("record_subject", _YesNo, _YesNo.NO)
     compress = a.integer("compress_after_days", None, 1, 100000, "a number of days")
     retention = a.integer("retention_days", None, 1, 1000000, "a number of days")
-    if a.has("hmac_key_file") and key is None:
+    if inverted or (a.has("hmac_key_file") and key is None):
         return None, None
     numbers = (first, ceiling, lifetime, concurrency, subject)
     if None in numbers:
