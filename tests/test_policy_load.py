@@ -735,3 +735,23 @@ def test_a_retry_ceiling_below_first_retry_hides_no_audit_problem(tmp_path: Path
         f"{path}:4:50: audit.retention_days: -5 is out of range: expected a number of days",
         f"{path}:4:54: audit.record_subjct: unknown key (did you mean 'record_subject'?)",
     ]
+
+
+@pytest.mark.parametrize(
+    ("placeholder", "plain"),
+    [
+        ("{user.name:>5000000000}", "{user.name}"),
+        ("{user.name:.20}", "{user.name}"),
+        ("{tenant.name!r}", "{tenant.name}"),
+    ],
+)
+def test_a_display_name_placeholder_takes_no_format_spec(
+    tmp_path: Path, placeholder: str, plain: str
+) -> None:
+    """A huge width made check itself die of a MemoryError traceback; a sane one
+    would pad every From header. A name is put in as it is."""
+    path = variant(tmp_path, '"{user.name} via {tenant.name}"', f'"{placeholder} via Acme"')
+    assert problems(path) == [
+        f"{path}:5:17: platform.display_name: expected a plain placeholder, {plain},"
+        f" not {placeholder}: names are put in as they are, with no format spec or conversion"
+    ]

@@ -77,18 +77,31 @@ def _template(ctx: Ctx, node: Node, path: str) -> str | None:
     if value is None:
         return None
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
-        for field in fields:
+        fields = [p[1:] for p in string.Formatter().parse(value) if p[1] is not None]
+        for field, spec, conversion in fields:
             if field not in _PLACEHOLDERS:
                 allowed = ", ".join(f"{{{p}}}" for p in _PLACEHOLDERS)
                 near = hint(field, _PLACEHOLDERS)
                 ctx.problem(node, path, f"unknown placeholder {{{field}}}{near}; use {allowed}")
+                return None
+            if spec or conversion:
+                ctx.problem(node, path, _plain_only(field, spec, conversion))
                 return None
         value.format_map(_SAMPLE)
     except (ValueError, KeyError, AttributeError, IndexError, TypeError) as exc:
         ctx.problem(node, path, f"invalid template: {exc}")
         return None
     return value
+
+
+def _plain_only(field: str, spec: str, conversion: str | None) -> str:
+    """A format spec such as ``{user.name:>5000000000}`` made check itself run out
+    of memory, and a width pads every From header; a name is put in as it is."""
+    written = f"{{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+    return (
+        f"expected a plain placeholder, {{{field}}}, not {written}:"
+        " names are put in as they are, with no format spec or conversion"
+    )
 
 
 def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
