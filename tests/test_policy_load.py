@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -755,3 +756,76 @@ def test_a_display_name_placeholder_takes_no_format_spec(
         f"{path}:5:17: platform.display_name: expected a plain placeholder, {plain},"
         f" not {placeholder}: names are put in as they are, with no format spec or conversion"
     ]
+
+
+FILE_SETTINGS = {
+    "dkim.keys[0].key_file": ("key_file: keys/platform.example.s1.private", "a key file"),
+    "listeners[0].tls.cert": ("cert: tls/relay.crt", "a certificate file"),
+    "listeners[0].tls.key": ("key: tls/relay.key", "a key file"),
+    "upstreams.outbox.ca_file": ("ca_file: tls/ca.crt", "a CA file"),
+    "upstreams.outbox.password_file": ("password_file: smarthost.password", "a password file"),
+    "audit.hmac_key_file": ("hmac_key_file: audit.key", "a key file"),
+}
+
+
+def _every_file_setting(tmp_path: Path) -> Path:
+    """minimal.yaml naming a file in every setting that names one, each valid."""
+    (tmp_path / "smarthost.password").write_text("s3cret\n")
+    (tmp_path / "audit.key").write_text("k3y\n")
+    smtp = (
+        "    type: smtp\n    host: smtp.example\n    tls: starttls\n    username: relay\n"
+        "    password_file: smarthost.password\n    ca_file: tls/ca.crt\n"
+    )
+    path = variant(tmp_path, "    type: directory\n    path: outbox\n", smtp)
+    text = path.read_text().replace(
+        "    port: 2525\n", "    port: 2525\n    tls: {cert: tls/relay.crt, key: tls/relay.key}\n"
+    )
+    path.write_text(text + "audit: {hmac_key_file: audit.key}\n")
+    return path
+
+
+def _fifo(tmp_path: Path) -> Path:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    return fifo
+
+
+def _oversized(tmp_path: Path, limit: int) -> Path:
+    big = tmp_path / "big"
+    big.write_bytes(b"A" * (limit + 1))
+    return big
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("setting", sorted(FILE_SETTINGS))
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (_fifo, "{file} is a FIFO, not a regular file"),
+        (lambda _: Path("/dev/null"), "{file} is a character device, not a regular file"),
+        (lambda tmp_path: tmp_path, "{file} is a directory, not a regular file"),
+        (
+            lambda tmp_path: _oversized(tmp_path, 64 * 1024),
+            "{file} is larger than 64 KiB, too large for {what}",
+        ),
+    ],
+    ids=["fifo", "device", "directory", "over-64-KiB"],
+)
+def test_every_file_the_policy_names_must_be_a_regular_file_of_sane_size(
+    tmp_path: Path, setting: str, make: Callable[[Path], Path], problem: str
+) -> None:
+    """key_file: /dev/zero was read until memory ran out (a MemoryError traceback),
+    and a FIFO made check, and a reload, wait forever for a writer."""
+    path = _every_file_setting(tmp_path)
+    assert load(path).audit.hmac_key == b"k3y"
+    written, what = FILE_SETTINGS[setting]
+    file = make(tmp_path)
+    text = path.read_text()
+    path.write_text(text.replace(written, f"{written.split(': ')[0]}: {file}"))
+    oversized = file.name == "big"
+    if oversized and what in ("a certificate file", "a CA file"):
+        _oversized(tmp_path, 4 * 1024 * 1024)
+        problem = "{file} is larger than 4 MiB, too large for {what}"
+    (found,) = problems(path)
+    location = rf"{re.escape(str(path))}:\d+:\d+: {re.escape(setting)}: "
+    assert re.fullmatch(location + re.escape(problem.format(file=file, what=what)), found)

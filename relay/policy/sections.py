@@ -166,15 +166,16 @@ def _tls(ctx: Ctx, listener: Map) -> TlsFiles | None:
     is not the certificate's, or a file half-written by a renewal, before a
     worker does."""
     m = listener.map("tls", ("cert", "key"), required=("cert", "key"))
-    cert = m.read("cert", values.existing_file)
-    key = m.read("key", values.existing_file)
+    cert = m.read("cert", values.certificate_file)
+    key = m.read("key", values.key_file)
     if cert is None or key is None:
         return None
     try:
-        return tlspair.read_pair(cert, key)
+        return tlspair.checked_pair(cert[0], key[0], cert[1], key[1])
     except (ssl.SSLError, OSError) as exc:
         reason = exc.strerror or str(exc)
-        ctx.problem(m.node, listener.sub("tls"), f"cannot use {cert} with {key}: {reason}")
+        message = f"cannot use {cert[0]} with {key[0]}: {reason}"
+        ctx.problem(m.node, listener.sub("tls"), message)
         return None
 
 

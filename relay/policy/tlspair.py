@@ -21,7 +21,13 @@ from relay.policy.model import TlsFiles
 def read_pair(cert: Path, key: Path) -> TlsFiles:
     """Both files' bytes, loaded once as a server would: raises OSError or
     ssl.SSLError (a key that is not the certificate's, a half-written file)."""
-    pair = TlsFiles(cert, key, cert.read_bytes(), key.read_bytes())
+    return checked_pair(cert, key, cert.read_bytes(), key.read_bytes())
+
+
+def checked_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> TlsFiles:
+    """The pair as read (by the policy loader, which bounds what it reads), loaded
+    once as a server would: raises ssl.SSLError or OSError."""
+    pair = TlsFiles(cert, key, cert_pem, key_pem)
     server_context(pair)
     return pair
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import ssl
+import stat
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 
@@ -189,8 +190,9 @@ def file_path(ctx: Ctx, node: Node, path: str) -> Path | None:
 
 
 def existing_file(ctx: Ctx, node: Node, path: str) -> Path | None:
+    """The path, if there is anything there: reading it says what else is wrong."""
     resolved = file_path(ctx, node, path)
-    if resolved is not None and not resolved.is_file():
+    if resolved is not None and not os.path.lexists(resolved):
         ctx.problem(node, path, f"no such file: {resolved}")
         return None
     return resolved
@@ -200,7 +202,7 @@ def ca_file(ctx: Ctx, node: Node, path: str) -> Path | None:
     """A PEM file of CA certificates, loaded once here so that a wrong file is
     found by ``relay check``, not by the first delivery."""
     resolved = existing_file(ctx, node, path)
-    if resolved is None:
+    if resolved is None or _read(ctx, node, path, resolved, "a CA file") is None:
         return None
     try:
         ssl.create_default_context(cafile=os.fspath(resolved))
@@ -211,26 +213,102 @@ def ca_file(ctx: Ctx, node: Node, path: str) -> Path | None:
     return resolved
 
 
-def read_file(ctx: Ctx, node: Node, path: str) -> tuple[Path, bytes] | None:
+def certificate_file(ctx: Ctx, node: Node, path: str) -> tuple[Path, bytes] | None:
+    """A listener's certificate (chain), as read."""
+    resolved = existing_file(ctx, node, path)
+    return None if resolved is None else _read(ctx, node, path, resolved, "a certificate file")
+
+
+def key_file(ctx: Ctx, node: Node, path: str) -> tuple[Path, bytes] | None:
+    """A listener's private key, as read."""
+    resolved = existing_file(ctx, node, path)
+    return None if resolved is None else _read(ctx, node, path, resolved, "a key file")
+
+
+def read_file(
+    ctx: Ctx, node: Node, path: str, what: str = "a key file"
+) -> tuple[Path, bytes] | None:
+    """A small file read at load: a DKIM key, an HMAC key, a password."""
     resolved = file_path(ctx, node, path)
     if resolved is None:
         return None
-    try:
-        data = resolved.read_bytes()
-    except OSError as exc:
-        ctx.problem(node, path, f"cannot read {resolved}: {exc.strerror or exc}")
-        return None
-    if not data.strip():
+    found = _read(ctx, node, path, resolved, what)
+    if found is not None and not found[1].strip():
         ctx.problem(node, path, f"{resolved} is empty")
         return None
-    return resolved, data
+    return found
+
+
+#: The most a file may hold: a key, a password or an HMAC key is a few KB at
+#: most; a certificate chain a few KB more, a CA bundle some hundred KB
+#: (Debian's 144 certificates are 215 KB).
+_LIMITS = {
+    "a key file": 64 * 1024,
+    "a password file": 64 * 1024,
+    "a certificate file": 4 * 1024 * 1024,
+    "a CA file": 4 * 1024 * 1024,
+}
+
+
+def _read(ctx: Ctx, node: Node, path: str, resolved: Path, what: str) -> tuple[Path, bytes] | None:
+    try:
+        return resolved, read_limited(resolved, _LIMITS[what], what)
+    except RefusedFile as exc:
+        ctx.problem(node, path, str(exc))
+    except OSError as exc:
+        ctx.problem(node, path, f"cannot read {resolved}: {exc.strerror or exc}")
+    return None
+
+
+class RefusedFile(Exception):
+    """A file the policy names that the loader will not read; says why."""
+
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def read_limited(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; raises OSError or
+    RefusedFile. key_file: /dev/zero was read until memory ran out, and a FIFO
+    made relay check (and a reload) wait for a writer forever."""
+    _regular(path, os.stat(path).st_mode)  # before opening: a device's open may act
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        _regular(path, os.fstat(fd).st_mode)  # replaced in between
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    raise RefusedFile(f"{path} is larger than {_size(limit)}, too large for {what}")
+
+
+def _size(limit: int) -> str:
+    return f"{limit // 2**20} MiB" if limit >= 2**20 else f"{limit // 2**10} KiB"
+
+
+def _regular(path: Path, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a file")
+        raise RefusedFile(f"{path} is {kind}, not a regular file")
 
 
 def password_file(ctx: Ctx, node: Node, path: str) -> Path | None:
     """Read now only to be checked (the relay reads it again at each delivery, so
     a changed password needs no reload): a missing or unreadable file passed,
     and then every message to the upstream was deferred with 451."""
-    found = read_file(ctx, node, path)
+    found = read_file(ctx, node, path, "a password file")
     if found is None:
         return None
     resolved, data = found
