@@ -829,3 +829,26 @@ def test_every_file_the_policy_names_must_be_a_regular_file_of_sane_size(
     (found,) = problems(path)
     location = rf"{re.escape(str(path))}:\d+:\d+: {re.escape(setting)}: "
     assert re.fullmatch(location + re.escape(problem.format(file=file, what=what)), found)
+
+
+@pytest.mark.parametrize(
+    ("settings", "where", "name"),
+    [
+        ("identify:\n  header: Subject\n", "11:11: identify.header", "Subject"),
+        ("control_headers: [X-ERP-User, to]\n", "10:31: control_headers[1]", "to"),
+        ("control_headers: [Content-Type]\n", "10:19: control_headers[0]", "Content-Type"),
+        ("control_headers: [DKIM-Signature]\n", "10:19: control_headers[0]", "DKIM-Signature"),
+    ],
+    ids=["identify-subject", "control-to", "control-content-type", "control-dkim-signature"],
+)
+def test_a_header_of_the_message_cannot_be_a_control_header(
+    tmp_path: Path, settings: str, where: str, name: str
+) -> None:
+    """Control headers are removed before sending: ``identify.header: Subject``
+    passed, and every message then went out without its Subject."""
+    path = variant(tmp_path, "dkim:\n", settings + "dkim:\n")
+    assert problems(path) == [
+        f"{path}:{where}: {name} is a header of the message itself, but control headers"
+        " (the identify header is one) are removed before sending; expected a header meant"
+        " for the relay only, like X-ERP-User"
+    ]

@@ -206,7 +206,7 @@ def identify(
     """The Identify section and the control headers, which must include its header."""
     m = root.map("identify", ("order", "header", "unknown_sender", "default_tenant"))
     order = _order(ctx, m)
-    header = m.read("header", values.header_name) if m.has("header") else "X-ERP-User"
+    header = m.read("header", values.control_header) if m.has("header") else "X-ERP-User"
     unknown = m.choice("unknown_sender", UnknownSender, UnknownSender.REJECT)
     tenant = m.text("default_tenant", "a tenant id")
     ok = order is not None and header is not None and unknown is not None
@@ -241,7 +241,7 @@ def _order(ctx: Ctx, m: Map) -> tuple[IdentitySource, ...] | None:
 def _control_headers(ctx: Ctx, root: Map, identify_header: str | None) -> tuple[str, ...] | None:
     if root.has("control_headers"):
         entries = root.items("control_headers", "a list of header names")
-        found = [values.header_name(ctx, node, path) for node, path in entries]
+        found = [values.control_header(ctx, node, path) for node, path in entries]
         if None in found:
             return None
     else:

@@ -114,6 +114,35 @@ def header_name(ctx: Ctx, node: Node, path: str) -> str | None:
     return value
 
 
+#: Headers of the message itself, or that the relay writes or signs: a control
+#: header is removed from every message, so none of these may be one.
+_MESSAGE_HEADERS = frozenset(
+    {
+        *("from", "to", "cc", "bcc", "subject", "date", "message-id", "reply-to", "sender"),
+        *("mime-version", "dkim-signature", "received", "return-path", "in-reply-to"),
+        "references",
+    }
+)
+
+
+def control_header(ctx: Ctx, node: Node, path: str) -> str | None:
+    """A header meant for the relay only. ``identify.header: Subject`` passed,
+    and the relay then took the Subject out of every message it sent."""
+    value = header_name(ctx, node, path)
+    if value is None:
+        return None
+    lower = value.lower()
+    if lower in _MESSAGE_HEADERS or lower.startswith("content-"):
+        message = (
+            f"{value} is a header of the message itself, but control headers (the identify"
+            " header is one) are removed before sending; expected a header meant for the"
+            " relay only, like X-ERP-User"
+        )
+        ctx.problem(node, path, message)
+        return None
+    return value
+
+
 def selector(ctx: Ctx, node: Node, path: str) -> str | None:
     value = text(ctx, node, path, "a DKIM selector like s1")
     if value is None:
