@@ -852,3 +852,42 @@ def test_a_header_of_the_message_cannot_be_a_control_header(
         " (the identify header is one) are removed before sending; expected a header meant"
         " for the relay only, like X-ERP-User"
     ]
+
+
+@pytest.mark.parametrize(
+    ("written", "problem"),
+    [
+        (
+            r'"(?i)\b(invoice)\b"',
+            r"contains a backspace: YAML reads \b in double quotes as a backspace, not a word"
+            r" boundary; write the pattern in single quotes: '(?i)\b(invoice)\b'",
+        ),
+        (
+            r'"\finvoice"',
+            r"contains U+000C: YAML reads \f in double quotes as that character;"
+            r" write the pattern in single quotes: '\finvoice'",
+        ),
+        (
+            r'"invoice\x01"',
+            r"contains the control character U+0001; if meant, write \x01 in single quotes",
+        ),
+    ],
+    ids=["backspace", "form-feed", "x01"],
+)
+def test_a_regex_with_a_control_character_from_yaml_escapes_is_refused(
+    tmp_path: Path, written: str, problem: str
+) -> None:
+    """In YAML double quotes "\\b" is a backspace: the rule was accepted and
+    silently never matched, so no invoice got its BCC."""
+    rule = f"classify:\n  - id: invoice\n    type: invoice\n    subject: {written}\ndkim:\n"
+    path = variant(tmp_path, "dkim:\n", rule)
+    assert problems(path) == [f"{path}:13:14: classify[0].subject: {problem}"]
+
+
+def test_a_verbose_regex_over_several_lines_still_loads(tmp_path: Path) -> None:
+    rule = (
+        "classify:\n  - id: invoice\n    type: invoice\n    subject: |\n"
+        "      (?x) \\b invoice\n      \t\\b\ndkim:\n"
+    )
+    (found,) = load(variant(tmp_path, "dkim:\n", rule)).classify[0].conditions
+    assert found.pattern.search("Your invoice 17")

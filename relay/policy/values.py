@@ -14,7 +14,7 @@ import stat
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 
-from yaml.nodes import Node
+from yaml.nodes import Node, ScalarNode
 
 from relay.headers import fits_smtp
 from relay.policy.schema import Ctx, text
@@ -205,11 +205,48 @@ def regex(ctx: Ctx, node: Node, path: str) -> re.Pattern[str] | None:
     value = text(ctx, node, path, "a regular expression", multiline=True)
     if value is None:
         return None
+    control = _CONTROL.search(value)
+    if control is not None:
+        ctx.problem(node, path, _control_character(node, value, control.group()))
+        return None
     try:
         return re.compile(value)
     except re.error as exc:
         ctx.problem(node, path, f"invalid regular expression: {exc}")
         return None
+
+
+# Tab and line ends stay allowed: a verbose (?x) pattern may span lines.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
+_YAML_ESCAPES = {"\0": "0", "\a": "a", "\b": "b", "\v": "v", "\f": "f", "\x1b": "e"}
+_YAML_ESCAPES |= {"\x85": "N", "\u2028": "L", "\u2029": "P"}
+
+
+def _control_character(node: ScalarNode, value: str, found: str) -> str:
+    r"""Why a regex holds a control character, which no subject or file name has:
+    YAML read an escape in double quotes as one, so "(?i)\b(invoice)\b" became
+    backspaces around the word, and the rule never matched."""
+    code = f"U+{ord(found):04X}"
+    letter = _YAML_ESCAPES.get(found)
+    if node.style != '"' or letter is None:
+        escape = "\\" + _hex(found)
+        return f"contains the control character {code}; if meant, write {escape} in single quotes"
+    if letter == "b":
+        what = r"a backspace: YAML reads \b in double quotes as a backspace, not a word boundary"
+    else:
+        what = f"{code}: YAML reads \\{letter} in double quotes as that character"
+    return f"contains {what}; write the pattern in single quotes: {_single_quoted(value)}"
+
+
+def _single_quoted(value: str) -> str:
+    """The pattern as it was typed, in YAML single quotes, where a backslash is a
+    backslash and the regex reads the escapes."""
+    typed = _CONTROL.sub(lambda m: "\\" + _YAML_ESCAPES.get(m.group(), _hex(m.group())), value)
+    return "'" + typed.replace("'", "''") + "'"
+
+
+def _hex(char: str) -> str:
+    return f"u{ord(char):04x}" if ord(char) > 0xFF else f"x{ord(char):02x}"
 
 
 def file_path(ctx: Ctx, node: Node, path: str) -> Path | None:
