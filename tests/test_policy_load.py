@@ -8,6 +8,7 @@ import io
 import os
 import re
 import shutil
+import socket
 from collections.abc import Callable
 from ipaddress import ip_network
 from pathlib import Path
@@ -891,3 +892,86 @@ def test_a_verbose_regex_over_several_lines_still_loads(tmp_path: Path) -> None:
     )
     (found,) = load(variant(tmp_path, "dkim:\n", rule)).classify[0].conditions
     assert found.pattern.search("Your invoice 17")
+
+
+@pytest.mark.parametrize(
+    ("written", "problem"),
+    [
+        ("999.1.1.1", "'999.1.1.1' is not an IP address like 127.0.0.1 or ::1"),
+        ("127.000.000.001", "'127.000.000.001' is not an IP address like 127.0.0.1 or ::1"),
+        ("'[::1]'", "expected an IP address without brackets: write ::1"),
+        (
+            "127.0.0.1:2525",
+            "'127.0.0.1:2525' is not an IP address like 127.0.0.1 or ::1;"
+            " the port goes in port: 2525",
+        ),
+        ("'*'", "'*' is not an IP address like 127.0.0.1 or ::1, or a host name"),
+    ],
+)
+def test_a_listen_address_serve_could_not_bind_is_refused(
+    tmp_path: Path, written: str, problem: str
+) -> None:
+    """999.1.1.1 and [::1] passed, and relay serve then exited 71 at its start."""
+    path = variant(tmp_path, "address: 127.0.0.1", f"address: {written}")
+    assert problems(path) == [f"{path}:8:14: listeners[0].address: {problem}"]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "problem"),
+    [
+        ("127.0.0.1", "127.0.0.1", "127.0.0.1:2525 is also listeners[0]"),
+        (
+            "127.0.0.1",
+            "0.0.0.0",
+            "0.0.0.0:2525 overlaps 127.0.0.1:2525 of listeners[0]:"
+            " 0.0.0.0 takes port 2525 on every IPv4 address",
+        ),
+        (
+            "'::'",
+            "'::1'",
+            "[::1]:2525 overlaps [::]:2525 of listeners[0]:"
+            " :: takes port 2525 on every IPv6 address",
+        ),
+        ("'::1'", "'0:0::1'", "[0:0::1]:2525 is also listeners[0] (both are [::1]:2525)"),
+        ("127.0.0.1", "localhost", "localhost:2525 is also listeners[0] (both are 127.0.0.1:2525)"),
+    ],
+    ids=["same", "wildcard-v4", "wildcard-v6", "same-ipv6-written-apart", "host-name"],
+)
+def test_two_listeners_on_one_port_of_one_address_are_refused(
+    tmp_path: Path, first: str, second: str, problem: str
+) -> None:
+    """Only listeners written alike were found; a wildcard and a specific address,
+    or a host name and its address, passed and serve failed: Address already in use."""
+    two = f"    address: {first}\n    port: 2525\n  - name: other\n    address: {second}\n"
+    path = variant(tmp_path, "    address: 127.0.0.1\n", two)
+    assert problems(path) == [f"{path}:12:11: listeners[1].port: {problem}"]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"), [("0.0.0.0", "'::'"), ("127.0.0.1", "127.0.0.2"), ("'::1'", "127.0.0.1")]
+)
+def test_listeners_on_one_port_of_different_addresses_load(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    """IPv6 sockets are IPv6 only, so 0.0.0.0 and :: share a port."""
+    two = f"    address: {first}\n    port: 2525\n  - name: other\n    address: {second}\n"
+    assert len(load(variant(tmp_path, "    address: 127.0.0.1\n", two)).listeners) == 2
+
+
+def test_a_listen_host_name_this_host_cannot_resolve_is_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host names stay allowed (serve resolves them when it binds); one that does
+    not resolve here is no mistake in the file, but serve would fail to start."""
+    path = variant(tmp_path, "address: 127.0.0.1", "address: relay.example")
+
+    def unknown(*args: object, **kwargs: object) -> object:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unknown)
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0
+    assert err.getvalue() == (
+        f"{path}:8:14: warning: listeners[0].address: cannot resolve relay.example"
+        " (Name or service not known): relay serve could not listen on it\n"
+    )

@@ -10,12 +10,14 @@ from __future__ import annotations
 import enum
 import os
 import pwd
+import socket
 import ssl
 import string
 from collections.abc import Collection, Mapping
-from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 from yaml.nodes import Node, ScalarNode, SequenceNode
 
@@ -107,7 +109,7 @@ def _plain_only(field: str, spec: str, conversion: str | None) -> str:
 def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
     found: list[Listener | None] = []
     names: dict[str, str] = {}
-    sockets: dict[tuple[str, int], str] = {}
+    sockets: list[_Socket] = []
     entries = root.items("listeners", "a list of listeners")
     if root.has("listeners") and not entries:
         ctx.problem(root.get("listeners"), "listeners", "at least one listener is needed")
@@ -122,7 +124,7 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
             )
         elif name is not None:
             names[name] = path
-        address = m.text("address", "a listen address like 127.0.0.1")
+        address = m.read("address", values.listen_address)
         if address is not None and _ipv4_mapped(address):
             ctx.problem(
                 m.get("address"),
@@ -133,10 +135,11 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
             address = None
         port = m.integer("port", None, 1, 65535, "a port number (1..65535)")
         if address is not None and port is not None:
-            if (address, port) in sockets:
-                where = sockets[address, port]
-                ctx.problem(m.get("port"), m.sub("port"), f"{address}:{port} is also {where}")
-            sockets[address, port] = path
+            mine = _Socket(address, port, path, _addresses(ctx, m, address, port))
+            clash = next(filter(None, (_clash(mine, other) for other in sockets)), None)
+            if clash is not None:
+                ctx.problem(m.get("port"), m.sub("port"), clash)
+            sockets.append(mine)
         tls = _tls(ctx, m)
         allow = _allow(ctx, m)
         size = m.integer("max_message_size", 26214400, 1, 2**40, "a positive number of bytes")
@@ -159,6 +162,59 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
     if not found or None in found:
         return None
     return tuple(found)
+
+
+_IP = IPv4Address | IPv6Address
+
+
+class _Socket(NamedTuple):
+    """What one listener binds: its address as written, and the IP addresses that is."""
+
+    address: str
+    port: int
+    path: str
+    ips: frozenset[_IP]
+
+
+def _addresses(ctx: Ctx, m: Map, address: str, port: int) -> frozenset[_IP]:
+    """The addresses relay serve binds, resolved as it resolves them. A name this
+    host cannot resolve is not a mistake in the file: a warning, as serve would fail."""
+    try:
+        return frozenset({ip_address(address)})
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        message = f"cannot resolve {address} ({reason}): relay serve could not listen on it"
+        ctx.problems.warn(m.get("address"), m.sub("address"), message)
+        return frozenset()
+    return frozenset(ip_address(info[4][0]) for info in infos)
+
+
+def _clash(mine: _Socket, other: _Socket) -> str | None:
+    """Why two listeners cannot both bind their port: one address, or a wildcard
+    (0.0.0.0, ::) that takes the port on every address of its family. Each passed
+    unless written alike, and relay serve then failed: Address already in use."""
+    if mine.port != other.port:
+        return None
+    pairs = [(a, b) for a in mine.ips for b in other.ips if a.version == b.version]
+    here = _on(mine.address, mine.port)
+    for a, b in pairs:
+        if a == b:
+            same = "" if mine.address == other.address else f" (both are {_on(str(a), mine.port)})"
+            return f"{here} is also {other.path}{same}"
+    for a, b in pairs:
+        wildcard = a if a.is_unspecified else b if b.is_unspecified else None
+        if wildcard is not None:
+            every = f"{wildcard} takes port {mine.port} on every IPv{wildcard.version} address"
+            return f"{here} overlaps {_on(other.address, other.port)} of {other.path}: {every}"
+    return None
+
+
+def _on(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _tls(ctx: Ctx, listener: Map) -> TlsFiles | None:

@@ -104,6 +104,39 @@ def helo_name(ctx: Ctx, node: Node, path: str) -> str | None:
     return None
 
 
+_NUMERIC = re.compile(r"[0-9.]+|.*:.*")
+
+
+def listen_address(ctx: Ctx, node: Node, path: str) -> str | None:
+    """An IP address, or a host name the relay resolves when it binds. 999.1.1.1
+    and [::1] passed, and relay serve then failed at its start (exit 71)."""
+    value = text(ctx, node, path, "a listen address like 127.0.0.1")
+    if value is None:
+        return None
+    bare = value[1:-1] if value.startswith("[") and value.endswith("]") else None
+    if bare is not None and _is_ip(bare):
+        ctx.problem(node, path, f"expected an IP address without brackets: write {bare}")
+        return None
+    if _is_ip(value) or (not _NUMERIC.fullmatch(value) and _DOMAIN.fullmatch(value)):
+        return value
+    expected = "an IP address like 127.0.0.1 or ::1, or a host name"
+    if _NUMERIC.fullmatch(value):
+        expected = "an IP address like 127.0.0.1 or ::1"
+    host, _, port = value.rpartition(":")
+    if port.isdigit() and (_is_ip(host) or _DOMAIN.fullmatch(host)):
+        expected += f"; the port goes in port: {port}"
+    ctx.problem(node, path, f"{value!r} is not {expected}")
+    return None
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
 def header_name(ctx: Ctx, node: Node, path: str) -> str | None:
     value = text(ctx, node, path, "a header name like X-ERP-User")
     if value is None:
