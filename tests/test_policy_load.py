@@ -975,3 +975,35 @@ def test_a_listen_host_name_this_host_cannot_resolve_is_a_warning(
         f"{path}:8:14: warning: listeners[0].address: cannot resolve relay.example"
         " (Name or service not known): relay serve could not listen on it\n"
     )
+
+
+@pytest.mark.timeout(20)
+def test_a_merge_key_bomb_loads_at_once(tmp_path: Path) -> None:
+    """Each anchor merging the one before ten times: 6 KB that expand to 10^9
+    merges. Check and a reload walked them all, for about an hour; each merge
+    source is now expanded once."""
+    anchors = ["&m0 {first_retry: 60}"]
+    anchors += [f"&m{i} {{<<: [{', '.join([f'*m{i - 1}'] * 10)}]}}" for i in range(1, 10)]
+    path = variant(tmp_path, "version: 1\n", f"version: 1\nqueue:\n  <<: [{', '.join(anchors)}]\n")
+    assert load(path).queue.first_retry == 60
+
+
+def test_merge_keys_nested_too_deep_are_a_problem(tmp_path: Path) -> None:
+    """Some 300 merges within merges ended check in a RecursionError traceback."""
+    nested = "{<<: " * 400 + "{first_retry: 60}" + "}" * 400
+    path = variant(tmp_path, "version: 1\n", f"version: 1\nqueue: {nested}\n")
+    column = len("queue: ") + len("{<<: ") * 100 + 2  # the << of the 101st mapping
+    assert problems(path) == [f"{path}:3:{column}: queue: merge keys (<<) nest more than 100 deep"]
+
+
+def test_merge_keys_that_expand_too_far_are_a_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One anchor of many keys, merged in many places, is as slow as a bomb."""
+    monkeypatch.setattr(yamlsource, "MAX_MERGED", 5)
+    merges = "version: 1\nqueue:\n  <<: [&d {first_retry: 60, max_retry: 600}, *d, *d]\n"
+    path = variant(tmp_path, "version: 1\n", merges)
+    assert problems(path) == [
+        f"{path}:4:3: queue: the file expands (through merge keys, <<) to more than 5 values;"
+        " merge each anchor in fewer places"
+    ]

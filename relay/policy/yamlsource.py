@@ -41,6 +41,7 @@ class Problems:
         self.file = file
         self._items: list[_Problem] = []
         self._warnings: list[_Problem] = []
+        self.merges = _Merges()  # the file's merge keys, as expanded so far
 
     def add(
         self, where: Node | yaml.Mark | tuple[int, int] | None, path: str, message: str
@@ -136,9 +137,48 @@ def is_null(node: Node) -> bool:
     return isinstance(node, ScalarNode) and node.tag == NULL_TAG
 
 
+Entry = tuple[str, ScalarNode, Node]
+
+#: Values merge keys may bring into mappings, in all: a policy that merges
+#: defaults into each of 50,000 users stays well below it; a "merge bomb" (each
+#: anchor merging the one before ten times, 6 KB for 10^9 values) does not.
+MAX_MERGED = 1_000_000
+#: Merge keys within merged mappings: each level is a few Python frames, and
+#: some 300 levels ended ``relay check`` in a RecursionError traceback.
+MAX_MERGE_DEPTH = 100
+
+
+class _Merges:
+    """Each merge source's entries, expanded once, and the values merged so far.
+
+    A shared source was walked again at every merge that named it, so a
+    small file of nested merges hung ``relay check`` and a reload for an hour.
+    """
+
+    def __init__(self) -> None:
+        self.expanded: dict[int, list[Entry]] = {}
+        self.count = 0
+        self.exceeded = False
+
+    def spend(self, entries: int, merge_key: Node, path: str, problems: Problems) -> bool:
+        """Whether ``entries`` more values may be merged; reports, once, when not."""
+        if self.exceeded:
+            return False
+        self.count += entries
+        if self.count <= MAX_MERGED:
+            return True
+        self.exceeded = True
+        message = (
+            f"the file expands (through merge keys, <<) to more than {MAX_MERGED:,} values;"
+            " merge each anchor in fewer places"
+        )
+        problems.add(merge_key, path, message)
+        return False
+
+
 def pairs(
     node: MappingNode, path: str, problems: Problems, _active: frozenset[int] = frozenset()
-) -> Iterator[tuple[str, ScalarNode, Node]]:
+) -> Iterator[Entry]:
     """A mapping's entries with string keys, each key once, merge keys (<<) expanded.
 
     PyYAML keeps the last of two equal keys without a word; here the second
@@ -146,10 +186,10 @@ def pairs(
     one further up.
     """
     seen: dict[str, ScalarNode] = {}
-    merged: list[tuple[str, ScalarNode, Node]] = []
+    merged: list[Entry] = []
     for key_node, value in node.value:
         if key_node.tag == MERGE_TAG:
-            merged.extend(_merged(value, path, problems, _active | {id(node)}))
+            merged.extend(_merged(key_node, value, path, problems, _active | {id(node)}))
             continue
         key = _key(key_node, path, problems)
         if key is None:
@@ -168,14 +208,23 @@ def pairs(
 
 
 def _merged(
-    value: Node, path: str, problems: Problems, active: frozenset[int]
-) -> Iterator[tuple[str, ScalarNode, Node]]:
+    merge_key: Node, value: Node, path: str, problems: Problems, active: frozenset[int]
+) -> Iterator[Entry]:
+    if len(active) > MAX_MERGE_DEPTH:
+        problems.add(merge_key, path, f"merge keys (<<) nest more than {MAX_MERGE_DEPTH} deep")
+        return
     sources = value.value if isinstance(value, SequenceNode) else [value]
+    merges = problems.merges
     for source in sources:
         if not isinstance(source, MappingNode) or id(source) in active:
             problems.add(source, path, "a merge key (<<) needs a mapping or a list of mappings")
             continue
-        yield from pairs(source, path, problems, active)
+        entries = merges.expanded.get(id(source))
+        if entries is None:
+            entries = merges.expanded[id(source)] = list(pairs(source, path, problems, active))
+        if not merges.spend(len(entries), merge_key, path, problems):
+            return
+        yield from entries
 
 
 def _key(node: Node, path: str, problems: Problems) -> str | None:
