@@ -21,12 +21,14 @@ class Received:
 @dataclass
 class RefusingRecipients:
     """aiosmtpd handler part shared by the test sinks: ``refuse`` maps a recipient
-    to the reply it gets; everyone else is accepted. With ``pipelining`` the sink
+    to the reply it gets; ``taken`` to the reply it gets as it is accepted (a 251
+    or 252); everyone else is accepted with 250. With ``pipelining`` the sink
     offers PIPELINING, as Postfix does (aiosmtpd reads pipelined commands but
     does not say so)."""
 
     refuse: dict[str, str] = field(default_factory=dict)
     pipelining: bool = False
+    taken: dict[str, str] = field(default_factory=dict)
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list
@@ -42,7 +44,7 @@ class RefusingRecipients:
         if address in self.refuse:
             return self.refuse[address]
         envelope.rcpt_tos.append(address)
-        return "250 OK"
+        return self.taken.get(address, "250 OK")
 
 
 @dataclass

@@ -216,18 +216,29 @@ async def test_partial_refusal_delivers_to_the_others() -> None:
 
 
 @pytest.mark.parametrize("pipelining", [False, True])
-async def test_a_recipient_not_taken_is_never_delivered_whatever_its_code(
-    pipelining: bool,
-) -> None:
-    """A 252 to RCPT is not 250 or 251: the recipient was not taken."""
+async def test_any_2xx_to_rcpt_is_the_recipient_taken(pipelining: bool) -> None:
+    """RFC 5321 4.2.1: a server answering 252 to RCPT has the recipient, and the
+    copy goes out with the others; it was counted as deferred, sent again at
+    every retry (pipelined, as an empty message), expired, and its sender told
+    it had failed."""
     refuse = {"two@example.org": "252 2.1.5 Cannot VRFY user"}
-    handler = SinkHandler(refuse=refuse, pipelining=pipelining)
+    handler = SinkHandler(taken=refuse, pipelining=pipelining)
     with Sink(handler) as sink:
         got = await attempt(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
         alone = await attempt(upstream(sink.port), "b@p.example", ["two@example.org"], MESSAGE)
-    said = "451 4.4.0 Cannot VRFY user (upstream replied 252 2.1.5)"
-    assert got.replies["two@example.org"] == (451, said)
-    assert alone.replies == {"two@example.org": (451, said)}
+    assert {code for code, _ in got.replies.values()} == {250}
+    assert {code for code, _ in alone.replies.values()} == {250}
+    assert [m.rcpt_tos for m in handler.messages] == [RCPTS, ["two@example.org"]]
+    assert [m.data for m in handler.messages] == [SENT, SENT]
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_a_3xx_to_rcpt_is_retried_and_never_delivered(pipelining: bool) -> None:
+    """No server in step answers RCPT with 3xx: the recipient is not taken."""
+    handler = SinkHandler(refuse={"two@example.org": "354 2.1.5 what"}, pipelining=pipelining)
+    with Sink(handler) as sink:
+        got = await attempt(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
+    assert got.replies["two@example.org"] == (451, "451 4.4.0 what (upstream replied 354 3.0.0)")
     assert [m.rcpt_tos for m in handler.messages] == [["one@example.org"]]
 
 

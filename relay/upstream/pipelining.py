@@ -25,7 +25,15 @@ from typing import TypeVar
 import aiosmtplib
 from aiosmtplib import SMTPResponse, SMTPStatus
 
-RCPT_OK = (SMTPStatus.completed, SMTPStatus.will_forward)
+
+def taken(reply: SMTPResponse) -> bool:
+    """Any 2xx to RCPT is positive completion (RFC 5321 4.2.1): the server has
+    the recipient, and delivers to it once DATA is accepted for another. A 252
+    was held to be a refusal: the copy went out in the same transaction, and
+    the recipient's retries sent it again (pipelined, an empty message each)."""
+    return 200 <= reply.code < 300
+
+
 MAX_REPLY = 32768  # as aiosmtplib: a reply longer than this is no SMTP reply
 _SPARE = 16  # replies beyond those asked for before the server counts as out of step
 T = TypeVar("T")
@@ -224,7 +232,7 @@ async def send(
     if final.code != SMTPStatus.completed:
         _close_on_421(final, transport)
         raise aiosmtplib.SMTPDataError(final.code, final.message)
-    refused = {a: r for a, r in zip(rcpt_tos, got[1:-1], strict=True) if r.code not in RCPT_OK}
+    refused = {a: r for a, r in zip(rcpt_tos, got[1:-1], strict=True) if not taken(r)}
     return refused, final
 
 
@@ -256,7 +264,7 @@ def _refusal(
     if got[0].code != SMTPStatus.completed:
         return aiosmtplib.SMTPSenderRefused(got[0].code, got[0].message, mail_from)
     rcpts = got[1 : 1 + len(rcpt_tos)]
-    if len(rcpts) < len(rcpt_tos) or any(reply.code in RCPT_OK for reply in rcpts):
+    if len(rcpts) < len(rcpt_tos) or any(map(taken, rcpts)):
         return None
     pairs = zip(rcpt_tos, rcpts, strict=True)
     return aiosmtplib.SMTPRecipientsRefused(

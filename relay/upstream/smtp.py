@@ -162,9 +162,8 @@ def _all_refused(exc: aiosmtplib.SMTPRecipientsRefused) -> RecipientsRefused:
 
 
 def _refused(code: int, message: str) -> str:
-    """A recipient's refusal as the whole message's would be: a server that
-    answers RCPT with neither 250 nor 251 did not take it, so even its 252
-    or 3xx is a reply to retry on (``451 4.4.0``), never a delivery."""
+    """A recipient's refusal as the whole message's would be: a 3xx to RCPT is
+    no answer a server in step gives, a reply to retry on (``451 4.4.0``)."""
     return replies.refusal(code, message).line
 
 

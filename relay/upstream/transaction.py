@@ -100,7 +100,7 @@ async def send(
         errors: list[aiosmtplib.SMTPRecipientRefused] = []
         for address, rcpt_path in zip(rcpt_tos, paths[1:], strict=True):
             reply = await client.execute_command(b"RCPT", b"TO:" + rcpt_path, timeout=timeout)
-            if reply.code not in pipelining.RCPT_OK:
+            if not pipelining.taken(reply):
                 errors.append(aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, address))
                 refused[address] = reply
         if len(errors) == len(rcpt_tos):
