@@ -276,6 +276,31 @@ async def test_replies_then_a_hang_up_or_silence_read_as_one_at_a_time(
     assert outcomes[0] == outcomes[1]
 
 
+@pytest.mark.parametrize(
+    "replies",
+    [
+        [OK[0], b"550 5.1.1 two unknown\r\n", OK[3]],  # one RCPT's reply left out
+        [OK[0], OK[3], b"550 5.1.1 two unknown\r\n", OK[3]],
+    ],
+    ids=["one-missing", "354-to-a-rcpt"],
+)
+async def test_a_354_before_datas_reply_is_out_of_step_not_a_refusal(
+    replies: list[bytes],
+) -> None:
+    """Taken by position, the replies gave one@ two@'s 550, failing it for good
+    (the server had taken it), and two@ the 354."""
+    server = Script(replies, final=None, after="silence")
+    async with connected(server) as client:
+        with pytest.raises(aiosmtplib.SMTPException) as failed:
+            await send(client, timeout=0.5)
+        await asyncio.sleep(0.05)
+        assert not client.is_connected
+    assert not isinstance(failed.value, aiosmtplib.SMTPRecipientsRefused)
+    assert type(failed.value) in (aiosmtplib.SMTPReadTimeoutError, aiosmtplib.SMTPResponseException)
+    assert getattr(failed.value, "code", -1) == aiosmtplib.SMTPStatus.invalid_response
+    assert server.sections == []
+
+
 GOES_ON = {
     "sender-421": Script([b"421 4.7.0 closing\r\n", *[b"503 5.5.1 no\r\n"] * 3]),
     "final-421": Script(list(OK), final=b"421 4.7.0 closing\r\n"),

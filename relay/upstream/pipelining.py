@@ -201,6 +201,8 @@ async def send(
             raise refusal from lost
         for reply in got:
             _close_on_421(reply, transport)
+        if not _in_step(got, len(rcpt_tos) + 1):
+            raise _invalid("replies out of step with the commands: a 354 before DATA's")
         start = got[-1]
         refusal = _refusal(got, mail_from, rcpt_tos)
         if refusal is not None:
@@ -248,6 +250,13 @@ async def _end_empty(replies: _Replies, transport: asyncio.BaseTransport, timeou
     _close_on_421(ended, transport)
 
 
+def _in_step(got: Sequence[SMTPResponse], data_at: int) -> bool:
+    """Only DATA is answered 354: one anywhere else means a reply left out (a
+    server that skipped one), and taking them by position gave one recipient
+    another's refusal, failing it for good although the server had taken it."""
+    return all(r.code != SMTPStatus.start_input for i, r in enumerate(got) if i != data_at)
+
+
 def _close_on_421(reply: SMTPResponse, transport: asyncio.BaseTransport) -> None:
     """421: the server is closing the connection; aiosmtplib closes it too."""
     if reply.code == SMTPStatus.domain_unavailable:
@@ -259,7 +268,7 @@ def _refusal(
 ) -> aiosmtplib.SMTPException | None:
     """What the one-at-a-time transaction raises for these replies before DATA:
     the sender refused, or every recipient; None while neither is known."""
-    if not got:
+    if not got or not _in_step(got, len(rcpt_tos) + 1):
         return None
     if got[0].code != SMTPStatus.completed:
         return aiosmtplib.SMTPSenderRefused(got[0].code, got[0].message, mail_from)

@@ -118,6 +118,8 @@ def _mapped(upstream: SmtpUpstream, stage: str, exc: Exception) -> UpstreamError
     if isinstance(exc, aiosmtplib.SMTPHeloError):
         return _failed(upstream, stage, replies.line(exc.code, exc.message))
     if isinstance(exc, aiosmtplib.SMTPResponseException):
+        if exc.code == aiosmtplib.SMTPStatus.invalid_response:  # no SMTP reply: no code to quote
+            return _failed(upstream, stage, f"no valid reply: {exc.message}", "4.4.0")
         if stage == "connecting":  # greeting or STARTTLS refused: nothing about this message
             return _failed(upstream, stage, replies.line(exc.code, exc.message))
         return replies.refusal(exc.code, exc.message)
