@@ -301,6 +301,22 @@ async def test_a_354_before_datas_reply_is_out_of_step_not_a_refusal(
     assert server.sections == []
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one-at-a-time", "pipelined"])
+async def test_a_final_reply_longer_than_aiosmtplib_reads_is_still_a_delivery(
+    pipelined: bool,
+) -> None:
+    """aiosmtplib takes a line over 8,192 bytes for no reply: a smarthost's long
+    250 to the final dot made the message go again at every retry, then expire
+    with a notice that it had failed (upstream probe)."""
+    final = b"250 2.0.0 " + b"x" * 9000 + b"\r\n"
+    server = Script(list(OK), final=final, pipelining=pipelined)
+    async with connected(server) as client:
+        refused, reply = await send(client)
+        assert client.is_connected  # in step: kept for the next message
+    assert (refused, reply) == ({}, "2.0.0 " + "x" * 9000)
+    assert len(server.sections) == 1
+
+
 GOES_ON = {
     "sender-421": Script([b"421 4.7.0 closing\r\n", *[b"503 5.5.1 no\r\n"] * 3]),
     "final-421": Script(list(OK), final=b"421 4.7.0 closing\r\n"),

@@ -19,7 +19,8 @@ and ``Stale`` tells the caller to try again on a new connection.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+import contextlib
+from collections.abc import Awaitable, Iterator, Sequence
 from typing import TypeVar
 
 import aiosmtplib
@@ -181,13 +182,8 @@ async def send(
     With ``reset`` an RSET goes first, and ``Stale`` if it fails. The reply to
     the end of the message may take ``data_timeout`` (default: ``timeout``)."""
     group = (*([b"RSET"] if reset else []), mail_command, *rcpt_commands, b"DATA")
-    protocol = client.protocol
-    transport = protocol.transport if protocol is not None else None
-    if protocol is None or transport is None or transport.is_closing():
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    replies = _Replies(protocol, len(group) + 1)
-    transport.set_protocol(replies)
-    try:
+    protocol, transport = _connection(client)
+    with _reading(protocol, transport, len(group) + 1) as replies:
         transport.write(b"".join(command + b"\r\n" for command in group))
         if reset:
             await _reset(replies, timeout)
@@ -215,10 +211,52 @@ async def send(
             raise refusal
         if start.code != SMTPStatus.start_input:
             raise aiosmtplib.SMTPDataError(start.code, start.message)
-        # one system call; uvloop (the daemon's loop) keeps references, no copy
-        transport.writelines((section, b".\r\n"))
         done = timeout if data_timeout is None else data_timeout
-        (final,) = await final_reply(replies.take(1, done), done)
+        final = await _end(replies, transport, section, done)
+    if final.code != SMTPStatus.completed:
+        _close_on_421(final, transport)
+        raise aiosmtplib.SMTPDataError(final.code, final.message)
+    refused = {a: r for a, r in zip(rcpt_tos, got[1:-1], strict=True) if not taken(r)}
+    return refused, final
+
+
+async def end_of_data(client: aiosmtplib.SMTP, section: bytes, done: float) -> SMTPResponse:
+    """The message and its final dot, after a 354 the one-at-a-time transaction
+    read, and the reply read as a pipelined group's is. aiosmtplib refuses a
+    reply line over 8,192 bytes: a smarthost's 250 of 9,000 was taken for no
+    reply, and the message sent again at every retry."""
+    protocol, transport = _connection(client)
+    with _reading(protocol, transport, 1) as replies:
+        return await _end(replies, transport, section, done)
+
+
+async def _end(
+    replies: _Replies, transport: asyncio.Transport, section: bytes, done: float
+) -> SMTPResponse:
+    # one system call; uvloop (the daemon's loop) keeps references, no copy
+    transport.writelines((section, b".\r\n"))
+    (final,) = await final_reply(replies.take(1, done), done)
+    return final
+
+
+def _connection(client: aiosmtplib.SMTP) -> tuple[asyncio.BaseProtocol, asyncio.Transport]:
+    protocol = client.protocol
+    transport = protocol.transport if protocol is not None else None
+    if protocol is None or transport is None or transport.is_closing():
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    return protocol, transport
+
+
+@contextlib.contextmanager
+def _reading(
+    protocol: asyncio.BaseProtocol, transport: asyncio.Transport, expected: int
+) -> Iterator[_Replies]:
+    """Replies read by ``_Replies`` in place of aiosmtplib's protocol, which gets
+    the connection back afterwards unless it is out of step (then closed)."""
+    replies = _Replies(protocol, expected)
+    transport.set_protocol(replies)
+    try:
+        yield replies
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, asyncio.CancelledError):
         transport.close()  # out of step with the server: never reuse it
         raise
@@ -231,11 +269,6 @@ async def send(
             replies.release()
         else:
             transport.set_protocol(protocol)
-    if final.code != SMTPStatus.completed:
-        _close_on_421(final, transport)
-        raise aiosmtplib.SMTPDataError(final.code, final.message)
-    refused = {a: r for a, r in zip(rcpt_tos, got[1:-1], strict=True) if not taken(r)}
-    return refused, final
 
 
 async def _end_empty(replies: _Replies, transport: asyncio.BaseTransport, timeout: float) -> None:

@@ -161,13 +161,8 @@ async def _data(
     start = await client.execute_command(b"DATA", timeout=timeout)
     if start.code != aiosmtplib.SMTPStatus.start_input:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
-    protocol = client.protocol
-    if protocol is None:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     try:
-        protocol.write(section)  # the transport keeps a reference: no copy
-        protocol.write(b".\r\n")
-        reply = await pipelining.final_reply(protocol.read_response(timeout=done), done)
+        reply = await pipelining.end_of_data(client, section, done)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         client.close()  # out of step with the server: never reuse it
         raise
