@@ -462,6 +462,8 @@ def _fit(reply: str) -> str:
     gave up on a longer line ("Line too long") instead of reading the refusal;
     a non-ASCII one could not be sent at all and became a 451, retried for ever.
     aiosmtpd writes EHLO's lines in one piece, so each line is fitted alone."""
+    if reply.isascii() and len(reply) <= _REPLY_OCTETS and not _CONTROL.search(reply):
+        return reply  # nearly every reply, at a third of the cost
     return "\r\n".join(map(_fit_line, reply.split("\r\n")))
 
 
