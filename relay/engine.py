@@ -316,11 +316,14 @@ class Engine:
         if self._busy:
             _, running = await asyncio.wait(list(self._busy.values()), timeout=timeout)
             if running:
+                given_up = sorted(q for q, task in self._busy.items() if task in running)
                 log.warning(
-                    "giving up %d delivery attempt(s) still running after %gs:"
-                    " their messages stay queued and are tried again at the next start",
+                    "giving up %d delivery attempt(s) still running after %gs: %s; their"
+                    " messages stay queued and are tried again at the next start (one"
+                    " already sent in full, its upstream's reply awaited, may arrive twice)",
                     len(running),
                     timeout,
+                    " ".join(given_up),
                 )
         while self._settling is not None:
             await asyncio.wait((self._settling,))
