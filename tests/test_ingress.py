@@ -667,6 +667,18 @@ def test_auth_cancelled_with_star(relay: Relay) -> None:
         assert raw.cmd(b"NOOP") == "250 OK"
 
 
+@pytest.mark.parametrize("command", [b"AUTH PLAIN", b"AUTH LOGIN"])
+def test_a_client_gone_during_auth_is_no_failed_login(
+    relay: Relay, command: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its end of stream was read as empty answers: a failed login counted against
+    its address, with the 1 s answer delay, for a client that had only gone."""
+    caplog.set_level(logging.INFO, logger="relay")
+    replies = _replies_after_half_close(relay.port, b"EHLO c.example\r\n" + command + b"\r\n")
+    assert replies[-1].startswith("334")
+    assert "AUTH failed" not in caplog.text
+
+
 def test_auth_plain_empty_initial_response_fails_authentication(relay: Relay) -> None:
     """``=`` is an empty initial response (RFC 4954 4): no credentials, not bad base64."""
     with Raw(relay.port) as raw:

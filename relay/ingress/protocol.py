@@ -226,6 +226,9 @@ class RelaySMTP(SMTP):
         challenge = challenge.encode() if isinstance(challenge, str) else challenge
         await self.push(b"334 " + (b64encode(challenge) if encode_to_b64 else challenge))
         line = await read_line(self._reader)
+        if line is not None and not line.endswith(b"\n"):  # the client's end, not an answer
+            self._ended_by_client()
+            return MISSING
         if line is None:
             await self.push(AUTH_LINE_TOO_LONG)
             return MISSING
