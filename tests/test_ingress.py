@@ -418,6 +418,21 @@ def test_a_client_on_bare_line_feeds_hears_why_at_its_end_of_data(relay: Relay) 
     assert relay.process.calls == []
 
 
+def test_an_unknown_parameter_is_555_whatever_its_name(relay: Relay) -> None:
+    """RFC 5321 4.1.2: a keyword may hold hyphens; ``X-FOO=1`` was a 501 syntax error."""
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        for parameter in (b"X-FOO=1", b"FOO", b"X-A-B"):
+            assert raw.cmd(b"MAIL FROM:<a@b.example> " + parameter) == (
+                "555 5.5.4 MAIL FROM parameters not recognized or not implemented"
+            )
+        assert raw.cmd(b"MAIL FROM:<a@b.example> -X=1").startswith("501")
+        assert raw.cmd(b"MAIL FROM:<a@b.example>").startswith("250")
+        assert raw.cmd(b"RCPT TO:<c@d.example> X-NOTIFY=NEVER") == (
+            "555 5.5.4 RCPT TO parameters not recognized or not implemented"
+        )
+
+
 def test_controls_a_command_held_are_not_echoed_raw() -> None:
     with Relay([listener()]) as relay, Raw(relay.port) as raw:
         assert raw.cmd(b"NOOP\rRSET") == '500 Error: command "NOOP\\x0dRSET" not recognized'

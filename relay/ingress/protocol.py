@@ -35,7 +35,7 @@ import functools
 import logging
 import re
 from base64 import b64decode, b64encode
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
@@ -56,6 +56,7 @@ AUTH_LINE = 12288  # octets in an AUTH command or response line, RFC 4954 4
 AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"
 
 _GIVEN_SENDER = re.compile(r"FROM:\s*<([^>]*)>", re.IGNORECASE)
+_ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _AUTH_PARAMETER = re.compile(r"[ \t]+AUTH=\S*", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -97,6 +98,12 @@ class RelaySMTP(SMTP):
                 "501 5.6.7 Non-ASCII characters are not allowed: SMTPUTF8 is not offered"
             ),
             "501 Error: SMTPUTF8 disabled": "555 5.5.4 SMTPUTF8 is not offered",
+            "555 MAIL FROM parameters not recognized or not implemented": (
+                "555 5.5.4 MAIL FROM parameters not recognized or not implemented"
+            ),
+            "555 RCPT TO parameters not recognized or not implemented": (
+                "555 5.5.4 RCPT TO parameters not recognized or not implemented"
+            ),
             # RFC 5321 3.8: a server closes the connection only after a 221 or 421
             "502 5.5.1 Too many unrecognized commands, goodbye.": (
                 "421 4.7.0 Too many unrecognized commands, closing the connection"
@@ -254,6 +261,18 @@ class RelaySMTP(SMTP):
             await super().smtp_MAIL(arg)
         finally:
             self._mail_arg = None
+
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        """aiosmtpd's, with RFC 5321's keyword syntax (4.1.2: letters, digits and
+        hyphens): it took ``X-FOO=1`` for a syntax error (501), where a
+        parameter the relay does not know is 555 (RFC 5321 4.1.1.11)."""
+        found: dict[str, str | bool] = {}
+        for param in params:
+            name, eq, value = param.partition("=")
+            if not _ESMTP_KEYWORD.fullmatch(name) or (eq and not value):
+                return None
+            found[name] = value if eq else True
+        return found
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         """aiosmtpd's STARTTLS, refused once TLS is on (it would start TLS within
