@@ -146,6 +146,21 @@ def test_search_main_exit_codes(log_dir: Path) -> None:
     assert [r["seq"] for r in csv.DictReader(io.StringIO(out.getvalue()))] == ["9"]
 
 
+@pytest.mark.parametrize(
+    ("given", "flag"),
+    [({"message_id": ""}, "--message-id"), ({"message_id": "<>"}, "--message-id"),
+     ({"queue_id": " "}, "--queue-id"), ({"recipient": ""}, "--recipient")],
+)  # fmt: skip
+def test_an_empty_filter_value_is_an_error(log_dir: Path, given: dict, flag: str) -> None:
+    """An unset shell variable (``--message-id "$ID"``) made an empty needle, found
+    at every byte: the search grew to gigabytes and never ended."""
+    err = io.StringIO()
+    assert search_main(log_dir, **given, out=io.StringIO(), err=err) == 2
+    assert err.getvalue() == (
+        f"relay audit search: {flag} is empty: give the value to look for, or leave it out\n"
+    )
+
+
 @pytest.mark.parametrize("output", ["table", "json", "csv"])
 def test_a_search_piped_into_head_ends_quietly(policy_file: Path, output: str) -> None:
     """``relay audit search | head -1`` in a pipefail script: the reader going away

@@ -128,6 +128,7 @@ def search(
     """
     if status is not None and status not in events.SCHEMA:
         raise ValueError(f"unknown status {status!r}: one of {', '.join(events.SCHEMA)}")
+    _not_empty(queue_id=queue_id, message_id=message_id, recipient=recipient)
     window = _Window.of(since, until)
     join = {k: v for k, v in (("tenant", tenant), ("user", user), ("doc_type", doc_type)) if v}
     joining = bool(join) and status != "received"
@@ -204,6 +205,15 @@ def search(
                 ):
                     continue
                 yield record
+
+
+def _not_empty(**given: str | None) -> None:
+    """An empty value (an unset shell variable) drove the scan with an empty
+    needle, found at every byte: the search ran until memory ran out."""
+    for name, value in given.items():
+        if value is not None and not value.strip().strip("<>"):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} is empty: give the value to look for, or leave it out")
 
 
 def _starts(block: bytes, needle: bytes) -> list[int]:
