@@ -55,8 +55,11 @@ class PolicyHolder:
 
 
 def run(policy_path: Path) -> int:
-    """``relay serve``: open the state, bind the listeners, then serve in one
-    process or, with ``workers`` above 1, in worker processes under a supervisor."""
+    """``relay serve``: bind the listeners, open the state, then serve in one
+    process or, with ``workers`` above 1, in worker processes under a supervisor.
+    Binding comes first: a relay that cannot listen (another one has the port)
+    must not touch the state, nor record in its audit log a policy that never
+    served."""
     import uvloop
 
     from relay.ingress import bind
@@ -68,15 +71,18 @@ def run(policy_path: Path) -> int:
     if policy is None:
         log.error("%s: invalid policy, not starting", policy_path)
         return EX_CONFIG
-    code = _open_state(policy, policy_path)
-    if code:
-        return code
     raise_open_files()
     try:
         sockets = bind(policy.listeners)
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         return EX_OSERR
+    code = _open_state(policy, policy_path)
+    if code:
+        for bound in sockets.values():
+            for sock in bound:
+                sock.close()
+        return code
     for listener in policy.listeners:
         for sock in sockets[listener.name]:
             host, port = sock.getsockname()[:2]

@@ -469,6 +469,9 @@ def test_port_in_use_does_not_start(policy: Path, tmp_path: Path) -> None:
         assert running.proc.wait(20) == 71
     where = f"ERROR cannot listen on 127.0.0.1:{port} (listener local): Address already in use"
     assert where in running.log()
+    # nothing of the state touched: a second relay (the port is the first one's) wrote a
+    # policy_loaded record in the running relay's audit log for a policy that never served
+    assert not (tmp_path / "state").exists()
 
 
 def test_a_reload_keeps_the_policy_when_a_dkim_key_cannot_sign(
