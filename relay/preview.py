@@ -19,7 +19,7 @@ from relay.ingress import content
 from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
 from relay.pipeline import Prepared, prepare
 from relay.policy.model import DirectoryUpstream, Policy, SmtpUpstream, Upstream
-from relay.submission import Submission
+from relay.submission import Submission, distinct
 
 _LINE_END = re.compile(rb"\r?\n")
 
@@ -44,7 +44,7 @@ def submission_from_file(
         client_address="preview",
         auth_login=auth_login,
         mail_from=mail_from,
-        rcpt_tos=tuple(rcpts),
+        rcpt_tos=distinct(rcpts),  # as the SMTP side takes them
         data=data,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -15,3 +16,20 @@ class Submission:
     data: bytes  # CRLF line endings, dot-unstuffed, as aiosmtpd delivers it
     helo: str = ""  # the name the client gave in EHLO or HELO
     tls: bool = False  # the session ran over TLS
+
+
+def listed(address: str, addresses: Iterable[str]) -> bool:
+    """Whether a recipient is among those given already. Case does not tell two
+    mailboxes apart here, as for the automatic BCC: a recipient given twice gets
+    the message once."""
+    wanted = address.lower()
+    return any(given.lower() == wanted for given in addresses)
+
+
+def distinct(addresses: Iterable[str]) -> tuple[str, ...]:
+    """Each recipient once, the first spelling kept."""
+    found: list[str] = []
+    for address in addresses:
+        if not listed(address, found):
+            found.append(address)
+    return tuple(found)

@@ -88,8 +88,19 @@ def test_preview_takes_recipients_as_written_not_from_encoded_names(
 def test_preview_json(policy_file: Path, tmp_path: Path) -> None:
     eml = tmp_path / "invoice.eml"
     eml.write_text(INVOICE)
-    done = relay("preview", "-c", str(policy_file), str(eml), "--json",
-                 "--mail-from", "erp@erp.example", "--rcpt", "c@example.org")  # fmt: skip
+    done = relay(
+        "preview",
+        "-c",
+        str(policy_file),
+        str(eml),
+        "--json",
+        "--mail-from",
+        "erp@erp.example",
+        "--rcpt",
+        "c@example.org",
+        "--rcpt",
+        "C@Example.org",
+    )  # fmt: skip  (the SMTP side takes it once)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["user"]["id"] == "kari"

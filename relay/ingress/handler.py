@@ -24,7 +24,7 @@ from relay.ingress.authcache import Verified
 from relay.ingress.authlimit import AuthFailures
 from relay.ingress.protocol import RelaySMTP, client_text, hook_names, log_refused
 from relay.policy.model import AuthMode, Listener, Policy
-from relay.submission import Submission
+from relay.submission import Submission, listed
 
 log = logging.getLogger("relay")
 
@@ -92,8 +92,8 @@ class RelayHandler(Mechanisms):
         refused = mailbox_refusal(address, RECIPIENT)
         if refused is not None:
             return refused.line
-        if address.lower() in (given.lower() for given in envelope.rcpt_tos):
-            return "250 2.1.5 OK, a recipient already given: sent once"  # as with the BCC
+        if listed(address, envelope.rcpt_tos):
+            return "250 2.1.5 OK, a recipient already given: sent once"
         if len(envelope.rcpt_tos) >= self._listener.max_recipients:
             return TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address)
