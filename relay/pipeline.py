@@ -142,6 +142,10 @@ def _check_page_breaks(fields: list[headers.Field]) -> None:
                 )
 
 
+REMOVAL_RETRY = 1.0  # seconds before a refused message the spool kept is removed again
+REMOVAL_RETRY_MAX = 300.0
+
+
 class Acceptor:
     """The receiving side's last step: spool, audit, then the 250.
 
@@ -165,6 +169,8 @@ class Acceptor:
         self.recorder = recorder
         # ``alone``: a lone session's message is written on the event loop
         self._store = GroupCommit(self._store_many, "accept", inline=alone)
+        self._unremoved: set[str] = set()  # refused, but still in the spool
+        self._removals: set[asyncio.Task[None]] = set()
 
     async def process(self, policy: Policy, submission: Submission) -> str:
         try:
@@ -178,8 +184,11 @@ class Acceptor:
             await self._keep(policy, submission, prepared, entry)
             lock = self.spool.detach(entry.queue_id)
         finally:
-            self.spool.release(entry.queue_id)
-            self.engine.accepting.discard(entry.queue_id)
+            if entry.queue_id in self._unremoved:
+                self._remove_later(entry.queue_id)
+            else:
+                self.spool.release(entry.queue_id)
+                self.engine.accepting.discard(entry.queue_id)
         log.info(
             "%s: client=%s login=%s from=<%s> tenant=%s user=%s type=%s rule=%s size=%d"
             " nrcpt=%d bcc=%s dkim=%s relay=%s queued",
@@ -256,13 +265,43 @@ class Acceptor:
             for i, kept in zip(stored, left, strict=True):
                 failures[i] = exc
                 if kept is not None:
-                    log.error("%s: refused, but not removed: %s", items[i][0].queue_id, kept)
+                    log.error(
+                        "%s: refused, but not removed (kept locked, never delivered,"
+                        " removed when the spool lets it): %s",
+                        items[i][0].queue_id,
+                        kept,
+                    )
+                    self._unremoved.add(items[i][0].queue_id)
             return failures
         try:  # that fsync may have covered delivered entries' records: see Engine.remove_covered
             self.engine.remove_covered()
         except Exception as exc:  # this batch is stored and on record: nothing here may fail it
             log.error("cannot remove delivered messages from the queue: %r", exc)
         return failures
+
+    def _remove_later(self, queue_id: str) -> None:
+        task = asyncio.ensure_future(self._removal(queue_id))
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
+
+    async def _removal(self, queue_id: str) -> None:
+        """A refused message the spool would not let go of (EIO, a file system
+        gone read-only): its lock stays held and the engine keeps off it until
+        it is removed, tried again with growing pauses. Let go, the engine's
+        next scan delivered it, a message its client was told 451 for, with
+        no record in the audit log. If the relay stops first, the restart
+        removes it as never acknowledged."""
+        pause = REMOVAL_RETRY
+        while True:
+            await asyncio.sleep(pause)
+            (left,) = await asyncio.to_thread(self.spool.remove_many, [queue_id])
+            if left is None:
+                break
+            pause = min(pause * 2, REMOVAL_RETRY_MAX)
+        log.info("%s: the refused message is out of the queue", queue_id)
+        self._unremoved.discard(queue_id)
+        self.spool.release(queue_id)
+        self.engine.accepting.discard(queue_id)
 
     async def _immediate(self, entry: QueueEntry, wait: float) -> str:
         """Wait a little for the first attempt, for ERPs that show the server's answer."""

@@ -1,0 +1,81 @@
+"""The receiving side's last step when the disk fails: a message refused with 451
+is never delivered, even when the spool will not let go of it at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay import engine as engine_module
+from relay import pipeline
+from relay.audit import AuditError
+from relay.engine import Attempt, Engine
+from relay.errors import SmtpReply
+from relay.pipeline import Acceptor
+from relay.policy.load import load
+from relay.record import Recorder
+from relay.spool import Spool
+from relay.submission import Submission
+from tests.test_engine_warm import running
+
+MESSAGE = (
+    b"From: Kari <kari@acme.example>\r\nTo: customer@example.org\r\nSubject: Invoice 1\r\n\r\nx\r\n"
+)
+
+
+class FullAudit(Recorder):
+    """An audit log that cannot take the message's records (a full or broken disk)."""
+
+    def write(self, records: list[dict[str, Any]], sync: bool = True) -> int:
+        raise AuditError("audit log write failed: [Errno 5] Input/output error")
+
+
+async def test_a_refused_message_the_spool_keeps_is_never_delivered(
+    policy_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit write failed, the client got 451, and removing the entry failed
+    too (EIO, a file system gone read-only): its lock was let go, and the
+    engine's next scan delivered it, with no record in the audit log (a disk
+    probe saw it reach the upstream 24 s later)."""
+    monkeypatch.setattr(engine_module, "RESCAN", 0.1)
+    monkeypatch.setattr(pipeline, "REMOVAL_RETRY", 0.5)
+    spool = Spool(tmp_path / "spool")
+    remove_many = spool.remove_many
+    refusals = [OSError(5, "Input/output error")] * 2
+
+    def failing_removal(queue_ids: list[str], **options: Any) -> list[Exception | None]:
+        if refusals:
+            return [refusals.pop()]
+        return remove_many(queue_ids, **options)
+
+    monkeypatch.setattr(spool, "remove_many", failing_removal)
+    attempts: list[str] = []
+
+    async def attempt(target: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+        attempts.append(sender)
+        return Attempt(dict.fromkeys(rcpts, (250, "250 2.0.0 ok")))
+
+    policy = load(policy_file)
+    engine = Engine(spool, lambda: policy, attempt, Recorder(None))
+    submission = Submission(
+        "local", "127.0.0.1", None, "kari@acme.example", ("customer@example.org",), MESSAGE
+    )
+    async with running(engine):
+        acceptor = Acceptor(spool, engine, FullAudit(None))
+        with pytest.raises(SmtpReply) as refused:
+            await acceptor.process(policy, submission)
+        assert refused.value.line == "451 4.3.0 Audit log write failed, try again later"
+        (kept,) = list(spool.entries())
+        await asyncio.sleep(1.0)  # rescans every 0.1 s; the removal is tried again at 0.5 s
+        assert attempts == []
+        deadline = time.monotonic() + 20
+        while list(spool.entries()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert list(spool.entries()) == []
+        assert kept.queue_id not in engine.accepting
+        await asyncio.sleep(0.3)
+    assert attempts == []
