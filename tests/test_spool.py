@@ -503,3 +503,17 @@ def test_the_daily_upkeep_removes_what_a_crash_left_once_it_is_old_enough(
     age(writing, 7000)  # within the idle timeout: perhaps a client still sending
     spool_upkeep(policy)
     assert all_files(spool.directory) == sorted([f"msg/{kept.queue_id}", f"msg/{writing.name}"])
+
+
+def test_the_queue_tools_open_a_spool_on_a_read_only_file_system(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening it fsynced the directory, which a read-only file system refuses:
+    ``relay queue list`` failed exactly when an operator needed it (disk probe)."""
+    assert spool.put_many([(make_entry(), (b"Subject: x\r\n\r\nx\r\n",))]) == [None]
+
+    def read_only(path: object) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(store_module, "_fsync_dir", read_only)
+    assert len(list(Spool(spool.directory, create=False).entries())) == 1

@@ -144,7 +144,8 @@ class Spool:
                 sub.mkdir(mode=0o700, exist_ok=True)
                 if self._owner:
                     os.chown(sub, *self._owner)
-        _fsync_dir(self.directory)
+        if create:  # for what was made; the queue tools make nothing, and must work read-only
+            _fsync_dir(self.directory)
         if created:
             _fsync_dir(self.directory.parent)
 
