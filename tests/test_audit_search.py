@@ -360,3 +360,30 @@ def test_the_benchmark_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert bench.main(["3000", str(tmp_path)]) == 0
     assert verify(tmp_path).records >= 3000
     assert "search tenant=tenant07 status=failed (join)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "given",
+    [{"since": "99999999d"}, {"until": "9999-12-31"}, {"since": "0001-01-01T00:00+05:00"},
+     {"until": "0001-01-01T00:00Z"}, {"since": "9999999999999d"}],
+)  # fmt: skip
+def test_a_time_out_of_the_calendar_is_a_usage_error(log_dir: Path, given: dict) -> None:
+    """``--until 9999-12-31`` (a day's end past the last day there is) was an
+    OverflowError traceback and exit 1, which for search means "nothing matched"."""
+    for main in (search_main, report_main):
+        err = io.StringIO()
+        assert main(log_dir, **given, out=io.StringIO(), err=err) == 2
+        assert "is out of range: give a time between 0001-01-02 and 9999-12-30" in err.getvalue()
+    with pytest.raises(ValueError, match="out of range"):
+        parse_when(next(iter(given.values())), end="until" in given)
+
+
+def test_the_first_day_there_is_still_searches_and_looks_back(log_dir: Path) -> None:
+    """The join's look-back from ``--since 0001-01-01`` went before year 1."""
+    out = io.StringIO()
+    assert (
+        search_main(log_dir, since="0001-01-02", tenant="globex", out=out, err=io.StringIO()) == 0
+    )
+    assert len(out.getvalue().splitlines()) == 5
+    assert seqs(log_dir, since="0001-01-02", until="9999-12-30", tenant="acme") == ACME
+    assert report(log_dir, since="0001-01-02") == report(log_dir)

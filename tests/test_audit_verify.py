@@ -369,3 +369,10 @@ def test_an_anchor_older_than_the_days_verified_is_not_checked(log_dir: Path) ->
     err = io.StringIO()
     assert verify_main(log_dir, None, io.StringIO(), err, anchor="18") == 2
     assert "bad --anchor '18'" in err.getvalue()
+
+
+def test_a_since_out_of_the_calendar_is_a_usage_error(log_dir: Path) -> None:
+    """It was an OverflowError traceback with exit 1, which reads as TAMPERED."""
+    err = io.StringIO()
+    assert verify_main(log_dir, "99999999d", io.StringIO(), err) == 2
+    assert err.getvalue().startswith("relay audit verify: bad --since: '99999999d' is out of range")

@@ -15,7 +15,7 @@ from typing import TextIO
 
 from relay.audit import render
 from relay.audit.chain import Anchor, verify
-from relay.audit.search import owners, parse_when, report, search, show
+from relay.audit.search import OutOfRange, owners, parse_when, report, search, show
 
 OUTPUTS = ("table", "json", "csv")
 SHOW_OUTPUTS = ("text", "json")
@@ -162,6 +162,8 @@ def _check_times(*values: str | None) -> None:
     for value in values:
         try:
             parse_when(value)
+        except OutOfRange:
+            raise
         except ValueError:
             raise ValueError(
                 f"{value!r} is not a time: use 2024-05-01, 2024-05-01T10:00Z or 7d, 12h, 30m"

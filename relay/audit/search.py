@@ -55,6 +55,29 @@ def parse_when(
     """
     if text is None:
         return None
+    try:
+        moment = _parse_when(text, end=end, now=now)
+        if moment is not None and not _EARLIEST <= moment.astimezone(UTC) <= _LATEST:
+            raise OverflowError
+    except OverflowError:
+        raise OutOfRange(
+            f"{text!r} is out of range: give a time between 0001-01-02 and 9999-12-30"
+        ) from None
+    return moment
+
+
+class OutOfRange(ValueError):
+    """A time the calendar holds no day for (``99999999d`` ago, the end of year 9999)."""
+
+
+# A day's margin each side keeps the window's own arithmetic in range.
+_EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+_LATEST = datetime(9999, 12, 31, tzinfo=UTC)  # the end of 9999-12-30
+
+
+def _parse_when(
+    text: str | date, *, end: bool = False, now: datetime | None = None
+) -> datetime | None:
     if isinstance(text, datetime):
         return text if text.tzinfo else text.replace(tzinfo=UTC)
     if isinstance(text, date):
@@ -65,8 +88,8 @@ def parse_when(
         unit = {"d": "days", "h": "hours", "m": "minutes"}[relative.group(2)]
         return (now or datetime.now(UTC)) - timedelta(**{unit: int(relative.group(1))})
     if len(text.strip()) == 10:
-        return parse_when(date.fromisoformat(text.strip()), end=end)
-    return parse_when(datetime.fromisoformat(text.strip().replace("Z", "+00:00")))
+        return _parse_when(date.fromisoformat(text.strip()), end=end)
+    return _parse_when(datetime.fromisoformat(text.strip().replace("Z", "+00:00")))
 
 
 @dataclass(frozen=True)
@@ -91,6 +114,11 @@ class _Window:
 
     def contains(self, record: dict[str, Any]) -> bool:
         return self.since <= str(record.get("time")) < self.until
+
+
+def _back(day: date, days: int) -> date:
+    """``days`` before ``day``, or the first day there is."""
+    return day - timedelta(days=days) if day - date.min > timedelta(days=days) else date.min
 
 
 def _text(value: str) -> bytes:
@@ -167,7 +195,7 @@ def search(
     wanted: set[str | None] = set()
     first = window.first_day
     if joining and first is not None:
-        first -= timedelta(days=lookback_days)
+        first = _back(first, lookback_days)
     for file in reader.day_files(directory, first, window.last_day):
         early = window.first_day is not None and file.day < window.first_day
         for block in reader.chunks(file):
@@ -286,7 +314,7 @@ def owners(
     """The ``received`` record of each queue ID, for showing tenant, user and type beside
     later events. Only ``received`` lines are looked at, and only decoded when wanted."""
     window = _Window.of(since, until)
-    first = window.first_day - timedelta(days=lookback_days) if window.first_day else None
+    first = _back(window.first_day, lookback_days) if window.first_day else None
     found: dict[str, dict[str, Any]] = {}
     for file in reader.day_files(directory, first, window.last_day):
         for block in reader.chunks(file):
@@ -317,7 +345,7 @@ def report(
     the tenant of the message it is about.
     """
     window = _Window.of(since, until)
-    first = window.first_day - timedelta(days=lookback_days) if window.first_day else None
+    first = _back(window.first_day, lookback_days) if window.first_day else None
     owner: dict[str, tuple[str, str]] = {}
     counts: dict[tuple[str, str], Counter[str]] = {}
     unowned: dict[str, Counter[str]] = {}  # attributed at the end: a link may come later
