@@ -13,7 +13,9 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
+
+from relay.errors import OutputError
 
 if TYPE_CHECKING:
     from relay.policy.model import Policy
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 EX_USAGE = 64
 EX_DATAERR = 65
 EX_NOINPUT = 66
+EX_IOERR = 74
 EX_CONFIG = 78
 
 
@@ -33,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_USAGE
     if args.run is _serve:
         return int(args.run(args))
+    stdout = sys.stdout
+    sys.stdout = _Output(stdout)  # type: ignore[assignment]
     try:
         code = int(args.run(args))
         sys.stdout.flush()  # what is still buffered meets the closed pipe here, not at exit
@@ -40,9 +45,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # the reader went away (``relay queue list | head``): no traceback, as the
         # Python documentation's note on SIGPIPE does it
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _drop_output(stdout)
         return 1
+    except OutputError as exc:
+        # ``> /dev/full``: exit 1 would read as "nothing found" or "tampered"
+        _drop_output(stdout)
+        print(f"relay: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+        return EX_IOERR
+    finally:
+        sys.stdout = stdout
+
+
+class _Output:
+    """Standard output, its write errors raised as OutputError: a command that
+    catches OSError for what it reads tells them apart."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(exc.errno, exc.strerror) from exc
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(exc.errno, exc.strerror) from exc
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+
+def _drop_output(stdout: TextIO) -> None:
+    """What is still buffered would fail again at exit, with a message of its own."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stdout.fileno())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -332,7 +376,14 @@ def _keygen(args: argparse.Namespace) -> int:
         print(f"relay dkim keygen: {exc}", file=sys.stderr)
         return 73 if isinstance(exc, FileExistsError) else 1
     print(f"; private key written to {path} (mode 0600)", file=sys.stderr)
-    print(record)
+    try:
+        print(record)
+        sys.stdout.flush()
+    except OSError:
+        # a second run refuses to replace the key, so this is the only time
+        # its record is printed
+        print(f"; its DNS record, which the output did not take:\n{record}", file=sys.stderr)
+        raise
     return 0
 
 

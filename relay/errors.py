@@ -11,6 +11,11 @@ class RelayError(Exception):
     """Base of every error the relay raises on purpose."""
 
 
+class OutputError(OSError):
+    """Writing a command's output failed (a full disk under ``> file``): no fault
+    of what the command was reading, so it is not reported as such."""
+
+
 class SmtpReply(RelayError):
     """An SMTP reply to give the client instead of accepting the message."""
 

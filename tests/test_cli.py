@@ -217,3 +217,52 @@ def test_the_tools_find_the_running_policy_from_the_state_directory_line(
     policy.parent.mkdir()
     policy.write_text("version: [\n" + line)
     assert _running_policy_file(policy) == policy.absolute().parent / "../run/policy.checked.yaml"
+
+
+def into_dev_full(*args: str) -> subprocess.CompletedProcess[str]:
+    with open("/dev/full", "w") as full:
+        return subprocess.run(
+            [sys.executable, "-m", "relay", *args],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=60, check=False, cwd=ROOT,
+        )  # fmt: skip
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+@pytest.mark.parametrize(
+    "command",
+    [["audit", "search"], ["audit", "verify"], ["audit", "report"], ["audit", "show", "Q1"],
+     ["queue", "list"], ["queue", "list", "--json"], ["check"]],
+)  # fmt: skip
+def test_an_output_that_cannot_be_written_is_exit_74_not_the_commands_1(
+    policy_file: Path, command: list[str]
+) -> None:
+    """``> /dev/full`` was a traceback with exit 1 (TAMPERED for verify, "nothing
+    matched" for search), or for search an error naming the audit log's directory."""
+    from relay.audit import AuditLog, events
+    from relay.spool import Spool
+    from tests import spoolkit
+
+    state = policy_file.parent / "state"
+    with AuditLog(state / "audit") as log:
+        log.append(events.failed(queue_id="Q1", message_id=None, recipient="a@b", reply="550 no"))
+    Spool(state / "queue").put(spoolkit.make_entry(), b"Subject: x\r\n\r\nx\r\n")
+    done = into_dev_full(*command, "-c", str(policy_file))
+    assert (done.returncode, done.stderr) == (
+        74,
+        "relay: cannot write the output: No space left on device\n",
+    )
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_keygen_into_a_full_output_still_gives_the_record(tmp_path: Path) -> None:
+    """A second run refuses to replace the key, so a record the output lost was lost for good."""
+    done = into_dev_full("dkim", "keygen", "--domain", "example.com", "--selector", "ed",
+                         "--algorithm", "ed25519", "--directory", str(tmp_path))  # fmt: skip
+    assert done.returncode == 74
+    lines = done.stderr.splitlines()
+    assert lines[1:] == [
+        "; its DNS record, which the output did not take:",
+        lines[2],
+        "relay: cannot write the output: No space left on device",
+    ]
+    assert lines[2].startswith("ed._domainkey.example.com. IN TXT") and "k=ed25519" in lines[2]

@@ -16,6 +16,7 @@ from typing import TextIO
 from relay.audit import render
 from relay.audit.chain import Anchor, verify
 from relay.audit.search import OutOfRange, owners, parse_when, report, search, show
+from relay.errors import OutputError
 
 OUTPUTS = ("table", "json", "csv")
 SHOW_OUTPUTS = ("text", "json")
@@ -151,8 +152,9 @@ def verify_main(
 def _unreadable(verb: str, directory: Path, exc: OSError, err: TextIO) -> int:
     """Exit 2 for a log that could not be read. A reader that went away
     (``| head``) is no fault of the log: that goes on up to the command line,
-    which ends quietly as for every listing."""
-    if isinstance(exc, BrokenPipeError):
+    which ends quietly as for every listing. Nor is a failed write of the
+    output (``> /dev/full``): the command line reports that."""
+    if isinstance(exc, (BrokenPipeError, OutputError)):
         raise exc
     err.write(f"relay audit {verb}: {directory}: {exc.strerror or exc}\n")
     return 2
