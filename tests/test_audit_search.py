@@ -387,3 +387,25 @@ def test_the_first_day_there_is_still_searches_and_looks_back(log_dir: Path) -> 
     assert len(out.getvalue().splitlines()) == 5
     assert seqs(log_dir, since="0001-01-02", until="9999-12-30", tenant="acme") == ACME
     assert report(log_dir, since="0001-01-02") == report(log_dir)
+
+
+@pytest.mark.parametrize("damage", ["cut", "garbage"])
+def test_a_damaged_compressed_day_is_an_error_naming_it(tmp_path: Path, damage: str) -> None:
+    """A cut .gz was an EOFError traceback (exit 1: "nothing matched", "no such
+    message"); garbage was blamed on the directory. verify already named the file."""
+    build(tmp_path)
+    AuditLog(tmp_path, compress_after_days=1, clock=Clock(START + timedelta(days=5))).maintain()
+    gz = sorted(tmp_path.glob("*.gz"))[0]
+    data = gz.read_bytes()
+    gz.write_bytes(data[:-30] if damage == "cut" else data[:10] + b"\xff" * (len(data) - 10))
+    runs = {
+        "search": lambda err: search_main(tmp_path, out=io.StringIO(), err=err),
+        "report": lambda err: report_main(tmp_path, out=io.StringIO(), err=err),
+        "show": lambda err: show_main(tmp_path, ACME_INVOICE[0], out=io.StringIO(), err=err),
+    }
+    for verb, run in runs.items():
+        err = io.StringIO()
+        assert run(err) == 2
+        assert err.getvalue().startswith(
+            f"relay audit {verb}: {gz}: the compressed file is damaged: "
+        ), err.getvalue()

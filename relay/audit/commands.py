@@ -15,6 +15,7 @@ from typing import TextIO
 
 from relay.audit import render
 from relay.audit.chain import Anchor, verify
+from relay.audit.reader import DamagedFile
 from relay.audit.search import OutOfRange, owners, parse_when, report, search, show
 from relay.errors import OutputError
 
@@ -75,6 +76,9 @@ def show_main(
     """``relay audit show ID``: one message's timeline, by queue ID or Message-ID."""
     try:
         records = show(directory, ident)
+    except DamagedFile as exc:
+        err.write(f"relay audit show: {exc}\n")
+        return 2
     except OSError as exc:
         return _unreadable("show", directory, exc, err)
     if not records:

@@ -12,6 +12,7 @@ import gzip
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
@@ -90,12 +91,24 @@ def chunks(file: DayFile | Path, size: int = 1 << 23) -> Iterator[bytes]:
     """
     with open_file(file) as stream:
         rest = b""
-        while block := stream.read(size):
+        while block := _read(file, stream, size):
             block = rest + block
             cut = block.rfind(b"\n") + 1
             rest = block[cut:]
             if cut:
                 yield block[:cut]
+
+
+class DamagedFile(ValueError):
+    """A compressed day file that does not decompress (cut short, overwritten)."""
+
+
+def _read(file: DayFile | Path, stream: BinaryIO, size: int) -> bytes:
+    try:
+        return stream.read(size)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        path = file.path if isinstance(file, DayFile) else file
+        raise DamagedFile(f"{path}: the compressed file is damaged: {exc}") from exc
 
 
 def records(
