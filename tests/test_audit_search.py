@@ -149,11 +149,13 @@ def test_search_main_exit_codes(log_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("given", "flag"),
     [({"message_id": ""}, "--message-id"), ({"message_id": "<>"}, "--message-id"),
-     ({"queue_id": " "}, "--queue-id"), ({"recipient": ""}, "--recipient")],
+     ({"queue_id": " "}, "--queue-id"), ({"recipient": ""}, "--recipient"),
+     ({"tenant": ""}, "--tenant"), ({"user": " "}, "--user"), ({"doc_type": ""}, "--doc-type")],
 )  # fmt: skip
 def test_an_empty_filter_value_is_an_error(log_dir: Path, given: dict, flag: str) -> None:
     """An unset shell variable (``--message-id "$ID"``) made an empty needle, found
-    at every byte: the search grew to gigabytes and never ended."""
+    at every byte: the search grew to gigabytes and never ended. ``--tenant ''``
+    filtered nothing: every record of every tenant."""
     err = io.StringIO()
     assert search_main(log_dir, **given, out=io.StringIO(), err=err) == 2
     assert err.getvalue() == (

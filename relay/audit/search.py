@@ -156,7 +156,14 @@ def search(
     """
     if status is not None and status not in events.SCHEMA:
         raise ValueError(f"unknown status {status!r}: one of {', '.join(events.SCHEMA)}")
-    _not_empty(queue_id=queue_id, message_id=message_id, recipient=recipient)
+    _not_empty(
+        queue_id=queue_id,
+        message_id=message_id,
+        recipient=recipient,
+        tenant=tenant,
+        user=user,
+        doc_type=doc_type,
+    )
     window = _Window.of(since, until)
     join = {k: v for k, v in (("tenant", tenant), ("user", user), ("doc_type", doc_type)) if v}
     joining = bool(join) and status != "received"
@@ -237,7 +244,8 @@ def search(
 
 def _not_empty(**given: str | None) -> None:
     """An empty value (an unset shell variable) drove the scan with an empty
-    needle, found at every byte: the search ran until memory ran out."""
+    needle, found at every byte: the search ran until memory ran out. An
+    empty tenant, user or type was no filter at all: every record matched."""
     for name, value in given.items():
         if value is not None and not value.strip().strip("<>"):
             flag = "--" + name.replace("_", "-")
