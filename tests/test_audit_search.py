@@ -221,6 +221,13 @@ def test_show_main(log_dir: Path) -> None:
     assert show_main(log_dir, "nothing", out=io.StringIO(), err=err) == 1
 
 
+def test_show_takes_a_queue_id_in_any_case(log_dir: Path) -> None:
+    """``audit search --queue-id`` and ``queue show`` take any case; show said "no records"."""
+    assert show(log_dir, GLOBEX[0].lower()) == show(log_dir, GLOBEX[0])
+    assert [r["seq"] for r in show(log_dir, GLOBEX[0].lower())] == [13, 14, 15, 16]
+    assert show(log_dir, ACME_QUOTE[1].upper()) == []  # a Message-ID's case is its own
+
+
 def test_report_counts_per_tenant_and_type(log_dir: Path) -> None:
     zero = dict.fromkeys(
         ("sent", "delivered", "failed", "expired", "bounced", "suppressed", "complaints"), 0

@@ -292,21 +292,24 @@ def show(
     since: str | date | None = None,
     until: str | date | None = None,
 ) -> list[dict[str, Any]]:
-    """Every record of a message, by queue ID or Message-ID, in log order."""
+    """Every record of a message, by queue ID (in any case, as the queue tools
+    take it) or Message-ID, in log order."""
     bare = ident.strip().strip("<>")
     if not bare:
         return []
     window = _Window.of(since, until)
-    needle = _text(bare)
+    queue_id = bare.upper()
+    needles = {_text(bare), _text(queue_id)}
     found = []
     for file in reader.day_files(directory, window.first_day, window.last_day):
         for block in reader.chunks(file):
-            for _, line in _lines(block, _starts(block, needle)):
+            starts = sorted({s for n in needles for s in _starts(block, n)})
+            for _, line in _lines(block, starts):
                 record = _decode(line)
                 if record is None or not window.contains(record):
                     continue
                 message_id = (record.get("message_id") or "").strip("<>")
-                if bare in (record.get("queue_id"), message_id):
+                if record.get("queue_id") == queue_id or message_id == bare:
                     found.append(record)
     return found
 
