@@ -376,3 +376,10 @@ def test_a_since_out_of_the_calendar_is_a_usage_error(log_dir: Path) -> None:
     err = io.StringIO()
     assert verify_main(log_dir, "99999999d", io.StringIO(), err) == 2
     assert err.getvalue().startswith("relay audit verify: bad --since: '99999999d' is out of range")
+
+
+def test_since_with_a_utc_offset_starts_at_the_utc_day(log_dir: Path) -> None:
+    """2024-05-07T01:00+05:00 is 2024-05-06T20:00Z: verify started at 05-07's file."""
+    out = io.StringIO()
+    assert verify_main(log_dir, "2024-05-07T01:00+05:00", out, io.StringIO()) == 0
+    assert "audit log intact: 18 records in 3 files (seq 1..18)" in out.getvalue()

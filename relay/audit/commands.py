@@ -9,7 +9,7 @@ found (or, for verify, tampered), 2 bad arguments or an unreadable log.
 from __future__ import annotations
 
 import re
-from datetime import date
+from datetime import UTC, date
 from pathlib import Path
 from typing import TextIO
 
@@ -137,7 +137,8 @@ def verify_main(
             return 2
         head = Anchor(int(found.group(1)), found.group(2).lower())
     try:
-        result = verify(directory, hmac_key, day.date() if day else None, head)
+        # the day files are UTC days: 2024-05-07T01:00+05:00 is on 2024-05-06
+        result = verify(directory, hmac_key, day.astimezone(UTC).date() if day else None, head)
     except OSError as exc:
         return _unreadable("verify", directory, exc, err)
     for note in result.notes:
