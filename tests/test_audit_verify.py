@@ -383,3 +383,18 @@ def test_since_with_a_utc_offset_starts_at_the_utc_day(log_dir: Path) -> None:
     out = io.StringIO()
     assert verify_main(log_dir, "2024-05-07T01:00+05:00", out, io.StringIO()) == 0
     assert "audit log intact: 18 records in 3 files (seq 1..18)" in out.getvalue()
+
+
+def test_an_anchor_with_no_records_since_is_not_checked_not_tampered(log_dir: Path) -> None:
+    """--since after the last record read nothing, and the anchor was reported as
+    records removed from the end: TAMPERED, exit 1, on an intact log."""
+    head = verify(log_dir).head
+    out, err = io.StringIO(), io.StringIO()
+    assert verify_main(log_dir, "2030-01-01", out, err, anchor=f"seq 5 hash {head}") == 0, (
+        err.getvalue()
+    )
+    assert "note: the anchor (seq 5) is not checked: no records from --since 2030-01-01 on" in (
+        out.getvalue()
+    )
+    (log_dir / DAY3).unlink()  # with the anchor's day read, an end cut off still shows
+    assert verify_main(log_dir, "2024-05-07", io.StringIO(), err, anchor=f"18:{head}") == 1

@@ -178,7 +178,7 @@ def verify(
             verifier.file(file)
         verifier.finish(since)
         if anchor is not None:
-            verifier.anchored(anchor)
+            verifier.anchored(anchor, since)
     except _Tampered as exc:
         result.problem = exc.problem
     if result.records == 0 and result.problem is None:
@@ -294,7 +294,7 @@ class _Verifier:
             f"record seq {seq} follows seq {last_seq}: a line was inserted, copied or moved here"
         )
 
-    def anchored(self, anchor: Anchor) -> None:
+    def anchored(self, anchor: Anchor, since: date | None = None) -> None:
         found = self.at_anchor
         if found is not None:
             stored, name, line = found
@@ -304,6 +304,11 @@ class _Verifier:
                             f" its hash is {stored}, the anchor's {anchor.hash}")
                 )  # fmt: skip
             self.r.notes.append(f"the anchor (seq {anchor.seq}) is in the log as written down")
+        elif self.r.last_seq is None and since is not None:
+            # the anchor may be in the days before --since, which were not read
+            self.r.notes.append(
+                f"the anchor (seq {anchor.seq}) is not checked: no records from --since {since} on"
+            )
         elif self.r.last_seq is None or self.r.last_seq < anchor.seq:
             ends = "is empty" if self.r.last_seq is None else f"ends at seq {self.r.last_seq}"
             raise _Tampered(
