@@ -393,14 +393,25 @@ def _passwd(args: argparse.Namespace) -> int:
     from relay.passwd import hash_password
 
     if sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
+        try:
+            password = getpass.getpass("Password: ")
+            again = getpass.getpass("Again: ")
+        except EOFError:  # Ctrl-D at the prompt
+            print("\nrelay passwd: no password given", file=sys.stderr)
+            return 1
+        if again != password:
             print("relay passwd: the passwords differ", file=sys.stderr)
             return 1
     else:
-        password = sys.stdin.readline().rstrip("\r\n")
+        password = sys.stdin.buffer.readline().decode("utf-8", "surrogateescape")
+        password = password.rstrip("\r\n")
     if not password:
         print("relay passwd: empty password", file=sys.stderr)
+        return 1
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:  # bytes a client could not send as an AUTH password's text
+        print("relay passwd: the password is not UTF-8 text", file=sys.stderr)
         return 1
     print(hash_password(password))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import stat
 import subprocess
@@ -266,3 +267,38 @@ def test_keygen_into_a_full_output_still_gives_the_record(tmp_path: Path) -> Non
         "relay: cannot write the output: No space left on device",
     ]
     assert lines[2].startswith("ed._domainkey.example.com. IN TXT") and "k=ed25519" in lines[2]
+
+
+def test_passwd_refuses_a_password_that_is_not_utf8() -> None:
+    """It was a UnicodeEncodeError traceback; AUTH takes a password as UTF-8 text."""
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "passwd"],
+        input=b"\xff\xfe\n", capture_output=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout, done.stderr) == (
+        1,
+        b"",
+        b"relay passwd: the password is not UTF-8 text\n",
+    )
+
+
+def test_passwd_ctrl_d_at_the_prompt_is_no_password_not_a_traceback() -> None:
+    primary, secondary = os.openpty()
+    try:
+        command = subprocess.Popen(
+            [sys.executable, "-m", "relay", "passwd"], stdin=secondary, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, cwd=ROOT, start_new_session=True,
+        )  # fmt: skip
+        os.close(secondary)
+        assert command.stderr is not None
+        err = b""  # with no controlling terminal, getpass prompts on stderr
+        while b"Password: " not in err:  # turning echo off drops what was typed before
+            assert select.select([command.stderr], [], [], 30)[0], err
+            err += os.read(command.stderr.fileno(), 100)
+        os.write(primary, b"\x04")  # Ctrl-D
+        out, rest = command.communicate(timeout=60)
+        err += rest
+    finally:
+        os.close(primary)
+    assert command.returncode == 1 and out == b""
+    assert err.endswith(b"relay passwd: no password given\n") and b"Traceback" not in err, err
