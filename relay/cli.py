@@ -297,17 +297,17 @@ def _queue(args: argparse.Namespace) -> int:
         return EX_CONFIG
     try:
         spool = Spool(policy.queue.directory, create=False)
-    except SpoolError as exc:
+        if args.verb == "list":
+            return tools.list_queue(spool, sys.stdout, as_json=args.json)
+        if args.verb == "show":
+            return tools.show(spool, args.queue_id, sys.stdout, sys.stderr)
+        if args.verb == "delete":
+            return _delete(policy, spool, args.targets)
+        verb = getattr(tools, args.verb)
+        return verb(spool, args.targets, sys.stdout, sys.stderr).code
+    except SpoolError as exc:  # no queue, or one this user may not read
         print(f"relay queue: {exc}", file=sys.stderr)
         return EX_NOINPUT
-    if args.verb == "list":
-        return tools.list_queue(spool, sys.stdout, as_json=args.json)
-    if args.verb == "show":
-        return tools.show(spool, args.queue_id, sys.stdout, sys.stderr)
-    if args.verb == "delete":
-        return _delete(policy, spool, args.targets)
-    verb = getattr(tools, args.verb)
-    return verb(spool, args.targets, sys.stdout, sys.stderr).code
 
 
 def _delete(policy: Policy, spool: Spool, targets: list[str]) -> int:

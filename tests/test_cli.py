@@ -302,3 +302,29 @@ def test_passwd_ctrl_d_at_the_prompt_is_no_password_not_a_traceback() -> None:
         os.close(primary)
     assert command.returncode == 1 and out == b""
     assert err.endswith(b"relay passwd: no password given\n") and b"Traceback" not in err, err
+
+
+@pytest.mark.parametrize("verb", [["list"], ["show", "Q0000000000000A1"], ["hold", "ALL"]])
+def test_a_queue_this_user_may_not_read_is_an_error_naming_it(
+    policy_file: Path,
+    verb: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The spool is the relay user's, mode 0700: run by another user, every queue
+    command was a PermissionError traceback. (Simulated: the tests may run as root.)"""
+    from relay.cli import main
+    from relay.spool import Spool
+
+    queue = policy_file.parent / "state" / "queue"
+    Spool(queue)
+    is_dir, listdir = Path.is_dir, os.listdir
+
+    def denied(path: object) -> None:
+        if Path(str(path)).is_relative_to(queue) and Path(str(path)) != queue:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "is_dir", lambda self: denied(self) or is_dir(self))
+    monkeypatch.setattr(os, "listdir", lambda path=".": denied(path) or listdir(path))
+    assert main(["queue", *verb, "-c", str(policy_file)]) == 66
+    assert capsys.readouterr().err == f"relay queue: {queue}: Permission denied\n"

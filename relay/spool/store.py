@@ -133,9 +133,12 @@ class Spool:
         self._unsynced: list[str] = []
         self._removals = 0  # counted, and how many of them a finished fsync covers
         self._synced = 0
-        created = not self.directory.exists()
-        if not create and (created or not (self._msg.is_dir() and self._env.is_dir())):
-            raise SpoolError(self.directory, "no queue here (has the relay run with this policy?)")
+        with _translated(self.directory):  # a queue tool run by a user who may not look in
+            created = not self.directory.exists()
+            if not create and (created or not (self._msg.is_dir() and self._env.is_dir())):
+                raise SpoolError(
+                    self.directory, "no queue here (has the relay run with this policy?)"
+                )
         with _translated(self.directory):
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             st = os.stat(self.directory)
