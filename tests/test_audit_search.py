@@ -207,6 +207,10 @@ def test_show_is_the_whole_timeline_in_order(log_dir: Path) -> None:
         "    2024-05-06T09:05:02.000Z  delivered  250 2.0.0 Ok: queued as 4Vx2 (via smarthost, attempt 1)",  # noqa: E501
     ]
     assert text.splitlines() == expected
+    again = [{**r, "queue_id": "Q0000000000000B1"} for r in by_queue]  # sent again, same ID
+    both = timeline(sorted([*by_queue, *again], key=lambda r: r["seq"]))
+    renamed = [line.replace("Q0000000000000A1", "Q0000000000000B1") for line in expected]
+    assert both.splitlines() == [*expected, "", *renamed]
 
 
 def test_show_main(log_dir: Path) -> None:

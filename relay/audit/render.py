@@ -132,7 +132,18 @@ def write_records(
 
 
 def timeline(records: Sequence[dict[str, Any]]) -> str:
-    """A message's story: what was received and changed, then each recipient's fate."""
+    """A message's story: what was received and changed, then each recipient's fate.
+
+    Messages that share a Message-ID (an ERP sending a document again) are
+    told one after the other, each with its own recipients, by queue ID.
+    """
+    messages: dict[Any, list[dict[str, Any]]] = {}
+    for r in records:
+        messages.setdefault(r.get("queue_id"), []).append(r)
+    return "\n".join(_story(each) for each in messages.values())
+
+
+def _story(records: Sequence[dict[str, Any]]) -> str:
     lines: list[str] = []
     per_recipient: dict[str, list[str]] = {}
     for r in records:
