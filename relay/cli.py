@@ -47,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Python documentation's note on SIGPIPE does it
         _drop_output(stdout)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the user knows, a traceback tells them nothing
+        return 130
     except OutputError as exc:
         # ``> /dev/full``: exit 1 would read as "nothing found" or "tampered"
         _drop_output(stdout)

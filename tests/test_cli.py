@@ -6,6 +6,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -328,3 +329,42 @@ def test_a_queue_this_user_may_not_read_is_an_error_naming_it(
     monkeypatch.setattr(os, "listdir", lambda path=".": denied(path) or listdir(path))
     assert main(["queue", *verb, "-c", str(policy_file)]) == 66
     assert capsys.readouterr().err == f"relay queue: {queue}: Permission denied\n"
+
+
+def test_ctrl_c_ends_a_tool_quietly_with_130() -> None:
+    """It printed a KeyboardInterrupt traceback (the daemon has its own handling)."""
+    primary, secondary = os.openpty()
+    try:
+        command = subprocess.Popen(
+            [sys.executable, "-m", "relay", "passwd"], stdin=secondary, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, cwd=ROOT, start_new_session=True,
+        )  # fmt: skip
+        os.close(secondary)
+        assert command.stderr is not None
+        err = b""
+        while b"Password: " not in err:
+            assert select.select([command.stderr], [], [], 30)[0], err
+            err += os.read(command.stderr.fileno(), 100)
+        command.send_signal(signal.SIGINT)
+        out, rest = command.communicate(timeout=60)
+    finally:
+        os.close(primary)
+    assert (command.returncode, out, rest) == (130, b"", b"")
+
+
+def test_ctrl_c_in_an_audit_command(
+    policy_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from relay.audit import commands
+    from relay.cli import main
+
+    def interrupted(*args: object, **kwargs: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "search_main", interrupted)
+    try:
+        code = main(["audit", "search", "-c", str(policy_file)])
+    except KeyboardInterrupt:  # not to end the test run
+        pytest.fail("the KeyboardInterrupt went through")
+    assert code == 130
+    assert capsys.readouterr() == ("", "")
