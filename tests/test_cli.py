@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -10,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -283,7 +285,10 @@ def test_passwd_refuses_a_password_that_is_not_utf8() -> None:
     )
 
 
-def test_passwd_ctrl_d_at_the_prompt_is_no_password_not_a_traceback() -> None:
+@contextlib.contextmanager
+def _passwd_prompting() -> Iterator[tuple[subprocess.Popen[bytes], int, bytes]]:
+    """``relay passwd`` on a terminal once it has asked for the password: the
+    process, the terminal's side to type on, and its stderr so far."""
     primary, secondary = os.openpty()
     try:
         command = subprocess.Popen(
@@ -296,11 +301,16 @@ def test_passwd_ctrl_d_at_the_prompt_is_no_password_not_a_traceback() -> None:
         while b"Password: " not in err:  # turning echo off drops what was typed before
             assert select.select([command.stderr], [], [], 30)[0], err
             err += os.read(command.stderr.fileno(), 100)
-        os.write(primary, b"\x04")  # Ctrl-D
-        out, rest = command.communicate(timeout=60)
-        err += rest
+        yield command, primary, err
     finally:
         os.close(primary)
+
+
+def test_passwd_ctrl_d_at_the_prompt_is_no_password_not_a_traceback() -> None:
+    with _passwd_prompting() as (command, primary, err):
+        os.write(primary, b"\x04")  # Ctrl-D
+        out, rest = command.communicate(timeout=60)
+    err += rest
     assert command.returncode == 1 and out == b""
     assert err.endswith(b"relay passwd: no password given\n") and b"Traceback" not in err, err
 
@@ -333,22 +343,9 @@ def test_a_queue_this_user_may_not_read_is_an_error_naming_it(
 
 def test_ctrl_c_ends_a_tool_quietly_with_130() -> None:
     """It printed a KeyboardInterrupt traceback (the daemon has its own handling)."""
-    primary, secondary = os.openpty()
-    try:
-        command = subprocess.Popen(
-            [sys.executable, "-m", "relay", "passwd"], stdin=secondary, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, cwd=ROOT, start_new_session=True,
-        )  # fmt: skip
-        os.close(secondary)
-        assert command.stderr is not None
-        err = b""
-        while b"Password: " not in err:
-            assert select.select([command.stderr], [], [], 30)[0], err
-            err += os.read(command.stderr.fileno(), 100)
+    with _passwd_prompting() as (command, _, _):
         command.send_signal(signal.SIGINT)
         out, rest = command.communicate(timeout=60)
-    finally:
-        os.close(primary)
     assert (command.returncode, out, rest) == (130, b"", b"")
 
 
