@@ -468,7 +468,6 @@ def allowed(address: IPv4Address | IPv6Address, networks: tuple[Network, ...]) -
 _REPLY_OCTETS = 510  # RFC 5321 4.5.3.1.5: 512 with the CRLF
 _REPLY_END = 100
 _ELIDED = " ... "
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _escaped(control: re.Match[str]) -> str:
