@@ -19,7 +19,7 @@ from relay.identify import Identity
 from relay.message import MessageView
 from relay.policy.model import DkimKey, Policy, ReplyToKind, ReplyToSource, Upstream
 from relay.rewrite import HeaderEdits
-from relay.submission import Submission
+from relay.submission import Submission, listed
 
 # Removed from every message: the Bcc fields name hidden recipients, and a
 # Sender next to the From the relay sets is shown as "Sender on behalf of From".
@@ -169,6 +169,6 @@ def _bcc(
     address = identity.user.address
     if doc_type not in identity.tenant.bcc_sender:
         return (), f"no automatic BCC: {doc_type!r} is not a BCC document type"
-    if address.lower() in {r.lower() for r in rcpt_tos}:
+    if listed(address, rcpt_tos):
         return (), f"no automatic BCC: {address} is already a recipient"
     return (address,), f"automatic BCC to the sender {address} ({doc_type!r})"
