@@ -7,11 +7,12 @@ Heavy imports stay inside the subcommands so ``relay --help`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -66,23 +67,25 @@ class _Output:
         self._stream = stream
 
     def write(self, text: str) -> int:
-        try:
+        with _as_output_error():
             return self._stream.write(text)
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise OutputError(exc.errno, exc.strerror) from exc
 
     def flush(self) -> None:
-        try:
+        with _as_output_error():
             self._stream.flush()
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise OutputError(exc.errno, exc.strerror) from exc
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _as_output_error() -> Iterator[None]:
+    try:
+        yield
+    except BrokenPipeError:
+        raise  # the reader went away: ended quietly in ``main``
+    except OSError as exc:
+        raise OutputError(exc.errno, exc.strerror) from exc
 
 
 def _drop_output(stdout: TextIO) -> None:

@@ -139,7 +139,6 @@ class Spool:
                 raise SpoolError(
                     self.directory, "no queue here (has the relay run with this policy?)"
                 )
-        with _translated(self.directory):
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             st = os.stat(self.directory)
             self._owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid else None
