@@ -170,6 +170,8 @@ def fold(name: str, value: str) -> bytes:
     if not value:
         return f"{name}:\r\n".encode("ascii")
     text = f"{name}: {value}"
+    if len(text) <= (MAX_LINE_ENCODED if "=?" in text else MAX_LINE):
+        return f"{text}\r\n".encode("ascii")
     offset = len(name) + 2
     cuts = [0, *(offset + i for i in _fold_points(value)), len(text)]
     lines = [""]
@@ -190,6 +192,8 @@ def fold(name: str, value: str) -> bytes:
 
 def _foldable(value: str) -> bool:
     """Whether ``fold`` can break ``value`` into pieces that each fit a line."""
+    if len(value) <= MAX_LINE:
+        return True
     cuts = [0, *_fold_points(value), len(value)]
     return all(end - start <= MAX_LINE for start, end in itertools.pairwise(cuts))
 
