@@ -30,9 +30,15 @@ def received(
     protocol = "ESMTP" + ("S" if submission.tls else "") + ("A" if submission.auth_login else "")
     value = (
         f"from {helo} ({_literal(submission.client_address)})"
-        f" by {hostname} with {protocol} id {queue_id}; {format_datetime(now)}"
+        f" by {hostname} with {protocol} id {queue_id}; {_date(now.replace(microsecond=0))}"
     )
     return fold("Received", value).replace(b"\r\n", eol)
+
+
+@functools.lru_cache(maxsize=2)
+def _date(second: datetime) -> str:
+    """Formatted once a second, not once a message: it took a quarter of the field's time."""
+    return format_datetime(second)
 
 
 @functools.lru_cache(maxsize=4096)
