@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import signal
 import socket
@@ -92,6 +93,17 @@ class RelayProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def wait_reloaded(self, times: int) -> None:
+        wait_for(lambda: reloaded_everywhere(self.log(), times))
+
+
+def reloaded_everywhere(log: str, times: int) -> bool:
+    """Whether the policy was reloaded ``times`` times and every worker took each
+    up: the supervisor logs its reload before the workers have read the file."""
+    found = re.search(r"(\d+) workers serving", log)
+    workers = int(found.group(1)) if found else 0
+    return log.count("policy reloaded") == times and log.count(": policy ") >= workers * times
 
 
 def terminate(proc: subprocess.Popen[bytes], timeout: float) -> int:

@@ -237,7 +237,7 @@ def test_reload_keeps_old_policy_when_new_one_is_broken(
 
     policy_file.write_text(good.replace("name: Acme AS", "name: Acme Norge AS"))
     relay.signal(signal.SIGHUP)
-    wait_for(lambda: "reloaded" in relay.log().lower())
+    relay.wait_reloaded(1)
     send(
         relay,
         b"From: jan@acme.example\r\nTo: a@example.org\r\nSubject: x\r\n\r\nx\r\n",

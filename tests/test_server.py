@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import shutil
 import signal
 import smtplib
@@ -31,7 +30,7 @@ from relay.server import _listener_changes, _open_state, reloaded
 from tests.certs import der, make_certs, served_certificate
 from tests.ingress_harness import swaks
 from tests.minimal_policy import listener
-from tests.relayproc import terminate
+from tests.relayproc import reloaded_everywhere, terminate
 from tests.sink import Sink, SinkServer, free_port
 
 MESSAGE = b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: x\r\n\r\nx\r\n"
@@ -74,10 +73,7 @@ class Daemon:
     def wait_reloaded(self, times: int) -> None:
         """Until the policy is reloaded ``times`` times, in every worker process."""
         self.wait_log(" serving")
-        found = re.search(r"(\d+) workers serving", self.log())
-        workers = int(found.group(1)) if found else 0
-        self.wait_for(lambda: self.log().count("policy reloaded") == times)
-        self.wait_for(lambda: self.log().count(": policy ") >= workers * times)
+        self.wait_for(lambda: reloaded_everywhere(self.log(), times))
 
     def stop(self) -> int:
         return terminate(self.proc, 20)
