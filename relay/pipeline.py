@@ -8,6 +8,7 @@ adds the spool and the audit records; delivery is the engine's job.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -80,6 +81,7 @@ def prepare(policy: Policy, submission: Submission, now: datetime | None = None)
     classification = classify(policy.classify, view)
     now = now or datetime.now(UTC)
     decision = decide(policy, submission, view, identity, classification, now, queue_id)
+    _check_single_fields(split[0], decision.edits)
     try:
         rewritten = rewrite.apply(submission.data, decision.edits, split)
     except HeaderInjection as exc:
@@ -140,6 +142,48 @@ def _check_page_breaks(fields: list[headers.Field]) -> None:
                     f"A {name} in header field {field.name}: not signable for every"
                     " receiver, remove it",
                 )
+
+
+#: RFC 5322 3.6: the fields a message may have once at most.
+_SINGLE_FIELDS = (
+    "Date",
+    "From",
+    "Sender",
+    "Reply-To",
+    "To",
+    "Cc",
+    "Bcc",
+    "Message-ID",
+    "In-Reply-To",
+    "References",
+    "Subject",
+)
+
+
+def _check_single_fields(fields: list[headers.Field], edits: rewrite.HeaderEdits) -> None:
+    """Refuse a message that would go out with two of a field RFC 5322 allows once.
+
+    Gmail refuses such a message (550 5.7.1, "not RFC 5322 compliant:
+    duplicate headers"), so the ERP would hear of it only from a failure
+    notice, later; readers also differ on which of two Subjects or Dates to
+    show. A field the policy writes (From, Reply-To) or removes (Bcc,
+    Sender) goes out once or not at all, whatever the message had.
+    """
+    edited = {name.lower() for name in edits.remove}
+    edited.update(name.lower() for name, _ in edits.set)
+    counts = collections.Counter(field.name.lower() for field in fields)
+    twice = [
+        f"{name} ({counts[name.lower()]} times)"
+        for name in _SINGLE_FIELDS
+        if counts[name.lower()] > 1 and name.lower() not in edited
+    ]
+    if twice:
+        raise Rejected(
+            550,
+            "5.6.0",
+            f"Header fields allowed once appear more often: {', '.join(twice)};"
+            " receivers such as Gmail refuse such a message (RFC 5322 3.6)",
+        )
 
 
 REMOVAL_RETRY = 1.0  # seconds before a refused message the spool kept is removed again

@@ -270,6 +270,35 @@ def test_a_second_from_or_reply_to_is_dropped_and_said(policy_file: Path) -> Non
     assert "Reply-To appeared 2 times: one is written" in p.decision.reasons
 
 
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (("To: other@example.org",), "To (2 times)"),
+        (("Subject: Hello", "Subject: Hello"), "Subject (3 times)"),
+        (("Message-Id: <m2@erp.acme.example>",), "Message-ID (2 times)"),
+        (("Date: Mon, 23 Nov 2026 09:00:00 +0000", "Cc: a@example.org", "cc: b@example.org"),
+         "Date (2 times), Cc (2 times)"),
+    ],
+)  # fmt: skip
+def test_a_field_allowed_once_given_twice_is_refused(
+    policy_file: Path, extra: tuple[str, ...], named: str
+) -> None:
+    """Gmail refuses such a message ("not RFC 5322 compliant: duplicate
+    headers"): the ERP is told now, not by a failure notice later."""
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, msg(*BASE, *extra))
+    assert caught.value.line == (
+        f"550 5.6.0 Header fields allowed once appear more often: {named};"
+        " receivers such as Gmail refuse such a message (RFC 5322 3.6)"
+    )
+
+
+def test_fields_the_policy_writes_or_removes_may_come_twice(policy_file: Path) -> None:
+    data = msg(*BASE, "Bcc: a@example.org", "Bcc: b@example.org", "Comments: 1", "Comments: 2")
+    view = message.read(run(policy_file, data).message)
+    assert view.get_all("Bcc") == () and len(view.get_all("Comments")) == 2
+
+
 def test_signature_is_prepended(policy_file: Path) -> None:
     p = run(policy_file, msg(*BASE))
     names = [f.name for f in headers.split(p.message)[0]]
@@ -291,11 +320,11 @@ def test_header_lines_readers_disagree_on_are_refused(policy_file: Path, first: 
 
 
 def _header_of(size: int) -> tuple[str, ...]:
-    """BASE and ``To`` fields making a header block of exactly ``size`` bytes."""
+    """BASE and ``Comments`` fields making a header block of exactly ``size`` bytes."""
     used = len(msg(*BASE, body=b"")) - 2  # less the empty line
-    line = "To: " + "x" * 990
+    line = "Comments: " + "x" * 984
     count, rest = divmod(size - used, len(line) + 2)
-    return (*BASE, *[line] * count, "To: " + "x" * (rest - 6))
+    return (*BASE, *[line] * count, "Comments: " + "x" * (rest - 12))
 
 
 def test_a_header_block_over_the_limit_is_refused(policy_file: Path) -> None:
