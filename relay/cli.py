@@ -282,9 +282,12 @@ _STATE_LINE = re.compile(  # a plain or quoted scalar, perhaps with a comment af
 def _running_policy_file(path: Path) -> Path | None:
     """The running policy's text, found from the file's ``state_directory`` line
     (or the default beside the file), read as text: the YAML may be what broke."""
+    from relay.policy.files import RefusedFile
+    from relay.policy.yamlsource import read_bytes
+
     try:
-        text = path.read_text("utf-8")
-    except (OSError, UnicodeDecodeError):
+        text = read_bytes(path).decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except (OSError, RefusedFile, UnicodeDecodeError):
         return None
     found = _STATE_LINE.search(text)
     state = Path(found.group(2) if found else "state")

@@ -36,6 +36,8 @@ from pathlib import Path
 import uvloop
 
 from relay.ingress import Sockets
+from relay.policy import yamlsource
+from relay.policy.files import RefusedFile
 from relay.policy.model import Policy
 from relay.server import (
     AUDIT_UPKEEP,
@@ -161,12 +163,12 @@ class Supervisor:
         """The text the workers would load on a SIGHUP sent to them directly: the
         policy they run, or nothing if the file has changed since it was read."""
         try:
-            data = self.policy_path.read_bytes()
+            data = yamlsource.read_bytes(self.policy_path)
             if hashlib.sha256(data).hexdigest() == self.policy.digest:
                 _write_private(self.checked, data)
             else:
                 self.checked.unlink(missing_ok=True)
-        except OSError as exc:
+        except (OSError, RefusedFile) as exc:
             log.warning("cannot hand the policy to the workers: %s", exc)
 
     def _failed_start(self, index: int) -> int:
@@ -238,8 +240,8 @@ class Supervisor:
 
     def _reload(self) -> None:
         try:
-            data = self.policy_path.read_bytes()
-        except OSError as exc:
+            data = yamlsource.read_bytes(self.policy_path)
+        except (OSError, RefusedFile) as exc:
             log.error("reload failed: %s: keeping policy %s", exc, self.policy.digest[:12])
             return
         new = reloaded(self.policy_path, self.policy, data=data)

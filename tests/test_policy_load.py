@@ -832,6 +832,43 @@ def test_every_file_the_policy_names_must_be_a_regular_file_of_sane_size(
     assert re.fullmatch(location + re.escape(problem.format(file=file, what=what)), found)
 
 
+def _sparse(tmp_path: Path, size: int) -> Path:
+    big = tmp_path / "big.yaml"
+    with big.open("wb") as file:
+        file.truncate(size)
+    return big
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (_fifo, "the policy file is a FIFO, not a regular file"),
+        (lambda _: Path("/dev/zero"), "the policy file is a character device, not a regular file"),
+        (lambda tmp_path: tmp_path, "the policy file is a directory, not a regular file"),
+        (
+            lambda tmp_path: _sparse(tmp_path, yamlsource.MAX_POLICY_SIZE + 1),
+            "the policy file is larger than 64 MiB",
+        ),
+    ],
+    ids=["fifo", "dev-zero", "directory", "over-64-MiB"],
+)
+def test_the_policy_file_must_be_a_regular_file_of_sane_size(
+    tmp_path: Path, make: Callable[[Path], Path], problem: str
+) -> None:
+    """It was read whole, unlike every file it names: a FIFO made check (and a
+    reload) wait for a writer forever, /dev/zero or a huge file ended in a MemoryError."""
+    path = make(tmp_path)
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 78
+    assert err.getvalue() == f"{path}: {problem}\n{path}: 1 problem\n"
+
+
+def test_a_policy_file_of_the_size_limit_is_read(tmp_path: Path) -> None:
+    path = _sparse(tmp_path, yamlsource.MAX_POLICY_SIZE)
+    assert problems(path) == [f"{path}:1:1: YAML syntax error: unacceptable character #x0000"]
+
+
 @pytest.mark.parametrize(
     ("settings", "where", "name"),
     [

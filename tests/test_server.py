@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import signal
 import smtplib
@@ -316,6 +317,22 @@ def test_a_reload_says_a_new_concurrency_waits_for_a_restart(
     with caplog.at_level(logging.WARNING, logger="relay"):
         assert reloaded(policy, running) is not None
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == []
+
+
+@pytest.mark.timeout(20)
+def test_a_reload_keeps_the_policy_when_the_file_is_a_fifo(
+    policy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The file was read whole: a reload waited for a writer forever."""
+    started = load(policy)
+    policy.unlink()
+    os.mkfifo(policy)
+    with caplog.at_level(logging.ERROR, logger="relay"):
+        assert reloaded(policy, started) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{policy}: the policy file is a FIFO, not a regular file",
+        f"reload failed: keeping policy {started.digest[:12]}",
+    ]
 
 
 def test_the_start_logs_its_audit_upkeep_and_closes_yesterday(

@@ -763,3 +763,23 @@ def test_the_tools_go_by_the_running_policy_while_the_file_is_broken(relay: Rela
         assert relay_cli("queue", "list", "-c", str(relay.policy)).returncode == 0
     finally:
         relay.policy.write_text(good)
+
+
+def test_a_sighup_with_a_fifo_for_a_policy_keeps_the_policy(relay: Relay) -> None:
+    """The supervisor read the file whole before checking it: at the reload it
+    waited for a writer to the FIFO, and so did the tools, looking for the
+    running policy."""
+    good = relay.policy.read_text()
+    relay.policy.unlink()
+    os.mkfifo(relay.policy)
+    try:
+        relay.proc.send_signal(signal.SIGHUP)
+        relay.wait_for(lambda: "reload failed" in relay.log(), "reload failed")
+        assert f"reload failed: {relay.policy} is a FIFO, not a regular file" in relay.log()
+        done = relay_cli("queue", "list", "-c", str(relay.policy))
+        assert done.returncode == 78
+        assert done.stderr == f"{relay.policy}: the policy file is a FIFO, not a regular file\n"
+        send(relay.port)
+    finally:
+        relay.policy.unlink()
+        relay.policy.write_text(good)

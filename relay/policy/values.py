@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import re
 import ssl
-import stat
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 
 from yaml.nodes import Node, ScalarNode
 
 from relay.headers import fits_smtp
+from relay.policy.files import RefusedFile, read_limited
 from relay.policy.schema import Ctx, text
 
 _LABEL = r"[^\W_](?:[\w-]*[^\W_])?"
@@ -357,50 +357,6 @@ def _read(ctx: Ctx, node: Node, path: str, resolved: Path, what: str) -> tuple[P
     except OSError as exc:
         ctx.problem(node, path, f"cannot read {resolved}: {exc.strerror or exc}")
     return None
-
-
-class RefusedFile(Exception):
-    """A file the policy names that the loader will not read; says why."""
-
-
-_KINDS = {
-    stat.S_IFDIR: "a directory",
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-}
-
-
-def read_limited(path: Path, limit: int, what: str) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes; raises OSError or
-    RefusedFile. key_file: /dev/zero was read until memory ran out, and a FIFO
-    made relay check (and a reload) wait for a writer forever."""
-    _regular(path, os.stat(path).st_mode)  # before opening: a device's open may act
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    try:
-        _regular(path, os.fstat(fd).st_mode)  # replaced in between
-        chunks: list[bytes] = []
-        size = 0
-        while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-            size += len(chunk)
-    finally:
-        os.close(fd)
-    raise RefusedFile(f"{path} is larger than {_size(limit)}, too large for {what}")
-
-
-def _size(limit: int) -> str:
-    return f"{limit // 2**20} MiB" if limit >= 2**20 else f"{limit // 2**10} KiB"
-
-
-def _regular(path: Path, mode: int) -> None:
-    if not stat.S_ISREG(mode):
-        kind = _KINDS.get(stat.S_IFMT(mode), "not a file")
-        raise RefusedFile(f"{path} is {kind}, not a regular file")
 
 
 def password_file(ctx: Ctx, node: Node, path: str) -> Path | None:

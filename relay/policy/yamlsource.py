@@ -16,6 +16,8 @@ from pathlib import Path
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from relay.policy.files import RefusedFile, read_limited
+
 try:
     _Loader: type = yaml.CSafeLoader
 except AttributeError:  # PyYAML built without libyaml
@@ -24,6 +26,12 @@ except AttributeError:  # PyYAML built without libyaml
 MERGE_TAG = "tag:yaml.org,2002:merge"
 STR_TAG = "tag:yaml.org,2002:str"
 NULL_TAG = "tag:yaml.org,2002:null"
+
+#: The most the policy file may hold: a policy of 50,000 users, each with a
+#: name, an address and two aliases, is 9.2 MiB, so even a file of many
+#: comments and long names is well below it; /dev/zero, or a log file named
+#: by mistake, is not.
+MAX_POLICY_SIZE = 64 * 2**20
 
 
 @dataclass(order=True)
@@ -86,7 +94,10 @@ def read(
     when it cannot be had."""
     if data is None:
         try:
-            data = path.read_bytes()
+            data = read_bytes(path)
+        except RefusedFile as exc:
+            problems.add(None, "", f"the policy file {exc.reason}")
+            return None, None
         except OSError as exc:
             problems.add(None, "", f"cannot read the policy file: {exc.strerror or exc}")
             return None, None
@@ -110,6 +121,13 @@ def read(
     if node is None:
         problems.add((1, 1), "", "the policy file is empty")
     return data, node
+
+
+def read_bytes(path: Path) -> bytes:
+    """The policy file's bytes; raises OSError or RefusedFile. It was read whole
+    whatever it was: a FIFO made check, and a reload, wait for a writer forever,
+    and /dev/zero ended them in a MemoryError."""
+    return read_limited(path, MAX_POLICY_SIZE, "a policy file")
 
 
 def _syntax_message(exc: yaml.MarkedYAMLError) -> str:
