@@ -391,6 +391,68 @@ def test_a_smtp_upstreams_settings_are_checked(tmp_path: Path, settings: str, pr
     assert re.match(where + re.escape(problem), found)
 
 
+_SMTP_MISTAKES = (
+    "port: 0587\ntls: startls\ntimeout: -1\nhelo_name: relay host\n"
+    "password_file: nope.password\nca_file: tls/nope.crt\npath: [outbox]\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("type_line", "type_problem"),
+    [
+        ("type: smpt\n", "17:11: upstreams.outbox.type: expected one of: smtp, directory"
+         " (did you mean 'smtp'?)"),
+        ("type: [smtp]\n", "17:11: upstreams.outbox.type: expected one of: smtp, directory"),
+        ("", "17:5: upstreams.outbox.type: required key is missing"),
+    ],
+    ids=["misspelt", "not-a-string", "missing"],
+)  # fmt: skip
+def test_an_upstream_of_no_known_type_still_has_its_values_checked(
+    tmp_path: Path, type_line: str, type_problem: str
+) -> None:
+    """A misspelt type hid every other problem of the upstream, to be found
+    one relay check later, once the type was right."""
+    settings = "".join(f"    {line}\n" for line in (type_line + _SMTP_MISTAKES).splitlines())
+    path = variant(tmp_path, "    type: directory\n    path: outbox\n", settings)
+    line = 18 if type_line else 17
+    assert problems(path) == expected(
+        path,
+        [
+            type_problem,
+            f"{line}:11: upstreams.outbox.port: YAML 1.1 reads 0587 as a string;"
+            " write it without the leading zero: 587",
+            f"{line + 1}:10: upstreams.outbox.tls: expected one of: none, starttls, implicit,"
+            " auto (did you mean 'starttls'?)",
+            f"{line + 2}:14: upstreams.outbox.timeout: expected a positive number of seconds",
+            f"{line + 3}:16: upstreams.outbox.helo_name: 'relay host' is not a host name"
+            " like relay.example.com, or an address literal like [192.0.2.1]",
+            f"{line + 4}:20: upstreams.outbox.password_file: cannot read"
+            f" {tmp_path / 'nope.password'}: No such file or directory",
+            f"{line + 5}:14: upstreams.outbox.ca_file: no such file: {tmp_path / 'tls/nope.crt'}",
+            f"{line + 6}:11: upstreams.outbox.path: expected a file path",
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        "type: smpt\nport: 587\ntls: none\nca_file: tls/ca.crt\npassword_env: PW\n",
+        "type: directroy\npath: outbox\n",
+    ],
+    ids=["smtp-keys", "directory-keys"],
+)
+def test_an_upstream_of_no_known_type_has_no_problem_its_type_would_decide(
+    tmp_path: Path, settings: str
+) -> None:
+    """No required key is missing, and no settings clash, before the type says
+    which apply: here a host, a username and tls: starttls would be needed."""
+    lines = "".join(f"    {line}\n" for line in settings.splitlines())
+    path = variant(tmp_path, "    type: directory\n    path: outbox\n", lines)
+    (found,) = problems(path)
+    assert found.startswith(f"{path}:17:11: upstreams.outbox.type: expected one of: smtp,")
+
+
 @pytest.mark.parametrize(
     ("written", "read"),
     [

@@ -9,7 +9,9 @@ tenant" problems behind it.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from pathlib import Path
 from types import MappingProxyType
+from typing import NamedTuple
 
 from yaml.nodes import Node, SequenceNode
 
@@ -61,9 +63,7 @@ def upstreams(ctx: Ctx, root: Map) -> tuple[Mapping[str, Upstream] | None, set[s
             m.require("host")
             found[name] = _smtp(ctx, m, name)
         else:
-            if kind is not None:
-                message = "expected one of: smtp, directory" + hint(kind, ("smtp", "directory"))
-                ctx.problem(m.get("type"), m.sub("type"), message)
+            _no_known_type(ctx, m, kind)
             found[name] = None
     names = set(found)
     if not found or None in found.values():
@@ -71,27 +71,57 @@ def upstreams(ctx: Ctx, root: Map) -> tuple[Mapping[str, Upstream] | None, set[s
     return MappingProxyType(found), names
 
 
-def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
-    host = m.text("host", "a host name")
+def _no_known_type(ctx: Ctx, m: Map, kind: str | None) -> None:
+    """A type missing or misspelt hid every other problem of the upstream until
+    it was fixed. Each value is still checked, as the one type that has its key
+    reads it; what depends on the type (its required keys, settings that go
+    together) waits for a known one."""
+    if kind is not None:
+        message = "expected one of: smtp, directory" + hint(kind, ("smtp", "directory"))
+        ctx.problem(m.get("type"), m.sub("type"), message)
+    _smtp_values(m)
+    m.read("path", values.file_path)
+
+
+class _SmtpValues(NamedTuple):
+    host: str | None
+    tls: TlsMode | None
+    port: int | None
+    username: str | None
+    password_file: Path | None
+    password_env: str | None
+    timeout: float | None
+    data_timeout: float | None
+    helo_name: str | None
+    ca_file: Path | None
+
+
+def _smtp_values(m: Map) -> _SmtpValues:
+    """Each key of an smtp upstream, read on its own."""
     tls = m.choice("tls", TlsMode, TlsMode.AUTO)
-    port = m.integer("port", 465 if tls is TlsMode.IMPLICIT else 587, 1, 65535, "a port number")
-    username = m.text("username", "a user name")
-    password_file = m.read("password_file", values.password_file)
-    password_env = m.read("password_env", values.env_name)
-    timeout = m.number("timeout", 60)
-    data_timeout = m.number("data_timeout", DATA_TIMEOUT)
-    helo_name = m.read("helo_name", values.helo_name)
-    ca_file = m.read("ca_file", values.ca_file)
-    ok = None not in (host, tls, port, timeout, data_timeout)
-    ok = ok and (helo_name is not None or not m.has("helo_name"))
-    ok = ok and (ca_file is not None or not m.has("ca_file"))
-    if ca_file is not None and tls in (TlsMode.NONE, TlsMode.AUTO):
+    return _SmtpValues(
+        host=m.text("host", "a host name"),
+        tls=tls,
+        port=m.integer("port", 465 if tls is TlsMode.IMPLICIT else 587, 1, 65535, "a port number"),
+        username=m.text("username", "a user name"),
+        password_file=m.read("password_file", values.password_file),
+        password_env=m.read("password_env", values.env_name),
+        timeout=m.number("timeout", 60),
+        data_timeout=m.number("data_timeout", DATA_TIMEOUT),
+        helo_name=m.read("helo_name", values.helo_name),
+        ca_file=m.read("ca_file", values.ca_file),
+    )
+
+
+def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
+    v = _smtp_values(m)
+    ok = None not in (v.host, v.tls, v.port, v.timeout, v.data_timeout)
+    for key in ("helo_name", "ca_file", "password_file", "password_env", "username"):
+        ok = ok and (getattr(v, key) is not None or not m.has(key))
+    if v.ca_file is not None and v.tls in (TlsMode.NONE, TlsMode.AUTO):
         message = "needs tls: starttls or implicit (with none or auto mail may go in plain text)"
         ctx.problem(m.get("ca_file"), m.sub("ca_file"), message)
         ok = False
-    ok = ok and (password_file is not None or not m.has("password_file"))
-    ok = ok and (password_env is not None or not m.has("password_env"))
-    ok = ok and (username is not None or not m.has("username"))
     if m.has("password_file") and m.has("password_env"):
         message = "set password_file or password_env, not both"
         ctx.problem(m.get("password_env"), m.sub("password_env"), message)
@@ -103,16 +133,16 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
         return None
     return SmtpUpstream(
         name,
-        host,
-        port,
-        tls,
-        username,
-        password_file,
-        password_env,
-        timeout,
-        helo_name,
-        ca_file,
-        data_timeout,
+        v.host,
+        v.port,
+        v.tls,
+        v.username,
+        v.password_file,
+        v.password_env,
+        v.timeout,
+        v.helo_name,
+        v.ca_file,
+        v.data_timeout,
     )
 
 
