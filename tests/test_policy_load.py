@@ -1106,3 +1106,81 @@ def test_merge_keys_that_expand_too_far_are_a_problem(
         f"{path}:4:3: queue: the file expands (through merge keys, <<) to more than 5 values;"
         " merge each anchor in fewer places"
     ]
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_a_billion_laughs_is_one_located_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: type
+) -> None:
+    """Each anchor a list of ten aliases to the one before: 1 KB that stands
+    for 10^9 values. Refused before any of it is walked, at the alias that
+    takes the file past the bound."""
+    monkeypatch.setattr(yamlsource, "_Loader", loader)
+    lines = ["x-l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"x-l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 10)]
+    path = variant(tmp_path, "version: 1\n", "version: 1\n" + "".join(f"{x}\n" for x in lines))
+    assert problems(path) == [
+        f"{path}:8:47: the file expands (through aliases, here *l4) to more than 1,000,000"
+        " values; refer to each anchor in fewer places"
+    ]
+
+
+@pytest.mark.timeout(20)
+def test_aliases_the_loader_walks_are_bounded(tmp_path: Path) -> None:
+    """100 tenants aliasing one of 100 users, each aliasing one list of 100
+    addresses: 4 KB, and check walked 10^6 addresses (and reported each as
+    used twice) for 37 seconds and 630 MB."""
+    aliases = ", ".join(f"a{i}@acme.example" for i in range(100))
+    users = ", ".join(f"u{i}: *U" for i in range(100))
+    tenants = ", ".join(f"t{i}: *T" for i in range(100))
+    settings = (
+        f"x-aliases: &A [{aliases}]\n"
+        "x-user: &U {name: Jan, address: jan@acme.example, aliases: *A}\n"
+        f"x-users: &US {{{users}}}\n"
+        "x-tenant: &T {name: Acme, address: post@acme.example, upstream: outbox, users: *US}\n"
+        f"tenants: {{{tenants}}}\n"
+    )
+    text = (POLICIES / "minimal.yaml").read_text().split("tenants:")[0] + settings
+    path = variant(tmp_path, "version: 1\n", "version: 1\n")
+    path.write_text(text)
+    (found,) = problems(path)
+    assert found.startswith(f"{path}:23:")
+    assert found.endswith(": the file expands (through aliases, here *T) to more than 1,000,000"
+                          " values; refer to each anchor in fewer places")  # fmt: skip
+
+
+def test_the_bound_on_aliases_counts_what_each_alias_stands_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A list of two is three values (with the list itself): the second alias
+    to it goes past 5. A merge source counts once per mapping, as merge keys
+    expand it once there."""
+    monkeypatch.setattr(yamlsource, "MAX_ALIASED", 5)
+    merges = "version: 1\nqueue:\n  <<: [&d {first_retry: 60, max_retry: 600}, *d, *d, *d]\n"
+    assert load(variant(tmp_path, "version: 1\n", merges)).queue.max_retry == 600
+    shutil.rmtree(tmp_path)
+    tmp_path.mkdir()
+    aliases = "version: 1\nx-d: &d [a, b]\nx-e: [*d, *d, *d]\n"
+    path = variant(tmp_path, "version: 1\n", aliases)
+    assert problems(path) == [
+        f"{path}:4:11: the file expands (through aliases, here *d) to more than 5 values;"
+        " refer to each anchor in fewer places"
+    ]
+
+
+def test_an_anchor_used_in_many_places_loads(tmp_path: Path) -> None:
+    """Forty tenants sharing an upstream and a list of domains, each with a user."""
+    tenants = "".join(
+        f"  t{i}:\n    name: Tenant {i}\n    address: post@t{i}.example\n"
+        f"    upstream: {'&up outbox' if i == 0 else '*up'}\n"
+        f"    verified_domains: {'&d [shared.example, other.example]' if i == 0 else '*d'}\n"
+        f"    users:\n      u:\n        name: User {i}\n        address: u@t{i}.example\n"
+        for i in range(40)
+    )
+    text = (POLICIES / "minimal.yaml").read_text().split("tenants:")[0] + "tenants:\n" + tenants
+    path = variant(tmp_path, "version: 1\n", "version: 1\n")
+    path.write_text(text)
+    policy = load(path)
+    assert len(policy.tenants) == 40
+    assert {t.upstream for t in policy.tenants.values()} == {"outbox"}

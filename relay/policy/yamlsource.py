@@ -120,6 +120,8 @@ def read(
         return data, None
     if node is None:
         problems.add((1, 1), "", "the policy file is empty")
+    elif not _aliases_within_bounds(node, text, problems):
+        return data, None
     return data, node
 
 
@@ -128,6 +130,105 @@ def read_bytes(path: Path) -> bytes:
     whatever it was: a FIFO made check, and a reload, wait for a writer forever,
     and /dev/zero ended them in a MemoryError."""
     return read_limited(path, MAX_POLICY_SIZE, "a policy file")
+
+
+#: Values aliases (*name) may bring into the file, in all: an anchor used in a
+#: few places, or a small one in each of 50,000 users, stays well below it; a
+#: "billion laughs" (each anchor a list of ten aliases to the one before, or a
+#: mapping of 100 tenants aliasing one of 100 users, each aliasing 100
+#: addresses: 4 KB that check took 37 s and 630 MB to walk) does not.
+MAX_ALIASED = 1_000_000
+
+
+def _aliases_within_bounds(root: Node, text: str, problems: Problems) -> bool:
+    """Whether the values aliases bring in stay within MAX_ALIASED; reports the
+    alias that takes them past it when not. The node tree shares an anchored
+    node wherever an alias names it, so the loader walks it once per alias."""
+    if "*" not in text:  # no alias at all: nothing to count
+        return True
+    crossing = _AliasCount().crossing(root)
+    if crossing is None:
+        return True
+    aliases = (e for e in yaml.parse(text, Loader=_Loader) if isinstance(e, yaml.AliasEvent))
+    alias = next(e for i, e in enumerate(aliases) if i == crossing)
+    message = (
+        f"the file expands (through aliases, here *{alias.anchor}) to more than"
+        f" {MAX_ALIASED:,} values; refer to each anchor in fewer places"
+    )
+    problems.add(alias.start_mark, "", message)
+    return False
+
+
+class _AliasCount:
+    """The values each node stands for, with the aliases within it expanded, as
+    the loader walks them: a merge source counts once per mapping (merge keys
+    expand each source's entries once, and a key only once), an alias to a node
+    that encloses it once (the loader walks no deeper than the policy goes)."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[int, int] = {}
+        self.aliased = 0
+        self.aliases = 0
+
+    def crossing(self, root: Node) -> int | None:
+        """The index, among the file's aliases in document order, of the one
+        that takes the values brought in by aliases past MAX_ALIASED."""
+        stack = [_Frame(root, None)]
+        self.sizes[id(root)] = 1
+        while stack:
+            frame = stack[-1]
+            child = next(frame.children, None)
+            if child is None:
+                stack.pop()
+                self.sizes[id(frame.node)] = frame.size
+                if stack:
+                    stack[-1].size += frame.size
+                continue
+            node, merged = child
+            if id(node) in self.sizes:
+                frame.size += self._alias(node, merged)
+                if self.aliased > MAX_ALIASED:
+                    return self.aliases - 1
+            elif isinstance(node, ScalarNode):
+                self.sizes[id(node)] = 1
+                frame.size += 1
+            else:
+                self.sizes[id(node)] = 1  # while within it
+                if merged is not None:
+                    merged.add(id(node))
+                stack.append(_Frame(node, merged))
+        return None
+
+    def _alias(self, node: Node, merged: set[int] | None) -> int:
+        self.aliases += 1
+        if merged is not None:
+            if id(node) in merged:
+                return 0
+            merged.add(id(node))
+        size = self.sizes[id(node)]
+        self.aliased += size
+        return size
+
+
+class _Frame:
+    """A collection being counted: its children still to come, and its size so far."""
+
+    def __init__(self, node: Node, merged: set[int] | None) -> None:
+        self.node = node
+        self.size = 1
+        self.children = _children(node, merged)
+
+
+def _children(node: Node, merged: set[int] | None) -> Iterator[tuple[Node, set[int] | None]]:
+    """Each child, with the merge sources its mapping has counted when it is one."""
+    if isinstance(node, SequenceNode):
+        for item in node.value:
+            yield item, merged
+        return
+    sources: set[int] = set()
+    for key, value in node.value:
+        yield key, None
+        yield value, sources if key.tag == MERGE_TAG else None
 
 
 def _syntax_message(exc: yaml.MarkedYAMLError) -> str:
