@@ -16,7 +16,7 @@ from typing import TextIO
 from relay.audit import render
 from relay.audit.chain import Anchor, verify
 from relay.audit.reader import DamagedFile
-from relay.audit.search import OutOfRange, owners, parse_when, report, search, show
+from relay.audit.search import OutOfRange, Owners, parse_when, report, search, show
 from relay.errors import OutputError
 
 OUTPUTS = ("table", "json", "csv")
@@ -59,9 +59,7 @@ def search_main(
             message_id,
             queue_id,
         )
-        count = render.write_records(
-            found, out, output, lambda ids: owners(directory, ids, since, until)
-        )
+        count = render.write_records(found, out, output, Owners(directory, since, until))
     except ValueError as exc:
         err.write(f"relay audit search: {exc}\n")
         return 2

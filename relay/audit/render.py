@@ -11,13 +11,16 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import zip_longest
 from typing import Any, TextIO
 
 from relay.audit import events
 from relay.audit.chain import canonical
 from relay.audit.search import REPORT_COLUMNS, recipients_of
 
+#: Rows aligned together before they are printed.
+TABLE_BLOCK = 2000
 TABLE_COLUMNS = ("time", "event", "queue_id", "tenant", "user", "doc_type", "recipient", "reply")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _NESTED = {"dkim": ("domain", "selector"), "suppression": ("reason", "since")}
@@ -84,15 +87,12 @@ def write_jsonl(records: Iterable[dict[str, Any]], out: TextIO) -> int:
     return count
 
 
-def table_row(
-    record: dict[str, Any], owners: Mapping[str, dict[str, Any]] | None = None
-) -> list[str]:
-    """``owners`` (queue ID to ``received`` record) fills in tenant, user and type."""
+def table_row(record: dict[str, Any], owner: Mapping[str, Any] | None = None) -> list[str]:
+    """``owner`` (the message's ``received`` record) fills in tenant, user and type."""
     reply = record.get("reply")
     if reply is None and record.get("event") == "bounced":
         reply = f"{record.get('dsn_status')} {record.get('diagnostic') or ''}".strip()
     cells = {**record, "recipient": " ".join(recipients_of(record)) or None, "reply": reply}
-    owner = (owners or {}).get(record.get("queue_id") or "")
     if owner is not None and "tenant" not in record:
         cells.update({k: owner.get(k) for k in ("tenant", "user", "doc_type")})
     return [_safe(cells.get(c)) for c in TABLE_COLUMNS]
@@ -101,33 +101,69 @@ def table_row(
 def write_table(
     records: Iterable[dict[str, Any]],
     out: TextIO,
-    owners: Callable[[set[str]], Mapping[str, dict[str, Any]]] | None = None,
+    owner: Callable[[dict[str, Any]], Mapping[str, Any] | None] | None = None,
 ) -> int:
-    """Aligned columns; ``owners`` looks up the messages of events that lack their tenant."""
-    records = list(records)
-    missing = {r["queue_id"] for r in records if r.get("queue_id") and "tenant" not in r}
-    found = owners(missing) if owners and missing else {}
-    rows = [table_row(r, found) for r in records]
-    _aligned([list(TABLE_COLUMNS), *rows], out)
-    return len(rows)
+    """Aligned columns, printed every ``TABLE_BLOCK`` rows: a year's search must
+    not hold its results in memory. Columns only widen; when a block needs them
+    wider, the header is printed again above it. ``owner`` is asked, in log
+    order, for the tenant, user and type of each event that lacks them."""
+    widths: list[int] = []
+    count = 0
+    for block in _batched(records, TABLE_BLOCK):
+        rows = [table_row(r, _owner_of(r, owner)) for r in block]
+        wider = _widths([list(TABLE_COLUMNS), *rows], widths)
+        if wider != widths:
+            widths = wider
+            _write_rows([list(TABLE_COLUMNS)], widths, out)
+        _write_rows(rows, widths, out)
+        count += len(rows)
+    return count
 
 
-def _aligned(rows: Sequence[Sequence[str]], out: TextIO) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+def _owner_of(
+    record: dict[str, Any], owner: Callable[[dict[str, Any]], Mapping[str, Any] | None] | None
+) -> Mapping[str, Any] | None:
+    if owner is None or not record.get("queue_id") or "tenant" in record:
+        return None
+    return owner(record)
+
+
+def _batched(records: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    block: list[dict[str, Any]] = []
+    for record in records:
+        block.append(record)
+        if len(block) >= size:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def _widths(rows: Sequence[Sequence[str]], least: Sequence[int] = ()) -> list[int]:
+    """Each column's width but the last's, which is not padded."""
+    found = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return [max(pair) for pair in zip_longest(found, least, fillvalue=0)]
+
+
+def _write_rows(rows: Iterable[Sequence[str]], widths: Sequence[int], out: TextIO) -> None:
     for row in rows:
         cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
         out.write("  ".join([*cells, row[-1]]).rstrip() + "\n")
+
+
+def _aligned(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    _write_rows(rows, _widths(rows), out)
 
 
 def write_records(
     records: Iterable[dict[str, Any]],
     out: TextIO,
     output: str,
-    owners: Callable[[set[str]], Mapping[str, dict[str, Any]]] | None = None,
+    owner: Callable[[dict[str, Any]], Mapping[str, Any] | None] | None = None,
 ) -> int:
     """In the named format (table, json, csv); how many records were written."""
     if output == "table":
-        return write_table(records, out, owners)
+        return write_table(records, out, owner)
     return write_csv(records, out) if output == "csv" else write_jsonl(records, out)
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
+import sys
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -33,6 +34,8 @@ _STRING = rb'"((?:[^"\\]|\\.)*)"'
 _OWNER = re.compile(
     rb'"tenant":%s,"user":%s,"doc_type":%s' % (_STRING, rb'"(?:[^"\\]|\\.)*"', _STRING)
 )
+_WHO = re.compile(rb'"tenant":%s,"user":%s,"doc_type":%s' % (_STRING, _STRING, _STRING))
+_SEQ = re.compile(rb'\{"v":\d+,"seq":(\d+),')
 _NOTICE = re.compile(rb'"notice_queue_id":"([^"\\]*)"')
 COUNTED = {
     "delivered": "delivered",
@@ -314,29 +317,100 @@ def show(
     return found
 
 
-def owners(
-    directory: Path,
-    queue_ids: set[str],
-    since: str | date | None = None,
-    until: str | date | None = None,
-    *,
-    lookback_days: int = LOOKBACK_DAYS,
-) -> dict[str, dict[str, Any]]:
-    """The ``received`` record of each queue ID, for showing tenant, user and type beside
-    later events. Only ``received`` lines are looked at, and only decoded when wanted."""
-    window = _Window.of(since, until)
-    first = _back(window.first_day, lookback_days) if window.first_day else None
-    found: dict[str, dict[str, Any]] = {}
-    for file in reader.day_files(directory, first, window.last_day):
+class Owners:
+    """The tenant, user and type of later events, for the table, read in step with the search.
+
+    A second reader follows the ``received`` lines in log order, as far as the
+    last record asked about (by ``seq``: a message is received before anything
+    else happens to it), and forgets messages received more than
+    ``lookback_days`` before the day of the record asked about. What it holds is
+    bounded by the log's traffic over the look-back, not by how many records
+    matched: a year's search needs no more than a month's.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        since: str | date | None = None,
+        until: str | date | None = None,
+        *,
+        lookback_days: int = LOOKBACK_DAYS,
+    ) -> None:
+        window = _Window.of(since, until)
+        first = _back(window.first_day, lookback_days) if window.first_day else None
+        self._ahead = _received_lines(directory, first, window.last_day)
+        self._next: tuple[int, str, str, tuple[str, str, str]] | None = None
+        self._known: dict[str, tuple[str, tuple[str, str, str]]] = {}
+        self._order: deque[tuple[str, str]] = deque()
+        self._lookback_days = lookback_days
+        self._day, self._since = "", ""
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, str] | None:
+        """The owner of ``record``'s message; ask in log order."""
+        seq, queue_id = record.get("seq"), record.get("queue_id")
+        if isinstance(seq, int):
+            self._read_through(seq)
+        self._forget_before(self._horizon(str(record.get("time"))[:10]))
+        known = self._known.get(queue_id) if isinstance(queue_id, str) else None
+        if known is None:
+            return None
+        return dict(zip(("tenant", "user", "doc_type"), known[1], strict=True))
+
+    def _horizon(self, day: str) -> str:
+        """The earliest time a message ``day``'s events can come from, as text."""
+        if day != self._day:
+            try:
+                self._day = day
+                self._since = _back(date.fromisoformat(day), self._lookback_days).isoformat()
+            except ValueError:
+                self._since = ""
+        return self._since
+
+    def _read_through(self, seq: int) -> None:
+        while True:
+            if self._next is None:
+                self._next = next(self._ahead, None)
+                if self._next is None:
+                    return
+            line_seq, moment, queue_id, who = self._next
+            if line_seq > seq:
+                return
+            self._known[queue_id] = (moment, who)
+            self._order.append((moment, queue_id))
+            self._next = None
+
+    def _forget_before(self, horizon: str) -> None:
+        while self._order and self._order[0][0] < horizon:
+            moment, queue_id = self._order.popleft()
+            known = self._known.get(queue_id)
+            if known is not None and known[0] == moment:
+                del self._known[queue_id]
+
+
+def _received_lines(
+    directory: Path, first: date | None, last: date | None
+) -> Iterator[tuple[int, str, str, tuple[str, str, str]]]:
+    """seq, time, queue ID and (tenant, user, type) of each ``received`` line, in
+    log order, without decoding the rest of the line."""
+    for file in reader.day_files(directory, first, last):
         for block in reader.chunks(file):
             for _, line in _lines(block, _starts(block, _RECEIVED)):
-                head = _HEAD.search(line)
-                if head is None or (head.group(3) or b"").decode() not in queue_ids:
+                seq, head = _SEQ.match(line), _HEAD.search(line)
+                if seq is None or head is None or head.group(3) is None:
                     continue
-                record = _decode(line)
-                if record is not None:
-                    found[record["queue_id"]] = record
-    return found
+                who = _WHO.search(line, head.end())
+                if head.group(2) != b"received" or who is None:
+                    continue
+                yield (
+                    int(seq.group(1)),
+                    head.group(1).decode(),
+                    head.group(3).decode(),
+                    (
+                        sys.intern(_unescape(who.group(1))),
+                        sys.intern(_unescape(who.group(2))),
+                        sys.intern(_unescape(who.group(3))),
+                    ),
+                )
 
 
 def report(
