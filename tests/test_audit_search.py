@@ -147,7 +147,9 @@ def test_table_is_aligned_and_safe(log_dir: Path) -> None:
 
 def test_search_main_exit_codes(log_dir: Path) -> None:
     err = io.StringIO()
-    assert search_main(log_dir, tenant="nobody", out=io.StringIO(), err=err) == 1
+    out = io.StringIO()
+    assert search_main(log_dir, tenant="nobody", out=out, err=err) == 1
+    assert out.getvalue() == "  ".join(TABLE_COLUMNS) + "\n"  # the header, as ever
     assert search_main(log_dir, status="sent", out=io.StringIO(), err=err) == 2
     assert search_main(log_dir, since="last tuesday", out=io.StringIO(), err=err) == 2
     assert search_main(log_dir, output="xml", out=io.StringIO(), err=err) == 2

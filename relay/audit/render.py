@@ -117,6 +117,8 @@ def write_table(
             _write_rows([list(TABLE_COLUMNS)], widths, out)
         _write_rows(rows, widths, out)
         count += len(rows)
+    if not count:
+        _aligned([list(TABLE_COLUMNS)], out)
     return count
 
 
