@@ -80,7 +80,7 @@ def _expected(directory: Path) -> dict[str, object]:
             ["complained", "buyer@customer.example", "abuse", "Q0000000000000A1"],
         ],
         "deletions": lambda out: [x.split(" ", 1)[1] for x in out] == [
-            "root (relay queue delete) deleted Q0000000000000A2: eva@acme.example"
+            "root deleted Q0000000000000A2: eva@acme.example"
         ],
         "head": lambda out: out == [f"seq 18 hash {head.head}"],
     }  # fmt: skip

@@ -154,7 +154,7 @@ def build(directory: Path, key: bytes | None = None, start: datetime = START) ->
             auth_login=None,
             mail_from="x@spam.example",
             rcpt_tos=["buyer@customer.example"],
-            reply="530 5.7.0 Authentication required",
+            reply="550 5.7.1 Sender not known",
         )
     )
     clock.advance(hours=15)  # day 2
@@ -204,7 +204,7 @@ def build(directory: Path, key: bytes | None = None, start: datetime = START) ->
         events.deleted(
             queue_id=q2,
             message_id=m2,
-            by="root (relay queue delete)",
+            by="root",
             recipients=["eva@acme.example"],
         )
     )

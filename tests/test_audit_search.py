@@ -230,7 +230,7 @@ def test_show_main(log_dir: Path) -> None:
     out, err = io.StringIO(), io.StringIO()
     assert show_main(log_dir, "<quote-77@erp.acme.example>", out=out, err=err) == 0
     assert "    subject   Quote 77" in out.getvalue()
-    assert "deleted by root (relay queue delete): eva@acme.example" in out.getvalue()
+    assert "deleted by root: eva@acme.example" in out.getvalue()
     assert "suppressed: complaint since 2024-04-01T00:00:00.000Z" in out.getvalue()
     out = io.StringIO()
     assert show_main(log_dir, GLOBEX[0], output="json", out=out, err=err) == 0
