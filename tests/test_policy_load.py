@@ -1184,3 +1184,27 @@ def test_an_anchor_used_in_many_places_loads(tmp_path: Path) -> None:
     policy = load(path)
     assert len(policy.tenants) == 40
     assert {t.upstream for t in policy.tenants.values()} == {"outbox"}
+
+
+@pytest.mark.parametrize(
+    ("listener", "warned"), [("", True), ("    auth: off\n", True), ("    auth: required\n", False)]
+)
+def test_unknown_sender_default_without_a_tenant_for_sessions_without_login_is_a_warning(
+    tmp_path: Path, listener: str, warned: bool
+) -> None:
+    """Without a login the default user's tenant is default_tenant: without one
+    such mail was refused although relay check had said nothing."""
+    path = variant(
+        tmp_path,
+        "    port: 2525\n",
+        f"    port: 2525\n{listener}identify:\n  unknown_sender: default\n",
+    )
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0
+    line = 12 if listener else 11
+    expected = (
+        f"{path}:{line}:19: warning: identify.unknown_sender: default takes the default_user"
+        " of the login's tenant; sessions without a login have none unless default_tenant"
+        " is set, and their unknown senders are refused\n"
+    )
+    assert err.getvalue() == (expected if warned else "")

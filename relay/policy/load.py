@@ -15,7 +15,7 @@ from typing import TextIO
 
 from relay.errors import PolicyError
 from relay.policy import accounts, sections
-from relay.policy.model import Policy
+from relay.policy.model import AuthMode, Policy
 from relay.policy.schema import Ctx, Map
 from relay.policy.yamlsource import Problems, read
 
@@ -64,7 +64,10 @@ def _build(ctx: Ctx, root: Map, path: Path, data: bytes) -> Policy | None:
     roster = accounts.Roster()
     tenants = accounts.tenants(ctx, root, upstream_names, doc_types, roster)
     logins = accounts.logins(ctx, root, roster.users)
-    identify, control_headers = sections.identify(ctx, root, roster.default_user)
+    anonymous = listeners is not None and any(
+        listener.auth is not AuthMode.REQUIRED for listener in listeners
+    )
+    identify, control_headers = sections.identify(ctx, root, roster.default_user, anonymous)
     queue, audit = sections.state(ctx, root)
     workers = sections.workers(ctx, root)
     parts = (platform, listeners, identify, rules, control_headers, keys, upstreams, logins)

@@ -257,9 +257,10 @@ def _allow(ctx: Ctx, m: Map) -> tuple[IPv4Network | IPv6Network, ...] | None:
 
 
 def identify(
-    ctx: Ctx, root: Map, default_users: Mapping[str, str | None]
+    ctx: Ctx, root: Map, default_users: Mapping[str, str | None], anonymous: bool = False
 ) -> tuple[Identify | None, tuple[str, ...] | None]:
-    """The Identify section and the control headers, which must include its header."""
+    """The Identify section and the control headers, which must include its header.
+    ``anonymous``: a listener takes sessions without a login."""
     m = root.map("identify", ("order", "header", "unknown_sender", "default_tenant"))
     order = _order(ctx, m)
     header = m.read("header", values.control_header) if m.has("header") else "X-ERP-User"
@@ -275,6 +276,12 @@ def identify(
         message = f"tenant {tenant!r} has no default_user, so unknown senders are still refused"
         ctx.problem(where, path, message)
         ok = False
+    elif tenant is None and unknown is UnknownSender.DEFAULT and anonymous:
+        message = (
+            "default takes the default_user of the login's tenant; sessions without a login"
+            " have none unless default_tenant is set, and their unknown senders are refused"
+        )
+        ctx.problems.warn(m.get("unknown_sender"), m.sub("unknown_sender"), message)
     controls = _control_headers(ctx, root, header)
     return (Identify(order, header, unknown, tenant) if ok else None), controls
 
