@@ -1208,3 +1208,26 @@ def test_unknown_sender_default_without_a_tenant_for_sessions_without_login_is_a
         " is set, and their unknown senders are refused\n"
     )
     assert err.getvalue() == (expected if warned else "")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "warned"),
+    [(r"(\w+\s?)+$", True), (r"^(\s*\w+)*$", True), (r"\d+(,\d+)*", False), (r"(\w+\s+)+", False)],
+)
+def test_a_pattern_that_can_backtrack_for_ever_is_a_warning(
+    tmp_path: Path, pattern: str, warned: bool
+) -> None:
+    """``re`` cannot be stopped: ``(\\w+\\s?)+$`` took 1.5 s on a Subject of 22
+    letters and an exclamation mark, twice as long for each letter more, on the
+    event loop every session of the worker shares."""
+    rule = f"classify:\n  - id: r\n    type: invoice\n    subject: '{pattern}'\nupstreams:"
+    path = variant(tmp_path, "upstreams:", rule)
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0
+    expected = (
+        f"{path}:18:14: warning: classify[0].subject: a repeated group holds a repeat of its"
+        r" own, as in (\w+\s?)+: on some subjects or file names such a pattern takes"
+        " exponential time, and every session of that worker waits; repeat one of the two"
+        " only\n"
+    )
+    assert err.getvalue() == (expected if warned else "")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import re._constants as re_constants
+import re._parser as re_parser
 import ssl
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
@@ -243,10 +245,61 @@ def regex(ctx: Ctx, node: Node, path: str) -> re.Pattern[str] | None:
         ctx.problem(node, path, _control_character(node, value, control.group()))
         return None
     try:
-        return re.compile(value)
+        compiled = re.compile(value)
     except re.error as exc:
         ctx.problem(node, path, f"invalid regular expression: {exc}")
         return None
+    if _repeats_a_repeat(re_parser.parse(value)):
+        message = (
+            "a repeated group holds a repeat of its own, as in (\\w+\\s?)+: on some"
+            " subjects or file names such a pattern takes exponential time, and every"
+            " session of that worker waits; repeat one of the two only"
+        )
+        ctx.problems.warn(node, path, message)
+    return compiled
+
+
+_REPEATS = (re_constants.MAX_REPEAT, re_constants.MIN_REPEAT)
+
+
+def _repeats_a_repeat(items: re_parser.SubPattern) -> bool:
+    """Whether an unbounded repeat's body is itself little more than an unbounded
+    repeat, as in ``(\\w+\\s?)+`` or ``(a*)*``: the classic catastrophic
+    backtracking of Python's ``re``, which cannot be stopped once begun. A body
+    with something else it must match (``(,\\d+)*``) splits the input one way
+    only and passes. Possessive repeats and atomic groups do not backtrack."""
+    for op, av in items:
+        if op in _REPEATS:
+            if av[1] == re_constants.MAXREPEAT and _ambiguous(list(av[2])):
+                return True
+            children = [av[2]]
+        elif op is re_constants.SUBPATTERN:
+            children = [av[-1]]
+        elif op is re_constants.BRANCH:
+            children = av[1]
+        elif op in (re_constants.ASSERT, re_constants.ASSERT_NOT):
+            children = [av[1]]
+        else:
+            continue
+        if any(_repeats_a_repeat(child) for child in children):
+            return True
+    return False
+
+
+def _ambiguous(body: list[tuple]) -> bool:
+    """Whether a repeated body could match as one unbounded repeat alone."""
+    if len(body) == 1 and body[0][0] is re_constants.SUBPATTERN:
+        return _ambiguous(list(body[0][1][-1]))
+    if len(body) == 1 and body[0][0] is re_constants.BRANCH:
+        return any(_ambiguous(list(branch)) for branch in body[0][1][1])
+    unbounded = [i for i in body if i[0] in _REPEATS and i[1][1] == re_constants.MAXREPEAT]
+    required = [i for i in body if not (i[0] in _REPEATS and i[1][0] == 0)]
+    if not required:
+        return bool(unbounded)
+    return len(required) == 1 and (
+        required[0] in unbounded
+        or (required[0][0] is re_constants.SUBPATTERN and _ambiguous(list(required[0][1][-1])))
+    )
 
 
 # Tab and line ends stay allowed: a verbose (?x) pattern may span lines.
