@@ -10,7 +10,7 @@ import smtplib
 import socket
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -244,6 +244,69 @@ def test_too_many_recipients(relay: Relay) -> None:
         assert raw.cmd(b"DATA").startswith("354")
         assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
     assert len(relay.process.submissions[0].rcpt_tos) == 5
+
+
+def test_refused_recipients_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """README: one line per refused message; a refused recipient had none, so
+    an ERP's bad address or over-long list left no trace on the relay's side."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Relay([listener()]) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"RCPT TO:<early@example.org>").startswith("503 ")  # no transaction
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        bad = raw.cmd(b"RCPT TO:<c@[192.0.2.1]>")
+        for n in range(5):
+            assert raw.cmd(b"RCPT TO:<r%d@example.org>" % n).startswith("250")
+        assert raw.cmd(b"RCPT TO:<r5@example.org>") == "452 4.5.3 Too many recipients"
+        assert raw.cmd(b"DATA").startswith("354")
+        assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
+    assert bad.startswith("553 5.1.3 ")
+    assert refused_lines(caplog) == [
+        f"refused client=127.0.0.1 from=<erp@acme.example> to=<c@[192.0.2.1]>: {bad}",
+        "refused client=127.0.0.1 from=<erp@acme.example> to=<r5@example.org>:"
+        " 452 4.5.3 Too many recipients",
+    ]
+
+
+@pytest.mark.parametrize("end", [b"RSET", b"QUIT"])
+def test_refused_recipients_log_is_bounded(end: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    """aiosmtpd limits no RCPT: a client sending bad ones in a loop gets the first
+    ones logged one by one and the rest counted in one line when the
+    transaction ends, however it ends; the next transaction starts afresh."""
+    caplog.set_level(logging.INFO, logger="relay")
+    count = protocol.RCPT_REFUSALS_LOGGED + 500
+    prefix = "refused client=127.0.0.1 from=<erp@acme.example>"
+    with Relay([listener()]) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        raw.send(b"".join(b"RCPT TO:<bad%d@[192.0.2.1]>\r\n" % n for n in range(count)))
+        replies = [raw.reply()[-1] for _ in range(count)]
+        assert raw.cmd(end).startswith(("250", "221"))
+        if end == b"RSET":
+            assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+            replies.append(raw.cmd(b"RCPT TO:<next@[192.0.2.1]>"))
+            assert raw.cmd(b"QUIT").startswith("221")
+        assert raw.closed()
+        expected = [
+            *(
+                f"{prefix} to=<bad{n}@[192.0.2.1]>: {replies[n]}"
+                for n in range(protocol.RCPT_REFUSALS_LOGGED)
+            ),
+            f"{prefix}: 500 more recipients refused, not logged one by one;"
+            f" the last to=<bad{count - 1}@[192.0.2.1]>: {replies[count - 1]}",
+        ]
+        if end == b"RSET":
+            expected.append(f"{prefix} to=<next@[192.0.2.1]>: {replies[-1]}")
+        _wait_for(lambda: len(refused_lines(caplog)) >= len(expected))
+    assert all(reply.startswith("553 5.1.3 ") for reply in replies)
+    assert refused_lines(caplog) == expected
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """The server's log of a connection's end follows the client's seeing it closed."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def test_allow_list_refuses_other_clients() -> None:

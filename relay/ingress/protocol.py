@@ -14,7 +14,9 @@
   that the rest of it is not taken for a command;
 - a log line for each message refused here, as for those refused later: a
   refused MAIL (a SIZE declared too big, AUTH missing) and DATA over the size
-  limit.
+  limit; and one for each refused RCPT (a bad address, too many recipients),
+  a transaction's first ``RCPT_REFUSALS_LOGGED`` of them, the rest counted
+  in one line at its end.
 
 - DATA read in large pieces rather than line by line (``data``), and the
   usual ``<local@domain>`` path parsed without the header parser (``address``).
@@ -54,8 +56,13 @@ NOT_ALLOWED = "554 5.7.1 Client {client} is not allowed to use this relay"
 SHUTTING_DOWN = b"421 4.3.2 Service shutting down, try again later\r\n"
 AUTH_LINE = 12288  # octets in an AUTH command or response line, RFC 4954 4
 AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"
+# Refused RCPTs of one transaction logged one by one, as many as Postfix's
+# smtpd_soft_error_limit: enough for an ERP's list of bad addresses, while a
+# client sending RCPTs in a loop adds one line more, not one per command.
+RCPT_REFUSALS_LOGGED = 10
 
 _GIVEN_SENDER = re.compile(r"FROM:\s*<([^>]*)>", re.IGNORECASE)
+_GIVEN_RECIPIENT = re.compile(r"TO:\s*<([^>]*)>", re.IGNORECASE)
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _AUTH_PARAMETER = re.compile(r"[ \t]+AUTH=\S*", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -89,6 +96,8 @@ class RelaySMTP(SMTP):
         self._ended = False  # the client has closed (at least) its sending side
         self._deadline = 0.0  # loop time: idle until then is allowed
         self._mail_arg: str | None = None  # while a MAIL command is handled
+        self._rcpt_arg: str | None = None  # while a RCPT command is handled
+        self._refused_recipients = RefusedRecipients()
         self._better = {
             "552 Error: Too much mail data": self._too_big(),
             "552 Error: message size exceeds fixed maximum message size": self._too_big(),
@@ -133,6 +142,7 @@ class RelaySMTP(SMTP):
         if self._lost:
             return
         self._lost = True
+        self._refused_recipients.end()
         self._connections.discard(self)
         super().connection_lost(error)
 
@@ -262,6 +272,20 @@ class RelaySMTP(SMTP):
         finally:
             self._mail_arg = None
 
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        """aiosmtpd's RCPT; a refusal within a transaction is logged by ``push``."""
+        self._rcpt_arg = arg or ""
+        try:
+            await super().smtp_RCPT(arg)
+        finally:
+            self._rcpt_arg = None
+
+    def _set_post_data_state(self) -> None:
+        """The end of a transaction however it ends (DATA, RSET, EHLO, STARTTLS)."""
+        self._refused_recipients.end()
+        super()._set_post_data_state()
+
     def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
         """aiosmtpd's, with RFC 5321's keyword syntax (4.1.2: letters, digits and
         hyphens): it took ``X-FOO=1`` for a syntax error (501), where a
@@ -352,10 +376,20 @@ class RelaySMTP(SMTP):
             return  # the connection has ended: nothing to answer
         if isinstance(status, str):
             status = _fit(self._better.get(status, status))
-            if self._mail_arg is not None and status.startswith("5"):
-                assert self.session is not None
-                log_refused(self.session.peer, given_sender(self._mail_arg), status)
+            if self._mail_arg is not None or self._rcpt_arg is not None:
+                self._log_if_refused(status)
         await super().push(status)
+
+    def _log_if_refused(self, status: str) -> None:
+        """A refused MAIL ends its message; a refused RCPT, within a transaction,
+        one recipient of it (``RefusedRecipients`` bounds how many lines)."""
+        assert self.session is not None
+        if self._mail_arg is not None and status.startswith("5"):
+            log_refused(self.session.peer, given_sender(self._mail_arg), status)
+        elif self._rcpt_arg is not None and status.startswith(("4", "5")) and self.in_transaction:
+            assert self.envelope is not None
+            to = given_path(_GIVEN_RECIPIENT, self._rcpt_arg)
+            self._refused_recipients.add(self.session.peer, self.envelope.mail_from, to, status)
 
     @contextlib.contextmanager
     def processing(self) -> Iterator[None]:
@@ -416,16 +450,56 @@ def _class_names(cls: type, prefixes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(name for name in dir(cls) if name.startswith(prefixes))
 
 
-def log_refused(peer: Any, mail_from: str | None, reply: str) -> None:
-    """The log line of a message refused on the SMTP side, one per message."""
+def log_refused(peer: Any, mail_from: str | None, reply: str, to: str | None = None) -> None:
+    """The log line of a message refused on the SMTP side, one per message;
+    with ``to``, of one recipient refused."""
     sender = "" if mail_from in (None, "<>") else mail_from
-    log.info("refused client=%s from=<%s>: %s", client_address(peer), sender, reply)
+    if to is None:
+        log.info("refused client=%s from=<%s>: %s", client_address(peer), sender, reply)
+    else:
+        log.info("refused client=%s from=<%s> to=<%s>: %s", client_address(peer), sender, to, reply)
+
+
+class RefusedRecipients:
+    """The log lines of one transaction's refused RCPTs: the first
+    ``RCPT_REFUSALS_LOGGED`` each have one, and the rest, which aiosmtpd does
+    not limit, share one at the end of the transaction, naming the last."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._last: tuple[Any, str | None, str, str] | None = None
+
+    def add(self, peer: Any, mail_from: str | None, to: str, reply: str) -> None:
+        self._count += 1
+        if self._count <= RCPT_REFUSALS_LOGGED:
+            log_refused(peer, mail_from, reply, to)
+        else:
+            self._last = (peer, mail_from, to, reply)
+
+    def end(self) -> None:
+        """Log what was not logged one by one; the next transaction starts afresh."""
+        if self._last is not None:
+            peer, mail_from, to, reply = self._last
+            more = self._count - RCPT_REFUSALS_LOGGED
+            log_refused(
+                peer,
+                mail_from,
+                f"{more} more recipients refused, not logged one by one;"
+                f" the last to=<{to}>: {reply}",
+            )
+        self._count = 0
+        self._last = None
 
 
 def given_sender(arg: str | None) -> str:
     """The path a MAIL command names, as given (controls blanked), for a log
     line: a MAIL refused before its path is parsed still names its sender."""
-    match = _GIVEN_SENDER.match(arg or "")
+    return given_path(_GIVEN_SENDER, arg)
+
+
+def given_path(command: re.Pattern[str], arg: str | None) -> str:
+    """The path ``arg`` names as ``command`` finds it, controls blanked; ``?`` if none."""
+    match = command.match(arg or "")
     return _CONTROL.sub(" ", match.group(1)) if match else "?"
 
 
