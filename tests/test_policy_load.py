@@ -35,6 +35,7 @@ from relay.policy.model import (
     UnknownSender,
     UserRef,
 )
+from relay.upstream import helo
 from tests.certs import make_certs
 
 ROOT = Path(__file__).parent.parent
@@ -470,6 +471,45 @@ def test_a_helo_name_is_a_host_name_or_an_address_literal(
     assert isinstance(upstream, SmtpUpstream) and upstream.helo_name == read
 
 
+@pytest.mark.parametrize(
+    ("host_name", "helo_name", "upstream", "warned"),
+    [
+        ("erp01", None, "smtp.example", True),
+        ("localhost.localdomain", None, "smtp.example", True),
+        ("erp01.acme.example", None, "smtp.example", False),
+        ("erp01", "relay.acme.example", "smtp.example", False),
+        ("erp01", None, "localhost", False),
+        ("erp01", None, "'::1'", False),
+    ],
+)
+def test_check_warns_when_ehlo_would_give_an_unqualified_name(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    host_name: str,
+    helo_name: str | None,
+    upstream: str,
+    warned: bool,
+) -> None:
+    """Smarthosts refuse ``EHLO localhost`` or a bare ``erp01``; a host without a
+    better name needs helo_name, and only the sysadmin can tell which. A server
+    on this host takes any name."""
+    monkeypatch.setattr(helo, "local_hostname", lambda: host_name)
+    smtp = f"    type: smtp\n    host: {upstream}\n"
+    if helo_name is not None:
+        smtp += f"    helo_name: {helo_name}\n"
+    path = variant(tmp_path, "    type: directory\n    path: outbox\n", smtp)
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0
+    line = path.read_text().splitlines().index("    type: smtp") + 1
+    assert err.getvalue() == (
+        f"{path}:{line}:5: warning: upstreams.outbox.helo_name: not set, and this host's"
+        f" name {host_name!r} is not a fully qualified domain name, which upstream servers"
+        " may refuse in EHLO: set helo_name to this host's name in DNS\n"
+        if warned
+        else ""
+    )
+
+
 def test_a_tls_key_that_is_not_the_certificates_is_a_problem(tmp_path: Path) -> None:
     """What a renewal that replaced one file of the two leaves: ``relay check``, and
     so a reload through the unit, refuses it before a worker would."""
@@ -598,7 +638,8 @@ def test_problems_come_in_file_order_across_sections() -> None:
     assert where == sorted(where) and len(found) == 7
 
 
-def test_check_main_ok_line() -> None:
+def test_check_main_ok_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(helo, "local_hostname", lambda: "relay.platform.example")
     path = POLICIES / "full.yaml"
     out, err = io.StringIO(), io.StringIO()
     assert check_main(path, out, err) == 0

@@ -9,6 +9,7 @@ tenant" problems behind it.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from ipaddress import ip_address
 from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
@@ -31,6 +32,7 @@ from relay.policy.model import (
     UserRef,
 )
 from relay.policy.schema import Ctx, Map, hint, items, text
+from relay.upstream import helo
 
 _NO_PASSWORD = "do not put passwords in the policy; "
 _SMTP_FORBIDDEN = {"password": _NO_PASSWORD + "use password_file or password_env"}
@@ -131,6 +133,8 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
         ok = False
     if not ok:
         return None
+    if not m.has("helo_name") and not _loopback(v.host):
+        _warn_unless_qualified(ctx, m)
     return SmtpUpstream(
         name,
         v.host,
@@ -144,6 +148,27 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
         v.ca_file,
         v.data_timeout,
     )
+
+
+def _loopback(host: str) -> bool:
+    """An upstream on this host, which takes whatever name EHLO gives."""
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() in helo.LOOPBACK_NAMES
+
+
+def _warn_unless_qualified(ctx: Ctx, m: Map) -> None:
+    """EHLO then gives this host's name, which upstreams refuse unless it is
+    qualified (``localhost``, a bare ``erp01``): not a mistake in the file, but
+    delivery from this host would fail."""
+    name = helo.local_hostname()
+    if not helo.qualified(name):
+        message = (
+            f"not set, and this host's name {name!r} is not a fully qualified domain name,"
+            " which upstream servers may refuse in EHLO: set helo_name to this host's name in DNS"
+        )
+        ctx.problems.warn(m.node, m.sub("helo_name"), message)
 
 
 class Roster:

@@ -165,7 +165,7 @@ class SmtpUpstream:
     password_file: Path | None
     password_env: str | None
     timeout: float
-    helo_name: str | None = None  # sent in EHLO; None: this host's FQDN
+    helo_name: str | None = None  # sent in EHLO; None: upstream.helo.local_hostname()
     ca_file: Path | None = None  # CA certificates the upstream's must chain to; None: the system's
     data_timeout: float = DATA_TIMEOUT
 

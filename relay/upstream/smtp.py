@@ -27,7 +27,7 @@ import aiosmtplib
 
 from relay.errors import UpstreamError
 from relay.policy.model import SmtpUpstream, TlsMode
-from relay.upstream import DeliveryResult, RecipientsRefused, replies, transaction
+from relay.upstream import DeliveryResult, RecipientsRefused, helo, replies, transaction
 from relay.upstream.pipelining import DataTimeout, Stale
 from relay.upstream.pool import Pool, PoolKey, default_pool
 
@@ -90,7 +90,7 @@ async def _open(upstream: SmtpUpstream, password: str | None) -> aiosmtplib.SMTP
         timeout=upstream.timeout,
         use_tls=upstream.tls is TlsMode.IMPLICIT,
         start_tls=_START_TLS[upstream.tls],
-        local_hostname=upstream.helo_name or await asyncio.to_thread(_local_hostname),
+        local_hostname=upstream.helo_name or await asyncio.to_thread(helo.local_hostname),
         tls_context=pinned,
     )
     opened = False
@@ -209,9 +209,3 @@ def _pinned(upstream: SmtpUpstream, ca_file: Path) -> ssl.SSLContext:
         reason = exc.strerror or str(exc)
         text = f"Upstream {upstream.name}: cannot load CA certificates from {ca_file}"
         raise UpstreamError(451, "4.3.5", f"{text}: {reason}") from exc
-
-
-@functools.cache
-def _local_hostname() -> str:
-    """getfqdn may wait on DNS for seconds; once per process is enough."""
-    return socket.getfqdn()
