@@ -11,7 +11,7 @@ the directory upstream writes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from relay.engine import Attempt
 from relay.errors import UpstreamError
@@ -22,21 +22,32 @@ __all__ = ["DeliveryResult", "attempt", "deliver"]
 
 
 async def deliver(
-    upstream: Upstream, mail_from: str, rcpt_tos: Sequence[str], data: bytes
+    upstream: Upstream,
+    mail_from: str,
+    rcpt_tos: Sequence[str],
+    data: bytes,
+    *,
+    needed: Collection[str] = (),
 ) -> DeliveryResult:
+    """``needed``: see ``smtp.send``; a directory upstream takes every recipient."""
     if isinstance(upstream, SmtpUpstream):
-        return await smtp.send(upstream, mail_from, rcpt_tos, data)
+        return await smtp.send(upstream, mail_from, rcpt_tos, data, needed=needed)
     if isinstance(upstream, DirectoryUpstream):
         return await directory.write(upstream, mail_from, rcpt_tos, data)
     raise TypeError(f"unknown upstream type {type(upstream).__name__}")
 
 
 async def attempt(
-    upstream: Upstream, mail_from: str, rcpt_tos: Sequence[str], data: bytes
+    upstream: Upstream,
+    mail_from: str,
+    rcpt_tos: Sequence[str],
+    data: bytes,
+    *,
+    needed: Collection[str] = (),
 ) -> Attempt:
     """One delivery attempt as the engine sees it: a reply for every recipient."""
     try:
-        result = await deliver(upstream, mail_from, rcpt_tos, data)
+        result = await deliver(upstream, mail_from, rcpt_tos, data, needed=needed)
     except UpstreamError as exc:
         replies = dict.fromkeys(rcpt_tos, (exc.code, exc.line))
         refused = exc.refused if isinstance(exc, RecipientsRefused) else {}

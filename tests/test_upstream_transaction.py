@@ -119,6 +119,51 @@ async def test_every_recipient_refused_raises_and_the_connection_stays_usable(
     assert [m.rcpt_tos for m in sink.sink.messages] == [["one@example.org"]]
 
 
+async def test_none_of_the_needed_recipients_taken_sends_nothing_and_resets(
+    pipelining: bool,
+) -> None:
+    """The copy was taken, the recipient it goes with was not: no DATA, so the
+    copy does not go alone, and the connection serves the next message."""
+    refusing = Sink(refuse={"gone@example.org": "550 5.1.1 no such user"}, pipelining=pipelining)
+    rcpts = ["gone@example.org", "copy@example.net"]
+    with SinkServer(refusing) as sink:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, start_tls=False)
+        await client.connect()
+        try:
+            with pytest.raises(pipelining_module.Withheld) as withheld:
+                await transaction.send(
+                    client, "b@example.net", rcpts, MESSAGE, 10, needed=["gone@example.org"]
+                )
+            assert [(r.recipient, r.code) for r in withheld.value.recipients] == [
+                ("gone@example.org", 550)
+            ]
+            assert withheld.value.taken == ["copy@example.net"]
+            assert sink.sink.messages == [] and sink.sink.resets == 1
+            await transaction.send(client, "b@example.net", ["one@example.org"], MESSAGE, 10)
+        finally:
+            client.close()
+    assert [m.rcpt_tos for m in sink.sink.messages] == [["one@example.org"]]
+
+
+async def test_one_needed_recipient_taken_sends_to_every_recipient_taken(
+    pipelining: bool,
+) -> None:
+    refusing = Sink(refuse={"gone@example.org": "550 5.1.1 no such user"}, pipelining=pipelining)
+    rcpts = ["gone@example.org", "one@example.org", "copy@example.net"]
+    needed = ["gone@example.org", "one@example.org"]
+    with SinkServer(refusing) as sink:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, start_tls=False)
+        await client.connect()
+        try:
+            refused, reply = await transaction.send(
+                client, "b@example.net", rcpts, MESSAGE, 10, needed=needed
+            )
+        finally:
+            client.close()
+    assert list(refused) == ["gone@example.org"] and reply == "2.0.0 sink accepted"
+    assert [m.rcpt_tos for m in sink.sink.messages] == [["one@example.org", "copy@example.net"]]
+
+
 async def test_a_refused_data_section_raises_the_servers_reply(pipelining: bool) -> None:
     refusing = Sink(data_reply="554 5.6.0 content refused", pipelining=pipelining)
     with SinkServer(refusing) as sink, pytest.raises(aiosmtplib.SMTPDataError) as refused:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Collection, Iterator, Sequence
 from typing import TypeVar
 
 import aiosmtplib
@@ -46,6 +46,31 @@ class Stale(aiosmtplib.SMTPServerDisconnected):
 
 class DataTimeout(aiosmtplib.SMTPTimeoutError):
     """No reply to the end of the message in time: the server may have taken it."""
+
+
+class Withheld(aiosmtplib.SMTPRecipientsRefused):
+    """The server refused every recipient the message was ``needed`` for: no DATA
+    went, so those it took (``taken``) do not get it either."""
+
+    def __init__(
+        self, refusals: list[aiosmtplib.SMTPRecipientRefused], taken: Sequence[str]
+    ) -> None:
+        super().__init__(refusals)
+        self.taken = list(taken)
+
+
+def withheld(
+    rcpt_tos: Sequence[str], answers: Sequence[SMTPResponse], needed: Collection[str]
+) -> Withheld | None:
+    """What to raise instead of sending DATA: when the server took none of the
+    ``needed`` recipients, and only then (an empty ``needed`` needs none)."""
+    pairs = list(zip(rcpt_tos, answers, strict=True))
+    if not needed or any(taken(reply) for address, reply in pairs if address in needed):
+        return None
+    return Withheld(
+        [aiosmtplib.SMTPRecipientRefused(r.code, r.message, a) for a, r in pairs if not taken(r)],
+        [address for address, reply in pairs if taken(reply)],
+    )
 
 
 async def final_reply(wait: Awaitable[T], timeout: float) -> T:
@@ -176,19 +201,25 @@ async def send(
     timeout: float,
     reset: bool = False,
     data_timeout: float | None = None,
+    needed: Collection[str] = (),
 ) -> tuple[dict[str, SMTPResponse], SMTPResponse]:
     """The transaction on ``client``'s connection: (refused recipients, the final reply),
     raising what the one-at-a-time transaction raises for the same replies.
     With ``reset`` an RSET goes first, and ``Stale`` if it fails. The reply to
-    the end of the message may take ``data_timeout`` (default: ``timeout``)."""
-    group = (*([b"RSET"] if reset else []), mail_command, *rcpt_commands, b"DATA")
+    the end of the message may take ``data_timeout`` (default: ``timeout``).
+    With ``needed`` DATA waits for the RCPT replies (``withheld``): in the
+    group it would be answered 354 for the recipients taken, and the message
+    could not be stopped any more."""
+    held = bool(needed)
+    group = (*([b"RSET"] if reset else []), mail_command, *rcpt_commands)
+    group += () if held else (b"DATA",)
     protocol, transport = _connection(client)
     with _reading(protocol, transport, len(group) + 1) as replies:
         transport.write(b"".join(command + b"\r\n" for command in group))
         if reset:
             await _reset(replies, timeout)
         try:
-            got = await replies.take(len(rcpt_commands) + 2, timeout)
+            got = await replies.take(len(rcpt_commands) + (1 if held else 2), timeout)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as lost:
             refusal = _refusal(replies.arrived(), mail_from, rcpt_tos)
             if refusal is None:
@@ -199,16 +230,13 @@ async def send(
             _close_on_421(reply, transport)
         if not _in_step(got, len(rcpt_tos) + 1):
             raise _invalid("replies out of step with the commands: a 354 before DATA's")
-        start = got[-1]
-        refusal = _refusal(got, mail_from, rcpt_tos)
+        answers = got[1 : 1 + len(rcpt_tos)]
+        refusal = _refusal(got, mail_from, rcpt_tos) or withheld(rcpt_tos, answers, needed)
         if refusal is not None:
-            if start.code == SMTPStatus.start_input and not transport.is_closing():
-                if isinstance(refusal, aiosmtplib.SMTPSenderRefused):
-                    transport.close()  # DATA without a sender: out of step
-                else:  # every recipient refused, yet 354: end it, empty
-                    transport.write(b".\r\n")
-                    await _end_empty(replies, transport, timeout)
+            if not held:
+                await _after_refusal(got[-1], refusal, replies, transport, timeout)
             raise refusal
+        start = await _data(replies, transport, timeout) if held else got[-1]
         if start.code != SMTPStatus.start_input:
             raise aiosmtplib.SMTPDataError(start.code, start.message)
         done = timeout if data_timeout is None else data_timeout
@@ -216,8 +244,32 @@ async def send(
     if final.code != SMTPStatus.completed:
         _close_on_421(final, transport)
         raise aiosmtplib.SMTPDataError(final.code, final.message)
-    refused = {a: r for a, r in zip(rcpt_tos, got[1:-1], strict=True) if not taken(r)}
+    refused = {a: r for a, r in zip(rcpt_tos, answers, strict=True) if not taken(r)}
     return refused, final
+
+
+async def _after_refusal(
+    start: SMTPResponse,
+    refusal: aiosmtplib.SMTPException,
+    replies: _Replies,
+    transport: asyncio.Transport,
+    timeout: float,
+) -> None:
+    """A DATA sent in the group and answered 354 all the same is ended here."""
+    if start.code == SMTPStatus.start_input and not transport.is_closing():
+        if isinstance(refusal, aiosmtplib.SMTPSenderRefused):
+            transport.close()  # DATA without a sender: out of step
+        else:  # every recipient refused, yet 354: end it, empty
+            transport.write(b".\r\n")
+            await _end_empty(replies, transport, timeout)
+
+
+async def _data(replies: _Replies, transport: asyncio.Transport, timeout: float) -> SMTPResponse:
+    """DATA on its own, once the RCPT replies said the message may go."""
+    transport.write(b"DATA\r\n")
+    (start,) = await replies.take(1, timeout)
+    _close_on_421(start, transport)
+    return start
 
 
 async def end_of_data(client: aiosmtplib.SMTP, section: bytes, done: float) -> SMTPResponse:

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import aiosmtplib
@@ -28,10 +28,14 @@ import aiosmtplib
 from relay.errors import UpstreamError
 from relay.policy.model import SmtpUpstream, TlsMode
 from relay.upstream import DeliveryResult, RecipientsRefused, helo, replies, transaction
-from relay.upstream.pipelining import DataTimeout, Stale
+from relay.upstream.pipelining import DataTimeout, Stale, Withheld
 from relay.upstream.pool import Pool, PoolKey, default_pool
 
 log = logging.getLogger("relay")
+
+# taken by the upstream, but the recipients the message was needed for were not:
+# temporary, so that a copy whose message still goes on (see the engine) is sent later
+NOT_SENT = "451 4.3.0 Not sent: the upstream refused the message's other recipients"
 
 _START_TLS: dict[TlsMode, bool | None] = {
     TlsMode.NONE: False,
@@ -48,7 +52,10 @@ async def send(
     data: bytes,
     *,
     pool: Pool | None = None,
+    needed: Collection[str] = (),
 ) -> DeliveryResult:
+    """With ``needed`` the message goes only if the upstream takes one of those
+    recipients; if it takes none, the others it took are refused ``NOT_SENT``."""
     password = _password(upstream) if upstream.username else None
     pool = default_pool() if pool is None else pool
     opener = functools.partial(_open, upstream, password)
@@ -65,6 +72,7 @@ async def send(
                         upstream.timeout,
                         lease.reset,
                         upstream.data_timeout,
+                        needed,
                     )
                 break
             except Stale as exc:
@@ -160,6 +168,8 @@ def _all_refused(exc: aiosmtplib.SMTPRecipientsRefused) -> RecipientsRefused:
     first = next((r for r in refusals if r.code < 500), refusals[0])
     more = f" (and {len(refusals) - 1} more recipients refused)" if len(refusals) > 1 else ""
     each = {r.recipient: _refused(r.code, r.message) for r in refusals}
+    if isinstance(exc, Withheld):
+        each.update(dict.fromkeys(exc.taken, NOT_SENT))
     return RecipientsRefused(replies.refusal(first.code, first.message, more), each)
 
 

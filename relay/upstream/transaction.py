@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
@@ -69,12 +69,15 @@ async def send(
     timeout: float,
     reset: bool = False,
     data_timeout: float | None = None,
+    needed: Collection[str] = (),
 ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
     """MAIL, RCPT for each recipient, DATA: (refused recipients, the final reply),
     raising what ``aiosmtplib.SMTP.sendmail`` raises for the same replies.
     With ``reset`` an RSET goes first; pipelined, ``pipelining.Stale`` says it failed.
     The reply to the end of the message may take ``data_timeout`` (default:
-    ``timeout``), and ``pipelining.DataTimeout`` says it did not come."""
+    ``timeout``), and ``pipelining.DataTimeout`` says it did not come. If the
+    server takes none of the ``needed`` recipients, ``pipelining.Withheld``
+    is raised and no DATA goes: the others do not get the message alone."""
     done = timeout if data_timeout is None else data_timeout
     paths = [path(address) for address in (mail_from, *rcpt_tos)]  # refuse before sending
     section, size = wire(data)
@@ -86,7 +89,7 @@ async def send(
             mail = b" ".join((b"MAIL FROM:" + paths[0], *options))
             rcpts = [b"RCPT TO:" + rcpt_path for rcpt_path in paths[1:]]
             refused, final = await pipelining.send(
-                client, mail_from, mail, rcpt_tos, rcpts, section, timeout, reset, done
+                client, mail_from, mail, rcpt_tos, rcpts, section, timeout, reset, done, needed
             )
             return refused, final.message
         if reset:
@@ -98,13 +101,17 @@ async def send(
             raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, mail_from)
         refused: dict[str, aiosmtplib.SMTPResponse] = {}
         errors: list[aiosmtplib.SMTPRecipientRefused] = []
+        answers: list[aiosmtplib.SMTPResponse] = []
         for address, rcpt_path in zip(rcpt_tos, paths[1:], strict=True):
             reply = await client.execute_command(b"RCPT", b"TO:" + rcpt_path, timeout=timeout)
+            answers.append(reply)
             if not pipelining.taken(reply):
                 errors.append(aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, address))
                 refused[address] = reply
         if len(errors) == len(rcpt_tos):
             raise aiosmtplib.SMTPRecipientsRefused(errors)
+        if (held := pipelining.withheld(rcpt_tos, answers, needed)) is not None:
+            raise held
         reply = await _data(client, section, timeout, done)
     except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
         # the refusal stands whatever happens to the RSET; aiosmtplib closes a
