@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 import os
 import random
 import resource
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from relay.audit import AuditError
 from relay.groupcommit import GroupCommit
 from relay.notice import build_notice
-from relay.policy.model import Policy, QueueSettings, Upstream
+from relay.policy.model import Policy, QueueSettings
 from relay.record import Recorder
 from relay.settle import WAITING_MAX, EntryLock, Finished, Settle, Settler
 from relay.spool import DELIVERED, EXPIRED, FAILED, PENDING, QueueEntry, RecipientState, Spool
@@ -78,7 +79,10 @@ class Attempt:
     replies: dict[str, tuple[int, str]]  # recipient -> (code, reply line)
 
 
-Sender = Callable[[Upstream, str, Sequence[str], bytes], Awaitable[Attempt]]
+# (upstream, mail_from, rcpt_tos, data); an immediate attempt with an automatic
+# BCC copy adds ``needed=``, the recipients without which nothing may go (see
+# ``relay.deliver.attempt``)
+Sender = Callable[..., Awaitable[Attempt]]
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,22 @@ def duration(seconds: float) -> str:
     name, size = next((u for u in UNITS if whole >= u[1] and whole % u[1] == 0), UNITS[-1])
     count = whole // size
     return f"{count} {name}{'' if count == 1 else 's'}"
+
+
+def _own(entry: QueueEntry, pending: list[str]) -> list[str]:
+    """The pending recipients the client named, without the automatic BCC copy
+    (the relay's own, never notified); all of them if none is left."""
+    named = {r.address for r in entry.recipients if r.notify}
+    return [address for address in pending if address in named] or pending
+
+
+def _refused(pending: list[str], own: list[str], replies: dict[str, tuple[int, str]]) -> bool:
+    """An immediate attempt's message is refused when the upstream refused every
+    recipient the client named for good and delivered to none: an automatic BCC
+    copy it took alone was not sent (``needed``), and is no reason for a 250."""
+    codes = {address: replies.get(address, (451, ""))[0] for address in pending}
+    none_delivered = not any(200 <= code < 300 for code in codes.values())
+    return none_delivered and all(codes[address] >= 500 for address in own)
 
 
 def backoff(settings: QueueSettings, attempts: int, rng: Callable[[], float]) -> float:
@@ -473,20 +493,23 @@ class Engine:
         deadline = entry.arrival + policy.queue.lifetime
         upstream = policy.upstreams.get(entry.upstream)
         pending = [r.address for r in entry.pending()]
+        own = _own(entry, pending)
         if upstream is None:
             replies = dict.fromkeys(pending, (451, f"451 4.3.5 no upstream {entry.upstream!r}"))
         else:
             if data is None:
                 data = self.spool.read_message(entry.queue_id)
-            replies = (await self.send(upstream, entry.mail_from, pending, data)).replies
+            send = self.send
+            if immediate and entry.queue_id in self._answering and own != pending:
+                send = functools.partial(send, needed=own)  # the copy goes with them or not at all
+            replies = (await send(upstream, entry.mail_from, pending, data)).replies
         entry.attempts += 1
         for rcpt in entry.pending():
             rcpt.attempts += 1
-        codes = [replies.get(a, (451, ""))[0] for a in pending]
-        if immediate and all(code >= 500 for code in codes) and entry.queue_id in self._answering:
+        if immediate and _refused(pending, own, replies) and entry.queue_id in self._answering:
             self._answering.discard(entry.queue_id)
             self._refusing.add(entry.queue_id)  # the client hears it: no 250 any more
-            return await self._refuse(entry, pending, replies)
+            return await self._refuse(entry, pending, replies[own[0]][1], replies)
         deferred = False
         for address in pending:
             code, reply = replies.get(address, (451, "451 4.3.0 no reply for this recipient"))
@@ -542,21 +565,30 @@ class Engine:
         return entry
 
     async def _refuse(
-        self, entry: QueueEntry, pending: list[str], replies: dict[str, tuple[int, str]]
+        self,
+        entry: QueueEntry,
+        pending: list[str],
+        refusal: str,
+        replies: dict[str, tuple[int, str]],
     ) -> Outcome:
+        """The message refused as its client hears it (``refusal``); the automatic
+        BCC copy, which the upstream may have taken, fails with it, not sent."""
         for address in pending:
-            self._settle(entry, address, FAILED, replies[address][1])
+            code, reply = replies.get(address, (451, ""))
+            if code < 500:
+                reply = f"not sent: the message was refused ({refusal})"
+            self._settle(entry, address, FAILED, reply)
         try:
             await self.recorder.flush(entry.queue_id)
         except AuditError as exc:
-            return await self._keep_unrecorded(entry, pending, replies[pending[0]][1], exc)
+            return await self._keep_unrecorded(entry, pending, refusal, exc)
         try:
             await asyncio.to_thread(self.spool.remove, entry.queue_id)
         except SpoolError as exc:
             if self.spool.message_path(entry.queue_id).exists():
                 raise  # still queued: busy, and the next attempt tells the sender
             log.error("%s refused; its removal may not be durable: %s", entry.queue_id, exc)
-        return Outcome("refused", replies[pending[0]][1])
+        return Outcome("refused", refusal)
 
     async def _keep_unrecorded(
         self, entry: QueueEntry, pending: list[str], reply: str, error: AuditError

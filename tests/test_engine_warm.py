@@ -24,6 +24,7 @@ from relay.engine import Attempt, Engine, Warm
 from relay.policy.model import Policy
 from relay.record import Recorder
 from relay.spool import QueueEntry, Spool, SpoolError
+from relay.upstream.smtp import NOT_SENT
 from tests.spoolkit import make_entry, run_script
 from tests.test_audit_fixture import read_all
 
@@ -299,7 +300,7 @@ async def test_an_immediate_refusal_already_passed_back_is_not_turned_into_a_250
     """The wait ran out just as the refusal came: its client must hear the refusal
     (the message is gone), not a 250; a delivered one is a 250 whenever it ends."""
 
-    async def refusing(upstream: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+    async def refusing(upstream: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
         return Attempt({r: (550, "550 5.1.1 no such user") for r in rcpts})
 
     async with running(Engine(spool, lambda: policy, refusing, Recorder(None))) as engine:
@@ -317,13 +318,47 @@ async def test_an_immediate_refusal_already_passed_back_is_not_turned_into_a_250
         assert engine.answered(entry.queue_id, task)
 
 
+async def test_a_copy_held_back_for_a_client_no_longer_waiting_is_tried_again(
+    spool: Spool, policy: Policy
+) -> None:
+    """The wait ran out while the RCPT replies were awaited: the client heard 250,
+    so the refusal reaches the sender as a notice, as without the wait, and the
+    automatic BCC copy held back with the message is not lost but deferred."""
+    entry = make_entry(size=len(message(1)))
+    customer, copy = (r.address for r in entry.recipients)
+    tasks: list[asyncio.Task[Any]] = []
+    sent: list[tuple[list[str], list[str]]] = []
+
+    async def upstream(target: Any, sender: str, rcpts: Any, data: bytes, **kw: Any) -> Attempt:
+        sent.append((list(rcpts), list(kw.get("needed", ()))))
+        if rcpts == [customer, copy]:
+            assert engine.answered(entry.queue_id, tasks[0])  # the client is told 250 now
+            return Attempt({customer: (550, "550 5.1.1 no such user"), copy: (451, NOT_SENT)})
+        return Attempt(dict.fromkeys(rcpts, (250, "250 ok")))
+
+    async with running(Engine(spool, lambda: policy, upstream, Recorder(None))) as engine:
+        engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)), when=time.time() + 60)
+        tasks.append(engine.attempt_now(entry.queue_id, immediate=True))
+        assert (await tasks[0]).status == "deferred"
+        deadline = time.monotonic() + 10
+        while len(sent) < 2:  # the failure notice
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+    assert sent == [([customer, copy], [customer]), ([entry.notify_address], [])]
+    stored = spool.load(entry.queue_id)
+    assert [(r.status, r.reply) for r in stored.recipients] == [
+        ("failed", "550 5.1.1 no such user"),
+        ("pending", NOT_SENT),
+    ]
+
+
 async def test_an_immediate_refusal_the_audit_log_cannot_record_stays_queued(
     spool: Spool, policy: Policy, tmp_path: Path
 ) -> None:
     """Removed, the message would end with no final record: it stays in the queue,
     its client is told 250, and the next attempt's refusal is recorded as usual."""
 
-    async def refusing(upstream: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+    async def refusing(upstream: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
         return Attempt({r: (550, "550 5.1.1 no such user") for r in rcpts})
 
     audit_dir = tmp_path / "audit"

@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from relay import message
 from relay.audit import AuditLog, events
 from relay.policy.load import load
@@ -199,6 +201,95 @@ def test_immediate_mode_passes_a_permanent_refusal_back(policy_file: Path, tmp_p
         ("received", None),
         ("queued", None),
         ("delivered", "two@example.org"),
+    ]
+
+
+INVOICE = SMALL.replace(b"Subject: Hello", b"Subject: Invoice 4711")
+UNKNOWN = "550 5.1.1 <one@example.org>: mailbox unknown"
+
+
+def immediate(policy_file: Path, port: int, sink_port: int) -> Path:
+    policy = configure(policy_file, port, sink_port)
+    text = policy.read_text().replace("auth: optional", "auth: optional\n    immediate: 10")
+    policy.write_text(text)
+    return policy
+
+
+def submit(port: int, rcpts: tuple[str, ...], data: bytes = INVOICE) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo()
+        client.mail("jan@acme.example")
+        for rcpt in rcpts:
+            client.rcpt(rcpt)
+        return client.data(data)
+
+
+def audit_replies(policy: Path) -> list[tuple[str, str | None, str | None]]:
+    done = relay_cli(policy, "audit", "search", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    return [(r["event"], r.get("recipient"), r.get("reply")) for r in records]
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-at-a-time", "pipelining"])
+def test_immediate_mode_refuses_an_invoice_whose_customer_is_refused_and_sends_no_copy(
+    policy_file: Path, tmp_path: Path, pipelining: bool
+) -> None:
+    """The sender's automatic BCC copy is taken by the upstream, the customer is
+    not: the ERP hears the refusal, so nothing goes, the copy neither (it went,
+    and the refusal reached the sender as a notice while the ERP heard 250)."""
+    refusing = Sink(refuse={"one@example.org": UNKNOWN}, pipelining=pipelining)
+    with SinkServer(refusing) as sink:
+        port = free_port()
+        policy = immediate(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            code, reply = submit(port, ("one@example.org",))
+            assert (code, reply) == (550, b"5.1.1 <one@example.org>: mailbox unknown")
+            assert relay_cli(policy, "queue", "list").stdout.strip() == "Mail queue is empty"
+            time.sleep(1.0)  # past the first retry, had anything stayed
+            assert sink.sink.messages == []  # no DATA: neither the copy nor a notice
+            assert sink.sink.resets >= 1  # the transaction was reset instead
+            assert "failure notice" not in relay.log()
+    assert audit_replies(policy) == [
+        ("policy_loaded", None, None),
+        ("received", None, None),
+        ("queued", None, None),
+        ("failed", "one@example.org", UNKNOWN),
+        ("failed", "jan@acme.example", f"not sent: the message was refused ({UNKNOWN})"),
+    ]
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-at-a-time", "pipelining"])
+def test_immediate_mode_sends_an_invoice_one_of_whose_customers_is_taken(
+    policy_file: Path, tmp_path: Path, pipelining: bool
+) -> None:
+    """A customer taken: the message goes, with its copy, as without the wait; a
+    customer refused beside it reaches the sender as a notice."""
+    refusing = Sink(refuse={"one@example.org": UNKNOWN}, pipelining=pipelining)
+    with SinkServer(refusing) as sink:
+        port = free_port()
+        policy = immediate(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            code, reply = submit(port, ("two@example.org",))
+            assert code == 250, reply
+            (alone,) = sink.sink.wait(1)
+            assert alone.rcpt_tos == ["two@example.org", "jan@acme.example"]
+            code, reply = submit(port, ("one@example.org", "three@example.org"))
+            assert code == 250, reply
+            both, notice = sink.sink.wait(3)[1:]
+            assert both.rcpt_tos == ["three@example.org", "jan@acme.example"]
+            assert notice.mail_from == "<>" and notice.rcpt_tos == ["jan@acme.example"]
+            assert "one@example.org" in notice.data.decode()
+            time.sleep(0.5)
+            assert len(sink.sink.messages) == 3
+    second = reply.decode().rsplit(" ", 1)[1]
+    assert audit_events(policy, second) == [
+        ("received", None),
+        ("queued", None),
+        ("failed", "one@example.org"),
+        ("delivered", "three@example.org"),
+        ("delivered", "jan@acme.example"),
+        ("notified", "jan@acme.example"),
     ]
 
 
