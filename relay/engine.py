@@ -25,7 +25,7 @@ from typing import Any
 from relay.audit import AuditError
 from relay.groupcommit import GroupCommit
 from relay.notice import build_notice
-from relay.policy.model import Policy, QueueSettings
+from relay.policy.model import Policy, QueueSettings, Upstream
 from relay.record import Recorder
 from relay.settle import WAITING_MAX, EntryLock, Finished, Settle, Settler
 from relay.spool import DELIVERED, EXPIRED, FAILED, PENDING, QueueEntry, RecipientState, Spool
@@ -136,6 +136,25 @@ def backoff(settings: QueueSettings, attempts: int, rng: Callable[[], float]) ->
     """Seconds to wait after the n-th failed attempt: doubling, capped, +-10% jitter."""
     base = min(settings.first_retry * 2 ** max(attempts - 1, 0), settings.max_retry)
     return base * (0.9 + 0.2 * rng())
+
+
+def _rerouted(entry: QueueEntry, policy: Policy) -> Upstream | None:
+    """The upstream an entry goes to once its own is gone from the policy: its
+    tenant's, as the policy has it now, which is where the sysadmin who renamed
+    or replaced the upstream sends that tenant's mail (and its notices). For a
+    tenant gone too the entry waits for the name to come back, or expires."""
+    tenant = policy.tenants.get(entry.tenant)
+    if tenant is None:
+        return None
+    log.info(
+        "%s: upstream %r is no longer in the policy: going through %r, tenant %s's",
+        entry.queue_id,
+        entry.upstream,
+        tenant.upstream,
+        tenant.id,
+    )
+    entry.upstream = tenant.upstream
+    return policy.upstreams[tenant.upstream]
 
 
 class Engine:
@@ -491,7 +510,7 @@ class Engine:
         policy = self.policy()
         now = self.clock()
         deadline = entry.arrival + policy.queue.lifetime
-        upstream = policy.upstreams.get(entry.upstream)
+        upstream = policy.upstreams.get(entry.upstream) or _rerouted(entry, policy)
         pending = [r.address for r in entry.pending()]
         own = _own(entry, pending)
         if upstream is None:

@@ -150,6 +150,7 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
         spool = Spool(policy.queue.directory)
         recovered = spool.recover()
         with audit_log(policy) as audit:
+            fresh = audit.head[0] == 0
             settled = _settle_recorded(spool, audit)
             record_policy(audit, policy_path, policy)  # a full disk: serve, answering 451
             audit_upkeep(audit)
@@ -157,6 +158,13 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
         log.error("cannot open the state directory: %s", exc)
         return EX_CANTCREAT
     _log_settled(settled, "the restart")
+    if fresh:
+        log.info(
+            "state directory %s holds no audit log yet: a new chain begins; mail a relay"
+            " queued under another state_directory is not delivered from here"
+            " (docs/queue.md: moving the state directory)",
+            policy.queue.directory.parent,
+        )
     log.info(
         "spool %s: %d messages to deliver",
         policy.queue.directory,
@@ -383,8 +391,9 @@ def reloaded(
     gone = sorted(set(old.upstreams) - set(new.upstreams))
     if gone:
         log.warning(
-            "upstreams removed (%s): messages already queued for them are deferred"
-            " until an upstream of that name is back, or they expire",
+            "upstreams removed (%s): messages already queued for them go through their"
+            " tenant's upstream as the policy now has it; those of a tenant no longer in"
+            " the policy are deferred until an upstream of that name is back, or expire",
             ", ".join(gone),
         )
     return new
@@ -431,7 +440,9 @@ def _warn_state_changed(old: Policy, read: Policy) -> None:
         log.warning(
             "state_directory changed (%s to %s): takes effect after a restart; until then"
             " the spool and the audit log stay in the old one, while relay queue and"
-            " relay audit, which read the policy file, look in the new one",
+            " relay audit, which read the policy file, look in the new one; mail still"
+            " queued in the old one at the restart stays there unless it is moved"
+            " (docs/queue.md: moving the state directory)",
             old.queue.directory.parent,
             read.queue.directory.parent,
         )

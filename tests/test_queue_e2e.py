@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
+import signal
 import smtplib
 import subprocess
 import sys
@@ -677,3 +679,41 @@ def test_queue_tools_on_a_state_directory_with_no_queue_say_so_and_make_none(
         why = "no queue here (has the relay run with this policy?)"
         assert done.stderr == f"relay queue: {state / 'queue'}: {why}\n"
     assert not state.exists()
+
+
+def test_mail_waiting_for_a_removed_upstream_goes_the_way_of_its_tenant(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The sysadmin renames the smarthost and points the tenant at it while mail
+    waits: that mail (and its notices) went on asking for the old name until it
+    expired, its sender never told."""
+    port, sink_port = free_port(), free_port()
+    policy = configure(policy_file, port, free_port())  # nobody there: deferred
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        queue_id = send(port)
+        wait_for(lambda: "status=deferred" in relay.log())
+        text = policy.read_text().replace("upstream: default", "upstream: smarthost")
+        text = text.replace("  default:\n    type: smtp\n", "  smarthost:\n    type: smtp\n")
+        port_line = r"(smarthost:\n(?:    .*\n)*?    port: )\d+"
+        policy.write_text(re.sub(port_line, rf"\g<1>{sink_port}", text))
+        with SinkServer(port=sink_port) as sink:
+            relay.signal(signal.SIGHUP)
+            relay.wait_reloaded(1)
+            assert b"Subject: Hello" in sink.sink.wait(1, timeout=30)[0].data
+        wait_for(lambda: "upstream 'default' is no longer in the policy" in relay.log())
+    assert audit_events(policy, queue_id)[-1] == ("delivered", "one@example.org")
+    assert relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n"
+
+
+def test_a_new_state_directory_is_said_once(policy_file: Path, tmp_path: Path) -> None:
+    """After a changed state_directory and a restart the mail still queued in the
+    old one was never attempted, and the log said nothing but '0 messages'."""
+    port = free_port()
+    policy = configure(policy_file, port, free_port())
+    logs = []
+    for start in range(2):
+        with RelayProcess(policy, port, tmp_path / f"relay-{start}.log") as relay:
+            pass
+        logs.append(relay.log())
+    said = "holds no audit log yet: a new chain begins; mail a relay queued under another"
+    assert [log.count(said) for log in logs] == [1, 0]
