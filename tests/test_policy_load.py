@@ -1272,3 +1272,17 @@ def test_a_pattern_that_can_backtrack_for_ever_is_a_warning(
         " only\n"
     )
     assert err.getvalue() == (expected if warned else "")
+
+
+@pytest.mark.parametrize("depth", [350, 2000])
+def test_a_pattern_nested_too_deeply_is_a_problem_not_a_traceback(
+    tmp_path: Path, depth: int
+) -> None:
+    """350 groups: re compiled it and the backtracking check recursed out of the
+    stack; 2,000: re's own parser did (RecursionError is no re.error)."""
+    pattern = "(" * depth + "a" + ")" * depth + "+"
+    rule = f"classify:\n  - id: r\n    type: invoice\n    subject: '{pattern}'\nupstreams:"
+    path = variant(tmp_path, "upstreams:", rule)
+    assert problems(path) == [
+        f"{path}:18:14: classify[0].subject: the regular expression nests its groups too deeply"
+    ]

@@ -246,10 +246,14 @@ def regex(ctx: Ctx, node: Node, path: str) -> re.Pattern[str] | None:
         return None
     try:
         compiled = re.compile(value)
+        backtracks = _repeats_a_repeat(re_parser.parse(value))
     except re.error as exc:
         ctx.problem(node, path, f"invalid regular expression: {exc}")
         return None
-    if _repeats_a_repeat(re_parser.parse(value)):
+    except RecursionError:  # re's own parser, and the walk below, recurse per group
+        ctx.problem(node, path, "the regular expression nests its groups too deeply")
+        return None
+    if backtracks:
         message = (
             "a repeated group holds a repeat of its own, as in (\\w+\\s?)+: on some"
             " subjects or file names such a pattern takes exponential time, and every"
