@@ -523,3 +523,27 @@ def test_a_damaged_compressed_day_is_an_error_naming_it(tmp_path: Path, damage: 
         assert err.getvalue().startswith(
             f"relay audit {verb}: {gz}: the compressed file is damaged: "
         ), err.getvalue()
+
+
+def test_the_table_holds_no_more_when_its_first_row_comes_late(tmp_path: Path) -> None:
+    """The first event asked about, a year into a search, read every ``received``
+    record up to it into memory before forgetting the old ones."""
+    clock = Clock()
+    with AuditLog(tmp_path, clock=clock) as log:
+        for n in range(3 * LOOKBACK_DAYS):
+            ids = (f"Q{n:015d}", f"<{n}@erp.acme.example>")
+            log.append(received(ids, "acme", "jan", "invoice", ["ap@customer.example"]))
+            clock.advance(days=1)
+        log.append(_delivered(f"Q{3 * LOOKBACK_DAYS - 1:015d}"))
+
+    class Counted(Owners):
+        most = 0
+
+        def _forget_before(self, horizon: str) -> None:
+            Counted.most = max(Counted.most, len(self._known))
+            super()._forget_before(horizon)
+
+    owner = Counted(tmp_path)
+    (record,) = search(tmp_path, status="delivered")
+    assert owner(record) == {"tenant": "acme", "user": "jan", "doc_type": "invoice"}
+    assert Counted.most <= LOOKBACK_DAYS + 2

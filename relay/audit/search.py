@@ -348,9 +348,10 @@ class Owners:
     def __call__(self, record: dict[str, Any]) -> dict[str, str] | None:
         """The owner of ``record``'s message; ask in log order."""
         seq, queue_id = record.get("seq"), record.get("queue_id")
+        horizon = self._horizon(str(record.get("time"))[:10])
         if isinstance(seq, int):
-            self._read_through(seq)
-        self._forget_before(self._horizon(str(record.get("time"))[:10]))
+            self._read_through(seq, horizon)
+        self._forget_before(horizon)
         known = self._known.get(queue_id) if isinstance(queue_id, str) else None
         if known is None:
             return None
@@ -366,7 +367,9 @@ class Owners:
                 self._since = ""
         return self._since
 
-    def _read_through(self, seq: int) -> None:
+    def _read_through(self, seq: int, horizon: str) -> None:
+        """Messages received before ``horizon`` are passed over, not held: the
+        first record asked about may come a year into the search."""
         while True:
             if self._next is None:
                 self._next = next(self._ahead, None)
@@ -375,8 +378,9 @@ class Owners:
             line_seq, moment, queue_id, who = self._next
             if line_seq > seq:
                 return
-            self._known[queue_id] = (moment, who)
-            self._order.append((moment, queue_id))
+            if moment >= horizon:
+                self._known[queue_id] = (moment, who)
+                self._order.append((moment, queue_id))
             self._next = None
 
     def _forget_before(self, horizon: str) -> None:
