@@ -129,7 +129,7 @@ def _refused(pending: list[str], own: list[str], replies: dict[str, tuple[int, s
     copy it took alone was not sent (``needed``), and is no reason for a 250."""
     codes = {address: replies.get(address, (451, ""))[0] for address in pending}
     none_delivered = not any(200 <= code < 300 for code in codes.values())
-    return none_delivered and all(codes[address] >= 500 for address in own)
+    return bool(own) and none_delivered and all(codes[address] >= 500 for address in own)
 
 
 def backoff(settings: QueueSettings, attempts: int, rng: Callable[[], float]) -> float:
@@ -436,10 +436,16 @@ class Engine:
         spool to take their failure notices."""
         return self._settler.full or len(self._untold) >= WAITING_MAX
 
-    def _limit(self, upstream: str) -> asyncio.Semaphore:
-        if upstream not in self._limits:
-            self._limits[upstream] = asyncio.Semaphore(self.policy().queue.concurrency)
-        return self._limits[upstream]
+    def _limit(self, entry: QueueEntry) -> asyncio.Semaphore:
+        """The entry's upstream's share of ``queue.concurrency``. An entry whose
+        upstream the policy no longer has is routed first, so that it counts
+        against the upstream it goes to, not against the old name's."""
+        policy = self.policy()
+        if entry.upstream not in policy.upstreams:
+            _rerouted(entry, policy)
+        if entry.upstream not in self._limits:
+            self._limits[entry.upstream] = asyncio.Semaphore(policy.queue.concurrency)
+        return self._limits[entry.upstream]
 
     async def _deliver(self, queue_id: str, immediate: bool) -> Outcome:
         try:
@@ -478,7 +484,7 @@ class Engine:
         try:
             if warm is not None:
                 try:
-                    async with self._limit(warm.entry.upstream):
+                    async with self._limit(warm.entry):
                         return await self._attempt(warm.entry, lock, immediate, warm.data)
                 finally:  # it counts until the attempt ends, waiting for a slot included
                     self._warm_bytes -= len(warm.data)
@@ -490,7 +496,7 @@ class Engine:
             if entry.next_attempt > self.clock() + POLL and not immediate:
                 self._plan(queue_id, entry.next_attempt)
                 return Outcome("later")
-            async with self._limit(entry.upstream):
+            async with self._limit(entry):
                 return await self._attempt(entry, lock, immediate)
         except NoSuchEntry:
             return Outcome("gone")

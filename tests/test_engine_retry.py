@@ -12,6 +12,7 @@ import time
 from email import message_from_bytes
 from email.policy import default
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ import pytest
 from relay import engine as engine_module
 from relay.audit import AuditLog, reader
 from relay.engine import Attempt, Engine, duration
-from relay.policy.model import Policy
+from relay.policy.model import Policy, Tenant
 from relay.record import Recorder
 from relay.spool import Spool, tools
 from tests.spoolkit import make_entry
@@ -185,3 +186,36 @@ async def test_a_stop_that_cuts_attempts_off_names_what_stays_queued(
         " messages stay queued and are tried again at the next start (one already sent in"
         " full, its upstream's reply awaited, may arrive twice)"
     ]
+
+
+async def test_mail_of_a_removed_upstream_counts_against_the_one_it_goes_to(
+    spool: Spool, policy: Policy
+) -> None:
+    """It took the old name's share of ``queue.concurrency``: after a reload that
+    renamed the smarthost, twice as many connections as the limit went to it."""
+    acme = Tenant("acme", "Acme AS", "post@acme.example", (), "default", None, {}, frozenset(), {})
+    queue = dataclasses.replace(
+        with_queue(policy, concurrency=1), tenants=MappingProxyType({"acme": acme})
+    )
+    release, inside, most = asyncio.Event(), [0], [0]
+    names: list[str] = []
+
+    async def gate(target: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+        names.append(target.name)
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        await release.wait()
+        inside[0] -= 1
+        return Attempt(dict.fromkeys(rcpts, (250, "250 2.0.0 Ok")))
+
+    engine = Engine(spool, lambda: queue, gate, Recorder(None))
+    size = len(message(1))
+    old, new = make_entry(upstream="renamed", size=size), make_entry(size=size)
+    assert spool.put_many([(old, (message(1),)), (new, (message(1),))]) == [None, None]
+    attempts = [engine.attempt_now(old.queue_id), engine.attempt_now(new.queue_id)]
+    await until(lambda: inside[0] >= 1, "an attempt under way")
+    await asyncio.sleep(0.2)
+    release.set()
+    assert [(await a).status for a in attempts] == ["delivered", "delivered"]
+    await engine.stop(5)
+    assert most[0] == 1 and names == ["default", "default"]
