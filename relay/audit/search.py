@@ -31,9 +31,6 @@ _RECEIVED = b'"event":"received"'
 _RELATIVE = re.compile(r"(\d+)([dhm])")
 _HEAD = re.compile(rb'"time":"([^"]*)","event":"([a-z_]+)","queue_id":(?:"([^"\\]*)"|null)')
 _STRING = rb'"((?:[^"\\]|\\.)*)"'
-_OWNER = re.compile(
-    rb'"tenant":%s,"user":%s,"doc_type":%s' % (_STRING, rb'"(?:[^"\\]|\\.)*"', _STRING)
-)
 _WHO = re.compile(rb'"tenant":%s,"user":%s,"doc_type":%s' % (_STRING, _STRING, _STRING))
 _SEQ = re.compile(rb'\{"v":\d+,"seq":(\d+),')
 _NOTICE = re.compile(rb'"notice_queue_id":"([^"\\]*)"')
@@ -444,10 +441,10 @@ def report(
             for head in _HEAD.finditer(block):
                 event = head.group(2)
                 if event == b"received":
-                    owner_of = _OWNER.search(block, head.end(), block.index(b"\n", head.end()))
+                    owner_of = _WHO.search(block, head.end(), block.index(b"\n", head.end()))
                     if owner_of is None:
                         continue
-                    key = (_unescape(owner_of.group(1)), _unescape(owner_of.group(2)))
+                    key = (_unescape(owner_of.group(1)), _unescape(owner_of.group(3)))
                     owner[(head.group(3) or b"").decode()] = key
                     if not early and window.since <= head.group(1).decode() < window.until:
                         counts.setdefault(key, Counter())["sent"] += 1
