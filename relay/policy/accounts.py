@@ -135,19 +135,7 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
         return None
     if not m.has("helo_name") and not _loopback(v.host):
         _warn_unless_qualified(ctx, m)
-    return SmtpUpstream(
-        name,
-        v.host,
-        v.port,
-        v.tls,
-        v.username,
-        v.password_file,
-        v.password_env,
-        v.timeout,
-        v.helo_name,
-        v.ca_file,
-        v.data_timeout,
-    )
+    return SmtpUpstream(name, **v._asdict())
 
 
 def _loopback(host: str) -> bool:
