@@ -118,11 +118,18 @@ def _check_header_block(data: bytes, body: int) -> None:
 
     A line in the header that is neither a field nor a continuation (an mbox
     ``From `` line, ``Bcc : x``) ends the header for the rewrite but not for
-    every reader: a Bcc hidden that way could reach the recipients.
+    every reader: a Bcc hidden that way could reach the recipients. So does an
+    empty line before the first field (a client's stray CR LF after DATA): the
+    whole header, Bcc included, would go out as the body of a message that has
+    only the relay's fields.
     """
     if body < len(data) and not data.startswith((b"\r\n", b"\n"), body):
         line = data[body : body + 60].split(b"\n", 1)[0].decode("ascii", "replace").strip()
         raise Rejected(550, "5.6.0", f"Malformed header line: {line!r}")
+    if body == 0 and data.rstrip(b"\r\n"):
+        raise Rejected(
+            550, "5.6.0", "Message begins with an empty line: its header would be sent as body text"
+        )
 
 
 _PAGE_BREAKS = {b"\x0b": "vertical tab", b"\x0c": "form feed"}

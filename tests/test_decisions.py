@@ -319,6 +319,22 @@ def test_header_lines_readers_disagree_on_are_refused(policy_file: Path, first: 
     assert caught.value.line.startswith("550 5.6.0 Malformed header line:")
 
 
+def test_a_message_beginning_with_an_empty_line_is_refused(policy_file: Path) -> None:
+    """Otherwise its whole header, Bcc included, reaches the recipients as body text."""
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, b"\r\n" + msg(*BASE, "Bcc: hidden@example.org"))
+    assert caught.value.line == (
+        "550 5.6.0 Message begins with an empty line: its header would be sent as body text"
+    )
+
+
+@pytest.mark.parametrize("data", [b"", b"\r\n", b"\r\n\r\n"])
+def test_a_message_with_nothing_after_its_empty_header_passes(
+    policy_file: Path, data: bytes
+) -> None:
+    assert run(policy_file, data, mail_from="jan@acme.example").message.endswith(data)
+
+
 def _header_of(size: int) -> tuple[str, ...]:
     """BASE and ``Comments`` fields making a header block of exactly ``size`` bytes."""
     used = len(msg(*BASE, body=b"")) - 2  # less the empty line
