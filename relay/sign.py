@@ -32,13 +32,17 @@ from relay.policy.model import DkimAlgorithm, DkimKey
 # The relay writes From, Date and Message-ID itself, so no hop adds them.
 OVERSIGNED: tuple[str, ...] = ("From", "Reply-To", "To", "Cc", "Subject", "Date", "Message-ID")
 # These are signed (and oversigned) only when present: some hops add a missing
-# MIME-Version, and the rest are absent from most plain messages.
+# MIME-Version, and the rest are absent from most plain messages. RFC 8058 4
+# wants the one-click unsubscribe fields under a valid signature; with the From
+# rewritten, the relay's is the only one that aligns.
 WHEN_PRESENT: tuple[str, ...] = (
     "MIME-Version",
     "Content-Type",
     "Content-Transfer-Encoding",
     "In-Reply-To",
     "References",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
 )
 
 _ALGORITHMS = {

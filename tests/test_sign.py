@@ -154,6 +154,35 @@ def test_header_list_signs_cc_when_present_and_every_occurrence(keys: dict) -> N
     assert dkimpy_verify(header + message, keys["rsa"][1])
 
 
+UNSUBSCRIBE = (
+    b"List-Unsubscribe: <https://erp.acme.example/u/4711>\r\n"
+    b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda m: m.replace(b"erp.acme.example/u/4711", b"evil.example/u/4711"),
+        lambda m: m.replace(b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n", b""),
+    ],
+    ids=["url changed", "post removed"],
+)
+def test_one_click_unsubscribe_fields_are_signed(
+    keys: dict, tamper: Callable[[bytes], bytes], tmp_path: Path
+) -> None:
+    """RFC 8058 4: both fields must be covered by a valid DKIM signature."""
+    message = UNSUBSCRIBE + INVOICE
+    key, records = keys["rsa"]
+    signed_message = sign(message, [key]) + message
+    (tags,) = signatures(signed_message)
+    names = h_list(tags)
+    assert names.count("list-unsubscribe") == names.count("list-unsubscribe-post") == 2
+    changed = tamper(signed_message)
+    assert dkimpy_each(changed, records) == [False]
+    assert opendkim_failures(changed, records, tmp_path) == ["signature verification failed"]
+
+
 def test_header_is_crlf_folded_and_ready_to_prepend(keys: dict) -> None:
     header = sign(INVOICE, [keys["rsa"][0], keys["ed25519"][0]])
     assert header.startswith(b"DKIM-Signature: ")
