@@ -23,7 +23,10 @@ from relay.submission import Submission, listed
 
 # Removed from every message: the Bcc fields name hidden recipients, and a
 # Sender next to the From the relay sets is shown as "Sender on behalf of From".
-_REMOVED = ("Bcc", "Resent-Bcc", "Sender")
+# Return-Path is the final server's to write from the envelope (RFC 5321 4.4),
+# and a Content-Length counts bytes a hop may change; Postfix drops both too
+# (message_drop_headers).
+_REMOVED = ("Bcc", "Resent-Bcc", "Sender", "Return-Path", "Content-Length")
 
 
 @dataclass(frozen=True)

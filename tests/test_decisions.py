@@ -488,6 +488,14 @@ def test_resent_bcc_is_removed_like_bcc(policy_file: Path) -> None:
         assert hidden.lower() not in head.lower()
 
 
+def test_return_path_and_content_length_are_removed(policy_file: Path) -> None:
+    """The envelope sender upstream is the platform's, and a byte count is stale
+    once the relay has added its fields."""
+    data = msg(*BASE, "Return-Path: <erp-bounce@acme.example>", "Content-Length: 3")
+    view = message.read(run(policy_file, data, mail_from="kari@acme.example").message)
+    assert view.get_all("Return-Path") == () and view.get_all("Content-Length") == ()
+
+
 def test_sender_is_removed_when_the_relay_sets_from(policy_file: Path) -> None:
     data = msg(*BASE, "Sender: ceo@bank.example", "sender: Other\r\n <other@bank.example>")
     p = run(policy_file, data, mail_from="kari@acme.example")
