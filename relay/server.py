@@ -18,11 +18,11 @@ import dataclasses
 import logging
 import resource
 import signal
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from relay import oplog
 from relay.errors import PolicyError, RelayError
 from relay.policy.model import Listener, Policy
 
@@ -41,7 +41,6 @@ LEFTOVER_AGE = 3600.0  # seconds; see spool_upkeep
 EX_OSERR = 71
 EX_CANTCREAT = 73
 EX_CONFIG = 78
-LOG_FORMAT = "%(asctime)s relay[%(process)d] %(levelname)s %(message)s"
 
 
 class PolicyHolder:
@@ -65,7 +64,7 @@ def run(policy_path: Path) -> int:
     from relay.ingress import bind
     from relay.supervisor import Supervisor
 
-    configure_logging()
+    oplog.configure()
     policy_path = Path(policy_path)
     policy = _load(policy_path)
     if policy is None:
@@ -516,20 +515,3 @@ def audit_upkeep(audit: AuditLog) -> None:
 
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def configure_logging() -> None:
-    # Nothing in LOG_FORMAT needs the caller's file and line, the thread or the
-    # process name; the logging HOWTO's "Optimization" section turns them off
-    # this way, and at three lines a message they cost about 1% of the CPU.
-    logging._srcfile = None  # type: ignore[attr-defined]
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    # aiosmtpd logs every command at INFO and its own doubts per connection
-    # at WARNING; the relay logs what an operator needs itself.
-    logging.getLogger("mail.log").setLevel(logging.ERROR)

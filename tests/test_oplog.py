@@ -1,0 +1,83 @@
+"""The operational log's line format: its own time with the UTC offset on a
+plain stderr, the syslog priority journald reads when stderr is the journal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay import oplog
+from tests.relayproc import RelayProcess
+from tests.sink import free_port
+from tests.test_queue_e2e import configure, send
+
+PLAIN = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d{4} relay\[\d+\] (INFO|WARNING|ERROR) \S"
+)
+JOURNAL = re.compile(r"^<([2-7])>relay\[\d+\] (INFO|WARNING|ERROR|CRITICAL) \S")
+
+
+@pytest.fixture
+def restored() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+
+
+def _stream_id(path: Path) -> str:
+    status = os.stat(path)
+    return f"{status.st_dev}:{status.st_ino}"
+
+
+def _lines_logged(path: Path) -> list[str]:
+    with path.open("a", encoding="utf-8") as stream:
+        oplog.configure(stream)
+        log = logging.getLogger("relay")
+        log.info("queued")
+        log.warning("slow")
+        log.error("refused")
+    return path.read_text().splitlines()
+
+
+def test_journal_lines_carry_the_syslog_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restored: None
+) -> None:
+    path = tmp_path / "stderr"
+    path.touch()
+    monkeypatch.setenv("JOURNAL_STREAM", _stream_id(path))
+    lines = _lines_logged(path)
+    assert [JOURNAL.match(line)[1] for line in lines] == ["6", "4", "3"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("named", [None, "not a stream", "1:2"])
+def test_elsewhere_lines_carry_the_time_with_its_offset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restored: None, named: str | None
+) -> None:
+    """Also with JOURNAL_STREAM inherited by a process whose stderr goes elsewhere."""
+    if named is None:
+        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    else:
+        monkeypatch.setenv("JOURNAL_STREAM", named)
+    lines = _lines_logged(tmp_path / "stderr")
+    assert len(lines) == 3 and all(PLAIN.match(line) for line in lines), lines
+
+
+def test_a_relay_under_systemd_logs_with_priorities(
+    policy_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = free_port()
+    policy = configure(policy_file, port, free_port())
+    log = tmp_path / "relay.log"
+    log.touch()
+    monkeypatch.setenv("JOURNAL_STREAM", _stream_id(log))  # the relay's stderr, as systemd sets it
+    with RelayProcess(policy, port, log) as relay:
+        assert send(port)
+    lines = relay.log().splitlines()
+    assert lines and all(JOURNAL.match(line) for line in lines), lines
+    assert any(line.startswith("<6>") and " queued" in line for line in lines)
