@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TextIO
 from relay.errors import OutputError
 
 if TYPE_CHECKING:
+    from relay.policy.load import StateSettings
     from relay.policy.model import Policy
     from relay.spool import QueueEntry, Spool
 
@@ -248,28 +249,32 @@ def _load_or_report(path: Path) -> Policy | None:
         return None
 
 
-def _tool_policy(path: Path) -> Policy | None:
-    """The policy for the queue and audit tools. While the file does not load
-    (an edit the relay refused at its reload, say), they go by the policy the
+def _tool_state(path: Path) -> StateSettings | None:
+    """Where the queue and the audit log are. While the file does not load (an
+    edit the relay refused at its reload, say), the tools go by the policy the
     relay runs, whose text its supervisor keeps in the state directory: that
-    is when an operator needs them most."""
+    is when an operator needs them most. Of that text they read only the
+    state settings, so a listener key or CA file the relay has refused since
+    (keeping what it had) does not stop them as well."""
     from relay.errors import PolicyError
-    from relay.policy.load import load
+    from relay.policy.load import StateSettings, load, load_state
 
     try:
-        return load(path)
+        policy = load(path)
     except PolicyError as exc:
         problems = exc.problems
+    else:
+        return StateSettings(policy.queue, policy.audit)
     running = _running_policy_file(path)
     if running is not None:
         try:
-            policy = load(path, running.read_bytes())
+            state = load_state(path, running.read_bytes())
         except (PolicyError, OSError):
             pass
         else:
             print(f"{problems[0]}\nrelay: {path} does not load, so this goes by the policy"
                   f" the relay runs ({running})", file=sys.stderr)  # fmt: skip
-            return policy
+            return state
     print("\n".join(problems), file=sys.stderr)
     return None
 
@@ -300,17 +305,17 @@ def _running_policy_file(path: Path) -> Path | None:
 def _queue(args: argparse.Namespace) -> int:
     from relay.spool import Spool, SpoolError, tools
 
-    policy = _tool_policy(args.config)
-    if policy is None:
+    state = _tool_state(args.config)
+    if state is None:
         return EX_CONFIG
     try:
-        spool = Spool(policy.queue.directory, create=False)
+        spool = Spool(state.queue.directory, create=False)
         if args.verb == "list":
             return tools.list_queue(spool, sys.stdout, as_json=args.json)
         if args.verb == "show":
             return tools.show(spool, args.queue_id, sys.stdout, sys.stderr)
         if args.verb == "delete":
-            return _delete(policy, spool, args.targets)
+            return _delete(state, spool, args.targets)
         verb = getattr(tools, args.verb)
         return verb(spool, args.targets, sys.stdout, sys.stderr).code
     except SpoolError as exc:  # no queue, or one this user may not read
@@ -318,14 +323,21 @@ def _queue(args: argparse.Namespace) -> int:
         return EX_NOINPUT
 
 
-def _delete(policy: Policy, spool: Spool, targets: list[str]) -> int:
+def _delete(state: StateSettings, spool: Spool, targets: list[str]) -> int:
     """Each deletion is on record before its message goes (``tools.delete``)."""
-    from relay.audit import AuditError
-    from relay.record import Recorder, audit_log, operator
+    from relay.audit import AuditError, AuditLog
+    from relay.record import Recorder, operator
     from relay.spool import tools
 
+    settings = state.audit
     try:
-        recorder = Recorder(audit_log(policy))
+        log = AuditLog(
+            settings.directory,
+            hmac_key=settings.hmac_key,
+            compress_after_days=settings.compress_after_days,
+            retention_days=settings.retention_days,
+        )
+        recorder = Recorder(log)
     except AuditError as exc:
         print(f"relay queue delete: nothing deleted: {exc}", file=sys.stderr)
         return 1
@@ -341,10 +353,10 @@ def _delete(policy: Policy, spool: Spool, targets: list[str]) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from relay.audit import commands
 
-    policy = _tool_policy(args.config)
-    if policy is None:
+    state = _tool_state(args.config)
+    if state is None:
         return EX_CONFIG
-    directory, out, err = policy.audit.directory, sys.stdout, sys.stderr
+    directory, out, err = state.audit.directory, sys.stdout, sys.stderr
     if args.verb == "search":
         return commands.search_main(
             directory,
@@ -368,7 +380,7 @@ def _audit(args: argparse.Namespace) -> int:
             directory, since=args.since, until=args.until, output=args.format, out=out, err=err
         )
     return commands.verify_main(
-        directory, args.since, out, err, hmac_key=policy.audit.hmac_key, anchor=args.anchor
+        directory, args.since, out, err, hmac_key=state.audit.hmac_key, anchor=args.anchor
     )
 
 

@@ -365,3 +365,52 @@ def test_ctrl_c_in_an_audit_command(
         pytest.fail("the KeyboardInterrupt went through")
     assert code == 130
     assert capsys.readouterr() == ("", "")
+
+
+def _policy_with_files(directory: Path) -> Path:
+    """A listener with TLS and an upstream with its own CA file, and the copy of
+    the policy a running relay keeps in its state directory."""
+    from certs import make_certs
+
+    certs = make_certs(directory / "tls")
+    shutil.copytree(ROOT / "tests" / "policies" / "keys", directory / "keys")
+    text = (ROOT / "tests" / "policies" / "minimal.yaml").read_text()
+    text = text.replace(
+        "    port: 2525\n", f"    port: 2525\n    tls: {{cert: {certs.cert}, key: {certs.key}}}\n"
+    )
+    text = text.replace(
+        "upstreams:\n",
+        "upstreams:\n  smarthost:\n    type: smtp\n    host: localhost\n"
+        f"    tls: starttls\n    ca_file: {certs.ca}\n",
+    )
+    policy = directory / "relay.yaml"
+    policy.write_text(text)
+    (directory / "state").mkdir()
+    (directory / "state" / "policy.checked.yaml").write_text(text)
+    return policy
+
+
+@pytest.mark.parametrize(
+    "broken", ["tls/server.key", "tls/ca.pem"], ids=["listener-key", "ca-file"]
+)
+def test_the_tools_work_while_a_file_the_relay_refused_does_not_load(
+    tmp_path: Path, broken: str
+) -> None:
+    """A key cut short, or an emptied CA file: the relay refuses it at the reload
+    and keeps what it had. The tools checked those files in the running policy
+    too, and so stopped with exit 78, when the operator wants to see the queue."""
+    from relay.audit import AuditLog
+    from relay.spool import Spool
+
+    policy = _policy_with_files(tmp_path)
+    Spool(tmp_path / "state" / "queue")
+    AuditLog(tmp_path / "state" / "audit").close()
+    target = tmp_path / broken
+    target.write_bytes(target.read_bytes()[:60] if target.name == "server.key" else b"")
+    assert relay("check", "-c", str(policy)).returncode == 78
+    for args in (("queue", "list"), ("audit", "verify")):
+        done = relay(*args, "-c", str(policy))
+        assert done.returncode == 0, done.stderr
+        assert str(target) in done.stderr.splitlines()[0]
+        assert "does not load, so this goes by the policy the relay runs" in done.stderr
+    assert relay("queue", "list", "-c", str(policy)).stdout == "Mail queue is empty\n"

@@ -1286,3 +1286,24 @@ def test_a_pattern_nested_too_deeply_is_a_problem_not_a_traceback(
     assert problems(path) == [
         f"{path}:18:14: classify[0].subject: the regular expression nests its groups too deeply"
     ]
+
+
+def test_the_state_settings_load_without_the_files_they_do_not_name(tmp_path: Path) -> None:
+    """What the queue and audit tools read: a signing key that is gone does not
+    stop them, a mistake in their own sections does, with its place."""
+    from relay.policy.load import load_state
+
+    path = variant(tmp_path, "upstreams:\n", "queue: {lifetime: 60}\nupstreams:\n")
+    (tmp_path / "keys" / "platform.example.s1.private").unlink()
+    with pytest.raises(PolicyError):
+        load(path)
+    state = load_state(path)
+    assert state.queue.directory == tmp_path / "state" / "queue"
+    assert state.queue.lifetime == 60
+    assert state.audit.directory == tmp_path / "state" / "audit"
+    path.write_text(path.read_text().replace("{lifetime: 60}", "{lifetme: 60}"))
+    with pytest.raises(PolicyError) as raised:
+        load_state(path)
+    assert raised.value.problems == [
+        f"{path}:15:9: queue.lifetme: unknown key (did you mean 'lifetime'?)"
+    ]

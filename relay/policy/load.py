@@ -9,13 +9,14 @@ rather than a traceback about the first one.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import TextIO
 
 from relay.errors import PolicyError
 from relay.policy import accounts, sections
-from relay.policy.model import AuthMode, Policy
+from relay.policy.model import AuditSettings, AuthMode, Policy, QueueSettings
 from relay.policy.schema import Ctx, Map
 from relay.policy.yamlsource import Problems, read
 
@@ -47,6 +48,36 @@ def _load(path: Path, data: bytes | None = None) -> tuple[Policy, list[str]]:
     if len(problems) or policy is None:
         raise PolicyError(problems.in_file_order() or [f"{path}: invalid policy"])
     return policy, problems.warnings_in_file_order()
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    """Where the spool and the audit log are, and the audit key: all the queue
+    and audit tools go by."""
+
+    queue: QueueSettings
+    audit: AuditSettings
+
+
+def load_state(path: Path, data: bytes | None = None) -> StateSettings:
+    """Only the policy's state settings; raises PolicyError listing their problems.
+
+    The queue and audit tools need no listener certificate, CA file or DKIM
+    key, so one that no longer loads (the relay keeps the pair it read) does
+    not stop them; nor is a key tried by signing each time they run.
+    """
+    problems = Problems(str(path))
+    data, root = read(path, problems, data)
+    state = None
+    if data is not None and root is not None:
+        ctx = Ctx(problems, path.absolute().parent)
+        top = Map(ctx, root, "", _SECTIONS, _REQUIRED)
+        queue, audit = sections.state(ctx, top) if top.ok else (None, None)
+        if queue is not None and audit is not None:
+            state = StateSettings(queue, audit)
+    if len(problems) or state is None:
+        raise PolicyError(problems.in_file_order() or [f"{path}: invalid policy"])
+    return state
 
 
 def _build(ctx: Ctx, root: Map, path: Path, data: bytes) -> Policy | None:
