@@ -14,7 +14,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.errors import SmtpReply
 from relay.ingress import content
@@ -133,10 +133,8 @@ class RelayHandler(Mechanisms):
             raise
 
     async def handle_exception(self, error: Exception) -> str:
-        if isinstance(error, TLSSetupException):
-            log.warning("TLS handshake failed: %s", error.__cause__ or error)
-        else:
-            log.error("SMTP session error", exc_info=error)
+        """Failed TLS handshakes are logged by ``RelaySMTP``, which has the client."""
+        log.error("SMTP session error", exc_info=error)
         return LOCAL_ERROR
 
     async def _reply_for(self, policy: Policy, submission: Submission) -> str:

@@ -41,7 +41,7 @@ from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, _Missing, syntax
+from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException, _Missing, syntax
 
 from relay.ingress import content, data
 from relay.ingress.address import plain_path
@@ -165,6 +165,11 @@ class RelaySMTP(SMTP):
             log.info("client=%s closed the connection", client_address(self.session.peer))
             self._ended_by_client()
             return ""
+        if isinstance(error, TLSSetupException):  # the handler is the listener's: no session
+            assert self.session is not None
+            peer = client_address(self.session.peer)
+            log.warning("TLS handshake failed client=%s: %s", peer, error.__cause__ or error)
+            return ""  # aiosmtpd closes the connection without a reply
         return await super().handle_exception(error)
 
     def _ended_by_client(self) -> None:

@@ -1,0 +1,71 @@
+"""A STARTTLS handshake that fails, with real clients on loopback: the log
+line names the client, so that the sysadmin can find which ERP it was."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from collections.abc import Callable
+
+import pytest
+
+from relay.policy.model import TlsFiles
+from relay.policy.tlspair import read_pair
+from tests.certs import make_certs
+from tests.ingress_harness import TIMEOUT, Raw, Relay
+from tests.minimal_policy import listener
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    certs = make_certs(tmp_path_factory.mktemp("tls"))
+    return read_pair(certs.cert, certs.key)
+
+
+def handshake_failure(caplog: pytest.LogCaptureFixture, reason: str) -> str:
+    """The relay's log line for the failed handshake, once it is written."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        for record in caplog.records:
+            if record.name == "relay" and reason in record.getMessage():
+                return record.getMessage()
+        time.sleep(0.02)
+    raise AssertionError(f"no {reason} in the log: {caplog.text}")
+
+
+def plain_text_after_starttls(port: int) -> None:
+    with Raw(port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"STARTTLS").startswith("220")
+        raw.send(b"EHLO client.example\r\n")
+        assert raw.closed()
+
+
+def tls_1_1_client(port: int) -> None:
+    """``openssl s_client -tls1_1``, as an old ERP's TLS stack offers it."""
+    done = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-starttls", "smtp", "-tls1_1"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("client", "reason"),
+    [(plain_text_after_starttls, "WRONG_VERSION_NUMBER"), (tls_1_1_client, "UNSUPPORTED_PROTOCOL")],
+    ids=["plain-text", "tls-1.1"],
+)
+def test_a_failed_handshake_is_logged_with_the_client(
+    tls_files: TlsFiles,
+    caplog: pytest.LogCaptureFixture,
+    client: Callable[[int], None],
+    reason: str,
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
+    with Relay([listener(tls=tls_files)]) as relay:
+        client(relay.port)
+        line = handshake_failure(caplog, reason)
+        assert line.startswith("TLS handshake failed client=127.0.0.1: "), line
+        with Raw(relay.port) as raw:  # the listener serves on
+            assert raw.cmd(b"NOOP").startswith("250")
