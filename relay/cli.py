@@ -325,19 +325,12 @@ def _queue(args: argparse.Namespace) -> int:
 
 def _delete(state: StateSettings, spool: Spool, targets: list[str]) -> int:
     """Each deletion is on record before its message goes (``tools.delete``)."""
-    from relay.audit import AuditError, AuditLog
-    from relay.record import Recorder, operator
+    from relay.audit import AuditError
+    from relay.record import Recorder, audit_log, operator
     from relay.spool import tools
 
-    settings = state.audit
     try:
-        log = AuditLog(
-            settings.directory,
-            hmac_key=settings.hmac_key,
-            compress_after_days=settings.compress_after_days,
-            retention_days=settings.retention_days,
-        )
-        recorder = Recorder(log)
+        recorder = Recorder(audit_log(state.audit))
     except AuditError as exc:
         print(f"relay queue delete: nothing deleted: {exc}", file=sys.stderr)
         return 1

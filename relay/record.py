@@ -29,7 +29,7 @@ from typing import Any
 from relay.audit import AuditError, AuditLog
 from relay.audit import events as ev
 from relay.groupcommit import GroupCommit
-from relay.policy.model import Policy
+from relay.policy.model import AuditSettings
 from relay.spool import QueueEntry
 
 log = logging.getLogger("relay")
@@ -41,8 +41,7 @@ def dsn(reply: str) -> str:
     return found.group(1) if found else "-"
 
 
-def audit_log(policy: Policy) -> AuditLog:
-    settings = policy.audit
+def audit_log(settings: AuditSettings) -> AuditLog:
     return AuditLog(
         settings.directory,
         hmac_key=settings.hmac_key,

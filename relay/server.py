@@ -148,7 +148,7 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
     try:
         spool = Spool(policy.queue.directory)
         recovered = spool.recover()
-        with audit_log(policy) as audit:
+        with audit_log(policy.audit) as audit:
             fresh = audit.head[0] == 0
             settled = _settle_recorded(spool, audit)
             record_policy(audit, policy_path, policy)  # a full disk: serve, answering 451
@@ -230,7 +230,7 @@ async def serve(
 
     holder = PolicyHolder(policy)
     spool = Spool(policy.queue.directory)
-    audit = audit_log(policy)
+    audit = audit_log(policy.audit)
     recorder = Recorder(audit)  # one, so receiving and delivering share each fsync
     ingress: Ingress | None = None
 

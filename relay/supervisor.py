@@ -267,7 +267,7 @@ class Supervisor:
         from relay.record import audit_log
 
         try:
-            with audit_log(self.policy) as audit:
+            with audit_log(self.policy.audit) as audit:
                 work(audit)
         except AuditError as exc:
             log.error("cannot open the audit log: %s", exc)
