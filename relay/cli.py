@@ -255,7 +255,8 @@ def _tool_state(path: Path) -> StateSettings | None:
     relay runs, whose text its supervisor keeps in the state directory: that
     is when an operator needs them most. Of that text they read only the
     state settings, so a listener key or CA file the relay has refused since
-    (keeping what it had) does not stop them as well."""
+    (keeping what it had) does not stop them as well. A relay in one process
+    keeps no such copy: then the file's own state settings, if they load."""
     from relay.errors import PolicyError
     from relay.policy.load import StateSettings, load, load_state
 
@@ -275,8 +276,14 @@ def _tool_state(path: Path) -> StateSettings | None:
             print(f"{problems[0]}\nrelay: {path} does not load, so this goes by the policy"
                   f" the relay runs ({running})", file=sys.stderr)  # fmt: skip
             return state
-    print("\n".join(problems), file=sys.stderr)
-    return None
+    try:
+        state = load_state(path)
+    except PolicyError:
+        print("\n".join(problems), file=sys.stderr)
+        return None
+    print(f"{problems[0]}\nrelay: {path} does not load, but its state settings do,"
+          " so this goes by them", file=sys.stderr)  # fmt: skip
+    return state
 
 
 _STATE_LINE = re.compile(  # a plain or quoted scalar, perhaps with a comment after it
