@@ -268,8 +268,13 @@ async def serve(
             again.clear()
             reload()
 
+    def stop() -> None:
+        if worker is not None:
+            worker.orphaned()  # a SIGTERM from the death signal says why
+        stopping.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
+        loop.add_signal_handler(signum, stop)
     loop.add_signal_handler(signal.SIGHUP, reload)
     if worker is not None:
         chores.append(loop.create_task(worker.watch_parent(stopping.set)))

@@ -79,6 +79,7 @@ class WorkerLink:
         self.supervisor = supervisor
         self._ready_fd = ready_fd
         self._checked = checked
+        self._said_orphaned = False
 
     def checked_policy(self, path: Path, old: Policy) -> Policy | None:
         """The policy text the supervisor checked and recorded, not the file as it is
@@ -102,10 +103,19 @@ class WorkerLink:
 
     async def watch_parent(self, stop: Callable[[], None]) -> None:
         """The death signal covers a supervisor that dies; this covers a race at fork."""
-        while os.getppid() == self.supervisor:
+        while not self.orphaned():
             await asyncio.sleep(1.0)
-        log.error("worker %d: the supervisor is gone; stopping", self.index)
         stop()
+
+    def orphaned(self) -> bool:
+        """Whether the supervisor is gone, said in the log the first time: the
+        death signal is a SIGTERM, which alone reads like an ordinary stop."""
+        if os.getppid() == self.supervisor:
+            return False
+        if not self._said_orphaned:
+            log.error("worker %d: the supervisor is gone; stopping", self.index)
+            self._said_orphaned = True
+        return True
 
 
 class Supervisor:

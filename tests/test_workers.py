@@ -333,6 +333,10 @@ def test_workers_stop_when_the_supervisor_is_killed(relay: Relay) -> None:
     relay.wait_for(lambda: not any(alive(pid) for pid in workers), "every worker gone", timeout=10)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", relay.port), timeout=2).close()
+    said = re.findall(
+        r"relay\[(\d+)\] ERROR worker \d: the supervisor is gone; stopping$", relay.log(), re.M
+    )
+    assert sorted(said) == sorted(str(pid) for pid in workers)  # once each, not a plain stop
 
 
 def test_sighup_checks_the_policy_once_and_every_worker_takes_a_good_one(
