@@ -931,6 +931,26 @@ def test_close_lets_a_transaction_finish_and_says_421_to_idle_clients() -> None:
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+def test_data_cut_short_by_a_stop_is_logged_as_such(caplog: pytest.LogCaptureFixture) -> None:
+    """The relay told the client 421 and closed: not a connection the client lost."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Relay([listener()]) as relay, Raw(relay.port) as raw:
+        raw.envelope()
+        assert raw.cmd(b"DATA").startswith("354")
+        raw.send(b"Subject: half\r\n\r\nthe first half")
+        time.sleep(0.2)
+        assert relay.ingress is not None
+        asyncio.run_coroutine_threadsafe(relay.ingress.close(0.3), relay.loop).result(10)
+        relay.ingress = None
+        assert raw.reply() == ["421 4.3.2 Service shutting down, try again later"]
+    deadline = time.monotonic() + 10
+    while "DATA cut short" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "client=127.0.0.1: DATA cut short by the stop, told 421" in caplog.text
+    assert "connection lost during DATA" not in caplog.text
+    assert "stop grace of 0.3s over: 1 connection(s) told 421" in caplog.text
+
+
 def _stuffed_and_not_reading(port: int) -> socket.socket:
     """A client that pipelines NOOPs until nothing more fits, reading no reply."""
     sock = socket.socket()

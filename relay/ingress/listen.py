@@ -93,7 +93,9 @@ class Ingress:
             await asyncio.sleep(0.05)
         if self.connections or self.in_flight:
             log.warning(
-                "stopped with %d connections and %d messages still in progress",
+                "stop grace of %gs over: %d connection(s) told 421, %d message(s) still being"
+                " taken in",
+                grace,
                 len(self.connections),
                 len(self.in_flight),
             )

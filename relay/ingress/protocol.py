@@ -93,6 +93,7 @@ class RelaySMTP(SMTP):
         self._connections = connections
         self._holding = False
         self._lost = False  # connection_lost was called (see smtp_STARTTLS)
+        self._shut_down = False  # told 421 by a stop
         self._ended = False  # the client has closed (at least) its sending side
         self._deadline = 0.0  # loop time: idle until then is allowed
         self._mail_arg: str | None = None  # while a MAIL command is handled
@@ -342,7 +343,11 @@ class RelaySMTP(SMTP):
             section = await data.read(self._reader, self.data_size_limit)
         except (asyncio.CancelledError, asyncio.IncompleteReadError) as exc:
             assert self.session is not None
-            log.info("connection lost during DATA client=%s", client_address(self.session.peer))
+            peer = client_address(self.session.peer)
+            if self._shut_down:
+                log.info("client=%s: DATA cut short by the stop, told 421", peer)
+            else:
+                log.info("connection lost during DATA client=%s", peer)
             if isinstance(exc, asyncio.IncompleteReadError):
                 self._ended_by_client()
                 return
@@ -412,6 +417,7 @@ class RelaySMTP(SMTP):
     def shut_down(self) -> None:
         """Tell the client why the connection ends (RFC 5321 3.8), then end it."""
         if self.transport is not None:
+            self._shut_down = True
             self._say(SHUTTING_DOWN)
             self.transport.close()
             self._abort_unless_closed()
