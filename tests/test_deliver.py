@@ -555,6 +555,40 @@ async def test_missing_password_is_a_local_configuration_error(
         assert (failed.value.code, failed.value.status) == (451, "4.3.5")
 
 
+async def test_auto_does_not_log_in_without_tls(tmp_path: Path) -> None:
+    """A man in the middle strips STARTTLS from EHLO: the password stays unsent."""
+    attempts: list[str] = []
+
+    def recording(server: SMTP, session: Session, *args: Any) -> AuthResult:
+        attempts.append(args[1])
+        return authenticator(server, session, *args)
+
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    with (
+        Sink(authenticator=recording, auth_require_tls=False) as sink,
+        pytest.raises(UpstreamError) as failed,
+    ):
+        target = upstream(sink.port, TlsMode.AUTO, username="relay", password_file=secret)
+        await deliver(target, "b@p.example", RCPTS, MESSAGE)
+    assert (failed.value.code, failed.value.status) == (451, "4.7.10")
+    assert "offers no STARTTLS: the password is not sent in plain text" in failed.value.text
+    assert "tls: none to allow it" in failed.value.text
+    assert attempts == []
+    assert sink.handler.messages == []
+
+
+@pytest.mark.usefixtures("trust_test_ca")
+async def test_auto_logs_in_after_starttls(certs: Certs, tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    with Sink(authenticator=authenticator, tls_context=server_context(certs)) as sink:
+        target = upstream(sink.port, TlsMode.AUTO, username="relay", password_file=secret)
+        await deliver(target, "b@p.example", RCPTS, MESSAGE)
+    (got,) = sink.handler.messages
+    assert got.tls and got.login == "relay"
+
+
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 async def test_upstream_demanding_auth_we_do_not_do_is_temporary() -> None:
     with (

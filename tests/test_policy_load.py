@@ -510,6 +510,40 @@ def test_check_warns_when_ehlo_would_give_an_unqualified_name(
     )
 
 
+@pytest.mark.parametrize(
+    ("settings", "warned"),
+    [
+        ("host: smtp.example\n    tls: none\n    username: relay", True),
+        ("host: smtp.example\n    tls: none", False),
+        ("host: smtp.example\n    tls: auto\n    username: relay", False),
+        ("host: smtp.example\n    username: relay", False),
+        ("host: smtp.example\n    tls: starttls\n    username: relay", False),
+        ("host: localhost\n    tls: none\n    username: relay", False),
+    ],
+)
+def test_check_warns_about_a_password_sent_in_plain_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: str, warned: bool
+) -> None:
+    """``tls: none`` with a login is allowed, as the sysadmin asked; check says
+    what it costs. ``auto`` never logs in without TLS, so it is not warned of."""
+    monkeypatch.setattr(helo, "local_hostname", lambda: "relay.acme.example")
+    monkeypatch.setenv("PW", "secret")
+    smtp = f"    type: smtp\n    {settings}\n    password_env: PW\n"
+    if "username" not in settings:
+        smtp = smtp.replace("    password_env: PW\n", "")
+    path = variant(tmp_path, "    type: directory\n    path: outbox\n", smtp)
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0
+    line = path.read_text().splitlines().index("    tls: none") + 1 if warned else 0
+    assert err.getvalue() == (
+        f"{path}:{line}:10: warning: upstreams.outbox.tls: none with a username: the password"
+        " is sent to the upstream in plain text, which anyone on the path can read;"
+        " set tls: starttls or implicit\n"
+        if warned
+        else ""
+    )
+
+
 def test_a_tls_key_that_is_not_the_certificates_is_a_problem(tmp_path: Path) -> None:
     """What a renewal that replaced one file of the two leaves: ``relay check``, and
     so a reload through the unit, refuses it before a worker would."""

@@ -135,6 +135,8 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
         return None
     if not m.has("helo_name") and not _loopback(v.host):
         _warn_unless_qualified(ctx, m)
+    if v.tls is TlsMode.NONE and v.username is not None and not _loopback(v.host):
+        _warn_about_plain_login(ctx, m)
     return SmtpUpstream(name, **v._asdict())
 
 
@@ -157,6 +159,16 @@ def _warn_unless_qualified(ctx: Ctx, m: Map) -> None:
             " which upstream servers may refuse in EHLO: set helo_name to this host's name in DNS"
         )
         ctx.problems.warn(m.node, m.sub("helo_name"), message)
+
+
+def _warn_about_plain_login(ctx: Ctx, m: Map) -> None:
+    """``tls: none`` sends the password as asked (``auto`` never does, without TLS),
+    but anyone on the path reads it. Not on loopback: no wire to read it off."""
+    message = (
+        "none with a username: the password is sent to the upstream in plain text,"
+        " which anyone on the path can read; set tls: starttls or implicit"
+    )
+    ctx.problems.warn(m.get("tls"), m.sub("tls"), message)
 
 
 class Roster:

@@ -106,6 +106,7 @@ async def _open(upstream: SmtpUpstream, password: str | None) -> aiosmtplib.SMTP
         await client.connect()
         if password is not None:
             stage = "logging in"
+            _refuse_plain_login(upstream, client)
             await client.login(upstream.username, password)
         opened = True
     except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
@@ -114,6 +115,20 @@ async def _open(upstream: SmtpUpstream, password: str | None) -> aiosmtplib.SMTP
         if not opened:
             client.close()
     return client
+
+
+def _refuse_plain_login(upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> None:
+    """``auto`` goes plain when EHLO offers no STARTTLS, which a man in the middle
+    can strip: the password is then not sent (Postfix's default
+    ``smtp_sasl_security_options = noplaintext``). Temporary, the message kept:
+    the upstream or the setting may change; ``tls: none`` sends it, as asked."""
+    if upstream.tls is not TlsMode.AUTO or client.get_transport_info("sslcontext") is not None:
+        return
+    text = (
+        f"Upstream {_where(upstream)} offers no STARTTLS: the password is not sent in plain"
+        " text; set tls: starttls or implicit, or tls: none to allow it (logging in)"
+    )
+    raise UpstreamError(451, "4.7.10", text)
 
 
 def _mapped(upstream: SmtpUpstream, stage: str, exc: Exception) -> UpstreamError:
