@@ -559,6 +559,28 @@ def test_a_tls_key_that_is_not_the_certificates_is_a_problem(tmp_path: Path) -> 
     assert f"cannot use {cert} with {other.key}: " in found
 
 
+def test_a_tls_key_with_a_passphrase_is_a_problem_not_a_prompt(tmp_path: Path) -> None:
+    """OpenSSL prompted on the terminal for it, blocking check, serve and a
+    reload; without a terminal it said ``cannot use CERT with KEY: Invalid argument``."""
+    path = variant(tmp_path, "    port: 2525\n", "    port: 2525\n" + _TLS)
+    key = tmp_path / "tls" / "relay.key"
+    plain = serialization.load_pem_private_key(key.read_bytes(), None)
+    encryption = serialization.BestAvailableEncryption(b"x")
+    key.write_bytes(
+        plain.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+        )
+    )
+    assert problems(path) == [
+        f"{path}:10:37: listeners[0].tls.key: {key} is encrypted (has a passphrase), which the"
+        f" relay cannot use; write the key without one (openssl pkey -in {key} -out NEW_FILE)"
+        " in a file only the relay's user can read"
+    ]
+
+
+_TLS = "    tls: {cert: tls/relay.crt, key: tls/relay.key}\n"
+
+
 def _pkcs8_ed25519() -> bytes:
     return ed25519.Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

@@ -228,6 +228,9 @@ def _tls(ctx: Ctx, listener: Map) -> TlsFiles | None:
         return None
     try:
         return tlspair.checked_pair(cert[0], key[0], cert[1], key[1])
+    except tlspair.UnusablePair as exc:
+        ctx.problem(m.get(exc.which), m.sub(exc.which), str(exc))
+        return None
     except (ssl.SSLError, OSError) as exc:
         reason = exc.strerror or str(exc)
         message = f"cannot use {cert[0]} with {key[0]}: {reason}"

@@ -18,6 +18,20 @@ from pathlib import Path
 from relay.policy.model import TlsFiles
 
 
+class UnusablePair(OSError):
+    """A file of the pair the relay cannot use, and why, naming the file: its
+    text is the whole message, as OpenSSL's (``PEM lib``) names neither.
+    ``which``: ``cert`` or ``key``, the policy key that names the file."""
+
+    def __init__(self, which: str, text: str) -> None:
+        super().__init__(text)
+        self.which = which
+
+
+class _Passphrase(Exception):
+    """OpenSSL asked for the key's passphrase."""
+
+
 def read_pair(cert: Path, key: Path) -> TlsFiles:
     """Both files' bytes, loaded once as a server would: raises OSError or
     ssl.SSLError (a key that is not the certificate's, a half-written file)."""
@@ -36,8 +50,25 @@ def server_context(pair: TlsFiles) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     with _in_memory(pair.cert_pem) as cert, _in_memory(pair.key_pem) as key:
-        context.load_cert_chain(cert, key)
+        try:
+            context.load_cert_chain(cert, key, password=_no_passphrase)
+        except _Passphrase:
+            raise UnusablePair("key", _encrypted(pair.key)) from None
     return context
+
+
+def _no_passphrase() -> bytes:
+    """Without a callback OpenSSL prompts on the terminal for an encrypted key,
+    which blocked ``relay check``, serve and a reload (SIGTERM then unheard)."""
+    raise _Passphrase
+
+
+def _encrypted(key: Path) -> str:
+    return (
+        f"{key} is encrypted (has a passphrase), which the relay cannot use;"
+        f" write the key without one (openssl pkey -in {key} -out NEW_FILE)"
+        " in a file only the relay's user can read"
+    )
 
 
 @contextlib.contextmanager
