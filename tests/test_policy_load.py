@@ -581,6 +581,37 @@ def test_a_tls_key_with_a_passphrase_is_a_problem_not_a_prompt(tmp_path: Path) -
 _TLS = "    tls: {cert: tls/relay.crt, key: tls/relay.key}\n"
 
 
+@pytest.mark.parametrize(
+    ("address", "tls", "refused"),
+    [
+        ("192.0.2.10", "", True),
+        ("0.0.0.0", "", True),
+        ("'::'", "", True),
+        ("192.0.2.10", _TLS, False),
+        ("127.0.0.1", "", False),
+        ("'::1'", "", False),
+        ("localhost", "", False),
+    ],
+)
+def test_auth_required_where_no_client_could_log_in_is_a_problem(
+    tmp_path: Path, address: str, tls: str, refused: bool
+) -> None:
+    """Off loopback AUTH is refused before STARTTLS, for every client of the
+    listener, those of a wildcard's 127.0.0.1 too: check said ok and serve
+    started, taking no mail."""
+    listener = f"    address: {address}\n    port: 2525\n    auth: required\n{tls}"
+    path = variant(tmp_path, "    address: 127.0.0.1\n    port: 2525\n", listener)
+    if not refused:
+        assert load(path).listeners[0].auth is AuthMode.REQUIRED
+        return
+    written = address.strip("'")
+    assert problems(path) == [
+        f"{path}:10:11: listeners[0].auth: required, but no client can log in: AUTH is refused"
+        f" before STARTTLS on {written} (not loopback) and this listener has no tls;"
+        " configure tls or bind to loopback"
+    ]
+
+
 def _pkcs8_ed25519() -> bytes:
     return ed25519.Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

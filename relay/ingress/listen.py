@@ -23,6 +23,7 @@ from relay.ingress.authlimit import AuthFailures
 from relay.ingress.handler import Process, Refused, RelayHandler
 from relay.ingress.protocol import RelaySMTP
 from relay.policy.model import AuthMode, Listener, Policy
+from relay.policy.sections import no_login_without_tls
 from relay.policy.tlspair import server_context
 
 log = logging.getLogger("relay")
@@ -238,15 +239,12 @@ def loopback_only(address: str) -> bool:
 
 
 def _warn_about_auth(listener: Listener, has_tls: bool, auth_needs_tls: bool) -> None:
+    """``relay check`` refuses ``auth: required`` without tls off loopback; a
+    policy built otherwise (a name resolving differently now) is still told."""
     if listener.auth is AuthMode.OFF or has_tls or not auth_needs_tls:
         return
     if listener.auth is AuthMode.REQUIRED:
-        log.error(
-            "listener %s: auth is required but no client can log in: AUTH needs TLS on %s;"
-            " configure tls or bind to loopback",
-            listener.name,
-            listener.address,
-        )
+        log.error("listener %s: auth %s", listener.name, no_login_without_tls(listener.address))
     else:
         log.warning(
             "listener %s: AUTH is not offered: it needs TLS on %s", listener.name, listener.address

@@ -134,8 +134,10 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
             )
             address = None
         port = m.integer("port", None, 1, 65535, "a port number (1..65535)")
+        ips: frozenset[_IP] = frozenset()
         if address is not None and port is not None:
-            mine = _Socket(address, port, path, _addresses(ctx, m, address, port))
+            ips = _addresses(ctx, m, address, port)
+            mine = _Socket(address, port, path, ips)
             clash = next(filter(None, (_clash(mine, other) for other in sockets)), None)
             if clash is not None:
                 ctx.problem(m.get("port"), m.sub("port"), clash)
@@ -146,6 +148,9 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
         recipients = m.integer("max_recipients", 100, 1, 100000, "a positive integer")
         auth = m.choice("auth", AuthMode, AuthMode.OPTIONAL)
         idle = m.number("idle_timeout", 300)
+        if auth is AuthMode.REQUIRED and not m.has("tls") and _off_loopback(ips):
+            ctx.problem(m.get("auth"), m.sub("auth"), no_login_without_tls(address))
+            auth = None
         fields = (
             name,
             address,
@@ -236,6 +241,23 @@ def _tls(ctx: Ctx, listener: Map) -> TlsFiles | None:
         message = f"cannot use {cert[0]} with {key[0]}: {reason}"
         ctx.problem(m.node, listener.sub("tls"), message)
         return None
+
+
+def _off_loopback(ips: Collection[_IP]) -> bool:
+    """Whether serve refuses AUTH before STARTTLS on the listener: it does unless
+    every address it binds is loopback. A wildcard (0.0.0.0, ::) is no exception:
+    the refusal is the listener's, not the client's, so a client on 127.0.0.1
+    is refused too. An address that does not resolve was warned of already."""
+    return bool(ips) and not all(ip.is_loopback for ip in ips)
+
+
+def no_login_without_tls(address: str) -> str:
+    """Why ``auth: required`` without ``tls`` takes no mail off loopback: an error,
+    not a warning, as every client is refused, at MAIL, for want of a login."""
+    return (
+        f"required, but no client can log in: AUTH is refused before STARTTLS on {address}"
+        " (not loopback) and this listener has no tls; configure tls or bind to loopback"
+    )
 
 
 def _ipv4_mapped(address: str) -> str | None:
