@@ -18,13 +18,15 @@ import dataclasses
 import logging
 import resource
 import signal
+import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from relay import oplog
 from relay.errors import PolicyError, RelayError
-from relay.policy.model import Listener, Policy
+from relay.policy import tlspair
+from relay.policy.model import Listener, Policy, TlsFiles
 
 if TYPE_CHECKING:
     from relay.audit import AuditLog
@@ -372,9 +374,8 @@ def reloaded(
         log.exception("reload failed: keeping policy %s", old.digest[:12])
         return None
     changed = _listener_changes(old.listeners, read.listeners)
-    new = _as_opened(
-        old, dataclasses.replace(read, listeners=_as_bound(old.listeners, read.listeners))
-    )
+    bound = _as_bound(old.listeners, read.listeners, quiet)
+    new = _as_opened(old, dataclasses.replace(read, listeners=bound))
     if quiet:
         return new
     if changed:
@@ -459,16 +460,49 @@ def _warn_state_changed(old: Policy, read: Policy) -> None:
         )
 
 
-def _as_bound(old: Sequence[Listener], new: Sequence[Listener]) -> tuple[Listener, ...]:
-    """The listeners as bound, each with its certificate and key as just read
-    when it names the same files: a renewal is taken up, other changes wait."""
+def _as_bound(
+    old: Sequence[Listener], new: Sequence[Listener], quiet: bool = False
+) -> tuple[Listener, ...]:
+    """The listeners as bound, each with its certificate and key read again: a
+    renewal is taken up, other changes wait. A listener whose ``tls`` now names
+    other files keeps serving its own, and those are read again too: before,
+    the bytes held since the start were served, and a renewal in place of the
+    old files changed nothing."""
     read = {listener.name: listener.tls for listener in new}
     return tuple(
-        dataclasses.replace(listener, tls=read[listener.name])
-        if listener.tls is not None and listener.tls == read.get(listener.name)
+        dataclasses.replace(listener, tls=_tls_as_bound(listener, read.get(listener.name), quiet))
+        if listener.tls is not None
         else listener
         for listener in old
     )
+
+
+def _tls_as_bound(listener: Listener, read: TlsFiles | None, quiet: bool) -> TlsFiles:
+    served = listener.tls
+    assert served is not None
+    if served == read:  # the same files, as the new policy read and checked them
+        return read
+    try:
+        again = tlspair.read_pair(served.cert, served.key)
+    except (ssl.SSLError, OSError) as exc:
+        if not quiet:
+            log.error(
+                "listener %s: cannot read %s and %s again, which it serves until a restart;"
+                " keeping the certificate loaded before: %s",
+                listener.name,
+                served.cert,
+                served.key,
+                exc.strerror or exc,
+            )
+        return served
+    if not quiet:
+        log.info(
+            "listener %s: until a restart it serves %s and %s, as bound, read again",
+            listener.name,
+            served.cert,
+            served.key,
+        )
+    return again
 
 
 def record_policy(audit: AuditLog, path: Path, policy: Policy) -> None:

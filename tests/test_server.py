@@ -26,6 +26,8 @@ import pytest
 from relay import message
 from relay import server as server_module
 from relay.audit import AuditLog, events, reader, verify
+from relay.ingress.listen import Ingress
+from relay.policy import tlspair
 from relay.policy.load import load
 from relay.server import _listener_changes, _open_state, reloaded
 from tests.certs import der, make_certs, served_certificate
@@ -279,6 +281,70 @@ def test_a_reload_takes_a_renewed_pair_and_keeps_the_bound_one_when_moved(
     assert moved is not None and moved.listeners[0].tls is not None
     assert moved.listeners[0].tls.cert == cert
     assert moved.listeners[0].tls.cert_pem == renewed.cert.read_bytes()
+
+
+def test_a_listener_whose_tls_moved_serves_its_own_files_read_again(
+    policy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Other files named wait for a restart; until then a renewal of the files
+    bound is taken up, and the log says which files are served. Before, it said
+    the certificate was read again and served the bytes held since the start."""
+    first, renewed, moved = (make_certs(tmp_path / name) for name in ("first", "renewed", "moved"))
+    cert, key = tmp_path / "relay.crt", tmp_path / "relay.key"
+    shutil.copy(first.cert, cert)
+    shutil.copy(first.key, key)
+    text = policy.read_text()
+    policy.write_text(
+        text.replace(
+            "    auth: optional\n", f"    auth: optional\n    tls: {{cert: {cert}, key: {key}}}\n"
+        )
+    )
+    started = load(policy)
+    shutil.copy(renewed.cert, cert)
+    shutil.copy(renewed.key, key)
+    policy.write_text(
+        text.replace(
+            "    auth: optional\n",
+            f"    auth: optional\n    tls: {{cert: {moved.cert}, key: {moved.key}}}\n",
+        )
+    )
+    with caplog.at_level(logging.INFO, logger="relay"):
+        new = reloaded(policy, started)
+    assert new is not None and new.listeners[0].tls is not None
+    assert new.listeners[0].tls.cert == cert
+    assert new.listeners[0].tls.cert_pem == renewed.cert.read_bytes()
+    assert new.listeners[0].tls.key_pem == renewed.key.read_bytes()
+    assert "they take effect after a restart" in caplog.text
+    assert f"until a restart it serves {cert} and {key}, as bound, read again" in caplog.text
+    cert.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="relay"):
+        kept = reloaded(policy, new)
+    assert kept is not None and kept.listeners[0].tls == new.listeners[0].tls
+    assert kept.listeners[0].tls.cert_pem == renewed.cert.read_bytes()
+    assert f"cannot read {cert} and {key} again" in caplog.text
+
+
+def test_the_log_of_a_reload_says_whether_the_certificate_changed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, renewed = make_certs(tmp_path / "first"), make_certs(tmp_path / "renewed")
+    served = tlspair.read_pair(first.cert, first.key)
+    ingress = Ingress(tls={"test": tlspair.server_context(served)})
+    ingress.served["test"] = (served.cert_pem, served.key_pem)
+    again = tlspair.read_pair(first.cert, first.key)
+    shutil.copy(renewed.cert, first.cert)
+    shutil.copy(renewed.key, first.key)
+    changed = tlspair.read_pair(first.cert, first.key)
+    with caplog.at_level(logging.INFO, logger="relay"):
+        ingress.reload_tls([listener(tls=again)])
+        before = ingress.tls["test"]
+        ingress.reload_tls([listener(tls=changed)])
+    assert caplog.messages == [
+        f"listener test: TLS certificate {first.cert} unchanged",
+        f"listener test: TLS certificate {first.cert} read again: a new one served",
+    ]
+    assert ingress.tls["test"] is not before
 
 
 def test_a_reload_keeps_the_state_directory_and_audit_key_it_started_with(

@@ -45,27 +45,34 @@ class Ingress:
     verified: Verified = field(default_factory=Verified)  # AUTH passwords, for every listener
     failures: AuthFailures = field(default_factory=AuthFailures)  # failed logins, likewise
     tls: dict[str, ssl.SSLContext] = field(default_factory=dict)  # per listener, for STARTTLS
+    served: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # their cert and key
     refused: Refused | None = None  # puts content the SMTP side refused on record
 
     def reload_tls(self, listeners: Sequence[Listener]) -> None:
         """Take up the listeners' certificates as the reloaded policy read them
-        (a reload is how a renewal is taken up); one that does not load keeps the old."""
+        (a reload is how a renewal is taken up); one that does not load keeps the
+        old. The log says whether the bytes changed: "read again" was said of
+        bytes held since the start, which no renewal could have changed."""
         for listener in listeners:
             if listener.tls is None or listener.name not in self.tls:
+                continue
+            name, cert = listener.name, listener.tls.cert
+            pem = (listener.tls.cert_pem, listener.tls.key_pem)
+            if self.served.get(name) == pem:
+                log.info("listener %s: TLS certificate %s unchanged", name, cert)
                 continue
             try:
                 self.tls[listener.name] = server_context(listener.tls)
             except (ssl.SSLError, OSError) as exc:
                 log.error(
                     "listener %s: keeping the TLS certificate loaded before: %s: %s",
-                    listener.name,
-                    listener.tls.cert,
+                    name,
+                    cert,
                     exc.strerror or exc,
                 )
             else:
-                log.info(
-                    "listener %s: TLS certificate %s read again", listener.name, listener.tls.cert
-                )
+                self.served[listener.name] = pem
+                log.info("listener %s: TLS certificate %s read again: a new one served", name, cert)
 
     def bound(self) -> list[tuple[Listener, str, int]]:
         """Each listening socket's real address: a port 0 or a host name resolves here."""
@@ -193,8 +200,9 @@ def _factory(
         ingress.refused,
     )
     tls = server_context(listener.tls) if listener.tls is not None else None
-    if tls is not None:
+    if tls is not None and listener.tls is not None:
         ingress.tls[listener.name] = tls
+        ingress.served[listener.name] = (listener.tls.cert_pem, listener.tls.key_pem)
     auth_needs_tls = not loopback_only(listener.address)
     _warn_about_auth(listener, tls is not None, auth_needs_tls)
     excluded = _MECHANISMS if listener.auth is AuthMode.OFF else ()
