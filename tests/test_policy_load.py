@@ -16,6 +16,7 @@ from types import MappingProxyType
 
 import pytest
 import yaml
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -610,6 +611,47 @@ def test_auth_required_where_no_client_could_log_in_is_a_problem(
         f" before STARTTLS on {written} (not loopback) and this listener has no tls;"
         " configure tls or bind to loopback"
     ]
+
+
+def _der(pem: bytes) -> bytes:
+    return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+
+
+@pytest.mark.parametrize(
+    ("change", "which", "column", "holds"),
+    [
+        ({"relay.crt": _der}, "cert", 17, "holds no PEM certificate: it looks binary (DER)"),
+        (
+            {"relay.crt": "relay.key", "relay.key": "relay.crt"},
+            "cert",
+            17,
+            "holds a private key, not a certificate: are cert and key swapped?",
+        ),
+        ({"relay.crt": lambda pem: b""}, "cert", 17, "is empty"),
+        ({"relay.key": lambda pem: b"\n"}, "key", 37, "is empty"),
+        ({"relay.crt": lambda pem: pem[:200]}, "cert", 17, "holds a damaged certificate"),
+        ({"relay.key": lambda pem: pem[:100]}, "key", 37, "holds a damaged private key"),
+        ({"relay.key": lambda pem: b"secret"}, "key", 37, "holds no PEM private key"),
+    ],
+    ids=["der", "swapped", "empty-cert", "empty-key", "cut-cert", "cut-key", "no-key"],
+)
+def test_a_tls_file_that_is_not_what_it_should_be_is_named(
+    tmp_path: Path,
+    change: dict[str, Callable[[bytes], bytes] | str],
+    which: str,
+    column: int,
+    holds: str,
+) -> None:
+    """OpenSSL said ``cannot use A with B: [SSL] PEM lib``, naming neither file."""
+    path = variant(tmp_path, "    port: 2525\n", "    port: 2525\n" + _TLS)
+    tls = tmp_path / "tls"
+    before = {name: (tls / name).read_bytes() for name in ("relay.crt", "relay.key")}
+    for name, how in change.items():
+        data = before[how] if isinstance(how, str) else how(before[name])
+        (tls / name).write_bytes(data)
+    wrong = tls / ("relay.crt" if which == "cert" else "relay.key")
+    (found,) = problems(path)
+    assert found.startswith(f"{path}:10:{column}: listeners[0].tls.{which}: {wrong} {holds}")
 
 
 def _pkcs8_ed25519() -> bytes:

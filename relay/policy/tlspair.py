@@ -15,7 +15,14 @@ import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
 from relay.policy.model import TlsFiles
+
+_CERT = b"-----BEGIN CERTIFICATE-----"
+_KEY = b"PRIVATE KEY-----"  # PKCS#8, or BEGIN RSA / EC PRIVATE KEY
 
 
 class UnusablePair(OSError):
@@ -54,7 +61,59 @@ def server_context(pair: TlsFiles) -> ssl.SSLContext:
             context.load_cert_chain(cert, key, password=_no_passphrase)
         except _Passphrase:
             raise UnusablePair("key", _encrypted(pair.key)) from None
+        except ssl.SSLError as exc:
+            wrong = _wrong_file(pair)
+            if wrong is not None:
+                raise wrong from exc
+            raise
     return context
+
+
+def _wrong_file(pair: TlsFiles) -> UnusablePair | None:
+    """Which file is wrong, and what it holds: OpenSSL says ``PEM lib`` for a DER
+    certificate, swapped files, an empty or a truncated one. None when each
+    file holds what it should (a key that is not the certificate's)."""
+    wrong = _cert_problem(pair.cert_pem)
+    if wrong is not None:
+        return UnusablePair("cert", f"{pair.cert} {wrong}")
+    wrong = _key_problem(pair.key_pem)
+    if wrong is not None:
+        return UnusablePair("key", f"{pair.key} {wrong}")
+    return None
+
+
+def _cert_problem(pem: bytes) -> str | None:
+    if not pem.strip():
+        return "is empty"
+    if _CERT not in pem:
+        if pem.startswith(b"\x30"):
+            return "holds no PEM certificate: it looks binary (DER); convert it to PEM"
+        if _KEY in pem:
+            return "holds a private key, not a certificate: are cert and key swapped?"
+        return "holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+    try:
+        x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        return "holds a damaged certificate (a file cut short, or edited?)"
+    return None
+
+
+def _key_problem(pem: bytes) -> str | None:
+    if not pem.strip():
+        return "is empty"
+    if _KEY not in pem:
+        if _CERT in pem:
+            return "holds a certificate, not a private key: are cert and key swapped?"
+        if pem.startswith(b"\x30"):
+            return "holds no PEM private key: it looks binary (DER); convert it to PEM"
+        return "holds no PEM private key (-----BEGIN PRIVATE KEY-----)"
+    try:
+        serialization.load_pem_private_key(pem, None)
+    except (ValueError, UnsupportedAlgorithm):
+        return "holds a damaged private key (a file cut short, or edited?)"
+    except TypeError:  # encrypted: OpenSSL would have asked, so the trouble is elsewhere
+        return None
+    return None
 
 
 def _no_passphrase() -> bytes:
