@@ -3,6 +3,7 @@ is told, line and column, about an invalid one."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import os
@@ -17,8 +18,9 @@ from types import MappingProxyType
 import pytest
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import NameOID
 
 from relay.errors import PolicyError
 from relay.policy import yamlsource
@@ -652,6 +654,54 @@ def test_a_tls_file_that_is_not_what_it_should_be_is_named(
     wrong = tls / ("relay.crt" if which == "cert" else "relay.key")
     (found,) = problems(path)
     assert found.startswith(f"{path}:10:{column}: listeners[0].tls.{which}: {wrong} {holds}")
+
+
+def _self_signed(key_file: Path, start: datetime.datetime, end: datetime.datetime) -> bytes:
+    key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.example")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "warning"),
+    [
+        (-30, -1, "expired on {end}: clients refuse it; renew it"),
+        (2, 30, "is not valid before {start}: clients refuse it until then"),
+        (-1, 30, None),
+    ],
+    ids=["expired", "not-yet-valid", "valid"],
+)
+def test_check_warns_about_a_listener_certificate_out_of_its_validity(
+    tmp_path: Path, start: int, end: int, warning: str | None
+) -> None:
+    """OpenSSL loads it without a word, and clients then refuse every STARTTLS."""
+    path = variant(tmp_path, "    port: 2525\n", "    port: 2525\n" + _TLS)
+    now = datetime.datetime.now(datetime.UTC).replace(second=0, microsecond=0)
+    dates = {
+        "start": now + datetime.timedelta(days=start),
+        "end": now + datetime.timedelta(days=end),
+    }
+    cert = tmp_path / "tls" / "relay.crt"
+    cert.write_bytes(_self_signed(tmp_path / "tls" / "relay.key", dates["start"], dates["end"]))
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0
+    shown = {k: f"{v:%Y-%m-%d %H:%M} UTC" for k, v in dates.items()}
+    assert err.getvalue() == (
+        ""
+        if warning is None
+        else f"{path}:10:17: warning: listeners[0].tls.cert: {cert} {warning.format(**shown)}\n"
+    )
 
 
 def _pkcs8_ed25519() -> bytes:

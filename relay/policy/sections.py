@@ -14,6 +14,7 @@ import socket
 import ssl
 import string
 from collections.abc import Collection, Mapping
+from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from types import SimpleNamespace
@@ -232,7 +233,7 @@ def _tls(ctx: Ctx, listener: Map) -> TlsFiles | None:
     if cert is None or key is None:
         return None
     try:
-        return tlspair.checked_pair(cert[0], key[0], cert[1], key[1])
+        pair = tlspair.checked_pair(cert[0], key[0], cert[1], key[1])
     except tlspair.UnusablePair as exc:
         ctx.problem(m.get(exc.which), m.sub(exc.which), str(exc))
         return None
@@ -241,6 +242,10 @@ def _tls(ctx: Ctx, listener: Map) -> TlsFiles | None:
         message = f"cannot use {cert[0]} with {key[0]}: {reason}"
         ctx.problem(m.node, listener.sub("tls"), message)
         return None
+    invalid = tlspair.validity_problem(pair, datetime.now(UTC))
+    if invalid is not None:  # a warning: serve starts, and a renewal then needs only a reload
+        ctx.problems.warn(m.get("cert"), m.sub("cert"), invalid)
+    return pair
 
 
 def _off_loopback(ips: Collection[_IP]) -> bool:

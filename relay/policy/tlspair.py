@@ -10,6 +10,7 @@ reload refuse). Before, such a worker failed at start, again and again.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import ssl
 from collections.abc import Iterator
@@ -113,6 +114,19 @@ def _key_problem(pem: bytes) -> str | None:
         return "holds a damaged private key (a file cut short, or edited?)"
     except TypeError:  # encrypted: OpenSSL would have asked, so the trouble is elsewhere
         return None
+    return None
+
+
+def validity_problem(pair: TlsFiles, now: datetime.datetime) -> str | None:
+    """Why clients would refuse the certificate at ``now`` (expired, or not yet
+    valid), which OpenSSL loads without a word; None when it is valid."""
+    first = x509.load_pem_x509_certificates(pair.cert_pem)[0]
+    if now > first.not_valid_after_utc:
+        when = f"{first.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+        return f"{pair.cert} expired on {when}: clients refuse it; renew it"
+    if now < first.not_valid_before_utc:
+        when = f"{first.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+        return f"{pair.cert} is not valid before {when}: clients refuse it until then"
     return None
 
 
