@@ -374,14 +374,14 @@ def reloaded(
         log.exception("reload failed: keeping policy %s", old.digest[:12])
         return None
     changed = _listener_changes(old.listeners, read.listeners)
+    if changed and not quiet:  # before what the listeners serve until then
+        log.warning(
+            "listener settings changed (%s): they take effect after a restart", "; ".join(changed)
+        )
     bound = _as_bound(old.listeners, read.listeners, quiet)
     new = _as_opened(old, dataclasses.replace(read, listeners=bound))
     if quiet:
         return new
-    if changed:
-        log.warning(
-            "listener settings changed (%s): they take effect after a restart", "; ".join(changed)
-        )
     _warn_state_changed(old, read)
     if read.workers != old.workers:
         log.warning(

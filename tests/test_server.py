@@ -314,8 +314,9 @@ def test_a_listener_whose_tls_moved_serves_its_own_files_read_again(
     assert new.listeners[0].tls.cert == cert
     assert new.listeners[0].tls.cert_pem == renewed.cert.read_bytes()
     assert new.listeners[0].tls.key_pem == renewed.key.read_bytes()
-    assert "they take effect after a restart" in caplog.text
-    assert f"until a restart it serves {cert} and {key}, as bound, read again" in caplog.text
+    changed = next(i for i, m in enumerate(caplog.messages) if "after a restart" in m)
+    serves = f"listener local: until a restart it serves {cert} and {key}, as bound, read again"
+    assert caplog.messages.index(serves) == changed + 1
     cert.unlink()
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="relay"):
