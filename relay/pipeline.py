@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import os
 import time
@@ -37,6 +38,7 @@ from relay.upstream import replies
 log = logging.getLogger("relay")
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _ToStore = tuple[QueueEntry, tuple[bytes, bytes], list[dict[str, Any]]]  # entry, message, records
 
 
@@ -288,10 +290,10 @@ class Acceptor:
             await self._store((entry, prepared.chunks, records))
         except SpoolError as exc:
             log.error("%s: cannot write to the spool: %s", entry.queue_id, exc)
-            raise SmtpReply(451, "4.3.0", "Queue write failed, try again later") from exc
+            raise _write_failed(exc, "Queue write failed, try again later") from exc
         except AuditError as exc:
             log.error("%s: cannot write the audit log: %s", entry.queue_id, exc)
-            raise SmtpReply(451, "4.3.0", "Audit log write failed, try again later") from exc
+            raise _write_failed(exc, "Audit log write failed, try again later") from exc
         except asyncio.CancelledError:
             # stored and recorded as queued, but no 250 went out: it is
             # delivered all the same (at least once), so the audit log says how it ended
@@ -387,6 +389,19 @@ class Acceptor:
             await self.recorder.flush(None)
         except AuditError as exc:
             log.error("cannot write the audit log: %s", exc)
+
+
+def _write_failed(exc: Exception, text: str) -> SmtpReply:
+    """``451 4.3.0``, or for a full disk or quota the ``452 4.3.1`` that says
+    so (RFC 3463: mail system full), as Postfix answers when space runs out."""
+    cause: BaseException | None = exc
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.errno in _NO_SPACE:
+            return SmtpReply(452, "4.3.1", "Insufficient system storage, try again later")
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return SmtpReply(451, "4.3.0", text)
 
 
 def _warm(lock: int | None, entry: QueueEntry, prepared: Prepared) -> Warm | None:

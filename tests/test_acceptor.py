@@ -1,9 +1,12 @@
 """The receiving side's last step when the disk fails: a message refused with 451
-is never delivered, even when the spool will not let go of it at once."""
+is never delivered, even when the spool will not let go of it at once; a full
+disk or quota is told as such (452 4.3.1), and the client tries again later."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from relay.pipeline import Acceptor
 from relay.policy.load import load
 from relay.record import Recorder
 from relay.spool import Spool
+from relay.spool import store as spool_store
 from relay.submission import Submission
 from tests.test_engine_warm import running
 
@@ -79,3 +83,67 @@ async def test_a_refused_message_the_spool_keeps_is_never_delivered(
         assert kept.queue_id not in engine.accepting
         await asyncio.sleep(0.3)
     assert attempts == []
+
+
+class RefusingAudit(Recorder):
+    """An audit log on a disk that refuses the write with ``error``."""
+
+    def __init__(self, error: int) -> None:
+        super().__init__(None)
+        self.error = error
+
+    def write(self, records: list[dict[str, Any]], sync: bool = True) -> int:
+        try:
+            raise OSError(self.error, os.strerror(self.error))
+        except OSError as exc:
+            raise AuditError(f"audit log: {exc.strerror}") from exc
+
+
+WRITE_ERRORS = [
+    (errno.ENOSPC, "452 4.3.1 Insufficient system storage, try again later"),
+    (errno.EDQUOT, "452 4.3.1 Insufficient system storage, try again later"),
+    (errno.EIO, None),
+]
+
+
+@pytest.mark.parametrize(("error", "reply"), WRITE_ERRORS)
+async def test_a_spool_write_that_finds_the_disk_full_is_a_452(
+    policy_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    error: int,
+    reply: str | None,
+) -> None:
+    def failing_write(fd: int, chunks: Any) -> int:
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(spool_store, "_write_all", failing_write)
+    refused = await _refusal(policy_file, tmp_path, Recorder(None))
+    assert refused == (reply or "451 4.3.0 Queue write failed, try again later")
+
+
+@pytest.mark.parametrize(("error", "reply"), WRITE_ERRORS)
+async def test_an_audit_write_that_finds_the_disk_full_is_a_452(
+    policy_file: Path, tmp_path: Path, error: int, reply: str | None
+) -> None:
+    refused = await _refusal(policy_file, tmp_path, RefusingAudit(error))
+    assert refused == (reply or "451 4.3.0 Audit log write failed, try again later")
+
+
+async def _refusal(policy_file: Path, tmp_path: Path, audit: Recorder) -> str:
+    """The reply to one message; nothing of it may be left in the spool."""
+    spool = Spool(tmp_path / "spool")
+
+    async def attempt(target: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+        raise AssertionError("a refused message was delivered")
+
+    policy = load(policy_file)
+    engine = Engine(spool, lambda: policy, attempt, Recorder(None))
+    submission = Submission(
+        "local", "127.0.0.1", None, "kari@acme.example", ("customer@example.org",), MESSAGE
+    )
+    async with running(engine):
+        with pytest.raises(SmtpReply) as refused:
+            await Acceptor(spool, engine, audit).process(policy, submission)
+    assert list(spool.entries()) == []
+    return refused.value.line
