@@ -13,6 +13,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -22,6 +23,7 @@ from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
 from relay.ingress.auth import Authenticated, Mechanisms
 from relay.ingress.authcache import Verified
 from relay.ingress.authlimit import AuthFailures
+from relay.ingress.diskspace import DiskGuard, reserve_for
 from relay.ingress.protocol import RelaySMTP, client_text, hook_names, log_refused
 from relay.policy.model import AuthMode, Listener, Policy
 from relay.submission import Submission, listed
@@ -36,6 +38,7 @@ LOCAL_ERROR = "451 4.3.0 Local error, try again later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 
 _REPLY = re.compile(r"[2-5][0-9][0-9]( [^\x00-\x1f\x7f]*)?")
+_DISK = DiskGuard()  # one per worker process, for all its listeners
 
 
 class RelayHandler(Mechanisms):
@@ -48,6 +51,7 @@ class RelayHandler(Mechanisms):
         verified: Verified | None = None,
         failures: AuthFailures | None = None,
         refused: Refused | None = None,
+        disk: DiskGuard | None = None,
     ) -> None:
         self._listener = listener
         self._current_policy = current_policy
@@ -56,6 +60,7 @@ class RelayHandler(Mechanisms):
         self._verified = verified if verified is not None else Verified()
         self._failures = failures if failures is not None else AuthFailures()
         self._refused = refused
+        self._disk = disk if disk is not None else _DISK
 
     def __dir__(self) -> list[str]:
         """See ``RelaySMTP.__dir__``: aiosmtpd looks for its hooks here on every connection."""
@@ -82,6 +87,9 @@ class RelayHandler(Mechanisms):
         refused = None if address == "<>" else mailbox_refusal(address, SENDER)
         if refused is not None:
             return refused.line
+        full = self._no_room(self._current_policy(), _declared_size(options))
+        if full is not None:
+            return full
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
@@ -118,7 +126,12 @@ class RelayHandler(Mechanisms):
             if self._refused is not None:
                 await self._refused(submission, refusal)
             return refusal.line
-        task = asyncio.ensure_future(self._reply_for(self._current_policy(), submission))
+        policy = self._current_policy()
+        full = self._no_room(policy, len(data))
+        if full is not None:
+            return full
+        self._disk.charge(_state(policy), len(data))
+        task = asyncio.ensure_future(self._reply_for(policy, submission))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
         try:
@@ -137,6 +150,10 @@ class RelayHandler(Mechanisms):
         log.error("SMTP session error", exc_info=error)
         return LOCAL_ERROR
 
+    def _no_room(self, policy: Policy, size: int) -> str | None:
+        reserve = reserve_for(self._listener.max_message_size)
+        return self._disk.refusal(_state(policy), reserve, size)
+
     async def _reply_for(self, policy: Policy, submission: Submission) -> str:
         try:
             reply = await self._process(policy, submission)
@@ -154,6 +171,20 @@ class RelayHandler(Mechanisms):
             log.error("pipeline returned an unusable reply %r; answering 451", reply)
             return LOCAL_ERROR
         return reply
+
+
+def _state(policy: Policy) -> tuple[Path, Path]:
+    """Where a message is written: the spool and the audit log."""
+    return policy.queue.directory, policy.audit.directory
+
+
+def _declared_size(options: list[str]) -> int:
+    """The client's ``SIZE=`` (RFC 1870), 0 if it gave none."""
+    for option in options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
 
 
 def _login(session: Session) -> str | None:

@@ -1,0 +1,300 @@
+"""Mail refused with 452 4.3.1 while the state directory's disk is nearly full,
+so that the spool never takes the room the audit log needs to let queued mail
+leave (docs/queue.md: a full disk)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import smtplib
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from relay.ingress import diskspace, handler
+from relay.ingress.diskspace import INSUFFICIENT_STORAGE, DiskGuard, reserve_for
+from tests.ingress_harness import Relay
+from tests.minimal_policy import listener
+from tests.minimal_policy import policy as make_policy
+from tests.relayproc import RelayProcess, wait_for
+from tests.sink import SinkServer, free_port
+
+MESSAGE = (
+    b"From: Kari <kari@acme.example>\r\nTo: customer@example.org\r\nSubject: Invoice 1\r\n\r\nx\r\n"
+)
+STATE = (Path("/state/queue"), Path("/state/audit"))
+MiB = 1 << 20
+
+
+class FakeDisk:
+    """``os.statvfs`` of file systems whose free space a test sets, counting calls."""
+
+    def __init__(self, free: int, inodes: int = 10_000, files: int = 100_000) -> None:
+        self.free = {str(d): free for d in STATE}
+        self.inodes = inodes
+        self.files = files
+        self.calls = 0
+
+    def __call__(self, path: str) -> os.statvfs_result:
+        self.calls += 1
+        if path not in self.free:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        blocks = self.free[path] // 4096
+        fields = (4096, 4096, blocks * 2, blocks, blocks, self.files, self.inodes, self.inodes)
+        return os.statvfs_result((*fields, 0, 255))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def guard(disk: FakeDisk, clock: Clock | None = None) -> DiskGuard:
+    return DiskGuard(statvfs=disk, clock=clock or Clock())
+
+
+def test_the_reserve_is_one_and_a_half_messages_and_a_mebibyte_at_least() -> None:
+    assert reserve_for(26_214_400) == 39_321_600  # the default limit: 37.5 MiB
+    assert reserve_for(10_000) == MiB
+
+
+def test_mail_is_refused_below_the_reserve_and_taken_above_it() -> None:
+    disk = FakeDisk(free=40 * MiB)
+    clock = Clock()
+    checker = guard(disk, clock)
+    assert checker.refusal(STATE, reserve=30 * MiB) is None
+    assert checker.refusal(STATE, reserve=30 * MiB, size=10 * MiB) is None
+    assert checker.refusal(STATE, reserve=30 * MiB, size=11 * MiB) == INSUFFICIENT_STORAGE
+    disk.free[str(STATE[1])] = 20 * MiB  # the audit log on a fuller disk of its own
+    clock.now += diskspace.FRESH
+    assert checker.refusal(STATE, reserve=30 * MiB) == INSUFFICIENT_STORAGE
+
+
+def test_too_few_inodes_refuse_mail_where_the_file_system_counts_them() -> None:
+    assert guard(FakeDisk(free=40 * MiB, inodes=99)).refusal(STATE, MiB) == INSUFFICIENT_STORAGE
+    no_count = FakeDisk(free=40 * MiB, inodes=0, files=0)  # btrfs, for one
+    assert guard(no_count).refusal(STATE, MiB) is None
+
+
+def test_a_directory_that_cannot_be_read_refuses_nothing() -> None:
+    assert guard(FakeDisk(free=0)).refusal((Path("/elsewhere"),), MiB) is None
+
+
+def test_free_space_is_read_once_a_second_while_there_is_plenty() -> None:
+    disk = FakeDisk(free=10 * MiB)
+    clock = Clock()
+    checker = guard(disk, clock)
+    for _ in range(100):
+        assert checker.refusal(STATE, reserve=MiB) is None
+    assert disk.calls == 2  # one for each directory
+    checker.charge(STATE, 7 * MiB)  # a burst of messages within that second
+    assert checker.refusal(STATE, reserve=MiB) is None
+    assert disk.calls == 2
+    clock.now += diskspace.FRESH
+    assert checker.refusal(STATE, reserve=MiB) is None
+    assert disk.calls == 4
+
+
+def test_near_the_reserve_free_space_is_read_for_every_message() -> None:
+    """Another worker's messages take space this one's reading does not know of."""
+    disk = FakeDisk(free=10 * MiB)
+    checker = guard(disk)  # the clock stands still: nothing is a second old
+    assert checker.refusal(STATE, reserve=MiB) is None
+    checker.charge(STATE, 8 * MiB + 1)  # this worker's own burst: under twice the reserve
+    disk.free = dict.fromkeys(disk.free, MiB - 4096)  # and the other workers' too
+    assert checker.refusal(STATE, reserve=MiB) == INSUFFICIENT_STORAGE
+    assert disk.calls == 3  # the queue's read again, where the refusal stopped
+    disk.free = dict.fromkeys(disk.free, 3 * MiB // 2)
+    for _ in range(10):
+        assert checker.refusal(STATE, reserve=MiB) is None
+    assert disk.calls == 3 + 20
+
+
+def test_the_refusal_is_logged_once_a_minute_naming_the_directory_and_its_free_space(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    disk = FakeDisk(free=512 * 1024)
+    clock = Clock()
+    checker = guard(disk, clock)
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        for _ in range(59):
+            assert checker.refusal(STATE, reserve=MiB) == INSUFFICIENT_STORAGE
+            clock.now += 1.0
+        assert len(caplog.messages) == 1
+        clock.now += 1.0
+        assert checker.refusal(STATE, reserve=MiB) == INSUFFICIENT_STORAGE
+        disk.free = dict.fromkeys(disk.free, 2 * MiB)
+        clock.now += 1.0
+        assert checker.refusal(STATE, reserve=MiB) is None
+        assert checker.refusal(STATE, reserve=MiB) is None
+    first, second, back = caplog.messages
+    assert first == second
+    assert "refusing mail (452 4.3.1) for want of space: /state/queue has 524288 bytes" in first
+    assert f"{MiB} bytes and 100 inodes are kept free" in first
+    assert back == f"free space is back above the {MiB} bytes kept free: accepting mail"
+
+
+def test_the_message_itself_is_checked_at_the_end_of_data_and_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MAIL without SIZE passes with room for 50 KB beyond the reserve; a
+    message of 60 KB is refused when it has come, one of 40 KB taken; and when
+    the room shrinks to 5 KB (the other workers' mail) the next 40 KB are
+    refused at once, within the second a reading is kept for further away."""
+    nowhere = make_policy(()).queue.directory.parent
+    disk = FakeDisk(free=MiB + 50_000)
+    disk.free = {str(nowhere / "queue"): MiB + 50_000, str(nowhere / "audit"): 10 * MiB}
+    monkeypatch.setattr(handler, "_DISK", DiskGuard(statvfs=disk, clock=Clock()))
+    line = b"x" * 78 + b"\r\n"
+    with Relay([listener()]) as relay, smtplib.SMTP("127.0.0.1", relay.port) as client:
+        client.ehlo()
+        replies = []
+        for size in (60_000, 40_000, 40_000):
+            if len(replies) == 2:
+                disk.free[str(nowhere / "queue")] = MiB + 5_000
+            assert client.mail("jan@acme.example")[0] == 250
+            client.rcpt("one@example.org")
+            replies.append(client.data(b"Subject: x\r\n\r\n" + line * (size // 80))[0])
+    assert replies == [452, 250, 452]
+    assert len(relay.process.calls) == 1
+
+
+def _policy(policy_file: Path, port: int, sink_port: int, max_size: int) -> Path:
+    text = policy_file.read_text()
+    text = text.replace("port: 2525", f"port: {port}\n    max_message_size: {max_size}")
+    smtp = (
+        f"  default:\n    type: smtp\n    host: 127.0.0.1\n    port: {sink_port}\n"
+        "    tls: none\n    timeout: 10\n"
+    )
+    text = text.replace("  default:\n    type: directory\n    path: outbox\n", smtp)
+    text += "\nworkers: 1\n"
+    policy_file.write_text(text)
+    return policy_file
+
+
+def _spooled(state: Path) -> list[str]:
+    """The queue's entries, without the files kept for reuse or being written."""
+    return sorted(p.name for p in (state / "queue" / "msg").iterdir() if p.name[0] != ".")
+
+
+def test_a_relay_whose_disk_has_less_free_than_its_reserve_answers_452_and_keeps_nothing(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The listener takes messages of up to 1 TiB: 1.5 TiB must stay free, more
+    than this disk has, so every MAIL is refused before the message is sent."""
+    with SinkServer() as sink:
+        port = free_port()
+        policy = _policy(policy_file, port, sink.port, 2**40)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+                client.login("erp-acme", "demo-password")
+                code, reply = client.mail("jan@acme.example")
+                assert (code, reply) == (452, b"4.3.1 Insufficient system storage, try again later")
+                code, reply = client.rcpt("one@example.org")
+                assert code == 503  # no transaction began
+            wait_for(lambda: "for want of space" in relay.log(), 10)
+            log = relay.log()
+            state = tmp_path / "state"
+            assert f"refusing mail (452 4.3.1) for want of space: {state / 'queue'} has " in log
+            assert _spooled(state) == []
+            assert "received" not in _audit_events(state)
+        assert sink.sink.messages == []
+
+
+def test_a_size_announced_with_mail_from_counts_against_the_free_space(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Half the free space as the limit: its reserve fits, but a message of the
+    limit's size would leave less than the reserve free; a small one is taken."""
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    limit = free // 2
+    with SinkServer() as sink:
+        port = free_port()
+        policy = _policy(policy_file, port, sink.port, limit)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+                client.ehlo()
+                client.login("erp-acme", "demo-password")
+                code, reply = client.mail("jan@acme.example", [f"SIZE={limit}"])
+                assert (code, reply) == (452, b"4.3.1 Insufficient system storage, try again later")
+                code, _ = client.mail("jan@acme.example", [f"SIZE={len(MESSAGE)}"])
+                assert code == 250
+                client.rcpt("customer@example.org")
+                code, _ = client.data(MESSAGE)
+                assert code == 250
+            sink.sink.wait(1, 15)
+            assert _audit_events(tmp_path / "state").count("received") == 1
+
+
+def _audit_events(state: Path) -> list[str]:
+    files = [p for p in (state / "audit").iterdir() if p.is_file() and p.suffix != ".gz"]
+    lines = [line for p in files for line in p.read_text().splitlines() if line.startswith("{")]
+    return [json.loads(line)["event"] for line in lines]
+
+
+LARGE = (
+    b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: Invoice\r\n\r\n"
+    + (b"x" * 76 + b"\r\n") * 1300
+)  # 100 KB
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
+def test_a_full_disk_refuses_mail_and_the_queue_drains_when_the_upstream_returns(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A 2 MB state directory, two workers, the upstream down, 22 messages of
+    100 KB: the spool took the last blocks, the audit log then had no room for
+    the outcomes of the delivered ones, which stayed queued for good, were sent
+    again at a restart, and new mail got 451 until space was freed by hand.
+    Now the room is kept: the rest get 452, and once the upstream is back the
+    queue drains, each message arrives once, and mail is taken again."""
+    state = tmp_path / "state"
+    state.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(state)]
+    subprocess.run(mount, check=True, timeout=30)
+    try:
+        sink_port = free_port()
+        port = free_port()
+        policy = _policy(policy_file, port, sink_port, 200_000)
+        text = policy.read_text().replace("\nworkers: 1\n", "\nworkers: 2\n")
+        policy.write_text(text + "queue: {first_retry: 0.5, max_retry: 1, lifetime: 3600}\n")
+        with contextlib.ExitStack() as stack:
+            relay = stack.enter_context(RelayProcess(policy, port, tmp_path / "first.log"))
+            replies = [_send(port, LARGE) for _ in range(22)]
+            accepted = [reply for code, reply in replies if code == 250]
+            assert 0 < len(accepted) < 22
+            refused = {(code, reply) for code, reply in replies if code != 250}
+            assert refused == {(452, b"4.3.1 Insufficient system storage, try again later")}
+            sink = stack.enter_context(SinkServer(port=sink_port))
+            sink.sink.wait(len(accepted), 30)
+            wait_for(lambda: _spooled(state) == [], 30)
+            assert relay.stop() == 0
+            log = relay.log()
+            with RelayProcess(policy, port, tmp_path / "second.log") as again:
+                assert _send(port, LARGE)[0] == 250
+                sink.sink.wait(len(accepted) + 1, 30)
+                time.sleep(1.0)  # a message sent again would arrive meanwhile
+            log += again.log()
+            assert len(sink.sink.messages) == len(accepted) + 1
+        assert "WRITE FAILED" not in log
+        assert "No space left on device" not in log
+    finally:
+        subprocess.run(["umount", str(state)], check=True, timeout=30)
+
+
+def _send(port: int, data: bytes) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.login("erp-acme", "demo-password")
+        code, reply = client.mail("jan@acme.example")
+        if code != 250:
+            return code, reply
+        client.rcpt("one@example.org")
+        return client.data(data)
