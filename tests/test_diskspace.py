@@ -135,11 +135,16 @@ def test_the_refusal_is_logged_once_a_minute_naming_the_directory_and_its_free_s
         clock.now += 1.0
         assert checker.refusal(STATE, reserve=MiB) is None
         assert checker.refusal(STATE, reserve=MiB) is None
-    first, second, back = caplog.messages
+        disk.free = dict.fromkeys(disk.free, 2 * MiB)
+        clock.now += diskspace.LOG_EVERY
+        assert checker.refusal(STATE, reserve=MiB, size=MiB + 1) == INSUFFICIENT_STORAGE
+        assert checker.refusal(STATE, reserve=MiB) is None  # was never short: no line
+    first, second, back, too_big = caplog.messages
     assert first == second
     assert "refusing mail (452 4.3.1) for want of space: /state/queue has 524288 bytes" in first
     assert f"{MiB} bytes and 100 inodes are kept free" in first
     assert back == f"free space is back above the {MiB} bytes kept free: accepting mail"
+    assert f"kept free after a message of {MiB + 1} bytes" in too_big
 
 
 def test_the_message_itself_is_checked_at_the_end_of_data_and_counted(

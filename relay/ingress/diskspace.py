@@ -71,8 +71,9 @@ class DiskGuard:
         self._statvfs = statvfs
         self._clock = clock
         self._readings: dict[str, _Reading] = {}
-        self._logged: dict[int, float] = {}  # reserve -> when a refusal was last logged
-        self._short: set[int] = set()  # reserves whose refusal was logged since a pass
+        self._logged: dict[tuple[int, bool], float] = {}  # (reserve, short) -> when logged
+        # reserves below which the free space was, as logged, until a check passes
+        self._short: set[int] = set()
 
     def refusal(self, directories: Iterable[Path], reserve: int, size: int = 0) -> str | None:
         """``INSUFFICIENT_STORAGE`` if storing ``size`` bytes would leave less
@@ -85,7 +86,8 @@ class DiskGuard:
                 continue
             short_of_inodes = reading.inodes is not None and reading.inodes < INODE_RESERVE
             if reading.free - size < reserve or short_of_inodes:
-                self._log_short(directory, reading, reserve, size)
+                short = short_of_inodes or reading.free < reserve  # not just this message
+                self._log_short(directory, reading, reserve, size, short)
                 return INSUFFICIENT_STORAGE
         if reserve in self._short:
             self._short.discard(reserve)
@@ -115,12 +117,16 @@ class DiskGuard:
         self._readings[directory] = reading = _Reading(now, st.f_bavail * st.f_frsize, inodes)
         return reading
 
-    def _log_short(self, directory: Path, reading: _Reading, reserve: int, size: int) -> None:
+    def _log_short(
+        self, directory: Path, reading: _Reading, reserve: int, size: int, short: bool
+    ) -> None:
         now = self._clock()
-        if now - self._logged.get(reserve, now - LOG_EVERY) < LOG_EVERY:
+        key = (reserve, short)  # a message too big for the room left does not hide a full disk
+        if now - self._logged.get(key, now - LOG_EVERY) < LOG_EVERY:
             return
-        self._logged[reserve] = now
-        self._short.add(reserve)
+        self._logged[key] = now
+        if short:
+            self._short.add(reserve)
         inodes = "" if reading.inodes is None else f" and {reading.inodes} inodes"
         message = f" after a message of {size} bytes" if size else ""
         log.warning(
