@@ -4,9 +4,10 @@
 recipients it refused when it accepted others) or raises ``UpstreamError``
 with the upstream's own code and text when it refused the message
 (``RecipientsRefused``, with each one's reply, when it refused every
-recipient), or ``451 4.4.x`` when it could not be reached. See ``relay.upstream.smtp`` for
-how SMTP replies are mapped and ``relay.upstream.directory`` for the files
-the directory upstream writes.
+recipient; ``PartlyRefused``, with those of the recipients it refused, when
+the message failed after that), or ``451 4.4.x`` when it could not be
+reached. See ``relay.upstream.smtp`` for how SMTP replies are mapped and
+``relay.upstream.directory`` for the files the directory upstream writes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Collection, Sequence
 from relay.engine import Attempt
 from relay.errors import UpstreamError
 from relay.policy.model import DirectoryUpstream, SmtpUpstream, Upstream
-from relay.upstream import DeliveryResult, RecipientsRefused, directory, smtp
+from relay.upstream import DeliveryResult, PartlyRefused, RecipientsRefused, directory, smtp
 
 __all__ = ["DeliveryResult", "attempt", "deliver"]
 
@@ -50,7 +51,7 @@ async def attempt(
         result = await deliver(upstream, mail_from, rcpt_tos, data, needed=needed)
     except UpstreamError as exc:
         replies = dict.fromkeys(rcpt_tos, (exc.code, exc.line))
-        refused = exc.refused if isinstance(exc, RecipientsRefused) else {}
+        refused = exc.refused if isinstance(exc, RecipientsRefused | PartlyRefused) else {}
     else:
         replies = dict.fromkeys(rcpt_tos, (250, result.reply))
         refused = result.refused

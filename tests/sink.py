@@ -22,7 +22,8 @@ class Received:
 class RefusingRecipients:
     """aiosmtpd handler part shared by the test sinks: ``refuse`` maps a recipient
     to the reply it gets; ``taken`` to the reply it gets as it is accepted (a 251
-    or 252); everyone else is accepted with 250. With ``pipelining`` the sink
+    or 252); everyone else is accepted with 250. A 421 closes the connection
+    after it, as a server saying it does. With ``pipelining`` the sink
     offers PIPELINING, as Postfix does (aiosmtpd reads pipelined commands but
     does not say so)."""
 
@@ -42,6 +43,9 @@ class RefusingRecipients:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
     ) -> str:
         if address in self.refuse:
+            if self.refuse[address].startswith("421"):
+                # runs once the reply is written, which aiosmtpd does before it waits again
+                asyncio.get_running_loop().call_soon(server.transport.close)
             return self.refuse[address]
         envelope.rcpt_tos.append(address)
         return self.taken.get(address, "250 OK")

@@ -51,13 +51,16 @@ class Got:
 
 @dataclass
 class SinkHandler(RefusingRecipients):
-    data_reply: str = "250 2.0.0 Ok: queued as SINK1"
+    data_reply: str = "250 2.0.0 Ok: queued as SINK1"  # "": the connection drops instead
     delay: float = 0.0
     messages: list[Got] = field(default_factory=list)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.delay:
             await asyncio.sleep(self.delay)
+        if not self.data_reply:
+            server.transport.abort()  # the reply below is never written
+            return "250 never sent"
         login = session.auth_data.login.decode() if session.authenticated else None
         assert isinstance(envelope.original_content, bytes)
         self.messages.append(
@@ -294,6 +297,61 @@ async def test_every_recipient_refused_each_gets_its_own_reply(pipelining: bool)
         "bad@example.org": (550, "550 5.1.1 No such user"),
         "soft@example.org": (450, "450 4.2.1 try later"),
         "deny@example.org": (553, "553 5.7.1 Relaying denied"),
+    }
+    assert handler.messages == []
+
+
+PERM = {"perm@example.org": "550 5.1.1 User unknown"}
+PARTLY = ["ok@example.org", "perm@example.org", "ok2@example.org"]
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+@pytest.mark.parametrize(
+    ("data_reply", "others"),
+    [
+        (
+            "554 5.7.1 Message rejected: content policy",
+            "554 5.7.1 Message rejected: content policy",
+        ),
+        ("451 4.3.0 Try again later", "451 4.3.0 Try again later"),
+        ("", "451 4.4.2 Upstream smarthost (127.0.0.1:{port}): connection lost (sending)"),
+    ],
+    ids=["refused", "deferred", "dropped"],
+)
+async def test_a_recipient_refused_at_rcpt_keeps_its_reply_when_the_message_fails(
+    pipelining: bool, data_reply: str, others: str
+) -> None:
+    """The 550 to RCPT fails that recipient at once with its own words; it was
+    deferred or failed with the reply to the message, and retried with the others."""
+    handler = SinkHandler(refuse=dict(PERM), data_reply=data_reply, pipelining=pipelining)
+    with Sink(handler) as sink:
+        got = await attempt(upstream(sink.port), "b@p.example", PARTLY, MESSAGE)
+    line = others.format(port=sink.port)
+    assert got.replies == {
+        "ok@example.org": (int(line[:3]), line),
+        "perm@example.org": (550, "550 5.1.1 User unknown"),
+        "ok2@example.org": (int(line[:3]), line),
+    }
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_a_421_after_a_550_each_recipient_keeps_its_own_reply(pipelining: bool) -> None:
+    """The upstream refuses one recipient, then says 421 and closes: the first
+    recipient, taken, is retried for the connection lost, the refused one fails
+    with its 550 and the one answered 421 is retried with that reply."""
+    refuse = {**PERM, "bye@example.org": "421 4.7.0 Too many errors, closing"}
+    handler = SinkHandler(refuse=refuse, pipelining=pipelining)
+    rcpts = ["ok@example.org", "perm@example.org", "bye@example.org"]
+    with Sink(handler) as sink:
+        got = await attempt(upstream(sink.port), "b@p.example", rcpts, MESSAGE)
+    lost = f"451 4.4.2 Upstream smarthost (127.0.0.1:{sink.port}): connection lost (sending)"
+    assert got.replies == {
+        "ok@example.org": (451, lost),
+        "perm@example.org": (550, "550 5.1.1 User unknown"),
+        "bye@example.org": (
+            451,
+            "451 4.7.0 Too many errors, closing (upstream replied 421 4.7.0)",
+        ),
     }
     assert handler.messages == []
 

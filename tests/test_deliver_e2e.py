@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
-from tests.test_queue_e2e import audit_events, configure, send
+from tests.test_queue_e2e import audit_events, configure, relay_cli, send
 
 REFUSE = {
     "bad@example.org": "550 5.1.1 No such user",
@@ -46,3 +47,41 @@ def test_every_recipient_refused_fails_the_permanent_ones_and_defers_only_the_ot
     events = audit_events(policy, qid)
     assert ("failed", "bad@example.org") in events and ("failed", "deny@example.org") in events
     assert ("deferred", "bad@example.org") not in events
+
+
+def test_a_recipient_refused_before_the_upstream_closed_fails_with_its_own_reply(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The upstream takes ok@, refuses perm@ with 550, answers bye@ 421 and closes:
+    perm@ fails at once and its sender is told the 550; ok@ is retried for the
+    connection lost and bye@ with the 421. All three were retried with the
+    connection lost, perm@ until its lifetime ran out, its 550 never told."""
+    refuse = {
+        "perm@example.org": "550 5.1.1 User unknown",
+        "bye@example.org": "421 4.7.0 Too many errors, closing",
+    }
+    with SinkServer(Sink(refuse=refuse)) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            qid = send(port, rcpts=("ok@example.org", "perm@example.org", "bye@example.org"))
+            (notice,) = sink.sink.wait(1)
+            wait_for(lambda: relay.log().count(f"{qid}: to=<bye@example.org>") >= 2)
+            done = relay_cli(policy, "audit", "show", qid, "--format", "json")
+    body = notice.data.split(b"\r\n\r\n", 1)[1].decode("utf-8", "replace")
+    assert "perm@example.org" in body and "User unknown" in body
+    assert "ok@example.org" not in body and "bye@example.org" not in body
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    first = {}
+    for record in records:
+        if record["event"] in ("failed", "deferred"):
+            first.setdefault(record["recipient"], (record["event"], record["reply"]))
+    assert first["perm@example.org"] == ("failed", "550 5.1.1 User unknown")
+    assert first["bye@example.org"] == (
+        "deferred",
+        "451 4.7.0 Too many errors, closing (upstream replied 421 4.7.0)",
+    )
+    assert first["ok@example.org"][0] == "deferred"
+    assert "connection lost" in first["ok@example.org"][1]
+    assert ("deferred", "perm@example.org") not in audit_events(policy, qid)

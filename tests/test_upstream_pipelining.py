@@ -339,7 +339,28 @@ async def test_a_421_closes_the_connection_as_aiosmtplib_does(script: Script) ->
     assert outcomes[0][1] == [421]
 
 
+@pytest.mark.parametrize("after", ["hang up", "silence"])
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_a_refusal_before_a_hang_up_or_silence_is_kept_for_its_recipient(
+    pipelined: bool, after: str
+) -> None:
+    """one@ was refused, two@ never answered: one@'s 550 stands for it, while
+    two@ has only the connection lost or the silence; both had the latter."""
+    refused = [OK[0], b"550 5.1.1 no one\r\n"]
+    server = Script(refused, final=None, pipelining=pipelined, after=after)
+    async with connected(server) as client:
+        with pytest.raises(pipelining.Unfinished) as failed:
+            await send(client, timeout=0.5)
+    said = {address: (r.code, r.message) for address, r in failed.value.refused.items()}
+    assert said == {"one@example.org": (550, "5.1.1 no one")}
+    lost = aiosmtplib.SMTPServerDisconnected if after == "hang up" else aiosmtplib.SMTPTimeoutError
+    assert isinstance(failed.value.error, lost)
+
+
 def _described(error: aiosmtplib.SMTPException) -> tuple[str, list[int]]:
+    if isinstance(error, pipelining.Unfinished):
+        name, codes = _described(error.error)
+        return f"Unfinished({name})", [r.code for r in error.refused.values()] + codes
     if isinstance(error, aiosmtplib.SMTPRecipientsRefused):
         return type(error).__name__, [r.code for r in error.recipients]
     if isinstance(error, aiosmtplib.SMTPResponseException):

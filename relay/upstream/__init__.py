@@ -30,3 +30,13 @@ class RecipientsRefused(UpstreamError):
     def __init__(self, reply: UpstreamError, refused: Mapping[str, str]) -> None:
         super().__init__(reply.code, reply.status, reply.text)
         self.refused = refused
+
+
+class PartlyRefused(UpstreamError):
+    """The message failed (refused, or the connection lost) after the upstream had
+    refused some recipients at RCPT: its reply stands for the others, and
+    ``refused`` keeps what it said to each refused one, whose own reply stands."""
+
+    def __init__(self, reply: UpstreamError, refused: Mapping[str, str]) -> None:
+        super().__init__(reply.code, reply.status, reply.text)
+        self.refused = refused

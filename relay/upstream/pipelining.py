@@ -59,6 +59,31 @@ class Withheld(aiosmtplib.SMTPRecipientsRefused):
         self.taken = list(taken)
 
 
+class Unfinished(aiosmtplib.SMTPException):
+    """The transaction failed after the server had refused some recipients at
+    RCPT: ``error`` is what failed it (a refused message, a 421, a connection
+    lost, no reply in time), raised as it would be alone, and ``refused`` what
+    the server said to each refused recipient. Those replies stand whatever
+    became of the message, as in Postfix: a recipient refused for good fails
+    with its own 550 rather than being retried, or failed, with the reply the
+    others got."""
+
+    def __init__(self, error: aiosmtplib.SMTPException, refused: dict[str, SMTPResponse]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.refused = refused
+
+
+def unfinished(
+    error: aiosmtplib.SMTPException, rcpt_tos: Sequence[str], answers: Sequence[SMTPResponse]
+) -> Unfinished | None:
+    """``error`` with the refusals among ``answers`` (the first replies to RCPT,
+    those in before it), or None when none was a refusal."""
+    pairs = zip(rcpt_tos[: len(answers)], answers, strict=True)
+    refused = {address: reply for address, reply in pairs if not taken(reply)}
+    return Unfinished(error, refused) if refused else None
+
+
 def withheld(
     rcpt_tos: Sequence[str], answers: Sequence[SMTPResponse], needed: Collection[str]
 ) -> Withheld | None:
@@ -209,7 +234,38 @@ async def send(
     the end of the message may take ``data_timeout`` (default: ``timeout``).
     With ``needed`` DATA waits for the RCPT replies (``withheld``): in the
     group it would be answered 354 for the recipients taken, and the message
-    could not be stopped any more."""
+    could not be stopped any more. Failed after a recipient was refused, it
+    raises ``Unfinished``."""
+    answers: list[SMTPResponse] = []  # to each RCPT, as far as they came, once MAIL was taken
+    try:
+        return await _transaction(
+            client, mail_from, mail_command, rcpt_tos, rcpt_commands, section,
+            timeout, reset, data_timeout, needed, answers,
+        )  # fmt: skip
+    except (
+        aiosmtplib.SMTPResponseException,
+        aiosmtplib.SMTPServerDisconnected,
+        aiosmtplib.SMTPTimeoutError,
+    ) as error:
+        partial = unfinished(error, rcpt_tos, answers)
+        if partial is None:
+            raise
+        raise partial from error
+
+
+async def _transaction(
+    client: aiosmtplib.SMTP,
+    mail_from: str,
+    mail_command: bytes,
+    rcpt_tos: Sequence[str],
+    rcpt_commands: Sequence[bytes],
+    section: bytes,
+    timeout: float,
+    reset: bool,
+    data_timeout: float | None,
+    needed: Collection[str],
+    answers: list[SMTPResponse],
+) -> tuple[dict[str, SMTPResponse], SMTPResponse]:
     held = bool(needed)
     group = (*([b"RSET"] if reset else []), mail_command, *rcpt_commands)
     group += () if held else (b"DATA",)
@@ -223,6 +279,7 @@ async def send(
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as lost:
             refusal = _refusal(replies.arrived(), mail_from, rcpt_tos)
             if refusal is None:
+                answers += _answers(replies.arrived(), rcpt_tos)
                 raise
             transport.close()  # a refusal, then a hang-up or silence: the refusal counts
             raise refusal from lost
@@ -230,12 +287,13 @@ async def send(
             _close_on_421(reply, transport)
         if not _in_step(got, len(rcpt_tos) + 1):
             raise _invalid("replies out of step with the commands: a 354 before DATA's")
-        answers = got[1 : 1 + len(rcpt_tos)]
-        refusal = _refusal(got, mail_from, rcpt_tos) or withheld(rcpt_tos, answers, needed)
+        rcpts = got[1 : 1 + len(rcpt_tos)]
+        refusal = _refusal(got, mail_from, rcpt_tos) or withheld(rcpt_tos, rcpts, needed)
         if refusal is not None:
             if not held:
                 await _after_refusal(got[-1], refusal, replies, transport, timeout)
             raise refusal
+        answers += rcpts
         start = await _data(replies, transport, timeout) if held else got[-1]
         if start.code != SMTPStatus.start_input:
             raise aiosmtplib.SMTPDataError(start.code, start.message)
@@ -244,7 +302,7 @@ async def send(
     if final.code != SMTPStatus.completed:
         _close_on_421(final, transport)
         raise aiosmtplib.SMTPDataError(final.code, final.message)
-    refused = {a: r for a, r in zip(rcpt_tos, answers, strict=True) if not taken(r)}
+    refused = {a: r for a, r in zip(rcpt_tos, rcpts, strict=True) if not taken(r)}
     return refused, final
 
 
@@ -346,6 +404,14 @@ def _close_on_421(reply: SMTPResponse, transport: asyncio.BaseTransport) -> None
     """421: the server is closing the connection; aiosmtplib closes it too."""
     if reply.code == SMTPStatus.domain_unavailable:
         transport.close()
+
+
+def _answers(got: Sequence[SMTPResponse], rcpt_tos: Sequence[str]) -> list[SMTPResponse]:
+    """The replies to RCPT among those in when the rest did not come: none unless
+    the server took MAIL and the replies are in step."""
+    if not got or not _in_step(got, len(rcpt_tos) + 1) or got[0].code != SMTPStatus.completed:
+        return []
+    return list(got[1 : 1 + len(rcpt_tos)])
 
 
 def _refusal(

@@ -27,8 +27,15 @@ import aiosmtplib
 
 from relay.errors import UpstreamError
 from relay.policy.model import SmtpUpstream, TlsMode
-from relay.upstream import DeliveryResult, RecipientsRefused, helo, replies, transaction
-from relay.upstream.pipelining import DataTimeout, Stale, Withheld
+from relay.upstream import (
+    DeliveryResult,
+    PartlyRefused,
+    RecipientsRefused,
+    helo,
+    replies,
+    transaction,
+)
+from relay.upstream.pipelining import DataTimeout, Stale, Unfinished, Withheld
 from relay.upstream.pool import Pool, PoolKey, default_pool
 
 log = logging.getLogger("relay")
@@ -79,6 +86,8 @@ async def send(
                 log.debug("upstream %s: idle connection stale: %s", _where(upstream), exc)
         else:
             raise aiosmtplib.SMTPServerDisconnected("every idle connection was stale")
+    except Unfinished as exc:
+        raise _unfinished(upstream, exc) from exc.error
     except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
         raise _mapped(upstream, "sending", exc) from exc
     return DeliveryResult(
@@ -186,6 +195,11 @@ def _all_refused(exc: aiosmtplib.SMTPRecipientsRefused) -> RecipientsRefused:
     if isinstance(exc, Withheld):
         each.update(dict.fromkeys(exc.taken, NOT_SENT))
     return RecipientsRefused(replies.refusal(first.code, first.message, more), each)
+
+
+def _unfinished(upstream: SmtpUpstream, exc: Unfinished) -> PartlyRefused:
+    each = {rcpt: _refused(r.code, r.message) for rcpt, r in exc.refused.items()}
+    return PartlyRefused(_mapped(upstream, "sending", exc.error), each)
 
 
 def _refused(code: int, message: str) -> str:

@@ -77,7 +77,8 @@ async def send(
     The reply to the end of the message may take ``data_timeout`` (default:
     ``timeout``), and ``pipelining.DataTimeout`` says it did not come. If the
     server takes none of the ``needed`` recipients, ``pipelining.Withheld``
-    is raised and no DATA goes: the others do not get the message alone."""
+    is raised and no DATA goes: the others do not get the message alone.
+    Failed after a recipient was refused, it raises ``pipelining.Unfinished``."""
     done = timeout if data_timeout is None else data_timeout
     paths = [path(address) for address in (mail_from, *rcpt_tos)]  # refuse before sending
     section, size = wire(data)
@@ -99,29 +100,67 @@ async def send(
         )
         if reply.code != aiosmtplib.SMTPStatus.completed:
             raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, mail_from)
-        refused: dict[str, aiosmtplib.SMTPResponse] = {}
-        errors: list[aiosmtplib.SMTPRecipientRefused] = []
         answers: list[aiosmtplib.SMTPResponse] = []
-        for address, rcpt_path in zip(rcpt_tos, paths[1:], strict=True):
-            reply = await client.execute_command(b"RCPT", b"TO:" + rcpt_path, timeout=timeout)
-            answers.append(reply)
-            if not pipelining.taken(reply):
-                errors.append(aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, address))
-                refused[address] = reply
-        if len(errors) == len(rcpt_tos):
-            raise aiosmtplib.SMTPRecipientsRefused(errors)
-        if (held := pipelining.withheld(rcpt_tos, answers, needed)) is not None:
-            raise held
-        reply = await _data(client, section, timeout, done)
-    except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
+        try:
+            reply = await _one_by_one(
+                client, rcpt_tos, paths[1:], section, timeout, done, needed, answers
+            )
+        except (
+            aiosmtplib.SMTPResponseException,
+            aiosmtplib.SMTPServerDisconnected,
+            aiosmtplib.SMTPTimeoutError,
+        ) as error:
+            partial = pipelining.unfinished(error, rcpt_tos, answers)
+            if partial is None:
+                raise
+            raise partial from error
+    except (
+        aiosmtplib.SMTPResponseException,
+        aiosmtplib.SMTPRecipientsRefused,
+        pipelining.Unfinished,
+    ) as exc:
         # the refusal stands whatever happens to the RSET; aiosmtplib closes a
         # connection whose RSET is lost or unanswered, so it is not reused
-        with contextlib.suppress(
-            ConnectionError, aiosmtplib.SMTPResponseException, aiosmtplib.SMTPTimeoutError
-        ):
-            await client.rset(timeout=timeout)
+        if _refused(exc):
+            with contextlib.suppress(
+                ConnectionError, aiosmtplib.SMTPResponseException, aiosmtplib.SMTPTimeoutError
+            ):
+                await client.rset(timeout=timeout)
         raise
+    refused = {a: r for a, r in zip(rcpt_tos, answers, strict=True) if not pipelining.taken(r)}
     return refused, reply.message
+
+
+def _refused(exc: aiosmtplib.SMTPException) -> bool:
+    """A refusal, after which the connection may serve again once RSET; not a
+    connection lost or a reply not come in time, behind a refused recipient."""
+    return not isinstance(exc, pipelining.Unfinished) or isinstance(
+        exc.error, aiosmtplib.SMTPResponseException
+    )
+
+
+async def _one_by_one(
+    client: aiosmtplib.SMTP,
+    rcpt_tos: Sequence[str],
+    rcpt_paths: Sequence[bytes],
+    section: bytes,
+    timeout: float,
+    done: float,
+    needed: Collection[str],
+    answers: list[aiosmtplib.SMTPResponse],
+) -> aiosmtplib.SMTPResponse:
+    """RCPT for each recipient, its reply added to ``answers`` as it comes, then
+    DATA and the message, once a recipient was taken; the final reply."""
+    for rcpt_path in rcpt_paths:
+        answers.append(await client.execute_command(b"RCPT", b"TO:" + rcpt_path, timeout=timeout))
+    if not any(map(pipelining.taken, answers)):
+        pairs = zip(rcpt_tos, answers, strict=True)
+        raise aiosmtplib.SMTPRecipientsRefused(
+            [aiosmtplib.SMTPRecipientRefused(r.code, r.message, a) for a, r in pairs]
+        )
+    if (held := pipelining.withheld(rcpt_tos, answers, needed)) is not None:
+        raise held
+    return await _data(client, section, timeout, done)
 
 
 async def _greet(client: aiosmtplib.SMTP, timeout: float) -> None:
