@@ -18,7 +18,7 @@ from relay.headers import encode_text, fold, format_address
 from relay.policy.model import Policy
 from relay.queueid import new_queue_id
 from relay.sign import sign
-from relay.spool import PENDING, QueueEntry, RecipientState
+from relay.spool import DELIVERED, PENDING, QueueEntry, RecipientState
 
 
 def build_notice(
@@ -76,7 +76,7 @@ def build_notice(
 
 def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
     lines = [
-        "A document you sent could not be delivered to everyone.",
+        _opening(entry),
         "",
         f"Document:   {entry.subject or '(no subject)'}",
         f"Sent:       {entry.date or formatdate(entry.arrival, usegmt=True)}",
@@ -90,6 +90,21 @@ def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
         "This notice was written by the mail relay; replies to it are not read.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _opening(entry: QueueEntry) -> str:
+    """Whether anyone got the document at all: "not to everyone" said it had
+    reached some of its recipients when none had. The relay's own BCC copy
+    (``notify`` False, as is a failure already told) is nobody the sender meant."""
+    own = [r for r in entry.recipients if r.notify]
+    if any(r.status == DELIVERED for r in own):
+        return "A document you sent could not be delivered to everyone."
+    if any(r.status == PENDING for r in own):
+        return (
+            "A document you sent could not be delivered to the recipients below;"
+            " it is still being sent to the others."
+        )
+    return "A document you sent could not be delivered: none of its recipients got it."
 
 
 def _printable(text: str) -> str:

@@ -3,6 +3,7 @@ document's subject held, since the subject comes from the ERP's message."""
 
 from __future__ import annotations
 
+import quopri
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from relay import message
 from relay.notice import build_notice
 from relay.policy.load import load
-from relay.spool import FAILED, RecipientState
+from relay.spool import DELIVERED, EXPIRED, FAILED, PENDING, RecipientState
 from tests.spoolkit import make_entry
 
 
@@ -33,3 +34,33 @@ def test_a_notice_is_built_for_any_subject(policy_file: Path, subject: str, show
     head = data.split(b"\r\n\r\n", 1)[0]
     assert max(len(line) for line in head.split(b"\r\n")) <= 78
     assert message.read(data).get("Subject") == shown
+
+
+@pytest.mark.parametrize(
+    ("others", "opening"),
+    [
+        ([], "could not be delivered: none of its recipients got it."),
+        ([DELIVERED], "could not be delivered to everyone."),
+        ([PENDING], "could not be delivered to the recipients below; it is still being sent"),
+        ([FAILED], "could not be delivered: none of its recipients got it."),
+    ],
+    ids=["alone", "another-delivered", "another-pending", "another-told-before"],
+)
+def test_a_notice_says_whether_anyone_got_the_document(
+    policy_file: Path, others: list[str], opening: str
+) -> None:
+    """It said "could not be delivered to everyone" also when nobody got it. The
+    relay's BCC copy delivered is nobody the sender meant; another recipient
+    failed and told before is no longer ``notify``."""
+    entry = make_entry()
+    entry.recipients[0].status = EXPIRED
+    entry.recipients[1].status = DELIVERED  # the archive copy
+    for number, status in enumerate(others):
+        entry.recipients.append(
+            RecipientState(f"other{number}@example.net", status, notify=status != FAILED)
+        )
+    _, data = build_notice(load(policy_file), entry, entry.recipients[:1], 1_790_000_000.0)
+    body = data.split(b"\r\n\r\n", 1)[1]
+    text = quopri.decodestring(body.replace(b"\r\n", b"\n")).decode()
+    assert text.startswith("A document you sent " + opening)
+    assert "Recipient:  customer@example.net" in text
