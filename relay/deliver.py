@@ -21,6 +21,8 @@ from relay.upstream import DeliveryResult, PartlyRefused, RecipientsRefused, dir
 
 __all__ = ["DeliveryResult", "attempt", "deliver"]
 
+_TOO_MANY = 452  # to RCPT: more recipients than the server takes in one transaction
+
 
 async def deliver(
     upstream: Upstream,
@@ -46,7 +48,31 @@ async def attempt(
     *,
     needed: Collection[str] = (),
 ) -> Attempt:
-    """One delivery attempt as the engine sees it: a reply for every recipient."""
+    """One delivery attempt as the engine sees it: a reply for every recipient.
+
+    The recipients answered 452 go at once in a further transaction (RFC 5321
+    4.5.3.1.10: the server's limit of recipients per transaction, as Postfix
+    reads it), for as long as each one delivers to someone: deferred, a 5
+    recipient invoice to a server taking 2 went out over three retry waits.
+    A 452 for another reason (a full mailbox) costs one more transaction."""
+    replies: dict[str, tuple[int, str]] = {}
+    rest: Sequence[str] = rcpt_tos
+    while rest:
+        got = await _transaction(upstream, mail_from, rest, data, needed)
+        replies.update(got)
+        if not any(200 <= code < 300 for code, _ in got.values()):
+            break
+        rest, needed = [r for r, (code, _) in got.items() if code == _TOO_MANY], ()
+    return Attempt(replies)
+
+
+async def _transaction(
+    upstream: Upstream,
+    mail_from: str,
+    rcpt_tos: Sequence[str],
+    data: bytes,
+    needed: Collection[str],
+) -> dict[str, tuple[int, str]]:
     try:
         result = await deliver(upstream, mail_from, rcpt_tos, data, needed=needed)
     except UpstreamError as exc:
@@ -57,7 +83,7 @@ async def attempt(
         refused = result.refused
     for rcpt, reply in refused.items():
         replies[rcpt] = (_code(reply), reply)
-    return Attempt(replies)
+    return replies
 
 
 def _code(reply: str) -> int:

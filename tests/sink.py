@@ -30,6 +30,7 @@ class RefusingRecipients:
     refuse: dict[str, str] = field(default_factory=dict)
     pipelining: bool = False
     taken: dict[str, str] = field(default_factory=dict)
+    most: int | None = None  # recipients taken per transaction, then 452 as Postfix says it
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list
@@ -47,6 +48,8 @@ class RefusingRecipients:
                 # runs once the reply is written, which aiosmtpd does before it waits again
                 asyncio.get_running_loop().call_soon(server.transport.close)
             return self.refuse[address]
+        if self.most is not None and len(envelope.rcpt_tos) >= self.most:
+            return "452 4.5.3 Error: too many recipients"
         envelope.rcpt_tos.append(address)
         return self.taken.get(address, "250 OK")
 

@@ -356,6 +356,33 @@ async def test_a_421_after_a_550_each_recipient_keeps_its_own_reply(pipelining: 
     assert handler.messages == []
 
 
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_recipients_over_the_upstreams_limit_go_at_once_in_further_transactions(
+    pipelining: bool,
+) -> None:
+    """RFC 5321 4.5.3.1.10: a 452 to RCPT is the server's limit per transaction.
+    Deferred, an invoice to 5 recipients went out over three retry waits."""
+    handler = SinkHandler(most=2, pipelining=pipelining)
+    rcpts = [f"r{number}@example.org" for number in range(5)]
+    with Sink(handler) as sink:
+        got = await attempt(upstream(sink.port), "b@p.example", rcpts, MESSAGE)
+    assert {code for code, _ in got.replies.values()} == {250}
+    assert [m.rcpt_tos for m in handler.messages] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
+    assert [m.data for m in handler.messages] == [SENT] * 3
+
+
+async def test_a_452_for_a_full_mailbox_costs_one_more_transaction_then_is_deferred() -> None:
+    handler = SinkHandler(refuse={"full@example.org": "452 4.2.2 Mailbox full"})
+    with Sink(handler) as sink:
+        async with asyncio.timeout(10):  # not a transaction after another without end
+            got = await attempt(
+                upstream(sink.port), "b@p.example", ["one@example.org", "full@example.org"], MESSAGE
+            )
+    assert got.replies["full@example.org"] == (452, "452 4.2.2 Mailbox full")
+    assert got.replies["one@example.org"][0] == 250
+    assert [m.rcpt_tos for m in handler.messages] == [["one@example.org"]]
+
+
 async def test_refusal_after_data_passes_through() -> None:
     handler = SinkHandler(data_reply="554 5.7.1 Message rejected as spam")
     with Sink(handler) as sink, pytest.raises(UpstreamError) as failed:
