@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from relay.ingress import Ingress, bind, start
 from relay.ingress.authlimit import AuthFailures
+from relay.ingress.diskspace import DiskGuard
 from relay.policy.model import Listener, Policy
 from relay.submission import Submission
 from tests.minimal_policy import policy as make_policy
@@ -57,8 +58,10 @@ class Relay:
         process: Recorder | None = None,
         policy: Policy | None = None,
         failures: AuthFailures | None = None,
+        disk: DiskGuard | None = None,
     ) -> None:
         self.process = process or Recorder()
+        self.disk = disk
         # failed logins answered at once unless a test asks for the real delay
         self.failures = failures or AuthFailures(delay=0.0)
         self.policy = policy or make_policy(tuple(listeners))
@@ -82,6 +85,7 @@ class Relay:
                 self.process,
                 bind(self.listeners),
                 self.failures,
+                disk=self.disk,
             )
         )
         return self

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.ingress import diskspace, handler
+from relay.ingress import diskspace
 from relay.ingress.diskspace import INSUFFICIENT_STORAGE, DiskGuard, reserve_for
 from tests.ingress_harness import Relay
 from tests.minimal_policy import listener
@@ -147,9 +147,7 @@ def test_the_refusal_is_logged_once_a_minute_naming_the_directory_and_its_free_s
     assert f"kept free after a message of {MiB + 1} bytes" in too_big
 
 
-def test_the_message_itself_is_checked_at_the_end_of_data_and_counted(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_the_message_itself_is_checked_at_the_end_of_data_and_counted() -> None:
     """MAIL without SIZE passes with room for 50 KB beyond the reserve; a
     message of 60 KB is refused when it has come, one of 40 KB taken; and when
     the room shrinks to 5 KB (the other workers' mail) the next 40 KB are
@@ -157,9 +155,9 @@ def test_the_message_itself_is_checked_at_the_end_of_data_and_counted(
     nowhere = make_policy(()).queue.directory.parent
     disk = FakeDisk(free=MiB + 50_000)
     disk.free = {str(nowhere / "queue"): MiB + 50_000, str(nowhere / "audit"): 10 * MiB}
-    monkeypatch.setattr(handler, "_DISK", DiskGuard(statvfs=disk, clock=Clock()))
     line = b"x" * 78 + b"\r\n"
-    with Relay([listener()]) as relay, smtplib.SMTP("127.0.0.1", relay.port) as client:
+    guard = DiskGuard(statvfs=disk, clock=Clock())
+    with Relay([listener()], disk=guard) as relay, smtplib.SMTP("127.0.0.1", relay.port) as client:
         client.ehlo()
         replies = []
         for size in (60_000, 40_000, 40_000):

@@ -38,7 +38,6 @@ LOCAL_ERROR = "451 4.3.0 Local error, try again later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 
 _REPLY = re.compile(r"[2-5][0-9][0-9]( [^\x00-\x1f\x7f]*)?")
-_DISK = DiskGuard()  # one per worker process, for all its listeners
 
 
 class RelayHandler(Mechanisms):
@@ -60,7 +59,7 @@ class RelayHandler(Mechanisms):
         self._verified = verified if verified is not None else Verified()
         self._failures = failures if failures is not None else AuthFailures()
         self._refused = refused
-        self._disk = disk if disk is not None else _DISK
+        self._disk = disk if disk is not None else DiskGuard()
 
     def __dir__(self) -> list[str]:
         """See ``RelaySMTP.__dir__``: aiosmtpd looks for its hooks here on every connection."""

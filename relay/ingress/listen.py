@@ -20,6 +20,7 @@ from ipaddress import ip_address
 
 from relay.ingress.authcache import Verified
 from relay.ingress.authlimit import AuthFailures
+from relay.ingress.diskspace import DiskGuard
 from relay.ingress.handler import Process, Refused, RelayHandler
 from relay.ingress.protocol import RelaySMTP
 from relay.policy.model import AuthMode, Listener, Policy
@@ -44,6 +45,7 @@ class Ingress:
     in_flight: set[asyncio.Task[str]] = field(default_factory=set)
     verified: Verified = field(default_factory=Verified)  # AUTH passwords, for every listener
     failures: AuthFailures = field(default_factory=AuthFailures)  # failed logins, likewise
+    disk: DiskGuard = field(default_factory=DiskGuard)  # free space of the state, likewise
     tls: dict[str, ssl.SSLContext] = field(default_factory=dict)  # per listener, for STARTTLS
     served: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # their cert and key
     refused: Refused | None = None  # puts content the SMTP side refused on record
@@ -166,10 +168,13 @@ async def start(
     sockets: Sockets,
     failures: AuthFailures | None = None,
     refused: Refused | None = None,
+    disk: DiskGuard | None = None,
 ) -> Ingress:
     """Serve every listener on its sockets from ``bind``; raises ssl.SSLError."""
     loop = asyncio.get_running_loop()
-    ingress = Ingress(failures=failures or AuthFailures(), refused=refused)
+    ingress = Ingress(
+        failures=failures or AuthFailures(), refused=refused, disk=disk or DiskGuard()
+    )
     try:
         for listener in listeners:
             factory = _factory(listener, current_policy, process, ingress, loop)
@@ -198,6 +203,7 @@ def _factory(
         ingress.verified,
         ingress.failures,
         ingress.refused,
+        ingress.disk,
     )
     tls = server_context(listener.tls) if listener.tls is not None else None
     if tls is not None and listener.tls is not None:
