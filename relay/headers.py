@@ -38,6 +38,10 @@ DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"  # RFC 5322 3.2.3; also the plain SMTP 
 _QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
 _LITERAL = r"\[[\x21-\x5a\x5e-\x7e]*\]"
 _ADDR_SPEC = re.compile(rf"(?:{DOT_ATOM}|{_QUOTED})@(?:{DOT_ATOM}|{_LITERAL})")
+_ATEXT_UTF8 = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]"  # RFC 6532 3.2
+DOT_ATOM_UTF8 = rf"{_ATEXT_UTF8}+(?:\.{_ATEXT_UTF8}+)*"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # RFC 1123 2.1
+_MAILBOX = re.compile(rf"(?:{DOT_ATOM_UTF8}|{_QUOTED})@{_LABEL}(?:\.{_LABEL})*")
 _PHRASE = re.compile(rf"{_ATEXT}+(?: {_ATEXT}+)*")
 _Q_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
 
@@ -106,6 +110,15 @@ def fits_smtp(address: str) -> bool:
     no server takes a longer one, and no header line could hold it."""
     local = address.rpartition("@")[0]
     return len(local.encode()) <= 64 and len(address.encode()) <= 254
+
+
+def deliverable(address: str) -> bool:
+    """Whether ``address`` names a mailbox on a host: a dot-atom (UTF-8 allowed,
+    as a From may be written) or quoted local part, a host name after the ``@``
+    (no address literal: the SMTP side refuses those too), within ``fits_smtp``.
+    ``j@-x.example`` or ``j@x_y!.example`` reach no one; ``format_address``
+    still takes ASCII only."""
+    return fits_smtp(address) and bool(_MAILBOX.fullmatch(address))
 
 
 def format_address(display_name: str, address: str) -> str:

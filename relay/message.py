@@ -1,8 +1,9 @@
 """A read-only view of a submitted message, for the policy stages to look at.
 
 The email package is used here only to *read* values (decoded header text,
-addresses, attachment file names); the bytes that are sent are edited by
-``relay.rewrite`` and never regenerated from this view.
+attachment file names); the bytes that are sent are edited by
+``relay.rewrite`` and never regenerated from this view. Address fields are
+split by ``address_list``, as mail clients split them.
 
 A header block that is valid UTF-8 is read as UTF-8 (RFC 6532), as ERPs
 write names and subjects that way; in one that is not, a line that is not
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.message import Message
-from email.utils import decode_params, getaddresses
+from email.utils import decode_params
 
 from relay import headers
 
@@ -104,29 +105,22 @@ class MessageView:
 
     def addresses(self, name: str) -> tuple[tuple[str, str], ...]:
         """(decoded display name, address) pairs of every ``name`` header that names
-        a mailbox SMTP can deliver to.
+        a mailbox SMTP can deliver to (``headers.deliverable``).
 
-        The value is parsed as written and only the names are decoded after: an
-        encoded word may hold ``<``, ``,`` or ``@``, which are text in a name and
-        must not turn one mailbox into another. Empty addresses and ones longer
-        than RFC 5321 allows (4.5.3.1) are left out: no server takes them, and so
-        is a value the email package's parser recurses on too deep (comments or
-        groups nested hundreds of levels), which would otherwise fail the message.
-        Each name is parsed once: an unknown sender's From is read to identify it
-        and again to say so.
+        The value is split into mailboxes before anything is decoded, and an encoded
+        word is one word of a display name: the ``<``, ``,``, ``@`` or ``:`` it may
+        hold are text, and never turn one mailbox into another. Each name is parsed
+        once: an unknown sender's From is read to identify it and again to say so.
         """
         name = name.lower()
         found = self._addresses.get(name)
         if found is None:
-            found = self._addresses[name] = self._parse_addresses(name)
+            values = [v for n, v in self.written if n.lower() == name]
+            pairs = (pair for value in values for pair in address_list(value))
+            found = self._addresses[name] = tuple(
+                (n, a) for n, a in pairs if headers.deliverable(a)
+            )
         return found
-
-    def _parse_addresses(self, name: str) -> tuple[tuple[str, str], ...]:
-        try:
-            pairs = getaddresses([v for n, v in self.written if n.lower() == name])
-        except RecursionError:
-            return ()
-        return tuple((decode(n), a) for n, a in pairs if _deliverable(a))
 
     @property
     def subject(self) -> str:
@@ -144,8 +138,152 @@ def decode(value: str) -> str:
         return unfolded
 
 
-def _deliverable(address: str) -> bool:
-    return "@" in address and headers.fits_smtp(address)
+_LEXEME = re.compile(
+    r"""(?P<space>[ \t\r\n]+)
+    | (?P<encoded>=\?[^?\s]+\?[bBqQ]\?[^?]*\?=)
+    | (?P<atom>[^ \t\r\n()<>\[\]:;@\\,."]+)
+    | "(?P<quoted>(?:[^"\\]|\\.)*)"?
+    | (?P<literal>\[(?:[^]\\]|\\.)*\]?)
+    | (?P<comment>\()
+    | (?P<special>.)""",
+    re.VERBOSE | re.DOTALL,
+)
+_COMMENT_MARKS = re.compile(r"\\.|[()]", re.DOTALL)
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+_PHRASE = frozenset({"atom", "encoded", "quoted", "."})
+_LOCAL_WORDS = frozenset({"atom", "quoted"})
+_DOMAIN_WORDS = frozenset({"atom"})
+_DOT_ATOM = re.compile(headers.DOT_ATOM_UTF8)
+
+
+# (kind, text, spaced): kind is a _LEXEME group name or, for a special, the
+# character itself; text is a quoted string's content unquoted, anything else
+# as written; spaced says white space or a comment came before it.
+_Lexeme = tuple[str, str, bool]
+
+
+def address_list(value: str) -> list[tuple[str, str]]:
+    """(decoded display name, address) for each mailbox of an RFC 5322 address
+    list, groups opened; an address is empty or malformed where the value is.
+
+    The email package's compat32 ``getaddresses`` split the raw value, encoded
+    words included, at every comma: ``=?utf-8?q?Support,a@evil.example?= <j@x>``
+    gave ``a@evil.example``. Here an encoded word is one word of a display
+    name, as in the email package's modern parser and in mail clients, and a
+    mailbox with ``<>`` is the address inside them, whatever its name holds.
+    One pass without recursion: a header of nested comments or groups costs
+    what any other of its size does.
+    """
+    return [_mailbox(element) for element in _elements(_lexemes(value)) if element]
+
+
+def _lexemes(value: str) -> list[_Lexeme]:
+    found: list[_Lexeme] = []
+    pos, spaced = 0, False
+    while pos < len(value):
+        for match in _LEXEME.finditer(value, pos):
+            kind = match.lastgroup
+            if kind == "space":
+                spaced = True
+                continue
+            if kind == "comment":
+                pos, spaced = _comment_end(value, match.end()), True
+                break
+            text = match[0]
+            if kind == "quoted":
+                text = match["quoted"]
+                text = _QUOTED_PAIR.sub(r"\1", text) if "\\" in text else text
+            found.append((text if kind == "special" else kind or text, text, spaced))
+            spaced = False
+        else:
+            break
+    return found
+
+
+def _comment_end(value: str, pos: int) -> int:
+    """Where the comment opened just before ``pos`` ends: comments nest, and one
+    left open runs to the end of the value."""
+    depth = 1
+    for mark in _COMMENT_MARKS.finditer(value, pos):
+        if mark[0] == "(":
+            depth += 1
+        elif mark[0] == ")":
+            depth -= 1
+        if depth == 0:
+            return mark.end()
+    return len(value)
+
+
+def _elements(lexemes: list[_Lexeme]) -> list[list[_Lexeme]]:
+    """The lexemes of each mailbox: split at commas and at group ends outside
+    ``<>``, a group's name left out."""
+    elements: list[list[_Lexeme]] = [[]]
+    bracketed = False
+    for lexeme in lexemes:
+        kind = lexeme[0]
+        if bracketed:
+            bracketed = kind != ">"
+        elif kind == "<":
+            bracketed = True
+        elif kind == "," or kind == ";":
+            if elements[-1]:
+                elements.append([])
+            continue
+        elif kind == ":":
+            elements[-1] = []
+            continue
+        elements[-1].append(lexeme)
+    return elements
+
+
+def _mailbox(element: list[_Lexeme]) -> tuple[str, str]:
+    kinds = [kind for kind, _, _ in element]
+    if "<" not in kinds:
+        return "", _addr_spec(element)
+    start = kinds.index("<")
+    end = kinds.index(">", start) if ">" in kinds[start:] else len(kinds)
+    inside = element[start + 1 : end]
+    route = [i for i, (kind, _, _) in enumerate(inside) if kind == ":"]
+    if route:
+        inside = inside[route[-1] + 1 :]  # obsolete source route: @a,@b:j@x
+    return _display_name(element[:start]), _addr_spec(inside)
+
+
+def _display_name(phrase: list[_Lexeme]) -> str:
+    """The phrase decoded, or empty when it is no phrase (``a@b <a@b>``)."""
+    if any(kind not in _PHRASE for kind, _, _ in phrase):
+        return ""
+    written = "".join(
+        (" " if i and spaced else "") + text for i, (_, text, spaced) in enumerate(phrase)
+    )
+    return decode(written)
+
+
+def _addr_spec(lexemes: list[_Lexeme]) -> str:
+    """``local@domain``, a local part quoted only where it must be; empty where the
+    lexemes are no address, or the local part holds an encoded word, which a
+    reader that decodes it would take for another address."""
+    kinds = [kind for kind, _, _ in lexemes]
+    if kinds.count("@") != 1:
+        return ""
+    at = kinds.index("@")
+    local = _dotted(lexemes[:at], _LOCAL_WORDS)
+    domain = _dotted(lexemes[at + 1 :], _DOMAIN_WORDS)
+    if local is None or domain is None:
+        return ""
+    if not _DOT_ATOM.fullmatch(local):
+        local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{local}@{domain}"
+
+
+def _dotted(lexemes: list[_Lexeme], words: frozenset[str]) -> str | None:
+    """Words of the ``words`` kinds joined by dots, or None for anything else."""
+    if len(lexemes) % 2 == 0:
+        return None
+    for i, (kind, _, _) in enumerate(lexemes):
+        if (kind not in words) if i % 2 == 0 else (kind != "."):
+            return None
+    return "".join(text for _, text, _ in lexemes)
 
 
 def read(raw: bytes, split: tuple[list[headers.Field], int] | None = None) -> MessageView:
