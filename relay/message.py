@@ -128,14 +128,33 @@ class MessageView:
 
 
 def decode(value: str) -> str:
-    """Decode RFC 2047 words; a malformed word is kept as it was written."""
+    """Decode RFC 2047 words; a malformed word is kept as it was written, and so
+    is a value the email package's decoder would take too long over."""
     unfolded = _FOLD.sub("", value)
     if "=?" not in unfolded:
         return unfolded  # no encoded word: what the decoder would give back, at no cost
+    if _decoder_work(unfolded) > _DECODER_BUDGET:
+        return unfolded
     try:
         return str(make_header(decode_header(unfolded)))
     except (ValueError, LookupError, UnicodeError, MessageError):  # a charset named in 8 bits
         return unfolded
+
+
+# Characters the decoder's pattern may scan: ~10 ms; no real header comes near it.
+_DECODER_BUDGET = 2_000_000
+
+
+def _decoder_work(text: str) -> int:
+    """How far ``decode_header``'s pattern scans, at most: from each ``=?`` after a
+    line's last ``?=`` it reads to the end of the line and fails, so a 256 KiB
+    ``Subject: =?a?q? =?a?q? ...`` held the event loop for minutes. Before that
+    ``?=`` every try ends at the first ``?`` that does not fit or in a match."""
+    work = 0
+    for line in text.splitlines():
+        tail = line[line.rfind("?=") + 2 :] if "?=" in line else line
+        work += tail.count("=?") * len(tail)
+    return work
 
 
 _LEXEME = re.compile(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.message
 import email.parser
 import re
+import time
 from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.policy import compat32
@@ -262,3 +263,15 @@ def test_addresses_longer_than_smtp_allows_are_left_out() -> None:
         f' Per <"{"a" * 600}\r\n {"a" * 600}"@acme.example>\r\n\r\n'.encode()
     )
     assert view.addresses("To") == (("", longest),)
+
+
+def test_a_value_the_decoder_would_scan_for_minutes_is_kept_as_written() -> None:
+    """From each ``=?`` after a line's last ``?=`` the email package's pattern reads
+    to the end of the line: a 256 KiB Subject of these held the event loop for
+    minutes, growing with the square of its size."""
+    value = "=?a?q? " * 9000
+    view = message.read(f"Subject: {value}\r\nTo: Jan {value}<j@x.example>\r\n\r\nx\r\n".encode())
+    start = time.monotonic()
+    assert view.subject == value
+    assert view.addresses("To") == (("Jan " + value.strip(), "j@x.example"),)
+    assert time.monotonic() - start < 2
