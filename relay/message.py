@@ -310,15 +310,18 @@ def read(raw: bytes, split: tuple[list[headers.Field], int] | None = None) -> Me
     head = _head(raw)
     fields = _plain_fields(head, split if split is not None and split[1] == len(head) else None)
     if fields is None:
-        fields = [(name, str(value)) for name, value in _HEADERS.parsestr(_text(head)).items()]
+        fields = [
+            (name, str(value)) for name, value in _HEADERS.parsestr(header_text(head)).items()
+        ]
     return MessageView(
         written=tuple((name, _FOLD.sub("", value)) for name, value in fields), raw=raw
     )
 
 
-def _text(head: bytes) -> str:
-    """The header block as UTF-8 text, or else line by line: a name in Latin-1
-    bytes came out as ``J\ufffdrgen`` in the signed ``Reply-To``."""
+def header_text(head: bytes) -> str:
+    """The header block as UTF-8 text, or else line by line (as the policy reads
+    it and preview shows it): a name in Latin-1 bytes came out as
+    ``J\ufffdrgen`` in the signed ``Reply-To``."""
     try:
         return head.decode("utf-8")
     except UnicodeDecodeError:

@@ -110,7 +110,7 @@ def _report(policy: Policy, submission: Submission, prepared: Prepared) -> dict:
         ],
         "upstream": _describe(d.upstream),
         "reasons": list(d.reasons),
-        "headers": b"".join(f.raw for f in fields).decode("ascii", "replace"),
+        "headers": message.header_text(b"".join(f.raw for f in fields)),
     }
 
 

@@ -113,6 +113,20 @@ def test_preview_json(policy_file: Path, tmp_path: Path) -> None:
     assert report["reply_to"]["after"] == "=?utf-8?b?S8OlcmUgw5hkZWfDpXJk?= <kari@acme.example>"
 
 
+@pytest.mark.parametrize("charset", ["utf-8", "latin-1"])
+def test_preview_shows_8bit_header_text_as_the_relay_reads_it(
+    policy_file: Path, tmp_path: Path, charset: str
+) -> None:
+    """Not as U+FFFD: the headers shown are the ones sent, read as the policy reads them."""
+    eml = tmp_path / "invoice.eml"
+    eml.write_bytes(INVOICE.replace("Subject: ", "Subject: Grüße, ").encode(charset))
+    done = relay("preview", "-c", str(policy_file), str(eml), "--json")
+    assert done.returncode == 0, done.stderr
+    assert "\nSubject: Grüße, " in json.loads(done.stdout)["headers"]
+    done = relay("preview", "-c", str(policy_file), str(eml))
+    assert "Subject: Grüße, " in done.stdout
+
+
 def test_preview_of_a_refused_message(policy_file: Path, tmp_path: Path) -> None:
     eml = tmp_path / "x.eml"
     eml.write_text("From: who@nowhere.example\nTo: a@example.org\n\nx\n")
