@@ -547,3 +547,84 @@ def test_the_table_holds_no_more_when_its_first_row_comes_late(tmp_path: Path) -
     (record,) = search(tmp_path, status="delivered")
     assert owner(record) == {"tenant": "acme", "user": "jan", "doc_type": "invoice"}
     assert Counted.most <= LOOKBACK_DAYS + 2
+
+
+NOTICE = ("Q00000000000N1", "<Q00000000000N1@platform.example>")
+
+
+def _with_a_notice(directory: Path) -> list[int]:
+    """The fixture log, then a notice to eva about her quote, linked on day 3 and
+    delivered on day 4: its records' seqs."""
+    clock = build(directory)
+    q, m = ACME_QUOTE
+    with AuditLog(directory, clock=clock) as log:
+        log.append(
+            events.notified(
+                queue_id=q, message_id=m, recipient="eva@acme.example", notice_queue_id=NOTICE[0]
+            )
+        )
+        clock.advance(days=1)
+        log.append_many(
+            [
+                events.deferred(
+                    queue_id=NOTICE[0],
+                    message_id=NOTICE[1],
+                    recipient="eva@acme.example",
+                    reply="451 4.7.1 Greylisted",
+                    next_attempt=clock.now,
+                ),
+                events.delivered(
+                    queue_id=NOTICE[0],
+                    message_id=NOTICE[1],
+                    recipient="eva@acme.example",
+                    upstream="smarthost",
+                    reply="250 ok",
+                    attempts=2,
+                ),
+            ]
+        )
+    return [20, 21]
+
+
+def test_a_failure_notice_is_found_under_the_tenant_and_user_of_its_message(
+    tmp_path: Path,
+) -> None:
+    """A notice has no ``received`` record: ``--tenant acme --queue-id <notice>`` found
+    nothing, and ``--doc-type notice`` listed none of the rows the report counts."""
+    notice = _with_a_notice(tmp_path)
+    assert seqs(tmp_path, tenant="acme", queue_id=NOTICE[0]) == notice
+    assert seqs(tmp_path, tenant="acme", doc_type="notice") == notice
+    assert seqs(tmp_path, tenant="acme", user="eva", doc_type="notice") == notice
+    assert seqs(tmp_path, doc_type="notice") == notice
+    assert seqs(tmp_path, tenant="acme", status="delivered") == [4, 6, 12, 21]
+    assert seqs(tmp_path, tenant="acme", user="eva") == [7, 8, 9, 10, 18, 19, *notice]
+    assert seqs(tmp_path, message_id=NOTICE[1], user="eva") == notice
+    assert seqs(tmp_path, tenant="acme", since="2024-05-09") == notice  # linked the day before
+    assert seqs(tmp_path, tenant="acme", doc_type="quote") == [7, 8, 9, 10, 18, 19]
+    assert seqs(tmp_path, tenant="acme", user="jan", doc_type="notice") == []
+    assert seqs(tmp_path, tenant="globex", doc_type="notice") == []
+    assert seqs(tmp_path, doc_type="invoice", queue_id=NOTICE[0]) == []
+
+
+def test_the_table_names_a_notice_by_its_message_s_tenant_and_user(tmp_path: Path) -> None:
+    """The table showed ``- - -`` for a notice's records."""
+    _with_a_notice(tmp_path)
+    for given in ({"queue_id": NOTICE[0]}, {"tenant": "acme", "doc_type": "notice"}):
+        out = io.StringIO()
+        assert search_main(tmp_path, **given, out=out, err=io.StringIO()) == 0, given
+        rows = [line.split()[1:7] for line in out.getvalue().splitlines()[1:]]
+        assert rows == [
+            ["deferred", NOTICE[0], "acme", "eva", "notice", "eva@acme.example"],
+            ["delivered", NOTICE[0], "acme", "eva", "notice", "eva@acme.example"],
+        ], given
+
+
+def test_a_notice_whose_message_is_before_the_look_back_is_still_a_notice(
+    tmp_path: Path,
+) -> None:
+    _with_a_notice(tmp_path)
+    owner = Owners(tmp_path, since="2024-05-09", lookback_days=1)
+    (record,) = search(tmp_path, since="2024-05-09", status="delivered", lookback_days=1)
+    assert owner(record) == {"tenant": None, "user": None, "doc_type": "notice"}
+    owner = Owners(tmp_path, since="2024-05-09", lookback_days=0)
+    assert owner(record) is None  # its link is before the look-back too

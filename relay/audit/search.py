@@ -4,7 +4,9 @@ Only ``received`` names the tenant, user and document type; later events
 carry the queue ID. Filtering on those therefore joins on the queue ID: the
 scan starts ``lookback_days`` before ``since`` so a message received last
 month but bounced this week still counts, and in those early files only
-the ``received`` lines that mention the tenant are decoded.
+the ``received`` lines that mention the tenant are decoded. A failure notice
+has no ``received`` record: it belongs to the tenant and user of the message
+its ``notified`` record names, with type ``notice``, as in the report.
 
 Speed comes from never decoding a line that cannot match: whole day files
 outside the window are skipped by name, and every line must contain the
@@ -28,6 +30,7 @@ from relay.audit import events, reader
 
 LOOKBACK_DAYS = 30
 _RECEIVED = b'"event":"received"'
+_NOTIFIED = b'"event":"notified"'
 _RELATIVE = re.compile(r"(\d+)([dhm])")
 _HEAD = re.compile(rb'"time":"([^"]*)","event":"([a-z_]+)","queue_id":(?:"([^"\\]*)"|null)')
 _STRING = rb'"((?:[^"\\]|\\.)*)"'
@@ -153,6 +156,12 @@ def search(
     ``status`` is an event name; ``recipient`` (case-insensitive) matches
     ``recipient``, ``rcpt_tos`` or ``recipients``; ``message_id`` matches
     with or without angle brackets.
+
+    The join holds the queue IDs of the messages whose ``received`` record
+    matched, and of their notices, met in their ``notified`` records (which
+    come after the ``received``). For ``doc_type`` ``notice`` with a tenant or
+    user, it holds that tenant's or user's messages as well, as a search on
+    the tenant alone would, to know whose notice each link names.
     """
     if status is not None and status not in events.SCHEMA:
         raise ValueError(f"unknown status {status!r}: one of {', '.join(events.SCHEMA)}")
@@ -168,6 +177,8 @@ def search(
     join = {k: v for k, v in (("tenant", tenant), ("user", user), ("doc_type", doc_type)) if v}
     joining = bool(join) and status != "received"
     join_needles = [b'"%s":"%s"' % (k.encode(), _text(v)) for k, v in join.items()]
+    notices = joining and doc_type in (None, events.NOTICE_TYPE)
+    senders = {k: v for k, v in join.items() if k != "doc_type"}
     needles = []
     if status is not None:
         needles.append(b'"event":"%s"' % status.encode())
@@ -200,6 +211,9 @@ def search(
     lowered = rcpt is not None and driver is rcpt_needle
 
     wanted: set[str | None] = set()
+    # Whose notices are wanted: the wanted messages, unless the type names the notices.
+    parents = wanted if doc_type is None else set()
+    parent_needles = join_needles[: len(senders)] if notices and parents is not wanted else None
     first = window.first_day
     if joining and first is not None:
         first = _back(first, lookback_days)
@@ -214,16 +228,28 @@ def search(
             else:
                 starts = _starts(low if lowered else block, driver)
                 if joining:
-                    starts = sorted({*starts, *_starts(block, join_needles[0])})
+                    starts = [*starts, *_starts(block, join_needles[0])]
+            if notices and starts is not None:
+                starts += _starts(block, _NOTIFIED)
+            if joining and starts is not None:
+                starts = sorted(set(starts))
             for start, line in _lines(block, starts):
-                if join and _RECEIVED in line and all(n in line for n in join_needles):
+                if join and _RECEIVED in line and _may_own(line, join_needles, parent_needles):
                     record = _decode(line)
-                    if record is None or any(record.get(k) != v for k, v in join.items()):
+                    if record is None:
+                        continue
+                    if parent_needles is not None and _owns(record, senders):
+                        parents.add(record.get("queue_id"))
+                    if not _owns(record, join):
                         continue
                     wanted.add(record.get("queue_id"))
                     if not early and matches(record):
                         yield record
                     continue
+                if notices and _NOTIFIED in line:
+                    notice = _notice_of(line, parents if senders else None)
+                    if notice is not None:
+                        wanted.add(notice)
                 if early or not all(n in line for n in needles):
                     continue
                 if rcpt is not None and rcpt_needle not in low[start : start + len(line)]:
@@ -240,6 +266,27 @@ def search(
                 ):
                     continue
                 yield record
+
+
+def _may_own(line: bytes, needles: list[bytes], parent_needles: list[bytes] | None) -> bool:
+    return all(n in line for n in needles) or (
+        parent_needles is not None and all(n in line for n in parent_needles)
+    )
+
+
+def _owns(record: dict[str, Any], fields: dict[str, str]) -> bool:
+    return all(record.get(k) == v for k, v in fields.items())
+
+
+def _notice_of(line: bytes, parents: set[str | None] | None) -> str | None:
+    """The queue ID of the notice a ``notified`` line names, if it is about one
+    of ``parents`` (None: about any message)."""
+    head, link = _HEAD.search(line), _NOTICE.search(line)
+    if head is None or head.group(2) != b"notified" or link is None:
+        return None
+    if parents is not None and (head.group(3) or b"").decode() not in parents:
+        return None
+    return _unescape(link.group(1))
 
 
 def _not_empty(**given: str | None) -> None:
@@ -322,7 +369,10 @@ class Owners:
     else happens to it), and forgets messages received more than
     ``lookback_days`` before the day of the record asked about. What it holds is
     bounded by the log's traffic over the look-back, not by how many records
-    matched: a year's search needs no more than a month's.
+    matched: a year's search needs no more than a month's. A failure notice,
+    which has no ``received`` record, is known from its ``notified`` link
+    and held as long: its type is ``notice``, its tenant and user those of the
+    message it is about (unknown when that was received before the look-back).
     """
 
     def __init__(
@@ -335,14 +385,14 @@ class Owners:
     ) -> None:
         window = _Window.of(since, until)
         first = _back(window.first_day, lookback_days) if window.first_day else None
-        self._ahead = _received_lines(directory, first, window.last_day)
-        self._next: tuple[int, str, str, tuple[str, str, str]] | None = None
-        self._known: dict[str, tuple[str, tuple[str, str, str]]] = {}
+        self._ahead = _owner_lines(directory, first, window.last_day)
+        self._next: _OwnerLine | None = None
+        self._known: dict[str, tuple[str, _Who]] = {}
         self._order: deque[tuple[str, str]] = deque()
         self._lookback_days = lookback_days
         self._day, self._since = "", ""
 
-    def __call__(self, record: dict[str, Any]) -> dict[str, str] | None:
+    def __call__(self, record: dict[str, Any]) -> dict[str, str | None] | None:
         """The owner of ``record``'s message; ask in log order."""
         seq, queue_id = record.get("seq"), record.get("queue_id")
         horizon = self._horizon(str(record.get("time"))[:10])
@@ -376,6 +426,10 @@ class Owners:
             if line_seq > seq:
                 return
             if moment >= horizon:
+                if isinstance(who, _About):
+                    parent = self._known.get(who.queue_id)
+                    tenant, user = parent[1][:2] if parent else (None, None)
+                    who = (tenant, user, events.NOTICE_TYPE)
                 self._known[queue_id] = (moment, who)
                 self._order.append((moment, queue_id))
             self._next = None
@@ -388,30 +442,47 @@ class Owners:
                 del self._known[queue_id]
 
 
-def _received_lines(
-    directory: Path, first: date | None, last: date | None
-) -> Iterator[tuple[int, str, str, tuple[str, str, str]]]:
-    """seq, time, queue ID and (tenant, user, type) of each ``received`` line, in
-    log order, without decoding the rest of the line."""
+@dataclass(frozen=True)
+class _About:
+    """A notice's owner is its message's: ``queue_id`` names that message."""
+
+    queue_id: str
+
+
+_Who = tuple[str | None, str | None, str]
+_OwnerLine = tuple[int, str, str, "_Who | _About"]
+
+
+def _owner_lines(directory: Path, first: date | None, last: date | None) -> Iterator[_OwnerLine]:
+    """seq, time, queue ID and (tenant, user, type) of each ``received`` line, and
+    of each notice a ``notified`` line names (the message it is about), in log
+    order, without decoding the rest of the line."""
     for file in reader.day_files(directory, first, last):
         for block in reader.chunks(file):
-            for _, line in _lines(block, _starts(block, _RECEIVED)):
+            starts = sorted([*_starts(block, _RECEIVED), *_starts(block, _NOTIFIED)])
+            for _, line in _lines(block, starts):
                 seq, head = _SEQ.match(line), _HEAD.search(line)
                 if seq is None or head is None or head.group(3) is None:
                     continue
-                who = _WHO.search(line, head.end())
-                if head.group(2) != b"received" or who is None:
-                    continue
-                yield (
-                    int(seq.group(1)),
-                    head.group(1).decode(),
-                    head.group(3).decode(),
-                    (
-                        sys.intern(_unescape(who.group(1))),
-                        sys.intern(_unescape(who.group(2))),
-                        sys.intern(_unescape(who.group(3))),
-                    ),
-                )
+                found = _owner_of(head, line)
+                if found is not None:
+                    yield (int(seq.group(1)), head.group(1).decode(), *found)
+
+
+def _owner_of(head: re.Match[bytes], line: bytes) -> tuple[str, _Who | _About] | None:
+    if head.group(2) == b"notified":
+        link = _NOTICE.search(line, head.end())
+        if link is None:
+            return None
+        return _unescape(link.group(1)), _About(head.group(3).decode())
+    who = _WHO.search(line, head.end())
+    if head.group(2) != b"received" or who is None:
+        return None
+    return head.group(3).decode(), (
+        sys.intern(_unescape(who.group(1))),
+        sys.intern(_unescape(who.group(2))),
+        sys.intern(_unescape(who.group(3))),
+    )
 
 
 def report(
