@@ -628,3 +628,27 @@ def test_a_notice_whose_message_is_before_the_look_back_is_still_a_notice(
     assert owner(record) == {"tenant": None, "user": None, "doc_type": "notice"}
     owner = Owners(tmp_path, since="2024-05-09", lookback_days=0)
     assert owner(record) is None  # its link is before the look-back too
+
+
+@pytest.mark.parametrize("ident", [NOTICE[0], NOTICE[0].lower(), NOTICE[1]])
+def test_show_of_a_notice_says_which_message_it_is_about(tmp_path: Path, ident: str) -> None:
+    """Show of a notice printed only its recipient's attempts: not that it was a
+    notice, nor which message it was about."""
+    notice = _with_a_notice(tmp_path)
+    found = show(tmp_path, ident)
+    assert [r["seq"] for r in found] == [19, *notice]  # the link, then the notice's own
+    out = io.StringIO()
+    assert show_main(tmp_path, ident, out=out, err=io.StringIO()) == 0
+    assert out.getvalue().splitlines() == [
+        f"Failure notice {NOTICE[1]}, queue ID {NOTICE[0]}",
+        "2024-05-08T00:15:02.000Z  written to eva@acme.example about message"
+        f" {ACME_QUOTE[1]}, queue ID {ACME_QUOTE[0]}",
+        "Recipients:",
+        "  eva@acme.example",
+        "    2024-05-09T00:15:02.000Z  deferred   451 4.7.1 Greylisted"
+        " (next attempt 2024-05-09T00:15:02.000Z)",
+        "    2024-05-09T00:15:02.000Z  delivered  250 ok (via smarthost, attempt 2)",
+    ]
+    original = timeline(show(tmp_path, ACME_QUOTE[0])).splitlines()  # told as before
+    assert original[0] == f"Message {ACME_QUOTE[1]}, queue ID {ACME_QUOTE[0]}"
+    assert f"failure notice to eva@acme.example queued as {NOTICE[0]}" in original[-6]

@@ -173,16 +173,26 @@ def timeline(records: Sequence[dict[str, Any]]) -> str:
     """A message's story: what was received and changed, then each recipient's fate.
 
     Messages that share a Message-ID (an ERP sending a document again) are
-    told one after the other, each with its own recipients, by queue ID.
+    told one after the other, each with its own recipients, by queue ID. A
+    failure notice has no ``received`` record: its story starts from the
+    ``notified`` record of the message it is about, which is told with it.
     """
     messages: dict[Any, list[dict[str, Any]]] = {}
     for r in records:
         messages.setdefault(r.get("queue_id"), []).append(r)
-    return "\n".join(_story(each) for each in messages.values())
+    links = {r.get("notice_queue_id"): r for r in records if r.get("event") == "notified"}
+    return "\n".join(
+        _story(each, links.get(queue_id))
+        for queue_id, each in messages.items()
+        if not all(r.get("event") == "notified" and r.get("notice_queue_id") in messages
+                   for r in each)
+    )  # fmt: skip
 
 
-def _story(records: Sequence[dict[str, Any]]) -> str:
+def _story(records: Sequence[dict[str, Any]], link: dict[str, Any] | None = None) -> str:
     lines: list[str] = []
+    if link is not None and not any(r.get("event") == "received" for r in records):
+        lines += _notice(link, records)
     per_recipient: dict[str, list[str]] = {}
     for r in records:
         when, event = r.get("time"), r.get("event")
@@ -225,6 +235,16 @@ def _story(records: Sequence[dict[str, Any]]) -> str:
             lines.append(f"  {address}")
             lines += steps
     return "\n".join(lines) + "\n"
+
+
+def _notice(link: dict[str, Any], records: Sequence[dict[str, Any]]) -> list[str]:
+    """What a notice is about, from the ``notified`` record that links it."""
+    message_id = next((r["message_id"] for r in records if r.get("message_id")), None)
+    return [
+        f"Failure notice {_safe(message_id)}, queue ID {_safe(link.get('notice_queue_id'))}",
+        f"{link.get('time')}  written to {_safe(link.get('recipient'))} about message"
+        f" {_safe(link.get('message_id'))}, queue ID {_safe(link.get('queue_id'))}",
+    ]
 
 
 def _received(r: dict[str, Any]) -> list[str]:

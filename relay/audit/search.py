@@ -340,13 +340,38 @@ def show(
     until: str | date | None = None,
 ) -> list[dict[str, Any]]:
     """Every record of a message, by queue ID (in any case, as the queue tools
-    take it) or Message-ID, in log order."""
+    take it) or Message-ID, in log order.
+
+    A failure notice's story includes the ``notified`` record that links it to
+    the message it is about: it is the notice's only record of where it came
+    from. Found by the notice's Message-ID, the link comes before the records
+    that name the notice's queue ID, so a second pass looks for it.
+    """
     bare = ident.strip().strip("<>")
     if not bare:
         return []
     window = _Window.of(since, until)
     queue_id = bare.upper()
     needles = {_text(bare), _text(queue_id)}
+    found = _show_scan(directory, window, needles, queue_id, bare, {queue_id})
+    unlinked = _unlinked(found)
+    if unlinked:
+        needles = {b'"notice_queue_id":"%s"' % _text(q) for q in unlinked}
+        links = _show_scan(directory, window, needles, None, None, unlinked)
+        found = sorted([*found, *links], key=lambda r: r.get("seq") or 0)
+    return found
+
+
+def _show_scan(
+    directory: Path,
+    window: _Window,
+    needles: set[bytes],
+    queue_id: str | None,
+    bare: str | None,
+    notices: set[str],
+) -> list[dict[str, Any]]:
+    """The records of ``queue_id`` or of Message-ID ``bare``, and the links to
+    the notices named in ``notices``."""
     found = []
     for file in reader.day_files(directory, window.first_day, window.last_day):
         for block in reader.chunks(file):
@@ -356,9 +381,21 @@ def show(
                 if record is None or not window.contains(record):
                     continue
                 message_id = (record.get("message_id") or "").strip("<>")
-                if record.get("queue_id") == queue_id or message_id == bare:
+                link = record.get("notice_queue_id") if record.get("event") == "notified" else None
+                if (
+                    (queue_id is not None and record.get("queue_id") == queue_id)
+                    or (bare is not None and message_id == bare)
+                    or link in notices
+                ):
                     found.append(record)
     return found
+
+
+def _unlinked(records: list[dict[str, Any]]) -> set[str]:
+    """Queue IDs found with neither a ``received`` record nor a link: perhaps notices."""
+    told = {r.get("queue_id") for r in records if r.get("event") == "received"}
+    told |= {r.get("notice_queue_id") for r in records if r.get("event") == "notified"}
+    return {q for r in records if isinstance(q := r.get("queue_id"), str) and q not in told}
 
 
 class Owners:
