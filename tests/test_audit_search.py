@@ -248,7 +248,7 @@ def test_show_takes_a_queue_id_in_any_case(log_dir: Path) -> None:
 def test_report_counts_per_tenant_and_type(log_dir: Path) -> None:
     zero = dict.fromkeys(
         ("sent", "delivered", "failed", "expired", "bounced", "suppressed", "complaints"), 0
-    )
+    ) | {"deleted": 0}
     assert report(log_dir) == [
         {
             "tenant": "acme",
@@ -258,7 +258,15 @@ def test_report_counts_per_tenant_and_type(log_dir: Path) -> None:
             "delivered": 3,
             "complaints": 1,
         },
-        {"tenant": "acme", "doc_type": "quote", **zero, "sent": 1, "failed": 1, "suppressed": 1},
+        {
+            "tenant": "acme",
+            "doc_type": "quote",
+            **zero,
+            "sent": 1,
+            "failed": 1,
+            "suppressed": 1,
+            "deleted": 1,
+        },
         {
             "tenant": "globex",
             "doc_type": "invoice",
@@ -270,6 +278,7 @@ def test_report_counts_per_tenant_and_type(log_dir: Path) -> None:
     ]
     assert report(log_dir, since="2024-05-07") == [
         {"tenant": "acme", "doc_type": "invoice", **zero, "delivered": 1, "complaints": 1},
+        {"tenant": "acme", "doc_type": "quote", **zero, "deleted": 1},
         {
             "tenant": "globex",
             "doc_type": "invoice",
@@ -307,6 +316,7 @@ def test_a_failure_notice_counts_under_the_tenant_of_its_message(tmp_path: Path)
     assert [(r["tenant"], r["doc_type"], r["sent"], r["delivered"]) for r in rows] == [
         ("acme", "invoice", 0, 0),
         ("acme", "notice", 0, 1),
+        ("acme", "quote", 0, 0),  # its deletion
         ("globex", "invoice", 0, 0),
     ]
     story = timeline(show(tmp_path, q))
@@ -327,8 +337,9 @@ def test_report_outputs(log_dir: Path) -> None:
         "bounced",
         "suppressed",
         "complaints",
+        "deleted",
     ]
-    assert lines[-1].split() == ["TOTAL", "3", "4", "1", "0", "1", "1", "1"]
+    assert lines[-1].split() == ["TOTAL", "3", "4", "1", "0", "1", "1", "1", "1"]
     out = io.StringIO()
     report_main(log_dir, output="csv", out=out, err=io.StringIO())
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))
@@ -342,10 +353,12 @@ def test_report_outputs(log_dir: Path) -> None:
         "bounced": "1",
         "suppressed": "0",
         "complaints": "0",
+        "deleted": "0",
     }
     out = io.StringIO()
     report_main(log_dir, since="2024-05-08", output="json", out=out, err=io.StringIO())
     assert [json.loads(line)["tenant"] for line in out.getvalue().splitlines()] == [
+        "acme",
         "acme",
         "globex",
     ]
@@ -652,3 +665,37 @@ def test_show_of_a_notice_says_which_message_it_is_about(tmp_path: Path, ident: 
     original = timeline(show(tmp_path, ACME_QUOTE[0])).splitlines()  # told as before
     assert original[0] == f"Message {ACME_QUOTE[1]}, queue ID {ACME_QUOTE[0]}"
     assert f"failure notice to eva@acme.example queued as {NOTICE[0]}" in original[-6]
+
+
+def test_the_report_counts_the_recipients_deleted_from_the_queue(tmp_path: Path) -> None:
+    """``relay queue delete``'s records were in no column: a deleted recipient
+    was counted nowhere, neither delivered nor failed."""
+    _with_a_notice(tmp_path)
+    ids = ("Q0000000000000A9", "<inv-1002@erp.acme.example>")
+    rcpts = ["a@customer.example", "b@customer.example", "c@customer.example"]
+    clock = Clock(START + timedelta(days=3, hours=2))
+    with AuditLog(tmp_path, clock=clock) as log:
+        log.append(received(ids, "acme", "jan", "invoice", rcpts))
+        log.append(
+            events.deleted(queue_id=ids[0], message_id=ids[1], by="root", recipients=rcpts[1:])
+        )
+        log.append(
+            events.deleted(
+                queue_id=NOTICE[0], message_id=NOTICE[1], by="root", recipients=["eva@acme.example"]
+            )
+        )
+        log.append(
+            events.deleted(queue_id="Q0000000000000X1", message_id=None, by="root", recipients=[])
+        )
+    rows = report(tmp_path, since="2024-05-09")
+    assert [
+        (r["tenant"], r["doc_type"], r["sent"], r["delivered"], r["deleted"]) for r in rows
+    ] == [
+        ("?", "?", 0, 0, 0),  # a queue record that could not be read: no recipients known
+        ("acme", "invoice", 1, 0, 2),
+        ("acme", "notice", 0, 1, 1),
+    ]
+    out = io.StringIO()
+    assert report_main(tmp_path, since="2024-05-09", out=out, err=io.StringIO()) == 0
+    lines = [line.split() for line in out.getvalue().splitlines()]
+    assert lines[0][-1] == "deleted" and lines[-1][0] == "TOTAL" and lines[-1][-1] == "3"
