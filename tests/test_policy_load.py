@@ -615,6 +615,32 @@ def test_auth_required_where_no_client_could_log_in_is_a_problem(
     ]
 
 
+@pytest.mark.parametrize(
+    ("address", "auth", "warned"),
+    [
+        ("192.0.2.10", "    auth: optional\n", True),
+        ("0.0.0.0", "", True),  # optional is the default
+        ("192.0.2.10", "    auth: off\n", False),
+        ("127.0.0.1", "    auth: optional\n", False),
+    ],
+)
+def test_check_warns_that_auth_is_not_offered_off_loopback_without_tls(
+    tmp_path: Path, address: str, auth: str, warned: bool
+) -> None:
+    """Serve logged it at each start; check said ok, and an ERP set up with a
+    login was refused at AUTH."""
+    listener = f"    address: {address}\n    port: 2525\n{auth}"
+    path = variant(tmp_path, "    address: 127.0.0.1\n    port: 2525\n", listener)
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0
+    warning = (
+        f"warning: listeners[0].auth: optional, but AUTH is not offered on {address} (not"
+        " loopback) without tls: a client set up to log in is refused; configure tls, or"
+        " say auth: off"
+    )
+    assert (warning in err.getvalue()) is warned, err.getvalue()
+
+
 def _der(pem: bytes) -> bytes:
     return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
 

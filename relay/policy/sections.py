@@ -152,6 +152,8 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
         if auth is AuthMode.REQUIRED and not m.has("tls") and _off_loopback(ips):
             ctx.problem(m.get("auth"), m.sub("auth"), no_login_without_tls(address))
             auth = None
+        elif auth is AuthMode.OPTIONAL and not m.has("tls") and _off_loopback(ips):
+            ctx.problems.warn(m.get("auth") or m.node, m.sub("auth"), _no_auth_offered(address))
         fields = (
             name,
             address,
@@ -262,6 +264,15 @@ def no_login_without_tls(address: str) -> str:
     return (
         f"required, but no client can log in: AUTH is refused before STARTTLS on {address}"
         " (not loopback) and this listener has no tls; configure tls or bind to loopback"
+    )
+
+
+def _no_auth_offered(address: str) -> str:
+    """A warning, not an error: mail without a login still passes, as ERPs on a
+    LAN often send it; one set up with a login fails at AUTH."""
+    return (
+        f"optional, but AUTH is not offered on {address} (not loopback) without tls:"
+        " a client set up to log in is refused; configure tls, or say auth: off"
     )
 
 
