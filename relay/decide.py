@@ -81,6 +81,12 @@ def decide(
             reasons.append(f"{name} appeared {len(view.get_all(name))} times: one is written")
     if view.get("Sender") is not None:
         reasons.append("Sender removed: clients would show it as sending on behalf of the From")
+    mail_from = policy.platform.return_path
+    if not submission.mail_from:
+        mail_from = ""
+        reasons.append(
+            "envelope sender empty (<>): kept, and no failure notice is sent (RFC 5321 4.5.5)"
+        )
     edits = HeaderEdits(remove=(*_REMOVED, *policy.control_headers), set=tuple(updates))
 
     return Decision(
@@ -96,7 +102,7 @@ def decide(
         signing=signing,
         signing_domain=signing_domain,
         upstream=policy.upstreams[identity.tenant.upstream],
-        mail_from=policy.platform.return_path,
+        mail_from=mail_from,
         reasons=tuple(reasons),
     )
 

@@ -667,14 +667,15 @@ class Engine:
         """Queue a notice for the failures the sender has not heard of yet; each is
         told once (``notify`` goes False), so one that fails while others are
         deferred is told now, as Postfix does, not when the last is done (days
-        later, or never if the message is deleted meanwhile)."""
+        later, or never if the message is deleted meanwhile). Never for mail
+        with an empty envelope sender, notices included (RFC 5321 4.5.5)."""
         told = self._told.get(entry.queue_id, set())
         failures = [
             r
             for r in entry.recipients
             if r.status in (FAILED, EXPIRED) and r.notify and r.address not in told
         ]
-        if not failures or entry.is_notice:
+        if not failures or not entry.mail_from:  # a notice, or <> from the client
             return True
         notice, data = build_notice(policy, entry, failures, self.clock())
         try:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import smtplib
 from pathlib import Path
 
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
-from tests.test_queue_e2e import audit_events, configure, relay_cli, send
+from tests.test_queue_e2e import SMALL, audit_events, configure, relay_cli, send
 
 REFUSE = {
     "bad@example.org": "550 5.1.1 No such user",
@@ -85,3 +86,33 @@ def test_a_recipient_refused_before_the_upstream_closed_fails_with_its_own_reply
     assert first["ok@example.org"][0] == "deferred"
     assert "connection lost" in first["ok@example.org"][1]
     assert ("deferred", "perm@example.org") not in audit_events(policy, qid)
+
+
+def test_mail_with_an_empty_envelope_sender_keeps_it_and_gets_no_notice(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """RFC 5321 4.5.5: a null reverse-path is not replaced by a real one, and no
+    notice is sent about such a message; the platform's bounce address made
+    one that receivers would answer with bounces of their own."""
+    refusing = Sink(refuse=dict(REFUSE))
+    with SinkServer(refusing) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.ehlo()
+                client.mail("<>")
+                client.rcpt("one@example.org")
+                client.rcpt("bad@example.org")
+                code, reply = client.data(SMALL)
+            assert code == 250, reply
+            qid = reply.decode().rsplit(" ", 1)[1]
+            (sent,) = sink.sink.wait(1)
+            wait_for(lambda: f"{qid}: to=<bad@example.org>" in relay.log())
+            # a notice would be queued, and on record, before the message left the queue
+            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
+    assert sent.mail_from == "<>"
+    assert sorted(sent.rcpt_tos) == ["one@example.org"]
+    assert ("failed", "bad@example.org") in audit_events(policy, qid)
+    assert "notified" not in {event for event, _ in audit_events(policy, qid)}
+    assert len(sink.sink.messages) == 1  # no notice
