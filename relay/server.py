@@ -225,6 +225,7 @@ async def serve(
     from relay.deliver import attempt
     from relay.engine import Engine
     from relay.ingress import start
+    from relay.ingress.diskspace import DiskGuard
     from relay.pipeline import Acceptor
     from relay.record import Recorder, audit_log
     from relay.spool import Spool
@@ -244,7 +245,12 @@ async def serve(
     engine = Engine(spool, holder.current, attempt, recorder, alone=alone)
     acceptor = Acceptor(spool, engine, recorder, alone=alone)
     ingress = await start(
-        policy.listeners, holder.current, acceptor.process, sockets, refused=acceptor.refused
+        policy.listeners,
+        holder.current,
+        acceptor.process,
+        sockets,
+        refused=acceptor.refused,
+        disk=DiskGuard(reclaim=lambda: spool.trim_recycled(keep=0.0)),
     )
 
     loop = asyncio.get_running_loop()

@@ -63,13 +63,24 @@ class _Reading:
 
 
 class DiskGuard:
-    """The free space of the state directories, cached; one per worker."""
+    """The free space of the state directories, cached; one per worker.
+
+    ``reclaim`` lets go of space held for reuse (the spool's files of delivered
+    messages, kept to be overwritten: up to 64 MiB a worker) and says how many
+    files went; it is tried, at most once a ``FRESH`` period, before mail is
+    refused, as that space would be lost to mail while nothing came to reuse it.
+    """
 
     def __init__(
-        self, statvfs: StatFs | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        statvfs: StatFs | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        reclaim: Callable[[], int] | None = None,
     ) -> None:
         self._statvfs = statvfs
         self._clock = clock
+        self._reclaim = reclaim
+        self._reclaimed = float("-inf")  # when reclaim was last tried
         self._readings: dict[str, _Reading] = {}
         self._logged: dict[tuple[int, bool], float] = {}  # (reserve, short) -> when logged
         # reserves below which the free space was, as logged, until a check passes
@@ -84,15 +95,30 @@ class DiskGuard:
             reading = self._read(os.fspath(directory), 2 * reserve + size)
             if reading is None:
                 continue
-            short_of_inodes = reading.inodes is not None and reading.inodes < INODE_RESERVE
-            if reading.free - size < reserve or short_of_inodes:
-                short = short_of_inodes or reading.free < reserve  # not just this message
+            if self._short_of(reading, reserve, size) and self._reclaimed_some():
+                reading = self._read(os.fspath(directory), 2 * reserve + size, fresh=False)
+                if reading is None:
+                    continue
+            if self._short_of(reading, reserve, size):
+                short = self._short_of(reading, reserve, 0)  # not just this message
                 self._log_short(directory, reading, reserve, size, short)
                 return INSUFFICIENT_STORAGE
         if reserve in self._short:
             self._short.discard(reserve)
             log.warning("free space is back above the %d bytes kept free: accepting mail", reserve)
         return None
+
+    @staticmethod
+    def _short_of(reading: _Reading, reserve: int, size: int) -> bool:
+        short_of_inodes = reading.inodes is not None and reading.inodes < INODE_RESERVE
+        return reading.free - size < reserve or short_of_inodes
+
+    def _reclaimed_some(self) -> bool:
+        now = self._clock()
+        if self._reclaim is None or now - self._reclaimed < FRESH:
+            return False
+        self._reclaimed = now
+        return self._reclaim() > 0
 
     def charge(self, directories: Iterable[Path], size: int) -> None:
         """Count ``size`` bytes about to be stored against the cached readings."""
@@ -101,12 +127,12 @@ class DiskGuard:
             if reading is not None:
                 reading.free -= size
 
-    def _read(self, directory: str, plenty: int) -> _Reading | None:
-        """The cached reading while it is fresh and shows at least ``plenty``
+    def _read(self, directory: str, plenty: int, fresh: bool = True) -> _Reading | None:
+        """The cached reading while it is ``fresh`` and shows at least ``plenty``
         bytes free; else a new one."""
         now = self._clock()
         reading = self._readings.get(directory)
-        if reading is not None and now - reading.at < FRESH and reading.free >= plenty:
+        if fresh and reading is not None and now - reading.at < FRESH and reading.free >= plenty:
             return reading
         try:
             st = (self._statvfs or os.statvfs)(directory)
