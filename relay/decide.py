@@ -8,6 +8,7 @@ with its reason for the preview and the logs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
@@ -20,6 +21,11 @@ from relay.message import MessageView
 from relay.policy.model import DkimKey, Policy, ReplyToKind, ReplyToSource, Upstream
 from relay.rewrite import HeaderEdits
 from relay.submission import Submission, listed
+
+# RFC 5322 3.6.4 msg-id, with the quoted local part of obs-id-left. Gmail
+# refuses mail "missing a valid Message-ID"; such an ID threads nothing anyway.
+_ATOMS = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+_MSG_ID = re.compile(rf'<(?:{_ATOMS}|"(?:[^"\\\r\n]|\\.)*")@(?:{_ATOMS}|\[[!-Z^-~]*\])>')
 
 # Removed from every message: the Bcc fields name hidden recipients, and a
 # Sender next to the From the relay sets is shown as "Sender on behalf of From".
@@ -70,9 +76,14 @@ def decide(
     updates = [("From", from_after)]
     if reply_to_after is not None:
         updates.append(("Reply-To", reply_to_after))
-    if not (view.get("Message-ID") or "").strip():
+    given_id = (view.get("Message-ID") or "").strip()
+    if not _MSG_ID.fullmatch(given_id):
         updates.append(("Message-ID", f"<{token}@{policy.platform.hostname}>"))
-        reasons.append("Message-ID was missing: added")
+        reasons.append(
+            f"Message-ID {given_id!r} is not one (RFC 5322 3.6.4: <left@right>): replaced"
+            if given_id
+            else "Message-ID was missing: added"
+        )
     if not (view.get("Date") or "").strip():
         updates.append(("Date", format_datetime(now)))
         reasons.append("Date was missing: added")

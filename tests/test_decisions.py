@@ -259,6 +259,30 @@ def test_empty_date_and_message_id_are_filled_in(policy_file: Path, blank: str) 
     assert view.get_all("Message-ID") == (f"<{p.queue_id}@relay.platform.example>",)
 
 
+@pytest.mark.parametrize(
+    "given", ["12345@erp.example", "<12345>", "<>", "<a b@erp.example>", "<a..b@erp.example>"]
+)
+def test_a_message_id_that_is_not_one_is_replaced_and_said(policy_file: Path, given: str) -> None:
+    """Gmail refuses mail without a valid Message-ID, after the ERP had its 250."""
+    data = msg("From: Jan <jan@acme.example>", "To: c@example.org", f"Message-ID: {given}")
+    p = run(policy_file, data)
+    ours = f"<{p.queue_id}@relay.platform.example>"
+    assert message.read(p.message).get_all("Message-ID") == (ours,)
+    assert f"Message-ID {given!r} is not one (RFC 5322 3.6.4: <left@right>): replaced" in (
+        p.decision.reasons
+    )
+
+
+@pytest.mark.parametrize(
+    "given", ["<m1@erp.acme.example>", "<m1@[192.0.2.1]>", '<"m 1"@erp.acme.example>']
+)
+def test_a_message_id_is_kept_as_written(policy_file: Path, given: str) -> None:
+    data = msg("From: Jan <jan@acme.example>", "To: c@example.org", f"Message-ID:  {given}")
+    p = run(policy_file, data)
+    assert f"Message-ID:  {given}\r\n".encode() in p.message  # byte for byte
+    assert not any("Message-ID" in reason for reason in p.decision.reasons)
+
+
 def test_a_second_from_or_reply_to_is_dropped_and_said(policy_file: Path) -> None:
     data = msg(
         *BASE, "From: CEO <ceo@bank.example>", "Reply-To: a@x.example", "Reply-To: b@y.example"
