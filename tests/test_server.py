@@ -29,8 +29,9 @@ from relay.audit import AuditLog, events, reader, verify
 from relay.ingress.listen import Ingress
 from relay.policy import tlspair
 from relay.policy.load import load
+from relay.policy.model import Policy
 from relay.server import _listener_changes, _open_state, reloaded
-from tests.certs import der, make_certs, served_certificate
+from tests.certs import Certs, der, make_certs, served_certificate
 from tests.ingress_harness import swaks
 from tests.minimal_policy import listener
 from tests.relayproc import reloaded_everywhere, terminate
@@ -249,34 +250,40 @@ def test_a_reload_takes_up_a_renewed_certificate_and_refuses_a_mismatched_one(
         assert running.stop() == 0
 
 
+def _name_tls(policy: Path, text: str, cert: Path, key: Path) -> None:
+    """``text``, the policy, with its listener serving STARTTLS from ``cert`` and ``key``."""
+    tls = f"    auth: optional\n    tls: {{cert: {cert}, key: {key}}}\n"
+    policy.write_text(text.replace("    auth: optional\n", tls))
+
+
+def _started_then_renewed(
+    policy: Path, tmp_path: Path, first: Certs, renewed: Certs
+) -> tuple[Path, Path, str, Policy]:
+    """The policy loaded serving ``first`` from relay.crt and relay.key, whose
+    bytes are then renewed in place: the files, the policy's text and the policy."""
+    cert, key = tmp_path / "relay.crt", tmp_path / "relay.key"
+    shutil.copy(first.cert, cert)
+    shutil.copy(first.key, key)
+    text = policy.read_text()
+    _name_tls(policy, text, cert, key)
+    started = load(policy)
+    shutil.copy(renewed.cert, cert)
+    shutil.copy(renewed.key, key)
+    return cert, key, text, started
+
+
 def test_a_reload_takes_a_renewed_pair_and_keeps_the_bound_one_when_moved(
     policy: Path, tmp_path: Path
 ) -> None:
     """The listeners stay as bound: a reload takes up new bytes in the same
     files (a renewal), while other files named wait for a restart."""
     first, renewed = make_certs(tmp_path / "first"), make_certs(tmp_path / "renewed")
-    cert, key = tmp_path / "relay.crt", tmp_path / "relay.key"
-    shutil.copy(first.cert, cert)
-    shutil.copy(first.key, key)
-    text = policy.read_text()
-    policy.write_text(
-        text.replace(
-            "    auth: optional\n", f"    auth: optional\n    tls: {{cert: {cert}, key: {key}}}\n"
-        )
-    )
-    started = load(policy)
-    shutil.copy(renewed.cert, cert)
-    shutil.copy(renewed.key, key)
+    cert, _, text, started = _started_then_renewed(policy, tmp_path, first, renewed)
     new = reloaded(policy, started, quiet=True)
     assert new is not None and new.listeners[0].tls is not None
     assert new.listeners[0].tls.cert_pem == renewed.cert.read_bytes()
     assert new.listeners[0].tls.key_pem == renewed.key.read_bytes()
-    policy.write_text(
-        text.replace(
-            "    auth: optional\n",
-            f"    auth: optional\n    tls: {{cert: {first.cert}, key: {first.key}}}\n",
-        )
-    )
+    _name_tls(policy, text, first.cert, first.key)
     moved = reloaded(policy, new, quiet=True)
     assert moved is not None and moved.listeners[0].tls is not None
     assert moved.listeners[0].tls.cert == cert
@@ -290,24 +297,8 @@ def test_a_listener_whose_tls_moved_serves_its_own_files_read_again(
     bound is taken up, and the log says which files are served. Before, it said
     the certificate was read again and served the bytes held since the start."""
     first, renewed, moved = (make_certs(tmp_path / name) for name in ("first", "renewed", "moved"))
-    cert, key = tmp_path / "relay.crt", tmp_path / "relay.key"
-    shutil.copy(first.cert, cert)
-    shutil.copy(first.key, key)
-    text = policy.read_text()
-    policy.write_text(
-        text.replace(
-            "    auth: optional\n", f"    auth: optional\n    tls: {{cert: {cert}, key: {key}}}\n"
-        )
-    )
-    started = load(policy)
-    shutil.copy(renewed.cert, cert)
-    shutil.copy(renewed.key, key)
-    policy.write_text(
-        text.replace(
-            "    auth: optional\n",
-            f"    auth: optional\n    tls: {{cert: {moved.cert}, key: {moved.key}}}\n",
-        )
-    )
+    cert, key, text, started = _started_then_renewed(policy, tmp_path, first, renewed)
+    _name_tls(policy, text, moved.cert, moved.key)
     with caplog.at_level(logging.INFO, logger="relay"):
         new = reloaded(policy, started)
     assert new is not None and new.listeners[0].tls is not None
