@@ -25,6 +25,7 @@ from tests.minimal_policy import policy as make_policy
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import SinkServer, free_port
 from tests.spoolkit import make_entry
+from tests.test_queue_e2e import configure
 
 MESSAGE = (
     b"From: Kari <kari@acme.example>\r\nTo: customer@example.org\r\nSubject: Invoice 1\r\n\r\nx\r\n"
@@ -208,17 +209,11 @@ def test_the_message_itself_is_checked_at_the_end_of_data_and_counted() -> None:
     assert len(relay.process.calls) == 1
 
 
-def _policy(policy_file: Path, port: int, sink_port: int, max_size: int) -> Path:
-    text = policy_file.read_text()
-    text = text.replace("port: 2525", f"port: {port}\n    max_message_size: {max_size}")
-    smtp = (
-        f"  default:\n    type: smtp\n    host: 127.0.0.1\n    port: {sink_port}\n"
-        "    tls: none\n    timeout: 10\n"
-    )
-    text = text.replace("  default:\n    type: directory\n    path: outbox\n", smtp)
-    text += "\nworkers: 1\n"
-    policy_file.write_text(text)
-    return policy_file
+def _policy(policy_file: Path, port: int, sink_port: int, max_size: int, workers: int = 1) -> Path:
+    policy = configure(policy_file, port, sink_port, f"workers: {workers}\n")
+    limited = f"port: {port}\n    max_message_size: {max_size}\n"
+    policy.write_text(policy.read_text().replace(f"port: {port}\n", limited, 1))
+    return policy
 
 
 def _spooled(state: Path) -> list[str]:
@@ -304,9 +299,7 @@ def test_a_full_disk_refuses_mail_and_the_queue_drains_when_the_upstream_returns
     try:
         sink_port = free_port()
         port = free_port()
-        policy = _policy(policy_file, port, sink_port, 200_000)
-        text = policy.read_text().replace("\nworkers: 1\n", "\nworkers: 2\n")
-        policy.write_text(text + "queue: {first_retry: 0.5, max_retry: 1, lifetime: 3600}\n")
+        policy = _policy(policy_file, port, sink_port, 200_000, workers=2)
         with contextlib.ExitStack() as stack:
             relay = stack.enter_context(RelayProcess(policy, port, tmp_path / "first.log"))
             replies = [_send(port, LARGE) for _ in range(22)]
