@@ -518,7 +518,13 @@ def record_policy(audit: AuditLog, path: Path, policy: Policy) -> None:
     try:
         audit.append(record)
     except RelayError as exc:
-        log.error("cannot write the audit log: %s", exc)
+        log.error(
+            "cannot write the audit log: %s; policy %s (%s) is in use with no policy_loaded"
+            " record for it",
+            exc,
+            policy.digest[:12],
+            path,
+        )
 
 
 async def _audit_upkeep(audit: AuditLog, current: Callable[[], Policy]) -> None:

@@ -518,6 +518,7 @@ def test_a_relay_started_on_a_full_disk_serves_and_answers_451(
                 client.rcpt("one@example.org")
                 assert client.data(SMALL) == (451, b"4.3.0 Audit log write failed, try again later")
             assert "cannot write the audit log" in relay.log()
+            assert f"{policy}) is in use with no policy_loaded record for it" in relay.log()
             assert "cannot open the state directory" not in relay.log()
         assert day.stat().st_size == size
 
