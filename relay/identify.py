@@ -87,30 +87,45 @@ def _lookup(
 def _lookup_header(
     policy: Policy, view: MessageView, login: Login | None
 ) -> tuple[UserRef, str] | None:
-    """The ERP's own header may carry an address or the user's id in the tenant."""
+    """The ERP's own header may carry an address, a mailbox (``Kari <kari@…>``)
+    or the user's id in the tenant, in any case: ``Kari`` for the id ``kari``
+    fell through to the default user, whose name then went on the invoice."""
     name = policy.identify.header
     value = (view.get(name) or "").strip()
     if not value:
         return None
     ref = policy.addresses.get(value.lower())
+    for _, address in view.addresses(name) if ref is None else ():
+        ref = policy.addresses.get(address.lower())
+        if ref is not None:
+            break
     if ref is None:
         tenant_id = login.tenant if login is not None else policy.identify.default_tenant
         tenant = policy.tenants.get(tenant_id) if tenant_id else None
-        if tenant is not None and value in tenant.users:
-            ref = UserRef(tenant.id, value)
+        user = _user_id(tenant, value) if tenant is not None else None
+        if tenant is not None and user is not None:
+            ref = UserRef(tenant.id, user)
     if ref is None:
         return None
     return ref, f"header {name}: {value!r} is user {ref.user!r}"
+
+
+def _user_id(tenant: Tenant, value: str) -> str | None:
+    """``value`` as one of the tenant's user ids: as written, else the one id
+    that differs from it in case only."""
+    if value in tenant.users:
+        return value
+    alike = [user for user in tenant.users if user.lower() == value.lower()]
+    return alike[0] if len(alike) == 1 else None
 
 
 def _authorise(login: Login | None, ref: UserRef) -> None:
     if login is None:
         return
     if ref.tenant != login.tenant:
+        # the other tenant's user is not named: its ERP would learn who is whose
         raise Rejected(
-            550,
-            "5.7.1",
-            f"Login {login.login} may not send as a user of another tenant ({ref.user})",
+            550, "5.7.1", f"Login {login.login} may not send as a user of another tenant"
         )
     if login.users and ref.user not in login.users:
         raise Rejected(550, "5.7.1", f"Login {login.login} may not send as user {ref.user}")
@@ -123,7 +138,7 @@ def _fallback(
     login: Login | None,
     reasons: list[str],
 ) -> Identity:
-    tried = _describe_tried(submission, view)
+    tried = _describe_tried(policy, submission, view)
     if policy.identify.unknown_sender is UnknownSender.DEFAULT:
         tenant_id = login.tenant if login is not None else policy.identify.default_tenant
         tenant = policy.tenants.get(tenant_id) if tenant_id else None
@@ -138,10 +153,14 @@ def _fallback(
     raise Rejected(550, "5.7.1", f"Sender not known to this relay ({tried})")
 
 
-def _describe_tried(submission: Submission, view: MessageView) -> str:
+def _describe_tried(policy: Policy, submission: Submission, view: MessageView) -> str:
     sender = submission.mail_from or "<>"
     from_header = ", ".join(a for _, a in view.addresses("From")) or "none"
-    return f"envelope sender {sender}, From {from_header}"
+    tried = f"envelope sender {sender}, From {from_header}"
+    name = policy.identify.header
+    uses_header = IdentitySource.HEADER in policy.identify.order
+    value = (view.get(name) or "").strip() if name and uses_header else ""
+    return f"{tried}, {name} {value!r}" if value else tried
 
 
 def _identity(

@@ -74,6 +74,26 @@ def test_user_from_erp_header_by_id(policy_file: Path) -> None:
     assert (p.decision.identity.user.id, p.decision.identity.source) == ("kari", "header")
 
 
+@pytest.mark.parametrize("value", ["Kari", "KARI", "Kari Nordmann <Kari@Acme.Example>"])
+def test_user_from_erp_header_in_any_case_or_as_a_mailbox(policy_file: Path, value: str) -> None:
+    """Otherwise the default user's name went on the invoice, and the copy to him."""
+    text = policy_file.read_text().replace("unknown_sender: reject", "unknown_sender: default")
+    policy_file.write_text(text)
+    data = msg("From: ERP <erp@erp.acme.example>", f"X-ERP-User: {value}", *BASE[1:])
+    p = run(policy_file, data, login="erp-acme")
+    assert (p.decision.identity.user.id, p.decision.identity.source) == ("kari", "header")
+
+
+def test_an_unknown_erp_header_value_is_named_in_the_refusal(policy_file: Path) -> None:
+    data = msg("From: ERP <erp@erp.acme.example>", "X-ERP-User: karin", *BASE[1:])
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, data, login="erp-acme", mail_from="erp@erp.acme.example")
+    assert caught.value.line == (
+        "550 5.7.1 Sender not known to this relay (envelope sender erp@erp.acme.example,"
+        " From erp@erp.acme.example, X-ERP-User 'karin')"
+    )
+
+
 def test_login_bound_to_one_user_wins(policy_file: Path) -> None:
     p = run(policy_file, msg(*BASE), login="erp-acme-jan", mail_from="x@erp.example")
     assert (p.decision.identity.user.id, p.decision.identity.source) == ("jan", "auth_login")
@@ -83,7 +103,8 @@ def test_login_of_one_tenant_cannot_send_as_another(policy_file: Path) -> None:
     data = msg("From: Hank <hank@globex.example>", *BASE[1:])
     with pytest.raises(Rejected) as caught:
         run(policy_file, data, login="erp-acme")
-    assert caught.value.line.startswith("550 5.7.1 Login erp-acme may not send as a user")
+    # the other tenant's user is not named to this tenant's ERP
+    assert caught.value.line == "550 5.7.1 Login erp-acme may not send as a user of another tenant"
 
 
 def test_login_restricted_to_users(policy_file: Path) -> None:
