@@ -164,7 +164,7 @@ FIELD_PIECES = st.sampled_from(
 
 def _parsed(head: bytes) -> list[tuple[str, str]]:
     """compat32's reading of the block's text."""
-    found = email.parser.HeaderParser(policy=compat32).parsestr(message._text(head))
+    found = email.parser.HeaderParser(policy=compat32).parsestr(message.header_text(head))
     return [(name, str(value)) for name, value in found.items()]
 
 
