@@ -76,7 +76,7 @@ def _lookup(
             return ref, f"envelope sender <{submission.mail_from}> is user {ref.user!r}"
         return None
     if source is IdentitySource.HEADER_FROM:
-        for _, address in view.addresses("From"):
+        for _, address in view.mailboxes("From"):
             ref = policy.addresses.get(address.lower())
             if ref is not None:
                 return ref, f"From address <{address}> is user {ref.user!r}"
@@ -95,7 +95,7 @@ def _lookup_header(
     if not value:
         return None
     ref = policy.addresses.get(value.lower())
-    for _, address in view.addresses(name) if ref is None else ():
+    for _, address in view.mailboxes(name) if ref is None else ():
         ref = policy.addresses.get(address.lower())
         if ref is not None:
             break
@@ -155,7 +155,7 @@ def _fallback(
 
 def _describe_tried(policy: Policy, submission: Submission, view: MessageView) -> str:
     sender = submission.mail_from or "<>"
-    from_header = ", ".join(a for _, a in view.addresses("From")) or "none"
+    from_header = ", ".join(a for _, a in view.mailboxes("From")) or "none"
     tried = f"envelope sender {sender}, From {from_header}"
     name = policy.identify.header
     uses_header = IdentitySource.HEADER in policy.identify.order

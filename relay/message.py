@@ -112,13 +112,18 @@ class MessageView:
         hold are text, and never turn one mailbox into another. Each name is parsed
         once: an unknown sender's From is read to identify it and again to say so.
         """
+        return tuple((n, a) for n, a in self.mailboxes(name) if headers.deliverable(a))
+
+    def mailboxes(self, name: str) -> tuple[tuple[str, str], ...]:
+        """Every mailbox of every ``name`` header, deliverable or not: to look an
+        address up among the policy's, which may hold forms ``deliverable``
+        refuses (``erp_host`` in a domain), and to name what a header said."""
         name = name.lower()
         found = self._addresses.get(name)
         if found is None:
             values = [v for n, v in self.written if n.lower() == name]
-            pairs = (pair for value in values for pair in address_list(value))
             found = self._addresses[name] = tuple(
-                (n, a) for n, a in pairs if headers.deliverable(a)
+                pair for value in values for pair in address_list(value)
             )
         return found
 
@@ -173,6 +178,7 @@ _PHRASE = frozenset({"atom", "encoded", "quoted", "."})
 _LOCAL_WORDS = frozenset({"atom", "quoted"})
 _DOMAIN_WORDS = frozenset({"atom"})
 _DOT_ATOM = re.compile(headers.DOT_ATOM_UTF8)
+_ATOMS_AND_DOTS = re.compile(r"[^\s\x00-\x1f()<>\[\]:;@\\,\"]+")
 
 
 # (kind, text, spaced): kind is a _LEXEME group name or, for a special, the
@@ -286,13 +292,22 @@ def _addr_spec(lexemes: list[_Lexeme]) -> str:
     if kinds.count("@") != 1:
         return ""
     at = kinds.index("@")
-    local = _dotted(lexemes[:at], _LOCAL_WORDS)
+    local = _dotted(lexemes[:at], _LOCAL_WORDS) or _dots_astray(lexemes[:at])
     domain = _dotted(lexemes[at + 1 :], _DOMAIN_WORDS)
     if local is None or domain is None:
         return ""
-    if not _DOT_ATOM.fullmatch(local):
+    if not _DOT_ATOM.fullmatch(local) and not _ATOMS_AND_DOTS.fullmatch(local):
         local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return f"{local}@{domain}"
+
+
+def _dots_astray(lexemes: list[_Lexeme]) -> str | None:
+    """A local part of atoms with dots doubled or at an end (``taro..y``, which
+    some mobile carriers hand out and a policy may list): read as written, as
+    compat32 did, for a lookup; ``headers.deliverable`` still refuses it."""
+    if not lexemes or any(kind not in ("atom", ".") for kind, _, _ in lexemes):
+        return None
+    return "".join(text for _, text, _ in lexemes)
 
 
 def _dotted(lexemes: list[_Lexeme], words: frozenset[str]) -> str | None:

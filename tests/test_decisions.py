@@ -68,6 +68,20 @@ def test_user_from_alias_in_from_header(policy_file: Path) -> None:
     assert (p.decision.identity.user.id, p.decision.identity.source) == ("kari", "header_from")
 
 
+@pytest.mark.parametrize("alias", ["ordre@erp_host.acme.example", "kari..n@acme.example"])
+def test_user_from_an_alias_the_policy_takes_though_smtp_would_not(
+    policy_file: Path, alias: str
+) -> None:
+    """An address is looked up among the policy's as written; only a Reply-To
+    taken from a header must be one SMTP can deliver to."""
+    text = policy_file.read_text().replace(
+        "aliases: [salg@acme.example]", f'aliases: [salg@acme.example, "{alias}"]'
+    )
+    policy_file.write_text(text)
+    p = run(policy_file, msg(f"From: Kari <{alias}>", *BASE[1:]), mail_from="erp@erp.example")
+    assert (p.decision.identity.user.id, p.decision.identity.source) == ("kari", "header_from")
+
+
 def test_user_from_erp_header_by_id(policy_file: Path) -> None:
     data = msg("From: ERP <erp@erp.acme.example>", "X-ERP-User: kari", *BASE[1:])
     p = run(policy_file, data, login="erp-acme")
