@@ -250,7 +250,7 @@ async def serve(
         acceptor.process,
         sockets,
         refused=acceptor.refused,
-        disk=DiskGuard(reclaim=lambda: spool.trim_recycled(keep=0.0)),
+        disk=DiskGuard(reclaim=lambda: spool.trim_recycled(keep=0.0, orphans=False)),
     )
 
     loop = asyncio.get_running_loop()

@@ -179,6 +179,8 @@ def test_free_files_of_a_worker_that_died_are_swept(
     assert names(spool) == [f".free.{entry.queue_id}"]
     now = time.time()
     monkeypatch.setattr(store_module.time, "time", lambda: now + 2 * store_module.RECYCLE_TTL + 1)
+    # not when short of space: the search lists the whole spool on the event loop
+    assert spool.trim_recycled(0.0, orphans=False) == 0
     assert spool.trim_recycled() == 1
     assert names(spool) == []
 
