@@ -41,9 +41,13 @@ class _LocalTime(logging.Formatter):
 
 
 class _Journal(logging.Formatter):
+    """journald reads each line on its own: a traceback's lines carry the
+    priority too, or ``journalctl -p err`` shows an error without its cause."""
+
     def format(self, record: logging.LogRecord) -> str:
-        record.priority = _PRIORITY.get(record.levelno, 6)
-        return super().format(record)
+        priority = _PRIORITY.get(record.levelno, 6)
+        record.priority = priority
+        return super().format(record).replace("\n", f"\n<{priority}>")
 
 
 def configure(stream: TextIO | None = None) -> None:

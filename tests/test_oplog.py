@@ -55,6 +55,23 @@ def test_journal_lines_carry_the_syslog_priority(
     assert [JOURNAL.match(line)[1] for line in lines] == ["6", "4", "3"]  # type: ignore[index]
 
 
+def test_every_line_of_a_traceback_carries_the_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restored: None
+) -> None:
+    path = tmp_path / "stderr"
+    path.touch()
+    monkeypatch.setenv("JOURNAL_STREAM", _stream_id(path))
+    with path.open("a", encoding="utf-8") as stream:
+        oplog.configure(stream)
+        try:
+            raise ValueError("broken")
+        except ValueError:
+            logging.getLogger("relay").exception("delivery engine failed")
+    lines = path.read_text().splitlines()
+    assert len(lines) > 3 and all(line.startswith("<3>") for line in lines), lines
+    assert lines[-1] == "<3>ValueError: broken"
+
+
 @pytest.mark.parametrize("named", [None, "not a stream", "1:2"])
 def test_elsewhere_lines_carry_the_time_with_its_offset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restored: None, named: str | None
