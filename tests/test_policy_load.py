@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 from collections.abc import Callable
 from ipaddress import ip_network
 from pathlib import Path
@@ -728,6 +729,21 @@ def test_check_warns_about_a_listener_certificate_out_of_its_validity(
         if warning is None
         else f"{path}:10:17: warning: listeners[0].tls.cert: {cert} {warning.format(**shown)}\n"
     )
+
+
+def test_a_certificate_only_openssl_reads_passes_check(tmp_path: Path) -> None:
+    """An X.509 v2 certificate: OpenSSL serves it, ``cryptography`` raised
+    InvalidVersion (no ValueError), and relay check ended in a traceback."""
+    path = variant(tmp_path, "    port: 2525\n", "    port: 2525\n" + _TLS)
+    cert = tmp_path / "tls" / "relay.crt"
+    der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    assert der.count(b"\xa0\x03\x02\x01\x02") == 1  # version: v3
+    cert.write_text(
+        ssl.DER_cert_to_PEM_cert(der.replace(b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x01"))
+    )
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0, err.getvalue()
+    assert err.getvalue() == ""
 
 
 def _pkcs8_ed25519() -> bytes:

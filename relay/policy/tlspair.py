@@ -94,7 +94,7 @@ def _cert_problem(pem: bytes) -> str | None:
         return "holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
     try:
         x509.load_pem_x509_certificates(pem)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         return "holds a damaged certificate (a file cut short, or edited?)"
     return None
 
@@ -119,8 +119,13 @@ def _key_problem(pem: bytes) -> str | None:
 
 def validity_problem(pair: TlsFiles, now: datetime.datetime) -> str | None:
     """Why clients would refuse the certificate at ``now`` (expired, or not yet
-    valid), which OpenSSL loads without a word; None when it is valid."""
-    first = x509.load_pem_x509_certificates(pair.cert_pem)[0]
+    valid), which OpenSSL loads without a word; None when it is valid, or when
+    only OpenSSL can read it (an X.509 v2 certificate, which ``cryptography``
+    refuses: OpenSSL judges its dates when it serves it)."""
+    try:
+        first = x509.load_pem_x509_certificates(pair.cert_pem)[0]
+    except (ValueError, x509.InvalidVersion):
+        return None
     if now > first.not_valid_after_utc:
         when = f"{first.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
         return f"{pair.cert} expired on {when}: clients refuse it; renew it"
