@@ -25,6 +25,7 @@ from relay.submission import Submission, listed
 # RFC 5322 3.6.4 msg-id, with the quoted local part of obs-id-left. Gmail
 # refuses mail "missing a valid Message-ID"; such an ID threads nothing anyway.
 _ATOMS = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+_COMMENTS = re.compile(r"\((?:[^()\\]|\\.)*\)")  # around it ([CFWS]); not nested
 _MSG_ID = re.compile(rf'<(?:{_ATOMS}|"(?:[^"\\\r\n]|\\.)*")@(?:{_ATOMS}|\[[!-Z^-~]*\])>')
 
 # Removed from every message: the Bcc fields name hidden recipients, and a
@@ -77,7 +78,7 @@ def decide(
     if reply_to_after is not None:
         updates.append(("Reply-To", reply_to_after))
     given_id = (view.get("Message-ID") or "").strip()
-    if not _MSG_ID.fullmatch(given_id):
+    if not _MSG_ID.fullmatch(_COMMENTS.sub("", given_id).strip()):
         updates.append(("Message-ID", f"<{token}@{policy.platform.hostname}>"))
         reasons.append(
             f"Message-ID {given_id!r} is not one (RFC 5322 3.6.4: <left@right>): replaced"

@@ -309,7 +309,14 @@ def test_a_message_id_that_is_not_one_is_replaced_and_said(policy_file: Path, gi
 
 
 @pytest.mark.parametrize(
-    "given", ["<m1@erp.acme.example>", "<m1@[192.0.2.1]>", '<"m 1"@erp.acme.example>']
+    "given",
+    [
+        "<m1@erp.acme.example>",
+        "<m1@[192.0.2.1]>",
+        '<"m 1"@erp.acme.example>',
+        "<m1@erp.acme.example> (ERP 5.2)",
+        "(ERP) <m1@erp.acme.example>",
+    ],
 )
 def test_a_message_id_is_kept_as_written(policy_file: Path, given: str) -> None:
     data = msg("From: Jan <jan@acme.example>", "To: c@example.org", f"Message-ID:  {given}")
