@@ -51,6 +51,7 @@ class Recorder(RefusingRecipients):
     delay: float = 0.0
     drop: bool = False
     rset_reply: str | None = None
+    data_reply: str | None = None  # answers the end of the next message instead of 250
     conns: list[Conn] = field(default_factory=list)
 
     @property
@@ -70,7 +71,8 @@ class Recorder(RefusingRecipients):
         server.conn.tls.append(server.transport.get_extra_info("ssl_object") is not None)
         if self.drop:
             asyncio.get_running_loop().call_later(0.05, server.transport.close)
-        return "250 2.0.0 Ok"
+        reply, self.data_reply = self.data_reply, None
+        return reply or "250 2.0.0 Ok"
 
 
 class RecordingSMTP(SMTP):
@@ -220,6 +222,28 @@ async def test_clean_refusal_keeps_the_connection(pool: Pool, pipelining: bool) 
         await pool.close()
     (conn,) = rec.connections
     assert conn.messages == ["b@p.example"]
+
+
+async def test_a_refused_message_after_a_refused_recipient_keeps_the_connection(
+    pool: Pool, pipelining: bool
+) -> None:
+    """The DATA refusal comes wrapped with the RCPT refusal before it; the
+    connection is in step all the same, and the next message takes it."""
+    rec = Recorder(
+        refuse={"gone@example.org": "550 5.1.1 no such user"},
+        pipelining=pipelining,
+        data_reply="554 5.7.1 content refused",
+    )
+    with running(rec) as (_, port):
+        with pytest.raises(UpstreamError):
+            await smtp.send(
+                upstream(port), "a@p.example", ["one@example.org", "gone@example.org"],
+                MESSAGE, pool=pool,
+            )  # fmt: skip
+        await send(pool, upstream(port), "b@p.example")
+        await pool.close()
+    (conn,) = rec.connections
+    assert conn.messages == ["a@p.example", "b@p.example"]
 
 
 async def test_timeout_closes_the_connection_instead_of_reusing_it(

@@ -34,6 +34,7 @@ from pathlib import Path
 import aiosmtplib
 
 from relay.policy.model import SmtpUpstream, TlsMode
+from relay.upstream.pipelining import Unfinished
 
 IDLE_TIMEOUT = 30.0  # seconds; Postfix uses 2, but ERPs send in bursts a few seconds apart
 REUSE_LIMIT = 100  # messages per connection, as Postfix's smtp_connection_reuse_count_limit
@@ -135,6 +136,9 @@ class Pool:
             in_step = True
         except _IN_STEP:
             in_step = True
+            raise
+        except Unfinished as exc:  # a refusal after refused recipients: still in step
+            in_step = isinstance(exc.error, _IN_STEP)
             raise
         finally:
             if in_step:
