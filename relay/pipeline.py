@@ -243,14 +243,15 @@ class Acceptor:
                 self.spool.release(entry.queue_id)
                 self.engine.accepting.discard(entry.queue_id)
         log.info(
-            "%s: client=%s login=%s from=<%s> tenant=%s user=%s type=%s rule=%s size=%d"
-            " nrcpt=%d bcc=%s dkim=%s relay=%s queued",
+            "%s: client=%s login=%s from=<%s> tenant=%s user=%s found_by=%s type=%s rule=%s"
+            " size=%d nrcpt=%d bcc=%s dkim=%s relay=%s queued",
             entry.queue_id,
             submission.client_address,
             submission.auth_login or "-",
             submission.mail_from,
             entry.tenant,
             entry.user,
+            prepared.decision.identity.source,
             entry.doc_type,
             prepared.decision.classification.rule or "-",
             entry.size,

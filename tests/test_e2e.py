@@ -108,7 +108,7 @@ def test_invoice_rewritten_signed_and_delivered(
     assert_opendkim_ok(got.data, dns_records, tmp_path)
     log = relay.log()
     assert f"{queue_id}: client=127.0.0.1 login=erp-acme from=<erp@erp.acme.example>" in log
-    assert "tenant=acme user=kari type=invoice rule=invoice-subject" in log
+    assert "tenant=acme user=kari found_by=header_from type=invoice rule=invoice-subject" in log
     wait_for(lambda: f"{queue_id}: to=<one@example.org>, relay=default" in relay.log())
     assert "status=sent" in relay.log()
 
