@@ -385,11 +385,24 @@ class Acceptor:
     async def refused(self, submission: Submission, reply: SmtpReply) -> None:
         """A refused message on record (the pipeline's refusals, and the SMTP
         side's of content no upstream should see: bare line ends, NUL, long lines)."""
-        self.recorder.add(events.rejected_for(submission, reply))
+        message_id = _given_message_id(submission.data)
+        self.recorder.add(events.rejected_for(submission, reply, message_id=message_id))
         try:
             await self.recorder.flush(None)
         except AuditError as exc:
             log.error("cannot write the audit log: %s", exc)
+
+
+def _given_message_id(data: bytes) -> str | None:
+    """The refused message's own Message-ID, as written, so that the ERP's ID
+    finds its refusal in ``relay audit search --message-id``; read from the
+    raw fields, as a refused message may be one the parser would not take."""
+    fields, _ = headers.split_at(data[: MAX_HEADER + 1])
+    for field in fields:
+        if field.name.lower() == "message-id":
+            value = field.raw.split(b":", 1)[1].decode("utf-8", "replace")
+            return " ".join(value.split())[:998] or None
+    return None
 
 
 def _write_failed(exc: Exception, text: str) -> SmtpReply:

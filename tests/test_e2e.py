@@ -140,7 +140,10 @@ def _rejected_records(relay: RelayProcess) -> list[dict]:
 
 
 def test_unknown_sender_refused_and_nothing_sent(relay: RelayProcess, sink: SinkServer) -> None:
-    data = b"From: x@nowhere.example\r\nTo: one@example.org\r\nSubject: hi\r\n\r\nhi\r\n"
+    data = (
+        b"From: x@nowhere.example\r\nTo: one@example.org\r\nSubject: hi\r\n"
+        b"Message-ID:\r\n <rej-1@erp.example>\r\n\r\nhi\r\n"
+    )
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
         client.ehlo()
         client.mail("x@nowhere.example")
@@ -153,6 +156,7 @@ def test_unknown_sender_refused_and_nothing_sent(relay: RelayProcess, sink: Sink
     (record,) = _rejected_records(relay)
     assert record["mail_from"] == "x@nowhere.example"
     assert record["reply"].startswith("550 5.7.1 Sender not known to this relay")
+    assert record["message_id"] == "<rej-1@erp.example>"  # the ERP's ID finds its refusal
 
 
 def test_a_refusal_naming_a_non_ascii_address_is_a_550_on_record(
@@ -198,6 +202,7 @@ def test_content_the_smtp_side_refuses_is_on_record(relay: RelayProcess, sink: S
     assert [reply[:9] for reply in replies] == ["550 5.6.1", "554 5.6.0", "500 5.5.2"]
     records = _rejected_records(relay)
     assert [r["reply"] for r in records] == replies
+    assert [r["message_id"] for r in records] == [None] * 3  # they have none
     assert {(r["mail_from"], tuple(r["rcpt_tos"])) for r in records} == {
         ("jan@acme.example", ("one@example.org",))
     }
