@@ -328,6 +328,23 @@ def variant(tmp_path: Path, old: str, new: str) -> Path:
     return path
 
 
+def test_check_warns_about_a_verified_domain_without_a_dkim_key(tmp_path: Path) -> None:
+    """Its users keep their own From, so their mail went out unsigned and only
+    ``relay preview`` said so; a domain with a key (any case) passes."""
+    tenant = "    upstream: outbox\n"
+    path = variant(
+        tmp_path, tenant, tenant + "    verified_domains: [Platform.Example, acme.example]\n"
+    )
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0
+    line = path.read_text().splitlines().index(tenant.rstrip("\n")) + 2
+    assert err.getvalue() == (
+        f"{path}:{line}:42: warning: tenants.acme.verified_domains[1]: no DKIM key for"
+        " acme.example in dkim.keys: its users' mail keeps their From and goes out"
+        " unsigned, which DMARC at many receivers refuses\n"
+    )
+
+
 def test_auth_off_is_an_enum_not_a_boolean(tmp_path: Path) -> None:
     path = variant(tmp_path, "    port: 2525\n", "    port: 2525\n    auth: off\n")
     assert load(path).listeners[0].auth is AuthMode.OFF

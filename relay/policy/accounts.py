@@ -191,7 +191,12 @@ class Roster:
 
 
 def tenants(
-    ctx: Ctx, root: Map, upstream_names: Collection[str], doc_types: Collection[str], roster: Roster
+    ctx: Ctx,
+    root: Map,
+    upstream_names: Collection[str],
+    doc_types: Collection[str],
+    roster: Roster,
+    key_domains: Collection[str] = (),
 ) -> Mapping[str, Tenant] | None:
     found: dict[str, Tenant | None] = {}
     entries = root.entries("tenants", "a mapping of tenant ids to tenants")
@@ -200,7 +205,9 @@ def tenants(
     for tenant_id, key, node, path in entries:
         required = ("name", "address", "upstream", "users")
         m = Map(ctx, node, path, _TENANT_KEYS, required, at=key)
-        found[tenant_id] = _tenant(ctx, m, tenant_id, upstream_names, doc_types, roster)
+        found[tenant_id] = _tenant(
+            ctx, m, tenant_id, upstream_names, doc_types, roster, key_domains
+        )
     if not found or None in found.values():
         return None
     return MappingProxyType(found)
@@ -213,6 +220,7 @@ def _tenant(
     upstream_names: Collection[str],
     doc_types: Collection[str],
     roster: Roster,
+    key_domains: Collection[str],
 ) -> Tenant | None:
     name = m.text("name", "a company name")
     address = m.read("address", values.address)
@@ -229,9 +237,16 @@ def _tenant(
         message = f"no upstream {upstream!r}" + hint(upstream, upstream_names)
         ctx.problem(m.get("upstream"), m.sub("upstream"), message)
         upstream = None
-    domains = [
-        values.domain(ctx, n, p) for n, p in m.items("verified_domains", "a list of domains")
-    ]
+    listed = m.items("verified_domains", "a list of domains")
+    domains = [values.domain(ctx, n, p) for n, p in listed]
+    for (node, path), domain in zip(listed, domains, strict=True):
+        if domain is not None and domain.lower() not in key_domains:
+            # its users keep their own From, which only a key for it signs
+            message = (
+                f"no DKIM key for {domain} in dkim.keys: its users' mail keeps their From"
+                " and goes out unsigned, which DMARC at many receivers refuses"
+            )
+            ctx.problems.warn(node, path, message)
     bcc = [_doc_type(ctx, n, p, doc_types) for n, p in m.items("bcc_sender", "a list of types")]
     reply_to = _reply_to(ctx, m, doc_types)
     if None in (name, address, upstream, users, reply_to, *domains, *bcc):

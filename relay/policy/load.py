@@ -93,7 +93,7 @@ def _build(ctx: Ctx, root: Map, path: Path, data: bytes) -> Policy | None:
     listeners = sections.listeners(ctx, root)
     upstreams, upstream_names = accounts.upstreams(ctx, root)
     roster = accounts.Roster()
-    tenants = accounts.tenants(ctx, root, upstream_names, doc_types, roster)
+    tenants = accounts.tenants(ctx, root, upstream_names, doc_types, roster, key_domains)
     logins = accounts.logins(ctx, root, roster.users)
     anonymous = listeners is not None and any(
         listener.auth is not AuthMode.REQUIRED for listener in listeners
