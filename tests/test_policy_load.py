@@ -88,7 +88,8 @@ BAD = {
         "9:11: listeners[0].port: expected a port number (1..65535)",
         "10:11: listeners[0].auth: expected one of: required, optional, off",
         "11:12: listeners[0].allow: expected a list of CIDRs",
-        "12:21: listeners[0].max_recipients: 0 is out of range: expected a positive integer",
+        "12:21: listeners[0].max_recipients: 0 is out of range:"
+        " expected a positive integer (1..100000)",
         "13:19: listeners[0].idle_timeout: YAML 1.1 reads 5:00 as 300 (base 60); write 300",
         "16:11: listeners[1].port: YAML 1.1 reads 0587 as a string;"
         " write it without the leading zero: 587",
@@ -1075,7 +1076,8 @@ def test_a_retry_ceiling_below_first_retry_hides_no_audit_problem(tmp_path: Path
         f"{path}:3:37: queue.max_retry: must not be less than first_retry",
         f"{path}:4:24: audit.hmac_key_file: cannot read {tmp_path / 'nope.key'}:"
         " No such file or directory",
-        f"{path}:4:50: audit.retention_days: -5 is out of range: expected a number of days",
+        f"{path}:4:50: audit.retention_days: -5 is out of range:"
+        " expected a number of days (1..1000000)",
         f"{path}:4:54: audit.record_subjct: unknown key (did you mean 'record_subject'?)",
     ]
 

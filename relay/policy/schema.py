@@ -235,7 +235,8 @@ def integer(ctx: Ctx, node: Node, path: str, low: int, high: int, what: str) -> 
     if value is None:
         return None
     if not low <= value <= high:
-        ctx.problem(node, path, f"{value} is out of range: expected {what}")
+        bounds = "" if ".." in what else f" ({low}..{high})"  # a limit unsaid looked arbitrary
+        ctx.problem(node, path, f"{value} is out of range: expected {what}{bounds}")
         return None
     return int(value)
 
