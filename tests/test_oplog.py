@@ -45,29 +45,28 @@ def _lines_logged(path: Path) -> list[str]:
     return path.read_text().splitlines()
 
 
-def test_journal_lines_carry_the_syslog_priority(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restored: None
-) -> None:
+@pytest.fixture
+def journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restored: None) -> Path:
+    """A file standing for stderr, named the journal's stream as systemd does."""
     path = tmp_path / "stderr"
     path.touch()
     monkeypatch.setenv("JOURNAL_STREAM", _stream_id(path))
-    lines = _lines_logged(path)
+    return path
+
+
+def test_journal_lines_carry_the_syslog_priority(journal: Path) -> None:
+    lines = _lines_logged(journal)
     assert [JOURNAL.match(line)[1] for line in lines] == ["6", "4", "3"]  # type: ignore[index]
 
 
-def test_every_line_of_a_traceback_carries_the_priority(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restored: None
-) -> None:
-    path = tmp_path / "stderr"
-    path.touch()
-    monkeypatch.setenv("JOURNAL_STREAM", _stream_id(path))
-    with path.open("a", encoding="utf-8") as stream:
+def test_every_line_of_a_traceback_carries_the_priority(journal: Path) -> None:
+    with journal.open("a", encoding="utf-8") as stream:
         oplog.configure(stream)
         try:
             raise ValueError("broken")
         except ValueError:
             logging.getLogger("relay").exception("delivery engine failed")
-    lines = path.read_text().splitlines()
+    lines = journal.read_text().splitlines()
     assert len(lines) > 3 and all(line.startswith("<3>") for line in lines), lines
     assert lines[-1] == "<3>ValueError: broken"
 
