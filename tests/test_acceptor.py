@@ -43,8 +43,8 @@ async def test_a_refused_message_the_spool_keeps_is_never_delivered(
 ) -> None:
     """The audit write failed, the client got 451, and removing the entry failed
     too (EIO, a file system gone read-only): its lock was let go, and the
-    engine's next scan delivered it, with no record in the audit log (a disk
-    probe saw it reach the upstream 24 s later)."""
+    engine's next scan delivered it, with no record in the audit log (it reached
+    the upstream 24 s later)."""
     monkeypatch.setattr(engine_module, "RESCAN", 0.1)
     monkeypatch.setattr(pipeline, "REMOVAL_RETRY", 0.5)
     spool = Spool(tmp_path / "spool")

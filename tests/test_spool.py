@@ -509,7 +509,7 @@ def test_the_queue_tools_open_a_spool_on_a_read_only_file_system(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Opening it fsynced the directory, which a read-only file system refuses:
-    ``relay queue list`` failed exactly when an operator needed it (disk probe)."""
+    ``relay queue list`` failed exactly when an operator needed it (a disk gone read-only)."""
     assert spool.put_many([(make_entry(), (b"Subject: x\r\n\r\nx\r\n",))]) == [None]
 
     def read_only(path: object) -> None:

@@ -307,7 +307,7 @@ async def test_a_final_reply_longer_than_aiosmtplib_reads_is_still_a_delivery(
 ) -> None:
     """aiosmtplib takes a line over 8,192 bytes for no reply: a smarthost's long
     250 to the final dot made the message go again at every retry, then expire
-    with a notice that it had failed (upstream probe)."""
+    with a notice that it had failed."""
     final = b"250 2.0.0 " + b"x" * 9000 + b"\r\n"
     server = Script(list(OK), final=final, pipelining=pipelined)
     async with connected(server) as client:
