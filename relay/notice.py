@@ -10,6 +10,7 @@ a notice or an auto-reply in turn.
 from __future__ import annotations
 
 import quopri
+import re
 from collections.abc import Sequence
 from email.utils import formatdate
 
@@ -19,6 +20,8 @@ from relay.policy.model import Policy
 from relay.queueid import new_queue_id
 from relay.sign import sign
 from relay.spool import DELIVERED, PENDING, QueueEntry, RecipientState
+
+_MSG_ID = re.compile(r"<[^<>\s]+>")
 
 
 def build_notice(
@@ -34,6 +37,9 @@ def build_notice(
     )
     date = formatdate(now, localtime=False, usegmt=True)
     message_id = f"<{queue_id}@{policy.platform.hostname}>"
+    about = _MSG_ID.search(entry.message_id or "")
+    # threaded under the document, whose copy the sender has when it was BCC'd
+    thread = [("In-Reply-To", about[0]), ("References", about[0])] if about else []
     head = b"".join(
         fold(name, value)
         for name, value in (
@@ -42,6 +48,7 @@ def build_notice(
             ("Subject", encode_text(subject)),
             ("Date", date),
             ("Message-ID", message_id),
+            *thread,
             ("Auto-Submitted", "auto-generated"),
             ("MIME-Version", "1.0"),
             ("Content-Type", "text/plain; charset=utf-8"),
@@ -80,6 +87,7 @@ def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
         "",
         f"Document:   {entry.subject or '(no subject)'}",
         f"Sent:       {entry.date or formatdate(entry.arrival, usegmt=True)}",
+        f"Message-ID: {entry.message_id or '(none)'}",
         f"Queue ID:   {entry.queue_id}",
         "",
     ]

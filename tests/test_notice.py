@@ -64,3 +64,23 @@ def test_a_notice_says_whether_anyone_got_the_document(
     text = quopri.decodestring(body.replace(b"\r\n", b"\n")).decode()
     assert text.startswith("A document you sent " + opening)
     assert "Recipient:  customer@example.net" in text
+
+
+@pytest.mark.parametrize(
+    ("sent_as", "thread"),
+    [("<inv-4711@erp.acme.example>", "<inv-4711@erp.acme.example>"), ("", None)],
+)
+def test_a_notice_is_threaded_under_the_document_it_is_about(
+    policy_file: Path, sent_as: str, thread: str | None
+) -> None:
+    """The sender has the document (the automatic copy) in the mailbox the notice
+    goes to: a mail client files the notice under it; the body names its ID."""
+    entry = make_entry(message_id=sent_as)
+    failed = RecipientState("customer@example.net", FAILED, notify=True)
+    _, data = build_notice(load(policy_file), entry, [failed], 1_790_000_000.0)
+    view = message.read(data)
+    assert view.get("In-Reply-To") == thread and view.get("References") == thread
+    body = quopri.decodestring(data.split(b"\r\n\r\n", 1)[1]).decode()
+    assert f"Message-ID: {sent_as or '(none)'}\n" in body.replace("\r\n", "\n")
+    signatures = [v for n, v in view.written if n == "DKIM-Signature"]
+    assert signatures and all(("in-reply-to" in v) is (thread is not None) for v in signatures)
