@@ -484,20 +484,16 @@ class Engine:
         try:
             if warm is not None:
                 try:
-                    async with self._limit(warm.entry):
-                        return await self._attempt(warm.entry, lock, immediate, warm.data)
+                    return await self._warm_attempt(warm, lock, immediate)
                 finally:  # it counts until the attempt ends, waiting for a slot included
                     self._warm_bytes -= len(warm.data)
                     self._warm_files -= 1
-            lock.fd = self.spool.acquire(queue_id, blocking=False)
             entry = self._remembered(self.spool.load(queue_id))
-            if entry.held:
-                return Outcome("held")
-            if entry.next_attempt > self.clock() + POLL and not immediate:
-                self._plan(queue_id, entry.next_attempt)
-                return Outcome("later")
+            not_now = self._not_now(entry, immediate)
+            if not_now is not None:
+                return not_now
             async with self._limit(entry):
-                return await self._attempt(entry, lock, immediate)
+                return await self._locked_again(entry.queue_id, lock, immediate)
         except NoSuchEntry:
             return Outcome("gone")
         except SpoolBusy:
@@ -507,6 +503,39 @@ class Engine:
             return Outcome("busy")
         finally:
             lock.close()  # unless _finish took it over
+
+    async def _warm_attempt(self, warm: Warm, lock: EntryLock, immediate: bool) -> Outcome:
+        """A slot free at once: the attempt goes under the lock taken at acceptance.
+        Waiting for one is no delivery: the lock is let go meanwhile, or a slow
+        upstream kept thousands of entries locked and ``relay queue delete`` and
+        ``hold`` could stop none of them."""
+        limit = self._limit(warm.entry)
+        if not limit.locked():
+            async with limit:
+                return await self._attempt(warm.entry, lock, immediate, warm.data)
+        lock.close()
+        async with limit:
+            return await self._locked_again(warm.entry.queue_id, lock, immediate, warm.data)
+
+    async def _locked_again(
+        self, queue_id: str, lock: EntryLock, immediate: bool, data: bytes | None = None
+    ) -> Outcome:
+        """The attempt, with a delivery slot in hand, under the entry's lock taken
+        now and its record as it is now: held, deleted or tried meanwhile."""
+        lock.fd = self.spool.acquire(queue_id, blocking=False)
+        entry = self._remembered(self.spool.load(queue_id))
+        not_now = self._not_now(entry, immediate)
+        if not_now is not None:
+            return not_now
+        return await self._attempt(entry, lock, immediate, data)
+
+    def _not_now(self, entry: QueueEntry, immediate: bool) -> Outcome | None:
+        if entry.held:
+            return Outcome("held")
+        if entry.next_attempt > self.clock() + POLL and not immediate:
+            self._plan(entry.queue_id, entry.next_attempt)
+            return Outcome("later")
+        return None
 
     async def _attempt(
         self, entry: QueueEntry, lock: EntryLock, immediate: bool = False, data: bytes | None = None

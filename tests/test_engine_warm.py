@@ -225,9 +225,10 @@ async def test_entries_waiting_for_a_delivery_slot_still_count_against_the_bound
 async def test_a_backlog_due_at_once_holds_no_more_files_than_its_budget(
     spool: Spool, policy: Policy, outbox: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After an outage, or at a restart, the whole queue is due: each attempt read
-    back from the spool holds its entry's file while it waits for a slot, so no
-    more attempts start than the budget; the rest start as those end."""
+    """After an outage, or at a restart, the whole queue is due: no more attempts
+    start than the budget, the rest start as those end. Only the one with the
+    slot holds its entry's lock: one waiting for a slot is not being delivered,
+    and ``relay queue delete`` or ``hold`` may take it meanwhile."""
     monkeypatch.setattr(engine_module, "file_budget", lambda: 2)
     gate = asyncio.Event()
 
@@ -239,13 +240,58 @@ async def test_a_backlog_due_at_once_holds_no_more_files_than_its_budget(
     for n, entry in enumerate(entries):
         assert spool.put_many([(entry, (message(n),))]) == [None]
     one_slot = dataclasses.replace(policy, queue=dataclasses.replace(policy.queue, concurrency=1))
-    async with running(Engine(spool, lambda: one_slot, slow_upstream, Recorder(None))):
+    async with running(Engine(spool, lambda: one_slot, slow_upstream, Recorder(None))) as engine:
         await asyncio.sleep(0.5)  # the scan found all five due
         held = [lock_elsewhere(spool, entry.queue_id) == "busy" for entry in entries]
-        assert sum(held) == 2
+        assert sum(held) == 1
+        assert len(engine._busy) == 2  # the budget
         gate.set()
         assert len(await delivered(outbox, 5)) == 5
         await gone(spool)
+
+
+HOLD_AND_DELETE = """
+import io, sys
+from pathlib import Path
+from relay.spool import Spool, tools
+spool = Spool(Path(sys.argv[1]))
+out, err = io.StringIO(), io.StringIO()
+held = tools.hold(spool, [sys.argv[2]], out, err)
+deleted = tools.delete(spool, [sys.argv[3]], out, err, record=lambda queue_id, entry: None)
+print(held.code, deleted.code, err.getvalue().strip())
+"""
+
+
+async def test_entries_waiting_for_a_delivery_slot_can_be_held_or_deleted(
+    spool: Spool, policy: Policy, outbox: Path
+) -> None:
+    """A slow upstream fills the slots: what waits for one, just accepted or read
+    back from the spool, is no delivery under way. ``relay queue hold`` and
+    ``delete`` said "being delivered right now" of every one, and it went."""
+    gate, started = asyncio.Event(), asyncio.Event()
+
+    async def slow_upstream(*args: Any) -> Any:
+        started.set()
+        await gate.wait()
+        return await attempt(*args)
+
+    sending, accepted, stored = (make_entry(size=len(message(n))) for n in range(3))
+    one_slot = dataclasses.replace(policy, queue=dataclasses.replace(policy.queue, concurrency=1))
+    async with running(Engine(spool, lambda: one_slot, slow_upstream, Recorder(None))) as engine:
+        engine.submit(sending.queue_id, warm=accept(spool, sending, message(0)))
+        await asyncio.wait_for(started.wait(), 10)  # it has the one slot
+        engine.submit(accepted.queue_id, warm=accept(spool, accepted, message(1)))
+        assert spool.put_many([(stored, (message(2),))]) == [None]
+        engine.submit(stored.queue_id)  # read back from the spool
+        await asyncio.sleep(0.3)
+        script, directory = HOLD_AND_DELETE, str(spool.directory)
+        tried = run_script(script, directory, accepted.queue_id, stored.queue_id)
+        gate.set()
+        assert len(await delivered(outbox, 1)) == 1
+        await asyncio.sleep(0.5)
+    assert tried.split(None, 2)[:2] == ["0", "0"], tried
+    assert len(list(outbox.glob("*.eml"))) == 1
+    assert spool.ids() == [accepted.queue_id] and spool.load(accepted.queue_id).held
 
 
 async def test_a_quiet_engine_makes_its_removals_durable_and_leaves_no_free_file(
