@@ -150,15 +150,24 @@ def _queue_parsers(sub: argparse._SubParsersAction) -> None:
     show.add_argument("queue_id")
     show.set_defaults(run=_queue, verb="show")
     for verb, text in (
-        ("retry", "deliver now (ID... or ALL)"),
-        ("delete", "remove messages (ID..., - for IDs on stdin, or ALL)"),
+        ("retry", "deliver now"),
+        ("delete", "remove messages, each on record in the audit log first"),
         ("hold", "keep messages from delivery until released"),
         ("release", "let held messages be delivered"),
     ):
-        command = verbs.add_parser(verb, help=text)
+        command = verbs.add_parser(verb, help=text, description=text, epilog=_TARGETS_HELP)
         _policy_option(command)
-        command.add_argument("targets", nargs="+", metavar="ID")
+        command.add_argument("targets", nargs="+", metavar="ID", help="ID, ALL or -")
         command.set_defaults(run=_queue, verb=verb)
+
+
+_TARGETS_HELP = (
+    "ID is a queue ID (any case), ALL every queued message, - the IDs on stdin, one a"
+    " line, as postsuper takes them. A message being delivered at that moment is"
+    " skipped as busy. Exit status: 0 done (under ALL, busy ones skipped), 1 a"
+    " named ID not handled (unknown, busy or failed), 66 no queue there, 78 the"
+    " policy does not load."
+)
 
 
 def _audit_parsers(sub: argparse._SubParsersAction) -> None:

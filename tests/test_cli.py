@@ -435,3 +435,13 @@ def test_the_tools_work_while_a_file_the_relay_refused_does_not_load(
             else "does not load, but its state settings do, so this goes by them"
         ) in done.stderr
     assert relay("queue", "list", "-c", str(policy)).stdout == "Mail queue is empty\n"
+
+
+@pytest.mark.parametrize("verb", ["retry", "delete", "hold", "release"])
+def test_queue_commands_say_how_to_name_messages(verb: str) -> None:
+    """Each takes ALL and - (IDs on stdin), as postsuper does; --help said only ID."""
+    done = relay("queue", verb, "--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert "ALL every queued message, - the IDs on stdin" in text
+    assert "78 the policy does not load" in text
