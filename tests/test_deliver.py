@@ -314,7 +314,11 @@ PARTLY = ["ok@example.org", "perm@example.org", "ok2@example.org"]
             "554 5.7.1 Message rejected: content policy",
         ),
         ("451 4.3.0 Try again later", "451 4.3.0 Try again later"),
-        ("", "451 4.4.2 Upstream smarthost (127.0.0.1:{port}): connection lost (sending)"),
+        (
+            "",
+            "451 4.4.2 Upstream smarthost (127.0.0.1:{port}): connection lost before the reply"
+            " to the end of the message; it may arrive twice (sending)",
+        ),
     ],
     ids=["refused", "deferred", "dropped"],
 )
@@ -453,6 +457,21 @@ async def test_no_reply_to_the_end_of_the_message_says_it_may_arrive_twice(
     assert failed.value.text == (
         f"Upstream smarthost (127.0.0.1:{sink.port}): no reply to the end of the message"
         " within 0.5s; it may arrive twice (sending)"
+    )
+
+
+async def test_a_connection_lost_before_the_reply_to_the_end_says_it_may_arrive_twice(
+    pipelining: bool,
+) -> None:
+    """The server read the whole message and closed without answering the final
+    dot: it may have taken the message, which the retry then sends again."""
+    handler = SinkHandler(data_reply="", pipelining=pipelining)
+    with Sink(handler) as sink, pytest.raises(UpstreamError) as failed:
+        await asyncio.wait_for(deliver(upstream(sink.port), "b@p.example", RCPTS, MESSAGE), 10)
+    assert (failed.value.code, failed.value.status) == (451, "4.4.2")
+    assert failed.value.text == (
+        f"Upstream smarthost (127.0.0.1:{sink.port}): connection lost before the reply to"
+        " the end of the message; it may arrive twice (sending)"
     )
 
 

@@ -48,6 +48,11 @@ class DataTimeout(aiosmtplib.SMTPTimeoutError):
     """No reply to the end of the message in time: the server may have taken it."""
 
 
+class DataLost(aiosmtplib.SMTPServerDisconnected):
+    """The connection ended after the end of the message, before its reply: the
+    server may have taken it, as after a ``DataTimeout``."""
+
+
 class Withheld(aiosmtplib.SMTPRecipientsRefused):
     """The server refused every recipient the message was ``needed`` for: no DATA
     went, so those it took (``taken``) do not get it either."""
@@ -99,12 +104,17 @@ def withheld(
 
 
 async def final_reply(wait: Awaitable[T], timeout: float) -> T:
-    """``wait`` for the reply to the end of the message; its timeout is ``DataTimeout``."""
+    """``wait`` for the reply to the end of the message; its timeout is ``DataTimeout``,
+    a connection lost meanwhile ``DataLost``: either way the retry may deliver it twice."""
     try:
         return await wait
     except aiosmtplib.SMTPTimeoutError as exc:
         raise DataTimeout(
             f"no reply to the end of the message within {timeout:g}s; it may arrive twice"
+        ) from exc
+    except aiosmtplib.SMTPServerDisconnected as exc:
+        raise DataLost(
+            "connection lost before the reply to the end of the message; it may arrive twice"
         ) from exc
 
 
@@ -343,6 +353,8 @@ async def end_of_data(client: aiosmtplib.SMTP, section: bytes, done: float) -> S
 async def _end(
     replies: _Replies, transport: asyncio.Transport, section: bytes, done: float
 ) -> SMTPResponse:
+    if transport.is_closing():  # closed on a 421: nothing of the message goes
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     # one system call; uvloop (the daemon's loop) keeps references, no copy
     transport.writelines((section, b".\r\n"))
     (final,) = await final_reply(replies.take(1, done), done)

@@ -35,7 +35,7 @@ from relay.upstream import (
     replies,
     transaction,
 )
-from relay.upstream.pipelining import DataTimeout, Stale, Unfinished, Withheld
+from relay.upstream.pipelining import DataLost, DataTimeout, Stale, Unfinished, Withheld
 from relay.upstream.pool import Pool, PoolKey, default_pool
 
 log = logging.getLogger("relay")
@@ -155,7 +155,7 @@ def _mapped(upstream: SmtpUpstream, stage: str, exc: Exception) -> UpstreamError
         if stage == "connecting":  # greeting or STARTTLS refused: nothing about this message
             return _failed(upstream, stage, replies.line(exc.code, exc.message))
         return replies.refusal(exc.code, exc.message)
-    if isinstance(exc, DataTimeout):
+    if isinstance(exc, DataTimeout | DataLost):
         return _failed(upstream, stage, str(exc), "4.4.2")
     if isinstance(exc, aiosmtplib.SMTPTimeoutError):
         return _failed(upstream, stage, f"no answer within {upstream.timeout:g}s")

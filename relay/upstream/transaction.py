@@ -75,7 +75,8 @@ async def send(
     raising what ``aiosmtplib.SMTP.sendmail`` raises for the same replies.
     With ``reset`` an RSET goes first; pipelined, ``pipelining.Stale`` says it failed.
     The reply to the end of the message may take ``data_timeout`` (default:
-    ``timeout``), and ``pipelining.DataTimeout`` says it did not come. If the
+    ``timeout``), and ``pipelining.DataTimeout`` says it did not come
+    (``pipelining.DataLost``: the connection ended first). If the
     server takes none of the ``needed`` recipients, ``pipelining.Withheld``
     is raised and no DATA goes: the others do not get the message alone.
     Failed after a recipient was refused, it raises ``pipelining.Unfinished``."""
