@@ -55,7 +55,7 @@ log = logging.getLogger("relay")
 
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 READY_TIMEOUT = 30.0  # for every worker to be serving
-STOP_TIMEOUT = 2 * STOP_GRACE + 5  # a worker's grace for SMTP, then for deliveries
+STOP_TIMEOUT = STOP_GRACE + 10  # a worker's grace, then its last records and closing
 RESTART_DELAY = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # by quick deaths in a row
 QUICK = 10.0  # a worker dying sooner than this after its start counts as a crash loop
 EX_SOFTWARE = 70

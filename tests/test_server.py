@@ -195,6 +195,47 @@ def _finish_during_sigterm(policy: Path, port: int, tmp_path: Path) -> None:
         running.stop()
 
 
+def test_sigterm_gives_transactions_and_deliveries_one_grace_in_all(
+    policy: Path, tmp_path: Path
+) -> None:
+    """A client silent mid-message and an upstream silent after it: the stop took
+    the grace for the first, then a grace again for the second."""
+    port = int(policy.read_text().split("port: ", 1)[1].split()[0])
+    with SinkServer(Sink(delay=60)) as sink:
+        upstream = (
+            f"  default:\n    type: smtp\n    host: 127.0.0.1\n    port: {sink.port}\n"
+            "    tls: none\n    timeout: 10\n"
+        )
+        text = policy.read_text().replace(
+            "  default:\n    type: directory\n    path: outbox\n", upstream
+        )
+        policy.write_text(text + "workers: 1\n")  # both in the one process
+        running = Daemon(policy, tmp_path / "relay.log")
+        try:
+            running.wait_log(" serving")
+            assert send(port)[0] == 250  # its delivery waits for the upstream's reply
+            time.sleep(0.5)
+            client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+            try:
+                client.ehlo()
+                client.mail("jan@acme.example")
+                client.rcpt("one@example.org")
+                client.putcmd("data")
+                assert client.getreply()[0] == 354
+                client.send(MESSAGE)  # and no final dot
+                started = time.monotonic()
+                running.proc.send_signal(signal.SIGTERM)
+                assert running.proc.wait(30) == 0
+                took = time.monotonic() - started
+            finally:
+                client.close()
+        finally:
+            running.stop()
+    log = running.log()
+    assert "stop grace of 10s over" in log and "giving up 1 delivery attempt(s)" in log, log
+    assert took < server_module.STOP_GRACE + 3, (took, log)
+
+
 def test_starttls_and_auth_under_uvloop(policy: Path, tmp_path: Path) -> None:
     port = int(policy.read_text().split("port: ", 1)[1].split()[0])
     certs = make_certs(tmp_path / "tls")
