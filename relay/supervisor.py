@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import hashlib
 import logging
 import os
 import select
@@ -171,14 +170,14 @@ class Supervisor:
 
     def _hand_over_policy(self) -> None:
         """The text the workers would load on a SIGHUP sent to them directly: the
-        policy they run, or nothing if the file has changed since it was read."""
+        text of the policy they run, as it was read, whatever the file holds now."""
+        sources = self.policy.sources
         try:
-            data = yamlsource.read_bytes(self.policy_path)
-            if hashlib.sha256(data).hexdigest() == self.policy.digest:
-                _write_private(self.checked, data)
+            if sources is not None:
+                _write_private(self.checked, sources.text)
             else:
                 self.checked.unlink(missing_ok=True)
-        except (OSError, RefusedFile) as exc:
+        except OSError as exc:
             log.warning("cannot hand the policy to the workers: %s", exc)
 
     def _failed_start(self, index: int) -> int:

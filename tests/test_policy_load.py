@@ -3,8 +3,8 @@ is told, line and column, about an invalid one."""
 
 from __future__ import annotations
 
+import base64
 import datetime
-import hashlib
 import io
 import os
 import re
@@ -25,7 +25,7 @@ from cryptography.x509.oid import NameOID
 
 from relay.errors import PolicyError
 from relay.policy import yamlsource
-from relay.policy.load import check_main, load
+from relay.policy.load import check_main, load, policy_version
 from relay.policy.model import (
     AuthMode,
     ConditionKind,
@@ -186,7 +186,7 @@ def test_the_example_policy_loads_as_written(tmp_path: Path) -> None:
     policy = load(path)
 
     assert policy.source == path
-    assert policy.digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert policy.digest == policy_version(path.read_bytes(), policy.sources.files)
     assert policy.platform.from_address == "noreply@platform.example"
     assert policy.platform.return_path == "bounces@platform.example"
     assert policy.platform.hostname == "relay.platform.example"
@@ -869,6 +869,38 @@ def test_unparsable_files_are_one_located_problem(
     assert problems(path) == [f"{path}:{problem}"]
 
 
+def test_the_policy_version_covers_the_files_it_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new DKIM key (or password) under the same text was the same version: the
+    log said ``policy reloaded: X (was X)`` and the audit log could not tell them apart."""
+    monkeypatch.setattr(helo, "local_hostname", lambda: "relay.platform.example")
+    shutil.copytree(POLICIES, tmp_path / "policies")
+    path = tmp_path / "policies" / "full.yaml"
+    before = load(path)
+    assert load(path).digest == before.digest
+    key = tmp_path / "policies" / "keys" / "acme.example.a1.private"
+    assert before.sources is not None and before.sources.files[str(key)] == key.read_bytes()
+    key.write_bytes(base64.b64encode(bytes(range(32))) + b"\n")
+    rotated = load(path)
+    assert rotated.digest != before.digest
+    password = tmp_path / "policies" / "secrets" / "smarthost.password"
+    password.write_text("another secret\n")
+    assert load(path).digest not in (before.digest, rotated.digest)
+
+
+def test_a_policy_built_from_the_bytes_given_reads_no_file(tmp_path: Path) -> None:
+    """What a worker loads at a reload: the text and files its supervisor checked,
+    though the key on disk has changed (to no key at all) since."""
+    shutil.copytree(POLICIES, tmp_path / "policies")
+    path = tmp_path / "policies" / "minimal.yaml"
+    checked = load(path)
+    assert checked.sources is not None
+    (tmp_path / "policies" / "keys" / "platform.example.s1.private").write_text("no key\n")
+    again = load(path, checked.sources.text, checked.sources.files)
+    assert again.digest == checked.digest and again.dkim_keys == checked.dkim_keys
+
+
 def test_problems_come_in_file_order_across_sections() -> None:
     """Sections are checked in dependency order (tenants before logins), not file order."""
     path = POLICIES / "bad-references.yaml"
@@ -882,7 +914,7 @@ def test_check_main_ok_line(monkeypatch: pytest.MonkeyPatch) -> None:
     path = POLICIES / "full.yaml"
     out, err = io.StringIO(), io.StringIO()
     assert check_main(path, out, err) == 0
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    digest = load(path).digest[:12]
     assert out.getvalue() == f"{path}: ok (policy {digest}, 2 tenants, 2 users, 2 document rules)\n"
     assert err.getvalue() == ""
 

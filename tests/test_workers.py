@@ -9,6 +9,7 @@ policy), where the From display name shows the tenant name a message met.
 
 from __future__ import annotations
 
+import base64
 import errno
 import fcntl
 import json
@@ -399,6 +400,24 @@ def test_workers_take_the_text_the_supervisor_checked_not_a_later_edit(relay: Re
         r["policy_sha256"][:12] for r in audit_records(relay) if r["event"] == "policy_loaded"
     ]
     assert versions[-1] == checked
+
+
+def test_a_new_dkim_key_is_a_new_policy_version(relay: Relay) -> None:
+    """The file's text alone was the version: a key rotated under the same text
+    was logged as ``policy reloaded: X (was X)``, and recorded as X again."""
+    loaded = LOADED.search(relay.log())
+    assert loaded is not None
+    key = relay.policy.parent / "keys" / "platform.example.e1.private"
+    key.write_bytes(base64.b64encode(os.urandom(32)) + b"\n")  # a new Ed25519 key
+    relay.proc.send_signal(signal.SIGHUP)
+    relay.wait_for(lambda: len(WORKER_POLICY.findall(relay.log())) >= 2, "both workers reload")
+    relay.wait_for(lambda: bool(RELOADED.search(relay.log())), "the reload logged")
+    (_, new, was), *_ = RELOADED.findall(relay.log())
+    assert was == loaded.group(1) and new != was, relay.log()
+    assert relay.stop() == 0
+    records = audit_records(relay)
+    versions = [r["policy_sha256"][:12] for r in records if r["event"] == "policy_loaded"]
+    assert versions == [was, new]
 
 
 def test_one_worker_runs_without_a_supervisor(policy_file: Path, port: int, tmp_path: Path) -> None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 
@@ -31,9 +34,51 @@ _KINDS = {
 }
 
 
+class Reads:
+    """The files one load of the policy read, by path: they are part of what the
+    policy is (its version covers them) and of what a worker is handed to load
+    it again. ``given`` stands in for the files: a worker builds its policy from
+    the bytes its supervisor checked, not from files that may have changed since."""
+
+    def __init__(self, given: Mapping[str, bytes] | None = None) -> None:
+        self.given = dict(given or {})
+        self.read: dict[str, bytes] = {}
+
+    def bytes_of(self, path: Path, limit: int, what: str) -> bytes:
+        """A file read twice in one load is the same both times."""
+        key = os.fspath(path)
+        data = self.read.get(key, self.given.get(key))
+        if data is None:
+            data = _read_limited(path, limit, what)
+        elif len(data) > limit:
+            raise RefusedFile(path, f"is larger than {_size(limit)}", f", too large for {what}")
+        self.read[key] = data
+        return data
+
+
+_READS: ContextVar[Reads | None] = ContextVar("policy_reads", default=None)
+
+
+@contextmanager
+def reading(reads: Reads) -> Iterator[Reads]:
+    """``read_limited`` goes through ``reads`` within this block (in this thread)."""
+    token = _READS.set(reads)
+    try:
+        yield reads
+    finally:
+        _READS.reset(token)
+
+
 def read_limited(path: Path, limit: int, what: str) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes; raises OSError or
     RefusedFile."""
+    reads = _READS.get()
+    if reads is not None:
+        return reads.bytes_of(path, limit, what)
+    return _read_limited(path, limit, what)
+
+
+def _read_limited(path: Path, limit: int, what: str) -> bytes:
     _regular(path, os.stat(path).st_mode)  # before opening: a device's open may act
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:

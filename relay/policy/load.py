@@ -9,6 +9,7 @@ rather than a traceback about the first one.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -16,7 +17,8 @@ from typing import TextIO
 
 from relay.errors import PolicyError
 from relay.policy import accounts, sections
-from relay.policy.model import AuditSettings, AuthMode, Policy, QueueSettings
+from relay.policy.files import Reads, reading
+from relay.policy.model import AuditSettings, AuthMode, Policy, QueueSettings, Sources
 from relay.policy.schema import Ctx, Map
 from relay.policy.yamlsource import Problems, read
 
@@ -28,23 +30,38 @@ _SECTIONS += ("workers",)
 _REQUIRED = ("version", "platform", "listeners", "upstreams", "tenants")
 
 
-def load(path: Path, data: bytes | None = None) -> Policy:
+def load(path: Path, data: bytes | None = None, files: Mapping[str, bytes] | None = None) -> Policy:
     """Read and validate the policy; raises PolicyError listing every problem.
 
     ``data`` stands in for the file's content (paths in it still resolve
-    beside ``path``): the workers build exactly the text their supervisor checked.
+    beside ``path``), and ``files`` for the files it names, by path (as in
+    ``Policy.sources``): the workers build exactly what their supervisor checked.
     """
-    return _load(path, data)[0]
+    return _load(path, data, files)[0]
 
 
-def _load(path: Path, data: bytes | None = None) -> tuple[Policy, list[str]]:
+def policy_version(text: bytes, files: Mapping[str, bytes]) -> str:
+    """The policy's identifier: a SHA-256 over its text and the files it read, so
+    that a new DKIM key (or password, or certificate) is a new version in the
+    log and the audit log, as a new text is."""
+    digest = hashlib.sha256()
+    for chunk in (text, *(part for name in sorted(files) for part in (name.encode(), files[name]))):
+        digest.update(len(chunk).to_bytes(8, "big") + chunk)
+    return digest.hexdigest()
+
+
+def _load(
+    path: Path, data: bytes | None = None, files: Mapping[str, bytes] | None = None
+) -> tuple[Policy, list[str]]:
     """The policy and the warnings about this host, which only ``relay check`` shows."""
     problems = Problems(str(path))
     data, root = read(path, problems, data)
     policy = None
     if data is not None and root is not None:
         ctx = Ctx(problems, path.absolute().parent)
-        policy = _build(ctx, Map(ctx, root, "", _SECTIONS, _REQUIRED), path, data)
+        with reading(Reads(files)) as reads:
+            top = Map(ctx, root, "", _SECTIONS, _REQUIRED)
+            policy = _build(ctx, top, path, Sources(data, MappingProxyType(reads.read)))
     if len(problems) or policy is None:
         raise PolicyError(problems.in_file_order() or [f"{path}: invalid policy"])
     return policy, problems.warnings_in_file_order()
@@ -80,7 +97,8 @@ def load_state(path: Path, data: bytes | None = None) -> StateSettings:
     return state
 
 
-def _build(ctx: Ctx, root: Map, path: Path, data: bytes) -> Policy | None:
+def _build(ctx: Ctx, root: Map, path: Path, sources: Sources) -> Policy | None:
+    """``sources.files`` fills as the sections read their files: all are in by the end."""
     if not root.ok:
         return None
     version = root.integer("version", None, 0, 2**31, f"the policy version ({VERSION})")
@@ -106,7 +124,7 @@ def _build(ctx: Ctx, root: Map, path: Path, data: bytes) -> Policy | None:
         return None
     return Policy(
         source=path,
-        digest=hashlib.sha256(data).hexdigest(),
+        digest=policy_version(sources.text, sources.files),
         platform=platform,
         listeners=listeners,
         identify=identify,
@@ -120,6 +138,7 @@ def _build(ctx: Ctx, root: Map, path: Path, data: bytes) -> Policy | None:
         queue=queue,
         audit=audit,
         workers=workers,
+        sources=sources,
     )
 
 

@@ -220,9 +220,18 @@ class UserRef:
 
 
 @dataclass(frozen=True)
+class Sources:
+    """What a policy was built from: the file's text and every file it read (keys,
+    certificates, password files), by path."""
+
+    text: bytes
+    files: Mapping[str, bytes]
+
+
+@dataclass(frozen=True)
 class Policy:
     source: Path
-    digest: str  # sha256 of the policy file: the policy version
+    digest: str  # sha256 over the policy file and the files it read: the policy version
     platform: Platform
     listeners: tuple[Listener, ...]
     identify: Identify
@@ -236,6 +245,7 @@ class Policy:
     queue: QueueSettings
     audit: AuditSettings
     workers: int = 1  # processes receiving and delivering, each with its own event loop
+    sources: Sources | None = field(default=None, repr=False, compare=False)
 
     def user(self, ref: UserRef) -> User:
         return self.tenants[ref.tenant].users[ref.user]
