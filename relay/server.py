@@ -19,7 +19,7 @@ import logging
 import resource
 import signal
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -343,23 +343,28 @@ async def _reload(
 ) -> None:
     """Swap in the policy file's new version, and read the listeners' TLS
     certificates again (a reload is how a renewed one is taken up). A worker
-    only confirms the policy: the supervisor has checked the file, reported
-    it and recorded it already."""
+    builds the policy from what the supervisor checked and recorded, and
+    answers which one it runs: the supervisor says it is reloaded once all do."""
     old = holder.policy
-    if worker is None:
-        new = await asyncio.to_thread(reloaded, path, old)
-    else:
+    if worker is not None:
         new = await asyncio.to_thread(worker.checked_policy, path, old)
+        if new is not None:
+            _take_up(holder, new, ingress)
+            log.info("worker %d: policy %s in use", worker.index, new.digest[:12])
+        worker.answer(holder.policy)
+        return
+    new = await asyncio.to_thread(reloaded, path, old)
     if new is None:
         return
+    _take_up(holder, new, ingress)
+    in_use(new, old)
+    await asyncio.to_thread(record_policy, audit, path, new)
+
+
+def _take_up(holder: PolicyHolder, new: Policy, ingress: Ingress | None) -> None:
     holder.policy = new
     if ingress is not None:
         ingress.reload_tls(new.listeners)
-    if worker is not None:
-        log.info("worker %d: policy %s in use", worker.index, new.digest[:12])
-    else:
-        in_use(new, old)
-        await asyncio.to_thread(record_policy, audit, path, new)
 
 
 def in_use(new: Policy, old: Policy) -> None:
@@ -368,9 +373,14 @@ def in_use(new: Policy, old: Policy) -> None:
 
 
 def reloaded(
-    path: Path, old: Policy, quiet: bool = False, data: bytes | None = None
+    path: Path,
+    old: Policy,
+    quiet: bool = False,
+    data: bytes | None = None,
+    files: Mapping[str, bytes] | None = None,
 ) -> Policy | None:
-    """The policy file (or ``data``, its text) read again, or None (logged) when it is broken.
+    """The policy file (or ``data``, its text, and ``files``, those it reads) read
+    again, or None (logged) when it is broken.
 
     The listeners stay as the daemon bound them: their settings (auth, allow,
     sizes, immediate) take effect at a restart, in every worker at once; a
@@ -382,7 +392,7 @@ def reloaded(
     from relay.policy.load import load
 
     try:
-        read = load(path, data)
+        read = load(path, data, files)
     except PolicyError as exc:
         for problem in exc.problems:
             log.error("%s", problem)

@@ -8,8 +8,12 @@ then only watches: it restarts a worker that dies, passes SIGHUP on after
 checking the policy itself (a broken file reaches no worker), records each
 policy version once, runs the audit log's daily upkeep, and on SIGTERM
 lets every worker finish its transactions before exiting. On SIGHUP the
-workers load the text the supervisor checked (``policy.checked.yaml`` in
-the state directory), never the file itself, which may have changed again.
+workers load what the supervisor checked: the policy's text and the bytes of
+every file it read (keys, certificates, passwords), handed over in the state
+directory for the moment of the reload, never the files themselves, which
+may have changed again. Each worker answers which policy it then runs, and
+the supervisor says the policy is reloaded once every one runs it; one that
+does not is named and replaced by a worker started with the new policy.
 
 Each worker is a whole relay: its own spool writer, delivery engine,
 upstream connections and audit writer. They share the spool (entries are
@@ -21,8 +25,10 @@ even by ``kill -9``, stops on its own (``PR_SET_PDEATHSIG``).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import select
@@ -37,7 +43,7 @@ import uvloop
 from relay.ingress import Sockets
 from relay.policy import yamlsource
 from relay.policy.files import RefusedFile
-from relay.policy.model import Policy
+from relay.policy.model import Policy, Sources
 from relay.server import (
     AUDIT_UPKEEP,
     STOP_GRACE,
@@ -55,6 +61,8 @@ log = logging.getLogger("relay")
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 READY_TIMEOUT = 30.0  # for every worker to be serving
 STOP_TIMEOUT = STOP_GRACE + 10  # a worker's grace, then its last records and closing
+RELOAD_TIMEOUT = 30.0  # for every worker to answer a reload
+UNREAD = 0  # a worker's answer to a reload whose number it could not read: reloads count from 1
 RESTART_DELAY = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # by quick deaths in a row
 QUICK = 10.0  # a worker dying sooner than this after its start counts as a crash loop
 EX_SOFTWARE = 70
@@ -70,26 +78,57 @@ class _Worker:
 
 
 class WorkerLink:
-    """A worker's side of the supervisor: readiness, the checked policy, and
-    noticing the supervisor is gone."""
+    """A worker's side of the supervisor: readiness, the checked policy and the
+    answer to it, and noticing the supervisor is gone."""
 
-    def __init__(self, index: int, supervisor: int, ready_fd: int | None, checked: Path) -> None:
+    def __init__(
+        self, index: int, supervisor: int, ready_fd: int | None, handover: Path, answers: int
+    ) -> None:
         self.index = index
         self.supervisor = supervisor
         self._ready_fd = ready_fd
-        self._checked = checked
+        self._handover = handover
+        self._answers = answers
+        self._reload: int | None = None  # the number of the supervisor's reload taken up
         self._said_orphaned = False
 
     def checked_policy(self, path: Path, old: Policy) -> Policy | None:
-        """The policy text the supervisor checked and recorded, not the file as it is
-        now: it may have changed again since, and no worker may run a text nobody
-        checked (or one the others do not run)."""
+        """The policy the supervisor checked and recorded, built from the text and
+        the files' bytes it read, not from the files as they are now: they may
+        have changed again since, and no worker may run a policy nobody checked
+        (or one the others do not run)."""
+        self._reload = UNREAD  # answered all the same: the supervisor waits for it
         try:
-            data = self._checked.read_bytes()
-        except OSError as exc:
-            log.error("worker %d: cannot read the checked policy: %s", self.index, exc)
+            self._reload, sources = _handed_over(self._handover.read_bytes())
+        except FileNotFoundError:
+            log.warning(
+                "worker %d: no policy handed over: a reload is a SIGHUP to the supervisor"
+                " (pid %d), which checks the policy first; keeping policy %s",
+                self.index,
+                self.supervisor,
+                old.digest[:12],
+            )
             return None
-        return reloaded(path, old, quiet=True, data=data)
+        except (OSError, ValueError) as exc:
+            log.error(
+                "worker %d: cannot read the policy handed over: %s; keeping policy %s",
+                self.index,
+                exc,
+                old.digest[:12],
+            )
+            return None
+        return reloaded(path, old, quiet=True, data=sources.text, files=sources.files)
+
+    def answer(self, running: Policy) -> None:
+        """Tells the supervisor which policy runs here after its reload."""
+        if self._reload is None:
+            return
+        line = f"{self._reload} {os.getpid()} {running.digest}\n".encode()
+        self._reload = None
+        try:
+            os.write(self._answers, line)  # shorter than PIPE_BUF: whole or not at all
+        except OSError as exc:
+            log.error("worker %d: cannot answer the reload: %s", self.index, exc)
 
     def ready(self) -> None:
         """Serving, with its own signal handlers: the signals held back since the
@@ -123,8 +162,15 @@ class Supervisor:
         self.policy = policy
         self.sockets = sockets
         self.workers: dict[int, _Worker] = {}  # by pid
-        # the policy text the workers load on SIGHUP: the one the supervisor checked
+        # the running policy's text, for the queue and audit tools
         self.checked = policy.queue.directory.parent / "policy.checked.yaml"
+        # what the workers load at a reload, there until each has answered: it holds keys
+        self.handover = policy.queue.directory.parent / "policy.handover.json"
+        self.reloads = 0
+        self._answers, self._answering = os.pipe()  # each worker's "RELOAD PID DIGEST\n"
+        os.set_blocking(self._answers, False)
+        os.set_blocking(self._answering, False)  # a worker never waits on the supervisor
+        self._partial = b""
         self.restarts: dict[int, tuple[float, int]] = {}  # index -> (when, quick deaths)
 
     def run(self) -> int:
@@ -169,16 +215,18 @@ class Supervisor:
         return 0
 
     def _hand_over_policy(self) -> None:
-        """The text the workers would load on a SIGHUP sent to them directly: the
-        text of the policy they run, as it was read, whatever the file holds now."""
+        """The running policy's text for the queue and audit tools (``relay.cli``), as
+        it was read, whatever the file holds now; and no handover, which holds
+        keys, left by a supervisor that died in a reload."""
         sources = self.policy.sources
         try:
+            self.handover.unlink(missing_ok=True)  # a crash in a reload left it
             if sources is not None:
                 _write_private(self.checked, sources.text)
             else:
                 self.checked.unlink(missing_ok=True)
         except OSError as exc:
-            log.warning("cannot hand the policy to the workers: %s", exc)
+            log.warning("cannot keep the running policy's text for the tools: %s", exc)
 
     def _failed_start(self, index: int) -> int:
         """A worker that cannot start will not start on a retry either: stop, say why."""
@@ -237,7 +285,8 @@ class Supervisor:
         if pid == 0:  # the worker
             code = EX_SOFTWARE
             try:
-                link = WorkerLink(index, supervisor, ready_fd, self.checked)
+                os.close(self._answers)
+                link = WorkerLink(index, supervisor, ready_fd, self.handover, self._answering)
                 code = _worker(self.policy_path, self.policy, self.sockets, link)
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -254,18 +303,86 @@ class Supervisor:
             log.error("reload failed: %s: keeping policy %s", exc, self.policy.digest[:12])
             return
         new = reloaded(self.policy_path, self.policy, data=data)
-        if new is None:
+        if new is None or new.sources is None:
             return
+        self.reloads += 1
         try:
-            _write_private(self.checked, data)
+            _write_private(self.handover, _handing_over(self.reloads, new.sources))
+            _write_private(self.checked, new.sources.text)
         except OSError as exc:
+            self.handover.unlink(missing_ok=True)
             log.error("reload failed: cannot hand the policy to the workers: %s", exc)
             return
-        in_use(new, self.policy)
-        self.policy = new
+        old, self.policy = self.policy, new  # a worker started from now on runs it
         self._with_audit(lambda audit: record_policy(audit, self.policy_path, new))
-        for pid in self.workers:
+        asked = {pid: worker.index for pid, worker in self.workers.items()}
+        self._read_answers()  # late ones, to reloads before: none is about this one
+        for pid in asked:
             _signal(pid, signal.SIGHUP)
+        try:
+            self._confirm(asked, new, old)
+        finally:
+            self.handover.unlink(missing_ok=True)
+
+    def _confirm(self, asked: dict[int, int], new: Policy, old: Policy) -> None:
+        """``policy reloaded`` once every worker ``asked`` runs ``new``. One that kept
+        another, or did not answer in time, is named and stopped: its replacement is
+        started with ``new``, so mail does not go out under two policies until the
+        next reload. One that ended meanwhile is replaced with ``new`` anyway."""
+        waiting = dict(asked)
+        kept: dict[int, str] = {}
+        deadline = time.monotonic() + RELOAD_TIMEOUT
+        while waiting and time.monotonic() < deadline:
+            if _stop_pending():
+                return  # the stop comes first; every worker ends with it
+            select.select([self._answers], [], [], 0.05)
+            for reload, pid, digest in self._read_answers():
+                answered = reload in (self.reloads, UNREAD) and waiting.pop(pid, None) is not None
+                if answered and digest != new.digest:
+                    kept[pid] = digest
+            self._reap_and_restart()
+            for pid in [pid for pid in waiting if pid not in self.workers]:
+                del waiting[pid]
+        if not kept and not waiting:
+            in_use(new, old)
+            return
+        for pid, index in asked.items():
+            if pid in kept or pid in waiting:
+                why = (
+                    f"kept policy {kept[pid][:12]}"
+                    if pid in kept
+                    else f"did not answer within {RELOAD_TIMEOUT:g}s"
+                )
+                log.error(
+                    "reload to policy %s: worker %d (pid %d) %s; stopping it, to be"
+                    " replaced by one running policy %s",
+                    new.digest[:12],
+                    index,
+                    pid,
+                    why,
+                    new.digest[:12],
+                )
+                _signal(pid, signal.SIGTERM)
+
+    def _read_answers(self) -> list[tuple[int, int, str]]:
+        """The workers' answers to reloads that have come in whole: (reload, pid, digest)."""
+        while True:
+            try:
+                chunk = os.read(self._answers, 4096)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self._partial += chunk
+        *lines, self._partial = self._partial.split(b"\n")
+        found = []
+        for line in lines:
+            try:
+                reload, pid, digest = line.decode("ascii").split(" ")
+                found.append((int(reload), int(pid), digest))
+            except ValueError:
+                log.warning("a worker's answer to a reload is garbled: %r", line)
+        return found
 
     def _upkeep(self) -> None:
         self._with_audit(audit_upkeep)
@@ -321,6 +438,27 @@ def _worker(policy_path: Path, policy: Policy, sockets: Sockets, link: WorkerLin
     if os.getppid() != link.supervisor:
         return 0
     return uvloop.run(serve(policy_path, policy, sockets, link))
+
+
+def _stop_pending() -> bool:
+    return bool(signal.sigpending() & {signal.SIGTERM, signal.SIGINT})
+
+
+def _handing_over(reload: int, sources: Sources) -> bytes:
+    """What the workers build the policy of reload number ``reload`` from."""
+    files = {name: base64.b64encode(data).decode() for name, data in sources.files.items()}
+    text = base64.b64encode(sources.text).decode()
+    return json.dumps({"reload": reload, "text": text, "files": files}).encode()
+
+
+def _handed_over(data: bytes) -> tuple[int, Sources]:
+    """The reload number and the sources in ``_handing_over``'s form; ValueError if not."""
+    try:
+        found = json.loads(data)
+        files = {name: base64.b64decode(text) for name, text in found["files"].items()}
+        return int(found["reload"]), Sources(base64.b64decode(found["text"]), files)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a policy handed over: {exc!r}") from exc
 
 
 def _write_private(path: Path, data: bytes) -> None:

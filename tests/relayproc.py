@@ -100,7 +100,7 @@ class RelayProcess:
 
 def reloaded_everywhere(log: str, times: int) -> bool:
     """Whether the policy was reloaded ``times`` times and every worker took each
-    up: the supervisor logs its reload before the workers have read the file."""
+    up: each worker logs its own line, and the supervisor its reload once they have."""
     found = re.search(r"(\d+) workers serving", log)
     workers = int(found.group(1)) if found else 0
     return log.count("policy reloaded") == times and log.count(": policy ") >= workers * times

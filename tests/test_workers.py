@@ -420,6 +420,69 @@ def test_a_new_dkim_key_is_a_new_policy_version(relay: Relay) -> None:
     assert versions == [was, new]
 
 
+def test_workers_take_the_keys_the_supervisor_checked_not_a_later_edit(relay: Relay) -> None:
+    """A key file changed between the supervisor's check and the workers' reload
+    (held apart here by stopping the workers): each worker read it again itself,
+    refused the reload and kept the old policy, while the supervisor had said
+    ``policy reloaded`` and recorded the new one."""
+    workers = [pid for _, pid in relay.started()]
+    text = relay.policy.read_text().replace("name: Acme AS", "name: Acme Norge AS")
+    checked = relay.policy.parent / "state" / "policy.checked.yaml"
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        relay.policy.write_text(text)
+        relay.proc.send_signal(signal.SIGHUP)
+        relay.wait_for(lambda: checked.read_text() == text, "the supervisor checked the policy")
+        (relay.policy.parent / "keys" / "platform.example.e1.private").write_text("no key\n")
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    relay.wait_for(lambda: len(WORKER_POLICY.findall(relay.log())) >= 2, "both workers reload")
+    relay.wait_for(lambda: RELOADED.search(relay.log()) is not None, "the reload said")
+    log = relay.log()
+    ((_, new, _),) = RELOADED.findall(log)
+    assert {digest for _, _, digest in WORKER_POLICY.findall(log)} == {new}, log
+    said = RELOADED.search(log)
+    assert said is not None and all(m.end() < said.start() for m in WORKER_POLICY.finditer(log))
+    assert "reload failed" not in log
+    assert not (relay.policy.parent / "state" / "policy.handover.json").exists()
+    ids = send_until_every_worker_took_one(relay, set(workers))
+    relay.wait_for(lambda: relay.delivered().keys() >= set(ids), "messages upstream")
+    assert {from_name(relay.delivered()[qid]) for qid in ids} == {"Jan Janssens via Acme Norge AS"}
+
+
+def test_a_worker_that_does_not_take_the_reload_is_named_and_replaced(relay: Relay) -> None:
+    """One worker cannot read what it was handed: the supervisor says so, naming
+    it, rather than that the policy was reloaded, and replaces it with a worker
+    running the new policy, so that mail does not go out under two."""
+    (_, first), (_, second) = relay.started()
+    text = relay.policy.read_text().replace("name: Acme AS", "name: Acme Norge AS")
+    handover = relay.policy.parent / "state" / "policy.handover.json"
+    os.kill(first, signal.SIGSTOP)
+    try:
+        relay.policy.write_text(text)
+        relay.proc.send_signal(signal.SIGHUP)
+        relay.wait_for(lambda: f"relay[{second}] INFO worker 1: policy" in relay.log(), "worker 1")
+        handover.write_bytes(b"{}")
+    finally:
+        os.kill(first, signal.SIGCONT)
+    replaced = re.compile(
+        rf"relay\[{relay.pid}\] ERROR reload to policy (\w+): worker 0 \(pid {first}\) kept"
+        r" policy (\w+); stopping it, to be replaced by one running policy \1$",
+        re.M,
+    )
+    relay.wait_for(lambda: replaced.search(relay.log()) is not None, "worker 0 named")
+    relay.wait_for(lambda: len(relay.started()) == 3, "a new worker 0")
+    log = relay.log()
+    assert f"relay[{first}] ERROR worker 0: cannot read the policy handed over" in log
+    assert "policy reloaded" not in log and not handover.exists()
+    replacement = relay.started()[-1][1]
+    ids = send_until_every_worker_took_one(relay, {replacement, second})
+    relay.wait_for(lambda: relay.delivered().keys() >= set(ids), "messages upstream")
+    assert {from_name(relay.delivered()[qid]) for qid in ids} == {"Jan Janssens via Acme Norge AS"}
+
+
 def test_one_worker_runs_without_a_supervisor(policy_file: Path, port: int, tmp_path: Path) -> None:
     running = Relay(configure(policy_file, port, "1"), port, tmp_path / "relay.log")
     try:
