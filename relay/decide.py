@@ -18,7 +18,14 @@ from relay.errors import HeaderInjection
 from relay.headers import format_address
 from relay.identify import Identity
 from relay.message import MessageView
-from relay.policy.model import DkimKey, Policy, ReplyToKind, ReplyToSource, Upstream
+from relay.policy.model import (
+    DkimKey,
+    Policy,
+    ReplyToKind,
+    ReplyToSource,
+    SmtpUpstream,
+    Upstream,
+)
 from relay.rewrite import HeaderEdits
 from relay.submission import Submission, listed
 
@@ -64,8 +71,14 @@ def decide(
     token: str,
 ) -> Decision:
     reasons = [*identity.reasons, classification.reason]
-    from_after, signing_domain, why = _from(policy, identity)
+    upstream = policy.upstreams[identity.tenant.upstream]
+    from_address, from_name, why = _from(policy, identity)
+    signing_domain = from_address.rsplit("@", 1)[1].lower()
+    account = _account(upstream)
+    if account is not None:
+        from_address, from_name, why = _account_from(policy, identity, account, from_address)
     reasons.append(why)
+    from_after = format_address(from_name, from_address)
     reply_to_after, why = _reply_to(identity, classification.doc_type, view)
     reasons.append(why)
     bcc, why = _bcc(identity, classification.doc_type, submission.rcpt_tos)
@@ -99,6 +112,9 @@ def decide(
         reasons.append(
             "envelope sender empty (<>): kept, and no failure notice is sent (RFC 5321 4.5.5)"
         )
+    elif account is not None:
+        mail_from = account.sender
+        reasons.append(f"envelope sender is {mail_from}, the address {account.name!r} sends as")
     edits = HeaderEdits(remove=(*_REMOVED, *policy.control_headers), set=tuple(updates))
 
     return Decision(
@@ -113,25 +129,50 @@ def decide(
         edits=edits,
         signing=signing,
         signing_domain=signing_domain,
-        upstream=policy.upstreams[identity.tenant.upstream],
+        upstream=upstream,
         mail_from=mail_from,
         reasons=tuple(reasons),
     )
 
 
 def _from(policy: Policy, identity: Identity) -> tuple[str, str, str]:
-    """The From value, the domain whose key signs it, and why."""
+    """The From address, its display name, and why."""
     user, tenant = identity.user, identity.tenant
     domain = user.address.rsplit("@", 1)[1].lower()
     if domain in tenant.verified_domains:
         why = f"From is the user's own address: {domain} is a verified domain of {tenant.id!r}"
-        return format_address(user.name, user.address), domain, why
-    name = policy.platform.display_name.format_map(
+        return user.address, user.name, why
+    name = _display_name(policy.platform.display_name, identity)
+    platform = policy.platform.from_address
+    return platform, name, f"From is the platform address {platform} with display name {name!r}"
+
+
+def _account(upstream: Upstream) -> SmtpUpstream | None:
+    """The upstream as a company's own account that can only send as one address."""
+    if isinstance(upstream, SmtpUpstream) and upstream.sender is not None:
+        return upstream
+    return None
+
+
+def _account_from(
+    policy: Policy, identity: Identity, account: SmtpUpstream, otherwise: str
+) -> tuple[str, str, str]:
+    """The account refuses any other From (Microsoft 365: ``550 5.7.60``), the
+    user's own in a verified domain included; DKIM signs as it would have."""
+    template = account.sender_name or policy.platform.display_name
+    name = _display_name(template, identity)
+    why = (
+        f"From is {account.sender}, the address upstream {account.name!r} sends as,"
+        f" with display name {name!r}, not {otherwise}: the account may send as no other"
+    )
+    return account.sender, name, why
+
+
+def _display_name(template: str, identity: Identity) -> str:
+    user, tenant = identity.user, identity.tenant
+    return template.format_map(
         {"user": _Fields(name=user.name, address=user.address), "tenant": _Fields(name=tenant.name)}
     )
-    platform = policy.platform.from_address
-    why = f"From is the platform address {platform} with display name {name!r}"
-    return format_address(name, platform), platform.rsplit("@", 1)[1].lower(), why
 
 
 class _Fields:

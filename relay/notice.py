@@ -3,8 +3,10 @@
 ERPs send from shared technical addresses and never read DSNs, so the relay
 writes to the *person* who sent the document, in words: which document,
 to whom, and what the receiving server said. The notice has a null
-envelope sender and ``Auto-Submitted`` (RFC 3834), so it can never cause
-a notice or an auto-reply in turn.
+envelope sender (but through a company's own account, which sends as its
+own address only) and ``Auto-Submitted`` (RFC 3834), and its recipient is
+never told of its failure, so it can never cause a notice or an
+auto-reply in turn.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from email.utils import formatdate
 
 from relay.audit import events
 from relay.headers import encode_text, fold, format_address
-from relay.policy.model import Policy
+from relay.policy.model import Policy, SmtpUpstream
 from relay.queueid import new_queue_id
 from relay.sign import sign
 from relay.spool import DELIVERED, PENDING, QueueEntry, RecipientState
@@ -29,8 +31,10 @@ def build_notice(
 ) -> tuple[QueueEntry, bytes]:
     queue_id = new_queue_id()
     tenant = policy.tenants.get(entry.tenant)
+    account = _account(policy, entry)
     sender = format_address(
-        f"Mail relay for {tenant.name}" if tenant else "Mail relay", policy.platform.from_address
+        f"Mail relay for {tenant.name}" if tenant else "Mail relay",
+        account or policy.platform.from_address,
     )
     subject = (
         f"Undelivered: {_printable(entry.subject)}" if entry.subject else "Undelivered document"
@@ -62,7 +66,7 @@ def build_notice(
     notice = QueueEntry(
         queue_id=queue_id,
         arrival=now,
-        mail_from="",
+        mail_from=account or "",
         recipients=[RecipientState(entry.notify_address, PENDING, notify=False)],
         upstream=entry.upstream,
         tenant=entry.tenant,
@@ -79,6 +83,19 @@ def build_notice(
         is_notice=True,
     )
     return notice, data
+
+
+def _account(policy: Policy, entry: QueueEntry) -> str | None:
+    """The address the notice's upstream sends as, when it is a company's own
+    account: it refuses any other From or envelope sender, the empty one
+    included. The upstream is the one the engine takes: the entry's, or once
+    that is gone from the policy, its tenant's. A notice still causes no
+    notice: its recipient is not ``notify``."""
+    upstream = policy.upstreams.get(entry.upstream)
+    tenant = policy.tenants.get(entry.tenant)
+    if upstream is None and tenant is not None:
+        upstream = policy.upstreams.get(tenant.upstream)
+    return upstream.sender if isinstance(upstream, SmtpUpstream) else None
 
 
 def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:

@@ -9,6 +9,7 @@ tenant" problems behind it.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from dataclasses import replace
 from ipaddress import ip_address
 from pathlib import Path
 from types import MappingProxyType
@@ -32,6 +33,7 @@ from relay.policy.model import (
     UserRef,
 )
 from relay.policy.schema import Ctx, Map, hint, items, text
+from relay.policy.sections import _template
 from relay.upstream import helo
 
 _NO_PASSWORD = "do not put passwords in the policy; "
@@ -39,6 +41,7 @@ _SMTP_FORBIDDEN = {"password": _NO_PASSWORD + "use password_file or password_env
 _LOGIN_FORBIDDEN = {"password": _NO_PASSWORD + "put a `relay passwd` hash in password_hash"}
 _SMTP_KEYS = ("type", "host", "port", "tls", "username", "password_file", "password_env")
 _SMTP_KEYS += ("timeout", "data_timeout", "helo_name", "ca_file")
+_SMTP_KEYS += ("sender", "sender_name")
 _TENANT_KEYS = ("name", "address", "upstream", "verified_domains", "default_user")
 _TENANT_KEYS += ("reply_to", "bcc_sender", "users")
 _LOGIN_KEYS = ("password_hash", "tenant", "users")
@@ -63,7 +66,7 @@ def upstreams(ctx: Ctx, root: Map) -> tuple[Mapping[str, Upstream] | None, set[s
         elif kind == "smtp":
             m.only(_SMTP_KEYS, "an smtp upstream")
             m.require("host")
-            found[name] = _smtp(ctx, m, name)
+            found[name] = _with_sender(ctx, m, _smtp(ctx, m, name))
         else:
             _no_known_type(ctx, m, kind)
             found[name] = None
@@ -138,6 +141,26 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
     if v.tls is TlsMode.NONE and v.username is not None and not _loopback(v.host):
         _warn_about_plain_login(ctx, m)
     return SmtpUpstream(name, **v._asdict())
+
+
+def _with_sender(ctx: Ctx, m: Map, upstream: SmtpUpstream | None) -> SmtpUpstream | None:
+    """The address a company's own account sends as. Servers such as Microsoft
+    365 refuse every message whose From or envelope sender is another address
+    (``550 5.7.60``), so all mail through it goes out as that address."""
+    sender = m.read("sender", values.address)
+    sender_name = m.read("sender_name", _template)
+    if m.has("sender_name") and not m.has("sender"):
+        message = "a sender_name needs a sender: the address the account sends as"
+        ctx.problem(m.get("sender_name"), m.sub("sender_name"), message)
+        return None
+    if upstream is None or None in _given(m, sender=sender, sender_name=sender_name):
+        return None
+    return replace(upstream, sender=sender, sender_name=sender_name)
+
+
+def _given(m: Map, **read: str | None) -> list[str | None]:
+    """The values read of the keys the upstream has: None among them is a problem."""
+    return [value for key, value in read.items() if m.has(key)]
 
 
 def _loopback(host: str) -> bool:

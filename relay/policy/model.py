@@ -168,6 +168,9 @@ class SmtpUpstream:
     helo_name: str | None = None  # sent in EHLO; None: upstream.helo.local_hostname()
     ca_file: Path | None = None  # CA certificates the upstream's must chain to; None: the system's
     data_timeout: float = DATA_TIMEOUT
+    # the address the account sends as: From and envelope sender of all its mail
+    sender: str | None = None
+    sender_name: str | None = None  # display-name template with it; None: the platform's
 
 
 @dataclass(frozen=True)
