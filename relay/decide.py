@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
+from typing import NamedTuple
 
 from relay.classify import Classification
 from relay.errors import HeaderInjection
@@ -43,6 +44,12 @@ _MSG_ID = re.compile(rf'<(?:{_ATOMS}|"(?:[^"\\\r\n]|\\.)*")@(?:{_ATOMS}|\[[!-Z^-
 _REMOVED = ("Bcc", "Resent-Bcc", "Sender", "Return-Path", "Content-Length")
 
 
+class _Mailbox(NamedTuple):
+    name: str
+    address: str
+    why: str
+
+
 @dataclass(frozen=True)
 class Decision:
     identity: Identity
@@ -72,14 +79,16 @@ def decide(
 ) -> Decision:
     reasons = [*identity.reasons, classification.reason]
     upstream = policy.upstreams[identity.tenant.upstream]
-    from_address, from_name, why = _from(policy, identity)
+    own = _own(identity, view)
+    from_address, from_name, why = _from(policy, own, identity)
     signing_domain = from_address.rsplit("@", 1)[1].lower()
     account = _account(upstream)
     if account is not None:
         from_address, from_name, why = _account_from(policy, identity, account, from_address)
     reasons.append(why)
     from_after = format_address(from_name, from_address)
-    reply_to_after, why = _reply_to(identity, classification.doc_type, view)
+    sender = own or _Mailbox(identity.user.name, identity.user.address, "")
+    reply_to_after, why = _reply_to(identity, sender, classification.doc_type, view)
     reasons.append(why)
     bcc, why = _bcc(identity, classification.doc_type, submission.rcpt_tos)
     reasons.append(why)
@@ -135,16 +144,45 @@ def decide(
     )
 
 
-def _from(policy: Policy, identity: Identity) -> tuple[str, str, str]:
+def _from(policy: Policy, own: _Mailbox | None, identity: Identity) -> tuple[str, str, str]:
     """The From address, its display name, and why."""
-    user, tenant = identity.user, identity.tenant
-    domain = user.address.rsplit("@", 1)[1].lower()
-    if domain in tenant.verified_domains:
-        why = f"From is the user's own address: {domain} is a verified domain of {tenant.id!r}"
-        return user.address, user.name, why
+    if own is not None:
+        return own.address, own.name, own.why
     name = _display_name(policy.platform.display_name, identity)
     platform = policy.platform.from_address
     return platform, name, f"From is the platform address {platform} with display name {name!r}"
+
+
+def _own(identity: Identity, view: MessageView) -> _Mailbox | None:
+    """The user's own address in a verified domain, which the message keeps as
+    its From (and the ``sender`` Reply-To): the one the ERP wrote in From when
+    it is one of the user's (a brand's own sender address, such as
+    sales@brand.example, with the brand's name), else the user's main one."""
+    user, tenant = identity.user, identity.tenant
+    for name, address in view.mailboxes("From"):
+        domain = address.rpartition("@")[2].lower()
+        if domain not in tenant.verified_domains or address.lower() == user.address.lower():
+            continue
+        if address.lower() in user.aliases:
+            why = (
+                f"From is the user's address {address} as the message has it:"
+                f" {domain} is a verified domain of {tenant.id!r}"
+            )
+            return _Mailbox(_writable(name) or user.name, address, why)
+    domain = user.address.rsplit("@", 1)[1].lower()
+    if domain in tenant.verified_domains:
+        why = f"From is the user's own address: {domain} is a verified domain of {tenant.id!r}"
+        return _Mailbox(user.name, user.address, why)
+    return None
+
+
+def _writable(name: str) -> str:
+    """The display name as the relay can write it into a header, or nothing."""
+    try:
+        format_address(name, "x@example.com")
+    except HeaderInjection:
+        return ""
+    return name
 
 
 def _account(upstream: Upstream) -> SmtpUpstream | None:
@@ -182,23 +220,27 @@ class _Fields:
         self.__dict__.update(values)
 
 
-def _reply_to(identity: Identity, doc_type: str, view: MessageView) -> tuple[str | None, str]:
+def _reply_to(
+    identity: Identity, sender: _Mailbox, doc_type: str, view: MessageView
+) -> tuple[str | None, str]:
     tenant = identity.tenant
     chain = tenant.reply_to.get(doc_type) or tenant.reply_to["default"]
     skipped: list[str] = []
     for source in chain:
         if source.kind is ReplyToKind.KEEP:
             return None, _chain_why("Reply-To kept as the message has it", skipped)
-        value = _reply_to_value(source, identity, view)
+        value = _reply_to_value(source, identity, sender, view)
         if value is not None:
             return value, _chain_why(f"Reply-To from {_label(source)}: {value}", skipped)
         skipped.append(_label(source))
     return None, _chain_why("no Reply-To source gave an address; Reply-To left as it was", skipped)
 
 
-def _reply_to_value(source: ReplyToSource, identity: Identity, view: MessageView) -> str | None:
+def _reply_to_value(
+    source: ReplyToSource, identity: Identity, sender: _Mailbox, view: MessageView
+) -> str | None:
     if source.kind is ReplyToKind.SENDER:
-        return format_address(identity.user.name, identity.user.address)
+        return format_address(sender.name, sender.address)
     if source.kind is ReplyToKind.COMPANY:
         return format_address(identity.tenant.name, identity.tenant.address)
     if source.kind is ReplyToKind.ADDRESS:

@@ -1,0 +1,81 @@
+"""Which From a message keeps: a user with a sender address per brand, each in
+a verified domain with its own DKIM key (as Planfix sends per brand)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from relay.keygen import generate
+from relay.policy.model import DkimAlgorithm
+from tests.test_decisions import BASE, header, msg, run
+
+KEYS = """\
+    - domain: {domain}
+      selector: b1
+      algorithm: ed25519
+      key_file: keys/{domain}.b1.private
+"""
+TENANT = """\
+  planfix:
+    name: Planfix Ltd
+    address: office@planfix.example
+    upstream: default
+    verified_domains: [planfix.example, brandb.example]
+    users:
+      anna:
+        name: Anna Sales
+        address: anna@planfix.example
+        aliases: [sales@planfix.example, anna@brandb.example, sales@brandb.example]
+"""
+DOMAINS = ("planfix.example", "brandb.example")
+
+
+def brands(policy_file: Path) -> Path:
+    for domain in DOMAINS:
+        generate(domain, "b1", DkimAlgorithm.ED25519, policy_file.parent / "keys")
+    keys = "".join(KEYS.format(domain=domain) for domain in DOMAINS)
+    text = policy_file.read_text().replace("dkim:\n  keys:\n", "dkim:\n  keys:\n" + keys)
+    policy_file.write_text(text + TENANT)
+    return policy_file
+
+
+def test_a_brand_address_of_the_user_stays_the_from(policy_file: Path) -> None:
+    """It went out From anna@planfix.example, Reply-To that too, signed for planfix."""
+    data = msg("From: Sales Brand B <sales@brandb.example>", *BASE[1:])
+    p = run(brands(policy_file), data, mail_from="sales@brandb.example")
+    assert header(p, "From") == "Sales Brand B <sales@brandb.example>"
+    assert header(p, "Reply-To") == "Sales Brand B <sales@brandb.example>"
+    assert p.decision.signing_domain == "brandb.example"
+    assert [k.domain for k in p.decision.signing] == ["brandb.example"]
+    assert (
+        "From is the user's address sales@brandb.example as the message has it:"
+        " brandb.example is a verified domain of 'planfix'"
+    ) in p.decision.reasons
+
+
+def test_a_brand_address_without_a_name_gets_the_users(policy_file: Path) -> None:
+    data = msg("From: SALES@brandb.example", *BASE[1:])
+    p = run(brands(policy_file), data, mail_from="anna@planfix.example")
+    assert header(p, "From") == "Anna Sales <SALES@brandb.example>"
+    assert p.decision.signing_domain == "brandb.example"
+
+
+def test_the_main_address_keeps_the_users_name(policy_file: Path) -> None:
+    data = msg("From: Planfix <anna@planfix.example>", *BASE[1:])
+    p = run(brands(policy_file), data)
+    assert header(p, "From") == "Anna Sales <anna@planfix.example>"
+    assert header(p, "Reply-To") == "Anna Sales <anna@planfix.example>"
+
+
+def test_another_users_address_in_from_is_not_kept(policy_file: Path) -> None:
+    """The user is found by the envelope; a From that is not theirs gives way to theirs."""
+    text = TENANT + (
+        "      bob:\n        name: Bob\n        address: bob@planfix.example\n"
+        "        aliases: [info@brandb.example]\n"
+    )
+    policy = brands(policy_file)
+    policy.write_text(policy.read_text().replace(TENANT, text))
+    data = msg("From: Info <info@brandb.example>", *BASE[1:])
+    p = run(policy, data, mail_from="anna@planfix.example")
+    assert header(p, "From") == "Anna Sales <anna@planfix.example>"
+    assert p.decision.signing_domain == "planfix.example"
