@@ -100,13 +100,10 @@ def decide(
     if reply_to_after is not None:
         updates.append(("Reply-To", reply_to_after))
     given_id = (view.get("Message-ID") or "").strip()
-    if not _MSG_ID.fullmatch(_COMMENTS.sub("", given_id).strip()):
-        updates.append(("Message-ID", f"<{token}@{policy.platform.hostname}>"))
-        reasons.append(
-            f"Message-ID {given_id!r} is not one (RFC 5322 3.6.4: <left@right>): replaced"
-            if given_id
-            else "Message-ID was missing: added"
-        )
+    message_id, why = _message_id(given_id, f"<{token}@{policy.platform.hostname}>")
+    if message_id is not None:
+        updates.append(("Message-ID", message_id))
+        reasons.append(why)
     if not (view.get("Date") or "").strip():
         updates.append(("Date", format_datetime(now)))
         reasons.append("Date was missing: added")
@@ -142,6 +139,20 @@ def decide(
         mail_from=mail_from,
         reasons=tuple(reasons),
     )
+
+
+def _message_id(given: str, made: str) -> tuple[str | None, str]:
+    """The Message-ID to write (None: the message's stays), and why. Legacy ERPs
+    write theirs without the angle brackets (``INV-555@erp``): the same ID with
+    them keeps the ERP's, which its users search the audit log for."""
+    inside = _COMMENTS.sub("", given).strip()
+    if _MSG_ID.fullmatch(inside):
+        return None, ""
+    if _MSG_ID.fullmatch(f"<{inside}>"):
+        return f"<{inside}>", f"Message-ID {given!r} had no angle brackets (RFC 5322 3.6.4): added"
+    if given:
+        return made, f"Message-ID {given!r} is not one (RFC 5322 3.6.4: <left@right>): replaced"
+    return made, "Message-ID was missing: added"
 
 
 def _from(policy: Policy, own: _Mailbox | None, identity: Identity) -> tuple[str, str, str]:

@@ -295,7 +295,7 @@ def test_empty_date_and_message_id_are_filled_in(policy_file: Path, blank: str) 
 
 
 @pytest.mark.parametrize(
-    "given", ["12345@erp.example", "<12345>", "<>", "<a b@erp.example>", "<a..b@erp.example>"]
+    "given", ["12345", "<12345>", "<>", "<a b@erp.example>", "<a..b@erp.example>", "a b@erp"]
 )
 def test_a_message_id_that_is_not_one_is_replaced_and_said(policy_file: Path, given: str) -> None:
     """Gmail refuses mail without a valid Message-ID, after the ERP had its 250."""

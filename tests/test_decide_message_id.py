@@ -1,0 +1,58 @@
+"""The ERP's Message-ID without its angle brackets, as legacy ERPs write it:
+kept, with the brackets, so that the ERP's ID finds the message in the audit log."""
+
+from __future__ import annotations
+
+import smtplib
+from pathlib import Path
+
+import pytest
+
+from relay import message
+from tests.relayproc import RelayProcess
+from tests.sink import SinkServer, free_port
+from tests.test_decisions import msg, run
+from tests.test_queue_e2e import configure, relay_cli
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("INV-555.20261203@senger-erp", "<INV-555.20261203@senger-erp>"),
+        ("(ERP 4) INV-555@senger-erp.example", "<INV-555@senger-erp.example>"),
+        ('"inv 555"@[10.0.0.1]', '<"inv 555"@[10.0.0.1]>'),
+    ],
+)
+def test_a_message_id_without_brackets_gets_them(policy_file: Path, given: str, kept: str) -> None:
+    """It was replaced by one the relay made, and the ERP's ID was nowhere."""
+    data = msg("From: Jan <jan@acme.example>", "To: c@example.org", f"Message-ID: {given}")
+    p = run(policy_file, data)
+    assert message.read(p.message).get_all("Message-ID") == (kept,)
+    assert f"Message-ID {given!r} had no angle brackets (RFC 5322 3.6.4): added" in (
+        p.decision.reasons
+    )
+
+
+def test_the_erps_message_id_without_brackets_finds_it_in_the_audit_log(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    with SinkServer() as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.ehlo()
+                client.mail("jan@acme.example")
+                client.rcpt("one@example.org")
+                data = msg(
+                    "From: jan@acme.example",
+                    "To: one@example.org",
+                    "Message-ID: INV-555.20261203@senger-erp",
+                )
+                code, reply = client.data(data)
+            assert code == 250, reply
+            (sent,) = sink.sink.wait(1)
+    done = relay_cli(policy, "audit", "search", "--message-id", "INV-555.20261203@senger-erp")
+    assert done.returncode == 0, done.stderr
+    assert reply.decode().rsplit(" ", 1)[1] in done.stdout
+    assert message.read(sent.data).get("Message-ID") == "<INV-555.20261203@senger-erp>"
