@@ -239,12 +239,32 @@ def _reply_to(
     skipped: list[str] = []
     for source in chain:
         if source.kind is ReplyToKind.KEEP:
-            return None, _chain_why("Reply-To kept as the message has it", skipped)
+            return None, _chain_why(_kept(view), skipped)
         value = _reply_to_value(source, identity, sender, view)
         if value is not None:
             return value, _chain_why(f"Reply-To from {_label(source)}: {value}", skipped)
-        skipped.append(_label(source))
+        skipped.append(f"{_label(source)} {_lacks(source, view)}")
     return None, _chain_why("no Reply-To source gave an address; Reply-To left as it was", skipped)
+
+
+def _kept(view: MessageView) -> str:
+    if view.get("Reply-To") is None:
+        return "Reply-To kept as the message has it: it has none"
+    return "Reply-To kept as the message has it"
+
+
+def _lacks(source: ReplyToSource, view: MessageView) -> str:
+    """Why a header source gave no Reply-To: a header holding a name (``X-Partner:
+    Paul Partner``) was said to be empty, which sent the sysadmin looking for
+    an ERP that wrote nothing."""
+    value = view.get(source.value) if source.kind is ReplyToKind.HEADER else ""
+    if value is None:
+        return "is missing"
+    if not value.strip():
+        return "is empty"
+    if any("@" in address for _, address in view.mailboxes(source.value)):
+        return "holds no usable address"
+    return "holds no address"
 
 
 def _reply_to_value(
@@ -275,7 +295,7 @@ def _label(source: ReplyToSource) -> str:
 def _chain_why(why: str, skipped: list[str]) -> str:
     if not skipped:
         return why
-    return f"{why} (empty before it: {', '.join(skipped)})"
+    return f"{why} (before it: {', '.join(skipped)})"
 
 
 def _bcc(

@@ -225,7 +225,7 @@ def test_invoice_reply_to_from_erp_header_and_fallback(policy_file: Path) -> Non
 
     p = run(policy_file, msg(*base, "Subject: Invoice 1", "X-Responsible:"))
     assert header(p, "Reply-To") == "Jan Janssens <jan@acme.example>"
-    assert any("empty before it: header X-Responsible" in r for r in p.decision.reasons)
+    assert any("before it: header X-Responsible is empty" in r for r in p.decision.reasons)
 
 
 def test_reply_to_keep(policy_file: Path) -> None:
@@ -490,7 +490,8 @@ def test_a_line_break_encoded_in_the_reply_to_source_skips_it(policy_file: Path)
     p = run(policy_file, msg(*INVOICE, f"X-Responsible: {responsible}"))
     assert header(p, "Reply-To") == "Jan Janssens <jan@acme.example>"
     assert b"x@y.example" not in p.message
-    assert any("empty before it: header X-Responsible" in r for r in p.decision.reasons)
+    said = "before it: header X-Responsible holds no usable address"
+    assert any(said in r for r in p.decision.reasons)
 
 
 def test_raw_utf8_names_and_subjects_are_read_as_utf8(policy_file: Path) -> None:
@@ -531,7 +532,8 @@ def test_an_address_longer_than_smtp_allows_is_no_reply_to_source(policy_file: P
     long_local = f'Per <"{"a" * 600}\r\n {"a" * 600}"@acme.example>'
     p = run(policy_file, msg(*INVOICE, f"X-Responsible: {long_local}"))
     assert header(p, "Reply-To") == "Jan Janssens <jan@acme.example>"
-    assert any("empty before it: header X-Responsible" in r for r in p.decision.reasons)
+    said = "before it: header X-Responsible holds no usable address"
+    assert any(said in r for r in p.decision.reasons)
     assert max(map(len, p.message.split(b"\r\n"))) <= 998
 
 
