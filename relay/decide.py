@@ -275,7 +275,7 @@ def _reply_to_value(
     if source.kind is ReplyToKind.COMPANY:
         return format_address(identity.tenant.name, identity.tenant.address)
     if source.kind is ReplyToKind.ADDRESS:
-        return source.value
+        return format_address(source.name, source.value) if source.name else source.value
     for name, address in view.addresses(source.value):
         try:
             return format_address(name, address)

@@ -371,13 +371,24 @@ def _source(ctx: Ctx, node: Node, path: str) -> ReplyToSource | None:
         ctx.problem(node, path, f"{name!r} is not a header name like X-Responsible")
         return None
     if "@" in value:
-        if values.is_address(value):
-            return ReplyToSource(ReplyToKind.ADDRESS, value)
-        ctx.problem(node, path, f"{value!r} is not an address like name@example.com")
-        return None
+        return _fixed_address(ctx, node, path, value)
     near = hint(value, ("sender", "company", "keep"))
     ctx.problem(node, path, f"expected {_REPLY_TO}, not {value!r}{near}")
     return None
+
+
+def _fixed_address(ctx: Ctx, node: Node, path: str, value: str) -> ReplyToSource | None:
+    """``desk@acme.example`` or ``Office Desk <desk@acme.example>``: replies to a
+    shared desk read better with its name."""
+    name, bracketed, address = value.rpartition("<")
+    if bracketed and address.endswith(">"):
+        name, address = name.strip().removeprefix('"').removesuffix('"'), address[:-1]
+    else:
+        name, address = "", value
+    if not values.is_address(address):
+        ctx.problem(node, path, f"{value!r} is not an address like name@example.com")
+        return None
+    return ReplyToSource(ReplyToKind.ADDRESS, address, name)
 
 
 def logins(

@@ -110,6 +110,7 @@ class User:
 class ReplyToSource:
     kind: ReplyToKind
     value: str = ""  # header name for HEADER, the address for ADDRESS
+    name: str = ""  # the display name with ADDRESS ("Office Desk <desk@...>"); "": none
 
 
 @dataclass(frozen=True)
