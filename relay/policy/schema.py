@@ -46,6 +46,9 @@ class Ctx:
     def __init__(self, problems: Problems, base: Path) -> None:
         self.problems = problems
         self.base = base
+        #: listeners that take mail without a login from any address: whether
+        #: that lets anyone send as a user depends on the identify section, read later
+        self.open_listeners: list[tuple[Node, str, str]] = []
 
     def problem(self, where: Node | None, path: str, message: str) -> None:
         self.problems.add(where, path, message)

@@ -40,7 +40,7 @@ from relay.policy.model import (
     TlsFiles,
     UnknownSender,
 )
-from relay.policy.schema import Ctx, Map, choice, hint, items, text
+from relay.policy.schema import Ctx, Map, choice, hint, items, join, text
 
 _PLACEHOLDERS = ("user.name", "user.address", "tenant.name")
 _SAMPLE = {
@@ -154,6 +154,8 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
             auth = None
         elif auth is AuthMode.OPTIONAL and not m.has("tls") and _off_loopback(ips):
             ctx.problems.warn(m.get("auth") or m.node, m.sub("auth"), _no_auth_offered(address))
+        if auth is not None and auth is not AuthMode.REQUIRED and _off_loopback(ips) and allow:
+            _note_open(ctx, m, allow, address, port)
         fields = (
             name,
             address,
@@ -276,6 +278,33 @@ def _no_auth_offered(address: str) -> str:
     )
 
 
+def _note_open(
+    ctx: Ctx, m: Map, allow: tuple[IPv4Network | IPv6Network, ...], address: str, port: int
+) -> None:
+    """A listener off loopback that takes sessions without a login from every
+    address: kept for ``identify``, which knows whether such a session can be
+    taken for a user (by the addresses it gives, or as the default user)."""
+    node = m.get("allow")
+    everyone = next((i for i, net in enumerate(allow) if net.prefixlen == 0), None)
+    if everyone is None or not isinstance(node, SequenceNode):  # the default is loopback
+        return
+    message = (
+        f"{allow[everyone]} lets every address reach {_on(address, port)}, which takes mail"
+        " without a login: anyone who can reach the port can send mail signed as the"
+        " policy's users; set auth: required, or allow only the ERP's networks"
+    )
+    where = (node.value[everyone], join(m.sub("allow"), everyone))
+    ctx.open_listeners.append((*where, message))
+
+
+def _warn_open(ctx: Ctx, order: tuple[IdentitySource, ...], by_default: bool) -> None:
+    """Without a login a session is taken for a user by the addresses it gives,
+    or as the default user: only ``order: [auth_login]`` with no default needs one."""
+    if by_default or any(source is not IdentitySource.AUTH_LOGIN for source in order):
+        for node, path, message in ctx.open_listeners:
+            ctx.problems.warn(node, path, message)
+
+
 def _ipv4_mapped(address: str) -> str | None:
     try:
         found = ip_address(address)
@@ -323,6 +352,9 @@ def identify(
             " have none unless default_tenant is set, and their unknown senders are refused"
         )
         ctx.problems.warn(m.get("unknown_sender"), m.sub("unknown_sender"), message)
+    if order is not None and unknown is not None:
+        by_default = unknown is UnknownSender.DEFAULT and tenant is not None
+        _warn_open(ctx, order, by_default)
     controls = _control_headers(ctx, root, header)
     return (Identify(order, header, unknown, tenant) if ok else None), controls
 

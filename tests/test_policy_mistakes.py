@@ -1,0 +1,92 @@
+"""Mistakes ``relay check`` passed, after which the relay ran and failed (or did
+harm) for days: each is now a located problem, or a warning where the file
+itself is not wrong."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+
+from relay.errors import PolicyError
+from relay.policy.load import check_main, load
+
+POLICIES = Path(__file__).parent / "policies"
+
+
+def variant(tmp_path: Path, old: str, new: str) -> Path:
+    """minimal.yaml with one change, beside copies of its key and TLS files."""
+    shutil.copytree(POLICIES / "keys", tmp_path / "keys")
+    shutil.copytree(POLICIES / "tls", tmp_path / "tls")
+    text = (POLICIES / "minimal.yaml").read_text()
+    assert text.count(old) == 1
+    path = tmp_path / "relay.yaml"
+    path.write_text(text.replace(old, new))
+    return path
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        load(path)
+    return caught.value.problems
+
+
+def warnings(path: Path) -> list[str]:
+    """What ``relay check`` says of a policy that passes."""
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0, err.getvalue()
+    return err.getvalue().splitlines()
+
+
+def line_of(path: Path, text: str) -> int:
+    (number,) = [n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line]
+    return number
+
+
+_LISTENER = "    address: 127.0.0.1\n    port: 2525\n"
+_TLS = "tls: {cert: tls/relay.crt, key: tls/relay.key}"
+_OPEN = (
+    " lets every address reach 0.0.0.0:2525, which takes mail without a login: anyone who"
+    " can reach the port can send mail signed as the policy's users; set auth: required,"
+    " or allow only the ERP's networks"
+)
+_BY_DEFAULT = "identify: {order: [auth_login], unknown_sender: default, default_tenant: acme}\n"
+
+
+@pytest.mark.parametrize(
+    ("settings", "identify", "warned"),
+    [
+        ("auth: off\n    allow: [0.0.0.0/0]", "", "13: listeners[0].allow[0]: 0.0.0.0/0"),
+        ("auth: off\n    allow: [10.0.0.0/8, '::/0']", "", "25: listeners[0].allow[1]: ::/0"),
+        ("auth: off\n    allow: ['::ffff:0:0/96']", "", "13: listeners[0].allow[0]: 0.0.0.0/0"),
+        (f"{_TLS}\n    allow: [0.0.0.0/0]", "", "13: listeners[0].allow[0]: 0.0.0.0/0"),
+        (f"{_TLS}\n    allow: [0.0.0.0/0]", _BY_DEFAULT, "13: listeners[0].allow[0]: 0.0.0.0/0"),
+        ("auth: off\n    allow: [0.0.0.0/0]", "identify: {order: [auth_login]}\n", None),
+        (f"auth: required\n    {_TLS}\n    allow: [0.0.0.0/0]", "", None),
+        ("auth: off\n    allow: [10.0.0.0/8]", "", None),
+        ("auth: off", "", None),
+    ],
+    ids=["off", "off-ipv6", "off-mapped", "optional", "default-user", "login-only",
+         "required", "lan", "default-allow"],
+)  # fmt: skip
+def test_check_warns_of_a_listener_that_lets_anyone_send_as_a_user(
+    tmp_path: Path, settings: str, identify: str, warned: str | None
+) -> None:
+    """0.0.0.0 with auth off and allow 0.0.0.0/0 passed with ok: whoever reached
+    the port sent mail signed as any user whose address they gave, or, with a
+    default user, with any address at all."""
+    listener = f"    address: 0.0.0.0\n    port: 2525\n    {settings}\n"
+    path = variant(tmp_path, _LISTENER, listener)
+    text = path.read_text().replace(
+        "    upstream: outbox\n", "    upstream: outbox\n    default_user: jan\n"
+    )
+    path.write_text(text + identify)
+    found = [w for w in warnings(path) if "lets every address" in w]
+    if warned is None:
+        assert found == []
+        return
+    assert found == [
+        f"{path}:{line_of(path, 'allow:')}:{warned.replace(': ', ': warning: ', 1)}{_OPEN}"
+    ]
