@@ -90,3 +90,43 @@ def test_check_warns_of_a_listener_that_lets_anyone_send_as_a_user(
     assert found == [
         f"{path}:{line_of(path, 'allow:')}:{warned.replace(': ', ': warning: ', 1)}{_OPEN}"
     ]
+
+
+def _smtp(tmp_path: Path, settings: str) -> Path:
+    """minimal.yaml whose upstream is an smtp one with ``settings`` (lines)."""
+    smtp = "".join(f"    {line}\n" for line in ("type: smtp", *settings.splitlines()))
+    return variant(tmp_path, "    type: directory\n    path: outbox\n", smtp)
+
+
+_NOT_A_HOST = "18:11: upstreams.outbox.host: expected a host name or IP address, not "
+
+
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        ("127.0.0.1:30150", "'127.0.0.1:30150'; write host: 127.0.0.1 and put the port in"
+         " port: 30150"),
+        ("smtp://smtp.example:587", "'smtp://smtp.example:587'; write host: smtp.example and"
+         " put the port in port: 587"),
+        ("'[2001:db8::1]:25'", "'[2001:db8::1]:25'; write host: 2001:db8::1 and put the port"
+         " in port: 25"),
+        ("'[2001:db8::1]'", "'[2001:db8::1]'; write host: 2001:db8::1"),
+        ("smtp example", "'smtp example'"),
+        ('"192.0.2.1 "', "'192.0.2.1 '; write it without the spaces: 192.0.2.1"),
+        ("192.0.2.300", "'192.0.2.300'"),
+    ],
+)  # fmt: skip
+def test_an_upstream_host_that_is_no_host_is_a_problem(
+    tmp_path: Path, host: str, problem: str
+) -> None:
+    """Each passed, and every delivery was deferred with host not found for days."""
+    path = _smtp(tmp_path, f"host: {host}\ntls: starttls")
+    assert problems(path) == [f"{path}:{_NOT_A_HOST}{problem}"]
+
+
+@pytest.mark.parametrize(
+    "host", ["smtp.example", "smtp.example.", "192.0.2.1", "'2001:db8::1'", "localhost"]
+)
+def test_an_upstream_host_name_or_address_loads(tmp_path: Path, host: str) -> None:
+    path = _smtp(tmp_path, f"host: {host}\ntls: starttls\nhelo_name: relay.example")
+    assert load(path).upstreams["outbox"].host == host.strip("'")

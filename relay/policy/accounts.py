@@ -105,7 +105,7 @@ def _smtp_values(m: Map) -> _SmtpValues:
     """Each key of an smtp upstream, read on its own."""
     tls = m.choice("tls", TlsMode, TlsMode.AUTO)
     return _SmtpValues(
-        host=m.text("host", "a host name"),
+        host=m.read("host", values.upstream_host),
         tls=tls,
         port=m.integer("port", 465 if tls is TlsMode.IMPLICIT else 587, 1, 65535, "a port number"),
         username=m.text("username", "a user name"),

@@ -131,6 +131,37 @@ def listen_address(ctx: Ctx, node: Node, path: str) -> str | None:
     return None
 
 
+def upstream_host(ctx: Ctx, node: Node, path: str) -> str | None:
+    """What the relay connects to, as it is given to the resolver: ``host:
+    127.0.0.1:30150`` or ``smtp://smtp.example`` passed, and every delivery
+    was then deferred with ``host not found`` until the message expired."""
+    value = text(ctx, node, path, "a host name")
+    if value is None:
+        return None
+    if _is_host(value):
+        return value
+    message = f"expected a host name or IP address, not {value!r}"
+    if _is_host(value.strip()):
+        ctx.problem(node, path, message + f"; write it without the spaces: {value.strip()}")
+        return None
+    bare = value.partition("://")[2] or value
+    bare = bare.rstrip("/")
+    host, _, port = bare.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if port.isdigit() and _is_host(host):
+        message += f"; write host: {host} and put the port in port: {port}"
+    elif bare != value or (bare.startswith("[") and bare.endswith("]")):
+        message += f"; write host: {bare.strip('[]')}"
+    ctx.problem(node, path, message)
+    return None
+
+
+def _is_host(value: str) -> bool:
+    """An IP address (IPv6 without brackets), or a host name, which may end in a dot."""
+    name = value.removesuffix(".")
+    return _is_ip(value) or (not _NUMERIC.fullmatch(name) and bool(_DOMAIN.fullmatch(name)))
+
+
 def _is_ip(value: str) -> bool:
     try:
         ip_address(value)
