@@ -130,3 +130,12 @@ def test_an_upstream_host_that_is_no_host_is_a_problem(
 def test_an_upstream_host_name_or_address_loads(tmp_path: Path, host: str) -> None:
     path = _smtp(tmp_path, f"host: {host}\ntls: starttls\nhelo_name: relay.example")
     assert load(path).upstreams["outbox"].host == host.strip("'")
+
+
+def test_an_empty_identify_order_is_a_located_problem(tmp_path: Path) -> None:
+    """It was reported as ``FILE: invalid policy``, with no line and no reason."""
+    path = variant(tmp_path, "    port: 2525\n", "    port: 2525\nidentify:\n  order: []\n")
+    assert problems(path) == [
+        f"{path}:11:10: identify.order: expected at least one of:"
+        " auth_login, envelope_sender, header_from, header"
+    ]

@@ -362,8 +362,11 @@ def identify(
 def _order(ctx: Ctx, m: Map) -> tuple[IdentitySource, ...] | None:
     if not m.has("order"):
         return tuple(IdentitySource)
-    entries = m.items("order", "a list of: " + ", ".join(s.value for s in IdentitySource))
+    sources = ", ".join(s.value for s in IdentitySource)
+    entries = m.items("order", "a list of: " + sources)
     if not entries:
+        if isinstance(m.get("order"), SequenceNode):  # else items() said what it is not
+            ctx.problem(m.get("order"), m.sub("order"), f"expected at least one of: {sources}")
         return None
     order: list[IdentitySource | None] = []
     for node, path in entries:
