@@ -911,6 +911,7 @@ def test_problems_come_in_file_order_across_sections() -> None:
 
 def test_check_main_ok_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(helo, "local_hostname", lambda: "relay.platform.example")
+    monkeypatch.setenv("RELAY_SMTP_PASSWORD", "s3cret")  # the service's environment has it
     path = POLICIES / "full.yaml"
     out, err = io.StringIO(), io.StringIO()
     assert check_main(path, out, err) == 0

@@ -139,3 +139,19 @@ def test_an_empty_identify_order_is_a_located_problem(tmp_path: Path) -> None:
         f"{path}:11:10: identify.order: expected at least one of:"
         " auth_login, envelope_sender, header_from, header"
     ]
+
+
+def test_check_warns_of_a_password_variable_unset_in_its_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It passed, and every delivery was deferred: environment variable unset."""
+    monkeypatch.delenv("RELAY_TEST_PW", raising=False)
+    settings = "host: localhost\ntls: starttls\nusername: relay\npassword_env: RELAY_TEST_PW"
+    path = _smtp(tmp_path, settings)
+    assert warnings(path) == [
+        f"{path}:21:19: warning: upstreams.outbox.password_env: RELAY_TEST_PW is not set in"
+        " this environment: relay serve run in it would defer every message to this upstream"
+        " (environment variable RELAY_TEST_PW unset)"
+    ]
+    monkeypatch.setenv("RELAY_TEST_PW", "")
+    assert warnings(path) == []

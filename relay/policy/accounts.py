@@ -8,6 +8,7 @@ tenant" problems behind it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Mapping
 from dataclasses import replace
 from ipaddress import ip_address
@@ -140,6 +141,8 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
         _warn_unless_qualified(ctx, m)
     if v.tls is TlsMode.NONE and v.username is not None and not _loopback(v.host):
         _warn_about_plain_login(ctx, m)
+    if v.password_env is not None:
+        _warn_if_unset(ctx, m, v.password_env)
     return SmtpUpstream(name, **v._asdict())
 
 
@@ -192,6 +195,18 @@ def _warn_about_plain_login(ctx: Ctx, m: Map) -> None:
         " which anyone on the path can read; set tls: starttls or implicit"
     )
     ctx.problems.warn(m.get("tls"), m.sub("tls"), message)
+
+
+def _warn_if_unset(ctx: Ctx, m: Map, name: str) -> None:
+    """The relay reads the variable at each delivery, so an unset one is no
+    mistake in the file; but the unit runs ``relay check`` with the service's
+    environment, where it will be unset for serve too."""
+    if name not in os.environ:
+        message = (
+            f"{name} is not set in this environment: relay serve run in it would defer"
+            f" every message to this upstream (environment variable {name} unset)"
+        )
+        ctx.problems.warn(m.get("password_env"), m.sub("password_env"), message)
 
 
 class Roster:
