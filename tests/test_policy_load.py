@@ -322,6 +322,8 @@ def variant(tmp_path: Path, old: str, new: str) -> Path:
     """minimal.yaml with one change, beside copies of its key and TLS files."""
     shutil.copytree(POLICIES / "keys", tmp_path / "keys")
     shutil.copytree(POLICIES / "tls", tmp_path / "tls")
+    for key in (tmp_path / "keys").iterdir():
+        key.chmod(0o600)  # as checked out, others may read it, which check warns of
     text = (POLICIES / "minimal.yaml").read_text()
     assert text.count(old) == 1
     path = tmp_path / "relay.yaml"
@@ -909,10 +911,16 @@ def test_problems_come_in_file_order_across_sections() -> None:
     assert where == sorted(where) and len(found) == 7
 
 
-def test_check_main_ok_line(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_main_ok_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(helo, "local_hostname", lambda: "relay.platform.example")
     monkeypatch.setenv("RELAY_SMTP_PASSWORD", "s3cret")  # the service's environment has it
-    path = POLICIES / "full.yaml"
+    shutil.copytree(POLICIES, tmp_path / "policies")
+    for secret in (
+        *(tmp_path / "policies" / "keys").iterdir(),
+        *(tmp_path / "policies" / "secrets").iterdir(),
+    ):
+        secret.chmod(0o600)  # as checked out, others may read them, which check warns of
+    path = tmp_path / "policies" / "full.yaml"
     out, err = io.StringIO(), io.StringIO()
     assert check_main(path, out, err) == 0
     digest = load(path).digest[:12]

@@ -20,6 +20,8 @@ def variant(tmp_path: Path, old: str, new: str) -> Path:
     """minimal.yaml with one change, beside copies of its key and TLS files."""
     shutil.copytree(POLICIES / "keys", tmp_path / "keys")
     shutil.copytree(POLICIES / "tls", tmp_path / "tls")
+    for key in (tmp_path / "keys").iterdir():
+        key.chmod(0o600)  # as checked out, others may read it, which check warns of
     text = (POLICIES / "minimal.yaml").read_text()
     assert text.count(old) == 1
     path = tmp_path / "relay.yaml"
@@ -155,3 +157,39 @@ def test_check_warns_of_a_password_variable_unset_in_its_environment(
     ]
     monkeypatch.setenv("RELAY_TEST_PW", "")
     assert warnings(path) == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "exposed"),
+    [
+        (0o644, "readable by every user of this host (mode 0644): the secret it holds is not"
+         " safe; chmod o-rwx"),
+        (0o604, "readable by every user of this host (mode 0604): the secret it holds is not"
+         " safe; chmod o-rwx"),
+        (0o620, "writable by users other than its owner (mode 0620): the secret it holds is"
+         " not safe; chmod go-w"),
+        (0o640, None),
+        (0o600, None),
+        (0o400, None),
+    ],
+)  # fmt: skip
+def test_check_warns_of_a_dkim_key_or_password_file_others_can_read(
+    tmp_path: Path, mode: int, exposed: str | None
+) -> None:
+    """Both passed whatever their mode, where OpenDKIM says "key data is not secure"."""
+    settings = "host: localhost\ntls: starttls\nusername: relay\npassword_file: smarthost.password"
+    path = _smtp(tmp_path, settings)
+    key = tmp_path / "keys" / "platform.example.s1.private"
+    password = tmp_path / "smarthost.password"
+    password.write_text("s3cret\n")
+    key.chmod(mode)
+    password.chmod(mode)
+    found = warnings(path)
+    if exposed is None:
+        assert found == []
+        return
+    assert found == [
+        f"{path}:14:17: warning: dkim.keys[0].key_file: {key} is {exposed} {key}",
+        f"{path}:21:20: warning: upstreams.outbox.password_file: {password} is {exposed}"
+        f" {password}",
+    ]

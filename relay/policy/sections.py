@@ -471,6 +471,7 @@ def _signing_key(ctx: Ctx, m: Map, key: DkimKey) -> DkimKey | None:
     file the relay would fail every message with."""
     wrong = dkimkey.problem(key)
     if wrong is None:
+        values.warn_if_exposed(ctx, m.get("key_file"), m.sub("key_file"), key.key_file)
         return key
     ctx.problem(m.get("key_file"), m.sub("key_file"), f"cannot sign with {key.key_file}: {wrong}")
     return None

@@ -12,6 +12,7 @@ import re
 import re._constants as re_constants
 import re._parser as re_parser
 import ssl
+import stat
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 
@@ -447,6 +448,28 @@ def _read(ctx: Ctx, node: Node, path: str, resolved: Path, what: str) -> tuple[P
     return None
 
 
+def warn_if_exposed(ctx: Ctx, node: Node, path: str, resolved: Path) -> None:
+    """A secret any user of the host may read (or others may replace) is not a
+    mistake the relay would fail on, so a warning, as OpenDKIM's "key data is
+    not secure". Group read is left alone: a group of the service's user is
+    how a key is commonly shared with it."""
+    try:
+        mode = os.stat(resolved).st_mode
+    except OSError:
+        return
+    if mode & stat.S_IROTH:
+        exposed, fix = "readable by every user of this host", "o-rwx"
+    elif mode & (stat.S_IWGRP | stat.S_IWOTH):
+        exposed, fix = "writable by users other than its owner", "go-w"
+    else:
+        return
+    message = (
+        f"{resolved} is {exposed} (mode {stat.S_IMODE(mode):04o}): the secret it holds is"
+        f" not safe; chmod {fix} {resolved}"
+    )
+    ctx.problems.warn(node, path, message)
+
+
 def password_file(ctx: Ctx, node: Node, path: str) -> Path | None:
     """Read now only to be checked (the relay reads it again at each delivery, so
     a changed password needs no reload): a missing or unreadable file passed,
@@ -460,4 +483,5 @@ def password_file(ctx: Ctx, node: Node, path: str) -> Path | None:
     except UnicodeDecodeError as exc:
         ctx.problem(node, path, f"{resolved} is not UTF-8 text ({exc.reason})")
         return None
+    warn_if_exposed(ctx, node, path, resolved)
     return resolved
