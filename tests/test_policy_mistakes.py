@@ -193,3 +193,26 @@ def test_check_warns_of_a_dkim_key_or_password_file_others_can_read(
         f"{path}:21:20: warning: upstreams.outbox.password_file: {password} is {exposed}"
         f" {password}",
     ]
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("outbox", "{outbox} is not a directory; the relay writes each message into one"),
+        ("outbox/new", "{outbox} is in the way of {outbox}/new: not a directory; the relay"
+         " writes each message into one"),
+    ],
+)  # fmt: skip
+def test_a_directory_upstream_whose_path_is_a_file_is_a_problem(
+    tmp_path: Path, path: str, problem: str
+) -> None:
+    """It passed, and every delivery was then deferred with File exists."""
+    policy = variant(tmp_path, "    path: outbox\n", f"    path: {path}\n")
+    outbox = tmp_path / "outbox"
+    outbox.write_text("a file\n")
+    assert problems(policy) == [
+        f"{policy}:18:11: upstreams.outbox.path: " + problem.format(outbox=outbox)
+    ]
+    outbox.unlink()
+    outbox.mkdir()
+    assert load(policy).upstreams["outbox"].path == tmp_path / path

@@ -63,6 +63,8 @@ def upstreams(ctx: Ctx, root: Map) -> tuple[Mapping[str, Upstream] | None, set[s
             m.only(("type", "path"), "a directory upstream")
             m.require("path")
             directory = m.read("path", values.file_path)
+            if directory is not None and not _can_be_directory(ctx, m, directory):
+                directory = None
             found[name] = DirectoryUpstream(name, directory) if directory else None
         elif kind == "smtp":
             m.only(_SMTP_KEYS, "an smtp upstream")
@@ -75,6 +77,18 @@ def upstreams(ctx: Ctx, root: Map) -> tuple[Mapping[str, Upstream] | None, set[s
     if not found or None in found.values():
         return None, names
     return MappingProxyType(found), names
+
+
+def _can_be_directory(ctx: Ctx, m: Map, directory: Path) -> bool:
+    """The relay makes the directory (and its parents) at each delivery; a file
+    in the way passed, and every delivery was then deferred with File exists."""
+    existing = next(p for p in (directory, *directory.parents) if os.path.lexists(p))
+    if os.path.isdir(existing):
+        return True
+    where = "is" if existing == directory else f"is in the way of {directory}:"
+    message = f"{existing} {where} not a directory; the relay writes each message into one"
+    ctx.problem(m.get("path"), m.sub("path"), message)
+    return False
 
 
 def _no_known_type(ctx: Ctx, m: Map, kind: str | None) -> None:
