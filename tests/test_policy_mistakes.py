@@ -216,3 +216,36 @@ def test_a_directory_upstream_whose_path_is_a_file_is_a_problem(
     outbox.unlink()
     outbox.mkdir()
     assert load(policy).upstreams["outbox"].path == tmp_path / path
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "where", "written", "named"),
+    [
+        ("key_file: keys/", "key_file: ~/keys/", "14:17: dkim.keys[0].key_file", "~",
+         "~/keys/platform.example.s1.private"),
+        ("key_file: keys/", "key_file: ~relay/keys/", "14:17: dkim.keys[0].key_file", "~relay",
+         "~relay/keys/platform.example.s1.private"),
+        ("    path: outbox\n", "    path: $HOME/outbox\n", "18:11: upstreams.outbox.path",
+         "$HOME", "$HOME/outbox"),
+        ("    path: outbox\n", "    path: /srv/${SPOOL}/outbox\n", "18:11: upstreams.outbox.path",
+         "${SPOOL}", "/srv/${SPOOL}/outbox"),
+        ("    path: outbox\n", "    path: outbox\nstate_directory: ~/relay-state\n",
+         "19:18: state_directory", "~", "~/relay-state"),
+    ],
+)  # fmt: skip
+def test_a_path_a_shell_would_expand_is_a_problem(
+    tmp_path: Path, old: str, new: str, where: str, written: str, named: str
+) -> None:
+    """``~/dkim/x`` was read as a directory named ``~`` beside the policy, and the
+    problem, if any, named the path as written, not where it looked."""
+    path = variant(tmp_path, old, new)
+    resolved = Path(named) if named.startswith("/") else tmp_path / named
+    assert problems(path) == [
+        f"{path}:{where}: {written} is not expanded (no shell reads the policy), so this"
+        f" names {resolved}; write the path in full"
+    ]
+
+
+def test_a_dollar_sign_that_names_no_variable_is_part_of_the_path(tmp_path: Path) -> None:
+    path = variant(tmp_path, "    path: outbox\n", "    path: out$1box\n")
+    assert load(path).upstreams["outbox"].path == tmp_path / "out$1box"

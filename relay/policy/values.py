@@ -371,10 +371,32 @@ def _hex(char: str) -> str:
     return f"u{ord(char):04x}" if ord(char) > 0xFF else f"x{ord(char):02x}"
 
 
+_VARIABLE = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*|\{[^}]*\}?)")
+
+
 def file_path(ctx: Ctx, node: Node, path: str) -> Path | None:
     """A path relative to the policy file's directory, so a policy moves with its files."""
     value = text(ctx, node, path, "a file path")
-    return None if value is None else ctx.path(value)
+    if value is None:
+        return None
+    unexpanded = _unexpanded(value)
+    if unexpanded is not None:
+        message = (
+            f"{unexpanded} is not expanded (no shell reads the policy), so this names"
+            f" {ctx.path(value)}; write the path in full"
+        )
+        ctx.problem(node, path, message)
+        return None
+    return ctx.path(value)
+
+
+def _unexpanded(value: str) -> str | None:
+    """What a shell would have expanded: ``~/dkim`` was read as a directory
+    named ``~`` beside the policy, and ``$STATE/queue`` as one named ``$STATE``."""
+    if value.startswith("~"):
+        return value.partition("/")[0]
+    variable = _VARIABLE.search(value)
+    return None if variable is None else variable.group()
 
 
 def existing_file(ctx: Ctx, node: Node, path: str) -> Path | None:
