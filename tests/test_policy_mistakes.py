@@ -249,3 +249,28 @@ def test_a_path_a_shell_would_expand_is_a_problem(
 def test_a_dollar_sign_that_names_no_variable_is_part_of_the_path(tmp_path: Path) -> None:
     path = variant(tmp_path, "    path: outbox\n", "    path: out$1box\n")
     assert load(path).upstreams["outbox"].path == tmp_path / "out$1box"
+
+
+@pytest.mark.parametrize(
+    ("cidr", "problem"),
+    [
+        ("10.1.2.3/8", "10.1.2.3/8 has host bits set: it would mean 10.0.0.0/8; write"
+         " 10.0.0.0/8, or 10.1.2.3/32 for that one address"),
+        ("'2001:db8::1/32'", "2001:db8::1/32 has host bits set: it would mean 2001:db8::/32;"
+         " write 2001:db8::/32, or 2001:db8::1/128 for that one address"),
+    ],
+)  # fmt: skip
+def test_a_cidr_with_host_bits_set_is_a_problem_naming_what_it_would_mean(
+    tmp_path: Path, cidr: str, problem: str
+) -> None:
+    """``allow: [10.1.2.3/8]`` was silently taken as 10.0.0.0/8."""
+    path = variant(tmp_path, "    port: 2525\n", f"    port: 2525\n    allow: [{cidr}]\n")
+    assert problems(path) == [f"{path}:10:13: listeners[0].allow[0]: {problem}"]
+
+
+def test_a_cidr_without_host_bits_or_a_bare_address_loads(tmp_path: Path) -> None:
+    allow = "[10.0.0.0/8, 192.0.2.7, '::1/128', '::ffff:10.0.0.0/104']"
+    path = variant(tmp_path, "    port: 2525\n", f"    port: 2525\n    allow: {allow}\n")
+    assert [str(n) for n in load(path).listeners[0].allow] == [
+        "10.0.0.0/8", "192.0.2.7/32", "::1/128", "10.0.0.0/8",
+    ]  # fmt: skip

@@ -253,8 +253,22 @@ def cidr(ctx: Ctx, node: Node, path: str) -> IPv4Network | IPv6Network | None:
     except ValueError as exc:
         ctx.problem(node, path, f"invalid CIDR: {exc}")
         return None
+    if ip_address(value.partition("/")[0]) != network.network_address:
+        ctx.problem(node, path, _host_bits(value, network))
+        return None
     mapped = _mapped_ipv4(network)
     return network if mapped is None else mapped
+
+
+def _host_bits(value: str, network: IPv4Network | IPv6Network) -> str:
+    """``10.1.2.3/8`` was taken as 10.0.0.0/8: a typo for /32, or a host's
+    address with its LAN's mask, let in far more clients than meant."""
+    host = value.partition("/")[0]
+    whole = network.max_prefixlen
+    return (
+        f"{value} has host bits set: it would mean {network}; write {network},"
+        f" or {host}/{whole} for that one address"
+    )
 
 
 def _mapped_ipv4(network: IPv4Network | IPv6Network) -> IPv4Network | None:
