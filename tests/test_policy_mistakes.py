@@ -4,11 +4,17 @@ itself is not wrong."""
 
 from __future__ import annotations
 
+import datetime
 import io
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from relay.errors import PolicyError
 from relay.policy.load import check_main, load
@@ -274,3 +280,61 @@ def test_a_cidr_without_host_bits_or_a_bare_address_loads(tmp_path: Path) -> Non
     assert [str(n) for n in load(path).listeners[0].allow] == [
         "10.0.0.0/8", "192.0.2.7/32", "::1/128", "10.0.0.0/8",
     ]  # fmt: skip
+
+
+def _rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _certificate(key: rsa.RSAPrivateKey) -> bytes:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "platform.example")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def _pem(key: rsa.RSAPrivateKey, form: serialization.PrivateFormat) -> bytes:
+    encryption = serialization.BestAvailableEncryption(b"secret")
+    return key.private_bytes(serialization.Encoding.PEM, form, encryption)
+
+
+_PASSPHRASE = (
+    "encrypted with a passphrase, which the relay cannot use; write the key without one"
+    " (openssl pkey -in {file} -out NEW_FILE) in a file only the relay's user can read"
+)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (lambda k: _pem(k, serialization.PrivateFormat.TraditionalOpenSSL), _PASSPHRASE),
+        (lambda k: _pem(k, serialization.PrivateFormat.PKCS8), _PASSPHRASE),
+        (_certificate, "holds a certificate, not a private key: name the key file of the"
+         " DKIM key"),
+        (lambda k: k.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+         "holds a public key, not the private key: name the key file of the DKIM key"),
+    ],
+    ids=["pkcs1-passphrase", "pkcs8-passphrase", "certificate", "public-key"],
+)  # fmt: skip
+def test_a_dkim_key_file_that_holds_something_else_says_what(
+    tmp_path: Path, content: Callable[[rsa.RSAPrivateKey], bytes], problem: str
+) -> None:
+    """Each was "not an RSA private key in PEM form (Unparsable private key (are your
+    sure it is encoded in PKCS#1 ...", where check says what an Ed25519 PEM is."""
+    path = variant(tmp_path, "version: 1\n", "version: 1\n")
+    file = tmp_path / "keys" / "platform.example.s1.private"
+    file.write_bytes(content(_rsa_key()))
+    assert problems(path) == [
+        f"{path}:14:17: dkim.keys[0].key_file: cannot sign with {file}: "
+        + problem.format(file=file)
+    ]

@@ -29,6 +29,9 @@ _EXPECTED = {
     DkimAlgorithm.ED25519: "an Ed25519 private key: the base64 of its 32-byte seed",
 }
 _KEYGEN = "as `relay dkim keygen` writes it"
+_PRIVATE = b"PRIVATE KEY-----"
+_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+_PUBLIC = b"PUBLIC KEY-----"
 
 
 def problem(key: DkimKey) -> str | None:
@@ -45,7 +48,8 @@ def _explain(key: DkimKey, reason: str) -> str:
     found = _held(key.private_key)
     wanted = key.algorithm
     if found is None:
-        return f"not {_EXPECTED[wanted]} ({reason})"
+        other = _other_content(key)
+        return f"not {_EXPECTED[wanted]} ({reason})" if other is None else other
     held, form = found
     if held is not wanted:
         return (
@@ -55,6 +59,36 @@ def _explain(key: DkimKey, reason: str) -> str:
     if form == "pem" and wanted is DkimAlgorithm.ED25519:
         return f"an Ed25519 key in PEM form; the relay reads the base64 of its seed, {_KEYGEN}"
     return f"an {_NAMES[held]} key the relay cannot sign with ({reason})"
+
+
+def _other_content(key: DkimKey) -> str | None:
+    """What a PEM file holds that is not a usable private key: the parser's own
+    words (``are you sure it is encoded in PKCS#1``) sent the sysadmin looking
+    at the encoding of a key that had a passphrase, or was a certificate."""
+    data = key.private_key
+    if _encrypted(data):
+        return (
+            f"encrypted with a passphrase, which the relay cannot use; write the key without"
+            f" one (openssl pkey -in {key.key_file} -out NEW_FILE) in a file only the relay's"
+            " user can read"
+        )
+    if _PRIVATE not in data and _CERTIFICATE in data:
+        return "holds a certificate, not a private key: name the key file of the DKIM key"
+    if _PRIVATE not in data and _PUBLIC in data:
+        return "holds a public key, not the private key: name the key file of the DKIM key"
+    return None
+
+
+def _encrypted(data: bytes) -> bool:
+    if b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data or b"Proc-Type: 4,ENCRYPTED" in data:
+        return True
+    try:
+        serialization.load_pem_private_key(data, password=None)
+    except TypeError:  # "Password was not given but private key is encrypted"
+        return True
+    except (ValueError, UnsupportedAlgorithm):
+        return False
+    return False
 
 
 def _held(data: bytes) -> tuple[DkimAlgorithm, str] | None:
