@@ -338,3 +338,40 @@ def test_a_dkim_key_file_that_holds_something_else_says_what(
         f"{path}:14:17: dkim.keys[0].key_file: cannot sign with {file}: "
         + problem.format(file=file)
     ]
+
+
+_IMPLICIT_PORT = (
+    "465 is the port of implicit TLS, whose server greets only after a TLS handshake,"
+    " which tls: {tls} never begins: every delivery would time out; set tls: implicit"
+)
+_PLAIN_PORT = (
+    "{port} is a port whose server greets in plain text (and offers STARTTLS), while"
+    " tls: implicit waits for a TLS handshake: every delivery would time out;"
+    " set tls: starttls, or port: 465"
+)
+
+
+@pytest.mark.parametrize(
+    ("settings", "warned"),
+    [
+        ("port: 465", _IMPLICIT_PORT.format(tls="auto")),
+        ("port: 465\ntls: starttls", _IMPLICIT_PORT.format(tls="starttls")),
+        ("port: 465\ntls: none", _IMPLICIT_PORT.format(tls="none")),
+        ("port: 587\ntls: implicit", _PLAIN_PORT.format(port=587)),
+        ("port: 25\ntls: implicit", _PLAIN_PORT.format(port=25)),
+        ("port: 465\ntls: implicit", None),
+        ("tls: implicit", None),
+        ("port: 587\ntls: starttls", None),
+        ("port: 2525\ntls: implicit", None),
+    ],
+)
+def test_check_warns_of_tls_the_port_does_not_speak(
+    tmp_path: Path, settings: str, warned: str | None
+) -> None:
+    """Port 465 with tls: auto passed; the relay waited for a greeting the server
+    sends only after a handshake, and deferred every message for days."""
+    path = _smtp(tmp_path, f"host: localhost\n{settings}")
+    found = warnings(path)
+    assert found == (
+        [] if warned is None else [f"{path}:19:11: warning: upstreams.outbox.port: {warned}"]
+    )

@@ -157,6 +157,7 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
         _warn_about_plain_login(ctx, m)
     if v.password_env is not None:
         _warn_if_unset(ctx, m, v.password_env)
+    _warn_of_tls_unlike_port(ctx, m, v.port, v.tls)
     return SmtpUpstream(name, **v._asdict())
 
 
@@ -209,6 +210,28 @@ def _warn_about_plain_login(ctx: Ctx, m: Map) -> None:
         " which anyone on the path can read; set tls: starttls or implicit"
     )
     ctx.problems.warn(m.get("tls"), m.sub("tls"), message)
+
+
+def _warn_of_tls_unlike_port(ctx: Ctx, m: Map, port: int, tls: TlsMode) -> None:
+    """Port 465 is TLS from the first byte (RFC 8314), 25 and 587 greet in plain
+    text: the other way round, each side waits for the other to speak, and every
+    delivery is deferred with ``no answer`` until the message expires. A warning:
+    a server may serve either on any port."""
+    if port == 465 and tls is not TlsMode.IMPLICIT:
+        message = (
+            f"465 is the port of implicit TLS, whose server greets only after a TLS"
+            f" handshake, which tls: {tls.value} never begins: every delivery would time"
+            " out; set tls: implicit"
+        )
+    elif port in (25, 587) and tls is TlsMode.IMPLICIT:
+        message = (
+            f"{port} is a port whose server greets in plain text (and offers STARTTLS),"
+            " while tls: implicit waits for a TLS handshake: every delivery would time out;"
+            " set tls: starttls, or port: 465"
+        )
+    else:
+        return
+    ctx.problems.warn(m.get("port") or m.get("tls"), m.sub("port"), message)
 
 
 def _warn_if_unset(ctx: Ctx, m: Map, name: str) -> None:
