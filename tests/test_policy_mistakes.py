@@ -375,3 +375,24 @@ def test_check_warns_of_tls_the_port_does_not_speak(
     assert found == (
         [] if warned is None else [f"{path}:19:11: warning: upstreams.outbox.port: {warned}"]
     )
+
+
+@pytest.mark.parametrize(
+    ("queue", "warned"),
+    [
+        ("{first_retry: 600, lifetime: 300}", "19:37: warning: queue.lifetime: 300 seconds"
+         " is less than first_retry (600)"),
+        ("{first_retry: 500000, max_retry: 500000}", "19:22: warning: queue.lifetime: 432000"
+         " seconds is less than first_retry (500000)"),
+        ("{first_retry: 300, lifetime: 300}", None),
+        ("{lifetime: 3600}", None),
+    ],
+)  # fmt: skip
+def test_check_warns_of_a_lifetime_that_ends_before_the_first_retry(
+    tmp_path: Path, queue: str, warned: str | None
+) -> None:
+    """Such a message was tried once, and expired unretried, without a word."""
+    path = variant(tmp_path, "    path: outbox\n", f"    path: outbox\nqueue: {queue}\n")
+    found = warnings(path)
+    suffix = ": a message deferred at its first attempt expires before it is tried again"
+    assert found == ([] if warned is None else [f"{path}:{warned}{suffix}"])

@@ -493,6 +493,8 @@ def state(ctx: Ctx, root: Map) -> tuple[QueueSettings | None, AuditSettings | No
     inverted = first is not None and ceiling is not None and ceiling < first
     if inverted:
         ctx.problem(q.get("max_retry"), q.sub("max_retry"), "must not be less than first_retry")
+    if first is not None and lifetime is not None and lifetime < first:
+        _warn_no_retry(ctx, q, first, lifetime)
     # the audit section is read whatever the queue's state: check reports every problem
     a = root.map(
         "audit", ("hmac_key_file", "record_subject", "compress_after_days", "retention_days")
@@ -511,6 +513,16 @@ def state(ctx: Ctx, root: Map) -> tuple[QueueSettings | None, AuditSettings | No
         base / "audit", key[1].strip() if key else None, subject is _YesNo.YES, compress, retention
     )
     return queue, audit
+
+
+def _warn_no_retry(ctx: Ctx, q: Map, first: float, lifetime: float) -> None:
+    """A message deferred at its first attempt expires before its first retry:
+    it is tried once only. Not refused, as that may be meant, but seldom is."""
+    message = (
+        f"{lifetime:g} seconds is less than first_retry ({first:g}): a message deferred"
+        " at its first attempt expires before it is tried again"
+    )
+    ctx.problems.warn(q.get("lifetime") or q.get("first_retry"), q.sub("lifetime"), message)
 
 
 def _writable(ctx: Ctx, root: Map, base: Path) -> None:
