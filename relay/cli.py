@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputError as exc:
         # ``> /dev/full``: exit 1 would read as "nothing found" or "tampered"
         _drop_output(stdout)
-        print(f"relay: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+        _report(f"relay: cannot write the output: {exc.strerror or exc}")
         return EX_IOERR
     finally:
         sys.stdout = stdout
@@ -89,10 +89,20 @@ def _as_output_error() -> Iterator[None]:
         raise OutputError(exc.errno, exc.strerror) from exc
 
 
-def _drop_output(stdout: TextIO) -> None:
+def _drop_output(stream: TextIO) -> None:
     """What is still buffered would fail again at exit, with a message of its own."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, stdout.fileno())
+    os.dup2(devnull, stream.fileno())
+
+
+def _report(text: str) -> None:
+    """Said on standard error, unless that is what failed (``relay check``'s
+    report goes there): then the exit status says it alone, as exit 1 read
+    as a traceback's."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        _drop_output(sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -222,7 +232,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from relay.policy.load import check_main
 
-    return check_main(args.config, sys.stdout, sys.stderr)
+    # its problems and warnings are its output: one it cannot write is exit 74 too
+    return check_main(args.config, sys.stdout, _Output(sys.stderr))  # type: ignore[arg-type]
 
 
 def _preview(args: argparse.Namespace) -> int:

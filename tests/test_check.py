@@ -96,3 +96,16 @@ def test_check_warns_when_the_user_cannot_create_the_state_directory(
     assert f"warning: state_directory: {user} cannot create {queue} ({locked} is not" in (
         done.stderr
     )
+
+
+def test_check_whose_report_cannot_be_written_exits_74(policy_file: Path, tmp_path: Path) -> None:
+    """Its problems go to stderr: a full one ended it with a traceback no one saw
+    and exit 1, where a stdout it cannot write is 74."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(policy_file.read_text().replace("port: 2525", "port: 0587"))
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "relay", "check", "-c", str(bad)],
+            stdout=subprocess.PIPE, stderr=full, text=True, timeout=60, check=False, cwd=ROOT,
+        )  # fmt: skip
+    assert (done.returncode, done.stdout) == (74, "")
