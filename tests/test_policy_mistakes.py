@@ -396,3 +396,30 @@ def test_check_warns_of_a_lifetime_that_ends_before_the_first_retry(
     found = warnings(path)
     suffix = ": a message deferred at its first attempt expires before it is tried again"
     assert found == ([] if warned is None else [f"{path}:{warned}{suffix}"])
+
+
+@pytest.mark.parametrize(
+    ("header", "controls", "warned"),
+    [
+        ("X-Partner", "", True),
+        ("X-Document-Type", "control_headers: [X-ERP-User]\n", True),
+        ("x-document-type", "", False),
+        ("X-Partner", "control_headers: [x-partner]\n", False),
+        ("X-ERP-User", "control_headers: []\n", False),
+        ("Subject", "", False),
+        ("Content-Language", "", False),
+    ],
+)
+def test_check_warns_of_a_header_a_rule_reads_that_goes_on_to_the_recipients(
+    tmp_path: Path, header: str, controls: str, warned: bool
+) -> None:
+    """The ERP's internal header a rule classified by (X-Partner) reached the
+    customers: it was not in control_headers, which alone are removed."""
+    rule = f"classify:\n  - id: r\n    type: invoice\n    header: {{name: {header}, pattern: x}}\n"
+    path = variant(tmp_path, "    path: outbox\n", f"    path: outbox\n{rule}{controls}")
+    expected = (
+        f"{path}:22:20: warning: classify[0].header.name: {header} is not a control header,"
+        " so it is sent on to the recipients; add it to control_headers if it is meant for"
+        " the relay only"
+    )
+    assert warnings(path) == ([expected] if warned else [])

@@ -356,6 +356,8 @@ def identify(
         by_default = unknown is UnknownSender.DEFAULT and tenant is not None
         _warn_open(ctx, order, by_default)
     controls = _control_headers(ctx, root, header)
+    if controls is not None:
+        _warn_of_headers_sent_on(ctx, controls)
     return (Identify(order, header, unknown, tenant) if ok else None), controls
 
 
@@ -375,6 +377,21 @@ def _order(ctx: Ctx, m: Map) -> tuple[IdentitySource, ...] | None:
             ctx.problem(node, path, f"{source.value} is listed twice")
         order.append(source)
     return tuple(order) if None not in order else None
+
+
+def _warn_of_headers_sent_on(ctx: Ctx, controls: Collection[str]) -> None:
+    """A header a rule reads is most often the ERP's own (``X-Document-Type``),
+    for the relay only; one left out of control_headers reaches the recipients.
+    A warning: a header the recipients may see is no mistake in itself."""
+    removed = {name.lower() for name in controls}
+    for node, path, name in ctx.read_headers:
+        if name.lower() in removed or values.is_message_header(name):
+            continue
+        message = (
+            f"{name} is not a control header, so it is sent on to the recipients;"
+            " add it to control_headers if it is meant for the relay only"
+        )
+        ctx.problems.warn(node, path, message)
 
 
 def _control_headers(ctx: Ctx, root: Map, identify_header: str | None) -> tuple[str, ...] | None:
@@ -423,6 +440,8 @@ def _conditions(ctx: Ctx, rule: Map) -> tuple[Condition, ...] | None:
     if rule.has("header"):
         m = rule.map("header", ("name", "pattern"), required=("name", "pattern"))
         name, pattern = m.read("name", values.header_name), m.read("pattern", values.regex)
+        if name is not None:
+            ctx.read_headers.append((m.get("name"), m.sub("name"), name))
         ok = name is not None and pattern is not None
         found.append(Condition(ConditionKind.HEADER, pattern, name) if ok else None)
     for kind in (ConditionKind.SUBJECT, ConditionKind.ATTACHMENT):

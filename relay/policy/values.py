@@ -192,14 +192,19 @@ _MESSAGE_HEADERS = frozenset(
 )
 
 
+def is_message_header(name: str) -> bool:
+    """A header of the message itself (``Subject``, ``Content-Type``), never a control header."""
+    lower = name.lower()
+    return lower in _MESSAGE_HEADERS or lower.startswith("content-")
+
+
 def control_header(ctx: Ctx, node: Node, path: str) -> str | None:
     """A header meant for the relay only. ``identify.header: Subject`` passed,
     and the relay then took the Subject out of every message it sent."""
     value = header_name(ctx, node, path)
     if value is None:
         return None
-    lower = value.lower()
-    if lower in _MESSAGE_HEADERS or lower.startswith("content-"):
+    if is_message_header(value):
         message = (
             f"{value} is a header of the message itself, but control headers (the identify"
             " header is one) are removed before sending; expected a header meant for the"
