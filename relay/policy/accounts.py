@@ -34,7 +34,7 @@ from relay.policy.model import (
     UserRef,
 )
 from relay.policy.schema import Ctx, Map, hint, items, text
-from relay.policy.sections import _template
+from relay.policy.sections import display_name_template
 from relay.upstream import helo
 
 _NO_PASSWORD = "do not put passwords in the policy; "
@@ -166,7 +166,7 @@ def _with_sender(ctx: Ctx, m: Map, upstream: SmtpUpstream | None) -> SmtpUpstrea
     365 refuse every message whose From or envelope sender is another address
     (``550 5.7.60``), so all mail through it goes out as that address."""
     sender = m.read("sender", values.address)
-    sender_name = m.read("sender_name", _template)
+    sender_name = m.read("sender_name", display_name_template)
     if m.has("sender_name") and not m.has("sender"):
         message = "a sender_name needs a sender: the address the account sends as"
         ctx.problem(m.get("sender_name"), m.sub("sender_name"), message)

@@ -58,7 +58,7 @@ def platform(ctx: Ctx, root: Map, key_domains: Collection[str]) -> Platform | No
         required=("from_address", "display_name"),
     )
     from_address = m.read("from_address", values.address)
-    display_name = m.read("display_name", _template)
+    display_name = m.read("display_name", display_name_template)
     return_path = m.read("return_path", values.address) if m.has("return_path") else from_address
     own_domain = from_address.rpartition("@")[2].lower() if from_address else None
     hostname = m.read("hostname", values.domain) if m.has("hostname") else own_domain
@@ -73,7 +73,7 @@ def platform(ctx: Ctx, root: Map, key_domains: Collection[str]) -> Platform | No
     return Platform(from_address, display_name, return_path, hostname)
 
 
-def _template(ctx: Ctx, node: Node, path: str) -> str | None:
+def display_name_template(ctx: Ctx, node: Node, path: str) -> str | None:
     """The display name template; only the documented placeholders, so a typo
     shows up here rather than as a KeyError on the first message."""
     value = text(ctx, node, path, "a display name template")
