@@ -16,7 +16,9 @@
   refused MAIL (a SIZE declared too big, AUTH missing) and DATA over the size
   limit; and one for each refused RCPT (a bad address, too many recipients),
   a transaction's first ``RCPT_REFUSALS_LOGGED`` of them, the rest counted
-  in one line at its end.
+  in one line at its end;
+- Postfix's hard error and junk command limits: a client looping on a
+  refused command (or on NOOP) is told ``421`` and closed, not answered for ever.
 
 - DATA read in large pieces rather than line by line (``data``), and the
   usual ``<local@domain>`` path parsed without the header parser (``address``).
@@ -60,6 +62,22 @@ AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"
 # smtpd_soft_error_limit: enough for an ERP's list of bad addresses, while a
 # client sending RCPTs in a loop adds one line more, not one per command.
 RCPT_REFUSALS_LOGGED = 10
+# Postfix's smtpd_hard_error_limit: error replies (4xx, 5xx) a connection may
+# get before a message is accepted; then it is told 421 and closed. Without
+# it a client looping on a refused command was answered, and logged, forever.
+HARD_ERROR_LIMIT = 20
+# Postfix's smtpd_junk_command_limit: NOOP, RSET and VRFY commands a connection
+# may send before a message is accepted; past it each counts as an error.
+JUNK_COMMAND_LIMIT = 100
+# Refused MAILs logged one by one while a connection has had fewer errors
+# than this; the rest are counted in one line at its end.
+REFUSALS_LOGGED = 10
+TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing the connection"
+# Postfix's smtpd_recipient_overshoot_limit: a transaction's RCPTs refused for
+# being past the recipient limit that count as no error (RFC 5321 4.5.3.1.10
+# has the client send them again in another transaction).
+RCPT_OVERSHOOT = 1000
+_TOO_MANY_RECIPIENTS = "452 4.5.3 "
 
 _GIVEN_SENDER = re.compile(r"FROM:\s*<([^>]*)>", re.IGNORECASE)
 _GIVEN_RECIPIENT = re.compile(r"TO:\s*<([^>]*)>", re.IGNORECASE)
@@ -99,6 +117,10 @@ class RelaySMTP(SMTP):
         self._mail_arg: str | None = None  # while a MAIL command is handled
         self._rcpt_arg: str | None = None  # while a RCPT command is handled
         self._refused_recipients = RefusedRecipients()
+        self._errors = 0  # error replies since the start or the last message accepted
+        self._overshoot = 0  # RCPTs of this transaction past the recipient limit
+        self._junk = 0  # NOOP, RSET and VRFY commands, counted like the errors
+        self._unlogged: tuple[int, str, str] | None = None  # refused MAILs: count, last
         self._better = {
             "552 Error: Too much mail data": self._too_big(),
             "552 Error: message size exceeds fixed maximum message size": self._too_big(),
@@ -144,6 +166,7 @@ class RelaySMTP(SMTP):
             return
         self._lost = True
         self._refused_recipients.end()
+        self._log_unlogged()
         self._connections.discard(self)
         super().connection_lost(error)
 
@@ -174,6 +197,10 @@ class RelaySMTP(SMTP):
         return await super().handle_exception(error)
 
     def _ended_by_client(self) -> None:
+        self._close_now()
+
+    def _close_now(self) -> None:
+        """End the session at once: what is still buffered is never read as SMTP."""
         if self.transport is not None:
             self.transport.close()  # after what is still to be written
             self._abort_unless_closed()
@@ -290,6 +317,7 @@ class RelaySMTP(SMTP):
     def _set_post_data_state(self) -> None:
         """The end of a transaction however it ends (DATA, RSET, EHLO, STARTTLS)."""
         self._refused_recipients.end()
+        self._overshoot = 0
         super()._set_post_data_state()
 
     def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
@@ -372,6 +400,8 @@ class RelaySMTP(SMTP):
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         status = "250 OK" if status is MISSING else status
+        if status.startswith("2"):
+            self._errors = self._junk = 0  # as Postfix: the limits are on a session without mail
         if self._ended:
             log.warning(
                 "client=%s from=<%s> closed its side before the reply, which it may not read: %s",
@@ -388,18 +418,84 @@ class RelaySMTP(SMTP):
             status = _fit(self._better.get(status, status))
             if self._mail_arg is not None or self._rcpt_arg is not None:
                 self._log_if_refused(status)
+            if status and status[0] in "45":
+                await super().push(status)
+                self._count_error(status)
+                return
         await super().push(status)
+
+    def _count_error(self, status: str) -> None:
+        """Close the connection at ``HARD_ERROR_LIMIT`` errors (see there)."""
+        if status.startswith("421") or self.transport is None:
+            return  # the connection is ending anyway
+        if status.startswith(_TOO_MANY_RECIPIENTS) and self._overshoot < RCPT_OVERSHOOT:
+            self._overshoot += 1
+            return
+        self._add_error()
+
+    def _add_error(self) -> None:
+        self._errors += 1
+        if self._errors < HARD_ERROR_LIMIT or self.transport is None:
+            return
+        assert self.session is not None
+        log.warning(
+            "client=%s: %d errors without a message accepted, told 421 and disconnected",
+            client_address(self.session.peer),
+            self._errors,
+        )
+        self._say(TOO_MANY_ERRORS.encode() + b"\r\n")
+        self._close_now()
 
     def _log_if_refused(self, status: str) -> None:
         """A refused MAIL ends its message; a refused RCPT, within a transaction,
         one recipient of it (``RefusedRecipients`` bounds how many lines)."""
         assert self.session is not None
         if self._mail_arg is not None and status.startswith("5"):
-            log_refused(self.session.peer, given_sender(self._mail_arg), status)
+            sender = given_sender(self._mail_arg)
+            if self._errors < REFUSALS_LOGGED:
+                log_refused(self.session.peer, sender, status)
+            else:
+                count = self._unlogged[0] if self._unlogged else 0
+                self._unlogged = (count + 1, sender, status)
         elif self._rcpt_arg is not None and status.startswith(("4", "5")) and self.in_transaction:
             assert self.envelope is not None
             to = given_path(_GIVEN_RECIPIENT, self._rcpt_arg)
             self._refused_recipients.add(self.session.peer, self.envelope.mail_from, to, status)
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        """aiosmtpd's, counted (see ``JUNK_COMMAND_LIMIT``): a loop of them is answered
+        without an error, and so was never ended."""
+        await super().smtp_NOOP(arg)
+        self._count_junk()
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        """aiosmtpd's, counted as NOOP is."""
+        await super().smtp_RSET(arg)
+        self._count_junk()
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        """aiosmtpd's, counted as NOOP is."""
+        await super().smtp_VRFY(arg)
+        self._count_junk()
+
+    def _count_junk(self) -> None:
+        self._junk += 1
+        if self._junk > JUNK_COMMAND_LIMIT:
+            self._add_error()
+
+    def _log_unlogged(self) -> None:
+        """One line for the refused MAILs not logged one by one, at the connection's end."""
+        if self._unlogged is not None and self.session is not None:
+            count, sender, status = self._unlogged
+            log_refused(
+                self.session.peer,
+                sender,
+                f"{count} more messages refused, not logged one by one; the last: {status}",
+            )
+            self._unlogged = None
 
     @contextlib.contextmanager
     def processing(self) -> Iterator[None]:

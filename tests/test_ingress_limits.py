@@ -1,0 +1,130 @@
+"""How much a client is answered when it keeps sending what is refused, and
+what the log says of it: over real sockets, as an ERP in a loop would send it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import pytest
+
+from relay.ingress import protocol
+from tests.ingress_harness import Raw, Relay
+from tests.minimal_policy import listener
+
+LIMIT = protocol.HARD_ERROR_LIMIT
+MESSAGE = b"Subject: x\r\n\r\nbody\r\n."
+
+
+def _replies_until_closed(raw: Raw) -> list[str]:
+    replies = []
+    with contextlib.suppress(EOFError, ConnectionResetError):
+        while True:
+            replies.append(raw.reply()[-1])
+    return replies
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """The server's log of a connection's end follows the client's seeing it closed."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _lines(caplog: pytest.LogCaptureFixture, start: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(start)]
+
+
+@pytest.mark.parametrize(
+    ("setup", "command", "error"),
+    [
+        (b"", b"MAIL FROM:<x>", "553 5.1.7 "),
+        (b"MAIL FROM:<erp@acme.example>\r\n", b"MAIL FROM:<>", "503 "),
+        (b"", b"RSET x", "501 "),
+        (b"", b"VRFY", "501 "),
+    ],
+    ids=["bad-sender", "nested-mail", "rset", "vrfy"],
+)
+def test_a_client_looping_on_errors_is_told_421_and_closed(
+    setup: bytes, command: bytes, error: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """2000 refused commands in one write were answered 2000 times, each MAIL
+    with a log line, and the connection was never closed."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Relay([listener()]) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        raw.send(setup + (command + b"\r\n") * 2000)
+        replies = _replies_until_closed(raw)
+        closing = "client=127.0.0.1: 20 errors without a message accepted"
+        _wait_for(lambda: bool(_lines(caplog, closing)))
+    skip = 1 if setup else 0
+    assert len(replies) == skip + LIMIT + 1
+    assert all(r.startswith(error) for r in replies[skip:-1]), replies
+    assert replies[-1] == "421 4.7.0 Too many errors, closing the connection"
+    assert _lines(caplog, closing) == [f"{closing}, told 421 and disconnected"]
+
+
+@pytest.mark.parametrize(
+    ("command", "answer"),
+    [
+        (b"NOOP", "250 OK"),
+        (b"RSET", "250 OK"),
+        (b"VRFY <a@b.example>", "252 Cannot VRFY user, but will accept message and attempt"),
+    ],
+)
+def test_a_loop_of_commands_that_are_never_refused_is_ended_too(
+    command: bytes, answer: str
+) -> None:
+    """Postfix's junk command limit: each answered 250, a loop was never ended."""
+    with Relay([listener()]) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        raw.send((command + b"\r\n") * 2000)
+        replies = _replies_until_closed(raw)
+    assert len(replies) == protocol.JUNK_COMMAND_LIMIT + LIMIT + 1
+    assert all(r.startswith(answer) for r in replies[:-1])
+    assert replies[-1] == "421 4.7.0 Too many errors, closing the connection"
+
+
+def test_refused_senders_past_the_first_ones_share_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
+    prefix = "refused client=127.0.0.1 from=<x>: "
+    with Relay([listener()]) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        raw.send(b"MAIL FROM:<x>\r\n" * 2000)
+        replies = _replies_until_closed(raw)
+        _wait_for(lambda: len(_lines(caplog, "refused ")) > protocol.REFUSALS_LOGGED)
+    refusal = replies[0]
+    unlogged = LIMIT - protocol.REFUSALS_LOGGED
+    assert _lines(caplog, "refused ") == [
+        *[prefix + refusal] * protocol.REFUSALS_LOGGED,
+        f"{prefix}{unlogged} more messages refused, not logged one by one; the last: {refusal}",
+    ]
+
+
+def test_an_accepted_message_starts_the_error_count_afresh() -> None:
+    """An ERP on one long connection, now and then a bad address among good
+    messages, is not cut off: Postfix counts errors without mail delivered."""
+    with Relay([listener()]) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        for _ in range(3):
+            for _ in range(LIMIT - 1):
+                assert raw.cmd(b"MAIL FROM:<x>").startswith("553")
+            raw.envelope()
+            assert raw.cmd(b"DATA").startswith("354")
+            assert raw.cmd(MESSAGE).startswith("250")
+        assert raw.cmd(b"NOOP") == "250 OK"
+    assert len(relay.process.calls) == 3
+
+
+def test_recipients_past_the_limit_are_no_errors() -> None:
+    """RFC 5321 4.5.3.1.10: the client sends them again in another transaction."""
+    with Relay([listener(max_recipients=5)]) as relay, Raw(relay.port) as raw:
+        raw.envelope(b"erp@acme.example", *(b"r%d@example.org" % n for n in range(5)))
+        for n in range(5, 5 + LIMIT * 2):
+            assert raw.cmd(b"RCPT TO:<r%d@example.org>" % n) == "452 4.5.3 Too many recipients"
+        assert raw.cmd(b"DATA").startswith("354")
+        assert raw.cmd(MESSAGE).startswith("250")
