@@ -481,6 +481,28 @@ def test_a_client_on_bare_line_feeds_hears_why_at_its_end_of_data(relay: Relay) 
     assert relay.process.calls == []
 
 
+def test_a_client_on_bare_line_feeds_that_pipelines_quit_hears_why_too(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anything after its ``.<LF>`` in the same write, and it heard nothing until
+    the idle timeout's 421: a temporary failure, retried for ever."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Raw(relay.port) as raw:
+        raw.send(b"EHLO erp.example\nMAIL FROM:<erp@acme.example>\nRCPT TO:<one@example.org>\n")
+        raw.reply()
+        assert [raw.reply(), raw.reply()] == [["250 2.1.0 OK"], ["250 2.1.5 OK"]]
+        raw.send(b"DATA\n")
+        assert raw.reply()[0].startswith("354")
+        started = time.monotonic()
+        raw.send(b"From: a@b\nSubject: x\n\nbody\n.\nQUIT\n")
+        (reply,) = raw.reply()
+        assert time.monotonic() - started < 10  # not the idle timeout
+        assert raw.closed()
+    assert reply.startswith("550 5.6.11 ")
+    assert refused_lines(caplog) == [f"refused client=127.0.0.1 from=<erp@acme.example>: {reply}"]
+    assert relay.process.calls == []
+
+
 def test_an_unknown_parameter_is_555_whatever_its_name(relay: Relay) -> None:
     """RFC 5321 4.1.2: a keyword may hold hyphens; ``X-FOO=1`` was a 501 syntax error."""
     with Raw(relay.port) as raw:

@@ -55,6 +55,22 @@ async def test_a_dot_line_after_bare_line_feeds_then_silence_is_a_bare_end() -> 
         assert section == data.Data(b"", data.Overflow.NONE, bare_end=True), wire
 
 
+async def test_a_bare_dot_line_with_more_after_it_then_silence_is_a_bare_end() -> None:
+    """Only a bare dot line at the very end of what came was seen: a client that
+    pipelined its QUIT after the ``.<LF>`` heard nothing until the idle timeout,
+    a 421 it retried for ever."""
+    for wire in (
+        b"From: a@b\nSubject: x\n\nbody\n.\nQUIT\n",
+        b"Subject: x\r\n\r\nbody\n.\r\nQUIT\r\n",
+        b"Subject: x\n\nbody\n.\nQUIT\nRSET.\r\nNOOP\n",  # a dot line in an earlier piece
+        b".\nQUIT\n",
+    ):
+        reader = asyncio.StreamReader(limit=LIMIT)
+        reader.feed_data(wire)
+        section = await asyncio.wait_for(data.read(reader, None), data.STALL * 2 + 5)
+        assert section == data.Data(b"", data.Overflow.NONE, bare_end=True), wire
+
+
 class _LateEnd(asyncio.StreamReader):
     """The proper end arrives in the same turn of the event loop as the stall
     timer runs out: in the buffer, with the wait for it timed out."""

@@ -11,10 +11,12 @@ whole message by ``content.refusal``, as before.
 
 A client that ends its lines with a bare LF ends the data with ``.<LF>``
 and then waits for a reply that, by those rules, would never come: it heard
-nothing until the idle timeout. When the data so far ends in such a dot
-line and nothing more comes for ``STALL`` seconds, the section ends as a
-bare end, for the caller to refuse; what the client might send after it is
-never read as SMTP.
+nothing until the idle timeout. When the data so far holds such a dot line
+and nothing more comes for ``STALL`` seconds, the section ends as a bare
+end, for the caller to refuse; what the client sent after it (a pipelined
+``QUIT``, say: the dot line then is not the last thing received) is never
+read as SMTP. A bare line feed anywhere is refused in any case, so a bare
+end never cuts short a message that would have been taken.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ WINDOW = 1 << 16  # bytes the reader may buffer while DATA comes in
 _DOT_LINE = b".\r\n"
 _END = b"\r\n.\r\n"
 _STUFFED = b"\r\n."  # a line's first dot: added by the client, or the final one
-_BARE_END = re.compile(rb"(?:(?<!\r)\n\.\r?\n|\n\.\n)\Z")  # a dot line not all in CRLFs
+_BARE_DOT_LINE = re.compile(rb"(?<!\r)\n\.\r?\n|\n\.\n")  # a dot line not all in CRLFs
+_LF_DOT_LF = b"\n.\n"
 STALL = 1.0  # seconds of silence after a bare end before it counts as one
 
 
@@ -59,14 +62,16 @@ async def _read(reader: asyncio.StreamReader, limit: int | None) -> Data:
     size = 0  # of the mail: without the dots added for transparency (RFC 1870 4)
     overflow = Overflow.NONE
     tail = b"\r\n"  # the section starts at a line start, as if after a CRLF
+    bare = False  # a bare dot line came before what is now waiting
     while True:
         try:
-            piece = await _until_dot_line(reader, tail)
+            piece = await _until_dot_line(reader, tail, bare)
         except asyncio.LimitOverrunError as exc:
             piece = await reader.readexactly(exc.consumed)
         if piece is None:
             return Data(b"", overflow, bare_end=True)
         size += len(piece) - (tail[-2:] + piece).count(_STUFFED)
+        bare = bare or _LF_DOT_LF in piece or bool(_BARE_DOT_LINE.search(tail + piece[:4]))
         tail = (tail + piece[-len(_END) :])[-len(_END) :]
         ended = tail == _END
         content = size - len(b"\r\n") if ended else size  # the final dot line is not mail
@@ -83,8 +88,9 @@ async def _read(reader: asyncio.StreamReader, limit: int | None) -> Data:
     return Data(_unstuff(bytes(received)), overflow)
 
 
-async def _until_dot_line(reader: asyncio.StreamReader, tail: bytes) -> bytes | None:
-    """The next piece up to a ``.<CR><LF>``, or None for a bare end (see above)."""
+async def _until_dot_line(reader: asyncio.StreamReader, tail: bytes, bare: bool) -> bytes | None:
+    """The next piece up to a ``.<CR><LF>``, or None for a bare end (see above):
+    ``bare`` if one came in the pieces before."""
     while True:
         try:
             async with asyncio.timeout(STALL):
@@ -92,8 +98,9 @@ async def _until_dot_line(reader: asyncio.StreamReader, tail: bytes) -> bytes | 
         except TimeoutError:
             # The proper end may have come in just as the timer ran out: it is
             # waiting in the buffer, and the next readuntil returns it.
-            waiting = bytes(reader._buffer[-len(_END) :])  # private to asyncio, read only
-            if _BARE_END.search((tail + waiting)[-len(_END) :]):
+            if _DOT_LINE in reader._buffer:  # private to asyncio, read only
+                continue
+            if bare or _BARE_DOT_LINE.search(tail + bytes(reader._buffer)):
                 return None
 
 
