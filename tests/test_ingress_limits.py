@@ -57,13 +57,16 @@ def test_a_client_looping_on_errors_is_told_421_and_closed(
         raw.ehlo()
         raw.send(setup + (command + b"\r\n") * 2000)
         replies = _replies_until_closed(raw)
-        closing = "client=127.0.0.1: 20 errors without a message accepted"
+        closing = "client=127.0.0.1 disconnected after "
         _wait_for(lambda: bool(_lines(caplog, closing)))
     skip = 1 if setup else 0
     assert len(replies) == skip + LIMIT + 1
     assert all(r.startswith(error) for r in replies[skip:-1]), replies
     assert replies[-1] == "421 4.7.0 Too many errors, closing the connection"
-    assert _lines(caplog, closing) == [f"{closing}, told 421 and disconnected"]
+    stage = "MAIL" if setup else "EHLO"
+    assert _lines(caplog, closing) == [
+        f"{closing}{stage}: {replies[-1]} ({LIMIT} without a message accepted)"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -128,3 +131,60 @@ def test_recipients_past_the_limit_are_no_errors() -> None:
             assert raw.cmd(b"RCPT TO:<r%d@example.org>" % n) == "452 4.5.3 Too many recipients"
         assert raw.cmd(b"DATA").startswith("354")
         assert raw.cmd(MESSAGE).startswith("250")
+
+
+def _disconnect_lines(
+    caplog: pytest.LogCaptureFixture, relay: Relay, send: Callable[[Raw], None]
+) -> tuple[list[str], list[str]]:
+    """The client's replies from what ``send`` sent on, and the lines logged of its end."""
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        send(raw)
+        replies = _replies_until_closed(raw)
+    _wait_for(lambda: bool(_lines(caplog, "client=127.0.0.1 disconnected")))
+    return replies, _lines(caplog, "client=127.0.0.1 disconnected")
+
+
+def _idle_in_a_transaction(raw: Raw) -> None:
+    assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+    assert raw.cmd(b"RCPT TO:<one@example.org>").startswith("250")
+
+
+def _idle_in_data(raw: Raw) -> None:
+    _idle_in_a_transaction(raw)
+    assert raw.cmd(b"DATA").startswith("354")
+    raw.send(b"Subject: x\r\n")
+
+
+TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
+
+
+@pytest.mark.parametrize(
+    ("send", "stage", "reply"),
+    [
+        (_idle_in_a_transaction, "RCPT", TIMEOUT),
+        (_idle_in_data, "DATA", TIMEOUT),
+        (
+            lambda raw: raw.send(b"BOGUS\r\n" * 10),
+            "EHLO",
+            "421 4.7.0 Too many unrecognized commands, closing the connection",
+        ),
+        (
+            lambda raw: raw.send(b"AUTH PLAIN AGF1AGI=\r\n" * 15),
+            "EHLO",
+            "421 4.7.0 AUTH sent too many times",
+        ),
+    ],
+    ids=["idle-after-rcpt", "idle-in-data", "unknown-commands", "auth"],
+)
+def test_a_connection_the_relay_ends_with_421_has_one_log_line(
+    send: Callable[[Raw], None], stage: str, reply: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It had none (aiosmtpd's went to a logger kept quiet), or, idle in DATA,
+    only ``connection lost during DATA``, as if the client had gone."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Relay([listener(idle_timeout=0.5)]) as relay:
+        replies, lines = _disconnect_lines(caplog, relay, send)
+    assert replies[-1] == reply
+    assert lines == [f"client=127.0.0.1 disconnected after {stage}: {reply}"]
+    assert "connection lost" not in caplog.text

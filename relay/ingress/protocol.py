@@ -18,7 +18,9 @@
   a transaction's first ``RCPT_REFUSALS_LOGGED`` of them, the rest counted
   in one line at its end;
 - Postfix's hard error and junk command limits: a client looping on a
-  refused command (or on NOOP) is told ``421`` and closed, not answered for ever.
+  refused command (or on NOOP) is told ``421`` and closed, not answered for ever;
+- a log line for each connection ended with a ``421`` (idle, too many errors,
+  unknown commands or AUTHs), saying how far the session had come.
 
 - DATA read in large pieces rather than line by line (``data``), and the
   usual ``<local@domain>`` path parsed without the header parser (``address``).
@@ -120,6 +122,8 @@ class RelaySMTP(SMTP):
         self._errors = 0  # error replies since the start or the last message accepted
         self._overshoot = 0  # RCPTs of this transaction past the recipient limit
         self._junk = 0  # NOOP, RSET and VRFY commands, counted like the errors
+        self._in_data = False  # reading a DATA section
+        self._timed_out = False  # told 421 for being idle
         self._unlogged: tuple[int, str, str] | None = None  # refused MAILs: count, last
         self._better = {
             "552 Error: Too much mail data": self._too_big(),
@@ -230,7 +234,10 @@ class RelaySMTP(SMTP):
 
     def _timeout_cb(self) -> None:
         """An ERP's log then says why the connection ended (RFC 5321 3.8, as Postfix does)."""
-        self._say(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
+        reply = f"421 4.4.2 {self.hostname} Error: timeout exceeded"
+        self._timed_out = True
+        self._log_disconnect(reply)
+        self._say(reply.encode() + b"\r\n")
         super()._timeout_cb()
         self._abort_unless_closed()
 
@@ -367,6 +374,7 @@ class RelaySMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self._in_data = True
         try:
             section = await data.read(self._reader, self.data_size_limit)
         except (asyncio.CancelledError, asyncio.IncompleteReadError) as exc:
@@ -374,13 +382,15 @@ class RelaySMTP(SMTP):
             peer = client_address(self.session.peer)
             if self._shut_down:
                 log.info("client=%s: DATA cut short by the stop, told 421", peer)
-            else:
+            elif not self._timed_out:  # which ``_timeout_cb`` logged
                 log.info("connection lost during DATA client=%s", peer)
             if isinstance(exc, asyncio.IncompleteReadError):
                 self._ended_by_client()
                 return
             self._writer.close()
             raise
+        finally:
+            self._in_data = False
         if section.bare_end:
             assert self.session is not None
             log_refused(self.session.peer, self.envelope.mail_from, content.BARE_NEWLINE.line)
@@ -426,8 +436,11 @@ class RelaySMTP(SMTP):
 
     def _count_error(self, status: str) -> None:
         """Close the connection at ``HARD_ERROR_LIMIT`` errors (see there)."""
-        if status.startswith("421") or self.transport is None:
-            return  # the connection is ending anyway
+        if status.startswith("421"):  # aiosmtpd's (AUTH or unknown commands sent too often)
+            self._log_disconnect(status)
+            return
+        if self.transport is None:
+            return
         if status.startswith(_TOO_MANY_RECIPIENTS) and self._overshoot < RCPT_OVERSHOOT:
             self._overshoot += 1
             return
@@ -437,14 +450,31 @@ class RelaySMTP(SMTP):
         self._errors += 1
         if self._errors < HARD_ERROR_LIMIT or self.transport is None:
             return
-        assert self.session is not None
-        log.warning(
-            "client=%s: %d errors without a message accepted, told 421 and disconnected",
-            client_address(self.session.peer),
-            self._errors,
-        )
+        self._log_disconnect(f"{TOO_MANY_ERRORS} ({self._errors} without a message accepted)")
         self._say(TOO_MANY_ERRORS.encode() + b"\r\n")
         self._close_now()
+
+    def _log_disconnect(self, reason: str) -> None:
+        """The one line of a connection the relay ends with a 421, as Postfix's
+        ``timeout after RCPT from ...``: aiosmtpd logged none, or only to a logger
+        that is kept quiet."""
+        assert self.session is not None
+        peer = client_address(self.session.peer)
+        log.warning("client=%s disconnected after %s: %s", peer, self._stage(), reason)
+
+    def _stage(self) -> str:
+        """How far the session had come: the last command that took it further."""
+        assert self.session is not None
+        envelope = self.envelope
+        if self._in_data:
+            return "DATA"
+        if envelope is not None and envelope.rcpt_tos:
+            return "RCPT"
+        if envelope is not None and envelope.mail_from is not None:
+            return "MAIL"
+        if self.session.host_name:
+            return "EHLO" if self.session.extended_smtp else "HELO"
+        return "CONNECT"
 
     def _log_if_refused(self, status: str) -> None:
         """A refused MAIL ends its message; a refused RCPT, within a transaction,
