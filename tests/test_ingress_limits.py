@@ -188,3 +188,17 @@ def test_a_connection_the_relay_ends_with_421_has_one_log_line(
     assert replies[-1] == reply
     assert lines == [f"client=127.0.0.1 disconnected after {stage}: {reply}"]
     assert "connection lost" not in caplog.text
+
+
+def test_a_nested_mail_is_no_refused_message(caplog: pytest.LogCaptureFixture) -> None:
+    """It was logged ``refused``, while the transaction it came in went on to be
+    delivered: a count of refused lines overcounted the mail lost."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Relay([listener()]) as relay, Raw(relay.port) as raw:
+        raw.envelope()
+        assert raw.cmd(b"MAIL FROM:<>").startswith("503 ")
+        assert raw.cmd(b"DATA").startswith("354")
+        assert raw.cmd(MESSAGE).startswith("250")
+        assert raw.cmd(b"QUIT").startswith("221")
+    assert len(relay.process.calls) == 1
+    assert _lines(caplog, "refused ") == []

@@ -478,9 +478,11 @@ class RelaySMTP(SMTP):
 
     def _log_if_refused(self, status: str) -> None:
         """A refused MAIL ends its message; a refused RCPT, within a transaction,
-        one recipient of it (``RefusedRecipients`` bounds how many lines)."""
+        one recipient of it (``RefusedRecipients`` bounds how many lines). A 503
+        is a command out of sequence, no message refused: a nested MAIL leaves
+        the transaction under way to be delivered."""
         assert self.session is not None
-        if self._mail_arg is not None and status.startswith("5"):
+        if self._mail_arg is not None and status.startswith("5") and status[1:3] != "03":
             sender = given_sender(self._mail_arg)
             if self._errors < REFUSALS_LOGGED:
                 log_refused(self.session.peer, sender, status)
