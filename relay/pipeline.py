@@ -126,12 +126,31 @@ def _check_header_block(data: bytes, body: int) -> None:
     only the relay's fields.
     """
     if body < len(data) and not data.startswith((b"\r\n", b"\n"), body):
-        line = data[body : body + 60].split(b"\n", 1)[0].decode("ascii", "replace").strip()
-        raise Rejected(550, "5.6.0", f"Malformed header line: {line!r}")
+        line = data[body : body + _QUOTED + 2].split(b"\n", 1)[0].removesuffix(b"\r")
+        quoted = repr(line[:_QUOTED])[1:] + ("..." if len(line) > _QUOTED else "")
+        raise Rejected(550, "5.6.0", f"Malformed header line: {quoted} ({_why_malformed(line)})")
     if body == 0 and data.rstrip(b"\r\n"):
         raise Rejected(
             550, "5.6.0", "Message begins with an empty line: its header would be sent as body text"
         )
+
+
+_QUOTED = 78  # bytes of a malformed header line quoted in the refusal
+
+
+def _why_malformed(line: bytes) -> str:
+    """What makes ``line`` neither a field nor a continuation, for the ERP's
+    developer: the quote alone did not say, least of all of a leading space."""
+    if line[:1] in (b" ", b"\t"):
+        return "a continued line before the first header field"
+    name, colon, _ = line.partition(b":")
+    if not colon:
+        return "no colon: not a header field"
+    if not name:
+        return "no field name before the colon"
+    if name[-1:] in (b" ", b"\t"):
+        return "white space before the colon"
+    return "a field name holds printable ASCII only, no spaces"
 
 
 _PAGE_BREAKS = {b"\x0b": "vertical tab", b"\x0c": "form feed"}
