@@ -164,6 +164,33 @@ def test_non_ascii_recipient_refused(relay: Relay) -> None:
     assert reply.startswith("501 5.6.7 "), reply
 
 
+def test_a_non_ascii_address_is_named_in_the_reply_and_logged(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiosmtpd refuses the line before MAIL or RCPT is handled: the reply did
+    not say which address, and the log had no line for it."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        sender = raw.cmd("MAIL FROM:<jørn@acme.example> SIZE=10".encode())
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        recipient = raw.cmd("rcpt to: <kåre@example.org>".encode())
+        other = raw.cmd("NOOP kåre".encode())
+    assert (
+        sender == r"501 5.6.7 Non-ASCII address <j\xc3\xb8rn@acme.example>: SMTPUTF8 is not offered"
+    )
+    assert (
+        recipient
+        == r"501 5.6.7 Non-ASCII address <k\xc3\xa5re@example.org>: SMTPUTF8 is not offered"
+    )
+    assert other == "501 5.6.7 Non-ASCII characters are not allowed: SMTPUTF8 is not offered"
+    assert refused_lines(caplog) == [
+        rf"refused client=127.0.0.1 from=<j\xc3\xb8rn@acme.example>: {sender}",
+        rf"refused client=127.0.0.1 from=<erp@acme.example> to=<k\xc3\xa5re@example.org>:"
+        f" {recipient}",
+    ]
+
+
 @pytest.mark.parametrize(
     ("command", "expected"),
     [

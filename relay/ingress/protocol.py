@@ -28,7 +28,8 @@
 It leans on aiosmtpd 1.4's internals (``_handle_client``, ``_reset_timeout``,
 ``_timeout_handle``, ``_timeout_cb``, ``_reader``, ``_set_post_data_state``,
 ``_getaddr``, ``_call_handler_hook``, ``command_size_limits``,
-``line_length_limit``); the tests exercise each of them over real sockets.
+``line_length_limit``, the local ``line`` of ``_handle_client``); the tests
+exercise each of them over real sockets.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import contextlib
 import functools
 import logging
 import re
+import sys
 from base64 import b64decode, b64encode
 from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
@@ -81,11 +83,16 @@ TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing the connection"
 RCPT_OVERSHOOT = 1000
 _TOO_MANY_RECIPIENTS = "452 4.5.3 "
 
+NON_ASCII = "501 5.6.7 Non-ASCII characters are not allowed: SMTPUTF8 is not offered"
+_NON_ASCII_PATH = re.compile(rb"(MAIL FROM|RCPT TO):\s*<([^>]*)>", re.IGNORECASE)
 _GIVEN_SENDER = re.compile(r"FROM:\s*<([^>]*)>", re.IGNORECASE)
 _GIVEN_RECIPIENT = re.compile(r"TO:\s*<([^>]*)>", re.IGNORECASE)
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _AUTH_PARAMETER = re.compile(r"[ \t]+AUTH=\S*", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+_HANDLE_CLIENT = SMTP._handle_client.__code__
 
 
 class RelaySMTP(SMTP):
@@ -130,9 +137,7 @@ class RelaySMTP(SMTP):
             "552 Error: message size exceeds fixed maximum message size": self._too_big(),
             "500 Line too long (see RFC5321 4.5.3.1.6)": content.LINE_TOO_LONG.line,
             "500 Command line too long": "500 5.5.2 Command line too long",
-            "500 Error: strict ASCII mode": (
-                "501 5.6.7 Non-ASCII characters are not allowed: SMTPUTF8 is not offered"
-            ),
+            "500 Error: strict ASCII mode": NON_ASCII,
             "501 Error: SMTPUTF8 disabled": "555 5.5.4 SMTPUTF8 is not offered",
             "555 MAIL FROM parameters not recognized or not implemented": (
                 "555 5.5.4 MAIL FROM parameters not recognized or not implemented"
@@ -425,7 +430,10 @@ class RelaySMTP(SMTP):
         if self.transport is None:
             return  # the connection has ended: nothing to answer
         if isinstance(status, str):
-            status = _fit(self._better.get(status, status))
+            better = self._better.get(status, status)
+            if better is NON_ASCII:
+                better = self._refuse_non_ascii()
+            status = _fit(better)
             if self._mail_arg is not None or self._rcpt_arg is not None:
                 self._log_if_refused(status)
             if status and status[0] in "45":
@@ -483,16 +491,48 @@ class RelaySMTP(SMTP):
         the transaction under way to be delivered."""
         assert self.session is not None
         if self._mail_arg is not None and status.startswith("5") and status[1:3] != "03":
-            sender = given_sender(self._mail_arg)
-            if self._errors < REFUSALS_LOGGED:
-                log_refused(self.session.peer, sender, status)
-            else:
-                count = self._unlogged[0] if self._unlogged else 0
-                self._unlogged = (count + 1, sender, status)
-        elif self._rcpt_arg is not None and status.startswith(("4", "5")) and self.in_transaction:
+            self._log_refused_sender(given_sender(self._mail_arg), status)
+        elif self._rcpt_arg is not None and status.startswith(("4", "5")):
+            self._log_refused_recipient(given_path(_GIVEN_RECIPIENT, self._rcpt_arg), status)
+
+    def _log_refused_sender(self, sender: str, status: str) -> None:
+        assert self.session is not None
+        if self._errors < REFUSALS_LOGGED:
+            log_refused(self.session.peer, sender, status)
+        else:
+            count = self._unlogged[0] if self._unlogged else 0
+            self._unlogged = (count + 1, sender, status)
+
+    def _log_refused_recipient(self, to: str, status: str) -> None:
+        assert self.session is not None
+        if self.in_transaction:
             assert self.envelope is not None
-            to = given_path(_GIVEN_RECIPIENT, self._rcpt_arg)
             self._refused_recipients.add(self.session.peer, self.envelope.mail_from, to, status)
+
+    def _refuse_non_ascii(self) -> str:
+        """aiosmtpd's refusal of a command with non-ASCII in it, made to name the
+        address and logged like any other refused MAIL or RCPT: aiosmtpd refuses
+        it before ``smtp_MAIL`` or ``smtp_RCPT`` is called, so neither did."""
+        match = _NON_ASCII_PATH.match(self._command_line())
+        if match is None:
+            return NON_ASCII
+        path = repr(match[2])[2:-1]  # escaped as bytes: \xc3\xb8
+        reply = f"501 5.6.7 Non-ASCII address <{path}>: SMTPUTF8 is not offered"
+        if match[1][:1] in b"Mm":
+            self._log_refused_sender(path, reply)
+        else:
+            self._log_refused_recipient(path, reply)
+        return reply
+
+    def _command_line(self) -> bytes:
+        """The command line aiosmtpd's ``_handle_client`` is handling, up the call
+        stack: its local ``line``, read only for a refusal that does not say it,
+        where keeping every line would cost every command."""
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code is not _HANDLE_CLIENT:
+            frame = frame.f_back
+        line = frame.f_locals.get("line") if frame is not None else None
+        return line if isinstance(line, bytes) else b""
 
     @syntax("NOOP [ignored]")
     async def smtp_NOOP(self, arg: str) -> None:
