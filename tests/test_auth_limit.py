@@ -90,7 +90,7 @@ def test_a_locked_client_gets_454_without_a_check_also_on_a_new_connection(
         with Raw(relay.port) as raw:
             raw.ehlo()
             assert raw.cmd(b"AUTH LOGIN").startswith("454 4.7.0 ")
-            assert raw.cmd(b"NOOP") == "250 OK"
+            assert raw.cmd(b"NOOP") == "250 2.0.0 OK"
             clock.now += 600.0
             assert raw.cmd(plain("erp-acme", "demo-password")).startswith("235 ")
     assert "AUTH locked client=127.0.0.1: 3 failed logins in 600 s" in caplog.text

@@ -105,7 +105,7 @@ def test_the_ehlo_reply_goes_to_aiosmtpd_as_one_write(relay: Relay) -> None:
         protocol = only_connection(relay, raw)
         hook = protocol.event_handler.handle_EHLO
         out = relay.call(hook(protocol, protocol.session, protocol.envelope, "erp", lines))
-    assert out == ["\r\n".join(lines)]
+    assert out == ["\r\n".join([*lines[:-1], "250-ENHANCEDSTATUSCODES", lines[-1]])]
 
 
 def test_ehlo_advertises_size_and_auth_but_not_smtputf8(relay: Relay) -> None:
@@ -466,7 +466,7 @@ def test_smuggling_sequence_never_ends_data(relay: Relay, ending: bytes) -> None
             "550 5.6.11 Bare <CR> or <LF> received: lines must end with <CR><LF> (RFC 5321 2.3.8)"
         ]
         # Exactly one reply: nothing of the smuggled transaction was run.
-        assert raw.cmd(b"NOOP") == "250 OK"
+        assert raw.cmd(b"NOOP") == "250 2.0.0 OK"
         # The session is clean: the next message goes through on its own.
         raw.envelope()
         assert raw.cmd(b"DATA").startswith("354")
@@ -547,9 +547,9 @@ def test_an_unknown_parameter_is_555_whatever_its_name(relay: Relay) -> None:
 
 def test_controls_a_command_held_are_not_echoed_raw() -> None:
     with Relay([listener()]) as relay, Raw(relay.port) as raw:
-        assert raw.cmd(b"NOOP\rRSET") == '500 Error: command "NOOP\\x0dRSET" not recognized'
-        assert raw.cmd(b"NO\x00OP") == '500 Error: command "NO\\x00OP" not recognized'
-        assert raw.cmd(b"NOOP") == "250 OK"
+        assert raw.cmd(b"NOOP\rRSET") == '500 5.5.2 Error: command "NOOP\\x0dRSET" not recognized'
+        assert raw.cmd(b"NO\x00OP") == '500 5.5.2 Error: command "NO\\x00OP" not recognized'
+        assert raw.cmd(b"NOOP") == "250 2.0.0 OK"
 
 
 def test_too_many_unknown_commands_is_a_421_before_the_close() -> None:
@@ -588,7 +588,7 @@ def test_a_client_that_closes_its_side_after_sending_hears_every_reply() -> None
         replies = _replies_after_half_close(
             relay.port, b"EHLO c.example\r\n" + transaction + b"QUIT\r\n"
         )
-        assert replies[-2:] == ["250 2.0.0 Ok: queued as TEST", "221 Bye"]
+        assert replies[-2:] == ["250 2.0.0 Ok: queued as TEST", "221 2.0.0 Bye"]
         replies = _replies_after_half_close(  # the end comes inside the data: nothing kept
             relay.port, b"EHLO c.example\r\n" + transaction[:-40]
         )
@@ -666,7 +666,7 @@ def test_unusable_reply_from_process_is_451(reply: str) -> None:
         raw.envelope()
         raw.cmd(b"DATA")
         assert raw.cmd(MESSAGE + b".") == "451 4.3.0 Local error, try again later"
-        assert raw.cmd(b"NOOP") == "250 OK"
+        assert raw.cmd(b"NOOP") == "250 2.0.0 OK"
 
 
 # --- AUTH ------------------------------------------------------------------------
@@ -723,7 +723,7 @@ def test_auth_garbage_gets_501(relay: Relay, command: bytes) -> None:
     with Raw(relay.port) as raw:
         raw.ehlo()
         assert raw.cmd(command).startswith("501 5.5.2 ")
-        assert raw.cmd(b"NOOP") == "250 OK"
+        assert raw.cmd(b"NOOP") == "250 2.0.0 OK"
 
 
 @pytest.mark.parametrize("length", [600, 2000])
@@ -750,7 +750,7 @@ def test_auth_command_longer_than_rfc_4954_allows_refused(relay: Relay) -> None:
         assert raw.cmd(b"MAIL FROM:<" + b"a" * 600 + b"@acme.example>") == (
             "500 5.5.2 Command line too long"  # the other commands keep their limit
         )
-        assert raw.cmd(b"NOOP") == "250 OK"
+        assert raw.cmd(b"NOOP") == "250 2.0.0 OK"
 
 
 def test_long_auth_response_in_pieces_stays_in_step(
@@ -765,7 +765,7 @@ def test_long_auth_response_in_pieces_stays_in_step(
         time.sleep(0.1)
         assert raw.cmd(login[700:]) == "334 UGFzc3dvcmQ6"
         assert raw.cmd(base64.b64encode(b"secret")).startswith("535 5.7.8 ")
-        assert raw.cmd(b"NOOP") == "250 OK"
+        assert raw.cmd(b"NOOP") == "250 2.0.0 OK"
     assert "Traceback" not in caplog.text and "ValueError" not in caplog.text
 
 
@@ -779,7 +779,7 @@ def test_auth_response_longer_than_rfc_4954_allows_is_500_5_5_6(
         time.sleep(0.1)
         reply = raw.cmd(b"A" * 9000 + b" NOOP")
         assert reply == "500 5.5.6 Authentication Exchange line is too long"
-        assert raw.cmd(b"NOOP") == "250 OK"  # nothing of the long line was taken as a command
+        assert raw.cmd(b"NOOP") == "250 2.0.0 OK"  # nothing of the long line was taken as a command
         assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()).startswith(
             "235 "
         )
@@ -791,7 +791,7 @@ def test_auth_cancelled_with_star(relay: Relay) -> None:
         raw.ehlo()
         assert raw.cmd(b"AUTH PLAIN") == "334 "
         assert raw.cmd(b"*") == "501 5.7.0 Auth aborted"
-        assert raw.cmd(b"NOOP") == "250 OK"
+        assert raw.cmd(b"NOOP") == "250 2.0.0 OK"
 
 
 @pytest.mark.parametrize("command", [b"AUTH PLAIN", b"AUTH LOGIN"])
@@ -900,7 +900,7 @@ def test_swaks_starttls_then_auth(tls_files: TlsFiles, mechanism: str) -> None:
             "--from", "jan@acme.example", "--to", "customer@example.org",
         )  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
-        assert "220 Ready to start TLS" in done.stdout
+        assert "220 2.0.0 Ready to start TLS" in done.stdout
     assert relay.process.submissions[0].auth_login == "erp-acme"
 
 
@@ -932,7 +932,7 @@ def test_idle_after_commands_is_closed_counting_from_the_last_one() -> None:
     with Relay([listener(idle_timeout=0.3)]) as relay, Raw(relay.port) as raw:
         raw.ehlo()
         for _ in range(6):  # 0.6 s in all, never 0.3 s without a command
-            assert raw.cmd(b"NOOP") == "250 OK"
+            assert raw.cmd(b"NOOP") == "250 2.0.0 OK"
             time.sleep(0.1)
         last = time.monotonic()
         assert raw.reply() == IDLE
@@ -955,7 +955,7 @@ def test_slow_processing_is_not_idle() -> None:
         raw.envelope()
         raw.cmd(b"DATA")
         assert raw.cmd(MESSAGE + b".").startswith("250")
-        assert raw.cmd(b"NOOP") == "250 OK"
+        assert raw.cmd(b"NOOP") == "250 2.0.0 OK"
 
 
 def test_close_lets_a_transaction_finish_and_says_421_to_idle_clients() -> None:
@@ -1108,7 +1108,7 @@ def test_a_starttls_handshake_cut_off_by_the_idle_timeout_ends_the_session(
         for _ in range(3):
             with Raw(relay.port) as raw:
                 raw.ehlo()
-                assert raw.cmd(b"STARTTLS") == "220 Ready to start TLS"
+                assert raw.cmd(b"STARTTLS") == "220 2.0.0 Ready to start TLS"
                 raw.sock.settimeout(10)
                 assert raw.sock.recv(100) == b""  # no ClientHello: closed at the timeout
         deadline = time.monotonic() + 10

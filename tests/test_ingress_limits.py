@@ -72,9 +72,9 @@ def test_a_client_looping_on_errors_is_told_421_and_closed(
 @pytest.mark.parametrize(
     ("command", "answer"),
     [
-        (b"NOOP", "250 OK"),
-        (b"RSET", "250 OK"),
-        (b"VRFY <a@b.example>", "252 Cannot VRFY user, but will accept message and attempt"),
+        (b"NOOP", "250 2.0.0 OK"),
+        (b"RSET", "250 2.0.0 OK"),
+        (b"VRFY <a@b.example>", "252 2.0.0 Cannot VRFY user, but will accept message"),
     ],
 )
 def test_a_loop_of_commands_that_are_never_refused_is_ended_too(
@@ -119,7 +119,7 @@ def test_an_accepted_message_starts_the_error_count_afresh() -> None:
             raw.envelope()
             assert raw.cmd(b"DATA").startswith("354")
             assert raw.cmd(MESSAGE).startswith("250")
-        assert raw.cmd(b"NOOP") == "250 OK"
+        assert raw.cmd(b"NOOP") == "250 2.0.0 OK"
     assert len(relay.process.calls) == 3
 
 

@@ -76,6 +76,8 @@ class RelayHandler(Mechanisms):
         session.host_name = hostname  # aiosmtpd leaves this to an EHLO hook
         if self._listener.auth is AuthMode.OFF:
             responses = [r for r in responses if not r[4:].upper().startswith("AUTH")]
+        if responses:  # every other reply has an RFC 3463 code (``RelaySMTP``)
+            responses = [*responses[:-1], "250-ENHANCEDSTATUSCODES", responses[-1]]
         # aiosmtpd writes each line it is given on its own: one system call, and
         # one wake-up of the client, per line of a reply sent on every connection
         return ["\r\n".join(responses)] if responses else responses

@@ -6,7 +6,8 @@
   would be cut off mid-transaction; and the client is told ``421`` before
   the connection is closed, where aiosmtpd closes it without a word;
 - enhanced status codes on the replies aiosmtpd words itself (an ERP log
-  with ``552 5.3.4`` is easier to act on than ``552 Error: Too much mail data``);
+  with ``552 5.3.4`` is easier to act on than ``552 Error: Too much mail data``),
+  every one of them, so that EHLO offers ENHANCEDSTATUSCODES (RFC 2034);
 - knowing whether a transaction is under way, for a graceful shutdown;
 - AUTH lines as long as RFC 4954 allows (12288 octets; aiosmtpd allows 512,
   too short for a long password with smtplib's AUTH PLAIN), and an AUTH
@@ -94,6 +95,56 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 _HANDLE_CLIENT = SMTP._handle_client.__code__
 
+# aiosmtpd's replies without an RFC 3463 code, with one (RFC 2034: every reply
+# but the greeting, HELO's and EHLO's once ENHANCEDSTATUSCODES is offered).
+# Those aiosmtpd words with a variable part get one from ``_with_code``.
+_SEND_EHLO = "503 5.5.1 Error: send EHLO first"
+_CODED_REPLIES = {
+    "250 OK": "250 2.0.0 OK",
+    "221 Bye": "221 2.0.0 Bye",
+    "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
+    "252 Cannot VRFY user, but will accept message and attempt delivery": (
+        "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"
+    ),
+    "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
+    "503 Error: send HELO first": "503 5.5.1 Error: send HELO first",
+    "503 Error: send EHLO first": _SEND_EHLO,
+    "500 Error: command 'AUTH' not recognized": _SEND_EHLO,  # after HELO
+    "503 Error: need MAIL command": "503 5.5.1 Error: need MAIL command",
+    "503 Error: nested MAIL command": "503 5.5.1 Error: nested MAIL command",
+    "503 Already authenticated": "503 5.5.1 Already authenticated",
+    "501 Not enough value": "501 5.5.4 Syntax: AUTH <mechanism> [initial-response]",
+    "501 Too many values": "501 5.5.4 Syntax: AUTH <mechanism> [initial-response]",
+    "501 Syntax: HELO hostname": "501 5.5.4 Syntax: HELO hostname",
+    "501 Syntax: EHLO hostname": "501 5.5.4 Syntax: EHLO hostname",
+    "501 Syntax: QUIT": "501 5.5.4 Syntax: QUIT",
+    "501 Syntax: RSET": "501 5.5.4 Syntax: RSET",
+    "501 Syntax: STARTTLS": "501 5.5.4 Syntax: STARTTLS",
+    "501 Syntax: VRFY <address>": "501 5.5.4 Syntax: VRFY <address>",
+    "501 Syntax: MAIL FROM: <address>": "501 5.5.4 Syntax: MAIL FROM:<address>",
+    "501 Syntax: MAIL FROM: <address> [SP <mail-parameters>]": (
+        "501 5.5.4 Syntax: MAIL FROM:<address> [SP <mail-parameters>]"
+    ),
+    "501 Syntax: RCPT TO: <address>": "501 5.5.4 Syntax: RCPT TO:<address>",
+    "501 Syntax: RCPT TO: <address> [SP <mail-parameters>]": (
+        "501 5.5.4 Syntax: RCPT TO:<address> [SP <mail-parameters>]"
+    ),
+    "501 Error: BODY can only be one of 7BIT, 8BITMIME": (
+        "501 5.5.4 Error: BODY can only be one of 7BIT, 8BITMIME"
+    ),
+    "501 Error: SMTPUTF8 takes no arguments": "501 5.5.4 Error: SMTPUTF8 takes no arguments",
+    "502 EXPN not implemented": "502 5.5.1 EXPN not implemented",
+    "454 TLS not available": "454 4.7.0 TLS not available",
+    "554 Command refused due to lack of security": (
+        "554 5.7.0 Command refused due to lack of security"
+    ),
+    "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
+}
+_CODED = re.compile(r"[245][0-9][0-9][ -][245]\.[0-9]{1,3}\.[0-9]{1,3}(?:[ \r]|\Z)")
+# The code for an error reply aiosmtpd words with a variable part (an unknown
+# command's name, VRFY's argument), by its reply code.
+_ERROR_CODES = {"500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4"}
+
 
 class RelaySMTP(SMTP):
     # What the stream reader takes as one line: an AUTH line. Every other
@@ -149,6 +200,7 @@ class RelaySMTP(SMTP):
             "502 5.5.1 Too many unrecognized commands, goodbye.": (
                 "421 4.7.0 Too many unrecognized commands, closing the connection"
             ),
+            **_CODED_REPLIES,
         }
 
     def __dir__(self) -> list[str]:
@@ -344,6 +396,23 @@ class RelaySMTP(SMTP):
             found[name] = value if eq else True
         return found
 
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        """aiosmtpd's HELP, with RFC 5321's 214 and an enhanced status code."""
+        if await self.check_auth_needed("HELP"):
+            return
+        assert self.session is not None
+        method = self._smtp_methods.get(arg.upper()) if arg else None
+        if method is not None and self._syntax_available(method):
+            syntax_of: str = method.__smtp_syntax__
+            if self.session.extended_smtp and method.__smtp_syntax_extended__:
+                syntax_of += method.__smtp_syntax_extended__
+            await self.push(f"214 2.0.0 Syntax: {syntax_of}")
+            return
+        names = sorted(n for n, m in self._smtp_methods.items() if self._syntax_available(m))
+        reply = "501 5.5.4" if arg else "214 2.0.0"
+        await self.push(f"{reply} Supported commands: {' '.join(names)}")
+
     async def smtp_STARTTLS(self, arg: str) -> None:
         """aiosmtpd's STARTTLS, refused once TLS is on (it would start TLS within
         TLS), and with the end of a connection cut off during the handshake
@@ -434,9 +503,11 @@ class RelaySMTP(SMTP):
             if better is NON_ASCII:
                 better = self._refuse_non_ascii()
             status = _fit(better)
-            if self._mail_arg is not None or self._rcpt_arg is not None:
-                self._log_if_refused(status)
             if status and status[0] in "45":
+                if not _CODED.match(status):
+                    status = _with_code(status)
+                if self._mail_arg is not None or self._rcpt_arg is not None:
+                    self._log_if_refused(status)
                 await super().push(status)
                 self._count_error(status)
                 return
@@ -595,6 +666,13 @@ class RelaySMTP(SMTP):
         if self.transport is not None and not self.transport.is_closing():
             with contextlib.suppress(OSError, RuntimeError):
                 self.transport.write(reply)
+
+
+def _with_code(reply: str) -> str:
+    """An error reply given an RFC 3463 code by its reply code (see ``_ERROR_CODES``)."""
+    code = reply[:3]
+    enhanced = _ERROR_CODES.get(code, f"{code[0]}.0.0")
+    return f"{code} {enhanced} {reply[4:]}"
 
 
 async def read_line(reader: asyncio.StreamReader) -> bytes | None:
