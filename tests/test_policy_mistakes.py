@@ -423,3 +423,29 @@ def test_check_warns_of_a_header_a_rule_reads_that_goes_on_to_the_recipients(
         " the relay only"
     )
     assert warnings(path) == ([expected] if warned else [])
+
+
+@pytest.mark.parametrize(
+    ("source", "controls", "warned"),
+    [
+        ("header:X-Responsible", "", True),
+        ("header:X-Responsible", "control_headers: [x-responsible]\n", False),
+        ("header:Reply-To", "", False),
+    ],
+)
+def test_check_warns_of_a_header_a_reply_to_chain_reads_that_goes_on_to_the_recipients(
+    tmp_path: Path, source: str, controls: str, warned: bool
+) -> None:
+    """The responsible employee's address the ERP names for the Reply-To is its
+    own header; left out of control_headers, it reached the customers too."""
+    chain = f"    reply_to:\n      default: ['{source}', company]\n"
+    old = "    upstream: outbox\n    users:\n"
+    path = variant(tmp_path, old, f"    upstream: outbox\n{chain}    users:\n")
+    path.write_text(path.read_text() + controls)
+    name = source.removeprefix("header:")
+    expected = (
+        f"{path}:25:17: warning: tenants.acme.reply_to.default[0]: {name} is not a control"
+        " header, so it is sent on to the recipients; add it to control_headers if it is"
+        " meant for the relay only"
+    )
+    assert warnings(path) == ([expected] if warned else [])

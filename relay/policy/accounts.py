@@ -419,6 +419,7 @@ def _source(ctx: Ctx, node: Node, path: str) -> ReplyToSource | None:
     if value.startswith("header:"):
         name = value.removeprefix("header:").strip()
         if values.is_header_name(name):
+            ctx.read_headers.append((node, path, name))
             return ReplyToSource(ReplyToKind.HEADER, name)
         ctx.problem(node, path, f"{name!r} is not a header name like X-Responsible")
         return None

@@ -49,8 +49,9 @@ class Ctx:
         #: listeners that take mail without a login from any address: whether
         #: that lets anyone send as a user depends on the identify section, read later
         self.open_listeners: list[tuple[Node, str, str]] = []
-        #: headers the classify rules read, each (node, path, name): one the relay
-        #: does not remove as a control header goes on to the recipients
+        #: headers the classify rules and Reply-To chains read, each (node, path,
+        #: name): one the relay does not remove as a control header goes on to the
+        #: recipients
         self.read_headers: list[tuple[Node, str, str]] = []
 
     def problem(self, where: Node | None, path: str, message: str) -> None:

@@ -380,9 +380,10 @@ def _order(ctx: Ctx, m: Map) -> tuple[IdentitySource, ...] | None:
 
 
 def _warn_of_headers_sent_on(ctx: Ctx, controls: Collection[str]) -> None:
-    """A header a rule reads is most often the ERP's own (``X-Document-Type``),
-    for the relay only; one left out of control_headers reaches the recipients.
-    A warning: a header the recipients may see is no mistake in itself."""
+    """A header a rule or a Reply-To chain reads is most often the ERP's own
+    (``X-Document-Type``, ``X-Responsible``), for the relay only; one left out
+    of control_headers reaches the recipients. A warning: a header the
+    recipients may see is no mistake in itself."""
     removed = {name.lower() for name in controls}
     for node, path, name in ctx.read_headers:
         if name.lower() in removed or values.is_message_header(name):
