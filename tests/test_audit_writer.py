@@ -609,3 +609,73 @@ def test_records_cut_from_the_end_behind_the_writers_back_show_in_verify(
     result = verify(tmp_path)
     assert not result.ok and result.problem is not None
     assert "records 4..6 missing" in result.problem.message
+
+
+def _drop_last_lines(day: Path, count: int) -> None:
+    _cut_in_place(day, b"".join(day.read_bytes().splitlines(keepends=True)[:-count]))
+
+
+@pytest.mark.parametrize("others", [1, 2], ids=["same-size-left", "other-size-left"])
+def test_records_another_writer_made_and_that_were_cut_off_are_noticed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, others: int
+) -> None:
+    """Two workers: the newest records, the first's, cut off the end while the relay
+    runs. The second, which never saw them, must not take their seqs again: the
+    chain would verify as intact. Even when the file is cut back to exactly the
+    size the second left it at."""
+    clock = Clock()
+    first, second = AuditLog(tmp_path, clock=clock), AuditLog(tmp_path, clock=clock)
+    first.append(_failed(1))
+    second.append(_failed(2))
+    for n in range(3, 3 + others):
+        first.append_many([_failed(n)], sync=False)  # a delivery's outcome
+    first.sync()  # the engine's, within two seconds
+    written = first.head
+    _drop_last_lines(tmp_path / "audit-2024-05-06.jsonl", others)
+    second.append(_failed(9))
+    last = read_all(tmp_path)[-1]
+    assert (last["seq"], last["prev"]) == (written[0] + 1, written[1])
+    assert f"records up to seq {written[0]} were written, its files now end at seq 2" in caplog.text
+    result = verify(tmp_path)
+    assert not result.ok and result.problem is not None
+    assert "missing before this line (deleted)" in result.problem.message
+    assert result.problem.message.startswith(f"record{'s 3..' if others > 1 else ' '}")
+
+
+def test_records_cut_off_while_no_writer_ran_are_noticed_at_the_next_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with AuditLog(tmp_path, clock=Clock()) as log:
+        for n in range(1, 5):
+            log.append(_failed(n))
+    _drop_last_lines(tmp_path / "audit-2024-05-06.jsonl", 2)
+    with AuditLog(tmp_path, clock=Clock()) as log:
+        log.append(_failed(5))
+    assert [r["seq"] for r in read_all(tmp_path)] == [1, 2, 5]
+    assert "records up to seq 4 were written, its files now end at seq 2" in caplog.text
+
+
+def test_the_shared_head_never_names_a_record_before_its_fsync(tmp_path: Path) -> None:
+    """A crash may lose what was written without an fsync: a ``.head`` naming it
+    would make the next start report records removed that were never on disk."""
+    log = AuditLog(tmp_path, clock=Clock())
+    log.append(_failed(1))
+    shared = (tmp_path / writer.HEAD_FILE).read_bytes()
+    assert shared.split()[:2] == [b"%020d" % 1, log.head[1].encode()]
+    log.append_many([_failed(2)], sync=False)
+    log.append_many([_failed(3)], sync=False)
+    assert (tmp_path / writer.HEAD_FILE).read_bytes() == shared
+    log.sync()
+    assert (tmp_path / writer.HEAD_FILE).read_bytes().split()[0] == b"%020d" % 3
+
+
+def test_a_torn_shared_head_is_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with AuditLog(tmp_path, clock=Clock()) as log:
+        log.append(_failed(1))
+    head = tmp_path / writer.HEAD_FILE
+    head.write_bytes(b"%020d" % 7 + head.read_bytes()[20:])  # new seq, old hash and check
+    with AuditLog(tmp_path, clock=Clock()) as log:
+        log.append(_failed(2))
+    assert [r["seq"] for r in read_all(tmp_path)] == [1, 2]
+    assert "were written" not in caplog.text
+    assert verify(tmp_path).ok

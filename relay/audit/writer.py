@@ -9,6 +9,14 @@ append (the daemon, and ``relay queue delete`` recording who deleted what),
 so the chain's tail is shared state: every append holds an exclusive
 ``flock`` on ``.lock`` and re-reads the tail whenever another process may
 have written since (the open file changed size, or the directory changed).
+
+Each worker knows only the records it wrote itself, so ``.head`` beside the
+log holds the seq and hash of the newest record any writer has made durable:
+a log that ends before it lost its newest records behind the writers' backs.
+It is written under the same lock, after the fsync that made that record
+durable and never before, so after a crash it can only lag the log, never
+lead it; it gets no fsync of its own. A torn ``.head`` fails its check
+and is ignored: the writers then know as much as they did without it.
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ log = logging.getLogger("relay.audit")
 
 #: Day files, plain and compressed: records name addresses, tenants and users.
 FILE_MODE = 0o640
+#: The newest record any writer made durable: see the module's docstring.
+HEAD_FILE = ".head"
+_HEAD_SIZE = 103  # 20 digits of seq, the hash, the check, separators and newline
 
 
 class AuditError(RelayError):
@@ -72,6 +83,9 @@ class AuditLog:
         self._writes = 0  # tickets: writes made without an fsync of their own
         self._durable = 0  # every ticket up to this one is on disk
         self._doubtful = (0, 0)  # an fsync failed with these tickets (lo, hi] unsynced
+        self._unsynced: tuple[int, str] | None = None  # written, not yet fsynced: not shared
+        self._due: tuple[int, str] | None = None  # fsynced, to be written to .head
+        self._shared_seen: tuple[bytes, tuple[int, str] | None] = (b"", None)  # read, parsed
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             st = os.stat(self.directory)
@@ -80,6 +94,8 @@ class AuditLog:
             flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
             self._lock_fd = os.open(self.directory / ".lock", flags, 0o600)
             self._adopt(self._lock_fd)
+            self._head_fd = os.open(self.directory / HEAD_FILE, flags, FILE_MODE)
+            self._adopt(self._head_fd)
             with self._locked():
                 self._load()
         except OSError as exc:
@@ -131,7 +147,11 @@ class AuditLog:
                 self._seq, self._prev = self._high = seq, prev
                 self._size += len(data)
                 if sync:
+                    self._due = self._unsynced = None  # covered by this fsync
+                    self._share((seq, prev))
                     return 0
+                self._unsynced = (seq, prev)
+                self._share(self._due)
                 self._writes += 1
                 return self._writes
         except OSError as exc:
@@ -151,6 +171,12 @@ class AuditLog:
             with self._lock:
                 if self._durable < self._writes and self._fd is not None:
                     self._fsync()
+                if self._due is not None:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+                    try:
+                        self._share(self._due)
+                    finally:
+                        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         except OSError as exc:
             raise AuditError(f"audit log {self.directory}: {exc.strerror or exc}") from exc
 
@@ -185,8 +211,9 @@ class AuditLog:
     def close(self) -> None:
         with self._lock:
             self._close()
-            with contextlib.suppress(OSError):
-                os.close(self._lock_fd)
+            for fd in (self._lock_fd, self._head_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def __enter__(self) -> AuditLog:
         return self
@@ -213,8 +240,42 @@ class AuditLog:
         if self._fd is None or info.st_mtime_ns != self._stamp:
             # Without an open file, another writer's appends change nothing we know.
             self._load()
-        elif (size := os.fstat(self._fd).st_size) != self._size:
+        elif (size := os.fstat(self._fd).st_size) != self._size or self._behind():
+            # the same size, yet another writer made newer records: ours cut back to it
             self._follow(size)
+
+    def _behind(self) -> bool:
+        shared = self._shared()
+        return shared is not None and shared[0] > self._seq
+
+    def _shared(self) -> tuple[int, str] | None:
+        """The newest record any writer made durable, from ``.head``; None when
+        there is none or it is torn (a crash while it was written)."""
+        data = os.pread(self._head_fd, _HEAD_SIZE + 1, 0)
+        if data == self._shared_seen[0]:
+            return self._shared_seen[1]  # mostly: the check costs more than the read
+        fields = data.split()
+        if len(data) != _HEAD_SIZE or len(fields) != 3 or not fields[0].isdigit():
+            return None
+        head = (int(fields[0]), fields[1].decode("ascii", "replace"))
+        found = head if fields[2] == _check(*head) else None
+        self._shared_seen = (data, found)
+        return found
+
+    def _share(self, head: tuple[int, str] | None) -> None:
+        """Tell the other writers of a record made durable (under the lock). A
+        failure only leaves ``.head`` behind the log, which is safe: logged, not raised."""
+        if head is None:
+            return
+        try:
+            shared = self._shared()
+            if shared is None or shared[0] < head[0]:
+                line = b"%020d %s %s\n" % (head[0], head[1].encode(), _check(*head))
+                os.pwrite(self._head_fd, line, 0)
+                self._shared_seen = (line, head)
+            self._due = None
+        except OSError as exc:
+            log.warning("audit log %s: %s not updated: %s", self.directory, HEAD_FILE, exc)
 
     def _follow(self, size: int) -> None:
         """Another process appended to our day's file (now ``size`` bytes): continue
@@ -255,12 +316,16 @@ class AuditLog:
         self._stamp = os.stat(self.directory).st_mtime_ns
 
     def _resume(self, head: tuple[int, str]) -> None:
-        """Go on from the tail read from disk. One older than the records this
-        process knows were written means the newest were removed behind its back
-        (a file moved, replaced or cut in place): that is said, and the chain goes
-        on from the known head, so that verify shows the gap rather than a new
-        chain that looks intact."""
+        """Go on from the tail read from disk. One older than the records any
+        writer knows were written (this process, or another through ``.head``)
+        means the newest were removed behind their backs (a file moved, replaced
+        or cut in place): that is said, and the chain goes on from the known
+        head, so that verify shows the gap rather than a new chain that looks
+        intact, and no removed seq is used again."""
         known = self._high  # what this process wrote or saw, kept through failed loads
+        shared = self._shared()
+        if shared is not None and shared[0] > known[0]:
+            known = shared
         if head[0] < known[0]:
             log.error(
                 "audit log %s: records up to seq %d were written, its files now end at"
@@ -331,14 +396,17 @@ class AuditLog:
         a failed fsync the kernel may have dropped the unsynced pages, so no later
         one can vouch for those tickets (those an earlier fsync covered stay on disk)."""
         assert self._fd is not None
-        upto = self._writes
+        upto, unsynced = self._writes, self._unsynced
         try:
             os.fsync(self._fd)
         except OSError:
             low, high = self._doubtful
             self._doubtful = (min(low, self._durable) if high else self._durable, upto)
+            self._unsynced = None  # perhaps lost: .head must not claim it
             raise
         self._durable = upto
+        if unsynced is not None and self._unsynced == unsynced:
+            self._due, self._unsynced = unsynced, None
 
     def _undo(self) -> None:
         if self._fd is not None:
@@ -419,6 +487,11 @@ def _head(line: bytes, name: str) -> tuple[int, str]:
     if not (record and isinstance(record.get("seq"), int) and "hash" in record):
         raise OSError(f"the last record of {name} is unreadable: run relay audit verify")
     return record["seq"], record["hash"]
+
+
+def _check(seq: int, value: str) -> bytes:
+    """What tells a whole ``.head`` from one torn by a crash mid-write."""
+    return hashlib.sha256(b"%d %s" % (seq, value.encode())).hexdigest()[:16].encode()
 
 
 def _changed(path: Path, before: os.stat_result) -> bool:
