@@ -398,3 +398,42 @@ def test_an_anchor_with_no_records_since_is_not_checked_not_tampered(log_dir: Pa
     )
     (log_dir / DAY3).unlink()  # with the anchor's day read, an end cut off still shows
     assert verify_main(log_dir, "2024-05-07", io.StringIO(), err, anchor=f"18:{head}") == 1
+
+
+def _torn_mid_day(log_dir: Path) -> Path:
+    """A crash while the third record of the day was written; the relay ended the
+    line at its next start and wrote the same seq again, after the record before."""
+    path = log_dir / DAY2
+    lines = _lines(path)
+    torn = lines[2][:25] + b" [torn write, ended by the relay]\n"
+    path.write_bytes(b"".join([*lines[:2], torn, *lines[2:]]))
+    return path
+
+
+def test_a_torn_write_the_relay_ended_is_a_note_and_the_rest_is_checked(log_dir: Path) -> None:
+    _torn_mid_day(log_dir)
+    result = verify(log_dir)
+    assert result.ok and result.records == 18
+    assert (
+        f"{DAY2} line 3: a write torn by a crash and ended by the relay, not a record:"
+        " the chain goes on across it" in result.notes
+    )
+    out, err = io.StringIO(), io.StringIO()
+    anchor = f"18:{result.head}"
+    assert verify_main(log_dir, None, out, err, anchor=anchor) == 0
+    assert "the anchor (seq 18) is in the log as written down" in out.getvalue()
+    assert "audit log intact: 18 records" in out.getvalue()
+
+
+def test_a_record_passed_off_as_a_torn_write_is_found(log_dir: Path) -> None:
+    """The marker is plain text anyone can write: an edited record ended with it
+    leaves its seq missing from the chain."""
+    path = log_dir / DAY2
+    lines = _lines(path)
+    third = json.loads(lines[2])["seq"]
+    lines[2] = lines[2].replace(b"250", b"550")[:-1] + b" [torn write, ended by the relay]\n"
+    path.write_bytes(b"".join(lines))
+    name, number, message = _problem(log_dir)
+    assert (name, number) == (DAY2, 4)
+    assert message.startswith(f"record {third} missing before this line (deleted)")
+    assert "the torn line before it (line 3) stands for no record" in message

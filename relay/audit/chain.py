@@ -167,6 +167,8 @@ def verify(
 ) -> VerifyResult:
     """Check every file from ``since`` (or the start) on; stop at the first problem.
 
+    A torn write the relay ended is a note, not a problem: see ``_Verifier.torn``.
+
     Raises OSError when the directory or a file cannot be read at all: that
     is a question for the sysadmin, not evidence of tampering.
     """
@@ -205,9 +207,24 @@ class _Verifier:
 
     def file(self, file: reader.DayFile) -> None:
         lines = _Lines(file)
+        torn = 0  # the number of the torn line just before, if it was
         for raw in lines:
+            if raw.endswith(reader.TORN_END):
+                self.torn(lines)
+                torn = lines.number
+                continue
             record = self.record(lines, raw)
-            self.link(lines, record)
+            try:
+                self.link(lines, record)
+            except _Tampered as exc:
+                if not torn:
+                    raise
+                message = (
+                    f"{exc.problem.message}; the torn line before it (line {torn}) stands"
+                    " for no record: the chain goes on from the record before a torn write"
+                )
+                raise _Tampered(Problem(lines.name, lines.number, message)) from None
+            torn = 0
             self.r.records += 1
             if record["event"] == "pruned":
                 self.pruned[(record.get("through_seq"), record.get("through_hash"))] = record
@@ -218,6 +235,21 @@ class _Verifier:
             self.r.last_seq, self.r.head = record["seq"], record["hash"]
             if self.r.first_seq is None:
                 self.r.first_seq = record["seq"]
+
+    def torn(self, lines: _Lines) -> None:
+        """The rest of a write a crash cut short, ended by the relay when it went on.
+
+        The marker proves nothing (anyone can type it), and is not needed to:
+        the writer went on from the record before the torn line, so the record
+        after it must chain to that one, seq and hash, as if the line were not
+        there. A record edited or removed and passed off as torn leaves that
+        record missing from the chain, which the next line shows; a torn line
+        with nothing after it is the log's end, which only an anchor vouches for.
+        """
+        self.r.notes.append(
+            f"{lines.name} line {lines.number}: a write torn by a crash and ended by the"
+            " relay, not a record: the chain goes on across it"
+        )
 
     def record(self, lines: _Lines, raw: bytes) -> dict[str, Any]:
         def fail(message: str) -> _Tampered:
