@@ -310,7 +310,8 @@ def settle_recorded(spool: Spool, audit: AuditLog, budget: int = RECENT) -> Sett
     The records relied on are appended again, fsynced, before the entries
     go: an fsync that failed before the crash may have kept them off the
     disk, and no fsync now would say so (the log may then name such an
-    outcome twice, never not at all).
+    outcome twice, never not at all; ``relay audit`` counts it once:
+    ``relay.audit.search.Repeats``).
 
     A worker that died between storing a message and writing its
     ``received`` and ``queued`` records left an entry nobody acknowledged:

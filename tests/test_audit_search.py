@@ -448,7 +448,8 @@ def test_the_table_remembers_messages_for_the_look_back_only(tmp_path: Path) -> 
             log.append(received(ids, "acme", "jan", "invoice", ["ap@customer.example"]))
             log.append(_delivered(ids[0]))
             clock.advance(days=1)
-        log.append(_delivered("Q000000000000000"))  # two look-backs after it was received
+        # two look-backs after it was received; a later attempt's, not a copy of the first
+        log.append(_delivered("Q000000000000000", attempts=2))
     owner = Owners(tmp_path)
     held = []
     for record in search(tmp_path, status="delivered"):
@@ -463,14 +464,14 @@ def test_the_table_remembers_messages_for_the_look_back_only(tmp_path: Path) -> 
     assert lines[-1].split()[3:6] == ["-", "-", "-"]
 
 
-def _delivered(queue_id: str) -> dict[str, object]:
+def _delivered(queue_id: str, attempts: int = 1) -> dict[str, object]:
     return events.delivered(
         queue_id=queue_id,
         message_id=None,
         recipient="ap@customer.example",
         upstream="smarthost",
         reply="250 2.0.0 Ok",
-        attempts=1,
+        attempts=attempts,
     )
 
 
@@ -699,3 +700,26 @@ def test_the_report_counts_the_recipients_deleted_from_the_queue(tmp_path: Path)
     assert report_main(tmp_path, since="2024-05-09", out=out, err=io.StringIO()) == 0
     lines = [line.split() for line in out.getvalue().splitlines()]
     assert lines[0][-1] == "deleted" and lines[-1][0] == "TOTAL" and lines[-1][-1] == "3"
+
+
+def test_an_outcome_written_again_counts_once_and_a_later_attempt_again(tmp_path: Path) -> None:
+    """A restart writes a crashed worker's outcomes again, perhaps a day later:
+    the copy is not a second delivery, in the report of either day; a later
+    attempt's delivery to the same recipient is one."""
+    clock = Clock()
+    ids = ("Q0000000000000R1", "<r-1@erp.acme.example>")
+    with AuditLog(tmp_path, clock=clock) as log:
+        log.append(received(ids, "acme", "jan", "invoice", ["ap@customer.example"]))
+        log.append(_delivered(ids[0]))
+        clock.advance(days=1)
+        log.append(_delivered(ids[0]))  # the copy, at the restart
+        log.append(_delivered(ids[0], attempts=2))
+
+    def delivered(**window: str) -> int:
+        return sum(r["delivered"] for r in report(tmp_path, **window))
+
+    assert delivered() == 2
+    assert delivered(until="2024-05-06") == 1
+    assert delivered(since="2024-05-07") == 1
+    assert [r["attempts"] for r in search(tmp_path, status="delivered")] == [1, 2]
+    assert [r["seq"] for r in show(tmp_path, ids[0])] == [1, 2, 4]

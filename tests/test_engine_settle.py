@@ -467,6 +467,32 @@ def test_a_restart_removes_entries_whose_outcome_the_log_has_and_no_other(
     assert verify(audit.directory).ok
 
 
+def test_outcomes_a_restart_wrote_again_count_once_in_the_audit_tools(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """The records a restart relies on are appended again (a failed fsync before the
+    crash may have kept them off the disk), with a new time: report, show and
+    search counted each delivery twice, more than the upstream received."""
+    from relay.audit.search import report, search, show
+    from tests.test_audit_fixture import received
+
+    audit = AuditLog(tmp_path / "audit")
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    recipients = [r.address for r in entry.recipients]
+    ids = (entry.queue_id, "<m1@acme.example>")
+    audit.append(received(ids, "acme", "jan", "invoice", recipients))
+    audit.append_many([delivered_to(entry, a) for a in recipients], sync=False)
+    assert settle_recorded(spool, audit).finished == [entry.queue_id]
+    written = outcomes(audit.directory, entry.queue_id)[1:]
+    assert sorted(written) == sorted(DELIVERED * 2)  # in the log twice
+    assert [(r["tenant"], r["delivered"]) for r in report(audit.directory)] == [("acme", 2)]
+    shown = [r["event"] for r in show(audit.directory, entry.queue_id)]
+    assert shown == ["received", "delivered", "delivered"]
+    assert len(list(search(audit.directory, status="delivered"))) == 2
+    assert len(list(search(audit.directory, tenant="acme", status="delivered"))) == 2
+
+
 def test_a_restart_settles_an_entry_whose_sender_was_told_and_got_the_copy(
     spool: Spool, tmp_path: Path
 ) -> None:

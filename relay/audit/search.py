@@ -16,6 +16,7 @@ sees it. The decoded record is then checked exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -48,6 +49,45 @@ COUNTED = {
 }
 DELETED = "deleted"
 REPORT_COLUMNS = ("tenant", "doc_type", "sent", *COUNTED.values(), DELETED)
+#: The records the relay may write twice (docs/audit-log.md: after a crash, or a
+#: failed fsync): the copy is the same record but for its seq, time, prev and hash.
+REPEATABLE = frozenset({b"delivered", b"failed", b"expired", b"notified"})
+#: How many outcomes after an outcome its copy can come: a restart rewrites
+#: outcomes it read in the last 128 MiB of the log (relay.settle), records of
+#: well over a hundred bytes each; a failed fsync's are rewritten within seconds.
+REPEAT_SPAN = 1 << 20
+_EVENT = b'"event":"'
+_PREV = b',"prev":"'
+
+
+class Repeats:
+    """Tells a copy of an outcome the relay wrote again from the outcome itself,
+    so each (message, recipient, attempt) counts once. Only the last
+    ``REPEAT_SPAN`` outcomes are held: a year's search needs no more."""
+
+    def __init__(self, span: int | None = REPEAT_SPAN) -> None:
+        self._seen: set[bytes] = set()
+        self._order: deque[bytes] = deque()
+        self._span = span
+
+    def copy(self, line: bytes) -> bool:
+        """Whether the stored line (without its newline) repeats an outcome met before."""
+        event = line.find(_EVENT) + len(_EVENT)
+        if line[event : line.find(b'"', event)] not in REPEATABLE:
+            return False
+        return self.seen(line[event - len(_EVENT) : line.rfind(_PREV)])
+
+    def seen(self, content: bytes) -> bool:
+        """Whether ``content`` (a record from its event to its ``prev``) was met before."""
+        digest = hashlib.blake2b(content, digest_size=16).digest()
+        if digest in self._seen:
+            return True
+        self._seen.add(digest)
+        if self._span is not None:
+            self._order.append(digest)
+            if len(self._order) > self._span:
+                self._seen.discard(self._order.popleft())
+        return False
 
 
 def parse_when(
@@ -219,6 +259,7 @@ def search(
     first = window.first_day
     if joining and first is not None:
         first = _back(first, lookback_days)
+    repeats = Repeats()
     for file in reader.day_files(directory, first, window.last_day):
         early = window.first_day is not None and file.day < window.first_day
         for block in reader.chunks(file):
@@ -266,6 +307,8 @@ def search(
                 if join and (
                     record.get("event") == "received" or record.get("queue_id") not in wanted
                 ):
+                    continue
+                if repeats.copy(line):
                     continue
                 yield record
 
@@ -375,12 +418,13 @@ def _show_scan(
     """The records of ``queue_id`` or of Message-ID ``bare``, and the links to
     the notices named in ``notices``."""
     found = []
+    repeats = Repeats(span=None)  # one message's records: all of them held
     for file in reader.day_files(directory, window.first_day, window.last_day):
         for block in reader.chunks(file):
             starts = sorted({s for n in needles for s in _starts(block, n)})
             for _, line in _lines(block, starts):
                 record = _decode(line)
-                if record is None or not window.contains(record):
+                if record is None or not window.contains(record) or repeats.copy(line):
                     continue
                 message_id = (record.get("message_id") or "").strip("<>")
                 link = record.get("notice_queue_id") if record.get("event") == "notified" else None
@@ -533,6 +577,11 @@ def _removed(block: bytes, head: re.Match[bytes]) -> int:
     return len(recipients) if isinstance(recipients, list) else 0
 
 
+def _repeated(repeats: Repeats, block: bytes, head: re.Match[bytes]) -> bool:
+    end = block.rfind(_PREV, head.end(), block.index(b"\n", head.end()))
+    return repeats.seen(block[head.start(2) - len(_EVENT) : end])
+
+
 def report(
     directory: Path,
     since: str | date | None = None,
@@ -557,11 +606,14 @@ def report(
     owner: dict[str, tuple[str, str]] = {}
     counts: dict[tuple[str, str], Counter[str]] = {}
     unowned: dict[str, Counter[str]] = {}  # attributed at the end: a link may come later
+    repeats = Repeats()  # the early days' outcomes too: a copy in the window counts not
     for file in reader.day_files(directory, first, window.last_day):
         early = window.first_day is not None and file.day < window.first_day
         for block in reader.chunks(file):
             for head in _HEAD.finditer(block):
                 event = head.group(2)
+                if event in REPEATABLE and _repeated(repeats, block, head):
+                    continue
                 if event == b"received":
                     owner_of = _WHO.search(block, head.end(), block.index(b"\n", head.end()))
                     if owner_of is None:
