@@ -74,6 +74,13 @@ def test_recipient_matches_any_recipient_field_without_case(log_dir: Path) -> No
     assert seqs(log_dir, recipient="customer.example") == []
 
 
+def test_recipient_matches_with_or_without_angle_brackets(log_dir: Path) -> None:
+    """As ``--message-id`` does: an address copied from an envelope or a header."""
+    bare = seqs(log_dir, recipient="sales@prospect.example")
+    assert bare and seqs(log_dir, recipient="<Sales@Prospect.example>") == bare
+    assert seqs(log_dir, recipient=" <sales@prospect.example> ", status="failed") == [9]
+
+
 def test_time_window_by_day_and_time(log_dir: Path) -> None:
     assert seqs(log_dir, since="2024-05-07") == list(range(12, 19))
     assert seqs(log_dir, until="2024-05-06") == list(range(1, 12))

@@ -229,8 +229,9 @@ def search(
     bare_id = message_id.strip().strip("<>") if message_id is not None else None
     if bare_id is not None:
         needles.append(_text(bare_id))
-    rcpt = recipient.strip().lower() if recipient is not None else None
-    rcpt_needle = _text(recipient.strip()).lower() if recipient is not None else b""
+    address = _address(recipient) if recipient is not None else None
+    rcpt = address.lower() if address is not None else None
+    rcpt_needle = _text(address).lower() if address is not None else b""
 
     def matches(record: dict[str, Any]) -> bool:
         return (
@@ -311,6 +312,13 @@ def search(
                 if repeats.copy(line):
                     continue
                 yield record
+
+
+def _address(text: str) -> str:
+    """An address as the records hold it: bare, though given as ``<a@b>``, the
+    form of an envelope, a header and the records' own Message-IDs."""
+    text = text.strip()
+    return text[1:-1].strip() if text.startswith("<") and text.endswith(">") else text
 
 
 def _may_own(line: bytes, needles: list[bytes], parent_needles: list[bytes] | None) -> bool:
