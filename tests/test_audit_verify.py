@@ -437,3 +437,59 @@ def test_a_record_passed_off_as_a_torn_write_is_found(log_dir: Path) -> None:
     assert (name, number) == (DAY2, 4)
     assert message.startswith(f"record {third} missing before this line (deleted)")
     assert "the torn line before it (line 3) stands for no record" in message
+
+
+def test_two_far_apart_lines_swapped_are_named_so(log_dir: Path) -> None:
+    path = log_dir / DAY1
+    lines = _lines(path)
+    lines[2], lines[8] = lines[8], lines[2]
+    path.write_bytes(b"".join(lines))
+    assert _problem(log_dir) == (
+        DAY1,
+        3,
+        "lines 3 and 9 are out of order (seq 9 comes before seq 3)",
+    )
+
+
+def test_a_forged_record_appended_after_the_relays_newest_is_named_inserted(
+    log_dir: Path,
+) -> None:
+    """Its seq and prev follow the last record as an edit of that record would, but
+    the relay's ``.head`` says it never wrote a record after that one."""
+    path = log_dir / DAY3
+    last = json.loads(_lines(path)[-1])
+    forged = dict(last, seq=last["seq"] + 1, prev=last["hash"], hash="0" * 64)
+    path.write_bytes(path.read_bytes() + json.dumps(forged, separators=(",", ":")).encode() + b"\n")
+    assert _problem(log_dir) == (
+        DAY3,
+        len(_lines(path)),
+        f"this line (seq {last['seq'] + 1}) was inserted: it is forged, its hash is wrong",
+    )
+
+
+def test_a_forged_record_whose_seq_fits_nowhere_is_named_inserted(log_dir: Path) -> None:
+    """At the end of a day's file, where no next line shows what the chain expected."""
+    path = log_dir / DAY1
+    lines = _lines(path)
+    copied = json.loads(lines[2])
+    lines.append(json.dumps(dict(copied, hash="0" * 64), separators=(",", ":")).encode() + b"\n")
+    path.write_bytes(b"".join(lines))
+    assert _problem(log_dir) == (
+        DAY1,
+        len(lines),
+        f"this line (seq {copied['seq']}) was inserted: it is forged, its hash is wrong",
+    )
+
+
+def test_more_removed_than_retention_names_only_what_retention_does_not_explain(
+    log_dir: Path,
+) -> None:
+    AuditLog(log_dir, retention_days=1, clock=Clock(START + timedelta(days=2))).maintain()
+    first_of_day3 = json.loads(_lines(log_dir / DAY3)[0])["seq"]
+    (log_dir / DAY2).unlink()
+    assert _problem(log_dir) == (
+        DAY3,
+        1,
+        f"the chain starts at seq {first_of_day3}: records 12..{first_of_day3 - 1} missing"
+        " before it; retention deleted only records 1..11 (at 2024-05-08T09:00:00.000Z)",
+    )

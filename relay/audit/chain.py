@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import zlib
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
@@ -83,6 +84,7 @@ class _Lines:
 
     def __init__(self, file: reader.DayFile) -> None:
         self.name = file.name
+        self.file = file
         self._file = file
         self._it: Iterator[bytes] = reader.lines(file)
         self._next: bytes | None = None
@@ -174,6 +176,7 @@ def verify(
     """
     result = VerifyResult()
     verifier = _Verifier(result, hmac_key, None if anchor is None else anchor.seq)
+    verifier.written = reader.read_head(directory)
     try:
         for file in reader.day_files(directory, since=since):
             result.files += 1
@@ -204,6 +207,7 @@ class _Verifier:
         self.pruned: dict[tuple[Any, Any], dict[str, Any]] = {}
         self.anchor_seq = anchor_seq
         self.at_anchor: tuple[str, str, int] | None = None  # its hash, file, line
+        self.written: tuple[int, str] | None = None  # the relay's .head: its newest durable record
 
     def file(self, file: reader.DayFile) -> None:
         lines = _Lines(file)
@@ -274,7 +278,11 @@ class _Verifier:
             record["hash"] = stored
             return record
         ahead = lines.peek()
-        if self.last and ahead and ahead.get("prev") == self.last["hash"]:
+        if self.last and (
+            (ahead and ahead.get("prev") == self.last["hash"])
+            or seq != self.last["seq"] + 1  # fits nowhere: not an edit of the next record
+            or (ahead is None and self._past_head())
+        ):
             raise fail(f"this line (seq {seq}) was inserted: it is forged, its hash is wrong")
         if self.last is None:
             raise fail(
@@ -282,6 +290,12 @@ class _Verifier:
                 " (or the log was written with a different HMAC key, or without one)"
             )
         raise fail(f"record seq {seq} was changed: its hash does not match its content")
+
+    def _past_head(self) -> bool:
+        """Whether the last record verified is the newest the relay made durable (its
+        ``.head``): a line after it, at the end of a file, is one the relay never wrote
+        (or its newest record, edited within the seconds before its fsync)."""
+        return self.last is not None and self.written == (self.last["seq"], self.last["hash"])
 
     def link(self, lines: _Lines, record: dict[str, Any]) -> None:
         seq, prev, number = record["seq"], record["prev"], lines.number
@@ -311,9 +325,12 @@ class _Verifier:
                     " (a file removed, or its end cut off)"
                 )
             ahead = lines.peek()
-            if ahead and ahead.get("seq") == last_seq + 1:
+            later = number + 1 if ahead and ahead.get("seq") == last_seq + 1 else None
+            if later is None:
+                later = _line_of(lines.file, last_seq + 1, number)
+            if later is not None:
                 raise fail(
-                    f"lines {number} and {number + 1} are out of order"
+                    f"lines {number} and {later} are out of order"
                     f" (seq {seq} comes before seq {last_seq + 1})"
                 )
             raise fail(f"{gap} missing before this line (deleted)")
@@ -373,10 +390,34 @@ class _Verifier:
                 f" at {pruned['time']}"
             )
             return
-        problem = Problem(
-            name,
-            1,
-            f"the chain starts at seq {seq}: {_span(1, seq - 1)} missing before it"
-            " and no retention record explains it",
-        )
-        raise _Tampered(problem)
+        earlier = [r for (n, _), r in self.pruned.items() if isinstance(n, int) and n < seq]
+        if earlier:
+            pruned = max(earlier, key=lambda r: r["through_seq"])
+            through = pruned["through_seq"]
+            message = (
+                f"the chain starts at seq {seq}: {_span(through + 1, seq - 1)} missing before"
+                f" it; retention deleted only {_span(1, through)} (at {pruned['time']})"
+            )
+        else:
+            message = (
+                f"the chain starts at seq {seq}: {_span(1, seq - 1)} missing before it"
+                " and no retention record explains it"
+            )
+        raise _Tampered(Problem(name, 1, message))
+
+
+_SEQ = re.compile(rb'\{"v":\d+,"seq":(\d+),')
+
+
+def _line_of(file: reader.DayFile, seq: int, after: int) -> int | None:
+    """The number of the line after line ``after`` that holds record ``seq``, if one
+    does: read again only once the chain is found broken, to tell a record moved
+    from one deleted."""
+    try:
+        for number, line in enumerate(reader.lines(file), 1):
+            found = _SEQ.match(line) if number > after else None
+            if found is not None and int(found.group(1)) == seq:
+                return number
+    except (OSError, EOFError, zlib.error):
+        return None
+    return None

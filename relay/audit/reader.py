@@ -9,6 +9,7 @@ relies on getting bytes so its substring pre-filter runs before any decode.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -75,6 +76,37 @@ def open_file(file: DayFile | Path) -> BinaryIO:
 
 
 TORN_END = b" [torn write, ended by the relay]\n"
+
+#: Seq and hash of the newest record any writer made durable (relay.audit.writer).
+HEAD_FILE = ".head"
+HEAD_SIZE = 103  # 20 digits of seq, the hash, the check, separators and newline
+
+
+def head_line(seq: int, value: str) -> bytes:
+    return b"%020d %s %s\n" % (seq, value.encode(), _head_check(seq, value))
+
+
+def parse_head(data: bytes) -> tuple[int, str] | None:
+    """Seq and hash from ``.head``'s content; None when empty or torn by a crash."""
+    fields = data.split()
+    if len(data) != HEAD_SIZE or len(fields) != 3 or not fields[0].isdigit():
+        return None
+    head = (int(fields[0]), fields[1].decode("ascii", "replace"))
+    return head if fields[2] == _head_check(*head) else None
+
+
+def read_head(directory: Path) -> tuple[int, str] | None:
+    """``.head`` of a log directory, if it has a whole one (a copy of the log may not)."""
+    try:
+        with open(Path(directory) / HEAD_FILE, "rb") as stream:
+            return parse_head(stream.read(HEAD_SIZE + 1))
+    except OSError:
+        return None
+
+
+def _head_check(seq: int, value: str) -> bytes:
+    """What tells a whole ``.head`` from one torn by a crash mid-write."""
+    return hashlib.sha256(b"%d %s" % (seq, value.encode())).hexdigest()[:16].encode()
 
 
 def lines(file: DayFile | Path) -> Iterator[bytes]:

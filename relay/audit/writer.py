@@ -44,9 +44,7 @@ log = logging.getLogger("relay.audit")
 
 #: Day files, plain and compressed: records name addresses, tenants and users.
 FILE_MODE = 0o640
-#: The newest record any writer made durable: see the module's docstring.
-HEAD_FILE = ".head"
-_HEAD_SIZE = 103  # 20 digits of seq, the hash, the check, separators and newline
+HEAD_FILE = reader.HEAD_FILE
 
 
 class AuditError(RelayError):
@@ -251,14 +249,10 @@ class AuditLog:
     def _shared(self) -> tuple[int, str] | None:
         """The newest record any writer made durable, from ``.head``; None when
         there is none or it is torn (a crash while it was written)."""
-        data = os.pread(self._head_fd, _HEAD_SIZE + 1, 0)
+        data = os.pread(self._head_fd, reader.HEAD_SIZE + 1, 0)
         if data == self._shared_seen[0]:
             return self._shared_seen[1]  # mostly: the check costs more than the read
-        fields = data.split()
-        if len(data) != _HEAD_SIZE or len(fields) != 3 or not fields[0].isdigit():
-            return None
-        head = (int(fields[0]), fields[1].decode("ascii", "replace"))
-        found = head if fields[2] == _check(*head) else None
+        found = reader.parse_head(data)
         self._shared_seen = (data, found)
         return found
 
@@ -270,7 +264,7 @@ class AuditLog:
         try:
             shared = self._shared()
             if shared is None or shared[0] < head[0]:
-                line = b"%020d %s %s\n" % (head[0], head[1].encode(), _check(*head))
+                line = reader.head_line(*head)
                 os.pwrite(self._head_fd, line, 0)
                 self._shared_seen = (line, head)
             self._due = None
@@ -487,11 +481,6 @@ def _head(line: bytes, name: str) -> tuple[int, str]:
     if not (record and isinstance(record.get("seq"), int) and "hash" in record):
         raise OSError(f"the last record of {name} is unreadable: run relay audit verify")
     return record["seq"], record["hash"]
-
-
-def _check(seq: int, value: str) -> bytes:
-    """What tells a whole ``.head`` from one torn by a crash mid-write."""
-    return hashlib.sha256(b"%d %s" % (seq, value.encode())).hexdigest()[:16].encode()
 
 
 def _changed(path: Path, before: os.stat_result) -> bool:
