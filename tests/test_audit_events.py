@@ -29,6 +29,8 @@ PINNED = {
     "bounced": ["recipient", "dsn_status", "diagnostic"],
     "complained": ["recipient", "feedback_type"],
     "deleted": ["by", "recipients"],
+    "held": ["by"],
+    "released": ["by"],
     "notified": ["recipient", "notice_queue_id"],
     "policy_loaded": ["policy_file", "policy_sha256"],
     "pruned": ["files", "through_seq", "through_hash", "retention_days"],
@@ -52,6 +54,8 @@ def test_stored_records_have_the_pinned_key_order(tmp_path: Path) -> None:
             queue_id=q, message_id=m, recipient="jan@acme.example", notice_queue_id="QN"
         )
     )
+    log.append(events.held(queue_id=q, message_id=m, by="root"))
+    log.append(events.released(queue_id=q, message_id=m, by="root"))
     log.close()
     seen = set()
     for record in read_all(tmp_path):

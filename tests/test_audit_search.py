@@ -730,3 +730,17 @@ def test_an_outcome_written_again_counts_once_and_a_later_attempt_again(tmp_path
     assert delivered(since="2024-05-07") == 1
     assert [r["attempts"] for r in search(tmp_path, status="delivered")] == [1, 2]
     assert [r["seq"] for r in show(tmp_path, ids[0])] == [1, 2, 4]
+
+
+def test_show_tells_who_held_and_released_a_message(tmp_path: Path) -> None:
+    clock = Clock()
+    ids = ("Q0000000000000H1", "<h-1@erp.acme.example>")
+    with AuditLog(tmp_path, clock=clock) as log:
+        log.append(received(ids, "acme", "jan", "invoice", ["ap@customer.example"]))
+        log.append(events.held(queue_id=ids[0], message_id=ids[1], by="root"))
+        clock.advance(days=1)
+        log.append(events.released(queue_id=ids[0], message_id=ids[1], by="ops"))
+    story = timeline(show(tmp_path, ids[0]))
+    assert "2024-05-06T09:00:00.000Z  held by root\n" in story
+    assert "2024-05-07T09:00:00.000Z  released by ops\n" in story
+    assert [r["event"] for r in search(tmp_path, status="held")] == ["held"]

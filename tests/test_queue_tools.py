@@ -319,3 +319,39 @@ def test_a_damaged_record_is_recorded_as_deleted_too(
     (deleted,) = read_all(tmp_path / "audit")
     assert deleted["event"] == "deleted" and deleted["queue_id"] == damaged
     assert deleted["message_id"] is None and deleted["recipients"] == []
+
+
+@pytest.mark.parametrize("verb", ["hold", "release"])
+def test_hold_and_release_are_recorded_first_naming_who_acted(
+    spool: Spool, two: list[QueueEntry], tmp_path: Path, verb: str
+) -> None:
+    """A held message delivered after its lifetime had nothing in the audit log to
+    explain the gap; a change the log refuses is not made."""
+    from relay.audit import events
+
+    second = two[1]
+    if verb == "release":
+        run(tools.hold, spool, [second.queue_id])
+    event = {"hold": events.held, "release": events.released}[verb]
+    audit = AuditLog(tmp_path / "audit")
+
+    def record(queue_id: str, entry: QueueEntry | None) -> None:
+        assert entry is not None and entry.held == (verb == "hold")
+        assert spool.load(queue_id).held != entry.held  # not yet stored
+        audit.append(event(queue_id=queue_id, message_id=entry.message_id, by="root"))
+
+    outcome, _, err = run(getattr(tools, verb), spool, [second.queue_id], record=record)
+    assert outcome.code == 0 and err == ""
+    (written,) = read_all(tmp_path / "audit")
+    held = "held" if verb == "hold" else "released"
+    assert (written["event"], written["queue_id"], written["by"]) == (held, second.queue_id, "root")
+
+    def refused(queue_id: str, entry: QueueEntry | None) -> None:
+        raise AuditError("audit log: No space left on device")
+
+    undo = "release" if verb == "hold" else "hold"
+    outcome, _, err = run(getattr(tools, undo), spool, [second.queue_id], record=refused)
+    assert outcome == (1, [])
+    undone = "released" if undo == "release" else "held"
+    assert f"{second.queue_id}: not {undone}, the audit log cannot record it" in err
+    assert spool.load(second.queue_id).held == (verb == "hold")

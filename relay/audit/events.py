@@ -97,6 +97,9 @@ SCHEMA: Mapping[str, tuple[tuple[str, Check], ...]] = {
     "bounced": (("recipient", _str), ("dsn_status", _str), ("diagnostic", _opt_str)),
     "complained": (("recipient", _str), ("feedback_type", _str)),
     "deleted": (("by", _str), ("recipients", _strs)),
+    # Added within version 1, as the schema allows: readers ignore events they do not know.
+    "held": (("by", _str),),
+    "released": (("by", _str),),
     # The failure notice is a message of its own with no received record:
     # this links it to the message it is about, for the report.
     "notified": (("recipient", _str), ("notice_queue_id", _str)),
@@ -342,6 +345,14 @@ def complained(
 
 def deleted(*, queue_id: str, message_id: str | None, by: str, recipients: Sequence[str]) -> dict:
     return _build("deleted", **locals())
+
+
+def held(*, queue_id: str, message_id: str | None, by: str) -> dict:
+    return _build("held", **locals())
+
+
+def released(*, queue_id: str, message_id: str | None, by: str) -> dict:
+    return _build("released", **locals())
 
 
 def notified(

@@ -223,6 +223,8 @@ def _story(records: Sequence[dict[str, Any]], link: dict[str, Any] | None = None
         elif event == "deleted":
             gone = " ".join(r.get("recipients") or [])
             lines.append(f"{when}  deleted by {_safe(r.get('by'))}: {_safe(gone)}")
+        elif event in ("held", "released"):
+            lines.append(f"{when}  {event} by {_safe(r.get('by'))}")
         elif event == "rejected":
             lines.append(
                 f"{when}  rejected from {_safe(r.get('client_address'))}: {_safe(r.get('reply'))}"

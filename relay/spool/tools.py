@@ -5,7 +5,8 @@ over. Every change takes the entry's lock without waiting: an entry being
 delivered right now is reported and skipped rather than stalling the command
 behind a slow upstream; an error only when named, so that ``hold ALL`` from
 cron does not fail on a queue that is busy. The commands that change entries return the entries
-they changed so the caller can write the audit record of who did what.
+they changed so the caller can write the audit record of who did what; delete,
+hold and release have it written, under the entry's lock, before the change.
 """
 
 from __future__ import annotations
@@ -214,29 +215,44 @@ def retry(
 
 
 def hold(
-    spool: Spool, targets: Sequence[str], out: TextIO, err: TextIO, stdin: TextIO | None = None
+    spool: Spool,
+    targets: Sequence[str],
+    out: TextIO,
+    err: TextIO,
+    stdin: TextIO | None = None,
+    *,
+    record: Record | None = None,
 ) -> Outcome:
-    """``relay queue hold ID...``: kept, but not delivered until released."""
+    """``relay queue hold ID...``: kept, but not delivered until released. Each
+    hold is ``record``ed first: a message delivered late with nothing in the
+    audit log to say why is a gap an auditor cannot explain."""
 
     def change(entry: QueueEntry) -> bool:
         was, entry.held = entry.held, True
         return not was
 
-    outcome = _each(spool, targets, err, stdin, change)
+    outcome = _each(spool, targets, err, stdin, change, record=record, verb="held")
     _summary(out, "Placed on hold", outcome)
     return outcome
 
 
 def release(
-    spool: Spool, targets: Sequence[str], out: TextIO, err: TextIO, stdin: TextIO | None = None
+    spool: Spool,
+    targets: Sequence[str],
+    out: TextIO,
+    err: TextIO,
+    stdin: TextIO | None = None,
+    *,
+    record: Record | None = None,
 ) -> Outcome:
-    """``relay queue release ID...``: back in the queue at its scheduled time."""
+    """``relay queue release ID...``: back in the queue at its scheduled time,
+    ``record``ed first, as ``hold`` is."""
 
     def change(entry: QueueEntry) -> bool:
         was, entry.held = entry.held, False
         return was
 
-    outcome = _each(spool, targets, err, stdin, change)
+    outcome = _each(spool, targets, err, stdin, change, record=record, verb="released")
     return _finish(spool, out, err, "Released from hold", outcome)
 
 
@@ -261,10 +277,13 @@ def _each(
     *,
     remove: Record | None = None,
     unreadable: list[str] | None = None,
+    record: Record | None = None,
+    verb: str = "deleted",
 ) -> Outcome:
     """Apply ``change`` to each target under its lock; ``change`` says whether it did anything.
     With ``remove`` each changed entry is recorded by it, then removed, and so is
-    one whose record cannot be read (its ID goes into ``unreadable``)."""
+    one whose record cannot be read (its ID goes into ``unreadable``). With
+    ``record``, each changed entry is recorded by it, then stored."""
     code = 0
     changed: list[QueueEntry] = []
     for queue_id, named in _resolve(spool, targets, stdin):
@@ -288,6 +307,8 @@ def _each(
                     remove(queue_id, entry)
                     spool.remove(queue_id)
                 else:
+                    if record is not None:
+                        record(queue_id, entry)
                     spool.update(entry)
                 changed.append(entry)
         except _Skip as skip:
@@ -314,7 +335,7 @@ def _each(
             _report(err, queue_id, exc)
             code = 1
         except AuditError as exc:
-            err.write(f"{queue_id}: not deleted, the audit log cannot record it: {exc}\n")
+            err.write(f"{queue_id}: not {verb}, the audit log cannot record it: {exc}\n")
             code = 1
     return Outcome(code, changed)
 
