@@ -343,6 +343,8 @@ def _queue(args: argparse.Namespace) -> int:
             return tools.show(spool, args.queue_id, sys.stdout, sys.stderr)
         if args.verb == "delete":
             return _delete(state, spool, args.targets)
+        if args.verb in ("hold", "release"):
+            return _hold_or_release(state, spool, args.verb, args.targets)
         verb = getattr(tools, args.verb)
         return verb(spool, args.targets, sys.stdout, sys.stderr).code
     except SpoolError as exc:  # no queue, or one this user may not read
@@ -368,6 +370,30 @@ def _delete(state: StateSettings, spool: Spool, targets: list[str]) -> int:
         recorder.flush_sync(queue_id)
 
     return tools.delete(spool, targets, sys.stdout, sys.stderr, record=record).code
+
+
+def _hold_or_release(state: StateSettings, spool: Spool, verb: str, targets: list[str]) -> int:
+    """On record, with who acted, before it is done, as a deletion is: a message
+    delivered late must have its reason in the audit log."""
+    from relay.audit import AuditError, events
+    from relay.record import Recorder, audit_log, operator
+    from relay.spool import tools
+
+    try:
+        recorder = Recorder(audit_log(state.audit))
+    except AuditError as exc:
+        print(f"relay queue {verb}: nothing changed: {exc}", file=sys.stderr)
+        return 1
+    who = operator()
+    build = events.held if verb == "hold" else events.released
+
+    def record(queue_id: str, entry: QueueEntry | None) -> None:
+        message_id = None if entry is None else entry.message_id
+        recorder.add(build(queue_id=queue_id, message_id=message_id, by=who))
+        recorder.flush_sync(queue_id)
+
+    command = tools.hold if verb == "hold" else tools.release
+    return command(spool, targets, sys.stdout, sys.stderr, record=record).code
 
 
 def _audit(args: argparse.Namespace) -> int:

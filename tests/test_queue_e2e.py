@@ -355,7 +355,10 @@ def test_hold_release_and_delete_while_running(policy_file: Path, tmp_path: Path
     assert dropped[-1] == ("deleted", None)
     kept = audit_events(policy, keep)
     assert kept[-1] == ("delivered", "one@example.org")
-    assert set(kept[2:-1]) <= {("deferred", "one@example.org")}
+    assert ("held", None) in kept and ("released", None) in kept
+    assert kept.index(("held", None)) < kept.index(("released", None))
+    later = {("deferred", "one@example.org"), ("held", None), ("released", None)}
+    assert set(kept[2:-1]) <= later
     assert relay_cli(policy, "audit", "verify").returncode == 0
 
 
