@@ -869,3 +869,33 @@ def test_a_sighup_with_a_fifo_for_a_policy_keeps_the_policy(relay: Relay) -> Non
     finally:
         relay.policy.unlink()
         relay.policy.write_text(good)
+
+
+def test_records_cut_from_the_end_are_noticed_by_either_worker(relay: Relay) -> None:
+    """A message's last record (its delivery) cut off the log while both workers
+    run: whichever worker writes next must say so and leave the gap, not take
+    the removed seq again. Several rounds, so that the next writer is, at least
+    once, the worker that did not write the record cut off."""
+    state = relay.policy.parent / "state" / "audit"
+    rounds = 5
+    for _ in range(rounds):
+        queue_id = send(relay.port)
+        relay.wait_for(lambda q=queue_id: q in relay.delivered(), "delivered")
+        day = sorted(state.glob("audit-*.jsonl"))[-1]
+
+        def last_is_delivery(day: Path = day, q: str = queue_id) -> bool:
+            last = json.loads(day.read_bytes().splitlines()[-1])
+            return (last["event"], last["queue_id"]) == ("delivered", q)
+
+        relay.wait_for(last_is_delivery, "its delivery recorded last")
+        time.sleep(2.5)  # the delivery's fsync: within two seconds
+        kept = day.read_bytes().splitlines(keepends=True)[:-1]
+        with open(day, "r+b") as cut:  # in place, as truncate(1) does
+            cut.truncate(sum(len(line) for line in kept))
+        # delivered before the next round, whose delivery must be the last record
+        following = send(relay.port)
+        relay.wait_for(lambda q=following: q in relay.delivered(), "the next delivered")
+    noticed = re.findall(r"its files now end at seq \d+", relay.log())
+    assert len(noticed) == rounds, relay.log()
+    done = relay_cli("audit", "verify", "-c", str(relay.policy))
+    assert done.returncode == 1 and "missing before this line (deleted)" in done.stderr
