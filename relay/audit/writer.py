@@ -5,7 +5,7 @@ client believes accepted always has its record on disk. Records nobody
 waits for (a delivery's outcome) may be written without an fsync of their
 own and given a ticket: the next fsync of this process covers them, and
 ``synced`` tells the writer when, so it can act on them only then. Several processes
-append (the daemon, and ``relay queue delete`` recording who deleted what),
+append (the daemon, and the queue tools recording who deleted or held what),
 so the chain's tail is shared state: every append holds an exclusive
 ``flock`` on ``.lock`` and re-reads the tail whenever another process may
 have written since (the open file changed size, or the directory changed).
