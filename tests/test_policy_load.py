@@ -41,9 +41,9 @@ from relay.policy.model import (
 )
 from relay.upstream import helo
 from tests.certs import make_certs
+from tests.policyfiles import POLICIES, variant
 
 ROOT = Path(__file__).parent.parent
-POLICIES = Path(__file__).parent / "policies"
 SENDER, COMPANY = ReplyToSource(ReplyToKind.SENDER), ReplyToSource(ReplyToKind.COMPANY)
 
 # Every bad fixture, with exactly the problems it must report (after "FILE:").
@@ -316,19 +316,6 @@ def test_every_key_set() -> None:
         "jan@acme.example", "salg@acme.example", "j.janssens@acme.example", "hank@globex.example",
     }  # fmt: skip
     assert policy.user(policy.addresses["hank@globex.example"]).name == "Hank Scorpio"
-
-
-def variant(tmp_path: Path, old: str, new: str) -> Path:
-    """minimal.yaml with one change, beside copies of its key and TLS files."""
-    shutil.copytree(POLICIES / "keys", tmp_path / "keys")
-    shutil.copytree(POLICIES / "tls", tmp_path / "tls")
-    for key in (tmp_path / "keys").iterdir():
-        key.chmod(0o600)  # as checked out, others may read it, which check warns of
-    text = (POLICIES / "minimal.yaml").read_text()
-    assert text.count(old) == 1
-    path = tmp_path / "relay.yaml"
-    path.write_text(text.replace(old, new))
-    return path
 
 
 def test_check_warns_about_a_verified_domain_without_a_dkim_key(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import io
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,21 +17,7 @@ from cryptography.x509.oid import NameOID
 
 from relay.errors import PolicyError
 from relay.policy.load import check_main, load
-
-POLICIES = Path(__file__).parent / "policies"
-
-
-def variant(tmp_path: Path, old: str, new: str) -> Path:
-    """minimal.yaml with one change, beside copies of its key and TLS files."""
-    shutil.copytree(POLICIES / "keys", tmp_path / "keys")
-    shutil.copytree(POLICIES / "tls", tmp_path / "tls")
-    for key in (tmp_path / "keys").iterdir():
-        key.chmod(0o600)  # as checked out, others may read it, which check warns of
-    text = (POLICIES / "minimal.yaml").read_text()
-    assert text.count(old) == 1
-    path = tmp_path / "relay.yaml"
-    path.write_text(text.replace(old, new))
-    return path
+from tests.policyfiles import variant
 
 
 def problems(path: Path) -> list[str]:
