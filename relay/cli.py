@@ -341,10 +341,8 @@ def _queue(args: argparse.Namespace) -> int:
             return tools.list_queue(spool, sys.stdout, as_json=args.json)
         if args.verb == "show":
             return tools.show(spool, args.queue_id, sys.stdout, sys.stderr)
-        if args.verb == "delete":
-            return _delete(state, spool, args.targets)
-        if args.verb in ("hold", "release"):
-            return _hold_or_release(state, spool, args.verb, args.targets)
+        if args.verb in ("delete", "hold", "release"):
+            return _recorded(state, spool, args.verb, args.targets)
         verb = getattr(tools, args.verb)
         return verb(spool, args.targets, sys.stdout, sys.stderr).code
     except SpoolError as exc:  # no queue, or one this user may not read
@@ -352,29 +350,10 @@ def _queue(args: argparse.Namespace) -> int:
         return EX_NOINPUT
 
 
-def _delete(state: StateSettings, spool: Spool, targets: list[str]) -> int:
-    """Each deletion is on record before its message goes (``tools.delete``)."""
-    from relay.audit import AuditError
-    from relay.record import Recorder, audit_log, operator
-    from relay.spool import tools
-
-    try:
-        recorder = Recorder(audit_log(state.audit))
-    except AuditError as exc:
-        print(f"relay queue delete: nothing deleted: {exc}", file=sys.stderr)
-        return 1
-    who = operator()
-
-    def record(queue_id: str, entry: QueueEntry | None) -> None:
-        recorder.deleted(queue_id, entry, who)
-        recorder.flush_sync(queue_id)
-
-    return tools.delete(spool, targets, sys.stdout, sys.stderr, record=record).code
-
-
-def _hold_or_release(state: StateSettings, spool: Spool, verb: str, targets: list[str]) -> int:
-    """On record, with who acted, before it is done, as a deletion is: a message
-    delivered late must have its reason in the audit log."""
+def _recorded(state: StateSettings, spool: Spool, verb: str, targets: list[str]) -> int:
+    """Each deletion, hold and release is on record, with who acted, before it is
+    done (``tools.delete``, ``tools.hold``): a message gone or delivered late must
+    have its reason in the audit log."""
     from relay.audit import AuditError, events
     from relay.record import Recorder, audit_log, operator
     from relay.spool import tools
@@ -382,17 +361,21 @@ def _hold_or_release(state: StateSettings, spool: Spool, verb: str, targets: lis
     try:
         recorder = Recorder(audit_log(state.audit))
     except AuditError as exc:
-        print(f"relay queue {verb}: nothing changed: {exc}", file=sys.stderr)
+        nothing = "nothing deleted" if verb == "delete" else "nothing changed"
+        print(f"relay queue {verb}: {nothing}: {exc}", file=sys.stderr)
         return 1
     who = operator()
-    build = events.held if verb == "hold" else events.released
 
     def record(queue_id: str, entry: QueueEntry | None) -> None:
-        message_id = None if entry is None else entry.message_id
-        recorder.add(build(queue_id=queue_id, message_id=message_id, by=who))
+        if verb == "delete":
+            recorder.deleted(queue_id, entry, who)
+        else:
+            build = events.held if verb == "hold" else events.released
+            message_id = None if entry is None else entry.message_id
+            recorder.add(build(queue_id=queue_id, message_id=message_id, by=who))
         recorder.flush_sync(queue_id)
 
-    command = tools.hold if verb == "hold" else tools.release
+    command = getattr(tools, verb)
     return command(spool, targets, sys.stdout, sys.stderr, record=record).code
 
 
