@@ -191,6 +191,18 @@ def test_a_non_ascii_address_is_named_in_the_reply_and_logged(
     ]
 
 
+def test_non_ascii_in_a_parameter_is_not_blamed_on_the_address(relay: Relay) -> None:
+    """The address itself is ASCII: naming it as the non-ASCII one sent the ERP's
+    developer after the wrong thing."""
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        sender = raw.cmd("MAIL FROM:<erp@acme.example> ENVID=jø".encode())
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        recipient = raw.cmd("RCPT TO:<bob@example.org> ORCPT=rfc822;bø@example.org".encode())
+    generic = "501 5.6.7 Non-ASCII characters are not allowed: SMTPUTF8 is not offered"
+    assert (sender, recipient) == (generic, generic)
+
+
 @pytest.mark.parametrize(
     ("command", "expected"),
     [

@@ -248,7 +248,7 @@ class RelaySMTP(SMTP):
         if isinstance(error, asyncio.IncompleteReadError):  # everything before the end answered
             assert self.session is not None
             log.info("client=%s closed the connection", client_address(self.session.peer))
-            self._ended_by_client()
+            self._close_now()
             return ""
         if isinstance(error, TLSSetupException):  # the handler is the listener's: no session
             assert self.session is not None
@@ -256,9 +256,6 @@ class RelaySMTP(SMTP):
             log.warning("TLS handshake failed client=%s: %s", peer, error.__cause__ or error)
             return ""  # aiosmtpd closes the connection without a reply
         return await super().handle_exception(error)
-
-    def _ended_by_client(self) -> None:
-        self._close_now()
 
     def _close_now(self) -> None:
         """End the session at once: what is still buffered is never read as SMTP."""
@@ -341,7 +338,7 @@ class RelaySMTP(SMTP):
         await self.push(b"334 " + (b64encode(challenge) if encode_to_b64 else challenge))
         line = await read_line(self._reader)
         if line is not None and not line.endswith(b"\n"):  # the client's end, not an answer
-            self._ended_by_client()
+            self._close_now()
             return MISSING
         if line is None:
             await self.push(AUTH_LINE_TOO_LONG)
@@ -459,7 +456,7 @@ class RelaySMTP(SMTP):
             elif not self._timed_out:  # which ``_timeout_cb`` logged
                 log.info("connection lost during DATA client=%s", peer)
             if isinstance(exc, asyncio.IncompleteReadError):
-                self._ended_by_client()
+                self._close_now()
                 return
             self._writer.close()
             raise
@@ -588,7 +585,10 @@ class RelaySMTP(SMTP):
         if match is None:
             return NON_ASCII
         path = repr(match[2])[2:-1]  # escaped as bytes: \xc3\xb8
-        reply = f"501 5.6.7 Non-ASCII address <{path}>: SMTPUTF8 is not offered"
+        if match[2].isascii():
+            reply = NON_ASCII  # in a parameter (ENVID=, ORCPT=), not in the address
+        else:
+            reply = f"501 5.6.7 Non-ASCII address <{path}>: SMTPUTF8 is not offered"
         if match[1][:1] in b"Mm":
             self._log_refused_sender(path, reply)
         else:
