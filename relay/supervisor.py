@@ -188,7 +188,7 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
     def _start(self) -> int:
-        self._hand_over_policy()
+        self._keep_policy_text()
         pipes = {}
         for index in range(self.policy.workers):
             read_fd, write_fd = os.pipe()
@@ -214,13 +214,13 @@ class Supervisor:
         log.info("%d workers serving", len(self.workers))
         return 0
 
-    def _hand_over_policy(self) -> None:
+    def _keep_policy_text(self) -> None:
         """The running policy's text for the queue and audit tools (``relay.cli``), as
         it was read, whatever the file holds now; and no handover, which holds
         keys, left by a supervisor that died in a reload."""
         sources = self.policy.sources
         try:
-            self.handover.unlink(missing_ok=True)  # a crash in a reload left it
+            _remove_handover(self.handover)  # a crash in a reload left it
             if sources is not None:
                 _write_private(self.checked, sources.text)
             else:
@@ -307,22 +307,21 @@ class Supervisor:
             return
         self.reloads += 1
         try:
-            _write_private(self.handover, _handing_over(self.reloads, new.sources))
-            _write_private(self.checked, new.sources.text)
-        except OSError as exc:
-            self.handover.unlink(missing_ok=True)
-            log.error("reload failed: cannot hand the policy to the workers: %s", exc)
-            return
-        old, self.policy = self.policy, new  # a worker started from now on runs it
-        self._with_audit(lambda audit: record_policy(audit, self.policy_path, new))
-        asked = {pid: worker.index for pid, worker in self.workers.items()}
-        self._read_answers()  # late ones, to reloads before: none is about this one
-        for pid in asked:
-            _signal(pid, signal.SIGHUP)
-        try:
+            try:
+                _write_private(self.handover, _handing_over(self.reloads, new.sources))
+                _write_private(self.checked, new.sources.text)
+            except OSError as exc:
+                log.error("reload failed: cannot hand the policy to the workers: %s", exc)
+                return
+            old, self.policy = self.policy, new  # a worker started from now on runs it
+            self._with_audit(lambda audit: record_policy(audit, self.policy_path, new))
+            asked = {pid: worker.index for pid, worker in self.workers.items()}
+            self._read_answers()  # late ones, to reloads before: none is about this one
+            for pid in asked:
+                _signal(pid, signal.SIGHUP)
             self._confirm(asked, new, old)
         finally:
-            self.handover.unlink(missing_ok=True)
+            _remove_handover(self.handover)
 
     def _confirm(self, asked: dict[int, int], new: Policy, old: Policy) -> None:
         """``policy reloaded`` once every worker ``asked`` runs ``new``. One that kept
@@ -461,10 +460,23 @@ def _handed_over(data: bytes) -> tuple[int, Sources]:
         raise ValueError(f"not a policy handed over: {exc!r}") from exc
 
 
+def _remove_handover(handover: Path) -> None:
+    """The handover and a half-written one: both hold keys and passwords."""
+    handover.unlink(missing_ok=True)
+    _tmp_of(handover).unlink(missing_ok=True)
+
+
+def _tmp_of(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
 def _write_private(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically with a file only the relay's user can read."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    """Replace ``path`` atomically with a file only the relay's user can read: a
+    new file, never one found in its place (nor where a link found there points)."""
+    tmp = _tmp_of(path)
+    tmp.unlink(missing_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600)
     try:
         try:
             view = memoryview(data)

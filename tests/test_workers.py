@@ -899,3 +899,19 @@ def test_records_cut_from_the_end_are_noticed_by_either_worker(relay: Relay) -> 
     assert len(noticed) == rounds, relay.log()
     done = relay_cli("audit", "verify", "-c", str(relay.policy))
     assert done.returncode == 1 and "missing before this line (deleted)" in done.stderr
+
+
+def test_a_private_file_is_never_written_through_what_lies_in_its_place(tmp_path: Path) -> None:
+    """The handover holds keys and passwords: a link left at its temporary name
+    had them written wherever it pointed, and a half-written one stayed."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"untouched")
+    handover = tmp_path / "policy.handover.json"
+    (tmp_path / ".policy.handover.json.tmp").symlink_to(elsewhere)
+    supervisor._write_private(handover, b"key bytes")
+    assert elsewhere.read_bytes() == b"untouched"
+    assert handover.read_bytes() == b"key bytes"
+    assert handover.stat().st_mode & 0o777 == 0o600
+    (tmp_path / ".policy.handover.json.tmp").write_bytes(b"half")
+    supervisor._remove_handover(handover)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]
