@@ -357,7 +357,8 @@ class Engine:
             if running:
                 given_up = sorted(q for q, task in self._busy.items() if task in running)
                 log.warning(
-                    "giving up %d delivery attempt(s) still running after %gs: %s; their"
+                    "giving up %d delivery attempt(s) still running at the end of the stop grace"
+                    " (%gs left for them): %s; their"
                     " messages stay queued and are tried again at the next start (one"
                     " already sent in full, its upstream's reply awaited, may arrive twice)",
                     len(running),

@@ -88,9 +88,10 @@ def build_notice(
 def _account(policy: Policy, entry: QueueEntry) -> str | None:
     """The address the notice's upstream sends as, when it is a company's own
     account: it may refuse any other From or envelope sender, the empty one
-    included, and a notice refused would never reach the user. The upstream is the one the engine takes: the entry's, or once
-    that is gone from the policy, its tenant's. A notice still causes no
-    notice: its recipient is not ``notify``."""
+    included, and a notice refused would never reach the user. The upstream is
+    the one the engine takes: the entry's, or once that is gone from the
+    policy, its tenant's. A notice still causes no notice: its recipient is
+    not ``notify``."""
     upstream = policy.upstreams.get(entry.upstream)
     tenant = policy.tenants.get(entry.tenant)
     if upstream is None and tenant is not None:

@@ -182,9 +182,10 @@ async def test_a_stop_that_cuts_attempts_off_names_what_stays_queued(
     await task
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert said == [
-        f"giving up 1 delivery attempt(s) still running after 0.1s: {entry.queue_id}; their"
-        " messages stay queued and are tried again at the next start (one already sent in"
-        " full, its upstream's reply awaited, may arrive twice)"
+        "giving up 1 delivery attempt(s) still running at the end of the stop grace (0.1s"
+        f" left for them): {entry.queue_id}; their messages stay queued and are tried again"
+        " at the next start (one already sent in full, its upstream's reply awaited, may"
+        " arrive twice)"
     ]
 
 

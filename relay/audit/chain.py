@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import zlib
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
@@ -85,7 +84,6 @@ class _Lines:
     def __init__(self, file: reader.DayFile) -> None:
         self.name = file.name
         self.file = file
-        self._file = file
         self._it: Iterator[bytes] = reader.lines(file)
         self._next: bytes | None = None
         self.number = 0
@@ -116,7 +114,7 @@ class _Lines:
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
             problem = Problem(self.name, self.number + 1, f"the compressed file is damaged: {exc}")
             raise _Tampered(problem) from exc
-        if not line.endswith(b"\n") and not self._file.compressed:
+        if not line.endswith(b"\n") and not self.file.compressed:
             line = self._finished(line)
         self._offset += len(line)
         return line
@@ -126,14 +124,14 @@ class _Lines:
         append is over (the writers' lock, held for one append), so a running
         relay's log does not look cut off. Still torn then, it is what it is.
         The lines appended since are left to the next verify."""
-        lock = self._file.path.parent / ".lock"
+        lock = self.file.path.parent / ".lock"
         try:
             fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return torn  # a copy of the log: nobody writes it
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            with open(self._file.path, "rb") as stream:
+            with open(self.file.path, "rb") as stream:
                 stream.seek(self._offset)
                 line = stream.readline()
         finally:
@@ -406,16 +404,13 @@ class _Verifier:
         raise _Tampered(Problem(name, 1, message))
 
 
-_SEQ = re.compile(rb'\{"v":\d+,"seq":(\d+),')
-
-
 def _line_of(file: reader.DayFile, seq: int, after: int) -> int | None:
     """The number of the line after line ``after`` that holds record ``seq``, if one
     does: read again only once the chain is found broken, to tell a record moved
     from one deleted."""
     try:
         for number, line in enumerate(reader.lines(file), 1):
-            found = _SEQ.match(line) if number > after else None
+            found = reader.SEQ.match(line) if number > after else None
             if found is not None and int(found.group(1)) == seq:
                 return number
     except (OSError, EOFError, zlib.error):

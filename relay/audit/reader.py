@@ -22,6 +22,8 @@ from typing import Any, BinaryIO
 
 _NAME = re.compile(r"audit-(\d{4}-\d{2}-\d{2})\.jsonl(\.gz)?")
 _CHUNK = 1 << 16
+#: A stored record's start, with its seq: how the tools find one without decoding it.
+SEQ = re.compile(rb'\{"v":\d+,"seq":(\d+),')
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,6 @@ _RELATIVE = re.compile(r"(\d+)([dhm])")
 _HEAD = re.compile(rb'"time":"([^"]*)","event":"([a-z_]+)","queue_id":(?:"([^"\\]*)"|null)')
 _STRING = rb'"((?:[^"\\]|\\.)*)"'
 _WHO = re.compile(rb'"tenant":%s,"user":%s,"doc_type":%s' % (_STRING, _STRING, _STRING))
-_SEQ = re.compile(rb'\{"v":\d+,"seq":(\d+),')
 _NOTICE = re.compile(rb'"notice_queue_id":"([^"\\]*)"')
 # One record, one recipient; a ``deleted`` record names each recipient it removed.
 COUNTED = {
@@ -552,7 +551,7 @@ def _owner_lines(directory: Path, first: date | None, last: date | None) -> Iter
         for block in reader.chunks(file):
             starts = sorted([*_starts(block, _RECEIVED), *_starts(block, _NOTIFIED)])
             for _, line in _lines(block, starts):
-                seq, head = _SEQ.match(line), _HEAD.search(line)
+                seq, head = reader.SEQ.match(line), _HEAD.search(line)
                 if seq is None or head is None or head.group(3) is None:
                     continue
                 found = _owner_of(head, line)
