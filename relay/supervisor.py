@@ -172,6 +172,7 @@ class Supervisor:
         os.set_blocking(self._answering, False)  # a worker never waits on the supervisor
         self._partial = b""
         self.restarts: dict[int, tuple[float, int]] = {}  # index -> (when, quick deaths)
+        self.kill_at: dict[int, float] = {}  # pid -> when, for workers a reload stopped
 
     def run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
@@ -244,7 +245,7 @@ class Supervisor:
     def _watch(self) -> int:
         next_upkeep = time.monotonic() + AUDIT_UPKEEP
         while True:
-            due = [when for when, _ in self.restarts.values()]
+            due = [when for when, _ in self.restarts.values()] + list(self.kill_at.values())
             timeout = max(0.0, min([1.0, *(when - time.monotonic() for when in due)]))
             info = signal.sigtimedwait(SIGNALS, timeout)
             if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
@@ -253,6 +254,7 @@ class Supervisor:
             if info is not None and info.si_signo == signal.SIGHUP:
                 self._reload()
             self._reap_and_restart()
+            self._kill_overdue()
             if time.monotonic() >= next_upkeep:
                 next_upkeep += AUDIT_UPKEEP
                 self._upkeep()
@@ -278,6 +280,24 @@ class Supervisor:
             if when <= time.monotonic():
                 del self.restarts[index]
                 self._spawn(index, None, quick)
+
+    def _kill_overdue(self) -> None:
+        """A worker a reload told to stop that is still there ``STOP_TIMEOUT`` later
+        (stuck in a regular expression, or stopped) is killed, so that its
+        replacement starts: until then the relay runs a worker short."""
+        for pid, when in list(self.kill_at.items()):
+            if pid not in self.workers:
+                del self.kill_at[pid]
+            elif when <= time.monotonic():
+                del self.kill_at[pid]
+                index = self.workers[pid].index
+                log.error(
+                    "worker %d (pid %d) did not stop in %gs: killing it",
+                    index,
+                    pid,
+                    STOP_TIMEOUT,
+                )
+                _signal(pid, signal.SIGKILL)
 
     def _spawn(self, index: int, ready_fd: int | None, quick_deaths: int = 0) -> None:
         supervisor = os.getpid()
@@ -362,6 +382,7 @@ class Supervisor:
                     new.digest[:12],
                 )
                 _signal(pid, signal.SIGTERM)
+                self.kill_at[pid] = time.monotonic() + STOP_TIMEOUT
 
     def _read_answers(self) -> list[tuple[int, int, str]]:
         """The workers' answers to reloads that have come in whole: (reload, pid, digest)."""

@@ -69,14 +69,16 @@ def is_relay(pid: int) -> bool:
 class Relay:
     """``relay serve`` started by the test; every PID it logs is stopped by the test too."""
 
-    def __init__(self, policy: Path, port: int, log: Path) -> None:
+    def __init__(self, policy: Path, port: int, log: Path, prelude: str = "") -> None:
+        """``prelude``: Python run in the relay's process before it starts."""
         self.policy = policy
         self.port = port
         self.log_path = log
         self.outbox = policy.parent / "outbox"
+        start = f"{prelude}\nimport sys\nfrom relay.cli import main\nsys.exit(main())"
         with log.open("wb") as stderr:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "relay", "serve", "-c", str(policy)],
+                [sys.executable, "-c", start, "serve", "-c", str(policy)],
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 cwd=ROOT,
@@ -915,3 +917,29 @@ def test_a_private_file_is_never_written_through_what_lies_in_its_place(tmp_path
     (tmp_path / ".policy.handover.json.tmp").write_bytes(b"half")
     supervisor._remove_handover(handover)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]
+
+
+def test_a_worker_stuck_in_a_reload_is_killed_and_replaced(
+    policy_file: Path, port: int, tmp_path: Path
+) -> None:
+    """A worker that never answers the reload (stopped here; busy in a runaway
+    regular expression in real life) was told SIGTERM and nothing more: it
+    never ended, and the relay ran a worker short until its next restart."""
+    fast = "import relay.supervisor as s\ns.RELOAD_TIMEOUT = 1.0\ns.STOP_TIMEOUT = 2.0"
+    relay = Relay(configure(policy_file, port), port, tmp_path / "relay.log", prelude=fast)
+    try:
+        relay.wait_serving()
+        relay.wait_for(lambda: len(relay.started()) == 2, "two workers")
+        (_, stuck), (_, other) = relay.started()
+        os.kill(stuck, signal.SIGSTOP)
+        relay.policy.write_text(relay.policy.read_text().replace("name: Acme AS", "name: Acme NO"))
+        relay.proc.send_signal(signal.SIGHUP)
+        killed = f"ERROR worker 0 (pid {stuck}) did not stop in 2s: killing it"
+        relay.wait_for(lambda: killed in relay.log(), "the stuck worker killed")
+        relay.wait_for(lambda: len(relay.started()) == 3, "its replacement")
+        replacement = relay.started()[-1][1]
+        ids = send_until_every_worker_took_one(relay, {replacement, other})
+        relay.wait_for(lambda: relay.delivered().keys() >= set(ids), "messages upstream")
+        assert {from_name(relay.delivered()[qid]) for qid in ids} == {"Jan Janssens via Acme NO"}
+    finally:
+        relay.stop()
