@@ -78,16 +78,24 @@ def test_a_client_looping_on_errors_is_told_421_and_closed(
     ],
 )
 def test_a_loop_of_commands_that_are_never_refused_is_ended_too(
-    command: bytes, answer: str
+    command: bytes, answer: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Postfix's junk command limit: each answered 250, a loop was never ended."""
+    """Postfix's junk command limit: each answered 250, a loop was never ended.
+    The log says why a client that had no error reply was cut off."""
+    caplog.set_level(logging.INFO, logger="relay")
+    closing = "client=127.0.0.1 disconnected after EHLO: "
     with Relay([listener()]) as relay, Raw(relay.port) as raw:
         raw.ehlo()
         raw.send((command + b"\r\n") * 2000)
         replies = _replies_until_closed(raw)
+        _wait_for(lambda: bool(_lines(caplog, closing)))
     assert len(replies) == protocol.JUNK_COMMAND_LIMIT + LIMIT + 1
     assert all(r.startswith(answer) for r in replies[:-1])
     assert replies[-1] == "421 4.7.0 Too many errors, closing the connection"
+    assert _lines(caplog, closing) == [
+        f"{closing}{replies[-1]} ({LIMIT} without a message accepted, {LIMIT} of them NOOP,"
+        f" RSET or VRFY past the first {protocol.JUNK_COMMAND_LIMIT})"
+    ]
 
 
 def test_refused_senders_past_the_first_ones_share_one_log_line(

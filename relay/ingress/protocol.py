@@ -526,7 +526,11 @@ class RelaySMTP(SMTP):
         self._errors += 1
         if self._errors < HARD_ERROR_LIMIT or self.transport is None:
             return
-        self._log_disconnect(f"{TOO_MANY_ERRORS} ({self._errors} without a message accepted)")
+        junk = self._junk - JUNK_COMMAND_LIMIT
+        why = f"{self._errors} without a message accepted"
+        if junk > 0:
+            why += f", {junk} of them NOOP, RSET or VRFY past the first {JUNK_COMMAND_LIMIT}"
+        self._log_disconnect(f"{TOO_MANY_ERRORS} ({why})")
         self._say(TOO_MANY_ERRORS.encode() + b"\r\n")
         self._close_now()
 
