@@ -85,6 +85,9 @@ def decide(
     account = _account(upstream)
     if account is not None:
         from_address, from_name, why = _account_from(policy, identity, account, from_address)
+        own_domain = from_address.rsplit("@", 1)[1].lower()
+        if policy.keys_for(own_domain):
+            signing_domain = own_domain  # aligned with the From for DMARC
     reasons.append(why)
     from_after = format_address(from_name, from_address)
     sender = own or _Mailbox(identity.user.name, identity.user.address, "")
@@ -207,7 +210,8 @@ def _account_from(
     policy: Policy, identity: Identity, account: SmtpUpstream, otherwise: str
 ) -> tuple[str, str, str]:
     """The account refuses any other From (Microsoft 365: ``550 5.7.60``), the
-    user's own in a verified domain included; DKIM signs as it would have."""
+    user's own in a verified domain included; DKIM signs as it would have,
+    unless the policy has a key for the account's own domain (``decide``)."""
     template = account.sender_name or policy.platform.display_name
     name = _display_name(template, identity)
     why = (

@@ -58,6 +58,19 @@ def with_account(
 PER = ("From: Per <per@sevenoff.example>", *BASE[1:])
 
 
+def test_an_account_in_a_domain_the_policy_has_a_key_for_is_signed_for_it(
+    policy_file: Path,
+) -> None:
+    """Signed for the platform's domain only, the account's From never aligned
+    with the signature for DMARC, though the policy held a key for its domain."""
+    path = with_account(policy_file)
+    path.write_text(path.read_text().replace("sender: post@sevenoff", "sender: post@globex"))
+    p = run(path, msg(*PER), mail_from="per@sevenoff.example")
+    assert header(p, "From") == "Per Persen via Seven Office AS <post@globex.example>"
+    assert p.decision.signing_domain == "globex.example"
+    assert [key.selector for key in p.decision.signing] == ["g1"]
+
+
 def test_mail_through_an_account_is_from_and_enveloped_as_its_address(policy_file: Path) -> None:
     """It went out From the platform's noreply and MAIL FROM its bounce address,
     which the account's server refused for every message."""
