@@ -75,10 +75,12 @@ class Relay:
         self.port = port
         self.log_path = log
         self.outbox = policy.parent / "outbox"
-        start = f"{prelude}\nimport sys\nfrom relay.cli import main\nsys.exit(main())"
+        start = ["-m", "relay"]
+        if prelude:
+            start = ["-c", f"{prelude}\nimport sys\nfrom relay.cli import main\nsys.exit(main())"]
         with log.open("wb") as stderr:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", start, "serve", "-c", str(policy)],
+                [sys.executable, *start, "serve", "-c", str(policy)],
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 cwd=ROOT,
