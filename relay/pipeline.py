@@ -392,7 +392,7 @@ class Acceptor:
 
     async def _rejected(self, submission: Submission, reply: SmtpReply) -> None:
         log.info(
-            "reject: client=%s login=%s from=<%s> to=%s: %s",
+            "refused client=%s login=%s from=<%s> to=%s: %s",
             submission.client_address,
             submission.auth_login or "-",
             submission.mail_from,

@@ -157,6 +157,9 @@ def test_unknown_sender_refused_and_nothing_sent(relay: RelayProcess, sink: Sink
     assert record["mail_from"] == "x@nowhere.example"
     assert record["reply"].startswith("550 5.7.1 Sender not known to this relay")
     assert record["message_id"] == "<rej-1@erp.example>"  # the ERP's ID finds its refusal
+    # under the same word as the refusals on the SMTP side, so one grep finds them all
+    said = "refused client=127.0.0.1 login=- from=<x@nowhere.example> to=<one@example.org>: 550"
+    assert f"{said} 5.7.1 Sender not known to this relay" in relay.log()
 
 
 def test_a_refusal_naming_a_non_ascii_address_is_a_550_on_record(
