@@ -105,7 +105,7 @@ class Ingress:
             log.warning(
                 "stop grace of %gs over: %d connection(s) told 421, %d message(s) still being"
                 " taken in",
-                grace,
+                round(grace, 1),  # what the stop had left of its grace: 9.999 is 10
                 len(self.connections),
                 len(self.in_flight),
             )
