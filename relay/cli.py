@@ -285,7 +285,8 @@ def _tool_state(path: Path) -> StateSettings | None:
     except PolicyError as exc:
         problems = exc.problems
     else:
-        return StateSettings(policy.queue, policy.audit)
+        assert policy.suppression is not None  # a loaded policy has one
+        return StateSettings(policy.queue, policy.audit, policy.suppression)
     running = _running_policy_file(path)
     if running is not None:
         try:

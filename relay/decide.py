@@ -29,6 +29,7 @@ from relay.policy.model import (
 )
 from relay.rewrite import HeaderEdits
 from relay.submission import Submission, listed
+from relay.suppression import EMPTY, Suppression, SuppressionList
 
 # RFC 5322 3.6.4 msg-id, with the quoted local part of obs-id-left. Gmail
 # refuses mail "missing a valid Message-ID"; such an ID threads nothing anyway.
@@ -60,6 +61,7 @@ class Decision:
     reply_to_after: str | None  # None: the message's own Reply-To is kept
     bcc_added: tuple[str, ...]
     recipients: tuple[str, ...]  # envelope recipients upstream, BCC included
+    suppressed: tuple[tuple[str, Suppression], ...]  # recipients not sent to, and why
     edits: HeaderEdits
     signing: tuple[DkimKey, ...]
     signing_domain: str
@@ -76,6 +78,7 @@ def decide(
     classification: Classification,
     now: datetime,
     token: str,
+    suppressions: SuppressionList = EMPTY,
 ) -> Decision:
     reasons = [*identity.reasons, classification.reason]
     upstream = policy.upstreams[identity.tenant.upstream]
@@ -95,6 +98,8 @@ def decide(
     reasons.append(why)
     bcc, why = _bcc(identity, classification.doc_type, submission.rcpt_tos)
     reasons.append(why)
+    recipients, suppressed = _suppressed(suppressions, identity, (*submission.rcpt_tos, *bcc))
+    reasons += (f"not sent to {address}: {entry.describe()}" for address, entry in suppressed)
     signing = policy.keys_for(signing_domain)
     if not signing:
         reasons.append(f"no DKIM key for {signing_domain}: the message is not signed")
@@ -134,7 +139,8 @@ def decide(
         reply_to_before=view.get("Reply-To"),
         reply_to_after=reply_to_after,
         bcc_added=bcc,
-        recipients=(*submission.rcpt_tos, *bcc),
+        recipients=recipients,
+        suppressed=suppressed,
         edits=edits,
         signing=signing,
         signing_domain=signing_domain,
@@ -311,3 +317,18 @@ def _bcc(
     if listed(address, rcpt_tos):
         return (), f"no automatic BCC: {address} is already a recipient"
     return (address,), f"automatic BCC to the sender {address} ({doc_type!r})"
+
+
+def _suppressed(
+    suppressions: SuppressionList, identity: Identity, recipients: tuple[str, ...]
+) -> tuple[tuple[str, ...], tuple[tuple[str, Suppression], ...]]:
+    """The recipients to send to, and those on the suppression list with their entry."""
+    kept: list[str] = []
+    dropped: list[tuple[str, Suppression]] = []
+    for address in recipients:
+        entry = suppressions.find(address, identity.tenant.id)
+        if entry is None:
+            kept.append(address)
+        else:
+            dropped.append((address, entry))
+    return tuple(kept), tuple(dropped)

@@ -26,10 +26,20 @@ from relay.audit import AuditError
 from relay.groupcommit import GroupCommit
 from relay.notice import build_notice
 from relay.policy.model import Policy, QueueSettings, Upstream
-from relay.record import Recorder
+from relay.record import Recorder, dsn
 from relay.settle import WAITING_MAX, EntryLock, Finished, Settle, Settler
-from relay.spool import DELIVERED, EXPIRED, FAILED, PENDING, QueueEntry, RecipientState, Spool
+from relay.spool import (
+    DELIVERED,
+    EXPIRED,
+    FAILED,
+    PENDING,
+    SUPPRESSED,
+    QueueEntry,
+    RecipientState,
+    Spool,
+)
 from relay.spool.store import NoSuchEntry, SpoolBusy, SpoolError
+from relay.suppression import BOUNCE, Suppression, SuppressionError, SuppressionFile, now
 
 log = logging.getLogger("relay")
 
@@ -548,6 +558,8 @@ class Engine:
         deadline = entry.arrival + policy.queue.lifetime
         upstream = policy.upstreams.get(entry.upstream) or _rerouted(entry, policy)
         pending = [r.address for r in entry.pending()]
+        if not pending:  # every recipient was on the suppression list: the sender hears why
+            return await self._finish(entry, policy, lock)
         own = _own(entry, pending) if immediate else pending
         if upstream is None:
             replies = dict.fromkeys(pending, (451, f"451 4.3.5 no upstream {entry.upstream!r}"))
@@ -566,12 +578,14 @@ class Engine:
             self._refusing.add(entry.queue_id)  # the client hears it: no 250 any more
             return await self._refuse(entry, pending, replies[own[0]][1], replies)
         deferred = False
+        bounced: list[tuple[str, str]] = []
         for address in pending:
             code, reply = replies.get(address, (451, "451 4.3.0 no reply for this recipient"))
             if 200 <= code < 300:
                 self._settle(entry, address, DELIVERED, reply)
             elif code >= 500:
                 self._settle(entry, address, FAILED, reply)
+                bounced.append((address, reply))
             elif now >= deadline:  # that was the last try, as in Postfix
                 lifetime = duration(policy.queue.lifetime)
                 reply = f"not delivered within {lifetime}; last reply: {reply}"
@@ -579,6 +593,7 @@ class Engine:
             else:
                 deferred = True
                 self._note(entry, address, reply)
+        await self._suppress(entry, policy, bounced)
         if not deferred:
             return await self._finish(entry, policy, lock)
         ended = self.clock()  # the wait runs from the attempt's end: a timeout may be long
@@ -633,6 +648,9 @@ class Engine:
             if code < 500:
                 reply = f"not sent: the message was refused ({refusal})"
             self._settle(entry, address, FAILED, reply)
+        await self._suppress(
+            entry, self.policy(), [(a, replies[a][1]) for a in pending if a in replies]
+        )
         try:
             await self.recorder.flush(entry.queue_id)
         except AuditError as exc:
@@ -677,6 +695,37 @@ class Engine:
         except AuditError as exc:
             log.error("%s: AUDIT LOG WRITE FAILED, kept for later: %s", entry.queue_id, exc)
 
+    async def _suppress(
+        self, entry: QueueEntry, policy: Policy, refused: list[tuple[str, str]]
+    ) -> None:
+        """Put the addresses the upstream refused as not existing on the suppression
+        list, so that no later message goes to them: mail to dead mailboxes is
+        what gets a platform's mail taken for spam. A list that cannot be written
+        costs the entries, not the delivery's outcome."""
+        settings = policy.suppression
+        if settings is None:
+            return
+        when = now()
+        entries = [
+            Suppression(address, None, BOUNCE, when, reply, entry.queue_id)
+            for address, reply in refused
+            if reply[:1] == "5" and dsn(reply) in settings.hard_bounce
+        ]
+        if not entries:
+            return
+        try:
+            await asyncio.to_thread(SuppressionFile(settings.file).add, entries)
+        except SuppressionError as exc:
+            log.error("%s: %s", entry.queue_id, exc)
+            return
+        for item in entries:
+            log.info(
+                "%s: <%s> is on the suppression list now (%s)",
+                entry.queue_id,
+                item.address,
+                item.detail,
+            )
+
     def _settle(self, entry: QueueEntry, address: str, status: str, reply: str) -> None:
         rcpt = self._note(entry, address, reply)
         rcpt.status = status
@@ -703,7 +752,7 @@ class Engine:
         failures = [
             r
             for r in entry.recipients
-            if r.status in (FAILED, EXPIRED) and r.notify and r.address not in told
+            if r.status in (FAILED, EXPIRED, SUPPRESSED) and r.notify and r.address not in told
         ]
         if not failures or not entry.mail_from:  # a notice, or <> from the client
             return True

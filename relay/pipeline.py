@@ -31,8 +31,9 @@ from relay.policy.model import Policy
 from relay.queueid import new_queue_id
 from relay.record import Recorder
 from relay.sign import sign
-from relay.spool import PENDING, QueueEntry, RecipientState, Spool, SpoolError
+from relay.spool import PENDING, SUPPRESSED, QueueEntry, RecipientState, Spool, SpoolError
 from relay.submission import Submission
+from relay.suppression import EMPTY, SuppressionError, SuppressionFile, SuppressionList
 from relay.upstream import replies
 
 log = logging.getLogger("relay")
@@ -72,7 +73,12 @@ class Prepared:
         return self.view.get(name) or ""
 
 
-def prepare(policy: Policy, submission: Submission, now: datetime | None = None) -> Prepared:
+def prepare(
+    policy: Policy,
+    submission: Submission,
+    now: datetime | None = None,
+    suppressions: SuppressionList = EMPTY,
+) -> Prepared:
     queue_id = new_queue_id()
     split = headers.split_at(submission.data)  # once: each step below needs it
     _check_header_size(split[1])
@@ -82,7 +88,9 @@ def prepare(policy: Policy, submission: Submission, now: datetime | None = None)
     identity = identify(policy, submission, view)
     classification = classify(policy.classify, view)
     now = now or datetime.now(UTC)
-    decision = decide(policy, submission, view, identity, classification, now, queue_id)
+    decision = decide(
+        policy, submission, view, identity, classification, now, queue_id, suppressions
+    )
     _check_single_fields(split[0], decision.edits)
     try:
         rewritten = rewrite.apply(submission.data, decision.edits, split)
@@ -235,10 +243,12 @@ class Acceptor:
         engine: Engine,
         recorder: Recorder,
         alone: Callable[[], bool] | None = None,
+        suppressions: SuppressionFile | None = None,
     ) -> None:
         self.spool = spool
         self.engine = engine
         self.recorder = recorder
+        self.suppressions = suppressions
         # ``alone``: a lone session's message is written on the event loop
         self._store = GroupCommit(self._store_many, "accept", inline=alone)
         self._unremoved: set[str] = set()  # refused, but still in the spool
@@ -246,7 +256,7 @@ class Acceptor:
 
     async def process(self, policy: Policy, submission: Submission) -> str:
         try:
-            prepared = prepare(policy, submission)
+            prepared = prepare(policy, submission, suppressions=self._suppressions())
         except SmtpReply as reply:
             await self._rejected(submission, reply)
             raise
@@ -285,6 +295,18 @@ class Acceptor:
             return await self._immediate(entry, listener.immediate)
         return f"250 2.0.0 Ok: queued as {entry.queue_id}"
 
+    def _suppressions(self) -> SuppressionList:
+        """The list as it is now; one that cannot be read refuses the message for
+        now, as sending it to an address that bounced or complained is what the
+        list is there to prevent."""
+        if self.suppressions is None:
+            return EMPTY
+        try:
+            return self.suppressions.current()
+        except SuppressionError as exc:
+            log.error("%s", exc)
+            raise SmtpReply(451, "4.3.0", "Suppression list unreadable, try again later") from exc
+
     async def _keep(
         self, policy: Policy, submission: Submission, prepared: Prepared, entry: QueueEntry
     ) -> None:
@@ -302,8 +324,18 @@ class Acceptor:
             events.queued(
                 queue_id=entry.queue_id,
                 message_id=entry.message_id,
-                recipients=[r.address for r in entry.recipients],
+                recipients=[r.address for r in entry.pending()],
                 size=entry.size,
+            ),
+            *(
+                events.suppressed(
+                    queue_id=entry.queue_id,
+                    message_id=entry.message_id,
+                    recipient=address,
+                    reason=suppression.reason,
+                    since=suppression.since,
+                )
+                for address, suppression in prepared.decision.suppressed
             ),
         ]
         try:
@@ -452,13 +484,22 @@ def _entry(prepared: Prepared, submission: Submission) -> QueueEntry:
     decision = prepared.decision
     bcc = set(decision.bcc_added)
     now = time.time()
+    suppressed = [
+        RecipientState(
+            address, SUPPRESSED, notify=address not in bcc, reply=f"not sent: {entry.describe()}"
+        )
+        for address, entry in decision.suppressed
+    ]
     return QueueEntry(
         queue_id=prepared.queue_id,
         arrival=now,
         mail_from=decision.mail_from,
         recipients=[
-            RecipientState(address, PENDING, notify=address not in bcc)
-            for address in decision.recipients
+            *(
+                RecipientState(address, PENDING, notify=address not in bcc)
+                for address in decision.recipients
+            ),
+            *suppressed,
         ],
         upstream=decision.upstream.name,
         tenant=decision.identity.tenant.id,

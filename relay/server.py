@@ -147,6 +147,7 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
     from relay.audit import AuditError
     from relay.record import audit_log
     from relay.spool import Spool, SpoolError
+    from relay.suppression import SuppressionError, SuppressionFile
 
     try:
         spool = Spool(policy.queue.directory)
@@ -156,7 +157,11 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
             settled = _settle_recorded(spool, audit)
             record_policy(audit, policy_path, policy)  # a full disk: serve, answering 451
             audit_upkeep(audit)
-    except (SpoolError, AuditError, OSError) as exc:
+        if policy.suppression is not None:
+            suppressions = SuppressionFile(policy.suppression.file)
+            suppressions.create()
+            listed = len(suppressions.current())
+    except (SpoolError, AuditError, SuppressionError, OSError) as exc:
         log.error("cannot open the state directory: %s", exc)
         return EX_CANTCREAT
     _log_settled(settled, "the restart")
@@ -172,6 +177,8 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
         policy.queue.directory,
         recovered - len(settled.finished) - len(settled.unrecorded),
     )
+    if policy.suppression is not None:
+        log.info("suppression list %s: %d entries", policy.suppression.file, listed)
     return 0
 
 
@@ -230,6 +237,7 @@ async def serve(
     from relay.pipeline import Acceptor
     from relay.record import Recorder, audit_log
     from relay.spool import Spool
+    from relay.suppression import SuppressionFile
     from relay.upstream.pool import close_default_pool
 
     holder = PolicyHolder(policy)
@@ -244,7 +252,8 @@ async def serve(
         return ingress is not None and len(ingress.connections) <= 1
 
     engine = Engine(spool, holder.current, attempt, recorder, alone=alone)
-    acceptor = Acceptor(spool, engine, recorder, alone=alone)
+    suppressions = None if policy.suppression is None else SuppressionFile(policy.suppression.file)
+    acceptor = Acceptor(spool, engine, recorder, alone=alone, suppressions=suppressions)
     ingress = await start(
         policy.listeners,
         holder.current,

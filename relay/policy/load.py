@@ -18,7 +18,14 @@ from typing import TextIO
 from relay.errors import PolicyError
 from relay.policy import accounts, sections
 from relay.policy.files import Reads, reading
-from relay.policy.model import AuditSettings, AuthMode, Policy, QueueSettings, Sources
+from relay.policy.model import (
+    AuditSettings,
+    AuthMode,
+    Policy,
+    QueueSettings,
+    Sources,
+    SuppressionSettings,
+)
 from relay.policy.schema import Ctx, Map
 from relay.policy.yamlsource import Problems, read
 
@@ -26,7 +33,7 @@ EX_CONFIG = 78
 VERSION = 1
 _SECTIONS = ("version", "platform", "listeners", "identify", "control_headers", "classify")
 _SECTIONS += ("dkim", "upstreams", "logins", "tenants", "state_directory", "queue", "audit")
-_SECTIONS += ("workers",)
+_SECTIONS += ("workers", "suppression")
 _REQUIRED = ("version", "platform", "listeners", "upstreams", "tenants")
 
 
@@ -69,11 +76,12 @@ def _load(
 
 @dataclass(frozen=True)
 class StateSettings:
-    """Where the spool and the audit log are, and the audit key: all the queue
-    and audit tools go by."""
+    """Where the spool, the audit log and the suppression list are, and the audit
+    key: all the queue, audit and suppression tools go by."""
 
     queue: QueueSettings
     audit: AuditSettings
+    suppression: SuppressionSettings
 
 
 def load_state(path: Path, data: bytes | None = None) -> StateSettings:
@@ -89,9 +97,9 @@ def load_state(path: Path, data: bytes | None = None) -> StateSettings:
     if data is not None and root is not None:
         ctx = Ctx(problems, path.absolute().parent)
         top = Map(ctx, root, "", _SECTIONS, _REQUIRED)
-        queue, audit = sections.state(ctx, top) if top.ok else (None, None)
-        if queue is not None and audit is not None:
-            state = StateSettings(queue, audit)
+        queue, audit, suppression = sections.state(ctx, top) if top.ok else (None, None, None)
+        if queue is not None and audit is not None and suppression is not None:
+            state = StateSettings(queue, audit, suppression)
     if len(problems) or state is None:
         raise PolicyError(problems.in_file_order() or [f"{path}: invalid policy"])
     return state
@@ -117,10 +125,10 @@ def _build(ctx: Ctx, root: Map, path: Path, sources: Sources) -> Policy | None:
         listener.auth is not AuthMode.REQUIRED for listener in listeners
     )
     identify, control_headers = sections.identify(ctx, root, roster.default_user, anonymous)
-    queue, audit = sections.state(ctx, root)
+    queue, audit, suppression = sections.state(ctx, root)
     workers = sections.workers(ctx, root)
     parts = (platform, listeners, identify, rules, control_headers, keys, upstreams, logins)
-    if len(ctx.problems) or None in parts or None in (tenants, queue, audit, workers):
+    if len(ctx.problems) or None in parts or None in (tenants, queue, audit, workers, suppression):
         return None
     return Policy(
         source=path,
@@ -138,6 +146,7 @@ def _build(ctx: Ctx, root: Map, path: Path, sources: Sources) -> Policy | None:
         queue=queue,
         audit=audit,
         workers=workers,
+        suppression=suppression,
         sources=sources,
     )
 

@@ -218,6 +218,13 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class SuppressionSettings:
+    file: Path  # the list, in the state directory (``relay.suppression``)
+    # enhanced status codes (RFC 3463) of a permanent refusal that add its address
+    hard_bounce: frozenset[str]
+
+
+@dataclass(frozen=True)
 class UserRef:
     tenant: str
     user: str
@@ -249,6 +256,7 @@ class Policy:
     queue: QueueSettings
     audit: AuditSettings
     workers: int = 1  # processes receiving and delivering, each with its own event loop
+    suppression: SuppressionSettings | None = None  # None: no list (a policy built in code)
     sources: Sources | None = field(default=None, repr=False, compare=False)
 
     def user(self, ref: UserRef) -> User:

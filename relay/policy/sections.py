@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import os
 import pwd
+import re
 import socket
 import ssl
 import string
@@ -37,6 +38,7 @@ from relay.policy.model import (
     Listener,
     Platform,
     QueueSettings,
+    SuppressionSettings,
     TlsFiles,
     UnknownSender,
 )
@@ -497,7 +499,10 @@ def _signing_key(ctx: Ctx, m: Map, key: DkimKey) -> DkimKey | None:
     return None
 
 
-def state(ctx: Ctx, root: Map) -> tuple[QueueSettings | None, AuditSettings | None]:
+State = tuple[QueueSettings | None, AuditSettings | None, SuppressionSettings | None]
+
+
+def state(ctx: Ctx, root: Map) -> State:
     """Where the spool and the audit log live, and how the queue retries.
 
     Both default to a ``state`` directory beside the policy file; a service
@@ -523,16 +528,43 @@ def state(ctx: Ctx, root: Map) -> tuple[QueueSettings | None, AuditSettings | No
     subject = a.choice("record_subject", _YesNo, _YesNo.NO)
     compress = a.integer("compress_after_days", None, 1, 100000, "a number of days")
     retention = a.integer("retention_days", None, 1, 1000000, "a number of days")
+    codes = _hard_bounce(ctx, root)
     if inverted or (a.has("hmac_key_file") and key is None):
-        return None, None
+        return None, None, None
     numbers = (first, ceiling, lifetime, concurrency, subject)
-    if None in numbers:
-        return None, None
+    if None in numbers or codes is None:
+        return None, None, None
     queue = QueueSettings(base / "queue", first, ceiling, lifetime, concurrency)
     audit = AuditSettings(
         base / "audit", key[1].strip() if key else None, subject is _YesNo.YES, compress, retention
     )
-    return queue, audit
+    return queue, audit, SuppressionSettings(base / SUPPRESSION_FILE, codes)
+
+
+SUPPRESSION_FILE = "suppression.jsonl"
+#: RFC 3463: no such mailbox (5.1.1), no such domain's mail (5.1.10, RFC 7505's
+#: null MX), a disabled mailbox (5.2.1). Not 5.7.x: a receiver that blocks the
+#: platform says nothing about the address.
+HARD_BOUNCE = frozenset({"5.1.1", "5.1.10", "5.2.1"})
+_STATUS = re.compile(r"5\.[0-9]{1,3}\.[0-9]{1,3}")
+
+
+def _hard_bounce(ctx: Ctx, root: Map) -> frozenset[str] | None:
+    """The codes of an upstream's refusal that put the address on the suppression list."""
+    s = root.map("suppression", ("hard_bounce",))
+    if not s.has("hard_bounce"):
+        return HARD_BOUNCE
+    codes: set[str] = set()
+    ok = True
+    what = "a permanent enhanced status code such as 5.1.1 (RFC 3463)"
+    for node, path in s.items("hard_bounce", "a list of status codes such as [5.1.1, 5.2.1]"):
+        code = text(ctx, node, path, what)
+        if code is not None and not _STATUS.fullmatch(code):
+            ctx.problem(node, path, f"expected {what}, not {code!r}")
+            code = None
+        ok &= code is not None
+        codes.add(code or "")
+    return frozenset(codes) if ok else None
 
 
 def _warn_no_retry(ctx: Ctx, q: Map, first: float, lifetime: float) -> None:

@@ -5,6 +5,7 @@ from relay.spool.entry import (
     EXPIRED,
     FAILED,
     PENDING,
+    SUPPRESSED,
     QueueEntry,
     RecipientState,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "EXPIRED",
     "FAILED",
     "PENDING",
+    "SUPPRESSED",
     "NoSuchEntry",
     "QueueEntry",
     "RecipientState",

@@ -19,7 +19,8 @@ PENDING = "pending"
 DELIVERED = "delivered"
 FAILED = "failed"
 EXPIRED = "expired"
-STATUSES = (PENDING, DELIVERED, FAILED, EXPIRED)
+SUPPRESSED = "suppressed"  # on the suppression list when the message came: never tried
+STATUSES = (PENDING, DELIVERED, FAILED, EXPIRED, SUPPRESSED)
 
 
 @dataclass
