@@ -558,8 +558,6 @@ class Engine:
         deadline = entry.arrival + policy.queue.lifetime
         upstream = policy.upstreams.get(entry.upstream) or _rerouted(entry, policy)
         pending = [r.address for r in entry.pending()]
-        if not pending:  # every recipient was on the suppression list: the sender hears why
-            return await self._finish(entry, policy, lock)
         own = _own(entry, pending) if immediate else pending
         if upstream is None:
             replies = dict.fromkeys(pending, (451, f"451 4.3.5 no upstream {entry.upstream!r}"))

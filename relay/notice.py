@@ -21,7 +21,7 @@ from relay.headers import encode_text, fold, format_address
 from relay.policy.model import Policy, SmtpUpstream
 from relay.queueid import new_queue_id
 from relay.sign import sign
-from relay.spool import DELIVERED, PENDING, QueueEntry, RecipientState
+from relay.spool import DELIVERED, PENDING, SUPPRESSED, QueueEntry, RecipientState
 
 _MSG_ID = re.compile(r"<[^<>\s]+>")
 
@@ -111,10 +111,13 @@ def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
     ]
     for rcpt in failures:
         lines += [f"Recipient:  {rcpt.address}", f"Reason:     {rcpt.reply or 'unknown'}", ""]
-    lines += [
-        "Please check the address, or reach the recipient another way.",
-        "This notice was written by the mail relay; replies to it are not read.",
-    ]
+    lines.append("Please check the address, or reach the recipient another way.")
+    if any(rcpt.status == SUPPRESSED for rcpt in failures):
+        lines.append(
+            "The relay sends nothing to an address on its suppression list; once the"
+            " address works again, ask your mail administrator to take it off."
+        )
+    lines.append("This notice was written by the mail relay; replies to it are not read.")
     return "\n".join(lines) + "\n"
 
 

@@ -289,6 +289,9 @@ class Acceptor:
             ",".join(f"{k.domain}/{k.selector}" for k in prepared.decision.signing) or "none",
             entry.upstream,
         )
+        for rcpt in entry.recipients:
+            if rcpt.status == SUPPRESSED:
+                self.recorder.suppressed(entry, rcpt.address, rcpt.reply or "")
         self.engine.submit(entry.queue_id, warm=_warm(lock, entry, prepared))
         listener = next((x for x in policy.listeners if x.name == submission.listener), None)
         if listener is not None and listener.immediate > 0:

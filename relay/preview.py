@@ -20,6 +20,7 @@ from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
 from relay.pipeline import Prepared, prepare
 from relay.policy.model import DirectoryUpstream, Policy, SmtpUpstream, Upstream
 from relay.submission import Submission, distinct
+from relay.suppression import EMPTY, SuppressionError, SuppressionFile, SuppressionList
 
 _LINE_END = re.compile(rb"\r?\n")
 
@@ -52,11 +53,25 @@ def submission_from_file(
 def render(policy: Policy, submission: Submission, *, as_json: bool) -> str:
     """The report; raises SmtpReply for a message the relay would refuse."""
     _check_envelope(policy, submission)
-    prepared = prepare(policy, submission)
+    suppressions, unread = _suppressions(policy)
+    prepared = prepare(policy, submission, suppressions=suppressions)
     report = _report(policy, submission, prepared)
+    if unread:
+        report["reasons"].append(unread)
     if as_json:
         return json.dumps(report, indent=2, ensure_ascii=False)
     return _text(report)
+
+
+def _suppressions(policy: Policy) -> tuple[SuppressionList, str]:
+    """The list the daemon would look recipients up in. One the preview cannot
+    read (another user's state directory) does not stop it: the report says so."""
+    if policy.suppression is None:
+        return EMPTY, ""
+    try:
+        return SuppressionFile(policy.suppression.file).current(), ""
+    except SuppressionError as exc:
+        return EMPTY, f"recipients not checked against the suppression list: {exc}"
 
 
 def _check_envelope(policy: Policy, submission: Submission) -> None:
@@ -100,6 +115,10 @@ def _report(policy: Policy, submission: Submission, prepared: Prepared) -> dict:
         "from": {"before": d.from_before, "after": d.from_after},
         "reply_to": {"before": d.reply_to_before, "after": d.reply_to_after or d.reply_to_before},
         "envelope": {"mail_from": d.mail_from, "recipients": list(d.recipients)},
+        "suppressed": [
+            {"recipient": address, "reason": entry.reason, "since": entry.since}
+            for address, entry in d.suppressed
+        ],
         "bcc_added": list(d.bcc_added),
         "headers_removed": [
             f.name for f in headers.split(submission.data)[0] if _removed(f.name, d)
@@ -146,6 +165,7 @@ def _text(r: dict) -> str:
         f"Removed:     {', '.join(r['headers_removed']) or 'none'}",
         f"Envelope:    MAIL FROM <{r['envelope']['mail_from']}>",
         f"Recipients:  {', '.join(r['envelope']['recipients']) or 'none'}",
+        f"Suppressed:  {', '.join(s['recipient'] for s in r['suppressed']) or 'none'}",
         f"DKIM:        {dkim or 'not signed'}",
         f"Upstream:    {r['upstream']}",
         "",

@@ -153,6 +153,10 @@ class Recorder:
             )
         )
 
+    def suppressed(self, entry: QueueEntry, address: str, reply: str) -> None:
+        """Only the log line: the ``suppressed`` record goes with the message's ``received``."""
+        self._delivery_line(entry, address, "suppressed", reply)
+
     def failed(self, entry: QueueEntry, address: str, reply: str) -> None:
         self._delivery_line(entry, address, "bounced", reply)
         self.add(

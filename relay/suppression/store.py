@@ -16,6 +16,7 @@ since (one ``stat`` a message), so a 100,000-entry list costs its parse once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -118,7 +119,7 @@ class SuppressionFile:
                 self._reset()
             return self._snapshot
         except OSError as exc:
-            raise SuppressionError(f"cannot read the suppression list {self.path}: {exc}") from exc
+            raise _failed("read", self.path, exc) from exc
         if self._seen is not None and self._seen == (st.st_ino, st.st_size):
             return self._snapshot
         if self._seen is None or self._seen[0] != st.st_ino or st.st_size < self._seen[1]:
@@ -141,7 +142,7 @@ class SuppressionFile:
                 f.seek(offset)
                 chunk = f.read()
         except OSError as exc:
-            raise SuppressionError(f"cannot read the suppression list {self.path}: {exc}") from exc
+            raise _failed("read", self.path, exc) from exc
         lines = (self._partial + chunk).split(b"\n")
         self._partial = lines.pop()  # b"" when the data ends with a line end
         changed = False
@@ -213,15 +214,23 @@ class SuppressionFile:
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise SuppressionError(f"cannot write the suppression list {self.path}: {exc}") from exc
+            raise _failed("write", self.path, exc) from exc
+
+
+def _failed(verb: str, path: Path, exc: OSError) -> SuppressionError:
+    return SuppressionError(f"cannot {verb} the suppression list {path}: {exc.strerror or exc}")
 
 
 def _open_for_append(path: Path) -> int:
     """Open, creating the file (and fsyncing its directory) if it is new, owned
     like the directory it is in."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+    flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW  # read: its last byte
     with contextlib.suppress(FileNotFoundError):
         return os.open(path, flags)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            errno.ENOENT, f"no state directory {path.parent} yet (relay serve creates it)"
+        )
     fd = os.open(path, flags | os.O_CREAT, 0o640)
     try:
         parent = os.stat(path.parent)

@@ -1,0 +1,185 @@
+"""The suppression list's file, its lookups, the policy's hard_bounce codes, and
+what decide and preview make of a listed recipient."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+
+import pytest
+
+from relay.errors import PolicyError
+from relay.policy.load import load
+from relay.preview import render, submission_from_file
+from relay.suppression import (
+    BOUNCE,
+    COMPLAINT,
+    MANUAL,
+    Suppression,
+    SuppressionError,
+    SuppressionFile,
+)
+from tests.policyfiles import variant
+
+WHEN = "2026-03-04T05:06:07.000Z"
+
+
+def _entry(address: str, tenant: str | None = None, reason: str = BOUNCE) -> Suppression:
+    return Suppression(address, tenant, reason, WHEN, "550 5.1.1 User unknown", "Q1")
+
+
+def test_an_added_entry_is_found_in_any_case_and_by_a_reader_that_read_before(
+    tmp_path: Path,
+) -> None:
+    """Each worker keeps its reader: what another one adds later is read on its
+    next lookup, from where it stopped."""
+    path = tmp_path / "suppression.jsonl"
+    reader, writer = SuppressionFile(path), SuppressionFile(path)
+    assert len(reader.current()) == 0  # no file yet: nothing suppressed
+    writer.create()
+    writer.add([_entry("Gone@Example.org")])
+    first = reader.current()
+    assert first.find("gone@example.ORG", "acme") == _entry("Gone@Example.org")
+    writer.add([_entry("other@example.org")])
+    second = reader.current()
+    assert second.find("other@example.org", "acme") is not None
+    assert first.find("other@example.org", "acme") is None  # a snapshot does not change
+    assert reader.current() is second  # nothing new: nothing read
+
+
+def test_a_tenants_own_entry_keeps_its_tenant_only(tmp_path: Path) -> None:
+    listed = SuppressionFile(tmp_path / "s.jsonl")
+    listed.add([_entry("buyer@example.org", "acme", COMPLAINT)])
+    snapshot = listed.current()
+    assert snapshot.find("buyer@example.org", "acme") is not None
+    assert snapshot.find("buyer@example.org", "globex") is None
+
+
+def test_a_removal_takes_one_scope_and_the_last_line_wins(tmp_path: Path) -> None:
+    listed = SuppressionFile(tmp_path / "s.jsonl")
+    listed.add([_entry("a@example.org"), _entry("a@example.org", "acme", MANUAL)])
+    listed.remove([("a@example.org", None)], by="alice")
+    snapshot = listed.current()
+    assert snapshot.find("a@example.org", "globex") is None
+    assert snapshot.find("a@example.org", "acme") == _entry("a@example.org", "acme", MANUAL)
+    listed.add([_entry("a@example.org")])
+    assert listed.current().find("a@example.org", "globex") is not None
+    lines = (tmp_path / "s.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and '"op":"remove"' in lines[2] and '"by":"alice"' in lines[2]
+
+
+def test_a_line_cut_short_by_a_crash_spoils_no_other(tmp_path: Path) -> None:
+    """A writer that died mid-line left it without its line end: the next append
+    ends it first, and the reader skips it, saying where, but keeps the rest."""
+    path = tmp_path / "s.jsonl"
+    listed = SuppressionFile(path)
+    listed.add([_entry("a@example.org")])
+    with path.open("ab") as f:
+        f.write(b'{"v":1,"op":"add","address":"half@exa')
+    reader = SuppressionFile(path)
+    assert reader.current().find("a@example.org", "acme") is not None
+    assert reader.problems == []  # an unfinished last line may still be being written
+    listed.add([_entry("b@example.org")])
+    snapshot = reader.current()
+    assert snapshot.find("b@example.org", "acme") is not None
+    assert snapshot.find("half@example.org", "acme") is None
+    assert len(reader.problems) == 1 and reader.problems[0].startswith(f"{path}:2: ")
+
+
+def test_a_replaced_file_is_read_again_from_its_start(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    reader = SuppressionFile(path)
+    SuppressionFile(path).add([_entry("a@example.org"), _entry("b@example.org")])
+    assert len(reader.current()) == 2
+    fresh = tmp_path / "new.jsonl"
+    SuppressionFile(fresh).add([_entry("c@example.org")])
+    fresh.replace(path)  # a sysadmin's cleaned-up copy put in place
+    snapshot = reader.current()
+    assert [e.address for e in snapshot] == ["c@example.org"]
+
+
+def test_entries_that_are_not_are_skipped_and_named(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_text(
+        '{"v":1,"op":"add","address":"ok@example.org","tenant":null,"reason":"bounce","since":"x"}\n'
+        '{"v":1,"op":"add","address":"x@example.org","tenant":null,"reason":"angry","since":"x"}\n'
+        '{"v":1,"op":"zap","address":"y@example.org"}\n'
+        "[1, 2]\n"
+    )
+    reader = SuppressionFile(path)
+    assert [e.address for e in reader.current()] == ["ok@example.org"]
+    assert [p.split(": ", 1)[0] for p in reader.problems] == [f"{path}:{n}" for n in (2, 3, 4)]
+    assert "reason 'angry' is not one of bounce, complaint, manual" in reader.problems[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file away")
+def test_a_list_made_by_root_belongs_to_the_state_directorys_owner(tmp_path: Path) -> None:
+    """``sudo relay suppression add`` before the relay ever listed anything: a
+    root-owned file would keep the service user from adding the next bounce."""
+    nobody = pwd.getpwnam("nobody")
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, nobody.pw_uid, nobody.pw_gid)
+    SuppressionFile(state / "s.jsonl").add([_entry("a@example.org")])
+    st = os.stat(state / "s.jsonl")
+    assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid)
+    assert st.st_mode & 0o777 == 0o640
+
+
+def test_an_unreadable_list_is_an_error_that_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.mkdir()
+    with pytest.raises(SuppressionError, match=f"cannot read the suppression list {path}"):
+        SuppressionFile(path).current()
+    with pytest.raises(SuppressionError, match="no state directory"):
+        SuppressionFile(tmp_path / "missing" / "s.jsonl").create()
+
+
+def test_the_policy_takes_hard_bounce_codes_and_refuses_what_is_not_one(tmp_path: Path) -> None:
+    base = Path(__file__).parent / "policies" / "minimal.yaml"
+    default = load(base).suppression
+    assert default is not None and default.hard_bounce == {"5.1.1", "5.1.10", "5.2.1"}
+    assert default.file.name == "suppression.jsonl"
+    own = variant(
+        tmp_path / "own", "tenants:", "suppression: {hard_bounce: [5.1.1, 5.4.1]}\ntenants:"
+    )
+    settings = load(own).suppression
+    assert settings is not None and settings.hard_bounce == {"5.1.1", "5.4.1"}
+    none = variant(tmp_path / "none", "tenants:", "suppression: {hard_bounce: []}\ntenants:")
+    settings = load(none).suppression
+    assert settings is not None and settings.hard_bounce == frozenset()
+    bad = variant(
+        tmp_path / "bad", "tenants:", "suppression:\n  hard_bounce: [5.1, 4.2.2]\ntenants:"
+    )
+    with pytest.raises(PolicyError) as caught:
+        load(bad)
+    problems = "\n".join(caught.value.problems)
+    assert f"{bad}:" in problems and "suppression.hard_bounce[0]" in problems
+    assert "suppression.hard_bounce[1]: expected a permanent enhanced status code" in problems
+    assert "'4.2.2'" in problems
+
+
+MESSAGE = (
+    b"From: jan@acme.example\nTo: buyer@example.org, gone@example.org\n"
+    b"Subject: Invoice 4711\n\nPlease find the invoice attached.\n"
+)
+
+
+def test_preview_and_decide_leave_a_listed_recipient_out_and_say_why(
+    policy_file: Path,
+) -> None:
+    """The invoice's automatic BCC goes to the sender as before; the listed
+    recipient is in no envelope, with the reason in the report."""
+    policy = load(policy_file)
+    assert policy.suppression is not None
+    policy.suppression.file.parent.mkdir(parents=True)
+    SuppressionFile(policy.suppression.file).add([_entry("Gone@example.org")])
+    submission = submission_from_file(MESSAGE, None, None, [])
+    text = render(policy, submission, as_json=False)
+    assert "Recipients:  buyer@example.org, jan@acme.example\n" in text
+    assert "Suppressed:  gone@example.org\n" in text
+    assert (
+        "not sent to gone@example.org: on the suppression list since"
+        f" {WHEN} (bounce: 550 5.1.1 User unknown)"
+    ) in text

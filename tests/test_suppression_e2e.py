@@ -1,0 +1,130 @@
+"""The suppression list end to end: a real relay process (two workers), a real
+upstream that refuses some recipients, and the list as the workers share it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relay.policy.load import load
+from relay.suppression import COMPLAINT, Suppression, SuppressionFile
+from tests.relayproc import RelayProcess, wait_for
+from tests.sink import Sink, SinkServer, free_port
+from tests.test_queue_e2e import audit_events, configure, relay_cli, send
+
+REFUSE = {
+    "gone@example.org": "550 5.1.1 <gone@example.org>: Recipient address rejected: User unknown",
+    "blocked@example.org": "554 5.7.1 Service unavailable; client host blocked",
+    "later@example.org": "450 4.2.1 Mailbox busy",
+}
+
+
+@dataclass
+class CountingSink(Sink):
+    """Counts the transactions begun, taken or not."""
+
+    mails: int = 0
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        self.mails += 1
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+
+def _body(message: bytes) -> str:
+    return message.split(b"\r\n\r\n", 1)[1].decode("utf-8", "replace").replace("=\r\n", "")
+
+
+def _listed(policy: Path) -> dict[str, Suppression]:
+    settings = load(policy).suppression
+    assert settings is not None
+    return {entry.address.lower(): entry for entry in SuppressionFile(settings.file).current()}
+
+
+def test_a_mailbox_refused_as_unknown_is_not_sent_to_again(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The first message's 550 5.1.1 puts the address on the list; the next one, in
+    another case, is not offered to the upstream at all: its sender is told why,
+    and the audit log says ``suppressed``. A refusal of the platform (5.7.1) or a
+    temporary one says nothing about the address and lists nothing."""
+    with SinkServer(Sink(refuse=dict(REFUSE))) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            first = send(port, rcpts=(*REFUSE, "ok@example.org"))
+            wait_for(lambda: "is on the suppression list now" in relay.log())
+            second = send(port, rcpts=("Gone@Example.org", "ok2@example.org"))
+            wait_for(lambda: len(sink.sink.messages) >= 4)  # two messages, two notices
+            log = relay.log()
+    listed = _listed(policy)
+    assert set(listed) == {"gone@example.org"}
+    entry = listed["gone@example.org"]
+    assert (entry.reason, entry.tenant, entry.queue_id) == ("bounce", None, first)
+    assert entry.detail == REFUSE["gone@example.org"]
+    sent = [m for m in sink.sink.messages if m.mail_from != "<>"]
+    assert sorted(r for m in sent for r in m.rcpt_tos) == ["ok2@example.org", "ok@example.org"]
+    assert f"{second}: to=<Gone@Example.org>, relay=default" in log
+    assert "status=suppressed (not sent: on the suppression list since" in log
+    assert "status=bounced" not in log.split(f"{second}: ", 1)[1].split("\n", 1)[0]
+    events = audit_events(policy, second)
+    assert ("suppressed", "Gone@Example.org") in events
+    assert ("failed", "Gone@Example.org") not in events
+    notices = [m for m in sink.sink.messages if m.mail_from == "<>"]
+    about_second = [n for n in notices if second.encode() in n.data]
+    assert len(about_second) == 1
+    text = _body(about_second[0].data)
+    assert "Gone@Example.org" in text and "suppression list" in text
+    assert "ok2@example.org" not in text
+
+
+def test_a_message_whose_every_recipient_is_suppressed_ends_with_the_notice(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Nothing reaches the upstream but the sender's notice; the ERP still gets its
+    250 (the message was taken and has its final state), the queue empties, and
+    ``audit report`` counts the recipient as suppressed."""
+    with SinkServer(CountingSink()) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        settings = load(policy).suppression
+        assert settings is not None
+        complaint = Suppression("angry@example.org", None, COMPLAINT, "2026-01-02T03:04:05.000Z")
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            SuppressionFile(settings.file).add([complaint])  # the running workers see it
+            queue_id = send(port, rcpts=("angry@example.org",))
+            (notice,) = sink.sink.wait(1)
+            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
+    assert notice.mail_from == "<>" and notice.rcpt_tos == ["jan@acme.example"]
+    assert isinstance(sink.sink, CountingSink) and sink.sink.mails == 1  # the notice's only
+    text = _body(notice.data)
+    assert "angry@example.org" in text
+    assert "since 2026-01-02T03:04:05.000Z (complaint)" in text
+    assert "none of its recipients got it" in text
+    events = audit_events(policy, queue_id)
+    assert [e for e, _ in events] == ["received", "queued", "suppressed", "notified"]
+    report = relay_cli(policy, "audit", "report", "--format", "json")
+    assert report.returncode == 0, report.stderr
+    rows = [json.loads(line) for line in report.stdout.splitlines()]
+    other = next(r for r in rows if r.get("doc_type") == "other")
+    assert other["suppressed"] == 1 and other["delivered"] == 0
+
+
+def test_no_hard_bounce_codes_lists_nothing(policy_file: Path, tmp_path: Path) -> None:
+    """``suppression: {hard_bounce: []}``: the relay adds no address itself."""
+    with SinkServer(Sink(refuse=dict(REFUSE))) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port, "suppression: {hard_bounce: []}\n")
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            send(port, rcpts=("gone@example.org", "ok@example.org"))
+            sink.sink.wait(2)  # the message to ok@, and the notice about gone@
+            wait_for(lambda: "status=bounced" in relay.log())
+            log = relay.log()
+    assert "suppression list now" not in log
+    assert _listed(policy) == {}
