@@ -1,0 +1,34 @@
+"""What a bounce or a complaint says, as the rest of the relay needs it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BOUNCE = "bounce"
+COMPLAINT = "complaint"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One recipient a report is about. ``status`` is the RFC 3463 code when the
+    report gives one (``5.1.1``); ``diagnostic`` the receiving server's text."""
+
+    recipient: str
+    status: str | None = None
+    diagnostic: str | None = None
+
+
+@dataclass(frozen=True)
+class Report:
+    """A bounce (``kind`` BOUNCE: permanent failures only; delays and successes
+    are not reports the relay acts on) or a complaint (COMPLAINT, with its
+    ``feedback_type``: abuse, fraud, ...). ``message_id``, ``subject`` and
+    ``envelope_id`` are the original message's, as the report returned them,
+    to find it in the audit log."""
+
+    kind: str
+    failures: tuple[Failure, ...]
+    message_id: str | None = None
+    subject: str | None = None
+    envelope_id: str | None = None
+    feedback_type: str | None = None
