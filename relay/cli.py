@@ -145,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     passwd.set_defaults(run=_passwd)
     _queue_parsers(sub)
     _audit_parsers(sub)
+    _suppression_parsers(sub)
     return parser
 
 
@@ -211,6 +212,56 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
         help="a head verify printed before ('seq N hash H'): that record must still be there",
     )
     verify.set_defaults(run=_audit, verb="verify")
+
+
+def _suppression_parsers(sub: argparse._SubParsersAction) -> None:
+    from relay.suppression import REASONS
+
+    suppression = sub.add_parser(
+        "suppression", help="list, add and remove addresses the relay does not send to"
+    )
+    verbs = suppression.add_subparsers(metavar="COMMAND")
+    text = (
+        "the entries, sorted; with addresses, theirs only (any case); with --tenant, those"
+        " that keep addresses from its mail (its own and those for all tenants)"
+    )
+    listing = verbs.add_parser(
+        "list", help="the suppressed addresses", description=text, epilog=_LIST_STATUS
+    )
+    _policy_option(listing)
+    listing.add_argument("addresses", nargs="*", metavar="ADDRESS")
+    listing.add_argument("--tenant", metavar="T")
+    listing.add_argument("--json", action="store_true", help="one JSON object a line")
+    listing.set_defaults(run=_suppression, verb="list")
+    text = "stop sending to addresses, for every tenant or one"
+    add = verbs.add_parser("add", help=text, description=text, epilog=_ADD_STATUS)
+    _policy_option(add)
+    add.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    add.add_argument("--tenant", metavar="T", help="for this tenant's mail only")
+    add.add_argument("--reason", choices=REASONS, default="manual")
+    add.add_argument("--note", default="", help="why, shown in the list and to senders")
+    add.set_defaults(run=_suppression, verb="add")
+    text = "send to addresses again: every entry of each, or with --tenant that tenant's"
+    remove = verbs.add_parser("remove", help=text, description=text, epilog=_REMOVE_STATUS)
+    _policy_option(remove)
+    remove.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    remove.add_argument("--tenant", metavar="T", help="only the entries for this tenant")
+    remove.set_defaults(run=_suppression, verb="remove")
+
+
+_LIST_STATUS = (
+    "Exit status: 0 something listed, 1 nothing matched, 66 the list cannot be read,"
+    " 78 the policy does not load."
+)
+_ADD_STATUS = (
+    "Exit status: 0 done (an address already listed for that scope is left as it is),"
+    " 2 an address or tenant refused (nothing added), 66 the list cannot be read, 73 it"
+    " cannot be written, 78 the policy does not load."
+)
+_REMOVE_STATUS = (
+    "Exit status: 0 done, 1 an address named had no entry (the others are removed),"
+    " 66 the list cannot be read, 73 it cannot be written, 78 the policy does not load."
+)
 
 
 def _policy_option(parser: argparse.ArgumentParser) -> None:
@@ -412,6 +463,45 @@ def _audit(args: argparse.Namespace) -> int:
     return commands.verify_main(
         directory, args.since, out, err, hmac_key=state.audit.hmac_key, anchor=args.anchor
     )
+
+
+def _suppression(args: argparse.Namespace) -> int:
+    """A tenant ``add`` names must be the policy's; while the policy does not
+    load, its state settings say where the list is, and any tenant is taken."""
+    import logging
+
+    from relay.errors import PolicyError
+    from relay.policy.load import StateSettings, load
+    from relay.record import operator
+    from relay.suppression import SuppressionFile, tools
+
+    tenants = None
+    try:
+        policy = load(args.config)
+    except PolicyError:
+        state = _tool_state(args.config)  # says why, and goes by the state settings
+    else:
+        assert policy.suppression is not None  # a loaded policy has one
+        state = StateSettings(policy.queue, policy.audit, policy.suppression)
+        tenants = policy.tenants.keys()
+    if state is None:
+        return EX_CONFIG
+    # the list's reader logs the lines it skips for the daemon's log; here the
+    # command says them itself, and Python's last-resort handler would repeat them
+    relay_log = logging.getLogger("relay")
+    if not relay_log.handlers:
+        relay_log.addHandler(logging.NullHandler())
+    file, out, err = SuppressionFile(state.suppression.file), sys.stdout, sys.stderr
+    if args.verb == "list":
+        return tools.list_main(
+            file, args.addresses, args.tenant, as_json=args.json, out=out, err=err
+        )
+    if args.verb == "add":
+        return tools.add_main(
+            file, args.addresses, args.tenant, reason=args.reason, note=args.note,
+            by=operator(), tenants=tenants, out=out, err=err,
+        )  # fmt: skip
+    return tools.remove_main(file, args.addresses, args.tenant, by=operator(), out=out, err=err)
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -1,0 +1,226 @@
+"""``relay suppression list|add|remove``: the sysadmin's view of the list.
+
+``relay/cli.py`` owns the argument parser and finds the file (the policy's
+state settings); these functions own everything after that, so they are
+tested without a process. ``list`` exits like grep: 0 something listed, 1
+nothing matched. ``add`` and ``remove`` print one line per change; ``remove``
+exits 1 when an address named had no entry, as the queue tools do for an
+unknown ID, having removed the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import asdict
+from typing import TextIO
+
+from relay.suppression.store import (
+    MANUAL,
+    Suppression,
+    SuppressionError,
+    SuppressionFile,
+    SuppressionList,
+    now,
+)
+
+EX_BADARG = 2  # as argparse's own refusals
+EX_NOINPUT = 66  # the list cannot be read, as the queue tools' unreadable spool
+EX_CANTCREAT = 73  # the list cannot be written
+
+COLUMNS = ("address", "tenant", "reason", "since", "by", "detail")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def list_main(
+    file: SuppressionFile,
+    addresses: Sequence[str],
+    tenant: str | None,
+    *,
+    as_json: bool = False,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    """``relay suppression list``: with ``tenant``, the entries that keep
+    addresses from that tenant's mail (its own and those for all tenants)."""
+    snapshot = _read(file, "list", err)
+    if snapshot is None:
+        return EX_NOINPUT
+    wanted = {a.lower() for a in addresses}
+    entries = [
+        e
+        for e in snapshot
+        if (not wanted or e.key[0] in wanted) and (tenant is None or e.tenant in (tenant, None))
+    ]
+    if as_json:
+        for entry in entries:
+            out.write(json.dumps(asdict(entry)) + "\n")
+    else:
+        _write_table([_row(e) for e in entries], out)
+    return 0 if entries else 1
+
+
+def add_main(
+    file: SuppressionFile,
+    addresses: Sequence[str],
+    tenant: str | None,
+    *,
+    reason: str = MANUAL,
+    note: str = "",
+    by: str,
+    tenants: Collection[str] | None = None,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    """``relay suppression add``: ``tenants`` the policy's, None when only its
+    state settings loaded (then any tenant is taken). Nothing is added when an
+    argument is refused, so a typo does not leave half the list changed."""
+    refusal = _refusal(addresses, tenant, tenants)
+    if refusal is not None:
+        err.write(f"relay suppression add: nothing added: {refusal}\n")
+        return EX_BADARG
+    snapshot = _read(file, "add", err)
+    if snapshot is None:
+        return EX_NOINPUT
+    listed_now = _entries_of(snapshot, addresses)
+    when, new, said = now(), [], []
+    for address in _unique(addresses):
+        listed = next((e for e in listed_now.get(address.lower(), ()) if e.tenant == tenant), None)
+        if listed is not None:
+            said.append(f"{address}: already listed ({_describe(listed)}), left as it is")
+            continue
+        new.append(Suppression(address, tenant, reason, when, note, None, by))
+        said.append(f"{address}: added ({reason}, {_scope(tenant)})")
+    try:
+        file.add(new)
+    except SuppressionError as exc:
+        err.write(f"relay suppression add: nothing added: {exc}\n")
+        return EX_CANTCREAT
+    out.write("".join(f"{_printable(line)}\n" for line in said))
+    return 0
+
+
+def remove_main(
+    file: SuppressionFile,
+    addresses: Sequence[str],
+    tenant: str | None,
+    *,
+    by: str,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    """``relay suppression remove``: without ``tenant``, every entry of each
+    address, whatever its scope; with it, that tenant's entry only."""
+    snapshot = _read(file, "remove", err)
+    if snapshot is None:
+        return EX_NOINPUT
+    listed = _entries_of(snapshot, addresses)
+    gone: list[Suppression] = []
+    missing: list[str] = []
+    for address in _unique(addresses):
+        found = [e for e in listed.get(address.lower(), ()) if tenant in (None, e.tenant)]
+        gone += found
+        if not found:
+            missing.append(address)
+    try:
+        file.remove((e.key for e in gone), by)
+    except SuppressionError as exc:
+        err.write(f"relay suppression remove: nothing removed: {exc}\n")
+        return EX_CANTCREAT
+    out.write("".join(_printable(f"{e.address}: removed ({_describe(e)})") + "\n" for e in gone))
+    scope = "" if tenant is None else f" for tenant {tenant}"
+    for address in missing:
+        err.write(_printable(f"relay suppression remove: {address}: not on the list{scope}") + "\n")
+    return 1 if missing else 0
+
+
+def _read(file: SuppressionFile, verb: str, err: TextIO) -> SuppressionList | None:
+    """The list, its skipped lines said on ``err``; None (said) when it cannot be read."""
+    try:
+        snapshot = file.current()
+    except SuppressionError as exc:
+        err.write(f"relay suppression {verb}: {exc}\n")
+        return None
+    for problem in file.problems:
+        err.write(_printable(f"relay suppression: warning: {problem}") + "\n")
+    if _torn_end(file):
+        err.write(
+            f"relay suppression: warning: {file.path}: the last line has no line end"
+            " (cut short, or being written), not read\n"
+        )
+    return snapshot
+
+
+def _torn_end(file: SuppressionFile) -> bool:
+    """A line a crash cut short stays unread, as one still being written would;
+    the next change ends it, and it is then reported as no entry."""
+    try:
+        with open(file.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            return size > 0 and os.pread(f.fileno(), 1, size - 1) != b"\n"
+    except OSError:
+        return False  # gone or unreadable since it was read: nothing to warn of
+
+
+def _refusal(
+    addresses: Sequence[str], tenant: str | None, tenants: Collection[str] | None
+) -> str | None:
+    from relay.policy.values import is_address
+
+    for address in addresses:
+        if not is_address(address):
+            return f"{address!r} is not an address like name@example.com"
+    if tenant is not None and tenants is not None and tenant not in tenants:
+        known = ", ".join(sorted(tenants)) or "none"
+        return f"the policy has no tenant {tenant!r} (its tenants: {known})"
+    return None
+
+
+def _unique(addresses: Iterable[str]) -> list[str]:
+    """Each address once, as first written: one named twice in any case is one entry."""
+    seen: dict[str, str] = {}
+    for address in addresses:
+        seen.setdefault(address.lower(), address)
+    return list(seen.values())
+
+
+def _entries_of(
+    snapshot: SuppressionList, addresses: Iterable[str]
+) -> dict[str, list[Suppression]]:
+    """Each address's entries in every scope, by lower case, in one pass over the
+    list: ``find`` answers for a tenant's mail, not for one scope exactly."""
+    wanted = {a.lower() for a in addresses}
+    found: dict[str, list[Suppression]] = {}
+    for entry in snapshot:
+        if entry.key[0] in wanted:
+            found.setdefault(entry.key[0], []).append(entry)
+    return found
+
+
+def _describe(entry: Suppression) -> str:
+    return f"{entry.reason} since {entry.since}, {_scope(entry.tenant)}"
+
+
+def _scope(tenant: str | None) -> str:
+    return "all tenants" if tenant is None else f"tenant {tenant}"
+
+
+def _row(entry: Suppression) -> list[str]:
+    cells = (entry.address, entry.tenant or "*", entry.reason, entry.since, entry.by, entry.detail)
+    return [_printable(c) for c in cells]
+
+
+def _write_table(rows: list[list[str]], out: TextIO) -> None:
+    """Aligned columns, the last not padded, as ``relay audit search`` prints them."""
+    rows = [list(COLUMNS), *rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS) - 1)]
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
+        out.write("  ".join([*cells, row[-1]]).rstrip() + "\n")
+
+
+def _printable(text: str) -> str:
+    """Addresses and upstream replies come from outside; no escape sequence reaches the tty."""
+    return _CONTROL.sub("?", text)

@@ -1,0 +1,246 @@
+"""``relay suppression list|add|remove`` as a sysadmin runs them, against a real list."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relay.cli import main
+from relay.record import operator
+from relay.suppression import BOUNCE, Suppression, SuppressionFile
+from tests.policyfiles import variant
+
+ROOT = Path(__file__).resolve().parent.parent
+BUYER = "buyer@customer.example"
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Path:
+    """minimal.yaml (one tenant, acme) with its state directory beside it."""
+    path = variant(tmp_path, "version: 1\n", "version: 1\n")
+    (tmp_path / "state").mkdir()
+    return path
+
+
+def listed(policy: Path) -> Path:
+    return policy.parent / "state" / "suppression.jsonl"
+
+
+def run(policy: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[str], str]:
+    """The command in this process: its exit status, output lines and stderr."""
+    code = main(["suppression", *args, "-c", str(policy)])
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err
+
+
+def relay(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_an_entry_is_added_to_a_list_that_has_some(tmp_path: Path) -> None:
+    """The append checks that the last line is ended: it read from a descriptor
+    opened write-only, so every add after the first failed (EBADF), the relay's
+    own for a hard bounce as well."""
+    file = SuppressionFile(tmp_path / "suppression.jsonl")
+    file.add([Suppression("one@example.net", None, BOUNCE, "2026-12-01T10:00:00.000Z")])
+    file.add([Suppression("two@example.net", None, BOUNCE, "2026-12-01T10:00:01.000Z")])
+    assert [e.address for e in file.current()] == ["one@example.net", "two@example.net"]
+
+
+def test_add_then_list(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(policy, capsys, "add", "Buyer@Customer.example", "--note", "asked us")
+    assert (code, out, err) == (0, ["Buyer@Customer.example: added (manual, all tenants)"], "")
+    code, out, err = run(policy, capsys, "list")
+    assert (code, err) == (0, "")
+    assert out[0].split() == ["address", "tenant", "reason", "since", "by", "detail"]
+    address, tenant, reason, since, by, *detail = out[1].split()
+    assert (address, tenant, reason, by, detail) == (
+        "Buyer@Customer.example", "*", "manual", operator(), ["asked", "us"]
+    )  # fmt: skip
+    assert since.startswith("20") and since.endswith("Z")
+    code, out, _ = run(policy, capsys, "list", "--json", "BUYER@customer.EXAMPLE")
+    assert code == 0
+    assert [json.loads(line) for line in out] == [
+        {"address": "Buyer@Customer.example", "tenant": None, "reason": "manual",
+         "since": since, "detail": "asked us", "queue_id": None, "by": by}
+    ]  # fmt: skip
+
+
+def test_list_exits_1_when_nothing_matched(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(policy, capsys, "list")[0] == 1  # no file yet: nothing ever suppressed
+    assert run(policy, capsys, "add", BUYER)[0] == 0
+    assert run(policy, capsys, "list", "other@customer.example")[:2] == (
+        1,
+        ["address  tenant  reason  since  by  detail"],
+    )
+    assert run(policy, capsys, "list", "--json", "other@customer.example")[:2] == (1, [])
+
+
+def test_adding_an_address_listed_for_that_scope_leaves_it(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(policy, capsys, "add", BUYER, "--reason", "complaint")[0] == 0
+    lines = listed(policy).read_text().splitlines()
+    code, out, _ = run(policy, capsys, "add", BUYER.upper(), "other@customer.example")
+    assert code == 0
+    assert out[0].startswith(f"{BUYER.upper()}: already listed (complaint since 20")
+    assert out[0].endswith(", all tenants), left as it is")
+    assert out[1] == "other@customer.example: added (manual, all tenants)"
+    assert listed(policy).read_text().splitlines()[: len(lines)] == lines
+    assert len(listed(policy).read_text().splitlines()) == len(lines) + 1
+
+
+def test_a_tenants_entry_is_its_own(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(policy, capsys, "add", BUYER)[0] == 0
+    code, out, _ = run(policy, capsys, "add", BUYER, "other@customer.example", "--tenant", "acme")
+    assert (code, out) == (
+        0,
+        [f"{BUYER}: added (manual, tenant acme)",
+         "other@customer.example: added (manual, tenant acme)"],
+    )  # fmt: skip
+    other_tenant = Suppression(BUYER, "globex", BOUNCE, "2026-12-01T10:00:00.000Z")
+    SuppressionFile(listed(policy)).add([other_tenant])  # one the policy had then
+    code, out, _ = run(policy, capsys, "list", "--tenant", "acme")
+    assert [line.split()[:2] for line in out[1:]] == [
+        [BUYER, "*"], [BUYER, "acme"], ["other@customer.example", "acme"]
+    ]  # fmt: skip
+    code, out, _ = run(policy, capsys, "remove", BUYER, "--tenant", "acme")
+    assert code == 0
+    assert len(out) == 1 and out[0].startswith(f"{BUYER}: removed (manual since 20")
+    assert out[0].endswith(", tenant acme)")
+    code, out, _ = run(policy, capsys, "list")
+    assert [line.split()[:2] for line in out[1:]] == [
+        [BUYER, "*"], [BUYER, "globex"], ["other@customer.example", "acme"]
+    ]  # fmt: skip
+
+
+def test_remove_without_a_tenant_removes_every_scope(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(policy, capsys, "add", BUYER)
+    run(policy, capsys, "add", BUYER, "--tenant", "acme")
+    code, out, _ = run(policy, capsys, "remove", BUYER.upper())
+    assert code == 0
+    assert [line.rsplit(", ", 1)[1] for line in out] == ["all tenants)", "tenant acme)"]
+    assert run(policy, capsys, "list")[0] == 1
+
+
+def test_removing_an_address_not_listed_exits_1_and_removes_the_others(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(policy, capsys, "add", BUYER)
+    code, out, err = run(policy, capsys, "remove", "nobody@customer.example", BUYER)
+    assert code == 1
+    assert len(out) == 1 and out[0].startswith(f"{BUYER}: removed (")
+    assert err == "relay suppression remove: nobody@customer.example: not on the list\n"
+    assert run(policy, capsys, "list")[0] == 1
+    code, _, err = run(policy, capsys, "remove", "nobody@customer.example", "--tenant", "acme")
+    assert code == 1
+    assert err.endswith(": nobody@customer.example: not on the list for tenant acme\n")
+
+
+@pytest.mark.parametrize(
+    "args, refused",
+    [
+        (["buyer.customer.example"], "'buyer.customer.example' is not an address"),
+        (["jørn@customer.example"], "'jørn@customer.example' is not an address"),
+        (["--tenant", "globex"], "the policy has no tenant 'globex' (its tenants: acme)"),
+    ],
+)
+def test_an_argument_refused_changes_nothing(
+    policy: Path, capsys: pytest.CaptureFixture[str], args: list[str], refused: str
+) -> None:
+    run(policy, capsys, "add", "other@customer.example")
+    before = listed(policy).read_bytes()
+    code, out, err = run(policy, capsys, "add", BUYER, *args)
+    assert (code, out) == (2, [])
+    assert err.startswith(f"relay suppression add: nothing added: {refused}")
+    assert listed(policy).read_bytes() == before
+
+
+def test_any_tenant_is_taken_while_only_the_state_settings_load(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The policy's tenants cannot be known then; the list must still be editable."""
+    for key in (policy.parent / "keys").iterdir():
+        key.unlink()
+    code, out, err = run(policy, capsys, "add", BUYER, "--tenant", "globex")
+    assert (code, out) == (0, [f"{BUYER}: added (manual, tenant globex)"])
+    assert "does not load, but its state settings do" in err
+
+
+def test_a_torn_last_line_is_warned_of_and_the_rest_listed(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A crash mid-write leaves half a line: the list is still read, and said to be damaged."""
+    run(policy, capsys, "add", BUYER)
+    with listed(policy).open("ab") as f:
+        f.write(b'{"v":1,"op":"add","address":"half@cust')
+    code, out, err = run(policy, capsys, "list")
+    assert (code, [line.split()[0] for line in out[1:]]) == (0, [BUYER])
+    assert err == (
+        f"relay suppression: warning: {listed(policy)}: the last line has no line end"
+        " (cut short, or being written), not read\n"
+    )
+    assert run(policy, capsys, "add", "other@customer.example")[0] == 0  # ends the torn line
+    done = relay("suppression", "list", "-c", str(policy))  # its log said it once more
+    rows = [line.split()[0] for line in done.stdout.splitlines()[1:]]
+    assert (done.returncode, rows) == (0, [BUYER, "other@customer.example"])
+    assert done.stderr.startswith(
+        f"relay suppression: warning: {listed(policy)}:2: not a suppression entry, skipped: "
+    )
+    assert done.stderr.count("\n") == 1
+
+
+def test_an_added_entry_reaches_a_reader_that_had_read_the_list(policy: Path) -> None:
+    """What the daemon's workers do: each holds what it read and reads what was appended."""
+    assert relay("suppression", "add", BUYER, "-c", str(policy)).returncode == 0
+    worker = SuppressionFile(listed(policy))
+    assert worker.current().find("someone@customer.example", "acme") is None
+    done = relay("suppression", "add", "someone@customer.example", "--tenant", "acme",
+                 "--reason", "complaint", "-c", str(policy))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    found = worker.current().find("Someone@Customer.example", "acme")
+    assert found is not None and (found.reason, found.tenant) == ("complaint", "acme")
+    assert worker.current().find(BUYER, "acme") is not None
+    done = relay("suppression", "remove", BUYER, "-c", str(policy))
+    assert done.returncode == 0, done.stderr
+    assert worker.current().find(BUYER, "acme") is None
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+@pytest.mark.parametrize("json_lines", [False, True], ids=["table", "json"])
+def test_a_listing_that_cannot_be_written_is_exit_74(policy: Path, json_lines: bool) -> None:
+    SuppressionFile(listed(policy)).add(
+        [Suppression(BUYER, None, BOUNCE, "2026-12-01T10:00:00.000Z")]
+    )
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "relay", "suppression", "list", "-c", str(policy),
+             *(["--json"] if json_lines else [])],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=60, check=False, cwd=ROOT,
+        )  # fmt: skip
+    assert (done.returncode, done.stderr) == (
+        74,
+        "relay: cannot write the output: No space left on device\n",
+    )
+
+
+def test_a_policy_that_does_not_load_at_all_is_exit_78(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "relay.yaml"
+    bad.write_text("version: 1\nplatform:\n  from_adress: x@y.example\n")
+    for verb in (["list"], ["add", BUYER], ["remove", BUYER]):
+        assert run(bad, capsys, *verb)[0] == 78
+    assert not (tmp_path / "state" / "suppression.jsonl").exists()
