@@ -108,6 +108,12 @@ class SuppressionFile:
         self._line = 0
         self.problems: list[str] = []  # lines that are not entries, as "FILE:LINE: why"
 
+    @property
+    def unfinished(self) -> bool:
+        """The file ends in a line with no line end, left unread: cut short by a
+        crash, or still being written. The next change ends it."""
+        return bool(self._partial)
+
     def current(self) -> SuppressionList:
         """The list as the file has it now; raises SuppressionError if it cannot be read.
 

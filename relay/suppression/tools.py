@@ -11,7 +11,6 @@ unknown ID, having removed the others.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict
@@ -145,23 +144,12 @@ def _read(file: SuppressionFile, verb: str, err: TextIO) -> SuppressionList | No
         return None
     for problem in file.problems:
         err.write(_printable(f"relay suppression: warning: {problem}") + "\n")
-    if _torn_end(file):
+    if file.unfinished:
         err.write(
             f"relay suppression: warning: {file.path}: the last line has no line end"
             " (cut short, or being written), not read\n"
         )
     return snapshot
-
-
-def _torn_end(file: SuppressionFile) -> bool:
-    """A line a crash cut short stays unread, as one still being written would;
-    the next change ends it, and it is then reported as no entry."""
-    try:
-        with open(file.path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            return size > 0 and os.pread(f.fileno(), 1, size - 1) != b"\n"
-    except OSError:
-        return False  # gone or unreadable since it was read: nothing to warn of
 
 
 def _refusal(
