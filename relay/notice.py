@@ -27,8 +27,14 @@ _MSG_ID = re.compile(r"<[^<>\s]+>")
 
 
 def build_notice(
-    policy: Policy, entry: QueueEntry, failures: Sequence[RecipientState], now: float
+    policy: Policy,
+    entry: QueueEntry,
+    failures: Sequence[RecipientState],
+    now: float,
+    complaint: bool = False,
 ) -> tuple[QueueEntry, bytes]:
+    """``complaint``: the ``failures`` reported the document as spam, rather than
+    not receiving it: the sender hears that in those words."""
     queue_id = new_queue_id()
     tenant = policy.tenants.get(entry.tenant)
     account = _account(policy, entry)
@@ -36,9 +42,8 @@ def build_notice(
         f"Mail relay for {tenant.name}" if tenant else "Mail relay",
         account or policy.platform.from_address,
     )
-    subject = (
-        f"Undelivered: {_printable(entry.subject)}" if entry.subject else "Undelivered document"
-    )
+    what = "Complaint about" if complaint else "Undelivered"
+    subject = f"{what}: {_printable(entry.subject)}" if entry.subject else f"{what} document"
     date = formatdate(now, localtime=False, usegmt=True)
     message_id = f"<{queue_id}@{policy.platform.hostname}>"
     about = _MSG_ID.search(entry.message_id or "")
@@ -59,7 +64,8 @@ def build_notice(
             ("Content-Transfer-Encoding", "quoted-printable"),
         )
     )
-    body = quopri.encodestring(_text(entry, failures).encode()).replace(b"\n", b"\r\n")
+    text = _complaint_text(entry, failures) if complaint else _text(entry, failures)
+    body = quopri.encodestring(text.encode()).replace(b"\n", b"\r\n")
     message = head + b"\r\n" + body
     signed = sign(message, policy.keys_for(policy.platform.from_address.rsplit("@", 1)[1]))
     data = signed + message
@@ -99,9 +105,8 @@ def _account(policy: Policy, entry: QueueEntry) -> str | None:
     return upstream.sender if isinstance(upstream, SmtpUpstream) else None
 
 
-def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
-    lines = [
-        _opening(entry),
+def _document(entry: QueueEntry) -> list[str]:
+    return [
         "",
         f"Document:   {entry.subject or '(no subject)'}",
         f"Sent:       {entry.date or formatdate(entry.arrival, usegmt=True)}",
@@ -109,6 +114,22 @@ def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
         f"Queue ID:   {entry.queue_id}",
         "",
     ]
+
+
+def _complaint_text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
+    lines = ["A recipient of a document you sent reported it as spam.", *_document(entry)]
+    for rcpt in failures:
+        lines += [f"Recipient:  {rcpt.address}", f"Report:     {rcpt.reply or 'abuse'}", ""]
+    lines += [
+        "The relay sends this recipient no more of your company's mail. If they want it",
+        "again, ask your mail administrator to take the address off the suppression list.",
+        "This notice was written by the mail relay; replies to it are not read.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
+    lines = [_opening(entry), *_document(entry)]
     for rcpt in failures:
         lines += [f"Recipient:  {rcpt.address}", f"Reason:     {rcpt.reply or 'unknown'}", ""]
     lines.append("Please check the address, or reach the recipient another way.")

@@ -1,0 +1,261 @@
+"""What the relay does with a bounce or a complaint that came back.
+
+The report names the original message by its Message-ID; the audit log's
+``received`` record of that message says whose document it was (tenant,
+user) and to whom it went. Then, for each recipient the report is about:
+a ``bounced`` or ``complained`` record on that message, so that its
+timeline ends where it really ended; the address on the suppression list
+(a hard bounce for every tenant, a complaint for the tenant whose mail it
+was); and the sending user told, through a notice queued like the
+relay's own failure notices, which the running relay delivers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from relay.audit import events, search
+from relay.feedback.report import BOUNCE, Failure, Report
+from relay.notice import build_notice
+from relay.policy.model import Policy
+from relay.record import Recorder
+from relay.spool import DELIVERED, FAILED, QueueEntry, RecipientState, Spool
+from relay.suppression import BOUNCE as BOUNCED
+from relay.suppression import COMPLAINT, Suppression, SuppressionFile, now
+
+LOOKBACK_DAYS = 30  # a complaint may come weeks later; a bounce within the queues' lifetimes
+PERMANENT_UNKNOWN = "5.0.0"  # RFC 3463: a permanent failure the report gives no code for
+
+
+@dataclass(frozen=True)
+class Original:
+    """The message a report is about, as its ``received`` record has it."""
+
+    queue_id: str
+    message_id: str | None
+    tenant: str
+    user: str
+    mail_from: str
+    recipients: tuple[str, ...]  # the ERP's
+    bcc: tuple[str, ...]  # the relay's automatic copy to the sender
+    doc_type: str
+    time: str
+    subject: str | None
+
+
+@dataclass
+class Outcome:
+    """What was done, a line each, for the command's output."""
+
+    original: Original | None
+    lines: list[str] = field(default_factory=list)
+
+
+def find_original(directory: Path, report: Report, today: date | None = None) -> Original | None:
+    """The newest message with the report's Message-ID that went to one of its
+    recipients (an ERP may send one document twice, to others the second
+    time); None when the log has none within ``LOOKBACK_DAYS``."""
+    if not report.message_id or not report.message_id.strip("<> \t"):
+        return None
+    today = today or datetime.now(UTC).date()
+    since = today - timedelta(days=LOOKBACK_DAYS)
+    received = [
+        r
+        for r in search.show(directory, report.message_id, since=since)
+        if r.get("event") == "received"
+    ]
+    wanted = {f.recipient.lower() for f in report.failures}
+    for record in reversed(received):
+        original = _original(record)
+        if original is not None and (
+            not wanted or wanted & {r.lower() for r in (*original.recipients, *original.bcc)}
+        ):
+            return original
+    return None
+
+
+def _original(record: dict[str, Any]) -> Original | None:
+    try:
+        return Original(
+            queue_id=record["queue_id"],
+            message_id=record.get("message_id"),
+            tenant=record["tenant"],
+            user=record["user"],
+            mail_from=record.get("mail_from") or "",
+            recipients=tuple(record.get("rcpt_tos", ())),
+            bcc=tuple(record.get("bcc_added", ())),
+            doc_type=record.get("doc_type") or "",
+            time=record["time"],
+            subject=record.get("subject"),
+        )
+    except (KeyError, TypeError):
+        return None
+
+
+def act(
+    policy: Policy,
+    report: Report,
+    recorder: Recorder,
+    suppressions: SuppressionFile,
+    spool: Spool,
+    clock: Callable[[], float] = time.time,
+) -> Outcome:
+    """Record, suppress, tell; raises AuditError, SuppressionError or SpoolError
+    when the state cannot take it (the mail system should try again later).
+    The suppression list comes first: a report recorded twice is harmless, an
+    address left off the list is mailed again."""
+    original = find_original(policy.audit.directory, report)
+    outcome = Outcome(original)
+    failures = _failures(report, original)
+    if not failures:
+        outcome.lines.append(
+            "names no recipient, and its message is not in the audit log"
+            if original is None
+            else f"names no recipient, and its message went to {len(original.recipients)}:"
+            " which one complained is not known, none is suppressed"
+        )
+        return outcome
+    entries = [_entry(policy, report, failure, original) for failure in failures]
+    suppressions.add([e for e in entries if e is not None])
+    queue_id = original.queue_id if original is not None else None
+    message_id = original.message_id if original is not None else report.message_id
+    for failure, entry in zip(failures, entries, strict=True):
+        recorder.add(_record(report, failure, queue_id, message_id))
+        outcome.lines.append(_said(report, failure, entry))
+    told = _tell(policy, report, failures, original, recorder, spool, clock)
+    if told:
+        outcome.lines.append(told)
+    recorder.flush_sync(queue_id)
+    return outcome
+
+
+def _failures(report: Report, original: Original | None) -> tuple[Failure, ...]:
+    """A complaint whose reporter redacted the recipient names it through the
+    message, when that went to one recipient only: guessing among several
+    would suppress someone who did not complain."""
+    if report.failures or report.kind == BOUNCE or original is None:
+        return report.failures
+    return (Failure(original.recipients[0]),) if len(original.recipients) == 1 else ()
+
+
+def _entry(
+    policy: Policy, report: Report, failure: Failure, original: Original | None
+) -> Suppression | None:
+    """A hard bounce, by the policy's codes, for every tenant; a complaint for the
+    tenant whose mail it was (for all, when the message is not found)."""
+    detail = failure.diagnostic or failure.status or report.feedback_type or ""
+    queue_id = original.queue_id if original is not None else None
+    if report.kind == BOUNCE:
+        codes = policy.suppression.hard_bounce if policy.suppression is not None else frozenset()
+        if failure.status not in codes:
+            return None
+        return Suppression(failure.recipient, None, BOUNCED, now(), detail, queue_id)
+    tenant = original.tenant if original is not None else None
+    return Suppression(failure.recipient, tenant, COMPLAINT, now(), detail, queue_id)
+
+
+def _record(
+    report: Report, failure: Failure, queue_id: str | None, message_id: str | None
+) -> dict[str, Any]:
+    if report.kind == BOUNCE:
+        return events.bounced(
+            queue_id=queue_id,
+            message_id=message_id,
+            recipient=failure.recipient,
+            dsn_status=failure.status or PERMANENT_UNKNOWN,
+            diagnostic=failure.diagnostic,
+        )
+    return events.complained(
+        queue_id=queue_id,
+        message_id=message_id,
+        recipient=failure.recipient,
+        feedback_type=report.feedback_type or "abuse",
+    )
+
+
+def _said(report: Report, failure: Failure, entry: Suppression | None) -> str:
+    what = f"bounced ({failure.status or 'no status'})" if report.kind == BOUNCE else "complained"
+    listed = "suppressed" if entry is not None else "not suppressed (not a hard bounce code)"
+    return f"{failure.recipient}: {what}, {listed}"
+
+
+def _tell(
+    policy: Policy,
+    report: Report,
+    failures: tuple[Failure, ...],
+    original: Original | None,
+    recorder: Recorder,
+    spool: Spool,
+    clock: Callable[[], float],
+) -> str:
+    """Queue the sending user's notice; the reason said when there is none."""
+    if original is None:
+        return "no notice: the message is not in the audit log"
+    tenant = policy.tenants.get(original.tenant)
+    user = tenant.users.get(original.user) if tenant is not None else None
+    if tenant is None or user is None:
+        return f"no notice: user {original.user!r} of {original.tenant!r} is not in the policy"
+    if not original.mail_from:
+        return "no notice: the message had an empty envelope sender (RFC 5321 4.5.5)"
+    entry = _as_entry(original, report, failures, user.address, tenant.upstream)
+    told = [r for r in entry.recipients if r.status == FAILED and r.notify]
+    if not told:
+        return "no notice: the report is about the sender's own copy"
+    notice, data = build_notice(policy, entry, told, clock(), complaint=report.kind != BOUNCE)
+    spool.put(notice, data)
+    recorder.notice(entry, notice)
+    return f"{user.address} told (notice {notice.queue_id})"
+
+
+def _as_entry(
+    original: Original,
+    report: Report,
+    failures: tuple[Failure, ...],
+    notify_address: str,
+    upstream: str,
+) -> QueueEntry:
+    """The delivered message as the notice builder reads a queue entry: the
+    reported recipients failed, with what the report said, the others delivered."""
+    said = {f.recipient.lower(): f for f in failures}
+    bcc = {b.lower() for b in original.bcc}
+    recipients = []
+    for address in dict.fromkeys((*original.recipients, *original.bcc)):
+        failure = said.get(address.lower())
+        own = address.lower() not in bcc
+        if failure is None:
+            recipients.append(RecipientState(address, DELIVERED, notify=own))
+        else:
+            reply = _reason(report, failure)
+            recipients.append(RecipientState(address, FAILED, notify=own, reply=reply))
+    arrival = datetime.fromisoformat(original.time.replace("Z", "+00:00")).timestamp()
+    return QueueEntry(
+        queue_id=original.queue_id,
+        arrival=arrival,
+        mail_from=original.mail_from,
+        recipients=recipients,
+        upstream=upstream,
+        tenant=original.tenant,
+        user=original.user,
+        notify_address=notify_address,
+        doc_type=original.doc_type,
+        subject=report.subject or original.subject or "",
+        message_id=original.message_id or "",
+        date="",
+        size=0,
+        client_address="relay",
+        auth_login=None,
+        next_attempt=0.0,
+    )
+
+
+def _reason(report: Report, failure: Failure) -> str:
+    if report.kind != BOUNCE:
+        return report.feedback_type or "abuse"
+    text = failure.diagnostic or "no reason given"
+    status = f" ({failure.status})" if failure.status else ""
+    return f"the receiving server returned it after accepting it{status}: {text}"

@@ -1,0 +1,215 @@
+"""Acting on a bounce or complaint about a message a real relay delivered: the
+audit log finds it, the address is listed, the sender's notice is queued."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from relay.audit import AuditLog
+from relay.feedback.act import act, find_original
+from relay.feedback.report import BOUNCE, COMPLAINT, Failure, Report
+from relay.policy.load import load
+from relay.policy.model import Policy
+from relay.record import Recorder
+from relay.spool import Spool
+from relay.suppression import SuppressionFile
+from tests.relayproc import RelayProcess
+from tests.sink import Sink, SinkServer, free_port
+from tests.test_queue_e2e import audit_events, configure, relay_cli
+
+INVOICE = (
+    b"From: jan@acme.example\r\nTo: buyer@example.org, boss@example.org\r\n"
+    b"Subject: Invoice 4711\r\nMessage-ID: <inv-4711@erp.acme.example>\r\n\r\n"
+    b"Please find the invoice attached.\r\n"
+)
+
+
+def _send(port: int, data: bytes, rcpts: tuple[str, ...]) -> str:
+    import smtplib
+
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo()
+        client.mail("jan@acme.example")
+        for rcpt in rcpts:
+            client.rcpt(rcpt)
+        code, reply = client.data(data)
+    assert code == 250, reply
+    return reply.decode().rsplit(" ", 1)[1]
+
+
+@pytest.fixture
+def delivered(policy_file: Path, tmp_path: Path) -> tuple[Path, str, Sink]:
+    """The invoice delivered by a real relay, which has stopped since."""
+    sink = Sink()
+    with SinkServer(sink) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            queue_id = _send(port, INVOICE, ("buyer@example.org", "boss@example.org"))
+            sink.wait(1)
+    return policy, queue_id, sink
+
+
+def _act(policy: Policy, report: Report) -> list[str]:
+    assert policy.suppression is not None
+    with AuditLog(policy.audit.directory) as audit:
+        outcome = act(
+            policy,
+            report,
+            Recorder(audit),
+            SuppressionFile(policy.suppression.file),
+            Spool(policy.queue.directory, create=False),
+        )
+    return outcome.lines
+
+
+def _listed(policy: Policy) -> dict[str, tuple[str | None, str, str | None]]:
+    assert policy.suppression is not None
+    return {
+        e.address: (e.tenant, e.reason, e.queue_id)
+        for e in SuppressionFile(policy.suppression.file).current()
+    }
+
+
+def test_a_hard_bounce_is_recorded_on_its_message_suppressed_and_told(
+    delivered: tuple[Path, str, Sink],
+) -> None:
+    path, queue_id, _ = delivered
+    policy = load(path)
+    report = Report(
+        BOUNCE,
+        (Failure("Boss@example.org", "5.1.1", "550 5.1.1 <boss@example.org>: User unknown"),),
+        message_id="<inv-4711@erp.acme.example>",
+        subject="Invoice 4711",
+    )
+    lines = _act(policy, report)
+    assert lines[0] == "Boss@example.org: bounced (5.1.1), suppressed"
+    assert lines[1].startswith("jan@acme.example told (notice ")
+    assert _listed(policy) == {"Boss@example.org": (None, "bounce", queue_id)}
+    events = audit_events(path, queue_id)
+    assert ("bounced", "Boss@example.org") in events
+    assert events[-1] == ("notified", "jan@acme.example")
+    shown = relay_cli(path, "audit", "show", queue_id, "--format", "json")
+    bounced = next(
+        json.loads(line) for line in shown.stdout.splitlines() if '"event":"bounced"' in line
+    )
+    assert bounced["dsn_status"] == "5.1.1"
+    assert bounced["diagnostic"] == "550 5.1.1 <boss@example.org>: User unknown"
+    queued = relay_cli(path, "queue", "list", "--json")
+    (notice,) = [json.loads(line) for line in queued.stdout.splitlines()]
+    assert notice["recipients"][0]["address"] == "jan@acme.example"
+
+
+def test_the_queued_notice_reaches_the_sender_and_names_the_bounce(
+    delivered: tuple[Path, str, Sink], tmp_path: Path
+) -> None:
+    """The running relay delivers what ``relay bounce`` queued (here: at its next start)."""
+    path, _, sink = delivered
+    policy = load(path)
+    report = Report(
+        BOUNCE,
+        (Failure("boss@example.org", "5.2.1", "550 5.2.1 mailbox disabled"),),
+        message_id="<inv-4711@erp.acme.example>",
+        subject="Invoice 4711",
+    )
+    _act(policy, report)
+    port = int(path.read_text().split("port: ", 1)[1].split("\n", 1)[0])
+    sink_port = int(path.read_text().split("port: ", 2)[2].split("\n", 1)[0])
+    with SinkServer(sink, port=sink_port), RelayProcess(path, port, tmp_path / "again.log"):
+        sink.wait(2)
+    notice = sink.messages[1]
+    assert notice.rcpt_tos == ["jan@acme.example"]
+    head, body = notice.data.split(b"\r\n\r\n", 1)
+    assert b"Subject: Undelivered: Invoice 4711" in head
+    assert b"In-Reply-To: <inv-4711@erp.acme.example>" in head
+    text = body.decode().replace("=\r\n", "")
+    assert "could not be delivered to everyone" in text
+    assert "boss@example.org" in text and "buyer@example.org" not in text
+    assert "after accepting it (5.2.1): 550 5.2.1 mailbox disabled" in text
+
+
+def test_a_soft_coded_bounce_is_recorded_but_not_suppressed(
+    delivered: tuple[Path, str, Sink],
+) -> None:
+    path, queue_id, _ = delivered
+    policy = load(path)
+    report = Report(
+        BOUNCE,
+        (Failure("buyer@example.org", "5.7.1", "550 5.7.1 spam policy"),),
+        message_id="<inv-4711@erp.acme.example>",
+    )
+    lines = _act(policy, report)
+    assert lines[0] == "buyer@example.org: bounced (5.7.1), not suppressed (not a hard bounce code)"
+    assert _listed(policy) == {}
+    assert ("bounced", "buyer@example.org") in audit_events(path, queue_id)
+
+
+def test_a_complaint_suppresses_for_the_tenant_only_and_names_a_lone_recipient(
+    delivered: tuple[Path, str, Sink], tmp_path: Path
+) -> None:
+    """A redacted complaint (no recipient) about a message to two people lists
+    nobody; about a message to one, that one, for the message's tenant."""
+    path, _, sink = delivered
+    policy = load(path)
+    complaint = Report(COMPLAINT, (), message_id="<inv-4711@erp.acme.example>")
+    assert _act(policy, complaint) == [
+        "names no recipient, and its message went to 2:"
+        " which one complained is not known, none is suppressed"
+    ]
+    assert _listed(policy) == {}
+    port = int(path.read_text().split("port: ", 1)[1].split("\n", 1)[0])
+    sink_port = int(path.read_text().split("port: ", 2)[2].split("\n", 1)[0])
+    lone = INVOICE.replace(b"<inv-4711@", b"<inv-4712@").replace(b", boss@example.org", b"")
+    with SinkServer(sink, port=sink_port), RelayProcess(path, port, tmp_path / "again.log"):
+        queue_id = _send(port, lone, ("buyer@example.org",))
+        sink.wait(2)
+    redacted = Report(COMPLAINT, (), message_id="<inv-4712@erp.acme.example>", subject="Inv 4712")
+    lines = _act(policy, redacted)
+    assert lines[0] == "buyer@example.org: complained, suppressed"
+    assert _listed(policy) == {"buyer@example.org": ("acme", "complaint", queue_id)}
+    assert ("complained", "buyer@example.org") in audit_events(path, queue_id)
+    spool = Spool(policy.queue.directory, create=False)
+    (notice,) = [spool.read_message(q) for q in spool.ids()]
+    head, body = notice.split(b"\r\n\r\n", 1)
+    assert b"Subject: Complaint about: Inv 4712" in head
+    assert b"reported it as spam" in body and b"buyer@example.org" in body
+
+
+def test_a_document_sent_twice_is_found_by_the_recipient_the_report_names(
+    delivered: tuple[Path, str, Sink], tmp_path: Path
+) -> None:
+    """An ERP that sends an invoice again, to someone else, reuses its Message-ID:
+    a bounce of the first recipient belongs to the first message, not the newest."""
+    path, first, sink = delivered
+    policy = load(path)
+    port = int(path.read_text().split("port: ", 1)[1].split("\n", 1)[0])
+    sink_port = int(path.read_text().split("port: ", 2)[2].split("\n", 1)[0])
+    with SinkServer(sink, port=sink_port), RelayProcess(path, port, tmp_path / "again.log"):
+        second = _send(port, INVOICE, ("third@example.org",))
+        sink.wait(2)
+    about = Report(BOUNCE, (Failure("boss@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>")
+    original = find_original(policy.audit.directory, about)
+    assert original is not None and original.queue_id == first
+    about = Report(BOUNCE, (Failure("third@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>")
+    original = find_original(policy.audit.directory, about)
+    assert original is not None and original.queue_id == second
+
+
+def test_a_report_about_an_unknown_message_is_recorded_without_one(
+    delivered: tuple[Path, str, Sink],
+) -> None:
+    path, _, _ = delivered
+    policy = load(path)
+    report = Report(BOUNCE, (Failure("x@example.org", "5.1.1", "unknown"),), message_id="<nope@x>")
+    assert find_original(policy.audit.directory, report) is None
+    lines = _act(policy, report)
+    assert lines == [
+        "x@example.org: bounced (5.1.1), suppressed",
+        "no notice: the message is not in the audit log",
+    ]
+    found = relay_cli(path, "audit", "search", "--status", "bounced", "--format", "json")
+    (record,) = [json.loads(line) for line in found.stdout.splitlines()]
+    assert record["queue_id"] is None and record["message_id"] == "<nope@x>"
