@@ -146,7 +146,21 @@ def _parser() -> argparse.ArgumentParser:
     _queue_parsers(sub)
     _audit_parsers(sub)
     _suppression_parsers(sub)
+    text = (
+        "act on a bounce or spam complaint read from stdin: record it, suppress the"
+        " address, tell the sender (for a mail system's pipe to the return_path)"
+    )
+    bounce = sub.add_parser("bounce", help=text, description=text, epilog=_BOUNCE_STATUS)
+    _policy_option(bounce)
+    bounce.set_defaults(run=_bounce)
     return parser
+
+
+_BOUNCE_STATUS = (
+    "Exit status: 0 taken (acted on, or neither a bounce nor a complaint: ignored),"
+    " 75 the policy does not load or the state cannot take it now: the mail system"
+    " keeps the report and tries again later."
+)
 
 
 def _queue_parsers(sub: argparse._SubParsersAction) -> None:
@@ -502,6 +516,12 @@ def _suppression(args: argparse.Namespace) -> int:
             by=operator(), tenants=tenants, out=out, err=err,
         )  # fmt: skip
     return tools.remove_main(file, args.addresses, args.tenant, by=operator(), out=out, err=err)
+
+
+def _bounce(args: argparse.Namespace) -> int:
+    from relay.feedback.command import main
+
+    return main(args.config, sys.stdin.buffer, sys.stdout, sys.stderr)
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from relay.settle import Settled
     from relay.spool import Spool
     from relay.supervisor import WorkerLink
+    from relay.suppression import SuppressionFile
 
 log = logging.getLogger("relay")
 
@@ -158,9 +159,7 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
             record_policy(audit, policy_path, policy)  # a full disk: serve, answering 451
             audit_upkeep(audit)
         if policy.suppression is not None:
-            suppressions = SuppressionFile(policy.suppression.file)
-            suppressions.create()
-            listed = len(suppressions.current())
+            SuppressionFile(policy.suppression.file).create()
     except (SpoolError, AuditError, SuppressionError, OSError) as exc:
         log.error("cannot open the state directory: %s", exc)
         return EX_CANTCREAT
@@ -177,8 +176,6 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
         policy.queue.directory,
         recovered - len(settled.finished) - len(settled.unrecorded),
     )
-    if policy.suppression is not None:
-        log.info("suppression list %s: %d entries", policy.suppression.file, listed)
     return 0
 
 
@@ -253,6 +250,8 @@ async def serve(
 
     engine = Engine(spool, holder.current, attempt, recorder, alone=alone)
     suppressions = None if policy.suppression is None else SuppressionFile(policy.suppression.file)
+    if suppressions is not None:
+        _load_suppressions(suppressions)
     acceptor = Acceptor(spool, engine, recorder, alone=alone, suppressions=suppressions)
     ingress = await start(
         policy.listeners,
@@ -315,6 +314,20 @@ async def serve(
             loop.remove_signal_handler(signum)
     log.info("stopped")
     return 1 if failed else 0
+
+
+def _load_suppressions(suppressions: SuppressionFile) -> None:
+    """Read the list before serving (about 2 s for 100,000 entries), not at the
+    first message; one that cannot be read is logged, and each message is
+    refused for now until it can (``Acceptor``)."""
+    from relay.suppression import SuppressionError
+
+    try:
+        listed = len(suppressions.current())
+    except SuppressionError as exc:
+        log.error("%s", exc)
+        return
+    log.info("suppression list %s: %d entries", suppressions.path, listed)
 
 
 async def _wind_down(ingress: Ingress, engine: Engine, deadline: float) -> None:

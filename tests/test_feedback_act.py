@@ -70,7 +70,7 @@ def _listed(policy: Policy) -> dict[str, tuple[str | None, str, str | None]]:
     assert policy.suppression is not None
     return {
         e.address: (e.tenant, e.reason, e.queue_id)
-        for e in SuppressionFile(policy.suppression.file).current()
+        for e in SuppressionFile(policy.suppression.file).entries().entries
     }
 
 

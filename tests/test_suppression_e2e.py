@@ -44,7 +44,7 @@ def _body(message: bytes) -> str:
 def _listed(policy: Path) -> dict[str, Suppression]:
     settings = load(policy).suppression
     assert settings is not None
-    return {entry.address.lower(): entry for entry in SuppressionFile(settings.file).current()}
+    return {e.address.lower(): e for e in SuppressionFile(settings.file).entries().entries}
 
 
 def test_a_mailbox_refused_as_unknown_is_not_sent_to_again(
@@ -105,7 +105,7 @@ def test_a_message_whose_every_recipient_is_suppressed_ends_with_the_notice(
     assert isinstance(sink.sink, CountingSink) and sink.sink.mails == 1  # the notice's only
     text = _body(notice.data)
     assert "angry@example.org" in text
-    assert "since 2026-01-02T03:04:05.000Z (complaint)" in text
+    assert "since 2026-01-02T03:04:05.000Z (its recipient reported mail as spam)" in text
     assert "none of its recipients got it" in text
     events = audit_events(policy, queue_id)
     assert [e for e, _ in events] == ["received", "queued", "suppressed", "notified"]

@@ -52,7 +52,7 @@ def test_an_entry_is_added_to_a_list_that_has_some(tmp_path: Path) -> None:
     file = SuppressionFile(tmp_path / "suppression.jsonl")
     file.add([Suppression("one@example.net", None, BOUNCE, "2026-12-01T10:00:00.000Z")])
     file.add([Suppression("two@example.net", None, BOUNCE, "2026-12-01T10:00:01.000Z")])
-    assert [e.address for e in file.current()] == ["one@example.net", "two@example.net"]
+    assert [e.address for e in file.entries().entries] == ["one@example.net", "two@example.net"]
 
 
 def test_add_then_list(policy: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,18 +1,10 @@
-"""The suppression list: addresses the relay no longer sends to (``store``), and
-``relay suppression``, the sysadmin's view of it (``tools``)."""
+"""The suppression list: addresses the relay no longer sends to. ``entry`` is
+one entry and a line of the file, ``store`` the file, ``index`` the list as
+a worker holds it, ``tools`` ``relay suppression``, the sysadmin's view."""
 
-from relay.suppression.store import (
-    BOUNCE,
-    COMPLAINT,
-    EMPTY,
-    MANUAL,
-    REASONS,
-    Suppression,
-    SuppressionError,
-    SuppressionFile,
-    SuppressionList,
-    now,
-)
+from relay.suppression.entry import BOUNCE, COMPLAINT, MANUAL, REASONS, Suppression, now
+from relay.suppression.index import EMPTY, SuppressionList
+from relay.suppression.store import Listing, SuppressionError, SuppressionFile
 
 __all__ = [
     "BOUNCE",
@@ -20,6 +12,7 @@ __all__ = [
     "EMPTY",
     "MANUAL",
     "REASONS",
+    "Listing",
     "Suppression",
     "SuppressionError",
     "SuppressionFile",

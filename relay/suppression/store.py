@@ -9,8 +9,9 @@ relay drops it from every later message and tells the sending user why.
 The file is append-only JSON lines in the state directory, shared by every
 worker and the tools: each change is one line saying who made it and when,
 so the list carries its own history, and the last line for an address and
-scope wins. A reader holds what it read and reads only what was appended
-since (one ``stat`` a message), so a 100,000-entry list costs its parse once.
+scope wins. A worker holds the list compactly (``index``) and reads only
+what was appended since (one ``stat`` a message), so a 100,000-entry list
+costs its parse once; the tools read the whole file, details and all.
 """
 
 from __future__ import annotations
@@ -21,79 +22,28 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 
 from relay.errors import RelayError
+from relay.suppression.entry import VERSION, Key, Suppression, now, parse, read_line
+from relay.suppression.index import EMPTY, Builder, SuppressionList
 
 log = logging.getLogger("relay")
-
-VERSION = 1
-BOUNCE = "bounce"  # a permanent refusal of the address by a receiving server
-COMPLAINT = "complaint"  # the recipient reported the mail as spam
-MANUAL = "manual"
-REASONS = (BOUNCE, COMPLAINT, MANUAL)
-
-_Key = tuple[str, str | None]  # (address in lower case, tenant or None for all)
 
 
 class SuppressionError(RelayError):
     """The list could not be read or written; says which file and why."""
 
 
-@dataclass(frozen=True)
-class Suppression:
-    """One address the relay does not send to. ``tenant`` None: for every
-    tenant (a mailbox that does not exist is gone for all of them); a tenant's
-    id: for that tenant's mail only (one company's customer who complained)."""
+@dataclass
+class Listing:
+    """The whole list with every detail, for the tools: sorted by address."""
 
-    address: str
-    tenant: str | None
-    reason: str
-    since: str  # UTC, as the audit log writes times
-    detail: str = ""  # the refusal that put it there, or the sysadmin's note
-    queue_id: str | None = None  # the message whose refusal put it there
-    by: str = "relay"
-
-    @property
-    def key(self) -> _Key:
-        return (self.address.lower(), self.tenant)
-
-    def describe(self) -> str:
-        """For the sending user's notice and the preview's reasons."""
-        scope = "" if self.tenant is None else f" for {self.tenant}"
-        detail = f": {self.detail}" if self.detail else ""
-        return f"on the suppression list{scope} since {self.since} ({self.reason}{detail})"
-
-
-class SuppressionList:
-    """A snapshot: what ``decide`` looks addresses up in. It never changes, so a
-    message is decided against one list whatever the file does meanwhile."""
-
-    def __init__(self, entries: Mapping[_Key, Suppression]) -> None:
-        self._entries = entries
-
-    def find(self, address: str, tenant: str) -> Suppression | None:
-        """What keeps ``address`` from ``tenant``'s mail: its own entry, else the one for all."""
-        key = address.lower()
-        return self._entries.get((key, tenant)) or self._entries.get((key, None))
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __iter__(self) -> Iterator[Suppression]:
-        return iter(sorted(self._entries.values(), key=lambda s: (*s.key[:1], s.tenant or "")))
-
-
-EMPTY = SuppressionList(MappingProxyType({}))
-
-
-def now() -> str:
-    when = datetime.now(UTC)
-    return f"{when:%Y-%m-%dT%H:%M:%S}.{when.microsecond // 1000:03d}Z"
+    entries: list[Suppression] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # "FILE:LINE: why", lines skipped
+    unfinished: bool = False  # the last line has no line end: cut short, or being written
 
 
 class SuppressionFile:
@@ -101,18 +51,11 @@ class SuppressionFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._entries: dict[_Key, Suppression] = {}
+        self._builder = Builder()
         self._snapshot = EMPTY
         self._seen: tuple[int, int] | None = None  # (inode, bytes read)
         self._partial = b""  # a last line still being written
         self._line = 0
-        self.problems: list[str] = []  # lines that are not entries, as "FILE:LINE: why"
-
-    @property
-    def unfinished(self) -> bool:
-        """The file ends in a line with no line end, left unread: cut short by a
-        crash, or still being written. The next change ends it."""
-        return bool(self._partial)
 
     def current(self) -> SuppressionList:
         """The list as the file has it now; raises SuppressionError if it cannot be read.
@@ -130,63 +73,81 @@ class SuppressionFile:
             return self._snapshot
         if self._seen is None or self._seen[0] != st.st_ino or st.st_size < self._seen[1]:
             self._reset()  # replaced or cut: read from the start
-        self._read_from(self._seen[1] if self._seen else 0)
-        return self._snapshot
-
-    def _reset(self) -> None:
-        self._entries = {}
-        self._snapshot = EMPTY
-        self._seen = None
-        self._partial = b""
-        self._line = 0
-        self.problems = []
-
-    def _read_from(self, offset: int) -> None:
+        offset = self._seen[1] if self._seen else 0
+        changed = False
         try:
             with open(self.path, "rb") as f:
                 inode = os.fstat(f.fileno()).st_ino
                 f.seek(offset)
-                chunk = f.read()
+                for line in f:  # not read whole: a large list's bytes would stay in memory
+                    if not line.endswith(b"\n"):
+                        self._partial += line  # still being written, or cut short
+                        break
+                    if self._partial:
+                        line, self._partial = self._partial + line, b""
+                    self._line += 1
+                    if line.strip():
+                        changed |= self._apply(self._line, line)
+                end = f.tell()
+        except FileNotFoundError:
+            inode, end = 0, 0
         except OSError as exc:
             raise _failed("read", self.path, exc) from exc
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()  # b"" when the data ends with a line end
-        changed = False
-        for raw in lines:
-            self._line += 1
-            if raw.strip():
-                changed |= self._apply(raw)
-        self._seen = (inode, offset + len(chunk))
-        if changed:
-            self._snapshot = SuppressionList(MappingProxyType(dict(self._entries)))
+        self._seen = (inode, end)
+        if changed or self._snapshot is EMPTY:
+            self._snapshot = self._builder.snapshot()
+        return self._snapshot
 
-    def _apply(self, raw: bytes) -> bool:
+    def entries(self) -> Listing:
+        """The whole file, read now, with each entry's detail and who made it."""
         try:
-            record = json.loads(raw)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-            op = record.get("op")
-            if op == "add":
-                entry = _entry(record)
-                self._entries[entry.key] = entry
-            elif op == "remove":
-                address, tenant = record["address"], record.get("tenant")
-                if not isinstance(address, str) or not isinstance(tenant, str | None):
-                    raise ValueError("address or tenant is not text")
-                self._entries.pop((address.lower(), tenant), None)
+            chunk = self.path.read_bytes()
+        except FileNotFoundError:
+            chunk = b""
+        except OSError as exc:
+            raise _failed("read", self.path, exc) from exc
+        listing = Listing(unfinished=not chunk.endswith(b"\n") and bool(chunk))
+        found: dict[Key, Suppression] = {}
+        for number, line in enumerate(chunk.split(b"\n")[: -1 if chunk else 0], 1):
+            if not line.strip():
+                continue
+            try:
+                change = parse(line)
+            except ValueError as exc:
+                listing.problems.append(_skipped(self.path, number, exc))
+                continue
+            if isinstance(change, Suppression):
+                found[change.key] = change
             else:
-                raise ValueError(f"op {op!r} is neither add nor remove")
-        except (ValueError, KeyError, TypeError) as exc:
-            problem = f"{self.path}:{self._line}: not a suppression entry, skipped: {exc}"
-            self.problems.append(problem)
-            log.warning("%s", problem)
+                found.pop((change[0].lower(), change[1]), None)
+        listing.entries = sorted(found.values(), key=lambda e: (e.key[0], e.tenant or ""))
+        return listing
+
+    def _reset(self) -> None:
+        self._builder = Builder()
+        self._snapshot = EMPTY
+        self._seen = None
+        self._partial = b""
+        self._line = 0
+
+    def _apply(self, number: int, line: bytes) -> bool:
+        try:
+            record = read_line(line)
+            if record["op"] == "add":
+                self._builder.add(
+                    record["address"], record["tenant"], record["reason"], record["since"]
+                )
+            else:
+                self._builder.remove(record["address"], record.get("tenant"))
+        except ValueError as exc:
+            log.warning("%s", _skipped(self.path, number, exc))
             return False
         return True
 
     def add(self, entries: Iterable[Suppression]) -> None:
         self._append({"v": VERSION, "op": "add", **asdict(e)} for e in entries)
 
-    def remove(self, keys: Iterable[_Key], by: str) -> None:
+    def remove(self, keys: Iterable[Key], by: str) -> None:
         when = now()
         self._append(
             {"v": VERSION, "op": "remove", "address": a, "tenant": t, "time": when, "by": by}
@@ -253,17 +214,5 @@ def _open_for_append(path: Path) -> int:
     return fd
 
 
-def _entry(record: dict) -> Suppression:
-    fields = {k: record[k] for k in ("address", "tenant", "reason", "since")}
-    for name in ("detail", "queue_id", "by"):
-        if name in record:
-            fields[name] = record[name]
-    entry = Suppression(**fields)
-    text = (entry.address, entry.reason, entry.since, entry.detail, entry.by)
-    if not all(isinstance(v, str) for v in text) or "@" not in entry.address:
-        raise ValueError("address, reason, since, detail and by must be text, with an address")
-    if not isinstance(entry.tenant, str | None) or not isinstance(entry.queue_id, str | None):
-        raise ValueError("tenant and queue_id must be text or null")
-    if entry.reason not in REASONS:
-        raise ValueError(f"reason {entry.reason!r} is not one of {', '.join(REASONS)}")
-    return entry
+def _skipped(path: Path, number: int, exc: ValueError) -> str:
+    return f"{path}:{number}: not a suppression entry, skipped: {exc}"

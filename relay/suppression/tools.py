@@ -16,14 +16,8 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict
 from typing import TextIO
 
-from relay.suppression.store import (
-    MANUAL,
-    Suppression,
-    SuppressionError,
-    SuppressionFile,
-    SuppressionList,
-    now,
-)
+from relay.suppression.entry import MANUAL, Suppression, now
+from relay.suppression.store import SuppressionError, SuppressionFile
 
 EX_BADARG = 2  # as argparse's own refusals
 EX_NOINPUT = 66  # the list cannot be read, as the queue tools' unreadable spool
@@ -135,21 +129,21 @@ def remove_main(
     return 1 if missing else 0
 
 
-def _read(file: SuppressionFile, verb: str, err: TextIO) -> SuppressionList | None:
-    """The list, its skipped lines said on ``err``; None (said) when it cannot be read."""
+def _read(file: SuppressionFile, verb: str, err: TextIO) -> list[Suppression] | None:
+    """The entries, its skipped lines said on ``err``; None (said) when it cannot be read."""
     try:
-        snapshot = file.current()
+        listing = file.entries()
     except SuppressionError as exc:
         err.write(f"relay suppression {verb}: {exc}\n")
         return None
-    for problem in file.problems:
+    for problem in listing.problems:
         err.write(_printable(f"relay suppression: warning: {problem}") + "\n")
-    if file.unfinished:
+    if listing.unfinished:
         err.write(
             f"relay suppression: warning: {file.path}: the last line has no line end"
             " (cut short, or being written), not read\n"
         )
-    return snapshot
+    return listing.entries
 
 
 def _refusal(
@@ -175,7 +169,7 @@ def _unique(addresses: Iterable[str]) -> list[str]:
 
 
 def _entries_of(
-    snapshot: SuppressionList, addresses: Iterable[str]
+    snapshot: Iterable[Suppression], addresses: Iterable[str]
 ) -> dict[str, list[Suppression]]:
     """Each address's entries in every scope, by lower case, in one pass over the
     list: ``find`` answers for a tenant's mail, not for one scope exactly."""

@@ -1,0 +1,136 @@
+"""One entry of the suppression list, and the reading of one line of its file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+VERSION = 1
+BOUNCE = "bounce"  # a permanent refusal of the address by a receiving server
+COMPLAINT = "complaint"  # the recipient reported the mail as spam
+MANUAL = "manual"
+REASONS = (BOUNCE, COMPLAINT, MANUAL)
+
+Key = tuple[str, str | None]  # (address in lower case, tenant or None for all)
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """One address the relay does not send to. ``tenant`` None: for every
+    tenant (a mailbox that does not exist is gone for all of them); a tenant's
+    id: for that tenant's mail only (one company's customer who complained)."""
+
+    address: str
+    tenant: str | None
+    reason: str
+    since: str  # UTC, as the audit log writes times
+    detail: str = ""  # the refusal that put it there, or the sysadmin's note
+    queue_id: str | None = None  # the message whose refusal put it there
+    by: str = "relay"
+
+    @property
+    def key(self) -> Key:
+        return (self.address.lower(), self.tenant)
+
+    def describe(self) -> str:
+        """For the sending user's notice and the preview's reasons, in words."""
+        scope = "" if self.tenant is None else f" for {self.tenant}"
+        detail = f": {self.detail}" if self.detail else ""
+        why = _WHY.get(self.reason, self.reason)
+        return f"on the suppression list{scope} since {self.since} ({why}{detail})"
+
+
+_WHY = {
+    BOUNCE: "a delivery to it failed as to an address that does not exist",
+    COMPLAINT: "its recipient reported mail as spam",
+    MANUAL: "put there by the mail administrator",
+}
+
+
+_DECODE = json.JSONDecoder().decode
+
+
+def read_line(raw: bytes) -> dict[str, Any]:
+    """A line's change, checked: ``op`` add with an entry's fields, or remove
+    with an address and tenant; ValueError (saying what is wrong) otherwise.
+    No object is made of it: a worker reads 100,000 lines at its start. An
+    entry's time is checked where it is used (``millis``)."""
+    try:
+        record = _DECODE(raw.decode())
+        op = record.get("op") if isinstance(record, dict) else None
+        if op == "add":
+            _check_added(record)
+        elif op == "remove":
+            if type(record["address"]) is not str or not isinstance(
+                record.get("tenant"), str | None
+            ):
+                raise ValueError("address or tenant is not text")
+        elif isinstance(record, dict):
+            raise ValueError(f"op {op!r} is neither add nor remove")
+        else:
+            raise ValueError("not a JSON object")
+    except (KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(str(exc)) from exc
+    return record
+
+
+def parse(raw: bytes) -> Suppression | Key:
+    """A line as the tools read it: the entry added, or the key of the one removed."""
+    record = read_line(raw)
+    if record["op"] == "remove":
+        return (record["address"], record.get("tenant"))
+    return checked(
+        Suppression(
+            record["address"],
+            record["tenant"],
+            record["reason"],
+            record["since"],
+            record.get("detail", ""),
+            record.get("queue_id"),
+            record.get("by", "relay"),
+        )
+    )
+
+
+def _check_added(record: dict[str, Any]) -> None:
+    address, since = record["address"], record["since"]
+    if not (type(address) is str and "@" in address and type(since) is str):
+        raise ValueError("address and since must be text, with an address")
+    if not all(type(record.get(k, "")) is str for k in ("detail", "by")):
+        raise ValueError("detail and by must be text")
+    if not isinstance(record["tenant"], str | None) or not isinstance(
+        record.get("queue_id"), str | None
+    ):
+        raise ValueError("tenant and queue_id must be text or null")
+    if record["reason"] not in REASONS:
+        raise ValueError(f"reason {record['reason']!r} is not one of {', '.join(REASONS)}")
+
+
+def millis(since: str) -> int:
+    """An entry's time, as written (``2026-03-04T05:06:07.000Z``, or any ISO 8601
+    time; UTC when it has no offset), in milliseconds; ValueError if it is none."""
+    when = datetime.fromisoformat(since)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return round(when.timestamp() * 1000)
+
+
+def time_text(ms: int) -> str:
+    """Milliseconds as the list and the audit log write times."""
+    when = datetime.fromtimestamp(ms / 1000, UTC)
+    return f"{when:%Y-%m-%dT%H:%M:%S}.{when.microsecond // 1000:03d}Z"
+
+
+def now() -> str:
+    return time_text(round(datetime.now(UTC).timestamp() * 1000))
+
+
+def checked(entry: Suppression) -> Suppression:
+    """The entry, if its time is one; ValueError saying so otherwise."""
+    try:
+        millis(entry.since)
+    except ValueError:
+        raise ValueError(f"since {entry.since!r} is not a time") from None
+    return entry
