@@ -1,0 +1,302 @@
+"""Read one bounce or complaint as it came back to the platform's return path.
+
+What comes back is whatever a remote server chose to write, days after the
+message left: the reader never raises on it, and answers None for what the relay
+does not act on (delays, auto-replies, spam sent to the return path)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import email
+import email.errors
+import logging
+import quopri
+import re
+from email.header import decode_header, make_header
+from email.message import Message
+from email.parser import BytesParser, HeaderParser
+from email.policy import compat32
+from email.utils import getaddresses
+
+from flufl.bounce import all_failures
+
+from relay.feedback.report import BOUNCE, COMPLAINT, Failure, Report
+
+log = logging.getLogger(__name__)
+
+DIAGNOSTIC_LIMIT = 1000
+SCANNED_LIMIT = 256 * 1024
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_TYPED = re.compile(r"^[A-Za-z0-9-]+[ \t]*;")
+_RETURNED = ("message/rfc822", "text/rfc822-headers")
+
+
+def read(raw: bytes) -> Report | None:
+    """The report a bounce or complaint makes, or None when it is neither a
+    permanent failure nor a complaint. A message nested deeper than the email
+    package can recurse is no server's report, and is read as none."""
+    try:
+        msg = email.message_from_bytes(raw, policy=compat32)
+        if _is_feedback_report(msg):
+            return _complaint(msg)
+        return _bounce(msg)
+    except RecursionError:
+        log.warning("message nested too deep to read; read as no report")
+        return None
+
+
+def _is_feedback_report(msg: Message) -> bool:
+    return (
+        msg.get_content_type() == "multipart/report"
+        and str(msg.get_param("report-type", "")).lower() == "feedback-report"
+    )
+
+
+def _bounce(msg: Message) -> Report | None:
+    recipients = _permanent_failures(msg)
+    if not recipients:
+        return None
+    blocks = _status_blocks(msg)
+    failures = tuple(_failure(address, blocks) for address in recipients)
+    message_id, subject = _ids(_returned(msg))
+    return Report(BOUNCE, failures, message_id, subject, _envelope_id(blocks))
+
+
+def _permanent_failures(msg: Message) -> list[str]:
+    """flufl.bounce's heuristics were written for bounces, not for whatever
+    reaches a return path; one that trips on a message it did not foresee must
+    not stop the reader, and so its error is logged and the message is read as
+    no bounce. The recipients come sorted, so that a report reads the same each
+    time although flufl.bounce gives them as a set."""
+    try:
+        _temporary, permanent = all_failures(_scanned_view(msg))
+    except Exception:
+        log.warning("bounce detection failed; message read as no bounce", exc_info=True)
+        return []
+    found = {_address(a.decode("ascii", "replace")) for a in permanent}
+    return sorted((a for a in found if a), key=str.lower)
+
+
+def _scanned_view(part: Message) -> Message:
+    """flufl.bounce's heuristics run line by line over every body, each in turn:
+    over a returned 10 MB attachment that takes seconds per detector. They only
+    look for the server's text near its start, so the view they get has the
+    same parts with non-text bodies emptied and text bodies cut short; the
+    message itself is left as it came."""
+    view = copy.copy(part)
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        view.set_payload([_scanned_view(p) if isinstance(p, Message) else p for p in payload])
+    elif part.get_content_maintype() != "text":
+        view.set_payload("")
+    elif isinstance(payload, str) and len(payload) > SCANNED_LIMIT:
+        view.set_payload(payload[:SCANNED_LIMIT])
+    return view
+
+
+def _failure(address: str, blocks: list[Message]) -> Failure:
+    block = _block_for(address, blocks)
+    if block is None:
+        return Failure(address)
+    return Failure(address, _status(block), _diagnostic(block))
+
+
+def _status_blocks(msg: Message) -> list[Message]:
+    """Every header block of every message/delivery-status part: the first of a
+    part is the per-message block, the others one per recipient."""
+    blocks: list[Message] = []
+    for part in msg.walk():
+        if part.get_content_type() != "message/delivery-status":
+            continue
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            blocks.extend(b for b in payload if isinstance(b, Message))
+    return blocks
+
+
+def _block_for(address: str, blocks: list[Message]) -> Message | None:
+    wanted = address.lower()
+    for block in blocks:
+        for name in ("Final-Recipient", "Original-Recipient"):
+            if any(_address(_untyped(v)).lower() == wanted for v in _values(block, name)):
+                return block
+    return None
+
+
+def _status(block: Message) -> str | None:
+    value = _value(block, "Status")
+    return value.split()[0] if value and value.split() else None
+
+
+def _diagnostic(block: Message) -> str | None:
+    """The remote server's own words, which say more than the status code; the
+    cap keeps a server that returns a whole transcript from filling the record."""
+    value = _value(block, "Diagnostic-Code")
+    if value is None:
+        return None
+    text = " ".join(_untyped(value).split())
+    return text[:DIAGNOSTIC_LIMIT] or None
+
+
+def _envelope_id(blocks: list[Message]) -> str | None:
+    for block in blocks:
+        value = _value(block, "Original-Envelope-Id")
+        if value:
+            return value
+    return None
+
+
+def _complaint(msg: Message) -> Report:
+    fields = _feedback_fields(msg)
+    feedback_type = (_value(fields, "Feedback-Type") if fields else None) or "abuse"
+    returned = _returned(msg)
+    recipients = _complained_recipients(fields, returned)
+    message_id, subject = _ids(returned)
+    return Report(
+        COMPLAINT,
+        tuple(Failure(r) for r in recipients),
+        message_id,
+        subject,
+        _value(fields, "Original-Envelope-Id") if fields else None,
+        feedback_type.lower(),
+    )
+
+
+def _feedback_fields(msg: Message) -> Message | None:
+    """The email package parses a message/feedback-report part as one enclosed
+    message whose headers are the fields; a part the sender encoded in base64
+    comes out as a message without headers whose body is the encoded fields."""
+    for part in msg.walk():
+        if part.get_content_type() != "message/feedback-report":
+            continue
+        payload = part.get_payload()
+        encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+        if isinstance(payload, list):
+            inner = next((p for p in payload if isinstance(p, Message)), None)
+            if inner is None or len(inner) or encoding != "base64":
+                return inner
+            payload = inner.get_payload()
+        text = _decoded(payload, encoding) if isinstance(payload, str) else ""
+        return HeaderParser(policy=compat32).parsestr(text.lstrip())
+    return None
+
+
+def _decoded(text: str, encoding: str) -> str:
+    data = text.encode("ascii", "surrogateescape")
+    try:
+        if encoding == "base64":
+            data = base64.b64decode(data)
+        elif encoding == "quoted-printable":
+            data = quopri.decodestring(data)
+    except (binascii.Error, ValueError):
+        return text
+    return data.decode("utf-8", "replace")
+
+
+def _complained_recipients(fields: Message | None, returned: Message | None) -> list[str]:
+    """The report's own fields name the complaining recipient when the provider
+    allows it; otherwise the returned message's To, but only when it names one
+    address: providers redact, and a guess among several would suppress the wrong
+    one. No recipient at all still makes a report: the caller can find the
+    recipient by the Message-ID."""
+    named = [] if fields is None else _addresses(fields, "Original-Rcpt-To", "Removal-Recipient")
+    if named:
+        return named
+    if returned is None:
+        return []
+    to = _addresses(returned, "To")
+    return to if len(to) == 1 else []
+
+
+def _addresses(msg: Message, *names: str) -> list[str]:
+    found: list[str] = []
+    seen: set[str] = set()
+    for name in names:
+        for value in _values(msg, name):
+            for _name, written in getaddresses([_untyped(value)]):
+                address = _address(written)
+                if address and address.lower() not in seen:
+                    seen.add(address.lower())
+                    found.append(address)
+    return found
+
+
+def _address(value: str) -> str:
+    """Addresses stay as written: the local part's case can matter to the
+    receiving server, and the suppression list compares without case anyway."""
+    value = value.strip()
+    if "<" in value and ">" in value.split("<", 1)[1]:
+        value = value.split("<", 1)[1].split(">", 1)[0]
+    return value.strip("<> \t\r\n")
+
+
+def _returned(msg: Message) -> Message | None:
+    """The original message or its header, as the report returned it: the first
+    message/rfc822 or text/rfc822-headers part below the report itself."""
+    for part in msg.walk():
+        if part is msg or part.get_content_type() not in _RETURNED:
+            continue
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            return next((p for p in payload if isinstance(p, Message)), None)
+        return _parse_headers(part)
+    return None
+
+
+def _parse_headers(part: Message) -> Message:
+    body = part.get_payload(decode=True)
+    data = body if isinstance(body, bytes) else b""
+    return BytesParser(policy=compat32).parsebytes(data.lstrip(), headersonly=True)
+
+
+def _ids(returned: Message | None) -> tuple[str | None, str | None]:
+    if returned is None:
+        return None, None
+    return _value(returned, "Message-ID"), _subject(returned)
+
+
+def _subject(msg: Message) -> str | None:
+    """Encoded words are decoded so that the subject reads as the sender wrote
+    it; one the email package cannot decode is kept as it came."""
+    value = _value(msg, "Subject")
+    if value is None:
+        return None
+    try:
+        return str(make_header(decode_header(value))).strip()
+    except (email.errors.MessageError, LookupError, UnicodeError, ValueError):
+        return value
+
+
+def _value(msg: Message, name: str) -> str | None:
+    values = _values(msg, name)
+    return values[0] if values else None
+
+
+def _values(msg: Message, name: str) -> list[str]:
+    """Header values unfolded, read from the raw header so that bytes a server
+    sent unencoded come out as UTF-8 where they are, not as the email package's
+    replacement characters."""
+    wanted = name.lower()
+    values = []
+    for key, value in msg.raw_items():
+        if key.lower() == wanted:
+            text = _raw_text(value)
+            unfolded = _FOLD.sub("", text).strip()
+            if unfolded:
+                values.append(unfolded)
+    return values
+
+
+def _raw_text(value: object) -> str:
+    text = value if isinstance(value, str) else str(value)
+    try:
+        return text.encode("ascii", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text
+
+
+def _untyped(value: str) -> str:
+    """The value without its RFC 3464 type (``rfc822;``, ``smtp;``)."""
+    return _TYPED.sub("", value, count=1).strip()

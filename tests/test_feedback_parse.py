@@ -1,0 +1,313 @@
+"""Reading bounces and complaints as servers write them: the failed recipients
+with their status and diagnostic, the original message's Message-ID and Subject,
+and None for what the relay does not act on."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from relay.feedback.parse import DIAGNOSTIC_LIMIT, read
+from relay.feedback.report import BOUNCE, COMPLAINT, Failure, Report
+
+SAMPLES = Path(__file__).parent / "messages" / "feedback"
+
+EXCHANGE_DIAGNOSTIC = (
+    "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup"
+)
+
+JMRP_SUBJECT = "Mahnung 4717 \u2013 zweite Stufe"  # an en dash, from windows-1252
+
+
+def _sample(name: str) -> bytes:
+    return (SAMPLES / name).read_bytes()
+
+
+def test_a_postfix_bounce_gives_each_recipient_its_own_status_and_diagnostic() -> None:
+    """The second recipient's Final-Recipient is the address an alias on the
+    sending side rewrote it to; its Original-Recipient, the address as the relay
+    was given it, is the one reported and the one its block is found by."""
+    assert read(_sample("postfix-two-failed.eml")) == Report(
+        BOUNCE,
+        (
+            Failure(
+                "Full.Box@Supplier.example",
+                "5.2.2",
+                "552 5.2.2 <full.box@supplier-mail.example>: mailbox over quota",
+            ),
+            Failure(
+                "nobody@buyer.example",
+                "5.1.1",
+                "550 5.1.1 <nobody@buyer.example>: Recipient address rejected: "
+                "User unknown in virtual mailbox table",
+            ),
+        ),
+        message_id="<4711.erp@acme.example>",
+        subject="Rechnung 4711 für März",
+        envelope_id="Q7F3K2M9WX",
+    )
+
+
+def test_an_exchange_ndr_returns_the_original_header_only() -> None:
+    assert read(_sample("exchange-ndr.eml")) == Report(
+        BOUNCE,
+        (Failure("purchasing@contoso-buyer.example", "5.1.10", EXCHANGE_DIAGNOSTIC),),
+        message_id="<4712.erp@acme.example>",
+        subject="Order confirmation 4712",
+    )
+
+
+def test_a_gmail_dsn_diagnostic_spanning_reply_lines_is_one_line() -> None:
+    assert read(_sample("gmail-dsn.eml")) == Report(
+        BOUNCE,
+        (
+            Failure(
+                "orders.desk@buyer-mail.example",
+                "5.1.1",
+                "550-5.1.1 The mailbox you addressed is not known here. Check the "
+                "550-5.1.1 address for typing errors or stray spaces. "
+                "550 5.1.1 mx.buyer-mail.example "
+                "x7-20020a05600c4e0700b0040c1d2e3f4si556677wmq.88 - smtp",
+            ),
+        ),
+        message_id="<4713.erp@acme.example>",
+        subject="Delivery note 4713",
+    )
+
+
+def test_a_qmail_bounce_names_the_recipient_without_a_status() -> None:
+    """qmail writes plain text, no delivery-status part and no returned part: the
+    original is inline below the text, so nothing identifies it."""
+    assert read(_sample("qmail-failure.eml")) == Report(BOUNCE, (Failure("Sales@OldHost.example"),))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "postfix-delayed.eml",
+        "out-of-office.eml",
+        "spam-to-return-path.eml",
+        "garbage.bin",
+    ],
+)
+def test_what_is_neither_a_hard_bounce_nor_a_complaint_is_none(name: str) -> None:
+    assert read(_sample(name)) is None
+
+
+def test_a_yahoo_complaint_names_the_recipient_in_its_report_fields() -> None:
+    """The returned message's To is redacted; Original-Rcpt-To is the recipient."""
+    assert read(_sample("yahoo-arf.eml")) == Report(
+        COMPLAINT,
+        (Failure("Buyer.Desk@yahoo-mail.example"),),
+        message_id="<4716.erp@acme.example>",
+        subject="Invoice 4716",
+        feedback_type="abuse",
+    )
+
+
+def test_a_microsoft_complaint_names_the_recipient_only_in_the_returned_to() -> None:
+    assert read(_sample("microsoft-jmrp.eml")) == Report(
+        COMPLAINT,
+        (Failure("Procurement.Team@outlook-buyer.example"),),
+        message_id="<4717.erp@acme.example>",
+        subject=JMRP_SUBJECT,
+        feedback_type="abuse",
+    )
+
+
+def test_a_complaint_naming_several_recipients_names_each_once() -> None:
+    raw = _sample("yahoo-arf.eml").replace(
+        b"Original-Rcpt-To: <Buyer.Desk@yahoo-mail.example>\n",
+        b"Original-Rcpt-To: <Buyer.Desk@yahoo-mail.example>\n"
+        b"Original-Rcpt-To: second@yahoo-mail.example\n"
+        b"Removal-Recipient: buyer.desk@YAHOO-MAIL.example\n"
+        b"Feedback-Type: second-type-ignored\n",
+    )
+    report = read(raw)
+    assert report is not None
+    assert report.failures == (
+        Failure("Buyer.Desk@yahoo-mail.example"),
+        Failure("second@yahoo-mail.example"),
+    )
+    assert report.feedback_type == "abuse"
+
+
+def test_a_removal_recipient_names_the_recipient_when_no_original_rcpt_to_does() -> None:
+    raw = (
+        _sample("yahoo-arf.eml")
+        .replace(b"Feedback-Type: abuse\n", b"Feedback-Type: Opt-Out\n")
+        .replace(b"Original-Rcpt-To:", b"Removal-Recipient:")
+    )
+    report = read(raw)
+    assert report is not None
+    assert report.failures == (Failure("Buyer.Desk@yahoo-mail.example"),)
+    assert report.feedback_type == "opt-out"
+
+
+def test_a_complaint_whose_returned_to_names_several_addresses_names_none() -> None:
+    """Which of them complained is a guess, and suppressing the wrong one is worse
+    than leaving the caller to find the recipient by the Message-ID."""
+    raw = _sample("microsoft-jmrp.eml").replace(
+        b'To: "Procurement Team" <Procurement.Team@outlook-buyer.example>\n',
+        b'To: "Procurement Team" <Procurement.Team@outlook-buyer.example>,\n'
+        b'  "Doe, Desk" <desk@outlook-buyer.example>\n',
+    )
+    report = read(raw)
+    assert report == Report(
+        COMPLAINT,
+        (),
+        message_id="<4717.erp@acme.example>",
+        subject=JMRP_SUBJECT,
+        feedback_type="abuse",
+    )
+
+
+def test_a_complaint_without_fields_or_returned_message_is_still_a_complaint() -> None:
+    raw = (
+        b"From: fbl@isp.example\nTo: bounces@platform.example\nSubject: report\n"
+        b"MIME-Version: 1.0\n"
+        b'Content-Type: multipart/report; report-type="Feedback-Report"; boundary="b"\n\n'
+        b"--b\nContent-Type: text/plain\n\nA complaint.\n--b--\n"
+    )
+    assert read(raw) == Report(COMPLAINT, (), feedback_type="abuse")
+
+
+def test_a_feedback_report_part_in_base64_is_read_as_well() -> None:
+    """The email package parses any message/* part as a message, encoded or not;
+    base64 fields end up as the body of a message without headers."""
+    fields = b"Feedback-Type: fraud\r\nOriginal-Rcpt-To: Pay@bank.example\r\n"
+    raw = (
+        b"From: fbl@isp.example\nTo: bounces@platform.example\nMIME-Version: 1.0\n"
+        b'Content-Type: multipart/report; report-type=feedback-report; boundary="b"\n\n'
+        b"--b\nContent-Type: message/feedback-report\nContent-Transfer-Encoding: base64\n\n"
+        + base64.encodebytes(fields)
+        + b"\n--b--\n"
+    )
+    assert read(raw) == Report(COMPLAINT, (Failure("Pay@bank.example"),), feedback_type="fraud")
+
+
+def test_a_long_diagnostic_is_cut_at_the_limit() -> None:
+    long = "x" * (DIAGNOSTIC_LIMIT * 3)
+    raw = _sample("exchange-ndr.eml").replace(
+        EXCHANGE_DIAGNOSTIC.encode(), f"550 5.1.10 {long}".encode()
+    )
+    report = read(raw)
+    assert report is not None
+    assert report.failures[0].diagnostic == f"550 5.1.10 {long}"[:DIAGNOSTIC_LIMIT]
+
+
+def test_unencoded_utf8_in_a_bounce_reads_as_utf8() -> None:
+    raw = (
+        _sample("exchange-ndr.eml")
+        .replace(b"Subject: Order confirmation 4712", "Subject: Auftragsbestätigung 4712".encode())
+        .replace(b"Recipient not found", "Empfänger unbekannt".encode())
+    )
+    report = read(raw)
+    assert report is not None
+    assert report.subject == "Auftragsbestätigung 4712"
+    assert report.failures[0].diagnostic == (
+        "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Empfänger unbekannt by SMTP address lookup"
+    )
+
+
+def test_a_subject_in_an_unknown_charset_is_kept_as_written() -> None:
+    raw = _sample("exchange-ndr.eml").replace(
+        b"Subject: Order confirmation 4712", b"Subject: =?x-no-such?Q?Order?= 4712"
+    )
+    report = read(raw)
+    assert report is not None
+    assert report.subject == "=?x-no-such?Q?Order?= 4712"
+
+
+def test_a_bounce_returning_a_ten_megabyte_attachment_is_read() -> None:
+    attachment = _ten_megabytes_base64()
+    raw = _sample("postfix-two-failed.eml").replace(
+        b"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n",
+        b'Content-Type: multipart/mixed; boundary="inner"\n\n--inner\n'
+        b"Content-Type: text/plain\n\nSee the attachment.\n--inner\n"
+        b"Content-Type: application/pdf\nContent-Transfer-Encoding: base64\n\n"
+        + attachment
+        + b"\n--inner--\n",
+    )
+    assert len(raw) > 10_000_000
+    report = read(raw)
+    assert report is not None
+    assert [f.status for f in report.failures] == ["5.2.2", "5.1.1"]
+    assert report.message_id == "<4711.erp@acme.example>"
+
+
+def _ten_megabytes_base64() -> bytes:
+    return base64.encodebytes(bytes(range(256)) * (10 * 4096))
+
+
+def test_a_message_with_a_ten_megabyte_attachment_and_no_dsn_is_read_in_time() -> None:
+    """Without a delivery-status part every heuristic detector reads the whole
+    body: over the attachment itself that took 15 seconds."""
+    raw = _sample("out-of-office.eml").replace(
+        b"--_000_ooo77_--",
+        b"--_000_ooo77_\nContent-Type: application/pdf\nContent-Transfer-Encoding: base64\n\n"
+        + _ten_megabytes_base64()
+        + b"\n--_000_ooo77_--",
+    )
+    started = time.monotonic()
+    assert read(raw) is None
+    assert time.monotonic() - started < 5
+
+
+def test_a_qmail_bounce_returning_ten_megabytes_inline_names_its_recipient_in_time() -> None:
+    raw = _sample("qmail-failure.eml") + b"x" * 70 + b"\n" + _ten_megabytes_base64()
+    started = time.monotonic()
+    assert read(raw) == Report(BOUNCE, (Failure("Sales@OldHost.example"),))
+    assert time.monotonic() - started < 5
+
+
+def test_a_message_nested_deeper_than_the_parser_recurses_is_none() -> None:
+    raw = b"From: a@b.example\nMIME-Version: 1.0\n" + b"".join(
+        b'Content-Type: multipart/mixed; boundary="b%d"\n\n--b%d\n' % (i, i) for i in range(3000)
+    )
+    assert read(raw + b"Content-Type: text/plain\n\nx\n") is None
+
+
+@pytest.mark.parametrize(
+    "name", ["postfix-two-failed.eml", "exchange-ndr.eml", "yahoo-arf.eml", "gmail-dsn.eml"]
+)
+def test_a_report_cut_off_anywhere_does_not_stop_the_reader(name: str) -> None:
+    """A truncated report has a multipart that never closes, a delivery-status
+    block without its fields, a header cut in its middle."""
+    raw = _sample(name)
+    for end in range(0, len(raw), 37):
+        report = read(raw[:end])
+        assert report is None or report.kind in (BOUNCE, COMPLAINT)
+
+
+def test_a_message_without_headers_is_none(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.CRITICAL):
+        assert read(b"just some text\nwithout any header\n") is None
+
+
+@given(st.binary(max_size=2000))
+@settings(max_examples=300, deadline=None)
+def test_any_bytes_give_none_or_a_report(raw: bytes) -> None:
+    report = read(raw)
+    assert report is None or isinstance(report, Report)
+
+
+@given(
+    st.sampled_from(["postfix-two-failed.eml", "yahoo-arf.eml", "microsoft-jmrp.eml"]),
+    st.integers(min_value=0, max_value=3000),
+    st.binary(min_size=1, max_size=40),
+)
+@example("microsoft-jmrp.eml", 1499, b"\x80")  # a charset name no codec knows
+@settings(max_examples=300, deadline=None)
+def test_a_sample_with_bytes_spliced_in_gives_none_or_a_report(
+    name: str, at: int, noise: bytes
+) -> None:
+    raw = _sample(name)
+    report = read(raw[:at] + noise + raw[at:])
+    assert report is None or isinstance(report, Report)
