@@ -213,3 +213,24 @@ def test_a_report_about_an_unknown_message_is_recorded_without_one(
     found = relay_cli(path, "audit", "search", "--status", "bounced", "--format", "json")
     (record,) = [json.loads(line) for line in found.stdout.splitlines()]
     assert record["queue_id"] is None and record["message_id"] == "<nope@x>"
+
+
+def test_the_platforms_own_addresses_are_never_suppressed(
+    delivered: tuple[Path, str, Sink],
+) -> None:
+    """A bounce heuristic that takes the return path quoted in an auto-reply for a
+    failed recipient would otherwise list the relay's own bounce address."""
+    path, _, _ = delivered
+    policy = load(path)
+    report = Report(
+        BOUNCE,
+        (
+            Failure("Bounces@Platform.example", "5.1.1"),
+            Failure("noreply@platform.example", "5.1.1"),
+        ),
+        message_id="<inv-4711@erp.acme.example>",
+    )
+    assert _act(policy, report) == [
+        "names only the platform's own addresses, which are never suppressed"
+    ]
+    assert _listed(policy) == {}

@@ -111,14 +111,11 @@ def act(
     address left off the list is mailed again."""
     original = find_original(policy.audit.directory, report)
     outcome = Outcome(original)
-    failures = _failures(report, original)
+    named = _failures(report, original)
+    own = {policy.platform.return_path.lower(), policy.platform.from_address.lower()}
+    failures = tuple(f for f in named if f.recipient.lower() not in own)
     if not failures:
-        outcome.lines.append(
-            "names no recipient, and its message is not in the audit log"
-            if original is None
-            else f"names no recipient, and its message went to {len(original.recipients)}:"
-            " which one complained is not known, none is suppressed"
-        )
+        outcome.lines.append(_nobody(named, original))
         return outcome
     entries = [_entry(policy, report, failure, original) for failure in failures]
     suppressions.add([e for e in entries if e is not None])
@@ -132,6 +129,17 @@ def act(
         outcome.lines.append(told)
     recorder.flush_sync(queue_id)
     return outcome
+
+
+def _nobody(named: tuple[Failure, ...], original: Original | None) -> str:
+    if named:
+        return "names only the platform's own addresses, which are never suppressed"
+    if original is None:
+        return "names no recipient, and its message is not in the audit log"
+    return (
+        f"names no recipient, and its message went to {len(original.recipients)}:"
+        " which one complained is not known, none is suppressed"
+    )
 
 
 def _failures(report: Report, original: Original | None) -> tuple[Failure, ...]:
