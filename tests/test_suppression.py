@@ -193,3 +193,36 @@ def test_preview_and_decide_leave_a_listed_recipient_out_and_say_why(
         f"not sent to gone@example.org: on the suppression list since {WHEN}"
         " (a delivery to it failed as to an address that does not exist)"
     ) in text
+
+
+def test_a_file_rewritten_in_place_is_read_again_from_its_start(tmp_path: Path) -> None:
+    """``cat kept.jsonl > suppression.jsonl`` keeps the inode and may leave the
+    file larger than what was read: read on from the old offset, a worker kept
+    the removed entries and missed the new ones until its restart."""
+    path = tmp_path / "s.jsonl"
+    SuppressionFile(path).add([_entry("a@example.org")])
+    reader = SuppressionFile(path)
+    assert reader.current().find("a@example.org", "acme") is not None
+    other = SuppressionFile(tmp_path / "other.jsonl")
+    other.add([_entry(f"n{i}@example.org") for i in range(5)])
+    inode = os.stat(path).st_ino
+    path.write_bytes((tmp_path / "other.jsonl").read_bytes())
+    assert os.stat(path).st_ino == inode
+    snapshot = reader.current()
+    assert snapshot.find("a@example.org", "acme") is None
+    assert all(snapshot.find(f"n{i}@example.org", "acme") is not None for i in range(5))
+    assert len(snapshot) == 5
+
+
+def test_a_time_out_of_range_is_a_skipped_line_not_a_failed_lookup(tmp_path: Path) -> None:
+    """A hand-written year 1 was taken, then failed every message to the address
+    with a 451 when its entry was turned back into text."""
+    path = tmp_path / "s.jsonl"
+    path.write_text(
+        '{"v":1,"op":"add","address":"odd@example.org","tenant":null,"reason":"manual",'
+        '"since":"0001-01-01T00:00:00+01:00"}\n'
+    )
+    reader = SuppressionFile(path)
+    assert reader.current().find("odd@example.org", "acme") is None
+    (problem,) = reader.entries().problems
+    assert "since '0001-01-01T00:00:00+01:00' is not a time" in problem

@@ -114,7 +114,13 @@ def millis(since: str) -> int:
     when = datetime.fromisoformat(since)
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
+    if not EPOCH <= when < END:
+        raise ValueError(f"{since!r} is not between 1970 and 9999")
     return round(when.timestamp() * 1000)
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+END = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 def time_text(ms: int) -> str:

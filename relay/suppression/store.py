@@ -32,6 +32,8 @@ from relay.suppression.index import EMPTY, Builder, SuppressionList
 
 log = logging.getLogger("relay")
 
+MARK = 64  # bytes before the point read to, compared at the next read
+
 
 class SuppressionError(RelayError):
     """The list could not be read or written; says which file and why."""
@@ -53,14 +55,19 @@ class SuppressionFile:
         self.path = path
         self._builder = Builder()
         self._snapshot = EMPTY
-        self._seen: tuple[int, int] | None = None  # (inode, bytes read)
+        self._seen: tuple[int, int, int] | None = None  # (inode, bytes read, mtime)
+        self._offset = 0  # bytes read
+        self._mark = b""  # the last of them, to tell the same file from another
         self._partial = b""  # a last line still being written
         self._line = 0
 
     def current(self) -> SuppressionList:
         """The list as the file has it now; raises SuppressionError if it cannot be read.
 
-        A missing file is an empty list: nothing was ever suppressed."""
+        A missing file is an empty list: nothing was ever suppressed. A file
+        replaced (``mv``, even onto a reused inode number) or rewritten in place
+        is read again from its start: what was read last must still be there,
+        byte for byte, for the rest to be read from where it stopped."""
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -69,16 +76,15 @@ class SuppressionFile:
             return self._snapshot
         except OSError as exc:
             raise _failed("read", self.path, exc) from exc
-        if self._seen is not None and self._seen == (st.st_ino, st.st_size):
+        if self._seen == (st.st_ino, st.st_size, st.st_mtime_ns):
             return self._snapshot
-        if self._seen is None or self._seen[0] != st.st_ino or st.st_size < self._seen[1]:
-            self._reset()  # replaced or cut: read from the start
-        offset = self._seen[1] if self._seen else 0
         changed = False
         try:
             with open(self.path, "rb") as f:
-                inode = os.fstat(f.fileno()).st_ino
-                f.seek(offset)
+                st = os.fstat(f.fileno())
+                if not self._continues(f.fileno(), st.st_ino, st.st_size):
+                    self._reset()
+                f.seek(self._offset)
                 for line in f:  # not read whole: a large list's bytes would stay in memory
                     if not line.endswith(b"\n"):
                         self._partial += line  # still being written, or cut short
@@ -88,15 +94,23 @@ class SuppressionFile:
                     self._line += 1
                     if line.strip():
                         changed |= self._apply(self._line, line)
-                end = f.tell()
+                self._offset = f.tell()
+                self._mark = os.pread(f.fileno(), MARK, max(0, self._offset - MARK))
         except FileNotFoundError:
-            inode, end = 0, 0
+            return self._snapshot
         except OSError as exc:
             raise _failed("read", self.path, exc) from exc
-        self._seen = (inode, end)
+        self._seen = (st.st_ino, self._offset, st.st_mtime_ns)
         if changed or self._snapshot is EMPTY:
             self._snapshot = self._builder.snapshot()
         return self._snapshot
+
+    def _continues(self, fd: int, inode: int, size: int) -> bool:
+        """Whether the open file is the one read so far, grown at most."""
+        if self._seen is None or self._seen[0] != inode or size < self._offset:
+            return False
+        start = max(0, self._offset - len(self._mark))
+        return os.pread(fd, len(self._mark), start) == self._mark
 
     def entries(self) -> Listing:
         """The whole file, read now, with each entry's detail and who made it."""
@@ -127,6 +141,8 @@ class SuppressionFile:
         self._builder = Builder()
         self._snapshot = EMPTY
         self._seen = None
+        self._offset = 0
+        self._mark = b""
         self._partial = b""
         self._line = 0
 
