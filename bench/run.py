@@ -41,7 +41,13 @@ sys.path.insert(0, str(ROOT))
 from bench import load, procstat  # noqa: E402
 from bench.load import Users  # noqa: E402
 from bench.postfix import PostfixInstance, PostfixUnavailable  # noqa: E402
-from bench.relayside import RelayServer, check_policy, make_key, write_policy  # noqa: E402
+from bench.relayside import (  # noqa: E402
+    RelayServer,
+    check_policy,
+    make_key,
+    write_policy,
+    write_suppressions,
+)
 from bench.sink import BaseSink, make_sink, stop_pid  # noqa: E402
 
 KB, MB = 1024, 1024 * 1024
@@ -214,6 +220,7 @@ class Bench:
             workers=self.args.workers,
             login=self.login,
         )
+        write_suppressions(state / "state", self.args.suppressed)
         if self.serial == 1:
             check_policy(policy)
         relay = RelayServer(policy, port, state / "relay.log")
@@ -917,6 +924,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--users", type=int, default=1000, help="users of the tenant (1000)")
     p.add_argument(
+        "--suppressed",
+        type=int,
+        default=100_000,
+        help="entries on the relay's suppression list, none a recipient (100000)",
+    )
+    p.add_argument(
         "--workers",
         help="the relay's worker processes (policy 'workers'; default: auto, one per CPU)",
     )
@@ -960,6 +973,7 @@ def main(argv: list[str] | None = None) -> int:
             "reconnect": args.reconnect,
             "auth": args.auth,
             "users": args.users,
+            "suppressed": args.suppressed,
             "sink": None,
         },
         "scenarios": [],
