@@ -4,18 +4,20 @@ audit log finds it, the address is listed, the sender's notice is queued."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from relay.audit import AuditLog
+from relay.audit import AuditError, AuditLog
 from relay.feedback.act import act, find_original
 from relay.feedback.report import BOUNCE, COMPLAINT, Failure, Report
 from relay.policy.load import load
 from relay.policy.model import Policy
 from relay.record import Recorder
 from relay.spool import Spool
-from relay.suppression import SuppressionFile
+from relay.suppression import Suppression, SuppressionFile
 from tests.relayproc import RelayProcess
 from tests.sink import Sink, SinkServer, free_port
 from tests.test_queue_e2e import audit_events, configure, relay_cli
@@ -198,7 +200,7 @@ def test_a_document_sent_twice_is_found_by_the_recipient_the_report_names(
     assert original is not None and original.queue_id == second
 
 
-def test_a_report_about_an_unknown_message_is_recorded_without_one(
+def test_a_report_about_an_unknown_message_is_recorded_without_one_and_lists_nothing(
     delivered: tuple[Path, str, Sink],
 ) -> None:
     path, _, _ = delivered
@@ -207,9 +209,10 @@ def test_a_report_about_an_unknown_message_is_recorded_without_one(
     assert find_original(policy.audit.directory, report) is None
     lines = _act(policy, report)
     assert lines == [
-        "x@example.org: bounced (5.1.1), suppressed",
+        "x@example.org: bounced (5.1.1), not suppressed (its message is not in the audit log)",
         "no notice: the message is not in the audit log",
     ]
+    assert _listed(policy) == {}  # anyone can mail the return path
     found = relay_cli(path, "audit", "search", "--status", "bounced", "--format", "json")
     (record,) = [json.loads(line) for line in found.stdout.splitlines()]
     assert record["queue_id"] is None and record["message_id"] == "<nope@x>"
@@ -234,3 +237,91 @@ def test_the_platforms_own_addresses_are_never_suppressed(
         "names only the platform's own addresses, which are never suppressed"
     ]
     assert _listed(policy) == {}
+
+
+def test_a_bounce_naming_someone_the_message_did_not_go_to_lists_nobody(
+    delivered: tuple[Path, str, Sink],
+) -> None:
+    """A recipient of the invoice knows its Message-ID: a bounce forged with it
+    must not stop the tenant's mail to a third address."""
+    path, _, _ = delivered
+    policy = load(path)
+    report = Report(BOUNCE, (Failure("rival@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>")
+    assert _act(policy, report)[0] == (
+        "rival@example.org: bounced (5.1.1), not suppressed (its message did not go to it)"
+    )
+    assert _listed(policy) == {}
+
+
+def test_a_complaint_naming_a_placeholder_is_about_the_lone_recipient(
+    delivered: tuple[Path, str, Sink], tmp_path: Path
+) -> None:
+    path, _, sink = delivered
+    policy = load(path)
+    port = int(path.read_text().split("port: ", 1)[1].split("\n", 1)[0])
+    sink_port = int(path.read_text().split("port: ", 2)[2].split("\n", 1)[0])
+    lone = INVOICE.replace(b"<inv-4711@", b"<inv-4713@").replace(b", boss@example.org", b"")
+    with SinkServer(sink, port=sink_port), RelayProcess(path, port, tmp_path / "again.log"):
+        queue_id = _send(port, lone, ("buyer@example.org",))
+        sink.wait(2)
+    report = Report(COMPLAINT, (Failure("redacted@isp.example"),), "<inv-4713@erp.acme.example>")
+    lines = _act(policy, report)
+    assert lines[:2] == [
+        "names redacted@isp.example, whom the message did not go to: taken as redacted",
+        "buyer@example.org: complained, suppressed",
+    ]
+    assert _listed(policy) == {"buyer@example.org": ("acme", "complaint", queue_id)}
+
+
+def test_a_notice_about_a_bounce_counts_a_suppressed_recipient_as_not_reached(
+    delivered: tuple[Path, str, Sink], tmp_path: Path
+) -> None:
+    """The invoice went to boss@ only: buyer@ was on the list. boss@ bouncing later
+    means nobody got it, not "not everyone"."""
+    path, _, sink = delivered
+    policy = load(path)
+    assert policy.suppression is not None
+    SuppressionFile(policy.suppression.file).add(
+        [Suppression("buyer@example.org", None, "manual", "2026-01-01T00:00:00.000Z")]
+    )
+    port = int(path.read_text().split("port: ", 1)[1].split("\n", 1)[0])
+    sink_port = int(path.read_text().split("port: ", 2)[2].split("\n", 1)[0])
+    again = INVOICE.replace(b"<inv-4711@", b"<inv-4714@")
+    with SinkServer(sink, port=sink_port), RelayProcess(path, port, tmp_path / "again.log"):
+        _send(port, again, ("buyer@example.org", "boss@example.org"))
+        sink.wait(3)  # the invoice to boss@, the notice about buyer@
+    report = Report(BOUNCE, (Failure("boss@example.org", "5.2.2"),), "<inv-4714@erp.acme.example>")
+    _act(policy, report)
+    spool = Spool(policy.queue.directory, create=False)
+    (notice,) = [spool.read_message(q) for q in spool.ids()]
+    body = notice.split(b"\r\n\r\n", 1)[1].replace(b"=\r\n", b"")
+    assert b"none of its recipients got it" in body
+    assert b"buyer@example.org" not in body  # told already, when it was suppressed
+
+
+def _immutable(path: Path) -> bool:
+    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("chattr") is None, reason="needs chattr")
+def test_a_report_taken_again_after_a_failed_audit_write_tells_the_sender_once(
+    delivered: tuple[Path, str, Sink],
+) -> None:
+    """The mail system hands the report over again after an exit 75: the notice
+    is queued only once its records are written, so the retries queue none."""
+    path, _, _ = delivered
+    policy = load(path)
+    (day,) = sorted(policy.audit.directory.glob("*.jsonl"))
+    if not _immutable(day):
+        pytest.skip("the file system takes no immutable flag here")
+    report = Report(BOUNCE, (Failure("boss@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>")
+    try:
+        for _ in range(2):
+            with pytest.raises(AuditError):
+                _act(policy, report)
+    finally:
+        subprocess.run(["chattr", "-i", str(day)], check=True)
+    assert list(Spool(policy.queue.directory, create=False).ids()) == []
+    _act(policy, report)
+    assert len(list(Spool(policy.queue.directory, create=False).ids())) == 1

@@ -111,10 +111,12 @@ def test_a_yahoo_complaint_names_the_recipient_in_its_report_fields() -> None:
     )
 
 
-def test_a_microsoft_complaint_names_the_recipient_only_in_the_returned_to() -> None:
+def test_a_microsoft_complaint_naming_the_recipient_only_in_the_returned_to_names_none() -> None:
+    """The returned To may not name who complained (a Cc or Bcc recipient did):
+    the audit log says whom the message went to."""
     assert read(_sample("microsoft-jmrp.eml")) == Report(
         COMPLAINT,
-        (Failure("Procurement.Team@outlook-buyer.example"),),
+        (),
         message_id="<4717.erp@acme.example>",
         subject=JMRP_SUBJECT,
         feedback_type="abuse",
@@ -151,8 +153,6 @@ def test_a_removal_recipient_names_the_recipient_when_no_original_rcpt_to_does()
 
 
 def test_a_complaint_whose_returned_to_names_several_addresses_names_none() -> None:
-    """Which of them complained is a guess, and suppressing the wrong one is worse
-    than leaving the caller to find the recipient by the Message-ID."""
     raw = _sample("microsoft-jmrp.eml").replace(
         b'To: "Procurement Team" <Procurement.Team@outlook-buyer.example>\n',
         b'To: "Procurement Team" <Procurement.Team@outlook-buyer.example>,\n'
@@ -166,6 +166,16 @@ def test_a_complaint_whose_returned_to_names_several_addresses_names_none() -> N
         subject=JMRP_SUBJECT,
         feedback_type="abuse",
     )
+
+
+@pytest.mark.parametrize("kind", ["not-spam", "auth-failure", "virus", "other"])
+def test_feedback_that_asks_for_no_less_mail_is_not_a_complaint(kind: str) -> None:
+    """RFC 6430's not-spam is the opposite of a complaint; a DMARC failure report
+    (RFC 6591) and the rest say nothing of what the recipient wants."""
+    raw = _sample("yahoo-arf.eml").replace(
+        b"Feedback-Type: abuse\n", f"Feedback-Type: {kind}\n".encode()
+    )
+    assert read(raw) is None
 
 
 def test_a_complaint_without_fields_or_returned_message_is_still_a_complaint() -> None:

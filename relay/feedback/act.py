@@ -12,6 +12,7 @@ relay's own failure notices, which the running relay delivers.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,11 @@ class Original:
     doc_type: str
     time: str
     subject: str | None
+    # recipients the log already has as not delivered (failed, expired, suppressed, bounced)
+    not_delivered: frozenset[str] = frozenset()
+
+    def sent_to(self, address: str) -> bool:
+        return address.lower() in {r.lower() for r in (*self.recipients, *self.bcc)}
 
 
 @dataclass
@@ -59,27 +65,33 @@ class Outcome:
 def find_original(directory: Path, report: Report, today: date | None = None) -> Original | None:
     """The newest message with the report's Message-ID that went to one of its
     recipients (an ERP may send one document twice, to others the second
-    time); None when the log has none within ``LOOKBACK_DAYS``."""
+    time), else the newest with that ID (a complaint's recipient may be
+    redacted); None when the log has none within ``LOOKBACK_DAYS``."""
     if not report.message_id or not report.message_id.strip("<> \t"):
         return None
     today = today or datetime.now(UTC).date()
-    since = today - timedelta(days=LOOKBACK_DAYS)
-    received = [
-        r
-        for r in search.show(directory, report.message_id, since=since)
-        if r.get("event") == "received"
-    ]
-    wanted = {f.recipient.lower() for f in report.failures}
-    for record in reversed(received):
-        original = _original(record)
-        if original is not None and (
-            not wanted or wanted & {r.lower() for r in (*original.recipients, *original.bcc)}
-        ):
-            return original
-    return None
+    records = search.show(directory, report.message_id, since=today - timedelta(days=LOOKBACK_DAYS))
+    found = [o for o in map(_original, records) if o is not None]
+    if not found:
+        return None
+    named = [o for o in found if any(o.sent_to(f.recipient) for f in report.failures)]
+    newest = (named or found)[-1]
+    failed = {
+        r["recipient"].lower()
+        for r in records
+        if r.get("queue_id") == newest.queue_id
+        and r.get("event") in _NOT_DELIVERED
+        and isinstance(r.get("recipient"), str)
+    }
+    return dataclasses.replace(newest, not_delivered=frozenset(failed))
+
+
+_NOT_DELIVERED = ("failed", "expired", "suppressed", "bounced")
 
 
 def _original(record: dict[str, Any]) -> Original | None:
+    if record.get("event") != "received":
+        return None
     try:
         return Original(
             queue_id=record["queue_id"],
@@ -106,27 +118,27 @@ def act(
     clock: Callable[[], float] = time.time,
 ) -> Outcome:
     """Record, suppress, tell; raises AuditError, SuppressionError or SpoolError
-    when the state cannot take it (the mail system should try again later).
-    The suppression list comes first: a report recorded twice is harmless, an
-    address left off the list is mailed again."""
+    when the state cannot take it (the mail system then tries again later).
+    The list comes first (a line written twice is harmless, an address left
+    off is mailed again), then the records, then the notice: a retry after a
+    failed write must not tell the sender twice."""
     original = find_original(policy.audit.directory, report)
     outcome = Outcome(original)
-    named = _failures(report, original)
+    named = _failures(report, original, outcome.lines)
     own = {policy.platform.return_path.lower(), policy.platform.from_address.lower()}
     failures = tuple(f for f in named if f.recipient.lower() not in own)
     if not failures:
         outcome.lines.append(_nobody(named, original))
         return outcome
     entries = [_entry(policy, report, failure, original) for failure in failures]
-    suppressions.add([e for e in entries if e is not None])
+    suppressions.add([e for e in entries if isinstance(e, Suppression)])
     queue_id = original.queue_id if original is not None else None
     message_id = original.message_id if original is not None else report.message_id
     for failure, entry in zip(failures, entries, strict=True):
         recorder.add(_record(report, failure, queue_id, message_id))
         outcome.lines.append(_said(report, failure, entry))
-    told = _tell(policy, report, failures, original, recorder, spool, clock)
-    if told:
-        outcome.lines.append(told)
+    recorder.flush_sync(queue_id)
+    outcome.lines.append(_tell(policy, report, failures, original, recorder, spool, clock))
     recorder.flush_sync(queue_id)
     return outcome
 
@@ -142,29 +154,43 @@ def _nobody(named: tuple[Failure, ...], original: Original | None) -> str:
     )
 
 
-def _failures(report: Report, original: Original | None) -> tuple[Failure, ...]:
-    """A complaint whose reporter redacted the recipient names it through the
-    message, when that went to one recipient only: guessing among several
-    would suppress someone who did not complain."""
-    if report.failures or report.kind == BOUNCE or original is None:
+def _failures(report: Report, original: Original | None, lines: list[str]) -> tuple[Failure, ...]:
+    """A complaint's recipients, as far as the message went to them. One whose
+    reporter redacted the recipient (or named a placeholder) is about the
+    message's recipient when it had only one: guessing among several would
+    suppress someone who did not complain."""
+    if report.kind == BOUNCE or original is None:
         return report.failures
+    named = tuple(f for f in report.failures if original.sent_to(f.recipient))
+    if named:
+        return named
+    if report.failures:
+        others = ", ".join(f.recipient for f in report.failures)
+        lines.append(f"names {others}, whom the message did not go to: taken as redacted")
     return (Failure(original.recipients[0]),) if len(original.recipients) == 1 else ()
 
 
 def _entry(
     policy: Policy, report: Report, failure: Failure, original: Original | None
-) -> Suppression | None:
-    """A hard bounce, by the policy's codes, for every tenant; a complaint for the
-    tenant whose mail it was (for all, when the message is not found)."""
+) -> Suppression | str:
+    """The entry, or why there is none. Only a report about a message the relay
+    sent, naming one of its recipients, lists an address: anyone can mail the
+    return path, and a forged bounce would otherwise stop a tenant's mail to
+    any address. A hard bounce, by the policy's codes, is for every tenant; a
+    complaint for the tenant whose mail it was."""
+    if original is None:
+        return "its message is not in the audit log"
+    if not original.sent_to(failure.recipient):
+        return "its message did not go to it"
     detail = failure.diagnostic or failure.status or report.feedback_type or ""
-    queue_id = original.queue_id if original is not None else None
-    if report.kind == BOUNCE:
-        codes = policy.suppression.hard_bounce if policy.suppression is not None else frozenset()
-        if failure.status not in codes:
-            return None
-        return Suppression(failure.recipient, None, BOUNCED, now(), detail, queue_id)
-    tenant = original.tenant if original is not None else None
-    return Suppression(failure.recipient, tenant, COMPLAINT, now(), detail, queue_id)
+    if report.kind != BOUNCE:
+        return Suppression(
+            failure.recipient, original.tenant, COMPLAINT, now(), detail, original.queue_id
+        )
+    codes = policy.suppression.hard_bounce if policy.suppression is not None else frozenset()
+    if failure.status not in codes:
+        return "not a hard bounce code"
+    return Suppression(failure.recipient, None, BOUNCED, now(), detail, original.queue_id)
 
 
 def _record(
@@ -186,9 +212,9 @@ def _record(
     )
 
 
-def _said(report: Report, failure: Failure, entry: Suppression | None) -> str:
+def _said(report: Report, failure: Failure, entry: Suppression | str) -> str:
     what = f"bounced ({failure.status or 'no status'})" if report.kind == BOUNCE else "complained"
-    listed = "suppressed" if entry is not None else "not suppressed (not a hard bounce code)"
+    listed = "suppressed" if isinstance(entry, Suppression) else f"not suppressed ({entry})"
     return f"{failure.recipient}: {what}, {listed}"
 
 
@@ -235,11 +261,13 @@ def _as_entry(
     for address in dict.fromkeys((*original.recipients, *original.bcc)):
         failure = said.get(address.lower())
         own = address.lower() not in bcc
-        if failure is None:
-            recipients.append(RecipientState(address, DELIVERED, notify=own))
-        else:
+        if failure is not None:
             reply = _reason(report, failure)
             recipients.append(RecipientState(address, FAILED, notify=own, reply=reply))
+        elif address.lower() in original.not_delivered:  # the sender was told then
+            recipients.append(RecipientState(address, FAILED, notify=False))
+        else:
+            recipients.append(RecipientState(address, DELIVERED, notify=own))
     arrival = datetime.fromisoformat(original.time.replace("Z", "+00:00")).timestamp()
     return QueueEntry(
         queue_id=original.queue_id,

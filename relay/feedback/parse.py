@@ -148,11 +148,19 @@ def _envelope_id(blocks: list[Message]) -> str | None:
     return None
 
 
-def _complaint(msg: Message) -> Report:
+#: RFC 5965 and 6650 feedback types that ask for no more mail: spam, fraud and
+#: unsubscribing. Not "not-spam" (the opposite), "auth-failure" (a DMARC
+#: failure report), "virus" or "other", which say nothing of the recipient's wish.
+ACTED_ON = ("abuse", "fraud", "opt-out")
+
+
+def _complaint(msg: Message) -> Report | None:
     fields = _feedback_fields(msg)
-    feedback_type = (_value(fields, "Feedback-Type") if fields else None) or "abuse"
+    feedback_type = ((_value(fields, "Feedback-Type") if fields else None) or "abuse").lower()
+    if feedback_type not in ACTED_ON:
+        return None
     returned = _returned(msg)
-    recipients = _complained_recipients(fields, returned)
+    recipients = _complained_recipients(fields)
     message_id, subject = _ids(returned)
     return Report(
         COMPLAINT,
@@ -160,7 +168,7 @@ def _complaint(msg: Message) -> Report:
         message_id,
         subject,
         _value(fields, "Original-Envelope-Id") if fields else None,
-        feedback_type.lower(),
+        feedback_type,
     )
 
 
@@ -195,19 +203,12 @@ def _decoded(text: str, encoding: str) -> str:
     return data.decode("utf-8", "replace")
 
 
-def _complained_recipients(fields: Message | None, returned: Message | None) -> list[str]:
+def _complained_recipients(fields: Message | None) -> list[str]:
     """The report's own fields name the complaining recipient when the provider
-    allows it; otherwise the returned message's To, but only when it names one
-    address: providers redact, and a guess among several would suppress the wrong
-    one. No recipient at all still makes a report: the caller can find the
-    recipient by the Message-ID."""
-    named = [] if fields is None else _addresses(fields, "Original-Rcpt-To", "Removal-Recipient")
-    if named:
-        return named
-    if returned is None:
-        return []
-    to = _addresses(returned, "To")
-    return to if len(to) == 1 else []
+    allows it. The returned message's To is not taken for one: a Cc or Bcc
+    recipient may have complained, and providers put a placeholder there; the
+    caller finds the recipient by the Message-ID in the audit log instead."""
+    return [] if fields is None else _addresses(fields, "Original-Rcpt-To", "Removal-Recipient")
 
 
 def _addresses(msg: Message, *names: str) -> list[str]:
