@@ -253,7 +253,7 @@ def _suppression_parsers(sub: argparse._SubParsersAction) -> None:
     add.add_argument("addresses", nargs="+", metavar="ADDRESS")
     add.add_argument("--tenant", metavar="T", help="for this tenant's mail only")
     add.add_argument("--reason", choices=REASONS, default="manual")
-    add.add_argument("--note", default="", help="why, shown in the list and to senders")
+    add.add_argument("--note", default="", help="why, shown by relay suppression list")
     add.set_defaults(run=_suppression, verb="add")
     text = "send to addresses again: every entry of each, or with --tenant that tenant's"
     remove = verbs.add_parser("remove", help=text, description=text, epilog=_REMOVE_STATUS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 from relay.cli import main
 from relay.record import operator
-from relay.suppression import BOUNCE, Suppression, SuppressionFile
+from relay.suppression import BOUNCE, Suppression, SuppressionFile, tools
 from tests.policyfiles import variant
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,3 +245,17 @@ def test_a_policy_that_does_not_load_at_all_is_exit_78(
     for verb in (["list"], ["add", BUYER], ["remove", BUYER]):
         assert run(bad, capsys, *verb)[0] == 78
     assert not (tmp_path / "state" / "suppression.jsonl").exists()
+
+
+def test_removing_a_tenants_entry_it_does_not_have_points_at_the_one_for_all(
+    tmp_path: Path,
+) -> None:
+    """``list --tenant acme`` shows the address (the entry for all tenants keeps it
+    from acme's mail); ``remove --tenant acme`` finding no entry of acme's own
+    said only "not on the list for tenant acme"."""
+    file = SuppressionFile(tmp_path / "s.jsonl")
+    file.add([Suppression("dead@x.example", None, "bounce", "2026-01-01T00:00:00.000Z")])
+    out, err = io.StringIO(), io.StringIO()
+    code = tools.remove_main(file, ["dead@x.example"], "acme", by="alice", out=out, err=err)
+    assert code == 1
+    assert "its entry for all tenants keeps it from that tenant's mail too" in err.getvalue()

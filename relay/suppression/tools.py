@@ -125,7 +125,15 @@ def remove_main(
     out.write("".join(_printable(f"{e.address}: removed ({_describe(e)})") + "\n" for e in gone))
     scope = "" if tenant is None else f" for tenant {tenant}"
     for address in missing:
-        err.write(_printable(f"relay suppression remove: {address}: not on the list{scope}") + "\n")
+        also = (
+            " (its entry for all tenants keeps it from that tenant's mail too:"
+            " remove that one without --tenant)"
+            if tenant is not None and any(e.tenant is None for e in listed.get(address.lower(), ()))
+            else ""
+        )
+        err.write(
+            _printable(f"relay suppression remove: {address}: not on the list{scope}{also}") + "\n"
+        )
     return 1 if missing else 0
 
 
