@@ -3,6 +3,7 @@ what decide and preview make of a listed recipient."""
 
 from __future__ import annotations
 
+import io
 import os
 import pwd
 from pathlib import Path
@@ -226,3 +227,16 @@ def test_a_time_out_of_range_is_a_skipped_line_not_a_failed_lookup(tmp_path: Pat
     assert reader.current().find("odd@example.org", "acme") is None
     (problem,) = reader.entries().problems
     assert "since '0001-01-01T00:00:00+01:00' is not a time" in problem
+
+
+def test_check_warns_of_a_hard_bounce_code_about_the_platform_not_the_address(
+    tmp_path: Path,
+) -> None:
+    from relay.policy.load import check_main
+
+    path = variant(tmp_path, "tenants:", "suppression: {hard_bounce: [5.1.1, 5.7.1]}\ntenants:")
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0
+    warned = err.getvalue()
+    assert "warning: suppression.hard_bounce[1]: 5.7.1 says nothing of the address" in warned
+    assert "5.1.1 says" not in err.getvalue()

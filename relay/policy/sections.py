@@ -562,6 +562,13 @@ def _hard_bounce(ctx: Ctx, root: Map) -> frozenset[str] | None:
         if code is not None and not _STATUS.fullmatch(code):
             ctx.problem(node, path, f"expected {what}, not {code!r}")
             code = None
+        elif code is not None and not code.startswith(("5.1.", "5.2.")):
+            message = (
+                f"{code} says nothing of the address (RFC 3463: 5.1 addressing and 5.2 mailbox"
+                " do): a receiver refusing the platform this way would have working"
+                " addresses suppressed"
+            )
+            ctx.problems.warn(node, path, message)
         ok &= code is not None
         codes.add(code or "")
     return frozenset(codes) if ok else None
