@@ -3,9 +3,11 @@ audit log finds it, the address is listed, the sender's notice is queued."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from relay.spool import Spool
 from relay.suppression import Suppression, SuppressionFile
 from tests.relayproc import RelayProcess
 from tests.sink import Sink, SinkServer, free_port
-from tests.test_queue_e2e import audit_events, configure, relay_cli
+from tests.test_queue_e2e import audit_events, configure, relay_cli, send
 
 INVOICE = (
     b"From: jan@acme.example\r\nTo: buyer@example.org, boss@example.org\r\n"
@@ -29,17 +31,14 @@ INVOICE = (
 )
 
 
-def _send(port: int, data: bytes, rcpts: tuple[str, ...]) -> str:
-    import smtplib
-
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-        client.ehlo()
-        client.mail("jan@acme.example")
-        for rcpt in rcpts:
-            client.rcpt(rcpt)
-        code, reply = client.data(data)
-    assert code == 250, reply
-    return reply.decode().rsplit(" ", 1)[1]
+@contextlib.contextmanager
+def _running_again(path: Path, sink: Sink, log: Path) -> Iterator[int]:
+    """The relay of ``delivered`` and its upstream, started again on their ports."""
+    text = path.read_text()
+    port = int(text.split("port: ", 1)[1].split("\n", 1)[0])
+    sink_port = int(text.split("port: ", 2)[2].split("\n", 1)[0])
+    with SinkServer(sink, port=sink_port), RelayProcess(path, port, log):
+        yield port
 
 
 @pytest.fixture
@@ -50,7 +49,7 @@ def delivered(policy_file: Path, tmp_path: Path) -> tuple[Path, str, Sink]:
         port = free_port()
         policy = configure(policy_file, port, server.port)
         with RelayProcess(policy, port, tmp_path / "relay.log"):
-            queue_id = _send(port, INVOICE, ("buyer@example.org", "boss@example.org"))
+            queue_id = send(port, INVOICE, ("buyer@example.org", "boss@example.org"))
             sink.wait(1)
     return policy, queue_id, sink
 
@@ -118,9 +117,7 @@ def test_the_queued_notice_reaches_the_sender_and_names_the_bounce(
         subject="Invoice 4711",
     )
     _act(policy, report)
-    port = int(path.read_text().split("port: ", 1)[1].split("\n", 1)[0])
-    sink_port = int(path.read_text().split("port: ", 2)[2].split("\n", 1)[0])
-    with SinkServer(sink, port=sink_port), RelayProcess(path, port, tmp_path / "again.log"):
+    with _running_again(path, sink, tmp_path / "again.log"):
         sink.wait(2)
     notice = sink.messages[1]
     assert notice.rcpt_tos == ["jan@acme.example"]
@@ -162,11 +159,9 @@ def test_a_complaint_suppresses_for_the_tenant_only_and_names_a_lone_recipient(
         " which one complained is not known, none is suppressed"
     ]
     assert _listed(policy) == {}
-    port = int(path.read_text().split("port: ", 1)[1].split("\n", 1)[0])
-    sink_port = int(path.read_text().split("port: ", 2)[2].split("\n", 1)[0])
     lone = INVOICE.replace(b"<inv-4711@", b"<inv-4712@").replace(b", boss@example.org", b"")
-    with SinkServer(sink, port=sink_port), RelayProcess(path, port, tmp_path / "again.log"):
-        queue_id = _send(port, lone, ("buyer@example.org",))
+    with _running_again(path, sink, tmp_path / "again.log") as port:
+        queue_id = send(port, lone, ("buyer@example.org",))
         sink.wait(2)
     redacted = Report(COMPLAINT, (), message_id="<inv-4712@erp.acme.example>", subject="Inv 4712")
     lines = _act(policy, redacted)
@@ -187,10 +182,8 @@ def test_a_document_sent_twice_is_found_by_the_recipient_the_report_names(
     a bounce of the first recipient belongs to the first message, not the newest."""
     path, first, sink = delivered
     policy = load(path)
-    port = int(path.read_text().split("port: ", 1)[1].split("\n", 1)[0])
-    sink_port = int(path.read_text().split("port: ", 2)[2].split("\n", 1)[0])
-    with SinkServer(sink, port=sink_port), RelayProcess(path, port, tmp_path / "again.log"):
-        second = _send(port, INVOICE, ("third@example.org",))
+    with _running_again(path, sink, tmp_path / "again.log") as port:
+        second = send(port, INVOICE, ("third@example.org",))
         sink.wait(2)
     about = Report(BOUNCE, (Failure("boss@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>")
     original = find_original(policy.audit.directory, about)
@@ -258,11 +251,9 @@ def test_a_complaint_naming_a_placeholder_is_about_the_lone_recipient(
 ) -> None:
     path, _, sink = delivered
     policy = load(path)
-    port = int(path.read_text().split("port: ", 1)[1].split("\n", 1)[0])
-    sink_port = int(path.read_text().split("port: ", 2)[2].split("\n", 1)[0])
     lone = INVOICE.replace(b"<inv-4711@", b"<inv-4713@").replace(b", boss@example.org", b"")
-    with SinkServer(sink, port=sink_port), RelayProcess(path, port, tmp_path / "again.log"):
-        queue_id = _send(port, lone, ("buyer@example.org",))
+    with _running_again(path, sink, tmp_path / "again.log") as port:
+        queue_id = send(port, lone, ("buyer@example.org",))
         sink.wait(2)
     report = Report(COMPLAINT, (Failure("redacted@isp.example"),), "<inv-4713@erp.acme.example>")
     lines = _act(policy, report)
@@ -284,11 +275,9 @@ def test_a_notice_about_a_bounce_counts_a_suppressed_recipient_as_not_reached(
     SuppressionFile(policy.suppression.file).add(
         [Suppression("buyer@example.org", None, "manual", "2026-01-01T00:00:00.000Z")]
     )
-    port = int(path.read_text().split("port: ", 1)[1].split("\n", 1)[0])
-    sink_port = int(path.read_text().split("port: ", 2)[2].split("\n", 1)[0])
     again = INVOICE.replace(b"<inv-4711@", b"<inv-4714@")
-    with SinkServer(sink, port=sink_port), RelayProcess(path, port, tmp_path / "again.log"):
-        _send(port, again, ("buyer@example.org", "boss@example.org"))
+    with _running_again(path, sink, tmp_path / "again.log") as port:
+        send(port, again, ("buyer@example.org", "boss@example.org"))
         sink.wait(3)  # the invoice to boss@, the notice about buyer@
     report = Report(BOUNCE, (Failure("boss@example.org", "5.2.2"),), "<inv-4714@erp.acme.example>")
     _act(policy, report)

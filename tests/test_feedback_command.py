@@ -4,7 +4,6 @@ complaint about documents a real relay delivered, read from standard input."""
 from __future__ import annotations
 
 import json
-import smtplib
 import subprocess
 import sys
 from email import message_from_bytes
@@ -15,7 +14,7 @@ from relay.policy.load import load
 from relay.suppression import SuppressionFile
 from tests.relayproc import RelayProcess
 from tests.sink import Sink, SinkServer, free_port
-from tests.test_queue_e2e import ROOT, audit_events, configure, relay_cli
+from tests.test_queue_e2e import ROOT, audit_events, configure, relay_cli, send
 
 FEEDBACK = Path(__file__).parent / "messages" / "feedback"
 
@@ -25,14 +24,7 @@ def _send(port: int, message_id: str, rcpts: tuple[str, ...]) -> str:
         f"From: jan@acme.example\r\nTo: {', '.join(rcpts)}\r\nSubject: Rechnung 4711\r\n"
         f"Message-ID: {message_id}\r\n\r\nanbei die Rechnung.\r\n"
     ).encode()
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-        client.ehlo()
-        client.mail("jan@acme.example")
-        for rcpt in rcpts:
-            client.rcpt(rcpt)
-        code, reply = client.data(data)
-    assert code == 250, reply
-    return reply.decode().rsplit(" ", 1)[1]
+    return send(port, data, rcpts)
 
 
 def _bounce(policy: Path, report: bytes) -> subprocess.CompletedProcess[str]:
