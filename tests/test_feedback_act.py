@@ -18,7 +18,7 @@ from relay.feedback.report import BOUNCE, COMPLAINT, Failure, Report
 from relay.policy.load import load
 from relay.policy.model import Policy
 from relay.record import Recorder
-from relay.spool import Spool
+from relay.spool import Spool, SpoolError
 from relay.suppression import Suppression, SuppressionFile
 from tests.relayproc import RelayProcess
 from tests.sink import Sink, SinkServer, free_port
@@ -236,14 +236,14 @@ def test_a_bounce_naming_someone_the_message_did_not_go_to_lists_nobody(
     delivered: tuple[Path, str, Sink],
 ) -> None:
     """A recipient of the invoice knows its Message-ID: a bounce forged with it
-    must not stop the tenant's mail to a third address."""
-    path, _, _ = delivered
+    must not stop the tenant's mail to a third address, nor add it to the
+    invoice's story in the audit log."""
+    path, queue_id, _ = delivered
     policy = load(path)
     report = Report(BOUNCE, (Failure("rival@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>")
-    assert _act(policy, report)[0] == (
-        "rival@example.org: bounced (5.1.1), not suppressed (its message did not go to it)"
-    )
+    assert _act(policy, report) == ["rival@example.org: not recorded: its message did not go to it"]
     assert _listed(policy) == {}
+    assert "rival@example.org" not in {r for _, r in audit_events(path, queue_id)}
 
 
 def test_a_complaint_naming_a_placeholder_is_about_the_lone_recipient(
@@ -314,3 +314,65 @@ def test_a_report_taken_again_after_a_failed_audit_write_tells_the_sender_once(
     assert list(Spool(policy.queue.directory, create=False).ids()) == []
     _act(policy, report)
     assert len(list(Spool(policy.queue.directory, create=False).ids())) == 1
+
+
+def test_a_report_taken_twice_is_recorded_and_told_once(
+    delivered: tuple[Path, str, Sink],
+) -> None:
+    """A mail system may deliver one report twice; the second changes nothing."""
+    path, queue_id, _ = delivered
+    policy = load(path)
+    report = Report(BOUNCE, (Failure("boss@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>")
+    first = _act(policy, report)
+    assert first[0] == "boss@example.org: bounced (5.1.1), suppressed"
+    assert _act(policy, report) == ["boss@example.org: already recorded"]
+    assert [e for e, _ in audit_events(path, queue_id)].count("bounced") == 1
+    assert len(list(Spool(policy.queue.directory, create=False).ids())) == 1
+
+
+@pytest.mark.skipif(shutil.which("chattr") is None, reason="needs chattr")
+def test_a_report_recorded_whose_notice_failed_is_told_when_taken_again(
+    delivered: tuple[Path, str, Sink],
+) -> None:
+    """Exit 75 after the records were written but the queue took no notice: the
+    mail system's retry queues the notice, and records nothing twice."""
+    path, queue_id, _ = delivered
+    policy = load(path)
+    queue = policy.queue.directory
+    report = Report(BOUNCE, (Failure("boss@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>")
+    locked = [d for d in queue.iterdir() if d.is_dir()]
+    if not all(_immutable(d) for d in locked):
+        pytest.skip("the file system takes no immutable flag here")
+    try:
+        with pytest.raises(SpoolError):
+            _act(policy, report)
+    finally:
+        for directory in locked:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+    lines = _act(policy, report)
+    assert lines[0] == "boss@example.org: already recorded"
+    assert lines[1].startswith("jan@acme.example told (notice ")
+    assert [e for e, _ in audit_events(path, queue_id)].count("bounced") == 1
+    assert len(list(Spool(queue, create=False).ids())) == 1
+
+
+def test_the_notice_names_the_document_as_the_audit_log_has_it(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """With subjects on record, the notice takes the relay's own, not the one the
+    bounce returned (which whoever sent the bounce wrote)."""
+    sink = Sink()
+    with SinkServer(sink) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port, "audit: {record_subject: yes}\n")
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            send(port, INVOICE, ("buyer@example.org", "boss@example.org"))
+            sink.wait(1)
+    loaded = load(policy)
+    report = Report(
+        BOUNCE, (Failure("boss@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>", "Lies"
+    )
+    _act(loaded, report)
+    spool = Spool(loaded.queue.directory, create=False)
+    (notice,) = [spool.read_message(q) for q in spool.ids()]
+    assert b"Subject: Undelivered: Invoice 4711\r\n" in notice

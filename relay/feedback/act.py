@@ -49,6 +49,11 @@ class Original:
     subject: str | None
     # recipients the log already has as not delivered (failed, expired, suppressed, bounced)
     not_delivered: frozenset[str] = frozenset()
+    # recipients the log already has this kind of report about, and those of
+    # them no notice has followed yet (a report taken again: a mail system's
+    # retry after exit 75, or the same report delivered twice)
+    reported: frozenset[str] = frozenset()
+    untold: frozenset[str] = frozenset()
 
     def sent_to(self, address: str) -> bool:
         return address.lower() in {r.lower() for r in (*self.recipients, *self.bcc)}
@@ -76,14 +81,21 @@ def find_original(directory: Path, report: Report, today: date | None = None) ->
         return None
     named = [o for o in found if any(o.sent_to(f.recipient) for f in report.failures)]
     newest = (named or found)[-1]
-    failed = {
-        r["recipient"].lower()
+    mine = [
+        r
         for r in records
-        if r.get("queue_id") == newest.queue_id
-        and r.get("event") in _NOT_DELIVERED
-        and isinstance(r.get("recipient"), str)
-    }
-    return dataclasses.replace(newest, not_delivered=frozenset(failed))
+        if r.get("queue_id") == newest.queue_id and isinstance(r.get("recipient"), str)
+    ]
+    event = "bounced" if report.kind == BOUNCE else "complained"
+    reported = {r["recipient"].lower(): r.get("seq") or 0 for r in mine if r.get("event") == event}
+    told = max((r.get("seq") or 0 for r in mine if r.get("event") == "notified"), default=-1)
+    failed = (r["recipient"].lower() for r in mine if r.get("event") in _NOT_DELIVERED)
+    return dataclasses.replace(
+        newest,
+        not_delivered=frozenset(failed),
+        reported=frozenset(reported),
+        untold=frozenset(a for a, seq in reported.items() if seq > told),
+    )
 
 
 _NOT_DELIVERED = ("failed", "expired", "suppressed", "bounced")
@@ -130,17 +142,44 @@ def act(
     if not failures:
         outcome.lines.append(_nobody(named, original))
         return outcome
-    entries = [_entry(policy, report, failure, original) for failure in failures]
+    new, untold = _new(report, failures, original, outcome.lines)
+    entries = [_entry(policy, report, failure, original) for failure in new]
     suppressions.add([e for e in entries if isinstance(e, Suppression)])
     queue_id = original.queue_id if original is not None else None
     message_id = original.message_id if original is not None else report.message_id
-    for failure, entry in zip(failures, entries, strict=True):
+    for failure, entry in zip(new, entries, strict=True):
         recorder.add(_record(report, failure, queue_id, message_id))
         outcome.lines.append(_said(report, failure, entry))
     recorder.flush_sync(queue_id)
-    outcome.lines.append(_tell(policy, report, failures, original, recorder, spool, clock))
+    if new or untold:
+        told = _tell(policy, report, (*new, *untold), original, recorder, spool, clock)
+        outcome.lines.append(told)
     recorder.flush_sync(queue_id)
     return outcome
+
+
+def _new(
+    report: Report, failures: tuple[Failure, ...], original: Original | None, lines: list[str]
+) -> tuple[tuple[Failure, ...], tuple[Failure, ...]]:
+    """The failures to record, and those recorded before whose notice is still to
+    go. A report about someone its message did not go to (forged, or a forward's
+    address) is no part of that message's story; one taken before is not
+    recorded, listed or told again."""
+    if original is None:
+        return failures, ()
+    new: list[Failure] = []
+    untold: list[Failure] = []
+    for failure in failures:
+        address = failure.recipient.lower()
+        if not original.sent_to(address):
+            lines.append(f"{failure.recipient}: not recorded: its message did not go to it")
+        elif address in original.reported:
+            lines.append(f"{failure.recipient}: already recorded")
+            if address in original.untold:
+                untold.append(failure)
+        else:
+            new.append(failure)
+    return tuple(new), tuple(untold)
 
 
 def _nobody(named: tuple[Failure, ...], original: Original | None) -> str:
@@ -279,7 +318,7 @@ def _as_entry(
         user=original.user,
         notify_address=notify_address,
         doc_type=original.doc_type,
-        subject=report.subject or original.subject or "",
+        subject=original.subject or report.subject or "",
         message_id=original.message_id or "",
         date="",
         size=0,
