@@ -238,7 +238,7 @@ def test_show_main(log_dir: Path) -> None:
     assert show_main(log_dir, "<quote-77@erp.acme.example>", out=out, err=err) == 0
     assert "    subject   Quote 77" in out.getvalue()
     assert "deleted by root: eva@acme.example" in out.getvalue()
-    assert "suppressed: complaint since 2024-04-01T00:00:00.000Z" in out.getvalue()
+    assert "on the suppression list (complaint) since 2024-04-01T00:00:00.000Z" in out.getvalue()
     out = io.StringIO()
     assert show_main(log_dir, GLOBEX[0], output="json", out=out, err=err) == 0
     assert [json.loads(line)["seq"] for line in out.getvalue().splitlines()] == [13, 14, 15, 16]

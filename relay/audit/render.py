@@ -284,7 +284,7 @@ def _outcome(r: dict[str, Any]) -> str:
         return f"{_safe(r.get('reply'))} (next attempt {_safe(r.get('next_attempt'))})"
     if event == "suppressed":
         s = r.get("suppression") or {}
-        return f"suppressed: {_safe(s.get('reason'))} since {_safe(s.get('since'))}"
+        return f"on the suppression list ({_safe(s.get('reason'))}) since {_safe(s.get('since'))}"
     if event == "bounced":
         return f"{_safe(r.get('dsn_status'))} {_safe(r.get('diagnostic'))}"
     if event == "complained":
