@@ -135,8 +135,9 @@ def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
     lines.append("Please check the address, or reach the recipient another way.")
     if any(rcpt.status == SUPPRESSED for rcpt in failures):
         lines.append(
-            "The relay sends nothing to an address on its suppression list; once the"
-            " address works again, ask your mail administrator to take it off."
+            "The relay sends nothing to an address on its suppression list; should"
+            " the recipient get mail again (the address works again, or they ask for"
+            " it), ask your mail administrator to take it off."
         )
     lines.append("This notice was written by the mail relay; replies to it are not read.")
     return "\n".join(lines) + "\n"
