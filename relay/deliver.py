@@ -31,10 +31,14 @@ async def deliver(
     data: bytes,
     *,
     needed: Collection[str] = (),
+    envelope_id: str | None = None,
 ) -> DeliveryResult:
-    """``needed``: see ``smtp.send``; a directory upstream takes every recipient."""
+    """``needed``, ``envelope_id``: see ``smtp.send``; a directory upstream takes
+    every recipient."""
     if isinstance(upstream, SmtpUpstream):
-        return await smtp.send(upstream, mail_from, rcpt_tos, data, needed=needed)
+        return await smtp.send(
+            upstream, mail_from, rcpt_tos, data, needed=needed, envelope_id=envelope_id
+        )
     if isinstance(upstream, DirectoryUpstream):
         return await directory.write(upstream, mail_from, rcpt_tos, data)
     raise TypeError(f"unknown upstream type {type(upstream).__name__}")
@@ -47,6 +51,7 @@ async def attempt(
     data: bytes,
     *,
     needed: Collection[str] = (),
+    envelope_id: str | None = None,
 ) -> Attempt:
     """One delivery attempt as the engine sees it: a reply for every recipient.
 
@@ -58,7 +63,7 @@ async def attempt(
     replies: dict[str, tuple[int, str]] = {}
     rest: Sequence[str] = rcpt_tos
     while rest:
-        got = await _transaction(upstream, mail_from, rest, data, needed)
+        got = await _transaction(upstream, mail_from, rest, data, needed, envelope_id)
         replies.update(got)
         if not any(200 <= code < 300 for code, _ in got.values()):
             break
@@ -72,9 +77,12 @@ async def _transaction(
     rcpt_tos: Sequence[str],
     data: bytes,
     needed: Collection[str],
+    envelope_id: str | None,
 ) -> dict[str, tuple[int, str]]:
     try:
-        result = await deliver(upstream, mail_from, rcpt_tos, data, needed=needed)
+        result = await deliver(
+            upstream, mail_from, rcpt_tos, data, needed=needed, envelope_id=envelope_id
+        )
     except UpstreamError as exc:
         replies = dict.fromkeys(rcpt_tos, (exc.code, exc.line))
         refused = exc.refused if isinstance(exc, RecipientsRefused | PartlyRefused) else {}

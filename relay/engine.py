@@ -567,7 +567,8 @@ class Engine:
             send = self.send
             if immediate and entry.queue_id in self._answering and own != pending:
                 send = functools.partial(send, needed=own)  # the copy goes with them or not at all
-            replies = (await send(upstream, entry.mail_from, pending, data)).replies
+            sent = await send(upstream, entry.mail_from, pending, data, envelope_id=entry.queue_id)
+            replies = sent.replies
         entry.attempts += 1
         for rcpt in entry.pending():
             rcpt.attempts += 1

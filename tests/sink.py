@@ -108,3 +108,43 @@ class SinkServer:
 
     def __exit__(self, *exc: object) -> None:
         self.controller.stop()
+
+
+class _DsnSMTP(SMTP):
+    """aiosmtpd knows no DSN parameters and refuses them (555): these take them
+    off the MAIL command, for the handler to see, as a DSN server reads them."""
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        words = (arg or "").split()
+        dsn = [w for w in words if w.upper().startswith(("ENVID=", "RET="))]
+        self.event_handler.dsn_options.append(dsn)
+        await super().smtp_MAIL(" ".join(w for w in words if w not in dsn))
+
+
+@dataclass
+class DsnSink(Sink):
+    """Offers DSN (RFC 3461) with ``offers``, and records each MAIL's DSN parameters."""
+
+    offers: bool = True
+    dsn_options: list[list[str]] = field(default_factory=list)
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list
+    ) -> list:
+        responses = await super().handle_EHLO(server, session, envelope, hostname, responses)
+        return [*responses[:-1], "250-DSN", responses[-1]] if self.offers else responses
+
+
+class _DsnController(Controller):
+    def factory(self) -> SMTP:
+        return _DsnSMTP(self.handler, **self.SMTP_kwargs)
+
+
+class DsnSinkServer(SinkServer):
+    """A SinkServer whose server reads DSN parameters."""
+
+    def __init__(self, sink: DsnSink, port: int | None = None) -> None:
+        super().__init__(sink, port)
+        self.controller = _DsnController(
+            self.sink, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=False, ready_timeout=10
+        )

@@ -59,7 +59,7 @@ async def test_a_refused_message_the_spool_keeps_is_never_delivered(
     monkeypatch.setattr(spool, "remove_many", failing_removal)
     attempts: list[str] = []
 
-    async def attempt(target: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+    async def attempt(target: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
         attempts.append(sender)
         return Attempt(dict.fromkeys(rcpts, (250, "250 2.0.0 ok")))
 
@@ -137,7 +137,7 @@ async def _refusal(policy_file: Path, tmp_path: Path, audit: Recorder) -> str:
     """The reply to one message; nothing of it may be left in the spool."""
     spool = Spool(tmp_path / "spool")
 
-    async def attempt(target: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+    async def attempt(target: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
         raise AssertionError("a refused message was delivered")
 
     policy = load(policy_file)

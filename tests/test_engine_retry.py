@@ -37,7 +37,9 @@ class Upstream:
         self.answer = answer
         self.attempts = 0
 
-    async def __call__(self, target: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+    async def __call__(
+        self, target: Any, sender: str, rcpts: Any, data: bytes, **_: Any
+    ) -> Attempt:
         self.attempts += 1
         return Attempt(dict.fromkeys(rcpts, self.answer))
 
@@ -168,7 +170,7 @@ async def test_a_stop_that_cuts_attempts_off_names_what_stays_queued(
 ) -> None:
     gate = asyncio.Event()
 
-    async def stalled(*args: Any) -> Attempt:
+    async def stalled(*args: Any, **_: Any) -> Attempt:
         await gate.wait()
         return Attempt({})
 
@@ -201,7 +203,7 @@ async def test_mail_of_a_removed_upstream_counts_against_the_one_it_goes_to(
     release, inside, most = asyncio.Event(), [0], [0]
     names: list[str] = []
 
-    async def gate(target: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+    async def gate(target: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
         names.append(target.name)
         inside[0] += 1
         most[0] = max(most[0], inside[0])

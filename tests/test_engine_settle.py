@@ -148,7 +148,7 @@ async def test_an_attempt_that_outlives_the_stop_settles_at_once(
     audit = AuditLog(tmp_path / "audit")
     gate, sending = asyncio.Event(), asyncio.Event()
 
-    async def slow_upstream(*args: Any) -> Any:
+    async def slow_upstream(*args: Any, **_: Any) -> Any:
         sending.set()
         await gate.wait()
         return await attempt(*args)

@@ -204,7 +204,7 @@ async def test_entries_waiting_for_a_delivery_slot_still_count_against_the_bound
         monkeypatch.setattr(engine_module, "file_budget", lambda: 2)
     gate = asyncio.Event()
 
-    async def slow_upstream(*args: Any) -> Any:
+    async def slow_upstream(*args: Any, **_: Any) -> Any:
         await gate.wait()
         return await attempt(*args)
 
@@ -232,7 +232,7 @@ async def test_a_backlog_due_at_once_holds_no_more_files_than_its_budget(
     monkeypatch.setattr(engine_module, "file_budget", lambda: 2)
     gate = asyncio.Event()
 
-    async def slow_upstream(*args: Any) -> Any:
+    async def slow_upstream(*args: Any, **_: Any) -> Any:
         await gate.wait()
         return await attempt(*args)
 
@@ -270,7 +270,7 @@ async def test_entries_waiting_for_a_delivery_slot_can_be_held_or_deleted(
     ``delete`` said "being delivered right now" of every one, and it went."""
     gate, started = asyncio.Event(), asyncio.Event()
 
-    async def slow_upstream(*args: Any) -> Any:
+    async def slow_upstream(*args: Any, **_: Any) -> Any:
         started.set()
         await gate.wait()
         return await attempt(*args)
@@ -447,7 +447,7 @@ async def test_a_failure_is_told_once_even_when_its_deferral_cannot_be_stored(
     entry = make_entry(size=len(message(1)))
     refused, deferred = (r.address for r in entry.recipients[:2])
 
-    async def upstream(target: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+    async def upstream(target: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
         answers = {refused: (550, "550 5.1.1 no such user"), deferred: (451, "451 4.2.0 busy")}
         return Attempt({r: answers.get(r, (250, "250 ok")) for r in rcpts})
 
@@ -473,7 +473,7 @@ async def test_a_failure_notice_the_spool_cannot_take_keeps_the_entry_until_it_c
     refused, copy = (r.address for r in entry.recipients[:2])
     sent: list[tuple[list[str], bytes]] = []
 
-    async def upstream(target: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+    async def upstream(target: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
         sent.append((list(rcpts), data))
         return Attempt(
             {r: (550, "550 5.1.1 no such user") if r == refused else (250, "ok") for r in rcpts}
@@ -517,7 +517,7 @@ async def test_an_entry_waiting_for_its_notice_at_the_stop_ends_with_its_records
 ) -> None:
     entry = make_entry(size=len(message(1)))
 
-    async def upstream(target: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+    async def upstream(target: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
         return Attempt(dict.fromkeys(rcpts, (550, "550 5.1.1 no such user")))
 
     def full(*args: Any) -> None:
@@ -541,7 +541,7 @@ async def test_a_deferral_the_audit_log_refuses_is_recorded_with_the_next_attemp
     """Every attempt's outcome is on record, also one made while the log could
     not take it (a full disk): it is written with the message's next records."""
 
-    async def busy(upstream: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+    async def busy(upstream: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
         return Attempt({r: (451, "451 4.2.0 try later") for r in rcpts})
 
     audit_dir = tmp_path / "audit"
@@ -570,7 +570,7 @@ async def test_an_attempt_the_relay_itself_fails_is_tried_later_not_at_every_sca
     each look at the spool would send it again."""
     sent: list[str] = []
 
-    async def faulty(upstream: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+    async def faulty(upstream: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
         sent.append(sender)
         raise RuntimeError("a bug")
 
@@ -590,7 +590,7 @@ async def test_the_wait_for_a_retry_runs_from_the_end_of_the_attempt(
     """An upstream that answers only at its timeout: counted from the start, the
     wait was gone by the time the attempt ended, and the retry came at once."""
 
-    async def slow(upstream: Any, sender: str, rcpts: Any, data: bytes) -> Attempt:
+    async def slow(upstream: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
         await asyncio.sleep(0.5)
         return Attempt(dict.fromkeys(rcpts, (451, "451 4.4.2 timeout")))
 

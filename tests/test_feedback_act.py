@@ -21,7 +21,7 @@ from relay.record import Recorder
 from relay.spool import Spool, SpoolError
 from relay.suppression import Suppression, SuppressionFile
 from tests.relayproc import RelayProcess
-from tests.sink import Sink, SinkServer, free_port
+from tests.sink import DsnSink, DsnSinkServer, Sink, SinkServer, free_port
 from tests.test_queue_e2e import audit_events, configure, relay_cli, send
 
 INVOICE = (
@@ -376,3 +376,26 @@ def test_the_notice_names_the_document_as_the_audit_log_has_it(
     spool = Spool(loaded.queue.directory, create=False)
     (notice,) = [spool.read_message(q) for q in spool.ids()]
     assert b"Subject: Undelivered: Invoice 4711\r\n" in notice
+
+
+def test_a_bounce_is_found_by_the_queue_id_the_relay_sent_as_envid(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """To an upstream that offers DSN the relay sends its queue ID as ENVID; the
+    bounce returns it (Original-Envelope-Id), and names the message exactly,
+    whatever Message-ID the ERP reused or the bounce left out."""
+    sink = DsnSink()
+    with DsnSinkServer(sink) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            first = send(port, INVOICE, ("buyer@example.org", "boss@example.org"))
+            second = send(port, INVOICE, ("buyer@example.org",))  # the same Message-ID
+            sink.wait(2)
+    assert sorted(sink.dsn_options) == sorted([["RET=HDRS", f"ENVID={q}"] for q in (first, second)])
+    loaded = load(policy)
+    report = Report(BOUNCE, (Failure("buyer@example.org", "5.1.1"),), envelope_id=first)
+    lines = _act(loaded, report)
+    assert lines[0] == "buyer@example.org: bounced (5.1.1), suppressed"
+    assert ("bounced", "buyer@example.org") in audit_events(policy, first)
+    assert ("bounced", "buyer@example.org") not in audit_events(policy, second)

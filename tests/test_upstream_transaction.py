@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from relay.upstream import pipelining as pipelining_module
 from relay.upstream import transaction
-from tests.sink import Sink, SinkServer, free_port
+from tests.sink import DsnSink, DsnSinkServer, Sink, SinkServer, free_port
 
 MESSAGE = b"From: a@example.org\r\nSubject: dots\r\n\r\n.first\r\nmiddle\r\n..two\r\n.\r\nend\r\n"
 
@@ -41,12 +41,14 @@ def test_wire_stuffs_dots_and_ends_lines_with_crlf(stored: bytes, sent: bytes, s
 
 
 async def _send(
-    sink: SinkServer, rcpts: list[str], data: bytes = MESSAGE
+    sink: SinkServer, rcpts: list[str], data: bytes = MESSAGE, envelope_id: str | None = None
 ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, start_tls=False, timeout=10)
     await client.connect()
     try:
-        return await transaction.send(client, "bounces@example.net", rcpts, data, 10)
+        return await transaction.send(
+            client, "bounces@example.net", rcpts, data, 10, envelope_id=envelope_id
+        )
     finally:
         client.close()
 
@@ -281,3 +283,17 @@ def _outcome(quote: Callable[[str], bytes], address: str) -> object:
         return quote(address)
     except ValueError as exc:  # UnicodeEncodeError included
         return type(exc)
+
+
+@pytest.mark.parametrize("offers", [True, False])
+async def test_the_queue_id_goes_as_envid_with_ret_hdrs_to_a_server_offering_dsn(
+    pipelining: bool, offers: bool
+) -> None:
+    """A bounce then names the message by its queue ID (Original-Envelope-Id) and
+    returns its header only; a server without DSN would refuse the parameters."""
+    recording = DsnSink(pipelining=pipelining, offers=offers)
+    with DsnSinkServer(recording) as sink:
+        await _send(sink, ["one@example.org"], MESSAGE, envelope_id="25Y4D6Z2+3B=JFRP")
+    expected = ["RET=HDRS", "ENVID=25Y4D6Z2+2B3B+3DJFRP"] if offers else []
+    assert recording.dsn_options == [expected]
+    assert [m.data for m in recording.messages] == [MESSAGE]

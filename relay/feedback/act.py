@@ -24,6 +24,7 @@ from relay.audit import events, search
 from relay.feedback.report import BOUNCE, Failure, Report
 from relay.notice import build_notice
 from relay.policy.model import Policy
+from relay.queueid import queue_id_time
 from relay.record import Recorder
 from relay.spool import DELIVERED, FAILED, QueueEntry, RecipientState, Spool
 from relay.suppression import BOUNCE as BOUNCED
@@ -68,15 +69,21 @@ class Outcome:
 
 
 def find_original(directory: Path, report: Report, today: date | None = None) -> Original | None:
-    """The newest message with the report's Message-ID that went to one of its
-    recipients (an ERP may send one document twice, to others the second
-    time), else the newest with that ID (a complaint's recipient may be
-    redacted); None when the log has none within ``LOOKBACK_DAYS``."""
-    if not report.message_id or not report.message_id.strip("<> \t"):
-        return None
-    today = today or datetime.now(UTC).date()
-    records = search.show(directory, report.message_id, since=today - timedelta(days=LOOKBACK_DAYS))
-    found = [o for o in map(_original, records) if o is not None]
+    """The message with the queue ID the report returns as its envelope ID (sent
+    as ENVID to servers that offer DSN); else the newest with the report's
+    Message-ID that went to one of its recipients (an ERP may send one
+    document twice, to others the second time), else the newest with that ID
+    (a complaint's recipient may be redacted); None when the log has none
+    within ``LOOKBACK_DAYS``."""
+    since = (today or datetime.now(UTC).date()) - timedelta(days=LOOKBACK_DAYS)
+    found: list[Original] = []
+    envelope_id = (report.envelope_id or "").strip().upper()
+    if queue_id_time(envelope_id) is not None:
+        records = search.show(directory, envelope_id, since=since)
+        found = [o for o in map(_original, records) if o is not None and o.queue_id == envelope_id]
+    if not found and report.message_id and report.message_id.strip("<> \t"):
+        records = search.show(directory, report.message_id, since=since)
+        found = [o for o in map(_original, records) if o is not None]
     if not found:
         return None
     named = [o for o in found if any(o.sent_to(f.recipient) for f in report.failures)]

@@ -60,6 +60,7 @@ async def send(
     *,
     pool: Pool | None = None,
     needed: Collection[str] = (),
+    envelope_id: str | None = None,
 ) -> DeliveryResult:
     """With ``needed`` the message goes only if the upstream takes one of those
     recipients; if it takes none, the others it took are refused ``NOT_SENT``."""
@@ -80,6 +81,7 @@ async def send(
                         lease.reset,
                         upstream.data_timeout,
                         needed,
+                        envelope_id,
                     )
                 break
             except Stale as exc:
