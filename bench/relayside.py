@@ -150,14 +150,15 @@ def write_suppressions(state: Path, count: int) -> None:
     """A suppression list of ``count`` hard bounces, in the buyers' domains the
     load mails (as Postfix's check_recipient_access map has them), none of
     them a recipient of the load: every message pays the lookups, none loses one."""
+    from relay.policy.sections import SUPPRESSION_FILE
+    from relay.suppression import BOUNCE, Suppression, SuppressionFile
+
     state.mkdir(parents=True, exist_ok=True)
-    line = (
-        '{{"v":1,"op":"add","address":"bounced{n:06d}@buyer{d}.example","tenant":null,'
-        '"reason":"bounce","since":"2026-01-01T00:00:00.000Z",'
-        '"detail":"550 5.1.1 User unknown","queue_id":null,"by":"relay"}}\n'
+    since, reply = "2026-01-01T00:00:00.000Z", "550 5.1.1 User unknown"
+    SuppressionFile(state / SUPPRESSION_FILE).add(
+        Suppression(f"bounced{n:06d}@buyer{n % 500}.example", None, BOUNCE, since, reply)
+        for n in range(count)
     )
-    with (state / "suppression.jsonl").open("w") as f:
-        f.writelines(line.format(n=n, d=n % 500) for n in range(count))
 
 
 def _logins(login: tuple[str, str] | None) -> list[str]:

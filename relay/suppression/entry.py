@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from relay.audit.events import timestamp
+
 VERSION = 1
 BOUNCE = "bounce"  # a permanent refusal of the address by a receiving server
 COMPLAINT = "complaint"  # the recipient reported the mail as spam
@@ -125,12 +127,11 @@ END = datetime(9999, 1, 1, tzinfo=UTC)
 
 def time_text(ms: int) -> str:
     """Milliseconds as the list and the audit log write times."""
-    when = datetime.fromtimestamp(ms / 1000, UTC)
-    return f"{when:%Y-%m-%dT%H:%M:%S}.{when.microsecond // 1000:03d}Z"
+    return timestamp(datetime.fromtimestamp(ms / 1000, UTC))
 
 
 def now() -> str:
-    return time_text(round(datetime.now(UTC).timestamp() * 1000))
+    return timestamp(datetime.now(UTC))
 
 
 def checked(entry: Suppression) -> Suppression:
