@@ -220,14 +220,12 @@ def _entry(
     policy: Policy, report: Report, failure: Failure, original: Original | None
 ) -> Suppression | str:
     """The entry, or why there is none. Only a report about a message the relay
-    sent, naming one of its recipients, lists an address: anyone can mail the
-    return path, and a forged bounce would otherwise stop a tenant's mail to
-    any address. A hard bounce, by the policy's codes, is for every tenant; a
-    complaint for the tenant whose mail it was."""
+    sent lists an address (``_new`` keeps those its message went to): anyone
+    can mail the return path, and a forged bounce would otherwise stop a
+    tenant's mail to any address. A hard bounce, by the policy's codes, is for
+    every tenant; a complaint for the tenant whose mail it was."""
     if original is None:
         return "its message is not in the audit log"
-    if not original.sent_to(failure.recipient):
-        return "its message did not go to it"
     detail = failure.diagnostic or failure.status or report.feedback_type or ""
     if report.kind != BOUNCE:
         return Suppression(
