@@ -33,7 +33,7 @@ EX_CONFIG = 78
 VERSION = 1
 _SECTIONS = ("version", "platform", "listeners", "identify", "control_headers", "classify")
 _SECTIONS += ("dkim", "upstreams", "logins", "tenants", "state_directory", "queue", "audit")
-_SECTIONS += ("workers", "suppression")
+_SECTIONS += ("workers", "suppression", "metrics")
 _REQUIRED = ("version", "platform", "listeners", "upstreams", "tenants")
 
 
@@ -127,6 +127,7 @@ def _build(ctx: Ctx, root: Map, path: Path, sources: Sources) -> Policy | None:
     identify, control_headers = sections.identify(ctx, root, roster.default_user, anonymous)
     queue, audit, suppression = sections.state(ctx, root)
     workers = sections.workers(ctx, root)
+    metrics = sections.metrics(ctx, root)
     parts = (platform, listeners, identify, rules, control_headers, keys, upstreams, logins)
     if len(ctx.problems) or None in parts or None in (tenants, queue, audit, workers, suppression):
         return None
@@ -147,6 +148,7 @@ def _build(ctx: Ctx, root: Map, path: Path, sources: Sources) -> Policy | None:
         audit=audit,
         workers=workers,
         suppression=suppression,
+        metrics=metrics,
         sources=sources,
     )
 

@@ -225,6 +225,14 @@ class SuppressionSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Where /metrics, /healthz and /readyz are served, over HTTP with no login."""
+
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
 class UserRef:
     tenant: str
     user: str
@@ -257,6 +265,7 @@ class Policy:
     audit: AuditSettings
     workers: int = 1  # processes receiving and delivering, each with its own event loop
     suppression: SuppressionSettings | None = None  # None: no list (a policy built in code)
+    metrics: MetricsSettings | None = None  # None: no metrics section, nothing served
     sources: Sources | None = field(default=None, repr=False, compare=False)
 
     def user(self, ref: UserRef) -> User:

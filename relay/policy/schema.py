@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Callable, Collection, Mapping
 from difflib import get_close_matches
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import TypeVar
 
@@ -53,6 +54,9 @@ class Ctx:
         #: name): one the relay does not remove as a control header goes on to the
         #: recipients
         self.read_headers: list[tuple[Node, str, str]] = []
+        #: what each listener binds, (address, port, path, IPs): the metrics
+        #: endpoint, read later, must not take one of their ports
+        self.sockets: list[tuple[str, int, str, frozenset[IPv4Address | IPv6Address]]] = []
 
     def problem(self, where: Node | None, path: str, message: str) -> None:
         self.problems.add(where, path, message)

@@ -36,6 +36,7 @@ from relay.policy.model import (
     Identify,
     IdentitySource,
     Listener,
+    MetricsSettings,
     Platform,
     QueueSettings,
     SuppressionSettings,
@@ -127,15 +128,7 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
             )
         elif name is not None:
             names[name] = path
-        address = m.read("address", values.listen_address)
-        if address is not None and _ipv4_mapped(address):
-            ctx.problem(
-                m.get("address"),
-                m.sub("address"),
-                "an IPv4-mapped address cannot be listened on (IPv6 sockets are IPv6 only):"
-                f" write {_ipv4_mapped(address)}",
-            )
-            address = None
+        address = _listen_address(ctx, m)
         port = m.integer("port", None, 1, 65535, "a port number (1..65535)")
         ips: frozenset[_IP] = frozenset()
         if address is not None and port is not None:
@@ -145,6 +138,7 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
             if clash is not None:
                 ctx.problem(m.get("port"), m.sub("port"), clash)
             sockets.append(mine)
+            ctx.sockets.append(mine)
         tls = _tls(ctx, m)
         allow = _allow(ctx, m)
         size = m.integer("max_message_size", 26214400, 1, 2**40, "a positive number of bytes")
@@ -177,6 +171,21 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
 
 
 _IP = IPv4Address | IPv6Address
+
+
+def _listen_address(ctx: Ctx, m: Map) -> str | None:
+    """The ``address`` of a mapping the relay binds; an IPv4-mapped one would
+    bind an IPv6-only socket that no IPv4 client reaches."""
+    address = m.read("address", values.listen_address)
+    if address is not None and _ipv4_mapped(address):
+        ctx.problem(
+            m.get("address"),
+            m.sub("address"),
+            "an IPv4-mapped address cannot be listened on (IPv6 sockets are IPv6 only):"
+            f" write {_ipv4_mapped(address)}",
+        )
+        return None
+    return address
 
 
 class _Socket(NamedTuple):
@@ -609,6 +618,40 @@ def _user() -> str:
         return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         return f"uid {os.getuid()}"
+
+
+def metrics(ctx: Ctx, root: Map) -> MetricsSettings | None:
+    """Where the metrics and health endpoints are served; None without the section.
+
+    Read after the listeners, whose ports it must not take: the relay would
+    fail at its start with Address already in use.
+    """
+    if not root.has("metrics"):
+        return None
+    m = root.map("metrics", ("address", "port"), required=("address", "port"))
+    address = _listen_address(ctx, m)
+    port = m.integer("port", None, 1, 65535, "a port number (1..65535)")
+    if address is None or port is None:
+        return None
+    mine = _Socket(address, port, m.path, _addresses(ctx, m, address, port))
+    clash = next(filter(None, (_clash(mine, _Socket(*other)) for other in ctx.sockets)), None)
+    if clash is not None:
+        ctx.problem(
+            m.get("port"), m.sub("port"), f"{clash}; the metrics endpoints need a port of their own"
+        )
+        return None
+    if _off_loopback(mine.ips):
+        ctx.problems.warn(m.get("address"), m.sub("address"), _metrics_exposed(address, port))
+    return MetricsSettings(address, port)
+
+
+def _metrics_exposed(address: str, port: int) -> str:
+    """A warning, not an error: a monitoring host may have to reach it, behind a firewall."""
+    return (
+        f"{_on(address, port)} is not loopback: /metrics, /healthz and /readyz take no login,"
+        " and /metrics names the tenants and the queue sizes; keep it on loopback, or"
+        " firewall the port"
+    )
 
 
 MAX_WORKERS = 64
