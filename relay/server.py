@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from relay import oplog
 from relay.errors import PolicyError, RelayError
+from relay.metrics import status as metrics_status
 from relay.policy import tlspair
 from relay.policy.model import Listener, Policy, TlsFiles
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from relay.audit import AuditLog
     from relay.engine import Engine
     from relay.ingress import Ingress, Sockets
+    from relay.metrics.serve import MetricsServer
     from relay.settle import Settled
     from relay.spool import Spool
     from relay.supervisor import WorkerLink
@@ -66,6 +68,7 @@ def run(policy_path: Path) -> int:
     import uvloop
 
     from relay.ingress import bind
+    from relay.metrics.serve import MetricsError, open_metrics
     from relay.supervisor import Supervisor
 
     oplog.configure()
@@ -89,10 +92,16 @@ def run(policy_path: Path) -> int:
     for listener in policy.listeners:
         for sock in sockets[listener.name]:
             host, port = sock.getsockname()[:2]
-            log.info("listening on %s (listener %s)", _hostport(host, port), listener.name)
+            log.info("listening on %s (listener %s)", host_port(host, port), listener.name)
     log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
     if policy.workers == 1:
-        return uvloop.run(serve(policy_path, policy, sockets))
+        try:
+            metrics = open_metrics(policy)
+        except MetricsError as exc:
+            log.error("%s", exc)
+            return EX_OSERR
+        metrics_status.loaded()
+        return uvloop.run(serve(policy_path, policy, sockets, metrics=metrics))
     return Supervisor(policy_path, policy, sockets).run()
 
 
@@ -224,9 +233,11 @@ async def serve(
     policy: Policy,
     sockets: Sockets,
     worker: WorkerLink | None = None,
+    metrics: MetricsServer | None = None,
 ) -> int:
     """Receive and deliver until SIGTERM. As one of several workers (``worker``
-    set) the supervisor keeps the audit log's upkeep and its policy records."""
+    set) the supervisor keeps the audit log's upkeep and its policy records,
+    and serves the metrics; alone, this process serves ``metrics``."""
     from relay.deliver import attempt
     from relay.engine import Engine
     from relay.ingress import start
@@ -299,6 +310,10 @@ async def serve(
     else:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # see relay.cli._serve
         log.info("serving in one process")
+        if metrics is not None:
+            metrics_status.workers(1, 1)
+            chores.append(loop.create_task(_beat()))
+            metrics.start(holder.current)
     try:
         await stopping.wait()
         await _wind_down(ingress, engine, loop.time() + STOP_GRACE)
@@ -312,8 +327,17 @@ async def serve(
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        if metrics is not None:
+            metrics.stop()
     log.info("stopped")
     return 1 if failed else 0
+
+
+async def _beat() -> None:
+    """What ``/healthz`` reads: the event loop still comes round."""
+    while True:
+        metrics_status.beat()
+        await asyncio.sleep(1.0)
 
 
 def _load_suppressions(suppressions: SuppressionFile) -> None:
@@ -379,6 +403,7 @@ async def _reload(
     if new is None:
         return
     _take_up(holder, new, ingress)
+    metrics_status.loaded()
     in_use(new, old)
     await asyncio.to_thread(record_policy, audit, path, new)
 
@@ -419,9 +444,11 @@ def reloaded(
         for problem in exc.problems:
             log.error("%s", problem)
         log.error("reload failed: keeping policy %s", old.digest[:12])
+        metrics_status.reload_failed()
         return None
     except Exception:
         log.exception("reload failed: keeping policy %s", old.digest[:12])
+        metrics_status.reload_failed()
         return None
     changed = _listener_changes(old.listeners, read.listeners)
     if changed and not quiet:  # before what the listeners serve until then
@@ -436,6 +463,12 @@ def reloaded(
     if read.workers != old.workers:
         log.warning(
             "workers changed (%d to %d): takes effect after a restart", old.workers, read.workers
+        )
+    if read.metrics != old.metrics:
+        log.warning(
+            "metrics changed (%s to %s): takes effect after a restart",
+            _metrics_at(old),
+            _metrics_at(read),
         )
     if read.queue.concurrency != old.queue.concurrency:
         log.warning(
@@ -452,6 +485,11 @@ def reloaded(
             ", ".join(gone),
         )
     return new
+
+
+def _metrics_at(policy: Policy) -> str:
+    settings = policy.metrics
+    return "none" if settings is None else host_port(settings.address, settings.port)
 
 
 def _listener_changes(old: Sequence[Listener], new: Sequence[Listener]) -> list[str]:
@@ -608,5 +646,6 @@ def audit_upkeep(audit: AuditLog) -> None:
         log.info("audit log: %s", line)
 
 
-def _hostport(host: str, port: int) -> str:
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -37,15 +37,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvloop
 
 from relay.ingress import Sockets
+from relay.metrics import status as metrics_status
 from relay.policy import yamlsource
 from relay.policy.files import RefusedFile
 from relay.policy.model import Policy, Sources
 from relay.server import (
     AUDIT_UPKEEP,
+    EX_OSERR,
     STOP_GRACE,
     audit_upkeep,
     in_use,
@@ -55,6 +58,9 @@ from relay.server import (
     settle_orphans,
     spool_upkeep,
 )
+
+if TYPE_CHECKING:
+    from relay.metrics.serve import MetricsServer
 
 log = logging.getLogger("relay")
 
@@ -173,17 +179,29 @@ class Supervisor:
         self._partial = b""
         self.restarts: dict[int, tuple[float, int]] = {}  # index -> (when, quick deaths)
         self.kill_at: dict[int, float] = {}  # pid -> when, for workers a reload stopped
+        self.metrics: MetricsServer | None = None
 
     def run(self) -> int:
-        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # the metrics thread's too
         try:
+            from relay.metrics.serve import MetricsError, open_metrics
+
+            try:
+                self.metrics = open_metrics(self.policy)
+            except MetricsError as exc:
+                log.error("%s", exc)
+                return EX_OSERR
             code = self._start()
             if code == 0:
+                metrics_status.loaded()
+                self._started_metrics()
                 code = self._watch()
             self._stop()
             log.info("stopped")
             return code
         finally:
+            if self.metrics is not None:
+                self.metrics.stop()
             while signal.sigtimedwait(SIGNALS, 0) is not None:
                 pass  # a signal left pending would end the process by its default action
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
@@ -242,9 +260,17 @@ class Supervisor:
             time.sleep(0.05)
         return EX_SOFTWARE
 
+    def _started_metrics(self) -> None:
+        if self.metrics is not None:
+            metrics_status.workers(len(self.workers), self.policy.workers)
+            metrics_status.beat()
+            self.metrics.start(lambda: self.policy)
+
     def _watch(self) -> int:
         next_upkeep = time.monotonic() + AUDIT_UPKEEP
         while True:
+            metrics_status.beat()
+            metrics_status.workers(len(self.workers), self.policy.workers)
             due = [when for when, _ in self.restarts.values()] + list(self.kill_at.values())
             timeout = max(0.0, min([1.0, *(when - time.monotonic() for when in due)]))
             info = signal.sigtimedwait(SIGNALS, timeout)
@@ -306,6 +332,8 @@ class Supervisor:
             code = EX_SOFTWARE
             try:
                 os.close(self._answers)
+                if self.metrics is not None:
+                    self.metrics.close_in_child()
                 link = WorkerLink(index, supervisor, ready_fd, self.handover, self._answering)
                 code = _worker(self.policy_path, self.policy, self.sockets, link)
             except BaseException:
@@ -321,6 +349,7 @@ class Supervisor:
             data = yamlsource.read_bytes(self.policy_path)
         except (OSError, RefusedFile) as exc:
             log.error("reload failed: %s: keeping policy %s", exc, self.policy.digest[:12])
+            metrics_status.reload_failed()
             return
         new = reloaded(self.policy_path, self.policy, data=data)
         if new is None or new.sources is None:
@@ -332,8 +361,10 @@ class Supervisor:
                 _write_private(self.checked, new.sources.text)
             except OSError as exc:
                 log.error("reload failed: cannot hand the policy to the workers: %s", exc)
+                metrics_status.reload_failed()
                 return
             old, self.policy = self.policy, new  # a worker started from now on runs it
+            metrics_status.loaded()
             self._with_audit(lambda audit: record_policy(audit, self.policy_path, new))
             asked = {pid: worker.index for pid, worker in self.workers.items()}
             self._read_answers()  # late ones, to reloads before: none is about this one

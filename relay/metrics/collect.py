@@ -1,0 +1,162 @@
+"""The metrics, computed when Prometheus asks for them.
+
+Nothing is counted on the workers' path: messages and outcomes come from the
+audit log (``relay.metrics.follow``), the queue from the spool, the list's
+size from the suppression file, all read at the scrape. Names follow
+Prometheus's rules (one prefix, base units, ``_total`` on counters) and
+Postfix's words for outcomes, which the exporters sysadmins already graph use.
+Labels are bounded by the policy: tenants, never users or addresses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from importlib import metadata
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from relay.metrics import status
+from relay.metrics.follow import AuditFollower
+from relay.policy.model import Policy
+from relay.spool import Spool
+from relay.suppression import SuppressionFile
+
+
+def _version() -> str:
+    try:
+        return metadata.version("erp-relay")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class RelayCollector(Collector):
+    """One scrape at a time (the server is single-threaded): the follower keeps state."""
+
+    def __init__(self, policy: Callable[[], Policy]) -> None:
+        self._policy = policy
+        now = policy()
+        self._spool = Spool(now.queue.directory, create=False)
+        queued = [(e.queue_id, e.tenant, len(e.pending())) for e in self._spool.entries()]
+        self._audit = AuditFollower(now.audit.directory, queued)
+        self._suppressions = (
+            None if now.suppression is None else SuppressionFile(now.suppression.file)
+        )
+        self._version = _version()
+
+    def collect(self) -> Iterator[Metric]:
+        policy = self._policy()
+        yield _info("relay_build", "The relay's version.", version=self._version)
+        yield _info(
+            "relay_policy", "The policy in use (relay check prints it).", version=policy.digest[:12]
+        )
+        yield from self._config()
+        yield from self._messages()
+        yield from self._queue()
+        yield from self._suppression()
+
+    def _config(self) -> Iterator[Metric]:
+        state = status.STATUS
+        yield GaugeMetricFamily(
+            "relay_config_last_reload_successful",
+            "1 if the last reload (or the start) loaded the policy, 0 if it kept the old one.",
+            value=1 if state.reload_ok else 0,
+        )
+        yield GaugeMetricFamily(
+            "relay_config_last_reload_success_timestamp_seconds",
+            "When the policy in use was loaded.",
+            value=state.reload_success_at,
+        )
+        running = GaugeMetricFamily(
+            "relay_workers", "Worker processes, running and as configured.", labels=["state"]
+        )
+        running.add_metric(["running"], state.workers_running)
+        running.add_metric(["configured"], state.workers_expected)
+        yield running
+
+    def _messages(self) -> Iterator[Metric]:
+        counts = self._audit.update()
+        received = CounterMetricFamily(
+            "relay_messages_received",
+            "Messages accepted (answered 250), by tenant.",
+            labels=["tenant"],
+        )
+        for tenant, n in sorted(counts.received.items()):
+            received.add_metric([tenant], n)
+        yield received
+        rejected = CounterMetricFamily(
+            "relay_messages_rejected",
+            "Messages refused at the end of DATA by the policy, by reply class.",
+            labels=["class"],
+        )
+        for reply_class in ("4xx", "5xx"):
+            rejected.add_metric([reply_class], counts.rejected[reply_class])
+        yield rejected
+        deliveries = CounterMetricFamily(
+            "relay_deliveries",
+            "Recipients' outcomes, by tenant and Postfix's status word"
+            " (sent, deferred, bounced, expired, suppressed).",
+            labels=["tenant", "status"],
+        )
+        for (tenant, word), n in sorted(counts.deliveries.items()):
+            deliveries.add_metric([tenant, word], n)
+        yield deliveries
+        for name, doc, counter in (
+            (
+                "relay_bounces",
+                "Bounces that came back after delivery (relay bounce).",
+                counts.bounces,
+            ),
+            (
+                "relay_complaints",
+                "Spam complaints (ARF reports) taken by relay bounce.",
+                counts.complaints,
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["tenant"])
+            for tenant, n in sorted(counter.items()):
+                family.add_metric([tenant], n)
+            yield family
+        yield CounterMetricFamily(
+            "relay_audit_records", "Audit records written since the start.", value=counts.records
+        )
+
+    def _queue(self) -> Iterator[Metric]:
+        by_state = {"active": 0, "deferred": 0, "hold": 0}
+        size = dict.fromkeys(by_state, 0)
+        oldest = dict.fromkeys(by_state, 0.0)
+        now = time.time()
+        for entry in self._spool.entries():
+            state = "hold" if entry.held else "deferred" if entry.attempts else "active"
+            by_state[state] += 1
+            size[state] += entry.size
+            oldest[state] = max(oldest[state], now - entry.arrival)
+        for name, doc, values in (
+            ("relay_queue_messages", "Messages in the queue.", by_state),
+            ("relay_queue_bytes", "Size of the messages in the queue.", size),
+            (
+                "relay_queue_oldest_message_age_seconds",
+                "Age of the oldest message in the queue (0 when empty).",
+                oldest,
+            ),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=["queue"])
+            for state, value in values.items():
+                family.add_metric([state], value)
+            yield family
+
+    def _suppression(self) -> Iterator[Metric]:
+        if self._suppressions is None:
+            return
+        yield GaugeMetricFamily(
+            "relay_suppression_list_entries",
+            "Addresses on the suppression list (per tenant they are listed for).",
+            value=len(self._suppressions.current()),
+        )
+
+
+def _info(name: str, doc: str, **labels: str) -> Metric:
+    family = GaugeMetricFamily(f"{name}_info", doc, labels=list(labels))
+    family.add_metric(list(labels.values()), 1)
+    return family

@@ -1,0 +1,196 @@
+"""Metrics and health end to end: a real relay (two workers, or one process), a real
+upstream refusing and deferring some recipients, scraped over loopback HTTP and
+read with Prometheus's own parser."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.relayproc import RelayProcess, wait_for
+from tests.sink import Sink, SinkServer, free_port
+from tests.test_queue_e2e import configure, send
+
+ROOT = Path(__file__).resolve().parent.parent
+REFUSE = {
+    "gone@example.org": "550 5.1.1 <gone@example.org>: Recipient address rejected: User unknown",
+    "later@example.org": "450 4.2.1 Mailbox busy",
+}
+
+
+def _get(port: int, path: str) -> tuple[int, bytes, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+            return answer.status, answer.read(), answer.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), exc.headers.get("Content-Type", "")
+
+
+def _samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    code, body, kind = _get(port, "/metrics")
+    assert code == 200 and kind.startswith("text/plain"), (code, body)
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+
+
+def _value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def _metrics_policy(policy_file: Path, port: int, sink_port: int, metrics: int, workers: int):
+    extra = f"workers: {workers}\nmetrics: {{address: 127.0.0.1, port: {metrics}}}\n"
+    return configure(policy_file, port, sink_port, extra)
+
+
+def _reject(port: int) -> None:
+    """A sender the policy does not know: refused at the end of DATA."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo()
+        client.mail("nobody@unknown.example")
+        client.rcpt("one@example.org")
+        code, _ = client.data(b"Subject: who\r\n\r\nhello\r\n")
+    assert code == 550
+
+
+def test_the_counts_are_those_of_the_audit_log(policy_file: Path, tmp_path: Path) -> None:
+    """Two workers; a message sent, one with a recipient refused for good and one
+    deferred, one refused by the policy: each count says so, per tenant and in
+    Postfix's words, the queue holds the deferred one and the list the refused
+    address; a broken policy on SIGHUP shows as a failed reload."""
+    with SinkServer(Sink(refuse=dict(REFUSE))) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=2)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            assert f"metrics on http://127.0.0.1:{metrics}/metrics" in relay.log()
+            before = _samples(metrics)
+            send(port, rcpts=("ok@example.org",))
+            send(port, rcpts=("gone@example.org", "later@example.org", "ok2@example.org"))
+            _reject(port)
+            wait_for(lambda: relay.log().count("status=deferred") >= 1)
+            wait_for(lambda: len(sink.sink.messages) >= 3)  # two messages and a notice
+            wait_for(
+                lambda: _value(_samples(metrics), "relay_deliveries_total", tenant="acme",
+                               status="sent") >= 3
+            )  # fmt: skip
+            after = _samples(metrics)
+            assert _value(after, "relay_messages_received_total", tenant="acme") == 2
+            assert _value(after, "relay_messages_rejected_total", **{"class": "5xx"}) == 1
+            sent = _value(after, "relay_deliveries_total", tenant="acme", status="sent")
+            assert sent == 3  # ok@, ok2@ and the sender's notice about gone@
+            assert _value(after, "relay_deliveries_total", tenant="acme", status="bounced") == 1
+            assert _value(after, "relay_deliveries_total", tenant="acme", status="deferred") >= 1
+            assert _value(after, "relay_workers", state="running") == 2
+            assert _value(after, "relay_workers", state="configured") == 2
+            assert _value(after, "relay_queue_messages", queue="deferred") == 1
+            assert _value(after, "relay_suppression_list_entries") == 1
+            assert _value(after, "relay_config_last_reload_successful") == 1
+            assert _value(after, "relay_audit_records_total") > 0
+            assert not any(name == "relay_messages_received_total" for name, _ in before)
+
+            policy.write_text(policy.read_text() + "\nnot yaml: [\n")
+            assert relay.proc is not None
+            relay.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: "reload failed" in relay.log())
+            failed = _samples(metrics)
+            assert _value(failed, "relay_config_last_reload_successful") == 0
+
+            moved = free_port()
+            text = policy.read_text().replace("\nnot yaml: [\n", "")
+            policy.write_text(text.replace(f"port: {metrics}}}", f"port: {moved}}}"))
+            relay.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: "policy reloaded" in relay.log())
+            assert (
+                f"metrics changed (127.0.0.1:{metrics} to 127.0.0.1:{moved}):"
+                " takes effect after a restart" in relay.log()
+            )
+            again = _samples(metrics)
+            assert _value(again, "relay_config_last_reload_successful") == 1
+            stamp = "relay_config_last_reload_success_timestamp_seconds"
+            assert _value(again, stamp) > _value(after, stamp)
+
+
+def _workers(relay: RelayProcess) -> list[int]:
+    assert relay.proc is not None
+    found = subprocess.run(
+        ["pgrep", "-P", str(relay.proc.pid)], capture_output=True, text=True, timeout=10
+    )
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def test_health_and_readiness(policy_file: Path, tmp_path: Path) -> None:
+    """``/healthz`` answers while the supervisor's loop comes round; ``/readyz`` is
+    503, naming what is missing, while a worker that died is being replaced,
+    and 200 again once it is; once the relay has stopped, nobody listens."""
+    with SinkServer(Sink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=2)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            assert _get(metrics, "/healthz")[:2] == (200, b"ok\n")
+            code, body, kind = _get(metrics, "/readyz")
+            assert (code, kind) == (200, "application/json"), body
+            answer = json.loads(body)
+            assert answer["ready"] is True
+            assert answer["checks"] == {
+                "workers": "2 of 2 running", "queue": "writable", "audit": "writable"
+            }  # fmt: skip
+            assert _get(metrics, "/nothing")[0] == 404
+
+            os.kill(_workers(relay)[0], signal.SIGKILL)
+            seen: list[tuple[int, bytes]] = []
+            wait_for(lambda: seen.append(_get(metrics, "/readyz")[:2]) or seen[-1][0] == 503)
+            assert json.loads(seen[-1][1])["checks"]["workers"] == "1 of 2 running"
+            wait_for(lambda: _get(metrics, "/readyz")[0] == 200)
+            assert _get(metrics, "/healthz")[0] == 200
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", metrics)) != 0
+
+
+def test_one_process_serves_its_own_metrics(policy_file: Path, tmp_path: Path) -> None:
+    """``workers: 1`` runs without a supervisor: the one process serves them."""
+    with SinkServer(Sink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=1)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            assert "serving in one process" in relay.log()
+            send(port)
+            sink.sink.wait(1)
+            wait_for(
+                lambda: _value(_samples(metrics), "relay_deliveries_total", tenant="acme",
+                               status="sent") == 1
+            )  # fmt: skip
+            samples = _samples(metrics)
+            assert _value(samples, "relay_messages_received_total", tenant="acme") == 1
+            assert _value(samples, "relay_workers", state="running") == 1
+            assert _get(metrics, "/readyz")[0] == 200
+
+
+def test_a_metrics_port_in_use_stops_the_start(policy_file: Path, tmp_path: Path) -> None:
+    """As with a listener's port: the relay says which and does not start."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics = taken.getsockname()[1]
+        port = free_port()
+        policy = _metrics_policy(policy_file, port, free_port(), metrics, workers=2)
+        done = subprocess.run(
+            [sys.executable, "-m", "relay", "serve", "-c", str(policy)],
+            capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+        )  # fmt: skip
+    assert done.returncode == 71, done.stderr
+    assert f"cannot listen for metrics on 127.0.0.1:{metrics}: Address already in use" in (
+        done.stderr
+    )
+    assert "workers serving" not in done.stderr

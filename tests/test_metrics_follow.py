@@ -1,0 +1,136 @@
+"""The metrics' counts as the audit log's day files grow, are cut, torn and roll over."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from relay.audit.reader import TORN_END
+from relay.metrics import status
+from relay.metrics.follow import RECENT, UNKNOWN, AuditFollower
+
+DAY1 = "audit-2026-12-02.jsonl"
+DAY2 = "audit-2026-12-03.jsonl"
+
+
+def _line(event: str, queue_id: str, **fields: object) -> bytes:
+    record = {"v": 1, "seq": 0, "event": event, "queue_id": queue_id, **fields}
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
+def _append(directory: Path, name: str, *lines: bytes) -> None:
+    with open(directory / name, "ab") as log:
+        log.write(b"".join(lines))
+
+
+def _message(queue_id: str, tenant: str, *recipients: str) -> list[bytes]:
+    return [
+        _line("received", queue_id, tenant=tenant),
+        _line("queued", queue_id, recipients=list(recipients)),
+    ]
+
+
+def test_counting_starts_at_the_end_of_the_log_as_found(tmp_path: Path) -> None:
+    _append(tmp_path, DAY1, *_message("A", "acme", "x@example.org"))
+    follower = AuditFollower(tmp_path)
+    assert follower.update().received == {}
+    _append(tmp_path, DAY1, *_message("B", "acme", "y@example.org"))
+    assert follower.update().received == {"acme": 1}
+    assert follower.update().received == {"acme": 1}  # read once
+
+
+def test_a_line_still_being_written_waits_for_its_end(tmp_path: Path) -> None:
+    follower = AuditFollower(tmp_path)
+    line = _line("received", "A", tenant="acme")
+    _append(tmp_path, DAY1, line[:10])
+    assert follower.update().received == {}
+    _append(tmp_path, DAY1, line[10:])
+    counts = follower.update()
+    assert counts.received == {"acme": 1} and counts.unreadable == 0
+
+
+def test_the_next_days_file_is_followed_after_the_rest_of_the_last(tmp_path: Path) -> None:
+    _append(tmp_path, DAY1, b"")
+    follower = AuditFollower(tmp_path)
+    _append(tmp_path, DAY1, *_message("A", "acme", "x@example.org"))
+    _append(tmp_path, DAY2, *_message("B", "globex", "y@example.org"))
+    _append(tmp_path, DAY2, _line("delivered", "A", recipient="x@example.org"))
+    counts = follower.update()
+    assert counts.received == {"acme": 1, "globex": 1}
+    assert counts.deliveries == {("acme", "sent"): 1}
+
+
+def test_outcomes_and_late_reports_carry_the_messages_tenant(tmp_path: Path) -> None:
+    """Deliveries in Postfix's words; the failure notice is its tenant's too; a
+    bounce or complaint after the message ended still finds it; a message never
+    seen is ``unknown``; a message queued before the start is known from the queue."""
+    follower = AuditFollower(tmp_path, queued=[("OLD", "globex", 1)])
+    _append(
+        tmp_path,
+        DAY1,
+        *_message("A", "acme", "ok@example.org", "gone@example.org", "later@example.org"),
+        _line("suppressed", "A", recipient="listed@example.org"),
+        _line("delivered", "A", recipient="ok@example.org"),
+        _line("failed", "A", recipient="gone@example.org"),
+        _line("notified", "A", recipient="jan@acme.example", notice_queue_id="N"),
+        _line("delivered", "N", recipient="jan@acme.example"),
+        _line("deferred", "A", recipient="later@example.org"),
+        _line("expired", "A", recipient="later@example.org"),
+        _line("bounced", "A", recipient="ok@example.org"),
+        _line("complained", "A", recipient="ok@example.org"),
+        _line("delivered", "OLD", recipient="a@example.org"),
+        _line("delivered", "NEVER", recipient="b@example.org"),
+        _line("rejected", "R1", reply="550 5.7.1 unknown sender"),
+        _line("rejected", "R2", reply="451 4.3.0 try again later"),
+    )
+    counts = follower.update()
+    assert counts.deliveries == {
+        ("acme", "suppressed"): 1,
+        ("acme", "sent"): 2,
+        ("acme", "bounced"): 1,
+        ("acme", "deferred"): 1,
+        ("acme", "expired"): 1,
+        ("globex", "sent"): 1,
+        (UNKNOWN, "sent"): 1,
+    }
+    assert counts.bounces == {"acme": 1} and counts.complaints == {"acme": 1}
+    assert counts.rejected == {"5xx": 1, "4xx": 1}
+    assert counts.records == 15
+
+
+def test_finished_messages_are_kept_only_so_long(tmp_path: Path) -> None:
+    follower = AuditFollower(tmp_path)
+    lines = []
+    for n in range(RECENT + 1):
+        lines += [*_message(f"Q{n}", "acme", "x@example.org")]
+        lines.append(_line("delivered", f"Q{n}", recipient="x@example.org"))
+    _append(tmp_path, DAY1, *lines)
+    follower.update()
+    _append(tmp_path, DAY1, _line("bounced", "Q0"), _line("bounced", f"Q{RECENT}"))
+    assert follower.update().bounces == {UNKNOWN: 1, "acme": 1}
+
+
+def test_a_cut_or_torn_log_is_not_counted_twice(tmp_path: Path) -> None:
+    _append(tmp_path, DAY1, *_message("A", "acme", "x@example.org"))
+    follower = AuditFollower(tmp_path)
+    (tmp_path / DAY1).write_bytes(b"")  # cut by hand
+    assert follower.update().received == {}
+    _append(tmp_path, DAY1, b'{"v":1,"seq":3,"event":"rec' + TORN_END)
+    _append(tmp_path, DAY1, *_message("B", "acme", "y@example.org"))
+    counts = follower.update()
+    assert counts.received == {"acme": 1} and counts.unreadable == 1
+
+
+def test_no_log_yet(tmp_path: Path) -> None:
+    follower = AuditFollower(tmp_path / "audit")
+    assert follower.update().records == 0
+    (tmp_path / "audit").mkdir()
+    _append(tmp_path / "audit", DAY1, *_message("A", "acme", "x@example.org"))
+    assert follower.update().received == {"acme": 1}
+
+
+def test_a_main_loop_that_stopped_coming_round_is_not_alive() -> None:
+    status.beat()
+    assert status.alive()
+    status.STATUS.beat -= status.ALIVE_WITHIN + 1
+    assert not status.alive()
