@@ -95,6 +95,7 @@ def test_the_counts_are_those_of_the_audit_log(policy_file: Path, tmp_path: Path
             assert _value(after, "relay_workers", state="running") == 2
             assert _value(after, "relay_workers", state="configured") == 2
             assert _value(after, "relay_queue_messages", queue="deferred") == 1
+            assert _value(after, "relay_queue_oldest_message_age_seconds", queue="deferred") > 0
             assert _value(after, "relay_suppression_list_entries") == 1
             assert _value(after, "relay_config_last_reload_successful") == 1
             assert _value(after, "relay_audit_records_total") > 0

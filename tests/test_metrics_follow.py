@@ -64,7 +64,7 @@ def test_outcomes_and_late_reports_carry_the_messages_tenant(tmp_path: Path) -> 
     """Deliveries in Postfix's words; the failure notice is its tenant's too; a
     bounce or complaint after the message ended still finds it; a message never
     seen is ``unknown``; a message queued before the start is known from the queue."""
-    follower = AuditFollower(tmp_path, queued=[("OLD", "globex", 1)])
+    follower = AuditFollower(tmp_path, queued=lambda: [("OLD", "globex", 1)])
     _append(
         tmp_path,
         DAY1,

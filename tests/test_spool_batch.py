@@ -245,3 +245,18 @@ def test_an_unexpected_error_in_one_entry_fails_that_entry_alone(spool: Spool) -
     assert isinstance(failures[1], SpoolError) and "a bug" in failures[1].strerror
     assert spool.ids() == sorted([entries[0].queue_id, entries[2].queue_id])
     assert all_files(spool.directory) == sorted(f"msg/{entries[n].queue_id}" for n in (0, 2))
+
+
+def test_census_tells_tried_entries_from_new_ones_without_reading_them(spool: Spool) -> None:
+    """What the metrics' queue gauges read at every scrape: the ID, the file's
+    size and whether the record changed, for every entry and nothing else."""
+    new, tried = make_entry(), make_entry()
+    spool.put(new, message(1))
+    spool.put(tried, message(2))
+    tried.attempts = 1
+    spool.update(tried)
+    (spool.directory / "msg" / ".free.25Y4K00000000000").write_bytes(b"recycled")
+    found = {queue_id: (size, changed) for queue_id, size, changed in spool.census()}
+    assert set(found) == {new.queue_id, tried.queue_id}
+    assert found[new.queue_id] == (spool.message_path(new.queue_id).stat().st_size, False)
+    assert found[tried.queue_id][1] is True

@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from relay.metrics import status
 from relay.metrics.follow import AuditFollower
 from relay.policy.model import Policy
+from relay.queueid import queue_id_time
 from relay.spool import Spool
 from relay.suppression import SuppressionFile
 
@@ -38,12 +39,14 @@ class RelayCollector(Collector):
         self._policy = policy
         now = policy()
         self._spool = Spool(now.queue.directory, create=False)
-        queued = [(e.queue_id, e.tenant, len(e.pending())) for e in self._spool.entries()]
-        self._audit = AuditFollower(now.audit.directory, queued)
+        self._audit = AuditFollower(now.audit.directory, self._queued)
         self._suppressions = (
             None if now.suppression is None else SuppressionFile(now.suppression.file)
         )
         self._version = _version()
+
+    def _queued(self) -> list[tuple[str, str, int]]:
+        return [(e.queue_id, e.tenant, len(e.pending())) for e in self._spool.entries()]
 
     def collect(self) -> Iterator[Metric]:
         policy = self._policy()
@@ -123,18 +126,20 @@ class RelayCollector(Collector):
         )
 
     def _queue(self) -> Iterator[Metric]:
-        by_state = {"active": 0, "deferred": 0, "hold": 0}
-        size = dict.fromkeys(by_state, 0)
-        oldest = dict.fromkeys(by_state, 0.0)
+        count = {"active": 0, "deferred": 0}
+        size = dict.fromkeys(count, 0)
+        oldest = dict.fromkeys(count, 0.0)
         now = time.time()
-        for entry in self._spool.entries():
-            state = "hold" if entry.held else "deferred" if entry.attempts else "active"
-            by_state[state] += 1
-            size[state] += entry.size
-            oldest[state] = max(oldest[state], now - entry.arrival)
+        for queue_id, on_disk, changed in self._spool.census():
+            state = "deferred" if changed else "active"
+            count[state] += 1
+            size[state] += on_disk
+            arrival = queue_id_time(queue_id)
+            if arrival is not None:
+                oldest[state] = max(oldest[state], now - arrival)
         for name, doc, values in (
-            ("relay_queue_messages", "Messages in the queue.", by_state),
-            ("relay_queue_bytes", "Size of the messages in the queue.", size),
+            ("relay_queue_messages", "Messages in the queue.", count),
+            ("relay_queue_bytes", "Size of the queue's files.", size),
             (
                 "relay_queue_oldest_message_age_seconds",
                 "Age of the oldest message in the queue (0 when empty).",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import collections
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,11 +55,16 @@ class Counts:
 class AuditFollower:
     """Reads what was appended to the day files since the last call; not thread-safe."""
 
-    def __init__(self, directory: Path, queued: Iterable[tuple[str, str, int]] = ()) -> None:
-        """``queued``: (queue ID, tenant, recipients left) of the messages in the queue now."""
+    def __init__(
+        self, directory: Path, queued: Callable[[], Iterable[tuple[str, str, int]]] | None = None
+    ) -> None:
+        """``queued``: (queue ID, tenant, recipients left) of the messages in the queue,
+        asked for at the first ``update``, in its thread: reading every entry of a
+        large queue takes seconds, which the relay's start should not wait for."""
         self.directory = directory
         self.counts = Counts()
-        self._pending: dict[str, list] = {qid: [tenant, left] for qid, tenant, left in queued}
+        self._queued = queued
+        self._pending: dict[str, list] = {}
         self._recent: collections.OrderedDict[str, str] = collections.OrderedDict()
         files = self._files()
         self._file = files[-1].path if files else None
@@ -68,6 +73,9 @@ class AuditFollower:
 
     def update(self) -> Counts:
         """Count every record appended since the last call, across a new day's file."""
+        if self._queued is not None:
+            self._pending.update((qid, [tenant, left]) for qid, tenant, left in self._queued())
+            self._queued = None
         files = [f for f in self._files() if not f.compressed]
         if self._file is not None:
             files = [f for f in files if f.path.name >= self._file.name]

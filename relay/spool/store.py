@@ -485,6 +485,24 @@ class Spool:
         """Queue IDs start with the arrival time, so sorted IDs are oldest first."""
         return sorted(name for name in self._listdir(self._msg) if _ID.fullmatch(name))
 
+    def census(self) -> list[tuple[str, int, bool]]:
+        """(queue ID, size of its file, whether its record changed: tried or held)
+        for every entry, from two directory listings and a stat each. The
+        metrics take this at every scrape: ``entries`` reads every record, about
+        a second and a half for 10,000 entries."""
+        changed = {n.removesuffix(".json") for n in self._listdir(self._env)}
+        found = []
+        with _translated(self._msg), os.scandir(self._msg) as listing:
+            for item in listing:
+                if not _ID.fullmatch(item.name):
+                    continue
+                try:
+                    size = item.stat().st_size
+                except FileNotFoundError:  # delivered and removed meanwhile
+                    continue
+                found.append((item.name, size, item.name in changed))
+        return found
+
     def entries(self) -> Iterator[QueueEntry]:
         """A damaged record is logged and skipped so one bad file cannot stop the queue."""
         for queue_id in self.ids():
