@@ -195,3 +195,22 @@ def test_a_metrics_port_in_use_stops_the_start(policy_file: Path, tmp_path: Path
         done.stderr
     )
     assert "workers serving" not in done.stderr
+
+
+def test_a_scraper_that_hangs_up_is_not_a_fault(caplog) -> None:
+    """A client gone before its answer leaves no traceback in the operational log;
+    a fault of the relay's does."""
+    from relay.metrics.serve import MetricsServer
+    from relay.policy.model import MetricsSettings
+
+    server = MetricsServer(MetricsSettings("127.0.0.1", free_port()))
+    try:
+        for error in (BrokenPipeError(32, "Broken pipe"), ValueError("a bug")):
+            try:
+                raise error
+            except (BrokenPipeError, ValueError):
+                server._http.handle_error(None, ("127.0.0.1", 1))
+    finally:
+        server.stop()
+    faults = [r for r in caplog.records if r.getMessage() == "metrics: a request failed"]
+    assert len(faults) == 1 and faults[0].exc_info[0] is ValueError

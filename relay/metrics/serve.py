@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
@@ -42,6 +43,10 @@ class MetricsError(RelayError):
 
 class _Server(HTTPServer):
     def handle_error(self, request: object, client_address: object) -> None:
+        """A scraper that hung up before its answer is its own business; anything
+        else is a fault of the relay's, with its traceback in the log."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
         log.exception("metrics: a request failed")
 
 
