@@ -383,6 +383,7 @@ class Supervisor:
         kept: dict[int, str] = {}
         deadline = time.monotonic() + RELOAD_TIMEOUT
         while waiting and time.monotonic() < deadline:
+            metrics_status.beat()  # waiting for the workers is not being stuck
             if _stop_pending():
                 return  # the stop comes first; every worker ends with it
             select.select([self._answers], [], [], 0.05)

@@ -11,6 +11,8 @@ import smtplib
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
-from tests.test_queue_e2e import configure, send
+from tests.test_queue_e2e import configure, relay_cli, send
 
 ROOT = Path(__file__).resolve().parent.parent
 REFUSE = {
@@ -197,13 +199,17 @@ def test_a_metrics_port_in_use_stops_the_start(policy_file: Path, tmp_path: Path
     assert "workers serving" not in done.stderr
 
 
-def test_a_scraper_that_hangs_up_is_not_a_fault(caplog) -> None:
+def test_a_scraper_that_hangs_up_is_not_a_fault(policy_file: Path, caplog) -> None:
     """A client gone before its answer leaves no traceback in the operational log;
     a fault of the relay's does."""
     from relay.metrics.serve import MetricsServer
+    from relay.policy.load import load
     from relay.policy.model import MetricsSettings
+    from relay.spool import Spool
 
-    server = MetricsServer(MetricsSettings("127.0.0.1", free_port()))
+    policy = load(configure(policy_file, free_port(), free_port()))
+    Spool(policy.queue.directory)  # the state a started relay has
+    server = MetricsServer(MetricsSettings("127.0.0.1", free_port()), policy)
     try:
         for error in (BrokenPipeError(32, "Broken pipe"), ValueError("a bug")):
             try:
@@ -214,3 +220,60 @@ def test_a_scraper_that_hangs_up_is_not_a_fault(caplog) -> None:
         server.stop()
     faults = [r for r in caplog.records if r.getMessage() == "metrics: a request failed"]
     assert len(faults) == 1 and faults[0].exc_info[0] is ValueError
+
+
+def test_what_the_workers_do_as_they_start_is_counted(policy_file: Path, tmp_path: Path) -> None:
+    """A message left queued by an upstream outage goes out the moment the relay
+    starts again and leaves the queue before anyone scrapes: it is counted,
+    under its tenant, which only its queue entry said."""
+    port, metrics, sink_port = free_port(), free_port(), free_port()
+    policy = _metrics_policy(policy_file, port, sink_port, metrics, workers=2)
+    with RelayProcess(policy, port, tmp_path / "first.log") as relay:
+        send(port)
+        wait_for(lambda: "status=deferred" in relay.log())
+    with SinkServer(Sink(), port=sink_port) as sink, RelayProcess(policy, port, tmp_path / "2.log"):
+        sink.sink.wait(1)
+        wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
+        wait_for(
+            lambda: _value(_samples(metrics), "relay_deliveries_total", tenant="acme",
+                           status="sent") == 1
+        )  # fmt: skip
+        samples = _samples(metrics)
+    assert not any(labels == (("status", "sent"), ("tenant", "unknown"))
+                   for name, labels in samples if name == "relay_deliveries_total")  # fmt: skip
+    assert _value(samples, "relay_messages_received_total", tenant="acme") == 0
+
+
+def test_a_client_that_stalls_holds_up_neither_checks_nor_the_stop(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """One connection sends a byte now and then and never a whole request: the
+    health checks and scrapes are answered meanwhile, and SIGTERM stops the
+    relay without waiting for that client."""
+    with SinkServer(Sink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=2)
+        done = threading.Event()
+
+        def trickle() -> None:
+            with socket.create_connection(("127.0.0.1", metrics), timeout=5) as slow:
+                slow.sendall(b"GET /metrics HTTP/1.1\r\n")
+                while not done.wait(0.5):
+                    slow.sendall(b"X")
+
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            wait_for(lambda: _get(metrics, "/healthz")[0] == 200)
+            slow = threading.Thread(target=trickle, daemon=True)
+            slow.start()
+            try:
+                time.sleep(1.0)  # the trickle has begun
+                assert _get(metrics, "/healthz")[:2] == (200, b"ok\n")
+                assert _get(metrics, "/readyz")[0] == 200
+                assert _value(_samples(metrics), "relay_workers", state="running") == 2
+                assert relay.proc is not None
+                relay.proc.send_signal(signal.SIGTERM)
+                relay.proc.wait(timeout=25)  # the trickle goes on for 60 s if not stopped
+                assert relay.proc.returncode == 0
+            finally:
+                done.set()
+                slow.join(timeout=10)

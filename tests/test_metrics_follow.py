@@ -13,8 +13,9 @@ DAY1 = "audit-2026-12-02.jsonl"
 DAY2 = "audit-2026-12-03.jsonl"
 
 
-def _line(event: str, queue_id: str, **fields: object) -> bytes:
-    record = {"v": 1, "seq": 0, "event": event, "queue_id": queue_id, **fields}
+def _line(event: str, queue_id: str, seq: int = 0, **fields: object) -> bytes:
+    record = {"v": 1, "seq": seq, "event": event, "queue_id": queue_id, **fields}
+    record.update(prev=f"{seq - 1:064x}", hash=f"{seq:064x}")
     return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
 
@@ -64,7 +65,7 @@ def test_outcomes_and_late_reports_carry_the_messages_tenant(tmp_path: Path) -> 
     """Deliveries in Postfix's words; the failure notice is its tenant's too; a
     bounce or complaint after the message ended still finds it; a message never
     seen is ``unknown``; a message queued before the start is known from the queue."""
-    follower = AuditFollower(tmp_path, queued=lambda: [("OLD", "globex", 1)])
+    follower = AuditFollower(tmp_path, queued=[("OLD", "globex", 1)])
     _append(
         tmp_path,
         DAY1,
@@ -134,3 +135,22 @@ def test_a_main_loop_that_stopped_coming_round_is_not_alive() -> None:
     assert status.alive()
     status.STATUS.beat -= status.ALIVE_WITHIN + 1
     assert not status.alive()
+
+
+def test_an_outcome_written_again_after_a_crash_counts_once(tmp_path: Path) -> None:
+    """A dead worker's replacement writes the outcomes of its last moments again
+    (relay.settle): the same record under a new seq and hash."""
+    follower = AuditFollower(tmp_path)
+    delivered = {"recipient": "x@example.org", "upstream": "default", "reply": "250 ok"}
+    _append(
+        tmp_path,
+        DAY1,
+        *_message("A", "acme", "x@example.org", "y@example.org"),
+        _line("delivered", "A", 3, **delivered),
+        _line("deferred", "A", 4, recipient="y@example.org", reply="450 busy"),
+        _line("delivered", "A", 5, **delivered),
+        _line("deferred", "A", 6, recipient="y@example.org", reply="450 busy"),
+    )
+    counts = follower.update()
+    assert counts.deliveries == {("acme", "sent"): 1, ("acme", "deferred"): 2}
+    assert counts.records == 6

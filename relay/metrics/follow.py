@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import collections
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.audit import reader
+from relay.audit.search import Repeats
 
 UNKNOWN = "unknown"
 RECENT = 50_000  # finished messages whose tenant is kept, for late bounces and complaints
+#: Outcomes remembered to tell the copies a worker's replacement writes of the
+#: outcomes of its last moments (relay.settle), which ``relay audit`` counts once too.
+REPEAT_WINDOW = 50_000
 
 #: audit event -> the ``status`` of ``relay_deliveries_total``, in Postfix's words
 DELIVERY_STATUS = {
@@ -55,16 +59,13 @@ class Counts:
 class AuditFollower:
     """Reads what was appended to the day files since the last call; not thread-safe."""
 
-    def __init__(
-        self, directory: Path, queued: Callable[[], Iterable[tuple[str, str, int]]] | None = None
-    ) -> None:
-        """``queued``: (queue ID, tenant, recipients left) of the messages in the queue,
-        asked for at the first ``update``, in its thread: reading every entry of a
-        large queue takes seconds, which the relay's start should not wait for."""
+    def __init__(self, directory: Path, queued: Iterable[tuple[str, str, int]] = ()) -> None:
+        """``queued``: (queue ID, tenant, recipients left) of the messages in the queue
+        now, before anything delivers them."""
         self.directory = directory
         self.counts = Counts()
-        self._queued = queued
-        self._pending: dict[str, list] = {}
+        self._pending: dict[str, list] = {qid: [tenant, left] for qid, tenant, left in queued}
+        self._repeats = Repeats(REPEAT_WINDOW)
         self._recent: collections.OrderedDict[str, str] = collections.OrderedDict()
         files = self._files()
         self._file = files[-1].path if files else None
@@ -73,9 +74,6 @@ class AuditFollower:
 
     def update(self) -> Counts:
         """Count every record appended since the last call, across a new day's file."""
-        if self._queued is not None:
-            self._pending.update((qid, [tenant, left]) for qid, tenant, left in self._queued())
-            self._queued = None
         files = [f for f in self._files() if not f.compressed]
         if self._file is not None:
             files = [f for f in files if f.path.name >= self._file.name]
@@ -116,6 +114,8 @@ class AuditFollower:
             record = reader.parse(line + b"\n")
             if record is None:
                 self.counts.unreadable += 1
+            elif self._repeats.copy(line):
+                self.counts.records += 1
             else:
                 self._count(record)
 

@@ -1,9 +1,9 @@
-"""``/metrics``, ``/healthz`` and ``/readyz`` over HTTP, in a thread of their own.
+"""``/metrics``, ``/healthz`` and ``/readyz`` over HTTP, in threads of their own.
 
 The supervisor's main loop waits for signals and the workers' loops carry
-the mail: neither should wait on a scraper. One thread answers one request
-at a time, so a scrape's reading of the audit log and the spool never runs
-twice at once; a client that stalls is cut off after ``TIMEOUT``.
+the mail: neither should wait on a scraper. Each request has a thread, so a
+client that stalls (one is cut off after ``TIMEOUT`` of silence) holds up no
+health check; scrapes take turns, as the counting keeps state.
 
 ``/healthz`` says whether the relay's main loop still comes round (it is for
 restarting a stuck relay, so it checks nothing else); ``/readyz`` whether it
@@ -22,7 +22,8 @@ import sys
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -34,14 +35,38 @@ from relay.server import host_port
 
 log = logging.getLogger("relay")
 
-TIMEOUT = 5.0  # seconds a client may take to send its request
+TIMEOUT = 5.0  # seconds a client may leave its connection silent
+MAX_CLIENTS = 32
 
 
 class MetricsError(RelayError):
     """The metrics listener could not be opened; says where and why."""
 
 
-class _Server(HTTPServer):
+class _Server(ThreadingHTTPServer):
+    """A thread per request, so that a client that stalls holds up nobody else,
+    and at most ``MAX_CLIENTS`` of them; the relay's stop waits for none."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
+        self.address_family = family
+        self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
     def handle_error(self, request: object, client_address: object) -> None:
         """A scraper that hung up before its answer is its own business; anything
         else is a fault of the relay's, with its traceback in the log."""
@@ -51,26 +76,26 @@ class _Server(HTTPServer):
 
 
 class MetricsServer:
-    def __init__(self, settings: MetricsSettings) -> None:
+    def __init__(self, settings: MetricsSettings, policy: Policy) -> None:
+        """Bound, and counting from here: made before the workers start, so that
+        nothing they do is missed."""
         self.settings = settings
-        self._policy: Callable[[], Policy] | None = None
+        self._policy: Callable[[], Policy] = lambda: policy
         family = socket.AF_INET6 if ":" in settings.address else socket.AF_INET
-        server_class = type("_Server", (_Server,), {"address_family": family})
         try:
-            self._http = server_class((settings.address, settings.port), _Handler)
+            self._http = _Server((settings.address, settings.port), family)
         except OSError as exc:
             where = _where(settings)
             raise MetricsError(f"cannot listen for metrics on {where}: {exc.strerror}") from exc
         self._http.relay = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
-        self._registry: CollectorRegistry | None = None
+        self._scraping = threading.Lock()  # the collector keeps state: one scrape at a time
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(RelayCollector(self._current))
 
     def start(self, current: Callable[[], Policy]) -> None:
         """Serve, reading the policy in use from ``current`` at each request."""
         self._policy = current
-        # counting starts here, at the audit log's end: what the relay does from now on
-        self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(RelayCollector(self._current))
         self._thread = threading.Thread(
             target=self._http.serve_forever, name="metrics", kwargs={"poll_interval": 0.5}
         )
@@ -89,11 +114,10 @@ class MetricsServer:
         os.close(self._http.fileno())
 
     def metrics(self) -> bytes:
-        assert self._registry is not None, "started"
-        return generate_latest(self._registry)
+        with self._scraping:
+            return generate_latest(self._registry)
 
     def _current(self) -> Policy:
-        assert self._policy is not None, "started"
         return self._policy()
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
@@ -113,7 +137,7 @@ class MetricsServer:
 def open_metrics(policy: Policy) -> MetricsServer | None:
     """The listener bound (not yet served), if the policy has a ``metrics`` section:
     a port taken is an error at the start, like a listener's."""
-    return None if policy.metrics is None else MetricsServer(policy.metrics)
+    return None if policy.metrics is None else MetricsServer(policy.metrics, policy)
 
 
 def _writable(directory: os.PathLike) -> str:
@@ -127,7 +151,12 @@ def _where(settings: MetricsSettings) -> str:
 class _Handler(BaseHTTPRequestHandler):
     timeout = TIMEOUT
     server_version = "relay"
-    sys_version = ""
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
 
     def do_GET(self) -> None:
         relay: MetricsServer = self.server.relay  # type: ignore[attr-defined]
@@ -157,7 +186,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: object) -> None:
         """Scrapes every 15 seconds are not news for the operational log."""

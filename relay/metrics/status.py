@@ -21,7 +21,7 @@ class Status:
 
 
 STATUS = Status()
-ALIVE_WITHIN = 10.0  # seconds: a main loop that has not come round for longer is stuck
+ALIVE_WITHIN = 30.0  # seconds: a main loop that has not come round for longer is stuck
 
 
 def loaded() -> None:
