@@ -76,7 +76,7 @@ def test_the_counts_are_those_of_the_audit_log(policy_file: Path, tmp_path: Path
         port, metrics = free_port(), free_port()
         policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=2)
         with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
-            assert f"metrics on http://127.0.0.1:{metrics}/metrics" in relay.log()
+            wait_for(lambda: f"metrics on http://127.0.0.1:{metrics}/metrics" in relay.log())
             before = _samples(metrics)
             send(port, rcpts=("ok@example.org",))
             send(port, rcpts=("gone@example.org", "later@example.org", "ok2@example.org"))
