@@ -83,26 +83,35 @@ def run(policy_path: Path) -> int:
     except OSError as exc:
         log.error("%s", exc.strerror or exc)
         return EX_OSERR
+    try:
+        metrics = open_metrics(policy)
+    except MetricsError as exc:
+        log.error("%s", exc)
+        _close(sockets, None)
+        return EX_OSERR
     code = _open_state(policy, policy_path)
     if code:
-        for bound in sockets.values():
-            for sock in bound:
-                sock.close()
+        _close(sockets, metrics)
         return code
     for listener in policy.listeners:
         for sock in sockets[listener.name]:
             host, port = sock.getsockname()[:2]
             log.info("listening on %s (listener %s)", host_port(host, port), listener.name)
     log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
+    if metrics is not None:
+        metrics.begin()  # counting from here, before anything is delivered
     if policy.workers == 1:
-        try:
-            metrics = open_metrics(policy)
-        except MetricsError as exc:
-            log.error("%s", exc)
-            return EX_OSERR
         metrics_status.loaded()
         return uvloop.run(serve(policy_path, policy, sockets, metrics=metrics))
-    return Supervisor(policy_path, policy, sockets).run()
+    return Supervisor(policy_path, policy, sockets, metrics).run()
+
+
+def _close(sockets: Sockets, metrics: MetricsServer | None) -> None:
+    for bound in sockets.values():
+        for sock in bound:
+            sock.close()
+    if metrics is not None:
+        metrics.stop()
 
 
 #: Below this many open files a busy relay runs out: each connection takes one,

@@ -48,7 +48,6 @@ from relay.policy.files import RefusedFile
 from relay.policy.model import Policy, Sources
 from relay.server import (
     AUDIT_UPKEEP,
-    EX_OSERR,
     STOP_GRACE,
     audit_upkeep,
     in_use,
@@ -163,7 +162,13 @@ class WorkerLink:
 
 
 class Supervisor:
-    def __init__(self, policy_path: Path, policy: Policy, sockets: Sockets) -> None:
+    def __init__(
+        self,
+        policy_path: Path,
+        policy: Policy,
+        sockets: Sockets,
+        metrics: MetricsServer | None = None,
+    ) -> None:
         self.policy_path = policy_path
         self.policy = policy
         self.sockets = sockets
@@ -179,18 +184,11 @@ class Supervisor:
         self._partial = b""
         self.restarts: dict[int, tuple[float, int]] = {}  # index -> (when, quick deaths)
         self.kill_at: dict[int, float] = {}  # pid -> when, for workers a reload stopped
-        self.metrics: MetricsServer | None = None
+        self.metrics = metrics  # bound, counting; served once the workers are
 
     def run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # the metrics thread's too
         try:
-            from relay.metrics.serve import MetricsError, open_metrics
-
-            try:
-                self.metrics = open_metrics(self.policy)
-            except MetricsError as exc:
-                log.error("%s", exc)
-                return EX_OSERR
             code = self._start()
             if code == 0:
                 metrics_status.loaded()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.policy.load import load
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
 from tests.test_queue_e2e import configure, relay_cli, send
@@ -181,7 +182,8 @@ def test_one_process_serves_its_own_metrics(policy_file: Path, tmp_path: Path) -
 
 
 def test_a_metrics_port_in_use_stops_the_start(policy_file: Path, tmp_path: Path) -> None:
-    """As with a listener's port: the relay says which and does not start."""
+    """As with a listener's port: the relay says which and does not start, and
+    records nothing of a policy that never served."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -197,6 +199,8 @@ def test_a_metrics_port_in_use_stops_the_start(policy_file: Path, tmp_path: Path
         done.stderr
     )
     assert "workers serving" not in done.stderr
+    audit = load(policy).audit.directory
+    assert not audit.exists() or not list(audit.glob("audit-*")), "the state was touched"
 
 
 def test_a_scraper_that_hangs_up_is_not_a_fault(policy_file: Path, caplog) -> None:
@@ -244,6 +248,47 @@ def test_what_the_workers_do_as_they_start_is_counted(policy_file: Path, tmp_pat
     assert _value(samples, "relay_messages_received_total", tenant="acme") == 0
 
 
+def _answers(port: int, path: str) -> int | None:
+    try:
+        return _get(port, path)[0]
+    except OSError:  # turned away while every slot is taken
+        return None
+
+
+def test_clients_that_trickle_hold_the_slots_for_a_while_only(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """More trickling clients than the server has slots, each sending a byte now and
+    then and never a whole request: each is cut off at the deadline, and the
+    health check is answered again."""
+    with SinkServer(Sink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=1)
+        done = threading.Event()
+
+        def trickle() -> None:
+            try:
+                with socket.create_connection(("127.0.0.1", metrics), timeout=5) as slow:
+                    while not done.wait(0.5):
+                        slow.sendall(b"X")
+            except OSError:
+                return  # cut off
+
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            wait_for(lambda: _answers(metrics, "/healthz") == 200)
+            slow = [threading.Thread(target=trickle, daemon=True) for _ in range(40)]
+            try:
+                for thread in slow:
+                    thread.start()
+                time.sleep(1.0)
+                wait_for(lambda: _answers(metrics, "/healthz") == 200, timeout=30)
+                wait_for(lambda: sum(not thread.is_alive() for thread in slow) == len(slow))
+            finally:
+                done.set()
+                for thread in slow:
+                    thread.join(timeout=10)
+
+
 def test_a_client_that_stalls_holds_up_neither_checks_nor_the_stop(
     policy_file: Path, tmp_path: Path
 ) -> None:
@@ -277,3 +322,37 @@ def test_a_client_that_stalls_holds_up_neither_checks_nor_the_stop(
             finally:
                 done.set()
                 slow.join(timeout=10)
+
+
+def test_an_unreadable_list_leaves_out_its_gauge_not_the_scrape(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The relay refuses mail with 451 while its list cannot be read: exactly when
+    the other counts are wanted. The list's gauge is left out, said once in the
+    log, and comes back with the list."""
+    with SinkServer(Sink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=1)
+        listed = load(policy).suppression
+        assert listed is not None
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            listed.file.unlink(missing_ok=True)
+            listed.file.mkdir()
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.ehlo()
+                client.mail("jan@acme.example")
+                client.rcpt("one@example.org")
+                code, _ = client.data(b"Subject: hello\r\n\r\nhello\r\n")
+            assert code == 451
+            wait_for(
+                lambda: _value(_samples(metrics), "relay_messages_rejected_total",
+                               **{"class": "4xx"}) == 1
+            )  # fmt: skip
+            samples = _samples(metrics)
+            assert not any(name == "relay_suppression_list_entries" for name, _ in samples)
+            assert _value(samples, "relay_workers", state="running") == 1
+            listed.file.rmdir()
+            wait_for(lambda: ("relay_suppression_list_entries", ()) in _samples(metrics))
+            log = relay.log()
+    assert log.count("metrics: the suppression list is left out") == 1
+    assert "metrics: the suppression list is read again" in log

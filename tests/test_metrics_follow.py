@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -154,3 +155,31 @@ def test_an_outcome_written_again_after_a_crash_counts_once(tmp_path: Path) -> N
     counts = follower.update()
     assert counts.deliveries == {("acme", "sent"): 1, ("acme", "deferred"): 2}
     assert counts.records == 6
+
+
+def _compress(directory: Path, name: str) -> None:
+    """As the audit log's upkeep does: the .gz complete, then the plain file gone."""
+    (directory / f"{name}.gz").write_bytes(gzip.compress((directory / name).read_bytes()))
+    (directory / name).unlink()
+
+
+def test_the_rest_of_a_day_compressed_before_it_was_read_is_counted(tmp_path: Path) -> None:
+    _append(tmp_path, DAY1, *_message("A", "acme", "x@example.org"))
+    follower = AuditFollower(tmp_path)
+    _append(tmp_path, DAY1, *_message("B", "acme", "y@example.org"))
+    assert follower.update().received == {"acme": 1}
+    _append(tmp_path, DAY1, *_message("C", "acme", "z@example.org"), b'{"v":1,"seq":9,')
+    _append(tmp_path, DAY2, *_message("D", "globex", "w@example.org"))
+    _compress(tmp_path, DAY1)
+    counts = follower.update()
+    assert counts.received == {"acme": 2, "globex": 1} and counts.unreadable == 0
+
+
+def test_a_compressed_day_before_the_start_is_not_counted(tmp_path: Path) -> None:
+    for n in range(50):
+        _append(tmp_path, DAY1, *_message(f"A{n}", "acme", "x@example.org"))
+    _compress(tmp_path, DAY1)
+    follower = AuditFollower(tmp_path)
+    assert follower.update().received == {}
+    _append(tmp_path, DAY2, *_message("B", "acme", "y@example.org"))
+    assert follower.update().received == {"acme": 1}

@@ -10,6 +10,7 @@ Labels are bounded by the policy: tenants, never users or addresses.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from importlib import metadata
@@ -17,12 +18,15 @@ from importlib import metadata
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from relay.errors import RelayError
 from relay.metrics import status
 from relay.metrics.follow import AuditFollower
 from relay.policy.model import Policy
 from relay.queueid import queue_id_time
 from relay.spool import Spool
 from relay.suppression import SuppressionFile
+
+log = logging.getLogger("relay")
 
 
 def _version() -> str:
@@ -48,6 +52,7 @@ class RelayCollector(Collector):
             None if now.suppression is None else SuppressionFile(now.suppression.file)
         )
         self._version = _version()
+        self._failing: dict[str, str] = {}  # part -> its error, said once in the log
 
     def collect(self) -> Iterator[Metric]:
         policy = self._policy()
@@ -56,9 +61,24 @@ class RelayCollector(Collector):
             "relay_policy", "The policy in use (relay check prints it).", version=policy.digest[:12]
         )
         yield from self._config()
-        yield from self._messages()
-        yield from self._queue()
-        yield from self._suppression()
+        yield from self._part("audit log", self._messages)
+        yield from self._part("queue", self._queue)
+        yield from self._part("suppression list", self._suppression)
+
+    def _part(self, name: str, families: Callable[[], Iterator[Metric]]) -> Iterator[Metric]:
+        """A part that cannot be read is left out of the scrape, not the rest with it:
+        the relay refusing mail because its list is unreadable is when the
+        other counts matter most. Its error is logged when it begins or changes."""
+        try:
+            found = list(families())
+        except (RelayError, OSError) as exc:
+            if self._failing.get(name) != str(exc):
+                log.warning("metrics: the %s is left out: %s", name, exc)
+            self._failing[name] = str(exc)
+            return
+        if self._failing.pop(name, None) is not None:
+            log.info("metrics: the %s is read again", name)
+        yield from found
 
     def _config(self) -> Iterator[Metric]:
         state = status.STATUS

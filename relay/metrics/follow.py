@@ -18,7 +18,9 @@ known is counted under ``UNKNOWN``.
 from __future__ import annotations
 
 import collections
+import gzip
 import os
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,19 +70,22 @@ class AuditFollower:
         self._repeats = Repeats(REPEAT_WINDOW)
         self._recent: collections.OrderedDict[str, str] = collections.OrderedDict()
         files = self._files()
-        self._file = files[-1].path if files else None
-        self._offset = self._size(self._file)
+        newest = files[-1] if files else None
+        self._day = None if newest is None else newest.day
+        # a compressed newest day was over before the start: none of it is counted
+        self._offset = -1 if newest is not None and newest.compressed else self._size(newest)
         self._partial = b""
 
     def update(self) -> Counts:
-        """Count every record appended since the last call, across a new day's file."""
-        files = [f for f in self._files() if not f.compressed]
-        if self._file is not None:
-            files = [f for f in files if f.path.name >= self._file.name]
-        for file in files:
-            if file.path != self._file:
-                self._file, self._offset, self._partial = file.path, 0, b""
-            self._read_on()
+        """Count every record appended since the last call, across a new day's file,
+        and the rest of a day whose file was compressed since."""
+        for file in self._files():
+            if self._day is not None and file.day < self._day:
+                continue
+            if file.day != self._day:
+                self._day, self._offset, self._partial = file.day, 0, b""
+            if self._offset >= 0:
+                self._read_on(file)
         return self.counts
 
     def _files(self) -> list[reader.DayFile]:
@@ -90,21 +95,27 @@ class AuditFollower:
             return []
 
     @staticmethod
-    def _size(path: Path | None) -> int:
+    def _size(file: reader.DayFile | None) -> int:
         try:
-            return 0 if path is None else os.stat(path).st_size
+            return 0 if file is None else os.stat(file.path).st_size
         except FileNotFoundError:
             return 0
 
-    def _read_on(self) -> None:
-        assert self._file is not None
+    def _read_on(self, file: reader.DayFile) -> None:
         try:
-            with open(self._file, "rb", buffering=0) as stream:
-                size = os.fstat(stream.fileno()).st_size
-                if size < self._offset:  # cut short by hand: what is left was counted
-                    self._offset, self._partial = size, b""
-                data = os.pread(stream.fileno(), size - self._offset, self._offset)
-        except FileNotFoundError:
+            with reader.open_file(file) as stream:
+                if file.compressed:
+                    stream.seek(self._offset)
+                    data = stream.read()
+                else:
+                    size = os.fstat(stream.fileno()).st_size
+                    if size < self._offset:  # cut short by hand: what is left was counted
+                        self._offset, self._partial = size, b""
+                    data = os.pread(stream.fileno(), size - self._offset, self._offset)
+        except FileNotFoundError:  # compressed or pruned meanwhile: read at the next scrape
+            return
+        except (EOFError, zlib.error, gzip.BadGzipFile):  # a damaged file: audit verify's job
+            self._offset = -1
             return
         self._offset += len(data)
         data = self._partial + data

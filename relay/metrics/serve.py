@@ -14,6 +14,7 @@ restart would not bring the upstream back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from relay.server import host_port
 log = logging.getLogger("relay")
 
 TIMEOUT = 5.0  # seconds a client may leave its connection silent
+DEADLINE = 10.0  # seconds a connection may last, however it trickles
 MAX_CLIENTS = 32
 
 
@@ -77,8 +79,8 @@ class _Server(ThreadingHTTPServer):
 
 class MetricsServer:
     def __init__(self, settings: MetricsSettings, policy: Policy) -> None:
-        """Bound, and counting from here: made before the workers start, so that
-        nothing they do is missed."""
+        """Bound next to the listeners, before the state is touched: a port taken
+        stops the start as a listener's does."""
         self.settings = settings
         self._policy: Callable[[], Policy] = lambda: policy
         family = socket.AF_INET6 if ":" in settings.address else socket.AF_INET
@@ -91,6 +93,10 @@ class MetricsServer:
         self._thread: threading.Thread | None = None
         self._scraping = threading.Lock()  # the collector keeps state: one scrape at a time
         self._registry = CollectorRegistry(auto_describe=False)
+
+    def begin(self) -> None:
+        """Count from here: once the state is open, before the workers start, so
+        that nothing they do is missed."""
         self._registry.register(RelayCollector(self._current))
 
     def start(self, current: Callable[[], Policy]) -> None:
@@ -151,6 +157,22 @@ def _where(settings: MetricsSettings) -> str:
 class _Handler(BaseHTTPRequestHandler):
     timeout = TIMEOUT
     server_version = "relay"
+
+    def setup(self) -> None:
+        super().setup()
+        self._cutoff = threading.Timer(DEADLINE, self._cut)
+        self._cutoff.daemon = True
+        self._cutoff.start()
+
+    def _cut(self) -> None:
+        """A client sending a byte now and then is never silent for ``TIMEOUT``:
+        without a deadline, a few of them would hold every slot for good."""
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._cutoff.cancel()
+        super().finish()
 
     def version_string(self) -> str:
         return self.server_version
