@@ -325,7 +325,8 @@ class Supervisor:
 
     def _spawn(self, index: int, ready_fd: int | None, quick_deaths: int = 0) -> None:
         supervisor = os.getpid()
-        pid = os.fork()
+        with self.metrics.forking() if self.metrics is not None else contextlib.nullcontext():
+            pid = os.fork()
         if pid == 0:  # the worker
             code = EX_SOFTWARE
             try:

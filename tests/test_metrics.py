@@ -356,3 +356,32 @@ def test_an_unreadable_list_leaves_out_its_gauge_not_the_scrape(
             log = relay.log()
     assert log.count("metrics: the suppression list is left out") == 1
     assert "metrics: the suppression list is read again" in log
+
+
+def _sockets_of(pid: int) -> set[str]:
+    links = (os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    return {link for link in links if link.startswith("socket:")}
+
+
+def test_a_worker_started_during_a_request_holds_none_of_its_sockets(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The supervisor forks a dead worker's replacement while a client is connected
+    to the metrics port: the new worker shares the listeners with the
+    supervisor, but holds neither the metrics port nor that connection."""
+    with SinkServer(Sink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=2)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            assert relay.proc is not None
+            wait_for(lambda: _answers(metrics, "/healthz") == 200)
+            old, dying = _workers(relay)
+            with socket.create_connection(("127.0.0.1", metrics), timeout=5):
+                time.sleep(0.2)  # accepted, its request awaited
+                os.kill(dying, signal.SIGKILL)
+                wait_for(lambda: len(set(_workers(relay)) - {old, dying}) == 1, timeout=4)
+                (new,) = set(_workers(relay)) - {old, dying}
+                time.sleep(0.5)  # past the fork and what the child closes after it
+                supervisors_own = _sockets_of(relay.proc.pid) - _sockets_of(old)
+                assert len(supervisors_own) >= 2  # the metrics port and the connection
+                assert not _sockets_of(new) & supervisors_own

@@ -29,10 +29,10 @@ from relay.audit import reader
 from relay.audit.search import Repeats
 
 UNKNOWN = "unknown"
-RECENT = 50_000  # finished messages whose tenant is kept, for late bounces and complaints
+RECENT = 20_000  # finished messages whose tenant is kept, for late bounces and complaints
 #: Outcomes remembered to tell the copies a worker's replacement writes of the
 #: outcomes of its last moments (relay.settle), which ``relay audit`` counts once too.
-REPEAT_WINDOW = 50_000
+REPEAT_WINDOW = 30_000
 
 #: audit event -> the ``status`` of ``relay_deliveries_total``, in Postfix's words
 DELIVERY_STATUS = {

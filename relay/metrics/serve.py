@@ -14,6 +14,7 @@ restart would not bring the upstream back.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -21,7 +22,7 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -55,18 +56,21 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
         self.address_family = family
         self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self.open_requests: set[socket.socket] = set()  # for a forked worker to close
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.slots.acquire(blocking=False):
             self.shutdown_request(request)
             return
+        self.open_requests.add(request)
         super().process_request(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.open_requests.discard(request)
             self.slots.release()
 
     def handle_error(self, request: object, client_address: object) -> None:
@@ -91,7 +95,10 @@ class MetricsServer:
             raise MetricsError(f"cannot listen for metrics on {where}: {exc.strerror}") from exc
         self._http.relay = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
-        self._scraping = threading.Lock()  # the collector keeps state: one scrape at a time
+        # One thread counts, whoever asks: the counting keeps state, and its
+        # allocations stay in one thread's memory arena, not in one per request.
+        self._counting = concurrent.futures.ThreadPoolExecutor(1, "metrics-count")
+        self._quiet = threading.Lock()  # held while counting, and while the supervisor forks
         self._registry = CollectorRegistry(auto_describe=False)
 
     def begin(self) -> None:
@@ -114,13 +121,28 @@ class MetricsServer:
             self._http.shutdown()
             self._thread.join(timeout=10)
         self._http.server_close()
+        self._counting.shutdown(wait=False, cancel_futures=True)
+
+    @contextlib.contextmanager
+    def forking(self) -> Iterator[None]:
+        """No count under way while the supervisor forks a worker: the worker would
+        keep the directories and files it had open for as long as it lives."""
+        with self._quiet:
+            yield
 
     def close_in_child(self) -> None:
-        """A forked worker's copy of the listening socket: the worker never serves it."""
+        """A forked worker's copies of the listening socket and of the requests
+        being answered: the worker serves none of them."""
+        for request in list(self._http.open_requests):
+            with contextlib.suppress(OSError):
+                os.close(request.fileno())
         os.close(self._http.fileno())
 
     def metrics(self) -> bytes:
-        with self._scraping:
+        return self._counting.submit(self._count).result()
+
+    def _count(self) -> bytes:
+        with self._quiet:
             return generate_latest(self._registry)
 
     def _current(self) -> Policy:
