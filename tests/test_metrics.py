@@ -58,14 +58,14 @@ def _metrics_policy(policy_file: Path, port: int, sink_port: int, metrics: int, 
     return configure(policy_file, port, sink_port, extra)
 
 
-def _reject(port: int) -> None:
-    """A sender the policy does not know: refused at the end of DATA."""
+def _offer(port: int, sender: str) -> int:
+    """The reply to the end of DATA of a small message from ``sender``."""
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         client.ehlo()
-        client.mail("nobody@unknown.example")
+        client.mail(sender)
         client.rcpt("one@example.org")
-        code, _ = client.data(b"Subject: who\r\n\r\nhello\r\n")
-    assert code == 550
+        code, _ = client.data(b"Subject: hello\r\n\r\nhello\r\n")
+    return code
 
 
 def test_the_counts_are_those_of_the_audit_log(policy_file: Path, tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_the_counts_are_those_of_the_audit_log(policy_file: Path, tmp_path: Path
             before = _samples(metrics)
             send(port, rcpts=("ok@example.org",))
             send(port, rcpts=("gone@example.org", "later@example.org", "ok2@example.org"))
-            _reject(port)
+            assert _offer(port, "nobody@unknown.example") == 550  # a sender nobody knows
             wait_for(lambda: relay.log().count("status=deferred") >= 1)
             wait_for(lambda: len(sink.sink.messages) >= 3)  # two messages and a notice
             wait_for(
@@ -338,12 +338,7 @@ def test_an_unreadable_list_leaves_out_its_gauge_not_the_scrape(
         with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
             listed.file.unlink(missing_ok=True)
             listed.file.mkdir()
-            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-                client.ehlo()
-                client.mail("jan@acme.example")
-                client.rcpt("one@example.org")
-                code, _ = client.data(b"Subject: hello\r\n\r\nhello\r\n")
-            assert code == 451
+            assert _offer(port, "jan@acme.example") == 451
             wait_for(
                 lambda: _value(_samples(metrics), "relay_messages_rejected_total",
                                **{"class": "4xx"}) == 1
