@@ -68,7 +68,6 @@ def run(policy_path: Path) -> int:
     import uvloop
 
     from relay.ingress import bind
-    from relay.metrics.serve import MetricsError, open_metrics
     from relay.supervisor import Supervisor
 
     oplog.configure()
@@ -84,8 +83,8 @@ def run(policy_path: Path) -> int:
         log.error("%s", exc.strerror or exc)
         return EX_OSERR
     try:
-        metrics = open_metrics(policy)
-    except MetricsError as exc:
+        metrics = _open_metrics(policy)
+    except RelayError as exc:
         log.error("%s", exc)
         _close(sockets, None)
         return EX_OSERR
@@ -104,6 +103,17 @@ def run(policy_path: Path) -> int:
         metrics_status.loaded()
         return uvloop.run(serve(policy_path, policy, sockets, metrics=metrics))
     return Supervisor(policy_path, policy, sockets, metrics).run()
+
+
+def _open_metrics(policy: Policy) -> MetricsServer | None:
+    """The metrics port bound (not yet served) next to the listeners, if the policy
+    has one. Imported only then: forked workers would carry the client library's
+    pages in their memory for nothing."""
+    if policy.metrics is None:
+        return None
+    from relay.metrics.serve import MetricsServer
+
+    return MetricsServer(policy.metrics, policy)
 
 
 def _close(sockets: Sockets, metrics: MetricsServer | None) -> None:

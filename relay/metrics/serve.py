@@ -162,12 +162,6 @@ class MetricsServer:
         return ready, checks
 
 
-def open_metrics(policy: Policy) -> MetricsServer | None:
-    """The listener bound (not yet served), if the policy has a ``metrics`` section:
-    a port taken is an error at the start, like a listener's."""
-    return None if policy.metrics is None else MetricsServer(policy.metrics, policy)
-
-
 def _writable(directory: os.PathLike) -> str:
     return "writable" if os.access(directory, os.W_OK | os.X_OK) else f"{directory} not writable"
 
