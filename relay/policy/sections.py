@@ -113,7 +113,6 @@ def _plain_only(field: str, spec: str, conversion: str | None) -> str:
 def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
     found: list[Listener | None] = []
     names: dict[str, str] = {}
-    sockets: list[_Socket] = []
     entries = root.items("listeners", "a list of listeners")
     if root.has("listeners") and not entries:
         ctx.problem(root.get("listeners"), "listeners", "at least one listener is needed")
@@ -134,10 +133,9 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
         if address is not None and port is not None:
             ips = _addresses(ctx, m, address, port)
             mine = _Socket(address, port, path, ips)
-            clash = next(filter(None, (_clash(mine, other) for other in sockets)), None)
+            clash = next(filter(None, (_clash(mine, other) for other in ctx.sockets)), None)
             if clash is not None:
                 ctx.problem(m.get("port"), m.sub("port"), clash)
-            sockets.append(mine)
             ctx.sockets.append(mine)
         tls = _tls(ctx, m)
         allow = _allow(ctx, m)
@@ -634,7 +632,7 @@ def metrics(ctx: Ctx, root: Map) -> MetricsSettings | None:
     if address is None or port is None:
         return None
     mine = _Socket(address, port, m.path, _addresses(ctx, m, address, port))
-    clash = next(filter(None, (_clash(mine, _Socket(*other)) for other in ctx.sockets)), None)
+    clash = next(filter(None, (_clash(mine, other) for other in ctx.sockets)), None)
     if clash is not None:
         ctx.problem(
             m.get("port"), m.sub("port"), f"{clash}; the metrics endpoints need a port of their own"
