@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import resource
 import signal
 import ssl
@@ -23,11 +24,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from relay import oplog
+from relay import oplog, statelock
 from relay.errors import PolicyError, RelayError
 from relay.metrics import status as metrics_status
 from relay.policy import tlspair
 from relay.policy.model import Listener, Policy, TlsFiles
+from relay.statelock import StateBusy
 
 if TYPE_CHECKING:
     from relay.audit import AuditLog
@@ -46,6 +48,7 @@ AUDIT_UPKEEP = 86400.0
 LEFTOVER_AGE = 3600.0  # seconds; see spool_upkeep
 EX_OSERR = 71
 EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
 
@@ -64,11 +67,9 @@ def run(policy_path: Path) -> int:
     process or, with ``workers`` above 1, in worker processes under a supervisor.
     Binding comes first: a relay that cannot listen (another one has the port)
     must not touch the state, nor record in its audit log a policy that never
-    served."""
-    import uvloop
-
+    served; nor must one whose state directory another relay holds
+    (``relay.statelock``)."""
     from relay.ingress import bind
-    from relay.supervisor import Supervisor
 
     oplog.configure()
     policy_path = Path(policy_path)
@@ -88,6 +89,29 @@ def run(policy_path: Path) -> int:
         log.error("%s", exc)
         _close(sockets, None)
         return EX_OSERR
+    try:
+        lock = statelock.hold(policy.queue.directory.parent)
+    except StateBusy as exc:
+        log.error("%s", exc)
+        _close(sockets, metrics)
+        return EX_TEMPFAIL
+    except OSError as exc:
+        log.error("cannot lock the state directory: %s", exc)
+        _close(sockets, metrics)
+        return EX_CANTCREAT
+    try:
+        return _serve_locked(policy_path, policy, sockets, metrics)
+    finally:
+        os.close(lock)
+
+
+def _serve_locked(
+    policy_path: Path, policy: Policy, sockets: Sockets, metrics: MetricsServer | None
+) -> int:
+    import uvloop
+
+    from relay.supervisor import Supervisor
+
     code = _open_state(policy, policy_path)
     if code:
         _close(sockets, metrics)

@@ -586,6 +586,37 @@ def test_port_in_use_does_not_start(policy: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "state").exists()
 
 
+def test_a_second_relay_on_the_same_state_directory_does_not_start(
+    daemon: Daemon, policy: Path, port: int, tmp_path: Path
+) -> None:
+    """Other ports, same spool: it would deliver the first one's mail a second time."""
+    daemon.wait_log(" serving")
+    audit = {p: p.read_bytes() for p in (tmp_path / "state" / "audit").iterdir()}
+    second_port = free_port()
+    second = tmp_path / "second.yaml"
+    second.write_text(policy.read_text().replace(f"port: {port}", f"port: {second_port}"))
+    running = Daemon(second, tmp_path / "second.log")
+    try:
+        assert running.proc.wait(20) == 75
+    finally:
+        running.stop()
+    state = tmp_path / "state"
+    busy = f"ERROR state directory {state} is in use by the relay with PID {daemon.proc.pid}"
+    assert busy in running.log()
+    assert {p: p.read_bytes() for p in (state / "audit").iterdir()} == audit
+    with pytest.raises(OSError):  # its listener was closed again
+        socket.create_connection(("127.0.0.1", second_port), timeout=2).close()
+    assert send(port)[0] == 250  # the first one serves on
+    assert daemon.stop() == 0
+    # the lock went with the first relay's processes; the file stays and is taken over
+    after = Daemon(second, tmp_path / "after.log")
+    try:
+        after.wait_log(" serving")
+        assert (state / "relay.pid").read_text() == f"{after.proc.pid}\n"
+    finally:
+        assert after.stop() == 0
+
+
 def test_a_reload_keeps_the_policy_when_a_dkim_key_cannot_sign(
     daemon: Daemon, policy: Path, port: int
 ) -> None:

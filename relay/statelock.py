@@ -1,0 +1,49 @@
+"""One relay per state directory.
+
+Two relays on one spool would both recover it, both deliver its mail and
+both extend its audit chain: a second ``relay serve`` started by hand next to
+the service, or a copy of the policy with other ports, must not start. The
+lock is an ``flock`` on ``relay.pid``, which names the holder for the message.
+Forked workers inherit the descriptor, so the lock lasts while any process of
+the relay is alive, and the kernel drops it with the last one, however it ends.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from relay.errors import RelayError
+
+LOCK_NAME = "relay.pid"
+
+
+class StateBusy(RelayError):
+    def __init__(self, directory: Path, holder: str) -> None:
+        self.directory = directory
+        self.holder = holder
+        who = f"the relay with PID {holder}" if holder else "another relay"
+        super().__init__(
+            f"state directory {directory} is in use by {who}: two relays on one"
+            " spool would deliver its mail twice; stop that one first"
+        )
+
+
+def hold(directory: Path) -> int:
+    """The locked descriptor of ``directory``'s lock file, made if need be; the caller
+    keeps it open for as long as it serves. Raises StateBusy or OSError."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            raise StateBusy(directory, holder if holder.isdigit() else "") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
