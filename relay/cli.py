@@ -1,4 +1,5 @@
-"""The ``relay`` command line: serve, check, preview, dkim keygen, passwd.
+"""The ``relay`` command line: serve, check, preview, dkim keygen, passwd, upstream test,
+and the state tools.
 
 Heavy imports stay inside the subcommands so ``relay --help`` and
 ``relay check`` start quickly.
@@ -143,6 +144,7 @@ def _parser() -> argparse.ArgumentParser:
 
     passwd = sub.add_parser("passwd", help="hash an AUTH password for the policy's logins")
     passwd.set_defaults(run=_passwd)
+    _upstream_parsers(sub)
     _queue_parsers(sub)
     _audit_parsers(sub)
     _suppression_parsers(sub)
@@ -160,6 +162,26 @@ _BOUNCE_STATUS = (
     "Exit status: 0 taken (acted on, or neither a bounce nor a complaint: ignored),"
     " 75 the policy does not load or the state cannot take it now: the mail system"
     " keeps the report and tries again later."
+)
+
+
+def _upstream_parsers(sub: argparse._SubParsersAction) -> None:
+    upstream = sub.add_parser("upstream", help="upstream account tools")
+    verbs = upstream.add_subparsers(metavar="COMMAND")
+    text = (
+        "connect to upstreams as a delivery would (TLS, certificate, login) and say"
+        " what each offers; with --rcpt, try that envelope too. Nothing is sent."
+    )
+    test = verbs.add_parser("test", help=text, description=text, epilog=_UPSTREAM_STATUS)
+    _policy_option(test)
+    test.add_argument("names", nargs="*", metavar="NAME", help="these upstreams (default: all)")
+    test.add_argument("--rcpt", metavar="ADDRESS", help="try MAIL FROM and RCPT TO this address")
+    test.set_defaults(run=_upstream_test)
+
+
+_UPSTREAM_STATUS = (
+    "Exit status: 0 every upstream tried works (warnings aside), 1 one does not,"
+    " 2 no upstream of that name, 78 the policy does not load."
 )
 
 
@@ -393,6 +415,30 @@ def _running_policy_file(path: Path) -> Path | None:
         state = path.absolute().parent / state
     checked = state / "policy.checked.yaml"
     return checked if checked.is_file() else None
+
+
+def _upstream_test(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from relay.upstream.probe import probe, render
+
+    policy = _load_or_report(args.config)
+    if policy is None:
+        return EX_CONFIG
+    unknown = [name for name in args.names if name not in policy.upstreams]
+    if unknown:
+        known = ", ".join(policy.upstreams)
+        print(f"relay upstream test: no upstream {unknown[0]!r} (the policy has {known})",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    chosen = [policy.upstreams[name] for name in args.names or policy.upstreams]
+
+    async def tried() -> list:
+        return list(await asyncio.gather(*(probe(policy, u, args.rcpt) for u in chosen)))
+
+    outcomes = asyncio.run(tried())
+    print(render(outcomes))
+    return 0 if all(outcome.ok for outcome in outcomes) else 1
 
 
 def _queue(args: argparse.Namespace) -> int:

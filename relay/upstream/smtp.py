@@ -64,10 +64,10 @@ async def send(
 ) -> DeliveryResult:
     """With ``needed`` the message goes only if the upstream takes one of those
     recipients; if it takes none, the others it took are refused ``NOT_SENT``."""
-    password = _password(upstream) if upstream.username else None
+    secret = password(upstream) if upstream.username else None
     pool = default_pool() if pool is None else pool
-    opener = functools.partial(_open, upstream, password)
-    key = PoolKey.of(upstream, password)
+    opener = functools.partial(connect, upstream, secret)
+    key = PoolKey.of(upstream, secret)
     try:
         for _ in range(pool.max_idle_per_key + 1):  # each stale one is closed: a new one comes
             try:
@@ -98,7 +98,7 @@ async def send(
     )
 
 
-async def _open(upstream: SmtpUpstream, password: str | None) -> aiosmtplib.SMTP:
+async def connect(upstream: SmtpUpstream, secret: str | None) -> aiosmtplib.SMTP:
     """A connected, logged-in client; its errors are mapped here, where the stage is known."""
     ca_file = upstream.ca_file
     pinned = None if ca_file is None else await asyncio.to_thread(_pinned, upstream, ca_file)
@@ -115,10 +115,10 @@ async def _open(upstream: SmtpUpstream, password: str | None) -> aiosmtplib.SMTP
     opened = False
     try:
         await client.connect()
-        if password is not None:
+        if secret is not None:
             stage = "logging in"
             _refuse_plain_login(upstream, client)
-            await client.login(upstream.username, password)
+            await client.login(upstream.username, secret)
         opened = True
     except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
         raise _mapped(upstream, stage, exc) from exc
@@ -170,7 +170,7 @@ def _mapped(upstream: SmtpUpstream, stage: str, exc: Exception) -> UpstreamError
     return UpstreamError(550, "5.1.3", f"Address refused: {exc}")
 
 
-def _password(upstream: SmtpUpstream) -> str:
+def password(upstream: SmtpUpstream) -> str:
     if upstream.password_file is not None:
         try:
             return upstream.password_file.read_text("utf-8").rstrip("\r\n")

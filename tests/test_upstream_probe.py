@@ -1,0 +1,223 @@
+"""``relay upstream test`` as a sysadmin runs it, against real aiosmtpd upstreams on loopback."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from tests.certs import Certs, make_certs, server_context
+from tests.policyfiles import variant
+from tests.sink import Sink, SinkServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class RecordingSink(Sink):
+    """Also notes each MAIL, so a test sees how far a probe went."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.senders: list[str] = []
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        self.senders.append(address)
+        envelope.mail_from = address
+        return "250 2.1.0 Sender ok"
+
+
+def login(
+    server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+) -> AuthResult:
+    ok = isinstance(data, LoginPassword) and (data.login, data.password) == (b"relay", b"s3cret")
+    return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def sink() -> RecordingSink:
+    return RecordingSink()
+
+
+@pytest.fixture
+def upstream(sink: RecordingSink, certs: Certs) -> Iterator[Controller]:
+    """A smarthost with STARTTLS and AUTH, as the relay's would be."""
+    controller = Controller(
+        sink, hostname="127.0.0.1", port=free_port(), server_hostname="smtp.test",
+        tls_context=server_context(certs), authenticator=login, ready_timeout=10,
+        data_size_limit=10_000_000,
+    )  # fmt: skip
+    controller.start()
+    try:
+        yield controller
+    finally:
+        controller.stop()
+
+
+def policy(
+    tmp_path: Path, port: int, ca: Path, secret: str = "s3cret", tls: str = "starttls"
+) -> Path:
+    (tmp_path / "smarthost.password").write_text(secret + "\n")
+    smarthost = (
+        "upstreams:\n"
+        "  smarthost:\n"
+        "    type: smtp\n"
+        "    host: 127.0.0.1\n"
+        f"    port: {port}\n"
+        f"    tls: {tls}\n"
+        "    username: relay\n"
+        "    password_file: smarthost.password\n"
+        f"    ca_file: {ca}\n"
+        "    timeout: 5\n"
+    )
+    path = variant(tmp_path, "upstreams:\n", smarthost)
+    (tmp_path / "outbox").mkdir()
+    text = path.read_text().replace("upstream: outbox", "upstream: smarthost")
+    path.write_text(text)
+    return path
+
+
+def relay(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "upstream", "test", *args],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_a_working_account_is_tried_through_tls_and_login_and_nothing_is_sent(
+    tmp_path: Path, upstream: Controller, sink: RecordingSink, certs: Certs
+) -> None:
+    path = policy(tmp_path, upstream.port, certs.ca)
+    done = relay("-c", str(path), "smarthost", "--rcpt", "buyer@customer.example")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"smarthost (127.0.0.1:{upstream.port}): ok (used by acme)"
+    assert "  EHLO: 250 smtp.test" in lines
+    assert re.search(
+        rf"  TLS: (warning: )?TLSv1\.[23] \S+, certificate for 127\.0\.0\.1"
+        rf" checked against {certs.ca}",
+        done.stdout,
+    )
+    assert "  login: accepted for relay" in lines
+    assert any(line.startswith("  offers: ") and "SIZE 10000000" in line for line in lines)
+    assert "  MAIL FROM:<NoReply@Platform.example>: 250 2.1.0 Sender ok" in lines
+    assert "  RCPT TO:<buyer@customer.example>: 250 OK" in lines
+    assert lines[-1] == "  RSET: nothing was sent"
+    assert sink.senders == ["NoReply@Platform.example"]
+    assert sink.messages == []
+
+
+def test_the_warnings_a_sysadmin_should_act_on_do_not_fail_the_test(
+    tmp_path: Path, upstream: Controller, certs: Certs
+) -> None:
+    """The test certificates end in a day; the sink takes 10 MB, the listener's
+    default is more; aiosmtpd offers no DSN."""
+    path = policy(tmp_path, upstream.port, certs.ca)
+    done = relay("-c", str(path), "smarthost")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(
+        r"  TLS: warning: .* valid until \d{4}-\d\d-\d\d: it ends within 14 days\n", done.stdout
+    )
+    size = "  SIZE: warning: takes messages up to 10000000 bytes; listeners accept more: local ("
+    assert size in done.stdout
+    assert (
+        "  DSN: warning: not offered: a bounce that comes back is matched by its Message-ID"
+        in done.stdout
+    )
+    assert "MAIL FROM" not in done.stdout  # no --rcpt: no envelope tried
+
+
+def test_a_refused_login_is_told_as_the_queue_would_tell_it(
+    tmp_path: Path, upstream: Controller, certs: Certs
+) -> None:
+    path = policy(tmp_path, upstream.port, certs.ca, secret="wrong")
+    done = relay("-c", str(path), "smarthost")
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == [
+        f"smarthost (127.0.0.1:{upstream.port}): FAILED (used by acme)",
+        f"  delivery: failed: 451 4.7.0 Upstream smarthost (127.0.0.1:{upstream.port}) refused the"
+        " relay's login: 535 5.7.8 Authentication credentials invalid",
+    ]
+
+
+def test_a_refused_recipient_fails_the_test(
+    tmp_path: Path, upstream: Controller, sink: RecordingSink, certs: Certs
+) -> None:
+    sink.refuse["gone@customer.example"] = "550 5.1.1 No such user"
+    path = policy(tmp_path, upstream.port, certs.ca)
+    done = relay("-c", str(path), "smarthost", "--rcpt", "gone@customer.example")
+    assert done.returncode == 1
+    assert "  RCPT TO:<gone@customer.example>: failed: 550 5.1.1 No such user" in done.stdout
+    assert done.stdout.splitlines()[-1] == "  RSET: nothing was sent"
+    assert sink.messages == []
+
+
+def test_a_certificate_from_another_ca_is_not_accepted(
+    tmp_path: Path, upstream: Controller, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    other = make_certs(tmp_path_factory.mktemp("other"))
+    path = policy(tmp_path, upstream.port, other.ca)
+    done = relay("-c", str(path))
+    assert done.returncode == 1
+    assert "TLS certificate not accepted: " in done.stdout
+    assert "login: accepted" not in done.stdout
+
+
+def test_an_upstream_not_listening_and_the_directory_beside_it(
+    tmp_path: Path, certs: Certs
+) -> None:
+    port = free_port()
+    path = policy(tmp_path, port, certs.ca)
+    done = relay("-c", str(path))
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == [
+        f"smarthost (127.0.0.1:{port}): FAILED (used by acme)",
+        f"  delivery: failed: 451 4.4.1 Upstream smarthost (127.0.0.1:{port}): Connection refused"
+        " (connecting)",
+        "outbox (directory): ok (used by no tenant)",
+        f"  writes: each message into {tmp_path / 'outbox'}, nothing is sent",
+    ]
+    only = relay("-c", str(path), "outbox")
+    assert only.returncode == 0
+    assert only.stdout.startswith("outbox (directory): ok")
+    assert "smarthost" not in only.stdout
+
+
+def test_an_unknown_name_and_a_broken_policy(tmp_path: Path, certs: Certs) -> None:
+    path = policy(tmp_path, free_port(), certs.ca)
+    done = relay("-c", str(path), "smarthots")
+    assert done.returncode == 2
+    assert "no upstream 'smarthots' (the policy has smarthost, outbox)" in done.stderr
+    assert done.stdout == ""
+    path.write_text(path.read_text().replace("type: smtp", "type: smpt"))
+    broken = relay("-c", str(path))
+    assert broken.returncode == 78
+    assert "relay.yaml:" in broken.stderr
+
+
+def test_a_plain_upstream_without_a_login_and_a_directory_not_there(tmp_path: Path) -> None:
+    with SinkServer() as plain:
+        path = policy(tmp_path, plain.port, tmp_path / "unused", tls="none")
+        path.write_text(re.sub(r"    (username|password_file|ca_file):.*\n", "", path.read_text()))
+        (tmp_path / "outbox").rmdir()
+        done = relay("-c", str(path))
+    assert done.returncode == 1
+    assert "  TLS: none (tls: none): mail goes in clear" in done.stdout
+    assert "  login: none (the policy gives no username)" in done.stdout
+    assert done.stdout.splitlines()[-2:] == [
+        "outbox (directory): FAILED (used by no tenant)",
+        f"  writes: failed: {tmp_path / 'outbox'} is not a directory",
+    ]
