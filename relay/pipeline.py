@@ -29,6 +29,7 @@ from relay.identify import identify
 from relay.message import MessageView
 from relay.policy.model import Policy
 from relay.queueid import new_queue_id
+from relay.ratelimit import RateRow
 from relay.record import Recorder
 from relay.sign import sign
 from relay.spool import PENDING, SUPPRESSED, QueueEntry, RecipientState, Spool, SpoolError
@@ -244,11 +245,13 @@ class Acceptor:
         recorder: Recorder,
         alone: Callable[[], bool] | None = None,
         suppressions: SuppressionFile | None = None,
+        rates: RateRow | None = None,
     ) -> None:
         self.spool = spool
         self.engine = engine
         self.recorder = recorder
         self.suppressions = suppressions
+        self.rates = rates
         # ``alone``: a lone session's message is written on the event loop
         self._store = GroupCommit(self._store_many, "accept", inline=alone)
         self._unremoved: set[str] = set()  # refused, but still in the spool
@@ -261,9 +264,14 @@ class Acceptor:
             await self._rejected(submission, reply)
             raise
         entry = _entry(prepared, submission)
+        taken = await self._take(policy, submission, entry.tenant)
         self.engine.accepting.add(entry.queue_id)
         try:
-            await self._keep(policy, submission, prepared, entry)
+            try:
+                await self._keep(policy, submission, prepared, entry)
+            except BaseException:
+                self._give_back(entry.tenant, taken)
+                raise
             lock = self.spool.detach(entry.queue_id)
         finally:
             if entry.queue_id in self._unremoved:
@@ -297,6 +305,33 @@ class Acceptor:
         if listener is not None and listener.immediate > 0:
             return await self._immediate(entry, listener.immediate)
         return f"250 2.0.0 Ok: queued as {entry.queue_id}"
+
+    async def _take(self, policy: Policy, submission: Submission, tenant_id: str) -> int:
+        """The message's recipients counted against its tenant's hourly limit, or
+        it refused: 450 while the hour is full (the ERP tries again later and
+        nothing is lost), 550 for more recipients than the limit allows at all."""
+        tenant = policy.tenants.get(tenant_id)
+        limit = None if tenant is None else tenant.recipients_per_hour
+        if limit is None or self.rates is None:
+            return 0
+        wanted = len(submission.rcpt_tos)
+        now = time.time()
+        sent = self.rates.sent(tenant_id, now)
+        if wanted > limit:
+            text = f"{wanted} recipients, more than tenant {tenant_id} may send to in an hour"
+            reply = Rejected(550, "5.7.1", f"{text} ({limit})")
+        elif sent + wanted > limit:
+            text = f"Tenant {tenant_id} has sent to {sent} recipients in the last hour"
+            reply = Rejected(450, "4.7.1", f"{text}, of {limit} allowed: try again later")
+        else:
+            self.rates.add(tenant_id, wanted, now)
+            return wanted
+        await self._rejected(submission, reply)
+        raise reply
+
+    def _give_back(self, tenant_id: str, taken: int) -> None:
+        if taken and self.rates is not None:
+            self.rates.add(tenant_id, -taken, time.time())
 
     def _suppressions(self) -> SuppressionList:
         """The list as it is now; one that cannot be read refuses the message for

@@ -29,6 +29,7 @@ from relay.errors import PolicyError, RelayError
 from relay.metrics import status as metrics_status
 from relay.policy import tlspair
 from relay.policy.model import Listener, Policy, TlsFiles
+from relay.ratelimit import RateCounts, RateRow
 from relay.statelock import StateBusy
 
 if TYPE_CHECKING:
@@ -123,10 +124,11 @@ def _serve_locked(
     log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
     if metrics is not None:
         metrics.begin()  # counting from here, before anything is delivered
+    rates = RateCounts(policy.workers)  # shared by the workers forked from here
     if policy.workers == 1:
         metrics_status.loaded()
-        return uvloop.run(serve(policy_path, policy, sockets, metrics=metrics))
-    return Supervisor(policy_path, policy, sockets, metrics).run()
+        return uvloop.run(serve(policy_path, policy, sockets, metrics=metrics, rates=rates.row(0)))
+    return Supervisor(policy_path, policy, sockets, metrics, rates).run()
 
 
 def _open_metrics(policy: Policy) -> MetricsServer | None:
@@ -277,6 +279,7 @@ async def serve(
     sockets: Sockets,
     worker: WorkerLink | None = None,
     metrics: MetricsServer | None = None,
+    rates: RateRow | None = None,
 ) -> int:
     """Receive and deliver until SIGTERM. As one of several workers (``worker``
     set) the supervisor keeps the audit log's upkeep and its policy records,
@@ -306,7 +309,9 @@ async def serve(
     suppressions = None if policy.suppression is None else SuppressionFile(policy.suppression.file)
     if suppressions is not None:
         _load_suppressions(suppressions)
-    acceptor = Acceptor(spool, engine, recorder, alone=alone, suppressions=suppressions)
+    acceptor = Acceptor(
+        spool, engine, recorder, alone=alone, suppressions=suppressions, rates=rates
+    )
     ingress = await start(
         policy.listeners,
         holder.current,

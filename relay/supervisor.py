@@ -46,6 +46,7 @@ from relay.metrics import status as metrics_status
 from relay.policy import yamlsource
 from relay.policy.files import RefusedFile
 from relay.policy.model import Policy, Sources
+from relay.ratelimit import RateCounts
 from relay.server import (
     AUDIT_UPKEEP,
     STOP_GRACE,
@@ -167,11 +168,13 @@ class Supervisor:
         policy_path: Path,
         policy: Policy,
         sockets: Sockets,
-        metrics: MetricsServer | None = None,
+        metrics: MetricsServer | None,
+        rates: RateCounts,
     ) -> None:
         self.policy_path = policy_path
         self.policy = policy
         self.sockets = sockets
+        self.rates = rates  # made before the first fork: shared by every worker
         self.workers: dict[int, _Worker] = {}  # by pid
         # the running policy's text, for the queue and audit tools
         self.checked = policy.queue.directory.parent / "policy.checked.yaml"
@@ -334,7 +337,7 @@ class Supervisor:
                 if self.metrics is not None:
                     self.metrics.close_in_child()
                 link = WorkerLink(index, supervisor, ready_fd, self.handover, self._answering)
-                code = _worker(self.policy_path, self.policy, self.sockets, link)
+                code = _worker(self.policy_path, self.policy, self.sockets, link, self.rates)
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
@@ -482,13 +485,15 @@ class Supervisor:
         return found
 
 
-def _worker(policy_path: Path, policy: Policy, sockets: Sockets, link: WorkerLink) -> int:
+def _worker(
+    policy_path: Path, policy: Policy, sockets: Sockets, link: WorkerLink, rates: RateCounts
+) -> int:
     for signum in SIGNALS:
         signal.signal(signum, signal.SIG_DFL)  # still blocked: see WorkerLink.ready
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != link.supervisor:
         return 0
-    return uvloop.run(serve(policy_path, policy, sockets, link))
+    return uvloop.run(serve(policy_path, policy, sockets, link, rates=rates.row(link.index)))
 
 
 def _stop_pending() -> bool:

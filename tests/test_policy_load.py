@@ -309,6 +309,8 @@ def test_every_key_set() -> None:
     assert acme.reply_to["other"] == (ReplyToSource(ReplyToKind.KEEP),)
     assert acme.reply_to["default"] == (COMPANY,)
     assert acme.bcc_sender == {"invoice", "other"}
+    assert acme.recipients_per_hour == 500
+    assert policy.tenants["globex"].recipients_per_hour is None  # no limit
     jan = acme.users["jan"]
     assert jan.address == "Jan@Acme.example"
     assert jan.aliases == ("salg@acme.example", "j.janssens@acme.example")

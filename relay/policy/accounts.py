@@ -44,7 +44,7 @@ _SMTP_KEYS = ("type", "host", "port", "tls", "username", "password_file", "passw
 _SMTP_KEYS += ("timeout", "data_timeout", "helo_name", "ca_file")
 _SMTP_KEYS += ("sender", "sender_name")
 _TENANT_KEYS = ("name", "address", "upstream", "verified_domains", "default_user")
-_TENANT_KEYS += ("reply_to", "bcc_sender", "users")
+_TENANT_KEYS += ("reply_to", "bcc_sender", "users", "recipients_per_hour")
 _LOGIN_KEYS = ("password_hash", "tenant", "users")
 _DEFAULT_REPLY_TO = (ReplyToSource(ReplyToKind.SENDER), ReplyToSource(ReplyToKind.COMPANY))
 _REPLY_TO = "sender, company, keep, header:NAME or an address"
@@ -324,7 +324,10 @@ def _tenant(
             ctx.problems.warn(node, path, message)
     bcc = [_doc_type(ctx, n, p, doc_types) for n, p in m.items("bcc_sender", "a list of types")]
     reply_to = _reply_to(ctx, m, doc_types)
+    per_hour = m.integer("recipients_per_hour", None, 1, 10_000_000, "a number of recipients")
     if None in (name, address, upstream, users, reply_to, *domains, *bcc):
+        return None
+    if per_hour is None and m.has("recipients_per_hour"):
         return None
     if default_user is None and m.has("default_user"):
         return None
@@ -338,6 +341,7 @@ def _tenant(
         reply_to=reply_to,
         bcc_sender=frozenset(bcc),
         users=users,
+        recipients_per_hour=per_hour,
     )
 
 

@@ -124,6 +124,7 @@ class Tenant:
     reply_to: Mapping[str, tuple[ReplyToSource, ...]]  # document type or "default"
     bcc_sender: frozenset[str]  # document types that get the automatic BCC
     users: Mapping[str, User]
+    recipients_per_hour: int | None = None  # None: no limit (``relay.ratelimit``)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,155 @@
+"""A tenant's ``recipients_per_hour``: the shared counts, the policy key, and a real relay
+with two workers refusing what passes the limit."""
+
+from __future__ import annotations
+
+import os
+import smtplib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.ratelimit import SLOTS, RateCounts, _key
+from tests.policyfiles import variant
+from tests.test_policy_load import problems
+from tests.test_workers import MESSAGE, Relay, audit_records, configure, free_port
+
+NOON = 1_800_000_000.0  # a minute's start: 30,000,000 minutes since the epoch
+
+
+def test_each_worker_writes_its_row_and_every_worker_reads_them_all() -> None:
+    counts = RateCounts(2)
+    first, second = counts.row(0), counts.row(1)
+    first.add("acme", 3, NOON)
+    second.add("acme", 2, NOON + 30)
+    second.add("globex", 7, NOON)
+    assert first.sent("acme", NOON + 59) == second.sent("acme", NOON + 59) == 5
+    assert first.sent("globex", NOON) == 7
+    assert first.sent("initech", NOON) == 0
+
+
+def test_the_window_is_the_last_sixty_minutes() -> None:
+    row = RateCounts(1).row(0)
+    row.add("acme", 4, NOON)
+    row.add("acme", 1, NOON + 60 * 30)
+    assert row.sent("acme", NOON + 60 * 59 + 59) == 5  # still in the hour of the first minute
+    assert row.sent("acme", NOON + 60 * 60) == 1  # the first minute has gone
+    assert row.sent("acme", NOON + 60 * 90) == 0
+    row.add("acme", 2, NOON + 60 * 120)  # a bucket an hour old is started again, not added to
+    assert row.sent("acme", NOON + 60 * 120) == 2
+
+
+def test_a_count_given_back_is_taken_off_and_never_below_nothing() -> None:
+    row = RateCounts(1).row(0)
+    row.add("acme", 3, NOON)
+    row.add("acme", -3, NOON)
+    assert row.sent("acme", NOON) == 0
+    row.add("acme", -5, NOON)
+    assert row.sent("acme", NOON) == 0
+
+
+def test_tenants_whose_hashes_meet_in_one_slot_are_counted_apart() -> None:
+    names: dict[int, str] = {}
+    for number in range(100_000):
+        name = f"tenant{number}"
+        start = _key(name) % SLOTS
+        if start in names:
+            other = name
+            break
+        names[start] = name
+    else:
+        pytest.fail("no two names met")
+    one = names[_key(other) % SLOTS]
+    counts = RateCounts(2)
+    counts.row(0).add(one, 1, NOON)
+    counts.row(0).add(other, 4, NOON)
+    assert counts.row(1).sent(one, NOON) == 1
+    assert counts.row(1).sent(other, NOON) == 4
+
+
+def test_a_forked_worker_counts_into_the_shared_memory() -> None:
+    counts = RateCounts(2)
+    pid = os.fork()
+    if pid == 0:  # the "worker"
+        counts.row(1).add("acme", 6, NOON)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert counts.row(0).sent("acme", NOON) == 6
+    # a worker restarted in the same place goes on from its row, not beside it
+    again = counts.row(1)
+    again.add("acme", 1, NOON)
+    assert counts.row(0).sent("acme", NOON) == 7
+
+
+def test_the_policy_key_is_checked_with_its_line(tmp_path: Path) -> None:
+    path = variant(
+        tmp_path, "    upstream: outbox\n", "    upstream: outbox\n    recipients_per_hour: 0\n"
+    )
+    assert problems(path) == [
+        f"{path}:24:26: tenants.acme.recipients_per_hour: 0 is out of range:"
+        " expected a number of recipients (1..10000000)"
+    ]
+
+
+LIMIT = 30
+
+
+@pytest.fixture
+def limited(policy_file: Path, tmp_path: Path) -> Iterator[Relay]:
+    """Acme may send to LIMIT recipients an hour; two workers share the count."""
+    port = free_port()
+    path = configure(policy_file, port)
+    limit = f"    default_user: jan\n    recipients_per_hour: {LIMIT}\n"
+    path.write_text(path.read_text().replace("    default_user: jan\n", limit, 1))
+    running = Relay(path, port, tmp_path / "relay.log")
+    try:
+        running.wait_serving()
+        yield running
+    finally:
+        running.stop()
+
+
+def deliver(
+    port: int, recipients: list[str], sender: str = "jan@acme.example"
+) -> tuple[int, bytes]:
+    """One message on a connection of its own (the kernel hands them to either worker)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        client.ehlo()
+        client.mail(sender)
+        for rcpt in recipients:
+            client.rcpt(rcpt)
+        return client.data(MESSAGE.replace(b"jan@acme.example", sender.encode()))
+
+
+def test_a_real_relay_refuses_past_the_limit_across_its_workers(limited: Relay) -> None:
+    """Both workers take some of the hour's mail before it is full: counted per worker,
+    neither would be at the limit when the last message comes."""
+    sent: list[str] = []
+    while len({limited.queued_by().get(qid) for qid in sent}) < 2:
+        assert len(sent) < LIMIT - 4, "every message went to one worker"
+        code, text = deliver(limited.port, [f"r{len(sent)}@example.org"])
+        assert code == 250, text
+        sent.append(text.decode().rsplit(" ", 1)[1])
+        limited.wait_for(lambda: sent[-1] in limited.queued_by(), "its queued line")
+    rest = [f"s{n}@example.org" for n in range(LIMIT - len(sent))]
+    assert deliver(limited.port, rest)[0] == 250  # the hour is full now, not past it
+    code, text = deliver(limited.port, ["late@example.org"])
+    assert (code, text) == (
+        450,
+        f"4.7.1 Tenant acme has sent to {LIMIT} recipients in the last hour, of {LIMIT}"
+        " allowed: try again later".encode(),
+    )
+    code, text = deliver(limited.port, [f"t{n}@example.org" for n in range(LIMIT + 1)])
+    assert (code, text) == (
+        550,
+        f"5.7.1 {LIMIT + 1} recipients, more than tenant acme may send to in an hour"
+        f" ({LIMIT})".encode(),
+    )
+    refused = "refused client=127.0.0.1 login=- from=<jan@acme.example> to=<late@example.org>:"
+    assert f"{refused} 450 4.7.1 Tenant acme" in limited.log()
+    rejected = [r for r in audit_records(limited) if r["event"] == "rejected"]
+    assert [r["reply"][:9] for r in rejected] == ["450 4.7.1", "550 5.7.1"]
+    # another tenant's mail is not held up by acme's limit
+    assert deliver(limited.port, ["one@example.org"], "hank@globex.example")[0] == 250
