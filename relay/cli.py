@@ -1,5 +1,5 @@
-"""The ``relay`` command line: serve, check, preview, dkim keygen, passwd, upstream test,
-and the state tools.
+"""The ``relay`` command line: serve, check, preview, dkim keygen and check, passwd,
+upstream test, and the state tools.
 
 Heavy imports stay inside the subcommands so ``relay --help`` and
 ``relay check`` start quickly.
@@ -141,6 +141,19 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
     keygen.add_argument("--directory", type=Path, default=Path("."), help="where to write it")
     keygen.set_defaults(run=_keygen)
+    text = (
+        "look up each policy key's DNS record and check that it publishes that key:"
+        " a message signed with it must verify"
+    )
+    check_dns = dkim.add_parser("check", help=text, description=text, epilog=_DKIM_CHECK_STATUS)
+    _policy_option(check_dns)
+    check_dns.add_argument(
+        "--nameserver",
+        type=_nameserver,
+        metavar="ADDRESS[:PORT]",
+        help="ask this DNS server (e.g. the domain's own) instead of the system's resolver",
+    )
+    check_dns.set_defaults(run=_dkim_check)
 
     passwd = sub.add_parser("passwd", help="hash an AUTH password for the policy's logins")
     passwd.set_defaults(run=_passwd)
@@ -183,6 +196,32 @@ _UPSTREAM_STATUS = (
     "Exit status: 0 every upstream tried works (warnings aside), 1 one does not,"
     " 2 no upstream of that name, 78 the policy does not load."
 )
+
+
+_DKIM_CHECK_STATUS = (
+    "Exit status: 0 every key is published and verifies (warnings aside), 1 one is not,"
+    " 78 the policy does not load or there is no resolver to ask."
+)
+
+
+_BRACKETED_OR_V4 = re.compile(r"\[([^\]]*)\](?::(\d+))?|([^:\[\]]*)(?::(\d+))?")
+
+
+def _nameserver(value: str) -> tuple[str, int]:
+    """``192.0.2.53``, ``192.0.2.53:5353``, ``2001:db8::53`` or ``[2001:db8::53]:5353``."""
+    import ipaddress
+
+    found = _BRACKETED_OR_V4.fullmatch(value)
+    host, port = (found[1] or found[3], found[2] or found[4] or "53") if found else (value, "53")
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        number = 0
+    if not 0 < number < 65536:
+        text = f"not an IP address with an optional port: {value!r}"
+        raise argparse.ArgumentTypeError(text)
+    return host, number
 
 
 def _queue_parsers(sub: argparse._SubParsersAction) -> None:
@@ -591,6 +630,22 @@ def _keygen(args: argparse.Namespace) -> int:
         print(f"; its DNS record, which the output did not take:\n{record}", file=sys.stderr)
         raise
     return 0
+
+
+def _dkim_check(args: argparse.Namespace) -> int:
+    from relay.dkimdns import NoResolver, check, render, resolver
+
+    policy = _load_or_report(args.config)
+    if policy is None:
+        return EX_CONFIG
+    try:
+        answers = resolver(args.nameserver)
+    except NoResolver as exc:
+        print(f"relay dkim check: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    checks = [check(key, answers) for key in policy.dkim_keys]
+    print(render(checks))
+    return 0 if all(each.ok for each in checks) else 1
 
 
 def _passwd(args: argparse.Namespace) -> int:

@@ -1,0 +1,145 @@
+"""``relay dkim check`` against a real DNS server on loopback, as a sysadmin runs it."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relay.cli import _nameserver
+from relay.keygen import generate, public_record_value
+from relay.policy.load import load
+from relay.policy.model import DkimAlgorithm
+from tests.dnsserver import DnsServer
+from tests.policyfiles import variant
+
+ROOT = Path(__file__).resolve().parent.parent
+NAME = "s1._domainkey.platform.example."
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Path:
+    return variant(tmp_path, "version: 1\n", "version: 1\n")
+
+
+def published(policy: Path) -> str:
+    return public_record_value(load(policy).dkim_keys[0])
+
+
+def strings(value: str) -> list[bytes]:
+    """As a zone holds a long record: in several strings (at most 255 characters each)."""
+    return [value[i : i + 100].encode() for i in range(0, len(value), 100)]
+
+
+def dkim_check(policy: Path, server: DnsServer) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "dkim", "check", "-c", str(policy),
+         "--nameserver", f"127.0.0.1:{server.port}"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_the_published_key_is_found_and_a_signed_message_verifies(policy: Path) -> None:
+    value = published(policy)
+    assert len(strings(value)) > 1  # joined again, as verifiers do
+    with DnsServer({NAME: [strings(value)]}) as server:
+        done = dkim_check(policy, server)
+    assert done.returncode == 0, done.stdout + done.stderr
+    key_file = policy.parent / "keys" / "platform.example.s1.private"
+    assert done.stdout.splitlines() == [
+        f"s1._domainkey.platform.example (rsa, {key_file}): ok",
+        f"  TXT {value[:60]}... ({len(value)} characters)",
+        "  a message signed now verifies with it (dkimpy)",
+    ]
+    assert server.asked == [NAME]  # the server named, not the system's resolver
+
+
+def test_a_record_not_published_says_what_to_publish(policy: Path) -> None:
+    with DnsServer({}) as server:
+        done = dkim_check(policy, server)
+    assert done.returncode == 1
+    assert (
+        "  failed: s1._domainkey.platform.example does not exist in DNS: publish the record"
+        f" `relay dkim keygen` printed, TXT {published(policy)}"
+    ) in done.stdout
+
+
+def test_another_key_published_fails(policy: Path, tmp_path: Path) -> None:
+    _, record = generate("platform.example", "s1", DkimAlgorithm.RSA, tmp_path / "other")
+    other = "".join(record.split('"')[1::2])
+    with DnsServer({NAME: [strings(other)]}) as server:
+        done = dkim_check(policy, server)
+    assert done.returncode == 1
+    assert "  failed: it publishes another public key than that of " in done.stdout
+    assert "verifies" not in done.stdout  # no test message once a tag is wrong
+
+
+@pytest.mark.parametrize(
+    ("change", "finding"),
+    [
+        (lambda v: v.split("p=")[0] + "p=", "  failed: p= is empty: the key is revoked"),
+        (lambda v: v.replace("k=rsa", "k=ed25519"), "  failed: k=ed25519, but the key in "),
+        (lambda v: v.replace("v=DKIM1", "v=DKIM2"), "  failed: v=DKIM2: a DKIM key record"),
+        (lambda v: v + "; h=sha1", "  failed: h=sha1 leaves out sha256"),
+        (lambda v: v + "; s=tlsrpt", "  failed: s=tlsrpt: the key is not for email"),
+        (lambda v: "spf1 -all", "  failed: not a DKIM key record"),
+    ],
+    ids=["revoked", "other-algorithm", "version", "hash", "service", "not-dkim"],
+)
+def test_a_wrong_tag_fails(policy: Path, change: object, finding: str) -> None:
+    value = change(published(policy))  # type: ignore[operator]
+    with DnsServer({NAME: [strings(value)]}) as server:
+        done = dkim_check(policy, server)
+    assert done.returncode == 1, done.stdout
+    assert finding in done.stdout
+
+
+def test_testing_mode_is_a_warning_and_still_verifies(policy: Path) -> None:
+    with DnsServer({NAME: [strings(published(policy) + "; t=y")]}) as server:
+        done = dkim_check(policy, server)
+    assert done.returncode == 0, done.stdout
+    assert "  warning: t=y: testing mode" in done.stdout
+    assert "  a message signed now verifies with it (dkimpy)" in done.stdout
+
+
+def test_two_records_at_the_name_fail(policy: Path) -> None:
+    value = published(policy)
+    with DnsServer({NAME: [strings(value), [b"v=DKIM1; p="]]}) as server:
+        done = dkim_check(policy, server)
+    assert done.returncode == 1
+    assert "  failed: 2 TXT records at s1._domainkey.platform.example:" in done.stdout
+
+
+def test_a_name_without_txt_and_a_server_that_does_not_answer(policy: Path) -> None:
+    with DnsServer({NAME: []}) as server:
+        done = dkim_check(policy, server)
+    assert "  failed: s1._domainkey.platform.example has no TXT record: publish" in done.stdout
+    silent = DnsServer({})  # bound, never started: the queries go unanswered
+    try:
+        done = dkim_check(policy, silent)
+    finally:
+        silent.__exit__()
+    assert done.returncode == 1
+    assert "  failed: the lookup of s1._domainkey.platform.example failed: " in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("given", "parsed"),
+    [
+        ("192.0.2.53", ("192.0.2.53", 53)),
+        ("192.0.2.53:5353", ("192.0.2.53", 5353)),
+        ("2001:db8::53", ("2001:db8::53", 53)),
+        ("[2001:db8::53]:5353", ("2001:db8::53", 5353)),
+    ],
+)
+def test_nameserver_forms(given: str, parsed: tuple[str, int]) -> None:
+    assert _nameserver(given) == parsed
+
+
+@pytest.mark.parametrize("given", ["ns1.example", "192.0.2.53:0", "192.0.2.53:dns", "[::1"])
+def test_a_nameserver_that_is_not_an_address_is_refused(given: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        _nameserver(given)
