@@ -122,9 +122,9 @@ def _serve_locked(
             host, port = sock.getsockname()[:2]
             log.info("listening on %s (listener %s)", host_port(host, port), listener.name)
     log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
-    if metrics is not None:
-        metrics.begin()  # counting from here, before anything is delivered
     rates = RateCounts(policy.workers)  # shared by the workers forked from here
+    if metrics is not None:
+        metrics.begin(rates)  # counting from here, before anything is delivered
     if policy.workers == 1:
         metrics_status.loaded()
         return uvloop.run(serve(policy_path, policy, sockets, metrics=metrics, rates=rates.row(0)))

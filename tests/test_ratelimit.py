@@ -4,7 +4,9 @@ with two workers refusing what passes the limit."""
 from __future__ import annotations
 
 import os
+import re
 import smtplib
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,7 +104,8 @@ def limited(policy_file: Path, tmp_path: Path) -> Iterator[Relay]:
     port = free_port()
     path = configure(policy_file, port)
     limit = f"    default_user: jan\n    recipients_per_hour: {LIMIT}\n"
-    path.write_text(path.read_text().replace("    default_user: jan\n", limit, 1))
+    text = path.read_text().replace("    default_user: jan\n", limit, 1)
+    path.write_text(text + f"metrics: {{address: 127.0.0.1, port: {free_port()}}}\n")
     running = Relay(path, port, tmp_path / "relay.log")
     try:
         running.wait_serving()
@@ -153,3 +156,11 @@ def test_a_real_relay_refuses_past_the_limit_across_its_workers(limited: Relay) 
     assert [r["reply"][:9] for r in rejected] == ["450 4.7.1", "550 5.7.1"]
     # another tenant's mail is not held up by acme's limit
     assert deliver(limited.port, ["one@example.org"], "hank@globex.example")[0] == 250
+    # the supervisor reads the workers' counts for Prometheus
+    port = re.search(r"metrics: \{address: 127.0.0.1, port: (\d+)\}", limited.policy.read_text())
+    assert port is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{port[1]}/metrics", timeout=10) as answer:
+        scraped = answer.read().decode()
+    assert f'relay_tenant_recipients_last_hour{{tenant="acme"}} {LIMIT}.0' in scraped
+    assert f'relay_tenant_recipients_per_hour_limit{{tenant="acme"}} {LIMIT}.0' in scraped
+    assert 'tenant="globex"' not in scraped.split("relay_tenant_recipients_last_hour", 1)[1]

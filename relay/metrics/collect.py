@@ -23,6 +23,7 @@ from relay.metrics import status
 from relay.metrics.follow import AuditFollower
 from relay.policy.model import Policy
 from relay.queueid import queue_id_time
+from relay.ratelimit import RateCounts
 from relay.spool import Spool
 from relay.suppression import SuppressionFile
 
@@ -42,8 +43,9 @@ class RelayCollector(Collector):
     1.5 s for 10,000 queued messages). One scrape at a time: the follower keeps
     state."""
 
-    def __init__(self, policy: Callable[[], Policy]) -> None:
+    def __init__(self, policy: Callable[[], Policy], rates: RateCounts) -> None:
         self._policy = policy
+        self._rates = rates
         now = policy()
         self._spool = Spool(now.queue.directory, create=False)
         queued = [(e.queue_id, e.tenant, len(e.pending())) for e in self._spool.entries()]
@@ -64,6 +66,7 @@ class RelayCollector(Collector):
         yield from self._part("audit log", self._messages)
         yield from self._part("queue", self._queue)
         yield from self._part("suppression list", self._suppression)
+        yield from self._limits(policy)
 
     def _part(self, name: str, families: Callable[[], Iterator[Metric]]) -> Iterator[Metric]:
         """A part that cannot be read is left out of the scrape, not the rest with it:
@@ -180,6 +183,28 @@ class RelayCollector(Collector):
             "Addresses on the suppression list (per tenant they are listed for).",
             value=len(self._suppressions.current()),
         )
+
+    def _limits(self, policy: Policy) -> Iterator[Metric]:
+        """Read from the workers' shared counts: how close each limited tenant is."""
+        limited = sorted((t.id, t.recipients_per_hour) for t in policy.tenants.values())
+        sent = GaugeMetricFamily(
+            "relay_tenant_recipients_last_hour",
+            "Recipients of a tenant's accepted mail in the last 60 minutes, for tenants"
+            " with recipients_per_hour.",
+            labels=["tenant"],
+        )
+        limit = GaugeMetricFamily(
+            "relay_tenant_recipients_per_hour_limit",
+            "A tenant's recipients_per_hour.",
+            labels=["tenant"],
+        )
+        now = time.time()
+        for tenant, per_hour in limited:
+            if per_hour is not None:
+                sent.add_metric([tenant], self._rates.sent(tenant, now))
+                limit.add_metric([tenant], per_hour)
+        yield sent
+        yield limit
 
 
 def _info(name: str, doc: str, **labels: str) -> Metric:

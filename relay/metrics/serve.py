@@ -33,6 +33,7 @@ from relay.errors import RelayError
 from relay.metrics import status
 from relay.metrics.collect import RelayCollector
 from relay.policy.model import MetricsSettings, Policy
+from relay.ratelimit import RateCounts
 from relay.server import host_port
 
 log = logging.getLogger("relay")
@@ -101,10 +102,10 @@ class MetricsServer:
         self._quiet = threading.Lock()  # held while counting, and while the supervisor forks
         self._registry = CollectorRegistry(auto_describe=False)
 
-    def begin(self) -> None:
+    def begin(self, rates: RateCounts) -> None:
         """Count from here: once the state is open, before the workers start, so
         that nothing they do is missed."""
-        self._registry.register(RelayCollector(self._current))
+        self._registry.register(RelayCollector(self._current, rates))
 
     def start(self, current: Callable[[], Policy]) -> None:
         """Serve, reading the policy in use from ``current`` at each request."""
