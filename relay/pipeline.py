@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from relay import headers, message, rewrite, trace
+from relay import headers, message, ratelimit, rewrite, trace
 from relay.audit import AuditError, events
 from relay.classify import classify
 from relay.decide import Decision, decide
@@ -308,26 +308,18 @@ class Acceptor:
 
     async def _take(self, policy: Policy, submission: Submission, tenant_id: str) -> int:
         """The message's recipients counted against its tenant's hourly limit, or
-        it refused: 450 while the hour is full (the ERP tries again later and
-        nothing is lost), 550 for more recipients than the limit allows at all."""
+        it refused (``ratelimit.refusal``)."""
         tenant = policy.tenants.get(tenant_id)
-        limit = None if tenant is None else tenant.recipients_per_hour
-        if limit is None or self.rates is None:
+        if tenant is None or tenant.recipients_per_hour is None or self.rates is None:
             return 0
         wanted = len(submission.rcpt_tos)
         now = time.time()
-        sent = self.rates.sent(tenant_id, now)
-        if wanted > limit:
-            text = f"{wanted} recipients, more than tenant {tenant_id} may send to in an hour"
-            reply = Rejected(550, "5.7.1", f"{text} ({limit})")
-        elif sent + wanted > limit:
-            text = f"Tenant {tenant_id} has sent to {sent} recipients in the last hour"
-            reply = Rejected(450, "4.7.1", f"{text}, of {limit} allowed: try again later")
-        else:
-            self.rates.add(tenant_id, wanted, now)
-            return wanted
-        await self._rejected(submission, reply)
-        raise reply
+        reply = ratelimit.refusal(tenant, wanted, self.rates.sent(tenant_id, now))
+        if reply is not None:
+            await self._rejected(submission, reply)
+            raise reply
+        self.rates.add(tenant_id, wanted, now)
+        return wanted
 
     def _give_back(self, tenant_id: str, taken: int) -> None:
         if taken and self.rates is not None:

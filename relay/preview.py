@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 
-from relay import headers, message
+from relay import headers, message, ratelimit
 from relay.decide import Decision
 from relay.errors import Rejected
 from relay.ingress import content
@@ -55,6 +55,9 @@ def render(policy: Policy, submission: Submission, *, as_json: bool) -> str:
     _check_envelope(policy, submission)
     suppressions, unread = _suppressions(policy)
     prepared = prepare(policy, submission, suppressions=suppressions)
+    alone = ratelimit.refusal(prepared.decision.identity.tenant, len(submission.rcpt_tos), 0)
+    if alone is not None:  # the hour's count is the running relay's: only this is sure
+        raise alone
     report = _report(policy, submission, prepared)
     if unread:
         report["reasons"].append(unread)
@@ -103,7 +106,11 @@ def _report(policy: Policy, submission: Submission, prepared: Prepared) -> dict:
     fields, _ = headers.split(prepared.message)
     return {
         "policy": {"file": str(policy.source), "version": policy.digest[:12]},
-        "tenant": {"id": d.identity.tenant.id, "name": d.identity.tenant.name},
+        "tenant": {
+            "id": d.identity.tenant.id,
+            "name": d.identity.tenant.name,
+            "recipients_per_hour": d.identity.tenant.recipients_per_hour,
+        },
         "user": {
             "id": d.identity.user.id,
             "name": d.identity.user.name,
@@ -144,6 +151,10 @@ def _describe(upstream: Upstream) -> str:
     return f"{upstream.name} (smtp {upstream.host}:{upstream.port}, tls {upstream.tls.value})"
 
 
+def _limit(per_hour: int | None) -> str:
+    return "" if per_hour is None else f", at most {per_hour} recipients an hour"
+
+
 def _shown(header: str | None) -> str:
     """A header the message has none of reads as ``audit show`` has it."""
     return "-" if header is None else header
@@ -157,7 +168,7 @@ def _text(r: dict) -> str:
         f"Policy:      {r['policy']['file']} (version {r['policy']['version']})",
         f"User:        {user['name']} <{user['address']}>"
         f" ({user['id']}, found by {user['found_by']})",
-        f"Tenant:      {tenant['name']} ({tenant['id']})",
+        f"Tenant:      {tenant['name']} ({tenant['id']})" + _limit(tenant["recipients_per_hour"]),
         f"Document:    {doc['type']}" + (f" (rule {doc['rule']})" if doc["rule"] else ""),
         f"From:        {_shown(r['from']['before'])}  ->  {_shown(r['from']['after'])}",
         f"Reply-To:    {_shown(r['reply_to']['before'])}  ->  {_shown(r['reply_to']['after'])}",

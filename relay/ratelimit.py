@@ -21,11 +21,30 @@ import hashlib
 import logging
 import mmap
 
+from relay.errors import Rejected
+from relay.policy.model import Tenant
+
 log = logging.getLogger("relay")
 
 SLOTS = 4096
 MINUTES = 60
 _WIDTH = 1 + MINUTES  # words per slot
+
+
+def refusal(tenant: Tenant, wanted: int, sent: int) -> Rejected | None:
+    """The reply to a message for ``wanted`` recipients when the tenant's mail went to
+    ``sent`` in the last hour, or None: 450 while the hour is full (the ERP keeps
+    the message and tries again), 550 for more than the limit allows at all."""
+    limit = tenant.recipients_per_hour
+    if limit is None:
+        return None
+    if wanted > limit:
+        text = f"{wanted} recipients, more than tenant {tenant.id} may send to in an hour"
+        return Rejected(550, "5.7.1", f"{text} ({limit})")
+    if sent + wanted > limit:
+        text = f"Tenant {tenant.id} has sent to {sent} recipients in the last hour"
+        return Rejected(450, "4.7.1", f"{text}, of {limit} allowed: try again later")
+    return None
 
 
 def _key(tenant: str) -> int:

@@ -3,6 +3,7 @@ with two workers refusing what passes the limit."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import smtplib
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.cli import main
 from relay.ratelimit import SLOTS, RateCounts, _key
 from tests.policyfiles import variant
 from tests.test_policy_load import problems
@@ -164,3 +166,25 @@ def test_a_real_relay_refuses_past_the_limit_across_its_workers(limited: Relay) 
     assert f'relay_tenant_recipients_last_hour{{tenant="acme"}} {LIMIT}.0' in scraped
     assert f'relay_tenant_recipients_per_hour_limit{{tenant="acme"}} {LIMIT}.0' in scraped
     assert 'tenant="globex"' not in scraped.split("relay_tenant_recipients_last_hour", 1)[1]
+
+
+def test_preview_shows_the_limit_and_refuses_what_no_hour_could_take(
+    policy_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The hour's count is the running relay's; only a message over the limit on its
+    own is refused whatever it holds, as over SMTP."""
+    text = policy_file.read_text().replace(
+        "    default_user: jan\n", "    default_user: jan\n    recipients_per_hour: 2\n", 1
+    )
+    policy_file.write_text(text)
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(MESSAGE)
+    args = ["preview", "-c", str(policy_file), str(eml), "--rcpt", "one@example.org"]
+    assert main(args) == 0
+    assert "Tenant:      Acme AS (acme), at most 2 recipients an hour\n" in capsys.readouterr().out
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tenant"]["recipients_per_hour"] == 2
+    more = [*args, "--rcpt", "two@example.org", "--rcpt", "three@example.org"]
+    assert main(more) == 65
+    refused = capsys.readouterr().err
+    assert "would refuse this message: 550 5.7.1 3 recipients, more than tenant acme" in refused
