@@ -194,7 +194,8 @@ def _upstream_parsers(sub: argparse._SubParsersAction) -> None:
 
 _UPSTREAM_STATUS = (
     "Exit status: 0 every upstream tried works (warnings aside), 1 one does not,"
-    " 2 no upstream of that name, 78 the policy does not load."
+    " 2 no upstream of that name or a --rcpt the relay would not take, 78 the policy"
+    " does not load."
 )
 
 
@@ -470,6 +471,10 @@ def _upstream_test(args: argparse.Namespace) -> int:
         print(f"relay upstream test: no upstream {unknown[0]!r} (the policy has {known})",
               file=sys.stderr)  # fmt: skip
         return 2
+    refused = None if args.rcpt is None else _rcpt_refusal(args.rcpt)
+    if refused:
+        print(f"relay upstream test: --rcpt {args.rcpt!r}: {refused}", file=sys.stderr)
+        return 2
     chosen = [policy.upstreams[name] for name in args.names or policy.upstreams]
 
     async def tried() -> list:
@@ -478,6 +483,21 @@ def _upstream_test(args: argparse.Namespace) -> int:
     outcomes = asyncio.run(tried())
     print(render(outcomes))
     return 0 if all(outcome.ok for outcome in outcomes) else 1
+
+
+def _rcpt_refusal(address: str) -> str:
+    """Why the relay's own SMTP side would not take ``address`` as a recipient, or "":
+    an address no ERP could give would test nothing (and a CR or LF in it would
+    be a second command)."""
+    from relay.headers import fits_smtp
+    from relay.ingress.address import RECIPIENT, mailbox_refusal
+
+    refused = mailbox_refusal(address, RECIPIENT)
+    if refused is not None:
+        return "not an address the relay takes (local@domain, ASCII, without <>)"
+    if not fits_smtp(address):
+        return "longer than SMTP allows: 64 characters before the @, 254 in all"
+    return ""
 
 
 def _queue(args: argparse.Namespace) -> int:

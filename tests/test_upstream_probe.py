@@ -208,16 +208,89 @@ def test_an_unknown_name_and_a_broken_policy(tmp_path: Path, certs: Certs) -> No
     assert "relay.yaml:" in broken.stderr
 
 
-def test_a_plain_upstream_without_a_login_and_a_directory_not_there(tmp_path: Path) -> None:
+def test_a_plain_upstream_without_a_login(tmp_path: Path) -> None:
     with SinkServer() as plain:
         path = policy(tmp_path, plain.port, tmp_path / "unused", tls="none")
         path.write_text(re.sub(r"    (username|password_file|ca_file):.*\n", "", path.read_text()))
-        (tmp_path / "outbox").rmdir()
-        done = relay("-c", str(path))
-    assert done.returncode == 1
+        done = relay("-c", str(path), "smarthost")
+    assert done.returncode == 0, done.stdout
+    assert "  EHLO: 250 " in done.stdout  # sent by the test, as a delivery's MAIL would
+    assert "  offers: SIZE 33554432, 8BITMIME" in done.stdout
     assert "  TLS: none (tls: none): mail goes in clear" in done.stdout
     assert "  login: none (the policy gives no username)" in done.stdout
-    assert done.stdout.splitlines()[-2:] == [
-        "outbox (directory): FAILED (used by no tenant)",
-        f"  writes: failed: {tmp_path / 'outbox'} is not a directory",
+
+
+class RefusingGreeting(Sink):
+    """Greets, then refuses EHLO and HELO, as Postfix does a client whose name it dislikes."""
+
+    REFUSAL = "550 5.7.1 <relay>: Helo command rejected: need fully-qualified hostname"
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list
+    ) -> list:
+        return [self.REFUSAL]
+
+    async def handle_HELO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str
+    ) -> str:
+        return self.REFUSAL
+
+
+def test_an_upstream_that_refuses_ehlo_fails_without_a_login_or_tls(tmp_path: Path) -> None:
+    """Without STARTTLS or a login nothing had sent EHLO before the first MAIL: the
+    account read as working although every delivery would fail."""
+    with SinkServer(RefusingGreeting()) as refusing:
+        path = policy(tmp_path, refusing.port, tmp_path / "unused", tls="none")
+        path.write_text(re.sub(r"    (username|password_file|ca_file):.*\n", "", path.read_text()))
+        done = relay("-c", str(path), "smarthost")
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == [
+        f"smarthost (127.0.0.1:{refusing.port}): FAILED (used by acme)",
+        f"  EHLO: failed: {RefusingGreeting.REFUSAL}",
     ]
+
+
+def test_offers_after_starttls_without_a_login_are_those_said_over_tls(
+    tmp_path: Path, upstream: Controller, certs: Certs
+) -> None:
+    path = policy(tmp_path, upstream.port, certs.ca)
+    path.write_text(re.sub(r"    (username|password_file):.*\n", "", path.read_text()))
+    done = relay("-c", str(path), "smarthost")
+    assert done.returncode == 0, done.stdout
+    assert "  EHLO: 250 smtp.test" in done.stdout
+    assert "  offers: SIZE 10000000, 8BITMIME, SMTPUTF8, AUTH LOGIN PLAIN" in done.stdout
+
+
+def test_a_directory_the_first_delivery_will_make_is_no_failure(
+    tmp_path: Path, certs: Certs
+) -> None:
+    path = policy(tmp_path, free_port(), certs.ca)
+    path.write_text(path.read_text().replace("path: outbox", "path: outbox/new/today"))
+    done = relay("-c", str(path), "outbox")
+    assert done.returncode == 0, done.stdout
+    made = tmp_path / "outbox" / "new" / "today"
+    assert (
+        f"  writes: each message into {made} (made by the first delivery), nothing" in done.stdout
+    )
+    assert not made.exists()  # nothing made by the test itself
+
+
+@pytest.mark.parametrize(
+    ("rcpt", "why"),
+    [
+        ("", "not an address the relay takes"),
+        ("<buyer@customer.example>", "not an address the relay takes"),
+        ("a@b.example\r\nRCPT TO:<inject@x.example>", "not an address the relay takes"),
+        ("x" * 65 + "@customer.example", "longer than SMTP allows"),
+    ],
+    ids=["empty", "brackets", "crlf", "long"],
+)
+def test_a_recipient_the_relay_would_not_take_is_refused_before_connecting(
+    tmp_path: Path, upstream: Controller, sink: RecordingSink, certs: Certs, rcpt: str, why: str
+) -> None:
+    path = policy(tmp_path, upstream.port, certs.ca)
+    done = relay("-c", str(path), "smarthost", "--rcpt", rcpt)
+    assert done.returncode == 2
+    assert f"relay upstream test: --rcpt {rcpt!r}: {why}" in done.stderr
+    assert done.stdout == ""
+    assert sink.senders == []

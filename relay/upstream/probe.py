@@ -24,7 +24,7 @@ import aiosmtplib
 
 from relay.errors import UpstreamError
 from relay.policy.model import DirectoryUpstream, Policy, SmtpUpstream, Upstream
-from relay.upstream import smtp
+from relay.upstream import smtp, transaction
 
 #: A certificate this close to its end is warned of: renewals fail quietly.
 EXPIRY_WARNING = timedelta(days=14)
@@ -66,7 +66,10 @@ async def probe(policy: Policy, upstream: Upstream, rcpt: str | None) -> Outcome
     except UpstreamError as exc:
         return Outcome(where, used_by, (Step("delivery", exc.line, Level.FAILED),))
     try:
-        steps += _session(policy, upstream, client)
+        greeted = await _greeted(upstream, client)
+        if greeted.level is Level.FAILED:
+            return Outcome(where, used_by, (greeted,))
+        steps += [greeted, *_session(policy, upstream, client)]
         if rcpt is not None:
             sender = upstream.sender or policy.platform.return_path
             steps += await _envelope(client, sender, rcpt)
@@ -78,20 +81,33 @@ async def probe(policy: Policy, upstream: Upstream, rcpt: str | None) -> Outcome
 
 
 def _directory(upstream: DirectoryUpstream) -> Step:
+    """A directory not there yet is made, with its parents, by the first delivery:
+    then the nearest one that is there must take it (the policy's check has
+    refused a file in the way)."""
     path = upstream.path
-    if not path.is_dir():
-        return Step("writes", f"{path} is not a directory", Level.FAILED)
-    if not os.access(path, os.W_OK | os.X_OK):
-        return Step("writes", f"{path}: this user may not write there", Level.FAILED)
-    return Step("writes", f"each message into {path}, nothing is sent")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return Step("writes", f"{existing}: this user may not write there", Level.FAILED)
+    made = "" if existing == path else " (made by the first delivery)"
+    return Step("writes", f"each message into {path}{made}, nothing is sent")
+
+
+async def _greeted(upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> Step:
+    """The EHLO (or HELO) a delivery's first MAIL would send, if the login or
+    STARTTLS has not left one in force: a server that refuses it refuses every
+    message, and only its answer says what it offers."""
+    if client.is_ehlo_or_helo_needed:
+        failed = await _command("EHLO", transaction.greet(client, upstream.timeout))
+        if failed.level is Level.FAILED:
+            return failed
+    reply = client.last_ehlo_response or client.last_helo_response
+    assert reply is not None  # greeted
+    what = "EHLO" if client.last_ehlo_response is not None else "HELO"
+    return Step(what, _said(reply.code, (reply.message.splitlines() or [""])[0]))
 
 
 def _session(policy: Policy, upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> list[Step]:
-    steps = []
-    ehlo = client.last_ehlo_response
-    if ehlo is not None:
-        steps.append(Step("EHLO", _said(ehlo.code, (ehlo.message.splitlines() or [""])[0])))
-    steps.append(_tls(upstream, client))
+    steps = [_tls(upstream, client)]
     if upstream.username:
         steps.append(Step("login", f"accepted for {upstream.username}"))
     else:

@@ -86,7 +86,7 @@ async def send(
     paths = [path(address) for address in (mail_from, *rcpt_tos)]  # refuse before sending
     section, size = wire(data)
     if client.is_ehlo_or_helo_needed:
-        await _greet(client, timeout)
+        await greet(client, timeout)
     options = _options(client, data, size, envelope_id)
     try:
         if client.supports_extension("pipelining"):
@@ -166,15 +166,15 @@ async def _one_by_one(
     return await _data(client, section, timeout, done)
 
 
-async def _greet(client: aiosmtplib.SMTP, timeout: float) -> None:
+async def greet(client: aiosmtplib.SMTP, timeout: float) -> aiosmtplib.SMTPResponse:
     """EHLO, for the options it offers; HELO to a server that does not know
     EHLO (RFC 5321 3.2), which a smarthost of old may not."""
     try:
-        await client.ehlo(timeout=timeout)
+        return await client.ehlo(timeout=timeout)
     except aiosmtplib.SMTPHeloError as exc:
         if exc.code not in _EHLO_UNKNOWN or not client.is_connected:
             raise
-        await client.helo(timeout=timeout)
+        return await client.helo(timeout=timeout)
 
 
 def _options(
