@@ -303,21 +303,28 @@ class Acceptor:
         self.engine.submit(entry.queue_id, warm=_warm(lock, entry, prepared))
         listener = next((x for x in policy.listeners if x.name == submission.listener), None)
         if listener is not None and listener.immediate > 0:
-            return await self._immediate(entry, listener.immediate)
+            try:
+                return await self._immediate(entry, listener.immediate)
+            except SmtpReply:  # the upstream refused it, and the ERP is told: not sent
+                self._give_back(entry.tenant, taken)
+                raise
         return f"250 2.0.0 Ok: queued as {entry.queue_id}"
 
     async def _take(self, policy: Policy, submission: Submission, tenant_id: str) -> int:
-        """The message's recipients counted against its tenant's hourly limit, or
-        it refused (``ratelimit.refusal``)."""
+        """The message's recipients counted for its tenant, or it refused
+        (``ratelimit.refusal``). Every tenant's are counted, limited or not: a
+        limit a reload brings in, when a login is found stolen, then holds the
+        hour already sent against it."""
         tenant = policy.tenants.get(tenant_id)
-        if tenant is None or tenant.recipients_per_hour is None or self.rates is None:
+        if tenant is None or self.rates is None:
             return 0
         wanted = len(submission.rcpt_tos)
         now = time.time()
-        reply = ratelimit.refusal(tenant, wanted, self.rates.sent(tenant_id, now))
-        if reply is not None:
-            await self._rejected(submission, reply)
-            raise reply
+        if tenant.recipients_per_hour is not None:
+            reply = ratelimit.refusal(tenant, wanted, self.rates.sent(tenant_id, now))
+            if reply is not None:
+                await self._rejected(submission, reply)
+                raise reply
         self.rates.add(tenant_id, wanted, now)
         return wanted
 

@@ -16,8 +16,18 @@ import pytest
 from relay.cli import main
 from relay.ratelimit import SLOTS, RateCounts, _key
 from tests.policyfiles import variant
+from tests.relayproc import RelayProcess
+from tests.sink import Sink, SinkServer
 from tests.test_policy_load import problems
-from tests.test_workers import MESSAGE, Relay, audit_records, configure, free_port
+from tests.test_queue_e2e import UNKNOWN, immediate, submit
+from tests.test_workers import (
+    MESSAGE,
+    Relay,
+    audit_records,
+    configure,
+    free_port,
+    reload_in_every_worker,
+)
 
 NOON = 1_800_000_000.0  # a minute's start: 30,000,000 minutes since the epoch
 
@@ -165,7 +175,8 @@ def test_a_real_relay_refuses_past_the_limit_across_its_workers(limited: Relay) 
         scraped = answer.read().decode()
     assert f'relay_tenant_recipients_last_hour{{tenant="acme"}} {LIMIT}.0' in scraped
     assert f'relay_tenant_recipients_per_hour_limit{{tenant="acme"}} {LIMIT}.0' in scraped
-    assert 'tenant="globex"' not in scraped.split("relay_tenant_recipients_last_hour", 1)[1]
+    assert 'relay_tenant_recipients_last_hour{tenant="globex"} 1.0' in scraped  # no limit
+    assert 'relay_tenant_recipients_per_hour_limit{tenant="globex"}' not in scraped
 
 
 def test_preview_shows_the_limit_and_refuses_what_no_hour_could_take(
@@ -188,3 +199,44 @@ def test_preview_shows_the_limit_and_refuses_what_no_hour_could_take(
     assert main(more) == 65
     refused = capsys.readouterr().err
     assert "would refuse this message: 550 5.7.1 3 recipients, more than tenant acme" in refused
+
+
+def test_a_limit_a_reload_brings_in_holds_the_hour_already_sent(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The limit is put in when a login is found stolen: what it sent before counts."""
+    port = free_port()
+    path = configure(policy_file, port)
+    relay = Relay(path, port, tmp_path / "relay.log")
+    try:
+        relay.wait_serving()
+        for n in range(5):
+            assert deliver(port, [f"r{n}@example.org"])[0] == 250
+        limited = path.read_text().replace(
+            "    default_user: jan\n", "    default_user: jan\n    recipients_per_hour: 6\n", 1
+        )
+        reload_in_every_worker(relay, limited)
+        assert deliver(port, ["r5@example.org"])[0] == 250
+        code, text = deliver(port, ["r6@example.org"])
+        assert (code, text[:48]) == (450, b"4.7.1 Tenant acme has sent to 6 recipients in th")
+    finally:
+        relay.stop()
+
+
+def test_mail_the_upstream_refused_while_the_erp_waited_does_not_count(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """With ``immediate`` the ERP is told the upstream's 550: nothing was sent."""
+    refusing = Sink(refuse={"gone@example.org": UNKNOWN})
+    with SinkServer(refusing) as sink:
+        port = free_port()
+        path = immediate(policy_file, port, sink.port)
+        text = path.read_text().replace(
+            "    default_user: jan\n", "    default_user: jan\n    recipients_per_hour: 2\n", 1
+        )
+        path.write_text(text)
+        with RelayProcess(path, port, tmp_path / "relay.log"):
+            assert submit(port, ("gone@example.org",), MESSAGE)[0] == 550
+            assert submit(port, ("one@example.org",), MESSAGE)[0] == 250
+            assert submit(port, ("two@example.org",), MESSAGE)[0] == 250
+            assert submit(port, ("three@example.org",), MESSAGE)[0] == 450

@@ -185,12 +185,12 @@ class RelayCollector(Collector):
         )
 
     def _limits(self, policy: Policy) -> Iterator[Metric]:
-        """Read from the workers' shared counts: how close each limited tenant is."""
+        """Read from the workers' shared counts: each tenant's hour, and how close a
+        limited one is to its limit."""
         limited = sorted((t.id, t.recipients_per_hour) for t in policy.tenants.values())
         sent = GaugeMetricFamily(
             "relay_tenant_recipients_last_hour",
-            "Recipients of a tenant's accepted mail in the last 60 minutes, for tenants"
-            " with recipients_per_hour.",
+            "Recipients of a tenant's accepted mail in the last 60 minutes.",
             labels=["tenant"],
         )
         limit = GaugeMetricFamily(
@@ -200,8 +200,8 @@ class RelayCollector(Collector):
         )
         now = time.time()
         for tenant, per_hour in limited:
+            sent.add_metric([tenant], self._rates.sent(tenant, now))
             if per_hour is not None:
-                sent.add_metric([tenant], self._rates.sent(tenant, now))
                 limit.add_metric([tenant], per_hour)
         yield sent
         yield limit
