@@ -23,18 +23,35 @@ class StateBusy(RelayError):
     def __init__(self, directory: Path, holder: str) -> None:
         self.directory = directory
         self.holder = holder
-        who = f"the relay with PID {holder}" if holder else "another relay"
+        if not holder:
+            who = "another relay"
+        elif _alive(int(holder)):
+            who = f"the relay with PID {holder}"
+        else:  # its workers outlive it for their stop's grace, holding the lock
+            who = f"the workers of a relay whose supervisor (PID {holder}) is gone"
         super().__init__(
             f"state directory {directory} is in use by {who}: two relays on one"
             " spool would deliver its mail twice; stop that one first"
         )
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # there, under another user
+    return True
+
+
 def hold(directory: Path) -> int:
     """The locked descriptor of ``directory``'s lock file, made if need be; the caller
     keeps it open for as long as it serves. Raises StateBusy or OSError."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    # not through a symbolic link: whoever may write the directory would choose the file
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(directory / LOCK_NAME, flags, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

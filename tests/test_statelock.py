@@ -1,0 +1,72 @@
+"""The state directory's lock, with real processes holding it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from relay import statelock
+from relay.statelock import StateBusy
+
+
+def test_a_second_holder_is_told_the_first_ones_pid(tmp_path: Path) -> None:
+    fd = statelock.hold(tmp_path)
+    try:
+        with pytest.raises(StateBusy) as busy:
+            statelock.hold(tmp_path)  # another open file description: flock refuses it
+        assert f"in use by the relay with PID {os.getpid()}:" in str(busy.value)
+    finally:
+        os.close(fd)
+    os.close(statelock.hold(tmp_path))  # closed: free again
+
+
+def test_workers_left_by_a_supervisor_that_died_are_named_as_such(tmp_path: Path) -> None:
+    """Its PID is in the file, but it is gone: "stop that one" would send the
+    sysadmin looking for a process that is not there."""
+    ready_read, ready_write = os.pipe()
+    supervisor = os.fork()
+    if supervisor == 0:
+        code = 1
+        try:
+            statelock.hold(tmp_path)
+            if os.fork() == 0:  # the "worker": keeps the inherited lock, then waits
+                os.write(ready_write, f"{os.getpid()}\n".encode())
+                time.sleep(30)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_write)
+    worker = int(os.read(ready_read, 32))
+    os.close(ready_read)
+    os.waitpid(supervisor, 0)
+    try:
+        with pytest.raises(StateBusy) as busy:
+            statelock.hold(tmp_path)
+        assert (
+            f"in use by the workers of a relay whose supervisor (PID {supervisor}) is gone"
+            in str(busy.value)
+        )
+    finally:
+        os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while True:  # the orphan is reaped by init, not by the test
+        try:
+            os.close(statelock.hold(tmp_path))
+            break
+        except StateBusy:
+            assert time.monotonic() < deadline, "the lock outlived its holders"
+            time.sleep(0.05)
+
+
+def test_a_symbolic_link_in_its_place_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not the relay's\n")
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "relay.pid").symlink_to(victim)
+    with pytest.raises(OSError):
+        statelock.hold(tmp_path / "state")
+    assert victim.read_text() == "not the relay's\n"
