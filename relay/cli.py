@@ -460,7 +460,8 @@ def _running_policy_file(path: Path) -> Path | None:
 def _upstream_test(args: argparse.Namespace) -> int:
     import asyncio
 
-    from relay.upstream.probe import probe, render
+    from relay.findings import render
+    from relay.upstream.probe import probe
 
     policy = _load_or_report(args.config)
     if policy is None:
@@ -653,7 +654,8 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _dkim_check(args: argparse.Namespace) -> int:
-    from relay.dkimdns import NoResolver, check, render, resolver
+    from relay.dkimdns import NoResolver, check, resolver
+    from relay.findings import render
 
     policy = _load_or_report(args.config)
     if policy is None:

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import enum
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 import dkim
 import dns.exception
 import dns.resolver
 
 from relay.errors import RelayError, SigningError
+from relay.findings import Checked, Finding, Level
 from relay.keygen import public_record_value
 from relay.policy.model import DkimKey
 from relay.sign import sign
@@ -43,32 +41,6 @@ class NoResolver(RelayError):
     """The system has no resolver configuration, and no ``--nameserver`` was given."""
 
 
-class Level(enum.Enum):
-    OK = "ok"
-    WARNING = "warning"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class Finding:
-    level: Level
-    text: str
-
-
-@dataclass(frozen=True)
-class KeyCheck:
-    key: DkimKey
-    findings: tuple[Finding, ...]
-
-    @property
-    def name(self) -> str:
-        return f"{self.key.selector}._domainkey.{self.key.domain}"
-
-    @property
-    def ok(self) -> bool:
-        return all(f.level is not Level.FAILED for f in self.findings)
-
-
 def resolver(nameserver: tuple[str, int] | None) -> dns.resolver.Resolver:
     """The system's resolver, or one that asks only ``nameserver``. Raises NoResolver."""
     if nameserver is None:
@@ -85,28 +57,33 @@ def resolver(nameserver: tuple[str, int] | None) -> dns.resolver.Resolver:
     return found
 
 
-def check(key: DkimKey, answers: dns.resolver.Resolver) -> KeyCheck:
+def check(key: DkimKey, answers: dns.resolver.Resolver) -> Checked:
     name = f"{key.selector}._domainkey.{key.domain}"
     try:
         expected = public_record_value(key)
     except ValueError as exc:
-        return KeyCheck(key, (Finding(Level.FAILED, str(exc)),))
+        return _checked(key, (Finding("", str(exc), Level.FAILED),))
     try:
         records = _txt(answers, name)
     except _NotPublished as exc:
         text = f"{exc}: publish the record `relay dkim keygen` printed, TXT {expected}"
-        return KeyCheck(key, (Finding(Level.FAILED, text),))
+        return _checked(key, (Finding("", text, Level.FAILED),))
     except dns.exception.DNSException as exc:
-        return KeyCheck(key, (Finding(Level.FAILED, f"the lookup of {name} failed: {exc}"),))
+        return _checked(key, (Finding("", f"the lookup of {name} failed: {exc}", Level.FAILED),))
     if len(records) > 1:
         text = f"{len(records)} TXT records at {name}: a verifier takes one, maybe the wrong one"
-        return KeyCheck(key, (Finding(Level.FAILED, text),))
+        return _checked(key, (Finding("", text, Level.FAILED),))
     record = records[0]
-    findings = [Finding(Level.OK, f"TXT {_shortened(record)}")]
+    findings = [Finding("", f"TXT {_shortened(record)}")]
     findings += _tags(key, record, expected)
-    if all(f.level is not Level.FAILED for f in findings):
+    if not any(f.failed for f in findings):
         findings.append(_verified(key, record))
-    return KeyCheck(key, tuple(findings))
+    return _checked(key, tuple(findings))
+
+
+def _checked(key: DkimKey, findings: tuple[Finding, ...]) -> Checked:
+    name = f"{key.selector}._domainkey.{key.domain}"
+    return Checked(f"{name} ({key.algorithm.value}, {key.key_file})", findings)
 
 
 class _NotPublished(Exception):
@@ -127,35 +104,35 @@ def _txt(answers: dns.resolver.Resolver, name: str) -> list[str]:
 def _tags(key: DkimKey, record: str, expected: str) -> list[Finding]:
     tags = _parse(record)
     if tags is None:
-        return [Finding(Level.FAILED, "not a DKIM key record: tags are name=value; ...")]
+        return [Finding("", "not a DKIM key record: tags are name=value; ...", Level.FAILED)]
     findings = []
     if tags.get("v", "DKIM1") != "DKIM1":
-        findings.append(Finding(Level.FAILED, f"v={tags['v']}: a DKIM key record says v=DKIM1"))
+        findings.append(Finding("", f"v={tags['v']}: a DKIM key record says v=DKIM1", Level.FAILED))
     published_kind = tags.get("k", "rsa")
     if published_kind != key.algorithm.value:
         text = f"k={published_kind}, but the key in {key.key_file} is {key.algorithm.value}"
-        findings.append(Finding(Level.FAILED, text))
+        findings.append(Finding("", text, Level.FAILED))
     public = "".join(tags.get("p", "").split())
     if not public:
         why = "p= is empty: the key is revoked" if "p" in tags else "no p= tag"
-        findings.append(Finding(Level.FAILED, why))
+        findings.append(Finding("", why, Level.FAILED))
     elif _decoded(public) != _decoded(expected.rpartition("p=")[2]):
         text = (
             f"it publishes another public key than that of {key.key_file}: publish"
             f" TXT {expected}, or sign with the key that belongs to this record"
         )
-        findings.append(Finding(Level.FAILED, text))
+        findings.append(Finding("", text, Level.FAILED))
     hashes = [h.strip() for h in tags.get("h", "sha256").split(":")]
     if "sha256" not in hashes:
         text = f"h={tags['h']} leaves out sha256, the only hash the relay signs with"
-        findings.append(Finding(Level.FAILED, text))
+        findings.append(Finding("", text, Level.FAILED))
     services = [s.strip() for s in tags.get("s", "*").split(":")]
     if not {"*", "email"} & set(services):
-        findings.append(Finding(Level.FAILED, f"s={tags['s']}: the key is not for email"))
+        findings.append(Finding("", f"s={tags['s']}: the key is not for email", Level.FAILED))
     flags = [f.strip() for f in tags.get("t", "").split(":")]
     if "y" in flags:
         text = "t=y: testing mode, receivers may treat a failed signature as no signature"
-        findings.append(Finding(Level.WARNING, text))
+        findings.append(Finding("", text, Level.WARNING))
     return findings
 
 
@@ -184,7 +161,7 @@ def _verified(key: DkimKey, record: str) -> Finding:
     try:
         signed = sign(message, [key]) + message
     except SigningError as exc:
-        return Finding(Level.FAILED, f"the relay cannot sign with it: {exc}")
+        return Finding("", f"the relay cannot sign with it: {exc}", Level.FAILED)
 
     def published(name: bytes, timeout: int = 5) -> bytes:
         return record.encode()
@@ -192,23 +169,11 @@ def _verified(key: DkimKey, record: str) -> Finding:
     try:
         verified = dkim.verify(signed, dnsfunc=published)
     except dkim.DKIMException as exc:
-        return Finding(Level.FAILED, f"a message signed now does not verify with it: {exc}")
+        return Finding("", f"a message signed now does not verify with it: {exc}", Level.FAILED)
     if verified:
-        return Finding(Level.OK, "a message signed now verifies with it (dkimpy)")
-    return Finding(Level.FAILED, "a message signed now does not verify with it (dkimpy)")
+        return Finding("", "a message signed now verifies with it (dkimpy)")
+    return Finding("", "a message signed now does not verify with it (dkimpy)", Level.FAILED)
 
 
 def _shortened(record: str) -> str:
     return record if len(record) <= 72 else f"{record[:60]}... ({len(record)} characters)"
-
-
-def render(checks: Sequence[KeyCheck]) -> str:
-    lines = []
-    for each in checks:
-        key = each.key
-        verdict = "ok" if each.ok else "FAILED"
-        lines.append(f"{each.name} ({key.algorithm.value}, {key.key_file}): {verdict}")
-        for finding in each.findings:
-            mark = "" if finding.level is Level.OK else f"{finding.level.value}: "
-            lines.append(f"  {mark}{finding.text}")
-    return "\n".join(lines)

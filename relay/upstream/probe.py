@@ -13,16 +13,15 @@ upstream's verdict on that envelope, and still nothing sent.
 from __future__ import annotations
 
 import contextlib
-import enum
 import os
 import ssl
-from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 
 import aiosmtplib
 
 from relay.errors import UpstreamError
+from relay.findings import Checked, Finding, Level
 from relay.policy.model import DirectoryUpstream, Policy, SmtpUpstream, Upstream
 from relay.upstream import smtp, transaction
 
@@ -30,45 +29,22 @@ from relay.upstream import smtp, transaction
 EXPIRY_WARNING = timedelta(days=14)
 
 
-class Level(enum.Enum):
-    OK = "ok"
-    WARNING = "warning"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class Step:
-    what: str
-    text: str
-    level: Level = Level.OK
-
-
-@dataclass(frozen=True)
-class Outcome:
-    upstream: str  # its name, and where it is
-    used_by: tuple[str, ...]  # tenant IDs
-    steps: tuple[Step, ...]
-
-    @property
-    def ok(self) -> bool:
-        return all(step.level is not Level.FAILED for step in self.steps)
-
-
-async def probe(policy: Policy, upstream: Upstream, rcpt: str | None) -> Outcome:
-    used_by = tuple(sorted(t.id for t in policy.tenants.values() if t.upstream == upstream.name))
+async def probe(policy: Policy, upstream: Upstream, rcpt: str | None) -> Checked:
+    used = sorted(t.id for t in policy.tenants.values() if t.upstream == upstream.name)
+    used_by = f"used by {', '.join(used) or 'no tenant'}"
     if isinstance(upstream, DirectoryUpstream):
-        return Outcome(f"{upstream.name} (directory)", used_by, (_directory(upstream),))
-    steps: list[Step] = []
+        return Checked(f"{upstream.name} (directory)", (_directory(upstream),), used_by)
+    steps: list[Finding] = []
     where = f"{upstream.name} ({upstream.host}:{upstream.port})"
     try:
         secret = smtp.password(upstream) if upstream.username else None
         client = await smtp.connect(upstream, secret)
     except UpstreamError as exc:
-        return Outcome(where, used_by, (Step("delivery", exc.line, Level.FAILED),))
+        return Checked(where, (Finding("delivery", exc.line, Level.FAILED),), used_by)
     try:
         greeted = await _greeted(upstream, client)
-        if greeted.level is Level.FAILED:
-            return Outcome(where, used_by, (greeted,))
+        if greeted.failed:
+            return Checked(where, (greeted,), used_by)
         steps += [greeted, *_session(policy, upstream, client)]
         if rcpt is not None:
             sender = upstream.sender or policy.platform.return_path
@@ -77,70 +53,70 @@ async def probe(policy: Policy, upstream: Upstream, rcpt: str | None) -> Outcome
         with contextlib.suppress(aiosmtplib.SMTPException, OSError):
             await client.quit(timeout=upstream.timeout)
         client.close()
-    return Outcome(where, used_by, tuple(steps))
+    return Checked(where, tuple(steps), used_by)
 
 
-def _directory(upstream: DirectoryUpstream) -> Step:
+def _directory(upstream: DirectoryUpstream) -> Finding:
     """A directory not there yet is made, with its parents, by the first delivery:
     then the nearest one that is there must take it (the policy's check has
     refused a file in the way)."""
     path = upstream.path
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
-        return Step("writes", f"{existing}: this user may not write there", Level.FAILED)
+        return Finding("writes", f"{existing}: this user may not write there", Level.FAILED)
     made = "" if existing == path else " (made by the first delivery)"
-    return Step("writes", f"each message into {path}{made}, nothing is sent")
+    return Finding("writes", f"each message into {path}{made}, nothing is sent")
 
 
-async def _greeted(upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> Step:
+async def _greeted(upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> Finding:
     """The EHLO (or HELO) a delivery's first MAIL would send, if the login or
     STARTTLS has not left one in force: a server that refuses it refuses every
     message, and only its answer says what it offers."""
     if client.is_ehlo_or_helo_needed:
         failed = await _command("EHLO", transaction.greet(client, upstream.timeout))
-        if failed.level is Level.FAILED:
+        if failed.failed:
             return failed
     reply = client.last_ehlo_response or client.last_helo_response
     assert reply is not None  # greeted
     what = "EHLO" if client.last_ehlo_response is not None else "HELO"
-    return Step(what, _said(reply.code, (reply.message.splitlines() or [""])[0]))
+    return Finding(what, _said(reply.code, (reply.message.splitlines() or [""])[0]))
 
 
-def _session(policy: Policy, upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> list[Step]:
+def _session(policy: Policy, upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> list[Finding]:
     steps = [_tls(upstream, client)]
     if upstream.username:
-        steps.append(Step("login", f"accepted for {upstream.username}"))
+        steps.append(Finding("login", f"accepted for {upstream.username}"))
     else:
-        steps.append(Step("login", "none (the policy gives no username)"))
-    steps.append(Step("offers", _offers(client) or "no extensions"))
+        steps.append(Finding("login", "none (the policy gives no username)"))
+    steps.append(Finding("offers", _offers(client) or "no extensions"))
     steps += _size(policy, client)
     if not client.supports_extension("dsn"):
         text = (
             "not offered: a bounce that comes back is matched by its Message-ID, not the queue ID"
         )
-        steps.append(Step("DSN", text, Level.WARNING))
+        steps.append(Finding("DSN", text, Level.WARNING))
     return steps
 
 
-def _tls(upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> Step:
+def _tls(upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> Finding:
     tls = client.get_transport_info("ssl_object")
     if not isinstance(tls, ssl.SSLObject | ssl.SSLSocket):
         what = "the password and mail go" if upstream.username else "mail goes"
-        return Step("TLS", f"none (tls: {upstream.tls.value}): {what} in clear")
+        return Finding("TLS", f"none (tls: {upstream.tls.value}): {what} in clear")
     cipher = (tls.cipher() or ("?",))[0]
     checked = "against " + (str(upstream.ca_file) if upstream.ca_file else "the system's CAs")
     certificate = tls.getpeercert() or {}
     until = certificate.get("notAfter")
     if not isinstance(until, str):
-        return Step("TLS", f"{tls.version()} {cipher}, certificate checked {checked}")
+        return Finding("TLS", f"{tls.version()} {cipher}, certificate checked {checked}")
     ends = datetime.fromtimestamp(ssl.cert_time_to_seconds(until), UTC)
     text = (
         f"{tls.version()} {cipher}, certificate for {upstream.host} checked {checked},"
         f" valid until {ends:%Y-%m-%d}"
     )
     if ends - datetime.now(UTC) < EXPIRY_WARNING:
-        return Step("TLS", f"{text}: it ends within {EXPIRY_WARNING.days} days", Level.WARNING)
-    return Step("TLS", text)
+        return Finding("TLS", f"{text}: it ends within {EXPIRY_WARNING.days} days", Level.WARNING)
+    return Finding("TLS", text)
 
 
 def _offers(client: aiosmtplib.SMTP) -> str:
@@ -150,7 +126,7 @@ def _offers(client: aiosmtplib.SMTP) -> str:
     return ", ".join(names)
 
 
-def _size(policy: Policy, client: aiosmtplib.SMTP) -> list[Step]:
+def _size(policy: Policy, client: aiosmtplib.SMTP) -> list[Finding]:
     """An upstream limit below a listener's is a message the ERP got 250 for and
     whose delivery then fails for good."""
     offered = client.esmtp_extensions.get("size", "")
@@ -162,41 +138,29 @@ def _size(policy: Policy, client: aiosmtplib.SMTP) -> list[Step]:
         return []
     names = ", ".join(f"{lst.name} ({lst.max_message_size})" for lst in larger)
     text = f"takes messages up to {limit} bytes; listeners accept more: {names}"
-    return [Step("SIZE", text, Level.WARNING)]
+    return [Finding("SIZE", text, Level.WARNING)]
 
 
-async def _envelope(client: aiosmtplib.SMTP, sender: str, rcpt: str) -> list[Step]:
+async def _envelope(client: aiosmtplib.SMTP, sender: str, rcpt: str) -> list[Finding]:
     steps = [await _command(f"MAIL FROM:<{sender}>", client.mail(sender))]
-    if steps[0].level is Level.OK:
+    if not steps[0].failed:
         steps.append(await _command(f"RCPT TO:<{rcpt}>", client.rcpt(rcpt)))
     with contextlib.suppress(aiosmtplib.SMTPException, OSError):
         await client.rset()
-    return [*steps, Step("RSET", "nothing was sent")]
+    return [*steps, Finding("RSET", "nothing was sent")]
 
 
-async def _command(label: str, command: Awaitable[aiosmtplib.SMTPResponse]) -> Step:
+async def _command(label: str, command: Awaitable[aiosmtplib.SMTPResponse]) -> Finding:
     try:
         reply = await command
     except aiosmtplib.SMTPResponseException as exc:
-        return Step(label, _said(exc.code, exc.message), Level.FAILED)
+        return Finding(label, _said(exc.code, exc.message), Level.FAILED)
     except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
-        return Step(label, str(exc) or type(exc).__name__, Level.FAILED)
-    return Step(label, _said(reply.code, reply.message))
+        return Finding(label, str(exc) or type(exc).__name__, Level.FAILED)
+    return Finding(label, _said(reply.code, reply.message))
 
 
 def _said(code: int, message: str) -> str:
     """The reply as the upstream gave it, its lines joined: a status code it
     did not send is not made up here."""
     return f"{code} {' / '.join(message.splitlines())}".rstrip()
-
-
-def render(outcomes: Sequence[Outcome]) -> str:
-    lines = []
-    for outcome in outcomes:
-        used = ", ".join(outcome.used_by) or "no tenant"
-        verdict = "ok" if outcome.ok else "FAILED"
-        lines.append(f"{outcome.upstream}: {verdict} (used by {used})")
-        for step in outcome.steps:
-            mark = "" if step.level is Level.OK else f"{step.level.value}: "
-            lines.append(f"  {step.what}: {mark}{step.text}")
-    return "\n".join(lines)
