@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 EX_USAGE = 64
 EX_DATAERR = 65
 EX_NOINPUT = 66
+EX_UNAVAILABLE = 69
 EX_IOERR = 74
 EX_CONFIG = 78
 
@@ -201,7 +202,8 @@ _UPSTREAM_STATUS = (
 
 _DKIM_CHECK_STATUS = (
     "Exit status: 0 every key is published and verifies (warnings aside), 1 one is not,"
-    " 78 the policy does not load or there is no resolver to ask."
+    " 69 DNS did not answer (and nothing else failed), 78 the policy does not load or"
+    " there is no resolver to ask."
 )
 
 
@@ -654,7 +656,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _dkim_check(args: argparse.Namespace) -> int:
-    from relay.dkimdns import NoResolver, check, resolver
+    from relay.dkimdns import NoResolver, checked_all, resolver, unanswered
     from relay.findings import render
 
     policy = _load_or_report(args.config)
@@ -665,9 +667,12 @@ def _dkim_check(args: argparse.Namespace) -> int:
     except NoResolver as exc:
         print(f"relay dkim check: {exc}", file=sys.stderr)
         return EX_CONFIG
-    checks = [check(key, answers) for key in policy.dkim_keys]
+    checks = checked_all(policy.dkim_keys, answers)
     print(render(checks))
-    return 0 if all(each.ok for each in checks) else 1
+    failed = [each for each in checks if not each.ok]
+    if failed and all(unanswered(each) for each in failed):
+        return EX_UNAVAILABLE  # DNS said nothing: no verdict on any record
+    return 1 if failed else 0
 
 
 def _passwd(args: argparse.Namespace) -> int:

@@ -3,22 +3,27 @@
 A key the policy signs with but DNS does not publish, or publishes in an
 older version, makes every message fail DKIM, and with it DMARC: the mail
 lands in spam and nobody at the relay sees why. ``opendkim-testkey`` answers
-this for OpenDKIM; this does it for the policy's keys, and then signs a test
-message with each key and has dkimpy verify it against the record found, so
-that "ok" means what a receiver would conclude. ``--nameserver`` asks one
-server (the domain's own, before the record has spread) instead of the
-system's resolver.
+this for OpenDKIM; this does it for the policy's keys (``relay.dkimrecord``
+reads each record), and then signs a test message with each key and has
+dkimpy verify it against the record found, so that "ok" means what a
+receiver would conclude. ``--nameserver`` asks one server (the domain's own,
+before the record has spread) instead of the system's resolver; such a
+server does not follow a CNAME to another zone for us, so that is done here.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import dkim
 import dns.exception
+import dns.message
+import dns.name
+import dns.rdatatype
 import dns.resolver
 
+from relay import dkimrecord
 from relay.errors import RelayError, SigningError
 from relay.findings import Checked, Finding, Level
 from relay.keygen import public_record_value
@@ -26,6 +31,9 @@ from relay.policy.model import DkimKey
 from relay.sign import sign
 
 TIMEOUT = 5.0  # seconds for each lookup, all tries included
+MOST_CNAMES = 8
+#: The ``what`` of a finding that DNS did not answer: no verdict on the record.
+UNANSWERED = "DNS"
 _TEST_MESSAGE = (
     b"From: DKIM check <check@{domain}>\r\n"
     b"To: check@{domain}\r\n"
@@ -39,6 +47,14 @@ _TEST_MESSAGE = (
 
 class NoResolver(RelayError):
     """The system has no resolver configuration, and no ``--nameserver`` was given."""
+
+
+class _NotPublished(Exception):
+    pass
+
+
+class _Unanswered(Exception):
+    pass
 
 
 def resolver(nameserver: tuple[str, int] | None) -> dns.resolver.Resolver:
@@ -59,103 +75,104 @@ def resolver(nameserver: tuple[str, int] | None) -> dns.resolver.Resolver:
 
 def check(key: DkimKey, answers: dns.resolver.Resolver) -> Checked:
     name = f"{key.selector}._domainkey.{key.domain}"
+    title = f"{name} ({key.algorithm.value}, {key.key_file})"
     try:
         expected = public_record_value(key)
     except ValueError as exc:
-        return _checked(key, (Finding("", str(exc), Level.FAILED),))
+        return Checked(title, (Finding("", str(exc), Level.FAILED),))
     try:
         records = _txt(answers, name)
     except _NotPublished as exc:
         text = f"{exc}: publish the record `relay dkim keygen` printed, TXT {expected}"
-        return _checked(key, (Finding("", text, Level.FAILED),))
-    except dns.exception.DNSException as exc:
-        return _checked(key, (Finding("", f"the lookup of {name} failed: {exc}", Level.FAILED),))
+        return Checked(title, (Finding("", text, Level.FAILED),))
+    except _Unanswered as exc:
+        return Checked(title, (Finding(UNANSWERED, str(exc), Level.FAILED),))
     if len(records) > 1:
-        text = f"{len(records)} TXT records at {name}: a verifier takes one, maybe the wrong one"
-        return _checked(key, (Finding("", text, Level.FAILED),))
-    record = records[0]
-    findings = [Finding("", f"TXT {_shortened(record)}")]
-    findings += _tags(key, record, expected)
-    if not any(f.failed for f in findings):
-        findings.append(_verified(key, record))
-    return _checked(key, tuple(findings))
+        text = f"{len(records)} TXT records for {name}: a verifier takes one, maybe the wrong one"
+        return Checked(title, (Finding("", text, Level.FAILED),))
+    raw = records[0]
+    record = raw.decode("ascii", "backslashreplace")
+    found = [Finding("", f"TXT {_shown(record)}"), *dkimrecord.findings(key, record, expected)]
+    if not any(f.failed for f in found):
+        found.append(_verified(key, raw))
+    return Checked(title, tuple(found))
 
 
-def _checked(key: DkimKey, findings: tuple[Finding, ...]) -> Checked:
-    name = f"{key.selector}._domainkey.{key.domain}"
-    return Checked(f"{name} ({key.algorithm.value}, {key.key_file})", findings)
+def unanswered(checked: Checked) -> bool:
+    """Whether the check failed for want of an answer from DNS, not for the record."""
+    return any(f.what == UNANSWERED for f in checked.findings)
 
 
-class _NotPublished(Exception):
-    pass
-
-
-def _txt(answers: dns.resolver.Resolver, name: str) -> list[str]:
-    """The TXT records at ``name``, each one's strings joined (RFC 6376 3.6.2.2)."""
-    try:
-        found = answers.resolve(name, "TXT", search=False)
-    except dns.resolver.NXDOMAIN as exc:
-        raise _NotPublished(f"{name} does not exist in DNS") from exc
-    except dns.resolver.NoAnswer as exc:
-        raise _NotPublished(f"{name} has no TXT record") from exc
-    return [b"".join(rdata.strings).decode("ascii", "replace") for rdata in found]
-
-
-def _tags(key: DkimKey, record: str, expected: str) -> list[Finding]:
-    tags = _parse(record)
-    if tags is None:
-        return [Finding("", "not a DKIM key record: tags are name=value; ...", Level.FAILED)]
-    findings = []
-    if tags.get("v", "DKIM1") != "DKIM1":
-        findings.append(Finding("", f"v={tags['v']}: a DKIM key record says v=DKIM1", Level.FAILED))
-    published_kind = tags.get("k", "rsa")
-    if published_kind != key.algorithm.value:
-        text = f"k={published_kind}, but the key in {key.key_file} is {key.algorithm.value}"
-        findings.append(Finding("", text, Level.FAILED))
-    public = "".join(tags.get("p", "").split())
-    if not public:
-        why = "p= is empty: the key is revoked" if "p" in tags else "no p= tag"
-        findings.append(Finding("", why, Level.FAILED))
-    elif _decoded(public) != _decoded(expected.rpartition("p=")[2]):
-        text = (
-            f"it publishes another public key than that of {key.key_file}: publish"
-            f" TXT {expected}, or sign with the key that belongs to this record"
-        )
-        findings.append(Finding("", text, Level.FAILED))
-    hashes = [h.strip() for h in tags.get("h", "sha256").split(":")]
-    if "sha256" not in hashes:
-        text = f"h={tags['h']} leaves out sha256, the only hash the relay signs with"
-        findings.append(Finding("", text, Level.FAILED))
-    services = [s.strip() for s in tags.get("s", "*").split(":")]
-    if not {"*", "email"} & set(services):
-        findings.append(Finding("", f"s={tags['s']}: the key is not for email", Level.FAILED))
-    flags = [f.strip() for f in tags.get("t", "").split(":")]
-    if "y" in flags:
-        text = "t=y: testing mode, receivers may treat a failed signature as no signature"
-        findings.append(Finding("", text, Level.WARNING))
-    return findings
-
-
-def _parse(record: str) -> dict[str, str] | None:
-    tags = {}
-    for part in record.split(";"):
-        if not part.strip():
+def _txt(answers: dns.resolver.Resolver, name: str) -> list[bytes]:
+    """The TXT records for ``name``, each one's strings joined (RFC 6376 3.6.2.2),
+    following CNAMEs the server answered with but did not resolve."""
+    asked, chain = name, ""
+    for _ in range(MOST_CNAMES):
+        try:
+            found = answers.resolve(asked, "TXT", search=False)
+        except dns.resolver.NXDOMAIN as exc:
+            raise _NotPublished(f"{chain}{asked} does not exist in DNS") from exc
+        except dns.resolver.NoAnswer as exc:
+            response = exc.response()
+            target = _cname(response, asked)
+            if target is None:
+                _refuse_referral(answers, response, asked)
+                raise _NotPublished(f"{chain}{asked} has no TXT record") from exc
+            chain += f"{asked} is a CNAME to {target}, and "
+            asked = target
             continue
-        name, sep, value = part.partition("=")
-        if not sep:
-            return None
-        tags[name.strip()] = value.strip()
-    return tags
+        except dns.exception.DNSException as exc:
+            raise _Unanswered(chain + _dns_trouble(answers, asked, exc)) from exc
+        return [b"".join(rdata.strings) for rdata in found]
+    raise _Unanswered(f"{name}: more than {MOST_CNAMES} CNAMEs in a row")
 
 
-def _decoded(value: str) -> bytes | None:
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        return None
+def _cname(response: dns.message.Message, name: str) -> str | None:
+    """The end of the CNAME chain from ``name`` in the answer, when it is not ``name``."""
+    owner = dns.name.from_text(name)
+    for _ in range(MOST_CNAMES):
+        rrset = next(
+            (r for r in response.answer if r.name == owner and r.rdtype == dns.rdatatype.CNAME),
+            None,
+        )
+        if rrset is None:
+            break
+        owner = rrset[0].target
+    return None if owner == dns.name.from_text(name) else owner.to_text(omit_final_dot=True)
 
 
-def _verified(key: DkimKey, record: str) -> Finding:
+def _refuse_referral(
+    answers: dns.resolver.Resolver, response: dns.message.Message, name: str
+) -> None:
+    """A server that hands the name to others has not said there is no record."""
+    servers = sorted(
+        rdata.target.to_text(omit_final_dot=True)
+        for rrset in response.authority
+        if rrset.rdtype == dns.rdatatype.NS
+        for rdata in rrset
+    )
+    if servers:
+        text = (
+            f"{_asked(answers)} does not answer for {name} but refers to {', '.join(servers)}:"
+            " give one of those as --nameserver, or leave it out"
+        )
+        raise _Unanswered(text)
+
+
+def _dns_trouble(answers: dns.resolver.Resolver, name: str, exc: Exception) -> str:
+    if isinstance(exc, dns.resolver.LifetimeTimeout):
+        return f"no answer from {_asked(answers)} for {name} within {TIMEOUT:g} seconds"
+    if isinstance(exc, dns.resolver.NoNameservers):
+        return f"{_asked(answers)} failed or refused to look up {name}"
+    return f"the lookup of {name} failed: {exc}"
+
+
+def _asked(answers: dns.resolver.Resolver) -> str:
+    servers = ", ".join(str(s) for s in answers.nameservers)
+    return f"the DNS server {servers} (port {answers.port})"
+
+
+def _verified(key: DkimKey, record: bytes) -> Finding:
     """Signed by the relay's own signer, verified by dkimpy against the record found."""
     message = _TEST_MESSAGE.replace(b"{domain}", key.domain.encode())
     try:
@@ -164,7 +181,7 @@ def _verified(key: DkimKey, record: str) -> Finding:
         return Finding("", f"the relay cannot sign with it: {exc}", Level.FAILED)
 
     def published(name: bytes, timeout: int = 5) -> bytes:
-        return record.encode()
+        return record
 
     try:
         verified = dkim.verify(signed, dnsfunc=published)
@@ -175,5 +192,15 @@ def _verified(key: DkimKey, record: str) -> Finding:
     return Finding("", "a message signed now does not verify with it (dkimpy)", Level.FAILED)
 
 
-def _shortened(record: str) -> str:
-    return record if len(record) <= 72 else f"{record[:60]}... ({len(record)} characters)"
+def _shown(record: str) -> str:
+    """Printable: a record is anybody's text, and a control character in it would
+    act on the terminal or break the one-line-per-finding report."""
+    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in record)
+    return safe if len(safe) <= 72 else f"{safe[:60]}... ({len(record)} characters)"
+
+
+def checked_all(keys: Sequence[DkimKey], answers: dns.resolver.Resolver) -> list[Checked]:
+    """Every key's check, the lookups at once: a server that does not answer
+    costs its timeout once, not once per key."""
+    with ThreadPoolExecutor(max(1, min(len(keys), 8))) as pool:
+        return list(pool.map(lambda key: check(key, answers), keys))

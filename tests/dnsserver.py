@@ -16,10 +16,20 @@ import dns.rrset
 
 class DnsServer:
     """``records``: name -> its TXT records, each a list of strings; a name not in it
-    does not exist (NXDOMAIN). ``asked`` lists the names queried, in order."""
+    does not exist (NXDOMAIN). ``cnames``: name -> the name it is an alias of, answered
+    without following it, as an authoritative server does for another zone.
+    ``referrals``: name -> the servers it is handed to (NS in the authority section).
+    ``asked`` lists the names queried, in order."""
 
-    def __init__(self, records: dict[str, list[list[bytes]]]) -> None:
+    def __init__(
+        self,
+        records: dict[str, list[list[bytes]]],
+        cnames: dict[str, str] | None = None,
+        referrals: dict[str, list[str]] | None = None,
+    ) -> None:
         self.records = {dns.name.from_text(n): r for n, r in records.items()}
+        self.cnames = {dns.name.from_text(n): t for n, t in (cnames or {}).items()}
+        self.referrals = {dns.name.from_text(n): t for n, t in (referrals or {}).items()}
         self.asked: list[str] = []
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind(("127.0.0.1", 0))
@@ -52,7 +62,13 @@ class DnsServer:
         question = query.question[0]
         self.asked.append(question.name.to_text())
         found = self.records.get(question.name)
-        if found is None:
+        if question.name in self.cnames:
+            target = self.cnames[question.name]
+            reply.answer.append(dns.rrset.from_text(question.name, 300, "IN", "CNAME", target))
+        elif question.name in self.referrals:
+            servers = self.referrals[question.name]
+            reply.authority.append(dns.rrset.from_text(question.name, 300, "IN", "NS", *servers))
+        elif found is None:
             reply.set_rcode(dns.rcode.NXDOMAIN)
         elif found and question.rdtype == dns.rdatatype.TXT:
             rdatas = [

@@ -73,7 +73,7 @@ def test_another_key_published_fails(policy: Path, tmp_path: Path) -> None:
     with DnsServer({NAME: [strings(other)]}) as server:
         done = dkim_check(policy, server)
     assert done.returncode == 1
-    assert "  failed: it publishes another public key than that of " in done.stdout
+    assert "  failed: p= is not the public key of " in done.stdout
     assert "verifies" not in done.stdout  # no test message once a tag is wrong
 
 
@@ -110,7 +110,7 @@ def test_two_records_at_the_name_fail(policy: Path) -> None:
     with DnsServer({NAME: [strings(value), [b"v=DKIM1; p="]]}) as server:
         done = dkim_check(policy, server)
     assert done.returncode == 1
-    assert "  failed: 2 TXT records at s1._domainkey.platform.example:" in done.stdout
+    assert "  failed: 2 TXT records for s1._domainkey.platform.example:" in done.stdout
 
 
 def test_a_name_without_txt_and_a_server_that_does_not_answer(policy: Path) -> None:
@@ -122,8 +122,11 @@ def test_a_name_without_txt_and_a_server_that_does_not_answer(policy: Path) -> N
         done = dkim_check(policy, silent)
     finally:
         silent.__exit__()
-    assert done.returncode == 1
-    assert "  failed: the lookup of s1._domainkey.platform.example failed: " in done.stdout
+    assert done.returncode == 69  # no verdict: DNS said nothing
+    assert done.stdout.splitlines()[1] == (
+        f"  DNS: failed: no answer from the DNS server 127.0.0.1 (port {silent.port})"
+        " for s1._domainkey.platform.example within 5 seconds"
+    )
 
 
 @pytest.mark.parametrize(
@@ -143,3 +146,75 @@ def test_nameserver_forms(given: str, parsed: tuple[str, int]) -> None:
 def test_a_nameserver_that_is_not_an_address_is_refused(given: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         _nameserver(given)
+
+
+def test_a_cname_to_another_zone_is_followed(policy: Path) -> None:
+    """Hosted DKIM: the selector is an alias the domain's own server does not resolve."""
+    hosted = "s1.platform-example.dkim.hosted.example."
+    with DnsServer({hosted: [strings(published(policy))]}, cnames={NAME: hosted}) as server:
+        done = dkim_check(policy, server)
+    assert done.returncode == 0, done.stdout
+    assert server.asked == [NAME, hosted]
+    with DnsServer({}, cnames={NAME: hosted}) as server:
+        done = dkim_check(policy, server)
+    assert done.returncode == 1
+    assert (
+        "  failed: s1._domainkey.platform.example is a CNAME to"
+        " s1.platform-example.dkim.hosted.example, and s1.platform-example.dkim.hosted.example"
+        " does not exist in DNS: publish"
+    ) in done.stdout
+
+
+def test_a_server_that_hands_the_name_on_is_no_proof_it_is_missing(policy: Path) -> None:
+    referral = {NAME: ["ns1.dkim.example.", "ns2.dkim.example."]}
+    with DnsServer({}, referrals=referral) as server:
+        done = dkim_check(policy, server)
+    assert done.returncode == 69
+    assert (
+        f"  DNS: failed: the DNS server 127.0.0.1 (port {server.port}) does not answer for"
+        " s1._domainkey.platform.example but refers to ns1.dkim.example, ns2.dkim.example:"
+        " give one of those as --nameserver, or leave it out"
+    ) in done.stdout
+    assert "publish" not in done.stdout
+
+
+CASE = ": tag values are case-sensitive"
+
+
+@pytest.mark.parametrize(
+    ("change", "finding"),
+    [
+        (lambda v: f'"{v}"', "  failed: the record starts with a quote: it was pasted with"),
+        (lambda v: v[:-3], "  failed: p= is not base64 (cut short, or other text in it)"),
+        (
+            lambda v: v.replace("k=rsa", "k=RSA"),
+            f"  failed: k=RSA, but the key in {{key}} is rsa{CASE}",
+        ),
+        (
+            lambda v: v.replace("v=DKIM1", "v=dkim1"),
+            f"  failed: v=dkim1: a DKIM key record says v=DKIM1{CASE}",
+        ),
+        (lambda v: v + "; p=", "  failed: p= appears twice: receivers refuse the record"),
+    ],
+    ids=["quoted", "cut-short", "upper-case-k", "lower-case-v", "twice"],
+)
+def test_a_record_pasted_wrong_says_how(policy: Path, change: object, finding: str) -> None:
+    value = change(published(policy))  # type: ignore[operator]
+    with DnsServer({NAME: [strings(value)]}) as server:
+        done = dkim_check(policy, server)
+    assert done.returncode == 1, done.stdout
+    key = policy.parent / "keys" / "platform.example.s1.private"
+    wanted = finding.format(key=key)
+    assert any(line.startswith(wanted) for line in done.stdout.splitlines()), done.stdout
+
+
+def test_control_characters_in_a_record_are_shown_not_sent_to_the_terminal(
+    policy: Path,
+) -> None:
+    value = published(policy).replace("k=rsa;", "k=rsa; n=\x1b[31mred\r\nx;")
+    with DnsServer({NAME: [strings(value)]}) as server:
+        done = dkim_check(policy, server)
+    assert done.returncode == 0, done.stdout
+    assert "\x1b" not in done.stdout and "\r" not in done.stdout
+    assert "  TXT v=DKIM1; k=rsa; n=\\x1b[31mred\\r\\nx; p=" in done.stdout
+    assert all(line.startswith("  ") for line in done.stdout.splitlines()[1:])
