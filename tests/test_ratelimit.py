@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from relay.cli import main
-from relay.ratelimit import SLOTS, RateCounts, _key
+from relay.ratelimit import SLOTS, RateCounts
+from relay.sharedtable import key_of
 from tests.policyfiles import variant
 from tests.relayproc import RelayProcess
 from tests.sink import Sink, SinkServer
@@ -67,14 +68,14 @@ def test_tenants_whose_hashes_meet_in_one_slot_are_counted_apart() -> None:
     names: dict[int, str] = {}
     for number in range(100_000):
         name = f"tenant{number}"
-        start = _key(name) % SLOTS
+        start = key_of(name) % SLOTS
         if start in names:
             other = name
             break
         names[start] = name
     else:
         pytest.fail("no two names met")
-    one = names[_key(other) % SLOTS]
+    one = names[key_of(other) % SLOTS]
     counts = RateCounts(2)
     counts.row(0).add(one, 1, NOON)
     counts.row(0).add(other, 4, NOON)

@@ -1,0 +1,56 @@
+"""The lock-free table the workers share: rows, probing, slots handed on."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from relay.sharedtable import SharedTable, key_of
+
+
+def test_each_row_is_its_writers_and_every_row_is_read() -> None:
+    table = SharedTable("test", rows=3, slots=8, width=2)
+    first, third = table.row(0), table.row(2)
+    key = key_of("acme")
+    table.words[first.own(key)] = 5  # type: ignore[index]
+    table.words[third.own(key)] = 7  # type: ignore[index]
+    reader = table.row(-1)
+    assert sorted(table.words[base] for base in reader.found(key)) == [5, 7]
+    assert list(reader.found(key_of("globex"))) == []
+
+
+def test_a_worker_in_the_place_of_one_that_ended_finds_its_slots() -> None:
+    table = SharedTable("test", rows=1, slots=8, width=1)
+    key = key_of("acme")
+    base = table.row(0).own(key)
+    table.words[base] = 3  # type: ignore[index]
+    assert table.row(0).own(key) == base  # a new process's view: nothing cached
+    assert table.words[base] == 3  # type: ignore[index]
+
+
+def test_a_slot_is_handed_on_only_when_its_counts_are_done() -> None:
+    table = SharedTable("test", rows=1, slots=2, width=1)
+    row = table.row(0)
+    one, two, three = key_of("one"), key_of("two"), key_of("three")
+    first, second = row.own(one), row.own(two)
+    table.words[first] = 9  # type: ignore[index]
+    table.words[second] = 4  # type: ignore[index]
+    assert row.own(three, lambda base: False) is None  # full, nothing done with
+    taken = row.own(three, lambda base: table.words[base] == 9)
+    assert taken == first and table.words[taken] == 0  # its old count cleared
+    reader = table.row(-1)
+    assert list(reader.found(one)) == []
+    assert [table.words[b] for b in reader.found(two)] == [4]  # its chain not cut
+    assert row.own(one, lambda base: False) is None  # one's cached slot is gone too
+
+
+def test_a_full_row_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    table = SharedTable("client limits", rows=1, slots=1, width=1)
+    row = table.row(0)
+    assert row.own(key_of("one")) is not None
+    with caplog.at_level(logging.ERROR, logger="relay"):
+        assert row.own(key_of("two")) is None
+        assert row.own(key_of("three")) is None
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["client limits: 1 keys in a worker's table, no room for more"]
