@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING
 
 from relay import oplog, statelock
 from relay.errors import PolicyError, RelayError
+from relay.ingress.clientlimit import ClientCounts
 from relay.metrics import status as metrics_status
 from relay.policy import tlspair
 from relay.policy.model import Listener, Policy, TlsFiles
-from relay.ratelimit import RateCounts, RateRow
+from relay.ratelimit import RateCounts
 from relay.statelock import StateBusy
 
 if TYPE_CHECKING:
@@ -51,6 +52,18 @@ EX_OSERR = 71
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedCounts:
+    """What the workers count together (``relay.sharedtable``), made before they fork."""
+
+    rates: RateCounts
+    clients: ClientCounts
+
+    @classmethod
+    def made(cls, workers: int) -> SharedCounts:
+        return cls(RateCounts(workers), ClientCounts(workers))
 
 
 class PolicyHolder:
@@ -122,13 +135,13 @@ def _serve_locked(
             host, port = sock.getsockname()[:2]
             log.info("listening on %s (listener %s)", host_port(host, port), listener.name)
     log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
-    rates = RateCounts(policy.workers)  # shared by the workers forked from here
+    shared = SharedCounts.made(policy.workers)  # by the workers forked from here
     if metrics is not None:
-        metrics.begin(rates)  # counting from here, before anything is delivered
+        metrics.begin(shared.rates)  # counting from here, before anything is delivered
     if policy.workers == 1:
         metrics_status.loaded()
-        return uvloop.run(serve(policy_path, policy, sockets, metrics=metrics, rates=rates.row(0)))
-    return Supervisor(policy_path, policy, sockets, metrics, rates).run()
+        return uvloop.run(serve(policy_path, policy, sockets, metrics=metrics, shared=shared))
+    return Supervisor(policy_path, policy, sockets, metrics, shared).run()
 
 
 def _open_metrics(policy: Policy) -> MetricsServer | None:
@@ -279,7 +292,7 @@ async def serve(
     sockets: Sockets,
     worker: WorkerLink | None = None,
     metrics: MetricsServer | None = None,
-    rates: RateRow | None = None,
+    shared: SharedCounts | None = None,
 ) -> int:
     """Receive and deliver until SIGTERM. As one of several workers (``worker``
     set) the supervisor keeps the audit log's upkeep and its policy records,
@@ -309,6 +322,9 @@ async def serve(
     suppressions = None if policy.suppression is None else SuppressionFile(policy.suppression.file)
     if suppressions is not None:
         _load_suppressions(suppressions)
+    index = 0 if worker is None else worker.index
+    rates = None if shared is None else shared.rates.row(index)
+    clients = None if shared is None else shared.clients.row(index)
     acceptor = Acceptor(
         spool, engine, recorder, alone=alone, suppressions=suppressions, rates=rates
     )
@@ -319,6 +335,7 @@ async def serve(
         sockets,
         refused=acceptor.refused,
         disk=DiskGuard(reclaim=lambda: spool.trim_recycled(keep=0.0, orphans=False)),
+        clients=clients,
     )
 
     loop = asyncio.get_running_loop()

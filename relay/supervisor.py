@@ -46,10 +46,10 @@ from relay.metrics import status as metrics_status
 from relay.policy import yamlsource
 from relay.policy.files import RefusedFile
 from relay.policy.model import Policy, Sources
-from relay.ratelimit import RateCounts
 from relay.server import (
     AUDIT_UPKEEP,
     STOP_GRACE,
+    SharedCounts,
     audit_upkeep,
     in_use,
     record_policy,
@@ -169,12 +169,12 @@ class Supervisor:
         policy: Policy,
         sockets: Sockets,
         metrics: MetricsServer | None,
-        rates: RateCounts,
+        shared: SharedCounts,
     ) -> None:
         self.policy_path = policy_path
         self.policy = policy
         self.sockets = sockets
-        self.rates = rates  # made before the first fork: shared by every worker
+        self.shared = shared  # made before the first fork: shared by every worker
         self.workers: dict[int, _Worker] = {}  # by pid
         # the running policy's text, for the queue and audit tools
         self.checked = policy.queue.directory.parent / "policy.checked.yaml"
@@ -291,6 +291,7 @@ class Supervisor:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
+            self.shared.clients.row(worker.index).clear()  # its connections ended with it
             quick = worker.quick_deaths + 1 if time.monotonic() - worker.started < QUICK else 0
             delay = RESTART_DELAY[min(quick, len(RESTART_DELAY) - 1)]
             log.error(
@@ -337,7 +338,7 @@ class Supervisor:
                 if self.metrics is not None:
                     self.metrics.close_in_child()
                 link = WorkerLink(index, supervisor, ready_fd, self.handover, self._answering)
-                code = _worker(self.policy_path, self.policy, self.sockets, link, self.rates)
+                code = _worker(self.policy_path, self.policy, self.sockets, link, self.shared)
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
@@ -486,14 +487,14 @@ class Supervisor:
 
 
 def _worker(
-    policy_path: Path, policy: Policy, sockets: Sockets, link: WorkerLink, rates: RateCounts
+    policy_path: Path, policy: Policy, sockets: Sockets, link: WorkerLink, shared: SharedCounts
 ) -> int:
     for signum in SIGNALS:
         signal.signal(signum, signal.SIG_DFL)  # still blocked: see WorkerLink.ready
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != link.supervisor:
         return 0
-    return uvloop.run(serve(policy_path, policy, sockets, link, rates=rates.row(link.index)))
+    return uvloop.run(serve(policy_path, policy, sockets, link, shared=shared))
 
 
 def _stop_pending() -> bool:

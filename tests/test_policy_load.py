@@ -232,7 +232,7 @@ def test_the_example_policy_without_its_key_has_only_that_problem(tmp_path: Path
     shutil.copy(ROOT / "config" / "relay.example.yaml", path)
     missing = tmp_path / ".." / "dkim" / "platform.example.dev.private"
     assert problems(path) == [
-        f"{path}:73:17: dkim.keys[0].key_file: cannot read {missing}: No such file or directory"
+        f"{path}:76:17: dkim.keys[0].key_file: cannot read {missing}: No such file or directory"
     ]
 
 
@@ -277,6 +277,7 @@ def test_every_key_set() -> None:
     assert submission.allow[2] == ip_network("192.168.1.0/24")
     assert (submission.max_message_size, submission.max_recipients) == (10485760, 20)
     assert submission.idle_timeout == 12.5
+    assert (local.max_connections_per_client, submission.max_connections_per_client) == (None, 25)
     assert policy.identify.order == (IdentitySource.HEADER, IdentitySource.AUTH_LOGIN)
     assert policy.identify.unknown_sender is UnknownSender.DEFAULT
     assert policy.identify.default_tenant == "acme"

@@ -20,6 +20,7 @@ from ipaddress import ip_address
 
 from relay.ingress.authcache import Verified
 from relay.ingress.authlimit import AuthFailures
+from relay.ingress.clientlimit import ClientRow
 from relay.ingress.diskspace import DiskGuard
 from relay.ingress.handler import Process, Refused, RelayHandler
 from relay.ingress.protocol import RelaySMTP
@@ -169,15 +170,18 @@ async def start(
     failures: AuthFailures | None = None,
     refused: Refused | None = None,
     disk: DiskGuard | None = None,
+    clients: ClientRow | None = None,
 ) -> Ingress:
-    """Serve every listener on its sockets from ``bind``; raises ssl.SSLError."""
+    """Serve every listener on its sockets from ``bind``; raises ssl.SSLError.
+    ``clients``: the open connections counted with the other workers, for the
+    listeners' ``max_connections_per_client``."""
     loop = asyncio.get_running_loop()
     ingress = Ingress(
         failures=failures or AuthFailures(), refused=refused, disk=disk or DiskGuard()
     )
     try:
         for listener in listeners:
-            factory = _factory(listener, current_policy, process, ingress, loop)
+            factory = _factory(listener, current_policy, process, ingress, loop, clients)
             for sock in sockets[listener.name]:
                 server = await loop.create_server(factory, sock=sock)
                 ingress.servers.append((listener, server))
@@ -194,6 +198,7 @@ def _factory(
     process: Process,
     ingress: Ingress,
     loop: asyncio.AbstractEventLoop,
+    clients: ClientRow | None,
 ) -> Callable[[], RelaySMTP]:
     handler = RelayHandler(
         listener,
@@ -222,6 +227,8 @@ def _factory(
                 listener_name=listener.name,
                 allow=listener.allow,
                 connections=ingress.connections,
+                clients=clients,
+                per_client=listener.max_connections_per_client,
                 hostname=current_policy().platform.hostname,
                 ident=IDENT,
                 data_size_limit=listener.max_message_size,

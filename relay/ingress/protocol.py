@@ -53,6 +53,7 @@ from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException, _Missing, syntax
 from relay.ingress import content, data
 from relay.ingress.address import plain_path
 from relay.ingress.auth import AUTH_ABORTED, BAD_BASE64
+from relay.ingress.clientlimit import TOO_MANY, ClientRow
 
 log = logging.getLogger("relay")
 LINGER = 5.0  # seconds a closing connection may take to write out its last replies
@@ -159,6 +160,8 @@ class RelaySMTP(SMTP):
         listener_name: str,
         allow: tuple[Network, ...],
         connections: set[RelaySMTP],
+        clients: ClientRow | None = None,
+        per_client: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
@@ -169,6 +172,9 @@ class RelaySMTP(SMTP):
         self._listener_name = listener_name
         self._allow = allow
         self._connections = connections
+        self._clients = clients
+        self._per_client = per_client
+        self._counted: str | None = None  # the client address counted open, until lost
         self._holding = False
         self._lost = False  # connection_lost was called (see smtp_STARTTLS)
         self._shut_down = False  # told 421 by a stop
@@ -229,6 +235,8 @@ class RelaySMTP(SMTP):
         self._refused_recipients.end()
         self._log_unlogged()
         self._connections.discard(self)
+        if self._counted is not None and self._clients is not None:
+            self._clients.leave(self._listener_name, self._counted)
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
@@ -314,7 +322,29 @@ class RelaySMTP(SMTP):
             await self.push(NOT_ALLOWED.format(client=address))
             self.transport.close()
             return
+        if not await self._admitted(address):
+            return
         await super()._handle_client()
+
+    async def _admitted(self, address: str) -> bool:
+        """Counted open, unless the client has its listener's limit open already."""
+        if self._clients is None or self._per_client is None:
+            return True
+        assert self.transport is not None
+        already = self._clients.open(self._listener_name, address)
+        if already >= self._per_client:
+            log.warning(
+                "refused client=%s on listener %s: %d connections open from it, its limit",
+                address,
+                self._listener_name,
+                already,
+            )
+            await self.push(TOO_MANY.format(client=address))
+            self.transport.close()
+            return False
+        if self._clients.enter(self._listener_name, address):
+            self._counted = address
+        return True
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         plain = plain_path(arg)

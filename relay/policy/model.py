@@ -85,6 +85,7 @@ class Listener:
     max_recipients: int
     idle_timeout: float
     immediate: float = 0.0  # seconds to wait for the first delivery attempt; 0: answer at once
+    max_connections_per_client: int | None = None  # open at once, all workers; None: no limit
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,114 @@
+"""``max_connections_per_client``: the open connections counted across workers, and a real
+relay with two workers refusing the connection past the limit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.ingress.clientlimit import ClientCounts
+from tests.policyfiles import variant
+from tests.test_policy_load import problems
+from tests.test_workers import Relay, configure, free_port
+
+REFUSED = b"421 4.7.0 Too many connections from 127.0.0.1, try again later\r\n"
+
+
+def test_every_worker_reads_what_the_others_have_open() -> None:
+    counts = ClientCounts(2)
+    first, second = counts.row(0), counts.row(1)
+    assert first.enter("local", "192.0.2.7") and first.enter("local", "192.0.2.7")
+    assert second.enter("local", "192.0.2.7")
+    assert second.enter("submission", "192.0.2.7")
+    assert first.open("local", "192.0.2.7") == second.open("local", "192.0.2.7") == 3
+    assert first.open("submission", "192.0.2.7") == 1  # each listener has its own count
+    second.leave("local", "192.0.2.7")
+    assert first.open("local", "192.0.2.7") == 2
+    counts.row(0).clear()  # worker 0's replacement: its connections ended with it
+    assert second.open("local", "192.0.2.7") == 0
+    assert second.open("submission", "192.0.2.7") == 1
+
+
+def test_the_policy_key_is_checked_with_its_line(tmp_path: Path) -> None:
+    path = variant(
+        tmp_path, "    port: 2525\n", "    port: 2525\n    max_connections_per_client: 0\n"
+    )
+    assert problems(path) == [
+        f"{path}:10:33: listeners[0].max_connections_per_client: 0 is out of range:"
+        " expected a number of connections (1..1000000)"
+    ]
+
+
+@pytest.fixture
+def limited(policy_file: Path, tmp_path: Path) -> Iterator[Relay]:
+    port = free_port()
+    path = configure(policy_file, port)
+    text = path.read_text().replace(
+        f"    port: {port}\n", f"    port: {port}\n    max_connections_per_client: 3\n", 1
+    )
+    path.write_text(text)
+    running = Relay(path, port, tmp_path / "relay.log")
+    try:
+        running.wait_serving()
+        yield running
+    finally:
+        running.stop()
+
+
+def connect(port: int) -> tuple[socket.socket, bytes]:
+    """A connection and the first line the relay said on it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    reply = b""
+    while not reply.endswith(b"\n"):
+        chunk = sock.recv(512)
+        if not chunk:
+            break
+        reply += chunk
+    return sock, reply
+
+
+def test_past_the_limit_a_connection_is_told_421_whichever_worker_takes_it(
+    limited: Relay,
+) -> None:
+    """Counted per worker, two workers would take up to six."""
+    opened = [connect(limited.port) for _ in range(6)]
+    try:
+        greeted = [sock for sock, reply in opened if reply.startswith(b"220 ")]
+        refused = [reply for _, reply in opened if not reply.startswith(b"220 ")]
+        assert len(greeted) == 3
+        assert refused == [REFUSED] * 3
+        said = "WARNING refused client=127.0.0.1 on listener local: 3 connections open from it"
+        assert said in limited.log()
+        greeted[0].sendall(b"QUIT\r\n")
+        greeted[0].recv(512)
+        greeted[0].close()
+        for _ in range(100):  # its close reaches the relay a moment later
+            sock, reply = connect(limited.port)
+            opened.append((sock, reply))
+            if reply.startswith(b"220 "):
+                break
+        assert reply.startswith(b"220 "), reply
+    finally:
+        for sock, _ in opened:
+            sock.close()
+
+
+def test_workers_killed_with_their_connections_leave_no_count_behind(limited: Relay) -> None:
+    opened = [connect(limited.port) for _ in range(3)]
+    try:
+        assert all(reply.startswith(b"220 ") for _, reply in opened)
+        workers = {index: pid for index, pid in limited.started()}
+        for pid in workers.values():
+            os.kill(pid, signal.SIGKILL)
+        limited.wait_for(lambda: limited.log().count("was killed by SIGKILL") == 2, "reaped")
+        sock, reply = connect(limited.port)  # waits in the backlog for a new worker
+        opened.append((sock, reply))
+        assert reply.startswith(b"220 "), reply  # the dead workers' three are gone
+    finally:
+        for sock, _ in opened:
+            sock.close()
