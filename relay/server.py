@@ -26,11 +26,14 @@ from typing import TYPE_CHECKING
 
 from relay import oplog, statelock
 from relay.errors import PolicyError, RelayError
+from relay.ingress import authlimit
+from relay.ingress.authlimit import AuthFailures
 from relay.ingress.clientlimit import ClientCounts
 from relay.metrics import status as metrics_status
 from relay.policy import tlspair
 from relay.policy.model import Listener, Policy, TlsFiles
 from relay.ratelimit import RateCounts
+from relay.sharedtable import SharedTable
 from relay.statelock import StateBusy
 
 if TYPE_CHECKING:
@@ -60,10 +63,11 @@ class SharedCounts:
 
     rates: RateCounts
     clients: ClientCounts
+    logins: SharedTable  # failed logins (``relay.ingress.authlimit``)
 
     @classmethod
     def made(cls, workers: int) -> SharedCounts:
-        return cls(RateCounts(workers), ClientCounts(workers))
+        return cls(RateCounts(workers), ClientCounts(workers), authlimit.table(workers))
 
 
 class PolicyHolder:
@@ -325,6 +329,7 @@ async def serve(
     index = 0 if worker is None else worker.index
     rates = None if shared is None else shared.rates.row(index)
     clients = None if shared is None else shared.clients.row(index)
+    failures = AuthFailures() if shared is None else AuthFailures(shared=shared.logins.row(index))
     acceptor = Acceptor(
         spool, engine, recorder, alone=alone, suppressions=suppressions, rates=rates
     )
@@ -336,6 +341,7 @@ async def serve(
         refused=acceptor.refused,
         disk=DiskGuard(reclaim=lambda: spool.trim_recycled(keep=0.0, orphans=False)),
         clients=clients,
+        failures=failures,
     )
 
     loop = asyncio.get_running_loop()

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
-from relay.ingress.authlimit import AuthFailures
+from relay.ingress.authlimit import PER_CLIENT, AuthFailures, table
 from tests.ingress_harness import Raw, Relay
 from tests.minimal_policy import listener
+from tests.test_workers import Relay as WorkerRelay
+from tests.test_workers import configure, free_port
 
 
 class Clock:
@@ -57,18 +62,33 @@ def test_a_success_forgets_the_address_failures() -> None:
     assert failures.failed("192.0.2.1")
 
 
-def test_only_so_many_addresses_are_remembered() -> None:
-    failures = AuthFailures(per_client=2, clients=3, clock=Clock())
+def test_addresses_past_the_tables_room_are_not_counted_until_a_slot_is_done() -> None:
+    clock = Clock()
+    failures = AuthFailures(per_client=2, window=60.0, clients=3, clock=clock)
     for n in range(5):
         failures.failed(f"192.0.2.{n}")
         failures.failed(f"192.0.2.{n}")
-    assert [failures.locked(f"192.0.2.{n}") > 0 for n in range(5)] == [
-        False,
-        False,
-        True,
-        True,
-        True,
-    ]
+    locked = [failures.locked(f"192.0.2.{n}") > 0 for n in range(5)]
+    assert locked == [True, True, True, False, False]
+    clock.now += 61.0  # the first three are done: their slots are taken by others
+    assert failures.failed("192.0.2.3") is False and failures.failed("192.0.2.3") is True
+
+
+def test_failures_in_every_worker_count_together() -> None:
+    """The kernel hands each connection to any worker: counted apart, a client
+    would get its tries once a worker."""
+    clock = Clock()
+    shared = table(2, per_client=3)
+    one = AuthFailures(per_client=3, window=60.0, clock=clock, shared=shared.row(0))
+    two = AuthFailures(per_client=3, window=60.0, clock=clock, shared=shared.row(1))
+    assert one.failed("192.0.2.1") is False
+    clock.now += 10.0
+    assert two.failed("192.0.2.1") is False
+    assert two.failed("192.0.2.1") is True
+    assert one.locked("192.0.2.1") == 50.0  # until the first, in the other worker, is 60 s old
+    two.succeeded("192.0.2.1")  # a login that succeeds, in either worker, forgets them all
+    assert one.locked("192.0.2.1") == 0.0
+    assert one.failed("192.0.2.1") is False
 
 
 def test_a_locked_client_gets_454_without_a_check_also_on_a_new_connection(
@@ -153,3 +173,38 @@ def test_plain_credentials_that_cannot_succeed_count_as_failures(
         assert raw.cmd(plain("erp-acme", "demo-password")).startswith("454 4.7.0 ")
     assert caplog.text.count("AUTH failed client=127.0.0.1") == 2
     assert said in caplog.text
+
+
+FAILED_LINE = re.compile(r"relay\[(\d+)\] WARNING AUTH failed client=127\.0\.0\.1 ", re.M)
+
+
+def fail_once(port: int) -> str:
+    """A wrong password on a connection of its own, ended once answered."""
+    with Raw(port) as raw:
+        raw.ehlo()
+        return raw.cmd(plain("erp-acme", "guess"))
+
+
+def test_a_real_relay_locks_a_client_whose_failures_went_to_both_workers(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Counted per worker, neither of the two would have the ten failures."""
+    port = free_port()
+    relay = WorkerRelay(configure(policy_file, port), port, tmp_path / "relay.log")
+    try:
+        relay.wait_serving()
+        failed = 0
+        with ThreadPoolExecutor(3) as pool:
+            while len(set(FAILED_LINE.findall(relay.log()))) < 2:
+                assert failed < PER_CLIENT - 3, "every connection went to one worker"
+                replies = list(pool.map(fail_once, [port] * 3))
+                assert all(r.startswith("535 ") for r in replies), replies
+                failed += 3
+            replies = list(pool.map(fail_once, [port] * (PER_CLIENT - failed)))
+            assert all(r.startswith("535 ") for r in replies), replies
+        with Raw(port) as raw:
+            raw.ehlo()
+            reply = raw.cmd(plain("erp-acme", "demo-password"))
+        assert reply.startswith("454 4.7.0 Too many failed logins from 127.0.0.1"), reply
+    finally:
+        relay.stop()

@@ -1,4 +1,4 @@
-"""Failed logins slowed down, then refused per client address.
+"""Failed logins slowed down, then refused per client address, across workers.
 
 A wrong password costs its scrypt (~50 ms of CPU, in a thread) by design,
 so a client guessing passwords as fast as it can would keep every core busy
@@ -8,21 +8,24 @@ after ``DELAY`` seconds, and a client address with ``PER_CLIENT`` failures
 within ``WINDOW`` seconds gets ``454 4.7.0`` for every AUTH, with no scrypt,
 until the oldest of them is that old (a connection itself is closed after
 ten AUTH commands, ``listen``). A login that succeeds forgets its address's
-failures. Each worker process counts on its own, so a client spread over
-several workers may get that many times the tries; the log line of each
-failure names the client for fail2ban.
+failures. The kernel hands connections to any worker, so the failures are
+in a ``sharedtable``: a worker's slot for an address holds the times of its
+own last ``PER_CLIENT`` failures and of the last success there, and every
+worker reads them all, so a client gets its tries once, not once a worker.
+The log line of each failure names the client for fail2ban.
 """
 
 from __future__ import annotations
 
-import collections
 import time
 from collections.abc import Callable
+
+from relay.sharedtable import Row, SharedTable, key_of
 
 DELAY = 1.0  # seconds before a failed login's reply
 PER_CLIENT = 10  # failed logins of one address within WINDOW, then AUTH is refused
 WINDOW = 600.0  # seconds
-CLIENTS = 4096  # addresses remembered, per worker process; the oldest go first
+CLIENTS = 4096  # addresses with failures in the window, per worker; past that not counted
 
 TOO_MANY_FROM = "454 4.7.0 Too many failed logins from {client}, try again in {wait} seconds"
 
@@ -35,46 +38,68 @@ class AuthFailures:
         delay: float = DELAY,
         clients: int = CLIENTS,
         clock: Callable[[], float] = time.monotonic,
+        shared: Row | None = None,
     ) -> None:
+        """``shared``: this worker's row of a ``table(workers)``; without it the
+        counts are this process's alone."""
         self.per_client = per_client
         self.window = window
         self.delay = delay
-        self.clients = clients
         self.clock = clock
-        self._failures: collections.OrderedDict[str, collections.deque[float]] = (
-            collections.OrderedDict()
-        )
+        self._row = shared if shared is not None else table(1, per_client, clients).row(0)
 
     def locked(self, client: str) -> float:
         """Seconds until ``client`` may try again; 0 when it may now."""
         times = self._recent(client)
-        if times is None or len(times) < self.per_client:
+        if len(times) < self.per_client:
             return 0.0
-        return max(times[0] + self.window - self.clock(), 0.0)
+        return max((times[-self.per_client] + self._window_ms - self._now()) / 1000, 0.0)
 
     def failed(self, client: str) -> bool:
-        """Count a failure; whether it locked the address out just now."""
-        times = self._recent(client)
-        if times is None:
-            times = self._failures[client] = collections.deque(maxlen=self.per_client)
-            while len(self._failures) > self.clients:
-                self._failures.popitem(last=False)
-        else:
-            self._failures.move_to_end(client)
-        times.append(self.clock())
-        return len(times) == self.per_client
+        """Count a failure; whether the address is locked out now."""
+        base = self._row.own(key_of(client), self._done)
+        if base is not None:
+            words = self._row.words
+            times = words[base + 1 : base + 1 + self.per_client]
+            oldest = min(range(self.per_client), key=times.__getitem__)
+            words[base + 1 + oldest] = self._now()
+        return len(self._recent(client)) >= self.per_client
 
     def succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)
+        base = self._row.own(key_of(client), self._done)
+        if base is not None:
+            words = self._row.words
+            words[base] = self._now()
+            for at in range(base + 1, base + 1 + self.per_client):
+                words[at] = 0
 
-    def _recent(self, client: str) -> collections.deque[float] | None:
-        times = self._failures.get(client)
-        if times is None:
-            return None
-        horizon = self.clock() - self.window
-        while times and times[0] <= horizon:
-            times.popleft()
-        if not times:
-            del self._failures[client]
-            return None
-        return times
+    @property
+    def _window_ms(self) -> int:
+        return int(self.window * 1000)
+
+    def _now(self) -> int:
+        """Milliseconds, never 0 (an empty word)."""
+        return int(self.clock() * 1000) + 1
+
+    def _recent(self, client: str) -> list[int]:
+        """The times of the address's failures within the window since its last
+        success, every worker's, oldest first."""
+        words = self._row.words
+        bases = list(self._row.found(key_of(client)))
+        horizon = self._now() - self._window_ms
+        success = max([words[b] for b in bases], default=0)  # a failure then is after it
+        return sorted(
+            t
+            for b in bases
+            for t in words[b + 1 : b + 1 + self.per_client]
+            if t > horizon and t >= success
+        )
+
+    def _done(self, base: int) -> bool:
+        """A slot whose times are all past the window counts for nothing any more."""
+        horizon = self._now() - self._window_ms
+        return all(t <= horizon for t in self._row.words[base : base + 1 + self.per_client])
+
+
+def table(workers: int, per_client: int = PER_CLIENT, clients: int = CLIENTS) -> SharedTable:
+    return SharedTable("failed logins", workers, clients, 1 + per_client)
