@@ -15,8 +15,7 @@ import pytest
 from relay.ingress.authlimit import PER_CLIENT, AuthFailures, table
 from tests.ingress_harness import Raw, Relay
 from tests.minimal_policy import listener
-from tests.test_workers import Relay as WorkerRelay
-from tests.test_workers import configure, free_port
+from tests.test_workers import configure, free_port, serving
 
 
 class Clock:
@@ -190,9 +189,7 @@ def test_a_real_relay_locks_a_client_whose_failures_went_to_both_workers(
 ) -> None:
     """Counted per worker, neither of the two would have the ten failures."""
     port = free_port()
-    relay = WorkerRelay(configure(policy_file, port), port, tmp_path / "relay.log")
-    try:
-        relay.wait_serving()
+    with serving(configure(policy_file, port), port, tmp_path / "relay.log") as relay:
         failed = 0
         with ThreadPoolExecutor(3) as pool:
             while len(set(FAILED_LINE.findall(relay.log()))) < 2:
@@ -206,5 +203,3 @@ def test_a_real_relay_locks_a_client_whose_failures_went_to_both_workers(
             raw.ehlo()
             reply = raw.cmd(plain("erp-acme", "demo-password"))
         assert reply.startswith("454 4.7.0 Too many failed logins from 127.0.0.1"), reply
-    finally:
-        relay.stop()

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 
 from relay.ingress.clientlimit import ClientCounts
-from tests.policyfiles import variant
-from tests.test_policy_load import problems
-from tests.test_workers import Relay, configure, free_port
+from tests.test_workers import Relay, configure, free_port, serving
 
 REFUSED = b"421 4.7.0 Too many connections from 127.0.0.1, try again later\r\n"
 
@@ -34,16 +32,6 @@ def test_every_worker_reads_what_the_others_have_open() -> None:
     assert second.open("submission", "192.0.2.7") == 1
 
 
-def test_the_policy_key_is_checked_with_its_line(tmp_path: Path) -> None:
-    path = variant(
-        tmp_path, "    port: 2525\n", "    port: 2525\n    max_connections_per_client: 0\n"
-    )
-    assert problems(path) == [
-        f"{path}:10:33: listeners[0].max_connections_per_client: 0 is out of range:"
-        " expected a number of connections (1..1000000)"
-    ]
-
-
 @pytest.fixture
 def limited(policy_file: Path, tmp_path: Path) -> Iterator[Relay]:
     port = free_port()
@@ -52,12 +40,8 @@ def limited(policy_file: Path, tmp_path: Path) -> Iterator[Relay]:
         f"    port: {port}\n", f"    port: {port}\n    max_connections_per_client: 3\n", 1
     )
     path.write_text(text)
-    running = Relay(path, port, tmp_path / "relay.log")
-    try:
-        running.wait_serving()
+    with serving(path, port, tmp_path / "relay.log") as running:
         yield running
-    finally:
-        running.stop()
 
 
 def connect(port: int) -> tuple[socket.socket, bytes]:

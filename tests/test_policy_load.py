@@ -1578,3 +1578,28 @@ def test_the_state_settings_load_without_the_files_they_do_not_name(tmp_path: Pa
     assert raised.value.problems == [
         f"{path}:15:9: queue.lifetme: unknown key (did you mean 'lifetime'?)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        (
+            "    upstream: outbox\n",
+            "    upstream: outbox\n    recipients_per_hour: 0\n",
+            "24:26: tenants.acme.recipients_per_hour: 0 is out of range:"
+            " expected a number of recipients (1..10000000)",
+        ),
+        (
+            "    port: 2525\n",
+            "    port: 2525\n    max_connections_per_client: 0\n",
+            "10:33: listeners[0].max_connections_per_client: 0 is out of range:"
+            " expected a number of connections (1..1000000)",
+        ),
+    ],
+    ids=["recipients_per_hour", "max_connections_per_client"],
+)
+def test_the_limits_are_checked_with_their_line(
+    tmp_path: Path, old: str, new: str, problem: str
+) -> None:
+    path = variant(tmp_path, old, new)
+    assert problems(path) == [f"{path}:{problem}"]

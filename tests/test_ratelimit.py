@@ -16,10 +16,8 @@ import pytest
 from relay.cli import main
 from relay.ratelimit import SLOTS, RateCounts
 from relay.sharedtable import key_of
-from tests.policyfiles import variant
 from tests.relayproc import RelayProcess
 from tests.sink import Sink, SinkServer
-from tests.test_policy_load import problems
 from tests.test_queue_e2e import UNKNOWN, immediate, submit
 from tests.test_workers import (
     MESSAGE,
@@ -28,6 +26,7 @@ from tests.test_workers import (
     configure,
     free_port,
     reload_in_every_worker,
+    serving,
 )
 
 NOON = 1_800_000_000.0  # a minute's start: 30,000,000 minutes since the epoch
@@ -98,16 +97,6 @@ def test_a_forked_worker_counts_into_the_shared_memory() -> None:
     assert counts.row(0).sent("acme", NOON) == 7
 
 
-def test_the_policy_key_is_checked_with_its_line(tmp_path: Path) -> None:
-    path = variant(
-        tmp_path, "    upstream: outbox\n", "    upstream: outbox\n    recipients_per_hour: 0\n"
-    )
-    assert problems(path) == [
-        f"{path}:24:26: tenants.acme.recipients_per_hour: 0 is out of range:"
-        " expected a number of recipients (1..10000000)"
-    ]
-
-
 LIMIT = 30
 
 
@@ -119,12 +108,8 @@ def limited(policy_file: Path, tmp_path: Path) -> Iterator[Relay]:
     limit = f"    default_user: jan\n    recipients_per_hour: {LIMIT}\n"
     text = path.read_text().replace("    default_user: jan\n", limit, 1)
     path.write_text(text + f"metrics: {{address: 127.0.0.1, port: {free_port()}}}\n")
-    running = Relay(path, port, tmp_path / "relay.log")
-    try:
-        running.wait_serving()
+    with serving(path, port, tmp_path / "relay.log") as running:
         yield running
-    finally:
-        running.stop()
 
 
 def deliver(
@@ -208,9 +193,7 @@ def test_a_limit_a_reload_brings_in_holds_the_hour_already_sent(
     """The limit is put in when a login is found stolen: what it sent before counts."""
     port = free_port()
     path = configure(policy_file, port)
-    relay = Relay(path, port, tmp_path / "relay.log")
-    try:
-        relay.wait_serving()
+    with serving(path, port, tmp_path / "relay.log") as relay:
         for n in range(5):
             assert deliver(port, [f"r{n}@example.org"])[0] == 250
         limited = path.read_text().replace(
@@ -220,8 +203,6 @@ def test_a_limit_a_reload_brings_in_holds_the_hour_already_sent(
         assert deliver(port, ["r5@example.org"])[0] == 250
         code, text = deliver(port, ["r6@example.org"])
         assert (code, text[:48]) == (450, b"4.7.1 Tenant acme has sent to 6 recipients in th")
-    finally:
-        relay.stop()
 
 
 def test_mail_the_upstream_refused_while_the_erp_waited_does_not_count(

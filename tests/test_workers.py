@@ -10,6 +10,7 @@ policy), where the From display name shows the tenant name a message met.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import fcntl
 import json
@@ -153,14 +154,21 @@ def configure(policy_file: Path, port: int, workers: str = "2") -> Path:
     return policy_file
 
 
-@pytest.fixture
-def relay(policy_file: Path, port: int, tmp_path: Path) -> Iterator[Relay]:
-    running = Relay(configure(policy_file, port), port, tmp_path / "relay.log")
+@contextlib.contextmanager
+def serving(policy: Path, port: int, log: Path) -> Iterator[Relay]:
+    """``relay serve`` once every worker serves, stopped (and its leftovers) at the end."""
+    running = Relay(policy, port, log)
     try:
         running.wait_serving()
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture
+def relay(policy_file: Path, port: int, tmp_path: Path) -> Iterator[Relay]:
+    with serving(configure(policy_file, port), port, tmp_path / "relay.log") as running:
+        yield running
 
 
 def send(port: int) -> str:
