@@ -42,6 +42,19 @@ def test_an_address_is_locked_after_its_failures_within_the_window() -> None:
     assert failures.locked("192.0.2.1") == 0.0
 
 
+def test_just_after_a_boot_one_failure_is_one_failure() -> None:
+    """The clock is the time since the boot: within the first window, the
+    empty places of an address's slot were counted as failures too, and one
+    wrong password locked the client out for the rest of the window."""
+    clock = Clock()
+    clock.now = 5.0
+    failures = AuthFailures(per_client=3, window=600.0, clock=clock)
+    assert [failures.failed("192.0.2.1") for _ in range(3)] == [False, False, True]
+    failures.failed("192.0.2.2")
+    assert failures.locked("192.0.2.2") == 0.0
+    assert failures.locked("192.0.2.1") == 600.0
+
+
 def test_failures_spread_beyond_the_window_never_lock() -> None:
     clock = Clock()
     failures = AuthFailures(per_client=3, window=60.0, clock=clock)

@@ -92,7 +92,7 @@ class AuthFailures:
             t
             for b in bases
             for t in words[b + 1 : b + 1 + self.per_client]
-            if t > horizon and t >= success
+            if t and t > horizon and t >= success  # 0: no failure (the clock starts at the boot)
         )
 
     def _done(self, base: int) -> bool:
