@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-from relay.engine import Attempt
+from relay import tally
+from relay.engine import Attempt, Sender
 from relay.errors import UpstreamError
 from relay.policy.model import DirectoryUpstream, SmtpUpstream, Upstream
+from relay.tally import TallyRow
 from relay.upstream import DeliveryResult, PartlyRefused, RecipientsRefused, directory, smtp
 
-__all__ = ["DeliveryResult", "attempt", "deliver"]
+__all__ = ["DeliveryResult", "attempt", "counted", "deliver"]
 
 _TOO_MANY = 452  # to RCPT: more recipients than the server takes in one transaction
 
@@ -92,6 +94,28 @@ async def _transaction(
     for rcpt, reply in refused.items():
         replies[rcpt] = (_code(reply), reply)
     return replies
+
+
+def counted(send: Sender, row: TallyRow) -> Sender:
+    """``send``, each attempt counted for the metrics under its upstream: ``sent``
+    when the upstream took the message for someone, ``deferred`` when for no one
+    and some reply was temporary (unreachable, a failed login, a 4xx),
+    ``refused`` when every reply was permanent. A tenant's own account that
+    fails shows as its upstream's name, which the tenant's counts do not say."""
+
+    async def counted_send(upstream: Upstream, *args: object, **kwargs: object) -> Attempt:
+        sent = await send(upstream, *args, **kwargs)
+        row.add(tally.UPSTREAM, upstream.name, result(sent))
+        return sent
+
+    return counted_send
+
+
+def result(sent: Attempt) -> str:
+    codes = [code for code, _ in sent.replies.values()]
+    if any(200 <= code < 300 for code in codes):
+        return "sent"
+    return "refused" if codes and all(code >= 500 for code in codes) else "deferred"
 
 
 def _code(reply: str) -> int:

@@ -35,6 +35,7 @@ from relay.policy.model import Listener, Policy, TlsFiles
 from relay.ratelimit import RateCounts
 from relay.sharedtable import SharedTable
 from relay.statelock import StateBusy
+from relay.tally import Tally
 
 if TYPE_CHECKING:
     from relay.audit import AuditLog
@@ -64,10 +65,13 @@ class SharedCounts:
     rates: RateCounts
     clients: ClientCounts
     logins: SharedTable  # failed logins (``relay.ingress.authlimit``)
+    tally: Tally  # for the metrics
 
     @classmethod
     def made(cls, workers: int) -> SharedCounts:
-        return cls(RateCounts(workers), ClientCounts(workers), authlimit.table(workers))
+        return cls(
+            RateCounts(workers), ClientCounts(workers), authlimit.table(workers), Tally(workers)
+        )
 
 
 class PolicyHolder:
@@ -141,7 +145,9 @@ def _serve_locked(
     log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
     shared = SharedCounts.made(policy.workers)  # by the workers forked from here
     if metrics is not None:
-        metrics.begin(shared.rates)  # counting from here, before anything is delivered
+        metrics.begin(
+            shared.rates, shared.tally
+        )  # counting from here, before anything is delivered
     if policy.workers == 1:
         metrics_status.loaded()
         return uvloop.run(serve(policy_path, policy, sockets, metrics=metrics, shared=shared))
@@ -301,7 +307,7 @@ async def serve(
     """Receive and deliver until SIGTERM. As one of several workers (``worker``
     set) the supervisor keeps the audit log's upkeep and its policy records,
     and serves the metrics; alone, this process serves ``metrics``."""
-    from relay.deliver import attempt
+    from relay.deliver import attempt, counted
     from relay.engine import Engine
     from relay.ingress import start
     from relay.ingress.diskspace import DiskGuard
@@ -322,11 +328,13 @@ async def serve(
         than its writes (see ``relay.groupcommit``)."""
         return ingress is not None and len(ingress.connections) <= 1
 
-    engine = Engine(spool, holder.current, attempt, recorder, alone=alone)
+    index = 0 if worker is None else worker.index
+    tally = None if shared is None else shared.tally.row(index)
+    send = attempt if tally is None else counted(attempt, tally)
+    engine = Engine(spool, holder.current, send, recorder, alone=alone)
     suppressions = None if policy.suppression is None else SuppressionFile(policy.suppression.file)
     if suppressions is not None:
         _load_suppressions(suppressions)
-    index = 0 if worker is None else worker.index
     rates = None if shared is None else shared.rates.row(index)
     clients = None if shared is None else shared.clients.row(index)
     failures = AuthFailures() if shared is None else AuthFailures(shared=shared.logins.row(index))
@@ -342,6 +350,7 @@ async def serve(
         disk=DiskGuard(reclaim=lambda: spool.trim_recycled(keep=0.0, orphans=False)),
         clients=clients,
         failures=failures,
+        tally=tally,
     )
 
     loop = asyncio.get_running_loop()

@@ -10,8 +10,9 @@ owner may give a slot to another key when ``reclaimable`` says its words
 count for nothing any more, and a reader then finds the old key nowhere,
 which is what those words said.
 
-Used for the tenants' hourly recipients (``ratelimit``) and the clients'
-open connections (``ingress.clientlimit``).
+Used for the tenants' hourly recipients (``ratelimit``), the clients'
+open connections (``ingress.clientlimit``) and failed logins
+(``ingress.authlimit``), and the counts for the metrics (``tally``).
 """
 
 from __future__ import annotations

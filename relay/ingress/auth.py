@@ -22,10 +22,12 @@ from dataclasses import dataclass
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult
 
+from relay import tally
 from relay.ingress.authcache import Verified
 from relay.ingress.authlimit import TOO_MANY_FROM, AuthFailures
 from relay.passwd import hash_password, verify_password
-from relay.policy.model import Policy
+from relay.policy.model import Listener, Policy
+from relay.tally import TallyRow
 
 log = logging.getLogger("relay")
 
@@ -44,9 +46,11 @@ class Authenticated:
 class Mechanisms:
     """Mixin for the handler: ``auth_PLAIN`` and ``auth_LOGIN`` in aiosmtpd's style."""
 
+    _listener: Listener
     _current_policy: Callable[[], Policy]
     _verified: Verified
     _failures: AuthFailures
+    _tally: TallyRow | None
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         locked = self._locked(server)
@@ -100,6 +104,7 @@ class Mechanisms:
         if not wait:
             return None
         log.debug("AUTH refused client=%s: too many failed logins", peer)
+        self._count("locked")
         reply = TOO_MANY_FROM.format(client=peer, wait=max(round(wait), 1))
         return AuthResult(success=False, handled=False, message=reply)
 
@@ -121,12 +126,18 @@ class Mechanisms:
         if ok and entry is not None:
             log.debug("AUTH ok client=%s login=%s", peer, name)
             self._failures.succeeded(peer)
+            self._count("ok")
             return AuthResult(success=True, auth_data=Authenticated(name))
         log.warning("AUTH failed client=%s login=%r", peer, name)
         return await self._failed(peer)
 
+    def _count(self, result: str) -> None:
+        if self._tally is not None:
+            self._tally.add(tally.AUTH, self._listener.name, result)
+
     async def _failed(self, peer: str) -> AuthResult:
         """A 535, after the delay."""
+        self._count("failed")
         if self._failures.failed(peer):
             log.warning(
                 "AUTH locked client=%s: %d failed logins in %d s, AUTH refused for now",

@@ -27,6 +27,7 @@ from relay.ingress.diskspace import DiskGuard, reserve_for
 from relay.ingress.protocol import RelaySMTP, client_text, hook_names, log_refused
 from relay.policy.model import AuthMode, Listener, Policy
 from relay.submission import Submission, listed
+from relay.tally import TallyRow
 
 log = logging.getLogger("relay")
 
@@ -51,8 +52,10 @@ class RelayHandler(Mechanisms):
         failures: AuthFailures | None = None,
         refused: Refused | None = None,
         disk: DiskGuard | None = None,
+        tally: TallyRow | None = None,
     ) -> None:
         self._listener = listener
+        self._tally = tally
         self._current_policy = current_policy
         self._process = process
         self._in_flight = in_flight if in_flight is not None else set()

@@ -27,6 +27,7 @@ from relay.ingress.protocol import RelaySMTP
 from relay.policy.model import AuthMode, Listener, Policy
 from relay.policy.sections import no_login_without_tls
 from relay.policy.tlspair import server_context
+from relay.tally import TallyRow
 
 log = logging.getLogger("relay")
 
@@ -171,17 +172,19 @@ async def start(
     refused: Refused | None = None,
     disk: DiskGuard | None = None,
     clients: ClientRow | None = None,
+    tally: TallyRow | None = None,
 ) -> Ingress:
     """Serve every listener on its sockets from ``bind``; raises ssl.SSLError.
     ``clients``: the open connections counted with the other workers, for the
-    listeners' ``max_connections_per_client``."""
+    listeners' ``max_connections_per_client``; ``tally``: this worker's counts
+    for the metrics."""
     loop = asyncio.get_running_loop()
     ingress = Ingress(
         failures=failures or AuthFailures(), refused=refused, disk=disk or DiskGuard()
     )
     try:
         for listener in listeners:
-            factory = _factory(listener, current_policy, process, ingress, loop, clients)
+            factory = _factory(listener, current_policy, process, ingress, loop, clients, tally)
             for sock in sockets[listener.name]:
                 server = await loop.create_server(factory, sock=sock)
                 ingress.servers.append((listener, server))
@@ -199,6 +202,7 @@ def _factory(
     ingress: Ingress,
     loop: asyncio.AbstractEventLoop,
     clients: ClientRow | None,
+    tally: TallyRow | None,
 ) -> Callable[[], RelaySMTP]:
     handler = RelayHandler(
         listener,
@@ -209,6 +213,7 @@ def _factory(
         ingress.failures,
         ingress.refused,
         ingress.disk,
+        tally,
     )
     tls = server_context(listener.tls) if listener.tls is not None else None
     if tls is not None and listener.tls is not None:
@@ -229,6 +234,7 @@ def _factory(
                 connections=ingress.connections,
                 clients=clients,
                 per_client=listener.max_connections_per_client,
+                tally=tally,
                 hostname=current_policy().platform.hostname,
                 ident=IDENT,
                 data_size_limit=listener.max_message_size,

@@ -50,10 +50,12 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException, _Missing, syntax
 
+from relay import tally
 from relay.ingress import content, data
 from relay.ingress.address import plain_path
 from relay.ingress.auth import AUTH_ABORTED, BAD_BASE64
 from relay.ingress.clientlimit import TOO_MANY, ClientRow
+from relay.tally import TallyRow
 
 log = logging.getLogger("relay")
 LINGER = 5.0  # seconds a closing connection may take to write out its last replies
@@ -162,6 +164,7 @@ class RelaySMTP(SMTP):
         connections: set[RelaySMTP],
         clients: ClientRow | None = None,
         per_client: int | None = None,
+        tally: TallyRow | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
@@ -174,6 +177,7 @@ class RelaySMTP(SMTP):
         self._connections = connections
         self._clients = clients
         self._per_client = per_client
+        self._tally = tally
         self._counted: str | None = None  # the client address counted open, until lost
         self._holding = False
         self._lost = False  # connection_lost was called (see smtp_STARTTLS)
@@ -262,6 +266,7 @@ class RelaySMTP(SMTP):
             assert self.session is not None
             peer = client_address(self.session.peer)
             log.warning("TLS handshake failed client=%s: %s", peer, error.__cause__ or error)
+            self._count(tally.TLS_FAILED)
             return ""  # aiosmtpd closes the connection without a reply
         return await super().handle_exception(error)
 
@@ -313,20 +318,22 @@ class RelaySMTP(SMTP):
     async def _handle_client(self) -> None:
         assert self.session is not None and self.transport is not None
         address = client_address(self.session.peer)
+        self._count(tally.CONNECTION)
         if address is None or not allowed(address, self._allow):
             log.warning(
                 "refused client=%s on listener %s: not in its allow list",
                 address or self.session.peer,
                 self._listener_name,
             )
+            self._count(tally.REFUSED, "not_allowed")
             await self.push(NOT_ALLOWED.format(client=address))
             self.transport.close()
             return
-        if not await self._admitted(address):
+        if not self._admitted(address):
             return
         await super()._handle_client()
 
-    async def _admitted(self, address: str) -> bool:
+    def _admitted(self, address: str) -> bool:
         """Counted open, unless the client has its listener's limit open already."""
         if self._clients is None or self._per_client is None:
             return True
@@ -339,7 +346,8 @@ class RelaySMTP(SMTP):
                 self._listener_name,
                 already,
             )
-            await self.push(TOO_MANY.format(client=address))
+            self._count(tally.REFUSED, "too_many_from_client")
+            self._say(TOO_MANY.format(client=address).encode() + b"\r\n")  # logged above
             self.transport.close()
             return False
         if self._clients.enter(self._listener_name, address):
@@ -571,6 +579,11 @@ class RelaySMTP(SMTP):
         assert self.session is not None
         peer = client_address(self.session.peer)
         log.warning("client=%s disconnected after %s: %s", peer, self._stage(), reason)
+        self._count(tally.DROPPED, "timeout" if self._timed_out else "errors")
+
+    def _count(self, name: str, *labels: str) -> None:
+        if self._tally is not None:
+            self._tally.add(name, self._listener_name, *labels)
 
     def _stage(self) -> str:
         """How far the session had come: the last command that took it further."""

@@ -1,8 +1,10 @@
 """The metrics, computed when Prometheus asks for them.
 
-Nothing is counted on the workers' path: messages and outcomes come from the
-audit log (``relay.metrics.follow``), the queue from the spool, the list's
-size from the suppression file, all read at the scrape. Names follow
+Messages and outcomes come from the audit log (``relay.metrics.follow``),
+the queue from the spool, the list's size from the suppression file, all
+read at the scrape; only what the audit log does not say (connections,
+logins, upstream attempts, the tenants' last hour) is counted by the
+workers, in memory they share with this process (``relay.tally``). Names follow
 Prometheus's rules (one prefix, base units, ``_total`` on counters) and
 Postfix's words for outcomes, which the exporters sysadmins already graph use.
 Labels are bounded by the policy: tenants, never users or addresses.
@@ -18,6 +20,7 @@ from importlib import metadata
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from relay import tally
 from relay.errors import RelayError
 from relay.metrics import status
 from relay.metrics.follow import AuditFollower
@@ -26,6 +29,7 @@ from relay.queueid import queue_id_time
 from relay.ratelimit import RateCounts
 from relay.spool import Spool
 from relay.suppression import SuppressionFile
+from relay.tally import Tally
 
 log = logging.getLogger("relay")
 
@@ -43,9 +47,10 @@ class RelayCollector(Collector):
     1.5 s for 10,000 queued messages). One scrape at a time: the follower keeps
     state."""
 
-    def __init__(self, policy: Callable[[], Policy], rates: RateCounts) -> None:
+    def __init__(self, policy: Callable[[], Policy], rates: RateCounts, counts: Tally) -> None:
         self._policy = policy
         self._rates = rates
+        self._counts = counts
         now = policy()
         self._spool = Spool(now.queue.directory, create=False)
         queued = [(e.queue_id, e.tenant, len(e.pending())) for e in self._spool.entries()]
@@ -67,6 +72,8 @@ class RelayCollector(Collector):
         yield from self._part("queue", self._queue)
         yield from self._part("suppression list", self._suppression)
         yield from self._limits(policy)
+        yield from self._smtp(policy)
+        yield from self._upstreams(policy)
 
     def _part(self, name: str, families: Callable[[], Iterator[Metric]]) -> Iterator[Metric]:
         """A part that cannot be read is left out of the scrape, not the rest with it:
@@ -205,6 +212,59 @@ class RelayCollector(Collector):
                 limit.add_metric([tenant], per_hour)
         yield sent
         yield limit
+
+    def _smtp(self, policy: Policy) -> Iterator[Metric]:
+        """The listeners' sessions, as the workers counted them."""
+        names = sorted(listener.name for listener in policy.listeners)
+        for family, doc, key, label, values in (
+            ("relay_smtp_connections", "Connections clients made.", tally.CONNECTION, "", ("",)),
+            (
+                "relay_smtp_connections_refused",
+                "Connections refused at once (not in the allow list, too many from the client).",
+                tally.REFUSED,
+                "reason",
+                tally.REFUSED_REASONS,
+            ),
+            (
+                "relay_smtp_connections_dropped",
+                "Sessions the relay ended with a 421: idle too long, too many errors.",
+                tally.DROPPED,
+                "reason",
+                tally.DROPPED_REASONS,
+            ),
+            (
+                "relay_smtp_auth",
+                "AUTH attempts: ok, failed (a 535), locked (refused after too many failures).",
+                tally.AUTH,
+                "result",
+                tally.AUTH_RESULTS,
+            ),
+            (
+                "relay_smtp_tls_handshake_failures",
+                "STARTTLS handshakes that failed.",
+                tally.TLS_FAILED,
+                "",
+                ("",),
+            ),
+        ):
+            labels = ["listener", label] if label else ["listener"]
+            counts = CounterMetricFamily(family, doc, labels=labels)
+            for name in names:
+                for value in values:
+                    asked = (key, name, value) if label else (key, name)
+                    counts.add_metric([name, value][: len(labels)], self._counts.total(*asked))
+            yield counts
+
+    def _upstreams(self, policy: Policy) -> Iterator[Metric]:
+        counts = CounterMetricFamily(
+            "relay_upstream_attempts",
+            "Delivery attempts by upstream: sent (taken for someone), deferred, refused.",
+            labels=["upstream", "result"],
+        )
+        for name in sorted(policy.upstreams):
+            for result in tally.UPSTREAM_RESULTS:
+                counts.add_metric([name, result], self._counts.total(tally.UPSTREAM, name, result))
+        yield counts
 
 
 def _info(name: str, doc: str, **labels: str) -> Metric:

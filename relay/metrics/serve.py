@@ -35,6 +35,7 @@ from relay.metrics.collect import RelayCollector
 from relay.policy.model import MetricsSettings, Policy
 from relay.ratelimit import RateCounts
 from relay.server import host_port
+from relay.tally import Tally
 
 log = logging.getLogger("relay")
 
@@ -102,10 +103,10 @@ class MetricsServer:
         self._quiet = threading.Lock()  # held while counting, and while the supervisor forks
         self._registry = CollectorRegistry(auto_describe=False)
 
-    def begin(self, rates: RateCounts) -> None:
+    def begin(self, rates: RateCounts, tally: Tally) -> None:
         """Count from here: once the state is open, before the workers start, so
         that nothing they do is missed."""
-        self._registry.register(RelayCollector(self._current, rates))
+        self._registry.register(RelayCollector(self._current, rates, tally))
 
     def start(self, current: Callable[[], Policy]) -> None:
         """Serve, reading the policy in use from ``current`` at each request."""
