@@ -166,8 +166,17 @@ def _parser() -> argparse.ArgumentParser:
         "act on a bounce or spam complaint read from stdin: record it, suppress the"
         " address, tell the sender (for a mail system's pipe to the return_path)"
     )
+    from relay.feedback import syslog
+
     bounce = sub.add_parser("bounce", help=text, description=text, epilog=_BOUNCE_STATUS)
     _policy_option(bounce)
+    bounce.add_argument(
+        "--syslog",
+        metavar="SOCKET",
+        default=syslog.DEFAULT,
+        help="the system log's socket, where each outcome is logged under the mail facility"
+        " as erp-relay/bounce (default /dev/log; 'off' for none)",
+    )
     bounce.set_defaults(run=_bounce)
     return parser
 
@@ -629,7 +638,7 @@ def _suppression(args: argparse.Namespace) -> int:
 def _bounce(args: argparse.Namespace) -> int:
     from relay.feedback.command import main
 
-    return main(args.config, sys.stdin.buffer, sys.stdout, sys.stderr)
+    return main(args.config, sys.stdin.buffer, sys.stdout, sys.stderr, args.syslog)
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -3,13 +3,18 @@ complaint about documents a real relay delivered, read from standard input."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
+import socket
 import subprocess
 import sys
 from email import message_from_bytes
 from email.policy import default
 from pathlib import Path
 
+from relay.feedback.syslog import SystemLog
 from relay.policy.load import load
 from relay.suppression import SuppressionFile
 from tests.relayproc import RelayProcess
@@ -17,6 +22,35 @@ from tests.sink import Sink, SinkServer, free_port
 from tests.test_queue_e2e import ROOT, audit_events, configure, relay_cli, send
 
 FEEDBACK = Path(__file__).parent / "messages" / "feedback"
+MAIL_INFO = 2 * 8 + 6  # facility mail, severity info (RFC 5424)
+MAIL_WARNING = 2 * 8 + 4
+
+
+class LogSocket:
+    """A datagram socket where syslog would listen, and the lines sent to it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+
+    def __enter__(self) -> LogSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def lines(self) -> list[tuple[int, str, str]]:
+        """(priority, tag, text) of each datagram received so far."""
+        found = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                datagram = self.sock.recv(65536).decode()
+                pri, _, rest = datagram.partition(">")
+                tag, _, text = rest.partition(": ")
+                found.append((int(pri.lstrip("<")), tag, text))
+        return found
 
 
 def _send(port: int, message_id: str, rcpts: tuple[str, ...]) -> str:
@@ -27,9 +61,11 @@ def _send(port: int, message_id: str, rcpts: tuple[str, ...]) -> str:
     return send(port, data, rcpts)
 
 
-def _bounce(policy: Path, report: bytes) -> subprocess.CompletedProcess[str]:
+def _bounce(
+    policy: Path, report: bytes, syslog: Path | str = "off"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "relay", "bounce", "-c", str(policy)],
+        [sys.executable, "-m", "relay", "bounce", "-c", str(policy), "--syslog", str(syslog)],
         input=report.decode("latin-1"),
         capture_output=True, text=True, timeout=60, check=False, cwd=ROOT, encoding="latin-1",
     )  # fmt: skip
@@ -57,9 +93,13 @@ def test_a_bounce_and_a_complaint_piped_in_are_acted_on_and_the_sender_told(
             )
             quote = _send(port, "<4716.erp@acme.example>", ("Buyer.Desk@yahoo-mail.example",))
             sink.wait(2)
-        bounced = _bounce(policy, (FEEDBACK / "postfix-two-failed.eml").read_bytes())
-        complained = _bounce(policy, (FEEDBACK / "yahoo-arf.eml").read_bytes())
-        ignored = _bounce(policy, (FEEDBACK / "out-of-office.eml").read_bytes())
+        with LogSocket(tmp_path / "log") as syslog:
+            bounced = _bounce(
+                policy, (FEEDBACK / "postfix-two-failed.eml").read_bytes(), syslog.path
+            )
+            complained = _bounce(policy, (FEEDBACK / "yahoo-arf.eml").read_bytes(), syslog.path)
+            ignored = _bounce(policy, (FEEDBACK / "out-of-office.eml").read_bytes(), syslog.path)
+            logged = syslog.lines()
         with RelayProcess(policy, port, tmp_path / "again.log"):  # delivers the notices queued
             sink.wait(4)
     assert bounced.returncode == 0, bounced.stderr
@@ -76,6 +116,14 @@ def test_a_bounce_and_a_complaint_piped_in_are_acted_on_and_the_sender_told(
         "Buyer.Desk@yahoo-mail.example: complained, suppressed",
     ]
     assert ignored.returncode == 0 and ignored.stdout == ""
+    head = bounced.stdout.splitlines()[0]
+    said = [(pri, text) for pri, tag, text in logged if tag.startswith("erp-relay/bounce[")]
+    assert said == [
+        *((MAIL_INFO, f"{head}: {line}") for line in bounced.stdout.splitlines()[1:]),
+        *((MAIL_INFO, f"{complained.stdout.splitlines()[0]}: {line}")
+          for line in complained.stdout.splitlines()[1:]),
+        (MAIL_INFO, "neither a bounce nor a complaint: ignored"),
+    ]  # fmt: skip
     assert "neither a bounce nor a complaint: ignored" in ignored.stderr
     assert _listed(policy) == {
         "nobody@buyer.example": (None, "bounce"),
@@ -100,3 +148,33 @@ def test_a_policy_that_does_not_load_keeps_the_report_for_later(tmp_path: Path) 
     done = _bounce(policy, (FEEDBACK / "postfix-two-failed.eml").read_bytes())
     assert done.returncode == 75
     assert f"{policy}:" in done.stderr and "not taken, try again later" in done.stderr
+
+
+def test_a_report_not_taken_is_a_warning_in_the_system_log(tmp_path: Path) -> None:
+    policy = tmp_path / "relay.yaml"
+    policy.write_text("version: 1\nplatform: [\n")
+    with LogSocket(tmp_path / "log") as syslog:
+        done = _bounce(policy, (FEEDBACK / "postfix-two-failed.eml").read_bytes(), syslog.path)
+        ((pri, tag, text),) = syslog.lines()
+    assert done.returncode == 75
+    assert pri == MAIL_WARNING and tag == f"erp-relay/bounce[{tag[17:-1]}]", tag
+    assert text.startswith(f"not taken, the mail system keeps it: {policy}:"), text
+    assert "\n" not in text
+
+
+def test_without_a_system_log_a_report_is_still_taken(tmp_path: Path) -> None:
+    """A socket named but not there is said on stderr; the default, quietly skipped."""
+    policy = tmp_path / "relay.yaml"
+    policy.write_text("version: 1\nplatform: [\n")
+    done = _bounce(policy, b"", tmp_path / "nothing-here")
+    assert f"relay bounce: no system log at {tmp_path / 'nothing-here'}: " in done.stderr
+
+
+def test_a_report_cannot_forge_a_line_of_the_system_log(tmp_path: Path) -> None:
+    """Addresses and texts in a report are the sender's: a line end in one is shown, not kept."""
+    with LogSocket(tmp_path / "log") as socket_log:
+        system_log = SystemLog(str(socket_log.path), io.StringIO())
+        system_log.say(logging.INFO, "x@buyer.example: bounced\nerp-relay/bounce[1]: forged")
+        system_log.close()
+        ((pri, _, text),) = socket_log.lines()
+    assert (pri, text) == (MAIL_INFO, "x@buyer.example: bounced\\x0aerp-relay/bounce[1]: forged")

@@ -10,6 +10,7 @@ now, so the mail system keeps the report and tries again later.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
@@ -17,6 +18,7 @@ from relay.audit import AuditError
 from relay.errors import PolicyError
 from relay.feedback.act import act
 from relay.feedback.parse import read
+from relay.feedback.syslog import DEFAULT, SystemLog
 from relay.policy.load import load
 from relay.record import Recorder, audit_log
 from relay.spool import Spool, SpoolError
@@ -26,16 +28,36 @@ EX_TEMPFAIL = 75
 MAX_REPORT = 64 << 20  # a bounce returns the whole message: one of the largest the relay sends
 
 
-def main(policy_path: Path, source: BinaryIO, out: TextIO, err: TextIO) -> int:
+def main(
+    policy_path: Path, source: BinaryIO, out: TextIO, err: TextIO, syslog: str = DEFAULT
+) -> int:
+    """``syslog``: the system log's socket, or ``off``; each outcome goes there too."""
+    system_log = SystemLog(syslog, err)
+    try:
+        return _take(policy_path, source, out, err, system_log)
+    finally:
+        system_log.close()
+
+
+def _take(
+    policy_path: Path, source: BinaryIO, out: TextIO, err: TextIO, system_log: SystemLog
+) -> int:
+    def not_taken(said: str, why: str) -> int:
+        err.write(said)
+        system_log.say(logging.WARNING, f"not taken, the mail system keeps it: {why}")
+        return EX_TEMPFAIL
+
     try:
         policy = load(policy_path)
     except PolicyError as exc:
-        err.write("\n".join(exc.problems) + "\nrelay bounce: not taken, try again later\n")
-        return EX_TEMPFAIL
+        problems = "\n".join(exc.problems)
+        said = f"{problems}\nrelay bounce: not taken, try again later\n"
+        return not_taken(said, "; ".join(exc.problems))
     raw = source.read(MAX_REPORT + 1)
     report = read(raw[:MAX_REPORT])
     if report is None:
         err.write("relay bounce: neither a bounce nor a complaint: ignored\n")
+        system_log.say(logging.INFO, "neither a bounce nor a complaint: ignored")
         return 0
     assert policy.suppression is not None  # a loaded policy has one
     try:
@@ -45,8 +67,7 @@ def main(policy_path: Path, source: BinaryIO, out: TextIO, err: TextIO) -> int:
                 policy, report, Recorder(audit), SuppressionFile(policy.suppression.file), spool
             )
     except (AuditError, SuppressionError, SpoolError) as exc:
-        err.write(f"relay bounce: not taken, try again later: {exc}\n")
-        return EX_TEMPFAIL
+        return not_taken(f"relay bounce: not taken, try again later: {exc}\n", str(exc))
     about = outcome.original
     head = (
         f"{report.kind} about {about.queue_id} ({about.tenant}/{about.user})"
@@ -55,4 +76,6 @@ def main(policy_path: Path, source: BinaryIO, out: TextIO, err: TextIO) -> int:
         f" (Message-ID {report.message_id or 'not given'})"
     )
     out.write("".join(f"{line}\n" for line in [head, *outcome.lines]))
+    for line in outcome.lines or [""]:
+        system_log.say(logging.INFO, f"{head}: {line}" if line else head)
     return 0
