@@ -6,6 +6,7 @@ worker the kernel gave each connection to."""
 from __future__ import annotations
 
 import socket
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -140,6 +141,11 @@ def test_what_the_sessions_and_the_attempts_came_to_is_counted(
                 assert raw.sock.recv(512) == b""
             made += 2
 
+            for _ in range(20):  # reset at once: nobody was refused
+                with socket.create_connection(("127.0.0.1", local), timeout=10) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            made += 20
+
             with socket.create_connection(("127.0.0.1", ports["partners"]), timeout=10) as sock:
                 assert sock.recv(512).startswith(b"554 5.7.1 Client 127.0.0.1 is not allowed")
             with Raw(ports["idle"]) as raw:
@@ -155,6 +161,7 @@ def test_what_the_sessions_and_the_attempts_came_to_is_counted(
             wait_for(lambda: "TLS handshake failed" in relay.log())
             wait_for(lambda: "disconnected after CONNECT: 421 4.4.2" in relay.log())
             now = counted()
+            assert "refused client=None" not in relay.log()
 
     def value(name: str, **labels: str) -> float:
         return _value(now, f"relay_smtp_{name}_total", **labels)

@@ -319,6 +319,9 @@ class RelaySMTP(SMTP):
         assert self.session is not None and self.transport is not None
         address = client_address(self.session.peer)
         self._count(tally.CONNECTION)
+        if self.session.peer is None:  # reset before it was served: nobody to refuse
+            self.transport.close()
+            return
         if address is None or not allowed(address, self._allow):
             log.warning(
                 "refused client=%s on listener %s: not in its allow list",
