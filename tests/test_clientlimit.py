@@ -3,6 +3,7 @@ relay with two workers refusing the connection past the limit."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import pytest
 from relay.ingress.clientlimit import ClientCounts
 from tests.test_workers import Relay, configure, free_port, serving
 
+BURST = 200
 REFUSED = b"421 4.7.0 Too many connections from 127.0.0.1, try again later\r\n"
 
 
@@ -80,6 +82,39 @@ def test_past_the_limit_a_connection_is_told_421_whichever_worker_takes_it(
     finally:
         for sock, _ in opened:
             sock.close()
+
+
+def test_a_burst_taken_by_both_workers_at_once_stays_within_the_limit(limited: Relay) -> None:
+    """A burst of one client's connections, all held open, spread over both
+    workers as they arrive: never more greeted than the limit, whichever
+    worker took each."""
+    for _ in range(3):
+        greetings = asyncio.run(_burst(limited.port, BURST))
+        greeted = sum(line.startswith(b"220 ") for line in greetings)
+        assert 1 <= greeted <= 3, greeted
+        assert all(line in (REFUSED, b"") or line.startswith(b"220 ") for line in greetings)
+        limited.wait_for(lambda: connect_and_quit(limited.port), "the burst's connections gone")
+
+
+async def _burst(port: int, count: int) -> list[bytes]:
+    """``count`` connections at once, each held until all are answered; their first lines."""
+    opened = await asyncio.gather(
+        *(asyncio.open_connection("127.0.0.1", port) for _ in range(count))
+    )
+    try:
+        return await asyncio.gather(
+            *(asyncio.wait_for(reader.readline(), 10) for reader, _ in opened)
+        )
+    finally:
+        for _, writer in opened:
+            writer.close()
+
+
+def connect_and_quit(port: int) -> bool:
+    """Whether a connection was greeted now (and then ended at once)."""
+    sock, reply = connect(port)
+    with sock:
+        return reply.startswith(b"220 ")
 
 
 def test_workers_killed_with_their_connections_leave_no_count_behind(limited: Relay) -> None:

@@ -337,12 +337,21 @@ class RelaySMTP(SMTP):
         await super()._handle_client()
 
     def _admitted(self, address: str) -> bool:
-        """Counted open, unless the client has its listener's limit open already."""
+        """Counted open, unless the client has its listener's limit open already.
+
+        Counted first, then the total read: two workers taking a burst of one
+        client's connections at the same moment each see the other's count,
+        so at the limit both may refuse one, but neither lets one past it (read
+        first, each took up to the limit from a total the other had not
+        added to yet)."""
         if self._clients is None or self._per_client is None:
             return True
         assert self.transport is not None
-        already = self._clients.open(self._listener_name, address)
+        counted = self._clients.enter(self._listener_name, address)
+        already = self._clients.open(self._listener_name, address) - int(counted)
         if already >= self._per_client:
+            if counted:
+                self._clients.leave(self._listener_name, address)
             log.warning(
                 "refused client=%s on listener %s: %d connections open from it, its limit",
                 address,
@@ -353,7 +362,7 @@ class RelaySMTP(SMTP):
             self._say(TOO_MANY.format(client=address).encode() + b"\r\n")  # logged above
             self.transport.close()
             return False
-        if self._clients.enter(self._listener_name, address):
+        if counted:
             self._counted = address
         return True
 
