@@ -27,7 +27,7 @@ TLS_FAILED = "tls failed"  # (listener)
 AUTH = "auth"  # (listener, result)
 UPSTREAM = "upstream"  # (upstream, result)
 
-REFUSED_REASONS = ("not_allowed", "too_many_from_client")
+REFUSED_REASONS = ("not_allowed", "too_many", "too_many_from_client")
 DROPPED_REASONS = ("timeout", "errors")
 AUTH_RESULTS = ("ok", "failed", "locked")
 UPSTREAM_RESULTS = ("sent", "deferred", "refused")

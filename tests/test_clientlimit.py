@@ -16,6 +16,7 @@ from relay.ingress.clientlimit import ClientCounts
 from tests.test_workers import Relay, configure, free_port, serving
 
 BURST = 200
+ALL_BUSY = b"421 4.3.2 Too many connections, try again later\r\n"
 REFUSED = b"421 4.7.0 Too many connections from 127.0.0.1, try again later\r\n"
 
 
@@ -34,21 +35,29 @@ def test_every_worker_reads_what_the_others_have_open() -> None:
     assert second.open("submission", "192.0.2.7") == 1
 
 
-@pytest.fixture
-def limited(policy_file: Path, tmp_path: Path) -> Iterator[Relay]:
+def _relay(policy_file: Path, tmp_path: Path, limits: str) -> Iterator[Relay]:
     port = free_port()
     path = configure(policy_file, port)
-    text = path.read_text().replace(
-        f"    port: {port}\n", f"    port: {port}\n    max_connections_per_client: 3\n", 1
-    )
+    text = path.read_text().replace(f"    port: {port}\n", f"    port: {port}\n{limits}", 1)
     path.write_text(text)
     with serving(path, port, tmp_path / "relay.log") as running:
         yield running
 
 
-def connect(port: int) -> tuple[socket.socket, bytes]:
-    """A connection and the first line the relay said on it."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+@pytest.fixture
+def limited(policy_file: Path, tmp_path: Path) -> Iterator[Relay]:
+    yield from _relay(policy_file, tmp_path, "    max_connections_per_client: 3\n")
+
+
+@pytest.fixture
+def busy(policy_file: Path, tmp_path: Path) -> Iterator[Relay]:
+    limits = "    max_connections_per_client: 3\n    max_connections: 4\n"
+    yield from _relay(policy_file, tmp_path, limits)
+
+
+def connect(port: int, source: str = "127.0.0.1") -> tuple[socket.socket, bytes]:
+    """A connection from ``source`` and the first line the relay said on it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
     reply = b""
     while not reply.endswith(b"\n"):
         chunk = sock.recv(512)
@@ -79,6 +88,30 @@ def test_past_the_limit_a_connection_is_told_421_whichever_worker_takes_it(
             if reply.startswith(b"220 "):
                 break
         assert reply.startswith(b"220 "), reply
+    finally:
+        for sock, _ in opened:
+            sock.close()
+
+
+def test_past_max_connections_every_client_is_told_421_until_one_ends(busy: Relay) -> None:
+    """Four open on the listener, whichever workers hold them: a client within its
+    own limit is refused too, and taken again once a connection has ended."""
+    opened = [connect(busy.port) for _ in range(4)]  # the 4th: from it, past its 3
+    try:
+        assert [reply[:4] for _, reply in opened] == [b"220 "] * 3 + [REFUSED[:4]]
+        assert opened[3][1] == REFUSED
+        opened.append(connect(busy.port, "127.0.0.2"))
+        assert opened[-1][1].startswith(b"220 ")
+        opened.append(connect(busy.port, "127.0.0.3"))
+        assert opened[-1][1] == ALL_BUSY
+        said = "WARNING refused client=127.0.0.3 on listener local: 4 connections open on it"
+        assert said in busy.log()
+        opened[0][0].close()
+        for _ in range(100):  # its close reaches the relay a moment later
+            opened.append(connect(busy.port, "127.0.0.3"))
+            if opened[-1][1].startswith(b"220 "):
+                break
+        assert opened[-1][1].startswith(b"220 "), opened[-1][1]
     finally:
         for sock, _ in opened:
             sock.close()

@@ -58,7 +58,7 @@ def _policy(policy_file: Path, tmp_path: Path, ports: dict[str, int], sink: int)
         f"  - name: partners\n    address: 127.0.0.1\n    port: {ports['partners']}\n"
         "    allow: [192.0.2.0/24]\n"
         f"  - name: idle\n    address: 127.0.0.1\n    port: {ports['idle']}\n"
-        "    idle_timeout: 1\n"
+        "    idle_timeout: 1\n    max_connections: 1\n"
     )
     down = (
         f"  down:\n    type: smtp\n    host: 127.0.0.1\n    port: {ports['closed']}\n"
@@ -149,6 +149,10 @@ def test_what_the_sessions_and_the_attempts_came_to_is_counted(
             with socket.create_connection(("127.0.0.1", ports["partners"]), timeout=10) as sock:
                 assert sock.recv(512).startswith(b"554 5.7.1 Client 127.0.0.1 is not allowed")
             with Raw(ports["idle"]) as raw:
+                with socket.create_connection(("127.0.0.1", ports["idle"]), timeout=10) as second:
+                    assert (
+                        second.recv(512) == b"421 4.3.2 Too many connections, try again later\r\n"
+                    )
                 assert raw.line().startswith(b"421 4.4.2 ")
 
             def attempts(upstream: str, outcome: str) -> float:
@@ -168,7 +172,7 @@ def test_what_the_sessions_and_the_attempts_came_to_is_counted(
 
     assert value("connections", listener="local") == probes + made
     assert value("connections", listener="partners") == 1
-    assert value("connections", listener="idle") == 1
+    assert value("connections", listener="idle") == 2
     refused = {
         (listener, reason): value("connections_refused", listener=listener, reason=reason)
         for listener in ("local", "partners", "idle")
@@ -176,10 +180,13 @@ def test_what_the_sessions_and_the_attempts_came_to_is_counted(
     }
     assert refused == {
         ("local", "not_allowed"): 0,
+        ("local", "too_many"): 0,
         ("local", "too_many_from_client"): 1,
         ("partners", "not_allowed"): 1,
+        ("partners", "too_many"): 0,
         ("partners", "too_many_from_client"): 0,
         ("idle", "not_allowed"): 0,
+        ("idle", "too_many"): 1,
         ("idle", "too_many_from_client"): 0,
     }
     assert value("connections_dropped", listener="local", reason="errors") == 1

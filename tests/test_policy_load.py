@@ -232,7 +232,7 @@ def test_the_example_policy_without_its_key_has_only_that_problem(tmp_path: Path
     shutil.copy(ROOT / "config" / "relay.example.yaml", path)
     missing = tmp_path / ".." / "dkim" / "platform.example.dev.private"
     assert problems(path) == [
-        f"{path}:76:17: dkim.keys[0].key_file: cannot read {missing}: No such file or directory"
+        f"{path}:79:17: dkim.keys[0].key_file: cannot read {missing}: No such file or directory"
     ]
 
 
@@ -278,6 +278,7 @@ def test_every_key_set() -> None:
     assert (submission.max_message_size, submission.max_recipients) == (10485760, 20)
     assert submission.idle_timeout == 12.5
     assert (local.max_connections_per_client, submission.max_connections_per_client) == (None, 25)
+    assert (local.max_connections, submission.max_connections) == (None, 200)
     assert policy.identify.order == (IdentitySource.HEADER, IdentitySource.AUTH_LOGIN)
     assert policy.identify.unknown_sender is UnknownSender.DEFAULT
     assert policy.identify.default_tenant == "acme"
@@ -1595,8 +1596,14 @@ def test_the_state_settings_load_without_the_files_they_do_not_name(tmp_path: Pa
             "10:33: listeners[0].max_connections_per_client: 0 is out of range:"
             " expected a number of connections (1..1000000)",
         ),
+        (
+            "    port: 2525\n",
+            "    port: 2525\n    max_connections: -3\n",
+            "10:22: listeners[0].max_connections: -3 is out of range:"
+            " expected a number of connections (1..1000000)",
+        ),
     ],
-    ids=["recipients_per_hour", "max_connections_per_client"],
+    ids=["recipients_per_hour", "max_connections_per_client", "max_connections"],
 )
 def test_the_limits_are_checked_with_their_line(
     tmp_path: Path, old: str, new: str, problem: str

@@ -1,9 +1,12 @@
-"""Connections open from one client address, counted across workers.
+"""Connections open from one client address, and on a listener, counted across workers.
 
 A listener's ``max_connections_per_client`` is Postfix's
 ``smtpd_client_connection_count_limit``: an ERP stuck opening connections in
 a loop, or a scanner, would otherwise take every file the relay may open
-and every ERP's mail would wait behind it. The kernel hands connections to
+and every ERP's mail would wait behind it. Its ``max_connections`` is Exim's
+``smtp_accept_max`` (Postfix's process limit, without the queue of waiting
+connections): many clients at once, each within its own limit, cannot take
+all the memory either. The kernel hands connections to
 any worker, so a count per worker would allow that many times the limit:
 the counts are in a ``sharedtable``, a worker's row holding what it has open.
 A worker that ends loses its connections with it: the supervisor clears its
@@ -17,6 +20,8 @@ from relay.sharedtable import Row, SharedTable, key_of
 SLOTS = 4096  # client addresses with connections open at once, per worker
 
 TOO_MANY = "421 4.7.0 Too many connections from {client}, try again later"
+ALL_BUSY = "421 4.3.2 Too many connections, try again later"
+EVERYONE = ""  # the listener's count of all clients' connections (no address is empty)
 
 
 class ClientCounts:

@@ -234,6 +234,7 @@ def _factory(
                 connections=ingress.connections,
                 clients=clients,
                 per_client=listener.max_connections_per_client,
+                most=listener.max_connections,
                 tally=tally,
                 hostname=current_policy().platform.hostname,
                 ident=IDENT,

@@ -54,7 +54,7 @@ from relay import tally
 from relay.ingress import content, data
 from relay.ingress.address import plain_path
 from relay.ingress.auth import AUTH_ABORTED, BAD_BASE64
-from relay.ingress.clientlimit import TOO_MANY, ClientRow
+from relay.ingress.clientlimit import ALL_BUSY, EVERYONE, TOO_MANY, ClientRow
 from relay.tally import TallyRow
 
 log = logging.getLogger("relay")
@@ -164,6 +164,7 @@ class RelaySMTP(SMTP):
         connections: set[RelaySMTP],
         clients: ClientRow | None = None,
         per_client: int | None = None,
+        most: int | None = None,
         tally: TallyRow | None = None,
         **kwargs: Any,
     ) -> None:
@@ -177,8 +178,9 @@ class RelaySMTP(SMTP):
         self._connections = connections
         self._clients = clients
         self._per_client = per_client
+        self._most = most
         self._tally = tally
-        self._counted: str | None = None  # the client address counted open, until lost
+        self._counted: list[str] = []  # counted open (``clientlimit``), until lost
         self._holding = False
         self._lost = False  # connection_lost was called (see smtp_STARTTLS)
         self._shut_down = False  # told 421 by a stop
@@ -239,8 +241,7 @@ class RelaySMTP(SMTP):
         self._refused_recipients.end()
         self._log_unlogged()
         self._connections.discard(self)
-        if self._counted is not None and self._clients is not None:
-            self._clients.leave(self._listener_name, self._counted)
+        self._leave_counted()
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
@@ -337,34 +338,58 @@ class RelaySMTP(SMTP):
         await super()._handle_client()
 
     def _admitted(self, address: str) -> bool:
-        """Counted open, unless the client has its listener's limit open already.
+        """Counted open on the listener and for the client, unless the listener has
+        its ``max_connections`` open already or the client its
+        ``max_connections_per_client``."""
+        if self._clients is None:
+            return True
+        assert self.transport is not None
+        for client, limit, why, reply, reason in (
+            (EVERYONE, self._most, "on it, its max_connections", ALL_BUSY, "too_many"),
+            (address, self._per_client, "from it, its limit", TOO_MANY, "too_many_from_client"),
+        ):
+            if limit is None:
+                continue
+            already = self._enter(client, limit)
+            if already is not None:
+                log.warning(
+                    "refused client=%s on listener %s: %d connections open %s",
+                    address,
+                    self._listener_name,
+                    already,
+                    why,
+                )
+                self._count(tally.REFUSED, reason)
+                self._say(reply.format(client=address).encode() + b"\r\n")  # logged above
+                self.transport.close()  # what was counted is let go when it is lost
+                return False
+        return True
+
+    def _enter(self, client: str, limit: int) -> int | None:
+        """Counted for ``client``; None, or the connections it had open already if
+        that is its limit (then not counted).
 
         Counted first, then the total read: two workers taking a burst of one
         client's connections at the same moment each see the other's count,
         so at the limit both may refuse one, but neither lets one past it (read
         first, each took up to the limit from a total the other had not
         added to yet)."""
-        if self._clients is None or self._per_client is None:
-            return True
-        assert self.transport is not None
-        counted = self._clients.enter(self._listener_name, address)
-        already = self._clients.open(self._listener_name, address) - int(counted)
-        if already >= self._per_client:
+        assert self._clients is not None
+        counted = self._clients.enter(self._listener_name, client)
+        already = self._clients.open(self._listener_name, client) - int(counted)
+        if already >= limit:
             if counted:
-                self._clients.leave(self._listener_name, address)
-            log.warning(
-                "refused client=%s on listener %s: %d connections open from it, its limit",
-                address,
-                self._listener_name,
-                already,
-            )
-            self._count(tally.REFUSED, "too_many_from_client")
-            self._say(TOO_MANY.format(client=address).encode() + b"\r\n")  # logged above
-            self.transport.close()
-            return False
+                self._clients.leave(self._listener_name, client)
+            return already
         if counted:
-            self._counted = address
-        return True
+            self._counted.append(client)
+        return None
+
+    def _leave_counted(self) -> None:
+        if self._clients is not None:
+            for client in self._counted:
+                self._clients.leave(self._listener_name, client)
+        self._counted.clear()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         plain = plain_path(arg)

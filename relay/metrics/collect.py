@@ -220,7 +220,7 @@ class RelayCollector(Collector):
             ("relay_smtp_connections", "Connections clients made.", tally.CONNECTION, "", ("",)),
             (
                 "relay_smtp_connections_refused",
-                "Connections refused at once (not in the allow list, too many from the client).",
+                "Connections refused at once: not in the allow list, too many open.",
                 tally.REFUSED,
                 "reason",
                 tally.REFUSED_REASONS,

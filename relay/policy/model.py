@@ -86,6 +86,7 @@ class Listener:
     idle_timeout: float
     immediate: float = 0.0  # seconds to wait for the first delivery attempt; 0: answer at once
     max_connections_per_client: int | None = None  # open at once, all workers; None: no limit
+    max_connections: int | None = None  # open at once from all clients, all workers; likewise
 
 
 @dataclass(frozen=True)

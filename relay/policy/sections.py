@@ -118,7 +118,7 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
         ctx.problem(root.get("listeners"), "listeners", "at least one listener is needed")
     keys = ("name", "address", "port", "auth", "tls", "allow")
     keys += ("max_message_size", "max_recipients", "idle_timeout", "immediate")
-    keys += ("max_connections_per_client",)
+    keys += ("max_connections_per_client", "max_connections")
     for node, path in entries:
         m = Map(ctx, node, path, keys, required=("name", "address", "port"))
         name = m.text("name", "a listener name")
@@ -145,6 +145,7 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
         per_client = m.integer(
             "max_connections_per_client", None, 1, 1_000_000, "a number of connections"
         )
+        most = m.integer("max_connections", None, 1, 1_000_000, "a number of connections")
         auth = m.choice("auth", AuthMode, AuthMode.OPTIONAL)
         idle = m.number("idle_timeout", 300)
         if auth is AuthMode.REQUIRED and not m.has("tls") and _off_loopback(ips):
@@ -167,7 +168,8 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
         )
         ok = None not in fields and (tls is not None or not m.has("tls"))
         ok = ok and (per_client is not None or not m.has("max_connections_per_client"))
-        listener = Listener(*fields[:4], tls, *fields[4:], per_client) if ok else None
+        ok = ok and (most is not None or not m.has("max_connections"))
+        listener = Listener(*fields[:4], tls, *fields[4:], per_client, most) if ok else None
         found.append(listener)
     if not found or None in found:
         return None
