@@ -40,8 +40,8 @@ PINNED = {
 def test_every_event_is_pinned() -> None:
     assert set(PINNED) == set(events.SCHEMA)
     for event, own in PINNED.items():
-        assert list(events.fields(event, with_optional=False)) == HEAD + own + TAIL
-    assert list(events.fields("received"))[-3:] == ["subject", "prev", "hash"]
+        assert list(events.fields(event, frozenset())) == HEAD + own + TAIL
+    assert list(events.fields("received"))[-4:] == ["subject", "found_by", "prev", "hash"]
 
 
 def test_stored_records_have_the_pinned_key_order(tmp_path: Path) -> None:
@@ -116,6 +116,21 @@ def test_subject_only_when_passed() -> None:
     )
 
 
+def test_each_optional_field_may_be_absent_but_not_out_of_order() -> None:
+    """Records from before ``found_by`` have none; with ``record_subject: no`` one has
+    ``found_by`` and no subject; both are valid, a reordered one is not."""
+    ids = ("Q1", "<m@x>")
+    found = received(ids, "acme", "jan", "invoice", ["a@b"], found_by="header_from")
+    assert "subject" not in found and list(found)[-1] == "found_by"
+    events.check(found)
+    both = received(ids, "acme", "jan", "invoice", ["a@b"], subject="S", found_by="header")
+    assert list(both)[-2:] == ["subject", "found_by"]
+    events.check(both)
+    swapped = {k: v for k, v in both.items() if k not in ("subject", "found_by")}
+    with pytest.raises(ValueError, match="schema"):
+        events.check({**swapped, "found_by": "header", "subject": "S"})
+
+
 def test_undecodable_header_text_is_made_writable() -> None:
     record = events.failed(queue_id="Q", message_id="<\udcff@x>", recipient="a@b", reply="550")
     assert record["message_id"] == "<\ufffd@x>"
@@ -142,7 +157,9 @@ def test_received_for_takes_the_pipelines_objects() -> None:
         rcpt_tos=("buyer@customer.example",),
     )
     decision = SimpleNamespace(
-        identity=SimpleNamespace(tenant=SimpleNamespace(id="acme"), user=SimpleNamespace(id="jan")),
+        identity=SimpleNamespace(
+            tenant=SimpleNamespace(id="acme"), user=SimpleNamespace(id="jan"), source="auth_login"
+        ),
         classification=SimpleNamespace(doc_type="invoice", rule="inv"),
         from_before="Jan <jan@acme.example>",
         from_after="Jan via P <noreply@p.example>",
@@ -156,6 +173,7 @@ def test_received_for_takes_the_pipelines_objects() -> None:
     assert record["rcpt_tos"] == ["buyer@customer.example"]
     assert record["dkim"] == [{"domain": "p.example", "selector": "s1"}]
     assert record["tenant"] == "acme" and record["rule"] == "inv" and "subject" not in record
+    assert record["found_by"] == "auth_login" and list(record)[-1] == "found_by"
     reply = SimpleNamespace(line="550 5.7.1 Unknown sender")
     rejected = events.rejected_for(submission, reply)  # type: ignore[arg-type]
     assert rejected["reply"] == "550 5.7.1 Unknown sender" and rejected["queue_id"] is None

@@ -233,6 +233,13 @@ def test_show_is_the_whole_timeline_in_order(log_dir: Path) -> None:
     assert both.splitlines() == [*expected, "", *renamed]
 
 
+def test_show_says_how_the_user_was_found_when_the_record_does(log_dir: Path) -> None:
+    by_queue = show(log_dir, ACME_INVOICE[0])
+    found = [{**r, "found_by": "auth_login"} if r["event"] == "received" else r for r in by_queue]
+    said = "    tenant acme, user jan (found by auth_login), document invoice (rule invoice-header)"
+    assert said in timeline(found).splitlines()
+
+
 def test_show_main(log_dir: Path) -> None:
     out, err = io.StringIO(), io.StringIO()
     assert show_main(log_dir, "<quote-77@erp.acme.example>", out=out, err=err) == 0

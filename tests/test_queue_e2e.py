@@ -84,6 +84,9 @@ def test_upstream_down_then_back_delivers_everything(policy_file: Path, tmp_path
             wait_for(lambda: relay.log().count("status=sent") >= 3)
         wait_for(lambda: relay_cli(policy, "queue", "list").stdout.strip() == "Mail queue is empty")
     events = audit_events(policy, ids[0])
+    shown = relay_cli(policy, "audit", "show", ids[0], "--format", "json").stdout
+    received = next(r for r in map(json.loads, shown.splitlines()) if r["event"] == "received")
+    assert received["found_by"] == "envelope_sender"  # no login: the order's next source
     retries = len(events) - 3
     assert retries >= 1
     assert events == [

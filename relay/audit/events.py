@@ -80,6 +80,9 @@ SCHEMA: Mapping[str, tuple[tuple[str, Check], ...]] = {
         ("upstream", _str),
         ("policy_version", _str),
         ("subject", _str),  # optional: present only when the caller passes it
+        # which identify source named the user (auth_login, envelope_sender,
+        # header_from, header) or "default"; absent from records written before it
+        ("found_by", _str),
     ),
     "rejected": (
         ("client_address", _str),
@@ -113,13 +116,18 @@ SCHEMA: Mapping[str, tuple[tuple[str, Check], ...]] = {
         ("retention_days", _int),
     ),
 }
-OPTIONAL = {("received", "subject")}
+OPTIONAL = {("received", "subject"), ("received", "found_by")}
 
 
 @functools.cache
-def fields(event: str, *, with_optional: bool = True) -> tuple[str, ...]:
-    """The full key order of a stored record of this event."""
-    own = tuple(name for name, _ in SCHEMA[event] if with_optional or (event, name) not in OPTIONAL)
+def fields(event: str, optional: frozenset[str] | None = None) -> tuple[str, ...]:
+    """The full key order of a stored record of this event, with the optional
+    fields named in ``optional`` (None: all of them)."""
+    own = tuple(
+        name
+        for name, _ in SCHEMA[event]
+        if (event, name) not in OPTIONAL or optional is None or name in optional
+    )
     return (*HEAD, *own, *TAIL)
 
 
@@ -129,8 +137,9 @@ def check(record: Mapping[str, Any]) -> None:
     if event not in SCHEMA:
         raise ValueError(f"unknown audit event {event!r}")
     keys = tuple(record)
-    full, required = fields(event)[3:-2], fields(event, with_optional=False)[3:-2]
-    if keys not in (full, required):
+    present = frozenset(k for k in keys if (event, k) in OPTIONAL)
+    if keys != fields(event, present)[3:-2]:
+        full = fields(event)[3:-2]
         raise ValueError(f"audit event {event!r}: fields {keys} are not the schema's {full}")
     if not (_opt_str(record["queue_id"]) and _opt_str(record["message_id"])):
         raise ValueError(f"audit event {event!r}: queue_id and message_id must be text or None")
@@ -208,6 +217,7 @@ def received(
     upstream: str,
     policy_version: str,
     subject: str | None = None,
+    found_by: str | None = None,
 ) -> dict:
     values = dict(locals())
     values["dkim"] = [{"domain": d, "selector": s} for d, s in dkim]
@@ -246,6 +256,7 @@ def received_for(
         upstream=decision.upstream.name,
         policy_version=policy_version,
         subject=subject,
+        found_by=decision.identity.source,
     )
 
 

@@ -255,8 +255,9 @@ def _received(r: dict[str, Any]) -> list[str]:
         f"Message {_safe(r.get('message_id'))}, queue ID {_safe(r.get('queue_id'))}",
         f"{r.get('time')}  received from {_safe(r.get('client_address'))}"
         f" (login {_safe(r.get('auth_login'))}, listener {_safe(r.get('listener'))})",
-        f"    tenant {_safe(r.get('tenant'))}, user {_safe(r.get('user'))},"
-        f" document {_safe(r.get('doc_type'))} (rule {_safe(r.get('rule'))})",
+        f"    tenant {_safe(r.get('tenant'))}, user {_safe(r.get('user'))}"
+        + (f" (found by {_safe(r['found_by'])})" if "found_by" in r else "")
+        + f", document {_safe(r.get('doc_type'))} (rule {_safe(r.get('rule'))})",
         f"    envelope <{_safe(r.get('mail_from'))}> to "
         + ", ".join(f"<{_safe(a)}>" for a in r.get("rcpt_tos") or []),
     ]
