@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,7 +78,10 @@ def test_past_the_limit_a_connection_is_told_421_whichever_worker_takes_it(
         refused = [reply for _, reply in opened if not reply.startswith(b"220 ")]
         assert len(greeted) == 3
         assert refused == [REFUSED] * 3
-        said = "WARNING refused client=127.0.0.1 on listener local: 3 connections open from it"
+        said = (
+            "WARNING refused client=127.0.0.1 on listener local: 3 connections open from it"
+            " already, its max_connections_per_client"
+        )
         assert said in limited.log()
         greeted[0].sendall(b"QUIT\r\n")
         greeted[0].recv(512)
@@ -104,7 +108,10 @@ def test_past_max_connections_every_client_is_told_421_until_one_ends(busy: Rela
         assert opened[-1][1].startswith(b"220 ")
         opened.append(connect(busy.port, "127.0.0.3"))
         assert opened[-1][1] == ALL_BUSY
-        said = "WARNING refused client=127.0.0.3 on listener local: 4 connections open on it"
+        said = (
+            "WARNING refused client=127.0.0.3 on listener local: 4 connections open on it"
+            " already, its max_connections"
+        )
         assert said in busy.log()
         opened[0][0].close()
         for _ in range(100):  # its close reaches the relay a moment later
@@ -115,6 +122,48 @@ def test_past_max_connections_every_client_is_told_421_until_one_ends(busy: Rela
     finally:
         for sock, _ in opened:
             sock.close()
+
+
+def test_a_client_refused_for_its_own_limit_takes_no_place_from_the_others(busy: Relay) -> None:
+    """A client stuck reconnecting at its own limit: its refused connections were
+    counted on the listener too, until each ended, and others were told the
+    relay was full while it was not (3 held of 4)."""
+    held = [connect(busy.port, "127.0.0.2") for _ in range(3)]
+    flooding = threading.Event()
+
+    def flood() -> None:
+        while not flooding.is_set():
+            try:
+                sock, reply = connect(busy.port, "127.0.0.2")
+            except ConnectionResetError:  # closed by the relay before it was read
+                continue
+            sock.close()
+            assert reply in (REFUSED.replace(b".1,", b".2,"), b""), reply
+
+    threads = [threading.Thread(target=flood) for _ in range(8)]
+    try:
+        assert all(reply.startswith(b"220 ") for _, reply in held)
+        for thread in threads:
+            thread.start()
+        replies = [quit_after_greeting(busy.port, "127.0.0.3") for _ in range(40)]
+    finally:
+        flooding.set()
+        for thread in threads:
+            thread.join(10)
+        for sock, _ in held:
+            sock.close()
+    assert all(reply.startswith(b"220 ") for reply in replies), set(replies)
+
+
+def quit_after_greeting(port: int, source: str) -> bytes:
+    """The greeting, then QUIT and the relay's close: its place is free again."""
+    sock, reply = connect(port, source)
+    with sock:
+        if reply.startswith(b"220 "):
+            sock.sendall(b"QUIT\r\n")
+            while sock.recv(512):
+                pass
+    return reply
 
 
 def test_a_burst_taken_by_both_workers_at_once_stays_within_the_limit(limited: Relay) -> None:

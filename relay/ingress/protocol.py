@@ -338,36 +338,38 @@ class RelaySMTP(SMTP):
         await super()._handle_client()
 
     def _admitted(self, address: str) -> bool:
-        """Counted open on the listener and for the client, unless the listener has
-        its ``max_connections`` open already or the client its
-        ``max_connections_per_client``."""
+        """Counted open for the client and on the listener, unless the client has its
+        ``max_connections_per_client`` open already or the listener its
+        ``max_connections``. The client's limit first: a client refused for its
+        own is never counted on the listener, where it would have the others
+        refused as the listener's limit came near."""
         if self._clients is None:
             return True
         assert self.transport is not None
-        for client, limit, why, reply, reason in (
-            (EVERYONE, self._most, "on it, its max_connections", ALL_BUSY, "too_many"),
-            (address, self._per_client, "from it, its limit", TOO_MANY, "too_many_from_client"),
-        ):
-            if limit is None:
+        for client, setting, limit, where, reply, reason in (
+            (address, "max_connections_per_client", self._per_client, "from it", TOO_MANY,
+             "too_many_from_client"),
+            (EVERYONE, "max_connections", self._most, "on it", ALL_BUSY, "too_many"),
+        ):  # fmt: skip
+            if limit is None or self._enter(client, limit):
                 continue
-            already = self._enter(client, limit)
-            if already is not None:
-                log.warning(
-                    "refused client=%s on listener %s: %d connections open %s",
-                    address,
-                    self._listener_name,
-                    already,
-                    why,
-                )
-                self._count(tally.REFUSED, reason)
-                self._say(reply.format(client=address).encode() + b"\r\n")  # logged above
-                self.transport.close()  # what was counted is let go when it is lost
-                return False
+            log.warning(
+                "refused client=%s on listener %s: %s connections open %s already, its %s",
+                address,
+                self._listener_name,
+                limit,
+                where,
+                setting,
+            )
+            self._count(tally.REFUSED, reason)
+            self._say(reply.format(client=address).encode() + b"\r\n")  # logged above
+            self._leave_counted()  # now: a burst of refusals would hold the places
+            self.transport.close()
+            return False
         return True
 
-    def _enter(self, client: str, limit: int) -> int | None:
-        """Counted for ``client``; None, or the connections it had open already if
-        that is its limit (then not counted).
+    def _enter(self, client: str, limit: int) -> bool:
+        """Counted for ``client``, unless it has ``limit`` open already.
 
         Counted first, then the total read: two workers taking a burst of one
         client's connections at the same moment each see the other's count,
@@ -376,14 +378,13 @@ class RelaySMTP(SMTP):
         added to yet)."""
         assert self._clients is not None
         counted = self._clients.enter(self._listener_name, client)
-        already = self._clients.open(self._listener_name, client) - int(counted)
-        if already >= limit:
+        if self._clients.open(self._listener_name, client) - int(counted) >= limit:
             if counted:
                 self._clients.leave(self._listener_name, client)
-            return already
+            return False
         if counted:
             self._counted.append(client)
-        return None
+        return True
 
     def _leave_counted(self) -> None:
         if self._clients is not None:
