@@ -171,10 +171,46 @@ def test_without_a_system_log_a_report_is_still_taken(tmp_path: Path) -> None:
 
 
 def test_a_report_cannot_forge_a_line_of_the_system_log(tmp_path: Path) -> None:
-    """Addresses and texts in a report are the sender's: a line end in one is shown, not kept."""
+    """Addresses and texts in a report are the sender's: a line end in one is shown,
+    not kept, as are the controls beyond ASCII; a line too long for a syslog
+    daemon is cut, not lost."""
     with LogSocket(tmp_path / "log") as socket_log:
         system_log = SystemLog(str(socket_log.path), io.StringIO())
         system_log.say(logging.INFO, "x@buyer.example: bounced\nerp-relay/bounce[1]: forged")
+        system_log.say(logging.INFO, "<a\u009b2J\u2028b@example>")
+        system_log.say(logging.INFO, "y" * 10_000 + "@buyer.example: bounced")
         system_log.close()
-        ((pri, _, text),) = socket_log.lines()
-    assert (pri, text) == (MAIL_INFO, "x@buyer.example: bounced\\x0aerp-relay/bounce[1]: forged")
+        forged, c1, long = socket_log.lines()
+    assert forged[:1] == (MAIL_INFO,)
+    assert forged[2] == "x@buyer.example: bounced\\x0aerp-relay/bounce[1]: forged"
+    assert c1[2] == "<a\\x9b2J\\u2028b@example>"
+    assert long[2] == "y" * 4000 + f"... ({10_000 + 23 - 4000} more characters)"
+
+
+def test_a_stream_socket_gets_each_line_ended_by_a_nul(tmp_path: Path) -> None:
+    """Some syslog daemons listen on a stream socket: the C library's syslog()
+    writes there when a datagram is refused, and so does the relay."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(tmp_path / "log"))
+        server.listen(1)
+        server.settimeout(10)
+        system_log = SystemLog(str(tmp_path / "log"), io.StringIO())
+        system_log.say(logging.WARNING, "first")
+        system_log.say(logging.INFO, "second")
+        system_log.close()
+        connection, _ = server.accept()
+        with connection:
+            received = b""
+            while chunk := connection.recv(4096):
+                received += chunk
+    lines = received.split(b"\0")
+    assert lines[-1] == b"" and len(lines) == 3
+    assert lines[0].startswith(b"<20>erp-relay/bounce[") and lines[0].endswith(b"]: first")
+    assert lines[1].startswith(b"<22>erp-relay/bounce[") and lines[1].endswith(b"]: second")
+
+
+def test_a_socket_that_cannot_be_named_is_said_with_its_reason(tmp_path: Path) -> None:
+    err = io.StringIO()
+    SystemLog("/tmp/" + "d" * 120, err).close()
+    assert err.getvalue().startswith("relay bounce: no system log at /tmp/ddd")
+    assert "None" not in err.getvalue() and err.getvalue().rstrip().endswith("too long")

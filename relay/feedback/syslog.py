@@ -11,6 +11,8 @@ whose sender told). Each outcome is one line under the mail facility, tagged
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
@@ -20,42 +22,61 @@ from typing import TextIO
 DEFAULT = "/dev/log"  # where syslog and journald listen on Linux
 OFF = "off"
 IDENT = "erp-relay/bounce"
+LONGEST = 4000  # characters of a line's text; syslog daemons cut at 8 KiB, or drop it
 _MAIL = 2  # the facility (RFC 5424)
 _SEVERITY = {logging.WARNING: 4, logging.INFO: 6}
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a report's text must not start a log line of its own
+# a report's text must not start a log line of its own, nor move a terminal's cursor
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class SystemLog:
     """The system log's socket, or nothing when there is none to write to.
-    Written as the C library's ``syslog()`` writes (one datagram a line); the
-    standard library's handler retries a missing socket at every line and
-    prints a traceback for each."""
+    Written as the C library's ``syslog()`` writes: a datagram a line, or on a
+    stream socket each line ended by a NUL. The standard library's handler
+    retries a missing socket at every line and prints a traceback for each."""
 
     def __init__(self, address: str, err: TextIO) -> None:
         self._sock: socket.socket | None = None
+        self._end = b""
         if address == OFF:
             return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            sock.connect(address)
+            self._sock = _connected(address, socket.SOCK_DGRAM)
         except OSError as exc:
-            sock.close()
-            if address != DEFAULT:  # asked for by name: say it is not there
-                err.write(f"relay bounce: no system log at {address}: {exc.strerror}\n")
-            return
-        self._sock = sock
+            if exc.errno == errno.EPROTOTYPE:
+                with contextlib.suppress(OSError):
+                    self._sock, self._end = _connected(address, socket.SOCK_STREAM), b"\0"
+            if self._sock is None and address != DEFAULT:  # named: say it is not there
+                err.write(f"relay bounce: no system log at {address}: {exc.strerror or exc}\n")
         self._tag = f"{IDENT}[{os.getpid()}]"
 
     def say(self, level: int, text: str) -> None:
         if self._sock is None:
             return
-        text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)  # one line, as it came
+        text = _CONTROL.sub(_escaped, text)  # one line, as it came
+        if len(text) > LONGEST:
+            text = f"{text[:LONGEST]}... ({len(text) - LONGEST} more characters)"
         line = f"<{_MAIL * 8 + _SEVERITY[level]}>{self._tag}: {text}"
         try:
-            self._sock.send(line.encode("utf-8", "replace"))
+            self._sock.sendall(line.encode("utf-8", "replace") + self._end)
         except OSError:
             return  # the log went away: the report is taken all the same
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
+
+
+def _escaped(control: re.Match[str]) -> str:
+    code = ord(control.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _connected(address: str, kind: socket.SocketKind) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, kind)
+    try:
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
