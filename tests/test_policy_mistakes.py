@@ -434,3 +434,17 @@ def test_check_warns_of_a_header_a_reply_to_chain_reads_that_goes_on_to_the_reci
         " meant for the relay only"
     )
     assert warnings(path) == ([expected] if warned else [])
+
+
+@pytest.mark.parametrize(("per_client", "warned"), [(50, True), (49, False)])
+def test_check_warns_of_a_client_limit_that_is_the_whole_listener(
+    tmp_path: Path, per_client: int, warned: bool
+) -> None:
+    limits = f"    max_connections_per_client: {per_client}\n    max_connections: 50\n"
+    path = variant(tmp_path, "    port: 2525\n", "    port: 2525\n" + limits)
+    line = line_of(path, "max_connections_per_client")
+    said = (
+        f"{path}:{line}:33: warning: listeners[0].max_connections_per_client: {per_client}"
+        " is not below max_connections 50: one client could take every place on the listener"
+    )
+    assert warnings(path) == ([said] if warned else [])

@@ -146,6 +146,14 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
             "max_connections_per_client", None, 1, 1_000_000, "a number of connections"
         )
         most = m.integer("max_connections", None, 1, 1_000_000, "a number of connections")
+        if per_client is not None and most is not None and per_client >= most:
+            message = (
+                f"{per_client} is not below max_connections {most}:"
+                " one client could take every place on the listener"
+            )
+            ctx.problems.warn(
+                m.get("max_connections_per_client"), m.sub("max_connections_per_client"), message
+            )
         auth = m.choice("auth", AuthMode, AuthMode.OPTIONAL)
         idle = m.number("idle_timeout", 300)
         if auth is AuthMode.REQUIRED and not m.has("tls") and _off_loopback(ips):
