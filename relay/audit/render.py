@@ -24,6 +24,10 @@ TABLE_BLOCK = 2000
 TABLE_COLUMNS = ("time", "event", "queue_id", "tenant", "user", "doc_type", "recipient", "reply")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _NESTED = {"dkim": ("domain", "selector"), "suppression": ("reason", "since")}
+# Fields added within version 1, after the first CSV: their columns come last, in
+# the order they were added, so that a script reading the columns by position
+# reads the same columns as before.
+_ADDED_LATER = ("found_by",)
 
 
 def _csv_columns() -> tuple[str, ...]:
@@ -34,9 +38,9 @@ def _csv_columns() -> tuple[str, ...]:
                 names += [
                     f"{name}.{part}" for part in _NESTED[name] if f"{name}.{part}" not in names
                 ]
-            elif name not in names:
+            elif name not in names and name not in _ADDED_LATER:
                 names.append(name)
-    return (*events.HEAD, *names, *events.TAIL)
+    return (*events.HEAD, *names, *events.TAIL, *_ADDED_LATER)
 
 
 CSV_COLUMNS = _csv_columns()
