@@ -179,12 +179,14 @@ def test_a_report_cannot_forge_a_line_of_the_system_log(tmp_path: Path) -> None:
         system_log.say(logging.INFO, "x@buyer.example: bounced\nerp-relay/bounce[1]: forged")
         system_log.say(logging.INFO, "<a\u009b2J\u2028b@example>")
         system_log.say(logging.INFO, "y" * 10_000 + "@buyer.example: bounced")
+        system_log.say(logging.INFO, "用" * 3_000 + "@buyer.example: bounced")
         system_log.close()
-        forged, c1, long = socket_log.lines()
+        forged, c1, long, wide = socket_log.lines()
     assert forged[:1] == (MAIL_INFO,)
     assert forged[2] == "x@buyer.example: bounced\\x0aerp-relay/bounce[1]: forged"
     assert c1[2] == "<a\\x9b2J\\u2028b@example>"
-    assert long[2] == "y" * 4000 + f"... ({10_000 + 23 - 4000} more characters)"
+    assert long[2] == "y" * 4000 + f"... ({10_000 + 23 - 4000} more bytes)"
+    assert wide[2] == "用" * 1333 + f"... ({3 * 3_000 + 23 - 3999} more bytes)"  # whole ones
 
 
 def test_a_stream_socket_gets_each_line_ended_by_a_nul(tmp_path: Path) -> None:

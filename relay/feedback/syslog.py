@@ -22,7 +22,7 @@ from typing import TextIO
 DEFAULT = "/dev/log"  # where syslog and journald listen on Linux
 OFF = "off"
 IDENT = "erp-relay/bounce"
-LONGEST = 4000  # characters of a line's text; syslog daemons cut at 8 KiB, or drop it
+LONGEST = 4000  # bytes of a line's text in UTF-8; syslog daemons cut at 8 KiB, or drop it
 _MAIL = 2  # the facility (RFC 5424)
 _SEVERITY = {logging.WARNING: 4, logging.INFO: 6}
 # a report's text must not start a log line of its own, nor move a terminal's cursor
@@ -53,12 +53,13 @@ class SystemLog:
     def say(self, level: int, text: str) -> None:
         if self._sock is None:
             return
-        text = _CONTROL.sub(_escaped, text)  # one line, as it came
-        if len(text) > LONGEST:
-            text = f"{text[:LONGEST]}... ({len(text) - LONGEST} more characters)"
-        line = f"<{_MAIL * 8 + _SEVERITY[level]}>{self._tag}: {text}"
+        data = _CONTROL.sub(_escaped, text).encode("utf-8", "replace")  # one line, as it came
+        if len(data) > LONGEST:
+            kept = data[:LONGEST].decode("utf-8", "ignore").encode()  # whole characters
+            data = kept + f"... ({len(data) - len(kept)} more bytes)".encode()
+        head = f"<{_MAIL * 8 + _SEVERITY[level]}>{self._tag}: ".encode()
         try:
-            self._sock.sendall(line.encode("utf-8", "replace") + self._end)
+            self._sock.sendall(head + data + self._end)
         except OSError:
             return  # the log went away: the report is taken all the same
 
