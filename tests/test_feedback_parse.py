@@ -100,6 +100,21 @@ def test_what_is_neither_a_hard_bounce_nor_a_complaint_is_none(name: str) -> Non
     assert read(_sample(name)) is None
 
 
+@pytest.mark.parametrize("field", [b"", b"From: \r\n", b"From: undisclosed\r\n"])
+def test_a_bounce_without_a_from_address_is_still_read(
+    field: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """flufl.bounce's Yale detector raised on a From with no address, and that
+    ended the scan before the detector that knows the format: the bounce was
+    read as none, with two tracebacks on stderr."""
+    head, body = _sample("qmail-failure.eml").replace(b"\r\n", b"\n").split(b"\n\n", 1)
+    lines = [line for line in head.split(b"\n") if not line.lower().startswith(b"from:")]
+    without = b"\n".join(lines) + b"\n" + field.replace(b"\r\n", b"\n") + b"\n" + body
+    assert read(without) == Report(BOUNCE, (Failure("Sales@OldHost.example"),))
+    assert read(b"Subject: hello\r\n\r\nhello\r\n") is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
 def test_a_yahoo_complaint_names_the_recipient_in_its_report_fields() -> None:
     """The returned message's To is redacted; Original-Rcpt-To is the recipient."""
     assert read(_sample("yahoo-arf.eml")) == Report(

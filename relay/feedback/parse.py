@@ -70,8 +70,15 @@ def _permanent_failures(msg: Message) -> list[str]:
     not stop the reader, and so its error is logged and the message is read as
     no bounce. The recipients come sorted, so that a report reads the same each
     time although flufl.bounce gives them as a set."""
+    view = _scanned_view(msg)
+    if not getaddresses([view.get("From", "")]):
+        # flufl.bounce's Yale detector takes the first address of From and,
+        # with none (no From, an empty one), raises; and one detector that
+        # raises ends the scan, so the detectors after it never saw the bounce
+        del view["From"]
+        view["From"] = "<>"
     try:
-        _temporary, permanent = all_failures(_scanned_view(msg))
+        _temporary, permanent = all_failures(view)
     except Exception:
         log.warning("bounce detection failed; message read as no bounce", exc_info=True)
         return []
