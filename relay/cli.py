@@ -121,6 +121,11 @@ def _parser() -> argparse.ArgumentParser:
     _policy_option(check)
     check.set_defaults(run=_check)
 
+    text = "whether the relay runs, whether it runs the policy file as it reads now, its queue"
+    status = sub.add_parser("status", help=text, description=text, epilog=_STATUS_STATUS)
+    _policy_option(status)
+    status.set_defaults(run=_status)
+
     preview = sub.add_parser(
         "preview", help="show what the policy does to a message, without sending it"
     )
@@ -372,6 +377,18 @@ def _check(args: argparse.Namespace) -> int:
 
     # its problems and warnings are its output: one it cannot write is exit 74 too
     return check_main(args.config, sys.stdout, _Output(sys.stderr))  # type: ignore[arg-type]
+
+
+_STATUS_STATUS = "Exit status (LSB's): 0 running, 3 not running, 78 the state cannot be found."
+
+
+def _status(args: argparse.Namespace) -> int:
+    from relay.status import main
+
+    state = _tool_state(args.config)
+    if state is None:
+        return EX_CONFIG
+    return main(args.config, state.queue.directory, sys.stdout)
 
 
 def _preview(args: argparse.Namespace) -> int:

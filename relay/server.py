@@ -112,7 +112,7 @@ def run(policy_path: Path) -> int:
         _close(sockets, None)
         return EX_OSERR
     try:
-        lock = statelock.hold(policy.queue.directory.parent)
+        lock = statelock.hold(policy.queue.directory.parent, policy.digest)
     except StateBusy as exc:
         log.error("%s", exc)
         _close(sockets, metrics)
@@ -144,10 +144,8 @@ def _serve_locked(
             log.info("listening on %s (listener %s)", host_port(host, port), listener.name)
     log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
     shared = SharedCounts.made(policy.workers)  # by the workers forked from here
-    if metrics is not None:
-        metrics.begin(
-            shared.rates, shared.tally
-        )  # counting from here, before anything is delivered
+    if metrics is not None:  # counting from here, before anything is delivered
+        metrics.begin(shared.rates, shared.tally)
     if policy.workers == 1:
         metrics_status.loaded()
         return uvloop.run(serve(policy_path, policy, sockets, metrics=metrics, shared=shared))
@@ -484,6 +482,7 @@ async def _reload(
         return
     _take_up(holder, new, ingress)
     metrics_status.loaded()
+    statelock.note_policy(new.queue.directory.parent, new.digest)
     in_use(new, old)
     await asyncio.to_thread(record_policy, audit, path, new)
 

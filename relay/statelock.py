@@ -5,18 +5,22 @@ both extend its audit chain: a second ``relay serve`` started by hand next to
 the service, or a copy of the policy with other ports, must not start. The
 lock is an ``flock`` on ``relay.pid``, which names the holder for the message.
 Forked workers inherit the descriptor, so the lock lasts while any process of
-the relay is alive, and the kernel drops it with the last one, however it ends.
+the relay is alive, and the kernel drops it with the last one, however it ends. The file's second
+line is the policy in use, rewritten at each reload, for ``relay status``.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from pathlib import Path
 
 from relay.errors import RelayError
 
 LOCK_NAME = "relay.pid"
+
+log = logging.getLogger("relay")
 
 
 class StateBusy(RelayError):
@@ -45,9 +49,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def hold(directory: Path) -> int:
-    """The locked descriptor of ``directory``'s lock file, made if need be; the caller
-    keeps it open for as long as it serves. Raises StateBusy or OSError."""
+def hold(directory: Path, digest: str) -> int:
+    """The locked descriptor of ``directory``'s lock file, made if need be, naming
+    this process and ``digest``, the policy it serves; the caller keeps it open
+    for as long as it serves. Raises StateBusy or OSError."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     # not through a symbolic link: whoever may write the directory would choose the file
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -56,11 +61,46 @@ def hold(directory: Path) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").split("\n")[0].strip()
             raise StateBusy(directory, holder if holder.isdigit() else "") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _write(fd, digest)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def note_policy(directory: Path, digest: str) -> None:
+    """A reload put ``digest`` in use; said in the log if the file cannot take it."""
+    try:
+        fd = os.open(directory / LOCK_NAME, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        log.warning("cannot note the policy in use in %s: %s", directory / LOCK_NAME, exc)
+        return
+    try:
+        _write(fd, digest)
+    except OSError as exc:
+        log.warning("cannot note the policy in use in %s: %s", directory / LOCK_NAME, exc)
+    finally:
+        os.close(fd)
+
+
+def _write(fd: int, digest: str) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n{digest}\n".encode(), 0)
+
+
+def holder(directory: Path) -> tuple[int, str] | None:
+    """The PID and the policy digest the lock file names, or None when it names no
+    process alive (no relay, or one that was killed and left its file)."""
+    try:
+        fd = os.open(directory / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    try:
+        lines = os.pread(fd, 256, 0).decode("ascii", "replace").split("\n")
+    finally:
+        os.close(fd)
+    if not lines[0].isdigit() or not _alive(int(lines[0])):
+        return None
+    return int(lines[0]), lines[1] if len(lines) > 1 else ""

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 import uvloop
 
+from relay import statelock
 from relay.ingress import Sockets
 from relay.metrics import status as metrics_status
 from relay.policy import yamlsource
@@ -368,6 +369,7 @@ class Supervisor:
                 return
             old, self.policy = self.policy, new  # a worker started from now on runs it
             metrics_status.loaded()
+            statelock.note_policy(new.queue.directory.parent, new.digest)
             self._with_audit(lambda audit: record_policy(audit, self.policy_path, new))
             asked = {pid: worker.index for pid, worker in self.workers.items()}
             self._read_answers()  # late ones, to reloads before: none is about this one

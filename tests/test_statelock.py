@@ -12,16 +12,18 @@ import pytest
 from relay import statelock
 from relay.statelock import StateBusy
 
+DIGEST = "3f9a2b1c4d5e" * 5 + "3f9a"
+
 
 def test_a_second_holder_is_told_the_first_ones_pid(tmp_path: Path) -> None:
-    fd = statelock.hold(tmp_path)
+    fd = statelock.hold(tmp_path, DIGEST)
     try:
         with pytest.raises(StateBusy) as busy:
-            statelock.hold(tmp_path)  # another open file description: flock refuses it
+            statelock.hold(tmp_path, DIGEST)  # another open file description: flock refuses it
         assert f"in use by the relay with PID {os.getpid()}:" in str(busy.value)
     finally:
         os.close(fd)
-    os.close(statelock.hold(tmp_path))  # closed: free again
+    os.close(statelock.hold(tmp_path, DIGEST))  # closed: free again
 
 
 def test_workers_left_by_a_supervisor_that_died_are_named_as_such(tmp_path: Path) -> None:
@@ -32,7 +34,7 @@ def test_workers_left_by_a_supervisor_that_died_are_named_as_such(tmp_path: Path
     if supervisor == 0:
         code = 1
         try:
-            statelock.hold(tmp_path)
+            statelock.hold(tmp_path, DIGEST)
             if os.fork() == 0:  # the "worker": keeps the inherited lock, then waits
                 os.write(ready_write, f"{os.getpid()}\n".encode())
                 time.sleep(30)
@@ -45,7 +47,7 @@ def test_workers_left_by_a_supervisor_that_died_are_named_as_such(tmp_path: Path
     os.waitpid(supervisor, 0)
     try:
         with pytest.raises(StateBusy) as busy:
-            statelock.hold(tmp_path)
+            statelock.hold(tmp_path, DIGEST)
         assert (
             f"in use by the workers of a relay whose supervisor (PID {supervisor}) is gone"
             in str(busy.value)
@@ -55,7 +57,7 @@ def test_workers_left_by_a_supervisor_that_died_are_named_as_such(tmp_path: Path
     deadline = time.monotonic() + 10
     while True:  # the orphan is reaped by init, not by the test
         try:
-            os.close(statelock.hold(tmp_path))
+            os.close(statelock.hold(tmp_path, DIGEST))
             break
         except StateBusy:
             assert time.monotonic() < deadline, "the lock outlived its holders"
@@ -68,5 +70,5 @@ def test_a_symbolic_link_in_its_place_is_not_followed(tmp_path: Path) -> None:
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "relay.pid").symlink_to(victim)
     with pytest.raises(OSError):
-        statelock.hold(tmp_path / "state")
+        statelock.hold(tmp_path / "state", DIGEST)
     assert victim.read_text() == "not the relay's\n"

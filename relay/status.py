@@ -1,0 +1,134 @@
+"""``relay status``: whether the relay runs, with which policy, and what waits.
+
+The questions a sysadmin asks first, answered at a glance as ``postfix status``
+does: is the relay running (the PID its state directory's lock file names,
+alive, and its worker processes); is the policy file what it runs (the file's
+digest against the one the relay noted at its start and at each reload: an
+edit not reloaded yet, or one the reload refused, shows here); and is mail
+waiting (the queue's messages and the age of the oldest). The exit status is
+LSB's for a status action: 0 running, 3 not running.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TextIO
+
+from relay import statelock
+from relay.errors import PolicyError
+from relay.policy.load import load
+from relay.queueid import queue_id_time
+from relay.spool import Spool
+from relay.spool.store import SpoolError
+
+EX_NOT_RUNNING = 3
+
+
+def main(path: Path, queue_directory: Path, out: TextIO) -> int:
+    """``queue_directory``: the state the relay uses, found even while ``path``
+    does not load (``relay.cli``)."""
+    state = queue_directory.parent
+    running = statelock.holder(state)
+    try:
+        digest: str | None = load(path).digest
+        problems: list[str] = []
+    except PolicyError as exc:
+        digest, problems = None, exc.problems
+    lines = [
+        _relay(running, state),
+        _policy(path, running, digest, problems),
+        _queue(queue_directory),
+    ]
+    out.write("".join(f"{line}\n" for line in lines))
+    return 0 if running is not None else EX_NOT_RUNNING
+
+
+def _relay(running: tuple[int, str] | None, state: Path) -> str:
+    if running is None:
+        return f"relay: not running (state directory {state})"
+    pid = running[0]
+    workers = _children(pid)
+    how = "in one process" if not workers else f"{workers} worker processes"
+    started = _started(pid)
+    since = "" if started is None else f" since {time.strftime('%Y-%m-%dT%H:%M:%S%z', started)}"
+    return f"relay: running, PID {pid}{since}, {how}"
+
+
+def _policy(
+    path: Path, running: tuple[int, str] | None, digest: str | None, problems: list[str]
+) -> str:
+    if digest is None:
+        count = f"{len(problems)} problem{'' if len(problems) == 1 else 's'}"
+        broken = f"{path} does not load ({count}: relay check -c {path} names them)"
+        if running is None or not running[1]:
+            return f"policy: {broken}"
+        return f"policy: {running[1][:12]} in use; {broken}: a reload keeps {running[1][:12]}"
+    if running is None or not running[1]:
+        return f"policy: {path} reads {digest[:12]}"
+    if running[1] == digest:
+        return f"policy: {digest[:12]} in use, as {path} reads now"
+    return (
+        f"policy: {running[1][:12]} in use; {path} now reads {digest[:12]}:"
+        f" a reload puts it in use (systemctl reload erp-relay, or kill -HUP {running[0]})"
+    )
+
+
+def _queue(directory: Path) -> str:
+    try:
+        found = Spool(directory, create=False).census()
+    except SpoolError as exc:
+        return f"queue: cannot be read: {exc}"
+    if not found:
+        return "queue: empty"
+    deferred = sum(1 for _, _, changed in found if changed)
+    times = [t for t in (queue_id_time(queue_id) for queue_id, _, _ in found) if t is not None]
+    oldest = f"; the oldest came {_age(time.time() - min(times))} ago" if times else ""
+    active = len(found) - deferred
+    return f"queue: {active} not tried yet, {deferred} deferred or held{oldest}"
+
+
+def _age(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    if minutes < 1:
+        return "under a minute"
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days} d {hours} h"
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
+
+
+def _children(pid: int) -> int:
+    """Processes whose parent is ``pid`` (Linux's /proc; 0 where there is none)."""
+    count = 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return 0
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if len(fields) > 1 and fields[1] == str(pid):
+            count += 1
+    return count
+
+
+def _started(pid: int) -> time.struct_time | None:
+    """When ``pid`` started, in local time, from /proc (None where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration, ValueError):
+        return None
+    return time.localtime(boot + int(fields[19]) / os.sysconf("SC_CLK_TCK"))

@@ -1,0 +1,84 @@
+"""``relay status`` against a real relay of two workers: running or not, the policy
+it runs against the file as it reads now, and the mail waiting."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from relay import statelock
+from tests.relayproc import RelayProcess, wait_for
+from tests.sink import free_port
+from tests.test_queue_e2e import configure, relay_cli, send
+
+
+def _status(policy: Path) -> tuple[int, list[str]]:
+    done = relay_cli(policy, "status")
+    return done.returncode, done.stdout.splitlines()
+
+
+def _digest(policy: Path) -> str:
+    done = relay_cli(policy, "check")
+    assert done.returncode == 0, done.stderr
+    found = re.search(r"\b([0-9a-f]{12})\b", done.stdout + done.stderr)
+    assert found is not None, done.stdout
+    return found.group(1)
+
+
+@pytest.mark.parametrize(("workers", "how"), [(2, "2 worker processes"), (1, "in one process")])
+def test_status_follows_the_relay_its_policy_and_its_queue(
+    policy_file: Path, tmp_path: Path, workers: int, how: str
+) -> None:
+    port = free_port()
+    policy = configure(policy_file, port, free_port(), f"workers: {workers}\n")  # upstream down
+    first = _digest(policy)
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        assert relay.proc is not None
+        pid = relay.proc.pid
+        send(port)
+        send(port)
+        wait_for(lambda: relay.log().count("status=deferred") >= 2)
+        code, lines = _status(policy)
+        assert code == 0, lines
+        assert re.fullmatch(rf"relay: running, PID {pid} since \S+, {how}", lines[0])
+        assert lines[1] == f"policy: {first} in use, as {policy} reads now"
+        assert re.fullmatch(
+            r"queue: 0 not tried yet, 2 deferred or held;"
+            r" the oldest came (under a minute|1 min) ago",
+            lines[2],
+        ), lines[2]
+
+        policy.write_text(policy.read_text().replace("name: Acme AS", "name: Acme ASA"))
+        second = _digest(policy)
+        code, lines = _status(policy)
+        assert lines[1] == (
+            f"policy: {first} in use; {policy} now reads {second}: a reload puts it in use"
+            f" (systemctl reload erp-relay, or kill -HUP {pid})"
+        )
+        relay.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "policy reloaded" in relay.log())
+        assert _status(policy)[1][1] == f"policy: {second} in use, as {policy} reads now"
+
+        policy.write_text(policy.read_text().replace("name: Acme ASA", "nmae: Acme ASA"))
+        code, lines = _status(policy)
+        assert code == 0
+        assert lines[1].startswith(f"policy: {second} in use; {policy} does not load (")
+        assert lines[1].endswith(f": a reload keeps {second}")
+    code, lines = _status(policy)
+    assert code == 3
+    assert lines[0] == f"relay: not running (state directory {tmp_path / 'state'})"
+
+
+def test_a_relay_killed_with_its_lock_file_left_is_not_running(tmp_path: Path) -> None:
+    """The file names a PID that is gone: the kernel dropped the lock with it."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    (tmp_path / statelock.LOCK_NAME).write_text(f"{child.pid}\nabc\n")
+    assert statelock.holder(tmp_path) is None
+    (tmp_path / statelock.LOCK_NAME).write_text(f"{os.getpid()}\nabc\n")
+    assert statelock.holder(tmp_path) == (os.getpid(), "abc")
