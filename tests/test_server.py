@@ -36,6 +36,7 @@ from tests.ingress_harness import swaks
 from tests.minimal_policy import listener
 from tests.relayproc import reloaded_everywhere, terminate
 from tests.sink import Sink, SinkServer, free_port
+from tests.test_policy_load import _self_signed
 
 MESSAGE = b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: x\r\n\r\nx\r\n"
 
@@ -364,7 +365,7 @@ def test_the_log_of_a_reload_says_whether_the_certificate_changed(
     first, renewed = make_certs(tmp_path / "first"), make_certs(tmp_path / "renewed")
     served = tlspair.read_pair(first.cert, first.key)
     ingress = Ingress(tls={"test": tlspair.server_context(served)})
-    ingress.served["test"] = (served.cert_pem, served.key_pem)
+    ingress.served["test"] = served
     again = tlspair.read_pair(first.cert, first.key)
     shutil.copy(renewed.cert, first.cert)
     shutil.copy(renewed.key, first.key)
@@ -378,6 +379,46 @@ def test_the_log_of_a_reload_says_whether_the_certificate_changed(
         f"listener test: TLS certificate {first.cert} read again: a new one served",
     ]
     assert ingress.tls["test"] is not before
+
+
+def test_a_reload_does_not_swap_a_valid_certificate_for_one_clients_refuse(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A renewal hook that copied the wrong file and sent SIGHUP put an expired
+    certificate in service, said in the log at INFO only."""
+    valid = make_certs(tmp_path / "valid")
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    (tmp_path / "old").mkdir()
+    expired_cert, expired_key = tmp_path / "old" / "relay.crt", tmp_path / "old" / "relay.key"
+    shutil.copy(valid.key, expired_key)
+    ended = now - timedelta(days=1)
+    expired_cert.write_bytes(_self_signed(expired_key, now - timedelta(days=30), ended))
+    served = tlspair.read_pair(valid.cert, valid.key)
+    expired = tlspair.read_pair(expired_cert, expired_key)
+    ingress = Ingress(tls={"test": tlspair.server_context(served)}, served={"test": served})
+    before = ingress.tls["test"]
+    with caplog.at_level(logging.INFO, logger="relay"):
+        ingress.reload_tls([listener(tls=expired)])
+    assert ingress.tls["test"] is before and ingress.served["test"] is served
+    assert caplog.records[-1].levelno == logging.ERROR
+    assert caplog.messages[-1] == (
+        f"listener test: keeping the TLS certificate served before: {expired_cert} expired on"
+        f" {ended:%Y-%m-%d %H:%M} UTC: clients refuse it; renew it"
+    )
+    ingress = Ingress(tls={"test": tlspair.server_context(expired)}, served={"test": expired})
+    expired_cert.write_bytes(_self_signed(expired_key, now - timedelta(days=9), ended))
+    other = tlspair.read_pair(expired_cert, expired_key)  # refused as well: better than nothing
+    with caplog.at_level(logging.INFO, logger="relay"):
+        ingress.reload_tls([listener(tls=other)])
+        assert ingress.served["test"] is other
+        assert caplog.records[-1].levelno == logging.WARNING
+        assert caplog.messages[-1].endswith(
+            f"a new one served, though {expired_cert} expired on"
+            f" {ended:%Y-%m-%d %H:%M} UTC: clients refuse it; renew it"
+        )
+        ingress.reload_tls([listener(tls=served)])  # a renewal at last
+    assert ingress.served["test"] is served
+    assert caplog.records[-1].levelno == logging.INFO
 
 
 def test_a_reload_keeps_the_state_directory_and_audit_key_it_started_with(
