@@ -21,6 +21,7 @@ import resource
 import signal
 import ssl
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -645,30 +646,48 @@ def _as_bound(
 
 
 def _tls_as_bound(listener: Listener, read: TlsFiles | None, quiet: bool) -> TlsFiles:
+    """The pair to serve, read again. One clients would refuse (expired, or not
+    valid yet: the wrong file copied by a renewal hook, a clock behind) does
+    not replace one they take: it is an error in the log, and the one served
+    stays, in every worker and in one started later; in place of one refused
+    as well it is served, with a warning."""
     served = listener.tls
     assert served is not None
     if served == read:  # the same files, as the new policy read and checked them
-        return read
-    try:
-        again = tlspair.read_pair(served.cert, served.key)
-    except (ssl.SSLError, OSError) as exc:
+        again = read
+    else:
+        try:
+            again = tlspair.read_pair(served.cert, served.key)
+        except (ssl.SSLError, OSError) as exc:
+            if not quiet:
+                log.error(
+                    "listener %s: cannot read %s and %s again, which it serves until a restart;"
+                    " keeping the certificate loaded before: %s",
+                    listener.name,
+                    served.cert,
+                    served.key,
+                    exc.strerror or exc,
+                )
+            return served
         if not quiet:
-            log.error(
-                "listener %s: cannot read %s and %s again, which it serves until a restart;"
-                " keeping the certificate loaded before: %s",
+            log.info(
+                "listener %s: until a restart it serves %s and %s, as bound, read again",
                 listener.name,
                 served.cert,
                 served.key,
-                exc.strerror or exc,
+            )
+    now = datetime.now(UTC)
+    refused = tlspair.validity_problem(again, now)
+    if refused is None:
+        return again
+    if again.cert_pem != served.cert_pem and tlspair.validity_problem(served, now) is None:
+        if not quiet:
+            log.error(
+                "listener %s: keeping the TLS certificate served before: %s", listener.name, refused
             )
         return served
     if not quiet:
-        log.info(
-            "listener %s: until a restart it serves %s and %s, as bound, read again",
-            listener.name,
-            served.cert,
-            served.key,
-        )
+        log.warning("listener %s: serving it all the same: %s", listener.name, refused)
     return again
 
 

@@ -365,7 +365,7 @@ def test_the_log_of_a_reload_says_whether_the_certificate_changed(
     first, renewed = make_certs(tmp_path / "first"), make_certs(tmp_path / "renewed")
     served = tlspair.read_pair(first.cert, first.key)
     ingress = Ingress(tls={"test": tlspair.server_context(served)})
-    ingress.served["test"] = served
+    ingress.served["test"] = (served.cert_pem, served.key_pem)
     again = tlspair.read_pair(first.cert, first.key)
     shutil.copy(renewed.cert, first.cert)
     shutil.copy(renewed.key, first.key)
@@ -381,44 +381,50 @@ def test_the_log_of_a_reload_says_whether_the_certificate_changed(
     assert ingress.tls["test"] is not before
 
 
+def _expired(directory: Path, ended: datetime) -> Certs:
+    """A pair whose certificate ended at ``ended``, a month after it began."""
+    pair = make_certs(directory)
+    pair.cert.write_bytes(_self_signed(pair.key, ended - timedelta(days=30), ended))
+    return pair
+
+
 def test_a_reload_does_not_swap_a_valid_certificate_for_one_clients_refuse(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    policy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A renewal hook that copied the wrong file and sent SIGHUP put an expired
-    certificate in service, said in the log at INFO only."""
-    valid = make_certs(tmp_path / "valid")
+    """A renewal hook that copied the wrong file (an expired one) and sent SIGHUP
+    put it in service, said in the log at INFO only. Now the policy keeps the
+    pair served, so a worker started later serves it too."""
     now = datetime.now(UTC).replace(second=0, microsecond=0)
-    (tmp_path / "old").mkdir()
-    expired_cert, expired_key = tmp_path / "old" / "relay.crt", tmp_path / "old" / "relay.key"
-    shutil.copy(valid.key, expired_key)
     ended = now - timedelta(days=1)
-    expired_cert.write_bytes(_self_signed(expired_key, now - timedelta(days=30), ended))
-    served = tlspair.read_pair(valid.cert, valid.key)
-    expired = tlspair.read_pair(expired_cert, expired_key)
-    ingress = Ingress(tls={"test": tlspair.server_context(served)}, served={"test": served})
-    before = ingress.tls["test"]
+    valid, expired = make_certs(tmp_path / "valid"), _expired(tmp_path / "expired", ended)
+    cert, _, _, started = _started_then_renewed(policy, tmp_path, valid, expired)
     with caplog.at_level(logging.INFO, logger="relay"):
-        ingress.reload_tls([listener(tls=expired)])
-    assert ingress.tls["test"] is before and ingress.served["test"] is served
-    assert caplog.records[-1].levelno == logging.ERROR
-    assert caplog.messages[-1] == (
-        f"listener test: keeping the TLS certificate served before: {expired_cert} expired on"
-        f" {ended:%Y-%m-%d %H:%M} UTC: clients refuse it; renew it"
+        kept = reloaded(policy, started)
+    assert kept is not None and kept.listeners[0].tls == started.listeners[0].tls
+    why = f"{cert} expired on {ended:%Y-%m-%d %H:%M} UTC: clients refuse it; renew it"
+    (error,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert (error.levelno, error.getMessage()) == (
+        logging.ERROR,
+        f"listener local: keeping the TLS certificate served before: {why}",
     )
-    ingress = Ingress(tls={"test": tlspair.server_context(expired)}, served={"test": expired})
-    expired_cert.write_bytes(_self_signed(expired_key, now - timedelta(days=9), ended))
-    other = tlspair.read_pair(expired_cert, expired_key)  # refused as well: better than nothing
+    assert reloaded(policy, started, quiet=True) == kept  # as each worker builds it
+
+    other = _expired(tmp_path / "other", ended)  # in place of one refused as well
+    shutil.copy(other.cert, cert)
+    shutil.copy(other.key, tmp_path / "relay.key")
+    refused_too = load(policy)
+    shutil.copy(expired.cert, cert)
+    shutil.copy(expired.key, tmp_path / "relay.key")
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="relay"):
-        ingress.reload_tls([listener(tls=other)])
-        assert ingress.served["test"] is other
-        assert caplog.records[-1].levelno == logging.WARNING
-        assert caplog.messages[-1].endswith(
-            f"a new one served, though {expired_cert} expired on"
-            f" {ended:%Y-%m-%d %H:%M} UTC: clients refuse it; renew it"
-        )
-        ingress.reload_tls([listener(tls=served)])  # a renewal at last
-    assert ingress.served["test"] is served
-    assert caplog.records[-1].levelno == logging.INFO
+        new = reloaded(policy, refused_too)
+    assert new is not None and new.listeners[0].tls is not None
+    assert new.listeners[0].tls.cert_pem == expired.cert.read_bytes()
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert (warning.levelno, warning.getMessage()) == (
+        logging.WARNING,
+        f"listener local: serving it all the same: {why}",
+    )
 
 
 def test_a_reload_keeps_the_state_directory_and_audit_key_it_started_with(

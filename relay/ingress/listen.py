@@ -16,7 +16,6 @@ import ssl
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from ipaddress import ip_address
 
 from relay.ingress.authcache import Verified
@@ -25,9 +24,9 @@ from relay.ingress.clientlimit import ClientRow
 from relay.ingress.diskspace import DiskGuard
 from relay.ingress.handler import Process, Refused, RelayHandler
 from relay.ingress.protocol import RelaySMTP
-from relay.policy.model import AuthMode, Listener, Policy, TlsFiles
+from relay.policy.model import AuthMode, Listener, Policy
 from relay.policy.sections import no_login_without_tls
-from relay.policy.tlspair import server_context, validity_problem
+from relay.policy.tlspair import server_context
 from relay.tally import TallyRow
 
 log = logging.getLogger("relay")
@@ -50,31 +49,21 @@ class Ingress:
     failures: AuthFailures = field(default_factory=AuthFailures)  # failed logins, likewise
     disk: DiskGuard = field(default_factory=DiskGuard)  # free space of the state, likewise
     tls: dict[str, ssl.SSLContext] = field(default_factory=dict)  # per listener, for STARTTLS
-    served: dict[str, TlsFiles] = field(default_factory=dict)  # their cert and key
+    served: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # their cert and key
     refused: Refused | None = None  # puts content the SMTP side refused on record
 
     def reload_tls(self, listeners: Sequence[Listener]) -> None:
         """Take up the listeners' certificates as the reloaded policy read them
         (a reload is how a renewal is taken up); one that does not load keeps the
         old. The log says whether the bytes changed: "read again" was said of
-        bytes held since the start, which no renewal could have changed. A new
-        certificate clients would refuse (expired, or not valid yet: the wrong
-        file copied, a clock behind) does not replace one they take; it is
-        served, with a warning, only in place of one they refuse as well."""
-        now = datetime.now(UTC)
+        bytes held since the start, which no renewal could have changed."""
         for listener in listeners:
             if listener.tls is None or listener.name not in self.tls:
                 continue
             name, cert = listener.name, listener.tls.cert
-            old = self.served.get(name)
-            if old is not None and _pem(old) == _pem(listener.tls):
+            pem = (listener.tls.cert_pem, listener.tls.key_pem)
+            if self.served.get(name) == pem:
                 log.info("listener %s: TLS certificate %s unchanged", name, cert)
-                continue
-            refused = validity_problem(listener.tls, now)
-            if refused is not None and old is not None and validity_problem(old, now) is None:
-                log.error(
-                    "listener %s: keeping the TLS certificate served before: %s", name, refused
-                )
                 continue
             try:
                 self.tls[listener.name] = server_context(listener.tls)
@@ -86,12 +75,8 @@ class Ingress:
                     exc.strerror or exc,
                 )
             else:
-                self.served[listener.name] = listener.tls
-                said = f"listener {name}: TLS certificate {cert} read again: a new one served"
-                if refused is None:
-                    log.info("%s", said)
-                else:
-                    log.warning("%s, though %s", said, refused)
+                self.served[listener.name] = pem
+                log.info("listener %s: TLS certificate %s read again: a new one served", name, cert)
 
     def bound(self) -> list[tuple[Listener, str, int]]:
         """Each listening socket's real address: a port 0 or a host name resolves here."""
@@ -233,7 +218,7 @@ def _factory(
     tls = server_context(listener.tls) if listener.tls is not None else None
     if tls is not None and listener.tls is not None:
         ingress.tls[listener.name] = tls
-        ingress.served[listener.name] = listener.tls
+        ingress.served[listener.name] = (listener.tls.cert_pem, listener.tls.key_pem)
     auth_needs_tls = not loopback_only(listener.address)
     _warn_about_auth(listener, tls is not None, auth_needs_tls)
     excluded = _MECHANISMS if listener.auth is AuthMode.OFF else ()
@@ -266,10 +251,6 @@ def _factory(
             )
 
     return build
-
-
-def _pem(files: TlsFiles) -> tuple[bytes, bytes]:
-    return files.cert_pem, files.key_pem
 
 
 def loopback_only(address: str) -> bool:
