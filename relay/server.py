@@ -248,7 +248,7 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
             policy.queue.directory.parent,
         )
     log.info(
-        "spool %s: %d messages to deliver",
+        "spool %s: %d messages queued, those on hold among them (relay queue list)",
         policy.queue.directory,
         recovered - len(settled.finished) - len(settled.unrecorded),
     )

@@ -260,6 +260,20 @@ def test_show_prints_record_and_headers_not_body(spool: Spool, two: list[QueueEn
     assert "no such queue entry" in err.getvalue() and out.getvalue() == ""
 
 
+def test_show_keeps_a_senders_terminal_codes_off_the_terminal(spool: Spool) -> None:
+    """The record is JSON, which escapes only what is below 0x20: a subject the
+    sender chose reached the tty with its C1 codes (CSI, OSC) as they came."""
+    entry = make_entry(new_queue_id(), subject="\u009b2J\u009d0;pwned\x07 Invoice")
+    entry.recipients[0].reply = "451 \u0085later\u2028"
+    spool.put(entry, MESSAGE)
+    out, err = io.StringIO(), io.StringIO()
+    assert tools.show(spool, entry.queue_id, out, err) == 0
+    record_text = out.getvalue().split("\n\n", 1)[0]
+    assert not any("\x7f" <= c <= "\x9f" or c in "\u2028\u2029" for c in record_text)
+    assert "\\u009b2J\\u009d0;pwned\\u0007 Invoice" in record_text
+    assert QueueEntry.from_json(record_text) == entry  # the same record, written safely
+
+
 def test_a_damaged_record_can_still_be_deleted(spool: Spool, two: list[QueueEntry]) -> None:
     damaged = two[0].queue_id
     (spool.directory / "env" / f"{damaged}.json").write_text('{"version": 1}')

@@ -25,6 +25,8 @@ from relay.spool.store import NoSuchEntry, Spool, SpoolBusy, SpoolError
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# a subject or a reply in the record: JSON escapes what is below 0x20 only
+_C1 = re.compile(r"[\x7f-\x9f\u2028\u2029]")
 _ID_WIDTH = 17  # 16-character ID and the hold mark
 _RCPT_INDENT = " " * (_ID_WIDTH + 8 + 1 + 20 + 1)
 _HEADER = (
@@ -133,7 +135,8 @@ def show(spool: Spool, queue_id: str, out: TextIO, err: TextIO) -> int:
         _report(err, queue_id, exc)
         return 1
     record = _readable(json.loads(entry.to_json()))
-    out.write(json.dumps(record, indent=2, ensure_ascii=False) + "\n\n")
+    text = json.dumps(record, indent=2, ensure_ascii=False)
+    out.write(_C1.sub(lambda c: f"\\u{ord(c.group()):04x}", text) + "\n\n")  # JSON all the same
     text = headers.decode("utf-8", errors="replace").replace("\r\n", "\n")
     out.write(_CONTROL_BUT_NEWLINE.sub("?", text))
     return 0
