@@ -19,6 +19,8 @@ import re
 import socket
 from typing import TextIO
 
+from relay.visible import escaped_match
+
 DEFAULT = "/dev/log"  # where syslog and journald listen on Linux
 OFF = "off"
 IDENT = "erp-relay/bounce"
@@ -53,7 +55,7 @@ class SystemLog:
     def say(self, level: int, text: str) -> None:
         if self._sock is None:
             return
-        data = _CONTROL.sub(_escaped, text).encode("utf-8", "replace")  # one line, as it came
+        data = _CONTROL.sub(escaped_match, text).encode("utf-8", "replace")  # one line, as it came
         if len(data) > LONGEST:
             kept = data[:LONGEST].decode("utf-8", "ignore").encode()  # whole characters
             data = kept + f"... ({len(data) - len(kept)} more bytes)".encode()
@@ -66,11 +68,6 @@ class SystemLog:
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
-
-
-def _escaped(control: re.Match[str]) -> str:
-    code = ord(control.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def _connected(address: str, kind: socket.SocketKind) -> socket.socket:

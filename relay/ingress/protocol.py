@@ -56,6 +56,7 @@ from relay.ingress.address import plain_path
 from relay.ingress.auth import AUTH_ABORTED, BAD_BASE64
 from relay.ingress.clientlimit import ALL_BUSY, EVERYONE, TOO_MANY, ClientRow
 from relay.tally import TallyRow
+from relay.visible import escaped_match
 
 log = logging.getLogger("relay")
 LINGER = 5.0  # seconds a closing connection may take to write out its last replies
@@ -886,10 +887,6 @@ _REPLY_END = 100
 _ELIDED = " ... "
 
 
-def _escaped(control: re.Match[str]) -> str:
-    return f"\\x{ord(control[0]):02x}"
-
-
 def _fit(reply: str) -> str:
     """A reply line any client can read: in ASCII, since SMTPUTF8 is not offered
     (other characters, and controls such as a CR or NUL echoed from a command,
@@ -905,7 +902,7 @@ def _fit(reply: str) -> str:
 
 
 def _fit_line(line: str) -> str:
-    line = _CONTROL.sub(_escaped, line.encode("ascii", "backslashreplace").decode("ascii"))
+    line = _CONTROL.sub(escaped_match, line.encode("ascii", "backslashreplace").decode("ascii"))
     if len(line) <= _REPLY_OCTETS:
         return line
     head = _REPLY_OCTETS - len(_ELIDED) - _REPLY_END

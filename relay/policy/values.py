@@ -21,6 +21,7 @@ from yaml.nodes import Node, ScalarNode
 from relay.headers import fits_smtp
 from relay.policy.files import RefusedFile, read_limited
 from relay.policy.schema import Ctx, text
+from relay.visible import escaped
 
 _LABEL = r"[^\W_](?:[\w-]*[^\W_])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
@@ -370,7 +371,7 @@ def _control_character(node: ScalarNode, value: str, found: str) -> str:
     code = f"U+{ord(found):04X}"
     letter = _YAML_ESCAPES.get(found)
     if node.style != '"' or letter is None:
-        escape = "\\" + _hex(found)
+        escape = escaped(found)
         return f"contains the control character {code}; if meant, write {escape} in single quotes"
     if letter == "b":
         what = r"a backspace: YAML reads \b in double quotes as a backspace, not a word boundary"
@@ -382,12 +383,13 @@ def _control_character(node: ScalarNode, value: str, found: str) -> str:
 def _single_quoted(value: str) -> str:
     """The pattern as it was typed, in YAML single quotes, where a backslash is a
     backslash and the regex reads the escapes."""
-    typed = _CONTROL.sub(lambda m: "\\" + _YAML_ESCAPES.get(m.group(), _hex(m.group())), value)
+    typed = _CONTROL.sub(_typed, value)
     return "'" + typed.replace("'", "''") + "'"
 
 
-def _hex(char: str) -> str:
-    return f"u{ord(char):04x}" if ord(char) > 0xFF else f"x{ord(char):02x}"
+def _typed(found: re.Match[str]) -> str:
+    char = found.group()
+    return "\\" + _YAML_ESCAPES[char] if char in _YAML_ESCAPES else escaped(char)
 
 
 _VARIABLE = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*|\{[^}]*\}?)")
