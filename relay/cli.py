@@ -521,11 +521,10 @@ def _rcpt_refusal(address: str) -> str:
     from relay.headers import fits_smtp
     from relay.ingress.address import RECIPIENT, mailbox_refusal
 
-    refused = mailbox_refusal(address, RECIPIENT)
-    if refused is not None:
-        return "not an address the relay takes (local@domain, ASCII, without <>)"
     if not fits_smtp(address):
         return "longer than SMTP allows: 64 characters before the @, 254 in all"
+    if mailbox_refusal(address, RECIPIENT) is not None:
+        return "not an address the relay takes (local@domain, ASCII, without <>)"
     return ""
 
 

@@ -210,6 +210,7 @@ def test_non_ascii_in_a_parameter_is_not_blamed_on_the_address(relay: Relay) -> 
         (b"MAIL FROM:<no-domain>", "553 5.1.7 Bad address syntax: "),
         (b'MAIL FROM:<"erp@acme.example">', "553 5.1.7 Quoted local parts are not supported: "),
         (b'MAIL FROM:<"e rp"@acme.example>', "553 5.1.7 Quoted local parts are not supported: "),
+        (b"MAIL FROM:<erp@" + (b"d" * 60 + b".") * 5 + b"org>", "553 5.1.7 Address longer than"),
     ],
 )
 def test_malformed_sender_refused(
@@ -236,6 +237,7 @@ def test_malformed_sender_refused(
         (b"root@-example.org", "553 5.1.3 Bad address syntax: "),
         (b"root.@example.org", "553 5.1.3 Bad address syntax: "),
         (b"root", "553 5.1.3 Bad address syntax: "),
+        (b"l" * 65 + b"@example.org", "553 5.1.3 Address longer than SMTP allows (64 octets"),
     ],
 )
 def test_recipient_not_sent_as_given_refused(relay: Relay, path: bytes, expected: str) -> None:
@@ -1192,3 +1194,4 @@ def test_a_client_gone_in_the_middle_of_data_is_logged_by_address(
         time.sleep(0.05)
     assert "connection lost during DATA client=127.0.0.1" in caplog.text
     assert relay.process.submissions == []
+

@@ -97,7 +97,13 @@ def test_local_part_limit_applies_on_the_fast_path() -> None:
 
 @pytest.mark.parametrize(
     "address",
-    ["jan@acme.example", "o'brien+x@sub.example.org", "A.B@EXAMPLE.ORG", "root@localhost"],
+    [
+        "jan@acme.example",
+        "o'brien+x@sub.example.org",
+        "A.B@EXAMPLE.ORG",
+        "root@localhost",
+        "l" * 64 + "@" + "d" * 60 + ".example",  # at the lengths, not past them
+    ],
 )
 def test_mailbox_taken(address: str) -> None:
     assert mailbox_refusal(address, RECIPIENT) is None
@@ -113,6 +119,8 @@ def test_mailbox_taken(address: str) -> None:
         ("root@acme..example", "Bad address syntax: "),
         ("root@acme_x.example", "Bad address syntax: "),
         ("root@acme.example.", "Bad address syntax: "),
+        ("l" * 65 + "@example.org", "Address longer than SMTP allows (64 octets before the @"),
+        ("a@" + ("d" * 60 + ".") * 5 + "org", "Address longer than SMTP allows ("),
     ],
 )
 def test_mailbox_refused(address: str, text: str) -> None:
