@@ -1195,3 +1195,11 @@ def test_a_client_gone_in_the_middle_of_data_is_logged_by_address(
     assert "connection lost during DATA client=127.0.0.1" in caplog.text
     assert relay.process.submissions == []
 
+
+def test_data_before_mail_asks_for_mail(relay: Relay) -> None:
+    """It asked for RCPT, sending whoever debugs an ERP's command order astray."""
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"DATA") == "503 5.5.1 Error: need MAIL command"
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        assert raw.cmd(b"DATA") == "503 5.5.1 Error: need RCPT command"

@@ -69,3 +69,18 @@ def test_a_failed_handshake_is_logged_with_the_client(
         assert line.startswith("TLS handshake failed client=127.0.0.1: "), line
         with Raw(relay.port) as raw:  # the listener serves on
             assert raw.cmd(b"NOOP").startswith("250")
+
+
+def test_a_handshake_cut_off_by_the_client_is_logged_with_a_reason(
+    tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reset mid-handshake has no text of its own: the line ended at the colon,
+    and a client that hung up read like a protocol mismatch."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Relay([listener(tls=tls_files)]) as relay:
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            assert raw.cmd(b"STARTTLS").startswith("220")
+            raw.send(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
+        line = handshake_failure(caplog, "TLS handshake failed client=127.0.0.1: ")
+    assert not line.endswith(": "), line

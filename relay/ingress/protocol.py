@@ -267,7 +267,8 @@ class RelaySMTP(SMTP):
         if isinstance(error, TLSSetupException):  # the handler is the listener's: no session
             assert self.session is not None
             peer = client_address(self.session.peer)
-            log.warning("TLS handshake failed client=%s: %s", peer, error.__cause__ or error)
+            cause = error.__cause__ or error  # a reset mid-handshake has no text of its own
+            log.warning("TLS handshake failed client=%s: %s", peer, str(cause) or repr(cause))
             self._count(tally.TLS_FAILED)
             return ""  # aiosmtpd closes the connection without a reply
         return await super().handle_exception(error)
@@ -515,6 +516,9 @@ class RelaySMTP(SMTP):
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
         assert self.envelope is not None
+        if self.envelope.mail_from is None:  # as aiosmtpd and Postfix say it
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
         if not self.envelope.rcpt_tos:
             await self.push("503 5.5.1 Error: need RCPT command")
             return
