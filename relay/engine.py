@@ -177,8 +177,12 @@ class Engine:
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
         alone: Callable[[], bool] | None = None,
+        suppressions: SuppressionFile | None = None,
     ) -> None:
+        """``suppressions``: the worker's list, so that no notice goes to a sender on
+        it and an address is not listed twice."""
         self.spool = spool
+        self._suppressions = suppressions
         self.policy = policy
         self.send = send
         self.recorder = recorder
@@ -708,7 +712,9 @@ class Engine:
         entries = [
             Suppression(address, None, BOUNCE, when, reply, entry.queue_id)
             for address, reply in refused
-            if reply[:1] == "5" and dsn(reply) in settings.hard_bounce
+            if reply[:1] == "5"
+            and dsn(reply) in settings.hard_bounce
+            and not self._listed_for_all(address)  # the entry keeps its first date
         ]
         if not entries:
             return
@@ -724,6 +730,19 @@ class Engine:
                 item.address,
                 item.detail,
             )
+
+    def _listed(self, address: str, tenant: str) -> Suppression | None:
+        """The entry keeping ``address`` from ``tenant``'s mail; None also when the
+        list cannot be read (said where the messages are refused for it)."""
+        if self._suppressions is None:
+            return None
+        try:
+            return self._suppressions.current().find(address, tenant)
+        except SuppressionError:
+            return None
+
+    def _listed_for_all(self, address: str) -> bool:
+        return self._listed(address, "") is not None  # no tenant is "": the entry for all
 
     def _settle(self, entry: QueueEntry, address: str, status: str, reply: str) -> None:
         rcpt = self._note(entry, address, reply)
@@ -754,6 +773,17 @@ class Engine:
             if r.status in (FAILED, EXPIRED, SUPPRESSED) and r.notify and r.address not in told
         ]
         if not failures or not entry.mail_from:  # a notice, or <> from the client
+            return True
+        listed = self._listed(entry.notify_address, entry.tenant)
+        if listed is not None:  # it bounced or complained: no notice adds to that
+            log.info(
+                "%s: no failure notice: <%s> is on the suppression list since %s",
+                entry.queue_id,
+                entry.notify_address,
+                listed.since,
+            )
+            for rcpt in failures:
+                rcpt.notify = False
             return True
         notice, data = build_notice(policy, entry, failures, self.clock())
         try:

@@ -330,10 +330,10 @@ async def serve(
     index = 0 if worker is None else worker.index
     tally = None if shared is None else shared.tally.row(index)
     send = attempt if tally is None else counted(attempt, tally)
-    engine = Engine(spool, holder.current, send, recorder, alone=alone)
     suppressions = None if policy.suppression is None else SuppressionFile(policy.suppression.file)
     if suppressions is not None:
         _load_suppressions(suppressions)
+    engine = Engine(spool, holder.current, send, recorder, alone=alone, suppressions=suppressions)
     rates = None if shared is None else shared.rates.row(index)
     clients = None if shared is None else shared.clients.row(index)
     failures = AuthFailures() if shared is None else AuthFailures(shared=shared.logins.row(index))

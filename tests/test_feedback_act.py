@@ -104,6 +104,34 @@ def test_a_hard_bounce_is_recorded_on_its_message_suppressed_and_told(
     assert notice["recipients"][0]["address"] == "jan@acme.example"
 
 
+def test_an_address_listed_before_keeps_its_date_and_a_listed_sender_gets_no_notice(
+    delivered: tuple[Path, str, Sink],
+) -> None:
+    """The bounce listed the address again, with a later date; and the notice went
+    to a sender whose own mailbox was on the list."""
+    path, queue_id, _ = delivered
+    policy = load(path)
+    assert policy.suppression is not None
+    before = [
+        Suppression("boss@example.org", None, "bounce", "2026-01-02T03:04:05.000Z"),
+        Suppression("jan@acme.example", "acme", "complaint", "2026-01-03T03:04:05.000Z"),
+    ]
+    SuppressionFile(policy.suppression.file).add(before)
+    report = Report(
+        BOUNCE,
+        (Failure("Boss@example.org", "5.1.1", "550 5.1.1 <boss@example.org>: User unknown"),),
+        message_id="<inv-4711@erp.acme.example>",
+    )
+    lines = _act(policy, report)
+    assert lines == [
+        "Boss@example.org: bounced (5.1.1), not suppressed"
+        " (on the list already, since 2026-01-02T03:04:05.000Z)",
+        "no notice: jan@acme.example is on the suppression list since 2026-01-03T03:04:05.000Z",
+    ]
+    assert len(SuppressionFile(policy.suppression.file).entries().entries) == 2
+    assert ("bounced", "Boss@example.org") in audit_events(path, queue_id)  # recorded all the same
+
+
 def test_the_queued_notice_reaches_the_sender_and_names_the_bounce(
     delivered: tuple[Path, str, Sink], tmp_path: Path
 ) -> None:

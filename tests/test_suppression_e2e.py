@@ -128,3 +128,51 @@ def test_no_hard_bounce_codes_lists_nothing(policy_file: Path, tmp_path: Path) -
             log = relay.log()
     assert "suppression list now" not in log
     assert _listed(policy) == {}
+
+
+def test_a_sender_on_the_list_gets_no_notice_and_a_listed_address_keeps_its_date(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A sender whose own mailbox bounced was still sent a notice for each failed
+    document (to a mailbox the relay knew dead); and each new bounce of an address
+    on the list listed it again, moving its date."""
+    with SinkServer(Sink(refuse=dict(REFUSE))) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        settings = load(policy).suppression
+        assert settings is not None
+        dead = Suppression("jan@acme.example", None, "bounce", "2026-01-02T03:04:05.000Z")
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            SuppressionFile(settings.file).add([dead])
+            first = send(port, rcpts=("gone@example.org", "ok@example.org"))
+            wait_for(lambda: f"{first}: no failure notice" in relay.log())
+            second = send(port, rcpts=("gone@example.org",))
+            wait_for(lambda: f"{second}: no failure notice" in relay.log())
+            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
+            log = relay.log()
+    said = "no failure notice: <jan@acme.example> is on the suppression list since 2026-01-02"
+    assert f"{first}: {said}" in log and f"{second}: {said}" in log
+    assert [m.rcpt_tos for m in sink.sink.messages] == [["ok@example.org"]]  # no notice at all
+    lines = settings.file.read_text().splitlines()
+    assert sum('"gone@example.org"' in line for line in lines) == 1
+    assert _listed(policy)["gone@example.org"].queue_id == first
+
+
+def test_two_queued_messages_bouncing_at_one_address_list_it_once(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Both were taken before the address was on the list; the second bounce found
+    it listed and listed it again, with a later date."""
+    port, sink_port = free_port(), free_port()
+    policy = configure(policy_file, port, sink_port)
+    settings = load(policy).suppression
+    assert settings is not None
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        ids = [send(port, rcpts=("gone@example.org",)) for _ in range(2)]
+        wait_for(lambda: relay.log().count("status=deferred") >= 2)  # the upstream is down
+        with SinkServer(Sink(refuse=dict(REFUSE)), port=sink_port):
+            wait_for(lambda: relay.log().count("status=bounced") >= 2)
+            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
+    lines = settings.file.read_text().splitlines()
+    assert sum('"gone@example.org"' in line for line in lines) == 1
+    assert _listed(policy)["gone@example.org"].queue_id in ids

@@ -28,7 +28,7 @@ from relay.queueid import queue_id_time
 from relay.record import Recorder
 from relay.spool import DELIVERED, FAILED, QueueEntry, RecipientState, Spool
 from relay.suppression import BOUNCE as BOUNCED
-from relay.suppression import COMPLAINT, Suppression, SuppressionFile, now
+from relay.suppression import COMPLAINT, Suppression, SuppressionFile, SuppressionList, now
 
 LOOKBACK_DAYS = 30  # a complaint may come weeks later; a bounce within the queues' lifetimes
 PERMANENT_UNKNOWN = "5.0.0"  # RFC 3463: a permanent failure the report gives no code for
@@ -150,7 +150,8 @@ def act(
         outcome.lines.append(_nobody(named, original))
         return outcome
     new, untold = _new(report, failures, original, outcome.lines)
-    entries = [_entry(policy, report, failure, original) for failure in new]
+    listed = suppressions.current()
+    entries = [_entry(policy, report, failure, original, listed) for failure in new]
     suppressions.add([e for e in entries if isinstance(e, Suppression)])
     queue_id = original.queue_id if original is not None else None
     message_id = original.message_id if original is not None else report.message_id
@@ -159,7 +160,7 @@ def act(
         outcome.lines.append(_said(report, failure, entry))
     recorder.flush_sync(queue_id)
     if new or untold:
-        told = _tell(policy, report, (*new, *untold), original, recorder, spool, clock)
+        told = _tell(policy, report, (*new, *untold), original, recorder, spool, clock, listed)
         outcome.lines.append(told)
     recorder.flush_sync(queue_id)
     return outcome
@@ -217,7 +218,11 @@ def _failures(report: Report, original: Original | None, lines: list[str]) -> tu
 
 
 def _entry(
-    policy: Policy, report: Report, failure: Failure, original: Original | None
+    policy: Policy,
+    report: Report,
+    failure: Failure,
+    original: Original | None,
+    listed: SuppressionList,
 ) -> Suppression | str:
     """The entry, or why there is none. Only a report about a message the relay
     sent lists an address (``_new`` keeps those its message went to): anyone
@@ -226,6 +231,10 @@ def _entry(
     every tenant; a complaint for the tenant whose mail it was."""
     if original is None:
         return "its message is not in the audit log"
+    # a bounce is listed for every tenant: only such an entry covers it ("" is no tenant)
+    before = listed.find(failure.recipient, "" if report.kind == BOUNCE else original.tenant)
+    if before is not None:
+        return f"on the list already, since {before.since}"  # keeps its first date
     detail = failure.diagnostic or failure.status or report.feedback_type or ""
     if report.kind != BOUNCE:
         return Suppression(
@@ -270,6 +279,7 @@ def _tell(
     recorder: Recorder,
     spool: Spool,
     clock: Callable[[], float],
+    listed: SuppressionList,
 ) -> str:
     """Queue the sending user's notice; the reason said when there is none."""
     if original is None:
@@ -280,6 +290,9 @@ def _tell(
         return f"no notice: user {original.user!r} of {original.tenant!r} is not in the policy"
     if not original.mail_from:
         return "no notice: the message had an empty envelope sender (RFC 5321 4.5.5)"
+    sender = listed.find(user.address, tenant.id)
+    if sender is not None:
+        return f"no notice: {user.address} is on the suppression list since {sender.since}"
     entry = _as_entry(original, report, failures, user.address, tenant.upstream)
     told = [r for r in entry.recipients if r.status == FAILED and r.notify]
     if not told:
