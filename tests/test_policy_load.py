@@ -232,7 +232,7 @@ def test_the_example_policy_without_its_key_has_only_that_problem(tmp_path: Path
     shutil.copy(ROOT / "config" / "relay.example.yaml", path)
     missing = tmp_path / ".." / "dkim" / "platform.example.dev.private"
     assert problems(path) == [
-        f"{path}:79:17: dkim.keys[0].key_file: cannot read {missing}: No such file or directory"
+        f"{path}:80:17: dkim.keys[0].key_file: cannot read {missing}: No such file or directory"
     ]
 
 
