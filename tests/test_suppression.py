@@ -4,6 +4,7 @@ what decide and preview make of a listed recipient."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pwd
 from pathlib import Path
@@ -213,6 +214,48 @@ def test_a_file_rewritten_in_place_is_read_again_from_its_start(tmp_path: Path) 
     assert snapshot.find("a@example.org", "acme") is None
     assert all(snapshot.find(f"n{i}@example.org", "acme") is not None for i in range(5))
     assert len(snapshot) == 5
+
+
+def test_an_edit_in_place_that_keeps_the_length_is_read(tmp_path: Path) -> None:
+    """A typo corrected in an editor that writes in place: the file's size and its
+    last bytes stayed, and the workers kept the old address until a restart
+    while the tools showed the new one."""
+    path = tmp_path / "s.jsonl"
+    SuppressionFile(path).add([_entry("scoped@example.org"), _entry("other@example.org")])
+    reader = SuppressionFile(path)
+    assert reader.current().find("scoped@example.org", "acme") is not None
+    inode, before = os.stat(path).st_ino, os.stat(path).st_mtime_ns
+    with path.open("r+b") as f:
+        text = f.read().replace(b"scoped@", b"scopex@")
+        f.seek(0)
+        f.write(text)
+    os.utime(path, ns=(before + 1_000_000, before + 1_000_000))  # a coarse clock's tick
+    assert os.stat(path).st_ino == inode
+    snapshot = reader.current()
+    assert snapshot.find("scoped@example.org", "acme") is None
+    assert snapshot.find("scopex@example.org", "acme") is not None
+    assert snapshot.find("other@example.org", "acme") is not None
+
+
+def test_a_hand_written_line_without_its_end_is_said_when_it_is_ended(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It was taken silently the moment the relay's next entry ended it."""
+    path = tmp_path / "s.jsonl"
+    SuppressionFile(path).add([_entry("a@example.org")])
+    cut = (
+        '{"v":1,"op":"add","address":"partial@example.org","tenant":null,'
+        '"reason":"manual","since":"2026-01-02T03:04:05.000Z"}'
+    )
+    with path.open("a") as f:
+        f.write(cut)
+    assert SuppressionFile(path).current().find("partial@example.org", "acme") is None
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        SuppressionFile(path).add([_entry("b@example.org")])
+    (said,) = caplog.messages
+    assert said.startswith(f"suppression list {path}: its last line had no line end")
+    assert said.endswith(cut)
+    assert SuppressionFile(path).current().find("partial@example.org", "acme") is not None
 
 
 def test_a_time_out_of_range_is_a_skipped_line_not_a_failed_lookup(tmp_path: Path) -> None:

@@ -106,8 +106,10 @@ class SuppressionFile:
         return self._snapshot
 
     def _continues(self, fd: int, inode: int, size: int) -> bool:
-        """Whether the open file is the one read so far, grown at most."""
-        if self._seen is None or self._seen[0] != inode or size < self._offset:
+        """Whether the open file is the one read so far, grown at most. One that
+        changed without growing was written over in place (an editor, ``cp``):
+        an edit keeping the length left the last bytes read as they were."""
+        if self._seen is None or self._seen[0] != inode or size <= self._offset:
             return False
         start = max(0, self._offset - len(self._mark))
         return os.pread(fd, len(self._mark), start) == self._mark
@@ -190,6 +192,7 @@ class SuppressionFile:
                 size = os.fstat(fd).st_size
                 if data and size and os.pread(fd, 1, size - 1) != b"\n":
                     data = b"\n" + data
+                    _said_cut(self.path, fd, size)
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
@@ -198,6 +201,18 @@ class SuppressionFile:
                 os.close(fd)
         except OSError as exc:
             raise _failed("write", self.path, exc) from exc
+
+
+def _said_cut(path: Path, fd: int, size: int) -> None:
+    """The line a writer without the lock left unended (a hand edit, a crash) takes
+    effect once ended, as the next line is added: the log says so, and which."""
+    tail = os.pread(fd, min(size, 4096), max(0, size - 4096)).rpartition(b"\n")[2]
+    log.warning(
+        "suppression list %s: its last line had no line end (a hand edit, or a write cut"
+        " short); ended now, so it is read from here on: %s",
+        path,
+        tail[:300].decode("utf-8", "replace").encode("unicode_escape").decode("ascii"),
+    )
 
 
 def _failed(verb: str, path: Path, exc: OSError) -> SuppressionError:
