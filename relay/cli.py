@@ -640,6 +640,9 @@ def _suppression(args: argparse.Namespace) -> int:
         relay_log.addHandler(logging.NullHandler())
     file, out, err = SuppressionFile(state.suppression.file), sys.stdout, sys.stderr
     if args.verb == "list":
+        if args.tenant is not None and tenants is not None and args.tenant not in tenants:
+            said = f"the policy has no tenant {args.tenant!r}: these are the entries for all"
+            print(f"relay suppression list: {said} tenants, and any left for it", file=sys.stderr)
         return tools.list_main(
             file, args.addresses, args.tenant, as_json=args.json, out=out, err=err
         )

@@ -87,6 +87,20 @@ def test_list_exits_1_when_nothing_matched(
     assert run(policy, capsys, "list", "--json", "other@customer.example")[:2] == (1, [])
 
 
+def test_listing_for_a_tenant_the_policy_does_not_have_says_so(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo read as "this tenant has no entries of its own"."""
+    assert run(policy, capsys, "add", BUYER)[0] == 0
+    code, out, err = run(policy, capsys, "list", "--tenant", "acmee")
+    assert code == 0 and len(out) == 2  # the entry for all tenants
+    assert err == (
+        "relay suppression list: the policy has no tenant 'acmee': these are the entries"
+        " for all tenants, and any left for it\n"
+    )
+    assert run(policy, capsys, "list", "--tenant", "acme")[2] == ""
+
+
 def test_adding_an_address_listed_for_that_scope_leaves_it(
     policy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -155,6 +169,11 @@ def test_removing_an_address_not_listed_exits_1_and_removes_the_others(
     [
         (["buyer.customer.example"], "'buyer.customer.example' is not an address"),
         (["jørn@customer.example"], "'jørn@customer.example' is not an address"),
+        (
+            ["a@bücher.example"],
+            "'a@bücher.example' is not an address like name@example.com"
+            " (ASCII only: a domain in its xn-- form)",
+        ),
         (["--tenant", "globex"], "the policy has no tenant 'globex' (its tenants: acme)"),
     ],
 )

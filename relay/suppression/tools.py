@@ -161,7 +161,8 @@ def _refusal(
 
     for address in addresses:
         if not is_address(address):
-            return f"{address!r} is not an address like name@example.com"
+            ascii_only = "" if address.isascii() else " (ASCII only: a domain in its xn-- form)"
+            return f"{address!r} is not an address like name@example.com{ascii_only}"
     if tenant is not None and tenants is not None and tenant not in tenants:
         known = ", ".join(sorted(tenants)) or "none"
         return f"the policy has no tenant {tenant!r} (its tenants: {known})"
