@@ -10,6 +10,8 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cryptography import x509
+
 from relay import tally
 from relay.deliver import result
 from relay.engine import Attempt
@@ -196,6 +198,10 @@ def test_what_the_sessions_and_the_attempts_came_to_is_counted(
     assert value("auth", listener="local", result="failed") == PER_CLIENT
     assert value("auth", listener="local", result="locked") == 1
     assert value("tls_handshake_failures", listener="local") == 1
+    cert = x509.load_pem_x509_certificate((tmp_path / "tls" / "server.pem").read_bytes())
+    expiry = "relay_tls_certificate_expiry_timestamp_seconds"
+    assert _value(now, expiry, listener="local") == cert.not_valid_after_utc.timestamp()
+    assert (expiry, (("listener", "idle"),)) not in now  # no TLS there: no sample
     assert _value(now, "relay_upstream_attempts_total", upstream="default", result="sent") == 2
     assert _value(now, "relay_upstream_attempts_total", upstream="default", result="refused") == 1
     assert _value(now, "relay_upstream_attempts_total", upstream="down", result="sent") == 0

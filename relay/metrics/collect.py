@@ -24,6 +24,7 @@ from relay import tally
 from relay.errors import RelayError
 from relay.metrics import status
 from relay.metrics.follow import AuditFollower
+from relay.policy import tlspair
 from relay.policy.model import Policy
 from relay.queueid import queue_id_time
 from relay.ratelimit import RateCounts
@@ -73,6 +74,7 @@ class RelayCollector(Collector):
         yield from self._part("suppression list", self._suppression)
         yield from self._limits(policy)
         yield from self._smtp(policy)
+        yield from self._certificates(policy)
         yield from self._upstreams(policy)
 
     def _part(self, name: str, families: Callable[[], Iterator[Metric]]) -> Iterator[Metric]:
@@ -254,6 +256,20 @@ class RelayCollector(Collector):
                     asked = (key, name, value) if label else (key, name)
                     counts.add_metric([name, value][: len(labels)], self._counts.total(*asked))
             yield counts
+
+    def _certificates(self, policy: Policy) -> Iterator[Metric]:
+        """Each listener's certificate as the relay serves it (a reload keeps a valid
+        one in place of one clients would refuse), for an alert weeks ahead."""
+        family = GaugeMetricFamily(
+            "relay_tls_certificate_expiry_timestamp_seconds",
+            "When a listener's STARTTLS certificate stops being valid (its notAfter).",
+            labels=["listener"],
+        )
+        for listener in policy.listeners:
+            ends = None if listener.tls is None else tlspair.not_after(listener.tls)
+            if ends is not None:
+                family.add_metric([listener.name], ends.timestamp())
+        yield family
 
     def _upstreams(self, policy: Policy) -> Iterator[Metric]:
         counts = CounterMetricFamily(

@@ -117,6 +117,14 @@ def _key_problem(pem: bytes) -> str | None:
     return None
 
 
+def not_after(pair: TlsFiles) -> datetime.datetime | None:
+    """When the certificate stops being valid; None when only OpenSSL reads it."""
+    try:
+        return x509.load_pem_x509_certificates(pair.cert_pem)[0].not_valid_after_utc
+    except (ValueError, x509.InvalidVersion):
+        return None
+
+
 def validity_problem(pair: TlsFiles, now: datetime.datetime) -> str | None:
     """Why clients would refuse the certificate at ``now`` (expired, or not yet
     valid), which OpenSSL loads without a word; None when it is valid, or when
