@@ -19,7 +19,6 @@ from typing import TextIO
 from relay import statelock
 from relay.errors import PolicyError
 from relay.policy.load import load
-from relay.queueid import queue_id_time
 from relay.spool import Spool
 from relay.spool.store import SpoolError
 
@@ -77,16 +76,15 @@ def _policy(
 
 def _queue(directory: Path) -> str:
     try:
-        found = Spool(directory, create=False).census()
+        waiting = Spool(directory, create=False).waiting(time.time())
     except SpoolError as exc:
         return f"queue: cannot be read: {exc}"
-    if not found:
+    active, deferred = waiting["active"], waiting["deferred"]
+    if not active.count and not deferred.count:
         return "queue: empty"
-    deferred = sum(1 for _, _, changed in found if changed)
-    times = [t for t in (queue_id_time(queue_id) for queue_id, _, _ in found) if t is not None]
-    oldest = f"; the oldest came {_age(time.time() - min(times))} ago" if times else ""
-    active = len(found) - deferred
-    return f"queue: {active} not tried yet, {deferred} deferred or held{oldest}"
+    age = max(active.oldest, deferred.oldest)
+    oldest = f"; the oldest came {_age(age)} ago" if age else ""
+    return f"queue: {active.count} not tried yet, {deferred.count} deferred or held{oldest}"
 
 
 def _age(seconds: float) -> str:

@@ -26,7 +26,6 @@ from relay.metrics import status
 from relay.metrics.follow import AuditFollower
 from relay.policy import tlspair
 from relay.policy.model import Policy
-from relay.queueid import queue_id_time
 from relay.ratelimit import RateCounts
 from relay.spool import Spool
 from relay.suppression import SuppressionFile
@@ -159,29 +158,19 @@ class RelayCollector(Collector):
         )
 
     def _queue(self) -> Iterator[Metric]:
-        count = {"active": 0, "deferred": 0}
-        size = dict.fromkeys(count, 0)
-        oldest = dict.fromkeys(count, 0.0)
-        now = time.time()
-        for queue_id, on_disk, changed in self._spool.census():
-            state = "deferred" if changed else "active"
-            count[state] += 1
-            size[state] += on_disk
-            arrival = queue_id_time(queue_id)
-            if arrival is not None:
-                oldest[state] = max(oldest[state], now - arrival)
-        for name, doc, values in (
-            ("relay_queue_messages", "Messages in the queue.", count),
-            ("relay_queue_bytes", "Size of the queue's files.", size),
+        waiting = self._spool.waiting(time.time())
+        for name, doc, field in (
+            ("relay_queue_messages", "Messages in the queue.", "count"),
+            ("relay_queue_bytes", "Size of the queue's files.", "size"),
             (
                 "relay_queue_oldest_message_age_seconds",
                 "Age of the oldest message in the queue (0 when empty).",
-                oldest,
+                "oldest",
             ),
         ):
             family = GaugeMetricFamily(name, doc, labels=["queue"])
-            for state, value in values.items():
-                family.add_metric([state], value)
+            for state, found in waiting.items():
+                family.add_metric([state], getattr(found, field))
             yield family
 
     def _suppression(self) -> Iterator[Metric]:

@@ -50,10 +50,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from relay.errors import RelayError
+from relay.queueid import queue_id_time
 from relay.spool.entry import QueueEntry
 
 log = logging.getLogger("relay")
@@ -73,6 +75,16 @@ RECYCLE_MAX = 64
 RECYCLE_SIZE = 1 << 20
 #: Seconds a free file (a delivered message's bytes) may wait to be reused.
 RECYCLE_TTL = 30.0
+
+
+@dataclass
+class Waiting:
+    """Messages of one state in the queue: how many, their files' bytes, and the
+    age of the oldest in seconds (0 when there is none)."""
+
+    count: int = 0
+    size: int = 0
+    oldest: float = 0.0
 
 
 class SpoolError(RelayError):
@@ -501,6 +513,19 @@ class Spool:
                 except FileNotFoundError:  # delivered and removed meanwhile
                     continue
                 found.append((item.name, size, item.name in changed))
+        return found
+
+    def waiting(self, now: float) -> dict[str, Waiting]:
+        """``census`` by state, ``active`` (not tried yet) and ``deferred`` (tried,
+        or held), for the metrics and ``relay status``."""
+        found = {"active": Waiting(), "deferred": Waiting()}
+        for queue_id, on_disk, changed in self.census():
+            state = found["deferred" if changed else "active"]
+            state.count += 1
+            state.size += on_disk
+            arrival = queue_id_time(queue_id)
+            if arrival is not None:
+                state.oldest = max(state.oldest, now - arrival)
         return found
 
     def entries(self) -> Iterator[QueueEntry]:
