@@ -20,6 +20,7 @@ import resource
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from relay.audit import AuditError
@@ -39,7 +40,14 @@ from relay.spool import (
     Spool,
 )
 from relay.spool.store import NoSuchEntry, SpoolBusy, SpoolError
-from relay.suppression import BOUNCE, Suppression, SuppressionError, SuppressionFile, now
+from relay.suppression import (
+    BOUNCE,
+    Backlog,
+    Suppression,
+    SuppressionError,
+    SuppressionFile,
+    now,
+)
 
 log = logging.getLogger("relay")
 
@@ -220,6 +228,7 @@ class Engine:
         # finished entries whose failure notice the spool could not take: kept,
         # locked, with their records, until it does
         self._untold: dict[str, Untold] = {}
+        self._unlisted = Backlog()
         self._warm_bytes = 0
         self._warm_files = 0  # like the bytes, until each one's attempt ends
         self._files = file_budget()
@@ -278,6 +287,7 @@ class Engine:
                 seen_kick = kicked
                 scan_wanted = not await self._rescan()  # if it failed, again at the next look
                 last_scan = self.clock()
+                await self._list_kept()
 
     def _last_kick(self) -> float:
         try:
@@ -394,6 +404,15 @@ class Engine:
             await asyncio.to_thread(self.spool.trim_recycled, 0.0)
         except SpoolError as exc:
             log.error("cannot remove the files kept for reuse: %s", exc)
+        await self._list_kept()
+        self._unlisted.abandon()
+
+    async def _list_kept(self) -> None:
+        """Entries kept while the list refused them, tried again without waiting
+        for the next hard bounce (which may not come)."""
+        settings = self.policy().suppression
+        if self._unlisted and settings is not None:
+            await self._add_listed(settings.file, [])
 
     def attempt_now(self, queue_id: str, immediate: bool = False) -> asyncio.Task[Outcome]:
         """Start (or join) the delivery of one entry. With ``immediate`` a message every
@@ -704,7 +723,7 @@ class Engine:
         """Put the addresses the upstream refused as not existing on the suppression
         list, so that no later message goes to them: mail to dead mailboxes is
         what gets a platform's mail taken for spam. A list that cannot be written
-        costs the entries, not the delivery's outcome."""
+        does not change the delivery's outcome."""
         settings = policy.suppression
         if settings is None:
             return
@@ -716,17 +735,25 @@ class Engine:
             and dsn(reply) in settings.hard_bounce
             and not self._listed_for_all(address)  # the entry keeps its first date
         ]
-        if not entries:
-            return
+        if entries:
+            await self._add_listed(settings.file, entries)
+
+    async def _add_listed(self, path: Path, entries: list[Suppression]) -> None:
+        """With the entries kept from writes the list refused; kept again if it
+        refuses this one too (``Backlog``)."""
+        kept = self._unlisted.kept()
+        listed = [k for k in kept if self._listed_for_all(k.address)]
+        kept = [k for k in kept if k not in listed]
         try:
-            await asyncio.to_thread(SuppressionFile(settings.file).add, entries)
+            await asyncio.to_thread(SuppressionFile(path).add, [*kept, *entries])
         except SuppressionError as exc:
-            log.error("%s: %s", entry.queue_id, exc)
+            self._unlisted.keep(entries, exc)
             return
-        for item in entries:
+        self._unlisted.written([*listed, *kept])
+        for item in [*kept, *entries]:
             log.info(
                 "%s: <%s> is on the suppression list now (%s)",
-                entry.queue_id,
+                item.queue_id,
                 item.address,
                 item.detail,
             )

@@ -18,6 +18,7 @@ from relay.suppression import (
     BOUNCE,
     COMPLAINT,
     MANUAL,
+    Backlog,
     Suppression,
     SuppressionError,
     SuppressionFile,
@@ -283,3 +284,30 @@ def test_check_warns_of_a_hard_bounce_code_about_the_platform_not_the_address(
     warned = err.getvalue()
     assert "warning: suppression.hard_bounce[1]: 5.7.1 says nothing of the address" in warned
     assert "5.1.1 says" not in err.getvalue()
+
+
+def test_the_backlog_keeps_an_address_first_refusal_and_names_what_it_loses(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
+    backlog = Backlog(limit=2)
+    first = Suppression(
+        "a@example.org", None, BOUNCE, "2026-01-01T00:00:00.000Z", "550 5.1.1", "Q1"
+    )
+    again = Suppression(
+        "A@example.org", None, BOUNCE, "2026-01-02T00:00:00.000Z", "550 5.1.1", "Q2"
+    )
+    backlog.keep([first, again], OSError("read-only"))
+    assert backlog.kept() == [first]
+    assert caplog.text.count("kept in memory") == 1
+    more = [Suppression(f"{n}@example.org", None, BOUNCE, WHEN) for n in "bc"]
+    backlog.keep(more, OSError("read-only"))
+    assert backlog.kept() == more  # the oldest goes first
+    backlog.written(more[:1])
+    assert backlog.kept() == more[1:] and "written again" not in caplog.text
+    backlog.abandon()
+    assert "stopping with 1 address(es)" in caplog.text
+    assert (
+        "and 1 more not named; add them with `relay suppression add`: c@example.org" in caplog.text
+    )
+    assert not backlog

@@ -1,7 +1,9 @@
 """The suppression list: addresses the relay no longer sends to. ``entry`` is
 one entry and a line of the file, ``store`` the file, ``index`` the list as
-a worker holds it, ``tools`` ``relay suppression``, the sysadmin's view."""
+a worker holds it, ``backlog`` the entries the file refused for a while,
+``tools`` ``relay suppression``, the sysadmin's view."""
 
+from relay.suppression.backlog import Backlog
 from relay.suppression.entry import BOUNCE, COMPLAINT, MANUAL, REASONS, Suppression, now
 from relay.suppression.index import EMPTY, SuppressionList
 from relay.suppression.store import Listing, SuppressionError, SuppressionFile
@@ -12,6 +14,7 @@ __all__ = [
     "EMPTY",
     "MANUAL",
     "REASONS",
+    "Backlog",
     "Listing",
     "Suppression",
     "SuppressionError",
