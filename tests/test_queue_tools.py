@@ -126,6 +126,10 @@ def test_list_json_like_postqueue(spool: Spool, two: list[QueueEntry]) -> None:
     assert records[1]["queue_name"] == "active"  # not tried yet
     assert first["arrival_time"] == int(ARRIVAL)
     assert first["next_attempt_time"] == int(ARRIVAL) + 600
+    before = int(time.time())
+    tools.retry(spool, [first["queue_id"]], io.StringIO(), io.StringIO())
+    retried = json.loads(listing(spool, as_json=True).splitlines()[0])
+    assert before <= retried["next_attempt_time"] <= time.time()  # due now, not in 1970
     assert first["message_size"] == 3000
     assert first["recipients"] == [
         {

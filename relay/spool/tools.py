@@ -78,7 +78,8 @@ def _json_record(entry: QueueEntry) -> dict[str, object]:
         "queue_name": _queue_name(entry),
         "queue_id": entry.queue_id,
         "arrival_time": int(entry.arrival),
-        "next_attempt_time": int(entry.next_attempt),
+        # 0 is `relay queue retry`'s "due now"; epoch 0 would read as decades overdue
+        "next_attempt_time": int(entry.next_attempt or time.time()),
         "message_size": entry.size,
         "sender": entry.mail_from,
         "recipients": recipients,
