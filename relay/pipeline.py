@@ -197,6 +197,9 @@ _SINGLE_FIELDS = (
 )
 
 
+_REPAIRED = {"date", "message-id"}  # written by decide only when the message's is unusable
+
+
 def _check_single_fields(fields: list[headers.Field], edits: rewrite.HeaderEdits) -> None:
     """Refuse a message that would go out with two of a field RFC 5322 allows once.
 
@@ -204,10 +207,13 @@ def _check_single_fields(fields: list[headers.Field], edits: rewrite.HeaderEdits
     duplicate headers"), so the ERP would hear of it only from a failure
     notice, later; readers also differ on which of two Subjects or Dates to
     show. A field the policy writes (From, Reply-To) or removes (Bcc,
-    Sender) goes out once or not at all, whatever the message had.
+    Sender) goes out once or not at all, whatever the message had. A Date or
+    Message-ID the relay repairs is the message's own: a second one is
+    refused as ever, not dropped for the repaired first.
     """
     edited = {name.lower() for name in edits.remove}
     edited.update(name.lower() for name, _ in edits.set)
+    edited -= _REPAIRED
     counts = collections.Counter(field.name.lower() for field in fields)
     twice = [
         f"{name} ({counts[name.lower()]} times)"

@@ -359,6 +359,25 @@ def test_a_field_allowed_once_given_twice_is_refused(
     )
 
 
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        (("Message-ID: INV-1@erp.acme.example", "Message-ID: <INV-2@erp.acme.example>"),
+         "Message-ID (2 times)"),
+        (("Date:", "Date: Mon, 23 Nov 2026 09:00:00 +0000"), "Date (2 times)"),
+    ],
+)  # fmt: skip
+def test_a_repaired_first_field_does_not_hide_a_second(
+    policy_file: Path, fields: tuple[str, ...], named: str
+) -> None:
+    """Repairing the first (brackets added, an empty Date filled in) wrote one
+    and dropped the other: the ERP's real Message-ID or Date, silently."""
+    base = [f for f in BASE if not f.startswith(("Date", "Message-ID"))]
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, msg(*base, *fields))
+    assert f"appear more often: {named};" in caught.value.line
+
+
 def test_fields_the_policy_writes_or_removes_may_come_twice(policy_file: Path) -> None:
     data = msg(*BASE, "Bcc: a@example.org", "Bcc: b@example.org", "Comments: 1", "Comments: 2")
     view = message.read(run(policy_file, data).message)
