@@ -90,6 +90,10 @@ def test_the_counts_are_those_of_the_audit_log(policy_file: Path, tmp_path: Path
             )  # fmt: skip
             after = _samples(metrics)
             assert _value(after, "relay_messages_received_total", tenant="acme") == 2
+            for selector in ("s1", "e1"):  # RSA and Ed25519, both on each message
+                signed = {"domain": "platform.example", "selector": selector}
+                assert _value(after, "relay_dkim_signatures_total", **signed) == 2
+            assert not any(name == "relay_dkim_signatures_total" for name, _ in before)
             assert _value(after, "relay_messages_rejected_total", **{"class": "5xx"}) == 1
             sent = _value(after, "relay_deliveries_total", tenant="acme", status="sent")
             assert sent == 3  # ok@, ok2@ and the sender's notice about gone@

@@ -120,6 +120,14 @@ class RelayCollector(Collector):
         for tenant, n in sorted(counts.received.items()):
             received.add_metric([tenant], n)
         yield received
+        signatures = CounterMetricFamily(
+            "relay_dkim_signatures",
+            "DKIM signatures on accepted messages, by signing domain and selector.",
+            labels=["domain", "selector"],
+        )
+        for (domain, selector), n in sorted(counts.signatures.items()):
+            signatures.add_metric([domain, selector], n)
+        yield signatures
         rejected = CounterMetricFamily(
             "relay_messages_rejected",
             "Messages refused at the end of DATA by the policy, by reply class.",

@@ -54,6 +54,9 @@ class Counts:
     )  # (tenant, status)
     bounces: collections.Counter[str] = field(default_factory=collections.Counter)
     complaints: collections.Counter[str] = field(default_factory=collections.Counter)
+    signatures: collections.Counter[tuple[str, str]] = field(
+        default_factory=collections.Counter
+    )  # (domain, selector)
     records: int = 0
     unreadable: int = 0  # lines that are not a record: torn writes the relay ended
 
@@ -139,6 +142,9 @@ class AuditFollower:
             tenant = str(record.get("tenant") or UNKNOWN)
             counts.received[tenant] += 1
             self._pending[queue_id] = [tenant, 0]
+            for key in record.get("dkim") or ():
+                if isinstance(key, dict):
+                    counts.signatures[(str(key.get("domain")), str(key.get("selector")))] += 1
         elif event == "queued":
             if queue_id in self._pending:
                 self._pending[queue_id][1] = len(record.get("recipients") or ())
