@@ -4,16 +4,22 @@ complaint about documents a real relay delivered, read from standard input."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
+import time
 from email import message_from_bytes
 from email.policy import default
 from pathlib import Path
 
+import pytest
+
+from relay.feedback import command
 from relay.feedback.syslog import SystemLog
 from relay.policy.load import load
 from relay.suppression import SuppressionFile
@@ -216,3 +222,62 @@ def test_a_socket_that_cannot_be_named_is_said_with_its_reason(tmp_path: Path) -
     SystemLog("/tmp/" + "d" * 120, err).close()
     assert err.getvalue().startswith("relay bounce: no system log at /tmp/ddd")
     assert "None" not in err.getvalue() and err.getvalue().rstrip().endswith("too long")
+
+
+def test_one_report_delivered_several_times_at_once_is_taken_once(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A mail system delivers to a pipe in parallel, and a server that lost the
+    relay's reply sends its report again: each run looked in the audit log
+    before the others had written, and all recorded, listed and told."""
+    with SinkServer(Sink()) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            invoice = _send(
+                port,
+                "<4711.erp@acme.example>",
+                ("nobody@buyer.example", "Full.Box@Supplier.example"),
+            )
+            server.sink.wait(1)
+    report = (FEEDBACK / "postfix-two-failed.eml").read_bytes()
+    command = [sys.executable, "-m", "relay", "bounce", "-c", str(policy), "--syslog", "off"]
+    runs = [
+        subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
+        for _ in range(4)
+    ]
+    time.sleep(1)  # each has loaded the policy and waits for its standard input
+    for run in runs:
+        assert run.stdin is not None
+        run.stdin.write(report)
+    for run in runs:  # all at once, not one after the other's end
+        assert run.stdin is not None
+        run.stdin.close()
+    outputs = []
+    for run in runs:
+        assert run.stdout is not None
+        outputs.append(run.stdout.read().decode())  # a few lines: no pipe fills
+        run.wait(timeout=60)
+    assert [run.returncode for run in runs] == [0, 0, 0, 0]
+    told = [out for out in outputs if "jan@acme.example told (notice " in out]
+    assert len(told) == 1, outputs
+    events = audit_events(policy, invoice)
+    assert events.count(("bounced", "nobody@buyer.example")) == 1
+    assert events.count(("bounced", "Full.Box@Supplier.example")) == 1
+    settings = load(policy).suppression
+    assert settings is not None
+    assert settings.file.read_text().count('"nobody@buyer.example"') == 1
+
+
+def test_a_report_waits_for_another_and_is_kept_when_it_waits_too_long(tmp_path: Path) -> None:
+    held = os.open(tmp_path / command.LOCK_NAME, os.O_RDONLY | os.O_CREAT)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        busy = pytest.raises(command.TakeBusy, match="another relay bounce held")
+        with busy, command.one_at_a_time(tmp_path, wait=0.2):
+            pass
+        fcntl.flock(held, fcntl.LOCK_UN)
+        with command.one_at_a_time(tmp_path, wait=0.2):
+            pass
+    finally:
+        os.close(held)

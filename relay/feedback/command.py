@@ -10,12 +10,17 @@ now, so the mail system keeps the report and tries again later.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from relay.audit import AuditError
-from relay.errors import PolicyError
+from relay.errors import PolicyError, RelayError
 from relay.feedback.act import act
 from relay.feedback.parse import read
 from relay.feedback.syslog import DEFAULT, SystemLog
@@ -26,6 +31,38 @@ from relay.suppression import SuppressionError, SuppressionFile
 
 EX_TEMPFAIL = 75
 MAX_REPORT = 64 << 20  # a bounce returns the whole message: one of the largest the relay sends
+LOCK_NAME = "bounce.lock"
+LOCK_WAIT = 60.0  # seconds; the mail system's pipe has its own time limit (Postfix: 1000 s)
+
+
+class TakeBusy(RelayError):
+    pass
+
+
+@contextlib.contextmanager
+def one_at_a_time(state_directory: Path, wait: float = LOCK_WAIT) -> Iterator[None]:
+    """Reports are taken one after the other: each looks in the audit log for
+    what an earlier one did, and the same report delivered twice at once (a
+    mail system delivers to a pipe in parallel, a server that lost the reply
+    sends again) was recorded, listed and told twice."""
+    path = state_directory / LOCK_NAME
+    try:  # read-only: a lock needs no more, so root's run and the service user's share it
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise TakeBusy(f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TakeBusy(f"another relay bounce held {path} for {wait:g} s") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
 
 
 def main(
@@ -61,12 +98,12 @@ def _take(
         return 0
     assert policy.suppression is not None  # a loaded policy has one
     try:
-        with audit_log(policy.audit) as audit:
+        with one_at_a_time(policy.queue.directory.parent), audit_log(policy.audit) as audit:
             spool = Spool(policy.queue.directory, create=False)
             outcome = act(
                 policy, report, Recorder(audit), SuppressionFile(policy.suppression.file), spool
             )
-    except (AuditError, SuppressionError, SpoolError) as exc:
+    except (AuditError, SuppressionError, SpoolError, TakeBusy) as exc:
         return not_taken(f"relay bounce: not taken, try again later: {exc}\n", str(exc))
     about = outcome.original
     head = (
