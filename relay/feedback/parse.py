@@ -31,6 +31,14 @@ SCANNED_LIMIT = 256 * 1024
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _TYPED = re.compile(r"^[A-Za-z0-9-]+[ \t]*;")
 _RETURNED = ("message/rfc822", "text/rfc822-headers")
+_ENHANCED = re.compile(r"[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})\b")
+# a header block as a returned copy inline in the text begins (qmail, Yahoo):
+# after an empty line, lines of fields up to the next empty line
+_INLINE_HEADER = re.compile(
+    r"(?:^|\n)\n((?:Return-Path|Received|From|To|Subject|Date|Message-ID):[^\n]*\n"
+    r"(?:[A-Za-z0-9-]+:[^\n]*\n|[ \t][^\n]*\n)*)",
+    re.IGNORECASE,
+)
 
 
 def read(raw: bytes) -> Report | None:
@@ -60,7 +68,7 @@ def _bounce(msg: Message) -> Report | None:
         return None
     blocks = _status_blocks(msg)
     failures = tuple(_failure(address, blocks) for address in recipients)
-    message_id, subject = _ids(_returned(msg))
+    message_id, subject = _ids(_returned(msg) or _returned_inline(msg))
     return Report(BOUNCE, failures, message_id, subject, _envelope_id(blocks))
 
 
@@ -71,12 +79,12 @@ def _permanent_failures(msg: Message) -> list[str]:
     no bounce. The recipients come sorted, so that a report reads the same each
     time although flufl.bounce gives them as a set."""
     view = _scanned_view(msg)
-    if not getaddresses([view.get("From", "")]):
-        # flufl.bounce's Yale detector takes the first address of From and,
-        # with none (no From, an empty one), raises; and one detector that
-        # raises ends the scan, so the detectors after it never saw the bounce
-        del view["From"]
-        view["From"] = "<>"
+    # one detector that raises ends the scan, so the detectors after it never
+    # see the bounce: the Yale detector raises on a From without an address,
+    # the Sina detector on one with 8-bit bytes (the email package's Header)
+    written = (_value(view, "From") or "").encode("ascii", "replace").decode()
+    del view["From"]
+    view["From"] = written if getaddresses([written]) else "<>"
     try:
         _temporary, permanent = all_failures(view)
     except Exception:
@@ -107,7 +115,19 @@ def _failure(address: str, blocks: list[Message]) -> Failure:
     block = _block_for(address, blocks)
     if block is None:
         return Failure(address)
-    return Failure(address, _status(block), _diagnostic(block))
+    status, diagnostic = _status(block), _diagnostic(block)
+    return Failure(address, _precise(status, diagnostic), diagnostic)
+
+
+def _precise(status: str | None, diagnostic: str | None) -> str | None:
+    """Exim writes ``Status: 5.0.0`` for every permanent failure and leaves the
+    remote server's code (``550 5.1.1 ...``) to ``Diagnostic-Code``: read as
+    given, no late unknown-user bounce through an Exim smarthost would list
+    its address."""
+    if status is None or status[1:] != ".0.0" or diagnostic is None:
+        return status
+    found = _ENHANCED.match(diagnostic)
+    return found.group(1) if found and found.group(1)[0] == status[0] else status
 
 
 def _status_blocks(msg: Message) -> list[Message]:
@@ -250,6 +270,25 @@ def _returned(msg: Message) -> Message | None:
         if isinstance(payload, list):
             return next((p for p in payload if isinstance(p, Message)), None)
         return _parse_headers(part)
+    return None
+
+
+def _returned_inline(msg: Message) -> Message | None:
+    """The header of a copy returned inline below the server's text (qmail's
+    "--- Below this line is a copy of the message."): the first block of
+    fields after an empty line that has a Message-ID."""
+    for part in msg.walk():
+        if part.get_content_type() != "text/plain":
+            continue
+        payload = part.get_payload()
+        if not isinstance(payload, str):
+            return None
+        text = payload[:SCANNED_LIMIT].replace("\r\n", "\n")
+        for block in _INLINE_HEADER.finditer(text):
+            header = HeaderParser(policy=compat32).parsestr(block.group(1))
+            if _value(header, "Message-ID"):
+                return header
+        return None
     return None
 
 
