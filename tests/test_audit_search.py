@@ -88,6 +88,15 @@ def test_time_window_by_day_and_time(log_dir: Path) -> None:
     assert seqs(log_dir, since="2024-05-06T09:05:02Z", until="2024-05-06T09:15:02Z") == [4, 5, 6]
 
 
+@pytest.mark.parametrize("day", ["20240507", "2024-05-07", " 2024-05-07 "])
+def test_a_day_in_any_iso_form_is_the_whole_day(log_dir: Path, day: str) -> None:
+    """``--until 20240507`` was read as that day's midnight: the day itself was left out."""
+    assert seqs(log_dir, since=day, until=day) == [12, 13, 14, 15]
+    whole = report(log_dir, since="2024-05-07", until="2024-05-07")
+    assert report(log_dir, since=day, until=day) == whole
+    assert any(row["delivered"] for row in whole)
+
+
 def test_the_join_looks_back_before_since(log_dir: Path) -> None:
     assert seqs(log_dir, since="2024-05-08", tenant="acme") == [17, 18]
     assert seqs(log_dir, since="2024-05-08", tenant="acme", lookback_days=0) == []

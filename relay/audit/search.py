@@ -131,9 +131,20 @@ def _parse_when(
     if relative:
         unit = {"d": "days", "h": "hours", "m": "minutes"}[relative.group(2)]
         return (now or datetime.now(UTC)) - timedelta(**{unit: int(relative.group(1))})
-    if len(text.strip()) == 10:
-        return _parse_when(date.fromisoformat(text.strip()), end=end)
+    day = _day(text.strip())
+    if day is not None:
+        return _parse_when(day, end=end)
     return _parse_when(datetime.fromisoformat(text.strip().replace("Z", "+00:00")))
+
+
+def _day(text: str) -> date | None:
+    """A day without a time in any form ``date.fromisoformat`` reads (``20241204``
+    too): ``datetime`` would take it as that day's midnight, and ``--until``
+    would then leave the whole day out."""
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
