@@ -11,6 +11,7 @@ line is the policy in use, rewritten at each reload, for ``relay status``.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -92,15 +93,39 @@ def _write(fd: int, digest: str) -> None:
 
 def holder(directory: Path) -> tuple[int, str] | None:
     """The PID and the policy digest the lock file names, or None when it names no
-    process alive (no relay, or one that was killed and left its file)."""
+    relay alive (no relay, or one that was killed and left its file, its PID
+    since given to another program). Raises StateUnreadable."""
+    path = directory / LOCK_NAME
     try:
-        fd = os.open(directory / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise StateUnreadable(path, exc) from exc
     try:
         lines = os.pread(fd, 256, 0).decode("ascii", "replace").split("\n")
+    except OSError as exc:
+        raise StateUnreadable(path, exc) from exc
     finally:
         os.close(fd)
-    if not lines[0].isdigit() or not _alive(int(lines[0])):
+    if not lines[0].isdigit() or not _serving(int(lines[0])):
         return None
     return int(lines[0]), lines[1] if len(lines) > 1 else ""
+
+
+class StateUnreadable(RelayError):
+    def __init__(self, path: Path, error: OSError) -> None:
+        why = "a symbolic link" if error.errno == errno.ELOOP else error.strerror
+        super().__init__(f"cannot read {path}: {why}")
+
+
+def _serving(pid: int) -> bool:
+    """Alive, and a relay: after a reboot the PID of a relay killed before it
+    may be any other program's."""
+    if not _alive(pid):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc, or not ours to read: alive is all that is known
+    return b"serve" in argv

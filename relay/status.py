@@ -6,7 +6,7 @@ alive, and its worker processes); is the policy file what it runs (the file's
 digest against the one the relay noted at its start and at each reload: an
 edit not reloaded yet, or one the reload refused, shows here); and is mail
 waiting (the queue's messages and the age of the oldest). The exit status is
-LSB's for a status action: 0 running, 3 not running.
+LSB's for a status action: 0 running, 3 not running, 4 unknown.
 """
 
 from __future__ import annotations
@@ -23,13 +23,18 @@ from relay.spool import Spool
 from relay.spool.store import SpoolError
 
 EX_NOT_RUNNING = 3
+EX_UNKNOWN = 4  # LSB: the status cannot be told (run as the relay's user, or root)
 
 
 def main(path: Path, queue_directory: Path, out: TextIO) -> int:
     """``queue_directory``: the state the relay uses, found even while ``path``
     does not load (``relay.cli``)."""
     state = queue_directory.parent
-    running = statelock.holder(state)
+    try:
+        running = statelock.holder(state)
+    except statelock.StateUnreadable as exc:
+        out.write(f"relay: cannot tell whether it runs: {exc}\n")
+        return EX_UNKNOWN
     try:
         digest: str | None = load(path).digest
         problems: list[str] = []

@@ -3,10 +3,11 @@ it runs against the file as it reads now, and the mail waiting."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -80,5 +81,37 @@ def test_a_relay_killed_with_its_lock_file_left_is_not_running(tmp_path: Path) -
     child.wait()
     (tmp_path / statelock.LOCK_NAME).write_text(f"{child.pid}\nabc\n")
     assert statelock.holder(tmp_path) is None
-    (tmp_path / statelock.LOCK_NAME).write_text(f"{os.getpid()}\nabc\n")
-    assert statelock.holder(tmp_path) == (os.getpid(), "abc")
+    relay = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "serve"])
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / statelock.LOCK_NAME).write_text(f"{relay.pid}\nabc\n")
+        assert statelock.holder(tmp_path) == (relay.pid, "abc")
+        # after a reboot its PID may be any program's: that is not a relay running
+        (tmp_path / statelock.LOCK_NAME).write_text(f"{other.pid}\nabc\n")
+        assert statelock.holder(tmp_path) is None
+    finally:
+        for proc in (relay, other):
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda path: path.mkdir(), "Is a directory"),
+        (lambda path: path.symlink_to(path.with_name("elsewhere")), "a symbolic link"),
+    ],
+)
+def test_a_lock_file_that_cannot_be_read_is_an_unknown_status(
+    policy_file: Path, make: Callable[[Path], object], why: str
+) -> None:
+    """A traceback and exit 1 before, where monitoring expects a status."""
+    policy = configure(policy_file, free_port(), free_port())
+    state = policy.parent / "state"
+    state.mkdir()
+    make(state / statelock.LOCK_NAME)
+    code, lines = _status(policy)
+    assert code == 4
+    assert lines == [
+        f"relay: cannot tell whether it runs: cannot read {state / 'relay.pid'}: {why}"
+    ]
