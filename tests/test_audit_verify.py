@@ -378,6 +378,16 @@ def test_a_since_out_of_the_calendar_is_a_usage_error(log_dir: Path) -> None:
     assert err.getvalue().startswith("relay audit verify: bad --since: '99999999d' is out of range")
 
 
+def test_a_since_that_is_no_time_says_what_is_one(log_dir: Path) -> None:
+    """It said Python's "Invalid isoformat string: 'xx'", where search says the forms."""
+    err = io.StringIO()
+    assert verify_main(log_dir, "xx", io.StringIO(), err) == 2
+    assert err.getvalue() == (
+        "relay audit verify: bad --since: 'xx' is not a time:"
+        " use 2024-05-01, 2024-05-01T10:00Z or 7d, 12h, 30m\n"
+    )
+
+
 def test_since_with_a_utc_offset_starts_at_the_utc_day(log_dir: Path) -> None:
     """2024-05-07T01:00+05:00 is 2024-05-06T20:00Z: verify started at 05-07's file."""
     out = io.StringIO()

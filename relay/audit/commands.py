@@ -9,7 +9,7 @@ found (or, for verify, tampered), 2 bad arguments or an unreadable log.
 from __future__ import annotations
 
 import re
-from datetime import UTC, date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -122,7 +122,7 @@ def verify_main(
     """``relay audit verify [--since DATE] [--anchor 'seq N hash H']``: 0 intact,
     1 tampered, 2 unreadable. The anchor is a head printed before, pasted as is."""
     try:
-        day = parse_when(since)
+        day = _when(since)
     except ValueError as exc:
         err.write(f"relay audit verify: bad --since: {exc}\n")
         return 2
@@ -165,11 +165,17 @@ def _unreadable(verb: str, directory: Path, exc: OSError, err: TextIO) -> int:
 
 def _check_times(*values: str | None) -> None:
     for value in values:
-        try:
-            parse_when(value)
-        except OutOfRange:
-            raise
-        except ValueError:
-            raise ValueError(
-                f"{value!r} is not a time: use 2024-05-01, 2024-05-01T10:00Z or 7d, 12h, 30m"
-            ) from None
+        _when(value)
+
+
+def _when(value: str | date | None) -> datetime | None:
+    """``parse_when``, its refusal of what is no time at all saying what is one:
+    Python's own ("Invalid isoformat string") names no form a person could type."""
+    try:
+        return parse_when(value)
+    except OutOfRange:
+        raise
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not a time: use 2024-05-01, 2024-05-01T10:00Z or 7d, 12h, 30m"
+        ) from None
