@@ -6,7 +6,8 @@ alive, and its worker processes); is the policy file what it runs (the file's
 digest against the one the relay noted at its start and at each reload: an
 edit not reloaded yet, or one the reload refused, shows here); and is mail
 waiting (the queue's messages and the age of the oldest). The exit status is
-LSB's for a status action: 0 running, 3 not running, 4 unknown.
+LSB's for a status action: 0 running, 1 dead (the supervisor gone, its
+workers not yet), 3 not running, 4 unknown.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from relay.policy.load import load
 from relay.spool import Spool
 from relay.spool.store import SpoolError
 
+EX_DEAD = 1  # LSB: dead, its PID file left (here, and its workers not gone yet)
 EX_NOT_RUNNING = 3
 EX_UNKNOWN = 4  # LSB: the status cannot be told (run as the relay's user, or root)
 
@@ -35,18 +37,27 @@ def main(path: Path, queue_directory: Path, out: TextIO) -> int:
     except statelock.StateUnreadable as exc:
         out.write(f"relay: cannot tell whether it runs: {exc}\n")
         return EX_UNKNOWN
+    orphaned = running is None and statelock.held(state)
     try:
         digest: str | None = load(path).digest
         problems: list[str] = []
     except PolicyError as exc:
         digest, problems = None, exc.problems
     lines = [
-        _relay(running, state),
+        ORPHANED if orphaned else _relay(running, state),
         _policy(path, running, digest, problems),
         _queue(queue_directory),
     ]
     out.write("".join(f"{line}\n" for line in lines))
+    if orphaned:
+        return EX_DEAD
     return 0 if running is not None else EX_NOT_RUNNING
+
+
+ORPHANED = (
+    "relay: its supervisor is gone; its worker processes still hold the state"
+    " directory until the end of their stop's grace; relay serve refuses to start until then"
+)
 
 
 def _relay(running: tuple[int, str] | None, state: Path) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import statelock
+from relay import statelock, status
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import free_port
 from tests.test_queue_e2e import configure, relay_cli, send
@@ -115,3 +115,31 @@ def test_a_lock_file_that_cannot_be_read_is_an_unknown_status(
     assert lines == [
         f"relay: cannot tell whether it runs: cannot read {state / 'relay.pid'}: {why}"
     ]
+
+
+def test_workers_outliving_their_killed_supervisor_are_not_a_relay_stopped(
+    policy_file: Path,
+) -> None:
+    """Said "not running" (exit 3) while relay serve refused to start: the workers
+    of a supervisor killed with SIGKILL serve on for their stop's grace."""
+    policy = configure(policy_file, free_port(), free_port())
+    state = policy.parent / "state"
+    state.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (state / statelock.LOCK_NAME).write_text(f"{gone.pid}\nabc\n")
+    hold = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR);"
+    hold += " fcntl.flock(fd, fcntl.LOCK_EX); print(flush=True); time.sleep(30)"
+    worker = subprocess.Popen(
+        [sys.executable, "-c", hold, str(state / statelock.LOCK_NAME)], stdout=subprocess.PIPE
+    )
+    try:
+        assert worker.stdout is not None
+        worker.stdout.readline()  # locked
+        code, lines = _status(policy)
+    finally:
+        worker.kill()
+        worker.wait()
+    assert code == 1
+    assert lines[0] == status.ORPHANED
+    assert _status(policy)[0] == 3  # and once they are gone, not running
