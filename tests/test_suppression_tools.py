@@ -164,6 +164,29 @@ def test_removing_an_address_not_listed_exits_1_and_removes_the_others(
     assert err.endswith(": nobody@customer.example: not on the list for tenant acme\n")
 
 
+def test_list_and_remove_take_an_address_as_add_does(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """list answered "nothing matched" for a listed address pasted with a space,
+    and for an IDN whose xn-- form is listed, both of which add refuses."""
+    assert run(policy, capsys, "add", "user@xn--bcher-kva.example", "Gone@Example.ORG")[0] == 0
+    code, out, _ = run(policy, capsys, "add", " gone@example.org\t")
+    assert code == 0 and out[0].startswith("gone@example.org: already listed (manual since ")
+    code, out, err = run(policy, capsys, "list", "gone@example.org ")
+    assert (code, len(out), err) == (0, 2, "")
+    code, out, err = run(policy, capsys, "list", "user@bücher.example")
+    assert (code, out) == (2, [])
+    assert err == (
+        "relay suppression list: 'user@bücher.example' is not an address like"
+        " name@example.com (ASCII only: a domain in its xn-- form)\n"
+    )
+    code, out, err = run(policy, capsys, "remove", "user@bücher.example", " gone@example.org")
+    assert (code, out) == (2, [])
+    assert err.startswith("relay suppression remove: nothing removed: 'user@bücher.example'")
+    code, out, _ = run(policy, capsys, "remove", " gone@example.org ")
+    assert code == 0 and [line.split(":")[0] for line in out] == ["Gone@Example.ORG"]
+
+
 @pytest.mark.parametrize(
     "args, refused",
     [

@@ -5,7 +5,8 @@ state settings); these functions own everything after that, so they are
 tested without a process. ``list`` exits like grep: 0 something listed, 1
 nothing matched. ``add`` and ``remove`` print one line per change; ``remove``
 exits 1 when an address named had no entry, as the queue tools do for an
-unknown ID, having removed the others.
+unknown ID, having removed the others. Each takes an address as ``add``
+does: without the spaces around it, and one that is not ASCII refused (2).
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def list_main(
 ) -> int:
     """``relay suppression list``: with ``tenant``, the entries that keep
     addresses from that tenant's mail (its own and those for all tenants)."""
+    addresses = _taken(addresses)
+    refusal = _unlistable(addresses)
+    if refusal is not None:
+        err.write(f"relay suppression list: {refusal}\n")
+        return EX_BADARG
     snapshot = _read(file, "list", err)
     if snapshot is None:
         return EX_NOINPUT
@@ -70,6 +76,7 @@ def add_main(
     """``relay suppression add``: ``tenants`` the policy's, None when only its
     state settings loaded (then any tenant is taken). Nothing is added when an
     argument is refused, so a typo does not leave half the list changed."""
+    addresses = _taken(addresses)
     refusal = _refusal(addresses, tenant, tenants)
     if refusal is not None:
         err.write(f"relay suppression add: nothing added: {refusal}\n")
@@ -106,6 +113,11 @@ def remove_main(
 ) -> int:
     """``relay suppression remove``: without ``tenant``, every entry of each
     address, whatever its scope; with it, that tenant's entry only."""
+    addresses = _taken(addresses)
+    refusal = _unlistable(addresses)
+    if refusal is not None:
+        err.write(f"relay suppression remove: nothing removed: {refusal}\n")
+        return EX_BADARG
     snapshot = _read(file, "remove", err)
     if snapshot is None:
         return EX_NOINPUT
@@ -161,12 +173,32 @@ def _refusal(
 
     for address in addresses:
         if not is_address(address):
-            ascii_only = "" if address.isascii() else " (ASCII only: a domain in its xn-- form)"
-            return f"{address!r} is not an address like name@example.com{ascii_only}"
+            return _not_an_address(address)
     if tenant is not None and tenants is not None and tenant not in tenants:
         known = ", ".join(sorted(tenants)) or "none"
         return f"the policy has no tenant {tenant!r} (its tenants: {known})"
     return None
+
+
+def _taken(addresses: Sequence[str]) -> list[str]:
+    """A space pasted with an address (``'gone@example.org '``) is no part of it."""
+    return [address.strip() for address in addresses]
+
+
+def _unlistable(addresses: Sequence[str]) -> str | None:
+    """Why a name can be on no list, or None: ``add``'s refusal of what is not
+    ASCII (the relay takes no such address either), where "nothing matched"
+    hid that the xn-- form of an IDN is listed. Other names are looked up as
+    they are: an entry the relay made must stay reachable by name."""
+    for address in addresses:
+        if not address.isascii():
+            return _not_an_address(address)
+    return None
+
+
+def _not_an_address(address: str) -> str:
+    ascii_only = "" if address.isascii() else " (ASCII only: a domain in its xn-- form)"
+    return f"{address!r} is not an address like name@example.com{ascii_only}"
 
 
 def _unique(addresses: Iterable[str]) -> list[str]:
