@@ -448,3 +448,37 @@ def test_check_warns_of_a_client_limit_that_is_the_whole_listener(
         " is not below max_connections 50: one client could take every place on the listener"
     )
     assert warnings(path) == ([said] if warned else [])
+
+
+_LONG_LABEL = "a" * 64 + ".example"
+_SMART = "    path: outbox\n  smart:\n    type: smtp\n"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        ("    path: outbox\n", f"{_SMART}    host: {_LONG_LABEL}\n",
+         f"21:11: upstreams.smart.host: expected a host name or IP address, not '{_LONG_LABEL}'"),
+        ("    address: 127.0.0.1\n", f"    address: {_LONG_LABEL}\n",
+         f"8:14: listeners[0].address: '{_LONG_LABEL}' is not an IP address like 127.0.0.1"
+         " or ::1, or a host name"),
+        ("    path: outbox\n", "    path: outbox\naudit: {retention_days: 1000000}\n",
+         "19:25: audit.retention_days: 1000000 is out of range: expected a number of days"
+         " (1..36500)"),
+        ("    path: outbox\n", "    path: outbox\nqueue: {max_retry: 10000000000000}\n",
+         "19:20: queue.max_retry: expected a positive number of seconds, at most 315360000"
+         " (10 years)"),
+        ("    path: outbox\n",
+         "    path: outbox\nclassify:\n  - {id: r, type: t, subject: 'a{99999999999}'}\n",
+         "20:31: classify[0].subject: invalid regular expression: a repeat count is too large"),
+    ],
+    ids=["upstream-label", "listener-label", "retention", "retry", "regex-count"],
+)  # fmt: skip
+def test_values_that_passed_check_and_failed_the_relay_are_problems(
+    tmp_path: Path, old: str, new: str, problem: str
+) -> None:
+    """Each passed relay check, and then: every delivery bounced as if the
+    recipient's address were wrong (5.1.3), serve ended in a traceback, the
+    audit upkeep or a delivery attempt raised, or check itself did."""
+    path = variant(tmp_path, old, new)
+    assert problems(path) == [f"{path}:{problem}"]

@@ -252,12 +252,17 @@ def integer(ctx: Ctx, node: Node, path: str, low: int, high: int, what: str) -> 
     return int(value)
 
 
+MAX_SECONDS = 10 * 365 * 86400  # a retry or a queue lifetime past it is a typo, not a plan
+
+
 def number(ctx: Ctx, node: Node, path: str) -> float | None:
-    what = "a positive number of seconds"
+    """Seconds; past ``MAX_SECONDS`` the times computed from it left the calendar
+    and the delivery that computed them failed in the relay itself."""
+    what = f"a positive number of seconds, at most {MAX_SECONDS} (10 years)"
     value = _numeric(ctx, node, path, what, (_INT_TAG, _FLOAT_TAG))
     if value is None:
         return None
-    if not (math.isfinite(value) and value > 0):
+    if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
         ctx.problem(node, path, f"expected {what}")
         return None
     return float(value)

@@ -550,7 +550,7 @@ def state(ctx: Ctx, root: Map) -> State:
     key = a.read("hmac_key_file", values.read_file)
     subject = a.choice("record_subject", _YesNo, _YesNo.NO)
     compress = a.integer("compress_after_days", None, 1, 100000, "a number of days")
-    retention = a.integer("retention_days", None, 1, 1000000, "a number of days")
+    retention = a.integer("retention_days", None, 1, 36500, "a number of days")
     codes = _hard_bounce(ctx, root)
     if inverted or (a.has("hmac_key_file") and key is None):
         return None, None, None

@@ -51,7 +51,7 @@ def is_address(value: str) -> bool:
         and value.isascii()
         and fits_smtp(value)
         and _LOCAL.fullmatch(local)
-        and _DOMAIN.fullmatch(domain)
+        and _is_domain(domain)
     )
 
 
@@ -71,7 +71,7 @@ def domain(ctx: Ctx, node: Node, path: str) -> str | None:
     value = text(ctx, node, path, "a domain name like example.com")
     if value is None:
         return None
-    if not _DOMAIN.fullmatch(value):
+    if not _is_domain(value):
         ctx.problem(node, path, f"{value!r} is not a domain name like example.com")
         return None
     if not value.isascii():  # DKIM's d= and SMTP without SMTPUTF8 take A-labels only
@@ -101,7 +101,7 @@ def helo_name(ctx: Ctx, node: Node, path: str) -> str | None:
                 return value
         except ValueError:
             pass
-    elif _DOMAIN.fullmatch(value):
+    elif _is_domain(value):
         return value.lower()
     expected = "a host name like relay.example.com, or an address literal like [192.0.2.1]"
     ctx.problem(node, path, f"{value!r} is not {expected}")
@@ -121,13 +121,13 @@ def listen_address(ctx: Ctx, node: Node, path: str) -> str | None:
     if bare is not None and _is_ip(bare):
         ctx.problem(node, path, f"expected an IP address without brackets: write {bare}")
         return None
-    if _is_ip(value) or (not _NUMERIC.fullmatch(value) and _DOMAIN.fullmatch(value)):
+    if _is_ip(value) or (not _NUMERIC.fullmatch(value) and _is_domain(value)):
         return value
     expected = "an IP address like 127.0.0.1 or ::1, or a host name"
     if _NUMERIC.fullmatch(value):
         expected = "an IP address like 127.0.0.1 or ::1"
     host, _, port = value.rpartition(":")
-    if port.isdigit() and (_is_ip(host) or _DOMAIN.fullmatch(host)):
+    if port.isdigit() and (_is_ip(host) or _is_domain(host)):
         expected += f"; the port goes in port: {port}"
     ctx.problem(node, path, f"{value!r} is not {expected}")
     return None
@@ -161,7 +161,20 @@ def upstream_host(ctx: Ctx, node: Node, path: str) -> str | None:
 def _is_host(value: str) -> bool:
     """An IP address (IPv6 without brackets), or a host name, which may end in a dot."""
     name = value.removesuffix(".")
-    return _is_ip(value) or (not _NUMERIC.fullmatch(name) and bool(_DOMAIN.fullmatch(name)))
+    return _is_ip(value) or (not _NUMERIC.fullmatch(name) and bool(_is_domain(name)))
+
+
+def _is_domain(value: str) -> bool:
+    """A name DNS can hold: labels of at most 63 octets, 253 in all, in their
+    A-label form. A longer one passed, and every delivery to it bounced as if
+    the recipient's address were wrong (or the listener did not start)."""
+    if not _DOMAIN.fullmatch(value):
+        return False
+    try:
+        encoded = value.encode("idna")
+    except UnicodeError:
+        return False
+    return len(encoded) <= 253
 
 
 def _is_ip(value: str) -> bool:
@@ -220,7 +233,7 @@ def selector(ctx: Ctx, node: Node, path: str) -> str | None:
     value = text(ctx, node, path, "a DKIM selector like s1")
     if value is None:
         return None
-    if not _DOMAIN.fullmatch(value):
+    if not _is_domain(value):
         ctx.problem(node, path, f"{value!r} is not a DKIM selector (DNS labels like s1)")
         return None
     return value
@@ -304,6 +317,9 @@ def regex(ctx: Ctx, node: Node, path: str) -> re.Pattern[str] | None:
         return None
     except RecursionError:  # re's own parser, and the walk below, recurse per group
         ctx.problem(node, path, "the regular expression nests its groups too deeply")
+        return None
+    except OverflowError:  # a{99999999999}: re's limit is below the count
+        ctx.problem(node, path, "invalid regular expression: a repeat count is too large")
         return None
     if backtracks:
         message = (
