@@ -853,6 +853,10 @@ def test_anchors_and_merge_keys_work(tmp_path: Path) -> None:
         (b'version: 1\nplatform: "x\n',
          "3:1: YAML syntax error: found unexpected end of stream"
          " (while scanning a quoted scalar at 2:11)"),
+        ("# pasted\u2028 from a page\nversion: 1\nplatfrom: x\n".encode(),
+         "1:9: an invisible line separator (U+2028), as pasted from a web page or a word"
+         " processor: YAML reads it as a line break, so every line number after it would be"
+         " off and the text around it may mean something else; delete it"),
     ],
 )  # fmt: skip
 def test_unparsable_files_are_one_located_problem(

@@ -9,6 +9,7 @@ sysadmin sees all of them at once, in file order.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,10 @@ def read(
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         problems.add(_position(data, exc.start), "", f"the file is not UTF-8 text ({exc.reason})")
+        return data, None
+    separator = _LINE_SEPARATOR.search(text)
+    if separator is not None:
+        problems.add(_position(text, separator.start()), "", _line_separator(separator.group()))
         return data, None
     try:
         node = yaml.compose(text, Loader=_Loader)
@@ -238,6 +243,19 @@ def _syntax_message(exc: yaml.MarkedYAMLError) -> str:
         where = f" at {mark.line + 1}:{mark.column + 1}" if mark is not None else ""
         message += f" ({exc.context}{where})"
     return message
+
+
+# YAML reads these as line breaks, editors and grep -n do not; pasted from a
+# web page or a word processor, they are invisible
+_LINE_SEPARATOR = re.compile("[\u0085\u2028\u2029]")
+
+
+def _line_separator(char: str) -> str:
+    return (
+        f"an invisible line separator (U+{ord(char):04X}), as pasted from a web page or a"
+        " word processor: YAML reads it as a line break, so every line number after it"
+        " would be off and the text around it may mean something else; delete it"
+    )
 
 
 def _position(text: str | bytes, index: int) -> tuple[int, int]:
