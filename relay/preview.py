@@ -21,8 +21,11 @@ from relay.pipeline import Prepared, prepare
 from relay.policy.model import DirectoryUpstream, Policy, SmtpUpstream, Upstream
 from relay.submission import Submission, distinct
 from relay.suppression import EMPTY, SuppressionError, SuppressionFile, SuppressionList
+from relay.visible import escaped_match
 
 _LINE_END = re.compile(rb"\r?\n")
+# all but the tab of a folded header and the report's own line ends
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def submission_from_file(
@@ -186,4 +189,11 @@ def _text(r: dict) -> str:
         "Headers as sent:",
         r["headers"].rstrip("\r\n").replace("\r\n", "\n"),
     ]
-    return "\n".join(lines)
+    return _visible("\n".join(lines))
+
+
+def _visible(text: str) -> str:
+    """The message's text comes from whoever wrote it: an escape sequence in a
+    Subject would act on the terminal, so it shows as ``\\x1b``, as ``relay queue
+    show`` keeps them off it. JSON escapes them already."""
+    return _CONTROL.sub(escaped_match, text)

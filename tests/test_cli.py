@@ -127,6 +127,20 @@ def test_preview_shows_8bit_header_text_as_the_relay_reads_it(
     assert "Subject: Grüße, " in done.stdout
 
 
+def test_preview_keeps_the_terminal_codes_of_a_message_off_the_terminal(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A Subject with ESC [31m reached the terminal as itself; queue show escapes it."""
+    eml = tmp_path / "invoice.eml"
+    eml.write_text(INVOICE.replace("Subject: Faktura", "Subject: Faktura \x1b[31mred\x1b[0m"))
+    done = relay("preview", "-c", str(policy_file), str(eml))
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout
+    assert "\nSubject: Faktura \\x1b[31mred\\x1b[0m 4711\n" in done.stdout
+    done = relay("preview", "-c", str(policy_file), str(eml), "--json")
+    assert "\nSubject: Faktura \x1b[31mred" in json.loads(done.stdout)["headers"]
+
+
 def test_preview_of_a_refused_message(policy_file: Path, tmp_path: Path) -> None:
     eml = tmp_path / "x.eml"
     eml.write_text("From: who@nowhere.example\nTo: a@example.org\n\nx\n")
