@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
-        parser.print_help()
+        getattr(args, "group", parser).print_help()
         return EX_USAGE
     if args.run is _serve:
         return int(args.run(args))
@@ -139,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument("--json", action="store_true", help="print one JSON object")
     preview.set_defaults(run=_preview)
 
-    dkim = sub.add_parser("dkim", help="DKIM key tools").add_subparsers(metavar="COMMAND")
+    dkim = _group(sub, "dkim", "DKIM key tools")
     keygen = dkim.add_parser("keygen", help="create a signing key and print its DNS record")
     keygen.add_argument("--domain", required=True)
     keygen.add_argument("--selector", required=True)
@@ -186,6 +186,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _group(sub: argparse._SubParsersAction, name: str, text: str) -> argparse._SubParsersAction:
+    """A command of verbs. Named without one (``relay queue``), it shows its own
+    usage and verbs: the whole program's list does not say what ``queue`` takes."""
+    group = sub.add_parser(name, help=text, description=text)
+    group.set_defaults(group=group)
+    return group.add_subparsers(metavar="COMMAND")
+
+
 _BOUNCE_STATUS = (
     "Exit status: 0 taken (acted on, or neither a bounce nor a complaint: ignored),"
     " 75 the policy does not load or the state cannot take it now: the mail system"
@@ -194,8 +202,7 @@ _BOUNCE_STATUS = (
 
 
 def _upstream_parsers(sub: argparse._SubParsersAction) -> None:
-    upstream = sub.add_parser("upstream", help="upstream account tools")
-    verbs = upstream.add_subparsers(metavar="COMMAND")
+    verbs = _group(sub, "upstream", "upstream account tools")
     text = (
         "connect to upstreams as a delivery would (TLS, certificate, login) and say"
         " what each offers; with --rcpt, try that envelope too. Nothing is sent."
@@ -242,8 +249,7 @@ def _nameserver(value: str) -> tuple[str, int]:
 
 
 def _queue_parsers(sub: argparse._SubParsersAction) -> None:
-    queue = sub.add_parser("queue", help="list and manage queued messages (like postqueue)")
-    verbs = queue.add_subparsers(metavar="COMMAND")
+    verbs = _group(sub, "queue", "list and manage queued messages (like postqueue)")
     listing = verbs.add_parser("list", help="list queued messages")
     _policy_option(listing)
     listing.add_argument("--json", action="store_true", help="JSON lines, postqueue -j names")
@@ -274,8 +280,7 @@ _TARGETS_HELP = (
 
 
 def _audit_parsers(sub: argparse._SubParsersAction) -> None:
-    audit = sub.add_parser("audit", help="search and verify the audit log")
-    verbs = audit.add_subparsers(metavar="COMMAND")
+    verbs = _group(sub, "audit", "search and verify the audit log")
     search = verbs.add_parser("search", help="events matching all the filters given")
     _policy_option(search)
     for option in ("since", "until", "tenant", "user", "recipient", "doc-type", "status"):
@@ -309,10 +314,7 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
 def _suppression_parsers(sub: argparse._SubParsersAction) -> None:
     from relay.suppression import REASONS
 
-    suppression = sub.add_parser(
-        "suppression", help="list, add and remove addresses the relay does not send to"
-    )
-    verbs = suppression.add_subparsers(metavar="COMMAND")
+    verbs = _group(sub, "suppression", "list, add and remove addresses the relay does not send to")
     text = (
         "the entries, sorted; with addresses, theirs only (any case); with --tenant, those"
         " that keep addresses from its mail (its own and those for all tenants)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -459,3 +460,16 @@ def test_queue_commands_say_how_to_name_messages(verb: str) -> None:
     text = " ".join(done.stdout.split())
     assert "ALL every queued message, - the IDs on stdin" in text
     assert "78 the policy does not load" in text
+
+
+@pytest.mark.parametrize(
+    ("group", "verbs"),
+    [("queue", "list show retry delete hold release"), ("audit", "search show report verify"),
+     ("dkim", "keygen check"), ("upstream", "test"), ("suppression", "list add remove")],
+)  # fmt: skip
+def test_a_command_without_its_verb_shows_its_own_usage(group: str, verbs: str) -> None:
+    """``relay queue`` printed the whole program's usage, which names no verb of it."""
+    done = relay(group)
+    assert done.returncode == 64
+    assert done.stdout.startswith(f"usage: relay {group} [-h] COMMAND ...\n")
+    assert " ".join(re.findall(r"^ {4}(\w+)", done.stdout, re.MULTILINE)) == verbs
