@@ -224,6 +224,20 @@ def test_unknown_ids_are_reported_and_the_rest_done(spool: Spool, two: list[Queu
     assert spool.ids() == [two[1].queue_id]
 
 
+@pytest.mark.parametrize("typed", ["all", "All", " all "])
+def test_all_not_in_capitals_is_refused_saying_how_to_write_it(
+    spool: Spool, two: list[QueueEntry], typed: str
+) -> None:
+    """It said "ALL: not a queue ID", naming the very keyword the sysadmin meant."""
+    for command in (unaudited_delete, tools.hold, tools.release, tools.retry):
+        outcome, _, err = run(command, spool, [typed])
+        assert outcome == (1, [])
+        assert err == f"{typed.strip()}: not a queue ID (for every message, type ALL in capitals)\n"
+    assert spool.ids() == sorted(entry.queue_id for entry in two)
+    outcome, _, err = run(tools.hold, spool, ["-"], stdin="all\n")
+    assert (outcome, err) == ((1, []), "ALL: not a queue ID\n")  # on stdin, IDs only
+
+
 def test_busy_entry_is_skipped(spool: Spool, two: list[QueueEntry]) -> None:
     """Named, a busy entry is an error; under ALL it is said but the command
     succeeds (a cron job's ``hold ALL`` failed whenever mail was moving)."""

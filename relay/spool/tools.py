@@ -352,6 +352,8 @@ def _resolve(
     for target in targets:
         if target == "ALL":
             found = [(queue_id, False) for queue_id in spool.ids()]
+        elif target.strip().upper() == "ALL":
+            found = [(target.strip(), True)]  # as typed: refused, and said how to write it
         elif target == "-":
             lines = (stdin or sys.stdin).read().splitlines()
             found = [(_normalise(line), True) for line in lines if line.strip()]
@@ -370,9 +372,17 @@ def _normalise(text: str) -> str:
 
 def _report(err: TextIO, queue_id: str, exc: SpoolError) -> None:
     if isinstance(exc, NoSuchEntry):
-        err.write(f"{_printable(queue_id)}: {exc.strerror}\n")
+        err.write(f"{_printable(queue_id)}: {exc.strerror}{_all_hint(queue_id)}\n")
     else:
         err.write(f"{_printable(queue_id)}: {exc}\n")
+
+
+def _all_hint(queue_id: str) -> str:
+    """``all`` reads as the keyword to a person; postsuper, and this, take ``ALL``
+    only, and "ALL: not a queue ID" left them guessing why."""
+    if queue_id != "ALL" and queue_id.upper() == "ALL":
+        return " (for every message, type ALL in capitals)"
+    return ""
 
 
 def _summary(out: TextIO, verb: str, outcome: Outcome, more: int = 0) -> None:
