@@ -406,6 +406,8 @@ def test_an_anchor_with_no_records_since_is_not_checked_not_tampered(log_dir: Pa
     assert "note: the anchor (seq 5) is not checked: no records from --since 2030-01-01 on" in (
         out.getvalue()
     )
+    assert "note: no records from 2030-01-01 on to verify" in out.getvalue()
+    assert "empty" not in out.getvalue()  # it holds records, none of them that late
     (log_dir / DAY3).unlink()  # with the anchor's day read, an end cut off still shows
     assert verify_main(log_dir, "2024-05-07", io.StringIO(), err, anchor=f"18:{head}") == 1
 

@@ -185,7 +185,11 @@ def verify(
     except _Tampered as exc:
         result.problem = exc.problem
     if result.records == 0 and result.problem is None:
-        result.notes.append("the log is empty: no records to verify")
+        result.notes.append(
+            "the log is empty: no records to verify"
+            if since is None
+            else f"no records from {since.isoformat()} on to verify"
+        )
     return result
 
 
