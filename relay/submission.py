@@ -16,6 +16,7 @@ class Submission:
     data: bytes  # CRLF line endings, dot-unstuffed, as aiosmtpd delivers it
     helo: str = ""  # the name the client gave in EHLO or HELO
     tls: bool = False  # the session ran over TLS
+    esmtp: bool = True  # the client greeted with EHLO, not HELO
 
 
 def listed(address: str, addresses: Iterable[str]) -> bool:

@@ -2,10 +2,10 @@
 
 It tells the next hop, and whoever reads the headers of a complaint, who
 handed the message over and how: the client's EHLO name and address, the
-relay's host name, the protocol (RFC 3848: ESMTP, with S for TLS and A for
-a login) and the queue ID, which the relay's log and audit log carry too.
-A loop shows up as a pile of them. No ``for`` clause: it would name a BCC
-recipient to everyone else.
+relay's host name, the protocol (RFC 3848: SMTP after HELO, ESMTP after
+EHLO, with S for TLS and A for a login) and the queue ID, which the relay's
+log and audit log carry too. A loop shows up as a pile of them. No ``for``
+clause: it would name a BCC recipient to everyone else.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ def received(
 ) -> bytes:
     """``eol``: the message's own line ending, as the other edits take it."""
     helo = _NOT_DOMAIN.sub("-", submission.helo)[:255] or "unknown"
-    protocol = "ESMTP" + ("S" if submission.tls else "") + ("A" if submission.auth_login else "")
+    protocol = "SMTP"  # HELO: neither TLS nor a login is an extension it can use
+    if submission.esmtp:
+        tls = "S" if submission.tls else ""
+        protocol = f"ESMTP{tls}{'A' if submission.auth_login else ''}"
     value = (
         f"from {helo} ({_literal(submission.client_address)})"
         f" by {hostname} with {protocol} id {queue_id}; {_date(now.replace(microsecond=0))}"

@@ -284,6 +284,18 @@ def test_a_received_field_tells_the_next_hop_who_handed_the_message_over(
     assert f"{found.group(1).decode()}: client=127.0.0.1 login=erp-acme" in relay.log()
 
 
+def test_a_client_greeting_with_helo_is_traced_as_smtp(
+    relay: RelayProcess, sink: SinkServer
+) -> None:
+    """It was stamped ESMTP, which a legacy ERP saying HELO never spoke."""
+    with smtplib.SMTP("127.0.0.1", relay.port, local_hostname="erp.acme.example") as client:
+        client.helo()
+        client.sendmail("jan@acme.example", RCPTS, INVOICE)
+    (got,) = sink.sink.wait(1)
+    (field,) = [f for f in headers.split(got.data)[0] if f.name == "Received"]
+    assert b" with SMTP id " in b" ".join(field.raw.split())
+
+
 @pytest.mark.parametrize(
     ("responsible", "reply_to"),
     [

@@ -123,6 +123,7 @@ class RelayHandler(Mechanisms):
             data=data,
             helo=session.host_name or "",
             tls=session.ssl is not None,
+            esmtp=session.extended_smtp,
         )
         refusal = content.refusal(data)
         if refusal is not None:
