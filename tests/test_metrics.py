@@ -152,7 +152,8 @@ def test_health_and_readiness(policy_file: Path, tmp_path: Path) -> None:
             answer = json.loads(body)
             assert answer["ready"] is True
             assert answer["checks"] == {
-                "workers": "2 of 2 running", "queue": "writable", "audit": "writable"
+                "workers": "2 of 2 running", "queue": "writable", "audit": "writable",
+                "suppression": "readable",
             }  # fmt: skip
             assert _get(metrics, "/nothing")[0] == 404
 
@@ -333,7 +334,7 @@ def test_an_unreadable_list_leaves_out_its_gauge_not_the_scrape(
 ) -> None:
     """The relay refuses mail with 451 while its list cannot be read: exactly when
     the other counts are wanted. The list's gauge is left out, said once in the
-    log, and comes back with the list."""
+    log, and comes back with the list; /readyz says 503 meanwhile (it said 200)."""
     with SinkServer(Sink()) as sink:
         port, metrics = free_port(), free_port()
         policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=1)
@@ -350,8 +351,13 @@ def test_an_unreadable_list_leaves_out_its_gauge_not_the_scrape(
             samples = _samples(metrics)
             assert not any(name == "relay_suppression_list_entries" for name, _ in samples)
             assert _value(samples, "relay_workers", state="running") == 1
+            code, body, _ = _get(metrics, "/readyz")  # it takes no mail: not ready for any
+            assert code == 503
+            said = json.loads(body)["checks"]["suppression"]
+            assert said == f"{listed.file} not readable: Is a directory"
             listed.file.rmdir()
             wait_for(lambda: ("relay_suppression_list_entries", ()) in _samples(metrics))
+            assert _get(metrics, "/readyz")[0] == 200
             log = relay.log()
     assert log.count("metrics: the suppression list is left out") == 1
     assert "metrics: the suppression list is read again" in log

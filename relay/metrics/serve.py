@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -158,10 +159,25 @@ class MetricsServer:
             "queue": _writable(policy.queue.directory),
             "audit": _writable(policy.audit.directory),
         }
+        if policy.suppression is not None:
+            checks["suppression"] = _readable(policy.suppression.file)
         ready = state.workers_running >= state.workers_expected > 0 and all(
             checks[name] == "writable" for name in ("queue", "audit")
         )
-        return ready, checks
+        return ready and checks.get("suppression", "readable") == "readable", checks
+
+
+def _readable(file: Path) -> str:
+    """Every message is refused with 451 while the list cannot be read: a relay
+    that takes no mail is not ready for it. A list not made yet is empty."""
+    try:
+        with open(file, "rb") as listing:
+            listing.read(1)
+    except FileNotFoundError:
+        return "readable"
+    except OSError as exc:
+        return f"{file} not readable: {exc.strerror}"
+    return "readable"
 
 
 def _writable(directory: os.PathLike) -> str:
