@@ -45,9 +45,20 @@ def file_name(day: date, compressed: bool = False) -> str:
 
 
 def day_files(
-    directory: Path, since: date | None = None, until: date | None = None
+    directory: Path,
+    since: date | None = None,
+    until: date | None = None,
+    before: str | None = None,
 ) -> list[DayFile]:
-    """The day files in day order, one per day.
+    """The day files in day order, one per day; from ``since``'s and up to
+    ``until``'s day, and with ``before`` (a record time) the later ones that may
+    hold records before it.
+
+    A record is never in an earlier day's file than its time's, but it may be
+    in a later one: the writer never goes back to an older file when the clock
+    steps back, and moves to the next day's name when today's was compressed.
+    A window that skipped those by name lost their records from every report,
+    the year after a clock that started a year ahead most of all.
 
     When both a day's plain and compressed file exist, compression was
     interrupted after the ``.gz`` was complete but before the plain file was
@@ -62,12 +73,42 @@ def day_files(
             day = date.fromisoformat(match.group(1))
         except ValueError:
             continue
-        if (since and day < since) or (until and day > until):
+        if since and day < since:
             continue
         found = DayFile(day, Path(directory) / name)
         if day not in by_day or by_day[day].compressed:
             by_day[day] = found
-    return [by_day[d] for d in sorted(by_day)]
+    return [
+        by_day[d]
+        for d in sorted(by_day)
+        if until is None or d <= until or (before is not None and _holds_before(by_day[d], before))
+    ]
+
+
+_TIME = re.compile(rb'"time":"([^"]*)"')
+
+
+def _holds_before(file: DayFile, time: str) -> bool:
+    """Whether a file named after a window may hold records of it: its first
+    record, or for a plain file its last (the clock set right again), is
+    earlier. A record the clock stepped back for between two later ones is the
+    one case it misses. A file that cannot be read is looked into."""
+    try:
+        with open_file(file) as stream:
+            first = stream.readline(1 << 16)
+            last = b""
+            if not file.compressed:
+                size = os.fstat(stream.fileno()).st_size
+                stream.seek(max(0, size - (1 << 16)))
+                last = stream.read().rstrip(b"\n").rpartition(b"\n")[2]
+    except (OSError, EOFError, zlib.error):
+        return True
+    times = [
+        found.group(1).decode("ascii", "replace")
+        for found in map(_TIME.search, (first, last))
+        if found
+    ]
+    return not times or min(times) < time
 
 
 def open_file(file: DayFile | Path) -> BinaryIO:

@@ -271,7 +271,7 @@ def search(
     if joining and first is not None:
         first = _back(first, lookback_days)
     repeats = Repeats()
-    for file in reader.day_files(directory, first, window.last_day):
+    for file in reader.day_files(directory, first, window.last_day, window.until):
         early = window.first_day is not None and file.day < window.first_day
         for block in reader.chunks(file):
             low = block.lower() if rcpt is not None else block
@@ -437,7 +437,7 @@ def _show_scan(
     the notices named in ``notices``."""
     found = []
     repeats = Repeats(span=None)  # one message's records: all of them held
-    for file in reader.day_files(directory, window.first_day, window.last_day):
+    for file in reader.day_files(directory, window.first_day, window.last_day, window.until):
         for block in reader.chunks(file):
             starts = sorted({s for n in needles for s in _starts(block, n)})
             for _, line in _lines(block, starts):
@@ -486,7 +486,7 @@ class Owners:
     ) -> None:
         window = _Window.of(since, until)
         first = _back(window.first_day, lookback_days) if window.first_day else None
-        self._ahead = _owner_lines(directory, first, window.last_day)
+        self._ahead = _owner_lines(directory, first, window.last_day, window.until)
         self._next: _OwnerLine | None = None
         self._known: dict[str, tuple[str, _Who]] = {}
         self._order: deque[tuple[str, str]] = deque()
@@ -554,11 +554,13 @@ _Who = tuple[str | None, str | None, str]
 _OwnerLine = tuple[int, str, str, "_Who | _About"]
 
 
-def _owner_lines(directory: Path, first: date | None, last: date | None) -> Iterator[_OwnerLine]:
+def _owner_lines(
+    directory: Path, first: date | None, last: date | None, before: str
+) -> Iterator[_OwnerLine]:
     """seq, time, queue ID and (tenant, user, type) of each ``received`` line, and
     of each notice a ``notified`` line names (the message it is about), in log
     order, without decoding the rest of the line."""
-    for file in reader.day_files(directory, first, last):
+    for file in reader.day_files(directory, first, last, before):
         for block in reader.chunks(file):
             starts = sorted([*_starts(block, _RECEIVED), *_starts(block, _NOTIFIED)])
             for _, line in _lines(block, starts):
@@ -625,7 +627,7 @@ def report(
     counts: dict[tuple[str, str], Counter[str]] = {}
     unowned: dict[str, Counter[str]] = {}  # attributed at the end: a link may come later
     repeats = Repeats()  # the early days' outcomes too: a copy in the window counts not
-    for file in reader.day_files(directory, first, window.last_day):
+    for file in reader.day_files(directory, first, window.last_day, window.until):
         early = window.first_day is not None and file.day < window.first_day
         for block in reader.chunks(file):
             for head in _HEAD.finditer(block):
