@@ -185,6 +185,10 @@ def test_the_first_day_removed_without_retention(log_dir: Path) -> None:
         "the chain starts at seq 12: records 1..11 missing before it"
         " and no retention record explains it"
     )
+    err = io.StringIO()
+    assert verify_main(log_dir, None, io.StringIO(), err) == 1
+    # found at line 1, after the rest was read: not "verified before the problem"
+    assert err.getvalue().endswith("  (the 7 records from there on are whole)\n")
 
 
 def test_since_skips_earlier_days_and_says_so(log_dir: Path) -> None:

@@ -71,6 +71,8 @@ class VerifyResult:
     last_seq: int | None = None
     head: str | None = None  # hash of the newest record: write it down to anchor the log
     problem: Problem | None = None
+    # the problem is the chain's start, found once every record after it was checked
+    at_start: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -405,6 +407,7 @@ class _Verifier:
                 f"the chain starts at seq {seq}: {_span(1, seq - 1)} missing before it"
                 " and no retention record explains it"
             )
+        self.r.at_start = True
         raise _Tampered(Problem(name, 1, message))
 
 

@@ -143,7 +143,10 @@ def verify_main(
         out.write(f"note: {note}\n")
     if result.problem is not None:
         err.write(f"relay audit verify: TAMPERED: {result.problem}\n")
-        err.write(f"  ({result.records} records verified before the problem was found)\n")
+        if result.at_start:
+            err.write(f"  (the {result.records} records from there on are whole)\n")
+        else:
+            err.write(f"  ({result.records} records verified before the problem was found)\n")
         return 1
     span = f" (seq {result.first_seq}..{result.last_seq})" if result.records else ""
     out.write(f"audit log intact: {result.records} records in {result.files} files{span}\n")
