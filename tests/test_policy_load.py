@@ -20,7 +20,7 @@ import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from relay.errors import PolicyError
@@ -569,10 +569,23 @@ def test_a_tls_key_that_is_not_the_certificates_is_a_problem(tmp_path: Path) -> 
         "    port: 2525\n",
         f"    port: 2525\n    tls: {{cert: tls/relay.crt, key: {other.key}}}\n",
     )
-    (found,) = problems(path)
     cert = tmp_path / "tls" / "relay.crt"
-    assert re.match(rf"{re.escape(str(path))}:10:\d+: listeners\[0\]\.tls: cannot use ", found)
-    assert f"cannot use {cert} with {other.key}: " in found
+    assert problems(path) == [
+        f"{path}:10:37: listeners[0].tls.key: {other.key} is not the key of the certificate"
+        f" in {cert}"
+    ]
+    # an EC certificate given an RSA key
+    other.key.write_bytes(
+        rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    assert problems(path) == [
+        f"{path}:10:37: listeners[0].tls.key: {other.key} is not the key of the certificate"
+        f" in {cert} (an RSA key; the certificate's is EC)"
+    ]
 
 
 def test_a_tls_key_with_a_passphrase_is_a_problem_not_a_prompt(tmp_path: Path) -> None:
@@ -914,6 +927,7 @@ def test_check_main_ok_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     for secret in (
         *(tmp_path / "policies" / "keys").iterdir(),
         *(tmp_path / "policies" / "secrets").iterdir(),
+        *(tmp_path / "policies" / "tls").glob("*.key"),
     ):
         secret.chmod(0o600)  # as checked out, others may read them, which check warns of
     path = tmp_path / "policies" / "full.yaml"

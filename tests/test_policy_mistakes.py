@@ -482,3 +482,24 @@ def test_values_that_passed_check_and_failed_the_relay_are_problems(
     audit upkeep or a delivery attempt raised, or check itself did."""
     path = variant(tmp_path, old, new)
     assert problems(path) == [f"{path}:{problem}"]
+
+
+def test_check_warns_of_a_listener_key_or_audit_key_others_can_read(tmp_path: Path) -> None:
+    """As secret as a DKIM key, and passed whatever their mode: who reads the
+    HMAC key can forge an audit chain that verifies."""
+    path = variant(
+        tmp_path,
+        "    port: 2525\n",
+        "    port: 2525\n    tls: {cert: tls/relay.crt, key: tls/relay.key}\n",
+    )
+    hmac_key = tmp_path / "audit.key"
+    hmac_key.write_bytes(b"k" * 32)
+    path.write_text(path.read_text() + "audit: {hmac_key_file: audit.key}\n")
+    key = tmp_path / "tls" / "relay.key"
+    for secret in (key, hmac_key):
+        secret.chmod(0o644)
+    exposed = "is readable by every user of this host (mode 0644): the secret it holds is not safe"
+    assert warnings(path) == [
+        f"{path}:10:37: warning: listeners[0].tls.key: {key} {exposed}; chmod o-rwx {key}",
+        f"{path}:29:24: warning: audit.hmac_key_file: {hmac_key} {exposed}; chmod o-rwx {hmac_key}",
+    ]

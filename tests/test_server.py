@@ -286,7 +286,7 @@ def test_a_reload_takes_up_a_renewed_certificate_and_refuses_a_mismatched_one(
         shutil.copy(other.cert, cert)  # its key left behind: the pair does not match
         running.proc.send_signal(signal.SIGHUP)
         running.wait_log("reload failed: keeping policy")
-        assert f"cannot use {cert} with {key}" in running.log()
+        assert f"{key} is not the key of the certificate in {cert}" in running.log()
         assert {served_certificate(port) for _ in range(8)} == {der(renewed.cert)}
     finally:
         assert running.stop() == 0

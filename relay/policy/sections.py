@@ -548,6 +548,8 @@ def state(ctx: Ctx, root: Map) -> State:
         "audit", ("hmac_key_file", "record_subject", "compress_after_days", "retention_days")
     )
     key = a.read("hmac_key_file", values.read_file)
+    if key is not None:  # who reads it can forge a chain that verifies
+        values.warn_if_exposed(ctx, a.get("hmac_key_file"), a.sub("hmac_key_file"), key[0])
     subject = a.choice("record_subject", _YesNo, _YesNo.NO)
     compress = a.integer("compress_after_days", None, 1, 100000, "a number of days")
     retention = a.integer("retention_days", None, 1, 36500, "a number of days")

@@ -19,6 +19,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from relay.policy.model import TlsFiles
 
@@ -63,11 +64,40 @@ def server_context(pair: TlsFiles) -> ssl.SSLContext:
         except _Passphrase:
             raise UnusablePair("key", _encrypted(pair.key)) from None
         except ssl.SSLError as exc:
-            wrong = _wrong_file(pair)
+            wrong = _wrong_file(pair) or _not_its_key(pair, exc)
             if wrong is not None:
                 raise wrong from exc
             raise
     return context
+
+
+_MISMATCH = ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED")
+
+
+def _not_its_key(pair: TlsFiles, error: ssl.SSLError) -> UnusablePair | None:
+    """OpenSSL says ``no certificate assigned`` for an RSA key with an ECDSA
+    certificate (or the reverse), the likeliest mismatch when a renewal
+    switches algorithms: it is the key that is not the certificate's."""
+    if error.reason not in _MISMATCH:
+        return None
+    kinds = ""
+    try:
+        cert = x509.load_pem_x509_certificates(pair.cert_pem)[0].public_key()
+        key = serialization.load_pem_private_key(pair.key_pem, None).public_key()
+        if _kind(key) != _kind(cert):
+            kinds = f" (an {_kind(key)} key; the certificate's is {_kind(cert)})"
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion):
+        pass
+    said = f"{pair.key} is not the key of the certificate in {pair.cert}{kinds}"
+    return UnusablePair("key", said)
+
+
+def _kind(public_key: object) -> str:
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return "RSA"
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return "EC"
+    return type(public_key).__name__.removesuffix("PublicKey")
 
 
 def _wrong_file(pair: TlsFiles) -> UnusablePair | None:

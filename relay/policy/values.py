@@ -467,9 +467,12 @@ def certificate_file(ctx: Ctx, node: Node, path: str) -> tuple[Path, bytes] | No
 
 
 def key_file(ctx: Ctx, node: Node, path: str) -> tuple[Path, bytes] | None:
-    """A listener's private key, as read."""
+    """A listener's private key, as read: as secret as a DKIM key."""
     resolved = existing_file(ctx, node, path)
-    return None if resolved is None else _read(ctx, node, path, resolved, "a key file")
+    found = None if resolved is None else _read(ctx, node, path, resolved, "a key file")
+    if found is not None:
+        warn_if_exposed(ctx, node, path, found[0])
+    return found
 
 
 def read_file(
