@@ -483,7 +483,7 @@ async def _reload(
         return
     _take_up(holder, new, ingress)
     metrics_status.loaded()
-    statelock.note_policy(new.queue.directory.parent, new.digest)
+    statelock.note_policy(new.queue.directory.parent, new.digest, new.pending)
     in_use(new, old)
     await asyncio.to_thread(record_policy, audit, path, new)
 
@@ -539,6 +539,7 @@ def reloaded(
     new = _as_opened(old, dataclasses.replace(read, listeners=bound))
     if quiet:
         return new
+    new = dataclasses.replace(new, pending=_not_taken_up(old, read, bound, changed))
     _warn_state_changed(old, read)
     if read.workers != old.workers:
         log.warning(
@@ -565,6 +566,35 @@ def reloaded(
             ", ".join(gone),
         )
     return new
+
+
+def _not_taken_up(
+    old: Policy, read: Policy, bound: Sequence[Listener], changed: Sequence[str]
+) -> tuple[str, ...]:
+    """What the file says that the reloaded relay does not do, for ``relay status``
+    (the log says each when the reload happens; status is asked days later)."""
+    waiting = [f"listener {change}" for change in changed]
+    if read.workers != old.workers:
+        waiting.append(f"workers {old.workers} to {read.workers}")
+    if read.queue.concurrency != old.queue.concurrency:
+        waiting.append(f"queue.concurrency {old.queue.concurrency} to {read.queue.concurrency}")
+    if read.metrics != old.metrics:
+        waiting.append(f"metrics {_metrics_at(old)} to {_metrics_at(read)}")
+    if read.queue.directory.parent != old.queue.directory.parent:
+        waiting.append("state_directory")
+    if read.audit.hmac_key != old.audit.hmac_key:
+        waiting.append("audit.hmac_key_file")
+    notes = [f"waits for a restart: {item}" for item in waiting]
+    files = {listener.name: listener.tls for listener in read.listeners}
+    for listener in bound:
+        named = files.get(listener.name)
+        served = listener.tls
+        if served and named and named.cert == served.cert and named.cert_pem != served.cert_pem:
+            notes.append(
+                f"listener {listener.name} serves the certificate from before, not the one"
+                f" now in {named.cert} (the log says why)"
+            )
+    return tuple(notes)
 
 
 def _metrics_at(policy: Policy) -> str:

@@ -15,7 +15,9 @@ import errno
 import fcntl
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from relay.errors import RelayError
 
@@ -71,30 +73,38 @@ def hold(directory: Path, digest: str) -> int:
     return fd
 
 
-def note_policy(directory: Path, digest: str) -> None:
-    """A reload put ``digest`` in use; said in the log if the file cannot take it."""
+def note_policy(directory: Path, digest: str, pending: Sequence[str] = ()) -> None:
+    """A reload put ``digest`` in use, and left ``pending`` (a line each) not taken
+    up; said in the log if the file cannot take it."""
     try:
         fd = os.open(directory / LOCK_NAME, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as exc:
         log.warning("cannot note the policy in use in %s: %s", directory / LOCK_NAME, exc)
         return
     try:
-        _write(fd, digest)
+        _write(fd, digest, pending)
     except OSError as exc:
         log.warning("cannot note the policy in use in %s: %s", directory / LOCK_NAME, exc)
     finally:
         os.close(fd)
 
 
-def _write(fd: int, digest: str) -> None:
+def _write(fd: int, digest: str, pending: Sequence[str] = ()) -> None:
+    lines = [str(os.getpid()), digest, *(" ".join(note.split()) for note in pending)]
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n{digest}\n".encode(), 0)
+    os.pwrite(fd, "".join(f"{line}\n" for line in lines).encode(), 0)
 
 
-def holder(directory: Path) -> tuple[int, str] | None:
-    """The PID and the policy digest the lock file names, or None when it names no
-    relay alive (no relay, or one that was killed and left its file, its PID
-    since given to another program). Raises StateUnreadable."""
+class Holder(NamedTuple):
+    pid: int
+    digest: str  # the policy in use
+    pending: tuple[str, ...] = ()  # what its file says that a reload did not take up
+
+
+def holder(directory: Path) -> Holder | None:
+    """The relay the lock file names, or None when it names no relay alive (no
+    relay, or one that was killed and left its file, its PID since given to
+    another program). Raises StateUnreadable."""
     path = directory / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -103,14 +113,15 @@ def holder(directory: Path) -> tuple[int, str] | None:
     except OSError as exc:
         raise StateUnreadable(path, exc) from exc
     try:
-        lines = os.pread(fd, 256, 0).decode("ascii", "replace").split("\n")
+        lines = os.pread(fd, 1 << 16, 0).decode("utf-8", "replace").split("\n")
     except OSError as exc:
         raise StateUnreadable(path, exc) from exc
     finally:
         os.close(fd)
     if not lines[0].isdigit() or not _serving(int(lines[0])):
         return None
-    return int(lines[0]), lines[1] if len(lines) > 1 else ""
+    digest = lines[1] if len(lines) > 1 else ""
+    return Holder(int(lines[0]), digest, tuple(line for line in lines[2:] if line))
 
 
 def held(directory: Path) -> bool:

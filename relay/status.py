@@ -4,7 +4,9 @@ The questions a sysadmin asks first, answered at a glance as ``postfix status``
 does: is the relay running (the PID its state directory's lock file names,
 alive, and its worker processes); is the policy file what it runs (the file's
 digest against the one the relay noted at its start and at each reload: an
-edit not reloaded yet, or one the reload refused, shows here); and is mail
+edit not reloaded yet, or one the reload refused, shows here, and what a
+reload could not take up: listener settings, workers, a certificate clients
+would refuse); and is mail
 waiting (the queue's messages and the age of the oldest). The exit status is
 LSB's for a status action: 0 running, 1 dead (the supervisor gone, its
 workers not yet), 3 not running, 4 unknown.
@@ -46,6 +48,7 @@ def main(path: Path, queue_directory: Path, out: TextIO) -> int:
     lines = [
         ORPHANED if orphaned else _relay(running, state),
         _policy(path, running, digest, problems),
+        *(f"policy: {note}" for note in (running.pending if running else ())),
         _queue(queue_directory),
     ]
     out.write("".join(f"{line}\n" for line in lines))
@@ -60,10 +63,10 @@ ORPHANED = (
 )
 
 
-def _relay(running: tuple[int, str] | None, state: Path) -> str:
+def _relay(running: statelock.Holder | None, state: Path) -> str:
     if running is None:
         return f"relay: not running (state directory {state})"
-    pid = running[0]
+    pid = running.pid
     workers = _children(pid)
     how = "in one process" if not workers else f"{workers} worker processes"
     started = _started(pid)
@@ -72,21 +75,22 @@ def _relay(running: tuple[int, str] | None, state: Path) -> str:
 
 
 def _policy(
-    path: Path, running: tuple[int, str] | None, digest: str | None, problems: list[str]
+    path: Path, running: statelock.Holder | None, digest: str | None, problems: list[str]
 ) -> str:
     if digest is None:
         count = f"{len(problems)} problem{'' if len(problems) == 1 else 's'}"
         broken = f"{path} does not load ({count}: relay check -c {path} names them)"
-        if running is None or not running[1]:
+        if running is None or not running.digest:
             return f"policy: {broken}"
-        return f"policy: {running[1][:12]} in use; {broken}: a reload keeps {running[1][:12]}"
-    if running is None or not running[1]:
+        kept = running.digest[:12]
+        return f"policy: {kept} in use; {broken}: a reload keeps {kept}"
+    if running is None or not running.digest:
         return f"policy: {path} reads {digest[:12]}"
-    if running[1] == digest:
+    if running.digest == digest:
         return f"policy: {digest[:12]} in use, as {path} reads now"
     return (
-        f"policy: {running[1][:12]} in use; {path} now reads {digest[:12]}:"
-        f" a reload puts it in use (systemctl reload erp-relay, or kill -HUP {running[0]})"
+        f"policy: {running.digest[:12]} in use; {path} now reads {digest[:12]}:"
+        f" a reload puts it in use (systemctl reload erp-relay, or kill -HUP {running.pid})"
     )
 
 

@@ -408,6 +408,10 @@ def test_a_reload_does_not_swap_a_valid_certificate_for_one_clients_refuse(
         f"listener local: keeping the TLS certificate served before: {why}",
     )
     assert reloaded(policy, started, quiet=True) == kept  # as each worker builds it
+    assert kept.pending == (  # relay status says so (it said the file's was in use)
+        f"listener local serves the certificate from before, not the one now in {cert}"
+        " (the log says why)",
+    )
 
     other = _expired(tmp_path / "other", ended)  # in place of one refused as well
     shutil.copy(other.cert, cert)

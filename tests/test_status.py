@@ -70,6 +70,15 @@ def test_status_follows_the_relay_its_policy_and_its_queue(
         assert code == 0
         assert lines[1].startswith(f"policy: {second} in use; {policy} does not load (")
         assert lines[1].endswith(f": a reload keeps {second}")
+
+        # what a reload leaves for a restart is said as long as it waits, not only logged
+        text = policy.read_text().replace("nmae: Acme ASA", "name: Acme ASA")
+        policy.write_text(text.replace(f"workers: {workers}\n", f"workers: {workers + 1}\n"))
+        relay.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: relay.log().count("policy reloaded") >= 2)
+        lines = _status(policy)[1]
+        assert lines[2] == f"policy: waits for a restart: workers {workers} to {workers + 1}"
+        assert lines[3].startswith("queue: ")
     code, lines = _status(policy)
     assert code == 3
     assert lines[0] == f"relay: not running (state directory {tmp_path / 'state'})"
@@ -85,7 +94,7 @@ def test_a_relay_killed_with_its_lock_file_left_is_not_running(tmp_path: Path) -
     other = subprocess.Popen(["sleep", "30"])
     try:
         (tmp_path / statelock.LOCK_NAME).write_text(f"{relay.pid}\nabc\n")
-        assert statelock.holder(tmp_path) == (relay.pid, "abc")
+        assert statelock.holder(tmp_path) == (relay.pid, "abc", ())
         # after a reboot its PID may be any program's: that is not a relay running
         (tmp_path / statelock.LOCK_NAME).write_text(f"{other.pid}\nabc\n")
         assert statelock.holder(tmp_path) is None

@@ -270,6 +270,9 @@ class Policy:
     suppression: SuppressionSettings | None = None  # None: no list (a policy built in code)
     metrics: MetricsSettings | None = None  # None: no metrics section, nothing served
     sources: Sources | None = field(default=None, repr=False, compare=False)
+    # what the file says that a reload could not take up (listeners, workers, a
+    # certificate clients would refuse): said by ``relay status`` until a restart
+    pending: tuple[str, ...] = field(default=(), compare=False)
 
     def user(self, ref: UserRef) -> User:
         return self.tenants[ref.tenant].users[ref.user]
