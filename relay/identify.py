@@ -71,13 +71,13 @@ def _lookup(
             return ref, f"AUTH login {login.login!r} is bound to user {ref.user!r}"
         return None
     if source is IdentitySource.ENVELOPE_SENDER:
-        ref = policy.addresses.get(submission.mail_from.lower())
+        ref = _user_at(policy, submission.mail_from)
         if ref is not None:
             return ref, f"envelope sender <{submission.mail_from}> is user {ref.user!r}"
         return None
     if source is IdentitySource.HEADER_FROM:
         for _, address in view.mailboxes("From"):
-            ref = policy.addresses.get(address.lower())
+            ref = _user_at(policy, address)
             if ref is not None:
                 return ref, f"From address <{address}> is user {ref.user!r}"
         return None
@@ -94,9 +94,9 @@ def _lookup_header(
     value = (view.get(name) or "").strip()
     if not value:
         return None
-    ref = policy.addresses.get(value.lower())
+    ref = _user_at(policy, value)
     for _, address in view.mailboxes(name) if ref is None else ():
-        ref = policy.addresses.get(address.lower())
+        ref = _user_at(policy, address)
         if ref is not None:
             break
     if ref is None:
@@ -108,6 +108,21 @@ def _lookup_header(
     if ref is None:
         return None
     return ref, f"header {name}: {value!r} is user {ref.user!r}"
+
+
+def _user_at(policy: Policy, address: str) -> UserRef | None:
+    """The user of an address or alias, its domain also in Unicode: the policy
+    holds A-labels only (``xn--bcher-kva.example``), and an ERP writing
+    ``bücher.example`` was an unknown sender, or the default user's."""
+    ref = policy.addresses.get(address.lower())
+    local, at, domain = address.rpartition("@")
+    if ref is not None or not at or domain.isascii():
+        return ref
+    try:
+        a_labels = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    return policy.addresses.get(f"{local}@{a_labels}".lower())
 
 
 def _user_id(tenant: Tenant, value: str) -> str | None:

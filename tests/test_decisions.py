@@ -592,3 +592,25 @@ def test_sender_is_removed_when_the_relay_sets_from(policy_file: Path) -> None:
 
     p = run(policy_file, msg(*BASE))
     assert not any("Sender" in r for r in p.decision.reasons)
+
+
+@pytest.mark.parametrize(
+    "written",
+    ["Kari <kari@bücher.example>", "Kari <KARI@BÜCHER.example>", "kari@xn--bcher-kva.example"],
+)
+def test_an_address_whose_domain_is_written_in_unicode_is_its_users(
+    policy_file: Path, written: str
+) -> None:
+    """The policy holds the A-label form only; the same mailbox in Unicode was an
+    unknown sender, or went out under the default user's name."""
+    text = policy_file.read_text().replace(
+        "aliases: [salg@acme.example]", "aliases: [kari@xn--bcher-kva.example]"
+    )
+    policy_file.write_text(text)
+    p = run(policy_file, msg(f"From: {written}", "To: customer@example.org", "Subject: x"))
+    identity = p.decision.identity
+    assert (identity.tenant.id, identity.user.id, identity.source) == (
+        "acme",
+        "kari",
+        "header_from",
+    )
