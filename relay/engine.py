@@ -744,6 +744,8 @@ class Engine:
         kept = self._unlisted.kept()
         listed = [k for k in kept if self._listed_for_all(k.address)]
         kept = [k for k in kept if k not in listed]
+        held = {k.key for k in kept}  # bounced again while kept: the first refusal stands
+        entries = [e for e in entries if e.key not in held]
         try:
             await asyncio.to_thread(SuppressionFile(path).add, [*kept, *entries])
         except SuppressionError as exc:

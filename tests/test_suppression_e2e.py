@@ -225,6 +225,29 @@ def test_a_hard_bounce_the_list_refused_is_added_once_it_can_be_written(
     assert (entry.reason, entry.queue_id) == ("bounce", first)
 
 
+def test_a_kept_hard_bounce_keeps_its_first_refusal_when_the_address_bounces_again(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Not on the list while kept, the address is mailed and bounces again: the
+    write that then works carried both, and the second, last in the file, won."""
+    with SinkServer(Sink(refuse=dict(REFUSE))) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port, "workers: 1\n")
+        settings = load(policy).suppression
+        assert settings is not None
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            SuppressionFile(settings.file).create()
+            with unwritable(settings.file):
+                first = send(port, rcpts=("gone@example.org",))
+                wait_for(lambda: "kept in memory until the suppression list" in relay.log())
+            second = send(port, rcpts=("gone@example.org",))
+            wait_for(lambda: "can be written again" in relay.log())
+            log = relay.log()
+    assert _listed(policy)["gone@example.org"].queue_id == first
+    assert settings.file.read_text().count('"gone@example.org"') == 1
+    assert f"{second}: <gone@example.org> is on the suppression list now" not in log
+
+
 def test_a_relay_stopping_with_hard_bounces_the_list_refused_names_them(
     policy_file: Path, tmp_path: Path
 ) -> None:
