@@ -627,15 +627,18 @@ def _as_opened(old: Policy, new: Policy) -> Policy:
     and the audit chain are open there; a new directory would start a second
     spool and a second chain beside them, and a new key would make the chain
     fail verification with either key from the record it changed at. So do
-    ``workers`` and ``queue.concurrency`` stay as they run, so that a reload
-    compares with what runs, not with the file read before."""
+    ``workers``, ``queue.concurrency`` and ``metrics`` (the address bound) stay
+    as they run, so that a reload compares with what runs, not with the file
+    read before."""
     queue = dataclasses.replace(
         new.queue, directory=old.queue.directory, concurrency=old.queue.concurrency
     )
     audit = dataclasses.replace(
         new.audit, directory=old.audit.directory, hmac_key=old.audit.hmac_key
     )
-    return dataclasses.replace(new, queue=queue, audit=audit, workers=old.workers)
+    return dataclasses.replace(
+        new, queue=queue, audit=audit, workers=old.workers, metrics=old.metrics
+    )
 
 
 def _warn_state_changed(old: Policy, read: Policy) -> None:

@@ -34,6 +34,7 @@ from relay.server import _listener_changes, _open_state, reloaded
 from tests.certs import Certs, der, make_certs, served_certificate
 from tests.ingress_harness import swaks
 from tests.minimal_policy import listener
+from tests.policyfiles import variant
 from tests.relayproc import reloaded_everywhere, terminate
 from tests.sink import Sink, SinkServer, free_port
 from tests.test_policy_load import _self_signed
@@ -685,3 +686,19 @@ def test_a_reload_keeps_the_policy_when_a_dkim_key_cannot_sign(
     assert daemon.sent_from(1) == "Jan Janssens via Acme AS"
     signed = next(daemon.outbox.glob("*.eml")).read_bytes()
     assert signed.count(b"DKIM-Signature:") == 2 and b"s=e1" in signed
+
+
+def test_what_waits_for_a_restart_is_still_said_after_the_next_reload(tmp_path: Path) -> None:
+    """The metrics address moved in the file was taken as running after one more
+    reload, while the old one was still the one served."""
+    metrics = "metrics: {address: 127.0.0.1, port: 9325}\n"
+    path = variant(tmp_path, "    path: outbox\n", f"    path: outbox\n{metrics}")
+    started = load(path)
+    path.write_text(path.read_text().replace("port: 9325", "port: 9400"))
+    first = reloaded(path, started)
+    assert first is not None
+    path.write_text(path.read_text().replace("name: Jan Janssens", "name: Jan Jansen"))
+    second = reloaded(path, first)
+    assert second is not None
+    waiting = ("waits for a restart: metrics 127.0.0.1:9325 to 127.0.0.1:9400",)
+    assert first.pending == second.pending == waiting
