@@ -383,7 +383,11 @@ def _check(args: argparse.Namespace) -> int:
     return check_main(args.config, sys.stdout, _Output(sys.stderr))  # type: ignore[arg-type]
 
 
-_STATUS_STATUS = "Exit status (LSB's): 0 running, 3 not running, 78 the state cannot be found."
+_STATUS_STATUS = (
+    "Exit status (LSB's): 0 running, 1 its supervisor is gone but its workers still hold"
+    " the state directory, 3 not running, 4 cannot tell (relay.pid cannot be read), 78 the"
+    " state cannot be found."
+)
 
 
 def _status(args: argparse.Namespace) -> int:
