@@ -23,8 +23,9 @@ from relay.engine import Attempt, Engine, duration
 from relay.policy.model import Policy, Tenant
 from relay.record import Recorder
 from relay.spool import Spool, tools
+from tests.readonly import read_only
 from tests.spoolkit import make_entry
-from tests.test_engine_settle import frozen, until
+from tests.test_engine_settle import until
 from tests.test_engine_warm import message, running
 
 BUSY = (451, "451 4.2.0 mailbox busy")
@@ -132,7 +133,7 @@ async def test_a_deferral_the_spool_cannot_store_still_waits_its_backoff(
     entry = make_entry(size=len(message(1)))
     assert spool.put_many([(entry, (message(1),))]) == [None]
     async with running(engine):
-        with frozen(spool.directory / "env"):  # where changed records go
+        with read_only(spool.directory / "env", 0o500):  # where changed records go
             await asyncio.sleep(1.5)  # attempts at 0, 0.3 and 0.9 s; the next at 2.1
             assert upstream.attempts == 3
         await until(lambda: "deferrals stored again" in caplog.messages, "stored", timeout=5)
@@ -154,7 +155,7 @@ async def test_a_retry_asked_for_wins_over_a_deferral_kept_in_memory(
     entry, other = (make_entry(size=len(message(n))) for n in (1, 2))
     assert spool.put_many([(entry, (message(1),)), (other, (message(2),))]) == [None, None]
     async with running(engine):
-        with frozen(spool.directory / "env"):
+        with read_only(spool.directory / "env", 0o500):
             await until(lambda: upstream.attempts == 2, "both deferred, in memory only")
         assert tools.retry(spool, [entry.queue_id], io.StringIO(), io.StringIO()).code == 0
         await until(lambda: upstream.attempts == 3, "tried again at once", timeout=5)

@@ -5,7 +5,6 @@ one that covers them (the next accepted message's, or the engine's own)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import fcntl
 import json
@@ -13,9 +12,8 @@ import logging
 import os
 import resource
 import signal
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from relay.settle import Settled, settle_recorded
 from relay.spool import QueueEntry, Spool
 from relay.spool import store as store_module
 from tests import minimal_policy
+from tests.readonly import read_only
 from tests.spoolkit import make_entry, run_script
 from tests.test_engine_warm import accept, delivered, lock_elsewhere, message, running
 
@@ -170,23 +169,6 @@ async def test_an_attempt_that_outlives_the_stop_settles_at_once(
     assert lock_elsewhere(spool, entry.queue_id) == "gone"
 
 
-@contextlib.contextmanager
-def frozen(directory: Path) -> Iterator[None]:
-    """Nothing in ``directory`` can be created, removed or renamed while inside, as
-    when it is read-only: made immutable for root (who writes anywhere)."""
-    if os.geteuid() == 0:
-        if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode:
-            pytest.skip("no chattr +i on this file system")
-        undo = ["chattr", "-i", str(directory)]
-    else:
-        directory.chmod(0o500)
-        undo = ["chmod", "700", str(directory)]
-    try:
-        yield
-    finally:
-        subprocess.run(undo, check=True)
-
-
 async def test_a_delivered_entry_its_removal_fails_for_is_not_delivered_again(
     spool: Spool,
     policy: Policy,
@@ -206,7 +188,7 @@ async def test_a_delivered_entry_its_removal_fails_for_is_not_delivered_again(
     assert stored == [None, None]
     ids = [entry.queue_id for entry in entries]
     async with running(Engine(spool, lambda: policy, attempt, Recorder(audit))):
-        with frozen(spool.directory / "msg"):
+        with read_only(spool.directory / "msg", 0o500):
             assert len(await delivered(outbox, 2)) == 2
             await asyncio.sleep(1.0)  # a scan of the spool every 0.1 s
             assert len(list(outbox.glob("*.eml"))) == 2
@@ -282,7 +264,7 @@ async def test_another_worker_tries_an_entry_held_for_long_less_and_less_often(
     monkeypatch.setattr(other, "acquire", counted)
     first = Engine(spool, lambda: policy, attempt, Recorder(audit))
     async with running(first):
-        with frozen(spool.directory / "msg"):
+        with read_only(spool.directory / "msg", 0o500):
             await delivered(outbox, 1)
             await until(lambda: first._settler.stuck(entry.queue_id), "held, not removable")
             async with running(Engine(other, lambda: policy, attempt, Recorder(audit))):

@@ -67,6 +67,13 @@ def _send(port: int, message_id: str, rcpts: tuple[str, ...]) -> str:
     return send(port, data, rcpts)
 
 
+def _send_invoice(port: int) -> str:
+    """The document postfix-two-failed.eml bounces: two of its recipients."""
+    return _send(
+        port, "<4711.erp@acme.example>", ("nobody@buyer.example", "Full.Box@Supplier.example")
+    )
+
+
 def _bounce(
     policy: Path, report: bytes, syslog: Path | str = "off"
 ) -> subprocess.CompletedProcess[str]:
@@ -92,11 +99,7 @@ def test_a_bounce_and_a_complaint_piped_in_are_acted_on_and_the_sender_told(
         port = free_port()
         policy = configure(policy_file, port, server.port)
         with RelayProcess(policy, port, tmp_path / "relay.log"):
-            invoice = _send(
-                port,
-                "<4711.erp@acme.example>",
-                ("nobody@buyer.example", "Full.Box@Supplier.example"),
-            )
+            invoice = _send_invoice(port)
             quote = _send(port, "<4716.erp@acme.example>", ("Buyer.Desk@yahoo-mail.example",))
             sink.wait(2)
         with LogSocket(tmp_path / "log") as syslog:
@@ -234,11 +237,7 @@ def test_one_report_delivered_several_times_at_once_is_taken_once(
         port = free_port()
         policy = configure(policy_file, port, server.port)
         with RelayProcess(policy, port, tmp_path / "relay.log"):
-            invoice = _send(
-                port,
-                "<4711.erp@acme.example>",
-                ("nobody@buyer.example", "Full.Box@Supplier.example"),
-            )
+            invoice = _send_invoice(port)
             server.sink.wait(1)
     report = (FEEDBACK / "postfix-two-failed.eml").read_bytes()
     command = [sys.executable, "-m", "relay", "bounce", "-c", str(policy), "--syslog", "off"]

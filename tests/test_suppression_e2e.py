@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.policy.load import load
 from relay.spool import Spool
 from relay.suppression import COMPLAINT, Suppression, SuppressionFile
+from tests.readonly import read_only
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
 from tests.test_queue_e2e import audit_events, configure, relay_cli, send
@@ -185,40 +183,32 @@ def test_two_queued_messages_bouncing_at_one_address_list_it_once(
 
 
 @contextlib.contextmanager
-def unwritable(path: Path) -> Iterator[None]:
-    """Readable, not writable, as a list file a sysadmin made read-only (root
-    writes anywhere, so for root the file is made immutable)."""
-    if os.geteuid() == 0:
-        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
-            pytest.skip("no chattr +i on this file system")
-        undo = ["chattr", "-i", str(path)]
-    else:
-        path.chmod(0o444)
-        undo = ["chmod", "644", str(path)]
-    try:
-        yield
-    finally:
-        subprocess.run(undo, check=True)
+def _relay_with_a_list(
+    policy_file: Path, tmp_path: Path, extra: str = ""
+) -> Iterator[tuple[Path, int, RelayProcess, Path]]:
+    """A relay whose upstream refuses ``REFUSE``, and its list file made."""
+    with SinkServer(Sink(refuse=dict(REFUSE))) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port, extra)
+        settings = load(policy).suppression
+        assert settings is not None
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            SuppressionFile(settings.file).create()
+            yield policy, port, relay, settings.file
 
 
 def test_a_hard_bounce_the_list_refused_is_added_once_it_can_be_written(
     policy_file: Path, tmp_path: Path
 ) -> None:
     """The entry was lost: an error line, and the dead mailbox was mailed again."""
-    with SinkServer(Sink(refuse=dict(REFUSE))) as sink:
-        port = free_port()
-        policy = configure(policy_file, port, sink.port)
-        settings = load(policy).suppression
-        assert settings is not None
-        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
-            SuppressionFile(settings.file).create()
-            with unwritable(settings.file):
-                first = send(port, rcpts=("gone@example.org",))
-                wait_for(lambda: "kept in memory until the suppression list" in relay.log())
-                assert _listed(policy) == {}
-            Spool(load(policy).queue.directory, create=False).kick()  # as `relay queue retry`
-            wait_for(lambda: "can be written again" in relay.log())
-            log = relay.log()
+    with _relay_with_a_list(policy_file, tmp_path) as (policy, port, relay, listing):
+        with read_only(listing, 0o444):
+            first = send(port, rcpts=("gone@example.org",))
+            wait_for(lambda: "kept in memory until the suppression list" in relay.log())
+            assert _listed(policy) == {}
+        Spool(load(policy).queue.directory, create=False).kick()  # as `relay queue retry`
+        wait_for(lambda: "can be written again" in relay.log())
+        log = relay.log()
     assert f"{first}: <gone@example.org> is kept in memory until the suppression list" in log
     assert f"{first}: <gone@example.org> is on the suppression list now" in log
     entry = _listed(policy)["gone@example.org"]
@@ -230,39 +220,34 @@ def test_a_kept_hard_bounce_keeps_its_first_refusal_when_the_address_bounces_aga
 ) -> None:
     """Not on the list while kept, the address is mailed and bounces again: the
     write that then works carried both, and the second, last in the file, won."""
-    with SinkServer(Sink(refuse=dict(REFUSE))) as sink:
-        port = free_port()
-        policy = configure(policy_file, port, sink.port, "workers: 1\n")
-        settings = load(policy).suppression
-        assert settings is not None
-        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
-            SuppressionFile(settings.file).create()
-            with unwritable(settings.file):
-                first = send(port, rcpts=("gone@example.org",))
-                wait_for(lambda: "kept in memory until the suppression list" in relay.log())
-            second = send(port, rcpts=("gone@example.org",))
-            wait_for(lambda: "can be written again" in relay.log())
-            log = relay.log()
+    with _relay_with_a_list(policy_file, tmp_path, "workers: 1\n") as (
+        policy,
+        port,
+        relay,
+        listing,
+    ):
+        with read_only(listing, 0o444):
+            first = send(port, rcpts=("gone@example.org",))
+            wait_for(lambda: "kept in memory until the suppression list" in relay.log())
+        second = send(port, rcpts=("gone@example.org",))
+        wait_for(lambda: "can be written again" in relay.log())
+        log = relay.log()
     assert _listed(policy)["gone@example.org"].queue_id == first
-    assert settings.file.read_text().count('"gone@example.org"') == 1
+    assert listing.read_text().count('"gone@example.org"') == 1
     assert f"{second}: <gone@example.org> is on the suppression list now" not in log
 
 
 def test_a_relay_stopping_with_hard_bounces_the_list_refused_names_them(
     policy_file: Path, tmp_path: Path
 ) -> None:
-    with SinkServer(Sink(refuse=dict(REFUSE))) as sink:
-        port = free_port()
-        policy = configure(policy_file, port, sink.port)
-        settings = load(policy).suppression
-        assert settings is not None
-        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
-            SuppressionFile(settings.file).create()
-            with unwritable(settings.file):
-                send(port, rcpts=("gone@example.org",))
-                wait_for(lambda: "kept in memory until the suppression list" in relay.log())
-                assert relay.stop() == 0
-                log = relay.log()
+    with (
+        _relay_with_a_list(policy_file, tmp_path) as (policy, port, relay, listing),
+        read_only(listing, 0o444),
+    ):
+        send(port, rcpts=("gone@example.org",))
+        wait_for(lambda: "kept in memory until the suppression list" in relay.log())
+        assert relay.stop() == 0
+        log = relay.log()
     assert (
         "stopping with 1 address(es) refused as not existing that the suppression list"
         " could not take; add them with `relay suppression add`: gone@example.org"
