@@ -394,9 +394,12 @@ def _status(args: argparse.Namespace) -> int:
     from relay.status import main
 
     state = _tool_state(args.config)
-    if state is None:
+    if state is not None:
+        return main(args.config, state.queue.directory, sys.stdout)
+    directory = _state_directory(args.config)  # a relay runs whatever the file says now
+    if directory is None or not os.path.isdir(directory):
         return EX_CONFIG
-    return main(args.config, state.queue.directory, sys.stdout)
+    return main(args.config, directory / "queue", sys.stdout)
 
 
 def _preview(args: argparse.Namespace) -> int:
@@ -476,8 +479,20 @@ _STATE_LINE = re.compile(  # a plain or quoted scalar, perhaps with a comment af
 
 
 def _running_policy_file(path: Path) -> Path | None:
-    """The running policy's text, found from the file's ``state_directory`` line
-    (or the default beside the file), read as text: the YAML may be what broke."""
+    """The running policy's text, found from the file's ``state_directory`` line."""
+    state = _state_directory(path)
+    if state is None:
+        return None
+    checked = state / "policy.checked.yaml"
+    try:
+        return checked if checked.is_file() else None
+    except OSError:  # a state directory this user may not look into
+        return None
+
+
+def _state_directory(path: Path) -> Path | None:
+    """The file's ``state_directory`` line (or the default beside the file), read
+    as text: the YAML may be what broke."""
     from relay.policy.files import RefusedFile
     from relay.policy.yamlsource import read_bytes
 
@@ -487,10 +502,7 @@ def _running_policy_file(path: Path) -> Path | None:
         return None
     found = _STATE_LINE.search(text)
     state = Path(found.group(2) if found else "state")
-    if not state.is_absolute():
-        state = path.absolute().parent / state
-    checked = state / "policy.checked.yaml"
-    return checked if checked.is_file() else None
+    return state if state.is_absolute() else path.absolute().parent / state
 
 
 def _upstream_test(args: argparse.Namespace) -> int:

@@ -114,11 +114,12 @@ def holder(directory: Path) -> Holder | None:
         raise StateUnreadable(path, exc) from exc
     try:
         lines = os.pread(fd, 1 << 16, 0).decode("utf-8", "replace").split("\n")
+        written = os.fstat(fd).st_mtime
     except OSError as exc:
         raise StateUnreadable(path, exc) from exc
     finally:
         os.close(fd)
-    if not lines[0].isdigit() or not _serving(int(lines[0])):
+    if not lines[0].isdigit() or not _serving(int(lines[0]), written):
         return None
     digest = lines[1] if len(lines) > 1 else ""
     return Holder(int(lines[0]), digest, tuple(line for line in lines[2:] if line))
@@ -146,13 +147,31 @@ class StateUnreadable(RelayError):
         super().__init__(f"cannot read {path}: {why}")
 
 
-def _serving(pid: int) -> bool:
-    """Alive, and a relay: after a reboot the PID of a relay killed before it
-    may be any other program's."""
+def _serving(pid: int, written: float) -> bool:
+    """Alive, a relay, and started before it wrote the file: after a reboot the
+    PID of a relay killed before it may be any other program's, another
+    relay's included."""
     if not _alive(pid):
+        return False
+    started = started_at(pid)
+    if started is not None and started > written + 1:
         return False
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return True  # no /proc, or not ours to read: alive is all that is known
     return b"serve" in argv
+
+
+def started_at(pid: int) -> float | None:
+    """When ``pid`` started (epoch seconds), from /proc; None where there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None

@@ -139,14 +139,6 @@ def _children(pid: int) -> int:
 
 
 def _started(pid: int) -> time.struct_time | None:
-    """When ``pid`` started, in local time, from /proc (None where there is none)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        boot = next(
-            int(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime ")
-        )
-    except (OSError, StopIteration, ValueError):
-        return None
-    return time.localtime(boot + int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    """When ``pid`` started, in local time (None where /proc does not say)."""
+    started = statelock.started_at(pid)
+    return None if started is None else time.localtime(started)

@@ -3,10 +3,13 @@ it runs against the file as it reads now, and the mail waiting."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import pytest
 from relay import statelock, status
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import free_port
-from tests.test_queue_e2e import configure, relay_cli, send
+from tests.test_queue_e2e import ROOT, configure, relay_cli, send
 
 
 def _status(policy: Path) -> tuple[int, list[str]]:
@@ -98,6 +101,11 @@ def test_a_relay_killed_with_its_lock_file_left_is_not_running(tmp_path: Path) -
         # after a reboot its PID may be any program's: that is not a relay running
         (tmp_path / statelock.LOCK_NAME).write_text(f"{other.pid}\nabc\n")
         assert statelock.holder(tmp_path) is None
+        # nor is another relay (a "serve") started after the file was last written
+        (tmp_path / statelock.LOCK_NAME).write_text(f"{relay.pid}\nabc\n")
+        an_hour_ago = time.time() - 3600
+        os.utime(tmp_path / statelock.LOCK_NAME, (an_hour_ago, an_hour_ago))
+        assert statelock.holder(tmp_path) is None
     finally:
         for proc in (relay, other):
             proc.kill()
@@ -152,3 +160,40 @@ def test_workers_outliving_their_killed_supervisor_are_not_a_relay_stopped(
     assert code == 1
     assert lines[0] == status.ORPHANED
     assert _status(policy)[0] == 3  # and once they are gone, not running
+
+
+def test_a_policy_that_is_no_yaml_still_finds_a_running_relay(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A relay in one process keeps no copy of the policy it runs: status said
+    only the syntax error and 78, as if no state directory could be found."""
+    port = free_port()
+    policy = configure(policy_file, port, free_port(), "workers: 1\n")
+    with RelayProcess(policy, port, tmp_path / "relay.log"):
+        policy.write_text(policy.read_text() + "listeners: [\n")
+        code, lines = _status(policy)
+    assert code == 0
+    assert lines[0].startswith("relay: running, PID ")
+    assert f" in use; {policy} does not load (" in lines[1]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root's setpriv")
+def test_a_user_who_may_not_look_into_the_state_directory_is_told_so(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A monitoring agent under its own user met a traceback and exit 1 (which
+    says the supervisor is gone) where it may read neither the keys nor the state."""
+    policy = configure(policy_file, free_port(), free_port())
+    state = policy.parent / "state"
+    state.mkdir(mode=0o700)
+    (state / statelock.LOCK_NAME).write_text(f"{os.getpid()}\nabc\n")
+    for path in (state, *(policy.parent / "keys").iterdir()):
+        os.chown(path, 65534, 65534)
+    done = subprocess.run(
+        ["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+         sys.executable, "-m", "relay", "status", "-c", str(policy)],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 4, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout.startswith("relay: cannot tell whether it runs: cannot read ")
