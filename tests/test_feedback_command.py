@@ -23,6 +23,7 @@ from relay.feedback import command
 from relay.feedback.syslog import SystemLog
 from relay.policy.load import load
 from relay.suppression import SuppressionFile
+from tests.readonly import read_only
 from tests.relayproc import RelayProcess
 from tests.sink import Sink, SinkServer, free_port
 from tests.test_queue_e2e import ROOT, audit_events, configure, relay_cli, send
@@ -280,3 +281,25 @@ def test_a_report_waits_for_another_and_is_kept_when_it_waits_too_long(tmp_path:
             pass
     finally:
         os.close(held)
+
+
+def test_a_report_that_lists_nobody_is_taken_while_the_list_cannot_be_written(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A full mailbox (5.2.2) lists nobody, yet the empty write to a read-only
+    list sent every such report back to the mail system's queue (exit 75)."""
+    with SinkServer(Sink()) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            invoice = _send_invoice(port)
+            server.sink.wait(1)
+    settings = load(policy).suppression
+    assert settings is not None
+    SuppressionFile(settings.file).create()
+    soft = (FEEDBACK / "postfix-two-failed.eml").read_bytes().replace(b"5.1.1", b"5.2.2")
+    with read_only(settings.file, 0o444):
+        taken = _bounce(policy, soft)
+    assert taken.returncode == 0, taken.stderr
+    assert ("bounced", "nobody@buyer.example") in audit_events(policy, invoice)
+    assert _listed(policy) == {}

@@ -152,7 +152,9 @@ def act(
     new, untold = _new(report, failures, original, outcome.lines)
     listed = suppressions.current()
     entries = [_entry(policy, report, failure, original, listed) for failure in new]
-    suppressions.add([e for e in entries if isinstance(e, Suppression)])
+    listing = [e for e in entries if isinstance(e, Suppression)]
+    if listing:  # a list that cannot be written holds up only the reports that list
+        suppressions.add(listing)
     queue_id = original.queue_id if original is not None else None
     message_id = original.message_id if original is not None else report.message_id
     for failure, entry in zip(new, entries, strict=True):
