@@ -550,7 +550,8 @@ def _entry(prepared: Prepared, submission: Submission) -> QueueEntry:
         notify_address=decision.identity.user.address,
         doc_type=decision.classification.doc_type,
         subject=prepared.view.subject,
-        message_id=prepared.header("Message-ID"),
+        # unfolded, as the reports about it quote it: " <id>" found no bounce
+        message_id=" ".join(prepared.header("Message-ID").split()),
         date=prepared.header("Date"),
         size=prepared.size,
         client_address=submission.client_address,

@@ -776,3 +776,13 @@ def test_show_tells_who_held_and_released_a_message(tmp_path: Path) -> None:
     assert "2024-05-06T09:00:00.000Z  held by root\n" in story
     assert "2024-05-07T09:00:00.000Z  released by ops\n" in story
     assert [r["event"] for r in search(tmp_path, status="held")] == ["held"]
+
+
+def test_a_message_id_recorded_with_space_around_it_is_found_without(tmp_path: Path) -> None:
+    """Records made before the relay unfolded the ERP's Message-ID hold " <id>":
+    show, search and so the bounces looking for the message found none."""
+    log = AuditLog(tmp_path, clock=Clock(START))
+    log.append(received(("Q0000000000000F1", " <folded@erp.example>  "), "acme", "jan",
+                        "invoice", ["buyer@customer.example"]))  # fmt: skip
+    assert [r["queue_id"] for r in show(tmp_path, "<folded@erp.example>")] == ["Q0000000000000F1"]
+    assert [r["seq"] for r in search(tmp_path, message_id="folded@erp.example")] == [1]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.audit.search import search
 from relay.feedback import command
 from relay.feedback.syslog import SystemLog
 from relay.policy.load import load
@@ -303,3 +304,23 @@ def test_a_report_that_lists_nobody_is_taken_while_the_list_cannot_be_written(
     assert taken.returncode == 0, taken.stderr
     assert ("bounced", "nobody@buyer.example") in audit_events(policy, invoice)
     assert _listed(policy) == {}
+
+
+def test_a_bounce_finds_a_message_whose_message_id_was_folded(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The record kept " <id>" as the ERP folded it, which no report's ID matched:
+    the bounce reached no message, listed nobody and told nobody."""
+    with SinkServer(Sink()) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            rcpts = ("nobody@buyer.example", "Full.Box@Supplier.example")
+            invoice = _send(port, "\r\n <4711.erp@acme.example>  ", rcpts)
+            server.sink.wait(1)
+    taken = _bounce(policy, (FEEDBACK / "postfix-two-failed.eml").read_bytes())
+    assert taken.returncode == 0, taken.stderr
+    assert taken.stdout.splitlines()[0] == f"bounce about {invoice} (acme/jan)"
+    assert "nobody@buyer.example" in _listed(policy)
+    (received,) = search(load(policy).audit.directory, queue_id=invoice, status="received")
+    assert received["message_id"] == "<4711.erp@acme.example>"  # as reports quote it

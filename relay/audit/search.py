@@ -248,7 +248,7 @@ def search(
             window.contains(record)
             and (status is None or record.get("event") == status)
             and (queue_id is None or record.get("queue_id") == queue_id)
-            and (bare_id is None or (record.get("message_id") or "").strip("<>") == bare_id)
+            and (bare_id is None or _bare(record.get("message_id")) == bare_id)
             and (rcpt is None or any(r.lower() == rcpt for r in recipients_of(record)))
         )
 
@@ -322,6 +322,12 @@ def search(
                 if repeats.copy(line):
                     continue
                 yield record
+
+
+def _bare(message_id: object) -> str:
+    """A record's Message-ID without its brackets, and without the space around
+    it that records written before it was unfolded may hold (`` <id>``)."""
+    return str(message_id or "").strip().strip("<>")
 
 
 def _address(text: str) -> str:
@@ -444,7 +450,7 @@ def _show_scan(
                 record = _decode(line)
                 if record is None or not window.contains(record) or repeats.copy(line):
                     continue
-                message_id = (record.get("message_id") or "").strip("<>")
+                message_id = _bare(record.get("message_id"))
                 link = record.get("notice_queue_id") if record.get("event") == "notified" else None
                 if (
                     (queue_id is not None and record.get("queue_id") == queue_id)
