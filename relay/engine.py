@@ -742,7 +742,7 @@ class Engine:
         """With the entries kept from writes the list refused; kept again if it
         refuses this one too (``Backlog``)."""
         kept = self._unlisted.kept()
-        listed = [k for k in kept if self._listed_for_all(k.address)]
+        listed = [k for k in kept if not self._first_refusal(k)]
         kept = [k for k in kept if k not in listed]
         held = {k.key for k in kept}  # bounced again while kept: the first refusal stands
         entries = [e for e in entries if e.key not in held]
@@ -769,6 +769,14 @@ class Engine:
             return self._suppressions.current().find(address, tenant)
         except SuppressionError:
             return None
+
+    def _first_refusal(self, kept: Suppression) -> bool:
+        """Whether a kept entry is still to be written: its address is not listed,
+        or was listed by another worker for a later refusal (the list keeps an
+        address's first refusal, and the last line wins); an entry a sysadmin or
+        a complaint made stands."""
+        found = self._listed(kept.address, "")
+        return found is None or (found.reason == BOUNCE and found.since > kept.since)
 
     def _listed_for_all(self, address: str) -> bool:
         return self._listed(address, "") is not None  # no tenant is "": the entry for all

@@ -25,12 +25,13 @@ from relay import settle as settle_module
 from relay.audit import AuditLog, events, reader, verify
 from relay.deliver import attempt
 from relay.engine import Engine
-from relay.policy.model import Policy
+from relay.policy.model import Policy, SuppressionSettings
 from relay.queueid import new_queue_id
 from relay.record import Recorder
 from relay.settle import Settled, settle_recorded
 from relay.spool import QueueEntry, Spool
 from relay.spool import store as store_module
+from relay.suppression import SuppressionFile
 from tests import minimal_policy
 from tests.readonly import read_only
 from tests.spoolkit import make_entry, run_script
@@ -600,3 +601,30 @@ def test_a_log_read_too_short_to_tell_is_read_further_back(spool: Spool, tmp_pat
     assert len(b"".join(f.path.read_bytes() for f in reader.day_files(audit.directory))) > 2000
     assert settle_recorded(spool, audit, budget=2000) == Settled(unrecorded=[lost.queue_id])
     assert spool.ids() == [acknowledged.queue_id]
+
+
+async def test_two_workers_kept_bounces_list_the_first_refusal(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    """Each worker keeps what the read-only list refused; the one that writes
+    first listed its own, later refusal, and the other, finding the address
+    listed, dropped the first: the list said the second."""
+    listing = tmp_path / "suppression.jsonl"
+    settings = SuppressionSettings(listing, frozenset({"5.1.1"}))
+    policy = dataclasses.replace(policy, suppression=settings)
+
+    def worker() -> Engine:
+        listed = SuppressionFile(listing)
+        return Engine(spool, lambda: policy, attempt, Recorder(None), suppressions=listed)
+
+    first, second = worker(), worker()
+    SuppressionFile(listing).create()
+    with read_only(listing, 0o444):
+        for engine, queue_id in ((first, "Q1"), (second, "Q2")):
+            entry = dataclasses.replace(make_entry(), queue_id=queue_id)
+            await engine._suppress(entry, policy, [("gone@example.org", "550 5.1.1 no such user")])
+            await asyncio.sleep(0.01)  # a later refusal, a later date
+    await second._list_kept()  # the later refusal is written first
+    await first._list_kept()
+    (entry,) = SuppressionFile(listing).entries().entries
+    assert entry.queue_id == "Q1"
