@@ -404,17 +404,28 @@ def _head(raw: bytes) -> bytes:
     return raw[: min(ends) + 2] if ends else raw
 
 
-#: A line of base64 text: no header (no colon), no boundary (no leading ``-``),
-#: no continuation (no leading space); nothing the MIME structure is read from.
-_BASE64_LINE = re.compile(rb"^[A-Za-z0-9+/=]{16,}\r?\n", re.MULTILINE)
+_BLANK_LINE = re.compile(rb"\n\r?\n")  # where a header block ends and a body begins
+_BASE64_RUN = re.compile(rb"(?:[A-Za-z0-9+/=]{16,}\r?\n)+")
 
 
 def skeleton(raw: bytes) -> bytes:
-    """The message with its base64 lines left out, for the names of its parts:
-    the email package holds every part's body, several times over, while it
-    parses, some 200 MB for a 25 MB attachment; the names are in the parts'
-    headers, which stay, and so do the boundaries between them."""
-    return _BASE64_LINE.sub(b"", raw)
+    """The message with the base64 text that begins a body left out, for the
+    names of its parts: the email package holds every part's body, several
+    times over, while it parses, some 200 MB for a 25 MB attachment, and the
+    names are in the parts' headers. Only lines right after the empty line
+    that ends a header block go: such a line elsewhere (in a header block, a
+    malformed one) is where the email package ends the headers, and must stay."""
+    kept: list[bytes] = []
+    start = 0
+    for blank in _BLANK_LINE.finditer(raw):
+        if blank.end() < start:
+            continue
+        run = _BASE64_RUN.match(raw, blank.end())
+        if run is not None:
+            kept.append(raw[start : run.start()])
+            start = run.end()
+    kept.append(raw[start:])
+    return b"".join(kept)
 
 
 def _filenames(msg: Message) -> list[str]:

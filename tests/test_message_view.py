@@ -319,3 +319,31 @@ def test_attachment_names_are_those_the_whole_message_gives(
     raw = outer.as_bytes().replace(b"\n", b"\r\n")
     whole = email.parser.BytesParser(message._Part, policy=compat32).parsebytes(raw)
     assert message.read(raw).attachments == tuple(message._filenames(whole))
+
+
+B64 = b"QUJDREVGR0hJSktMTU5PUA=="
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        b"Content-Type: application/pdf\r\n" + B64 + b"\r\n"
+        b"Content-Disposition: attachment; filename=order.pdf\r\n\r\nx\r\n",
+        b"Content-Disposition: attachment;\r\n" + B64 + b"\r\n filename=order.pdf\r\n\r\nx\r\n",
+        b'Content-Type: application/pdf; name="invoice.pdf"\r\n' + B64 + b"\r\n"
+        b'Content-Disposition: attachment; filename="other.txt"\r\n\r\nx\r\n',
+        b"Content-Type: text/plain\r\n\r\nThisLineIsAlphanumericOnly0123\r\n"
+        b"Content-Disposition: attachment; filename=x.pdf\r\n",
+    ],
+    ids=["in-header", "in-a-folded-field", "before-another-name", "body-then-field"],
+)
+def test_a_base64_line_where_no_body_begins_stays_for_the_names(part: bytes) -> None:
+    """Such a line ends a part's header block for the email package; left out,
+    the lines after it were read as that part's fields: names the message does
+    not have, a document type the sender could steer."""
+    raw = (
+        b"From: a@b.example\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n' + part + b"--b--\r\n"
+    )
+    whole = email.parser.BytesParser(message._Part, policy=compat32).parsebytes(raw)
+    assert message.read(raw).attachments == tuple(message._filenames(whole))
