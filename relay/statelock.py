@@ -90,7 +90,11 @@ def note_policy(directory: Path, digest: str, pending: Sequence[str] = ()) -> No
 
 
 def _write(fd: int, digest: str, pending: Sequence[str] = ()) -> None:
-    lines = [str(os.getpid()), digest, *(" ".join(note.split()) for note in pending)]
+    """PID, policy digest, the process's start (for ``holder`` to tell it from
+    a later process given the same PID), then what a reload left pending."""
+    pid = os.getpid()
+    start = " ".join(_start(pid) or ("-", "-"))
+    lines = [str(pid), digest, f"start {start}", *(" ".join(note.split()) for note in pending)]
     os.ftruncate(fd, 0)
     os.pwrite(fd, "".join(f"{line}\n" for line in lines).encode(), 0)
 
@@ -114,12 +118,15 @@ def holder(directory: Path) -> Holder | None:
         raise StateUnreadable(path, exc) from exc
     try:
         lines = os.pread(fd, 1 << 16, 0).decode("utf-8", "replace").split("\n")
-        written = os.fstat(fd).st_mtime
     except OSError as exc:
         raise StateUnreadable(path, exc) from exc
     finally:
         os.close(fd)
-    if not lines[0].isdigit() or not _serving(int(lines[0]), written):
+    recorded = None
+    if len(lines) > 2 and lines[2].startswith("start "):
+        recorded = tuple(lines[2].split()[1:3])
+        del lines[2]
+    if not lines[0].isdigit() or not _serving(int(lines[0]), recorded):
         return None
     digest = lines[1] if len(lines) > 1 else ""
     return Holder(int(lines[0]), digest, tuple(line for line in lines[2:] if line))
@@ -147,15 +154,17 @@ class StateUnreadable(RelayError):
         super().__init__(f"cannot read {path}: {why}")
 
 
-def _serving(pid: int, written: float) -> bool:
-    """Alive, a relay, and started before it wrote the file: after a reboot the
-    PID of a relay killed before it may be any other program's, another
-    relay's included."""
+def _serving(pid: int, recorded: tuple[str, ...] | None) -> bool:
+    """Alive and the process that wrote the file: after a reboot the PID of a
+    relay killed before it may be any other program's, another relay's
+    included. Its start (in clock ticks since boot, and the boot's id, as
+    the file has them) tells; no wall clock, which a first time sync moves.
+    Where that cannot be read, a live ``relay serve`` is taken for it."""
     if not _alive(pid):
         return False
-    started = started_at(pid)
-    if started is not None and started > written + 1:
-        return False
+    now = _start(pid)
+    if recorded is not None and "-" not in recorded and now is not None:
+        return now == recorded
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
@@ -163,15 +172,25 @@ def _serving(pid: int, written: float) -> bool:
     return b"serve" in argv
 
 
+def _start(pid: int) -> tuple[str, str] | None:
+    """``pid``'s start in clock ticks since boot, and the boot's id (Linux)."""
+    try:
+        ticks = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except (OSError, IndexError):
+        return None
+    return ticks, boot
+
+
 def started_at(pid: int) -> float | None:
     """When ``pid`` started (epoch seconds), from /proc; None where there is none."""
+    start = _start(pid)
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         boot = next(
             int(line.split()[1])
             for line in Path("/proc/stat").read_text().splitlines()
             if line.startswith("btime ")
         )
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, StopIteration, ValueError, IndexError):
+    except (OSError, StopIteration, ValueError):
         return None
+    return None if start is None else boot + int(start[0]) / os.sysconf("SC_CLK_TCK")

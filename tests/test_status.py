@@ -101,11 +101,17 @@ def test_a_relay_killed_with_its_lock_file_left_is_not_running(tmp_path: Path) -
         # after a reboot its PID may be any program's: that is not a relay running
         (tmp_path / statelock.LOCK_NAME).write_text(f"{other.pid}\nabc\n")
         assert statelock.holder(tmp_path) is None
-        # nor is another relay (a "serve") started after the file was last written
-        (tmp_path / statelock.LOCK_NAME).write_text(f"{relay.pid}\nabc\n")
-        an_hour_ago = time.time() - 3600
-        os.utime(tmp_path / statelock.LOCK_NAME, (an_hour_ago, an_hour_ago))
+        # nor another relay (a "serve") than the process that wrote the file
+        start = statelock._start(relay.pid)
+        assert start is not None
+        ticks, boot = start
+        lock_file = tmp_path / statelock.LOCK_NAME
+        lock_file.write_text(f"{relay.pid}\nabc\nstart {int(ticks) - 100} {boot}\nx y\n")
         assert statelock.holder(tmp_path) is None
+        lock_file.write_text(f"{relay.pid}\nabc\nstart {ticks} {boot}\nx y\n")
+        an_hour_ago = time.time() - 3600  # a clock set forward since: the start still tells
+        os.utime(lock_file, (an_hour_ago, an_hour_ago))
+        assert statelock.holder(tmp_path) == (relay.pid, "abc", ("x y",))
     finally:
         for proc in (relay, other):
             proc.kill()
