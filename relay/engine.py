@@ -773,8 +773,10 @@ class Engine:
     def _first_refusal(self, kept: Suppression) -> bool:
         """Whether a kept entry is still to be written: its address is not listed,
         or was listed by another worker for a later refusal (the list keeps an
-        address's first refusal, and the last line wins); an entry a sysadmin or
-        a complaint made stands."""
+        address's first refusal, and the last line wins); an entry for another
+        reason (a complaint, a sysadmin's ``manual``) stands. The list holds no
+        author, so one a sysadmin added with ``--reason bounce`` is taken for
+        the relay's."""
         found = self._listed(kept.address, "")
         return found is None or (found.reason == BOUNCE and found.since > kept.since)
 
