@@ -76,6 +76,18 @@ def _send_invoice(port: int) -> str:
     )
 
 
+def _invoice_delivered(policy_file: Path, tmp_path: Path) -> tuple[Path, str]:
+    """The policy of a relay that delivered ``_send_invoice``'s document, and its
+    queue ID; the relay is stopped again: relay bounce needs none running."""
+    with SinkServer(Sink()) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            invoice = _send_invoice(port)
+            server.sink.wait(1)
+    return policy, invoice
+
+
 def _bounce(
     policy: Path, report: bytes, syslog: Path | str = "off"
 ) -> subprocess.CompletedProcess[str]:
@@ -235,12 +247,7 @@ def test_one_report_delivered_several_times_at_once_is_taken_once(
     """A mail system delivers to a pipe in parallel, and a server that lost the
     relay's reply sends its report again: each run looked in the audit log
     before the others had written, and all recorded, listed and told."""
-    with SinkServer(Sink()) as server:
-        port = free_port()
-        policy = configure(policy_file, port, server.port)
-        with RelayProcess(policy, port, tmp_path / "relay.log"):
-            invoice = _send_invoice(port)
-            server.sink.wait(1)
+    policy, invoice = _invoice_delivered(policy_file, tmp_path)
     report = (FEEDBACK / "postfix-two-failed.eml").read_bytes()
     command = [sys.executable, "-m", "relay", "bounce", "-c", str(policy), "--syslog", "off"]
     runs = [
@@ -289,12 +296,7 @@ def test_a_report_that_lists_nobody_is_taken_while_the_list_cannot_be_written(
 ) -> None:
     """A full mailbox (5.2.2) lists nobody, yet the empty write to a read-only
     list sent every such report back to the mail system's queue (exit 75)."""
-    with SinkServer(Sink()) as server:
-        port = free_port()
-        policy = configure(policy_file, port, server.port)
-        with RelayProcess(policy, port, tmp_path / "relay.log"):
-            invoice = _send_invoice(port)
-            server.sink.wait(1)
+    policy, invoice = _invoice_delivered(policy_file, tmp_path)
     settings = load(policy).suppression
     assert settings is not None
     SuppressionFile(settings.file).create()
