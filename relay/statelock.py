@@ -5,8 +5,10 @@ both extend its audit chain: a second ``relay serve`` started by hand next to
 the service, or a copy of the policy with other ports, must not start. The
 lock is an ``flock`` on ``relay.pid``, which names the holder for the message.
 Forked workers inherit the descriptor, so the lock lasts while any process of
-the relay is alive, and the kernel drops it with the last one, however it ends. The file's second
-line is the policy in use, rewritten at each reload, for ``relay status``.
+the relay is alive, and the kernel drops it with the last one, however it
+ends. For ``relay status`` the file goes on with the policy in use and the
+holder's start, and then what a reload left for a restart, a line each;
+it is rewritten at each reload.
 """
 
 from __future__ import annotations
