@@ -51,4 +51,6 @@ def _literal(address: str) -> str:
         parsed = ip_address(address)
     except ValueError:
         return "unknown"
-    return f"[IPv6:{parsed}]" if parsed.version == 6 else f"[{parsed}]"
+    if parsed.version == 4:
+        return f"[{parsed}]"
+    return f"[IPv6:{str(parsed).partition('%')[0]}]"  # a zone (%eth0) is no part of a literal

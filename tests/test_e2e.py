@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import smtplib
 import socket
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import headers, message
+from relay import headers, message, trace
 from tests.dkimtools import assert_opendkim_ok, dkimpy_verify
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
@@ -336,3 +337,18 @@ def test_what_users_put_in_headers_cannot_redirect_replies_or_leak(
         assert leaked not in head
     assert dkimpy_verify(got.data, dns_records)
     assert_opendkim_ok(got.data, dns_records, tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_the_listen_backlog_is_the_relays(relay: RelayProcess) -> None:
+    """The event loop listened again with its default of 100, so a burst of ERP
+    batch jobs past about 100 waited for SYN retries instead of the queue of 511."""
+    shown = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{relay.port}"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert shown[0] == "LISTEN" and shown[2] == "511", shown
+
+
+def test_a_zone_is_no_part_of_the_received_address_literal() -> None:
+    assert trace._literal("fe80::1%eth0") == "[IPv6:fe80::1]"
+    assert trace._literal("::1") == "[IPv6:::1]"

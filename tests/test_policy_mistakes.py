@@ -56,12 +56,14 @@ _BY_DEFAULT = "identify: {order: [auth_login], unknown_sender: default, default_
         ("auth: off\n    allow: ['::ffff:0:0/96']", "", "13: listeners[0].allow[0]: 0.0.0.0/0"),
         (f"{_TLS}\n    allow: [0.0.0.0/0]", "", "13: listeners[0].allow[0]: 0.0.0.0/0"),
         (f"{_TLS}\n    allow: [0.0.0.0/0]", _BY_DEFAULT, "13: listeners[0].allow[0]: 0.0.0.0/0"),
+        ("auth: off\n    allow: [0.0.0.0/1, 128.0.0.0/1]", "",
+         "12: listeners[0].allow: together, 0.0.0.0/1, 128.0.0.0/1"),
         ("auth: off\n    allow: [0.0.0.0/0]", "identify: {order: [auth_login]}\n", None),
         (f"auth: required\n    {_TLS}\n    allow: [0.0.0.0/0]", "", None),
         ("auth: off\n    allow: [10.0.0.0/8]", "", None),
         ("auth: off", "", None),
     ],
-    ids=["off", "off-ipv6", "off-mapped", "optional", "default-user", "login-only",
+    ids=["off", "off-ipv6", "off-mapped", "optional", "default-user", "halves", "login-only",
          "required", "lan", "default-allow"],
 )  # fmt: skip
 def test_check_warns_of_a_listener_that_lets_anyone_send_as_a_user(
@@ -503,3 +505,33 @@ def test_check_warns_of_a_listener_key_or_audit_key_others_can_read(tmp_path: Pa
         f"{path}:10:37: warning: listeners[0].tls.key: {key} {exposed}; chmod o-rwx {key}",
         f"{path}:29:24: warning: audit.hmac_key_file: {hmac_key} {exposed}; chmod o-rwx {hmac_key}",
     ]
+
+
+@pytest.mark.parametrize(
+    ("listener", "said"),
+    [
+        ("    address: 0.0.0.0\n    port: 2525\n    auth: off\n",
+         "7:5: warning: listeners[0].allow: no allow list: only loopback clients"
+         " (127.0.0.0/8, ::1) may connect to 0.0.0.0; list the ERPs' networks,"
+         " e.g. allow: [192.0.2.0/24]"),
+        ("    address: '::1'\n    port: 2525\n    allow: [127.0.0.0/8]\n",
+         "10:12: listeners[0].allow: no entry is an IPv6 network, and every client of ::1"
+         " is: all refused"),
+        ("    address: 127.0.0.1\n    port: 2525\n    allow: ['fe80::1%eth0/128']\n",
+         "10:13: listeners[0].allow[0]: %eth0 names an interface, not clients: write"
+         " fe80::1/128"),
+    ],
+    ids=["no-allow-off-loopback", "other-family", "zone"],
+)  # fmt: skip
+def test_an_allow_list_that_lets_in_other_clients_than_meant_is_said(
+    tmp_path: Path, listener: str, said: str
+) -> None:
+    """Each passed check: the default is loopback only, which the README did not
+    say, and a listener off loopback refused every ERP; a list of the other
+    address family refused every client; a zone matched the address on any
+    interface, and went into Received as no address literal may."""
+    path = variant(tmp_path, _LISTENER, listener)
+    if "warning" in said:
+        assert f"{path}:{said}" in warnings(path)
+    else:
+        assert problems(path) == [f"{path}:{said}"]

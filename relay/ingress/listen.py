@@ -186,7 +186,8 @@ async def start(
         for listener in listeners:
             factory = _factory(listener, current_policy, process, ingress, loop, clients, tally)
             for sock in sockets[listener.name]:
-                server = await loop.create_server(factory, sock=sock)
+                # its backlog again, or the loop's default of 100 would replace bind's
+                server = await loop.create_server(factory, sock=sock, backlog=_BACKLOG)
                 ingress.servers.append((listener, server))
     except BaseException:
         for _, server in ingress.servers:

@@ -16,7 +16,15 @@ import ssl
 import string
 from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from ipaddress import (
+    IPv4Address,
+    IPv4Network,
+    IPv6Address,
+    IPv6Network,
+    collapse_addresses,
+    ip_address,
+    ip_network,
+)
 from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -140,6 +148,8 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
             ctx.sockets.append(mine)
         tls = _tls(ctx, m)
         allow = _allow(ctx, m)
+        if allow is not None and ips:
+            allow = _reachable(ctx, m, allow, ips, address)
         size = m.integer("max_message_size", 26214400, 1, 2**40, "a positive number of bytes")
         recipients = m.integer("max_recipients", 100, 1, 100000, "a positive integer")
         per_client = m.integer(
@@ -310,16 +320,31 @@ def _note_open(
     address: kept for ``identify``, which knows whether such a session can be
     taken for a user (by the addresses it gives, or as the default user)."""
     node = m.get("allow")
-    everyone = next((i for i, net in enumerate(allow) if net.prefixlen == 0), None)
-    if everyone is None or not isinstance(node, SequenceNode):  # the default is loopback
+    if not isinstance(node, SequenceNode):  # the default is loopback
         return
+    everyone = next((i for i, net in enumerate(allow) if net.prefixlen == 0), None)
+    if everyone is not None:
+        who, where = str(allow[everyone]), (node.value[everyone], join(m.sub("allow"), everyone))
+    else:
+        covering = [v for v in (4, 6) if _covers_all(allow, v)]
+        if not covering:
+            return
+        listed = ", ".join(str(net) for net in allow if net.version == covering[0])
+        who, where = f"together, {listed}", (node, m.sub("allow"))
     message = (
-        f"{allow[everyone]} lets every address reach {_on(address, port)}, which takes mail"
+        f"{who} lets every address reach {_on(address, port)}, which takes mail"
         " without a login: anyone who can reach the port can send mail signed as the"
         " policy's users; set auth: required, or allow only the ERP's networks"
     )
-    where = (node.value[everyone], join(m.sub("allow"), everyone))
     ctx.open_listeners.append((*where, message))
+
+
+def _covers_all(allow: tuple[IPv4Network | IPv6Network, ...], version: int) -> bool:
+    """``0.0.0.0/1`` and ``128.0.0.0/1`` are every address as much as ``0.0.0.0/0``."""
+    nets = [net for net in allow if net.version == version]
+    return [str(net) for net in collapse_addresses(nets)] == [
+        "0.0.0.0/0" if version == 4 else "::/0"
+    ]
 
 
 def _warn_open(ctx: Ctx, order: tuple[IdentitySource, ...], by_default: bool) -> None:
@@ -337,6 +362,34 @@ def _ipv4_mapped(address: str) -> str | None:
         return None
     mapped = found.ipv4_mapped if isinstance(found, IPv6Address) else None
     return None if mapped is None else str(mapped)
+
+
+def _reachable(
+    ctx: Ctx,
+    m: Map,
+    allow: tuple[IPv4Network | IPv6Network, ...],
+    ips: frozenset[_IP],
+    address: str | None,
+) -> tuple[IPv4Network | IPv6Network, ...] | None:
+    """The allow list, or None when no client of the listener can match it: its
+    sockets take IPv4 or IPv6 clients only (IPv6 ones are IPv6 only), and a list
+    of the other family refused every client, as an empty one does. Left out,
+    it is loopback only, which a listener off loopback should say."""
+    if not m.has("allow"):
+        if _off_loopback(ips):
+            message = (
+                f"no allow list: only loopback clients (127.0.0.0/8, ::1) may connect to"
+                f" {address}; list the ERPs' networks, e.g. allow: [192.0.2.0/24]"
+            )
+            ctx.problems.warn(m.node, m.sub("allow"), message)
+        return allow
+    families = {ip.version for ip in ips}
+    if any(network.version in families for network in allow):
+        return allow
+    versions = " or ".join(f"IPv{v}" for v in sorted(families))
+    message = f"no entry is an {versions} network, and every client of {address} is: all refused"
+    ctx.problem(m.get("allow"), m.sub("allow"), message)
+    return None
 
 
 def _allow(ctx: Ctx, m: Map) -> tuple[IPv4Network | IPv6Network, ...] | None:

@@ -267,6 +267,10 @@ def cidr(ctx: Ctx, node: Node, path: str) -> IPv4Network | IPv6Network | None:
     value = text(ctx, node, path, "a CIDR like 10.0.0.0/8")
     if value is None:
         return None
+    if "%" in value:  # Python takes fe80::1%eth0 and matches fe80::1 on any interface
+        host, _, zone = value.partition("/")[0].partition("%")
+        ctx.problem(node, path, f"%{zone} names an interface, not clients: write {host}/128")
+        return None
     try:
         network = ip_network(value, strict=False)
     except ValueError as exc:
