@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -535,3 +536,33 @@ def test_an_allow_list_that_lets_in_other_clients_than_meant_is_said(
         assert f"{path}:{said}" in warnings(path)
     else:
         assert problems(path) == [f"{path}:{said}"]
+
+
+def test_a_dkim_key_receivers_refuse_is_a_problem(tmp_path: Path) -> None:
+    """A 512-bit key made elsewhere signed, and every signature failed at every
+    receiver (RFC 8301); relay check and a reload took it."""
+    path = variant(tmp_path, "version: 1\n", "version: 1\n")
+    file = tmp_path / "keys" / "platform.example.s1.private"
+    made = subprocess.run(  # cryptography makes none this small; OpenSSL still does
+        ["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:512"],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    file.write_bytes(made.stdout)
+    assert problems(path) == [
+        f"{path}:14:17: dkim.keys[0].key_file: cannot sign with {file}: an RSA key of 512"
+        " bits, which receivers refuse (RFC 8301: at least 1024); make a new one with relay"
+        " dkim keygen"
+    ]
+
+
+def test_two_keys_whose_selectors_differ_in_case_only_are_one_dns_name(tmp_path: Path) -> None:
+    """NEW._domainkey is new._domainkey: one record, so one of the two signatures
+    fails everywhere whatever is published; the check compared the case too."""
+    second = (
+        "    - domain: platform.example\n      selector: S1\n"
+        "      key_file: keys/platform.example.s1.private\n"
+    )
+    path = variant(tmp_path, "upstreams:\n", second + "upstreams:\n")
+    assert problems(path) == [
+        f"{path}:16:17: dkim.keys[1].selector: S1._domainkey.platform.example is also dkim.keys[0]"
+    ]

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from relay.errors import SigningError
+from relay.keygen import MIN_RSA_BITS
 from relay.policy.model import DkimAlgorithm, DkimKey
 from relay.sign import sign
 
@@ -41,7 +42,22 @@ def problem(key: DkimKey) -> str | None:
     except SigningError as exc:
         cause = exc.__cause__ or exc
         return _explain(key, " ".join(str(cause).split()) or type(cause).__name__)
-    return None
+    return _too_small(key)
+
+
+def _too_small(key: DkimKey) -> str | None:
+    """A key made elsewhere (``relay dkim keygen`` makes none this small) signs,
+    and every receiver fails the signature."""
+    if key.algorithm is not DkimAlgorithm.RSA:
+        return None
+    private = serialization.load_pem_private_key(key.private_key, None)
+    bits = private.key_size if isinstance(private, rsa.RSAPrivateKey) else MIN_RSA_BITS
+    if bits >= MIN_RSA_BITS:
+        return None
+    return (
+        f"an RSA key of {bits} bits, which receivers refuse (RFC 8301: at least"
+        f" {MIN_RSA_BITS}); make a new one with relay dkim keygen"
+    )
 
 
 def _explain(key: DkimKey, reason: str) -> str:

@@ -543,10 +543,11 @@ def dkim(ctx: Ctx, root: Map) -> tuple[tuple[DkimKey, ...] | None, set[str]]:
         if domain is not None:
             domains.add(domain)
         if domain is not None and selector is not None:
-            if (domain, selector) in seen:
-                message = f"{selector}._domainkey.{domain} is also {seen[domain, selector]}"
+            name = (domain, selector.lower())  # DNS names know no case: NEW is new
+            if name in seen:
+                message = f"{selector}._domainkey.{domain} is also {seen[name]}"
                 ctx.problem(m.get("selector"), m.sub("selector"), message)
-            seen[domain, selector] = path
+            seen[name] = path
         algorithm = m.choice("algorithm", DkimAlgorithm, DkimAlgorithm.RSA)
         key = m.read("key_file", values.read_file)
         ok = domain and selector and algorithm and key
