@@ -108,9 +108,9 @@ def _account(policy: Policy, entry: QueueEntry) -> str | None:
 def _document(entry: QueueEntry) -> list[str]:
     return [
         "",
-        f"Document:   {entry.subject or '(no subject)'}",
-        f"Sent:       {entry.date or formatdate(entry.arrival, usegmt=True)}",
-        f"Message-ID: {entry.message_id or '(none)'}",
+        f"Document:   {_printable(entry.subject) or '(no subject)'}",
+        f"Sent:       {_printable(entry.date) or formatdate(entry.arrival, usegmt=True)}",
+        f"Message-ID: {_printable(entry.message_id or '') or '(none)'}",
         f"Queue ID:   {entry.queue_id}",
         "",
     ]
@@ -119,7 +119,8 @@ def _document(entry: QueueEntry) -> list[str]:
 def _complaint_text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
     lines = ["A recipient of a document you sent reported it as spam.", *_document(entry)]
     for rcpt in failures:
-        lines += [f"Recipient:  {rcpt.address}", f"Report:     {rcpt.reply or 'abuse'}", ""]
+        report = _printable(rcpt.reply or "") or "abuse"
+        lines += [f"Recipient:  {_printable(rcpt.address)}", f"Report:     {report}", ""]
     lines += [
         "The relay sends this recipient no more of your company's mail. If they want it",
         "again, ask your mail administrator to take the address off the suppression list.",
@@ -131,7 +132,8 @@ def _complaint_text(entry: QueueEntry, failures: Sequence[RecipientState]) -> st
 def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
     lines = [_opening(entry), *_document(entry)]
     for rcpt in failures:
-        lines += [f"Recipient:  {rcpt.address}", f"Reason:     {rcpt.reply or 'unknown'}", ""]
+        reason = _printable(rcpt.reply or "") or "unknown"
+        lines += [f"Recipient:  {_printable(rcpt.address)}", f"Reason:     {reason}", ""]
     lines.append("Please check the address, or reach the recipient another way.")
     if any(rcpt.status == SUPPRESSED for rcpt in failures):
         lines.append(
@@ -160,5 +162,8 @@ def _opening(entry: QueueEntry) -> str:
 
 def _printable(text: str) -> str:
     """The document's subject as decoded may hold controls (an encoded CR, VT or
-    NUL): the notice shows them as spaces rather than fail to be written."""
+    NUL): the notice shows them as spaces rather than fail to be written. So
+    does its body, where a line break from a subject, or from a bounce report
+    anyone can send, added lines of their choosing to a notice the platform
+    signs (a forged "bank details changed" under a real invoice)."""
     return "".join(ch if ch.isprintable() else " " for ch in text)

@@ -84,3 +84,22 @@ def test_a_notice_is_threaded_under_the_document_it_is_about(
     assert f"Message-ID: {sent_as or '(none)'}\n" in body.replace("\r\n", "\n")
     signatures = [v for n, v in view.written if n == "DKIM-Signature"]
     assert signatures and all(("in-reply-to" in v) is (thread is not None) for v in signatures)
+
+
+def test_a_subject_or_report_cannot_add_lines_to_the_notice(policy_file: Path) -> None:
+    """The body printed them raw: a subject, or a bounce report anyone can mail to
+    the return path, added lines to a notice the platform signs."""
+    forged = "Invoice 40\r\nSent: today\u2028\r\nOur bank details changed: pay to XX00\x1b[31m"
+    entry = make_entry(subject=forged)
+    failed = RecipientState(
+        "customer@example.net", FAILED, reply="550 5.1.1 gone\r\nPay to XX00", notify=True
+    )
+    _, data = build_notice(load(policy_file), entry, [failed], 1_790_000_000.0)
+    body = quopri.decodestring(data.split(b"\r\n\r\n", 1)[1]).decode()
+    lines = body.splitlines()
+    assert not any(line.startswith(("Our bank", "Pay to", "Sent: today")) for line in lines)
+    assert (
+        "Document:   Invoice 40  Sent: today   Our bank details changed: pay to XX00 [31m" in lines
+    )
+    assert "Reason:     550 5.1.1 gone  Pay to XX00" in lines
+    assert "\x1b" not in body
