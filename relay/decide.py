@@ -97,8 +97,12 @@ def decide(
     reply_to_after, why = _reply_to(identity, sender, classification.doc_type, view)
     reasons.append(why)
     bcc, why = _bcc(identity, classification.doc_type, submission.rcpt_tos)
+    sent, suppressed = _suppressed(suppressions, identity, submission.rcpt_tos)
+    if bcc and not sent:  # the sender's record of what went out: nothing did
+        bcc, why = (), "no automatic BCC: every recipient is on the suppression list"
     reasons.append(why)
-    recipients, suppressed = _suppressed(suppressions, identity, (*submission.rcpt_tos, *bcc))
+    copy, listed = _suppressed(suppressions, identity, bcc)
+    recipients, suppressed = (*sent, *copy), (*suppressed, *listed)
     reasons += (f"not sent to {address}: {entry.describe()}" for address, entry in suppressed)
     signing = policy.keys_for(signing_domain)
     if not signing:

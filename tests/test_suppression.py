@@ -311,3 +311,17 @@ def test_the_backlog_keeps_an_address_first_refusal_and_names_what_it_loses(
         "and 1 more not named; add them with `relay suppression add`: c@example.org" in caplog.text
     )
     assert not backlog
+
+
+def test_no_automatic_copy_goes_out_of_a_document_no_recipient_gets(policy_file: Path) -> None:
+    """The sender's copy went upstream alone, a record of a sending that did not
+    happen, followed by the notice that none of its recipients got it."""
+    policy = load(policy_file)
+    assert policy.suppression is not None
+    policy.suppression.file.parent.mkdir(parents=True)
+    SuppressionFile(policy.suppression.file).add(
+        [_entry("gone@example.org"), _entry("buyer@example.org")]
+    )
+    text = render(policy, submission_from_file(MESSAGE, None, None, []), as_json=False)
+    assert "Recipients:  none\n" in text and "BCC added:   none\n" in text
+    assert "no automatic BCC: every recipient is on the suppression list" in text
