@@ -98,7 +98,7 @@ def decide(
     reasons.append(why)
     bcc, why = _bcc(identity, classification.doc_type, submission.rcpt_tos)
     sent, suppressed = _suppressed(suppressions, identity, submission.rcpt_tos)
-    if bcc and not sent:  # the sender's record of what went out: nothing did
+    if bcc and suppressed and not sent:  # the sender's record of what went out: nothing did
         bcc, why = (), "no automatic BCC: every recipient is on the suppression list"
     reasons.append(why)
     copy, listed = _suppressed(suppressions, identity, bcc)

@@ -325,3 +325,12 @@ def test_no_automatic_copy_goes_out_of_a_document_no_recipient_gets(policy_file:
     text = render(policy, submission_from_file(MESSAGE, None, None, []), as_json=False)
     assert "Recipients:  none\n" in text and "BCC added:   none\n" in text
     assert "no automatic BCC: every recipient is on the suppression list" in text
+
+
+def test_a_document_without_recipients_keeps_its_copy_in_preview(policy_file: Path) -> None:
+    """A preview of a file with no To or Cc, and so no recipients, said every
+    recipient was on the (empty) list and left the copy out."""
+    headless = MESSAGE.replace(b"To: buyer@example.org, gone@example.org\n", b"")
+    text = render(load(policy_file), submission_from_file(headless, None, None, []), as_json=False)
+    assert "BCC added:   jan@acme.example\n" in text
+    assert "suppression list" not in text

@@ -17,6 +17,7 @@ import binascii
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from dkim.crypto import parse_pem_private_key
 
 from relay.errors import SigningError
 from relay.keygen import MIN_RSA_BITS
@@ -50,8 +51,8 @@ def _too_small(key: DkimKey) -> str | None:
     and every receiver fails the signature."""
     if key.algorithm is not DkimAlgorithm.RSA:
         return None
-    private = serialization.load_pem_private_key(key.private_key, None)
-    bits = private.key_size if isinstance(private, rsa.RSAPrivateKey) else MIN_RSA_BITS
+    # read as the signer reads it: dkimpy takes labels and forms cryptography does not
+    bits = int(parse_pem_private_key(key.private_key)["modulus"]).bit_length()
     if bits >= MIN_RSA_BITS:
         return None
     return (

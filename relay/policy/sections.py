@@ -172,7 +172,7 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
         elif auth is AuthMode.OPTIONAL and not m.has("tls") and _off_loopback(ips):
             ctx.problems.warn(m.get("auth") or m.node, m.sub("auth"), _no_auth_offered(address))
         if auth is not None and auth is not AuthMode.REQUIRED and _off_loopback(ips) and allow:
-            _note_open(ctx, m, allow, address, port)
+            _note_open(ctx, m, allow, address, port, {ip.version for ip in ips})
         fields = (
             name,
             address,
@@ -314,19 +314,28 @@ def _no_auth_offered(address: str) -> str:
 
 
 def _note_open(
-    ctx: Ctx, m: Map, allow: tuple[IPv4Network | IPv6Network, ...], address: str, port: int
+    ctx: Ctx,
+    m: Map,
+    allow: tuple[IPv4Network | IPv6Network, ...],
+    address: str,
+    port: int,
+    families: set[int],
 ) -> None:
     """A listener off loopback that takes sessions without a login from every
     address: kept for ``identify``, which knows whether such a session can be
-    taken for a user (by the addresses it gives, or as the default user)."""
+    taken for a user (by the addresses it gives, or as the default user). Only
+    networks of the families its sockets take count (IPv6 ones are IPv6 only)."""
     node = m.get("allow")
     if not isinstance(node, SequenceNode):  # the default is loopback
         return
-    everyone = next((i for i, net in enumerate(allow) if net.prefixlen == 0), None)
+    everyone = next(
+        (i for i, net in enumerate(allow) if net.prefixlen == 0 and net.version in families),
+        None,
+    )
     if everyone is not None:
         who, where = str(allow[everyone]), (node.value[everyone], join(m.sub("allow"), everyone))
     else:
-        covering = [v for v in (4, 6) if _covers_all(allow, v)]
+        covering = [v for v in sorted(families) if _covers_all(allow, v)]
         if not covering:
             return
         listed = ", ".join(str(net) for net in allow if net.version == covering[0])

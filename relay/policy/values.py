@@ -268,8 +268,9 @@ def cidr(ctx: Ctx, node: Node, path: str) -> IPv4Network | IPv6Network | None:
     if value is None:
         return None
     if "%" in value:  # Python takes fe80::1%eth0 and matches fe80::1 on any interface
-        host, _, zone = value.partition("/")[0].partition("%")
-        ctx.problem(node, path, f"%{zone} names an interface, not clients: write {host}/128")
+        zone = value.partition("/")[0].partition("%")[2]
+        without = value.replace(f"%{zone}", "")
+        ctx.problem(node, path, f"%{zone} names an interface, not clients: write {without}")
         return None
     try:
         network = ip_network(value, strict=False)
