@@ -18,7 +18,7 @@ from email.utils import formatdate
 
 from relay.audit import events
 from relay.headers import encode_text, fold, format_address
-from relay.policy.model import Policy, SmtpUpstream
+from relay.policy.model import DkimKey, Policy, SmtpUpstream
 from relay.queueid import new_queue_id
 from relay.sign import sign
 from relay.spool import DELIVERED, PENDING, SUPPRESSED, QueueEntry, RecipientState
@@ -67,7 +67,7 @@ def build_notice(
     text = _complaint_text(entry, failures) if complaint else _text(entry, failures)
     body = quopri.encodestring(text.encode()).replace(b"\n", b"\r\n")
     message = head + b"\r\n" + body
-    signed = sign(message, policy.keys_for(policy.platform.from_address.rsplit("@", 1)[1]))
+    signed = sign(message, _keys(policy, account))
     data = signed + message
     notice = QueueEntry(
         queue_id=queue_id,
@@ -103,6 +103,15 @@ def _account(policy: Policy, entry: QueueEntry) -> str | None:
     if upstream is None and tenant is not None:
         upstream = policy.upstreams.get(tenant.upstream)
     return upstream.sender if isinstance(upstream, SmtpUpstream) else None
+
+
+def _keys(policy: Policy, account: str | None) -> tuple[DkimKey, ...]:
+    """The account's own domain's keys when the policy has them, as for the
+    document (``relay.decide``): a notice From the account but signed for the
+    platform fails DMARC alignment, and under ``p=reject`` the user would never
+    hear of the failure."""
+    own = policy.keys_for(account.rsplit("@", 1)[1]) if account else ()
+    return own or policy.keys_for(policy.platform.from_address.rsplit("@", 1)[1])
 
 
 def _document(entry: QueueEntry) -> list[str]:

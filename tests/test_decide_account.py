@@ -172,6 +172,21 @@ def test_a_notice_through_an_account_is_from_and_enveloped_as_its_address(
     assert [r.notify for r in notice.recipients] == [False]  # its failure tells nobody
 
 
+def test_a_notice_from_an_account_with_a_key_is_signed_for_its_domain(
+    policy_file: Path,
+) -> None:
+    """The notice went out From the account but signed for the platform's domain,
+    which fails DMARC alignment where the document itself passed."""
+    path = with_account(policy_file)
+    path.write_text(path.read_text().replace("sender: post@sevenoff", "sender: post@globex"))
+    entry = make_entry(tenant="sevenoff", user="per", upstream="company24")
+    entry.notify_address = "per@sevenoff.example"
+    failed = RecipientState("customer@example.net", FAILED, notify=True)
+    _, data = build_notice(load(path), entry, [failed], 1_790_000_000.0)
+    signature = message.read(data).get("DKIM-Signature") or ""
+    assert " d=globex.example;" in signature and " s=g1;" in signature, signature
+
+
 def test_a_notice_through_another_upstream_keeps_the_null_sender(policy_file: Path) -> None:
     entry = make_entry()
     failed = RecipientState("customer@example.net", FAILED, notify=True)
