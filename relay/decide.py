@@ -17,7 +17,7 @@ from typing import NamedTuple
 from relay.classify import Classification
 from relay.errors import HeaderInjection
 from relay.headers import format_address
-from relay.identify import Identity
+from relay.identify import Identity, a_label_address
 from relay.message import MessageView
 from relay.policy.model import (
     DkimKey,
@@ -183,7 +183,10 @@ def _own(identity: Identity, view: MessageView) -> _Mailbox | None:
     it is one of the user's (a brand's own sender address, such as
     sales@brand.example, with the brand's name), else the user's main one."""
     user, tenant = identity.user, identity.tenant
-    for name, address in view.mailboxes("From"):
+    for name, written in view.mailboxes("From"):
+        address = a_label_address(written)  # as the policy holds it, and SMTP carries it
+        if address is None:
+            continue
         domain = address.rpartition("@")[2].lower()
         if domain not in tenant.verified_domains or address.lower() == user.address.lower():
             continue

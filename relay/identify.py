@@ -115,14 +115,22 @@ def _user_at(policy: Policy, address: str) -> UserRef | None:
     holds A-labels only (``xn--bcher-kva.example``), and an ERP writing
     ``bücher.example`` was an unknown sender, or the default user's."""
     ref = policy.addresses.get(address.lower())
-    local, at, domain = address.rpartition("@")
-    if ref is not None or not at or domain.isascii():
+    if ref is not None:
         return ref
+    written = a_label_address(address)
+    return None if written in (None, address) else policy.addresses.get(written.lower())
+
+
+def a_label_address(address: str) -> str | None:
+    """``address`` with its domain in A-labels, as the policy holds domains;
+    None when the domain has no A-label form."""
+    local, at, domain = address.rpartition("@")
+    if not at or domain.isascii():
+        return address
     try:
-        a_labels = domain.encode("idna").decode("ascii")
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
     except UnicodeError:
         return None
-    return policy.addresses.get(f"{local}@{a_labels}".lower())
 
 
 def _user_id(tenant: Tenant, value: str) -> str | None:

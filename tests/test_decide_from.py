@@ -79,3 +79,22 @@ def test_another_users_address_in_from_is_not_kept(policy_file: Path) -> None:
     p = run(policy, data, mail_from="anna@planfix.example")
     assert header(p, "From") == "Anna Sales <anna@planfix.example>"
     assert p.decision.signing_domain == "planfix.example"
+
+
+def test_a_brand_address_with_its_domain_in_unicode_stays_the_from(policy_file: Path) -> None:
+    """Identified as the user's, it was still replaced by the user's main address:
+    the verified domain and the alias are held as A-labels, the From had the
+    Unicode spelling. It stays, in the A-label form SMTP carries."""
+    path = brands(policy_file)
+    text = path.read_text().replace(
+        "[planfix.example, brandb.example]",
+        "[planfix.example, brandb.example, xn--bcher-kva.example]",
+    )
+    path.write_text(
+        text.replace("sales@brandb.example]", "sales@brandb.example, shop@xn--bcher-kva.example]")
+    )
+    p = run(
+        path, msg("From: Shop <shop@bücher.example>", *BASE[1:]), mail_from="anna@planfix.example"
+    )
+    assert header(p, "From") == "Shop <shop@xn--bcher-kva.example>"
+    assert p.decision.signing_domain == "xn--bcher-kva.example"
