@@ -151,6 +151,46 @@ def test_directory_replaced_by_a_file_raises_audit_error(tmp_path: Path) -> None
         log.append(_failed(2))
 
 
+def test_a_directory_restored_from_a_backup_is_written_to(tmp_path: Path) -> None:
+    """The writers went on appending to the deleted files, answered 250 and lost
+    at the next restart: the restored directory kept the old one's mtime."""
+    directory, backup = tmp_path / "audit", tmp_path / "backup"
+    clock = Clock()
+    daemon, tool = AuditLog(directory, clock=clock), AuditLog(directory, clock=clock)
+    daemon.append(_failed(1))
+    shutil.copytree(directory, backup)
+    shutil.copystat(directory, backup)
+    shutil.rmtree(directory)
+    with pytest.raises(AuditError):
+        daemon.append(_failed(2))  # nothing there: refused, not written elsewhere
+    shutil.copytree(backup, directory)
+    shutil.copystat(backup, directory)
+    daemon.append(_failed(3))
+    tool.append(_failed(4))
+    daemon.append(_failed(5))
+    assert [r["queue_id"] for r in read_all(directory)] == ["Q1", "Q3", "Q4", "Q5"]
+    assert verify(directory).ok
+    for log in (daemon, tool):  # each takes the lock a new writer would take
+        assert os.fstat(log._lock_fd).st_ino == os.stat(directory / ".lock").st_ino
+
+
+def test_files_restored_with_the_directorys_mtime_are_written_to(tmp_path: Path) -> None:
+    """``cp -a backup/. audit/``: the same directory, its mtime put back."""
+    directory, backup = tmp_path / "audit", tmp_path / "backup"
+    log = AuditLog(directory, clock=Clock())
+    log.append(_failed(1))
+    shutil.copytree(directory, backup)
+    shutil.copystat(directory, backup)
+    for path in directory.iterdir():
+        path.unlink()
+    for path in backup.iterdir():
+        shutil.copy2(path, directory / path.name)
+    shutil.copystat(backup, directory)
+    log.append(_failed(2))
+    assert [r["queue_id"] for r in read_all(directory)] == ["Q1", "Q2"]
+    assert verify(directory).ok
+
+
 def test_unusable_directory_fails_at_open(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(AuditError):

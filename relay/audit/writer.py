@@ -89,11 +89,8 @@ class AuditLog:
             st = os.stat(self.directory)
             # root running a queue tool on the daemon's log: what it creates stays the daemon's
             self._owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid else None
-            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-            self._lock_fd = os.open(self.directory / ".lock", flags, 0o600)
-            self._adopt(self._lock_fd)
-            self._head_fd = os.open(self.directory / HEAD_FILE, flags, FILE_MODE)
-            self._adopt(self._head_fd)
+            self._where = (st.st_dev, st.st_ino)
+            self._lock_fd, self._head_fd = self._open_shared()
             with self._locked():
                 self._load()
         except OSError as exc:
@@ -230,17 +227,57 @@ class AuditLog:
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
+    def _open_shared(self) -> tuple[int, int]:
+        """``.lock`` and ``.head`` of the directory there now."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        lock_fd = os.open(self.directory / ".lock", flags, 0o600)
+        try:
+            self._adopt(lock_fd)
+            head_fd = os.open(self.directory / HEAD_FILE, flags, FILE_MODE)
+        except OSError:
+            os.close(lock_fd)
+            raise
+        self._adopt(head_fd)
+        return lock_fd, head_fd
+
     def _refresh(self) -> None:
         """Re-read the tail if anyone else may have appended since our last write."""
         info = os.stat(self.directory)
         if not stat.S_ISDIR(info.st_mode):
             raise NotADirectoryError(20, "Not a directory", str(self.directory))
-        if self._fd is None or info.st_mtime_ns != self._stamp:
+        if (info.st_dev, info.st_ino) != self._where:
+            self._move_in(info)
+            self._load()
+        elif self._fd is None or info.st_mtime_ns != self._stamp:
             # Without an open file, another writer's appends change nothing we know.
             self._load()
-        elif (size := os.fstat(self._fd).st_size) != self._size or self._behind():
+        elif (own := os.fstat(self._fd)).st_nlink == 0:
+            self._load()  # deleted, and the directory's mtime put back by a restore
+        elif own.st_size != self._size or self._behind():
             # the same size, yet another writer made newer records: ours cut back to it
-            self._follow(size)
+            self._follow(own.st_size)
+
+    def _move_in(self, info: os.stat_result) -> None:
+        """The directory was replaced (restored from a backup after it was deleted,
+        say): its files are written from now on, under its own lock. Its mtime
+        may equal the old one's (``cp -a`` keeps it), and the records went on
+        into the deleted files, answered 250, lost at the next restart."""
+        lock_fd, head_fd = self._open_shared()
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(lock_fd)
+            os.close(head_fd)
+            raise
+        for fd in (self._lock_fd, self._head_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)  # the old lock goes with its descriptor
+        self._lock_fd, self._head_fd = lock_fd, head_fd
+        self._where = (info.st_dev, info.st_ino)
+        self._shared_seen = (b"", None)
+        log.warning(
+            "audit log %s: the directory was replaced; writing to the new one", self.directory
+        )
 
     def _behind(self) -> bool:
         shared = self._shared()
