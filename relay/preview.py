@@ -17,6 +17,7 @@ from relay.decide import Decision
 from relay.errors import Rejected
 from relay.ingress import content
 from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
+from relay.ingress.protocol import RelaySMTP
 from relay.pipeline import Prepared, prepare
 from relay.policy.model import DirectoryUpstream, Policy, SmtpUpstream, Upstream
 from relay.submission import Submission, distinct
@@ -39,10 +40,10 @@ def submission_from_file(
     data = _LINE_END.sub(b"\r\n", raw)
     view = message.read(data)
     if mail_from is None:
-        senders = view.addresses("From")
-        mail_from = senders[0][1] if senders else ""
+        senders = _envelope_addresses(view, "From")
+        mail_from = senders[0] if senders else ""
     if not rcpts:
-        rcpts = [a for name in ("To", "Cc", "Bcc") for _, a in view.addresses(name)]
+        rcpts = [a for name in ("To", "Cc", "Bcc") for a in _envelope_addresses(view, name)]
     return Submission(
         listener="preview",
         client_address="preview",
@@ -51,6 +52,27 @@ def submission_from_file(
         rcpt_tos=distinct(rcpts),  # as the SMTP side takes them
         data=data,
     )
+
+
+def _envelope_addresses(view: message.MessageView, name: str) -> list[str]:
+    """The ``name`` addresses an ERP would put in MAIL or RCPT. ``deliverable``
+    takes only an ASCII host name, so ``shop@bücher.example`` was left out:
+    the preview went on with ``MAIL FROM <>`` or without that recipient, where
+    the SMTP side refuses the address. One whose domain would be deliverable
+    as A-labels is kept, for ``_check_envelope`` to refuse as the SMTP side does."""
+    return [a for _, a in view.mailboxes(name) if headers.deliverable(_a_labels(a))]
+
+
+def _a_labels(address: str) -> str:
+    """``address`` with its domain in A-labels; as it was when IDNA cannot
+    encode it (an empty or overlong label), which ``deliverable`` refuses."""
+    local, at, domain = address.rpartition("@")
+    if not at or domain.isascii():
+        return address
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        return address
 
 
 def render(policy: Policy, submission: Submission, *, as_json: bool) -> str:
@@ -85,10 +107,10 @@ def _check_envelope(policy: Policy, submission: Submission) -> None:
     ERP could not name these addresses or send this content, so no preview of
     them helps. A login the policy does not have is refused by ``prepare``,
     as in the daemon, where a reload may have removed it mid-session."""
-    paths = [(submission.mail_from, SENDER)] if submission.mail_from else []
-    paths += [(rcpt, RECIPIENT) for rcpt in submission.rcpt_tos]
-    for address, status in paths:
-        refused = mailbox_refusal(address, status)
+    paths = [("MAIL FROM", submission.mail_from, SENDER)] if submission.mail_from else []
+    paths += [("RCPT TO", rcpt, RECIPIENT) for rcpt in submission.rcpt_tos]
+    for command, address, status in paths:
+        refused = _non_ascii_refusal(command, address) or mailbox_refusal(address, status)
         if refused is not None:
             raise refused
     most = max((listener.max_recipients for listener in policy.listeners), default=None)
@@ -102,6 +124,36 @@ def _check_envelope(policy: Policy, submission: Submission) -> None:
     refused = content.refusal(submission.data)  # after DATA: bare CR, NUL, long lines
     if refused is not None:
         raise refused
+
+
+class _CommandLine:
+    """What ``RelaySMTP._refuse_non_ascii`` reads of its session: the command
+    line, and somewhere to log the refusal, which a preview does not."""
+
+    def __init__(self, line: bytes) -> None:
+        self._line = line
+
+    def _command_line(self) -> bytes:
+        return self._line
+
+    def _log_refused_sender(self, sender: str, status: str) -> None:
+        pass
+
+    def _log_refused_recipient(self, to: str, status: str) -> None:
+        pass
+
+
+def _non_ascii_refusal(command: str, address: str) -> Rejected | None:
+    """The SMTP side offers no SMTPUTF8, so aiosmtpd refuses a non-ASCII
+    command line before the address is parsed: 501 5.6.7, not the 553 that
+    ``mailbox_refusal`` would give. The reply is made by the SMTP side's own
+    code, from the line an ERP would send, so the two cannot come to differ."""
+    if address.isascii():
+        return None
+    line = f"{command}:<{address}>".encode("utf-8", "surrogateescape")
+    reply = RelaySMTP._refuse_non_ascii(_CommandLine(line))
+    code, status, text = reply.split(" ", 2)
+    return Rejected(int(code), status, text)
 
 
 def _report(policy: Policy, submission: Submission, prepared: Prepared) -> dict:

@@ -1,0 +1,108 @@
+"""``relay preview`` and non-ASCII envelope addresses: the SMTP side offers no
+SMTPUTF8 and refuses them with 501 5.6.7, so preview must too, whether the
+address was given or taken from the message's From, To or Cc."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.ingress_harness import Raw, Relay
+from tests.minimal_policy import listener
+from tests.test_cli import relay
+
+HEAD = "Subject: Faktura 4711\nX-ERP-User: kari\n"
+KARI = "From: Kari <kari@acme.example>\n"
+CUSTOMER = "To: customer@example.org\n"
+SHOP = r"501 5.6.7 Non-ASCII address <shop@b\xc3\xbccher.example>: SMTPUTF8 is not offered"
+KUNDE = r"501 5.6.7 Non-ASCII address <kunde@b\xc3\xbccher.example>: SMTPUTF8 is not offered"
+JORN = r"501 5.6.7 Non-ASCII address <j\xc3\xb8rn@acme.example>: SMTPUTF8 is not offered"
+
+
+def preview(
+    policy_file: Path, tmp_path: Path, header: str, *options: str
+) -> subprocess.CompletedProcess[str]:
+    eml = tmp_path / "message.eml"
+    eml.write_bytes((header + HEAD + "\nHei!\n").encode())
+    return relay("preview", "-c", str(policy_file), str(eml), *options)
+
+
+def refused(done: subprocess.CompletedProcess[str], reply: str) -> None:
+    assert done.returncode == 65, done.stdout
+    assert done.stderr == f"relay preview: the relay would refuse this message: {reply}\n"
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("header", "reply"),
+    [
+        ("From: Shop <shop@bücher.example>\n" + CUSTOMER, SHOP),
+        ("From: Jørn <jørn@acme.example>\n" + CUSTOMER, JORN),
+        (KARI + "To: Kunde <kunde@bücher.example>, plain@example.org\n", KUNDE),
+        (KARI + CUSTOMER + "Cc: kunde@bücher.example\n", KUNDE),
+        # MAIL is refused before any RCPT is sent
+        ("From: shop@bücher.example\nTo: kunde@bücher.example\n", SHOP),
+    ],
+    ids=["from-domain", "from-local-part", "to", "cc", "sender-first"],
+)
+def test_an_address_taken_from_the_message_is_refused_as_over_smtp(
+    policy_file: Path, tmp_path: Path, header: str, reply: str
+) -> None:
+    """The From went in as ``MAIL FROM <>`` and a To as no recipient at all, and
+    the preview passed a message whose transaction the relay would refuse."""
+    refused(preview(policy_file, tmp_path, header), reply)
+
+
+@pytest.mark.parametrize(
+    ("option", "reply"),
+    [
+        (["--rcpt", "kunde@bücher.example"], KUNDE),
+        (["--rcpt", "customer@example.org", "--rcpt", "jørn@acme.example"], JORN),
+        (["--mail-from", "shop@bücher.example"], SHOP),
+        (["--mail-from", "jørn@acme.example"], JORN),
+    ],
+    ids=["rcpt-domain", "rcpt-local-part", "sender-domain", "sender-local-part"],
+)
+def test_a_given_address_is_refused_with_the_smtp_sides_reply(
+    policy_file: Path, tmp_path: Path, option: list[str], reply: str
+) -> None:
+    """It was refused, but as ``553 5.1.3 Bad address syntax``: not what the
+    ERP's developer would see in the relay's log or the ERP's."""
+    refused(preview(policy_file, tmp_path, KARI + CUSTOMER, *option), reply)
+
+
+def test_the_reply_is_the_one_the_smtp_side_gives(policy_file: Path, tmp_path: Path) -> None:
+    """The two replies are made by one piece of code; this holds them together
+    should either side change."""
+    sender, recipient = "ålesund@bücher.example", "o'brien@bø.example"
+    with Relay([listener()]) as running, Raw(running.port) as raw:
+        raw.ehlo()
+        to_mail = raw.cmd(f"MAIL FROM:<{sender}>".encode())
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        to_rcpt = raw.cmd(f"RCPT TO:<{recipient}>".encode())
+    assert to_mail.startswith("501 ") and to_rcpt.startswith("501 ")
+    refused(preview(policy_file, tmp_path, f"From: {sender}\n" + CUSTOMER), to_mail)
+    refused(preview(policy_file, tmp_path, KARI + f"To: {recipient}\n"), to_rcpt)
+    refused(preview(policy_file, tmp_path, KARI + CUSTOMER, "--rcpt", recipient), to_rcpt)
+
+
+def test_ascii_and_a_label_addresses_still_pass(policy_file: Path, tmp_path: Path) -> None:
+    header = KARI + "To: Kunde <kunde@xn--bcher-kva.example>, plain@example.org\n"
+    done = preview(policy_file, tmp_path, header, "--json")
+    assert done.returncode == 0, done.stderr
+    envelope = json.loads(done.stdout)["envelope"]
+    assert envelope["recipients"][:2] == ["kunde@xn--bcher-kva.example", "plain@example.org"]
+    done = preview(policy_file, tmp_path, KARI, "--rcpt", "kunde@xn--bcher-kva.example")
+    assert done.returncode == 0, done.stderr
+
+
+def test_what_names_no_mailbox_is_still_left_out(policy_file: Path, tmp_path: Path) -> None:
+    """Only an address an ERP could send to becomes a recipient: a non-ASCII one
+    with no host after the ``@`` is no more one than an ASCII one."""
+    header = KARI + CUSTOMER + "Cc: Jørn <jørn@>, undisclosed-recipients:;\n"
+    done = preview(policy_file, tmp_path, header, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["envelope"]["recipients"][0] == "customer@example.org"
