@@ -366,11 +366,25 @@ def _policy_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _not_ours(signum: int, _frame: object) -> None:
+    """A logrotate ``postrotate`` habit (``kill -USR1``) ended the relay, by the
+    signal's default action, with no line from the process that died."""
+    import logging
+
+    logging.getLogger("relay").warning(
+        "%s ignored: SIGHUP reloads the policy, SIGTERM stops; the relay writes its log"
+        " to standard error or the journal and has no file to reopen",
+        signal.Signals(signum).name,
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     # A reload asked for while the relay starts (``kill -HUP`` right after
     # ``systemctl start``) waits until it serves: SIGHUP's default action
     # would end it, and systemd does not restart a service that SIGHUP ended.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, _not_ours)
     from relay.server import run
 
     return run(args.config)
