@@ -15,9 +15,10 @@ import re
 from relay import headers, message, ratelimit
 from relay.decide import Decision
 from relay.errors import Rejected
+from relay.identify import a_label_address
 from relay.ingress import content
 from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
-from relay.ingress.protocol import RelaySMTP
+from relay.ingress.protocol import non_ascii_reply
 from relay.pipeline import Prepared, prepare
 from relay.policy.model import DirectoryUpstream, Policy, SmtpUpstream, Upstream
 from relay.submission import Submission, distinct
@@ -60,19 +61,7 @@ def _envelope_addresses(view: message.MessageView, name: str) -> list[str]:
     the preview went on with ``MAIL FROM <>`` or without that recipient, where
     the SMTP side refuses the address. One whose domain would be deliverable
     as A-labels is kept, for ``_check_envelope`` to refuse as the SMTP side does."""
-    return [a for _, a in view.mailboxes(name) if headers.deliverable(_a_labels(a))]
-
-
-def _a_labels(address: str) -> str:
-    """``address`` with its domain in A-labels; as it was when IDNA cannot
-    encode it (an empty or overlong label), which ``deliverable`` refuses."""
-    local, at, domain = address.rpartition("@")
-    if not at or domain.isascii():
-        return address
-    try:
-        return f"{local}@{domain.encode('idna').decode('ascii')}"
-    except UnicodeError:
-        return address
+    return [a for _, a in view.mailboxes(name) if headers.deliverable(a_label_address(a) or a)]
 
 
 def render(policy: Policy, submission: Submission, *, as_json: bool) -> str:
@@ -126,23 +115,6 @@ def _check_envelope(policy: Policy, submission: Submission) -> None:
         raise refused
 
 
-class _CommandLine:
-    """What ``RelaySMTP._refuse_non_ascii`` reads of its session: the command
-    line, and somewhere to log the refusal, which a preview does not."""
-
-    def __init__(self, line: bytes) -> None:
-        self._line = line
-
-    def _command_line(self) -> bytes:
-        return self._line
-
-    def _log_refused_sender(self, sender: str, status: str) -> None:
-        pass
-
-    def _log_refused_recipient(self, to: str, status: str) -> None:
-        pass
-
-
 def _non_ascii_refusal(command: str, address: str) -> Rejected | None:
     """The SMTP side offers no SMTPUTF8, so aiosmtpd refuses a non-ASCII
     command line before the address is parsed: 501 5.6.7, not the 553 that
@@ -150,8 +122,7 @@ def _non_ascii_refusal(command: str, address: str) -> Rejected | None:
     code, from the line an ERP would send, so the two cannot come to differ."""
     if address.isascii():
         return None
-    line = f"{command}:<{address}>".encode("utf-8", "surrogateescape")
-    reply = RelaySMTP._refuse_non_ascii(_CommandLine(line))
+    reply = non_ascii_reply(f"{command}:<{address}>".encode("utf-8", "surrogateescape"))
     code, status, text = reply.split(" ", 2)
     return Rejected(int(code), status, text)
 

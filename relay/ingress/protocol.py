@@ -150,6 +150,19 @@ _CODED = re.compile(r"[245][0-9][0-9][ -][245]\.[0-9]{1,3}\.[0-9]{1,3}(?:[ \r]|\
 _ERROR_CODES = {"500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4"}
 
 
+def non_ascii_reply(line: bytes) -> str:
+    """The refusal of a command line with non-ASCII in it, naming the address
+    when that is where it is; ``relay preview`` gives the same."""
+    match = _NON_ASCII_PATH.match(line)
+    if match is None or match[2].isascii():
+        return NON_ASCII  # or in a parameter (ENVID=, ORCPT=), not in the address
+    return f"501 5.6.7 Non-ASCII address <{_escaped(match[2])}>: SMTPUTF8 is not offered"
+
+
+def _escaped(path: bytes) -> str:
+    return repr(path)[2:-1]  # as bytes: \xc3\xb8
+
+
 class RelaySMTP(SMTP):
     # What the stream reader takes as one line: an AUTH line. Every other
     # command is still held to its own limit (``command_size_limits``), DATA
@@ -671,18 +684,15 @@ class RelaySMTP(SMTP):
         """aiosmtpd's refusal of a command with non-ASCII in it, made to name the
         address and logged like any other refused MAIL or RCPT: aiosmtpd refuses
         it before ``smtp_MAIL`` or ``smtp_RCPT`` is called, so neither did."""
-        match = _NON_ASCII_PATH.match(self._command_line())
-        if match is None:
-            return NON_ASCII
-        path = repr(match[2])[2:-1]  # escaped as bytes: \xc3\xb8
-        if match[2].isascii():
-            reply = NON_ASCII  # in a parameter (ENVID=, ORCPT=), not in the address
-        else:
-            reply = f"501 5.6.7 Non-ASCII address <{path}>: SMTPUTF8 is not offered"
-        if match[1][:1] in b"Mm":
-            self._log_refused_sender(path, reply)
-        else:
-            self._log_refused_recipient(path, reply)
+        line = self._command_line()
+        reply = non_ascii_reply(line)
+        match = _NON_ASCII_PATH.match(line)
+        if match is not None:
+            path = _escaped(match[2])
+            if match[1][:1] in b"Mm":
+                self._log_refused_sender(path, reply)
+            else:
+                self._log_refused_recipient(path, reply)
         return reply
 
     def _command_line(self) -> bytes:
