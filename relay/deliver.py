@@ -19,7 +19,14 @@ from relay.engine import Attempt, Sender
 from relay.errors import UpstreamError
 from relay.policy.model import DirectoryUpstream, SmtpUpstream, Upstream
 from relay.tally import TallyRow
-from relay.upstream import DeliveryResult, PartlyRefused, RecipientsRefused, directory, smtp
+from relay.upstream import (
+    DeliveryResult,
+    PartlyRefused,
+    RecipientsRefused,
+    Unreachable,
+    directory,
+    smtp,
+)
 
 __all__ = ["DeliveryResult", "attempt", "counted", "deliver"]
 
@@ -64,13 +71,14 @@ async def attempt(
     A 452 for another reason (a full mailbox) costs one more transaction."""
     replies: dict[str, tuple[int, str]] = {}
     rest: Sequence[str] = rcpt_tos
+    unreachable = None
     while rest:
-        got = await _transaction(upstream, mail_from, rest, data, needed, envelope_id)
+        got, unreachable = await _transaction(upstream, mail_from, rest, data, needed, envelope_id)
         replies.update(got)
         if not any(200 <= code < 300 for code, _ in got.values()):
             break
         rest, needed = [r for r, (code, _) in got.items() if code == _TOO_MANY], ()
-    return Attempt(replies)
+    return Attempt(replies, unreachable)
 
 
 async def _transaction(
@@ -80,7 +88,10 @@ async def _transaction(
     data: bytes,
     needed: Collection[str],
     envelope_id: str | None,
-) -> dict[str, tuple[int, str]]:
+) -> tuple[dict[str, tuple[int, str]], str | None]:
+    """Each recipient's reply, and the reply when the upstream could not be used
+    at all and may be again later (``relay.unreachable``)."""
+    unreachable = None
     try:
         result = await deliver(
             upstream, mail_from, rcpt_tos, data, needed=needed, envelope_id=envelope_id
@@ -88,12 +99,14 @@ async def _transaction(
     except UpstreamError as exc:
         replies = dict.fromkeys(rcpt_tos, (exc.code, exc.line))
         refused = exc.refused if isinstance(exc, RecipientsRefused | PartlyRefused) else {}
+        if isinstance(exc, Unreachable) and not exc.permanent:
+            unreachable = exc.line
     else:
         replies = dict.fromkeys(rcpt_tos, (250, result.reply))
         refused = result.refused
     for rcpt, reply in refused.items():
         replies[rcpt] = (_code(reply), reply)
-    return replies
+    return replies, unreachable
 
 
 def counted(send: Sender, row: TallyRow) -> Sender:

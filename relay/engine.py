@@ -48,6 +48,7 @@ from relay.suppression import (
     SuppressionFile,
     now,
 )
+from relay.unreachable import Suspensions
 
 log = logging.getLogger("relay")
 
@@ -95,6 +96,7 @@ class Attempt:
     """What the upstream said to each recipient of one delivery attempt."""
 
     replies: dict[str, tuple[int, str]]  # recipient -> (code, reply line)
+    unreachable: str | None = None  # the reply, when the upstream could not be used at all
 
 
 # (upstream, mail_from, rcpt_tos, data); an immediate attempt with an automatic
@@ -232,6 +234,7 @@ class Engine:
         self._warm_bytes = 0
         self._warm_files = 0  # like the bytes, until each one's attempt ends
         self._files = file_budget()
+        self._suspensions = Suspensions()
 
     def submit(self, queue_id: str, when: float | None = None, warm: Warm | None = None) -> None:
         """A new entry in the spool: deliver it at ``when`` (now by default).
@@ -585,6 +588,12 @@ class Engine:
         if upstream is None:
             replies = dict.fromkeys(pending, (451, f"451 4.3.5 no upstream {entry.upstream!r}"))
         else:
+            if now < deadline:  # past it, its last try is a real one
+                wait = policy.queue.first_retry
+                later = self._suspensions.admits(upstream.name, entry.queue_id, now, wait)
+                if later is not None:
+                    self._plan(entry.queue_id, later)
+                    return Outcome("later")
             if data is None:
                 data = self.spool.read_message(entry.queue_id)
             send = self.send
@@ -592,6 +601,7 @@ class Engine:
                 send = functools.partial(send, needed=own)  # the copy goes with them or not at all
             sent = await send(upstream, entry.mail_from, pending, data, envelope_id=entry.queue_id)
             replies = sent.replies
+            self._reached(upstream, sent.unreachable, policy.queue.first_retry)
         entry.attempts += 1
         for rcpt in entry.pending():
             rcpt.attempts += 1
@@ -627,6 +637,31 @@ class Engine:
         await self._store(entry)
         self._plan(entry.queue_id, entry.next_attempt)
         return Outcome("deferred")
+
+    def _reached(self, upstream: Upstream, unreachable: str | None, wait: float) -> None:
+        """What an attempt found of its upstream: unusable, its messages wait (said
+        once); usable again, the ones that waited go now."""
+        if unreachable is not None:
+            if self._suspensions.failed(upstream.name, unreachable, self.clock(), wait):
+                log.warning(
+                    "upstream %s suspended: %s; one message is tried every %gs, the others"
+                    " wait for it",
+                    upstream.name,
+                    unreachable,
+                    wait,
+                )
+            return
+        waiting = self._suspensions.reached(upstream.name)
+        if waiting is None:
+            return
+        log.info(
+            "upstream %s reached again: %d waiting message(s) go now", upstream.name, len(waiting)
+        )
+        now = self.clock()
+        for queue_id in waiting:
+            if queue_id in self._schedule:
+                self._plan(queue_id, now)
+        self._wake.set()
 
     async def _store(self, entry: QueueEntry) -> None:
         """A deferral the spool refuses is kept in memory instead, and the trouble

@@ -40,3 +40,13 @@ class PartlyRefused(UpstreamError):
     def __init__(self, reply: UpstreamError, refused: Mapping[str, str]) -> None:
         super().__init__(reply.code, reply.status, reply.text)
         self.refused = refused
+
+
+class Unreachable(UpstreamError):
+    """The upstream could not be used at all: not reached, TLS failed, no
+    greeting, the relay's login or its password refused. Every message would
+    have failed alike (see ``relay.unreachable``)."""
+
+    @classmethod
+    def of(cls, error: UpstreamError) -> Unreachable:
+        return cls(error.code, error.status, error.text)

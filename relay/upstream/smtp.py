@@ -31,6 +31,7 @@ from relay.upstream import (
     DeliveryResult,
     PartlyRefused,
     RecipientsRefused,
+    Unreachable,
     helo,
     replies,
     transaction,
@@ -121,7 +122,7 @@ async def connect(upstream: SmtpUpstream, secret: str | None) -> aiosmtplib.SMTP
             await client.login(upstream.username, secret)
         opened = True
     except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
-        raise _mapped(upstream, stage, exc) from exc
+        raise Unreachable.of(_mapped(upstream, stage, exc)) from exc
     finally:
         if not opened:
             client.close()
@@ -139,7 +140,7 @@ def _refuse_plain_login(upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> None
         f"Upstream {_where(upstream)} offers no STARTTLS: the password is not sent in plain"
         " text; set tls: starttls or implicit, or tls: none to allow it (logging in)"
     )
-    raise UpstreamError(451, "4.7.10", text)
+    raise Unreachable(451, "4.7.10", text)
 
 
 def _mapped(upstream: SmtpUpstream, stage: str, exc: Exception) -> UpstreamError:
@@ -177,14 +178,14 @@ def password(upstream: SmtpUpstream) -> str:
         except (OSError, UnicodeDecodeError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             text = f"Upstream {upstream.name}: cannot read {upstream.password_file}: {reason}"
-            raise UpstreamError(451, "4.3.5", text) from exc
+            raise Unreachable(451, "4.3.5", text) from exc
     if upstream.password_env is not None:
         value = os.environ.get(upstream.password_env)
         if value is None:
             text = f"Upstream {upstream.name}: environment variable {upstream.password_env} unset"
-            raise UpstreamError(451, "4.3.5", text)
+            raise Unreachable(451, "4.3.5", text)
         return value
-    raise UpstreamError(451, "4.3.5", f"Upstream {upstream.name}: username but no password")
+    raise Unreachable(451, "4.3.5", f"Upstream {upstream.name}: username but no password")
 
 
 def _all_refused(exc: aiosmtplib.SMTPRecipientsRefused) -> RecipientsRefused:
