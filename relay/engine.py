@@ -287,6 +287,8 @@ class Engine:
             self._settle_finished()
             kicked = self._last_kick()
             if kicked > seen_kick or last_look - last_scan > RESCAN or scan_wanted:
+                if kicked > seen_kick:  # ``relay queue retry``: now, whatever was suspended
+                    self._suspensions.clear()
                 seen_kick = kicked
                 scan_wanted = not await self._rescan()  # if it failed, again at the next look
                 last_scan = self.clock()

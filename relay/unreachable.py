@@ -61,3 +61,8 @@ class Suspensions:
         was not suspended."""
         suspended = self._upstreams.pop(upstream, None)
         return None if suspended is None else suspended.waiting
+
+    def clear(self) -> None:
+        """A sysadmin asked for every message now (``relay queue retry``), as after
+        bringing the upstream back: the next tries find out again."""
+        self._upstreams.clear()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -71,6 +73,33 @@ def test_messages_wait_for_one_try_and_go_once_it_reaches(
     assert len(got) == MESSAGES
     sent = re.findall(r"(\w+): to=<one@example.org>, relay=default, .* status=sent", relay.log())
     assert sorted(sent) == sorted(ids)
+
+
+def test_relay_queue_retry_tries_a_suspended_upstream_at_once(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """After bringing the smarthost back, the sysadmin's retry is not held back by
+    a suspension that has a minute to run."""
+    port, upstream = free_port(), free_port()
+    policy = configure(policy_file, port, upstream, "workers: 1\n")
+    text = policy.read_text()
+    policy.write_text(
+        text.replace("first_retry: 0.5, max_retry: 1", "first_retry: 60, max_retry: 60")
+    )
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        with Down(upstream):
+            ids = [send(port) for _ in range(3)]
+            wait_for(lambda: "upstream default suspended" in relay.log())
+        with SinkServer(Sink(), port=upstream) as sink:
+            retried = subprocess.run(
+                [sys.executable, "-m", "relay", "queue", "retry", "-c", str(policy), "ALL"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert retried.returncode == 0, retried.stderr
+            got = sink.sink.wait(len(ids), timeout=15)
+    assert len(got) == len(ids)
 
 
 def test_a_try_answers_for_every_message_waiting() -> None:
