@@ -574,6 +574,31 @@ def test_root_hands_the_files_it_creates_to_the_logs_owner() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files for another user")
+def test_root_making_the_directory_hands_it_to_the_state_directorys_owner() -> None:
+    """``relay bounce`` as root before the relay's first start made ``audit/`` root's:
+    the relay, run as the state directory's owner, then could not start."""
+    base = Path(tempfile.mkdtemp(prefix="relay-audit-owner-"))  # not under root's 0700 tmp
+    try:
+        base.chmod(0o755)
+        state = base / "state"
+        state.mkdir(mode=0o700)
+        os.chown(state, 65534, 65534)
+        AuditLog(state / "audit").append(_failed(1))
+        owners = {
+            (p.stat().st_uid, p.stat().st_gid)
+            for p in [state / "audit", *(state / "audit").iterdir()]
+        }
+        assert owners == {(65534, 65534)}
+        done = subprocess.run(
+            [sys.executable, "-c", APPEND_AS_DAEMON, str(state / "audit")],
+            capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files for another user")
 def test_root_hands_the_files_it_compresses_to_the_logs_owner(tmp_path: Path) -> None:
     """The daemon's upkeep must be able to delete, by retention, what root compressed."""
     os.chown(tmp_path, 65534, 65534)

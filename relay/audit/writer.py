@@ -85,8 +85,7 @@ class AuditLog:
         self._due: tuple[int, str] | None = None  # fsynced, to be written to .head
         self._shared_seen: tuple[bytes, tuple[int, str] | None] = (b"", None)  # read, parsed
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            st = os.stat(self.directory)
+            st = self._made()
             # root running a queue tool on the daemon's log: what it creates stays the daemon's
             self._owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid else None
             self._where = (st.st_dev, st.st_ino)
@@ -226,6 +225,22 @@ class AuditLog:
                 yield
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _made(self) -> os.stat_result:
+        """The directory, made if need be. Made by root (``relay bounce`` or a queue
+        tool before the relay first ran), it goes to the state directory's owner:
+        left root's, the relay's start failed on it, and every restart after."""
+        try:
+            self.directory.mkdir()
+        except FileExistsError:
+            return os.stat(self.directory)
+        except FileNotFoundError:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            return os.stat(self.directory)
+        parent = os.stat(self.directory.parent)
+        if os.geteuid() == 0 and parent.st_uid:
+            os.chown(self.directory, parent.st_uid, parent.st_gid)
+        return os.stat(self.directory)
 
     def _open_shared(self) -> tuple[int, int]:
         """``.lock`` and ``.head`` of the directory there now."""
