@@ -13,6 +13,7 @@ server does not follow a CNAME to another zone for us, so that is done here.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -163,6 +164,15 @@ def _dns_trouble(answers: dns.resolver.Resolver, name: str, exc: Exception) -> s
     if isinstance(exc, dns.resolver.LifetimeTimeout):
         return f"no answer from {_asked(answers)} for {name} within {TIMEOUT:g} seconds"
     if isinstance(exc, dns.resolver.NoNameservers):
+        unreached = sorted(
+            {
+                os.strerror(error.errno) if error.errno else str(error)
+                for *_, error, _ in exc.kwargs.get("errors") or []
+                if isinstance(error, OSError)
+            }
+        )
+        if unreached:  # the host's network, not the server: say which
+            return f"cannot reach {_asked(answers)} to look up {name}: {'; '.join(unreached)}"
         return f"{_asked(answers)} failed or refused to look up {name}"
     return f"the lookup of {name} failed: {exc}"
 

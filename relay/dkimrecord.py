@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 
 from relay.findings import Finding, Level
 from relay.policy.model import DkimKey
+
+# what keygen prints, or a part of it: ``NAME IN TXT ( "v=DKIM1; ..." "p=..." )``
+_ZONE_SYNTAX = re.compile(r'\s*(?:\S*\._domainkey\S*\s+)?(?:IN\s+)?(?:TXT\s*)?[("]', re.IGNORECASE)
 
 
 def findings(key: DkimKey, record: str, expected: str) -> list[Finding]:
     """What is wrong with ``record`` as the publication of ``key``, whose own
     record is ``expected`` (``keygen.public_record_value``)."""
-    if record.lstrip().startswith('"'):
-        text = "the record starts with a quote: it was pasted with its quotes; publish what is"
-        return [_failed(f"{text} between them, TXT {expected}")]
+    if _ZONE_SYNTAX.match(record):
+        text = (
+            "the record holds a zone file's syntax (quotes, parentheses, the name or TXT): it"
+            " was pasted as keygen prints it; publish only what is between the quotes, joined,"
+        )
+        return [_failed(f"{text} TXT {expected}")]
     tags, twice = _parse(record)
     if tags is None:
         return [_failed("not a DKIM key record: tags are name=value; ...")]

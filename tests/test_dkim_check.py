@@ -179,12 +179,15 @@ def test_a_server_that_hands_the_name_on_is_no_proof_it_is_missing(policy: Path)
 
 
 CASE = ": tag values are case-sensitive"
+PASTED = "  failed: the record holds a zone file's syntax (quotes, parentheses, the name or TXT)"
 
 
 @pytest.mark.parametrize(
     ("change", "finding"),
     [
-        (lambda v: f'"{v}"', "  failed: the record starts with a quote: it was pasted with"),
+        (lambda v: f'"{v}"', PASTED),
+        (lambda v: f'( "{v[:20]}" "{v[20:]}" )', PASTED),
+        (lambda v: f'{NAME} IN TXT ( "{v[:20]}" "{v[20:]}" )', PASTED),
         (lambda v: v[:-3], "  failed: p= is not base64 (cut short, or other text in it)"),
         (
             lambda v: v.replace("k=rsa", "k=RSA"),
@@ -196,7 +199,15 @@ CASE = ": tag values are case-sensitive"
         ),
         (lambda v: v + "; p=", "  failed: p= appears twice: receivers refuse the record"),
     ],
-    ids=["quoted", "cut-short", "upper-case-k", "lower-case-v", "twice"],
+    ids=[
+        "quoted",
+        "parenthesised",
+        "keygen-line",
+        "cut-short",
+        "upper-case-k",
+        "lower-case-v",
+        "twice",
+    ],
 )
 def test_a_record_pasted_wrong_says_how(policy: Path, change: object, finding: str) -> None:
     value = change(published(policy))  # type: ignore[operator]
@@ -218,3 +229,23 @@ def test_control_characters_in_a_record_are_shown_not_sent_to_the_terminal(
     assert "\x1b" not in done.stdout and "\r" not in done.stdout
     assert "  TXT v=DKIM1; k=rsa; n=\\x1b[31mred\\r\\nx; p=" in done.stdout
     assert all(line.startswith("  ") for line in done.stdout.splitlines()[1:])
+
+
+def test_a_host_without_a_network_is_named_not_the_dns_server(policy: Path) -> None:
+    """The server was said to have failed or refused the lookup, where dnspython
+    knew the host's network was unreachable."""
+    try:
+        done = subprocess.run(
+            ["unshare", "--net", sys.executable, "-m", "relay", "dkim", "check",
+             "-c", str(policy), "--nameserver", "192.0.2.53"],
+            capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+        )  # fmt: skip
+    except FileNotFoundError:
+        pytest.skip("no unshare")
+    if "unshare failed" in done.stderr or "unshare:" in done.stderr:
+        pytest.skip(f"no network namespace here: {done.stderr.strip()}")
+    assert done.returncode == 69, (done.stdout, done.stderr)
+    assert (
+        "  DNS: failed: cannot reach the DNS server 192.0.2.53 (port 53) to look up"
+        " s1._domainkey.platform.example: Network is unreachable"
+    ) in done.stdout, done.stdout
