@@ -695,16 +695,23 @@ def _bounce(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from relay.keygen import generate
+    from relay.keygen import existing_record, generate
     from relay.policy.model import DkimAlgorithm
 
     try:
         path, record = generate(
             args.domain, args.selector, DkimAlgorithm(args.algorithm), args.directory, args.bits
         )
+    except FileExistsError as exc:
+        print(f"relay dkim keygen: {exc}", file=sys.stderr)
+        record = existing_record(args.domain, args.selector, args.directory)
+        if record is not None:
+            print("; the existing key's DNS record, printed again:", file=sys.stderr)
+            print(record)
+        return 73
     except (OSError, ValueError) as exc:
         print(f"relay dkim keygen: {exc}", file=sys.stderr)
-        return 73 if isinstance(exc, FileExistsError) else 1
+        return 1
     print(f"; private key written to {path} (mode 0600)", file=sys.stderr)
     try:
         print(record)

@@ -57,11 +57,32 @@ def generate(
     else:
         seed = ed25519.Ed25519PrivateKey.generate().private_bytes_raw()
         data = base64.b64encode(seed) + b"\n"
+    if directory.exists() and not directory.is_dir():  # not "the key exists" (exit 73)
+        raise NotADirectoryError(f"{directory} is not a directory")
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / f"{domain}.{selector}.private"
     _write_new(path, data)
     key = DkimKey(domain, selector, algorithm, path, data)
     return path, zone_record(domain, selector, public_record_value(key))
+
+
+def existing_record(domain: str, selector: str, directory: Path) -> str | None:
+    """The record of the key a second ``keygen`` refused to replace: a recipe that
+    sends the record to a file (``> DOMAIN.SELECTOR.txt``) had the shell empty
+    that file before the refusal, and nothing printed it again. None when the
+    file is not a key the relay reads."""
+    path = directory / f"{domain.lower()}.{selector}.private"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    rsa_pem = data.lstrip().startswith(b"-----BEGIN")
+    algorithm = DkimAlgorithm.RSA if rsa_pem else DkimAlgorithm.ED25519
+    try:
+        value = public_record_value(DkimKey(domain.lower(), selector, algorithm, path, data))
+    except ValueError:
+        return None
+    return zone_record(domain.lower(), selector, value)
 
 
 def public_record_value(key: DkimKey) -> str:

@@ -200,6 +200,29 @@ def test_keygen_writes_private_key_0600_and_prints_record(tmp_path: Path) -> Non
     assert "k=ed25519" in done.stdout
 
 
+@pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
+def test_keygen_again_prints_the_existing_keys_record(tmp_path: Path, algorithm: str) -> None:
+    """The README's recipe sends the record to a file; run again, the shell emptied
+    that file before keygen refused, and nothing printed the record again."""
+    args = ("dkim", "keygen", "--domain", "example.com", "--selector", "s1",
+            "--algorithm", algorithm, "--directory", str(tmp_path))  # fmt: skip
+    first = relay(*args)
+    again = relay(*args[:-4], "--algorithm", "rsa" if algorithm == "ed25519" else "ed25519",
+                  "--directory", str(tmp_path))  # fmt: skip
+    assert again.returncode == 73, again.stderr
+    assert "already exists; not overwriting" in again.stderr
+    assert again.stdout == first.stdout and f"k={algorithm};" in again.stdout
+
+
+def test_keygen_into_a_file_is_not_the_key_existing(tmp_path: Path) -> None:
+    """Exit 73 and "File exists" said the key was there, for a --directory that is a file."""
+    (tmp_path / "afile").write_text("")
+    done = relay("dkim", "keygen", "--domain", "example.com", "--selector", "s1",
+                 "--directory", str(tmp_path / "afile"))  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr == f"relay dkim keygen: {tmp_path / 'afile'} is not a directory\n"
+
+
 def test_passwd_hash_verifies(tmp_path: Path) -> None:
     done = relay("passwd", stdin="s3cret\n")
     assert done.returncode == 0, done.stderr
