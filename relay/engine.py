@@ -287,8 +287,8 @@ class Engine:
             self._settle_finished()
             kicked = self._last_kick()
             if kicked > seen_kick or last_look - last_scan > RESCAN or scan_wanted:
-                if kicked > seen_kick:  # ``relay queue retry``: now, whatever was suspended
-                    self._suspensions.clear()
+                if kicked > seen_kick:  # ``relay queue retry``, ``release``: now
+                    self._suspensions.try_now(self.clock())
                 seen_kick = kicked
                 scan_wanted = not await self._rescan()  # if it failed, again at the next look
                 last_scan = self.clock()
@@ -592,7 +592,7 @@ class Engine:
         else:
             if now < deadline:  # past it, its last try is a real one
                 wait = policy.queue.first_retry
-                later = self._suspensions.admits(upstream.name, entry.queue_id, now, wait)
+                later = self._suspensions.admits(upstream, entry.queue_id, now, wait)
                 if later is not None:
                     self._plan(entry.queue_id, later)
                     return Outcome("later")
@@ -601,9 +601,17 @@ class Engine:
             send = self.send
             if immediate and entry.queue_id in self._answering and own != pending:
                 send = functools.partial(send, needed=own)  # the copy goes with them or not at all
-            sent = await send(upstream, entry.mail_from, pending, data, envelope_id=entry.queue_id)
+            began = self.clock()
+            self._suspensions.sending(upstream)
+            try:
+                sent = await send(
+                    upstream, entry.mail_from, pending, data, envelope_id=entry.queue_id
+                )
+            except BaseException:
+                self._suspensions.ended(upstream, began, None, self.clock(), 0.0)
+                raise
             replies = sent.replies
-            self._reached(upstream, sent.unreachable, policy.queue.first_retry)
+            self._reached(upstream, began, sent.unreachable, policy.queue.first_retry)
         entry.attempts += 1
         for rcpt in entry.pending():
             rcpt.attempts += 1
@@ -640,26 +648,26 @@ class Engine:
         self._plan(entry.queue_id, entry.next_attempt)
         return Outcome("deferred")
 
-    def _reached(self, upstream: Upstream, unreachable: str | None, wait: float) -> None:
+    def _reached(
+        self, upstream: Upstream, began: float, unreachable: str | None, wait: float
+    ) -> None:
         """What an attempt found of its upstream: unusable, its messages wait (said
         once); usable again, the ones that waited go now."""
-        if unreachable is not None:
-            if self._suspensions.failed(upstream.name, unreachable, self.clock(), wait):
-                log.warning(
-                    "upstream %s suspended: %s; one message is tried every %gs, the others"
-                    " wait for it",
-                    upstream.name,
-                    unreachable,
-                    wait,
-                )
-            return
-        waiting = self._suspensions.reached(upstream.name)
+        was = self._suspensions.suspended(upstream)
+        now = self.clock()
+        waiting = self._suspensions.ended(upstream, began, unreachable is not None, now, wait)
+        if unreachable is not None and not was and self._suspensions.suspended(upstream):
+            log.warning(
+                "upstream %s suspended: %s; one message is tried every %gs, the others wait for it",
+                upstream.name,
+                unreachable,
+                wait,
+            )
         if waiting is None:
             return
         log.info(
             "upstream %s reached again: %d waiting message(s) go now", upstream.name, len(waiting)
         )
-        now = self.clock()
         for queue_id in waiting:
             if queue_id in self._schedule:
                 self._plan(queue_id, now)

@@ -10,6 +10,14 @@ reached, TLS failed, no greeting, the relay's login refused), the worker
 tries one message a ``first_retry`` and plans the others for the end of the
 wait; the first attempt that reaches the upstream lets them all go.
 
+As in Postfix, where a destination is dead only when a delivery fails with
+no other one under way, a failure suspends nothing while other attempts to
+the upstream are still sending, nor when one that began after it has
+reached the upstream since: a smarthost refusing the connection one over
+its limit (``421 Too many connections``) while the others deliver is not
+down. An upstream is known by its settings, not its name: a reload that
+points the name elsewhere starts afresh.
+
 Nothing is recorded for a message that waits: it was not tried, so it keeps
 its attempts, its backoff and its lifetime (a message past its lifetime is
 tried all the same, as its last try).
@@ -17,26 +25,29 @@ tried all the same, as its last try).
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 
 @dataclass
 class _Suspended:
     until: float  # the next message is tried then
-    reply: str  # what the last try found
     waiting: set[str] = field(default_factory=set)  # queue IDs planned for ``until``
 
 
 class Suspensions:
     def __init__(self) -> None:
-        self._upstreams: dict[str, _Suspended] = {}
+        self._suspended: dict[Hashable, _Suspended] = {}
+        self._sending: collections.Counter[Hashable] = collections.Counter()
+        self._reached: dict[Hashable, float] = {}  # when an attempt last reached it
 
-    def admits(self, upstream: str, queue_id: str, now: float, wait: float) -> float | None:
+    def admits(self, upstream: Hashable, queue_id: str, now: float, wait: float) -> float | None:
         """None when ``queue_id`` may be tried now: nothing suspends ``upstream``,
         or its wait is over and this message is the one that tries (the next
         one waits ``wait`` more, unless its try answers first); otherwise when
         to look again."""
-        suspended = self._upstreams.get(upstream)
+        suspended = self._suspended.get(upstream)
         if suspended is None:
             return None
         if now < suspended.until:
@@ -46,23 +57,38 @@ class Suspensions:
         suspended.waiting.discard(queue_id)
         return None
 
-    def failed(self, upstream: str, reply: str, now: float, wait: float) -> bool:
-        """The upstream could not be used: wait ``wait`` from now. True when it
-        was not suspended before."""
-        suspended = self._upstreams.get(upstream)
-        if suspended is None:
-            self._upstreams[upstream] = _Suspended(now + wait, reply)
-            return True
-        suspended.until, suspended.reply = now + wait, reply
-        return False
+    def sending(self, upstream: Hashable) -> None:
+        """An attempt to ``upstream`` begins; ``ended`` says how it went."""
+        self._sending[upstream] += 1
 
-    def reached(self, upstream: str) -> set[str] | None:
-        """The upstream answered: the messages that waited for it, or None when it
-        was not suspended."""
-        suspended = self._upstreams.pop(upstream, None)
-        return None if suspended is None else suspended.waiting
+    def ended(
+        self, upstream: Hashable, began: float, unusable: bool | None, now: float, wait: float
+    ) -> set[str] | None:
+        """The attempt that ``began`` then ended. Unusable: the upstream is suspended
+        unless another attempt is still sending or one reached it since (None is
+        returned). Reached (False): the messages that waited for it, or None when
+        it was not suspended. None: the attempt found out nothing (it raised)."""
+        self._sending[upstream] -= 1
+        if not self._sending[upstream]:
+            del self._sending[upstream]
+        if unusable is None:
+            return None
+        if not unusable:
+            self._reached[upstream] = now
+            suspended = self._suspended.pop(upstream, None)
+            return None if suspended is None else suspended.waiting
+        if upstream in self._sending or self._reached.get(upstream, began - 1.0) >= began:
+            return None
+        suspended = self._suspended.setdefault(upstream, _Suspended(now + wait))
+        suspended.until = now + wait
+        return None
 
-    def clear(self) -> None:
-        """A sysadmin asked for every message now (``relay queue retry``), as after
-        bringing the upstream back: the next tries find out again."""
-        self._upstreams.clear()
+    def suspended(self, upstream: Hashable) -> bool:
+        return upstream in self._suspended
+
+    def try_now(self, now: float) -> None:
+        """A sysadmin asked for the queue now (``relay queue retry``, ``release``):
+        each suspended upstream's next message tries at once, one for each, not
+        all of them, in case it is still down."""
+        for suspended in self._suspended.values():
+            suspended.until = min(suspended.until, now)

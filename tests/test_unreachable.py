@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Hashable
 from pathlib import Path
 
+from relay.policy.load import load
 from relay.unreachable import Suspensions
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
@@ -102,15 +106,89 @@ def test_relay_queue_retry_tries_a_suspended_upstream_at_once(
     assert len(got) == len(ids)
 
 
+def test_a_reload_pointing_the_upstream_elsewhere_ends_its_suspension(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Suspended by its name, the upstream's mail waited out the wait after a reload
+    had pointed the name at a smarthost that works."""
+    port, upstream, moved = free_port(), free_port(), free_port()
+    policy = configure(policy_file, port, upstream, "workers: 1\n")
+    text = policy.read_text()
+    policy.write_text(
+        text.replace("first_retry: 0.5, max_retry: 1", "first_retry: 60, max_retry: 60")
+    )
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        with Down(upstream):
+            send(port)
+            wait_for(lambda: "upstream default suspended" in relay.log())
+        with SinkServer(Sink(), port=moved) as sink:
+            policy.write_text(policy.read_text().replace(f"port: {upstream}", f"port: {moved}"))
+            relay.signal(signal.SIGHUP)
+            relay.wait_reloaded(1)
+            send(port)
+            got = sink.sink.wait(1, timeout=15)
+    assert len(got) == 1
+
+
+def _failed_alone(suspensions: Suspensions, upstream: Hashable, at: float) -> None:
+    suspensions.sending(upstream)
+    suspensions.ended(upstream, at, True, at, 60.0)
+
+
 def test_a_try_answers_for_every_message_waiting() -> None:
     suspensions = Suspensions()
     assert suspensions.admits("up", "Q1", 0.0, 60.0) is None  # nothing suspended
-    assert suspensions.failed("up", "451 4.4.1 down", 0.0, 60.0)
+    _failed_alone(suspensions, "up", 0.0)
     assert suspensions.admits("up", "Q2", 10.0, 60.0) == 60.0
     assert suspensions.admits("up", "Q3", 60.0, 60.0) is None  # the wait is over: Q3 tries
     assert suspensions.admits("up", "Q2", 61.0, 60.0) == 120.0  # while it does, Q2 waits
-    assert not suspensions.failed("up", "451 4.4.1 down", 62.0, 60.0)  # said once
+    _failed_alone(suspensions, "up", 62.0)
     assert suspensions.admits("up", "Q4", 100.0, 60.0) == 122.0
-    assert suspensions.reached("up") == {"Q2", "Q4"}
-    assert suspensions.reached("up") is None
-    assert suspensions.admits("up", "Q5", 101.0, 60.0) is None
+    suspensions.sending("up")
+    assert suspensions.ended("up", 130.0, False, 130.0, 60.0) == {"Q2", "Q4"}
+    assert not suspensions.suspended("up")
+    assert suspensions.admits("up", "Q5", 131.0, 60.0) is None
+
+
+def test_a_failure_with_deliveries_under_way_or_since_suspends_nothing() -> None:
+    """A connection refused one over the smarthost's limit (421) while the others
+    delivered, or a slow attempt failing after a later one got through, held
+    back mail for a working upstream."""
+    suspensions = Suspensions()
+    suspensions.sending("up")  # a pooled connection delivering
+    suspensions.sending("up")  # one more, refused at its greeting
+    suspensions.ended("up", 1.0, True, 1.1, 60.0)
+    assert not suspensions.suspended("up")
+    suspensions.ended("up", 0.5, False, 1.2, 60.0)
+    suspensions.sending("up")  # began before that delivery ended, fails after it
+    suspensions.ended("up", 1.0, True, 2.0, 60.0)
+    assert not suspensions.suspended("up")
+    suspensions.sending("up")  # nothing since: down
+    suspensions.ended("up", 3.0, True, 3.5, 60.0)
+    assert suspensions.suspended("up")
+    suspensions.sending("up")
+    suspensions.ended("up", 4.0, None, 4.0, 60.0)  # raised: nothing learnt
+    assert suspensions.suspended("up")
+
+
+def test_a_retry_lets_one_message_try_for_each_suspended_upstream() -> None:
+    """Any kick ended every suspension: concurrency connections at once to an
+    upstream still down, for a release of one unrelated message."""
+    suspensions = Suspensions()
+    _failed_alone(suspensions, "up", 0.0)
+    suspensions.try_now(5.0)
+    assert suspensions.admits("up", "Q1", 5.0, 60.0) is None
+    assert suspensions.admits("up", "Q2", 5.0, 60.0) == 65.0
+
+
+def test_an_upstream_is_known_by_its_settings_not_its_name(
+    policy_file: Path,
+) -> None:
+    """A reload pointing the name elsewhere (or at a directory) kept its suspension."""
+    policy = load(configure(policy_file, free_port(), free_port()))
+    down = policy.upstreams["default"]
+    suspensions = Suspensions()
+    _failed_alone(suspensions, down, 0.0)
+    moved = dataclasses.replace(down, port=down.port + 1)
+    assert suspensions.admits(moved, "Q1", 1.0, 60.0) is None
+    assert suspensions.admits(down, "Q1", 1.0, 60.0) == 60.0
