@@ -25,28 +25,36 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+# What a worker runs is imported here, before the supervisor forks: imported in the
+# worker, a replacement for one that died read a newer version installed over the
+# running relay, and failed against the older modules its supervisor had loaded.
 from relay import oplog, statelock
+from relay.deliver import attempt, counted
+from relay.engine import Engine
 from relay.errors import PolicyError, RelayError
-from relay.ingress import authlimit
+from relay.ingress import authlimit, start
 from relay.ingress.authlimit import AuthFailures
 from relay.ingress.clientlimit import ClientCounts
+from relay.ingress.diskspace import DiskGuard
 from relay.metrics import status as metrics_status
+from relay.pipeline import Acceptor
 from relay.policy import tlspair
 from relay.policy.model import Listener, Policy, TlsFiles
 from relay.ratelimit import RateCounts
+from relay.record import Recorder, audit_log
 from relay.sharedtable import SharedTable
+from relay.spool import Spool
 from relay.statelock import StateBusy
+from relay.suppression import SuppressionFile
 from relay.tally import Tally
+from relay.upstream.pool import close_default_pool
 
 if TYPE_CHECKING:
     from relay.audit import AuditLog
-    from relay.engine import Engine
     from relay.ingress import Ingress, Sockets
     from relay.metrics.serve import MetricsServer
     from relay.settle import Settled
-    from relay.spool import Spool
     from relay.supervisor import WorkerLink
-    from relay.suppression import SuppressionFile
 
 log = logging.getLogger("relay")
 
@@ -306,16 +314,6 @@ async def serve(
     """Receive and deliver until SIGTERM. As one of several workers (``worker``
     set) the supervisor keeps the audit log's upkeep and its policy records,
     and serves the metrics; alone, this process serves ``metrics``."""
-    from relay.deliver import attempt, counted
-    from relay.engine import Engine
-    from relay.ingress import start
-    from relay.ingress.diskspace import DiskGuard
-    from relay.pipeline import Acceptor
-    from relay.record import Recorder, audit_log
-    from relay.spool import Spool
-    from relay.suppression import SuppressionFile
-    from relay.upstream.pool import close_default_pool
-
     holder = PolicyHolder(policy)
     spool = Spool(policy.queue.directory)
     audit = audit_log(policy.audit)

@@ -72,6 +72,7 @@ RELOAD_TIMEOUT = 30.0  # for every worker to answer a reload
 UNREAD = 0  # a worker's answer to a reload whose number it could not read: reloads count from 1
 RESTART_DELAY = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # by quick deaths in a row
 QUICK = 10.0  # a worker dying sooner than this after its start counts as a crash loop
+GIVE_UP = 5  # quick deaths in a row of one worker that stop the relay
 EX_SOFTWARE = 70
 _PR_SET_PDEATHSIG = 1
 
@@ -281,19 +282,38 @@ class Supervisor:
                 return 0
             if info is not None and info.si_signo == signal.SIGHUP:
                 self._reload()
-            self._reap_and_restart()
+            if self._reap_and_restart():
+                return EX_SOFTWARE
             self._kill_overdue()
             if time.monotonic() >= next_upkeep:
                 next_upkeep += AUDIT_UPKEEP
                 self._upkeep()
 
-    def _reap_and_restart(self) -> None:
+    def _reap_and_restart(self) -> bool:
+        """Workers that ended are started again; True when one keeps dying at its start
+        (``GIVE_UP`` times in a row): the relay stops, for its service manager to
+        start it afresh. A new version installed over a running relay did this: each
+        replacement worker, forked from the old supervisor, read the new files and
+        failed, and the supervisor kept the port and the state lock, taking no mail
+        and delivering none, with systemd seeing nothing wrong."""
         for pid, status in self._reaped():
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
             self.shared.clients.row(worker.index).clear()  # its connections ended with it
             quick = worker.quick_deaths + 1 if time.monotonic() - worker.started < QUICK else 0
+            if quick >= GIVE_UP:
+                log.critical(
+                    "worker %d (pid %d) %s, the %dth time in a row within %gs of its start:"
+                    " stopping the relay, for its service manager to start it afresh (a new"
+                    " version installed over a running relay does this; see the log above)",
+                    worker.index,
+                    pid,
+                    _how(status),
+                    quick,
+                    QUICK,
+                )
+                return True
             delay = RESTART_DELAY[min(quick, len(RESTART_DELAY) - 1)]
             log.error(
                 "worker %d (pid %d) %s; starting a new one in %gs",
@@ -309,6 +329,7 @@ class Supervisor:
             if when <= time.monotonic():
                 del self.restarts[index]
                 self._spawn(index, None, quick)
+        return False
 
     def _kill_overdue(self) -> None:
         """A worker a reload told to stop that is still there ``STOP_TIMEOUT`` later

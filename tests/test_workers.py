@@ -70,8 +70,11 @@ def is_relay(pid: int) -> bool:
 class Relay:
     """``relay serve`` started by the test; every PID it logs is stopped by the test too."""
 
-    def __init__(self, policy: Path, port: int, log: Path, prelude: str = "") -> None:
-        """``prelude``: Python run in the relay's process before it starts."""
+    def __init__(
+        self, policy: Path, port: int, log: Path, prelude: str = "", source: Path = ROOT
+    ) -> None:
+        """``prelude``: Python run in the relay's process before it starts; ``source``:
+        where its ``relay`` package is read from."""
         self.policy = policy
         self.port = port
         self.log_path = log
@@ -84,7 +87,7 @@ class Relay:
                 [sys.executable, *start, "serve", "-c", str(policy)],
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
-                cwd=ROOT,
+                cwd=source,
             )
         self.pid = self.proc.pid
 
@@ -304,6 +307,48 @@ def test_killed_worker_is_replaced_and_sigterm_stops_everything(relay: Relay) ->
     left = {pid for pid in seen if alive(pid)}
     assert not left, f"still running: {left}\n{log}"
     assert "Traceback" not in log
+
+
+def test_a_version_installed_over_a_running_relay_is_not_read_by_new_workers(
+    policy_file: Path, port: int, tmp_path: Path
+) -> None:
+    """A worker started after ``pip install`` over the running relay read the new
+    files, failed against the modules its supervisor had, and so did every one
+    after it: no mail taken, none delivered, the supervisor holding the port."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "relay", source / "relay", ignore=shutil.ignore_patterns("__pycache__"))
+    running = Relay(configure(policy_file, port), port, tmp_path / "relay.log", source=source)
+    try:
+        running.wait_serving()
+        (source / "relay" / "pipeline.py").write_text('raise ImportError("a newer version")\n')
+        replacement, _ = kill_worker(running, 0)
+        other = next(pid for i, pid in running.started() if i == 1)
+        ids = send_until_every_worker_took_one(running, {replacement, other})
+        running.wait_for(lambda: running.delivered().keys() >= set(ids), "delivered")
+        assert "ImportError" not in running.log()
+    finally:
+        running.stop()
+
+
+def test_a_worker_that_dies_at_every_start_stops_the_relay(
+    policy_file: Path, port: int, tmp_path: Path
+) -> None:
+    """Restarted for ever, it left an active service that served nothing, which its
+    service manager never noticed; stopped, the service manager starts it afresh."""
+    quick = "from relay import supervisor\nsupervisor.RESTART_DELAY = (0.2,)"
+    relay = Relay(configure(policy_file, port), port, tmp_path / "relay.log", prelude=quick)
+    try:
+        relay.wait_serving()
+        for _ in range(supervisor.GIVE_UP - 1):
+            kill_worker(relay, 0)
+        os.kill(relay.started()[-1][1], signal.SIGKILL)
+        relay.wait_for(lambda: relay.proc.poll() is not None, "the relay stopped")
+    finally:
+        relay.stop()
+    assert relay.proc.returncode == supervisor.EX_SOFTWARE
+    log = relay.log()
+    assert f"the {supervisor.GIVE_UP}th time in a row within 10s of its start: stopping" in log
+    assert log.count("INFO stopped") == 2  # the other worker's, then the supervisor's
 
 
 def test_messages_a_killed_worker_queued_are_delivered_once(
