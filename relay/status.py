@@ -41,12 +41,12 @@ def main(path: Path, queue_directory: Path, out: TextIO) -> int:
         return EX_UNKNOWN
     orphaned = running is None and statelock.held(state)
     try:
-        digest: str | None = load(path).digest
-        problems: list[str] = []
+        policy = load(path)
+        digest, workers, problems = policy.digest, policy.workers, []
     except PolicyError as exc:
-        digest, problems = None, exc.problems
+        digest, workers, problems = None, None, exc.problems
     lines = [
-        ORPHANED if orphaned else _relay(running, state),
+        ORPHANED if orphaned else _relay(running, state, workers),
         _policy(path, running, digest, problems),
         *(f"policy: {note}" for note in (running.pending if running else ())),
         _queue(queue_directory),
@@ -63,12 +63,21 @@ ORPHANED = (
 )
 
 
-def _relay(running: statelock.Holder | None, state: Path) -> str:
+def _relay(running: statelock.Holder | None, state: Path, configured: int | None) -> str:
+    """``configured``: the workers the policy file asks for, unless a reload left a
+    change of them for the restart (the running number is in that note)."""
     if running is None:
         return f"relay: not running (state directory {state})"
     pid = running.pid
     workers = _children(pid)
-    how = "in one process" if not workers else f"{workers} worker processes"
+    for note in running.pending:
+        if note.startswith("workers "):
+            configured = int(note.split()[1])
+    if configured is not None and configured > 1 and workers < configured:
+        # a supervisor between workers read as a relay "in one process"
+        how = f"{workers} of {configured} worker processes (the others starting again: see its log)"
+    else:
+        how = "in one process" if not workers else f"{workers} worker processes"
     started = _started(pid)
     since = "" if started is None else f" since {time.strftime('%Y-%m-%dT%H:%M:%S%z', started)}"
     return f"relay: running, PID {pid}{since}, {how}"

@@ -351,6 +351,25 @@ def test_a_worker_that_dies_at_every_start_stops_the_relay(
     assert log.count("INFO stopped") == 2  # the other worker's, then the supervisor's
 
 
+def test_status_counts_the_workers_running_against_those_asked_for(
+    policy_file: Path, port: int, tmp_path: Path
+) -> None:
+    """Between a worker's death and its replacement (up to 30 s in a crash loop), or
+    with none left, status said the relay ran "in one process"."""
+    slow = "from relay import supervisor\nsupervisor.RESTART_DELAY = (30.0,)"
+    policy = configure(policy_file, port)
+    relay = Relay(policy, port, tmp_path / "relay.log", prelude=slow)
+    try:
+        relay.wait_serving()
+        os.kill(relay.started()[0][1], signal.SIGKILL)
+        relay.wait_for(lambda: "starting a new one in 30s" in relay.log(), "worker 0 gone")
+        done = relay_cli("status", "-c", str(policy))
+        line = done.stdout.splitlines()[0]
+        assert line.endswith(", 1 of 2 worker processes (the others starting again: see its log)")
+    finally:
+        relay.stop()
+
+
 def test_messages_a_killed_worker_queued_are_delivered_once(
     policy_file: Path, port: int, tmp_path: Path
 ) -> None:
