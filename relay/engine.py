@@ -602,16 +602,15 @@ class Engine:
             if immediate and entry.queue_id in self._answering and own != pending:
                 send = functools.partial(send, needed=own)  # the copy goes with them or not at all
             began = self.clock()
-            self._suspensions.sending(upstream)
             try:
                 sent = await send(
                     upstream, entry.mail_from, pending, data, envelope_id=entry.queue_id
                 )
             except BaseException:
-                self._suspensions.ended(upstream, began, None, self.clock(), 0.0)
+                self._suspensions.ended(upstream, entry.queue_id, began, None, self.clock(), 0.0)
                 raise
             replies = sent.replies
-            self._reached(upstream, began, sent.unreachable, policy.queue.first_retry)
+            self._reached(upstream, entry.queue_id, began, sent.unreachable, policy.queue)
         entry.attempts += 1
         for rcpt in entry.pending():
             rcpt.attempts += 1
@@ -649,13 +648,18 @@ class Engine:
         return Outcome("deferred")
 
     def _reached(
-        self, upstream: Upstream, began: float, unreachable: str | None, wait: float
+        self,
+        upstream: Upstream,
+        queue_id: str,
+        began: float,
+        unreachable: str | None,
+        settings: QueueSettings,
     ) -> None:
         """What an attempt found of its upstream: unusable, its messages wait (said
         once); usable again, the ones that waited go now."""
         was = self._suspensions.suspended(upstream)
-        now = self.clock()
-        waiting = self._suspensions.ended(upstream, began, unreachable is not None, now, wait)
+        now, wait, unusable = self.clock(), settings.first_retry, unreachable is not None
+        waiting = self._suspensions.ended(upstream, queue_id, began, unusable, now, wait)
         if unreachable is not None and not was and self._suspensions.suspended(upstream):
             log.warning(
                 "upstream %s suspended: %s; one message is tried every %gs, the others wait for it",
@@ -665,12 +669,12 @@ class Engine:
             )
         if waiting is None:
             return
+        going = [waiter for waiter in waiting if waiter in self._schedule]
         log.info(
-            "upstream %s reached again: %d waiting message(s) go now", upstream.name, len(waiting)
+            "upstream %s reached again: %d waiting message(s) go now", upstream.name, len(going)
         )
-        for queue_id in waiting:
-            if queue_id in self._schedule:
-                self._plan(queue_id, now)
+        for waiter in going:
+            self._plan(waiter, now)
         self._wake.set()
 
     async def _store(self, entry: QueueEntry) -> None:

@@ -10,13 +10,14 @@ reached, TLS failed, no greeting, the relay's login refused), the worker
 tries one message a ``first_retry`` and plans the others for the end of the
 wait; the first attempt that reaches the upstream lets them all go.
 
-As in Postfix, where a destination is dead only when a delivery fails with
-no other one under way, a failure suspends nothing while other attempts to
-the upstream are still sending, nor when one that began after it has
-reached the upstream since: a smarthost refusing the connection one over
-its limit (``421 Too many connections``) while the others deliver is not
-down. An upstream is known by its settings, not its name: a reload that
-points the name elsewhere starts afresh.
+One try at a time: while it runs, the others wait, however long the
+upstream's ``timeout`` (a host that drops packets, a 20 s timeout and a 4 s
+``first_retry`` had five tries holding slots at once). A failure suspends
+nothing when an attempt that began after it reached the upstream since: a
+smarthost refusing the one connection over its limit (``421 Too many
+connections``) while the others deliver is not down. An upstream is known
+by its settings, not its name: a reload that points the name elsewhere
+starts afresh.
 
 Nothing is recorded for a message that waits: it was not tried, so it keeps
 its attempts, its backoff and its lifetime (a message past its lifetime is
@@ -25,7 +26,6 @@ tried all the same, as its last try).
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -33,51 +33,52 @@ from dataclasses import dataclass, field
 @dataclass
 class _Suspended:
     until: float  # the next message is tried then
-    waiting: set[str] = field(default_factory=set)  # queue IDs planned for ``until``
+    trying: str | None = None  # the queue ID of the try under way
+    waiting: set[str] = field(default_factory=set)  # queue IDs planned for later
 
 
 class Suspensions:
     def __init__(self) -> None:
         self._suspended: dict[Hashable, _Suspended] = {}
-        self._sending: collections.Counter[Hashable] = collections.Counter()
         self._reached: dict[Hashable, float] = {}  # when an attempt last reached it
 
     def admits(self, upstream: Hashable, queue_id: str, now: float, wait: float) -> float | None:
         """None when ``queue_id`` may be tried now: nothing suspends ``upstream``,
-        or its wait is over and this message is the one that tries (the next
-        one waits ``wait`` more, unless its try answers first); otherwise when
-        to look again."""
+        or its wait is over, no try is under way, and this message is the one that
+        tries; otherwise when to look again."""
         suspended = self._suspended.get(upstream)
         if suspended is None:
             return None
-        if now < suspended.until:
+        if suspended.trying is not None or now < suspended.until:
             suspended.waiting.add(queue_id)
-            return suspended.until
-        suspended.until = now + wait
+            return suspended.until if now < suspended.until else now + wait
+        suspended.trying, suspended.until = queue_id, now + wait
         suspended.waiting.discard(queue_id)
         return None
 
-    def sending(self, upstream: Hashable) -> None:
-        """An attempt to ``upstream`` begins; ``ended`` says how it went."""
-        self._sending[upstream] += 1
-
     def ended(
-        self, upstream: Hashable, began: float, unusable: bool | None, now: float, wait: float
+        self,
+        upstream: Hashable,
+        queue_id: str,
+        began: float,
+        unusable: bool | None,
+        now: float,
+        wait: float,
     ) -> set[str] | None:
-        """The attempt that ``began`` then ended. Unusable: the upstream is suspended
-        unless another attempt is still sending or one reached it since (None is
-        returned). Reached (False): the messages that waited for it, or None when
-        it was not suspended. None: the attempt found out nothing (it raised)."""
-        self._sending[upstream] -= 1
-        if not self._sending[upstream]:
-            del self._sending[upstream]
+        """``queue_id``'s attempt, which ``began`` then, ended. Unusable: the upstream
+        is suspended unless an attempt reached it since (None is returned).
+        Reached (False): the messages that waited for it, or None when it was not
+        suspended. None: the attempt found out nothing (it raised)."""
+        suspended = self._suspended.get(upstream)
+        if suspended is not None and suspended.trying == queue_id:
+            suspended.trying = None
         if unusable is None:
             return None
         if not unusable:
             self._reached[upstream] = now
             suspended = self._suspended.pop(upstream, None)
             return None if suspended is None else suspended.waiting
-        if upstream in self._sending or self._reached.get(upstream, began - 1.0) >= began:
+        if self._reached.get(upstream, began - 1.0) >= began:
             return None
         suspended = self._suspended.setdefault(upstream, _Suspended(now + wait))
         suspended.until = now + wait
@@ -88,7 +89,7 @@ class Suspensions:
 
     def try_now(self, now: float) -> None:
         """A sysadmin asked for the queue now (``relay queue retry``, ``release``):
-        each suspended upstream's next message tries at once, one for each, not
-        all of them, in case it is still down."""
+        each suspended upstream's next message tries at once, unless one is trying
+        already; one for each, not all of them, in case it is still down."""
         for suspended in self._suspended.values():
             suspended.until = min(suspended.until, now)

@@ -23,10 +23,13 @@ MESSAGES = 12
 
 
 class Down:
-    """A smarthost that answers every connection 421 and closes it, counting them."""
+    """A smarthost that answers every connection 421 and closes it, counting them;
+    ``silent``, one that takes the connection and never says a word."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, silent: bool = False) -> None:
         self.connections = 0
+        self._silent = silent
+        self._held: list[socket.socket] = []
         self._listener = socket.create_server(("127.0.0.1", port))
         self._listener.settimeout(0.2)
         self._stop = threading.Event()
@@ -40,6 +43,8 @@ class Down:
         self._stop.set()
         self._thread.join(5)
         self._listener.close()
+        for client in self._held:
+            client.close()
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -48,6 +53,9 @@ class Down:
             except TimeoutError:
                 continue
             self.connections += 1
+            if self._silent:
+                self._held.append(client)
+                continue
             with client:
                 client.sendall(b"421 4.3.2 Service not available\r\n")
 
@@ -77,6 +85,27 @@ def test_messages_wait_for_one_try_and_go_once_it_reaches(
     assert len(got) == MESSAGES
     sent = re.findall(r"(\w+): to=<one@example.org>, relay=default, .* status=sent", relay.log())
     assert sorted(sent) == sorted(ids)
+
+
+def test_a_host_that_never_answers_gets_one_try_at_a_time_under_steady_mail(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Mail arriving faster than the timeout kept an attempt always under way, and
+    the host was never suspended: a connection and a slot held for the whole
+    timeout per message."""
+    port, upstream = free_port(), free_port()
+    policy = configure(policy_file, port, upstream, "workers: 1\n")
+    text = policy.read_text().replace(
+        "first_retry: 0.5, max_retry: 1", "first_retry: 2, max_retry: 2"
+    )
+    policy.write_text(text.replace("timeout: 5\n", "timeout: 1\n"))
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay, Down(upstream, True) as down:
+        for _ in range(12):
+            send(port)
+            time.sleep(0.25)
+        tried = down.connections
+    assert "upstream default suspended" in relay.log()
+    assert 1 <= tried <= 6, (tried, relay.log())
 
 
 def test_relay_queue_retry_tries_a_suspended_upstream_at_once(
@@ -131,8 +160,7 @@ def test_a_reload_pointing_the_upstream_elsewhere_ends_its_suspension(
 
 
 def _failed_alone(suspensions: Suspensions, upstream: Hashable, at: float) -> None:
-    suspensions.sending(upstream)
-    suspensions.ended(upstream, at, True, at, 60.0)
+    suspensions.ended(upstream, "Q0", at, True, at, 60.0)
 
 
 def test_a_try_answers_for_every_message_waiting() -> None:
@@ -142,32 +170,46 @@ def test_a_try_answers_for_every_message_waiting() -> None:
     assert suspensions.admits("up", "Q2", 10.0, 60.0) == 60.0
     assert suspensions.admits("up", "Q3", 60.0, 60.0) is None  # the wait is over: Q3 tries
     assert suspensions.admits("up", "Q2", 61.0, 60.0) == 120.0  # while it does, Q2 waits
-    _failed_alone(suspensions, "up", 62.0)
+    suspensions.ended("up", "Q3", 60.0, True, 62.0, 60.0)  # down still
     assert suspensions.admits("up", "Q4", 100.0, 60.0) == 122.0
-    suspensions.sending("up")
-    assert suspensions.ended("up", 130.0, False, 130.0, 60.0) == {"Q2", "Q4"}
+    assert suspensions.admits("up", "Q4", 122.0, 60.0) is None
+    assert suspensions.ended("up", "Q4", 122.0, False, 123.0, 60.0) == {"Q2"}
     assert not suspensions.suspended("up")
-    assert suspensions.admits("up", "Q5", 131.0, 60.0) is None
+    assert suspensions.admits("up", "Q5", 124.0, 60.0) is None
 
 
-def test_a_failure_with_deliveries_under_way_or_since_suspends_nothing() -> None:
-    """A connection refused one over the smarthost's limit (421) while the others
-    delivered, or a slow attempt failing after a later one got through, held
-    back mail for a working upstream."""
+def test_one_try_at_a_time_however_long_it_takes() -> None:
+    """With a timeout longer than the wait, a new try started every first_retry
+    while the last one still held its slot: five at once for a 20 s timeout."""
     suspensions = Suspensions()
-    suspensions.sending("up")  # a pooled connection delivering
-    suspensions.sending("up")  # one more, refused at its greeting
-    suspensions.ended("up", 1.0, True, 1.1, 60.0)
-    assert not suspensions.suspended("up")
-    suspensions.ended("up", 0.5, False, 1.2, 60.0)
-    suspensions.sending("up")  # began before that delivery ended, fails after it
-    suspensions.ended("up", 1.0, True, 2.0, 60.0)
-    assert not suspensions.suspended("up")
-    suspensions.sending("up")  # nothing since: down
-    suspensions.ended("up", 3.0, True, 3.5, 60.0)
+    suspensions.ended("up", "Q0", 0.0, True, 0.0, 4.0)
+    assert suspensions.admits("up", "Q1", 4.0, 4.0) is None
+    assert suspensions.admits("up", "Q2", 8.0, 4.0) == 12.0  # Q1 still trying
+    assert suspensions.admits("up", "Q2", 12.0, 4.0) == 16.0
+    suspensions.ended("up", "Q1", 4.0, True, 24.0, 4.0)  # its 20 s timeout
+    assert suspensions.admits("up", "Q2", 25.0, 4.0) == 28.0
+    assert suspensions.admits("up", "Q2", 28.0, 4.0) is None
+    suspensions.ended("up", "Q2", 28.0, None, 29.0, 4.0)  # raised: nobody tries now
+    assert suspensions.admits("up", "Q3", 32.0, 4.0) is None
+
+
+def test_overlapping_failures_of_a_dead_host_suspend_it() -> None:
+    """With mail arriving faster than the timeout, some attempt was always under
+    way, and a host that never answered was never suspended."""
+    suspensions = Suspensions()
+    suspensions.ended("up", "Q1", 0.0, True, 10.0, 10.0)  # Q2 began at 5, still waiting
     assert suspensions.suspended("up")
-    suspensions.sending("up")
-    suspensions.ended("up", 4.0, None, 4.0, 60.0)  # raised: nothing learnt
+    assert suspensions.admits("up", "Q3", 11.0, 10.0) == 20.0
+
+
+def test_a_failure_after_a_delivery_that_began_later_suspends_nothing() -> None:
+    """A connection refused one over the smarthost's limit (421), or a slow attempt
+    failing after a later one got through, held back mail for a working upstream."""
+    suspensions = Suspensions()
+    suspensions.ended("up", "Q2", 0.5, False, 1.2, 60.0)  # delivered
+    suspensions.ended("up", "Q1", 1.0, True, 2.0, 60.0)  # began before that ended
+    assert not suspensions.suspended("up")
+    suspensions.ended("up", "Q3", 3.0, True, 3.5, 60.0)  # nothing since: down
     assert suspensions.suspended("up")
 
 
