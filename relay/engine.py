@@ -596,13 +596,13 @@ class Engine:
                 if later is not None:
                     self._plan(entry.queue_id, later)
                     return Outcome("later")
-            if data is None:
-                data = self.spool.read_message(entry.queue_id)
             send = self.send
             if immediate and entry.queue_id in self._answering and own != pending:
                 send = functools.partial(send, needed=own)  # the copy goes with them or not at all
             began = self.clock()
-            try:
+            try:  # a try that ends without a word must not leave the upstream waiting for it
+                if data is None:
+                    data = self.spool.read_message(entry.queue_id)
                 sent = await send(
                     upstream, entry.mail_from, pending, data, envelope_id=entry.queue_id
                 )

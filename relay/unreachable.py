@@ -89,7 +89,7 @@ class Suspensions:
 
     def try_now(self, now: float) -> None:
         """A sysadmin asked for the queue now (``relay queue retry``, ``release``):
-        each suspended upstream's next message tries at once, unless one is trying
-        already; one for each, not all of them, in case it is still down."""
+        each suspended upstream's next message tries at once, also while another
+        try seems under way; one for each, not all of them, in case it is still down."""
         for suspended in self._suspended.values():
-            suspended.until = min(suspended.until, now)
+            suspended.until, suspended.trying = min(suspended.until, now), None

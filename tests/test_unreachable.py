@@ -221,6 +221,8 @@ def test_a_retry_lets_one_message_try_for_each_suspended_upstream() -> None:
     suspensions.try_now(5.0)
     assert suspensions.admits("up", "Q1", 5.0, 60.0) is None
     assert suspensions.admits("up", "Q2", 5.0, 60.0) == 65.0
+    suspensions.try_now(6.0)  # and while Q1 seems to try still
+    assert suspensions.admits("up", "Q2", 6.0, 60.0) is None
 
 
 def test_an_upstream_is_known_by_its_settings_not_its_name(
