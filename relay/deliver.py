@@ -78,6 +78,8 @@ async def attempt(
         if not any(200 <= code < 300 for code, _ in got.values()):
             break
         rest, needed = [r for r, (code, _) in got.items() if code == _TOO_MANY], ()
+    if any(200 <= code < 300 for code, _ in replies.values()):
+        unreachable = None  # it took the message for someone: reached, whatever came after
     return Attempt(replies, unreachable)
 
 

@@ -345,6 +345,7 @@ class Engine:
             log.info("spool readable again")
             self._scan_error = None
         self._schedule = {q: when for q, when in found.items() if not self._settler.stuck(q)}
+        self._suspensions.keep(self._schedule.keys(), self.policy().upstreams.values())
         for memory in (self._unstored, self._locked, self._told):  # gone: deleted, or elsewhere
             for queue_id in memory.keys() - found.keys():
                 del memory[queue_id]
@@ -460,6 +461,10 @@ class Engine:
                 continue  # a running attempt plans what comes next itself
             if queue_id in self.accepting or (self._scan_error and queue_id not in self._warm):
                 self._plan(queue_id, now + POLL)  # accepting, or in a spool that cannot be read
+                continue
+            later = self._suspensions.waits(queue_id, now)
+            if later is not None:  # waits for a suspended upstream: not read, not locked
+                self._plan(queue_id, later)
                 continue
             self.attempt_now(queue_id)
 

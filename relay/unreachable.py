@@ -26,13 +26,15 @@ tried all the same, as its last try).
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
 
 
 @dataclass
 class _Suspended:
+    since: float  # when the failure that suspended it ended
     until: float  # the next message is tried then
+    wait: float  # first_retry when it was suspended
     trying: str | None = None  # the queue ID of the try under way
     waiting: set[str] = field(default_factory=set)  # queue IDs planned for later
 
@@ -41,6 +43,7 @@ class Suspensions:
     def __init__(self) -> None:
         self._suspended: dict[Hashable, _Suspended] = {}
         self._reached: dict[Hashable, float] = {}  # when an attempt last reached it
+        self._waiting_for: dict[str, Hashable] = {}  # queue ID -> the upstream it waits for
 
     def admits(self, upstream: Hashable, queue_id: str, now: float, wait: float) -> float | None:
         """None when ``queue_id`` may be tried now: nothing suspends ``upstream``,
@@ -49,12 +52,30 @@ class Suspensions:
         suspended = self._suspended.get(upstream)
         if suspended is None:
             return None
-        if suspended.trying is not None or now < suspended.until:
+        later = self._later(suspended, now)
+        if later is not None:
             suspended.waiting.add(queue_id)
-            return suspended.until if now < suspended.until else now + wait
+            self._waiting_for[queue_id] = upstream
+            return later
         suspended.trying, suspended.until = queue_id, now + wait
         suspended.waiting.discard(queue_id)
+        self._waiting_for.pop(queue_id, None)
         return None
+
+    def waits(self, queue_id: str, now: float) -> float | None:
+        """When to look again at a message known to wait for a suspension that
+        still holds, without reading its entry: a rescan makes every waiting
+        message due (its record says so), and each was read and locked again
+        only to wait; None when it may go on to its attempt."""
+        upstream = self._waiting_for.get(queue_id)
+        suspended = None if upstream is None else self._suspended.get(upstream)
+        return None if suspended is None else self._later(suspended, now)
+
+    @staticmethod
+    def _later(suspended: _Suspended, now: float) -> float | None:
+        if now < suspended.until:
+            return suspended.until
+        return None if suspended.trying is None else now + suspended.wait
 
     def ended(
         self,
@@ -68,7 +89,10 @@ class Suspensions:
         """``queue_id``'s attempt, which ``began`` then, ended. Unusable: the upstream
         is suspended unless an attempt reached it since (None is returned).
         Reached (False): the messages that waited for it, or None when it was not
-        suspended. None: the attempt found out nothing (it raised)."""
+        suspended or when the attempt began before the failure that suspended it
+        (a long transaction on a connection made before the upstream went down
+        released every waiting message onto it). None: the attempt found out
+        nothing (it raised)."""
         suspended = self._suspended.get(upstream)
         if suspended is not None and suspended.trying == queue_id:
             suspended.trying = None
@@ -76,16 +100,34 @@ class Suspensions:
             return None
         if not unusable:
             self._reached[upstream] = now
-            suspended = self._suspended.pop(upstream, None)
-            return None if suspended is None else suspended.waiting
+            if suspended is None or began < suspended.since:
+                return None
+            del self._suspended[upstream]
+            for waiter in suspended.waiting:
+                self._waiting_for.pop(waiter, None)
+            return suspended.waiting
         if self._reached.get(upstream, began - 1.0) >= began:
             return None
-        suspended = self._suspended.setdefault(upstream, _Suspended(now + wait))
-        suspended.until = now + wait
+        if suspended is None:
+            suspended = self._suspended[upstream] = _Suspended(now, now + wait, wait)
+        suspended.until, suspended.wait = now + wait, wait
         return None
 
     def suspended(self, upstream: Hashable) -> bool:
         return upstream in self._suspended
+
+    def keep(self, queued: Collection[str], upstreams: Collection[Hashable]) -> None:
+        """Forget messages no longer queued (delivered by another worker, deleted,
+        expired) and upstreams the policy no longer has (a reload changed their
+        settings): a suspension may last weeks (a revoked account password)."""
+        for queue_id in self._waiting_for.keys() - set(queued):
+            upstream = self._waiting_for.pop(queue_id)
+            if upstream in self._suspended:
+                self._suspended[upstream].waiting.discard(queue_id)
+        for upstream in (self._suspended.keys() | self._reached.keys()) - set(upstreams):
+            for waiter in self._suspended.pop(upstream, _Suspended(0.0, 0.0, 0.0)).waiting:
+                self._waiting_for.pop(waiter, None)
+            self._reached.pop(upstream, None)
 
     def try_now(self, now: float) -> None:
         """A sysadmin asked for the queue now (``relay queue retry``, ``release``):

@@ -375,6 +375,30 @@ async def test_recipients_over_the_upstreams_limit_go_at_once_in_further_transac
     assert [m.data for m in handler.messages] == [SENT] * 3
 
 
+async def test_an_attempt_that_took_the_message_for_someone_reached_its_upstream() -> None:
+    """The further transaction for the recipients over the limit found the upstream
+    gone; the attempt said "unreachable" for the message it had just delivered,
+    and the engine suspended the upstream that took it."""
+
+    @dataclass
+    class ClosingAfterOne(SinkHandler):
+        sink: Sink | None = None
+
+        async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+            reply = await super().handle_DATA(server, session, envelope)
+            assert self.sink is not None and self.sink.controller.server is not None
+            self.sink.controller.server.close()  # the next connection is refused
+            return reply
+
+    handler = ClosingAfterOne(most=1)
+    with Sink(handler) as sink:
+        handler.sink = sink
+        got = await attempt(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
+    assert got.replies[RCPTS[0]][0] == 250
+    assert got.replies[RCPTS[1]][1].startswith("451 4.4.1 Upstream smarthost")
+    assert got.unreachable is None
+
+
 async def test_a_452_for_a_full_mailbox_costs_one_more_transaction_then_is_deferred() -> None:
     handler = SinkHandler(refuse={"full@example.org": "452 4.2.2 Mailbox full"})
     with Sink(handler) as sink:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import signal
@@ -13,10 +14,20 @@ import time
 from collections.abc import Hashable
 from pathlib import Path
 
+import pytest
+
+from relay import engine as engine_module
+from relay.engine import Attempt, Engine
 from relay.policy.load import load
+from relay.policy.model import Policy
+from relay.record import Recorder
+from relay.spool import Spool
 from relay.unreachable import Suspensions
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
+from tests.spoolkit import make_entry
+from tests.test_engine_settle import until
+from tests.test_engine_warm import message, running
 from tests.test_queue_e2e import configure, send
 
 MESSAGES = 12
@@ -213,6 +224,46 @@ def test_a_failure_after_a_delivery_that_began_later_suspends_nothing() -> None:
     assert suspensions.suspended("up")
 
 
+def test_a_waiting_message_is_known_without_its_entry() -> None:
+    """A rescan made every waiting message due; each was read from the spool and
+    locked again only to be told to wait: 30,000 reads a minute for 15,000."""
+    suspensions = Suspensions()
+    _failed_alone(suspensions, "up", 0.0)
+    assert suspensions.waits("Q1", 1.0) is None  # not known to wait yet
+    assert suspensions.admits("up", "Q1", 1.0, 60.0) == 60.0
+    assert suspensions.waits("Q1", 30.0) == 60.0
+    assert suspensions.waits("Q1", 60.0) is None  # its turn may have come: to admits
+    assert suspensions.admits("up", "Q2", 60.0, 60.0) is None  # Q2 tries
+    assert suspensions.waits("Q1", 61.0) == 120.0  # while it does
+    assert suspensions.ended("up", "Q2", 60.0, False, 62.0, 60.0) == {"Q1"}
+    assert suspensions.waits("Q1", 63.0) is None
+
+
+def test_a_delivery_begun_before_the_upstream_went_down_releases_nothing() -> None:
+    """A long transaction on a connection made earlier ended with 250 after the
+    host died, and every waiting message went at once to the dead host."""
+    suspensions = Suspensions()
+    suspensions.ended("up", "Y", 5.0, True, 10.0, 60.0)  # suspended at 10
+    assert suspensions.admits("up", "W", 11.0, 60.0) == 70.0
+    assert suspensions.ended("up", "X", 1.0, False, 12.0, 60.0) is None  # began at 1
+    assert suspensions.suspended("up")
+    assert suspensions.ended("up", "Z", 70.0, False, 71.0, 60.0) == {"W"}
+
+
+def test_messages_gone_and_upstreams_changed_are_forgotten() -> None:
+    """A suspension may last weeks; the IDs of messages delivered elsewhere,
+    deleted or expired piled up, and so did upstreams a reload changed."""
+    suspensions = Suspensions()
+    _failed_alone(suspensions, "up", 0.0)
+    _failed_alone(suspensions, "old", 0.0)
+    for queue_id in ("Q1", "Q2", "Q3"):
+        suspensions.admits("up", queue_id, 1.0, 60.0)
+    suspensions.keep(["Q2"], ["up"])
+    assert suspensions.waits("Q1", 2.0) is None and suspensions.waits("Q2", 2.0) == 60.0
+    assert not suspensions.suspended("old")
+    assert suspensions.ended("up", "Q9", 61.0, False, 62.0, 60.0) == {"Q2"}
+
+
 def test_a_retry_lets_one_message_try_for_each_suspended_upstream() -> None:
     """Any kick ended every suspension: concurrency connections at once to an
     upstream still down, for a release of one unrelated message."""
@@ -236,3 +287,38 @@ def test_an_upstream_is_known_by_its_settings_not_its_name(
     moved = dataclasses.replace(down, port=down.port + 1)
     assert suspensions.admits(moved, "Q1", 1.0, 60.0) is None
     assert suspensions.admits(down, "Q1", 1.0, 60.0) == 60.0
+
+
+async def test_a_rescan_reads_no_waiting_message_again(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rescan made every waiting message due, and each was read and locked
+    again only to be told to wait, on the event loop, for the whole outage."""
+    monkeypatch.setattr(engine_module, "RESCAN", 0.2)
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    queue = dataclasses.replace(policy.queue, first_retry=3600.0, max_retry=3600.0)
+    down = dataclasses.replace(policy, queue=queue)
+    sends: list[str] = []
+
+    async def unreachable(
+        _: object, sender: str, rcpts: list[str], *__: object, **___: object
+    ) -> Attempt:
+        sends.append(sender)
+        return Attempt(dict.fromkeys(rcpts, (451, "451 4.4.1 down")), "451 4.4.1 down")
+
+    for n in range(30):
+        spool.put(make_entry(), message(n))
+    locks = 0
+    acquire = spool.acquire
+
+    def counted(queue_id: str, blocking: bool = True) -> int:
+        nonlocal locks
+        locks += 1
+        return acquire(queue_id, blocking=blocking)
+
+    monkeypatch.setattr(spool, "acquire", counted)
+    async with running(Engine(spool, lambda: down, unreachable, Recorder(None))):
+        await until(lambda: locks >= 30, "each looked at once")
+        await asyncio.sleep(1.0)  # five rescans
+    assert len(sends) == 1
+    assert locks <= 31, locks
