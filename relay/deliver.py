@@ -12,7 +12,7 @@ reached. See ``relay.upstream.smtp`` for how SMTP replies are mapped and
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from relay import tally
 from relay.engine import Attempt, Sender
@@ -31,6 +31,10 @@ from relay.upstream import (
 __all__ = ["DeliveryResult", "attempt", "counted", "deliver"]
 
 _TOO_MANY = 452  # to RCPT: more recipients than the server takes in one transaction
+# recipients of a further transaction never sent: the relay stopped in between, or
+# the transaction before theirs delivered to no one; tried again at the next attempt
+STOPPING = (451, "451 4.3.2 Not sent yet: the relay was stopping")
+NOT_THIS_TIME = (451, "451 4.5.3 Not sent yet: the upstream took no recipient before them")
 
 
 async def deliver(
@@ -61,23 +65,40 @@ async def attempt(
     *,
     needed: Collection[str] = (),
     envelope_id: str | None = None,
+    go_on: Callable[[], bool] = lambda: True,
 ) -> Attempt:
     """One delivery attempt as the engine sees it: a reply for every recipient.
 
-    The recipients answered 452 go at once in a further transaction (RFC 5321
+    The recipients answered 452 go at once in further transactions (RFC 5321
     4.5.3.1.10: the server's limit of recipients per transaction, as Postfix
     reads it), for as long as each one delivers to someone: deferred, a 5
     recipient invoice to a server taking 2 went out over three retry waits.
-    A 452 for another reason (a full mailbox) costs one more transaction."""
+    Each further transaction takes as many as the server took in the first
+    (sending all the rest each time cost a 1,000-recipient message 500,000
+    refused RCPTs at a server taking one). A 452 for another reason (a full
+    mailbox) costs one more transaction. ``go_on`` is asked before each further
+    transaction: a relay that stops ends the attempt with what it has, rather
+    than having the stop's grace cut it off, its transactions' replies lost
+    and their recipients sent the message again."""
     replies: dict[str, tuple[int, str]] = {}
-    rest: Sequence[str] = rcpt_tos
+    rest: list[str] = list(rcpt_tos)
+    batch = len(rest)
     unreachable = None
     while rest:
-        got, unreachable = await _transaction(upstream, mail_from, rest, data, needed, envelope_id)
+        sending = rest[:batch]
+        got, unreachable = await _transaction(
+            upstream, mail_from, sending, data, needed, envelope_id
+        )
         replies.update(got)
-        if not any(200 <= code < 300 for code, _ in got.values()):
+        over = [r for r in sending if got[r][0] == _TOO_MANY]
+        unsent = rest[len(sending) :]
+        if over and len(over) < len(sending):
+            batch = len(sending) - len(over)  # the server's limit per transaction
+        rest, needed = over + unsent, ()
+        delivered = any(200 <= code < 300 for code, _ in got.values())
+        if rest and not (delivered and go_on()):
+            replies.update(dict.fromkeys(unsent, STOPPING if delivered else NOT_THIS_TIME))
             break
-        rest, needed = [r for r, (code, _) in got.items() if code == _TOO_MANY], ()
     if any(200 <= code < 300 for code, _ in replies.values()):
         unreachable = None  # it took the message for someone: reached, whatever came after
     return Attempt(replies, unreachable)

@@ -99,9 +99,9 @@ class Attempt:
     unreachable: str | None = None  # the reply, when the upstream could not be used at all
 
 
-# (upstream, mail_from, rcpt_tos, data); an immediate attempt with an automatic
-# BCC copy adds ``needed=``, the recipients without which nothing may go (see
-# ``relay.deliver.attempt``)
+# (upstream, mail_from, rcpt_tos, data, envelope_id=, go_on=); an immediate attempt
+# with an automatic BCC copy adds ``needed=``, the recipients without which nothing
+# may go (see ``relay.deliver.attempt``)
 Sender = Callable[..., Awaitable[Attempt]]
 
 
@@ -609,7 +609,12 @@ class Engine:
                 if data is None:
                     data = self.spool.read_message(entry.queue_id)
                 sent = await send(
-                    upstream, entry.mail_from, pending, data, envelope_id=entry.queue_id
+                    upstream,
+                    entry.mail_from,
+                    pending,
+                    data,
+                    envelope_id=entry.queue_id,
+                    go_on=self._going_on,
                 )
             except BaseException:
                 self._suspensions.ended(upstream, entry.queue_id, began, None, self.clock(), 0.0)
@@ -651,6 +656,10 @@ class Engine:
         await self._store(entry)
         self._plan(entry.queue_id, entry.next_attempt)
         return Outcome("deferred")
+
+    def _going_on(self) -> bool:
+        """Whether an attempt may start a further transaction (``relay.deliver``)."""
+        return not self._stopping
 
     def _reached(
         self,

@@ -399,6 +399,47 @@ async def test_an_attempt_that_took_the_message_for_someone_reached_its_upstream
     assert got.unreachable is None
 
 
+@dataclass
+class CountingRcpts(SinkHandler):
+    rcpts: int = 0
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        self.rcpts += 1
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+
+async def test_further_transactions_send_as_many_recipients_as_the_server_takes() -> None:
+    """Each further transaction sent all the rest again: a 1,000-recipient message
+    cost 500,000 refused RCPTs at a server taking one, and 100 s."""
+    handler = CountingRcpts(most=3)
+    rcpts = [f"r{number}@example.org" for number in range(10)]
+    with Sink(handler) as sink:
+        got = await attempt(upstream(sink.port), "b@p.example", rcpts, MESSAGE)
+    assert {code for code, _ in got.replies.values()} == {250}
+    assert [m.rcpt_tos for m in handler.messages] == [rcpts[0:3], rcpts[3:6], rcpts[6:9], rcpts[9:]]
+    assert handler.rcpts == 10 + 7  # the first transaction's 7 refused, then none
+
+
+async def test_a_relay_stopping_ends_the_attempt_between_transactions() -> None:
+    """The stop's grace cut off a long split attempt: the replies of its finished
+    transactions were lost, and their recipients got the message again."""
+    handler = SinkHandler(most=1)
+    rcpts = [f"r{number}@example.org" for number in range(5)]
+    asked = []
+
+    def go_on() -> bool:
+        asked.append(True)
+        return len(asked) < 2  # stopping after the second transaction
+
+    with Sink(handler) as sink:
+        got = await attempt(upstream(sink.port), "b@p.example", rcpts, MESSAGE, go_on=go_on)
+    assert [m.rcpt_tos for m in handler.messages] == [rcpts[:1], rcpts[1:2]]
+    assert [got.replies[r][0] for r in rcpts] == [250, 250, 451, 451, 451]
+    assert got.replies[rcpts[4]][1] == "451 4.3.2 Not sent yet: the relay was stopping"
+
+
 async def test_a_452_for_a_full_mailbox_costs_one_more_transaction_then_is_deferred() -> None:
     handler = SinkHandler(refuse={"full@example.org": "452 4.2.2 Mailbox full"})
     with Sink(handler) as sink:
