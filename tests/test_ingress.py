@@ -9,6 +9,7 @@ import logging
 import smtplib
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable, Iterator
 
@@ -1194,6 +1195,35 @@ def test_a_client_gone_in_the_middle_of_data_is_logged_by_address(
         time.sleep(0.05)
     assert "connection lost during DATA client=127.0.0.1" in caplog.text
     assert relay.process.submissions == []
+
+
+def test_data_after_every_recipient_was_refused_says_no_valid_recipients(relay: Relay) -> None:
+    """It said "need RCPT command" to an ERP that had sent them, and whoever read
+    its log went looking for a client bug instead of the refused addresses."""
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        assert raw.cmd(b"RCPT TO:<c@[192.0.2.1]>").startswith("553")
+        assert raw.cmd(b"DATA") == "554 5.5.1 Error: no valid recipients"
+        assert raw.cmd(b"RSET").startswith("250")
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        assert raw.cmd(b"DATA") == "503 5.5.1 Error: need RCPT command"  # none sent this time
+
+
+def test_a_client_that_resets_after_its_greeting_is_logged(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sent a whole transaction and QUIT, then closed at once, lost
+    its message with no line in the log."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    deadline = time.monotonic() + 10
+    while "lost connection" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "client=127.0.0.1 lost connection after MAIL: Connection reset by peer" in caplog.text
 
 
 def test_data_before_mail_asks_for_mail(relay: Relay) -> None:

@@ -252,11 +252,27 @@ class RelaySMTP(SMTP):
         if self._lost:
             return
         self._lost = True
+        self._log_lost(error)
         self._refused_recipients.end()
         self._log_unlogged()
         self._connections.discard(self)
         self._leave_counted()
         super().connection_lost(error)
+
+    def _log_lost(self, error: Exception | None) -> None:
+        """A client that greeted and then reset the connection, as Postfix's ``lost
+        connection after MAIL from ...``: a client that sent a whole transaction
+        and closed at once, before the replies, lost its message with no line in
+        the log. Not before the greeting: TCP health checks reset there."""
+        session = self.session
+        if not isinstance(error, OSError) or session is None or session.host_name is None:
+            return
+        log.info(
+            "client=%s lost connection after %s: %s",
+            client_address(session.peer),
+            self._stage(),
+            error.strerror or error,
+        )
 
     def eof_received(self) -> bool | None:
         """A client may close its side once it has sent everything, QUIT
@@ -531,6 +547,9 @@ class RelaySMTP(SMTP):
         assert self.envelope is not None
         if self.envelope.mail_from is None:  # as aiosmtpd and Postfix say it
             await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if not self.envelope.rcpt_tos and self._refused_recipients.any:
+            await self.push("554 5.5.1 Error: no valid recipients")  # as Postfix says it
             return
         if not self.envelope.rcpt_tos:
             await self.push("503 5.5.1 Error: need RCPT command")
@@ -832,6 +851,11 @@ class RefusedRecipients:
             log_refused(peer, mail_from, reply, to)
         else:
             self._last = (peer, mail_from, to, reply)
+
+    @property
+    def any(self) -> bool:
+        """Whether the transaction had a recipient refused."""
+        return self._count > 0
 
     def end(self) -> None:
         """Log what was not logged one by one; the next transaction starts afresh."""
