@@ -140,9 +140,17 @@ def _complaint_text(entry: QueueEntry, failures: Sequence[RecipientState]) -> st
 
 def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
     lines = [_opening(entry), *_document(entry)]
+    # one reason under the recipients it is for: a list of 1,000 refused alike
+    # made 3,000 lines, every third one the same reason
+    by_reason: dict[str, list[str]] = {}
     for rcpt in failures:
         reason = _printable(rcpt.reply or "") or "unknown"
-        lines += [f"Recipient:  {_printable(rcpt.address)}", f"Reason:     {reason}", ""]
+        by_reason.setdefault(reason, []).append(_printable(rcpt.address))
+    for reason, addresses in by_reason.items():
+        label = "Recipient: " if len(addresses) == 1 else "Recipients:"
+        lines.append(f"{label} {addresses[0]}")
+        lines += [f"            {address}" for address in addresses[1:]]
+        lines += [f"Reason:     {reason}", ""]
     lines.append("Please check the address, or reach the recipient another way.")
     if any(rcpt.status == SUPPRESSED for rcpt in failures):
         lines.append(

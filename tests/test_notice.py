@@ -103,3 +103,27 @@ def test_a_subject_or_report_cannot_add_lines_to_the_notice(policy_file: Path) -
     )
     assert "Reason:     550 5.1.1 gone  Pay to XX00" in lines
     assert "\x1b" not in body
+
+
+def test_recipients_refused_alike_share_one_reason(policy_file: Path) -> None:
+    """1,000 recipients refused alike made a notice of 3,000 lines, every third
+    the same reason."""
+    entry = make_entry()
+    same = "550 5.7.1 Relaying denied"
+    failures = [
+        RecipientState("a@example.net", FAILED, reply=same, notify=True),
+        RecipientState("b@example.net", FAILED, reply="550 5.1.1 No such user", notify=True),
+        RecipientState("c@example.net", FAILED, reply=same, notify=True),
+    ]
+    _, data = build_notice(load(policy_file), entry, failures, 1_790_000_000.0)
+    lines = quopri.decodestring(data.split(b"\r\n\r\n", 1)[1]).decode().splitlines()
+    start = lines.index("Recipients: a@example.net")
+    assert lines[start : start + 7] == [
+        "Recipients: a@example.net",
+        "            c@example.net",
+        f"Reason:     {same}",
+        "",
+        "Recipient:  b@example.net",
+        "Reason:     550 5.1.1 No such user",
+        "",
+    ]
