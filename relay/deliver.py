@@ -32,9 +32,10 @@ __all__ = ["DeliveryResult", "attempt", "counted", "deliver"]
 
 _TOO_MANY = 452  # to RCPT: more recipients than the server takes in one transaction
 # recipients of a further transaction never sent: the relay stopped in between, or
-# the transaction before theirs delivered to no one; tried again at the next attempt
+# the transaction before theirs failed as a whole or answered nobody but with the
+# limit; tried again at the next attempt
 STOPPING = (451, "451 4.3.2 Not sent yet: the relay was stopping")
-NOT_THIS_TIME = (451, "451 4.5.3 Not sent yet: the upstream took no recipient before them")
+NOT_THIS_TIME = (451, "451 4.5.3 Not sent yet: the transaction before theirs did not go through")
 
 
 async def deliver(
@@ -69,39 +70,49 @@ async def attempt(
 ) -> Attempt:
     """One delivery attempt as the engine sees it: a reply for every recipient.
 
-    The recipients answered 452 go at once in further transactions (RFC 5321
-    4.5.3.1.10: the server's limit of recipients per transaction, as Postfix
-    reads it), for as long as each one delivers to someone: deferred, a 5
-    recipient invoice to a server taking 2 went out over three retry waits.
-    Each further transaction takes as many as the server took in the first
-    (sending all the rest each time cost a 1,000-recipient message 500,000
-    refused RCPTs at a server taking one). A 452 for another reason (a full
-    mailbox) costs one more transaction. ``go_on`` is asked before each further
-    transaction: a relay that stops ends the attempt with what it has, rather
-    than having the stop's grace cut it off, its transactions' replies lost
-    and their recipients sent the message again."""
+    The recipients answered ``452 4.5.3`` (RFC 5321 4.5.3.1.10: the server's
+    limit of recipients per transaction, as Postfix reads it) go at once in
+    further transactions, each of as many as the server answered otherwise in
+    the first: deferred, a 5 recipient invoice to a server taking 2 went out
+    over three retry waits, and sending all the rest each time cost a
+    1,000-recipient message 500,000 refused RCPTs at a server taking one. A
+    452 with another code (a full mailbox) is that recipient's own answer. The
+    further transactions go on while each answers someone; one that fails as
+    a whole (the upstream gone, the message refused) leaves the recipients not
+    sent yet for the next attempt. ``go_on`` is asked before each: a relay that
+    stops ends the attempt with what it has, rather than having the stop's
+    grace cut it off, its transactions' replies lost and their recipients sent
+    the message again."""
     replies: dict[str, tuple[int, str]] = {}
     rest: list[str] = list(rcpt_tos)
     batch = len(rest)
     unreachable = None
     while rest:
-        sending = rest[:batch]
-        got, unreachable = await _transaction(
+        sending, unsent = rest[:batch], rest[batch:]
+        got, unreachable, whole = await _transaction(
             upstream, mail_from, sending, data, needed, envelope_id
         )
         replies.update(got)
-        over = [r for r in sending if got[r][0] == _TOO_MANY]
-        unsent = rest[len(sending) :]
-        if over and len(over) < len(sending):
-            batch = len(sending) - len(over)  # the server's limit per transaction
-        rest, needed = over + unsent, ()
-        delivered = any(200 <= code < 300 for code, _ in got.values())
-        if rest and not (delivered and go_on()):
-            replies.update(dict.fromkeys(unsent, STOPPING if delivered else NOT_THIS_TIME))
+        limited = [r for r in sending if _over_limit(*got[r])]
+        answered = len(sending) - len(limited)
+        if limited and answered:
+            batch = answered  # the server's limit per transaction
+        rest, needed = limited + unsent, ()
+        if not rest:
+            break
+        if whole or not answered or not go_on():
+            why = STOPPING if answered and not whole else NOT_THIS_TIME
+            replies.update(dict.fromkeys(unsent, why))
             break
     if any(200 <= code < 300 for code, _ in replies.values()):
         unreachable = None  # it took the message for someone: reached, whatever came after
     return Attempt(replies, unreachable)
+
+
+def _over_limit(code: int, reply: str) -> bool:
+    """A 452 for the server's recipient limit: ``4.5.3``, or no enhanced code of
+    its own (``4.0.0`` once ``replies`` gave it one), not a full mailbox's."""
+    return code == _TOO_MANY and reply.split(" ", 2)[1:2] in (["4.5.3"], ["4.0.0"])
 
 
 async def _transaction(
@@ -111,10 +122,12 @@ async def _transaction(
     data: bytes,
     needed: Collection[str],
     envelope_id: str | None,
-) -> tuple[dict[str, tuple[int, str]], str | None]:
-    """Each recipient's reply, and the reply when the upstream could not be used
-    at all and may be again later (``relay.unreachable``)."""
+) -> tuple[dict[str, tuple[int, str]], str | None, bool]:
+    """Each recipient's reply; the reply when the upstream could not be used at
+    all and may be again later (``relay.unreachable``); and whether the
+    transaction failed as a whole rather than recipient by recipient."""
     unreachable = None
+    whole = False
     try:
         result = await deliver(
             upstream, mail_from, rcpt_tos, data, needed=needed, envelope_id=envelope_id
@@ -122,6 +135,7 @@ async def _transaction(
     except UpstreamError as exc:
         replies = dict.fromkeys(rcpt_tos, (exc.code, exc.line))
         refused = exc.refused if isinstance(exc, RecipientsRefused | PartlyRefused) else {}
+        whole = not isinstance(exc, RecipientsRefused)
         if isinstance(exc, Unreachable) and not exc.permanent:
             unreachable = exc.line
     else:
@@ -129,7 +143,7 @@ async def _transaction(
         refused = result.refused
     for rcpt, reply in refused.items():
         replies[rcpt] = (_code(reply), reply)
-    return replies, unreachable
+    return replies, unreachable, whole
 
 
 def counted(send: Sender, row: TallyRow) -> Sender:

@@ -422,6 +422,55 @@ async def test_further_transactions_send_as_many_recipients_as_the_server_takes(
     assert handler.rcpts == 10 + 7  # the first transaction's 7 refused, then none
 
 
+@dataclass
+class LimitFirst(SinkHandler):
+    """Postfix's order: the limit counts every RCPT and comes before the address."""
+
+    limit: int = 2
+    seen: int = 0
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        self.seen = 0
+        envelope.mail_from = address
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        self.seen += 1
+        if self.seen > self.limit:
+            return "452 4.5.3 Error: too many recipients"
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+
+async def test_recipients_refused_on_their_own_do_not_end_the_attempt() -> None:
+    """A full mailbox (452 4.2.2) was counted as the server's limit, and a further
+    transaction whose recipients were all refused (550) ended the attempt: the
+    rest waited a retry, where the attempt before had delivered to them all."""
+    handler = LimitFirst(
+        refuse={
+            "full@example.org": "452 4.2.2 Mailbox full",
+            "bad0@example.org": "550 5.1.1 No such user",
+            "bad1@example.org": "550 5.1.1 No such user",
+        }
+    )
+    rcpts = ["r0@example.org", "full@example.org", "bad0@example.org", "bad1@example.org"]
+    rcpts += ["r1@example.org", "r2@example.org"]
+    with Sink(handler) as sink:
+        got = await attempt(upstream(sink.port), "b@p.example", rcpts, MESSAGE)
+    assert {r: code for r, (code, _) in got.replies.items()} == {
+        "r0@example.org": 250,
+        "full@example.org": 452,
+        "bad0@example.org": 550,
+        "bad1@example.org": 550,
+        "r1@example.org": 250,
+        "r2@example.org": 250,
+    }
+    assert got.replies["full@example.org"][1] == "452 4.2.2 Mailbox full"
+
+
 async def test_a_relay_stopping_ends_the_attempt_between_transactions() -> None:
     """The stop's grace cut off a long split attempt: the replies of its finished
     transactions were lost, and their recipients got the message again."""

@@ -1224,6 +1224,17 @@ def test_a_client_that_resets_after_its_greeting_is_logged(
     while "lost connection" not in caplog.text and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "client=127.0.0.1 lost connection after MAIL: Connection reset by peer" in caplog.text
+    caplog.clear()
+    with Raw(relay.port) as raw:  # in DATA: the DATA reader's line, not a second one
+        raw.envelope(b"jan@acme.example", b"one@example.org")
+        assert raw.cmd(b"DATA").startswith("354")
+        raw.send(b"Subject: half\r\n\r\nthe first half")
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    deadline = time.monotonic() + 10
+    while "connection lost during DATA" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "connection lost during DATA" in caplog.text
+    assert "lost connection after" not in caplog.text
 
 
 def test_data_before_mail_asks_for_mail(relay: Relay) -> None:

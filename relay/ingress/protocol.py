@@ -267,6 +267,8 @@ class RelaySMTP(SMTP):
         session = self.session
         if not isinstance(error, OSError) or session is None or session.host_name is None:
             return
+        if self._in_data:
+            return  # said by the DATA reader: "connection lost during DATA"
         log.info(
             "client=%s lost connection after %s: %s",
             client_address(session.peer),
