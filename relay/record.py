@@ -41,12 +41,14 @@ def dsn(reply: str) -> str:
     return found.group(1) if found else "-"
 
 
-def audit_log(settings: AuditSettings) -> AuditLog:
+def audit_log(settings: AuditSettings, create: bool = False) -> AuditLog:
+    """``create``: only for a new state directory (see ``AuditLog``)."""
     return AuditLog(
         settings.directory,
         hmac_key=settings.hmac_key,
         compress_after_days=settings.compress_after_days,
         retention_days=settings.retention_days,
+        create=create,
     )
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 # worker, a replacement for one that died read a newer version installed over the
 # running relay, and failed against the older modules its supervisor had loaded.
 from relay import oplog, statelock
+from relay.audit import AuditError
 from relay.deliver import attempt, counted
 from relay.engine import Engine
 from relay.errors import PolicyError, RelayError
@@ -235,9 +236,10 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
     from relay.suppression import SuppressionError, SuppressionFile
 
     try:
+        new_state = not policy.queue.directory.exists()  # else its audit log must be there
         spool = Spool(policy.queue.directory)
         recovered = spool.recover()
-        with audit_log(policy.audit) as audit:
+        with audit_log(policy.audit, create=new_state) as audit:
             fresh = audit.head[0] == 0
             settled = _settle_recorded(spool, audit)
             record_policy(audit, policy_path, policy)  # a full disk: serve, answering 451
@@ -316,7 +318,11 @@ async def serve(
     and serves the metrics; alone, this process serves ``metrics``."""
     holder = PolicyHolder(policy)
     spool = Spool(policy.queue.directory)
-    audit = audit_log(policy.audit)
+    try:
+        audit = audit_log(policy.audit)
+    except AuditError as exc:  # gone since the start: see AuditLog
+        log.error("cannot serve: %s", exc)
+        return EX_CANTCREAT
     recorder = Recorder(audit)  # one, so receiving and delivering share each fsync
     ingress: Ingress | None = None
 

@@ -370,6 +370,60 @@ def test_status_counts_the_workers_running_against_those_asked_for(
         relay.stop()
 
 
+def test_an_audit_directory_deleted_stays_gone_until_restored(
+    policy_file: Path, port: int, tmp_path: Path
+) -> None:
+    """The supervisor settling a dead worker's messages, and the worker started in
+    its place, made the directory again: mail was answered 250 into a new chain,
+    and a restore with cp -a went inside the new directory."""
+    slow = "from relay import supervisor\nsupervisor.RESTART_DELAY = (1.0,)"
+    policy = configure(policy_file, port)
+    relay = Relay(policy, port, tmp_path / "relay.log", prelude=slow)
+    audit, backup = tmp_path / "state" / "audit", tmp_path / "backup"
+    try:
+        relay.wait_serving()
+        send(port)
+        shutil.copytree(audit, backup)
+        shutil.copystat(audit, backup)
+        shutil.rmtree(audit)
+        kill_worker(relay, 0)
+        relay.wait_for(lambda: "cannot serve: audit log" in relay.log(), "the new worker refused")
+        assert not audit.exists()
+        assert "the directory is gone; restore it from a backup" in relay.log()
+        shutil.copytree(backup, audit)
+        shutil.copystat(backup, audit)
+        relay.wait_for(lambda: relay.log().count("suppression list") >= 3, "a worker again")
+        ids = send_until_every_worker_took_one(
+            relay, {relay.started()[-1][1], relay.started()[1][1]}
+        )
+        relay.wait_for(lambda: relay.delivered().keys() >= set(ids), "delivered")
+    finally:
+        relay.stop()
+    done = relay_cli("audit", "verify", "-c", str(policy))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_relay_does_not_start_a_new_audit_chain_beside_its_queue(
+    policy_file: Path, port: int, tmp_path: Path
+) -> None:
+    """Started with its audit directory gone, the relay made a new one and a new
+    chain, and mail went on with its history elsewhere or lost."""
+    policy = configure(policy_file, port)
+    with serving(policy, port, tmp_path / "relay.log"):
+        send(port)
+    shutil.rmtree(tmp_path / "state" / "audit")
+    again = Relay(policy, port, tmp_path / "again.log")
+    try:
+        assert again.proc.wait(30) == 73
+    finally:
+        again.kill_leftovers()
+    assert "the directory is gone; restore it from a backup" in again.log()
+    assert not (tmp_path / "state" / "audit").exists()
+    (tmp_path / "state" / "audit").mkdir()  # a new chain, asked for
+    with serving(policy, port, tmp_path / "third.log") as third:
+        assert "a new chain begins" in third.log()
+
+
 def test_messages_a_killed_worker_queued_are_delivered_once(
     policy_file: Path, port: int, tmp_path: Path
 ) -> None:

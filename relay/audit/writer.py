@@ -63,7 +63,10 @@ class AuditLog:
         compress_after_days: int | None = None,
         retention_days: int | None = None,
         clock: Callable[[], datetime] = _utcnow,
+        create: bool = True,
     ) -> None:
+        """``create``: make the directory if it is not there; the daemon does only
+        at the start of a new state directory (``relay.server``)."""
         self.directory = Path(directory)
         self.compress_after_days = compress_after_days
         self.retention_days = retention_days
@@ -85,7 +88,7 @@ class AuditLog:
         self._due: tuple[int, str] | None = None  # fsynced, to be written to .head
         self._shared_seen: tuple[bytes, tuple[int, str] | None] = (b"", None)  # read, parsed
         try:
-            st = self._made()
+            st = self._made() if create else self._there()
             # root running a queue tool on the daemon's log: what it creates stays the daemon's
             self._owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid else None
             self._where = (st.st_dev, st.st_ino)
@@ -225,6 +228,19 @@ class AuditLog:
                 yield
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _there(self) -> os.stat_result:
+        """A directory deleted while the relay runs must stay gone until someone
+        restores it: made again (by a worker's replacement, or the supervisor
+        settling what a dead worker left), mail was answered 250 again into a new
+        chain, and a restore with ``cp -a`` went inside the new directory."""
+        try:
+            return os.stat(self.directory)
+        except FileNotFoundError:
+            raise AuditError(
+                f"audit log {self.directory}: the directory is gone; restore it from a"
+                " backup (its chain goes on), or make it empty (mkdir) for a new chain"
+            ) from None
 
     def _made(self) -> os.stat_result:
         """The directory, made if need be. Made by root (``relay bounce`` or a queue
