@@ -141,16 +141,19 @@ def _complaint_text(entry: QueueEntry, failures: Sequence[RecipientState]) -> st
 def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
     lines = [_opening(entry), *_document(entry)]
     # one reason under the recipients it is for: a list of 1,000 refused alike
-    # made 3,000 lines, every third one the same reason
-    by_reason: dict[str, list[str]] = {}
+    # made 3,000 lines, every third one the same reason; Postfix names each
+    # address in its refusal, which is the same reason all the same
+    by_reason: dict[str, list[tuple[str, str]]] = {}
     for rcpt in failures:
         reason = _printable(rcpt.reply or "") or "unknown"
-        by_reason.setdefault(reason, []).append(_printable(rcpt.address))
-    for reason, addresses in by_reason.items():
-        label = "Recipient: " if len(addresses) == 1 else "Recipients:"
-        lines.append(f"{label} {addresses[0]}")
-        lines += [f"            {address}" for address in addresses[1:]]
-        lines += [f"Reason:     {reason}", ""]
+        address = _printable(rcpt.address)
+        alike = re.sub(re.escape(address), _EACH, reason, flags=re.IGNORECASE)
+        by_reason.setdefault(alike, []).append((address, reason))
+    for alike, group in by_reason.items():
+        label = "Recipient: " if len(group) == 1 else "Recipients:"
+        lines.append(f"{label} {group[0][0]}")
+        lines += [f"            {address}" for address, _ in group[1:]]
+        lines += [f"Reason:     {group[0][1] if len(group) == 1 else alike}", ""]
     lines.append("Please check the address, or reach the recipient another way.")
     if any(rcpt.status == SUPPRESSED for rcpt in failures):
         lines.append(
@@ -160,6 +163,9 @@ def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
         )
     lines.append("This notice was written by the mail relay; replies to it are not read.")
     return "\n".join(lines) + "\n"
+
+
+_EACH = "(each address)"
 
 
 def _opening(entry: QueueEntry) -> str:

@@ -127,3 +127,25 @@ def test_recipients_refused_alike_share_one_reason(policy_file: Path) -> None:
         "Reason:     550 5.1.1 No such user",
         "",
     ]
+
+
+def test_a_reason_naming_each_address_is_still_one_reason(policy_file: Path) -> None:
+    """Postfix puts the address in every refusal: 50 alike gave 50 reasons."""
+    failures = [
+        RecipientState(
+            f"u{n}@Dest.example",
+            FAILED,
+            reply=f"550 5.1.1 <u{n}@dest.example>: Recipient address rejected: User unknown",
+            notify=True,
+        )
+        for n in range(3)
+    ]
+    _, data = build_notice(load(policy_file), make_entry(), failures, 1_790_000_000.0)
+    lines = quopri.decodestring(data.split(b"\r\n\r\n", 1)[1]).decode().splitlines()
+    start = lines.index("Recipients: u0@Dest.example")
+    assert lines[start : start + 4] == [
+        "Recipients: u0@Dest.example",
+        "            u1@Dest.example",
+        "            u2@Dest.example",
+        "Reason:     550 5.1.1 <(each address)>: Recipient address rejected: User unknown",
+    ]

@@ -12,9 +12,12 @@ import sys
 import threading
 import time
 from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
 
 from relay import engine as engine_module
 from relay.engine import Attempt, Engine
@@ -322,3 +325,57 @@ async def test_a_rescan_reads_no_waiting_message_again(
         await asyncio.sleep(1.0)  # five rescans
     assert len(sends) == 1
     assert locks <= 31, locks
+
+
+class _Limited(SMTP):
+    """Greets at most two connections at once, as a smarthost with a connection
+    limit per client does; the others get 421."""
+
+    active = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        _Limited.active += 1
+        self._over = _Limited.active > 2
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        _Limited.active -= 1
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self._over:
+            await self.push("421 4.7.0 Too many connections")
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+
+class _LimitedController(Controller):
+    def factory(self) -> SMTP:
+        return _Limited(self.handler, **self.SMTP_kwargs)
+
+
+def test_a_connection_over_the_smarthosts_limit_suspends_nothing(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Its 421 while the other connections delivered suspended the upstream, again
+    after every release: three messages a first_retry got through."""
+    port, upstream = free_port(), free_port()
+    policy = configure(policy_file, port, upstream, "workers: 1\n")
+    text = policy.read_text().replace(
+        "first_retry: 0.5, max_retry: 1", "first_retry: 1, max_retry: 1"
+    )
+    policy.write_text(text)
+    sink = Sink(delay=0.2)
+    controller = _LimitedController(sink, hostname="127.0.0.1", port=upstream, ready_timeout=10)
+    controller.start()
+    try:
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            with ThreadPoolExecutor(10) as senders:
+                list(senders.map(lambda _: send(port), range(20)))
+            sink.wait(20, timeout=30)
+    finally:
+        controller.stop()
+    assert "421 4.7.0 Too many connections" in relay.log()  # it was over the limit
+    assert "suspended" not in relay.log()

@@ -22,6 +22,7 @@ task, which exits whenever nothing is idle.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -114,8 +115,13 @@ class Pool:
         self.max_idle_per_key = max_idle_per_key
         self.opened = 0  # connections opened over the pool's life
         self._idle: dict[PoolKey, list[_Connection]] = {}
+        self._leased: collections.Counter[PoolKey] = collections.Counter()
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
+
+    def leased(self, key: PoolKey) -> int:
+        """Connections to ``key`` in a transaction now: the upstream is there."""
+        return self._leased[key]
 
     def idle_count(self, key: PoolKey | None = None) -> int:
         if key is not None:
@@ -131,6 +137,7 @@ class Pool:
         """
         conn, reset = await self._acquire(key, opener, timeout)
         in_step = False
+        self._leased[key] += 1
         try:
             yield Lease(conn.client, reset)
             in_step = True
@@ -141,6 +148,9 @@ class Pool:
             in_step = isinstance(exc.error, _IN_STEP)
             raise
         finally:
+            self._leased[key] -= 1
+            if not self._leased[key]:
+                del self._leased[key]
             if in_step:
                 await self._check_in(conn)
             else:

@@ -89,6 +89,10 @@ async def send(
                 log.debug("upstream %s: idle connection stale: %s", _where(upstream), exc)
         else:
             raise aiosmtplib.SMTPServerDisconnected("every idle connection was stale")
+    except Unreachable as exc:
+        if pool.leased(key):  # one over its connection limit (421), not an upstream down
+            raise UpstreamError(exc.code, exc.status, exc.text) from exc
+        raise
     except Unfinished as exc:
         raise _unfinished(upstream, exc) from exc.error
     except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
