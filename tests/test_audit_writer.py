@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -546,16 +547,26 @@ AuditLog(Path(sys.argv[1])).append(
 """
 
 
+@contextlib.contextmanager
+def _nobodys(name: str) -> Iterator[Path]:
+    """A directory ``name`` of nobody's, 0700, where nobody can reach it (not under
+    root's 0700 tmp); removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="relay-audit-owner-"))
+    try:
+        base.chmod(0o755)
+        directory = base / name
+        directory.mkdir(mode=0o700)
+        os.chown(directory, 65534, 65534)
+        yield directory
+    finally:
+        shutil.rmtree(base)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files for another user")
 def test_root_hands_the_files_it_creates_to_the_logs_owner() -> None:
     """``relay queue delete`` as root may be the first writer of a day: the daemon,
     running as the directory's owner, must still be able to append."""
-    base = Path(tempfile.mkdtemp(prefix="relay-audit-owner-"))  # not under root's 0700 tmp
-    try:
-        base.chmod(0o755)
-        directory = base / "audit"
-        directory.mkdir(mode=0o700)
-        os.chown(directory, 65534, 65534)
+    with _nobodys("audit") as directory:
         AuditLog(directory).append(_failed(1))
         for left in directory.iterdir():  # as a root tool before the fix left them
             os.chown(left, 0, 0)
@@ -569,20 +580,13 @@ def test_root_hands_the_files_it_creates_to_the_logs_owner() -> None:
         assert done.returncode == 0, done.stderr
         assert [r["queue_id"] for r in read_all(directory)][-1] == "LATER"
         assert verify(directory).ok
-    finally:
-        shutil.rmtree(base)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files for another user")
 def test_root_making_the_directory_hands_it_to_the_state_directorys_owner() -> None:
     """``relay bounce`` as root before the relay's first start made ``audit/`` root's:
     the relay, run as the state directory's owner, then could not start."""
-    base = Path(tempfile.mkdtemp(prefix="relay-audit-owner-"))  # not under root's 0700 tmp
-    try:
-        base.chmod(0o755)
-        state = base / "state"
-        state.mkdir(mode=0o700)
-        os.chown(state, 65534, 65534)
+    with _nobodys("state") as state:
         AuditLog(state / "audit").append(_failed(1))
         owners = {
             (p.stat().st_uid, p.stat().st_gid)
@@ -594,8 +598,6 @@ def test_root_making_the_directory_hands_it_to_the_state_directorys_owner() -> N
             capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
-    finally:
-        shutil.rmtree(base)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own files for another user")

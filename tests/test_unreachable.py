@@ -36,6 +36,17 @@ from tests.test_queue_e2e import configure, send
 MESSAGES = 12
 
 
+def one_worker(policy_file: Path, port: int, upstream: int, retry: float) -> Path:
+    """The test policy in one process, its upstream on ``upstream``, retries every
+    ``retry`` seconds (``first_retry`` and ``max_retry``)."""
+    policy = configure(policy_file, port, upstream, "workers: 1\n")
+    text = policy.read_text()
+    policy.write_text(
+        text.replace("first_retry: 0.5, max_retry: 1", f"first_retry: {retry}, max_retry: {retry}")
+    )
+    return policy
+
+
 class Down:
     """A smarthost that answers every connection 421 and closes it, counting them;
     ``silent``, one that takes the connection and never says a word."""
@@ -81,11 +92,7 @@ def test_messages_wait_for_one_try_and_go_once_it_reaches(
     queued came back as a burst of connections, and a host that drops packets
     held every delivery slot for a whole timeout per message."""
     port, upstream = free_port(), free_port()
-    policy = configure(policy_file, port, upstream, "workers: 1\n")
-    text = policy.read_text().replace(
-        "first_retry: 0.5, max_retry: 1", "first_retry: 2, max_retry: 2"
-    )
-    policy.write_text(text)
+    policy = one_worker(policy_file, port, upstream, retry=2)
     with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
         with Down(upstream) as down:
             ids = [send(port) for _ in range(MESSAGES)]
@@ -108,11 +115,8 @@ def test_a_host_that_never_answers_gets_one_try_at_a_time_under_steady_mail(
     the host was never suspended: a connection and a slot held for the whole
     timeout per message."""
     port, upstream = free_port(), free_port()
-    policy = configure(policy_file, port, upstream, "workers: 1\n")
-    text = policy.read_text().replace(
-        "first_retry: 0.5, max_retry: 1", "first_retry: 2, max_retry: 2"
-    )
-    policy.write_text(text.replace("timeout: 5\n", "timeout: 1\n"))
+    policy = one_worker(policy_file, port, upstream, retry=2)
+    policy.write_text(policy.read_text().replace("timeout: 5\n", "timeout: 1\n"))
     with RelayProcess(policy, port, tmp_path / "relay.log") as relay, Down(upstream, True) as down:
         for _ in range(12):
             send(port)
@@ -128,11 +132,7 @@ def test_relay_queue_retry_tries_a_suspended_upstream_at_once(
     """After bringing the smarthost back, the sysadmin's retry is not held back by
     a suspension that has a minute to run."""
     port, upstream = free_port(), free_port()
-    policy = configure(policy_file, port, upstream, "workers: 1\n")
-    text = policy.read_text()
-    policy.write_text(
-        text.replace("first_retry: 0.5, max_retry: 1", "first_retry: 60, max_retry: 60")
-    )
+    policy = one_worker(policy_file, port, upstream, retry=60)
     with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
         with Down(upstream):
             ids = [send(port) for _ in range(3)]
@@ -155,11 +155,7 @@ def test_a_reload_pointing_the_upstream_elsewhere_ends_its_suspension(
     """Suspended by its name, the upstream's mail waited out the wait after a reload
     had pointed the name at a smarthost that works."""
     port, upstream, moved = free_port(), free_port(), free_port()
-    policy = configure(policy_file, port, upstream, "workers: 1\n")
-    text = policy.read_text()
-    policy.write_text(
-        text.replace("first_retry: 0.5, max_retry: 1", "first_retry: 60, max_retry: 60")
-    )
+    policy = one_worker(policy_file, port, upstream, retry=60)
     with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
         with Down(upstream):
             send(port)
@@ -362,11 +358,7 @@ def test_a_connection_over_the_smarthosts_limit_suspends_nothing(
     """Its 421 while the other connections delivered suspended the upstream, again
     after every release: three messages a first_retry got through."""
     port, upstream = free_port(), free_port()
-    policy = configure(policy_file, port, upstream, "workers: 1\n")
-    text = policy.read_text().replace(
-        "first_retry: 0.5, max_retry: 1", "first_retry: 1, max_retry: 1"
-    )
-    policy.write_text(text)
+    policy = one_worker(policy_file, port, upstream, retry=1)
     sink = Sink(delay=0.2)
     controller = _LimitedController(sink, hostname="127.0.0.1", port=upstream, ready_timeout=10)
     controller.start()
