@@ -89,6 +89,9 @@ async def attempt(
     unreachable = None
     while rest:
         sending, unsent = rest[:batch], rest[batch:]
+        if needed and not set(needed) & set(sending):  # the copy would go alone
+            replies.update(dict.fromkeys(rest, (451, smtp.NOT_SENT)))
+            break
         got, unreachable, whole = await _transaction(
             upstream, mail_from, sending, data, needed, envelope_id
         )
@@ -97,7 +100,9 @@ async def attempt(
         answered = len(sending) - len(limited)
         if limited and answered:
             batch = answered  # the server's limit per transaction
-        rest, needed = limited + unsent, ()
+        rest = limited + unsent
+        if any(200 <= got[r][0] < 300 for r in needed if r in got):
+            needed = ()  # taken: the copy may go on its own now, as it goes with them
         if not rest:
             break
         if whole or not answered or not go_on():

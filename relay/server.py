@@ -236,10 +236,11 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
     from relay.suppression import SuppressionError, SuppressionFile
 
     try:
-        new_state = not policy.queue.directory.exists()  # else its audit log must be there
         spool = Spool(policy.queue.directory)
         recovered = spool.recover()
-        with audit_log(policy.audit, create=new_state) as audit:
+        # a queue with mail in it keeps its audit log: a new one is made only for a
+        # queue with none (a new state directory, or a first start that failed)
+        with audit_log(policy.audit, create=not spool.ids()) as audit:
             fresh = audit.head[0] == 0
             settled = _settle_recorded(spool, audit)
             record_policy(audit, policy_path, policy)  # a full disk: serve, answering 451

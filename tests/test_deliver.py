@@ -471,6 +471,21 @@ async def test_recipients_refused_on_their_own_do_not_end_the_attempt() -> None:
     assert got.replies["full@example.org"][1] == "452 4.2.2 Mailbox full"
 
 
+async def test_the_copy_never_goes_alone_in_a_further_transaction() -> None:
+    """Immediate mode's automatic BCC copy goes with the ERP's recipients or not at
+    all: dropped after the first transaction, it went alone in the next, and the
+    ERP heard 250 for a customer the upstream had refused."""
+    handler = LimitFirst(limit=1, refuse={"a@example.org": "550 5.1.1 No such user"})
+    rcpts = ["a@example.org", "copy@example.org"]
+    with Sink(handler) as sink:
+        got = await attempt(
+            upstream(sink.port), "b@p.example", rcpts, MESSAGE, needed=["a@example.org"]
+        )
+    assert handler.messages == []
+    assert got.replies["a@example.org"][0] == 550
+    assert got.replies["copy@example.org"][0] == 451
+
+
 async def test_a_relay_stopping_ends_the_attempt_between_transactions() -> None:
     """The stop's grace cut off a long split attempt: the replies of its finished
     transactions were lost, and their recipients got the message again."""

@@ -344,6 +344,7 @@ class _Limited(SMTP):
             assert self.transport is not None
             self.transport.close()
             return
+        await asyncio.sleep(0.1)  # its greeting after a reverse lookup, as Postfix's
         await super()._handle_client()
 
 

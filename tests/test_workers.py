@@ -36,6 +36,7 @@ from relay import settle as settle_module
 from relay.audit import AuditLog, events
 from relay.policy.load import load
 from relay.spool import Spool
+from tests import test_queue_e2e as queue_e2e
 from tests.certs import der, make_certs, served_certificate
 from tests.relayproc import terminate
 from tests.sink import SinkServer, free_port
@@ -407,10 +408,13 @@ def test_a_relay_does_not_start_a_new_audit_chain_beside_its_queue(
     policy_file: Path, port: int, tmp_path: Path
 ) -> None:
     """Started with its audit directory gone, the relay made a new one and a new
-    chain, and mail went on with its history elsewhere or lost."""
-    policy = configure(policy_file, port)
-    with serving(policy, port, tmp_path / "relay.log"):
-        send(port)
+    chain, and the mail it still had went on with its history elsewhere or lost.
+    A queue with nothing in it (a first start that failed half-way) starts one."""
+    policy = queue_e2e.configure(policy_file, port, free_port(), "workers: 2\n")  # down
+    Spool(tmp_path / "state" / "queue")  # the first start failed after making it
+    with serving(policy, port, tmp_path / "relay.log") as first:
+        assert "a new chain begins" in first.log()
+        send(port)  # deferred: the upstream is down
     shutil.rmtree(tmp_path / "state" / "audit")
     again = Relay(policy, port, tmp_path / "again.log")
     try:

@@ -47,6 +47,10 @@ class Unreachable(UpstreamError):
     greeting, the relay's login or its password refused. Every message would
     have failed alike (see ``relay.unreachable``)."""
 
+    answered = False  # the server said so (a 421 greeting), rather than said nothing
+
     @classmethod
-    def of(cls, error: UpstreamError) -> Unreachable:
-        return cls(error.code, error.status, error.text)
+    def of(cls, error: UpstreamError, answered: bool = False) -> Unreachable:
+        unreachable = cls(error.code, error.status, error.text)
+        unreachable.answered = answered
+        return unreachable

@@ -90,7 +90,9 @@ async def send(
         else:
             raise aiosmtplib.SMTPServerDisconnected("every idle connection was stale")
     except Unreachable as exc:
-        if pool.leased(key):  # one over its connection limit (421), not an upstream down
+        # one over its connection limit (421), not an upstream down: others of this
+        # worker's connections to it are in a transaction, or getting its greeting
+        if pool.leased(key) or (exc.answered and pool.opening(key)):
             raise UpstreamError(exc.code, exc.status, exc.text) from exc
         raise
     except Unfinished as exc:
@@ -126,7 +128,8 @@ async def connect(upstream: SmtpUpstream, secret: str | None) -> aiosmtplib.SMTP
             await client.login(upstream.username, secret)
         opened = True
     except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
-        raise Unreachable.of(_mapped(upstream, stage, exc)) from exc
+        answered = isinstance(exc, aiosmtplib.SMTPResponseException)
+        raise Unreachable.of(_mapped(upstream, stage, exc), answered) from exc
     finally:
         if not opened:
             client.close()
