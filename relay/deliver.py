@@ -20,6 +20,7 @@ from relay.errors import UpstreamError
 from relay.policy.model import DirectoryUpstream, SmtpUpstream, Upstream
 from relay.tally import TallyRow
 from relay.upstream import (
+    Crowded,
     DeliveryResult,
     PartlyRefused,
     RecipientsRefused,
@@ -86,13 +87,13 @@ async def attempt(
     replies: dict[str, tuple[int, str]] = {}
     rest: list[str] = list(rcpt_tos)
     batch = len(rest)
-    unreachable = None
+    unreachable, crowded = None, False
     while rest:
         sending, unsent = rest[:batch], rest[batch:]
         if needed and not set(needed) & set(sending):  # the copy would go alone
             replies.update(dict.fromkeys(rest, (451, smtp.NOT_SENT)))
             break
-        got, unreachable, whole = await _transaction(
+        got, unreachable, whole, crowded = await _transaction(
             upstream, mail_from, sending, data, needed, envelope_id
         )
         replies.update(got)
@@ -110,8 +111,9 @@ async def attempt(
             replies.update(dict.fromkeys(unsent, why))
             break
     if any(200 <= code < 300 for code, _ in replies.values()):
-        unreachable = None  # it took the message for someone: reached, whatever came after
-    return Attempt(replies, unreachable)
+        # it took the message for someone: reached, whatever came after
+        unreachable, crowded = None, False
+    return Attempt(replies, unreachable, crowded)
 
 
 def _over_limit(code: int, reply: str) -> bool:
@@ -127,12 +129,13 @@ async def _transaction(
     data: bytes,
     needed: Collection[str],
     envelope_id: str | None,
-) -> tuple[dict[str, tuple[int, str]], str | None, bool]:
+) -> tuple[dict[str, tuple[int, str]], str | None, bool, bool]:
     """Each recipient's reply; the reply when the upstream could not be used at
-    all and may be again later (``relay.unreachable``); and whether the
-    transaction failed as a whole rather than recipient by recipient."""
+    all and may be again later (``relay.unreachable``); whether the transaction
+    failed as a whole rather than recipient by recipient; and whether its
+    connection was refused as one too many (``Crowded``)."""
     unreachable = None
-    whole = False
+    whole = crowded = False
     try:
         result = await deliver(
             upstream, mail_from, rcpt_tos, data, needed=needed, envelope_id=envelope_id
@@ -141,6 +144,7 @@ async def _transaction(
         replies = dict.fromkeys(rcpt_tos, (exc.code, exc.line))
         refused = exc.refused if isinstance(exc, RecipientsRefused | PartlyRefused) else {}
         whole = not isinstance(exc, RecipientsRefused)
+        crowded = isinstance(exc, Crowded)
         if isinstance(exc, Unreachable) and not exc.permanent:
             unreachable = exc.line
     else:
@@ -148,7 +152,7 @@ async def _transaction(
         refused = result.refused
     for rcpt, reply in refused.items():
         replies[rcpt] = (_code(reply), reply)
-    return replies, unreachable, whole
+    return replies, unreachable, whole, crowded
 
 
 def counted(send: Sender, row: TallyRow) -> Sender:

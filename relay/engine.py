@@ -97,6 +97,7 @@ class Attempt:
 
     replies: dict[str, tuple[int, str]]  # recipient -> (code, reply line)
     unreachable: str | None = None  # the reply, when the upstream could not be used at all
+    crowded: bool = False  # refused one connection more while others were open: no verdict
 
 
 # (upstream, mail_from, rcpt_tos, data, envelope_id=, go_on=); an immediate attempt
@@ -620,7 +621,7 @@ class Engine:
                 self._suspensions.ended(upstream, entry.queue_id, began, None, self.clock(), 0.0)
                 raise
             replies = sent.replies
-            self._reached(upstream, entry.queue_id, began, sent.unreachable, policy.queue)
+            self._reached(upstream, entry.queue_id, began, sent, policy.queue)
         entry.attempts += 1
         for rcpt in entry.pending():
             rcpt.attempts += 1
@@ -666,13 +667,14 @@ class Engine:
         upstream: Upstream,
         queue_id: str,
         began: float,
-        unreachable: str | None,
+        sent: Attempt,
         settings: QueueSettings,
     ) -> None:
         """What an attempt found of its upstream: unusable, its messages wait (said
-        once); usable again, the ones that waited go now."""
+        once); usable again, the ones that waited go now; crowded, nothing."""
         was = self._suspensions.suspended(upstream)
-        now, wait, unusable = self.clock(), settings.first_retry, unreachable is not None
+        now, wait, unreachable = self.clock(), settings.first_retry, sent.unreachable
+        unusable = None if sent.crowded else unreachable is not None
         waiting = self._suspensions.ended(upstream, queue_id, began, unusable, now, wait)
         if unreachable is not None and not was and self._suspensions.suspended(upstream):
             log.warning(

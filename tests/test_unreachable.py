@@ -51,9 +51,11 @@ class Down:
     """A smarthost that answers every connection 421 and closes it, counting them;
     ``silent``, one that takes the connection and never says a word."""
 
-    def __init__(self, port: int, silent: bool = False) -> None:
+    def __init__(self, port: int, silent: bool = False, delay: float = 0.0) -> None:
+        """``delay``: before each 421, as after a reverse lookup."""
         self.connections = 0
         self._silent = silent
+        self._delay = delay
         self._held: list[socket.socket] = []
         self._listener = socket.create_server(("127.0.0.1", port))
         self._listener.settimeout(0.2)
@@ -82,6 +84,7 @@ class Down:
                 self._held.append(client)
                 continue
             with client:
+                time.sleep(self._delay)
                 client.sendall(b"421 4.3.2 Service not available\r\n")
 
 
@@ -106,6 +109,23 @@ def test_messages_wait_for_one_try_and_go_once_it_reaches(
     assert len(got) == MESSAGES
     sent = re.findall(r"(\w+): to=<one@example.org>, relay=default, .* status=sent", relay.log())
     assert sorted(sent) == sorted(ids)
+
+
+def test_a_smarthost_refusing_everyone_slowly_is_suspended_under_concurrent_mail(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Its 421s to connections opened together were each taken for a connection
+    limit while the others were still being greeted, and as a sign it was there:
+    never suspended, a connection per message and retry."""
+    port, upstream = free_port(), free_port()
+    policy = one_worker(policy_file, port, upstream, retry=2)
+    with (
+        RelayProcess(policy, port, tmp_path / "relay.log") as relay,
+        Down(upstream, delay=0.2),
+        ThreadPoolExecutor(6) as senders,
+    ):
+        list(senders.map(lambda _: send(port), range(12)))
+        wait_for(lambda: "upstream default suspended" in relay.log(), timeout=15)
 
 
 def test_a_host_that_never_answers_gets_one_try_at_a_time_under_steady_mail(
@@ -344,7 +364,6 @@ class _Limited(SMTP):
             assert self.transport is not None
             self.transport.close()
             return
-        await asyncio.sleep(0.1)  # its greeting after a reverse lookup, as Postfix's
         await super()._handle_client()
 
 

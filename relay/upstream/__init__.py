@@ -47,10 +47,13 @@ class Unreachable(UpstreamError):
     greeting, the relay's login or its password refused. Every message would
     have failed alike (see ``relay.unreachable``)."""
 
-    answered = False  # the server said so (a 421 greeting), rather than said nothing
-
     @classmethod
-    def of(cls, error: UpstreamError, answered: bool = False) -> Unreachable:
-        unreachable = cls(error.code, error.status, error.text)
-        unreachable.answered = answered
-        return unreachable
+    def of(cls, error: UpstreamError) -> Unreachable:
+        return cls(error.code, error.status, error.text)
+
+
+class Crowded(UpstreamError):
+    """One connection more refused while others of this worker's connections to
+    the upstream are open: its connection limit, not an upstream down. The
+    message waits its own backoff; the upstream is neither suspended nor
+    taken as reached (``relay.unreachable``)."""

@@ -116,17 +116,12 @@ class Pool:
         self.opened = 0  # connections opened over the pool's life
         self._idle: dict[PoolKey, list[_Connection]] = {}
         self._leased: collections.Counter[PoolKey] = collections.Counter()
-        self._opening: collections.Counter[PoolKey] = collections.Counter()
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
 
     def leased(self, key: PoolKey) -> int:
         """Connections to ``key`` in a transaction now: the upstream is there."""
         return self._leased[key]
-
-    def opening(self, key: PoolKey) -> int:
-        """Connections to ``key`` being made now (greeting, STARTTLS, login)."""
-        return self._opening[key]
 
     def idle_count(self, key: PoolKey | None = None) -> int:
         if key is not None:
@@ -183,13 +178,7 @@ class Pool:
                 return conn, True
             elif await _usable(conn):
                 return conn, False
-        self._opening[key] += 1
-        try:
-            conn = _Connection(key, await opener())
-        finally:
-            self._opening[key] -= 1
-            if not self._opening[key]:
-                del self._opening[key]
+        conn = _Connection(key, await opener())
         self.opened += 1
         return conn, False
 

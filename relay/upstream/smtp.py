@@ -28,6 +28,7 @@ import aiosmtplib
 from relay.errors import UpstreamError
 from relay.policy.model import SmtpUpstream, TlsMode
 from relay.upstream import (
+    Crowded,
     DeliveryResult,
     PartlyRefused,
     RecipientsRefused,
@@ -91,9 +92,9 @@ async def send(
             raise aiosmtplib.SMTPServerDisconnected("every idle connection was stale")
     except Unreachable as exc:
         # one over its connection limit (421), not an upstream down: others of this
-        # worker's connections to it are in a transaction, or getting its greeting
-        if pool.leased(key) or (exc.answered and pool.opening(key)):
-            raise UpstreamError(exc.code, exc.status, exc.text) from exc
+        # worker's connections to it are in a transaction
+        if pool.leased(key):
+            raise Crowded(exc.code, exc.status, exc.text) from exc
         raise
     except Unfinished as exc:
         raise _unfinished(upstream, exc) from exc.error
@@ -128,8 +129,7 @@ async def connect(upstream: SmtpUpstream, secret: str | None) -> aiosmtplib.SMTP
             await client.login(upstream.username, secret)
         opened = True
     except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
-        answered = isinstance(exc, aiosmtplib.SMTPResponseException)
-        raise Unreachable.of(_mapped(upstream, stage, exc), answered) from exc
+        raise Unreachable.of(_mapped(upstream, stage, exc)) from exc
     finally:
         if not opened:
             client.close()
