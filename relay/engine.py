@@ -649,7 +649,13 @@ class Engine:
         if not deferred:
             return await self._finish(entry, policy, lock)
         ended = self.clock()  # the wait runs from the attempt's end: a timeout may be long
-        entry.next_attempt = min(ended + backoff(policy.queue, entry.attempts, self.rng), deadline)
+        wait = backoff(policy.queue, entry.attempts, self.rng)
+        if upstream is not None and self._suspensions.suspended(upstream):
+            # the one try of a suspended upstream waits no longer than those it tried
+            # for: its own backoff, doubled at each try, had it come 88 s after the
+            # upstream was back, where the waiting ones went at once
+            wait = min(wait, policy.queue.first_retry)
+        entry.next_attempt = min(ended + wait, deadline)
         for rcpt in entry.pending():
             self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
         await self._notify(entry, policy)

@@ -212,6 +212,23 @@ async def test_attempt_uses_the_default_pool_too(sink: tuple[Recorder, int]) -> 
     assert len(rec.connections) == 1
 
 
+async def test_a_connection_counts_as_open_from_its_taking_to_its_return(
+    pool: Pool, sink: tuple[Recorder, int]
+) -> None:
+    """Between two transactions (idle, or tried with RSET) a worker's one
+    connection to a smarthost counted for nothing, and the 421 its limit gave a
+    second connection then suspended the upstream it was delivering to."""
+    _, port = sink
+    target = upstream(port)
+    key = PoolKey.of(target, None)
+    assert pool.open_count(key) == 0
+    await send(pool, target, "a@platform.example")
+    assert pool.open_count(key) == 1  # idle
+    async with pool.lease(key, functools.partial(smtp.connect, target, None), 5.0):
+        assert pool.open_count(key) == 1  # taken, RSET, in a transaction
+    assert pool.open_count(key) == 1
+
+
 async def test_clean_refusal_keeps_the_connection(pool: Pool, pipelining: bool) -> None:
     rec = Recorder(refuse={"gone@example.org": "550 5.1.1 no such user"}, pipelining=pipelining)
     with running(rec) as (_, port):

@@ -391,3 +391,27 @@ def test_a_connection_over_the_smarthosts_limit_suspends_nothing(
         controller.stop()
     assert "421 4.7.0 Too many connections" in relay.log()  # it was over the limit
     assert "suspended" not in relay.log()
+
+
+async def test_the_message_that_tries_waits_no_longer_than_the_others(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one try of a suspended upstream was deferred by its own backoff, doubled
+    at each try: with the upstream back, it came 88 s after the waiting ones."""
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    queue = dataclasses.replace(policy.queue, first_retry=0.2, max_retry=3600.0)
+    down = dataclasses.replace(policy, queue=queue)
+    tries: list[float] = []
+
+    async def unreachable(
+        _: object, __: str, rcpts: list[str], *___: object, **____: object
+    ) -> Attempt:
+        tries.append(time.time())
+        return Attempt(dict.fromkeys(rcpts, (451, "451 4.4.1 down")), "451 4.4.1 down")
+
+    entry = make_entry()
+    spool.put(entry, message(1))
+    async with running(Engine(spool, lambda: down, unreachable, Recorder(None))):
+        await until(lambda: len(tries) >= 4, "four tries")
+        stored = spool.load(entry.queue_id)
+    assert stored.next_attempt - tries[-1] <= 0.2 + 0.1, stored.next_attempt - tries[-1]

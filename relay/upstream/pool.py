@@ -119,9 +119,10 @@ class Pool:
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
 
-    def leased(self, key: PoolKey) -> int:
-        """Connections to ``key`` in a transaction now: the upstream is there."""
-        return self._leased[key]
+    def open_count(self, key: PoolKey) -> int:
+        """Connections to ``key`` open now: idle, in a transaction, or between the
+        two (tried with RSET, being put back). One of them, the upstream is there."""
+        return self._leased[key] + self.idle_count(key)
 
     def idle_count(self, key: PoolKey | None = None) -> int:
         if key is not None:
@@ -135,9 +136,8 @@ class Pool:
         Errors from ``opener`` pass through untouched, so the caller maps them
         with the stage it knows.
         """
-        conn, reset = await self._acquire(key, opener, timeout)
+        conn, reset = await self._acquire(key, opener, timeout)  # counted in _leased
         in_step = False
-        self._leased[key] += 1
         try:
             yield Lease(conn.client, reset)
             in_step = True
@@ -148,13 +148,13 @@ class Pool:
             in_step = isinstance(exc.error, _IN_STEP)
             raise
         finally:
-            self._leased[key] -= 1
-            if not self._leased[key]:
-                del self._leased[key]
-            if in_step:
-                await self._check_in(conn)
-            else:
-                conn.client.close()
+            try:
+                if in_step:
+                    await self._check_in(conn)
+                else:
+                    conn.client.close()
+            finally:
+                self._let_go(key)
 
     async def close(self) -> None:
         """QUIT every idle connection; the daemon awaits this at shutdown."""
@@ -170,17 +170,33 @@ class Pool:
     async def _acquire(
         self, key: PoolKey, opener: Opener, timeout: float
     ) -> tuple[_Connection, bool]:
+        """An idle connection that still works, or a new one; counted in ``_leased``
+        from the moment it is taken or made until ``lease`` lets it go."""
         while (conn := self._take(key)) is not None:
-            conn.client.timeout = timeout
-            if time.monotonic() >= conn.idle_since + self.idle_timeout:
-                await _quit(conn)
-            elif conn.client.is_connected and conn.client.supports_extension("pipelining"):
-                return conn, True
-            elif await _usable(conn):
-                return conn, False
+            self._leased[key] += 1
+            kept = False
+            try:
+                conn.client.timeout = timeout
+                if time.monotonic() >= conn.idle_since + self.idle_timeout:
+                    await _quit(conn)
+                elif conn.client.is_connected and conn.client.supports_extension("pipelining"):
+                    kept = True
+                    return conn, True
+                elif await _usable(conn):
+                    kept = True
+                    return conn, False
+            finally:
+                if not kept:
+                    self._let_go(key)
         conn = _Connection(key, await opener())
+        self._leased[key] += 1
         self.opened += 1
         return conn, False
+
+    def _let_go(self, key: PoolKey) -> None:
+        self._leased[key] -= 1
+        if not self._leased[key]:
+            del self._leased[key]
 
     def _take(self, key: PoolKey) -> _Connection | None:
         """The most recently used idle connection, so the surplus ones age out."""

@@ -91,9 +91,9 @@ async def send(
         else:
             raise aiosmtplib.SMTPServerDisconnected("every idle connection was stale")
     except Unreachable as exc:
-        # one over its connection limit (421), not an upstream down: others of this
-        # worker's connections to it are in a transaction
-        if pool.leased(key):
+        # one over its connection limit (421), not an upstream down: this worker has
+        # other connections to it open
+        if pool.open_count(key):
             raise Crowded(exc.code, exc.status, exc.text) from exc
         raise
     except Unfinished as exc:
