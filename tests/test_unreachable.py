@@ -308,6 +308,19 @@ def test_an_upstream_is_known_by_its_settings_not_its_name(
     assert suspensions.admits(down, "Q1", 1.0, 60.0) == 60.0
 
 
+class DownSender:
+    """The engine's sender for an upstream that cannot be used: when each try came."""
+
+    def __init__(self) -> None:
+        self.tries: list[float] = []
+
+    async def __call__(
+        self, _: object, __: str, rcpts: list[str], *___: object, **____: object
+    ) -> Attempt:
+        self.tries.append(time.time())
+        return Attempt(dict.fromkeys(rcpts, (451, "451 4.4.1 down")), "451 4.4.1 down")
+
+
 async def test_a_rescan_reads_no_waiting_message_again(
     spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -317,13 +330,7 @@ async def test_a_rescan_reads_no_waiting_message_again(
     monkeypatch.setattr(engine_module, "POLL", 0.05)
     queue = dataclasses.replace(policy.queue, first_retry=3600.0, max_retry=3600.0)
     down = dataclasses.replace(policy, queue=queue)
-    sends: list[str] = []
-
-    async def unreachable(
-        _: object, sender: str, rcpts: list[str], *__: object, **___: object
-    ) -> Attempt:
-        sends.append(sender)
-        return Attempt(dict.fromkeys(rcpts, (451, "451 4.4.1 down")), "451 4.4.1 down")
+    unreachable = DownSender()
 
     for n in range(30):
         spool.put(make_entry(), message(n))
@@ -339,7 +346,7 @@ async def test_a_rescan_reads_no_waiting_message_again(
     async with running(Engine(spool, lambda: down, unreachable, Recorder(None))):
         await until(lambda: locks >= 30, "each looked at once")
         await asyncio.sleep(1.0)  # five rescans
-    assert len(sends) == 1
+    assert len(unreachable.tries) == 1
     assert locks <= 31, locks
 
 
@@ -401,13 +408,8 @@ async def test_the_message_that_tries_waits_no_longer_than_the_others(
     monkeypatch.setattr(engine_module, "POLL", 0.05)
     queue = dataclasses.replace(policy.queue, first_retry=0.2, max_retry=3600.0)
     down = dataclasses.replace(policy, queue=queue)
-    tries: list[float] = []
-
-    async def unreachable(
-        _: object, __: str, rcpts: list[str], *___: object, **____: object
-    ) -> Attempt:
-        tries.append(time.time())
-        return Attempt(dict.fromkeys(rcpts, (451, "451 4.4.1 down")), "451 4.4.1 down")
+    unreachable = DownSender()
+    tries = unreachable.tries
 
     entry = make_entry()
     spool.put(entry, message(1))
