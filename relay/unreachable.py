@@ -13,11 +13,11 @@ wait; the first attempt that reaches the upstream lets them all go.
 One try at a time: while it runs, the others wait, however long the
 upstream's ``timeout`` (a host that drops packets, a 20 s timeout and a 4 s
 ``first_retry`` had five tries holding slots at once). A failure suspends
-nothing when an attempt that began after it reached the upstream since: a
-smarthost refusing the one connection over its limit (``421 Too many
-connections``) while the others deliver is not down. An upstream is known
-by its settings, not its name: a reload that points the name elsewhere
-starts afresh.
+nothing when another attempt reached the upstream after the failing one
+began; and a connection refused while the worker has others to it open is
+the smarthost's connection limit (``relay.upstream.Crowded``), no verdict
+either way. An upstream is known by its settings, not its name: a reload
+that points the name elsewhere starts afresh.
 
 Nothing is recorded for a message that waits: it was not tried, so it keeps
 its attempts, its backoff and its lifetime (a message past its lifetime is
