@@ -326,3 +326,30 @@ def test_a_bounce_finds_a_message_whose_message_id_was_folded(
     assert "nobody@buyer.example" in _listed(policy)
     (received,) = search(load(policy).audit.directory, queue_id=invoice, status="received")
     assert received["message_id"] == "<4711.erp@acme.example>"  # as reports quote it
+
+
+def test_a_delay_warning_leaves_the_bounce_after_it_to_list_the_address(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Exim's warning in words was taken for a bounce: the user was told, and
+    the final bounce that came a day later was "already recorded", so a
+    mailbox that does not exist was never listed."""
+    sink = Sink()
+    with SinkServer(sink) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            queue_id = _send(port, "<4719.erp@acme.example>", ("slow@buyer.example",))
+            sink.wait(1)
+    warned = _bounce(policy, (FEEDBACK / "exim-delayed.eml").read_bytes())
+    final = (FEEDBACK / "exim-failure.eml").read_bytes()
+    final = final.replace(b"bob@", b"slow@").replace(b"4718", b"4719")
+    bounced = _bounce(policy, final)
+    assert (warned.returncode, warned.stdout) == (0, ""), warned.stderr
+    assert bounced.returncode == 0, bounced.stderr
+    assert bounced.stdout.splitlines()[:2] == [
+        f"bounce about {queue_id} (acme/jan)",
+        "slow@buyer.example: bounced (5.1.1), suppressed",
+    ]
+    assert _listed(policy) == {"slow@buyer.example": (None, "bounce")}
+    assert audit_events(policy, queue_id).count(("bounced", "slow@buyer.example")) == 1

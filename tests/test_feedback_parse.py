@@ -81,24 +81,77 @@ def test_a_gmail_dsn_diagnostic_spanning_reply_lines_is_one_line() -> None:
     )
 
 
+QMAIL_FAILURE = Failure(
+    "Sales@OldHost.example", "5.1.1", "No mailbox by that name is kept on this host. (#5.1.1)"
+)
+
 QMAIL = Report(
     BOUNCE,
-    (Failure("Sales@OldHost.example"),),
+    (QMAIL_FAILURE,),
     message_id="<4715.erp@acme.example>",
     subject="Statement of account November",
 )
 
 
-def test_a_qmail_bounce_names_the_recipient_without_a_status() -> None:
+def test_a_qmail_bounce_gives_the_status_and_reason_written_under_the_address() -> None:
     """qmail writes plain text, no delivery-status part and no returned part: the
     original's header is read from the copy inline below the text (it was
-    not, and the bounce reached no message and told nobody)."""
+    not, and the bounce reached no message and told nobody), and the status
+    from its "(#5.1.1)" (it was 5.0.0, so a dead mailbox was never listed,
+    and the user was told "no reason given")."""
     assert read(_sample("qmail-failure.eml")) == QMAIL
+
+
+def test_a_qmail_bounce_quoting_the_remote_server_takes_its_code() -> None:
+    raw = _sample("qmail-failure.eml").replace(
+        b"No mailbox by that name is kept on this host. (#5.1.1)\n",
+        b"192.0.2.7 does not like recipient.\nRemote host said: 550 5.1.1 unknown user\n"
+        b"Giving up on 192.0.2.7.\n",
+    )
+    assert read(raw).failures == (  # type: ignore[union-attr]
+        Failure(
+            "Sales@OldHost.example",
+            "5.1.1",
+            "192.0.2.7 does not like recipient. Remote host said: 550 5.1.1 unknown user"
+            " Giving up on 192.0.2.7.",
+        ),
+    )
+
+
+def test_a_text_bounce_with_no_code_under_the_address_gives_none() -> None:
+    raw = _sample("qmail-failure.eml").replace(b" (#5.1.1)", b"")
+    assert read(raw).failures == (  # type: ignore[union-attr]
+        Failure("Sales@OldHost.example", None, "No mailbox by that name is kept on this host."),
+    )
 
 
 def test_an_inline_copy_without_a_message_id_identifies_nothing() -> None:
     raw = _sample("qmail-failure.eml").replace(b"Message-ID: <4715.erp@acme.example>\n", b"")
-    assert read(raw) == Report(BOUNCE, (Failure("Sales@OldHost.example"),))
+    assert read(raw) == Report(BOUNCE, (QMAIL_FAILURE,))
+
+
+def test_an_exim_failure_in_words_gives_the_remote_servers_code() -> None:
+    assert read(_sample("exim-failure.eml")) == Report(
+        BOUNCE,
+        (
+            Failure(
+                "bob@buyer.example",
+                "5.1.1",
+                "host mbox.buyer.example [192.0.2.5] SMTP error from remote mail server"
+                " after RCPT TO:<bob@buyer.example>: 550 5.1.1 No such user",
+            ),
+        ),
+        message_id="<4718.erp@acme.example>",
+        subject="Invoice 4718",
+    )
+
+
+def test_an_exim_delay_warning_in_words_is_no_bounce() -> None:
+    """flufl.bounce's scan stops at its first detector with a verdict, and a
+    generic one took the warning for a failure: the user was told the
+    document came back while it was still being tried, and the real bounce
+    that followed was "already recorded", so the address was never listed."""
+    assert read(_sample("exim-delayed.eml")) is None
 
 
 def test_a_non_dsn_bounce_from_an_8bit_sender_name_is_still_read() -> None:

@@ -21,6 +21,7 @@ from email.policy import compat32
 from email.utils import getaddresses
 
 from flufl.bounce import all_failures
+from flufl.bounce._detectors.simplewarning import SimpleWarning
 
 from relay.feedback.report import BOUNCE, COMPLAINT, Failure, Report
 
@@ -32,6 +33,11 @@ _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _TYPED = re.compile(r"^[A-Za-z0-9-]+[ \t]*;")
 _RETURNED = ("message/rfc822", "text/rfc822-headers")
 _ENHANCED = re.compile(r"[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})\b")
+# the status a server wrote in words next to the address: qmail's "(#5.1.1)",
+# or an SMTP reply it quotes ("550 5.1.1 No such user")
+_WRITTEN_STATUS = re.compile(
+    r"\(#([245]\.\d{1,3}\.\d{1,3})\)|\b[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})\b"
+)
 # a header block as a returned copy inline in the text begins (qmail, Yahoo):
 # after an empty line, lines of fields up to the next empty line
 _INLINE_HEADER = re.compile(
@@ -63,21 +69,29 @@ def _is_feedback_report(msg: Message) -> bool:
 
 
 def _bounce(msg: Message) -> Report | None:
-    recipients = _permanent_failures(msg)
+    blocks = _status_blocks(msg)
+    recipients = _permanent_failures(msg, warned=not blocks)
     if not recipients:
         return None
-    blocks = _status_blocks(msg)
-    failures = tuple(_failure(address, blocks) for address in recipients)
+    text = _server_text(msg)
+    failures = tuple(_failure(address, blocks, text) for address in recipients)
     message_id, subject = _ids(_returned(msg) or _returned_inline(msg))
     return Report(BOUNCE, failures, message_id, subject, _envelope_id(blocks))
 
 
-def _permanent_failures(msg: Message) -> list[str]:
+def _permanent_failures(msg: Message, warned: bool) -> list[str]:
     """flufl.bounce's heuristics were written for bounces, not for whatever
     reaches a return path; one that trips on a message it did not foresee must
     not stop the reader, and so its error is logged and the message is read as
     no bounce. The recipients come sorted, so that a report reads the same each
-    time although flufl.bounce gives them as a set."""
+    time although flufl.bounce gives them as a set.
+
+    With ``warned``, for a report in words rather than an RFC 3464 one, an
+    address its warning detector finds is not taken: ``all_failures`` stops at
+    the first detector with a verdict, and a generic one reads Exim's "has not
+    yet been delivered" as a failure. Taken, the user was told the document was
+    returned while it was still being tried, and the real bounce that followed
+    was "already recorded"."""
     view = _scanned_view(msg)
     # one detector that raises ends the scan, so the detectors after it never
     # see the bounce: the Yale detector raises on a From without an address,
@@ -87,10 +101,11 @@ def _permanent_failures(msg: Message) -> list[str]:
     view["From"] = written if getaddresses([written]) else "<>"
     try:
         _temporary, permanent = all_failures(view)
+        delayed = SimpleWarning().process(view)[0] if warned else frozenset()
     except Exception:
         log.warning("bounce detection failed; message read as no bounce", exc_info=True)
         return []
-    found = {_address(a.decode("ascii", "replace")) for a in permanent}
+    found = {_address(a.decode("ascii", "replace")) for a in permanent - delayed}
     return sorted((a for a in found if a), key=str.lower)
 
 
@@ -111,12 +126,38 @@ def _scanned_view(part: Message) -> Message:
     return view
 
 
-def _failure(address: str, blocks: list[Message]) -> Failure:
+def _failure(address: str, blocks: list[Message], text: str) -> Failure:
     block = _block_for(address, blocks)
     if block is None:
-        return Failure(address)
+        return _written(address, text)
     status, diagnostic = _status(block), _diagnostic(block)
     return Failure(address, _precise(status, diagnostic), diagnostic)
+
+
+def _written(address: str, text: str) -> Failure:
+    """A report in words (qmail, Exim without a delivery-status part) gives
+    each address a paragraph of its own: the address, then the server's
+    reason up to the next empty line. Its status is the code written there,
+    so that qmail's "(#5.1.1)" lists a dead mailbox as a DSN's would."""
+    at = re.search(r"^[ \t]*<?" + re.escape(address) + r">?:?[ \t]*$", text, re.M | re.I)
+    if at is None:
+        return Failure(address)
+    reason = text[at.end() :].lstrip("\n").split("\n\n", 1)[0]
+    code = _WRITTEN_STATUS.search(reason)
+    diagnostic = " ".join(reason.split())[:DIAGNOSTIC_LIMIT] or None
+    return Failure(address, code and (code.group(1) or code.group(2)), diagnostic)
+
+
+def _server_text(msg: Message) -> str:
+    """The report's own text: its first text/plain part, not the returned copy."""
+    for part in msg.walk():
+        if part.get_content_type() == "text/plain":
+            payload = part.get_payload(decode=True)
+            if isinstance(payload, bytes):
+                text = payload[:SCANNED_LIMIT].decode("utf-8", "replace")
+                return text.replace("\r\n", "\n")
+            return ""
+    return ""
 
 
 def _precise(status: str | None, diagnostic: str | None) -> str | None:
