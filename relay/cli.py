@@ -474,9 +474,11 @@ def _tool_state(path: Path) -> StateSettings | None:
         except (PolicyError, OSError):
             pass
         else:
-            print(f"{problems[0]}\nrelay: {path} does not load, so this goes by the policy"
-                  f" the relay runs ({running})", file=sys.stderr)  # fmt: skip
-            return state
+            # a copy brought along from another state directory (``cp -a``) runs nowhere here
+            if state.queue.directory.parent.resolve() == running.parent.resolve():
+                print(f"{problems[0]}\nrelay: {path} does not load, so this goes by the policy"
+                      f" the relay runs ({running})", file=sys.stderr)  # fmt: skip
+                return state
     try:
         state = load_state(path)
     except PolicyError:

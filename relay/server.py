@@ -142,12 +142,14 @@ def _serve_locked(
 ) -> int:
     import uvloop
 
-    from relay.supervisor import Supervisor
+    from relay.supervisor import Supervisor, keep_policy_text
 
     code = _open_state(policy, policy_path)
     if code:
         _close(sockets, metrics)
         return code
+    if policy.workers == 1:
+        keep_policy_text(policy.queue.directory.parent, None)
     for listener in policy.listeners:
         for sock in sockets[listener.name]:
             host, port = sock.getsockname()[:2]

@@ -63,6 +63,9 @@ from relay.server import (
 if TYPE_CHECKING:
     from relay.metrics.serve import MetricsServer
 
+CHECKED = "policy.checked.yaml"  # the running policy's text, for the tools
+HANDOVER = "policy.handover.json"  # a reload's policy, for the workers
+
 log = logging.getLogger("relay")
 
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
@@ -179,9 +182,9 @@ class Supervisor:
         self.shared = shared  # made before the first fork: shared by every worker
         self.workers: dict[int, _Worker] = {}  # by pid
         # the running policy's text, for the queue and audit tools
-        self.checked = policy.queue.directory.parent / "policy.checked.yaml"
+        self.checked = policy.queue.directory.parent / CHECKED
         # what the workers load at a reload, there until each has answered: it holds keys
-        self.handover = policy.queue.directory.parent / "policy.handover.json"
+        self.handover = policy.queue.directory.parent / HANDOVER
         self.reloads = 0
         self._answers, self._answering = os.pipe()  # each worker's "RELOAD PID DIGEST\n"
         os.set_blocking(self._answers, False)
@@ -237,18 +240,7 @@ class Supervisor:
         return 0
 
     def _keep_policy_text(self) -> None:
-        """The running policy's text for the queue and audit tools (``relay.cli``), as
-        it was read, whatever the file holds now; and no handover, which holds
-        keys, left by a supervisor that died in a reload."""
-        sources = self.policy.sources
-        try:
-            _remove_handover(self.handover)  # a crash in a reload left it
-            if sources is not None:
-                _write_private(self.checked, sources.text)
-            else:
-                self.checked.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("cannot keep the running policy's text for the tools: %s", exc)
+        keep_policy_text(self.policy.queue.directory.parent, self.policy.sources)
 
     def _failed_start(self, index: int) -> int:
         """A worker that cannot start will not start on a retry either: stop, say why."""
@@ -539,6 +531,22 @@ def _handed_over(data: bytes) -> tuple[int, Sources]:
         return int(found["reload"]), Sources(base64.b64decode(found["text"]), files)
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"not a policy handed over: {exc!r}") from exc
+
+
+def keep_policy_text(state: Path, sources: Sources | None) -> None:
+    """The running policy's text for the queue and audit tools (``relay.cli``), as
+    it was read, whatever the file holds now; and no handover, which holds
+    keys, left by a supervisor that died in a reload. A relay in one process
+    passes no ``sources``: a copy a relay with workers left (or ``cp -a``
+    brought along) would have the tools go by a policy that no longer runs."""
+    try:
+        _remove_handover(state / HANDOVER)  # a crash in a reload left it
+        if sources is not None:
+            _write_private(state / CHECKED, sources.text)
+        else:
+            (state / CHECKED).unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot keep the running policy's text for the tools: %s", exc)
 
 
 def _remove_handover(handover: Path) -> None:

@@ -203,3 +203,40 @@ def test_a_user_who_may_not_look_into_the_state_directory_is_told_so(
     assert done.returncode == 4, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stdout.startswith("relay: cannot tell whether it runs: cannot read ")
+
+
+def test_a_relay_in_one_process_removes_the_copy_a_relay_with_workers_left(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A state directory moved with ``cp -a`` brought the copy a relay with
+    workers had kept, naming the old directory: with the file broken, status
+    said "not running" (exit 3) of the relay that ran, and the queue and
+    audit tools looked at the old queue and chain."""
+    port = free_port()
+    policy = configure(policy_file, port, free_port(), "workers: 1\n")
+    state = tmp_path / "state"
+    state.mkdir()
+    copy = policy.read_text().replace("workers: 1\n", f"state_directory: {tmp_path / 'old'}\n")
+    (state / "policy.checked.yaml").write_text(copy)
+    (state / "policy.handover.json").write_text("{}")
+    with RelayProcess(policy, port, tmp_path / "relay.log"):
+        policy.write_text(policy.read_text() + "listeners: [\n")
+        code, lines = _status(policy)
+        assert not (state / "policy.checked.yaml").exists()
+        assert not (state / "policy.handover.json").exists()
+    assert code == 0
+    assert lines[0].startswith("relay: running, PID ")
+
+
+def test_the_tools_pass_over_a_copy_that_names_another_state_directory(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    policy = configure(policy_file, free_port(), free_port())
+    state = tmp_path / "state"
+    state.mkdir()
+    copy = policy.read_text() + f"state_directory: {tmp_path / 'old'}\n"
+    (state / "policy.checked.yaml").write_text(copy)
+    policy.write_text(policy.read_text().replace("unknown_sender:", "unknown_sendr:"))
+    listed = relay_cli(policy, "queue", "list")
+    assert "does not load, but its state settings do, so this goes by them" in listed.stderr
+    assert f"relay queue: {state / 'queue'}: no queue here" in listed.stderr
