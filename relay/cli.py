@@ -700,6 +700,7 @@ def _keygen(args: argparse.Namespace) -> int:
     from relay.keygen import existing_record, generate
     from relay.policy.model import DkimAlgorithm
 
+    made = not args.directory.exists()  # a typo in the path would go unseen
     try:
         path, record = generate(
             args.domain, args.selector, DkimAlgorithm(args.algorithm), args.directory, args.bits
@@ -714,6 +715,8 @@ def _keygen(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"relay dkim keygen: {exc}", file=sys.stderr)
         return 1
+    if made:
+        print(f"; {args.directory} did not exist: made it (mode 0700)", file=sys.stderr)
     print(f"; private key written to {path} (mode 0600)", file=sys.stderr)
     try:
         print(record)

@@ -223,6 +223,18 @@ def test_keygen_into_a_file_is_not_the_key_existing(tmp_path: Path) -> None:
     assert done.stderr == f"relay dkim keygen: {tmp_path / 'afile'} is not a directory\n"
 
 
+def test_keygen_says_it_made_a_directory_that_did_not_exist(tmp_path: Path) -> None:
+    """A typo in --directory put the key in a new directory, without a word."""
+    done = relay("dkim", "keygen", "--domain", "example.com", "--selector", "e1",
+                 "--algorithm", "ed25519", "--directory", str(tmp_path / "dikm"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    made = f"; {tmp_path / 'dikm'} did not exist: made it (mode 0700)"
+    assert done.stderr.splitlines()[0] == made
+    again = relay("dkim", "keygen", "--domain", "example.com", "--selector", "e2",
+                  "--algorithm", "ed25519", "--directory", str(tmp_path / "dikm"))  # fmt: skip
+    assert "did not exist" not in again.stderr
+
+
 def test_passwd_hash_verifies(tmp_path: Path) -> None:
     done = relay("passwd", stdin="s3cret\n")
     assert done.returncode == 0, done.stderr
