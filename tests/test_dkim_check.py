@@ -179,6 +179,14 @@ def test_a_server_that_hands_the_name_on_is_no_proof_it_is_missing(policy: Path)
 
 
 CASE = ": tag values are case-sensitive"
+
+
+def _cut_at_a_multiple_of_four(value: str) -> str:
+    """p= cut 16 characters short, at a multiple of 4: what is left still decodes."""
+    start = value.index("p=") + 2
+    return value[: start + (len(value) - start) // 4 * 4 - 16]
+
+
 PASTED = "  failed: the record holds a zone file's syntax (quotes, parentheses, the name or TXT)"
 
 
@@ -189,6 +197,7 @@ PASTED = "  failed: the record holds a zone file's syntax (quotes, parentheses, 
         (lambda v: f'( "{v[:20]}" "{v[20:]}" )', PASTED),
         (lambda v: f'{NAME} IN TXT ( "{v[:20]}" "{v[20:]}" )', PASTED),
         (lambda v: v[:-3], "  failed: p= is not base64 (cut short, or other text in it)"),
+        (_cut_at_a_multiple_of_four, "  failed: p= is this key's beginning only (cut short)"),
         (
             lambda v: v.replace("k=rsa", "k=RSA"),
             f"  failed: k=RSA, but the key in {{key}} is rsa{CASE}",
@@ -204,6 +213,7 @@ PASTED = "  failed: the record holds a zone file's syntax (quotes, parentheses, 
         "parenthesised",
         "keygen-line",
         "cut-short",
+        "cut-short-still-base64",
         "upper-case-k",
         "lower-case-v",
         "twice",
