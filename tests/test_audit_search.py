@@ -786,3 +786,23 @@ def test_a_message_id_recorded_with_space_around_it_is_found_without(tmp_path: P
                         "invoice", ["buyer@customer.example"]))  # fmt: skip
     assert [r["queue_id"] for r in show(tmp_path, "<folded@erp.example>")] == ["Q0000000000000F1"]
     assert [r["seq"] for r in search(tmp_path, message_id="folded@erp.example")] == [1]
+
+
+def test_show_of_a_notice_not_tried_yet_says_which_message_it_is_about(tmp_path: Path) -> None:
+    """Before its first attempt a notice has only its link: show printed the
+    link's one line, as if of another message, and never said what it was about."""
+    build(tmp_path)
+    q, m = ACME_QUOTE
+    with AuditLog(tmp_path, clock=Clock(START + timedelta(days=2))) as log:
+        log.append(
+            events.notified(
+                queue_id=q, message_id=m, recipient="eva@acme.example", notice_queue_id=NOTICE[0]
+            )
+        )
+    out = io.StringIO()
+    assert show_main(tmp_path, NOTICE[0], out=out, err=io.StringIO()) == 0
+    assert out.getvalue().splitlines() == [
+        f"Failure notice -, queue ID {NOTICE[0]}",
+        f"2024-05-08T09:00:00.000Z  written to eva@acme.example about message {m}, queue ID {q}",
+        f"    no attempt on record yet: relay queue show {NOTICE[0]}",
+    ]

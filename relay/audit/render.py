@@ -185,12 +185,14 @@ def timeline(records: Sequence[dict[str, Any]]) -> str:
     for r in records:
         messages.setdefault(r.get("queue_id"), []).append(r)
     links = {r.get("notice_queue_id"): r for r in records if r.get("event") == "notified"}
-    return "\n".join(
-        _story(each, links.get(queue_id))
-        for queue_id, each in messages.items()
-        if not all(r.get("event") == "notified" and r.get("notice_queue_id") in messages
-                   for r in each)
-    )  # fmt: skip
+    stories = []
+    for queue_id, each in messages.items():
+        if all(r.get("event") == "notified" for r in each):
+            # only links: the notices' stories, each told with its own records if it has any
+            stories += [_story([], r) for r in each if r.get("notice_queue_id") not in messages]
+        else:
+            stories.append(_story(each, links.get(queue_id)))
+    return "\n".join(stories)
 
 
 def _story(records: Sequence[dict[str, Any]], link: dict[str, Any] | None = None) -> str:
@@ -246,11 +248,15 @@ def _story(records: Sequence[dict[str, Any]], link: dict[str, Any] | None = None
 def _notice(link: dict[str, Any], records: Sequence[dict[str, Any]]) -> list[str]:
     """What a notice is about, from the ``notified`` record that links it."""
     message_id = next((r["message_id"] for r in records if r.get("message_id")), None)
-    return [
-        f"Failure notice {_safe(message_id)}, queue ID {_safe(link.get('notice_queue_id'))}",
+    notice = _safe(link.get("notice_queue_id"))
+    lines = [
+        f"Failure notice {_safe(message_id)}, queue ID {notice}",
         f"{link.get('time')}  written to {_safe(link.get('recipient'))} about message"
         f" {_safe(link.get('message_id'))}, queue ID {_safe(link.get('queue_id'))}",
     ]
+    if not records:  # queued by ``relay bounce``, and the relay has not tried it yet
+        lines.append(f"    no attempt on record yet: relay queue show {notice}")
+    return lines
 
 
 def _received(r: dict[str, Any]) -> list[str]:
