@@ -762,6 +762,18 @@ def test_an_outcome_written_again_counts_once_and_a_later_attempt_again(tmp_path
     assert delivered(since="2024-05-07") == 1
     assert [r["attempts"] for r in search(tmp_path, status="delivered")] == [1, 2]
     assert [r["seq"] for r in show(tmp_path, ids[0])] == [1, 2, 4]
+    # search, as the report, lists the copy of an outcome written before the window nowhere
+    later = {"since": "2024-05-07"}
+    for given in ({}, {"status": "delivered"}, {"tenant": "acme"}, {"queue_id": ids[0]},
+                  {"recipient": "AP@customer.example"}):  # fmt: skip
+        assert [r["seq"] for r in search(tmp_path, **later, **given)] == [4], given
+    with AuditLog(tmp_path, clock=clock) as log:  # the same day, earlier than the window
+        clock.advance(hours=1)
+        log.append(_delivered(ids[0], attempts=3))
+        clock.advance(hours=1)
+        log.append(_delivered(ids[0], attempts=3))
+    assert [r["seq"] for r in search(tmp_path, since="2024-05-07T10:30:00Z")] == []
+    assert [r["seq"] for r in search(tmp_path, since="2024-05-07T09:30:00Z")] == [5]
 
 
 def test_show_tells_who_held_and_released_a_message(tmp_path: Path) -> None:

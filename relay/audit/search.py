@@ -268,7 +268,7 @@ def search(
     parents = wanted if doc_type is None else set()
     parent_needles = join_needles[: len(senders)] if notices and parents is not wanted else None
     first = window.first_day
-    if joining and first is not None:
+    if first is not None:  # for the received records joined, and the outcomes written again
         first = _back(first, lookback_days)
     repeats = Repeats()
     for file in reader.day_files(directory, first, window.last_day, window.until):
@@ -276,7 +276,13 @@ def search(
         for block in reader.chunks(file):
             low = block.lower() if rcpt is not None else block
             if early:
-                starts: list[int] | None = _starts(block, join_needles[0])
+                starts: list[int] | None = (
+                    _starts(low if lowered else block, driver)
+                    if driver is not None
+                    else [i for event in REPEATABLE for i in _starts(block, _EVENT + event)]
+                )
+                if joining:
+                    starts += _starts(block, join_needles[0])
             elif driver is None:
                 starts = None
             else:
@@ -285,7 +291,7 @@ def search(
                     starts = [*starts, *_starts(block, join_needles[0])]
             if notices and starts is not None:
                 starts += _starts(block, _NOTIFIED)
-            if joining and starts is not None:
+            if (joining or early) and starts is not None:
                 starts = sorted(set(starts))
             for start, line in _lines(block, starts):
                 if join and _RECEIVED in line and _may_own(line, join_needles, parent_needles):
@@ -304,16 +310,24 @@ def search(
                     notice = _notice_of(line, parents if senders else None)
                     if notice is not None:
                         wanted.add(notice)
-                if early or not all(n in line for n in needles):
+                if not all(n in line for n in needles):
                     continue
                 if rcpt is not None and rcpt_needle not in low[start : start + len(line)]:
+                    continue
+                if early:  # an outcome before the window: its copies in it are not listed
+                    repeats.copy(line)
                     continue
                 if joining:
                     head = _HEAD.search(line)
                     if head is None or (head.group(3) or b"").decode() not in wanted:
                         continue
                 record = _decode(line)
-                if record is None or not matches(record):
+                if record is None:
+                    continue
+                if str(record.get("time", "")) < window.since:
+                    repeats.copy(line)
+                    continue
+                if not matches(record):
                     continue
                 if join and (
                     record.get("event") == "received" or record.get("queue_id") not in wanted
