@@ -33,7 +33,7 @@ from relay.ratelimit import RateRow
 from relay.record import Recorder
 from relay.sign import sign
 from relay.spool import PENDING, SUPPRESSED, QueueEntry, RecipientState, Spool, SpoolError
-from relay.submission import Submission
+from relay.submission import Submission, log_refused
 from relay.suppression import EMPTY, SuppressionError, SuppressionFile, SuppressionList
 from relay.upstream import replies
 
@@ -466,14 +466,7 @@ class Acceptor:
         return f"250 2.0.0 Ok: queued as {entry.queue_id}"
 
     async def _rejected(self, submission: Submission, reply: SmtpReply) -> None:
-        log.info(
-            "refused client=%s login=%s from=<%s> to=%s: %s",
-            submission.client_address,
-            submission.auth_login or "-",
-            submission.mail_from,
-            ",".join(f"<{r}>" for r in submission.rcpt_tos),
-            reply.line,
-        )
+        log_refused(submission, reply.line)
         await self.refused(submission, reply)
 
     async def refused(self, submission: Submission, reply: SmtpReply) -> None:

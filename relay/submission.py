@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+log = logging.getLogger("relay")
 
 
 @dataclass(frozen=True)
@@ -34,3 +37,17 @@ def distinct(addresses: Iterable[str]) -> tuple[str, ...]:
         if not listed(address, found):
             found.append(address)
     return tuple(found)
+
+
+def log_refused(submission: Submission, reply: str) -> None:
+    """The log line of a message refused after its DATA, the same whatever refused
+    it (its size, bare line ends, the policy): a grep for a login or a recipient
+    finds every refusal, and for a message too large this line is all there is."""
+    log.info(
+        "refused client=%s login=%s from=<%s> to=%s: %s",
+        submission.client_address,
+        submission.auth_login or "-",
+        submission.mail_from,
+        ",".join(f"<{r}>" for r in submission.rcpt_tos),
+        reply,
+    )

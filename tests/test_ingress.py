@@ -211,6 +211,8 @@ def test_non_ascii_in_a_parameter_is_not_blamed_on_the_address(relay: Relay) -> 
         (b"MAIL FROM:<no-domain>", "553 5.1.7 Bad address syntax: "),
         (b'MAIL FROM:<"erp@acme.example">', "553 5.1.7 Quoted local parts are not supported: "),
         (b'MAIL FROM:<"e rp"@acme.example>', "553 5.1.7 Quoted local parts are not supported: "),
+        # the parser quotes a local part with a space: the reply quoted text never sent
+        (b"MAIL FROM:<jan smith@acme.example>", "553 5.1.7 Bad address syntax: 'jan smith@acme"),
         (b"MAIL FROM:<erp@" + (b"d" * 60 + b".") * 5 + b"org>", "553 5.1.7 Address longer than"),
     ],
 )
@@ -234,6 +236,8 @@ def test_malformed_sender_refused(
         (b'"postmaster@example.org"', "553 5.1.3 Quoted local parts are not supported: "),
         (b'"root@"', "553 5.1.3 Quoted local parts are not supported: "),
         (b'"a b"@example.org', "553 5.1.3 Quoted local parts are not supported: "),
+        (b"a b@example.org", "553 5.1.3 Bad address syntax: 'a b@example.org'"),
+        (b"Customer Name", "553 5.1.3 Bad address syntax: 'Customer Name'"),
         (b"root@[192.0.2.1]", "553 5.1.3 Bad address syntax: "),
         (b"root@-example.org", "553 5.1.3 Bad address syntax: "),
         (b"root.@example.org", "553 5.1.3 Bad address syntax: "),
@@ -404,8 +408,10 @@ def test_size_enforced_on_data(relay: Relay, caplog: pytest.LogCaptureFixture) -
         assert reply.startswith(b"5.3.4 ")
         assert client.noop()[0] == 250
     assert relay.process.calls == []
+    # the same fields as a refusal by the policy: a grep for the login or the recipient finds it
     assert refused_lines(caplog) == [
-        f"refused client=127.0.0.1 from=<erp@acme.example>: 552 {reply.decode()}"
+        "refused client=127.0.0.1 login=- from=<erp@acme.example> to=<one@example.org>:"
+        f" 552 {reply.decode()}"
     ]
 
 
@@ -541,7 +547,9 @@ def test_a_client_on_bare_line_feeds_that_pipelines_quit_hears_why_too(
         assert time.monotonic() - started < 10  # not the idle timeout
         assert raw.closed()
     assert reply.startswith("550 5.6.11 ")
-    assert refused_lines(caplog) == [f"refused client=127.0.0.1 from=<erp@acme.example>: {reply}"]
+    assert refused_lines(caplog) == [
+        f"refused client=127.0.0.1 login=- from=<erp@acme.example> to=<one@example.org>: {reply}"
+    ]
     assert relay.process.calls == []
 
 
@@ -1244,3 +1252,26 @@ def test_data_before_mail_asks_for_mail(relay: Relay) -> None:
         assert raw.cmd(b"DATA") == "503 5.5.1 Error: need MAIL command"
         assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
         assert raw.cmd(b"DATA") == "503 5.5.1 Error: need RCPT command"
+
+
+def test_a_message_refused_for_its_content_is_logged_with_its_login_and_recipients(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A NUL, a long line or bare line ends were logged without login= and to=:
+    a grep for the ERP's login or the customer missed them, though the audit
+    log has both."""
+    caplog.set_level(logging.INFO, logger="relay")
+    blob = base64.b64encode(b"\0erp-acme\0demo-password")
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"AUTH PLAIN " + blob).startswith("235 ")
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        assert raw.cmd(b"RCPT TO:<one@example.org>").startswith("250")
+        assert raw.cmd(b"RCPT TO:<two@example.org>").startswith("250")
+        assert raw.cmd(b"DATA").startswith("354")
+        reply = raw.cmd(b"Subject: x\r\n\r\nnul \0 here\r\n.")
+    assert reply.startswith("554 5.6.0 ")
+    assert refused_lines(caplog) == [
+        "refused client=127.0.0.1 login=erp-acme from=<erp@acme.example>"
+        f" to=<one@example.org>,<two@example.org>: {reply}"
+    ]

@@ -41,16 +41,29 @@ def plain_path(arg: str) -> tuple[str, str] | None:
     return match.group(1), rest
 
 
-def mailbox_refusal(address: str, status: str) -> Rejected | None:
+def mailbox_refusal(address: str, status: str, given: str | None = None) -> Rejected | None:
     """The 553 refusing ``address`` (a parsed path, not the null one) as a sender
     (``SENDER``) or recipient (``RECIPIENT``), or None when the relay takes it.
     One longer than RFC 5321 allows is refused now, while the ERP can show it:
     taken, a server that holds to the lengths would refuse it at delivery, the
-    ERP having heard 250 and the user getting a failure notice instead."""
+    ERP having heard 250 and the user getting a failure notice instead.
+
+    ``given`` is the path as the client wrote it: the parser quotes a local
+    part with a space (``<Customer Name>``), and a reply about quoted local
+    parts, quoting text the ERP never sent, had its sysadmin look for quotes."""
     if _MAILBOX.fullmatch(address):
         if not fits_smtp(address):
             return Rejected(553, status, f"{TOO_LONG}: {address!r}")
         return None
-    if address.startswith('"'):
-        return Rejected(553, status, f"Quoted local parts are not supported: {address!r}")
-    return Rejected(553, status, f"Bad address syntax: {address!r}")
+    written = _path_text(given) if given is not None else address
+    if written.startswith('"'):
+        return Rejected(553, status, f"Quoted local parts are not supported: {written!r}")
+    return Rejected(553, status, f"Bad address syntax: {written!r}")
+
+
+def _path_text(given: str) -> str:
+    """``<a b@x> SIZE=1`` as ``a b@x``: the path without its brackets or parameters."""
+    inside = given.strip()
+    if inside.startswith("<") and ">" in inside:
+        return inside[1 : inside.rindex(">")]
+    return inside

@@ -20,13 +20,13 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relay.errors import SmtpReply
 from relay.ingress import content
 from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
-from relay.ingress.auth import Authenticated, Mechanisms
+from relay.ingress.auth import Mechanisms
 from relay.ingress.authcache import Verified
 from relay.ingress.authlimit import AuthFailures
 from relay.ingress.diskspace import DiskGuard, reserve_for
-from relay.ingress.protocol import RelaySMTP, client_text, hook_names, log_refused
+from relay.ingress.protocol import RelaySMTP, hook_names, submission_of
 from relay.policy.model import AuthMode, Listener, Policy
-from relay.submission import Submission, listed
+from relay.submission import Submission, listed, log_refused
 from relay.tally import TallyRow
 
 log = logging.getLogger("relay")
@@ -88,7 +88,8 @@ class RelayHandler(Mechanisms):
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        refused = None if address == "<>" else mailbox_refusal(address, SENDER)
+        given = _path_as_given(server)
+        refused = None if address == "<>" else mailbox_refusal(address, SENDER, given)
         if refused is not None:
             return refused.line
         full = self._no_room(self._current_policy(), _declared_size(options))
@@ -101,7 +102,7 @@ class RelayHandler(Mechanisms):
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        refused = mailbox_refusal(address, RECIPIENT)
+        refused = mailbox_refusal(address, RECIPIENT, _path_as_given(server))
         if refused is not None:
             return refused.line
         if listed(address, envelope.rcpt_tos):
@@ -114,20 +115,10 @@ class RelayHandler(Mechanisms):
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data = envelope.original_content or b""
-        submission = Submission(
-            listener=self._listener.name,
-            client_address=client_text(session.peer),
-            auth_login=_login(session),
-            mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
-            rcpt_tos=tuple(envelope.rcpt_tos),
-            data=data,
-            helo=session.host_name or "",
-            tls=session.ssl is not None,
-            esmtp=session.extended_smtp,
-        )
+        submission = submission_of(self._listener.name, session, envelope, data)
         refusal = content.refusal(data)
         if refusal is not None:
-            log_refused(session.peer, envelope.mail_from, refusal.line)
+            log_refused(submission, refusal.line)
             if self._refused is not None:
                 await self._refused(submission, refusal)
             return refusal.line
@@ -192,9 +183,9 @@ def _declared_size(options: list[str]) -> int:
     return 0
 
 
-def _login(session: Session) -> str | None:
-    auth = session.auth_data if session.authenticated else None
-    return auth.login if isinstance(auth, Authenticated) else None
+def _path_as_given(server: SMTP) -> str | None:
+    """The path of this command as the client wrote it."""
+    return server.path_as_given if isinstance(server, RelaySMTP) else None
 
 
 def _log_orphan(task: asyncio.Task[str], submission: Submission) -> None:

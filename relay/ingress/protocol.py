@@ -48,13 +48,15 @@ from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, TLSSetupException, _Missing, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, _Missing, syntax
 
 from relay import tally
 from relay.ingress import content, data
 from relay.ingress.address import plain_path
-from relay.ingress.auth import AUTH_ABORTED, BAD_BASE64
+from relay.ingress.auth import AUTH_ABORTED, BAD_BASE64, Authenticated
 from relay.ingress.clientlimit import ALL_BUSY, EVERYONE, TOO_MANY, ClientRow
+from relay.submission import Submission
+from relay.submission import log_refused as log_message_refused
 from relay.tally import TallyRow
 from relay.visible import escaped_match
 
@@ -198,6 +200,7 @@ class RelaySMTP(SMTP):
         self._holding = False
         self._lost = False  # connection_lost was called (see smtp_STARTTLS)
         self._shut_down = False  # told 421 by a stop
+        self.path_as_given: str | None = None  # the last MAIL or RCPT path, as written
         self._ended = False  # the client has closed (at least) its sending side
         self._deadline = 0.0  # loop time: idle until then is allowed
         self._mail_arg: str | None = None  # while a MAIL command is handled
@@ -426,6 +429,7 @@ class RelaySMTP(SMTP):
         self._counted.clear()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        self.path_as_given = arg  # for a refusal that quotes what the client wrote
         plain = plain_path(arg)
         if plain is None:
             return super()._getaddr(arg)
@@ -579,7 +583,7 @@ class RelaySMTP(SMTP):
             self._in_data = False
         if section.bare_end:
             assert self.session is not None
-            log_refused(self.session.peer, self.envelope.mail_from, content.BARE_NEWLINE.line)
+            self._log_refused_message(content.BARE_NEWLINE.line)
             self._say(content.BARE_NEWLINE.line.encode() + b"\r\n")
             if self.transport is not None:
                 self.transport.close()  # out of step: whatever follows is not read
@@ -587,7 +591,7 @@ class RelaySMTP(SMTP):
         if section.overflow is not data.Overflow.NONE:
             assert self.session is not None
             reply = self._too_big()
-            log_refused(self.session.peer, self.envelope.mail_from, reply)
+            self._log_refused_message(reply)
             await self.push(reply)
             self._set_post_data_state()
             return
@@ -686,6 +690,11 @@ class RelaySMTP(SMTP):
             self._log_refused_sender(given_sender(self._mail_arg), status)
         elif self._rcpt_arg is not None and status.startswith(("4", "5")):
             self._log_refused_recipient(given_path(_GIVEN_RECIPIENT, self._rcpt_arg), status)
+
+    def _log_refused_message(self, reply: str) -> None:
+        assert self.session is not None
+        refused = submission_of(self._listener_name, self.session, self.envelope, b"")
+        log_message_refused(refused, reply)
 
     def _log_refused_sender(self, sender: str, status: str) -> None:
         assert self.session is not None
@@ -884,6 +893,22 @@ def given_path(command: re.Pattern[str], arg: str | None) -> str:
     """The path ``arg`` names as ``command`` finds it, controls blanked; ``?`` if none."""
     match = command.match(arg or "")
     return _CONTROL.sub(" ", match.group(1)) if match else "?"
+
+
+def submission_of(listener: str, session: Session, envelope: Envelope, raw: bytes) -> Submission:
+    """The transaction as the pipeline takes it, and as a refusal's log line names it."""
+    auth = session.auth_data if session.authenticated else None
+    return Submission(
+        listener=listener,
+        client_address=client_text(session.peer),
+        auth_login=auth.login if isinstance(auth, Authenticated) else None,
+        mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
+        rcpt_tos=tuple(envelope.rcpt_tos),
+        data=raw,
+        helo=session.host_name or "",
+        tls=session.ssl is not None,
+        esmtp=session.extended_smtp,
+    )
 
 
 def client_address(peer: Any) -> IPv4Address | IPv6Address | None:
