@@ -235,7 +235,7 @@ class Settler:
 
 
 RECENT = 16 << 20  # how much of the audit log's end a restart reads for outcomes
-WIDER = 8  # times RECENT, read once more when that covered too little time
+WIDER = reader.REWRITE_REACH // RECENT  # read once more when RECENT covered too little time
 #: How much later than the oldest record read an entry must have been made
 #: for a missing record to mean it was never written. A record written after
 #: the entry's could only carry an earlier time if the clock was set back in

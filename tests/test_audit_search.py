@@ -818,3 +818,37 @@ def test_show_of_a_notice_not_tried_yet_says_which_message_it_is_about(tmp_path:
         f"2024-05-08T09:00:00.000Z  written to eva@acme.example about message {m}, queue ID {q}",
         f"    no attempt on record yet: relay queue show {NOTICE[0]}",
     ]
+
+
+def test_search_reads_back_for_copies_only_as_far_as_a_restart_writes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart writes again only outcomes it read in the log's last
+    REWRITE_REACH bytes: search --since reads no further back for their
+    originals (it read the 30 days before it whatever their size), counting
+    a compressed day at ten times its size."""
+    from datetime import date
+
+    from relay.audit import reader
+    from relay.audit.search import _rewritten_days
+
+    sizes = {1: 400, 2: 30, 3: 500, 4: 60, 5: 70}
+    for day, size in sizes.items():
+        name = f"audit-2026-11-0{day}.jsonl" + (".gz" if day == 2 else "")
+        (tmp_path / name).write_bytes(b"x" * size)
+    monkeypatch.setattr(reader, "REWRITE_REACH", 600)
+    before = date(2026, 11, 6)
+    # 70, 60, then 500 reaches 630: day 3 is the last read; day 2 is never reached
+    assert _rewritten_days(tmp_path, before, date(2026, 11, 1)) == {
+        date(2026, 11, d) for d in (3, 4, 5)
+    }
+    monkeypatch.setattr(reader, "REWRITE_REACH", 800)  # day 2's 30 bytes count as 300
+    assert _rewritten_days(tmp_path, before, date(2026, 11, 1)) == {
+        date(2026, 11, d) for d in (2, 3, 4, 5)
+    }
+    assert _rewritten_days(tmp_path, before, date(2026, 11, 4)) == {
+        date(2026, 11, d) for d in (4, 5)
+    }
+    assert _rewritten_days(tmp_path, date(2026, 11, 4), date(2026, 11, 1)) == {
+        date(2026, 11, d) for d in (2, 3)
+    }

@@ -207,6 +207,11 @@ def parse(line: bytes) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+#: The most of the log's end a restart reads for the outcomes it writes again
+#: (``relay.settle``): a record's copy is never further from it than this.
+REWRITE_REACH = 128 << 20
+
+
 def recent(directory: Path, budget: int) -> Iterator[dict[str, Any]]:
     """The records in the last ``budget`` bytes of the plain day files, newest
     file first, each file's in order: what happened just before now, without

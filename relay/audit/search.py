@@ -268,19 +268,25 @@ def search(
     parents = wanted if doc_type is None else set()
     parent_needles = join_needles[: len(senders)] if notices and parents is not wanted else None
     first = window.first_day
-    if first is not None:  # for the received records joined, and the outcomes written again
-        first = _back(first, lookback_days)
+    rewritten: set[date] = set()  # days before the window whose outcomes may have copies in it
+    if first is not None:
+        rewritten = _rewritten_days(directory, first, _back(first, lookback_days))
+        first = _back(first, lookback_days) if joining else min(rewritten, default=first)
     repeats = Repeats()
     for file in reader.day_files(directory, first, window.last_day, window.until):
         early = window.first_day is not None and file.day < window.first_day
+        if early and not joining and file.day not in rewritten:
+            continue
         for block in reader.chunks(file):
             low = block.lower() if rcpt is not None else block
             if early:
-                starts: list[int] | None = (
-                    _starts(low if lowered else block, driver)
-                    if driver is not None
-                    else [i for event in REPEATABLE for i in _starts(block, _EVENT + event)]
-                )
+                starts: list[int] | None = []
+                if file.day in rewritten:
+                    starts = (
+                        _starts(low if lowered else block, driver)
+                        if driver is not None
+                        else [i for event in REPEATABLE for i in _starts(block, _EVENT + event)]
+                    )
                 if joining:
                     starts += _starts(block, join_needles[0])
             elif driver is None:
@@ -336,6 +342,23 @@ def search(
                 if repeats.copy(line):
                     continue
                 yield record
+
+
+def _rewritten_days(directory: Path, before: date, first: date) -> set[date]:
+    """The days before ``before`` (from ``first``) whose outcomes a restart may
+    have written again later: the day files within ``reader.REWRITE_REACH``
+    bytes of the log before that day, as ``relay.settle`` reads no further back
+    (a compressed file counted at ten times its size, about what gzip saves)."""
+    days: set[date] = set()
+    reach = reader.REWRITE_REACH
+    for file in reversed(reader.day_files(directory, first, before - timedelta(days=1))):
+        if file.day >= before:
+            continue
+        if reach <= 0:
+            break
+        days.add(file.day)  # compressed since, perhaps: its records were plain then
+        reach -= file.path.stat().st_size * (10 if file.compressed else 1)
+    return days
 
 
 def _bare(message_id: object) -> str:
