@@ -146,12 +146,65 @@ def test_an_exim_failure_in_words_gives_the_remote_servers_code() -> None:
     )
 
 
-def test_an_exim_delay_warning_in_words_is_no_bounce() -> None:
+@pytest.mark.parametrize(
+    "name", ["exim-delayed.eml", "postfix-delayed-text.eml", "sendmail-warning.eml"]
+)
+def test_a_delay_warning_in_words_is_no_bounce(name: str) -> None:
     """flufl.bounce's scan stops at its first detector with a verdict, and a
-    generic one took the warning for a failure: the user was told the
+    generic one took these warnings for failures: the user was told the
     document came back while it was still being tried, and the real bounce
     that followed was "already recorded", so the address was never listed."""
-    assert read(_sample("exim-delayed.eml")) is None
+    assert read(_sample(name)) is None
+
+
+def test_each_address_of_a_text_bounce_has_its_own_reason() -> None:
+    """Exim puts no empty line between the addresses: each took the lines up to
+    the next empty one, so all three got the last one's 5.1.1 and were listed,
+    a full mailbox and an unroutable domain with them."""
+    failures = read(_sample("exim-failure-three.eml")).failures  # type: ignore[union-attr]
+    assert [(f.recipient, f.status) for f in failures] == [
+        ("accounts@gone.example", None),
+        ("bob@buyer.example", "5.1.1"),
+        ("full@buyer.example", None),
+    ]
+    assert failures[0].diagnostic == "Unrouteable address"
+    assert failures[2].diagnostic is not None and failures[2].diagnostic.endswith(
+        "552 Mailbox is full"
+    )
+
+
+@pytest.mark.parametrize(
+    "returned",
+    [b"Subject: Invoice 4718 has not yet been delivered\nTo: bob@buyer.example\n",
+     b"Subject: Invoice 4718\n\nIt has not yet been delivered to\nbob@buyer.example\n"],
+)  # fmt: skip
+def test_a_delay_in_the_returned_copy_does_not_hide_the_failure(returned: bytes) -> None:
+    """The warning detector read the copy of the document too: an ERP's
+    reminder saying "has not yet been delivered" made a real 5.1.1 no bounce."""
+    raw = _sample("exim-failure.eml").replace(
+        b"To: bob@buyer.example\nSubject: Invoice 4718\n", returned
+    )
+    assert [(f.recipient, f.status) for f in read(raw).failures] == [  # type: ignore[union-attr]
+        ("bob@buyer.example", "5.1.1")
+    ]
+
+
+def test_a_text_bounce_is_read_in_its_charset_and_only_a_permanent_code_taken() -> None:
+    raw = _sample("qmail-failure.eml").replace(
+        b"No mailbox by that name is kept on this host. (#5.1.1)",
+        "Empfänger unbekannt. (#5.1.1)".encode("latin-1"),
+    )
+    latin = b"MIME-Version: 1.0\nContent-Type: text/plain; charset=iso-8859-1\n"
+    raw = raw.replace(b"Subject: failure notice\n", b"Subject: failure notice\n" + latin)
+    assert read(raw).failures == (  # type: ignore[union-attr]
+        Failure("Sales@OldHost.example", "5.1.1", "Empfänger unbekannt. (#5.1.1)"),
+    )
+    lifetime = _sample("qmail-failure.eml").replace(
+        b"No mailbox by that name is kept on this host. (#5.1.1)",
+        b"I'm not going to try again; this message has been in the queue too long."
+        b"\nRemote host said: 451 4.4.2 try later",
+    )
+    assert read(lifetime).failures[0].status is None  # type: ignore[union-attr]
 
 
 def test_a_non_dsn_bounce_from_an_8bit_sender_name_is_still_read() -> None:

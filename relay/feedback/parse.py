@@ -36,7 +36,21 @@ _ENHANCED = re.compile(r"[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})\b")
 # the status a server wrote in words next to the address: qmail's "(#5.1.1)",
 # or an SMTP reply it quotes ("550 5.1.1 No such user")
 _WRITTEN_STATUS = re.compile(
-    r"\(#([245]\.\d{1,3}\.\d{1,3})\)|\b[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})\b"
+    r"#([245]\.\d{1,3}\.\d{1,3})\b|\b[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})\b"
+)
+# a line that begins with a failed address: qmail's "<a@b>:", Exim's indented
+# "  a@b", Exchange's "a@b on <date>"; what follows it is that address's reason
+_ADDRESS_LINE = re.compile(r"[ \t]*<?([^\s<>@]+@[^\s<>:]+)>?:?(?:[ \t]|$)")
+# a report that says of itself it is a warning (Postfix's and sendmail's banner),
+# or whose subject does (Postfix, sendmail, Exim, Exchange delay notices)
+_WARNING_TEXT = re.compile(
+    r"THIS\s+IS\s+A\s+WARNING\s+(?:MESSAGE\s+)?ONLY|YOU\s+DO\s+NOT\s+NEED\s+TO\s+RESEND",
+    re.IGNORECASE,
+)
+_WARNING_SUBJECT = re.compile(
+    r"\s*(?:Delayed Mail\b|Warning: could not send message|Warning: message \S+ delayed"
+    r"|Delivery Status Notification \(Delay\)|Delivery delayed:)",
+    re.IGNORECASE,
 )
 # a header block as a returned copy inline in the text begins (qmail, Yahoo):
 # after an empty line, lines of fields up to the next empty line
@@ -70,28 +84,39 @@ def _is_feedback_report(msg: Message) -> bool:
 
 def _bounce(msg: Message) -> Report | None:
     blocks = _status_blocks(msg)
-    recipients = _permanent_failures(msg, warned=not blocks)
+    own = _own_text(msg)
+    if not blocks and _says_warning(msg, own):
+        return None
+    recipients = _permanent_failures(msg, None if blocks else own)
     if not recipients:
         return None
-    text = _server_text(msg)
-    failures = tuple(_failure(address, blocks, text) for address in recipients)
+    failures = tuple(_failure(address, blocks, own) for address in recipients)
     message_id, subject = _ids(_returned(msg) or _returned_inline(msg))
     return Report(BOUNCE, failures, message_id, subject, _envelope_id(blocks))
 
 
-def _permanent_failures(msg: Message, warned: bool) -> list[str]:
+def _says_warning(msg: Message, own: str) -> bool:
+    """A report in words that says it is a delay warning. flufl.bounce's generic
+    patterns read Postfix's "could not be delivered for more than 4 hour(s)"
+    as a failure: the user was told the document came back while it was still
+    being tried, and the real bounce after it was "already recorded"."""
+    subject = _value(msg, "Subject") or ""
+    return bool(_WARNING_SUBJECT.match(subject) or _WARNING_TEXT.search(own))
+
+
+def _permanent_failures(msg: Message, own: str | None) -> list[str]:
     """flufl.bounce's heuristics were written for bounces, not for whatever
     reaches a return path; one that trips on a message it did not foresee must
     not stop the reader, and so its error is logged and the message is read as
     no bounce. The recipients come sorted, so that a report reads the same each
     time although flufl.bounce gives them as a set.
 
-    With ``warned``, for a report in words rather than an RFC 3464 one, an
-    address its warning detector finds is not taken: ``all_failures`` stops at
-    the first detector with a verdict, and a generic one reads Exim's "has not
-    yet been delivered" as a failure. Taken, the user was told the document was
-    returned while it was still being tried, and the real bounce that followed
-    was "already recorded"."""
+    With ``own``, the text of a report in words rather than an RFC 3464 one,
+    an address flufl.bounce's warning detector finds there is not taken:
+    ``all_failures`` stops at the first detector with a verdict, and a generic
+    one reads Exim's "has not yet been delivered" as a failure. Only the
+    report's own text is looked at, not the copy it returns: a document whose
+    subject says "has not yet been delivered" is no warning."""
     view = _scanned_view(msg)
     # one detector that raises ends the scan, so the detectors after it never
     # see the bounce: the Yale detector raises on a From without an address,
@@ -101,7 +126,8 @@ def _permanent_failures(msg: Message, warned: bool) -> list[str]:
     view["From"] = written if getaddresses([written]) else "<>"
     try:
         _temporary, permanent = all_failures(view)
-        delayed = SimpleWarning().process(view)[0] if warned else frozenset()
+        delayed = SimpleWarning().process(_as_message(own)) if own else (frozenset(),)
+        delayed = delayed[0]
     except Exception:
         log.warning("bounce detection failed; message read as no bounce", exc_info=True)
         return []
@@ -136,28 +162,57 @@ def _failure(address: str, blocks: list[Message], text: str) -> Failure:
 
 def _written(address: str, text: str) -> Failure:
     """A report in words (qmail, Exim without a delivery-status part) gives
-    each address a paragraph of its own: the address, then the server's
-    reason up to the next empty line. Its status is the code written there,
-    so that qmail's "(#5.1.1)" lists a dead mailbox as a DSN's would."""
-    at = re.search(r"^[ \t]*<?" + re.escape(address) + r">?:?[ \t]*$", text, re.M | re.I)
-    if at is None:
-        return Failure(address)
-    reason = text[at.end() :].lstrip("\n").split("\n\n", 1)[0]
-    code = _WRITTEN_STATUS.search(reason)
-    diagnostic = " ".join(reason.split())[:DIAGNOSTIC_LIMIT] or None
-    return Failure(address, code and (code.group(1) or code.group(2)), diagnostic)
+    each address lines of its own: the line that begins with it, then the
+    server's reason, up to an empty line or the next address (Exim puts none
+    between them). Its status is the code written there, so that qmail's
+    "(#5.1.1)" lists a dead mailbox as a DSN's would, and another address's
+    code is never taken for it."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        at = _ADDRESS_LINE.match(line)
+        if at is None or at.group(1).lower() != address.lower():
+            continue
+        reason = [line[at.end() :]]
+        for following in lines[i + 1 :]:
+            if not following.strip() or _ADDRESS_LINE.match(following):
+                break
+            reason.append(following)
+        words = " ".join(" ".join(reason).split())
+        found = _WRITTEN_STATUS.search(words)
+        code = found and (found.group(1) or found.group(2))
+        # a permanent failure's: qmail's "queue too long" ends on the last 4xx it met
+        status = code if code and code[0] == "5" else None
+        return Failure(address, status, words[:DIAGNOSTIC_LIMIT] or None)
+    return Failure(address)
 
 
-def _server_text(msg: Message) -> str:
-    """The report's own text: its first text/plain part, not the returned copy."""
+def _text_part(msg: Message) -> str:
+    """The report's first text/plain part, decoded, with LF line ends."""
     for part in msg.walk():
         if part.get_content_type() == "text/plain":
             payload = part.get_payload(decode=True)
             if isinstance(payload, bytes):
-                text = payload[:SCANNED_LIMIT].decode("utf-8", "replace")
+                charset = part.get_content_charset() or "utf-8"
+                try:
+                    text = payload[:SCANNED_LIMIT].decode(charset, "replace")
+                except LookupError:
+                    text = payload[:SCANNED_LIMIT].decode("utf-8", "replace")
                 return text.replace("\r\n", "\n")
             return ""
     return ""
+
+
+def _own_text(msg: Message) -> str:
+    """The server's text without the copy of the message it returns inline."""
+    text = _text_part(msg)
+    returned = _INLINE_HEADER.search(text)
+    return text[: returned.start()] if returned else text
+
+
+def _as_message(text: str) -> Message:
+    message = Message()
+    message.set_payload(text)
+    return message
 
 
 def _precise(status: str | None, diagnostic: str | None) -> str | None:
@@ -318,18 +373,10 @@ def _returned_inline(msg: Message) -> Message | None:
     """The header of a copy returned inline below the server's text (qmail's
     "--- Below this line is a copy of the message."): the first block of
     fields after an empty line that has a Message-ID."""
-    for part in msg.walk():
-        if part.get_content_type() != "text/plain":
-            continue
-        payload = part.get_payload()
-        if not isinstance(payload, str):
-            return None
-        text = payload[:SCANNED_LIMIT].replace("\r\n", "\n")
-        for block in _INLINE_HEADER.finditer(text):
-            header = HeaderParser(policy=compat32).parsestr(block.group(1))
-            if _value(header, "Message-ID"):
-                return header
-        return None
+    for block in _INLINE_HEADER.finditer(_text_part(msg)):
+        header = HeaderParser(policy=compat32).parsestr(block.group(1))
+        if _value(header, "Message-ID"):
+            return header
     return None
 
 
