@@ -478,3 +478,17 @@ def test_a_sample_with_bytes_spliced_in_gives_none_or_a_report(
     raw = _sample(name)
     report = read(raw[:at] + noise + raw[at:])
     assert report is None or isinstance(report, Report)
+
+
+def test_a_text_bounce_in_base64_gives_its_returned_message_id() -> None:
+    """Exim names the failed addresses in X-Failed-Recipients, whatever the body's
+    encoding; the inline copy's Message-ID was looked for in the base64 text."""
+    head, body = _sample("exim-failure.eml").split(b"\n\n", 1)
+    raw = (
+        head + b"\nX-Failed-Recipients: bob@buyer.example\nMIME-Version: 1.0\n"
+        b"Content-Type: text/plain; charset=us-ascii\nContent-Transfer-Encoding: base64\n\n"
+        + base64.encodebytes(body)
+    )
+    report = read(raw)
+    assert report is not None
+    assert (report.message_id, report.failures[0].status) == ("<4718.erp@acme.example>", "5.1.1")
