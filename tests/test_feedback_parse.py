@@ -492,3 +492,49 @@ def test_a_text_bounce_in_base64_gives_its_returned_message_id() -> None:
     report = read(raw)
     assert report is not None
     assert (report.message_id, report.failures[0].status) == ("<4718.erp@acme.example>", "5.1.1")
+
+
+def test_a_sendmail_report_with_transient_errors_too_names_the_failures_only() -> None:
+    """flufl.bounce's sendmail pattern runs from the first heading on, so the
+    address still being tried was recorded as bounced and its sender told."""
+    report = read(_sample("sendmail-failure-mixed.eml"))
+    assert report is not None
+    assert [(f.recipient, f.status) for f in report.failures] == [("nobody@buyer.example", "5.1.1")]
+
+
+@pytest.mark.parametrize("charset", ["undefined", "idna", '"utf-8\\0"'])
+def test_a_charset_anyone_can_name_does_not_stop_the_reader(charset: str) -> None:
+    """The report's charset, read since the text is decoded, raised for names
+    Python knows but cannot decode with (and a NUL): a traceback in the pipe."""
+    raw = _sample("qmail-failure.eml").replace(
+        b"Subject: failure notice\n",
+        b"Subject: failure notice\nMIME-Version: 1.0\nContent-Type: text/plain; charset="
+        + charset.encode()
+        + b"\n",
+    )
+    assert read(raw) == QMAIL
+
+
+def test_a_report_in_words_encoded_as_base64_is_read() -> None:
+    """flufl.bounce read the body still encoded: qmail's report was none."""
+    head, body = _sample("qmail-failure.eml").split(b"\n\n", 1)
+    raw = (
+        head + b"\nMIME-Version: 1.0\nContent-Type: text/plain; charset=us-ascii\n"
+        b"Content-Transfer-Encoding: base64\n\n" + base64.encodebytes(body)
+    )
+    assert read(raw) == QMAIL
+
+
+def test_exchange_2003_quoting_the_address_gives_it_without_the_quotes() -> None:
+    raw = (
+        b"From: System Administrator <postmaster@buyer.example>\n"
+        b"To: bounces@platform.example\nSubject: Undeliverable: Invoice 4721\n\n"
+        b"Your message\n\n  To:      'nobody@buyer.example'\n  Subject: Invoice 4721\n\n"
+        b"did not reach the following recipient(s):\n\n"
+        b"'nobody@buyer.example' on Fri, 4 Dec 2026 10:12:01 +0100\n"
+        b"    The e-mail account does not exist at the organization this message was sent to.\n"
+        b"    <exchange.buyer.example #5.1.1>\n"
+    )
+    report = read(raw)
+    assert report is not None
+    assert [(f.recipient, f.status) for f in report.failures] == [("nobody@buyer.example", "5.1.1")]

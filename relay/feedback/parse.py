@@ -39,8 +39,11 @@ _WRITTEN_STATUS = re.compile(
     r"#([245]\.\d{1,3}\.\d{1,3})\b|\b[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})\b"
 )
 # a line that begins with a failed address: qmail's "<a@b>:", Exim's indented
-# "  a@b", Exchange's "a@b on <date>"; what follows it is that address's reason
-_ADDRESS_LINE = re.compile(r"[ \t]*<?([^\s<>@]+@[^\s<>:]+)>?:?(?:[ \t]|$)")
+# "  a@b", Exchange's "a@b on <date>" (or "'a@b' on"); what follows is its reason
+_ADDRESS_LINE = re.compile(r"[ \t]*[<']?([^\s<>@]+@[^\s<>:']+)[>']?:?(?:[ \t]|$)")
+_TRANSIENT = re.compile(
+    r"^[ \t]*-+[ \t]*The following addresses had transient non-fatal errors", re.M | re.I
+)
 # a report that says of itself it is a warning (Postfix's and sendmail's banner),
 # or whose subject does (Postfix, sendmail, Exim, Exchange delay notices)
 _WARNING_TEXT = re.compile(
@@ -132,7 +135,25 @@ def _permanent_failures(msg: Message, own: str | None) -> list[str]:
         log.warning("bounce detection failed; message read as no bounce", exc_info=True)
         return []
     found = {_address(a.decode("ascii", "replace")) for a in permanent - delayed}
-    return sorted((a for a in found if a), key=str.lower)
+    transient = {a.lower() for a in _transient(own or "")}
+    return sorted((a for a in found if a and a.lower() not in transient), key=str.lower)
+
+
+def _transient(own: str) -> list[str]:
+    """The addresses under sendmail's "transient non-fatal errors" in a report
+    that also has permanent ones: still being tried, however flufl.bounce's
+    sendmail pattern, which runs from the first such heading on, reads them."""
+    found: list[str] = []
+    section = _TRANSIENT.search(own)
+    if section is None:
+        return found
+    for line in own[section.end() :].split("\n")[1:]:
+        if not line.strip() or line.lstrip().startswith("---"):
+            break
+        at = _ADDRESS_LINE.match(line)
+        if at is not None:
+            found.append(at.group(1))
+    return found
 
 
 def _scanned_view(part: Message) -> Message:
@@ -147,9 +168,31 @@ def _scanned_view(part: Message) -> Message:
         view.set_payload([_scanned_view(p) if isinstance(p, Message) else p for p in payload])
     elif part.get_content_maintype() != "text":
         view.set_payload("")
+    elif _encoded(part):  # flufl.bounce reads the body as it is: base64 read as no report
+        del view["Content-Transfer-Encoding"]
+        view.set_payload(_decoded_text(part))
     elif isinstance(payload, str) and len(payload) > SCANNED_LIMIT:
         view.set_payload(payload[:SCANNED_LIMIT])
     return view
+
+
+def _encoded(part: Message) -> bool:
+    encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+    return encoding in ("base64", "quoted-printable")
+
+
+def _decoded_text(part: Message) -> str:
+    """A text part's body decoded, in its charset when Python knows it; a charset
+    anyone can name in a report (``undefined``, ``idna``) must not stop the reader."""
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        return ""
+    data = payload[:SCANNED_LIMIT]
+    try:
+        text = data.decode(part.get_content_charset() or "utf-8", "replace")
+    except (LookupError, UnicodeError, ValueError):
+        text = data.decode("utf-8", "replace")
+    return text.replace("\r\n", "\n")
 
 
 def _failure(address: str, blocks: list[Message], text: str) -> Failure:
@@ -190,15 +233,7 @@ def _text_part(msg: Message) -> str:
     """The report's first text/plain part, decoded, with LF line ends."""
     for part in msg.walk():
         if part.get_content_type() == "text/plain":
-            payload = part.get_payload(decode=True)
-            if isinstance(payload, bytes):
-                charset = part.get_content_charset() or "utf-8"
-                try:
-                    text = payload[:SCANNED_LIMIT].decode(charset, "replace")
-                except LookupError:
-                    text = payload[:SCANNED_LIMIT].decode("utf-8", "replace")
-                return text.replace("\r\n", "\n")
-            return ""
+            return _decoded_text(part)
     return ""
 
 
@@ -353,7 +388,7 @@ def _address(value: str) -> str:
     value = value.strip()
     if "<" in value and ">" in value.split("<", 1)[1]:
         value = value.split("<", 1)[1].split(">", 1)[0]
-    return value.strip("<> \t\r\n")
+    return value.strip("<> \t\r\n").strip("'")  # Exchange 2003 quotes them: 'a@b'
 
 
 def _returned(msg: Message) -> Message | None:
