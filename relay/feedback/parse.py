@@ -129,8 +129,7 @@ def _permanent_failures(msg: Message, own: str | None) -> list[str]:
     view["From"] = written if getaddresses([written]) else "<>"
     try:
         _temporary, permanent = all_failures(view)
-        delayed = SimpleWarning().process(_as_message(own)) if own else (frozenset(),)
-        delayed = delayed[0]
+        delayed = SimpleWarning().process(_as_message(own))[0] if own else frozenset()
     except Exception:
         log.warning("bounce detection failed; message read as no bounce", exc_info=True)
         return []
