@@ -48,22 +48,15 @@ def mailbox_refusal(address: str, status: str, given: str | None = None) -> Reje
     taken, a server that holds to the lengths would refuse it at delivery, the
     ERP having heard 250 and the user getting a failure notice instead.
 
-    ``given`` is the path as the client wrote it: the parser quotes a local
-    part with a space (``<Customer Name>``), and a reply about quoted local
-    parts, quoting text the ERP never sent, had its sysadmin look for quotes."""
+    ``given`` is the path as the client wrote it, without its brackets: the
+    parser quotes a local part with a space (``<Customer Name>``), and a reply
+    about quoted local parts, quoting text the ERP never sent, had its
+    sysadmin look for quotes."""
     if _MAILBOX.fullmatch(address):
         if not fits_smtp(address):
             return Rejected(553, status, f"{TOO_LONG}: {address!r}")
         return None
-    written = _path_text(given) if given is not None else address
+    written = address if given is None else given
     if written.startswith('"'):
         return Rejected(553, status, f"Quoted local parts are not supported: {written!r}")
     return Rejected(553, status, f"Bad address syntax: {written!r}")
-
-
-def _path_text(given: str) -> str:
-    """``<a b@x> SIZE=1`` as ``a b@x``: the path without its brackets or parameters."""
-    inside = given.strip()
-    if inside.startswith("<") and ">" in inside:
-        return inside[1 : inside.rindex(">")]
-    return inside

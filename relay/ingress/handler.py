@@ -185,7 +185,7 @@ def _declared_size(options: list[str]) -> int:
 
 def _path_as_given(server: SMTP) -> str | None:
     """The path of this command as the client wrote it."""
-    return server.path_as_given if isinstance(server, RelaySMTP) else None
+    return server.path_as_given() if isinstance(server, RelaySMTP) else None
 
 
 def _log_orphan(task: asyncio.Task[str], submission: Submission) -> None:

@@ -200,7 +200,6 @@ class RelaySMTP(SMTP):
         self._holding = False
         self._lost = False  # connection_lost was called (see smtp_STARTTLS)
         self._shut_down = False  # told 421 by a stop
-        self.path_as_given: str | None = None  # the last MAIL or RCPT path, as written
         self._ended = False  # the client has closed (at least) its sending side
         self._deadline = 0.0  # loop time: idle until then is allowed
         self._mail_arg: str | None = None  # while a MAIL command is handled
@@ -429,7 +428,6 @@ class RelaySMTP(SMTP):
         self._counted.clear()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        self.path_as_given = arg  # for a refusal that quotes what the client wrote
         plain = plain_path(arg)
         if plain is None:
             return super()._getaddr(arg)
@@ -690,6 +688,17 @@ class RelaySMTP(SMTP):
             self._log_refused_sender(given_sender(self._mail_arg), status)
         elif self._rcpt_arg is not None and status.startswith(("4", "5")):
             self._log_refused_recipient(given_path(_GIVEN_RECIPIENT, self._rcpt_arg), status)
+
+    def path_as_given(self) -> str | None:
+        """The path of the MAIL or RCPT being handled as the client wrote it (controls
+        blanked), for a refusal that quotes it: the parser's form may differ."""
+        if self._mail_arg is not None:
+            given = given_sender(self._mail_arg)
+        elif self._rcpt_arg is not None:
+            given = given_path(_GIVEN_RECIPIENT, self._rcpt_arg)
+        else:
+            return None
+        return None if given == "?" else given
 
     def _log_refused_message(self, reply: str) -> None:
         assert self.session is not None
