@@ -496,10 +496,12 @@ _STATE_LINE = re.compile(  # a plain or quoted scalar, perhaps with a comment af
 
 def _running_policy_file(path: Path) -> Path | None:
     """The running policy's text, found from the file's ``state_directory`` line."""
+    from relay import statelock
+
     state = _state_directory(path)
     if state is None:
         return None
-    checked = state / "policy.checked.yaml"
+    checked = state / statelock.CHECKED_NAME
     try:
         return checked if checked.is_file() else None
     except OSError:  # a state directory this user may not look into

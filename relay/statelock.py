@@ -24,6 +24,8 @@ from typing import NamedTuple
 from relay.errors import RelayError
 
 LOCK_NAME = "relay.pid"
+# the running policy's text, kept by a relay with workers for the queue and audit tools
+CHECKED_NAME = "policy.checked.yaml"
 
 log = logging.getLogger("relay")
 

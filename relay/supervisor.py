@@ -63,7 +63,6 @@ from relay.server import (
 if TYPE_CHECKING:
     from relay.metrics.serve import MetricsServer
 
-CHECKED = "policy.checked.yaml"  # the running policy's text, for the tools
 HANDOVER = "policy.handover.json"  # a reload's policy, for the workers
 
 log = logging.getLogger("relay")
@@ -182,7 +181,7 @@ class Supervisor:
         self.shared = shared  # made before the first fork: shared by every worker
         self.workers: dict[int, _Worker] = {}  # by pid
         # the running policy's text, for the queue and audit tools
-        self.checked = policy.queue.directory.parent / CHECKED
+        self.checked = policy.queue.directory.parent / statelock.CHECKED_NAME
         # what the workers load at a reload, there until each has answered: it holds keys
         self.handover = policy.queue.directory.parent / HANDOVER
         self.reloads = 0
@@ -213,7 +212,7 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
     def _start(self) -> int:
-        self._keep_policy_text()
+        keep_policy_text(self.policy.queue.directory.parent, self.policy.sources)
         pipes = {}
         for index in range(self.policy.workers):
             read_fd, write_fd = os.pipe()
@@ -238,9 +237,6 @@ class Supervisor:
                 os.close(fd)
         log.info("%d workers serving", len(self.workers))
         return 0
-
-    def _keep_policy_text(self) -> None:
-        keep_policy_text(self.policy.queue.directory.parent, self.policy.sources)
 
     def _failed_start(self, index: int) -> int:
         """A worker that cannot start will not start on a retry either: stop, say why."""
@@ -542,9 +538,9 @@ def keep_policy_text(state: Path, sources: Sources | None) -> None:
     try:
         _remove_handover(state / HANDOVER)  # a crash in a reload left it
         if sources is not None:
-            _write_private(state / CHECKED, sources.text)
+            _write_private(state / statelock.CHECKED_NAME, sources.text)
         else:
-            (state / CHECKED).unlink(missing_ok=True)
+            (state / statelock.CHECKED_NAME).unlink(missing_ok=True)
     except OSError as exc:
         log.warning("cannot keep the running policy's text for the tools: %s", exc)
 

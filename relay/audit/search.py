@@ -16,6 +16,7 @@ sees it. The decoded record is then checked exactly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -352,12 +353,11 @@ def _rewritten_days(directory: Path, before: date, first: date) -> set[date]:
     days: set[date] = set()
     reach = reader.REWRITE_REACH
     for file in reversed(reader.day_files(directory, first, before - timedelta(days=1))):
-        if file.day >= before:
-            continue
         if reach <= 0:
             break
         days.add(file.day)  # compressed since, perhaps: its records were plain then
-        reach -= file.path.stat().st_size * (10 if file.compressed else 1)
+        with contextlib.suppress(OSError):  # compressed meanwhile: the .gz is read instead
+            reach -= file.path.stat().st_size * (10 if file.compressed else 1)
     return days
 
 
