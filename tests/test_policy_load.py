@@ -55,8 +55,7 @@ BAD = {
         "10:5: listeners[0].port: duplicate key (first at 9:5)",
     ],
     "bad-syntax.yaml": [
-        "24:5: YAML syntax error: could not find expected ':'"
-        " (while scanning a simple key at 23:5)",
+        "23:5: YAML syntax error: a key without ':' after it (could not find expected ':' at 24:5)",
     ],
     "bad-key-file.yaml": [
         "14:17: dkim.keys[0].key_file: cannot read @DIR@/keys/missing.private:"
@@ -864,8 +863,18 @@ def test_anchors_and_merge_keys_work(tmp_path: Path) -> None:
         (b"version: 1\nplatform: caf\xe9\n",
          "2:14: the file is not UTF-8 text (invalid continuation byte)"),
         (b'version: 1\nplatform: "x\n',
-         "3:1: YAML syntax error: found unexpected end of stream"
-         " (while scanning a quoted scalar at 2:11)"),
+         "2:11: YAML syntax error: a quoted value that is never closed"
+         " (found unexpected end of stream at 3:1)"),
+        (b'version: 1\nplatform:\n  display_name: "{user.name}\n  hostname: "relay.example"\n',
+         '3:17: YAML syntax error: the value quoted with " here is not closed on its line:'
+         " it runs on to 4:14, where the parser stopped (did not find expected key)"),
+        (b"version: 1\nclassify:\n  - subject: '(?i)invoice\n    type: invoice\n"
+         b"  - subject: '(?i)order'\n",
+         "3:14: YAML syntax error: the value quoted with ' here is not closed on its line:"
+         " it runs on to 5:15, where the parser stopped (did not find expected key)"),
+        (b'version: 1\nclassify:\n  - subject: "^Invoice \\d+"\n',
+         "3:24: YAML syntax error: found unknown escape character"
+         " (while parsing a quoted scalar at 3:14)"),
         ("# pasted\u2028 from a page\nversion: 1\nplatfrom: x\n".encode(),
          "1:9: an invisible line separator (U+2028), as pasted from a web page or a word"
          " processor: YAML reads it as a line break, so every line number after it would be"

@@ -114,7 +114,7 @@ def read(
     try:
         node = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
-        problems.add(exc.problem_mark, "", _syntax_message(exc))
+        problems.add(*_syntax_problem(text, exc))
         return data, None
     except yaml.reader.ReaderError as exc:
         where = _position(text, exc.position)
@@ -234,6 +234,62 @@ def _children(node: Node, merged: set[int] | None) -> Iterator[tuple[Node, set[i
     for key, value in node.value:
         yield key, None
         yield value, sources if key.tag == MERGE_TAG else None
+
+
+# Slips the parser notices only further down: the context names the line to fix.
+_AT_CONTEXT = {
+    ("while scanning a simple key", "could not find expected ':'"): "a key without ':' after it",
+    ("while scanning a quoted scalar", "found unexpected end of stream"): (
+        "a quoted value that is never closed"
+    ),
+    ("while scanning a quoted scalar", "found unexpected document separator"): (
+        "a quoted value that is never closed"
+    ),
+}
+
+
+def _syntax_problem(text: str, exc: yaml.MarkedYAMLError) -> tuple[yaml.Mark | None, str, str]:
+    """Where a syntax error sends the sysadmin, and what it says there.
+
+    PyYAML names the place where it gave up. For the two commonest slips
+    that is not the line to fix: a key missing its ':' is noticed on the
+    next line, and a value whose closing quote is missing runs on to the
+    next quote in the file, often many lines down, where the parser stops
+    at a line that is right.
+    """
+    stop = exc.problem_mark
+    at = f"{stop.line + 1}:{stop.column + 1}" if stop is not None else "the end"
+    slip = _AT_CONTEXT.get((exc.context or "", exc.problem or ""))
+    if slip is not None and exc.context_mark is not None:
+        return exc.context_mark, "", f"YAML syntax error: {slip} ({exc.problem} at {at})"
+    opened = None if stop is None else _runaway_quote(text, stop.line)
+    if opened is not None:
+        return (
+            opened.start_mark,
+            "",
+            (
+                f"YAML syntax error: the value quoted with {opened.style} here is not closed on"
+                f" its line: it runs on to {at}, where the parser stopped ({exc.problem})"
+            ),
+        )
+    return stop, "", _syntax_message(exc)
+
+
+def _runaway_quote(text: str, line: int) -> yaml.ScalarToken | None:
+    """The quoted value that began on an earlier line and ended on ``line``
+    (0-based), where the parser stopped; None if there is none. A policy
+    has no reason to quote across lines, so one that does is a quote left open."""
+    found = None
+    try:
+        for token in yaml.scan(text, Loader=_Loader):
+            if token.start_mark.line > line:
+                break
+            quoted = isinstance(token, yaml.ScalarToken) and token.style in ("'", '"')
+            if quoted and token.start_mark.line < token.end_mark.line == line:
+                found = token
+    except yaml.YAMLError:
+        pass  # the error being explained: the tokens before it are all there is
+    return found
 
 
 def _syntax_message(exc: yaml.MarkedYAMLError) -> str:
