@@ -56,6 +56,13 @@ POLL = 1.0  # longest sleep between looks at the schedule and for kicks
 RESCAN = 60.0  # the spool directory is read again this often, as a safety net
 WARM_MESSAGE = 1 << 20  # larger messages are read back from the spool when their turn comes
 WARM_TOTAL = 16 << 20  # what handed-over messages may hold in memory, all together
+CUT_WAIT = 5.0  # for attempts cut off at the end of the stop grace to put themselves on record
+# the reply recorded for an attempt the stop cut off: the relay cannot tell
+# whether the upstream had the whole message, so the audit log says it may
+CUT_OFF = (
+    "451 4.4.2 Cut off: the relay stopped before the upstream's reply;"
+    " if it had the whole message, it may arrive twice"
+)
 
 
 def file_budget() -> int:
@@ -206,6 +213,7 @@ class Engine:
         self._refusing: set[str] = set()  # immediate attempts passing a refusal back
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._stopping = False
+        self._sending: set[str] = set()  # queue IDs whose attempt waits for the upstream
         self._schedule: dict[str, float] = {}  # queue ID -> next attempt
         self._due: list[tuple[float, str]] = []  # heap over _schedule, stale items skipped
         self._planned_in_scan: dict[str, float] | None = None
@@ -391,11 +399,19 @@ class Engine:
                     "giving up %d delivery attempt(s) still running at the end of the stop grace"
                     " (%gs left for them): %s; their"
                     " messages stay queued and are tried again at the next start (one"
-                    " already sent in full, its upstream's reply awaited, may arrive twice)",
+                    " already sent in full, its upstream's reply awaited, may arrive twice:"
+                    " the audit log says so)",
                     len(running),
                     timeout,
                     " ".join(given_up),
                 )
+                # only those waiting for the upstream: one settling its outcome
+                # would lose its records, and its message would go again unrecorded
+                cut = [t for q, t in self._busy.items() if t in running and q in self._sending]
+                for task in cut:
+                    task.cancel()
+                if cut:
+                    await asyncio.wait(cut, timeout=CUT_WAIT)
         while self._settling is not None:
             await asyncio.wait((self._settling,))
             await asyncio.sleep(0)  # its done callback clears it
@@ -585,7 +601,9 @@ class Engine:
     async def _attempt(
         self, entry: QueueEntry, lock: EntryLock, immediate: bool = False, data: bytes | None = None
     ) -> Outcome:
-        if self._backlogged():  # checked again here: attempts may wait long for a slot
+        # checked again here: attempts may wait long for a slot, and one that
+        # gets it after the stop began would start a transaction the grace cuts off
+        if self._stopping or self._backlogged():
             return Outcome("busy")
         policy = self.policy()
         now = self.clock()
@@ -606,6 +624,7 @@ class Engine:
             if immediate and entry.queue_id in self._answering and own != pending:
                 send = functools.partial(send, needed=own)  # the copy goes with them or not at all
             began = self.clock()
+            self._sending.add(entry.queue_id)
             try:  # a try that ends without a word must not leave the upstream waiting for it
                 if data is None:
                     data = self.spool.read_message(entry.queue_id)
@@ -617,9 +636,13 @@ class Engine:
                     envelope_id=entry.queue_id,
                     go_on=self._going_on,
                 )
-            except BaseException:
+            except BaseException as exc:
                 self._suspensions.ended(upstream, entry.queue_id, began, None, self.clock(), 0.0)
+                if isinstance(exc, asyncio.CancelledError) and self._stopping:
+                    await self._cut_off(entry)
                 raise
+            finally:
+                self._sending.discard(entry.queue_id)
             replies = sent.replies
             self._reached(upstream, entry.queue_id, began, sent, policy.queue)
         entry.attempts += 1
@@ -655,14 +678,31 @@ class Engine:
             # for: its own backoff, doubled at each try, had it come 88 s after the
             # upstream was back, where the waiting ones went at once
             wait = min(wait, policy.queue.first_retry)
-        entry.next_attempt = min(ended + wait, deadline)
-        for rcpt in entry.pending():
-            self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
+        self._deferred(entry, min(ended + wait, deadline))
         await self._notify(entry, policy)
         await self._flush(entry)
         await self._store(entry)
         self._plan(entry.queue_id, entry.next_attempt)
         return Outcome("deferred")
+
+    def _deferred(self, entry: QueueEntry, next_attempt: float) -> None:
+        entry.next_attempt = next_attempt
+        for rcpt in entry.pending():
+            self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
+
+    async def _cut_off(self, entry: QueueEntry) -> None:
+        """An attempt the stop's grace cut off counts as one, deferred: the
+        upstream may have had the whole message and its reply not come yet, so
+        the next start's delivery can be its second, and the audit log must
+        not say the first was the only one."""
+        entry.attempts += 1
+        for rcpt in entry.pending():
+            rcpt.attempts += 1
+            self._note(entry, rcpt.address, CUT_OFF)
+        self._deferred(entry, self.clock())
+        await self._flush(entry)
+        with contextlib.suppress(NoSuchEntry):  # deleted meanwhile: nothing to try again
+            await self._store(entry)
 
     def _going_on(self) -> bool:
         """Whether an attempt may start a further transaction (``relay.deliver``)."""

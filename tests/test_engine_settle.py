@@ -149,8 +149,12 @@ async def test_an_attempt_that_outlives_the_stop_settles_at_once(
     gate, sending = asyncio.Event(), asyncio.Event()
 
     async def slow_upstream(*args: Any, **_: Any) -> Any:
+        """Deaf to the stop's cancelling it: it outlives the stop."""
         sending.set()
-        await gate.wait()
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            await gate.wait()
         return await attempt(*args)
 
     engine = Engine(spool, lambda: policy, slow_upstream, Recorder(audit))
