@@ -48,11 +48,17 @@ def _evidence(rule: DocumentRule, view: MessageView) -> list[str] | None:
 
 
 def _match(condition: Condition, view: MessageView) -> str | None:
-    """What matched, as evidence for the reasons, or None when nothing did."""
+    """What matched, as evidence for the reasons, or None when nothing did.
+
+    A field's value is matched without the white space around it, as the
+    identify header is read: an ERP that pads a fixed-width field
+    (``invoice  ``) or folds right after the colon means the same value,
+    and an anchored pattern (``^invoice$``) must not miss it.
+    """
     if condition.kind is ConditionKind.SUBJECT:
-        candidates = [("Subject", view.subject)]
+        candidates = [("Subject", view.subject.strip())]
     elif condition.kind is ConditionKind.HEADER:
-        candidates = [(condition.header, v) for v in view.get_all(condition.header)]
+        candidates = [(condition.header, v.strip()) for v in view.get_all(condition.header)]
     else:
         candidates = [("attachment", name) for name in view.attachments]
     for label, value in candidates:

@@ -162,6 +162,10 @@ def test_unknown_sender_default_user(policy_file: Path) -> None:
         (("Subject: Tilbud på arbeid",), "quote", "quote-subject"),
         (("Subject: Order 77",), "other", None),
         (("Subject: Hello",), "other", None),
+        # white space around the value, as a fixed-width field pads it or a fold after
+        # the colon leaves it, is no part of it: '^invoice$' still matches
+        (("X-Document-Type: invoice   ", "Subject: Your documents"), "invoice", "invoice-header"),
+        (("X-Document-Type:\r\n invoice", "Subject: Your documents"), "invoice", "invoice-header"),
     ],
 )
 def test_classify(
@@ -170,6 +174,21 @@ def test_classify(
     base = [f for f in BASE if not f.startswith("Subject")]
     p = run(policy_file, msg(*base, *fields), mail_from="jan@acme.example")
     assert (p.decision.classification.doc_type, p.decision.classification.rule) == (doc_type, rule)
+
+
+def test_an_anchored_subject_rule_matches_a_subject_folded_after_its_colon(
+    policy_file: Path,
+) -> None:
+    text = policy_file.read_text()
+    anchored = text.replace(
+        "subject: '(?i)\\b(invoice|faktura|facture|fattura|rechnung)\\b'",
+        "subject: '^Invoice [0-9]+$'",
+    )
+    assert anchored != text
+    policy_file.write_text(anchored)
+    base = [f for f in BASE if not f.startswith("Subject")]
+    p = run(policy_file, msg(*base, "Subject:\r\n Invoice 5 "), mail_from="jan@acme.example")
+    assert p.decision.classification.rule == "invoice-subject"
 
 
 def test_classify_conditions_combine_with_and(policy_file: Path) -> None:
