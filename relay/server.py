@@ -402,6 +402,8 @@ async def serve(
             metrics.start(holder.current)
     try:
         await stopping.wait()
+        if worker is None:
+            stopping_now(holder.current())
         await _wind_down(ingress, engine, loop.time() + STOP_GRACE)
         failed = delivering.done() and _failure(delivering) is not None
         if not failed:
@@ -438,6 +440,15 @@ def _load_suppressions(suppressions: SuppressionFile) -> None:
         log.error("%s", exc)
         return
     log.info("suppression list %s: %d entries", suppressions.path, listed)
+
+
+def stopping_now(policy: Policy) -> None:
+    """From the signal on, ``/readyz`` and ``relay status`` say the relay stops:
+    its listeners are closed, and a monitor must not send ERPs to it."""
+    metrics_status.stopping()
+    statelock.note_policy(
+        policy.queue.directory.parent, policy.digest, [*policy.pending, statelock.STOPPING]
+    )
 
 
 async def _wind_down(ingress: Ingress, engine: Engine, deadline: float) -> None:

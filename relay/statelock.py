@@ -26,6 +26,8 @@ from relay.errors import RelayError
 LOCK_NAME = "relay.pid"
 # the running policy's text, kept by a relay with workers for the queue and audit tools
 CHECKED_NAME = "policy.checked.yaml"
+# the last of the lock file's notes from the signal to stop on: ``relay status`` says so
+STOPPING = "stopping"
 
 log = logging.getLogger("relay")
 

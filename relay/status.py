@@ -48,7 +48,11 @@ def main(path: Path, queue_directory: Path, out: TextIO) -> int:
     lines = [
         ORPHANED if orphaned else _relay(running, state, workers),
         _policy(path, running, digest, problems),
-        *(f"policy: {note}" for note in (running.pending if running else ())),
+        *(
+            f"policy: {note}"
+            for note in (running.pending if running else ())
+            if note != statelock.STOPPING
+        ),
         _queue(queue_directory),
     ]
     out.write("".join(f"{line}\n" for line in lines))
@@ -70,6 +74,11 @@ def _relay(running: statelock.Holder | None, state: Path, configured: int | None
         return f"relay: not running (state directory {state})"
     pid = running.pid
     workers = _children(pid)
+    started = _started(pid)
+    since = "" if started is None else f" since {time.strftime('%Y-%m-%dT%H:%M:%S%z', started)}"
+    if statelock.STOPPING in running.pending:
+        finishing = f", {workers} worker process{'es' if workers != 1 else ''} finishing"
+        return f"relay: stopping, PID {pid}{since}{finishing if workers else ''}"
     for note in running.pending:
         if note.startswith("workers "):
             configured = int(note.split()[1])
@@ -78,8 +87,6 @@ def _relay(running: statelock.Holder | None, state: Path, configured: int | None
         how = f"{workers} of {configured} worker processes (the others starting again: see its log)"
     else:
         how = "in one process" if not workers else f"{workers} worker processes"
-    started = _started(pid)
-    since = "" if started is None else f" since {time.strftime('%Y-%m-%dT%H:%M:%S%z', started)}"
     return f"relay: running, PID {pid}{since}, {how}"
 
 

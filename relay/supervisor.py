@@ -58,6 +58,7 @@ from relay.server import (
     serve,
     settle_orphans,
     spool_upkeep,
+    stopping_now,
 )
 
 if TYPE_CHECKING:
@@ -466,12 +467,15 @@ class Supervisor:
 
     def _stop(self) -> None:
         """SIGTERM to every worker; whoever is still there after ``STOP_TIMEOUT`` is killed."""
+        stopping_now(self.policy)
         for sock in (s for group in self.sockets.values() for s in group):
             sock.close()  # the workers close theirs: no new connection is accepted
         for pid in self.workers:
             _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
         while self.workers and time.monotonic() < deadline:
+            metrics_status.beat()
+            metrics_status.workers(len(self.workers), self.policy.workers)
             signal.sigtimedwait({signal.SIGCHLD}, 0.2)
             for pid, status in self._reaped():
                 worker = self.workers.pop(pid, None)

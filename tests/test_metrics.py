@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.policy.load import load
@@ -165,6 +166,38 @@ def test_health_and_readiness(policy_file: Path, tmp_path: Path) -> None:
             assert _get(metrics, "/healthz")[0] == 200
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", metrics)) != 0
+
+
+@pytest.mark.parametrize("workers", [2, 1])
+def test_a_stopping_relay_is_not_ready_and_says_it_stops(
+    policy_file: Path, tmp_path: Path, workers: int
+) -> None:
+    """From SIGTERM on its listeners are closed: /readyz said 200 "2 of 2 running"
+    for the whole grace, and ``relay status`` that workers were starting again.
+    A client left in the middle of its message holds the stop up meanwhile."""
+    with SinkServer(Sink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=workers)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as held:
+                held.recv(512)
+                held.sendall(b"EHLO erp\r\nMAIL FROM:<jan@acme.example>\r\n")
+                held.sendall(b"RCPT TO:<one@example.org>\r\nDATA\r\n")
+                wait_for(lambda: b"354" in held.recv(4096))
+                held.sendall(b"Subject: half\r\n")
+                relay.signal(signal.SIGTERM)
+                wait_for(lambda: _get(metrics, "/readyz")[0] == 503)
+                checks = json.loads(_get(metrics, "/readyz")[1])["checks"]
+                assert checks["relay"] == "stopping", checks
+                wait_for(lambda: _value(_samples(metrics), "relay_workers", state="running") == 1)
+                status = relay_cli(policy, "status")
+                assert status.returncode == 0, status
+                said = status.stdout.splitlines()[0]
+                assert said.startswith("relay: stopping, PID "), status.stdout
+                assert said.endswith(", 1 worker process finishing") == (workers > 1), said
+            assert relay.proc is not None
+            assert relay.proc.wait(20) == 0, relay.log()
+        assert relay_cli(policy, "status").returncode == 3
 
 
 def test_one_process_serves_its_own_metrics(policy_file: Path, tmp_path: Path) -> None:

@@ -164,6 +164,8 @@ class MetricsServer:
         ready = state.workers_running >= state.workers_expected > 0 and all(
             checks[name] == "writable" for name in ("queue", "audit")
         )
+        if state.stopping:  # its listeners are closed already
+            return False, {"relay": "stopping", **checks}
         return ready and checks.get("suppression", "readable") == "readable", checks
 
 

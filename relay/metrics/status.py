@@ -18,6 +18,7 @@ class Status:
     workers_running: int = 0
     workers_expected: int = 0
     beat: float = 0.0  # monotonic time the main loop last came round
+    stopping: bool = False  # from the signal to stop on: no longer ready for mail
 
 
 STATUS = Status()
@@ -36,6 +37,10 @@ def reload_failed() -> None:
 
 def workers(running: int, expected: int) -> None:
     STATUS.workers_running, STATUS.workers_expected = running, expected
+
+
+def stopping() -> None:
+    STATUS.stopping = True
 
 
 def beat() -> None:
