@@ -385,10 +385,14 @@ class Acceptor:
             await self._store((entry, prepared.chunks, records))
         except SpoolError as exc:
             log.error("%s: cannot write to the spool: %s", entry.queue_id, exc)
-            raise _write_failed(exc, "Queue write failed, try again later") from exc
+            reply = _write_failed(exc, "Queue write failed, try again later")
+            await self._rejected(submission, reply)
+            raise reply from exc
         except AuditError as exc:
             log.error("%s: cannot write the audit log: %s", entry.queue_id, exc)
-            raise _write_failed(exc, "Audit log write failed, try again later") from exc
+            reply = _write_failed(exc, "Audit log write failed, try again later")
+            await self._rejected(submission, reply)
+            raise reply from exc
         except asyncio.CancelledError:
             # stored and recorded as queued, but no 250 went out: it is
             # delivered all the same (at least once), so the audit log says how it ended

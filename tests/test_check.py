@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -68,7 +70,7 @@ def test_check_warns_when_the_state_directory_cannot_be_made_there(
     assert done.returncode == 0, done.stderr
     line = line_of(policy_file, "state_directory:")
     user = pwd.getpwuid(os.getuid()).pw_name
-    queue = tmp_path / "blocker" / "state" / "queue"
+    queue = tmp_path / "blocker" / "state" / "queue" / "msg"
     assert done.stderr == (
         f"{policy_file}:{line}:18: warning: state_directory: {user} cannot create {queue}"
         f" ({tmp_path / 'blocker'} is not a directory): relay serve run as {user} would fail\n"
@@ -92,10 +94,62 @@ def test_check_warns_when_the_user_cannot_create_the_state_directory(
         locked.chmod(0o755)
     assert done.returncode == 0, done.stderr
     user = pwd.getpwuid(os.getuid()).pw_name
-    queue = locked / "state" / "queue"
+    queue = locked / "state" / "queue" / "msg"
     assert f"warning: state_directory: {user} cannot create {queue} ({locked} is not" in (
         done.stderr
     )
+
+
+def test_check_warns_of_a_queue_directory_the_relay_writes_in_that_it_cannot(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """``queue/msg`` is where each message is written: one the relay cannot write
+    in refuses every message (451), where only ``queue/`` itself was checked."""
+    queue = tmp_path / "state" / "queue"
+    (queue / "env").mkdir(parents=True)
+    (queue / "msg").write_text("not a directory\n")  # no one writes in it, root included
+    done = check(policy_file)
+    assert done.returncode == 0, done.stderr
+    user = pwd.getpwuid(os.getuid()).pw_name
+    assert f"warning: state_directory: {user} cannot write in {queue / 'msg'}:" in done.stderr
+
+
+NOBODY_CHECKS = """
+import contextlib, io, os, sys
+from relay.cli import main
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    main(["check", "-c", sys.argv[1]])  # as root first: root's files imported while they can be
+os.setgid(65534)
+os.setuid(65534)
+sys.exit(main(["check", "-c", sys.argv[1]]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the check as another user")
+def test_check_passes_a_queue_directory_only_its_subdirectories_need_to_be_writable(
+    policy_file: Path,
+) -> None:
+    """The relay writes in ``queue/msg`` and ``queue/env``, never in ``queue/``
+    once they exist: a read-only ``queue/`` was warned of, yet the relay ran."""
+    base = Path(tempfile.mkdtemp(prefix="relay-check-owner-"))
+    try:
+        base.chmod(0o755)
+        shutil.copytree(policy_file.parent, base / "conf")
+        queue = base / "conf" / "state" / "queue"
+        for sub in ("msg", "env"):
+            (queue / sub).mkdir(parents=True)
+        (base / "conf" / "state" / "audit").mkdir()
+        for path in [base / "conf", *(base / "conf").rglob("*")]:
+            os.chown(path, 65534, 65534)
+        queue.chmod(0o500)
+        done = subprocess.run(
+            [sys.executable, "-c", NOBODY_CHECKS, str(base / "conf" / policy_file.name)],
+            capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(base)
+    assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stderr, done.stderr
 
 
 def test_check_whose_report_cannot_be_written_exits_74(policy_file: Path, tmp_path: Path) -> None:

@@ -200,6 +200,27 @@ def test_a_stopping_relay_is_not_ready_and_says_it_stops(
         assert relay_cli(policy, "status").returncode == 3
 
 
+def test_a_queue_directory_messages_cannot_be_written_in_is_not_ready(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Every message was refused with 451 while /readyz said the queue was
+    writable: it looked at ``queue/``, where the relay writes nothing."""
+    with SinkServer(Sink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=1)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            assert _get(metrics, "/readyz")[0] == 200
+            spool_msg = tmp_path / "state" / "queue" / "msg"
+            spool_msg.rename(tmp_path / "msg.saved")
+            spool_msg.write_text("not a directory")  # no one writes in it, root included
+            code, body, _ = _get(metrics, "/readyz")
+            assert code == 503, body
+            assert json.loads(body)["checks"]["queue"] == f"{spool_msg} not writable"
+            spool_msg.unlink()
+            (tmp_path / "msg.saved").rename(spool_msg)
+            assert _get(metrics, "/readyz")[0] == 200
+
+
 def test_one_process_serves_its_own_metrics(policy_file: Path, tmp_path: Path) -> None:
     """``workers: 1`` runs without a supervisor: the one process serves them."""
     with SinkServer(Sink()) as sink:

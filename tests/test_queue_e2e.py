@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from relay import message
-from relay.audit import AuditLog, events
+from relay.audit import AuditLog, events, reader
 from relay.policy.load import load
 from relay.spool import Spool
 from tests.relayproc import RelayProcess, piped_into_head, wait_for
@@ -338,6 +338,12 @@ def test_spool_write_failure_answers_451_and_relay_keeps_running(
             send(port)
             sink.sink.wait(1)
             assert "cannot write to the spool" in relay.log()
+    # refused as the policy's refusals are: a line that names the client, on record
+    refusal = next(line for line in relay.log().splitlines() if " refused " in line)
+    assert "client=127.0.0.1" in refusal and "from=<jan@acme.example>" in refusal, refusal
+    assert "451 4.3.0 Queue write failed" in refusal, refusal
+    rejected = [r for r in reader.records(tmp_path / "state" / "audit") if r["event"] == "rejected"]
+    assert [r["reply"] for r in rejected] == ["451 4.3.0 Queue write failed, try again later"]
 
 
 def test_hold_release_and_delete_while_running(policy_file: Path, tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from relay.metrics.collect import RelayCollector
 from relay.policy.model import MetricsSettings, Policy
 from relay.ratelimit import RateCounts
 from relay.server import host_port
+from relay.spool.store import WRITTEN_IN
 from relay.tally import Tally
 
 log = logging.getLogger("relay")
@@ -156,7 +157,7 @@ class MetricsServer:
         state = status.STATUS
         checks = {
             "workers": f"{state.workers_running} of {state.workers_expected} running",
-            "queue": _writable(policy.queue.directory),
+            "queue": _writable(*(policy.queue.directory / name for name in WRITTEN_IN)),
             "audit": _writable(policy.audit.directory),
         }
         if policy.suppression is not None:
@@ -182,8 +183,11 @@ def _readable(file: Path) -> str:
     return "readable"
 
 
-def _writable(directory: os.PathLike) -> str:
-    return "writable" if os.access(directory, os.W_OK | os.X_OK) else f"{directory} not writable"
+def _writable(*directories: Path) -> str:
+    for directory in directories:
+        if not os.access(directory, os.W_OK | os.X_OK):
+            return f"{directory} not writable"
+    return "writable"
 
 
 def _where(settings: MetricsSettings) -> str:

@@ -52,6 +52,7 @@ from relay.policy.model import (
     UnknownSender,
 )
 from relay.policy.schema import Ctx, Map, choice, hint, items, join, text
+from relay.spool.store import WRITTEN_IN
 
 _PLACEHOLDERS = ("user.name", "user.address", "tenant.name")
 _SAMPLE = {
@@ -677,7 +678,8 @@ def _writable(ctx: Ctx, root: Map, base: Path) -> None:
     at its start. ``relay check`` runs as the service user (the unit's ExecStartPre),
     so it warns when that user could not: the file itself is not wrong."""
     user = _user()
-    for directory in (base / "queue", base / "audit"):
+    queue = base / "queue"
+    for directory in (*(queue / name for name in WRITTEN_IN), base / "audit"):
         # os.path, not Path: it says False, rather than raise, behind a closed directory
         existing = next(p for p in (directory, *directory.parents) if os.path.exists(p))
         if os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK):

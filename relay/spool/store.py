@@ -75,6 +75,9 @@ RECYCLE_MAX = 64
 RECYCLE_SIZE = 1 << 20
 #: Seconds a free file (a delivered message's bytes) may wait to be reused.
 RECYCLE_TTL = 30.0
+#: The queue's directories the relay writes in (the queue directory itself
+#: only when it makes them): what has to be writable for it to take mail.
+WRITTEN_IN = ("msg", "env")
 
 
 @dataclass
@@ -132,8 +135,7 @@ class Spool:
         """Without ``create`` (the queue tools) a spool that is not there is an
         error: an empty one made up in its place would say the queue is empty."""
         self.directory = Path(directory)
-        self._msg = self.directory / "msg"
-        self._env = self.directory / "env"
+        self._msg, self._env = (self.directory / name for name in WRITTEN_IN)
         self._kick = self.directory / "kick"
         self._held: dict[str, int] = {}  # queue ID -> locked message file, see put_many
         # (path, when freed) of this process's free files, oldest first; deque
