@@ -170,7 +170,12 @@ class Recorder:
     def expired(self, entry: QueueEntry, address: str, reply: str) -> None:
         self._delivery_line(entry, address, "expired", reply)
         self.add(
-            ev.expired(queue_id=entry.queue_id, message_id=entry.message_id, recipient=address)
+            ev.expired(
+                queue_id=entry.queue_id,
+                message_id=entry.message_id,
+                recipient=address,
+                reply=reply,
+            )
         )
 
     def notice(self, entry: QueueEntry, notice: QueueEntry) -> None:

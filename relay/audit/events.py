@@ -95,7 +95,7 @@ SCHEMA: Mapping[str, tuple[tuple[str, Check], ...]] = {
     "delivered": (("recipient", _str), ("upstream", _str), ("reply", _str), ("attempts", _int)),
     "deferred": (("recipient", _str), ("reply", _str), ("next_attempt", _str)),
     "failed": (("recipient", _str), ("reply", _str)),
-    "expired": (("recipient", _str),),
+    "expired": (("recipient", _str), ("reply", _str)),
     "suppressed": (("recipient", _str), ("suppression", _suppression)),
     "bounced": (("recipient", _str), ("dsn_status", _str), ("diagnostic", _opt_str)),
     "complained": (("recipient", _str), ("feedback_type", _str)),
@@ -116,7 +116,9 @@ SCHEMA: Mapping[str, tuple[tuple[str, Check], ...]] = {
         ("retention_days", _int),
     ),
 }
-OPTIONAL = {("received", "subject"), ("received", "found_by")}
+# fields a record may lack: the subject where the policy does not record it;
+# the others in records written before the relay recorded them
+OPTIONAL = {("received", "subject"), ("received", "found_by"), ("expired", "reply")}
 
 
 @functools.cache
@@ -321,7 +323,9 @@ def failed(*, queue_id: str, message_id: str | None, recipient: str, reply: str)
     return _build("failed", **locals())
 
 
-def expired(*, queue_id: str, message_id: str | None, recipient: str) -> dict:
+def expired(
+    *, queue_id: str, message_id: str | None, recipient: str, reply: str | None = None
+) -> dict:
     return _build("expired", **locals())
 
 
