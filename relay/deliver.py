@@ -68,6 +68,7 @@ async def attempt(
     needed: Collection[str] = (),
     envelope_id: str | None = None,
     go_on: Callable[[], bool] = lambda: True,
+    replies: dict[str, tuple[int, str]] | None = None,
 ) -> Attempt:
     """One delivery attempt as the engine sees it: a reply for every recipient.
 
@@ -83,8 +84,10 @@ async def attempt(
     sent yet for the next attempt. ``go_on`` is asked before each: a relay that
     stops ends the attempt with what it has, rather than having the stop's
     grace cut it off, its transactions' replies lost and their recipients sent
-    the message again."""
-    replies: dict[str, tuple[int, str]] = {}
+    the message again. ``replies`` is filled in as each recipient's answer for
+    the attempt is known, for a caller that cuts the attempt off to know what
+    the earlier transactions were answered."""
+    replies = {} if replies is None else replies
     rest: list[str] = list(rcpt_tos)
     batch = len(rest)
     unreachable, crowded = None, False
@@ -96,8 +99,8 @@ async def attempt(
         got, unreachable, whole, crowded = await _transaction(
             upstream, mail_from, sending, data, needed, envelope_id
         )
-        replies.update(got)
         limited = [r for r in sending if _over_limit(*got[r])]
+        replies.update((r, got[r]) for r in sending if r not in limited)  # final for them
         answered = len(sending) - len(limited)
         if limited and answered:
             batch = answered  # the server's limit per transaction
@@ -108,6 +111,7 @@ async def attempt(
             break
         if whole or not answered or not go_on():
             why = STOPPING if answered and not whole else NOT_THIS_TIME
+            replies.update((r, got[r]) for r in limited)  # their 452 is this attempt's
             replies.update(dict.fromkeys(unsent, why))
             break
     if any(200 <= code < 300 for code, _ in replies.values()):

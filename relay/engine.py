@@ -57,8 +57,9 @@ RESCAN = 60.0  # the spool directory is read again this often, as a safety net
 WARM_MESSAGE = 1 << 20  # larger messages are read back from the spool when their turn comes
 WARM_TOTAL = 16 << 20  # what handed-over messages may hold in memory, all together
 CUT_WAIT = 5.0  # for attempts cut off at the end of the stop grace to put themselves on record
-# the reply recorded for an attempt the stop cut off: the relay cannot tell
-# whether the upstream had the whole message, so the audit log says it may
+# the reply recorded for a recipient whose attempt the stop cut off before the
+# upstream answered for it: the relay cannot tell whether the upstream had the
+# whole message, so the audit log says it may
 CUT_OFF = (
     "451 4.4.2 Cut off: the relay stopped before the upstream's reply;"
     " if it had the whole message, it may arrive twice"
@@ -213,6 +214,8 @@ class Engine:
         self._refusing: set[str] = set()  # immediate attempts passing a refusal back
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._stopping = False
+        self._starting = True  # attempts may start: until the signal to stop on
+        self.winding_down = asyncio.Event()  # set with the signal to stop on
         self._sending: set[str] = set()  # queue IDs whose attempt waits for the upstream
         self._schedule: dict[str, float] = {}  # queue ID -> next attempt
         self._due: list[tuple[float, str]] = []  # heap over _schedule, stale items skipped
@@ -284,9 +287,10 @@ class Engine:
         scan_wanted = not await self._rescan()
         last_scan = last_look = self.clock()
         while not self._stopping:
-            self._start_due()
+            if self._starting:
+                self._start_due()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._sleep())
+                await asyncio.wait_for(self._wake.wait(), self._sleep() if self._starting else POLL)
             self._wake.clear()
             if self._stopping:
                 break  # stop() makes the last removals durable itself
@@ -382,9 +386,18 @@ class Engine:
             return POLL
         return max(0.0, min(POLL, self._due[0][0] - self.clock()))
 
+    def wind_down(self) -> None:
+        """From the signal to stop on, no attempt starts, also while the stop's
+        grace waits for the clients' transactions: one started then, or one that
+        gets its delivery slot then, would be cut off by the grace, after its
+        upstream may have had the message, and go again at the next start."""
+        self._starting = False
+        self.winding_down.set()
+
     async def stop(self, timeout: float) -> None:
         """Start nothing new; let deliveries in progress finish within ``timeout``."""
         self._stopping = True
+        self.wind_down()
         self._wake.set()
         for warm in self._warm.values():
             warm.close()  # not started: the next start reads the spool
@@ -393,25 +406,25 @@ class Engine:
         self._warm.clear()
         if self._busy:
             _, running = await asyncio.wait(list(self._busy.values()), timeout=timeout)
-            if running:
-                given_up = sorted(q for q, task in self._busy.items() if task in running)
+            # only those waiting for their upstream: one settling its outcome would
+            # lose its records, and one waiting for a slot starts nothing now
+            cut = sorted(
+                q for q, task in self._busy.items() if task in running and q in self._sending
+            )
+            if cut:
                 log.warning(
-                    "giving up %d delivery attempt(s) still running at the end of the stop grace"
-                    " (%gs left for them): %s; their"
-                    " messages stay queued and are tried again at the next start (one"
-                    " already sent in full, its upstream's reply awaited, may arrive twice:"
-                    " the audit log says so)",
-                    len(running),
+                    "cutting off %d delivery attempt(s) still waiting for the upstream at the"
+                    " end of the stop grace (%gs left for them): %s; each stays queued,"
+                    " recorded as deferred, and is tried again at the next start (one already"
+                    " sent in full may arrive twice: the audit log says so)",
+                    len(cut),
                     timeout,
-                    " ".join(given_up),
+                    " ".join(cut),
                 )
-                # only those waiting for the upstream: one settling its outcome
-                # would lose its records, and its message would go again unrecorded
-                cut = [t for q, t in self._busy.items() if t in running and q in self._sending]
-                for task in cut:
+                tasks = [self._busy[queue_id] for queue_id in cut]
+                for task in tasks:
                     task.cancel()
-                if cut:
-                    await asyncio.wait(cut, timeout=CUT_WAIT)
+                await asyncio.wait(tasks, timeout=CUT_WAIT)
         while self._settling is not None:
             await asyncio.wait((self._settling,))
             await asyncio.sleep(0)  # its done callback clears it
@@ -603,7 +616,7 @@ class Engine:
     ) -> Outcome:
         # checked again here: attempts may wait long for a slot, and one that
         # gets it after the stop began would start a transaction the grace cuts off
-        if self._stopping or self._backlogged():
+        if not self._starting or self._backlogged():
             return Outcome("busy")
         policy = self.policy()
         now = self.clock()
@@ -611,6 +624,7 @@ class Engine:
         upstream = policy.upstreams.get(entry.upstream) or _rerouted(entry, policy)
         pending = [r.address for r in entry.pending()]
         own = _own(entry, pending) if immediate else pending
+        cut_off = False
         if upstream is None:
             replies = dict.fromkeys(pending, (451, f"451 4.3.5 no upstream {entry.upstream!r}"))
         else:
@@ -624,6 +638,7 @@ class Engine:
             if immediate and entry.queue_id in self._answering and own != pending:
                 send = functools.partial(send, needed=own)  # the copy goes with them or not at all
             began = self.clock()
+            answered: dict[str, tuple[int, str]] = {}  # as the upstream answers
             self._sending.add(entry.queue_id)
             try:  # a try that ends without a word must not leave the upstream waiting for it
                 if data is None:
@@ -635,16 +650,24 @@ class Engine:
                     data,
                     envelope_id=entry.queue_id,
                     go_on=self._going_on,
+                    replies=answered,
                 )
             except BaseException as exc:
                 self._suspensions.ended(upstream, entry.queue_id, began, None, self.clock(), 0.0)
-                if isinstance(exc, asyncio.CancelledError) and self._stopping:
-                    await self._cut_off(entry)
-                raise
+                if not (isinstance(exc, asyncio.CancelledError) and self._stopping):
+                    raise
+                # cut off by the stop (``stop``): an attempt all the same, each recipient
+                # with the reply it got or none, on record before the next start's
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                sent = Attempt({**dict.fromkeys(pending, (451, CUT_OFF)), **answered})
+                cut_off = True
+            else:
+                self._reached(upstream, entry.queue_id, began, sent, policy.queue)
             finally:
                 self._sending.discard(entry.queue_id)
             replies = sent.replies
-            self._reached(upstream, entry.queue_id, began, sent, policy.queue)
         entry.attempts += 1
         for rcpt in entry.pending():
             rcpt.attempts += 1
@@ -672,41 +695,25 @@ class Engine:
         if not deferred:
             return await self._finish(entry, policy, lock)
         ended = self.clock()  # the wait runs from the attempt's end: a timeout may be long
-        wait = backoff(policy.queue, entry.attempts, self.rng)
+        # one the stop cut off goes at the next start, as one it never began would
+        wait = 0.0 if cut_off else backoff(policy.queue, entry.attempts, self.rng)
         if upstream is not None and self._suspensions.suspended(upstream):
             # the one try of a suspended upstream waits no longer than those it tried
             # for: its own backoff, doubled at each try, had it come 88 s after the
             # upstream was back, where the waiting ones went at once
             wait = min(wait, policy.queue.first_retry)
-        self._deferred(entry, min(ended + wait, deadline))
+        entry.next_attempt = min(ended + wait, deadline)
+        for rcpt in entry.pending():
+            self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
         await self._notify(entry, policy)
         await self._flush(entry)
         await self._store(entry)
         self._plan(entry.queue_id, entry.next_attempt)
         return Outcome("deferred")
 
-    def _deferred(self, entry: QueueEntry, next_attempt: float) -> None:
-        entry.next_attempt = next_attempt
-        for rcpt in entry.pending():
-            self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
-
-    async def _cut_off(self, entry: QueueEntry) -> None:
-        """An attempt the stop's grace cut off counts as one, deferred: the
-        upstream may have had the whole message and its reply not come yet, so
-        the next start's delivery can be its second, and the audit log must
-        not say the first was the only one."""
-        entry.attempts += 1
-        for rcpt in entry.pending():
-            rcpt.attempts += 1
-            self._note(entry, rcpt.address, CUT_OFF)
-        self._deferred(entry, self.clock())
-        await self._flush(entry)
-        with contextlib.suppress(NoSuchEntry):  # deleted meanwhile: nothing to try again
-            await self._store(entry)
-
     def _going_on(self) -> bool:
         """Whether an attempt may start a further transaction (``relay.deliver``)."""
-        return not self._stopping
+        return self._starting
 
     def _reached(
         self,

@@ -456,13 +456,22 @@ class Acceptor:
         self.engine.accepting.discard(queue_id)
 
     async def _immediate(self, entry: QueueEntry, wait: float) -> str:
-        """Wait a little for the first attempt, for ERPs that show the server's answer."""
+        """Wait a little for the first attempt, for ERPs that show the server's answer.
+
+        Not once the relay stops: the message is queued, and a client still
+        waiting when the stop's grace ends is told 421, which reads as not
+        accepted, and sends it again."""
         task = self.engine.attempt_now(entry.queue_id, immediate=True)
+        stopping = asyncio.ensure_future(self.engine.winding_down.wait())
         try:
-            outcome = await asyncio.wait_for(asyncio.shield(task), wait)
-        except TimeoutError:
-            if self.engine.answered(entry.queue_id, task):
-                return f"250 2.0.0 Ok: queued as {entry.queue_id}"
+            await asyncio.wait((task, stopping), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if task.done():
+            outcome = task.result()
+        elif self.engine.answered(entry.queue_id, task):
+            return f"250 2.0.0 Ok: queued as {entry.queue_id}"
+        else:
             outcome = await asyncio.shield(task)  # its refusal is on its way back
         if outcome.status == "refused":
             code = int(outcome.reply[:3]) if outcome.reply[:3].isdigit() else 550

@@ -1,12 +1,19 @@
-"""What a stop does to deliveries under way, against a real upstream that is slow to
-answer the end of the message: nothing new starts once the stop has begun, and an
-attempt the grace cuts off is on record as one that may have reached the upstream.
+"""What a stop does to deliveries, against a real upstream that is slow to answer
+the end of the message: from the signal on no attempt starts, also while a client's
+transaction holds the stop up; an attempt the grace cuts off is on record as one
+that may have reached the upstream, with the replies it did get; and a client of an
+``immediate`` listener is told 250 at once, its message queued.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import smtplib
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,53 +40,87 @@ class SlowToAnswer(Sink):
         return self.data_reply
 
 
-def send(port: int, rcpt: str) -> None:
-    message = f"From: jan@acme.example\r\nTo: {rcpt}\r\nSubject: x\r\n\r\nx\r\n"
+def send(port: int, *rcpts: str) -> bytes:
+    message = "From: jan@acme.example\r\nTo: x@example.org\r\nSubject: x\r\n\r\nx\r\n"
     with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
-        assert client.sendmail("jan@acme.example", [rcpt], message) == {}
+        client.ehlo()
+        client.mail("jan@acme.example")
+        for rcpt in rcpts:
+            client.rcpt(rcpt)
+        code, reply = client.data(message)
+    assert code == 250, reply
+    return reply
+
+
+@contextmanager
+def in_data(port: int) -> Iterator[socket.socket]:
+    """A client in the middle of its message: it holds the stop up until it ends."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+        client.recv(512)
+        client.sendall(b"EHLO erp\r\nMAIL FROM:<jan@acme.example>\r\n")
+        client.sendall(b"RCPT TO:<held@example.org>\r\nDATA\r\n")
+        wait_for(lambda: b"354" in client.recv(4096))
+        client.sendall(b"From: jan@acme.example\r\nSubject: held\r\n\r\n")
+        yield client
 
 
 def arrivals(sink: Sink, rcpt: str) -> int:
     return sum(rcpt in m.rcpt_tos for m in sink.messages)
 
 
+def configure(policy_file: Path, port: int, upstream_port: int, extra: str = "") -> None:
+    upstream = (
+        f"  default:\n    type: smtp\n    host: 127.0.0.1\n    port: {upstream_port}\n"
+        "    tls: none\n    timeout: 120\n"
+    )
+    text = policy_file.read_text().replace("port: 2525", f"port: {port}")
+    text = text.replace("  default:\n    type: directory\n    path: outbox\n", upstream)
+    policy_file.write_text(text + "workers: 1\n" + extra)
+
+
+def outcomes(policy_file: Path) -> tuple[list[tuple[str, str]], set[tuple[str, int]]]:
+    """The deferrals (recipient, reply) in order, and the deliveries (recipient, attempt)."""
+    records = list(reader.records(policy_file.parent / "state" / "audit"))
+    deferred = [(r["recipient"], r["reply"]) for r in records if r["event"] == "deferred"]
+    delivered = {(r["recipient"], r["attempts"]) for r in records if r["event"] == "delivered"}
+    return deferred, delivered
+
+
+def stopped(relay: RelayProcess) -> str:
+    assert relay.proc is not None
+    assert relay.proc.wait(STOP_GRACE + 15) == 0, relay.log()
+    return relay.log()
+
+
 def test_a_stop_starts_no_delivery_and_admits_the_one_it_cuts_off(
     policy_file: Path, tmp_path: Path
 ) -> None:
     """``slow@`` is answered long after the grace, ``mid@`` within it, and ``next@``
-    waits for a delivery slot until ``mid@``'s ends, after the stop began. It used
-    to start then, have its reply cut off by the grace and be sent again at the
-    next start, and the audit log had one delivery of each, at attempt 1."""
-    sink = SlowToAnswer(delays={"slow@example.org": 60.0, "mid@example.org": 4.0})
+    waits for a delivery slot until ``mid@``'s ends, after the signal, while a
+    client's transaction holds the stop up. It used to start then, have its reply
+    cut off by the grace and go again at the next start, and the audit log had
+    one delivery of each, at attempt 1."""
+    sink = SlowToAnswer(delays={"slow@example.org": 60.0, "mid@example.org": 3.0})
     port = free_port()
     with SinkServer(sink) as server:
-        upstream = (
-            f"  default:\n    type: smtp\n    host: 127.0.0.1\n    port: {server.port}\n"
-            "    tls: none\n    timeout: 120\n"
-        )
-        text = policy_file.read_text().replace("port: 2525", f"port: {port}")
-        text = text.replace("  default:\n    type: directory\n    path: outbox\n", upstream)
-        policy_file.write_text(text + "workers: 1\nqueue:\n  concurrency: 2\n")
+        configure(policy_file, port, server.port, "queue:\n  concurrency: 2\n")
         with RelayProcess(policy_file, port, tmp_path / "first.log") as relay:
             send(port, "slow@example.org")
             send(port, "mid@example.org")
             wait_for(lambda: len(sink.messages) == 2)
             send(port, "next@example.org")  # queued: both slots are taken
-            relay.signal(15)
-            assert relay.proc is not None
-            assert relay.proc.wait(STOP_GRACE + 15) == 0, relay.log()
-        first = relay.log()
+            with in_data(port):
+                relay.signal(signal.SIGTERM)
+                time.sleep(5)  # mid@'s slot is free by now
+            first = stopped(relay)
         assert arrivals(sink, "next@example.org") == 0, first
-        assert "giving up 1 delivery attempt(s)" in first, first
+        assert "cutting off 1 delivery attempt(s)" in first, first
 
         sink.delays.clear()
         with RelayProcess(policy_file, port, tmp_path / "second.log"):
             wait_for(lambda: arrivals(sink, "next@example.org") == 1)
             wait_for(lambda: arrivals(sink, "slow@example.org") == 2)
-    audit = policy_file.parent / "state" / "audit"
-    records = list(reader.records(audit))
-    deferred = [(r["recipient"], r["reply"]) for r in records if r["event"] == "deferred"]
-    delivered = {(r["recipient"], r["attempts"]) for r in records if r["event"] == "delivered"}
+    deferred, delivered = outcomes(policy_file)
     assert deferred == [("slow@example.org", CUT_OFF)]
     assert delivered == {
         ("slow@example.org", 2),
@@ -87,3 +128,61 @@ def test_a_stop_starts_no_delivery_and_admits_the_one_it_cuts_off(
         ("next@example.org", 1),
     }
     assert [arrivals(sink, r) for r in ("mid@example.org", "next@example.org")] == [1, 1]
+
+
+def test_recipients_answered_before_the_cut_keep_their_replies(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """An upstream taking two recipients a transaction answered the first two, and
+    the stop cut the second transaction off: the two were recorded as cut off
+    too, "before the upstream's reply", and sent again."""
+    sink = SlowToAnswer(most=2, delays={"slow@example.org": 60.0})
+    rcpts = ("one@example.org", "two@example.org", "slow@example.org", "four@example.org")
+    port = free_port()
+    with SinkServer(sink) as server:
+        configure(policy_file, port, server.port)
+        with RelayProcess(policy_file, port, tmp_path / "first.log") as relay:
+            send(port, *rcpts)
+            wait_for(lambda: len(sink.messages) == 2)
+            relay.signal(signal.SIGTERM)
+            stopped(relay)
+        sink.delays.clear()
+        with RelayProcess(policy_file, port, tmp_path / "second.log"):
+            wait_for(lambda: arrivals(sink, "four@example.org") == 2)
+    assert [arrivals(sink, r) for r in rcpts] == [1, 1, 2, 2]
+    deferred, delivered = outcomes(policy_file)
+    assert deferred == [("slow@example.org", CUT_OFF), ("four@example.org", CUT_OFF)]
+    assert delivered == {
+        ("one@example.org", 1),
+        ("two@example.org", 1),
+        ("slow@example.org", 2),
+        ("four@example.org", 2),
+    }
+
+
+def test_an_immediate_listener_answers_250_at_once_once_the_relay_stops(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A message that ends after the signal is queued, not tried: its client, who
+    would have waited for the attempt and then been told 421 at the end of the
+    grace (read as not accepted: sent again), hears 250 at once."""
+    sink = SlowToAnswer(delays={"held@example.org": 60.0})
+    port = free_port()
+    with SinkServer(sink) as server:
+        configure(policy_file, port, server.port)
+        text = policy_file.read_text()
+        policy_file.write_text(
+            text.replace("    auth: optional\n", "    auth: optional\n    immediate: 10\n")
+        )
+        with RelayProcess(policy_file, port, tmp_path / "first.log") as relay:
+            with in_data(port) as client:
+                relay.signal(signal.SIGTERM)
+                time.sleep(0.5)
+                began = time.monotonic()
+                client.sendall(b"held\r\n.\r\n")
+                wait_for(lambda: b"250 2.0.0 Ok: queued as " in client.recv(4096))
+                assert time.monotonic() - began < 5
+            stopped(relay)
+        assert sink.messages == []
+        with RelayProcess(policy_file, port, tmp_path / "second.log"):
+            wait_for(lambda: arrivals(sink, "held@example.org") == 1)
