@@ -368,6 +368,9 @@ async def serve(
     again: list[bool] = []  # a SIGHUP came during a reload: the last one must win
 
     def reload() -> None:
+        if stopping.is_set():  # as the supervisor's: its note would hide the stop's
+            log.info("SIGHUP while stopping: not reloaded")
+            return
         if reloads:
             log.info("SIGHUP during a reload: reading the policy again after it")
             again[:] = [True]

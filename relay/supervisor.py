@@ -476,7 +476,9 @@ class Supervisor:
         while self.workers and time.monotonic() < deadline:
             metrics_status.beat()
             metrics_status.workers(len(self.workers), self.policy.workers)
-            signal.sigtimedwait({signal.SIGCHLD}, 0.2)
+            info = signal.sigtimedwait({signal.SIGCHLD, signal.SIGHUP}, 0.2)
+            if info is not None and info.si_signo == signal.SIGHUP:
+                log.info("SIGHUP while stopping: not reloaded")
             for pid, status in self._reaped():
                 worker = self.workers.pop(pid, None)
                 if worker is not None and os.waitstatus_to_exitcode(status) != 0:

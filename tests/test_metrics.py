@@ -190,6 +190,8 @@ def test_a_stopping_relay_is_not_ready_and_says_it_stops(
                 checks = json.loads(_get(metrics, "/readyz")[1])["checks"]
                 assert checks["relay"] == "stopping", checks
                 wait_for(lambda: _value(_samples(metrics), "relay_workers", state="running") == 1)
+                relay.signal(signal.SIGHUP)  # a reload wrote its note over the stop's
+                wait_for(lambda: "SIGHUP while stopping: not reloaded" in relay.log())
                 status = relay_cli(policy, "status")
                 assert status.returncode == 0, status
                 said = status.stdout.splitlines()[0]
