@@ -252,8 +252,10 @@ class Acceptor:
         alone: Callable[[], bool] | None = None,
         suppressions: SuppressionFile | None = None,
         rates: RateRow | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.spool = spool
+        self.clock = clock  # for the rate counts
         self.engine = engine
         self.recorder = recorder
         self.suppressions = suppressions
@@ -270,13 +272,14 @@ class Acceptor:
             await self._rejected(submission, reply)
             raise
         entry = _entry(prepared, submission)
-        taken = await self._take(policy, submission, entry.tenant)
+        now = self.clock()
+        taken = await self._take(policy, submission, entry.tenant, now)
         self.engine.accepting.add(entry.queue_id)
         try:
             try:
                 await self._keep(policy, submission, prepared, entry)
             except BaseException:
-                self._give_back(entry.tenant, taken)
+                self._give_back(entry.tenant, taken, now)
                 raise
             lock = self.spool.detach(entry.queue_id)
         finally:
@@ -312,11 +315,13 @@ class Acceptor:
             try:
                 return await self._immediate(entry, listener.immediate)
             except SmtpReply:  # the upstream refused it, and the ERP is told: not sent
-                self._give_back(entry.tenant, taken)
+                self._give_back(entry.tenant, taken, now)
                 raise
         return f"250 2.0.0 Ok: queued as {entry.queue_id}"
 
-    async def _take(self, policy: Policy, submission: Submission, tenant_id: str) -> int:
+    async def _take(
+        self, policy: Policy, submission: Submission, tenant_id: str, now: float
+    ) -> int:
         """The message's recipients counted for its tenant, or it refused
         (``ratelimit.refusal``). Every tenant's are counted, limited or not: a
         limit a reload brings in, when a login is found stolen, then holds the
@@ -325,7 +330,6 @@ class Acceptor:
         if tenant is None or self.rates is None:
             return 0
         wanted = len(submission.rcpt_tos)
-        now = time.time()
         if tenant.recipients_per_hour is not None:
             reply = ratelimit.refusal(tenant, wanted, self.rates.sent(tenant_id, now))
             if reply is not None:
@@ -334,9 +338,12 @@ class Acceptor:
         self.rates.add(tenant_id, wanted, now)
         return wanted
 
-    def _give_back(self, tenant_id: str, taken: int) -> None:
+    def _give_back(self, tenant_id: str, taken: int, when: float) -> None:
+        """To the minute they were counted in (``when``): given to the minute of
+        now, a give-back past a minute's end found nothing there to take from,
+        and the tenant was held to a message the upstream had refused."""
         if taken and self.rates is not None:
-            self.rates.add(tenant_id, -taken, time.time())
+            self.rates.add(tenant_id, -taken, when)
 
     def _suppressions(self) -> SuppressionList:
         """The list as it is now; one that cannot be read refuses the message for

@@ -67,13 +67,17 @@ class RateRow:
         return total
 
     def add(self, tenant: str, count: int, now: float) -> None:
-        """``count`` more (or fewer, given back) in this worker's row for the minute of ``now``."""
+        """``count`` more (or fewer, given back) in this worker's row for the minute of
+        ``now``; a give-back for a minute whose slot has gone to a later one finds
+        nothing to take from (it is out of the hour)."""
         minute = int(now // 60)
         base = self._row.own(key_of(tenant), lambda at: self._idle(at, minute))
         if base is None:
             return
         at = base + minute % MINUTES
         word = self._row.words[at]
+        if count < 0 and word >> 32 != minute:
+            return
         current = word & 0xFFFFFFFF if word >> 32 == minute else 0
         self._row.words[at] = (minute << 32) | max(0, min(current + count, 0xFFFFFFFF))
 

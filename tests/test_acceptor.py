@@ -20,6 +20,7 @@ from relay.engine import Attempt, Engine
 from relay.errors import SmtpReply
 from relay.pipeline import Acceptor
 from relay.policy.load import load
+from relay.ratelimit import RateCounts
 from relay.record import Recorder
 from relay.spool import Spool
 from relay.spool import store as spool_store
@@ -131,6 +132,31 @@ async def test_an_audit_write_that_finds_the_disk_full_is_a_452(
 ) -> None:
     refused = await _refusal(policy_file, tmp_path, RefusingAudit(error))
     assert refused == (reply or "451 4.3.0 Audit log write failed, try again later")
+
+
+async def test_a_refused_message_gives_its_count_back_to_the_minute_it_was_taken_in(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Given back to the minute of the refusal, the recipients of a message taken
+    in at a minute's last second were still counted for the hour once it ended:
+    the tenant was held to its ``recipients_per_hour`` for mail never sent."""
+    last_second = 1_800_000_059.5  # a minute's last second
+    rates = RateCounts(1).row(0)
+    spool = Spool(tmp_path / "spool")
+    policy = load(policy_file)
+    engine = Engine(spool, lambda: policy, _never, Recorder(None))
+    submission = Submission(
+        "local", "127.0.0.1", None, "kari@acme.example", ("customer@example.org",), MESSAGE
+    )
+    acceptor = Acceptor(spool, engine, FullAudit(None), rates=rates, clock=lambda: last_second)
+    async with running(engine):
+        with pytest.raises(SmtpReply):
+            await acceptor.process(policy, submission)
+    assert rates.sent("acme", last_second) == 0
+
+
+async def _never(target: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
+    raise AssertionError("a refused message was delivered")
 
 
 async def _refusal(policy_file: Path, tmp_path: Path, audit: Recorder) -> str:

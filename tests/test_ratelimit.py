@@ -63,6 +63,19 @@ def test_a_count_given_back_is_taken_off_and_never_below_nothing() -> None:
     assert row.sent("acme", NOON) == 0
 
 
+def test_a_count_given_back_goes_to_its_own_minute_or_nowhere() -> None:
+    """Given back to the minute it was taken in, also once that minute is over; a
+    minute whose slot a later one took is out of the hour: nothing to take from,
+    and the later minute's count stays."""
+    row = RateCounts(1).row(0)
+    row.add("acme", 3, NOON + 59)
+    row.add("acme", -3, NOON + 59)  # the refusal came in the next minute
+    assert row.sent("acme", NOON + 61) == 0
+    row.add("acme", 2, NOON + 60 * 60)  # the same slot, an hour on
+    row.add("acme", -1, NOON)
+    assert row.sent("acme", NOON + 60 * 60) == 2
+
+
 def test_tenants_whose_hashes_meet_in_one_slot_are_counted_apart() -> None:
     names: dict[int, str] = {}
     for number in range(100_000):
