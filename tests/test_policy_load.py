@@ -863,8 +863,13 @@ def test_anchors_and_merge_keys_work(tmp_path: Path) -> None:
         (b"version: 1\nplatform: caf\xe9\n",
          "2:14: the file is not UTF-8 text (invalid continuation byte)"),
         (b'version: 1\nplatform: "x\n',
-         "2:11: YAML syntax error: a quoted value that is never closed"
-         " (found unexpected end of stream at 3:1)"),
+         '2:11: YAML syntax error: the value quoted with " here is not closed on its line:'
+         " it runs on to 3:1, where the parser stopped (found unexpected end of stream)"),
+        # run on into a pattern, whose backslash is no escape in double quotes
+        (b'version: 1\nplatform:\n  display_name: "{user.name}\nclassify:\n'
+         b"  - subject: '(?i)\\.pdf$'\n",
+         '3:17: YAML syntax error: the value quoted with " here is not closed on its line:'
+         " it runs on to 5:19, where the parser stopped (found unknown escape character)"),
         (b'version: 1\nplatform:\n  display_name: "{user.name}\n  hostname: "relay.example"\n',
          '3:17: YAML syntax error: the value quoted with " here is not closed on its line:'
          " it runs on to 4:14, where the parser stopped (did not find expected key)"),

@@ -237,17 +237,6 @@ def _children(node: Node, merged: set[int] | None) -> Iterator[tuple[Node, set[i
 
 
 # Slips the parser notices only further down: the context names the line to fix.
-_AT_CONTEXT = {
-    ("while scanning a simple key", "could not find expected ':'"): "a key without ':' after it",
-    ("while scanning a quoted scalar", "found unexpected end of stream"): (
-        "a quoted value that is never closed"
-    ),
-    ("while scanning a quoted scalar", "found unexpected document separator"): (
-        "a quoted value that is never closed"
-    ),
-}
-
-
 def _syntax_problem(text: str, exc: yaml.MarkedYAMLError) -> tuple[yaml.Mark | None, str, str]:
     """Where a syntax error sends the sysadmin, and what it says there.
 
@@ -255,24 +244,33 @@ def _syntax_problem(text: str, exc: yaml.MarkedYAMLError) -> tuple[yaml.Mark | N
     that is not the line to fix: a key missing its ':' is noticed on the
     next line, and a value whose closing quote is missing runs on to the
     next quote in the file, often many lines down, where the parser stops
-    at a line that is right.
+    at a line that is right (or inside it, at a regular expression's
+    backslash, not an escape in double quotes).
     """
-    stop = exc.problem_mark
+    stop, opened = exc.problem_mark, exc.context_mark
     at = f"{stop.line + 1}:{stop.column + 1}" if stop is not None else "the end"
-    slip = _AT_CONTEXT.get((exc.context or "", exc.problem or ""))
-    if slip is not None and exc.context_mark is not None:
-        return exc.context_mark, "", f"YAML syntax error: {slip} ({exc.problem} at {at})"
-    opened = None if stop is None else _runaway_quote(text, stop.line)
-    if opened is not None:
-        return (
-            opened.start_mark,
-            "",
-            (
-                f"YAML syntax error: the value quoted with {opened.style} here is not closed on"
-                f" its line: it runs on to {at}, where the parser stopped ({exc.problem})"
-            ),
-        )
+    if exc.problem == "could not find expected ':'" and opened is not None:
+        return opened, "", f"YAML syntax error: a key without ':' after it ({exc.problem} at {at})"
+    quoted = "quoted scalar" in (exc.context or "") and opened is not None
+    if quoted and (stop is None or opened.line < stop.line):
+        return opened, "", _runaway(_char_at(text, opened), at, exc.problem)
+    token = None if stop is None else _runaway_quote(text, stop.line)
+    if token is not None:
+        return token.start_mark, "", _runaway(token.style, at, exc.problem)
     return stop, "", _syntax_message(exc)
+
+
+def _runaway(quote: str, at: str, problem: str | None) -> str:
+    return (
+        f"YAML syntax error: the value quoted with {quote} here is not closed on its line:"
+        f" it runs on to {at}, where the parser stopped ({problem})"
+    )
+
+
+def _char_at(text: str, mark: yaml.Mark) -> str:
+    lines = text.split("\n")
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    return line[mark.column : mark.column + 1] or "a quote"
 
 
 def _runaway_quote(text: str, line: int) -> yaml.ScalarToken | None:
