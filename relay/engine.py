@@ -624,7 +624,7 @@ class Engine:
         upstream = policy.upstreams.get(entry.upstream) or _rerouted(entry, policy)
         pending = [r.address for r in entry.pending()]
         own = _own(entry, pending) if immediate else pending
-        cut_off = False
+        cut: set[str] = set()  # recipients the stop cut off before the upstream answered
         if upstream is None:
             replies = dict.fromkeys(pending, (451, f"451 4.3.5 no upstream {entry.upstream!r}"))
         else:
@@ -662,7 +662,7 @@ class Engine:
                 if task is not None:
                     task.uncancel()
                 sent = Attempt({**dict.fromkeys(pending, (451, CUT_OFF)), **answered})
-                cut_off = True
+                cut = set(pending) - answered.keys()
             else:
                 self._reached(upstream, entry.queue_id, began, sent, policy.queue)
             finally:
@@ -684,7 +684,7 @@ class Engine:
             elif code >= 500:
                 self._settle(entry, address, FAILED, reply)
                 bounced.append((address, reply))
-            elif now >= deadline:  # that was the last try, as in Postfix
+            elif now >= deadline and address not in cut:  # the last try, as in Postfix
                 lifetime = duration(policy.queue.lifetime)
                 reply = f"not delivered within {lifetime}; last reply: {reply}"
                 self._settle(entry, address, EXPIRED, reply)
@@ -696,7 +696,7 @@ class Engine:
             return await self._finish(entry, policy, lock)
         ended = self.clock()  # the wait runs from the attempt's end: a timeout may be long
         # one the stop cut off goes at the next start, as one it never began would
-        wait = 0.0 if cut_off else backoff(policy.queue, entry.attempts, self.rng)
+        wait = 0.0 if cut else backoff(policy.queue, entry.attempts, self.rng)
         if upstream is not None and self._suspensions.suspended(upstream):
             # the one try of a suspended upstream waits no longer than those it tried
             # for: its own backoff, doubled at each try, had it come 88 s after the

@@ -200,6 +200,29 @@ async def test_a_stop_that_cuts_attempts_off_names_what_stays_queued(
     }
 
 
+async def test_a_last_try_the_stop_cuts_off_does_not_expire_the_message(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    """The cut-off reply is no upstream's: the message expired on it, and its
+    sender was told it was not delivered, of a message the upstream may have had
+    or the next start could still deliver. It stays queued for its last try."""
+    audit = AuditLog(tmp_path / "audit")
+
+    async def stalled(*args: Any, **_: Any) -> Attempt:
+        await asyncio.Event().wait()
+        raise AssertionError("never answered")
+
+    engine = Engine(spool, lambda: with_queue(policy, lifetime=40), stalled, Recorder(audit))
+    entry = make_entry(arrival=time.time() - 41, size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    task = engine.attempt_now(entry.queue_id)
+    await asyncio.sleep(0.1)
+    await engine.stop(0.1)
+    assert task.result().status == "deferred"
+    assert spool.ids() == [entry.queue_id]  # and no failure notice beside it
+    assert records(audit.directory, entry.queue_id) == [("deferred", engine_module.CUT_OFF)]
+
+
 async def test_mail_of_a_removed_upstream_counts_against_the_one_it_goes_to(
     spool: Spool, policy: Policy
 ) -> None:
