@@ -449,8 +449,16 @@ def stopping_now(policy: Policy) -> None:
     """From the signal on, ``/readyz`` and ``relay status`` say the relay stops:
     its listeners are closed, and a monitor must not send ERPs to it."""
     metrics_status.stopping()
+    _note(policy)
+
+
+def _note(policy: Policy) -> None:
+    """The policy in use and what waits for a restart, in the lock file for
+    ``relay status``; and, from the signal on, that the relay stops: a reload
+    under way at the signal writes its note after the stop's."""
+    stopping = [statelock.STOPPING] if metrics_status.STATUS.stopping else []
     statelock.note_policy(
-        policy.queue.directory.parent, policy.digest, [*policy.pending, statelock.STOPPING]
+        policy.queue.directory.parent, policy.digest, [*policy.pending, *stopping]
     )
 
 
@@ -505,7 +513,7 @@ async def _reload(
         return
     _take_up(holder, new, ingress)
     metrics_status.loaded()
-    statelock.note_policy(new.queue.directory.parent, new.digest, new.pending)
+    _note(new)
     in_use(new, old)
     await asyncio.to_thread(record_policy, audit, path, new)
 

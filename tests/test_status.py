@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from relay import statelock, status
+from relay import server, statelock, status
+from relay.metrics import status as metrics_status
+from relay.policy.load import load
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import free_port
 from tests.test_queue_e2e import ROOT, configure, relay_cli, send
@@ -240,3 +242,22 @@ def test_the_tools_pass_over_a_copy_that_names_another_state_directory(
     listed = relay_cli(policy, "queue", "list")
     assert "does not load, but its state settings do, so this goes by them" in listed.stderr
     assert f"relay queue: {state / 'queue'}: no queue here" in listed.stderr
+
+
+def test_a_reload_that_ends_during_the_stop_keeps_the_stop_in_the_lock_file(
+    policy_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload under way at the signal wrote its note after the stop's, and
+    ``relay status`` said "running" for the rest of the stop."""
+    policy = load(policy_file)
+    state = policy.queue.directory.parent
+    lock = statelock.hold(state, policy.digest)
+    try:
+        monkeypatch.setattr(metrics_status, "STATUS", metrics_status.Status())
+        server.stopping_now(policy)
+        server._note(policy)  # the reload's, as it ends
+        held = statelock.holder(state)
+        assert held is not None and statelock.STOPPING in held.pending
+        assert status._relay(held, state, 1).startswith("relay: stopping, PID ")
+    finally:
+        os.close(lock)
