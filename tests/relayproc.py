@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -126,6 +126,19 @@ def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("condition not reached in time")
+
+
+@contextlib.contextmanager
+def in_data(port: int) -> Iterator[socket.socket]:
+    """A client in the middle of its message: it holds the relay's stop up until
+    it ends (the rest of the message and its dot), or closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+        client.recv(512)
+        client.sendall(b"EHLO erp\r\nMAIL FROM:<jan@acme.example>\r\n")
+        client.sendall(b"RCPT TO:<held@example.org>\r\nDATA\r\n")
+        wait_for(lambda: b"354" in client.recv(4096))
+        client.sendall(b"From: jan@acme.example\r\nSubject: held\r\n\r\n")
+        yield client
 
 
 def piped_into_head(*args: str) -> tuple[int, str]:

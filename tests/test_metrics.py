@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.policy.load import load
-from tests.relayproc import RelayProcess, wait_for
+from tests.relayproc import RelayProcess, in_data, wait_for
 from tests.sink import Sink, SinkServer, free_port
 from tests.test_queue_e2e import configure, relay_cli, send
 
@@ -179,12 +179,7 @@ def test_a_stopping_relay_is_not_ready_and_says_it_stops(
         port, metrics = free_port(), free_port()
         policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=workers)
         with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as held:
-                held.recv(512)
-                held.sendall(b"EHLO erp\r\nMAIL FROM:<jan@acme.example>\r\n")
-                held.sendall(b"RCPT TO:<one@example.org>\r\nDATA\r\n")
-                wait_for(lambda: b"354" in held.recv(4096))
-                held.sendall(b"Subject: half\r\n")
+            with in_data(port):
                 relay.signal(signal.SIGTERM)
                 wait_for(lambda: _get(metrics, "/readyz")[0] == 503)
                 checks = json.loads(_get(metrics, "/readyz")[1])["checks"]

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import smtplib
-import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +18,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relay.audit import reader
 from relay.engine import CUT_OFF
 from relay.server import STOP_GRACE
-from tests.relayproc import RelayProcess, wait_for
+from tests.relayproc import RelayProcess, in_data, wait_for
 from tests.sink import Received, Sink, SinkServer, free_port
+from tests.test_queue_e2e import send
 
 
 @dataclass
@@ -38,30 +35,6 @@ class SlowToAnswer(Sink):
         self.messages.append(taken)
         await asyncio.sleep(max(self.delays.get(r, 0.0) for r in envelope.rcpt_tos))
         return self.data_reply
-
-
-def send(port: int, *rcpts: str) -> bytes:
-    message = "From: jan@acme.example\r\nTo: x@example.org\r\nSubject: x\r\n\r\nx\r\n"
-    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
-        client.ehlo()
-        client.mail("jan@acme.example")
-        for rcpt in rcpts:
-            client.rcpt(rcpt)
-        code, reply = client.data(message)
-    assert code == 250, reply
-    return reply
-
-
-@contextmanager
-def in_data(port: int) -> Iterator[socket.socket]:
-    """A client in the middle of its message: it holds the stop up until it ends."""
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
-        client.recv(512)
-        client.sendall(b"EHLO erp\r\nMAIL FROM:<jan@acme.example>\r\n")
-        client.sendall(b"RCPT TO:<held@example.org>\r\nDATA\r\n")
-        wait_for(lambda: b"354" in client.recv(4096))
-        client.sendall(b"From: jan@acme.example\r\nSubject: held\r\n\r\n")
-        yield client
 
 
 def arrivals(sink: Sink, rcpt: str) -> int:
@@ -105,10 +78,10 @@ def test_a_stop_starts_no_delivery_and_admits_the_one_it_cuts_off(
     with SinkServer(sink) as server:
         configure(policy_file, port, server.port, "queue:\n  concurrency: 2\n")
         with RelayProcess(policy_file, port, tmp_path / "first.log") as relay:
-            send(port, "slow@example.org")
-            send(port, "mid@example.org")
+            send(port, rcpts=("slow@example.org",))
+            send(port, rcpts=("mid@example.org",))
             wait_for(lambda: len(sink.messages) == 2)
-            send(port, "next@example.org")  # queued: both slots are taken
+            send(port, rcpts=("next@example.org",))  # queued: both slots are taken
             with in_data(port):
                 relay.signal(signal.SIGTERM)
                 time.sleep(5)  # mid@'s slot is free by now
@@ -142,7 +115,7 @@ def test_recipients_answered_before_the_cut_keep_their_replies(
     with SinkServer(sink) as server:
         configure(policy_file, port, server.port)
         with RelayProcess(policy_file, port, tmp_path / "first.log") as relay:
-            send(port, *rcpts)
+            send(port, rcpts=rcpts)
             wait_for(lambda: len(sink.messages) == 2)
             relay.signal(signal.SIGTERM)
             stopped(relay)
