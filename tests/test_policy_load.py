@@ -880,6 +880,10 @@ def test_anchors_and_merge_keys_work(tmp_path: Path) -> None:
         (b'version: 1\nclassify:\n  - subject: "^Invoice \\d+"\n',
          "3:24: YAML syntax error: found unknown escape character"
          " (while parsing a quoted scalar at 3:14)"),
+        (b'version: 1\nplatform: {display_name: "a\rb"}\n',
+         "2:28: a carriage return alone (U+000D), as pasted from a web page or a word"
+         " processor: YAML reads it as a line break, so every line number after it would be"
+         " off and the text around it may mean something else; delete it"),
         ("# pasted\u2028 from a page\nversion: 1\nplatfrom: x\n".encode(),
          "1:9: an invisible line separator (U+2028), as pasted from a web page or a word"
          " processor: YAML reads it as a line break, so every line number after it would be"
@@ -1643,3 +1647,9 @@ def test_the_limits_are_checked_with_their_line(
 ) -> None:
     path = variant(tmp_path, old, new)
     assert problems(path) == [f"{path}:{problem}"]
+
+
+def test_a_policy_written_with_windows_line_ends_loads(policy_file: Path) -> None:
+    """Carriage returns before line feeds are line ends, not the lone ones refused."""
+    policy_file.write_bytes(policy_file.read_bytes().replace(b"\n", b"\r\n"))
+    assert load(policy_file).tenants.keys() == {"acme", "globex"}

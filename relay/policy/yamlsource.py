@@ -107,8 +107,8 @@ def read(
     except UnicodeDecodeError as exc:
         problems.add(_position(data, exc.start), "", f"the file is not UTF-8 text ({exc.reason})")
         return data, None
-    separator = _LINE_SEPARATOR.search(text)
-    if separator is not None:
+    separator = _LINE_SEPARATOR.search(text) or ("\n" in text and _LONE_CR.search(text))
+    if separator:
         problems.add(_position(text, separator.start()), "", _line_separator(separator.group()))
         return data, None
     try:
@@ -302,11 +302,15 @@ def _syntax_message(exc: yaml.MarkedYAMLError) -> str:
 # YAML reads these as line breaks, editors and grep -n do not; pasted from a
 # web page or a word processor, they are invisible
 _LINE_SEPARATOR = re.compile("[\u0085\u2028\u2029]")
+# a carriage return not before a line feed, in a file of line feeds (one of
+# carriage returns alone reads as lines to editors too)
+_LONE_CR = re.compile("\r(?!\n)")
 
 
 def _line_separator(char: str) -> str:
+    what = "a carriage return alone" if char == "\r" else "an invisible line separator"
     return (
-        f"an invisible line separator (U+{ord(char):04X}), as pasted from a web page or a"
+        f"{what} (U+{ord(char):04X}), as pasted from a web page or a"
         " word processor: YAML reads it as a line break, so every line number after it"
         " would be off and the text around it may mean something else; delete it"
     )
