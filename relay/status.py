@@ -104,6 +104,11 @@ def _policy(
         return f"policy: {path} reads {digest[:12]}"
     if running.digest == digest:
         return f"policy: {digest[:12]} in use, as {path} reads now"
+    if statelock.STOPPING in running.pending:  # a reload is not taken up now
+        return (
+            f"policy: {running.digest[:12]} in use; {path} now reads {digest[:12]}:"
+            " the next start puts it in use"
+        )
     return (
         f"policy: {running.digest[:12]} in use; {path} now reads {digest[:12]}:"
         f" a reload puts it in use (systemctl reload erp-relay, or kill -HUP {running.pid})"

@@ -259,5 +259,8 @@ def test_a_reload_that_ends_during_the_stop_keeps_the_stop_in_the_lock_file(
         held = statelock.holder(state)
         assert held is not None and statelock.STOPPING in held.pending
         assert status._relay(held, state, 1).startswith("relay: stopping, PID ")
+        # an edit the stop keeps from a reload: no advice to reload
+        edited = status._policy(policy_file, held, "0123456789ab" * 4, [])
+        assert edited.endswith("now reads 0123456789ab: the next start puts it in use"), edited
     finally:
         os.close(lock)
