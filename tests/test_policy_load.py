@@ -880,6 +880,15 @@ def test_anchors_and_merge_keys_work(tmp_path: Path) -> None:
         (b'version: 1\nclassify:\n  - subject: "^Invoice \\d+"\n',
          "3:24: YAML syntax error: found unknown escape character"
          " (while parsing a quoted scalar at 3:14)"),
+        # a key whose ':' is missing, noticed only on a later line
+        (b"version: 1\nlisteners:\n  - name local\n    port: 25\n",
+         "3:5: YAML syntax error: a key without ':' after it"
+         " (mapping values are not allowed in this context at 4:9)"),
+        (b"version: 1\nplatform:\n  from_address x@y\n  # c\n  hostname: x\n",
+         "3:3: YAML syntax error: a key without ':' after it (did not find expected key at 5:3)"),
+        # ... but a line whose own ':' is the slip is named itself
+        (b"version: 1\nallow:\n  - 127.0.0.0/8\n  - foo: bar: baz\n",
+         "4:13: YAML syntax error: mapping values are not allowed in this context"),
         (b'version: 1\nplatform: {display_name: "a\rb"}\n',
          "2:28: a carriage return alone (U+000D), as pasted from a web page or a word"
          " processor: YAML reads it as a line break, so every line number after it would be"

@@ -257,7 +257,39 @@ def _syntax_problem(text: str, exc: yaml.MarkedYAMLError) -> tuple[yaml.Mark | N
     token = None if stop is None else _runaway_quote(text, stop.line)
     if token is not None:
         return token.start_mark, "", _runaway(token.style, at, exc.problem)
+    keyless = None if stop is None or exc.problem not in _KEYLESS else _keyless(text, stop)
+    if keyless is not None:
+        return keyless, "", f"YAML syntax error: a key without ':' after it ({exc.problem} at {at})"
     return stop, "", _syntax_message(exc)
+
+
+# what the parser says on the line after a key whose ':' is missing, when that
+# line is a nested mapping, a list, or the next key of the same mapping
+_KEYLESS = (
+    "mapping values are not allowed in this context",
+    "mapping values are not allowed here",
+    "did not find expected key",
+)
+_COMMENT = re.compile(r"\s+#.*$|^#.*$")
+
+
+def _keyless(text: str, stop: yaml.Mark) -> tuple[int, int] | None:
+    """(line, column), 1-based, of the nearest line above the parser's stop
+    with text, when it is a word or two with no ':' after them, as a key
+    whose ':' was left out is: the parser only notices on a later line. Not
+    when the stop's own line has a ':' before the stop: the slip is there."""
+    lines = text.split("\n")
+    if stop.line >= len(lines) or ":" in lines[stop.line][: stop.column]:
+        return None
+    for number in range(stop.line - 1, -1, -1):
+        content = _COMMENT.sub("", lines[number]).rstrip()
+        if not content.strip():
+            continue
+        stripped = content.lstrip()
+        item = stripped[2:].lstrip() if stripped.startswith("- ") else stripped
+        plain = item and item[0] not in "\"'[{|>&*!%@`" and ":" not in item
+        return (number + 1, len(content) - len(item) + 1) if plain else None
+    return None
 
 
 def _runaway(quote: str, at: str, problem: str | None) -> str:
