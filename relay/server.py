@@ -614,7 +614,7 @@ def _not_taken_up(
         waiting.append("state_directory")
     if read.audit.hmac_key != old.audit.hmac_key:
         waiting.append("audit.hmac_key_file")
-    notes = [f"waits for a restart: {item}" for item in waiting]
+    notes = [f"{statelock.WAITS}{item}" for item in waiting]
     files = {listener.name: listener.tls for listener in read.listeners}
     for listener in bound:
         named = files.get(listener.name)

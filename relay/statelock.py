@@ -28,6 +28,8 @@ LOCK_NAME = "relay.pid"
 CHECKED_NAME = "policy.checked.yaml"
 # the last of the lock file's notes from the signal to stop on: ``relay status`` says so
 STOPPING = "stopping"
+# what a reload left for the restart, as its note in the lock file begins
+WAITS = "waits for a restart: "
 
 log = logging.getLogger("relay")
 

@@ -80,8 +80,8 @@ def _relay(running: statelock.Holder | None, state: Path, configured: int | None
         finishing = f", {workers} worker process{'es' if workers != 1 else ''} finishing"
         return f"relay: stopping, PID {pid}{since}{finishing if workers else ''}"
     for note in running.pending:
-        if note.startswith("workers "):
-            configured = int(note.split()[1])
+        if note.startswith(f"{statelock.WAITS}workers "):
+            configured = int(note.removeprefix(statelock.WAITS).split()[1])
     if configured is not None and configured > 1 and workers < configured:
         # a supervisor between workers read as a relay "in one process"
         how = f"{workers} of {configured} worker processes (the others starting again: see its log)"
