@@ -210,7 +210,8 @@ class Engine:
         self._wake = asyncio.Event()
         self._busy: dict[str, asyncio.Task[Outcome]] = {}
         self.accepting: set[str] = set()  # being accepted: not the engine's until answered
-        self._answering: set[str] = set()  # immediate attempts whose client still waits
+        # immediate attempts whose client still waits, with its hang-up, if it can tell
+        self._answering: dict[str, asyncio.Event | None] = {}
         self._refusing: set[str] = set()  # immediate attempts passing a refusal back
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._stopping = False
@@ -450,34 +451,43 @@ class Engine:
         if self._unlisted and settings is not None:
             await self._add_listed(settings.file, [])
 
-    def attempt_now(self, queue_id: str, immediate: bool = False) -> asyncio.Task[Outcome]:
+    def attempt_now(
+        self, queue_id: str, immediate: bool = False, hung_up: asyncio.Event | None = None
+    ) -> asyncio.Task[Outcome]:
         """Start (or join) the delivery of one entry. With ``immediate`` a message every
         recipient refuses is dropped without a notice, while its sender is waiting for
-        the reply (until ``answered``)."""
+        the reply (until ``answered``, or ``hung_up`` is set: a client gone reads no
+        refusal, so its sender hears of it by notice, as of any queued message)."""
         task = self._busy.get(queue_id)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._deliver(queue_id, immediate))
             self._busy[queue_id] = task
             task.add_done_callback(lambda _: self._attempt_ended(queue_id))
             if immediate:
-                self._answering.add(queue_id)
+                self._answering[queue_id] = hung_up
         return task
 
     def _attempt_ended(self, queue_id: str) -> None:
         if self._busy.pop(queue_id, None) is not None and len(self._busy) == self._files - 1:
             self._wake.set()  # room for what is due again
-        self._answering.discard(queue_id)
+        self._answering.pop(queue_id, None)
         self._refusing.discard(queue_id)
 
     def answered(self, queue_id: str, task: asyncio.Task[Outcome]) -> bool:
         """The immediate attempt's (``task``) client is told 250 now and a refusal
         reaches the sender as a notice; False when the attempt has already decided
         to pass its refusal back, or has done so: then the caller takes its outcome."""
-        self._answering.discard(queue_id)
+        self._answering.pop(queue_id, None)
         if queue_id in self._refusing:
             return False
         ended = task.done() and not task.cancelled() and task.exception() is None
         return not (ended and task.result().status == "refused")
+
+    def _client_waits(self, queue_id: str) -> bool:
+        if queue_id not in self._answering:
+            return False
+        hung_up = self._answering[queue_id]
+        return hung_up is None or not hung_up.is_set()
 
     def _start_due(self) -> None:
         """Start what is due, in order; the heap makes this cost what is due, not
@@ -635,7 +645,7 @@ class Engine:
                     self._plan(entry.queue_id, later)
                     return Outcome("later")
             send = self.send
-            if immediate and entry.queue_id in self._answering and own != pending:
+            if immediate and self._client_waits(entry.queue_id) and own != pending:
                 send = functools.partial(send, needed=own)  # the copy goes with them or not at all
             began = self.clock()
             answered: dict[str, tuple[int, str]] = {}  # as the upstream answers
@@ -671,8 +681,8 @@ class Engine:
         entry.attempts += 1
         for rcpt in entry.pending():
             rcpt.attempts += 1
-        if immediate and _refused(pending, own, replies) and entry.queue_id in self._answering:
-            self._answering.discard(entry.queue_id)
+        if immediate and _refused(pending, own, replies) and self._client_waits(entry.queue_id):
+            self._answering.pop(entry.queue_id)
             self._refusing.add(entry.queue_id)  # the client hears it: no 250 any more
             return await self._refuse(entry, pending, replies[own[0]][1], replies)
         deferred = False

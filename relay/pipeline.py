@@ -313,7 +313,7 @@ class Acceptor:
         listener = next((x for x in policy.listeners if x.name == submission.listener), None)
         if listener is not None and listener.immediate > 0:
             try:
-                return await self._immediate(entry, listener.immediate)
+                return await self._immediate(entry, listener.immediate, submission.hung_up)
             except SmtpReply:  # the upstream refused it, and the ERP is told: not sent
                 self._give_back(entry.tenant, taken, now)
                 raise
@@ -462,28 +462,38 @@ class Acceptor:
         self.spool.release(queue_id)
         self.engine.accepting.discard(queue_id)
 
-    async def _immediate(self, entry: QueueEntry, wait: float) -> str:
+    async def _immediate(
+        self, entry: QueueEntry, wait: float, hung_up: asyncio.Event | None
+    ) -> str:
         """Wait a little for the first attempt, for ERPs that show the server's answer.
 
         Not once the relay stops: the message is queued, and a client still
         waiting when the stop's grace ends is told 421, which reads as not
-        accepted, and sends it again."""
-        task = self.engine.attempt_now(entry.queue_id, immediate=True)
-        stopping = asyncio.ensure_future(self.engine.winding_down.wait())
+        accepted, and sends it again. Nor for a client that has hung up (one
+        that sent QUIT behind its data and closed): a refusal it never reads
+        would be the only word of it, so its sender is sent a notice instead."""
+        queued = f"250 2.0.0 Ok: queued as {entry.queue_id}"
+        if hung_up is not None and hung_up.is_set():
+            return queued
+        task = self.engine.attempt_now(entry.queue_id, immediate=True, hung_up=hung_up)
+        ends = [asyncio.ensure_future(self.engine.winding_down.wait())]
+        if hung_up is not None:
+            ends.append(asyncio.ensure_future(hung_up.wait()))
         try:
-            await asyncio.wait((task, stopping), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((task, *ends), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stopping.cancel()
+            for end in ends:
+                end.cancel()
         if task.done():
             outcome = task.result()
         elif self.engine.answered(entry.queue_id, task):
-            return f"250 2.0.0 Ok: queued as {entry.queue_id}"
+            return queued
         else:
             outcome = await asyncio.shield(task)  # its refusal is on its way back
         if outcome.status == "refused":
             code = int(outcome.reply[:3]) if outcome.reply[:3].isdigit() else 550
             raise replies.refusal(code, outcome.reply[4:])
-        return f"250 2.0.0 Ok: queued as {entry.queue_id}"
+        return queued
 
     async def _rejected(self, submission: Submission, reply: SmtpReply) -> None:
         log_refused(submission, reply.line)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger("relay")
 
@@ -20,6 +21,9 @@ class Submission:
     helo: str = ""  # the name the client gave in EHLO or HELO
     tls: bool = False  # the session ran over TLS
     esmtp: bool = True  # the client greeted with EHLO, not HELO
+    # set once the client has closed its side or dropped the connection: a
+    # reply may reach no one, so a refusal must not be passed back only by it
+    hung_up: asyncio.Event | None = field(default=None, compare=False, repr=False)
 
 
 def listed(address: str, addresses: Iterable[str]) -> bool:

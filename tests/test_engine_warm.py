@@ -364,6 +364,35 @@ async def test_an_immediate_refusal_already_passed_back_is_not_turned_into_a_250
         assert engine.answered(entry.queue_id, task)
 
 
+async def test_a_client_that_hangs_up_during_the_attempt_is_not_the_one_told(
+    spool: Spool, policy: Policy
+) -> None:
+    """The client closed while the upstream weighed the message: the refusal is
+    no longer its to hear, so the message ends as a queued one does (a notice
+    for the refused customer), not as ``refused`` with the reply unread."""
+    entry = make_entry(size=len(message(1)))
+    customer, copy = (r.address for r in entry.recipients)
+    hung_up = asyncio.Event()
+    sent: list[list[str]] = []
+
+    async def upstream(target: Any, sender: str, rcpts: Any, data: bytes, **kw: Any) -> Attempt:
+        sent.append(list(rcpts))
+        hung_up.set()
+        if rcpts == [customer, copy]:
+            return Attempt({customer: (550, "550 5.1.1 no such user"), copy: (451, NOT_SENT)})
+        return Attempt(dict.fromkeys(rcpts, (250, "250 ok")))
+
+    async with running(Engine(spool, lambda: policy, upstream, Recorder(None))) as engine:
+        engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)), when=time.time() + 60)
+        task = engine.attempt_now(entry.queue_id, immediate=True, hung_up=hung_up)
+        assert (await task).status == "deferred"
+        assert engine.answered(entry.queue_id, task)
+        deadline = time.monotonic() + 10
+        while [entry.notify_address] not in sent:
+            assert time.monotonic() < deadline, sent
+            await asyncio.sleep(0.02)
+
+
 async def test_a_copy_held_back_for_a_client_no_longer_waiting_is_tried_again(
     spool: Spool, policy: Policy
 ) -> None:

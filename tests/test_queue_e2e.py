@@ -8,6 +8,7 @@ import random
 import re
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -644,6 +645,54 @@ def test_a_restart_does_not_deliver_again_what_the_audit_log_says_was_delivered(
         time.sleep(1.5)  # past the retry it was due for
         assert sink.sink.messages == []
         assert relay_cli(policy, "queue", "list").stdout.strip() == "Mail queue is empty"
+
+
+def _hang_up_after_data(port: int, rcpt: str, half_close: bool) -> bytes:
+    """A client that writes its data, the dot and QUIT at once and closes: with
+    ``half_close`` only its sending side, reading what comes back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        for command in (
+            None,
+            b"EHLO erp\r\n",
+            b"MAIL FROM:<jan@acme.example>\r\n",
+            f"RCPT TO:<{rcpt}>\r\n".encode(),
+            b"DATA\r\n",
+        ):
+            if command is not None:
+                sock.sendall(command)
+            while (line := reader.readline())[3:4] == b"-":
+                pass
+            assert line[:1] in (b"2", b"3"), line
+        sock.sendall(INVOICE + b".\r\nQUIT\r\n")
+        if not half_close:
+            return b""
+        sock.shutdown(socket.SHUT_WR)
+        return reader.read()
+
+
+@pytest.mark.parametrize("half_close", [False, True], ids=["closed", "half-closed"])
+def test_an_immediate_client_that_hangs_up_leaves_its_refusal_to_a_notice(
+    policy_file: Path, tmp_path: Path, half_close: bool
+) -> None:
+    """Its 550 would have been the only word of the refusal, and it reads none:
+    the invoice was dropped, its copy too, and the sending user never told."""
+    refusing = Sink(refuse={"one@example.org": UNKNOWN})
+    with SinkServer(refusing) as sink:
+        port = free_port()
+        policy = immediate(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            replies = _hang_up_after_data(port, "one@example.org", half_close)
+            copy, notice = sink.sink.wait(2)
+            assert copy.rcpt_tos == ["jan@acme.example"]
+            assert notice.mail_from == "<>" and notice.rcpt_tos == ["jan@acme.example"]
+            assert "one@example.org" in notice.data.decode()
+            wait_for(lambda: "failure notice to=<" in relay.log())
+    if half_close:
+        assert replies.startswith(b"250 2.0.0 Ok: queued as "), replies
+    events_of = [event for event, _rcpt, _reply in audit_replies(policy)]
+    assert events_of.count("notified") == 1
+    assert ("failed", "one@example.org", UNKNOWN) in audit_replies(policy)
 
 
 def test_a_refusal_after_the_immediate_wait_reaches_the_sender(

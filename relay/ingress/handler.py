@@ -115,7 +115,8 @@ class RelayHandler(Mechanisms):
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data = envelope.original_content or b""
-        submission = submission_of(self._listener.name, session, envelope, data)
+        hung_up = server.hung_up if isinstance(server, RelaySMTP) else None
+        submission = submission_of(self._listener.name, session, envelope, data, hung_up)
         refusal = content.refusal(data)
         if refusal is not None:
             log_refused(submission, refusal.line)

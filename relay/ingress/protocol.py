@@ -201,6 +201,7 @@ class RelaySMTP(SMTP):
         self._lost = False  # connection_lost was called (see smtp_STARTTLS)
         self._shut_down = False  # told 421 by a stop
         self._ended = False  # the client has closed (at least) its sending side
+        self.hung_up = asyncio.Event()  # that, or the connection is gone
         self._deadline = 0.0  # loop time: idle until then is allowed
         self._mail_arg: str | None = None  # while a MAIL command is handled
         self._rcpt_arg: str | None = None  # while a RCPT command is handled
@@ -254,6 +255,7 @@ class RelaySMTP(SMTP):
         if self._lost:
             return
         self._lost = True
+        self.hung_up.set()
         self._log_lost(error)
         self._refused_recipients.end()
         self._log_unlogged()
@@ -287,6 +289,7 @@ class RelaySMTP(SMTP):
         the session answers what came before it. TLS has no half-close."""
         assert self.session is not None
         self._ended = True
+        self.hung_up.set()
         if self.session.ssl is not None:
             return super().eof_received()
         return asyncio.StreamReaderProtocol.eof_received(self)
@@ -904,7 +907,13 @@ def given_path(command: re.Pattern[str], arg: str | None) -> str:
     return _CONTROL.sub(" ", match.group(1)) if match else "?"
 
 
-def submission_of(listener: str, session: Session, envelope: Envelope, raw: bytes) -> Submission:
+def submission_of(
+    listener: str,
+    session: Session,
+    envelope: Envelope,
+    raw: bytes,
+    hung_up: asyncio.Event | None = None,
+) -> Submission:
     """The transaction as the pipeline takes it, and as a refusal's log line names it."""
     auth = session.auth_data if session.authenticated else None
     return Submission(
@@ -917,6 +926,7 @@ def submission_of(listener: str, session: Session, envelope: Envelope, raw: byte
         helo=session.host_name or "",
         tls=session.ssl is not None,
         esmtp=session.extended_smtp,
+        hung_up=hung_up,
     )
 
 
