@@ -14,6 +14,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from relay.errors import SmtpReply
 from relay.ingress import Ingress, bind, start
 from relay.ingress.authlimit import AuthFailures
 from relay.ingress.diskspace import DiskGuard
@@ -62,6 +63,7 @@ class Relay:
     ) -> None:
         self.process = process or Recorder()
         self.disk = disk
+        self.refused: list[tuple[Submission, SmtpReply]] = []  # what would go on record
         # failed logins answered at once unless a test asks for the real delay
         self.failures = failures or AuthFailures(delay=0.0)
         self.policy = policy or make_policy(tuple(listeners))
@@ -72,6 +74,9 @@ class Relay:
 
     def current_policy(self) -> Policy:
         return self.policy
+
+    async def _refused(self, submission: Submission, reply: SmtpReply) -> None:
+        self.refused.append((submission, reply))
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = TIMEOUT) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -85,6 +90,7 @@ class Relay:
                 self.process,
                 bind(self.listeners),
                 self.failures,
+                refused=self._refused,
                 disk=self.disk,
             )
         )

@@ -25,6 +25,7 @@ from tests.minimal_policy import policy as make_policy
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import SinkServer, free_port
 from tests.spoolkit import make_entry
+from tests.test_metrics import _get
 from tests.test_queue_e2e import configure
 
 MESSAGE = (
@@ -174,23 +175,35 @@ def test_the_refusal_is_logged_once_a_minute_naming_the_directory_and_its_free_s
         clock.now += 1.0
         assert checker.refusal(STATE, reserve=MiB) is None
         assert checker.refusal(STATE, reserve=MiB) is None
+        disk.free = dict.fromkeys(disk.free, 0)  # short again within the minute: said again,
+        clock.now += 1.0  # or the last line would say mail is accepted while it is not
+        assert checker.refusal(STATE, reserve=MiB) == INSUFFICIENT_STORAGE
         disk.free = dict.fromkeys(disk.free, 2 * MiB)
+        clock.now += 1.0
+        assert checker.refusal(STATE, reserve=MiB) is None
         clock.now += diskspace.LOG_EVERY
         assert checker.refusal(STATE, reserve=MiB, size=MiB + 1) == INSUFFICIENT_STORAGE
         assert checker.refusal(STATE, reserve=MiB) is None  # was never short: no line
-    first, second, back, too_big = caplog.messages
+    first, second, back, third, back_again, too_big = caplog.messages
     assert first == second
+    assert "refusing mail (452 4.3.1) for want of space: /state/queue has 0 bytes" in third
+    assert back_again == back
     assert "refusing mail (452 4.3.1) for want of space: /state/queue has 524288 bytes" in first
     assert f"{MiB} bytes and 100 inodes are kept free" in first
     assert back == f"free space is back above the {MiB} bytes kept free: accepting mail"
     assert f"kept free after a message of {MiB + 1} bytes" in too_big
 
 
-def test_the_message_itself_is_checked_at_the_end_of_data_and_counted() -> None:
+def test_the_message_itself_is_checked_at_the_end_of_data_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """MAIL without SIZE passes with room for 50 KB beyond the reserve; a
     message of 60 KB is refused when it has come, one of 40 KB taken; and when
     the room shrinks to 5 KB (the other workers' mail) the next 40 KB are
-    refused at once, within the second a reading is kept for further away."""
+    refused at once, within the second a reading is kept for further away.
+    Each refusal is logged and put on record as the policy's are: a grep for
+    the ERP's login found nothing of them."""
+    caplog.set_level(logging.INFO, logger="relay")
     nowhere = make_policy(()).queue.directory.parent
     disk = FakeDisk(free=MiB + 50_000)
     disk.free = {str(nowhere / "queue"): MiB + 50_000, str(nowhere / "audit"): 10 * MiB}
@@ -207,6 +220,10 @@ def test_the_message_itself_is_checked_at_the_end_of_data_and_counted() -> None:
             replies.append(client.data(b"Subject: x\r\n\r\n" + line * (size // 80))[0])
     assert replies == [452, 250, 452]
     assert len(relay.process.calls) == 1
+    assert [reply for _, reply in relay.refused] == [INSUFFICIENT_STORAGE] * 2
+    refused = [m for m in caplog.messages if m.startswith("refused client=")]
+    assert len(refused) == 2
+    assert all(m.endswith(f"to=<one@example.org>: {INSUFFICIENT_STORAGE.line}") for m in refused)
 
 
 def _policy(policy_file: Path, port: int, sink_port: int, max_size: int, workers: int = 1) -> Path:
@@ -243,6 +260,35 @@ def test_a_relay_whose_disk_has_less_free_than_its_reserve_answers_452_and_keeps
             assert _spooled(state) == []
             assert "received" not in _audit_events(state)
         assert sink.sink.messages == []
+
+
+def test_a_relay_that_refuses_every_message_for_want_of_space_is_not_ready(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Every MAIL got 452 while /readyz said 200, the queue "writable": a load
+    balancer went on sending it mail, and no alert asked why."""
+    with SinkServer() as sink:
+        port, metrics = free_port(), free_port()
+        policy = _policy(policy_file, port, sink.port, 2**40)
+        policy.write_text(
+            policy.read_text() + f"metrics: {{address: 127.0.0.1, port: {metrics}}}\n"
+        )
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            code, body, _ = _get(metrics, "/readyz")
+            assert code == 503, body
+            checks = json.loads(body)["checks"]
+            queue = tmp_path / "state" / "queue"
+            assert checks["queue"].startswith(f"{queue} has "), checks
+            assert checks["queue"].endswith(
+                f" free, under the {3 * 2**39} bytes and 100 inodes kept free:"
+                " mail is refused (452 4.3.1)"
+            )
+            assert checks["workers"] == "1 of 1 running"
+        roomy = policy.read_text().replace(f"max_message_size: {2**40}", "max_message_size: 1000")
+        policy.write_text(roomy)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            code, body, _ = _get(metrics, "/readyz")
+            assert code == 200, body
 
 
 def test_a_size_announced_with_mail_from_counts_against_the_free_space(

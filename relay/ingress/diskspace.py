@@ -27,9 +27,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay.errors import SmtpReply
+
 log = logging.getLogger("relay")
 
-INSUFFICIENT_STORAGE = "452 4.3.1 Insufficient system storage, try again later"
+INSUFFICIENT_STORAGE = SmtpReply(452, "4.3.1", "Insufficient system storage, try again later")
 #: Seconds a reading of the free space is used for.
 FRESH = 1.0
 #: Seconds between two log lines saying mail is refused for want of space.
@@ -62,6 +64,29 @@ class _Reading:
     inodes: int | None  # free inodes; None where the file system has no count
 
 
+def _short_of(reading: _Reading, reserve: int, size: int) -> bool:
+    short_of_inodes = reading.inodes is not None and reading.inodes < INODE_RESERVE
+    return reading.free - size < reserve or short_of_inodes
+
+
+def shortage(directory: Path, reserve: int) -> str | None:
+    """What keeps every message out of ``directory``'s file system now, as
+    ``DiskGuard`` judges it for a reserve of ``reserve`` bytes (the readiness
+    check: a relay answering every MAIL with 452 is not ready for mail)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None  # the writability check says why
+    reading = _Reading(0.0, st.f_bavail * st.f_frsize, st.f_favail if st.f_files else None)
+    if not _short_of(reading, reserve, 0):
+        return None
+    inodes = "" if reading.inodes is None else f" and {reading.inodes} inodes"
+    return (
+        f"{directory} has {max(reading.free, 0)} bytes{inodes} free, under the {reserve}"
+        f" bytes and {INODE_RESERVE} inodes kept free: mail is refused (452 4.3.1)"
+    )
+
+
 class DiskGuard:
     """The free space of the state directories, cached; one per worker.
 
@@ -86,7 +111,7 @@ class DiskGuard:
         # reserves below which the free space was, as logged, until a check passes
         self._short: set[int] = set()
 
-    def refusal(self, directories: Iterable[Path], reserve: int, size: int = 0) -> str | None:
+    def refusal(self, directories: Iterable[Path], reserve: int, size: int = 0) -> SmtpReply | None:
         """``INSUFFICIENT_STORAGE`` if storing ``size`` bytes would leave less
         than ``reserve`` bytes (or ``INODE_RESERVE`` inodes) free in one of
         ``directories``; None otherwise, also when a directory cannot be read
@@ -95,23 +120,19 @@ class DiskGuard:
             reading = self._read(os.fspath(directory), 2 * reserve + size)
             if reading is None:
                 continue
-            if self._short_of(reading, reserve, size) and self._reclaimed_some():
+            if _short_of(reading, reserve, size) and self._reclaimed_some():
                 reading = self._read(os.fspath(directory), 2 * reserve + size, fresh=False)
                 if reading is None:
                     continue
-            if self._short_of(reading, reserve, size):
-                short = self._short_of(reading, reserve, 0)  # not just this message
+            if _short_of(reading, reserve, size):
+                short = _short_of(reading, reserve, 0)  # not just this message
                 self._log_short(directory, reading, reserve, size, short)
                 return INSUFFICIENT_STORAGE
         if reserve in self._short:
             self._short.discard(reserve)
+            self._logged.pop((reserve, True), None)  # the next refusal is said, not left unsaid
             log.warning("free space is back above the %d bytes kept free: accepting mail", reserve)
         return None
-
-    @staticmethod
-    def _short_of(reading: _Reading, reserve: int, size: int) -> bool:
-        short_of_inodes = reading.inodes is not None and reading.inodes < INODE_RESERVE
-        return reading.free - size < reserve or short_of_inodes
 
     def _reclaimed_some(self) -> bool:
         now = self._clock()

@@ -94,7 +94,7 @@ class RelayHandler(Mechanisms):
             return refused.line
         full = self._no_room(self._current_policy(), _declared_size(options))
         if full is not None:
-            return full
+            return full.line
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
@@ -117,16 +117,13 @@ class RelayHandler(Mechanisms):
         data = envelope.original_content or b""
         hung_up = server.hung_up if isinstance(server, RelaySMTP) else None
         submission = submission_of(self._listener.name, session, envelope, data, hung_up)
-        refusal = content.refusal(data)
+        policy = self._current_policy()
+        refusal = content.refusal(data) or self._no_room(policy, len(data))
         if refusal is not None:
             log_refused(submission, refusal.line)
             if self._refused is not None:
                 await self._refused(submission, refusal)
             return refusal.line
-        policy = self._current_policy()
-        full = self._no_room(policy, len(data))
-        if full is not None:
-            return full
         self._disk.charge(_state(policy), len(data))
         task = asyncio.ensure_future(self._reply_for(policy, submission))
         self._in_flight.add(task)
@@ -147,7 +144,7 @@ class RelayHandler(Mechanisms):
         log.error("SMTP session error", exc_info=error)
         return LOCAL_ERROR
 
-    def _no_room(self, policy: Policy, size: int) -> str | None:
+    def _no_room(self, policy: Policy, size: int) -> SmtpReply | None:
         reserve = reserve_for(self._listener.max_message_size)
         return self._disk.refusal(_state(policy), reserve, size)
 

@@ -31,6 +31,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from relay.errors import RelayError
+from relay.ingress.diskspace import reserve_for, shortage
 from relay.metrics import status
 from relay.metrics.collect import RelayCollector
 from relay.policy.model import MetricsSettings, Policy
@@ -160,6 +161,11 @@ class MetricsServer:
             "queue": _writable(*(policy.queue.directory / name for name in WRITTEN_IN)),
             "audit": _writable(policy.audit.directory),
         }
+        reserve = max((reserve_for(x.max_message_size) for x in policy.listeners), default=0)
+        state_directories = {"queue": policy.queue.directory, "audit": policy.audit.directory}
+        for name, directory in state_directories.items():
+            if checks[name] == "writable":
+                checks[name] = shortage(directory, reserve) or "writable"
         if policy.suppression is not None:
             checks["suppression"] = _readable(policy.suppression.file)
         ready = state.workers_running >= state.workers_expected > 0 and all(
