@@ -113,14 +113,12 @@ def run(policy_path: Path) -> int:
     try:
         sockets = bind(policy.listeners)
     except OSError as exc:
-        log.error("%s", exc.strerror or exc)
-        return EX_OSERR
+        return _not_bound(policy, exc.strerror or str(exc))
     try:
         metrics = _open_metrics(policy)
     except RelayError as exc:
-        log.error("%s", exc)
         _close(sockets, None)
-        return EX_OSERR
+        return _not_bound(policy, str(exc))
     try:
         lock = statelock.hold(policy.queue.directory.parent, policy.digest)
     except StateBusy as exc:
@@ -135,6 +133,22 @@ def run(policy_path: Path) -> int:
         return _serve_locked(policy_path, policy, sockets, metrics)
     finally:
         os.close(lock)
+
+
+def _not_bound(policy: Policy, why: str) -> int:
+    """A port is taken: by the relay already running on this state directory,
+    the usual slip (a relay started by hand beside the service), that relay
+    is named, as with other ports; else the port's error is said."""
+    directory = policy.queue.directory.parent
+    try:
+        running = statelock.holder(directory)
+    except RelayError:
+        running = None
+    if running is None:
+        log.error("%s", why)
+        return EX_OSERR
+    log.error("%s", StateBusy(directory, str(running.pid)))
+    return EX_TEMPFAIL
 
 
 def _serve_locked(

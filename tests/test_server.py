@@ -669,6 +669,24 @@ def test_a_second_relay_on_the_same_state_directory_does_not_start(
         assert after.stop() == 0
 
 
+def test_the_same_policy_started_twice_names_the_running_relay(
+    daemon: Daemon, policy: Path, tmp_path: Path
+) -> None:
+    """The usual slip, ``relay serve`` by hand beside the service: its ports are
+    taken, and it said only "Address already in use" (exit 71), not which relay
+    holds them, as it does for a relay on other ports (exit 75)."""
+    daemon.wait_log(" serving")
+    running = Daemon(policy, tmp_path / "again.log")
+    try:
+        assert running.proc.wait(20) == 75
+    finally:
+        running.stop()
+    state = tmp_path / "state"
+    busy = f"ERROR state directory {state} is in use by the relay with PID {daemon.proc.pid}"
+    assert busy in running.log()
+    assert "Address already in use" not in running.log()
+
+
 def test_a_reload_keeps_the_policy_when_a_dkim_key_cannot_sign(
     daemon: Daemon, policy: Path, port: int
 ) -> None:
