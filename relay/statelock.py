@@ -51,13 +51,25 @@ class StateBusy(RelayError):
 
 
 def _alive(pid: int) -> bool:
+    """A process killed but not yet reaped by its parent (a zombie) is not: a
+    supervisor killed with SIGKILL stays one until its parent waits for it,
+    which an init or wrapper that never does leaves it forever."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass  # there, under another user
-    return True
+    return _stat(pid)[:1] != ["Z"]
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command's name, from the
+    state on; empty where there is no such file (not Linux, or gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return []
 
 
 def hold(directory: Path, digest: str) -> int:
@@ -183,7 +195,7 @@ def _serving(pid: int, recorded: tuple[str, ...] | None) -> bool:
 def _start(pid: int) -> tuple[str, str] | None:
     """``pid``'s start in clock ticks since boot, and the boot's id (Linux)."""
     try:
-        ticks = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+        ticks = _stat(pid)[19]
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except (OSError, IndexError):
         return None

@@ -26,9 +26,13 @@ def test_a_second_holder_is_told_the_first_ones_pid(tmp_path: Path) -> None:
     os.close(statelock.hold(tmp_path, DIGEST))  # closed: free again
 
 
-def test_workers_left_by_a_supervisor_that_died_are_named_as_such(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_workers_left_by_a_supervisor_that_died_are_named_as_such(
+    tmp_path: Path, reaped: bool
+) -> None:
     """Its PID is in the file, but it is gone: "stop that one" would send the
-    sysadmin looking for a process that is not there."""
+    sysadmin looking for a process that is not there. Also while its parent has
+    not reaped it yet: ``relay status`` said "running" (exit 0) meanwhile."""
     ready_read, ready_write = os.pipe()
     supervisor = os.fork()
     if supervisor == 0:
@@ -44,7 +48,13 @@ def test_workers_left_by_a_supervisor_that_died_are_named_as_such(tmp_path: Path
     os.close(ready_write)
     worker = int(os.read(ready_read, 32))
     os.close(ready_read)
-    os.waitpid(supervisor, 0)
+    if reaped:
+        os.waitpid(supervisor, 0)
+    else:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{supervisor}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the supervisor never ended"
+            time.sleep(0.02)
     try:
         with pytest.raises(StateBusy) as busy:
             statelock.hold(tmp_path, DIGEST)
@@ -52,8 +62,12 @@ def test_workers_left_by_a_supervisor_that_died_are_named_as_such(tmp_path: Path
             f"in use by the workers of a relay whose supervisor (PID {supervisor}) is gone"
             in str(busy.value)
         )
+        assert statelock.holder(tmp_path) is None
+        assert statelock.held(tmp_path)
     finally:
         os.kill(worker, signal.SIGKILL)
+        if not reaped:
+            os.waitpid(supervisor, 0)
     deadline = time.monotonic() + 10
     while True:  # the orphan is reaped by init, not by the test
         try:
