@@ -87,6 +87,20 @@ def test_list_exits_1_when_nothing_matched(
     assert run(policy, capsys, "list", "--json", "other@customer.example")[:2] == (1, [])
 
 
+def test_a_state_directory_that_is_not_there_is_not_an_empty_list(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped ``state_directory`` (or ``-c``): "is X listed?" was answered
+    "no" (exit 1), as for a relay that never suppressed anything."""
+    (policy.parent / "state").rmdir()
+    file = listed(policy)
+    why = f"{file}: no such directory (has the relay run with this policy?)\n"
+    assert run(policy, capsys, "list", BUYER) == (66, [], f"relay suppression list: {why}")
+    assert run(policy, capsys, "remove", BUYER) == (66, [], f"relay suppression remove: {why}")
+    code, _, err = run(policy, capsys, "add", BUYER)
+    assert code == 73 and "no state directory" in err  # adding says why it cannot make it
+
+
 def test_listing_for_a_tenant_the_policy_does_not_have_says_so(
     policy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -81,7 +81,7 @@ def add_main(
     if refusal is not None:
         err.write(f"relay suppression add: nothing added: {refusal}\n")
         return EX_BADARG
-    snapshot = _read(file, "add", err)
+    snapshot = _read(file, "add", err, adding=True)
     if snapshot is None:
         return EX_NOINPUT
     listed_now = _entries_of(snapshot, addresses)
@@ -149,12 +149,25 @@ def remove_main(
     return 1 if missing else 0
 
 
-def _read(file: SuppressionFile, verb: str, err: TextIO) -> list[Suppression] | None:
-    """The entries, its skipped lines said on ``err``; None (said) when it cannot be read."""
+def _read(
+    file: SuppressionFile, verb: str, err: TextIO, *, adding: bool = False
+) -> list[Suppression] | None:
+    """The entries, its skipped lines said on ``err``; None (said) when it cannot be read.
+
+    A missing file is an empty list, but not in a directory that is not there
+    either: a mistyped ``state_directory`` or ``-c`` then answered "is X
+    listed?" with "no" (exit 1). Adding makes the file, and says itself why
+    it cannot."""
     try:
         listing = file.entries()
     except SuppressionError as exc:
         err.write(f"relay suppression {verb}: {exc}\n")
+        return None
+    if not adding and not listing.entries and not file.path.parent.is_dir():
+        err.write(
+            f"relay suppression {verb}: {file.path}: no such directory"
+            " (has the relay run with this policy?)\n"
+        )
         return None
     for problem in listing.problems:
         err.write(_printable(f"relay suppression: warning: {problem}") + "\n")
