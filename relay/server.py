@@ -158,7 +158,7 @@ def _serve_locked(
 
     from relay.supervisor import Supervisor, keep_policy_text
 
-    code = _open_state(policy, policy_path)
+    code, written = _open_state(policy, policy_path)
     if code:
         _close(sockets, metrics)
         return code
@@ -171,7 +171,7 @@ def _serve_locked(
     log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
     shared = SharedCounts.made(policy.workers)  # by the workers forked from here
     if metrics is not None:  # counting from here, before anything is delivered
-        metrics.begin(shared.rates, shared.tally)
+        metrics.begin(shared.rates, shared.tally, written)
     if policy.workers == 1:
         metrics_status.loaded()
         return uvloop.run(serve(policy_path, policy, sockets, metrics=metrics, shared=shared))
@@ -241,8 +241,9 @@ def _load(path: Path) -> Policy | None:
         return None
 
 
-def _open_state(policy: Policy, policy_path: Path) -> int:
-    """Recover the spool and open the audit log once, before any worker starts.
+def _open_state(policy: Policy, policy_path: Path) -> tuple[int, int]:
+    """Recover the spool and open the audit log once, before any worker starts;
+    an exit status, and the audit records written (the metrics count them too).
     The audit upkeep comes after the policy record: today's file then exists, so
     yesterday's is no longer the newest, which upkeep never touches, and is
     compressed now rather than a day later."""
@@ -257,17 +258,18 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
         # a queue with mail in it keeps its audit log: a new one is made only for a
         # queue with none (a new state directory, or a first start that failed)
         with audit_log(policy.audit, create=not spool.ids()) as audit:
-            fresh = audit.head[0] == 0
+            first = audit.head[0]
             settled = _settle_recorded(spool, audit)
             record_policy(audit, policy_path, policy)  # a full disk: serve, answering 451
             audit_upkeep(audit)
+            written = audit.head[0] - first
         if policy.suppression is not None:
             SuppressionFile(policy.suppression.file).create()
     except (SpoolError, AuditError, SuppressionError, OSError) as exc:
         log.error("cannot open the state directory: %s", exc)
-        return EX_CANTCREAT
+        return EX_CANTCREAT, 0
     _log_settled(settled, "the restart")
-    if fresh:
+    if first == 0:
         log.info(
             "state directory %s holds no audit log yet: a new chain begins; mail a relay"
             " queued under another state_directory is not delivered from here"
@@ -279,7 +281,7 @@ def _open_state(policy: Policy, policy_path: Path) -> int:
         policy.queue.directory,
         recovered - len(settled.finished) - len(settled.unrecorded),
     )
-    return 0
+    return 0, written
 
 
 def settle_orphans(policy: Policy, audit: AuditLog, why: str) -> None:

@@ -235,6 +235,12 @@ def test_one_process_serves_its_own_metrics(policy_file: Path, tmp_path: Path) -
             assert _value(samples, "relay_messages_received_total", tenant="acme") == 1
             assert _value(samples, "relay_workers", state="running") == 1
             assert _get(metrics, "/readyz")[0] == 200
+            # every record the log has, the start's policy_loaded included (it was one short)
+            logged = sum(
+                len(day.read_text().splitlines())
+                for day in (tmp_path / "state" / "audit").glob("*.jsonl")
+            )
+            assert _value(samples, "relay_audit_records_total") == logged
 
 
 def test_a_metrics_port_in_use_stops_the_start(policy_file: Path, tmp_path: Path) -> None:

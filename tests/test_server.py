@@ -499,7 +499,7 @@ def test_the_start_logs_its_audit_upkeep_and_closes_yesterday(
             events.policy_loaded(policy_file=str(policy), policy_sha256="9f2c" * 16)
         )
     with caplog.at_level(logging.INFO, logger="relay"):
-        assert _open_state(load(policy), policy) == 0
+        assert _open_state(load(policy), policy) == (0, 1)  # its policy_loaded
     names = [reader.file_name((now - timedelta(days=days)).date()) for days in (3, 1)]
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("audit log:")]
     assert logged == [f"audit log: compressed {names[0]}", f"audit log: compressed {names[1]}"]

@@ -47,7 +47,9 @@ class RelayCollector(Collector):
     1.5 s for 10,000 queued messages). One scrape at a time: the follower keeps
     state."""
 
-    def __init__(self, policy: Callable[[], Policy], rates: RateCounts, counts: Tally) -> None:
+    def __init__(
+        self, policy: Callable[[], Policy], rates: RateCounts, counts: Tally, records: int = 0
+    ) -> None:
         self._policy = policy
         self._rates = rates
         self._counts = counts
@@ -55,6 +57,7 @@ class RelayCollector(Collector):
         self._spool = Spool(now.queue.directory, create=False)
         queued = [(e.queue_id, e.tenant, len(e.pending())) for e in self._spool.entries()]
         self._audit = AuditFollower(now.audit.directory, queued)
+        self._audit.counts.records = records
         self._suppressions = (
             None if now.suppression is None else SuppressionFile(now.suppression.file)
         )

@@ -106,10 +106,11 @@ class MetricsServer:
         self._quiet = threading.Lock()  # held while counting, and while the supervisor forks
         self._registry = CollectorRegistry(auto_describe=False)
 
-    def begin(self, rates: RateCounts, tally: Tally) -> None:
+    def begin(self, rates: RateCounts, tally: Tally, records: int = 0) -> None:
         """Count from here: once the state is open, before the workers start, so
-        that nothing they do is missed."""
-        self._registry.register(RelayCollector(self._current, rates, tally))
+        that nothing they do is missed; ``records``, the audit records the start
+        wrote (its ``policy_loaded``, what recovery wrote again) are counted too."""
+        self._registry.register(RelayCollector(self._current, rates, tally, records))
 
     def start(self, current: Callable[[], Policy]) -> None:
         """Serve, reading the policy in use from ``current`` at each request."""
