@@ -164,6 +164,14 @@ def _idle_in_data(raw: Raw) -> None:
     raw.send(b"Subject: x\r\n")
 
 
+def _idle_after_a_message(raw: Raw) -> None:
+    """A pooled ERP connection left open: it was logged "after EHLO", as one
+    that never sent anything."""
+    _idle_in_a_transaction(raw)
+    assert raw.cmd(b"DATA").startswith("354")
+    assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
+
+
 TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
 
 
@@ -172,6 +180,7 @@ TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
     [
         (_idle_in_a_transaction, "RCPT", TIMEOUT),
         (_idle_in_data, "DATA", TIMEOUT),
+        (_idle_after_a_message, "END-OF-MESSAGE", TIMEOUT),
         (
             lambda raw: raw.send(b"BOGUS\r\n" * 10),
             "EHLO",
@@ -183,7 +192,7 @@ TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
             "421 4.7.0 AUTH sent too many times",
         ),
     ],
-    ids=["idle-after-rcpt", "idle-in-data", "unknown-commands", "auth"],
+    ids=["idle-after-rcpt", "idle-in-data", "idle-after-a-message", "unknown-commands", "auth"],
 )
 def test_a_connection_the_relay_ends_with_421_has_one_log_line(
     send: Callable[[Raw], None], stage: str, reply: str, caplog: pytest.LogCaptureFixture

@@ -210,6 +210,7 @@ class RelaySMTP(SMTP):
         self._overshoot = 0  # RCPTs of this transaction past the recipient limit
         self._junk = 0  # NOOP, RSET and VRFY commands, counted like the errors
         self._in_data = False  # reading a DATA section
+        self._answered_data = False  # a message's end was answered: no MAIL since
         self._timed_out = False  # told 421 for being idle
         self._unlogged: tuple[int, str, str] | None = None  # refused MAILs: count, last
         self._better = {
@@ -600,6 +601,7 @@ class RelaySMTP(SMTP):
         sender = self.envelope.mail_from
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
+        self._answered_data = True
         status = "250 OK" if status is MISSING else status
         if status.startswith("2"):
             self._errors = self._junk = 0  # as Postfix: the limits are on a session without mail
@@ -677,6 +679,8 @@ class RelaySMTP(SMTP):
             return "RCPT"
         if envelope is not None and envelope.mail_from is not None:
             return "MAIL"
+        if self._answered_data:  # Postfix's word: "timeout after END-OF-MESSAGE"
+            return "END-OF-MESSAGE"
         if self.session.host_name:
             return "EHLO" if self.session.extended_smtp else "HELO"
         return "CONNECT"
