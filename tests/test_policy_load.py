@@ -1297,8 +1297,14 @@ def test_a_policy_file_of_the_size_limit_is_read(tmp_path: Path) -> None:
         ("control_headers: [X-ERP-User, to]\n", "10:31: control_headers[1]", "to"),
         ("control_headers: [Content-Type]\n", "10:19: control_headers[0]", "Content-Type"),
         ("control_headers: [DKIM-Signature]\n", "10:19: control_headers[0]", "DKIM-Signature"),
+        ("control_headers: [List-Unsubscribe]\n", "10:19: control_headers[0]", "List-Unsubscribe"),
+        ("control_headers: [Resent-From]\n", "10:19: control_headers[0]", "Resent-From"),
+        ("control_headers: [Keywords]\n", "10:19: control_headers[0]", "Keywords"),
     ],
-    ids=["identify-subject", "control-to", "control-content-type", "control-dkim-signature"],
+    ids=[
+        *("identify-subject", "control-to", "control-content-type", "control-dkim-signature"),
+        *("control-list-unsubscribe", "control-resent-from", "control-keywords"),
+    ],
 )
 def test_a_header_of_the_message_cannot_be_a_control_header(
     tmp_path: Path, settings: str, where: str, name: str
@@ -1341,6 +1347,30 @@ def test_a_regex_with_a_control_character_from_yaml_escapes_is_refused(
     rule = f"classify:\n  - id: invoice\n    type: invoice\n    subject: {written}\ndkim:\n"
     path = variant(tmp_path, "dkim:\n", rule)
     assert problems(path) == [f"{path}:13:14: classify[0].subject: {problem}"]
+
+
+@pytest.mark.parametrize(
+    ("written", "suggested"),
+    [
+        (r'"in\Lvoice"', r"'in\u2028voice'"),
+        (r'"in\Nvoice"', r"'in\x85voice'"),
+        (r'"in\evoice"', r"'in\x1bvoice'"),
+        (r'"\ainvoice"', r"'\ainvoice'"),
+    ],
+    ids=["line-separator", "next-line", "escape", "bell"],
+)
+def test_the_single_quoted_pattern_suggested_for_a_yaml_escape_loads(
+    tmp_path: Path, written: str, suggested: str
+) -> None:
+    """\\L, \\N, \\P and \\e were suggested as typed, and the regex refuses them
+    ("bad escape \\L"): the sysadmin took the advice and got another error."""
+    rule = "classify:\n  - id: invoice\n    type: invoice\n    subject: {}\ndkim:\n"
+    path = variant(tmp_path, "dkim:\n", rule.format(written))
+    (problem,) = problems(path)
+    assert problem.endswith(f"write the pattern in single quotes: {suggested}"), problem
+    path.write_text(path.read_text().replace(written, suggested))
+    (condition,) = load(path).classify[0].conditions
+    assert condition.pattern.fullmatch(yaml.safe_load(written))  # the character meant
 
 
 def test_a_verbose_regex_over_several_lines_still_loads(tmp_path: Path) -> None:

@@ -195,21 +195,25 @@ def header_name(ctx: Ctx, node: Node, path: str) -> str | None:
     return value
 
 
-#: Headers of the message itself, or that the relay writes or signs: a control
-#: header is removed from every message, so none of these may be one.
+#: Headers of the message itself (RFC 5322's, MIME's), or that the relay writes
+#: or signs: a control header is removed from every message, so none of these
+#: may be one.
 _MESSAGE_HEADERS = frozenset(
     {
         *("from", "to", "cc", "bcc", "subject", "date", "message-id", "reply-to", "sender"),
         *("mime-version", "dkim-signature", "received", "return-path", "in-reply-to"),
-        "references",
+        *("references", "comments", "keywords"),
     }
 )
+#: ``Content-*`` (MIME), ``Resent-*`` (RFC 5322 3.6.6), ``List-*`` (RFC 2369,
+#: 2919, 8058: the one-click unsubscribe fields the relay signs)
+_MESSAGE_PREFIXES = ("content-", "resent-", "list-")
 
 
 def is_message_header(name: str) -> bool:
     """A header of the message itself (``Subject``, ``Content-Type``), never a control header."""
     lower = name.lower()
-    return lower in _MESSAGE_HEADERS or lower.startswith("content-")
+    return lower in _MESSAGE_HEADERS or lower.startswith(_MESSAGE_PREFIXES)
 
 
 def control_header(ctx: Ctx, node: Node, path: str) -> str | None:
@@ -408,9 +412,14 @@ def _single_quoted(value: str) -> str:
     return "'" + typed.replace("'", "''") + "'"
 
 
+# the escapes a Python regex reads as YAML does; \e, \N, \L and \P it refuses
+_SAME_IN_REGEX = frozenset("0abvf")
+
+
 def _typed(found: re.Match[str]) -> str:
     char = found.group()
-    return "\\" + _YAML_ESCAPES[char] if char in _YAML_ESCAPES else escaped(char)
+    letter = _YAML_ESCAPES.get(char)
+    return "\\" + letter if letter in _SAME_IN_REGEX else escaped(char)
 
 
 _VARIABLE = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*|\{[^}]*\}?)")
