@@ -38,17 +38,17 @@ def _lines(caplog: pytest.LogCaptureFixture, start: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("setup", "command", "error"),
+    ("setup", "command", "error", "stage"),
     [
-        (b"", b"MAIL FROM:<x>", "553 5.1.7 "),
-        (b"MAIL FROM:<erp@acme.example>\r\n", b"MAIL FROM:<>", "503 "),
-        (b"", b"RSET x", "501 "),
-        (b"", b"VRFY", "501 "),
+        (b"", b"MAIL FROM:<x>", "553 5.1.7 ", "EHLO"),
+        (b"MAIL FROM:<erp@acme.example>\r\n", b"MAIL FROM:<>", "503 ", "MAIL"),
+        (b"", b"RSET x", "501 ", "RSET"),
+        (b"", b"VRFY", "501 ", "VRFY"),
     ],
     ids=["bad-sender", "nested-mail", "rset", "vrfy"],
 )
 def test_a_client_looping_on_errors_is_told_421_and_closed(
-    setup: bytes, command: bytes, error: str, caplog: pytest.LogCaptureFixture
+    setup: bytes, command: bytes, error: str, stage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """2000 refused commands in one write were answered 2000 times, each MAIL
     with a log line, and the connection was never closed."""
@@ -63,7 +63,6 @@ def test_a_client_looping_on_errors_is_told_421_and_closed(
     assert len(replies) == skip + LIMIT + 1
     assert all(r.startswith(error) for r in replies[skip:-1]), replies
     assert replies[-1] == "421 4.7.0 Too many errors, closing the connection"
-    stage = "MAIL" if setup else "EHLO"
     assert _lines(caplog, closing) == [
         f"{closing}{stage}: {replies[-1]} ({LIMIT} without a message accepted)"
     ]
@@ -81,9 +80,10 @@ def test_a_loop_of_commands_that_are_never_refused_is_ended_too(
     command: bytes, answer: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Postfix's junk command limit: each answered 250, a loop was never ended.
-    The log says why a client that had no error reply was cut off."""
+    The log says why a client that had no error reply was cut off, and after
+    which command, as Postfix does."""
     caplog.set_level(logging.INFO, logger="relay")
-    closing = "client=127.0.0.1 disconnected after EHLO: "
+    closing = f"client=127.0.0.1 disconnected after {command.split()[0].decode()}: "
     with Relay([listener()]) as relay, Raw(relay.port) as raw:
         raw.ehlo()
         raw.send((command + b"\r\n") * 2000)
@@ -172,6 +172,13 @@ def _idle_after_a_message(raw: Raw) -> None:
     assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
 
 
+def _idle_after_a_transaction_given_up(raw: Raw) -> None:
+    """Not "after END-OF-MESSAGE": the last message is not what it stopped at."""
+    _idle_after_a_message(raw)
+    _idle_in_a_transaction(raw)
+    assert raw.cmd(b"RSET").startswith("250")
+
+
 TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
 
 
@@ -181,6 +188,7 @@ TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
         (_idle_in_a_transaction, "RCPT", TIMEOUT),
         (_idle_in_data, "DATA", TIMEOUT),
         (_idle_after_a_message, "END-OF-MESSAGE", TIMEOUT),
+        (_idle_after_a_transaction_given_up, "RSET", TIMEOUT),
         (
             lambda raw: raw.send(b"BOGUS\r\n" * 10),
             "EHLO",
@@ -192,7 +200,10 @@ TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
             "421 4.7.0 AUTH sent too many times",
         ),
     ],
-    ids=["idle-after-rcpt", "idle-in-data", "idle-after-a-message", "unknown-commands", "auth"],
+    ids=[
+        *("idle-after-rcpt", "idle-in-data", "idle-after-a-message", "idle-after-rset"),
+        *("unknown-commands", "auth"),
+    ],
 )
 def test_a_connection_the_relay_ends_with_421_has_one_log_line(
     send: Callable[[Raw], None], stage: str, reply: str, caplog: pytest.LogCaptureFixture

@@ -210,7 +210,9 @@ class RelaySMTP(SMTP):
         self._overshoot = 0  # RCPTs of this transaction past the recipient limit
         self._junk = 0  # NOOP, RSET and VRFY commands, counted like the errors
         self._in_data = False  # reading a DATA section
-        self._answered_data = False  # a message's end was answered: no MAIL since
+        # what the session did last outside a transaction, for ``_stage``: a
+        # message's end answered, or a NOOP, RSET or VRFY since; None at MAIL
+        self._after: str | None = None
         self._timed_out = False  # told 421 for being idle
         self._unlogged: tuple[int, str, str] | None = None  # refused MAILs: count, last
         self._better = {
@@ -474,6 +476,7 @@ class RelaySMTP(SMTP):
         An ``AUTH=`` parameter (RFC 4954 5, sent by relays that log in) is taken
         and ignored, as ``AUTH=<>``: the relay trusts no one's word for the sender."""
         self._mail_arg = arg or ""
+        self._after = None
         if arg:
             arg = _AUTH_PARAMETER.sub("", arg)
         try:
@@ -601,7 +604,7 @@ class RelaySMTP(SMTP):
         sender = self.envelope.mail_from
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
-        self._answered_data = True
+        self._after = "END-OF-MESSAGE"  # Postfix's word: "timeout after END-OF-MESSAGE"
         status = "250 OK" if status is MISSING else status
         if status.startswith("2"):
             self._errors = self._junk = 0  # as Postfix: the limits are on a session without mail
@@ -679,8 +682,8 @@ class RelaySMTP(SMTP):
             return "RCPT"
         if envelope is not None and envelope.mail_from is not None:
             return "MAIL"
-        if self._answered_data:  # Postfix's word: "timeout after END-OF-MESSAGE"
-            return "END-OF-MESSAGE"
+        if self._after is not None:
+            return self._after
         if self.session.host_name:
             return "EHLO" if self.session.extended_smtp else "HELO"
         return "CONNECT"
@@ -756,21 +759,22 @@ class RelaySMTP(SMTP):
         """aiosmtpd's, counted (see ``JUNK_COMMAND_LIMIT``): a loop of them is answered
         without an error, and so was never ended."""
         await super().smtp_NOOP(arg)
-        self._count_junk()
+        self._count_junk("NOOP")
 
     @syntax("RSET")
     async def smtp_RSET(self, arg: str) -> None:
         """aiosmtpd's, counted as NOOP is."""
         await super().smtp_RSET(arg)
-        self._count_junk()
+        self._count_junk("RSET")
 
     @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str) -> None:
         """aiosmtpd's, counted as NOOP is."""
         await super().smtp_VRFY(arg)
-        self._count_junk()
+        self._count_junk("VRFY")
 
-    def _count_junk(self) -> None:
+    def _count_junk(self, command: str) -> None:
+        self._after = command
         self._junk += 1
         if self._junk > JUNK_COMMAND_LIMIT:
             self._add_error()
