@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import smtplib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from relay.audit import AuditError, AuditLog
 from relay.feedback.act import act, find_original
+from relay.feedback.parse import read
 from relay.feedback.report import BOUNCE, COMPLAINT, Failure, Report
 from relay.policy.load import load
 from relay.policy.model import Policy
@@ -427,3 +429,69 @@ def test_a_bounce_is_found_by_the_queue_id_the_relay_sent_as_envid(
     assert lines[0] == "buyer@example.org: bounced (5.1.1), suppressed"
     assert ("bounced", "buyer@example.org") in audit_events(policy, first)
     assert ("bounced", "buyer@example.org") not in audit_events(policy, second)
+
+
+def _dsn(returned_header: bytes, recipient: str) -> bytes:
+    """A bounce as a DSN-less upstream writes it (no Original-Envelope-Id), the
+    message's header returned whole."""
+    return (
+        b"From: MAILER-DAEMON@mx.example.org\r\nTo: bounces@platform.example\r\n"
+        b"Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nThe mail system could not deliver it.\r\n"
+        b"--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+        b"Reporting-MTA: dns; mx.example.org\r\n\r\n"
+        b"Final-Recipient: rfc822; " + recipient.encode() + b"\r\nAction: failed\r\n"
+        b"Status: 5.1.1\r\nDiagnostic-Code: smtp; 550 5.1.1 no such user\r\n"
+        b"\r\n--b\r\nContent-Type: text/rfc822-headers\r\n\r\n" + returned_header + b"\r\n--b--\r\n"
+    )
+
+
+def test_a_message_id_two_tenants_used_is_charged_to_neither_but_by_its_queue_id(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Two companies' ERPs numbered a document alike: a bounce or complaint that
+    named the message by Message-ID alone went to the newest, the other
+    tenant's, whose user was told of a customer it never wrote to, while the
+    sender kept mailing the address. The relay's Received field, in the header
+    the report returns, names the message exactly."""
+    sink = Sink()
+    globex = INVOICE.replace(b"From: jan@acme.example", b"From: hank@globex.example")
+    with SinkServer(sink) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            acme_id = send(port, INVOICE, ("buyer@example.org",))
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.sendmail("hank@globex.example", ["buyer@example.org"], globex)
+            acme_sent = next(m for m in sink.wait(2) if b"jan@acme.example" in m.data)
+    loaded = load(policy)
+    globex_id = next(
+        r["queue_id"]
+        for r in _records(loaded)
+        if r["event"] == "received" and r["tenant"] == "globex"
+    )
+    by_message_id = Report(
+        BOUNCE, (Failure("buyer@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>"
+    )
+    assert _act(loaded, by_message_id) == [
+        "not acted on: messages of more than one tenant have this Message-ID, and the report"
+        f" names none of them by queue ID: {acme_id} (acme/jan), {globex_id} (globex/hank)"
+    ]
+    assert _listed(loaded) == {}
+    assert Spool(loaded.queue.directory, create=False).ids() == []  # nobody told
+
+    header = acme_sent.data.split(b"\r\n\r\n", 1)[0]
+    report = read(_dsn(header, "buyer@example.org"))
+    assert report is not None and acme_id in report.queue_ids
+    assert _act(loaded, report)[0] == "buyer@example.org: bounced (5.1.1), suppressed"
+    assert ("bounced", "buyer@example.org") in audit_events(policy, acme_id)
+    assert ("bounced", "buyer@example.org") not in audit_events(policy, globex_id)
+
+
+def _records(policy: Policy) -> list[dict]:
+    return [
+        json.loads(line)
+        for day in sorted(policy.audit.directory.glob("*.jsonl"))
+        for line in day.read_text().splitlines()
+    ]

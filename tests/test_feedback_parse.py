@@ -51,6 +51,7 @@ def test_a_postfix_bounce_gives_each_recipient_its_own_status_and_diagnostic() -
         message_id="<4711.erp@acme.example>",
         subject="Rechnung 4711 für März",
         envelope_id="Q7F3K2M9WX",
+        queue_ids=("4F2A31C0E5",),  # the returned Received fields' (another hop's here)
     )
 
 
@@ -60,6 +61,7 @@ def test_an_exchange_ndr_returns_the_original_header_only() -> None:
         (Failure("purchasing@contoso-buyer.example", "5.1.10", EXCHANGE_DIAGNOSTIC),),
         message_id="<4712.erp@acme.example>",
         subject="Order confirmation 4712",
+        queue_ids=("15.20.7000.12",),
     )
 
 

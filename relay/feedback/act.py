@@ -62,32 +62,54 @@ class Original:
 
 @dataclass
 class Outcome:
-    """What was done, a line each, for the command's output."""
+    """What was done, a line each, for the command's output; ``candidates`` the
+    messages of several tenants a report could be about (then nothing is done)."""
 
     original: Original | None
     lines: list[str] = field(default_factory=list)
+    candidates: tuple[Original, ...] = ()
+
+
+class Ambiguous(Exception):
+    """Messages of more than one tenant have the report's Message-ID, and the
+    report names none of them by queue ID."""
+
+    def __init__(self, candidates: list[Original]) -> None:
+        super().__init__(", ".join(f"{o.queue_id} ({o.tenant}/{o.user})" for o in candidates))
+        self.candidates = tuple(candidates)
 
 
 def find_original(directory: Path, report: Report, today: date | None = None) -> Original | None:
     """The message with the queue ID the report returns as its envelope ID (sent
-    as ENVID to servers that offer DSN); else the newest with the report's
-    Message-ID that went to one of its recipients (an ERP may send one
-    document twice, to others the second time), else the newest with that ID
-    (a complaint's recipient may be redacted); None when the log has none
-    within ``LOOKBACK_DAYS``."""
+    as ENVID to servers that offer DSN) or in the relay's Received field of the
+    header it returns; else the newest with the report's Message-ID that went
+    to one of its recipients (an ERP may send one document twice, to others
+    the second time), else the newest with that ID (a complaint's recipient
+    may be redacted); None when the log has none within ``LOOKBACK_DAYS``.
+    Raises Ambiguous when those with the Message-ID are of several tenants:
+    two companies' ERPs may number their documents alike, and one's bounce
+    or complaint must not be charged to, nor told to, the other."""
     since = (today or datetime.now(UTC).date()) - timedelta(days=LOOKBACK_DAYS)
     found: list[Original] = []
-    envelope_id = (report.envelope_id or "").strip().upper()
-    if queue_id_time(envelope_id) is not None:
-        records = search.show(directory, envelope_id, since=since)
-        found = [o for o in map(_original, records) if o is not None and o.queue_id == envelope_id]
+    records: list[dict[str, Any]] = []
+    for named_id in (report.envelope_id or "", *report.queue_ids):
+        queue_id = named_id.strip().upper()
+        if queue_id_time(queue_id) is None:
+            continue
+        records = search.show(directory, queue_id, since=since)
+        found = [o for o in map(_original, records) if o is not None and o.queue_id == queue_id]
+        if found:
+            break
     if not found and report.message_id and report.message_id.strip("<> \t"):
         records = search.show(directory, report.message_id, since=since)
         found = [o for o in map(_original, records) if o is not None]
     if not found:
         return None
     named = [o for o in found if any(o.sent_to(f.recipient) for f in report.failures)]
-    newest = (named or found)[-1]
+    candidates = named or found
+    if len({o.tenant for o in candidates}) > 1:
+        raise Ambiguous(candidates)
+    newest = candidates[-1]
     mine = [
         r
         for r in records
@@ -141,7 +163,14 @@ def act(
     The list comes first (a line written twice is harmless, an address left
     off is mailed again), then the records, then the notice: a retry after a
     failed write must not tell the sender twice."""
-    original = find_original(policy.audit.directory, report)
+    try:
+        original = find_original(policy.audit.directory, report)
+    except Ambiguous as exc:
+        line = (
+            f"not acted on: messages of more than one tenant have this Message-ID, and the"
+            f" report names none of them by queue ID: {exc}"
+        )
+        return Outcome(None, [line], exc.candidates)
     outcome = Outcome(original)
     named = _failures(report, original, outcome.lines)
     own = {policy.platform.return_path.lower(), policy.platform.from_address.lower()}

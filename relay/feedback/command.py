@@ -106,12 +106,15 @@ def _take(
     except (AuditError, SuppressionError, SpoolError, TakeBusy) as exc:
         return not_taken(f"relay bounce: not taken, try again later: {exc}\n", str(exc))
     about = outcome.original
-    head = (
-        f"{report.kind} about {about.queue_id} ({about.tenant}/{about.user})"
-        if about is not None
-        else f"{report.kind} about a message the audit log does not have"
-        f" (Message-ID {report.message_id or 'not given'})"
-    )
+    if about is not None:
+        head = f"{report.kind} about {about.queue_id} ({about.tenant}/{about.user})"
+    elif outcome.candidates:
+        head = f"{report.kind} about Message-ID {report.message_id}, which is not one message's"
+    else:
+        head = (
+            f"{report.kind} about a message the audit log does not have"
+            f" (Message-ID {report.message_id or 'not given'})"
+        )
     out.write("".join(f"{line}\n" for line in [head, *outcome.lines]))
     for line in outcome.lines or [""]:
         system_log.say(logging.INFO, f"{head}: {line}" if line else head)

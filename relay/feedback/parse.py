@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 DIAGNOSTIC_LIMIT = 1000
 SCANNED_LIMIT = 256 * 1024
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
+_ID = re.compile(r"(?:^|[\s(])id\s+<?([A-Za-z0-9.-]+)", re.IGNORECASE)
 _TYPED = re.compile(r"^[A-Za-z0-9-]+[ \t]*;")
 _RETURNED = ("message/rfc822", "text/rfc822-headers")
 _ENHANCED = re.compile(r"[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})\b")
@@ -94,8 +95,16 @@ def _bounce(msg: Message) -> Report | None:
     if not recipients:
         return None
     failures = tuple(_failure(address, blocks, own) for address in recipients)
-    message_id, subject = _ids(_returned(msg) or _returned_inline(msg))
-    return Report(BOUNCE, failures, message_id, subject, _envelope_id(blocks))
+    returned = _returned(msg) or _returned_inline(msg)
+    message_id, subject = _ids(returned)
+    return Report(
+        BOUNCE,
+        failures,
+        message_id,
+        subject,
+        _envelope_id(blocks),
+        queue_ids=_received_ids(returned),
+    )
 
 
 def _says_warning(msg: Message, own: str) -> bool:
@@ -326,6 +335,7 @@ def _complaint(msg: Message) -> Report | None:
         subject,
         _value(fields, "Original-Envelope-Id") if fields else None,
         feedback_type,
+        _received_ids(returned),
     )
 
 
@@ -424,6 +434,17 @@ def _ids(returned: Message | None) -> tuple[str | None, str | None]:
     if returned is None:
         return None, None
     return _value(returned, "Message-ID"), _subject(returned)
+
+
+def _received_ids(returned: Message | None) -> tuple[str, ...]:
+    """The ``id`` of each returned Received field (RFC 5321 4.4), the newest hop
+    first: the relay writes its queue ID there, so a report that returns the
+    header names the very message even where tenants' ERPs reuse a Message-ID."""
+    if returned is None:
+        return ()
+    return tuple(
+        found.group(1) for value in _values(returned, "Received") for found in _ID.finditer(value)
+    )
 
 
 def _subject(msg: Message) -> str | None:

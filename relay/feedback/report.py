@@ -24,7 +24,9 @@ class Report:
     are not reports the relay acts on) or a complaint (COMPLAINT, with its
     ``feedback_type``: abuse, fraud, ...). ``message_id``, ``subject`` and
     ``envelope_id`` are the original message's, as the report returned them,
-    to find it in the audit log."""
+    to find it in the audit log; ``queue_ids`` the IDs its returned Received
+    fields name (``id …``), the relay's own queue ID among them when the
+    header came back whole."""
 
     kind: str
     failures: tuple[Failure, ...]
@@ -32,3 +34,4 @@ class Report:
     subject: str | None = None
     envelope_id: str | None = None
     feedback_type: str | None = None
+    queue_ids: tuple[str, ...] = ()
