@@ -132,7 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     _policy_option(preview)
     preview.add_argument("message", type=Path, help="the message as an .eml file")
     preview.add_argument("--auth-login", help="act as if the client logged in as this")
-    preview.add_argument("--mail-from", help="envelope sender (default: the From address)")
+    preview.add_argument(
+        "--mail-from", help="envelope sender (default: the From address; <> for none)"
+    )
     preview.add_argument(
         "--rcpt", action="append", default=[], help="envelope recipient (default: To, Cc, Bcc)"
     )

@@ -9,6 +9,7 @@ not know, an envelope address it does not take) is refused here too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -20,7 +21,7 @@ from relay.ingress import content
 from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
 from relay.ingress.protocol import non_ascii_reply
 from relay.pipeline import Prepared, prepare
-from relay.policy.model import DirectoryUpstream, Policy, SmtpUpstream, Upstream
+from relay.policy.model import AuthMode, DirectoryUpstream, Policy, SmtpUpstream, Upstream
 from relay.submission import Submission, distinct
 from relay.suppression import EMPTY, SuppressionError, SuppressionFile, SuppressionList
 from relay.visible import escaped_match
@@ -40,6 +41,8 @@ def submission_from_file(
     """
     data = _LINE_END.sub(b"\r\n", raw)
     view = message.read(data)
+    if mail_from == "<>":  # as MAIL FROM:<> writes the null sender
+        mail_from = ""
     if mail_from is None:
         senders = _envelope_addresses(view, "From")
         mail_from = senders[0] if senders else ""
@@ -67,12 +70,20 @@ def _envelope_addresses(view: message.MessageView, name: str) -> list[str]:
 def render(policy: Policy, submission: Submission, *, as_json: bool) -> str:
     """The report; raises SmtpReply for a message the relay would refuse."""
     _check_envelope(policy, submission)
+    submission, beyond = _within_recipient_limit(policy, submission)
     suppressions, unread = _suppressions(policy)
     prepared = prepare(policy, submission, suppressions=suppressions)
     alone = ratelimit.refusal(prepared.decision.identity.tenant, len(submission.rcpt_tos), 0)
     if alone is not None:  # the hour's count is the running relay's: only this is sure
         raise alone
     report = _report(policy, submission, prepared)
+    if beyond:
+        report["reasons"].append(
+            f"{len(beyond)} recipient(s) past the {len(submission.rcpt_tos)} a listener takes"
+            " would be answered 452 4.5.3 Too many recipients at RCPT TO, and the message goes"
+            " without them (a client may send it to them in a further transaction): "
+            + ", ".join(beyond)
+        )
     if unread:
         report["reasons"].append(unread)
     if as_json:
@@ -96,15 +107,17 @@ def _check_envelope(policy: Policy, submission: Submission) -> None:
     ERP could not name these addresses or send this content, so no preview of
     them helps. A login the policy does not have is refused by ``prepare``,
     as in the daemon, where a reload may have removed it mid-session."""
+    required = all(listener.auth is AuthMode.REQUIRED for listener in policy.listeners)
+    if submission.auth_login is None and required:
+        raise Rejected(530, "5.7.0", "Authentication required")
     paths = [("MAIL FROM", submission.mail_from, SENDER)] if submission.mail_from else []
     paths += [("RCPT TO", rcpt, RECIPIENT) for rcpt in submission.rcpt_tos]
     for command, address, status in paths:
         refused = _non_ascii_refusal(command, address) or mailbox_refusal(address, status)
         if refused is not None:
             raise refused
-    most = max((listener.max_recipients for listener in policy.listeners), default=None)
-    if most is not None and len(submission.rcpt_tos) > most:
-        raise Rejected(452, "4.5.3", f"Too many recipients: no listener takes more than {most}")
+    if not submission.rcpt_tos:
+        raise Rejected(503, "5.5.1", "Error: need RCPT command")
     largest = max((listener.max_message_size for listener in policy.listeners), default=None)
     if largest is not None and len(submission.data) > largest:
         raise Rejected(
@@ -113,6 +126,19 @@ def _check_envelope(policy: Policy, submission: Submission) -> None:
     refused = content.refusal(submission.data)  # after DATA: bare CR, NUL, long lines
     if refused is not None:
         raise refused
+
+
+def _within_recipient_limit(
+    policy: Policy, submission: Submission
+) -> tuple[Submission, tuple[str, ...]]:
+    """The transaction as the SMTP side takes it, and the recipients it answers
+    452 at RCPT: the message goes to the first ``max_recipients`` (the largest
+    of any listener), not nowhere."""
+    most = max((listener.max_recipients for listener in policy.listeners), default=None)
+    if most is None or len(submission.rcpt_tos) <= most:
+        return submission, ()
+    taken = dataclasses.replace(submission, rcpt_tos=submission.rcpt_tos[:most])
+    return taken, submission.rcpt_tos[most:]
 
 
 def _non_ascii_refusal(command: str, address: str) -> Rejected | None:
