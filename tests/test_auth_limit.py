@@ -157,6 +157,30 @@ def test_a_failure_is_answered_after_the_delay_without_holding_up_others() -> No
     assert took >= 1.5
 
 
+def test_guesses_on_many_connections_at_once_get_no_more_checks_than_one_after_another(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failure was counted once its scrypt and delay were over, and the lock
+    looked at only as an AUTH began: 40 connections at once had 40 passwords
+    checked, and the lock line logged for each past the tenth."""
+    caplog.set_level(logging.INFO, logger="relay")
+    connections = 12
+    failures = AuthFailures(per_client=3, window=600.0, delay=1.0)
+    with Relay([listener()], failures=failures) as relay:
+        raws = [Raw(relay.port) for _ in range(connections)]
+        try:
+            for raw in raws:
+                raw.ehlo()
+            with ThreadPoolExecutor(connections) as pool:
+                replies = list(pool.map(lambda r: r.cmd(plain("erp-acme", "guess")), raws))
+        finally:
+            for raw in raws:
+                raw.close()
+    assert sorted(r[:3] for r in replies) == ["454"] * (connections - 3) + ["535"] * 3
+    assert caplog.text.count("AUTH failed client=127.0.0.1") == 3
+    assert caplog.text.count("AUTH locked client=127.0.0.1") <= 3
+
+
 def test_a_login_that_succeeds_clears_the_address_failures() -> None:
     failures = AuthFailures(per_client=3, delay=0.0)
     with Relay([listener()], failures=failures) as relay:

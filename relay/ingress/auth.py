@@ -101,8 +101,9 @@ class Mechanisms:
         """A 454 for an address that failed too often lately, before any challenge."""
         peer = _peer(server)
         wait = self._failures.locked(peer)
-        if not wait:
-            return None
+        return self._lock_reply(peer, wait) if wait else None
+
+    def _lock_reply(self, peer: str, wait: float) -> AuthResult:
         log.debug("AUTH refused client=%s: too many failed logins", peer)
         self._count("locked")
         reply = TOO_MANY_FROM.format(client=peer, wait=max(round(wait), 1))
@@ -115,6 +116,8 @@ class Mechanisms:
         except UnicodeDecodeError:
             log.warning("AUTH failed client=%s: credentials are not UTF-8", peer)
             return await self._failed(peer)
+        if not self._failures.attempt(peer):  # the others' checks under way used its tries
+            return self._lock_reply(peer, self._failures.locked(peer))
         entry = self._current_policy().logins.get(name)
         encoded = entry.password_hash if entry is not None else None
         ok = encoded is not None and self._verified.known(name, encoded, password)
@@ -129,16 +132,17 @@ class Mechanisms:
             self._count("ok")
             return AuthResult(success=True, auth_data=Authenticated(name))
         log.warning("AUTH failed client=%s login=%r", peer, name)
-        return await self._failed(peer)
+        return await self._failed(peer, counted=True)
 
     def _count(self, result: str) -> None:
         if self._tally is not None:
             self._tally.add(tally.AUTH, self._listener.name, result)
 
-    async def _failed(self, peer: str) -> AuthResult:
-        """A 535, after the delay."""
+    async def _failed(self, peer: str, counted: bool = False) -> AuthResult:
+        """A 535, after the delay; ``counted``: as the check began (``attempt``)."""
         self._count("failed")
-        if self._failures.failed(peer):
+        locked = self._failures.locked(peer) > 0 if counted else self._failures.failed(peer)
+        if locked:
             log.warning(
                 "AUTH locked client=%s: %d failed logins in %d s, AUTH refused for now",
                 peer,

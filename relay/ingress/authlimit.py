@@ -7,9 +7,12 @@ anvil's ``smtpd_client_auth_rate_limit`` do, each failure is answered only
 after ``DELAY`` seconds, and a client address with ``PER_CLIENT`` failures
 within ``WINDOW`` seconds gets ``454 4.7.0`` for every AUTH, with no scrypt,
 until the oldest of them is that old (a connection itself is closed after
-ten AUTH commands, ``listen``). A login that succeeds forgets its address's
-failures. The kernel hands connections to any worker, so the failures are
-in a ``sharedtable``: a worker's slot for an address holds the times of its
+ten AUTH commands, ``listen``). A check counts as failed from its start
+until it succeeds: counted only once its scrypt and delay were over, a burst
+of guesses on as many connections at once all got checked. A login that
+succeeds forgets its address's failures. The kernel hands connections to
+any worker, so the failures are in a ``sharedtable``: a worker's slot for an
+address holds the times of its
 own last ``PER_CLIENT`` failures and of the last success there, and every
 worker reads them all, so a client gets its tries once, not once a worker.
 The log line of each failure names the client for fail2ban.
@@ -54,6 +57,14 @@ class AuthFailures:
         if len(times) < self.per_client:
             return 0.0
         return max((times[-self.per_client] + self._window_ms - self._now()) / 1000, 0.0)
+
+    def attempt(self, client: str) -> bool:
+        """Whether ``client`` may have its password checked now; if so, the check
+        is counted as a failure until ``succeeded`` says otherwise."""
+        if len(self._recent(client)) >= self.per_client:
+            return False
+        self.failed(client)
+        return True
 
     def failed(self, client: str) -> bool:
         """Count a failure; whether the address is locked out now."""
