@@ -284,8 +284,12 @@ def test_a_relay_that_refuses_every_message_for_want_of_space_is_not_ready(
                 " mail is refused (452 4.3.1)"
             )
             assert checks["workers"] == "1 of 1 running"
-        roomy = policy.read_text().replace(f"max_message_size: {2**40}", "max_message_size: 1000")
-        policy.write_text(roomy)
+        # a second listener with small messages still takes mail: ready, as it is
+        small = (
+            f"  - {{name: small, address: 127.0.0.1, port: {free_port()},"
+            " max_message_size: 1000}\n"
+        )
+        policy.write_text(policy.read_text().replace("identify:\n", small + "identify:\n", 1))
         with RelayProcess(policy, port, tmp_path / "relay.log"):
             code, body, _ = _get(metrics, "/readyz")
             assert code == 200, body

@@ -162,7 +162,8 @@ class MetricsServer:
             "queue": _writable(*(policy.queue.directory / name for name in WRITTEN_IN)),
             "audit": _writable(policy.audit.directory),
         }
-        reserve = max((reserve_for(x.max_message_size) for x in policy.listeners), default=0)
+        # not ready once no listener takes mail: a small listener's may still go on
+        reserve = min((reserve_for(x.max_message_size) for x in policy.listeners), default=0)
         state_directories = {"queue": policy.queue.directory, "audit": policy.audit.directory}
         for name, directory in state_directories.items():
             if checks[name] == "writable":
