@@ -201,7 +201,8 @@ class RelaySMTP(SMTP):
         self._lost = False  # connection_lost was called (see smtp_STARTTLS)
         self._shut_down = False  # told 421 by a stop
         self._ended = False  # the client has closed (at least) its sending side
-        self.hung_up = asyncio.Event()  # that, or the connection is gone
+        # that, or the connection is gone, or it sent QUIT behind its data unasked
+        self.hung_up = asyncio.Event()
         self._deadline = 0.0  # loop time: idle until then is allowed
         self._mail_arg: str | None = None  # while a MAIL command is handled
         self._rcpt_arg: str | None = None  # while a RCPT command is handled
@@ -602,6 +603,10 @@ class RelaySMTP(SMTP):
             return
         self.envelope.content = self.envelope.original_content = section.content
         sender = self.envelope.mail_from
+        if bytes(self._reader._buffer[:4]).upper() == b"QUIT":  # private to asyncio, read only
+            # sent behind the data, unasked: such a client is on its way out and
+            # may close before the reply (over TLS its close comes ~40 ms later)
+            self.hung_up.set()
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         self._after = "END-OF-MESSAGE"  # Postfix's word: "timeout after END-OF-MESSAGE"
