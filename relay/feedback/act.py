@@ -59,6 +59,11 @@ class Original:
     def sent_to(self, address: str) -> bool:
         return address.lower() in {r.lower() for r in (*self.recipients, *self.bcc)}
 
+    def reached(self) -> tuple[str, ...]:
+        """The ERP's recipients the message may have reached: not those it was
+        never sent to (suppressed, refused, expired) or that bounced."""
+        return tuple(r for r in self.recipients if r.lower() not in self.not_delivered)
+
 
 @dataclass
 class Outcome:
@@ -227,7 +232,7 @@ def _nobody(named: tuple[Failure, ...], original: Original | None) -> str:
     if original is None:
         return "names no recipient, and its message is not in the audit log"
     return (
-        f"names no recipient, and its message went to {len(original.recipients)}:"
+        f"names no recipient, and its message went to {len(original.reached())}:"
         " which one complained is not known, none is suppressed"
     )
 
@@ -235,8 +240,9 @@ def _nobody(named: tuple[Failure, ...], original: Original | None) -> str:
 def _failures(report: Report, original: Original | None, lines: list[str]) -> tuple[Failure, ...]:
     """A complaint's recipients, as far as the message went to them. One whose
     reporter redacted the recipient (or named a placeholder) is about the
-    message's recipient when it had only one: guessing among several would
-    suppress someone who did not complain."""
+    message's recipient when it reached only one (a co-recipient suppressed
+    or refused never had it): guessing among several would suppress someone
+    who did not complain."""
     if report.kind == BOUNCE or original is None:
         return report.failures
     named = tuple(f for f in report.failures if original.sent_to(f.recipient))
@@ -245,7 +251,8 @@ def _failures(report: Report, original: Original | None, lines: list[str]) -> tu
     if report.failures:
         others = ", ".join(f.recipient for f in report.failures)
         lines.append(f"names {others}, whom the message did not go to: taken as redacted")
-    return (Failure(original.recipients[0]),) if len(original.recipients) == 1 else ()
+    reached = original.reached()
+    return (Failure(reached[0]),) if len(reached) == 1 else ()
 
 
 def _entry(
