@@ -139,6 +139,18 @@ async def test_a_large_message_in_small_segments() -> None:
     assert section.content == body and rest == b"QUIT\r\n" and window == LIMIT
 
 
+async def test_dot_lines_across_the_pieces_of_a_large_message_are_unstuffed() -> None:
+    """Unstuffed piece by piece (a 25 MB message with dot lines took a third copy
+    of itself, unstuffed whole): pieces past the window are cut anywhere, so a
+    line's CR LF and its stuffed dot may come in different pieces."""
+    lines = [b"." + b"x" * (n * 37 % 119) + b"y" for n in range(6000)]  # no ".\r\n" in it
+    wire = b"".join(b"." + line + b"\r\n" for line in lines) + b".\r\nQUIT\r\n"
+    assert len(wire) > 4 * data.WINDOW
+    for piece in (1460, 4096, 65535):
+        section, rest, _ = await read_in_pieces(wire, piece)
+        assert (section.content, rest) == reference(wire)
+
+
 async def test_past_the_limit_is_drained_and_the_next_command_kept() -> None:
     body = b"x" * 60 + b"\r\n"
     wire = body * 100 + b".\r\nRSET\r\n"

@@ -72,6 +72,7 @@ async def _read(reader: asyncio.StreamReader, limit: int | None) -> Data:
             return Data(b"", overflow, bare_end=True)
         size += len(piece) - (tail[-2:] + piece).count(_STUFFED)
         bare = bare or _LF_DOT_LF in piece or bool(_BARE_DOT_LINE.search(tail + piece[:4]))
+        joined_tail = tail[-2:]
         tail = (tail + piece[-len(_END) :])[-len(_END) :]
         ended = tail == _END
         content = size - len(b"\r\n") if ended else size  # the final dot line is not mail
@@ -79,13 +80,13 @@ async def _read(reader: asyncio.StreamReader, limit: int | None) -> Data:
             overflow = Overflow.TOO_MUCH
             received = bytearray()
         if overflow is Overflow.NONE:
-            received += piece
+            received += _unstuffed(joined_tail, piece)
         if ended:
             break
     if overflow is not Overflow.NONE:
         return Data(b"", overflow)
-    del received[-len(_DOT_LINE) :]
-    return Data(_unstuff(bytes(received)), overflow)
+    del received[-len(b"\r\n") :]  # the final dot line, its dot gone as if stuffed
+    return Data(bytes(received), overflow)
 
 
 async def _until_dot_line(reader: asyncio.StreamReader, tail: bytes, bare: bool) -> bytes | None:
@@ -104,7 +105,9 @@ async def _until_dot_line(reader: asyncio.StreamReader, tail: bytes, bare: bool)
                 return None
 
 
-def _unstuff(data: bytes) -> bytes:
-    """Drop the leading dot of every line that has one (RFC 5321 4.5.2)."""
-    data = data.replace(b"\r\n.", b"\r\n")
-    return data[1:] if data.startswith(b".") else data
+def _unstuffed(before: bytes, piece: bytes) -> bytes:
+    """``piece`` without the leading dot of each line that has one (RFC 5321
+    4.5.2), ``before`` the two bytes that came before it (a CRLF at the start).
+    Piece by piece, each at most the reader's window: unstuffed whole, a 25 MB
+    message with dot lines took a third copy of itself at once."""
+    return (before + piece).replace(_STUFFED, b"\r\n")[len(before) :]
