@@ -154,7 +154,7 @@ def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
         lines.append(f"{label} {group[0][0]}")
         lines += [f"            {address}" for address, _ in group[1:]]
         lines += [f"Reason:     {group[0][1] if len(group) == 1 else alike}", ""]
-    lines.append("Please check the address, or reach the recipient another way.")
+    lines += _advice(failures)
     if any(rcpt.status == SUPPRESSED for rcpt in failures):
         lines.append(
             "The relay sends nothing to an address on its suppression list; should"
@@ -166,6 +166,33 @@ def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
 
 
 _EACH = "(each address)"
+
+CHECK_ADDRESS = "Please check the address, or reach the recipient another way."
+# by the subject of the reply's RFC 3463 code: "check the address" after a spam
+# filter's refusal sent the user to recheck a right address, and nobody to the
+# administrator whose problem it is
+_ADVICE_FOR = {
+    "2": "A mailbox that is full or not taking mail may take it later: try again in a"
+    " while, or reach the recipient another way.",
+    "4": "The receiving server could not be reached or did not answer in time; should"
+    " this keep happening, tell your mail administrator.",
+    "7": "The receiving server refused the mail by its own rules (spam filtering, a"
+    " block list, sender checks), not for the address: tell your mail administrator,"
+    " with the reason above.",
+}
+_CODE = re.compile(r"\b[245]\.(\d{1,3})\.\d{1,3}\b")
+
+
+def _advice(failures: Sequence[RecipientState]) -> list[str]:
+    """What the user can do, once for each kind of failure among them."""
+    said: list[str] = []
+    for rcpt in failures:
+        code = _CODE.search(rcpt.reply or "")
+        kind = code.group(1) if code and rcpt.status != SUPPRESSED else ""
+        advice = _ADVICE_FOR.get(kind, CHECK_ADDRESS)
+        if advice not in said:
+            said.append(advice)
+    return said
 
 
 def _opening(entry: QueueEntry) -> str:

@@ -149,3 +149,33 @@ def test_a_reason_naming_each_address_is_still_one_reason(policy_file: Path) -> 
         "            u2@Dest.example",
         "Reason:     550 5.1.1 <(each address)>: Recipient address rejected: User unknown",
     ]
+
+
+@pytest.mark.parametrize(
+    ("reply", "advice"),
+    [
+        ("550 5.1.1 No such user", "Please check the address"),
+        ("552 5.2.2 Mailbox full", "A mailbox that is full or not taking mail"),
+        (
+            "not delivered within 5 days; last reply: 451 4.4.1 Connection timed out",
+            "The receiving server could not be reached",
+        ),
+        (
+            "the receiving server returned it after accepting it (5.7.1): 554 5.7.1 Client"
+            " host [192.0.2.10] blocked using zen.spamhaus.org",
+            "refused the mail by its own rules",
+        ),
+        ("550 Go away", "Please check the address"),  # no code: the usual cause
+    ],
+    ids=["address", "mailbox-full", "timed-out", "block-list", "no-code"],
+)
+def test_the_advice_fits_the_reason(policy_file: Path, reply: str, advice: str) -> None:
+    """A spam filter's refusal of the platform's mail told the user to check a
+    right address, and nobody to tell the administrator whose problem it is."""
+    failed = RecipientState("customer@example.net", FAILED, reply=reply, notify=True)
+    _, data = build_notice(load(policy_file), make_entry(), [failed], 1_790_000_000.0)
+    text = quopri.decodestring(data.split(b"\r\n\r\n", 1)[1]).decode()
+    said = [line for line in text.splitlines() if advice in line]
+    assert len(said) == 1, text
+    others = ("Please check the address", "A mailbox that", "The receiving server")
+    assert sum(line.startswith(others) for line in text.splitlines()) == 1, text
