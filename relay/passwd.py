@@ -73,6 +73,18 @@ def parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
     return n, r, p, salt, expected
 
 
+def weaker(encoded: str) -> str | None:
+    """What makes a well-formed hash cheaper to guess than ``relay passwd``'s,
+    if anything: a hash copied from elsewhere, or made by hand with N=2, loads
+    and verifies, and protects next to nothing should the policy file leak."""
+    n, r, _, salt, _ = parse_hash(encoded)
+    if n * r < _N * _R:
+        return f"N={n}, r={r} costs {_N * _R // (n * r):,} times less to guess than N={_N}, r={_R}"
+    if len(salt) < _SALT_BYTES:
+        return f"its salt is {len(salt)} bytes, under {_SALT_BYTES}"
+    return None
+
+
 def _check_cost(n: int, r: int, p: int) -> None:
     """Limits that keep a hostile or mistyped hash from tying up memory or CPU."""
     if not (n > 1 and n & (n - 1) == 0):

@@ -1110,6 +1110,35 @@ def test_a_password_hash_the_verifier_cannot_read_is_a_located_problem(
     ]
 
 
+@pytest.mark.parametrize(
+    ("written", "warning"),
+    [
+        (
+            f"scrypt$2$1$1${DEMO_SALT}${DEMO_KEY}",
+            "N=2, r=1 costs 65,536 times less to guess than N=16384, r=8",
+        ),
+        (f"scrypt$16384$8$1$c2FsdA==${DEMO_KEY}", "its salt is 4 bytes, under 16"),
+        (f"scrypt$16384$8$1${DEMO_SALT}${DEMO_KEY}", None),
+    ],
+    ids=["cheap", "short-salt", "as-relay-passwd-makes-it"],
+)
+def test_a_password_hash_weaker_than_relay_passwds_is_warned_of(
+    tmp_path: Path, written: str, warning: str | None
+) -> None:
+    """A hash made by hand with N=2 loaded without a word, and protects next to
+    nothing should the policy file leak."""
+    login = f"logins:\n  erp:\n    password_hash: '{written}'\n    tenant: acme\ntenants:\n"
+    path = variant(tmp_path, "tenants:\n", login)
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0
+    assert err.getvalue() == (
+        f"{path}:21:20: warning: logins.erp.password_hash: a weak hash: {warning};"
+        " make it again with `relay passwd`\n"
+        if warning
+        else ""
+    )
+
+
 def _smtp_upstream_with(tmp_path: Path, settings: str) -> Path:
     """minimal.yaml whose upstream is an smtp one with ``settings`` (lines)."""
     lines = ["type: smtp", "host: smtp.example", "tls: starttls", *settings.splitlines()]

@@ -483,6 +483,9 @@ def _password_hash(ctx: Ctx, node: Node, path: str) -> str | None:
         message = f"expected a hash made with `relay passwd`; no password can match this one: {exc}"
         ctx.problem(node, path, message)
         return None
+    weak = passwd.weaker(value)
+    if weak is not None:
+        ctx.problems.warn(node, path, f"a weak hash: {weak}; make it again with `relay passwd`")
     return value
 
 
