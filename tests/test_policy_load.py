@@ -1139,6 +1139,30 @@ def test_a_password_hash_weaker_than_relay_passwds_is_warned_of(
     )
 
 
+def test_a_domain_verified_for_two_tenants_is_warned_of(tmp_path: Path) -> None:
+    """A tenant block copied for a new company, its verified domain left in:
+    the new company's login could send signed, DMARC-aligned mail as the
+    first company's domain, and check said "ok"."""
+    second = (
+        "  beta:\n    name: Beta Ltd\n    address: post@beta.example\n    upstream: outbox\n"
+        "    verified_domains: [beta.example, Acme.example]\n"
+        "    users:\n      bob:\n        name: Bob\n        address: bob@beta.example\n"
+    )
+    path = variant(
+        tmp_path,
+        "    upstream: outbox\n",
+        "    upstream: outbox\n    verified_domains: [acme.example]\n",
+    )
+    path.write_text(path.read_text() + second)
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0
+    warned = [line for line in err.getvalue().splitlines() if "verified for tenant" in line]
+    assert warned == [
+        f"{path}:33:38: warning: tenants.beta.verified_domains[1]: acme.example is verified for"
+        " tenant acme too: the users of either send from it, signed with its key"
+    ]
+
+
 def _smtp_upstream_with(tmp_path: Path, settings: str) -> Path:
     """minimal.yaml whose upstream is an smtp one with ``settings`` (lines)."""
     lines = ["type: smtp", "host: smtp.example", "tls: starttls", *settings.splitlines()]

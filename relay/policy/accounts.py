@@ -274,6 +274,7 @@ def tenants(
     key_domains: Collection[str] = (),
 ) -> Mapping[str, Tenant] | None:
     found: dict[str, Tenant | None] = {}
+    verified: dict[str, str] = {}  # domain -> the tenant that verified it first
     entries = root.entries("tenants", "a mapping of tenant ids to tenants")
     if root.has("tenants") and not entries:
         ctx.problem(root.get("tenants"), "tenants", "at least one tenant is needed")
@@ -281,7 +282,7 @@ def tenants(
         required = ("name", "address", "upstream", "users")
         m = Map(ctx, node, path, _TENANT_KEYS, required, at=key)
         found[tenant_id] = _tenant(
-            ctx, m, tenant_id, upstream_names, doc_types, roster, key_domains
+            ctx, m, tenant_id, upstream_names, doc_types, roster, key_domains, verified
         )
     if not found or None in found.values():
         return None
@@ -296,7 +297,11 @@ def _tenant(
     doc_types: Collection[str],
     roster: Roster,
     key_domains: Collection[str],
+    verified: dict[str, str],
 ) -> Tenant | None:
+    """``verified``: each domain verified so far, with its tenant; a domain
+    verified for two lets either's users send from it, signed and DMARC-aligned,
+    the slip of a copied tenant block."""
     name = m.text("name", "a company name")
     address = m.read("address", values.address)
     users = _users(ctx, m, tenant_id, roster)
@@ -320,6 +325,13 @@ def _tenant(
             message = (
                 f"no DKIM key for {domain} in dkim.keys: its users' mail keeps their From"
                 " and goes out unsigned, which DMARC at many receivers refuses"
+            )
+            ctx.problems.warn(node, path, message)
+        other = verified.setdefault(domain.lower(), tenant_id) if domain else tenant_id
+        if other != tenant_id:
+            message = (
+                f"{domain} is verified for tenant {other} too: the users of either send"
+                " from it, signed with its key"
             )
             ctx.problems.warn(node, path, message)
     bcc = [_doc_type(ctx, n, p, doc_types) for n, p in m.items("bcc_sender", "a list of types")]
