@@ -178,7 +178,27 @@ def test_guesses_on_many_connections_at_once_get_no_more_checks_than_one_after_a
                 raw.close()
     assert sorted(r[:3] for r in replies) == ["454"] * (connections - 3) + ["535"] * 3
     assert caplog.text.count("AUTH failed client=127.0.0.1") == 3
-    assert caplog.text.count("AUTH locked client=127.0.0.1") <= 3
+    assert caplog.text.count("AUTH locked client=127.0.0.1") == 1
+
+
+def test_right_passwords_on_many_connections_at_once_are_all_taken() -> None:
+    """An ERP that opens a dozen connections at once, just after a start (no
+    password remembered yet): counting each check as failed until it ended
+    told the eleventh "Too many failed logins" when none had failed."""
+    connections = 12
+    failures = AuthFailures(per_client=3, window=600.0, delay=1.0)
+    with Relay([listener()], failures=failures) as relay:
+        raws = [Raw(relay.port) for _ in range(connections)]
+        try:
+            for raw in raws:
+                raw.ehlo()
+            with ThreadPoolExecutor(connections) as pool:
+                login = plain("erp-acme", "demo-password")
+                replies = list(pool.map(lambda r: r.cmd(login), raws))
+        finally:
+            for raw in raws:
+                raw.close()
+    assert [r[:3] for r in replies] == ["235"] * connections, replies
 
 
 def test_a_login_that_succeeds_clears_the_address_failures() -> None:

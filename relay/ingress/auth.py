@@ -116,41 +116,50 @@ class Mechanisms:
         except UnicodeDecodeError:
             log.warning("AUTH failed client=%s: credentials are not UTF-8", peer)
             return await self._failed(peer)
-        if not self._failures.attempt(peer):  # the others' checks under way used its tries
+        if not await self._failures.turn(peer):  # locked by the checks before its turn
             return self._lock_reply(peer, self._failures.locked(peer))
-        entry = self._current_policy().logins.get(name)
-        encoded = entry.password_hash if entry is not None else None
-        ok = encoded is not None and self._verified.known(name, encoded, password)
-        if not ok:
-            loop = asyncio.get_running_loop()
-            ok = await loop.run_in_executor(None, _verify, secret, encoded)
-            if ok and encoded is not None:
-                self._verified.remember(name, encoded, password)
-        if ok and entry is not None:
-            log.debug("AUTH ok client=%s login=%s", peer, name)
-            self._failures.succeeded(peer)
-            self._count("ok")
-            return AuthResult(success=True, auth_data=Authenticated(name))
-        log.warning("AUTH failed client=%s login=%r", peer, name)
-        return await self._failed(peer, counted=True)
+        try:
+            entry = self._current_policy().logins.get(name)
+            encoded = entry.password_hash if entry is not None else None
+            ok = encoded is not None and self._verified.known(name, encoded, password)
+            if not ok:
+                loop = asyncio.get_running_loop()
+                ok = await loop.run_in_executor(None, _verify, secret, encoded)
+                if ok and encoded is not None:
+                    self._verified.remember(name, encoded, password)
+            if ok and entry is not None:
+                log.debug("AUTH ok client=%s login=%s", peer, name)
+                self._failures.succeeded(peer)
+                self._count("ok")
+                return AuthResult(success=True, auth_data=Authenticated(name))
+            log.warning("AUTH failed client=%s login=%r", peer, name)
+            self._count_failure(peer)
+        finally:
+            self._failures.checked(peer)
+        await asyncio.sleep(self._failures.delay)
+        return AuthResult(success=False, handled=False)
 
     def _count(self, result: str) -> None:
         if self._tally is not None:
             self._tally.add(tally.AUTH, self._listener.name, result)
 
-    async def _failed(self, peer: str, counted: bool = False) -> AuthResult:
-        """A 535, after the delay; ``counted``: as the check began (``attempt``)."""
+    async def _failed(self, peer: str) -> AuthResult:
+        """A 535, after the delay."""
+        self._count_failure(peer)
+        await asyncio.sleep(self._failures.delay)
+        return AuthResult(success=False, handled=False)
+
+    def _count_failure(self, peer: str) -> None:
+        """The lock-out is logged by the failure that makes it, once."""
         self._count("failed")
-        locked = self._failures.locked(peer) > 0 if counted else self._failures.failed(peer)
-        if locked:
+        was = self._failures.locked(peer) > 0
+        if self._failures.failed(peer) and not was:
             log.warning(
                 "AUTH locked client=%s: %d failed logins in %d s, AUTH refused for now",
                 peer,
                 self._failures.per_client,
                 self._failures.window,
             )
-        await asyncio.sleep(self._failures.delay)
-        return AuthResult(success=False, handled=False)
 
 
 def _peer(server: SMTP) -> str:

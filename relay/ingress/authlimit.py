@@ -7,10 +7,11 @@ anvil's ``smtpd_client_auth_rate_limit`` do, each failure is answered only
 after ``DELAY`` seconds, and a client address with ``PER_CLIENT`` failures
 within ``WINDOW`` seconds gets ``454 4.7.0`` for every AUTH, with no scrypt,
 until the oldest of them is that old (a connection itself is closed after
-ten AUTH commands, ``listen``). A check counts as failed from its start
-until it succeeds: counted only once its scrypt and delay were over, a burst
-of guesses on as many connections at once all got checked. A login that
-succeeds forgets its address's failures. The kernel hands connections to
+ten AUTH commands, ``listen``). Checks of one address run at most as many
+at once as it has tries left, the others waiting for their turn: a failure
+is known only once its scrypt is over, and a burst of guesses on as many
+connections at once all got checked. A login that succeeds forgets its
+address's failures. The kernel hands connections to
 any worker, so the failures are in a ``sharedtable``: a worker's slot for an
 address holds the times of its
 own last ``PER_CLIENT`` failures and of the last success there, and every
@@ -20,6 +21,8 @@ The log line of each failure names the client for fail2ban.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import time
 from collections.abc import Callable
 
@@ -29,6 +32,7 @@ DELAY = 1.0  # seconds before a failed login's reply
 PER_CLIENT = 10  # failed logins of one address within WINDOW, then AUTH is refused
 WINDOW = 600.0  # seconds
 CLIENTS = 4096  # addresses with failures in the window, per worker; past that not counted
+TURN_POLL = 0.05  # seconds between looks of a check waiting for its turn
 
 TOO_MANY_FROM = "454 4.7.0 Too many failed logins from {client}, try again in {wait} seconds"
 
@@ -50,6 +54,7 @@ class AuthFailures:
         self.delay = delay
         self.clock = clock
         self._row = shared if shared is not None else table(1, per_client, clients).row(0)
+        self._checking: collections.Counter[str] = collections.Counter()  # this worker's
 
     def locked(self, client: str) -> float:
         """Seconds until ``client`` may try again; 0 when it may now."""
@@ -58,13 +63,24 @@ class AuthFailures:
             return 0.0
         return max((times[-self.per_client] + self._window_ms - self._now()) / 1000, 0.0)
 
-    def attempt(self, client: str) -> bool:
-        """Whether ``client`` may have its password checked now; if so, the check
-        is counted as a failure until ``succeeded`` says otherwise."""
-        if len(self._recent(client)) >= self.per_client:
-            return False
-        self.failed(client)
-        return True
+    async def turn(self, client: str) -> bool:
+        """Wait until ``client``'s password may be checked, False if it is locked
+        meanwhile; on True the caller calls ``checked`` once it has said how the
+        check went. Right passwords wait too, briefly: an ERP that opens a dozen
+        connections at once is not refused for the checks of its own logins."""
+        while True:
+            failures = len(self._recent(client))
+            if failures >= self.per_client:
+                return False
+            if failures + self._checking[client] < self.per_client:
+                self._checking[client] += 1
+                return True
+            await asyncio.sleep(TURN_POLL)
+
+    def checked(self, client: str) -> None:
+        self._checking[client] -= 1
+        if self._checking[client] <= 0:
+            del self._checking[client]
 
     def failed(self, client: str) -> bool:
         """Count a failure; whether the address is locked out now."""
