@@ -180,7 +180,9 @@ _ADVICE_FOR = {
     " block list, sender checks), not for the address: tell your mail administrator,"
     " with the reason above.",
 }
-_CODE = re.compile(r"\b[245]\.(\d{1,3})\.\d{1,3}\b")
+# after a reply's basic code ("554 5.7.1") or in brackets ("(5.7.1)", a bounce's
+# status): anywhere else "5.2.2.10", an IP address in the text, read as one
+_CODE = re.compile(r"(?:\b[245]\d\d[ -]|\()[245]\.(\d{1,3})\.\d{1,3}\b")
 
 
 def _advice(failures: Sequence[RecipientState]) -> list[str]:

@@ -166,8 +166,10 @@ def test_a_reason_naming_each_address_is_still_one_reason(policy_file: Path) -> 
             "refused the mail by its own rules",
         ),
         ("550 Go away", "Please check the address"),  # no code: the usual cause
+        ("550 5.7.1 sending IP 5.2.2.10 is on a block list", "refused the mail by its own rules"),
+        ("554 Client host [2.4.1.9] blocked", "Please check the address"),  # an IP, no code
     ],
-    ids=["address", "mailbox-full", "timed-out", "block-list", "no-code"],
+    ids=["address", "mailbox-full", "timed-out", "block-list", "no-code", "ip", "ip-no-code"],
 )
 def test_the_advice_fits_the_reason(policy_file: Path, reply: str, advice: str) -> None:
     """A spam filter's refusal of the platform's mail told the user to check a
