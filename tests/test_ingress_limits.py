@@ -172,6 +172,13 @@ def _idle_after_a_message(raw: Raw) -> None:
     assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
 
 
+def _idle_after_a_greeting_again(raw: Raw) -> None:
+    """The greeting is the last step, not the NOOP before it."""
+    _idle_after_a_message(raw)
+    assert raw.cmd(b"NOOP").startswith("250")
+    raw.ehlo()
+
+
 def _idle_after_a_transaction_given_up(raw: Raw) -> None:
     """Not "after END-OF-MESSAGE": the last message is not what it stopped at."""
     _idle_after_a_message(raw)
@@ -189,6 +196,7 @@ TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
         (_idle_in_data, "DATA", TIMEOUT),
         (_idle_after_a_message, "END-OF-MESSAGE", TIMEOUT),
         (_idle_after_a_transaction_given_up, "RSET", TIMEOUT),
+        (_idle_after_a_greeting_again, "EHLO", TIMEOUT),
         (
             lambda raw: raw.send(b"BOGUS\r\n" * 10),
             "EHLO",
@@ -202,6 +210,7 @@ TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
     ],
     ids=[
         *("idle-after-rcpt", "idle-in-data", "idle-after-a-message", "idle-after-rset"),
+        "idle-after-ehlo-again",
         *("unknown-commands", "auth"),
     ],
 )

@@ -212,7 +212,8 @@ class RelaySMTP(SMTP):
         self._junk = 0  # NOOP, RSET and VRFY commands, counted like the errors
         self._in_data = False  # reading a DATA section
         # what the session did last outside a transaction, for ``_stage``: a
-        # message's end answered, or a NOOP, RSET or VRFY since; None at MAIL
+        # message's end answered, or a NOOP, RSET or VRFY since; None at MAIL,
+        # EHLO and HELO
         self._after: str | None = None
         self._timed_out = False  # told 421 for being idle
         self._unlogged: tuple[int, str, str] | None = None  # refused MAILs: count, last
@@ -470,6 +471,18 @@ class RelaySMTP(SMTP):
         except binascii.Error:
             await self.push(BAD_BASE64)
             return MISSING
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        """aiosmtpd's; the stage ``_stage`` logs is the greeting again."""
+        self._after = None
+        await super().smtp_HELO(hostname)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        """aiosmtpd's; the stage ``_stage`` logs is the greeting again."""
+        self._after = None
+        await super().smtp_EHLO(hostname)
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
