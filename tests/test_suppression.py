@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.errors import PolicyError
+from relay.errors import PolicyError, SmtpReply
 from relay.policy.load import load
 from relay.preview import render, submission_from_file
 from relay.suppression import (
@@ -327,10 +327,17 @@ def test_no_automatic_copy_goes_out_of_a_document_no_recipient_gets(policy_file:
     assert "no automatic BCC: every recipient is on the suppression list" in text
 
 
-def test_a_document_without_recipients_keeps_its_copy_in_preview(policy_file: Path) -> None:
+def test_a_document_without_recipients_is_not_previewed_as_all_suppressed(
+    policy_file: Path,
+) -> None:
     """A preview of a file with no To or Cc, and so no recipients, said every
-    recipient was on the (empty) list and left the copy out."""
+    recipient was on the (empty) list and left the copy out. With none, the
+    SMTP side answers DATA 503, and so does preview; given one, the copy is there."""
     headless = MESSAGE.replace(b"To: buyer@example.org, gone@example.org\n", b"")
-    text = render(load(policy_file), submission_from_file(headless, None, None, []), as_json=False)
+    with pytest.raises(SmtpReply) as refused:
+        render(load(policy_file), submission_from_file(headless, None, None, []), as_json=False)
+    assert refused.value.line == "503 5.5.1 Error: need RCPT command"
+    one = submission_from_file(headless, None, None, ["buyer@example.org"])
+    text = render(load(policy_file), one, as_json=False)
     assert "BCC added:   jan@acme.example\n" in text
     assert "suppression list" not in text
