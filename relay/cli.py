@@ -393,10 +393,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from relay import oplog
     from relay.policy.load import check_main
 
     # its problems and warnings are its output: one it cannot write is exit 74 too
-    return check_main(args.config, sys.stdout, _Output(sys.stderr))  # type: ignore[arg-type]
+    err: TextIO = _Output(sys.stderr)  # type: ignore[assignment]
+    if oplog.to_journal(sys.stderr):
+        err = oplog.JournalLines(err)  # type: ignore[assignment]
+    return check_main(args.config, sys.stdout, err)
 
 
 _STATUS_STATUS = (

@@ -73,6 +73,30 @@ def configure(stream: TextIO | None = None) -> None:
     logging.getLogger("mail.log").setLevel(logging.ERROR)
 
 
+class JournalLines:
+    """A command's own lines on stderr, each with its priority when that is the
+    journal: under the unit, ``relay check`` runs before every start and
+    reload, and its lines are all that names a policy's mistake, which
+    ``journalctl -p err`` left out, stored at the default priority."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._line_start = True
+
+    def write(self, text: str) -> int:
+        pieces = []
+        for piece in text.splitlines(keepends=True):
+            if self._line_start:
+                pieces.append("<4>" if ": warning: " in piece else "<3>")
+            pieces.append(piece)
+            self._line_start = piece.endswith("\n")
+        self._stream.write("".join(pieces))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
 def to_journal(stream: TextIO) -> bool:
     """Whether ``stream`` is the journal stream systemd names in ``$JOURNAL_STREAM``
     (``device:inode``; systemd.exec(5)): a child's stderr redirected elsewhere

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.policyfiles import variant
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -163,3 +165,35 @@ def test_check_whose_report_cannot_be_written_exits_74(policy_file: Path, tmp_pa
             stdout=subprocess.PIPE, stderr=full, text=True, timeout=60, check=False, cwd=ROOT,
         )  # fmt: skip
     assert (done.returncode, done.stdout) == (74, "")
+
+
+def test_under_the_journal_each_line_has_its_priority(tmp_path: Path) -> None:
+    """The unit runs check before every start and reload; its lines were stored at
+    the journal's default priority, so ``journalctl -p err`` did not say why a
+    start failed (relay serve's own lines carry theirs)."""
+    policy = variant(tmp_path, "tenants:\n", "bogus: 1\ntenants:\n")
+    weak = "scrypt$2$1$1$cmVsYXktZGVtby1zYWx0IQ==$x0qG+cibjmfhHeWXcJAwGW27gNPyIus2vhexTU+5xXk="
+    login = f"logins:\n  erp:\n    password_hash: '{weak}'\n    tenant: acme\ntenants:\n"
+    warned = tmp_path / "warned.yaml"
+    warned.write_text(policy.read_text().replace("bogus: 1\ntenants:\n", login))
+    journal = tmp_path / "journal"
+    for path in (policy, warned):
+        journal.write_bytes(b"")
+        device_inode = f"{journal.stat().st_dev}:{journal.stat().st_ino}"
+        with journal.open("a") as stream:
+            subprocess.run(
+                [sys.executable, "-m", "relay", "check", "-c", str(path)],
+                stdout=subprocess.DEVNULL, stderr=stream, timeout=60, cwd=ROOT,
+                env={**os.environ, "JOURNAL_STREAM": device_inode}, check=False,
+            )  # fmt: skip
+        lines = journal.read_text().splitlines()
+        if path == policy:
+            assert lines == [
+                f"<3>{policy}:19:1: bogus: unknown key (expected one of: version, platform,"
+                " listeners, identify, control_headers, classify, dkim, upstreams, logins,"
+                " tenants, state_directory, queue, audit, workers, suppression, metrics)",
+                f"<3>{policy}: 1 problem",
+            ]
+        else:
+            assert len(lines) == 1 and lines[0].startswith(f"<4>{warned}:"), lines
+            assert ": warning: logins.erp.password_hash: a weak hash" in lines[0]
