@@ -142,8 +142,36 @@ def decode(value: str) -> str:
         return unfolded
     try:
         return str(make_header(decode_header(unfolded)))
+    except UnicodeDecodeError:  # raw 8-bit text beside an encoded word
+        return _words_decoded(unfolded)
     except (ValueError, LookupError, UnicodeError, MessageError):  # a charset named in 8 bits
         return unfolded
+
+
+# an RFC 2047 encoded word: =?charset?encoding?text?=
+_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
+
+
+def _words_decoded(value: str) -> str:
+    """Each encoded word decoded where it stands, the text around it kept: the
+    email package's decoder takes unencoded parts for ASCII and gave up on
+    ``Faktura =?utf-8?q?f=C3=B8r?= Øystein`` (raw UTF-8 as RFC 6532 allows),
+    so the notice showed the word as written. White space between two
+    encoded words is dropped (RFC 2047 6.2)."""
+    parts: list[str] = []
+    end = 0
+    for word in _WORD.finditer(value):
+        between = value[end : word.start()]
+        if not (end and not between.strip()):
+            parts.append(between)
+        try:
+            (raw, charset), *_ = decode_header(word.group())
+            parts.append(raw.decode(charset or "ascii", "replace"))
+        except (ValueError, LookupError, MessageError):
+            parts.append(word.group())
+        end = word.end()
+    parts.append(value[end:])
+    return "".join(parts)
 
 
 # Characters the decoder's pattern may scan: ~10 ms; no real header comes near it.
