@@ -286,7 +286,10 @@ class Engine:
         """
         seen_kick = self._last_kick()
         scan_wanted = not await self._rescan()
-        last_scan = last_look = self.clock()
+        # the looks' own pace is kept by the monotonic clock: set back an hour,
+        # the wall clock held up every look (the fsync of delivered mail's
+        # records, its removal, relay queue retry) for that hour
+        last_scan = last_look = time.monotonic()
         while not self._stopping:
             if self._starting:
                 self._start_due()
@@ -295,17 +298,17 @@ class Engine:
             self._wake.clear()
             if self._stopping:
                 break  # stop() makes the last removals durable itself
-            if self.clock() - last_look < POLL:
+            if time.monotonic() - last_look < POLL:
                 continue  # woken per accepted message: a stat each time added up
-            last_look = self.clock()
+            last_look = time.monotonic()
             self._settle_finished()
-            kicked = self._last_kick()
-            if kicked > seen_kick or last_look - last_scan > RESCAN or scan_wanted:
-                if kicked > seen_kick:  # ``relay queue retry``, ``release``: now
+            kicked = self._last_kick()  # a file's time: any change is a kick, earlier too
+            if kicked != seen_kick or last_look - last_scan > RESCAN or scan_wanted:
+                if kicked != seen_kick:  # ``relay queue retry``, ``release``: now
                     self._suspensions.try_now(self.clock())
                 seen_kick = kicked
                 scan_wanted = not await self._rescan()  # if it failed, again at the next look
-                last_scan = self.clock()
+                last_scan = time.monotonic()
                 await self._list_kept()
 
     def _last_kick(self) -> float:

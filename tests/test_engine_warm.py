@@ -313,6 +313,29 @@ async def test_a_quiet_engine_makes_its_removals_durable_and_leaves_no_free_file
     assert list((spool.directory / "msg").iterdir()) == []
 
 
+async def test_a_clock_set_back_holds_up_no_look(
+    spool: Spool, policy: Policy, outbox: Path
+) -> None:
+    """The looks were paced by the wall clock: set back an hour once the engine
+    ran, the fsync and removal of delivered mail (and ``relay queue retry``)
+    waited for that hour."""
+    back = [0.0]
+    engine = Engine(
+        spool, lambda: policy, attempt, Recorder(None), clock=lambda: time.time() - back[0]
+    )
+    async with running(engine):
+        await asyncio.sleep(0.1)
+        back[0] = 3600.0
+        entry = make_entry(size=len(message(1)))
+        engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)))
+        assert await delivered(outbox, 1) == [message(1)]
+        await gone(spool)
+        deadline = time.monotonic() + 3 * engine_module.POLL + 5
+        while spool.removals_pending:
+            assert time.monotonic() < deadline, "the removal waited for the clock"
+            await asyncio.sleep(0.05)
+
+
 async def test_a_spool_that_cannot_be_read_for_a_while_does_not_end_delivery(
     engine: Engine,
     spool: Spool,
