@@ -359,7 +359,11 @@ async def serve(
     engine = Engine(spool, holder.current, send, recorder, alone=alone, suppressions=suppressions)
     rates = None if shared is None else shared.rates.row(index)
     clients = None if shared is None else shared.clients.row(index)
-    failures = AuthFailures() if shared is None else AuthFailures(shared=shared.logins.row(index))
+    failures = (
+        AuthFailures()
+        if shared is None
+        else AuthFailures(shared=shared.logins.row(index), checks=clients)
+    )
     acceptor = Acceptor(
         spool, engine, recorder, alone=alone, suppressions=suppressions, rates=rates
     )

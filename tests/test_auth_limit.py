@@ -260,3 +260,25 @@ def test_a_real_relay_locks_a_client_whose_failures_went_to_both_workers(
             raw.ehlo()
             reply = raw.cmd(plain("erp-acme", "demo-password"))
         assert reply.startswith("454 4.7.0 Too many failed logins from 127.0.0.1"), reply
+
+
+def test_a_burst_on_a_real_relay_gets_ten_checks_in_all_its_workers(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The checks under way were counted per worker: each of two let ten run,
+    twenty guesses in all (one per CPU with ``workers: auto``)."""
+    port = free_port()
+    burst = 3 * PER_CLIENT
+    with serving(configure(policy_file, port), port, tmp_path / "relay.log") as relay:
+        raws = [Raw(port) for _ in range(burst)]
+        try:
+            for raw in raws:
+                raw.ehlo()
+            with ThreadPoolExecutor(burst) as pool:
+                replies = list(pool.map(lambda r: r.cmd(plain("erp-acme", "guess")), raws))
+        finally:
+            for raw in raws:
+                raw.close()
+        log = relay.log()
+    assert sorted(r[:3] for r in replies) == ["454"] * (burst - PER_CLIENT) + ["535"] * PER_CLIENT
+    assert log.count("AUTH failed client=127.0.0.1") == PER_CLIENT

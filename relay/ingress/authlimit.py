@@ -8,9 +8,9 @@ after ``DELAY`` seconds, and a client address with ``PER_CLIENT`` failures
 within ``WINDOW`` seconds gets ``454 4.7.0`` for every AUTH, with no scrypt,
 until the oldest of them is that old (a connection itself is closed after
 ten AUTH commands, ``listen``). Checks of one address run at most as many
-at once as it has tries left, the others waiting for their turn: a failure
-is known only once its scrypt is over, and a burst of guesses on as many
-connections at once all got checked. A login that succeeds forgets its
+at once as it has tries left, in all workers together, the others waiting
+for their turn: a failure is known only once its scrypt is over, and a
+burst of guesses on as many connections at once all got checked. A login that succeeds forgets its
 address's failures. The kernel hands connections to
 any worker, so the failures are in a ``sharedtable``: a worker's slot for an
 address holds the times of its
@@ -22,10 +22,10 @@ The log line of each failure names the client for fail2ban.
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
 from collections.abc import Callable
 
+from relay.ingress.clientlimit import ClientCounts, ClientRow
 from relay.sharedtable import Row, SharedTable, key_of
 
 DELAY = 1.0  # seconds before a failed login's reply
@@ -33,6 +33,9 @@ PER_CLIENT = 10  # failed logins of one address within WINDOW, then AUTH is refu
 WINDOW = 600.0  # seconds
 CLIENTS = 4096  # addresses with failures in the window, per worker; past that not counted
 TURN_POLL = 0.05  # seconds between looks of a check waiting for its turn
+# the checks under way are counted in the connection counts' table, under a
+# name no listener has: the supervisor clears a dead worker's row there
+CHECKING = "\0auth checks"
 
 TOO_MANY_FROM = "454 4.7.0 Too many failed logins from {client}, try again in {wait} seconds"
 
@@ -46,15 +49,17 @@ class AuthFailures:
         clients: int = CLIENTS,
         clock: Callable[[], float] = time.monotonic,
         shared: Row | None = None,
+        checks: ClientRow | None = None,
     ) -> None:
-        """``shared``: this worker's row of a ``table(workers)``; without it the
-        counts are this process's alone."""
+        """``shared``: this worker's row of a ``table(workers)``, ``checks`` its row
+        of the connection counts (``clientlimit``); without them the counts are
+        this process's alone."""
         self.per_client = per_client
         self.window = window
         self.delay = delay
         self.clock = clock
         self._row = shared if shared is not None else table(1, per_client, clients).row(0)
-        self._checking: collections.Counter[str] = collections.Counter()  # this worker's
+        self._checks = checks if checks is not None else ClientCounts(1).row(0)
 
     def locked(self, client: str) -> float:
         """Seconds until ``client`` may try again; 0 when it may now."""
@@ -72,15 +77,13 @@ class AuthFailures:
             failures = len(self._recent(client))
             if failures >= self.per_client:
                 return False
-            if failures + self._checking[client] < self.per_client:
-                self._checking[client] += 1
+            if failures + self._checks.open(CHECKING, client) < self.per_client:
+                self._checks.enter(CHECKING, client)  # a full row: not counted, as a connection
                 return True
             await asyncio.sleep(TURN_POLL)
 
     def checked(self, client: str) -> None:
-        self._checking[client] -= 1
-        if self._checking[client] <= 0:
-            del self._checking[client]
+        self._checks.leave(CHECKING, client)
 
     def failed(self, client: str) -> bool:
         """Count a failure; whether the address is locked out now."""
