@@ -180,9 +180,10 @@ _ADVICE_FOR = {
     " block list, sender checks), not for the address: tell your mail administrator,"
     " with the reason above.",
 }
-# after a reply's basic code ("554 5.7.1") or in brackets ("(5.7.1)", a bounce's
-# status): anywhere else "5.2.2.10", an IP address in the text, read as one
-_CODE = re.compile(r"(?:\b[245]\d\d[ -]|\()[245]\.(\d{1,3})\.\d{1,3}\b")
+# after a reply's basic code ("554 5.7.1") or alone in brackets ("(5.7.1)", a
+# bounce's status; qmail's "(#5.7.1)"): anywhere else "5.2.2.10", an IP
+# address in the text, was read as one
+_CODE = re.compile(r"\b[245]\d\d[ -][245]\.(\d{1,3})\.\d{1,3}\b|\(#?[245]\.(\d{1,3})\.\d{1,3}\)")
 
 
 def _advice(failures: Sequence[RecipientState]) -> list[str]:
@@ -190,7 +191,7 @@ def _advice(failures: Sequence[RecipientState]) -> list[str]:
     said: list[str] = []
     for rcpt in failures:
         code = _CODE.search(rcpt.reply or "")
-        kind = code.group(1) if code and rcpt.status != SUPPRESSED else ""
+        kind = (code.group(1) or code.group(2)) if code and rcpt.status != SUPPRESSED else ""
         advice = _ADVICE_FOR.get(kind, CHECK_ADDRESS)
         if advice not in said:
             said.append(advice)
