@@ -55,14 +55,15 @@ class RateRow:
         self._row = row
 
     def sent(self, tenant: str, now: float) -> int:
-        """Recipients of the tenant's mail in the 60 minutes up to ``now``, all workers'."""
-        minute = int(now // 60)
-        oldest = minute - MINUTES + 1
+        """Recipients of the tenant's mail in the 60 minutes up to ``now``, all workers';
+        and in minutes after ``now``: the clock was set back since, and leaving
+        them out let a tenant send another hour's worth at once."""
+        oldest = int(now // 60) - MINUTES + 1
         words = self._row.words
         total = 0
         for base in self._row.found(key_of(tenant)):
             for word in words[base : base + MINUTES]:
-                if oldest <= word >> 32 <= minute:
+                if word >> 32 >= oldest:
                     total += word & 0xFFFFFFFF
         return total
 
@@ -78,7 +79,8 @@ class RateRow:
         word = self._row.words[at]
         if count < 0 and word >> 32 != minute:
             return
-        current = word & 0xFFFFFFFF if word >> 32 == minute else 0
+        # a later minute's count (the clock set back) is kept in this one's place
+        current = word & 0xFFFFFFFF if word >> 32 >= minute else 0
         self._row.words[at] = (minute << 32) | max(0, min(current + count, 0xFFFFFFFF))
 
     def _idle(self, base: int, minute: int) -> bool:

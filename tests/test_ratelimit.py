@@ -54,6 +54,20 @@ def test_the_window_is_the_last_sixty_minutes() -> None:
     assert row.sent("acme", NOON + 60 * 120) == 2
 
 
+def test_a_clock_set_back_keeps_the_hour_counted() -> None:
+    """Minutes after the clock's new time were left out: set back an hour, a
+    tenant at its limit could send another hour's worth at once."""
+    row = RateCounts(1).row(0)
+    row.add("acme", 40, NOON + 60 * 30)
+    assert row.sent("acme", NOON - 60 * 30) == 40  # an hour earlier now
+    assert row.sent("acme", NOON + 60 * 89) == 40  # and out of the hour as before
+    assert row.sent("acme", NOON + 60 * 90) == 0
+    row.add("acme", 2, NOON - 60 * 30)  # the later minute's slot: its count carried over
+    assert row.sent("acme", NOON - 60 * 30) == 42
+    assert row.sent("acme", NOON + 60 * 29) == 42
+    assert row.sent("acme", NOON + 60 * 30) == 0
+
+
 def test_a_count_given_back_is_taken_off_and_never_below_nothing() -> None:
     row = RateCounts(1).row(0)
     row.add("acme", 3, NOON)
