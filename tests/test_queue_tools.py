@@ -387,3 +387,24 @@ def test_hold_and_release_are_recorded_first_naming_who_acted(
     undone = "released" if undo == "release" else "held"
     assert f"{second.queue_id}: not {undone}, the audit log cannot record it" in err
     assert spool.load(second.queue_id).held == (verb == "hold")
+
+
+class _FullOutput(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("verb", ["release", "retry"])
+def test_the_daemon_is_woken_also_when_the_summary_cannot_be_written(
+    spool: Spool, verb: str
+) -> None:
+    """``release > /dev/full`` made its change (exit 74) but never woke the
+    daemon: the message waited for its next scan."""
+    entry = make_entry(held=verb == "release")
+    spool.put(entry, MESSAGE)
+    before = spool.last_kick()
+    time.sleep(0.01)
+    with pytest.raises(OSError):
+        getattr(tools, verb)(spool, [entry.queue_id], _FullOutput(), io.StringIO())
+    assert spool.last_kick() > before
+    assert not spool.load(entry.queue_id).held

@@ -261,15 +261,17 @@ def release(
 
 
 def _finish(spool: Spool, out: TextIO, err: TextIO, verb: str, outcome: Outcome) -> Outcome:
+    """The daemon is woken before the summary is written: the changes are made,
+    and output that cannot be written (exit 74) left them to its next scan."""
+    woken = True
+    if outcome.entries:
+        try:
+            spool.kick()
+        except SpoolError as exc:
+            err.write(f"relay queue: could not wake the daemon: {exc}\n")
+            woken = False
     _summary(out, verb, outcome)
-    if not outcome.entries:
-        return outcome
-    try:
-        spool.kick()
-    except SpoolError as exc:
-        err.write(f"relay queue: could not wake the daemon: {exc}\n")
-        return Outcome(1, outcome.entries)
-    return outcome
+    return outcome if woken else Outcome(1, outcome.entries)
 
 
 def _each(
