@@ -157,6 +157,19 @@ def test_a_failure_is_answered_after_the_delay_without_holding_up_others() -> No
     assert took >= 1.5
 
 
+def _at_once(port: int, password: str, connections: int) -> list[str]:
+    """The replies to one AUTH each on ``connections`` connections, sent at once."""
+    raws = [Raw(port) for _ in range(connections)]
+    try:
+        for raw in raws:
+            raw.ehlo()
+        with ThreadPoolExecutor(connections) as pool:
+            return list(pool.map(lambda r: r.cmd(plain("erp-acme", password)), raws))
+    finally:
+        for raw in raws:
+            raw.close()
+
+
 def test_guesses_on_many_connections_at_once_get_no_more_checks_than_one_after_another(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -167,15 +180,7 @@ def test_guesses_on_many_connections_at_once_get_no_more_checks_than_one_after_a
     connections = 12
     failures = AuthFailures(per_client=3, window=600.0, delay=1.0)
     with Relay([listener()], failures=failures) as relay:
-        raws = [Raw(relay.port) for _ in range(connections)]
-        try:
-            for raw in raws:
-                raw.ehlo()
-            with ThreadPoolExecutor(connections) as pool:
-                replies = list(pool.map(lambda r: r.cmd(plain("erp-acme", "guess")), raws))
-        finally:
-            for raw in raws:
-                raw.close()
+        replies = _at_once(relay.port, "guess", connections)
     assert sorted(r[:3] for r in replies) == ["454"] * (connections - 3) + ["535"] * 3
     assert caplog.text.count("AUTH failed client=127.0.0.1") == 3
     assert caplog.text.count("AUTH locked client=127.0.0.1") == 1
@@ -188,16 +193,7 @@ def test_right_passwords_on_many_connections_at_once_are_all_taken() -> None:
     connections = 12
     failures = AuthFailures(per_client=3, window=600.0, delay=1.0)
     with Relay([listener()], failures=failures) as relay:
-        raws = [Raw(relay.port) for _ in range(connections)]
-        try:
-            for raw in raws:
-                raw.ehlo()
-            with ThreadPoolExecutor(connections) as pool:
-                login = plain("erp-acme", "demo-password")
-                replies = list(pool.map(lambda r: r.cmd(login), raws))
-        finally:
-            for raw in raws:
-                raw.close()
+        replies = _at_once(relay.port, "demo-password", connections)
     assert [r[:3] for r in replies] == ["235"] * connections, replies
 
 
@@ -270,15 +266,7 @@ def test_a_burst_on_a_real_relay_gets_ten_checks_in_all_its_workers(
     port = free_port()
     burst = 3 * PER_CLIENT
     with serving(configure(policy_file, port), port, tmp_path / "relay.log") as relay:
-        raws = [Raw(port) for _ in range(burst)]
-        try:
-            for raw in raws:
-                raw.ehlo()
-            with ThreadPoolExecutor(burst) as pool:
-                replies = list(pool.map(lambda r: r.cmd(plain("erp-acme", "guess")), raws))
-        finally:
-            for raw in raws:
-                raw.close()
+        replies = _at_once(port, "guess", burst)
         log = relay.log()
     assert sorted(r[:3] for r in replies) == ["454"] * (burst - PER_CLIENT) + ["535"] * PER_CLIENT
     assert log.count("AUTH failed client=127.0.0.1") == PER_CLIENT

@@ -647,14 +647,8 @@ def test_a_second_relay_on_the_same_state_directory_does_not_start(
     second_port = free_port()
     second = tmp_path / "second.yaml"
     second.write_text(policy.read_text().replace(f"port: {port}", f"port: {second_port}"))
-    running = Daemon(second, tmp_path / "second.log")
-    try:
-        assert running.proc.wait(20) == 75
-    finally:
-        running.stop()
+    _refused_as_busy(second, tmp_path / "second.log", daemon)
     state = tmp_path / "state"
-    busy = f"ERROR state directory {state} is in use by the relay with PID {daemon.proc.pid}"
-    assert busy in running.log()
     assert {p: p.read_bytes() for p in (state / "audit").iterdir()} == audit
     with pytest.raises(OSError):  # its listener was closed again
         socket.create_connection(("127.0.0.1", second_port), timeout=2).close()
@@ -676,15 +670,21 @@ def test_the_same_policy_started_twice_names_the_running_relay(
     taken, and it said only "Address already in use" (exit 71), not which relay
     holds them, as it does for a relay on other ports (exit 75)."""
     daemon.wait_log(" serving")
-    running = Daemon(policy, tmp_path / "again.log")
+    running = _refused_as_busy(policy, tmp_path / "again.log", daemon)
+    assert "Address already in use" not in running.log()
+
+
+def _refused_as_busy(policy: Path, log: Path, first: Daemon) -> Daemon:
+    """A second relay on ``first``'s state directory, ended: exit 75, naming it."""
+    running = Daemon(policy, log)
     try:
         assert running.proc.wait(20) == 75
     finally:
         running.stop()
-    state = tmp_path / "state"
-    busy = f"ERROR state directory {state} is in use by the relay with PID {daemon.proc.pid}"
+    state = log.parent / "state"
+    busy = f"ERROR state directory {state} is in use by the relay with PID {first.proc.pid}"
     assert busy in running.log()
-    assert "Address already in use" not in running.log()
+    return running
 
 
 def test_a_reload_keeps_the_policy_when_a_dkim_key_cannot_sign(
