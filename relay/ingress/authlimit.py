@@ -10,12 +10,12 @@ until the oldest of them is that old (a connection itself is closed after
 ten AUTH commands, ``listen``). Checks of one address run at most as many
 at once as it has tries left, in all workers together, the others waiting
 for their turn: a failure is known only once its scrypt is over, and a
-burst of guesses on as many connections at once all got checked. A login that succeeds forgets its
-address's failures. The kernel hands connections to
-any worker, so the failures are in a ``sharedtable``: a worker's slot for an
-address holds the times of its
-own last ``PER_CLIENT`` failures and of the last success there, and every
-worker reads them all, so a client gets its tries once, not once a worker.
+burst of guesses on as many connections at once all got checked. A login
+that succeeds forgets its address's failures. The kernel hands connections
+to any worker, so the failures are in a ``sharedtable``: a worker's slot
+for an address holds the times of its own last ``PER_CLIENT`` failures and
+of the last success there, and every worker reads them all, so a client
+gets its tries once, not once a worker.
 The log line of each failure names the client for fail2ban.
 """
 
