@@ -44,11 +44,26 @@ class Suspensions:
         self._suspended: dict[Hashable, _Suspended] = {}
         self._reached: dict[Hashable, float] = {}  # when an attempt last reached it
         self._waiting_for: dict[str, Hashable] = {}  # queue ID -> the upstream it waits for
+        self._last_now = float("-inf")
+
+    def _with_clock(self, now: float) -> None:
+        """The times kept moved back with a wall clock set back: a suspension then
+        held new mail for the size of the step, and an attempt begun after the
+        step counted as begun before the failure, which lifted nothing."""
+        step = now - self._last_now
+        self._last_now = max(self._last_now, now) if step > -1.0 else now
+        if step > -1.0:
+            return
+        for suspended in self._suspended.values():
+            suspended.since += step
+            suspended.until += step
+        self._reached = {upstream: at + step for upstream, at in self._reached.items()}
 
     def admits(self, upstream: Hashable, queue_id: str, now: float, wait: float) -> float | None:
         """None when ``queue_id`` may be tried now: nothing suspends ``upstream``,
         or its wait is over, no try is under way, and this message is the one that
         tries; otherwise when to look again."""
+        self._with_clock(now)
         suspended = self._suspended.get(upstream)
         if suspended is None:
             return None
@@ -67,6 +82,7 @@ class Suspensions:
         still holds, without reading its entry: a rescan makes every waiting
         message due (its record says so), and each was read and locked again
         only to wait; None when it may go on to its attempt."""
+        self._with_clock(now)
         upstream = self._waiting_for.get(queue_id)
         suspended = None if upstream is None else self._suspended.get(upstream)
         return None if suspended is None else self._later(suspended, now)
@@ -93,6 +109,7 @@ class Suspensions:
         (a long transaction on a connection made before the upstream went down
         released every waiting message onto it). None: the attempt found out
         nothing (it raised)."""
+        self._with_clock(now)
         suspended = self._suspended.get(upstream)
         if suspended is not None and suspended.trying == queue_id:
             suspended.trying = None
@@ -133,5 +150,6 @@ class Suspensions:
         """A sysadmin asked for the queue now (``relay queue retry``, ``release``):
         each suspended upstream's next message tries at once, also while another
         try seems under way; one for each, not all of them, in case it is still down."""
+        self._with_clock(now)
         for suspended in self._suspended.values():
             suspended.until, suspended.trying = min(suspended.until, now), None

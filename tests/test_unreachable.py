@@ -208,6 +208,20 @@ def test_a_try_answers_for_every_message_waiting() -> None:
     assert suspensions.admits("up", "Q5", 124.0, 60.0) is None
 
 
+def test_a_clock_set_back_moves_the_suspension_with_it() -> None:
+    """Set back an hour, the wait ran to its old wall time: new mail to an
+    upstream back up since waited an hour, and a try begun after the step
+    counted as begun before the failure, which lifted nothing."""
+    suspensions = Suspensions()
+    suspensions.ended("up", "Q1", 1000.0, True, 1000.0, 60.0)  # down: until 1060
+    assert suspensions.admits("up", "Q2", 1010.0, 60.0) == 1060.0
+    back = 1010.0 - 3600.0  # the clock is set back an hour
+    assert suspensions.admits("up", "Q2", back, 60.0) == 1060.0 - 3600.0  # 50 s on, as before
+    assert suspensions.admits("up", "Q3", back + 50.0, 60.0) is None  # Q3 tries
+    assert suspensions.ended("up", "Q3", back + 50.0, False, back + 51.0, 60.0) == {"Q2"}
+    assert not suspensions.suspended("up")
+
+
 def test_one_try_at_a_time_however_long_it_takes() -> None:
     """With a timeout longer than the wait, a new try started every first_retry
     while the last one still held its slot: five at once for a 20 s timeout."""
