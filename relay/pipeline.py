@@ -252,10 +252,12 @@ class Acceptor:
         alone: Callable[[], bool] | None = None,
         suppressions: SuppressionFile | None = None,
         rates: RateRow | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spool = spool
-        self.clock = clock  # for the rate counts
+        # for the rate counts: a wall clock set back an hour emptied the hour
+        # (its minutes were later than the clock's), a day forward ahead held it
+        self.clock = clock
         self.engine = engine
         self.recorder = recorder
         self.suppressions = suppressions

@@ -7,7 +7,8 @@ someone notices (Postfix's anvil does this per client). The counts are in a
 decide, so two workers deciding at the same moment may each let one message
 through past the limit. They live in memory, as anvil's do: a restart of the
 relay forgets the last hour. A tenant's slot holds ``MINUTES`` buckets, each
-the minute it counts (upper 32 bits) and the count (lower 32).
+the minute it counts (upper 32 bits) and the count (lower 32); the minutes
+are the monotonic clock's, the same in every process and never set.
 """
 
 from __future__ import annotations
@@ -55,15 +56,14 @@ class RateRow:
         self._row = row
 
     def sent(self, tenant: str, now: float) -> int:
-        """Recipients of the tenant's mail in the 60 minutes up to ``now``, all workers';
-        and in minutes after ``now``: the clock was set back since, and leaving
-        them out let a tenant send another hour's worth at once."""
-        oldest = int(now // 60) - MINUTES + 1
+        """Recipients of the tenant's mail in the 60 minutes up to ``now``, all workers'."""
+        minute = int(now // 60)
+        oldest = minute - MINUTES + 1
         words = self._row.words
         total = 0
         for base in self._row.found(key_of(tenant)):
             for word in words[base : base + MINUTES]:
-                if word >> 32 >= oldest:
+                if oldest <= word >> 32 <= minute:
                     total += word & 0xFFFFFFFF
         return total
 
@@ -79,8 +79,7 @@ class RateRow:
         word = self._row.words[at]
         if count < 0 and word >> 32 != minute:
             return
-        # a later minute's count (the clock set back) is kept in this one's place
-        current = word & 0xFFFFFFFF if word >> 32 >= minute else 0
+        current = word & 0xFFFFFFFF if word >> 32 == minute else 0
         self._row.words[at] = (minute << 32) | max(0, min(current + count, 0xFFFFFFFF))
 
     def _idle(self, base: int, minute: int) -> bool:

@@ -207,7 +207,7 @@ class RelayCollector(Collector):
             "A tenant's recipients_per_hour.",
             labels=["tenant"],
         )
-        now = time.time()
+        now = time.monotonic()  # the workers count on it (``pipeline.Acceptor``)
         for tenant, per_hour in limited:
             sent.add_metric([tenant], self._rates.sent(tenant, now))
             if per_hour is not None:
