@@ -22,6 +22,7 @@ The log line of each failure names the client for fail2ban.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable
 
@@ -77,10 +78,13 @@ class AuthFailures:
             failures = len(self._recent(client))
             if failures >= self.per_client:
                 return False
-            if failures + self._checks.open(CHECKING, client) < self.per_client:
-                self._checks.enter(CHECKING, client)  # a full row: not counted, as a connection
+            # counted first, then looked at: two workers that looked first could
+            # both take the last place (a full row: not counted, as a connection)
+            counted = self._checks.enter(CHECKING, client)
+            if not counted or failures + self._checks.open(CHECKING, client) <= self.per_client:
                 return True
-            await asyncio.sleep(TURN_POLL)
+            self._checks.leave(CHECKING, client)
+            await asyncio.sleep(TURN_POLL * random.uniform(0.5, 1.5))  # not in step with them
 
     def checked(self, client: str) -> None:
         self._checks.leave(CHECKING, client)
