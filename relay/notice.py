@@ -183,7 +183,9 @@ _ADVICE_FOR = {
 # after a reply's basic code ("554 5.7.1") or alone in brackets ("(5.7.1)", a
 # bounce's status; qmail's "(#5.7.1)"): anywhere else "5.2.2.10", an IP
 # address in the text, was read as one
-_CODE = re.compile(r"\b[245]\d\d[ -][245]\.(\d{1,3})\.\d{1,3}\b|\(#?[245]\.(\d{1,3})\.\d{1,3}\)")
+_CODE = re.compile(
+    r"\b[245]\d\d[ -][245]\.(\d{1,3})\.\d{1,3}(?=[\s:;,]|$)|\(#?[245]\.(\d{1,3})\.\d{1,3}\)"
+)
 
 
 def _advice(failures: Sequence[RecipientState]) -> list[str]:
