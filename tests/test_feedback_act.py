@@ -294,6 +294,24 @@ def test_a_complaint_naming_a_placeholder_is_about_the_lone_recipient(
     assert _listed(policy) == {"buyer@example.org": ("acme", "complaint", queue_id)}
 
 
+def _sent_again_with_buyer_listed(
+    delivered: tuple[Path, str, Sink], tmp_path: Path
+) -> tuple[Policy, str]:
+    """The invoice sent again to buyer@ and boss@, buyer@ on the list: it went
+    to boss@ only. The policy, and the new message's queue ID."""
+    path, _, sink = delivered
+    policy = load(path)
+    assert policy.suppression is not None
+    SuppressionFile(policy.suppression.file).add(
+        [Suppression("buyer@example.org", None, "manual", "2026-01-01T00:00:00.000Z")]
+    )
+    again = INVOICE.replace(b"<inv-4711@", b"<inv-4714@")
+    with _running_again(path, sink, tmp_path / "again.log") as port:
+        queue_id = send(port, again, ("buyer@example.org", "boss@example.org"))
+        sink.wait(3)  # the invoice to boss@, the notice about buyer@
+    return policy, queue_id
+
+
 def test_a_complaint_naming_nobody_is_about_the_one_recipient_the_message_reached(
     delivered: tuple[Path, str, Sink], tmp_path: Path
 ) -> None:
@@ -301,16 +319,7 @@ def test_a_complaint_naming_nobody_is_about_the_one_recipient_the_message_reache
     but one of them was on the list and never had it: the complaint was
     dropped ("which one complained is not known"), nothing recorded or
     listed, and the complainer kept getting the tenant's mail."""
-    path, _, sink = delivered
-    policy = load(path)
-    assert policy.suppression is not None
-    SuppressionFile(policy.suppression.file).add(
-        [Suppression("buyer@example.org", None, "manual", "2026-12-01T10:00:00.000Z")]
-    )
-    both = INVOICE.replace(b"<inv-4711@", b"<inv-4714@")
-    with _running_again(path, sink, tmp_path / "again.log") as port:
-        queue_id = send(port, both, ("buyer@example.org", "boss@example.org"))
-        sink.wait(2)
+    policy, queue_id = _sent_again_with_buyer_listed(delivered, tmp_path)
     report = Report(COMPLAINT, (), "<inv-4714@erp.acme.example>")
     assert _act(policy, report)[0] == "boss@example.org: complained, suppressed"
     assert _listed(policy)["boss@example.org"] == ("acme", "complaint", queue_id)
@@ -321,16 +330,7 @@ def test_a_notice_about_a_bounce_counts_a_suppressed_recipient_as_not_reached(
 ) -> None:
     """The invoice went to boss@ only: buyer@ was on the list. boss@ bouncing later
     means nobody got it, not "not everyone"."""
-    path, _, sink = delivered
-    policy = load(path)
-    assert policy.suppression is not None
-    SuppressionFile(policy.suppression.file).add(
-        [Suppression("buyer@example.org", None, "manual", "2026-01-01T00:00:00.000Z")]
-    )
-    again = INVOICE.replace(b"<inv-4711@", b"<inv-4714@")
-    with _running_again(path, sink, tmp_path / "again.log") as port:
-        send(port, again, ("buyer@example.org", "boss@example.org"))
-        sink.wait(3)  # the invoice to boss@, the notice about buyer@
+    policy, _ = _sent_again_with_buyer_listed(delivered, tmp_path)
     report = Report(BOUNCE, (Failure("boss@example.org", "5.2.2"),), "<inv-4714@erp.acme.example>")
     _act(policy, report)
     spool = Spool(policy.queue.directory, create=False)
