@@ -184,7 +184,7 @@ _ADVICE_FOR = {
 # bounce's status; qmail's "(#5.7.1)"): anywhere else "5.2.2.10", an IP
 # address in the text, was read as one
 _CODE = re.compile(
-    r"\b[245]\d\d[ -][245]\.(\d{1,3})\.\d{1,3}(?=[\s:;,]|$)|\(#?[245]\.(\d{1,3})\.\d{1,3}\)"
+    r"\b[245]\d\d[ -][245]\.(\d{1,3})\.\d{1,3}(?!\.?\d)|\(#?[245]\.(\d{1,3})\.\d{1,3}\)"
 )
 
 

@@ -170,12 +170,15 @@ def test_a_reason_naming_each_address_is_still_one_reason(policy_file: Path) -> 
         ("554 Client host [2.4.1.9] blocked", "Please check the address"),  # an IP, no code
         ("returned it: Client host (5.2.2.10) blocked", "Please check the address"),
         ("552 5.2.2.10 is not allowed", "Please check the address"),
+        ("552 5.2.2. Mailbox full", "A mailbox that is full or not taking mail"),
+        ("554 5.7.1(blocked by policy)", "refused the mail by its own rules"),
         ("returned it: Sorry, no mailbox here by that name. (#5.1.1)", "Please check the address"),
         ("returned it: Message rejected as spam (#5.7.1)", "refused the mail by its own rules"),
     ],
     ids=[
         *("address", "mailbox-full", "timed-out", "block-list", "no-code", "ip"),
-        *("ip-no-code", "ip-in-brackets", "ip-after-code", "qmail-address", "qmail-policy"),
+        *("ip-no-code", "ip-in-brackets", "ip-after-code", "code-and-dot", "code-and-bracket"),
+        *("qmail-address", "qmail-policy"),
     ],
 )
 def test_the_advice_fits_the_reason(policy_file: Path, reply: str, advice: str) -> None:
