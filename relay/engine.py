@@ -269,9 +269,6 @@ class Engine:
         self._wake.set()
 
     def _plan(self, queue_id: str, when: float) -> None:
-        now = self.clock()
-        if when - now > self._longest_wait():  # planned before the clock was set back
-            when = now
         self._schedule[queue_id] = when
         heapq.heappush(self._due, (when, queue_id))
         if len(self._due) > 2 * len(self._schedule) + 1000:
@@ -364,12 +361,7 @@ class Engine:
         if self._scan_error is not None:
             log.info("spool readable again")
             self._scan_error = None
-        now, longest = self.clock(), self._longest_wait()
-        self._schedule = {
-            q: now if when - now > longest else when  # planned before the clock was set back
-            for q, when in found.items()
-            if not self._settler.stuck(q)
-        }
+        self._schedule = {q: when for q, when in found.items() if not self._settler.stuck(q)}
         self._suspensions.keep(self._schedule.keys(), self.policy().upstreams.values())
         for memory in (self._unstored, self._locked, self._told):  # gone: deleted, or elsewhere
             for queue_id in memory.keys() - found.keys():
@@ -625,21 +617,12 @@ class Engine:
         return await self._attempt(entry, lock, immediate, data)
 
     def _not_now(self, entry: QueueEntry, immediate: bool) -> Outcome | None:
-        """Held, or planned later; a plan further off than any wait was made
-        before the clock was set back, and held the message for as long as the
-        step: it is due now."""
         if entry.held:
             return Outcome("held")
-        ahead = entry.next_attempt - self.clock()
-        if POLL < ahead <= self._longest_wait() and not immediate:
+        if entry.next_attempt > self.clock() + POLL and not immediate:
             self._plan(entry.queue_id, entry.next_attempt)
             return Outcome("later")
         return None
-
-    def _longest_wait(self) -> float:
-        """``backoff``'s longest, jitter and all, or a suspension's wait; a look's."""
-        queue = self.policy().queue
-        return max(queue.max_retry * 1.1, queue.first_retry) + RESCAN
 
     async def _attempt(
         self, entry: QueueEntry, lock: EntryLock, immediate: bool = False, data: bytes | None = None

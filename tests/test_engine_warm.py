@@ -336,24 +336,6 @@ async def test_a_clock_set_back_holds_up_no_look(
             await asyncio.sleep(0.05)
 
 
-async def test_a_retry_planned_before_the_clock_was_set_back_is_due(
-    engine: Engine, spool: Spool, policy: Policy, outbox: Path
-) -> None:
-    """A deferred message's next attempt, set an hour ahead of the clock as it is
-    now (set back since), held it for the hour: further off than any wait, it
-    is due."""
-    later = time.time() + policy.queue.max_retry * 1.1 + 3600.0
-    entry = make_entry(size=len(message(1)), next_attempt=later, attempts=1)
-    assert spool.put_many([(entry, (message(1),))]) == [None]
-    async with running(engine):
-        assert await delivered(outbox, 1) == [message(1)]
-    waiting = make_entry(size=len(message(2)), next_attempt=time.time() + 30.0, attempts=1)
-    assert spool.put_many([(waiting, (message(2),))]) == [None]
-    async with running(engine):  # one planned within a wait still waits
-        await asyncio.sleep(1.0)
-    assert spool.ids() == [waiting.queue_id]
-
-
 async def test_a_spool_that_cannot_be_read_for_a_while_does_not_end_delivery(
     engine: Engine,
     spool: Spool,
