@@ -56,6 +56,7 @@ POLL = 1.0  # longest sleep between looks at the schedule and for kicks
 RESCAN = 60.0  # the spool directory is read again this often, as a safety net
 WARM_MESSAGE = 1 << 20  # larger messages are read back from the spool when their turn comes
 WARM_TOTAL = 16 << 20  # what handed-over messages may hold in memory, all together
+SET_BACK = 1.0  # an entry written further ahead of the clock was written before a step back
 CUT_WAIT = 5.0  # for attempts cut off at the end of the stop grace to put themselves on record
 # the reply recorded for a recipient whose attempt the stop cut off before the
 # upstream answered for it: the relay cannot tell whether the upstream had the
@@ -236,6 +237,9 @@ class Engine:
         # deferrals the spool could not store: (next attempt, attempts), so that the
         # backoff holds (it used to retry once a POLL) until a store works again
         self._unstored: dict[str, tuple[float, int]] = {}
+        # entries written before the wall clock was set back: when each was written
+        # and how far ahead of the clock that was when first seen (``_next_attempt``)
+        self._ahead: dict[str, tuple[float, float]] = {}
         self._store_error: SpoolError | None = None
         # entries another process holds, and how many times in a row: a worker
         # whose removals fail holds its delivered ones for long (see Settler)
@@ -348,8 +352,9 @@ class Engine:
         reported once and read again at each look; delivery of what the engine
         knows goes on. It used to end the engine, silently, for good."""
         self._planned_in_scan = {}
+        found: dict[str, tuple[float, float] | float]
         try:
-            found = await asyncio.to_thread(self._read_schedule)
+            found = dict(await asyncio.to_thread(self._read_schedule))
             found.update(self._planned_in_scan)
         except (SpoolError, OSError) as exc:
             if str(exc) != self._scan_error:
@@ -361,19 +366,43 @@ class Engine:
         if self._scan_error is not None:
             log.info("spool readable again")
             self._scan_error = None
-        self._schedule = {q: when for q, when in found.items() if not self._settler.stuck(q)}
+        self._schedule = {
+            q: self._next_attempt(q, *when) if isinstance(when, tuple) else when
+            for q, when in found.items()
+            if not self._settler.stuck(q)
+        }
         self._suspensions.keep(self._schedule.keys(), self.policy().upstreams.values())
-        for memory in (self._unstored, self._locked, self._told):  # gone: deleted, or elsewhere
+        for memory in (self._unstored, self._locked, self._told, self._ahead):  # gone
             for queue_id in memory.keys() - found.keys():
                 del memory[queue_id]
         self._reindex()
         return True
 
-    def _read_schedule(self) -> dict[str, float]:
-        """Every entry's next attempt, from the spool; on the way, free files kept
-        too long go (``Spool.trim_recycled``)."""
+    def _read_schedule(self) -> dict[str, tuple[float, float]]:
+        """Every entry's next attempt and when it was last written, from the spool;
+        on the way, free files kept too long go (``Spool.trim_recycled``)."""
         self.spool.trim_recycled()
-        return {e.queue_id: e.next_attempt for e in self.spool.entries() if not e.held}
+        return {
+            e.queue_id: (e.next_attempt, e.last_written) for e in self.spool.entries() if not e.held
+        }
+
+    def _next_attempt(self, queue_id: str, next_attempt: float, written: float) -> float:
+        """The entry's next attempt on the clock as it reads now. An entry written
+        ahead of now was written before the wall clock was set back, and its
+        wait runs from when the engine first saw it so: a deferral made before a
+        step back of a day waited the day. How far ahead it was then is kept
+        until the entry is written again, or each rescan would push the attempt
+        on. No bound of the policy is used, so a reload that lowers the retry
+        settings changes nothing."""
+        kept = self._ahead.get(queue_id)
+        if kept is not None and kept[0] == written:
+            return next_attempt - kept[1]
+        ahead = written - self.clock()
+        if ahead <= SET_BACK:
+            self._ahead.pop(queue_id, None)
+            return next_attempt
+        self._ahead[queue_id] = (written, ahead)
+        return next_attempt - ahead
 
     def _reindex(self) -> None:
         self._due = [(when, queue_id) for queue_id, when in self._schedule.items()]
@@ -619,8 +648,9 @@ class Engine:
     def _not_now(self, entry: QueueEntry, immediate: bool) -> Outcome | None:
         if entry.held:
             return Outcome("held")
-        if entry.next_attempt > self.clock() + POLL and not immediate:
-            self._plan(entry.queue_id, entry.next_attempt)
+        when = self._next_attempt(entry.queue_id, entry.next_attempt, entry.last_written)
+        if when > self.clock() + POLL and not immediate:
+            self._plan(entry.queue_id, when)
             return Outcome("later")
         return None
 

@@ -254,3 +254,26 @@ async def test_mail_of_a_removed_upstream_counts_against_the_one_it_goes_to(
     assert [(await a).status for a in attempts] == ["delivered", "delivered"]
     await engine.stop(5)
     assert most[0] == 1 and names == ["default", "default"]
+
+
+async def test_mail_deferred_before_the_clock_was_set_back_waits_its_wait_not_the_step(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its next attempt, stored on the clock before the step, lay a day ahead of
+    a clock set back a day, and it waited the day. Its wait now runs from when
+    the engine saw it so, and the rescans do not push it on."""
+    monkeypatch.setattr(engine_module, "RESCAN", 0.2)
+    written = time.time()
+    entry = make_entry(arrival=written - 60, size=len(message(1)), next_attempt=written + 2.5)
+    entry.attempts = 1
+    for rcpt in entry.recipients:
+        rcpt.updated = written - 0.5
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    upstream = Upstream((250, "250 2.0.0 ok"))
+    engine = Engine(
+        spool, lambda: policy, upstream, Recorder(None), clock=lambda: time.time() - 86400
+    )
+    async with running(engine):
+        await asyncio.sleep(1.5)
+        assert upstream.attempts == 0, "tried before its wait was over"
+        await until(lambda: upstream.attempts == 1, "still waiting for the clock", 8.0)

@@ -68,6 +68,12 @@ class QueueEntry:
         return [r for r in self.recipients if r.status == PENDING]
 
     @property
+    def last_written(self) -> float:
+        """When it arrived or an attempt last changed it: ahead of the clock once
+        the wall clock is set back."""
+        return max([self.arrival, *(r.updated for r in self.recipients if r.updated is not None)])
+
+    @property
     def finished(self) -> bool:
         """True once every recipient has a final status: the entry can go."""
         return not self.pending()
