@@ -64,14 +64,28 @@ def test_failures_spread_beyond_the_window_never_lock() -> None:
         assert failures.locked("192.0.2.1") == 0.0
 
 
-def test_a_success_forgets_the_address_failures() -> None:
+def test_a_success_forgets_the_address_failures_at_that_login() -> None:
     failures = AuthFailures(per_client=3, clock=Clock())
-    failures.failed("192.0.2.1")
-    failures.failed("192.0.2.1")
-    failures.succeeded("192.0.2.1")
-    assert not failures.failed("192.0.2.1")
-    assert not failures.failed("192.0.2.1")
-    assert failures.failed("192.0.2.1")
+    failures.failed("192.0.2.1", "erp-acme")
+    failures.failed("192.0.2.1", "erp-acme")
+    failures.succeeded("192.0.2.1", "erp-acme")
+    assert not failures.failed("192.0.2.1", "erp-acme")
+    assert not failures.failed("192.0.2.1", "erp-acme")
+    assert failures.failed("192.0.2.1", "erp-acme")
+
+
+def test_a_success_at_one_login_leaves_the_guesses_at_another() -> None:
+    """A client holding one login's password reset its address's count by
+    logging in rightly after every few guesses, and guessed at another
+    tenant's login without end."""
+    clock = Clock()
+    failures = AuthFailures(per_client=3, clock=clock)
+    failures.failed("192.0.2.1", "erp-other")
+    failures.failed("192.0.2.1", None)  # no login name to it: no success clears it
+    clock.now += 1.0
+    failures.succeeded("192.0.2.1", "erp-acme")
+    assert failures.failed("192.0.2.1", "erp-other")
+    assert failures.locked("192.0.2.1") > 0
 
 
 def test_addresses_past_the_tables_room_are_not_counted_until_a_slot_is_done() -> None:
@@ -93,14 +107,19 @@ def test_failures_in_every_worker_count_together() -> None:
     shared = table(2, per_client=3)
     one = AuthFailures(per_client=3, window=60.0, clock=clock, shared=shared.row(0))
     two = AuthFailures(per_client=3, window=60.0, clock=clock, shared=shared.row(1))
-    assert one.failed("192.0.2.1") is False
+    assert one.failed("192.0.2.1", "erp-acme") is False
     clock.now += 10.0
-    assert two.failed("192.0.2.1") is False
-    assert two.failed("192.0.2.1") is True
+    assert two.failed("192.0.2.1", "erp-acme") is False
+    assert two.failed("192.0.2.1", "erp-acme") is True
     assert one.locked("192.0.2.1") == 50.0  # until the first, in the other worker, is 60 s old
-    two.succeeded("192.0.2.1")  # a login that succeeds, in either worker, forgets them all
+    clock.now += 1.0
+    two.succeeded("192.0.2.1", "erp-acme")  # in either worker, forgets them all
     assert one.locked("192.0.2.1") == 0.0
-    assert one.failed("192.0.2.1") is False
+    assert one.failed("192.0.2.1", "erp-other") is False
+    clock.now += 1.0
+    assert two.failed("192.0.2.1", "erp-other") is False
+    one.succeeded("192.0.2.1", "erp-acme")  # not those at another login, in either worker
+    assert two.failed("192.0.2.1", "erp-other") is True
 
 
 def test_a_locked_client_gets_454_without_a_check_also_on_a_new_connection(
@@ -127,6 +146,26 @@ def test_a_locked_client_gets_454_without_a_check_also_on_a_new_connection(
             assert raw.cmd(plain("erp-acme", "demo-password")).startswith("235 ")
     assert "AUTH locked client=127.0.0.1: 3 failed logins in 600 s" in caplog.text
     assert caplog.text.count("AUTH failed client=127.0.0.1") == 3
+
+
+def test_logging_in_rightly_between_guesses_does_not_lift_the_lock_out() -> None:
+    """An ERP's own password, used after every few guesses at another login,
+    cleared the address's count: the guessing never locked."""
+    failures = AuthFailures(per_client=3, window=600.0, delay=0.0, clock=Clock())
+    with Relay([listener()], failures=failures) as relay:
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            assert raw.cmd(plain("erp-other", "guess")).startswith("535 5.7.8 ")
+            assert raw.cmd(plain("erp-other", "guess2")).startswith("535 5.7.8 ")
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            assert raw.cmd(plain("erp-acme", "demo-password")).startswith("235 ")
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            assert raw.cmd(plain("erp-other", "guess3")).startswith("535 5.7.8 ")
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            assert raw.cmd(plain("erp-acme", "demo-password")).startswith("454 4.7.0 ")
 
 
 def test_a_failure_is_answered_after_the_delay_without_holding_up_others() -> None:

@@ -76,7 +76,7 @@ class Mechanisms:
         if authzid and authzid != login:  # acting for someone else is not offered
             name = login.decode("utf-8", "replace")
             log.warning("AUTH failed client=%s login=%r: for another login", _peer(server), name)
-            return await self._failed(_peer(server))
+            return await self._failed(_peer(server), name)
         return await self._check(server, login, password)
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
@@ -129,11 +129,11 @@ class Mechanisms:
                     self._verified.remember(name, encoded, password)
             if ok and entry is not None:
                 log.debug("AUTH ok client=%s login=%s", peer, name)
-                self._failures.succeeded(peer)
+                self._failures.succeeded(peer, name)
                 self._count("ok")
                 return AuthResult(success=True, auth_data=Authenticated(name))
             log.warning("AUTH failed client=%s login=%r", peer, name)
-            self._count_failure(peer)
+            self._count_failure(peer, name)
         finally:
             self._failures.checked(peer)
         await asyncio.sleep(self._failures.delay)
@@ -143,17 +143,17 @@ class Mechanisms:
         if self._tally is not None:
             self._tally.add(tally.AUTH, self._listener.name, result)
 
-    async def _failed(self, peer: str) -> AuthResult:
+    async def _failed(self, peer: str, login: str | None = None) -> AuthResult:
         """A 535, after the delay."""
-        self._count_failure(peer)
+        self._count_failure(peer, login)
         await asyncio.sleep(self._failures.delay)
         return AuthResult(success=False, handled=False)
 
-    def _count_failure(self, peer: str) -> None:
+    def _count_failure(self, peer: str, login: str | None) -> None:
         """The lock-out is logged by the failure that makes it, once."""
         self._count("failed")
         was = self._failures.locked(peer) > 0
-        if self._failures.failed(peer) and not was:
+        if self._failures.failed(peer, login) and not was:
             log.warning(
                 "AUTH locked client=%s: %d failed logins in %d s, AUTH refused for now",
                 peer,

@@ -11,11 +11,14 @@ ten AUTH commands, ``listen``). Checks of one address run at most as many
 at once as it has tries left, in all workers together, the others waiting
 for their turn: a failure is known only once its scrypt is over, and a
 burst of guesses on as many connections at once all got checked. A login
-that succeeds forgets its address's failures. The kernel hands connections
-to any worker, so the failures are in a ``sharedtable``: a worker's slot
-for an address holds the times of its own last ``PER_CLIENT`` failures and
-of the last success there, and every worker reads them all, so a client
-gets its tries once, not once a worker.
+that succeeds forgets its address's failures at that login name, not the
+others: a client holding one login's password could otherwise guess at
+another's without end, logging in rightly after every nine guesses. The
+kernel hands connections to any worker, so the failures are in a
+``sharedtable``: a worker's slot for an address holds the time and login
+(a hash of the name) of its own last ``PER_CLIENT`` failures and of the
+last success there, and every worker reads them all, so a client gets its
+tries once, not once a worker.
 The log line of each failure names the client for fail2ban.
 """
 
@@ -37,6 +40,7 @@ TURN_POLL = 0.05  # seconds between looks of a check waiting for its turn
 # the checks under way are counted in the connection counts' table, under a
 # name no listener has: the supervisor clears a dead worker's row there
 CHECKING = "\0auth checks"
+NO_LOGIN = 0  # a failure without a login name to it (not UTF-8, none given): no success clears it
 
 TOO_MANY_FROM = "454 4.7.0 Too many failed logins from {client}, try again in {wait} seconds"
 
@@ -89,23 +93,26 @@ class AuthFailures:
     def checked(self, client: str) -> None:
         self._checks.leave(CHECKING, client)
 
-    def failed(self, client: str) -> bool:
-        """Count a failure; whether the address is locked out now."""
+    def failed(self, client: str, login: str | None = None) -> bool:
+        """Count a failure at ``login``; whether the address is locked out now."""
         base = self._row.own(key_of(client), self._done)
         if base is not None:
-            words = self._row.words
-            times = words[base + 1 : base + 1 + self.per_client]
-            oldest = min(range(self.per_client), key=times.__getitem__)
-            words[base + 1 + oldest] = self._now()
+            words, times = self._row.words, base + 2
+            oldest = min(range(self.per_client), key=lambda i: words[times + i])
+            words[times + self.per_client + oldest] = _login(login)  # before the time it goes with
+            words[times + oldest] = self._now()
         return len(self._recent(client)) >= self.per_client
 
-    def succeeded(self, client: str) -> None:
+    def succeeded(self, client: str, login: str) -> None:
+        """The address's failures at ``login`` are forgotten, in every worker."""
         base = self._row.own(key_of(client), self._done)
         if base is not None:
-            words = self._row.words
+            words, times, name = self._row.words, base + 2, _login(login)
+            words[base + 1] = name
             words[base] = self._now()
-            for at in range(base + 1, base + 1 + self.per_client):
-                words[at] = 0
+            for i in range(self.per_client):
+                if words[times + self.per_client + i] == name:
+                    words[times + i] = 0
 
     @property
     def _window_ms(self) -> int:
@@ -116,24 +123,33 @@ class AuthFailures:
         return int(self.clock() * 1000) + 1
 
     def _recent(self, client: str) -> list[int]:
-        """The times of the address's failures within the window since its last
-        success, every worker's, oldest first."""
-        words = self._row.words
+        """The times of the address's failures within the window, every worker's,
+        oldest first, but those at a login that succeeded after them."""
+        words, n = self._row.words, self.per_client
         bases = list(self._row.found(key_of(client)))
         horizon = self._now() - self._window_ms
-        success = max([words[b] for b in bases], default=0)  # a failure then is after it
+        successes = [(words[b], words[b + 1]) for b in bases if words[b]]
         return sorted(
             t
             for b in bases
-            for t in words[b + 1 : b + 1 + self.per_client]
-            if t and t > horizon and t >= success  # 0: no failure (the clock starts at the boot)
+            for t, name in zip(
+                words[b + 2 : b + 2 + n], words[b + 2 + n : b + 2 + 2 * n], strict=True
+            )
+            # 0: no failure (the clock starts at the boot)
+            if t and t > horizon and not any(at > t and name == ok for at, ok in successes)
         )
 
     def _done(self, base: int) -> bool:
         """A slot whose times are all past the window counts for nothing any more."""
         horizon = self._now() - self._window_ms
-        return all(t <= horizon for t in self._row.words[base : base + 1 + self.per_client])
+        words = self._row.words
+        times = [words[base], *words[base + 2 : base + 2 + self.per_client]]
+        return all(t <= horizon for t in times)
+
+
+def _login(name: str | None) -> int:
+    return NO_LOGIN if name is None else key_of(name)
 
 
 def table(workers: int, per_client: int = PER_CLIENT, clients: int = CLIENTS) -> SharedTable:
-    return SharedTable("failed logins", workers, clients, 1 + per_client)
+    return SharedTable("failed logins", workers, clients, 2 + 2 * per_client)
