@@ -498,7 +498,13 @@ def test_a_message_id_two_tenants_used_is_charged_to_neither_but_by_its_queue_id
     )
     assert _act(loaded, by_message_id) == [
         "not acted on: messages of more than one tenant have this Message-ID, and the report"
-        f" names none of them by queue ID: {acme_id} (acme/jan), {globex_id} (globex/hank)"
+        f" names none of them by queue ID: {acme_id} (acme/jan), {globex_id} (globex/hank)",
+        "buyer@example.org: recorded with no queue ID, not suppressed",
+    ]
+    # on record all the same, as a report about a message the log does not have
+    unattributed = [r for r in _records(loaded) if r["event"] == "bounced"]
+    assert [(r["queue_id"], r["message_id"], r["recipient"]) for r in unattributed] == [
+        (None, "<inv-4711@erp.acme.example>", "buyer@example.org")
     ]
     assert _listed(loaded) == {}
     assert Spool(loaded.queue.directory, create=False).ids() == []  # nobody told

@@ -171,15 +171,10 @@ def act(
     try:
         original = find_original(policy.audit.directory, report)
     except Ambiguous as exc:
-        line = (
-            f"not acted on: messages of more than one tenant have this Message-ID, and the"
-            f" report names none of them by queue ID: {exc}"
-        )
-        return Outcome(None, [line], exc.candidates)
+        return _unattributed(policy, report, recorder, exc)
     outcome = Outcome(original)
     named = _failures(report, original, outcome.lines)
-    own = {policy.platform.return_path.lower(), policy.platform.from_address.lower()}
-    failures = tuple(f for f in named if f.recipient.lower() not in own)
+    failures = _not_own(policy, named)
     if not failures:
         outcome.lines.append(_nobody(named, original))
         return outcome
@@ -200,6 +195,30 @@ def act(
         outcome.lines.append(told)
     recorder.flush_sync(queue_id)
     return outcome
+
+
+def _unattributed(
+    policy: Policy, report: Report, recorder: Recorder, ambiguous: Ambiguous
+) -> Outcome:
+    """On record with no queue ID, as a report about a message the log does not
+    have is: an auditor looking for the recipient finds that it bounced or
+    complained, and the command's output says which messages it may be about.
+    Nobody is listed or told."""
+    lines = [
+        "not acted on: messages of more than one tenant have this Message-ID, and the"
+        f" report names none of them by queue ID: {ambiguous}"
+    ]
+    failures = _not_own(policy, report.failures)
+    for failure in failures:
+        recorder.add(_record(report, failure, None, report.message_id))
+        lines.append(f"{failure.recipient}: recorded with no queue ID, not suppressed")
+    recorder.flush_sync(None)
+    return Outcome(None, lines, ambiguous.candidates)
+
+
+def _not_own(policy: Policy, failures: tuple[Failure, ...]) -> tuple[Failure, ...]:
+    own = {policy.platform.return_path.lower(), policy.platform.from_address.lower()}
+    return tuple(f for f in failures if f.recipient.lower() not in own)
 
 
 def _new(
