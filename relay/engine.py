@@ -173,18 +173,27 @@ def _rerouted(entry: QueueEntry, policy: Policy) -> Upstream | None:
     tenant's, as the policy has it now, which is where the sysadmin who renamed
     or replaced the upstream sends that tenant's mail (and its notices). For a
     tenant gone too the entry waits for the name to come back, or expires."""
-    tenant = policy.tenants.get(entry.tenant)
-    if tenant is None:
+    name = _route(entry, policy)
+    if name not in policy.upstreams:
         return None
     log.info(
         "%s: upstream %r is no longer in the policy: going through %r, tenant %s's",
         entry.queue_id,
         entry.upstream,
-        tenant.upstream,
-        tenant.id,
+        name,
+        entry.tenant,
     )
-    entry.upstream = tenant.upstream
-    return policy.upstreams[tenant.upstream]
+    entry.upstream = name
+    return policy.upstreams[name]
+
+
+def _route(entry: QueueEntry, policy: Policy) -> str:
+    """The name of the upstream the entry goes to, without a word: the attempt
+    (``_rerouted``) says it, once."""
+    if entry.upstream in policy.upstreams:
+        return entry.upstream
+    tenant = policy.tenants.get(entry.tenant)
+    return entry.upstream if tenant is None else tenant.upstream
 
 
 class Engine:
@@ -557,11 +566,10 @@ class Engine:
         upstream the policy no longer has is routed first, so that it counts
         against the upstream it goes to, not against the old name's."""
         policy = self.policy()
-        if entry.upstream not in policy.upstreams:
-            _rerouted(entry, policy)
-        if entry.upstream not in self._limits:
-            self._limits[entry.upstream] = asyncio.Semaphore(policy.queue.concurrency)
-        return self._limits[entry.upstream]
+        name = _route(entry, policy)
+        if name not in self._limits:
+            self._limits[name] = asyncio.Semaphore(policy.queue.concurrency)
+        return self._limits[name]
 
     async def _deliver(self, queue_id: str, immediate: bool) -> Outcome:
         try:

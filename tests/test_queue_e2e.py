@@ -766,6 +766,7 @@ def test_mail_waiting_for_a_removed_upstream_goes_the_way_of_its_tenant(
             relay.wait_reloaded(1)
             assert b"Subject: Hello" in sink.sink.wait(1, timeout=30)[0].data
         wait_for(lambda: "upstream 'default' is no longer in the policy" in relay.log())
+    assert relay.log().count("upstream 'default' is no longer in the policy") == 1
     assert audit_events(policy, queue_id)[-1] == ("delivered", "one@example.org")
     assert relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n"
 
