@@ -3,6 +3,7 @@ what the log says of it: over real sockets, as an ERP in a loop would send it.""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import time
@@ -179,6 +180,12 @@ def _idle_after_a_greeting_again(raw: Raw) -> None:
     raw.ehlo()
 
 
+def _idle_after_a_login(raw: Raw) -> None:
+    """An ERP that logged in and sent nothing: it was logged "after EHLO"."""
+    login = base64.b64encode(b"\0erp-acme\0demo-password")
+    assert raw.cmd(b"AUTH PLAIN " + login).startswith("235")
+
+
 def _idle_after_a_transaction_given_up(raw: Raw) -> None:
     """Not "after END-OF-MESSAGE": the last message is not what it stopped at."""
     _idle_after_a_message(raw)
@@ -197,6 +204,7 @@ TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
         (_idle_after_a_message, "END-OF-MESSAGE", TIMEOUT),
         (_idle_after_a_transaction_given_up, "RSET", TIMEOUT),
         (_idle_after_a_greeting_again, "EHLO", TIMEOUT),
+        (_idle_after_a_login, "AUTH", TIMEOUT),
         (
             lambda raw: raw.send(b"BOGUS\r\n" * 10),
             "EHLO",
@@ -204,13 +212,13 @@ TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
         ),
         (
             lambda raw: raw.send(b"AUTH PLAIN AGF1AGI=\r\n" * 15),
-            "EHLO",
+            "AUTH",
             "421 4.7.0 AUTH sent too many times",
         ),
     ],
     ids=[
         *("idle-after-rcpt", "idle-in-data", "idle-after-a-message", "idle-after-rset"),
-        "idle-after-ehlo-again",
+        *("idle-after-ehlo-again", "idle-after-auth"),
         *("unknown-commands", "auth"),
     ],
 )

@@ -4,6 +4,8 @@ line names the client, so that the sysadmin can find which ERP it was."""
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -84,3 +86,25 @@ def test_a_handshake_cut_off_by_the_client_is_logged_with_a_reason(
             raw.send(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
         line = handshake_failure(caplog, "TLS handshake failed client=127.0.0.1: ")
     assert not line.endswith(": "), line
+
+
+def test_a_client_idle_after_its_handshake_is_logged_after_starttls(
+    tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its 421 line said "after CONNECT", as of a client that never greeted."""
+    caplog.set_level(logging.INFO, logger="relay")
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with Relay([listener(tls=tls_files, idle_timeout=0.5)]) as relay:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT) as sock:
+            reader = sock.makefile("rb")
+            assert reader.readline().startswith(b"220")
+            sock.sendall(b"EHLO client.example\r\n")
+            while not reader.readline().startswith(b"250 "):
+                pass
+            sock.sendall(b"STARTTLS\r\n")
+            assert reader.readline().startswith(b"220")
+            with context.wrap_socket(sock) as tls:
+                assert tls.recv(4096).startswith(b"421 4.4.2 ")
+        line = handshake_failure(caplog, "disconnected after")
+    assert line.startswith("client=127.0.0.1 disconnected after STARTTLS: 421 4.4.2 "), line

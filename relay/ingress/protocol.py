@@ -212,8 +212,8 @@ class RelaySMTP(SMTP):
         self._junk = 0  # NOOP, RSET and VRFY commands, counted like the errors
         self._in_data = False  # reading a DATA section
         # what the session did last outside a transaction, for ``_stage``: a
-        # message's end answered, or a NOOP, RSET or VRFY since; None at MAIL,
-        # EHLO and HELO
+        # message's end answered, or a NOOP, RSET, VRFY, STARTTLS or AUTH since;
+        # None at MAIL, EHLO and HELO
         self._after: str | None = None
         self._timed_out = False  # told 421 for being idle
         self._unlogged: tuple[int, str, str] | None = None  # refused MAILs: count, last
@@ -550,6 +550,7 @@ class RelaySMTP(SMTP):
         if self._tls_protocol is not None:
             await self.push("554 5.5.1 Error: TLS already active")
             return
+        self._after = "STARTTLS"
         await super().smtp_STARTTLS(arg)
         assert self.session is not None
         handshake_cut = self._tls_protocol is not None and self.session.ssl is None
@@ -562,6 +563,7 @@ class RelaySMTP(SMTP):
             await self.push("503 5.5.1 Error: AUTH not permitted during a mail transaction")
             return
         mechanism, space, rest = (arg or "").partition(" ")
+        self._after = "AUTH"
         await super().smtp_AUTH(mechanism.upper() + space + rest)  # names are case-blind
 
     @syntax("DATA")
