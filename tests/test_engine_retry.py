@@ -277,3 +277,25 @@ async def test_mail_deferred_before_the_clock_was_set_back_waits_its_wait_not_th
         await asyncio.sleep(1.5)
         assert upstream.attempts == 0, "tried before its wait was over"
         await until(lambda: upstream.attempts == 1, "still waiting for the clock", 8.0)
+
+
+async def test_mail_deferred_again_after_the_clock_was_set_back_keeps_its_backoff(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its arrival still lay ahead of the clock, and each rescan took its new
+    next attempt back by the step again: tried at every rescan for a day."""
+    monkeypatch.setattr(engine_module, "RESCAN", 0.2)
+    now = time.time()
+    back = now - 86400  # the clock, set back a day since the message arrived
+    entry = make_entry(arrival=now - 60, size=len(message(1)), next_attempt=back + 3600)
+    entry.attempts = 2
+    entry.recipients[0].updated = back - 1  # deferred again since the step
+    entry.recipients[1].status, entry.recipients[1].updated = "delivered", now - 59
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    upstream = Upstream((250, "250 2.0.0 ok"))
+    engine = Engine(
+        spool, lambda: policy, upstream, Recorder(None), clock=lambda: time.time() - 86400
+    )
+    async with running(engine):
+        await asyncio.sleep(2.5)  # several looks and rescans
+    assert upstream.attempts == 0, "tried long before its next attempt"

@@ -69,9 +69,14 @@ class QueueEntry:
 
     @property
     def last_written(self) -> float:
-        """When it arrived or an attempt last changed it: ahead of the clock once
-        the wall clock is set back."""
-        return max([self.arrival, *(r.updated for r in self.recipients if r.updated is not None)])
+        """When the last attempt deferred it, or else when it arrived: ahead of the
+        clock once the wall clock is set back. An attempt notes every pending
+        recipient, so the earliest of theirs is that attempt's once one is made
+        after the step, whatever the arrival and the finished ones say."""
+        times = [
+            r.updated for r in self.recipients if r.status == PENDING and r.updated is not None
+        ]
+        return min(times) if times else self.arrival
 
     @property
     def finished(self) -> bool:
