@@ -65,9 +65,11 @@ def test_failures_spread_beyond_the_window_never_lock() -> None:
 
 
 def test_a_success_forgets_the_address_failures_at_that_login() -> None:
-    failures = AuthFailures(per_client=3, clock=Clock())
+    clock = Clock()
+    failures = AuthFailures(per_client=3, clock=clock)
     failures.failed("192.0.2.1", "erp-acme")
     failures.failed("192.0.2.1", "erp-acme")
+    clock.now += 1.0
     failures.succeeded("192.0.2.1", "erp-acme")
     assert not failures.failed("192.0.2.1", "erp-acme")
     assert not failures.failed("192.0.2.1", "erp-acme")
@@ -120,6 +122,24 @@ def test_failures_in_every_worker_count_together() -> None:
     assert two.failed("192.0.2.1", "erp-other") is False
     one.succeeded("192.0.2.1", "erp-acme")  # not those at another login, in either worker
     assert two.failed("192.0.2.1", "erp-other") is True
+
+
+def test_one_login_succeeding_after_another_keeps_the_first_ones_failures_forgotten() -> None:
+    """A worker kept only its last success: another login's, after the first's,
+    made the failures the first had cleared in other workers count again, and
+    an ERP was locked out for a typo it had corrected."""
+    clock = Clock()
+    shared = table(2, per_client=3)
+    one = AuthFailures(per_client=3, window=60.0, clock=clock, shared=shared.row(0))
+    two = AuthFailures(per_client=3, window=60.0, clock=clock, shared=shared.row(1))
+    two.failed("192.0.2.1", "erp-acme")
+    two.failed("192.0.2.1", "erp-acme")
+    clock.now += 1.0
+    one.succeeded("192.0.2.1", "erp-acme")
+    clock.now += 1.0
+    one.succeeded("192.0.2.1", "erp-globex")
+    assert two.failed("192.0.2.1", "erp-acme") is False
+    assert one.locked("192.0.2.1") == 0.0
 
 
 def test_a_locked_client_gets_454_without_a_check_also_on_a_new_connection(

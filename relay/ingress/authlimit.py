@@ -16,9 +16,9 @@ others: a client holding one login's password could otherwise guess at
 another's without end, logging in rightly after every nine guesses. The
 kernel hands connections to any worker, so the failures are in a
 ``sharedtable``: a worker's slot for an address holds the time and login
-(a hash of the name) of its own last ``PER_CLIENT`` failures and of the
-last success there, and every worker reads them all, so a client gets its
-tries once, not once a worker.
+(a hash of the name) of its own last ``PER_CLIENT`` failures there and of
+the last success of as many logins, and every worker reads them all, so a
+client gets its tries once, not once a worker.
 The log line of each failure names the client for fail2ban.
 """
 
@@ -41,6 +41,7 @@ TURN_POLL = 0.05  # seconds between looks of a check waiting for its turn
 # name no listener has: the supervisor clears a dead worker's row there
 CHECKING = "\0auth checks"
 NO_LOGIN = 0  # a failure without a login name to it (not UTF-8, none given): no success clears it
+SUCCESSES, FAILURES = 0, 1  # the two parts of a slot
 
 TOO_MANY_FROM = "454 4.7.0 Too many failed logins from {client}, try again in {wait} seconds"
 
@@ -95,24 +96,33 @@ class AuthFailures:
 
     def failed(self, client: str, login: str | None = None) -> bool:
         """Count a failure at ``login``; whether the address is locked out now."""
-        base = self._row.own(key_of(client), self._done)
-        if base is not None:
-            words, times = self._row.words, base + 2
-            oldest = min(range(self.per_client), key=lambda i: words[times + i])
-            words[times + self.per_client + oldest] = _login(login)  # before the time it goes with
-            words[times + oldest] = self._now()
+        self._keep(client, FAILURES, _login(login))
         return len(self._recent(client)) >= self.per_client
 
     def succeeded(self, client: str, login: str) -> None:
-        """The address's failures at ``login`` are forgotten, in every worker."""
+        """The address's failures at ``login`` until now are forgotten, in every worker."""
+        self._keep(client, SUCCESSES, _login(login))
+
+    def _keep(self, client: str, part: int, name: int) -> None:
+        """A success or failure at the login ``name`` in this worker's slot for
+        ``client``, in the place of its oldest; a success in that of the same
+        login's, if it has one, so that one login's successes do not push out
+        another's: its failures would count again."""
         base = self._row.own(key_of(client), self._done)
-        if base is not None:
-            words, times, name = self._row.words, base + 2, _login(login)
-            words[base + 1] = name
-            words[base] = self._now()
-            for i in range(self.per_client):
-                if words[times + self.per_client + i] == name:
-                    words[times + i] = 0
+        if base is None:
+            return
+        words, n = self._row.words, self.per_client
+        times, names = self._part(base, part)
+        places = range(n)
+        same = [i for i in places if words[times + i] and words[names + i] == name]
+        at = same[0] if part == SUCCESSES and same else min(places, key=lambda i: words[times + i])
+        words[names + at] = name  # before the time it goes with
+        words[times + at] = self._now()
+
+    def _part(self, base: int, part: int) -> tuple[int, int]:
+        """Where the times and where the logins of a slot's successes or failures begin."""
+        times = base + 2 * self.per_client * part
+        return times, times + self.per_client
 
     @property
     def _window_ms(self) -> int:
@@ -124,27 +134,31 @@ class AuthFailures:
 
     def _recent(self, client: str) -> list[int]:
         """The times of the address's failures within the window, every worker's,
-        oldest first, but those at a login that succeeded after them."""
-        words, n = self._row.words, self.per_client
+        oldest first, but those at a login that succeeded since."""
         bases = list(self._row.found(key_of(client)))
         horizon = self._now() - self._window_ms
-        successes = [(words[b], words[b + 1]) for b in bases if words[b]]
+        successes = [ok for b in bases for ok in self._events(b, SUCCESSES)]
         return sorted(
             t
             for b in bases
-            for t, name in zip(
-                words[b + 2 : b + 2 + n], words[b + 2 + n : b + 2 + 2 * n], strict=True
-            )
-            # 0: no failure (the clock starts at the boot)
-            if t and t > horizon and not any(at > t and name == ok for at, ok in successes)
+            for t, name in self._events(b, FAILURES)
+            if t > horizon and not any(at > t and name == ok for at, ok in successes)
         )
+
+    def _events(self, base: int, part: int) -> list[tuple[int, int]]:
+        """(time, login) of each success or failure a slot holds (time 0: none;
+        the clock starts at the boot)."""
+        words = self._row.words
+        times, names = self._part(base, part)
+        return [
+            (words[times + i], words[names + i]) for i in range(self.per_client) if words[times + i]
+        ]
 
     def _done(self, base: int) -> bool:
         """A slot whose times are all past the window counts for nothing any more."""
         horizon = self._now() - self._window_ms
-        words = self._row.words
-        times = [words[base], *words[base + 2 : base + 2 + self.per_client]]
-        return all(t <= horizon for t in times)
+        events = (*self._events(base, SUCCESSES), *self._events(base, FAILURES))
+        return all(t <= horizon for t, _ in events)
 
 
 def _login(name: str | None) -> int:
@@ -152,4 +166,4 @@ def _login(name: str | None) -> int:
 
 
 def table(workers: int, per_client: int = PER_CLIENT, clients: int = CLIENTS) -> SharedTable:
-    return SharedTable("failed logins", workers, clients, 2 + 2 * per_client)
+    return SharedTable("failed logins", workers, clients, 4 * per_client)
