@@ -501,7 +501,17 @@ def test_a_message_id_two_tenants_used_is_charged_to_neither_but_by_its_queue_id
         f" names none of them by queue ID: {acme_id} (acme/jan), {globex_id} (globex/hank)",
         "buyer@example.org: recorded with no queue ID, not suppressed",
     ]
-    # on record all the same, as a report about a message the log does not have
+    # on record all the same, as a report about a message the log does not have;
+    # once, if it comes again, and not for someone neither message went to
+    again = Report(
+        BOUNCE,
+        (Failure("buyer@example.org", "5.1.1"), Failure("victim@example.com", "5.1.1")),
+        "<inv-4711@erp.acme.example>",
+    )
+    assert _act(loaded, again)[1:] == [
+        "buyer@example.org: already recorded with no queue ID",
+        "victim@example.com: not recorded: none of its messages went to it",
+    ]
     unattributed = [r for r in _records(loaded) if r["event"] == "bounced"]
     assert [(r["queue_id"], r["message_id"], r["recipient"]) for r in unattributed] == [
         (None, "<inv-4711@erp.acme.example>", "buyer@example.org")

@@ -77,11 +77,12 @@ class Outcome:
 
 class Ambiguous(Exception):
     """Messages of more than one tenant have the report's Message-ID, and the
-    report names none of them by queue ID."""
+    report names none of them by queue ID; ``records``: those of the ID."""
 
-    def __init__(self, candidates: list[Original]) -> None:
+    def __init__(self, candidates: list[Original], records: list[dict[str, Any]]) -> None:
         super().__init__(", ".join(f"{o.queue_id} ({o.tenant}/{o.user})" for o in candidates))
         self.candidates = tuple(candidates)
+        self.records = records
 
 
 def find_original(directory: Path, report: Report, today: date | None = None) -> Original | None:
@@ -113,7 +114,7 @@ def find_original(directory: Path, report: Report, today: date | None = None) ->
     named = [o for o in found if any(o.sent_to(f.recipient) for f in report.failures)]
     candidates = named or found
     if len({o.tenant for o in candidates}) > 1:
-        raise Ambiguous(candidates)
+        raise Ambiguous(candidates, records)
     newest = candidates[-1]
     mine = [
         r
@@ -203,15 +204,27 @@ def _unattributed(
     """On record with no queue ID, as a report about a message the log does not
     have is: an auditor looking for the recipient finds that it bounced or
     complained, and the command's output says which messages it may be about.
-    Nobody is listed or told."""
+    Nobody is listed or told; as for a message found, a recipient none of them
+    went to, and one recorded so before (the report delivered again), is not
+    recorded."""
     lines = [
         "not acted on: messages of more than one tenant have this Message-ID, and the"
         f" report names none of them by queue ID: {ambiguous}"
     ]
-    failures = _not_own(policy, report.failures)
-    for failure in failures:
-        recorder.add(_record(report, failure, None, report.message_id))
-        lines.append(f"{failure.recipient}: recorded with no queue ID, not suppressed")
+    event = "bounced" if report.kind == BOUNCE else "complained"
+    before = {
+        r["recipient"].lower()
+        for r in ambiguous.records
+        if r.get("event") == event and not r.get("queue_id") and isinstance(r.get("recipient"), str)
+    }
+    for failure in _not_own(policy, report.failures):
+        if not any(o.sent_to(failure.recipient) for o in ambiguous.candidates):
+            lines.append(f"{failure.recipient}: not recorded: none of its messages went to it")
+        elif failure.recipient.lower() in before:
+            lines.append(f"{failure.recipient}: already recorded with no queue ID")
+        else:
+            recorder.add(_record(report, failure, None, report.message_id))
+            lines.append(f"{failure.recipient}: recorded with no queue ID, not suppressed")
     recorder.flush_sync(None)
     return Outcome(None, lines, ambiguous.candidates)
 
