@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import quopri
 import time
 from pathlib import Path
 
@@ -53,6 +54,45 @@ def test_a_postfix_bounce_gives_each_recipient_its_own_status_and_diagnostic() -
         envelope_id="Q7F3K2M9WX",
         queue_ids=("4F2A31C0E5",),  # the returned Received fields' (another hop's here)
     )
+
+
+def _global(classic: bytes, encoding: str) -> bytes:
+    """The Postfix bounce in RFC 6533's UTF-8 form, as an SMTPUTF8 server writes
+    it: its report part ``message/global-delivery-status`` (base64 or 8bit),
+    the message returned as ``message/global``, or its header alone as
+    ``message/global-headers`` in quoted-printable."""
+    head, rest = classic.split(b"Content-Type: message/delivery-status\n\n", 1)
+    status, tail = rest.split(b"\n--", 1)
+    if encoding == "base64":
+        status = base64.encodebytes(status.replace(b"\n", b"\r\n"))
+    report = (
+        b"Content-Type: message/global-delivery-status\n"
+        + (b"Content-Transfer-Encoding: base64\n" if encoding == "base64" else b"")
+        + b"\n"
+        + status
+    )
+    if encoding == "base64":
+        returned, _ = tail.split(
+            b"Content-Type: message/rfc822\nContent-Transfer-Encoding: 8bit\n\n", 1
+        )[1].split(b"\n\n", 1)
+        tail = tail.split(b"Content-Type: message/rfc822", 1)[0] + (
+            b"Content-Type: message/global-headers\nContent-Transfer-Encoding: quoted-printable\n\n"
+            + quopri.encodestring(returned + b"\n")
+            + b"\n--4F2A31C0E5.1795511702/mail.platform.example--\n"
+        )
+    else:
+        tail = tail.replace(b"Content-Type: message/rfc822", b"Content-Type: message/global")
+    return head + report + b"\n--" + tail
+
+
+@pytest.mark.parametrize("encoding", ["8bit", "base64"])
+def test_a_bounce_in_the_utf8_form_of_rfc_6533_reads_as_the_classic_one(encoding: str) -> None:
+    """Its status part and returned message were not looked at: the bounce was
+    read from its words alone, with no status, envelope ID or Message-ID, as
+    about a message the audit log did not have, and its address was never
+    listed."""
+    classic = _sample("postfix-two-failed.eml")
+    assert read(_global(classic, encoding)) == read(classic)
 
 
 def test_an_exchange_ndr_returns_the_original_header_only() -> None:

@@ -70,13 +70,50 @@ def read(raw: bytes) -> Report | None:
     permanent failure nor a complaint. A message nested deeper than the email
     package can recurse is no server's report, and is read as none."""
     try:
-        msg = email.message_from_bytes(raw, policy=compat32)
+        msg = email.message_from_bytes(raw, _Read, policy=compat32)
+        _as_classic(msg)
         if _is_feedback_report(msg):
             return _complaint(msg)
         return _bounce(msg)
     except RecursionError:
         log.warning("message nested too deep to read; read as no report")
         return None
+
+
+# RFC 6533's UTF-8 forms of a report's parts, which SMTPUTF8 servers (Postfix
+# among them) write, and the RFC 3464 and 6522 types they stand for
+_GLOBAL = {
+    "message/global-delivery-status": "message/delivery-status",
+    "message/global-headers": "text/rfc822-headers",
+    "message/global": "message/rfc822",
+}
+
+
+class _Read(Message):
+    """A global part read as a leaf, its body as it came (it may come in
+    base64 or quoted-printable): the email package reads a ``message/*`` part
+    as an enclosed message, and so one encoded lost its text."""
+
+    def get_content_maintype(self) -> str:
+        return (
+            "application" if self.get_content_type() in _GLOBAL else super().get_content_maintype()
+        )
+
+
+def _as_classic(msg: Message) -> None:
+    """A report's global parts in place of their classic twins, so that one
+    reader (flufl.bounce's included) takes both."""
+    for part in list(msg.walk()):
+        payload = part.get_payload()
+        if not isinstance(payload, list):
+            continue
+        for at, inner in enumerate(payload):
+            classic = _GLOBAL.get(inner.get_content_type()) if isinstance(inner, Message) else None
+            if classic is not None:
+                body = inner.get_payload(decode=True)
+                head = f"Content-Type: {classic}\r\n\r\n".encode()
+                data = head + (body if isinstance(body, bytes) else b"")
+                payload[at] = BytesParser(policy=compat32).parsebytes(data)
 
 
 def _is_feedback_report(msg: Message) -> bool:
