@@ -1518,6 +1518,32 @@ def test_a_listen_host_name_this_host_cannot_resolve_is_a_warning(
     )
 
 
+@pytest.mark.parametrize(
+    ("written", "hint"),
+    [
+        ("'::1:2525'", "; if 2525 is the port, write address: ::1 and port: 2525"),
+        ("'::1%lo'", ""),  # a scope only a link-local address has
+        ("192.0.2.1", ""),  # no address of this host
+    ],
+)
+def test_a_listen_address_this_host_cannot_bind_is_a_warning(
+    tmp_path: Path, written: str, hint: str
+) -> None:
+    """Each passed the check, and relay serve then failed at its start (exit 71);
+    ``::1:2525`` is the IPv6 address ::0.1.37.37, not ::1 with a port."""
+    path = variant(tmp_path, "address: 127.0.0.1", f"address: {written}")
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0
+    address = written.strip("'")
+    said = [line for line in err.getvalue().splitlines() if "listeners[0].address" in line]
+    assert len(said) == 1, err.getvalue()
+    assert said[0].startswith(
+        f"{path}:8:14: warning: listeners[0].address: relay serve could not listen on"
+        f" {address} here ("
+    ), said
+    assert said[0].endswith(f"){hint}"), said
+
+
 @pytest.mark.timeout(20)
 def test_a_merge_key_bomb_loads_at_once(tmp_path: Path) -> None:
     """Each anchor merging the one before ten times: 6 KB that expand to 10^9

@@ -226,9 +226,12 @@ def _addresses(ctx: Ctx, m: Map, address: str, port: int) -> frozenset[_IP]:
     """The addresses relay serve binds, resolved as it resolves them. A name this
     host cannot resolve is not a mistake in the file: a warning, as serve would fail."""
     try:
-        return frozenset({ip_address(address)})
+        ip = ip_address(address)
     except ValueError:
         pass
+    else:
+        _bindable(ctx, m, address)
+        return frozenset({ip})
     try:
         infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (OSError, UnicodeError) as exc:
@@ -237,6 +240,24 @@ def _addresses(ctx: Ctx, m: Map, address: str, port: int) -> frozenset[_IP]:
         ctx.problems.warn(m.get("address"), m.sub("address"), message)
         return frozenset()
     return frozenset(ip_address(info[4][0]) for info in infos)
+
+
+def _bindable(ctx: Ctx, m: Map, address: str) -> None:
+    """An address this host has, as serve needs it: ``::1:2525`` is an IPv6
+    address (``::0.1.37.37``) and ``::1%lo`` a scope no link-local address
+    has, and both passed, for serve to fail at its start. A warning, not a
+    mistake in the file: the policy may be checked on another host."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+    except OSError as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        message = f"relay serve could not listen on {address} here ({reason})"
+        host, _, port = address.rpartition(":")
+        if port.isdigit() and values.is_ip(host):
+            message += f"; if {port} is the port, write address: {host} and port: {port}"
+        ctx.problems.warn(m.get("address"), m.sub("address"), message)
 
 
 def _clash(mine: _Socket, other: _Socket) -> str | None:

@@ -118,16 +118,16 @@ def listen_address(ctx: Ctx, node: Node, path: str) -> str | None:
     if value is None:
         return None
     bare = value[1:-1] if value.startswith("[") and value.endswith("]") else None
-    if bare is not None and _is_ip(bare):
+    if bare is not None and is_ip(bare):
         ctx.problem(node, path, f"expected an IP address without brackets: write {bare}")
         return None
-    if _is_ip(value) or (not _NUMERIC.fullmatch(value) and _is_domain(value)):
+    if is_ip(value) or (not _NUMERIC.fullmatch(value) and _is_domain(value)):
         return value
     expected = "an IP address like 127.0.0.1 or ::1, or a host name"
     if _NUMERIC.fullmatch(value):
         expected = "an IP address like 127.0.0.1 or ::1"
     host, _, port = value.rpartition(":")
-    if port.isdigit() and (_is_ip(host) or _is_domain(host)):
+    if port.isdigit() and (is_ip(host) or _is_domain(host)):
         expected += f"; the port goes in port: {port}"
     ctx.problem(node, path, f"{value!r} is not {expected}")
     return None
@@ -161,7 +161,7 @@ def upstream_host(ctx: Ctx, node: Node, path: str) -> str | None:
 def _is_host(value: str) -> bool:
     """An IP address (IPv6 without brackets), or a host name, which may end in a dot."""
     name = value.removesuffix(".")
-    return _is_ip(value) or (not _NUMERIC.fullmatch(name) and bool(_is_domain(name)))
+    return is_ip(value) or (not _NUMERIC.fullmatch(name) and bool(_is_domain(name)))
 
 
 def _is_domain(value: str) -> bool:
@@ -177,7 +177,7 @@ def _is_domain(value: str) -> bool:
     return len(encoded) <= 253
 
 
-def _is_ip(value: str) -> bool:
+def is_ip(value: str) -> bool:
     try:
         ip_address(value)
     except ValueError:
