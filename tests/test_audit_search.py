@@ -864,3 +864,40 @@ def test_search_reads_back_for_copies_only_as_far_as_a_restart_writes_them(
     assert _rewritten_days(tmp_path, date(2026, 11, 4), date(2026, 11, 1)) == {
         date(2026, 11, d) for d in (2, 3)
     }
+
+
+def test_the_report_does_not_count_a_line_torn_by_a_crash(tmp_path: Path) -> None:
+    """A write a crash cut off, which the next writer ended, is no record for
+    verify, search and show; the report counted it, and billed a message
+    whose client never heard 250 as sent, or a delivery twice."""
+    ids = ("Q0000000000000B1", "<inv-1003@erp.acme.example>")
+    clock = Clock(START + timedelta(days=3, hours=2))
+    with AuditLog(tmp_path, clock=clock) as log:
+        log.append(received(ids, "acme", "jan", "invoice", ["a@customer.example"]))
+    day = next(tmp_path.glob("audit-*.jsonl"))
+    whole = day.read_bytes()
+    received_line = whole.splitlines()[0]
+    torn = received_line.replace(b"Q0000000000000B1", b"Q0000000000000B2")[:-40]
+    day.write_bytes(whole + torn)  # the crash: the next writer ends the line
+    with AuditLog(tmp_path, clock=clock) as log:
+        log.append(
+            events.delivered(
+                queue_id=ids[0],
+                message_id=ids[1],
+                recipient="a@customer.example",
+                upstream="default",
+                reply="250 ok",
+                attempts=1,
+            )
+        )
+    assert len(torn_notes(tmp_path)) == 1
+    rows = report(tmp_path, since="2024-05-09")
+    assert [(r["tenant"], r["doc_type"], r["sent"], r["delivered"]) for r in rows] == [
+        ("acme", "invoice", 1, 1)
+    ]
+
+
+def torn_notes(directory: Path) -> list[str]:
+    result = verify(directory)
+    assert result.ok, result
+    return [note for note in result.notes if "torn by a crash" in note]

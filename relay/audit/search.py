@@ -34,6 +34,7 @@ LOOKBACK_DAYS = 30
 _RECEIVED = b'"event":"received"'
 _NOTIFIED = b'"event":"notified"'
 _RELATIVE = re.compile(r"(\d+)([dhm])")
+_TORN = reader.TORN_END.rstrip(b"\n")
 _HEAD = re.compile(rb'"time":"([^"]*)","event":"([a-z_]+)","queue_id":(?:"([^"\\]*)"|null)')
 _STRING = rb'"((?:[^"\\]|\\.)*)"'
 _WHO = re.compile(rb'"tenant":%s,"user":%s,"doc_type":%s' % (_STRING, _STRING, _STRING))
@@ -615,7 +616,7 @@ def _owner_lines(
             starts = sorted([*_starts(block, _RECEIVED), *_starts(block, _NOTIFIED)])
             for _, line in _lines(block, starts):
                 seq, head = reader.SEQ.match(line), _HEAD.search(line)
-                if seq is None or head is None or head.group(3) is None:
+                if seq is None or head is None or head.group(3) is None or _torn(line, head):
                     continue
                 found = _owner_of(head, line)
                 if found is not None:
@@ -645,6 +646,14 @@ def _removed(block: bytes, head: re.Match[bytes]) -> int:
     record = _decode(block[start : block.index(b"\n", head.end())])
     recipients = record.get("recipients") if record is not None else None
     return len(recipients) if isinstance(recipients, list) else 0
+
+
+def _torn(block: bytes, head: re.Match[bytes]) -> bool:
+    """Whether the line of ``head`` is one a crash cut off, which the writer ended
+    (``reader.TORN_END``): no record, as verify, search and show take it."""
+    end = block.find(b"\n", head.end())
+    end = len(block) if end < 0 else end
+    return block.endswith(_TORN, 0, end)
 
 
 def _repeated(repeats: Repeats, block: bytes, head: re.Match[bytes]) -> bool:
@@ -682,6 +691,8 @@ def report(
         for block in reader.chunks(file):
             for head in _HEAD.finditer(block):
                 event = head.group(2)
+                if _torn(block, head):
+                    continue
                 if event in REPEATABLE and _repeated(repeats, block, head):
                     continue
                 if event == b"received":
