@@ -281,9 +281,19 @@ _TARGETS_HELP = (
 )
 
 
+_AUDIT_STATUS = (
+    "Exit status: {answers}, 2 a bad option value or a log that cannot be read, 78"
+    " the policy does not load (its hmac_key_file unreadable included)."
+)
+
+
 def _audit_parsers(sub: argparse._SubParsersAction) -> None:
     verbs = _group(sub, "audit", "search and verify the audit log")
-    search = verbs.add_parser("search", help="events matching all the filters given")
+    search = verbs.add_parser(
+        "search",
+        help="events matching all the filters given",
+        epilog=_AUDIT_STATUS.format(answers="0 records found, 1 none"),
+    )
     _policy_option(search)
     for option in ("since", "until", "tenant", "user", "recipient", "doc-type", "status"):
         search.add_argument(f"--{option}")
@@ -291,18 +301,30 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--queue-id", type=str.upper)  # as the queue tools take it
     search.add_argument("--format", choices=["table", "json", "csv"], default="table")
     search.set_defaults(run=_audit, verb="search")
-    show = verbs.add_parser("show", help="one document's timeline, by queue ID or Message-ID")
+    show = verbs.add_parser(
+        "show",
+        help="one document's timeline, by queue ID or Message-ID",
+        epilog=_AUDIT_STATUS.format(answers="0 records found, 1 none"),
+    )
     _policy_option(show)
     show.add_argument("ident", metavar="ID")
     show.add_argument("--format", choices=["text", "json"], default="text")
     show.set_defaults(run=_audit, verb="show")
-    report = verbs.add_parser("report", help="counts per tenant and document type")
+    report = verbs.add_parser(
+        "report",
+        help="counts per tenant and document type",
+        epilog=_AUDIT_STATUS.format(answers="0 counted"),
+    )
     _policy_option(report)
     report.add_argument("--since")
     report.add_argument("--until")
     report.add_argument("--format", choices=["text", "json", "csv"], default="text")
     report.set_defaults(run=_audit, verb="report")
-    verify = verbs.add_parser("verify", help="check the hash chain; exit 1 if tampered")
+    verify = verbs.add_parser(
+        "verify",
+        help="check the hash chain; exit 1 if tampered",
+        epilog=_AUDIT_STATUS.format(answers="0 intact, 1 tampered"),
+    )
     _policy_option(verify)
     verify.add_argument("--since")
     verify.add_argument(

@@ -257,6 +257,52 @@ def test_an_ended_torn_line_does_not_stop_the_next_writer(tmp_path: Path) -> Non
     assert result.ok and result.records == 3
 
 
+def test_a_torn_line_before_an_empty_new_day_is_ended(tmp_path: Path) -> None:
+    """A crash just after midnight: the old day's file ends in a torn line and the
+    new day's is there, empty. Only the newest file's torn line was ended, so
+    verify called the log tampered with at every run after."""
+    clock = Clock(datetime(2024, 5, 6, 23, 59, 59, tzinfo=UTC))
+    with AuditLog(tmp_path, clock=clock) as log:
+        log.append_many([_failed(1), _failed(2)])
+    old = tmp_path / "audit-2024-05-06.jsonl"
+    old.write_bytes(old.read_bytes() + b'{"v":1,"seq":3,"ti')
+    (tmp_path / "audit-2024-05-07.jsonl").write_bytes(b"")
+    clock.advance(minutes=5)
+    with AuditLog(tmp_path, clock=clock) as log:
+        log.append(_failed(3))
+    assert old.read_bytes().endswith(b'{"v":1,"seq":3,"ti' + reader.TORN_END)
+    result = verify(tmp_path)
+    assert result.ok and result.records == 3, result
+    assert any("a write torn by a crash" in note for note in result.notes)
+
+
+def test_a_new_day_begins_once_the_day_before_is_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer's outcome written just before midnight without an fsync of
+    its own, then the new day's first record fsynced: a power cut between could
+    keep the later record and lose the earlier, a gap between the files that
+    verify calls tampering. The day before's file is fsynced first."""
+    clock = Clock(datetime(2024, 5, 6, 23, 59, 59, tzinfo=UTC))
+    delivery, other = AuditLog(tmp_path, clock=clock), AuditLog(tmp_path, clock=clock)
+    other.append(_failed(1))
+    assert delivery.append_many([_failed(2)], sync=False) > 0
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1])
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    clock.advance(seconds=2)
+    other.append(_failed(3))
+    assert synced[:1] == ["audit-2024-05-06.jsonl"], synced
+    assert "audit-2024-05-07.jsonl" in synced
+    delivery.close()
+    other.close()
+
+
 def test_writers_in_two_processes_keep_one_chain(tmp_path: Path) -> None:
     """Worker processes each have their own writer on the same directory."""
     with AuditLog(tmp_path, clock=Clock()) as supervisor:

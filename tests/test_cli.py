@@ -552,3 +552,15 @@ def test_a_command_without_its_verb_shows_its_own_usage(group: str, verbs: str) 
     assert done.returncode == 64
     assert done.stdout.startswith(f"usage: relay {group} [-h] COMMAND ...\n")
     assert " ".join(re.findall(r"^ {4}(\w+)", done.stdout, re.MULTILINE)) == verbs
+
+
+def test_audit_verify_with_its_key_gone_exits_78_as_its_help_says(policy_file: Path) -> None:
+    """Its help named no exit status but 'exit 1 if tampered': an auditor's cron
+    job checking for 1 and 2 took 78 for neither."""
+    policy_file.write_text(policy_file.read_text() + "audit: {hmac_key_file: gone.key}\n")
+    done = relay("audit", "verify", "-c", str(policy_file))
+    assert done.returncode == 78, done
+    assert "hmac_key_file" in done.stderr
+    for verb in ("search", "show", "report", "verify"):
+        said = " ".join(relay("audit", verb, "--help").stdout.split())
+        assert "78 the policy does not load (its hmac_key_file unreadable included)" in said

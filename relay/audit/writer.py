@@ -366,10 +366,10 @@ class AuditLog:
             # A plain file beside a compressed one for the same day would hide it.
             self._day = newest.day + timedelta(days=1) if newest.compressed else newest.day
         head = (0, GENESIS_HASH)
-        for file in reversed(files):
+        for file in reversed(files):  # the newest with a record: files after it are empty
             line, torn = reader.last_line(file.path)
-            if torn and file is files[-1] and not file.compressed:
-                self._terminate(file.path)
+            if torn and not file.compressed:
+                self._terminate(file.path)  # also one a crash left before an empty new day
             if line is None:
                 continue
             head = _head(line, file.name)
@@ -414,6 +414,8 @@ class AuditLog:
         self._close()
         path = self.directory / reader.file_name(day)
         flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC  # read too: see _follow
+        if not os.path.exists(path):
+            self._sync_older(day)
         try:
             self._fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
             self._adopt(self._fd)
@@ -428,6 +430,20 @@ class AuditLog:
         self._fd_day = self._day = day
         self._size = os.fstat(self._fd).st_size
         self._stamp = os.stat(self.directory).st_mtime_ns
+
+    def _sync_older(self, day: date) -> None:
+        """The day before's file made durable before a record goes to a new one.
+        Another writer's outcome written there without an fsync of its own
+        waits for that writer's next one, while an fsync of the new file
+        covers only the new file: lost in a crash, the older record left a gap
+        between the two files, which verify calls tampering, for good."""
+        older = [f for f in reader.day_files(self.directory) if f.day < day and not f.compressed]
+        if older:
+            fd = os.open(older[-1].path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _create(self, path: Path) -> int:
         """A new file as private as a day file, and as the log's owner's."""
