@@ -544,6 +544,25 @@ def _take_up(holder: PolicyHolder, new: Policy, ingress: Ingress | None) -> None
         ingress.reload_tls(new.listeners)
 
 
+def read_policy(
+    path: Path, old: Policy, data: bytes | None = None, files: Mapping[str, bytes] | None = None
+) -> Policy | None:
+    """The policy as the file (or ``data`` and ``files``) now has it, or None
+    (logged, ``old`` kept) when it is broken."""
+    from relay.policy.load import load
+
+    try:
+        return load(path, data, files)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            log.error("%s", problem)
+    except Exception:
+        log.exception("reload failed")
+    log.error("reload failed: keeping policy %s", old.digest[:12])
+    metrics_status.reload_failed()
+    return None
+
+
 def in_use(new: Policy, old: Policy) -> None:
     """Said once the new policy is what the daemon runs, not when it was read."""
     log.info("policy reloaded: %s (was %s)", new.digest[:12], old.digest[:12])
@@ -555,9 +574,11 @@ def reloaded(
     quiet: bool = False,
     data: bytes | None = None,
     files: Mapping[str, bytes] | None = None,
+    built: Policy | None = None,
 ) -> Policy | None:
     """The policy file (or ``data``, its text, and ``files``, those it reads) read
-    again, or None (logged) when it is broken.
+    again (or ``built``, as ``read_policy`` read it elsewhere), or None (logged)
+    when it is broken.
 
     The listeners stay as the daemon bound them: their settings (auth, allow,
     sizes, immediate) take effect at a restart, in every worker at once; a
@@ -566,19 +587,8 @@ def reloaded(
     The state directory and the audit key stay as opened, for the same reason,
     and so do ``workers`` and ``queue.concurrency`` (each engine fixes an
     upstream's limit when it first delivers there)."""
-    from relay.policy.load import load
-
-    try:
-        read = load(path, data, files)
-    except PolicyError as exc:
-        for problem in exc.problems:
-            log.error("%s", problem)
-        log.error("reload failed: keeping policy %s", old.digest[:12])
-        metrics_status.reload_failed()
-        return None
-    except Exception:
-        log.exception("reload failed: keeping policy %s", old.digest[:12])
-        metrics_status.reload_failed()
+    read = built if built is not None else read_policy(path, old, data, files)
+    if read is None:
         return None
     changed = _listener_changes(old.listeners, read.listeners)
     if changed and not quiet:  # before what the listeners serve until then

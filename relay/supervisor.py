@@ -44,7 +44,7 @@ import uvloop
 from relay import statelock
 from relay.ingress import Sockets
 from relay.metrics import status as metrics_status
-from relay.policy import yamlsource
+from relay.policy import pickled, yamlsource
 from relay.policy.files import RefusedFile
 from relay.policy.model import Policy, Sources
 from relay.server import (
@@ -53,6 +53,7 @@ from relay.server import (
     SharedCounts,
     audit_upkeep,
     in_use,
+    read_policy,
     record_policy,
     reloaded,
     serve,
@@ -110,7 +111,7 @@ class WorkerLink:
         (or one the others do not run)."""
         self._reload = UNREAD  # answered all the same: the supervisor waits for it
         try:
-            self._reload, sources = _handed_over(self._handover.read_bytes())
+            self._reload, sources, built = _handed_over(self._handover.read_bytes())
         except FileNotFoundError:
             log.warning(
                 "worker %d: no policy handed over: a reload is a SIGHUP to the supervisor"
@@ -128,7 +129,14 @@ class WorkerLink:
                 old.digest[:12],
             )
             return None
-        return reloaded(path, old, quiet=True, data=sources.text, files=sources.files)
+        try:
+            read = pickled.loads(built) if built is not None else None
+        except ValueError as exc:  # built again from the text: slower, as good
+            log.warning("worker %d: %s; building it from the text", self.index, exc)
+            read = None
+        if read is not None and read.sources != sources:
+            read = None
+        return reloaded(path, old, quiet=True, data=sources.text, files=sources.files, built=read)
 
     def answer(self, running: Policy) -> None:
         """Tells the supervisor which policy runs here after its reload."""
@@ -365,13 +373,14 @@ class Supervisor:
             log.error("reload failed: %s: keeping policy %s", exc, self.policy.digest[:12])
             metrics_status.reload_failed()
             return
-        new = reloaded(self.policy_path, self.policy, data=data)
-        if new is None or new.sources is None:
+        read = read_policy(self.policy_path, self.policy, data=data)
+        new = None if read is None else reloaded(self.policy_path, self.policy, built=read)
+        if read is None or new is None or new.sources is None:
             return
         self.reloads += 1
         try:
             try:
-                _write_private(self.handover, _handing_over(self.reloads, new.sources))
+                _write_private(self.handover, _handing_over(self.reloads, new.sources, read))
                 _write_private(self.checked, new.sources.text)
             except OSError as exc:
                 log.error("reload failed: cannot hand the policy to the workers: %s", exc)
@@ -518,19 +527,31 @@ def _stop_pending() -> bool:
     return bool(signal.sigpending() & {signal.SIGTERM, signal.SIGINT})
 
 
-def _handing_over(reload: int, sources: Sources) -> bytes:
-    """What the workers build the policy of reload number ``reload`` from."""
+def _handing_over(reload: int, sources: Sources, read: Policy) -> bytes:
+    """What the workers take the policy of reload number ``reload`` from: the
+    policy as the supervisor built it (``relay.policy.pickled``), and the
+    sources, to build it from if that cannot be read."""
     files = {name: base64.b64encode(data).decode() for name, data in sources.files.items()}
-    text = base64.b64encode(sources.text).decode()
-    return json.dumps({"reload": reload, "text": text, "files": files}).encode()
+    handing = {"reload": reload, "text": base64.b64encode(sources.text).decode(), "files": files}
+    try:
+        handing["built"] = base64.b64encode(pickled.dumps(read)).decode()
+    except ValueError as exc:
+        log.warning("%s: the workers build it from its text", exc)
+    return json.dumps(handing).encode()
 
 
-def _handed_over(data: bytes) -> tuple[int, Sources]:
-    """The reload number and the sources in ``_handing_over``'s form; ValueError if not."""
+def _handed_over(data: bytes) -> tuple[int, Sources, bytes | None]:
+    """The reload number, the sources and the built policy in ``_handing_over``'s
+    form (None for a handover without it); ValueError if not."""
     try:
         found = json.loads(data)
         files = {name: base64.b64decode(text) for name, text in found["files"].items()}
-        return int(found["reload"]), Sources(base64.b64decode(found["text"]), files)
+        built = found.get("built")
+        return (
+            int(found["reload"]),
+            Sources(base64.b64decode(found["text"]), files),
+            None if built is None else base64.b64decode(built),
+        )
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"not a policy handed over: {exc!r}") from exc
 
