@@ -86,13 +86,17 @@ def _global(classic: bytes, encoding: str) -> bytes:
 
 
 @pytest.mark.parametrize("encoding", ["8bit", "base64"])
-def test_a_bounce_in_the_utf8_form_of_rfc_6533_reads_as_the_classic_one(encoding: str) -> None:
+@pytest.mark.parametrize("typed", ["rfc822", "utf-8"])
+def test_a_bounce_in_the_utf8_form_of_rfc_6533_reads_as_the_classic_one(
+    encoding: str, typed: str
+) -> None:
     """Its status part and returned message were not looked at: the bounce was
     read from its words alone, with no status, envelope ID or Message-ID, as
     about a message the audit log did not have, and its address was never
-    listed."""
+    listed. Its recipients may have RFC 6533's address type, utf-8."""
     classic = _sample("postfix-two-failed.eml")
-    assert read(_global(classic, encoding)) == read(classic)
+    written = classic.replace(b"-Recipient: rfc822;", f"-Recipient: {typed};".encode())
+    assert read(_global(written, encoding)) == read(classic)
 
 
 def test_an_exchange_ndr_returns_the_original_header_only() -> None:

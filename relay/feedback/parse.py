@@ -89,6 +89,13 @@ _GLOBAL = {
 }
 
 
+# RFC 6533's address type for a recipient in a global status part, which
+# flufl.bounce passes over; an address it cannot take in ASCII it skips anyway
+_UTF8_TYPED = re.compile(
+    rb"^((?:Final|Original)-Recipient[ \t]*:[ \t]*)utf-8[ \t]*;", re.IGNORECASE | re.MULTILINE
+)
+
+
 class _Read(Message):
     """A global part read as a leaf, its body as it came (it may come in
     base64 or quoted-printable): the email package reads a ``message/*`` part
@@ -111,9 +118,11 @@ def _as_classic(msg: Message) -> None:
             classic = _GLOBAL.get(inner.get_content_type()) if isinstance(inner, Message) else None
             if classic is not None:
                 body = inner.get_payload(decode=True)
+                data = body if isinstance(body, bytes) else b""
+                if classic == "message/delivery-status":
+                    data = _UTF8_TYPED.sub(rb"\1rfc822;", data)
                 head = f"Content-Type: {classic}\r\n\r\n".encode()
-                data = head + (body if isinstance(body, bytes) else b"")
-                payload[at] = BytesParser(policy=compat32).parsebytes(data)
+                payload[at] = BytesParser(policy=compat32).parsebytes(head + data)
 
 
 def _is_feedback_report(msg: Message) -> bool:
