@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import datetime
 import io
+import ipaddress
 import os
 import re
 import shutil
@@ -1542,6 +1543,39 @@ def test_a_listen_address_this_host_cannot_bind_is_a_warning(
         f" {address} here ("
     ), said
     assert said[0].endswith(f"){hint}"), said
+
+
+def _link_local() -> tuple[str, str] | None:
+    """A link-local address of this host and its interface, from the kernel's list."""
+    try:
+        lines = Path("/proc/net/if_inet6").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hexed, _, _, scope, _, name = line.split()
+        if scope == "20":
+            return str(ipaddress.ip_address(int(hexed, 16))), name
+    return None
+
+
+def test_a_link_local_listen_address_is_checked_with_its_zone(tmp_path: Path) -> None:
+    """With its zone it was warned of, while serve listened on it; without, the
+    port hint read its last group as a port."""
+    found = _link_local()
+    if found is None:
+        pytest.skip("no link-local address here")
+    address, interface = found
+    for written, said in ((f"'{address}%{interface}'", None), (f"'{address}'", "here (")):
+        path = variant(
+            tmp_path / interface / str(said is None), "address: 127.0.0.1", f"address: {written}"
+        )
+        err = io.StringIO()
+        assert check_main(path, io.StringIO(), err) == 0
+        lines = [line for line in err.getvalue().splitlines() if "listeners[0].address" in line]
+        if said is None:
+            assert lines == []
+        else:
+            assert len(lines) == 1 and said in lines[0] and "is the port" not in lines[0], lines
 
 
 @pytest.mark.timeout(20)

@@ -247,17 +247,28 @@ def _bindable(ctx: Ctx, m: Map, address: str) -> None:
     address (``::0.1.37.37``) and ``::1%lo`` a scope no link-local address
     has, and both passed, for serve to fail at its start. A warning, not a
     mistake in the file: the policy may be checked on another host."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    error = _bind_error(address)
+    if error is None:
+        return
+    message = f"relay serve could not listen on {address} here ({error})"
+    host, _, port = address.rpartition(":")
+    if port.isdigit() and values.is_ip(host) and _bind_error(host) is None:
+        message += f"; if {port} is the port, write address: {host} and port: {port}"
+    ctx.problems.warn(m.get("address"), m.sub("address"), message)
+
+
+def _bind_error(address: str) -> str | None:
+    """Why a socket cannot be bound to ``address`` here, found as serve finds it
+    (a zone kept as the scope of a link-local address); None when it can."""
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((address, 0))
+        family, kind, proto, _, where = socket.getaddrinfo(
+            address, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(where)
     except OSError as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        message = f"relay serve could not listen on {address} here ({reason})"
-        host, _, port = address.rpartition(":")
-        if port.isdigit() and values.is_ip(host):
-            message += f"; if {port} is the port, write address: {host} and port: {port}"
-        ctx.problems.warn(m.get("address"), m.sub("address"), message)
+        return getattr(exc, "strerror", None) or str(exc)
+    return None
 
 
 def _clash(mine: _Socket, other: _Socket) -> str | None:
