@@ -497,9 +497,10 @@ def test_a_message_id_two_tenants_used_is_charged_to_neither_but_by_its_queue_id
         BOUNCE, (Failure("buyer@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>"
     )
     assert _act(loaded, by_message_id) == [
-        "not acted on: messages of more than one tenant have this Message-ID, and the report"
-        f" names none of them by queue ID: {acme_id} (acme/jan), {globex_id} (globex/hank)",
-        "buyer@example.org: recorded with no queue ID, not suppressed",
+        "messages of more than one tenant have this Message-ID, and the report names none"
+        f" of them by queue ID: {acme_id} (acme/jan), {globex_id} (globex/hank)",
+        "buyer@example.org: not acted on, as more than one of them went there:"
+        " recorded with no queue ID, not suppressed",
     ]
     # on record all the same, as a report about a message the log does not have;
     # once, if it comes again, and not for someone neither message went to
@@ -525,6 +526,41 @@ def test_a_message_id_two_tenants_used_is_charged_to_neither_but_by_its_queue_id
     assert _act(loaded, report)[0] == "buyer@example.org: bounced (5.1.1), suppressed"
     assert ("bounced", "buyer@example.org") in audit_events(policy, acme_id)
     assert ("bounced", "buyer@example.org") not in audit_events(policy, globex_id)
+
+
+def test_a_recipient_only_one_tenants_message_went_to_is_acted_on_in_a_shared_report(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A report naming by Message-ID alone a recipient both companies' messages
+    went to, and one only Acme's did: the whole report was held up, and the
+    dead address Acme alone mailed was never listed, nor Jan told."""
+    sink = Sink()
+    globex = INVOICE.replace(b"From: jan@acme.example", b"From: hank@globex.example")
+    with SinkServer(sink) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            acme_id = send(port, INVOICE, ("buyer@example.org", "boss@example.org"))
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.sendmail("hank@globex.example", ["buyer@example.org"], globex)
+            sink.wait(2)
+    loaded = load(policy)
+    report = Report(
+        BOUNCE,
+        (Failure("buyer@example.org", "5.1.1"), Failure("boss@example.org", "5.1.1")),
+        "<inv-4711@erp.acme.example>",
+    )
+    lines = _act(loaded, report)
+    assert lines[1:3] == [
+        "buyer@example.org: not acted on, as more than one of them went there:"
+        " recorded with no queue ID, not suppressed",
+        f"boss@example.org: only {acme_id} (acme/jan) went there:",
+    ]
+    assert lines[3] == "  boss@example.org: bounced (5.1.1), suppressed"
+    assert lines[4].startswith("  jan@acme.example told (notice ")
+    assert _listed(loaded) == {"boss@example.org": (None, "bounce", acme_id)}
+    assert ("bounced", "boss@example.org") in audit_events(policy, acme_id)
+    assert ("bounced", "buyer@example.org") not in audit_events(policy, acme_id)
 
 
 def _records(policy: Policy) -> list[dict]:

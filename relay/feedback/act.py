@@ -172,7 +172,7 @@ def act(
     try:
         original = find_original(policy.audit.directory, report)
     except Ambiguous as exc:
-        return _unattributed(policy, report, recorder, exc)
+        return _by_recipient(policy, report, recorder, suppressions, spool, clock, exc)
     outcome = Outcome(original)
     named = _failures(report, original, outcome.lines)
     failures = _not_own(policy, named)
@@ -198,8 +198,59 @@ def act(
     return outcome
 
 
+def _by_recipient(
+    policy: Policy,
+    report: Report,
+    recorder: Recorder,
+    suppressions: SuppressionFile,
+    spool: Spool,
+    clock: Callable[[], float],
+    ambiguous: Ambiguous,
+) -> Outcome:
+    """A report about a Message-ID messages of several tenants share is acted on
+    for each recipient only one tenant's messages went to, as about the one
+    that went to it; the others are on record with no queue ID
+    (``_unattributed``). A recipient several messages went to held up the
+    others: a dead address only one company mailed was not listed."""
+    mine: dict[str, list[Failure]] = {}
+    left: list[Failure] = []
+    for failure in report.failures:
+        try:
+            found = find_original(
+                policy.audit.directory, dataclasses.replace(report, failures=(failure,))
+            )
+        except Ambiguous:
+            found = None
+        if found is None:
+            left.append(failure)
+        else:
+            mine.setdefault(found.queue_id, []).append(failure)
+    outcome = _unattributed(policy, report, tuple(left), recorder, ambiguous)
+    for failures in mine.values():
+        part = act(
+            policy,
+            dataclasses.replace(report, failures=tuple(failures)),
+            recorder,
+            suppressions,
+            spool,
+            clock,
+        )
+        if part.original is not None:
+            about = part.original
+            named = ", ".join(f.recipient for f in failures)
+            outcome.lines.append(
+                f"{named}: only {about.queue_id} ({about.tenant}/{about.user}) went there:"
+            )
+        outcome.lines.extend(f"  {line}" for line in part.lines)
+    return outcome
+
+
 def _unattributed(
-    policy: Policy, report: Report, recorder: Recorder, ambiguous: Ambiguous
+    policy: Policy,
+    report: Report,
+    failures: tuple[Failure, ...],
+    recorder: Recorder,
+    ambiguous: Ambiguous,
 ) -> Outcome:
     """On record with no queue ID, as a report about a message the log does not
     have is: an auditor looking for the recipient finds that it bounced or
@@ -208,8 +259,8 @@ def _unattributed(
     went to, and one recorded so before (the report delivered again), is not
     recorded."""
     lines = [
-        "not acted on: messages of more than one tenant have this Message-ID, and the"
-        f" report names none of them by queue ID: {ambiguous}"
+        "messages of more than one tenant have this Message-ID, and the report names"
+        f" none of them by queue ID: {ambiguous}"
     ]
     event = "bounced" if report.kind == BOUNCE else "complained"
     before = {
@@ -217,14 +268,17 @@ def _unattributed(
         for r in ambiguous.records
         if r.get("event") == event and not r.get("queue_id") and isinstance(r.get("recipient"), str)
     }
-    for failure in _not_own(policy, report.failures):
+    for failure in _not_own(policy, failures):
         if not any(o.sent_to(failure.recipient) for o in ambiguous.candidates):
             lines.append(f"{failure.recipient}: not recorded: none of its messages went to it")
         elif failure.recipient.lower() in before:
             lines.append(f"{failure.recipient}: already recorded with no queue ID")
         else:
             recorder.add(_record(report, failure, None, report.message_id))
-            lines.append(f"{failure.recipient}: recorded with no queue ID, not suppressed")
+            lines.append(
+                f"{failure.recipient}: not acted on, as more than one of them went there:"
+                " recorded with no queue ID, not suppressed"
+            )
     recorder.flush_sync(None)
     return Outcome(None, lines, ambiguous.candidates)
 
