@@ -39,6 +39,7 @@ from relay.spool import (
     RecipientState,
     Spool,
 )
+from relay.spool.entry import SET_BACK
 from relay.spool.store import NoSuchEntry, SpoolBusy, SpoolError
 from relay.suppression import (
     BOUNCE,
@@ -56,7 +57,6 @@ POLL = 1.0  # longest sleep between looks at the schedule and for kicks
 RESCAN = 60.0  # the spool directory is read again this often, as a safety net
 WARM_MESSAGE = 1 << 20  # larger messages are read back from the spool when their turn comes
 WARM_TOTAL = 16 << 20  # what handed-over messages may hold in memory, all together
-SET_BACK = 1.0  # an entry written further ahead of the clock was written before a step back
 CUT_WAIT = 5.0  # for attempts cut off at the end of the stop grace to put themselves on record
 # the reply recorded for a recipient whose attempt the stop cut off before the
 # upstream answered for it: the relay cannot tell whether the upstream had the

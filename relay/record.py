@@ -123,7 +123,7 @@ class Recorder:
             entry.queue_id,
             address,
             entry.upstream,
-            self.clock() - entry.arrival,
+            max(0.0, self.clock() - entry.arrival),  # not below 0 after a clock set back
             dsn(reply),
             status,
             reply,

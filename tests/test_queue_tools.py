@@ -106,6 +106,21 @@ def test_list_says_when_a_waiting_entry_is_tried_next(spool: Spool) -> None:
     assert not any("next attempt" in block for block in blocks.values())
 
 
+def test_list_after_the_clock_was_set_back_says_when_the_engine_tries_next(spool: Spool) -> None:
+    """Written a day ahead of a clock set back a day, its stored next attempt
+    read as tomorrow, while the engine tried it within its wait."""
+    ahead = time.time() + 86400
+    entry = spoolkit.make_entry(arrival=ahead, next_attempt=ahead + 600)
+    spool.put(entry, MESSAGE)
+    before = time.time()
+    said = listing(spool).splitlines()
+    record = json.loads(listing(spool, as_json=True))
+    after = time.time()
+    shown = next(line.strip() for line in said if "next attempt" in line)
+    assert shown in {f"(next attempt {tools._when(t + 600)})" for t in (before, after)}
+    assert int(before + 600) <= record["next_attempt_time"] <= after + 600
+
+
 def test_list_json_like_postqueue(spool: Spool, two: list[QueueEntry]) -> None:
     records = [json.loads(line) for line in listing(spool, as_json=True).splitlines()]
     assert [r["queue_id"] for r in records] == [e.queue_id for e in two]

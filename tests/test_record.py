@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from relay.audit import AuditError, AuditLog, verify
 from relay.audit import events as ev
 from relay.record import Recorder
+from tests.spoolkit import make_entry
 
 
 def queued(queue_id: str) -> dict:
@@ -133,3 +136,15 @@ async def test_a_failed_shared_append_fails_both_flushes(
     assert appends[1:] == [["C", "D"]]
     assert written(audit_dir) == ["C", "D"]
     assert verify(audit_dir).ok
+
+
+def test_a_delivery_line_after_the_clock_was_set_back_has_no_negative_delay(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its delay was arrival to now: about minus a day for mail that arrived
+    before a step back of a day, which Postfix-minded log readers take as is."""
+    caplog.set_level(logging.INFO, logger="relay")
+    now = time.time()
+    entry = make_entry(arrival=now + 86400)
+    Recorder(None, clock=lambda: now).delivered(entry, "customer@example.net", "250 2.0.0 ok")
+    assert ", delay=0.0, dsn=2.0.0, status=sent" in caplog.text

@@ -15,6 +15,8 @@ from typing import Any
 
 VERSION = 1
 
+# an entry written further ahead of the clock was written before a step back
+SET_BACK = 1.0
 PENDING = "pending"
 DELIVERED = "delivered"
 FAILED = "failed"
@@ -77,6 +79,17 @@ class QueueEntry:
             r.updated for r in self.recipients if r.status == PENDING and r.updated is not None
         ]
         return min(times) if times else self.arrival
+
+    def next_attempt_at(self, now: float) -> float:
+        """The next attempt as the tools show it on the clock as it reads ``now``:
+        for an entry written before the wall clock was set back (ahead of
+        ``now``), its wait counted from now, about when the engine tries it
+        (``relay.engine``); shown as stored, it read as a day off after a
+        step back of a day."""
+        written = self.last_written
+        if written - now <= SET_BACK:
+            return self.next_attempt
+        return now + max(0.0, self.next_attempt - written)
 
     @property
     def finished(self) -> bool:

@@ -79,7 +79,7 @@ def _json_record(entry: QueueEntry) -> dict[str, object]:
         "queue_id": entry.queue_id,
         "arrival_time": int(entry.arrival),
         # 0 is `relay queue retry`'s "due now"; epoch 0 would read as decades overdue
-        "next_attempt_time": int(entry.next_attempt or time.time()),
+        "next_attempt_time": int(entry.next_attempt_at(time.time()) or time.time()),
         "message_size": entry.size,
         "sender": entry.mail_from,
         "recipients": recipients,
@@ -110,8 +110,9 @@ def _write_entry(entry: QueueEntry, out: TextIO) -> None:
             out.write(f"{' ' * _ID_WIDTH}({_printable(rcpt.reply)})\n")
         last_reason = rcpt.reply
         out.write(f"{_RCPT_INDENT}{_printable(rcpt.address)}\n")
-    if not entry.held and entry.next_attempt > time.time():
-        out.write(f"{' ' * _ID_WIDTH}(next attempt {_when(entry.next_attempt)})\n")
+    now = time.time()
+    if not entry.held and entry.next_attempt_at(now) > now:
+        out.write(f"{' ' * _ID_WIDTH}(next attempt {_when(entry.next_attempt_at(now))})\n")
     out.write("\n")
 
 
