@@ -142,6 +142,27 @@ def test_one_login_succeeding_after_another_keeps_the_first_ones_failures_forgot
     assert one.locked("192.0.2.1") == 0.0
 
 
+
+def test_many_other_logins_succeeding_keep_an_erps_corrected_typos_forgotten() -> None:
+    """A worker keeps the successes of as many logins as an address has tries:
+    a dozen other ERPs on one host logging in pushed out the one whose
+    success forgot its typos, and one stray failure then locked them all out."""
+    clock = Clock()
+    shared = table(2, per_client=3)
+    one = AuthFailures(per_client=3, window=60.0, clock=clock, shared=shared.row(0))
+    two = AuthFailures(per_client=3, window=60.0, clock=clock, shared=shared.row(1))
+    two.failed("192.0.2.1", "erp-acme")
+    two.failed("192.0.2.1", "erp-acme")
+    clock.now += 1.0
+    one.succeeded("192.0.2.1", "erp-acme")
+    for n in range(12):
+        clock.now += 1.0
+        one.succeeded("192.0.2.1", f"erp-{n}")
+    assert two.failed("192.0.2.1", "erp-other") is False
+    assert two.failed("192.0.2.1", "erp-other") is False
+    assert two.failed("192.0.2.1", "erp-other") is True
+
+
 def test_a_locked_client_gets_454_without_a_check_also_on_a_new_connection(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -17,8 +17,9 @@ another's without end, logging in rightly after every nine guesses. The
 kernel hands connections to any worker, so the failures are in a
 ``sharedtable``: a worker's slot for an address holds the time and login
 (a hash of the name) of its own last ``PER_CLIENT`` failures there and of
-the last success of as many logins, and every worker reads them all, so a
-client gets its tries once, not once a worker.
+the last success of as many logins (those whose success still forgets a
+failure kept first), and every worker reads them all, so a client gets its
+tries once, not once a worker.
 The log line of each failure names the client for fail2ban.
 """
 
@@ -96,28 +97,39 @@ class AuthFailures:
 
     def failed(self, client: str, login: str | None = None) -> bool:
         """Count a failure at ``login``; whether the address is locked out now."""
-        self._keep(client, FAILURES, _login(login))
+        base = self._row.own(key_of(client), self._done)
+        if base is not None:
+            times, _ = self._part(base, FAILURES)
+            oldest = min(range(self.per_client), key=lambda i: self._row.words[times + i])
+            self._put(base, FAILURES, oldest, _login(login))
         return len(self._recent(client)) >= self.per_client
 
     def succeeded(self, client: str, login: str) -> None:
-        """The address's failures at ``login`` until now are forgotten, in every worker."""
-        self._keep(client, SUCCESSES, _login(login))
-
-    def _keep(self, client: str, part: int, name: int) -> None:
-        """A success or failure at the login ``name`` in this worker's slot for
-        ``client``, in the place of its oldest; a success in that of the same
-        login's, if it has one, so that one login's successes do not push out
-        another's: its failures would count again."""
+        """The address's failures at ``login`` until now are forgotten, in every
+        worker. The success takes the place of the same login's, else of one
+        that forgets no failure still counted, else of the oldest: taking the
+        oldest alone, a dozen other logins succeeding made an ERP's corrected
+        typos count again, and one more failure locked the address out."""
         base = self._row.own(key_of(client), self._done)
         if base is None:
             return
-        words, n = self._row.words, self.per_client
-        times, names = self._part(base, part)
-        places = range(n)
+        words, name = self._row.words, _login(login)
+        times, names = self._part(base, SUCCESSES)
+        places = range(self.per_client)
         same = [i for i in places if words[times + i] and words[names + i] == name]
-        at = same[0] if part == SUCCESSES and same else min(places, key=lambda i: words[times + i])
-        words[names + at] = name  # before the time it goes with
-        words[times + at] = self._now()
+        failures = self._counted(client)
+        spare = [
+            i
+            for i in places
+            if not any(t < words[times + i] and at == words[names + i] for t, at in failures)
+        ]
+        at = (same or spare or [min(places, key=lambda i: words[times + i])])[0]
+        self._put(base, SUCCESSES, at, name)
+
+    def _put(self, base: int, part: int, at: int, name: int) -> None:
+        times, names = self._part(base, part)
+        self._row.words[names + at] = name  # before the time it goes with
+        self._row.words[times + at] = self._now()
 
     def _part(self, base: int, part: int) -> tuple[int, int]:
         """Where the times and where the logins of a slot's successes or failures begin."""
@@ -136,14 +148,19 @@ class AuthFailures:
         """The times of the address's failures within the window, every worker's,
         oldest first, but those at a login that succeeded since."""
         bases = list(self._row.found(key_of(client)))
-        horizon = self._now() - self._window_ms
         successes = [ok for b in bases for ok in self._events(b, SUCCESSES)]
         return sorted(
             t
-            for b in bases
-            for t, name in self._events(b, FAILURES)
-            if t > horizon and not any(at > t and name == ok for at, ok in successes)
+            for t, name in self._counted(client, bases)
+            if not any(at > t and name == ok for at, ok in successes)
         )
+
+    def _counted(self, client: str, bases: list[int] | None = None) -> list[tuple[int, int]]:
+        """(time, login) of the address's failures within the window, every worker's."""
+        if bases is None:
+            bases = list(self._row.found(key_of(client)))
+        horizon = self._now() - self._window_ms
+        return [(t, name) for b in bases for t, name in self._events(b, FAILURES) if t > horizon]
 
     def _events(self, base: int, part: int) -> list[tuple[int, int]]:
         """(time, login) of each success or failure a slot holds (time 0: none;
