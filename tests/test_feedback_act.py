@@ -23,7 +23,7 @@ from relay.record import Recorder
 from relay.spool import Spool, SpoolError
 from relay.suppression import Suppression, SuppressionFile
 from tests.relayproc import RelayProcess
-from tests.sink import DsnSink, DsnSinkServer, Sink, SinkServer, free_port
+from tests.sink import DsnSink, DsnSinkServer, Received, Sink, SinkServer, free_port
 from tests.test_queue_e2e import audit_events, configure, relay_cli, send
 
 INVOICE = (
@@ -469,6 +469,24 @@ def _dsn(returned_header: bytes, recipient: str) -> bytes:
     )
 
 
+def _one_message_id_two_tenants(
+    policy_file: Path, tmp_path: Path, acme_rcpts: tuple[str, ...]
+) -> tuple[Path, str, Received]:
+    """Acme's invoice to ``acme_rcpts`` and Globex's, with the same Message-ID, to
+    buyer@: the policy, Acme's queue ID and its message as the sink got it."""
+    sink = Sink()
+    globex = INVOICE.replace(b"From: jan@acme.example", b"From: hank@globex.example")
+    with SinkServer(sink) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            acme_id = send(port, INVOICE, acme_rcpts)
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.sendmail("hank@globex.example", ["buyer@example.org"], globex)
+            acme_sent = next(m for m in sink.wait(2) if b"jan@acme.example" in m.data)
+    return policy, acme_id, acme_sent
+
+
 def test_a_message_id_two_tenants_used_is_charged_to_neither_but_by_its_queue_id(
     policy_file: Path, tmp_path: Path
 ) -> None:
@@ -477,16 +495,9 @@ def test_a_message_id_two_tenants_used_is_charged_to_neither_but_by_its_queue_id
     tenant's, whose user was told of a customer it never wrote to, while the
     sender kept mailing the address. The relay's Received field, in the header
     the report returns, names the message exactly."""
-    sink = Sink()
-    globex = INVOICE.replace(b"From: jan@acme.example", b"From: hank@globex.example")
-    with SinkServer(sink) as server:
-        port = free_port()
-        policy = configure(policy_file, port, server.port)
-        with RelayProcess(policy, port, tmp_path / "relay.log"):
-            acme_id = send(port, INVOICE, ("buyer@example.org",))
-            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-                client.sendmail("hank@globex.example", ["buyer@example.org"], globex)
-            acme_sent = next(m for m in sink.wait(2) if b"jan@acme.example" in m.data)
+    policy, acme_id, acme_sent = _one_message_id_two_tenants(
+        policy_file, tmp_path, ("buyer@example.org",)
+    )
     loaded = load(policy)
     globex_id = next(
         r["queue_id"]
@@ -534,16 +545,9 @@ def test_a_recipient_only_one_tenants_message_went_to_is_acted_on_in_a_shared_re
     """A report naming by Message-ID alone a recipient both companies' messages
     went to, and one only Acme's did: the whole report was held up, and the
     dead address Acme alone mailed was never listed, nor Jan told."""
-    sink = Sink()
-    globex = INVOICE.replace(b"From: jan@acme.example", b"From: hank@globex.example")
-    with SinkServer(sink) as server:
-        port = free_port()
-        policy = configure(policy_file, port, server.port)
-        with RelayProcess(policy, port, tmp_path / "relay.log"):
-            acme_id = send(port, INVOICE, ("buyer@example.org", "boss@example.org"))
-            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-                client.sendmail("hank@globex.example", ["buyer@example.org"], globex)
-            sink.wait(2)
+    policy, acme_id, _ = _one_message_id_two_tenants(
+        policy_file, tmp_path, ("buyer@example.org", "boss@example.org")
+    )
     loaded = load(policy)
     report = Report(
         BOUNCE,
