@@ -1578,6 +1578,41 @@ def test_a_link_local_listen_address_is_checked_with_its_zone(tmp_path: Path) ->
             assert len(lines) == 1 and said in lines[0] and "is the port" not in lines[0], lines
 
 
+def test_a_link_local_address_zoned_by_name_and_by_index_is_one_address(tmp_path: Path) -> None:
+    """Written %eth0 once and %4 once, two listeners on one port passed the
+    check, and serve then failed: Address already in use."""
+    found = _link_local()
+    if found is None:
+        pytest.skip("no link-local address here")
+    address, interface = found
+    index = socket.if_nametoindex(interface)
+    two = (
+        f"    address: '{address}%{interface}'\n    port: 2525\n"
+        f"  - name: other\n    address: '{address}%{index}'\n    port: 2525\n"
+    )
+    path = variant(tmp_path, "    address: 127.0.0.1\n    port: 2525\n", two)
+    err = io.StringIO()
+    assert check_main(path, io.StringIO(), err) == 78
+    assert f"(both are [{address}%{index}]:2525)" in err.getvalue(), err.getvalue()
+
+
+def test_a_port_after_a_zone_is_no_interface_alias(tmp_path: Path) -> None:
+    """``%eth0:2525`` binds, as an alias of eth0, and serve listened on the port
+    of ``port:``, not on the one written there, without a word."""
+    found = _link_local()
+    if found is None:
+        pytest.skip("no link-local address here")
+    address, interface = found
+    path = variant(tmp_path, "address: 127.0.0.1", f"address: '{address}%{interface}:2525'")
+    err = io.StringIO()
+    assert check_main(path, io.StringIO(), err) == 0
+    said = [line for line in err.getvalue().splitlines() if "listeners[0].address" in line]
+    assert len(said) == 1 and said[0].endswith(
+        f"reads as an interface alias; if 2525 is the port, write address:"
+        f" {address}%{interface} and port: 2525"
+    ), said
+
+
 @pytest.mark.timeout(20)
 def test_a_merge_key_bomb_loads_at_once(tmp_path: Path) -> None:
     """Each anchor merging the one before ten times: 6 KB that expand to 10^9

@@ -27,7 +27,7 @@ from ipaddress import (
 )
 from pathlib import Path
 from types import SimpleNamespace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from yaml.nodes import Node, ScalarNode, SequenceNode
 
@@ -230,8 +230,7 @@ def _addresses(ctx: Ctx, m: Map, address: str, port: int) -> frozenset[_IP]:
     except ValueError:
         pass
     else:
-        _bindable(ctx, m, address)
-        return frozenset({ip})
+        return frozenset({_bindable(ctx, m, address, ip)})
     try:
         infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (OSError, UnicodeError) as exc:
@@ -239,36 +238,62 @@ def _addresses(ctx: Ctx, m: Map, address: str, port: int) -> frozenset[_IP]:
         message = f"cannot resolve {address} ({reason}): relay serve could not listen on it"
         ctx.problems.warn(m.get("address"), m.sub("address"), message)
         return frozenset()
-    return frozenset(ip_address(info[4][0]) for info in infos)
+    return frozenset(_bound_ip(info[4]) for info in infos)
 
 
-def _bindable(ctx: Ctx, m: Map, address: str) -> None:
+def _bindable(ctx: Ctx, m: Map, address: str, ip: _IP) -> _IP:
     """An address this host has, as serve needs it: ``::1:2525`` is an IPv6
     address (``::0.1.37.37``) and ``::1%lo`` a scope no link-local address
     has, and both passed, for serve to fail at its start. A warning, not a
-    mistake in the file: the policy may be checked on another host."""
-    error = _bind_error(address)
-    if error is None:
-        return
-    message = f"relay serve could not listen on {address} here ({error})"
+    mistake in the file: the policy may be checked on another host. What it
+    binds comes back with its zone as the interface's index, so that
+    ``%eth0`` and ``%4`` are one address to the clash check."""
     host, _, port = address.rpartition(":")
-    if port.isdigit() and values.is_ip(host) and _bind_error(host) is None:
-        message += f"; if {port} is the port, write address: {host} and port: {port}"
-    ctx.problems.warn(m.get("address"), m.sub("address"), message)
-
-
-def _bind_error(address: str) -> str | None:
-    """Why a socket cannot be bound to ``address`` here, found as serve finds it
-    (a zone kept as the scope of a link-local address); None when it can."""
+    typed_port = port.isdigit() and values.is_ip(host) and _bind_error(host) is None
     try:
-        family, kind, proto, _, where = socket.getaddrinfo(
-            address, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST
-        )[0]
-        with socket.socket(family, kind, proto) as probe:
+        where = _numeric(address)
+    except OSError as exc:
+        where, error = None, getattr(exc, "strerror", None) or str(exc)
+    else:
+        error = _bind_error(where)
+    hint = f"; if {port} is the port, write address: {host} and port: {port}"
+    message = None
+    if error is not None:
+        message = f"relay serve could not listen on {address} here ({error})"
+    elif typed_port and "%" in host:  # glibc reads a zone eth0:2525 as an alias of eth0
+        message = f"the zone of {address} ends in :{port}, which reads as an interface alias"
+    if message is not None:
+        message += hint if typed_port else ""
+        ctx.problems.warn(m.get("address"), m.sub("address"), message)
+    return ip if where is None else _bound_ip(where)
+
+
+def _numeric(address: str) -> tuple[Any, ...]:
+    """The socket address serve binds for an IP address (a zone kept as the scope)."""
+    return socket.getaddrinfo(
+        address, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST
+    )[0][4]
+
+
+def _bind_error(where: str | tuple[Any, ...]) -> str | None:
+    """Why a socket cannot be bound here to ``where`` (an IP address, or its
+    socket address from ``_numeric``); None when it can."""
+    try:
+        if isinstance(where, str):
+            where = _numeric(where)
+        family = socket.AF_INET6 if len(where) == 4 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.bind(where)
     except OSError as exc:
         return getattr(exc, "strerror", None) or str(exc)
     return None
+
+
+def _bound_ip(where: tuple[Any, ...]) -> _IP:
+    """The IP address of a socket address, with its scope, if any, by index."""
+    if len(where) == 4 and where[3]:
+        return ip_address(f"{where[0]}%{where[3]}")
+    return ip_address(where[0])
 
 
 def _clash(mine: _Socket, other: _Socket) -> str | None:
