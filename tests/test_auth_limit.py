@@ -147,6 +147,28 @@ def test_other_logins_succeeding_keep_an_erps_corrected_typos_forgotten(others: 
     assert two.failed("192.0.2.1", "erp-other") is True
 
 
+def test_more_logins_with_corrected_typos_than_a_slot_keeps_give_way_least() -> None:
+    """Each of more logins than a worker keeps successes of corrected a typo:
+    the oldest success gave way, an ERP's two corrected typos counted again,
+    and one more failure locked every ERP at the address out. The success
+    that forgets the fewest gives way: one typo counts again, not two."""
+    clock = Clock()
+    shared = table(2, per_client=3)
+    one = AuthFailures(per_client=3, window=60.0, clock=clock, shared=shared.row(0))
+    two = AuthFailures(per_client=3, window=60.0, clock=clock, shared=shared.row(1))
+    one.failed("192.0.2.1", "erp-acme")
+    one.failed("192.0.2.1", "erp-acme")
+    clock.now += 1.0
+    one.succeeded("192.0.2.1", "erp-acme")
+    for n in range(3):
+        clock.now += 1.0
+        two.failed("192.0.2.1", f"erp-{n}")
+        clock.now += 1.0
+        one.succeeded("192.0.2.1", f"erp-{n}")
+    assert one.locked("192.0.2.1") == 0.0
+    assert two.failed("192.0.2.1", "erp-other") is False
+
+
 def test_a_locked_client_gets_454_without_a_check_also_on_a_new_connection(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -17,9 +17,9 @@ another's without end, logging in rightly after every nine guesses. The
 kernel hands connections to any worker, so the failures are in a
 ``sharedtable``: a worker's slot for an address holds the time and login
 (a hash of the name) of its own last ``PER_CLIENT`` failures there and of
-the last success of as many logins (those whose success still forgets a
-failure kept first), and every worker reads them all, so a client gets its
-tries once, not once a worker.
+the last success of as many logins (those that forget the most failures
+still counted kept first), and every worker reads them all, so a client
+gets its tries once, not once a worker.
 The log line of each failure names the client for fail2ban.
 """
 
@@ -106,10 +106,11 @@ class AuthFailures:
 
     def succeeded(self, client: str, login: str) -> None:
         """The address's failures at ``login`` until now are forgotten, in every
-        worker. The success takes the place of the same login's, else of one
-        that forgets no failure still counted, else of the oldest: taking the
-        oldest alone, a dozen other logins succeeding made an ERP's corrected
-        typos count again, and one more failure locked the address out."""
+        worker. The success takes the place of the same login's, else of the
+        one that forgets the fewest failures still counted (the oldest of
+        those): taking the oldest, a dozen other logins succeeding made an
+        ERP's nine corrected typos count again, and one more failure locked
+        every ERP at the address out."""
         base = self._row.own(key_of(client), self._done)
         if base is None:
             return
@@ -118,13 +119,12 @@ class AuthFailures:
         places = range(self.per_client)
         same = [i for i in places if words[times + i] and words[names + i] == name]
         failures = self._counted(client)
-        spare = [
-            i
-            for i in places
-            if not any(t < words[times + i] and at == words[names + i] for t, at in failures)
-        ]
-        at = (same or spare or [min(places, key=lambda i: words[times + i])])[0]
-        self._put(base, SUCCESSES, at, name)
+
+        def forgets(i: int) -> tuple[int, int]:
+            ok, at = words[names + i], words[times + i]
+            return sum(1 for t, n in failures if n == ok and t < at), at
+
+        self._put(base, SUCCESSES, same[0] if same else min(places, key=forgets), name)
 
     def _put(self, base: int, part: int, at: int, name: int) -> None:
         times, names = self._part(base, part)
