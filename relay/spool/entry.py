@@ -80,16 +80,15 @@ class QueueEntry:
         ]
         return min(times) if times else self.arrival
 
-    def next_attempt_at(self, now: float) -> float:
-        """The next attempt as the tools show it on the clock as it reads ``now``:
-        for an entry written before the wall clock was set back (ahead of
-        ``now``), its wait counted from now, about when the engine tries it
-        (``relay.engine``); shown as stored, it read as a day off after a
-        step back of a day."""
+    def wait_after_step(self, now: float) -> float | None:
+        """For an entry written before the wall clock was set back (ahead of
+        ``now``), its wait: the engine tries it that long after it first sees
+        it so (``relay.engine``), not at its stored next attempt, a day off
+        after a step back of a day. None for any other entry."""
         written = self.last_written
         if written - now <= SET_BACK:
-            return self.next_attempt
-        return now + max(0.0, self.next_attempt - written)
+            return None
+        return max(0.0, self.next_attempt - written)
 
     @property
     def finished(self) -> bool:

@@ -79,7 +79,7 @@ def _json_record(entry: QueueEntry) -> dict[str, object]:
         "queue_id": entry.queue_id,
         "arrival_time": int(entry.arrival),
         # 0 is `relay queue retry`'s "due now"; epoch 0 would read as decades overdue
-        "next_attempt_time": int(entry.next_attempt_at(time.time()) or time.time()),
+        "next_attempt_time": int(_next_attempt(entry, time.time()) or time.time()),
         "message_size": entry.size,
         "sender": entry.mail_from,
         "recipients": recipients,
@@ -87,6 +87,13 @@ def _json_record(entry: QueueEntry) -> dict[str, object]:
         "user": entry.user,
         "doc_type": entry.doc_type,
     }
+
+
+def _next_attempt(entry: QueueEntry, now: float) -> float:
+    """The stored next attempt, or for an entry stored before the clock was set
+    back the latest the engine tries it: its wait from now."""
+    wait = entry.wait_after_step(now)
+    return entry.next_attempt if wait is None else now + wait
 
 
 def _queue_name(entry: QueueEntry) -> str:
@@ -111,8 +118,14 @@ def _write_entry(entry: QueueEntry, out: TextIO) -> None:
         last_reason = rcpt.reply
         out.write(f"{_RCPT_INDENT}{_printable(rcpt.address)}\n")
     now = time.time()
-    if not entry.held and entry.next_attempt_at(now) > now:
-        out.write(f"{' ' * _ID_WIDTH}(next attempt {_when(entry.next_attempt_at(now))})\n")
+    wait = entry.wait_after_step(now)
+    if not entry.held and wait is not None:
+        out.write(
+            f"{' ' * _ID_WIDTH}(next attempt at most {round(wait)} s after the relay saw it:"
+            f" stored before the clock was set back, as {_when(entry.next_attempt)})\n"
+        )
+    elif not entry.held and entry.next_attempt > now:
+        out.write(f"{' ' * _ID_WIDTH}(next attempt {_when(entry.next_attempt)})\n")
     out.write("\n")
 
 
