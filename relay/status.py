@@ -125,7 +125,12 @@ def _queue(directory: Path) -> str:
         return "queue: empty"
     age = max(active.oldest, deferred.oldest)
     oldest = f"; the oldest came {_age(age)} ago" if age else ""
-    return f"queue: {active.count} not tried yet, {deferred.count} deferred or held{oldest}"
+    # a record changed by a try or by a queue tool: retry and release make an
+    # entry never tried count as the second, which costs a read of every record to tell
+    return (
+        f"queue: {active.count} not tried yet, {deferred.count} deferred, held"
+        f" or rescheduled by hand{oldest}"
+    )
 
 
 def _age(seconds: float) -> str:

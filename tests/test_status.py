@@ -54,7 +54,8 @@ def test_status_follows_the_relay_its_policy_and_its_queue(
         assert re.fullmatch(rf"relay: running, PID {pid} since \S+, {how}", lines[0])
         assert lines[1] == f"policy: {first} in use, as {policy} reads now"
         assert re.fullmatch(  # the second waits for the suspended upstream, or was tried
-            r"queue: (0 not tried yet, 2|1 not tried yet, 1) deferred or held;"
+            r"queue: (0 not tried yet, 2|1 not tried yet, 1) deferred, held or rescheduled by"
+            r" hand;"
             r" the oldest came (under a minute|1 min) ago",
             lines[2],
         ), lines[2]
