@@ -123,6 +123,8 @@ def test_list_after_the_clock_was_set_back_says_when_the_engine_tries_next(spool
         f" was set back, as {tools._when(ahead + 600)})"
     )
     assert int(before + 600) <= record["next_attempt_time"] <= after + 600  # at the latest
+    tools.retry(spool, [entry.queue_id], io.StringIO(), io.StringIO())
+    assert "next attempt" not in listing(spool)  # due now, not "as Thu Jan  1 1970"
 
 
 def test_list_json_like_postqueue(spool: Spool, two: list[QueueEntry]) -> None:

@@ -84,9 +84,10 @@ class QueueEntry:
         """For an entry written before the wall clock was set back (ahead of
         ``now``), its wait: the engine tries it that long after it first sees
         it so (``relay.engine``), not at its stored next attempt, a day off
-        after a step back of a day. None for any other entry."""
+        after a step back of a day. None for any other entry, and for one
+        ``relay queue retry`` made due (next attempt 0)."""
         written = self.last_written
-        if written - now <= SET_BACK:
+        if written - now <= SET_BACK or not self.next_attempt:
             return None
         return max(0.0, self.next_attempt - written)
 
