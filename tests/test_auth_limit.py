@@ -71,6 +71,8 @@ def test_a_success_forgets_the_address_failures_at_that_login() -> None:
     failures.failed("192.0.2.1", "erp-acme")
     clock.now += 1.0
     failures.succeeded("192.0.2.1", "erp-acme")
+    failures.failed("192.0.2.1", "erp-acme")  # the same millisecond: forgiven too
+    clock.now += 1.0
     assert not failures.failed("192.0.2.1", "erp-acme")
     assert not failures.failed("192.0.2.1", "erp-acme")
     assert failures.failed("192.0.2.1", "erp-acme")
@@ -167,6 +169,46 @@ def test_more_logins_with_corrected_typos_than_a_slot_keeps_give_way_least() -> 
         one.succeeded("192.0.2.1", f"erp-{n}")
     assert one.locked("192.0.2.1") == 0.0
     assert two.failed("192.0.2.1", "erp-other") is False
+
+
+def test_failures_forgiven_do_not_push_out_the_guesses_at_another_login() -> None:
+    """A client holding one login's password failed and logged in there, again
+    and again: the forgiven failures took the places of its guesses at
+    another login, which never locked."""
+    clock = Clock()
+    shared = table(2, per_client=3)
+    one = AuthFailures(per_client=3, window=600.0, clock=clock, shared=shared.row(0))
+    one.failed("192.0.2.1", "erp-victim")
+    one.failed("192.0.2.1", "erp-victim")
+    for _ in range(5):
+        clock.now += 1.0
+        one.failed("192.0.2.1", "erp-own")
+        clock.now += 1.0
+        one.succeeded("192.0.2.1", "erp-own")
+    clock.now += 1.0
+    assert one.failed("192.0.2.1", "erp-victim") is True
+
+
+def test_as_many_erps_correcting_a_typo_as_every_worker_keeps_failures_stay_forgiven() -> None:
+    """A worker kept as many successes as an address has tries, while every
+    worker keeps as many failures: twenty ERPs behind one address each
+    correcting a typo, their successes in one worker, had typos count
+    again, and everyone got 454."""
+    clock = Clock()
+    shared = table(2, per_client=3)
+    rows = [
+        AuthFailures(per_client=3, window=600.0, clock=clock, shared=shared.row(i))
+        for i in range(2)
+    ]
+    for n in range(6):
+        clock.now += 1.0
+        rows[n % 2].failed("192.0.2.1", f"erp-{n}")
+        clock.now += 1.0
+        rows[0].succeeded("192.0.2.1", f"erp-{n}")
+    assert rows[0].locked("192.0.2.1") == 0.0
+    clock.now += 1.0
+    assert rows[1].failed("192.0.2.1", "erp-stray") is False
+    assert rows[1].failed("192.0.2.1", "erp-stray") is False
 
 
 def test_a_locked_client_gets_454_without_a_check_also_on_a_new_connection(

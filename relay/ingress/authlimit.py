@@ -17,9 +17,9 @@ another's without end, logging in rightly after every nine guesses. The
 kernel hands connections to any worker, so the failures are in a
 ``sharedtable``: a worker's slot for an address holds the time and login
 (a hash of the name) of its own last ``PER_CLIENT`` failures there and of
-the last success of as many logins (those that forget the most failures
-still counted kept first), and every worker reads them all, so a client
-gets its tries once, not once a worker.
+the last success of as many logins as all workers' failures may name, and
+every worker reads them all, so a client gets its tries once, not once a
+worker.
 The log line of each failure names the client for fail2ban.
 """
 
@@ -96,45 +96,73 @@ class AuthFailures:
         self._checks.leave(CHECKING, client)
 
     def failed(self, client: str, login: str | None = None) -> bool:
-        """Count a failure at ``login``; whether the address is locked out now."""
+        """Count a failure at ``login``; whether the address is locked out now.
+        It takes the place of one no longer counted (past the window, or
+        forgiven by a later success at its login) before the oldest: a client
+        holding one login's password failed and logged in there again and
+        again, and its forgiven failures pushed its guesses at another login
+        out, never locked."""
         base = self._row.own(key_of(client), self._done)
         if base is not None:
-            times, _ = self._part(base, FAILURES)
-            oldest = min(range(self.per_client), key=lambda i: self._row.words[times + i])
-            self._put(base, FAILURES, oldest, _login(login))
+            bases = list(self._row.found(key_of(client)))
+            successes = self._events(bases, SUCCESSES)
+            horizon = self._now() - self._window_ms
+            _, _, count = self._part(base, FAILURES)
+
+            def keeps(i: int) -> tuple[bool, int]:
+                event = self._event(base, FAILURES, i)
+                return _counts(event, successes, horizon), event[0]
+
+            self._put(base, FAILURES, min(range(count), key=keeps), _login(login))
         return len(self._recent(client)) >= self.per_client
 
     def succeeded(self, client: str, login: str) -> None:
-        """The address's failures at ``login`` until now are forgotten, in every
-        worker. The success takes the place of the same login's, else of the
-        one that forgets the fewest failures still counted (the oldest of
-        those): taking the oldest, a dozen other logins succeeding made an
-        ERP's nine corrected typos count again, and one more failure locked
-        every ERP at the address out."""
+        """The address's failures at ``login`` until now are forgiven, in every
+        worker. A worker keeps the last success of as many logins as every
+        worker keeps failures, so that each failure still counted may have
+        its login's: with fewer, a dozen ERPs behind one address correcting a
+        typo each pushed out one another's successes, their typos counted
+        again, and one more failure locked them all out. A success that
+        forgives nothing is not kept; one of the same login is replaced,
+        else one that forgives nothing any more."""
         base = self._row.own(key_of(client), self._done)
         if base is None:
             return
-        words, name = self._row.words, _login(login)
-        times, names = self._part(base, SUCCESSES)
-        places = range(self.per_client)
-        same = [i for i in places if words[times + i] and words[names + i] == name]
-        failures = self._counted(client)
+        name = _login(login)
+        bases = list(self._row.found(key_of(client)))
+        successes = self._events(bases, SUCCESSES)
+        failures = self._events(bases, FAILURES)
+        horizon = self._now() - self._window_ms
+        _, _, count = self._part(base, SUCCESSES)
+        places = range(count)
+        same = [i for i in places if self._event(base, SUCCESSES, i)[1] == name]
+        if not same and not any(_counts(f, successes, horizon) and f[1] == name for f in failures):
+            return
 
-        def forgets(i: int) -> tuple[int, int]:
-            ok, at = words[names + i], words[times + i]
-            return sum(1 for t, n in failures if n == ok and t < at), at
+        def forgives(i: int) -> tuple[int, int]:
+            at, ok = mine = self._event(base, SUCCESSES, i)
+            others = [e for e in successes if e != mine]
+            return sum(
+                1 for t, n in failures if n == ok and t <= at and _counts((t, n), others, horizon)
+            ), at
 
-        self._put(base, SUCCESSES, same[0] if same else min(places, key=forgets), name)
+        self._put(base, SUCCESSES, same[0] if same else min(places, key=forgives), name)
 
     def _put(self, base: int, part: int, at: int, name: int) -> None:
-        times, names = self._part(base, part)
+        times, names, _ = self._part(base, part)
         self._row.words[names + at] = name  # before the time it goes with
         self._row.words[times + at] = self._now()
 
-    def _part(self, base: int, part: int) -> tuple[int, int]:
-        """Where the times and where the logins of a slot's successes or failures begin."""
-        times = base + 2 * self.per_client * part
-        return times, times + self.per_client
+    def _part(self, base: int, part: int) -> tuple[int, int, int]:
+        """Where the times and the logins of a slot's failures or successes begin,
+        and how many it keeps: ``per_client`` failures, then the successes of
+        as many logins as that many failures in each worker may name."""
+        failures = self.per_client
+        if part == FAILURES:
+            return base, base + failures, failures
+        successes = (self._row.table.stride - 1) // 2 - failures
+        times = base + 2 * failures
+        return times, times + successes, successes
 
     @property
     def _window_ms(self) -> int:
@@ -145,37 +173,38 @@ class AuthFailures:
         return int(self.clock() * 1000) + 1
 
     def _recent(self, client: str) -> list[int]:
-        """The times of the address's failures within the window, every worker's,
-        oldest first, but those at a login that succeeded since."""
+        """The times of the address's failures still counted, every worker's,
+        oldest first: within the window, and not forgiven."""
         bases = list(self._row.found(key_of(client)))
-        successes = [ok for b in bases for ok in self._events(b, SUCCESSES)]
-        return sorted(
-            t
-            for t, name in self._counted(client, bases)
-            if not any(at > t and name == ok for at, ok in successes)
-        )
-
-    def _counted(self, client: str, bases: list[int] | None = None) -> list[tuple[int, int]]:
-        """(time, login) of the address's failures within the window, every worker's."""
-        if bases is None:
-            bases = list(self._row.found(key_of(client)))
+        successes = self._events(bases, SUCCESSES)
         horizon = self._now() - self._window_ms
-        return [(t, name) for b in bases for t, name in self._events(b, FAILURES) if t > horizon]
+        return sorted(f[0] for f in self._events(bases, FAILURES) if _counts(f, successes, horizon))
 
-    def _events(self, base: int, part: int) -> list[tuple[int, int]]:
-        """(time, login) of each success or failure a slot holds (time 0: none;
-        the clock starts at the boot)."""
-        words = self._row.words
-        times, names = self._part(base, part)
-        return [
-            (words[times + i], words[names + i]) for i in range(self.per_client) if words[times + i]
-        ]
+    def _event(self, base: int, part: int, i: int) -> tuple[int, int]:
+        """(time, login) of place ``i``: time 0 for none (the clock starts at the boot)."""
+        times, names, _ = self._part(base, part)
+        return self._row.words[times + i], self._row.words[names + i]
+
+    def _events(self, bases: list[int], part: int) -> list[tuple[int, int]]:
+        """Every (time, login) the slots at ``bases`` hold of ``part``."""
+        found = []
+        for base in bases:
+            _, _, count = self._part(base, part)
+            found += [e for e in (self._event(base, part, i) for i in range(count)) if e[0]]
+        return found
 
     def _done(self, base: int) -> bool:
         """A slot whose times are all past the window counts for nothing any more."""
         horizon = self._now() - self._window_ms
-        events = (*self._events(base, SUCCESSES), *self._events(base, FAILURES))
+        events = (*self._events([base], SUCCESSES), *self._events([base], FAILURES))
         return all(t <= horizon for t, _ in events)
+
+
+def _counts(failure: tuple[int, int], successes: list[tuple[int, int]], horizon: int) -> bool:
+    """Whether a failure counts: within the window, and no success at its login
+    since (in the same millisecond included: the order is not known)."""
+    t, name = failure
+    return t > horizon and not any(at >= t and name == ok for at, ok in successes)
 
 
 def _login(name: str | None) -> int:
@@ -183,4 +212,6 @@ def _login(name: str | None) -> int:
 
 
 def table(workers: int, per_client: int = PER_CLIENT, clients: int = CLIENTS) -> SharedTable:
-    return SharedTable("failed logins", workers, clients, 4 * per_client)
+    """A slot: ``per_client`` failures and ``per_client`` times ``workers`` successes, a
+    time and a login each (``AuthFailures._part``)."""
+    return SharedTable("failed logins", workers, clients, 2 * per_client * (1 + workers))
