@@ -30,6 +30,15 @@ def plain(login: str, password: str) -> bytes:
     return b"AUTH PLAIN " + base64.b64encode(f"\0{login}\0{password}".encode())
 
 
+def workers(clock: Clock, window: float = 60.0, count: int = 2) -> list[AuthFailures]:
+    """One address's counts as each of ``count`` workers keeps and reads them."""
+    shared = table(count, per_client=3)
+    return [
+        AuthFailures(per_client=3, window=window, clock=clock, shared=shared.row(i))
+        for i in range(count)
+    ]
+
+
 def test_an_address_is_locked_after_its_failures_within_the_window() -> None:
     clock = Clock()
     failures = AuthFailures(per_client=3, window=60.0, clock=clock)
@@ -108,9 +117,7 @@ def test_failures_in_every_worker_count_together() -> None:
     """The kernel hands each connection to any worker: counted apart, a client
     would get its tries once a worker."""
     clock = Clock()
-    shared = table(2, per_client=3)
-    one = AuthFailures(per_client=3, window=60.0, clock=clock, shared=shared.row(0))
-    two = AuthFailures(per_client=3, window=60.0, clock=clock, shared=shared.row(1))
+    one, two = workers(clock)
     assert one.failed("192.0.2.1", "erp-acme") is False
     clock.now += 10.0
     assert two.failed("192.0.2.1", "erp-acme") is False
@@ -129,14 +136,11 @@ def test_failures_in_every_worker_count_together() -> None:
 @pytest.mark.parametrize("others", [1, 12])
 def test_other_logins_succeeding_keep_an_erps_corrected_typos_forgotten(others: int) -> None:
     """A worker kept only its last success: another login's, after the first's,
-    made the failures the first had cleared in other workers count again. It
-    now keeps as many logins' as an address has tries, those still needed
-    first: a dozen other ERPs on one host logging in pushed out the one whose
-    success forgot its typos, and one stray failure locked them all out."""
+    made the failures the first had cleared in other workers count again; so
+    did a dozen other ERPs on one host logging in, when it kept as many as an
+    address has tries, and one stray failure locked them all out."""
     clock = Clock()
-    shared = table(2, per_client=3)
-    one = AuthFailures(per_client=3, window=60.0, clock=clock, shared=shared.row(0))
-    two = AuthFailures(per_client=3, window=60.0, clock=clock, shared=shared.row(1))
+    one, two = workers(clock)
     two.failed("192.0.2.1", "erp-acme")
     two.failed("192.0.2.1", "erp-acme")
     clock.now += 1.0
@@ -149,15 +153,12 @@ def test_other_logins_succeeding_keep_an_erps_corrected_typos_forgotten(others: 
     assert two.failed("192.0.2.1", "erp-other") is True
 
 
-def test_more_logins_with_corrected_typos_than_a_slot_keeps_give_way_least() -> None:
-    """Each of more logins than a worker keeps successes of corrected a typo:
+def test_more_logins_with_corrected_typos_than_an_address_has_tries_stay_forgiven() -> None:
+    """Each of more logins than a worker kept successes of corrected a typo:
     the oldest success gave way, an ERP's two corrected typos counted again,
-    and one more failure locked every ERP at the address out. The success
-    that forgets the fewest gives way: one typo counts again, not two."""
+    and one more failure locked every ERP at the address out."""
     clock = Clock()
-    shared = table(2, per_client=3)
-    one = AuthFailures(per_client=3, window=60.0, clock=clock, shared=shared.row(0))
-    two = AuthFailures(per_client=3, window=60.0, clock=clock, shared=shared.row(1))
+    one, two = workers(clock)
     one.failed("192.0.2.1", "erp-acme")
     one.failed("192.0.2.1", "erp-acme")
     clock.now += 1.0
@@ -176,8 +177,7 @@ def test_failures_forgiven_do_not_push_out_the_guesses_at_another_login() -> Non
     and again: the forgiven failures took the places of its guesses at
     another login, which never locked."""
     clock = Clock()
-    shared = table(2, per_client=3)
-    one = AuthFailures(per_client=3, window=600.0, clock=clock, shared=shared.row(0))
+    one, _ = workers(clock, window=600.0)
     one.failed("192.0.2.1", "erp-victim")
     one.failed("192.0.2.1", "erp-victim")
     for _ in range(5):
@@ -195,11 +195,7 @@ def test_as_many_erps_correcting_a_typo_as_every_worker_keeps_failures_stay_forg
     correcting a typo, their successes in one worker, had typos count
     again, and everyone got 454."""
     clock = Clock()
-    shared = table(2, per_client=3)
-    rows = [
-        AuthFailures(per_client=3, window=600.0, clock=clock, shared=shared.row(i))
-        for i in range(2)
-    ]
+    rows = workers(clock, window=600.0)
     for n in range(6):
         clock.now += 1.0
         rows[n % 2].failed("192.0.2.1", f"erp-{n}")
