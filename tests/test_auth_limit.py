@@ -189,6 +189,27 @@ def test_failures_forgiven_do_not_push_out_the_guesses_at_another_login() -> Non
     assert one.failed("192.0.2.1", "erp-victim") is True
 
 
+@pytest.mark.parametrize("count", [1, 2])
+def test_failures_at_its_own_login_while_locked_do_not_empty_the_count(count: int) -> None:
+    """Guesses at another login one short of the lock, then, while a check of
+    its own login's right password ran, failures at its own login (answers
+    to AUTH PLAIN challenges left open), then the check's success: the
+    failures had pushed the guesses out, the success forgave them, and as
+    many guesses again went."""
+    clock = Clock()
+    rows = workers(clock, window=600.0, count=count)
+    for n in range(2):
+        clock.now += 1.0
+        rows[n % count].failed("192.0.2.1", "erp-victim")
+    for n in range(3 * count):
+        clock.now += 0.001
+        rows[n % count].failed("192.0.2.1", "erp-own")
+    clock.now += 0.03
+    rows[0].succeeded("192.0.2.1", "erp-own")
+    clock.now += 1.0
+    assert rows[0].failed("192.0.2.1", "erp-victim") is True
+
+
 def test_as_many_erps_correcting_a_typo_as_every_worker_keeps_failures_stay_forgiven() -> None:
     """A worker kept as many successes as an address has tries, while every
     worker keeps as many failures: twenty ERPs behind one address each

@@ -98,10 +98,14 @@ class AuthFailures:
     def failed(self, client: str, login: str | None = None) -> bool:
         """Count a failure at ``login``; whether the address is locked out now.
         It takes the place of one no longer counted (past the window, or
-        forgiven by a later success at its login) before the oldest: a client
-        holding one login's password failed and logged in there again and
-        again, and its forgiven failures pushed its guesses at another login
-        out, never locked."""
+        forgiven by a later success at its login): a client holding one
+        login's password failed and logged in there again and again, and its
+        forgiven failures pushed its guesses at another login out, never
+        locked. A locked address's failures are not kept, so none still
+        counted gives way: failures at its own login sent while its right
+        password was checked, then forgiven, emptied the count of guesses."""
+        if len(self._recent(client)) >= self.per_client:
+            return True
         base = self._row.own(key_of(client), self._done)
         if base is not None:
             bases = list(self._row.found(key_of(client)))
