@@ -210,6 +210,25 @@ def test_failures_at_its_own_login_while_locked_do_not_empty_the_count(count: in
     assert rows[0].failed("192.0.2.1", "erp-victim") is True
 
 
+def test_guesses_checked_during_a_lock_of_forgivable_failures_count() -> None:
+    """Guesses let through before a lock that failures at the client's own
+    login made, ending during it, were dropped; its own login's success then
+    forgave the lock away, and as many guesses again went."""
+    clock = Clock()
+    one, two = workers(clock, window=600.0)
+    for _ in range(3):
+        clock.now += 0.001
+        one.failed("192.0.2.1", "erp-own")
+    assert one.locked("192.0.2.1") > 0
+    for _ in range(2):
+        clock.now += 0.001
+        two.failed("192.0.2.1", "erp-victim")  # checks begun before the lock
+    clock.now += 0.01
+    one.succeeded("192.0.2.1", "erp-own")
+    clock.now += 1.0
+    assert two.failed("192.0.2.1", "erp-victim") is True
+
+
 def test_as_many_erps_correcting_a_typo_as_every_worker_keeps_failures_stay_forgiven() -> None:
     """A worker kept as many successes as an address has tries, while every
     worker keeps as many failures: twenty ERPs behind one address each
@@ -252,6 +271,23 @@ def test_a_locked_client_gets_454_without_a_check_also_on_a_new_connection(
             assert raw.cmd(plain("erp-acme", "demo-password")).startswith("235 ")
     assert "AUTH locked client=127.0.0.1: 3 failed logins in 600 s" in caplog.text
     assert caplog.text.count("AUTH failed client=127.0.0.1") == 3
+
+
+def test_an_answer_to_a_challenge_left_open_while_locked_gets_454_and_counts_nothing() -> None:
+    """Refused without a check (acting for another login), it was counted past
+    the lock, in the places of guesses still being checked."""
+    failures = AuthFailures(per_client=3, window=600.0, delay=0.0, clock=Clock())
+    with Relay([listener()], failures=failures) as relay, Raw(relay.port) as waiting:
+        waiting.ehlo()
+        assert waiting.cmd(b"AUTH PLAIN").startswith("334")
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            for _ in range(3):
+                assert raw.cmd(plain("erp-acme", "guess")).startswith("535 5.7.8 ")
+        counted = len(failures._recent("127.0.0.1"))
+        answer = base64.b64encode(b"other\0erp-acme\0x")
+        assert waiting.cmd(answer).startswith("454 4.7.0 ")
+    assert len(failures._recent("127.0.0.1")) == counted == 3
 
 
 def test_logging_in_rightly_between_guesses_does_not_lift_the_lock_out() -> None:

@@ -144,7 +144,13 @@ class Mechanisms:
             self._tally.add(tally.AUTH, self._listener.name, result)
 
     async def _failed(self, peer: str, login: str | None = None) -> AuthResult:
-        """A 535, after the delay."""
+        """A 535, after the delay, for credentials refused without a check; a
+        454 once the address is locked, with nothing counted. Such an answer
+        to a challenge left open needs no turn, and counted during a lock it
+        filled the places of the guesses still being checked."""
+        wait = self._failures.locked(peer)
+        if wait:
+            return self._lock_reply(peer, wait)
         self._count_failure(peer, login)
         await asyncio.sleep(self._failures.delay)
         return AuthResult(success=False, handled=False)

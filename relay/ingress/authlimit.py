@@ -16,7 +16,7 @@ others: a client holding one login's password could otherwise guess at
 another's without end, logging in rightly after every nine guesses. The
 kernel hands connections to any worker, so the failures are in a
 ``sharedtable``: a worker's slot for an address holds the time and login
-(a hash of the name) of its own last ``PER_CLIENT`` failures there and of
+(a hash of the name) of its own last ``2 * PER_CLIENT`` failures there and of
 the last success of as many logins as all workers' failures may name, and
 every worker reads them all, so a client gets its tries once, not once a
 worker.
@@ -101,11 +101,11 @@ class AuthFailures:
         forgiven by a later success at its login): a client holding one
         login's password failed and logged in there again and again, and its
         forgiven failures pushed its guesses at another login out, never
-        locked. A locked address's failures are not kept, so none still
-        counted gives way: failures at its own login sent while its right
-        password was checked, then forgiven, emptied the count of guesses."""
-        if len(self._recent(client)) >= self.per_client:
-            return True
+        locked. A worker keeps twice as many failures as lock an address:
+        checks let through before a lock end after it, up to as many again,
+        and each must count, or failures at the client's own login, forgiven
+        later, took their places (dropped during the lock, they went
+        uncounted alike)."""
         base = self._row.own(key_of(client), self._done)
         if base is not None:
             bases = list(self._row.found(key_of(client)))
@@ -159,9 +159,10 @@ class AuthFailures:
 
     def _part(self, base: int, part: int) -> tuple[int, int, int]:
         """Where the times and the logins of a slot's failures or successes begin,
-        and how many it keeps: ``per_client`` failures, then the successes of
-        as many logins as that many failures in each worker may name."""
-        failures = self.per_client
+        and how many it keeps: twice ``per_client`` failures, then the
+        successes of as many logins as that many failures in each worker may
+        name."""
+        failures = 2 * self.per_client
         if part == FAILURES:
             return base, base + failures, failures
         successes = (self._row.table.stride - 1) // 2 - failures
@@ -216,6 +217,6 @@ def _login(name: str | None) -> int:
 
 
 def table(workers: int, per_client: int = PER_CLIENT, clients: int = CLIENTS) -> SharedTable:
-    """A slot: ``per_client`` failures and ``per_client`` times ``workers`` successes, a
+    """A slot: twice ``per_client`` failures and as many successes for each worker, a
     time and a login each (``AuthFailures._part``)."""
-    return SharedTable("failed logins", workers, clients, 2 * per_client * (1 + workers))
+    return SharedTable("failed logins", workers, clients, 4 * per_client * (1 + workers))
