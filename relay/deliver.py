@@ -12,6 +12,7 @@ reached. See ``relay.upstream.smtp`` for how SMTP replies are mapped and
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection, Sequence
 
 from relay import tally
@@ -167,8 +168,11 @@ def counted(send: Sender, row: TallyRow) -> Sender:
     fails shows as its upstream's name, which the tenant's counts do not say."""
 
     async def counted_send(upstream: Upstream, *args: object, **kwargs: object) -> Attempt:
+        began = time.time()
         sent = await send(upstream, *args, **kwargs)
         row.add(tally.UPSTREAM, upstream.name, result(sent))
+        if sent.unreachable is None and not sent.crowded:
+            row.reached(upstream.name, began)
         return sent
 
     return counted_send

@@ -207,9 +207,12 @@ class Engine:
         rng: Callable[[], float] = random.random,
         alone: Callable[[], bool] | None = None,
         suppressions: SuppressionFile | None = None,
+        suspended: Callable[[str, float | None], None] | None = None,
     ) -> None:
         """``suppressions``: the worker's list, so that no notice goes to a sender on
-        it and an address is not listed twice."""
+        it and an address is not listed twice. ``suspended``: told each upstream's
+        name as an attempt finds it unusable (when) and as it is lifted (None), for
+        the metrics."""
         self.spool = spool
         self._suppressions = suppressions
         self.policy = policy
@@ -261,6 +264,8 @@ class Engine:
         self._warm_files = 0  # like the bytes, until each one's attempt ends
         self._files = file_budget()
         self._suspensions = Suspensions()
+        self._tell_suspended = suspended
+        self._shown_suspended: dict[str, float] = {}  # upstream name -> its last failure
 
     def submit(self, queue_id: str, when: float | None = None, warm: Warm | None = None) -> None:
         """A new entry in the spool: deliver it at ``when`` (now by default).
@@ -297,6 +302,9 @@ class Engine:
         read at start, when ``relay queue retry``/``release`` kick, and every
         ``RESCAN`` seconds in case a record changed behind the engine's back.
         """
+        if self._tell_suspended is not None:
+            for name in self.policy().upstreams:  # what a worker before this one left
+                self._tell_suspended(name, None)
         seen_kick = self._last_kick()
         scan_wanted = not await self._rescan()
         # the looks' own pace is kept by the monotonic clock: set back an hour,
@@ -380,7 +388,11 @@ class Engine:
             for q, when in found.items()
             if not self._settler.stuck(q)
         }
-        self._suspensions.keep(self._schedule.keys(), self.policy().upstreams.values())
+        upstreams = self.policy().upstreams.values()
+        self._suspensions.keep(self._schedule.keys(), upstreams)
+        held = {u.name for u in upstreams if self._suspensions.suspended(u)}
+        for name in self._shown_suspended.keys() - held:  # a reload changed it
+            self._show_suspension(name, None)
         for memory in (self._unstored, self._locked, self._told, self._ahead):  # gone
             for queue_id in memory.keys() - found.keys():
                 del memory[queue_id]
@@ -780,6 +792,11 @@ class Engine:
         now, wait, unreachable = self.clock(), settings.first_retry, sent.unreachable
         unusable = None if sent.crowded else unreachable is not None
         waiting = self._suspensions.ended(upstream, queue_id, began, unusable, now, wait)
+        if self._suspensions.suspended(upstream):
+            if unusable:
+                self._show_suspension(upstream.name, now)
+        elif was:
+            self._show_suspension(upstream.name, None)
         if unreachable is not None and not was and self._suspensions.suspended(upstream):
             log.warning(
                 "upstream %s suspended: %s; one message is tried every %gs, the others wait for it",
@@ -796,6 +813,19 @@ class Engine:
         for waiter in going:
             self._plan(waiter, now)
         self._wake.set()
+
+    def _show_suspension(self, name: str, failed: float | None) -> None:
+        """For the metrics: the upstream found unusable by an attempt that ended at
+        ``failed`` (the latest, so that another worker's earlier delivery does
+        not hide it), or usable (None)."""
+        if self._tell_suspended is None:
+            return
+        if failed is None:
+            if self._shown_suspended.pop(name, None) is None:
+                return
+        else:
+            self._shown_suspended[name] = failed
+        self._tell_suspended(name, failed)
 
     async def _store(self, entry: QueueEntry) -> None:
         """A deferral the spool refuses is kept in memory instead, and the trouble

@@ -356,7 +356,15 @@ async def serve(
     suppressions = None if policy.suppression is None else SuppressionFile(policy.suppression.file)
     if suppressions is not None:
         _load_suppressions(suppressions)
-    engine = Engine(spool, holder.current, send, recorder, alone=alone, suppressions=suppressions)
+    engine = Engine(
+        spool,
+        holder.current,
+        send,
+        recorder,
+        alone=alone,
+        suppressions=suppressions,
+        suspended=None if tally is None else tally.suspended,
+    )
     rates = None if shared is None else shared.rates.row(index)
     clients = None if shared is None else shared.clients.row(index)
     failures = (

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from relay.sharedtable import SharedTable, key_of
 
-SLOTS = 8192  # counts per worker: ten per listener, three per upstream
+SLOTS = 8192  # counts per worker: ten per listener, five per upstream
 
 CONNECTION = "connection"  # (listener)
 REFUSED = "refused"  # (listener, reason)
@@ -26,6 +26,8 @@ DROPPED = "dropped"  # (listener, reason)
 TLS_FAILED = "tls failed"  # (listener)
 AUTH = "auth"  # (listener, result)
 UPSTREAM = "upstream"  # (upstream, result)
+SUSPENDED = "suspended"  # (upstream): the failure it holds its mail for ended then, ms; 0: none
+REACHED = "reached"  # (upstream): when the last attempt that reached it began, ms
 
 REFUSED_REASONS = ("not_allowed", "too_many", "too_many_from_client")
 DROPPED_REASONS = ("timeout", "errors")
@@ -48,6 +50,17 @@ class Tally:
         words = self._reader.words
         return sum(words[base] for base in self._reader.found(_key(key)))
 
+    def holding(self, upstream: str) -> int:
+        """The workers holding back ``upstream``'s mail that no attempt has reached it
+        since: one worker's suspension is its own, and a worker with no mail for
+        the upstream learns nothing of another's deliveries to it."""
+        words = self._reader.words
+        reached = max(
+            (words[base] for base in self._reader.found(_key((REACHED, upstream)))), default=0
+        )
+        found = self._reader.found(_key((SUSPENDED, upstream)))
+        return sum(1 for base in found if words[base] > reached)
+
 
 class TallyRow:
     def __init__(self, table: SharedTable, index: int) -> None:
@@ -56,13 +69,37 @@ class TallyRow:
 
     def add(self, *key: str) -> None:
         """One more of ``key`` (a name above and its label values)."""
+        base = self._base(key)
+        if base is not None:
+            self._row.words[base] += 1
+
+    def suspended(self, upstream: str, failed: float | None) -> None:
+        """The worker holds back ``upstream``'s mail, its last attempt at it having
+        failed then (``relay.unreachable``), or not (None)."""
+        self._put(0 if failed is None else _ms(failed), SUSPENDED, upstream)
+
+    def reached(self, upstream: str, began: float) -> None:
+        """An attempt that began then reached ``upstream``: whichever worker made it,
+        no suspension from before it holds for the metrics."""
+        self._put(_ms(began), REACHED, upstream)
+
+    def _put(self, value: int, *key: str) -> None:
+        base = self._base(key)
+        if base is not None:
+            self._row.words[base] = value
+
+    def _base(self, key: tuple[str, ...]) -> int | None:
+        """None when the row is full: said in the log once."""
         base = self._bases.get(key)
         if base is None:
             base = self._row.own(_key(key))
-            if base is None:
-                return  # the row is full: said in the log once
-            self._bases[key] = base
-        self._row.words[base] += 1
+            if base is not None:
+                self._bases[key] = base
+        return base
+
+
+def _ms(when: float) -> int:
+    return max(1, round(when * 1000))
 
 
 def _key(key: tuple[str, ...]) -> int:

@@ -20,18 +20,21 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
 from relay import engine as engine_module
+from relay.deliver import counted
 from relay.engine import Attempt, Engine
 from relay.policy.load import load
 from relay.policy.model import Policy
 from relay.record import Recorder
 from relay.spool import Spool
+from relay.tally import Tally
 from relay.unreachable import Suspensions
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
 from tests.spoolkit import make_entry
 from tests.test_engine_settle import until
 from tests.test_engine_warm import message, running
-from tests.test_queue_e2e import configure, send
+from tests.test_metrics import _samples, _value
+from tests.test_queue_e2e import configure, relay_cli, send
 
 MESSAGES = 12
 
@@ -431,3 +434,97 @@ async def test_the_message_that_tries_waits_no_longer_than_the_others(
         await until(lambda: len(tries) >= 4, "four tries")
         stored = spool.load(entry.queue_id)
     assert stored.next_attempt - tries[-1] <= 0.2 + 0.1, stored.next_attempt - tries[-1]
+
+
+class SwitchedSender(DownSender):
+    """Down until ``up`` is set, then taking every recipient."""
+
+    up = False
+
+    async def __call__(self, *args: object, **kwargs: object) -> Attempt:
+        if not self.up:
+            return await super().__call__(*args, **kwargs)
+        rcpts = args[2]
+        assert isinstance(rcpts, list)
+        return Attempt(dict.fromkeys(rcpts, (250, "250 2.0.0 Ok")), None)
+
+
+async def test_the_metrics_say_which_upstream_a_worker_holds_mail_for(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a warning in the log said the smarthost could not be used; an alert had
+    to guess it from deferrals. A worker started in the place of one that held
+    the upstream's mail holds nothing yet, whatever its row said; another
+    worker's delivery after the failure means the upstream is back, and a
+    failure after that, that it is gone again."""
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    queue = dataclasses.replace(policy.queue, first_retry=0.3, max_retry=0.3)
+    down = dataclasses.replace(policy, queue=queue)
+    sender = SwitchedSender()
+    counts = Tally(2)
+    row, other = counts.row(0), counts.row(1)
+    row.suspended("default", time.time())  # left by the worker before
+
+    def held() -> int:
+        return counts.holding("default")
+
+    assert held() == 1
+    engine = Engine(spool, lambda: down, sender, Recorder(None), suspended=row.suspended)
+    async with running(engine):
+        await until(lambda: held() == 0, "the row taken up afresh")
+        entry = make_entry()
+        spool.put(entry, message(1))
+        engine.submit(entry.queue_id)
+        await until(lambda: sender.tries, "a try")
+        assert held() == 1
+        other.reached("default", time.time())
+        assert held() == 0
+        tries = len(sender.tries)
+        await until(lambda: len(sender.tries) > tries, "the next try")
+        assert held() == 1
+        sender.up = True
+        await until(lambda: held() == 0, "reached again")
+        await until(lambda: entry.queue_id not in spool.ids(), "delivered")
+
+
+def test_relay_upstream_suspended_is_served_until_the_upstream_is_back(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    port, upstream, metrics = free_port(), free_port(), free_port()
+    extra = f"workers: 2\nmetrics: {{address: 127.0.0.1, port: {metrics}}}\n"
+    policy = configure(policy_file, port, upstream, extra)
+    policy.write_text(
+        policy.read_text().replace(
+            "first_retry: 0.5, max_retry: 1", "first_retry: 60, max_retry: 60"
+        )
+    )
+
+    def held() -> float:
+        return _value(_samples(metrics), "relay_upstream_suspended", upstream="default")
+
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        wait_for(lambda: f"on http://127.0.0.1:{metrics}/metrics" in relay.log())
+        assert ("relay_upstream_suspended", (("upstream", "default"),)) in _samples(metrics)
+        assert held() == 0
+        with Down(upstream):
+            send(port)
+            wait_for(lambda: "upstream default suspended" in relay.log())
+            assert held() == 1
+        with SinkServer(Sink(), port=upstream) as sink:
+            relay_cli(policy, "queue", "retry", "ALL")
+            assert len(sink.sink.wait(1, timeout=15)) == 1
+            wait_for(lambda: held() == 0)
+
+
+async def test_each_worker_says_when_its_attempts_reached_an_upstream(policy: Policy) -> None:
+    """What lets the metrics know that one worker's suspension is out of date."""
+    counts = Tally(2)
+    sender = SwitchedSender()
+    send = counted(sender, counts.row(1))
+    counts.row(0).suspended("default", time.time())
+    upstream = policy.upstreams["default"]
+    await send(upstream, "jan@acme.example", ["one@example.org"], b"")
+    assert counts.holding("default") == 1  # not reached: no news
+    sender.up = True
+    await send(upstream, "jan@acme.example", ["one@example.org"], b"")
+    assert counts.holding("default") == 0

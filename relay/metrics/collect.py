@@ -277,10 +277,18 @@ class RelayCollector(Collector):
             "Delivery attempts by upstream: sent (taken for someone), deferred, refused.",
             labels=["upstream", "result"],
         )
+        held = GaugeMetricFamily(
+            "relay_upstream_suspended",
+            "Worker processes holding back mail for the upstream: they could not use it, and"
+            " no attempt has reached it since.",
+            labels=["upstream"],
+        )
         for name in sorted(policy.upstreams):
             for result in tally.UPSTREAM_RESULTS:
                 counts.add_metric([name, result], self._counts.total(tally.UPSTREAM, name, result))
+            held.add_metric([name], self._counts.holding(name))
         yield counts
+        yield held
 
 
 def _info(name: str, doc: str, **labels: str) -> Metric:
