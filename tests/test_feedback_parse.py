@@ -280,6 +280,9 @@ def test_exims_generic_status_gives_way_to_the_code_in_its_diagnostic() -> None:
     [
         "postfix-delayed.eml",
         "out-of-office.eml",
+        "out-of-office-colleagues.eml",
+        "auto-acknowledgement.eml",
+        "challenge-inline-copy.eml",
         "spam-to-return-path.eml",
         "garbage.bin",
     ],

@@ -20,8 +20,10 @@ from email.parser import BytesParser, HeaderParser
 from email.policy import compat32
 from email.utils import getaddresses
 
-from flufl.bounce import all_failures
+from flufl.bounce._detectors.llnl import LLNL
 from flufl.bounce._detectors.simplewarning import SimpleWarning
+from flufl.bounce._interfaces import BounceDetector, Recipients
+from flufl.bounce._scan import _DETECTORS
 
 from relay.feedback.report import BOUNCE, COMPLAINT, Failure, Report
 
@@ -183,7 +185,7 @@ def _permanent_failures(msg: Message, own: str | None) -> list[str]:
     del view["From"]
     view["From"] = written if getaddresses([written]) else "<>"
     try:
-        _temporary, permanent = all_failures(view)
+        permanent = _failed(view)
         delayed = SimpleWarning().process(_as_message(own))[0] if own else frozenset()
     except Exception:
         log.warning("bounce detection failed; message read as no bounce", exc_info=True)
@@ -191,6 +193,23 @@ def _permanent_failures(msg: Message, own: str | None) -> list[str]:
     found = {_address(a.decode("ascii", "replace")) for a in permanent - delayed}
     transient = {a.lower() for a in _transient(own or "")}
     return sorted((a for a in found if a and a.lower() not in transient), key=str.lower)
+
+
+# flufl.bounce's detectors in its order but the last: LLNL's, for one site's
+# sendmail of the 1990s, takes any address between two commas on a line for a
+# failure, and so read "my colleague Per, per@buyer.example, or" in an
+# out-of-office reply as a bounce and its sender was told the invoice failed
+_DETECTORS_USED: tuple[type[BounceDetector], ...] = tuple(d for d in _DETECTORS if d is not LLNL)
+
+
+def _failed(view: Message) -> Recipients:
+    """The permanent failures of the first detector with a verdict, as
+    ``flufl.bounce.all_failures`` finds them."""
+    for detector in _DETECTORS_USED:
+        temporary, permanent = detector().process(view)
+        if temporary or permanent:
+            return permanent
+    return frozenset()
 
 
 def _transient(own: str) -> list[str]:
