@@ -10,6 +10,8 @@ import pwd
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.errors import PolicyError, SmtpReply
 from relay.policy.load import load
@@ -22,7 +24,10 @@ from relay.suppression import (
     Suppression,
     SuppressionError,
     SuppressionFile,
+    SuppressionList,
 )
+from relay.suppression.entry import REASONS, time_text
+from relay.suppression.index import Builder
 from tests.policyfiles import variant
 
 WHEN = "2026-03-04T05:06:07.000Z"
@@ -341,3 +346,45 @@ def test_a_document_without_recipients_is_not_previewed_as_all_suppressed(
     text = render(load(policy_file), one, as_json=False)
     assert "BCC added:   jan@acme.example\n" in text
     assert "suppression list" not in text
+
+
+_OPS = st.lists(
+    st.lists(
+        st.tuples(
+            st.booleans(),  # add, else remove
+            st.sampled_from(["a@x.example", "B@x.example", "c@y.example", "d@y.example"]),
+            st.sampled_from([None, "acme", "beta"]),
+            st.sampled_from(REASONS),
+            st.integers(0, 10**12),
+        ),
+        max_size=12,
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_OPS)
+def test_the_index_merges_each_reading_as_the_last_line_wins(batches: list) -> None:
+    """Each batch is what one reading of the file found, merged at its snapshot;
+    a snapshot taken before keeps what it had."""
+    builder = Builder()
+    model: dict[tuple[str, str | None], tuple[str, str]] = {}
+    kept: list[tuple[SuppressionList, dict]] = []
+    for batch in batches:
+        for add, address, tenant, reason, ms in batch:
+            if add:
+                builder.add(address, tenant, reason, time_text(ms))
+                model[address.lower(), tenant] = (reason, time_text(ms))
+            else:
+                builder.remove(address.upper(), tenant)
+                model.pop((address.lower(), tenant), None)
+        kept.append((builder.snapshot(), dict(model)))
+    for snapshot, then in kept:
+        assert len(snapshot) == len(then)
+        for address in ("a@x.example", "b@x.example", "c@y.example", "d@y.example"):
+            for tenant in ("acme", "beta", "gamma"):
+                own = then.get((address, tenant)) or then.get((address, None))
+                found = snapshot.find(address, tenant)
+                got = None if found is None else (found.reason, found.since)
+                assert got == own, (address, tenant)
