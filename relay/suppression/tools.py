@@ -18,7 +18,7 @@ from dataclasses import asdict
 from typing import TextIO
 
 from relay.suppression.entry import MANUAL, Suppression, now
-from relay.suppression.store import SuppressionError, SuppressionFile
+from relay.suppression.store import Listing, SuppressionError, SuppressionFile
 
 EX_BADARG = 2  # as argparse's own refusals
 EX_NOINPUT = 66  # the list cannot be read, as the queue tools' unreadable spool
@@ -44,7 +44,7 @@ def list_main(
     if refusal is not None:
         err.write(f"relay suppression list: {refusal}\n")
         return EX_BADARG
-    snapshot = _read(file, "list", err)
+    snapshot = _read(file, "list", err, addresses or None)
     if snapshot is None:
         return EX_NOINPUT
     wanted = {a.lower() for a in addresses}
@@ -81,24 +81,24 @@ def add_main(
     if refusal is not None:
         err.write(f"relay suppression add: nothing added: {refusal}\n")
         return EX_BADARG
-    snapshot = _read(file, "add", err, adding=True)
-    if snapshot is None:
-        return EX_NOINPUT
-    listed_now = _entries_of(snapshot, addresses)
-    when, new, said = now(), [], []
-    for address in _unique(addresses):
-        listed = next((e for e in listed_now.get(address.lower(), ()) if e.tenant == tenant), None)
-        if listed is not None:
-            said.append(f"{address}: already listed ({_describe(listed)}), left as it is")
-            continue
-        new.append(Suppression(address, tenant, reason, when, note, None, by))
-        said.append(f"{address}: added ({reason}, {_scope(tenant)})")
+    when = now()
+    new = [Suppression(a, tenant, reason, when, note, None, by) for a in _unique(addresses)]
     try:
-        file.add(new)
+        listing = file.add_unlisted(new)
     except SuppressionError as exc:
         err.write(f"relay suppression add: nothing added: {exc}\n")
         return EX_CANTCREAT
-    out.write("".join(f"{_printable(line)}\n" for line in said))
+    _warn(file, listing, err)
+    listed = {e.key: e for e in listing.entries}
+    for entry in new:
+        was = listed.get(entry.key)
+        if was is not None:
+            out.write(
+                _printable(f"{entry.address}: already listed ({_describe(was)}), left as it is")
+                + "\n"
+            )
+        else:
+            out.write(_printable(f"{entry.address}: added ({reason}, {_scope(tenant)})") + "\n")
     return 0
 
 
@@ -118,7 +118,7 @@ def remove_main(
     if refusal is not None:
         err.write(f"relay suppression remove: nothing removed: {refusal}\n")
         return EX_BADARG
-    snapshot = _read(file, "remove", err)
+    snapshot = _read(file, "remove", err, addresses)
     if snapshot is None:
         return EX_NOINPUT
     listed = _entries_of(snapshot, addresses)
@@ -150,25 +150,30 @@ def remove_main(
 
 
 def _read(
-    file: SuppressionFile, verb: str, err: TextIO, *, adding: bool = False
+    file: SuppressionFile, verb: str, err: TextIO, addresses: Sequence[str] | None = None
 ) -> list[Suppression] | None:
-    """The entries, its skipped lines said on ``err``; None (said) when it cannot be read.
+    """The entries (of ``addresses`` only, when given), skipped lines said on
+    ``err``; None (said) when it cannot be read.
 
     A missing file is an empty list, but not in a directory that is not there
     either: a mistyped ``state_directory`` or ``-c`` then answered "is X
-    listed?" with "no" (exit 1). Adding makes the file, and says itself why
-    it cannot."""
+    listed?" with "no" (exit 1)."""
     try:
-        listing = file.entries()
+        listing = file.entries(addresses)
     except SuppressionError as exc:
         err.write(f"relay suppression {verb}: {exc}\n")
         return None
-    if not adding and not listing.entries and not file.path.parent.is_dir():
+    if not listing.entries and not file.path.parent.is_dir():
         err.write(
             f"relay suppression {verb}: {file.path}: no such directory"
             " (has the relay run with this policy?)\n"
         )
         return None
+    _warn(file, listing, err)
+    return listing.entries
+
+
+def _warn(file: SuppressionFile, listing: Listing, err: TextIO) -> None:
     for problem in listing.problems:
         err.write(_printable(f"relay suppression: warning: {problem}") + "\n")
     if listing.unfinished:
@@ -176,7 +181,6 @@ def _read(
             f"relay suppression: warning: {file.path}: the last line has no line end"
             " (cut short, or being written), not read\n"
         )
-    return listing.entries
 
 
 def _refusal(
