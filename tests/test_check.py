@@ -197,3 +197,25 @@ def test_under_the_journal_each_line_has_its_priority(tmp_path: Path) -> None:
         else:
             assert len(lines) == 1 and lines[0].startswith(f"<4>{warned}:"), lines
             assert ": warning: logins.erp.password_hash: a weak hash" in lines[0]
+
+
+def test_check_warns_of_queued_mail_whose_audit_log_is_gone(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """relay serve refuses to start then (exit 73) rather than begin a new chain;
+    check said ok, and an upgrade, or the unit's start, went ahead on it."""
+    from relay.spool import Spool
+    from tests.spoolkit import make_entry
+
+    state = tmp_path / "state"
+    assert check(policy_file).returncode == 0  # a new state directory: nothing to say
+    Spool(state / "queue").put(make_entry(), b"Subject: queued\r\n\r\nbody\r\n")
+    shutil.rmtree(state / "audit", ignore_errors=True)
+    done = check(policy_file)
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"warning: state_directory: the queue holds 1 message(s) but the audit log"
+        f" {state / 'audit'} is gone: relay serve will not start (exit 73)"
+    ) in done.stderr
+    (state / "audit").mkdir()
+    assert "audit log" not in check(policy_file).stderr

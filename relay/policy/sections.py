@@ -52,7 +52,7 @@ from relay.policy.model import (
     UnknownSender,
 )
 from relay.policy.schema import Ctx, Map, choice, hint, items, join, text
-from relay.spool.store import WRITTEN_IN
+from relay.spool.store import WRITTEN_IN, Spool, SpoolError
 
 _PLACEHOLDERS = ("user.name", "user.address", "tenant.name")
 _SAMPLE = {
@@ -655,6 +655,7 @@ def state(ctx: Ctx, root: Map) -> State:
     base = root.read("state_directory", values.file_path) if root.has("state_directory") else None
     base = base or ctx.base / "state"
     _writable(ctx, root, base)
+    _audit_gone(ctx, root, base)
     q = root.map("queue", ("first_retry", "max_retry", "lifetime", "concurrency"))
     first, ceiling = q.number("first_retry", 60), q.number("max_retry", 3600)
     lifetime = q.number("lifetime", 5 * 86400)
@@ -749,6 +750,26 @@ def _writable(ctx: Ctx, root: Map, base: Path) -> None:
         message = f"{user} cannot {what}: relay serve run as {user} would fail"
         ctx.problems.warn(root.get("state_directory"), "state_directory", message)
         return
+
+
+def _audit_gone(ctx: Ctx, root: Map, base: Path) -> None:
+    """``relay serve`` refuses to start on a queue holding mail without its audit
+    log, rather than begin a new chain the mail's records would go in. Said
+    here too: an upgrade, and the unit's start, run ``relay check`` first."""
+    audit = base / "audit"
+    if os.path.lexists(audit):
+        return
+    try:
+        queued = len(Spool(base / "queue", create=False).ids())
+    except SpoolError:
+        return
+    if queued:
+        message = (
+            f"the queue holds {queued} message(s) but the audit log {audit} is gone: relay"
+            " serve will not start (exit 73); restore it from a backup (its chain goes on),"
+            " or make it empty (mkdir) for a new chain"
+        )
+        ctx.problems.warn(root.get("state_directory"), "state_directory", message)
 
 
 def _user() -> str:
