@@ -41,7 +41,7 @@ def _lines(caplog: pytest.LogCaptureFixture, start: str) -> list[str]:
 @pytest.mark.parametrize(
     ("setup", "command", "error", "stage"),
     [
-        (b"", b"MAIL FROM:<x>", "553 5.1.7 ", "EHLO"),
+        (b"", b"MAIL FROM:<x>", "553 5.1.7 ", "MAIL"),  # Postfix's "after MAIL" too
         (b"MAIL FROM:<erp@acme.example>\r\n", b"MAIL FROM:<>", "503 ", "MAIL"),
         (b"", b"RSET x", "501 ", "RSET"),
         (b"", b"VRFY", "501 ", "VRFY"),
@@ -193,6 +193,16 @@ def _idle_after_a_transaction_given_up(raw: Raw) -> None:
     assert raw.cmd(b"RSET").startswith("250")
 
 
+def _idle_after_a_refused_sender(raw: Raw) -> None:
+    assert raw.cmd(b"MAIL FROM:<bad>").startswith("553")
+
+
+def _idle_after_a_refused_recipient(raw: Raw) -> None:
+    """Postfix's "after RCPT": the client's last command, whatever its answer."""
+    assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+    assert raw.cmd(b"RCPT TO:<bad>").startswith("5")
+
+
 TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
 
 
@@ -205,9 +215,11 @@ TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
         (_idle_after_a_transaction_given_up, "RSET", TIMEOUT),
         (_idle_after_a_greeting_again, "EHLO", TIMEOUT),
         (_idle_after_a_login, "AUTH", TIMEOUT),
+        (_idle_after_a_refused_sender, "MAIL", TIMEOUT),
+        (_idle_after_a_refused_recipient, "RCPT", TIMEOUT),
         (
             lambda raw: raw.send(b"BOGUS\r\n" * 10),
-            "EHLO",
+            "UNKNOWN",
             "421 4.7.0 Too many unrecognized commands, closing the connection",
         ),
         (
@@ -219,6 +231,7 @@ TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
     ids=[
         *("idle-after-rcpt", "idle-in-data", "idle-after-a-message", "idle-after-rset"),
         *("idle-after-ehlo-again", "idle-after-auth"),
+        *("idle-after-a-refused-sender", "idle-after-a-refused-recipient"),
         *("unknown-commands", "auth"),
     ],
 )

@@ -44,7 +44,7 @@ import logging
 import re
 import sys
 from base64 import b64decode, b64encode
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
@@ -165,6 +165,19 @@ def _escaped(path: bytes) -> str:
     return repr(path)[2:-1]  # as bytes: \xc3\xb8
 
 
+def _noted(
+    smtp: RelaySMTP, verb: str, method: Callable[[str], Awaitable[None]]
+) -> Callable[[str], Awaitable[None]]:
+    """``method``, the client's command noted first for the log's ``after``."""
+
+    @functools.wraps(method)
+    async def noted(arg: str) -> None:
+        smtp._after = verb
+        await method(arg)
+
+    return noted
+
+
 class RelaySMTP(SMTP):
     # What the stream reader takes as one line: an AUTH line. Every other
     # command is still held to its own limit (``command_size_limits``), DATA
@@ -185,6 +198,9 @@ class RelaySMTP(SMTP):
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
+        self._smtp_methods = {
+            verb: _noted(self, verb, method) for verb, method in self._smtp_methods.items()
+        }
         # aiosmtpd's is one dict for all connections, which each new one clears
         self.command_size_limits = collections.defaultdict(
             lambda: SMTP.command_size_limit, AUTH=AUTH_LINE
@@ -211,9 +227,9 @@ class RelaySMTP(SMTP):
         self._overshoot = 0  # RCPTs of this transaction past the recipient limit
         self._junk = 0  # NOOP, RSET and VRFY commands, counted like the errors
         self._in_data = False  # reading a DATA section
-        # what the session did last outside a transaction, for ``_stage``: a
-        # message's end answered, or a NOOP, RSET, VRFY, STARTTLS or AUTH since;
-        # None at MAIL, EHLO and HELO
+        # the client's last command, for ``_stage``, as Postfix names it: refused
+        # or not, UNKNOWN for one not recognized, END-OF-MESSAGE once a message
+        # is answered; None before the first
         self._after: str | None = None
         self._timed_out = False  # told 421 for being idle
         self._unlogged: tuple[int, str, str] | None = None  # refused MAILs: count, last
@@ -472,25 +488,12 @@ class RelaySMTP(SMTP):
             await self.push(BAD_BASE64)
             return MISSING
 
-    @syntax("HELO hostname")
-    async def smtp_HELO(self, hostname: str) -> None:
-        """aiosmtpd's; the stage ``_stage`` logs is the greeting again."""
-        self._after = None
-        await super().smtp_HELO(hostname)
-
-    @syntax("EHLO hostname")
-    async def smtp_EHLO(self, hostname: str) -> None:
-        """aiosmtpd's; the stage ``_stage`` logs is the greeting again."""
-        self._after = None
-        await super().smtp_EHLO(hostname)
-
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         """aiosmtpd's MAIL; a refusal ends the message here, so ``push`` logs it.
         An ``AUTH=`` parameter (RFC 4954 5, sent by relays that log in) is taken
         and ignored, as ``AUTH=<>``: the relay trusts no one's word for the sender."""
         self._mail_arg = arg or ""
-        self._after = None
         if arg:
             arg = _AUTH_PARAMETER.sub("", arg)
         try:
@@ -550,7 +553,6 @@ class RelaySMTP(SMTP):
         if self._tls_protocol is not None:
             await self.push("554 5.5.1 Error: TLS already active")
             return
-        self._after = "STARTTLS"
         await super().smtp_STARTTLS(arg)
         assert self.session is not None
         handshake_cut = self._tls_protocol is not None and self.session.ssl is None
@@ -563,7 +565,6 @@ class RelaySMTP(SMTP):
             await self.push("503 5.5.1 Error: AUTH not permitted during a mail transaction")
             return
         mechanism, space, rest = (arg or "").partition(" ")
-        self._after = "AUTH"
         await super().smtp_AUTH(mechanism.upper() + space + rest)  # names are case-blind
 
     @syntax("DATA")
@@ -645,6 +646,8 @@ class RelaySMTP(SMTP):
             if better is NON_ASCII:
                 better = self._refuse_non_ascii()
             status = _fit(better)
+            if status.startswith('500 Error: command "'):  # aiosmtpd's, for one unknown
+                self._after = "UNKNOWN"
             if status and status[0] in "45":
                 if not _CODED.match(status):
                     status = _with_code(status)
@@ -693,20 +696,10 @@ class RelaySMTP(SMTP):
             self._tally.add(name, self._listener_name, *labels)
 
     def _stage(self) -> str:
-        """How far the session had come: the last command that took it further."""
-        assert self.session is not None
-        envelope = self.envelope
+        """The client's last command, as Postfix's ``timeout after RCPT`` names it."""
         if self._in_data:
             return "DATA"
-        if envelope is not None and envelope.rcpt_tos:
-            return "RCPT"
-        if envelope is not None and envelope.mail_from is not None:
-            return "MAIL"
-        if self._after is not None:
-            return self._after
-        if self.session.host_name:
-            return "EHLO" if self.session.extended_smtp else "HELO"
-        return "CONNECT"
+        return self._after or "CONNECT"
 
     def _log_if_refused(self, status: str) -> None:
         """A refused MAIL ends its message; a refused RCPT, within a transaction,
@@ -779,22 +772,21 @@ class RelaySMTP(SMTP):
         """aiosmtpd's, counted (see ``JUNK_COMMAND_LIMIT``): a loop of them is answered
         without an error, and so was never ended."""
         await super().smtp_NOOP(arg)
-        self._count_junk("NOOP")
+        self._count_junk()
 
     @syntax("RSET")
     async def smtp_RSET(self, arg: str) -> None:
         """aiosmtpd's, counted as NOOP is."""
         await super().smtp_RSET(arg)
-        self._count_junk("RSET")
+        self._count_junk()
 
     @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str) -> None:
         """aiosmtpd's, counted as NOOP is."""
         await super().smtp_VRFY(arg)
-        self._count_junk("VRFY")
+        self._count_junk()
 
-    def _count_junk(self, command: str) -> None:
-        self._after = command
+    def _count_junk(self) -> None:
         self._junk += 1
         if self._junk > JUNK_COMMAND_LIMIT:
             self._add_error()
