@@ -219,3 +219,22 @@ def test_check_warns_of_queued_mail_whose_audit_log_is_gone(
     ) in done.stderr
     (state / "audit").mkdir()
     assert "audit log" not in check(policy_file).stderr
+
+
+def test_check_reads_an_audit_link_to_nowhere_as_gone_and_a_crash_leftover_as_no_mail(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A link to a mount that did not come up is what serve finds gone; a message
+    file a crash left without its record is one serve's recovery removes."""
+    from relay.spool import Spool
+    from tests.spoolkit import make_entry
+
+    state = tmp_path / "state"
+    spool = Spool(state / "queue")
+    leftover = spool.message_path(make_entry().queue_id)
+    leftover.write_bytes(b"Subject: cut short\r\n")
+    assert "audit log" not in check(policy_file).stderr
+    spool.put(make_entry(), b"Subject: queued\r\n\r\nbody\r\n")
+    shutil.rmtree(state / "audit", ignore_errors=True)
+    (state / "audit").symlink_to(tmp_path / "not-mounted")
+    assert "queue holds 1 message(s) but the audit log" in check(policy_file).stderr

@@ -757,10 +757,10 @@ def _audit_gone(ctx: Ctx, root: Map, base: Path) -> None:
     log, rather than begin a new chain the mail's records would go in. Said
     here too: an upgrade, and the unit's start, run ``relay check`` first."""
     audit = base / "audit"
-    if os.path.lexists(audit):
+    if os.path.exists(audit):  # a link to a mount that did not come up is gone too
         return
     try:
-        queued = len(Spool(base / "queue", create=False).ids())
+        queued = len(Spool(base / "queue", create=False).complete())
     except SpoolError:
         return
     if queued:

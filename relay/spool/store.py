@@ -547,7 +547,7 @@ class Spool:
         another process and are left alone; pass 0 only when no daemon runs.
         """
         cutoff = time.time() - min_age
-        complete = {q for q in self.ids() if self._has_record(q)}
+        complete = set(self.complete())
         for path in self._leftovers(complete):
             with contextlib.suppress(FileNotFoundError):
                 info = path.stat()
@@ -559,6 +559,11 @@ class Spool:
         with contextlib.suppress(OSError):
             (self.directory / "lock").rmdir()  # lock files of an earlier layout, emptied above
         return len(complete)
+
+    def complete(self) -> list[str]:
+        """The IDs of entries with their record: a message file without one is what
+        a crash mid-put left, which ``recover`` removes."""
+        return [q for q in self.ids() if self._has_record(q)]
 
     def _has_record(self, queue_id: str) -> bool:
         """A message queued before records moved into the entry's file has its
