@@ -168,7 +168,7 @@ def counted(send: Sender, row: TallyRow) -> Sender:
     fails shows as its upstream's name, which the tenant's counts do not say."""
 
     async def counted_send(upstream: Upstream, *args: object, **kwargs: object) -> Attempt:
-        began = time.time()
+        began = time.monotonic()
         sent = await send(upstream, *args, **kwargs)
         row.add(tally.UPSTREAM, upstream.name, result(sent))
         if sent.unreachable is None and not sent.crowded:

@@ -207,12 +207,12 @@ class Engine:
         rng: Callable[[], float] = random.random,
         alone: Callable[[], bool] | None = None,
         suppressions: SuppressionFile | None = None,
-        suspended: Callable[[str, float | None], None] | None = None,
+        suspended: Callable[[str, bool], None] | None = None,
     ) -> None:
         """``suppressions``: the worker's list, so that no notice goes to a sender on
         it and an address is not listed twice. ``suspended``: told each upstream's
-        name as an attempt finds it unusable (when) and as it is lifted (None), for
-        the metrics."""
+        name as an attempt finds it unusable (True) and as it is lifted (False),
+        for the metrics."""
         self.spool = spool
         self._suppressions = suppressions
         self.policy = policy
@@ -265,7 +265,7 @@ class Engine:
         self._files = file_budget()
         self._suspensions = Suspensions()
         self._tell_suspended = suspended
-        self._shown_suspended: dict[str, float] = {}  # upstream name -> its last failure
+        self._shown_suspended: set[str] = set()  # upstream names told as suspended
 
     def submit(self, queue_id: str, when: float | None = None, warm: Warm | None = None) -> None:
         """A new entry in the spool: deliver it at ``when`` (now by default).
@@ -304,7 +304,7 @@ class Engine:
         """
         if self._tell_suspended is not None:
             for name in self.policy().upstreams:  # what a worker before this one left
-                self._tell_suspended(name, None)
+                self._tell_suspended(name, False)
         seen_kick = self._last_kick()
         scan_wanted = not await self._rescan()
         # the looks' own pace is kept by the monotonic clock: set back an hour,
@@ -391,8 +391,8 @@ class Engine:
         upstreams = self.policy().upstreams.values()
         self._suspensions.keep(self._schedule.keys(), upstreams)
         held = {u.name for u in upstreams if self._suspensions.suspended(u)}
-        for name in self._shown_suspended.keys() - held:  # a reload changed it
-            self._show_suspension(name, None)
+        for name in self._shown_suspended - held:  # gone from the queue, or a reload
+            self._show_suspension(name, False)
         for memory in (self._unstored, self._locked, self._told, self._ahead):  # gone
             for queue_id in memory.keys() - found.keys():
                 del memory[queue_id]
@@ -794,9 +794,9 @@ class Engine:
         waiting = self._suspensions.ended(upstream, queue_id, began, unusable, now, wait)
         if self._suspensions.suspended(upstream):
             if unusable:
-                self._show_suspension(upstream.name, now)
+                self._show_suspension(upstream.name, True)
         elif was:
-            self._show_suspension(upstream.name, None)
+            self._show_suspension(upstream.name, False)
         if unreachable is not None and not was and self._suspensions.suspended(upstream):
             log.warning(
                 "upstream %s suspended: %s; one message is tried every %gs, the others wait for it",
@@ -814,18 +814,19 @@ class Engine:
             self._plan(waiter, now)
         self._wake.set()
 
-    def _show_suspension(self, name: str, failed: float | None) -> None:
-        """For the metrics: the upstream found unusable by an attempt that ended at
-        ``failed`` (the latest, so that another worker's earlier delivery does
-        not hide it), or usable (None)."""
+    def _show_suspension(self, name: str, held: bool) -> None:
+        """For the metrics: the upstream found unusable just now (told at each such
+        failure, so that another worker's earlier delivery does not hide it), or
+        no longer held back."""
         if self._tell_suspended is None:
             return
-        if failed is None:
-            if self._shown_suspended.pop(name, None) is None:
-                return
+        if held:
+            self._shown_suspended.add(name)
+        elif name in self._shown_suspended:
+            self._shown_suspended.discard(name)
         else:
-            self._shown_suspended[name] = failed
-        self._tell_suspended(name, failed)
+            return
+        self._tell_suspended(name, held)
 
     async def _store(self, entry: QueueEntry) -> None:
         """A deferral the spool refuses is kept in memory instead, and the trouble

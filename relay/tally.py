@@ -16,6 +16,8 @@ policy (listeners and upstreams), never a client's address.
 
 from __future__ import annotations
 
+import time
+
 from relay.sharedtable import SharedTable, key_of
 
 SLOTS = 8192  # counts per worker: ten per listener, five per upstream
@@ -28,6 +30,7 @@ AUTH = "auth"  # (listener, result)
 UPSTREAM = "upstream"  # (upstream, result)
 SUSPENDED = "suspended"  # (upstream): the failure it holds its mail for ended then, ms; 0: none
 REACHED = "reached"  # (upstream): when the last attempt that reached it began, ms
+# both on the monotonic clock
 
 REFUSED_REASONS = ("not_allowed", "too_many", "too_many_from_client")
 DROPPED_REASONS = ("timeout", "errors")
@@ -59,7 +62,7 @@ class Tally:
             (words[base] for base in self._reader.found(_key((REACHED, upstream)))), default=0
         )
         found = self._reader.found(_key((SUSPENDED, upstream)))
-        return sum(1 for base in found if words[base] > reached)
+        return sum(1 for base in found if words[base] and words[base] >= reached)
 
 
 class TallyRow:
@@ -73,14 +76,17 @@ class TallyRow:
         if base is not None:
             self._row.words[base] += 1
 
-    def suspended(self, upstream: str, failed: float | None) -> None:
-        """The worker holds back ``upstream``'s mail, its last attempt at it having
-        failed then (``relay.unreachable``), or not (None)."""
-        self._put(0 if failed is None else _ms(failed), SUSPENDED, upstream)
+    def suspended(self, upstream: str, held: bool) -> None:
+        """The worker's last attempt at ``upstream`` found it unusable just now, and
+        the worker holds back its mail (``relay.unreachable``); or it no longer
+        holds it (False)."""
+        self._put(_ms(time.monotonic()) if held else 0, SUSPENDED, upstream)
 
     def reached(self, upstream: str, began: float) -> None:
-        """An attempt that began then reached ``upstream``: whichever worker made it,
-        no suspension from before it holds for the metrics."""
+        """An attempt that began then (``time.monotonic``) reached ``upstream``:
+        whichever worker made it, no suspension from before it holds for the
+        metrics. The monotonic clock is the same in every process, and a wall
+        clock set back would have dated a later failure before an older reach."""
         self._put(_ms(began), REACHED, upstream)
 
     def _put(self, value: int, *key: str) -> None:

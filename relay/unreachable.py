@@ -37,6 +37,7 @@ class _Suspended:
     wait: float  # first_retry when it was suspended
     trying: str | None = None  # the queue ID of the try under way
     waiting: set[str] = field(default_factory=set)  # queue IDs planned for later
+    tried: set[str] = field(default_factory=set)  # queue IDs whose try found it unusable
 
 
 class Suspensions:
@@ -128,6 +129,7 @@ class Suspensions:
         if suspended is None:
             suspended = self._suspended[upstream] = _Suspended(now, now + wait, wait)
         suspended.until, suspended.wait = now + wait, wait
+        suspended.tried.add(queue_id)
         return None
 
     def suspended(self, upstream: Hashable) -> bool:
@@ -136,8 +138,13 @@ class Suspensions:
     def keep(self, queued: Collection[str], upstreams: Collection[Hashable]) -> None:
         """Forget messages no longer queued (delivered by another worker, deleted,
         expired) and upstreams the policy no longer has (a reload changed their
-        settings): a suspension may last weeks (a revoked account password)."""
-        for queue_id in self._waiting_for.keys() - set(queued):
+        settings): a suspension may last weeks (a revoked account password).
+        A suspension none of whose messages is queued any more is forgotten too:
+        it holds nothing back, and the metrics said the worker held the
+        upstream's mail while its queue was empty. The next message tries at
+        once, as after a start."""
+        queued = set(queued)
+        for queue_id in self._waiting_for.keys() - queued:
             upstream = self._waiting_for.pop(queue_id)
             if upstream in self._suspended:
                 self._suspended[upstream].waiting.discard(queue_id)
@@ -145,6 +152,10 @@ class Suspensions:
             for waiter in self._suspended.pop(upstream, _Suspended(0.0, 0.0, 0.0)).waiting:
                 self._waiting_for.pop(waiter, None)
             self._reached.pop(upstream, None)
+        for upstream, suspended in list(self._suspended.items()):
+            suspended.tried &= queued
+            if not (suspended.tried or suspended.waiting or suspended.trying):
+                del self._suspended[upstream]
 
     def try_now(self, now: float) -> None:
         """A sysadmin asked for the queue now (``relay queue retry``, ``release``):

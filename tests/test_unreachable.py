@@ -300,6 +300,21 @@ def test_messages_gone_and_upstreams_changed_are_forgotten() -> None:
     assert suspensions.ended("up", "Q9", 61.0, False, 62.0, 60.0) == {"Q2"}
 
 
+def test_a_suspension_none_of_whose_messages_is_queued_is_forgotten() -> None:
+    """It held nothing back, yet the metrics said the worker held the upstream's
+    mail, after the queue was deleted or delivered by another worker."""
+    suspensions = Suspensions()
+    _failed_alone(suspensions, "up", 0.0)  # Q0 tried and deferred
+    suspensions.admits("up", "Q1", 1.0, 60.0)  # Q1 waits
+    suspensions.keep(["Q0", "Q1"], ["up"])
+    assert suspensions.suspended("up")
+    suspensions.keep(["Q0"], ["up"])  # the one that tried is still queued
+    assert suspensions.suspended("up")
+    suspensions.keep([], ["up"])
+    assert not suspensions.suspended("up")
+    assert suspensions.admits("up", "Q2", 2.0, 60.0) is None  # tries at once, as after a start
+
+
 def test_a_retry_lets_one_message_try_for_each_suspended_upstream() -> None:
     """Any kick ended every suspension: concurrency connections at once to an
     upstream still down, for a release of one unrelated message."""
@@ -463,7 +478,7 @@ async def test_the_metrics_say_which_upstream_a_worker_holds_mail_for(
     sender = SwitchedSender()
     counts = Tally(2)
     row, other = counts.row(0), counts.row(1)
-    row.suspended("default", time.time())  # left by the worker before
+    row.suspended("default", True)  # left by the worker before
 
     def held() -> int:
         return counts.holding("default")
@@ -477,7 +492,7 @@ async def test_the_metrics_say_which_upstream_a_worker_holds_mail_for(
         engine.submit(entry.queue_id)
         await until(lambda: sender.tries, "a try")
         assert held() == 1
-        other.reached("default", time.time())
+        other.reached("default", time.monotonic())
         assert held() == 0
         tries = len(sender.tries)
         await until(lambda: len(sender.tries) > tries, "the next try")
@@ -516,15 +531,49 @@ def test_relay_upstream_suspended_is_served_until_the_upstream_is_back(
             wait_for(lambda: held() == 0)
 
 
+async def test_a_worker_whose_queue_lost_the_upstreams_mail_holds_nothing(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The metrics said it held the upstream's mail for as long as it lived, after
+    ``relay queue delete`` (or another worker's delivery) took the message away."""
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    monkeypatch.setattr(engine_module, "RESCAN", 0.2)
+    queue = dataclasses.replace(policy.queue, first_retry=3600.0, max_retry=3600.0)
+    down = dataclasses.replace(policy, queue=queue)
+    sender = DownSender()
+    counts = Tally(1)
+    engine = Engine(spool, lambda: down, sender, Recorder(None), suspended=counts.row(0).suspended)
+    async with running(engine):
+        entry = make_entry()
+        spool.put(entry, message(1))
+        engine.submit(entry.queue_id)
+        await until(lambda: sender.tries, "a try")
+        assert counts.holding("default") == 1
+        spool.remove(entry.queue_id)
+        await until(lambda: counts.holding("default") == 0, "the suspension forgotten")
+
+
 async def test_each_worker_says_when_its_attempts_reached_an_upstream(policy: Policy) -> None:
     """What lets the metrics know that one worker's suspension is out of date."""
     counts = Tally(2)
     sender = SwitchedSender()
     send = counted(sender, counts.row(1))
-    counts.row(0).suspended("default", time.time())
+    counts.row(0).suspended("default", True)
+    time.sleep(0.002)  # stamped in milliseconds: a tie goes to the failure
     upstream = policy.upstreams["default"]
     await send(upstream, "jan@acme.example", ["one@example.org"], b"")
     assert counts.holding("default") == 1  # not reached: no news
     sender.up = True
     await send(upstream, "jan@acme.example", ["one@example.org"], b"")
     assert counts.holding("default") == 0
+
+
+def test_a_wall_clock_set_back_does_not_hide_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dated by the wall clock, a failure after a step back of an hour came before
+    another worker's older delivery, and the metrics said nothing was held."""
+    counts = Tally(2)
+    counts.row(1).reached("default", time.monotonic())
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() - 3600)
+    counts.row(0).suspended("default", True)
+    assert counts.holding("default") == 1
