@@ -237,18 +237,20 @@ FEW = 64  # addresses looked for in the bytes; more, and every line is parsed
 
 
 def _lines(chunk: bytes, wanted: set[str] | None) -> Iterator[tuple[int, bytes]]:
-    """The file's whole lines, numbered from 1; with ``wanted``, a few addresses
-    each written as JSON writes a plain address, those that may name one. An
-    address a JSON string would escape, or many, and every line comes."""
+    """The file's whole lines, numbered from 1; with ``wanted``, a few addresses,
+    those that may name one: the address as JSON writes it, or any escape. An
+    address a JSON string must escape, or many, and every line comes."""
     if wanted is None or len(wanted) > FEW or not all(_plain(a) for a in wanted):
         yield from enumerate(chunk.split(b"\n")[: -1 if chunk else 0], 1)
         return
     if not wanted:
         return
     names = b"|".join(re.escape(a.encode("ascii")) for a in sorted(wanted))
+    # a line with an escape may spell the address so (PHP writes "/" as "\/"):
+    # it is parsed too, and the relay's own lines seldom have one
     starts = {
         chunk.rfind(b"\n", 0, m.start()) + 1
-        for m in re.finditer(b'"(?:' + names + b')"', chunk, re.IGNORECASE)
+        for m in re.finditer(b'"(?:' + names + b')"|\\\\', chunk, re.IGNORECASE)
     }
     number, counted = 1, 0
     for start in sorted(starts):
