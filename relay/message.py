@@ -33,14 +33,29 @@ class _Part(Message):
     event loop busy for 5 seconds, growing with the square of its size."""
 
     def _get_params_preserve(self, failobj: object, header: str) -> object:
-        value = self.get(header)
+        value = self._written(header)
         if value is None:
             return failobj
         params = []
-        for piece in split_params(str(value)):
+        for piece in split_params(value):
             name, sep, val = piece.partition("=")
             params.append((name.strip(), val.strip() if sep else ""))
         return decode_params(params)
+
+
+    def _written(self, name: str) -> str | None:
+        """The first ``name`` field's value, its 8-bit bytes read as a header line's
+        are (UTF-8, else Windows-1252): ``get`` hands such a value over as a
+        ``Header`` that prints each byte as U+FFFD, and an attachment rule on
+        "Ordrebekræftelse" missed a file so named in UTF-8 or by a Windows ERP."""
+        name = name.lower()
+        value = next((v for k, v in self._headers if k.lower() == name), None)
+        if isinstance(value, str) and not value.isascii():
+            try:
+                return _line_text(value.encode("ascii", "surrogateescape"))
+            except UnicodeEncodeError:  # text, not bytes the parser carried
+                return value
+        return None if value is None else str(value)
 
 
 _PARAM_BREAKS = re.compile(r'(?<!\\)"|;')
@@ -142,9 +157,9 @@ def decode(value: str) -> str:
         return unfolded
     try:
         return str(make_header(decode_header(unfolded)))
-    except UnicodeDecodeError:  # raw 8-bit text beside an encoded word
+    except (UnicodeDecodeError, LookupError):  # raw 8-bit text, or a charset Python lacks
         return _words_decoded(unfolded)
-    except (ValueError, LookupError, UnicodeError, MessageError):  # a charset named in 8 bits
+    except (ValueError, UnicodeError, MessageError):  # a charset named in 8 bits
         return unfolded
 
 
@@ -157,21 +172,52 @@ def _words_decoded(value: str) -> str:
     email package's decoder takes unencoded parts for ASCII and gave up on
     ``Faktura =?utf-8?q?f=C3=B8r?= Øystein`` (raw UTF-8 as RFC 6532 allows),
     so the notice showed the word as written. White space between two
-    encoded words is dropped (RFC 2047 6.2)."""
+    encoded words is dropped (RFC 2047 6.2). A word in a charset no codec
+    reads is kept as written, and its neighbours are decoded all the same."""
     parts: list[str] = []
-    end = 0
+    end, decoded_before = 0, False
     for word in _WORD.finditer(value):
         between = value[end : word.start()]
-        if not (end and not between.strip()):
-            parts.append(between)
         try:
             (raw, charset), *_ = decode_header(word.group())
-            parts.append(raw.decode(charset or "ascii", "replace"))
+            text, decoded = raw.decode(_codec(charset), "replace"), True
         except (ValueError, LookupError, MessageError):
-            parts.append(word.group())
-        end = word.end()
+            text, decoded = word.group(), False
+        if not (decoded_before and decoded and not between.strip()):
+            parts.append(between)
+        parts.append(text)
+        end, decoded_before = word.end(), decoded
     parts.append(value[end:])
     return "".join(parts)
+
+
+# labels ERPs write that Python's codecs do not know by that name: Java's name
+# for Windows code page 932 (Oracle and JD Edwards write Japanese in it), and
+# Mac and legacy spellings
+_CHARSETS = {
+    "windows-31j": "cp932",
+    "x-sjis": "shift_jis",
+    "x-euc-jp": "euc_jp",
+    "x-gbk": "gbk",
+    "x-mac-roman": "mac_roman",
+    "x-mac-cyrillic": "mac_cyrillic",
+    "x-mac-greek": "mac_greek",
+    "x-mac-turkish": "mac_turkish",
+    "x-mac-centraleurroman": "mac_latin2",
+}
+_ISO_8859 = re.compile(r"(?:iso[-_ ]?)?8859[-_ ](\d{1,2})(?:-[ie])?")
+
+
+def _codec(charset: str | None) -> str:
+    """The codec for an encoded word's charset, its RFC 2231 language
+    (``UTF-8*de``) left off."""
+    if not charset:
+        return "ascii"
+    name = charset.partition("*")[0].strip().lower()
+    iso = _ISO_8859.fullmatch(name)
+    if iso is not None:
+        return f"iso8859_{iso.group(1)}"
+    return _CHARSETS.get(name, name)
 
 
 # Characters the decoder's pattern may scan: ~10 ms; no real header comes near it.

@@ -64,6 +64,33 @@ def test_encoded_words_beside_raw_utf8_are_decoded_where_they_stand(
     assert message.decode(value) == decoded
 
 
+@pytest.mark.parametrize(
+    ("value", "decoded"),
+    [
+        # Java's name for code page 932, as Oracle and JD Edwards label Japanese
+        (
+            "=?windows-31j?B?kL+LgY+RIEludm9pY2UgTm8uNDcxMQ==?=",
+            "\u8acb\u6c42\u66f8 Invoice No.4711",
+        ),
+        ("=?8859_1?Q?f=FCr?=", "f\u00fcr"),
+        ("=?x-mac-roman?Q?caf=8E?=", "caf\u00e9"),
+        ("=?iso-8859-8-i?B?6efl?=", "\u05d9\u05d7\u05d5"),
+        ("=?UTF-8*de?Q?Rechnung_77?=", "Rechnung 77"),  # RFC 2231 5: a language
+        # a word no codec reads stays as written; its neighbour is decoded all the same
+        (
+            "=?ISO-8859-1?Q?Rechnung_f=FCr?= =?x-unknown?Q?_Dez?=",
+            "Rechnung f\u00fcr =?x-unknown?Q?_Dez?=",
+        ),
+    ],
+)
+def test_an_encoded_word_in_a_charset_python_names_otherwise_is_decoded(
+    value: str, decoded: str
+) -> None:
+    """The whole value was kept as written, and an invoice whose subject said so in
+    such a word went out as "other", without its sender's copy."""
+    assert message.decode(value) == decoded
+
+
 def test_an_encoded_word_naming_a_charset_in_8_bits_is_kept_as_written() -> None:
     """Its CharsetError escaped the view: the message got 451 at every try."""
     view = message.read("Subject: =?é?b?=?= 7\r\nFrom: a@b.example\r\n\r\nx\r\n".encode())
@@ -88,6 +115,37 @@ def test_an_attachment_name_the_email_package_cannot_read_is_left_out(dispositio
         b"--b--\r\n"
     )
     assert message.read(raw).attachments == ("invoice.pdf",)
+
+
+CONFIRMATION = "Ordrebekr\u00e6ftelse 4711.pdf"
+CZECH = "Potvrzen\u00ed objedn\u00e1vky \u2013 4711.pdf"
+
+
+@pytest.mark.parametrize(
+    ("written", "top", "name"),
+    [
+        (CONFIRMATION.encode(), False, CONFIRMATION),  # raw UTF-8, RFC 6532
+        (CONFIRMATION.encode("cp1252"), False, CONFIRMATION),  # a Windows ERP's
+        (CONFIRMATION.encode("cp1252"), True, CONFIRMATION),  # the PDF as the message
+        (CZECH.encode(), True, CZECH),
+    ],
+)
+def test_an_attachment_name_in_8_bits_is_read_as_a_header_line_is(
+    written: bytes, top: bool, name: str
+) -> None:
+    """Each 8-bit byte came out as U+FFFD, so a rule on a name in any language but
+    English missed the document, and its sender had no copy."""
+    disposition = b'Content-Disposition: attachment; filename="' + written + b'"\r\n'
+    if top:
+        raw = b"From: a@b.example\r\nContent-Type: application/pdf\r\n" + disposition
+        raw += b"\r\nJVBERi0=\r\n"
+    else:
+        raw = (
+            b'From: a@b.example\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+            b"--b\r\nContent-Type: application/pdf\r\n" + disposition + b"\r\nJVBERi0=\r\n"
+            b"--b--\r\n"
+        )
+    assert message.read(raw).attachments == (name,)
 
 
 PARAM_PIECES = st.sampled_from([";", '"', "\\", "=", " ", "\t", "a", "B", "\r\n ", "=?x?="])
