@@ -42,7 +42,6 @@ class _Part(Message):
             params.append((name.strip(), val.strip() if sep else ""))
         return decode_params(params)
 
-
     def _written(self, name: str) -> str | None:
         """The first ``name`` field's value, its 8-bit bytes read as a header line's
         are (UTF-8, else Windows-1252): ``get`` hands such a value over as a

@@ -345,6 +345,7 @@ def test_a_few_addresses_read_as_the_whole_list_reads_them(tmp_path: Path) -> No
         + _line("gone@example.org", "beta")
         + _line("@").replace('"@"', '"orders\\/eu@x.example"')  # as PHP writes "/"
         + _line("@").replace('"@"', '"sales\\u0026marketing@x.example"')  # as Go writes "&"
+        + _line("@").replace('"@"', '"\u212aari@x.example"')  # a Kelvin sign: k in lower case
         + '{"v":1,"op":"add","address":"gone@exam'  # cut short
     )
     file = SuppressionFile(path)
@@ -356,6 +357,7 @@ def test_a_few_addresses_read_as_the_whole_list_reads_them(tmp_path: Path) -> No
         {"no@x.org"},
         {"orders/eu@x.example"},
         {"Sales&Marketing@x.example"},
+        {"kari@x.example"},
     )
     for wanted in wanted_ones:
         few = file.entries(wanted)
