@@ -33,28 +33,31 @@ class _Part(Message):
     event loop busy for 5 seconds, growing with the square of its size."""
 
     def _get_params_preserve(self, failobj: object, header: str) -> object:
-        value = self._written(header)
+        name = header.lower()
+        value = next((v for k, v in self._headers if k.lower() == name), None)
         if value is None:
             return failobj
         params = []
-        for piece in split_params(value):
+        for piece in split_params(str(value)):
             name, sep, val = piece.partition("=")
-            params.append((name.strip(), val.strip() if sep else ""))
+            params.append((name.strip(), _eight_bit(name, val.strip()) if sep else ""))
         return decode_params(params)
 
-    def _written(self, name: str) -> str | None:
-        """The first ``name`` field's value, its 8-bit bytes read as a header line's
-        are (UTF-8, else Windows-1252): ``get`` hands such a value over as a
-        ``Header`` that prints each byte as U+FFFD, and an attachment rule on
-        "Ordrebekræftelse" missed a file so named in UTF-8 or by a Windows ERP."""
-        name = name.lower()
-        value = next((v for k, v in self._headers if k.lower() == name), None)
-        if isinstance(value, str) and not value.isascii():
-            try:
-                return _line_text(value.encode("ascii", "surrogateescape"))
-            except UnicodeEncodeError:  # text, not bytes the parser carried
-                return value
-        return None if value is None else str(value)
+
+def _eight_bit(name: str, value: str) -> str:
+    """A parameter's 8-bit bytes, which the parser carries as surrogates: read as a
+    header line's are (UTF-8, else Windows-1252) in a plain value, and as
+    Latin-1 in an RFC 2231 one (``filename*=UTF-8''…``), whose own charset
+    ``decode_params`` applies to the bytes. Left as they were, ``get`` handed
+    them over as a ``Header`` printing each as U+FFFD, and an attachment rule
+    on "Ordrebekræftelse" missed a file so named in UTF-8 or by a Windows ERP."""
+    if value.isascii():
+        return value
+    try:
+        raw = value.encode("ascii", "surrogateescape")
+    except UnicodeEncodeError:  # text, not bytes the parser carried
+        return value
+    return raw.decode("latin-1") if "*" in name else _line_text(raw)
 
 
 _PARAM_BREAKS = re.compile(r'(?<!\\)"|;')

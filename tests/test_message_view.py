@@ -148,6 +148,24 @@ def test_an_attachment_name_in_8_bits_is_read_as_a_header_line_is(
     assert message.read(raw).attachments == (name,)
 
 
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        b"filename*=UTF-8''" + CONFIRMATION.encode(),  # raw bytes where %XX belong
+        b"filename*0*=UTF-8''Ordre; filename*1=" + CONFIRMATION[5:].encode(),
+        b"filename*=iso-8859-1''" + CONFIRMATION.encode("latin-1"),
+    ],
+)
+def test_an_rfc_2231_name_in_8_bits_is_read_in_its_own_charset(parameters: bytes) -> None:
+    raw = (
+        b'From: a@b.example\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; "
+        + parameters
+        + b"\r\n\r\nJVBERi0=\r\n--b--\r\n"
+    )
+    assert message.read(raw).attachments == (CONFIRMATION,)
+
+
 PARAM_PIECES = st.sampled_from([";", '"', "\\", "=", " ", "\t", "a", "B", "\r\n ", "=?x?="])
 
 
