@@ -197,6 +197,15 @@ def _idle_after_a_refused_sender(raw: Raw) -> None:
     assert raw.cmd(b"MAIL FROM:<bad>").startswith("553")
 
 
+def _idle_after_a_non_ascii_sender(raw: Raw) -> None:
+    """Refused by aiosmtpd before its MAIL method runs: it was logged "after EHLO"."""
+    assert raw.cmd("MAIL FROM:<\u00f8@acme.example>".encode()).startswith("501 5.6.7")
+
+
+def _idle_after_a_line_that_is_no_command(raw: Raw) -> None:
+    assert raw.cmd(b"\xff\xfe x").startswith("500")
+
+
 def _idle_after_a_refused_recipient(raw: Raw) -> None:
     """Postfix's "after RCPT": the client's last command, whatever its answer."""
     assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
@@ -217,6 +226,8 @@ TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
         (_idle_after_a_login, "AUTH", TIMEOUT),
         (_idle_after_a_refused_sender, "MAIL", TIMEOUT),
         (_idle_after_a_refused_recipient, "RCPT", TIMEOUT),
+        (_idle_after_a_non_ascii_sender, "MAIL", TIMEOUT),
+        (_idle_after_a_line_that_is_no_command, "UNKNOWN", TIMEOUT),
         (
             lambda raw: raw.send(b"BOGUS\r\n" * 10),
             "UNKNOWN",
@@ -232,6 +243,7 @@ TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
         *("idle-after-rcpt", "idle-in-data", "idle-after-a-message", "idle-after-rset"),
         *("idle-after-ehlo-again", "idle-after-auth"),
         *("idle-after-a-refused-sender", "idle-after-a-refused-recipient"),
+        *("idle-after-a-non-ascii-sender", "idle-after-no-command"),
         *("unknown-commands", "auth"),
     ],
 )

@@ -100,6 +100,14 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 _HANDLE_CLIENT = SMTP._handle_client.__code__
+# aiosmtpd's refusals of a command it has read but not handed to its method
+_BEFORE_DISPATCH = frozenset(
+    {
+        "500 Error: strict ASCII mode",
+        "554 Command refused due to lack of security",
+        "530 Must issue a STARTTLS command first",
+    }
+)
 
 # aiosmtpd's replies without an RFC 3463 code, with one (RFC 2034: every reply
 # but the greeting, HELO's and EHLO's once ENHANCEDSTATUSCODES is offered).
@@ -642,12 +650,11 @@ class RelaySMTP(SMTP):
         if self.transport is None:
             return  # the connection has ended: nothing to answer
         if isinstance(status, str):
+            self._note_refused_command(status)
             better = self._better.get(status, status)
             if better is NON_ASCII:
                 better = self._refuse_non_ascii()
             status = _fit(better)
-            if status.startswith('500 Error: command "'):  # aiosmtpd's, for one unknown
-                self._after = "UNKNOWN"
             if status and status[0] in "45":
                 if not _CODED.match(status):
                     status = _with_code(status)
@@ -756,6 +763,17 @@ class RelaySMTP(SMTP):
             else:
                 self._log_refused_recipient(path, reply)
         return reply
+
+    def _note_refused_command(self, status: str) -> None:
+        """A command aiosmtpd refuses before it calls its method is noted here, for
+        the log's ``after``: a MAIL with a non-ASCII address, a command over its
+        call limit or before STARTTLS, one not recognized. A line too long is
+        not read whole, and leaves the last command as it was."""
+        if status.startswith('500 Error: command "') or status == "500 Error: bad syntax":
+            self._after = "UNKNOWN"
+        elif status in _BEFORE_DISPATCH or status.endswith(" sent too many times"):
+            verb = self._command_line().partition(b" ")[0].decode("ascii", "replace").upper()
+            self._after = verb if verb in self._smtp_methods else "UNKNOWN"
 
     def _command_line(self) -> bytes:
         """The command line aiosmtpd's ``_handle_client`` is handling, up the call
