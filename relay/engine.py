@@ -371,7 +371,8 @@ class Engine:
         self._planned_in_scan = {}
         found: dict[str, tuple[float, float] | float]
         try:
-            found = dict(await asyncio.to_thread(self._read_schedule))
+            read, held = await asyncio.to_thread(self._read_schedule)
+            found = dict(read)
             found.update(self._planned_in_scan)
         except (SpoolError, OSError) as exc:
             if str(exc) != self._scan_error:
@@ -389,9 +390,10 @@ class Engine:
             if not self._settler.stuck(q)
         }
         upstreams = self.policy().upstreams.values()
-        self._suspensions.keep(self._schedule.keys(), upstreams)
-        held = {u.name for u in upstreams if self._suspensions.suspended(u)}
-        for name in self._shown_suspended - held:  # gone from the queue, or a reload
+        # a held message keeps its suspension: released, all of them tried at once
+        self._suspensions.keep(self._schedule.keys() | held, upstreams)
+        suspended = {u.name for u in upstreams if self._suspensions.suspended(u)}
+        for name in self._shown_suspended - suspended:  # gone from the queue, or a reload
             self._show_suspension(name, False)
         for memory in (self._unstored, self._locked, self._told, self._ahead):  # gone
             for queue_id in memory.keys() - found.keys():
@@ -399,13 +401,19 @@ class Engine:
         self._reindex()
         return True
 
-    def _read_schedule(self) -> dict[str, tuple[float, float]]:
-        """Every entry's next attempt and when it was last written, from the spool;
-        on the way, free files kept too long go (``Spool.trim_recycled``)."""
+    def _read_schedule(self) -> tuple[dict[str, tuple[float, float]], set[str]]:
+        """Every entry's next attempt and when it was last written, from the spool,
+        and the IDs of those on hold; on the way, free files kept too long go
+        (``Spool.trim_recycled``)."""
         self.spool.trim_recycled()
-        return {
-            e.queue_id: (e.next_attempt, e.last_written) for e in self.spool.entries() if not e.held
-        }
+        schedule: dict[str, tuple[float, float]] = {}
+        held: set[str] = set()
+        for e in self.spool.entries():
+            if e.held:
+                held.add(e.queue_id)
+            else:
+                schedule[e.queue_id] = (e.next_attempt, e.last_written)
+        return schedule, held
 
     def _next_attempt(self, queue_id: str, next_attempt: float, written: float) -> float:
         """The entry's next attempt on the clock as it reads now. An entry written

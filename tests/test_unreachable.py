@@ -553,6 +553,31 @@ async def test_a_worker_whose_queue_lost_the_upstreams_mail_holds_nothing(
         await until(lambda: counts.holding("default") == 0, "the suspension forgotten")
 
 
+async def test_a_suspension_whose_mail_is_on_hold_holds(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forgotten while every message was held, the suspension let each released
+    message connect to the upstream still down, where it lets one try."""
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    monkeypatch.setattr(engine_module, "RESCAN", 0.2)
+    queue = dataclasses.replace(policy.queue, first_retry=3600.0, max_retry=3600.0)
+    down = dataclasses.replace(policy, queue=queue)
+    sender = DownSender()
+    counts = Tally(1)
+    engine = Engine(spool, lambda: down, sender, Recorder(None), suspended=counts.row(0).suspended)
+    async with running(engine):
+        entry = make_entry()
+        spool.put(entry, message(1))
+        engine.submit(entry.queue_id)
+        await until(lambda: sender.tries, "a try")
+        with spool.lock(entry.queue_id):
+            held = spool.load(entry.queue_id)
+            held.held = True
+            spool.update(held)
+        await asyncio.sleep(0.6)  # rescans
+        assert counts.holding("default") == 1
+
+
 async def test_each_worker_says_when_its_attempts_reached_an_upstream(policy: Policy) -> None:
     """What lets the metrics know that one worker's suspension is out of date."""
     counts = Tally(2)
