@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 import signal
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import AsyncIterator, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from relay.engine import Attempt, Engine
 from relay.policy.load import load
 from relay.policy.model import Policy
 from relay.record import Recorder
-from relay.spool import Spool
+from relay.spool import QueueEntry, Spool
 from relay.tally import Tally
 from relay.unreachable import Suspensions
 from tests.relayproc import RelayProcess, wait_for
@@ -531,11 +532,12 @@ def test_relay_upstream_suspended_is_served_until_the_upstream_is_back(
             wait_for(lambda: held() == 0)
 
 
-async def test_a_worker_whose_queue_lost_the_upstreams_mail_holds_nothing(
+@contextlib.asynccontextmanager
+async def suspended_by_one_try(
     spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The metrics said it held the upstream's mail for as long as it lived, after
-    ``relay queue delete`` (or another worker's delivery) took the message away."""
+) -> AsyncIterator[tuple[QueueEntry, Tally]]:
+    """An engine whose one message found its upstream down, rescanning five times a
+    second: the message, and the shared counts the engine tells."""
     monkeypatch.setattr(engine_module, "POLL", 0.05)
     monkeypatch.setattr(engine_module, "RESCAN", 0.2)
     queue = dataclasses.replace(policy.queue, first_retry=3600.0, max_retry=3600.0)
@@ -549,6 +551,15 @@ async def test_a_worker_whose_queue_lost_the_upstreams_mail_holds_nothing(
         engine.submit(entry.queue_id)
         await until(lambda: sender.tries, "a try")
         assert counts.holding("default") == 1
+        yield entry, counts
+
+
+async def test_a_worker_whose_queue_lost_the_upstreams_mail_holds_nothing(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The metrics said it held the upstream's mail for as long as it lived, after
+    ``relay queue delete`` (or another worker's delivery) took the message away."""
+    async with suspended_by_one_try(spool, policy, monkeypatch) as (entry, counts):
         spool.remove(entry.queue_id)
         await until(lambda: counts.holding("default") == 0, "the suspension forgotten")
 
@@ -558,18 +569,7 @@ async def test_a_suspension_whose_mail_is_on_hold_holds(
 ) -> None:
     """Forgotten while every message was held, the suspension let each released
     message connect to the upstream still down, where it lets one try."""
-    monkeypatch.setattr(engine_module, "POLL", 0.05)
-    monkeypatch.setattr(engine_module, "RESCAN", 0.2)
-    queue = dataclasses.replace(policy.queue, first_retry=3600.0, max_retry=3600.0)
-    down = dataclasses.replace(policy, queue=queue)
-    sender = DownSender()
-    counts = Tally(1)
-    engine = Engine(spool, lambda: down, sender, Recorder(None), suspended=counts.row(0).suspended)
-    async with running(engine):
-        entry = make_entry()
-        spool.put(entry, message(1))
-        engine.submit(entry.queue_id)
-        await until(lambda: sender.tries, "a try")
+    async with suspended_by_one_try(spool, policy, monkeypatch) as (entry, counts):
         with spool.lock(entry.queue_id):
             held = spool.load(entry.queue_id)
             held.held = True
