@@ -33,6 +33,11 @@ class _Part(Message):
     event loop busy for 5 seconds, growing with the square of its size."""
 
     def _get_params_preserve(self, failobj: object, header: str) -> object:
+        """The parameters, their 8-bit bytes read in the parameter's own RFC 2231
+        charset, else as a header line's are (UTF-8, else Windows-1252). Left to
+        ``get``, such a value came as a ``Header`` printing each byte as U+FFFD,
+        and an attachment rule on "Ordrebekræftelse" missed a file so named in
+        UTF-8 or by a Windows ERP."""
         name = header.lower()
         value = next((v for k, v in self._headers if k.lower() == name), None)
         if value is None:
@@ -40,24 +45,35 @@ class _Part(Message):
         params = []
         for piece in split_params(str(value)):
             name, sep, val = piece.partition("=")
-            params.append((name.strip(), _eight_bit(name, val.strip()) if sep else ""))
-        return decode_params(params)
+            params.append((name.strip(), _bytes_as_latin1(val.strip()) if sep else ""))
+        return [(name, _eight_bit(val)) for name, val in decode_params(params)]
 
 
-def _eight_bit(name: str, value: str) -> str:
-    """A parameter's 8-bit bytes, which the parser carries as surrogates: read as a
-    header line's are (UTF-8, else Windows-1252) in a plain value, and as
-    Latin-1 in an RFC 2231 one (``filename*=UTF-8''…``), whose own charset
-    ``decode_params`` applies to the bytes. Left as they were, ``get`` handed
-    them over as a ``Header`` printing each as U+FFFD, and an attachment rule
-    on "Ordrebekræftelse" missed a file so named in UTF-8 or by a Windows ERP."""
+def _bytes_as_latin1(value: str) -> str:
+    """The parser carries 8-bit bytes as surrogates; ``decode_params`` takes them as
+    Latin-1 characters, which an RFC 2231 charset then reads as the bytes they were."""
     if value.isascii():
         return value
     try:
-        raw = value.encode("ascii", "surrogateescape")
+        return value.encode("ascii", "surrogateescape").decode("latin-1")
     except UnicodeEncodeError:  # text, not bytes the parser carried
         return value
-    return raw.decode("latin-1") if "*" in name else _line_text(raw)
+
+
+def _eight_bit(value: str | tuple[str, str, str]) -> str | tuple[str, str, str]:
+    """A value without an RFC 2231 charset (plain, a continuation never encoded,
+    or ``filename*=''…``) has its bytes read as a header line's are."""
+    if isinstance(value, tuple):
+        charset, _, text = value
+        if charset:
+            return value
+        value = text
+    if value.isascii():
+        return value
+    try:
+        return _line_text(value.encode("latin-1"))
+    except UnicodeEncodeError:
+        return value
 
 
 _PARAM_BREAKS = re.compile(r'(?<!\\)"|;')

@@ -154,6 +154,13 @@ def test_an_attachment_name_in_8_bits_is_read_as_a_header_line_is(
         b"filename*=UTF-8''" + CONFIRMATION.encode(),  # raw bytes where %XX belong
         b"filename*0*=UTF-8''Ordre; filename*1=" + CONFIRMATION[5:].encode(),
         b"filename*=iso-8859-1''" + CONFIRMATION.encode("latin-1"),
+        # continued, never encoded: its bytes are read as a header line's
+        b'filename*0="'
+        + CONFIRMATION[:10].encode()
+        + b'"; filename*1="'
+        + CONFIRMATION[10:].encode()
+        + b'"',
+        b"filename*=''" + CONFIRMATION.replace(" ", "%20").encode(),  # no charset named
     ],
 )
 def test_an_rfc_2231_name_in_8_bits_is_read_in_its_own_charset(parameters: bytes) -> None:
