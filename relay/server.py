@@ -168,6 +168,7 @@ def _serve_locked(
         for sock in sockets[listener.name]:
             host, port = sock.getsockname()[:2]
             log.info("listening on %s (listener %s)", host_port(host, port), listener.name)
+        _say_if_refused(listener)
     log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
     shared = SharedCounts.made(policy.workers)  # by the workers forked from here
     if metrics is not None:  # counting from here, before anything is delivered
@@ -744,6 +745,16 @@ def _as_bound(
         else listener
         for listener in old
     )
+
+
+def _say_if_refused(listener: Listener) -> None:
+    """A start serves the certificate it finds, valid or not (there is no other),
+    and said nothing of one clients refuse, where a reload says it and keeps the
+    one it served: a restart after a bad renewal went unnoticed in the log."""
+    if listener.tls is not None:
+        refused = tlspair.validity_problem(listener.tls, datetime.now(UTC))
+        if refused is not None:
+            log.error("listener %s: serving it all the same: %s", listener.name, refused)
 
 
 def _tls_as_bound(listener: Listener, read: TlsFiles | None, quiet: bool) -> TlsFiles:

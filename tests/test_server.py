@@ -432,6 +432,21 @@ def test_a_reload_does_not_swap_a_valid_certificate_for_one_clients_refuse(
     )
 
 
+def test_a_start_says_it_serves_a_certificate_clients_refuse(policy: Path, tmp_path: Path) -> None:
+    """A reload keeps the certificate it served and says why; a start has no other
+    to serve, and said nothing: a restart after a bad renewal went unnoticed."""
+    ended = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(days=1)
+    expired = _expired(tmp_path / "expired", ended)
+    _name_tls(policy, policy.read_text(), expired.cert, expired.key)
+    running = Daemon(policy, tmp_path / "relay.log")
+    try:
+        running.wait_log(" serving")
+    finally:
+        running.stop()
+    why = f"{expired.cert} expired on {ended:%Y-%m-%d %H:%M} UTC: clients refuse it; renew it"
+    assert f"ERROR listener local: serving it all the same: {why}" in running.log()
+
+
 def test_a_reload_keeps_the_state_directory_and_audit_key_it_started_with(
     policy: Path, tmp_path: Path
 ) -> None:
