@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
+from relay import classify, message
 from relay.errors import PolicyError
 from relay.policy import yamlsource
 from relay.policy.load import check_main, load, policy_version
@@ -177,12 +178,46 @@ def test_the_c_loader_is_used_when_there_is_one() -> None:
     assert yamlsource._Loader is getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def test_the_example_policy_loads_as_written(tmp_path: Path) -> None:
+def _example(tmp_path: Path) -> tuple[Path, bytes]:
+    """The example policy beside a key of its own, as ``make run`` sets it up."""
     shutil.copytree(ROOT / "config", tmp_path / "config")
     (tmp_path / "dkim").mkdir()
     key = (POLICIES / "keys" / "platform.example.s1.private").read_bytes()
     (tmp_path / "dkim" / "platform.example.dev.private").write_bytes(key)
-    path = tmp_path / "config" / "relay.example.yaml"
+    return tmp_path / "config" / "relay.example.yaml", key
+
+
+@pytest.mark.parametrize(
+    ("subject", "pdf", "doc_type"),
+    [
+        ("Salgsfaktura 1234", False, "invoice"),  # an invoice word ending a compound
+        ("Invoices for March", False, "invoice"),
+        ("Gutschrift zu Rechnungsnr. 1234", False, "credit_note"),
+        ("Credit note 4711 for invoice 1234", False, "credit_note"),
+        ("Kreditfaktura 55", False, "credit_note"),
+        ("Angebot 1001 - Rechnungsadresse bitte pr\u00fcfen", False, "quote"),
+        ("Fatturato mensile", False, "other"),  # one beginning a compound
+        ("Invoiced orders report", False, "other"),
+        ("Invoice for order 5001", True, "invoice"),
+        ("Order 5001 confirmed", True, "order_confirmation"),
+    ],
+)
+def test_the_example_policy_tells_documents_apart(
+    tmp_path: Path, subject: str, pdf: bool, doc_type: str
+) -> None:
+    """Its invoice rule came first and matched the invoice words anywhere: a credit
+    note for an invoice, or a quote naming the billing address, went as an invoice."""
+    policy = load(_example(tmp_path)[0])
+    raw = f"From: jan@acme.example\r\nSubject: {subject}\r\n".encode()
+    if pdf:
+        raw += b"Content-Type: application/pdf\r\n"
+        raw += b'Content-Disposition: attachment; filename="a.pdf"\r\n'
+    found = classify.classify(policy.classify, message.read(raw + b"\r\nx\r\n"))
+    assert found.doc_type == doc_type
+
+
+def test_the_example_policy_loads_as_written(tmp_path: Path) -> None:
+    path, key = _example(tmp_path)
     policy = load(path)
 
     assert policy.source == path
@@ -196,11 +231,14 @@ def test_the_example_policy_loads_as_written(tmp_path: Path) -> None:
     assert listener.allow == (ip_network("127.0.0.0/8"), ip_network("::1/128"))
     assert policy.identify.order == tuple(IdentitySource)
     assert policy.control_headers == ("X-ERP-User", "X-Document-Type", "X-Responsible")
-    assert [(r.id, r.doc_type) for r in policy.classify][:2] == [
+    assert [(r.id, r.doc_type) for r in policy.classify] == [
         ("invoice-header", "invoice"),
+        ("credit-note-subject", "credit_note"),
+        ("quote-subject", "quote"),
         ("invoice-subject", "invoice"),
+        ("order-confirmation-pdf", "order_confirmation"),
     ]
-    assert policy.classify[1].conditions[0].pattern.search("Re: Faktura 2024-17")
+    assert policy.classify[3].conditions[0].pattern.search("Re: Faktura 2024-17")
     assert [c.kind for c in policy.classify[-1].conditions] == [
         ConditionKind.SUBJECT,
         ConditionKind.ATTACHMENT,
