@@ -247,11 +247,11 @@ def _lines(chunk: bytes, wanted: set[str] | None) -> Iterator[tuple[int, bytes]]
         return
     names = b"|".join(re.escape(a.encode("ascii")) for a in sorted(wanted))
     # a line with an escape may spell the address so (PHP writes "/" as "\/"),
-    # and one with a character beyond ASCII may lower-case to it (the Kelvin
-    # sign to k): such lines are parsed too, and the relay's own seldom are
+    # and one with a Kelvin sign lower-cases to it (U+212A, the one character
+    # beyond ASCII that lower-cases into ASCII, to k): such lines are parsed too
     starts = {
         chunk.rfind(b"\n", 0, m.start()) + 1
-        for m in re.finditer(b'"(?:' + names + rb')"|[\\\x80-\xff]', chunk, re.IGNORECASE)
+        for m in re.finditer(b'"(?:' + names + rb')"|\\|\xe2\x84\xaa', chunk, re.IGNORECASE)
     }
     number, counted = 1, 0
     for start in sorted(starts):
