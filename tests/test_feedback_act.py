@@ -573,3 +573,17 @@ def _records(policy: Policy) -> list[dict]:
         for day in sorted(policy.audit.directory.glob("*.jsonl"))
         for line in day.read_text().splitlines()
     ]
+
+
+def test_a_bounce_about_a_recipient_the_message_never_reached_is_neither_recorded_nor_told(
+    delivered: tuple[Path, str, Sink], tmp_path: Path
+) -> None:
+    """Anyone can mail the return path: a report naming a recipient refused at
+    delivery (or, here, suppressed) was recorded as bounced and told its sender
+    a second time, that the server had "returned it after accepting it"."""
+    policy, queue_id = _sent_again_with_buyer_listed(delivered, tmp_path)
+    report = Report(BOUNCE, (Failure("buyer@example.org", "5.1.1"),), "<inv-4714@erp.acme.example>")
+    assert _act(policy, report) == ["buyer@example.org: not recorded: its message never reached it"]
+    assert Spool(policy.queue.directory, create=False).ids() == []  # no notice
+    records = [r for r in _records(policy) if r.get("queue_id") == queue_id]
+    assert "bounced" not in {r["event"] for r in records}

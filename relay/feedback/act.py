@@ -293,7 +293,9 @@ def _new(
 ) -> tuple[tuple[Failure, ...], tuple[Failure, ...]]:
     """The failures to record, and those recorded before whose notice is still to
     go. A report about someone its message did not go to (forged, or a forward's
-    address) is no part of that message's story; one taken before is not
+    address) is no part of that message's story, nor one about a recipient the
+    message never reached (a forged report, read as "accepted, then returned",
+    told its sender a second time, and wrongly); one taken before is not
     recorded, listed or told again."""
     if original is None:
         return failures, ()
@@ -307,6 +309,10 @@ def _new(
             lines.append(f"{failure.recipient}: already recorded")
             if address in original.untold:
                 untold.append(failure)
+        elif address in original.not_delivered:
+            # refused at delivery, expired or suppressed: no server took it, so no
+            # report can come back about it, and its sender was told then
+            lines.append(f"{failure.recipient}: not recorded: its message never reached it")
         else:
             new.append(failure)
     return tuple(new), tuple(untold)
