@@ -64,7 +64,8 @@ def build_notice(
             ("Content-Transfer-Encoding", "quoted-printable"),
         )
     )
-    text = _complaint_text(entry, failures) if complaint else _text(entry, failures)
+    hard = policy.suppression.hard_bounce if policy.suppression is not None else frozenset()
+    text = _complaint_text(entry, failures) if complaint else _text(entry, failures, hard)
     body = quopri.encodestring(text.encode()).replace(b"\n", b"\r\n")
     message = head + b"\r\n" + body
     signed = sign(message, _keys(policy, account))
@@ -138,7 +139,7 @@ def _complaint_text(entry: QueueEntry, failures: Sequence[RecipientState]) -> st
     return "\n".join(lines) + "\n"
 
 
-def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
+def _text(entry: QueueEntry, failures: Sequence[RecipientState], hard: frozenset[str]) -> str:
     lines = [_opening(entry), *_document(entry)]
     # one reason under the recipients it is for: a list of 1,000 refused alike
     # made 3,000 lines, every third one the same reason; Postfix names each
@@ -154,7 +155,7 @@ def _text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
         lines.append(f"{label} {group[0][0]}")
         lines += [f"            {address}" for address, _ in group[1:]]
         lines += [f"Reason:     {group[0][1] if len(group) == 1 else alike}", ""]
-    lines += _advice(failures)
+    lines += _advice(failures, hard)
     if any(rcpt.status == SUPPRESSED for rcpt in failures):
         lines.append(
             "The relay sends nothing to an address on its suppression list; should"
@@ -184,17 +185,28 @@ _ADVICE_FOR = {
 # bounce's status; qmail's "(#5.7.1)"): anywhere else "5.2.2.10", an IP
 # address in the text, was read as one
 _CODE = re.compile(
-    r"\b[245]\d\d[ -][245]\.(\d{1,3})\.\d{1,3}(?!\.?\d)|\(#?[245]\.(\d{1,3})\.\d{1,3}\)"
+    r"\b[245]\d\d[ -]([245]\.(\d{1,3})\.\d{1,3})(?!\.?\d)|\(#?([245]\.(\d{1,3})\.\d{1,3})\)"
+)
+LISTED_NOW = (
+    "The receiving server said the address does not exist or takes no mail: the relay"
+    " sends nothing more to it. Please check the address, or reach the recipient"
+    " another way; should it take mail again, ask your mail administrator to take it"
+    " off the suppression list."
 )
 
 
-def _advice(failures: Sequence[RecipientState]) -> list[str]:
-    """What the user can do, once for each kind of failure among them."""
+def _advice(failures: Sequence[RecipientState], hard: frozenset[str]) -> list[str]:
+    """What the user can do, once for each kind of failure among them. A refusal
+    whose code the policy suppresses on (``hard``) says so: "try again in a
+    while" after a 5.2.1, whose address the relay had just listed, sent the
+    user to send it again, only to be told it was on the list."""
     said: list[str] = []
     for rcpt in failures:
-        code = _CODE.search(rcpt.reply or "")
-        kind = (code.group(1) or code.group(2)) if code and rcpt.status != SUPPRESSED else ""
-        advice = _ADVICE_FOR.get(kind, CHECK_ADDRESS)
+        code = _CODE.search(rcpt.reply or "") if rcpt.status != SUPPRESSED else None
+        status, kind = (
+            (code.group(1) or code.group(3), code.group(2) or code.group(4)) if code else ("", "")
+        )
+        advice = LISTED_NOW if status in hard else _ADVICE_FOR.get(kind, CHECK_ADDRESS)
         if advice not in said:
             said.append(advice)
     return said

@@ -191,3 +191,23 @@ def test_the_advice_fits_the_reason(policy_file: Path, reply: str, advice: str) 
     assert len(said) == 1, text
     others = ("Please check the address", "A mailbox that", "The receiving server")
     assert sum(line.startswith(others) for line in text.splitlines()) == 1, text
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "550 5.2.1 <customer@example.net>: Mailbox disabled, not accepting messages",
+        "the receiving server returned it after accepting it (5.1.1): 550 5.1.1 gone",
+    ],
+)
+def test_a_refusal_the_relay_suppresses_on_says_so(policy_file: Path, reply: str) -> None:
+    """A 5.2.1's notice said "try again in a while" about an address the relay had
+    just put on the suppression list: the user sent it again, and was told it was
+    on the list."""
+    policy = load(policy_file)
+    assert policy.suppression is not None and "5.2.1" in policy.suppression.hard_bounce
+    failed = RecipientState("customer@example.net", FAILED, reply=reply, notify=True)
+    _, data = build_notice(policy, make_entry(), [failed], 1_790_000_000.0)
+    text = " ".join(quopri.decodestring(data.split(b"\r\n\r\n", 1)[1]).decode().split())
+    assert "the relay sends nothing more to it" in text
+    assert "try again in a while" not in text

@@ -199,7 +199,7 @@ def test_preview_and_decide_leave_a_listed_recipient_out_and_say_why(
     assert "Suppressed:  gone@example.org\n" in text
     assert (
         f"not sent to gone@example.org: on the suppression list since {WHEN}"
-        " (a delivery to it failed as to an address that does not exist)"
+        " (a delivery to it failed as to an address that does not exist or takes no mail)"
     ) in text
 
 

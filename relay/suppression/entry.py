@@ -45,7 +45,7 @@ class Suppression:
 
 
 _WHY = {
-    BOUNCE: "a delivery to it failed as to an address that does not exist",
+    BOUNCE: "a delivery to it failed as to an address that does not exist or takes no mail",
     COMPLAINT: "its recipient reported mail as spam",
     MANUAL: "put there by the mail administrator",
 }
