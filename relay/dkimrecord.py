@@ -15,14 +15,15 @@ import re
 from relay.findings import Finding, Level
 from relay.policy.model import DkimKey
 
-# what keygen prints, or a part of it: ``NAME IN TXT ( "v=DKIM1; ..." "p=..." )``
+# what keygen prints, or a part of it: ``NAME IN TXT ( "v=DKIM1; ..." "p=..." )``,
+# also with only the outer quotes left out: ``v=DKIM1; k=rsa; " "p=...``
 _ZONE_SYNTAX = re.compile(r'\s*(?:\S*\._domainkey\S*\s+)?(?:IN\s+)?(?:TXT\s*)?[("]', re.IGNORECASE)
 
 
 def findings(key: DkimKey, record: str, expected: str) -> list[Finding]:
     """What is wrong with ``record`` as the publication of ``key``, whose own
     record is ``expected`` (``keygen.public_record_value``)."""
-    if _ZONE_SYNTAX.match(record):
+    if _ZONE_SYNTAX.match(record) or '"' in record:  # no tag of a key record holds one
         text = (
             "the record holds a zone file's syntax (quotes, parentheses, the name or TXT): it"
             " was pasted as keygen prints it; publish only what is between the quotes, joined,"
@@ -34,7 +35,9 @@ def findings(key: DkimKey, record: str, expected: str) -> list[Finding]:
     found = [_failed(f"{name}= appears twice: receivers refuse the record") for name in twice]
     found += _version_and_kind(key, tags)
     found += _public_key(key, tags, expected)
-    hashes = [h.strip() for h in tags.get("h", "sha256").split(":")]
+    # a hash's name is an ABNF string, which matches in any case (RFC 5234 2.3):
+    # h=SHA256 verifies at dkimpy and OpenDKIM alike
+    hashes = [h.strip().lower() for h in tags.get("h", "sha256").split(":")]
     if "sha256" not in hashes:
         found.append(
             _failed(f"h={tags['h']} leaves out sha256, the only hash the relay signs with")

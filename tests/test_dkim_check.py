@@ -105,6 +105,15 @@ def test_testing_mode_is_a_warning_and_still_verifies(policy: Path) -> None:
     assert "  a message signed now verifies with it (dkimpy)" in done.stdout
 
 
+def test_a_hash_name_matches_in_any_case(policy: Path) -> None:
+    """An ABNF string (RFC 5234 2.3): h=SHA256 verifies at dkimpy and OpenDKIM, and
+    the check failed it as leaving sha256 out."""
+    with DnsServer({NAME: [strings(published(policy) + "; h=SHA256")]}) as server:
+        done = dkim_check(policy, server)
+    assert done.returncode == 0, done.stdout
+    assert "  a message signed now verifies with it (dkimpy)" in done.stdout
+
+
 def test_two_records_at_the_name_fail(policy: Path) -> None:
     value = published(policy)
     with DnsServer({NAME: [strings(value), [b"v=DKIM1; p="]]}) as server:
@@ -196,6 +205,7 @@ PASTED = "  failed: the record holds a zone file's syntax (quotes, parentheses, 
         (lambda v: f'"{v}"', PASTED),
         (lambda v: f'( "{v[:20]}" "{v[20:]}" )', PASTED),
         (lambda v: f'{NAME} IN TXT ( "{v[:20]}" "{v[20:]}" )', PASTED),
+        (lambda v: f'{v[:20]}" "{v[20:]}', PASTED),  # the outer quotes left out only
         (lambda v: v[:-3], "  failed: p= is not base64 (cut short, or other text in it)"),
         (_cut_at_a_multiple_of_four, "  failed: p= is this key's beginning only (cut short)"),
         (
@@ -212,6 +222,7 @@ PASTED = "  failed: the record holds a zone file's syntax (quotes, parentheses, 
         "quoted",
         "parenthesised",
         "keygen-line",
+        "inner-quotes",
         "cut-short",
         "cut-short-still-base64",
         "upper-case-k",
