@@ -587,3 +587,24 @@ def test_a_bounce_about_a_recipient_the_message_never_reached_is_neither_recorde
     assert Spool(policy.queue.directory, create=False).ids() == []  # no notice
     records = [r for r in _records(policy) if r.get("queue_id") == queue_id]
     assert "bounced" not in {r["event"] for r in records}
+
+
+def test_a_bounce_is_about_the_copy_that_reached_its_recipient(
+    delivered: tuple[Path, str, Sink], tmp_path: Path
+) -> None:
+    """The document sent again under its Message-ID, this time not to buyer@ (on
+    the list now): buyer@'s bounce, naming the Message-ID only, was taken as
+    about the newest copy, which never reached it, and dropped."""
+    path, first, sink = delivered
+    policy = load(path)
+    assert policy.suppression is not None
+    SuppressionFile(policy.suppression.file).add(
+        [Suppression("buyer@example.org", None, "manual", "2026-01-01T00:00:00.000Z")]
+    )
+    with _running_again(path, sink, tmp_path / "again.log") as port:
+        second = send(port, INVOICE, ("buyer@example.org", "boss@example.org"))
+        sink.wait(3)  # the invoice to boss@, the notice about buyer@
+    report = Report(BOUNCE, (Failure("buyer@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>")
+    assert _act(policy, report)[0].startswith("buyer@example.org: bounced (5.1.1)")
+    bounced = [r for r in _records(policy) if r["event"] == "bounced"]
+    assert [r["queue_id"] for r in bounced] == [first] != [second]

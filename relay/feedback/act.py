@@ -111,26 +111,38 @@ def find_original(directory: Path, report: Report, today: date | None = None) ->
         found = [o for o in map(_original, records) if o is not None]
     if not found:
         return None
+    found = [_with_outcomes(o, records, report) for o in found]
     named = [o for o in found if any(o.sent_to(f.recipient) for f in report.failures)]
     candidates = named or found
     if len({o.tenant for o in candidates}) > 1:
         raise Ambiguous(candidates, records)
-    newest = candidates[-1]
+    # a document sent again under its Message-ID, the second time refused: the
+    # report is about the copy that reached the recipient, not the newest
+    reached = [o for o in candidates if any(_reached(o, f.recipient) for f in report.failures)]
+    return (reached or candidates)[-1]
+
+
+def _with_outcomes(original: Original, records: list[dict[str, Any]], report: Report) -> Original:
+    """What the audit log says already of ``original``'s recipients."""
     mine = [
         r
         for r in records
-        if r.get("queue_id") == newest.queue_id and isinstance(r.get("recipient"), str)
+        if r.get("queue_id") == original.queue_id and isinstance(r.get("recipient"), str)
     ]
     event = "bounced" if report.kind == BOUNCE else "complained"
     reported = {r["recipient"].lower(): r.get("seq") or 0 for r in mine if r.get("event") == event}
     told = max((r.get("seq") or 0 for r in mine if r.get("event") == "notified"), default=-1)
     failed = (r["recipient"].lower() for r in mine if r.get("event") in _NOT_DELIVERED)
     return dataclasses.replace(
-        newest,
+        original,
         not_delivered=frozenset(failed),
         reported=frozenset(reported),
         untold=frozenset(a for a, seq in reported.items() if seq > told),
     )
+
+
+def _reached(original: Original, address: str) -> bool:
+    return original.sent_to(address) and address.lower() not in original.not_delivered
 
 
 _NOT_DELIVERED = ("failed", "expired", "suppressed", "bounced")
