@@ -16,14 +16,16 @@ from relay.findings import Finding, Level
 from relay.policy.model import DkimKey
 
 # what keygen prints, or a part of it: ``NAME IN TXT ( "v=DKIM1; ..." "p=..." )``,
-# also with only the outer quotes left out: ``v=DKIM1; k=rsa; " "p=...``
+# also with only the outer quotes left out: ``v=DKIM1; k=rsa; " "p=...`` (a quote
+# alone may be text in n=, which verifiers take)
+_STRINGS_JOINED = re.compile(r'"\s*"')
 _ZONE_SYNTAX = re.compile(r'\s*(?:\S*\._domainkey\S*\s+)?(?:IN\s+)?(?:TXT\s*)?[("]', re.IGNORECASE)
 
 
 def findings(key: DkimKey, record: str, expected: str) -> list[Finding]:
     """What is wrong with ``record`` as the publication of ``key``, whose own
     record is ``expected`` (``keygen.public_record_value``)."""
-    if _ZONE_SYNTAX.match(record) or '"' in record:  # no tag of a key record holds one
+    if _ZONE_SYNTAX.match(record) or _STRINGS_JOINED.search(record):
         text = (
             "the record holds a zone file's syntax (quotes, parentheses, the name or TXT): it"
             " was pasted as keygen prints it; publish only what is between the quotes, joined,"
