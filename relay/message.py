@@ -60,20 +60,26 @@ def _bytes_as_latin1(value: str) -> str:
         return value
 
 
-def _eight_bit(value: str | tuple[str, str, str]) -> str | tuple[str, str, str]:
-    """A value without an RFC 2231 charset (plain, a continuation never encoded,
-    or ``filename*=''…``) has its bytes read as a header line's are."""
+def _eight_bit(value: str | tuple[str, str, str]) -> str:
+    """A value's bytes read in its RFC 2231 charset, by the names encoded words
+    are read by (``windows-31j`` too); without one (plain, a continuation never
+    encoded, ``filename*=''…``), or in one no codec reads, as a header line's."""
     if isinstance(value, tuple):
         charset, _, text = value
-        if charset:
-            return value
-        value = text
-    if value.isascii():
-        return value
+    else:
+        charset, text = "", value
+    if not charset and text.isascii():
+        return text
     try:
-        return _line_text(value.encode("latin-1"))
+        raw = text.encode("latin-1")
     except UnicodeEncodeError:
-        return value
+        return text
+    if charset:
+        try:
+            return raw.decode(_codec(charset), "replace")
+        except LookupError:
+            pass
+    return _line_text(raw)
 
 
 _PARAM_BREAKS = re.compile(r'(?<!\\)"|;')

@@ -161,6 +161,8 @@ def test_an_attachment_name_in_8_bits_is_read_as_a_header_line_is(
         + CONFIRMATION[10:].encode()
         + b'"',
         b"filename*=''" + CONFIRMATION.replace(" ", "%20").encode(),  # no charset named
+        # a charset Python names otherwise, as in an encoded word
+        b"filename*=x-mac-roman''" + CONFIRMATION.replace(" ", "%20").encode("mac_roman"),
     ],
 )
 def test_an_rfc_2231_name_in_8_bits_is_read_in_its_own_charset(parameters: bytes) -> None:
