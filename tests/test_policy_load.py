@@ -191,7 +191,11 @@ def _example(tmp_path: Path) -> tuple[Path, bytes]:
     ("subject", "pdf", "doc_type"),
     [
         ("Salgsfaktura 1234", False, "invoice"),  # an invoice word ending a compound
+        ("Rechnungsnr. 1234", False, "invoice"),  # or before a number word
         ("Invoices for March", False, "invoice"),
+        ("Ihre Rechnungen M\u00e4rz 2024", False, "invoice"),
+        ("Rechnung_2024_001", False, "invoice"),
+        ("Invoice 1234 for quotation Q-55", False, "invoice"),
         ("Gutschrift zu Rechnungsnr. 1234", False, "credit_note"),
         ("Credit note 4711 for invoice 1234", False, "credit_note"),
         ("Kreditfaktura 55", False, "credit_note"),
@@ -200,13 +204,15 @@ def _example(tmp_path: Path) -> tuple[Path, bytes]:
         ("Invoiced orders report", False, "other"),
         ("Invoice for order 5001", True, "invoice"),
         ("Order 5001 confirmed", True, "order_confirmation"),
+        ("Ordrebekr\u00e6ftelse 5001", True, "order_confirmation"),
     ],
 )
 def test_the_example_policy_tells_documents_apart(
     tmp_path: Path, subject: str, pdf: bool, doc_type: str
 ) -> None:
-    """Its invoice rule came first and matched the invoice words anywhere: a credit
-    note for an invoice, or a quote naming the billing address, went as an invoice."""
+    """Its invoice rule missed invoice numbers and plurals in several languages, or,
+    matching the invoice words anywhere, took a credit note for an invoice, or a
+    quote naming the billing address, for one."""
     policy = load(_example(tmp_path)[0])
     raw = f"From: jan@acme.example\r\nSubject: {subject}\r\n".encode()
     if pdf:
@@ -234,11 +240,11 @@ def test_the_example_policy_loads_as_written(tmp_path: Path) -> None:
     assert [(r.id, r.doc_type) for r in policy.classify] == [
         ("invoice-header", "invoice"),
         ("credit-note-subject", "credit_note"),
-        ("quote-subject", "quote"),
         ("invoice-subject", "invoice"),
+        ("quote-subject", "quote"),
         ("order-confirmation-pdf", "order_confirmation"),
     ]
-    assert policy.classify[3].conditions[0].pattern.search("Re: Faktura 2024-17")
+    assert policy.classify[2].conditions[0].pattern.search("Re: Faktura 2024-17")
     assert [c.kind for c in policy.classify[-1].conditions] == [
         ConditionKind.SUBJECT,
         ConditionKind.ATTACHMENT,
