@@ -470,15 +470,21 @@ def _dsn(returned_header: bytes, recipient: str) -> bytes:
 
 
 def _one_message_id_two_tenants(
-    policy_file: Path, tmp_path: Path, acme_rcpts: tuple[str, ...]
+    policy_file: Path, tmp_path: Path, acme_rcpts: tuple[str, ...], listed_for_globex: str = ""
 ) -> tuple[Path, str, Received]:
     """Acme's invoice to ``acme_rcpts`` and Globex's, with the same Message-ID, to
-    buyer@: the policy, Acme's queue ID and its message as the sink got it."""
+    buyer@ (``listed_for_globex`` on Globex's list first): the policy, Acme's queue
+    ID and its message as the sink got it."""
     sink = Sink()
     globex = INVOICE.replace(b"From: jan@acme.example", b"From: hank@globex.example")
     with SinkServer(sink) as server:
         port = free_port()
         policy = configure(policy_file, port, server.port)
+        if listed_for_globex:
+            (tmp_path / "state").mkdir(exist_ok=True)
+            SuppressionFile(tmp_path / "state" / "suppression.jsonl").add(
+                [Suppression(listed_for_globex, "globex", "manual", "2026-01-01T00:00:00.000Z")]
+            )
         with RelayProcess(policy, port, tmp_path / "relay.log"):
             acme_id = send(port, INVOICE, acme_rcpts)
             with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
@@ -567,6 +573,22 @@ def test_a_recipient_only_one_tenants_message_went_to_is_acted_on_in_a_shared_re
     assert ("bounced", "buyer@example.org") not in audit_events(policy, acme_id)
 
 
+def test_a_shared_message_id_is_charged_to_the_tenant_whose_copy_reached_the_recipient(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Globex's copy never went to buyer@ (on Globex's list), Acme's did: the hard
+    bounce was "not acted on, as more than one of them went there"."""
+    policy, acme_id, _ = _one_message_id_two_tenants(
+        policy_file, tmp_path, ("buyer@example.org",), listed_for_globex="buyer@example.org"
+    )
+    loaded = load(policy)
+    assert loaded.suppression is not None and loaded.suppression.file.parent == tmp_path / "state"
+    report = Report(BOUNCE, (Failure("buyer@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>")
+    assert _act(loaded, report)[0] == "buyer@example.org: bounced (5.1.1), suppressed"
+    listed = SuppressionFile(loaded.suppression.file).entries().entries
+    assert (None, "bounce", acme_id) in [(e.tenant, e.reason, e.queue_id) for e in listed]
+
+
 def _records(policy: Policy) -> list[dict]:
     return [
         json.loads(line)
@@ -608,3 +630,5 @@ def test_a_bounce_is_about_the_copy_that_reached_its_recipient(
     assert _act(policy, report)[0].startswith("buyer@example.org: bounced (5.1.1)")
     bounced = [r for r in _records(policy) if r["event"] == "bounced"]
     assert [r["queue_id"] for r in bounced] == [first] != [second]
+    # taken again (a mail system's retry): the copy the first taking recorded
+    assert _act(policy, report)[0] == "buyer@example.org: already recorded"

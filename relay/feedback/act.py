@@ -50,6 +50,8 @@ class Original:
     subject: str | None
     # recipients the log already has as not delivered (failed, expired, suppressed, bounced)
     not_delivered: frozenset[str] = frozenset()
+    # those of them no server ever took it for (failed, expired, suppressed)
+    never_reached: frozenset[str] = frozenset()
     # recipients the log already has this kind of report about, and those of
     # them no notice has followed yet (a report taken again: a mail system's
     # retry after exit 75, or the same report delivered twice)
@@ -113,13 +115,14 @@ def find_original(directory: Path, report: Report, today: date | None = None) ->
         return None
     found = [_with_outcomes(o, records, report) for o in found]
     named = [o for o in found if any(o.sent_to(f.recipient) for f in report.failures)]
-    candidates = named or found
+    # a document sent again under its Message-ID (or another tenant's with the
+    # same ID), refused for the recipient: the report is about the copy that
+    # reached it, not the newest
+    reached = [o for o in named if any(_reached(o, f.recipient) for f in report.failures)]
+    candidates = reached or named or found
     if len({o.tenant for o in candidates}) > 1:
         raise Ambiguous(candidates, records)
-    # a document sent again under its Message-ID, the second time refused: the
-    # report is about the copy that reached the recipient, not the newest
-    reached = [o for o in candidates if any(_reached(o, f.recipient) for f in report.failures)]
-    return (reached or candidates)[-1]
+    return candidates[-1]
 
 
 def _with_outcomes(original: Original, records: list[dict[str, Any]], report: Report) -> Original:
@@ -132,17 +135,20 @@ def _with_outcomes(original: Original, records: list[dict[str, Any]], report: Re
     event = "bounced" if report.kind == BOUNCE else "complained"
     reported = {r["recipient"].lower(): r.get("seq") or 0 for r in mine if r.get("event") == event}
     told = max((r.get("seq") or 0 for r in mine if r.get("event") == "notified"), default=-1)
-    failed = (r["recipient"].lower() for r in mine if r.get("event") in _NOT_DELIVERED)
+    failed = {r["recipient"].lower(): r["event"] for r in mine if r.get("event") in _NOT_DELIVERED}
     return dataclasses.replace(
         original,
         not_delivered=frozenset(failed),
+        never_reached=frozenset(a for a, event in failed.items() if event != "bounced"),
         reported=frozenset(reported),
         untold=frozenset(a for a, seq in reported.items() if seq > told),
     )
 
 
 def _reached(original: Original, address: str) -> bool:
-    return original.sent_to(address) and address.lower() not in original.not_delivered
+    """A bounce after the server took it counts as reached: a report taken again
+    must find the copy its first taking recorded."""
+    return original.sent_to(address) and address.lower() not in original.never_reached
 
 
 _NOT_DELIVERED = ("failed", "expired", "suppressed", "bounced")
@@ -321,7 +327,7 @@ def _new(
             lines.append(f"{failure.recipient}: already recorded")
             if address in original.untold:
                 untold.append(failure)
-        elif address in original.not_delivered:
+        elif address in original.never_reached:
             # refused at delivery, expired or suppressed: no server took it, so no
             # report can come back about it, and its sender was told then
             lines.append(f"{failure.recipient}: not recorded: its message never reached it")
