@@ -16,16 +16,14 @@ from relay.findings import Finding, Level
 from relay.policy.model import DkimKey
 
 # what keygen prints, or a part of it: ``NAME IN TXT ( "v=DKIM1; ..." "p=..." )``,
-# also with only the outer quotes left out: ``v=DKIM1; k=rsa; " "p=...`` (a quote
-# alone may be text in n=, which verifiers take)
-_STRINGS_JOINED = re.compile(r'"\s*"')
+# also with only the outer quotes left out: ``v=DKIM1; k=rsa; " "p=...``
 _ZONE_SYNTAX = re.compile(r'\s*(?:\S*\._domainkey\S*\s+)?(?:IN\s+)?(?:TXT\s*)?[("]', re.IGNORECASE)
 
 
 def findings(key: DkimKey, record: str, expected: str) -> list[Finding]:
     """What is wrong with ``record`` as the publication of ``key``, whose own
     record is ``expected`` (``keygen.public_record_value``)."""
-    if _ZONE_SYNTAX.match(record) or _STRINGS_JOINED.search(record):
+    if _ZONE_SYNTAX.match(record) or _quoted_outside_notes(record):
         text = (
             "the record holds a zone file's syntax (quotes, parentheses, the name or TXT): it"
             " was pasted as keygen prints it; publish only what is between the quotes, joined,"
@@ -51,6 +49,12 @@ def findings(key: DkimKey, record: str, expected: str) -> list[Finding]:
         text = "t=y: testing mode, receivers may treat a failed signature as no signature"
         found.append(Finding("", text, Level.WARNING))
     return found
+
+
+def _quoted_outside_notes(record: str) -> bool:
+    """A quote in a tag other than n=: no other tag's value holds one, where n=,
+    notes for people, may (verifiers take ``n=say "hi"``)."""
+    return any('"' in tag for tag in record.split(";") if not tag.strip().startswith("n="))
 
 
 def _version_and_kind(key: DkimKey, tags: dict[str, str]) -> list[Finding]:
