@@ -75,10 +75,13 @@ def _eight_bit(value: str | tuple[str, str, str]) -> str:
     except UnicodeEncodeError:
         return text
     if charset:
+        quoted = len(raw) > 1 and raw[:1] == raw[-1:] == b'"'  # decode_params leaves them on
         try:
-            return raw.decode(_codec(charset), "replace")
+            name = (raw[1:-1] if quoted else raw).decode(_codec(charset), "replace")
         except LookupError:
             pass
+        else:
+            return f'"{name}"' if quoted else name  # in UTF-16 they were part of a character
     return _line_text(raw)
 
 

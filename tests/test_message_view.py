@@ -163,6 +163,9 @@ def test_an_attachment_name_in_8_bits_is_read_as_a_header_line_is(
         b"filename*=''" + CONFIRMATION.replace(" ", "%20").encode(),  # no charset named
         # a charset Python names otherwise, as in an encoded word
         b"filename*=x-mac-roman''" + CONFIRMATION.replace(" ", "%20").encode("mac_roman"),
+        # not ASCII-compatible: the quotes decode_params leaves on are no part of it
+        b"filename*=utf-16be''"
+        + "".join(f"%{b:02X}" for b in CONFIRMATION.encode("utf-16be")).encode(),
     ],
 )
 def test_an_rfc_2231_name_in_8_bits_is_read_in_its_own_charset(parameters: bytes) -> None:
