@@ -200,6 +200,9 @@ def _example(tmp_path: Path) -> tuple[Path, bytes]:
         ("Credit note 4711 for invoice 1234", False, "credit_note"),
         ("Kreditfaktura 55", False, "credit_note"),
         ("Angebot 1001 - Rechnungsadresse bitte pr\u00fcfen", False, "quote"),
+        ("Lohnabrechnung M\u00e4rz 2024", False, "other"),  # a payslip, no invoice
+        ("Angebot 55 inkl. Preisberechnung", False, "quote"),
+        ("Rechnungs-Nr. 4711", False, "invoice"),
         ("Fatturato mensile", False, "other"),  # one beginning a compound
         ("Invoiced orders report", False, "other"),
         ("Invoice for order 5001", True, "invoice"),
