@@ -60,6 +60,9 @@ def _bytes_as_latin1(value: str) -> str:
         return value
 
 
+_ESCAPED = re.compile(rb"\\(.)", re.DOTALL)
+
+
 def _eight_bit(value: str | tuple[str, str, str]) -> str:
     """A value's bytes read in its RFC 2231 charset, by the names encoded words
     are read by (``windows-31j`` too); without one (plain, a continuation never
@@ -75,9 +78,12 @@ def _eight_bit(value: str | tuple[str, str, str]) -> str:
     except UnicodeEncodeError:
         return text
     if charset:
-        quoted = len(raw) > 1 and raw[:1] == raw[-1:] == b'"'  # decode_params leaves them on
+        # decode_params leaves the value quoted, each " and \ byte in it escaped
+        quoted = len(raw) > 1 and raw[:1] == raw[-1:] == b'"'
+        if quoted:
+            raw = _ESCAPED.sub(rb"\1", raw[1:-1])
         try:
-            name = (raw[1:-1] if quoted else raw).decode(_codec(charset), "replace")
+            name = raw.decode(_codec(charset), "replace")
         except LookupError:
             pass
         else:
