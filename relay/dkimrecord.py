@@ -54,7 +54,8 @@ def findings(key: DkimKey, record: str, expected: str) -> list[Finding]:
 def _quoted_outside_notes(record: str) -> bool:
     """A quote in a tag other than n=: no other tag's value holds one, where n=,
     notes for people, may (verifiers take ``n=say "hi"``)."""
-    return any('"' in tag for tag in record.split(";") if not tag.strip().startswith("n="))
+    tags = record.split(";")
+    return any('"' in tag for tag in tags if tag.partition("=")[0].strip() != "n")
 
 
 def _version_and_kind(key: DkimKey, tags: dict[str, str]) -> list[Finding]:

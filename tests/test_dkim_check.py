@@ -112,8 +112,12 @@ def test_testing_mode_is_a_warning_and_still_verifies(policy: Path) -> None:
         lambda v: v.replace("k=rsa", 'k=rsa; n="relay key 2026"'),  # notes may hold quotes
         lambda v: v.replace("k=rsa", 'k=rsa; n=rotated "dev" "prod"'),
         lambda v: v.replace("k=rsa", 'k=rsa; n=""'),
+        lambda v: v.replace("k=rsa", 'k=rsa; n = "hi"'),  # white space around = (3.2)
     ],
-    ids=["hash-in-capitals", "notes-with-quotes", "notes-quoting-twice", "empty-quoted-notes"],
+    ids=[
+        *("hash-in-capitals", "notes-with-quotes", "notes-quoting-twice"),
+        *("empty-quoted-notes", "notes-spaced"),
+    ],
 )
 def test_a_record_verifiers_take_passes(policy: Path, change: object) -> None:
     """Both verify at dkimpy and OpenDKIM; the check failed them, as leaving sha256
