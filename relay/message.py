@@ -63,14 +63,16 @@ def _bytes_as_latin1(value: str) -> str:
 _ESCAPED = re.compile(rb"\\(.)", re.DOTALL)
 
 
-def _eight_bit(value: str | tuple[str, str, str]) -> str:
+def _eight_bit(value: str | tuple[str, str, str]) -> str | tuple[str, str, str]:
     """A value's bytes read in its RFC 2231 charset, by the names encoded words
-    are read by (``windows-31j`` too); without one (plain, a continuation never
-    encoded, ``filename*=''…``), or in one no codec reads, as a header line's."""
+    are read by (``windows-31j`` too), and handed back in the email package's own
+    form in UTF-8, which it unquotes and decodes; without a charset (plain, a
+    continuation never encoded, ``filename*=''…``), or in one no codec reads,
+    read as a header line's."""
     if isinstance(value, tuple):
-        charset, _, text = value
+        charset, language, text = value
     else:
-        charset, text = "", value
+        charset, language, text = "", "", value
     if not charset and text.isascii():
         return text
     try:
@@ -78,16 +80,19 @@ def _eight_bit(value: str | tuple[str, str, str]) -> str:
     except UnicodeEncodeError:
         return text
     if charset:
-        # decode_params leaves the value quoted, each " and \ byte in it escaped
+        # decode_params leaves the value quoted, each " and \ byte in it escaped:
+        # in UTF-16 they were part of a character
         quoted = len(raw) > 1 and raw[:1] == raw[-1:] == b'"'
         if quoted:
             raw = _ESCAPED.sub(rb"\1", raw[1:-1])
         try:
-            name = raw.decode(_codec(charset), "replace")
+            name = raw.decode(_codec(charset), "replace").encode().decode("latin-1")
         except LookupError:
             pass
         else:
-            return f'"{name}"' if quoted else name  # in UTF-16 they were part of a character
+            if quoted:
+                name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            return ("utf-8", language, name)
     return _line_text(raw)
 
 

@@ -178,16 +178,29 @@ def test_an_rfc_2231_name_in_8_bits_is_read_in_its_own_charset(parameters: bytes
     assert message.read(raw).attachments == (CONFIRMATION,)
 
 
-@pytest.mark.parametrize("name", ["\u5c71\u7530.pdf", 'a"b.pdf', "a\\b.pdf"])
-def test_an_rfc_2231_name_in_utf_16_holding_a_quote_or_backslash_byte_is_whole(
-    name: str,
+@pytest.mark.parametrize(
+    ("name", "charset"),
+    [
+        ("\u5c71\u7530.pdf", "utf-16le"),
+        ('a"b.pdf', "utf-16le"),
+        ("a\\b.pdf", "utf-16le"),
+        ("\\\\fs01\\scans\\Rechnung.pdf", "utf-8"),  # each backslash kept
+        ('a\\"b.pdf', "utf-8"),
+        ('"\u00e6."', "utf-8"),
+    ],
+)
+def test_an_rfc_2231_name_holding_a_quote_or_backslash_byte_is_whole(
+    name: str, charset: str
 ) -> None:
     """The email package escapes each " and \\ byte of the value (U+5C71 is 0x71 0x5C
-    in UTF-16LE): left in, they shifted every character after them."""
-    encoded = "".join(f"%{b:02X}" for b in name.encode("utf-16le")).encode()
+    in UTF-16LE): left in, they shifted every character after them; taken out
+    and not put back, its own unquoting then took a backslash of the name's."""
+    encoded = "".join(f"%{b:02X}" for b in name.encode(charset)).encode()
     raw = (
         b'From: a@b.example\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
-        b"--b\r\nContent-Disposition: attachment; filename*=utf-16le''"
+        b"--b\r\nContent-Disposition: attachment; filename*="
+        + charset.encode()
+        + b"''"
         + encoded
         + b"\r\n\r\nJVBERi0=\r\n--b--\r\n"
     )
