@@ -38,8 +38,8 @@ class _Part(Message):
         ``get``, such a value came as a ``Header`` printing each byte as U+FFFD,
         and an attachment rule on "Ordrebekræftelse" missed a file so named in
         UTF-8 or by a Windows ERP."""
-        name = header.lower()
-        value = next((v for k, v in self._headers if k.lower() == name), None)
+        wanted = header.lower()
+        value = next((v for k, v in self._headers if k.lower() == wanted), None)
         if value is None:
             return failobj
         params = []
