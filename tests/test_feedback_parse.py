@@ -587,3 +587,62 @@ def test_exchange_2003_quoting_the_address_gives_it_without_the_quotes() -> None
     report = read(raw)
     assert report is not None
     assert [(f.recipient, f.status) for f in report.failures] == [("nobody@buyer.example", "5.1.1")]
+
+
+def _dsn_naming(count: int) -> bytes:
+    blocks = b"".join(
+        b"\nFinal-Recipient: rfc822; User%d@Buyer.example\nAction: failed\n"
+        b"Status: 5.1.%d\nDiagnostic-Code: smtp; 550 5.1.%d no user %d\n" % (i, i % 10, i % 10, i)
+        for i in range(count)
+    )
+    return (
+        b"From: MAILER-DAEMON@mx.example\nSubject: Undelivered Mail Returned to Sender\n"
+        b'MIME-Version: 1.0\nContent-Type: multipart/report; report-type=delivery-status; boundary="B"\n'
+        b"\n--B\nContent-Type: text/plain\n\nYour message could not be delivered.\n"
+        b"\n--B\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.example\n"
+        + blocks
+        + b"\n--B\nContent-Type: text/rfc822-headers\n\nMessage-ID: <m1@platform.example>\n\n--B--\n"
+    )
+
+
+def _qmail_naming(count: int) -> bytes:
+    return (
+        b"From: MAILER-DAEMON@mx.example\nSubject: failure notice\n\n"
+        b"Hi. This is the qmail-send program at mx.example.\n"
+        b"I'm afraid I wasn't able to deliver your message to the following addresses.\n"
+        b"This is a permanent error; I've given up. Sorry it didn't work out.\n\n"
+        + b"".join(
+            b"<user%d@buyer.example>:\nNo mailbox %d here. (#5.1.%d)\n\n" % (i, i, i % 10)
+            for i in range(count)
+        )
+        + b"<user1@buyer.example>:\nA second paragraph for one address. (#5.7.1)\n\n"
+    )
+
+
+def test_a_dsn_naming_thousands_of_recipients_gives_each_its_own_block_in_time() -> None:
+    """Each address's block was searched for among all of them: 3,000 took 10 s,
+    and a report may be 64 MB."""
+    started = time.monotonic()
+    report = read(_dsn_naming(3000))
+    elapsed = time.monotonic() - started
+    assert report is not None and len(report.failures) == 3000
+    by_recipient = {f.recipient.lower(): f for f in report.failures}
+    assert by_recipient["user1234@buyer.example"] == Failure(
+        "User1234@Buyer.example", "5.1.4", "550 5.1.4 no user 1234"
+    )
+    assert elapsed < 5
+
+
+def test_a_text_bounce_naming_thousands_of_addresses_gives_each_its_own_lines_in_time() -> None:
+    """Each address's lines were searched for among all of the text's: 3,000 took
+    2.7 s. An address written twice keeps its first paragraph."""
+    started = time.monotonic()
+    report = read(_qmail_naming(3000))
+    elapsed = time.monotonic() - started
+    assert report is not None and len(report.failures) == 3000
+    by_recipient = {f.recipient.lower(): f for f in report.failures}
+    assert by_recipient["user2345@buyer.example"] == Failure(
+        "user2345@buyer.example", "5.1.5", "No mailbox 2345 here. (#5.1.5)"
+    )
+    assert by_recipient["user1@buyer.example"].diagnostic == "No mailbox 1 here. (#5.1.1)"
+    assert elapsed < 2
