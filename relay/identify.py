@@ -36,13 +36,23 @@ class Identity:
 
 def identify(policy: Policy, submission: Submission, view: MessageView) -> Identity:
     """A session whose login a reload removed sends no more: read as no login at
-    all, it would no longer be bound to its tenant, and could send as any."""
+    all, it would no longer be bound to its tenant, and could send as any. Nor
+    does one whose login's password a reload changed, the first thing done
+    about a leaked password; its client is told to log in again (a 4xx, so
+    that an ERP whose own password was changed first keeps its document)."""
     login = policy.logins.get(submission.auth_login) if submission.auth_login else None
     if submission.auth_login and login is None:
         raise Rejected(
             535,
             "5.7.8",
             f"Authentication credentials invalid: no login {submission.auth_login!r} in the policy",
+        )
+    if login is not None and submission.auth_hash not in (None, login.password_hash):
+        raise Rejected(
+            454,
+            "4.7.0",
+            f"Temporary authentication failure: the password of login {login.login!r}"
+            " changed since this session logged in; log in again",
         )
     reasons: list[str] = []
     if login is not None:

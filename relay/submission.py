@@ -21,6 +21,9 @@ class Submission:
     helo: str = ""  # the name the client gave in EHLO or HELO
     tls: bool = False  # the session ran over TLS
     esmtp: bool = True  # the client greeted with EHLO, not HELO
+    # the hash the session's password verified against: a reload that changes
+    # it ends what the old password allowed (None where no session logged in)
+    auth_hash: str | None = field(default=None, repr=False)
     # set once the client has closed its side or dropped the connection: a
     # reply may reach no one, so a refusal must not be passed back only by it
     hung_up: asyncio.Event | None = field(default=None, compare=False, repr=False)

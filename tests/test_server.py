@@ -27,6 +27,7 @@ from relay import message
 from relay import server as server_module
 from relay.audit import AuditLog, events, reader, verify
 from relay.ingress.listen import Ingress
+from relay.passwd import hash_password
 from relay.policy import tlspair
 from relay.policy.load import load
 from relay.policy.model import Policy
@@ -589,6 +590,47 @@ def test_a_login_a_reload_removed_sends_nothing_more_in_its_open_session(
         assert send_as("jan@acme.example") == refused
         assert send_as("hank@globex.example") == refused
     assert len(list(daemon.outbox.glob("*.eml"))) == 1
+
+
+def test_a_password_a_reload_changed_sends_nothing_more_in_its_open_session(
+    daemon: Daemon, policy: Path, port: int
+) -> None:
+    """The first thing done about a leaked password: a session that logged in
+    with the old one went on sending, under the tenant, after the reload. It is
+    told to log in again; a session with the new password sends."""
+    daemon.wait_log(" serving")
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        client.login("erp-globex", "demo-password")
+
+        def send() -> tuple[int, bytes]:
+            client.mail("hank@globex.example")
+            client.rcpt("one@example.org")
+            try:
+                return client.data(MESSAGE.replace(b"jan@acme.example", b"hank@globex.example"))
+            except smtplib.SMTPDataError as refused:
+                return refused.smtp_code, refused.smtp_error
+
+        assert send()[0] == 250
+        text = policy.read_text()
+        start = text.index("password_hash:", text.index("  erp-globex:"))
+        old = text[start : text.index("\n", start)]
+        policy.write_text(text.replace(old, f'password_hash: "{hash_password("new-password")}"'))
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_reloaded(1)
+        refused = (
+            454,
+            b"4.7.0 Temporary authentication failure: the password of login 'erp-globex'"
+            b" changed since this session logged in; log in again",
+        )
+        assert send() == refused
+        assert send() == refused
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        client.login("erp-globex", "new-password")
+        assert send()[0] == 250
+    daemon.wait_for(lambda: len(list(daemon.outbox.glob("*.eml"))) == 2)
+    audit = load(policy).audit.directory
+    rejected = [r for r in reader.records(audit) if r["event"] == "rejected"]
+    assert [(r["auth_login"], r["reply"][:3]) for r in rejected] == [("erp-globex", "454")] * 2
 
 
 def test_the_warning_of_a_listener_change_says_what_changed() -> None:

@@ -18,7 +18,7 @@ import logging
 import secrets
 from base64 import b64decode
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult
 
@@ -41,6 +41,7 @@ PASSWORD_CHALLENGE = "Password:"
 @dataclass(frozen=True)
 class Authenticated:
     login: str  # becomes Submission.auth_login
+    password_hash: str = field(repr=False)  # the one the password verified against
 
 
 class Mechanisms:
@@ -131,7 +132,7 @@ class Mechanisms:
                 log.debug("AUTH ok client=%s login=%s", peer, name)
                 self._failures.succeeded(peer, name)
                 self._count("ok")
-                return AuthResult(success=True, auth_data=Authenticated(name))
+                return AuthResult(success=True, auth_data=Authenticated(name, entry.password_hash))
             log.warning("AUTH failed client=%s login=%r", peer, name)
             self._count_failure(peer, name)
         finally:
