@@ -22,7 +22,7 @@ from relay.policy.model import Policy
 from relay.record import Recorder
 from relay.spool import Spool, SpoolError
 from relay.suppression import Suppression, SuppressionFile
-from tests.relayproc import RelayProcess
+from tests.relayproc import RelayProcess, wait_for
 from tests.sink import DsnSink, DsnSinkServer, Received, Sink, SinkServer, free_port
 from tests.test_queue_e2e import audit_events, configure, relay_cli, send
 
@@ -470,25 +470,34 @@ def _dsn(returned_header: bytes, recipient: str) -> bytes:
 
 
 def _one_message_id_two_tenants(
-    policy_file: Path, tmp_path: Path, acme_rcpts: tuple[str, ...], listed_for_globex: str = ""
-) -> tuple[Path, str, Received]:
+    policy_file: Path,
+    tmp_path: Path,
+    acme_rcpts: tuple[str, ...],
+    listed_for_globex: str = "",
+    listed_for_all: str = "",
+) -> tuple[Path, str, Received | None]:
     """Acme's invoice to ``acme_rcpts`` and Globex's, with the same Message-ID, to
-    buyer@ (``listed_for_globex`` on Globex's list first): the policy, Acme's queue
-    ID and its message as the sink got it."""
+    buyer@ (``listed_for_globex`` on Globex's list first, ``listed_for_all`` on
+    every tenant's): the policy, Acme's queue ID and its message as the sink
+    got it (None if it got none)."""
     sink = Sink()
     globex = INVOICE.replace(b"From: jan@acme.example", b"From: hank@globex.example")
+    listed = [(listed_for_globex, "globex"), (listed_for_all, None)]
     with SinkServer(sink) as server:
         port = free_port()
         policy = configure(policy_file, port, server.port)
-        if listed_for_globex:
+        entries = [Suppression(a, t, "manual", "2026-01-01T00:00:00.000Z") for a, t in listed if a]
+        if entries:
             (tmp_path / "state").mkdir(exist_ok=True)
-            SuppressionFile(tmp_path / "state" / "suppression.jsonl").add(
-                [Suppression(listed_for_globex, "globex", "manual", "2026-01-01T00:00:00.000Z")]
-            )
+            SuppressionFile(tmp_path / "state" / "suppression.jsonl").add(entries)
         with RelayProcess(policy, port, tmp_path / "relay.log"):
             acme_id = send(port, INVOICE, acme_rcpts)
             with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
                 client.sendmail("hank@globex.example", ["buyer@example.org"], globex)
+            if listed_for_all:
+                loaded = load(policy)
+                wait_for(lambda: [r["event"] for r in _records(loaded)].count("suppressed") == 2)
+                return policy, acme_id, None
             acme_sent = next(m for m in sink.wait(2) if b"jan@acme.example" in m.data)
     return policy, acme_id, acme_sent
 
@@ -587,6 +596,24 @@ def test_a_shared_message_id_is_charged_to_the_tenant_whose_copy_reached_the_rec
     assert _act(loaded, report)[0] == "buyer@example.org: bounced (5.1.1), suppressed"
     listed = SuppressionFile(loaded.suppression.file).entries().entries
     assert (None, "bounce", acme_id) in [(e.tenant, e.reason, e.queue_id) for e in listed]
+
+
+def test_a_shared_message_id_whose_copies_never_reached_the_recipient_records_nothing(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Both tenants' copies were suppressed for buyer@: a report about it, which
+    anyone can send to the return path, was recorded, "as more than one of
+    them went there", where none did."""
+    policy, _, _ = _one_message_id_two_tenants(
+        policy_file, tmp_path, ("buyer@example.org",), listed_for_all="buyer@example.org"
+    )
+    loaded = load(policy)
+    report = Report(BOUNCE, (Failure("buyer@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>")
+    assert _act(loaded, report)[1:] == [
+        "buyer@example.org: not recorded: none of its messages reached it"
+    ]
+    assert "bounced" not in [r["event"] for r in _records(loaded)]
+    assert Spool(loaded.queue.directory, create=False).ids() == []  # nobody told
 
 
 def _records(policy: Policy) -> list[dict]:

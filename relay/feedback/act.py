@@ -231,19 +231,20 @@ def _by_recipient(
     (``_unattributed``). A recipient several messages went to held up the
     others: a dead address only one company mailed was not listed."""
     mine: dict[str, list[Failure]] = {}
-    left: list[Failure] = []
+    left: dict[Failure, tuple[Original, ...]] = {}
     for failure in report.failures:
         try:
             found = find_original(
                 policy.audit.directory, dataclasses.replace(report, failures=(failure,))
             )
-        except Ambiguous:
-            found = None
+        except Ambiguous as several:
+            left[failure] = several.candidates
+            continue
         if found is None:
-            left.append(failure)
+            left[failure] = ()
         else:
             mine.setdefault(found.queue_id, []).append(failure)
-    outcome = _unattributed(policy, report, tuple(left), recorder, ambiguous)
+    outcome = _unattributed(policy, report, left, recorder, ambiguous)
     for failures in mine.values():
         part = act(
             policy,
@@ -266,7 +267,7 @@ def _by_recipient(
 def _unattributed(
     policy: Policy,
     report: Report,
-    failures: tuple[Failure, ...],
+    failures: dict[Failure, tuple[Original, ...]],
     recorder: Recorder,
     ambiguous: Ambiguous,
 ) -> Outcome:
@@ -274,8 +275,9 @@ def _unattributed(
     have is: an auditor looking for the recipient finds that it bounced or
     complained, and the command's output says which messages it may be about.
     Nobody is listed or told; as for a message found, a recipient none of them
-    went to, and one recorded so before (the report delivered again), is not
-    recorded."""
+    went to or reached, and one recorded so before (the report delivered
+    again), is not recorded. Each recipient's own candidates decide: those the
+    whole report found may not be the ones that went to it."""
     lines = [
         "messages of more than one tenant have this Message-ID, and the report names"
         f" none of them by queue ID: {ambiguous}"
@@ -286,9 +288,12 @@ def _unattributed(
         for r in ambiguous.records
         if r.get("event") == event and not r.get("queue_id") and isinstance(r.get("recipient"), str)
     }
-    for failure in _not_own(policy, failures):
-        if not any(o.sent_to(failure.recipient) for o in ambiguous.candidates):
+    for failure in _not_own(policy, tuple(failures)):
+        candidates = failures[failure]
+        if not any(o.sent_to(failure.recipient) for o in candidates):
             lines.append(f"{failure.recipient}: not recorded: none of its messages went to it")
+        elif not any(_reached(o, failure.recipient) for o in candidates):
+            lines.append(f"{failure.recipient}: not recorded: none of its messages reached it")
         elif failure.recipient.lower() in before:
             lines.append(f"{failure.recipient}: already recorded with no queue ID")
         else:
