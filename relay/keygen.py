@@ -76,7 +76,7 @@ def existing_record(domain: str, selector: str, directory: Path) -> str | None:
         data = path.read_bytes()
     except OSError:
         return None
-    rsa_pem = data.lstrip().startswith(b"-----BEGIN")
+    rsa_pem = b"-----BEGIN" in data  # after a byte-order mark or a PKCS#12 export's lines
     algorithm = DkimAlgorithm.RSA if rsa_pem else DkimAlgorithm.ED25519
     try:
         value = public_record_value(DkimKey(domain.lower(), selector, algorithm, path, data))

@@ -258,6 +258,30 @@ def test_keygen_again_prints_the_existing_keys_record(tmp_path: Path, algorithm:
     assert again.stdout == first.stdout and f"k={algorithm};" in again.stdout
 
 
+@pytest.mark.parametrize(
+    "before",
+    [
+        b"\xef\xbb\xbf",
+        b"Bag Attributes\n    localKeyID: 01 00 00 00\nKey Attributes: <No Attributes>\n",
+    ],
+    ids=["byte-order-mark", "pkcs12-export"],
+)
+def test_keygen_again_prints_the_record_of_a_key_with_text_before_its_pem(
+    tmp_path: Path, before: bytes
+) -> None:
+    """A key the relay signs with, brought over with a byte-order mark or the
+    attribute lines of a PKCS#12 export before its PEM: run again, the recipe
+    left its record file empty."""
+    args = ("dkim", "keygen", "--domain", "example.com", "--selector", "s1",
+            "--directory", str(tmp_path))  # fmt: skip
+    first = relay(*args)
+    key = tmp_path / "example.com.s1.private"
+    key.write_bytes(before + key.read_bytes())
+    again = relay(*args)
+    assert again.returncode == 73, again.stderr
+    assert again.stdout == first.stdout and "k=rsa;" in again.stdout
+
+
 def test_keygen_into_a_file_is_not_the_key_existing(tmp_path: Path) -> None:
     """Exit 73 and "File exists" said the key was there, for a --directory that is a file."""
     (tmp_path / "afile").write_text("")
