@@ -347,14 +347,14 @@ def _suppression_parsers(sub: argparse._SubParsersAction) -> None:
         "list", help="the suppressed addresses", description=text, epilog=_LIST_STATUS
     )
     _policy_option(listing)
-    listing.add_argument("addresses", nargs="*", metavar="ADDRESS")
+    listing.add_argument("addresses", nargs="*", metavar="ADDRESS", help=_ADDRESSES_HELP)
     listing.add_argument("--tenant", metavar="T")
     listing.add_argument("--json", action="store_true", help="one JSON object a line")
     listing.set_defaults(run=_suppression, verb="list")
     text = "stop sending to addresses, for every tenant or one"
     add = verbs.add_parser("add", help=text, description=text, epilog=_ADD_STATUS)
     _policy_option(add)
-    add.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    add.add_argument("addresses", nargs="+", metavar="ADDRESS", help=_ADDRESSES_HELP)
     add.add_argument("--tenant", metavar="T", help="for this tenant's mail only")
     add.add_argument("--reason", choices=REASONS, default="manual")
     add.add_argument("--note", default="", help="why, shown by relay suppression list")
@@ -362,11 +362,12 @@ def _suppression_parsers(sub: argparse._SubParsersAction) -> None:
     text = "send to addresses again: every entry of each, or with --tenant that tenant's"
     remove = verbs.add_parser("remove", help=text, description=text, epilog=_REMOVE_STATUS)
     _policy_option(remove)
-    remove.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    remove.add_argument("addresses", nargs="+", metavar="ADDRESS", help=_ADDRESSES_HELP)
     remove.add_argument("--tenant", metavar="T", help="only the entries for this tenant")
     remove.set_defaults(run=_suppression, verb="remove")
 
 
+_ADDRESSES_HELP = "an address, or - for those on stdin, one a line (blank lines skipped)"
 _LIST_STATUS = (
     "Exit status: 0 something listed, 1 nothing matched, 2 an address that is not ASCII"
     " (a domain in its xn-- form is), 66 the list cannot be read, 78 the policy does not"
@@ -705,6 +706,10 @@ def _suppression(args: argparse.Namespace) -> int:
     if not relay_log.handlers:
         relay_log.addHandler(logging.NullHandler())
     file, out, err = SuppressionFile(state.suppression.file), sys.stdout, sys.stderr
+    named, args.addresses = args.addresses, _with_stdin(args.addresses)
+    if named and not args.addresses:  # read as "every entry" or as "done"
+        print(f"relay suppression {args.verb}: no address on stdin", file=sys.stderr)
+        return 2
     if args.verb == "list":
         if args.tenant is not None and tenants is not None and args.tenant not in tenants:
             said = f"the policy has no tenant {args.tenant!r}: these are the entries for all"
@@ -718,6 +723,16 @@ def _suppression(args: argparse.Namespace) -> int:
             by=operator(), tenants=tenants, out=out, err=err,
         )  # fmt: skip
     return tools.remove_main(file, args.addresses, args.tenant, by=operator(), out=out, err=err)
+
+
+def _with_stdin(addresses: list[str]) -> list[str]:
+    """``-`` is the addresses on stdin, a line each: a list brought over from
+    elsewhere goes in as one call, all or nothing, where ``xargs`` split it
+    into several and stopped at an apostrophe."""
+    if "-" not in addresses:
+        return addresses
+    lines = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    return [a for address in addresses for a in (lines if address == "-" else [address])]
 
 
 def _bounce(args: argparse.Namespace) -> int:

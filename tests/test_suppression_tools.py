@@ -401,3 +401,45 @@ def test_an_add_decides_under_the_lock_what_is_listed_already(tmp_path: Path) ->
     assert out.getvalue().startswith("race@example.org: already listed (bounce since 2026-12-01")
     assert [e.reason for e in file.entries().entries] == [BOUNCE]
     assert path.read_text().count("race@example.org") == 1
+
+
+def test_addresses_on_stdin_go_in_as_one_call_all_or_nothing(
+    policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A list brought over went through xargs, which stopped at an apostrophe and
+    split a long list into calls, some added before one refused the rest."""
+
+    def run_with(stdin: str, *args: str) -> tuple[int, list[str], str]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        return run(policy, capsys, *args)
+
+    refused = run_with("a@example.org\nexample.org\n", "add", "-")
+    assert refused[:2] == (2, [])
+    assert "'example.org' is not an address" in refused[2]
+    assert not listed(policy).exists() or listed(policy).read_text() == ""
+    lines = "O'Brien@example.ie\r\n\n  kari@example.org \n" + "".join(
+        f"customer{i}@example.net\n" for i in range(3000)
+    )
+    code, out, _ = run_with(lines, "add", "-", "--reason", "bounce")
+    assert code == 0 and len(out) == 3002
+    assert out[:2] == [
+        "O'Brien@example.ie: added (bounce, all tenants)",
+        "kari@example.org: added (bounce, all tenants)",
+    ]
+    assert run_with("o'brien@example.ie\n", "list", "-")[0] == 0
+    assert run_with("customer7@example.net\n", "remove", "-", BUYER)[0] == 1  # BUYER had none
+    assert run_with("customer7@example.net\n", "list", "-")[0] == 1
+
+
+@pytest.mark.parametrize("verb", ["add", "remove", "list"])
+def test_no_address_on_stdin_is_refused_not_read_as_every_entry(
+    policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, verb: str
+) -> None:
+    run(policy, capsys, "add", BUYER)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n \n"))
+    assert run(policy, capsys, verb, "-") == (
+        2,
+        [],
+        f"relay suppression {verb}: no address on stdin\n",
+    )
+    assert run(policy, capsys, "list")[0] == 0
