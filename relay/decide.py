@@ -34,7 +34,6 @@ from relay.suppression import EMPTY, Suppression, SuppressionList
 # RFC 5322 3.6.4 msg-id, with the quoted local part of obs-id-left. Gmail
 # refuses mail "missing a valid Message-ID"; such an ID threads nothing anyway.
 _ATOMS = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-_COMMENTS = re.compile(r"\((?:[^()\\]|\\.)*\)")  # around it ([CFWS]); not nested
 _MSG_ID = re.compile(rf'<(?:{_ATOMS}|"(?:[^"\\\r\n]|\\.)*")@(?:{_ATOMS}|\[[!-Z^-~]*\])>')
 
 # Removed from every message: the Bcc fields name hidden recipients, and a
@@ -158,7 +157,7 @@ def _message_id(given: str, made: str) -> tuple[str | None, str]:
     """The Message-ID to write (None: the message's stays), and why. Legacy ERPs
     write theirs without the angle brackets (``INV-555@erp``): the same ID with
     them keeps the ERP's, which its users search the audit log for."""
-    inside = _COMMENTS.sub("", given).strip()
+    inside = _without_comments(given).strip()
     if _MSG_ID.fullmatch(inside):
         return None, ""
     if _MSG_ID.fullmatch(f"<{inside}>"):
@@ -166,6 +165,38 @@ def _message_id(given: str, made: str) -> tuple[str | None, str]:
     if given:
         return made, f"Message-ID {given!r} is not one (RFC 5322 3.6.4: <left@right>): replaced"
     return made, "Message-ID was missing: added"
+
+
+def _without_comments(value: str) -> str:
+    """The value without its comments ([CFWS] around an ID), in one pass that
+    follows quoted pairs, quoted strings and nesting. A regular expression for
+    them went over the rest of the value from each "(" never closed: a 64 KB
+    Message-ID of "\\(" held a worker's sessions for 8 s. A "(" never closed
+    is no comment, and stays."""
+    if "(" not in value:
+        return value
+    kept: list[str] = []
+    depth = opened = 0
+    quoted = False
+    i = 0
+    while i < len(value):
+        char = value[i]
+        step = 2 if char == "\\" else 1
+        if depth == 0 and char == '"':
+            quoted = not quoted
+        elif not quoted and char == "(":
+            opened = i if depth == 0 else opened
+            depth += 1
+        elif depth and char == ")":
+            depth -= 1
+            i += 1
+            continue
+        if depth == 0:
+            kept.append(value[i : i + step])
+        i += step
+    if depth:
+        kept.append(value[opened:])
+    return "".join(kept)
 
 
 def _from(policy: Policy, own: _Mailbox | None, identity: Identity) -> tuple[str, str, str]:

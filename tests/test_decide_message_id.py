@@ -4,6 +4,7 @@ kept, with the brackets, so that the ERP's ID finds the message in the audit log
 from __future__ import annotations
 
 import smtplib
+import time
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,24 @@ def test_the_erps_message_id_without_brackets_finds_it_in_the_audit_log(
     assert done.returncode == 0, done.stderr
     assert reply.decode().rsplit(" ", 1)[1] in done.stdout
     assert message.read(sent.data).get("Message-ID") == "<INV-555.20261203@senger-erp>"
+
+
+@pytest.mark.parametrize(
+    "given",
+    ["(sent by (ERP 4)) <INV-556@senger-erp.example>", '<"inv (556)"@senger-erp.example> (x\\)y)'],
+)
+def test_comments_around_a_message_id_are_not_part_of_it(policy_file: Path, given: str) -> None:
+    """A nested comment was read as part of the ID, which was replaced."""
+    data = msg("From: Jan <jan@acme.example>", "To: c@example.org", f"Message-ID: {given}")
+    assert message.read(run(policy_file, data).message).get_all("Message-ID") == (given,)
+
+
+def test_a_long_message_id_of_unclosed_comments_is_replaced_in_time(policy_file: Path) -> None:
+    """A regular expression for comments went over the rest of the value from each
+    "(": 64 KB of "\\(" held the worker, and every session on it, for 8 s."""
+    given = "\r\n ".join(["\\(" * 450] * 72)
+    data = msg("From: Jan <jan@acme.example>", "To: c@example.org", f"Message-ID: {given}")
+    started = time.monotonic()
+    ids = message.read(run(policy_file, data).message).get_all("Message-ID")
+    assert time.monotonic() - started < 2
+    assert ids is not None and len(ids) == 1 and ids[0].endswith(">") and "\\(" not in ids[0]
