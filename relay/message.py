@@ -13,6 +13,7 @@ the WHATWG Encoding Standard reads for a page labelled ISO-8859-1.
 
 from __future__ import annotations
 
+import codecs
 import email.parser
 import email.policy
 import functools
@@ -218,7 +219,8 @@ def _words_decoded(value: str) -> str:
         between = value[end : word.start()]
         try:
             (raw, charset), *_ = decode_header(word.group())
-            text, decoded = raw.decode(_codec(charset), "replace"), True
+            # looked up first: an empty word decodes without its codec looked up
+            text, decoded = raw.decode(codecs.lookup(_codec(charset)).name, "replace"), True
         except (ValueError, LookupError, MessageError):
             text, decoded = word.group(), False
         if not (decoded_before and decoded and not between.strip()):
