@@ -45,6 +45,7 @@ class Script:
     later: list[bytes] = field(default_factory=list)  # commands after the transaction
     ehlo: bytes | None = None  # else EHLO is refused with this, and HELO (then) accepted
     greetings: list[bytes] = field(default_factory=list)
+    pause: float = 0.0  # seconds before each reply of the group
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 scripted ESMTP\r\n")
@@ -85,6 +86,7 @@ class Script:
 
     async def _say(self, writer: asyncio.StreamWriter, replies: list[bytes]) -> None:
         for reply in replies:
+            await asyncio.sleep(self.pause)
             pieces = [reply[i : i + 1] for i in range(len(reply))] if self.byte_by_byte else [reply]
             for piece in pieces:
                 writer.write(piece)
@@ -386,6 +388,15 @@ def test_a_tls_connection_lost_mid_group_is_stale_and_aiosmtplib_hears_of_it(
 
     run = uvloop.run if loop == "uvloop" else asyncio.run
     assert run(told_of_the_end())
+
+
+async def test_the_timeout_is_for_each_reply_of_the_group() -> None:
+    """A smarthost that takes a while over each RCPT (recipient verification,
+    a policy service) was given one timeout for the whole group's replies,
+    and never got a message with enough recipients."""
+    script = Script(OK, pause=0.25)
+    async with connected(script) as client:
+        assert await send(client, timeout=0.6) == ({}, "2.0.0 queued as X")
 
 
 async def test_no_answer_is_a_timeout_and_closes_the_connection() -> None:
