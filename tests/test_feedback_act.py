@@ -91,7 +91,13 @@ def test_a_hard_bounce_is_recorded_on_its_message_suppressed_and_told(
     lines = _act(policy, report)
     assert lines[0] == "Boss@example.org: bounced (5.1.1), suppressed"
     assert lines[1].startswith("jan@acme.example told (notice ")
-    assert _listed(policy) == {"Boss@example.org": (None, "bounce", queue_id)}
+    assert _listed(policy) == {"Boss@example.org": ("acme", "bounce", queue_id)}
+    # a report anyone can write, Acme's users among them, with the queue ID the
+    # 250 gave them: it listed the address for every tenant's mail
+    assert policy.suppression is not None
+    listed = SuppressionFile(policy.suppression.file).current()
+    assert listed.find("boss@example.org", "acme") is not None
+    assert listed.find("boss@example.org", "globex") is None
     events = audit_events(path, queue_id)
     assert ("bounced", "Boss@example.org") in events
     assert events[-1] == ("notified", "jan@acme.example")
@@ -577,7 +583,7 @@ def test_a_recipient_only_one_tenants_message_went_to_is_acted_on_in_a_shared_re
     ]
     assert lines[3] == "  boss@example.org: bounced (5.1.1), suppressed"
     assert lines[4].startswith("  jan@acme.example told (notice ")
-    assert _listed(loaded) == {"boss@example.org": (None, "bounce", acme_id)}
+    assert _listed(loaded) == {"boss@example.org": ("acme", "bounce", acme_id)}
     assert ("bounced", "boss@example.org") in audit_events(policy, acme_id)
     assert ("bounced", "buyer@example.org") not in audit_events(policy, acme_id)
 
@@ -595,7 +601,7 @@ def test_a_shared_message_id_is_charged_to_the_tenant_whose_copy_reached_the_rec
     report = Report(BOUNCE, (Failure("buyer@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>")
     assert _act(loaded, report)[0] == "buyer@example.org: bounced (5.1.1), suppressed"
     listed = SuppressionFile(loaded.suppression.file).entries().entries
-    assert (None, "bounce", acme_id) in [(e.tenant, e.reason, e.queue_id) for e in listed]
+    assert ("acme", "bounce", acme_id) in [(e.tenant, e.reason, e.queue_id) for e in listed]
 
 
 def test_a_shared_message_id_whose_copies_never_reached_the_recipient_records_nothing(

@@ -149,7 +149,7 @@ def test_a_bounce_and_a_complaint_piped_in_are_acted_on_and_the_sender_told(
     ]  # fmt: skip
     assert "neither a bounce nor a complaint: ignored" in ignored.stderr
     assert _listed(policy) == {
-        "nobody@buyer.example": (None, "bounce"),
+        "nobody@buyer.example": ("acme", "bounce"),
         "Buyer.Desk@yahoo-mail.example": ("acme", "complaint"),
     }
     assert ("bounced", "nobody@buyer.example") in audit_events(policy, invoice)
@@ -351,5 +351,5 @@ def test_a_delay_warning_leaves_the_bounce_after_it_to_list_the_address(
         f"bounce about {queue_id} (acme/jan)",
         "slow@buyer.example: bounced (5.1.1), suppressed",
     ]
-    assert _listed(policy) == {"slow@buyer.example": (None, "bounce")}
+    assert _listed(policy) == {"slow@buyer.example": ("acme", "bounce")}
     assert audit_events(policy, queue_id).count(("bounced", "slow@buyer.example")) == 1

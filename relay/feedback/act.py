@@ -5,8 +5,7 @@ The report names the original message by its Message-ID; the audit log's
 user) and to whom it went. Then, for each recipient the report is about:
 a ``bounced`` or ``complained`` record on that message, so that its
 timeline ends where it really ended; the address on the suppression list
-(a hard bounce for every tenant, a complaint for the tenant whose mail it
-was); and the sending user told, through a notice queued like the
+for the tenant whose mail it was; and the sending user told, through a notice queued like the
 relay's own failure notices, which the running relay delivers.
 """
 
@@ -380,12 +379,14 @@ def _entry(
     """The entry, or why there is none. Only a report about a message the relay
     sent lists an address (``_new`` keeps those its message went to): anyone
     can mail the return path, and a forged bounce would otherwise stop a
-    tenant's mail to any address. A hard bounce, by the policy's codes, is for
-    every tenant; a complaint for the tenant whose mail it was."""
+    tenant's mail to any address. The entry is for the tenant whose mail it
+    was, a hard bounce (by the policy's codes) as a complaint: one tenant's
+    user, whose mail gets the queue ID back, sent an address one message and
+    wrote a bounce for it, and every tenant's mail to it stopped. A refusal
+    at delivery, which only the upstream can give, lists it for all."""
     if original is None:
         return "its message is not in the audit log"
-    # a bounce is listed for every tenant: only such an entry covers it ("" is no tenant)
-    before = listed.find(failure.recipient, "" if report.kind == BOUNCE else original.tenant)
+    before = listed.find(failure.recipient, original.tenant)
     if before is not None:
         return f"on the list already, since {before.since}"  # keeps its first date
     detail = failure.diagnostic or failure.status or report.feedback_type or ""
@@ -396,7 +397,9 @@ def _entry(
     codes = policy.suppression.hard_bounce if policy.suppression is not None else frozenset()
     if failure.status not in codes:
         return "not a hard bounce code"
-    return Suppression(failure.recipient, None, BOUNCED, now(), detail, original.queue_id)
+    return Suppression(
+        failure.recipient, original.tenant, BOUNCED, now(), detail, original.queue_id
+    )
 
 
 def _record(
