@@ -20,7 +20,7 @@ from base64 import b64decode
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session
 
 from relay import tally
 from relay.ingress.authcache import Verified
@@ -52,6 +52,15 @@ class Mechanisms:
     _verified: Verified
     _failures: AuthFailures
     _tally: TallyRow | None
+
+    def login_outdated(self, session: Session) -> bool:
+        """Whether the session logged in with a password a reload has changed
+        since: its messages are refused (``identify``), and it may log in again."""
+        auth = session.auth_data if session.authenticated else None
+        if not isinstance(auth, Authenticated):
+            return False
+        login = self._current_policy().logins.get(auth.login)
+        return login is not None and login.password_hash != auth.password_hash
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         locked = self._locked(server)

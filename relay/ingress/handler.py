@@ -20,7 +20,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relay.errors import SmtpReply
 from relay.ingress import content
 from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
-from relay.ingress.auth import Authenticated, Mechanisms
+from relay.ingress.auth import Mechanisms
 from relay.ingress.authcache import Verified
 from relay.ingress.authlimit import AuthFailures
 from relay.ingress.diskspace import DiskGuard, reserve_for
@@ -118,7 +118,6 @@ class RelayHandler(Mechanisms):
         hung_up = server.hung_up if isinstance(server, RelaySMTP) else None
         submission = submission_of(self._listener.name, session, envelope, data, hung_up)
         policy = self._current_policy()
-        _log_out_if_password_changed(policy, session)
         refusal = content.refusal(data) or self._no_room(policy, len(data))
         if refusal is not None:
             log_refused(submission, refusal.line)
@@ -166,19 +165,6 @@ class RelayHandler(Mechanisms):
             log.error("pipeline returned an unusable reply %r; answering 451", reply)
             return LOCAL_ERROR
         return reply
-
-
-def _log_out_if_password_changed(policy: Policy, session: Session) -> None:
-    """A session whose login's password a reload changed may log in again: its
-    message is refused (``identify`` says why), and AUTH in a session still
-    counted as logged in was answered "503 Already authenticated"."""
-    auth = session.auth_data if session.authenticated else None
-    if not isinstance(auth, Authenticated):
-        return
-    login = policy.logins.get(auth.login)
-    if login is not None and login.password_hash != auth.password_hash:
-        session.authenticated = False
-        session.auth_data = None
 
 
 def _state(policy: Policy) -> tuple[Path, Path]:

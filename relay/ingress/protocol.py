@@ -53,7 +53,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, _
 from relay import tally
 from relay.ingress import content, data
 from relay.ingress.address import plain_path
-from relay.ingress.auth import AUTH_ABORTED, BAD_BASE64, Authenticated
+from relay.ingress.auth import AUTH_ABORTED, BAD_BASE64, Authenticated, Mechanisms
 from relay.ingress.clientlimit import ALL_BUSY, EVERYONE, TOO_MANY, ClientRow
 from relay.submission import Submission
 from relay.submission import log_refused as log_message_refused
@@ -572,6 +572,11 @@ class RelaySMTP(SMTP):
         if self.in_transaction:  # RFC 4954 4
             await self.push("503 5.5.1 Error: AUTH not permitted during a mail transaction")
             return
+        handler, session = self.event_handler, self.session
+        if isinstance(handler, Mechanisms) and session and handler.login_outdated(session):
+            # told "log in again", it was answered "503 Already authenticated"
+            session.authenticated = False
+            session.auth_data = None
         mechanism, space, rest = (arg or "").partition(" ")
         await super().smtp_AUTH(mechanism.upper() + space + rest)  # names are case-blind
 
