@@ -36,6 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from relay import statefiles
 from relay.audit import events, reader
 from relay.audit.chain import GENESIS_HASH, seal
 from relay.errors import RelayError
@@ -89,8 +90,9 @@ class AuditLog:
         self._shared_seen: tuple[bytes, tuple[int, str] | None] = (b"", None)  # read, parsed
         try:
             st = self._made() if create else self._there()
+            statefiles.check_directory(self.directory)
             # root running a queue tool on the daemon's log: what it creates stays the daemon's
-            self._owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid else None
+            self._owner = statefiles.owner_for(st)
             self._where = (st.st_dev, st.st_ino)
             self._lock_fd, self._head_fd = self._open_shared()
             with self._locked():
@@ -260,7 +262,7 @@ class AuditLog:
 
     def _open_shared(self) -> tuple[int, int]:
         """``.lock`` and ``.head`` of the directory there now."""
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | statefiles.NOFOLLOW
         lock_fd = os.open(self.directory / ".lock", flags, 0o600)
         try:
             self._adopt(lock_fd)
@@ -403,7 +405,7 @@ class AuditLog:
     def _terminate(self, path: Path) -> None:
         """Keep a torn last line (a crash mid-write) as evidence, but end it."""
         log.warning("audit log %s ends in a torn line; terminating it", path.name)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | statefiles.NOFOLLOW)
         try:
             os.write(fd, reader.TORN_END)
             os.fsync(fd)
@@ -413,7 +415,7 @@ class AuditLog:
     def _open(self, day: date) -> None:
         self._close()
         path = self.directory / reader.file_name(day)
-        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC  # read too: see _follow
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | statefiles.NOFOLLOW  # read: _follow
         if not os.path.exists(path):
             self._sync_older(day)
         try:
@@ -439,7 +441,7 @@ class AuditLog:
         between the two files, which verify calls tampering, for good."""
         older = [f for f in reader.day_files(self.directory) if f.day < day and not f.compressed]
         if older:
-            fd = os.open(older[-1].path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(older[-1].path, os.O_RDONLY | os.O_CLOEXEC | statefiles.NOFOLLOW)
             try:
                 os.fsync(fd)
             finally:
@@ -449,7 +451,8 @@ class AuditLog:
         """A new file as private as a day file, and as the log's owner's."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a crashed run's, with whatever mode it had
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | statefiles.NOFOLLOW
+        fd = os.open(path, flags, FILE_MODE)
         try:
             self._adopt(fd)
         except OSError:
@@ -458,8 +461,7 @@ class AuditLog:
         return fd
 
     def _adopt(self, fd: int) -> None:
-        if self._owner:
-            os.fchown(fd, *self._owner)
+        statefiles.adopt(fd, self._owner)
 
     def _write(self, data: bytes, sync: bool) -> None:
         assert self._fd is not None
@@ -534,14 +536,14 @@ class AuditLog:
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         before = os.stat(path)
         try:
-            with open(path, "rb") as source, open(self._create(temporary), "wb") as raw:
+            with statefiles.open_read(path) as source, open(self._create(temporary), "wb") as raw:
                 with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as packed:
                     shutil.copyfileobj(source, packed, 1 << 20)
                 raw.flush()
                 os.fsync(raw.fileno())
             if _changed(path, before):
                 return False
-            with open(path, "rb") as original, gzip.open(temporary, "rb") as copy:
+            with statefiles.open_read(path) as original, gzip.open(temporary, "rb") as copy:
                 if _sha256(original) != _sha256(copy):
                     raise OSError(f"compressing {path.name} did not round-trip")
             # the swap under the lock: a writer whose clock still read that day

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from relay import statefiles
 from relay.errors import RelayError
 from relay.queueid import queue_id_time
 from relay.spool.entry import QueueEntry
@@ -154,12 +155,16 @@ class Spool:
                     self.directory, "no queue here (has the relay run with this policy?)"
                 )
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            st = os.stat(self.directory)
-            self._owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 and st.st_uid else None
+            statefiles.check_directory(self.directory)
+            self._owner = statefiles.owner_for(os.stat(self.directory))
             for sub in (self._msg, self._env):
-                sub.mkdir(mode=0o700, exist_ok=True)
+                try:
+                    sub.mkdir(mode=0o700)
+                except FileExistsError:
+                    statefiles.check_directory(sub)
+                    continue
                 if self._owner:
-                    os.chown(sub, *self._owner)
+                    os.chown(sub, *self._owner, follow_symlinks=False)
         if create:  # for what was made; the queue tools make nothing, and must work read-only
             _fsync_dir(self.directory)
         if created:
@@ -274,7 +279,8 @@ class Spool:
         """The changed record if there is one, else the first, from the entry's file."""
         path = self._env_path(queue_id)
         try:
-            raw = path.read_bytes()
+            with statefiles.open_read(path) as record:
+                raw = record.read()
         except FileNotFoundError:
             raw = self._first_record(queue_id)
         except OSError as exc:
@@ -289,7 +295,7 @@ class Spool:
 
     def _first_record(self, queue_id: str) -> bytes:
         path = self.message_path(queue_id)
-        with _translated(path, queue_id), path.open("rb") as entry_file:
+        with _translated(path, queue_id), statefiles.open_read(path) as entry_file:
             line = entry_file.readline()
             _still_named(entry_file.fileno(), path, queue_id)
         if not line.startswith(RECORD_MARK):
@@ -300,7 +306,7 @@ class Spool:
         """The message in one buffer of its size: a buffered read after the record
         line would hold a 25 MB message twice."""
         path = self.message_path(queue_id)
-        with _translated(path, queue_id), open(path, "rb", buffering=0) as raw:
+        with _translated(path, queue_id), statefiles.open_read(path, buffering=0) as raw:
             start = _message_start(raw)
             raw.seek(start)
             left = os.fstat(raw.fileno()).st_size - start
@@ -324,7 +330,7 @@ class Spool:
         env/ID.json).
         """
         path = self.message_path(queue_id)
-        with _translated(path, queue_id), path.open("rb") as message:
+        with _translated(path, queue_id), statefiles.open_read(path) as message:
             if not message.readline().startswith(RECORD_MARK):
                 message.seek(0)
             yield message
@@ -451,7 +457,7 @@ class Spool:
                 continue
             fd = None
             try:
-                fd = os.open(name, os.O_WRONLY | os.O_CLOEXEC)
+                fd = os.open(name, os.O_WRONLY | os.O_CLOEXEC | statefiles.NOFOLLOW)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return fd, name
             except BlockingIOError:
@@ -571,7 +577,7 @@ class Spool:
         if self._env_path(queue_id).exists():
             return True
         try:
-            with self.message_path(queue_id).open("rb") as entry_file:
+            with statefiles.open_read(self.message_path(queue_id)) as entry_file:
                 return entry_file.read(len(RECORD_MARK)) == RECORD_MARK
         except OSError:
             return False
@@ -605,7 +611,7 @@ class Spool:
         the returned descriptor is closed."""
         path = self.message_path(queue_id)
         with _translated(path, queue_id):
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | statefiles.NOFOLLOW)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -623,7 +629,8 @@ class Spool:
     def kick(self) -> None:
         """Ask a running daemon to rescan the queue now."""
         with _translated(self._kick):
-            fd = os.open(self._kick, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | statefiles.NOFOLLOW
+            fd = os.open(self._kick, flags, 0o600)
             try:
                 self._adopt(fd)
                 os.utime(fd)
@@ -675,8 +682,7 @@ class Spool:
         return held
 
     def _adopt(self, fd: int) -> None:
-        if self._owner:
-            os.fchown(fd, *self._owner)
+        statefiles.adopt(fd, self._owner)
 
     def _listdir(self, directory: Path) -> list[str]:
         with _translated(directory):

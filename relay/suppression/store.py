@@ -27,6 +27,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from relay import statefiles
 from relay.errors import RelayError
 from relay.suppression.entry import VERSION, Key, Suppression, now, parse, read_line
 from relay.suppression.index import EMPTY, Builder, SuppressionList
@@ -294,9 +295,7 @@ def _open_for_append(path: Path) -> int:
         )
     fd = os.open(path, flags | os.O_CREAT, 0o640)
     try:
-        parent = os.stat(path.parent)
-        if os.geteuid() == 0 and (parent.st_uid, parent.st_gid) != (0, 0):
-            os.fchown(fd, parent.st_uid, parent.st_gid)
+        statefiles.adopt(fd, statefiles.owner_for(os.stat(path.parent)))
         directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(directory)
