@@ -528,3 +528,35 @@ def test_empty_parts_past_the_limit_are_not_parsed() -> None:
     assert time.monotonic() - started < 2
     few = raw.replace(b"--b\r\n\r\n" * 3_000_000, b"--b\r\n\r\n" * (message.PARTS_LIMIT - 3))
     assert message.read(few).attachments == ("order.pdf", "late.pdf")
+
+
+def test_lines_of_text_that_begin_with_dashes_are_no_parts() -> None:
+    """An order's 10,001 lines ruled with dashes, and an SQL dump's comments, were
+    counted as parts: the PDF after them was not read, and the order went out
+    as "other" without the sender's copy."""
+    raw = (
+        b'From: a@b.example\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="=_b1"'
+        b"\r\n\r\n--=_b1\r\nContent-Type: text/plain\r\n\r\n"
+        + b"Line item\r\n-----------------\r\n" * 10_001
+        + b"--=_b1\r\nContent-Disposition: attachment; filename=dump.sql\r\n\r\n"
+        + b"-- comment\r\n" * 10_001
+        + b"--=_b1\r\nContent-Disposition: attachment; filename=order-4711.pdf\r\n\r\nx\r\n"
+        b"--=_b1--\r\n"
+    )
+    assert message.read(raw).attachments == ("dump.sql", "order-4711.pdf")
+
+
+def test_parts_past_the_limit_of_declared_boundaries_are_not_parsed() -> None:
+    nested = b"".join(
+        b"--b\r\nContent-Type: multipart/mixed; boundary=c%d\r\n\r\n--c%d--\r\n" % (i, i)
+        for i in range(message.BOUNDARIES_LIMIT + 10)
+    )
+    raw = (
+        b"From: a@b.example\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n"
+        b"\r\n--b\r\nContent-Disposition: attachment; filename=order.pdf\r\n\r\nx\r\n"
+        + nested
+        + b"--b\r\nContent-Disposition: attachment; filename=late.pdf\r\n\r\nx\r\n--b--\r\n"
+    )
+    assert message.read(raw).attachments == ("order.pdf",)
+    fewer = raw.replace(nested, nested[: nested.index(b"--b\r\n", 1000)])
+    assert message.read(fewer).attachments == ("order.pdf", "late.pdf")
