@@ -272,3 +272,29 @@ def test_a_nested_mail_is_no_refused_message(caplog: pytest.LogCaptureFixture) -
         assert raw.cmd(b"QUIT").startswith("221")
     assert len(relay.process.calls) == 1
     assert _lines(caplog, "refused ") == []
+
+
+def test_a_failure_reading_data_closes_the_connection_unread(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of memory under ``ulimit -v``, aiosmtpd answered 451 and read the rest
+    of the message as commands: a MAIL, RCPT and DATA in its text were sent."""
+    from relay.ingress import data
+
+    async def out_of_memory(*args: object, **kwargs: object) -> data.Data:
+        raise MemoryError
+
+    monkeypatch.setattr(data, "read", out_of_memory)
+    body = (
+        b"Subject: x\r\n\r\nRSET\r\nMAIL FROM:<erp@acme.example>\r\n"
+        b"RCPT TO:<smuggled@example.org>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n"
+    )
+    caplog.set_level(logging.INFO, logger="relay")
+    with Relay([listener()]) as relay, Raw(relay.port) as raw:
+        raw.envelope()
+        assert raw.cmd(b"DATA").startswith("354")
+        raw.send(body)
+        assert raw.reply() == [protocol.READ_FAILED]
+        assert raw.closed()
+    assert relay.process.calls == []
+    assert "reading DATA failed; the connection is closed" in caplog.text

@@ -84,6 +84,7 @@ JUNK_COMMAND_LIMIT = 100
 # than this; the rest are counted in one line at its end.
 REFUSALS_LOGGED = 10
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing the connection"
+READ_FAILED = "421 4.3.0 Local error reading the message, try again later"
 # Postfix's smtpd_recipient_overshoot_limit: a transaction's RCPTs refused for
 # being past the recipient limit that count as no error (RFC 5321 4.5.3.1.10
 # has the client send them again in another transaction).
@@ -614,6 +615,18 @@ class RelaySMTP(SMTP):
                 return
             self._writer.close()
             raise
+        except Exception:  # MemoryError among them: where the message ends is unknown
+            # left to aiosmtpd, the 451 was followed by the rest of the message
+            # read as commands, and a MAIL, RCPT and DATA in its text were sent
+            assert self.session is not None
+            log.exception(
+                "client=%s: reading DATA failed; the connection is closed",
+                client_address(self.session.peer),
+            )
+            self._log_refused_message(READ_FAILED)
+            self._say(READ_FAILED.encode() + b"\r\n")
+            self._close_now()
+            return
         finally:
             self._in_data = False
         if section.bare_end:
