@@ -26,10 +26,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger("relay")
 
 Commit = Callable[[list[T]], Sequence[BaseException | None]]
 
@@ -50,6 +53,8 @@ class GroupCommit(Generic[T]):
         self._inline = inline
         self._batch: list[tuple[T, asyncio.Future[None]]] = []
         self._busy = False
+        self._name = name
+        self._threadless = False  # said so in the log: no thread could be started
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
 
     async def __call__(self, item: T) -> None:
@@ -85,8 +90,29 @@ class GroupCommit(Generic[T]):
         batch, self._batch = self._batch, []
         self._busy = True
         loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(self._thread, self._commit_many, [i for i, _ in batch])
+        items = [i for i, _ in batch]
+        try:
+            work = loop.run_in_executor(self._thread, self._commit_many, items)
+        except RuntimeError as exc:
+            work = self._on_the_loop(items, exc)
+        else:
+            self._threadless = False
         work.add_done_callback(lambda finished: self._finish(batch, finished))
+
+    def _on_the_loop(self, items: list[T], exc: RuntimeError) -> asyncio.Future:
+        """The batch committed on the event loop when no thread can be started (a
+        limit on tasks, systemd's TasksMax): the batch's waiters were never
+        released, every later commit waited behind them, and a worker went on
+        accepting mail it never finished delivering."""
+        if not self._threadless:
+            log.warning("%s: no thread (%s); committing on the event loop", self._name, exc)
+            self._threadless = True
+        work: asyncio.Future = asyncio.get_running_loop().create_future()
+        try:
+            work.set_result(self._commit_many(items))
+        except Exception as error:  # its waiters hear it, as from the thread
+            work.set_exception(error)
+        return work
 
     def _finish(self, batch: list[tuple[T, asyncio.Future[None]]], work: asyncio.Future) -> None:
         self._busy = False

@@ -248,3 +248,29 @@ async def test_inline_waits_its_turn_behind_a_batch_on_its_way() -> None:
     assert await settled(on_its_way, behind) == [None, None]
     assert committer.batches == [[1], [2]]
     assert threading.get_ident() not in threads
+
+
+async def test_a_batch_no_thread_can_be_started_for_is_committed_on_the_loop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under a task limit ("can't start new thread") the batch's waiters were never
+    released and every later commit waited behind them: a worker accepted mail
+    it never finished delivering, and sent it again after the restart."""
+    committer = Committer(lambda item: ValueError("no") if item == 2 else None)
+    commit: GroupCommit[int] = GroupCommit(committer, "finish")
+    limited = True
+
+    def submit(*args: object, **kwargs: object) -> object:
+        if limited:
+            raise RuntimeError("can't start new thread")
+        return real_submit(*args, **kwargs)
+
+    real_submit = commit._thread.submit
+    monkeypatch.setattr(commit._thread, "submit", submit)
+    results = await settled(commit(1), commit(2), commit(3), exceptions=True)
+    assert [type(r).__name__ for r in results] == ["NoneType", "ValueError", "NoneType"]
+    assert await settled(commit(4)) == [None]
+    limited = False
+    assert await settled(commit(5)) == [None]
+    assert committer.batches[-1] == [5]
+    assert caplog.text.count("finish: no thread (can't start new thread)") == 1
