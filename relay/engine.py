@@ -10,6 +10,7 @@ jitter, so many deferred messages do not all come back at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import heapq
@@ -29,6 +30,7 @@ from relay.notice import build_notice
 from relay.policy.model import Policy, QueueSettings, Upstream
 from relay.record import Recorder, dsn
 from relay.settle import WAITING_MAX, EntryLock, Finished, Settle, Settler
+from relay.slots import Slots
 from relay.spool import (
     DELIVERED,
     EXPIRED,
@@ -226,13 +228,16 @@ class Engine:
         # immediate attempts whose client still waits, with its hang-up, if it can tell
         self._answering: dict[str, asyncio.Event | None] = {}
         self._refusing: set[str] = set()  # immediate attempts passing a refusal back
-        self._limits: dict[str, asyncio.Semaphore] = {}
+        self._limits: dict[str, Slots] = {}
         self._stopping = False
         self._starting = True  # attempts may start: until the signal to stop on
         self.winding_down = asyncio.Event()  # set with the signal to stop on
         self._sending: set[str] = set()  # queue IDs whose attempt waits for the upstream
         self._schedule: dict[str, float] = {}  # queue ID -> next attempt
         self._due: list[tuple[float, str]] = []  # heap over _schedule, stale items skipped
+        # what ``submit`` was given, also in the heap: started before what waited
+        # (see _start_due), and taking turns with it for a slot (relay/slots.py)
+        self._fresh: collections.deque[tuple[float, str]] = collections.deque()
         self._planned_in_scan: dict[str, float] | None = None
         self._settler = Settler(spool, recorder)
         # ``alone``: with one SMTP session outcomes are recorded on the event loop too
@@ -284,6 +289,8 @@ class Engine:
                 self._warm_bytes += size
                 self._warm_files += 1
         self._plan(queue_id, self.clock() if when is None else when)
+        if when is None:
+            self._fresh.append((self._schedule[queue_id], queue_id))
         self._wake.set()
 
     def _plan(self, queue_id: str, when: float) -> None:
@@ -513,7 +520,11 @@ class Engine:
             await self._add_listed(settings.file, [])
 
     def attempt_now(
-        self, queue_id: str, immediate: bool = False, hung_up: asyncio.Event | None = None
+        self,
+        queue_id: str,
+        immediate: bool = False,
+        hung_up: asyncio.Event | None = None,
+        fresh: bool = False,
     ) -> asyncio.Task[Outcome]:
         """Start (or join) the delivery of one entry. With ``immediate`` a message every
         recipient refuses is dropped without a notice, while its sender is waiting for
@@ -521,7 +532,8 @@ class Engine:
         refusal, so its sender hears of it by notice, as of any queued message)."""
         task = self._busy.get(queue_id)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._deliver(queue_id, immediate))
+            attempt = self._deliver(queue_id, immediate, fresh or immediate)
+            task = asyncio.get_running_loop().create_task(attempt)
             self._busy[queue_id] = task
             task.add_done_callback(lambda _: self._attempt_ended(queue_id))
             if immediate:
@@ -553,26 +565,32 @@ class Engine:
     def _start_due(self) -> None:
         """Start what is due, in order; the heap makes this cost what is due, not
         the size of the queue (a wake-up per accepted message, with thousands
-        of deferred messages waiting, used to walk all of them)."""
+        of deferred messages waiting, used to walk all of them). What was just
+        accepted goes first, and a tenth of the attempts are kept for it: after
+        an outage the backlog, due earlier, took every place in line."""
         now = self.clock()
-        while self._due and self._due[0][0] <= now and not self._held_back():
-            item = heapq.heappop(self._due)
-            queue_id = item[1]
-            if self._stale(item) or queue_id in self._busy:
-                continue  # a running attempt plans what comes next itself
-            if queue_id in self.accepting or (self._scan_error and queue_id not in self._warm):
-                self._plan(queue_id, now + POLL)  # accepting, or in a spool that cannot be read
-                continue
-            later = self._suspensions.waits(queue_id, now)
-            if later is not None:  # waits for a suspended upstream: not read, not locked
-                self._plan(queue_id, later)
-                continue
-            self.attempt_now(queue_id)
+        while self._fresh and not self._held_back():
+            self._start(self._fresh.popleft(), now, fresh=True)
+        while self._due and self._due[0][0] <= now and not self._held_back(self._files // 10):
+            self._start(heapq.heappop(self._due), now, fresh=False)
 
-    def _held_back(self) -> bool:
+    def _start(self, item: tuple[float, str], now: float, fresh: bool) -> None:
+        queue_id = item[1]
+        if self._stale(item) or queue_id in self._busy:
+            return  # a running attempt plans what comes next itself
+        if queue_id in self.accepting or (self._scan_error and queue_id not in self._warm):
+            self._plan(queue_id, now + POLL)  # accepting, or in a spool that cannot be read
+            return
+        later = self._suspensions.waits(queue_id, now)
+        if later is not None:  # waits for a suspended upstream: not read, not locked
+            self._plan(queue_id, later)
+            return
+        self.attempt_now(queue_id, fresh=fresh)
+
+    def _held_back(self, kept: int = 0) -> bool:
         """Nothing more starts while as many attempts run as files may be open for
-        them, nor while ``_backlogged``."""
-        return len(self._busy) >= self._files or self._backlogged()
+        them (less ``kept`` of them), nor while ``_backlogged``."""
+        return len(self._busy) >= self._files - kept or self._backlogged()
 
     def _backlogged(self) -> bool:
         """Nothing new starts while too many finished entries wait for the audit log:
@@ -581,19 +599,19 @@ class Engine:
         spool to take their failure notices."""
         return self._settler.full or len(self._untold) >= WAITING_MAX
 
-    def _limit(self, entry: QueueEntry) -> asyncio.Semaphore:
+    def _limit(self, entry: QueueEntry) -> Slots:
         """The entry's upstream's share of ``queue.concurrency``. An entry whose
         upstream the policy no longer has is routed first, so that it counts
         against the upstream it goes to, not against the old name's."""
         policy = self.policy()
         name = _route(entry, policy)
         if name not in self._limits:
-            self._limits[name] = asyncio.Semaphore(policy.queue.concurrency)
+            self._limits[name] = Slots(policy.queue.concurrency)
         return self._limits[name]
 
-    async def _deliver(self, queue_id: str, immediate: bool) -> Outcome:
+    async def _deliver(self, queue_id: str, immediate: bool, fresh: bool) -> Outcome:
         try:
-            outcome = await self._locked_attempt(queue_id, immediate)
+            outcome = await self._locked_attempt(queue_id, immediate, fresh)
         except Exception:  # a fault of the relay's own: see _faulted
             return self._faulted(queue_id)
         tries = self._locked.pop(queue_id, 0)
@@ -619,7 +637,7 @@ class Engine:
         self._plan(queue_id, self.clock() + delay)
         return Outcome("deferred")
 
-    async def _locked_attempt(self, queue_id: str, immediate: bool) -> Outcome:
+    async def _locked_attempt(self, queue_id: str, immediate: bool, fresh: bool) -> Outcome:
         untold = self._untold.pop(queue_id, None)
         if untold is not None:
             return await self._finish(untold.entry, self.policy(), untold.lock, untold)
@@ -628,7 +646,7 @@ class Engine:
         try:
             if warm is not None:
                 try:
-                    return await self._warm_attempt(warm, lock, immediate)
+                    return await self._warm_attempt(warm, lock, immediate, fresh)
                 finally:  # it counts until the attempt ends, waiting for a slot included
                     self._warm_bytes -= len(warm.data)
                     self._warm_files -= 1
@@ -636,7 +654,7 @@ class Engine:
             not_now = self._not_now(entry, immediate)
             if not_now is not None:
                 return not_now
-            async with self._limit(entry):
+            async with self._limit(entry).slot(fresh):
                 return await self._locked_again(entry.queue_id, lock, immediate)
         except NoSuchEntry:
             return Outcome("gone")
@@ -648,17 +666,19 @@ class Engine:
         finally:
             lock.close()  # unless _finish took it over
 
-    async def _warm_attempt(self, warm: Warm, lock: EntryLock, immediate: bool) -> Outcome:
+    async def _warm_attempt(
+        self, warm: Warm, lock: EntryLock, immediate: bool, fresh: bool
+    ) -> Outcome:
         """A slot free at once: the attempt goes under the lock taken at acceptance.
         Waiting for one is no delivery: the lock is let go meanwhile, or a slow
         upstream kept thousands of entries locked and ``relay queue delete`` and
         ``hold`` could stop none of them."""
         limit = self._limit(warm.entry)
         if not limit.locked():
-            async with limit:
+            async with limit.slot(fresh):
                 return await self._attempt(warm.entry, lock, immediate, warm.data)
         lock.close()
-        async with limit:
+        async with limit.slot(fresh):
             return await self._locked_again(warm.entry.queue_id, lock, immediate, warm.data)
 
     async def _locked_again(

@@ -21,6 +21,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
 from relay import engine as engine_module
+from relay import message as relay_message
 from relay.deliver import counted
 from relay.engine import Attempt, Engine
 from relay.policy.load import load
@@ -35,7 +36,7 @@ from tests.spoolkit import make_entry
 from tests.test_engine_settle import until
 from tests.test_engine_warm import message, running
 from tests.test_metrics import _samples, _value
-from tests.test_queue_e2e import configure, relay_cli, send
+from tests.test_queue_e2e import SMALL, configure, relay_cli, send
 
 MESSAGES = 12
 
@@ -602,3 +603,28 @@ def test_a_wall_clock_set_back_does_not_hide_a_failure(monkeypatch: pytest.Monke
     monkeypatch.setattr(time, "time", lambda: wall() - 3600)
     counts.row(0).suspended("default", True)
     assert counts.holding("default") == 1
+
+
+def test_mail_accepted_after_an_outage_does_not_wait_behind_its_backlog(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The backlog, due at once when the smarthost came back, went first in line
+    for its slots: an invoice accepted then waited until all of it was sent
+    (30,000 at 123 a second: four minutes). It now takes turns with it."""
+    port, upstream = free_port(), free_port()
+    policy = one_worker(policy_file, port, upstream, retry=1)
+    text = policy.read_text()
+    policy.write_text(text.replace("lifetime: 3600}", "lifetime: 3600, concurrency: 1}"))
+    backlog = 20
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        with Down(upstream):
+            for _ in range(backlog):
+                send(port)
+            wait_for(lambda: "upstream default suspended" in relay.log())
+        with SinkServer(Sink(delay=0.2), port=upstream) as sink:
+            sink.sink.wait(2, timeout=20)
+            fresh = send(port, SMALL.replace(b"Subject: Hello", b"Subject: Fresh"))
+            before = len(sink.sink.messages)
+            got = sink.sink.wait(backlog + 1, timeout=30)
+    subjects = [relay_message.read(m.data).get("Subject") for m in got]
+    assert subjects.index("Fresh") <= before + 2, (fresh, before, subjects)

@@ -1,0 +1,44 @@
+"""An upstream's delivery slots: a message just accepted and the mail already
+waiting take a free slot in turns, and a cancelled waiter gives its turn on."""
+
+from __future__ import annotations
+
+import asyncio
+
+from relay.slots import Slots
+
+
+async def _holding(slots: Slots, fresh: bool, order: list[str], name: str) -> None:
+    async with slots.slot(fresh):
+        order.append(name)
+        await asyncio.sleep(0)
+
+
+async def test_fresh_mail_and_waiting_mail_take_turns() -> None:
+    """After an outage the backlog went first in line: an invoice accepted once
+    the smarthost was back waited for all of it."""
+    slots, order = Slots(1), []
+    async with slots.slot(False):  # one attempt under way
+        backlog = [asyncio.ensure_future(_holding(slots, False, order, f"b{i}")) for i in range(4)]
+        await asyncio.sleep(0)
+        fresh = [asyncio.ensure_future(_holding(slots, True, order, f"f{i}")) for i in range(2)]
+        await asyncio.sleep(0)
+        assert slots.locked() and order == []
+    await asyncio.wait_for(asyncio.gather(*backlog, *fresh), 5)
+    assert order == ["f0", "b0", "f1", "b1", "b2", "b3"]
+    assert not slots.locked()
+
+
+async def test_a_cancelled_waiter_gives_its_turn_to_the_next() -> None:
+    slots, order = Slots(1), []
+    async with slots.slot(True):
+        gone = asyncio.ensure_future(_holding(slots, True, order, "gone"))
+        kept = asyncio.ensure_future(_holding(slots, False, order, "kept"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+    await asyncio.wait_for(kept, 5)
+    assert order == ["kept"] and gone.cancelled()
+    async with slots.slot(False):  # the slot came back: free again
+        pass
+    assert not slots.locked()
