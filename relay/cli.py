@@ -731,7 +731,8 @@ def _with_stdin(addresses: list[str]) -> list[str]:
     into several and stopped at an apostrophe."""
     if "-" not in addresses:
         return addresses
-    lines = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    text = sys.stdin.read() if sys.stdin is not None else ""  # None: stdin closed (<&-)
+    lines = [line for line in text.splitlines() if line.strip()]
     return [a for address in addresses for a in (lines if address == "-" else [address])]
 
 

@@ -443,3 +443,13 @@ def test_no_address_on_stdin_is_refused_not_read_as_every_entry(
         f"relay suppression {verb}: no address on stdin\n",
     )
     assert run(policy, capsys, "list")[0] == 0
+
+
+def test_a_closed_stdin_is_no_address_not_a_traceback(policy: Path) -> None:
+    """Exit 1 with a traceback read as "nothing matched" for list."""
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "suppression", "list", "-c", str(policy), "-"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT, stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: os.close(0),
+    )  # fmt: skip
+    assert (done.returncode, done.stderr) == (2, "relay suppression list: no address on stdin\n")
