@@ -104,7 +104,7 @@ def test_messages_wait_for_one_try_and_go_once_it_reaches(
     with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
         with Down(upstream) as down:
             ids = [send(port) for _ in range(MESSAGES)]
-            wait_for(lambda: "upstream default suspended: 451 4.3.2" in relay.log())
+            wait_for(lambda: "upstream default suspended: 451 4.4.1" in relay.log())
             time.sleep(4.5)  # two more waits: a try each
             tried = down.connections
         assert 1 <= tried <= 6, (tried, relay.log())  # not one per message and retry
