@@ -163,9 +163,7 @@ def _mapped(upstream: SmtpUpstream, stage: str, exc: Exception) -> UpstreamError
         if exc.code == aiosmtplib.SMTPStatus.invalid_response:  # no SMTP reply: no code to quote
             return _failed(upstream, stage, f"no valid reply: {exc.message}", "4.4.0")
         if stage == "connecting":  # greeting or STARTTLS refused: nothing about this message
-            return _failed(
-                upstream, stage, replies.line(exc.code, exc.message), _greeting_status(exc)
-            )
+            return _failed(upstream, stage, replies.line(exc.code, exc.message))
         return replies.refusal(exc.code, exc.message)
     if isinstance(exc, DataTimeout | DataLost):
         return _failed(upstream, stage, str(exc), "4.4.2")
@@ -218,14 +216,6 @@ def _refused(code: int, message: str) -> str:
     """A recipient's refusal as the whole message's would be: a 3xx to RCPT is
     no answer a server in step gives, a reply to retry on (``451 4.4.0``)."""
     return replies.refusal(code, message).line
-
-
-def _greeting_status(exc: aiosmtplib.SMTPResponseException) -> str:
-    """The server's own detail, made temporary: a 421 4.7.0 of Postfix's
-    connection rate limit was logged dsn=4.4.1 ("no answer"), and deferrals
-    grouped by dsn= read as a host down, not a limit."""
-    status, _ = replies.split(exc.code, exc.message)
-    return "4.4.1" if status.endswith(".0.0") else "4" + status[1:]
 
 
 def _failed(
