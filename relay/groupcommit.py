@@ -55,7 +55,10 @@ class GroupCommit(Generic[T]):
         self._busy = False
         self._name = name
         self._threadless = False  # said so in the log: no thread could be started
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._thread = self._executor()
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=self._name)
 
     async def __call__(self, item: T) -> None:
         loop = asyncio.get_running_loop()
@@ -94,6 +97,9 @@ class GroupCommit(Generic[T]):
         try:
             work = loop.run_in_executor(self._thread, self._commit_many, items)
         except RuntimeError as exc:
+            # the executor queued the batch before its thread failed to start, and
+            # would commit it again once one does: it is left with no thread
+            self._thread = self._executor()
             work = self._on_the_loop(items, exc)
         else:
             self._threadless = False
