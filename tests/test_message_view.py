@@ -560,3 +560,23 @@ def test_parts_past_the_limit_of_declared_boundaries_are_not_parsed() -> None:
     assert message.read(raw).attachments == ("order.pdf",)
     fewer = raw.replace(nested, nested[: nested.index(b"--b\r\n", 1000)])
     assert message.read(fewer).attachments == ("order.pdf", "late.pdf")
+
+
+@pytest.mark.parametrize(
+    "declared",
+    [b'boundary=\r\n "x"', b'boundary*0="x"', b"boundary*=us-ascii''%78"],
+    ids=["folded", "rfc2231-pieces", "rfc2231-encoded"],
+)
+def test_a_boundary_declared_in_another_form_is_held_to_the_limits_too(declared: bytes) -> None:
+    """Folded after its "=", the boundary was not seen as declared, no part was
+    counted, and 24 MB of empty parts held the worker for 23 s."""
+    raw = (
+        b"From: a@b.example\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; "
+        + declared
+        + b"\r\n\r\n--x\r\nContent-Disposition: attachment; filename=order.pdf\r\n\r\nx\r\n"
+        + b"--x\r\n\r\n" * 3_000_000
+        + b"--x--\r\n"
+    )
+    started = time.monotonic()
+    assert message.read(raw).attachments == ("order.pdf",)
+    assert time.monotonic() - started < 5
