@@ -130,3 +130,35 @@ def test_an_audit_directory_root_linked_elsewhere_is_followed(
     done = relay_cli(policy_file, "queue", "hold", queue_id)
     assert done.returncode == 0, done.stderr
     assert b'"event":"held"' in b"".join(p.read_bytes() for p in moved.glob("audit-*.jsonl"))
+
+
+@pytest.mark.parametrize("command", [("audit", "search"), ("audit", "verify"), ("audit", "report")])
+def test_an_audit_directory_another_user_linked_elsewhere_is_not_read_by_root(
+    policy_file: Path, state: tuple[Path, str], tmp_path: Path, command: tuple[str, str]
+) -> None:
+    """Linked to a root-only log, it was read and its records printed."""
+    directory, _ = state
+    hidden = tmp_path / "root-only-log"
+    shutil.copytree(directory / "audit", hidden)
+    hidden.chmod(0o700)
+    _planted(directory / "audit", hidden)
+    done = relay_cli(policy_file, *command)
+    assert done.returncode != 0
+    assert "policy_loaded" not in done.stdout and "1 record" not in done.stdout
+    assert "which root does not follow" in done.stderr
+
+
+def test_a_suppression_list_behind_a_link_is_not_read_by_root(
+    policy_file: Path, state: tuple[Path, str], tmp_path: Path
+) -> None:
+    directory, _ = state
+    hidden = tmp_path / "root-only-list"
+    hidden.write_text(
+        '{"v":1,"op":"add","address":"secret@example.org","tenant":null,"reason":"manual",'
+        '"since":"2026-01-01T00:00:00.000Z"}\n'
+    )
+    hidden.chmod(0o600)
+    _planted(directory / "suppression.jsonl", hidden)
+    done = relay_cli(policy_file, "suppression", "list")
+    assert "secret@example.org" not in done.stdout + done.stderr
+    assert done.returncode != 0

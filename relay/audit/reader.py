@@ -20,6 +20,8 @@ from datetime import date
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from relay import statefiles
+
 _NAME = re.compile(r"audit-(\d{4}-\d{2}-\d{2})\.jsonl(\.gz)?")
 _CHUNK = 1 << 16
 #: A stored record's start, with its seq: how the tools find one without decoding it.
@@ -64,6 +66,7 @@ def day_files(
     interrupted after the ``.gz`` was complete but before the plain file was
     removed; the plain file is the original, so it wins.
     """
+    statefiles.check_directory(Path(directory))
     by_day: dict[date, DayFile] = {}
     for name in os.listdir(directory):
         match = _NAME.fullmatch(name)
@@ -113,9 +116,12 @@ def _holds_before(file: DayFile, time: str) -> bool:
 
 def open_file(file: DayFile | Path) -> BinaryIO:
     path = file.path if isinstance(file, DayFile) else file
+    raw = statefiles.open_read(path)
     if path.suffix == ".gz":
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    return open(path, "rb")
+        unpacked = gzip.GzipFile(fileobj=raw, mode="rb")
+        unpacked.myfileobj = raw  # closed with it, as gzip.open's own file is
+        return unpacked  # type: ignore[return-value]
+    return raw
 
 
 TORN_END = b" [torn write, ended by the relay]\n"
@@ -141,7 +147,7 @@ def parse_head(data: bytes) -> tuple[int, str] | None:
 def read_head(directory: Path) -> tuple[int, str] | None:
     """``.head`` of a log directory, if it has a whole one (a copy of the log may not)."""
     try:
-        with open(Path(directory) / HEAD_FILE, "rb") as stream:
+        with statefiles.open_read(Path(directory) / HEAD_FILE) as stream:
             return parse_head(stream.read(HEAD_SIZE + 1))
     except OSError:
         return None
@@ -219,7 +225,7 @@ def recent(directory: Path, budget: int) -> Iterator[dict[str, Any]]:
     for file in reversed(day_files(directory)):
         if budget <= 0 or file.compressed:
             return
-        with open(file.path, "rb", buffering=0) as stream:
+        with statefiles.open_read(file.path, buffering=0) as stream:
             size = os.fstat(stream.fileno()).st_size
             start = max(0, size - budget)
             before = min(start, 1)  # the byte before says whether a line begins at start
@@ -250,7 +256,7 @@ def last_line(path: Path) -> tuple[bytes | None, bool]:
             elif not line.endswith(TORN_END):
                 last, torn = line, False
         return last, torn
-    with open(path, "rb", buffering=0) as stream:
+    with statefiles.open_read(path, buffering=0) as stream:
         return last_line_of(stream.fileno(), os.fstat(stream.fileno()).st_size)
 
 

@@ -161,7 +161,8 @@ class Spool:
                 try:
                     sub.mkdir(mode=0o700)
                 except FileExistsError:
-                    statefiles.check_directory(sub)
+                    with _translated(sub):  # named itself, not the queue's directory
+                        statefiles.check_directory(sub)
                     continue
                 if self._owner:
                     os.chown(sub, *self._owner, follow_symlinks=False)

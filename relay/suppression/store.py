@@ -82,7 +82,7 @@ class SuppressionFile:
             return self._snapshot
         changed = False
         try:
-            with open(self.path, "rb") as f:
+            with statefiles.open_read(self.path) as f:
                 st = os.fstat(f.fileno())
                 if not self._continues(f.fileno(), st.st_ino, st.st_size):
                     self._reset()
@@ -124,7 +124,8 @@ class SuppressionFile:
         lines naming them are parsed: parsing every line of a 500,000-entry
         list took ``relay suppression add`` 4 s and 600 MB for one address."""
         try:
-            chunk = self.path.read_bytes()
+            with statefiles.open_read(self.path) as whole:
+                chunk = whole.read()
         except FileNotFoundError:
             chunk = b""
         except OSError as exc:
