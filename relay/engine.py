@@ -236,8 +236,10 @@ class Engine:
         self._schedule: dict[str, float] = {}  # queue ID -> next attempt
         self._due: list[tuple[float, str]] = []  # heap over _schedule, stale items skipped
         # what ``submit`` was given, also in the heap: started before what waited
-        # (see _start_due), and taking turns with it for a slot (relay/slots.py)
-        self._fresh: collections.deque[tuple[float, str]] = collections.deque()
+        # (see _start_due), and taking turns with it for a slot (relay/slots.py);
+        # those of them under way
+        self._fresh: collections.deque[str] = collections.deque()
+        self._fresh_busy: set[str] = set()
         self._planned_in_scan: dict[str, float] | None = None
         self._settler = Settler(spool, recorder)
         # ``alone``: with one SMTP session outcomes are recorded on the event loop too
@@ -290,7 +292,7 @@ class Engine:
                 self._warm_files += 1
         self._plan(queue_id, self.clock() if when is None else when)
         if when is None:
-            self._fresh.append((self._schedule[queue_id], queue_id))
+            self._fresh.append(queue_id)
         self._wake.set()
 
     def _plan(self, queue_id: str, when: float) -> None:
@@ -449,9 +451,12 @@ class Engine:
         return self._schedule.get(item[1]) != item[0]
 
     def _sleep(self) -> float:
+        """How long nothing can start: 0 only for what ``_start_due`` would start."""
         while self._due and self._stale(self._due[0]):
             heapq.heappop(self._due)
-        if not self._due or self._held_back():
+        if self._fresh and not self._held_back(fresh=True):
+            return 0.0
+        if not self._due or self._held_back(fresh=False):
             return POLL
         return max(0.0, min(POLL, self._due[0][0] - self.clock()))
 
@@ -532,16 +537,22 @@ class Engine:
         refusal, so its sender hears of it by notice, as of any queued message)."""
         task = self._busy.get(queue_id)
         if task is None:
-            attempt = self._deliver(queue_id, immediate, fresh or immediate)
+            fresh = fresh or immediate
+            attempt = self._deliver(queue_id, immediate, fresh)
             task = asyncio.get_running_loop().create_task(attempt)
             self._busy[queue_id] = task
+            if fresh:
+                self._fresh_busy.add(queue_id)
             task.add_done_callback(lambda _: self._attempt_ended(queue_id))
             if immediate:
                 self._answering[queue_id] = hung_up
         return task
 
     def _attempt_ended(self, queue_id: str) -> None:
-        if self._busy.pop(queue_id, None) is not None and len(self._busy) == self._files - 1:
+        fresh = queue_id in self._fresh_busy
+        was_held_back = self._held_back(fresh=fresh)
+        self._fresh_busy.discard(queue_id)
+        if self._busy.pop(queue_id, None) is not None and was_held_back:
             self._wake.set()  # room for what is due again
         self._answering.pop(queue_id, None)
         self._refusing.discard(queue_id)
@@ -569,9 +580,12 @@ class Engine:
         accepted goes first, and a tenth of the attempts are kept for it: after
         an outage the backlog, due earlier, took every place in line."""
         now = self.clock()
-        while self._fresh and not self._held_back():
-            self._start(self._fresh.popleft(), now, fresh=True)
-        while self._due and self._due[0][0] <= now and not self._held_back(self._files // 10):
+        while self._fresh and not self._held_back(fresh=True):
+            queue_id = self._fresh.popleft()
+            when = self._schedule.get(queue_id)  # a rescan may have planned it anew
+            if when is not None and when <= now:
+                self._start((when, queue_id), now, fresh=True)
+        while self._due and self._due[0][0] <= now and not self._held_back(fresh=False):
             self._start(heapq.heappop(self._due), now, fresh=False)
 
     def _start(self, item: tuple[float, str], now: float, fresh: bool) -> None:
@@ -587,10 +601,17 @@ class Engine:
             return
         self.attempt_now(queue_id, fresh=fresh)
 
-    def _held_back(self, kept: int = 0) -> bool:
+    def _held_back(self, fresh: bool) -> bool:
         """Nothing more starts while as many attempts run as files may be open for
-        them (less ``kept`` of them), nor while ``_backlogged``."""
-        return len(self._busy) >= self._files - kept or self._backlogged()
+        them, nor while ``_backlogged``. Of them, a tenth is kept for mail just
+        accepted (``fresh``) and a tenth for the mail that was waiting: either
+        kind, filling all of them, left the other none, and none of its
+        attempts to take turns with for the upstream's slots."""
+        if len(self._busy) >= self._files or self._backlogged():
+            return True
+        kept = self._files // 10
+        mine = len(self._fresh_busy) if fresh else len(self._busy) - len(self._fresh_busy)
+        return mine >= self._files - kept
 
     def _backlogged(self) -> bool:
         """Nothing new starts while too many finished entries wait for the audit log:
