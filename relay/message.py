@@ -19,6 +19,7 @@ import email.policy
 import functools
 import itertools
 import re
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.errors import MessageError
@@ -570,14 +571,16 @@ def skeleton(raw: bytes) -> bytes:
 #: the parser: an ERP's document has a few dozen parts, and each costs the email
 #: package about 300 bytes and 7 µs. 20 MB of empty parts took 20 s and 1 GB.
 PARTS_LIMIT = 10_000
-# folded (``boundary=<CRLF> "x"``) or in RFC 2231 pieces (``boundary*0=``), whose
-# first is the start of the boundary, and so of its delimiter lines
-_BOUNDARY = re.compile(rb'boundary(?:\*0?\*?)?\s*=\s*(?:"([^"\r\n]{1,70})"|([^\s";]{1,70}))', re.I)
-#: Boundaries read: one for each multipart, which a document has a few of.
-BOUNDARIES_LIMIT = 1000
+# folded (``boundary=<CRLF> "x"``), or in RFC 2231 pieces (``boundary*0=``) whose
+# first is the start of the boundary, and so of its delimiter lines, percent-
+# encoded after a charset (``boundary*=''%58``) or not
+_BOUNDARY = re.compile(rb'boundary(\*0?\*?)?\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s";]{1,200}))', re.I)
+#: Boundaries read: one for each multipart, which a document has a few of (an
+#: attached mailbox of a thousand messages, a few thousand).
+BOUNDARIES_LIMIT = 10_000
 #: Lines that begin with "--", whatever follows: a boundary the email package
 #: reads in a way the pattern above does not is held to this.
-DASH_LINES_LIMIT = 100_000
+DASH_LINES_LIMIT = 1_000_000
 _DASHES = re.compile(rb"^--", re.MULTILINE)
 
 
@@ -593,7 +596,7 @@ def _first_parts(raw: bytes) -> bytes:
     found = list(itertools.islice(_BOUNDARY.finditer(raw), BOUNDARIES_LIMIT + 1))
     if len(found) > BOUNDARIES_LIMIT:
         raw = raw[: found.pop().start()]
-    declared = {b"".join(one.groups(b"")) for one in found}
+    declared = {_boundary(one) for one in found} - {b""}
     if not declared:
         return raw
     delimiter = re.compile(rb"^--(?:" + b"|".join(map(re.escape, declared)) + rb")", re.M)
@@ -601,6 +604,14 @@ def _first_parts(raw: bytes) -> bytes:
         if count > PARTS_LIMIT:
             return raw[: found.start()]
     return raw
+
+
+def _boundary(declared: re.Match[bytes]) -> bytes:
+    star, quoted, token = declared.groups(b"")
+    value = quoted or token
+    if star.endswith(b"*"):  # RFC 2231: charset'language'%XX...
+        value = urllib.parse.unquote_to_bytes(value.rsplit(b"'", 1)[-1])
+    return value
 
 
 def _filenames(msg: Message) -> list[str]:

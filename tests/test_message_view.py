@@ -539,11 +539,29 @@ def test_lines_of_text_that_begin_with_dashes_are_no_parts() -> None:
         b"\r\n\r\n--=_b1\r\nContent-Type: text/plain\r\n\r\n"
         + b"Line item\r\n-----------------\r\n" * 10_001
         + b"--=_b1\r\nContent-Disposition: attachment; filename=dump.sql\r\n\r\n"
-        + b"-- comment\r\n" * 10_001
+        + b"-- comment\r\n" * 100_001
         + b"--=_b1\r\nContent-Disposition: attachment; filename=order-4711.pdf\r\n\r\nx\r\n"
         b"--=_b1--\r\n"
     )
     assert message.read(raw).attachments == ("dump.sql", "order-4711.pdf")
+
+
+def test_a_mailbox_attached_with_its_messages_boundaries_keeps_the_names_after_it() -> None:
+    """An mbox of 1,001 messages declared more boundaries than were read: the PDF
+    after it was not seen."""
+    mbox = b"".join(
+        b"From x\r\nContent-Type: multipart/mixed; boundary=m%d\r\n\r\n"
+        b"--m%d\r\n\r\nx\r\n--m%d--\r\n" % (i, i, i)
+        for i in range(1001)
+    )
+    raw = (
+        b'From: a@b.example\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="=_b1"'
+        b"\r\n\r\n--=_b1\r\nContent-Disposition: attachment; filename=archive.mbox\r\n\r\n"
+        + mbox
+        + b"--=_b1\r\nContent-Disposition: attachment; filename=order-4711.pdf\r\n\r\nx\r\n"
+        b"--=_b1--\r\n"
+    )
+    assert message.read(raw).attachments == ("archive.mbox", "order-4711.pdf")
 
 
 def test_parts_past_the_limit_of_declared_boundaries_are_not_parsed() -> None:
