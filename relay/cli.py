@@ -486,6 +486,7 @@ def _tool_state(path: Path) -> StateSettings | None:
     state settings, so a listener key or CA file the relay has refused since
     (keeping what it had) does not stop them as well. A relay in one process
     keeps no such copy: then the file's own state settings, if they load."""
+    from relay import statefiles
     from relay.errors import PolicyError
     from relay.policy.load import StateSettings, load, load_state
 
@@ -499,7 +500,8 @@ def _tool_state(path: Path) -> StateSettings | None:
     running = _running_policy_file(path)
     if running is not None:
         try:
-            state = load_state(path, running.read_bytes())
+            with statefiles.open_read(running) as text:  # a link there is the service user's
+                state = load_state(path, text.read())
         except (PolicyError, OSError):
             pass
         else:

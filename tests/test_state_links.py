@@ -162,3 +162,41 @@ def test_a_suppression_list_behind_a_link_is_not_read_by_root(
     done = relay_cli(policy_file, "suppression", "list")
     assert "secret@example.org" not in done.stdout + done.stderr
     assert done.returncode != 0
+
+
+def test_verify_waits_on_no_lock_behind_a_link(
+    policy_file: Path, state: tuple[Path, str], tmp_path: Path
+) -> None:
+    """A day file's torn last line is read again under the writers' lock: through
+    a linked .lock, root's verify waited on whatever lock the service user held
+    there, and then read the day file through a link."""
+    import fcntl
+
+    directory, _ = state
+    (day,) = (directory / "audit").glob("audit-*.jsonl")
+    with day.open("ab") as torn:
+        torn.write(b'{"torn')
+    target = tmp_path / "root-only"
+    target.write_bytes(b"")
+    _planted(directory / "audit" / ".lock", target)
+    with target.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the service user holding it would
+        done = relay_cli(policy_file, "audit", "verify")  # times out (60 s) if it waits
+    assert done.returncode != 0, done.stdout
+
+
+def test_a_running_policy_behind_a_link_is_not_gone_by(
+    policy_file: Path, state: tuple[Path, str], tmp_path: Path
+) -> None:
+    """With the policy broken, root's tools go by the copy of the running one in
+    the state directory: behind a link, by a file the service user chose."""
+    directory, _ = state
+    hidden = tmp_path / "root-only.yaml"
+    shutil.copy(policy_file, hidden)
+    hidden.chmod(0o600)
+    _planted(directory / "policy.checked.yaml", hidden)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(f"state_directory: {directory}\nlisteners: [\n")
+    done = relay_cli(broken, "queue", "list")
+    assert "goes by the policy the relay runs" not in done.stderr
+    assert done.returncode != 0

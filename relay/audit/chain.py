@@ -22,6 +22,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from relay import statefiles
 from relay.audit import reader
 
 GENESIS = "erp-relay audit log v1"
@@ -128,12 +129,12 @@ class _Lines:
         The lines appended since are left to the next verify."""
         lock = self.file.path.parent / ".lock"
         try:
-            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | statefiles.NOFOLLOW)
         except OSError:
             return torn  # a copy of the log: nobody writes it
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            with open(self.file.path, "rb") as stream:
+            with statefiles.open_read(self.file.path) as stream:
                 stream.seek(self._offset)
                 line = stream.readline()
         finally:
