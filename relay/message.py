@@ -590,6 +590,8 @@ def _first_parts(raw: bytes) -> bytes:
     ``DASH_LINES_LIMIT``-th line that begins with "--"): the names of parts
     beyond are not read. Lines of text that begin with "--" (an SQL dump's
     comments, a table's rules) are no part's."""
+    if raw.count(b"\n--") < PARTS_LIMIT:  # no more parts than that: nothing to cut
+        return raw
     dashes = list(itertools.islice(_DASHES.finditer(raw), DASH_LINES_LIMIT, DASH_LINES_LIMIT + 1))
     if dashes:
         raw = raw[: dashes[0].start()]
