@@ -597,11 +597,13 @@ def _dsn_naming(count: int) -> bytes:
     )
     return (
         b"From: MAILER-DAEMON@mx.example\nSubject: Undelivered Mail Returned to Sender\n"
-        b'MIME-Version: 1.0\nContent-Type: multipart/report; report-type=delivery-status; boundary="B"\n'
+        b"MIME-Version: 1.0\nContent-Type: multipart/report; report-type=delivery-status;"
+        b' boundary="B"\n'
         b"\n--B\nContent-Type: text/plain\n\nYour message could not be delivered.\n"
         b"\n--B\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.example\n"
         + blocks
-        + b"\n--B\nContent-Type: text/rfc822-headers\n\nMessage-ID: <m1@platform.example>\n\n--B--\n"
+        + b"\n--B\nContent-Type: text/rfc822-headers\n\n"
+        + b"Message-ID: <m1@platform.example>\n\n--B--\n"
     )
 
 
