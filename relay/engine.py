@@ -577,8 +577,8 @@ class Engine:
         """Start what is due, in order; the heap makes this cost what is due, not
         the size of the queue (a wake-up per accepted message, with thousands
         of deferred messages waiting, used to walk all of them). What was just
-        accepted goes first, and a tenth of the attempts are kept for it: after
-        an outage the backlog, due earlier, took every place in line."""
+        accepted goes first (see ``_held_back`` for the places each kind keeps):
+        after an outage the backlog, due earlier, took every place in line."""
         now = self.clock()
         while self._fresh and not self._held_back(fresh=True):
             queue_id = self._fresh.popleft()
