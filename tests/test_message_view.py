@@ -547,12 +547,13 @@ def test_lines_of_text_that_begin_with_dashes_are_no_parts() -> None:
 
 
 def test_a_mailbox_attached_with_its_messages_boundaries_keeps_the_names_after_it() -> None:
-    """An mbox of 1,001 messages declared more boundaries than were read: the PDF
-    after it was not seen."""
+    """An mbox of 1,001 messages declared more boundaries than were read, and one
+    of 3,400 had more delimiter lines than the part limit: the PDF after it was
+    not seen."""
     mbox = b"".join(
         b"From x\r\nContent-Type: multipart/mixed; boundary=m%d\r\n\r\n"
-        b"--m%d\r\n\r\nx\r\n--m%d--\r\n" % (i, i, i)
-        for i in range(1001)
+        b"--m%d\r\n\r\nx\r\n--m%d\r\n\r\ny\r\n--m%d--\r\n" % (i, i, i, i)
+        for i in range(3400)
     )
     raw = (
         b'From: a@b.example\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="=_b1"'
@@ -565,6 +566,8 @@ def test_a_mailbox_attached_with_its_messages_boundaries_keeps_the_names_after_i
 
 
 def test_parts_past_the_limit_of_declared_boundaries_are_not_parsed() -> None:
+    """Counted only in a message with as many lines beginning with "--" as the
+    part limit: the empty parts after the last name make it one."""
     nested = b"".join(
         b"--b\r\nContent-Type: multipart/mixed; boundary=c%d\r\n\r\n--c%d--\r\n" % (i, i)
         for i in range(message.BOUNDARIES_LIMIT + 10)
@@ -573,7 +576,9 @@ def test_parts_past_the_limit_of_declared_boundaries_are_not_parsed() -> None:
         b"From: a@b.example\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n"
         b"\r\n--b\r\nContent-Disposition: attachment; filename=order.pdf\r\n\r\nx\r\n"
         + nested
-        + b"--b\r\nContent-Disposition: attachment; filename=late.pdf\r\n\r\nx\r\n--b--\r\n"
+        + b"--b\r\nContent-Disposition: attachment; filename=late.pdf\r\n\r\nx\r\n"
+        + b"--b\r\n\r\n" * message.PARTS_LIMIT
+        + b"--b--\r\n"
     )
     assert message.read(raw).attachments == ("order.pdf",)
     fewer = raw.replace(nested, nested[: nested.index(b"--b\r\n", 1000)])
@@ -581,19 +586,32 @@ def test_parts_past_the_limit_of_declared_boundaries_are_not_parsed() -> None:
 
 
 @pytest.mark.parametrize(
-    "declared",
-    [b'boundary=\r\n "x"', b'boundary*0="x"', b"boundary*=us-ascii''%78"],
-    ids=["folded", "rfc2231-pieces", "rfc2231-encoded"],
+    ("declared", "boundary"),
+    [
+        (b'boundary=\r\n "x"', b"x"),
+        (b'boundary*0="x"', b"x"),
+        (b'boundary*00="x"', b"x"),
+        (b"boundary*=us-ascii''%78", b"x"),
+        (b'boundary="a\\\\b"', b"a\\b"),  # quoted a\\b, unquoted a\b
+    ],
+    ids=["folded", "rfc2231-pieces", "rfc2231-zero-padded", "rfc2231-encoded", "escaped"],
 )
-def test_a_boundary_declared_in_another_form_is_held_to_the_limits_too(declared: bytes) -> None:
+def test_a_boundary_declared_in_another_form_is_held_to_the_limits_too(
+    declared: bytes, boundary: bytes
+) -> None:
     """Folded after its "=", the boundary was not seen as declared, no part was
     counted, and 24 MB of empty parts held the worker for 23 s."""
+    delimiter = b"--" + boundary + b"\r\n"
     raw = (
         b"From: a@b.example\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; "
         + declared
-        + b"\r\n\r\n--x\r\nContent-Disposition: attachment; filename=order.pdf\r\n\r\nx\r\n"
-        + b"--x\r\n\r\n" * 3_000_000
-        + b"--x--\r\n"
+        + b"\r\n\r\n"
+        + delimiter
+        + b"Content-Disposition: attachment; filename=order.pdf\r\n\r\nx\r\n"
+        + (delimiter + b"\r\n") * 3_000_000
+        + b"--"
+        + boundary
+        + b"--\r\n"
     )
     started = time.monotonic()
     assert message.read(raw).attachments == ("order.pdf",)
