@@ -600,23 +600,39 @@ def _first_parts(raw: bytes) -> bytes:
     found = list(itertools.islice(_BOUNDARY.finditer(raw), BOUNDARIES_LIMIT + 1))
     if len(found) > BOUNDARIES_LIMIT:
         raw = raw[: found.pop().start()]
-    declared = {_boundary(one) for one in found} - {b""}
-    if not declared:
-        return raw
-    delimiter = re.compile(rb"^--(?:" + b"|".join(map(re.escape, declared)) + rb")", re.M)
-    for count, found in enumerate(delimiter.finditer(raw), 1):
-        if count > PARTS_LIMIT:
-            return raw[: found.start()]
+    whole: set[bytes] = set()
+    starts: list[bytes] = []  # a boundary's first RFC 2231 piece: how its lines begin
+    for one in found:
+        value, piece = _boundary(one)
+        if not value:
+            continue
+        if not piece:
+            whole.add(value)
+        elif len(starts) < _PIECES_READ:
+            starts.append(value)
+    count = 0
+    for line in _DASH_LINE.finditer(raw):  # compared as the email package compares them
+        rest = line[1].rstrip(b" \t\r")
+        if rest in whole or rest.removesuffix(b"--") in whole or rest.startswith(tuple(starts)):
+            count += 1
+            if count > PARTS_LIMIT:
+                return raw[: line.start()]
     return raw
 
 
-def _boundary(declared: re.Match[bytes]) -> bytes:
+_DASH_LINE = re.compile(rb"^--([^\n]*)", re.MULTILINE)
+_PIECES_READ = 16
+
+
+def _boundary(declared: re.Match[bytes]) -> tuple[bytes, bool]:
+    """A declared boundary as the email package reads it (unquoted, decoded, its
+    trailing white space stripped), and whether it is only its first piece."""
     star, quoted, token = declared.groups(b"")
     # unquoted as the email package unquotes (email.utils.unquote)
     value = quoted.replace(b"\\\\", b"\\").replace(b'\\"', b'"') or token
     if star.endswith(b"*"):  # RFC 2231: charset'language'%XX...
         value = urllib.parse.unquote_to_bytes(value.rsplit(b"'", 1)[-1])
-    return value
+    return value.rstrip(), star.strip(b"*") != b""
 
 
 def _filenames(msg: Message) -> list[str]:

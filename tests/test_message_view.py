@@ -593,8 +593,18 @@ def test_parts_past_the_limit_of_declared_boundaries_are_not_parsed() -> None:
         (b'boundary*00="x"', b"x"),
         (b"boundary*=us-ascii''%78", b"x"),
         (b'boundary="a\\\\b"', b"a\\b"),  # quoted a\\b, unquoted a\b
+        (b'boundary="x "', b"x"),  # the email package strips it
+        (b"boundary*=us-ascii''x%20", b"x"),
     ],
-    ids=["folded", "rfc2231-pieces", "rfc2231-zero-padded", "rfc2231-encoded", "escaped"],
+    ids=[
+        "folded",
+        "rfc2231-pieces",
+        "rfc2231-zero-padded",
+        "rfc2231-encoded",
+        "escaped",
+        "trailing-space",
+        "encoded-trailing-space",
+    ],
 )
 def test_a_boundary_declared_in_another_form_is_held_to_the_limits_too(
     declared: bytes, boundary: bytes
@@ -615,4 +625,19 @@ def test_a_boundary_declared_in_another_form_is_held_to_the_limits_too(
     )
     started = time.monotonic()
     assert message.read(raw).attachments == ("order.pdf",)
+    assert time.monotonic() - started < 5
+
+
+def test_many_long_boundaries_declared_in_text_cost_no_pattern_of_them() -> None:
+    """10,000 declarations in a text body, alike for 190 characters, were made one
+    pattern: 3 s to build it, and 2 ms for each line beginning with their start."""
+    declared = b"boundary=B\r\n" + b"".join(b"boundary=A%0196d\r\n" % i for i in range(9_999))
+    raw = (
+        b"From: a@b.example\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n"
+        + declared
+        + b"--\r\n" * message.PARTS_LIMIT
+        + (b"--A" + b"0" * 190 + b"Z\r\n") * 3_000
+    )
+    started = time.monotonic()
+    assert message.read(raw).attachments == ()
     assert time.monotonic() - started < 5
