@@ -630,9 +630,18 @@ def _boundary(declared: re.Match[bytes]) -> tuple[bytes, bool]:
     star, quoted, token = declared.groups(b"")
     # unquoted as the email package unquotes (email.utils.unquote)
     value = quoted.replace(b"\\\\", b"\\").replace(b'\\"', b'"') or token
-    if star.endswith(b"*"):  # RFC 2231: charset'language'%XX...
-        value = urllib.parse.unquote_to_bytes(value.rsplit(b"'", 1)[-1])
-    return value.rstrip(), star.strip(b"*") != b""
+    charset = "utf-8"
+    if star.endswith(b"*"):  # RFC 2231: charset'language'%XX..., split at two quotes only
+        pieces = value.split(b"'", 2)
+        if len(pieces) == 3:
+            charset, value = pieces[0].decode("ascii", "replace") or charset, pieces[2]
+        value = urllib.parse.unquote_to_bytes(value)
+    try:
+        text = value.decode(charset)
+    except (LookupError, UnicodeDecodeError):
+        text = value.decode("utf-8", "surrogateescape")
+    # stripped as text, as the package strips it: \x1c-\x1f and NBSP are white space
+    return text.rstrip().encode("utf-8", "surrogateescape"), star.strip(b"*") != b""
 
 
 def _filenames(msg: Message) -> list[str]:

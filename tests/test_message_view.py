@@ -595,6 +595,9 @@ def test_parts_past_the_limit_of_declared_boundaries_are_not_parsed() -> None:
         (b'boundary="a\\\\b"', b"a\\b"),  # quoted a\\b, unquoted a\b
         (b'boundary="x "', b"x"),  # the email package strips it
         (b"boundary*=us-ascii''x%20", b"x"),
+        (b"boundary*=us-ascii''x'y", b"x'y"),  # split at its first two quotes only
+        (b'boundary="x\x1c"', b"x"),  # white space to str.rstrip, not to bytes.rstrip
+        (b"boundary*=utf-8''x%C2%A0", b"x"),
     ],
     ids=[
         "folded",
@@ -604,6 +607,9 @@ def test_parts_past_the_limit_of_declared_boundaries_are_not_parsed() -> None:
         "escaped",
         "trailing-space",
         "encoded-trailing-space",
+        "encoded-quote",
+        "trailing-separator",
+        "trailing-nbsp",
     ],
 )
 def test_a_boundary_declared_in_another_form_is_held_to_the_limits_too(
