@@ -583,7 +583,8 @@ BOUNDARIES_LIMIT = 10_000
 #: Lines that begin with "--", whatever follows: a boundary the email package
 #: reads in a way the pattern above does not is held to this.
 DASH_LINES_LIMIT = 1_000_000
-_DASHES = re.compile(rb"^--", re.MULTILINE)
+_DASH_LINE = re.compile(rb"^--([^\n]*)", re.MULTILINE)
+_PIECES_READ = 16
 
 
 def _first_parts(raw: bytes) -> bytes:
@@ -594,9 +595,9 @@ def _first_parts(raw: bytes) -> bytes:
     comments, a table's rules) are no part's."""
     if raw.count(b"\n--") < PARTS_LIMIT:  # no more parts than that: nothing to cut
         return raw
-    dashes = list(itertools.islice(_DASHES.finditer(raw), DASH_LINES_LIMIT, DASH_LINES_LIMIT + 1))
-    if dashes:
-        raw = raw[: dashes[0].start()]
+    past = next(itertools.islice(_DASH_LINE.finditer(raw), DASH_LINES_LIMIT, None), None)
+    if past is not None:
+        raw = raw[: past.start()]
     found = list(itertools.islice(_BOUNDARY.finditer(raw), BOUNDARIES_LIMIT + 1))
     if len(found) > BOUNDARIES_LIMIT:
         raw = raw[: found.pop().start()]
@@ -610,18 +611,14 @@ def _first_parts(raw: bytes) -> bytes:
             whole.add(value)
         elif len(starts) < _PIECES_READ:
             starts.append(value)
-    count = 0
+    count, begins = 0, tuple(starts)
     for line in _DASH_LINE.finditer(raw):  # compared as the email package compares them
         rest = line[1].rstrip(b" \t\r")
-        if rest in whole or rest.removesuffix(b"--") in whole or rest.startswith(tuple(starts)):
+        if rest in whole or rest.removesuffix(b"--") in whole or rest.startswith(begins):
             count += 1
             if count > PARTS_LIMIT:
                 return raw[: line.start()]
     return raw
-
-
-_DASH_LINE = re.compile(rb"^--([^\n]*)", re.MULTILINE)
-_PIECES_READ = 16
 
 
 def _boundary(declared: re.Match[bytes]) -> tuple[bytes, bool]:
