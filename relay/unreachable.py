@@ -36,6 +36,7 @@ class _Suspended:
     until: float  # the next message is tried then
     wait: float  # first_retry when it was suspended
     trying: str | None = None  # the queue ID of the try under way
+    chosen: str | None = None  # the waiting message let through to try, until ``until``
     waiting: set[str] = field(default_factory=set)  # queue IDs planned for later
     tried: set[str] = field(default_factory=set)  # queue IDs whose try found it unusable
 
@@ -68,12 +69,13 @@ class Suspensions:
         suspended = self._suspended.get(upstream)
         if suspended is None:
             return None
-        later = self._later(suspended, now)
+        chosen = suspended.chosen == queue_id and suspended.trying is None
+        later = None if chosen else self._later(suspended, now)
         if later is not None:
             suspended.waiting.add(queue_id)
             self._waiting_for[queue_id] = upstream
             return later
-        suspended.trying, suspended.until = queue_id, now + wait
+        suspended.trying, suspended.until, suspended.chosen = queue_id, now + wait, None
         suspended.waiting.discard(queue_id)
         self._waiting_for.pop(queue_id, None)
         return None
@@ -82,11 +84,24 @@ class Suspensions:
         """When to look again at a message known to wait for a suspension that
         still holds, without reading its entry: a rescan makes every waiting
         message due (its record says so), and each was read and locked again
-        only to wait; None when it may go on to its attempt."""
+        only to wait; None when it may go on to its attempt.
+
+        At the end of a wait the first to ask is chosen to try and the others
+        wait another: all of them came due together, and each was read and
+        locked for ``admits`` to send all but one back (half a second of the
+        event loop for 5,000). A chosen message that never gets to its try
+        (another worker holds it) is passed over when that wait ends."""
         self._with_clock(now)
         upstream = self._waiting_for.get(queue_id)
         suspended = None if upstream is None else self._suspended.get(upstream)
-        return None if suspended is None else self._later(suspended, now)
+        if suspended is None:
+            return None
+        if suspended.chosen == queue_id and suspended.trying is None:
+            return None
+        later = self._later(suspended, now)
+        if later is None:
+            suspended.chosen, suspended.until = queue_id, now + suspended.wait
+        return later
 
     @staticmethod
     def _later(suspended: _Suspended, now: float) -> float | None:
@@ -163,4 +178,5 @@ class Suspensions:
         try seems under way; one for each, not all of them, in case it is still down."""
         self._with_clock(now)
         for suspended in self._suspended.values():
-            suspended.until, suspended.trying = min(suspended.until, now), None
+            suspended.until = min(suspended.until, now)
+            suspended.trying = suspended.chosen = None

@@ -269,12 +269,42 @@ def test_a_waiting_message_is_known_without_its_entry() -> None:
     _failed_alone(suspensions, "up", 0.0)
     assert suspensions.waits("Q1", 1.0) is None  # not known to wait yet
     assert suspensions.admits("up", "Q1", 1.0, 60.0) == 60.0
+    assert suspensions.admits("up", "Q2", 1.0, 60.0) == 60.0
     assert suspensions.waits("Q1", 30.0) == 60.0
-    assert suspensions.waits("Q1", 60.0) is None  # its turn may have come: to admits
-    assert suspensions.admits("up", "Q2", 60.0, 60.0) is None  # Q2 tries
+    assert suspensions.admits("up", "Q3", 60.0, 60.0) is None  # Q3 tries
     assert suspensions.waits("Q1", 61.0) == 120.0  # while it does
-    assert suspensions.ended("up", "Q2", 60.0, False, 62.0, 60.0) == {"Q1"}
+    assert suspensions.ended("up", "Q3", 60.0, False, 62.0, 60.0) == {"Q1", "Q2"}
     assert suspensions.waits("Q1", 63.0) is None
+
+
+def test_at_the_end_of_a_wait_one_waiting_message_is_let_through() -> None:
+    """All the waiting messages came due together at the end of each wait, and
+    every one was read and locked for ``admits`` to send all but one back."""
+    suspensions = Suspensions()
+    _failed_alone(suspensions, "up", 0.0)
+    for n in range(100):
+        assert suspensions.admits("up", f"Q{n}", 1.0, 60.0) == 60.0
+    let_through = [n for n in range(100) if suspensions.waits(f"Q{n}", 60.0) is None]
+    assert let_through == [0]
+    assert suspensions.waits("Q0", 60.5) is None  # asked again, still chosen
+    assert suspensions.admits("up", "Q0", 61.0, 60.0) is None  # and it tries
+    assert suspensions.admits("up", "Q99", 61.0, 60.0) == 121.0
+    suspensions.ended("up", "Q0", 61.0, True, 62.0, 60.0)  # down still
+    assert [n for n in range(1, 100) if suspensions.waits(f"Q{n}", 122.0) is None] == [1]
+
+
+def test_a_chosen_message_that_never_tries_is_passed_over() -> None:
+    """Another worker held the chosen message: nobody tried, and the others
+    waited for it for good."""
+    suspensions = Suspensions()
+    _failed_alone(suspensions, "up", 0.0)
+    for queue_id in ("Q1", "Q2"):
+        suspensions.admits("up", queue_id, 1.0, 60.0)
+    assert suspensions.waits("Q1", 60.0) is None  # chosen, but never gets to admits
+    assert suspensions.waits("Q2", 60.0) == 120.0
+    assert suspensions.waits("Q2", 120.0) is None
+    assert suspensions.admits("up", "Q2", 120.0, 60.0) is None
+    assert suspensions.admits("up", "Q1", 121.0, 60.0) == 180.0
 
 
 def test_a_delivery_begun_before_the_upstream_went_down_releases_nothing() -> None:
@@ -382,6 +412,33 @@ async def test_a_rescan_reads_no_waiting_message_again(
         await asyncio.sleep(1.0)  # five rescans
     assert len(unreachable.tries) == 1
     assert locks <= 31, locks
+
+
+async def test_the_end_of_each_wait_reads_one_waiting_message(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the end of each wait every waiting message was read and locked again
+    for all but one to be told to wait another."""
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    queue = dataclasses.replace(policy.queue, first_retry=0.3, max_retry=3600.0)
+    down = dataclasses.replace(policy, queue=queue)
+    unreachable = DownSender()
+
+    for n in range(30):
+        spool.put(make_entry(), message(n))
+    locks = 0
+    acquire = spool.acquire
+
+    def counted(queue_id: str, blocking: bool = True) -> int:
+        nonlocal locks
+        locks += 1
+        return acquire(queue_id, blocking=blocking)
+
+    monkeypatch.setattr(spool, "acquire", counted)
+    async with running(Engine(spool, lambda: down, unreachable, Recorder(None))):
+        await until(lambda: len(unreachable.tries) >= 4, "four tries")
+    # each wait: the one chosen, and the last one tried coming due by its backoff
+    assert locks <= 30 + 2 * len(unreachable.tries), (locks, len(unreachable.tries))
 
 
 class _Limited(SMTP):
