@@ -85,6 +85,7 @@ def prepare(
     _check_header_size(split[1])
     _check_header_block(submission.data, split[1])
     _check_page_breaks(split[0])
+    _check_hops(split[0])
     view = message.read(submission.data, split)
     identity = identify(policy, submission, view)
     classification = classify(policy.classify, view)
@@ -160,6 +161,26 @@ def _why_malformed(line: bytes) -> str:
     if name[-1:] in (b" ", b"\t"):
         return "white space before the colon"
     return "a field name holds printable ASCII only, no spaces"
+
+
+HOP_LIMIT = 50  # Received fields a message may carry on arrival: Postfix's hopcount_limit
+
+
+def _check_hops(fields: list[headers.Field]) -> None:
+    """Refuse a message that has been through too many relays: a loop (two
+    relays each other's smarthost, or an upstream that hands mail back to this
+    one). Without it each round added a Received field and a signature until
+    the header limit stopped it, 300 rounds on, with as many deliveries on
+    record; the failure notice then went round as often. RFC 5321 6.3 counts
+    Received fields for this."""
+    hops = sum(1 for field in fields if field.name.lower() == "received")
+    if hops >= HOP_LIMIT:
+        raise Rejected(
+            554,
+            "5.4.6",
+            f"Too many hops: the message carries {hops} Received header fields,"
+            f" at most {HOP_LIMIT - 1}; a mail loop? (RFC 5321 6.3)",
+        )
 
 
 _PAGE_BREAKS = {b"\x0b": "vertical tab", b"\x0c": "form feed"}
