@@ -198,6 +198,17 @@ def _route(entry: QueueEntry, policy: Policy) -> str:
     return entry.upstream if tenant is None else tenant.upstream
 
 
+def _refused_for(entry: QueueEntry, policy: Policy) -> str | None:
+    """Whose mail an upstream's hard bounce keeps from the address: every
+    tenant's when the upstream is shared (the platform's smarthost), the
+    entry's tenant's when only its mail goes there (the company's own
+    server or account): a refusal by a server one company runs listed the
+    address for all of them, its other users' own addresses included."""
+    name = _route(entry, policy)
+    sharing = [tid for tid, tenant in policy.tenants.items() if tenant.upstream == name]
+    return entry.tenant if sharing == [entry.tenant] else None
+
+
 class Engine:
     def __init__(
         self,
@@ -976,13 +987,13 @@ class Engine:
         settings = policy.suppression
         if settings is None:
             return
-        when = now()
+        when, scope = now(), _refused_for(entry, policy)
         entries = [
-            Suppression(address, None, BOUNCE, when, reply, entry.queue_id)
+            Suppression(address, scope, BOUNCE, when, reply, entry.queue_id)
             for address, reply in refused
             if reply[:1] == "5"
             and dsn(reply) in settings.hard_bounce
-            and not self._listed_for_all(address)  # the entry keeps its first date
+            and self._listed(address, scope or "") is None  # the entry keeps its first date
         ]
         if entries:
             await self._add_listed(settings.file, entries)
@@ -1026,11 +1037,8 @@ class Engine:
         reason (a complaint, a sysadmin's ``manual``) stands. The list holds no
         author, so one a sysadmin added with ``--reason bounce`` is taken for
         the relay's."""
-        found = self._listed(kept.address, "")
+        found = self._listed(kept.address, kept.tenant or "")  # no tenant is "": all of them
         return found is None or (found.reason == BOUNCE and found.since > kept.since)
-
-    def _listed_for_all(self, address: str) -> bool:
-        return self._listed(address, "") is not None  # no tenant is "": the entry for all
 
     def _settle(self, entry: QueueEntry, address: str, status: str, reply: str) -> None:
         rcpt = self._note(entry, address, reply)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import smtplib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from relay.suppression import COMPLAINT, Suppression, SuppressionFile
 from tests.readonly import read_only
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
-from tests.test_queue_e2e import audit_events, configure, relay_cli, send
+from tests.test_queue_e2e import SMALL, audit_events, configure, relay_cli, send
 
 REFUSE = {
     "gone@example.org": "550 5.1.1 <gone@example.org>: Recipient address rejected: User unknown",
@@ -253,3 +254,37 @@ def test_a_relay_stopping_with_hard_bounces_the_list_refused_names_them(
         " could not take; add them with `relay suppression add`: gone@example.org"
     ) in log
     assert _listed(policy) == {}
+
+
+def test_a_hard_bounce_from_a_tenants_own_upstream_lists_for_that_tenant_only(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A server only one company's mail goes through (its own account) listed the
+    address for every company: their mail to it was suppressed too."""
+    with SinkServer() as shared, SinkServer(Sink(refuse=dict(REFUSE))) as own:
+        port = free_port()
+        policy = configure(policy_file, port, shared.port)
+        text = policy.read_text().replace(
+            "upstreams:\n",
+            f"upstreams:\n  globex-own:\n    type: smtp\n    host: 127.0.0.1\n"
+            f"    port: {own.port}\n    tls: none\n    timeout: 5\n",
+            1,
+        )
+        tenant = "    verified_domains: [globex.example]\n"
+        policy.write_text(text.replace(tenant, tenant + "    upstream: globex-own\n", 1))
+        policy.write_text(policy.read_text().replace(
+            "    address: info@globex.example\n    upstream: default\n",
+            "    address: info@globex.example\n",
+        ))  # fmt: skip
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.sendmail("hank@globex.example", ["gone@example.org"], SMALL)
+            wait_for(lambda: "is on the suppression list now" in relay.log())
+            send(port, rcpts=("gone@example.org",))  # acme's, through the shared one
+            wait_for(lambda: len(shared.sink.messages) >= 1)
+    listed = _listed(policy)
+    assert (listed["gone@example.org"].tenant, listed["gone@example.org"].reason) == (
+        "globex",
+        "bounce",
+    )
+    assert [m.rcpt_tos for m in shared.sink.messages] == [["gone@example.org"]]
