@@ -1892,3 +1892,16 @@ def test_a_policy_written_with_windows_line_ends_loads(policy_file: Path) -> Non
     """Carriage returns before line feeds are line ends, not the lone ones refused."""
     policy_file.write_bytes(policy_file.read_bytes().replace(b"\n", b"\r\n"))
     assert load(policy_file).tenants.keys() == {"acme", "globex"}
+
+
+def test_the_version_is_the_same_however_the_path_is_written(
+    policy_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``relay status -c ../relay.yaml`` said the file, unchanged, read as
+    another version than the one the relay had loaded as ``relay.yaml``: the
+    key files' names carried the ``..``."""
+    (policy_file.parent / "sub").mkdir()
+    monkeypatch.chdir(policy_file.parent / "sub")
+    written = load(Path("../relay.yaml")).digest
+    monkeypatch.chdir(policy_file.parent)
+    assert load(Path("relay.yaml")).digest == written == load(policy_file).digest

@@ -9,6 +9,7 @@ rather than a traceback about the first one.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,13 +66,21 @@ def _load(
     data, root = read(path, problems, data)
     policy = None
     if data is not None and root is not None:
-        ctx = Ctx(problems, path.absolute().parent)
+        ctx = Ctx(problems, _base(path))
         with reading(Reads(files)) as reads:
             top = Map(ctx, root, "", _SECTIONS, _REQUIRED)
             policy = _build(ctx, top, path, Sources(data, MappingProxyType(reads.read)))
     if len(problems) or policy is None:
         raise PolicyError(problems.in_file_order() or [f"{path}: invalid policy"])
     return policy, problems.warnings_in_file_order()
+
+
+def _base(path: Path) -> Path:
+    """The directory relative names in the policy are read from, with ``..``
+    taken out: the files' names are part of the policy's version, and
+    ``relay status -c ../relay.yaml`` said the file it named, unchanged,
+    read as another version than the running one."""
+    return Path(os.path.abspath(path)).parent
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,7 @@ def load_state(path: Path, data: bytes | None = None) -> StateSettings:
     data, root = read(path, problems, data)
     state = None
     if data is not None and root is not None:
-        ctx = Ctx(problems, path.absolute().parent)
+        ctx = Ctx(problems, _base(path))
         top = Map(ctx, root, "", _SECTIONS, _REQUIRED)
         queue, audit, suppression = sections.state(ctx, top) if top.ok else (None, None, None)
         if queue is not None and audit is not None and suppression is not None:
