@@ -89,9 +89,9 @@ def test_a_hard_bounce_is_recorded_on_its_message_suppressed_and_told(
         subject="Invoice 4711",
     )
     lines = _act(policy, report)
-    assert lines[0] == "Boss@example.org: bounced (5.1.1), suppressed"
+    assert lines[0] == "boss@example.org: bounced (5.1.1), suppressed"
     assert lines[1].startswith("jan@acme.example told (notice ")
-    assert _listed(policy) == {"Boss@example.org": ("acme", "bounce", queue_id)}
+    assert _listed(policy) == {"boss@example.org": ("acme", "bounce", queue_id)}
     # a report anyone can write, Acme's users among them, with the queue ID the
     # 250 gave them: it listed the address for every tenant's mail
     assert policy.suppression is not None
@@ -99,7 +99,7 @@ def test_a_hard_bounce_is_recorded_on_its_message_suppressed_and_told(
     assert listed.find("boss@example.org", "acme") is not None
     assert listed.find("boss@example.org", "globex") is None
     events = audit_events(path, queue_id)
-    assert ("bounced", "Boss@example.org") in events
+    assert ("bounced", "boss@example.org") in events
     assert events[-1] == ("notified", "jan@acme.example")
     shown = relay_cli(path, "audit", "show", queue_id, "--format", "json")
     bounced = next(
@@ -110,6 +110,38 @@ def test_a_hard_bounce_is_recorded_on_its_message_suppressed_and_told(
     queued = relay_cli(path, "queue", "list", "--json")
     (notice,) = [json.loads(line) for line in queued.stdout.splitlines()]
     assert notice["recipients"][0]["address"] == "jan@acme.example"
+
+
+def test_a_bounce_spelling_the_address_in_another_case_is_on_the_recipients_record(
+    delivered: tuple[Path, str, Sink], tmp_path: Path
+) -> None:
+    """A DSN that wrote boss@'s address as its server spells it was recorded so:
+    the message's timeline showed boss@ delivered and Boss@ bounced, two
+    recipients where it had one, and the sender was told of neither twice."""
+    path, queue_id, sink = delivered
+    policy = load(path)
+    returned = b"Message-ID: <inv-4711@erp.acme.example>\r\nSubject: Invoice 4711"
+    report = read(_dsn(returned, "Boss@Example.ORG"))
+    assert report is not None
+    assert _act(policy, report)[0] == "boss@example.org: bounced (5.1.1), suppressed"
+    shown = relay_cli(path, "audit", "show", "<inv-4711@erp.acme.example>").stdout
+    recipients = shown.split("Recipients:\n", 1)[1]
+    assert [line for line in recipients.splitlines() if not line.startswith("    ")] == [
+        "  buyer@example.org",
+        "  boss@example.org",
+        "  jan@acme.example",
+    ]
+    assert "Boss@Example.ORG" not in shown
+    found = relay_cli(
+        path, "audit", "search", "--recipient", "BOSS@example.org", "--format", "json"
+    )
+    records = [json.loads(line) for line in found.stdout.splitlines()]
+    assert {r["recipient"] for r in records if "recipient" in r} == {"boss@example.org"}
+    assert _listed(policy) == {"boss@example.org": ("acme", "bounce", queue_id)}
+    with _running_again(path, sink, tmp_path / "again.log"):
+        sink.wait(2)
+    text = sink.messages[1].data.split(b"\r\n\r\n", 1)[1].replace(b"=\r\n", b"")
+    assert b"boss@example.org" in text and b"buyer@example.org" not in text
 
 
 def test_an_address_listed_before_keeps_its_date_and_a_listed_sender_gets_no_notice(
@@ -132,12 +164,12 @@ def test_an_address_listed_before_keeps_its_date_and_a_listed_sender_gets_no_not
     )
     lines = _act(policy, report)
     assert lines == [
-        "Boss@example.org: bounced (5.1.1), not suppressed"
+        "boss@example.org: bounced (5.1.1), not suppressed"
         " (on the list already, since 2026-01-02T03:04:05.000Z)",
         "no notice: jan@acme.example is on the suppression list since 2026-01-03T03:04:05.000Z",
     ]
     assert len(SuppressionFile(policy.suppression.file).entries().entries) == 2
-    assert ("bounced", "Boss@example.org") in audit_events(path, queue_id)  # recorded all the same
+    assert ("bounced", "boss@example.org") in audit_events(path, queue_id)  # recorded all the same
 
 
 def test_the_queued_notice_reaches_the_sender_and_names_the_bounce(

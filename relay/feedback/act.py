@@ -60,6 +60,13 @@ class Original:
     def sent_to(self, address: str) -> bool:
         return address.lower() in {r.lower() for r in (*self.recipients, *self.bcc)}
 
+    def spelt(self, address: str) -> str:
+        """The address as the message went to it: a report may spell it in
+        another case, and its records would then stand apart from the
+        message's own in the log."""
+        lowered = address.lower()
+        return next((r for r in (*self.recipients, *self.bcc) if r.lower() == lowered), address)
+
     def reached(self) -> tuple[str, ...]:
         """The ERP's recipients the message may have reached: not those it was
         never sent to (suppressed, refused, expired) or that bounced."""
@@ -318,7 +325,7 @@ def _new(
     address) is no part of that message's story, nor one about a recipient the
     message never reached (a forged report, read as "accepted, then returned",
     told its sender a second time, and wrongly); one taken before is not
-    recorded, listed or told again."""
+    recorded, listed or told again. Each is returned as its message spelt it."""
     if original is None:
         return failures, ()
     new: list[Failure] = []
@@ -330,13 +337,13 @@ def _new(
         elif address in original.reported:
             lines.append(f"{failure.recipient}: already recorded")
             if address in original.untold:
-                untold.append(failure)
+                untold.append(dataclasses.replace(failure, recipient=original.spelt(address)))
         elif address in original.never_reached:
             # refused at delivery, expired or suppressed: no server took it, so no
             # report can come back about it, and its sender was told then
             lines.append(f"{failure.recipient}: not recorded: its message never reached it")
         else:
-            new.append(failure)
+            new.append(dataclasses.replace(failure, recipient=original.spelt(address)))
     return tuple(new), tuple(untold)
 
 
