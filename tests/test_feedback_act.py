@@ -33,6 +33,14 @@ INVOICE = (
 )
 
 
+def _lone(number: int, copy: bool = False) -> bytes:
+    """The invoice, numbered ``number``, to buyer@ alone; without ``copy`` a
+    document of a type whose sender gets no copy."""
+    lone = INVOICE.replace(b"<inv-4711@", b"<inv-%d@" % number)
+    lone = lone.replace(b", boss@example.org", b"")
+    return lone if copy else lone.replace(b"Invoice 4711", b"Statement %d" % number)
+
+
 @contextlib.contextmanager
 def _running_again(path: Path, sink: Sink, log: Path) -> Iterator[int]:
     """The relay of ``delivered`` and its upstream, started again on their ports."""
@@ -223,13 +231,12 @@ def test_a_complaint_suppresses_for_the_tenant_only_and_names_a_lone_recipient(
     policy = load(path)
     complaint = Report(COMPLAINT, (), message_id="<inv-4711@erp.acme.example>")
     assert _act(policy, complaint) == [
-        "names no recipient, and its message went to 2:"
+        "names no recipient, and its message went to 3 (the sender's own copy among them):"
         " which one complained is not known, none is suppressed"
     ]
     assert _listed(policy) == {}
-    lone = INVOICE.replace(b"<inv-4711@", b"<inv-4712@").replace(b", boss@example.org", b"")
     with _running_again(path, sink, tmp_path / "again.log") as port:
-        queue_id = send(port, lone, ("buyer@example.org",))
+        queue_id = send(port, _lone(4712), ("buyer@example.org",))
         sink.wait(2)
     redacted = Report(COMPLAINT, (), message_id="<inv-4712@erp.acme.example>", subject="Inv 4712")
     lines = _act(policy, redacted)
@@ -241,6 +248,35 @@ def test_a_complaint_suppresses_for_the_tenant_only_and_names_a_lone_recipient(
     head, body = notice.split(b"\r\n\r\n", 1)
     assert b"Subject: Complaint about: Inv 4712" in head
     assert b"reported it as spam" in body and b"buyer@example.org" in body
+
+
+def test_a_complaint_naming_nobody_about_a_message_its_sender_had_a_copy_of_lists_nobody(
+    delivered: tuple[Path, str, Sink], tmp_path: Path
+) -> None:
+    """The invoice reached buyer@ and, as the automatic copy, its sender: a
+    complaint that names nobody may be the sender's own provider's, yet
+    buyer@ was listed and the sender told buyer@ had complained."""
+    path, _, sink = delivered
+    policy = load(path)
+    with _running_again(path, sink, tmp_path / "again.log") as port:
+        queue_id = send(port, _lone(4715, copy=True), ("buyer@example.org",))
+        sink.wait(2)
+    redacted = Report(COMPLAINT, (), message_id="<inv-4715@erp.acme.example>")
+    assert _act(policy, redacted) == [
+        "names no recipient, and its message went to 2 (the sender's own copy among them):"
+        " which one complained is not known, none is suppressed"
+    ]
+    assert _listed(policy) == {}
+    assert Spool(policy.queue.directory, create=False).ids() == []  # nobody told
+    assert "complained" not in [e for e, _ in audit_events(path, queue_id)]
+    # a bounce or a complaint that names buyer@ is about buyer@ all the same
+    bounce = Report(BOUNCE, (Failure("buyer@example.org", "5.7.1"),), "<inv-4715@erp.acme.example>")
+    assert _act(policy, bounce)[0] == (
+        "buyer@example.org: bounced (5.7.1), not suppressed (not a hard bounce code)"
+    )
+    named = Report(COMPLAINT, (Failure("buyer@example.org"),), "<inv-4715@erp.acme.example>")
+    assert _act(policy, named)[0] == "buyer@example.org: complained, suppressed"
+    assert _listed(policy) == {"buyer@example.org": ("acme", "complaint", queue_id)}
 
 
 def test_a_document_sent_twice_is_found_by_the_recipient_the_report_names(
@@ -319,9 +355,8 @@ def test_a_complaint_naming_a_placeholder_is_about_the_lone_recipient(
 ) -> None:
     path, _, sink = delivered
     policy = load(path)
-    lone = INVOICE.replace(b"<inv-4711@", b"<inv-4713@").replace(b", boss@example.org", b"")
     with _running_again(path, sink, tmp_path / "again.log") as port:
-        queue_id = send(port, lone, ("buyer@example.org",))
+        queue_id = send(port, _lone(4713), ("buyer@example.org",))
         sink.wait(2)
     report = Report(COMPLAINT, (Failure("redacted@isp.example"),), "<inv-4713@erp.acme.example>")
     lines = _act(policy, report)
@@ -333,10 +368,11 @@ def test_a_complaint_naming_a_placeholder_is_about_the_lone_recipient(
 
 
 def _sent_again_with_buyer_listed(
-    delivered: tuple[Path, str, Sink], tmp_path: Path
+    delivered: tuple[Path, str, Sink], tmp_path: Path, copy: bool = True
 ) -> tuple[Policy, str]:
     """The invoice sent again to buyer@ and boss@, buyer@ on the list: it went
-    to boss@ only. The policy, and the new message's queue ID."""
+    to boss@ only (and, with ``copy``, to its sender). The policy, and the new
+    message's queue ID."""
     path, _, sink = delivered
     policy = load(path)
     assert policy.suppression is not None
@@ -344,6 +380,8 @@ def _sent_again_with_buyer_listed(
         [Suppression("buyer@example.org", None, "manual", "2026-01-01T00:00:00.000Z")]
     )
     again = INVOICE.replace(b"<inv-4711@", b"<inv-4714@")
+    if not copy:
+        again = again.replace(b"Invoice 4711", b"Statement 4714")
     with _running_again(path, sink, tmp_path / "again.log") as port:
         queue_id = send(port, again, ("buyer@example.org", "boss@example.org"))
         sink.wait(3)  # the invoice to boss@, the notice about buyer@
@@ -357,7 +395,7 @@ def test_a_complaint_naming_nobody_is_about_the_one_recipient_the_message_reache
     but one of them was on the list and never had it: the complaint was
     dropped ("which one complained is not known"), nothing recorded or
     listed, and the complainer kept getting the tenant's mail."""
-    policy, queue_id = _sent_again_with_buyer_listed(delivered, tmp_path)
+    policy, queue_id = _sent_again_with_buyer_listed(delivered, tmp_path, copy=False)
     report = Report(COMPLAINT, (), "<inv-4714@erp.acme.example>")
     assert _act(policy, report)[0] == "boss@example.org: complained, suppressed"
     assert _listed(policy)["boss@example.org"] == ("acme", "complaint", queue_id)

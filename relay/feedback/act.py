@@ -68,9 +68,13 @@ class Original:
         return next((r for r in (*self.recipients, *self.bcc) if r.lower() == lowered), address)
 
     def reached(self) -> tuple[str, ...]:
-        """The ERP's recipients the message may have reached: not those it was
+        """The mailboxes the message may have reached, the sender's automatic
+        copy among them (a complaint may be about that copy): not those it was
         never sent to (suppressed, refused, expired) or that bounced."""
-        return tuple(r for r in self.recipients if r.lower() not in self.not_delivered)
+        mailboxes: dict[str, str] = {}
+        for address in (*self.recipients, *self.bcc):
+            mailboxes.setdefault(address.lower(), address)
+        return tuple(a for low, a in mailboxes.items() if low not in self.not_delivered)
 
 
 @dataclass
@@ -352,8 +356,11 @@ def _nobody(named: tuple[Failure, ...], original: Original | None) -> str:
         return "names only the platform's own addresses, which are never suppressed"
     if original is None:
         return "names no recipient, and its message is not in the audit log"
+    reached = original.reached()
+    own = {b.lower() for b in original.bcc}
+    copy = " (the sender's own copy among them)" if any(r.lower() in own for r in reached) else ""
     return (
-        f"names no recipient, and its message went to {len(original.reached())}:"
+        f"names no recipient, and its message went to {len(reached)}{copy}:"
         " which one complained is not known, none is suppressed"
     )
 
@@ -363,7 +370,8 @@ def _failures(report: Report, original: Original | None, lines: list[str]) -> tu
     reporter redacted the recipient (or named a placeholder) is about the
     message's recipient when it reached only one (a co-recipient suppressed
     or refused never had it): guessing among several would suppress someone
-    who did not complain."""
+    who did not complain. The sender's automatic copy is one of them: the
+    sender's own provider may have sent the complaint."""
     if report.kind == BOUNCE or original is None:
         return report.failures
     named = tuple(f for f in report.failures if original.sent_to(f.recipient))
