@@ -648,9 +648,21 @@ def _recorded(state: StateSettings, spool: Spool, verb: str, targets: list[str])
 
 
 def _audit(args: argparse.Namespace) -> int:
+    """A search gets the policy, to say of a tenant, user or type it does not
+    name; while the policy does not load, it goes by the state settings."""
     from relay.audit import commands
+    from relay.errors import PolicyError
+    from relay.policy.load import StateSettings, load
 
-    state = _tool_state(args.config)
+    policy = None
+    if args.verb == "search":
+        with contextlib.suppress(PolicyError):
+            policy = load(args.config)
+    if policy is not None:
+        assert policy.suppression is not None  # a loaded policy has one
+        state: StateSettings | None = StateSettings(policy.queue, policy.audit, policy.suppression)
+    else:
+        state = _tool_state(args.config)
     if state is None:
         return EX_CONFIG
     directory, out, err = state.audit.directory, sys.stdout, sys.stderr
@@ -669,6 +681,7 @@ def _audit(args: argparse.Namespace) -> int:
             output=args.format,
             out=out,
             err=err,
+            policy=policy,
         )
     if args.verb == "show":
         return commands.show_main(directory, args.ident, output=args.format, out=out, err=err)

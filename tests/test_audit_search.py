@@ -6,6 +6,8 @@ import csv
 import io
 import itertools
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -901,3 +903,55 @@ def torn_notes(directory: Path) -> list[str]:
     result = verify(directory)
     assert result.ok, result
     return [note for note in result.notes if "torn by a crash" in note]
+
+
+def _search_cli(policy_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "audit", "search", "-c", str(policy_file), *args],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_a_tenant_user_or_type_the_policy_does_not_name_is_searched_with_a_note(
+    policy_file: Path,
+) -> None:
+    """``--tenant acmee``, ``--user jan@acme.example`` and ``--doc-type invoices``
+    printed the header alone and exit 1: "Jan sent nothing", where ``--status
+    sent`` says what the statuses are. The log keeps records of what the policy
+    has since removed (acme's eva), so they are searched for all the same."""
+    build(policy_file.parent / "state" / "audit")
+    as_given = "searching the log as given\n"
+
+    found = _search_cli(policy_file, "--tenant", "acmee")
+    assert (found.returncode, found.stdout) == (1, "  ".join(TABLE_COLUMNS) + "\n")
+    assert found.stderr == (
+        f"note: the policy has no tenant 'acmee' (its tenants: acme, globex); {as_given}"
+    )
+    found = _search_cli(policy_file, "--doc-type", "invoices", "--format", "json")
+    assert (found.returncode, found.stdout) == (1, "")
+    assert found.stderr == (
+        "note: the policy has no document type 'invoices' (its types: invoice, notice,"
+        f" order_confirmation, other, quote); {as_given}"
+    )
+    found = _search_cli(policy_file, "--tenant", "acme", "--user", "eva", "--format", "json")
+    assert found.returncode == 0
+    assert [json.loads(line)["seq"] for line in found.stdout.splitlines()] == [7, 8, 9, 10, 18]
+    assert found.stderr == f"note: tenant 'acme' has no user 'eva'; {as_given}"
+    found = _search_cli(policy_file, "--user", "jna")
+    assert found.stderr == f"note: the policy has no user 'jna' (did you mean 'jan'?); {as_given}"
+
+    found = _search_cli(policy_file, "--user", "Jan@Acme.example", "--format", "json")
+    assert found.returncode == 0, found.stderr
+    by_id = _search_cli(policy_file, "--tenant", "acme", "--user", "jan", "--format", "json")
+    assert found.stdout == by_id.stdout != ""
+    assert found.stderr == (
+        "note: 'Jan@Acme.example' is an address of user 'jan' of tenant 'acme';"
+        " --user takes the ID: searching for that user\n"
+    )
+    assert by_id.stderr == ""
+    found = _search_cli(policy_file, "--tenant", "globex", "--user", "jan@acme.example")
+    assert found.returncode == 1
+    assert found.stderr == (
+        "note: 'jan@acme.example' is an address of user 'jan' of tenant 'acme';"
+        f" --user takes the ID: {as_given}"
+    )

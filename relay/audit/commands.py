@@ -13,11 +13,12 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TextIO
 
-from relay.audit import render
+from relay.audit import known, render
 from relay.audit.chain import Anchor, verify
 from relay.audit.reader import DamagedFile
 from relay.audit.search import OutOfRange, Owners, parse_when, report, search, show
 from relay.errors import OutputError
+from relay.policy.model import Policy
 
 OUTPUTS = ("table", "json", "csv")
 SHOW_OUTPUTS = ("text", "json")
@@ -40,13 +41,20 @@ def search_main(
     output: str = "table",
     out: TextIO,
     err: TextIO,
+    policy: Policy | None = None,
 ) -> int:
-    """``relay audit search``: 0 when something matched, 1 when nothing did."""
+    """``relay audit search``: 0 when something matched, 1 when nothing did.
+    With the ``policy`` in force, a tenant, user or type it does not name
+    gets a note (``relay.audit.known``)."""
     if output not in OUTPUTS:
         err.write(f"relay audit search: output {output!r} is not one of {', '.join(OUTPUTS)}\n")
         return 2
     try:
         _check_times(since, until)
+        if policy is not None:
+            checked = known.check(policy, tenant, user, doc_type)
+            tenant, user = checked.tenant, checked.user
+            err.write("".join(f"note: {note}\n" for note in checked.notes))
         found = search(
             directory,
             since,
