@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from relay.audit import AuditLog, commands, events, render, verify
+from relay.audit import AuditLog, commands, events, known, render, verify
 from relay.audit.commands import report_main, search_main, show_main
 from relay.audit.render import CSV_COLUMNS, TABLE_COLUMNS, csv_row, timeline, write_csv
 from relay.audit.search import LOOKBACK_DAYS, Owners, parse_when, report, search, show
+from relay.policy.load import load
 from tests.relayproc import piped_into_head
 from tests.test_audit_fixture import (
     ACME_INVOICE,
@@ -955,3 +957,18 @@ def test_a_tenant_user_or_type_the_policy_does_not_name_is_searched_with_a_note(
         "note: 'jan@acme.example' is an address of user 'jan' of tenant 'acme';"
         f" --user takes the ID: {as_given}"
     )
+
+
+def test_a_note_about_a_provider_policy_names_the_near_miss_not_every_tenant(
+    policy_file: Path,
+) -> None:
+    """A hosting provider's policy has hundreds of tenants: the note listed them all."""
+    policy = load(policy_file)
+    acme = policy.tenants["acme"]
+    many = {f"customer{n:03}": dataclasses.replace(acme, id=f"customer{n:03}") for n in range(300)}
+    crowded = dataclasses.replace(policy, tenants={**policy.tenants, **many})
+    notes = known.check(crowded, "customer0071", None, None).notes
+    assert notes == [
+        "the policy has no tenant 'customer0071' (did you mean 'customer071'?);"
+        " searching the log as given"
+    ]

@@ -11,6 +11,7 @@ that user is searched for.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from relay.audit import events
@@ -36,8 +37,7 @@ def check(policy: Policy, tenant: str | None, user: str | None, doc_type: str | 
     tenants = policy.tenants
     if tenant and tenant.strip() and tenant not in tenants:
         found.notes.append(
-            f"the policy has no tenant {tenant!r} (its tenants: {', '.join(sorted(tenants))});"
-            f" {AS_GIVEN}"
+            f"the policy has no tenant {tenant!r}{_choices('tenants', tenant, tenants)}; {AS_GIVEN}"
         )
     if user and user.strip():
         _user(policy, found, user)
@@ -48,9 +48,18 @@ def check(policy: Policy, tenant: str | None, user: str | None, doc_type: str | 
     if doc_type and doc_type.strip() and doc_type not in doc_types:
         found.notes.append(
             f"the policy has no document type {doc_type!r}"
-            f" (its types: {', '.join(sorted(doc_types))}); {AS_GIVEN}"
+            f"{_choices('types', doc_type, doc_types)}; {AS_GIVEN}"
         )
     return found
+
+
+LISTED = 10  # names listed in a note at most: a provider's policy has hundreds of tenants
+
+
+def _choices(what: str, word: str, names: Collection[str]) -> str:
+    if len(names) > LISTED:
+        return hint(word, names)
+    return f" (its {what}: {', '.join(sorted(names))})"
 
 
 def _user(policy: Policy, found: Filters, user: str) -> None:
