@@ -365,6 +365,33 @@ def test_check_warns_of_tls_the_port_does_not_speak(
     )
 
 
+_NO_IMPLICIT_TLS = (
+    "465 is the port of implicit TLS, and clients set for it begin with a TLS handshake,"
+    " but this listener greets in plain text and offers STARTTLS (it has no implicit TLS):"
+    " every such client fails to connect; listen on 587 (or 25) and set the ERPs to STARTTLS"
+)
+
+
+@pytest.mark.parametrize(
+    ("listener", "warned"),
+    [
+        (f"    port: 465\n    {_TLS}\n", True),
+        ("    port: 465\n", True),
+        (f"    port: 587\n    {_TLS}\n", False),
+    ],
+    ids=["465-tls", "465-plain", "587-tls"],
+)
+def test_check_warns_of_a_listener_on_the_port_of_implicit_tls(
+    tmp_path: Path, listener: str, warned: bool
+) -> None:
+    """A listener on 465 with tls passed; every ERP set the usual way for 465
+    (SSL/TLS) then opened with a handshake the plain greeting answered, and
+    failed at once: curl with wrong version number, PHPMailer could not connect."""
+    path = variant(tmp_path, "    port: 2525\n", listener)
+    said = f"{path}:9:11: warning: listeners[0].port: {_NO_IMPLICIT_TLS}"
+    assert warnings(path) == ([said] if warned else [])
+
+
 @pytest.mark.parametrize(
     ("queue", "warned"),
     [

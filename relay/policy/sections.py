@@ -147,6 +147,8 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
             if clash is not None:
                 ctx.problem(m.get("port"), m.sub("port"), clash)
             ctx.sockets.append(mine)
+        if port == 465:
+            ctx.problems.warn(m.get("port"), m.sub("port"), _NO_IMPLICIT_TLS)
         tls = _tls(ctx, m)
         allow = _allow(ctx, m)
         if allow is not None and ips:
@@ -196,6 +198,14 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
 
 
 _IP = IPv4Address | IPv6Address
+# Clients set for 465 (the "SSL/TLS" of ERPs, RFC 8314) begin with a TLS
+# handshake, read as a command by a listener that greets in plain text: each
+# fails at once (curl: wrong version number; PHPMailer: could not connect).
+_NO_IMPLICIT_TLS = (
+    "465 is the port of implicit TLS, and clients set for it begin with a TLS handshake,"
+    " but this listener greets in plain text and offers STARTTLS (it has no implicit TLS):"
+    " every such client fails to connect; listen on 587 (or 25) and set the ERPs to STARTTLS"
+)
 
 
 def _listen_address(ctx: Ctx, m: Map) -> str | None:
