@@ -108,3 +108,57 @@ def test_a_client_idle_after_its_handshake_is_logged_after_starttls(
                 assert tls.recv(4096).startswith(b"421 4.4.2 ")
         line = handshake_failure(caplog, "disconnected after")
     assert line.startswith("client=127.0.0.1 disconnected after STARTTLS: 421 4.4.2 "), line
+
+
+def curl_smtps(port: int) -> None:
+    """curl as an ERP set for SSL/TLS on port 465 connects: TLS from the first byte."""
+    done = subprocess.run(
+        ["curl", "--silent", "--insecure", "--max-time", str(TIMEOUT), f"smtps://127.0.0.1:{port}"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT + 5, check=False,
+    )  # fmt: skip
+    assert done.returncode == 35, done  # SSL connect error: wrong version number
+
+
+def python_tls(port: int) -> None:
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    with sock, pytest.raises(ssl.SSLError):
+        context.wrap_socket(sock)
+
+
+def hello_without_a_line_end(port: int) -> None:
+    """The start of a ClientHello with no newline in it, then the client gives up."""
+    with Raw(port) as raw:
+        raw.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+
+
+def hello_twice(port: int) -> None:
+    """Records that look like a handshake's on two lines, the second unended."""
+    with Raw(port) as raw:
+        raw.send(b"\x16\x03\x01\x00\x0a\r\n\x16\x03\x01\x00")
+        assert raw.reply()[0].startswith("500 ")
+
+
+@pytest.mark.parametrize(
+    "client",
+    [curl_smtps, python_tls, hello_without_a_line_end, hello_twice],
+    ids=lambda c: c.__name__,
+)
+def test_a_client_set_for_implicit_tls_is_named_once_in_the_log(
+    caplog: pytest.LogCaptureFixture, client: Callable[[int], None]
+) -> None:
+    """Its ClientHello got 500 bad syntax, and the log said only that the client
+    closed the connection: nothing for the sysadmin of an ERP that cannot connect."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Relay([listener()]) as relay:
+        client(relay.port)
+        handshake_failure(caplog, "TLS handshake where")
+    said = [r for r in caplog.records if "TLS handshake where" in r.getMessage()]
+    assert [(r.levelno, r.getMessage()) for r in said] == [
+        (
+            logging.WARNING,
+            "client=127.0.0.1 sent a TLS handshake where an SMTP command was expected:"
+            " is it set for implicit TLS (port 465)? this listener offers STARTTLS",
+        )
+    ]

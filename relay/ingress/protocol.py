@@ -98,6 +98,11 @@ _GIVEN_RECIPIENT = re.compile(r"TO:\s*<([^>]*)>", re.IGNORECASE)
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _AUTH_PARAMETER = re.compile(r"[ \t]+AUTH=\S*", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TLS_HANDSHAKE = b"\x16\x03"  # the start of a TLS handshake record, a ClientHello's
+IMPLICIT_TLS_CLIENT = (
+    "client=%s sent a TLS handshake where an SMTP command was expected:"
+    " is it set for implicit TLS (port 465)? this listener offers STARTTLS"
+)
 
 
 _HANDLE_CLIENT = SMTP._handle_client.__code__
@@ -241,6 +246,7 @@ class RelaySMTP(SMTP):
         # is answered; None before the first
         self._after: str | None = None
         self._timed_out = False  # told 421 for being idle
+        self._handshake_logged = False  # see _log_if_handshake
         self._unlogged: tuple[int, str, str] | None = None  # refused MAILs: count, last
         self._better = {
             "552 Error: Too much mail data": self._too_big(),
@@ -327,6 +333,7 @@ class RelaySMTP(SMTP):
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, asyncio.IncompleteReadError):  # everything before the end answered
             assert self.session is not None
+            self._log_if_handshake(error.partial)
             log.info("client=%s closed the connection", client_address(self.session.peer))
             self._close_now()
             return ""
@@ -789,9 +796,21 @@ class RelaySMTP(SMTP):
         not read whole, and leaves the last command as it was."""
         if status.startswith('500 Error: command "') or status == "500 Error: bad syntax":
             self._after = "UNKNOWN"
+            self._log_if_handshake(self._command_line())
         elif status in _BEFORE_DISPATCH or status.endswith(" sent too many times"):
             verb = self._command_line().partition(b" ")[0].decode("ascii", "replace").upper()
             self._after = verb if verb in self._smtp_methods else "UNKNOWN"
+
+    def _log_if_handshake(self, line: bytes) -> None:
+        """A client set for implicit TLS (port 465, "SSL/TLS" in an ERP) opens with
+        a ClientHello, which the plain greeting answers with 500: the client only
+        says it could not connect, and the log only that it closed the connection.
+        Once a connection: the rest of the handshake is refused line by line."""
+        if self._handshake_logged or not line.startswith(_TLS_HANDSHAKE):
+            return
+        self._handshake_logged = True
+        assert self.session is not None
+        log.warning(IMPLICIT_TLS_CLIENT, client_address(self.session.peer))
 
     def _command_line(self) -> bytes:
         """The command line aiosmtpd's ``_handle_client`` is handling, up the call
