@@ -350,7 +350,7 @@ def test_every_key_set() -> None:
         "tunnel", "smtp.example", 465, TlsMode.IMPLICIT, "relay", None, "RELAY_SMTP_PASSWORD", 60
     )
     assert upstreams["plain"] == SmtpUpstream(
-        "plain", "localhost", 587, TlsMode.AUTO, None, None, None, 60
+        "plain", "127.0.0.1", 587, TlsMode.AUTO, None, None, None, 60
     )
     assert upstreams["plain"].data_timeout == 600  # RFC 5321 4.5.3.2.6
     assert upstreams["outbox"] == DirectoryUpstream("outbox", Path("/var/spool/relay/outbox"))

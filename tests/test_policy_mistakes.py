@@ -350,7 +350,7 @@ _PLAIN_PORT = (
         ("port: 465\ntls: implicit", None),
         ("tls: implicit", None),
         ("port: 587\ntls: starttls", None),
-        ("port: 2525\ntls: implicit", None),
+        ("port: 2526\ntls: implicit", None),
     ],
 )
 def test_check_warns_of_tls_the_port_does_not_speak(
@@ -363,6 +363,44 @@ def test_check_warns_of_tls_the_port_does_not_speak(
     assert found == (
         [] if warned is None else [f"{path}:19:11: warning: upstreams.outbox.port: {warned}"]
     )
+
+
+_LOOP = (
+    "{upstream} is this relay's own listener listeners[0] ({listener}): mail sent to this"
+    " upstream comes back into the relay, which sends it here again, a loop; set host and"
+    " port to the server that mail is to leave by"
+)
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "warned"),
+    [
+        ("127.0.0.1", "127.0.0.1", ("127.0.0.1:2525", "127.0.0.1:2525")),
+        ("127.0.0.1", "LocalHost", ("LocalHost:2525", "127.0.0.1:2525")),
+        ("0.0.0.0", "127.0.0.1", ("127.0.0.1:2525", "0.0.0.0:2525")),
+        ("0.0.0.0", "0.0.0.0", ("0.0.0.0:2525", "0.0.0.0:2525")),
+        ("'::'", "localhost", ("localhost:2525", "[::]:2525")),
+        ("'::'", "'::1'", ("[::1]:2525", "[::]:2525")),
+        ("localhost", "127.0.0.1", ("127.0.0.1:2525", "localhost:2525")),
+        ("'::'", "127.0.0.1", None),
+        ("127.0.0.1", "127.0.0.2", None),
+        ("127.0.0.1", "smtp.example", None),
+    ],
+)
+def test_check_warns_of_an_upstream_that_is_a_listener_of_the_relay(
+    tmp_path: Path, listen: str, host: str, warned: tuple[str, str] | None
+) -> None:
+    """Such a policy passed with ok, and each message went round from the
+    upstream to the listener and back, a new copy at each turn."""
+    path = _smtp(tmp_path, f"host: {host}\nport: 2525")
+    listener = f"    address: {listen}\n    port: 2525\n    auth: off\n"
+    path.write_text(path.read_text().replace(_LISTENER, listener))
+    found = [line for line in warnings(path) if "upstreams.outbox.port:" in line]
+    if warned is None:
+        assert found == []
+    else:
+        said = _LOOP.format(upstream=warned[0], listener=warned[1])
+        assert found == [f"{path}:20:11: warning: upstreams.outbox.port: {said}"]
 
 
 _NO_IMPLICIT_TLS = (

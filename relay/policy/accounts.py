@@ -19,7 +19,7 @@ from typing import NamedTuple
 from yaml.nodes import Node, SequenceNode
 
 from relay import passwd
-from relay.policy import values
+from relay.policy import selfloop, values
 from relay.policy.model import (
     DATA_TIMEOUT,
     DirectoryUpstream,
@@ -158,6 +158,7 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
     if v.password_env is not None:
         _warn_if_unset(ctx, m, v.password_env)
     _warn_of_tls_unlike_port(ctx, m, v.port, v.tls)
+    _warn_of_a_loop(ctx, m, v.host, v.port)
     return SmtpUpstream(name, **v._asdict())
 
 
@@ -232,6 +233,25 @@ def _warn_of_tls_unlike_port(ctx: Ctx, m: Map, port: int, tls: TlsMode) -> None:
     else:
         return
     ctx.problems.warn(m.get("port") or m.get("tls"), m.sub("port"), message)
+
+
+def _warn_of_a_loop(ctx: Ctx, m: Map, host: str, port: int) -> None:
+    """The listeners are read before the upstreams, so ``ctx.sockets`` has them."""
+    own = selfloop.own_listener(host, port, ctx.sockets)
+    if own is None:
+        return
+    path, address = own
+    key = "port" if m.has("port") else "host"
+    message = (
+        f"{_on(host, port)} is this relay's own listener {path} ({_on(address, port)}):"
+        " mail sent to this upstream comes back into the relay, which sends it here again,"
+        " a loop; set host and port to the server that mail is to leave by"
+    )
+    ctx.problems.warn(m.get(key), m.sub(key), message)
+
+
+def _on(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _warn_if_unset(ctx: Ctx, m: Map, name: str) -> None:
