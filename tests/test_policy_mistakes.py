@@ -403,6 +403,36 @@ def test_check_warns_of_an_upstream_that_is_a_listener_of_the_relay(
         assert found == [f"{path}:20:11: warning: upstreams.outbox.port: {said}"]
 
 
+_BOUNCE = (
+    "{address} is where bounces go (the platform's return_path; left out, its from_address):"
+    " this user's automatic BCC copies and failure notices would go there too, where relay"
+    " bounce ignores them as no bounce, and they are lost; give the user an address of"
+    " their own"
+)
+
+
+@pytest.mark.parametrize(
+    ("return_path", "address", "warned"),
+    [
+        ("", "noreply@platform.example", True),
+        ("bounces@platform.example", "Bounces@Platform.example", True),
+        ("bounces@platform.example", "noreply@platform.example", False),
+    ],
+)
+def test_check_warns_of_a_user_whose_address_is_the_bounce_address(
+    tmp_path: Path, return_path: str, address: str, warned: bool
+) -> None:
+    """Such a user passed, and the copies and notices meant for the user went to
+    the mailbox ``relay bounce`` reads, which ignored them."""
+    path = variant(tmp_path, "address: jan@acme.example", f"address: {address}")
+    if return_path:
+        text = path.read_text().replace("listeners:", f"  return_path: {return_path}\nlisteners:")
+        path.write_text(text)
+    line = line_of(path, f"address: {address}")
+    said = f"{path}:{line}:18: warning: tenants.acme.users.jan.address: "
+    assert warnings(path) == ([said + _BOUNCE.format(address=address)] if warned else [])
+
+
 _NO_IMPLICIT_TLS = (
     "465 is the port of implicit TLS, and clients set for it begin with a TLS handshake,"
     " but this listener greets in plain text and offers STARTTLS (it has no implicit TLS):"

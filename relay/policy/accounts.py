@@ -275,6 +275,8 @@ class Roster:
         self.default_user: dict[str, str | None] = {}
         self.addresses: dict[str, UserRef] = {}
         self._where: dict[str, str] = {}
+        #: each user's own address (not its aliases), with where it is written
+        self.user_addresses: list[tuple[Node, str, str]] = []
 
     def claim(self, ctx: Ctx, node: Node, path: str, address: str, ref: UserRef) -> None:
         key = address.lower()
@@ -283,6 +285,21 @@ class Roster:
             return
         self.addresses[key] = ref
         self._where[key] = path
+
+
+def warn_of_bounce_address(ctx: Ctx, roster: Roster, return_path: str) -> None:
+    """A user's automatic BCC copies and failure notices go to the user's
+    address; at the platform's bounce address ``relay bounce`` reads them, finds
+    no bounce in them, and ignores them: lost without a word."""
+    for node, path, address in roster.user_addresses:
+        if address.lower() == return_path.lower():
+            message = (
+                f"{address} is where bounces go (the platform's return_path; left out,"
+                " its from_address): this user's automatic BCC copies and failure notices"
+                " would go there too, where relay bounce ignores them as no bounce, and"
+                " they are lost; give the user an address of their own"
+            )
+            ctx.problems.warn(node, path, message)
 
 
 def tenants(
@@ -391,6 +408,7 @@ def _users(ctx: Ctx, tenant: Map, tenant_id: str, roster: Roster) -> Mapping[str
         address = m.read("address", values.address)
         if address is not None:
             roster.claim(ctx, m.get("address"), m.sub("address"), address, ref)
+            roster.user_addresses.append((m.get("address"), m.sub("address"), address))
         aliases = []
         for alias_node, alias_path in m.items("aliases", "a list of addresses"):
             alias = values.address(ctx, alias_node, alias_path)

@@ -130,6 +130,8 @@ def _build(ctx: Ctx, root: Map, path: Path, sources: Sources) -> Policy | None:
     roster = accounts.Roster()
     tenants = accounts.tenants(ctx, root, upstream_names, doc_types, roster, key_domains)
     logins = accounts.logins(ctx, root, roster.users)
+    if platform is not None:
+        accounts.warn_of_bounce_address(ctx, roster, platform.return_path)
     anonymous = listeners is not None and any(
         listener.auth is not AuthMode.REQUIRED for listener in listeners
     )
