@@ -7,11 +7,6 @@ keep moving, and a password that verified lately is remembered
 (``authcache``). An unknown login is checked against a throw-away hash, so
 the reply time does not reveal which logins exist. Failures are slowed down
 and then refused (``authlimit``).
-
-A locked address is refused after the credentials, not before: a password
-verified lately (``authcache``) still logs in, without a check. One company's
-ERP retrying a stale password locked every company behind the same address
-(a hosted ERP server, a shared NAT) out of its mail; a guess gets no check.
 """
 
 from __future__ import annotations
@@ -68,6 +63,9 @@ class Mechanisms:
         return login is not None and login.password_hash != auth.password_hash
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        locked = self._locked(server)
+        if locked is not None:
+            return locked
         if len(args) == 1:
             blob = await server.challenge_auth("")
             if blob is MISSING:
@@ -92,6 +90,9 @@ class Mechanisms:
         return await self._check(server, login, password)
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        locked = self._locked(server)
+        if locked is not None:
+            return locked
         if len(args) == 1:
             login = await server.challenge_auth(USERNAME_CHALLENGE)
             if login is MISSING:
@@ -106,6 +107,12 @@ class Mechanisms:
         assert isinstance(login, bytes) and isinstance(password, bytes)
         return await self._check(server, login, password)
 
+    def _locked(self, server: SMTP) -> AuthResult | None:
+        """A 454 for an address that failed too often lately, before any challenge."""
+        peer = _peer(server)
+        wait = self._failures.locked(peer)
+        return self._lock_reply(peer, wait) if wait else None
+
     def _lock_reply(self, peer: str, wait: float) -> AuthResult:
         log.debug("AUTH refused client=%s: too many failed logins", peer)
         self._count("locked")
@@ -119,16 +126,12 @@ class Mechanisms:
         except UnicodeDecodeError:
             log.warning("AUTH failed client=%s: credentials are not UTF-8", peer)
             return await self._failed(peer)
-        entry = self._current_policy().logins.get(name)
-        encoded = entry.password_hash if entry is not None else None
-        known = encoded is not None and self._verified.known(name, encoded, password)
-        wait = self._failures.locked(peer)
-        if wait and not known:
-            return self._lock_reply(peer, wait)
-        if not known and not await self._failures.turn(peer):  # locked by earlier checks
+        if not await self._failures.turn(peer):  # locked by the checks before its turn
             return self._lock_reply(peer, self._failures.locked(peer))
         try:
-            ok = known
+            entry = self._current_policy().logins.get(name)
+            encoded = entry.password_hash if entry is not None else None
+            ok = encoded is not None and self._verified.known(name, encoded, password)
             if not ok:
                 loop = asyncio.get_running_loop()
                 ok = await loop.run_in_executor(None, _verify, secret, encoded)
@@ -142,8 +145,7 @@ class Mechanisms:
             log.warning("AUTH failed client=%s login=%r", peer, name)
             self._count_failure(peer, name)
         finally:
-            if not known:
-                self._failures.checked(peer)
+            self._failures.checked(peer)
         await asyncio.sleep(self._failures.delay)
         return AuthResult(success=False, handled=False)
 
