@@ -1905,3 +1905,21 @@ def test_the_version_is_the_same_however_the_path_is_written(
     written = load(Path("../relay.yaml")).digest
     monkeypatch.chdir(policy_file.parent)
     assert load(Path("relay.yaml")).digest == written == load(policy_file).digest
+    linked = policy_file.parent.parent / f"{policy_file.parent.name}-current"
+    linked.symlink_to(policy_file.parent)
+    assert load(linked / "relay.yaml").digest == written
+
+
+def test_a_linked_directory_then_dot_dot_reads_the_files_where_the_system_finds_them(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """``current/../relay.yaml`` with ``current`` a link: the system takes ``..``
+    after the link, and so must the names the policy reads relative to it."""
+    release = tmp_path / "releases" / "r1"
+    release.mkdir(parents=True)
+    (tmp_path / "current").symlink_to(release)
+    # current/.. is releases/, where the policy is not: taken as text, it would be
+    (tmp_path / "releases" / "relay.yaml").write_bytes(policy_file.read_bytes())
+    shutil.copytree(policy_file.parent / "keys", tmp_path / "releases" / "keys")
+    policy = load(tmp_path / "current" / ".." / "relay.yaml")
+    assert policy.digest == load(tmp_path / "releases" / "relay.yaml").digest

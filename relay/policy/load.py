@@ -51,9 +51,12 @@ def load(path: Path, data: bytes | None = None, files: Mapping[str, bytes] | Non
 def policy_version(text: bytes, files: Mapping[str, bytes]) -> str:
     """The policy's identifier: a SHA-256 over its text and the files it read, so
     that a new DKIM key (or password, or certificate) is a new version in the
-    log and the audit log, as a new text is."""
+    log and the audit log, as a new text is. The files go by their real names:
+    the same policy named as ``../relay.yaml`` or through a linked directory
+    read as another version than the running one (``relay status``)."""
     digest = hashlib.sha256()
-    for chunk in (text, *(part for name in sorted(files) for part in (name.encode(), files[name]))):
+    named = {os.path.realpath(name): data for name, data in files.items()}
+    for chunk in (text, *(part for name in sorted(named) for part in (name.encode(), named[name]))):
         digest.update(len(chunk).to_bytes(8, "big") + chunk)
     return digest.hexdigest()
 
@@ -66,21 +69,13 @@ def _load(
     data, root = read(path, problems, data)
     policy = None
     if data is not None and root is not None:
-        ctx = Ctx(problems, _base(path))
+        ctx = Ctx(problems, path.absolute().parent)
         with reading(Reads(files)) as reads:
             top = Map(ctx, root, "", _SECTIONS, _REQUIRED)
             policy = _build(ctx, top, path, Sources(data, MappingProxyType(reads.read)))
     if len(problems) or policy is None:
         raise PolicyError(problems.in_file_order() or [f"{path}: invalid policy"])
     return policy, problems.warnings_in_file_order()
-
-
-def _base(path: Path) -> Path:
-    """The directory relative names in the policy are read from, with ``..``
-    taken out: the files' names are part of the policy's version, and
-    ``relay status -c ../relay.yaml`` said the file it named, unchanged,
-    read as another version than the running one."""
-    return Path(os.path.abspath(path)).parent
 
 
 @dataclass(frozen=True)
@@ -104,7 +99,7 @@ def load_state(path: Path, data: bytes | None = None) -> StateSettings:
     data, root = read(path, problems, data)
     state = None
     if data is not None and root is not None:
-        ctx = Ctx(problems, _base(path))
+        ctx = Ctx(problems, path.absolute().parent)
         top = Map(ctx, root, "", _SECTIONS, _REQUIRED)
         queue, audit, suppression = sections.state(ctx, top) if top.ok else (None, None, None)
         if queue is not None and audit is not None and suppression is not None:
