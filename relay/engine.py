@@ -203,10 +203,12 @@ def _refused_for(entry: QueueEntry, policy: Policy) -> str | None:
     tenant's when the upstream is shared (the platform's smarthost), the
     entry's tenant's when only its mail goes there (the company's own
     server or account): a refusal by a server one company runs listed the
-    address for all of them, its other users' own addresses included."""
+    address for all of them, its other users' own addresses included. A
+    reload may since have taken the tenant away or off the upstream: only
+    an upstream the policy has several tenants on is shared."""
     name = _route(entry, policy)
     sharing = [tid for tid, tenant in policy.tenants.items() if tenant.upstream == name]
-    return entry.tenant if sharing == [entry.tenant] else None
+    return None if len(sharing) > 1 else entry.tenant
 
 
 class Engine:

@@ -4,6 +4,7 @@ upstream that refuses some recipients, and the list as the workers share it."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import smtplib
 from collections.abc import Iterator
@@ -12,12 +13,14 @@ from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from relay import engine
 from relay.policy.load import load
 from relay.spool import Spool
 from relay.suppression import COMPLAINT, Suppression, SuppressionFile
 from tests.readonly import read_only
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
+from tests.spoolkit import make_entry
 from tests.test_queue_e2e import SMALL, audit_events, configure, relay_cli, send
 
 REFUSE = {
@@ -288,3 +291,16 @@ def test_a_hard_bounce_from_a_tenants_own_upstream_lists_for_that_tenant_only(
         "bounce",
     )
     assert [m.rcpt_tos for m in shared.sink.messages] == [["gone@example.org"]]
+
+
+def test_a_bounce_from_an_upstream_no_tenant_shares_now_lists_for_the_messages_tenant(
+    policy_file: Path,
+) -> None:
+    """A reload that took the company away (or off its own server) left its
+    queued mail going there: the server's refusal was listed for everyone."""
+    policy = load(policy_file)
+    own = dataclasses.replace(policy.upstreams["default"], name="own")
+    moved = dataclasses.replace(policy, upstreams={**policy.upstreams, "own": own})
+    assert engine._refused_for(make_entry(tenant="acme", upstream="default"), moved) is None
+    assert engine._refused_for(make_entry(tenant="acme", upstream="own"), moved) == "acme"
+    assert engine._refused_for(make_entry(tenant="gone", upstream="own"), moved) == "gone"
