@@ -385,6 +385,27 @@ class DownSender:
         return Attempt(dict.fromkeys(rcpts, (451, "451 4.4.1 down")), "451 4.4.1 down")
 
 
+def _thirty_waiting(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Thirty messages queued, and a count of the locks taken on their entries
+    (each a read of the entry from the spool)."""
+    for n in range(30):
+        spool.put(make_entry(), message(n))
+    locks = [0]
+    acquire = spool.acquire
+
+    def counted(queue_id: str, blocking: bool = True) -> int:
+        locks[0] += 1
+        return acquire(queue_id, blocking=blocking)
+
+    monkeypatch.setattr(spool, "acquire", counted)
+    return locks
+
+
+def _down(policy: Policy, first_retry: float) -> Policy:
+    queue = dataclasses.replace(policy.queue, first_retry=first_retry, max_retry=3600.0)
+    return dataclasses.replace(policy, queue=queue)
+
+
 async def test_a_rescan_reads_no_waiting_message_again(
     spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -392,26 +413,14 @@ async def test_a_rescan_reads_no_waiting_message_again(
     again only to be told to wait, on the event loop, for the whole outage."""
     monkeypatch.setattr(engine_module, "RESCAN", 0.2)
     monkeypatch.setattr(engine_module, "POLL", 0.05)
-    queue = dataclasses.replace(policy.queue, first_retry=3600.0, max_retry=3600.0)
-    down = dataclasses.replace(policy, queue=queue)
+    down = _down(policy, 3600.0)
     unreachable = DownSender()
-
-    for n in range(30):
-        spool.put(make_entry(), message(n))
-    locks = 0
-    acquire = spool.acquire
-
-    def counted(queue_id: str, blocking: bool = True) -> int:
-        nonlocal locks
-        locks += 1
-        return acquire(queue_id, blocking=blocking)
-
-    monkeypatch.setattr(spool, "acquire", counted)
+    locks = _thirty_waiting(spool, monkeypatch)
     async with running(Engine(spool, lambda: down, unreachable, Recorder(None))):
-        await until(lambda: locks >= 30, "each looked at once")
+        await until(lambda: locks[0] >= 30, "each looked at once")
         await asyncio.sleep(1.0)  # five rescans
     assert len(unreachable.tries) == 1
-    assert locks <= 31, locks
+    assert locks[0] <= 31, locks
 
 
 async def test_the_end_of_each_wait_reads_one_waiting_message(
@@ -420,25 +429,13 @@ async def test_the_end_of_each_wait_reads_one_waiting_message(
     """At the end of each wait every waiting message was read and locked again
     for all but one to be told to wait another."""
     monkeypatch.setattr(engine_module, "POLL", 0.05)
-    queue = dataclasses.replace(policy.queue, first_retry=0.3, max_retry=3600.0)
-    down = dataclasses.replace(policy, queue=queue)
+    down = _down(policy, 0.3)
     unreachable = DownSender()
-
-    for n in range(30):
-        spool.put(make_entry(), message(n))
-    locks = 0
-    acquire = spool.acquire
-
-    def counted(queue_id: str, blocking: bool = True) -> int:
-        nonlocal locks
-        locks += 1
-        return acquire(queue_id, blocking=blocking)
-
-    monkeypatch.setattr(spool, "acquire", counted)
+    locks = _thirty_waiting(spool, monkeypatch)
     async with running(Engine(spool, lambda: down, unreachable, Recorder(None))):
         await until(lambda: len(unreachable.tries) >= 4, "four tries")
     # each wait: the one chosen, and the last one tried coming due by its backoff
-    assert locks <= 30 + 2 * len(unreachable.tries), (locks, len(unreachable.tries))
+    assert locks[0] <= 30 + 2 * len(unreachable.tries), (locks, len(unreachable.tries))
 
 
 class _Limited(SMTP):
