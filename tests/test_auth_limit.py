@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.ingress.authlimit import PER_CLIENT, AuthFailures, table
+from relay.ingress.authlimit import PER_LOGIN, AuthFailures, table
 from tests.ingress_harness import Raw, Relay
 from tests.minimal_policy import listener
 from tests.test_workers import configure, free_port, serving
@@ -310,6 +310,37 @@ def test_logging_in_rightly_between_guesses_does_not_lift_the_lock_out() -> None
             assert raw.cmd(plain("erp-acme", "demo-password")).startswith("454 4.7.0 ")
 
 
+def test_a_stale_password_locks_its_own_login_not_the_others_from_that_address() -> None:
+    """One company's ERP retrying a stale password locked every company behind
+    the same address (a hosted ERP server, a shared NAT) out of AUTH."""
+    failures = AuthFailures(per_client=6, per_login=3, window=600.0, delay=0.0, clock=Clock())
+    with Relay([listener()], failures=failures) as relay:
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            for _ in range(3):
+                assert raw.cmd(plain("erp-other", "stale")).startswith("535 5.7.8 ")
+            reply = raw.cmd(plain("erp-other", "stale"))
+            assert reply == (
+                "454 4.7.0 Too many failed logins with this login name from 127.0.0.1,"
+                " try again in 600 seconds"
+            )
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            assert raw.cmd(plain("erp-acme", "demo-password")).startswith("235 ")
+
+
+def test_guesses_spread_over_login_names_lock_the_address() -> None:
+    failures = AuthFailures(per_client=6, per_login=3, window=600.0, delay=0.0, clock=Clock())
+    with Relay([listener()], failures=failures) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        for name in ("erp-a", "erp-b", "erp-c"):
+            for _ in range(2):
+                assert raw.cmd(plain(name, "guess")).startswith("535 5.7.8 ")
+        reply = raw.cmd(plain("erp-acme", "demo-password"))
+        assert reply.startswith("454 4.7.0 Too many failed logins from 127.0.0.1"), reply
+        assert raw.cmd(b"AUTH LOGIN").startswith("454 4.7.0 Too many failed logins from ")
+
+
 def test_a_failure_is_answered_after_the_delay_without_holding_up_others() -> None:
     answered: list[tuple[str, float]] = []
     with (
@@ -427,16 +458,18 @@ def test_a_real_relay_locks_a_client_whose_failures_went_to_both_workers(
         failed = 0
         with ThreadPoolExecutor(3) as pool:
             while len(set(FAILED_LINE.findall(relay.log()))) < 2:
-                assert failed < PER_CLIENT - 3, "every connection went to one worker"
+                assert failed < PER_LOGIN - 3, "every connection went to one worker"
                 replies = list(pool.map(fail_once, [port] * 3))
                 assert all(r.startswith("535 ") for r in replies), replies
                 failed += 3
-            replies = list(pool.map(fail_once, [port] * (PER_CLIENT - failed)))
+            replies = list(pool.map(fail_once, [port] * (PER_LOGIN - failed)))
             assert all(r.startswith("535 ") for r in replies), replies
         with Raw(port) as raw:
             raw.ehlo()
             reply = raw.cmd(plain("erp-acme", "demo-password"))
-        assert reply.startswith("454 4.7.0 Too many failed logins from 127.0.0.1"), reply
+        assert reply.startswith(
+            "454 4.7.0 Too many failed logins with this login name from 127.0.0.1"
+        ), reply
 
 
 def test_a_burst_on_a_real_relay_gets_ten_checks_in_all_its_workers(
@@ -445,9 +478,9 @@ def test_a_burst_on_a_real_relay_gets_ten_checks_in_all_its_workers(
     """The checks under way were counted per worker: each of two let ten run,
     twenty guesses in all (one per CPU with ``workers: auto``)."""
     port = free_port()
-    burst = 3 * PER_CLIENT
+    burst = 3 * PER_LOGIN
     with serving(configure(policy_file, port), port, tmp_path / "relay.log") as relay:
         replies = _at_once(port, "guess", burst)
         log = relay.log()
-    assert sorted(r[:3] for r in replies) == ["454"] * (burst - PER_CLIENT) + ["535"] * PER_CLIENT
-    assert log.count("AUTH failed client=127.0.0.1") == PER_CLIENT
+    assert sorted(r[:3] for r in replies) == ["454"] * (burst - PER_LOGIN) + ["535"] * PER_LOGIN
+    assert log.count("AUTH failed client=127.0.0.1") == PER_LOGIN

@@ -24,7 +24,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session
 
 from relay import tally
 from relay.ingress.authcache import Verified
-from relay.ingress.authlimit import TOO_MANY_FROM, AuthFailures
+from relay.ingress.authlimit import TOO_MANY_AS, TOO_MANY_FROM, AuthFailures
 from relay.passwd import hash_password, verify_password
 from relay.policy.model import Listener, Policy
 from relay.tally import TallyRow
@@ -114,9 +114,11 @@ class Mechanisms:
         return self._lock_reply(peer, wait) if wait else None
 
     def _lock_reply(self, peer: str, wait: float) -> AuthResult:
+        """The login name is not in the reply: it is the client's, any bytes."""
         log.debug("AUTH refused client=%s: too many failed logins", peer)
         self._count("locked")
-        reply = TOO_MANY_FROM.format(client=peer, wait=max(round(wait), 1))
+        text = TOO_MANY_FROM if self._failures.address_locked(peer) else TOO_MANY_AS
+        reply = text.format(client=peer, wait=max(round(wait), 1))
         return AuthResult(success=False, handled=False, message=reply)
 
     async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
@@ -126,8 +128,8 @@ class Mechanisms:
         except UnicodeDecodeError:
             log.warning("AUTH failed client=%s: credentials are not UTF-8", peer)
             return await self._failed(peer)
-        if not await self._failures.turn(peer):  # locked by the checks before its turn
-            return self._lock_reply(peer, self._failures.locked(peer))
+        if not await self._failures.turn(peer, name):  # locked, or by the checks before its turn
+            return self._lock_reply(peer, self._failures.locked(peer, name))
         try:
             entry = self._current_policy().logins.get(name)
             encoded = entry.password_hash if entry is not None else None
@@ -158,7 +160,7 @@ class Mechanisms:
         454 once the address is locked, with nothing counted. Such an answer
         to a challenge left open needs no turn, and counted during a lock it
         filled the places of the guesses still being checked."""
-        wait = self._failures.locked(peer)
+        wait = self._failures.locked(peer, login)
         if wait:
             return self._lock_reply(peer, wait)
         self._count_failure(peer, login)
@@ -168,12 +170,23 @@ class Mechanisms:
     def _count_failure(self, peer: str, login: str | None) -> None:
         """The lock-out is logged by the failure that makes it, once."""
         self._count("failed")
-        was = self._failures.locked(peer) > 0
-        if self._failures.failed(peer, login) and not was:
+        was = self._failures.locked(peer, login) > 0
+        if not self._failures.failed(peer, login) or was:
+            return
+        if self._failures.address_locked(peer):
             log.warning(
                 "AUTH locked client=%s: %d failed logins in %d s, AUTH refused for now",
                 peer,
                 self._failures.per_client,
+                self._failures.window,
+            )
+        else:
+            log.warning(
+                "AUTH locked client=%s login=%r: %d failed logins at it in %d s,"
+                " refused for this login for now",
+                peer,
+                login,
+                self._failures.per_login,
                 self._failures.window,
             )
 

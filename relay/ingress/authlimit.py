@@ -1,13 +1,17 @@
-"""Failed logins slowed down, then refused per client address, across workers.
+"""Failed logins slowed down, then refused per login and client address, across workers.
 
 A wrong password costs its scrypt (~50 ms of CPU, in a thread) by design,
 so a client guessing passwords as fast as it can would keep every core busy
 and starve the ERPs' mail. As Postfix's ``smtpd_error_sleep_time`` and
 anvil's ``smtpd_client_auth_rate_limit`` do, each failure is answered only
-after ``DELAY`` seconds, and a client address with ``PER_CLIENT`` failures
-within ``WINDOW`` seconds gets ``454 4.7.0`` for every AUTH, with no scrypt,
+after ``DELAY`` seconds; a client address with ``PER_LOGIN`` failures at one
+login name within ``WINDOW`` seconds gets ``454 4.7.0`` for that login, and
+one with ``PER_CLIENT`` failures at any for every AUTH, with no scrypt,
 until the oldest of them is that old (a connection itself is closed after
-ten AUTH commands, ``listen``). Checks of one address run at most as many
+ten AUTH commands, ``listen``). The lock of one login leaves the others be:
+one company's ERP retrying a stale password locked every company behind the
+same address (a hosted ERP server, a shared NAT) out of its mail, while a
+guesser at several names still meets the address's. Checks of one address run at most as many
 at once as it has tries left, in all workers together, the others waiting
 for their turn: a failure is known only once its scrypt is over, and a
 burst of guesses on as many connections at once all got checked. A login
@@ -34,7 +38,8 @@ from relay.ingress.clientlimit import ClientCounts, ClientRow
 from relay.sharedtable import Row, SharedTable, key_of
 
 DELAY = 1.0  # seconds before a failed login's reply
-PER_CLIENT = 10  # failed logins of one address within WINDOW, then AUTH is refused
+PER_CLIENT = 20  # failed logins of one address within WINDOW, at any logins: AUTH is refused
+PER_LOGIN = 10  # failed logins at one login name: that login is refused from the address
 WINDOW = 600.0  # seconds
 CLIENTS = 4096  # addresses with failures in the window, per worker; past that not counted
 TURN_POLL = 0.05  # seconds between looks of a check waiting for its turn
@@ -45,6 +50,10 @@ NO_LOGIN = 0  # a failure without a login name to it (not UTF-8, none given): no
 SUCCESSES, FAILURES = 0, 1  # the two parts of a slot
 
 TOO_MANY_FROM = "454 4.7.0 Too many failed logins from {client}, try again in {wait} seconds"
+TOO_MANY_AS = (
+    "454 4.7.0 Too many failed logins with this login name from {client},"
+    " try again in {wait} seconds"
+)
 
 
 class AuthFailures:
@@ -52,6 +61,7 @@ class AuthFailures:
         self,
         per_client: int = PER_CLIENT,
         window: float = WINDOW,
+        per_login: int | None = None,
         delay: float = DELAY,
         clients: int = CLIENTS,
         clock: Callable[[], float] = time.monotonic,
@@ -60,34 +70,54 @@ class AuthFailures:
     ) -> None:
         """``shared``: this worker's row of a ``table(workers)``, ``checks`` its row
         of the connection counts (``clientlimit``); without them the counts are
-        this process's alone."""
+        this process's alone. ``per_login``: ``PER_LOGIN``, at most ``per_client``."""
         self.per_client = per_client
+        self.per_login = min(PER_LOGIN if per_login is None else per_login, per_client)
         self.window = window
         self.delay = delay
         self.clock = clock
         self._row = shared if shared is not None else table(1, per_client, clients).row(0)
         self._checks = checks if checks is not None else ClientCounts(1).row(0)
 
-    def locked(self, client: str) -> float:
-        """Seconds until ``client`` may try again; 0 when it may now."""
-        times = self._recent(client)
-        if len(times) < self.per_client:
-            return 0.0
-        return max((times[-self.per_client] + self._window_ms - self._now()) / 1000, 0.0)
+    def locked(self, client: str, login: str | None = None) -> float:
+        """Seconds until ``client`` may try again (at ``login``, when given); 0 when
+        it may now."""
+        failures = self._recent(client)
+        wait = self._wait([t for t, _ in failures], self.per_client)
+        if login is None:
+            return wait
+        name = _login(login)
+        return max(wait, self._wait([t for t, n in failures if n == name], self.per_login))
 
-    async def turn(self, client: str) -> bool:
-        """Wait until ``client``'s password may be checked, False if it is locked
-        meanwhile; on True the caller calls ``checked`` once it has said how the
-        check went. Right passwords wait too, briefly: an ERP that opens a dozen
-        connections at once is not refused for the checks of its own logins."""
+    def _wait(self, times: list[int], limit: int) -> float:
+        if len(times) < limit:
+            return 0.0
+        return max((times[-limit] + self._window_ms - self._now()) / 1000, 0.0)
+
+    def address_locked(self, client: str) -> bool:
+        """Whether every login is refused from ``client``, not only some."""
+        return self.locked(client) > 0
+
+    async def turn(self, client: str, login: str | None = None) -> bool:
+        """Wait until ``client``'s password at ``login`` may be checked, False if
+        either is locked meanwhile; on True the caller calls ``checked`` once it
+        has said how the check went. Right passwords wait too, briefly: an ERP
+        that opens a dozen connections at once is not refused for the checks of
+        its own logins. The address's checks under way count against the
+        login's tries left too: which login each is at is not kept."""
+        name = _login(login)
         while True:
-            failures = len(self._recent(client))
-            if failures >= self.per_client:
+            failures = self._recent(client)
+            mine = sum(1 for _, n in failures if n == name)
+            if len(failures) >= self.per_client or mine >= self.per_login:
                 return False
             # counted first, then looked at: two workers that looked first could
             # both take the last place (a full row: not counted, as a connection)
             counted = self._checks.enter(CHECKING, client)
-            if not counted or failures + self._checks.open(CHECKING, client) <= self.per_client:
+            under_way = self._checks.open(CHECKING, client)
+            if not counted or (
+                len(failures) + under_way <= self.per_client and mine + under_way <= self.per_login
+            ):
                 return True
             self._checks.leave(CHECKING, client)
             await asyncio.sleep(TURN_POLL * random.uniform(0.5, 1.5))  # not in step with them
@@ -96,7 +126,8 @@ class AuthFailures:
         self._checks.leave(CHECKING, client)
 
     def failed(self, client: str, login: str | None = None) -> bool:
-        """Count a failure at ``login``; whether the address is locked out now.
+        """Count a failure at ``login``; whether the address or the login is
+        locked out now.
         It takes the place of one no longer counted (past the window, or
         forgiven by a later success at its login): a client holding one
         login's password failed and logged in there again and again, and its
@@ -118,7 +149,7 @@ class AuthFailures:
                 return _counts(event, successes, horizon), event[0]
 
             self._put(base, FAILURES, min(range(count), key=keeps), _login(login))
-        return len(self._recent(client)) >= self.per_client
+        return self.locked(client, login) > 0
 
     def succeeded(self, client: str, login: str) -> None:
         """The address's failures at ``login`` until now are forgiven, in every
@@ -177,13 +208,13 @@ class AuthFailures:
         """Milliseconds, never 0 (an empty word)."""
         return int(self.clock() * 1000) + 1
 
-    def _recent(self, client: str) -> list[int]:
-        """The times of the address's failures still counted, every worker's,
+    def _recent(self, client: str) -> list[tuple[int, int]]:
+        """(time, login) of the address's failures still counted, every worker's,
         oldest first: within the window, and not forgiven."""
         bases = list(self._row.found(key_of(client)))
         successes = self._events(bases, SUCCESSES)
         horizon = self._now() - self._window_ms
-        return sorted(f[0] for f in self._events(bases, FAILURES) if _counts(f, successes, horizon))
+        return sorted(f for f in self._events(bases, FAILURES) if _counts(f, successes, horizon))
 
     def _event(self, base: int, part: int, i: int) -> tuple[int, int]:
         """(time, login) of place ``i``: time 0 for none (the clock starts at the boot)."""
