@@ -8,6 +8,8 @@ command -v swaks >/dev/null || need="$need swaks"
 command -v opendkim >/dev/null || need="$need opendkim"
 command -v opendkim-genkey >/dev/null || need="$need opendkim-tools"
 command -v jq >/dev/null || need="$need jq"
+command -v curl >/dev/null || need="$need curl"
+command -v openssl >/dev/null || need="$need openssl"
 if [ -n "$need" ]; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"

@@ -127,6 +127,15 @@ def python_tls(port: int) -> None:
         context.wrap_socket(sock)
 
 
+def openssl_s_client(port: int) -> None:
+    """OpenSSL's ClientHello mostly has bytes over 127 before its first line
+    feed: refused as non-ASCII, not as bad syntax, it went unnamed."""
+    subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT + 5, check=False,
+    )  # fmt: skip
+
+
 def hello_without_a_line_end(port: int) -> None:
     """The start of a ClientHello with no newline in it, then the client gives up."""
     with Raw(port) as raw:
@@ -142,7 +151,13 @@ def hello_twice(port: int) -> None:
 
 @pytest.mark.parametrize(
     "client",
-    [curl_smtps, python_tls, hello_without_a_line_end, hello_twice],
+    [
+        curl_smtps,
+        python_tls,
+        openssl_s_client,
+        hello_without_a_line_end,
+        hello_twice,
+    ],
     ids=lambda c: c.__name__,
 )
 def test_a_client_set_for_implicit_tls_is_named_once_in_the_log(

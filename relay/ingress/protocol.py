@@ -793,10 +793,12 @@ class RelaySMTP(SMTP):
         """A command aiosmtpd refuses before it calls its method is noted here, for
         the log's ``after``: a MAIL with a non-ASCII address, a command over its
         call limit or before STARTTLS, one not recognized. A line too long is
-        not read whole, and leaves the last command as it was."""
+        not read whole, and leaves the last command as it was. A TLS handshake
+        is refused as any of these, by where its random bytes put the first
+        line feed (OpenSSL's mostly as non-ASCII)."""
+        self._log_if_handshake(self._command_line())
         if status.startswith('500 Error: command "') or status == "500 Error: bad syntax":
             self._after = "UNKNOWN"
-            self._log_if_handshake(self._command_line())
         elif status in _BEFORE_DISPATCH or status.endswith(" sent too many times"):
             verb = self._command_line().partition(b" ")[0].decode("ascii", "replace").upper()
             self._after = verb if verb in self._smtp_methods else "UNKNOWN"
