@@ -429,3 +429,18 @@ def test_the_daemon_is_woken_also_when_the_summary_cannot_be_written(
         getattr(tools, verb)(spool, [entry.queue_id], _FullOutput(), io.StringIO())
     assert spool.last_kick() > before
     assert not spool.load(entry.queue_id).held
+
+
+def test_a_deletion_cut_off_after_its_record_leaves_the_message_held(
+    spool: Spool, two: list[QueueEntry]
+) -> None:
+    """Killed between the record and the removal, the tool left the message
+    queued, and the daemon sent what the audit log said was deleted."""
+    first = two[0]
+
+    def record(queue_id: str, entry: QueueEntry | None) -> None:
+        raise KeyboardInterrupt  # the record is written; the removal never comes
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tools.delete, spool, [first.queue_id], record=record)
+    assert spool.load(first.queue_id).held

@@ -11,6 +11,7 @@ hold and release have it written, under the entry's lock, before the change.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -324,8 +325,7 @@ def _each(
                 if not change(entry):
                     continue
                 if remove is not None:
-                    remove(queue_id, entry)
-                    spool.remove(queue_id)
+                    _remove(spool, entry, remove)
                 else:
                     if record is not None:
                         record(queue_id, entry)
@@ -358,6 +358,23 @@ def _each(
             err.write(f"{queue_id}: not {verb}, the audit log cannot record it: {exc}\n")
             code = 1
     return Outcome(code, changed)
+
+
+def _remove(spool: Spool, entry: QueueEntry, record: Record) -> None:
+    """Recorded, then removed; put on hold first. A deletion cut off between
+    its record and the removal (the tool killed) left the message queued, and
+    the daemon sent what the audit log said was deleted: held, it is not sent,
+    and ``relay queue list`` shows it to delete again. A record the audit log
+    refuses leaves it as it was."""
+    if not entry.held:
+        spool.update(dataclasses.replace(entry, held=True))
+    try:
+        record(entry.queue_id, entry)
+    except AuditError:
+        if not entry.held:
+            spool.update(entry)
+        raise
+    spool.remove(entry.queue_id)
 
 
 def _resolve(
