@@ -688,7 +688,7 @@ class Engine:
             not_now = self._not_now(entry, immediate)
             if not_now is not None:
                 return not_now
-            async with self._limit(entry).slot(fresh):
+            async with self._limit(entry).slot(fresh, entry.tenant):
                 return await self._locked_again(entry.queue_id, lock, immediate)
         except NoSuchEntry:
             return Outcome("gone")
@@ -709,10 +709,10 @@ class Engine:
         ``hold`` could stop none of them."""
         limit = self._limit(warm.entry)
         if not limit.locked():
-            async with limit.slot(fresh):
+            async with limit.slot(fresh, warm.entry.tenant):
                 return await self._attempt(warm.entry, lock, immediate, warm.data)
         lock.close()
-        async with limit.slot(fresh):
+        async with limit.slot(fresh, warm.entry.tenant):
             return await self._locked_again(warm.entry.queue_id, lock, immediate, warm.data)
 
     async def _locked_again(

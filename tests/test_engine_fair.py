@@ -78,3 +78,31 @@ async def test_new_mail_and_a_backlog_larger_than_the_attempts_take_turns(
     backlog_during = sum(r.startswith("backlog") for r in during)
     assert backlog_during >= len(during) // 4, (backlog_during, len(during))
     assert starts < 2000 * elapsed, starts  # woken per event, not spinning
+
+
+async def test_one_tenants_loop_does_not_hold_the_others_mail_behind_it(
+    spool: Spool, policy: Policy
+) -> None:
+    """A company's ERP sending thousands of documents in a loop, within its
+    hourly limit, held every other company's mail on the shared smarthost
+    behind all of them: 18 s at a sink taking five a second."""
+    queue = dataclasses.replace(policy.queue, concurrency=2)
+    upstream = SlowUpstream(0.02)
+    slow = dataclasses.replace(policy, queue=queue)
+    engine = Engine(spool, lambda: slow, upstream, Recorder(None))
+
+    def queued(tenant: str, recipient: str) -> str:
+        entry = make_entry(
+            tenant=tenant, recipients=[RecipientState(recipient, PENDING, notify=True)]
+        )
+        spool.put(entry, message(0))
+        return entry.queue_id
+
+    async with running(engine):
+        for n in range(100):
+            engine.submit(queued("acme", f"loop{n}@example.net"))
+        await until(lambda: len(upstream.tried) >= 4, "the loop under way")
+        engine.submit(queued("globex", "customer@example.net"))
+        await until(lambda: "customer@example.net" in upstream.tried, "the other tenant's")
+        waited = upstream.tried.index("customer@example.net") - 4
+    assert waited <= 4, upstream.tried[:12]

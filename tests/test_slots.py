@@ -8,8 +8,10 @@ import asyncio
 from relay.slots import Slots
 
 
-async def _holding(slots: Slots, fresh: bool, order: list[str], name: str) -> None:
-    async with slots.slot(fresh):
+async def _holding(
+    slots: Slots, fresh: bool, order: list[str], name: str, tenant: str = ""
+) -> None:
+    async with slots.slot(fresh, tenant):
         order.append(name)
         await asyncio.sleep(0)
 
@@ -41,4 +43,33 @@ async def test_a_cancelled_waiter_gives_its_turn_to_the_next() -> None:
     assert order == ["kept"] and gone.cancelled()
     async with slots.slot(False):  # the slot came back: free again
         pass
+    assert not slots.locked()
+
+
+async def test_tenants_take_turns_each_in_its_own_order() -> None:
+    """One company's loop of documents held every other company's mail on the
+    shared smarthost behind all of it."""
+    slots, order = Slots(1), []
+    async with slots.slot(True, "flood"):
+        flood = [
+            asyncio.ensure_future(_holding(slots, True, order, f"f{i}", "flood")) for i in range(5)
+        ]
+        await asyncio.sleep(0)
+        others = [asyncio.ensure_future(_holding(slots, True, order, "b0", "beta"))]
+        others.append(asyncio.ensure_future(_holding(slots, True, order, "g0", "gamma")))
+        await asyncio.sleep(0)
+    await asyncio.wait_for(asyncio.gather(*flood, *others), 5)
+    assert order == ["f0", "b0", "g0", "f1", "f2", "f3", "f4"]
+
+
+async def test_a_cancelled_waiter_of_a_tenant_leaves_the_others_their_turns() -> None:
+    slots, order = Slots(1), []
+    async with slots.slot(True, "a"):
+        gone = asyncio.ensure_future(_holding(slots, True, order, "gone", "a"))
+        kept = asyncio.ensure_future(_holding(slots, True, order, "kept", "b"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+    await asyncio.wait_for(kept, 5)
+    assert order == ["kept"] and gone.cancelled()
     assert not slots.locked()
