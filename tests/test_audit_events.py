@@ -41,7 +41,8 @@ def test_every_event_is_pinned() -> None:
     assert set(PINNED) == set(events.SCHEMA)
     for event, own in PINNED.items():
         assert list(events.fields(event, frozenset())) == HEAD + own + TAIL
-    assert list(events.fields("received"))[-4:] == ["subject", "found_by", "prev", "hash"]
+    optional = ["subject", "found_by", "reasons"]
+    assert list(events.fields("received"))[-5:] == [*optional, "prev", "hash"]
 
 
 def test_stored_records_have_the_pinned_key_order(tmp_path: Path) -> None:
@@ -160,7 +161,14 @@ def test_received_for_takes_the_pipelines_objects() -> None:
         identity=SimpleNamespace(
             tenant=SimpleNamespace(id="acme"), user=SimpleNamespace(id="jan"), source="auth_login"
         ),
-        classification=SimpleNamespace(doc_type="invoice", rule="inv"),
+        classification=SimpleNamespace(
+            doc_type="invoice", rule="inv", reason="rule 'inv': Subject matches 'Invoice 42'"
+        ),
+        reasons=(
+            "AUTH login 'erp' belongs to tenant 'acme'",
+            "rule 'inv': Subject matches 'Invoice 42'",
+            "Reply-To from sender: Jan <jan@acme.example>",
+        ),
         from_before="Jan <jan@acme.example>",
         from_after="Jan via P <noreply@p.example>",
         reply_to_before=None,
@@ -173,7 +181,12 @@ def test_received_for_takes_the_pipelines_objects() -> None:
     assert record["rcpt_tos"] == ["buyer@customer.example"]
     assert record["dkim"] == [{"domain": "p.example", "selector": "s1"}]
     assert record["tenant"] == "acme" and record["rule"] == "inv" and "subject" not in record
-    assert record["found_by"] == "auth_login" and list(record)[-1] == "found_by"
+    assert record["found_by"] == "auth_login" and list(record)[-1] == "reasons"
+    # the rule's evidence is text of the subject, which the policy may keep out of the log
+    assert record["reasons"] == [
+        "AUTH login 'erp' belongs to tenant 'acme'",
+        "Reply-To from sender: Jan <jan@acme.example>",
+    ]
     reply = SimpleNamespace(line="550 5.7.1 Unknown sender")
     rejected = events.rejected_for(submission, reply)  # type: ignore[arg-type]
     assert rejected["reply"] == "550 5.7.1 Unknown sender" and rejected["queue_id"] is None

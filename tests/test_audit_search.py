@@ -160,7 +160,7 @@ def test_csv_round_trips_through_dictreader(tmp_path: Path) -> None:
     assert write_csv(records, out) == len(records)
     rows = list(csv.DictReader(io.StringIO(out.getvalue(), newline="")))
     assert tuple(rows[0]) == CSV_COLUMNS
-    assert CSV_COLUMNS[-3:] == ("prev", "hash", "found_by")  # added later, so placed last
+    assert CSV_COLUMNS[-4:] == ("prev", "hash", "found_by", "reasons")  # added later: last
     assert CSV_COLUMNS.index("reply") == 25  # where it stood before found_by was added
     assert len(rows) == len(records)
     for row, record in zip(rows, records, strict=True):

@@ -783,3 +783,26 @@ def test_a_new_state_directory_is_said_once(policy_file: Path, tmp_path: Path) -
         logs.append(relay.log())
     said = "holds no audit log yet: a new chain begins; mail a relay queued under another"
     assert [log.count(said) for log in logs] == [1, 0]
+
+
+def test_the_audit_log_says_why_the_policy_decided_as_it_did(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """It said what the From and Reply-To became, not why: that took the original
+    message and ``relay preview`` with today's policy."""
+    invoice = (
+        b"From: jan@acme.example\r\nTo: buyer@example.org\r\nSubject: Invoice 77\r\n"
+        b"X-Responsible: Eva <eva@acme.example>\r\n\r\nhi\r\n"
+    )
+    with SinkServer() as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            queue_id = send(port, invoice, ("buyer@example.org",))
+    shown = relay_cli(policy, "audit", "show", queue_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "    why       envelope sender <jan@acme.example> is user 'jan'\n" in shown.stdout
+    assert "    why       Reply-To from header X-Responsible: Eva <eva@acme.example>\n" in (
+        shown.stdout
+    )
+    assert "Invoice 77" not in shown.stdout  # the rule's evidence quotes the subject

@@ -83,6 +83,9 @@ SCHEMA: Mapping[str, tuple[tuple[str, Check], ...]] = {
         # which identify source named the user (auth_login, envelope_sender,
         # header_from, header) or "default"; absent from records written before it
         ("found_by", _str),
+        # why the policy decided as it did, as relay preview says it, but the
+        # document rule's evidence (text of the subject); absent from older records
+        ("reasons", _strs),
     ),
     "rejected": (
         ("client_address", _str),
@@ -118,7 +121,12 @@ SCHEMA: Mapping[str, tuple[tuple[str, Check], ...]] = {
 }
 # fields a record may lack: the subject where the policy does not record it;
 # the others in records written before the relay recorded them
-OPTIONAL = {("received", "subject"), ("received", "found_by"), ("expired", "reply")}
+OPTIONAL = {
+    ("received", "subject"),
+    ("received", "found_by"),
+    ("received", "reasons"),
+    ("expired", "reply"),
+}
 
 
 @functools.cache
@@ -220,6 +228,7 @@ def received(
     policy_version: str,
     subject: str | None = None,
     found_by: str | None = None,
+    reasons: Sequence[str] | None = None,
 ) -> dict:
     values = dict(locals())
     values["dkim"] = [{"domain": d, "selector": s} for d, s in dkim]
@@ -259,6 +268,7 @@ def received_for(
         policy_version=policy_version,
         subject=subject,
         found_by=decision.identity.source,
+        reasons=[r for r in decision.reasons if r != decision.classification.reason],
     )
 
 

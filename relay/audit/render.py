@@ -27,7 +27,7 @@ _NESTED = {"dkim": ("domain", "selector"), "suppression": ("reason", "since")}
 # Fields added within version 1, after the first CSV: their columns come last, in
 # the order they were added, so that a script reading the columns by position
 # reads the same columns as before.
-_ADDED_LATER = ("found_by",)
+_ADDED_LATER = ("found_by", "reasons")
 
 
 def _csv_columns() -> tuple[str, ...]:
@@ -58,6 +58,8 @@ def csv_row(record: dict[str, Any]) -> dict[str, str]:
     for key, value in record.items():
         if key == "dkim":
             row[key] = " ".join(f"{k['domain']}/{k['selector']}" for k in value)
+        elif key == "reasons":  # sentences, not addresses: a line each in the cell
+            row[key] = "\n".join(value)
         elif isinstance(value, dict):
             row.update({f"{key}.{part}": _plain(v) for part, v in value.items()})
         else:
@@ -282,6 +284,7 @@ def _received(r: dict[str, Any]) -> list[str]:
         f"    upstream  {_safe(r.get('upstream'))}, {r.get('size')} bytes,"
         f" policy {_safe(str(r.get('policy_version'))[:12])}",
     ]
+    lines += (f"    why       {_safe(reason)}" for reason in r.get("reasons") or [])
     return lines
 
 
