@@ -108,6 +108,12 @@ def decide(
         reasons.append(f"no DKIM key for {signing_domain}: the message is not signed")
 
     updates = [("From", from_after)]
+    if own is not None and account is None and _written_as(view, from_name, from_address):
+        updates, from_after = [], view.get("From") or from_after
+        reasons.append(
+            "From kept as the message wrote it: the same name and address"
+            " (a signature the ERP made over it stays valid)"
+        )
     if reply_to_after is not None:
         updates.append(("Reply-To", reply_to_after))
     given_id = (view.get("Message-ID") or "").strip()
@@ -232,6 +238,17 @@ def _own(identity: Identity, view: MessageView) -> _Mailbox | None:
         why = f"From is the user's own address: {domain} is a verified domain of {tenant.id!r}"
         return _Mailbox(user.name, user.address, why)
     return None
+
+
+def _written_as(view: MessageView, name: str, address: str) -> bool:
+    """Whether the message's one From already says ``name <address>``, however
+    it wrote them (an encoded word, quotes, raw UTF-8): written again, it
+    changed bytes an ERP that signs its own mail had signed, and its
+    signature failed for a From that meant the same."""
+    if len(view.get_all("From")) != 1:
+        return False
+    found = view.mailboxes("From")
+    return len(found) == 1 and found[0][0] == name and found[0][1].lower() == address.lower()
 
 
 def _writable(name: str) -> str:

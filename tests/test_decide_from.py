@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dkim
+import pytest
+
 from relay.keygen import generate
 from relay.policy.model import DkimAlgorithm
+from tests.dkimtools import dkimpy_each, make_key
 from tests.test_decisions import BASE, header, msg, run
 
 KEYS = """\
@@ -98,3 +102,35 @@ def test_a_brand_address_with_its_domain_in_unicode_stays_the_from(policy_file: 
     )
     assert header(p, "From") == "Shop <shop@xn--bcher-kva.example>"
     assert p.decision.signing_domain == "xn--bcher-kva.example"
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "=?utf-8?q?Anna_S=C3=B8rensen?= <anna@planfix.example>",
+        '"Anna Sørensen" <anna@planfix.example>',
+        "Anna Sørensen <anna@planfix.example>",
+    ],
+    ids=["encoded-word", "quoted", "raw-utf-8"],
+)
+def test_a_from_that_already_says_the_users_name_and_address_is_kept_byte_for_byte(
+    policy_file: Path, tmp_path: Path, written: str
+) -> None:
+    """Written again (re-encoded, unquoted), it broke the signature of an ERP
+    that signs its own mail, for a From that meant the same: with no key of the
+    relay's for the domain, the message then failed DMARC."""
+    policy = brands(policy_file)
+    policy.write_text(policy.read_text().replace("name: Anna Sales", "name: Anna Sørensen"))
+    key, records = make_key(tmp_path / "erp", "planfix.example", "erp")
+    data = msg(f"From: {written}", *BASE[1:])
+    signed = dkim.sign(data, b"erp", b"planfix.example", key.private_key, include_headers=[b"from"])
+    p = run(policy, signed + data, mail_from="anna@planfix.example")
+    assert f"\r\nFrom: {written}\r\n".encode() in p.message
+    assert dkimpy_each(p.message, records)[-1], "the ERP's own signature"
+    assert "From kept as the message wrote it" in " ".join(p.decision.reasons)
+
+
+def test_a_from_with_another_name_is_written_as_the_policy_has_it(policy_file: Path) -> None:
+    data = msg("From: A. Sales <anna@planfix.example>", *BASE[1:])
+    p = run(brands(policy_file), data, mail_from="anna@planfix.example")
+    assert header(p, "From") == "Anna Sales <anna@planfix.example>"
