@@ -793,3 +793,27 @@ def test_a_torn_shared_head_is_ignored(tmp_path: Path, caplog: pytest.LogCapture
     assert [r["seq"] for r in read_all(tmp_path)] == [1, 2]
     assert "were written" not in caplog.text
     assert verify(tmp_path).ok
+
+
+def test_a_restored_directory_takes_no_seq_another_writer_used_before(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Records another worker wrote after the backup were lost with the
+    directory, and this writer, which never saw them, took their seqs again:
+    verify then counted too few missing, and two records had one seq."""
+    directory, backup = tmp_path / "audit", tmp_path / "backup"
+    clock = Clock()
+    daemon, other = AuditLog(directory, clock=clock), AuditLog(directory, clock=clock)
+    daemon.append(_failed(1))
+    shutil.copytree(directory, backup)
+    shutil.copystat(directory, backup)
+    other.append(_failed(2))
+    other.append(_failed(3))
+    shutil.rmtree(directory)
+    shutil.copytree(backup, directory)
+    shutil.copystat(backup, directory)
+    daemon.append(_failed(4))
+    assert [(r["seq"], r["queue_id"]) for r in read_all(directory)] == [(1, "Q1"), (4, "Q4")]
+    assert "records up to seq 3 were written, its files now end at seq 1" in caplog.text
+    result = verify(directory)
+    assert result.problem is not None and result.problem.message.startswith("records 2..3")

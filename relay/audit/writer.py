@@ -294,7 +294,13 @@ class AuditLog:
         """The directory was replaced (restored from a backup after it was deleted,
         say): its files are written from now on, under its own lock. Its mtime
         may equal the old one's (``cp -a`` keeps it), and the records went on
-        into the deleted files, answered 250, lost at the next restart."""
+        into the deleted files, answered 250, lost at the next restart. The old
+        ``.head``, still open, names the newest record any writer made there:
+        one this writer never saw must not have its seq taken again."""
+        with contextlib.suppress(OSError):
+            old = self._shared()
+            if old is not None and old[0] > self._high[0]:
+                self._high = old
         lock_fd, head_fd = self._open_shared()
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
