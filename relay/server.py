@@ -306,7 +306,8 @@ def _log_settled(settled: Settled, why: str) -> None:
     for queue_id in settled.unrecorded:
         log.warning(
             "%s: stored but not on record before %s, so never acknowledged;"
-            " removed (its client got no 250 and sends it again)",
+            " removed (its client got no 250 and sends it again; unless the state"
+            " directory was copied while a relay ran: docs/queue.md, backing up)",
             queue_id,
             why,
         )
