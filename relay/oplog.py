@@ -29,7 +29,25 @@ _PRIORITY = {
 }
 
 
-class _LocalTime(logging.Formatter):
+MESSAGE_LIMIT = 8000  # characters of a message: under syslog's 8 KiB, journald's 48 KiB lines
+
+
+class _Bounded(logging.Formatter):
+    """A message cut at ``MESSAGE_LIMIT``: a refusal quotes what the client sent
+    (a header folded over 250 KB), and journald splits a longer line into
+    entries of their own, the next beginning with the client's text, which a
+    fail2ban filter anchored at the start of a line would then read as the
+    relay's. The traceback after it is not cut."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = record.message
+        if len(message) > MESSAGE_LIMIT:
+            cut = len(message) - MESSAGE_LIMIT
+            record.message = f"{message[:MESSAGE_LIMIT]} [{cut} more characters not logged]"
+        return super().formatMessage(record)
+
+
+class _LocalTime(_Bounded):
     """ISO 8601 with milliseconds and the UTC offset: ``2026-12-03T08:12:57.123+0100``."""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
@@ -40,7 +58,7 @@ class _LocalTime(logging.Formatter):
         )
 
 
-class _Journal(logging.Formatter):
+class _Journal(_Bounded):
     """journald reads each line on its own: a traceback's lines carry the
     priority too, or ``journalctl -p err`` shows an error without its cause."""
 

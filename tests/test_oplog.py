@@ -97,3 +97,25 @@ def test_a_relay_under_systemd_logs_with_priorities(
     lines = relay.log().splitlines()
     assert lines and all(JOURNAL.match(line) for line in lines), lines
     assert any(line.startswith("<6>") and " queued" in line for line in lines)
+
+
+@pytest.mark.parametrize("to_journal", [False, True], ids=["plain", "journal"])
+def test_a_long_message_is_cut_so_that_it_stays_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restored: None, to_journal: bool
+) -> None:
+    """A refusal quoted a header folded over 250 KB; journald splits a line past
+    48 KiB into entries of their own, the next beginning with the client's text."""
+    path = tmp_path / "stderr"
+    path.touch()
+    if to_journal:
+        monkeypatch.setenv("JOURNAL_STREAM", _stream_id(path))
+    else:
+        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    with path.open("a", encoding="utf-8") as stream:
+        oplog.configure(stream)
+        logging.getLogger("relay").info("refused: %s", "x" * 250_000 + "relay[1] WARNING end")
+    (line,) = path.read_text().splitlines()
+    assert len(line) < oplog.MESSAGE_LIMIT + 100
+    assert line.endswith(
+        f" [{250_020 + len('refused: ') - oplog.MESSAGE_LIMIT} more characters not logged]"
+    )
