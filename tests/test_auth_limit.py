@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import re
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from relay.ingress.authlimit import PER_LOGIN, AuthFailures, table
+from relay.ingress.clientlimit import ClientCounts
 from tests.ingress_harness import Raw, Relay
 from tests.minimal_policy import listener
 from tests.test_workers import configure, free_port, serving
@@ -484,3 +486,23 @@ def test_a_burst_on_a_real_relay_gets_ten_checks_in_all_its_workers(
         log = relay.log()
     assert sorted(r[:3] for r in replies) == ["454"] * (burst - PER_LOGIN) + ["535"] * PER_LOGIN
     assert log.count("AUTH failed client=127.0.0.1") == PER_LOGIN
+
+
+async def test_a_failure_recorded_while_a_check_took_its_place_is_counted() -> None:
+    """A check read the failures, then another worker's check failed and left,
+    then the first took a place: it saw neither, and a burst of guesses got one
+    more check than the lock allows."""
+    clock, shared, counts = Clock(), table(2, per_client=3), ClientCounts(2)
+    mine, theirs = counts.row(0), counts.row(1)
+    first = AuthFailures(per_client=3, clock=clock, shared=shared.row(0), checks=mine)
+    second = AuthFailures(per_client=3, clock=clock, shared=shared.row(1), checks=theirs)
+    first.failed("192.0.2.1", "erp")
+    first.failed("192.0.2.1", "erp")
+    enter = mine.enter
+
+    def failing_meanwhile(listener: str, client: str) -> bool:
+        second.failed(client, "erp")  # the other worker's check ends, failed
+        return enter(listener, client)
+
+    mine.enter = failing_meanwhile  # type: ignore[method-assign]
+    assert not await asyncio.wait_for(first.turn("192.0.2.1", "erp"), 5)

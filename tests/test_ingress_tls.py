@@ -174,6 +174,17 @@ def test_a_client_set_for_implicit_tls_is_named_once_in_the_log(
         (
             logging.WARNING,
             "client=127.0.0.1 sent a TLS handshake where an SMTP command was expected:"
-            " is it set for implicit TLS (port 465)? this listener offers STARTTLS",
+            " is it set for implicit TLS (port 465)? this listener offers no TLS",
         )
     ]
+
+
+def test_a_listener_with_tls_says_it_offers_starttls(
+    caplog: pytest.LogCaptureFixture, tls_files: TlsFiles
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
+    with Relay([listener(tls=tls_files)]) as relay:
+        curl_smtps(relay.port)
+        handshake_failure(caplog, "TLS handshake where")
+    said = [r.getMessage() for r in caplog.records if "TLS handshake where" in r.getMessage()]
+    assert [m.rsplit("? ", 1)[1] for m in said] == ["this listener offers STARTTLS"]

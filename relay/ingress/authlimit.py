@@ -105,22 +105,27 @@ class AuthFailures:
         that opens a dozen connections at once is not refused for the checks of
         its own logins. The address's checks under way count against the
         login's tries left too: which login each is at is not kept."""
-        name = _login(login)
         while True:
-            failures = self._recent(client)
-            mine = sum(1 for _, n in failures if n == name)
-            if len(failures) >= self.per_client or mine >= self.per_login:
+            if self._full(client, login, 0):
                 return False
-            # counted first, then looked at: two workers that looked first could
-            # both take the last place (a full row: not counted, as a connection)
+            # counted first, then looked at, the failures too: two workers that
+            # looked first could both take the last place (a full row: not
+            # counted, as a connection), and a failure a check that has left
+            # recorded in between was seen by neither
             counted = self._checks.enter(CHECKING, client)
-            under_way = self._checks.open(CHECKING, client)
-            if not counted or (
-                len(failures) + under_way <= self.per_client and mine + under_way <= self.per_login
-            ):
+            if not counted or not self._full(client, login, self._checks.open(CHECKING, client)):
                 return True
             self._checks.leave(CHECKING, client)
             await asyncio.sleep(TURN_POLL * random.uniform(0.5, 1.5))  # not in step with them
+
+    def _full(self, client: str, login: str | None, under_way: int) -> bool:
+        """Whether the failures and the other checks under way (``under_way``
+        counts this one) take every try the address or the login has left."""
+        failures = self._recent(client)
+        name = _login(login)
+        mine = sum(1 for _, n in failures if n == name)
+        others = max(under_way - 1, 0)
+        return len(failures) + others >= self.per_client or mine + others >= self.per_login
 
     def checked(self, client: str) -> None:
         self._checks.leave(CHECKING, client)

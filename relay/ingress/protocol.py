@@ -101,7 +101,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TLS_HANDSHAKE = b"\x16\x03"  # the start of a TLS handshake record, a ClientHello's
 IMPLICIT_TLS_CLIENT = (
     "client=%s sent a TLS handshake where an SMTP command was expected:"
-    " is it set for implicit TLS (port 465)? this listener offers STARTTLS"
+    " is it set for implicit TLS (port 465)? this listener offers %s"
 )
 
 
@@ -812,7 +812,8 @@ class RelaySMTP(SMTP):
             return
         self._handshake_logged = True
         assert self.session is not None
-        log.warning(IMPLICIT_TLS_CLIENT, client_address(self.session.peer))
+        offers = "STARTTLS" if self.tls_context is not None else "no TLS"
+        log.warning(IMPLICIT_TLS_CLIENT, client_address(self.session.peer), offers)
 
     def _command_line(self) -> bytes:
         """The command line aiosmtpd's ``_handle_client`` is handling, up the call
