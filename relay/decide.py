@@ -248,7 +248,13 @@ def _written_as(view: MessageView, name: str, address: str) -> bool:
     if len(view.get_all("From")) != 1:
         return False
     found = view.mailboxes("From")
-    return len(found) == 1 and found[0][0] == name and found[0][1].lower() == address.lower()
+    if len(found) != 1 or found[0][0] != name or found[0][1].lower() != address.lower():
+        return False
+    # one mailbox and nothing after it: a reader takes the first <...> and
+    # leaves the rest, where another address, a group's end or nothing at all
+    # (an unclosed <) is kept from the signed message only by writing it again
+    written = (view.get("From") or "").strip()
+    return written.count("<") == written.count(">") == 1 and written.endswith(">")
 
 
 def _writable(name: str) -> str:

@@ -134,3 +134,23 @@ def test_a_from_with_another_name_is_written_as_the_policy_has_it(policy_file: P
     data = msg("From: A. Sales <anna@planfix.example>", *BASE[1:])
     p = run(brands(policy_file), data, mail_from="anna@planfix.example")
     assert header(p, "From") == "Anna Sales <anna@planfix.example>"
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "Anna Sales <anna@planfix.example> <ceo@evil.example>",
+        "Anna Sales <anna@planfix.example> ceo@evil.example",
+        "Anna Sales <anna@planfix.example",
+        "Team: Anna Sales <anna@planfix.example>;",
+    ],
+)
+def test_a_from_with_more_than_the_users_mailbox_is_written_again(
+    policy_file: Path, written: str
+) -> None:
+    """Read as the user's name and address (a reader takes the first <...>),
+    such a From went out byte for byte, signed, naming another address or
+    malformed for receivers that refuse it."""
+    data = msg(f"From: {written}", *BASE[1:])
+    p = run(brands(policy_file), data, mail_from="anna@planfix.example")
+    assert header(p, "From") == "Anna Sales <anna@planfix.example>"

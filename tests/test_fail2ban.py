@@ -5,6 +5,7 @@ name, where an unanchored pattern found any address the client put there."""
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 import smtplib
 import subprocess
@@ -24,12 +25,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _banned(log: Path) -> set[str]:
+def _found(log: Path, *options: str) -> list[str]:
+    """The address of each line the filter finds, in order."""
     done = subprocess.run(
-        ["fail2ban-regex", "-o", "ip", str(log), str(FILTER)],
+        ["fail2ban-regex", *options, "-o", "ip", str(log), str(FILTER)],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
-    return set(done.stdout.split())
+    return done.stdout.split()
+
+
+def _as_the_journal_gives_it(log: Path, to: Path) -> Path:
+    """What fail2ban's systemd backend reads: "HOST IDENT[PID]: " and the
+    journal's message, the line without the relay's own time."""
+    lines = log.read_text().splitlines()
+    to.write_text("".join(f"relayhost python3[4242]: {line.split(' ', 1)[1]}\n" for line in lines))
+    return to
 
 
 def test_only_the_clients_that_failed_to_log_in_are_found(
@@ -55,7 +65,13 @@ def test_only_the_clients_that_failed_to_log_in_are_found(
                 ).encode()
                 with pytest.raises(smtplib.SMTPDataError):
                     client.sendmail("x@nowhere.example", ["bob@customer.example"], message)
+                not_utf8 = base64.b64encode(b"\0erp-\xff\0x").decode()
+                assert client.docmd("AUTH PLAIN", not_utf8)[0] == 535  # logged "client=ADDR:"
             wait_for(lambda: "6.6.6.9" in relay.log())
             log = relay.log()
     assert all(f"6.6.6.{n}" in log for n in (7, 8, 9)), log
-    assert _banned(tmp_path / "relay.log") == {"127.0.0.1"}
+    failures = re.findall(r"^\S+ relay\[\d+\] WARNING AUTH failed client=([^ :]+)", log, re.M)
+    assert len(failures) >= 3 and set(failures) == {"127.0.0.1"}, failures
+    assert _found(tmp_path / "relay.log") == failures
+    journal = _as_the_journal_gives_it(tmp_path / "relay.log", tmp_path / "journal.log")
+    assert _found(journal, "-d", "{NONE}") == failures
