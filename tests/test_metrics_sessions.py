@@ -15,16 +15,18 @@ from cryptography import x509
 from relay import tally
 from relay.deliver import result
 from relay.engine import Attempt
+from relay.ingress.authlimit import PER_LOGIN
 from relay.tally import Tally
 from tests.certs import make_certs
 from tests.ingress_harness import Raw
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
-from tests.test_auth_limit import PER_CLIENT, plain
+from tests.test_auth_limit import plain
 from tests.test_metrics import _metrics_policy, _samples, _value
 from tests.test_queue_e2e import send
 
 GONE = "gone@example.org"
+CONNECTIONS = 10  # the local listener's max_connections_per_client
 
 
 def test_each_worker_adds_to_its_row_and_the_reader_sums_them() -> None:
@@ -55,7 +57,7 @@ def _policy(policy_file: Path, tmp_path: Path, ports: dict[str, int], sink: int)
     local = f"    port: {ports['local']}\n    auth: optional\n"
     assert local in text
     listeners = (
-        f"{local}    max_connections_per_client: {PER_CLIENT}\n"
+        f"{local}    max_connections_per_client: {CONNECTIONS}\n"
         f"    tls: {{cert: {certs.cert}, key: {certs.key}}}\n"
         f"  - name: partners\n    address: 127.0.0.1\n    port: {ports['partners']}\n"
         "    allow: [192.0.2.0/24]\n"
@@ -105,14 +107,14 @@ def test_what_the_sessions_and_the_attempts_came_to_is_counted(
             probes = _value(counted(), "relay_smtp_connections_total", listener="local")
             made = 0  # connections to the local listener since: the start's probes were before
 
-            held = [Raw(local) for _ in range(PER_CLIENT)]  # first: none ending meanwhile
+            held = [Raw(local) for _ in range(CONNECTIONS)]  # first: none ending meanwhile
             try:
                 with socket.create_connection(("127.0.0.1", local), timeout=10) as one_more:
                     assert one_more.recv(512).startswith(b"421 4.7.0 Too many connections")
             finally:
                 for raw in held:
                     raw.sock.close()
-            made += PER_CLIENT + 1
+            made += CONNECTIONS + 1
 
             send(local, rcpts=("ok@example.org",))
             send(local, rcpts=(GONE,))
@@ -124,10 +126,10 @@ def test_what_the_sessions_and_the_attempts_came_to_is_counted(
 
             assert _auth(local, "demo-password").startswith("235 ")
             with ThreadPoolExecutor(3) as pool:  # well below the limit of open connections
-                failed = list(pool.map(_auth, [local] * PER_CLIENT, ["guess"] * PER_CLIENT))
+                failed = list(pool.map(_auth, [local] * PER_LOGIN, ["guess"] * PER_LOGIN))
             assert all(reply.startswith("535 ") for reply in failed), failed
             assert _auth(local, "demo-password").startswith("454 ")
-            made += PER_CLIENT + 2
+            made += PER_LOGIN + 2
 
             with Raw(local) as raw:
                 raw.ehlo()
@@ -195,7 +197,7 @@ def test_what_the_sessions_and_the_attempts_came_to_is_counted(
     assert value("connections_dropped", listener="local", reason="timeout") == 0
     assert value("connections_dropped", listener="idle", reason="timeout") == 1
     assert value("auth", listener="local", result="ok") == 1
-    assert value("auth", listener="local", result="failed") == PER_CLIENT
+    assert value("auth", listener="local", result="failed") == PER_LOGIN
     assert value("auth", listener="local", result="locked") == 1
     assert value("tls_handshake_failures", listener="local") == 1
     cert = x509.load_pem_x509_certificate((tmp_path / "tls" / "server.pem").read_bytes())
