@@ -1016,9 +1016,10 @@ class Engine:
         self._unlisted.written([*listed, *kept])
         for item in [*kept, *entries]:
             log.info(
-                "%s: <%s> is on the suppression list now (%s)",
+                "%s: <%s> is on the suppression list now, for %s (%s)",
                 item.queue_id,
                 item.address,
+                "every tenant" if item.tenant is None else f"tenant {item.tenant}",
                 item.detail,
             )
 

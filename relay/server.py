@@ -278,7 +278,7 @@ def _open_state(policy: Policy, policy_path: Path) -> tuple[int, int]:
             policy.queue.directory.parent,
         )
     log.info(
-        "spool %s: %d messages queued, those on hold among them (relay queue list)",
+        "spool %s: %d messages queued, any on hold included (relay queue list)",
         policy.queue.directory,
         recovered - len(settled.finished) - len(settled.unrecorded),
     )

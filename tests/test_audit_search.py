@@ -720,7 +720,8 @@ def test_show_of_a_notice_says_which_message_it_is_about(tmp_path: Path, ident: 
     ]
     original = timeline(show(tmp_path, ACME_QUOTE[0])).splitlines()  # told as before
     assert original[0] == f"Message {ACME_QUOTE[1]}, queue ID {ACME_QUOTE[0]}"
-    assert f"failure notice to eva@acme.example queued as {NOTICE[0]}" in original[-6]
+    told = original[: original.index("Recipients:")]
+    assert any(f"failure notice to eva@acme.example queued as {NOTICE[0]}" in t for t in told)
 
 
 def test_the_report_counts_the_recipients_deleted_from_the_queue(tmp_path: Path) -> None:
@@ -972,3 +973,27 @@ def test_a_note_about_a_provider_policy_names_the_near_miss_not_every_tenant(
         "the policy has no tenant 'customer0071' (did you mean 'customer071'?);"
         " searching the log as given"
     ]
+
+
+def test_show_ends_each_deleted_recipient_with_its_deletion(tmp_path: Path) -> None:
+    """The recipients' last lines were their deferrals, with a next attempt, as if
+    the message still waited: the deletion was only in the timeline above."""
+    clock = Clock()
+    ids = ("Q0000000000000D1", "<d-1@erp.acme.example>")
+    with AuditLog(tmp_path, clock=clock) as log:
+        log.append(received(ids, "acme", "jan", "invoice", ["ap@customer.example"]))
+        log.append(
+            events.deferred(
+                queue_id=ids[0], message_id=ids[1], recipient="ap@customer.example",
+                reply="451 4.4.1 down", next_attempt="2024-05-06T10:00:00.000Z",
+            )
+        )  # fmt: skip
+        clock.advance(hours=1)
+        log.append(
+            events.deleted(
+                queue_id=ids[0], message_id=ids[1], by="root", recipients=["ap@customer.example"]
+            )
+        )
+    story = timeline(show(tmp_path, ids[0]))
+    recipient = story.split("  ap@customer.example\n", 1)[1].splitlines()
+    assert recipient[-1] == "    2024-05-06T10:00:00.000Z  deleted    by root"

@@ -214,7 +214,7 @@ def test_a_hard_bounce_the_list_refused_is_added_once_it_can_be_written(
         wait_for(lambda: "can be written again" in relay.log())
         log = relay.log()
     assert f"{first}: <gone@example.org> is kept in memory until the suppression list" in log
-    assert f"{first}: <gone@example.org> is on the suppression list now" in log
+    assert f"{first}: <gone@example.org> is on the suppression list now, for every tenant" in log
     entry = _listed(policy)["gone@example.org"]
     assert (entry.reason, entry.queue_id) == ("bounce", first)
 
@@ -283,6 +283,10 @@ def test_a_hard_bounce_from_a_tenants_own_upstream_lists_for_that_tenant_only(
             with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
                 client.sendmail("hank@globex.example", ["gone@example.org"], SMALL)
             wait_for(lambda: "is on the suppression list now" in relay.log())
+            assert (
+                "<gone@example.org> is on the suppression list now, for tenant globex (550 5.1.1"
+                in relay.log()
+            )
             send(port, rcpts=("gone@example.org",))  # acme's, through the shared one
             wait_for(lambda: len(shared.sink.messages) >= 1)
     listed = _listed(policy)

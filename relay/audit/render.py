@@ -229,8 +229,12 @@ def _story(records: Sequence[dict[str, Any]], link: dict[str, Any] | None = None
                 f" queued as {_safe(r.get('notice_queue_id'))}"
             )
         elif event == "deleted":
-            gone = " ".join(r.get("recipients") or [])
-            lines.append(f"{when}  deleted by {_safe(r.get('by'))}: {_safe(gone)}")
+            gone = r.get("recipients") or []
+            lines.append(f"{when}  deleted by {_safe(r.get('by'))}: {_safe(' '.join(gone))}")
+            for address in gone:  # its last word, or a deferral reads as still waiting
+                per_recipient.setdefault(_safe(address), []).append(
+                    f"    {when}  {'deleted':<10} by {_safe(r.get('by'))}"
+                )
         elif event in ("held", "released"):
             lines.append(f"{when}  {event} by {_safe(r.get('by'))}")
         elif event == "rejected":
