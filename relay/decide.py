@@ -250,11 +250,11 @@ def _written_as(view: MessageView, name: str, address: str) -> bool:
     found = view.mailboxes("From")
     if len(found) != 1 or found[0][0] != name or found[0][1].lower() != address.lower():
         return False
-    # one mailbox and nothing after it: a reader takes the first <...> and
-    # leaves the rest, where another address, a group's end or nothing at all
-    # (an unclosed <) is kept from the signed message only by writing it again
-    written = (view.get("From") or "").strip()
-    return written.count("<") == written.count(">") == 1 and written.endswith(">")
+    # written as ``name <address>`` and nothing else: the reader above is lenient
+    # (it takes the first <...>, skips a route, a comment, a group's start),
+    # and what it leaves out a receiver may read as another address
+    written = " ".join((view.get("From") or "").split()).lower()
+    return written in {f"{form} <{address}>".lower() for form in (name, f'"{name}"')}
 
 
 def _writable(name: str) -> str:
