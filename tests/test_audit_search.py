@@ -997,3 +997,16 @@ def test_show_ends_each_deleted_recipient_with_its_deletion(tmp_path: Path) -> N
     story = timeline(show(tmp_path, ids[0]))
     recipient = story.split("  ap@customer.example\n", 1)[1].splitlines()
     assert recipient[-1] == "    2024-05-06T10:00:00.000Z  deleted    by root"
+
+
+def test_a_user_id_several_tenants_have_is_noted(policy_file: Path) -> None:
+    """``--user jan`` found every tenant's jan together: tenants name their
+    users alike, and nothing said the results mixed two companies."""
+    policy = load(policy_file)
+    acme = policy.tenants["acme"]
+    beta = dataclasses.replace(acme, id="beta")
+    both = dataclasses.replace(policy, tenants={**policy.tenants, "beta": beta})
+    assert known.check(both, None, "jan", None).notes == [
+        "user 'jan' is in 2 tenants (acme, beta); --tenant picks one: searching the log as given"
+    ]
+    assert known.check(both, "beta", "jan", None).notes == []

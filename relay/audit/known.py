@@ -59,7 +59,12 @@ LISTED = 10  # names listed in a note at most: a provider's policy has hundreds 
 def _choices(what: str, word: str, names: Collection[str]) -> str:
     if len(names) > LISTED:
         return hint(word, names)
-    return f" (its {what}: {', '.join(sorted(names))})"
+    return f" (its {what}: {_listed(sorted(names))})"
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(names[:LISTED])
+    return shown if len(names) <= LISTED else f"{shown}, ..."
 
 
 def _user(policy: Policy, found: Filters, user: str) -> None:
@@ -67,6 +72,12 @@ def _user(policy: Policy, found: Filters, user: str) -> None:
     scope = [tenant] if tenant is not None else list(policy.tenants.values())
     ids = {u for t in scope for u in t.users}
     if user in ids:
+        having = sorted(t.id for t in scope if user in t.users)
+        if len(having) > 1:  # tenants name their users alike: each one's is found
+            found.notes.append(
+                f"user {user!r} is in {len(having)} tenants ({_listed(having)});"
+                f" --tenant picks one: {AS_GIVEN}"
+            )
         return
     ref = policy.addresses.get(user.lower()) if "@" in user else None
     if ref is not None:
