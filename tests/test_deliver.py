@@ -562,6 +562,46 @@ async def test_no_answer_in_time_is_451_4_4_1() -> None:
     assert "no answer within 0.5s (connecting)" in failed.value.text
 
 
+def _dropping() -> tuple[socket.socket, socket.socket]:
+    """A listener that answers no new connection, and the connection that fills
+    its queue: one to it hangs, as one to a host that drops packets does."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.3", 0))
+    hole.listen(0)
+    return hole, socket.create_connection(hole.getsockname(), timeout=5)
+
+
+async def test_an_address_that_drops_connections_gives_way_to_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The smarthost's name had two addresses, the first down: the whole timeout
+    went on it, the second was never tried, and every message expired. The
+    system resolver here has no name with two addresses, so the loop's
+    lookup gives them; the connections are real."""
+    hole, filling = _dropping()
+    with hole, filling, Sink() as sink:
+        loop = asyncio.get_running_loop()
+        stream = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "")
+        dead, alive = (*stream, hole.getsockname()), (*stream, ("127.0.0.1", sink.port))
+        resolved = {2525: [dead, alive], 2526: [dead, dead]}  # 2526: both down
+
+        async def lookup(host: str, port: int, **_: object) -> list:
+            assert host == "smarthost.example"
+            return resolved[port]
+
+        monkeypatch.setattr(loop, "getaddrinfo", lookup)
+        target = upstream(2525, host="smarthost.example", timeout=1.0)
+        await asyncio.wait_for(deliver(target, "b@p.example", RCPTS, MESSAGE), 10)
+        with pytest.raises(UpstreamError) as failed:
+            down = upstream(2526, host="smarthost.example", timeout=1.0)
+            await asyncio.wait_for(deliver(down, "b@p.example", RCPTS, MESSAGE), 10)
+    assert len(sink.handler.messages) == 1
+    assert failed.value.text == (
+        "Upstream smarthost (smarthost.example:2526): 127.0.0.3: no answer within 1s;"
+        " 127.0.0.3: no answer within 1s (connecting)"
+    )
+
+
 async def test_the_end_of_the_message_may_take_longer_than_a_command(pipelining: bool) -> None:
     """A server that scans a message before it answers the final dot (RFC 5321
     4.5.3.2.6 gives it ten minutes) is waited for: given up on at the command

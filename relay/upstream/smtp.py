@@ -111,9 +111,13 @@ async def connect(upstream: SmtpUpstream, secret: str | None) -> aiosmtplib.SMTP
     ca_file = upstream.ca_file
     pinned = None if ca_file is None else await asyncio.to_thread(_pinned, upstream, ca_file)
     stage = "connecting"
+    try:
+        sock = await _socket(upstream)
+    except OSError as exc:
+        raise Unreachable.of(_mapped(upstream, stage, exc)) from exc
     client = aiosmtplib.SMTP(
-        hostname=upstream.host,
-        port=upstream.port,
+        hostname=upstream.host,  # the name TLS checks the certificate for
+        sock=sock,
         timeout=upstream.timeout,
         use_tls=upstream.tls is TlsMode.IMPLICIT,
         start_tls=_START_TLS[upstream.tls],
@@ -134,6 +138,37 @@ async def connect(upstream: SmtpUpstream, secret: str | None) -> aiosmtplib.SMTP
         if not opened:
             client.close()
     return client
+
+
+async def _socket(upstream: SmtpUpstream) -> socket.socket:
+    """Connected to the first of the host's addresses that takes the connection,
+    each given the upstream's ``timeout``, as Postfix tries them: aiosmtplib's one
+    timeout covered them all, and a first address that drops packets used it
+    up, the next never tried, and every message expired."""
+    loop = asyncio.get_running_loop()
+    found = await loop.getaddrinfo(
+        upstream.host, upstream.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    failures: list[str] = []
+    for family, kind, proto, _, address in found:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(sock, address), upstream.timeout)
+        except TimeoutError:
+            sock.close()
+            failures.append(f"no answer within {upstream.timeout:g}s")
+        except OSError as exc:
+            sock.close()
+            failures.append(_reason(exc))
+        except BaseException:
+            sock.close()
+            raise
+        else:
+            return sock
+        if len(found) > 1:
+            failures[-1] = f"{address[0]}: {failures[-1]}"
+    raise OSError("; ".join(failures) or "no address")
 
 
 def _refuse_plain_login(upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> None:
