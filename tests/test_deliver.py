@@ -562,6 +562,18 @@ async def test_no_answer_in_time_is_451_4_4_1() -> None:
     assert "no answer within 0.5s (connecting)" in failed.value.text
 
 
+async def test_an_ehlo_name_aiosmtplib_refuses_is_deferred_not_a_refused_address() -> None:
+    """A non-ASCII helo_name (which relay check now refuses) made every delivery
+    bounce as "550 5.1.3 Address refused", and its failure notice too: the
+    relay's own setting, nothing wrong with the message."""
+    with Sink() as sink:
+        target = upstream(sink.port, helo_name="rélay.example")
+        with pytest.raises(UpstreamError) as failed:
+            await asyncio.wait_for(deliver(target, "b@p.example", RCPTS, MESSAGE), 10)
+    assert (failed.value.code, failed.value.status) == (451, "4.3.5")
+    assert "the relay's settings refused" in failed.value.text
+
+
 def _dropping() -> tuple[socket.socket, socket.socket]:
     """A listener that answers no new connection, and the connection that fills
     its queue: one to it hangs, as one to a host that drops packets does."""

@@ -446,6 +446,7 @@ def test_a_missing_tls_certificate_is_a_problem(tmp_path: Path) -> None:
         ("helo_name: relay host", "helo_name: 'relay host' is not a host name"),
         ("helo_name: '[192.0.2.300]'", "helo_name: '[192.0.2.300]' is not a host name"),
         ("helo_name: '[IPv6:192.0.2.1]'", "helo_name: '[IPv6:192.0.2.1]' is not a host name"),
+        ("helo_name: rélay.example", "helo_name: 'rélay.example' is not ASCII: write it as"),
         ("data_timeout: 0", "data_timeout: expected a positive number of seconds"),
         ("data_timeout: 10:00", "data_timeout: YAML 1.1 reads 10:00 as 600 (base 60); write 600"),
     ],
@@ -1923,3 +1924,20 @@ def test_a_linked_directory_then_dot_dot_reads_the_files_where_the_system_finds_
     shutil.copytree(policy_file.parent / "keys", tmp_path / "releases" / "keys")
     policy = load(tmp_path / "current" / ".." / "relay.yaml")
     assert policy.digest == load(tmp_path / "releases" / "relay.yaml").digest
+
+
+@pytest.mark.parametrize("helo_name", ["localhost", "erp01", "relay.example"])
+def test_check_warns_of_a_helo_name_smarthosts_refuse(tmp_path: Path, helo_name: str) -> None:
+    """The default name was warned of, a bare one given in the policy not."""
+    smtp = f"    type: smtp\n    host: smtp.example\n    helo_name: {helo_name}\n"
+    path = variant(tmp_path, "    type: directory\n    path: outbox\n", smtp)
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0
+    line = path.read_text().splitlines().index(f"    helo_name: {helo_name}") + 1
+    assert err.getvalue() == (
+        f"{path}:{line}:16: warning: upstreams.outbox.helo_name: {helo_name!r} is not a fully"
+        " qualified domain name, which upstream servers may refuse in EHLO: give this host's"
+        " name in DNS\n"
+        if "." not in helo_name
+        else ""
+    )

@@ -153,6 +153,17 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
         return None
     if not m.has("helo_name") and not _loopback(v.host):
         _warn_unless_qualified(ctx, m)
+    elif (
+        v.helo_name
+        and not _loopback(v.host)
+        and not v.helo_name.startswith("[")
+        and not helo.qualified(v.helo_name)
+    ):
+        message = (
+            f"{v.helo_name!r} is not a fully qualified domain name, which upstream servers"
+            " may refuse in EHLO: give this host's name in DNS"
+        )
+        ctx.problems.warn(m.get("helo_name"), m.sub("helo_name"), message)
     if v.tls is TlsMode.NONE and v.username is not None and not _loopback(v.host):
         _warn_about_plain_login(ctx, m)
     if v.password_env is not None:

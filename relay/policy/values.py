@@ -101,6 +101,9 @@ def helo_name(ctx: Ctx, node: Node, path: str) -> str | None:
                 return value
         except ValueError:
             pass
+    elif _is_domain(value) and not value.isascii():  # EHLO takes A-labels only
+        ctx.problem(node, path, f"{value!r} is not ASCII: write it as {_a_labels(value)!r}")
+        return None
     elif _is_domain(value):
         return value.lower()
     expected = "a host name like relay.example.com, or an address literal like [192.0.2.1]"

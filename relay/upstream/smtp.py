@@ -111,9 +111,11 @@ async def connect(upstream: SmtpUpstream, secret: str | None) -> aiosmtplib.SMTP
     ca_file = upstream.ca_file
     pinned = None if ca_file is None else await asyncio.to_thread(_pinned, upstream, ca_file)
     stage = "connecting"
+    local = upstream.helo_name or await asyncio.to_thread(helo.local_hostname)
     try:
+        local.encode("ascii")  # EHLO takes A-labels only, and is sent with the first command
         sock = await _socket(upstream)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise Unreachable.of(_mapped(upstream, stage, exc)) from exc
     client = aiosmtplib.SMTP(
         hostname=upstream.host,  # the name TLS checks the certificate for
@@ -121,7 +123,7 @@ async def connect(upstream: SmtpUpstream, secret: str | None) -> aiosmtplib.SMTP
         timeout=upstream.timeout,
         use_tls=upstream.tls is TlsMode.IMPLICIT,
         start_tls=_START_TLS[upstream.tls],
-        local_hostname=upstream.helo_name or await asyncio.to_thread(helo.local_hostname),
+        local_hostname=local,
         tls_context=pinned,
     )
     opened = False
@@ -209,6 +211,8 @@ def _mapped(upstream: SmtpUpstream, stage: str, exc: Exception) -> UpstreamError
         return _failed(upstream, stage, "connection lost", status)
     if isinstance(exc, aiosmtplib.SMTPException | OSError):
         return _failed(upstream, stage, _reason(exc))
+    if stage != "sending":  # the relay's own settings (an EHLO name): nothing of the message
+        return _failed(upstream, stage, f"the relay's settings refused: {exc}", "4.3.5")
     # ValueError: aiosmtplib refuses an address it cannot send safely
     return UpstreamError(550, "5.1.3", f"Address refused: {exc}")
 
