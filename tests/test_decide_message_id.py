@@ -74,7 +74,7 @@ def test_a_long_message_id_of_unclosed_comments_is_replaced_in_time(policy_file:
     "(": 64 KB of "\\(" held the worker, and every session on it, for 8 s."""
     given = "\r\n ".join(["\\(" * 450] * 72)
     data = msg("From: Jan <jan@acme.example>", "To: c@example.org", f"Message-ID: {given}")
-    started = time.monotonic()
+    started = time.process_time()  # CPU, not the wall: a busy machine is no failure
     ids = message.read(run(policy_file, data).message).get_all("Message-ID")
-    assert time.monotonic() - started < 2
+    assert time.process_time() - started < 2
     assert ids is not None and len(ids) == 1 and ids[0].endswith(">") and "\\(" not in ids[0]

@@ -471,16 +471,16 @@ def test_a_message_with_a_ten_megabyte_attachment_and_no_dsn_is_read_in_time() -
         + _ten_megabytes_base64()
         + b"\n--_000_ooo77_--",
     )
-    started = time.monotonic()
+    started = time.process_time()  # CPU, not the wall: a busy machine is no failure
     assert read(raw) is None
-    assert time.monotonic() - started < 5
+    assert time.process_time() - started < 5
 
 
 def test_a_qmail_bounce_returning_ten_megabytes_inline_names_its_recipient_in_time() -> None:
     raw = _sample("qmail-failure.eml") + b"x" * 70 + b"\n" + _ten_megabytes_base64()
-    started = time.monotonic()
+    started = time.process_time()  # CPU, not the wall: a busy machine is no failure
     assert read(raw) == QMAIL
-    assert time.monotonic() - started < 5
+    assert time.process_time() - started < 5
 
 
 def test_a_message_nested_deeper_than_the_parser_recurses_is_none() -> None:
@@ -623,9 +623,9 @@ def _qmail_naming(count: int) -> bytes:
 
 def _read_timed(raw: bytes, count: int) -> tuple[dict[str, Failure], float]:
     """The report's failures by recipient (there must be ``count``), and the seconds it took."""
-    started = time.monotonic()
+    started = time.process_time()  # CPU, not the wall: a busy machine is no failure
     report = read(raw)
-    elapsed = time.monotonic() - started
+    elapsed = time.process_time() - started
     assert report is not None and len(report.failures) == count
     return {f.recipient.lower(): f for f in report.failures}, elapsed
 
