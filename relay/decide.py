@@ -18,7 +18,7 @@ from relay.classify import Classification
 from relay.errors import HeaderInjection
 from relay.headers import format_address
 from relay.identify import Identity, a_label_address
-from relay.message import MessageView
+from relay.message import MessageView, decode
 from relay.policy.model import (
     DkimKey,
     Policy,
@@ -240,21 +240,25 @@ def _own(identity: Identity, view: MessageView) -> _Mailbox | None:
     return None
 
 
+# ``name <address>`` as written: a quoted name, or words with no specials (an
+# encoded word among them), and nothing after the address
+_PLAIN_MAILBOX = re.compile(r'(?P<name>"[^"\\]*"|[^"<>()\[\]:;@\\,]*?) ?<(?P<address>[^<>\s]+)>')
+
+
 def _written_as(view: MessageView, name: str, address: str) -> bool:
     """Whether the message's one From already says ``name <address>``, however
-    it wrote them (an encoded word, quotes, raw UTF-8): written again, it
-    changed bytes an ERP that signs its own mail had signed, and its
-    signature failed for a From that meant the same."""
-    if len(view.get_all("From")) != 1:
+    it wrote the name (an encoded word, quotes, raw UTF-8): written again, it
+    changed bytes an ERP that signs its own mail had signed, and its signature
+    failed for a From that meant the same. Read as written, before decoding:
+    a lenient reader takes the first <...> and passes over a route, a comment,
+    a group's start or specials inside an encoded word, where a receiver may
+    read another address."""
+    written = [value for field, value in view.written if field.lower() == "from"]
+    found = _PLAIN_MAILBOX.fullmatch(" ".join(written[0].split())) if len(written) == 1 else None
+    if found is None or found["address"].lower() != address.lower():
         return False
-    found = view.mailboxes("From")
-    if len(found) != 1 or found[0][0] != name or found[0][1].lower() != address.lower():
-        return False
-    # written as ``name <address>`` and nothing else: the reader above is lenient
-    # (it takes the first <...>, skips a route, a comment, a group's start),
-    # and what it leaves out a receiver may read as another address
-    written = " ".join((view.get("From") or "").split()).lower()
-    return written in {f"{form} <{address}>".lower() for form in (name, f'"{name}"')}
+    shown = found["name"]
+    return (shown[1:-1] if shown.startswith('"') else decode(shown)) == name
 
 
 def _writable(name: str) -> str:

@@ -148,6 +148,8 @@ def test_a_from_with_another_name_is_written_as_the_policy_has_it(policy_file: P
         "Anna Sales <ceo@evil.example:anna@planfix.example>",
         "Anna Sales <@evil.example:anna@planfix.example>",
         "Anna Sales (CEO) <anna@planfix.example>",
+        "=?utf-8*<ceo@evil.example>,?q??=Anna Sales <anna@planfix.example>",
+        "Anna Sales <anna@planfix.example> =?us-ascii?q??=",
     ],
 )
 def test_a_from_with_more_than_the_users_mailbox_is_written_again(

@@ -614,6 +614,26 @@ async def test_an_address_that_drops_connections_gives_way_to_the_next(
     )
 
 
+async def test_a_name_lookup_is_held_to_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the relay looking the name up itself, a resolver that does not answer
+    held each attempt for its own timeouts (5 s, times tries, times servers)
+    rather than the upstream's. The lookup stands for such a resolver."""
+    loop = asyncio.get_running_loop()
+
+    async def silent(*_: object, **__: object) -> list:
+        await asyncio.sleep(30)
+        return []
+
+    monkeypatch.setattr(loop, "getaddrinfo", silent)
+    target = upstream(2525, host="smarthost.example", timeout=0.5)
+    with pytest.raises(UpstreamError) as failed:
+        await asyncio.wait_for(deliver(target, "b@p.example", RCPTS, MESSAGE), 10)
+    assert failed.value.text == (
+        "Upstream smarthost (smarthost.example:2525): host not found:"
+        " no answer within 0.5s (connecting)"
+    )
+
+
 async def test_the_end_of_the_message_may_take_longer_than_a_command(pipelining: bool) -> None:
     """A server that scans a message before it answers the final dot (RFC 5321
     4.5.3.2.6 gives it ten minutes) is waited for: given up on at the command

@@ -148,9 +148,13 @@ async def _socket(upstream: SmtpUpstream) -> socket.socket:
     timeout covered them all, and a first address that drops packets used it
     up, the next never tried, and every message expired."""
     loop = asyncio.get_running_loop()
-    found = await loop.getaddrinfo(
+    lookup = loop.getaddrinfo(
         upstream.host, upstream.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
     )
+    try:  # the resolver's own timeouts add up to many times the upstream's
+        found = await asyncio.wait_for(lookup, upstream.timeout)
+    except TimeoutError:
+        raise OSError(f"host not found: no answer within {upstream.timeout:g}s") from None
     failures: list[str] = []
     for family, kind, proto, _, address in found:
         sock = socket.socket(family, kind, proto)
