@@ -152,6 +152,12 @@ def test_directory_replaced_by_a_file_raises_audit_error(tmp_path: Path) -> None
         log.append(_failed(2))
 
 
+def _copied(source: Path, target: Path) -> None:
+    """``cp -a``: the files and the directory's mtime with them."""
+    shutil.copytree(source, target)
+    shutil.copystat(source, target)
+
+
 def test_a_directory_restored_from_a_backup_is_written_to(tmp_path: Path) -> None:
     """The writers went on appending to the deleted files, answered 250 and lost
     at the next restart: the restored directory kept the old one's mtime."""
@@ -159,13 +165,11 @@ def test_a_directory_restored_from_a_backup_is_written_to(tmp_path: Path) -> Non
     clock = Clock()
     daemon, tool = AuditLog(directory, clock=clock), AuditLog(directory, clock=clock)
     daemon.append(_failed(1))
-    shutil.copytree(directory, backup)
-    shutil.copystat(directory, backup)
+    _copied(directory, backup)
     shutil.rmtree(directory)
     with pytest.raises(AuditError):
         daemon.append(_failed(2))  # nothing there: refused, not written elsewhere
-    shutil.copytree(backup, directory)
-    shutil.copystat(backup, directory)
+    _copied(backup, directory)
     daemon.append(_failed(3))
     tool.append(_failed(4))
     daemon.append(_failed(5))
@@ -180,8 +184,7 @@ def test_files_restored_with_the_directorys_mtime_are_written_to(tmp_path: Path)
     directory, backup = tmp_path / "audit", tmp_path / "backup"
     log = AuditLog(directory, clock=Clock())
     log.append(_failed(1))
-    shutil.copytree(directory, backup)
-    shutil.copystat(directory, backup)
+    _copied(directory, backup)
     for path in directory.iterdir():
         path.unlink()
     for path in backup.iterdir():
@@ -805,13 +808,11 @@ def test_a_restored_directory_takes_no_seq_another_writer_used_before(
     clock = Clock()
     daemon, other = AuditLog(directory, clock=clock), AuditLog(directory, clock=clock)
     daemon.append(_failed(1))
-    shutil.copytree(directory, backup)
-    shutil.copystat(directory, backup)
+    _copied(directory, backup)
     other.append(_failed(2))
     other.append(_failed(3))
     shutil.rmtree(directory)
-    shutil.copytree(backup, directory)
-    shutil.copystat(backup, directory)
+    _copied(backup, directory)
     daemon.append(_failed(4))
     assert [(r["seq"], r["queue_id"]) for r in read_all(directory)] == [(1, "Q1"), (4, "Q4")]
     assert "records up to seq 3 were written, its files now end at seq 1" in caplog.text
