@@ -242,7 +242,10 @@ def _own(identity: Identity, view: MessageView) -> _Mailbox | None:
 
 # ``name <address>`` as written: a quoted name, or words with no specials (an
 # encoded word among them), and nothing after the address
-_PLAIN_MAILBOX = re.compile(r'(?P<name>"[^"\\]*"|[^"<>()\[\]:;@\\,]*?) ?<(?P<address>[^<>\s]+)>')
+_PLAIN_MAILBOX = re.compile(
+    r'(?P<name>"[^"\\\x00-\x1f\x7f]*"|[^"<>()\[\]:;@\\,\x00-\x1f\x7f]*?) ?<(?P<address>[!-~]+)>'
+)
+_BLANKS = re.compile(r"[ \t]+")  # what a fold leaves: not every character str.split takes
 
 
 def _written_as(view: MessageView, name: str, address: str) -> bool:
@@ -254,7 +257,8 @@ def _written_as(view: MessageView, name: str, address: str) -> bool:
     a group's start or specials inside an encoded word, where a receiver may
     read another address."""
     written = [value for field, value in view.written if field.lower() == "from"]
-    found = _PLAIN_MAILBOX.fullmatch(" ".join(written[0].split())) if len(written) == 1 else None
+    plain = _BLANKS.sub(" ", written[0]).strip(" ") if len(written) == 1 else ""
+    found = _PLAIN_MAILBOX.fullmatch(plain)
     if found is None or found["address"].lower() != address.lower():
         return False
     shown = found["name"]

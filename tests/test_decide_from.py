@@ -150,6 +150,10 @@ def test_a_from_with_another_name_is_written_as_the_policy_has_it(policy_file: P
         "Anna Sales (CEO) <anna@planfix.example>",
         "=?utf-8*<ceo@evil.example>,?q??=Anna Sales <anna@planfix.example>",
         "Anna Sales <anna@planfix.example> =?us-ascii?q??=",
+        "Anna Sales <anna@planfix.example>\u00a0",
+        "Anna Sales <anna@planfix.example>\x1f",
+        "Anna\x1fSales <anna@planfix.example>",
+        "Anna Sales\u3000<anna@planfix.example>",
     ],
 )
 def test_a_from_with_more_than_the_users_mailbox_is_written_again(
