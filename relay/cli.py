@@ -495,8 +495,7 @@ def _tool_state(path: Path) -> StateSettings | None:
     except PolicyError as exc:
         problems = exc.problems
     else:
-        assert policy.suppression is not None  # a loaded policy has one
-        return StateSettings(policy.queue, policy.audit, policy.suppression)
+        return StateSettings.of(policy)
     running = _running_policy_file(path)
     if running is not None:
         try:
@@ -647,22 +646,28 @@ def _recorded(state: StateSettings, spool: Spool, verb: str, targets: list[str])
     return command(spool, targets, sys.stdout, sys.stderr, record=record).code
 
 
+def _policy_and_state(path: Path) -> tuple[Policy | None, StateSettings | None]:
+    """The policy with its state settings; while it does not load, none, and the
+    state settings the tools go by (``_tool_state``, which says why)."""
+    from relay.errors import PolicyError
+    from relay.policy.load import StateSettings, load
+
+    try:
+        policy = load(path)
+    except PolicyError:
+        return None, _tool_state(path)
+    return policy, StateSettings.of(policy)
+
+
 def _audit(args: argparse.Namespace) -> int:
     """A search gets the policy, to say of a tenant, user or type it does not
     name; while the policy does not load, it goes by the state settings."""
     from relay.audit import commands
-    from relay.errors import PolicyError
-    from relay.policy.load import StateSettings, load
 
-    policy = None
     if args.verb == "search":
-        with contextlib.suppress(PolicyError):
-            policy = load(args.config)
-    if policy is not None:
-        assert policy.suppression is not None  # a loaded policy has one
-        state: StateSettings | None = StateSettings(policy.queue, policy.audit, policy.suppression)
+        policy, state = _policy_and_state(args.config)
     else:
-        state = _tool_state(args.config)
+        policy, state = None, _tool_state(args.config)
     if state is None:
         return EX_CONFIG
     directory, out, err = state.audit.directory, sys.stdout, sys.stderr
@@ -699,20 +704,11 @@ def _suppression(args: argparse.Namespace) -> int:
     load, its state settings say where the list is, and any tenant is taken."""
     import logging
 
-    from relay.errors import PolicyError
-    from relay.policy.load import StateSettings, load
     from relay.record import operator
     from relay.suppression import SuppressionFile, tools
 
-    tenants = None
-    try:
-        policy = load(args.config)
-    except PolicyError:
-        state = _tool_state(args.config)  # says why, and goes by the state settings
-    else:
-        assert policy.suppression is not None  # a loaded policy has one
-        state = StateSettings(policy.queue, policy.audit, policy.suppression)
-        tenants = policy.tenants.keys()
+    policy, state = _policy_and_state(args.config)
+    tenants = None if policy is None else policy.tenants.keys()
     if state is None:
         return EX_CONFIG
     # the list's reader logs the lines it skips for the daemon's log; here the

@@ -40,6 +40,10 @@ class _Suspended:
     waiting: set[str] = field(default_factory=set)  # queue IDs planned for later
     tried: set[str] = field(default_factory=set)  # queue IDs whose try found it unusable
 
+    def lets(self, queue_id: str) -> bool:
+        """Whether ``queue_id`` is the message chosen to try, and none tries yet."""
+        return self.chosen == queue_id and self.trying is None
+
 
 class Suspensions:
     def __init__(self) -> None:
@@ -69,8 +73,7 @@ class Suspensions:
         suspended = self._suspended.get(upstream)
         if suspended is None:
             return None
-        chosen = suspended.chosen == queue_id and suspended.trying is None
-        later = None if chosen else self._later(suspended, now)
+        later = None if suspended.lets(queue_id) else self._later(suspended, now)
         if later is not None:
             suspended.waiting.add(queue_id)
             self._waiting_for[queue_id] = upstream
@@ -96,7 +99,7 @@ class Suspensions:
         suspended = None if upstream is None else self._suspended.get(upstream)
         if suspended is None:
             return None
-        if suspended.chosen == queue_id and suspended.trying is None:
+        if suspended.lets(queue_id):
             return None
         later = self._later(suspended, now)
         if later is None:

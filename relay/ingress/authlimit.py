@@ -1,4 +1,4 @@
-"""Failed logins slowed down, then refused per login and client address, across workers.
+"""Failed logins slowed down, then refused per login and address, across workers.
 
 A wrong password costs its scrypt (~50 ms of CPU, in a thread) by design,
 so a client guessing passwords as fast as it can would keep every core busy
@@ -11,8 +11,8 @@ until the oldest of them is that old (a connection itself is closed after
 ten AUTH commands, ``listen``). The lock of one login leaves the others be:
 one company's ERP retrying a stale password locked every company behind the
 same address (a hosted ERP server, a shared NAT) out of its mail, while a
-guesser at several names still meets the address's. Checks of one address run at most as many
-at once as it has tries left, in all workers together, the others waiting
+guesser at several names still meets the address's. Checks of one address
+run at most as many at once as it has tries left, in all workers together, the others waiting
 for their turn: a failure is known only once its scrypt is over, and a
 burst of guesses on as many connections at once all got checked. A login
 that succeeds forgets its address's failures at that login name, not the

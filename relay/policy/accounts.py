@@ -34,7 +34,7 @@ from relay.policy.model import (
     UserRef,
 )
 from relay.policy.schema import Ctx, Map, hint, items, text
-from relay.policy.sections import display_name_template
+from relay.policy.sections import display_name_template, host_port
 from relay.upstream import helo
 
 _NO_PASSWORD = "do not put passwords in the policy; "
@@ -151,19 +151,8 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
         ok = False
     if not ok:
         return None
-    if not m.has("helo_name") and not _loopback(v.host):
-        _warn_unless_qualified(ctx, m)
-    elif (
-        v.helo_name
-        and not _loopback(v.host)
-        and not v.helo_name.startswith("[")
-        and not helo.qualified(v.helo_name)
-    ):
-        message = (
-            f"{v.helo_name!r} is not a fully qualified domain name, which upstream servers"
-            " may refuse in EHLO: give this host's name in DNS"
-        )
-        ctx.problems.warn(m.get("helo_name"), m.sub("helo_name"), message)
+    if not _loopback(v.host):
+        _warn_unless_qualified(ctx, m, v.helo_name)
     if v.tls is TlsMode.NONE and v.username is not None and not _loopback(v.host):
         _warn_about_plain_login(ctx, m)
     if v.password_env is not None:
@@ -201,10 +190,18 @@ def _loopback(host: str) -> bool:
         return host.lower() in helo.LOOPBACK_NAMES
 
 
-def _warn_unless_qualified(ctx: Ctx, m: Map) -> None:
-    """EHLO then gives this host's name, which upstreams refuse unless it is
-    qualified (``localhost``, a bare ``erp01``): not a mistake in the file, but
-    delivery from this host would fail."""
+def _warn_unless_qualified(ctx: Ctx, m: Map, given: str | None) -> None:
+    """EHLO gives ``helo_name``, else this host's name, which upstreams refuse
+    unless it is qualified (``localhost``, a bare ``erp01``): unset, not a
+    mistake in the file, but delivery from this host would fail."""
+    if given is not None:
+        if not given.startswith("[") and not helo.qualified(given):
+            message = (
+                f"{given!r} is not a fully qualified domain name, which upstream servers"
+                " may refuse in EHLO: give this host's name in DNS"
+            )
+            ctx.problems.warn(m.get("helo_name"), m.sub("helo_name"), message)
+        return
     name = helo.local_hostname()
     if not helo.qualified(name):
         message = (
@@ -254,15 +251,11 @@ def _warn_of_a_loop(ctx: Ctx, m: Map, host: str, port: int) -> None:
     path, address = own
     key = "port" if m.has("port") else "host"
     message = (
-        f"{_on(host, port)} is this relay's own listener {path} ({_on(address, port)}):"
+        f"{host_port(host, port)} is this relay's own listener {path} ({host_port(address, port)}):"
         " mail sent to this upstream comes back into the relay, which sends it here again,"
         " a loop; set host and port to the server that mail is to leave by"
     )
     ctx.problems.warn(m.get(key), m.sub(key), message)
-
-
-def _on(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _warn_if_unset(ctx: Ctx, m: Map, name: str) -> None:

@@ -87,6 +87,11 @@ class StateSettings:
     audit: AuditSettings
     suppression: SuppressionSettings
 
+    @classmethod
+    def of(cls, policy: Policy) -> StateSettings:
+        assert policy.suppression is not None  # a loaded policy has one
+        return cls(policy.queue, policy.audit, policy.suppression)
+
 
 def load_state(path: Path, data: bytes | None = None) -> StateSettings:
     """Only the policy's state settings; raises PolicyError listing their problems.

@@ -313,20 +313,22 @@ def _clash(mine: _Socket, other: _Socket) -> str | None:
     if mine.port != other.port:
         return None
     pairs = [(a, b) for a in mine.ips for b in other.ips if a.version == b.version]
-    here = _on(mine.address, mine.port)
+    here = host_port(mine.address, mine.port)
     for a, b in pairs:
         if a == b:
-            same = "" if mine.address == other.address else f" (both are {_on(str(a), mine.port)})"
+            both = host_port(str(a), mine.port)
+            same = "" if mine.address == other.address else f" (both are {both})"
             return f"{here} is also {other.path}{same}"
     for a, b in pairs:
         wildcard = a if a.is_unspecified else b if b.is_unspecified else None
         if wildcard is not None:
             every = f"{wildcard} takes port {mine.port} on every IPv{wildcard.version} address"
-            return f"{here} overlaps {_on(other.address, other.port)} of {other.path}: {every}"
+            there = host_port(other.address, other.port)
+            return f"{here} overlaps {there} of {other.path}: {every}"
     return None
 
 
-def _on(host: str, port: int) -> str:
+def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -409,7 +411,7 @@ def _note_open(
         listed = ", ".join(str(net) for net in allow if net.version == covering[0])
         who, where = f"together, {listed}", (node, m.sub("allow"))
     message = (
-        f"{who} lets every address reach {_on(address, port)}, which takes mail"
+        f"{who} lets every address reach {host_port(address, port)}, which takes mail"
         " without a login: anyone who can reach the port can send mail signed as the"
         " policy's users; set auth: required, or allow only the ERP's networks"
     )
@@ -817,7 +819,7 @@ def metrics(ctx: Ctx, root: Map) -> MetricsSettings | None:
 def _metrics_exposed(address: str, port: int) -> str:
     """A warning, not an error: a monitoring host may have to reach it, behind a firewall."""
     return (
-        f"{_on(address, port)} is not loopback: /metrics, /healthz and /readyz take no login,"
+        f"{host_port(address, port)} is not loopback: /metrics, /healthz and /readyz take no login,"
         " and /metrics names the tenants and the queue sizes; keep it on loopback, or"
         " firewall the port"
     )
