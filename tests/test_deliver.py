@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import socket
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -919,3 +920,18 @@ async def test_upstream_demanding_auth_we_do_not_do_is_temporary() -> None:
 )
 def test_reply_split(code: int, message: str, status: str, text: str) -> None:
     assert replies.split(code, message) == (status, text)
+
+
+async def test_a_tls_handshake_the_upstream_closes_says_so(certs: Certs) -> None:
+    """An upstream taking only a cipher the relay does not offer closes the
+    handshake after its 220 to STARTTLS: that was logged as "connection lost",
+    which sent the sysadmin looking at the network."""
+    old = server_context(certs)
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    old.set_ciphers("AES128-SHA:@SECLEVEL=0")
+    with Sink(tls_context=old) as sink, pytest.raises(UpstreamError) as failed:
+        await deliver(upstream(sink.port, TlsMode.STARTTLS), "b@p.example", RCPTS, MESSAGE)
+    assert (failed.value.code, failed.value.status) == (451, "4.4.1")
+    assert "TLS handshake after STARTTLS failed: the upstream closed" in failed.value.text
+    assert "connection lost" not in failed.value.text
+    assert sink.handler.messages == []

@@ -641,6 +641,24 @@ def test_a_tls_key_that_is_not_the_certificates_is_a_problem(tmp_path: Path) -> 
     ]
 
 
+def test_a_chain_with_the_servers_certificate_not_first_names_the_order(tmp_path: Path) -> None:
+    """The intermediate first, then the server's certificate, with the right key:
+    OpenSSL matches the key with the first only, and check said the key was not
+    the certificate's."""
+    certs = make_certs(tmp_path / "chain")
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(certs.ca.read_bytes() + certs.cert.read_bytes())
+    path = variant(
+        tmp_path,
+        "    port: 2525\n",
+        f"    port: 2525\n    tls: {{cert: {chain}, key: {certs.key}}}\n",
+    )
+    assert problems(path) == [
+        f"{path}:10:17: listeners[0].tls.cert: {chain} has the certificate of {certs.key}"
+        " in place 2, not first: write the server's certificate first, then the intermediates"
+    ]
+
+
 def test_a_tls_key_with_a_passphrase_is_a_problem_not_a_prompt(tmp_path: Path) -> None:
     """OpenSSL prompted on the terminal for it, blocking check, serve and a
     reload; without a terminal it said ``cannot use CERT with KEY: Invalid argument``."""

@@ -82,14 +82,25 @@ def _not_its_key(pair: TlsFiles, error: ssl.SSLError) -> UnusablePair | None:
         return None
     kinds = ""
     try:
-        cert = x509.load_pem_x509_certificates(pair.cert_pem)[0].public_key()
+        first, *later = (c.public_key() for c in x509.load_pem_x509_certificates(pair.cert_pem))
         key = serialization.load_pem_private_key(pair.key_pem, None).public_key()
-        if _kind(key) != _kind(cert):
-            kinds = f" (an {_kind(key)} key; the certificate's is {_kind(cert)})"
+        if key in later:
+            return UnusablePair("cert", _out_of_order(pair, 2 + later.index(key)))
+        if _kind(key) != _kind(first):
+            kinds = f" (an {_kind(key)} key; the certificate's is {_kind(first)})"
     except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion):
         pass
     said = f"{pair.key} is not the key of the certificate in {pair.cert}{kinds}"
     return UnusablePair("key", said)
+
+
+def _out_of_order(pair: TlsFiles, place: int) -> str:
+    """The key is right, the chain's order is not: saying the key is wrong sent
+    the sysadmin looking for another one."""
+    return (
+        f"{pair.cert} has the certificate of {pair.key} in place {place}, not first:"
+        " write the server's certificate first, then the intermediates"
+    )
 
 
 def _kind(public_key: object) -> str:

@@ -209,8 +209,10 @@ def _mapped(upstream: SmtpUpstream, stage: str, exc: Exception) -> UpstreamError
     if isinstance(exc, DataTimeout | DataLost):
         return _failed(upstream, stage, str(exc), "4.4.2")
     if isinstance(exc, aiosmtplib.SMTPTimeoutError):
-        return _failed(upstream, stage, f"no answer within {upstream.timeout:g}s")
+        return _failed(upstream, stage, f"{_handshake(exc)}no answer within {upstream.timeout:g}s")
     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        if _handshake(exc):
+            return _failed(upstream, stage, _HANDSHAKE_CLOSED)
         status = "4.4.1" if stage == "connecting" else "4.4.2"
         return _failed(upstream, stage, "connection lost", status)
     if isinstance(exc, aiosmtplib.SMTPException | OSError):
@@ -265,6 +267,19 @@ def _failed(
     upstream: SmtpUpstream, stage: str, reason: str, status: str = "4.4.1"
 ) -> UpstreamError:
     return UpstreamError(451, status, f"Upstream {_where(upstream)}: {reason} ({stage})")
+
+
+def _handshake(exc: Exception) -> str:
+    """aiosmtplib's words for the TLS handshake after STARTTLS, which without them
+    read as a dropped connection: a server that takes no TLS version or cipher the
+    relay offers closes it there."""
+    return "TLS handshake after STARTTLS: " if "upgrading transport" in str(exc) else ""
+
+
+_HANDSHAKE_CLOSED = (
+    "TLS handshake after STARTTLS failed: the upstream closed the connection"
+    " (does it take TLS 1.2 or later, with a current cipher?)"
+)
 
 
 def _where(upstream: SmtpUpstream) -> str:
