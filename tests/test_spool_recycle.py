@@ -3,6 +3,7 @@ never read as anything but the new entry, and kept for a bounded time only."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import time
@@ -372,3 +373,88 @@ def test_a_sync_while_another_is_running_does_its_own(
     first.join(10)
     second.join(10)
     assert not spool.removals_pending
+
+
+def delivered(spool: Spool) -> None:
+    """An entry delivered and its file kept for the next."""
+    entry = make_entry(size=len(SHORT))
+    spool.put(entry, SHORT)
+    spool.remove_many([entry.queue_id], recycle=True)
+
+
+def _freed_by_another_worker(spool: Spool) -> Path:
+    other = Spool(spool.directory)
+    entry = make_entry(size=len(SHORT))
+    other.put(entry, SHORT)
+    other.remove_many([entry.queue_id], recycle=True)
+    return spool.directory / "msg" / f".free.{entry.queue_id}"
+
+
+def test_a_free_file_a_worker_holds_is_not_swept_however_old_it_looks(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clock stepped forward makes every free file look orphaned: the sweep
+    removed the one a live worker was writing an entry into, whose rename
+    then failed and refused the message."""
+    free = _freed_by_another_worker(spool)
+    now = time.time()
+    monkeypatch.setattr(store_module.time, "time", lambda: now + 2 * store_module.RECYCLE_TTL + 1)
+    fd = os.open(free, os.O_WRONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as that worker's reuse holds it
+        assert spool.trim_recycled() == 0
+        Spool(spool.directory).recover()  # a worker started in a dead one's place
+        assert free.exists()
+    finally:
+        os.close(fd)
+    assert spool.trim_recycled() == 1
+    assert names(spool) == []
+
+
+def test_a_reused_file_is_locked_until_it_has_its_entrys_name(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    delivered(spool)
+    seen: list[bool] = []
+    replace = os.replace
+
+    def watched(source: str, target: str) -> None:
+        if Path(source).name.startswith(".free."):
+            probe = os.open(source, os.O_RDONLY)
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append(False)
+            except BlockingIOError:
+                seen.append(True)
+            finally:
+                os.close(probe)
+        replace(source, target)
+
+    monkeypatch.setattr(store_module.os, "replace", watched)
+    entry = make_entry(size=len(SHORT))
+    spool.put(entry, SHORT)
+    assert seen == [True]
+    assert spool.read_message(entry.queue_id) == SHORT
+
+
+def test_a_free_file_swept_between_its_open_and_its_lock_is_not_written(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker's sweep may land between this one's open and its lock:
+    the entry then went into a file with no name, and its rename failed."""
+    delivered(spool)
+    flock = fcntl.flock
+    swept: list[str] = []
+
+    def sweep_first(fd: int, operation: int) -> None:
+        if not swept:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+            os.unlink(name)
+            swept.append(name)
+        flock(fd, operation)
+
+    monkeypatch.setattr(store_module.fcntl, "flock", sweep_first)
+    entry = make_entry(size=len(SHORT))
+    spool.put(entry, SHORT)
+    assert swept and Path(swept[0]).name.startswith(".free.")
+    assert spool.read_message(entry.queue_id) == SHORT

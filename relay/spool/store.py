@@ -460,7 +460,9 @@ class Spool:
             try:
                 fd = os.open(name, os.O_WRONLY | os.O_CLOEXEC | statefiles.NOFOLLOW)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd, name
+                if os.stat(name).st_ino == os.fstat(fd).st_ino:
+                    return fd, name
+                # swept as an orphan between the open and the lock: the name is gone
             except BlockingIOError:
                 self._free.append((name, freed))
             except OSError:
@@ -498,8 +500,7 @@ class Spool:
             path = self._msg / name
             with contextlib.suppress(FileNotFoundError):
                 if name.startswith(_FREE_PREFIX) and path.stat().st_ctime < orphaned:
-                    _unlink_quietly(path)
-                    trimmed += 1
+                    trimmed += _unlink_unlocked(path)
         return trimmed
 
     def ids(self) -> list[str]:
@@ -560,9 +561,12 @@ class Spool:
                 info = path.stat()
                 # a free file's mtime is its message's; the rename that freed it set ctime
                 freed = path.name.startswith(_FREE_PREFIX)
-                if (info.st_ctime if freed else info.st_mtime) < cutoff:
-                    log.info("spool recovery removed %s", path)
-                    _unlink_quietly(path)
+                if (info.st_ctime if freed else info.st_mtime) >= cutoff:
+                    continue
+                if freed and not _unlink_unlocked(path):
+                    continue  # a live worker's, whatever the clock says
+                log.info("spool recovery removed %s", path)
+                _unlink_quietly(path)
         with contextlib.suppress(OSError):
             (self.directory / "lock").rmdir()  # lock files of an earlier layout, emptied above
         return len(complete)
@@ -667,9 +671,13 @@ class Spool:
             if reused is not None:
                 os.ftruncate(fd, size)  # the old entry may have been longer
             _fsync_file(fd)
-            os.close(fd)
-            fd = None
-            os.replace(tmp, name)
+            if reused is None:
+                os.close(fd)
+                fd = None
+            os.replace(tmp, name)  # a reused file's lock held through it: not swept
+            if fd is not None:
+                os.close(fd)
+                fd = None
         except BaseException as exc:
             if fd is not None:
                 os.close(fd)
@@ -766,6 +774,25 @@ def _translated(path: Path, queue_id: str | None = None) -> Iterator[None]:
         raise NoSuchEntry(queue_id, "no such queue entry") from exc
     except OSError as exc:
         raise SpoolError.from_os(exc, path) from exc
+
+
+def _unlink_unlocked(path: Path) -> int:
+    """Remove a free file nobody holds (1), under its lock; 0 when a process holds
+    it. Its age is its ctime against this process's clock, which a clock stepped
+    forward (or a file server's behind) makes look old: a live worker reusing it
+    then found it gone at its rename, and refused the message."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | statefiles.NOFOLLOW)
+    except OSError:
+        return 0
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path.unlink()
+    except OSError:  # held (BlockingIOError), or already renamed by its worker
+        return 0
+    finally:
+        os.close(fd)
+    return 1
 
 
 def _unlink_quietly(path: Path) -> None:
