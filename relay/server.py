@@ -104,6 +104,7 @@ def run(policy_path: Path) -> int:
     from relay.ingress import bind
 
     oplog.configure()
+    _warn_if_root()
     policy_path = Path(policy_path)
     policy = _load(policy_path)
     if policy is None:
@@ -133,6 +134,20 @@ def run(policy_path: Path) -> int:
         return _serve_locked(policy_path, policy, sockets, metrics)
     finally:
         os.close(lock)
+
+
+def _warn_if_root() -> None:
+    """The relay keeps root's privileges once its ports are bound: every
+    worker, parsing what clients send (SMTP, MIME, AUTH), would be root. Said
+    at the start, as nothing else tells a relay started by hand from the unit's."""
+    if os.geteuid() != 0:
+        return
+    log.warning(
+        "running as root: the supervisor and every worker, which parse SMTP, MIME and AUTH"
+        " from the network, keep root's privileges; run it as the service user, as"
+        " systemd/erp-relay.service does (User=erp-relay, ports below 1024 with"
+        " AmbientCapabilities=CAP_NET_BIND_SERVICE)"
+    )
 
 
 def _not_bound(policy: Policy, why: str) -> int:

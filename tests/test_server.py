@@ -697,6 +697,16 @@ def test_port_in_use_does_not_start(policy: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "state").exists()
 
 
+def test_a_relay_started_as_root_says_so(daemon: Daemon) -> None:
+    """Every worker, parsing what clients send, ran as root, and nothing said so."""
+    daemon.wait_log(" serving")
+    if os.geteuid() == 0:
+        assert "WARNING running as root: the supervisor and every worker" in daemon.log()
+        assert "(User=erp-relay, ports below 1024 with" in daemon.log()
+    else:
+        assert "running as root" not in daemon.log()
+
+
 def test_a_second_relay_on_the_same_state_directory_does_not_start(
     daemon: Daemon, policy: Path, port: int, tmp_path: Path
 ) -> None:
