@@ -7,6 +7,7 @@ display name shows which policy (which tenant name) a message met.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -15,6 +16,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import message
+from relay import lowports, message
 from relay import server as server_module
 from relay.audit import AuditLog, events, reader, verify
 from relay.ingress.listen import Ingress
@@ -705,6 +707,74 @@ def test_a_relay_started_as_root_says_so(daemon: Daemon) -> None:
         assert "(User=erp-relay, ports below 1024 with" in daemon.log()
     else:
         assert "running as root" not in daemon.log()
+
+
+AS_NOBODY = """
+import contextlib, io, os, sys
+import relay.server, relay.ingress.listen, relay.lowports
+from relay.cli import main
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    main(["check", "-c", sys.argv[1]])  # as root first: root's files imported while they can be
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+sys.exit(main(["serve", "-c", sys.argv[1]]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the relay as another user")
+def test_a_port_only_root_may_bind_says_what_binding_it_needs(policy: Path, port: int) -> None:
+    """A service user's relay on 587 said only "Permission denied", which reads
+    like a file's mode, where the port wants a capability."""
+    start = lowports.unprivileged_start()
+    if start <= 1:
+        pytest.skip("this host lets every user bind every port")
+    low = min(587, start - 1)
+    base = Path(tempfile.mkdtemp(prefix="relay-low-port-"))
+    try:
+        base.chmod(0o755)
+        shutil.copytree(policy.parent, base / "conf", ignore=shutil.ignore_patterns("*.log"))
+        conf = base / "conf" / policy.name
+        conf.write_text(conf.read_text().replace(f"port: {port}", f"port: {low}"))
+        for path in [base / "conf", *(base / "conf").rglob("*")]:
+            os.chown(path, 65534, 65534)
+        done = subprocess.run(
+            [sys.executable, "-c", AS_NOBODY, str(conf)],
+            capture_output=True, text=True, timeout=60, check=False,
+            cwd=Path(__file__).parent.parent,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(base)
+    assert done.returncode == 71, done.stderr
+    assert (
+        f"ERROR cannot listen on 127.0.0.1:{low} (listener local): Permission denied: ports"
+        f" below {start} need root or the CAP_NET_BIND_SERVICE capability"
+        " (systemd/erp-relay.service gives it with AmbientCapabilities=CAP_NET_BIND_SERVICE)"
+    ) in done.stderr
+    assert "running as root" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("code", "port", "hinted"),
+    [
+        (errno.EACCES, 587, True),
+        (errno.EACCES, 1023, True),
+        (errno.EACCES, 1024, False),  # not the port, then: a policy of the host's (SELinux)
+        (errno.EADDRINUSE, 587, False),
+        (errno.EACCES, 0, False),
+    ],
+)
+def test_only_a_refused_port_below_the_unprivileged_start_is_hinted_at(
+    code: int, port: int, hinted: bool
+) -> None:
+    assert bool(lowports.hint(code, port, start=1024)) is hinted
+
+
+def test_the_unprivileged_start_falls_back_to_the_kernels_default(tmp_path: Path) -> None:
+    assert lowports.unprivileged_start(str(tmp_path / "missing")) == 1024
+    (tmp_path / "set").write_text("80\n")
+    assert lowports.unprivileged_start(str(tmp_path / "set")) == 80
+    assert lowports.hint(errno.EACCES, 587, start=80) == ""
 
 
 def test_a_second_relay_on_the_same_state_directory_does_not_start(

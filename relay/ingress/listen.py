@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 
+from relay import lowports
 from relay.ingress.authcache import Verified
 from relay.ingress.authlimit import AuthFailures
 from relay.ingress.clientlimit import ClientRow
@@ -154,7 +155,8 @@ def bind(listeners: Sequence[Listener]) -> dict[str, list[socket.socket]]:
             except OSError as exc:
                 host, port = where
                 on = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                reason = f"cannot listen on {on} (listener {listener.name}): {exc.strerror or exc}"
+                why = f"{exc.strerror or exc}{lowports.hint(exc.errno, port)}"
+                reason = f"cannot listen on {on} (listener {listener.name}): {why}"
                 raise OSError(exc.errno, reason) from exc
     except BaseException:
         for sock in (s for group in bound.values() for s in group):

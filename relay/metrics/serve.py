@@ -30,6 +30,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from relay import lowports
 from relay.errors import RelayError
 from relay.ingress.diskspace import reserve_for, shortage
 from relay.metrics import status
@@ -97,7 +98,8 @@ class MetricsServer:
             self._http = _Server((settings.address, settings.port), family)
         except OSError as exc:
             where = _where(settings)
-            raise MetricsError(f"cannot listen for metrics on {where}: {exc.strerror}") from exc
+            why = f"{exc.strerror}{lowports.hint(exc.errno, settings.port)}"
+            raise MetricsError(f"cannot listen for metrics on {where}: {why}") from exc
         self._http.relay = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
         # One thread counts, whoever asks: the counting keeps state, and its
