@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import datetime
 import io
+import shutil
+import stat
 import subprocess
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,20 @@ def problems(path: Path) -> list[str]:
     with pytest.raises(PolicyError) as caught:
         load(path)
     return caught.value.problems
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory every user of the host may pass through, as may every one above
+    it: pytest's own are closed to others (0700), which ``relay check`` says."""
+    base = Path(tempfile.mkdtemp(prefix="relay-open-"))
+    try:
+        base.chmod(0o755)
+        if any(not parent.stat().st_mode & stat.S_IXOTH for parent in base.parents):
+            pytest.skip(f"{tempfile.gettempdir()} is closed to other users")
+        yield base
+    finally:
+        shutil.rmtree(base)
 
 
 def warnings(path: Path) -> list[str]:
@@ -168,13 +185,13 @@ def test_check_warns_of_a_password_variable_unset_in_its_environment(
     ],
 )  # fmt: skip
 def test_check_warns_of_a_dkim_key_or_password_file_others_can_read(
-    tmp_path: Path, mode: int, exposed: str | None
+    open_dir: Path, mode: int, exposed: str | None
 ) -> None:
     """Both passed whatever their mode, where OpenDKIM says "key data is not secure"."""
     settings = "host: localhost\ntls: starttls\nusername: relay\npassword_file: smarthost.password"
-    path = _smtp(tmp_path, settings)
-    key = tmp_path / "keys" / "platform.example.s1.private"
-    password = tmp_path / "smarthost.password"
+    path = _smtp(open_dir, settings)
+    key = open_dir / "keys" / "platform.example.s1.private"
+    password = open_dir / "smarthost.password"
     password.write_text("s3cret\n")
     key.chmod(mode)
     password.chmod(mode)
@@ -186,6 +203,23 @@ def test_check_warns_of_a_dkim_key_or_password_file_others_can_read(
         f"{path}:14:17: warning: dkim.keys[0].key_file: {key} is {exposed} {key}",
         f"{path}:21:20: warning: upstreams.outbox.password_file: {password} is {exposed}"
         f" {password}",
+    ]
+
+
+def test_check_says_a_directory_keeps_others_from_a_key_its_mode_lets_them_read(
+    open_dir: Path,
+) -> None:
+    """A key of mode 0644 in a directory of mode 0750 was said to be readable by
+    every user of the host, which it was not: only its mode is open."""
+    path = _smtp(open_dir, "host: localhost\ntls: starttls")
+    keys = open_dir / "keys"
+    key = keys / "platform.example.s1.private"
+    key.chmod(0o644)
+    keys.chmod(0o750)
+    assert warnings(path) == [
+        f"{path}:14:17: warning: dkim.keys[0].key_file: {key}'s mode lets every user of this"
+        f" host read it (mode 0644), though {keys} (mode 0750) keeps them out as long as it"
+        f" stays there; chmod o-rwx {key}"
     ]
 
 
@@ -582,18 +616,18 @@ def test_values_that_passed_check_and_failed_the_relay_are_problems(
     assert problems(path) == [f"{path}:{problem}"]
 
 
-def test_check_warns_of_a_listener_key_or_audit_key_others_can_read(tmp_path: Path) -> None:
+def test_check_warns_of_a_listener_key_or_audit_key_others_can_read(open_dir: Path) -> None:
     """As secret as a DKIM key, and passed whatever their mode: who reads the
     HMAC key can forge an audit chain that verifies."""
     path = variant(
-        tmp_path,
+        open_dir,
         "    port: 2525\n",
         "    port: 2525\n    tls: {cert: tls/relay.crt, key: tls/relay.key}\n",
     )
-    hmac_key = tmp_path / "audit.key"
+    hmac_key = open_dir / "audit.key"
     hmac_key.write_bytes(b"k" * 32)
     path.write_text(path.read_text() + "audit: {hmac_key_file: audit.key}\n")
-    key = tmp_path / "tls" / "relay.key"
+    key = open_dir / "tls" / "relay.key"
     for secret in (key, hmac_key):
         secret.chmod(0o644)
     exposed = "is readable by every user of this host (mode 0644): the secret it holds is not safe"

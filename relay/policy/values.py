@@ -536,17 +536,41 @@ def warn_if_exposed(ctx: Ctx, node: Node, path: str, resolved: Path) -> None:
         mode = os.stat(resolved).st_mode
     except OSError:
         return
-    if mode & stat.S_IROTH:
-        exposed, fix = "readable by every user of this host", "o-rwx"
+    shown = f"{stat.S_IMODE(mode):04o}"
+    closed = _closed_to_others(resolved) if mode & stat.S_IROTH else None
+    if closed is not None:
+        message = (
+            f"{resolved}'s mode lets every user of this host read it (mode {shown}), though"
+            f" {closed[0]} (mode {closed[1]:04o}) keeps them out as long as it stays there;"
+            f" chmod o-rwx {resolved}"
+        )
+    elif mode & stat.S_IROTH:
+        message = (
+            f"{resolved} is readable by every user of this host (mode {shown}): the secret it"
+            f" holds is not safe; chmod o-rwx {resolved}"
+        )
     elif mode & (stat.S_IWGRP | stat.S_IWOTH):
-        exposed, fix = "writable by users other than its owner", "go-w"
+        message = (
+            f"{resolved} is writable by users other than its owner (mode {shown}): the secret"
+            f" it holds is not safe; chmod go-w {resolved}"
+        )
     else:
         return
-    message = (
-        f"{resolved} is {exposed} (mode {stat.S_IMODE(mode):04o}): the secret it holds is"
-        f" not safe; chmod {fix} {resolved}"
-    )
     ctx.problems.warn(node, path, message)
+
+
+def _closed_to_others(resolved: Path) -> tuple[Path, int] | None:
+    """The first directory on the file's real path that other users may not pass
+    (no ``o+x``), and its mode: a key of mode 0644 in a 0750 directory was said
+    to be readable by every user, which it was not."""
+    for directory in Path(os.path.realpath(resolved)).parents:
+        try:
+            mode = os.stat(directory).st_mode
+        except OSError:
+            return None
+        if not mode & stat.S_IXOTH:
+            return directory, stat.S_IMODE(mode)
+    return None
 
 
 def password_file(ctx: Ctx, node: Node, path: str) -> Path | None:
