@@ -16,6 +16,7 @@ import re
 from relay import headers, message, ratelimit
 from relay.decide import Decision
 from relay.errors import Rejected
+from relay.hostport import host_port
 from relay.identify import a_label_address
 from relay.ingress import content
 from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
@@ -200,7 +201,8 @@ def _describe(upstream: Upstream) -> str:
     if isinstance(upstream, DirectoryUpstream):
         return f"{upstream.name} (directory {upstream.path})"
     assert isinstance(upstream, SmtpUpstream)
-    return f"{upstream.name} (smtp {upstream.host}:{upstream.port}, tls {upstream.tls.value})"
+    where = host_port(upstream.host, upstream.port)
+    return f"{upstream.name} (smtp {where}, tls {upstream.tls.value})"
 
 
 def _limit(per_hour: int | None) -> str:

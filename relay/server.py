@@ -33,6 +33,7 @@ from relay.audit import AuditError
 from relay.deliver import attempt, counted
 from relay.engine import Engine
 from relay.errors import PolicyError, RelayError
+from relay.hostport import host_port
 from relay.ingress import authlimit, start
 from relay.ingress.authlimit import AuthFailures
 from relay.ingress.clientlimit import ClientCounts
@@ -870,8 +871,3 @@ def audit_upkeep(audit: AuditLog) -> None:
         return
     for line in done:
         log.info("audit log: %s", line)
-
-
-def host_port(host: str, port: int) -> str:
-    """``host:port``, an IPv6 address in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -219,6 +219,19 @@ def test_preview_takes_the_null_sender_as_smtp_writes_it(policy_file: Path, tmp_
     assert json.loads(done.stdout)["envelope"]["mail_from"] == ""  # goes with it upstream
 
 
+def test_preview_names_an_ipv6_upstream_with_its_address_in_brackets(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    smtp = "  default:\n    type: smtp\n    host: '::1'\n    port: 2526\n    tls: none\n"
+    directory = "  default:\n    type: directory\n    path: outbox\n"
+    policy_file.write_text(policy_file.read_text().replace(directory, smtp))
+    eml = tmp_path / "invoice.eml"
+    eml.write_text(INVOICE)
+    done = relay("preview", "-c", str(policy_file), str(eml), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["upstream"] == "default (smtp [::1]:2526, tls none)"
+
+
 @pytest.mark.parametrize(
     ("body", "reply"),
     [("x" * 1500 + "\n", "500 5.5.2"), ("a\0b\n", "554 5.6.0")],

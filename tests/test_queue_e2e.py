@@ -98,6 +98,35 @@ def test_upstream_down_then_back_delivers_everything(policy_file: Path, tmp_path
     ]
 
 
+def free_ipv6_port() -> int | None:
+    """A port nothing listens on at ::1, or None where this host has no ::1."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            return s.getsockname()[1]
+    except OSError:
+        return None
+
+
+def test_a_deferral_names_an_ipv6_upstream_in_brackets(policy_file: Path, tmp_path: Path) -> None:
+    """``::1:38710`` in the reply, the log and the audit record reads as another
+    address, port unknown; the relay's other messages write ``[::1]:38710``."""
+    upstream_port = free_ipv6_port()
+    if upstream_port is None:
+        pytest.skip("no ::1 on this host")
+    port = free_port()
+    policy = configure(policy_file, port, upstream_port)
+    policy.write_text(policy.read_text().replace("host: 127.0.0.1", "host: '::1'"))
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        queue_id = send(port)
+        wait_for(lambda: "status=deferred" in relay.log())
+    said = f"Upstream default ([::1]:{upstream_port}): Connection refused (connecting)"
+    assert f"451 4.4.1 {said}" in relay.log()
+    shown = relay_cli(policy, "audit", "show", queue_id, "--format", "json").stdout
+    deferred = next(r for r in map(json.loads, shown.splitlines()) if r["event"] == "deferred")
+    assert deferred["reply"] == f"451 4.4.1 {said}"
+
+
 def test_one_recipient_refused_others_delivered_and_sender_told(
     policy_file: Path, tmp_path: Path
 ) -> None:

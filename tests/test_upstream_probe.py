@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -194,6 +195,27 @@ def test_an_upstream_not_listening_and_the_directory_beside_it(
     assert only.returncode == 0
     assert only.stdout.startswith("outbox (directory): ok")
     assert "smarthost" not in only.stdout
+
+
+def test_an_ipv6_upstream_is_named_with_its_address_in_brackets(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """``::1:38719`` reads as another address, port unknown."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            port = s.getsockname()[1]
+    except OSError:
+        pytest.skip("no ::1 on this host")
+    path = policy(tmp_path, port, certs.ca)
+    path.write_text(path.read_text().replace("host: 127.0.0.1", "host: '::1'"))
+    done = relay("-c", str(path), "smarthost")
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == [
+        f"smarthost ([::1]:{port}): FAILED (used by acme)",
+        f"  delivery: failed: 451 4.4.1 Upstream smarthost ([::1]:{port}): Connection refused"
+        " (connecting)",
+    ]
 
 
 def test_an_unknown_name_and_a_broken_policy(tmp_path: Path, certs: Certs) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ipaddress import ip_address
 
 from relay import lowports
+from relay.hostport import host_port
 from relay.ingress.authcache import Verified
 from relay.ingress.authlimit import AuthFailures
 from relay.ingress.clientlimit import ClientRow
@@ -154,9 +155,10 @@ def bind(listeners: Sequence[Listener]) -> dict[str, list[socket.socket]]:
                     sock.setblocking(False)
             except OSError as exc:
                 host, port = where
-                on = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                 why = f"{exc.strerror or exc}{lowports.hint(exc.errno, port)}"
-                reason = f"cannot listen on {on} (listener {listener.name}): {why}"
+                reason = (
+                    f"cannot listen on {host_port(host, port)} (listener {listener.name}): {why}"
+                )
                 raise OSError(exc.errno, reason) from exc
     except BaseException:
         for sock in (s for group in bound.values() for s in group):

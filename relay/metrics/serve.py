@@ -32,12 +32,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from relay import lowports
 from relay.errors import RelayError
+from relay.hostport import host_port
 from relay.ingress.diskspace import reserve_for, shortage
 from relay.metrics import status
 from relay.metrics.collect import RelayCollector
 from relay.policy.model import MetricsSettings, Policy
 from relay.ratelimit import RateCounts
-from relay.server import host_port
 from relay.spool.store import WRITTEN_IN
 from relay.tally import Tally
 

@@ -19,6 +19,7 @@ from typing import NamedTuple
 from yaml.nodes import Node, SequenceNode
 
 from relay import passwd
+from relay.hostport import host_port
 from relay.policy import selfloop, values
 from relay.policy.model import (
     DATA_TIMEOUT,
@@ -34,7 +35,7 @@ from relay.policy.model import (
     UserRef,
 )
 from relay.policy.schema import Ctx, Map, hint, items, text
-from relay.policy.sections import display_name_template, host_port
+from relay.policy.sections import display_name_template
 from relay.upstream import helo
 
 _NO_PASSWORD = "do not put passwords in the policy; "

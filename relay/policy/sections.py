@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 from yaml.nodes import Node, ScalarNode, SequenceNode
 
+from relay.hostport import host_port
 from relay.policy import dkimkey, tlspair, values
 from relay.policy.model import (
     DEFAULT_DOC_TYPE,
@@ -326,10 +327,6 @@ def _clash(mine: _Socket, other: _Socket) -> str | None:
             there = host_port(other.address, other.port)
             return f"{here} overlaps {there} of {other.path}: {every}"
     return None
-
-
-def host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _tls(ctx: Ctx, listener: Map) -> TlsFiles | None:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import aiosmtplib
 
+from relay.hostport import host_port
 from relay.policy.model import SmtpUpstream, TlsMode
 from relay.upstream.pipelining import Unfinished
 
@@ -254,7 +255,7 @@ async def _usable(conn: _Connection) -> bool:
         try:
             await conn.client.rset()
         except (aiosmtplib.SMTPException, OSError) as exc:
-            log.debug("upstream %s:%d: idle connection stale: %s", *_hostport(conn), exc)
+            log.debug("upstream %s: idle connection stale: %s", _hostport(conn), exc)
         else:
             return True
     conn.client.close()
@@ -266,13 +267,13 @@ async def _quit(conn: _Connection) -> None:
         if conn.client.is_connected:
             await conn.client.quit(timeout=min(conn.client.timeout or QUIT_TIMEOUT, QUIT_TIMEOUT))
     except (aiosmtplib.SMTPException, OSError) as exc:
-        log.debug("upstream %s:%d: QUIT failed: %s", *_hostport(conn), exc)
+        log.debug("upstream %s: QUIT failed: %s", _hostport(conn), exc)
     finally:
         conn.client.close()
 
 
-def _hostport(conn: _Connection) -> tuple[str, int]:
-    return conn.key.host, conn.key.port
+def _hostport(conn: _Connection) -> str:
+    return host_port(conn.key.host, conn.key.port)
 
 
 _default: tuple[asyncio.AbstractEventLoop, Pool] | None = None

@@ -35,7 +35,7 @@ async def probe(policy: Policy, upstream: Upstream, rcpt: str | None) -> Checked
     if isinstance(upstream, DirectoryUpstream):
         return Checked(f"{upstream.name} (directory)", (_directory(upstream),), used_by)
     steps: list[Finding] = []
-    where = f"{upstream.name} ({upstream.host}:{upstream.port})"
+    where = smtp.where(upstream)
     try:
         secret = smtp.password(upstream) if upstream.username else None
         client = await smtp.connect(upstream, secret)

@@ -26,6 +26,7 @@ from pathlib import Path
 import aiosmtplib
 
 from relay.errors import UpstreamError
+from relay.hostport import host_port
 from relay.policy.model import SmtpUpstream, TlsMode
 from relay.upstream import (
     Crowded,
@@ -87,7 +88,7 @@ async def send(
                     )
                 break
             except Stale as exc:
-                log.debug("upstream %s: idle connection stale: %s", _where(upstream), exc)
+                log.debug("upstream %s: idle connection stale: %s", where(upstream), exc)
         else:
             raise aiosmtplib.SMTPServerDisconnected("every idle connection was stale")
     except Unreachable as exc:
@@ -185,7 +186,7 @@ def _refuse_plain_login(upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> None
     if upstream.tls is not TlsMode.AUTO or client.get_transport_info("sslcontext") is not None:
         return
     text = (
-        f"Upstream {_where(upstream)} offers no STARTTLS: the password is not sent in plain"
+        f"Upstream {where(upstream)} offers no STARTTLS: the password is not sent in plain"
         " text; set tls: starttls or implicit, or tls: none to allow it (logging in)"
     )
     raise Unreachable(451, "4.7.10", text)
@@ -196,7 +197,7 @@ def _mapped(upstream: SmtpUpstream, stage: str, exc: Exception) -> UpstreamError
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         return _all_refused(exc)
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-        text = f"Upstream {_where(upstream)} refused the relay's login: "
+        text = f"Upstream {where(upstream)} refused the relay's login: "
         return UpstreamError(451, "4.7.0", text + replies.line(exc.code, exc.message))
     if isinstance(exc, aiosmtplib.SMTPHeloError):
         return _failed(upstream, stage, replies.line(exc.code, exc.message))
@@ -266,7 +267,7 @@ def _refused(code: int, message: str) -> str:
 def _failed(
     upstream: SmtpUpstream, stage: str, reason: str, status: str = "4.4.1"
 ) -> UpstreamError:
-    return UpstreamError(451, status, f"Upstream {_where(upstream)}: {reason} ({stage})")
+    return UpstreamError(451, status, f"Upstream {where(upstream)}: {reason} ({stage})")
 
 
 def _handshake(exc: Exception) -> str:
@@ -282,8 +283,9 @@ _HANDSHAKE_CLOSED = (
 )
 
 
-def _where(upstream: SmtpUpstream) -> str:
-    return f"{upstream.name} ({upstream.host}:{upstream.port})"
+def where(upstream: SmtpUpstream) -> str:
+    """The name and address, as replies, logs and ``relay upstream test`` say it."""
+    return f"{upstream.name} ({host_port(upstream.host, upstream.port)})"
 
 
 def _reason(exc: BaseException) -> str:
