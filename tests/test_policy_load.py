@@ -446,11 +446,16 @@ def test_a_missing_tls_certificate_is_a_problem(tmp_path: Path) -> None:
         ("helo_name: relay host", "helo_name: 'relay host' is not a host name"),
         ("helo_name: '[192.0.2.300]'", "helo_name: '[192.0.2.300]' is not a host name"),
         ("helo_name: '[IPv6:192.0.2.1]'", "helo_name: '[IPv6:192.0.2.1]' is not a host name"),
+        ("helo_name: '[IPv6:fe80::1%eth0]'", "helo_name: '[IPv6:fe80::1%eth0]' is not an address"
+         " literal: %eth0 names an interface, which an address literal cannot (RFC 5321 4.1.3);"
+         " write [IPv6:fe80::1]"),
+        ("helo_name: '[::1]'", "helo_name: '[::1]' is not a host name like relay.example.com, or"
+         " an address literal like [192.0.2.1]: an IPv6 address is written [IPv6:::1]"),
         ("helo_name: rélay.example", "helo_name: 'rélay.example' is not ASCII: write it as"),
         ("data_timeout: 0", "data_timeout: expected a positive number of seconds"),
         ("data_timeout: 10:00", "data_timeout: YAML 1.1 reads 10:00 as 600 (base 60); write 600"),
     ],
-)
+)  # fmt: skip
 def test_a_smtp_upstreams_settings_are_checked(tmp_path: Path, settings: str, problem: str) -> None:
     lines = ["type: smtp", "host: smtp.example", *settings.splitlines()]
     smtp = "".join(f"    {line}\n" for line in lines)

@@ -124,6 +124,9 @@ _NOT_A_HOST = "18:11: upstreams.outbox.host: expected a host name or IP address,
         ("'[2001:db8::1]:25'", "'[2001:db8::1]:25'; write host: 2001:db8::1 and put the port"
          " in port: 25"),
         ("'[2001:db8::1]'", "'[2001:db8::1]'; write host: 2001:db8::1"),
+        ("'[IPv6:::1]'", "'[IPv6:::1]'; write host: ::1"),
+        ("'[IPv6:2001:db8::1]:25'", "'[IPv6:2001:db8::1]:25'; write host: 2001:db8::1 and put"
+         " the port in port: 25"),
         ("smtp example", "'smtp example'"),
         ('"192.0.2.1 "', "'192.0.2.1 '; write it without the spaces: 192.0.2.1"),
         ("192.0.2.300", "'192.0.2.300'"),

@@ -94,21 +94,49 @@ def helo_name(ctx: Ctx, node: Node, path: str) -> str | None:
     if value is None:
         return None
     literal = value[1:-1] if value.startswith("[") and value.endswith("]") else None
-    if literal is not None:
-        version, address = (6, literal[5:]) if literal[:5].lower() == "ipv6:" else (4, literal)
-        try:
-            if ip_address(address).version == version:
-                return value
-        except ValueError:
-            pass
-    elif _is_domain(value) and not value.isascii():  # EHLO takes A-labels only
+    if literal is not None and _is_address_literal(literal):
+        return value
+    if literal is None and _is_domain(value) and not value.isascii():  # EHLO takes A-labels only
         ctx.problem(node, path, f"{value!r} is not ASCII: write it as {_a_labels(value)!r}")
         return None
-    elif _is_domain(value):
+    if literal is None and _is_domain(value):
         return value.lower()
-    expected = "a host name like relay.example.com, or an address literal like [192.0.2.1]"
-    ctx.problem(node, path, f"{value!r} is not {expected}")
+    ctx.problem(node, path, f"{value!r} {_not_helo_name(value)}")
     return None
+
+
+def _is_address_literal(literal: str) -> bool:
+    """RFC 5321 4.1.3's, which has no zone: Python reads ``fe80::1%eth0``, and
+    the relay then sent ``EHLO [IPv6:fe80::1%eth0]``."""
+    version, address = (6, literal[5:]) if literal[:5].lower() == "ipv6:" else (4, literal)
+    try:
+        return ip_address(address).version == version and "%" not in address
+    except ValueError:
+        return False
+
+
+def _not_helo_name(value: str) -> str:
+    expected = "is not a host name like relay.example.com, or an address literal like [192.0.2.1]"
+    address = _without_literal(value)
+    try:
+        ipv6 = ip_address(address).version == 6
+    except ValueError:
+        ipv6 = False
+    if not ipv6:
+        return expected
+    bare, _, zone = address.partition("%")
+    if zone:
+        return (
+            f"is not an address literal: %{zone} names an interface, which an address"
+            f" literal cannot (RFC 5321 4.1.3); write [IPv6:{bare}]"
+        )
+    return f"{expected}: an IPv6 address is written [IPv6:{bare}]"
+
+
+def _without_literal(value: str) -> str:
+    """``[IPv6:::1]`` and ``[192.0.2.1]`` as the bare address ``ip_address`` reads."""
+    inner = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    return inner[5:] if inner[:5].lower() == "ipv6:" else inner
 
 
 _NUMERIC = re.compile(r"[0-9.]+|.*:.*")
@@ -152,11 +180,11 @@ def upstream_host(ctx: Ctx, node: Node, path: str) -> str | None:
     bare = value.partition("://")[2] or value
     bare = bare.rstrip("/")
     host, _, port = bare.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    host = _without_literal(host)
     if port.isdigit() and _is_host(host):
         message += f"; write host: {host} and put the port in port: {port}"
-    elif bare != value or (bare.startswith("[") and bare.endswith("]")):
-        message += f"; write host: {bare.strip('[]')}"
+    elif _without_literal(bare) != value:
+        message += f"; write host: {_without_literal(bare)}"
     ctx.problem(node, path, message)
     return None
 
