@@ -593,6 +593,8 @@ def test_check_warns_when_ehlo_would_give_an_unqualified_name(
         ("host: smtp.example\n    username: relay", False),
         ("host: smtp.example\n    tls: starttls\n    username: relay", False),
         ("host: localhost\n    tls: none\n    username: relay", False),
+        ("host: '::ffff:127.0.0.1'\n    tls: none\n    username: relay", False),
+        ("host: '::ffff:192.0.2.1'\n    tls: none\n    username: relay", True),
     ],
 )
 def test_check_warns_about_a_password_sent_in_plain_text(

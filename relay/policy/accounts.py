@@ -186,7 +186,7 @@ def _given(m: Map, **read: str | None) -> list[str | None]:
 def _loopback(host: str) -> bool:
     """An upstream on this host, which takes whatever name EHLO gives."""
     try:
-        return ip_address(host).is_loopback
+        return selfloop.unmapped(ip_address(host)).is_loopback
     except ValueError:
         return host.lower() in helo.LOOPBACK_NAMES
 

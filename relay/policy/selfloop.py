@@ -36,12 +36,19 @@ def _ips(host: str, connecting: bool = False) -> tuple[_IP, ...]:
     if host.lower() in helo.LOOPBACK_NAMES:
         return _LOOPBACK
     try:
-        ip = ip_address(host)
+        ip = unmapped(ip_address(host))
     except ValueError:
         return ()
     if connecting and ip.is_unspecified:
         return tuple(loopback for loopback in _LOOPBACK if loopback.version == ip.version)
     return (ip,)
+
+
+def unmapped(ip: _IP) -> _IP:
+    """``::ffff:127.0.0.1`` as the IPv4 address a connection to it reaches, which
+    Python 3.11 does not take for loopback, or for 127.0.0.1."""
+    mapped = ip.ipv4_mapped if isinstance(ip, IPv6Address) else None
+    return ip if mapped is None else mapped
 
 
 def _reaches(target: _IP, bound: _IP) -> bool:
