@@ -353,3 +353,21 @@ def test_a_delay_warning_leaves_the_bounce_after_it_to_list_the_address(
     ]
     assert _listed(policy) == {"slow@buyer.example": ("acme", "bounce")}
     assert audit_events(policy, queue_id).count(("bounced", "slow@buyer.example")) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file away")
+def test_a_lock_root_makes_is_the_state_directorys_owners(tmp_path: Path) -> None:
+    """``sudo relay bounce`` under root's umask left a lock only root could open:
+    each later run of the service user's pipe was "not taken, try again later"."""
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    before = os.umask(0o077)
+    try:
+        with command.one_at_a_time(state, wait=0.2):
+            pass
+    finally:
+        os.umask(before)
+    info = os.stat(state / command.LOCK_NAME)
+    assert (info.st_uid, info.st_gid) == (65534, 65534)
+    assert info.st_mode & 0o777 == 0o600  # its owner opens it read-only

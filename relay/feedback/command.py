@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
+from relay import statefiles
 from relay.audit import AuditError
 from relay.errors import PolicyError, RelayError
 from relay.feedback.act import act
@@ -46,10 +47,7 @@ def one_at_a_time(state_directory: Path, wait: float = LOCK_WAIT) -> Iterator[No
     mail system delivers to a pipe in parallel, a server that lost the reply
     sends again) was recorded, listed and told twice."""
     path = state_directory / LOCK_NAME
-    try:  # read-only: a lock needs no more, so root's run and the service user's share it
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-    except OSError as exc:
-        raise TakeBusy(f"cannot open {path}: {exc.strerror}") from exc
+    fd = _open_lock(path)
     try:
         deadline = time.monotonic() + wait
         while True:
@@ -63,6 +61,24 @@ def one_at_a_time(state_directory: Path, wait: float = LOCK_WAIT) -> Iterator[No
         yield
     finally:
         os.close(fd)
+
+
+def _open_lock(path: Path) -> int:
+    """Read-only: a lock needs no more, so root's run and the service user's
+    share it. One root makes is the state directory's owner's, as the state's
+    other files are: left root's under root's umask (027, 077), it kept every
+    later run of the service user's pipe out, each report back in the mail
+    system's queue."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | statefiles.NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise TakeBusy(f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        statefiles.adopt(fd, statefiles.owner_for(os.stat(path.parent)))
+    except OSError as exc:
+        os.close(fd)
+        raise TakeBusy(f"cannot give {path} to the state's owner: {exc.strerror}") from exc
+    return fd
 
 
 def main(
