@@ -371,3 +371,20 @@ def test_a_lock_root_makes_is_the_state_directorys_owners(tmp_path: Path) -> Non
     info = os.stat(state / command.LOCK_NAME)
     assert (info.st_uid, info.st_gid) == (65534, 65534)
     assert info.st_mode & 0o777 == 0o600  # its owner opens it read-only
+
+
+def test_a_report_over_the_limit_is_not_acted_on_in_part(policy_file: Path, tmp_path: Path) -> None:
+    """Cut at the limit, a report was read as what was left of it, and acted on."""
+    policy, invoice = _invoice_delivered(policy_file, tmp_path)
+    report = (FEEDBACK / "postfix-two-failed.eml").read_bytes()
+    padded = report + b"x" * (command.MAX_REPORT + 1 - len(report))  # after its last part
+    with LogSocket(tmp_path / "log") as syslog:
+        ignored = _bounce(policy, padded, syslog.path)
+        ((pri, _, text),) = syslog.lines()
+    assert (ignored.returncode, ignored.stdout) == (0, "")
+    assert ignored.stderr == "relay bounce: larger than 64 MiB, the most a report may be: ignored\n"
+    assert (pri, text) == (MAIL_WARNING, ignored.stderr[14:-1])
+    assert _listed(policy) == {}
+    assert ("bounced", "nobody@buyer.example") not in audit_events(policy, invoice)
+    taken = _bounce(policy, padded[: command.MAX_REPORT])  # the most there may be
+    assert taken.stdout.splitlines()[0] == f"bounce about {invoice} (acme/jan)", taken.stderr

@@ -107,7 +107,9 @@ def _take(
         said = f"{problems}\nrelay bounce: not taken, try again later\n"
         return not_taken(said, "; ".join(exc.problems))
     raw = source.read(MAX_REPORT + 1)
-    report = read(raw[:MAX_REPORT])
+    if len(raw) > MAX_REPORT:
+        return _too_large(err, system_log)
+    report = read(raw)
     if report is None:
         err.write("relay bounce: neither a bounce nor a complaint: ignored\n")
         system_log.say(logging.INFO, "neither a bounce nor a complaint: ignored")
@@ -134,4 +136,16 @@ def _take(
     out.write("".join(f"{line}\n" for line in [head, *outcome.lines]))
     for line in outcome.lines or [""]:
         system_log.say(logging.INFO, f"{head}: {line}" if line else head)
+    return 0
+
+
+def _too_large(err: TextIO, system_log: SystemLog) -> int:
+    """Not acted on at all: cut at the limit, a report was read as what was left
+    of it. Taken (0), as what is neither a bounce nor a complaint: the same
+    bytes would not fit at a retry, and a refusal returns it to its null
+    sender, that is to nobody. Postfix takes the unread rest's broken pipe
+    after an exit 0 as delivered."""
+    said = f"larger than {MAX_REPORT >> 20} MiB, the most a report may be: ignored"
+    err.write(f"relay bounce: {said}\n")
+    system_log.say(logging.WARNING, said)
     return 0
