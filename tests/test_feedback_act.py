@@ -736,3 +736,36 @@ def test_a_bounce_is_about_the_copy_that_reached_its_recipient(
     assert [r["queue_id"] for r in bounced] == [first] != [second]
     # taken again (a mail system's retry): the copy the first taking recorded
     assert _act(policy, report)[0] == "buyer@example.org: already recorded"
+
+
+def test_a_report_naming_a_user_of_the_tenant_lists_nobody(
+    delivered: tuple[Path, str, Sink], tmp_path: Path
+) -> None:
+    """The relay's notices and automatic copies go to the tenant's users: a
+    complaint about the sender's copy (forged, or the sender's own provider's)
+    listed the sender, who heard of no failure again; a bounce of a colleague
+    the document went to listed the colleague."""
+    path, _, sink = delivered
+    policy = load(path)
+    document = _lone(4721, copy=True).replace(
+        b"To: buyer@example.org", b"To: buyer@example.org, Salg@acme.example"
+    )
+    with _running_again(path, sink, tmp_path / "again.log") as port:
+        send(port, document, ("buyer@example.org", "Salg@acme.example"))
+        sink.wait(2)
+    why = (
+        "the relay's notices and copies are the user's; a mailbox really gone is taken out"
+        " of the policy"
+    )
+    complaint = Report(COMPLAINT, (Failure("jan@acme.example"),), "<inv-4721@erp.acme.example>")
+    assert _act(policy, complaint) == [
+        f"jan@acme.example: complained, not suppressed (user jan of acme: {why})",
+        "no notice: the report is about the sender's own copy",
+    ]
+    bounce = Report(BOUNCE, (Failure("salg@acme.example", "5.1.1"),), "<inv-4721@erp.acme.example>")
+    lines = _act(policy, bounce)
+    assert (
+        lines[0] == f"Salg@acme.example: bounced (5.1.1), not suppressed (user kari of acme: {why})"
+    )
+    assert lines[1].startswith("jan@acme.example told (notice ")  # it did not reach Kari
+    assert _listed(policy) == {}

@@ -27,6 +27,7 @@ from relay.suppression import SuppressionFile
 from tests.readonly import read_only
 from tests.relayproc import RelayProcess
 from tests.sink import Sink, SinkServer, free_port
+from tests.test_feedback_act import _dsn, _lone
 from tests.test_queue_e2e import ROOT, audit_events, configure, relay_cli, send
 
 FEEDBACK = Path(__file__).parent / "messages" / "feedback"
@@ -388,3 +389,39 @@ def test_a_report_over_the_limit_is_not_acted_on_in_part(policy_file: Path, tmp_
     assert ("bounced", "nobody@buyer.example") not in audit_events(policy, invoice)
     taken = _bounce(policy, padded[: command.MAX_REPORT])  # the most there may be
     assert taken.stdout.splitlines()[0] == f"bounce about {invoice} (acme/jan)", taken.stderr
+
+
+def test_a_forged_bounce_of_the_senders_own_copy_does_not_silence_the_sender(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Anyone who got one document has its queue ID (the Received field) and its
+    sender's address (Reply-To): a bounce they wrote of the sender's automatic
+    copy listed the sender, who was told of no failed delivery again."""
+    sink = Sink()
+    with SinkServer(sink) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            queue_id = send(port, _lone(4720, copy=True), ("buyer@example.org",))
+            (received,) = sink.wait(1)
+    header = received.data.split(b"\r\n\r\n", 1)[0]
+    with LogSocket(tmp_path / "log") as syslog:
+        forged = _bounce(policy, _dsn(header, "jan@acme.example"), syslog.path)
+        logged = [(pri, text) for pri, _, text in syslog.lines()]
+    assert forged.returncode == 0, forged.stderr
+    said = (
+        "jan@acme.example: bounced (5.1.1), not suppressed (user jan of acme: the relay's"
+        " notices and copies are the user's; a mailbox really gone is taken out of the policy)"
+    )
+    head = f"bounce about {queue_id} (acme/jan)"
+    assert forged.stdout.splitlines() == [
+        head,
+        said,
+        "no notice: the report is about the sender's own copy",
+    ]
+    assert (MAIL_WARNING, f"{head}: {said}") in logged
+    assert _listed(policy) == {}
+    assert ("bounced", "jan@acme.example") in audit_events(policy, queue_id)
+    real = _bounce(policy, _dsn(header, "buyer@example.org"))
+    assert real.stdout.splitlines()[1] == "buyer@example.org: bounced (5.1.1), suppressed"
+    assert real.stdout.splitlines()[2].startswith("jan@acme.example told (notice ")

@@ -31,6 +31,10 @@ from relay.suppression import COMPLAINT, Suppression, SuppressionFile, Suppressi
 
 LOOKBACK_DAYS = 30  # a complaint may come weeks later; a bounce within the queues' lifetimes
 PERMANENT_UNKNOWN = "5.0.0"  # RFC 3463: a permanent failure the report gives no code for
+_USERS_OWN = (
+    "the relay's notices and copies are the user's; a mailbox really gone is taken"
+    " out of the policy"
+)
 
 
 @dataclass(frozen=True)
@@ -80,11 +84,17 @@ class Original:
 @dataclass
 class Outcome:
     """What was done, a line each, for the command's output; ``candidates`` the
-    messages of several tenants a report could be about (then nothing is done)."""
+    messages of several tenants a report could be about (then nothing is done);
+    ``warnings`` the lines the system log has as warnings."""
 
     original: Original | None
     lines: list[str] = field(default_factory=list)
     candidates: tuple[Original, ...] = ()
+    warnings: set[str] = field(default_factory=set)
+
+    def warn(self, line: str) -> None:
+        self.lines.append(line)
+        self.warnings.add(line)
 
 
 class Ambiguous(Exception):
@@ -217,7 +227,11 @@ def act(
     message_id = original.message_id if original is not None else report.message_id
     for failure, entry in zip(new, entries, strict=True):
         recorder.add(_record(report, failure, queue_id, message_id))
-        outcome.lines.append(_said(report, failure, entry))
+        said = _said(report, failure, entry)
+        if original is not None and _policy_user(policy, original, failure.recipient):
+            outcome.warn(said)
+        else:
+            outcome.lines.append(said)
     recorder.flush_sync(queue_id)
     if new or untold:
         told = _tell(policy, report, (*new, *untold), original, recorder, spool, clock, listed)
@@ -271,6 +285,7 @@ def _by_recipient(
                 f"{named}: only {about.queue_id} ({about.tenant}/{about.user}) went there:"
             )
         outcome.lines.extend(f"  {line}" for line in part.lines)
+        outcome.warnings.update(f"  {line}" for line in part.warnings)
     return outcome
 
 
@@ -401,6 +416,9 @@ def _entry(
     at delivery, which only the upstream can give, lists it for all."""
     if original is None:
         return "its message is not in the audit log"
+    user = _policy_user(policy, original, failure.recipient)
+    if user is not None:
+        return user
     before = listed.find(failure.recipient, original.tenant)
     if before is not None:
         return f"on the list already, since {before.since}"  # keeps its first date
@@ -415,6 +433,23 @@ def _entry(
     return Suppression(
         failure.recipient, original.tenant, BOUNCED, now(), detail, original.queue_id
     )
+
+
+def _policy_user(policy: Policy, original: Original, address: str) -> str | None:
+    """Why the address is not listed when it is a user's of the message's tenant
+    (or the sender's automatic copy); None for any other. The relay's notices
+    and copies go there, and anyone who got one document can write a bounce
+    of the copy (its queue ID is in the Received field, the sender's address
+    in Reply-To): listed, the user heard of no failure again. A user whose
+    mailbox is really gone is the tenant's to take out of the policy."""
+    lowered = address.lower()
+    tenant = policy.tenants.get(original.tenant)
+    for user in tenant.users.values() if tenant is not None else ():
+        if lowered == user.address.lower() or lowered in user.aliases:
+            return f"user {user.id} of {original.tenant}: {_USERS_OWN}"
+    if lowered in {b.lower() for b in original.bcc}:
+        return f"the sender's own copy: {_USERS_OWN}"
+    return None
 
 
 def _record(

@@ -135,7 +135,8 @@ def _take(
         )
     out.write("".join(f"{line}\n" for line in [head, *outcome.lines]))
     for line in outcome.lines or [""]:
-        system_log.say(logging.INFO, f"{head}: {line}" if line else head)
+        level = logging.WARNING if line in outcome.warnings else logging.INFO
+        system_log.say(level, f"{head}: {line}" if line else head)
     return 0
 
 
