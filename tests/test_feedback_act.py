@@ -769,3 +769,26 @@ def test_a_report_naming_a_user_of_the_tenant_lists_nobody(
     )
     assert lines[1].startswith("jan@acme.example told (notice ")  # it did not reach Kari
     assert _listed(policy) == {}
+
+
+def test_a_report_naming_more_recipients_than_a_message_has_is_acted_on_for_as_many(
+    delivered: tuple[Path, str, Sink],
+) -> None:
+    """One forged report naming 20,000 recipients of a message the log does not
+    have wrote 20,000 records into the audit log, kept for years, and the
+    report's totals counted each."""
+    path, _, _ = delivered
+    policy = load(path)
+    most = max(listener.max_recipients for listener in policy.listeners) + 1  # the copy
+    failures = tuple(Failure(f"x{n}@example.org", "5.1.1") for n in range(most + 500))
+    lines = _act(policy, Report(BOUNCE, failures, message_id="<nope@x>"))
+    assert len(lines) == most + 2
+    assert lines[-1] == (
+        f"500 more recipient(s) not acted on: a report is taken for at most {most},"
+        " as many as one message goes to"
+    )
+    bounced = [r for r in _records(policy) if r["event"] == "bounced"]
+    assert [r["recipient"] for r in bounced] == [f.recipient for f in failures[:most]]
+    report = relay_cli(path, "audit", "report", "--format", "json")
+    rows = [json.loads(line) for line in report.stdout.splitlines()]
+    assert sum(r["bounced"] for r in rows) == 0  # about no message of the relay's

@@ -678,7 +678,9 @@ def report(
     the tenant of the message it is about. ``deleted`` counts the recipients
     ``relay queue delete`` removed before they were delivered: at the end, not
     beside the other final states, so the columns scripts know keep their
-    places.
+    places. A bounce or complaint with no queue ID (``relay bounce`` found no
+    message, or several tenants') counts nowhere: anyone can write one, and
+    a forged report naming thousands swelled the ``?`` row.
     """
     window = _Window.of(since, until)
     first = _back(window.first_day, lookback_days) if window.first_day else None
@@ -710,6 +712,8 @@ def report(
                         owner[link.group(1).decode()] = (about[0], events.NOTICE_TYPE)
                 elif not early and (event.decode() in COUNTED or event == b"deleted"):
                     if not window.since <= head.group(1).decode() < window.until:
+                        continue
+                    if head.group(3) is None:  # a report about no message of the relay's
                         continue
                     queue_id = (head.group(3) or b"").decode()
                     key = owner.get(queue_id)

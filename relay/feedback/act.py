@@ -31,6 +31,7 @@ from relay.suppression import COMPLAINT, Suppression, SuppressionFile, Suppressi
 
 LOOKBACK_DAYS = 30  # a complaint may come weeks later; a bounce within the queues' lifetimes
 PERMANENT_UNKNOWN = "5.0.0"  # RFC 3463: a permanent failure the report gives no code for
+DEFAULT_RECIPIENTS = 100  # the listeners' max_recipients when the policy has none
 _USERS_OWN = (
     "the relay's notices and copies are the user's; a mailbox really gone is taken"
     " out of the policy"
@@ -206,7 +207,39 @@ def act(
     when the state cannot take it (the mail system then tries again later).
     The list comes first (a line written twice is harmless, an address left
     off is mailed again), then the records, then the notice: a retry after a
-    failed write must not tell the sender twice."""
+    failed write must not tell the sender twice.
+
+    A report is acted on for as many recipients as one message of the relay's
+    goes to (``most_recipients``), the rest said in one line: one forged
+    report naming 20,000 wrote as many records into the audit log, kept for
+    years, and as many lines into the system log."""
+    most = most_recipients(policy)
+    bounded = dataclasses.replace(report, failures=report.failures[:most])
+    outcome = _act(policy, bounded, recorder, suppressions, spool, clock)
+    beyond = len(report.failures) - most
+    if beyond > 0:
+        outcome.warn(
+            f"{beyond} more recipient(s) not acted on: a report is taken for at most"
+            f" {most}, as many as one message goes to"
+        )
+    return outcome
+
+
+def most_recipients(policy: Policy) -> int:
+    """The most recipients one message of the relay's has: the listeners' largest
+    ``max_recipients``, and the sender's automatic copy."""
+    most = max((listener.max_recipients for listener in policy.listeners), default=None)
+    return (most or DEFAULT_RECIPIENTS) + 1
+
+
+def _act(
+    policy: Policy,
+    report: Report,
+    recorder: Recorder,
+    suppressions: SuppressionFile,
+    spool: Spool,
+    clock: Callable[[], float],
+) -> Outcome:
     try:
         original = find_original(policy.audit.directory, report)
     except Ambiguous as exc:
@@ -270,7 +303,7 @@ def _by_recipient(
             mine.setdefault(found.queue_id, []).append(failure)
     outcome = _unattributed(policy, report, left, recorder, ambiguous)
     for failures in mine.values():
-        part = act(
+        part = _act(
             policy,
             dataclasses.replace(report, failures=tuple(failures)),
             recorder,
