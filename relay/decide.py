@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from relay.classify import Classification
 from relay.errors import HeaderInjection
-from relay.headers import format_address
+from relay.headers import format_address, split_at
 from relay.identify import Identity, a_label_address
 from relay.message import MessageView, decode
 from relay.policy.model import (
@@ -261,8 +261,25 @@ def _written_as(view: MessageView, name: str, address: str) -> bool:
     found = _PLAIN_MAILBOX.fullmatch(plain)
     if found is None or found["address"].lower() != address.lower():
         return False
+    if not plain.isascii() and not _utf8_from(view.raw):
+        return False
     shown = found["name"]
     return (shown[1:-1] if shown.startswith('"') else decode(shown)) == name
+
+
+def _utf8_from(raw: bytes) -> bool:
+    """Whether the From's bytes are UTF-8, as receivers read 8-bit header bytes
+    (RFC 6532). A name in Latin-1 bytes is read here as Windows-1252 and said
+    the user's name, but kept byte for byte it showed as mojibake, and a
+    parser noted undecodable bytes; written again, it is encoded."""
+    fields, _ = split_at(raw)
+    found = [one.raw for one in fields if one.name.lower() == "from"]
+    try:
+        for value in found:
+            value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return bool(found)
 
 
 def _writable(name: str) -> str:

@@ -3,6 +3,8 @@ a verified domain with its own DKIM key (as Planfix sends per brand)."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 from pathlib import Path
 
 import dkim
@@ -128,6 +130,32 @@ def test_a_from_that_already_says_the_users_name_and_address_is_kept_byte_for_by
     assert f"\r\nFrom: {written}\r\n".encode() in p.message
     assert dkimpy_each(p.message, records)[-1], "the ERP's own signature"
     assert "From kept as the message wrote it" in " ".join(p.decision.reasons)
+
+
+@pytest.mark.parametrize(
+    ("written", "address", "name"),
+    [
+        (b"Anna S\xf8rensen <anna@planfix.example>", "anna@planfix.example", "Anna Sørensen"),
+        (b"Verkauf B\xfccher <sales@brandb.example>", "sales@brandb.example", "Verkauf Bücher"),
+    ],
+    ids=["users-own", "brand-alias"],
+)
+def test_a_from_in_latin1_bytes_is_written_again_encoded(
+    policy_file: Path, written: bytes, address: str, name: str
+) -> None:
+    """Read as Windows-1252, the name was the user's, and the From went out
+    byte for byte: receivers read the bytes as UTF-8 and showed mojibake."""
+    policy = brands(policy_file)
+    policy.write_text(policy.read_text().replace("name: Anna Sales", "name: Anna Sørensen"))
+    p = run(
+        policy, b"From: " + written + b"\r\n" + msg(*BASE[1:]), mail_from="anna@planfix.example"
+    )
+    head = p.message.split(b"\r\n\r\n", 1)[0]
+    assert written not in head and head.isascii()
+    parsed = email.message_from_bytes(p.message, policy=email.policy.default)
+    assert str(parsed["From"]) == f"{name} <{address}>"
+    assert not parsed["From"].defects
+    assert "From kept as the message wrote it" not in " ".join(p.decision.reasons)
 
 
 def test_a_from_with_another_name_is_written_as_the_policy_has_it(policy_file: Path) -> None:
