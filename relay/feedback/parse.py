@@ -26,6 +26,7 @@ from flufl.bounce._interfaces import BounceDetector, Recipients
 from flufl.bounce._scan import _DETECTORS
 
 from relay.feedback.report import BOUNCE, COMPLAINT, Failure, Report
+from relay.identify import a_label_address
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,12 @@ _GLOBAL = {
 
 
 # RFC 6533's address type for a recipient in a global status part, which
-# flufl.bounce passes over; an address it cannot take in ASCII it skips anyway
+# flufl.bounce passes over; the address up to the end of the field
 _UTF8_TYPED = re.compile(
-    rb"^((?:Final|Original)-Recipient[ \t]*:[ \t]*)utf-8[ \t]*;", re.IGNORECASE | re.MULTILINE
+    rb"^((?:Final|Original)-Recipient[ \t]*:[ \t]*)utf-8[ \t]*;([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",
+    re.IGNORECASE | re.MULTILINE,
 )
+_HEX_POINT = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")  # RFC 6533 3: a character as \x{FC}
 
 
 class _Read(Message):
@@ -122,9 +125,25 @@ def _as_classic(msg: Message) -> None:
                 body = inner.get_payload(decode=True)
                 data = body if isinstance(body, bytes) else b""
                 if classic == "message/delivery-status":
-                    data = _UTF8_TYPED.sub(rb"\1rfc822;", data)
+                    data = _UTF8_TYPED.sub(_as_rfc822, data)
                 head = f"Content-Type: {classic}\r\n\r\n".encode()
                 payload[at] = BytesParser(policy=compat32).parsebytes(head + data)
+
+
+def _as_rfc822(typed: re.Match[bytes]) -> bytes:
+    """A UTF-8 address as the relay sent to it, its domain in the xn-- form:
+    it sends to ASCII addresses only, and the one in the report (a server
+    that speaks SMTPUTF8 writes the Unicode form) matched none of them. One
+    whose local part is not ASCII stays UTF-8, which flufl.bounce skips
+    (``_not_ascii``)."""
+    written = " ".join(typed[2].decode("utf-8", "replace").split())
+    address = a_label_address(_HEX_POINT.sub(_character, written)) or written
+    return typed[1] + b"rfc822; " + address.encode("utf-8", "surrogatepass")
+
+
+def _character(escaped: re.Match[str]) -> str:
+    point = int(escaped[1], 16)
+    return escaped[0] if point > 0x10FFFF or 0xD800 <= point <= 0xDFFF else chr(point)
 
 
 def _is_feedback_report(msg: Message) -> bool:
@@ -140,6 +159,7 @@ def _bounce(msg: Message) -> Report | None:
     if not blocks and _says_warning(msg, own):
         return None
     recipients = _permanent_failures(msg, None if blocks else own)
+    recipients = sorted({*recipients, *_not_ascii(blocks)}, key=str.lower)
     if not recipients:
         return None
     failures = _failures(recipients, blocks, own)
@@ -210,6 +230,23 @@ def _failed(view: Message) -> Recipients:
         if temporary or permanent:
             return permanent
     return frozenset()
+
+
+def _not_ascii(blocks: list[Message]) -> list[str]:
+    """The failed recipients whose local part is not ASCII (RFC 6533), which
+    flufl.bounce skips: no recipient of the relay's, which sends to ASCII
+    addresses only, but a report about them alone is a bounce that names
+    nobody the message went to, not "neither a bounce nor a complaint"."""
+    found: list[str] = []
+    for block in blocks:
+        if not (_value(block, "Action") or "").lower().startswith(("fail", "error")):
+            continue
+        written = [*_values(block, "Original-Recipient"), *_values(block, "Final-Recipient")]
+        typed = [v for v in written if v.lower().startswith("rfc822")]
+        address = _address(_untyped(typed[0])) if typed else ""
+        if address and not address.isascii():
+            found.append(address)
+    return found
 
 
 def _transient(own: str) -> list[str]:
