@@ -369,9 +369,9 @@ def _suppression_parsers(sub: argparse._SubParsersAction) -> None:
 
 _ADDRESSES_HELP = "an address, or - for those on stdin, one a line (blank lines skipped)"
 _LIST_STATUS = (
-    "Exit status: 0 something listed, 1 nothing matched, 2 an address that is not ASCII"
-    " (a domain in its xn-- form is), 66 the list cannot be read, 78 the policy does not"
-    " load."
+    "Exit status: 0 something listed, 1 nothing matched, 2 an address whose local part is"
+    " not ASCII (a domain in Unicode is taken in its xn-- form), 66 the list cannot be"
+    " read, 78 the policy does not load."
 )
 _ADD_STATUS = (
     "Exit status: 0 done (an address already listed for that scope is left as it is),"
@@ -380,7 +380,8 @@ _ADD_STATUS = (
 )
 _REMOVE_STATUS = (
     "Exit status: 0 done, 1 an address named had no entry (the others are removed),"
-    " 2 an address that is not ASCII (nothing removed), 66 the list cannot be read,"
+    " 2 an address whose local part is not ASCII (nothing removed), 66 the list cannot be"
+    " read,"
     " 73 it cannot be written, 78 the policy does not load."
 )
 

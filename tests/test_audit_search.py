@@ -960,6 +960,40 @@ def test_a_tenant_user_or_type_the_policy_does_not_name_is_searched_with_a_note(
     )
 
 
+def test_an_address_with_its_domain_in_unicode_is_searched_in_the_xn_form(
+    policy_file: Path,
+) -> None:
+    """The relay sends to, and records, the xn-- form; ``--recipient`` with the
+    address as the customer's mail shows it found nothing, and said nothing."""
+    directory = policy_file.parent / "state" / "audit"
+    clock = build(directory)
+    clock.advance(days=3)
+    rcpts = ["kunde@xn--bcher-kva.example"]
+    AuditLog(directory, clock=clock).append(
+        received(("Q0000000000000B1", "<b-1@erp.acme.example>"), "acme", "kari", "invoice", rcpts)
+    )
+    policy_file.write_text(
+        policy_file.read_text().replace(
+            "aliases: [salg@acme.example]",
+            "aliases: [salg@acme.example, shop@xn--bcher-kva.example]",
+        )
+    )
+    as_xn = _search_cli(policy_file, "--recipient", rcpts[0], "--format", "json")
+    assert as_xn.returncode == 0, as_xn.stderr
+    for given in ("kunde@bücher.example", "<Kunde@BÜCHER.example>"):
+        found = _search_cli(policy_file, "--recipient", given, "--format", "json")
+        assert (found.returncode, found.stdout, found.stderr) == (0, as_xn.stdout, ""), given
+    found = _search_cli(policy_file, "--user", "shop@bücher.example", "--format", "json")
+    assert found.returncode == 0, found.stderr
+    assert [json.loads(line)["queue_id"] for line in found.stdout.splitlines()] == [
+        "Q0000000000000B1"
+    ]
+    assert found.stderr == (
+        "note: 'shop@bücher.example' is an address of user 'kari' of tenant 'acme';"
+        " --user takes the ID: searching for that user\n"
+    )
+
+
 def test_a_note_about_a_provider_policy_names_the_near_miss_not_every_tenant(
     policy_file: Path,
 ) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from relay.audit import events
+from relay.identify import a_label_address
 from relay.policy.model import DEFAULT_DOC_TYPE, Policy
 from relay.policy.schema import hint
 
@@ -79,7 +80,8 @@ def _user(policy: Policy, found: Filters, user: str) -> None:
                 f" --tenant picks one: {AS_GIVEN}"
             )
         return
-    ref = policy.addresses.get(user.lower()) if "@" in user else None
+    address = (a_label_address(user) or user) if "@" in user else ""
+    ref = policy.addresses.get(address.lower()) if address else None
     if ref is not None:
         said = f"{user!r} is an address of user {ref.user!r} of tenant {ref.tenant!r}"
         if found.tenant in (None, ref.tenant):

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.audit import events, reader
+from relay.identify import a_label_address
 
 LOOKBACK_DAYS = 30
 _RECEIVED = b'"event":"received"'
@@ -377,9 +378,12 @@ _MSG_ID = re.compile(r"<([^<>]*)>")
 
 def _address(text: str) -> str:
     """An address as the records hold it: bare, though given as ``<a@b>``, the
-    form of an envelope, a header and the records' own Message-IDs."""
+    form of an envelope, a header and the records' own Message-IDs; its domain
+    in the xn-- form the relay sends to (it takes no other), where a helpdesk
+    pastes ``kunde@bücher.example`` from the customer's mail and found nothing."""
     text = text.strip()
-    return text[1:-1].strip() if text.startswith("<") and text.endswith(">") else text
+    bare = text[1:-1].strip() if text.startswith("<") and text.endswith(">") else text
+    return a_label_address(bare) or bare
 
 
 def _may_own(line: bytes, needles: list[bytes], parent_needles: list[bytes] | None) -> bool:

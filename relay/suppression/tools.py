@@ -6,7 +6,8 @@ tested without a process. ``list`` exits like grep: 0 something listed, 1
 nothing matched. ``add`` and ``remove`` print one line per change; ``remove``
 exits 1 when an address named had no entry, as the queue tools do for an
 unknown ID, having removed the others. Each takes an address as ``add``
-does: without the spaces around it, and one that is not ASCII refused (2).
+does: without the spaces around it, its domain in the xn-- form, and one
+that is not ASCII then refused (2).
 """
 
 from __future__ import annotations
@@ -198,8 +199,17 @@ def _refusal(
 
 
 def _taken(addresses: Sequence[str]) -> list[str]:
-    """A space pasted with an address (``'gone@example.org '``) is no part of it."""
-    return [address.strip() for address in addresses]
+    """A space pasted with an address (``'gone@example.org '``) is no part of it.
+    A domain in Unicode is taken in its xn-- form, the one the relay sends to
+    and lists (``relay audit search`` takes it so too): refused, it was said to
+    be no address, without the form to use."""
+    return [_a_label(address.strip()) for address in addresses]
+
+
+def _a_label(address: str) -> str:
+    from relay.identify import a_label_address
+
+    return a_label_address(address) or address
 
 
 def _unlistable(addresses: Sequence[str]) -> str | None:
@@ -214,8 +224,16 @@ def _unlistable(addresses: Sequence[str]) -> str | None:
 
 
 def _not_an_address(address: str) -> str:
-    ascii_only = "" if address.isascii() else " (ASCII only: a domain in its xn-- form)"
-    return f"{address!r} is not an address like name@example.com{ascii_only}"
+    return f"{address!r} is not an address like name@example.com{_not_ascii(address)}"
+
+
+def _not_ascii(address: str) -> str:
+    """What is not ASCII once its domain is in the xn-- form (``_taken``)."""
+    if address.isascii():
+        return ""
+    if not address.rpartition("@")[0].isascii():
+        return " (ASCII only before the @: the relay sends to no other address)"
+    return " (its domain has no xn-- form)"
 
 
 def _unique(addresses: Iterable[str]) -> list[str]:
