@@ -136,14 +136,18 @@ def _as_rfc822(typed: re.Match[bytes]) -> bytes:
     that speaks SMTPUTF8 writes the Unicode form) matched none of them. One
     whose local part is not ASCII stays UTF-8, which flufl.bounce skips
     (``_not_ascii``)."""
-    written = " ".join(typed[2].decode("utf-8", "replace").split())
-    address = a_label_address(_HEX_POINT.sub(_character, written)) or written
-    return typed[1] + b"rfc822; " + address.encode("utf-8", "surrogatepass")
+    written = _HEX_POINT.sub(_character, " ".join(typed[2].decode("utf-8", "replace").split()))
+    address = a_label_address(written) or written
+    return typed[1] + b"rfc822; " + address.encode()
 
 
 def _character(escaped: re.Match[str]) -> str:
+    """The character, where it can be one of an address: a line end would start
+    another field of the block."""
     point = int(escaped[1], 16)
-    return escaped[0] if point > 0x10FFFF or 0xD800 <= point <= 0xDFFF else chr(point)
+    if point < 0x21 or point == 0x7F or point > 0x10FFFF or 0xD800 <= point <= 0xDFFF:
+        return escaped[0]
+    return chr(point)
 
 
 def _is_feedback_report(msg: Message) -> bool:
