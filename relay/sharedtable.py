@@ -8,7 +8,9 @@ of the user's. An 8-byte store is one machine word: a reader sees a word
 whole. A slot is never emptied again, so no probe chain is ever cut; the
 owner may give a slot to another key when ``reclaimable`` says its words
 count for nothing any more, and a reader then finds the old key nowhere,
-which is what those words said.
+which is what those words said. A full row may give one away that still
+counts, when the owner says (``rank``) which of a few count least; its
+readers lose what it said, as the owner chose.
 
 Used for the tenants' hourly recipients (``ratelimit``), the clients'
 open connections (``ingress.clientlimit``) and failed logins
@@ -21,6 +23,8 @@ import hashlib
 import logging
 import mmap
 from collections.abc import Callable, Iterator
+
+EVICT_AMONG = 16  # slots that may be given away a full row compares, from the key's place
 
 log = logging.getLogger("relay")
 
@@ -60,36 +64,79 @@ class Row:
             if base is not None:
                 yield base
 
-    def own(self, key: int, reclaimable: Callable[[int], bool] | None = None) -> int | None:
-        """The base of ``key``'s slot in this worker's row, claimed if need be; None
-        when the row is full (said in the log once). A worker started in the place
-        of one that ended finds the slots it left."""
+    def mine(self, key: int) -> int | None:
+        """The base of ``key``'s slot in this worker's row, if it has one."""
         base = self._own.get(key)
         if base is None:
             base = self._find(self.index, key)
-            if base is None:
-                base = self._claim(key, reclaimable)
+            if base is not None:
+                self._own[key] = base
+        return base
+
+    def own(
+        self,
+        key: int,
+        reclaimable: Callable[[int], bool] | None = None,
+        rank: Callable[[int], tuple[int, ...] | None] | None = None,
+    ) -> int | None:
+        """The base of ``key``'s slot in this worker's row, claimed if need be; None
+        when the row is full (said in the log once, unless ``rank`` is given: the
+        caller says it). A worker started in the place of one that ended finds
+        the slots it left. ``rank``: how much a slot in use still counts, None
+        for one never to give away; with it a full row gives ``key`` the slot
+        that counts least of the first ``EVICT_AMONG`` it may give, looked for
+        from ``key``'s place so that its probes stay short."""
+        base = self.mine(key)
+        if base is None:
+            base = self._claim(key, reclaimable)
+            if base is None and rank is not None:
+                base = self._evict(key, rank)
+            elif base is None and not self._full_said:
+                table = self.table
+                log.error(
+                    "%s: %d keys in a worker's table, no room for more", table.name, table.slots
+                )
+                self._full_said = True
             if base is not None:
                 self._own[key] = base
         return base
 
     def _claim(self, key: int, reclaimable: Callable[[int], bool] | None) -> int | None:
+        for at in self._probes(key):
+            header = self.words[at]
+            if header == 0 or (reclaimable is not None and reclaimable(at + 1)):
+                return self._give(at, key)
+        return None
+
+    def _evict(self, key: int, rank: Callable[[int], tuple[int, ...] | None]) -> int | None:
+        """Past slots never to give away, as many as it takes: stopping at some
+        would let one client fill the places near a key's with locked ones."""
+        ranked = []
+        for at in self._probes(key):
+            order = rank(at + 1)
+            if order is not None:
+                ranked.append((order, at))
+                if len(ranked) == EVICT_AMONG:
+                    break
+        return self._give(min(ranked)[1], key) if ranked else None
+
+    def _probes(self, key: int) -> Iterator[int]:
+        """Where the headers of this row's slots are, in ``key``'s probe order."""
         table = self.table
         start = key % table.slots
         for probe in range(table.slots):
-            at = (self.index * table.slots + (start + probe) % table.slots) * table.stride
-            header = self.words[at]
-            if header != 0 and (reclaimable is None or not reclaimable(at + 1)):
-                continue
-            if header != 0:
-                self._own = {k: b for k, b in self._own.items() if b != at + 1}
-                self.words[at + 1 : at + table.stride] = _zeros(table.stride - 1)
-            self.words[at] = key
-            return at + 1
-        if not self._full_said:
-            log.error("%s: %d keys in a worker's table, no room for more", table.name, table.slots)
-            self._full_said = True
-        return None
+            yield (self.index * table.slots + (start + probe) % table.slots) * table.stride
+
+    def _give(self, at: int, key: int) -> int:
+        """The slot with its header at ``at``, emptied, is ``key``'s now: its old
+        key's readers find it nowhere (its words zeroed first, what they said
+        read as nothing meanwhile)."""
+        table = self.table
+        if self.words[at] != 0:
+            self._own = {k: b for k, b in self._own.items() if b != at + 1}
+            self.words[at + 1 : at + table.stride] = _zeros(table.stride - 1)
+        self.words[at] = key
+        return at + 1
 
     def _find(self, index: int, key: int) -> int | None:
         table = self.table

@@ -54,3 +54,24 @@ def test_a_full_row_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
         assert row.own(key_of("three")) is None
     said = [r.getMessage() for r in caplog.records]
     assert said == ["client limits: 1 keys in a worker's table, no room for more"]
+
+
+def test_a_full_row_gives_the_slot_that_counts_least_never_a_kept_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    table = SharedTable("test", rows=2, slots=3, width=1)
+    row, reader = table.row(0), table.row(1)
+    keys = [key_of(name) for name in ("one", "two", "three")]
+    for key, count in zip(keys, (5, 2, 9), strict=True):
+        table.words[row.own(key)] = count  # type: ignore[index]
+
+    def rank(base: int) -> tuple[int, ...] | None:
+        return None if table.words[base] == 2 else (table.words[base],)
+
+    with caplog.at_level(logging.ERROR, logger="relay"):
+        taken = row.own(key_of("four"), lambda base: False, rank)
+        assert taken is not None and table.words[taken] == 0
+        assert list(reader.found(keys[0])) == []  # 5: the least that may go
+        assert [table.words[b] for b in reader.found(keys[1])] == [2]
+        assert row.own(key_of("five"), None, lambda base: None) is None  # none may go
+    assert caplog.records == []  # the caller says it, knowing why
