@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from relay.errors import SmtpReply
 from relay.ingress import Ingress, bind, start
 from relay.ingress.authlimit import AuthFailures
+from relay.ingress.clientlimit import ClientRow
 from relay.ingress.diskspace import DiskGuard
 from relay.policy.model import Listener, Policy
 from relay.submission import Submission
@@ -60,9 +61,11 @@ class Relay:
         policy: Policy | None = None,
         failures: AuthFailures | None = None,
         disk: DiskGuard | None = None,
+        clients: ClientRow | None = None,
     ) -> None:
         self.process = process or Recorder()
         self.disk = disk
+        self.clients = clients  # open connections counted (``max_connections_per_client``)
         self.refused: list[tuple[Submission, SmtpReply]] = []  # what would go on record
         # failed logins answered at once unless a test asks for the real delay
         self.failures = failures or AuthFailures(delay=0.0)
@@ -92,6 +95,7 @@ class Relay:
                 self.failures,
                 refused=self._refused,
                 disk=self.disk,
+                clients=self.clients,
             )
         )
         return self

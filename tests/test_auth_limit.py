@@ -115,6 +115,78 @@ def test_addresses_past_the_tables_room_are_not_counted_until_a_slot_is_done() -
     assert failures.failed("192.0.2.3") is False and failures.failed("192.0.2.3") is True
 
 
+def test_the_addresses_of_one_ipv6_64_are_counted_as_one_client() -> None:
+    """Counted one by one, a host with a /64 changed address after each lock
+    and guessed without end."""
+    clock = Clock()
+    failures = AuthFailures(per_client=3, window=60.0, clock=clock)
+    assert not failures.failed("2001:db8:1:2::1")
+    assert not failures.failed("2001:db8:1:2::2")
+    assert failures.failed("2001:db8:1:2:ffff:ffff:ffff:fffe")
+    assert failures.locked("2001:db8:1:2::7") == 60.0
+    assert failures.locked("2001:db8:1:3::1") == 0.0  # another site's /64
+
+
+def test_an_ipv4_mapped_address_is_counted_as_its_ipv4_address() -> None:
+    clock = Clock()
+    failures = AuthFailures(per_client=3, window=60.0, clock=clock)
+    failures.failed("::ffff:192.0.2.1")
+    failures.failed("192.0.2.1")
+    assert failures.failed("::ffff:192.0.2.1")
+    assert failures.locked("192.0.2.1") == 60.0
+    assert failures.locked("::ffff:192.0.2.2") == 0.0
+
+
+def test_a_table_full_of_one_failure_each_still_locks_a_guesser() -> None:
+    """Past the row's room a failure was not counted: one failure each from as
+    many addresses of one /64 as the row holds switched the lock-out off."""
+    clock = Clock()
+    failures = AuthFailures(per_client=3, window=600.0, clients=8, clock=clock)
+    for n in range(8):
+        clock.now += 1.0
+        failures.failed(f"192.0.2.{n}")
+    clock.now += 1.0
+    assert [failures.failed("198.51.100.1", "erp-acme") for _ in range(3)] == [False, False, True]
+    assert failures.locked("198.51.100.1") == 600.0
+    assert failures.locked("192.0.2.0") == 0.0  # the oldest, given up for it
+
+
+def test_a_full_table_gives_up_no_locked_client(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    failures = AuthFailures(per_client=2, window=60.0, clients=3, clock=clock)
+    for n in range(3):
+        failures.failed(f"192.0.2.{n}")
+        failures.failed(f"192.0.2.{n}")
+    with caplog.at_level(logging.ERROR, logger="relay"):
+        assert not failures.failed("192.0.2.9") and not failures.failed("192.0.2.9")
+    assert [failures.locked(f"192.0.2.{n}") > 0 for n in range(3)] == [True, True, True]
+    assert failures.locked("192.0.2.9") == 0.0
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "failed logins: each of the 3 clients in a worker's table is locked out,"
+        " the failures of others are not counted for 60 s"
+    ]
+
+
+def test_a_full_table_keeps_the_success_that_forgives_an_erps_typos() -> None:
+    """Given up, the success made another worker's forgiven failures count
+    again, and one more locked a legitimate client out."""
+    clock, shared = Clock(), table(2, per_client=3, clients=8)
+    one, two = (
+        AuthFailures(per_client=3, window=600.0, clock=clock, shared=shared.row(i))
+        for i in range(2)
+    )
+    one.failed("192.0.2.1", "erp-acme")
+    one.failed("192.0.2.1", "erp-acme")
+    clock.now += 1.0
+    two.succeeded("192.0.2.1", "erp-acme")
+    for n in range(2 * 7):  # the rest of worker two's row, then as many again
+        clock.now += 1.0
+        two.failed(f"10.0.0.{n}")
+    clock.now += 1.0
+    assert one.failed("192.0.2.1", "erp-acme") is False
+
+
 def test_failures_in_every_worker_count_together() -> None:
     """The kernel hands each connection to any worker: counted apart, a client
     would get its tries once a worker."""
@@ -273,6 +345,34 @@ def test_a_locked_client_gets_454_without_a_check_also_on_a_new_connection(
             assert raw.cmd(plain("erp-acme", "demo-password")).startswith("235 ")
     assert "AUTH locked client=127.0.0.1: 3 failed logins in 600 s" in caplog.text
     assert caplog.text.count("AUTH failed client=127.0.0.1") == 3
+
+
+def test_an_ipv6_client_is_locked_with_its_64_and_logged_by_its_address(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The reply names what is locked, the log line the address fail2ban bans."""
+    failures = AuthFailures(per_client=3, window=600.0, delay=0.0, clock=Clock())
+    failures.failed("::5", "erp-acme")  # other addresses of the client's /64
+    failures.failed("::6", "erp-acme")
+    on_ipv6 = listener(address="::1", allow=("::1/128",))
+    with Relay([on_ipv6], failures=failures) as relay, Raw(relay.port, host="::1") as raw:
+        raw.ehlo()
+        assert raw.cmd(plain("erp-acme", "guess")).startswith("535 5.7.8 ")
+        reply = raw.cmd(plain("erp-acme", "demo-password"))
+    assert reply == "454 4.7.0 Too many failed logins from ::/64, try again in 600 seconds"
+    assert "AUTH failed client=::1 login='erp-acme'" in caplog.text
+    assert "AUTH locked client=::1: 3 failed logins in 600 s" in caplog.text
+
+
+def test_a_real_client_is_locked_with_the_table_full_of_others() -> None:
+    failures = AuthFailures(per_client=3, window=600.0, delay=0.0, clients=8, clock=Clock())
+    for n in range(8):
+        failures.failed(f"2001:db8:{n}::1")
+    with Relay([listener()], failures=failures) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        for _ in range(3):
+            assert raw.cmd(plain("erp-acme", "guess")).startswith("535 5.7.8 ")
+        assert raw.cmd(plain("erp-acme", "demo-password")).startswith("454 4.7.0 ")
 
 
 def test_an_answer_to_a_challenge_left_open_while_locked_gets_454_and_counts_nothing() -> None:

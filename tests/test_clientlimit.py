@@ -9,11 +9,14 @@ import signal
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from relay.ingress.clientlimit import ClientCounts
+from relay.ingress.clientlimit import ClientCounts, counted_as
+from tests import ingress_harness
+from tests.minimal_policy import listener
 from tests.test_workers import Relay, configure, free_port, serving
 
 BURST = 200
@@ -34,6 +37,37 @@ def test_every_worker_reads_what_the_others_have_open() -> None:
     counts.row(0).clear()  # worker 0's replacement: its connections ended with it
     assert second.open("local", "192.0.2.7") == 0
     assert second.open("submission", "192.0.2.7") == 1
+
+
+@pytest.mark.parametrize(
+    ("client", "counted"),
+    [
+        ("2001:db8:1:2::7", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),
+        ("192.0.2.7", "192.0.2.7"),
+        ("?", "?"),
+    ],
+)
+def test_an_ipv6_client_is_counted_by_its_64_a_mapped_one_as_ipv4(
+    client: str, counted: str
+) -> None:
+    assert counted_as(client) == counted
+
+
+def test_connections_from_another_address_of_the_64_count_for_the_client() -> None:
+    """Counted by address, a host with a /64 opened a connection from each of
+    as many addresses as it liked, and met no limit."""
+    clients = ClientCounts(1).row(0)
+    limited = replace(listener(address="::1", allow=("::1/128",)), max_connections_per_client=1)
+    with ingress_harness.Relay([limited], clients=clients) as relay:
+        assert clients.enter(limited.name, counted_as("::2"))  # open from ::2 meanwhile
+        with ingress_harness.Raw(relay.port, host="::1") as raw:
+            assert raw.greeting == ["421 4.7.0 Too many connections from ::/64, try again later"]
+        clients.leave(limited.name, counted_as("::2"))
+        with ingress_harness.Raw(relay.port, host="::1") as raw:
+            assert raw.greeting[0].startswith("220 ")
 
 
 def _relay(policy_file: Path, tmp_path: Path, limits: str) -> Iterator[Relay]:

@@ -25,6 +25,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session
 from relay import tally
 from relay.ingress.authcache import Verified
 from relay.ingress.authlimit import TOO_MANY_AS, TOO_MANY_FROM, AuthFailures
+from relay.ingress.clientlimit import counted_as
 from relay.passwd import hash_password, verify_password
 from relay.policy.model import Listener, Policy
 from relay.tally import TallyRow
@@ -114,11 +115,12 @@ class Mechanisms:
         return self._lock_reply(peer, wait) if wait else None
 
     def _lock_reply(self, peer: str, wait: float) -> AuthResult:
-        """The login name is not in the reply: it is the client's, any bytes."""
+        """The login name is not in the reply: it is the client's, any bytes. The
+        reply names what is locked (an IPv6 client's /64), the log the address."""
         log.debug("AUTH refused client=%s: too many failed logins", peer)
         self._count("locked")
         text = TOO_MANY_FROM if self._failures.address_locked(peer) else TOO_MANY_AS
-        reply = text.format(client=peer, wait=max(round(wait), 1))
+        reply = text.format(client=counted_as(peer), wait=max(round(wait), 1))
         return AuthResult(success=False, handled=False, message=reply)
 
     async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:

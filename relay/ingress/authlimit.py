@@ -24,24 +24,32 @@ kernel hands connections to any worker, so the failures are in a
 the last success of as many logins as all workers' failures may name, and
 every worker reads them all, so a client gets its tries once, not once a
 worker.
-The log line of each failure names the client for fail2ban.
+A client is counted by ``clientlimit.counted_as``: an IPv6 one by its /64,
+whose 2**64 addresses got their tries each. A full row gives the slot of the
+client that counts least to a new one, never a locked client's: past the
+row's room the failures went uncounted, so one host with a /64 filled it
+and switched the lock-out off for everyone.
+The log line of each failure names the client's address for fail2ban.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable
 
-from relay.ingress.clientlimit import ClientCounts, ClientRow
+from relay.ingress.clientlimit import ClientCounts, ClientRow, counted_as
 from relay.sharedtable import Row, SharedTable, key_of
+
+log = logging.getLogger("relay")
 
 DELAY = 1.0  # seconds before a failed login's reply
 PER_CLIENT = 20  # failed logins of one address within WINDOW, at any logins: AUTH is refused
 PER_LOGIN = 10  # failed logins at one login name: that login is refused from the address
 WINDOW = 600.0  # seconds
-CLIENTS = 4096  # addresses with failures in the window, per worker; past that not counted
+CLIENTS = 4096  # clients with failures in the window, per worker; past that the least given up
 TURN_POLL = 0.05  # seconds between looks of a check waiting for its turn
 # the checks under way are counted in the connection counts' table, under a
 # name no listener has: the supervisor clears a dead worker's row there
@@ -78,6 +86,8 @@ class AuthFailures:
         self.clock = clock
         self._row = shared if shared is not None else table(1, per_client, clients).row(0)
         self._checks = checks if checks is not None else ClientCounts(1).row(0)
+        self._no_room_until = 0  # ms: each slot of the row was locked, until then at least
+        self._locks_end = 0  # ms: the soonest a locked slot looked at may be given up
 
     def locked(self, client: str, login: str | None = None) -> float:
         """Seconds until ``client`` may try again (at ``login``, when given); 0 when
@@ -112,10 +122,11 @@ class AuthFailures:
             # looked first could both take the last place (a full row: not
             # counted, as a connection), and a failure a check that has left
             # recorded in between was seen by neither
-            counted = self._checks.enter(CHECKING, client)
-            if not counted or not self._full(client, login, self._checks.open(CHECKING, client)):
+            counted = self._checks.enter(CHECKING, counted_as(client))
+            under_way = self._checks.open(CHECKING, counted_as(client))
+            if not counted or not self._full(client, login, under_way):
                 return True
-            self._checks.leave(CHECKING, client)
+            self._checks.leave(CHECKING, counted_as(client))
             await asyncio.sleep(TURN_POLL * random.uniform(0.5, 1.5))  # not in step with them
 
     def _full(self, client: str, login: str | None, under_way: int) -> bool:
@@ -128,7 +139,7 @@ class AuthFailures:
         return len(failures) + others >= self.per_client or mine + others >= self.per_login
 
     def checked(self, client: str) -> None:
-        self._checks.leave(CHECKING, client)
+        self._checks.leave(CHECKING, counted_as(client))
 
     def failed(self, client: str, login: str | None = None) -> bool:
         """Count a failure at ``login``; whether the address or the login is
@@ -142,9 +153,9 @@ class AuthFailures:
         and each must count, or failures at the client's own login, forgiven
         later, took their places (dropped during the lock, they went
         uncounted alike)."""
-        base = self._row.own(key_of(client), self._done)
+        base = self._slot(_key(client))
         if base is not None:
-            bases = list(self._row.found(key_of(client)))
+            bases = list(self._row.found(_key(client)))
             successes = self._events(bases, SUCCESSES)
             horizon = self._now() - self._window_ms
             _, _, count = self._part(base, FAILURES)
@@ -165,19 +176,20 @@ class AuthFailures:
         again, and one more failure locked them all out. A success that
         forgives nothing is not kept; one of the same login is replaced,
         else one that forgives nothing any more."""
-        base = self._row.own(key_of(client), self._done)
-        if base is None:
-            return
         name = _login(login)
-        bases = list(self._row.found(key_of(client)))
+        bases = list(self._row.found(_key(client)))
         successes = self._events(bases, SUCCESSES)
         failures = self._events(bases, FAILURES)
         horizon = self._now() - self._window_ms
-        _, _, count = self._part(base, SUCCESSES)
-        places = range(count)
-        same = [i for i in places if self._event(base, SUCCESSES, i)[1] == name]
+        base = self._row.mine(_key(client))
+        same = [] if base is None else self._same(base, name)
         if not same and not any(_counts(f, successes, horizon) and f[1] == name for f in failures):
             return
+        base = base if base is not None else self._slot(_key(client))
+        if base is None:
+            return
+        _, _, count = self._part(base, SUCCESSES)
+        places = range(count)
 
         def forgives(i: int) -> tuple[int, int]:
             at, ok = mine = self._event(base, SUCCESSES, i)
@@ -187,6 +199,65 @@ class AuthFailures:
             ), at
 
         self._put(base, SUCCESSES, same[0] if same else min(places, key=forgives), name)
+
+    def _same(self, base: int, name: int) -> list[int]:
+        """The places of the slot at ``base`` holding a success at ``name``."""
+        _, _, count = self._part(base, SUCCESSES)
+        return [i for i in range(count) if self._event(base, SUCCESSES, i)[1] == name]
+
+    def _slot(self, key: int) -> int | None:
+        """This worker's slot for ``key``; in a full row, the slot of the client
+        that counts least. None when each slot is locked: what ``key`` did is
+        not counted, and said, once until a lock may have ended."""
+        now = self._now()
+        self._locks_end = 0
+        looking = now >= self._no_room_until
+        base = self._row.own(key, self._done, self._rank if looking else _kept)
+        if base is None and looking:
+            self._no_room_until = self._locks_end
+            log.error(
+                "failed logins: each of the %d clients in a worker's table is locked out,"
+                " the failures of others are not counted for %d s",
+                self._row.table.slots,
+                -((now - self._locks_end) // 1000),
+            )
+        return base
+
+    def _rank(self, base: int) -> tuple[int, int] | None:
+        """How much giving up the slot at ``base`` would change: its failures
+        that count, and the other workers' it forgives alone, which would count
+        again; then its newest time. None when its client is locked, or would
+        be without it: a legitimate client's forgiven typos are not to lock it
+        out."""
+        bases = list(self._row.found(self._row.words[base - 1]))
+        others = [b for b in bases if b != base]
+        horizon = self._now() - self._window_ms
+        before = self._counted(bases, bases, horizon)
+        after = self._counted(others, others, horizon)
+        end = max(self._lock_end(before), self._lock_end(after))
+        if end:
+            self._locks_end = min(self._locks_end or end, end)
+            return None
+        mine = len(self._counted([base], bases, horizon))
+        unforgiven = len(after) - (len(before) - mine)
+        return mine + unforgiven, self._newest(base)
+
+    def _counted(
+        self, bases: list[int], forgiving: list[int], horizon: int
+    ) -> list[tuple[int, int]]:
+        """The failures of the slots at ``bases`` that the successes of those at
+        ``forgiving`` leave counted, oldest first."""
+        successes = self._events(forgiving, SUCCESSES)
+        return sorted(f for f in self._events(bases, FAILURES) if _counts(f, successes, horizon))
+
+    def _lock_end(self, failures: list[tuple[int, int]]) -> int:
+        """When ``failures`` (oldest first) lock nothing any more, in ms; 0 if they
+        lock nothing now. A failure without a login name locks no login."""
+        waits = [self._wait([t for t, _ in failures], self.per_client)]
+        for name in {n for _, n in failures} - {NO_LOGIN}:
+            waits.append(self._wait([t for t, n in failures if n == name], self.per_login))
+        wait = max(waits)
+        return self._now() + int(wait * 1000) if wait else 0
 
     def _put(self, base: int, part: int, at: int, name: int) -> None:
         times, names, _ = self._part(base, part)
@@ -216,10 +287,8 @@ class AuthFailures:
     def _recent(self, client: str) -> list[tuple[int, int]]:
         """(time, login) of the address's failures still counted, every worker's,
         oldest first: within the window, and not forgiven."""
-        bases = list(self._row.found(key_of(client)))
-        successes = self._events(bases, SUCCESSES)
-        horizon = self._now() - self._window_ms
-        return sorted(f for f in self._events(bases, FAILURES) if _counts(f, successes, horizon))
+        bases = list(self._row.found(_key(client)))
+        return self._counted(bases, bases, self._now() - self._window_ms)
 
     def _event(self, base: int, part: int, i: int) -> tuple[int, int]:
         """(time, login) of place ``i``: time 0 for none (the clock starts at the boot)."""
@@ -228,17 +297,29 @@ class AuthFailures:
 
     def _events(self, bases: list[int], part: int) -> list[tuple[int, int]]:
         """Every (time, login) the slots at ``bases`` hold of ``part``."""
+        words = self._row.words
         found = []
         for base in bases:
-            _, _, count = self._part(base, part)
-            found += [e for e in (self._event(base, part, i) for i in range(count)) if e[0]]
+            times, names, count = self._part(base, part)
+            # each time read before its login, as _event: written the other way round
+            pairs = zip(words[times : times + count], words[names : names + count], strict=True)
+            found += [e for e in pairs if e[0]]
         return found
 
     def _done(self, base: int) -> bool:
         """A slot whose times are all past the window counts for nothing any more."""
-        horizon = self._now() - self._window_ms
-        events = (*self._events([base], SUCCESSES), *self._events([base], FAILURES))
-        return all(t <= horizon for t, _ in events)
+        newest = self._newest(base)
+        return newest == 0 or newest <= self._now() - self._window_ms
+
+    def _newest(self, base: int) -> int:
+        """The slot's latest time, 0 for none. Read a part at once: a full row
+        looks at each of its slots for every client new to it."""
+        words = self._row.words
+        newest = 0
+        for part in (SUCCESSES, FAILURES):
+            times, _, count = self._part(base, part)
+            newest = max(newest, *words[times : times + count])
+        return newest
 
 
 def _counts(failure: tuple[int, int], successes: list[tuple[int, int]], horizon: int) -> bool:
@@ -246,6 +327,14 @@ def _counts(failure: tuple[int, int], successes: list[tuple[int, int]], horizon:
     since (in the same millisecond included: the order is not known)."""
     t, name = failure
     return t > horizon and not any(at >= t and name == ok for at, ok in successes)
+
+
+def _kept(base: int) -> None:
+    """No slot is given up: each was locked when last looked at."""
+
+
+def _key(client: str) -> int:
+    return key_of(counted_as(client))
 
 
 def _login(name: str | None) -> int:

@@ -11,13 +11,19 @@ any worker, so a count per worker would allow that many times the limit:
 the counts are in a ``sharedtable``, a worker's row holding what it has open.
 A worker that ends loses its connections with it: the supervisor clears its
 row as it reaps it, before a replacement could take the place.
+An IPv6 client is counted by its /64 (``counted_as``), as the lock-out of
+failed logins counts it.
 """
 
 from __future__ import annotations
 
+import functools
+from ipaddress import IPv6Address, IPv6Network, ip_address
+
 from relay.sharedtable import Row, SharedTable, key_of
 
-SLOTS = 4096  # client addresses with connections open at once, per worker
+SLOTS = 4096  # clients (an IPv6 one: its /64) with connections open at once, per worker
+IPV6_PREFIX = 64  # the smallest network delegated to a site (RFC 6177): one client's
 
 TOO_MANY = "421 4.7.0 Too many connections from {client}, try again later"
 ALL_BUSY = "421 4.3.2 Too many connections, try again later"
@@ -65,6 +71,26 @@ class ClientRow:
 
     def _unused(self, base: int) -> bool:
         return self._row.words[base] == 0
+
+
+@functools.lru_cache(maxsize=4096)
+def counted_as(client: str) -> str:
+    """The client as its limits count it: an IPv6 address by its /64, an
+    IPv4-mapped one as the IPv4 address, anything else as written. A host
+    given a /64, as most are, holds 2**64 addresses: counted one by one, it
+    changed address at each limit and met none. As Postfix's
+    ``smtpd_client_ipv6_prefix_length``, shorter than its 84: a /64 is one
+    site's, which may hold several of its hosts, never another's."""
+    try:
+        address = ip_address(client)
+    except ValueError:
+        return client
+    if not isinstance(address, IPv6Address):
+        return str(address)
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    host_bits = 128 - IPV6_PREFIX
+    return str(IPv6Network((int(address) >> host_bits << host_bits, IPV6_PREFIX)))
 
 
 def _key(listener: str, client: str) -> int:

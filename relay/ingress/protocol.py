@@ -54,7 +54,7 @@ from relay import tally
 from relay.ingress import content, data
 from relay.ingress.address import plain_path
 from relay.ingress.auth import AUTH_ABORTED, BAD_BASE64, Authenticated, Mechanisms
-from relay.ingress.clientlimit import ALL_BUSY, EVERYONE, TOO_MANY, ClientRow
+from relay.ingress.clientlimit import ALL_BUSY, EVERYONE, TOO_MANY, ClientRow, counted_as
 from relay.submission import Submission
 from relay.submission import log_refused as log_message_refused
 from relay.tally import TallyRow
@@ -413,17 +413,18 @@ class RelaySMTP(SMTP):
         await super()._handle_client()
 
     def _admitted(self, address: str) -> bool:
-        """Counted open for the client and on the listener, unless the client has its
-        ``max_connections_per_client`` open already or the listener its
-        ``max_connections``. The client's limit first: a client refused for its
-        own is never counted on the listener, where it would have the others
-        refused as the listener's limit came near."""
+        """Counted open for the client (an IPv6 one by its /64, ``counted_as``) and
+        on the listener, unless the client has its ``max_connections_per_client``
+        open already or the listener its ``max_connections``. The client's limit
+        first: a client refused for its own is never counted on the listener,
+        where it would have the others refused as the listener's limit came
+        near. The log line names the address, the reply what was counted."""
         if self._clients is None:
             return True
         assert self.transport is not None
         for client, setting, limit, where, reply, reason in (
-            (address, "max_connections_per_client", self._per_client, "from it", TOO_MANY,
-             "too_many_from_client"),
+            (counted_as(str(address)), "max_connections_per_client", self._per_client, "from it",
+             TOO_MANY, "too_many_from_client"),
             (EVERYONE, "max_connections", self._most, "on it", ALL_BUSY, "too_many"),
         ):  # fmt: skip
             if limit is None or self._enter(client, limit):
@@ -437,7 +438,7 @@ class RelaySMTP(SMTP):
                 setting,
             )
             self._count(tally.REFUSED, reason)
-            self._say(reply.format(client=address).encode() + b"\r\n")  # logged above
+            self._say(reply.format(client=client).encode() + b"\r\n")  # logged above
             self._leave_counted()  # now: a burst of refusals would hold the places
             self.transport.close()
             return False
