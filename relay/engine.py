@@ -750,7 +750,11 @@ class Engine:
         pending = [r.address for r in entry.pending()]
         own = _own(entry, pending) if immediate else pending
         cut: set[str] = set()  # recipients the stop cut off before the upstream answered
-        if upstream is None:
+        if not pending:
+            # each settled at its arrival (suppressed): no upstream to ask, nor to
+            # wait for when suspended, nor to count an attempt of or call reached
+            replies: dict[str, tuple[int, str]] = {}
+        elif upstream is None:
             replies = dict.fromkeys(pending, (451, f"451 4.3.5 no upstream {entry.upstream!r}"))
         else:
             if now < deadline:  # past it, its last try is a real one

@@ -21,6 +21,7 @@ from tests.readonly import read_only
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
 from tests.spoolkit import make_entry
+from tests.test_metrics import _metrics_policy, _samples, _value
 from tests.test_queue_e2e import SMALL, audit_events, configure, relay_cli, send
 
 REFUSE = {
@@ -308,3 +309,31 @@ def test_a_bounce_from_an_upstream_no_tenant_shares_now_lists_for_the_messages_t
     assert engine._refused_for(make_entry(tenant="acme", upstream="default"), moved) is None
     assert engine._refused_for(make_entry(tenant="acme", upstream="own"), moved) == "acme"
     assert engine._refused_for(make_entry(tenant="gone", upstream="own"), moved) == "gone"
+
+
+def test_a_message_for_suppressed_recipients_only_is_no_upstream_attempt(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """It asks the upstream nothing: it was counted as a deferred attempt, which
+    the alert of docs/metrics.md on deferred attempts without a sent one took for
+    an upstream down whenever only such mail came in."""
+    with SinkServer(CountingSink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=1)
+        settings = load(policy).suppression
+        assert settings is not None
+        complaint = Suppression("angry@example.org", None, COMPLAINT, "2026-01-02T03:04:05.000Z")
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            SuppressionFile(settings.file).add([complaint])
+            queue_id = send(port, rcpts=("angry@example.org",))
+            sink.sink.wait(1)  # the sender's notice
+            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
+            samples = _samples(metrics)
+    attempts = {
+        outcome: _value(
+            samples, "relay_upstream_attempts_total", upstream="default", result=outcome
+        )
+        for outcome in ("sent", "deferred", "refused")
+    }
+    assert attempts == {"sent": 1, "deferred": 0, "refused": 0}  # the notice's only
+    assert [e for e, _ in audit_events(policy, queue_id)][-2:] == ["suppressed", "notified"]
