@@ -9,7 +9,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -517,3 +519,57 @@ def test_the_queue_tools_open_a_spool_on_a_read_only_file_system(
 
     monkeypatch.setattr(store_module, "_fsync_dir", read_only)
     assert len(list(Spool(spool.directory, create=False).entries())) == 1
+
+
+def test_an_entry_put_between_recoverys_listings_is_kept_whatever_the_clock(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daily upkeep lists the complete entries, then the files: one put in
+    between was taken for a message without its record, and with the clock
+    ahead of the files' times (a step forward, a file server's clock behind),
+    removed after its 250."""
+    entry = make_entry(size=len(MESSAGE))
+    spool.put(entry, MESSAGE)
+    monkeypatch.setattr(spool, "complete", list)  # as listed just before that put
+    now = time.time()
+    monkeypatch.setattr(store_module.time, "time", lambda: now + 7200)
+    spool.recover(min_age=3600)
+    assert spool.load(entry.queue_id) == entry
+    assert spool.read_message(entry.queue_id) == MESSAGE
+
+
+def test_a_put_under_way_keeps_its_file_from_recovery_whatever_the_clock(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its temp file went by its age alone: removed under the write, the put
+    failed and the client was refused."""
+    entry = make_entry(size=len(MESSAGE))
+    writing, go_on = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
+
+    def chunks() -> Iterator[bytes]:
+        writing.set()
+        assert go_on.wait(10)
+        yield MESSAGE
+
+    def put() -> None:
+        try:
+            spool.put_stream(entry, chunks())
+        except SpoolError as exc:
+            failed.append(exc)
+
+    writer = threading.Thread(target=put)
+    writer.start()
+    try:
+        assert writing.wait(10)
+        temps = [n for n in os.listdir(spool.directory / "msg") if n.endswith(".tmp")]
+        assert len(temps) == 1
+        now = time.time()
+        monkeypatch.setattr(store_module.time, "time", lambda: now + 7200)
+        Spool(spool.directory).recover(min_age=3600)  # another process's daily upkeep
+        assert (spool.directory / "msg" / temps[0]).exists()
+    finally:
+        go_on.set()
+        writer.join(10)
+    assert failed == []
+    assert spool.read_message(entry.queue_id) == MESSAGE

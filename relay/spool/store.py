@@ -563,10 +563,9 @@ class Spool:
                 freed = path.name.startswith(_FREE_PREFIX)
                 if (info.st_ctime if freed else info.st_mtime) >= cutoff:
                     continue
-                if freed and not _unlink_unlocked(path):
-                    continue  # a live worker's, whatever the clock says
+                if self._complete_now(path) or not _unlink_unlocked(path):
+                    continue  # a live write's, or put since the listing: not its age's to say
                 log.info("spool recovery removed %s", path)
-                _unlink_quietly(path)
         with contextlib.suppress(OSError):
             (self.directory / "lock").rmdir()  # lock files of an earlier layout, emptied above
         return len(complete)
@@ -586,6 +585,16 @@ class Spool:
                 return entry_file.read(len(RECORD_MARK)) == RECORD_MARK
         except OSError:
             return False
+
+    def _complete_now(self, path: Path) -> bool:
+        """Whether ``path`` is an entry's message or record, and the entry complete
+        now: one put between the two listings of ``recover`` was taken for an
+        orphan, and with the clock ahead of the files' times, its age did not
+        keep it from being removed after its 250."""
+        entry = path.name.removesuffix(".json") if path.parent == self._env else path.name
+        return bool(_ID.fullmatch(entry)) and (
+            self.message_path(entry).exists() and self._has_record(entry)
+        )
 
     def _leftovers(self, complete: set[str]) -> Iterator[Path]:
         """Temp and free files anywhere, changed records whose entry is gone,
@@ -663,21 +672,15 @@ class Spool:
             reused = self._reuse() if reuse else None  # locked already
             fd, tmp = reused if reused is not None else _create_temporary(name)
             if hold:
-                held = os.dup(fd)  # shares the lock of a reused file
-                if reused is None:
-                    fcntl.flock(held, fcntl.LOCK_EX)
+                held = os.dup(fd)  # shares its lock
             self._adopt(fd)
             size = _write_all(fd, chunks)
             if reused is not None:
                 os.ftruncate(fd, size)  # the old entry may have been longer
             _fsync_file(fd)
-            if reused is None:
-                os.close(fd)
-                fd = None
-            os.replace(tmp, name)  # a reused file's lock held through it: not swept
-            if fd is not None:
-                os.close(fd)
-                fd = None
+            os.replace(tmp, name)  # locked through it: no sweep takes the file meanwhile
+            os.close(fd)
+            fd = None
         except BaseException as exc:
             if fd is not None:
                 os.close(fd)
@@ -721,9 +724,11 @@ def _create_temporary(target: str) -> tuple[int, str]:
     tmp = f"{directory}/.{name}{_TMP_SUFFIX}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
-        return os.open(tmp, flags, 0o600), tmp
+        fd = os.open(tmp, flags, 0o600)
     except FileExistsError:
-        return tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=_TMP_SUFFIX)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=_TMP_SUFFIX)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held until its rename: a live write, whatever its age
+    return fd, tmp
 
 
 def _write_all(fd: int, chunks: Iterable[bytes]) -> int:
