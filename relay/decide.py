@@ -57,7 +57,7 @@ class Decision:
     from_before: str | None
     from_after: str
     reply_to_before: str | None
-    reply_to_after: str | None  # None: the message's own Reply-To is kept
+    reply_to_after: str | None  # None: the message's own Reply-To is kept; "": removed
     bcc_added: tuple[str, ...]
     recipients: tuple[str, ...]  # envelope recipients upstream, BCC included
     suppressed: tuple[tuple[str, Suppression], ...]  # recipients not sent to, and why
@@ -114,7 +114,7 @@ def decide(
             "From kept as the message wrote it: the same name and address"
             " (a signature the ERP made over it stays valid)"
         )
-    if reply_to_after is not None:
+    if reply_to_after:
         updates.append(("Reply-To", reply_to_after))
     given_id = (view.get("Message-ID") or "").strip()
     message_id, why = _message_id(given_id, f"<{token}@{policy.platform.hostname}>")
@@ -124,7 +124,7 @@ def decide(
     if not (view.get("Date") or "").strip():
         updates.append(("Date", format_datetime(now)))
         reasons.append("Date was missing: added")
-    for name, replaced in (("From", True), ("Reply-To", reply_to_after is not None)):
+    for name, replaced in (("From", True), ("Reply-To", bool(reply_to_after))):
         if replaced and len(view.get_all(name)) > 1:
             reasons.append(f"{name} appeared {len(view.get_all(name))} times: one is written")
     if view.get("Sender") is not None:
@@ -138,7 +138,11 @@ def decide(
     elif account is not None:
         mail_from = account.sender
         reasons.append(f"envelope sender is {mail_from}, the address {account.name!r} sends as")
-    edits = HeaderEdits(remove=(*_REMOVED, *policy.control_headers), set=tuple(updates))
+    removed = ("Reply-To",) if reply_to_after == "" else ()
+    edits = HeaderEdits(
+        remove=(*_REMOVED, *removed, *policy.control_headers),
+        set=tuple(updates),
+    )
 
     return Decision(
         identity=identity,
@@ -335,12 +339,30 @@ def _reply_to(
     skipped: list[str] = []
     for source in chain:
         if source.kind is ReplyToKind.KEEP:
+            if _addressless(view):
+                why = f"Reply-To not kept: the message's is empty{_NO_ADDRESS}"
+                return "", _chain_why(why, skipped)
             return None, _chain_why(_kept(view), skipped)
         value = _reply_to_value(source, identity, sender, view)
         if value is not None:
             return value, _chain_why(f"Reply-To from {_label(source)}: {value}", skipped)
         skipped.append(f"{_label(source)} {_lacks(source, view)}")
+    if _addressless(view):
+        why = f"no Reply-To source gave an address, and the message's is empty{_NO_ADDRESS}"
+        return "", _chain_why(why, skipped)
     return None, _chain_why("no Reply-To source gave an address; Reply-To left as it was", skipped)
+
+
+_NO_ADDRESS = ", which RFC 5322 3.6.2 does not allow: removed"
+
+
+def _addressless(view: MessageView) -> bool:
+    """Whether the message has a Reply-To and each is empty (``Reply-To:`` and
+    white space). Kept, it went out under the relay's signature though RFC 5322
+    wants an address, and a client may answer it to nobody; the relay fills an
+    empty Date or Message-ID for the same reason, and this it can only remove."""
+    found = view.get_all("Reply-To")
+    return bool(found) and not any(value.strip() for value in found)
 
 
 def _kept(view: MessageView) -> str:

@@ -173,7 +173,7 @@ def _report(policy: Policy, submission: Submission, prepared: Prepared) -> dict:
         "auth_login": submission.auth_login,
         "document": {"type": d.classification.doc_type, "rule": d.classification.rule},
         "from": {"before": d.from_before, "after": d.from_after},
-        "reply_to": {"before": d.reply_to_before, "after": d.reply_to_after or d.reply_to_before},
+        "reply_to": {"before": d.reply_to_before, "after": _reply_to_after(d)},
         "envelope": {"mail_from": d.mail_from, "recipients": list(d.recipients)},
         "suppressed": [
             {"recipient": address, "reason": entry.reason, "since": entry.since}
@@ -191,6 +191,13 @@ def _report(policy: Policy, submission: Submission, prepared: Prepared) -> dict:
         "reasons": list(d.reasons),
         "headers": message.header_text(b"".join(f.raw for f in fields)),
     }
+
+
+def _reply_to_after(d: Decision) -> str | None:
+    """The Reply-To as sent; none (``-``) where the relay removed an empty one."""
+    if d.reply_to_after is None:
+        return d.reply_to_before
+    return d.reply_to_after or None
 
 
 def _removed(name: str, d: Decision) -> bool:

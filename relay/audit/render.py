@@ -281,8 +281,7 @@ def _received(r: dict[str, Any]) -> list[str]:
         lines.append(f"    subject   {_safe(r['subject'])}")
     lines += [
         f"    From      {_safe(r.get('from_before'))} -> {_safe(r.get('from_after'))}",
-        f"    Reply-To  {_safe(r.get('reply_to_before'))} -> "
-        + (_safe(r["reply_to_after"]) if r.get("reply_to_after") else "(kept)"),
+        f"    Reply-To  {_safe(r.get('reply_to_before'))} -> {_reply_to_after(r)}",
         f"    BCC added {_safe(', '.join(r.get('bcc_added') or [])) or '(none)'}",
         f"    DKIM      {_safe(dkim)}",
         f"    upstream  {_safe(r.get('upstream'))}, {r.get('size')} bytes,"
@@ -290,6 +289,14 @@ def _received(r: dict[str, Any]) -> list[str]:
     ]
     lines += (f"    why       {_safe(reason)}" for reason in r.get("reasons") or [])
     return lines
+
+
+def _reply_to_after(r: dict[str, Any]) -> str:
+    """An empty string on record is an empty Reply-To the relay removed."""
+    after = r.get("reply_to_after")
+    if after == "":
+        return "(removed)"
+    return _safe(after) if after else "(kept)"
 
 
 def _outcome(r: dict[str, Any]) -> str:
