@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from relay.classify import Classification
 from relay.errors import HeaderInjection
-from relay.headers import format_address, split_at
+from relay.headers import format_address, has_blank_line, split_at
 from relay.identify import Identity, a_label_address
 from relay.message import MessageView, decode
 from relay.policy.model import (
@@ -138,10 +138,12 @@ def decide(
     elif account is not None:
         mail_from = account.sender
         reasons.append(f"envelope sender is {mail_from}, the address {account.name!r} sends as")
+    reasons += _blank_lines(view)
     removed = ("Reply-To",) if reply_to_after == "" else ()
     edits = HeaderEdits(
         remove=(*_REMOVED, *removed, *policy.control_headers),
         set=tuple(updates),
+        drop_blank_lines=True,
     )
 
     return Decision(
@@ -161,6 +163,21 @@ def decide(
         mail_from=mail_from,
         reasons=tuple(reasons),
     )
+
+
+def _blank_lines(view: MessageView) -> list[str]:
+    """Why the header lost a line of only white space (``rewrite`` leaves every
+    such line out): refused, a legacy ERP's mail would not go at all, and kept,
+    a reader that ends the header there shows the fields after it, the
+    relay's Date, Message-ID and Reply-To among them, as body text."""
+    fields, _ = split_at(view.raw)
+    names = dict.fromkeys(field.name for field in fields if has_blank_line(field))
+    if not names:
+        return []
+    return [
+        f"a line of only white space in {', '.join(names)} left out: obsolete folding"
+        " (RFC 5322 4.2) that some readers take for the end of the header"
+    ]
 
 
 def _message_id(given: str, made: str) -> tuple[str | None, str]:

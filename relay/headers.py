@@ -93,6 +93,24 @@ def split_at(raw: bytes) -> tuple[list[Field], int]:
     return fields, pos
 
 
+# a continuation line of nothing but white space, not the field's first line
+_BLANK_LINE = re.compile(rb"(?<=\n)[ \t]+(?:\r?\n|\Z)")
+
+
+def has_blank_line(field: Field) -> bool:
+    """Whether the field holds a line of only white space: RFC 5322's obsolete
+    folding (4.2), which ``split`` reads as a continuation like any other, and
+    some readers as the end of the header, the fields after it body text."""
+    return _BLANK_LINE.search(field.raw) is not None
+
+
+def without_blank_lines(raw: bytes) -> bytes:
+    """A field's bytes without its lines of only white space: unambiguous to
+    every reader, and the same field to DKIM's relaxed canonicalisation, which
+    unfolds it and takes a run of white space for one space."""
+    return _BLANK_LINE.sub(b"", raw)
+
+
 def value(field: Field) -> str:
     """The field's value unfolded, with the surrounding white space removed."""
     text = field.raw.split(b":", 1)[1].decode("utf-8", errors="replace")

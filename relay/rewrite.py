@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.headers import Field, fold, line_ending, split_at
+from relay.headers import Field, fold, line_ending, split_at, without_blank_lines
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class HeaderEdits:
 
     remove: tuple[str, ...] = ()  # every occurrence goes
     set: tuple[tuple[str, str], ...] = ()  # replaces the first occurrence in place, else appended
+    drop_blank_lines: bool = False  # a kept field's lines of only white space go
 
 
 def apply(raw: bytes, edits: HeaderEdits, split: tuple[list[Field], int] | None = None) -> bytes:
@@ -29,10 +30,11 @@ def apply(raw: bytes, edits: HeaderEdits, split: tuple[list[Field], int] | None 
     ``HeaderInjection``) before anything is assembled. When a header block
     is not closed by a blank line, one is put after it, so what is read as
     body here stays body for every reader downstream instead of becoming a
-    continuation of a field we added. ``split`` is ``split_at(raw)`` when the
-    caller has it already.
+    continuation of a field we added. With ``drop_blank_lines`` a kept
+    field's lines of only white space go, so no reader ends the header there.
+    ``split`` is ``split_at(raw)`` when the caller has it already.
     """
-    if not edits.remove and not edits.set:
+    if not edits.remove and not edits.set and not edits.drop_blank_lines:
         return raw
     eol = line_ending(raw)
     new: dict[str, bytes] = {}
@@ -54,7 +56,7 @@ def apply(raw: bytes, edits: HeaderEdits, split: tuple[list[Field], int] | None 
                 out.append(new[key])
                 placed.add(key)
         elif key not in remove:
-            out.append(field.raw)
+            out.append(without_blank_lines(field.raw) if edits.drop_blank_lines else field.raw)
     appended = [line for key, line in new.items() if key not in placed]
     if appended and out and not out[-1].endswith(b"\n"):
         out[-1] += eol

@@ -1,5 +1,6 @@
 """Header fields that are there but say nothing: an empty Reply-To the tenant
-keeps. Through a real relay to a sink, as an ERP sends them."""
+keeps, and a line of only white space in a field (RFC 5322's obsolete folding).
+Through a real relay to a sink, as an ERP sends them."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import dkim
 import pytest
 
 from relay import headers, message
+from relay.rewrite import HeaderEdits, apply
 from tests.dkimtools import assert_opendkim_ok, dkimpy_verify
 from tests.relayproc import RelayProcess
 from tests.sink import SinkServer, free_port
@@ -20,6 +23,19 @@ from tests.test_queue_e2e import configure, relay_cli, send
 
 QUOTE = (*NO_SUBJECT, "Subject: Quote 5")  # the tenant keeps a quote's Reply-To
 REMOVED = "Reply-To not kept: the message's is empty, which RFC 5322 3.6.2 does not allow: removed"
+# a line of only white space, then fields a reader that ends the header there misses
+OBSOLETE_FOLD = (
+    b"From: Jan <jan@acme.example>\r\n"
+    b"To: one@example.org\r\n"
+    b"Subject: hello\r\n \r\n"
+    b"Bcc: hidden@example.org\r\n"
+    b"X-Note: one\r\n\t\r\n  \r\n two\r\n"
+    b"\r\n" + BODY
+)
+LEFT_OUT = (
+    "a line of only white space in Subject, X-Note left out: obsolete folding"
+    " (RFC 5322 4.2) that some readers take for the end of the header"
+)
 
 
 @pytest.fixture
@@ -36,6 +52,10 @@ def _queued(policy: Path, queue_id: str) -> dict:
     assert done.returncode == 0, done.stderr
     (record,) = [r for r in map(json.loads, done.stdout.splitlines()) if r["event"] == "received"]
     return record
+
+
+def _head(data: bytes) -> bytes:
+    return data.split(b"\r\n\r\n", 1)[0] + b"\r\n"
 
 
 @pytest.mark.parametrize(
@@ -90,3 +110,58 @@ def test_an_empty_reply_to_no_source_replaces_is_removed(policy_file: Path) -> N
         "no Reply-To source gave an address, and the message's is empty, which RFC 5322"
         " 3.6.2 does not allow: removed (before it: header X-Partner is missing)"
     ) in p.decision.reasons
+
+
+def test_a_line_of_only_white_space_in_the_header_is_left_out(
+    relay: tuple[RelayProcess, SinkServer], dns_records: dict[str, str], tmp_path: Path
+) -> None:
+    """It went upstream as it came: a reader that takes it for the end of the
+    header (obsolete syntax) read the relay's Date, Message-ID and Reply-To,
+    and the From, as body text."""
+    proc, sink = relay
+    queue_id = send(proc.port, OBSOLETE_FOLD, ("one@example.org", "hidden@example.org"))
+    (got,) = sink.sink.wait(1)
+    head = _head(got.data)
+    assert re.search(rb"\n[ \t]*\r\n", head) is None
+    assert b"Subject: hello\r\nX-Note: one\r\n two\r\n" in head
+    assert b"hidden@example.org" not in head
+    assert got.data.endswith(b"\r\n\r\n" + BODY)  # the body byte for byte
+    view = message.read(got.data)
+    for name in ("From", "Date", "Message-ID", "Reply-To"):
+        assert view.get(name), name
+    assert dkimpy_verify(got.data, dns_records)
+    assert_opendkim_ok(got.data, dns_records, tmp_path)
+    assert LEFT_OUT in _queued(proc.policy, queue_id)["reasons"]
+
+
+def test_preview_says_a_line_of_only_white_space_is_left_out(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    eml = tmp_path / "odd.eml"
+    eml.write_bytes(OBSOLETE_FOLD)
+    out = preview(policy_file, eml)
+    assert f"  - {LEFT_OUT}\n" in out
+    assert "Subject: hello\nX-Note: one\n two\n" in out
+
+
+@pytest.mark.parametrize(("canon", "survives"), [(b"relaxed", True), (b"simple", False)])
+def test_an_erps_own_relaxed_signature_survives_the_line_left_out(
+    key_dir: tuple[Path, dict[str, str]], canon: bytes, survives: bool
+) -> None:
+    """Why the line is left out rather than the message refused: relaxed
+    canonicalisation reads the field the same either way."""
+    key = (key_dir[0] / "platform.example.s1.private").read_bytes()
+    signature = dkim.sign(
+        OBSOLETE_FOLD,
+        b"s1",
+        b"platform.example",
+        key,
+        canonicalize=(canon, b"relaxed"),
+        include_headers=[b"from", b"subject", b"x-note"],
+    )
+    signed = signature + OBSOLETE_FOLD
+    fields, _ = headers.split(signed)
+    assert any(headers.has_blank_line(field) for field in fields)
+    sent = apply(signed, HeaderEdits(drop_blank_lines=True))
+    assert sent != signed
+    assert dkimpy_verify(sent, key_dir[1]) is survives

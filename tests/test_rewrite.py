@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from relay import message
 from relay.errors import HeaderInjection
-from relay.headers import Field, format_address, line_ending, split
+from relay.headers import Field, format_address, has_blank_line, line_ending, split
 from relay.rewrite import HeaderEdits, apply, prepend
 
 MESSAGES = Path(__file__).parent / "messages"
@@ -258,3 +258,18 @@ def test_a_display_name_never_adds_a_field(name: str, eol: bytes) -> None:
     assert [f.name for f in fields] == ["From", "To"]
     assert rest == eol + b"body"
     assert message.read(got).get_all("Bcc") == ()
+
+
+@given(_MESSAGE, _EDITS)
+@settings(max_examples=300)
+def test_lines_of_only_white_space_go_and_nothing_else(raw: bytes, edits: HeaderEdits) -> None:
+    """The ``_FIELD`` folds include a line of one space: obsolete folding."""
+    edits = HeaderEdits(edits.remove, edits.set, drop_blank_lines=True)
+    fields, rest = split(raw)
+    got_fields, got_rest = split(apply(raw, edits))
+    assert got_rest == rest
+    assert not any(has_blank_line(field) for field in got_fields)
+    kept = [f for f in fields if f.name.lower() not in {n.lower() for n, _ in edits.set}]
+    shown = [f for f in got_fields if f.name.lower() not in {n.lower() for n, _ in edits.set}]
+    removed = {name.lower() for name in edits.remove}
+    assert [f.name for f in shown] == [f.name for f in kept if f.name.lower() not in removed]
