@@ -298,6 +298,7 @@ class Supervisor:
             if worker is None:
                 continue
             self.shared.clients.row(worker.index).clear()  # its connections ended with it
+            metrics_status.worker_ended()
             quick = worker.quick_deaths + 1 if time.monotonic() - worker.started < QUICK else 0
             if quick >= GIVE_UP:
                 log.critical(

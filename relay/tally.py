@@ -20,13 +20,14 @@ import time
 
 from relay.sharedtable import SharedTable, key_of
 
-SLOTS = 8192  # counts per worker: ten per listener, five per upstream
+SLOTS = 8192  # counts per worker: eleven per listener, five per upstream
 
 CONNECTION = "connection"  # (listener)
 REFUSED = "refused"  # (listener, reason)
 DROPPED = "dropped"  # (listener, reason)
 TLS_FAILED = "tls failed"  # (listener)
 AUTH = "auth"  # (listener, result)
+NO_ROOM = "no room"  # (listener): a 452 4.3.1, for want of space
 UPSTREAM = "upstream"  # (upstream, result)
 SUSPENDED = "suspended"  # (upstream): the failure it holds its mail for ended then, ms; 0: none
 REACHED = "reached"  # (upstream): when the last attempt that reached it began, ms

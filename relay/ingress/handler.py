@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from relay import tally
 from relay.errors import SmtpReply
 from relay.ingress import content
 from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
@@ -145,8 +146,13 @@ class RelayHandler(Mechanisms):
         return LOCAL_ERROR
 
     def _no_room(self, policy: Policy, size: int) -> SmtpReply | None:
+        """Counted for the metrics: a refusal at MAIL leaves no audit record (there
+        is no message yet, and the disk is full), and was seen nowhere else."""
         reserve = reserve_for(self._listener.max_message_size)
-        return self._disk.refusal(_state(policy), reserve, size)
+        refusal = self._disk.refusal(_state(policy), reserve, size)
+        if refusal is not None and self._tally is not None:
+            self._tally.add(tally.NO_ROOM, self._listener.name)
+        return refusal
 
     async def _reply_for(self, policy: Policy, submission: Submission) -> str:
         try:

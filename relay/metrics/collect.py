@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
+from typing import TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from relay import tally
 from relay.errors import RelayError
-from relay.metrics import status
+from relay.metrics import follow, status
 from relay.metrics.follow import AuditFollower
 from relay.policy import tlspair
 from relay.policy.model import Policy
@@ -32,6 +33,8 @@ from relay.suppression import SuppressionFile
 from relay.tally import Tally
 
 log = logging.getLogger("relay")
+
+K = TypeVar("K", str, tuple[str, str])
 
 
 def _version() -> str:
@@ -71,7 +74,7 @@ class RelayCollector(Collector):
             "relay_policy", "The policy in use (relay check prints it).", version=policy.digest[:12]
         )
         yield from self._config()
-        yield from self._part("audit log", self._messages)
+        yield from self._part("audit log", lambda: self._messages(policy))
         yield from self._part("queue", self._queue)
         yield from self._part("suppression list", self._suppression)
         yield from self._limits(policy)
@@ -112,16 +115,26 @@ class RelayCollector(Collector):
         running.add_metric(["running"], state.workers_running)
         running.add_metric(["configured"], state.workers_expected)
         yield running
+        yield CounterMetricFamily(
+            "relay_worker_restarts",
+            "Worker processes that ended while the relay ran, each started again.",
+            value=state.worker_restarts,
+        )
 
-    def _messages(self) -> Iterator[Metric]:
+    def _messages(self, policy: Policy) -> Iterator[Metric]:
+        """Every tenant of the policy has its series from the start, at 0: Prometheus's
+        ``increase()`` takes the value a series first appears with for its start, so
+        the first bounces of a batch after a start (or a reload that added the
+        tenant) never counted towards an alert."""
         counts = self._audit.update()
         received = CounterMetricFamily(
             "relay_messages_received",
             "Messages accepted (answered 250), by tenant.",
             labels=["tenant"],
         )
-        for tenant, n in sorted(counts.received.items()):
-            received.add_metric([tenant], n)
+        tenants = sorted(policy.tenants)
+        for tenant in _with(tenants, counts.received):
+            received.add_metric([tenant], counts.received[tenant])
         yield received
         signatures = CounterMetricFamily(
             "relay_dkim_signatures",
@@ -145,8 +158,9 @@ class RelayCollector(Collector):
             " (sent, deferred, bounced, expired, suppressed).",
             labels=["tenant", "status"],
         )
-        for (tenant, word), n in sorted(counts.deliveries.items()):
-            deliveries.add_metric([tenant, word], n)
+        every = [(t, word) for t in tenants for word in follow.DELIVERY_STATUS.values()]
+        for tenant, word in _with(every, counts.deliveries):
+            deliveries.add_metric([tenant, word], counts.deliveries[(tenant, word)])
         yield deliveries
         for name, doc, counter in (
             (
@@ -161,8 +175,8 @@ class RelayCollector(Collector):
             ),
         ):
             family = CounterMetricFamily(name, doc, labels=["tenant"])
-            for tenant, n in sorted(counter.items()):
-                family.add_metric([tenant], n)
+            for tenant in _with(tenants, counter):
+                family.add_metric([tenant], counter[tenant])
             yield family
         yield CounterMetricFamily(
             "relay_audit_records", "Audit records written since the start.", value=counts.records
@@ -242,6 +256,13 @@ class RelayCollector(Collector):
                 tally.AUTH_RESULTS,
             ),
             (
+                "relay_smtp_insufficient_storage",
+                "MAIL commands and messages refused with 452 4.3.1: too little free space.",
+                tally.NO_ROOM,
+                "",
+                ("",),
+            ),
+            (
                 "relay_smtp_tls_handshake_failures",
                 "STARTTLS handshakes that failed.",
                 tally.TLS_FAILED,
@@ -289,6 +310,12 @@ class RelayCollector(Collector):
             held.add_metric([name], self._counts.holding(name))
         yield counts
         yield held
+
+
+def _with(zeros: Iterable[K], counted: Iterable[K]) -> list[K]:
+    """The keys served: those to show at 0, and any counted besides (``unknown``, a
+    tenant a reload removed)."""
+    return sorted({*zeros, *counted})
 
 
 def _info(name: str, doc: str, **labels: str) -> Metric:

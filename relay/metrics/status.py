@@ -17,6 +17,7 @@ class Status:
     reload_success_at: float = 0.0  # Unix time the running policy was loaded
     workers_running: int = 0
     workers_expected: int = 0
+    worker_restarts: int = 0  # workers that ended other than by the relay's stop
     beat: float = 0.0  # monotonic time the main loop last came round
     stopping: bool = False  # from the signal to stop on: no longer ready for mail
 
@@ -37,6 +38,12 @@ def reload_failed() -> None:
 
 def workers(running: int, expected: int) -> None:
     STATUS.workers_running, STATUS.workers_expected = running, expected
+
+
+def worker_ended() -> None:
+    """A worker ended while the relay runs (it crashed, was killed, or a reload
+    replaced it): it is started again, and a crash loop stops the relay."""
+    STATUS.worker_restarts += 1
 
 
 def stopping() -> None:
