@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -86,10 +88,29 @@ class Sink(RefusingRecipients):
         raise AssertionError(f"sink received {len(self.messages)} of {count} messages")
 
 
+# Ports below the kernel's ephemeral range (32768 up): the kernel hands none of
+# them out by itself, to a listener on port 0 or to a connection's own end.
+# Each pytest-xdist worker (gw0, gw1, ...) has a range of its own.
+FIRST_PORT = 20000
+PORTS_PER_WORKER = 1500
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_next_port = itertools.count()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing is bound to, none other handed out by this run. The
+    kernel's port 0 gave one test's port, before its relay listened on it, to
+    another worker's test or to a connection's own end."""
+    first = FIRST_PORT + (_WORKER % 8) * PORTS_PER_WORKER
+    for _ in range(PORTS_PER_WORKER):
+        port = first + next(_next_port) % PORTS_PER_WORKER
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))  # taken, or still in TIME_WAIT: the next
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port from {first} to {first + PORTS_PER_WORKER - 1}")
 
 
 class SinkServer:

@@ -22,7 +22,7 @@ from relay.policy.model import DirectoryUpstream, SmtpUpstream, TlsMode
 from relay.upstream import RecipientsRefused, helo, replies, smtp
 from relay.upstream.pool import Pool
 from tests.certs import Certs, make_certs, server_context
-from tests.sink import RefusingRecipients
+from tests.sink import RefusingRecipients, free_port
 
 MESSAGE = (
     b"From: Jan via Acme <noreply@platform.example>\r\n"
@@ -75,12 +75,6 @@ class SinkHandler(RefusingRecipients):
             )
         )
         return self.data_reply
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def authenticator(

@@ -76,13 +76,6 @@ def _policy(policy_file: Path, tmp_path: Path, ports: dict[str, int], sink: int)
     return path
 
 
-def _closed_port() -> int:
-    """A loopback port nothing listens on: the upstream that is down."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _auth(port: int, password: str) -> str:
     with Raw(port) as raw:
         raw.ehlo()
@@ -95,7 +88,7 @@ def test_what_the_sessions_and_the_attempts_came_to_is_counted(
     gone = "550 5.1.1 <gone@example.org>: Recipient address rejected: User unknown"
     with SinkServer(Sink(refuse={GONE: gone})) as sink:
         ports = {name: free_port() for name in ("local", "partners", "idle", "metrics")}
-        ports["closed"] = _closed_port()
+        ports["closed"] = free_port()
         policy = _policy(policy_file, tmp_path, ports, sink.port)
         local = ports["local"]
         with RelayProcess(policy, local, tmp_path / "relay.log") as relay:
