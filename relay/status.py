@@ -102,17 +102,26 @@ def _policy(
         return f"policy: {kept} in use; {broken}: a reload keeps {kept}"
     if running is None or not running.digest:
         return f"policy: {path} reads {digest[:12]}"
-    if running.digest == digest:
+    other = version_in_use(running, digest)
+    if other is None:
         return f"policy: {digest[:12]} in use, as {path} reads now"
-    if statelock.STOPPING in running.pending:  # a reload is not taken up now
-        return (
-            f"policy: {running.digest[:12]} in use; {path} now reads {digest[:12]}:"
-            " the next start puts it in use"
-        )
-    return (
-        f"policy: {running.digest[:12]} in use; {path} now reads {digest[:12]}:"
-        f" a reload puts it in use (systemctl reload erp-relay, or kill -HUP {running.pid})"
-    )
+    return f"policy: {other} in use; {path} now reads {digest[:12]}: {put_in_use(running)}"
+
+
+def version_in_use(running: statelock.Holder, digest: str) -> str | None:
+    """The version ``running`` uses where the file now reads another (an edit
+    not reloaded yet, or one its reload refused); ``relay preview`` says it too,
+    as a preview of such a file is not what the relay does."""
+    if not running.digest or running.digest == digest:
+        return None
+    return running.digest[:12]
+
+
+def put_in_use(running: statelock.Holder) -> str:
+    """How the file's version comes into use: a relay stopping takes up no reload."""
+    if statelock.STOPPING in running.pending:
+        return "the next start puts it in use"
+    return f"a reload puts it in use (systemctl reload erp-relay, or kill -HUP {running.pid})"
 
 
 def _queue(directory: Path) -> str:
