@@ -138,6 +138,12 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument(
         "--rcpt", action="append", default=[], help="envelope recipient (default: To, Cc, Bcc)"
     )
+    preview.add_argument(
+        "--listener",
+        metavar="NAME",
+        help="check the message against this listener's limits (default: the only one, or"
+        " the most permissive of them)",
+    )
     preview.add_argument("--json", action="store_true", help="print one JSON object")
     preview.set_defaults(run=_preview)
 
@@ -448,11 +454,16 @@ def _status(args: argparse.Namespace) -> int:
 
 def _preview(args: argparse.Namespace) -> int:
     from relay.errors import SmtpReply
-    from relay.preview import render, submission_from_file
+    from relay.preview import UnknownListener, limits_of, render, submission_from_file
 
     policy = _load_or_report(args.config)
     if policy is None:
         return EX_CONFIG
+    try:
+        limits_of(policy, args.listener)
+    except UnknownListener as exc:
+        print(f"relay preview: {exc}", file=sys.stderr)
+        return 2
     try:
         raw = args.message.read_bytes()
     except OSError as exc:
@@ -460,7 +471,7 @@ def _preview(args: argparse.Namespace) -> int:
         return EX_NOINPUT
     submission = submission_from_file(raw, args.auth_login, args.mail_from, args.rcpt)
     try:
-        text = render(policy, submission, as_json=args.json)
+        text = render(policy, submission, as_json=args.json, listener=args.listener)
     except SmtpReply as reply:
         print(f"relay preview: the relay would refuse this message: {reply.line}", file=sys.stderr)
         return EX_DATAERR

@@ -11,18 +11,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 
-from relay import headers, message, ratelimit
+from relay import headers, message, ratelimit, statelock
 from relay.decide import Decision
-from relay.errors import Rejected
+from relay.errors import Rejected, RelayError
 from relay.hostport import host_port
 from relay.identify import a_label_address
 from relay.ingress import content
 from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
 from relay.ingress.protocol import non_ascii_reply
 from relay.pipeline import Prepared, prepare
-from relay.policy.model import AuthMode, DirectoryUpstream, Policy, SmtpUpstream, Upstream
+from relay.policy.model import (
+    AuthMode,
+    DirectoryUpstream,
+    Listener,
+    Policy,
+    SmtpUpstream,
+    Upstream,
+)
+from relay.status import put_in_use, version_in_use
 from relay.submission import Submission, distinct
 from relay.suppression import EMPTY, SuppressionError, SuppressionFile, SuppressionList
 from relay.visible import escaped_match
@@ -30,6 +39,65 @@ from relay.visible import escaped_match
 _LINE_END = re.compile(rb"\r?\n")
 # all but the tab of a folded header and the report's own line ends
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class UnknownListener(RelayError):
+    """``--listener`` names none of the policy's: a typo, said with the names there are."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"no listener {name!r} (the policy has {', '.join(known) or 'none'})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What the SMTP side checks of a transaction, by the listener it comes in
+    on. A preview has none: the one named, the policy's only one, or else the
+    most permissive of them all (``name`` None), which no one listener may be."""
+
+    name: str | None
+    of: tuple[str, ...]  # the listeners these limits are of
+    max_message_size: int | None
+    max_recipients: int | None
+    auth: AuthMode
+    allow: tuple[str, ...]  # its clients' networks: a preview has no client to check
+
+    @property
+    def login_required(self) -> bool:
+        return self.auth is AuthMode.REQUIRED
+
+    @property
+    def login_offered(self) -> bool:
+        return self.auth is not AuthMode.OFF
+
+
+def limits_of(policy: Policy, name: str | None = None) -> Limits:
+    """The limits a message is previewed against; raises UnknownListener."""
+    chosen = [x for x in policy.listeners if name is None or x.name == name]
+    if name is not None and not chosen:
+        raise UnknownListener(name, [x.name for x in policy.listeners])
+    if len(chosen) == 1:
+        return _one(chosen[0])
+    modes = {x.auth for x in chosen}
+    auth = next(iter(modes)) if len(modes) == 1 else AuthMode.OPTIONAL
+    return Limits(
+        name=None,
+        of=tuple(x.name for x in chosen),
+        max_message_size=max((x.max_message_size for x in chosen), default=None),
+        max_recipients=max((x.max_recipients for x in chosen), default=None),
+        auth=auth,
+        allow=(),
+    )
+
+
+def _one(listener: Listener) -> Limits:
+    return Limits(
+        name=listener.name,
+        of=(listener.name,),
+        max_message_size=listener.max_message_size,
+        max_recipients=listener.max_recipients,
+        auth=listener.auth,
+        allow=tuple(str(network) for network in listener.allow),
+    )
 
 
 def submission_from_file(
@@ -68,19 +136,24 @@ def _envelope_addresses(view: message.MessageView, name: str) -> list[str]:
     return [a for _, a in view.mailboxes(name) if headers.deliverable(a_label_address(a) or a)]
 
 
-def render(policy: Policy, submission: Submission, *, as_json: bool) -> str:
-    """The report; raises SmtpReply for a message the relay would refuse."""
-    _check_envelope(policy, submission)
-    submission, beyond = _within_recipient_limit(policy, submission)
+def render(
+    policy: Policy, submission: Submission, *, as_json: bool, listener: str | None = None
+) -> str:
+    """The report; raises SmtpReply for a message the relay would refuse, and
+    UnknownListener for a ``listener`` the policy has not."""
+    limits = limits_of(policy, listener)
+    _check_envelope(limits, submission)
+    submission, beyond = _within_recipient_limit(limits, submission)
     suppressions, unread = _suppressions(policy)
     prepared = prepare(policy, submission, suppressions=suppressions)
     alone = ratelimit.refusal(prepared.decision.identity.tenant, len(submission.rcpt_tos), 0)
     if alone is not None:  # the hour's count is the running relay's: only this is sure
         raise alone
-    report = _report(policy, submission, prepared)
+    report = _report(policy, limits, submission, prepared)
     if beyond:
+        taker = "a listener" if limits.name is None else f"listener {limits.name}"
         report["reasons"].append(
-            f"{len(beyond)} recipient(s) past the {len(submission.rcpt_tos)} a listener takes"
+            f"{len(beyond)} recipient(s) past the {len(submission.rcpt_tos)} {taker} takes"
             " would be answered 452 4.5.3 Too many recipients at RCPT TO, and the message goes"
             " without them (a client may send it to them in a further transaction): "
             + ", ".join(beyond)
@@ -103,13 +176,14 @@ def _suppressions(policy: Policy) -> tuple[SuppressionList, str]:
         return EMPTY, f"recipients not checked against the suppression list: {exc}"
 
 
-def _check_envelope(policy: Policy, submission: Submission) -> None:
+def _check_envelope(limits: Limits, submission: Submission) -> None:
     """Raise the SMTP side's refusal of this transaction, if it has one: an
     ERP could not name these addresses or send this content, so no preview of
     them helps. A login the policy does not have is refused by ``prepare``,
     as in the daemon, where a reload may have removed it mid-session."""
-    required = all(listener.auth is AuthMode.REQUIRED for listener in policy.listeners)
-    if submission.auth_login is None and required:
+    if submission.auth_login is not None and not limits.login_offered:
+        raise Rejected(504, "5.5.4", "Unrecognized authentication type")  # AUTH not offered
+    if submission.auth_login is None and limits.login_required:
         raise Rejected(530, "5.7.0", "Authentication required")
     paths = [("MAIL FROM", submission.mail_from, SENDER)] if submission.mail_from else []
     paths += [("RCPT TO", rcpt, RECIPIENT) for rcpt in submission.rcpt_tos]
@@ -119,23 +193,24 @@ def _check_envelope(policy: Policy, submission: Submission) -> None:
             raise refused
     if not submission.rcpt_tos:
         raise Rejected(503, "5.5.1", "Error: need RCPT command")
-    largest = max((listener.max_message_size for listener in policy.listeners), default=None)
+    largest = limits.max_message_size
     if largest is not None and len(submission.data) > largest:
-        raise Rejected(
-            552, "5.3.4", f"Message size exceeds the maximum of any listener ({largest} bytes)"
-        )
+        if limits.name is None:
+            text = f"Message size exceeds the maximum of any listener ({largest} bytes)"
+        else:  # the SMTP side's own words
+            text = f"Message size exceeds the maximum of {largest} bytes"
+        raise Rejected(552, "5.3.4", text)
     refused = content.refusal(submission.data)  # after DATA: bare CR, NUL, long lines
     if refused is not None:
         raise refused
 
 
 def _within_recipient_limit(
-    policy: Policy, submission: Submission
+    limits: Limits, submission: Submission
 ) -> tuple[Submission, tuple[str, ...]]:
     """The transaction as the SMTP side takes it, and the recipients it answers
-    452 at RCPT: the message goes to the first ``max_recipients`` (the largest
-    of any listener), not nowhere."""
-    most = max((listener.max_recipients for listener in policy.listeners), default=None)
+    452 at RCPT: the message goes to the first ``max_recipients``, not nowhere."""
+    most = limits.max_recipients
     if most is None or len(submission.rcpt_tos) <= most:
         return submission, ()
     taken = dataclasses.replace(submission, rcpt_tos=submission.rcpt_tos[:most])
@@ -154,11 +229,16 @@ def _non_ascii_refusal(command: str, address: str) -> Rejected | None:
     return Rejected(int(code), status, text)
 
 
-def _report(policy: Policy, submission: Submission, prepared: Prepared) -> dict:
+def _report(policy: Policy, limits: Limits, submission: Submission, prepared: Prepared) -> dict:
     d: Decision = prepared.decision
     fields, _ = headers.split(prepared.message)
     return {
-        "policy": {"file": str(policy.source), "version": policy.digest[:12]},
+        "policy": {
+            "file": os.path.abspath(policy.source),
+            "version": policy.digest[:12],
+            **_in_use(policy),
+        },
+        "listener": _listener(limits),
         "tenant": {
             "id": d.identity.tenant.id,
             "name": d.identity.tenant.name,
@@ -173,7 +253,7 @@ def _report(policy: Policy, submission: Submission, prepared: Prepared) -> dict:
         "auth_login": submission.auth_login,
         "document": {"type": d.classification.doc_type, "rule": d.classification.rule},
         "from": {"before": d.from_before, "after": d.from_after},
-        "reply_to": {"before": d.reply_to_before, "after": _reply_to_after(d)},
+        "reply_to": {"before": d.reply_to_before, "after": d.reply_to_after},  # None: kept
         "envelope": {"mail_from": d.mail_from, "recipients": list(d.recipients)},
         "suppressed": [
             {"recipient": address, "reason": entry.reason, "since": entry.since}
@@ -188,16 +268,69 @@ def _report(policy: Policy, submission: Submission, prepared: Prepared) -> dict:
             for k in d.signing
         ],
         "upstream": _describe(d.upstream),
-        "reasons": list(d.reasons),
-        "headers": message.header_text(b"".join(f.raw for f in fields)),
+        "reasons": list(d.reasons) + [_not_utf8(f) for f in fields if not _utf8(f.raw)],
+        "headers": "".join(map(_wire_text, fields)),
     }
 
 
-def _reply_to_after(d: Decision) -> str | None:
-    """The Reply-To as sent; none (``-``) where the relay removed an empty one."""
-    if d.reply_to_after is None:
-        return d.reply_to_before
-    return d.reply_to_after or None
+def _listener(limits: Limits) -> dict:
+    if limits.name is None:
+        assumed = f"the most permissive of {', '.join(limits.of) or 'none'}"
+    else:
+        assumed = limits.name
+    return {
+        "name": limits.name,
+        "assumed": assumed,
+        "max_message_size": limits.max_message_size,
+        "max_recipients": limits.max_recipients,
+        "auth": limits.auth.value,
+        "allow": list(limits.allow),
+    }
+
+
+def _in_use(policy: Policy) -> dict:
+    """The relay running on the policy's state directory: a preview of a file
+    edited and not reloaded is not what it does (``relay status`` tells alike)."""
+    try:
+        running = statelock.holder(policy.queue.directory.parent)
+    except statelock.StateUnreadable as exc:
+        return {"running": None, "note": f"whether a relay runs this version cannot be told: {exc}"}
+    if running is None:
+        return {"running": None, "note": None}
+    other = version_in_use(running, policy.digest)
+    note = None
+    if other is not None:
+        note = (
+            f"the running relay uses version {other}; this preview is of the file:"
+            f" {put_in_use(running)}"
+        )
+    version = running.digest[:12] or None
+    return {"running": {"pid": running.pid, "version": version}, "note": note}
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _wire_text(field: headers.Field) -> str:
+    """A field in raw UTF-8 as text; one in other 8-bit bytes (Latin-1) with
+    them escaped, ``f\\xfcr``: shown as the policy reads it, it looked right,
+    where receivers may show it garbled."""
+    if _utf8(field.raw):
+        return field.raw.decode("utf-8")
+    return field.raw.decode("ascii", "backslashreplace")
+
+
+def _not_utf8(field: headers.Field) -> str:
+    read = message.header_text(field.raw).partition(":")[2].strip()
+    return (
+        f"{field.name} is not UTF-8 on the wire (its 8-bit bytes shown escaped below):"
+        f" the policy reads it as Windows-1252 ({read}); receivers may show it garbled"
+    )
 
 
 def _removed(name: str, d: Decision) -> bool:
@@ -216,6 +349,16 @@ def _limit(per_hour: int | None) -> str:
     return "" if per_hour is None else f", at most {per_hour} recipients an hour"
 
 
+def _limits(listener: dict) -> str:
+    """The limits assumed, and what a preview cannot check: the client's address."""
+    size, most = listener["max_message_size"], listener["max_recipients"]
+    limits = f"up to {size} bytes, {most} recipients, auth {listener['auth']}"
+    if listener["name"] is None:
+        return f"{listener['assumed']} ({limits}); --listener NAME takes one's"
+    allow = ", ".join(listener["allow"]) or "nowhere"
+    return f"{listener['name']} ({limits}; clients from {allow} only, not checked here)"
+
+
 def _shown(header: str | None) -> str:
     """A header the message has none of reads as ``audit show`` has it."""
     return "-" if header is None else header
@@ -225,14 +368,18 @@ def _text(r: dict) -> str:
     user, tenant = r["user"], r["tenant"]
     dkim = ", ".join(f"d={k['domain']} s={k['selector']} ({k['algorithm']})" for k in r["dkim"])
     doc = r["document"]
+    before, after = r["reply_to"]["before"], r["reply_to"]["after"]
+    policy, listener = r["policy"], r["listener"]
     lines = [
-        f"Policy:      {r['policy']['file']} (version {r['policy']['version']})",
+        f"Policy:      {policy['file']} (version {policy['version']})",
+        *([f"             {policy['note']}"] if policy["note"] else []),
+        f"Listener:    {_limits(listener)}",
         f"User:        {user['name']} <{user['address']}>"
         f" ({user['id']}, found by {user['found_by']})",
         f"Tenant:      {tenant['name']} ({tenant['id']})" + _limit(tenant["recipients_per_hour"]),
         f"Document:    {doc['type']}" + (f" (rule {doc['rule']})" if doc["rule"] else ""),
         f"From:        {_shown(r['from']['before'])}  ->  {_shown(r['from']['after'])}",
-        f"Reply-To:    {_shown(r['reply_to']['before'])}  ->  {_shown(r['reply_to']['after'])}",
+        f"Reply-To:    {_shown(before)}  ->  {_shown(before if after is None else after)}",
         f"BCC added:   {', '.join(r['bcc_added']) or 'none'}",
         f"Removed:     {', '.join(r['headers_removed']) or 'none'}",
         f"Envelope:    MAIL FROM <{r['envelope']['mail_from']}>",
