@@ -379,7 +379,7 @@ def _text(r: dict) -> str:
         f"Tenant:      {tenant['name']} ({tenant['id']})" + _limit(tenant["recipients_per_hour"]),
         f"Document:    {doc['type']}" + (f" (rule {doc['rule']})" if doc["rule"] else ""),
         f"From:        {_shown(r['from']['before'])}  ->  {_shown(r['from']['after'])}",
-        f"Reply-To:    {_shown(before)}  ->  {_shown(before if after is None else after)}",
+        f"Reply-To:    {_shown(before)}  ->  {_shown(before if after is None else after or None)}",
         f"BCC added:   {', '.join(r['bcc_added']) or 'none'}",
         f"Removed:     {', '.join(r['headers_removed']) or 'none'}",
         f"Envelope:    MAIL FROM <{r['envelope']['mail_from']}>",
