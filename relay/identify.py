@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from relay.alabels import a_labels
 from relay.errors import Rejected
 from relay.message import MessageView
 from relay.policy.model import (
@@ -132,13 +133,13 @@ def _user_at(policy: Policy, address: str) -> UserRef | None:
 
 
 def a_label_address(address: str) -> str | None:
-    """``address`` with its domain in A-labels, as the policy holds domains;
-    None when the domain has no A-label form."""
+    """``address`` with its domain in A-labels (IDNA2008, ``relay.alabels``), as
+    the policy holds domains; None when the domain has no A-label form."""
     local, at, domain = address.rpartition("@")
     if not at or domain.isascii():
         return address
     try:
-        return f"{local}@{domain.encode('idna').decode('ascii')}"
+        return f"{local}@{a_labels(domain)}"
     except UnicodeError:
         return None
 

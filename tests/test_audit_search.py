@@ -994,6 +994,38 @@ def test_an_address_with_its_domain_in_unicode_is_searched_in_the_xn_form(
     )
 
 
+@pytest.mark.parametrize(
+    ("given", "sent_to", "idna2003"),
+    [
+        ("kunde@faß.example", "kunde@xn--fa-hia.example", "kunde@fass.example"),
+        ("kunde@ς.example", "kunde@xn--3xa.example", "kunde@xn--4xa.example"),
+        (
+            # Persian, a ZWNJ between its two parts
+            "kunde@\u0646\u0627\u0645\u0647\u200c\u0627\u06cc.example",
+            "kunde@xn--mgba3gch31f060k.example",
+            "kunde@xn--mgba3gch31f.example",
+        ),
+    ],
+)
+def test_an_address_is_searched_in_the_form_the_erp_sent_to(
+    policy_file: Path, given: str, sent_to: str, idna2003: str
+) -> None:
+    """IDNA2008's form, which the ERP converts to: Python's codec (IDNA2003)
+    searched another domain's, and found another customer's mail, or none."""
+    directory = policy_file.parent / "state" / "audit"
+    clock = build(directory)
+    clock.advance(days=3)
+    log = AuditLog(directory, clock=clock)
+    for n, rcpt in enumerate((sent_to, idna2003)):
+        ids = (f"Q0000000000000C{n}", f"<c-{n}@erp.acme.example>")
+        log.append(received(ids, "acme", "kari", "invoice", [rcpt]))
+    found = _search_cli(policy_file, "--recipient", given, "--format", "json")
+    assert (found.returncode, found.stderr) == (0, "")
+    assert [json.loads(line)["queue_id"] for line in found.stdout.splitlines()] == [
+        "Q0000000000000C0"
+    ]
+
+
 def test_a_note_about_a_provider_policy_names_the_near_miss_not_every_tenant(
     policy_file: Path,
 ) -> None:

@@ -16,7 +16,7 @@ from tests.test_queue_e2e import audit_events, configure
 RECIPIENT = "kunde2@xn--bcher-kva.example"
 
 
-def _global_dsn(final_recipient: str) -> bytes:
+def _global_dsn(final_recipient: str, sent_to: str = RECIPIENT) -> bytes:
     """A Postfix bounce in RFC 6533's UTF-8 form, as an SMTPUTF8 server writes it."""
     return f"""\
 From: MAILER-DAEMON@mail.platform.example (Mail Delivery System)
@@ -44,7 +44,7 @@ Diagnostic-Code: smtp; 550 5.1.1 User unknown
 Content-Type: message/global-headers
 
 From: Acme Accounts <accounts@platform.example>
-To: {RECIPIENT}
+To: {sent_to}
 Subject: Rechnung 4720
 Message-ID: <4720.erp@acme.example>
 
@@ -52,12 +52,14 @@ Message-ID: <4720.erp@acme.example>
 """.encode()
 
 
-def _invoice_sent(policy_file: Path, tmp_path: Path) -> tuple[Path, str]:
+def _invoice_sent(
+    policy_file: Path, tmp_path: Path, recipient: str = RECIPIENT
+) -> tuple[Path, str]:
     with SinkServer(Sink()) as server:
         port = free_port()
         policy = configure(policy_file, port, server.port)
         with RelayProcess(policy, port, tmp_path / "relay.log"):
-            queue_id = _send(port, "<4720.erp@acme.example>", (RECIPIENT,))
+            queue_id = _send(port, "<4720.erp@acme.example>", (recipient,))
             server.sink.wait(1)
     return policy, queue_id
 
@@ -79,6 +81,34 @@ def test_a_recipient_in_the_unicode_form_is_the_one_sent_to_in_the_xn_form(
     ]
     assert _listed(policy) == {RECIPIENT: ("acme", "bounce")}
     assert ("bounced", RECIPIENT) in audit_events(policy, queue_id)
+
+
+@pytest.mark.parametrize(
+    ("written", "sent_to"),
+    [
+        ("kunde@faß.example", "kunde@xn--fa-hia.example"),
+        ("kunde@ς.example", "kunde@xn--3xa.example"),
+        (
+            # Persian, a ZWNJ between its two parts
+            "kunde@\u0646\u0627\u0645\u0647\u200c\u0627\u06cc.example",
+            "kunde@xn--mgba3gch31f060k.example",
+        ),
+    ],
+)
+def test_a_recipient_is_read_in_the_form_the_erp_sent_to(
+    policy_file: Path, tmp_path: Path, written: str, sent_to: str
+) -> None:
+    """IDNA2008's form, as the ERP and the receiving server convert: Python's
+    codec (IDNA2003) read faß.example as fass.example, and the bounce was
+    about nobody the message went to, while the address stayed unsuppressed."""
+    policy, queue_id = _invoice_sent(policy_file, tmp_path, sent_to)
+    taken = _bounce(policy, _global_dsn(written, sent_to))
+    assert taken.returncode == 0, taken.stderr
+    assert taken.stdout.splitlines()[:2] == [
+        f"bounce about {queue_id} (acme/jan)",
+        f"{sent_to}: bounced (5.1.1), suppressed",
+    ]
+    assert _listed(policy) == {sent_to: ("acme", "bounce")}
 
 
 def test_a_local_part_in_unicode_names_nobody_the_message_went_to(

@@ -1125,6 +1125,54 @@ def test_addresses_and_domains_the_relay_could_not_send_are_refused(
     assert [p.split(": ", 1)[1] for p in problems(path)] == [problem]
 
 
+#: IDNA2008's forms, which registries and browsers resolve; Python's codec
+#: (IDNA2003) wrote fass.example, xn--4xa.example and xn--mgba3gch31f.example.
+_IDNA2008_FORMS = [
+    ("faß.example", "xn--fa-hia.example"),
+    ("ς.example", "xn--3xa.example"),
+    # Persian, a ZWNJ between its two parts
+    ("\u0646\u0627\u0645\u0647\u200c\u0627\u06cc.example", "xn--mgba3gch31f060k.example"),
+]
+
+
+@pytest.mark.parametrize(("written", "form"), _IDNA2008_FORMS)
+def test_a_unicode_domain_is_told_in_its_idna2008_form(
+    tmp_path: Path, written: str, form: str
+) -> None:
+    """The form said to write named another domain (fass.example for
+    faß.example), or the name, its label needing a joiner, was no domain."""
+    path = variant(
+        tmp_path,
+        "address: post@acme.example",
+        f"address: post@acme.example\n    verified_domains: [{written}]",
+    )
+    shown = repr(written)
+    assert [p.split(": ", 1)[1] for p in problems(path)] == [
+        f"tenants.acme.verified_domains[0]: {shown} is not ASCII: write it as {form!r}"
+    ]
+    smtp = "    type: smtp\n    host: smtp.example\n    helo_name: " + written + "\n"
+    path = variant(tmp_path / "helo", "    type: directory\n    path: outbox\n", smtp)
+    assert [p.split(": ", 1)[1] for p in problems(path)] == [
+        f"upstreams.outbox.helo_name: {shown} is not ASCII: write it as {form!r}"
+    ]
+
+
+def test_a_unicode_domain_idna2008_refuses_is_refused_with_its_reason(tmp_path: Path) -> None:
+    """A joiner between two Latin letters has no meaning: IDNA2003 dropped it,
+    and the name was taken as ab.example, another domain."""
+    path = variant(
+        tmp_path,
+        "address: post@acme.example",
+        "address: post@acme.example\n    verified_domains: [a\u200cb.example]",
+    )
+    assert [p.split(": ", 1)[1] for p in problems(path)] == [
+        "tenants.acme.verified_domains[0]: 'a\\u200cb.example' is not a domain name like"
+        " example.com: IDNA2008, which registries and browsers use, refuses it (Joiner U+200C"
+        " not allowed at position 2 in 'a\\u200cb'); IDNA2003 tools still convert it, to"
+        " 'ab.example': not a form to use"
+    ]
+
+
 def test_a_dkim_key_saved_with_cr_lf_line_ends_signs(tmp_path: Path) -> None:
     """A key file edited on Windows is the same key: it signs as the LF one does."""
     path = variant(tmp_path, "      selector: s1\n", "      selector: s1\n")

@@ -209,6 +209,30 @@ def test_a_domain_in_unicode_is_taken_in_its_xn_form(
 
 
 @pytest.mark.parametrize(
+    ("written", "form"),
+    [
+        ("kunde@faß.example", "kunde@xn--fa-hia.example"),
+        ("kunde@ς.example", "kunde@xn--3xa.example"),
+        (
+            # Persian, a ZWNJ between its two parts
+            "kunde@\u0646\u0627\u0645\u0647\u200c\u0627\u06cc.example",
+            "kunde@xn--mgba3gch31f060k.example",
+        ),
+    ],
+)
+def test_a_unicode_domain_is_listed_in_the_form_registries_resolve(
+    policy: Path, capsys: pytest.CaptureFixture[str], written: str, form: str
+) -> None:
+    """IDNA2008's form, as ERPs, browsers and registries write it: Python's codec
+    (IDNA2003) made faß.example fass.example, and a stranger there was kept
+    from every tenant's mail while the customer still got it."""
+    code, out, err = run(policy, capsys, "add", written)
+    assert (code, out, err) == (0, [f"{form}: added (manual, all tenants)"], "")
+    code, out, err = run(policy, capsys, "list", written)
+    assert (code, out[1].split()[0], err) == (0, form, "")
+
+
+@pytest.mark.parametrize(
     "args, refused",
     [
         (["buyer.customer.example"], "'buyer.customer.example' is not an address"),
@@ -221,6 +245,11 @@ def test_a_domain_in_unicode_is_taken_in_its_xn_form(
         (
             ["a@bü..example"],
             "'a@bü..example' is not an address like name@example.com (its domain has no xn-- form)",
+        ),
+        (
+            ["kunde@a\u200cb.example"],  # IDNA2003 dropped the joiner: kunde@ab.example
+            "'kunde@a\\u200cb.example' is not an address like name@example.com"
+            " (its domain has no xn-- form)",
         ),
         (["--tenant", "globex"], "the policy has no tenant 'globex' (its tenants: acme)"),
     ],

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from yaml.nodes import Node, ScalarNode
 
+from relay.alabels import a_labels
 from relay.headers import fits_smtp
 from relay.policy.files import RefusedFile, read_limited
 from relay.policy.schema import Ctx, text
@@ -72,7 +73,7 @@ def domain(ctx: Ctx, node: Node, path: str) -> str | None:
     if value is None:
         return None
     if not _is_domain(value):
-        ctx.problem(node, path, f"{value!r} is not a domain name like example.com")
+        ctx.problem(node, path, f"{value!r} {_not_domain(value, 'a domain name like example.com')}")
         return None
     if not value.isascii():  # DKIM's d= and SMTP without SMTPUTF8 take A-labels only
         ctx.problem(node, path, f"{value!r} is not ASCII: write it as {_a_labels(value)!r}")
@@ -82,9 +83,35 @@ def domain(ctx: Ctx, node: Node, path: str) -> str | None:
 
 def _a_labels(value: str) -> str:
     try:
-        return value.encode("idna").decode("ascii")
+        return a_labels(value)
     except UnicodeError:
         return "xn--..."
+
+
+def _not_domain(value: str, expected: str) -> str:
+    """Why ``value`` is not ``expected``; for a Unicode name, IDNA2008's reason
+    to refuse it, as an older (IDNA2003) converter, Python's own codec among
+    them, gives some (☃, a joiner it drops) a form that is no use."""
+    try:
+        a_labels(value)
+    except UnicodeError as error:
+        if value.isascii():
+            return f"is not {expected}"
+        why = (
+            f"is not {expected}: IDNA2008, which registries and browsers use, refuses it ({error})"
+        )
+        old = _idna2003_form(value)
+        return (
+            f"{why}; IDNA2003 tools still convert it, to {old!r}: not a form to use" if old else why
+        )
+    return f"is not {expected}"
+
+
+def _idna2003_form(value: str) -> str | None:
+    try:
+        return value.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
 
 
 def helo_name(ctx: Ctx, node: Node, path: str) -> str | None:
@@ -116,21 +143,21 @@ def _is_address_literal(literal: str) -> bool:
 
 
 def _not_helo_name(value: str) -> str:
-    expected = "is not a host name like relay.example.com, or an address literal like [192.0.2.1]"
+    expected = "a host name like relay.example.com, or an address literal like [192.0.2.1]"
     address = _without_literal(value)
     try:
         ipv6 = ip_address(address).version == 6
     except ValueError:
         ipv6 = False
     if not ipv6:
-        return expected
+        return _not_domain(value, expected)
     bare, _, zone = address.partition("%")
     if zone:
         return (
             f"is not an address literal: %{zone} names an interface, which an address"
             f" literal cannot (RFC 5321 4.1.3); write [IPv6:{bare}]"
         )
-    return f"{expected}: an IPv6 address is written [IPv6:{bare}]"
+    return f"is not {expected}: an IPv6 address is written [IPv6:{bare}]"
 
 
 def _without_literal(value: str) -> str:
@@ -198,14 +225,14 @@ def _is_host(value: str) -> bool:
 def _is_domain(value: str) -> bool:
     """A name DNS can hold: labels of at most 63 octets, 253 in all, in their
     A-label form. A longer one passed, and every delivery to it bounced as if
-    the recipient's address were wrong (or the listener did not start)."""
-    if not _DOMAIN.fullmatch(value):
-        return False
+    the recipient's address were wrong (or the listener did not start). A
+    Unicode name is read as IDNA2008 does (``relay.alabels``): one whose labels
+    need a joiner or a combining mark (Persian, Hindi) was no domain."""
     try:
-        encoded = value.encode("idna")
+        encoded = a_labels(value)
     except UnicodeError:
         return False
-    return len(encoded) <= 253
+    return bool(_DOMAIN.fullmatch(encoded)) and len(encoded) <= 253
 
 
 def is_ip(value: str) -> bool:
