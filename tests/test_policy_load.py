@@ -1157,6 +1157,17 @@ def test_a_unicode_domain_is_told_in_its_idna2008_form(
     ]
 
 
+@pytest.mark.parametrize(("written", "form"), _IDNA2008_FORMS)
+def test_an_upstream_host_in_unicode_is_resolved_in_its_idna2008_form(
+    tmp_path: Path, written: str, form: str
+) -> None:
+    """Python's resolver and TLS name check convert a Unicode name as IDNA2003
+    does: ``host: faß.example`` connected to fass.example, another domain."""
+    smtp = f"    type: smtp\n    host: {written}\n    tls: none\n"
+    policy = load(variant(tmp_path, "    type: directory\n    path: outbox\n", smtp))
+    assert policy.upstreams["outbox"].host == form
+
+
 def test_a_unicode_domain_idna2008_refuses_is_refused_with_its_reason(tmp_path: Path) -> None:
     """A joiner between two Latin letters has no meaning: IDNA2003 dropped it,
     and the name was taken as ab.example, another domain."""

@@ -180,7 +180,7 @@ def listen_address(ctx: Ctx, node: Node, path: str) -> str | None:
         ctx.problem(node, path, f"expected an IP address without brackets: write {bare}")
         return None
     if is_ip(value) or (not _NUMERIC.fullmatch(value) and _is_domain(value)):
-        return value
+        return _resolvable(value)
     expected = "an IP address like 127.0.0.1 or ::1, or a host name"
     if _NUMERIC.fullmatch(value):
         expected = "an IP address like 127.0.0.1 or ::1"
@@ -199,7 +199,7 @@ def upstream_host(ctx: Ctx, node: Node, path: str) -> str | None:
     if value is None:
         return None
     if _is_host(value):
-        return value
+        return _resolvable(value)
     message = f"expected a host name or IP address, not {value!r}"
     if _is_host(value.strip()):
         ctx.problem(node, path, message + f"; write it without the spaces: {value.strip()}")
@@ -214,6 +214,13 @@ def upstream_host(ctx: Ctx, node: Node, path: str) -> str | None:
         message += f"; write host: {_without_literal(bare)}"
     ctx.problem(node, path, message)
     return None
+
+
+def _resolvable(value: str) -> str:
+    """A host name in A-labels, as the resolver and TLS's name check are given
+    it: Python's socket and ssl convert a Unicode one as IDNA2003 does, and
+    ``host: faß.example`` connected to fass.example, another domain's server."""
+    return value if value.isascii() or is_ip(value) else a_labels(value)
 
 
 def _is_host(value: str) -> bool:
