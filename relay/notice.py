@@ -14,6 +14,7 @@ from __future__ import annotations
 import quopri
 import re
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from email.utils import formatdate
 
 from relay.audit import events
@@ -32,9 +33,15 @@ def build_notice(
     failures: Sequence[RecipientState],
     now: float,
     complaint: bool = False,
+    subject_known: bool = True,
 ) -> tuple[QueueEntry, bytes]:
     """``complaint``: the ``failures`` reported the document as spam, rather than
-    not receiving it: the sender hears that in those words."""
+    not receiving it: the sender hears that in those words. ``subject_known``
+    False: the relay did not record the document's subject (``relay bounce``
+    under ``audit.record_subject: no``); the notice names it by what the relay
+    has, its date and recipients, never by a bounce report's Subject: anyone can
+    write one, and it became the subject of a notice the platform signs,
+    threaded under the real document."""
     queue_id = new_queue_id()
     tenant = policy.tenants.get(entry.tenant)
     account = _account(policy, entry)
@@ -43,7 +50,7 @@ def build_notice(
         account or policy.platform.from_address,
     )
     what = "Complaint about" if complaint else "Undelivered"
-    subject = f"{what}: {_printable(entry.subject)}" if entry.subject else f"{what} document"
+    subject = _subject(what, entry, failures, subject_known)
     date = formatdate(now, localtime=False, usegmt=True)
     message_id = f"<{queue_id}@{policy.platform.hostname}>"
     about = _MSG_ID.search(entry.message_id or "")
@@ -65,7 +72,12 @@ def build_notice(
         )
     )
     hard = policy.suppression.hard_bounce if policy.suppression is not None else frozenset()
-    text = _complaint_text(entry, failures) if complaint else _text(entry, failures, hard)
+    document = _document(entry, subject_known)
+    text = (
+        _complaint_text(entry, failures, document)
+        if complaint
+        else _text(entry, failures, hard, document)
+    )
     body = quopri.encodestring(text.encode()).replace(b"\n", b"\r\n")
     message = head + b"\r\n" + body
     signed = sign(message, _keys(policy, account))
@@ -115,19 +127,41 @@ def _keys(policy: Policy, account: str | None) -> tuple[DkimKey, ...]:
     return own or policy.keys_for(policy.platform.from_address.rsplit("@", 1)[1])
 
 
-def _document(entry: QueueEntry) -> list[str]:
+def _subject(what: str, entry: QueueEntry, failures: Sequence[RecipientState], known: bool) -> str:
+    """Not known, the document by whom it went to and when, which its sender
+    can find it by."""
+    if known:
+        return f"{what}: {_printable(entry.subject)}" if entry.subject else f"{what} document"
+    first = _printable(failures[0].address) if failures else ""
+    more = f" and {len(failures) - 1} more" if len(failures) > 1 else ""
+    sent = datetime.fromtimestamp(entry.arrival, UTC)
+    return f"{what}: your document to {first}{more}, sent {sent.day} {sent:%b %Y %H:%M} UTC"
+
+
+def _document(entry: QueueEntry, subject_known: bool) -> list[str]:
+    """The document's own Date is the relay's only while it is queued: a notice
+    ``relay bounce`` writes has the time the relay took it, said as such, where
+    "Sent" showed either, unsaid which."""
+    subject = _printable(entry.subject) or "(no subject)"
+    sent = [f"Sent:       {_printable(entry.date)}"] if entry.date.strip() else []
     return [
         "",
-        f"Document:   {_printable(entry.subject) or '(no subject)'}",
-        f"Sent:       {_printable(entry.date) or formatdate(entry.arrival, usegmt=True)}",
+        f"Document:   {subject if subject_known else UNRECORDED}",
+        *sent,
+        f"Received:   {formatdate(entry.arrival, usegmt=True)}, by the mail relay",
         f"Message-ID: {_printable(entry.message_id or '') or '(none)'}",
         f"Queue ID:   {entry.queue_id}",
         "",
     ]
 
 
-def _complaint_text(entry: QueueEntry, failures: Sequence[RecipientState]) -> str:
-    lines = ["A recipient of a document you sent reported it as spam.", *_document(entry)]
+UNRECORDED = "(its subject was not recorded; the date and recipients name it)"
+
+
+def _complaint_text(
+    entry: QueueEntry, failures: Sequence[RecipientState], document: list[str]
+) -> str:
+    lines = ["A recipient of a document you sent reported it as spam.", *document]
     for rcpt in failures:
         report = _printable(rcpt.reply or "") or "abuse"
         lines += [f"Recipient:  {_printable(rcpt.address)}", f"Report:     {report}", ""]
@@ -139,14 +173,19 @@ def _complaint_text(entry: QueueEntry, failures: Sequence[RecipientState]) -> st
     return "\n".join(lines) + "\n"
 
 
-def _text(entry: QueueEntry, failures: Sequence[RecipientState], hard: frozenset[str]) -> str:
-    lines = [_opening(entry), *_document(entry)]
+def _text(
+    entry: QueueEntry,
+    failures: Sequence[RecipientState],
+    hard: frozenset[str],
+    document: list[str],
+) -> str:
+    lines = [_opening(entry), *document]
     # one reason under the recipients it is for: a list of 1,000 refused alike
     # made 3,000 lines, every third one the same reason; Postfix names each
     # address in its refusal, which is the same reason all the same
     by_reason: dict[str, list[tuple[str, str]]] = {}
     for rcpt in failures:
-        reason = _printable(rcpt.reply or "") or "unknown"
+        reason = _printable(_shown(rcpt.reply or "")) or "unknown"
         address = _printable(rcpt.address)
         alike = re.sub(re.escape(address), _EACH, reason, flags=re.IGNORECASE)
         by_reason.setdefault(alike, []).append((address, reason))
@@ -156,19 +195,26 @@ def _text(entry: QueueEntry, failures: Sequence[RecipientState], hard: frozenset
         lines += [f"            {address}" for address, _ in group[1:]]
         lines += [f"Reason:     {group[0][1] if len(group) == 1 else alike}", ""]
     lines += _advice(failures, hard)
-    if any(rcpt.status == SUPPRESSED for rcpt in failures):
-        lines.append(
-            "The relay sends nothing to an address on its suppression list; should"
-            " the recipient get mail again (the address works again, or they ask for"
-            " it), ask your mail administrator to take it off."
-        )
     lines.append("This notice was written by the mail relay; replies to it are not read.")
     return "\n".join(lines) + "\n"
 
 
-_EACH = "(each address)"
+_EACH = "each recipient's address"
 
 CHECK_ADDRESS = "Please check the address, or reach the recipient another way."
+LISTED_NOW = (
+    "The receiving server said the address does not exist or takes no mail: the relay"
+    " sends nothing more to it."
+)
+ON_THE_LIST = "The relay sends nothing to an address on its suppression list."
+TAKE_OFF = (
+    "Should the recipient get mail again (the address works again, or they ask for it),"
+    " ask your mail administrator to take it off the suppression list."
+)
+NOT_PASSED_ON = (
+    "The mail platform could not pass the document on to the receiving server; should"
+    " this keep happening, tell your mail administrator."
+)
 # by the subject of the reply's RFC 3463 code: "check the address" after a spam
 # filter's refusal sent the user to recheck a right address, and nobody to the
 # administrator whose problem it is
@@ -181,35 +227,47 @@ _ADVICE_FOR = {
     " block list, sender checks), not for the address: tell your mail administrator,"
     " with the reason above.",
 }
+# in the order said: what happened, then what to do
+_ORDER = (LISTED_NOW, ON_THE_LIST, CHECK_ADDRESS, TAKE_OFF, NOT_PASSED_ON, *_ADVICE_FOR.values())
 # after a reply's basic code ("554 5.7.1") or alone in brackets ("(5.7.1)", a
 # bounce's status; qmail's "(#5.7.1)"): anywhere else "5.2.2.10", an IP
 # address in the text, was read as one
 _CODE = re.compile(
     r"\b[245]\d\d[ -]([245]\.(\d{1,3})\.\d{1,3})(?!\.?\d)|\(#?([245]\.(\d{1,3})\.\d{1,3})\)"
 )
-LISTED_NOW = (
-    "The receiving server said the address does not exist or takes no mail: the relay"
-    " sends nothing more to it. Please check the address, or reach the recipient"
-    " another way; should it take mail again, ask your mail administrator to take it"
-    " off the suppression list."
-)
+# the relay's own reply when its upstream could not be used (relay.upstream):
+# it names the upstream, its host and port or a file, which are the sysadmin's
+_OWN_UPSTREAM = re.compile(r"(?:^|(?<=last reply: ))(4\d\d 4\.\d{1,3}\.\d{1,3}) Upstream .*", re.S)
+
+
+def _shown(reply: str) -> str:
+    """The reply as the user reads it: "the receiving server could not be reached"
+    and the smarthost's name and address, when it was the relay's own upstream
+    that was down; the log and the audit log have them whole."""
+    return _OWN_UPSTREAM.sub(r"the mail platform could not pass it on (\1)", reply)
 
 
 def _advice(failures: Sequence[RecipientState], hard: frozenset[str]) -> list[str]:
-    """What the user can do, once for each kind of failure among them. A refusal
+    """What the user can do, each sentence once: a refusal the relay listed and
+    a recipient suppressed before each said "check the address". A refusal
     whose code the policy suppresses on (``hard``) says so: "try again in a
     while" after a 5.2.1, whose address the relay had just listed, sent the
     user to send it again, only to be told it was on the list."""
-    said: list[str] = []
-    for rcpt in failures:
-        code = _CODE.search(rcpt.reply or "") if rcpt.status != SUPPRESSED else None
-        status, kind = (
-            (code.group(1) or code.group(3), code.group(2) or code.group(4)) if code else ("", "")
-        )
-        advice = LISTED_NOW if status in hard else _ADVICE_FOR.get(kind, CHECK_ADDRESS)
-        if advice not in said:
-            said.append(advice)
-    return said
+    said = {line for rcpt in failures for line in _advice_for(rcpt, hard)}
+    return [line for line in _ORDER if line in said]
+
+
+def _advice_for(rcpt: RecipientState, hard: frozenset[str]) -> tuple[str, ...]:
+    if rcpt.status == SUPPRESSED:
+        return ON_THE_LIST, CHECK_ADDRESS, TAKE_OFF
+    if _OWN_UPSTREAM.search(rcpt.reply or ""):
+        return (NOT_PASSED_ON,)
+    code = _CODE.search(rcpt.reply or "")
+    if code is None:
+        return (CHECK_ADDRESS,)
+    if (code.group(1) or code.group(3)) in hard:
+        return LISTED_NOW, CHECK_ADDRESS, TAKE_OFF
+    return (_ADVICE_FOR.get(code.group(2) or code.group(4), CHECK_ADDRESS),)
 
 
 def _opening(entry: QueueEntry) -> str:

@@ -19,12 +19,15 @@ import pytest
 
 from relay import engine as engine_module
 from relay.audit import AuditLog, reader
+from relay.deliver import attempt
 from relay.engine import Attempt, Engine, duration
 from relay.policy.model import Policy, Tenant
 from relay.record import Recorder
 from relay.spool import Spool, tools
 from tests.readonly import read_only
+from tests.sink import free_port
 from tests.spoolkit import make_entry
+from tests.test_deliver import upstream
 from tests.test_engine_settle import until
 from tests.test_engine_warm import message, running
 
@@ -118,6 +121,35 @@ async def test_an_entry_expires_when_its_last_attempt_fails_and_says_so_plainly(
     (notice,) = spool.ids()
     text = message_from_bytes(spool.read_message(notice), policy=default).get_content()
     assert reason in text
+
+
+async def test_an_entry_expired_on_its_own_upstream_down_names_neither_it_nor_the_receiver(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    """The notice quoted "451 4.4.1 Upstream default (127.0.0.1:PORT): Connection
+    refused", the platform's smarthost and its address, and blamed "the receiving
+    server"; the audit log keeps the reply whole for the sysadmin."""
+    audit = AuditLog(tmp_path / "audit")
+    dead = upstream(free_port(), name="default")
+    queue = dataclasses.replace(
+        with_queue(policy, lifetime=40), upstreams=MappingProxyType({"default": dead})
+    )
+    engine = Engine(spool, lambda: queue, attempt, Recorder(audit))
+    entry = make_entry(arrival=time.time() - 41, size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    assert (await engine.attempt_now(entry.queue_id)).status == "failed"
+    await engine.stop(5)
+    ((event, reply),) = records(audit.directory, entry.queue_id)
+    assert event == "expired" and f"Upstream default (127.0.0.1:{dead.port})" in reply
+    (notice,) = spool.ids()
+    text = message_from_bytes(spool.read_message(notice), policy=default).get_content()
+    assert (
+        "Reason:     not delivered within 40 seconds; last reply: the mail platform could"
+        " not pass it on (451 4.4.1)"
+    ) in text.splitlines()
+    assert "127.0.0.1" not in text and "Upstream" not in text and "default" not in text
+    assert "The mail platform could not pass the document on" in text
+    assert "The receiving server could not be reached" not in text
 
 
 async def test_a_deferral_the_spool_cannot_store_still_waits_its_backoff(

@@ -11,7 +11,7 @@ import pytest
 from relay import message
 from relay.notice import build_notice
 from relay.policy.load import load
-from relay.spool import DELIVERED, EXPIRED, FAILED, PENDING, RecipientState
+from relay.spool import DELIVERED, EXPIRED, FAILED, PENDING, SUPPRESSED, RecipientState
 from tests.spoolkit import make_entry
 
 
@@ -147,7 +147,8 @@ def test_a_reason_naming_each_address_is_still_one_reason(policy_file: Path) -> 
         "Recipients: u0@Dest.example",
         "            u1@Dest.example",
         "            u2@Dest.example",
-        "Reason:     550 5.1.1 <(each address)>: Recipient address rejected: User unknown",
+        "Reason:     550 5.1.1 <each recipient's address>: Recipient address rejected:"
+        " User unknown",
     ]
 
 
@@ -189,7 +190,8 @@ def test_the_advice_fits_the_reason(policy_file: Path, reply: str, advice: str) 
     text = quopri.decodestring(data.split(b"\r\n\r\n", 1)[1]).decode()
     said = [line for line in text.splitlines() if advice in line]
     assert len(said) == 1, text
-    others = ("Please check the address", "A mailbox that", "The receiving server")
+    others = ("Please check the address", "A mailbox that", "The receiving server could not")
+    others += ("The receiving server refused", "The mail platform")
     assert sum(line.startswith(others) for line in text.splitlines()) == 1, text
 
 
@@ -211,3 +213,63 @@ def test_a_refusal_the_relay_suppresses_on_says_so(policy_file: Path, reply: str
     text = " ".join(quopri.decodestring(data.split(b"\r\n\r\n", 1)[1]).decode().split())
     assert "the relay sends nothing more to it" in text
     assert "try again in a while" not in text
+
+
+def _body(data: bytes) -> list[str]:
+    return quopri.decodestring(data.split(b"\r\n\r\n", 1)[1]).decode().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("date", "sent"),
+    [("Mon, 23 Nov 2026 09:30:00 +0100", True), ("", False)],
+    ids=["document-date", "none-known"],
+)
+def test_sent_is_the_documents_date_and_the_relays_time_is_said_as_such(
+    policy_file: Path, date: str, sent: bool
+) -> None:
+    """The "Sent" line showed the document's Date at delivery, and in a notice
+    from a bounce report (no Date on record) the time the relay took it, unsaid
+    which."""
+    entry = make_entry(date=date, arrival=1_790_000_000.0)
+    failed = RecipientState("customer@example.net", FAILED, reply="550 5.1.1 gone", notify=True)
+    _, data = build_notice(load(policy_file), entry, [failed], 1_790_000_100.0)
+    lines = _body(data)
+    assert ("Sent:       Mon, 23 Nov 2026 09:30:00 +0100" in lines) is sent
+    assert sum(line.startswith("Sent:") for line in lines) == int(sent)
+    assert "Received:   Mon, 21 Sep 2026 14:13:20 GMT, by the mail relay" in lines
+
+
+def test_a_refusal_and_a_suppressed_recipient_say_each_advice_once(policy_file: Path) -> None:
+    """A 5.1.1 the relay listed and a recipient suppressed before each said
+    "check the address", the second time under the suppression paragraph."""
+    failures = [
+        RecipientState("gone@example.net", FAILED, reply="550 5.1.1 No such user", notify=True),
+        RecipientState("listed@example.net", SUPPRESSED, reply="not sent: listed", notify=True),
+    ]
+    _, data = build_notice(load(policy_file), make_entry(), failures, 1_790_000_000.0)
+    text = "\n".join(_body(data))
+    for said in ("Please check the address", "ask your mail administrator to take it off"):
+        assert text.count(said) == 1, text
+    assert "the relay sends nothing more to it" in text
+    assert "The relay sends nothing to an address on its suppression list" in text
+
+
+def test_a_notice_from_the_audit_log_alone_names_the_document_by_its_recipients(
+    policy_file: Path,
+) -> None:
+    """Without a subject on record the notice says so, and names the document by
+    whom it went to and when, not by a subject someone else wrote."""
+    failures = [
+        RecipientState(f"u{n}@example.net", FAILED, reply="550 5.1.1 gone", notify=True)
+        for n in range(3)
+    ]
+    entry = make_entry(subject="", date="", arrival=1_790_000_000.0)
+    _, data = build_notice(load(policy_file), entry, failures, 1.8e9, subject_known=False)
+    subject = message.read(data).get("Subject")
+    assert (
+        subject
+        == "Undelivered: your document to u0@example.net and 2 more, sent 21 Sep 2026 14:13 UTC"
+    )
+    assert "Document:   (its subject was not recorded; the date and recipients name it)" in _body(
+        data
+    )
