@@ -198,7 +198,7 @@ def test_the_queued_notice_reaches_the_sender_and_names_the_bounce(
     notice = sink.messages[1]
     assert notice.rcpt_tos == ["jan@acme.example"]
     head, body = notice.data.split(b"\r\n\r\n", 1)
-    assert b"Subject: Undelivered: Invoice 4711" in head
+    assert b"Subject: Undelivered: your document to boss@example.org, sent " in head
     assert b"In-Reply-To: <inv-4711@erp.acme.example>" in head
     text = body.decode().replace("=\r\n", "")
     assert "could not be delivered to everyone" in text
@@ -246,7 +246,7 @@ def test_a_complaint_suppresses_for_the_tenant_only_and_names_a_lone_recipient(
     spool = Spool(policy.queue.directory, create=False)
     (notice,) = [spool.read_message(q) for q in spool.ids()]
     head, body = notice.split(b"\r\n\r\n", 1)
-    assert b"Subject: Complaint about: Inv 4712" in head
+    assert b"Subject: Complaint about: your document to buyer@example.org, sent " in head
     assert b"reported it as spam" in body and b"buyer@example.org" in body
 
 

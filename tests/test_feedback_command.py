@@ -157,7 +157,12 @@ def test_a_bounce_and_a_complaint_piped_in_are_acted_on_and_the_sender_told(
     assert ("complained", "Buyer.Desk@yahoo-mail.example") in audit_events(policy, quote)
     notices = [m for m in sink.messages if m.rcpt_tos == ["jan@acme.example"]]
     subjects = sorted(str(message_from_bytes(m.data, policy=default)["Subject"]) for m in notices)
-    assert subjects == ["Complaint about: Invoice 4716", "Undelivered: Rechnung 4711 für März"]
+    # subjects are not on record: the reports' ("Rechnung 4711 für März", the
+    # invoice was sent as "Rechnung 4711") are not taken
+    assert [s.split(", sent ")[0] for s in subjects] == [
+        "Complaint about: your document to Buyer.Desk@yahoo-mail.example",
+        "Undelivered: your document to nobody@buyer.example and 1 more",
+    ]
     report = relay_cli(policy, "audit", "report", "--format", "json")
     rows = [json.loads(line) for line in report.stdout.splitlines()]
     other = next(r for r in rows if r["doc_type"] != "notice")
@@ -425,3 +430,39 @@ def test_a_forged_bounce_of_the_senders_own_copy_does_not_silence_the_sender(
     real = _bounce(policy, _dsn(header, "buyer@example.org"))
     assert real.stdout.splitlines()[1] == "buyer@example.org: bounced (5.1.1), suppressed"
     assert real.stdout.splitlines()[2].startswith("jan@acme.example told (notice ")
+
+
+def test_a_forged_bounce_cannot_name_the_document_in_the_senders_notice(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """With subjects not on record, the notice took its Subject and "Document:"
+    from the header the bounce returned, which its writer chose: a real queue ID
+    (the Received field) under a forged Subject made the relay sign and send the
+    sender "Undelivered: URGENT: ... new bank account", threaded under the real
+    invoice. The notice names the document by what the relay has."""
+    sink = Sink()
+    with SinkServer(sink) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            queue_id = send(port, _lone(4722, copy=True), ("buyer@example.org",))
+            (received,) = sink.wait(1)
+        header = received.data.split(b"\r\n\r\n", 1)[0]
+        forged = b"Subject: URGENT: Invoice 6000 was not paid - new bank account NO93"
+        header = header.replace(b"Subject: Invoice 4711", forged)
+        assert forged in header
+        bounced = _bounce(policy, _dsn(header, "buyer@example.org"))
+        assert bounced.stdout.splitlines()[0] == f"bounce about {queue_id} (acme/jan)"
+        with RelayProcess(policy, port, tmp_path / "again.log"):
+            sink.wait(2)
+    notice = next(m for m in sink.messages if m.rcpt_tos == ["jan@acme.example"])
+    view = message_from_bytes(notice.data, policy=default)
+    assert view["In-Reply-To"] == "<inv-4722@erp.acme.example>"
+    assert str(view["Subject"]).startswith("Undelivered: your document to buyer@example.org, sent ")
+    text = view.get_content()
+    assert "URGENT" not in text and "bank" not in text and "URGENT" not in str(view["Subject"])
+    lines = text.splitlines()
+    assert "Document:   (its subject was not recorded; the date and recipients name it)" in lines
+    assert not any(line.startswith("Sent:") for line in lines)  # the document's Date: not known
+    assert any(line.startswith("Received:") and "by the mail relay" in line for line in lines)
+    assert f"Queue ID:   {queue_id}" in lines

@@ -536,7 +536,14 @@ def _tell(
     told = [r for r in entry.recipients if r.status == FAILED and r.notify]
     if not told:
         return "no notice: the report is about the sender's own copy"
-    notice, data = build_notice(policy, entry, told, clock(), complaint=report.kind != BOUNCE)
+    notice, data = build_notice(
+        policy,
+        entry,
+        told,
+        clock(),
+        complaint=report.kind != BOUNCE,
+        subject_known=original.subject is not None,
+    )
     spool.put(notice, data)
     recorder.notice(entry, notice)
     return f"{user.address} told (notice {notice.queue_id})"
@@ -550,7 +557,11 @@ def _as_entry(
     upstream: str,
 ) -> QueueEntry:
     """The delivered message as the notice builder reads a queue entry: the
-    reported recipients failed, with what the report said, the others delivered."""
+    reported recipients failed, with what the report said, the others delivered.
+    All else is the audit log's: the report's Subject (or Date) is whatever its
+    writer put in the header it returns, and a forged one made a signed notice
+    of a "new bank account", threaded under the real invoice; the document's
+    own Date is on no record, so the notice has only when the relay took it."""
     said = {f.recipient.lower(): f for f in failures}
     bcc = {b.lower() for b in original.bcc}
     recipients = []
@@ -575,7 +586,7 @@ def _as_entry(
         user=original.user,
         notify_address=notify_address,
         doc_type=original.doc_type,
-        subject=original.subject or report.subject or "",
+        subject=original.subject or "",
         message_id=original.message_id or "",
         date="",
         size=0,
