@@ -23,8 +23,6 @@ EXCHANGE_DIAGNOSTIC = (
     "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup"
 )
 
-JMRP_SUBJECT = "Mahnung 4717 \u2013 zweite Stufe"  # an en dash, from windows-1252
-
 
 def _sample(name: str) -> bytes:
     return (SAMPLES / name).read_bytes()
@@ -50,7 +48,6 @@ def test_a_postfix_bounce_gives_each_recipient_its_own_status_and_diagnostic() -
             ),
         ),
         message_id="<4711.erp@acme.example>",
-        subject="Rechnung 4711 für März",
         envelope_id="Q7F3K2M9WX",
         queue_ids=("4F2A31C0E5",),  # the returned Received fields' (another hop's here)
     )
@@ -104,7 +101,6 @@ def test_an_exchange_ndr_returns_the_original_header_only() -> None:
         BOUNCE,
         (Failure("purchasing@contoso-buyer.example", "5.1.10", EXCHANGE_DIAGNOSTIC),),
         message_id="<4712.erp@acme.example>",
-        subject="Order confirmation 4712",
         queue_ids=("15.20.7000.12",),
     )
 
@@ -123,7 +119,6 @@ def test_a_gmail_dsn_diagnostic_spanning_reply_lines_is_one_line() -> None:
             ),
         ),
         message_id="<4713.erp@acme.example>",
-        subject="Delivery note 4713",
     )
 
 
@@ -135,7 +130,6 @@ QMAIL = Report(
     BOUNCE,
     (QMAIL_FAILURE,),
     message_id="<4715.erp@acme.example>",
-    subject="Statement of account November",
 )
 
 
@@ -188,7 +182,6 @@ def test_an_exim_failure_in_words_gives_the_remote_servers_code() -> None:
             ),
         ),
         message_id="<4718.erp@acme.example>",
-        subject="Invoice 4718",
     )
 
 
@@ -312,7 +305,6 @@ def test_a_yahoo_complaint_names_the_recipient_in_its_report_fields() -> None:
         COMPLAINT,
         (Failure("Buyer.Desk@yahoo-mail.example"),),
         message_id="<4716.erp@acme.example>",
-        subject="Invoice 4716",
         feedback_type="abuse",
     )
 
@@ -324,7 +316,6 @@ def test_a_microsoft_complaint_naming_the_recipient_only_in_the_returned_to_name
         COMPLAINT,
         (),
         message_id="<4717.erp@acme.example>",
-        subject=JMRP_SUBJECT,
         feedback_type="abuse",
     )
 
@@ -369,7 +360,6 @@ def test_a_complaint_whose_returned_to_names_several_addresses_names_none() -> N
         COMPLAINT,
         (),
         message_id="<4717.erp@acme.example>",
-        subject=JMRP_SUBJECT,
         feedback_type="abuse",
     )
 
@@ -426,19 +416,9 @@ def test_unencoded_utf8_in_a_bounce_reads_as_utf8() -> None:
     )
     report = read(raw)
     assert report is not None
-    assert report.subject == "Auftragsbestätigung 4712"
     assert report.failures[0].diagnostic == (
         "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Empfänger unbekannt by SMTP address lookup"
     )
-
-
-def test_a_subject_in_an_unknown_charset_is_kept_as_written() -> None:
-    raw = _sample("exchange-ndr.eml").replace(
-        b"Subject: Order confirmation 4712", b"Subject: =?x-no-such?Q?Order?= 4712"
-    )
-    report = read(raw)
-    assert report is not None
-    assert report.subject == "=?x-no-such?Q?Order?= 4712"
 
 
 def test_a_bounce_returning_a_ten_megabyte_attachment_is_read() -> None:

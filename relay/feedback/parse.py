@@ -14,7 +14,6 @@ import email.errors
 import logging
 import quopri
 import re
-from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesParser, HeaderParser
 from email.policy import compat32
@@ -168,12 +167,10 @@ def _bounce(msg: Message) -> Report | None:
         return None
     failures = _failures(recipients, blocks, own)
     returned = _returned(msg) or _returned_inline(msg)
-    message_id, subject = _ids(returned)
     return Report(
         BOUNCE,
         failures,
-        message_id,
-        subject,
+        _message_id(returned),
         _envelope_id(blocks),
         queue_ids=_received_ids(returned),
     )
@@ -451,12 +448,10 @@ def _complaint(msg: Message) -> Report | None:
         return None
     returned = _returned(msg)
     recipients = _complained_recipients(fields)
-    message_id, subject = _ids(returned)
     return Report(
         COMPLAINT,
         tuple(Failure(r) for r in recipients),
-        message_id,
-        subject,
+        _message_id(returned),
         _value(fields, "Original-Envelope-Id") if fields else None,
         feedback_type,
         _received_ids(returned),
@@ -554,10 +549,8 @@ def _parse_headers(part: Message) -> Message:
     return BytesParser(policy=compat32).parsebytes(data.lstrip(), headersonly=True)
 
 
-def _ids(returned: Message | None) -> tuple[str | None, str | None]:
-    if returned is None:
-        return None, None
-    return _value(returned, "Message-ID"), _subject(returned)
+def _message_id(returned: Message | None) -> str | None:
+    return None if returned is None else _value(returned, "Message-ID")
 
 
 def _received_ids(returned: Message | None) -> tuple[str, ...]:
@@ -569,18 +562,6 @@ def _received_ids(returned: Message | None) -> tuple[str, ...]:
     return tuple(
         found.group(1) for value in _values(returned, "Received") for found in _ID.finditer(value)
     )
-
-
-def _subject(msg: Message) -> str | None:
-    """Encoded words are decoded so that the subject reads as the sender wrote
-    it; one the email package cannot decode is kept as it came."""
-    value = _value(msg, "Subject")
-    if value is None:
-        return None
-    try:
-        return str(make_header(decode_header(value))).strip()
-    except (email.errors.MessageError, LookupError, UnicodeError, ValueError):
-        return value
 
 
 def _value(msg: Message, name: str) -> str | None:

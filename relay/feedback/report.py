@@ -22,8 +22,8 @@ class Failure:
 class Report:
     """A bounce (``kind`` BOUNCE: permanent failures only; delays and successes
     are not reports the relay acts on) or a complaint (COMPLAINT, with its
-    ``feedback_type``: abuse, fraud, ...). ``message_id``, ``subject`` and
-    ``envelope_id`` are the original message's, as the report returned them,
+    ``feedback_type``: abuse, fraud, ...). ``message_id`` and ``envelope_id``
+    are the original message's, as the report returned them,
     to find it in the audit log; ``queue_ids`` the IDs its returned Received
     fields name (``id …``), the relay's own queue ID among them when the
     header came back whole."""
@@ -31,7 +31,6 @@ class Report:
     kind: str
     failures: tuple[Failure, ...]
     message_id: str | None = None
-    subject: str | None = None
     envelope_id: str | None = None
     feedback_type: str | None = None
     queue_ids: tuple[str, ...] = ()
