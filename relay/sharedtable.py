@@ -20,11 +20,12 @@ open connections (``ingress.clientlimit``) and failed logins
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import mmap
 from collections.abc import Callable, Iterator
 
-EVICT_AMONG = 16  # slots that may be given away a full row compares, from the key's place
+EVICT_AMONG = 16  # slots a full row ranks to give one to a new key, from the key's place
 
 log = logging.getLogger("relay")
 
@@ -84,8 +85,8 @@ class Row:
         caller says it). A worker started in the place of one that ended finds
         the slots it left. ``rank``: how much a slot in use still counts, None
         for one never to give away; with it a full row gives ``key`` the slot
-        that counts least of the first ``EVICT_AMONG`` it may give, looked for
-        from ``key``'s place so that its probes stay short."""
+        that counts least of the first ``EVICT_AMONG`` from ``key``'s place, so that
+        its probes stay short and the ranking costs a few slots' worth."""
         base = self.mine(key)
         if base is None:
             base = self._claim(key, reclaimable)
@@ -109,15 +110,14 @@ class Row:
         return None
 
     def _evict(self, key: int, rank: Callable[[int], tuple[int, ...] | None]) -> int | None:
-        """Past slots never to give away, as many as it takes: stopping at some
-        would let one client fill the places near a key's with locked ones."""
+        """The first ``EVICT_AMONG`` slots from ``key``'s place only: looking on past
+        slots never to give away ranked a whole row for each new key, seconds of
+        CPU when most were. None when none of them may be given."""
         ranked = []
-        for at in self._probes(key):
+        for at in itertools.islice(self._probes(key), EVICT_AMONG):
             order = rank(at + 1)
             if order is not None:
                 ranked.append((order, at))
-                if len(ranked) == EVICT_AMONG:
-                    break
         return self._give(min(ranked)[1], key) if ranked else None
 
     def _probes(self, key: int) -> Iterator[int]:

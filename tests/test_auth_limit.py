@@ -15,6 +15,7 @@ import pytest
 
 from relay.ingress.authlimit import PER_LOGIN, AuthFailures, table
 from relay.ingress.clientlimit import ClientCounts
+from relay.sharedtable import EVICT_AMONG
 from tests.ingress_harness import Raw, Relay
 from tests.minimal_policy import listener
 from tests.test_workers import configure, free_port, serving
@@ -162,9 +163,9 @@ def test_a_full_table_gives_up_no_locked_client(caplog: pytest.LogCaptureFixture
     assert [failures.locked(f"192.0.2.{n}") > 0 for n in range(3)] == [True, True, True]
     assert failures.locked("192.0.2.9") == 0.0
     said = [r.getMessage() for r in caplog.records]
-    assert said == [
-        "failed logins: each of the 3 clients in a worker's table is locked out,"
-        " the failures of others are not counted for 60 s"
+    assert said == [  # once: the second failure is within the minute
+        "failed logins: a worker's table of 3 clients is full and the 16 near a new"
+        " one's place are locked out: its failures are not counted"
     ]
 
 
@@ -606,3 +607,26 @@ async def test_a_failure_recorded_while_a_check_took_its_place_is_counted() -> N
 
     mine.enter = failing_meanwhile  # type: ignore[method-assign]
     assert not await asyncio.wait_for(first.turn("192.0.2.1", "erp"), 5)
+
+
+def test_a_full_table_of_locked_clients_ranks_a_few_slots_for_a_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ranking went on past every locked slot, each ranking a search of every
+    worker's row: seconds of the event loop's CPU for each failure of a new
+    client once a row was full of locked ones."""
+    clock, shared = Clock(), table(2, per_client=2, clients=256)
+    one = AuthFailures(per_client=2, window=600.0, clock=clock, shared=shared.row(0))
+    for n in range(256):
+        one.failed(f"10.0.{n // 256}.{n % 256}")
+        one.failed(f"10.0.{n // 256}.{n % 256}")
+    ranked: list[int] = []
+    rank = AuthFailures._rank
+
+    def counted(self: AuthFailures, base: int) -> tuple[int, int] | None:
+        ranked.append(base)
+        return rank(self, base)
+
+    monkeypatch.setattr(AuthFailures, "_rank", counted)
+    one.failed("192.0.2.9")
+    assert 0 < len(ranked) <= EVICT_AMONG

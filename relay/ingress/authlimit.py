@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 
 from relay.ingress.clientlimit import ClientCounts, ClientRow, counted_as
-from relay.sharedtable import Row, SharedTable, key_of
+from relay.sharedtable import EVICT_AMONG, Row, SharedTable, key_of
 
 log = logging.getLogger("relay")
 
@@ -86,8 +86,7 @@ class AuthFailures:
         self.clock = clock
         self._row = shared if shared is not None else table(1, per_client, clients).row(0)
         self._checks = checks if checks is not None else ClientCounts(1).row(0)
-        self._no_room_until = 0  # ms: each slot of the row was locked, until then at least
-        self._locks_end = 0  # ms: the soonest a locked slot looked at may be given up
+        self._said_full = -60_000  # ms: when the log last said a failure went uncounted
 
     def locked(self, client: str, login: str | None = None) -> float:
         """Seconds until ``client`` may try again (at ``login``, when given); 0 when
@@ -206,20 +205,20 @@ class AuthFailures:
         return [i for i in range(count) if self._event(base, SUCCESSES, i)[1] == name]
 
     def _slot(self, key: int) -> int | None:
-        """This worker's slot for ``key``; in a full row, the slot of the client
-        that counts least. None when each slot is locked: what ``key`` did is
-        not counted, and said, once until a lock may have ended."""
+        """This worker's slot for ``key``; in a full row, the slot that counts least
+        of the few near its place (``sharedtable.EVICT_AMONG``). None when each of
+        those is locked: what ``key`` did is not counted, said at most once a
+        minute. Ranking the whole row, past the locked slots, took seconds of
+        the event loop's CPU for each failure of a new client."""
+        base = self._row.own(key, self._done, self._rank)
         now = self._now()
-        self._locks_end = 0
-        looking = now >= self._no_room_until
-        base = self._row.own(key, self._done, self._rank if looking else _kept)
-        if base is None and looking:
-            self._no_room_until = self._locks_end
+        if base is None and now >= self._said_full + 60_000:
+            self._said_full = now
             log.error(
-                "failed logins: each of the %d clients in a worker's table is locked out,"
-                " the failures of others are not counted for %d s",
+                "failed logins: a worker's table of %d clients is full and the %d near a new"
+                " one's place are locked out: its failures are not counted",
                 self._row.table.slots,
-                -((now - self._locks_end) // 1000),
+                EVICT_AMONG,
             )
         return base
 
@@ -234,9 +233,7 @@ class AuthFailures:
         horizon = self._now() - self._window_ms
         before = self._counted(bases, bases, horizon)
         after = self._counted(others, others, horizon)
-        end = max(self._lock_end(before), self._lock_end(after))
-        if end:
-            self._locks_end = min(self._locks_end or end, end)
+        if self._locks(before) or self._locks(after):
             return None
         mine = len(self._counted([base], bases, horizon))
         unforgiven = len(after) - (len(before) - mine)
@@ -250,14 +247,15 @@ class AuthFailures:
         successes = self._events(forgiving, SUCCESSES)
         return sorted(f for f in self._events(bases, FAILURES) if _counts(f, successes, horizon))
 
-    def _lock_end(self, failures: list[tuple[int, int]]) -> int:
-        """When ``failures`` (oldest first) lock nothing any more, in ms; 0 if they
-        lock nothing now. A failure without a login name locks no login."""
-        waits = [self._wait([t for t, _ in failures], self.per_client)]
-        for name in {n for _, n in failures} - {NO_LOGIN}:
-            waits.append(self._wait([t for t, n in failures if n == name], self.per_login))
-        wait = max(waits)
-        return self._now() + int(wait * 1000) if wait else 0
+    def _locks(self, failures: list[tuple[int, int]]) -> bool:
+        """Whether ``failures`` (oldest first) lock the client or one of its logins
+        now. A failure without a login name locks no login."""
+        if self._wait([t for t, _ in failures], self.per_client):
+            return True
+        names = {n for _, n in failures} - {NO_LOGIN}
+        return any(
+            self._wait([t for t, n in failures if n == name], self.per_login) for name in names
+        )
 
     def _put(self, base: int, part: int, at: int, name: int) -> None:
         times, names, _ = self._part(base, part)
@@ -327,10 +325,6 @@ def _counts(failure: tuple[int, int], successes: list[tuple[int, int]], horizon:
     since (in the same millisecond included: the order is not known)."""
     t, name = failure
     return t > horizon and not any(at >= t and name == ok for at, ok in successes)
-
-
-def _kept(base: int) -> None:
-    """No slot is given up: each was locked when last looked at."""
 
 
 def _key(client: str) -> int:
