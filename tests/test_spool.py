@@ -573,3 +573,25 @@ def test_a_put_under_way_keeps_its_file_from_recovery_whatever_the_clock(
         writer.join(10)
     assert failed == []
     assert spool.read_message(entry.queue_id) == MESSAGE
+
+
+def test_a_temp_file_swept_between_its_making_and_its_lock_is_made_again(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recovery with its clock ahead may remove a temp file before its writer
+    locks it: the put wrote into a file with no name, and its rename failed."""
+    flock = store_module.fcntl.flock
+    swept: list[str] = []
+
+    def sweep_first(fd: int, operation: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if not swept and name.endswith(".tmp"):
+            os.unlink(name)
+            swept.append(name)
+        flock(fd, operation)
+
+    monkeypatch.setattr(store_module.fcntl, "flock", sweep_first)
+    entry = make_entry(size=len(MESSAGE))
+    spool.put(entry, MESSAGE)
+    assert swept
+    assert spool.read_message(entry.queue_id) == MESSAGE

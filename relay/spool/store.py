@@ -460,9 +460,8 @@ class Spool:
             try:
                 fd = os.open(name, os.O_WRONLY | os.O_CLOEXEC | statefiles.NOFOLLOW)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if os.stat(name).st_ino == os.fstat(fd).st_ino:
+                if _names(name, fd):
                     return fd, name
-                # swept as an orphan between the open and the lock: the name is gone
             except BlockingIOError:
                 self._free.append((name, freed))
             except OSError:
@@ -720,6 +719,15 @@ def _create_temporary(target: str) -> tuple[int, str]:
     """The file a write goes to before its rename: named after its target, which
     is unique while its writer holds it (a new ID, or an entry's lock); a name
     left by a crash gets a random neighbour instead."""
+    for _ in range(2):
+        fd, tmp = _new_temporary(target)
+        if _names(tmp, fd):
+            return fd, tmp
+        os.close(fd)  # swept between its making and its lock, by a clock ahead: made again
+    return _new_temporary(target)  # swept twice: its rename fails, and the message is refused
+
+
+def _new_temporary(target: str) -> tuple[int, str]:
     directory, _, name = target.rpartition("/")
     tmp = f"{directory}/.{name}{_TMP_SUFFIX}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -729,6 +737,18 @@ def _create_temporary(target: str) -> tuple[int, str]:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=_TMP_SUFFIX)
     fcntl.flock(fd, fcntl.LOCK_EX)  # held until its rename: a live write, whatever its age
     return fd, tmp
+
+
+def _names(path: str | Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open at ``fd``: a sweep of another
+    process may have removed it before ``fd`` was locked, or a recycling given
+    the file another name."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _write_all(fd: int, chunks: Iterable[bytes]) -> int:
@@ -752,12 +772,7 @@ def _write_all(fd: int, chunks: Iterable[bytes]) -> int:
 def _still_named(fd: int, path: Path, queue_id: str) -> None:
     """NoSuchEntry unless ``path`` still names the file open as ``fd``: an entry's
     file outlives its removal when it is recycled, and then holds another entry."""
-    try:
-        named = os.stat(path)
-    except FileNotFoundError:
-        named = None
-    held = os.fstat(fd)
-    if named is None or (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+    if not _names(path, fd):
         raise NoSuchEntry(queue_id, "no such queue entry")
 
 
