@@ -110,8 +110,9 @@ async def attempt(
             needed = ()  # taken: the copy may go on its own now, as it goes with them
         if not rest:
             break
-        if whole or not answered or not go_on():
-            why = STOPPING if answered and not whole else NOT_THIS_TIME
+        ended = whole and not _refused_whole(got, sending, limited)
+        if ended or not answered or not go_on():
+            why = STOPPING if answered and not ended else NOT_THIS_TIME
             replies.update((r, got[r]) for r in limited)  # their 452 is this attempt's
             replies.update(dict.fromkeys(unsent, why))
             break
@@ -119,6 +120,15 @@ async def attempt(
         # it took the message for someone: reached, whatever came after
         unreachable, crowded = None, False
     return Attempt(replies, unreachable, crowded)
+
+
+def _refused_whole(got: dict[str, tuple[int, str]], sending: list[str], limited: list[str]) -> bool:
+    """Whether the transaction's message was refused for good (a 5xx to its end):
+    the next recipients' transaction goes at once, as Postfix sends it. Left for
+    the next attempt, a 1,000-recipient message to a server taking 50 a
+    transaction was refused 50 a retry wait, hours long, a notice each time,
+    and the last ones expired as "Too many recipients"."""
+    return all(got[r][0] >= 500 for r in sending if r not in limited)
 
 
 def _over_limit(code: int, reply: str) -> bool:

@@ -929,3 +929,16 @@ async def test_a_tls_handshake_the_upstream_closes_says_so(certs: Certs) -> None
     assert "TLS handshake after STARTTLS failed: the upstream closed" in failed.value.text
     assert "connection lost" not in failed.value.text
     assert sink.handler.messages == []
+
+
+async def test_a_message_refused_at_its_end_is_offered_for_the_rest_at_once() -> None:
+    """A 554 to the end of the first transaction left the recipients over the
+    server's limit to the next attempt: refused a transaction a retry wait,
+    a notice each time, and the last expired as "Too many recipients"."""
+    handler = SinkHandler(most=2, data_reply="554 5.6.0 Content rejected")
+    rcpts = [f"r{number}@example.org" for number in range(5)]
+    with Sink(handler) as sink:
+        async with asyncio.timeout(10):
+            got = await attempt(upstream(sink.port), "b@p.example", rcpts, MESSAGE)
+    assert got.replies == dict.fromkeys(rcpts, (554, "554 5.6.0 Content rejected"))
+    assert [m.rcpt_tos for m in handler.messages] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
