@@ -439,7 +439,8 @@ def test_a_forged_bounce_cannot_name_the_document_in_the_senders_notice(
     from the header the bounce returned, which its writer chose: a real queue ID
     (the Received field) under a forged Subject made the relay sign and send the
     sender "Undelivered: URGENT: ... new bank account", threaded under the real
-    invoice. The notice names the document by what the relay has."""
+    invoice. The notice names the document by what the relay has, and the
+    reason by the status code, not the report's words."""
     sink = Sink()
     with SinkServer(sink) as server:
         port = free_port()
@@ -451,7 +452,10 @@ def test_a_forged_bounce_cannot_name_the_document_in_the_senders_notice(
         forged = b"Subject: URGENT: Invoice 6000 was not paid - new bank account NO93"
         header = header.replace(b"Subject: Invoice 4711", forged)
         assert forged in header
-        bounced = _bounce(policy, _dsn(header, "buyer@example.org"))
+        report = _dsn(header, "buyer@example.org").replace(
+            b"550 5.1.1 no such user", b"550 5.1.1 Our bank details changed: pay to NO93 today"
+        )
+        bounced = _bounce(policy, report)
         assert bounced.stdout.splitlines()[0] == f"bounce about {queue_id} (acme/jan)"
         with RelayProcess(policy, port, tmp_path / "again.log"):
             sink.wait(2)
@@ -461,6 +465,7 @@ def test_a_forged_bounce_cannot_name_the_document_in_the_senders_notice(
     assert str(view["Subject"]).startswith("Undelivered: your document to buyer@example.org, sent ")
     text = view.get_content()
     assert "URGENT" not in text and "bank" not in text and "URGENT" not in str(view["Subject"])
+    assert "NO93" not in text  # nor the report's diagnostic, which is as much its writer's
     lines = text.splitlines()
     assert "Document:   (its subject was not recorded; the date and recipients name it)" in lines
     assert not any(line.startswith("Sent:") for line in lines)  # the document's Date: not known

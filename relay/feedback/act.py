@@ -597,8 +597,11 @@ def _as_entry(
 
 
 def _reason(report: Report, failure: Failure) -> str:
+    """The notice's reason: the status code, not the report's own words. Anyone
+    can send a report naming a real queue ID, and its diagnostic went into the
+    signed notice under the real invoice ("new bank account ..."); the audit
+    log and ``relay bounce`` keep it for the sysadmin."""
     if report.kind != BOUNCE:
         return report.feedback_type or "abuse"
-    text = failure.diagnostic or "no reason given"
     status = f" ({failure.status})" if failure.status else ""
-    return f"the receiving server returned it after accepting it{status}: {text}"
+    return f"the receiving server returned it after accepting it{status}"
