@@ -34,3 +34,19 @@ def _a_label(label: str) -> str:
         return label
     mapped = idna.uts46_remap(label, std3_rules=False, transitional=False)
     return idna.alabel(mapped).decode("ascii")
+
+
+def idna2003_form(domain: str) -> str | None:
+    """IDNA2003's form of a name IDNA2008 refuses (a symbol: ``☃`` is
+    ``xn--n3h``), which a policy written with older tools holds and by which
+    the relay identified such a sender before; None when IDNA2003 maps a label
+    to plain ASCII (a joiner dropped: ``a\u200cb`` would be ``ab``, another
+    name)."""
+    try:
+        converted = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    pairs = zip(_DOTS.split(domain), converted.split("."), strict=False)
+    if any(not label.isascii() and not ascii_.startswith("xn--") for label, ascii_ in pairs):
+        return None
+    return converted

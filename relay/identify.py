@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.alabels import a_labels
+from relay.alabels import a_labels, idna2003_form
 from relay.errors import Rejected
 from relay.message import MessageView
 from relay.policy.model import (
@@ -141,7 +141,8 @@ def a_label_address(address: str) -> str | None:
     try:
         return f"{local}@{a_labels(domain)}"
     except UnicodeError:
-        return None
+        converted = idna2003_form(domain)
+        return None if converted is None else f"{local}@{converted}"
 
 
 def _user_id(tenant: Tenant, value: str) -> str | None:

@@ -1,0 +1,25 @@
+"""Addresses with their domain in the A-label form the relay sends to and the
+policy holds: IDNA2008's, and IDNA2003's only where IDNA2008 has none."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.identify import a_label_address
+
+
+@pytest.mark.parametrize(
+    ("address", "converted"),
+    [
+        ("kunde@bücher.example", "kunde@xn--bcher-kva.example"),
+        ("kunde@faß.example", "kunde@xn--fa-hia.example"),  # IDNA2003: fass.example
+        ("kunde@plain.example", "kunde@plain.example"),
+        # IDNA2008 has no form for a symbol: a policy holds IDNA2003's, by which
+        # such a sender was identified before, and the 550 came with no reason
+        ("snow@☃.example", "snow@xn--n3h.example"),
+        # IDNA2003 drops the joiner and names another domain: no form at all
+        ("kunde@a\u200cb.example", None),
+    ],
+)
+def test_a_domain_takes_the_form_the_relay_sends_to(address: str, converted: str | None) -> None:
+    assert a_label_address(address) == converted
