@@ -25,7 +25,7 @@ from relay.decide import Decision, decide
 from relay.engine import WARM_MESSAGE, Engine, Warm
 from relay.errors import HeaderInjection, Rejected, SigningError, SmtpReply
 from relay.groupcommit import GroupCommit
-from relay.identify import identify
+from relay.identify import Identity, identify
 from relay.message import MessageView
 from relay.policy.model import Policy
 from relay.queueid import new_queue_id
@@ -74,20 +74,46 @@ class Prepared:
         return self.view.get(name) or ""
 
 
+@dataclass(frozen=True)
+class Identified:
+    """A message read and its sender known: a refusal from here on names them."""
+
+    view: MessageView
+    split: tuple[list[headers.Field], int]
+    identity: Identity
+
+
 def prepare(
     policy: Policy,
     submission: Submission,
     now: datetime | None = None,
     suppressions: SuppressionList = EMPTY,
 ) -> Prepared:
-    queue_id = new_queue_id()
+    return complete(policy, submission, identified(policy, submission), now, suppressions)
+
+
+def identified(policy: Policy, submission: Submission) -> Identified:
+    """``prepare``'s first half, apart so that the audit record of a refusal
+    after it can say whose message it was (``Acceptor.process``)."""
     split = headers.split_at(submission.data)  # once: each step below needs it
     _check_header_size(split[1])
     _check_header_block(submission.data, split[1])
     _check_page_breaks(split[0])
     _check_hops(split[0])
     view = message.read(submission.data, split)
-    identity = identify(policy, submission, view)
+    return Identified(view, split, identify(policy, submission, view))
+
+
+def complete(
+    policy: Policy,
+    submission: Submission,
+    sender: Identified,
+    now: datetime | None = None,
+    suppressions: SuppressionList = EMPTY,
+) -> Prepared:
+    """``prepare``'s second half: from the classification to the signed bytes."""
+    queue_id = new_queue_id()
+    view, split, identity = sender.view, sender.split, sender.identity
     classification = classify(policy.classify, view)
     now = now or datetime.now(UTC)
     decision = decide(
@@ -290,13 +316,18 @@ class Acceptor:
 
     async def process(self, policy: Policy, submission: Submission) -> str:
         try:
-            prepared = prepare(policy, submission, suppressions=self._suppressions())
+            sender = identified(policy, submission)
         except SmtpReply as reply:
             await self._rejected(submission, reply)
             raise
+        try:
+            prepared = complete(policy, submission, sender, suppressions=self._suppressions())
+        except SmtpReply as reply:
+            await self._rejected(submission, reply, sender.identity)
+            raise
         entry = _entry(prepared, submission)
         now = self.clock()
-        taken = await self._take(policy, submission, entry.tenant, now)
+        taken = await self._take(policy, submission, prepared.decision, now)
         self.engine.accepting.add(entry.queue_id)
         try:
             try:
@@ -343,12 +374,13 @@ class Acceptor:
         return f"250 2.0.0 Ok: queued as {entry.queue_id}"
 
     async def _take(
-        self, policy: Policy, submission: Submission, tenant_id: str, now: float
+        self, policy: Policy, submission: Submission, decision: Decision, now: float
     ) -> int:
         """The message's recipients counted for its tenant, or it refused
         (``ratelimit.refusal``). Every tenant's are counted, limited or not: a
         limit a reload brings in, when a login is found stolen, then holds the
         hour already sent against it."""
+        tenant_id = decision.identity.tenant.id
         tenant = policy.tenants.get(tenant_id)
         if tenant is None or self.rates is None:
             return 0
@@ -356,7 +388,7 @@ class Acceptor:
         if tenant.recipients_per_hour is not None:
             reply = ratelimit.refusal(tenant, wanted, self.rates.sent(tenant_id, now))
             if reply is not None:
-                await self._rejected(submission, reply)
+                await self._rejected(submission, reply, decision.identity)
                 raise reply
         self.rates.add(tenant_id, wanted, now)
         return wanted
@@ -416,12 +448,12 @@ class Acceptor:
         except SpoolError as exc:
             log.error("%s: cannot write to the spool: %s", entry.queue_id, exc)
             reply = _write_failed(exc, "Queue write failed, try again later")
-            await self._rejected(submission, reply)
+            await self._rejected(submission, reply, prepared.decision.identity)
             raise reply from exc
         except AuditError as exc:
             log.error("%s: cannot write the audit log: %s", entry.queue_id, exc)
             reply = _write_failed(exc, "Audit log write failed, try again later")
-            await self._rejected(submission, reply)
+            await self._rejected(submission, reply, prepared.decision.identity)
             raise reply from exc
         except asyncio.CancelledError:
             # stored and recorded as queued, but no 250 went out: it is
@@ -518,15 +550,22 @@ class Acceptor:
             raise replies.refusal(code, outcome.reply[4:])
         return queued
 
-    async def _rejected(self, submission: Submission, reply: SmtpReply) -> None:
+    async def _rejected(
+        self, submission: Submission, reply: SmtpReply, identity: Identity | None = None
+    ) -> None:
         log_refused(submission, reply.line)
-        await self.refused(submission, reply)
+        await self.refused(submission, reply, identity)
 
-    async def refused(self, submission: Submission, reply: SmtpReply) -> None:
+    async def refused(
+        self, submission: Submission, reply: SmtpReply, identity: Identity | None = None
+    ) -> None:
         """A refused message on record (the pipeline's refusals, and the SMTP
-        side's of content no upstream should see: bare line ends, NUL, long lines)."""
+        side's of content no upstream should see: bare line ends, NUL, long lines).
+        ``identity``: whose it was, once identified, so that a search by tenant
+        finds what a stolen login tried past the limit."""
         message_id = _given_message_id(submission.data)
-        self.recorder.add(events.rejected_for(submission, reply, message_id=message_id))
+        record = events.rejected_for(submission, reply, message_id=message_id, identity=identity)
+        self.recorder.add(record)
         try:
             await self.recorder.flush(None)
         except AuditError as exc:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from relay.decide import Decision
     from relay.errors import SmtpReply
+    from relay.identify import Identity
     from relay.submission import Submission
 
 VERSION = 1
@@ -93,6 +94,11 @@ SCHEMA: Mapping[str, tuple[tuple[str, Check], ...]] = {
         ("mail_from", _str),
         ("rcpt_tos", _strs),
         ("reply", _str),
+        # who sent it, when the relay had identified them before it refused
+        # (the rate limit, a field given twice, a failed write): as in ``received``
+        ("tenant", _str),
+        ("user", _str),
+        ("found_by", _str),
     ),
     "queued": (("recipients", _strs), ("size", _int)),
     "delivered": (("recipient", _str), ("upstream", _str), ("reply", _str), ("attempts", _int)),
@@ -120,12 +126,16 @@ SCHEMA: Mapping[str, tuple[tuple[str, Check], ...]] = {
     ),
 }
 # fields a record may lack: the subject where the policy does not record it;
-# the others in records written before the relay recorded them
+# a refusal's sender where it came before the relay knew them; the others in
+# records written before the relay recorded them
 OPTIONAL = {
     ("received", "subject"),
     ("received", "found_by"),
     ("received", "reasons"),
     ("expired", "reply"),
+    ("rejected", "tenant"),
+    ("rejected", "user"),
+    ("rejected", "found_by"),
 }
 
 
@@ -281,6 +291,9 @@ def rejected(
     mail_from: str,
     rcpt_tos: Sequence[str],
     reply: str,
+    tenant: str | None = None,
+    user: str | None = None,
+    found_by: str | None = None,
 ) -> dict:
     return _build("rejected", **locals())
 
@@ -290,7 +303,9 @@ def rejected_for(
     reply: SmtpReply,
     queue_id: str | None = None,
     message_id: str | None = None,
+    identity: Identity | None = None,
 ) -> dict:
+    """``identity``: None for a message refused before its sender was known."""
     return rejected(
         queue_id=queue_id,
         message_id=message_id,
@@ -299,6 +314,9 @@ def rejected_for(
         mail_from=submission.mail_from,
         rcpt_tos=submission.rcpt_tos,
         reply=reply.line,
+        tenant=identity.tenant.id if identity else None,
+        user=identity.user.id if identity else None,
+        found_by=identity.source if identity else None,
     )
 
 

@@ -238,9 +238,7 @@ def _story(records: Sequence[dict[str, Any]], link: dict[str, Any] | None = None
         elif event in ("held", "released"):
             lines.append(f"{when}  {event} by {_safe(r.get('by'))}")
         elif event == "rejected":
-            lines.append(
-                f"{when}  rejected from {_safe(r.get('client_address'))}: {_safe(r.get('reply'))}"
-            )
+            lines += _rejected(r)
         else:
             lines.append(f"{when}  {_safe(event)}")
     if per_recipient:
@@ -288,6 +286,17 @@ def _received(r: dict[str, Any]) -> list[str]:
         f" policy {_safe(str(r.get('policy_version'))[:12])}",
     ]
     lines += (f"    why       {_safe(reason)}" for reason in r.get("reasons") or [])
+    return lines
+
+
+def _rejected(r: dict[str, Any]) -> list[str]:
+    when, reply = r.get("time"), _safe(r.get("reply"))
+    lines = [f"{when}  rejected from {_safe(r.get('client_address'))}: {reply}"]
+    if "tenant" in r:  # identified before the refusal
+        lines.append(
+            f"    tenant {_safe(r['tenant'])}, user {_safe(r.get('user'))}"
+            + (f" (found by {_safe(r['found_by'])})" if "found_by" in r else "")
+        )
     return lines
 
 

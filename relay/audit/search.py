@@ -1,10 +1,12 @@
 """Finding records: filters, a message's timeline, and per-tenant reports.
 
 Only ``received`` names the tenant, user and document type; later events
-carry the queue ID. Filtering on those therefore joins on the queue ID: the
-scan starts ``lookback_days`` before ``since`` so a message received last
-month but bounced this week still counts, and in those early files only
-the ``received`` lines that mention the tenant are decoded. A failure notice
+carry the queue ID (a ``rejected`` record, which has none, names its tenant
+and user itself where the relay knew them). Filtering on those therefore
+joins on the queue ID: the scan starts ``lookback_days`` before ``since`` so
+a message received last month but bounced this week still counts, and in
+those early files only the ``received`` lines that mention the tenant are
+decoded. A failure notice
 has no ``received`` record: it belongs to the tenant and user of the message
 its ``notified`` record names, with type ``notice``, as in the report.
 
@@ -328,7 +330,10 @@ def search(
                     continue
                 if joining:
                     head = _HEAD.search(line)
-                    if head is None or (head.group(3) or b"").decode() not in wanted:
+                    if head is None or (
+                        head.group(2) != b"rejected"
+                        and (head.group(3) or b"").decode() not in wanted
+                    ):
                         continue
                 record = _decode(line)
                 if record is None:
@@ -338,9 +343,7 @@ def search(
                     continue
                 if not matches(record):
                     continue
-                if join and (
-                    record.get("event") == "received" or record.get("queue_id") not in wanted
-                ):
+                if join and not _joined(record, join, wanted):
                     continue
                 if repeats.copy(line):
                     continue
@@ -394,6 +397,15 @@ def _may_own(line: bytes, needles: list[bytes], parent_needles: list[bytes] | No
 
 def _owns(record: dict[str, Any], fields: dict[str, str]) -> bool:
     return all(record.get(k) == v for k, v in fields.items())
+
+
+def _joined(record: dict[str, Any], join: dict[str, str], wanted: set[str | None]) -> bool:
+    """Whether a record other than a ``received`` belongs to the messages
+    searched for: a refusal by the sender it names (it has no queue ID to
+    join on), any other by its message's."""
+    if record.get("event") == "rejected":
+        return _owns(record, join)
+    return record.get("event") != "received" and record.get("queue_id") in wanted
 
 
 def _notice_of(line: bytes, parents: set[str | None] | None) -> str | None:

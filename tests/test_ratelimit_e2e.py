@@ -1,0 +1,90 @@
+"""A tenant's ``recipients_per_hour`` on a real relay with two workers: a refusal
+found by its tenant in the audit log, and what the hour counts."""
+
+from __future__ import annotations
+
+import json
+import smtplib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.sink import free_port
+from tests.test_ratelimit import deliver
+from tests.test_workers import MESSAGE, Relay, configure, relay_cli, serving
+
+LIMIT = 3
+FULL = f"4.7.1 Tenant acme has sent to {LIMIT} recipients in the last hour".encode()
+
+
+@pytest.fixture
+def limited(policy_file: Path, tmp_path: Path) -> Iterator[Relay]:
+    """Acme may send to LIMIT recipients an hour."""
+    port = free_port()
+    path = configure(policy_file, port)
+    limit = f"    default_user: jan\n    recipients_per_hour: {LIMIT}\n"
+    path.write_text(path.read_text().replace("    default_user: jan\n", limit, 1))
+    with serving(path, port, tmp_path / "relay.log") as running:
+        yield running
+
+
+def submit(port: int, data: bytes, sender: str = "jan@acme.example") -> tuple[int, bytes]:
+    """``data`` as it is, on a connection of its own, to one recipient."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        client.ehlo()
+        client.mail(sender)
+        client.rcpt("one@example.org")
+        return client.data(data)
+
+
+def audit(relay: Relay, command: str, *args: str) -> str:
+    done = relay_cli("audit", command, "-c", str(relay.policy), *args)
+    assert done.returncode in (0, 1), done.stderr
+    return done.stdout
+
+
+def rejected_of(relay: Relay, *args: str) -> list[dict]:
+    out = audit(relay, "search", "--status", "rejected", "--format", "json", *args)
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_a_refusal_after_the_sender_is_known_names_its_tenant_and_user(limited: Relay) -> None:
+    """What a sysadmin asks when a login may be stolen: what did acme's mail try
+    past its limit? The refusal named the tenant, its record did not, and a
+    search by tenant found nothing. A refusal before the sender is known
+    (an unknown sender) names nobody, and is no tenant's."""
+    twice = MESSAGE.replace(b"Subject: x\r\n", b"Subject: x\r\nSubject: y\r\n")
+    assert submit(limited.port, twice)[0] == 550  # a field given twice, after identify
+    unknown = MESSAGE.replace(b"jan@acme.example", b"x@nowhere.example")
+    assert submit(limited.port, unknown, "x@nowhere.example")[0] == 550
+    for n in range(LIMIT):
+        assert deliver(limited.port, [f"r{n}@example.org"])[0] == 250
+    late = MESSAGE.replace(b"Subject: x\r\n", b"Subject: x\r\nMessage-ID: <late-1@erp.example>\r\n")
+    code, text = submit(limited.port, late)
+    assert (code, text[: len(FULL)]) == (450, FULL)
+
+    every = rejected_of(limited)
+    assert [(r["reply"][:9], r.get("tenant"), r.get("user")) for r in every] == [
+        ("550 5.6.0", "acme", "jan"),
+        ("550 5.7.1", None, None),
+        ("450 4.7.1", "acme", "jan"),
+    ]
+    assert all("found_by" in r for r in (every[0], every[2]))
+    assert "found_by" not in every[1]
+    assert rejected_of(limited, "--tenant", "acme") == [every[0], every[2]]
+    assert rejected_of(limited, "--user", "jan", "--tenant", "acme") == [every[0], every[2]]
+    assert rejected_of(limited, "--tenant", "globex") == []
+    assert rejected_of(limited, "--tenant", "acme", "--doc-type", "invoice") == []
+    # the accepted mail is still found by its tenant, the refusals beside it
+    found = audit(limited, "search", "--tenant", "acme", "--format", "json").splitlines()
+    events = [json.loads(line)["event"] for line in found]
+    assert events.count("rejected") == 2 and events.count("received") == LIMIT
+
+    table = audit(limited, "search", "--status", "rejected", "--tenant", "acme").splitlines()
+    assert [row.split()[1:5] for row in table[1:]] == [["rejected", "-", "acme", "jan"]] * 2
+    shown = audit(limited, "show", "<late-1@erp.example>")
+    assert f"rejected from 127.0.0.1: 450 {FULL.decode()}" in shown
+    assert f"\n    tenant acme, user jan (found by {every[2]['found_by']})\n" in shown
+    report = [json.loads(row) for row in audit(limited, "report", "--format", "json").splitlines()]
+    assert [(r["tenant"], r["sent"]) for r in report] == [("acme", LIMIT)]  # refusals not sent
