@@ -377,14 +377,15 @@ class Acceptor:
         self, policy: Policy, submission: Submission, decision: Decision, now: float
     ) -> int:
         """The message's recipients counted for its tenant, or it refused
-        (``ratelimit.refusal``). Every tenant's are counted, limited or not: a
-        limit a reload brings in, when a login is found stolen, then holds the
-        hour already sent against it."""
+        (``ratelimit.refusal``): counted here, where the suppression list has
+        been read (``ratelimit.counted``). Every tenant's are counted, limited
+        or not: a limit a reload brings in, when a login is found stolen, then
+        holds the hour already sent against it."""
         tenant_id = decision.identity.tenant.id
         tenant = policy.tenants.get(tenant_id)
         if tenant is None or self.rates is None:
             return 0
-        wanted = len(submission.rcpt_tos)
+        wanted = ratelimit.counted(submission.rcpt_tos, (a for a, _ in decision.suppressed))
         if tenant.recipients_per_hour is not None:
             reply = ratelimit.refusal(tenant, wanted, self.rates.sent(tenant_id, now))
             if reply is not None:

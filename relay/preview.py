@@ -146,7 +146,9 @@ def render(
     submission, beyond = _within_recipient_limit(limits, submission)
     suppressions, unread = _suppressions(policy)
     prepared = prepare(policy, submission, suppressions=suppressions)
-    alone = ratelimit.refusal(prepared.decision.identity.tenant, len(submission.rcpt_tos), 0)
+    decision = prepared.decision
+    wanted = ratelimit.counted(submission.rcpt_tos, (a for a, _ in decision.suppressed))
+    alone = ratelimit.refusal(decision.identity.tenant, wanted, 0)
     if alone is not None:  # the hour's count is the running relay's: only this is sure
         raise alone
     report = _report(policy, limits, submission, prepared)

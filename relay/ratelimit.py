@@ -13,6 +13,8 @@ are the monotonic clock's, the same in every process and never set.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 from relay.errors import Rejected
 from relay.policy.model import Tenant
 from relay.sharedtable import Row, SharedTable, key_of
@@ -35,6 +37,16 @@ def refusal(tenant: Tenant, wanted: int, sent: int) -> Rejected | None:
         text = f"Tenant {tenant.id} has sent to {sent} recipients in the last hour"
         return Rejected(450, "4.7.1", f"{text}, of {limit} allowed: try again later")
     return None
+
+
+def counted(rcpt_tos: Sequence[str], suppressed: Iterable[str]) -> int:
+    """The recipients a message counts for: those it is sent to. One on the
+    suppression list is never tried (its state in the queue is final), so an
+    ERP mailing a list full of bounced addresses is not held to its limit by
+    mail that never went; the relay's own automatic copy and failure notices
+    are not counted either."""
+    skipped = set(suppressed)
+    return sum(1 for address in rcpt_tos if address not in skipped)
 
 
 class RateCounts:

@@ -210,6 +210,23 @@ def test_preview_shows_the_limit_and_refuses_what_no_hour_could_take(
     assert "would refuse this message: 550 5.7.1 3 recipients, more than tenant acme" in refused
 
 
+def test_preview_counts_no_recipient_on_the_suppression_list(
+    policy_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the relay counts: three recipients, one of them never sent to, is two."""
+    text = policy_file.read_text().replace(
+        "    default_user: jan\n", "    default_user: jan\n    recipients_per_hour: 2\n", 1
+    )
+    policy_file.write_text(text)
+    (tmp_path / "state").mkdir()
+    assert main(["suppression", "add", "-c", str(policy_file), "gone@example.org"]) == 0
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(MESSAGE)
+    args = ["preview", "-c", str(policy_file), str(eml), "--rcpt", "one@example.org"]
+    assert main([*args, "--rcpt", "gone@example.org", "--rcpt", "two@example.org"]) == 0
+    assert "would refuse" not in capsys.readouterr().err
+
+
 def test_a_limit_a_reload_brings_in_holds_the_hour_already_sent(
     policy_file: Path, tmp_path: Path
 ) -> None:
