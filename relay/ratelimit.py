@@ -6,9 +6,15 @@ someone notices (Postfix's anvil does this per client). The counts are in a
 ``sharedtable``: each worker writes its own row and reads them all to
 decide, so two workers deciding at the same moment may each let one message
 through past the limit. They live in memory, as anvil's do: a restart of the
-relay forgets the last hour. A tenant's slot holds ``MINUTES`` buckets, each
+relay forgets the last hour. A tenant's slot holds ``BUCKETS`` buckets, each
 the minute it counts (upper 32 bits) and the count (lower 32); the minutes
 are the monotonic clock's, the same in every process and never set.
+
+The hour is counted in whole minutes, and the minute ``MINUTES`` back counts
+whole too: mail sent in a minute's last second stopped counting 59 minutes
+and a second later, so a tenant could send twice its limit in an hour that
+straddled it. Now nothing sent in the last 60 minutes is forgotten, and a
+recipient counts for 60 to 61 minutes.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from relay.sharedtable import Row, SharedTable, key_of
 
 SLOTS = 4096
 MINUTES = 60
+BUCKETS = MINUTES + 1  # the minutes counted: this one and the 60 before it
 
 
 def refusal(tenant: Tenant, wanted: int, sent: int) -> Rejected | None:
@@ -53,7 +60,7 @@ class RateCounts:
     """The shared table; ``row(i)`` is worker i's view of it."""
 
     def __init__(self, workers: int) -> None:
-        self._table = SharedTable("rate limits", workers, SLOTS, MINUTES)
+        self._table = SharedTable("rate limits", workers, SLOTS, BUCKETS)
 
     def row(self, index: int) -> RateRow:
         return RateRow(self._table.row(index))
@@ -68,13 +75,14 @@ class RateRow:
         self._row = row
 
     def sent(self, tenant: str, now: float) -> int:
-        """Recipients of the tenant's mail in the 60 minutes up to ``now``, all workers'."""
+        """Recipients of the tenant's mail in the 60 minutes up to ``now``, all
+        workers', and in the rest of the minute 60 minutes back (see above)."""
         minute = int(now // 60)
-        oldest = minute - MINUTES + 1
+        oldest = minute - MINUTES
         words = self._row.words
         total = 0
         for base in self._row.found(key_of(tenant)):
-            for word in words[base : base + MINUTES]:
+            for word in words[base : base + BUCKETS]:
                 if oldest <= word >> 32 <= minute:
                     total += word & 0xFFFFFFFF
         return total
@@ -87,7 +95,7 @@ class RateRow:
         base = self._row.own(key_of(tenant), lambda at: self._idle(at, minute))
         if base is None:
             return
-        at = base + minute % MINUTES
+        at = base + minute % BUCKETS
         word = self._row.words[at]
         if count < 0 and word >> 32 != minute:
             return
@@ -96,5 +104,5 @@ class RateRow:
 
     def _idle(self, base: int, minute: int) -> bool:
         """A tenant whose slot counts nothing in the last hour gives it up."""
-        oldest = minute - MINUTES + 1
-        return all(w >> 32 < oldest for w in self._row.words[base : base + MINUTES])
+        oldest = minute - MINUTES
+        return all(w >> 32 < oldest for w in self._row.words[base : base + BUCKETS])

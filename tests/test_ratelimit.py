@@ -46,15 +46,27 @@ def test_each_worker_writes_its_row_and_every_worker_reads_them_all() -> None:
     assert first.sent("initech", NOON) == 0
 
 
-def test_the_window_is_the_last_sixty_minutes() -> None:
+def test_the_window_is_the_last_sixty_minutes_and_the_rest_of_the_minute_before() -> None:
     row = RateCounts(1).row(0)
     row.add("acme", 4, NOON)
     row.add("acme", 1, NOON + 60 * 30)
     assert row.sent("acme", NOON + 60 * 59 + 59) == 5  # still in the hour of the first minute
-    assert row.sent("acme", NOON + 60 * 60) == 1  # the first minute has gone
-    assert row.sent("acme", NOON + 60 * 90) == 0
-    row.add("acme", 2, NOON + 60 * 120)  # a bucket an hour old is started again, not added to
-    assert row.sent("acme", NOON + 60 * 120) == 2
+    assert row.sent("acme", NOON + 60 * 60 + 59) == 5  # its minute counts whole
+    assert row.sent("acme", NOON + 60 * 61) == 1  # the first minute has gone
+    assert row.sent("acme", NOON + 60 * 91) == 0
+    row.add("acme", 2, NOON + 60 * 122)  # a bucket an hour old is started again, not added to
+    assert row.sent("acme", NOON + 60 * 122) == 2
+
+
+def test_nothing_sent_in_the_last_sixty_minutes_is_forgotten() -> None:
+    """Counted in whole minutes from the one 59 minutes back, mail sent in a
+    minute's last second stopped counting 59 minutes and a second later: a
+    tenant could send twice its limit within an hour, across that minute."""
+    for second in (0, 1, 30, 59):
+        row = RateCounts(1).row(0)
+        row.add("acme", 1, NOON + second)
+        for later in (1, 60 * 59 + 1, 60 * 59 + 59, 3599):
+            assert row.sent("acme", NOON + second + later) == 1, (second, later)
 
 
 def test_the_hour_is_counted_on_a_clock_nobody_sets() -> None:
@@ -81,9 +93,9 @@ def test_a_count_given_back_goes_to_its_own_minute_or_nowhere() -> None:
     row.add("acme", 3, NOON + 59)
     row.add("acme", -3, NOON + 59)  # the refusal came in the next minute
     assert row.sent("acme", NOON + 61) == 0
-    row.add("acme", 2, NOON + 60 * 60)  # the same slot, an hour on
+    row.add("acme", 2, NOON + 60 * 61)  # the same slot, an hour and a minute on
     row.add("acme", -1, NOON)
-    assert row.sent("acme", NOON + 60 * 60) == 2
+    assert row.sent("acme", NOON + 60 * 61) == 2
 
 
 def test_tenants_whose_hashes_meet_in_one_slot_are_counted_apart() -> None:
