@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from relay.sharedtable import SharedTable, key_of
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_each_row_is_its_writers_and_every_row_is_read() -> None:
@@ -75,3 +81,25 @@ def test_a_full_row_gives_the_slot_that_counts_least_never_a_kept_one(
         assert [table.words[b] for b in reader.found(keys[1])] == [2]
         assert row.own(key_of("five"), None, lambda base: None) is None  # none may go
     assert caplog.records == []  # the caller says it, knowing why
+
+
+def test_a_keys_place_is_the_same_in_every_worker_and_unknown_to_anyone_else() -> None:
+    """Places worked out beforehand let an attacker lock the few slots a full
+    row ranks near a key's place, and the failures placed there went uncounted."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker, forked as the supervisor forks them
+        os.write(write, str(key_of("2001:db8:1:2::/64")).encode())
+        os._exit(0)
+    os.close(write)
+    try:
+        assert int(os.read(read, 64)) == key_of("2001:db8:1:2::/64")
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    script = "from relay.sharedtable import key_of; print(key_of('2001:db8:1:2::/64'))"
+    other = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=60, check=True, cwd=ROOT,
+    )  # fmt: skip
+    assert int(other.stdout) != key_of("2001:db8:1:2::/64")
