@@ -123,8 +123,9 @@ async def attempt(
 
 
 def _refused_whole(got: dict[str, tuple[int, str]], sending: list[str], limited: list[str]) -> bool:
-    """Whether the transaction's message was refused for good (a 5xx to its end):
-    the next recipients' transaction goes at once, as Postfix sends it. Left for
+    """Whether the transaction's message was refused for good (a 5xx to its end,
+    or to MAIL): the next recipients' transaction goes at once, as Postfix sends
+    it, and is refused alike or not. Left for
     the next attempt, a 1,000-recipient message to a server taking 50 a
     transaction was refused 50 a retry wait, hours long, a notice each time,
     and the last ones expired as "Too many recipients"."""

@@ -17,6 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from relay.audit import AuditError
+from relay.errors import SmtpReply
+from relay.ingress.handler import _out_of_space
+from relay.spool import SpoolError
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
 from tests.test_metrics import _get, _metrics_policy, _samples, _value, _workers
@@ -165,3 +169,16 @@ def test_prometheus_loads_the_suggested_rules(tmp_path: Path) -> None:
         ["promtool", "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_write_that_finds_the_disk_full_counts_as_refused_for_want_of_space() -> None:
+    """Past the reserve's check, the spool or the audit log may still run out as
+    the message is written: that 452 4.3.1 was counted nowhere."""
+    disk_full = SpoolError(Path("spool/msg/X"), "No space left on device")
+    for cause in (disk_full, AuditError("audit log: No space left on device")):
+        try:
+            raise SmtpReply(452, "4.3.1", "Insufficient system storage") from cause
+        except SmtpReply as refused:
+            assert _out_of_space(refused)
+    upstreams = SmtpReply(452, "4.3.1", "Upstream's own disk is full")  # passed back, not ours
+    assert not _out_of_space(upstreams)

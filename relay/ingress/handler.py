@@ -18,6 +18,7 @@ from pathlib import Path
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay import tally
+from relay.audit import AuditError
 from relay.errors import SmtpReply
 from relay.ingress import content
 from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
@@ -27,6 +28,7 @@ from relay.ingress.authlimit import AuthFailures
 from relay.ingress.diskspace import DiskGuard, reserve_for
 from relay.ingress.protocol import RelaySMTP, hook_names, submission_of
 from relay.policy.model import AuthMode, Listener, Policy
+from relay.spool import SpoolError
 from relay.submission import Submission, listed, log_refused
 from relay.tally import TallyRow
 
@@ -158,6 +160,8 @@ class RelayHandler(Mechanisms):
         try:
             reply = await self._process(policy, submission)
         except SmtpReply as refused:
+            if _out_of_space(refused) and self._tally is not None:
+                self._tally.add(tally.NO_ROOM, self._listener.name)
             return refused.line
         except Exception:
             log.exception(
@@ -171,6 +175,12 @@ class RelayHandler(Mechanisms):
             log.error("pipeline returned an unusable reply %r; answering 451", reply)
             return LOCAL_ERROR
         return reply
+
+
+def _out_of_space(refused: SmtpReply) -> bool:
+    """The spool or the audit log ran out of space as the message was written: the
+    reserve's check had let it in, and the 452 was counted nowhere."""
+    return refused.status == "4.3.1" and isinstance(refused.__cause__, SpoolError | AuditError)
 
 
 def _state(policy: Policy) -> tuple[Path, Path]:
