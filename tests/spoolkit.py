@@ -14,8 +14,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
 
+import pytest
+
 from relay.queueid import new_queue_id
 from relay.spool import PENDING, NoSuchEntry, QueueEntry, RecipientState, Spool
+from relay.spool import store as store_module
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK_HOLDER = textwrap.dedent(
@@ -127,3 +130,21 @@ def removed_while_waiting(spool: Spool, queue_id: str, remove: Callable[[], obje
         remove()
     waiter.join(timeout=10)
     return outcome
+
+
+def swept_before_locked(monkeypatch: pytest.MonkeyPatch, prefix: str) -> list[str]:
+    """The spool's next lock of a file named ``prefix...`` finds it removed just
+    before, as another process's sweep with its clock ahead may; the names
+    removed so, for the test to see it happened."""
+    flock = store_module.fcntl.flock
+    swept: list[str] = []
+
+    def sweep_first(fd: int, operation: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if not swept and Path(name).name.startswith(prefix):
+            os.unlink(name)
+            swept.append(name)
+        flock(fd, operation)
+
+    monkeypatch.setattr(store_module.fcntl, "flock", sweep_first)
+    return swept

@@ -28,7 +28,13 @@ from relay.spool import (
 )
 from relay.spool import store as store_module
 from tests import minimal_policy
-from tests.spoolkit import locked_elsewhere, make_entry, removed_while_waiting, run_script
+from tests.spoolkit import (
+    locked_elsewhere,
+    make_entry,
+    removed_while_waiting,
+    run_script,
+    swept_before_locked,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGE = b"From: a@example.com\r\nSubject: Invoice 7\r\n\r\nBody\r\n"
@@ -580,17 +586,7 @@ def test_a_temp_file_swept_between_its_making_and_its_lock_is_made_again(
 ) -> None:
     """A recovery with its clock ahead may remove a temp file before its writer
     locks it: the put wrote into a file with no name, and its rename failed."""
-    flock = store_module.fcntl.flock
-    swept: list[str] = []
-
-    def sweep_first(fd: int, operation: int) -> None:
-        name = os.readlink(f"/proc/self/fd/{fd}")
-        if not swept and name.endswith(".tmp"):
-            os.unlink(name)
-            swept.append(name)
-        flock(fd, operation)
-
-    monkeypatch.setattr(store_module.fcntl, "flock", sweep_first)
+    swept = swept_before_locked(monkeypatch, ".")  # its temp file, .ID.tmp
     entry = make_entry(size=len(MESSAGE))
     spool.put(entry, MESSAGE)
     assert swept

@@ -13,7 +13,7 @@ import pytest
 
 from relay.spool import NoSuchEntry, Spool
 from relay.spool import store as store_module
-from tests.spoolkit import locked_elsewhere, make_entry, removed_while_waiting
+from tests.spoolkit import locked_elsewhere, make_entry, removed_while_waiting, swept_before_locked
 
 LONG = b"From: a@example.com\r\nSubject: Invoice 1\r\n\r\n" + b"x" * 5000 + b"\r\n"
 SHORT = b"From: b@example.com\r\nSubject: Invoice 2\r\n\r\nshort\r\n"
@@ -443,17 +443,7 @@ def test_a_free_file_swept_between_its_open_and_its_lock_is_not_written(
     """Another worker's sweep may land between this one's open and its lock:
     the entry then went into a file with no name, and its rename failed."""
     delivered(spool)
-    flock = fcntl.flock
-    swept: list[str] = []
-
-    def sweep_first(fd: int, operation: int) -> None:
-        if not swept:
-            name = os.readlink(f"/proc/self/fd/{fd}")
-            os.unlink(name)
-            swept.append(name)
-        flock(fd, operation)
-
-    monkeypatch.setattr(store_module.fcntl, "flock", sweep_first)
+    swept = swept_before_locked(monkeypatch, ".free.")
     entry = make_entry(size=len(SHORT))
     spool.put(entry, SHORT)
     assert swept and Path(swept[0]).name.startswith(".free.")
