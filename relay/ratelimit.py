@@ -51,9 +51,11 @@ def counted(rcpt_tos: Sequence[str], suppressed: Iterable[str]) -> int:
     suppression list is never tried (its state in the queue is final), so an
     ERP mailing a list full of bounced addresses is not held to its limit by
     mail that never went; the relay's own automatic copy and failure notices
-    are not counted either."""
+    are not counted either. A message sent to nobody counts as one all the
+    same: its notice goes out, signed, with the client's subject in it, and a
+    stolen login sent such notices to the tenant's users past every limit."""
     skipped = set(suppressed)
-    return sum(1 for address in rcpt_tos if address not in skipped)
+    return max(sum(1 for address in rcpt_tos if address not in skipped), 1)
 
 
 class RateCounts:

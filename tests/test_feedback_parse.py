@@ -629,3 +629,14 @@ def test_a_text_bounce_naming_thousands_of_addresses_gives_each_its_own_lines_in
     )
     assert by_recipient["user1@buyer.example"].diagnostic == "No mailbox 1 here. (#5.1.1)"
     assert elapsed < 2
+
+
+def test_a_status_that_is_no_code_is_taken_for_none() -> None:
+    """The code goes into the notice the sender gets, signed: a report's writer
+    put words there, run together (``5.1.1_our_bank_details_changed...``)."""
+    raw = _sample("postfix-two-failed.eml").replace(
+        b"Status: 5.1.1", b"Status: 5.1.1_Our_bank_details_changed:_pay_to_NO93", 1
+    )
+    report = read(raw)
+    assert report is not None
+    assert sorted(str(f.status) for f in report.failures) == ["5.2.2", "None"]

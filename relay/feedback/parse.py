@@ -36,6 +36,7 @@ _ID = re.compile(r"(?:^|[\s(])id\s+<?([A-Za-z0-9.-]+)", re.IGNORECASE)
 _TYPED = re.compile(r"^[A-Za-z0-9-]+[ \t]*;")
 _RETURNED = ("message/rfc822", "text/rfc822-headers")
 _ENHANCED = re.compile(r"[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})\b")
+_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 # the status a server wrote in words next to the address: qmail's "(#5.1.1)",
 # or an SMTP reply it quotes ("550 5.1.1 No such user")
 _WRITTEN_STATUS = re.compile(
@@ -413,8 +414,12 @@ def _blocks_by_address(blocks: list[Message]) -> dict[str, Message]:
 
 
 def _status(block: Message) -> str | None:
+    """The ``Status`` code when it is one (RFC 3464: ``5.1.1``), else none: the
+    code goes into the signed notice the sender gets, and whoever wrote the
+    report could put words there (``5.1.1_our_bank_details_changed...``)."""
     value = _value(block, "Status")
-    return value.split()[0] if value and value.split() else None
+    words = value.split() if value else []
+    return words[0] if words and _STATUS.fullmatch(words[0]) else None
 
 
 def _diagnostic(block: Message) -> str | None:
