@@ -8,6 +8,7 @@ another, existing domain, which a suppression then listed for every tenant."""
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import idna
 
@@ -44,9 +45,18 @@ def idna2003_form(domain: str) -> str | None:
     name)."""
     try:
         converted = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return None
-    pairs = zip(_DOTS.split(domain), converted.split("."), strict=False)
-    if any(not label.isascii() and not ascii_.startswith("xn--") for label, ascii_ in pairs):
-        return None
-    return converted
+        pairs = list(zip(_DOTS.split(domain), converted.split("."), strict=True))
+        if all(label.isascii() or _kept(label, ascii_) for label, ascii_ in pairs):
+            return converted
+    except (UnicodeError, ValueError):
+        pass
+    return None
+
+
+def _kept(label: str, converted: str) -> bool:
+    """Whether IDNA2003 wrote ``label`` as it reads, case and compatibility forms
+    aside: a joiner inside a label it dropped (``bü\u200dcher``), and the name
+    became another's (``bücher``)."""
+    if not converted.startswith("xn--"):
+        return False
+    return converted.encode("ascii").decode("idna") == unicodedata.normalize("NFKC", label.lower())

@@ -19,6 +19,9 @@ from relay.identify import a_label_address
         ("snow@☃.example", "snow@xn--n3h.example"),
         # IDNA2003 drops the joiner and names another domain: no form at all
         ("kunde@a\u200cb.example", None),
+        # nor where it drops one inside a label still not ASCII: bücher's, another's
+        ("jan@bü\u200dcher.example", None),
+        ("snow@SNOW☃.example", "snow@xn--snow-8g3b.example"),
     ],
 )
 def test_a_domain_takes_the_form_the_relay_sends_to(address: str, converted: str | None) -> None:
