@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from email import message_from_bytes
 from email.policy import default
 from pathlib import Path
@@ -396,20 +398,39 @@ def test_a_report_over_the_limit_is_not_acted_on_in_part(policy_file: Path, tmp_
     assert taken.stdout.splitlines()[0] == f"bounce about {invoice} (acme/jan)", taken.stderr
 
 
+@dataclass(frozen=True)
+class _Delivered:
+    sink: Sink
+    port: int
+    policy: Path
+    queue_id: str
+    header: bytes  # as the recipient got it: its Received names the queue ID
+
+
+@contextlib.contextmanager
+def _invoice_delivered(policy_file: Path, tmp_path: Path, number: int) -> Iterator[_Delivered]:
+    """An invoice to buyer@example.org, with its sender's automatic copy, taken
+    and delivered by a real relay, now stopped; the sink still up for the next
+    start to deliver a notice to."""
+    sink = Sink()
+    with SinkServer(sink) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            queue_id = send(port, _lone(number, copy=True), ("buyer@example.org",))
+            (received,) = sink.wait(1)
+        header = received.data.split(b"\r\n\r\n", 1)[0]
+        yield _Delivered(sink, port, policy, queue_id, header)
+
+
 def test_a_forged_bounce_of_the_senders_own_copy_does_not_silence_the_sender(
     policy_file: Path, tmp_path: Path
 ) -> None:
     """Anyone who got one document has its queue ID (the Received field) and its
     sender's address (Reply-To): a bounce they wrote of the sender's automatic
     copy listed the sender, who was told of no failed delivery again."""
-    sink = Sink()
-    with SinkServer(sink) as server:
-        port = free_port()
-        policy = configure(policy_file, port, server.port)
-        with RelayProcess(policy, port, tmp_path / "relay.log"):
-            queue_id = send(port, _lone(4720, copy=True), ("buyer@example.org",))
-            (received,) = sink.wait(1)
-    header = received.data.split(b"\r\n\r\n", 1)[0]
+    with _invoice_delivered(policy_file, tmp_path, 4720) as delivered:
+        policy, queue_id, header = delivered.policy, delivered.queue_id, delivered.header
     with LogSocket(tmp_path / "log") as syslog:
         forged = _bounce(policy, _dsn(header, "jan@acme.example"), syslog.path)
         logged = [(pri, text) for pri, _, text in syslog.lines()]
@@ -441,14 +462,9 @@ def test_a_forged_bounce_cannot_name_the_document_in_the_senders_notice(
     sender "Undelivered: URGENT: ... new bank account", threaded under the real
     invoice. The notice names the document by what the relay has, and the
     reason by the status code, not the report's words."""
-    sink = Sink()
-    with SinkServer(sink) as server:
-        port = free_port()
-        policy = configure(policy_file, port, server.port)
-        with RelayProcess(policy, port, tmp_path / "relay.log"):
-            queue_id = send(port, _lone(4722, copy=True), ("buyer@example.org",))
-            (received,) = sink.wait(1)
-        header = received.data.split(b"\r\n\r\n", 1)[0]
+    with _invoice_delivered(policy_file, tmp_path, 4722) as delivered:
+        policy, queue_id, sink = delivered.policy, delivered.queue_id, delivered.sink
+        header = delivered.header
         forged = b"Subject: URGENT: Invoice 6000 was not paid - new bank account NO93"
         header = header.replace(b"Subject: Invoice 4711", forged)
         assert forged in header
@@ -457,7 +473,7 @@ def test_a_forged_bounce_cannot_name_the_document_in_the_senders_notice(
         )
         bounced = _bounce(policy, report)
         assert bounced.stdout.splitlines()[0] == f"bounce about {queue_id} (acme/jan)"
-        with RelayProcess(policy, port, tmp_path / "again.log"):
+        with RelayProcess(policy, delivered.port, tmp_path / "again.log"):
             sink.wait(2)
     notice = next(m for m in sink.messages if m.rcpt_tos == ["jan@acme.example"])
     view = message_from_bytes(notice.data, policy=default)
