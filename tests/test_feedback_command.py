@@ -408,7 +408,9 @@ class _Delivered:
 
 
 @contextlib.contextmanager
-def _invoice_delivered(policy_file: Path, tmp_path: Path, number: int) -> Iterator[_Delivered]:
+def _copied_invoice_delivered(
+    policy_file: Path, tmp_path: Path, number: int
+) -> Iterator[_Delivered]:
     """An invoice to buyer@example.org, with its sender's automatic copy, taken
     and delivered by a real relay, now stopped; the sink still up for the next
     start to deliver a notice to."""
@@ -429,7 +431,7 @@ def test_a_forged_bounce_of_the_senders_own_copy_does_not_silence_the_sender(
     """Anyone who got one document has its queue ID (the Received field) and its
     sender's address (Reply-To): a bounce they wrote of the sender's automatic
     copy listed the sender, who was told of no failed delivery again."""
-    with _invoice_delivered(policy_file, tmp_path, 4720) as delivered:
+    with _copied_invoice_delivered(policy_file, tmp_path, 4720) as delivered:
         policy, queue_id, header = delivered.policy, delivered.queue_id, delivered.header
     with LogSocket(tmp_path / "log") as syslog:
         forged = _bounce(policy, _dsn(header, "jan@acme.example"), syslog.path)
@@ -462,7 +464,7 @@ def test_a_forged_bounce_cannot_name_the_document_in_the_senders_notice(
     sender "Undelivered: URGENT: ... new bank account", threaded under the real
     invoice. The notice names the document by what the relay has, and the
     reason by the status code, not the report's words."""
-    with _invoice_delivered(policy_file, tmp_path, 4722) as delivered:
+    with _copied_invoice_delivered(policy_file, tmp_path, 4722) as delivered:
         policy, queue_id, sink = delivered.policy, delivered.queue_id, delivered.sink
         header = delivered.header
         forged = b"Subject: URGENT: Invoice 6000 was not paid - new bank account NO93"
