@@ -446,6 +446,9 @@ def test_a_missing_tls_certificate_is_a_problem(tmp_path: Path) -> None:
         ("helo_name: relay host", "helo_name: 'relay host' is not a host name"),
         ("helo_name: '[192.0.2.300]'", "helo_name: '[192.0.2.300]' is not a host name"),
         ("helo_name: '[IPv6:192.0.2.1]'", "helo_name: '[IPv6:192.0.2.1]' is not a host name"),
+        ("helo_name: 192.0.2.1", "helo_name: '192.0.2.1' is not a host name like"
+         " relay.example.com, or an address literal like [192.0.2.1]: an IPv4 address is"
+         " written as an address literal (RFC 5321 4.1.3); write [192.0.2.1]"),
         ("helo_name: '[IPv6:fe80::1%eth0]'", "helo_name: '[IPv6:fe80::1%eth0]' is not an address"
          " literal: %eth0 names an interface, which an address literal cannot (RFC 5321 4.1.3);"
          " write [IPv6:fe80::1]"),

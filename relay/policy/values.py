@@ -126,7 +126,7 @@ def helo_name(ctx: Ctx, node: Node, path: str) -> str | None:
     if literal is None and _is_domain(value) and not value.isascii():  # EHLO takes A-labels only
         ctx.problem(node, path, f"{value!r} is not ASCII: write it as {_a_labels(value)!r}")
         return None
-    if literal is None and _is_domain(value):
+    if literal is None and _is_domain(value) and not is_ip(value):
         return value.lower()
     ctx.problem(node, path, f"{value!r} {_not_helo_name(value)}")
     return None
@@ -149,6 +149,11 @@ def _not_helo_name(value: str) -> str:
         ipv6 = ip_address(address).version == 6
     except ValueError:
         ipv6 = False
+    if not ipv6 and is_ip(address):  # a domain in form only: DNS names no host 192.0.2.1
+        return (
+            f"is not {expected}: an IPv4 address is written as an address literal"
+            f" (RFC 5321 4.1.3); write [{address}]"
+        )
     if not ipv6:
         return _not_domain(value, expected)
     bare, _, zone = address.partition("%")
