@@ -17,6 +17,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from relay.alabels import a_labels
 from relay.policy.model import DkimAlgorithm, DkimKey
 
 # RFC 8301: signers use at least 1024 bits, verifiers must handle up to 4096.
@@ -44,7 +45,9 @@ def generate(
     domain = domain.lower()
     for what, name in (("domain", domain), ("selector", selector)):
         if not _NAME.fullmatch(name) or len(name) > 253:
-            raise ValueError(f"invalid DKIM {what} {name!r}: expected a DNS name")
+            raise ValueError(
+                f"invalid DKIM {what} {name!r}: expected a DNS name{_in_a_labels(name)}"
+            )
     if algorithm is DkimAlgorithm.RSA:
         if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
             raise ValueError(f"RSA key size {bits} outside {MIN_RSA_BITS}..{MAX_RSA_BITS} bits")
@@ -64,6 +67,17 @@ def generate(
     _write_new(path, data)
     key = DkimKey(domain, selector, algorithm, path, data)
     return path, zone_record(domain, selector, public_record_value(key))
+
+
+def _in_a_labels(name: str) -> str:
+    """The form to write a Unicode name in, as ``relay check`` tells it for the
+    policy's: the key file and the TXT record are named with it."""
+    if name.isascii():
+        return ""
+    try:
+        return f"; write it as {a_labels(name)!r}"
+    except UnicodeError:
+        return ""
 
 
 def existing_record(domain: str, selector: str, directory: Path) -> str | None:

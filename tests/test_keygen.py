@@ -146,6 +146,19 @@ def test_refuses_names_that_are_not_dns_names(domain: str, selector: str, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("domain", "selector", "form"),
+    [("exämple.com", "s1", "xn--exmple-cua.com"), ("example.com", "sél", "xn--sl-bja")],
+)
+def test_a_name_in_unicode_is_told_in_its_a_label_form(
+    domain: str, selector: str, form: str, tmp_path: Path
+) -> None:
+    """As ``relay check`` tells it, so the key file and the record are named alike."""
+    with pytest.raises(ValueError, match=f"expected a DNS name; write it as '{form}'$"):
+        generate(domain, selector, DkimAlgorithm.ED25519, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("bits", [512, 1023, 4097, 8192])
 def test_refuses_rsa_sizes_verifiers_do_not_accept(bits: int, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=f"RSA key size {bits}"):

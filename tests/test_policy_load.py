@@ -1187,6 +1187,15 @@ def test_a_unicode_domain_idna2008_refuses_is_refused_with_its_reason(tmp_path: 
     ]
 
 
+def test_a_dkim_selector_in_unicode_is_told_in_its_a_label_form(tmp_path: Path) -> None:
+    """It passed as a selector, and the key's signature at load then failed
+    on its s= tag, blamed on the key file; the record's name needs A-labels."""
+    path = variant(tmp_path, "      selector: s1\n", "      selector: sél\n")
+    assert problems(path) == [
+        f"{path}:13:17: dkim.keys[0].selector: 'sél' is not ASCII: write it as 'xn--sl-bja'"
+    ]
+
+
 def test_a_dkim_key_saved_with_cr_lf_line_ends_signs(tmp_path: Path) -> None:
     """A key file edited on Windows is the same key: it signs as the LF one does."""
     path = variant(tmp_path, "      selector: s1\n", "      selector: s1\n")

@@ -310,6 +310,9 @@ def selector(ctx: Ctx, node: Node, path: str) -> str | None:
     if not _is_domain(value):
         ctx.problem(node, path, f"{value!r} is not a DKIM selector (DNS labels like s1)")
         return None
+    if not value.isascii():  # s= and the TXT record's name take A-labels only, as d= does
+        ctx.problem(node, path, f"{value!r} is not ASCII: write it as {_a_labels(value)!r}")
+        return None
     return value
 
 
