@@ -138,8 +138,12 @@ def decide(
     elif account is not None:
         mail_from = account.sender
         reasons.append(f"envelope sender is {mail_from}, the address {account.name!r} sends as")
+    recipient_updates, removed, why_empty = _empty_recipients(view)
+    updates += recipient_updates
+    reasons += why_empty
     reasons += _blank_lines(view)
-    removed = ("Reply-To",) if reply_to_after == "" else ()
+    if reply_to_after == "":
+        removed.append("Reply-To")
     edits = HeaderEdits(
         remove=(*_REMOVED, *removed, *policy.control_headers),
         set=tuple(updates),
@@ -373,13 +377,34 @@ def _reply_to(
 _NO_ADDRESS = ", which RFC 5322 3.6.2 does not allow: removed"
 
 
-def _addressless(view: MessageView) -> bool:
-    """Whether the message has a Reply-To and each is empty (``Reply-To:`` and
-    white space). Kept, it went out under the relay's signature though RFC 5322
-    wants an address, and a client may answer it to nobody; the relay fills an
-    empty Date or Message-ID for the same reason, and this it can only remove."""
-    found = view.get_all("Reply-To")
+def _addressless(view: MessageView, name: str = "Reply-To") -> bool:
+    """Whether the message has the address field ``name`` and each is empty
+    (``Reply-To:`` and white space). Kept, it went out under the relay's
+    signature though RFC 5322 wants an address, and a client may answer it to
+    nobody; the relay fills an empty Date or Message-ID for the same reason,
+    and this it can only remove."""
+    found = view.get_all(name)
     return bool(found) and not any(value.strip() for value in found)
+
+
+_UNDISCLOSED = "undisclosed-recipients:;"  # RFC 5322 3.4's empty group, as Sendmail writes it
+
+
+def _empty_recipients(view: MessageView) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """The edits for an empty To or Cc, which RFC 5322 3.6.3 wants an address
+    in and some receivers score as spam, and why. A Cc goes; a To becomes the
+    empty group, as an ERP sending to Bcc alone means, since a message with
+    no To at all is scored too (SpamAssassin's MISSING_HEADERS)."""
+    updates: list[tuple[str, str]] = []
+    removed: list[str] = []
+    reasons: list[str] = []
+    if _addressless(view, "To"):
+        updates.append(("To", _UNDISCLOSED))
+        reasons.append(f"To is empty, which RFC 5322 3.6.3 does not allow: set to {_UNDISCLOSED}")
+    if _addressless(view, "Cc"):
+        removed.append("Cc")
+        reasons.append("Cc is empty, which RFC 5322 3.6.3 does not allow: removed")
+    return updates, removed, reasons
 
 
 def _kept(view: MessageView) -> str:

@@ -1,6 +1,6 @@
 """Header fields that are there but say nothing: an empty Reply-To the tenant
-keeps, and a line of only white space in a field (RFC 5322's obsolete folding).
-Through a real relay to a sink, as an ERP sends them."""
+keeps, an empty To or Cc, and a line of only white space in a field (RFC
+5322's obsolete folding). Through a real relay to a sink, as an ERP sends them."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tests.dkimtools import assert_opendkim_ok, dkimpy_verify
 from tests.relayproc import RelayProcess
 from tests.sink import SinkServer, free_port
 from tests.test_decide_reply_to import NO_SUBJECT, preview
-from tests.test_decisions import BODY, msg, run
+from tests.test_decisions import BASE, BODY, msg, run
 from tests.test_queue_e2e import configure, relay_cli, send
 
 QUOTE = (*NO_SUBJECT, "Subject: Quote 5")  # the tenant keeps a quote's Reply-To
@@ -165,3 +165,51 @@ def test_an_erps_own_relaxed_signature_survives_the_line_left_out(
     sent = apply(signed, HeaderEdits(drop_blank_lines=True))
     assert sent != signed
     assert dkimpy_verify(sent, key_dir[1]) is survives
+
+
+NO_TO = [f for f in BASE if not f.startswith("To")]
+EMPTY_CC = "Cc is empty, which RFC 5322 3.6.3 does not allow: removed"
+EMPTY_TO = "To is empty, which RFC 5322 3.6.3 does not allow: set to undisclosed-recipients:;"
+
+
+@pytest.mark.parametrize(
+    ("to", "cc"),
+    [("To:", "Cc:"), ("To: \t", "Cc:\r\n "), ("To:\r\nTo: ", "Cc: \r\nCc:")],
+)
+def test_an_empty_to_or_cc_is_replaced_or_removed(
+    relay: tuple[RelayProcess, SinkServer],
+    dns_records: dict[str, str],
+    tmp_path: Path,
+    to: str,
+    cc: str,
+) -> None:
+    """They went upstream as they came, under the relay's signature, though
+    RFC 5322 wants an address in each: an ERP sending to Bcc alone writes them."""
+    proc, sink = relay
+    queue_id = send(proc.port, msg(*NO_TO, to, cc), ("hidden@example.org",))
+    (got,) = sink.sink.wait(1)
+    names = [f.name.lower() for f in headers.split(got.data)[0]]
+    assert "cc" not in names and names.count("to") == 1
+    assert message.read(got.data).get_all("To") == ("undisclosed-recipients:;",)
+    assert got.data.endswith(b"\r\n\r\n" + BODY)
+    assert dkimpy_verify(got.data, dns_records)
+    assert_opendkim_ok(got.data, dns_records, tmp_path)
+    reasons = _queued(proc.policy, queue_id)["reasons"]
+    assert EMPTY_TO in reasons and EMPTY_CC in reasons
+
+
+def test_preview_says_an_empty_cc_is_removed(policy_file: Path, tmp_path: Path) -> None:
+    eml = tmp_path / "cc.eml"
+    eml.write_bytes(msg(*BASE, "Cc: "))
+    out = preview(policy_file, eml)
+    assert f"  - {EMPTY_CC}\n" in out
+    assert "\nRemoved:     Cc\n" in out
+    assert "\nCc:" not in out.split("Headers as sent:")[1]
+
+
+def test_a_to_or_cc_with_an_address_is_kept(policy_file: Path) -> None:
+    p = run(policy_file, msg(*BASE, "Cc: desk@acme.example"))
+    view = message.read(p.message)
+    assert view.get_all("To") == ("customer@example.org",)
+    assert view.get_all("Cc") == ("desk@acme.example",)
+    assert not {EMPTY_CC, EMPTY_TO} & set(p.decision.reasons)
