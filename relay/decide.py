@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 from relay.classify import Classification
 from relay.errors import HeaderInjection
-from relay.headers import format_address, has_blank_line, split_at
+from relay.headers import Field, format_address, has_blank_line, split_at
+from relay.headers import value as unfolded
 from relay.identify import Identity, a_label_address
 from relay.message import MessageView, decode
 from relay.policy.model import (
@@ -178,10 +179,39 @@ def _blank_lines(view: MessageView) -> list[str]:
     names = dict.fromkeys(field.name for field in fields if has_blank_line(field))
     if not names:
         return []
-    return [
+    why = (
         f"a line of only white space in {', '.join(names)} left out: obsolete folding"
         " (RFC 5322 4.2) that some readers take for the end of the header"
-    ]
+    )
+    broken = _broken_signatures(fields, {name.lower() for name in names})
+    if broken:
+        why += (
+            f"; the message's own DKIM signature ({', '.join(broken)}) signs it with"
+            " simple header canonicalisation and no longer verifies"
+        )
+    return [why]
+
+
+def _broken_signatures(fields: list[Field], changed: set[str]) -> list[str]:
+    """``d=`` of each DKIM signature the message came with that a changed
+    field breaks: one with ``simple`` header canonicalisation (``c=`` left out
+    is simple), which reads a line left out as another field. An ERP's own
+    signature failed with no word of why."""
+    found: list[str] = []
+    for field in fields:
+        if field.name.lower() != "dkim-signature":
+            continue
+        tags = _dkim_tags(unfolded(field))
+        signed = {name.lower() for name in tags.get("h", "").split(":")}
+        if tags.get("c", "simple").partition("/")[0].lower() == "simple" and signed & changed:
+            found.append(f"d={tags.get('d', '')}")
+    return found
+
+
+def _dkim_tags(text: str) -> dict[str, str]:
+    """A DKIM-Signature's tags, white space (folding) taken out of each."""
+    pairs = (part.partition("=") for part in re.sub(r"\s+", "", text).split(";"))
+    return {tag: tag_value for tag, _, tag_value in pairs if tag}
 
 
 def _message_id(given: str, made: str) -> tuple[str | None, str]:

@@ -213,3 +213,34 @@ def test_a_to_or_cc_with_an_address_is_kept(policy_file: Path) -> None:
     assert view.get_all("To") == ("customer@example.org",)
     assert view.get_all("Cc") == ("desk@acme.example",)
     assert not {EMPTY_CC, EMPTY_TO} & set(p.decision.reasons)
+
+
+SIMPLE_BROKEN = (
+    "; the message's own DKIM signature (d=platform.example) signs it with simple"
+    " header canonicalisation and no longer verifies"
+)
+
+
+@pytest.mark.parametrize(("canon", "said"), [(b"simple", True), (b"relaxed", False)])
+def test_the_reasons_say_an_erps_simple_signature_the_line_left_out_breaks(
+    relay: tuple[RelayProcess, SinkServer],
+    key_dir: tuple[Path, dict[str, str]],
+    canon: bytes,
+    said: bool,
+) -> None:
+    """The ERP's signature failed at every receiver, and nothing said why."""
+    proc, sink = relay
+    key = (key_dir[0] / "platform.example.s1.private").read_bytes()
+    signature = dkim.sign(
+        OBSOLETE_FOLD,
+        b"s1",
+        b"platform.example",
+        key,
+        canonicalize=(canon, b"relaxed"),
+        include_headers=[b"from", b"subject"],
+    )
+    queue_id = send(proc.port, signature + OBSOLETE_FOLD, ("one@example.org",))
+    sink.sink.wait(1)
+    reasons = _queued(proc.policy, queue_id)["reasons"]
+    assert (LEFT_OUT + SIMPLE_BROKEN in reasons) is said
+    assert (LEFT_OUT in reasons) is not said
