@@ -40,6 +40,13 @@ INITECH = """  initech:
         address: peter@initech.example
 """
 
+SIGNING_KEYS = (("platform.example", "s1"), ("platform.example", "e1"), ("globex.example", "g1"))
+INITECH_KEY = """    - domain: initech.example
+      selector: i1
+      algorithm: rsa
+      key_file: keys/globex.example.g1.private
+"""
+
 
 def _rules() -> list[dict]:
     assert RULES is not None
@@ -71,7 +78,15 @@ def test_each_tenant_has_its_series_at_zero_from_the_start_and_after_a_reload(
                     assert (
                         _value(start, "relay_deliveries_total", tenant=tenant, status=status) == 0
                     )
-            assert not any(dict(labels).get("tenant") == "unknown" for _, labels in start)
+            for status in STATUSES:  # an outcome of a message ended before the start
+                assert _has(start, "relay_deliveries_total", tenant="unknown", status=status)
+            for family in ("relay_bounces_total", "relay_complaints_total"):
+                assert _has(start, family, tenant="unknown")
+            unknown = [
+                value for (_, labels), value in start.items() if ("tenant", "unknown") in labels
+            ]
+            assert unknown and not any(unknown)
+            assert not _has(start, "relay_messages_received_total", tenant="unknown")
 
             policy.write_text(policy.read_text().replace("tenants:\n", "tenants:\n" + INITECH, 1))
             relay.signal(signal.SIGHUP)
@@ -79,6 +94,31 @@ def test_each_tenant_has_its_series_at_zero_from_the_start_and_after_a_reload(
             again = _samples(metrics)
             assert _has(again, "relay_deliveries_total", tenant="initech", status="bounced")
             assert _has(again, "relay_messages_received_total", tenant="initech")
+
+
+def test_each_signing_key_has_its_series_at_zero_from_the_start_and_after_a_reload(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A key's first signatures made its series, so ``increase()`` never counted
+    them, and an alert on a key whose count stops saw nothing stop."""
+    with SinkServer(Sink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=2)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            start = _samples(metrics)
+            for domain, selector in SIGNING_KEYS:
+                signed = {"domain": domain, "selector": selector}
+                assert _has(start, "relay_dkim_signatures_total", **signed), signed
+                assert _value(start, "relay_dkim_signatures_total", **signed) == 0
+
+            text = policy.read_text().replace("\nupstreams:\n", f"\n{INITECH_KEY}upstreams:\n", 1)
+            policy.write_text(text)
+            relay.signal(signal.SIGHUP)
+            wait_for(lambda: "policy reloaded" in relay.log())
+            again = _samples(metrics)
+            added = {"domain": "initech.example", "selector": "i1"}
+            assert _has(again, "relay_dkim_signatures_total", **added)
+            assert _value(again, "relay_dkim_signatures_total", **added) == 0
 
 
 def test_mail_refused_for_want_of_space_is_counted(policy_file: Path, tmp_path: Path) -> None:

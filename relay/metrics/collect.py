@@ -122,7 +122,8 @@ class RelayCollector(Collector):
         )
 
     def _messages(self, policy: Policy) -> Iterator[Metric]:
-        """Every tenant of the policy has its series from the start, at 0: Prometheus's
+        """Every tenant and signing key of the policy has its series from the start,
+        at 0, and so has ``unknown`` where an outcome can fall to it: Prometheus's
         ``increase()`` takes the value a series first appears with for its start, so
         the first bounces of a batch after a start (or a reload that added the
         tenant) never counted towards an alert."""
@@ -141,9 +142,12 @@ class RelayCollector(Collector):
             "DKIM signatures on accepted messages, by signing domain and selector.",
             labels=["domain", "selector"],
         )
-        for (domain, selector), n in sorted(counts.signatures.items()):
-            signatures.add_metric([domain, selector], n)
+        keys = [(key.domain, key.selector) for key in policy.dkim_keys]
+        for domain, selector in _with(keys, counts.signatures):
+            signatures.add_metric([domain, selector], counts.signatures[(domain, selector)])
         yield signatures
+        # an outcome's message may be known no longer; a received record names its tenant
+        owners = [*tenants, follow.UNKNOWN]
         rejected = CounterMetricFamily(
             "relay_messages_rejected",
             "Messages refused at the end of DATA by the policy, by reply class.",
@@ -158,7 +162,7 @@ class RelayCollector(Collector):
             " (sent, deferred, bounced, expired, suppressed).",
             labels=["tenant", "status"],
         )
-        every = [(t, word) for t in tenants for word in follow.DELIVERY_STATUS.values()]
+        every = [(t, word) for t in owners for word in follow.DELIVERY_STATUS.values()]
         for tenant, word in _with(every, counts.deliveries):
             deliveries.add_metric([tenant, word], counts.deliveries[(tenant, word)])
         yield deliveries
@@ -175,7 +179,7 @@ class RelayCollector(Collector):
             ),
         ):
             family = CounterMetricFamily(name, doc, labels=["tenant"])
-            for tenant in _with(tenants, counter):
+            for tenant in _with(owners, counter):
                 family.add_metric([tenant], counter[tenant])
             yield family
         yield CounterMetricFamily(
