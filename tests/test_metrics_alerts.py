@@ -19,7 +19,9 @@ import yaml
 
 from relay.audit import AuditError
 from relay.errors import SmtpReply
+from relay.ingress.diskspace import INODE_RESERVE
 from relay.ingress.handler import _out_of_space
+from relay.policy.load import load
 from relay.spool import SpoolError
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
@@ -141,6 +143,55 @@ def test_mail_refused_for_want_of_space_is_counted(policy_file: Path, tmp_path: 
             after = _samples(metrics)
             assert _value(after, "relay_smtp_insufficient_storage_total", listener="local") == 3
             assert _value(after, "relay_messages_rejected_total", **{"class": "4xx"}) == 0
+
+
+def _df(directory: Path) -> tuple[str, int, int | None]:
+    """Mount point, free bytes and free inodes as df reads them (None: no count)."""
+    done = subprocess.run(
+        ["df", "--output=target,avail,iavail", "-B1", str(directory)],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    target, avail, iavail = done.stdout.splitlines()[-1].split()
+    return target, int(avail), None if iavail == "-" else int(iavail)
+
+
+def test_the_free_space_is_served_with_the_reserve_mail_is_refused_under(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Nothing let an alert fire before mail was refused for want of space: the
+    spool's and the audit log's free space are served beside each listener's
+    reserve, and a listener whose reserve is over the free space refuses."""
+    with SinkServer(Sink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=2)
+        text = policy.read_text()
+        policy.write_text(
+            text.replace(f"port: {port}\n", f"port: {port}\n    max_message_size: {2**40}\n", 1)
+        )
+        state = load(policy)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            samples = _samples(metrics)
+            reserve = _value(samples, "relay_filesystem_reserve_bytes", listener="local")
+            assert reserve == 2**40 * 3 // 2
+            assert _value(samples, "relay_filesystem_reserve_inodes") == INODE_RESERVE
+            for name, directory in (
+                ("queue", state.queue.directory),
+                ("audit", state.audit.directory),
+            ):
+                mountpoint, avail, iavail = _df(directory)
+                where = {"directory": name, "mountpoint": mountpoint}
+                free = samples[("relay_filesystem_free_bytes", tuple(sorted(where.items())))]
+                assert abs(free - avail) < 256 << 20 and free < reserve
+                inodes = samples.get(("relay_filesystem_free_inodes", tuple(sorted(where.items()))))
+                if iavail is None:
+                    assert inodes is None
+                else:
+                    assert inodes is not None and abs(inodes - iavail) < 10_000
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+                client.ehlo()
+                assert client.mail("jan@acme.example")[0] == 452
+    assert RULES is not None
+    assert set(re.findall(r"relay_filesystem_\w+", RULES.group(1))) <= {n for n, _ in samples}
 
 
 def test_a_worker_that_died_is_counted(policy_file: Path, tmp_path: Path) -> None:

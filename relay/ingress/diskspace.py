@@ -69,15 +69,23 @@ def _short_of(reading: _Reading, reserve: int, size: int) -> bool:
     return reading.free - size < reserve or short_of_inodes
 
 
+def free_space(directory: Path) -> tuple[int, int | None]:
+    """The bytes an unprivileged writer may still use on ``directory``'s file
+    system, and its free inodes (None where it keeps no count), read as
+    ``DiskGuard`` reads them, so that what the metrics show is what mail is
+    refused by."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize, (st.f_favail if st.f_files else None)
+
+
 def shortage(directory: Path, reserve: int) -> str | None:
     """What keeps every message out of ``directory``'s file system now, as
     ``DiskGuard`` judges it for a reserve of ``reserve`` bytes (the readiness
     check: a relay answering every MAIL with 452 is not ready for mail)."""
     try:
-        st = os.statvfs(directory)
+        reading = _Reading(0.0, *free_space(directory))
     except OSError:
         return None  # the writability check says why
-    reading = _Reading(0.0, st.f_bavail * st.f_frsize, st.f_favail if st.f_files else None)
     if not _short_of(reading, reserve, 0):
         return None
     inodes = "" if reading.inodes is None else f" and {reading.inodes} inodes"

@@ -1,10 +1,11 @@
 """The metrics, computed when Prometheus asks for them.
 
 Messages and outcomes come from the audit log (``relay.metrics.follow``),
-the queue from the spool, the list's size from the suppression file, all
-read at the scrape; only what the audit log does not say (connections,
-logins, upstream attempts, the tenants' last hour) is counted by the
-workers, in memory they share with this process (``relay.tally``). Names follow
+the queue from the spool, the list's size from the suppression file, the
+free space from the file systems (``statvfs``), all read at the scrape;
+only what the audit log does not say (connections, logins, upstream
+attempts, the tenants' last hour) is counted by the workers, in memory
+they share with this process (``relay.tally``). Names follow
 Prometheus's rules (one prefix, base units, ``_total`` on counters) and
 Postfix's words for outcomes, which the exporters sysadmins already graph use.
 Labels are bounded by the policy: tenants, never users or addresses.
@@ -16,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
+from pathlib import Path
 from typing import TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -23,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from relay import tally
 from relay.errors import RelayError
+from relay.ingress.diskspace import INODE_RESERVE, free_space, reserve_for
 from relay.metrics import follow, status
 from relay.metrics.follow import AuditFollower
 from relay.policy import tlspair
@@ -77,6 +80,8 @@ class RelayCollector(Collector):
         yield from self._part("audit log", lambda: self._messages(policy))
         yield from self._part("queue", self._queue)
         yield from self._part("suppression list", self._suppression)
+        yield from self._part("state directories", lambda: self._free_space(policy))
+        yield from self._reserves(policy)
         yield from self._limits(policy)
         yield from self._smtp(policy)
         yield from self._certificates(policy)
@@ -211,6 +216,52 @@ class RelayCollector(Collector):
             value=len(self._suppressions.current()),
         )
 
+    def _free_space(self, policy: Policy) -> Iterator[Metric]:
+        """Read at the scrape, a ``statvfs`` a directory: an alert can fire before
+        mail is refused, which ``relay_smtp_insufficient_storage_total`` shows only
+        once it is. Labelled with the mount point, as the spool and the audit log
+        mostly share one file system, and its space is not twice as much."""
+        labels = ["directory", "mountpoint"]
+        free = GaugeMetricFamily(
+            "relay_filesystem_free_bytes",
+            "Bytes the relay may still write on the file system of its queue or audit log.",
+            labels=labels,
+        )
+        inodes = GaugeMetricFamily(
+            "relay_filesystem_free_inodes",
+            "Free inodes of the file system of the relay's queue or audit log.",
+            labels=labels,
+        )
+        for name, directory in (
+            ("queue", policy.queue.directory),
+            ("audit", policy.audit.directory),
+        ):
+            room, files = free_space(directory)
+            where = [name, _mount_point(directory)]
+            free.add_metric(where, room)
+            if files is not None:  # a file system keeping no count runs out of none
+                inodes.add_metric(where, files)
+        yield free
+        yield inodes
+
+    def _reserves(self, policy: Policy) -> Iterator[Metric]:
+        """What the free space is compared with: under a listener's reserve, its
+        MAIL commands get ``452 4.3.1``."""
+        reserve = GaugeMetricFamily(
+            "relay_filesystem_reserve_bytes",
+            "Free bytes under which a listener refuses mail (452 4.3.1): 1.5 times its"
+            " max_message_size, 1 MiB at least.",
+            labels=["listener"],
+        )
+        for listener in sorted(policy.listeners, key=lambda x: x.name):
+            reserve.add_metric([listener.name], reserve_for(listener.max_message_size))
+        yield reserve
+        yield GaugeMetricFamily(
+            "relay_filesystem_reserve_inodes",
+            "Free inodes under which every listener refuses mail (452 4.3.1).",
+            value=INODE_RESERVE,
+        )
+
     def _limits(self, policy: Policy) -> Iterator[Metric]:
         """Read from the workers' shared counts: each tenant's hour, and how close a
         limited one is to its limit."""
@@ -320,6 +371,15 @@ def _with(zeros: Iterable[K], counted: Iterable[K]) -> list[K]:
     """The keys served: those to show at 0, and any counted besides (``unknown``, a
     tenant a reload removed)."""
     return sorted({*zeros, *counted})
+
+
+def _mount_point(directory: Path) -> str:
+    """Where the directory's file system is mounted: the last parent on its device."""
+    path = directory.resolve()
+    device = path.stat().st_dev
+    while path.parent != path and path.parent.stat().st_dev == device:
+        path = path.parent
+    return str(path)
 
 
 def _info(name: str, doc: str, **labels: str) -> Metric:
