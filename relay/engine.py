@@ -26,7 +26,7 @@ from typing import Any
 
 from relay.audit import AuditError
 from relay.groupcommit import GroupCommit
-from relay.notice import build_notice
+from relay.notice import build_notice, signed_anew
 from relay.policy.model import Policy, QueueSettings, Upstream
 from relay.record import Recorder, dsn
 from relay.settle import WAITING_MAX, EntryLock, Finished, Settle, Settler
@@ -772,6 +772,8 @@ class Engine:
             try:  # a try that ends without a word must not leave the upstream waiting for it
                 if data is None:
                     data = self.spool.read_message(entry.queue_id)
+                if entry.sign_again is not None:
+                    data = signed_anew(policy, entry, data)
                 sent = await send(
                     upstream,
                     entry.mail_from,

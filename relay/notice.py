@@ -34,8 +34,10 @@ def build_notice(
     now: float,
     complaint: bool = False,
     subject_known: bool = True,
+    sign_again: bool = False,
 ) -> tuple[QueueEntry, bytes]:
-    """``complaint``: the ``failures`` reported the document as spam, rather than
+    """``sign_again``: the relay signs the notice anew as it sends it
+    (``signed_anew``). ``complaint``: the ``failures`` reported the document as spam, rather than
     not receiving it: the sender hears that in those words. ``subject_known``
     False: the relay did not record the document's subject (``relay bounce``
     under ``audit.record_subject: no``); the notice names it by what the relay
@@ -100,8 +102,20 @@ def build_notice(
         auth_login=None,
         next_attempt=0.0,
         is_notice=True,
+        sign_again=len(signed) if sign_again else None,
     )
     return notice, data
+
+
+def signed_anew(policy: Policy, entry: QueueEntry, data: bytes) -> bytes:
+    """The notice ``relay bounce`` queued, signed with the running relay's keys in
+    place of the policy file's it read: in a key rotation the file names the
+    new selector before its DNS record is published and the relay reloads,
+    and a key file replaced without a reload is not yet the relay's, so a
+    notice signed by the file failed DKIM while the relay's mail passed. Kept
+    signed as well, a relay of an earlier version still sends it so."""
+    message = data[entry.sign_again or 0 :]
+    return sign(message, _keys(policy, entry.mail_from or None)) + message
 
 
 def _account(policy: Policy, entry: QueueEntry) -> str | None:

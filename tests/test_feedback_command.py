@@ -26,6 +26,7 @@ from relay.feedback import command
 from relay.feedback.syslog import SystemLog
 from relay.policy.load import load
 from relay.suppression import SuppressionFile
+from tests.dkimtools import dkimpy_verify, make_key
 from tests.readonly import read_only
 from tests.relayproc import RelayProcess
 from tests.sink import Sink, SinkServer, free_port
@@ -489,3 +490,31 @@ def test_a_forged_bounce_cannot_name_the_document_in_the_senders_notice(
     assert not any(line.startswith("Sent:") for line in lines)  # the document's Date: not known
     assert any(line.startswith("Received:") and "by the mail relay" in line for line in lines)
     assert f"Queue ID:   {queue_id}" in lines
+
+
+def test_a_notice_is_signed_with_the_keys_of_the_relay_that_sends_it(
+    policy_file: Path, tmp_path: Path, dns_records: dict[str, str]
+) -> None:
+    """A key rotation: the file names the new selector s5 before its DNS record is
+    published and the relay reloads. relay bounce reads the file, and its notice
+    went out signed by s5, failing DKIM while the relay's own mail passed."""
+    sink = Sink()
+    with SinkServer(sink) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            _send_invoice(port)
+            (invoice,) = sink.wait(1)
+            make_key(tmp_path / "keys", "platform.example", "s5")
+            text = policy.read_text()
+            policy.write_text(text.replace("selector: s1", "selector: s5").replace(
+                "platform.example.s1.private", "platform.example.s5.private"
+            ))  # fmt: skip
+            bounced = _bounce(policy, (FEEDBACK / "postfix-two-failed.eml").read_bytes())
+            notice_id = bounced.stdout.split("(notice ")[1].rstrip(")\n")
+            relay_cli(policy, "queue", "retry", notice_id)  # now, not at the next rescan
+            notice = sink.wait(2)[1]
+    assert notice.rcpt_tos == ["jan@acme.example"]
+    assert dkimpy_verify(invoice.data, dns_records)
+    assert b"s=s1;" in notice.data.replace(b" ", b"")
+    assert dkimpy_verify(notice.data, dns_records)

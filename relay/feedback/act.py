@@ -543,6 +543,7 @@ def _tell(
         clock(),
         complaint=report.kind != BOUNCE,
         subject_known=original.subject is not None,
+        sign_again=True,
     )
     spool.put(notice, data)
     recorder.notice(entry, notice)

@@ -65,6 +65,9 @@ class QueueEntry:
     attempts: int = 0
     held: bool = False
     is_notice: bool = False
+    # a notice ``relay bounce`` queued: the size of the DKIM-Signature fields it
+    # was signed with, which the relay makes anew as it sends it (``relay.notice``)
+    sign_again: int | None = None
 
     def pending(self) -> list[RecipientState]:
         return [r for r in self.recipients if r.status == PENDING]
