@@ -98,6 +98,23 @@ def test_upstream_down_then_back_delivers_everything(policy_file: Path, tmp_path
     ]
 
 
+def test_the_list_names_the_selectors_a_waiting_message_is_signed_with(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A message waiting goes with the signature it was accepted with, however
+    late: after a key rotation the old selector's record stays published until
+    no message in the queue lists it."""
+    port, sink_port = free_port(), free_port()
+    policy = configure(policy_file, port, sink_port)
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        queue_id = send(port)
+        wait_for(lambda: "status=deferred" in relay.log())
+        listed = relay_cli(policy, "queue", "list", "--json")
+    (record,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert record["queue_id"] == queue_id
+    assert record["dkim"] == ["platform.example/s1", "platform.example/e1"]
+
+
 def free_ipv6_port() -> int | None:
     """A port nothing listens on at ::1, or None where this host has no ::1."""
     try:

@@ -142,7 +142,9 @@ def test_list_json_like_postqueue(spool: Spool, two: list[QueueEntry]) -> None:
         "tenant",
         "user",
         "doc_type",
+        "dkim",
     }
+    assert first["dkim"] == []  # a message the relay did not sign
     assert first["queue_name"] == "deferred"  # an attempt left it waiting (greylisted)
     assert records[1]["queue_name"] == "active"  # not tried yet
     assert first["arrival_time"] == int(ARRIVAL)

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from typing import NamedTuple, TextIO
+from typing import BinaryIO, NamedTuple, TextIO
 
 from relay.audit import AuditError
 from relay.spool.entry import QueueEntry
@@ -35,6 +35,7 @@ _HEADER = (
     "-Sender/Recipient-------"
 )
 _MAX_HEADER_BYTES = 1 << 20
+_MAX_SIGNATURE_LINE = 8192
 
 
 class Outcome(NamedTuple):
@@ -53,7 +54,11 @@ def list_queue(spool: Spool, out: TextIO, *, as_json: bool = False) -> int:
     entries = list(spool.entries())
     if as_json:
         for entry in entries:
-            out.write(json.dumps(_json_record(entry)) + "\n")
+            record = _json_record(entry)
+            signers = _signed_with(spool, entry)
+            if signers is not None:
+                record["dkim"] = signers
+            out.write(json.dumps(record) + "\n")
         return 0
     if not entries:
         out.write("Mail queue is empty\n")
@@ -88,6 +93,43 @@ def _json_record(entry: QueueEntry) -> dict[str, object]:
         "user": entry.user,
         "doc_type": entry.doc_type,
     }
+
+
+def _signed_with(spool: Spool, entry: QueueEntry) -> list[str] | None:
+    """The ``domain/selector`` of each DKIM signature the message waits with: it
+    is sent with them however late, so an old selector's DNS record is needed
+    until no message lists it. None for a notice the relay signs as it sends
+    it (``relay bounce``'s) and for an entry gone meanwhile."""
+    if entry.sign_again is not None:
+        return None
+    try:
+        with spool.open_message(entry.queue_id) as message:
+            fields = _leading_signatures(message)
+    except SpoolError:
+        return None
+    return [_signer(field) for field in fields]
+
+
+def _leading_signatures(message: BinaryIO) -> list[bytes]:
+    """The DKIM-Signature fields the message begins with, where the relay puts its
+    own, unfolded; read a line at a time, so a listing reads no message whole."""
+    fields: list[bytes] = []
+    while line := message.readline(_MAX_SIGNATURE_LINE):
+        if fields and line[:1] in (b" ", b"\t"):
+            fields[-1] += line
+        elif line[:15].lower() == b"dkim-signature:":
+            fields.append(line[15:])
+        else:
+            break
+    return [re.sub(rb"\s+", b"", field) for field in fields]
+
+
+def _signer(field: bytes) -> str:
+    tags = {}
+    for tag in field.split(b";"):
+        name, _, value = tag.partition(b"=")
+        tags[name] = value.decode("ascii", "replace")
+    return f"{tags.get(b'd', '')}/{tags.get(b's', '')}"
 
 
 def _next_attempt(entry: QueueEntry, now: float) -> float:
