@@ -475,9 +475,11 @@ def test_check_warns_of_a_user_whose_address_is_the_bounce_address(
 
 _NO_IMPLICIT_TLS = (
     "465 is the port of implicit TLS, and clients set for it begin with a TLS handshake,"
-    " but this listener greets in plain text and offers STARTTLS (it has no implicit TLS):"
-    " every such client fails to connect; listen on 587 (or 25) and set the ERPs to STARTTLS"
+    " but this listener greets in plain text (its tls has no mode: implicit):"
+    " every such client fails to connect; set tls: {cert: ..., key: ..., mode: implicit},"
+    " or listen on 587 (or 25) and set the ERPs to STARTTLS"
 )
+_IMPLICIT = "tls: {cert: tls/relay.crt, key: tls/relay.key, mode: implicit}"
 
 
 @pytest.mark.parametrize(
@@ -486,8 +488,9 @@ _NO_IMPLICIT_TLS = (
         (f"    port: 465\n    {_TLS}\n", True),
         ("    port: 465\n", True),
         (f"    port: 587\n    {_TLS}\n", False),
+        (f"    port: 465\n    {_IMPLICIT}\n", False),
     ],
-    ids=["465-tls", "465-plain", "587-tls"],
+    ids=["465-tls", "465-plain", "587-tls", "465-implicit"],
 )
 def test_check_warns_of_a_listener_on_the_port_of_implicit_tls(
     tmp_path: Path, listener: str, warned: bool
@@ -498,6 +501,38 @@ def test_check_warns_of_a_listener_on_the_port_of_implicit_tls(
     path = variant(tmp_path, "    port: 2525\n", listener)
     said = f"{path}:9:11: warning: listeners[0].port: {_NO_IMPLICIT_TLS}"
     assert warnings(path) == ([said] if warned else [])
+
+
+@pytest.mark.parametrize("port", [25, 587])
+def test_check_warns_of_implicit_tls_on_a_port_of_plain_text(tmp_path: Path, port: int) -> None:
+    """Clients set for 25 or 587 wait for a greeting the listener sends only after
+    a handshake they never begin."""
+    path = variant(tmp_path, "    port: 2525\n", f"    port: {port}\n    {_IMPLICIT}\n")
+    assert warnings(path) == [
+        f"{path}:10:58: warning: listeners[0].tls.mode: {port} is a port whose clients wait"
+        " for a greeting in plain text (and then send STARTTLS), while mode: implicit waits"
+        " for a TLS handshake: every such client times out; set mode: starttls, or port: 465"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("tls", "said"),
+    [
+        ("{mode: implicit}", [
+            "10:10: listeners[0].tls.cert: required key is missing",
+            "10:10: listeners[0].tls.key: required key is missing",
+        ]),
+        ("{cert: tls/relay.crt, key: tls/relay.key, mode: smtps}", [
+            "10:58: listeners[0].tls.mode: expected one of: starttls, implicit",
+        ]),
+    ],
+    ids=["no-cert", "unknown-mode"],
+)  # fmt: skip
+def test_check_refuses_a_tls_mode_it_cannot_serve(
+    tmp_path: Path, tls: str, said: list[str]
+) -> None:
+    path = variant(tmp_path, "    port: 2525\n", f"    port: 2525\n    tls: {tls}\n")
+    assert problems(path) == [f"{path}:{line}" for line in said]
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,14 @@ class TlsMode(enum.Enum):
     AUTO = "auto"
 
 
+class ListenerTls(enum.Enum):
+    """How a listener with a certificate serves TLS: after STARTTLS, or from the
+    first byte (implicit TLS, port 465: the "SSL/TLS" of ERPs, RFC 8314)."""
+
+    STARTTLS = "starttls"
+    IMPLICIT = "implicit"
+
+
 class DkimAlgorithm(enum.Enum):
     RSA = "rsa"
     ED25519 = "ed25519"
@@ -87,6 +95,7 @@ class Listener:
     immediate: float = 0.0  # seconds to wait for the first delivery attempt; 0: answer at once
     max_connections_per_client: int | None = None  # open at once, all workers; None: no limit
     max_connections: int | None = None  # open at once from all clients, all workers; likewise
+    tls_mode: ListenerTls = ListenerTls.STARTTLS  # with ``tls``: how it is served
 
 
 @dataclass(frozen=True)

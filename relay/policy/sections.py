@@ -45,6 +45,7 @@ from relay.policy.model import (
     Identify,
     IdentitySource,
     Listener,
+    ListenerTls,
     MetricsSettings,
     Platform,
     QueueSettings,
@@ -148,9 +149,10 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
             if clash is not None:
                 ctx.problem(m.get("port"), m.sub("port"), clash)
             ctx.sockets.append(mine)
-        if port == 465:
-            ctx.problems.warn(m.get("port"), m.sub("port"), _NO_IMPLICIT_TLS)
-        tls = _tls(ctx, m)
+        tls_map = m.map("tls", ("cert", "key", "mode"), required=("cert", "key"))
+        tls_mode = tls_map.choice("mode", ListenerTls, ListenerTls.STARTTLS)
+        _warn_of_tls_unlike_port(ctx, m, tls_map, port, tls_mode)
+        tls = _tls(ctx, m, tls_map)
         allow = _allow(ctx, m)
         if allow is not None and ips:
             allow = _reachable(ctx, m, allow, ips, address)
@@ -188,10 +190,12 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
             idle,
             m.number("immediate", 0),
         )
-        ok = None not in fields and (tls is not None or not m.has("tls"))
+        ok = None not in (*fields, tls_mode) and (tls is not None or not m.has("tls"))
         ok = ok and (per_client is not None or not m.has("max_connections_per_client"))
         ok = ok and (most is not None or not m.has("max_connections"))
-        listener = Listener(*fields[:4], tls, *fields[4:], per_client, most) if ok else None
+        listener = (
+            Listener(*fields[:4], tls, *fields[4:], per_client, most, tls_mode) if ok else None
+        )
         found.append(listener)
     if not found or None in found:
         return None
@@ -204,9 +208,28 @@ _IP = IPv4Address | IPv6Address
 # fails at once (curl: wrong version number; PHPMailer: could not connect).
 _NO_IMPLICIT_TLS = (
     "465 is the port of implicit TLS, and clients set for it begin with a TLS handshake,"
-    " but this listener greets in plain text and offers STARTTLS (it has no implicit TLS):"
-    " every such client fails to connect; listen on 587 (or 25) and set the ERPs to STARTTLS"
+    " but this listener greets in plain text (its tls has no mode: implicit):"
+    " every such client fails to connect; set tls: {cert: ..., key: ..., mode: implicit},"
+    " or listen on 587 (or 25) and set the ERPs to STARTTLS"
 )
+_IMPLICIT_ON_PLAIN_PORT = (
+    "{port} is a port whose clients wait for a greeting in plain text (and then send"
+    " STARTTLS), while mode: implicit waits for a TLS handshake: every such client times"
+    " out; set mode: starttls, or port: 465"
+)
+
+
+def _warn_of_tls_unlike_port(
+    ctx: Ctx, m: Map, tls: Map, port: int | None, mode: ListenerTls | None
+) -> None:
+    """Port 465 is TLS from the first byte (RFC 8314), 25 and 587 greet in plain
+    text: a listener unlike its port passes, and every ERP set the usual way
+    for that port fails to connect."""
+    if port == 465 and mode is not ListenerTls.IMPLICIT:
+        ctx.problems.warn(m.get("port"), m.sub("port"), _NO_IMPLICIT_TLS)
+    elif port in (25, 587) and mode is ListenerTls.IMPLICIT:
+        message = _IMPLICIT_ON_PLAIN_PORT.format(port=port)
+        ctx.problems.warn(tls.get("mode"), tls.sub("mode"), message)
 
 
 def _listen_address(ctx: Ctx, m: Map) -> str | None:
@@ -329,11 +352,10 @@ def _clash(mine: _Socket, other: _Socket) -> str | None:
     return None
 
 
-def _tls(ctx: Ctx, listener: Map) -> TlsFiles | None:
+def _tls(ctx: Ctx, listener: Map, m: Map) -> TlsFiles | None:
     """Loaded once here, so that ``relay check`` (and so a reload) finds a key that
     is not the certificate's, or a file half-written by a renewal, before a
-    worker does."""
-    m = listener.map("tls", ("cert", "key"), required=("cert", "key"))
+    worker does. ``m``: the listener's ``tls``."""
     cert = m.read("cert", values.certificate_file)
     key = m.read("key", values.key_file)
     if cert is None or key is None:
