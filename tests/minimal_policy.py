@@ -14,6 +14,7 @@ from relay.policy.model import (
     Identify,
     IdentitySource,
     Listener,
+    ListenerTls,
     Login,
     Platform,
     Policy,
@@ -37,6 +38,7 @@ def listener(
     max_message_size: int = 100_000,
     max_recipients: int = 5,
     idle_timeout: float = 30.0,
+    tls_mode: ListenerTls = ListenerTls.STARTTLS,
 ) -> Listener:
     return Listener(
         name=name,
@@ -48,6 +50,7 @@ def listener(
         max_message_size=max_message_size,
         max_recipients=max_recipients,
         idle_timeout=idle_timeout,
+        tls_mode=tls_mode,
     )
 
 

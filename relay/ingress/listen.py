@@ -3,7 +3,9 @@
 One asyncio server per listener, each connection getting its own
 ``RelaySMTP`` around the listener's handler. AUTH is only offered over TLS,
 except on listeners bound to loopback alone: there the password cannot be
-sniffed off the wire, and local ERPs often cannot do STARTTLS.
+sniffed off the wire, and local ERPs often cannot do STARTTLS. A listener
+with implicit TLS (``implicit``) is encrypted from the first byte, and offers
+AUTH wherever it is.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from relay.ingress.authlimit import AuthFailures
 from relay.ingress.clientlimit import ClientRow
 from relay.ingress.diskspace import DiskGuard
 from relay.ingress.handler import Process, Refused, RelayHandler
+from relay.ingress.implicit import ImplicitTLS
 from relay.ingress.protocol import RelaySMTP
-from relay.policy.model import AuthMode, Listener, Policy
+from relay.policy.model import AuthMode, Listener, ListenerTls, Policy
 from relay.policy.sections import no_login_without_tls
 from relay.policy.tlspair import server_context
 from relay.tally import TallyRow
@@ -50,7 +53,8 @@ class Ingress:
     verified: Verified = field(default_factory=Verified)  # AUTH passwords, for every listener
     failures: AuthFailures = field(default_factory=AuthFailures)  # failed logins, likewise
     disk: DiskGuard = field(default_factory=DiskGuard)  # free space of the state, likewise
-    tls: dict[str, ssl.SSLContext] = field(default_factory=dict)  # per listener, for STARTTLS
+    tls: dict[str, ssl.SSLContext] = field(default_factory=dict)  # per listener, for its TLS
+    handshaking: set[ImplicitTLS] = field(default_factory=set)  # implicit TLS not yet done
     served: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # their cert and key
     refused: Refused | None = None  # puts content the SMTP side refused on record
 
@@ -96,6 +100,8 @@ class Ingress:
         """
         for _, server in self.servers:
             server.close()
+        for handshake in list(self.handshaking):
+            handshake.abort()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while self.connections or self.in_flight:
@@ -208,7 +214,7 @@ def _factory(
     loop: asyncio.AbstractEventLoop,
     clients: ClientRow | None,
     tally: TallyRow | None,
-) -> Callable[[], RelaySMTP]:
+) -> Callable[[], RelaySMTP | ImplicitTLS]:
     handler = RelayHandler(
         listener,
         current_policy,
@@ -224,13 +230,14 @@ def _factory(
     if tls is not None and listener.tls is not None:
         ingress.tls[listener.name] = tls
         ingress.served[listener.name] = (listener.tls.cert_pem, listener.tls.key_pem)
-    auth_needs_tls = not loopback_only(listener.address)
+    implicit = tls is not None and listener.tls_mode is ListenerTls.IMPLICIT
+    auth_needs_tls = not implicit and not loopback_only(listener.address)
     _warn_about_auth(listener, tls is not None, auth_needs_tls)
     excluded = _MECHANISMS if listener.auth is AuthMode.OFF else ()
 
-    def build() -> RelaySMTP:
+    def session() -> RelaySMTP:
         with warnings.catch_warnings():
-            # aiosmtpd warns about AUTH without TLS; here it is loopback only.
+            # aiosmtpd warns about AUTH without TLS; here it is loopback only, or implicit.
             warnings.simplefilter("ignore")
             return RelaySMTP(
                 handler,
@@ -246,7 +253,7 @@ def _factory(
                 data_size_limit=listener.max_message_size,
                 enable_SMTPUTF8=False,
                 decode_data=False,
-                tls_context=ingress.tls.get(listener.name),
+                tls_context=None if implicit else ingress.tls.get(listener.name),
                 timeout=listener.idle_timeout,
                 auth_required=listener.auth is AuthMode.REQUIRED,
                 auth_require_tls=auth_needs_tls,
@@ -255,7 +262,17 @@ def _factory(
                 loop=loop,
             )
 
-    return build
+    def handshake_first() -> ImplicitTLS:
+        return ImplicitTLS(
+            session(),
+            ingress.tls[listener.name],  # as a reload left it
+            listener.idle_timeout,
+            ingress.handshaking,
+            listener.name,
+            tally,
+        )
+
+    return handshake_first if implicit else session
 
 
 def loopback_only(address: str) -> bool:

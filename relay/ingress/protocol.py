@@ -286,6 +286,9 @@ class RelaySMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._connections.add(self)
         super().connection_made(transport)
+        assert self.session is not None
+        if self._tls_protocol is None and transport.get_extra_info("ssl_object") is not None:
+            self.session.ssl = _implicit_tls(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._lost:
@@ -567,7 +570,7 @@ class RelaySMTP(SMTP):
         TLS), and with the end of a connection cut off during the handshake
         seen to: asyncio tells the protocol nothing then, and the session
         waited for ever, holding its memory (about 320 KB each)."""
-        if self._tls_protocol is not None:
+        if self._tls_protocol is not None or (self.session and self.session.ssl is not None):
             await self.push("554 5.5.1 Error: TLS already active")
             return
         await super().smtp_STARTTLS(arg)
@@ -887,6 +890,14 @@ class RelaySMTP(SMTP):
         if self.transport is not None and not self.transport.is_closing():
             with contextlib.suppress(OSError, RuntimeError):
                 self.transport.write(reply)
+
+
+def _implicit_tls(transport: asyncio.BaseTransport) -> dict[str, Any]:
+    """What aiosmtpd keeps of a session's TLS after STARTTLS, for one that began
+    with it (``implicit``): the session is over TLS as much, in the Received
+    field (ESMTPS) and at a half-close."""
+    names = ("sslcontext", "peercert", "cipher", "compression", "ssl_object")
+    return {name: transport.get_extra_info(name) for name in names}
 
 
 def _with_code(reply: str) -> str:

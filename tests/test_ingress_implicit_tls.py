@@ -1,0 +1,153 @@
+"""Implicit TLS (port 465, "SSL/TLS" in an ERP) with real clients on loopback:
+TLS from the first byte, AUTH over it, and a client set for plain text named
+in the log as a client set for implicit TLS is on a STARTTLS listener."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import smtplib
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+
+from relay.ingress import listen
+from relay.policy.model import AuthMode, Listener, ListenerTls, TlsFiles
+from relay.policy.tlspair import read_pair
+from tests.certs import Certs, der, make_certs
+from tests.ingress_harness import TIMEOUT, Relay
+from tests.minimal_policy import listener
+
+IMPLICIT = ListenerTls.IMPLICIT
+MESSAGE = b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: x\r\n\r\nx\r\n"
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Certs:
+    return make_certs(tmp_path / "tls")
+
+
+@pytest.fixture
+def tls_files(certs: Certs) -> TlsFiles:
+    return read_pair(certs.cert, certs.key)
+
+
+@pytest.fixture
+def not_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Treat the 127.0.0.1 test listener as if it were on a public address."""
+    monkeypatch.setattr(listen, "loopback_only", lambda address: False)
+
+
+def trusting(certs: Certs) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(certs.ca))
+
+
+def logged(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    """The relay's log lines with ``text`` in them, once there is one."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        found = [r for r in caplog.records if r.name == "relay" and text in r.getMessage()]
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"no {text} in the log: {caplog.text}")
+
+
+@pytest.mark.usefixtures("not_loopback")
+def test_smtps_client_logs_in_and_sends_over_tls(certs: Certs, tls_files: TlsFiles) -> None:
+    """Off loopback, AUTH is offered at once: the connection is encrypted, and no
+    STARTTLS is offered within it."""
+    served = listener(tls=tls_files, tls_mode=IMPLICIT, auth=AuthMode.REQUIRED)
+    with (
+        Relay([served]) as relay,
+        smtplib.SMTP_SSL("127.0.0.1", relay.port, context=trusting(certs)) as client,
+    ):
+        client.ehlo()
+        assert client.has_extn("auth") and not client.has_extn("starttls")
+        assert client.docmd("STARTTLS") == (554, b"5.5.1 Error: TLS already active")
+        client.login("erp-acme", "demo-password")
+        client.sendmail("jan@acme.example", ["one@example.org"], MESSAGE)
+    (submission,) = relay.process.submissions
+    assert submission.tls and submission.auth_login == "erp-acme"
+
+
+def test_a_plain_text_client_waiting_for_a_greeting_is_named_at_the_idle_timeout(
+    tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
+    with Relay([listener(tls=tls_files, tls_mode=IMPLICIT, idle_timeout=0.5)]) as relay:
+        started = time.monotonic()
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            smtplib.SMTP("127.0.0.1", relay.port, timeout=TIMEOUT)
+        assert time.monotonic() - started < 5
+        (line,) = logged(caplog, "where a TLS handshake was expected")
+    assert (line.levelno, line.getMessage()) == (
+        logging.WARNING,
+        "client=127.0.0.1 sent no TLS handshake in 0.5s where a TLS handshake was expected:"
+        " is it set for STARTTLS or no encryption (port 587 or 25)? this listener offers"
+        " implicit TLS",
+    )
+
+
+def test_a_client_sending_plain_text_is_named_and_closed_at_once(
+    tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
+    with Relay([listener(tls=tls_files, tls_mode=IMPLICIT)]) as relay:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"EHLO client.example\r\n")
+            assert sock.recv(4096) == b""  # closed, no greeting in plain text
+        (line,) = logged(caplog, "where a TLS handshake was expected")
+        assert line.getMessage().startswith("client=127.0.0.1 sent plain text where a TLS")
+        with smtplib.SMTP_SSL("127.0.0.1", relay.port, context=_unchecked()) as client:
+            assert client.noop()[0] == 250  # the listener serves on
+
+
+def test_a_stop_does_not_wait_for_a_handshake(tls_files: TlsFiles) -> None:
+    with (
+        Relay([listener(tls=tls_files, tls_mode=IMPLICIT)]) as relay,
+        socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT) as sock,
+    ):
+        time.sleep(0.2)  # accepted: its handshake under way
+        started = time.monotonic()
+        relay.close()
+        assert time.monotonic() - started < 2
+        assert sock.recv(1) == b""
+
+
+def test_a_reload_serves_a_renewed_certificate_to_new_connections(
+    tmp_path: Path, certs: Certs
+) -> None:
+    renewed = make_certs(tmp_path / "renewed")
+    with Relay([listener(tls=read_pair(certs.cert, certs.key), tls_mode=IMPLICIT)]) as relay:
+        assert served(relay.port) == der(certs.cert)
+        shutil.copy(renewed.cert, certs.cert)
+        shutil.copy(renewed.key, certs.key)
+        relay.call(
+            _reloaded(relay, listener(tls=read_pair(certs.cert, certs.key), tls_mode=IMPLICIT))
+        )
+        assert {served(relay.port) for _ in range(4)} == {der(renewed.cert)}
+
+
+async def _reloaded(relay: Relay, again: Listener) -> None:
+    """What a reload does to the listeners, in the loop that serves them."""
+    assert relay.ingress is not None
+    relay.ingress.reload_tls([again])
+
+
+def _unchecked() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context
+
+
+def served(port: int) -> bytes:
+    """The certificate (DER) an implicit-TLS connection is shown."""
+    with smtplib.SMTP_SSL("127.0.0.1", port, context=_unchecked(), timeout=TIMEOUT) as client:
+        assert isinstance(client.sock, ssl.SSLSocket)
+        cert = client.sock.getpeercert(binary_form=True)
+    assert cert is not None
+    return cert
