@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from typing import cast
 
 from relay import tally
 from relay.ingress.protocol import RelaySMTP, client_address
@@ -47,20 +48,24 @@ class ImplicitTLS(asyncio.Protocol):
         self._tally = tally
         self._transport: asyncio.Transport | None = None
         self._peer: object = None
+        self._raw: list[bytes] = []  # read before the handshake took the connection
         self._early: list[bytes] = []  # sent between the handshake and the session
+        self._wrapped = False  # the TLS layer reads the connection
         self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's is none by class
         self._transport = transport
         self._peer = transport.get_extra_info("peername")
         self._handshaking.add(self)
         self._task = asyncio.get_running_loop().create_task(self._handshake(transport))
 
     def data_received(self, data: bytes) -> None:
-        """Asyncio reads on as the handshake ends, before the session has the
+        """uvloop reads before the handshake has begun (pausing in
+        ``connection_made`` does not hold it): the ClientHello is kept for it.
+        Asyncio reads on as the handshake ends, before the session has the
         connection: a client that does not wait for the greeting is not cut."""
-        self._early.append(data)
+        (self._early if self._wrapped else self._raw).append(data)
 
     def abort(self) -> None:
         """A stop does not wait for a handshake that may take the idle timeout."""
@@ -69,6 +74,7 @@ class ImplicitTLS(asyncio.Protocol):
 
     async def _handshake(self, transport: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()
+        loop.call_soon(self._replay, transport)  # once start_tls has put its layer in
         try:
             tls = await loop.start_tls(
                 transport,
@@ -89,6 +95,20 @@ class ImplicitTLS(asyncio.Protocol):
         for data in self._early:
             self._session.data_received(data)
         self._early.clear()
+
+    def _replay(self, transport: asyncio.Transport) -> None:
+        """What was read before the TLS layer took the connection, given to it
+        as the loop gives what it reads (a ``BufferedProtocol``'s)."""
+        self._wrapped = True
+        layer = transport.get_protocol()
+        data = b"".join(self._raw)
+        self._raw.clear()
+        while data and hasattr(layer, "buffer_updated"):  # uvloop's is none by class
+            buffer = layer.get_buffer(len(data))
+            size = min(len(buffer), len(data))
+            buffer[:size] = data[:size]
+            layer.buffer_updated(size)
+            data = data[size:]
 
     def _failed(self, error: OSError) -> None:
         """As STARTTLS's failures are said, and a client set for plain text named
