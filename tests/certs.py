@@ -94,14 +94,20 @@ def _alt_name(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
-def served_certificate(port: int) -> bytes:
-    """The certificate (DER) a STARTTLS session is shown."""
+def served_certificate(port: int, implicit: bool = False) -> bytes:
+    """The certificate (DER) a STARTTLS session is shown; with ``implicit``, one
+    that begins with the handshake (a listener's ``mode: implicit``)."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # which one is served is the question, not trust
-    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
-        client.ehlo()
-        client.starttls(context=context)
+    if implicit:
+        client: smtplib.SMTP = smtplib.SMTP_SSL("127.0.0.1", port, timeout=20, context=context)
+    else:
+        client = smtplib.SMTP("127.0.0.1", port, timeout=20)
+    with client:
+        if not implicit:
+            client.ehlo()
+            client.starttls(context=context)
         assert isinstance(client.sock, ssl.SSLSocket)
         served = client.sock.getpeercert(binary_form=True)
     assert served is not None

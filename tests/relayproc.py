@@ -8,6 +8,7 @@ import re
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,7 +24,9 @@ class RelayProcess:
         log: Path,
         max_file_size: int | None = None,
         open_files: tuple[int, int] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        self.tls = tls  # the listener's mode is implicit: it greets after this handshake
         self.max_file_size = max_file_size  # RLIMIT_FSIZE: writes past it fail with EFBIG
         self.open_files = open_files  # RLIMIT_NOFILE (soft, hard) it starts with
         self.policy = policy
@@ -63,15 +66,24 @@ class RelayProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"relay exited {self.proc.returncode}:\n{self.log()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.recv(512)
-                    s.sendall(b"QUIT\r\n")
+                self._greeted()
                 if " serving" in self.log():  # every worker process, not just the first
                     return
             except OSError:
                 pass
             time.sleep(0.05)
         raise AssertionError(f"relay did not listen on {self.port}:\n{self.log()}")
+
+    def _greeted(self) -> None:
+        """One connection greeted, and QUIT sent: raises OSError until it is."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as plain:
+            if self.tls is None:
+                plain.recv(512)
+                plain.sendall(b"QUIT\r\n")
+                return
+            with self.tls.wrap_socket(plain, server_hostname="127.0.0.1") as wrapped:
+                wrapped.recv(512)
+                wrapped.sendall(b"QUIT\r\n")
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None

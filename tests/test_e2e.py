@@ -8,6 +8,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from relay import headers, message, trace
+from tests.certs import make_certs
 from tests.dkimtools import assert_opendkim_ok, dkimpy_verify
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
@@ -283,6 +285,36 @@ def test_a_received_field_tells_the_next_hop_who_handed_the_message_over(
     )
     assert found is not None, value
     assert f"{found.group(1).decode()}: client=127.0.0.1 login=erp-acme" in relay.log()
+
+
+def test_an_erp_set_for_ssl_tls_logs_in_and_sends_over_implicit_tls(
+    policy_file: Path, sink: SinkServer, dns_records: dict[str, str], tmp_path: Path
+) -> None:
+    """Port 465's "SSL/TLS", all a legacy ERP may offer: the handshake first, then
+    AUTH, by two workers on the one listening socket; traced and signed as after
+    STARTTLS."""
+    certs = make_certs(tmp_path / "tls")
+    port = free_port()
+    path = _policy(policy_file, port, sink.port)
+    implicit = f"tls: {{cert: {certs.cert}, key: {certs.key}, mode: implicit}}"
+    text = path.read_text().replace("    auth: optional\n", f"    auth: required\n    {implicit}\n")
+    path.write_text(text + "workers: 2\n")
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    with RelayProcess(path, port, tmp_path / "relay.log", tls=context) as relay:
+        for _ in range(4):
+            with smtplib.SMTP_SSL(
+                "127.0.0.1", port, local_hostname="erp.acme.example", context=context, timeout=20
+            ) as client:
+                assert not client.has_extn("starttls")
+                client.login("erp-acme", "demo-password")
+                client.sendmail("erp@erp.acme.example", RCPTS, INVOICE)
+        got = sink.sink.wait(4)
+        assert "2 workers serving" in relay.log()
+    for each in got:
+        (field,) = [f for f in headers.split(each.data)[0] if f.name == "Received"]
+        assert b" with ESMTPSA id " in b" ".join(field.raw.split())
+        assert dkimpy_verify(each.data, dns_records)
+    assert_opendkim_ok(got[0].data, dns_records, tmp_path)
 
 
 def test_a_client_greeting_with_helo_is_traced_as_smtp(

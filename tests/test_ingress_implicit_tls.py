@@ -17,7 +17,7 @@ import pytest
 from relay.ingress import listen
 from relay.policy.model import AuthMode, Listener, ListenerTls, TlsFiles
 from relay.policy.tlspair import read_pair
-from tests.certs import Certs, der, make_certs
+from tests.certs import Certs, der, make_certs, served_certificate
 from tests.ingress_harness import TIMEOUT, Relay
 from tests.minimal_policy import listener
 
@@ -102,8 +102,7 @@ def test_a_client_sending_plain_text_is_named_and_closed_at_once(
             assert sock.recv(4096) == b""  # closed, no greeting in plain text
         (line,) = logged(caplog, "where a TLS handshake was expected")
         assert line.getMessage().startswith("client=127.0.0.1 sent plain text where a TLS")
-        with smtplib.SMTP_SSL("127.0.0.1", relay.port, context=_unchecked()) as client:
-            assert client.noop()[0] == 250  # the listener serves on
+        assert served_certificate(relay.port, implicit=True)  # the listener serves on
 
 
 def test_a_stop_does_not_wait_for_a_handshake(tls_files: TlsFiles) -> None:
@@ -123,31 +122,18 @@ def test_a_reload_serves_a_renewed_certificate_to_new_connections(
 ) -> None:
     renewed = make_certs(tmp_path / "renewed")
     with Relay([listener(tls=read_pair(certs.cert, certs.key), tls_mode=IMPLICIT)]) as relay:
-        assert served(relay.port) == der(certs.cert)
+        assert served_certificate(relay.port, implicit=True) == der(certs.cert)
         shutil.copy(renewed.cert, certs.cert)
         shutil.copy(renewed.key, certs.key)
         relay.call(
             _reloaded(relay, listener(tls=read_pair(certs.cert, certs.key), tls_mode=IMPLICIT))
         )
-        assert {served(relay.port) for _ in range(4)} == {der(renewed.cert)}
+        assert {served_certificate(relay.port, implicit=True) for _ in range(4)} == {
+            der(renewed.cert)
+        }
 
 
 async def _reloaded(relay: Relay, again: Listener) -> None:
     """What a reload does to the listeners, in the loop that serves them."""
     assert relay.ingress is not None
     relay.ingress.reload_tls([again])
-
-
-def _unchecked() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    return context
-
-
-def served(port: int) -> bytes:
-    """The certificate (DER) an implicit-TLS connection is shown."""
-    with smtplib.SMTP_SSL("127.0.0.1", port, context=_unchecked(), timeout=TIMEOUT) as client:
-        assert isinstance(client.sock, ssl.SSLSocket)
-        cert = client.sock.getpeercert(binary_form=True)
-    assert cert is not None
-    return cert

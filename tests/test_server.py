@@ -296,6 +296,33 @@ def test_a_reload_takes_up_a_renewed_certificate_and_refuses_a_mismatched_one(
         assert running.stop() == 0
 
 
+def test_a_reload_serves_a_renewed_certificate_on_a_listener_of_implicit_tls(
+    policy: Path, tmp_path: Path
+) -> None:
+    """As with STARTTLS: the renewal is served to new connections, in each worker."""
+    port = int(policy.read_text().split("port: ", 1)[1].split()[0])
+    first, renewed = make_certs(tmp_path / "first"), make_certs(tmp_path / "renewed")
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "relay.crt", live / "relay.key"
+    shutil.copy(first.cert, cert)
+    shutil.copy(first.key, key)
+    tls = f"    tls: {{cert: {cert}, key: {key}, mode: implicit}}\n"
+    text = policy.read_text().replace("    auth: optional\n", f"    auth: optional\n{tls}")
+    policy.write_text(text + "workers: 2\n")
+    running = Daemon(policy, tmp_path / "relay.log")
+    try:
+        running.wait_log("2 workers serving")
+        assert {served_certificate(port, implicit=True) for _ in range(8)} == {der(first.cert)}
+        shutil.copy(renewed.cert, cert)  # as a renewal hook would, then reload
+        shutil.copy(renewed.key, key)
+        running.proc.send_signal(signal.SIGHUP)
+        running.wait_reloaded(1)
+        assert {served_certificate(port, implicit=True) for _ in range(8)} == {der(renewed.cert)}
+    finally:
+        assert running.stop() == 0
+
+
 def _name_tls(policy: Path, text: str, cert: Path, key: Path) -> None:
     """``text``, the policy, with its listener serving STARTTLS from ``cert`` and ``key``."""
     tls = f"    auth: optional\n    tls: {{cert: {cert}, key: {key}}}\n"
