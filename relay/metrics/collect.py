@@ -319,7 +319,7 @@ class RelayCollector(Collector):
             ),
             (
                 "relay_smtp_tls_handshake_failures",
-                "STARTTLS handshakes that failed.",
+                "TLS handshakes that failed, after STARTTLS or on a listener of implicit TLS.",
                 tally.TLS_FAILED,
                 "",
                 ("",),
@@ -338,7 +338,7 @@ class RelayCollector(Collector):
         one in place of one clients would refuse), for an alert weeks ahead."""
         family = GaugeMetricFamily(
             "relay_tls_certificate_expiry_timestamp_seconds",
-            "When a listener's STARTTLS certificate stops being valid (its notAfter).",
+            "When a listener's TLS certificate stops being valid (its notAfter).",
             labels=["listener"],
         )
         for listener in policy.listeners:
