@@ -212,6 +212,14 @@ def _idle_after_a_refused_recipient(raw: Raw) -> None:
     assert raw.cmd(b"RCPT TO:<bad>").startswith("5")
 
 
+def _unknown_commands_around_a_known_one(raw: Raw) -> None:
+    """The fifth unknown command, after a NOOP, was logged "after NOOP"."""
+    for _ in range(4):
+        assert raw.cmd(b"FOO").startswith("500 5.5.2 ")
+    assert raw.cmd(b"NOOP").startswith("250")
+    raw.send(b"XCLIENT a=b\r\n")
+
+
 TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
 
 
@@ -234,6 +242,11 @@ TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
             "421 4.7.0 Too many unrecognized commands, closing the connection",
         ),
         (
+            _unknown_commands_around_a_known_one,
+            "UNKNOWN",
+            "421 4.7.0 Too many unrecognized commands, closing the connection",
+        ),
+        (
             lambda raw: raw.send(b"AUTH PLAIN AGF1AGI=\r\n" * 15),
             "AUTH",
             "421 4.7.0 AUTH sent too many times",
@@ -244,7 +257,7 @@ TIMEOUT = "421 4.4.2 relay.test.example Error: timeout exceeded"
         *("idle-after-ehlo-again", "idle-after-auth"),
         *("idle-after-a-refused-sender", "idle-after-a-refused-recipient"),
         *("idle-after-a-non-ascii-sender", "idle-after-no-command"),
-        *("unknown-commands", "auth"),
+        *("unknown-commands", "unknown-commands-around-a-known-one", "auth"),
     ],
 )
 def test_a_connection_the_relay_ends_with_421_has_one_log_line(

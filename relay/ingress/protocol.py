@@ -85,6 +85,9 @@ JUNK_COMMAND_LIMIT = 100
 REFUSALS_LOGGED = 10
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing the connection"
 READ_FAILED = "421 4.3.0 Local error reading the message, try again later"
+# aiosmtpd's answer to a connection's fifth unknown command (its BOGUS_LIMIT,
+# never reset), before it closes the connection
+_TOO_MANY_UNKNOWN = "502 5.5.1 Too many unrecognized commands, goodbye."
 # Postfix's smtpd_recipient_overshoot_limit: a transaction's RCPTs refused for
 # being past the recipient limit that count as no error (RFC 5321 4.5.3.1.10
 # has the client send them again in another transaction).
@@ -106,6 +109,9 @@ IMPLICIT_TLS_CLIENT = (
 
 
 _HANDLE_CLIENT = SMTP._handle_client.__code__
+# aiosmtpd's refusals of a line that is no command it knows, beside the 500
+# naming the command
+_UNKNOWN = frozenset({"500 Error: bad syntax", _TOO_MANY_UNKNOWN})
 # aiosmtpd's refusals of a command it has read but not handed to its method
 _BEFORE_DISPATCH = frozenset(
     {
@@ -262,9 +268,7 @@ class RelaySMTP(SMTP):
                 "555 5.5.4 RCPT TO parameters not recognized or not implemented"
             ),
             # RFC 5321 3.8: a server closes the connection only after a 221 or 421
-            "502 5.5.1 Too many unrecognized commands, goodbye.": (
-                "421 4.7.0 Too many unrecognized commands, closing the connection"
-            ),
+            _TOO_MANY_UNKNOWN: ("421 4.7.0 Too many unrecognized commands, closing the connection"),
             **_CODED_REPLIES,
         }
 
@@ -801,7 +805,7 @@ class RelaySMTP(SMTP):
         is refused as any of these, by where its random bytes put the first
         line feed (OpenSSL's mostly as non-ASCII)."""
         self._log_if_handshake(self._command_line())
-        if status.startswith('500 Error: command "') or status == "500 Error: bad syntax":
+        if status.startswith('500 Error: command "') or status in _UNKNOWN:
             self._after = "UNKNOWN"
         elif status in _BEFORE_DISPATCH or status.endswith(" sent too many times"):
             verb = self._command_line().partition(b" ")[0].decode("ascii", "replace").upper()
