@@ -188,3 +188,12 @@ def test_a_listener_with_tls_says_it_offers_starttls(
         handshake_failure(caplog, "TLS handshake where")
     said = [r.getMessage() for r in caplog.records if "TLS handshake where" in r.getMessage()]
     assert [m.rsplit("? ", 1)[1] for m in said] == ["this listener offers STARTTLS"]
+
+
+def test_starttls_on_a_listener_without_tls_is_refused_for_good() -> None:
+    """It got aiosmtpd's ``454 TLS not available``, a temporary failure: an ERP
+    set to require STARTTLS retried for ever a setting that can never work."""
+    with Relay([listener()]) as relay, Raw(relay.port) as raw:
+        assert "250-STARTTLS" not in raw.ehlo()
+        assert raw.cmd(b"STARTTLS") == "502 5.5.1 Error: this listener does not offer STARTTLS"
+        assert raw.cmd(b"NOOP") == "250 2.0.0 OK"

@@ -85,6 +85,9 @@ JUNK_COMMAND_LIMIT = 100
 REFUSALS_LOGGED = 10
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing the connection"
 READ_FAILED = "421 4.3.0 Local error reading the message, try again later"
+# As Postfix answers a command it does not offer: aiosmtpd's 454 is a temporary
+# failure (RFC 3207 4), which a client set to require STARTTLS retries for ever.
+NO_STARTTLS = "502 5.5.1 Error: this listener does not offer STARTTLS"
 # aiosmtpd's answer to a connection's fifth unknown command (its BOGUS_LIMIT,
 # never reset), before it closes the connection
 _TOO_MANY_UNKNOWN = "502 5.5.1 Too many unrecognized commands, goodbye."
@@ -160,7 +163,6 @@ _CODED_REPLIES = {
     ),
     "501 Error: SMTPUTF8 takes no arguments": "501 5.5.4 Error: SMTPUTF8 takes no arguments",
     "502 EXPN not implemented": "502 5.5.1 EXPN not implemented",
-    "454 TLS not available": "454 4.7.0 TLS not available",
     "554 Command refused due to lack of security": (
         "554 5.7.0 Command refused due to lack of security"
     ),
@@ -269,6 +271,7 @@ class RelaySMTP(SMTP):
             ),
             # RFC 5321 3.8: a server closes the connection only after a 221 or 421
             _TOO_MANY_UNKNOWN: ("421 4.7.0 Too many unrecognized commands, closing the connection"),
+            "454 TLS not available": NO_STARTTLS,  # said only without a tls_context
             **_CODED_REPLIES,
         }
 
