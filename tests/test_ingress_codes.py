@@ -79,6 +79,30 @@ def test_replies_that_were_wrong_beside_their_lack_of_code() -> None:
         assert raw.cmd(b"HELP NOOP") == "214 2.0.0 Syntax: NOOP [ignored]"
 
 
+def test_help_gives_the_syntax_a_refusal_gives() -> None:
+    """HELP said ``MAIL FROM: <address>``, with a space the refusals had lost."""
+    mail = "Syntax: MAIL FROM:<address> [SP <mail-parameters>]"
+    rcpt = "Syntax: RCPT TO:<address> [SP <mail-parameters>]"
+    with Relay([listener()]) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"HELP MAIL") == f"214 2.0.0 {mail}"
+        assert raw.cmd(b"MAIL TO:<a@b.example>") == f"501 5.5.4 {mail}"
+        assert raw.cmd(b"MAIL FROM:<a@b.example>").startswith("250")
+        assert raw.cmd(b"HELP RCPT") == f"214 2.0.0 {rcpt}"
+        assert raw.cmd(b"RCPT FROM:<a@b.example>") == f"501 5.5.4 {rcpt}"
+
+
+@pytest.mark.parametrize("topic", [b"FOO", b"STARTTLS"])
+def test_help_on_a_topic_it_has_none_for_is_a_504(topic: bytes) -> None:
+    """It was a 501, a syntax error, carrying the list HELP alone gives."""
+    with Relay([listener()]) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"HELP " + topic) == (
+            "504 5.5.4 HELP topic unknown; HELP alone lists the commands"
+        )
+        assert raw.cmd(b"HELP").startswith("214 2.0.0 Supported commands: AUTH DATA ")
+
+
 def _pushed_literals() -> set[str]:
     """aiosmtpd's replies written as literals, an f-string's fields as ``{}``."""
     tree = ast.parse(inspect.getsource(aiosmtpd.smtp))

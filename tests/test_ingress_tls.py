@@ -197,3 +197,11 @@ def test_starttls_on_a_listener_without_tls_is_refused_for_good() -> None:
         assert "250-STARTTLS" not in raw.ehlo()
         assert raw.cmd(b"STARTTLS") == "502 5.5.1 Error: this listener does not offer STARTTLS"
         assert raw.cmd(b"NOOP") == "250 2.0.0 OK"
+
+
+def test_help_on_a_listener_with_tls_names_starttls(tls_files: TlsFiles) -> None:
+    """HELP left it out of its list, and HELP STARTTLS got the list instead."""
+    with Relay([listener(tls=tls_files)]) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        assert " STARTTLS " in raw.cmd(b"HELP")
+        assert raw.cmd(b"HELP STARTTLS") == "214 2.0.0 Syntax: STARTTLS"

@@ -88,6 +88,8 @@ READ_FAILED = "421 4.3.0 Local error reading the message, try again later"
 # As Postfix answers a command it does not offer: aiosmtpd's 454 is a temporary
 # failure (RFC 3207 4), which a client set to require STARTTLS retries for ever.
 NO_STARTTLS = "502 5.5.1 Error: this listener does not offer STARTTLS"
+# Sendmail's answer (RFC 5321 4.1.1.8 leaves it open); a 501 is a syntax error
+HELP_UNKNOWN = "504 5.5.4 HELP topic unknown; HELP alone lists the commands"
 # aiosmtpd's answer to a connection's fifth unknown command (its BOGUS_LIMIT,
 # never reset), before it closes the connection
 _TOO_MANY_UNKNOWN = "502 5.5.1 Too many unrecognized commands, goodbye."
@@ -515,7 +517,7 @@ class RelaySMTP(SMTP):
             await self.push(BAD_BASE64)
             return MISSING
 
-    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    @syntax("MAIL FROM:<address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         """aiosmtpd's MAIL; a refusal ends the message here, so ``push`` logs it.
         An ``AUTH=`` parameter (RFC 4954 5, sent by relays that log in) is taken
@@ -528,7 +530,7 @@ class RelaySMTP(SMTP):
         finally:
             self._mail_arg = None
 
-    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    @syntax("RCPT TO:<address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         """aiosmtpd's RCPT; a refusal within a transaction is logged by ``push``."""
         self._rcpt_arg = arg or ""
@@ -557,7 +559,8 @@ class RelaySMTP(SMTP):
 
     @syntax("HELP [command]")
     async def smtp_HELP(self, arg: str) -> None:
-        """aiosmtpd's HELP, with RFC 5321's 214 and an enhanced status code."""
+        """aiosmtpd's HELP, with RFC 5321's 214 and an enhanced status code, and
+        a 504 for a topic it has no help on, where aiosmtpd's 501 listed them."""
         if await self.check_auth_needed("HELP"):
             return
         assert self.session is not None
@@ -568,10 +571,13 @@ class RelaySMTP(SMTP):
                 syntax_of += method.__smtp_syntax_extended__
             await self.push(f"214 2.0.0 Syntax: {syntax_of}")
             return
+        if arg:
+            await self.push(HELP_UNKNOWN)
+            return
         names = sorted(n for n, m in self._smtp_methods.items() if self._syntax_available(m))
-        reply = "501 5.5.4" if arg else "214 2.0.0"
-        await self.push(f"{reply} Supported commands: {' '.join(names)}")
+        await self.push(f"214 2.0.0 Supported commands: {' '.join(names)}")
 
+    @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
         """aiosmtpd's STARTTLS, refused once TLS is on (it would start TLS within
         TLS), and with the end of a connection cut off during the handshake
