@@ -183,7 +183,7 @@ def _blank_lines(view: MessageView) -> list[str]:
         f"a line of only white space in {', '.join(names)} left out: obsolete folding"
         " (RFC 5322 4.2) that some readers take for the end of the header"
     )
-    broken = _broken_signatures(fields, {name.lower() for name in names})
+    broken = _signatures_over(fields, {name.lower() for name in names}, simple_only=True)
     if broken:
         why += (
             f"; the message's own DKIM signature ({', '.join(broken)}) signs it with"
@@ -192,10 +192,11 @@ def _blank_lines(view: MessageView) -> list[str]:
     return [why]
 
 
-def _broken_signatures(fields: list[Field], changed: set[str]) -> list[str]:
-    """``d=`` of each DKIM signature the message came with that a changed
-    field breaks: one with ``simple`` header canonicalisation (``c=`` left out
-    is simple), which reads a line left out as another field. An ERP's own
+def _signatures_over(fields: list[Field], names: set[str], simple_only: bool) -> list[str]:
+    """``d=`` of each DKIM signature the message came with that signs one of
+    the fields ``names``; with ``simple_only``, of those with ``simple``
+    header canonicalisation (``c=`` left out is simple), which a line left
+    out breaks, where ``relaxed`` reads the field as before. An ERP's own
     signature failed with no word of why."""
     found: list[str] = []
     for field in fields:
@@ -203,7 +204,8 @@ def _broken_signatures(fields: list[Field], changed: set[str]) -> list[str]:
             continue
         tags = _dkim_tags(unfolded(field))
         signed = {name.lower() for name in tags.get("h", "").split(":")}
-        if tags.get("c", "simple").partition("/")[0].lower() == "simple" and signed & changed:
+        simple = tags.get("c", "simple").partition("/")[0].lower() == "simple"
+        if signed & names and (simple or not simple_only):
             found.append(f"d={tags.get('d', '')}")
     return found
 
@@ -424,16 +426,28 @@ def _empty_recipients(view: MessageView) -> tuple[list[tuple[str, str]], list[st
     """The edits for an empty To or Cc, which RFC 5322 3.6.3 wants an address
     in and some receivers score as spam, and why. A Cc goes; a To becomes the
     empty group, as an ERP sending to Bcc alone means, since a message with
-    no To at all is scored too (SpamAssassin's MISSING_HEADERS)."""
+    no To at all is scored too (SpamAssassin's MISSING_HEADERS). A field the
+    message's own DKIM signature signs stays: changed, it would break that
+    signature, under any canonicalisation, for a blemish receivers forgive."""
     updates: list[tuple[str, str]] = []
     removed: list[str] = []
     reasons: list[str] = []
-    if _addressless(view, "To"):
-        updates.append(("To", _UNDISCLOSED))
-        reasons.append(f"To is empty, which RFC 5322 3.6.3 does not allow: set to {_UNDISCLOSED}")
-    if _addressless(view, "Cc"):
-        removed.append("Cc")
-        reasons.append("Cc is empty, which RFC 5322 3.6.3 does not allow: removed")
+    fields: list[Field] | None = None
+    for name in ("To", "Cc"):
+        if not _addressless(view, name):
+            continue
+        fields = split_at(view.raw)[0] if fields is None else fields
+        why = f"{name} is empty, which RFC 5322 3.6.3 does not allow"
+        signed = _signatures_over(fields, {name.lower()}, simple_only=False)
+        if signed:
+            by = ", ".join(signed)
+            reasons.append(f"{why}: kept, as the message's own DKIM signature ({by}) signs it")
+        elif name == "To":
+            updates.append(("To", _UNDISCLOSED))
+            reasons.append(f"{why}: set to {_UNDISCLOSED}")
+        else:
+            removed.append("Cc")
+            reasons.append(f"{why}: removed")
     return updates, removed, reasons
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from relay import headers, message
 from relay.rewrite import HeaderEdits, apply
-from tests.dkimtools import assert_opendkim_ok, dkimpy_verify
+from tests.dkimtools import assert_opendkim_ok, dkimpy_each, dkimpy_verify
 from tests.relayproc import RelayProcess
 from tests.sink import SinkServer, free_port
 from tests.test_decide_reply_to import NO_SUBJECT, preview
@@ -213,6 +213,34 @@ def test_a_to_or_cc_with_an_address_is_kept(policy_file: Path) -> None:
     assert view.get_all("To") == ("customer@example.org",)
     assert view.get_all("Cc") == ("desk@acme.example",)
     assert not {EMPTY_CC, EMPTY_TO} & set(p.decision.reasons)
+
+
+@pytest.mark.parametrize("canon", [b"simple", b"relaxed"])
+def test_an_empty_to_or_cc_an_erps_signature_signs_is_kept(
+    policy_file: Path, key_dir: tuple[Path, dict[str, str]], canon: bytes
+) -> None:
+    """Written anew or removed, they broke the ERP's own signature, under any
+    canonicalisation, where the relay keeps its From: with no key of the
+    relay's for that domain, the only signature DMARC could pass on."""
+    data = msg("From: Hank Scorpio <hank@globex.example>", *BASE[2:], "To:", "Cc: ")
+    key = (key_dir[0] / "globex.example.g1.private").read_bytes()
+    signature = dkim.sign(
+        data,
+        b"g1",
+        b"globex.example",
+        key,
+        canonicalize=(canon, b"relaxed"),
+        include_headers=[b"from", b"to", b"cc", b"subject"],
+    )
+    p = run(policy_file, signature + data, login="erp-globex")
+    view = message.read(p.message)
+    assert view.get_all("To") == ("",) and view.get_all("Cc") == ("",)
+    assert dkimpy_each(p.message, key_dir[1])[-1]
+    for name in ("To", "Cc"):
+        assert (
+            f"{name} is empty, which RFC 5322 3.6.3 does not allow: kept, as the message's"
+            " own DKIM signature (d=globex.example) signs it"
+        ) in p.decision.reasons
 
 
 SIMPLE_BROKEN = (
