@@ -455,6 +455,8 @@ def test_a_missing_tls_certificate_is_a_problem(tmp_path: Path) -> None:
         ("helo_name: '[::1]'", "helo_name: '[::1]' is not a host name like relay.example.com, or"
          " an address literal like [192.0.2.1]: an IPv6 address is written [IPv6:::1]"),
         ("helo_name: rélay.example", "helo_name: 'rélay.example' is not ASCII: write it as"),
+        ("helo_name: 192.0.2.01", "helo_name: '192.0.2.01' is not a host name like"),
+        ("helo_name: 0300.0.2.1", "helo_name: '0300.0.2.1' is not a host name like"),
         ("data_timeout: 0", "data_timeout: expected a positive number of seconds"),
         ("data_timeout: 10:00", "data_timeout: YAML 1.1 reads 10:00 as 600 (base 60); write 600"),
     ],

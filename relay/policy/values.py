@@ -126,8 +126,8 @@ def helo_name(ctx: Ctx, node: Node, path: str) -> str | None:
     if literal is None and _is_domain(value) and not value.isascii():  # EHLO takes A-labels only
         ctx.problem(node, path, f"{value!r} is not ASCII: write it as {_a_labels(value)!r}")
         return None
-    if literal is None and _is_domain(value) and not is_ip(value):
-        return value.lower()
+    if literal is None and _is_domain(value) and not _NUMERIC.fullmatch(value):
+        return value.lower()  # all digits and dots is no host name: 192.0.2.01 passed
     ctx.problem(node, path, f"{value!r} {_not_helo_name(value)}")
     return None
 
