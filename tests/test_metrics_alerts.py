@@ -194,6 +194,27 @@ def test_the_free_space_is_served_with_the_reserve_mail_is_refused_under(
     assert set(re.findall(r"relay_filesystem_\w+", RULES.group(1))) <= {n for n, _ in samples}
 
 
+def test_a_directory_that_cannot_be_read_takes_only_its_own_free_space_out(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """With the audit directory gone, the queue's free space went out of the
+    scrape with it, and no space alert could fire for either."""
+    with SinkServer(Sink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=2)
+        audit = load(policy).audit.directory
+        log = tmp_path / "relay.log"
+        with RelayProcess(policy, port, log):
+            audit.rename(audit.with_name("audit.away"))
+            try:
+                served = {dict(labels).get("directory") for name, labels in _samples(metrics)
+                          if name == "relay_filesystem_free_bytes"}  # fmt: skip
+            finally:
+                audit.with_name("audit.away").rename(audit)
+        assert served == {"queue"}
+        assert "metrics: the free space of the audit directory is left out" in log.read_text()
+
+
 def test_a_worker_that_died_is_counted(policy_file: Path, tmp_path: Path) -> None:
     with SinkServer(Sink()) as sink:
         port, metrics = free_port(), free_port()

@@ -80,7 +80,7 @@ class RelayCollector(Collector):
         yield from self._part("audit log", lambda: self._messages(policy))
         yield from self._part("queue", self._queue)
         yield from self._part("suppression list", self._suppression)
-        yield from self._part("state directories", lambda: self._free_space(policy))
+        yield from self._free_space(policy)
         yield from self._reserves(policy)
         yield from self._limits(policy)
         yield from self._smtp(policy)
@@ -94,13 +94,19 @@ class RelayCollector(Collector):
         try:
             found = list(families())
         except (RelayError, OSError) as exc:
-            if self._failing.get(name) != str(exc):
-                log.warning("metrics: the %s is left out: %s", name, exc)
-            self._failing[name] = str(exc)
+            self._left_out(name, exc)
             return
+        self._read_again(name)
+        yield from found
+
+    def _left_out(self, name: str, error: Exception) -> None:
+        if self._failing.get(name) != str(error):
+            log.warning("metrics: the %s is left out: %s", name, error)
+        self._failing[name] = str(error)
+
+    def _read_again(self, name: str) -> None:
         if self._failing.pop(name, None) is not None:
             log.info("metrics: the %s is read again", name)
-        yield from found
 
     def _config(self) -> Iterator[Metric]:
         state = status.STATUS
@@ -220,7 +226,8 @@ class RelayCollector(Collector):
         """Read at the scrape, a ``statvfs`` a directory: an alert can fire before
         mail is refused, which ``relay_smtp_insufficient_storage_total`` shows only
         once it is. Labelled with the mount point, as the spool and the audit log
-        mostly share one file system, and its space is not twice as much."""
+        mostly share one file system, and its space is not twice as much. Each
+        directory is read on its own: one gone took the other's reading with it."""
         labels = ["directory", "mountpoint"]
         free = GaugeMetricFamily(
             "relay_filesystem_free_bytes",
@@ -236,8 +243,14 @@ class RelayCollector(Collector):
             ("queue", policy.queue.directory),
             ("audit", policy.audit.directory),
         ):
-            room, files = free_space(directory)
-            where = [name, _mount_point(directory)]
+            part = f"free space of the {name} directory"
+            try:
+                room, files = free_space(directory)
+                where = [name, _mount_point(directory)]
+            except OSError as exc:
+                self._left_out(part, exc)
+                continue
+            self._read_again(part)
             free.add_metric(where, room)
             if files is not None:  # a file system keeping no count runs out of none
                 inodes.add_metric(where, files)
