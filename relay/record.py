@@ -31,6 +31,7 @@ from relay.audit import events as ev
 from relay.groupcommit import GroupCommit
 from relay.policy.model import AuditSettings
 from relay.spool import QueueEntry
+from relay.suppression.entry import Suppression
 
 log = logging.getLogger("relay")
 _DSN = re.compile(r"^\d{3}[ -](\d\.\d{1,3}\.\d{1,3})\b")
@@ -158,6 +159,22 @@ class Recorder:
     def suppressed(self, entry: QueueEntry, address: str, reply: str) -> None:
         """Only the log line: the ``suppressed`` record goes with the message's ``received``."""
         self._delivery_line(entry, address, "suppressed", reply)
+
+    def listed(self, item: Suppression, message_id: str | None) -> None:
+        """The audit log's word that the relay listed the address: the list file
+        and the operational log were all an auditor had to say why mail to it
+        stopped. ``item`` carries the message (its queue ID) that listed it."""
+        self.add(
+            ev.listed(
+                queue_id=item.queue_id,
+                message_id=message_id,
+                recipient=item.address,
+                reason=item.reason,
+                since=item.since,
+                for_tenant=item.tenant,
+                detail=item.detail,
+            )
+        )
 
     def failed(self, entry: QueueEntry, address: str, reply: str) -> None:
         self._delivery_line(entry, address, "bounced", reply)

@@ -34,6 +34,7 @@ PINNED = {
     "notified": ["recipient", "notice_queue_id"],
     "policy_loaded": ["policy_file", "policy_sha256"],
     "pruned": ["files", "through_seq", "through_hash", "retention_days"],
+    "listed": ["recipient", "suppression", "for_tenant", "detail"],
 }  # fmt: skip
 
 
@@ -57,6 +58,17 @@ def test_stored_records_have_the_pinned_key_order(tmp_path: Path) -> None:
     )
     log.append(events.held(queue_id=q, message_id=m, by="root"))
     log.append(events.released(queue_id=q, message_id=m, by="root"))
+    log.append(
+        events.listed(
+            queue_id=q,
+            message_id=m,
+            recipient="ap@customer.example",
+            reason="bounce",
+            since="2024-05-06T09:05:02.000Z",
+            for_tenant=None,
+            detail="550 5.1.1 User unknown",
+        )
+    )
     log.close()
     seen = set()
     for record in read_all(tmp_path):

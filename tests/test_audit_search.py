@@ -160,7 +160,8 @@ def test_csv_round_trips_through_dictreader(tmp_path: Path) -> None:
     assert write_csv(records, out) == len(records)
     rows = list(csv.DictReader(io.StringIO(out.getvalue(), newline="")))
     assert tuple(rows[0]) == CSV_COLUMNS
-    assert CSV_COLUMNS[-4:] == ("prev", "hash", "found_by", "reasons")  # added later: last
+    added = ("found_by", "reasons", "for_tenant", "detail")  # added later: last
+    assert CSV_COLUMNS[-6:] == ("prev", "hash", *added)
     assert CSV_COLUMNS.index("reply") == 25  # where it stood before found_by was added
     assert len(rows) == len(records)
     for row, record in zip(rows, records, strict=True):
@@ -281,6 +282,40 @@ def test_show_says_how_the_user_was_found_when_the_record_does(log_dir: Path) ->
     assert said in timeline(found).splitlines()
 
 
+def test_a_listing_is_in_the_story_the_table_and_the_report(tmp_path: Path) -> None:
+    """Why mail to an address stopped: the message that listed it, for whom, and the
+    refusal, under the recipient as its other outcomes are."""
+    build(tmp_path)
+    q, m = ACME_QUOTE
+    with AuditLog(tmp_path, clock=Clock(START + timedelta(days=3))) as log:
+        log.append(
+            events.listed(
+                queue_id=q,
+                message_id=m,
+                recipient="Sales@Prospect.example",
+                reason="bounce",
+                since="2024-05-09T09:00:00.000Z",
+                for_tenant="acme",
+                detail="550 5.1.1 User unknown",
+            )
+        )
+    story = timeline(show(tmp_path, q)).split("  Sales@Prospect.example\n", 1)[1]
+    assert (
+        "listed     on the suppression list for tenant acme since 2024-05-09T09:00:00.000Z"
+        " (bounce: 550 5.1.1 User unknown)"
+    ) in story
+    (found,) = search(tmp_path, recipient="sales@prospect.example", status="listed")
+    row = render.table_row(found, {"tenant": "acme", "user": "eva", "doc_type": "quote"})
+    assert row[1:] == [
+        "listed", q, "acme", "eva", "quote", "Sales@Prospect.example",
+        "bounce, tenant acme: 550 5.1.1 User unknown",
+    ]  # fmt: skip
+    quote = next(r for r in report(tmp_path) if r["doc_type"] == "quote")
+    assert (quote["failed"], quote["listed"]) == (1, 1)
+    checked = verify(tmp_path)
+    assert checked.problem is None and checked.records == len(read_all(tmp_path))
+
+
 def test_show_main(log_dir: Path) -> None:
     out, err = io.StringIO(), io.StringIO()
     assert show_main(log_dir, "<quote-77@erp.acme.example>", out=out, err=err) == 0
@@ -303,7 +338,7 @@ def test_show_takes_a_queue_id_in_any_case(log_dir: Path) -> None:
 def test_report_counts_per_tenant_and_type(log_dir: Path) -> None:
     zero = dict.fromkeys(
         ("sent", "delivered", "failed", "expired", "bounced", "suppressed", "complaints"), 0
-    ) | {"deleted": 0}
+    ) | {"deleted": 0, "listed": 0}
     assert report(log_dir) == [
         {
             "tenant": "acme",
@@ -393,8 +428,9 @@ def test_report_outputs(log_dir: Path) -> None:
         "suppressed",
         "complaints",
         "deleted",
+        "listed",
     ]
-    assert lines[-1].split() == ["TOTAL", "3", "4", "1", "0", "1", "1", "1", "1"]
+    assert lines[-1].split() == ["TOTAL", "3", "4", "1", "0", "1", "1", "1", "1", "0"]
     out = io.StringIO()
     report_main(log_dir, output="csv", out=out, err=io.StringIO())
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))
@@ -409,6 +445,7 @@ def test_report_outputs(log_dir: Path) -> None:
         "suppressed": "0",
         "complaints": "0",
         "deleted": "0",
+        "listed": "0",
     }
     out = io.StringIO()
     report_main(log_dir, since="2024-05-08", output="json", out=out, err=io.StringIO())
@@ -755,7 +792,7 @@ def test_the_report_counts_the_recipients_deleted_from_the_queue(tmp_path: Path)
     out = io.StringIO()
     assert report_main(tmp_path, since="2024-05-09", out=out, err=io.StringIO()) == 0
     lines = [line.split() for line in out.getvalue().splitlines()]
-    assert lines[0][-1] == "deleted" and lines[-1][0] == "TOTAL" and lines[-1][-1] == "3"
+    assert lines[0][-2] == "deleted" and lines[-1][0] == "TOTAL" and lines[-1][-2] == "3"
 
 
 def test_an_outcome_written_again_counts_once_and_a_later_attempt_again(tmp_path: Path) -> None:

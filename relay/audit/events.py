@@ -124,6 +124,14 @@ SCHEMA: Mapping[str, tuple[tuple[str, Check], ...]] = {
         ("through_hash", _str),
         ("retention_days", _int),
     ),
+    # The relay put the address on the suppression list for this message: its
+    # ``suppression`` is what the later ``suppressed`` records of the address say.
+    "listed": (
+        ("recipient", _str),
+        ("suppression", _suppression),
+        ("for_tenant", _opt_str),
+        ("detail", _str),
+    ),
 }
 # fields a record may lack: the subject where the policy does not record it;
 # a refusal's sender where it came before the relay knew them; the others in
@@ -402,6 +410,29 @@ def notified(
     *, queue_id: str, message_id: str | None, recipient: str, notice_queue_id: str
 ) -> dict:
     return _build("notified", **locals())
+
+
+def listed(
+    *,
+    queue_id: str | None,
+    message_id: str | None,
+    recipient: str,
+    reason: str,
+    since: datetime | str,
+    for_tenant: str | None,
+    detail: str,
+) -> dict:
+    """``for_tenant`` None: the address is listed for every tenant's mail."""
+    suppression = {"reason": reason, "since": _time(since)}
+    return _build(
+        "listed",
+        queue_id,
+        message_id,
+        recipient=recipient,
+        suppression=suppression,
+        for_tenant=for_tenant,
+        detail=detail,
+    )
 
 
 def policy_loaded(*, policy_file: str, policy_sha256: str) -> dict:

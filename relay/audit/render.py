@@ -27,7 +27,7 @@ _NESTED = {"dkim": ("domain", "selector"), "suppression": ("reason", "since")}
 # Fields added within version 1, after the first CSV: their columns come last, in
 # the order they were added, so that a script reading the columns by position
 # reads the same columns as before.
-_ADDED_LATER = ("found_by", "reasons")
+_ADDED_LATER = ("found_by", "reasons", "for_tenant", "detail")
 
 
 def _csv_columns() -> tuple[str, ...]:
@@ -98,6 +98,8 @@ def table_row(record: dict[str, Any], owner: Mapping[str, Any] | None = None) ->
     reply = record.get("reply")
     if reply is None and record.get("event") == "bounced":
         reply = f"{record.get('dsn_status')} {record.get('diagnostic') or ''}".strip()
+    elif record.get("event") == "listed":
+        reply = _listing(record)
     cells = {**record, "recipient": " ".join(recipients_of(record)) or None, "reply": reply}
     if owner is not None and "tenant" not in record:
         cells.update({k: owner.get(k) for k in ("tenant", "user", "doc_type")})
@@ -214,6 +216,7 @@ def _story(records: Sequence[dict[str, Any]], link: dict[str, Any] | None = None
             "suppressed",
             "bounced",
             "complained",
+            "listed",
         ):
             per_recipient.setdefault(_safe(r.get("recipient")), []).append(
                 f"    {when}  {event:<10} {_outcome(r)}".rstrip()
@@ -323,7 +326,24 @@ def _outcome(r: dict[str, Any]) -> str:
         return f"{_safe(r.get('dsn_status'))} {_safe(r.get('diagnostic'))}"
     if event == "complained":
         return f"feedback type {_safe(r.get('feedback_type'))}"
+    if event == "listed":
+        s = r.get("suppression") or {}
+        return (
+            f"on the suppression list for {_scope(r)} since {_safe(s.get('since'))}"
+            f" ({_safe(s.get('reason'))}: {_safe(r.get('detail'))})"
+        )
     return _safe(r.get("reply")) if "reply" in r else ""
+
+
+def _listing(r: dict[str, Any]) -> str:
+    """The table's reply cell: why, and whose mail no longer goes there."""
+    reason = (r.get("suppression") or {}).get("reason")
+    return f"{reason}, {_scope(r)}: {r.get('detail')}"
+
+
+def _scope(r: dict[str, Any]) -> str:
+    tenant = r.get("for_tenant")
+    return "every tenant" if tenant is None else f"tenant {_safe(tenant)}"
 
 
 def write_report(rows: list[dict[str, Any]], out: TextIO, output: str) -> None:

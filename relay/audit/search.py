@@ -52,7 +52,8 @@ COUNTED = {
     "complained": "complaints",
 }
 DELETED = "deleted"
-REPORT_COLUMNS = ("tenant", "doc_type", "sent", *COUNTED.values(), DELETED)
+LISTED = "listed"  # addresses the relay put on the suppression list
+REPORT_COLUMNS = ("tenant", "doc_type", "sent", *COUNTED.values(), DELETED, LISTED)
 #: The records the relay may write twice (docs/audit-log.md: after a crash, or a
 #: failed fsync): the copy is the same record but for its seq, time, prev and hash.
 REPEATABLE = frozenset({b"delivered", b"failed", b"expired", b"notified"})
@@ -61,6 +62,7 @@ REPEATABLE = frozenset({b"delivered", b"failed", b"expired", b"notified"})
 #: well over a hundred bytes each; a failed fsync's are rewritten within seconds.
 REPEAT_SPAN = 1 << 20
 _EVENT = b'"event":"'
+_COUNTED_LATER = (b"deleted", b"listed")  # columns after the others, added since
 _PREV = b',"prev":"'
 
 
@@ -726,7 +728,7 @@ def report(
                     if link is not None:
                         about = owner.get((head.group(3) or b"").decode(), ("?", "?"))
                         owner[link.group(1).decode()] = (about[0], events.NOTICE_TYPE)
-                elif not early and (event.decode() in COUNTED or event == b"deleted"):
+                elif not early and (event.decode() in COUNTED or event in _COUNTED_LATER):
                     if not window.since <= head.group(1).decode() < window.until:
                         continue
                     if head.group(3) is None:  # a report about no message of the relay's
@@ -740,6 +742,8 @@ def report(
                     )
                     if event == b"deleted":
                         tally[DELETED] += _removed(block, head)
+                    elif event == b"listed":
+                        tally[LISTED] += 1
                     else:
                         tally[COUNTED[event.decode()]] += 1
     for queue_id, tally in unowned.items():
