@@ -211,6 +211,21 @@ def _refused_for(entry: QueueEntry, policy: Policy) -> str | None:
     return None if len(sharing) > 1 else entry.tenant
 
 
+def _tenant_user(entry: QueueEntry, policy: Policy, address: str) -> str | None:
+    """Whose the address is when it is a user's of the message's tenant (the
+    sender's automatic copy, a colleague by alias, a notice's), which a hard
+    refusal does not list, as ``relay bounce`` lists none: listed, the user
+    got no copy and no notice again, and nothing said why. A mailbox really
+    gone, or an address mistyped, is the policy's to mend. None for others."""
+    lowered = address.lower()
+    ref = policy.addresses.get(lowered)
+    if ref is not None and ref.tenant == entry.tenant:
+        return f"user {ref.user} of {ref.tenant}"
+    if lowered == entry.notify_address.lower():
+        return "the sender's own address"
+    return None
+
+
 class Engine:
     def __init__(
         self,
@@ -280,6 +295,7 @@ class Engine:
         # locked, with their records, until it does
         self._untold: dict[str, Untold] = {}
         self._unlisted = Backlog()
+        self._kept_ids: dict[str, str | None] = {}  # the kept entries' Message-IDs
         self._warm_bytes = 0
         self._warm_files = 0  # like the bytes, until each one's attempt ends
         self._files = file_budget()
@@ -996,19 +1012,30 @@ class Engine:
         if settings is None:
             return
         when, scope = now(), _refused_for(entry, policy)
-        entries = [
-            Suppression(address, scope, BOUNCE, when, reply, entry.queue_id)
-            for address, reply in refused
-            if reply[:1] == "5"
-            and dsn(reply) in settings.hard_bounce
-            and self._listed(address, scope or "") is None  # the entry keeps its first date
-        ]
+        hard = [(a, r) for a, r in refused if r[:1] == "5" and dsn(r) in settings.hard_bounce]
+        entries = []
+        for address, reply in hard:
+            user = _tenant_user(entry, policy, address)
+            if user is not None:
+                log.warning(
+                    "%s: <%s> is not put on the suppression list: %s, where the relay's"
+                    " notices and copies go; check the user's address in the policy (%s)",
+                    entry.queue_id,
+                    address,
+                    user,
+                    reply,
+                )
+            elif self._listed(address, scope or "") is None:  # the entry keeps its first date
+                entries.append(Suppression(address, scope, BOUNCE, when, reply, entry.queue_id))
         if entries:
-            await self._add_listed(settings.file, entries)
+            await self._add_listed(settings.file, entries, entry)
 
-    async def _add_listed(self, path: Path, entries: list[Suppression]) -> None:
+    async def _add_listed(
+        self, path: Path, entries: list[Suppression], entry: QueueEntry | None = None
+    ) -> None:
         """With the entries kept from writes the list refused; kept again if it
-        refuses this one too (``Backlog``)."""
+        refuses this one too (``Backlog``). ``entry``: the message whose
+        refusals ``entries`` are."""
         kept = self._unlisted.kept()
         listed = [k for k in kept if not self._first_refusal(k)]
         kept = [k for k in kept if k not in listed]
@@ -1018,6 +1045,8 @@ class Engine:
             await asyncio.to_thread(SuppressionFile(path).add, [*kept, *entries])
         except SuppressionError as exc:
             self._unlisted.keep(entries, exc)
+            if entry is not None and entries:
+                self._kept_ids[entry.queue_id] = entry.message_id
             return
         self._unlisted.written([*listed, *kept])
         for item in [*kept, *entries]:
@@ -1028,6 +1057,25 @@ class Engine:
                 "every tenant" if item.tenant is None else f"tenant {item.tenant}",
                 item.detail,
             )
+        await self._record_listed([*kept, *entries], entry)
+
+    async def _record_listed(self, items: list[Suppression], entry: QueueEntry | None) -> None:
+        """A ``listed`` record for each entry written, on its message: written
+        with ``entry``'s own records, those kept from other messages now, as
+        those messages may have ended meanwhile."""
+        ids = {**self._kept_ids, **({entry.queue_id: entry.message_id} if entry else {})}
+        for item in items:
+            self.recorder.listed(item, ids.get(item.queue_id or ""))
+        still = {k.queue_id for k in self._unlisted.kept()}
+        self._kept_ids = {q: m for q, m in self._kept_ids.items() if q in still}
+        own = entry.queue_id if entry is not None else None
+        for queue_id in {item.queue_id for item in items} - {own}:
+            try:
+                await self.recorder.flush(queue_id, keep=True)
+            except AuditError as exc:
+                log.error(
+                    "%s: AUDIT LOG WRITE FAILED, its listing kept for later: %s", queue_id, exc
+                )
 
     def _listed(self, address: str, tenant: str) -> Suppression | None:
         """The entry keeping ``address`` from ``tenant``'s mail; None also when the

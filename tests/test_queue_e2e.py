@@ -172,6 +172,7 @@ def test_one_recipient_refused_others_delivered_and_sender_told(
         ("failed", "two@example.org"),
         ("delivered", "three@example.org"),
         ("delivered", "jan@acme.example"),
+        ("listed", "two@example.org"),  # a 5.1.1: on the suppression list now
         ("notified", "jan@acme.example"),  # the notice: queued under an ID of its own
     ]
     # as the queue tools take it: pasted in lower case
@@ -308,6 +309,7 @@ def test_immediate_mode_refuses_an_invoice_whose_customer_is_refused_and_sends_n
         ("queued", None, None),
         ("failed", "one@example.org", UNKNOWN),
         ("failed", "jan@acme.example", f"not sent: the message was refused ({UNKNOWN})"),
+        ("listed", "one@example.org", None),
     ]
 
 
@@ -341,6 +343,7 @@ def test_immediate_mode_sends_an_invoice_one_of_whose_customers_is_taken(
         ("failed", "one@example.org"),
         ("delivered", "three@example.org"),
         ("delivered", "jan@acme.example"),
+        ("listed", "one@example.org"),
         ("notified", "jan@acme.example"),
     ]
 

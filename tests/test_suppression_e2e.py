@@ -56,6 +56,12 @@ def _listed(policy: Path) -> dict[str, Suppression]:
     return {e.address.lower(): e for e in SuppressionFile(settings.file).entries().entries}
 
 
+def _audit_json(policy: Path, *args: str) -> list[dict]:
+    done = relay_cli(policy, "audit", *args, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
 def test_a_mailbox_refused_as_unknown_is_not_sent_to_again(
     policy_file: Path, tmp_path: Path
 ) -> None:
@@ -218,6 +224,8 @@ def test_a_hard_bounce_the_list_refused_is_added_once_it_can_be_written(
     assert f"{first}: <gone@example.org> is on the suppression list now, for every tenant" in log
     entry = _listed(policy)["gone@example.org"]
     assert (entry.reason, entry.queue_id) == ("bounce", first)
+    (record,) = [r for r in _audit_json(policy, "show", first) if r["event"] == "listed"]
+    assert record["message_id"] and record["suppression"]["since"] == entry.since
 
 
 def test_a_kept_hard_bounce_keeps_its_first_refusal_when_the_address_bounces_again(
@@ -337,3 +345,73 @@ def test_a_message_for_suppressed_recipients_only_is_no_upstream_attempt(
     }
     assert attempts == {"sent": 1, "deferred": 0, "refused": 0}  # the notice's only
     assert [e for e, _ in audit_events(policy, queue_id)][-2:] == ["suppressed", "notified"]
+
+
+def test_a_hard_bounce_at_delivery_is_listed_in_the_audit_log(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The listing was in the operational log and the list only: an auditor asking
+    why mail to an address stopped found a ``failed`` record and nothing saying
+    the relay had listed it, nor since when."""
+    with SinkServer(Sink(refuse=dict(REFUSE))) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            first = send(port, rcpts=("gone@example.org", "ok@example.org"))
+            wait_for(lambda: "is on the suppression list now" in relay.log())
+            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
+    entry = _listed(policy)["gone@example.org"]
+    found = _audit_json(policy, "search", "--recipient", "gone@example.org", "--status", "listed")
+    assert [(r["queue_id"], r["recipient"]) for r in found] == [(first, "gone@example.org")]
+    assert found[0]["suppression"] == {"reason": "bounce", "since": entry.since}
+    assert (found[0]["for_tenant"], found[0]["detail"]) == (None, REFUSE["gone@example.org"])
+    story = relay_cli(policy, "audit", "show", first)
+    assert story.returncode == 0, story.stderr
+    gone = story.stdout.split("  gone@example.org\n", 1)[1]
+    assert f"listed     on the suppression list for every tenant since {entry.since}" in gone
+    table = relay_cli(policy, "audit", "search", "--recipient", "gone@example.org")
+    assert "listed" in table.stdout and "bounce, every tenant: 550 5.1.1" in table.stdout
+    rows = _audit_json(policy, "report")
+    assert sum(r["listed"] for r in rows) == 1
+    verified = relay_cli(policy, "audit", "verify")
+    assert verified.returncode == 0, verified.stderr
+
+
+def test_a_tenant_users_address_refused_at_delivery_is_not_listed(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The sender's own automatic copy refused as unknown listed the sender: no
+    copy and no notice reached them again, and nothing in the audit log said
+    why. As ``relay bounce`` does, a user of the message's tenant (the copy, or a
+    colleague by alias) is not listed; a warning says to check the policy."""
+    refuse = {
+        **REFUSE,
+        "jan@acme.example": "550 5.1.1 <jan@acme.example>: User unknown",
+        "salg@acme.example": "550 5.1.1 <salg@acme.example>: User unknown",
+    }
+    with SinkServer(Sink(refuse=refuse)) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            invoice = SMALL.replace(b"Subject: Hello", b"Subject: Invoice 1")
+            first = send(port, invoice, rcpts=("ok@example.org", "salg@acme.example"))
+            wait_for(lambda: relay.log().count(f"{first}: to=<") >= 3)
+            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
+            second = send(port, rcpts=("gone@example.org",))
+            wait_for(lambda: f"{second}: failure notice" in relay.log() or (
+                f"{second}: no failure notice" in relay.log()
+            ))  # fmt: skip
+            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
+            log = relay.log()
+    assert set(_listed(policy)) == {"gone@example.org"}
+    for address, user in (("jan@acme.example", "jan"), ("salg@acme.example", "kari")):
+        assert (
+            f"{first}: <{address}> is not put on the suppression list: user {user} of acme"
+        ) in log
+        assert ("failed", address) in audit_events(policy, first)
+    assert "check the user's address in the policy" in log
+    assert ("notified", "jan@acme.example") in audit_events(policy, second)
+    nothing = relay_cli(
+        policy, "audit", "search", "--status", "listed", "--recipient", "jan@acme.example"
+    )
+    assert (nothing.returncode, nothing.stdout.splitlines()[1:]) == (1, [])  # a header only
