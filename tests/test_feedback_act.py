@@ -106,14 +106,19 @@ def test_a_hard_bounce_is_recorded_on_its_message_suppressed_and_told(
     assert listed.find("boss@example.org", "acme") is not None
     assert listed.find("boss@example.org", "globex") is None
     events = audit_events(path, queue_id)
-    assert ("bounced", "boss@example.org") in events
-    assert events[-1] == ("notified", "jan@acme.example")
+    assert events[-3:] == [
+        ("bounced", "boss@example.org"),
+        ("listed", "boss@example.org"),  # as a listing at delivery is
+        ("notified", "jan@acme.example"),
+    ]
     shown = relay_cli(path, "audit", "show", queue_id, "--format", "json")
-    bounced = next(
-        json.loads(line) for line in shown.stdout.splitlines() if '"event":"bounced"' in line
-    )
+    records = {r["event"]: r for r in map(json.loads, shown.stdout.splitlines())}
+    bounced = records["bounced"]
     assert bounced["dsn_status"] == "5.1.1"
     assert bounced["diagnostic"] == "550 5.1.1 <boss@example.org>: User unknown"
+    (entry,) = SuppressionFile(policy.suppression.file).entries().entries
+    assert records["listed"]["suppression"] == {"reason": "bounce", "since": entry.since}
+    assert (records["listed"]["for_tenant"], records["listed"]["detail"]) == ("acme", entry.detail)
     queued = relay_cli(path, "queue", "list", "--json")
     (notice,) = [json.loads(line) for line in queued.stdout.splitlines()]
     assert notice["recipients"][0]["address"] == "jan@acme.example"
@@ -426,7 +431,7 @@ def test_a_report_taken_again_after_a_failed_audit_write_tells_the_sender_once(
 ) -> None:
     """The mail system hands the report over again after an exit 75: the notice
     is queued only once its records are written, so the retries queue none."""
-    path, _, _ = delivered
+    path, queue_id, _ = delivered
     policy = load(path)
     (day,) = sorted(policy.audit.directory.glob("*.jsonl"))
     if not _immutable(day):
@@ -439,8 +444,13 @@ def test_a_report_taken_again_after_a_failed_audit_write_tells_the_sender_once(
     finally:
         subprocess.run(["chattr", "-i", str(day)], check=True)
     assert list(Spool(policy.queue.directory, create=False).ids()) == []
-    _act(policy, report)
+    assert _act(policy, report)[0] == "boss@example.org: bounced (5.1.1), suppressed"
     assert len(list(Spool(policy.queue.directory, create=False).ids())) == 1
+    # listed by the first taking, on record once the log takes it
+    assert [e for e, _ in audit_events(path, queue_id)].count("listed") == 1
+    assert len(_listed(policy)) == 1
+    assert policy.suppression is not None
+    assert policy.suppression.file.read_text().count("boss@example.org") == 1
 
 
 def test_a_report_taken_twice_is_recorded_and_told_once(
@@ -768,6 +778,8 @@ def test_a_report_naming_a_user_of_the_tenant_lists_nobody(
     )
     assert lines[1].startswith("jan@acme.example told (notice ")  # it did not reach Kari
     assert _listed(policy) == {}
+    nothing = relay_cli(path, "audit", "search", "--status", "listed")
+    assert (nothing.returncode, nothing.stdout.splitlines()[1:]) == (1, [])
 
 
 def test_a_report_naming_more_recipients_than_a_message_has_is_acted_on_for_as_many(

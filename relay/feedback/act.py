@@ -28,6 +28,7 @@ from relay.record import Recorder
 from relay.spool import DELIVERED, FAILED, QueueEntry, RecipientState, Spool
 from relay.suppression import BOUNCE as BOUNCED
 from relay.suppression import COMPLAINT, Suppression, SuppressionFile, SuppressionList, now
+from relay.suppression.entry import Key
 
 LOOKBACK_DAYS = 30  # a complaint may come weeks later; a bounce within the queues' lifetimes
 PERMANENT_UNKNOWN = "5.0.0"  # RFC 3463: a permanent failure the report gives no code for
@@ -252,14 +253,17 @@ def _act(
         return outcome
     new, untold = _new(report, failures, original, outcome.lines)
     listed = suppressions.current()
-    entries = [_entry(policy, report, failure, original, listed) for failure in new]
-    listing = [e for e in entries if isinstance(e, Suppression)]
+    again = _listed_before(suppressions, listed, report, new, original)
+    entries = [_entry(policy, report, failure, original, listed, again) for failure in new]
+    listing = [e for e in entries if isinstance(e, Suppression) and e.key not in again]
     if listing:  # a list that cannot be written holds up only the reports that list
         suppressions.add(listing)
     queue_id = original.queue_id if original is not None else None
     message_id = original.message_id if original is not None else report.message_id
     for failure, entry in zip(new, entries, strict=True):
         recorder.add(_record(report, failure, queue_id, message_id))
+        if isinstance(entry, Suppression):
+            recorder.listed(entry, message_id)
         said = _said(report, failure, entry)
         if original is not None and _policy_user(policy, original, failure.recipient):
             outcome.warn(said)
@@ -432,12 +436,36 @@ def _failures(report: Report, original: Original | None, lines: list[str]) -> tu
     return (Failure(reached[0]),) if len(reached) == 1 else ()
 
 
+def _listed_before(
+    suppressions: SuppressionFile,
+    listed: SuppressionList,
+    report: Report,
+    failures: tuple[Failure, ...],
+    original: Original | None,
+) -> dict[Key, Suppression]:
+    """The entries this report listed when it was taken before and the audit log
+    refused its records (the mail system's retry after an exit 75): recorded
+    now, not added again. The file is read only for addresses listed already."""
+    if original is None:
+        return {}
+    on_list = [f.recipient for f in failures if listed.find(f.recipient, original.tenant)]
+    if not on_list:
+        return {}
+    reason = BOUNCED if report.kind == BOUNCE else COMPLAINT
+    return {
+        e.key: e
+        for e in suppressions.entries(on_list).entries
+        if (e.tenant, e.queue_id, e.reason) == (original.tenant, original.queue_id, reason)
+    }
+
+
 def _entry(
     policy: Policy,
     report: Report,
     failure: Failure,
     original: Original | None,
     listed: SuppressionList,
+    again: dict[Key, Suppression],
 ) -> Suppression | str:
     """The entry, or why there is none. Only a report about a message the relay
     sent lists an address (``_new`` keeps those its message went to): anyone
@@ -453,8 +481,9 @@ def _entry(
     if user is not None:
         return user
     before = listed.find(failure.recipient, original.tenant)
-    if before is not None:
-        return f"on the list already, since {before.since}"  # keeps its first date
+    if before is not None:  # keeps its first date
+        key = (failure.recipient.lower(), original.tenant)
+        return again.get(key, f"on the list already, since {before.since}")
     detail = failure.diagnostic or failure.status or report.feedback_type or ""
     if report.kind != BOUNCE:
         return Suppression(
