@@ -11,6 +11,7 @@ auto-reply in turn.
 
 from __future__ import annotations
 
+import logging
 import quopri
 import re
 from collections.abc import Sequence
@@ -18,11 +19,14 @@ from datetime import UTC, datetime
 from email.utils import formatdate
 
 from relay.audit import events
+from relay.errors import SigningError
 from relay.headers import encode_text, fold, format_address
 from relay.policy.model import DkimKey, Policy, SmtpUpstream
 from relay.queueid import new_queue_id
 from relay.sign import sign
 from relay.spool import DELIVERED, PENDING, SUPPRESSED, QueueEntry, RecipientState
+
+log = logging.getLogger("relay")
 
 _MSG_ID = re.compile(r"<[^<>\s]+>")
 
@@ -113,9 +117,29 @@ def signed_anew(policy: Policy, entry: QueueEntry, data: bytes) -> bytes:
     new selector before its DNS record is published and the relay reloads,
     and a key file replaced without a reload is not yet the relay's, so a
     notice signed by the file failed DKIM while the relay's mail passed. Kept
-    signed as well, a relay of an earlier version still sends it so."""
-    message = data[entry.sign_again or 0 :]
-    return sign(message, _keys(policy, entry.mail_from or None)) + message
+    signed as well, a relay of an earlier version still sends it so; and so
+    is it sent where it cannot be signed anew (a queue file edited by hand,
+    a key the running policy cannot sign with), not failed at every try."""
+    cut = entry.sign_again or 0
+    message = data[cut:]
+    if not 0 <= cut <= len(data) or not _signatures_only(data[:cut], message):
+        why = f"its queue record does not say where those signatures end (sign_again {cut})"
+        log.warning("%s: sent as relay bounce signed it: %s", entry.queue_id, why)
+        return data
+    try:
+        return sign(message, _keys(policy, entry.mail_from or None)) + message
+    except SigningError as exc:
+        log.warning("%s: sent as relay bounce signed it: %s", entry.queue_id, exc)
+        return data
+
+
+def _signatures_only(head: bytes, rest: bytes) -> bool:
+    """Whether ``head`` is whole DKIM-Signature fields (or nothing), ``rest`` the
+    message they were made for."""
+    if not head:
+        return True
+    whole = head.endswith(b"\r\n") and rest[:1] not in (b" ", b"\t")
+    return whole and head[:15].lower() == b"dkim-signature:"
 
 
 def _account(policy: Policy, entry: QueueEntry) -> str | None:

@@ -3,13 +3,14 @@ document's subject held, since the subject comes from the ERP's message."""
 
 from __future__ import annotations
 
+import dataclasses
 import quopri
 from pathlib import Path
 
 import pytest
 
 from relay import message
-from relay.notice import build_notice
+from relay.notice import build_notice, signed_anew
 from relay.policy.load import load
 from relay.spool import DELIVERED, EXPIRED, FAILED, PENDING, SUPPRESSED, RecipientState
 from tests.spoolkit import make_entry
@@ -273,3 +274,24 @@ def test_a_notice_from_the_audit_log_alone_names_the_document_by_its_recipients(
     assert "Document:   (its subject was not recorded; the date and recipients name it)" in _body(
         data
     )
+
+
+@pytest.mark.parametrize("cut", [-40, 10**9, 5, None])
+def test_a_notice_whose_record_misplaces_its_signatures_is_sent_as_it_was_signed(
+    policy_file: Path, cut: int | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hand-edited ``sign_again`` sent the message's last bytes alone, or
+    nothing, or failed to sign at every try and never expired; such a notice
+    now goes as ``relay bounce`` signed it. Where the record is right (None:
+    as written), the signatures are made anew, not added to the old ones."""
+    policy = load(policy_file)
+    failed = RecipientState("customer@example.net", FAILED, notify=True)
+    notice, data = build_notice(policy, make_entry(), [failed], 1_790_000_000.0, sign_again=True)
+    assert notice.sign_again
+    entry = notice if cut is None else dataclasses.replace(notice, sign_again=cut)
+    sent = signed_anew(policy, entry, data)
+    if cut is not None:
+        assert sent == data and "sent as relay bounce signed it" in caplog.text
+        return
+    assert sent.endswith(data[notice.sign_again :])
+    assert sent.count(b"DKIM-Signature:") == data.count(b"DKIM-Signature:")
