@@ -25,6 +25,7 @@ from relay.audit.search import search
 from relay.feedback import command
 from relay.feedback.syslog import SystemLog
 from relay.policy.load import load
+from relay.spool.tools import RESIGNED
 from relay.suppression import SuppressionFile
 from tests.dkimtools import dkimpy_verify, make_key
 from tests.readonly import read_only
@@ -512,6 +513,9 @@ def test_a_notice_is_signed_with_the_keys_of_the_relay_that_sends_it(
             ))  # fmt: skip
             bounced = _bounce(policy, (FEEDBACK / "postfix-two-failed.eml").read_bytes())
             notice_id = bounced.stdout.split("(notice ")[1].rstrip(")\n")
+            listed = relay_cli(policy, "queue", "list", "--json").stdout.splitlines()
+            assert [json.loads(line)["dkim"] for line in listed] == [[]]
+            assert RESIGNED in relay_cli(policy, "queue", "show", notice_id).stdout
             relay_cli(policy, "queue", "retry", notice_id)  # now, not at the next rescan
             notice = sink.wait(2)[1]
     assert notice.rcpt_tos == ["jan@acme.example"]

@@ -55,9 +55,7 @@ def list_queue(spool: Spool, out: TextIO, *, as_json: bool = False) -> int:
     if as_json:
         for entry in entries:
             record = _json_record(entry)
-            signers = _signed_with(spool, entry)
-            if signers is not None:
-                record["dkim"] = signers
+            record["dkim"] = _signed_with(spool, entry)
             out.write(json.dumps(record) + "\n")
         return 0
     if not entries:
@@ -95,24 +93,27 @@ def _json_record(entry: QueueEntry) -> dict[str, object]:
     }
 
 
-def _signed_with(spool: Spool, entry: QueueEntry) -> list[str] | None:
+def _signed_with(spool: Spool, entry: QueueEntry) -> list[str]:
     """The ``domain/selector`` of each DKIM signature the message waits with: it
     is sent with them however late, so an old selector's DNS record is needed
-    until no message lists it. None for a notice the relay signs as it sends
-    it (``relay bounce``'s) and for an entry gone meanwhile."""
+    until no message lists it. Empty for a notice the relay signs as it sends
+    it (``relay bounce``'s), which waits on no selector, and for an entry gone
+    meanwhile, as for an unsigned message: a script reads one shape."""
     if entry.sign_again is not None:
-        return None
+        return []
     try:
         with spool.open_message(entry.queue_id) as message:
             fields = _leading_signatures(message)
     except SpoolError:
-        return None
+        return []
     return [_signer(field) for field in fields]
 
 
 def _leading_signatures(message: BinaryIO) -> list[bytes]:
     """The DKIM-Signature fields the message begins with, where the relay puts its
-    own, unfolded; read a line at a time, so a listing reads no message whole."""
+    own, unfolded; read a line at a time, so a listing reads no message whole.
+    Its ``Received`` field comes next, so an ERP's own signature, below it, is
+    not read as the relay's."""
     fields: list[bytes] = []
     while line := message.readline(_MAX_SIGNATURE_LINE):
         if fields and line[:1] in (b" ", b"\t"):
@@ -183,6 +184,12 @@ def _printable(text: str) -> str:
     return _CONTROL.sub("?", text)
 
 
+RESIGNED = (
+    "(relay bounce signed this notice with the policy file's keys; the running relay"
+    " signs it anew with its own as it sends it, in place of the DKIM-Signature fields below)"
+)
+
+
 def show(spool: Spool, queue_id: str, out: TextIO, err: TextIO) -> int:
     """``relay queue show ID``: the record and the message headers, never the body."""
     queue_id = _normalise(queue_id)
@@ -195,6 +202,8 @@ def show(spool: Spool, queue_id: str, out: TextIO, err: TextIO) -> int:
     record = _readable(json.loads(entry.to_json()))
     text = json.dumps(record, indent=2, ensure_ascii=False)
     out.write(_C1.sub(lambda c: f"\\u{ord(c.group()):04x}", text) + "\n\n")  # JSON all the same
+    if entry.sign_again is not None:
+        out.write(RESIGNED + "\n\n")
     text = headers.decode("utf-8", errors="replace").replace("\r\n", "\n")
     out.write(_CONTROL_BUT_NEWLINE.sub("?", text))
     return 0
