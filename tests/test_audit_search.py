@@ -1113,3 +1113,25 @@ def test_a_user_id_several_tenants_have_is_noted(policy_file: Path) -> None:
         "user 'jan' is in 2 tenants (acme, beta); --tenant picks one: searching the log as given"
     ]
     assert known.check(both, "beta", "jan", None).notes == []
+
+
+@pytest.mark.parametrize("verb", ["search", "report"])
+def test_files_logrotate_renamed_are_warned_of_not_left_out_silently(
+    policy_file: Path, verb: str
+) -> None:
+    """The newest records, renamed by a sysadmin's logrotate, were missing from
+    every count and listing without a word."""
+    directory = policy_file.parent / "state" / "audit"
+    build(directory)
+    newest = sorted(directory.glob("audit-*.jsonl"))[-1]
+    newest.rename(newest.with_name(newest.name + "-20240509"))
+    command = ["audit", verb, "-c", str(policy_file), "--since", "2024-05-01"]
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", *command],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == (
+        f"relay audit {verb}: warning: {newest.name}-20240509 is not read:"
+        " not a day file's name (rotated by logrotate?)\n"
+    )

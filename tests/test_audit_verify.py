@@ -341,6 +341,7 @@ def test_records_cut_from_the_end_are_found_with_the_head_written_down(log_dir: 
     assert verify_main(log_dir, None, io.StringIO(), io.StringIO(), anchor=written_down) == 0
     path = log_dir / DAY3
     path.write_bytes(b"".join(_lines(path)[:-2]))  # the last two records gone
+    (log_dir / ".head").unlink()  # whoever can cut the log can rewrite .head too
     assert verify(log_dir).ok  # as before: nothing else can tell
     err = io.StringIO()
     assert verify_main(log_dir, None, io.StringIO(), err, anchor=written_down) == 1
@@ -509,3 +510,69 @@ def test_more_removed_than_retention_names_only_what_retention_does_not_explain(
         f"the chain starts at seq {first_of_day3}: records 12..{first_of_day3 - 1} missing"
         " before it; retention deleted only records 1..11 (at 2024-05-08T09:00:00.000Z)",
     )
+
+
+def _logrotated(log_dir: Path, rotated: str) -> None:
+    """What ``rotate 7 compress create`` does to the newest day's file: its
+    records move to a name the relay does not read, an empty file takes its place."""
+    path = log_dir / DAY3
+    with gzip.open(log_dir / rotated, "wb") as packed:
+        packed.write(path.read_bytes())
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize(
+    "rotated", [f"{DAY3}.1.gz", f"{DAY3}.gz.1", f"{DAY3}-20240509.gz", f"{DAY3}.1"]
+)
+def test_a_log_logrotate_rotated_is_not_intact_and_the_rotated_file_is_named(
+    log_dir: Path, rotated: str
+) -> None:
+    """It said "audit log intact" on the records left, though .head names seq 18,
+    and never named the file the newest records were in."""
+    last_of_day2 = json.loads(_lines(log_dir / DAY2)[-1])["seq"]
+    _logrotated(log_dir, rotated)
+    out, err = io.StringIO(), io.StringIO()
+    assert verify_main(log_dir, None, out, err) == 1
+    assert f"note: {rotated} is not read: not a day file's name (rotated by logrotate?)\n" in (
+        out.getvalue()
+    )
+    assert err.getvalue().startswith(
+        f"relay audit verify: TAMPERED: {DAY2} line {len(_lines(log_dir / DAY2))}: the log ends"
+        f" at seq {last_of_day2}, but the relay wrote up to seq 18 (.head): records"
+        f" {last_of_day2 + 1}..18 missing from its end (removed, or moved to a file not read:"
+        " see the notes)\n"
+    )
+
+
+def test_a_rotated_log_written_to_again_names_the_rotated_file_by_the_gap(log_dir: Path) -> None:
+    rotated = f"{DAY3}.1.gz"
+    _logrotated(log_dir, rotated)
+    log = AuditLog(log_dir, clock=Clock(START + timedelta(days=2, hours=1)))
+    log.append(events.expired(queue_id="Q", message_id=None, recipient="a@b"))
+    result = verify(log_dir)
+    assert result.problem is not None and result.problem.message.endswith(
+        f"missing between {DAY2} and {DAY3} (a file removed, or its end cut off)"
+    )
+    assert f"{rotated} is not read: not a day file's name (rotated by logrotate?)" in result.notes
+
+
+def test_the_log_is_not_cut_short_while_the_relay_writes_to_it(log_dir: Path) -> None:
+    """.head may name records verify has not read when it is read after them:
+    it is read first, so records written during the read only lengthen the log."""
+    log = AuditLog(log_dir, clock=Clock(START + timedelta(days=2, hours=1)))
+    stop = threading.Event()
+
+    def write() -> None:
+        while not stop.is_set():
+            log.append(events.expired(queue_id="Q", message_id=None, recipient="a@b"))
+
+    writing = threading.Thread(target=write)
+    writing.start()
+    try:
+        results = [verify(log_dir) for _ in range(20)]
+    finally:
+        stop.set()
+        writing.join(10)
+        log.close()
+    assert [r.problem for r in results] == [None] * 20
+    assert results[-1].records > results[0].records  # it did write meanwhile

@@ -177,12 +177,17 @@ def verify(
     """
     result = VerifyResult()
     verifier = _Verifier(result, hmac_key, None if anchor is None else anchor.seq)
+    # read before the files: every record it names is in them by then
     verifier.written = reader.read_head(directory)
     try:
-        for file in reader.day_files(directory, since=since):
+        files = reader.day_files(directory, since=since)
+        unread = reader.unread(directory)
+        result.notes += unread
+        for file in files:
             result.files += 1
             verifier.file(file)
         verifier.finish(since)
+        verifier.ended(since, bool(unread))
         if anchor is not None:
             verifier.anchored(anchor, since)
     except _Tampered as exc:
@@ -374,6 +379,24 @@ class _Verifier:
             self.r.notes.append(
                 f"the anchor (seq {anchor.seq}) is older than the records verified: not checked"
             )
+
+    def ended(self, since: date | None, unread: bool) -> None:
+        """The log must reach the newest record the relay made durable (its
+        ``.head``). Records a running relay adds meanwhile only make it longer.
+        With ``--since`` and nothing read, the end may be in the days before."""
+        if self.written is None or (since is not None and self.r.last_seq is None):
+            return
+        seq = self.written[0]
+        last = self.r.last_seq or 0
+        if last >= seq:
+            return
+        ends = "is empty" if self.r.last_seq is None else f"ends at seq {last}"
+        how = "removed, or moved to a file not read: see the notes" if unread else "removed"
+        raise _Tampered(
+            Problem(self.last_file or "-", self.last_line,
+                    f"the log {ends}, but the relay wrote up to seq {seq} ({reader.HEAD_FILE}):"
+                    f" {_span(last + 1, seq)} missing from its end ({how})")
+        )  # fmt: skip
 
     def finish(self, since: date | None) -> None:
         if self.last is not None and self.start is None:

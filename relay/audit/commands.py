@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TextIO
 
-from relay.audit import known, render
+from relay.audit import known, reader, render
 from relay.audit.chain import Anchor, verify
 from relay.audit.reader import DamagedFile
 from relay.audit.search import OutOfRange, Owners, parse_when, report, search, show
@@ -68,6 +68,7 @@ def search_main(
             queue_id,
         )
         count = render.write_records(found, out, output, Owners(directory, since, until))
+        _warn_unread("search", directory, err)
     except ValueError as exc:
         err.write(f"relay audit search: {exc}\n")
         return 2
@@ -110,6 +111,7 @@ def report_main(
     try:
         _check_times(since, until)
         rows = report(directory, since, until)
+        _warn_unread("report", directory, err)
     except ValueError as exc:
         err.write(f"relay audit report: {exc}\n")
         return 2
@@ -161,6 +163,11 @@ def verify_main(
     if result.head:
         out.write(f"head: seq {result.last_seq} hash {result.head}\n")
     return 0
+
+
+def _warn_unread(verb: str, directory: Path, err: TextIO) -> None:
+    """What was left out is said where a count or a listing cannot show it."""
+    err.write("".join(f"relay audit {verb}: warning: {why}\n" for why in reader.unread(directory)))
 
 
 def _unreadable(verb: str, directory: Path, exc: OSError, err: TextIO) -> int:

@@ -88,6 +88,35 @@ def day_files(
     ]
 
 
+def unread(directory: Path) -> list[str]:
+    """Why each file of the directory that looks like part of the log is not
+    read, one line each. A sysadmin's logrotate renames the newest records
+    away (``audit-D.jsonl.1.gz``) and leaves an empty day file behind: the
+    log then looked whole and shorter, and report counted less, without a word."""
+    names = sorted(os.listdir(directory))
+    found = {name for name in names if _NAME.fullmatch(name)}
+    why = []
+    for name in names:
+        if name.startswith(".") or "audit-" not in name:
+            continue
+        match = _NAME.fullmatch(name)
+        if match is None:
+            why.append(f"{name} is not read: not a day file's name (rotated by logrotate?)")
+        elif not _is_day(match.group(1)):
+            why.append(f"{name} is not read: not a day in the calendar")
+        elif match.group(2) and name[: -len(".gz")] in found:
+            why.append(f"{name} is not read: {name[: -len('.gz')]} of the same day is")
+    return why
+
+
+def _is_day(text: str) -> bool:
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
 _TIME = re.compile(rb'"time":"([^"]*)"')
 
 
