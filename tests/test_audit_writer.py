@@ -818,3 +818,55 @@ def test_a_restored_directory_takes_no_seq_another_writer_used_before(
     assert "records up to seq 3 were written, its files now end at seq 1" in caplog.text
     result = verify(directory)
     assert result.problem is not None and result.problem.message.startswith("records 2..3")
+
+
+def test_compression_never_replaces_a_gz_of_the_same_day_holding_other_records(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A logrotate of the newest day, its rotated file renamed back by hand to
+    the day's .gz name while the relay went on in a new plain file: upkeep
+    replaced that .gz with the plain file's copy, its fsynced records gone."""
+    build(tmp_path)
+    day = tmp_path / "audit-2024-05-08.jsonl"
+    rotated = day.with_name(day.name + ".gz")
+    with gzip.open(rotated, "wb") as packed:
+        packed.write(day.read_bytes())
+    day.write_bytes(b"")
+    kept = rotated.read_bytes()
+    clock = Clock(START + timedelta(days=2, hours=1))
+    log = AuditLog(tmp_path, compress_after_days=1, clock=clock)
+    log.append(_failed(1))  # to the new plain file, after seq 18 as .head says
+    clock.advance(days=3)
+    log.append(_failed(2))  # a newer day: the rotated one is closed
+    assert log.maintain() == [
+        "compressed audit-2024-05-06.jsonl",
+        "compressed audit-2024-05-07.jsonl",
+        "left audit-2024-05-08.jsonl as it is: audit-2024-05-08.jsonl.gz holds other records",
+    ]
+    assert rotated.read_bytes() == kept and day.exists()
+    assert "audit-2024-05-08.jsonl.gz holds records audit-2024-05-08.jsonl does not begin" in (
+        caplog.text
+    )
+    result = verify(tmp_path)
+    assert not result.ok
+    assert (
+        "audit-2024-05-08.jsonl.gz is not read: audit-2024-05-08.jsonl of the same day is, instead"
+        in result.notes
+    )
+    # mended as docs/audit-log.md says: the rotated records back before the new ones
+    with gzip.open(rotated, "rb") as packed:
+        day.write_bytes(packed.read() + day.read_bytes())
+    rotated.unlink()
+    assert verify(tmp_path).ok
+    assert log.maintain() == ["compressed audit-2024-05-08.jsonl"]
+
+
+def test_compression_cut_off_by_a_crash_is_finished_over_its_gz(tmp_path: Path) -> None:
+    """A .gz that holds the start of the plain file, or all of it, loses nothing."""
+    build(tmp_path)
+    day = tmp_path / "audit-2024-05-07.jsonl"
+    with gzip.open(day.with_name(day.name + ".gz"), "wb") as packed:
+        packed.write(day.read_bytes()[:100])
+    log = AuditLog(tmp_path, compress_after_days=1, clock=Clock(START + timedelta(days=2)))
+    assert "compressed audit-2024-05-07.jsonl" in log.maintain()
+    assert not day.exists() and verify(tmp_path).ok

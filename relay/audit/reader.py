@@ -105,7 +105,7 @@ def unread(directory: Path) -> list[str]:
         elif not _is_day(match.group(1)):
             why.append(f"{name} is not read: not a day in the calendar")
         elif match.group(2) and name[: -len(".gz")] in found:
-            why.append(f"{name} is not read: {name[: -len('.gz')]} of the same day is")
+            why.append(f"{name} is not read: {name[: -len('.gz')]} of the same day is, instead")
     return why
 
 

@@ -30,6 +30,7 @@ import os
 import shutil
 import stat
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -199,10 +200,7 @@ class AuditLog:
                 limit = today - timedelta(days=self.compress_after_days)
                 for file in files[:-1]:
                     if not file.compressed and file.day <= limit:
-                        if self._compress(file.path):
-                            done.append(f"compressed {file.name}")
-                        else:
-                            done.append(f"left {file.name} as it is: written to meanwhile")
+                        done.append(self._compress(file.path))
         except OSError as exc:
             raise AuditError(f"audit log maintenance: {exc.strerror or exc}") from exc
         return done
@@ -535,12 +533,25 @@ class AuditLog:
             _fsync_directory(self.directory)
         return [f"deleted {f.name}" for f in doomed]
 
-    def _compress(self, path: Path) -> bool:
+    def _compress(self, path: Path) -> str:
         """Write the .gz beside it, check it decompresses to the same bytes, then swap;
-        False when the file changed meanwhile: it is left for the next upkeep."""
+        what was done. A file changed meanwhile is left for the next upkeep; a .gz
+        of the same day holding other records (a rotated file renamed back) is
+        never replaced: its records would be gone."""
         target = path.with_name(path.name + ".gz")
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         before = os.stat(path)
+        there = _identity(target)
+        if there is not None and not _prefix_of(target, path):
+            log.error(
+                "audit log %s: %s holds records %s does not begin with: both kept, and only"
+                " %s read; put them together by hand (docs/audit-log.md)",
+                self.directory,
+                target.name,
+                path.name,
+                path.name,
+            )
+            return f"left {path.name} as it is: {target.name} holds other records"
         try:
             with statefiles.open_read(path) as source, open(self._create(temporary), "wb") as raw:
                 with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as packed:
@@ -548,7 +559,7 @@ class AuditLog:
                 raw.flush()
                 os.fsync(raw.fileno())
             if _changed(path, before):
-                return False
+                return f"left {path.name} as it is: written to meanwhile"
             with statefiles.open_read(path) as original, gzip.open(temporary, "rb") as copy:
                 if _sha256(original) != _sha256(copy):
                     raise OSError(f"compressing {path.name} did not round-trip")
@@ -556,7 +567,9 @@ class AuditLog:
             # may have appended to it, and its record must not go with the file
             with self._locked():
                 if _changed(path, before):
-                    return False
+                    return f"left {path.name} as it is: written to meanwhile"
+                if _identity(target) != there:
+                    return f"left {path.name} as it is: {target.name} was written meanwhile"
                 os.replace(temporary, target)
                 _fsync_directory(self.directory)
                 os.unlink(path)
@@ -564,7 +577,29 @@ class AuditLog:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
         _fsync_directory(self.directory)
-        return True
+        return f"compressed {path.name}"
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _prefix_of(packed: Path, plain: Path) -> bool:
+    """Whether a .gz holds nothing the plain file does not begin with (a
+    compression of it a crash cut off before the plain file went), so that
+    replacing it loses no record. A damaged one may hold any."""
+    try:
+        with reader.open_file(packed) as copy, statefiles.open_read(plain) as original:
+            while block := copy.read(1 << 20):
+                if original.read(len(block)) != block:
+                    return False
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        return False
+    return True
 
 
 def _head(line: bytes, name: str) -> tuple[int, str]:
