@@ -30,6 +30,10 @@ EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
 EX_IOERR = 74
 EX_CONFIG = 78
+#: 128 + SIGPIPE, as a shell shows a command a closed pipe ended: for the
+#: commands whose exit 1 says something of what they checked
+EX_PIPE = 141
+_PIPE_STATUS = " 141 the reader went away before all was written (| head)."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the reader went away (``relay queue list | head``): no traceback, as the
         # Python documentation's note on SIGPIPE does it
         _drop_output(stdout)
-        return 1
+        return int(getattr(args, "pipe_status", 1))
     except KeyboardInterrupt:  # Ctrl-C: the user knows, a traceback tells them nothing
         return 130
     except OutputError as exc:
@@ -124,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     text = "whether the relay runs, whether it runs the policy file as it reads now, its queue"
     status = sub.add_parser("status", help=text, description=text, epilog=_STATUS_STATUS)
     _policy_option(status)
-    status.set_defaults(run=_status)
+    status.set_defaults(run=_status, pipe_status=EX_PIPE)
 
     preview = sub.add_parser(
         "preview", help="show what the policy does to a message, without sending it"
@@ -167,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ADDRESS[:PORT]",
         help="ask this DNS server (e.g. the domain's own) instead of the system's resolver",
     )
-    check_dns.set_defaults(run=_dkim_check)
+    check_dns.set_defaults(run=_dkim_check, pipe_status=EX_PIPE)
 
     passwd = sub.add_parser("passwd", help="hash an AUTH password for the policy's logins")
     passwd.set_defaults(run=_passwd)
@@ -219,20 +223,20 @@ def _upstream_parsers(sub: argparse._SubParsersAction) -> None:
     _policy_option(test)
     test.add_argument("names", nargs="*", metavar="NAME", help="these upstreams (default: all)")
     test.add_argument("--rcpt", metavar="ADDRESS", help="try MAIL FROM and RCPT TO this address")
-    test.set_defaults(run=_upstream_test)
+    test.set_defaults(run=_upstream_test, pipe_status=EX_PIPE)
 
 
 _UPSTREAM_STATUS = (
     "Exit status: 0 every upstream tried works (warnings aside), 1 one does not,"
     " 2 no upstream of that name or a --rcpt the relay would not take, 78 the policy"
-    " does not load."
+    " does not load." + _PIPE_STATUS
 )
 
 
 _DKIM_CHECK_STATUS = (
     "Exit status: 0 every key is published and verifies (warnings aside), 1 one is not,"
     " 69 DNS did not answer (and nothing else failed), 78 the policy does not load or"
-    " there is no resolver to ask."
+    " there is no resolver to ask." + _PIPE_STATUS
 )
 
 
@@ -329,7 +333,7 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
     verify = verbs.add_parser(
         "verify",
         help="check the hash chain; exit 1 if tampered",
-        epilog=_AUDIT_STATUS.format(answers="0 intact, 1 tampered"),
+        epilog=_AUDIT_STATUS.format(answers="0 intact, 1 tampered") + _PIPE_STATUS,
     )
     _policy_option(verify)
     verify.add_argument("--since")
@@ -338,7 +342,7 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="HEAD",
         help="a head verify printed before ('seq N hash H'): that record must still be there",
     )
-    verify.set_defaults(run=_audit, verb="verify")
+    verify.set_defaults(run=_audit, verb="verify", pipe_status=EX_PIPE)
 
 
 def _suppression_parsers(sub: argparse._SubParsersAction) -> None:
@@ -436,7 +440,7 @@ def _check(args: argparse.Namespace) -> int:
 _STATUS_STATUS = (
     "Exit status (LSB's): 0 running, 1 its supervisor is gone but its workers still hold"
     " the state directory, 3 not running, 4 cannot tell (relay.pid cannot be read), 78 the"
-    " state cannot be found."
+    " state cannot be found." + _PIPE_STATUS
 )
 
 

@@ -427,6 +427,34 @@ def test_an_output_that_cannot_be_written_is_exit_74_not_the_commands_1(
     )
 
 
+def into_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
+    """``relay ARGS | true``: the reader is gone before the first line."""
+    reading, writing = os.pipe()
+    os.close(reading)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "relay", *args],
+            stdout=writing, stderr=subprocess.PIPE, text=True, timeout=60, check=False, cwd=ROOT,
+        )  # fmt: skip
+    finally:
+        os.close(writing)
+
+
+@pytest.mark.parametrize("command", [["audit", "verify"], ["status"]])
+def test_a_reader_gone_is_exit_141_for_a_command_whose_1_is_a_finding(
+    policy_file: Path, command: list[str]
+) -> None:
+    """``relay audit verify | true`` on an intact log was exit 1, which is
+    "tampered" (for status, "its workers still hold the state directory")."""
+    from relay.audit import AuditLog, events
+
+    with AuditLog(policy_file.parent / "state" / "audit") as log:
+        log.append(events.failed(queue_id="Q1", message_id=None, recipient="a@b", reply="550 no"))
+    done = into_closed_pipe(*command, "-c", str(policy_file))
+    assert (done.returncode, done.stderr) == (141, "")
+    assert into_closed_pipe("audit", "search", "-c", str(policy_file)).returncode == 1
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
 def test_keygen_into_a_full_output_still_gives_the_record(tmp_path: Path) -> None:
     """A second run refuses to replace the key, so a record the output lost was lost for good."""
