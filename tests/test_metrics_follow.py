@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from relay.audit.reader import TORN_END
 from relay.metrics import status
@@ -183,3 +186,30 @@ def test_a_compressed_day_before_the_start_is_not_counted(tmp_path: Path) -> Non
     assert follower.update().received == {}
     _append(tmp_path, DAY2, *_message("B", "acme", "y@example.org"))
     assert follower.update().received == {"acme": 1}
+
+
+def test_a_backlog_is_read_a_piece_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scrape after a long gap read the whole backlog at once, three copies of
+    it in memory, which the supervisor kept: now a piece at a time, lines cut
+    between pieces counted once, in plain and compressed days alike."""
+    from relay.metrics import follow
+
+    reads: list[int] = []
+    pread = os.pread
+    monkeypatch.setattr(follow, "CHUNK", 100)
+    monkeypatch.setattr(follow.os, "pread", lambda fd, n, at: reads.append(n) or pread(fd, n, at))
+    _append(tmp_path, DAY1, b"")
+    follower = AuditFollower(tmp_path)
+    for n in range(40):
+        _append(tmp_path, DAY1, *_message(f"A{n}", "acme", "x@example.org"))
+    counts = follower.update()
+    assert counts.received == {"acme": 40} and counts.unreadable == 0
+    assert reads and max(reads) <= 100
+    for n in range(40):
+        _append(tmp_path, DAY1, *_message(f"B{n}", "globex", "y@example.org"))
+    _append(tmp_path, DAY2, b"")
+    _compress(tmp_path, DAY1)
+    counts = follower.update()
+    assert counts.received == {"acme": 40, "globex": 40} and counts.unreadable == 0

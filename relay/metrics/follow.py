@@ -21,14 +21,16 @@ import collections
 import gzip
 import os
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from relay.audit import reader
 from relay.audit.search import Repeats
 
 UNKNOWN = "unknown"
+CHUNK = 1 << 20  # bytes of the log read at a time
 RECENT = 20_000  # finished messages whose tenant is kept, for late bounces and complaints
 #: Outcomes remembered to tell the copies a worker's replacement writes of the
 #: outcomes of its last moments (relay.settle), which ``relay audit`` counts once too.
@@ -105,22 +107,37 @@ class AuditFollower:
             return 0
 
     def _read_on(self, file: reader.DayFile) -> None:
+        """What the file gained, a ``CHUNK`` at a time: read whole, a scrape after
+        a long gap (Prometheus down, a busy hour unscraped) took three times
+        the backlog at once, and the supervisor kept that memory."""
         try:
             with reader.open_file(file) as stream:
-                if file.compressed:
-                    stream.seek(self._offset)
-                    data = stream.read()
-                else:
-                    size = os.fstat(stream.fileno()).st_size
-                    if size < self._offset:  # cut short by hand: what is left was counted
-                        self._offset, self._partial = size, b""
-                    data = os.pread(stream.fileno(), size - self._offset, self._offset)
+                for data in self._chunks(stream, file.compressed):
+                    self._offset += len(data)
+                    self._take(data)
         except FileNotFoundError:  # compressed or pruned meanwhile: read at the next scrape
             return
         except (EOFError, zlib.error, gzip.BadGzipFile):  # a damaged file: audit verify's job
             self._offset = -1
+
+    def _chunks(self, stream: BinaryIO, compressed: bool) -> Iterator[bytes]:
+        if compressed:
+            stream.seek(self._offset)
+            while data := stream.read(CHUNK):
+                yield data
             return
-        self._offset += len(data)
+        size = os.fstat(stream.fileno()).st_size
+        if size < self._offset:  # cut short by hand: what is left was counted
+            self._offset, self._partial = size, b""
+        offset = self._offset
+        while offset < size:
+            data = os.pread(stream.fileno(), min(CHUNK, size - offset), offset)
+            if not data:
+                return
+            offset += len(data)
+            yield data
+
+    def _take(self, data: bytes) -> None:
         data = self._partial + data
         cut = data.rfind(b"\n") + 1
         self._partial = data[cut:]
