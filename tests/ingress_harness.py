@@ -21,6 +21,7 @@ from relay.ingress.clientlimit import ClientRow
 from relay.ingress.diskspace import DiskGuard
 from relay.policy.model import Listener, Policy
 from relay.submission import Submission
+from relay.tally import TallyRow
 from tests.minimal_policy import policy as make_policy
 
 T = TypeVar("T")
@@ -62,10 +63,12 @@ class Relay:
         failures: AuthFailures | None = None,
         disk: DiskGuard | None = None,
         clients: ClientRow | None = None,
+        tally: TallyRow | None = None,
     ) -> None:
         self.process = process or Recorder()
         self.disk = disk
         self.clients = clients  # open connections counted (``max_connections_per_client``)
+        self.tally = tally  # the counts for the metrics
         self.refused: list[tuple[Submission, SmtpReply]] = []  # what would go on record
         # failed logins answered at once unless a test asks for the real delay
         self.failures = failures or AuthFailures(delay=0.0)
@@ -96,6 +99,7 @@ class Relay:
                 refused=self._refused,
                 disk=self.disk,
                 clients=self.clients,
+                tally=self.tally,
             )
         )
         return self

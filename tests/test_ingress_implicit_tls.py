@@ -10,13 +10,18 @@ import smtplib
 import socket
 import ssl
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from relay import tally
 from relay.ingress import listen
+from relay.ingress.clientlimit import ClientCounts
 from relay.policy.model import AuthMode, Listener, ListenerTls, TlsFiles
 from relay.policy.tlspair import read_pair
+from relay.tally import Tally
 from tests.certs import Certs, der, make_certs, served_certificate
 from tests.ingress_harness import TIMEOUT, Relay
 from tests.minimal_policy import listener
@@ -131,6 +136,69 @@ def test_a_reload_serves_a_renewed_certificate_to_new_connections(
         assert {served_certificate(relay.port, implicit=True) for _ in range(4)} == {
             der(renewed.cert)
         }
+
+
+def test_past_its_limit_a_silent_connection_is_refused_at_once_and_counted(
+    tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Admitted only once the handshake was done, a client's silent connections
+    were each held uncounted until the idle timeout, past every limit."""
+    caplog.set_level(logging.INFO, logger="relay")
+    clients, counts = ClientCounts(1).row(0), Tally(1)
+    limited = replace(listener(tls=tls_files, tls_mode=IMPLICIT), max_connections_per_client=2)
+    with Relay([limited], clients=clients, tally=counts.row(0)) as relay:
+        held = [socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT)]
+        held.append(socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT))
+        try:
+            with socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT) as third:
+                started = time.monotonic()
+                assert third.recv(512) == b""  # no reply: it expects TLS
+                assert time.monotonic() - started < 2
+        finally:
+            for sock in held:
+                sock.close()
+        (line,) = logged(caplog, "max_connections_per_client")
+        assert line.getMessage() == (
+            "refused client=127.0.0.1 on listener test: 2 connections open from it already,"
+            " its max_connections_per_client (closed before the TLS handshake, without a reply)"
+        )
+        _wait_until(lambda: clients.open("test", "127.0.0.1") == 0)  # handshakes that ended
+        assert served_certificate(relay.port, implicit=True)
+    assert counts.total(tally.CONNECTION, "test") == 4
+    assert counts.total(tally.REFUSED, "test", "too_many_from_client") == 1
+
+
+def test_a_client_not_allowed_is_closed_before_the_handshake(
+    tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As a STARTTLS listener refuses it before any TLS: it was shown the
+    certificate, then told 554 over TLS."""
+    caplog.set_level(logging.INFO, logger="relay")
+    counts = Tally(1)
+    partners = listener(tls=tls_files, tls_mode=IMPLICIT, allow=("192.0.2.0/24",))
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with Relay([partners], tally=counts.row(0)) as relay:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT) as sock:
+            started = time.monotonic()
+            with pytest.raises(OSError), context.wrap_socket(sock):  # EOF, or a reset
+                pass
+            assert time.monotonic() - started < 2
+        (line,) = logged(caplog, "not in its allow list")
+    assert line.getMessage() == (
+        "refused client=127.0.0.1 on listener test: not in its allow list"
+        " (closed before the TLS handshake, without a reply)"
+    )
+    assert counts.total(tally.REFUSED, "test", "not_allowed") == 1
+    assert counts.total(tally.TLS_FAILED, "test") == 0
+
+
+def _wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, "not within the timeout"
+        time.sleep(0.02)
 
 
 async def _reloaded(relay: Relay, again: Listener) -> None:

@@ -54,9 +54,15 @@ class ImplicitTLS(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Admitted or refused now, as a plain connection is before its greeting:
+        held uncounted through a handshake that may take the idle timeout, a
+        client's silent connections took every file the relay may open."""
         transport = cast(asyncio.Transport, transport)  # uvloop's is none by class
         self._transport = transport
         self._peer = transport.get_extra_info("peername")
+        if self._session.admit(self._peer, before_tls=True) is not None:
+            transport.close()
+            return
         self._handshaking.add(self)
         self._task = asyncio.get_running_loop().create_task(self._handshake(transport))
 
@@ -73,10 +79,28 @@ class ImplicitTLS(asyncio.Protocol):
             self._transport.abort()
 
     async def _handshake(self, transport: asyncio.Transport) -> None:
+        try:
+            tls = await self._start_tls(transport)
+        except asyncio.CancelledError:
+            self._session.release()
+            raise
+        finally:
+            self._handshaking.discard(self)
+        if tls is None or tls.is_closing():  # failed, or closed as it ended: a stop, the client
+            self._session.release()  # no session will end to give its place up
+            return
+        tls.set_protocol(self._session)
+        self._session.connection_made(tls)
+        for data in self._early:
+            self._session.data_received(data)
+        self._early.clear()
+
+    async def _start_tls(self, transport: asyncio.Transport) -> asyncio.Transport | None:
+        """The TLS transport, or None for a handshake that failed (logged)."""
         loop = asyncio.get_running_loop()
         loop.call_soon(self._replay, transport)  # once start_tls has put its layer in
         try:
-            tls = await loop.start_tls(
+            return await loop.start_tls(
                 transport,
                 self,
                 self._context,
@@ -85,16 +109,7 @@ class ImplicitTLS(asyncio.Protocol):
             )
         except OSError as exc:  # ssl.SSLError, a reset, the timeout
             self._failed(exc)
-            return
-        finally:
-            self._handshaking.discard(self)
-        if tls is None or tls.is_closing():  # closed as it ended: a stop, or the client
-            return
-        tls.set_protocol(self._session)
-        self._session.connection_made(tls)
-        for data in self._early:
-            self._session.data_received(data)
-        self._early.clear()
+            return None
 
     def _replay(self, transport: asyncio.Transport) -> None:
         """What was read before the TLS layer took the connection, given to it

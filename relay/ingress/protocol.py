@@ -237,6 +237,7 @@ class RelaySMTP(SMTP):
         self._most = most
         self._tally = tally
         self._counted: list[str] = []  # counted open (``clientlimit``), until lost
+        self._admitted = False  # allowed and within the limits: counted open
         self._holding = False
         self._lost = False  # connection_lost was called (see smtp_STARTTLS)
         self._shut_down = False  # told 421 by a stop
@@ -405,56 +406,75 @@ class RelaySMTP(SMTP):
 
     async def _handle_client(self) -> None:
         assert self.session is not None and self.transport is not None
-        address = client_address(self.session.peer)
-        self._count(tally.CONNECTION)
-        if self.session.peer is None:  # reset before it was served: nobody to refuse
-            self.transport.close()
-            return
-        if address is None or not allowed(address, self._allow):
-            log.warning(
-                "refused client=%s on listener %s: not in its allow list",
-                address or self.session.peer,
-                self._listener_name,
-            )
-            self._count(tally.REFUSED, "not_allowed")
-            await self.push(NOT_ALLOWED.format(client=address))
-            self.transport.close()
-            return
-        if not self._admitted(address):
-            return
+        if not self._admitted:  # an implicit TLS connection was as it was made
+            refusal = self.admit(self.session.peer)
+            if refusal is not None:
+                if refusal:
+                    self._say(refusal.encode() + b"\r\n")  # logged by admit
+                self.transport.close()
+                return
         await super()._handle_client()
 
-    def _admitted(self, address: str) -> bool:
+    def admit(self, peer: Any, before_tls: bool = False) -> str | None:
+        """None when the client may be served: in the allow list, and within the
+        limits (``_within_limits``); else the reply refusing it, "" for none.
+        Counted for the metrics either way. ``before_tls``: an implicit TLS
+        connection, taken or refused before its handshake, as a plain one
+        before its greeting; it is closed without the reply, which a client
+        expecting TLS could not read, and the log says so."""
+        self._count(tally.CONNECTION)
+        if peer is None:  # reset before it was served: nobody to refuse
+            return ""
+        address = client_address(peer)
+        said = " (closed before the TLS handshake, without a reply)" if before_tls else ""
+        if address is None or not allowed(address, self._allow):
+            log.warning(
+                "refused client=%s on listener %s: not in its allow list%s",
+                address or peer,
+                self._listener_name,
+                said,
+            )
+            self._count(tally.REFUSED, "not_allowed")
+            return NOT_ALLOWED.format(client=address)
+        refusal = self._within_limits(str(address), said)
+        self._admitted = refusal is None
+        return refusal
+
+    def release(self) -> None:
+        """Its places in the limits given up: an implicit TLS connection whose
+        handshake failed never becomes a session, whose end would do it."""
+        self._leave_counted()
+
+    def _within_limits(self, address: str, said: str) -> str | None:
         """Counted open for the client (an IPv6 one by its /64, ``counted_as``) and
         on the listener, unless the client has its ``max_connections_per_client``
-        open already or the listener its ``max_connections``. The client's limit
-        first: a client refused for its own is never counted on the listener,
-        where it would have the others refused as the listener's limit came
-        near. The log line names the address, the reply what was counted."""
+        open already or the listener its ``max_connections``: then the reply
+        refusing it. The client's limit first: a client refused for its own is
+        never counted on the listener, where it would have the others refused
+        as the listener's limit came near. The log line names the address, the
+        reply what was counted."""
         if self._clients is None:
-            return True
-        assert self.transport is not None
+            return None
         for client, setting, limit, where, reply, reason in (
-            (counted_as(str(address)), "max_connections_per_client", self._per_client, "from it",
+            (counted_as(address), "max_connections_per_client", self._per_client, "from it",
              TOO_MANY, "too_many_from_client"),
             (EVERYONE, "max_connections", self._most, "on it", ALL_BUSY, "too_many"),
         ):  # fmt: skip
             if limit is None or self._enter(client, limit):
                 continue
             log.warning(
-                "refused client=%s on listener %s: %s connections open %s already, its %s",
+                "refused client=%s on listener %s: %s connections open %s already, its %s%s",
                 address,
                 self._listener_name,
                 limit,
                 where,
                 setting,
+                said,
             )
             self._count(tally.REFUSED, reason)
-            self._say(reply.format(client=client).encode() + b"\r\n")  # logged above
             self._leave_counted()  # now: a burst of refusals would hold the places
-            self.transport.close()
-            return False
-        return True
+            return reply.format(client=client)
+        return None
 
     def _enter(self, client: str, limit: int) -> bool:
         """Counted for ``client``, unless it has ``limit`` open already.
