@@ -97,6 +97,23 @@ def test_a_plain_text_client_waiting_for_a_greeting_is_named_at_the_idle_timeout
     )
 
 
+def test_a_client_that_stalls_in_its_handshake_is_not_taken_for_a_plain_text_one(
+    tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
+    with Relay([listener(tls=tls_files, tls_mode=IMPLICIT, idle_timeout=0.5)]) as relay:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # half a ClientHello
+            started = time.monotonic()
+            assert sock.recv(4096) == b""
+            assert time.monotonic() - started < 5
+        (line,) = logged(caplog, "TLS handshake in")
+    assert (line.levelno, line.getMessage()) == (
+        logging.WARNING,
+        "client=127.0.0.1 did not finish the TLS handshake in 0.5s",
+    )
+
+
 def test_a_client_sending_plain_text_is_named_and_closed_at_once(
     tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
 ) -> None:

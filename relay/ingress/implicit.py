@@ -5,6 +5,8 @@ The handshake is started here rather than by the server's ``ssl=``: asyncio
 says nothing of a handshake that fails there, so a plain-text client left no
 line in the log; and each connection takes the certificate its listener
 serves when it comes, so that a reload's renewal is served without a restart.
+It begins with the client's first bytes: a client that sent none in the
+idle timeout is likely set for plain text, one that stalled in it is not.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class ImplicitTLS(asyncio.Protocol):
         self._raw: list[bytes] = []  # read before the handshake took the connection
         self._early: list[bytes] = []  # sent between the handshake and the session
         self._wrapped = False  # the TLS layer reads the connection
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # the handshake, from the first bytes
+        self._silence: asyncio.TimerHandle | None = None  # until they come
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Admitted or refused now, as a plain connection is before its greeting:
@@ -64,14 +67,38 @@ class ImplicitTLS(asyncio.Protocol):
             transport.close()
             return
         self._handshaking.add(self)
-        self._task = asyncio.get_running_loop().create_task(self._handshake(transport))
+        self._silence = asyncio.get_running_loop().call_later(self._timeout, self._silent)
 
     def data_received(self, data: bytes) -> None:
-        """uvloop reads before the handshake has begun (pausing in
-        ``connection_made`` does not hold it): the ClientHello is kept for it.
-        Asyncio reads on as the handshake ends, before the session has the
-        connection: a client that does not wait for the greeting is not cut."""
+        """The handshake begins with the first bytes, so that a timeout can tell
+        a client that sent none (one set for plain text) from one that stalled
+        in it; they are kept for the TLS layer, as what uvloop reads before
+        the layer has the connection. Asyncio reads on as the handshake ends,
+        before the session has the connection: a client that does not wait for
+        the greeting is not cut."""
         (self._early if self._wrapped else self._raw).append(data)
+        if self._task is None and self._transport is not None:
+            if self._silence is not None:
+                self._silence.cancel()
+            self._task = asyncio.get_running_loop().create_task(self._handshake(self._transport))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Gone before its first bytes (a TCP health check): not logged."""
+        if self._task is None:
+            self._ended()
+
+    def _silent(self) -> None:
+        peer = client_address(self._peer)
+        log.warning(PLAIN_CLIENT, peer, f"sent no TLS handshake in {self._timeout:g}s")
+        self._count_failed()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _ended(self) -> None:
+        if self._silence is not None:
+            self._silence.cancel()
+        self._handshaking.discard(self)
+        self._session.release()
 
     def abort(self) -> None:
         """A stop does not wait for a handshake that may take the idle timeout."""
@@ -82,13 +109,12 @@ class ImplicitTLS(asyncio.Protocol):
         try:
             tls = await self._start_tls(transport)
         except asyncio.CancelledError:
-            self._session.release()
+            self._ended()
             raise
-        finally:
-            self._handshaking.discard(self)
         if tls is None or tls.is_closing():  # failed, or closed as it ended: a stop, the client
-            self._session.release()  # no session will end to give its place up
+            self._ended()  # no session will end to give its place up
             return
+        self._handshaking.discard(self)
         tls.set_protocol(self._session)
         self._session.connection_made(tls)
         for data in self._early:
@@ -99,13 +125,15 @@ class ImplicitTLS(asyncio.Protocol):
         """The TLS transport, or None for a handshake that failed (logged)."""
         loop = asyncio.get_running_loop()
         loop.call_soon(self._replay, transport)  # once start_tls has put its layer in
+        assert self._silence is not None
+        left = self._silence.when() - loop.time()  # of the idle timeout, from the connection
         try:
             return await loop.start_tls(
                 transport,
                 self,
                 self._context,
                 server_side=True,
-                ssl_handshake_timeout=self._timeout,
+                ssl_handshake_timeout=max(left, 0.001),
             )
         except OSError as exc:  # ssl.SSLError, a reset, the timeout
             self._failed(exc)
@@ -135,8 +163,11 @@ class ImplicitTLS(asyncio.Protocol):
         elif isinstance(error, ssl.SSLError):
             log.warning("TLS handshake failed client=%s: %s", peer, str(error) or repr(error))
         elif isinstance(error, ConnectionAbortedError):  # asyncio's handshake timeout
-            log.warning(PLAIN_CLIENT, peer, f"sent no TLS handshake in {self._timeout:g}s")
+            log.warning("client=%s did not finish the TLS handshake in %gs", peer, self._timeout)
         else:
             return
+        self._count_failed()
+
+    def _count_failed(self) -> None:
         if self._tally is not None:
             self._tally.add(tally.TLS_FAILED, self._listener_name)
