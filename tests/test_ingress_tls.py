@@ -4,6 +4,7 @@ line names the client, so that the sysadmin can find which ERP it was."""
 from __future__ import annotations
 
 import logging
+import smtplib
 import socket
 import ssl
 import subprocess
@@ -205,3 +206,19 @@ def test_help_on_a_listener_with_tls_names_starttls(tls_files: TlsFiles) -> None
         raw.ehlo()
         assert " STARTTLS " in raw.cmd(b"HELP")
         assert raw.cmd(b"HELP STARTTLS") == "214 2.0.0 Syntax: STARTTLS"
+
+
+def test_help_after_starttls_no_longer_names_it(tls_files: TlsFiles) -> None:
+    """EHLO stops offering STARTTLS once TLS is on; HELP listed it still."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with (
+        Relay([listener(tls=tls_files)]) as relay,
+        smtplib.SMTP("127.0.0.1", relay.port, timeout=TIMEOUT) as client,
+    ):
+        client.starttls(context=context)
+        client.ehlo()
+        assert not client.has_extn("starttls")
+        code, text = client.docmd("HELP")
+        assert code == 214 and b"STARTTLS" not in text
+        assert client.docmd("HELP STARTTLS")[0] == 504

@@ -597,13 +597,21 @@ class RelaySMTP(SMTP):
         names = sorted(n for n, m in self._smtp_methods.items() if self._syntax_available(m))
         await self.push(f"214 2.0.0 Supported commands: {' '.join(names)}")
 
-    @syntax("STARTTLS", when="tls_context")
+    @property
+    def starttls_offered(self) -> bool:
+        """Whether HELP lists STARTTLS: as EHLO offers it, until TLS is on."""
+        return bool(self.tls_context) and not self._tls_active()
+
+    def _tls_active(self) -> bool:
+        return self._tls_protocol is not None or bool(self.session and self.session.ssl is not None)
+
+    @syntax("STARTTLS", when="starttls_offered")
     async def smtp_STARTTLS(self, arg: str) -> None:
         """aiosmtpd's STARTTLS, refused once TLS is on (it would start TLS within
         TLS), and with the end of a connection cut off during the handshake
         seen to: asyncio tells the protocol nothing then, and the session
         waited for ever, holding its memory (about 320 KB each)."""
-        if self._tls_protocol is not None or (self.session and self.session.ssl is not None):
+        if self._tls_active():
             await self.push("554 5.5.1 Error: TLS already active")
             return
         await super().smtp_STARTTLS(arg)
