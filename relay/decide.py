@@ -9,6 +9,7 @@ with its reason for the preview and the logs.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
@@ -139,7 +140,10 @@ def decide(
     elif account is not None:
         mail_from = account.sender
         reasons.append(f"envelope sender is {mail_from}, the address {account.name!r} sends as")
-    recipient_updates, removed, why_empty = _empty_recipients(view)
+    gone = (*_REMOVED, *policy.control_headers, *(("Reply-To",) if reply_to_after == "" else ()))
+    changed = {name.lower() for name, _ in updates}
+    changed |= {name.lower() for name in gone if view.get(name) is not None}
+    recipient_updates, removed, why_empty = _empty_recipients(view, changed)
     updates += recipient_updates
     reasons += why_empty
     reasons += _blank_lines(view)
@@ -198,16 +202,23 @@ def _signatures_over(fields: list[Field], names: set[str], simple_only: bool) ->
     header canonicalisation (``c=`` left out is simple), which a line left
     out breaks, where ``relaxed`` reads the field as before. An ERP's own
     signature failed with no word of why."""
-    found: list[str] = []
+    return [
+        domain
+        for domain, signed, simple in _signatures(fields)
+        if signed & names and (simple or not simple_only)
+    ]
+
+
+def _signatures(fields: list[Field]) -> Iterator[tuple[str, set[str], bool]]:
+    """Each DKIM signature the message came with: ``d=``, the fields it signs
+    (``h=``, lower case), and whether its header canonicalisation is simple."""
     for field in fields:
         if field.name.lower() != "dkim-signature":
             continue
         tags = _dkim_tags(unfolded(field))
         signed = {name.lower() for name in tags.get("h", "").split(":")}
         simple = tags.get("c", "simple").partition("/")[0].lower() == "simple"
-        if signed & names and (simple or not simple_only):
-            found.append(f"d={tags.get('d', '')}")
-    return found
+        yield f"d={tags.get('d', '')}", signed, simple
 
 
 def _dkim_tags(text: str) -> dict[str, str]:
@@ -422,13 +433,17 @@ def _addressless(view: MessageView, name: str = "Reply-To") -> bool:
 _UNDISCLOSED = "undisclosed-recipients:;"  # RFC 5322 3.4's empty group, as Sendmail writes it
 
 
-def _empty_recipients(view: MessageView) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+def _empty_recipients(
+    view: MessageView, changed: set[str]
+) -> tuple[list[tuple[str, str]], list[str], list[str]]:
     """The edits for an empty To or Cc, which RFC 5322 3.6.3 wants an address
     in and some receivers score as spam, and why. A Cc goes; a To becomes the
     empty group, as an ERP sending to Bcc alone means, since a message with
-    no To at all is scored too (SpamAssassin's MISSING_HEADERS). A field the
-    message's own DKIM signature signs stays: changed, it would break that
-    signature, under any canonicalisation, for a blemish receivers forgive."""
+    no To at all is scored too (SpamAssassin's MISSING_HEADERS). A field a
+    DKIM signature the message came with signs stays, where the relay's
+    other edits (``changed``, lower case) leave that signature whole:
+    changed, it would break it, under any canonicalisation, for a blemish
+    receivers forgive. One the From rewritten breaks anyway is no reason."""
     updates: list[tuple[str, str]] = []
     removed: list[str] = []
     reasons: list[str] = []
@@ -438,7 +453,11 @@ def _empty_recipients(view: MessageView) -> tuple[list[tuple[str, str]], list[st
             continue
         fields = split_at(view.raw)[0] if fields is None else fields
         why = f"{name} is empty, which RFC 5322 3.6.3 does not allow"
-        signed = _signatures_over(fields, {name.lower()}, simple_only=False)
+        signed = [
+            domain
+            for domain, names, _ in _signatures(fields)
+            if name.lower() in names and not names & changed
+        ]
         if signed:
             by = ", ".join(signed)
             reasons.append(f"{why}: kept, as the message's own DKIM signature ({by}) signs it")

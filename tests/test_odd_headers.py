@@ -272,3 +272,19 @@ def test_the_reasons_say_an_erps_simple_signature_the_line_left_out_breaks(
     reasons = _queued(proc.policy, queue_id)["reasons"]
     assert (LEFT_OUT + SIMPLE_BROKEN in reasons) is said
     assert (LEFT_OUT in reasons) is not said
+
+
+def test_an_empty_to_is_written_where_the_erps_signature_is_broken_anyway(
+    policy_file: Path, key_dir: tuple[Path, dict[str, str]]
+) -> None:
+    """Every signature signs From, which the relay writes anew for a user
+    outside a verified domain: the empty To was kept for a signature already
+    broken, and said to be kept for it."""
+    data = msg(*BASE[:1], *BASE[2:], "To:")
+    key = (key_dir[0] / "globex.example.g1.private").read_bytes()
+    signature = dkim.sign(
+        data, b"g1", b"globex.example", key, include_headers=[b"from", b"to", b"subject"]
+    )
+    p = run(policy_file, signature + data)
+    assert message.read(p.message).get_all("To") == ("undisclosed-recipients:;",)
+    assert EMPTY_TO in p.decision.reasons
