@@ -96,11 +96,10 @@ def _json_record(entry: QueueEntry) -> dict[str, object]:
 def _signed_with(spool: Spool, entry: QueueEntry) -> list[str]:
     """The ``domain/selector`` of each DKIM signature the message waits with: it
     is sent with them however late, so an old selector's DNS record is needed
-    until no message lists it. Empty for a notice the relay signs as it sends
-    it (``relay bounce``'s), which waits on no selector, and for an entry gone
-    meanwhile, as for an unsigned message: a script reads one shape."""
-    if entry.sign_again is not None:
-        return []
+    until no message lists it. A notice the relay signs anew as it sends it
+    (``relay bounce``'s) lists those it is stored with too: where it cannot
+    be signed anew it goes with them. Empty for an entry gone meanwhile, as
+    for an unsigned message: a script reads one shape."""
     try:
         with spool.open_message(entry.queue_id) as message:
             fields = _leading_signatures(message)
@@ -186,7 +185,8 @@ def _printable(text: str) -> str:
 
 RESIGNED = (
     "(relay bounce signed this notice with the policy file's keys; the running relay"
-    " signs it anew with its own as it sends it, in place of the DKIM-Signature fields below)"
+    " signs it anew with its own as it sends it, in place of the DKIM-Signature fields"
+    " below, and where it cannot, sends it with them)"
 )
 
 
