@@ -9,6 +9,7 @@ import shutil
 import smtplib
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -112,6 +113,21 @@ def test_a_client_that_stalls_in_its_handshake_is_not_taken_for_a_plain_text_one
         logging.WARNING,
         "client=127.0.0.1 did not finish the TLS handshake in 0.5s",
     )
+
+
+def test_a_client_that_resets_in_its_handshake_is_logged_as_after_starttls(
+    tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After STARTTLS it was logged and counted; here it left no trace."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Relay([listener(tls=tls_files, tls_mode=IMPLICIT)]) as relay:
+        sock = socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT)
+        sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # half a ClientHello
+        time.sleep(0.2)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset
+        (line,) = logged(caplog, "TLS handshake failed")
+    assert line.getMessage().startswith("TLS handshake failed client=127.0.0.1: ")
 
 
 def test_a_client_sending_plain_text_is_named_and_closed_at_once(

@@ -155,17 +155,17 @@ class ImplicitTLS(asyncio.Protocol):
 
     def _failed(self, error: OSError) -> None:
         """As STARTTLS's failures are said, and a client set for plain text named
-        as such; a client that only connects and closes (a TCP health check)
-        is not logged, as before the greeting on the other listeners."""
+        as such. A handshake begins with the client's first bytes, so a client
+        that only connects and closes (a TCP health check) never comes here;
+        one that sent some and then closed or reset is a failed handshake, as
+        after STARTTLS."""
         peer = client_address(self._peer)
         if isinstance(error, ssl.SSLError) and error.reason in _PLAIN_TEXT:
             log.warning(PLAIN_CLIENT, peer, "sent plain text")
-        elif isinstance(error, ssl.SSLError):
-            log.warning("TLS handshake failed client=%s: %s", peer, str(error) or repr(error))
         elif isinstance(error, ConnectionAbortedError):  # asyncio's handshake timeout
             log.warning("client=%s did not finish the TLS handshake in %gs", peer, self._timeout)
         else:
-            return
+            log.warning("TLS handshake failed client=%s: %s", peer, str(error) or repr(error))
         self._count_failed()
 
     def _count_failed(self) -> None:
