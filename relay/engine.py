@@ -27,7 +27,7 @@ from typing import Any
 from relay.audit import AuditError
 from relay.groupcommit import GroupCommit
 from relay.notice import build_notice, signed_anew
-from relay.policy.model import Policy, QueueSettings, Upstream
+from relay.policy.model import Policy, QueueSettings, Upstream, sends_as
 from relay.record import Recorder, dsn
 from relay.settle import WAITING_MAX, EntryLock, Finished, Settle, Settler
 from relay.slots import Slots
@@ -174,9 +174,21 @@ def _rerouted(entry: QueueEntry, policy: Policy) -> Upstream | None:
     """The upstream an entry goes to once its own is gone from the policy: its
     tenant's, as the policy has it now, which is where the sysadmin who renamed
     or replaced the upstream sends that tenant's mail (and its notices). For a
-    tenant gone too the entry waits for the name to come back, or expires."""
+    tenant gone too the entry waits for the name to come back, or expires; so
+    does one whose tenant's upstream sends as another address (``_sent_otherwise``)."""
     name = _route(entry, policy)
     if name not in policy.upstreams:
+        return None
+    why = _sent_otherwise(entry, policy)
+    if why is not None:
+        log.warning(
+            "%s: upstream %r is no longer in the policy, and %s: it waits for %r, or expires"
+            " (relay queue delete removes it)",
+            entry.queue_id,
+            entry.upstream,
+            why,
+            entry.upstream,
+        )
         return None
     log.info(
         "%s: upstream %r is no longer in the policy: going through %r, tenant %s's",
@@ -187,6 +199,49 @@ def _rerouted(entry: QueueEntry, policy: Policy) -> Upstream | None:
     )
     entry.upstream = name
     return policy.upstreams[name]
+
+
+def _sent_otherwise(entry: QueueEntry, policy: Policy) -> str | None:
+    """Why the entry may not go through its tenant's upstream, when that sends as
+    another address than the one its From, envelope sender and signature were
+    decided for: an account refuses any other sender (``550 5.7.60``), and the
+    platform's smarthost sent an account's mail unaligned for DMARC, its bounces
+    to the company. None when it sends as the old one did."""
+    upstream = policy.upstreams.get(_route(entry, policy))
+    written = _written_as(entry, policy)
+    if upstream is None or written is None or written == sends_as(upstream).lower():
+        return None
+    return (
+        f"tenant {entry.tenant}'s upstream {upstream.name!r} sends as {_as(sends_as(upstream))},"
+        f" and this message was written to go as {_as(written)}"
+    )
+
+
+def _written_as(entry: QueueEntry, policy: Policy) -> str | None:
+    """The address the entry was decided for, lower-cased, "" the platform's. A
+    record of an earlier version has its envelope sender alone to tell, and
+    nothing when that is empty."""
+    if entry.sends_as is not None:
+        return entry.sends_as.lower()
+    if not entry.mail_from:
+        return None
+    mail_from = entry.mail_from.lower()
+    return "" if mail_from == policy.platform.return_path.lower() else mail_from
+
+
+def _as(address: str) -> str:
+    return address or "the platform's addresses"
+
+
+def _no_upstream(entry: QueueEntry, policy: Policy) -> str:
+    """The delay reason of an entry with no upstream to go through."""
+    why = _sent_otherwise(entry, policy)
+    if why is None:
+        return f"451 4.3.5 no upstream {entry.upstream!r}"
+    return (
+        f"451 4.3.5 no upstream {entry.upstream!r}: {why}; put {entry.upstream!r} back"
+        " in the policy, or relay queue delete it"
+    )
 
 
 def _route(entry: QueueEntry, policy: Policy) -> str:
@@ -771,7 +826,7 @@ class Engine:
             # wait for when suspended, nor to count an attempt of or call reached
             replies: dict[str, tuple[int, str]] = {}
         elif upstream is None:
-            replies = dict.fromkeys(pending, (451, f"451 4.3.5 no upstream {entry.upstream!r}"))
+            replies = dict.fromkeys(pending, (451, _no_upstream(entry, policy)))
         else:
             if now < deadline:  # past it, its last try is a real one
                 wait = policy.queue.first_retry

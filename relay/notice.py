@@ -107,6 +107,7 @@ def build_notice(
         next_attempt=0.0,
         is_notice=True,
         sign_again=len(signed) if sign_again else None,
+        sends_as=account or "",
     )
     return notice, data
 

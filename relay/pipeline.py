@@ -27,7 +27,7 @@ from relay.errors import HeaderInjection, Rejected, SigningError, SmtpReply
 from relay.groupcommit import GroupCommit
 from relay.identify import Identity, identify
 from relay.message import MessageView
-from relay.policy.model import Policy
+from relay.policy.model import Policy, sends_as
 from relay.queueid import new_queue_id
 from relay.ratelimit import RateRow
 from relay.record import Recorder
@@ -643,4 +643,5 @@ def _entry(prepared: Prepared, submission: Submission) -> QueueEntry:
         client_address=submission.client_address,
         auth_login=submission.auth_login,
         next_attempt=now,
+        sends_as=sends_as(decision.upstream),
     )

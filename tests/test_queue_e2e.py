@@ -24,6 +24,7 @@ from relay.spool import Spool
 from tests.relayproc import RelayProcess, piped_into_head, wait_for
 from tests.sink import Sink, SinkServer, free_port
 from tests.spoolkit import make_entry
+from tests.test_decide_account import with_account
 
 ROOT = Path(__file__).parent.parent
 MESSAGES_PER_CLIENT = 500
@@ -818,6 +819,101 @@ def test_mail_waiting_for_a_removed_upstream_goes_the_way_of_its_tenant(
     assert relay.log().count("upstream 'default' is no longer in the policy") == 1
     assert audit_events(policy, queue_id)[-1] == ("delivered", "one@example.org")
     assert relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n"
+
+
+PER = b"From: per@sevenoff.example\r\nTo: one@example.org\r\nSubject: Hello\r\n\r\nhi\r\n"
+
+
+def with_down_account(policy_file: Path, port: int) -> Path:
+    """The queue's test policy, tenant ``sevenoff`` on its own account (sending as
+    post@sevenoff.example) and the others on ``default``, neither reachable."""
+    return configure(with_account(policy_file, port=free_port()), port, free_port())
+
+
+def pointed(text: str, name: str, port: int) -> str:
+    return re.sub(rf"(  {name}:\n(?:    .*\n)*?    port: )\d+", rf"\g<1>{port}", text)
+
+
+def test_mail_for_the_platform_waits_when_its_tenant_moves_to_an_account(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The platform's smarthost removed and the tenant put on a company's own
+    account: its waiting mail, enveloped and signed for the platform, went
+    through the account, which refused it for good (``550 5.7.60 SendAsDenied``).
+    It waits for the old upstream, and goes once that is back."""
+    port = free_port()
+    policy = with_down_account(policy_file, port)
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay, SinkServer() as sink:
+        queue_id = send(port)
+        wait_for(lambda: "status=deferred" in relay.log())
+        before = policy.read_text()
+        text = re.sub(r"  default:\n(?:    .*\n)*", "", before).replace(
+            "upstream: default", "upstream: company24"
+        )
+        policy.write_text(pointed(text, "company24", sink.port))
+        relay.signal(signal.SIGHUP)
+        relay.wait_reloaded(1)
+        waiting = "upstream 'default' is no longer in the policy, and tenant acme's upstream"
+        wait_for(lambda: relay.log().count(waiting) >= 2)
+        assert sink.sink.messages == []
+        listed = json.loads(relay_cli(policy, "queue", "list", "--json").stdout)
+        reason = listed["recipients"][0]["delay_reason"]
+        assert reason == (
+            "451 4.3.5 no upstream 'default': tenant acme's upstream 'company24' sends as"
+            " post@sevenoff.example, and this message was written to go as the platform's"
+            " addresses; put 'default' back in the policy, or relay queue delete it"
+        )
+        policy.write_text(pointed(before, "default", sink.port))
+        relay.signal(signal.SIGHUP)
+        relay.wait_reloaded(2)
+        (sent,) = sink.sink.wait(1)
+    assert sent.mail_from == "bounces@platform.example"
+    assert audit_events(policy, queue_id)[-1] == ("delivered", "one@example.org")
+
+
+def test_mail_for_an_account_waits_when_its_tenant_moves_to_the_platform(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The reverse: mail From and enveloped as the company's account address went
+    through the platform's smarthost, signed for the platform alone (DMARC
+    unaligned), its bounces to the company's mailbox."""
+    port = free_port()
+    policy = with_down_account(policy_file, port)
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay, SinkServer() as sink:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail("per@sevenoff.example", ["one@example.org"], PER)
+        wait_for(lambda: "status=deferred" in relay.log())
+        text = re.sub(r"  company24:\n(?:    .*\n)*", "", policy.read_text())
+        text = text.replace("upstream: company24", "upstream: default")
+        policy.write_text(pointed(text, "default", sink.port))
+        relay.signal(signal.SIGHUP)
+        relay.wait_reloaded(1)
+        waiting = "upstream 'company24' is no longer in the policy, and tenant sevenoff's"
+        wait_for(lambda: relay.log().count(waiting) >= 2)
+        assert sink.sink.messages == []
+    assert "sends as the platform's addresses, and this message was written to go as" in (
+        relay.log()
+    )
+
+
+def test_mail_for_an_account_renamed_with_the_same_sender_goes_on(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """An account sending as the same address under a new name takes the mail
+    as the old one would have."""
+    port = free_port()
+    policy = with_down_account(policy_file, port)
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay, SinkServer() as sink:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail("per@sevenoff.example", ["one@example.org"], PER)
+        wait_for(lambda: "status=deferred" in relay.log())
+        text = policy.read_text().replace("company24", "company25")
+        policy.write_text(pointed(text, "company25", sink.port))
+        relay.signal(signal.SIGHUP)
+        relay.wait_reloaded(1)
+        (sent,) = sink.sink.wait(1)
+    assert sent.mail_from == "post@sevenoff.example"
+    assert "upstream 'company24' is no longer in the policy: going through" in relay.log()
 
 
 def test_a_new_state_directory_is_said_once(policy_file: Path, tmp_path: Path) -> None:

@@ -195,6 +195,12 @@ class DirectoryUpstream:
 Upstream = SmtpUpstream | DirectoryUpstream
 
 
+def sends_as(upstream: Upstream) -> str:
+    """The address mail through the upstream is From and enveloped as, when it is
+    a company's own account (``sender``); "" for the platform's addresses."""
+    return (upstream.sender or "") if isinstance(upstream, SmtpUpstream) else ""
+
+
 @dataclass(frozen=True)
 class Platform:
     from_address: str

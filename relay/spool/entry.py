@@ -68,6 +68,9 @@ class QueueEntry:
     # a notice ``relay bounce`` queued: the size of the DKIM-Signature fields it
     # was signed with, which the relay makes anew as it sends it (``relay.notice``)
     sign_again: int | None = None
+    # the account address its From and envelope sender were decided for, "" the
+    # platform's; None in a record of an earlier version (``relay.engine``)
+    sends_as: str | None = None
 
     def pending(self) -> list[RecipientState]:
         return [r for r in self.recipients if r.status == PENDING]
