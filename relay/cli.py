@@ -742,7 +742,7 @@ def _suppression(args: argparse.Namespace) -> int:
             said = f"the policy has no tenant {args.tenant!r}: these are the entries for all"
             print(f"relay suppression list: {said} tenants, and any left for it", file=sys.stderr)
         return tools.list_main(
-            file, args.addresses, args.tenant, as_json=args.json, out=out, err=err
+            file, args.addresses, args.tenant, as_json=args.json, tenants=tenants, out=out, err=err
         )
     if args.verb == "add":
         return tools.add_main(

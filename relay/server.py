@@ -285,6 +285,7 @@ def _open_state(policy: Policy, policy_path: Path) -> tuple[int, int]:
     except (SpoolError, AuditError, SuppressionError, OSError) as exc:
         log.error("cannot open the state directory: %s", exc)
         return EX_CANTCREAT, 0
+    _warn_of_strays(policy)
     _log_settled(settled, "the restart")
     if first == 0:
         log.info(
@@ -643,15 +644,33 @@ def reloaded(
             old.queue.concurrency,
             read.queue.concurrency,
         )
+    _warn_of_strays(new)
     gone = sorted(set(old.upstreams) - set(new.upstreams))
     if gone:
         log.warning(
             "upstreams removed (%s): messages already queued for them go through their"
-            " tenant's upstream as the policy now has it; those of a tenant no longer in"
-            " the policy are deferred until an upstream of that name is back, or expire",
+            " tenant's upstream as the policy now has it where that sends as the old one"
+            " did; the others, and those of a tenant no longer in the policy, are deferred"
+            " until an upstream of that name is back, or expire",
             ", ".join(gone),
         )
     return new
+
+
+def _warn_of_strays(policy: Policy) -> None:
+    """Suppression entries left for tenants the policy no longer has (one renamed)."""
+    from relay.suppression import SuppressionError
+    from relay.suppression.strays import stray_warning
+
+    if policy.suppression is None:
+        return
+    try:
+        said = stray_warning(policy.suppression.file, policy.tenants.keys())
+    except SuppressionError as exc:
+        log.error("%s", exc)
+        return
+    if said is not None:
+        log.warning("%s", said)
 
 
 def _not_taken_up(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import signal
 import smtplib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -415,3 +416,38 @@ def test_a_tenant_users_address_refused_at_delivery_is_not_listed(
         policy, "audit", "search", "--status", "listed", "--recipient", "jan@acme.example"
     )
     assert (nothing.returncode, nothing.stdout.splitlines()[1:]) == (1, [])  # a header only
+
+
+def _rename_acme(policy: Path) -> None:
+    text = policy.read_text().replace("tenant: acme\n", "tenant: acmeco\n")
+    policy.write_text(text.replace("  acme:\n    name: Acme", "  acmeco:\n    name: Acme"))
+
+
+def test_entries_of_a_renamed_tenant_are_warned_of(policy_file: Path, tmp_path: Path) -> None:
+    """A complaint listed for tenant acme, and acme renamed acmeco: check said ok,
+    the reload nothing, and the next message went to the complainant. The
+    entries are not moved (only the sysadmin knows what became of a name), but
+    check, the reload, the start and the listing say so."""
+    complained = "complained@cust.example"
+    with SinkServer() as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        warned = "1 entry is for tenants the policy does not have: acme (1); they keep no"
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            done = relay_cli(
+                policy, "suppression", "add", complained, "--tenant", "acme", "--reason", COMPLAINT
+            )
+            assert done.returncode == 0, done.stderr
+            _rename_acme(policy)
+            checked = relay_cli(policy, "check")
+            assert checked.returncode == 0, checked.stderr
+            assert f"{policy}: warning: suppression list " in checked.stderr
+            assert warned in checked.stderr
+            assert "relay suppression remove ADDRESS --tenant acme, then" in checked.stderr
+            relay.signal(signal.SIGHUP)
+            relay.wait_reloaded(1)
+            assert warned in relay.log()
+        listing = relay_cli(policy, "suppression", "list").stdout
+        assert f"{complained}  acme (not in the policy)  complaint" in listing
+        with RelayProcess(policy, port, tmp_path / "again.log") as again:
+            assert warned in again.log()

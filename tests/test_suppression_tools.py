@@ -17,6 +17,7 @@ import pytest
 from relay.cli import main
 from relay.record import operator
 from relay.suppression import BOUNCE, Suppression, SuppressionFile, tools
+from relay.suppression.strays import stray_tenants
 from tests.policyfiles import variant
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -490,3 +491,21 @@ def test_a_closed_stdin_is_no_address_not_a_traceback(policy: Path) -> None:
         preexec_fn=lambda: os.close(0),
     )  # fmt: skip
     assert (done.returncode, done.stderr) == (2, "relay suppression list: no address on stdin\n")
+
+
+def test_entries_for_tenants_gone_are_counted_as_the_list_has_them_now(tmp_path: Path) -> None:
+    """Removed entries do not count, nor do those for all tenants; a tenant a line
+    spells with an escape is still found."""
+    path = tmp_path / "suppression.jsonl"
+    file = SuppressionFile(path)
+    file.add(Suppression(a, t, BOUNCE, "2024-01-01T00:00:00Z") for a, t in (
+        ("a@x.example", "acme"), ("b@x.example", "acme"), ("c@x.example", None),
+        ("d@x.example", "globex"), ("e@x.example", "kept"),
+    ))  # fmt: skip
+    file.remove([("b@x.example", "acme")], by="test")
+    assert stray_tenants(path, {"kept"}) == {"acme": 1, "globex": 1}
+    assert stray_tenants(path, {"kept", "acme", "globex"}) == {}
+    escaped = path.read_bytes().replace(b'"tenant":"kept"', b'"tenant":"\\u006bept"')
+    path.write_bytes(escaped)
+    assert stray_tenants(path, {"acme", "globex"}) == {"kept": 1}
+    assert stray_tenants(tmp_path / "none.jsonl", set()) == {}

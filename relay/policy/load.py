@@ -174,7 +174,7 @@ def check_main(path: Path, out: TextIO, err: TextIO) -> int:
             print(problem, file=err)
         print(f"{path}: {_count(len(exc.problems), 'problem')}", file=err)
         return EX_CONFIG
-    for warning in warnings:
+    for warning in [*warnings, *_state_warnings(policy)]:
         print(warning, file=err)
     users = sum(len(tenant.users) for tenant in policy.tenants.values())
     summary = ", ".join(
@@ -187,6 +187,20 @@ def check_main(path: Path, out: TextIO, err: TextIO) -> int:
     )
     print(f"{path}: ok ({summary})", file=out)
     return 0
+
+
+def _state_warnings(policy: Policy) -> list[str]:
+    """What the state directory holds that the policy leaves without effect."""
+    from relay.suppression import SuppressionError
+    from relay.suppression.strays import stray_warning
+
+    if policy.suppression is None:
+        return []
+    try:
+        said = stray_warning(policy.suppression.file, policy.tenants.keys())
+    except SuppressionError as exc:
+        said = str(exc)
+    return [] if said is None else [f"{policy.source}: warning: {said}"]
 
 
 def _count(n: int, noun: str) -> str:

@@ -35,11 +35,14 @@ def list_main(
     tenant: str | None,
     *,
     as_json: bool = False,
+    tenants: Collection[str] | None = None,
     out: TextIO,
     err: TextIO,
 ) -> int:
     """``relay suppression list``: with ``tenant``, the entries that keep
-    addresses from that tenant's mail (its own and those for all tenants)."""
+    addresses from that tenant's mail (its own and those for all tenants).
+    An entry for a tenant not in ``tenants`` (the policy's) is marked: it
+    keeps no mail from its address since the tenant was renamed."""
     addresses = _taken(addresses)
     refusal = _unlistable(addresses)
     if refusal is not None:
@@ -58,7 +61,7 @@ def list_main(
         for entry in entries:
             out.write(json.dumps(asdict(entry)) + "\n")
     else:
-        _write_table([_row(e) for e in entries], out)
+        _write_table([_row(e, tenants) for e in entries], out)
     return 0 if entries else 1
 
 
@@ -265,8 +268,11 @@ def _scope(tenant: str | None) -> str:
     return "all tenants" if tenant is None else f"tenant {tenant}"
 
 
-def _row(entry: Suppression) -> list[str]:
-    cells = (entry.address, entry.tenant or "*", entry.reason, entry.since, entry.by, entry.detail)
+def _row(entry: Suppression, tenants: Collection[str] | None = None) -> list[str]:
+    scope = entry.tenant or "*"
+    if entry.tenant is not None and tenants is not None and entry.tenant not in tenants:
+        scope = f"{entry.tenant} (not in the policy)"
+    cells = (entry.address, scope, entry.reason, entry.since, entry.by, entry.detail)
     return [_printable(c) for c in cells]
 
 
