@@ -267,14 +267,16 @@ def _refused_for(entry: QueueEntry, policy: Policy) -> str | None:
 
 
 def _tenant_user(entry: QueueEntry, policy: Policy, address: str) -> str | None:
-    """Whose the address is when it is a user's of the message's tenant (the
-    sender's automatic copy, a colleague by alias, a notice's), which a hard
-    refusal does not list, as ``relay bounce`` lists none: listed, the user
-    got no copy and no notice again, and nothing said why. A mailbox really
-    gone, or an address mistyped, is the policy's to mend. None for others."""
+    """Whose the address is when it is a user's of any tenant (the sender's
+    automatic copy, a colleague by alias, a notice's, another company's
+    user the document went to), which a hard refusal does not list: listed,
+    the user got no copy and no notice again, and nothing said why, as a
+    shared upstream's refusal lists for every tenant, the user's own
+    included. A mailbox really gone, or an address mistyped, is the
+    policy's to mend. None for others."""
     lowered = address.lower()
     ref = policy.addresses.get(lowered)
-    if ref is not None and ref.tenant == entry.tenant:
+    if ref is not None:
         return f"user {ref.user} of {ref.tenant}"
     if lowered == entry.notify_address.lower():
         return "the sender's own address"

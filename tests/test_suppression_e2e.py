@@ -451,3 +451,42 @@ def test_entries_of_a_renamed_tenant_are_warned_of(policy_file: Path, tmp_path: 
         assert f"{complained}  acme (not in the policy)  complaint" in listing
         with RelayProcess(policy, port, tmp_path / "again.log") as again:
             assert warned in again.log()
+
+
+def _send_as(port: int, sender: str, rcpts: tuple[str, ...]) -> str:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo()
+        client.mail(sender)
+        for rcpt in rcpts:
+            client.rcpt(rcpt)
+        code, reply = client.data(SMALL)
+    assert code == 250, reply
+    return reply.decode().rsplit(" ", 1)[1]
+
+
+def test_another_tenants_users_address_refused_at_delivery_is_not_listed(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A shared upstream's refusal lists for every tenant: acme's document to a
+    globex user listed him for globex's mail too, and his own company's
+    notices and copies stopped. A user of any tenant is not listed."""
+    refuse = {**REFUSE, "hank@globex.example": "550 5.1.1 <hank@globex.example>: User unknown"}
+    with SinkServer(Sink(refuse=refuse)) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            first = send(port, rcpts=("hank@globex.example",))
+            wait_for(lambda: f"{first}: to=<hank@globex.example>" in relay.log())
+            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
+            second = _send_as(port, "hank@globex.example", ("gone@example.org",))
+            wait_for(lambda: f"{second}: failure notice" in relay.log() or (
+                f"{second}: no failure notice" in relay.log()
+            ))  # fmt: skip
+            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
+            log = relay.log()
+    assert set(_listed(policy)) == {"gone@example.org"}
+    assert (
+        f"{first}: <hank@globex.example> is not put on the suppression list: user hank of globex"
+    ) in log
+    assert ("failed", "hank@globex.example") in audit_events(policy, first)
+    assert ("notified", "hank@globex.example") in audit_events(policy, second)
