@@ -316,6 +316,45 @@ def test_a_listing_is_in_the_story_the_table_and_the_report(tmp_path: Path) -> N
     assert checked.problem is None and checked.records == len(read_all(tmp_path))
 
 
+def _listing(recipient: str, since: str) -> dict[str, object]:
+    q, m = ACME_QUOTE
+    return events.listed(
+        queue_id=q,
+        message_id=m,
+        recipient=recipient,
+        reason="bounce",
+        since=since,
+        for_tenant=None,
+        detail="550 5.1.1 User unknown",
+    )
+
+
+def test_a_listing_written_again_counts_once_and_another_listing_again(tmp_path: Path) -> None:
+    """A failed fsync writes a message's final records again, its ``listed`` ones
+    with them: the report counted two listings and show told of two. Another
+    address, or the address listed anew later, is a listing of its own."""
+    build(tmp_path)
+    q = ACME_QUOTE[0]
+    first = _listing("sales@prospect.example", "2024-05-09T09:00:00.000Z")
+    clock = Clock(START + timedelta(days=3))
+    with AuditLog(tmp_path, clock=clock) as log:
+        log.append_many([first, _listing("ops@prospect.example", "2024-05-09T09:00:00.000Z")])
+        clock.advance(hours=1)
+        log.append(first)  # the copy, after the failed fsync
+        log.append(_listing("sales@prospect.example", "2024-05-09T10:00:00.000Z"))
+    quote = next(r for r in report(tmp_path) if r["doc_type"] == "quote")
+    assert quote["listed"] == 3
+    shown = [(r["event"], r.get("recipient")) for r in show(tmp_path, q) if r["event"] == "listed"]
+    assert sorted(shown) == [
+        ("listed", "ops@prospect.example"),
+        ("listed", "sales@prospect.example"),
+        ("listed", "sales@prospect.example"),
+    ]
+    assert len(list(search(tmp_path, status="listed"))) == 3
+    later = search(tmp_path, status="listed", since="2024-05-09T09:30:00Z")
+    assert [r["suppression"]["since"] for r in later] == ["2024-05-09T10:00:00.000Z"]
+
+
 def test_show_main(log_dir: Path) -> None:
     out, err = io.StringIO(), io.StringIO()
     assert show_main(log_dir, "<quote-77@erp.acme.example>", out=out, err=err) == 0
