@@ -870,3 +870,27 @@ def test_compression_cut_off_by_a_crash_is_finished_over_its_gz(tmp_path: Path) 
     log = AuditLog(tmp_path, compress_after_days=1, clock=Clock(START + timedelta(days=2)))
     assert "compressed audit-2024-05-07.jsonl" in log.maintain()
     assert not day.exists() and verify(tmp_path).ok
+
+
+def test_a_cut_off_gz_of_the_plain_files_start_is_replaced_and_other_records_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A killed ``gzip -k`` leaves a stream that ends early: taken for one holding
+    other records, it was kept with an ERROR at every maintenance run and the
+    day never compressed. Cut off within other records, it is still kept."""
+    build(tmp_path)
+    day = tmp_path / "audit-2024-05-07.jsonl"
+    other = tmp_path / "audit-2024-05-06.jsonl"
+    for plain, text in ((day, day.read_bytes()), (other, b"x" + other.read_bytes())):
+        packed = gzip.compress(text, mtime=0)
+        plain.with_name(plain.name + ".gz").write_bytes(packed[: len(packed) * 2 // 3])
+    kept = other.with_name(other.name + ".gz").read_bytes()
+    log = AuditLog(tmp_path, compress_after_days=1, clock=Clock(START + timedelta(days=2)))
+    assert log.maintain() == [
+        "left audit-2024-05-06.jsonl as it is: audit-2024-05-06.jsonl.gz holds other records",
+        "compressed audit-2024-05-07.jsonl",
+    ]
+    assert not day.exists() and other.exists()
+    assert other.with_name(other.name + ".gz").read_bytes() == kept
+    assert "audit-2024-05-07.jsonl.gz holds records" not in caplog.text
+    assert [r["seq"] for r in read_all(tmp_path)] == list(range(1, 19))

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 from relay import statefiles
 from relay.audit import events, reader
@@ -47,6 +47,7 @@ log = logging.getLogger("relay.audit")
 #: Day files, plain and compressed: records name addresses, tenants and users.
 FILE_MODE = 0o640
 HEAD_FILE = reader.HEAD_FILE
+_GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip header and trailer around the stream
 
 
 class AuditError(RelayError):
@@ -590,16 +591,31 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
 
 def _prefix_of(packed: Path, plain: Path) -> bool:
     """Whether a .gz holds nothing the plain file does not begin with (a
-    compression of it a crash cut off before the plain file went), so that
-    replacing it loses no record. A damaged one may hold any."""
+    compression of it a crash cut off before the plain file went, or a
+    killed ``gzip -k``, its stream ending early), so that replacing it loses
+    no record. A damaged one may hold any."""
     try:
-        with reader.open_file(packed) as copy, statefiles.open_read(plain) as original:
-            while block := copy.read(1 << 20):
+        with statefiles.open_read(packed) as raw, statefiles.open_read(plain) as original:
+            for block in _unpacked(raw):
                 if original.read(len(block)) != block:
                     return False
-    except (EOFError, zlib.error, gzip.BadGzipFile):
+    except zlib.error:
         return False
     return True
+
+
+def _unpacked(raw: BinaryIO) -> Iterator[bytes]:
+    """A gzip file's bytes as far as its stream goes: gzip's reader raises
+    EOFError at a stream cut off and gives none of the block it was in, so a
+    partial copy could not be told from one holding other records."""
+    inflate = zlib.decompressobj(_GZIP_WBITS)
+    while chunk := raw.read(1 << 20):
+        while chunk:
+            yield inflate.decompress(chunk, 1 << 20)
+            chunk = inflate.unconsumed_tail
+            if inflate.eof:  # a member ends: another may follow, as gzip reads them
+                chunk = inflate.unused_data
+                inflate = zlib.decompressobj(_GZIP_WBITS)
 
 
 def _head(line: bytes, name: str) -> tuple[int, str]:
