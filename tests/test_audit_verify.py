@@ -59,7 +59,7 @@ def test_untouched_log_verifies_with_counts(log_dir: Path) -> None:
     assert verify_main(log_dir, None, out, err) == 0
     assert "audit log intact: 18 records in 3 files (seq 1..18)" in out.getvalue()
     assert f"head: seq 18 hash {result.head}" in out.getvalue()
-    assert err.getvalue() == ""
+    assert err.getvalue() == "note: the chain starts at its genesis (seq 1)\n"
 
 
 def test_one_changed_byte(log_dir: Path) -> None:
@@ -198,9 +198,9 @@ def test_since_skips_earlier_days_and_says_so(log_dir: Path) -> None:
     assert result.notes == [
         f"verified from --since 2024-05-07: starts at seq 12 in {DAY2}; earlier records not checked"
     ]
-    out = io.StringIO()
-    assert verify_main(log_dir, "2024-05-07", out, io.StringIO()) == 0
-    assert "earlier records not checked" in out.getvalue()
+    err = io.StringIO()
+    assert verify_main(log_dir, "2024-05-07", io.StringIO(), err) == 0
+    assert "earlier records not checked" in err.getvalue()
 
 
 def test_retention_is_told_apart_from_removal(log_dir: Path) -> None:
@@ -345,9 +345,13 @@ def test_records_cut_from_the_end_are_found_with_the_head_written_down(log_dir: 
     assert verify(log_dir).ok  # as before: nothing else can tell
     err = io.StringIO()
     assert verify_main(log_dir, None, io.StringIO(), err, anchor=written_down) == 1
-    assert err.getvalue().startswith(
-        f"relay audit verify: TAMPERED: {DAY3} line 1: the log ends at seq 16,"
-        " before the anchor's seq 18: records were removed from its end\n"
+    assert (
+        err.getvalue()
+        .removeprefix("note: the chain starts at its genesis (seq 1)\n")
+        .startswith(
+            f"relay audit verify: TAMPERED: {DAY3} line 1: the log ends at seq 16,"
+            " before the anchor's seq 18: records were removed from its end\n"
+        )
     )
 
 
@@ -366,10 +370,10 @@ def test_an_anchor_whose_record_was_replaced(log_dir: Path) -> None:
 
 def test_an_anchor_older_than_the_days_verified_is_not_checked(log_dir: Path) -> None:
     head = verify(log_dir).head
-    out = io.StringIO()
-    assert verify_main(log_dir, "2024-05-08", out, io.StringIO(), anchor=f"seq 2 hash {head}") == 0
+    err = io.StringIO()
+    assert verify_main(log_dir, "2024-05-08", io.StringIO(), err, anchor=f"seq 2 hash {head}") == 0
     assert "note: the anchor (seq 2) is older than the records verified: not checked" in (
-        out.getvalue()
+        err.getvalue()
     )
     err = io.StringIO()
     assert verify_main(log_dir, None, io.StringIO(), err, anchor="18") == 2
@@ -409,9 +413,9 @@ def test_an_anchor_with_no_records_since_is_not_checked_not_tampered(log_dir: Pa
         err.getvalue()
     )
     assert "note: the anchor (seq 5) is not checked: no records from --since 2030-01-01 on" in (
-        out.getvalue()
+        err.getvalue()
     )
-    assert "note: no records from 2030-01-01 on to verify" in out.getvalue()
+    assert "note: no records from 2030-01-01 on to verify" in err.getvalue()
     assert "empty" not in out.getvalue()  # it holds records, none of them that late
     (log_dir / DAY3).unlink()  # with the anchor's day read, an end cut off still shows
     assert verify_main(log_dir, "2024-05-07", io.StringIO(), err, anchor=f"18:{head}") == 1
@@ -438,7 +442,7 @@ def test_a_torn_write_the_relay_ended_is_a_note_and_the_rest_is_checked(log_dir:
     out, err = io.StringIO(), io.StringIO()
     anchor = f"18:{result.head}"
     assert verify_main(log_dir, None, out, err, anchor=anchor) == 0
-    assert "the anchor (seq 18) is in the log as written down" in out.getvalue()
+    assert "the anchor (seq 18) is in the log as written down" in err.getvalue()
     assert "audit log intact: 18 records" in out.getvalue()
 
 
@@ -534,14 +538,15 @@ def test_a_log_logrotate_rotated_is_not_intact_and_the_rotated_file_is_named(
     out, err = io.StringIO(), io.StringIO()
     assert verify_main(log_dir, None, out, err) == 1
     assert f"note: {rotated} is not read: not a day file's name (rotated by logrotate?)\n" in (
-        out.getvalue()
+        err.getvalue()
     )
-    assert err.getvalue().startswith(
-        f"relay audit verify: TAMPERED: {DAY2} line {len(_lines(log_dir / DAY2))}: the log ends"
+    assert out.getvalue() == ""
+    assert (
+        f"\nrelay audit verify: TAMPERED: {DAY2} line {len(_lines(log_dir / DAY2))}: the log ends"
         f" at seq {last_of_day2}, but the relay wrote up to seq 18 (.head): records"
         f" {last_of_day2 + 1}..18 missing from its end (removed, or moved to a file not read:"
         " see the notes)\n"
-    )
+    ) in err.getvalue()  # after the notes
 
 
 def test_a_rotated_log_written_to_again_names_the_rotated_file_by_the_gap(log_dir: Path) -> None:

@@ -421,7 +421,8 @@ def test_an_output_that_cannot_be_written_is_exit_74_not_the_commands_1(
         log.append(events.failed(queue_id="Q1", message_id=None, recipient="a@b", reply="550 no"))
     Spool(state / "queue").put(spoolkit.make_entry(), b"Subject: x\r\n\r\nx\r\n")
     done = into_dev_full(*command, "-c", str(policy_file))
-    assert (done.returncode, done.stderr) == (
+    said = "".join(line for line in done.stderr.splitlines(True) if not line.startswith("note: "))
+    assert (done.returncode, said) == (
         74,
         "relay: cannot write the output: No space left on device\n",
     )
@@ -451,8 +452,41 @@ def test_a_reader_gone_is_exit_141_for_a_command_whose_1_is_a_finding(
     with AuditLog(policy_file.parent / "state" / "audit") as log:
         log.append(events.failed(queue_id="Q1", message_id=None, recipient="a@b", reply="550 no"))
     done = into_closed_pipe(*command, "-c", str(policy_file))
-    assert (done.returncode, done.stderr) == (141, "")
+    said = [line for line in done.stderr.splitlines() if not line.startswith("note: ")]
+    assert (done.returncode, said) == (141, [])  # verify's notes are on stderr
     assert into_closed_pipe("audit", "search", "-c", str(policy_file)).returncode == 1
+
+
+def test_verify_of_a_tampered_log_with_many_notes_piped_into_head_is_exit_1(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """``relay audit verify | head -1`` on a log logrotate rotated, many times:
+    the notes went to stdout before the verdict, head went away after the
+    first, and the exit was 141, not tampered. They go to stderr, as search's."""
+    from relay.audit import AuditLog, events
+
+    directory = policy_file.parent / "state" / "audit"
+    with AuditLog(directory) as log:
+        log.append(events.failed(queue_id="Q1", message_id=None, recipient="a@b", reply="550 no"))
+    (day,) = directory.glob("audit-*.jsonl")
+    for n in range(1, 2001):  # their notes more than a pipe holds
+        (directory / f"{day.name}.{n}.gz").write_bytes(b"")
+    day.write_bytes(b"")
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with open(tmp_path / "stderr", "w+b") as errors:
+        verify = subprocess.Popen(
+            [sys.executable, "-m", "relay", "audit", "verify", "-c", str(policy_file)],
+            stdout=subprocess.PIPE, stderr=errors, env=buffered, cwd=ROOT,
+        )  # fmt: skip
+        assert verify.stdout is not None
+        head = subprocess.run(["head", "-1"], stdin=verify.stdout, capture_output=True, timeout=60)
+        verify.stdout.close()
+        status = verify.wait(60)
+        errors.seek(0)
+        said = errors.read().decode()
+    assert (status, head.stdout) == (1, b"")
+    assert said.count(" is not read: not a day file's name") == 2000
+    assert "relay audit verify: TAMPERED: " in said
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")

@@ -149,8 +149,7 @@ def verify_main(
         result = verify(directory, hmac_key, day.astimezone(UTC).date() if day else None, head)
     except OSError as exc:
         return _unreadable("verify", directory, exc, err)
-    for note in result.notes:
-        out.write(f"note: {note}\n")
+    err.write("".join(f"note: {note}\n" for note in result.notes))
     if result.problem is not None:
         err.write(f"relay audit verify: TAMPERED: {result.problem}\n")
         if result.at_start:
