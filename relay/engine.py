@@ -208,7 +208,7 @@ def _sent_otherwise(entry: QueueEntry, policy: Policy) -> str | None:
     platform's smarthost sent an account's mail unaligned for DMARC, its bounces
     to the company. None when it sends as the old one did."""
     upstream = policy.upstreams.get(_route(entry, policy))
-    written = _written_as(entry, policy)
+    written = _written_as(entry)
     if upstream is None or written is None or written == sends_as(upstream).lower():
         return None
     return (
@@ -217,16 +217,12 @@ def _sent_otherwise(entry: QueueEntry, policy: Policy) -> str | None:
     )
 
 
-def _written_as(entry: QueueEntry, policy: Policy) -> str | None:
-    """The address the entry was decided for, lower-cased, "" the platform's. A
-    record of an earlier version has its envelope sender alone to tell, and
-    nothing when that is empty."""
-    if entry.sends_as is not None:
-        return entry.sends_as.lower()
-    if not entry.mail_from:
-        return None
-    mail_from = entry.mail_from.lower()
-    return "" if mail_from == policy.platform.return_path.lower() else mail_from
+def _written_as(entry: QueueEntry) -> str | None:
+    """The address the entry was decided for, lower-cased, "" the platform's;
+    None for a record of an earlier version, which goes as it went then: its
+    envelope sender told it wrong where the same reload changed the
+    platform's ``return_path``, and such mail waited for nothing."""
+    return None if entry.sends_as is None else entry.sends_as.lower()
 
 
 def _as(address: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import random
 import re
@@ -819,6 +820,29 @@ def test_mail_waiting_for_a_removed_upstream_goes_the_way_of_its_tenant(
     assert relay.log().count("upstream 'default' is no longer in the policy") == 1
     assert audit_events(policy, queue_id)[-1] == ("delivered", "one@example.org")
     assert relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n"
+
+
+def test_mail_an_earlier_version_queued_goes_as_it_went_then(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Its record notes no ``sends_as``: told by its envelope sender against a
+    ``return_path`` the same edit changed, the platform's mail was taken for
+    an account's and waited for an upstream that would never come back."""
+    port, sink_port = free_port(), free_port()
+    policy = configure(policy_file, port, sink_port)
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        queue_id = send(port)
+        wait_for(lambda: "status=deferred" in relay.log())
+    spool = Spool(load(policy).queue.directory)
+    spool.update(dataclasses.replace(spool.load(queue_id), sends_as=None))
+    text = policy.read_text().replace("upstream: default", "upstream: smarthost")
+    text = text.replace("  default:\n    type: smtp\n", "  smarthost:\n    type: smtp\n")
+    text = text.replace("return_path: bounces@platform.example", "return_path: b@platform.example")
+    policy.write_text(pointed(text, "smarthost", sink_port))
+    with SinkServer(port=sink_port) as sink, RelayProcess(policy, port, tmp_path / "again.log"):
+        (sent,) = sink.sink.wait(1, timeout=30)
+    assert sent.mail_from == "bounces@platform.example"
+    assert audit_events(policy, queue_id)[-1] == ("delivered", "one@example.org")
 
 
 PER = b"From: per@sevenoff.example\r\nTo: one@example.org\r\nSubject: Hello\r\n\r\nhi\r\n"
