@@ -181,6 +181,8 @@ def _rerouted(entry: QueueEntry, policy: Policy) -> Upstream | None:
         return None
     why = _sent_otherwise(entry, policy)
     if why is not None:
+        if all(r.reply == _no_upstream(entry, policy) for r in entry.pending()):
+            return None  # said at its first attempt: its delay reason says it since
         log.warning(
             "%s: upstream %r is no longer in the policy, and %s: it waits for %r, or expires"
             " (relay queue delete removes it)",

@@ -858,6 +858,15 @@ def pointed(text: str, name: str, port: int) -> str:
     return re.sub(rf"(  {name}:\n(?:    .*\n)*?    port: )\d+", rf"\g<1>{port}", text)
 
 
+def held_over_two_attempts(relay: RelayProcess, policy: Path, old: str, waiting: str) -> None:
+    """Not sent at two attempts, and the warning said at the first alone, where
+    it came at every attempt: about 1,000 lines an hour for 1,000 such messages."""
+    wait_for(lambda: waiting in relay.log())
+    relay_cli(policy, "queue", "retry", "ALL")
+    wait_for(lambda: relay.log().count(f"4.3.5 no upstream '{old}'") >= 2)
+    assert relay.log().count(waiting) == 1
+
+
 def test_mail_for_the_platform_waits_when_its_tenant_moves_to_an_account(
     policy_file: Path, tmp_path: Path
 ) -> None:
@@ -878,7 +887,7 @@ def test_mail_for_the_platform_waits_when_its_tenant_moves_to_an_account(
         relay.signal(signal.SIGHUP)
         relay.wait_reloaded(1)
         waiting = "upstream 'default' is no longer in the policy, and tenant acme's upstream"
-        wait_for(lambda: relay.log().count(waiting) >= 2)
+        held_over_two_attempts(relay, policy, "default", waiting)
         assert sink.sink.messages == []
         listed = json.loads(relay_cli(policy, "queue", "list", "--json").stdout)
         reason = listed["recipients"][0]["delay_reason"]
@@ -913,7 +922,7 @@ def test_mail_for_an_account_waits_when_its_tenant_moves_to_the_platform(
         relay.signal(signal.SIGHUP)
         relay.wait_reloaded(1)
         waiting = "upstream 'company24' is no longer in the policy, and tenant sevenoff's"
-        wait_for(lambda: relay.log().count(waiting) >= 2)
+        held_over_two_attempts(relay, policy, "company24", waiting)
         assert sink.sink.messages == []
     assert "sends as the platform's addresses, and this message was written to go as" in (
         relay.log()
