@@ -47,6 +47,28 @@ def relay(policy_file: Path, tmp_path: Path) -> Iterator[tuple[RelayProcess, Sin
             yield proc, sink
 
 
+def erp_signed(
+    data: bytes,
+    key_dir: tuple[Path, dict[str, str]],
+    key: str,
+    headers: list[bytes],
+    canon: bytes = b"relaxed",
+) -> bytes:
+    """``data`` with the ERP's own signature, made with the test key ``key``
+    (``domain.selector``), ``c=canon/relaxed``, over ``headers``."""
+    domain, _, selector = key.rpartition(".")
+    private = (key_dir[0] / f"{key}.private").read_bytes()
+    signature = dkim.sign(
+        data,
+        selector.encode(),
+        domain.encode(),
+        private,
+        canonicalize=(canon, b"relaxed"),
+        include_headers=headers,
+    )
+    return signature + data
+
+
 def _queued(policy: Path, queue_id: str) -> dict:
     done = relay_cli(policy, "audit", "search", "--queue-id", queue_id, "--format", "json")
     assert done.returncode == 0, done.stderr
@@ -150,16 +172,9 @@ def test_an_erps_own_relaxed_signature_survives_the_line_left_out(
 ) -> None:
     """Why the line is left out rather than the message refused: relaxed
     canonicalisation reads the field the same either way."""
-    key = (key_dir[0] / "platform.example.s1.private").read_bytes()
-    signature = dkim.sign(
-        OBSOLETE_FOLD,
-        b"s1",
-        b"platform.example",
-        key,
-        canonicalize=(canon, b"relaxed"),
-        include_headers=[b"from", b"subject", b"x-note"],
+    signed = erp_signed(
+        OBSOLETE_FOLD, key_dir, "platform.example.s1", [b"from", b"subject", b"x-note"], canon
     )
-    signed = signature + OBSOLETE_FOLD
     fields, _ = headers.split(signed)
     assert any(headers.has_blank_line(field) for field in fields)
     sent = apply(signed, HeaderEdits(drop_blank_lines=True))
@@ -223,16 +238,10 @@ def test_an_empty_to_or_cc_an_erps_signature_signs_is_kept(
     canonicalisation, where the relay keeps its From: with no key of the
     relay's for that domain, the only signature DMARC could pass on."""
     data = msg("From: Hank Scorpio <hank@globex.example>", *BASE[2:], "To:", "Cc: ")
-    key = (key_dir[0] / "globex.example.g1.private").read_bytes()
-    signature = dkim.sign(
-        data,
-        b"g1",
-        b"globex.example",
-        key,
-        canonicalize=(canon, b"relaxed"),
-        include_headers=[b"from", b"to", b"cc", b"subject"],
+    signed = erp_signed(
+        data, key_dir, "globex.example.g1", [b"from", b"to", b"cc", b"subject"], canon
     )
-    p = run(policy_file, signature + data, login="erp-globex")
+    p = run(policy_file, signed, login="erp-globex")
     view = message.read(p.message)
     assert view.get_all("To") == ("",) and view.get_all("Cc") == ("",)
     assert dkimpy_each(p.message, key_dir[1])[-1]
@@ -258,16 +267,8 @@ def test_the_reasons_say_an_erps_simple_signature_the_line_left_out_breaks(
 ) -> None:
     """The ERP's signature failed at every receiver, and nothing said why."""
     proc, sink = relay
-    key = (key_dir[0] / "platform.example.s1.private").read_bytes()
-    signature = dkim.sign(
-        OBSOLETE_FOLD,
-        b"s1",
-        b"platform.example",
-        key,
-        canonicalize=(canon, b"relaxed"),
-        include_headers=[b"from", b"subject"],
-    )
-    queue_id = send(proc.port, signature + OBSOLETE_FOLD, ("one@example.org",))
+    signed = erp_signed(OBSOLETE_FOLD, key_dir, "platform.example.s1", [b"from", b"subject"], canon)
+    queue_id = send(proc.port, signed, ("one@example.org",))
     sink.sink.wait(1)
     reasons = _queued(proc.policy, queue_id)["reasons"]
     assert (LEFT_OUT + SIMPLE_BROKEN in reasons) is said
@@ -281,10 +282,9 @@ def test_an_empty_to_is_written_where_the_erps_signature_is_broken_anyway(
     outside a verified domain: the empty To was kept for a signature already
     broken, and said to be kept for it."""
     data = msg(*BASE[:1], *BASE[2:], "To:")
-    key = (key_dir[0] / "globex.example.g1.private").read_bytes()
-    signature = dkim.sign(
-        data, b"g1", b"globex.example", key, include_headers=[b"from", b"to", b"subject"]
+    p = run(
+        policy_file,
+        erp_signed(data, key_dir, "globex.example.g1", [b"from", b"to", b"subject"], b"simple"),
     )
-    p = run(policy_file, signature + data)
     assert message.read(p.message).get_all("To") == ("undisclosed-recipients:;",)
     assert EMPTY_TO in p.decision.reasons

@@ -858,13 +858,21 @@ def pointed(text: str, name: str, port: int) -> str:
     return re.sub(rf"(  {name}:\n(?:    .*\n)*?    port: )\d+", rf"\g<1>{port}", text)
 
 
-def held_over_two_attempts(relay: RelayProcess, policy: Path, old: str, waiting: str) -> None:
-    """Not sent at two attempts, and the warning said at the first alone, where
-    it came at every attempt: about 1,000 lines an hour for 1,000 such messages."""
+def held_after_reload(
+    relay: RelayProcess, policy: Path, text: str, sink: SinkServer, old: str, tenant: str
+) -> None:
+    """The policy ``text`` put in use: the mail waiting for upstream ``old`` is
+    not sent at two attempts, and its warning is said at the first alone,
+    where it came at every attempt: 1,000 lines an hour for 1,000 messages."""
+    policy.write_text(text)
+    relay.signal(signal.SIGHUP)
+    relay.wait_reloaded(1)
+    waiting = f"upstream '{old}' is no longer in the policy, and tenant {tenant}'s"
     wait_for(lambda: waiting in relay.log())
     relay_cli(policy, "queue", "retry", "ALL")
     wait_for(lambda: relay.log().count(f"4.3.5 no upstream '{old}'") >= 2)
     assert relay.log().count(waiting) == 1
+    assert sink.sink.messages == []
 
 
 def test_mail_for_the_platform_waits_when_its_tenant_moves_to_an_account(
@@ -883,12 +891,9 @@ def test_mail_for_the_platform_waits_when_its_tenant_moves_to_an_account(
         text = re.sub(r"  default:\n(?:    .*\n)*", "", before).replace(
             "upstream: default", "upstream: company24"
         )
-        policy.write_text(pointed(text, "company24", sink.port))
-        relay.signal(signal.SIGHUP)
-        relay.wait_reloaded(1)
-        waiting = "upstream 'default' is no longer in the policy, and tenant acme's upstream"
-        held_over_two_attempts(relay, policy, "default", waiting)
-        assert sink.sink.messages == []
+        held_after_reload(
+            relay, policy, pointed(text, "company24", sink.port), sink, "default", "acme"
+        )
         listed = json.loads(relay_cli(policy, "queue", "list", "--json").stdout)
         reason = listed["recipients"][0]["delay_reason"]
         assert reason == (
@@ -918,12 +923,8 @@ def test_mail_for_an_account_waits_when_its_tenant_moves_to_the_platform(
         wait_for(lambda: "status=deferred" in relay.log())
         text = re.sub(r"  company24:\n(?:    .*\n)*", "", policy.read_text())
         text = text.replace("upstream: company24", "upstream: default")
-        policy.write_text(pointed(text, "default", sink.port))
-        relay.signal(signal.SIGHUP)
-        relay.wait_reloaded(1)
-        waiting = "upstream 'company24' is no longer in the policy, and tenant sevenoff's"
-        held_over_two_attempts(relay, policy, "company24", waiting)
-        assert sink.sink.messages == []
+        text = pointed(text, "default", sink.port)
+        held_after_reload(relay, policy, text, sink, "company24", "sevenoff")
     assert "sends as the platform's addresses, and this message was written to go as" in (
         relay.log()
     )
