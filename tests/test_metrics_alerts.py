@@ -123,16 +123,23 @@ def test_each_signing_key_has_its_series_at_zero_from_the_start_and_after_a_relo
             assert _value(again, "relay_dkim_signatures_total", **added) == 0
 
 
+def _taking_a_tebibyte(policy_file: Path, port: int, sink_port: int, metrics: int) -> Path:
+    """The metrics policy with its listener taking messages of up to 1 TiB: it
+    keeps 1.5 TiB free, more than any test disk has, so it refuses for space."""
+    policy = _metrics_policy(policy_file, port, sink_port, metrics, workers=2)
+    text = policy.read_text()
+    policy.write_text(
+        text.replace(f"port: {port}\n", f"port: {port}\n    max_message_size: {2**40}\n", 1)
+    )
+    return policy
+
+
 def test_mail_refused_for_want_of_space_is_counted(policy_file: Path, tmp_path: Path) -> None:
     """A listener taking messages of up to 1 TiB keeps 1.5 TiB free, more than
     this disk has: /readyz said 503 and every MAIL got 452, and no metric moved."""
     with SinkServer(Sink()) as sink:
         port, metrics = free_port(), free_port()
-        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=2)
-        text = policy.read_text()
-        policy.write_text(
-            text.replace(f"port: {port}\n", f"port: {port}\n    max_message_size: {2**40}\n", 1)
-        )
+        policy = _taking_a_tebibyte(policy_file, port, sink.port, metrics)
         with RelayProcess(policy, port, tmp_path / "relay.log"):
             start = _samples(metrics)
             assert _has(start, "relay_smtp_insufficient_storage_total", listener="local")
@@ -163,11 +170,7 @@ def test_the_free_space_is_served_with_the_reserve_mail_is_refused_under(
     reserve, and a listener whose reserve is over the free space refuses."""
     with SinkServer(Sink()) as sink:
         port, metrics = free_port(), free_port()
-        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=2)
-        text = policy.read_text()
-        policy.write_text(
-            text.replace(f"port: {port}\n", f"port: {port}\n    max_message_size: {2**40}\n", 1)
-        )
+        policy = _taking_a_tebibyte(policy_file, port, sink.port, metrics)
         state = load(policy)
         with RelayProcess(policy, port, tmp_path / "relay.log"):
             samples = _samples(metrics)
