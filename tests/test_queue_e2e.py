@@ -909,6 +909,13 @@ def test_mail_for_the_platform_waits_when_its_tenant_moves_to_an_account(
     assert audit_events(policy, queue_id)[-1] == ("delivered", "one@example.org")
 
 
+def per_deferred(relay: RelayProcess, port: int) -> None:
+    """A message of sevenoff's, for its account, deferred as the account is down."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.sendmail("per@sevenoff.example", ["one@example.org"], PER)
+    wait_for(lambda: "status=deferred" in relay.log())
+
+
 def test_mail_for_an_account_waits_when_its_tenant_moves_to_the_platform(
     policy_file: Path, tmp_path: Path
 ) -> None:
@@ -918,9 +925,7 @@ def test_mail_for_an_account_waits_when_its_tenant_moves_to_the_platform(
     port = free_port()
     policy = with_down_account(policy_file, port)
     with RelayProcess(policy, port, tmp_path / "relay.log") as relay, SinkServer() as sink:
-        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-            client.sendmail("per@sevenoff.example", ["one@example.org"], PER)
-        wait_for(lambda: "status=deferred" in relay.log())
+        per_deferred(relay, port)
         text = re.sub(r"  company24:\n(?:    .*\n)*", "", policy.read_text())
         text = text.replace("upstream: company24", "upstream: default")
         text = pointed(text, "default", sink.port)
@@ -938,9 +943,7 @@ def test_mail_for_an_account_renamed_with_the_same_sender_goes_on(
     port = free_port()
     policy = with_down_account(policy_file, port)
     with RelayProcess(policy, port, tmp_path / "relay.log") as relay, SinkServer() as sink:
-        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-            client.sendmail("per@sevenoff.example", ["one@example.org"], PER)
-        wait_for(lambda: "status=deferred" in relay.log())
+        per_deferred(relay, port)
         text = policy.read_text().replace("company24", "company25")
         policy.write_text(pointed(text, "company25", sink.port))
         relay.signal(signal.SIGHUP)
