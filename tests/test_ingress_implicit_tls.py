@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from relay import tally
-from relay.ingress import listen
+from relay.ingress import implicit, listen
 from relay.ingress.clientlimit import ClientCounts
 from relay.policy.model import AuthMode, Listener, ListenerTls, TlsFiles
 from relay.policy.tlspair import read_pair
@@ -80,13 +80,37 @@ def test_smtps_client_logs_in_and_sends_over_tls(certs: Certs, tls_files: TlsFil
     assert submission.tls and submission.auth_login == "erp-acme"
 
 
-def test_a_plain_text_client_waiting_for_a_greeting_is_named_at_the_idle_timeout(
+def test_a_client_set_for_starttls_is_told_421_in_plain_text_and_named_at_once(
+    tls_files: TlsFiles, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It waited for a greeting until the idle timeout, 300 s by default, and its
+    user was told only that the connection closed."""
+    caplog.set_level(logging.INFO, logger="relay")
+    monkeypatch.setattr(implicit, "FIRST_BYTES_WAIT", 0.5)
+    counts = Tally(1)
+    served = listener(tls=tls_files, tls_mode=IMPLICIT, idle_timeout=300)
+    with Relay([served], tally=counts.row(0)) as relay:
+        started = time.monotonic()
+        with pytest.raises(smtplib.SMTPConnectError) as refused:
+            smtplib.SMTP("127.0.0.1", relay.port, timeout=TIMEOUT)
+        assert time.monotonic() - started < 5
+        (line,) = logged(caplog, "where a TLS handshake was expected")
+    assert (refused.value.smtp_code, refused.value.smtp_error) == (
+        421,
+        b"4.7.0 This port expects implicit TLS (SSL/TLS) from the first byte: an ERP set for"
+        b" STARTTLS should use the listener that offers it (port 587)",
+    )
+    assert line.getMessage().startswith("client=127.0.0.1 sent no TLS handshake in 0.5s where")
+    assert counts.total(tally.TLS_FAILED, "test") == 1
+
+
+def test_a_client_waiting_for_a_greeting_is_named_at_an_idle_timeout_shorter_than_the_wait(
     tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="relay")
     with Relay([listener(tls=tls_files, tls_mode=IMPLICIT, idle_timeout=0.5)]) as relay:
         started = time.monotonic()
-        with pytest.raises(smtplib.SMTPServerDisconnected):
+        with pytest.raises(smtplib.SMTPConnectError):
             smtplib.SMTP("127.0.0.1", relay.port, timeout=TIMEOUT)
         assert time.monotonic() - started < 5
         (line,) = logged(caplog, "where a TLS handshake was expected")
@@ -113,6 +137,21 @@ def test_a_client_that_stalls_in_its_handshake_is_not_taken_for_a_plain_text_one
         logging.WARNING,
         "client=127.0.0.1 did not finish the TLS handshake in 0.5s",
     )
+
+
+def test_a_stalled_handshake_is_given_the_idle_timeout_not_the_wait_for_its_first_bytes(
+    tls_files: TlsFiles, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay")
+    monkeypatch.setattr(implicit, "FIRST_BYTES_WAIT", 0.2)
+    with Relay([listener(tls=tls_files, tls_mode=IMPLICIT, idle_timeout=1.5)]) as relay:
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT) as sock:
+            started = time.monotonic()
+            sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # half a ClientHello
+            assert sock.recv(4096) == b""
+            assert 1.0 < time.monotonic() - started < 5
+        (line,) = logged(caplog, "TLS handshake in")
+    assert line.getMessage() == "client=127.0.0.1 did not finish the TLS handshake in 1.5s"
 
 
 def test_a_client_that_resets_in_its_handshake_is_logged_as_after_starttls(

@@ -5,8 +5,9 @@ The handshake is started here rather than by the server's ``ssl=``: asyncio
 says nothing of a handshake that fails there, so a plain-text client left no
 line in the log; and each connection takes the certificate its listener
 serves when it comes, so that a reload's renewal is served without a restart.
-It begins with the client's first bytes: a client that sent none in the
-idle timeout is likely set for plain text, one that stalled in it is not.
+It begins with the client's first bytes, which a TLS client sends as it
+connects: a client that sent none in ``FIRST_BYTES_WAIT`` waits for a plain
+greeting, one that stalled in its handshake is given the idle timeout.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ log = logging.getLogger("relay")
 PLAIN_CLIENT = (
     "client=%s %s where a TLS handshake was expected: is it set for STARTTLS or no"
     " encryption (port 587 or 25)? this listener offers implicit TLS"
+)
+# A client set for STARTTLS waited for a greeting until the idle timeout (300 s)
+# and then told its user only that the connection closed.
+FIRST_BYTES_WAIT = 10.0  # seconds, or the idle timeout if shorter
+WAITS_FOR_GREETING = (
+    b"421 4.7.0 This port expects implicit TLS (SSL/TLS) from the first byte:"
+    b" an ERP set for STARTTLS should use the listener that offers it (port 587)\r\n"
 )
 # OpenSSL's reason for a record that is no TLS at all: an SMTP command
 _PLAIN_TEXT = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST"})
@@ -55,6 +63,8 @@ class ImplicitTLS(asyncio.Protocol):
         self._wrapped = False  # the TLS layer reads the connection
         self._task: asyncio.Task[None] | None = None  # the handshake, from the first bytes
         self._silence: asyncio.TimerHandle | None = None  # until they come
+        self._wait = min(FIRST_BYTES_WAIT, timeout)  # for them
+        self._deadline = 0.0  # loop time: the handshake's end at the latest
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Admitted or refused now, as a plain connection is before its greeting:
@@ -67,7 +77,9 @@ class ImplicitTLS(asyncio.Protocol):
             transport.close()
             return
         self._handshaking.add(self)
-        self._silence = asyncio.get_running_loop().call_later(self._timeout, self._silent)
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + self._timeout
+        self._silence = loop.call_later(self._wait, self._silent)
 
     def data_received(self, data: bytes) -> None:
         """The handshake begins with the first bytes, so that a timeout can tell
@@ -88,11 +100,14 @@ class ImplicitTLS(asyncio.Protocol):
             self._ended()
 
     def _silent(self) -> None:
+        """Told in plain text, which a client waiting for a greeting reads and
+        most show their user, rather than an empty reply."""
         peer = client_address(self._peer)
-        log.warning(PLAIN_CLIENT, peer, f"sent no TLS handshake in {self._timeout:g}s")
+        log.warning(PLAIN_CLIENT, peer, f"sent no TLS handshake in {self._wait:g}s")
         self._count_failed()
         if self._transport is not None:
-            self._transport.abort()
+            self._transport.write(WAITS_FOR_GREETING)
+            self._transport.close()
 
     def _ended(self) -> None:
         if self._silence is not None:
@@ -125,8 +140,7 @@ class ImplicitTLS(asyncio.Protocol):
         """The TLS transport, or None for a handshake that failed (logged)."""
         loop = asyncio.get_running_loop()
         loop.call_soon(self._replay, transport)  # once start_tls has put its layer in
-        assert self._silence is not None
-        left = self._silence.when() - loop.time()  # of the idle timeout, from the connection
+        left = self._deadline - loop.time()  # of the idle timeout, from the connection
         try:
             return await loop.start_tls(
                 transport,
