@@ -5,11 +5,14 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import smtplib
+import socket
 import ssl
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -116,3 +119,24 @@ def served_certificate(port: int, implicit: bool = False) -> bytes:
 
 def der(path: Path) -> bytes:
     return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+
+def checked_after_handshake(sock: socket.socket, ca: Path, reset: bool = False) -> bool:
+    """Whether ``ca`` signed the certificate served, checked as GnuTLS (msmtp),
+    PHP, Java and Node check it: once the handshake is done, after which the
+    connection is closed, before any command; with ``reset``, by a reset, as
+    Node closes it."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # checked below, after the handshake
+    with context.wrap_socket(sock) as tls:
+        served = tls.getpeercert(binary_form=True)
+        if reset:
+            tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert served is not None
+    issuer = x509.load_pem_x509_certificate(ca.read_bytes())
+    try:
+        x509.load_der_x509_certificate(served).verify_directly_issued_by(issuer)
+    except (ValueError, InvalidSignature):
+        return False
+    return True

@@ -23,7 +23,7 @@ from relay.ingress.clientlimit import ClientCounts
 from relay.policy.model import AuthMode, Listener, ListenerTls, TlsFiles
 from relay.policy.tlspair import read_pair
 from relay.tally import Tally
-from tests.certs import Certs, der, make_certs, served_certificate
+from tests.certs import Certs, checked_after_handshake, der, make_certs, served_certificate
 from tests.ingress_harness import TIMEOUT, Relay
 from tests.minimal_policy import listener
 
@@ -167,6 +167,29 @@ def test_a_client_that_resets_in_its_handshake_is_logged_as_after_starttls(
         sock.close()  # a reset
         (line,) = logged(caplog, "TLS handshake failed")
     assert line.getMessage().startswith("TLS handshake failed client=127.0.0.1: ")
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+def test_a_client_that_does_not_trust_the_certificate_is_named_and_counted(
+    tmp_path: Path, tls_files: TlsFiles, caplog: pytest.LogCaptureFixture, reset: bool
+) -> None:
+    """It closes once the handshake is done, as msmtp or PHPMailer with the
+    wrong CA: the relay said nothing, or only that the handshake was reset."""
+    caplog.set_level(logging.INFO, logger="relay")
+    counts = Tally(1)
+    other = make_certs(tmp_path / "other")
+    with Relay([listener(tls=tls_files, tls_mode=IMPLICIT)], tally=counts.row(0)) as relay:
+        sock = socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT)
+        assert not checked_after_handshake(sock, other.ca, reset=reset)
+        (line,) = logged(caplog, "right after the TLS handshake")
+        _wait_until(lambda: counts.total(tally.TLS_FAILED, "test") == 1)
+    assert (line.levelno, line.getMessage()) == (
+        logging.WARNING,
+        "client=127.0.0.1 closed the connection right after the TLS handshake, before its"
+        " first command: does it trust the relay's certificate (its CA, the host name it"
+        " connects to)?",
+    )
+    assert "handshake failed" not in caplog.text
 
 
 def test_a_client_sending_plain_text_is_named_and_closed_at_once(

@@ -10,12 +10,15 @@ import ssl
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from relay import tally
 from relay.policy.model import TlsFiles
 from relay.policy.tlspair import read_pair
-from tests.certs import make_certs
+from relay.tally import Tally
+from tests.certs import checked_after_handshake, make_certs
 from tests.ingress_harness import TIMEOUT, Raw, Relay
 from tests.minimal_policy import listener
 
@@ -109,6 +112,31 @@ def test_a_client_idle_after_its_handshake_is_logged_after_starttls(
                 assert tls.recv(4096).startswith(b"421 4.4.2 ")
         line = handshake_failure(caplog, "disconnected after")
     assert line.startswith("client=127.0.0.1 disconnected after STARTTLS: 421 4.4.2 "), line
+
+
+def test_a_client_that_does_not_trust_the_certificate_is_named_and_counted(
+    tmp_path: Path, tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As msmtp with the wrong CA: it closed after the handshake, before EHLO
+    again, and the relay said nothing."""
+    caplog.set_level(logging.INFO, logger="relay")
+    counts = Tally(1)
+    other = make_certs(tmp_path / "other")
+    with Relay([listener(tls=tls_files)], tally=counts.row(0)) as relay:
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            assert raw.cmd(b"STARTTLS").startswith("220")
+            assert not checked_after_handshake(raw.sock, other.ca)
+        line = handshake_failure(caplog, "right after the TLS handshake")
+        deadline = time.monotonic() + TIMEOUT
+        while counts.total(tally.TLS_FAILED, "test") != 1:
+            assert time.monotonic() < deadline, "not counted"
+            time.sleep(0.02)
+    assert line == (
+        "client=127.0.0.1 closed the connection right after the TLS handshake, before its"
+        " first command: does it trust the relay's certificate (its CA, the host name it"
+        " connects to)?"
+    )
 
 
 def curl_smtps(port: int) -> None:

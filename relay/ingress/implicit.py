@@ -18,7 +18,7 @@ import ssl
 from typing import cast
 
 from relay import tally
-from relay.ingress.protocol import RelaySMTP, client_address
+from relay.ingress.protocol import CLOSED_AFTER_HANDSHAKE, RelaySMTP, client_address
 from relay.tally import TallyRow
 
 log = logging.getLogger("relay")
@@ -65,6 +65,8 @@ class ImplicitTLS(asyncio.Protocol):
         self._silence: asyncio.TimerHandle | None = None  # until they come
         self._wait = min(FIRST_BYTES_WAIT, timeout)  # for them
         self._deadline = 0.0  # loop time: the handshake's end at the latest
+        self._answered = False  # a whole ClientHello came first: the certificate was sent
+        self._stopping = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Admitted or refused now, as a plain connection is before its greeting:
@@ -117,6 +119,7 @@ class ImplicitTLS(asyncio.Protocol):
 
     def abort(self) -> None:
         """A stop does not wait for a handshake that may take the idle timeout."""
+        self._stopping = True
         if self._transport is not None:
             self._transport.abort()
 
@@ -127,6 +130,8 @@ class ImplicitTLS(asyncio.Protocol):
             self._ended()
             raise
         if tls is None or tls.is_closing():  # failed, or closed as it ended: a stop, the client
+            if tls is not None and not self._stopping:
+                self._closed_after_handshake()
             self._ended()  # no session will end to give its place up
             return
         self._handshaking.discard(self)
@@ -160,6 +165,7 @@ class ImplicitTLS(asyncio.Protocol):
         layer = transport.get_protocol()
         data = b"".join(self._raw)
         self._raw.clear()
+        self._answered = _whole_record(data)
         while data and hasattr(layer, "buffer_updated"):  # uvloop's is none by class
             buffer = layer.get_buffer(len(data))
             size = min(len(buffer), len(data))
@@ -172,7 +178,10 @@ class ImplicitTLS(asyncio.Protocol):
         as such. A handshake begins with the client's first bytes, so a client
         that only connects and closes (a TCP health check) never comes here;
         one that sent some and then closed or reset is a failed handshake, as
-        after STARTTLS."""
+        after STARTTLS, unless it reset once it had the certificate."""
+        if isinstance(error, ConnectionResetError) and self._answered and not self._stopping:
+            self._closed_after_handshake()  # by a reset that lost its last message
+            return
         peer = client_address(self._peer)
         if isinstance(error, ssl.SSLError) and error.reason in _PLAIN_TEXT:
             log.warning(PLAIN_CLIENT, peer, "sent plain text")
@@ -182,6 +191,18 @@ class ImplicitTLS(asyncio.Protocol):
             log.warning("TLS handshake failed client=%s: %s", peer, str(error) or repr(error))
         self._count_failed()
 
+    def _closed_after_handshake(self) -> None:
+        log.warning(CLOSED_AFTER_HANDSHAKE, client_address(self._peer))
+        self._count_failed()
+
     def _count_failed(self) -> None:
         if self._tally is not None:
             self._tally.add(tally.TLS_FAILED, self._listener_name)
+
+
+def _whole_record(data: bytes) -> bool:
+    """Whether ``data`` begins with a whole TLS record, as a ClientHello comes:
+    the relay answers it with its certificate, which a client that then resets
+    has most likely refused (its reset loses the message that ends the
+    handshake, so the relay sees the handshake fail)."""
+    return len(data) >= 5 and len(data) >= 5 + int.from_bytes(data[3:5], "big")

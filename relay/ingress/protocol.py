@@ -107,6 +107,12 @@ _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _AUTH_PARAMETER = re.compile(r"[ \t]+AUTH=\S*", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TLS_HANDSHAKE = b"\x16\x03"  # the start of a TLS handshake record, a ClientHello's
+# A client that checks the certificate once the handshake is done (GnuTLS's,
+# PHP's, Java's, Node's) closes then, and says so only to its own user.
+CLOSED_AFTER_HANDSHAKE = (
+    "client=%s closed the connection right after the TLS handshake, before its first"
+    " command: does it trust the relay's certificate (its CA, the host name it connects to)?"
+)
 IMPLICIT_TLS_CLIENT = (
     "client=%s sent a TLS handshake where an SMTP command was expected:"
     " is it set for implicit TLS (port 465)? this listener offers %s"
@@ -258,6 +264,7 @@ class RelaySMTP(SMTP):
         self._after: str | None = None
         self._timed_out = False  # told 421 for being idle
         self._handshake_logged = False  # see _log_if_handshake
+        self._quiet_in_tls = False  # TLS is on, and the client has sent nothing since
         self._unlogged: tuple[int, str, str] | None = None  # refused MAILs: count, last
         self._better = {
             "552 Error: Too much mail data": self._too_big(),
@@ -299,18 +306,29 @@ class RelaySMTP(SMTP):
         assert self.session is not None
         if self._tls_protocol is None and transport.get_extra_info("ssl_object") is not None:
             self.session.ssl = _implicit_tls(transport)
+        self._quiet_in_tls = self.session.ssl is not None  # again at the end of STARTTLS
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._lost:
             return
         self._lost = True
         self.hung_up.set()
+        self._log_if_quiet_in_tls()
         self._log_lost(error)
         self._refused_recipients.end()
         self._log_unlogged()
         self._connections.discard(self)
         self._leave_counted()
         super().connection_lost(error)
+
+    def _log_if_quiet_in_tls(self) -> None:
+        """A client gone before its first command over TLS, its handshake done,
+        most likely did not trust the certificate: the relay said nothing."""
+        if not self._quiet_in_tls or self._shut_down or self._timed_out:
+            return
+        assert self.session is not None
+        log.warning(CLOSED_AFTER_HANDSHAKE, client_address(self.session.peer))
+        self._count(tally.TLS_FAILED)
 
     def _log_lost(self, error: Exception | None) -> None:
         """A client that greeted and then reset the connection, as Postfix's ``lost
@@ -367,6 +385,7 @@ class RelaySMTP(SMTP):
         self.connection_lost(None)
 
     def data_received(self, data: bytes) -> None:
+        self._quiet_in_tls = False
         if not self._holding:
             self._reset_timeout()
         super().data_received(data)
