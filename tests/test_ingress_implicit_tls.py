@@ -122,6 +122,21 @@ def test_a_client_waiting_for_a_greeting_is_named_at_an_idle_timeout_shorter_tha
     )
 
 
+def test_a_client_that_resets_once_it_has_read_the_221_for_quit_is_not_logged(
+    certs: Certs, tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """smtplib resets the connection as the relay ends its TLS: more than half
+    its sessions were logged "lost connection after QUIT"."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Relay([listener(tls=tls_files, tls_mode=IMPLICIT)]) as relay:
+        for _ in range(20):
+            with smtplib.SMTP_SSL("127.0.0.1", relay.port, context=trusting(certs)) as client:
+                client.ehlo()
+        time.sleep(0.2)  # the last connection's end
+    relay_lines = [r.getMessage() for r in caplog.records if r.name == "relay"]
+    assert not [m for m in relay_lines if "lost connection" in m or "TLS" in m], relay_lines
+
+
 def test_a_client_that_stalls_in_its_handshake_is_not_taken_for_a_plain_text_one(
     tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -265,6 +265,7 @@ class RelaySMTP(SMTP):
         self._timed_out = False  # told 421 for being idle
         self._handshake_logged = False  # see _log_if_handshake
         self._quiet_in_tls = False  # TLS is on, and the client has sent nothing since
+        self._said_bye = False  # the 221 for QUIT was sent
         self._unlogged: tuple[int, str, str] | None = None  # refused MAILs: count, last
         self._better = {
             "552 Error: Too much mail data": self._too_big(),
@@ -338,6 +339,8 @@ class RelaySMTP(SMTP):
         session = self.session
         if not isinstance(error, OSError) or session is None or session.host_name is None:
             return
+        if self._said_bye:
+            return  # a client may reset the connection once it has read the 221
         if self._in_data:
             return  # said by the DATA reader: "connection lost during DATA"
         log.info(
@@ -752,6 +755,7 @@ class RelaySMTP(SMTP):
                 await super().push(status)
                 self._count_error(status)
                 return
+            self._said_bye = status.startswith("221")  # the reply to QUIT alone
         await super().push(status)
 
     def _count_error(self, status: str) -> None:
