@@ -20,6 +20,7 @@ import pytest
 from relay import tally
 from relay.ingress import implicit, listen
 from relay.ingress.clientlimit import ClientCounts
+from relay.ingress.protocol import CLOSED_AFTER_HANDSHAKE
 from relay.policy.model import AuthMode, Listener, ListenerTls, TlsFiles
 from relay.policy.tlspair import read_pair
 from relay.tally import Tally
@@ -158,15 +159,15 @@ def test_a_stalled_handshake_is_given_the_idle_timeout_not_the_wait_for_its_firs
     tls_files: TlsFiles, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.INFO, logger="relay")
-    monkeypatch.setattr(implicit, "FIRST_BYTES_WAIT", 0.2)
-    with Relay([listener(tls=tls_files, tls_mode=IMPLICIT, idle_timeout=1.5)]) as relay:
+    monkeypatch.setattr(implicit, "FIRST_BYTES_WAIT", 1.0)  # its first bytes come well within
+    with Relay([listener(tls=tls_files, tls_mode=IMPLICIT, idle_timeout=3.0)]) as relay:
         with socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT) as sock:
             started = time.monotonic()
             sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # half a ClientHello
             assert sock.recv(4096) == b""
-            assert 1.0 < time.monotonic() - started < 5
+            assert time.monotonic() - started > 2.0
         (line,) = logged(caplog, "TLS handshake in")
-    assert line.getMessage() == "client=127.0.0.1 did not finish the TLS handshake in 1.5s"
+    assert line.getMessage() == "client=127.0.0.1 did not finish the TLS handshake in 3s"
 
 
 def test_a_client_that_resets_in_its_handshake_is_logged_as_after_starttls(
@@ -185,7 +186,7 @@ def test_a_client_that_resets_in_its_handshake_is_logged_as_after_starttls(
 
 
 @pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
-def test_a_client_that_does_not_trust_the_certificate_is_named_and_counted(
+def test_a_client_that_does_not_trust_the_certificate_is_named_not_counted_as_failed(
     tmp_path: Path, tls_files: TlsFiles, caplog: pytest.LogCaptureFixture, reset: bool
 ) -> None:
     """It closes once the handshake is done, as msmtp or PHPMailer with the
@@ -197,14 +198,9 @@ def test_a_client_that_does_not_trust_the_certificate_is_named_and_counted(
         sock = socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT)
         assert not checked_after_handshake(sock, other.ca, reset=reset)
         (line,) = logged(caplog, "right after the TLS handshake")
-        _wait_until(lambda: counts.total(tally.TLS_FAILED, "test") == 1)
-    assert (line.levelno, line.getMessage()) == (
-        logging.WARNING,
-        "client=127.0.0.1 closed the connection right after the TLS handshake, before its"
-        " first command: does it trust the relay's certificate (its CA, the host name it"
-        " connects to)?",
-    )
+    assert (line.levelno, line.getMessage()) == (logging.INFO, CLOSED_AFTER_HANDSHAKE % "127.0.0.1")
     assert "handshake failed" not in caplog.text
+    assert counts.total(tally.TLS_FAILED, "test") == 0  # a certificate check does the same
 
 
 def test_a_client_sending_plain_text_is_named_and_closed_at_once(

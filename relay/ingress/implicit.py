@@ -192,8 +192,8 @@ class ImplicitTLS(asyncio.Protocol):
         self._count_failed()
 
     def _closed_after_handshake(self) -> None:
-        log.warning(CLOSED_AFTER_HANDSHAKE, client_address(self._peer))
-        self._count_failed()
+        """As after STARTTLS (``RelaySMTP._log_if_quiet_in_tls``): no failure counted."""
+        log.info(CLOSED_AFTER_HANDSHAKE, client_address(self._peer))
 
     def _count_failed(self) -> None:
         if self._tally is not None:

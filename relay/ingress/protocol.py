@@ -108,10 +108,12 @@ _AUTH_PARAMETER = re.compile(r"[ \t]+AUTH=\S*", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TLS_HANDSHAKE = b"\x16\x03"  # the start of a TLS handshake record, a ClientHello's
 # A client that checks the certificate once the handshake is done (GnuTLS's,
-# PHP's, Java's, Node's) closes then, and says so only to its own user.
+# PHP's, Java's, Node's) closes then, and says so only to its own user; so
+# does a monitoring check of the certificate, which is no failure.
 CLOSED_AFTER_HANDSHAKE = (
     "client=%s closed the connection right after the TLS handshake, before its first"
-    " command: does it trust the relay's certificate (its CA, the host name it connects to)?"
+    " command: a check of the certificate, or a client that does not trust it (its CA,"
+    " the host name it connects to)"
 )
 IMPLICIT_TLS_CLIENT = (
     "client=%s sent a TLS handshake where an SMTP command was expected:"
@@ -324,12 +326,13 @@ class RelaySMTP(SMTP):
 
     def _log_if_quiet_in_tls(self) -> None:
         """A client gone before its first command over TLS, its handshake done,
-        most likely did not trust the certificate: the relay said nothing."""
+        may not have trusted the certificate, and the relay said nothing. Not
+        a warning nor a failed handshake: a certificate check by monitoring
+        (blackbox, check_ssl_cert) closes there too, at every probe."""
         if not self._quiet_in_tls or self._shut_down or self._timed_out:
             return
         assert self.session is not None
-        log.warning(CLOSED_AFTER_HANDSHAKE, client_address(self.session.peer))
-        self._count(tally.TLS_FAILED)
+        log.info(CLOSED_AFTER_HANDSHAKE, client_address(self.session.peer))
 
     def _log_lost(self, error: Exception | None) -> None:
         """A client that greeted and then reset the connection, as Postfix's ``lost
