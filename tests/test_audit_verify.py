@@ -549,6 +549,17 @@ def test_a_log_logrotate_rotated_is_not_intact_and_the_rotated_file_is_named(
     ) in err.getvalue()  # after the notes
 
 
+def test_a_log_emptied_by_a_rotation_says_so_without_a_place(log_dir: Path) -> None:
+    """Every day file moved away, an empty one left: the verdict began with
+    ``- line 0:``, a place that is none."""
+    for day in log_dir.glob("audit-*.jsonl"):
+        day.rename(day.with_name(day.name + ".1"))
+    (log_dir / DAY3).write_bytes(b"")
+    result = verify(log_dir)
+    assert result.problem is not None
+    assert str(result.problem).startswith("the log is empty, but the relay wrote up to seq 18")
+
+
 def test_a_rotated_log_written_to_again_names_the_rotated_file_by_the_gap(log_dir: Path) -> None:
     rotated = f"{DAY3}.1.gz"
     _logrotated(log_dir, rotated)

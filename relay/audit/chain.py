@@ -61,7 +61,8 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file} line {self.line}: {self.message}"
+        """Where, unless the problem is of no file: an empty log's."""
+        return f"{self.file} line {self.line}: {self.message}" if self.file else self.message
 
 
 @dataclass
@@ -371,7 +372,7 @@ class _Verifier:
         elif self.r.last_seq is None or self.r.last_seq < anchor.seq:
             ends = "is empty" if self.r.last_seq is None else f"ends at seq {self.r.last_seq}"
             raise _Tampered(
-                Problem(self.last_file or "-", self.last_line,
+                Problem(self.last_file or "", self.last_line,
                         f"the log {ends}, before the anchor's seq {anchor.seq}:"
                         " records were removed from its end")
             )  # fmt: skip
@@ -393,7 +394,7 @@ class _Verifier:
         ends = "is empty" if self.r.last_seq is None else f"ends at seq {last}"
         how = "removed, or moved to a file not read: see the notes" if unread else "removed"
         raise _Tampered(
-            Problem(self.last_file or "-", self.last_line,
+            Problem(self.last_file or "", self.last_line,
                     f"the log {ends}, but the relay wrote up to seq {seq} ({reader.HEAD_FILE}):"
                     f" {_span(last + 1, seq)} missing from its end ({how})")
         )  # fmt: skip
