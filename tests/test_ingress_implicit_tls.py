@@ -99,7 +99,7 @@ def test_a_client_set_for_starttls_is_told_421_in_plain_text_and_named_at_once(
     assert (refused.value.smtp_code, refused.value.smtp_error) == (
         421,
         b"4.7.0 This port expects implicit TLS (SSL/TLS) from the first byte: an ERP set for"
-        b" STARTTLS should use the listener that offers it (port 587)",
+        b" STARTTLS should use a listener of the relay that offers it (port 587 is the usual one)",
     )
     assert line.getMessage().startswith("client=127.0.0.1 sent no TLS handshake in 0.5s where")
     assert counts.total(tally.TLS_FAILED, "test") == 1

@@ -32,7 +32,8 @@ PLAIN_CLIENT = (
 FIRST_BYTES_WAIT = 10.0  # seconds, or the idle timeout if shorter
 WAITS_FOR_GREETING = (
     b"421 4.7.0 This port expects implicit TLS (SSL/TLS) from the first byte:"
-    b" an ERP set for STARTTLS should use the listener that offers it (port 587)\r\n"
+    b" an ERP set for STARTTLS should use a listener of the relay that offers it"
+    b" (port 587 is the usual one)\r\n"
 )
 # OpenSSL's reason for a record that is no TLS at all: an SMTP command
 _PLAIN_TEXT = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST"})
