@@ -242,6 +242,25 @@ def _no_upstream(entry: QueueEntry, policy: Policy) -> str:
     )
 
 
+def _sender_changed(entry: QueueEntry, upstream: Upstream | None) -> str | None:
+    """The delay reason of an entry whose own upstream a reload made send as
+    another address (its ``sender`` changed, added or taken away) than the one
+    its From, envelope sender and signature were decided for, as for one
+    rerouted (``_sent_otherwise``): sent, an account refused it for good. Said
+    in the log at its first attempt."""
+    written = _written_as(entry)
+    if upstream is None or written is None or written == sends_as(upstream).lower():
+        return None
+    reason = (
+        f"451 4.3.5 upstream {upstream.name!r} now sends as {_as(sends_as(upstream))}, and"
+        f" this message was written to go as {_as(written)}; put its sender back in the"
+        " policy, or relay queue delete it"
+    )
+    if not all(r.reply == reason for r in entry.pending()):
+        log.warning("%s: held: %s", entry.queue_id, reason[10:])
+    return reason
+
+
 def _route(entry: QueueEntry, policy: Policy) -> str:
     """The name of the upstream the entry goes to, without a word: the attempt
     (``_rerouted``) says it, once."""
@@ -818,6 +837,9 @@ class Engine:
         now = self.clock()
         deadline = entry.arrival + policy.queue.lifetime
         upstream = policy.upstreams.get(entry.upstream) or _rerouted(entry, policy)
+        held = _sender_changed(entry, upstream)
+        if held is not None:
+            upstream = None
         pending = [r.address for r in entry.pending()]
         own = _own(entry, pending) if immediate else pending
         cut: set[str] = set()  # recipients the stop cut off before the upstream answered
@@ -826,7 +848,7 @@ class Engine:
             # wait for when suspended, nor to count an attempt of or call reached
             replies: dict[str, tuple[int, str]] = {}
         elif upstream is None:
-            replies = dict.fromkeys(pending, (451, _no_upstream(entry, policy)))
+            replies = dict.fromkeys(pending, (451, held or _no_upstream(entry, policy)))
         else:
             if now < deadline:  # past it, its last try is a real one
                 wait = policy.queue.first_retry

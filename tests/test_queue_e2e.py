@@ -935,6 +935,33 @@ def test_mail_for_an_account_waits_when_its_tenant_moves_to_the_platform(
     )
 
 
+def test_mail_for_an_account_whose_sender_changed_waits(policy_file: Path, tmp_path: Path) -> None:
+    """The account kept its name and took another ``sender``: the waiting mail,
+    From and enveloped as the old address, went through it, to be refused for
+    good. It waits until the sender is put back."""
+    port = free_port()
+    policy = with_down_account(policy_file, port)
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay, SinkServer() as sink:
+        per_deferred(relay, port)
+        before = policy.read_text()
+        changed = before.replace("sender: post@sevenoff", "sender: billing@sevenoff")
+        policy.write_text(pointed(changed, "company24", sink.port))
+        relay.signal(signal.SIGHUP)
+        relay.wait_reloaded(1)
+        held = "upstream 'company24' now sends as billing@sevenoff.example, and this message"
+        wait_for(lambda: held in relay.log())
+        relay_cli(policy, "queue", "retry", "ALL")
+        wait_for(lambda: relay.log().count(f"4.3.5 {held}") >= 2)
+        assert relay.log().count(f"held: {held}") == 1
+        assert sink.sink.messages == []
+        policy.write_text(pointed(before, "company24", sink.port))
+        relay.signal(signal.SIGHUP)
+        relay.wait_reloaded(2)
+        relay_cli(policy, "queue", "retry", "ALL")
+        (sent,) = sink.sink.wait(1)
+    assert sent.mail_from == "post@sevenoff.example"
+
+
 def test_mail_for_an_account_renamed_with_the_same_sender_goes_on(
     policy_file: Path, tmp_path: Path
 ) -> None:
