@@ -631,7 +631,7 @@ def test_a_boundary_declared_in_another_form_is_held_to_the_limits_too(
     )
     started = time.process_time()  # CPU, not the wall: a busy machine is no failure
     assert message.read(raw).attachments == ("order.pdf",)
-    assert time.process_time() - started < 5
+    assert time.process_time() - started < 12  # 23 s before; 2.8 s alone on a slow machine
 
 
 def test_many_long_boundaries_declared_in_text_cost_no_pattern_of_them() -> None:
