@@ -210,8 +210,8 @@ def _sent_otherwise(entry: QueueEntry, policy: Policy) -> str | None:
     platform's smarthost sent an account's mail unaligned for DMARC, its bounces
     to the company. None when it sends as the old one did."""
     upstream = policy.upstreams.get(_route(entry, policy))
-    written = _written_as(entry)
-    if upstream is None or written is None or written == sends_as(upstream).lower():
+    written = _written_otherwise(entry, upstream)
+    if upstream is None or written is None:
         return None
     return (
         f"tenant {entry.tenant}'s upstream {upstream.name!r} sends as {_as(sends_as(upstream))},"
@@ -219,12 +219,16 @@ def _sent_otherwise(entry: QueueEntry, policy: Policy) -> str | None:
     )
 
 
-def _written_as(entry: QueueEntry) -> str | None:
-    """The address the entry was decided for, lower-cased, "" the platform's;
-    None for a record of an earlier version, which goes as it went then: its
-    envelope sender told it wrong where the same reload changed the
-    platform's ``return_path``, and such mail waited for nothing."""
-    return None if entry.sends_as is None else entry.sends_as.lower()
+def _written_otherwise(entry: QueueEntry, upstream: Upstream | None) -> str | None:
+    """The address the entry was decided for, lower-cased ("" the platform's), when
+    ``upstream`` sends as another; None when it sends as that one, and for a
+    record of an earlier version, which goes as it went then: its envelope
+    sender told it wrong where the same reload changed the platform's
+    ``return_path``, and such mail waited for nothing."""
+    if upstream is None or entry.sends_as is None:
+        return None
+    written = entry.sends_as.lower()
+    return None if written == sends_as(upstream).lower() else written
 
 
 def _as(address: str) -> str:
@@ -248,8 +252,8 @@ def _sender_changed(entry: QueueEntry, upstream: Upstream | None) -> str | None:
     its From, envelope sender and signature were decided for, as for one
     rerouted (``_sent_otherwise``): sent, an account refused it for good. Said
     in the log at its first attempt."""
-    written = _written_as(entry)
-    if upstream is None or written is None or written == sends_as(upstream).lower():
+    written = _written_otherwise(entry, upstream)
+    if upstream is None or written is None:
         return None
     reason = (
         f"451 4.3.5 upstream {upstream.name!r} now sends as {_as(sends_as(upstream))}, and"
