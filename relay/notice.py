@@ -21,7 +21,7 @@ from email.utils import formatdate
 from relay.audit import events
 from relay.errors import SigningError
 from relay.headers import encode_text, fold, format_address
-from relay.policy.model import DkimKey, Policy, SmtpUpstream
+from relay.policy.model import DkimKey, Policy, sends_as
 from relay.queueid import new_queue_id
 from relay.sign import sign
 from relay.spool import DELIVERED, PENDING, SUPPRESSED, QueueEntry, RecipientState
@@ -154,7 +154,7 @@ def _account(policy: Policy, entry: QueueEntry) -> str | None:
     tenant = policy.tenants.get(entry.tenant)
     if upstream is None and tenant is not None:
         upstream = policy.upstreams.get(tenant.upstream)
-    return upstream.sender if isinstance(upstream, SmtpUpstream) else None
+    return (sends_as(upstream) or None) if upstream is not None else None
 
 
 def _keys(policy: Policy, account: str | None) -> tuple[DkimKey, ...]:
