@@ -283,7 +283,7 @@ class RelaySMTP(SMTP):
                 "555 5.5.4 RCPT TO parameters not recognized or not implemented"
             ),
             # RFC 5321 3.8: a server closes the connection only after a 221 or 421
-            _TOO_MANY_UNKNOWN: ("421 4.7.0 Too many unrecognized commands, closing the connection"),
+            _TOO_MANY_UNKNOWN: "421 4.7.0 Too many unrecognized commands, closing the connection",
             "454 TLS not available": NO_STARTTLS,  # said only without a tls_context
             **_CODED_REPLIES,
         }
