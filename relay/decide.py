@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from relay.classify import Classification
 from relay.errors import HeaderInjection
-from relay.headers import Field, format_address, has_blank_line, split_at
+from relay.headers import Field, format_address, has_blank_line, signature_tags, split_at
 from relay.headers import value as unfolded
 from relay.identify import Identity, a_label_address
 from relay.message import MessageView, decode
@@ -215,16 +215,10 @@ def _signatures(fields: list[Field]) -> Iterator[tuple[str, set[str], bool]]:
     for field in fields:
         if field.name.lower() != "dkim-signature":
             continue
-        tags = _dkim_tags(unfolded(field))
+        tags = signature_tags(unfolded(field))
         signed = {name.lower() for name in tags.get("h", "").split(":")}
         simple = tags.get("c", "simple").partition("/")[0].lower() == "simple"
         yield f"d={tags.get('d', '')}", signed, simple
-
-
-def _dkim_tags(text: str) -> dict[str, str]:
-    """A DKIM-Signature's tags, white space (folding) taken out of each."""
-    pairs = (part.partition("=") for part in re.sub(r"\s+", "", text).split(";"))
-    return {tag: tag_value for tag, _, tag_value in pairs if tag}
 
 
 def _message_id(given: str, made: str) -> tuple[str | None, str]:

@@ -117,6 +117,14 @@ def value(field: Field) -> str:
     return re.sub(r"\r?\n(?=[ \t])", "", text).strip(" \t\r\n")
 
 
+def signature_tags(text: str) -> dict[str, str]:
+    """A DKIM-Signature's tags (``d``, ``s``, ``h``, ...), white space (folding)
+    taken out of each: what the relay reads of a signature it did not make,
+    or of its own waiting in the queue."""
+    pairs = (part.partition("=") for part in re.sub(r"\s+", "", text).split(";"))
+    return {tag: tag_value for tag, _, tag_value in pairs if tag}
+
+
 def line_ending(raw: bytes) -> bytes:
     """The message's line ending, taken from its first line; CRLF if it has none."""
     newline = raw.find(b"\n")

@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import BinaryIO, NamedTuple, TextIO
 
 from relay.audit import AuditError
+from relay.headers import signature_tags
 from relay.spool.entry import QueueEntry
 from relay.spool.store import NoSuchEntry, Spool, SpoolBusy, SpoolError
 
@@ -109,8 +110,8 @@ def _signed_with(spool: Spool, entry: QueueEntry) -> list[str]:
 
 
 def _leading_signatures(message: BinaryIO) -> list[bytes]:
-    """The DKIM-Signature fields the message begins with, where the relay puts its
-    own, unfolded; read a line at a time, so a listing reads no message whole.
+    """The DKIM-Signature fields' values the message begins with, where the relay
+    puts its own; read a line at a time, so a listing reads no message whole.
     Its ``Received`` field comes next, so an ERP's own signature, below it, is
     not read as the relay's."""
     fields: list[bytes] = []
@@ -121,15 +122,12 @@ def _leading_signatures(message: BinaryIO) -> list[bytes]:
             fields.append(line[15:])
         else:
             break
-    return [re.sub(rb"\s+", b"", field) for field in fields]
+    return fields
 
 
 def _signer(field: bytes) -> str:
-    tags = {}
-    for tag in field.split(b";"):
-        name, _, value = tag.partition(b"=")
-        tags[name] = value.decode("ascii", "replace")
-    return f"{tags.get(b'd', '')}/{tags.get(b's', '')}"
+    tags = signature_tags(field.decode("ascii", "replace"))
+    return f"{tags.get('d', '')}/{tags.get('s', '')}"
 
 
 def _next_attempt(entry: QueueEntry, now: float) -> float:
