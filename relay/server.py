@@ -662,10 +662,8 @@ def _warn_of_strays(policy: Policy) -> None:
     from relay.suppression import SuppressionError
     from relay.suppression.strays import stray_warning
 
-    if policy.suppression is None:
-        return
     try:
-        said = stray_warning(policy.suppression.file, policy.tenants.keys())
+        said = stray_warning(policy)
     except SuppressionError as exc:
         log.error("%s", exc)
         return

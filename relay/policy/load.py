@@ -194,10 +194,8 @@ def _state_warnings(policy: Policy) -> list[str]:
     from relay.suppression import SuppressionError
     from relay.suppression.strays import stray_warning
 
-    if policy.suppression is None:
-        return []
     try:
-        said = stray_warning(policy.suppression.file, policy.tenants.keys())
+        said = stray_warning(policy)
     except SuppressionError as exc:
         said = str(exc)
     return [] if said is None else [f"{policy.source}: warning: {said}"]

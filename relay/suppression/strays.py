@@ -10,10 +10,14 @@ import re
 from collections import Counter
 from collections.abc import Collection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relay import statefiles
 from relay.suppression.entry import Key, Suppression, parse
 from relay.suppression.store import SuppressionError
+
+if TYPE_CHECKING:
+    from relay.policy.model import Policy
 
 _TENANT = re.compile(rb'"tenant":\s*"([^"\\]*)"')
 _TENANT_ESCAPED = re.compile(rb'"tenant":\s*"[^"]*\\')
@@ -54,9 +58,13 @@ def _take(line: bytes, found: dict[Key, str | None]) -> None:
         found.pop((change[0].lower(), change[1]), None)
 
 
-def stray_warning(path: Path, tenants: Collection[str]) -> str | None:
-    """The warning ``relay check``, ``serve`` and a reload give, or None."""
-    strays = stray_tenants(path, tenants)
+def stray_warning(policy: Policy) -> str | None:
+    """The warning ``relay check``, ``serve`` and a reload give, or None (also
+    for a policy without a suppression list); raises SuppressionError."""
+    if policy.suppression is None:
+        return None
+    path = policy.suppression.file
+    strays = stray_tenants(path, policy.tenants.keys())
     if not strays:
         return None
     total = sum(strays.values())
