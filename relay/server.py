@@ -105,12 +105,13 @@ def run(policy_path: Path) -> int:
     from relay.ingress import bind
 
     oplog.configure()
-    _warn_if_root()
     policy_path = Path(policy_path)
     policy = _load(policy_path)
     if policy is None:
         log.error("%s: invalid policy, not starting", policy_path)
         return EX_CONFIG
+    if policy.run_as is None:
+        _warn_if_root()
     raise_open_files()
     try:
         sockets = bind(policy.listeners)
@@ -122,13 +123,20 @@ def run(policy_path: Path) -> int:
         _close(sockets, None)
         return _not_bound(policy, str(exc))
     try:
+        policy = _as_user(policy_path, policy)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            log.error("%s", problem)
+        _close(sockets, metrics)
+        return EX_CONFIG
+    try:
         lock = statelock.hold(policy.queue.directory.parent, policy.digest)
     except StateBusy as exc:
         log.error("%s", exc)
         _close(sockets, metrics)
         return EX_TEMPFAIL
     except OSError as exc:
-        log.error("cannot lock the state directory: %s", exc)
+        log.error("cannot lock the state directory: %s%s", exc, _owner_hint(policy, exc))
         _close(sockets, metrics)
         return EX_CANTCREAT
     try:
@@ -138,17 +146,49 @@ def run(policy_path: Path) -> int:
 
 
 def _warn_if_root() -> None:
-    """The relay keeps root's privileges once its ports are bound: every
-    worker, parsing what clients send (SMTP, MIME, AUTH), would be root. Said
-    at the start, as nothing else tells a relay started by hand from the unit's."""
+    """Without ``run_as`` the relay keeps root's privileges once its ports are
+    bound: every worker, parsing what clients send (SMTP, MIME, AUTH), would be
+    root. Said at the start, as nothing else tells a relay started by hand from
+    the unit's."""
     if os.geteuid() != 0:
         return
     log.warning(
         "running as root: the supervisor and every worker, which parse SMTP, MIME and AUTH"
-        " from the network, keep root's privileges; run it as the service user, as"
-        " systemd/erp-relay.service does (User=erp-relay, ports below 1024 with"
-        " AmbientCapabilities=CAP_NET_BIND_SERVICE)"
+        " from the network, keep root's privileges; set run_as: in the policy to the"
+        " service user, or run it as that user, as systemd/erp-relay.service does"
+        " (User=erp-relay, ports below 1024 with AmbientCapabilities=CAP_NET_BIND_SERVICE)"
     )
+
+
+def _as_user(path: Path, policy: Policy) -> Policy:
+    """The policy as the service user reads it, once root is given up
+    (``relay.privileges``); the one read as root when nothing changed hands.
+    Raises PolicyError when that user cannot read it whole, or it is not the
+    policy the listeners were bound for."""
+    from relay.policy.load import load
+    from relay.privileges import PrivilegeError, become
+
+    try:
+        if not become(policy.run_as):
+            return policy
+    except PrivilegeError as exc:
+        raise PolicyError([f"{path}: {exc}"]) from exc
+    try:
+        again = load(path)
+    except PolicyError as exc:
+        said = f"{path}: invalid as user {policy.run_as} reads it, not starting"
+        raise PolicyError([*exc.problems, said]) from exc
+    if again.digest != policy.digest:
+        raise PolicyError([f"{path}: changed while the relay started; start it again"])
+    return again
+
+
+def _owner_hint(policy: Policy, exc: OSError) -> str:
+    """A state directory root made is not the service user's."""
+    if policy.run_as is None or not isinstance(exc, PermissionError):
+        return ""
+    directory = policy.queue.directory.parent
+    return f" (the relay runs as {policy.run_as}: chown -R {policy.run_as}: {directory})"
 
 
 def _not_bound(policy: Policy, why: str) -> int:
@@ -632,6 +672,12 @@ def reloaded(
         log.warning(
             "workers changed (%d to %d): takes effect after a restart", old.workers, read.workers
         )
+    if read.run_as != old.run_as:
+        log.warning(
+            "run_as changed (%s to %s): takes effect after a restart",
+            _run_as(old),
+            _run_as(read),
+        )
     if read.metrics != old.metrics:
         log.warning(
             "metrics changed (%s to %s): takes effect after a restart",
@@ -657,6 +703,10 @@ def reloaded(
     return new
 
 
+def _run_as(policy: Policy) -> str:
+    return policy.run_as or "unset"
+
+
 def _warn_of_strays(policy: Policy) -> None:
     """Suppression entries left for tenants the policy no longer has (one renamed)."""
     from relay.suppression import SuppressionError
@@ -679,6 +729,8 @@ def _not_taken_up(
     waiting = [f"listener {change}" for change in changed]
     if read.workers != old.workers:
         waiting.append(f"workers {old.workers} to {read.workers}")
+    if read.run_as != old.run_as:
+        waiting.append(f"run_as {_run_as(old)} to {_run_as(read)}")
     if read.queue.concurrency != old.queue.concurrency:
         waiting.append(f"queue.concurrency {old.queue.concurrency} to {read.queue.concurrency}")
     if read.metrics != old.metrics:

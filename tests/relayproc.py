@@ -25,7 +25,10 @@ class RelayProcess:
         max_file_size: int | None = None,
         open_files: tuple[int, int] | None = None,
         tls: ssl.SSLContext | None = None,
+        python: str = sys.executable,
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.python, self.env = python, env  # another interpreter, as another user reads it
         self.tls = tls  # the listener's mode is implicit: it greets after this handshake
         self.max_file_size = max_file_size  # RLIMIT_FSIZE: writes past it fail with EFBIG
         self.open_files = open_files  # RLIMIT_NOFILE (soft, hard) it starts with
@@ -37,7 +40,8 @@ class RelayProcess:
     def __enter__(self) -> RelayProcess:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "relay", "serve", "-c", str(self.policy)],
+                [self.python, "-m", "relay", "serve", "-c", str(self.policy)],
+                env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=self._limits if self.max_file_size or self.open_files else None,

@@ -34,7 +34,7 @@ EX_CONFIG = 78
 VERSION = 1
 _SECTIONS = ("version", "platform", "listeners", "identify", "control_headers", "classify")
 _SECTIONS += ("dkim", "upstreams", "logins", "tenants", "state_directory", "queue", "audit")
-_SECTIONS += ("workers", "suppression", "metrics")
+_SECTIONS += ("workers", "run_as", "suppression", "metrics")
 _REQUIRED = ("version", "platform", "listeners", "upstreams", "tenants")
 
 
@@ -138,6 +138,7 @@ def _build(ctx: Ctx, root: Map, path: Path, sources: Sources) -> Policy | None:
     identify, control_headers = sections.identify(ctx, root, roster.default_user, anonymous)
     queue, audit, suppression = sections.state(ctx, root)
     workers = sections.workers(ctx, root)
+    run_as = sections.run_as(ctx, root)
     metrics = sections.metrics(ctx, root)
     parts = (platform, listeners, identify, rules, control_headers, keys, upstreams, logins)
     if len(ctx.problems) or None in parts or None in (tenants, queue, audit, workers, suppression):
@@ -158,6 +159,7 @@ def _build(ctx: Ctx, root: Map, path: Path, sources: Sources) -> Policy | None:
         queue=queue,
         audit=audit,
         workers=workers,
+        run_as=run_as,
         suppression=suppression,
         metrics=metrics,
         sources=sources,

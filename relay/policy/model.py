@@ -282,6 +282,7 @@ class Policy:
     queue: QueueSettings
     audit: AuditSettings
     workers: int = 1  # processes receiving and delivering, each with its own event loop
+    run_as: str | None = None  # the service user a relay started as root becomes; None: stays
     suppression: SuppressionSettings | None = None  # None: no list (a policy built in code)
     metrics: MetricsSettings | None = None  # None: no metrics section, nothing served
     sources: Sources | None = field(default=None, repr=False, compare=False)

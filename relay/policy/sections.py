@@ -863,6 +863,30 @@ def workers(ctx: Ctx, root: Map) -> int | None:
     return root.integer("workers", None, 1, MAX_WORKERS, what)
 
 
+def run_as(ctx: Ctx, root: Map) -> str | None:
+    """The service user a relay started as root runs as once its ports are bound.
+
+    A user missing on this host is a warning, not a mistake in the file: the
+    policy may be checked elsewhere, and ``relay serve`` says so at its start.
+    """
+    name = root.text("run_as", "the name of the service user the relay runs as (erp-relay)")
+    if name is None:
+        return None
+    node, path = root.get("run_as"), root.sub("run_as")
+    if not name.strip():
+        ctx.problem(node, path, "expected the name of the service user the relay runs as")
+        return None
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        ctx.problems.warn(node, path, f"no user {name!r} on this host: relay serve would not start")
+        return name
+    if uid == 0:
+        ctx.problem(node, path, "expected the service user, not one with root's uid 0")
+        return None
+    return name
+
+
 class _YesNo(enum.Enum):
     YES = "yes"
     NO = "no"
