@@ -238,3 +238,25 @@ def test_check_reads_an_audit_link_to_nowhere_as_gone_and_a_crash_leftover_as_no
     shutil.rmtree(state / "audit", ignore_errors=True)
     (state / "audit").symlink_to(tmp_path / "not-mounted")
     assert "queue holds 1 message(s) but the audit log" in check(policy_file).stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "said", "code"),
+    [
+        ("root", "run_as: expected the service user, not one with root's uid 0", 78),
+        ("''", "run_as: expected the name of the service user the relay runs as", 78),
+        (
+            "no-such-relay-user",
+            "warning: run_as: no user 'no-such-relay-user' on this host: relay serve would not"
+            " start",
+            0,
+        ),
+    ],
+    ids=["root", "empty", "missing"],
+)
+def test_run_as_names_a_service_user(tmp_path: Path, value: str, said: str, code: int) -> None:
+    """A user the host lacks may be the target host's: the file is not wrong."""
+    policy = variant(tmp_path, "tenants:\n", f"run_as: {value}\ntenants:\n")
+    done = check(policy)
+    assert done.returncode == code, done.stderr
+    assert f"{policy}:{line_of(policy, 'run_as:')}:9: {said}" in done.stderr
