@@ -95,7 +95,8 @@ def _code_directories() -> list[str]:
 
     paths = sysconfig.get_paths()
     wanted = [paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")]
-    return list(dict.fromkeys([*wanted, os.path.dirname(relay.__file__)]))
+    found = [path for path in wanted if os.path.isdir(path)]  # a venv may have no platlib
+    return list(dict.fromkeys([*found, os.path.dirname(relay.__file__)]))
 
 
 def _can_read(user: str, code: list[str]) -> None:

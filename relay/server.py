@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import os
 import resource
@@ -136,7 +137,7 @@ def run(policy_path: Path) -> int:
         _close(sockets, metrics)
         return EX_TEMPFAIL
     except OSError as exc:
-        log.error("cannot lock the state directory: %s%s", exc, _owner_hint(policy, exc))
+        log.error("cannot lock the state directory: %s%s", exc, _owner_hint(policy, str(exc)))
         _close(sockets, metrics)
         return EX_CANTCREAT
     try:
@@ -183,12 +184,15 @@ def _as_user(path: Path, policy: Policy) -> Policy:
     return again
 
 
-def _owner_hint(policy: Policy, exc: OSError) -> str:
-    """A state directory root made is not the service user's."""
-    if policy.run_as is None or not isinstance(exc, PermissionError):
+def _owner_hint(policy: Policy, error: str) -> str:
+    """A state directory root made, in part or whole, is not the service
+    user's; one not made yet is to be made as that user's."""
+    if policy.run_as is None or os.strerror(errno.EACCES) not in error:
         return ""
-    directory = policy.queue.directory.parent
-    return f" (the relay runs as {policy.run_as}: chown -R {policy.run_as}: {directory})"
+    directory, user = policy.queue.directory.parent, policy.run_as
+    if not directory.exists():
+        return f" (the relay runs as {user}: install -d -m 0700 -o {user} {directory})"
+    return f" (the relay runs as {user}: chown -R {user}: {directory})"
 
 
 def _not_bound(policy: Policy, why: str) -> int:
@@ -323,7 +327,7 @@ def _open_state(policy: Policy, policy_path: Path) -> tuple[int, int]:
         if policy.suppression is not None:
             SuppressionFile(policy.suppression.file).create()
     except (SpoolError, AuditError, SuppressionError, OSError) as exc:
-        log.error("cannot open the state directory: %s", exc)
+        log.error("cannot open the state directory: %s%s", exc, _owner_hint(policy, str(exc)))
         return EX_CANTCREAT, 0
     _warn_of_strays(policy)
     _log_settled(settled, "the restart")

@@ -199,3 +199,31 @@ def test_a_changed_run_as_waits_for_a_restart(public: Path) -> None:
         assert terminate(relay.proc, 15) == 0
     assert "run_as changed (nobody to daemon): takes effect after a restart" in relay.log()
     assert "run_as nobody to daemon" in status.stdout + status.stderr
+
+
+@pytest.mark.parametrize("made", ["by-root", "queue-by-root", "not-yet"])
+def test_a_state_directory_the_user_cannot_write_says_what_to_run(public: Path, made: str) -> None:
+    """Root's earlier runs leave root's state; a new one must be made as the user's."""
+    python, env = _python_for_nobody()
+    policy = _policy(public, _privileged_port(), "nobody", workers=1)
+    state = public / "state"
+    if made == "by-root":
+        os.chown(state, 0, 0)
+        hint = f"(the relay runs as nobody: chown -R nobody: {state})"
+    elif made == "queue-by-root":
+        (state / "queue").mkdir(mode=0o700)
+        hint = f"(the relay runs as nobody: chown -R nobody: {state})"
+    else:
+        state.rmdir()
+        state = public / "fresh" / "state"
+        policy.write_text(
+            policy.read_text().replace("state_directory: state", f"state_directory: {state}")
+        )
+        hint = f"(the relay runs as nobody: install -d -m 0700 -o nobody {state})"
+    done = subprocess.run(
+        [python, "-m", "relay", "serve", "-c", str(policy)],
+        capture_output=True, text=True, check=False, timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == 73, done.stderr
+    assert "Permission denied" in done.stderr
+    assert hint in done.stderr
