@@ -42,6 +42,17 @@ class PartlyRefused(UpstreamError):
         self.refused = refused
 
 
+class SenderRefused(UpstreamError):
+    """The upstream refused MAIL FROM: its reply is about the envelope sender
+    (Postfix's ``reject_unverified_sender`` answers a return path that does
+    not exist ``550 5.1.1``), so it lists no recipient however it reads."""
+
+
+class MessageRefused(UpstreamError):
+    """The upstream refused the message at DATA: its reply is about one
+    recipient only when the transaction had just that one."""
+
+
 class Unreachable(UpstreamError):
     """The upstream could not be used at all: not reached, TLS failed, no
     greeting, the relay's login or its password refused. Every message would

@@ -31,8 +31,10 @@ from relay.policy.model import SmtpUpstream, TlsMode
 from relay.upstream import (
     Crowded,
     DeliveryResult,
+    MessageRefused,
     PartlyRefused,
     RecipientsRefused,
+    SenderRefused,
     Unreachable,
     helo,
     replies,
@@ -206,7 +208,7 @@ def _mapped(upstream: SmtpUpstream, stage: str, exc: Exception) -> UpstreamError
             return _failed(upstream, stage, f"no valid reply: {exc.message}", "4.4.0")
         if stage == "connecting":  # greeting or STARTTLS refused: nothing about this message
             return _failed(upstream, stage, replies.line(exc.code, exc.message))
-        return replies.refusal(exc.code, exc.message)
+        return _stage_refusal(exc)
     if isinstance(exc, DataTimeout | DataLost):
         return _failed(upstream, stage, str(exc), "4.4.2")
     if isinstance(exc, aiosmtplib.SMTPTimeoutError):
@@ -222,6 +224,18 @@ def _mapped(upstream: SmtpUpstream, stage: str, exc: Exception) -> UpstreamError
         return _failed(upstream, stage, f"the relay's settings refused: {exc}", "4.3.5")
     # ValueError: aiosmtplib refuses an address it cannot send safely
     return UpstreamError(550, "5.1.3", f"Address refused: {exc}")
+
+
+def _stage_refusal(exc: aiosmtplib.SMTPResponseException) -> UpstreamError:
+    """The refusal typed by the command it answered, which decides whom it is
+    about (``relay.deliver``): a 5.1.1 to MAIL FROM named the sender, yet
+    every recipient was put on the suppression list."""
+    refused = replies.refusal(exc.code, exc.message)
+    if isinstance(exc, aiosmtplib.SMTPSenderRefused):
+        return SenderRefused(refused.code, refused.status, refused.text)
+    if isinstance(exc, aiosmtplib.SMTPDataError):
+        return MessageRefused(refused.code, refused.status, refused.text)
+    return refused
 
 
 def password(upstream: SmtpUpstream) -> str:
