@@ -23,8 +23,10 @@ from relay.tally import TallyRow
 from relay.upstream import (
     Crowded,
     DeliveryResult,
+    MessageRefused,
     PartlyRefused,
     RecipientsRefused,
+    SenderRefused,
     Unreachable,
     directory,
     smtp,
@@ -38,6 +40,9 @@ _TOO_MANY = 452  # to RCPT: more recipients than the server takes in one transac
 # limit; tried again at the next attempt
 STOPPING = (451, "451 4.3.2 Not sent yet: the relay was stopping")
 NOT_THIS_TIME = (451, "451 4.5.3 Not sent yet: the transaction before theirs did not go through")
+# why a refusal that reads as a hard bounce lists no recipient (``Attempt.shared``)
+SENDER_REFUSED = "the upstream refused the sender, not the recipient"
+WHOLE_REFUSED = "the upstream refused the message for all its recipients, not this one"
 
 
 async def deliver(
@@ -89,6 +94,7 @@ async def attempt(
     the attempt is known, for a caller that cuts the attempt off to know what
     the earlier transactions were answered."""
     replies = {} if replies is None else replies
+    shared: dict[str, str] = {}
     rest: list[str] = list(rcpt_tos)
     batch = len(rest)
     unreachable, crowded = None, False
@@ -97,11 +103,12 @@ async def attempt(
         if needed and not set(needed) & set(sending):  # the copy would go alone
             replies.update(dict.fromkeys(rest, (451, smtp.NOT_SENT)))
             break
-        got, unreachable, whole, crowded = await _transaction(
+        got, theirs, unreachable, whole, crowded = await _transaction(
             upstream, mail_from, sending, data, needed, envelope_id
         )
         limited = [r for r in sending if _over_limit(*got[r])]
         replies.update((r, got[r]) for r in sending if r not in limited)  # final for them
+        shared.update((r, theirs[r]) for r in sending if r in theirs and r not in limited)
         answered = len(sending) - len(limited)
         if limited and answered:
             batch = answered  # the server's limit per transaction
@@ -119,7 +126,7 @@ async def attempt(
     if any(200 <= code < 300 for code, _ in replies.values()):
         # it took the message for someone: reached, whatever came after
         unreachable, crowded = None, False
-    return Attempt(replies, unreachable, crowded)
+    return Attempt(replies, unreachable, crowded, shared)
 
 
 def _refused_whole(got: dict[str, tuple[int, str]], sending: list[str], limited: list[str]) -> bool:
@@ -145,19 +152,22 @@ async def _transaction(
     data: bytes,
     needed: Collection[str],
     envelope_id: str | None,
-) -> tuple[dict[str, tuple[int, str]], str | None, bool, bool]:
-    """Each recipient's reply; the reply when the upstream could not be used at
-    all and may be again later (``relay.unreachable``); whether the transaction
-    failed as a whole rather than recipient by recipient; and whether its
-    connection was refused as one too many (``Crowded``)."""
+) -> tuple[dict[str, tuple[int, str]], dict[str, str], str | None, bool, bool]:
+    """Each recipient's reply; why, for those whose reply is not their own but
+    the whole transaction's (``_shared``); the reply when the upstream could
+    not be used at all and may be again later (``relay.unreachable``); whether
+    the transaction failed as a whole rather than recipient by recipient; and
+    whether its connection was refused as one too many (``Crowded``)."""
     unreachable = None
     whole = crowded = False
+    shared: dict[str, str] = {}
     try:
         result = await deliver(
             upstream, mail_from, rcpt_tos, data, needed=needed, envelope_id=envelope_id
         )
     except UpstreamError as exc:
         replies = dict.fromkeys(rcpt_tos, (exc.code, exc.line))
+        shared = _shared(exc, rcpt_tos)
         refused = exc.refused if isinstance(exc, RecipientsRefused | PartlyRefused) else {}
         whole = not isinstance(exc, RecipientsRefused)
         crowded = isinstance(exc, Crowded)
@@ -168,7 +178,19 @@ async def _transaction(
         refused = result.refused
     for rcpt, reply in refused.items():
         replies[rcpt] = (_code(reply), reply)
-    return replies, unreachable, whole, crowded
+        shared.pop(rcpt, None)
+    return replies, shared, unreachable, whole, crowded
+
+
+def _shared(error: UpstreamError, rcpt_tos: Sequence[str]) -> dict[str, str]:
+    """Whom a refusal of the whole transaction is not about: a reply to the end
+    of the message can only be about its one recipient; to MAIL FROM, or to a
+    message of several recipients, it names none of them, and a 5.1.1 there
+    put every recipient on the suppression list."""
+    if isinstance(error, MessageRefused) and len(rcpt_tos) == 1:
+        return {}
+    why = SENDER_REFUSED if isinstance(error, SenderRefused) else WHOLE_REFUSED
+    return dict.fromkeys(rcpt_tos, why)
 
 
 def counted(send: Sender, row: TallyRow) -> Sender:

@@ -19,8 +19,8 @@ import os
 import random
 import resource
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,8 @@ class Attempt:
     replies: dict[str, tuple[int, str]]  # recipient -> (code, reply line)
     unreachable: str | None = None  # the reply, when the upstream could not be used at all
     crowded: bool = False  # refused one connection more while others were open: no verdict
+    # recipient -> why its reply is the whole transaction's, not its own: it lists nobody
+    shared: Mapping[str, str] = field(default_factory=dict)
 
 
 # (upstream, mail_from, rcpt_tos, data, envelope_id=, go_on=); an immediate attempt
@@ -847,6 +849,7 @@ class Engine:
         pending = [r.address for r in entry.pending()]
         own = _own(entry, pending) if immediate else pending
         cut: set[str] = set()  # recipients the stop cut off before the upstream answered
+        shared: Mapping[str, str] = {}  # see ``Attempt``
         if not pending:
             # each settled at its arrival (suppressed): no upstream to ask, nor to
             # wait for when suspended, nor to count an attempt of or call reached
@@ -895,14 +898,14 @@ class Engine:
                 self._reached(upstream, entry.queue_id, began, sent, policy.queue)
             finally:
                 self._sending.discard(entry.queue_id)
-            replies = sent.replies
+            replies, shared = sent.replies, sent.shared
         entry.attempts += 1
         for rcpt in entry.pending():
             rcpt.attempts += 1
         if immediate and _refused(pending, own, replies) and self._client_waits(entry.queue_id):
             self._answering.pop(entry.queue_id)
             self._refusing.add(entry.queue_id)  # the client hears it: no 250 any more
-            return await self._refuse(entry, pending, replies[own[0]][1], replies)
+            return await self._refuse(entry, pending, replies[own[0]][1], replies, shared)
         deferred = False
         bounced: list[tuple[str, str]] = []
         for address in pending:
@@ -919,7 +922,7 @@ class Engine:
             else:
                 deferred = True
                 self._note(entry, address, reply)
-        await self._suppress(entry, policy, bounced)
+        await self._suppress(entry, policy, bounced, shared)
         if not deferred:
             return await self._finish(entry, policy, lock)
         ended = self.clock()  # the wait runs from the attempt's end: a timeout may be long
@@ -1027,6 +1030,7 @@ class Engine:
         pending: list[str],
         refusal: str,
         replies: dict[str, tuple[int, str]],
+        shared: Mapping[str, str],
     ) -> Outcome:
         """The message refused as its client hears it (``refusal``); the automatic
         BCC copy, which the upstream may have taken, fails with it, not sent."""
@@ -1035,9 +1039,8 @@ class Engine:
             if code < 500:
                 reply = f"not sent: the message was refused ({refusal})"
             self._settle(entry, address, FAILED, reply)
-        await self._suppress(
-            entry, self.policy(), [(a, replies[a][1]) for a in pending if a in replies]
-        )
+        refused = [(a, replies[a][1]) for a in pending if a in replies]
+        await self._suppress(entry, self.policy(), refused, shared)
         try:
             await self.recorder.flush(entry.queue_id)
         except AuditError as exc:
@@ -1083,12 +1086,17 @@ class Engine:
             log.error("%s: AUDIT LOG WRITE FAILED, kept for later: %s", entry.queue_id, exc)
 
     async def _suppress(
-        self, entry: QueueEntry, policy: Policy, refused: list[tuple[str, str]]
+        self,
+        entry: QueueEntry,
+        policy: Policy,
+        refused: list[tuple[str, str]],
+        shared: Mapping[str, str],
     ) -> None:
         """Put the addresses the upstream refused as not existing on the suppression
         list, so that no later message goes to them: mail to dead mailboxes is
-        what gets a platform's mail taken for spam. A list that cannot be written
-        does not change the delivery's outcome."""
+        what gets a platform's mail taken for spam. Only a recipient's own
+        refusal lists it (``shared``: those whose reply was the transaction's).
+        A list that cannot be written does not change the delivery's outcome."""
         settings = policy.suppression
         if settings is None:
             return
@@ -1096,6 +1104,15 @@ class Engine:
         hard = [(a, r) for a, r in refused if r[:1] == "5" and dsn(r) in settings.hard_bounce]
         entries = []
         for address, reply in hard:
+            if address in shared:
+                log.info(
+                    "%s: <%s> is not put on the suppression list: %s (%s)",
+                    entry.queue_id,
+                    address,
+                    shared[address],
+                    reply,
+                )
+                continue
             user = _tenant_user(entry, policy, address)
             if user is not None:
                 log.warning(

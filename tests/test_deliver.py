@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -353,6 +354,56 @@ async def test_a_421_after_a_550_each_recipient_keeps_its_own_reply(pipelining: 
         ),
     }
     assert handler.messages == []
+
+
+@dataclass
+class SenderRefusing(SinkHandler):
+    """Postfix's ``reject_unverified_sender`` when the return path does not exist."""
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        return f"550 5.1.1 <{address}>: Sender address rejected: undeliverable address"
+
+
+UNKNOWN = "550 5.1.1 RESOLVER.ADR.RecipNotFound; not found"
+SENDER_REFUSED = "the upstream refused the sender, not the recipient"
+WHOLE_REFUSED = "the upstream refused the message for all its recipients, not this one"
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+@pytest.mark.parametrize(
+    ("handler", "rcpts", "shared"),
+    [
+        (SenderRefusing, RCPTS, dict.fromkeys(RCPTS, SENDER_REFUSED)),
+        (
+            functools.partial(SinkHandler, data_reply=UNKNOWN),
+            RCPTS,
+            dict.fromkeys(RCPTS, WHOLE_REFUSED),
+        ),
+        (functools.partial(SinkHandler, data_reply=UNKNOWN), RCPTS[:1], {}),
+        (
+            functools.partial(SinkHandler, refuse=dict(PERM), data_reply=UNKNOWN),
+            PARTLY,
+            dict.fromkeys(["ok@example.org", "ok2@example.org"], WHOLE_REFUSED),
+        ),
+        (functools.partial(SinkHandler, refuse=dict(PERM)), PARTLY, {}),
+    ],
+    ids=["mail-from", "data-of-two", "data-of-one", "data-after-rcpt", "rcpt"],
+)
+async def test_a_refusal_of_the_whole_transaction_is_no_recipients_own(
+    pipelining: bool,
+    handler: Callable[..., SinkHandler],
+    rcpts: list[str],
+    shared: dict[str, str],
+) -> None:
+    """A 5.1.1 to MAIL FROM is about the sender, one to the end of a message of
+    several recipients about none of them: each was put on the suppression list.
+    A reply to RCPT, or to the end of a message of one recipient, is its own."""
+    with Sink(handler(pipelining=pipelining)) as sink:
+        got = await attempt(upstream(sink.port), "bounces@p.example", rcpts, MESSAGE)
+    assert any(code == 550 for code, _ in got.replies.values())
+    assert got.shared == shared
 
 
 @pytest.mark.parametrize("pipelining", [False, True])

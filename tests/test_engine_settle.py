@@ -626,7 +626,9 @@ async def test_two_workers_kept_bounces_list_the_first_refusal(
     with read_only(listing, 0o444):
         for engine, queue_id in ((first, "Q1"), (second, "Q2")):
             entry = dataclasses.replace(make_entry(), queue_id=queue_id)
-            await engine._suppress(entry, policy, [("gone@example.org", "550 5.1.1 no such user")])
+            await engine._suppress(
+                entry, policy, [("gone@example.org", "550 5.1.1 no such user")], {}
+            )
             await asyncio.sleep(0.01)  # a later refusal, a later date
     await second._list_kept()  # the later refusal is written first
     await first._list_kept()

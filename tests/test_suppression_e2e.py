@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay import engine
@@ -20,7 +21,7 @@ from relay.spool import Spool
 from relay.suppression import COMPLAINT, Suppression, SuppressionFile
 from tests.readonly import read_only
 from tests.relayproc import RelayProcess, wait_for
-from tests.sink import Sink, SinkServer, free_port
+from tests.sink import Received, Sink, SinkServer, free_port
 from tests.spoolkit import make_entry
 from tests.test_metrics import _metrics_policy, _samples, _value
 from tests.test_queue_e2e import SMALL, audit_events, configure, relay_cli, send
@@ -490,3 +491,95 @@ def test_another_tenants_users_address_refused_at_delivery_is_not_listed(
     ) in log
     assert ("failed", "hank@globex.example") in audit_events(policy, first)
     assert ("notified", "hank@globex.example") in audit_events(policy, second)
+
+
+@dataclass
+class RefusingTheMessage(Sink):
+    """Refuses each message but the relay's notices (``<>``): at MAIL FROM with
+    ``mail_reply``, else at its end with ``data_reply``, which must be a refusal."""
+
+    mail_reply: str = ""
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        if self.mail_reply and address != "<>":
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if envelope.mail_from != "<>":
+            return self.data_reply
+        self.messages.append(
+            Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)
+        )
+        return "250 2.0.0 sink accepted"
+
+
+SENDER_UNKNOWN = (
+    "550 5.1.1 <bounces@platform.example>: Sender address rejected: undeliverable address:"
+    " host mx.platform.example said: 550 5.1.1 User unknown"
+)
+NOT_FOUND = "550 5.1.1 RESOLVER.ADR.RecipNotFound; not found"
+CUSTOMERS = ("c1@cust.example", "c2@cust.example")
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-at-a-time", "pipelining"])
+def test_a_refused_sender_lists_no_recipient(
+    policy_file: Path, tmp_path: Path, pipelining: bool
+) -> None:
+    """Postfix's ``reject_unverified_sender`` answers MAIL FROM ``550 5.1.1`` when
+    the platform's bounce mailbox does not exist: every recipient was put on the
+    suppression list, and the sender's automatic copy warned of as a user whose
+    address the policy had wrong. The message fails and its sender is told, as
+    before; the log says why nobody was listed."""
+    sink = RefusingTheMessage(mail_reply=SENDER_UNKNOWN, pipelining=pipelining)
+    with SinkServer(sink) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            invoice = SMALL.replace(b"Subject: Hello", b"Subject: Invoice 3")
+            queue_id = send(port, invoice, rcpts=CUSTOMERS)
+            (notice,) = sink.wait(1)
+            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
+            log = relay.log()
+    assert _listed(policy) == {}
+    why = "the upstream refused the sender, not the recipient"
+    for address in (*CUSTOMERS, "jan@acme.example"):  # the sender's copy too
+        said = f"{queue_id}: <{address}> is not put on the suppression list: {why} (550 5.1.1"
+        assert said in log
+        assert ("failed", address) in audit_events(policy, queue_id)
+    assert "is on the suppression list now" not in log
+    assert "check the user's address in the policy" not in log
+    assert "listed" not in {event for event, _ in audit_events(policy, queue_id)}
+    assert notice.rcpt_tos == ["jan@acme.example"] and queue_id.encode() in notice.data
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-at-a-time", "pipelining"])
+def test_a_refused_message_lists_its_recipient_only_when_it_had_one(
+    policy_file: Path, tmp_path: Path, pipelining: bool
+) -> None:
+    """A ``5.1.1`` to the end of a message of several recipients names none of
+    them, and listed them all; to a message of one recipient it can only be
+    about that one, which is listed as before."""
+    sink = RefusingTheMessage(data_reply=NOT_FOUND, pipelining=pipelining)
+    with SinkServer(sink) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            several = send(port, rcpts=CUSTOMERS)
+            sink.wait(1)  # the sender's notice
+            one = send(port, rcpts=("c3@cust.example",))
+            wait_for(lambda: "is on the suppression list now" in relay.log())
+            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
+            log = relay.log()
+    assert set(_listed(policy)) == {"c3@cust.example"}
+    assert _listed(policy)["c3@cust.example"].queue_id == one
+    why = "the upstream refused the message for all its recipients, not this one"
+    for address in CUSTOMERS:
+        said = f"{several}: <{address}> is not put on the suppression list: {why} ({NOT_FOUND})"
+        assert said in log
+    assert "listed" not in {event for event, _ in audit_events(policy, several)}
+    assert ("listed", "c3@cust.example") in audit_events(policy, one)
