@@ -406,6 +406,27 @@ async def test_a_refusal_of_the_whole_transaction_is_no_recipients_own(
     assert got.shared == shared
 
 
+@dataclass
+class LoginWanted(SinkHandler):
+    """Microsoft 365 to a client that did not log in."""
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        return "530 5.7.57 Client not authenticated to send mail"
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_a_login_wanted_at_mail_from_makes_the_upstream_unusable(pipelining: bool) -> None:
+    """Every message meets it alike: it was retried message by message, each its
+    own connection, and the upstream never suspended (``relay.unreachable``)."""
+    with Sink(LoginWanted(pipelining=pipelining)) as sink:
+        got = await attempt(upstream(sink.port), "bounces@p.example", RCPTS, MESSAGE)
+    said = "451 4.7.57 Client not authenticated to send mail (upstream replied 530 5.7.57)"
+    assert got.replies == dict.fromkeys(RCPTS, (451, said))
+    assert got.unreachable == said
+
+
 @pytest.mark.parametrize("pipelining", [False, True])
 async def test_recipients_over_the_upstreams_limit_go_at_once_in_further_transactions(
     pipelining: bool,

@@ -15,7 +15,7 @@ import re
 from relay.errors import UpstreamError
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
-_OUR_LOGIN = frozenset({530, 534, 535, 538})
+OUR_LOGIN = frozenset({530, 534, 535, 538})
 _CONTROL = re.compile(r"[\x00-\x09\x0b\x0c\x0e-\x1f\x7f]")  # all but CR and LF
 
 
@@ -53,7 +53,7 @@ def refusal(code: int, message: str, suffix: str = "") -> UpstreamError:
     upstream's mouth where it said 421."""
     status, text = split(code, message)
     said = f"{code} {status}"
-    if code == 421 or code in _OUR_LOGIN:
+    if code == 421 or code in OUR_LOGIN:
         code, status = 451, "4" + status[1:]
     elif not 400 <= code < 600:
         code, status = 451, "4.4.0"  # not a refusal a client can act on; try again later

@@ -231,6 +231,8 @@ def _stage_refusal(exc: aiosmtplib.SMTPResponseException) -> UpstreamError:
     about (``relay.deliver``): a 5.1.1 to MAIL FROM named the sender, yet
     every recipient was put on the suppression list."""
     refused = replies.refusal(exc.code, exc.message)
+    if isinstance(exc, aiosmtplib.SMTPSenderRefused) and exc.code in replies.OUR_LOGIN:
+        return Unreachable.of(refused)  # M365's 530 5.7.57: no login, every message alike
     if isinstance(exc, aiosmtplib.SMTPSenderRefused):
         return SenderRefused(refused.code, refused.status, refused.text)
     if isinstance(exc, aiosmtplib.SMTPDataError):
