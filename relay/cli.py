@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import re
 import signal
@@ -45,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.run is _serve:
         return int(args.run(args))
     stdout = sys.stdout
-    sys.stdout = _Output(stdout)  # type: ignore[assignment]
+    sys.stdout = _Output(stdout, utf8=_for_programs(args))  # type: ignore[assignment]
     try:
         code = int(args.run(args))
         sys.stdout.flush()  # what is still buffered meets the closed pipe here, not at exit
@@ -66,12 +67,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout = stdout
 
 
+def _for_programs(args: argparse.Namespace) -> bool:
+    """JSON and CSV are read by programs (jq, a spreadsheet, verify-style tools),
+    which take UTF-8 whatever the locale, as the audit log stores its lines."""
+    return bool(getattr(args, "json", False)) or getattr(args, "format", None) in ("json", "csv")
+
+
 class _Output:
     """Standard output, its write errors raised as OutputError: a command that
-    catches OSError for what it reads tells them apart."""
+    catches OSError for what it reads tells them apart. Text for a person is in
+    the locale's encoding, a character it lacks escaped (``\\u20ac``), as a
+    Latin-1 terminal ended the command with a traceback; ``utf8`` output is
+    UTF-8 whatever the locale."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, *, utf8: bool = False) -> None:
         self._stream = stream
+        if isinstance(stream, io.TextIOWrapper):  # not a test's StringIO
+            stream.reconfigure(encoding="utf-8" if utf8 else None, errors="backslashreplace")
 
     def write(self, text: str) -> int:
         with _as_output_error():

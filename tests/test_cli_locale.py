@@ -1,0 +1,152 @@
+"""The ``relay`` tools under a Latin-1 locale, as on an older ERP host: text for a
+person in its encoding, what it lacks escaped; JSON and CSV in UTF-8 for the
+programs that read them. A real process, a locale built with localedef."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relay.audit import AuditLog, events
+from relay.policy.load import StateSettings, load
+from relay.spool import Spool
+from relay.suppression import MANUAL, Suppression, SuppressionFile
+from tests import spoolkit
+from tests.test_cli import INVOICE
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCALE = "de_DE.ISO-8859-1"
+REPLY = "550 Konto gesperrt: 100 € offen, Łódź, Müller"
+
+
+@pytest.fixture(scope="session")
+def latin1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a shell whose locale is Latin-1, no UTF-8 mode."""
+    if shutil.which("localedef") is None:
+        pytest.skip("no localedef")
+    directory = tmp_path_factory.mktemp("locale")
+    made = subprocess.run(
+        ["localedef", "-i", "de_DE", "-f", "ISO-8859-1", str(directory / LOCALE)],
+        capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    if made.returncode not in (0, 1) or not (directory / LOCALE).exists():  # 1: warnings
+        pytest.skip(f"localedef failed: {made.stderr.decode(errors='replace')}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIO"))}
+    env.pop("PYTHONUTF8", None)
+    return {**env, "LOCPATH": str(directory), "LC_ALL": LOCALE}
+
+
+def relay(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        capture_output=True, env=env, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_the_locale_is_latin1(latin1: dict[str, str]) -> None:
+    """Otherwise the tests below would pass for want of the locale."""
+    code = "import sys; print(sys.stdout.encoding)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, env=latin1, check=True)
+    assert done.stdout.strip().lower() in (b"iso8859-1", b"iso-8859-1", b"latin-1")
+
+
+@pytest.fixture
+def audited(policy_file: Path) -> Path:
+    """An audit log holding an upstream's reply with characters Latin-1 lacks (€, Ł)."""
+    with AuditLog(policy_file.parent / "state" / "audit") as log:
+        log.append(events.failed(queue_id="Q1", message_id=None, recipient="a@b", reply=REPLY))
+    return policy_file
+
+
+def test_audit_show_escapes_what_the_locale_lacks(audited: Path, latin1: dict[str, str]) -> None:
+    """It was a UnicodeEncodeError traceback."""
+    done = relay(latin1, "audit", "show", "Q1", "-c", str(audited))
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert "100 \\u20ac offen, \\u0141\xf3d\\u017a, Müller".encode("latin-1") in done.stdout
+
+
+@pytest.mark.parametrize("command", [["search"], ["show", "Q1"]])
+def test_audit_json_is_utf8_whatever_the_locale(
+    audited: Path, latin1: dict[str, str], command: list[str]
+) -> None:
+    """It stopped mid-output with exit 2 ("unreadable log"), and a reply that fit
+    Latin-1 came out in Latin-1 bytes, which jq and json.loads do not read."""
+    done = relay(latin1, "audit", *command, "--format", "json", "-c", str(audited))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line.decode("utf-8")) for line in done.stdout.splitlines()]
+    assert [row["reply"] for row in rows] == [REPLY]
+
+
+def test_audit_json_of_text_latin1_has_is_the_stored_lines(
+    policy_file: Path, latin1: dict[str, str]
+) -> None:
+    """Output that fit Latin-1 came out in it: mojibake in jq, an error in json.loads."""
+    audit = policy_file.parent / "state" / "audit"
+    with AuditLog(audit) as log:
+        log.append(
+            events.failed(queue_id="Q1", message_id=None, recipient="a@b", reply="550 Müller")
+        )
+    done = relay(latin1, "audit", "search", "--format", "json", "-c", str(policy_file))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout in b"".join(p.read_bytes() for p in sorted(audit.glob("audit-*")))
+
+
+def test_audit_csv_is_utf8_whatever_the_locale(audited: Path, latin1: dict[str, str]) -> None:
+    done = relay(latin1, "audit", "search", "--format", "csv", "-c", str(audited))
+    assert done.returncode == 0, done.stderr
+    assert REPLY in done.stdout.decode("utf-8")
+
+
+def test_audit_table_escapes_what_the_locale_lacks(audited: Path, latin1: dict[str, str]) -> None:
+    done = relay(latin1, "audit", "search", "-c", str(audited))
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert b"100 \\u20ac offen" in done.stdout
+
+
+def test_queue_show_escapes_what_the_locale_lacks(
+    policy_file: Path, latin1: dict[str, str]
+) -> None:
+    entry = spoolkit.make_entry(subject="Rechnung 100 € für Łódź")
+    Spool(policy_file.parent / "state" / "queue").put(entry, b"Subject: x\r\n\r\nx\r\n")
+    done = relay(latin1, "queue", "show", entry.queue_id, "-c", str(policy_file))
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert '"Rechnung 100 \\u20ac für \\u0141\xf3d\\u017a"'.encode("latin-1") in done.stdout
+
+
+def test_suppression_list_escapes_text_and_writes_json_in_utf8(
+    policy_file: Path, latin1: dict[str, str]
+) -> None:
+    """The list printed its first row, then a traceback with exit 1, "nothing matched"."""
+    path = StateSettings.of(load(policy_file)).suppression.file
+    path.parent.mkdir(exist_ok=True)
+    file = SuppressionFile(path)
+    since = "2026-12-01T10:00:00.000Z"
+    file.add([Suppression(f"{n}@example.org", None, MANUAL, since, "Łódź €") for n in "ab"])
+    done = relay(latin1, "suppression", "list", "-c", str(policy_file))
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert done.stdout.count(b"\\u0141\xf3d\\u017a \\u20ac") == 2
+    done = relay(latin1, "suppression", "list", "--json", "-c", str(policy_file))
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["detail"] for line in done.stdout.splitlines()] == ["Łódź €"] * 2
+
+
+def test_preview_escapes_text_and_writes_json_in_utf8(
+    policy_file: Path, tmp_path: Path, latin1: dict[str, str]
+) -> None:
+    """The text preview was a traceback and no output; the JSON one Latin-1 bytes."""
+    eml = tmp_path / "invoice.eml"
+    eml.write_bytes(INVOICE.replace("Faktura 4711", "Rechnung über 100 €").encode())
+    done = relay(latin1, "preview", "-c", str(policy_file), str(eml))
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert "Subject: Rechnung über 100 \\u20ac\n".encode("latin-1") in done.stdout
+    done = relay(latin1, "preview", "-c", str(policy_file), str(eml), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.decode("utf-8"))
+    assert "\nSubject: Rechnung über 100 €" in report["headers"]
+    assert report["user"]["name"] == "Kåre Ødegård"
