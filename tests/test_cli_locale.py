@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import smtplib
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +19,14 @@ from relay.policy.load import StateSettings, load
 from relay.spool import Spool
 from relay.suppression import MANUAL, Suppression, SuppressionFile
 from tests import spoolkit
+from tests.policyfiles import variant
+from tests.relayproc import RelayProcess, wait_for
+from tests.sink import free_port
 from tests.test_cli import INVOICE
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCALE = "de_DE.ISO-8859-1"
+JAN = "From: jan@acme.example\nTo: customer@example.org\nSubject: Faktura 4711\n\nHei!\n"
 REPLY = "550 Konto gesperrt: 100 € offen, Łódź, Müller"
 
 
@@ -150,3 +155,35 @@ def test_preview_escapes_text_and_writes_json_in_utf8(
     report = json.loads(done.stdout.decode("utf-8"))
     assert "\nSubject: Rechnung über 100 €" in report["headers"]
     assert report["user"]["name"] == "Kåre Ødegård"
+
+
+def test_a_policy_in_a_directory_named_in_latin1_bytes_checks_previews_and_serves(
+    tmp_path: Path,
+) -> None:
+    """Its version hashed the file names as UTF-8 text, and a name read from
+    Latin-1 bytes (``pl\\xfc``, surrogates in Python) ended check, preview and
+    serve in a UnicodeEncodeError."""
+    directory = tmp_path / os.fsdecode(b"pl\xfc")
+    directory.mkdir()
+    port = free_port()
+    policy = variant(directory, "    port: 2525\n", f"    port: {port}\n")
+    env = {**os.environ, "LC_ALL": "C.UTF-8"}
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "check", "-c", str(policy)],
+        capture_output=True, env=env, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(b"%s/pl\\udcfc/relay.yaml: ok" % os.fsencode(tmp_path))
+    eml = tmp_path / "invoice.eml"
+    eml.write_text(JAN)
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "preview", "-c", str(policy), str(eml), "--json"],
+        capture_output=True, env=env, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["policy"]["file"] == str(policy)
+    with RelayProcess(policy, port, tmp_path / "relay.log", env=env) as served:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail("jan@acme.example", ["customer@example.org"], JAN)
+        wait_for(lambda: any((directory / "outbox").glob("*.eml")), timeout=30)
+    assert "Traceback" not in served.log()

@@ -53,10 +53,11 @@ def policy_version(text: bytes, files: Mapping[str, bytes]) -> str:
     that a new DKIM key (or password, or certificate) is a new version in the
     log and the audit log, as a new text is. The files go by their real names:
     the same policy named as ``../relay.yaml`` or through a linked directory
-    read as another version than the running one (``relay status``)."""
+    read as another version than the running one (``relay status``). A name is
+    hashed as its bytes: one in Latin-1 under a UTF-8 locale is not UTF-8 text."""
     digest = hashlib.sha256()
-    named = {os.path.realpath(name): data for name, data in files.items()}
-    for chunk in (text, *(part for name in sorted(named) for part in (name.encode(), named[name]))):
+    named = {os.fsencode(os.path.realpath(name)): data for name, data in files.items()}
+    for chunk in (text, *(part for name in sorted(named) for part in (name, named[name]))):
         digest.update(len(chunk).to_bytes(8, "big") + chunk)
     return digest.hexdigest()
 
