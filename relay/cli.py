@@ -851,7 +851,7 @@ def _passwd(args: argparse.Namespace) -> int:
             return 1
     else:
         password = sys.stdin.buffer.readline().decode("utf-8", "surrogateescape")
-        password = password.rstrip("\r\n")
+        password = password.removeprefix("\ufeff").rstrip("\r\n")  # as a password file's
     if not password:
         print("relay passwd: empty password", file=sys.stderr)
         return 1

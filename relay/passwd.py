@@ -22,6 +22,13 @@ _MAX_BLOCKS = 2**28  # 128*r*N bytes: 256 MiB
 _MAX_MEMORY = _MAX_BLOCKS + 2**24  # what scrypt may allocate beyond the blocks
 
 
+def password_text(data: bytes) -> str:
+    """A password file's password, as ``relay check`` reads it: without the line
+    end an editor adds, nor the byte-order mark Notepad writes, which went to
+    the upstream as part of the password, so that every login failed."""
+    return data.decode("utf-8-sig").rstrip("\r\n")
+
+
 def hash_password(password: str) -> str:
     salt = os.urandom(_SALT_BYTES)
     key = _derive(password.encode("utf-8"), salt, _N, _R, _P, _KEY_BYTES)

@@ -504,6 +504,18 @@ def test_keygen_into_a_full_output_still_gives_the_record(tmp_path: Path) -> Non
     assert lines[2].startswith("ed._domainkey.example.com. IN TXT") and "k=ed25519" in lines[2]
 
 
+def test_passwd_reads_a_file_notepad_wrote_as_a_password_file_is_read() -> None:
+    """``relay passwd < password.txt`` hashed its byte-order mark with the password."""
+    from relay.passwd import verify_password
+
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "passwd"],
+        input=b"\xef\xbb\xbfs3cret\r\n", capture_output=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert verify_password("s3cret", done.stdout.decode().strip())
+
+
 def test_passwd_refuses_a_password_that_is_not_utf8() -> None:
     """It was a UnicodeEncodeError traceback; AUTH takes a password as UTF-8 text."""
     done = subprocess.run(

@@ -894,6 +894,16 @@ async def test_login_with_password_file(auth_sink: Sink, tmp_path: Path) -> None
     assert auth_sink.handler.messages[0].login == "relay"
 
 
+async def test_login_with_a_password_file_notepad_wrote(auth_sink: Sink, tmp_path: Path) -> None:
+    """UTF-8 with a byte-order mark, lines ended CRLF: check took it, and the mark
+    went to the upstream as part of the password, so every login failed."""
+    secret = tmp_path / "password"
+    secret.write_bytes(b"\xef\xbb\xbfs3cret\r\n")
+    target = upstream(auth_sink.port, username="relay", password_file=secret)
+    await deliver(target, "b@p.example", RCPTS, MESSAGE)
+    assert auth_sink.handler.messages[0].login == "relay"
+
+
 async def test_login_with_password_env(auth_sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RELAY_TEST_SMARTHOST_PASSWORD", "s3cret")
     target = upstream(

@@ -20,6 +20,7 @@ from yaml.nodes import Node, ScalarNode
 
 from relay.alabels import a_labels
 from relay.headers import fits_smtp
+from relay.passwd import password_text
 from relay.policy.files import RefusedFile, read_limited
 from relay.policy.schema import Ctx, text
 from relay.visible import escaped
@@ -652,7 +653,7 @@ def password_file(ctx: Ctx, node: Node, path: str) -> Path | None:
         return None
     resolved, data = found
     try:
-        data.decode("utf-8")
+        password_text(data)
     except UnicodeDecodeError as exc:
         ctx.problem(node, path, f"{resolved} is not UTF-8 text ({exc.reason})")
         return None

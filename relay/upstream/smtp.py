@@ -27,6 +27,7 @@ import aiosmtplib
 
 from relay.errors import UpstreamError
 from relay.hostport import host_port
+from relay.passwd import password_text
 from relay.policy.model import SmtpUpstream, TlsMode
 from relay.upstream import (
     Crowded,
@@ -243,7 +244,7 @@ def _stage_refusal(exc: aiosmtplib.SMTPResponseException) -> UpstreamError:
 def password(upstream: SmtpUpstream) -> str:
     if upstream.password_file is not None:
         try:
-            return upstream.password_file.read_text("utf-8").rstrip("\r\n")
+            return password_text(upstream.password_file.read_bytes())
         except (OSError, UnicodeDecodeError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             text = f"Upstream {upstream.name}: cannot read {upstream.password_file}: {reason}"
