@@ -771,6 +771,7 @@ def _with_stdin(addresses: list[str]) -> list[str]:
     if "-" not in addresses:
         return addresses
     text = sys.stdin.read() if sys.stdin is not None else ""  # None: stdin closed (<&-)
+    text = text.removeprefix("\ufeff")  # a list saved by Notepad, or as utf-8-sig
     lines = [line for line in text.splitlines() if line.strip()]
     return [a for address in addresses for a in (lines if address == "-" else [address])]
 

@@ -470,6 +470,38 @@ def test_addresses_on_stdin_go_in_as_one_call_all_or_nothing(
     assert run_with("customer7@example.net\n", "list", "-")[0] == 1
 
 
+def test_a_list_on_stdin_with_a_byte_order_mark_goes_in(
+    policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Saved by Notepad, or as utf-8-sig as docs/suppression.md's own export does:
+    the whole list was refused, its first line said to be no address."""
+    monkeypatch.setattr(
+        sys, "stdin", io.StringIO("\ufeffkunde7@example.org\r\nkunde8@example.org\r\n")
+    )
+    code, out, err = run(policy, capsys, "add", "-")
+    assert (code, err) == (0, "")
+    assert out == [
+        "kunde7@example.org: added (manual, all tenants)",
+        "kunde8@example.org: added (manual, all tenants)",
+    ]
+
+
+def test_a_note_in_latin1_bytes_is_refused_and_nothing_written(policy: Path) -> None:
+    """``--note "$(printf 'M\\xfcller')"`` (Latin-1 bytes, the locale UTF-8) was a traceback."""
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "suppression", "add", "-c", str(policy), BUYER,
+         "--note", os.fsdecode(b"M\xfcller")],
+        capture_output=True, timeout=60, check=False, cwd=ROOT,
+        env={**os.environ, "LC_ALL": "C.UTF-8"},
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (2, b"")
+    assert done.stderr == (
+        b"relay suppression add: nothing added: --note 'M\\udcfcller' is not UTF-8 text"
+        b" (Latin-1 bytes?): give it in UTF-8\n"
+    )
+    assert not listed(policy).exists() or listed(policy).read_text() == ""
+
+
 @pytest.mark.parametrize("verb", ["add", "remove", "list"])
 def test_no_address_on_stdin_is_refused_not_read_as_every_entry(
     policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, verb: str

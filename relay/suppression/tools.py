@@ -81,7 +81,7 @@ def add_main(
     state settings loaded (then any tenant is taken). Nothing is added when an
     argument is refused, so a typo does not leave half the list changed."""
     addresses = _taken(addresses)
-    refusal = _refusal(addresses, tenant, tenants)
+    refusal = _refusal(addresses, tenant, tenants) or _not_text(note, tenant)
     if refusal is not None:
         err.write(f"relay suppression add: nothing added: {refusal}\n")
         return EX_BADARG
@@ -198,6 +198,18 @@ def _refusal(
     if tenant is not None and tenants is not None and tenant not in tenants:
         known = ", ".join(sorted(tenants)) or "none"
         return f"the policy has no tenant {tenant!r} (its tenants: {known})"
+    return None
+
+
+def _not_text(note: str, tenant: str | None) -> str | None:
+    """Why ``--note`` or ``--tenant`` cannot go on the list, which is UTF-8 text,
+    or None: bytes in another encoding (``M\\xfcller`` in Latin-1) ended the
+    command in a traceback."""
+    for option, value in (("--note", note), ("--tenant", tenant or "")):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{option} {value!r} is not UTF-8 text (Latin-1 bytes?): give it in UTF-8"
     return None
 
 
