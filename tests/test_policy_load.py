@@ -981,6 +981,11 @@ def test_anchors_and_merge_keys_work(tmp_path: Path) -> None:
          "1:9: an invisible line separator (U+2028), as pasted from a web page or a word"
          " processor: YAML reads it as a line break, so every line number after it would be"
          " off and the text around it may mean something else; delete it"),
+        # Notepad's "Unicode", with its byte-order mark and without
+        ("version: 1\n".encode("utf-16"),
+         "1:1: the file is UTF-16 text (Notepad's \"Unicode\"): save it as UTF-8"),
+        ("version: 1\n".encode("utf-16-be"),
+         "1:1: the file is UTF-16 text (Notepad's \"Unicode\"): save it as UTF-8"),
     ],
 )  # fmt: skip
 def test_unparsable_files_are_one_located_problem(
@@ -989,6 +994,15 @@ def test_unparsable_files_are_one_located_problem(
     path = tmp_path / "relay.yaml"
     path.write_bytes(content)
     assert problems(path) == [f"{path}:{problem}"]
+
+
+def test_a_line_indented_with_a_tab_is_said_to_be(tmp_path: Path) -> None:
+    """The parser named it only as a character that cannot start any token."""
+    path = tmp_path / "relay.yaml"
+    path.write_bytes(b"version: 1\nplatform:\n\tfrom_address: x@y\n")
+    (problem,) = problems(path)
+    assert problem.startswith(f"{path}:3:1: YAML syntax error: found character ")
+    assert problem.endswith(": a tab indents this line; YAML takes only spaces")
 
 
 def test_the_policy_version_covers_the_files_it_read(

@@ -102,6 +102,9 @@ def read(
         except OSError as exc:
             problems.add(None, "", f"cannot read the policy file: {exc.strerror or exc}")
             return None, None
+    if _utf16(data):
+        problems.add((1, 1), "", 'the file is UTF-16 text (Notepad\'s "Unicode"): save it as UTF-8')
+        return data, None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -260,7 +263,26 @@ def _syntax_problem(text: str, exc: yaml.MarkedYAMLError) -> tuple[yaml.Mark | N
     keyless = None if stop is None or exc.problem not in _KEYLESS else _keyless(text, stop)
     if keyless is not None:
         return keyless, "", f"YAML syntax error: a key without ':' after it ({exc.problem} at {at})"
+    if stop is not None and _in_indentation(text, stop, "\t"):
+        return stop, "", f"{_syntax_message(exc)}: a tab indents this line; YAML takes only spaces"
     return stop, "", _syntax_message(exc)
+
+
+def _utf16(data: bytes) -> bool:
+    """Notepad's "Unicode": a byte-order mark, or without one ASCII every other
+    byte, which was said to be no UTF-8 text, or an unacceptable character #x0000."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return True
+    return len(data) >= 2 and (data[0] == 0) != (data[1] == 0)
+
+
+def _in_indentation(text: str, mark: yaml.Mark, char: str) -> bool:
+    """Whether ``char`` is in the indentation of the mark's line, up to the mark:
+    the parser names a tab there only as a character that starts no token."""
+    lines = text.split("\n")
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    head = line[: mark.column + 1]
+    return char in head and not head.strip(" \t")
 
 
 # what the parser says on the line after a key whose ':' is missing, when that
