@@ -191,7 +191,7 @@ def test_under_the_journal_each_line_has_its_priority(tmp_path: Path) -> None:
             assert lines == [
                 f"<3>{policy}:19:1: bogus: unknown key (expected one of: version, platform,"
                 " listeners, identify, control_headers, classify, dkim, upstreams, logins,"
-                " tenants, state_directory, queue, audit, workers, suppression, metrics)",
+                " tenants, state_directory, queue, audit, workers, run_as, suppression, metrics)",
                 f"<3>{policy}: 1 problem",
             ]
         else:
