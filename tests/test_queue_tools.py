@@ -142,6 +142,7 @@ def test_list_json_like_postqueue(spool: Spool, two: list[QueueEntry]) -> None:
         "tenant",
         "user",
         "doc_type",
+        "upstream",
         "dkim",
     }
     assert first["dkim"] == []  # a message the relay did not sign
@@ -167,6 +168,7 @@ def test_list_json_like_postqueue(spool: Spool, two: list[QueueEntry]) -> None:
         "alice",
         "invoice",
     )
+    assert [r["upstream"] for r in records] == ["default", "default"]
 
 
 def test_hold_and_release(spool: Spool, two: list[QueueEntry]) -> None:

@@ -91,6 +91,7 @@ def _json_record(entry: QueueEntry) -> dict[str, object]:
         "tenant": entry.tenant,
         "user": entry.user,
         "doc_type": entry.doc_type,
+        "upstream": entry.upstream,
     }
 
 
