@@ -167,8 +167,8 @@ async def _transaction(
         )
     except UpstreamError as exc:
         replies = dict.fromkeys(rcpt_tos, (exc.code, exc.line))
-        shared = _shared(exc, rcpt_tos)
         refused = exc.refused if isinstance(exc, RecipientsRefused | PartlyRefused) else {}
+        shared = _shared(exc, [rcpt for rcpt in rcpt_tos if rcpt not in refused])
         whole = not isinstance(exc, RecipientsRefused)
         crowded = isinstance(exc, Crowded)
         if isinstance(exc, Unreachable) and not exc.permanent:
@@ -182,15 +182,17 @@ async def _transaction(
     return replies, shared, unreachable, whole, crowded
 
 
-def _shared(error: UpstreamError, rcpt_tos: Sequence[str]) -> dict[str, str]:
-    """Whom a refusal of the whole transaction is not about: a reply to the end
-    of the message can only be about its one recipient; to MAIL FROM, or to a
-    message of several recipients, it names none of them, and a 5.1.1 there
-    put every recipient on the suppression list."""
-    if isinstance(error, MessageRefused) and len(rcpt_tos) == 1:
+def _shared(error: UpstreamError, taken: Sequence[str]) -> dict[str, str]:
+    """Whom of those the upstream took at RCPT (``taken``) a refusal of the
+    whole transaction is not about: a reply to the end of the message can only
+    be about the one it was going to, however many others RCPT refused; to
+    MAIL FROM, or to a message going to several, it names none of them, and a
+    5.1.1 there put every recipient on the suppression list."""
+    cause = error.cause if isinstance(error, PartlyRefused) else error
+    if isinstance(cause, MessageRefused) and len(taken) == 1:
         return {}
-    why = SENDER_REFUSED if isinstance(error, SenderRefused) else WHOLE_REFUSED
-    return dict.fromkeys(rcpt_tos, why)
+    why = SENDER_REFUSED if isinstance(cause, SenderRefused) else WHOLE_REFUSED
+    return dict.fromkeys(taken, why)
 
 
 def counted(send: Sender, row: TallyRow) -> Sender:

@@ -387,9 +387,14 @@ WHOLE_REFUSED = "the upstream refused the message for all its recipients, not th
             PARTLY,
             dict.fromkeys(["ok@example.org", "ok2@example.org"], WHOLE_REFUSED),
         ),
+        (
+            functools.partial(SinkHandler, refuse=dict(PERM), data_reply=UNKNOWN),
+            PARTLY[:2],
+            {},
+        ),
         (functools.partial(SinkHandler, refuse=dict(PERM)), PARTLY, {}),
     ],
-    ids=["mail-from", "data-of-two", "data-of-one", "data-after-rcpt", "rcpt"],
+    ids=["mail-from", "data-of-two", "data-of-one", "data-after-rcpt", "data-of-one-taken", "rcpt"],
 )
 async def test_a_refusal_of_the_whole_transaction_is_no_recipients_own(
     pipelining: bool,

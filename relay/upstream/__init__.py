@@ -40,6 +40,7 @@ class PartlyRefused(UpstreamError):
     def __init__(self, reply: UpstreamError, refused: Mapping[str, str]) -> None:
         super().__init__(reply.code, reply.status, reply.text)
         self.refused = refused
+        self.cause = reply  # what the reply answered: MessageRefused at DATA, say
 
 
 class SenderRefused(UpstreamError):
