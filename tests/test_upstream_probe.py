@@ -138,7 +138,39 @@ def test_the_warnings_a_sysadmin_should_act_on_do_not_fail_the_test(
         "  DSN: warning: not offered: a bounce that comes back is matched by its Message-ID"
         in done.stdout
     )
-    assert "MAIL FROM" not in done.stdout  # no --rcpt: no envelope tried
+    assert "  MAIL FROM:<NoReply@Platform.example>: 250 2.1.0 Sender ok\n" in done.stdout
+    assert "RCPT TO" not in done.stdout  # no --rcpt: the sender only
+    assert done.stdout.endswith("  RSET: nothing was sent\n")
+
+
+class LoginWantedAtMail(RecordingSink):
+    """Microsoft 365 to a client that did not log in: greeted, then refused at MAIL."""
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        return "530 5.7.57 Client not authenticated to send mail"
+
+
+def test_a_sender_every_delivery_would_be_refused_fails_without_a_recipient(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """A delivery suspends such an upstream; the test said it works."""
+    controller = Controller(
+        LoginWantedAtMail(), hostname="127.0.0.1", port=free_port(),
+        server_hostname="smtp.test", tls_context=server_context(certs),
+        authenticator=login, ready_timeout=10,
+    )  # fmt: skip
+    controller.start()
+    try:
+        done = relay("-c", str(policy(tmp_path, controller.port, certs.ca)), "smarthost")
+    finally:
+        controller.stop()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert (
+        "  MAIL FROM:<NoReply@Platform.example>: failed: 530 5.7.57 Client not authenticated"
+        " to send mail" in done.stdout
+    )
 
 
 def test_a_refused_login_is_told_as_the_queue_would_tell_it(

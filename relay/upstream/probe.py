@@ -6,7 +6,7 @@ A sysadmin who changes a smarthost's host, port, TLS mode or password wants
 the same before an invoice waits in the queue for it: the connection, the TLS
 handshake, the certificate check and the login go through the code deliveries
 use, so a failure reads as the queue and the ERP would see it. With a
-recipient, ``MAIL`` and ``RCPT`` are tried as well and then reset: the
+recipient, ``RCPT`` is tried after ``MAIL`` as well, and then reset: the
 upstream's verdict on that envelope, and still nothing sent.
 """
 
@@ -46,9 +46,8 @@ async def probe(policy: Policy, upstream: Upstream, rcpt: str | None) -> Checked
         if greeted.failed:
             return Checked(where, (greeted,), used_by)
         steps += [greeted, *_session(policy, upstream, client)]
-        if rcpt is not None:
-            sender = upstream.sender or policy.platform.return_path
-            steps += await _envelope(client, sender, rcpt)
+        sender = upstream.sender or policy.platform.return_path
+        steps += await _envelope(client, sender, rcpt)
     finally:
         with contextlib.suppress(aiosmtplib.SMTPException, OSError):
             await client.quit(timeout=upstream.timeout)
@@ -141,9 +140,12 @@ def _size(policy: Policy, client: aiosmtplib.SMTP) -> list[Finding]:
     return [Finding("SIZE", text, Level.WARNING)]
 
 
-async def _envelope(client: aiosmtplib.SMTP, sender: str, rcpt: str) -> list[Finding]:
+async def _envelope(client: aiosmtplib.SMTP, sender: str, rcpt: str | None) -> list[Finding]:
+    """``MAIL`` is tried even without a recipient: a server that wants a login
+    there (Microsoft 365's 530 5.7.57), or refuses the sender (Amazon SES's
+    address not verified), refuses every delivery at it."""
     steps = [await _command(f"MAIL FROM:<{sender}>", client.mail(sender))]
-    if not steps[0].failed:
+    if rcpt is not None and not steps[0].failed:
         steps.append(await _command(f"RCPT TO:<{rcpt}>", client.rcpt(rcpt)))
     with contextlib.suppress(aiosmtplib.SMTPException, OSError):
         await client.rset()
