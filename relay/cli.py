@@ -8,6 +8,7 @@ Heavy imports stay inside the subcommands so ``relay --help`` and
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import io
 import os
@@ -770,10 +771,19 @@ def _with_stdin(addresses: list[str]) -> list[str]:
     into several and stopped at an apostrophe."""
     if "-" not in addresses:
         return addresses
-    text = sys.stdin.read() if sys.stdin is not None else ""  # None: stdin closed (<&-)
-    text = text.removeprefix("\ufeff")  # a list saved by Notepad, or as utf-8-sig
+    text = _stdin_text()
     lines = [line for line in text.splitlines() if line.strip()]
     return [a for address in addresses for a in (lines if address == "-" else [address])]
+
+
+def _stdin_text() -> str:
+    """Stdin in the locale's encoding, without the UTF-8 byte-order mark a list
+    saved by Notepad (or as utf-8-sig) begins with: read as Latin-1, the mark's
+    bytes became the first address's ``ï»¿``."""
+    if sys.stdin is None:  # stdin closed (<&-)
+        return ""
+    data = sys.stdin.buffer.read().removeprefix(codecs.BOM_UTF8)
+    return data.decode(sys.stdin.encoding or "utf-8", sys.stdin.errors or "strict")
 
 
 def _bounce(args: argparse.Namespace) -> int:

@@ -187,3 +187,33 @@ def test_a_policy_in_a_directory_named_in_latin1_bytes_checks_previews_and_serve
             client.sendmail("jan@acme.example", ["customer@example.org"], JAN)
         wait_for(lambda: any((directory / "outbox").glob("*.eml")), timeout=30)
     assert "Traceback" not in served.log()
+
+
+def test_a_list_on_stdin_with_a_byte_order_mark_goes_in_under_latin1(
+    policy_file: Path, latin1: dict[str, str]
+) -> None:
+    """Read in the locale's encoding, the mark was the first address's ``ï»¿``."""
+    path = StateSettings.of(load(policy_file)).suppression.file
+    path.parent.mkdir(exist_ok=True)
+    listed = b"\xef\xbb\xbfkunde7@example.org\r\nkunde8@example.org\r\n"
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "suppression", "add", "-c", str(policy_file), "-"],
+        input=listed, capture_output=True, env=latin1, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert done.stdout.splitlines() == [
+        b"kunde7@example.org: added (manual, all tenants)",
+        b"kunde8@example.org: added (manual, all tenants)",
+    ]
+
+
+def test_queue_show_is_json_jq_reads_under_latin1(
+    policy_file: Path, latin1: dict[str, str]
+) -> None:
+    """Python's escape of a character past U+FFFF (``\\U0001f600``) is none of JSON's."""
+    entry = spoolkit.make_entry(subject="Konto \U0001f600 100 € Łódź")
+    Spool(policy_file.parent / "state" / "queue").put(entry, b"Subject: x\r\n\r\nx\r\n")
+    done = relay(latin1, "queue", "show", entry.queue_id, "-c", str(policy_file))
+    assert (done.returncode, done.stderr) == (0, b"")
+    record = json.loads(done.stdout.split(b"\n\n", 1)[0].decode("latin-1"))
+    assert record["subject"] == "Konto \U0001f600 100 € Łódź"

@@ -442,6 +442,11 @@ def test_an_add_decides_under_the_lock_what_is_listed_already(tmp_path: Path) ->
     assert path.read_text().count("race@example.org") == 1
 
 
+def _stdin(text: str) -> io.TextIOWrapper:
+    """Standard input as a shell gives it: bytes under a text layer."""
+    return io.TextIOWrapper(io.BytesIO(text.encode()), encoding="utf-8")
+
+
 def test_addresses_on_stdin_go_in_as_one_call_all_or_nothing(
     policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -449,7 +454,7 @@ def test_addresses_on_stdin_go_in_as_one_call_all_or_nothing(
     split a long list into calls, some added before one refused the rest."""
 
     def run_with(stdin: str, *args: str) -> tuple[int, list[str], str]:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        monkeypatch.setattr(sys, "stdin", _stdin(stdin))
         return run(policy, capsys, *args)
 
     refused = run_with("a@example.org\nexample.org\n", "add", "-")
@@ -476,7 +481,7 @@ def test_a_list_on_stdin_with_a_byte_order_mark_goes_in(
     """Saved by Notepad, or as utf-8-sig as docs/suppression.md's own export does:
     the whole list was refused, its first line said to be no address."""
     monkeypatch.setattr(
-        sys, "stdin", io.StringIO("\ufeffkunde7@example.org\r\nkunde8@example.org\r\n")
+        sys, "stdin", _stdin("\ufeffkunde7@example.org\r\nkunde8@example.org\r\n")
     )
     code, out, err = run(policy, capsys, "add", "-")
     assert (code, err) == (0, "")
@@ -507,7 +512,7 @@ def test_no_address_on_stdin_is_refused_not_read_as_every_entry(
     policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, verb: str
 ) -> None:
     run(policy, capsys, "add", BUYER)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("\n \n"))
+    monkeypatch.setattr(sys, "stdin", _stdin("\n \n"))
     assert run(policy, capsys, verb, "-") == (
         2,
         [],
