@@ -29,6 +29,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # a subject or a reply in the record: JSON escapes what is below 0x20 only
 _C1 = re.compile(r"[\x7f-\x9f\u2028\u2029]")
+_NOT_ASCII = re.compile(r"[^\x00-\x7e]")
 _ID_WIDTH = 17  # 16-character ID and the hold mark
 _RCPT_INDENT = " " * (_ID_WIDTH + 8 + 1 + 20 + 1)
 _HEADER = (
@@ -199,13 +200,32 @@ def show(spool: Spool, queue_id: str, out: TextIO, err: TextIO) -> int:
         _report(err, queue_id, exc)
         return 1
     record = _readable(json.loads(entry.to_json()))
-    text = json.dumps(record, indent=2, ensure_ascii=False)
-    out.write(_C1.sub(lambda c: f"\\u{ord(c.group()):04x}", text) + "\n\n")  # JSON all the same
+    out.write(_json_for(out, json.dumps(record, indent=2, ensure_ascii=False)) + "\n\n")
     if entry.sign_again is not None:
         out.write(RESIGNED + "\n\n")
     text = headers.decode("utf-8", errors="replace").replace("\r\n", "\n")
     out.write(_CONTROL_BUT_NEWLINE.sub("?", text))
     return 0
+
+
+def _json_for(out: TextIO, text: str) -> str:
+    """JSON all the same on a terminal: control characters, and what the
+    output's encoding lacks, as JSON's own escapes, where a Latin-1 locale
+    wrote an emoji as Python's ``\\U0001f600``, which jq refuses."""
+    encoding = getattr(out, "encoding", None) or "utf-8"
+
+    def escaped(found: re.Match[str]) -> str:
+        char = found.group()
+        if not _C1.fullmatch(char):
+            try:
+                char.encode(encoding)
+            except (UnicodeEncodeError, LookupError):
+                pass
+            else:
+                return char
+        return json.dumps(char)[1:-1] if ord(char) > 0xFFFF else f"\\u{ord(char):04x}"
+
+    return _NOT_ASCII.sub(escaped, text)
 
 
 def _readable(record: dict[str, object]) -> dict[str, object]:
