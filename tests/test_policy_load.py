@@ -1341,9 +1341,10 @@ def _smtp_upstream_with(tmp_path: Path, settings: str) -> Path:
     [
         (None, "cannot read {file}: No such file or directory"),
         (b"", "{file} is empty"),
+        (b"\xef\xbb\xbf\r\n", "{file} is empty"),
         (b"caf\xe9\n", "{file} is not UTF-8 text (invalid continuation byte)"),
     ],
-    ids=["missing", "empty", "not-utf-8"],
+    ids=["missing", "empty", "byte-order-mark-only", "not-utf-8"],
 )
 def test_an_upstream_password_file_the_relay_could_not_read_is_a_problem(
     tmp_path: Path, content: bytes | None, problem: str

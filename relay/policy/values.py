@@ -653,9 +653,12 @@ def password_file(ctx: Ctx, node: Node, path: str) -> Path | None:
         return None
     resolved, data = found
     try:
-        password_text(data)
+        password = password_text(data)
     except UnicodeDecodeError as exc:
         ctx.problem(node, path, f"{resolved} is not UTF-8 text ({exc.reason})")
+        return None
+    if not password.strip():  # a byte-order mark and a line end: no password at all
+        ctx.problem(node, path, f"{resolved} is empty")
         return None
     warn_if_exposed(ctx, node, path, resolved)
     return resolved
