@@ -11,6 +11,11 @@ Within each, the tenants take turns too: one company's ERP sending
 thousands of documents in a loop, within its hourly limit, held every other
 company's mail on a shared smarthost behind all of them (18 s at a sink
 taking five a second). Each tenant's own mail keeps its order.
+
+An attempt that would wait may be parked in line instead (``park``): a
+queue ID with no task, no open file and no message bytes, started when its
+turn comes. A stalled upstream's backlog of thousands of messages holds
+nothing else while it waits.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 Turn = asyncio.Future[None]
+# a parked attempt: called with the slot handed to it, which it gives back
+Granted = Callable[[], None]
 
 
 class _Line:
@@ -28,17 +35,17 @@ class _Line:
     tenants served in rotation."""
 
     def __init__(self) -> None:
-        self._tenants: collections.OrderedDict[str, collections.deque[Turn]] = (
+        self._tenants: collections.OrderedDict[str, collections.deque[Turn | Granted]] = (
             collections.OrderedDict()
         )
 
     def __bool__(self) -> bool:
         return bool(self._tenants)
 
-    def append(self, tenant: str, turn: Turn) -> None:
+    def append(self, tenant: str, turn: Turn | Granted) -> None:
         self._tenants.setdefault(tenant, collections.deque()).append(turn)
 
-    def popleft(self) -> Turn:
+    def popleft(self) -> Turn | Granted:
         tenant, turns = next(iter(self._tenants.items()))
         turn = turns.popleft()
         if turns:
@@ -63,10 +70,33 @@ class Slots:
         self._fresh = _Line()
         self._waiting = _Line()
         self._fresh_next = True  # whose turn it is when both wait
+        self._tasks = {True: 0, False: 0}  # attempts waiting in line as tasks, by kind
 
     def locked(self) -> bool:
         """No slot is free now: an attempt would wait."""
         return self._free == 0
+
+    def waiting(self, fresh: bool) -> int:
+        """How many attempts of the kind wait in line as tasks, parked ones aside:
+        they hold no file, so the engine does not count them as under way."""
+        return self._tasks[fresh]
+
+    def park(self, fresh: bool, tenant: str, granted: Granted) -> None:
+        """Wait in line without a task: at its turn ``granted`` is called with the
+        slot taken for it, and it is for the caller to give it back."""
+        if self._free > 0:
+            self._free -= 1
+            granted()
+            return
+        (self._fresh if fresh else self._waiting).append(tenant, granted)
+
+    @contextlib.contextmanager
+    def handed(self) -> Iterator[None]:
+        """A parked attempt's slot, held until the attempt ends."""
+        try:
+            yield
+        finally:
+            self.give_back()
 
     @contextlib.asynccontextmanager
     async def slot(self, fresh: bool, tenant: str = "") -> AsyncIterator[None]:
@@ -74,7 +104,7 @@ class Slots:
         try:
             yield
         finally:
-            self._give_back()
+            self.give_back()
 
     async def _take(self, fresh: bool, tenant: str) -> None:
         if self._free > 0:
@@ -83,25 +113,31 @@ class Slots:
         line = self._fresh if fresh else self._waiting
         turn: Turn = asyncio.get_running_loop().create_future()
         line.append(tenant, turn)
+        self._tasks[fresh] += 1
         try:
             await turn
         except asyncio.CancelledError:
             if turn.done() and not turn.cancelled():
-                self._give_back()  # handed over as it was cancelled: to the next
+                self.give_back()  # handed over as it was cancelled: to the next
             else:
                 with contextlib.suppress(ValueError):  # passed over already
                     line.remove(tenant, turn)
             raise
+        finally:
+            self._tasks[fresh] -= 1
 
-    def _give_back(self) -> None:
+    def give_back(self) -> None:
         """The slot to the next in line, whose turn it is; else it is free."""
         lines = (self._fresh, self._waiting) if self._fresh_next else (self._waiting, self._fresh)
         for line in lines:
             while line:
                 turn = line.popleft()
-                if turn.done():  # cancelled, and left to its owner
+                if isinstance(turn, asyncio.Future) and turn.done():  # cancelled, left to its owner
                     continue
                 self._fresh_next = line is self._waiting
-                turn.set_result(None)
+                if isinstance(turn, asyncio.Future):
+                    turn.set_result(None)
+                else:
+                    turn()
                 return
         self._free += 1

@@ -4,6 +4,7 @@ waiting take a free slot in turns, and a cancelled waiter gives its turn on."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from relay.slots import Slots
 
@@ -72,4 +73,41 @@ async def test_a_cancelled_waiter_of_a_tenant_leaves_the_others_their_turns() ->
         await asyncio.sleep(0)
     await asyncio.wait_for(kept, 5)
     assert order == ["kept"] and gone.cancelled()
+    assert not slots.locked()
+
+
+async def test_parked_attempts_take_their_turns_with_those_waiting_as_tasks() -> None:
+    """A stalled upstream's backlog waited as tasks, each with its record, and
+    counted as attempts under way; parked, it is its queue IDs alone, and the
+    turns between the kinds and the tenants are as for those waiting."""
+    slots, order = Slots(1), []
+
+    def parked(name: str) -> Callable[[], None]:
+        def granted() -> None:
+            order.append(name)
+            asyncio.get_running_loop().call_soon(slots.give_back)
+
+        return granted
+
+    async with slots.slot(False, "flood"):
+        for i in range(3):
+            slots.park(False, "flood", parked(f"p{i}"))
+        fresh = asyncio.ensure_future(_holding(slots, True, order, "f0", "flood"))
+        slots.park(False, "beta", parked("b0"))
+        await asyncio.sleep(0)
+        assert (slots.waiting(True), slots.waiting(False)) == (1, 0)
+    await asyncio.wait_for(fresh, 5)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert order == ["f0", "p0", "b0", "p1", "p2"]
+    assert not slots.locked()
+    assert slots.waiting(True) == 0
+
+
+async def test_a_parked_attempt_is_handed_a_free_slot_at_once() -> None:
+    slots, order = Slots(1), []
+    slots.park(True, "a", lambda: order.append("now"))
+    assert order == ["now"] and slots.locked()
+    with slots.handed():
+        pass
     assert not slots.locked()
