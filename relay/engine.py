@@ -70,12 +70,12 @@ CUT_OFF = (
 
 
 def file_budget() -> int:
-    """How many handed-over entries may wait, and how many attempts may run: each
-    keeps its entry's file open (its lock), an attempt read back from the spool
-    while it waits for a delivery slot too. A quarter of the open-file limit
-    each, the rest being for connections and the spool: 16 MiB of 2 KB
-    messages would be 8,000 files, and a backlog due at once after an outage
-    (or at a restart) one per queued message."""
+    """How many handed-over entries may wait, and how many attempts may be under
+    way: each keeps its entry's file open (its lock). One waiting for a delivery
+    slot is parked, holding none (``_park``), and does not count. A quarter of
+    the open-file limit each, the rest being for connections and the spool:
+    16 MiB of 2 KB messages would be 8,000 files, and a backlog due at once
+    after an outage (or at a restart) one per queued message."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return 1 << 16 if soft == resource.RLIM_INFINITY else max(1, soft // 4)
 
@@ -94,7 +94,8 @@ class Untold:
 class Outcome:
     """How an attempt ended: ``delivered``, ``failed``, ``deferred``, ``busy``
     (try again soon), ``locked`` (by another process), ``later`` (another worker deferred it
-    meanwhile: not due yet), ``held``, ``gone`` (deleted meanwhile) or
+    meanwhile: not due yet), ``held``, ``gone`` (deleted meanwhile), ``parked``
+    (in line for its upstream's slot, started again at its turn) or
     ``refused`` (immediate mode: every recipient refused, nothing kept), with the
     reply to pass back when refused."""
 
@@ -348,6 +349,10 @@ class Engine:
         # those of them under way
         self._fresh: collections.deque[str] = collections.deque()
         self._fresh_busy: set[str] = set()
+        # attempts in line for a slot as queue IDs (``_park``), and those whose
+        # turn came, each holding its slot until it starts: (queue ID, fresh, slots)
+        self._parked: set[str] = set()
+        self._granted: collections.deque[tuple[str, bool, Slots]] = collections.deque()
         self._planned_in_scan: dict[str, float] | None = None
         self._settler = Settler(spool, recorder)
         # ``alone``: with one SMTP session outcomes are recorded on the event loop too
@@ -563,6 +568,8 @@ class Engine:
         """How long nothing can start: 0 only for what ``_start_due`` would start."""
         while self._due and self._stale(self._due[0]):
             heapq.heappop(self._due)
+        if self._granted and not self._held_back(fresh=self._granted[0][1]):
+            return 0.0
         if self._fresh and not self._held_back(fresh=True):
             return 0.0
         if not self._due or self._held_back(fresh=False):
@@ -587,6 +594,7 @@ class Engine:
             self._warm_bytes -= len(warm.data)
             self._warm_files -= 1
         self._warm.clear()
+        self._granted.clear()  # their slots go with the engine
         if self._busy:
             _, running = await asyncio.wait(list(self._busy.values()), timeout=timeout)
             # only those waiting for their upstream: one settling its outcome would
@@ -639,15 +647,17 @@ class Engine:
         immediate: bool = False,
         hung_up: asyncio.Event | None = None,
         fresh: bool = False,
+        granted: Slots | None = None,
     ) -> asyncio.Task[Outcome]:
         """Start (or join) the delivery of one entry. With ``immediate`` a message every
         recipient refuses is dropped without a notice, while its sender is waiting for
         the reply (until ``answered``, or ``hung_up`` is set: a client gone reads no
-        refusal, so its sender hears of it by notice, as of any queued message)."""
+        refusal, so its sender hears of it by notice, as of any queued message).
+        ``granted``: the slots whose slot a parked attempt was handed."""
         task = self._busy.get(queue_id)
         if task is None:
             fresh = fresh or immediate
-            attempt = self._deliver(queue_id, immediate, fresh)
+            attempt = self._deliver(queue_id, immediate, fresh, granted)
             task = asyncio.get_running_loop().create_task(attempt)
             self._busy[queue_id] = task
             if fresh:
@@ -661,7 +671,7 @@ class Engine:
         fresh = queue_id in self._fresh_busy
         was_held_back = self._held_back(fresh=fresh)
         self._fresh_busy.discard(queue_id)
-        if self._busy.pop(queue_id, None) is not None and was_held_back:
+        if self._busy.pop(queue_id, None) is not None and (was_held_back or self._granted):
             self._wake.set()  # room for what is due again
         self._answering.pop(queue_id, None)
         self._refusing.discard(queue_id)
@@ -689,6 +699,8 @@ class Engine:
         accepted goes first (see ``_held_back`` for the places each kind keeps):
         after an outage the backlog, due earlier, took every place in line."""
         now = self.clock()
+        while self._granted and not self._held_back(fresh=self._granted[0][1]):
+            self._start_granted(*self._granted.popleft(), now)
         while self._fresh and not self._held_back(fresh=True):
             queue_id = self._fresh.popleft()
             when = self._schedule.get(queue_id)  # a rescan may have planned it anew
@@ -699,28 +711,50 @@ class Engine:
 
     def _start(self, item: tuple[float, str], now: float, fresh: bool) -> None:
         queue_id = item[1]
-        if self._stale(item) or queue_id in self._busy:
-            return  # a running attempt plans what comes next itself
+        if self._stale(item) or queue_id in self._busy or queue_id in self._parked:
+            return  # a running or parked attempt plans what comes next itself
+        if self._may_start(queue_id, now):
+            self.attempt_now(queue_id, fresh=fresh)
+
+    def _may_start(self, queue_id: str, now: float) -> bool:
+        """False for an entry planned later instead."""
         if queue_id in self.accepting or (self._scan_error and queue_id not in self._warm):
             self._plan(queue_id, now + POLL)  # accepting, or in a spool that cannot be read
-            return
+            return False
         later = self._suspensions.waits(queue_id, now)
         if later is not None:  # waits for a suspended upstream: not read, not locked
             self._plan(queue_id, later)
-            return
-        self.attempt_now(queue_id, fresh=fresh)
+            return False
+        return True
+
+    def _start_granted(self, queue_id: str, fresh: bool, slots: Slots, now: float) -> None:
+        """A parked attempt whose turn came; one held, deleted or planned later
+        meanwhile passes its slot on, unread."""
+        when = self._schedule.get(queue_id)
+        due = when is not None and when <= now and queue_id not in self._busy
+        if due and self._may_start(queue_id, now):
+            self.attempt_now(queue_id, fresh=fresh, granted=slots)
+        else:
+            slots.give_back()
 
     def _held_back(self, fresh: bool) -> bool:
-        """Nothing more starts while as many attempts run as files may be open for
-        them, nor while ``_backlogged``. Of them, a tenth is kept for mail just
-        accepted (``fresh``) and a tenth for the mail that was waiting: either
-        kind, filling all of them, left the other none, and none of its
-        attempts to take turns with for the upstream's slots."""
-        if len(self._busy) >= self._files or self._backlogged():
+        """Nothing more starts while as many attempts are under way as files may be
+        open for them, nor while ``_backlogged``. Of them, a tenth is kept for
+        mail just accepted (``fresh``) and a tenth for the mail that was waiting:
+        either kind, filling all of them, left the other none. An attempt waiting
+        for a delivery slot holds no file and is not under way: counted, one
+        stalled upstream's attempts held every other upstream's mail back."""
+        fresh_ones = len(self._fresh_busy) - self._in_line(True)
+        others = len(self._busy) - len(self._fresh_busy) - self._in_line(False)
+        if fresh_ones + others >= self._files or self._backlogged():
             return True
         kept = self._files // 10
-        mine = len(self._fresh_busy) if fresh else len(self._busy) - len(self._fresh_busy)
-        return mine >= self._files - kept
+        return (fresh_ones if fresh else others) >= self._files - kept
+
+    def _in_line(self, fresh: bool) -> int:
+        """Attempts of the kind waiting for a slot as tasks: immediate ones, whose
+        client may wait for the outcome (the others are parked)."""
+        return sum(slots.waiting(fresh) for slots in self._limits.values())
 
     def _backlogged(self) -> bool:
         """Nothing new starts while too many finished entries wait for the audit log:
@@ -739,9 +773,11 @@ class Engine:
             self._limits[name] = Slots(policy.queue.concurrency)
         return self._limits[name]
 
-    async def _deliver(self, queue_id: str, immediate: bool, fresh: bool) -> Outcome:
+    async def _deliver(
+        self, queue_id: str, immediate: bool, fresh: bool, granted: Slots | None
+    ) -> Outcome:
         try:
-            outcome = await self._locked_attempt(queue_id, immediate, fresh)
+            outcome = await self._locked_attempt(queue_id, immediate, fresh, granted)
         except Exception:  # a fault of the relay's own: see _faulted
             return self._faulted(queue_id)
         tries = self._locked.pop(queue_id, 0)
@@ -750,7 +786,7 @@ class Engine:
             self._plan(queue_id, self.clock() + min(POLL * 2**tries, RESCAN))
         elif outcome.status == "busy":
             self._plan(queue_id, self.clock() + POLL)
-        elif outcome.status not in ("deferred", "later"):
+        elif outcome.status not in ("deferred", "later", "parked"):
             self._schedule.pop(queue_id, None)
             self._unstored.pop(queue_id, None)
         return outcome
@@ -767,13 +803,18 @@ class Engine:
         self._plan(queue_id, self.clock() + delay)
         return Outcome("deferred")
 
-    async def _locked_attempt(self, queue_id: str, immediate: bool, fresh: bool) -> Outcome:
+    async def _locked_attempt(
+        self, queue_id: str, immediate: bool, fresh: bool, granted: Slots | None
+    ) -> Outcome:
         untold = self._untold.pop(queue_id, None)
         if untold is not None:
             return await self._finish(untold.entry, self.policy(), untold.lock, untold)
         warm = self._warm.pop(queue_id, None)
         lock = EntryLock(None if warm is None else warm.lock)
         try:
+            if granted is not None:
+                with granted.handed():
+                    return await self._locked_again(queue_id, lock, immediate)
             if warm is not None:
                 try:
                     return await self._warm_attempt(warm, lock, immediate, fresh)
@@ -784,7 +825,10 @@ class Engine:
             not_now = self._not_now(entry, immediate)
             if not_now is not None:
                 return not_now
-            async with self._limit(entry).slot(fresh, entry.tenant):
+            limit = self._limit(entry)
+            if self._park(limit, entry, immediate, fresh):
+                return Outcome("parked")
+            async with limit.slot(fresh, entry.tenant):
                 return await self._locked_again(entry.queue_id, lock, immediate)
         except NoSuchEntry:
             return Outcome("gone")
@@ -808,8 +852,29 @@ class Engine:
             async with limit.slot(fresh, warm.entry.tenant):
                 return await self._attempt(warm.entry, lock, immediate, warm.data)
         lock.close()
+        if self._park(limit, warm.entry, immediate, fresh):
+            return Outcome("parked")
         async with limit.slot(fresh, warm.entry.tenant):
             return await self._locked_again(warm.entry.queue_id, lock, immediate, warm.data)
+
+    def _park(self, limit: Slots, entry: QueueEntry, immediate: bool, fresh: bool) -> bool:
+        """An attempt that would wait for a slot leaves the line its queue ID, and
+        is started again at its turn: waiting as a task, with its record and
+        bytes, a stalled upstream's backlog filled the attempts a worker may
+        have under way and held every other upstream's mail back. Not an
+        immediate one: its client may still wait for the outcome."""
+        if immediate or not limit.locked():
+            return False
+        self._parked.add(entry.queue_id)
+        granted = functools.partial(self._slot_granted, entry.queue_id, fresh, limit)
+        limit.park(fresh, entry.tenant, granted)
+        return True
+
+    def _slot_granted(self, queue_id: str, fresh: bool, limit: Slots) -> None:
+        """A parked attempt's turn: started at the next look, before anything else."""
+        self._parked.discard(queue_id)
+        self._granted.append((queue_id, fresh, limit))
+        self._wake.set()
 
     async def _locked_again(
         self, queue_id: str, lock: EntryLock, immediate: bool, data: bytes | None = None

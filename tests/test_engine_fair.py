@@ -106,3 +106,23 @@ async def test_one_tenants_loop_does_not_hold_the_others_mail_behind_it(
         await until(lambda: "customer@example.net" in upstream.tried, "the other tenant's")
         waited = upstream.tried.index("customer@example.net") - 4
     assert waited <= 4, upstream.tried[:12]
+
+
+async def test_a_stalled_upstreams_backlog_waits_as_queue_ids_alone(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each message waiting for a stalled upstream's slot was a task with its
+    record, and counted as an attempt under way: a month-end run against a
+    stalled account filled a worker's attempts, and nothing else started."""
+    monkeypatch.setattr(engine_module, "file_budget", lambda: FILES)
+    stalled = SlowUpstream(3600)
+    for n in range(10 * FILES):
+        _entry(spool, f"backlog{n}@example.net")
+    queue = dataclasses.replace(policy.queue, concurrency=2)
+    slow = dataclasses.replace(policy, queue=queue)
+    engine = Engine(spool, lambda: slow, stalled, Recorder(None))
+    async with running(engine):
+        await until(lambda: len(engine._parked) == 10 * FILES - 2, "the backlog parked")
+        assert len(engine._busy) == 2  # the two with a slot, stalled
+        assert not engine._held_back(fresh=False) and not engine._held_back(fresh=True)
+    assert len(stalled.tried) == 2
