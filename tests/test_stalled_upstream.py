@@ -1,0 +1,111 @@
+"""One tenant's stalled upstream and another tenant's healthy one, through a real
+relay with a low open-file limit: the stalled one's backlog waits for its own
+slots without holding the other tenant's mail back."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import threading
+from pathlib import Path
+
+from tests.relayproc import RelayProcess
+from tests.sink import SinkServer, free_port
+
+BUDGET = 64  # the attempts a worker may have under way: a quarter of 256 open files
+BACKLOG = BUDGET + 16
+ACME = b"From: jan@acme.example\r\nTo: one@example.org\r\nSubject: Hello\r\n\r\nhi\r\n"
+GLOBEX = b"From: hank@globex.example\r\nTo: two@example.org\r\nSubject: Hello\r\n\r\nhi\r\n"
+
+
+class Stalling:
+    """An upstream that takes each connection and every command, then never
+    answers the end of the message: a server that hangs while it scans."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.dots = 0  # messages sent in full, never answered
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._writers: list[asyncio.StreamWriter] = []
+
+    def __enter__(self) -> Stalling:
+        self._thread.start()
+        started = asyncio.run_coroutine_threadsafe(self._listen(), self._loop)
+        self._server = started.result(10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Hangs up on the relay, so that its stop waits for no stalled attempt."""
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    async def _listen(self) -> asyncio.Server:
+        return await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def _close(self) -> None:
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        writer.write(b"220 stalling ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-stalling\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                while (line := await reader.readline()) not in (b".\r\n", b""):
+                    pass
+                self.dots += 1  # and no reply, ever
+            else:
+                writer.write(b"250 ok\r\n")
+
+
+def configure(policy_file: Path, port: int, healthy: int, stalled: int) -> Path:
+    """acme's mail goes to the stalled upstream, globex's to the healthy one."""
+    upstreams = "".join(
+        f"  {name}:\n    type: smtp\n    host: 127.0.0.1\n    port: {upstream_port}\n"
+        "    tls: none\n    timeout: 30\n"
+        for name, upstream_port in (("default", healthy), ("stalled", stalled))
+    )
+    text = policy_file.read_text().replace("port: 2525", f"port: {port}")
+    text = text.replace("  default:\n    type: directory\n    path: outbox\n", upstreams)
+    text = text.replace(
+        "    upstream: default\n    default_user: jan\n",
+        "    upstream: stalled\n    default_user: jan\n",
+    )
+    text += "workers: 1\nqueue: {first_retry: 0.5, max_retry: 1, lifetime: 3600, concurrency: 2}\n"
+    policy_file.write_text(text)
+    return policy_file
+
+
+def send(port: int, sender: str, rcpt: str, data: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.sendmail(sender, [rcpt], data)
+
+
+def test_a_stalled_upstreams_backlog_holds_no_other_upstreams_mail_back(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Its attempts waiting for its slots counted as under way: once they were as
+    many as a worker may have, another tenant's mail to a healthy upstream was
+    accepted and then waited, untried, for the stalled ones to time out, one
+    at a time (600 s each, at the default ``data_timeout``)."""
+    port = free_port()
+    with Stalling() as stalling, SinkServer() as healthy:
+        policy = configure(policy_file, port, healthy.port, stalling.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log", open_files=(256, 256)) as relay:
+            for n in range(BACKLOG):
+                send(port, "jan@acme.example", f"customer{n}@example.org", ACME)
+            for n in range(3):
+                send(port, "hank@globex.example", f"client{n}@example.org", GLOBEX)
+            received = healthy.sink.wait(3, timeout=10)
+            assert stalling.dots == 2  # acme's upstream has both of its slots, stalled
+    assert sorted(r.rcpt_tos[0] for r in received) == [f"client{n}@example.org" for n in range(3)]
+    assert "open files: limited to 256" in relay.log()
