@@ -780,13 +780,15 @@ class Engine:
             outcome = await self._locked_attempt(queue_id, immediate, fresh, granted)
         except Exception:  # a fault of the relay's own: see _faulted
             return self._faulted(queue_id)
+        if outcome.status == "parked":
+            return outcome  # no outcome yet: it goes on at its turn
         tries = self._locked.pop(queue_id, 0)
         if outcome.status == "locked":  # being delivered, or held there until it can go
             self._locked[queue_id] = tries + 1
             self._plan(queue_id, self.clock() + min(POLL * 2**tries, RESCAN))
         elif outcome.status == "busy":
             self._plan(queue_id, self.clock() + POLL)
-        elif outcome.status not in ("deferred", "later", "parked"):
+        elif outcome.status not in ("deferred", "later"):
             self._schedule.pop(queue_id, None)
             self._unstored.pop(queue_id, None)
         return outcome
