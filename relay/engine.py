@@ -352,6 +352,7 @@ class Engine:
         # attempts in line for a slot as queue IDs (``_park``), and those whose
         # turn came, each holding its slot until it starts: (queue ID, fresh, slots)
         self._parked: set[str] = set()
+        self._tasks_in_line = {True: 0, False: 0}  # shared by every upstream's Slots
         self._granted: collections.deque[tuple[str, bool, Slots]] = collections.deque()
         self._planned_in_scan: dict[str, float] | None = None
         self._settler = Settler(spool, recorder)
@@ -754,7 +755,7 @@ class Engine:
     def _in_line(self, fresh: bool) -> int:
         """Attempts of the kind waiting for a slot as tasks: immediate ones, whose
         client may wait for the outcome (the others are parked)."""
-        return sum(slots.waiting(fresh) for slots in self._limits.values())
+        return self._tasks_in_line[fresh]
 
     def _backlogged(self) -> bool:
         """Nothing new starts while too many finished entries wait for the audit log:
@@ -770,7 +771,7 @@ class Engine:
         policy = self.policy()
         name = _route(entry, policy)
         if name not in self._limits:
-            self._limits[name] = Slots(policy.queue.concurrency)
+            self._limits[name] = Slots(policy.queue.concurrency, self._tasks_in_line)
         return self._limits[name]
 
     async def _deliver(

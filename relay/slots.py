@@ -65,20 +65,25 @@ class _Line:
 
 
 class Slots:
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, tasks: dict[bool, int] | None = None) -> None:
+        """``tasks``: attempts waiting in line as tasks, by kind (fresh or not),
+        counted with those of the engine's other upstreams when it is shared:
+        the engine asks at every start, and a sum over thousands of upstreams
+        each time cost more than the start."""
         self._free = size
         self._fresh = _Line()
         self._waiting = _Line()
         self._fresh_next = True  # whose turn it is when both wait
-        self._tasks = {True: 0, False: 0}  # attempts waiting in line as tasks, by kind
+        self._tasks = tasks if tasks is not None else {True: 0, False: 0}
 
     def locked(self) -> bool:
         """No slot is free now: an attempt would wait."""
         return self._free == 0
 
     def waiting(self, fresh: bool) -> int:
-        """How many attempts of the kind wait in line as tasks, parked ones aside:
-        they hold no file, so the engine does not count them as under way."""
+        """How many attempts of the kind wait in line as tasks (in every Slots
+        sharing ``tasks``), parked ones aside: they hold no file, so the engine
+        does not count them as under way."""
         return self._tasks[fresh]
 
     def park(self, fresh: bool, tenant: str, granted: Granted) -> None:

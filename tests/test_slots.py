@@ -111,3 +111,19 @@ async def test_a_parked_attempt_is_handed_a_free_slot_at_once() -> None:
     with slots.handed():
         pass
     assert not slots.locked()
+
+
+async def test_upstreams_sharing_a_count_count_their_waiting_tasks_together() -> None:
+    """The engine asks at every start: one count, not a sum over every upstream."""
+    shared = {True: 0, False: 0}
+    one, two, order = Slots(1, shared), Slots(1, shared), []
+    async with one.slot(False, "a"), two.slot(False, "b"):
+        waiting = [
+            asyncio.ensure_future(_holding(one, True, order, "one", "a")),
+            asyncio.ensure_future(_holding(two, False, order, "two", "b")),
+        ]
+        await asyncio.sleep(0)
+        assert shared == {True: 1, False: 1}
+        assert (one.waiting(True), two.waiting(False)) == (1, 1)
+    await asyncio.wait_for(asyncio.gather(*waiting), 5)
+    assert shared == {True: 0, False: 0}
