@@ -6,7 +6,7 @@ for an upstream that is down made its own connection: thousands of queued
 messages came back as a burst of connections at the smarthost the moment it
 was restarted, and a host that drops packets held every delivery slot for a
 whole timeout per message. Once an attempt finds the upstream unusable (not
-reached, TLS failed, no greeting, the relay's login refused), the worker
+reached, TLS failed, no greeting or EHLO, the relay's login refused), the worker
 tries one message a ``first_retry`` and plans the others for the end of the
 wait; the first attempt that reaches the upstream lets them all go.
 

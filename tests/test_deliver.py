@@ -634,6 +634,77 @@ async def test_no_answer_in_time_is_451_4_4_1() -> None:
     assert "no answer within 0.5s (connecting)" in failed.value.text
 
 
+@dataclass
+class HangingUpAtEhlo(SinkHandler):
+    """Greets, then closes the connection at EHLO ``hang_ups`` times; serves after."""
+
+    hang_ups: int = 1
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list
+    ) -> list:
+        if self.hang_ups:
+            self.hang_ups -= 1
+            server.transport.close()  # the reply is never written
+        return await super().handle_EHLO(server, session, envelope, hostname, responses)
+
+
+async def test_a_hang_up_at_ehlo_makes_the_upstream_unusable(pipelining: bool) -> None:
+    """With ``tls: none`` EHLO went with the first MAIL: the hang-up was "connection
+    lost (sending)", the upstream taken as reached and never suspended. Answered
+    again, its EHLO still decides how the transaction goes."""
+    handler = HangingUpAtEhlo(pipelining=pipelining)
+    with Sink(handler) as sink:
+        lost = await attempt(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
+        again = await attempt(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
+    said = f"451 4.4.1 Upstream smarthost (127.0.0.1:{sink.port}): connection lost (connecting)"
+    assert lost.replies == dict.fromkeys(RCPTS, (451, said))
+    assert lost.unreachable == said
+    assert again.unreachable is None
+    assert {code for code, _ in again.replies.values()} == {250}
+    assert len(handler.messages) == 1
+
+
+async def test_no_answer_to_ehlo_in_time_makes_the_upstream_unusable() -> None:
+    async def greet_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 slow.example ESMTP\r\n")
+        await reader.read()  # EHLO, never answered, until the relay gives up
+        writer.close()
+
+    server = await asyncio.start_server(greet_only, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        target = upstream(port, timeout=0.5)
+        got = await asyncio.wait_for(attempt(target, "b@p.example", RCPTS, MESSAGE), 10)
+    said = f"451 4.4.1 Upstream smarthost (127.0.0.1:{port}): no answer within 0.5s (connecting)"
+    assert got.unreachable == said
+
+
+@dataclass
+class RefusingEhloAndHelo(SinkHandler):
+    """Knows no EHLO, and refuses HELO for a name it cannot look up, as Postfix may."""
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list
+    ) -> list:
+        return ["502 5.5.2 Error: command not recognized"]
+
+    async def handle_HELO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str
+    ) -> str:
+        return "450 4.7.1 <relay>: Helo command rejected: Host not found"
+
+
+async def test_ehlo_and_helo_refused_make_the_upstream_unusable() -> None:
+    with Sink(RefusingEhloAndHelo()) as sink:
+        got = await attempt(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
+    said = (
+        f"451 4.4.1 Upstream smarthost (127.0.0.1:{sink.port}): 450 4.7.1 <relay>: Helo"
+        " command rejected: Host not found (connecting)"
+    )
+    assert got.unreachable == said
+
+
 async def test_an_ehlo_name_aiosmtplib_refuses_is_deferred_not_a_refused_address() -> None:
     """A non-ASCII helo_name (which relay check now refuses) made every delivery
     bounce as "550 5.1.3 Address refused", and its failure notice too: the

@@ -268,7 +268,7 @@ def test_a_plain_upstream_without_a_login(tmp_path: Path) -> None:
         path.write_text(re.sub(r"    (username|password_file|ca_file):.*\n", "", path.read_text()))
         done = relay("-c", str(path), "smarthost")
     assert done.returncode == 0, done.stdout
-    assert "  EHLO: 250 " in done.stdout  # sent by the test, as a delivery's MAIL would
+    assert "  EHLO: 250 " in done.stdout  # sent by connecting, as a delivery's is
     assert "  offers: SIZE 33554432, 8BITMIME" in done.stdout
     assert "  TLS: none (tls: none): mail goes in clear" in done.stdout
     assert "  login: none (the policy gives no username)" in done.stdout
@@ -292,15 +292,17 @@ class RefusingGreeting(Sink):
 
 def test_an_upstream_that_refuses_ehlo_fails_without_a_login_or_tls(tmp_path: Path) -> None:
     """Without STARTTLS or a login nothing had sent EHLO before the first MAIL: the
-    account read as working although every delivery would fail."""
+    account read as working although every delivery would fail. It reads as the
+    queue logs it, a failure of connecting, as with STARTTLS."""
     with SinkServer(RefusingGreeting()) as refusing:
         path = policy(tmp_path, refusing.port, tmp_path / "unused", tls="none")
         path.write_text(re.sub(r"    (username|password_file|ca_file):.*\n", "", path.read_text()))
         done = relay("-c", str(path), "smarthost")
     assert done.returncode == 1
+    where = f"smarthost (127.0.0.1:{refusing.port})"
     assert done.stdout.splitlines() == [
-        f"smarthost (127.0.0.1:{refusing.port}): FAILED (used by acme)",
-        f"  EHLO: failed: {RefusingGreeting.REFUSAL}",
+        f"{where}: FAILED (used by acme)",
+        f"  delivery: failed: 451 4.4.1 Upstream {where}: {RefusingGreeting.REFUSAL} (connecting)",
     ]
 
 

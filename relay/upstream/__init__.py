@@ -56,8 +56,8 @@ class MessageRefused(UpstreamError):
 
 class Unreachable(UpstreamError):
     """The upstream could not be used at all: not reached, TLS failed, no
-    greeting, the relay's login or its password refused. Every message would
-    have failed alike (see ``relay.unreachable``)."""
+    greeting or no answer to EHLO, the relay's login or its password refused.
+    Every message would have failed alike (see ``relay.unreachable``)."""
 
     @classmethod
     def of(cls, error: UpstreamError) -> Unreachable:

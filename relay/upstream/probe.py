@@ -23,7 +23,7 @@ import aiosmtplib
 from relay.errors import UpstreamError
 from relay.findings import Checked, Finding, Level
 from relay.policy.model import DirectoryUpstream, Policy, SmtpUpstream, Upstream
-from relay.upstream import smtp, transaction
+from relay.upstream import smtp
 
 #: A certificate this close to its end is warned of: renewals fail quietly.
 EXPIRY_WARNING = timedelta(days=14)
@@ -42,10 +42,7 @@ async def probe(policy: Policy, upstream: Upstream, rcpt: str | None) -> Checked
     except UpstreamError as exc:
         return Checked(where, (Finding("delivery", exc.line, Level.FAILED),), used_by)
     try:
-        greeted = await _greeted(upstream, client)
-        if greeted.failed:
-            return Checked(where, (greeted,), used_by)
-        steps += [greeted, *_session(policy, upstream, client)]
+        steps += [_greeted(client), *_session(policy, upstream, client)]
         sender = upstream.sender or policy.platform.return_path
         steps += await _envelope(client, sender, rcpt)
     finally:
@@ -67,16 +64,11 @@ def _directory(upstream: DirectoryUpstream) -> Finding:
     return Finding("writes", f"each message into {path}{made}, nothing is sent")
 
 
-async def _greeted(upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> Finding:
-    """The EHLO (or HELO) a delivery's first MAIL would send, if the login or
-    STARTTLS has not left one in force: a server that refuses it refuses every
-    message, and only its answer says what it offers."""
-    if client.is_ehlo_or_helo_needed:
-        failed = await _command("EHLO", transaction.greet(client, upstream.timeout))
-        if failed.failed:
-            return failed
+def _greeted(client: aiosmtplib.SMTP) -> Finding:
+    """The answer to the EHLO (or HELO) that connecting sent: only it says what the
+    server offers. A server that refuses it failed the connection, as a delivery's."""
     reply = client.last_ehlo_response or client.last_helo_response
-    assert reply is not None  # greeted
+    assert reply is not None  # greeted by smtp.connect
     what = "EHLO" if client.last_ehlo_response is not None else "HELO"
     return Finding(what, _said(reply.code, (reply.message.splitlines() or [""])[0]))
 

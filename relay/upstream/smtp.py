@@ -111,13 +111,16 @@ async def send(
 
 
 async def connect(upstream: SmtpUpstream, secret: str | None) -> aiosmtplib.SMTP:
-    """A connected, logged-in client; its errors are mapped here, where the stage is known."""
+    """A connected, greeted, logged-in client; its errors are mapped here, where the
+    stage is known. EHLO is part of connecting whatever the TLS mode: with ``tls:
+    none`` it went with the first MAIL, so an upstream that hung up or stalled at
+    EHLO failed each message "sending", as reached, and was never suspended."""
     ca_file = upstream.ca_file
     pinned = None if ca_file is None else await asyncio.to_thread(_pinned, upstream, ca_file)
     stage = "connecting"
     local = upstream.helo_name or await asyncio.to_thread(helo.local_hostname)
     try:
-        local.encode("ascii")  # EHLO takes A-labels only, and is sent with the first command
+        local.encode("ascii")  # EHLO takes A-labels only
         sock = await _socket(upstream)
     except (OSError, ValueError) as exc:
         raise Unreachable.of(_mapped(upstream, stage, exc)) from exc
@@ -133,6 +136,8 @@ async def connect(upstream: SmtpUpstream, secret: str | None) -> aiosmtplib.SMTP
     opened = False
     try:
         await client.connect()
+        if client.is_ehlo_or_helo_needed:  # no STARTTLS, or its EHLO is to be said again
+            await transaction.greet(client, upstream.timeout)
         if secret is not None:
             stage = "logging in"
             _refuse_plain_login(upstream, client)
