@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay import engine as engine_module
 from relay import message as relay_message
@@ -110,6 +110,48 @@ def test_messages_wait_for_one_try_and_go_once_it_reaches(
         assert 1 <= tried <= 6, (tried, relay.log())  # not one per message and retry
         with SinkServer(Sink(), port=upstream) as sink:
             got = sink.sink.wait(MESSAGES, timeout=20)
+        assert "upstream default reached again" in relay.log()
+    assert len(got) == MESSAGES
+    sent = re.findall(r"(\w+): to=<one@example.org>, relay=default, .* status=sent", relay.log())
+    assert sorted(sent) == sorted(ids)
+
+
+@dataclasses.dataclass
+class HangingUpAtEhlo(Sink):
+    """Greets, then closes the connection at EHLO while ``down``, counting those."""
+
+    down: bool = True
+    hung_up: int = 0
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list
+    ) -> list:
+        if self.down:
+            self.hung_up += 1
+            server.transport.close()  # the reply is never written
+        return await super().handle_EHLO(server, session, envelope, hostname, responses)
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-at-a-time", "pipelining"])
+def test_an_upstream_hanging_up_at_ehlo_is_suspended(
+    policy_file: Path, tmp_path: Path, pipelining: bool
+) -> None:
+    """With tls: none EHLO went with the first MAIL: each message made its own
+    connection and was deferred "connection lost (sending)", the upstream was
+    never suspended, and such a try after a suspension said it was reached again."""
+    port, upstream = free_port(), free_port()
+    policy = one_worker(policy_file, port, upstream, retry=2)
+    sink = HangingUpAtEhlo(pipelining=pipelining)
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        with SinkServer(sink, port=upstream):
+            ids = [send(port) for _ in range(MESSAGES)]
+            said = f"Upstream default (127.0.0.1:{upstream}): connection lost (connecting)"
+            wait_for(lambda: f"upstream default suspended: 451 4.4.1 {said}" in relay.log())
+            time.sleep(4.5)  # two more waits: a try each
+            assert 1 <= sink.hung_up <= 6, (sink.hung_up, relay.log())
+            assert "reached again" not in relay.log()
+            sink.down = False
+            got = sink.wait(MESSAGES, timeout=20)
         assert "upstream default reached again" in relay.log()
     assert len(got) == MESSAGES
     sent = re.findall(r"(\w+): to=<one@example.org>, relay=default, .* status=sent", relay.log())
