@@ -431,7 +431,10 @@ def _serve(args: argparse.Namespace) -> int:
     # A reload asked for while the relay starts (``kill -HUP`` right after
     # ``systemctl start``) waits until it serves: SIGHUP's default action
     # would end it, and systemd does not restart a service that SIGHUP ended.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    # As a container's init (PID 1) a stop waits too: the kernel drops a
+    # signal its init has no handler for, and ``docker stop`` came to SIGKILL.
+    held = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT} if os.getpid() == 1 else {signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
     for signum in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, _not_ours)
     from relay.server import run

@@ -488,7 +488,10 @@ async def serve(
         chores.append(loop.create_task(worker.watch_parent(stopping.set)))
         worker.ready()  # also lets through the signals held back until now
     else:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # see relay.cli._serve
+        if os.getpid() == 1:
+            chores.append(loop.create_task(_reap_adopted()))
+        # held back since the start (relay.cli._serve), handled from here on
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
         log.info("serving in one process")
         if metrics is not None:
             metrics_status.workers(1, 1)
@@ -513,6 +516,21 @@ async def serve(
             metrics.stop()
     log.info("stopped")
     return 1 if failed else 0
+
+
+async def _reap_adopted() -> None:
+    """As a container's init, in one process, the relay is the parent of every
+    orphan in it (a ``docker exec``'s child left behind): each is reaped, or it
+    stays a zombie for the container's life. Looked for each second, as the
+    event loop keeps SIGCHLD; the relay starts no child of its own in one
+    process, so no status it would need is taken."""
+    while True:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+        await asyncio.sleep(1.0)
 
 
 async def _beat() -> None:

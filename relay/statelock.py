@@ -146,10 +146,26 @@ def holder(directory: Path) -> Holder | None:
     if len(lines) > 2 and lines[2].startswith("start "):
         recorded = tuple(lines[2].split()[1:3])
         del lines[2]
-    if not lines[0].isdigit() or not _serving(int(lines[0]), recorded):
+    pid = int(lines[0]) if lines[0].isdigit() else None
+    if pid is None or not _serving(pid, recorded):
+        pid = _seen_from_here(directory, recorded)
+    if pid is None:
         return None
     digest = lines[1] if len(lines) > 1 else ""
-    return Holder(int(lines[0]), digest, tuple(line for line in lines[2:] if line))
+    return Holder(pid, digest, tuple(line for line in lines[2:] if line))
+
+
+def _seen_from_here(directory: Path, recorded: tuple[str, ...] | None) -> int | None:
+    """The relay's PID as this process sees it, where the file's is another PID
+    namespace's: a relay in a container writes its own (1, as its init), and
+    the host's PID 1 is another program. The lock's holder, as /proc/locks
+    gives it here, is the relay when it started when the file says it did."""
+    if recorded is None or "-" in recorded:
+        return None
+    for pid in _lock_holders(directory):
+        if pid and _serving(pid, recorded):
+            return pid
+    return None
 
 
 def held(directory: Path) -> bool:
@@ -158,14 +174,26 @@ def held(directory: Path) -> bool:
     serving, while the PID the file names is gone. Looked up, not tried: a
     lock taken to test it, however briefly, could make a relay starting at
     that moment refuse to. False when it cannot be told."""
+    return bool(_lock_holders(directory))
+
+
+def _lock_holders(directory: Path) -> list[int]:
+    """The PIDs, as this process's namespace numbers them, that /proc/locks says
+    hold a flock on the lock file; none when it cannot be told."""
     try:
         info = os.stat(directory / LOCK_NAME, follow_symlinks=False)
         with open("/proc/locks", encoding="ascii", errors="replace") as locks:
             table = locks.read()
     except OSError:
-        return False
+        return []
     inode = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
-    return any("FLOCK" in line.split() and inode in line.split() for line in table.splitlines())
+    holders = []
+    for line in table.splitlines():
+        fields = line.split()
+        if "FLOCK" in fields and inode in fields:
+            pid = fields[fields.index(inode) - 1]
+            holders.append(int(pid) if pid.isdigit() else 0)
+    return holders
 
 
 class StateUnreadable(RelayError):
