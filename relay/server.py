@@ -190,8 +190,12 @@ def _owner_hint(policy: Policy, error: str) -> str:
     if policy.run_as is None or os.strerror(errno.EACCES) not in error:
         return ""
     directory, user = policy.queue.directory.parent, policy.run_as
-    if not directory.exists():
+    try:
+        os.stat(directory)
+    except FileNotFoundError:
         return f" (the relay runs as {user}: install -d -m 0700 -o {user} {directory})"
+    except OSError:
+        return f" (the relay runs as {user}, which cannot reach {directory}: let it pass above)"
     return f" (the relay runs as {user}: chown -R {user}: {directory})"
 
 

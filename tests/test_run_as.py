@@ -201,7 +201,7 @@ def test_a_changed_run_as_waits_for_a_restart(public: Path) -> None:
     assert "run_as nobody to daemon" in status.stdout + status.stderr
 
 
-@pytest.mark.parametrize("made", ["by-root", "queue-by-root", "not-yet"])
+@pytest.mark.parametrize("made", ["by-root", "queue-by-root", "not-yet", "behind-root"])
 def test_a_state_directory_the_user_cannot_write_says_what_to_run(public: Path, made: str) -> None:
     """Root's earlier runs leave root's state; a new one must be made as the user's."""
     python, env = _python_for_nobody()
@@ -213,6 +213,16 @@ def test_a_state_directory_the_user_cannot_write_says_what_to_run(public: Path, 
     elif made == "queue-by-root":
         (state / "queue").mkdir(mode=0o700)
         hint = f"(the relay runs as nobody: chown -R nobody: {state})"
+    elif made == "behind-root":
+        state.rmdir()
+        (public / "closed").mkdir(mode=0o700)
+        state = public / "closed" / "state"
+        state.mkdir()
+        os.chown(state, NOBODY, NOBODY)
+        policy.write_text(
+            policy.read_text().replace("state_directory: state", f"state_directory: {state}")
+        )
+        hint = f"(the relay runs as nobody, which cannot reach {state}: let it pass above)"
     else:
         state.rmdir()
         state = public / "fresh" / "state"
