@@ -8,7 +8,6 @@ Heavy imports stay inside the subcommands so ``relay --help`` and
 from __future__ import annotations
 
 import argparse
-import codecs
 import contextlib
 import io
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from relay.errors import OutputError
+from relay.listinput import ListInputError, read_lines
 
 if TYPE_CHECKING:
     from relay.policy.load import StateSettings
@@ -647,6 +647,9 @@ def _queue(args: argparse.Namespace) -> int:
     except SpoolError as exc:  # no queue, or one this user may not read
         print(f"relay queue: {exc}", file=sys.stderr)
         return EX_NOINPUT
+    except ListInputError as exc:  # IDs piped in as -
+        print(f"relay queue {args.verb}: {exc}", file=sys.stderr)
+        return 2
 
 
 def _recorded(state: StateSettings, spool: Spool, verb: str, targets: list[str]) -> int:
@@ -749,7 +752,11 @@ def _suppression(args: argparse.Namespace) -> int:
     if not relay_log.handlers:
         relay_log.addHandler(logging.NullHandler())
     file, out, err = SuppressionFile(state.suppression.file), sys.stdout, sys.stderr
-    named, args.addresses = args.addresses, _with_stdin(args.addresses)
+    try:
+        named, args.addresses = args.addresses, _with_stdin(args.addresses)
+    except ListInputError as exc:
+        print(f"relay suppression {args.verb}: {exc}", file=sys.stderr)
+        return 2
     if named and not args.addresses:  # read as "every entry" or as "done"
         print(f"relay suppression {args.verb}: no address on stdin", file=sys.stderr)
         return 2
@@ -774,19 +781,8 @@ def _with_stdin(addresses: list[str]) -> list[str]:
     into several and stopped at an apostrophe."""
     if "-" not in addresses:
         return addresses
-    text = _stdin_text()
-    lines = [line for line in text.splitlines() if line.strip()]
+    lines = read_lines(sys.stdin)
     return [a for address in addresses for a in (lines if address == "-" else [address])]
-
-
-def _stdin_text() -> str:
-    """Stdin in the locale's encoding, without the UTF-8 byte-order mark a list
-    saved by Notepad (or as utf-8-sig) begins with: read as Latin-1, the mark's
-    bytes became the first address's ``ï»¿``."""
-    if sys.stdin is None:  # stdin closed (<&-)
-        return ""
-    data = sys.stdin.buffer.read().removeprefix(codecs.BOM_UTF8)
-    return data.decode(sys.stdin.encoding or "utf-8", sys.stdin.errors or "strict")
 
 
 def _bounce(args: argparse.Namespace) -> int:

@@ -192,10 +192,11 @@ def test_a_policy_in_a_directory_named_in_latin1_bytes_checks_previews_and_serve
 def test_a_list_on_stdin_with_a_byte_order_mark_goes_in_under_latin1(
     policy_file: Path, latin1: dict[str, str]
 ) -> None:
-    """Read in the locale's encoding, the mark was the first address's ``ï»¿``."""
+    """Read in the locale's encoding, the mark was the first address's ``ï»¿``;
+    dropped, the rest was still read as Latin-1, and a domain garbled went in."""
     path = StateSettings.of(load(policy_file)).suppression.file
     path.parent.mkdir(exist_ok=True)
-    listed = b"\xef\xbb\xbfkunde7@example.org\r\nkunde8@example.org\r\n"
+    listed = b"\xef\xbb\xbfkunde7@example.org\r\nkunde8@b\xc3\xbccher.example\r\n"
     done = subprocess.run(
         [sys.executable, "-m", "relay", "suppression", "add", "-c", str(policy_file), "-"],
         input=listed, capture_output=True, env=latin1, timeout=60, check=False, cwd=ROOT,
@@ -203,8 +204,53 @@ def test_a_list_on_stdin_with_a_byte_order_mark_goes_in_under_latin1(
     assert (done.returncode, done.stderr) == (0, b"")
     assert done.stdout.splitlines() == [
         b"kunde7@example.org: added (manual, all tenants)",
-        b"kunde8@example.org: added (manual, all tenants)",
+        b"kunde8@xn--bcher-kva.example: added (manual, all tenants)",
     ]
+
+
+def _piped(policy: Path, env: dict[str, str], stdin: bytes | None, *args: str):
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args[:2], "-c", str(policy), *args[2:]],
+        input=stdin, stdin=subprocess.DEVNULL if stdin is None else None,
+        capture_output=True, env=env, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+
+
+UTF8 = {**os.environ, "LC_ALL": "C.UTF-8"}
+
+
+def test_queue_ids_on_stdin_take_the_same_reading(policy_file: Path) -> None:
+    """``queue hold -`` read the mark as part of the first ID, and a closed stdin
+    or bytes that are not UTF-8 were a traceback."""
+    entry, state = spoolkit.make_entry(), policy_file.parent / "state"
+    Spool(state / "queue").put(entry, b"Subject: x\r\n\r\nx\r\n")
+    AuditLog(state / "audit").append(events.policy_loaded(policy_file="p", policy_sha256="0" * 64))
+    marked = b"\xef\xbb\xbf" + entry.queue_id.encode() + b"\r\n"
+    done = _piped(policy_file, UTF8, marked, "queue", "hold", "-")
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert done.stdout == b"Placed on hold: 1 message\n"
+    done = _piped(policy_file, UTF8, b"caf\xe9\n", "queue", "release", "-")
+    assert done.returncode == 2
+    assert done.stderr == (
+        b"relay queue release: standard input is not utf-8 text: byte 0xe9 at offset 3\n"
+    )
+    closed = subprocess.run(
+        [sys.executable, "-m", "relay", "queue", "delete", "-c", str(policy_file), "-"],
+        stdin=subprocess.DEVNULL, capture_output=True, env=UTF8, timeout=60, check=False,
+        cwd=ROOT, preexec_fn=lambda: os.close(0),
+    )  # fmt: skip
+    assert b"Traceback" not in closed.stderr, closed.stderr
+
+
+def test_an_address_list_not_in_the_locale_s_encoding_is_refused(policy_file: Path) -> None:
+    path = StateSettings.of(load(policy_file)).suppression.file
+    path.parent.mkdir(exist_ok=True)
+    done = _piped(policy_file, UTF8, b"k@m\xfcller.example\n", "suppression", "add", "-")
+    assert done.returncode == 2
+    assert done.stderr == (
+        b"relay suppression add: standard input is not utf-8 text: byte 0xfc at offset 3\n"
+    )
+    assert not path.exists() or path.read_bytes() == b""
 
 
 def test_queue_show_is_json_jq_reads_under_latin1(

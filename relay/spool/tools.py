@@ -22,6 +22,7 @@ from typing import BinaryIO, NamedTuple, TextIO
 
 from relay.audit import AuditError
 from relay.headers import signature_tags
+from relay.listinput import read_lines
 from relay.spool.entry import QueueEntry
 from relay.spool.store import NoSuchEntry, Spool, SpoolBusy, SpoolError
 
@@ -458,8 +459,7 @@ def _resolve(
         elif target.strip().upper() == "ALL":
             found = [(target.strip(), True)]  # as typed: refused, and said how to write it
         elif target == "-":
-            lines = (stdin or sys.stdin).read().splitlines()
-            found = [(_normalise(line), True) for line in lines if line.strip()]
+            found = [(_normalise(line), True) for line in read_lines(stdin or sys.stdin)]
         else:
             found = [(_normalise(target), True)]
         for queue_id, named in found:
