@@ -11,6 +11,7 @@ hold and release have it written, under the entry's lock, before the change.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import re
@@ -210,23 +211,13 @@ def show(spool: Spool, queue_id: str, out: TextIO, err: TextIO) -> int:
 
 
 def _json_for(out: TextIO, text: str) -> str:
-    """JSON all the same on a terminal: control characters, and what the
-    output's encoding lacks, as JSON's own escapes, where a Latin-1 locale
-    wrote an emoji as Python's ``\\U0001f600``, which jq refuses."""
-    encoding = getattr(out, "encoding", None) or "utf-8"
-
-    def escaped(found: re.Match[str]) -> str:
-        char = found.group()
-        if not _C1.fullmatch(char):
-            try:
-                char.encode(encoding)
-            except (UnicodeEncodeError, LookupError):
-                pass
-            else:
-                return char
-        return json.dumps(char)[1:-1] if ord(char) > 0xFFFF else f"\\u{ord(char):04x}"
-
-    return _NOT_ASCII.sub(escaped, text)
+    """JSON all the same on a terminal: control characters as JSON's escapes,
+    and on one that is not UTF-8 every character past ASCII too, as jq reads
+    its input as UTF-8: a Latin-1 locale wrote an emoji as Python's
+    ``\\U0001f600``, which jq refuses, and ``ü`` as a byte it garbled."""
+    encoding = codecs.lookup(getattr(out, "encoding", None) or "utf-8").name
+    outside = _C1 if encoding == "utf-8" else _NOT_ASCII
+    return outside.sub(lambda found: json.dumps(found.group())[1:-1], text)
 
 
 def _readable(record: dict[str, object]) -> dict[str, object]:
