@@ -714,6 +714,8 @@ class Engine:
         queue_id = item[1]
         if self._stale(item) or queue_id in self._busy or queue_id in self._parked:
             return  # a running or parked attempt plans what comes next itself
+        if any(granted == queue_id for granted, _, _ in self._granted):
+            return  # handed its slot, it starts at the next look
         if self._may_start(queue_id, now):
             self.attempt_now(queue_id, fresh=fresh)
 
