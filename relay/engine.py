@@ -851,14 +851,14 @@ class Engine:
         """A slot free at once: the attempt goes under the lock taken at acceptance.
         Waiting for one is no delivery: the lock is let go meanwhile, or a slow
         upstream kept thousands of entries locked and ``relay queue delete`` and
-        ``hold`` could stop none of them."""
+        ``hold`` could stop none of them. It waits as a task, its bytes kept, not
+        parked: what is warm is bounded (``WARM_TOTAL``), and parked, each
+        message of a busy relay was read back from the spool at its turn."""
         limit = self._limit(warm.entry)
         if not limit.locked():
             async with limit.slot(fresh, warm.entry.tenant):
                 return await self._attempt(warm.entry, lock, immediate, warm.data)
         lock.close()
-        if self._park(limit, warm.entry, immediate, fresh):
-            return Outcome("parked")
         async with limit.slot(fresh, warm.entry.tenant):
             return await self._locked_again(warm.entry.queue_id, lock, immediate, warm.data)
 
