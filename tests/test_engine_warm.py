@@ -204,8 +204,11 @@ async def test_the_latest_plan_for_an_entry_is_the_one_kept(
 async def test_entries_waiting_for_a_delivery_slot_still_count_against_the_bound(
     spool: Spool, policy: Policy, outbox: Path, monkeypatch: pytest.MonkeyPatch, bound: str
 ) -> None:
-    """A slow upstream fills the slots; what waits for one keeps its bytes and its
-    open file, so it counts against both bounds."""
+    """A slow upstream fills the slots; what waits for one keeps its bytes and
+    counts against both bounds, but lets its lock go and is not among the
+    attempts under way: counted, a stalled upstream's waiting attempts held
+    every other upstream's mail back. Parked instead, each was read back
+    from the spool at its turn, which cost a busy relay its rate."""
     if bound == "bytes":
         monkeypatch.setattr(engine_module, "WARM_TOTAL", 3000)
     else:
@@ -223,38 +226,13 @@ async def test_entries_waiting_for_a_delivery_slot_still_count_against_the_bound
         for n, entry in enumerate(entries[:2]):
             engine.submit(entry.queue_id, warm=accept(spool, entry, message(n, 1000)))
         await asyncio.sleep(0.2)  # both started: one sending, one waiting for the slot
+        assert lock_elsewhere(spool, entries[1].queue_id) == "locked"
+        assert engine._warm_bytes == 2 * len(message(0, 1000))
+        assert engine._tasks_in_line == {True: 1, False: 0}
         engine.submit(entries[2].queue_id, warm=accept(spool, entries[2], message(2, 1000)))
         assert lock_elsewhere(spool, entries[2].queue_id) == "locked"  # over the bound: let go
         gate.set()
         assert len(await delivered(outbox, 3)) == 3
-        await gone(spool)
-
-
-async def test_a_warm_entry_waiting_for_a_delivery_slot_keeps_its_bytes_not_its_lock(
-    spool: Spool, policy: Policy, outbox: Path
-) -> None:
-    """A slow upstream fills the slots: what waits for one lets its lock go, and
-    is not counted among the attempts under way (a stalled upstream's backlog
-    held every other upstream's mail back); what is warm keeps its bytes,
-    bounded, as reading each back at its turn cost a busy relay its rate."""
-    gate = asyncio.Event()
-
-    async def slow_upstream(*args: Any, **_: Any) -> Any:
-        await gate.wait()
-        return await attempt(*args)
-
-    one_slot = dataclasses.replace(policy, queue=dataclasses.replace(policy.queue, concurrency=1))
-    async with running(Engine(spool, lambda: one_slot, slow_upstream, Recorder(None))) as engine:
-        await asyncio.sleep(0.2)  # past the engine's first look at the spool
-        entries = [make_entry(size=len(message(n, 1000))) for n in range(2)]
-        for n, entry in enumerate(entries):
-            engine.submit(entry.queue_id, warm=accept(spool, entry, message(n, 1000)))
-        await asyncio.sleep(0.2)  # both started: one sending, one waiting for the slot
-        assert lock_elsewhere(spool, entries[1].queue_id) == "locked"
-        assert engine._warm_bytes == 2 * len(message(0, 1000))
-        assert engine._tasks_in_line == {True: 1, False: 0}
-        gate.set()
-        assert len(await delivered(outbox, 2)) == 2
         await gone(spool)
 
 
