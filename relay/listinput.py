@@ -31,12 +31,13 @@ def read_lines(stream: TextIO | None) -> list[str]:
 
 
 def _decoded(data: bytes, encoding: str) -> str:
-    if data.startswith(codecs.BOM_UTF8):
-        data, encoding = data[len(codecs.BOM_UTF8) :], "utf-8"
+    skipped = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    if skipped:
+        encoding = "utf-8"
     try:
-        return data.decode(encoding)
+        return data[skipped:].decode(encoding)
     except UnicodeDecodeError as exc:
+        at = skipped + exc.start  # as the input has it, mark included
         raise ListInputError(
-            f"standard input is not {encoding} text: byte {data[exc.start]:#04x}"
-            f" at offset {exc.start}"
+            f"standard input is not {encoding} text: byte {data[at]:#04x} at offset {at}"
         ) from exc

@@ -224,6 +224,9 @@ def test_queue_ids_on_stdin_take_the_same_reading(policy_file: Path) -> None:
     assert done.stderr == (
         b"relay queue release: standard input is not utf-8 text: byte 0xe9 at offset 3\n"
     )
+    named = _piped(policy_file, UTF8, b"caf\xe9\n", "queue", "delete", entry.queue_id, "-")
+    assert named.returncode == 2  # read before the named one is deleted
+    assert entry.queue_id in _piped(policy_file, UTF8, None, "queue", "list").stdout.decode()
     closed = subprocess.run(
         [sys.executable, "-m", "relay", "queue", "delete", "-c", str(policy_file), "-"],
         stdin=subprocess.DEVNULL, capture_output=True, env=UTF8, timeout=60, check=False,
@@ -240,6 +243,10 @@ def test_an_address_list_not_in_the_locale_s_encoding_is_refused(policy_file: Pa
     assert done.stderr == (
         b"relay suppression add: standard input is not utf-8 text: byte 0xfc at offset 3\n"
     )
+    marked = _piped(
+        policy_file, UTF8, b"\xef\xbb\xbfk@m\xfcller.example\n", "suppression", "add", "-"
+    )
+    assert marked.stderr.endswith(b"byte 0xfc at offset 6\n")  # counted with the mark
     assert not path.exists() or path.read_bytes() == b""
 
 

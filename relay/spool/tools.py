@@ -369,7 +369,9 @@ def _each(
     ``record``, each changed entry is recorded by it, then stored."""
     code = 0
     changed: list[QueueEntry] = []
-    for queue_id, named in _resolve(spool, targets, stdin):
+    # all read first: IDs on stdin that cannot be read stop the command before
+    # it changes what was named before them
+    for queue_id, named in list(_resolve(spool, targets, stdin)):
         try:
             with spool.lock(queue_id, blocking=False):
                 try:
