@@ -72,7 +72,8 @@ CUT_OFF = (
 def file_budget() -> int:
     """How many handed-over entries may wait, and how many attempts may be under
     way: each keeps its entry's file open (its lock). One waiting for a delivery
-    slot is parked, holding none (``_park``), and does not count. A quarter of
+    slot holds none (it is parked, ``_park``, or waits warm) and does not
+    count. A quarter of
     the open-file limit each, the rest being for connections and the spool:
     16 MiB of 2 KB messages would be 8,000 files, and a backlog due at once
     after an outage (or at a restart) one per queued message."""
@@ -755,8 +756,9 @@ class Engine:
         return (fresh_ones if fresh else others) >= self._files - kept
 
     def _in_line(self, fresh: bool) -> int:
-        """Attempts of the kind waiting for a slot as tasks: immediate ones, whose
-        client may wait for the outcome (the others are parked)."""
+        """Attempts of the kind waiting for a slot as tasks: warm ones, with their
+        bytes, and immediate ones, whose client may wait for the outcome (the
+        others are parked)."""
         return self._tasks_in_line[fresh]
 
     def _backlogged(self) -> bool:
