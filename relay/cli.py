@@ -35,12 +35,21 @@ EX_CONFIG = 78
 #: 128 + SIGPIPE, as a shell shows a command a closed pipe ended: for the
 #: commands whose exit 1 says something of what they checked
 EX_PIPE = 141
+_STOPS = {signal.SIGTERM, signal.SIGINT}
 _PIPE_STATUS = " 141 the reader went away before all was written (| head)."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A container's init (PID 1): the kernel drops a signal it has no handler
+    # for, and ``docker stop`` as the relay started came to SIGKILL. Held from
+    # here, before the parser is built, until ``relay serve`` handles them.
+    init = os.getpid() == 1
+    if init:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     parser = _parser()
     args = parser.parse_args(argv)
+    if init and getattr(args, "run", None) is not _serve:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
     if not hasattr(args, "run"):
         getattr(args, "group", parser).print_help()
         return EX_USAGE
@@ -431,10 +440,8 @@ def _serve(args: argparse.Namespace) -> int:
     # A reload asked for while the relay starts (``kill -HUP`` right after
     # ``systemctl start``) waits until it serves: SIGHUP's default action
     # would end it, and systemd does not restart a service that SIGHUP ended.
-    # As a container's init (PID 1) a stop waits too: the kernel drops a
-    # signal its init has no handler for, and ``docker stop`` came to SIGKILL.
-    held = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT} if os.getpid() == 1 else {signal.SIGHUP}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    # As a container's init a stop waits too (``main``).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     for signum in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, _not_ours)
     from relay.server import run

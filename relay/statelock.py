@@ -84,13 +84,26 @@ def hold(directory: Path, digest: str) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").split("\n")[0].strip()
-            raise StateBusy(directory, holder if holder.isdigit() else "") from None
+            raise StateBusy(directory, _named(directory, fd)) from None
         _write(fd, digest)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _named(directory: Path, fd: int) -> str:
+    """The PID to name for the relay holding the lock: as this process sees it,
+    where the file's is another PID namespace's (a container's init is 1, the
+    host's init here), else as the file has it."""
+    try:
+        running = holder(directory)
+    except StateUnreadable:
+        running = None
+    if running is not None:
+        return str(running.pid)
+    written = os.pread(fd, 32, 0).decode("ascii", "replace").split("\n")[0].strip()
+    return written if written.isdigit() else ""
 
 
 def note_policy(directory: Path, digest: str, pending: Sequence[str] = ()) -> None:

@@ -154,22 +154,26 @@ def _age(seconds: float) -> str:
 
 
 def _children(pid: int) -> int:
-    """Processes whose parent is ``pid`` (Linux's /proc; 0 where there is none)."""
-    count = 0
+    """The worker processes of ``pid``: its children that run what it runs, its
+    forks (Linux's /proc; 0 where there is none). As a container's init the
+    relay is the parent of every orphan in it too (a ``docker exec``'s child
+    left behind), each of which was counted as a worker."""
     try:
         entries = os.listdir("/proc")
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return 0
+    count = 0
     for entry in entries:
         if not entry.isdigit():
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
+            fields = stat.rpartition(")")[2].split()
+            if len(fields) > 1 and fields[1] == str(pid):
+                count += Path(f"/proc/{entry}/cmdline").read_bytes() == command
         except OSError:
             continue
-        fields = stat.rpartition(")")[2].split()
-        if len(fields) > 1 and fields[1] == str(pid):
-            count += 1
     return count
 
 

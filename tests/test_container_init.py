@@ -80,15 +80,35 @@ def test_status_from_the_host_finds_the_relay_its_file_names_as_pid_1(
     container = Container(_with_workers(policy, 2), tmp_path / "relay.log")
     try:
         wait_for(lambda: "2 workers serving" in container.log())
+        subprocess.run(  # an orphan the init adopts is no worker of its
+            ["nsenter", "-t", str(container.pid), "-p", "-m", "sh", "-c", "sleep 30 & exit 0"],
+            check=True, timeout=30,
+        )  # fmt: skip
+        adopted: list[int] = []
+        wait_for(lambda: bool(adopted.extend(_children(container.pid, "sleep")) or adopted), 5)
         done = subprocess.run(
             [sys.executable, "-m", "relay", "status", "-c", str(policy)],
             capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
         )  # fmt: skip
+        second = variant(tmp_path / "second", "port: 2525", f"port: {free_port()}")
+        second.write_text(
+            second.read_text().replace(
+                "tenants:", f"state_directory: {policy.parent / 'state'}\ntenants:"
+            )
+        )
+        refused = subprocess.run(
+            [sys.executable, "-m", "relay", "serve", "-c", str(second)],
+            capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+        )  # fmt: skip
+        os.kill(adopted[0], signal.SIGKILL)
     finally:
         assert container.stop() == 0, container.log()
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith(f"relay: running, PID {container.pid}"), done.stdout
+    assert ", 2 worker processes" in done.stdout.splitlines()[0], done.stdout
     assert (policy.parent / "state" / "relay.pid").read_text().startswith("1\n")
+    assert refused.returncode == 75, refused.stderr
+    assert f"is in use by the relay with PID {container.pid}:" in refused.stderr
 
 
 @pytest.mark.parametrize("workers", [1, 2])
