@@ -795,7 +795,8 @@ def _with_stdin(addresses: list[str]) -> list[str]:
 def _bounce(args: argparse.Namespace) -> int:
     from relay.feedback.command import main
 
-    return main(args.config, sys.stdin.buffer, sys.stdout, sys.stderr, args.syslog)
+    source = io.BytesIO() if sys.stdin is None else sys.stdin.buffer  # None: closed, <&-
+    return main(args.config, source, sys.stdout, sys.stderr, args.syslog)
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -856,6 +857,9 @@ def _passwd(args: argparse.Namespace) -> int:
 
     from relay.passwd import hash_password
 
+    if sys.stdin is None:  # closed, <&-
+        print("relay passwd: no password given (standard input is closed)", file=sys.stderr)
+        return 1
     if sys.stdin.isatty():
         try:
             password = getpass.getpass("Password: ")

@@ -700,3 +700,26 @@ def test_audit_verify_with_its_key_gone_exits_78_as_its_help_says(policy_file: P
     for verb in ("search", "show", "report", "verify"):
         said = " ".join(relay("audit", verb, "--help").stdout.split())
         assert "78 the policy does not load (its hmac_key_file unreadable included)" in said
+
+
+@pytest.mark.parametrize(
+    ("args", "said", "code"),
+    [
+        (["passwd"], "relay passwd: no password given (standard input is closed)\n", 1),
+        (
+            ["bounce", "-c", str(ROOT / "tests" / "policies" / "minimal.yaml"), "--syslog", "off"],
+            "relay bounce: neither a bounce nor a complaint: ignored\n",
+            0,
+        ),
+    ],
+    ids=["passwd", "bounce"],
+)
+def test_a_closed_stdin_reads_as_empty_not_a_traceback(
+    args: list[str], said: str, code: int
+) -> None:
+    """``<&-``: Python's stdin is None, and each ended in an AttributeError."""
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", *args], capture_output=True, text=True, timeout=60,
+        check=False, cwd=ROOT, preexec_fn=lambda: os.close(0),
+    )  # fmt: skip
+    assert (done.returncode, done.stderr) == (code, said)
