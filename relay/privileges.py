@@ -27,7 +27,6 @@ class PrivilegeError(RelayError):
 
     def __init__(self, user: str, reason: str) -> None:
         super().__init__(f"run_as: {user}: {reason}")
-        self.user = user
 
 
 def _name(uid: int) -> str:
