@@ -52,6 +52,16 @@ def _body(message: bytes) -> str:
     return message.split(b"\r\n\r\n", 1)[1].decode("utf-8", "replace").replace("=\r\n", "")
 
 
+def _settled(relay: RelayProcess, policy: Path, queue_id: str) -> str:
+    """The log once ``queue_id`` has been told of (a notice, or why none) and the
+    queue is empty."""
+    wait_for(lambda: f"{queue_id}: failure notice" in relay.log() or (
+        f"{queue_id}: no failure notice" in relay.log()
+    ))  # fmt: skip
+    wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
+    return relay.log()
+
+
 def _listed(policy: Path) -> dict[str, Suppression]:
     settings = load(policy).suppression
     assert settings is not None
@@ -400,11 +410,7 @@ def test_a_tenant_users_address_refused_at_delivery_is_not_listed(
             wait_for(lambda: relay.log().count(f"{first}: to=<") >= 3)
             wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
             second = send(port, rcpts=("gone@example.org",))
-            wait_for(lambda: f"{second}: failure notice" in relay.log() or (
-                f"{second}: no failure notice" in relay.log()
-            ))  # fmt: skip
-            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
-            log = relay.log()
+            log = _settled(relay, policy, second)
     assert set(_listed(policy)) == {"gone@example.org"}
     for address, user in (("jan@acme.example", "jan"), ("salg@acme.example", "kari")):
         assert (
@@ -480,11 +486,7 @@ def test_another_tenants_users_address_refused_at_delivery_is_not_listed(
             wait_for(lambda: f"{first}: to=<hank@globex.example>" in relay.log())
             wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
             second = _send_as(port, "hank@globex.example", ("gone@example.org",))
-            wait_for(lambda: f"{second}: failure notice" in relay.log() or (
-                f"{second}: no failure notice" in relay.log()
-            ))  # fmt: skip
-            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
-            log = relay.log()
+            log = _settled(relay, policy, second)
     assert set(_listed(policy)) == {"gone@example.org"}
     assert (
         f"{first}: <hank@globex.example> is not put on the suppression list: user hank of globex"

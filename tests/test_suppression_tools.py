@@ -480,9 +480,7 @@ def test_a_list_on_stdin_with_a_byte_order_mark_goes_in(
 ) -> None:
     """Saved by Notepad, or as utf-8-sig as docs/suppression.md's own export does:
     the whole list was refused, its first line said to be no address."""
-    monkeypatch.setattr(
-        sys, "stdin", _stdin("\ufeffkunde7@example.org\r\nkunde8@example.org\r\n")
-    )
+    monkeypatch.setattr(sys, "stdin", _stdin("\ufeffkunde7@example.org\r\nkunde8@example.org\r\n"))
     code, out, err = run(policy, capsys, "add", "-")
     assert (code, err) == (0, "")
     assert out == [
