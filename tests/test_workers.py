@@ -387,7 +387,13 @@ def test_an_audit_directory_deleted_stays_gone_until_restored(
     audit, backup = tmp_path / "state" / "audit", tmp_path / "backup"
     try:
         relay.wait_serving()
-        send(port)
+        first = send(port)
+        relay.wait_for(  # a backup taken before it would lack it: a gap verify must report
+            lambda: any(
+                r["event"] == "delivered" and r["queue_id"] == first for r in audit_records(relay)
+            ),
+            "the delivery on record",
+        )
         shutil.copytree(audit, backup)
         shutil.copystat(audit, backup)
         shutil.rmtree(audit)
