@@ -126,7 +126,9 @@ async def attempt(
     if any(200 <= code < 300 for code, _ in replies.values()):
         # it took the message for someone: reached, whatever came after
         unreachable, crowded = None, False
-    return Attempt(replies, unreachable, crowded, shared)
+    refusals = (replies[r][1] for r, why in shared.items() if why == SENDER_REFUSED)
+    sender_refused = next((reply for reply in refusals if reply[:1] == "5"), None)
+    return Attempt(replies, unreachable, crowded, shared, sender_refused)
 
 
 def _refused_whole(got: dict[str, tuple[int, str]], sending: list[str], limited: list[str]) -> bool:

@@ -113,6 +113,7 @@ class Attempt:
     crowded: bool = False  # refused one connection more while others were open: no verdict
     # recipient -> why its reply is the whole transaction's, not its own: it lists nobody
     shared: Mapping[str, str] = field(default_factory=dict)
+    sender_refused: str | None = None  # the upstream's refusal for good of MAIL FROM
 
 
 # (upstream, mail_from, rcpt_tos, data, envelope_id=, go_on=); an immediate attempt
@@ -267,6 +268,30 @@ def _sender_changed(entry: QueueEntry, upstream: Upstream | None) -> str | None:
     if not all(r.reply == reason for r in entry.pending()):
         log.warning("%s: held: %s", entry.queue_id, reason[10:])
     return reason
+
+
+def _warn_of_refused_sender(
+    entry: QueueEntry, policy: Policy, upstream: Upstream, reply: str
+) -> None:
+    """A refusal for good of MAIL FROM fails every message sent with that
+    address, not this one's recipients: the fix is in the policy or at the
+    upstream, and the per-recipient lines said only that nobody was listed."""
+    if not entry.mail_from:
+        what = "the null sender <> (the relay's notices, and mail sent with it)"
+    elif entry.mail_from.lower() == policy.platform.return_path.lower():
+        what = f"<{entry.mail_from}>, the platform's return_path"
+    elif entry.mail_from.lower() == sends_as(upstream).lower():
+        what = f"<{entry.mail_from}>, the upstream's sender (the account's own address)"
+    else:
+        what = f"<{entry.mail_from}>"
+    log.warning(
+        "%s: upstream %r refused the envelope sender %s (%s): every message sent with it"
+        " fails until the upstream takes it",
+        entry.queue_id,
+        upstream.name,
+        what,
+        reply,
+    )
 
 
 def _route(entry: QueueEntry, policy: Policy) -> str:
@@ -922,6 +947,7 @@ class Engine:
         own = _own(entry, pending) if immediate else pending
         cut: set[str] = set()  # recipients the stop cut off before the upstream answered
         shared: Mapping[str, str] = {}  # see ``Attempt``
+        sender_refused = None
         if not pending:
             # each settled at its arrival (suppressed): no upstream to ask, nor to
             # wait for when suspended, nor to count an attempt of or call reached
@@ -970,7 +996,7 @@ class Engine:
                 self._reached(upstream, entry.queue_id, began, sent, policy.queue)
             finally:
                 self._sending.discard(entry.queue_id)
-            replies, shared = sent.replies, sent.shared
+            replies, shared, sender_refused = sent.replies, sent.shared, sent.sender_refused
         entry.attempts += 1
         for rcpt in entry.pending():
             rcpt.attempts += 1
@@ -994,6 +1020,8 @@ class Engine:
             else:
                 deferred = True
                 self._note(entry, address, reply)
+        if sender_refused is not None and upstream is not None:
+            _warn_of_refused_sender(entry, policy, upstream, sender_refused)
         await self._suppress(entry, policy, bounced, shared)
         if not deferred:
             return await self._finish(entry, policy, lock)

@@ -557,6 +557,12 @@ def test_a_refused_sender_lists_no_recipient(
     assert "check the user's address in the policy" not in log
     assert "listed" not in {event for event, _ in audit_events(policy, queue_id)}
     assert notice.rcpt_tos == ["jan@acme.example"] and queue_id.encode() in notice.data
+    warned = (  # what to fix, where the lines above say only whom it did not list
+        f"WARNING {queue_id}: upstream 'default' refused the envelope sender"
+        f" <bounces@platform.example>, the platform's return_path ({SENDER_UNKNOWN}):"
+        " every message sent with it fails until the upstream takes it"
+    )
+    assert log.count(warned) == 1, log
 
 
 @pytest.mark.parametrize("pipelining", [False, True], ids=["one-at-a-time", "pipelining"])
