@@ -178,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--domain", required=True)
     keygen.add_argument("--selector", required=True)
     keygen.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
-    keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    keygen.add_argument("--bits", type=int, help="RSA key size, 1024..4096 (default 2048)")
     keygen.add_argument("--directory", type=Path, default=Path("."), help="where to write it")
     keygen.set_defaults(run=_keygen)
     text = (

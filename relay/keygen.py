@@ -23,6 +23,7 @@ from relay.policy.model import DkimAlgorithm, DkimKey
 # RFC 8301: signers use at least 1024 bits, verifiers must handle up to 4096.
 MIN_RSA_BITS = 1024
 MAX_RSA_BITS = 4096
+DEFAULT_RSA_BITS = 2048
 _TXT_STRING_MAX = 255  # one character-string in a TXT record (RFC 1035 3.3)
 
 # The names become part of a file name: this also keeps out "/" and "..".
@@ -35,12 +36,13 @@ def generate(
     selector: str,
     algorithm: DkimAlgorithm,
     directory: Path,
-    bits: int = 2048,
+    bits: int | None = None,
 ) -> tuple[Path, str]:
     """Write a new private key to ``directory`` and return it with its DNS record.
 
-    Raises ValueError for a bad name or key size and FileExistsError rather
-    than replace a key whose public half may already be in DNS.
+    Raises ValueError for a bad name or key size (an Ed25519 key has none to
+    choose: a size given with it would be ignored unseen) and FileExistsError
+    rather than replace a key whose public half may already be in DNS.
     """
     domain = domain.lower()
     for what, name in (("domain", domain), ("selector", selector)):
@@ -49,6 +51,7 @@ def generate(
                 f"invalid DKIM {what} {name!r}: expected a DNS name{_in_a_labels(name)}"
             )
     if algorithm is DkimAlgorithm.RSA:
+        bits = DEFAULT_RSA_BITS if bits is None else bits
         if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
             raise ValueError(f"RSA key size {bits} outside {MIN_RSA_BITS}..{MAX_RSA_BITS} bits")
         private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
@@ -57,6 +60,8 @@ def generate(
             serialization.PrivateFormat.TraditionalOpenSSL,
             serialization.NoEncryption(),
         )
+    elif bits is not None:
+        raise ValueError(f"an {algorithm.value} key has no size to choose: --bits is for RSA keys")
     else:
         seed = ed25519.Ed25519PrivateKey.generate().private_bytes_raw()
         data = base64.b64encode(seed) + b"\n"

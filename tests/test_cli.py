@@ -282,6 +282,16 @@ def test_keygen_writes_private_key_0600_and_prints_record(tmp_path: Path) -> Non
     assert "k=ed25519" in done.stdout
 
 
+def test_keygen_refuses_a_size_for_an_ed25519_key(tmp_path: Path) -> None:
+    """``--bits 4096 --algorithm ed25519`` wrote an Ed25519 key without a word:
+    whoever asked for a size believed they had it."""
+    done = relay("dkim", "keygen", "--domain", "example.com", "--selector", "ed", "--bits",
+                 "4096", "--algorithm", "ed25519", "--directory", str(tmp_path))  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "an ed25519 key has no size to choose: --bits is for RSA keys" in done.stderr
+    assert list(tmp_path.iterdir()) == [] and done.stdout == ""
+
+
 @pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
 def test_keygen_again_prints_the_existing_keys_record(tmp_path: Path, algorithm: str) -> None:
     """The README's recipe sends the record to a file; run again, the shell emptied
