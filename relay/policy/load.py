@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import TextIO
 
 from relay.errors import PolicyError
+from relay.gcpause import collection_paused
 from relay.policy import accounts, sections
 from relay.policy.files import Reads, reading
 from relay.policy.model import (
@@ -66,6 +67,13 @@ def _load(
     path: Path, data: bytes | None = None, files: Mapping[str, bytes] | None = None
 ) -> tuple[Policy, list[str]]:
     """The policy and the warnings about this host, which only ``relay check`` shows."""
+    with collection_paused():
+        return _read_and_build(path, data, files)
+
+
+def _read_and_build(
+    path: Path, data: bytes | None, files: Mapping[str, bytes] | None
+) -> tuple[Policy, list[str]]:
     problems = Problems(str(path))
     data, root = read(path, problems, data)
     policy = None
@@ -102,7 +110,8 @@ def load_state(path: Path, data: bytes | None = None) -> StateSettings:
     not stop them; nor is a key tried by signing each time they run.
     """
     problems = Problems(str(path))
-    data, root = read(path, problems, data)
+    with collection_paused():
+        data, root = read(path, problems, data)
     state = None
     if data is not None and root is not None:
         ctx = Ctx(problems, path.absolute().parent)

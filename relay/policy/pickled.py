@@ -16,6 +16,7 @@ import pickle
 from types import MappingProxyType
 from typing import Any
 
+from relay.gcpause import collection_paused
 from relay.policy.model import Policy
 
 
@@ -44,7 +45,8 @@ def dumps(policy: Policy) -> bytes:
 def loads(data: bytes) -> Policy:
     """The policy ``dumps`` made; ValueError for anything else."""
     try:
-        policy = pickle.loads(data)
+        with collection_paused():  # hundreds of thousands of objects, no garbage
+            policy = pickle.loads(data)
     except Exception as exc:  # unpickling raises whatever the bytes lead it to
         raise ValueError(f"not a built policy: {exc!r}") from exc
     if not isinstance(policy, Policy):
