@@ -468,8 +468,21 @@ _STATUS_STATUS = (
 
 
 def _status(args: argparse.Namespace) -> int:
+    from relay.errors import PolicyError
+    from relay.policy.load import load
     from relay.status import main
 
+    unchanged = _unchanged(args.config)
+    if unchanged is not None:
+        settings, digest, workers = unchanged
+        return main(args.config, settings.queue.directory, sys.stdout, known=(digest, workers))
+    try:  # an edit not in use yet: built once, not once for the state and once for itself
+        policy = load(args.config)
+    except PolicyError:
+        pass
+    else:
+        known = (policy.digest, policy.workers)
+        return main(args.config, policy.queue.directory, sys.stdout, known=known)
     state = _tool_state(args.config)
     if state is not None:
         return main(args.config, state.queue.directory, sys.stdout)
@@ -529,6 +542,9 @@ def _tool_state(path: Path) -> StateSettings | None:
     from relay.errors import PolicyError
     from relay.policy.load import StateSettings, load, load_state
 
+    same = _as_running(path)
+    if same is not None:
+        return same
     try:
         policy = load(path)
     except PolicyError as exc:
@@ -561,6 +577,47 @@ def _tool_state(path: Path) -> StateSettings | None:
 _STATE_LINE = re.compile(  # a plain or quoted scalar, perhaps with a comment after it
     r"^state_directory:[ \t]*([\"']?)([^\s\"'#][^\"'#]*?)\1[ \t]*(?:#.*)?$", re.MULTILINE
 )
+
+
+def _as_running(path: Path) -> StateSettings | None:
+    """The state settings alone, when the file and the files it reads are those
+    of the policy a relay with workers last put in use (its version, as it
+    recorded it): it loaded whole then, and building its keys, logins and
+    certificates again, which these tools do not use, took seconds for
+    thousands of tenants. None otherwise: an edit not in use yet is loaded
+    whole, to say what is wrong with it."""
+    found = _unchanged(path)
+    return None if found is None else found[0]
+
+
+def _unchanged(path: Path) -> tuple[StateSettings, str, int] | None:
+    """``_as_running``'s state settings, with the version and the number of
+    workers the relay recorded for the policy."""
+    import json
+
+    from relay import statefiles, statelock
+    from relay.errors import PolicyError
+    from relay.policy.files import RefusedFile
+    from relay.policy.load import load_state, policy_version
+    from relay.policy.yamlsource import read_bytes
+
+    state = _state_directory(path)
+    if state is None:
+        return None
+    try:
+        with statefiles.open_read(state / statelock.CHECKED_FILES) as record:
+            checked = json.loads(record.read())
+        text = read_bytes(path)
+        files = {name: Path(name).read_bytes() for name in checked["files"]}
+        if policy_version(text, files) != checked["digest"]:
+            return None
+        settings = load_state(path, text, loaded=True)
+        found = (settings, str(checked["digest"]), int(checked["workers"]))
+    except (OSError, RefusedFile, PolicyError, ValueError, KeyError, TypeError):
+        return None
+    # a record brought along from another state directory (``cp -a``) is nobody's here
+    same = settings.queue.directory.parent.resolve() == state.resolve()
+    return found if same else None
 
 
 def _running_policy_file(path: Path) -> Path | None:
@@ -749,10 +806,10 @@ def _suppression(args: argparse.Namespace) -> int:
     from relay.record import operator
     from relay.suppression import SuppressionFile, tools
 
-    policy, state = _policy_and_state(args.config)
-    tenants = None if policy is None else policy.tenants.keys()
+    state = _tool_state(args.config)
     if state is None:
         return EX_CONFIG
+    tenants = state.tenants
     # the list's reader logs the lines it skips for the daemon's log; here the
     # command says them itself, and Python's last-resort handler would repeat them
     relay_log = logging.getLogger("relay")

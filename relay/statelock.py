@@ -26,6 +26,8 @@ from relay.errors import RelayError
 LOCK_NAME = "relay.pid"
 # the running policy's text, kept by a relay with workers for the queue and audit tools
 CHECKED_NAME = "policy.checked.yaml"
+# its version and the files it read, for a tool to know the file unchanged since
+CHECKED_FILES = "policy.checked.files"
 # the last of the lock file's notes from the signal to stop on: ``relay status`` says so
 STOPPING = "stopping"
 # what a reload left for the restart, as its note in the lock file begins

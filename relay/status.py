@@ -30,9 +30,12 @@ EX_NOT_RUNNING = 3
 EX_UNKNOWN = 4  # LSB: the status cannot be told (run as the relay's user, or root)
 
 
-def main(path: Path, queue_directory: Path, out: TextIO) -> int:
+def main(
+    path: Path, queue_directory: Path, out: TextIO, known: tuple[str, int] | None = None
+) -> int:
     """``queue_directory``: the state the relay uses, found even while ``path``
-    does not load (``relay.cli``)."""
+    does not load (``relay.cli``); ``known``: the file's version and workers,
+    when it and the files it reads are as a relay put them in use."""
     state = queue_directory.parent
     try:
         running = statelock.holder(state)
@@ -40,11 +43,17 @@ def main(path: Path, queue_directory: Path, out: TextIO) -> int:
         out.write(f"relay: cannot tell whether it runs: {exc}\n")
         return EX_UNKNOWN
     orphaned = running is None and statelock.held(state)
-    try:
-        policy = load(path)
-        digest, workers, problems = policy.digest, policy.workers, []
-    except PolicyError as exc:
-        digest, workers, problems = None, None, exc.problems
+    digest: str | None
+    workers: int | None
+    problems: list[str] = []
+    if known is not None:
+        digest, workers = known
+    else:
+        try:
+            policy = load(path)
+            digest, workers = policy.digest, policy.workers
+        except PolicyError as exc:
+            digest, workers, problems = None, None, exc.problems
     lines = [
         ORPHANED if orphaned else _relay(running, state, workers),
         _policy(path, running, digest, problems),

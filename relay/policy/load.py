@@ -16,6 +16,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TextIO
 
+import yaml
+
 from relay.errors import PolicyError
 from relay.gcpause import collection_paused
 from relay.policy import accounts, sections
@@ -95,19 +97,23 @@ class StateSettings:
     queue: QueueSettings
     audit: AuditSettings
     suppression: SuppressionSettings
+    # the policy's tenant ids, for a tool to check one it is given; None when unknown
+    tenants: frozenset[str] | None = None
 
     @classmethod
     def of(cls, policy: Policy) -> StateSettings:
         assert policy.suppression is not None  # a loaded policy has one
-        return cls(policy.queue, policy.audit, policy.suppression)
+        return cls(policy.queue, policy.audit, policy.suppression, frozenset(policy.tenants))
 
 
-def load_state(path: Path, data: bytes | None = None) -> StateSettings:
+def load_state(path: Path, data: bytes | None = None, loaded: bool = False) -> StateSettings:
     """Only the policy's state settings; raises PolicyError listing their problems.
 
     The queue and audit tools need no listener certificate, CA file or DKIM
     key, so one that no longer loads (the relay keeps the pair it read) does
     not stop them; nor is a key tried by signing each time they run.
+    ``loaded``: the text is one that loaded whole (the running relay's), so
+    the tenant ids it names are the policy's.
     """
     problems = Problems(str(path))
     with collection_paused():
@@ -118,10 +124,18 @@ def load_state(path: Path, data: bytes | None = None) -> StateSettings:
         top = Map(ctx, root, "", _SECTIONS, _REQUIRED)
         queue, audit, suppression = sections.state(ctx, top) if top.ok else (None, None, None)
         if queue is not None and audit is not None and suppression is not None:
-            state = StateSettings(queue, audit, suppression)
+            state = StateSettings(queue, audit, suppression, _tenant_ids(top) if loaded else None)
     if len(problems) or state is None:
         raise PolicyError(problems.in_file_order() or [f"{path}: invalid policy"])
     return state
+
+
+def _tenant_ids(top: Map) -> frozenset[str]:
+    """The ids as the file gives them, without building a tenant."""
+    node = top.get("tenants")
+    if not isinstance(node, yaml.MappingNode):
+        return frozenset()
+    return frozenset(key.value for key, _ in node.value if isinstance(key, yaml.ScalarNode))
 
 
 def _build(ctx: Ctx, root: Map, path: Path, sources: Sources) -> Policy | None:
