@@ -597,9 +597,7 @@ def _unchanged(path: Path) -> tuple[StateSettings, str, int] | None:
 
     from relay import statefiles, statelock
     from relay.errors import PolicyError
-    from relay.policy.files import RefusedFile
-    from relay.policy.load import load_state, policy_version
-    from relay.policy.yamlsource import read_bytes
+    from relay.policy.load import load_state, text_if_unchanged
 
     state = _state_directory(path)
     if state is None:
@@ -607,13 +605,12 @@ def _unchanged(path: Path) -> tuple[StateSettings, str, int] | None:
     try:
         with statefiles.open_read(state / statelock.CHECKED_FILES) as record:
             checked = json.loads(record.read())
-        text = read_bytes(path)
-        files = {name: Path(name).read_bytes() for name in checked["files"]}
-        if policy_version(text, files) != checked["digest"]:
+        text = text_if_unchanged(path, checked["files"], checked["digest"])
+        if text is None:
             return None
         settings = load_state(path, text, loaded=True)
         found = (settings, str(checked["digest"]), int(checked["workers"]))
-    except (OSError, RefusedFile, PolicyError, ValueError, KeyError, TypeError):
+    except (OSError, PolicyError, ValueError, KeyError, TypeError):
         return None
     # a record brought along from another state directory (``cp -a``) is nobody's here
     same = settings.queue.directory.parent.resolve() == state.resolve()

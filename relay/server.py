@@ -174,6 +174,8 @@ def _as_user(path: Path, policy: Policy) -> Policy:
             return policy
     except PrivilegeError as exc:
         raise PolicyError([f"{path}: {exc}"]) from exc
+    if _reads_alike(path, policy):
+        return policy
     try:
         again = load(path)
     except PolicyError as exc:
@@ -182,6 +184,18 @@ def _as_user(path: Path, policy: Policy) -> Policy:
     if again.digest != policy.digest:
         raise PolicyError([f"{path}: changed while the relay started; start it again"])
     return again
+
+
+def _reads_alike(path: Path, policy: Policy) -> bool:
+    """Whether this user reads the policy file and every file it names as they
+    were read to build ``policy``: then that build stands, where building it
+    again took as long again (the listeners bound and silent meanwhile). A
+    file it cannot read, or one changed since, is built again, to say which."""
+    from relay.policy.load import text_if_unchanged
+
+    if policy.sources is None:
+        return False
+    return text_if_unchanged(path, policy.sources.files, policy.digest) is not None
 
 
 def _owner_hint(policy: Policy, error: str) -> str:

@@ -27,8 +27,10 @@ class RelayProcess:
         tls: ssl.SSLContext | None = None,
         python: str = sys.executable,
         env: dict[str, str] | None = None,
+        prelude: str = "",
     ) -> None:
         self.python, self.env = python, env  # another interpreter, as another user reads it
+        self.prelude = prelude  # Python run in the relay's process before it starts
         self.tls = tls  # the listener's mode is implicit: it greets after this handshake
         self.max_file_size = max_file_size  # RLIMIT_FSIZE: writes past it fail with EFBIG
         self.open_files = open_files  # RLIMIT_NOFILE (soft, hard) it starts with
@@ -40,7 +42,7 @@ class RelayProcess:
     def __enter__(self) -> RelayProcess:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [self.python, "-m", "relay", "serve", "-c", str(self.policy)],
+                [self.python, *self._start(), "serve", "-c", str(self.policy)],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -54,6 +56,11 @@ class RelayProcess:
                 self.crash()  # a relay that never served is stopped all the same, workers too
             raise
         return self
+
+    def _start(self) -> list[str]:
+        if not self.prelude:
+            return ["-m", "relay"]
+        return ["-c", f"{self.prelude}\nimport sys\nfrom relay.cli import main\nsys.exit(main())"]
 
     def _limits(self) -> None:
         if self.max_file_size:

@@ -133,6 +133,38 @@ def test_started_as_root_it_binds_then_serves_as_the_service_user(public: Path) 
     assert {path.stat().st_uid for path in made} == {NOBODY}
 
 
+# each build of the policy said in the relay's output
+BUILDS_SAID = """from relay.policy import load as loading
+built = loading._load
+def said(*args, **kwargs):
+    print("the policy built", flush=True)
+    return built(*args, **kwargs)
+loading._load = said
+"""
+
+
+def test_the_service_user_reading_what_root_read_builds_the_policy_once(public: Path) -> None:
+    """Read again as the service user, the policy was built again: as long
+    again (seconds for thousands of tenants) with the ports bound and silent.
+    The files read alike as root's build stands; a key that differs, or that
+    user cannot read, is built again to say which (the test below)."""
+    python, env = _python_for_nobody()
+    port = _privileged_port()
+    policy = _policy(public, port, "nobody")
+    with RelayProcess(
+        policy, port, public / "relay.log", python=python, env=env, prelude=BUILDS_SAID
+    ) as relay:
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+            client.sendmail(
+                "jan@acme.example", ["buyer@example.org"], b"Subject: Invoice 42\r\n\r\nbody\r\n"
+            )
+        wait_for(lambda: any((public / "outbox").glob("*.eml")))
+        log = relay.log()
+        assert relay.stop() == 0
+    assert log.count("the policy built") == 1, log
+    assert "running as nobody (uid 65534, gid 65534) now that the listeners are bound" in log
+
+
 def test_a_key_only_root_can_read_stops_the_start_before_the_state_is_touched(
     public: Path,
 ) -> None:
