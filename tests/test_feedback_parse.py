@@ -569,6 +569,51 @@ def test_exchange_2003_quoting_the_address_gives_it_without_the_quotes() -> None
     assert [(f.recipient, f.status) for f in report.failures] == [("nobody@buyer.example", "5.1.1")]
 
 
+def _exchange_2000(heading: bytes, returned_body: bytes = b"body\n") -> bytes:
+    return (
+        b"From: System Administrator <postmaster@buyer.example>\nTo: bounces@platform.example\n"
+        b"Subject: Undeliverable: Letter 7\nMIME-Version: 1.0\n"
+        b'Content-Type: multipart/mixed; boundary="----_=_NextPart_001"\n\n'
+        b'------_=_NextPart_001\nContent-Type: text/plain; charset="windows-1252"\n'
+        b"Content-Transfer-Encoding: quoted-printable\n\n"
+        b"Your message did not reach some or all of the intended recipients.\n\n"
+        b"      Subject:  Letter 7\n      Sent:     06.12.2026 10:38\n\n"
+        + heading
+        + b"\n\n      'legacy@buyer.example' on 06.12.2026 10:40\n"
+        b"            The e-mail account does not exist at the organization this messag=\n"
+        b"e was sent to.  Check the e-mail address, or contact the recipient directly =\n"
+        b"to find out the correct address.\n"
+        b"            <EXCH01.buyer.example #5.1.1>\n\n"
+        b"------_=_NextPart_001\nContent-Type: message/rfc822\n\n"
+        b"Message-ID: <let7@erp.acme>\nSubject: Letter 7\nTo: legacy@buyer.example\n\n"
+        + returned_body
+        + b"------_=_NextPart_001--\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "heading",
+    [
+        b"The following recipient(s) cannot be reached:",
+        b"The following recipient(s) could not be reached:",
+    ],
+)
+def test_an_exchange_2000_bounce_in_words_is_read(heading: bytes) -> None:
+    """Read as neither a bounce nor a complaint: flufl.bounce knows Exchange
+    5.5's wording only, so the dead address was never listed."""
+    report = read(_exchange_2000(heading))
+    assert report is not None
+    assert [(f.recipient, f.status) for f in report.failures] == [("legacy@buyer.example", "5.1.1")]
+    assert report.message_id == "<let7@erp.acme>"
+
+
+def test_an_exchange_2000_bounce_takes_no_address_from_the_copy_it_returns() -> None:
+    body = b"Minutes:\n      'kari@buyer.example' on 06.12.2026 10:00 said yes\n"
+    report = read(_exchange_2000(b"The following recipient(s) cannot be reached:", body))
+    assert report is not None
+    assert [f.recipient for f in report.failures] == ["legacy@buyer.example"]
+
+
 def _dsn_naming(count: int) -> bytes:
     blocks = b"".join(
         b"\nFinal-Recipient: rfc822; User%d@Buyer.example\nAction: failed\n"

@@ -24,6 +24,7 @@ from flufl.bounce._detectors.simplewarning import SimpleWarning
 from flufl.bounce._interfaces import BounceDetector, Recipients
 from flufl.bounce._scan import _DETECTORS
 
+from relay.feedback.exchange2000 import Exchange2000
 from relay.feedback.report import BOUNCE, COMPLAINT, Failure, Report
 from relay.identify import a_label_address
 
@@ -221,7 +222,10 @@ def _permanent_failures(msg: Message, own: str | None) -> list[str]:
 # sendmail of the 1990s, takes any address between two commas on a line for a
 # failure, and so read "my colleague Per, per@buyer.example, or" in an
 # out-of-office reply as a bounce and its sender was told the invoice failed
-_DETECTORS_USED: tuple[type[BounceDetector], ...] = tuple(d for d in _DETECTORS if d is not LLNL)
+_DETECTORS_USED: tuple[type[BounceDetector], ...] = (
+    *(d for d in _DETECTORS if d is not LLNL),
+    Exchange2000,
+)
 
 
 def _failed(view: Message) -> Recipients:
