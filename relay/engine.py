@@ -277,7 +277,7 @@ def _warn_of_refused_sender(
     address, not this one's recipients: the fix is in the policy or at the
     upstream, and the per-recipient lines said only that nobody was listed."""
     if not entry.mail_from:
-        what = "the null sender <> (the relay's notices, and mail sent with it)"
+        what = "<>, the null sender of the relay's notices"
     elif entry.mail_from.lower() == policy.platform.return_path.lower():
         what = f"<{entry.mail_from}>, the platform's return_path"
     elif entry.mail_from.lower() == sends_as(upstream).lower():
@@ -1000,6 +1000,8 @@ class Engine:
         entry.attempts += 1
         for rcpt in entry.pending():
             rcpt.attempts += 1
+        if sender_refused is not None and upstream is not None:
+            _warn_of_refused_sender(entry, policy, upstream, sender_refused)
         if immediate and _refused(pending, own, replies) and self._client_waits(entry.queue_id):
             self._answering.pop(entry.queue_id)
             self._refusing.add(entry.queue_id)  # the client hears it: no 250 any more
@@ -1020,8 +1022,6 @@ class Engine:
             else:
                 deferred = True
                 self._note(entry, address, reply)
-        if sender_refused is not None and upstream is not None:
-            _warn_of_refused_sender(entry, policy, upstream, sender_refused)
         await self._suppress(entry, policy, bounced, shared)
         if not deferred:
             return await self._finish(entry, policy, lock)

@@ -565,6 +565,33 @@ def test_a_refused_sender_lists_no_recipient(
     assert log.count(warned) == 1, log
 
 
+def test_a_refused_sender_is_warned_of_while_the_client_waits(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """With ``immediate``, the client heard the 550 and the relay returned before
+    its warning naming the envelope sender: the log said only whom it did not list."""
+    sink = RefusingTheMessage(mail_reply=SENDER_UNKNOWN)
+    with SinkServer(sink) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        text = policy.read_text().replace("auth: optional", "auth: optional\n    immediate: 10")
+        policy.write_text(text)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.ehlo()
+                client.mail("jan@acme.example")
+                client.rcpt(CUSTOMERS[0])
+                code, reply = client.data(SMALL)
+            wait_for(lambda: "refused the envelope sender" in relay.log())
+            log = relay.log()
+    assert (code, reply.split(b" ", 1)[0]) == (550, b"5.1.1"), reply
+    warned = (
+        "upstream 'default' refused the envelope sender <bounces@platform.example>, the"
+        f" platform's return_path ({SENDER_UNKNOWN}): every message sent with it fails"
+    )
+    assert log.count(warned) == 1, log
+
+
 @pytest.mark.parametrize("pipelining", [False, True], ids=["one-at-a-time", "pipelining"])
 def test_a_refused_message_lists_its_recipient_only_when_it_had_one(
     policy_file: Path, tmp_path: Path, pipelining: bool
