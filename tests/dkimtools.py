@@ -126,7 +126,7 @@ def make_key(
     domain: str = "example.com",
     selector: str = "s1",
     algorithm: DkimAlgorithm = DkimAlgorithm.RSA,
-    bits: int = 2048,
+    bits: int | None = None,
 ) -> tuple[DkimKey, dict[str, str]]:
     """A fresh key made by relay.keygen, as policy loading would present it."""
     path, record = generate(domain, selector, algorithm, directory, bits)
