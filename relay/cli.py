@@ -475,21 +475,21 @@ def _status(args: argparse.Namespace) -> int:
     unchanged = _unchanged(args.config)
     if unchanged is not None:
         settings, digest, workers = unchanged
-        return main(args.config, settings.queue.directory, sys.stdout, known=(digest, workers))
+        return main(args.config, settings.queue.directory, sys.stdout, (digest, workers, []))
     try:  # an edit not in use yet: built once, not once for the state and once for itself
         policy = load(args.config)
-    except PolicyError:
-        pass
+    except PolicyError as exc:
+        problems = exc.problems
     else:
-        known = (policy.digest, policy.workers)
-        return main(args.config, policy.queue.directory, sys.stdout, known=known)
-    state = _tool_state(args.config)
+        read = (policy.digest, policy.workers, [])
+        return main(args.config, policy.queue.directory, sys.stdout, read)
+    state = _state_while_broken(args.config, problems)
     if state is not None:
-        return main(args.config, state.queue.directory, sys.stdout)
+        return main(args.config, state.queue.directory, sys.stdout, (None, None, problems))
     directory = _state_directory(args.config)  # a relay runs whatever the file says now
     if directory is None or not os.path.isdir(directory):
         return EX_CONFIG
-    return main(args.config, directory / "queue", sys.stdout)
+    return main(args.config, directory / "queue", sys.stdout, (None, None, problems))
 
 
 def _preview(args: argparse.Namespace) -> int:
@@ -538,9 +538,8 @@ def _tool_state(path: Path) -> StateSettings | None:
     state settings, so a listener key or CA file the relay has refused since
     (keeping what it had) does not stop them as well. A relay in one process
     keeps no such copy: then the file's own state settings, if they load."""
-    from relay import statefiles
     from relay.errors import PolicyError
-    from relay.policy.load import StateSettings, load, load_state
+    from relay.policy.load import StateSettings, load
 
     same = _as_running(path)
     if same is not None:
@@ -548,9 +547,16 @@ def _tool_state(path: Path) -> StateSettings | None:
     try:
         policy = load(path)
     except PolicyError as exc:
-        problems = exc.problems
-    else:
-        return StateSettings.of(policy)
+        return _state_while_broken(path, exc.problems)
+    return StateSettings.of(policy)
+
+
+def _state_while_broken(path: Path, problems: list[str]) -> StateSettings | None:
+    """``_tool_state``'s, for a file that does not load (``problems``)."""
+    from relay import statefiles
+    from relay.errors import PolicyError
+    from relay.policy.load import load_state
+
     running = _running_policy_file(path)
     if running is not None:
         try:
@@ -605,6 +611,8 @@ def _unchanged(path: Path) -> tuple[StateSettings, str, int] | None:
     try:
         with statefiles.open_read(state / statelock.CHECKED_FILES) as record:
             checked = json.loads(record.read())
+        if checked["policy"] != os.path.realpath(path):
+            return None  # brought along from elsewhere (``cp -a``): no relay's here
         text = text_if_unchanged(path, checked["files"], checked["digest"])
         if text is None:
             return None
@@ -612,7 +620,7 @@ def _unchanged(path: Path) -> tuple[StateSettings, str, int] | None:
         found = (settings, str(checked["digest"]), int(checked["workers"]))
     except (OSError, PolicyError, ValueError, KeyError, TypeError):
         return None
-    # a record brought along from another state directory (``cp -a``) is nobody's here
+    # the directory the YAML names, not another its line-by-line reading found
     same = settings.queue.directory.parent.resolve() == state.resolve()
     return found if same else None
 

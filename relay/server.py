@@ -635,6 +635,7 @@ async def _reload(
             log.info("worker %d: policy %s in use", worker.index, new.digest[:12])
         worker.answer(holder.policy)
         return
+    said_reloading(path)
     new = await asyncio.to_thread(reloaded, path, old)
     if new is None:
         return
@@ -643,6 +644,11 @@ async def _reload(
     _note(new)
     in_use(new, old)
     await asyncio.to_thread(record_policy, audit, path, new)
+
+
+def said_reloading(path: Path) -> None:
+    """As a reload begins: a large policy takes seconds, silent until its end."""
+    log.info("reloading: reading %s", path)
 
 
 def _take_up(holder: PolicyHolder, new: Policy, ingress: Ingress | None) -> None:

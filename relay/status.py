@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import TextIO
 
 from relay import statelock
-from relay.errors import PolicyError
-from relay.policy.load import load
 from relay.spool import Spool
 from relay.spool.store import SpoolError
 
@@ -30,12 +28,13 @@ EX_NOT_RUNNING = 3
 EX_UNKNOWN = 4  # LSB: the status cannot be told (run as the relay's user, or root)
 
 
-def main(
-    path: Path, queue_directory: Path, out: TextIO, known: tuple[str, int] | None = None
-) -> int:
+# what the policy file reads as: its version and workers, or None and its problems
+Read = tuple[str | None, int | None, list[str]]
+
+
+def main(path: Path, queue_directory: Path, out: TextIO, read: Read) -> int:
     """``queue_directory``: the state the relay uses, found even while ``path``
-    does not load (``relay.cli``); ``known``: the file's version and workers,
-    when it and the files it reads are as a relay put them in use."""
+    does not load; ``read``: the file as ``relay.cli`` read it, once."""
     state = queue_directory.parent
     try:
         running = statelock.holder(state)
@@ -43,17 +42,7 @@ def main(
         out.write(f"relay: cannot tell whether it runs: {exc}\n")
         return EX_UNKNOWN
     orphaned = running is None and statelock.held(state)
-    digest: str | None
-    workers: int | None
-    problems: list[str] = []
-    if known is not None:
-        digest, workers = known
-    else:
-        try:
-            policy = load(path)
-            digest, workers = policy.digest, policy.workers
-        except PolicyError as exc:
-            digest, workers, problems = None, None, exc.problems
+    digest, workers, problems = read
     lines = [
         ORPHANED if orphaned else _relay(running, state, workers),
         _policy(path, running, digest, problems),

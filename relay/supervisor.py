@@ -56,6 +56,7 @@ from relay.server import (
     read_policy,
     record_policy,
     reloaded,
+    said_reloading,
     serve,
     settle_orphans,
     spool_upkeep,
@@ -368,7 +369,7 @@ class Supervisor:
         log.info("worker %d started (pid %d)", index, pid)
 
     def _reload(self) -> None:
-        log.info("reloading: reading %s", self.policy_path)  # seconds, for a large one
+        said_reloading(self.policy_path)
         try:
             data = yamlsource.read_bytes(self.policy_path)
         except (OSError, RefusedFile) as exc:
@@ -581,6 +582,7 @@ def _write_checked(checked: Path, policy: Policy) -> None:
     what it did not use built again (seconds for thousands of tenants)."""
     assert policy.sources is not None  # the supervisor's policies keep theirs
     record = {
+        "policy": os.path.realpath(policy.source),  # a copy (``cp -a``) is another file
         "digest": policy.digest,
         "workers": policy.workers,
         "files": sorted(policy.sources.files),

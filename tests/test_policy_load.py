@@ -406,6 +406,23 @@ def test_a_user_name_yaml_reads_as_a_boolean_must_be_quoted(tmp_path: Path) -> N
     assert load(path).tenants["acme"].users["jan"].name == "no"
 
 
+def test_the_state_settings_of_a_loaded_text_name_its_tenants_as_the_build_does(
+    tmp_path: Path,
+) -> None:
+    """The tools check a tenant they are given against these: read as the raw
+    mapping's keys, a tenant brought in by a merge key was none, and ``<<`` one."""
+    from relay.policy.load import load_state
+
+    globex = (
+        "  <<: {globex: {name: Globex, address: info@globex.example, upstream: outbox,"
+        " users: {hank: {name: Hank, address: hank@globex.example}}}}\n  acme:\n"
+    )
+    path = variant(tmp_path, "tenants:\n  acme:\n", f"tenants:\n{globex}")
+    assert set(load(path).tenants) == {"acme", "globex"}
+    assert load_state(path, loaded=True).tenants == {"acme", "globex"}
+    assert load_state(path).tenants is None  # a text not known to load: not known
+
+
 @pytest.mark.parametrize(
     ("old", "new", "problem"),
     [

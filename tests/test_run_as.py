@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.policybuilds import BUILDS_SAID
 from tests.policyfiles import POLICIES
 from tests.relayproc import RelayProcess, terminate, wait_for
 
@@ -131,16 +132,6 @@ def test_started_as_root_it_binds_then_serves_as_the_service_user(public: Path) 
     assert "running as root" not in log
     made = [public / "state", *(public / "state").rglob("*"), *(public / "outbox").iterdir()]
     assert {path.stat().st_uid for path in made} == {NOBODY}
-
-
-# each build of the policy said in the relay's output
-BUILDS_SAID = """from relay.policy import load as loading
-built = loading._load
-def said(*args, **kwargs):
-    print("the policy built", flush=True)
-    return built(*args, **kwargs)
-loading._load = said
-"""
 
 
 def test_the_service_user_reading_what_root_read_builds_the_policy_once(public: Path) -> None:

@@ -36,6 +36,7 @@ from relay import settle as settle_module
 from relay.audit import AuditLog, events
 from relay.policy.load import load
 from relay.spool import Spool
+from tests import policybuilds
 from tests import test_queue_e2e as queue_e2e
 from tests.certs import der, make_certs, served_certificate
 from tests.relayproc import terminate
@@ -999,15 +1000,11 @@ def test_the_tools_go_by_the_running_policy_while_the_file_is_broken(relay: Rela
         relay.policy.write_text(good)
 
 
-# a tool run with this first: one that builds the whole policy says so and stops
-BUILT_WHOLE = """from relay.policy import load as loading
-def built_whole(*args, **kwargs):
-    raise SystemExit("the whole policy built")
-loading.load = built_whole
-import sys
-from relay.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+def _tool(prelude: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *policybuilds.tool(prelude), *args],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
 
 
 def test_the_tools_build_none_of_the_policy_a_relay_with_workers_runs(relay: Relay) -> None:
@@ -1017,28 +1014,49 @@ def test_the_tools_build_none_of_the_policy_a_relay_with_workers_runs(relay: Rel
     their state settings alone; a key file changed since is a policy nobody
     checked, built whole to say what is wrong with it."""
     send(relay.port)
-    tool = (sys.executable, "-c", BUILT_WHOLE)
+    policy = str(relay.policy)
     for *args, code in (("queue", "list", 0), ("audit", "verify", 0), ("suppression", "list", 1)):
-        done = subprocess.run(
-            [*tool, *args, "-c", str(relay.policy)],
-            capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
-        )  # fmt: skip
+        done = _tool(policybuilds.BUILT_WHOLE, *args, "-c", policy)
         assert done.returncode == code, done.stderr  # 1: an empty list
         assert "the whole policy built" not in done.stderr
-    refused = subprocess.run(
-        [*tool, "suppression", "add", "gone@example.org", "--tenant", "initech",
-         "-c", str(relay.policy)],
-        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
-    )  # fmt: skip
+    status = _tool(policybuilds.BUILT_WHOLE, "status", "-c", policy)
+    assert status.returncode == 0, status.stderr
+    in_use = re.search(r"^policy: \w{12} in use, as .* reads now$", status.stdout, re.M)
+    assert in_use is not None, status.stdout
+    refused = _tool(policybuilds.BUILT_WHOLE, "suppression", "add", "gone@example.org",
+                    "--tenant", "initech", "-c", policy)  # fmt: skip
     assert refused.returncode == 2, refused.stderr
     assert "the policy has no tenant 'initech' (its tenants: acme, globex)" in refused.stderr
     key = min((relay.policy.parent / "keys").iterdir())
     key.write_bytes(key.read_bytes() + b"\n")
-    done = subprocess.run(
-        [*tool, "queue", "list", "-c", str(relay.policy)],
-        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
-    )  # fmt: skip
+    done = _tool(policybuilds.BUILT_WHOLE, "queue", "list", "-c", policy)
     assert (done.returncode, done.stderr) == (1, "the whole policy built\n")
+
+
+def test_a_fifo_in_a_keys_place_holds_up_no_tool(relay: Relay) -> None:
+    """The files the relay recorded were read as they came: a FIFO put in a
+    key's place held every tool and ``relay status`` until a writer came."""
+    key = min((relay.policy.parent / "keys").iterdir())
+    key.unlink()
+    os.mkfifo(key)
+    for args in (("queue", "list"), ("status",)):
+        done = relay_cli(*args, "-c", str(relay.policy))  # bounded: 60 s
+        assert "is a FIFO" in done.stderr + done.stdout, (args, done.stdout, done.stderr)
+
+
+def test_a_copy_of_the_relays_directory_is_not_taken_for_the_policy_it_runs(
+    relay: Relay, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``cp -a`` brought the record along, naming the first policy's files: the
+    copy's status read the first policy's version, though the copy's key was
+    broken."""
+    copy = tmp_path_factory.mktemp("copy") / "relay"
+    shutil.copytree(relay.policy.parent, copy, symlinks=True)
+    key = min((copy / "keys").iterdir())
+    key.write_text("no key\n")
+    done = _tool(policybuilds.BUILDS_SAID, "status", "-c", str(copy / relay.policy.name))
+    assert done.stdout.count("the policy built") == 1, done.stdout
+    assert f"{copy / relay.policy.name} does not load" in done.stdout, done.stdout
 
 
 def test_a_sighup_with_a_fifo_for_a_policy_keeps_the_policy(relay: Relay) -> None:

@@ -16,12 +16,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TextIO
 
-import yaml
-
 from relay.errors import PolicyError
 from relay.gcpause import collection_paused
 from relay.policy import accounts, sections
-from relay.policy.files import Reads, RefusedFile, reading
+from relay.policy.files import Reads, RefusedFile, read_limited, reading
 from relay.policy.model import (
     AuditSettings,
     AuthMode,
@@ -31,6 +29,7 @@ from relay.policy.model import (
     SuppressionSettings,
 )
 from relay.policy.schema import Ctx, Map
+from relay.policy.values import LARGEST_FILE
 from relay.policy.yamlsource import Problems, read, read_bytes
 
 EX_CONFIG = 78
@@ -72,8 +71,8 @@ def text_if_unchanged(path: Path, names: Iterable[str], digest: str) -> bytes | 
     differs or cannot be read."""
     try:
         text = read_bytes(path)
-        files = {name: Path(name).read_bytes() for name in names}
-    except (OSError, RefusedFile):
+        files = {name: read_limited(Path(name), LARGEST_FILE, "a file it names") for name in names}
+    except (OSError, RefusedFile):  # a FIFO in a key's place waited for a writer
         return None
     return text if policy_version(text, files) == digest else None
 
@@ -144,11 +143,8 @@ def load_state(path: Path, data: bytes | None = None, loaded: bool = False) -> S
 
 
 def _tenant_ids(top: Map) -> frozenset[str]:
-    """The ids as the file gives them, without building a tenant."""
-    node = top.get("tenants")
-    if not isinstance(node, yaml.MappingNode):
-        return frozenset()
-    return frozenset(key.value for key, _ in node.value if isinstance(key, yaml.ScalarNode))
+    """The ids as the build reads them (merge keys expanded), without building a tenant."""
+    return frozenset(name for name, *_ in top.entries("tenants", "a mapping of tenant ids"))
 
 
 def _build(ctx: Ctx, root: Map, path: Path, sources: Sources) -> Policy | None:

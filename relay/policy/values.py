@@ -586,6 +586,7 @@ _LIMITS = {
     "a certificate file": 4 * 1024 * 1024,
     "a CA file": 4 * 1024 * 1024,
 }
+LARGEST_FILE = max(_LIMITS.values())
 
 
 def _read(ctx: Ctx, node: Node, path: str, resolved: Path, what: str) -> tuple[Path, bytes] | None:
