@@ -614,6 +614,26 @@ def test_an_exchange_2000_bounce_takes_no_address_from_the_copy_it_returns() -> 
     assert [f.recipient for f in report.failures] == ["legacy@buyer.example"]
 
 
+def test_a_reply_quoting_an_exchange_2000_bounce_is_no_bounce() -> None:
+    """A person forwarding the bounce to ask what it means wrote the heading and
+    the address too: read as a report, the colleague asked about was listed."""
+    raw = _exchange_2000(b"The following recipient(s) cannot be reached:")
+    raw = raw.replace(b"Subject: Undeliverable: Letter 7", b"Subject: RE: Undeliverable: Letter 7")
+    raw = raw.replace(b"From: System Administrator <postmaster@buyer.example>", b"From: alice@acme")
+    assert read(raw) is None
+
+
+def test_an_exchange_2000_bounce_in_a_charset_python_cannot_decode_is_read_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    raw = _exchange_2000(b"The following recipient(s) cannot be reached:")
+    raw = raw.replace(b'charset="windows-1252"', b'charset="idna"')
+    with caplog.at_level(logging.WARNING):
+        report = read(raw)
+    assert report is not None and [f.recipient for f in report.failures] == ["legacy@buyer.example"]
+    assert caplog.records == []
+
+
 def _dsn_naming(count: int) -> bytes:
     blocks = b"".join(
         b"\nFinal-Recipient: rfc822; User%d@Buyer.example\nAction: failed\n"

@@ -22,10 +22,15 @@ _ENTRY = re.compile(r"^\s+'?([^\s'@<>]+@[^\s'@<>]+?)'? on \S")
 
 
 class Exchange2000:
-    """A flufl.bounce detector: the addresses under the heading, in the
-    report's first text part only (not in the copy it returns)."""
+    """A flufl.bounce detector: the addresses under the heading, in the first
+    text part of a report whose subject says ``Undeliverable:`` as those
+    servers wrote it (a person's reply quoting one says ``RE: Undeliverable:``),
+    not in the copy it returns. It reads the text as flufl.bounce's detectors
+    do: as ``relay.feedback.parse`` decoded it for them."""
 
     def process(self, msg: Message) -> tuple[Recipients, Recipients]:
+        if not str(msg.get("Subject", "")).lstrip().lower().startswith("undeliverable:"):
+            return NoFailures
         text = _first_text(msg)
         if text is None:
             return NoFailures
@@ -46,11 +51,6 @@ def _first_text(msg: Message) -> str | None:
         if part.get_content_maintype() == "message":
             return None  # past the report, into what it returns
         if part.get_content_type() == "text/plain":
-            payload = part.get_payload(decode=True)
-            if not isinstance(payload, bytes):
-                return None
-            try:
-                return payload.decode(part.get_content_charset() or "latin-1", "replace")
-            except LookupError:  # a charset Python does not know
-                return payload.decode("latin-1")
+            payload = part.get_payload()
+            return payload if isinstance(payload, str) else None
     return None
