@@ -472,11 +472,7 @@ def _status(args: argparse.Namespace) -> int:
     from relay.policy.load import load
     from relay.status import main
 
-    unchanged = _unchanged(args.config)
-    if unchanged is not None:
-        settings, digest, workers = unchanged
-        return main(args.config, settings.queue.directory, sys.stdout, (digest, workers, []))
-    try:  # an edit not in use yet: built once, not once for the state and once for itself
+    try:  # built whole, once: what the relay runs may have become unusable here since
         policy = load(args.config)
     except PolicyError as exc:
         problems = exc.problems
@@ -592,13 +588,6 @@ def _as_running(path: Path) -> StateSettings | None:
     certificates again, which these tools do not use, took seconds for
     thousands of tenants. None otherwise: an edit not in use yet is loaded
     whole, to say what is wrong with it."""
-    found = _unchanged(path)
-    return None if found is None else found[0]
-
-
-def _unchanged(path: Path) -> tuple[StateSettings, str, int] | None:
-    """``_as_running``'s state settings, with the version and the number of
-    workers the relay recorded for the policy."""
     import json
 
     from relay import statefiles, statelock
@@ -617,12 +606,11 @@ def _unchanged(path: Path) -> tuple[StateSettings, str, int] | None:
         if text is None:
             return None
         settings = load_state(path, text, loaded=True)
-        found = (settings, str(checked["digest"]), int(checked["workers"]))
     except (OSError, PolicyError, ValueError, KeyError, TypeError):
         return None
     # the directory the YAML names, not another its line-by-line reading found
     same = settings.queue.directory.parent.resolve() == state.resolve()
-    return found if same else None
+    return settings if same else None
 
 
 def _running_policy_file(path: Path) -> Path | None:

@@ -584,7 +584,6 @@ def _write_checked(checked: Path, policy: Policy) -> None:
     record = {
         "policy": os.path.realpath(policy.source),  # a copy (``cp -a``) is another file
         "digest": policy.digest,
-        "workers": policy.workers,
         "files": sorted(policy.sources.files),
     }
     _write_private(checked.with_name(statelock.CHECKED_FILES), json.dumps(record).encode())

@@ -562,7 +562,7 @@ def test_a_new_dkim_key_is_a_new_policy_version(relay: Relay) -> None:
     log = relay.log()  # said as it begins: seconds of silence, for a large policy
     assert -1 < log.find("INFO reloading: reading ") < log.find("INFO policy reloaded"), log
     record = json.loads((relay.policy.parent / "state" / "policy.checked.files").read_text())
-    assert record["digest"].startswith(new) and record["workers"] == 2  # what the tools go by
+    assert record["digest"].startswith(new)  # what the tools go by
     assert relay.stop() == 0
     records = audit_records(relay)
     versions = [r["policy_sha256"][:12] for r in records if r["event"] == "policy_loaded"]
@@ -1019,10 +1019,6 @@ def test_the_tools_build_none_of_the_policy_a_relay_with_workers_runs(relay: Rel
         done = _tool(policybuilds.BUILT_WHOLE, *args, "-c", policy)
         assert done.returncode == code, done.stderr  # 1: an empty list
         assert "the whole policy built" not in done.stderr
-    status = _tool(policybuilds.BUILT_WHOLE, "status", "-c", policy)
-    assert status.returncode == 0, status.stderr
-    in_use = re.search(r"^policy: \w{12} in use, as .* reads now$", status.stdout, re.M)
-    assert in_use is not None, status.stdout
     refused = _tool(policybuilds.BUILT_WHOLE, "suppression", "add", "gone@example.org",
                     "--tenant", "initech", "-c", policy)  # fmt: skip
     assert refused.returncode == 2, refused.stderr
@@ -1031,6 +1027,18 @@ def test_the_tools_build_none_of_the_policy_a_relay_with_workers_runs(relay: Rel
     key.write_bytes(key.read_bytes() + b"\n")
     done = _tool(policybuilds.BUILT_WHOLE, "queue", "list", "-c", policy)
     assert (done.returncode, done.stderr) == (1, "the whole policy built\n")
+
+
+def test_status_builds_the_policy_it_runs_to_see_what_became_of_this_host(
+    relay: Relay,
+) -> None:
+    """Going by the relay's record of the files, status said all was well when
+    the directory upstream's path had become a file: a reload would refuse it."""
+    shutil.rmtree(relay.outbox, ignore_errors=True)  # made at the first delivery
+    relay.outbox.write_text("not a directory\n")
+    done = relay_cli("status", "-c", str(relay.policy))
+    assert f"{relay.policy} does not load" in done.stdout, done.stdout + done.stderr
+    assert "is not a directory" in done.stderr
 
 
 def test_a_fifo_in_a_keys_place_holds_up_no_tool(relay: Relay) -> None:
