@@ -614,6 +614,16 @@ def test_an_exchange_2000_bounce_takes_no_address_from_the_copy_it_returns() -> 
     assert [f.recipient for f in report.failures] == ["legacy@buyer.example"]
 
 
+def test_an_exchange_2000_bounce_with_its_subject_encoded_is_read() -> None:
+    """Exchange encodes the whole subject when the original's has an umlaut."""
+    raw = _exchange_2000(b"The following recipient(s) cannot be reached:").replace(
+        b"Subject: Undeliverable: Letter 7",
+        b"Subject: =?utf-8?q?Undeliverable:_Rechnung_f=C3=BCr_M=C3=A4rz?=",
+    )
+    report = read(raw)
+    assert report is not None and [f.recipient for f in report.failures] == ["legacy@buyer.example"]
+
+
 def test_a_reply_quoting_an_exchange_2000_bounce_is_no_bounce() -> None:
     """A person forwarding the bounce to ask what it means wrote the heading and
     the address too: read as a report, the colleague asked about was listed."""

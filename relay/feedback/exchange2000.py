@@ -16,6 +16,8 @@ from email.message import Message
 
 from flufl.bounce._interfaces import NoFailures, NoTemporaryFailures, Recipients
 
+from relay.message import decode
+
 _HEADING = re.compile(r"^The following recipient\(s\) (?:cannot|could not) be reached:\s*$")
 # "      'a@b' on 06.12.2026 10:40" (or without the quotes)
 _ENTRY = re.compile(r"^\s+'?([^\s'@<>]+@[^\s'@<>]+?)'? on \S")
@@ -29,7 +31,8 @@ class Exchange2000:
     do: as ``relay.feedback.parse`` decoded it for them."""
 
     def process(self, msg: Message) -> tuple[Recipients, Recipients]:
-        if not str(msg.get("Subject", "")).lstrip().lower().startswith("undeliverable:"):
+        subject = decode(str(msg.get("Subject", "")))  # an original's in Latin-1 is encoded
+        if not subject.lstrip().lower().startswith("undeliverable:"):
             return NoFailures
         text = _first_text(msg)
         if text is None:
