@@ -299,6 +299,7 @@ class Supervisor:
             if worker is None:
                 continue
             self.shared.clients.row(worker.index).clear()  # its connections ended with it
+            self.shared.tally.row(worker.index).ended_with_worker(self.policy.upstreams)
             metrics_status.worker_ended()
             quick = worker.quick_deaths + 1 if time.monotonic() - worker.started < QUICK else 0
             if quick >= GIVE_UP:

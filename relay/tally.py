@@ -17,10 +17,11 @@ policy (listeners and upstreams), never a client's address.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from relay.sharedtable import SharedTable, key_of
 
-SLOTS = 8192  # counts per worker: eleven per listener, five per upstream
+SLOTS = 8192  # counts per worker: eleven per listener, seven per upstream
 
 CONNECTION = "connection"  # (listener)
 REFUSED = "refused"  # (listener, reason)
@@ -32,6 +33,8 @@ UPSTREAM = "upstream"  # (upstream, result)
 SUSPENDED = "suspended"  # (upstream): the failure it holds its mail for ended then, ms; 0: none
 REACHED = "reached"  # (upstream): when the last attempt that reached it began, ms
 # both on the monotonic clock
+BEGUN = "attempts begun"  # (upstream)
+ENDED = "attempts ended"  # (upstream): one under way is begun and not ended yet
 
 REFUSED_REASONS = ("not_allowed", "too_many", "too_many_from_client")
 DROPPED_REASONS = ("timeout", "errors")
@@ -53,6 +56,10 @@ class Tally:
         """Every worker's count of ``key``, for the metrics."""
         words = self._reader.words
         return sum(words[base] for base in self._reader.found(_key(key)))
+
+    def under_way(self, upstream: str) -> int:
+        """Attempts at ``upstream`` begun and not ended, in all workers."""
+        return max(0, self.total(BEGUN, upstream) - self.total(ENDED, upstream))
 
     def holding(self, upstream: str) -> int:
         """The workers holding back ``upstream``'s mail that no attempt has reached it
@@ -76,6 +83,14 @@ class TallyRow:
         base = self._base(key)
         if base is not None:
             self._row.words[base] += 1
+
+    def ended_with_worker(self, upstreams: Iterable[str]) -> None:
+        """The worker of this row is gone (killed): the attempts it had under way
+        ended with it, or they would count as under way for good."""
+        for upstream in upstreams:
+            begun, ended = self._base((BEGUN, upstream)), self._base((ENDED, upstream))
+            if begun is not None and ended is not None:
+                self._row.words[ended] = self._row.words[begun]
 
     def suspended(self, upstream: str, held: bool) -> None:
         """The worker's last attempt at ``upstream`` found it unusable just now, and

@@ -5,12 +5,15 @@ slots without holding the other tenant's mail back."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import smtplib
 import threading
 from pathlib import Path
 
-from tests.relayproc import RelayProcess
+from tests.relayproc import RelayProcess, wait_for
 from tests.sink import SinkServer, free_port
+from tests.test_metrics import _samples, _value
 
 BUDGET = 64  # the attempts a worker may have under way: a quarter of 256 open files
 BACKLOG = BUDGET + 16
@@ -109,3 +112,31 @@ def test_a_stalled_upstreams_backlog_holds_no_other_upstreams_mail_back(
             assert stalling.dots == 2  # acme's upstream has both of its slots, stalled
     assert sorted(r.rcpt_tos[0] for r in received) == [f"client{n}@example.org" for n in range(3)]
     assert "open files: limited to 256" in relay.log()
+
+
+def _under_way(metrics: int, upstream: str) -> float:
+    samples = _samples(metrics)
+    return _value(samples, "relay_upstream_attempts_in_progress", upstream=upstream)
+
+
+def test_attempts_under_way_show_and_end_with_a_killed_worker(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A final dot never answered showed nowhere until ``data_timeout`` (600 s):
+    the gauge counts the attempts begun and not ended, in every worker, and a
+    killed worker's end with it, or its stalled one would count for good."""
+    port, metrics = free_port(), free_port()
+    with Stalling() as stalling, SinkServer() as healthy:
+        policy = configure(policy_file, port, healthy.port, stalling.port)
+        text = policy.read_text().replace("workers: 1\n", "workers: 2\n")
+        policy.write_text(text + f"metrics: {{address: 127.0.0.1, port: {metrics}}}\n")
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            send(port, "jan@acme.example", "customer@example.org", ACME)
+            wait_for(lambda: stalling.dots == 1)
+            assert (_under_way(metrics, "stalled"), _under_way(metrics, "default")) == (1, 0)
+            assert relay.proc is not None
+            workers = Path(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read_text()
+            for pid in workers.split():
+                os.kill(int(pid), signal.SIGKILL)
+            wait_for(lambda: stalling.dots == 2)  # a new worker tries it again
+            assert _under_way(metrics, "stalled") == 1

@@ -372,12 +372,19 @@ class RelayCollector(Collector):
             " no attempt has reached it since.",
             labels=["upstream"],
         )
+        under_way = GaugeMetricFamily(
+            "relay_upstream_attempts_in_progress",
+            "Delivery attempts at the upstream begun and not ended yet, in all workers.",
+            labels=["upstream"],
+        )
         for name in sorted(policy.upstreams):
             for result in tally.UPSTREAM_RESULTS:
                 counts.add_metric([name, result], self._counts.total(tally.UPSTREAM, name, result))
             held.add_metric([name], self._counts.holding(name))
+            under_way.add_metric([name], self._counts.under_way(name))
         yield counts
         yield held
+        yield under_way
 
 
 def _with(zeros: Iterable[K], counted: Iterable[K]) -> list[K]:
