@@ -206,11 +206,12 @@ def counted(send: Sender, row: TallyRow) -> Sender:
 
     async def counted_send(upstream: Upstream, *args: object, **kwargs: object) -> Attempt:
         began = time.monotonic()
-        row.add(tally.BEGUN, upstream.name)
+        counting = row.began(upstream.name)
         try:
             sent = await send(upstream, *args, **kwargs)
         finally:
-            row.add(tally.ENDED, upstream.name)
+            if counting:
+                row.add(tally.ENDED, upstream.name)
         row.add(tally.UPSTREAM, upstream.name, result(sent))
         if sent.unreachable is None and not sent.crowded:
             row.reached(upstream.name, began)

@@ -187,6 +187,9 @@ class Supervisor:
     ) -> None:
         self.policy_path = policy_path
         self.policy = policy
+        # every upstream name a policy in use has had: a worker may have begun
+        # attempts under one a reload has renamed since
+        self.upstreams_named = set(policy.upstreams)
         self.sockets = sockets
         self.shared = shared  # made before the first fork: shared by every worker
         self.workers: dict[int, _Worker] = {}  # by pid
@@ -299,7 +302,7 @@ class Supervisor:
             if worker is None:
                 continue
             self.shared.clients.row(worker.index).clear()  # its connections ended with it
-            self.shared.tally.row(worker.index).ended_with_worker(self.policy.upstreams)
+            self.shared.tally.row(worker.index).ended_with_worker(self.upstreams_named)
             metrics_status.worker_ended()
             quick = worker.quick_deaths + 1 if time.monotonic() - worker.started < QUICK else 0
             if quick >= GIVE_UP:
@@ -391,6 +394,7 @@ class Supervisor:
                 metrics_status.reload_failed()
                 return
             old, self.policy = self.policy, new  # a worker started from now on runs it
+            self.upstreams_named |= set(new.upstreams)
             metrics_status.loaded()
             statelock.note_policy(new.queue.directory.parent, new.digest, new.pending)
             self._with_audit(lambda audit: record_policy(audit, self.policy_path, new))

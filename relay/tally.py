@@ -21,7 +21,9 @@ from collections.abc import Iterable
 
 from relay.sharedtable import SharedTable, key_of
 
-SLOTS = 8192  # counts per worker: eleven per listener, seven per upstream
+# counts per worker: eleven per listener, seven per upstream (2,000 tenants'
+# own accounts and the platform's take 14,000)
+SLOTS = 16384
 
 CONNECTION = "connection"  # (listener)
 REFUSED = "refused"  # (listener, reason)
@@ -83,6 +85,15 @@ class TallyRow:
         base = self._base(key)
         if base is not None:
             self._row.words[base] += 1
+
+    def began(self, upstream: str) -> bool:
+        """One more attempt at ``upstream`` under way; False, and not counted, when
+        the row has no room for its end too: it would count as under way for good."""
+        begun, ended = self._base((BEGUN, upstream)), self._base((ENDED, upstream))
+        if begun is None or ended is None:
+            return False
+        self._row.words[begun] += 1
+        return True
 
     def ended_with_worker(self, upstreams: Iterable[str]) -> None:
         """The worker of this row is gone (killed): the attempts it had under way

@@ -303,18 +303,29 @@ tests:
         values: '0x40'
       - series: 'relay_upstream_attempts_total{upstream="quiet",result="sent"}'
         values: '7x40'
+      - series: 'relay_upstream_attempts_in_progress{upstream="backoff"}'
+        values: '1x9 0 1x9 0 0 1x9 0 0 0 0'
+      - series: 'relay_upstream_attempts_total{upstream="backoff",result="sent"}'
+        values: '3x40'
+      - series: 'relay_upstream_attempts_in_progress{upstream="full-mailbox"}'
+        values: '0x9 1 0x9 1 0x9 1 0x9'
+      - series: 'relay_upstream_attempts_total{upstream="full-mailbox",result="sent"}'
+        values: '9x40'
     alert_rule_test:
-      - eval_time: 35m
+      - eval_time: 38m
         alertname: RelayUpstreamStalled
         exp_alerts:
+          - exp_labels: {upstream: backoff}
           - exp_labels: {upstream: hung}
 """
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
 def test_the_stall_rule_fires_for_an_upstream_that_hangs_only(tmp_path: Path) -> None:
-    """Attempts under way and none sent for 15 minutes: not a busy upstream
-    sending all along, nor a quiet one with nothing under way."""
+    """Attempts under way much of the last 30 minutes and none sent: a hung one
+    retried after its backoff too, whose gaps reset a rule held ``for: 15m``;
+    not a busy upstream sending all along, a quiet one, nor a healthy one
+    that defers a message to a full mailbox now and then."""
     groups = yaml.safe_load(RULES.group(1)) if RULES is not None else {}
     for rule in (rule for group in groups["groups"] for rule in group["rules"]):
         rule.pop("annotations", None)  # the test names the alert, not its wording

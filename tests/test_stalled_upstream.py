@@ -140,3 +140,35 @@ def test_attempts_under_way_show_and_end_with_a_killed_worker(
                 os.kill(int(pid), signal.SIGKILL)
             wait_for(lambda: stalling.dots == 2)  # a new worker tries it again
             assert _under_way(metrics, "stalled") == 1
+
+
+def test_a_killed_workers_attempts_end_under_a_name_a_reload_took_away(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The supervisor ended a killed worker's attempts under the running policy's
+    upstream names only: one begun under a name a reload had renamed counted
+    as under way for good, and again once the name came back."""
+    port, metrics = free_port(), free_port()
+    with Stalling() as stalling, SinkServer() as healthy:
+        policy = configure(policy_file, port, healthy.port, stalling.port)
+        text = policy.read_text().replace("workers: 1\n", "workers: 2\n")
+        policy.write_text(text + f"metrics: {{address: 127.0.0.1, port: {metrics}}}\n")
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            send(port, "jan@acme.example", "customer@example.org", ACME)
+            wait_for(lambda: stalling.dots == 1)
+            stalled = policy.read_text()
+            renamed = stalled.replace("  stalled:\n", "  renamed:\n")
+            renamed = renamed.replace(f"port: {stalling.port}\n", f"port: {healthy.port}\n")
+            policy.write_text(renamed.replace("upstream: stalled\n", "upstream: renamed\n"))
+            relay.signal(signal.SIGHUP)
+            relay.wait_reloaded(1)
+            assert relay.proc is not None
+            workers = Path(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read_text()
+            for pid in workers.split():
+                os.kill(int(pid), signal.SIGKILL)
+            healthy.sink.wait(1, timeout=30)  # sent again, under the new name
+            back = stalled.replace(f"port: {stalling.port}\n", f"port: {healthy.port}\n")
+            policy.write_text(back)
+            relay.signal(signal.SIGHUP)
+            relay.wait_reloaded(2)
+            assert _under_way(metrics, "stalled") == 0
