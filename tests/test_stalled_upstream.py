@@ -5,10 +5,13 @@ slots without holding the other tenant's mail back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import smtplib
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.relayproc import RelayProcess, wait_for
@@ -119,12 +122,26 @@ def _under_way(metrics: int, upstream: str) -> float:
     return _value(samples, "relay_upstream_attempts_in_progress", upstream=upstream)
 
 
-def test_attempts_under_way_show_and_end_with_a_killed_worker(
-    policy_file: Path, tmp_path: Path
-) -> None:
-    """A final dot never answered showed nowhere until ``data_timeout`` (600 s):
-    the gauge counts the attempts begun and not ended, in every worker, and a
-    killed worker's end with it, or its stalled one would count for good."""
+@dataclass
+class Stall:
+    """A relay of two workers with metrics, one message to the stalled upstream
+    under way."""
+
+    policy: Path
+    metrics: int
+    relay: RelayProcess
+    stalling: Stalling
+    healthy: SinkServer
+
+    def kill_workers(self) -> None:
+        assert self.relay.proc is not None
+        pid = self.relay.proc.pid
+        for worker in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            os.kill(int(worker), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def stalled_attempt(policy_file: Path, tmp_path: Path) -> Iterator[Stall]:
     port, metrics = free_port(), free_port()
     with Stalling() as stalling, SinkServer() as healthy:
         policy = configure(policy_file, port, healthy.port, stalling.port)
@@ -133,13 +150,21 @@ def test_attempts_under_way_show_and_end_with_a_killed_worker(
         with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
             send(port, "jan@acme.example", "customer@example.org", ACME)
             wait_for(lambda: stalling.dots == 1)
-            assert (_under_way(metrics, "stalled"), _under_way(metrics, "default")) == (1, 0)
-            assert relay.proc is not None
-            workers = Path(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read_text()
-            for pid in workers.split():
-                os.kill(int(pid), signal.SIGKILL)
-            wait_for(lambda: stalling.dots == 2)  # a new worker tries it again
-            assert _under_way(metrics, "stalled") == 1
+            yield Stall(policy, metrics, relay, stalling, healthy)
+
+
+def test_attempts_under_way_show_and_end_with_a_killed_worker(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A final dot never answered showed nowhere until ``data_timeout`` (600 s):
+    the gauge counts the attempts begun and not ended, in every worker, and a
+    killed worker's end with it, or its stalled one would count for good."""
+    with stalled_attempt(policy_file, tmp_path) as stall:
+        assert _under_way(stall.metrics, "stalled") == 1
+        assert _under_way(stall.metrics, "default") == 0
+        stall.kill_workers()
+        wait_for(lambda: stall.stalling.dots == 2)  # a new worker tries it again
+        assert _under_way(stall.metrics, "stalled") == 1
 
 
 def test_a_killed_workers_attempts_end_under_a_name_a_reload_took_away(
@@ -148,27 +173,16 @@ def test_a_killed_workers_attempts_end_under_a_name_a_reload_took_away(
     """The supervisor ended a killed worker's attempts under the running policy's
     upstream names only: one begun under a name a reload had renamed counted
     as under way for good, and again once the name came back."""
-    port, metrics = free_port(), free_port()
-    with Stalling() as stalling, SinkServer() as healthy:
-        policy = configure(policy_file, port, healthy.port, stalling.port)
-        text = policy.read_text().replace("workers: 1\n", "workers: 2\n")
-        policy.write_text(text + f"metrics: {{address: 127.0.0.1, port: {metrics}}}\n")
-        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
-            send(port, "jan@acme.example", "customer@example.org", ACME)
-            wait_for(lambda: stalling.dots == 1)
-            stalled = policy.read_text()
-            renamed = stalled.replace("  stalled:\n", "  renamed:\n")
-            renamed = renamed.replace(f"port: {stalling.port}\n", f"port: {healthy.port}\n")
-            policy.write_text(renamed.replace("upstream: stalled\n", "upstream: renamed\n"))
-            relay.signal(signal.SIGHUP)
-            relay.wait_reloaded(1)
-            assert relay.proc is not None
-            workers = Path(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read_text()
-            for pid in workers.split():
-                os.kill(int(pid), signal.SIGKILL)
-            healthy.sink.wait(1, timeout=30)  # sent again, under the new name
-            back = stalled.replace(f"port: {stalling.port}\n", f"port: {healthy.port}\n")
-            policy.write_text(back)
-            relay.signal(signal.SIGHUP)
-            relay.wait_reloaded(2)
-            assert _under_way(metrics, "stalled") == 0
+    with stalled_attempt(policy_file, tmp_path) as stall:
+        stalled = stall.policy.read_text()
+        to_healthy = (f"port: {stall.stalling.port}\n", f"port: {stall.healthy.port}\n")
+        renamed = stalled.replace("  stalled:\n", "  renamed:\n").replace(*to_healthy)
+        stall.policy.write_text(renamed.replace("upstream: stalled\n", "upstream: renamed\n"))
+        stall.relay.signal(signal.SIGHUP)
+        stall.relay.wait_reloaded(1)
+        stall.kill_workers()
+        stall.healthy.sink.wait(1, timeout=30)  # sent again, under the new name
+        stall.policy.write_text(stalled.replace(*to_healthy))
+        stall.relay.signal(signal.SIGHUP)
+        stall.relay.wait_reloaded(2)
+        assert _under_way(stall.metrics, "stalled") == 0
