@@ -98,8 +98,9 @@ class TallyRow:
     def ended_with_worker(self, upstreams: Iterable[str]) -> None:
         """The worker of this row is gone (killed): the attempts it had under way
         ended with it, or they would count as under way for good."""
-        for upstream in upstreams:
-            begun, ended = self._base((BEGUN, upstream)), self._base((ENDED, upstream))
+        for upstream in upstreams:  # looked up, not claimed: names it never tried take none
+            begun = self._row.mine(_key((BEGUN, upstream)))
+            ended = self._row.mine(_key((ENDED, upstream)))
             if begun is not None and ended is not None:
                 self._row.words[ended] = self._row.words[begun]
 

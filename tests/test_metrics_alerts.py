@@ -286,58 +286,6 @@ def test_prometheus_loads_the_suggested_rules(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-STALL_SERIES = """rule_files: [rules.yml]
-evaluation_interval: 1m
-tests:
-  - interval: 1m
-    input_series:
-      - series: 'relay_upstream_attempts_in_progress{upstream="hung"}'
-        values: '2x40'
-      - series: 'relay_upstream_attempts_total{upstream="hung",result="sent"}'
-        values: '5x40'
-      - series: 'relay_upstream_attempts_in_progress{upstream="busy"}'
-        values: '3x40'
-      - series: 'relay_upstream_attempts_total{upstream="busy",result="sent"}'
-        values: '0+10x40'
-      - series: 'relay_upstream_attempts_in_progress{upstream="quiet"}'
-        values: '0x40'
-      - series: 'relay_upstream_attempts_total{upstream="quiet",result="sent"}'
-        values: '7x40'
-      - series: 'relay_upstream_attempts_in_progress{upstream="backoff"}'
-        values: '1x9 0 1x9 0 0 1x9 0 0 0 0'
-      - series: 'relay_upstream_attempts_total{upstream="backoff",result="sent"}'
-        values: '3x40'
-      - series: 'relay_upstream_attempts_in_progress{upstream="full-mailbox"}'
-        values: '0x9 1 0x9 1 0x9 1 0x9'
-      - series: 'relay_upstream_attempts_total{upstream="full-mailbox",result="sent"}'
-        values: '9x40'
-    alert_rule_test:
-      - eval_time: 38m
-        alertname: RelayUpstreamStalled
-        exp_alerts:
-          - exp_labels: {upstream: backoff}
-          - exp_labels: {upstream: hung}
-"""
-
-
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
-def test_the_stall_rule_fires_for_an_upstream_that_hangs_only(tmp_path: Path) -> None:
-    """Attempts under way much of the last 30 minutes and none sent: a hung one
-    retried after its backoff too, whose gaps reset a rule held ``for: 15m``;
-    not a busy upstream sending all along, a quiet one, nor a healthy one
-    that defers a message to a full mailbox now and then."""
-    groups = yaml.safe_load(RULES.group(1)) if RULES is not None else {}
-    for rule in (rule for group in groups["groups"] for rule in group["rules"]):
-        rule.pop("annotations", None)  # the test names the alert, not its wording
-    (tmp_path / "rules.yml").write_text(yaml.safe_dump(groups))
-    (tmp_path / "test.yml").write_text(STALL_SERIES)
-    done = subprocess.run(
-        ["promtool", "test", "rules", "test.yml"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
 def test_a_write_that_finds_the_disk_full_counts_as_refused_for_want_of_space() -> None:
     """Past the reserve's check, the spool or the audit log may still run out as
     the message is written: that 452 4.3.1 was counted nowhere."""

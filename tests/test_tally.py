@@ -25,3 +25,14 @@ def test_a_gone_workers_attempts_end_under_each_name_given() -> None:
     row.ended_with_worker(["smarthost", "old-name"])
     assert (counts.under_way("smarthost"), counts.under_way("old-name")) == (0, 0)
     assert row.began("smarthost") and counts.under_way("smarthost") == 1
+
+
+def test_ending_a_gone_workers_attempts_takes_no_room_for_names_it_never_tried() -> None:
+    """Each name any policy has had was given two slots in the row of every
+    worker killed: renamed upstreams filled it, and new ones went uncounted."""
+    counts = Tally(1)
+    row = counts.row(0)
+    for n in range(tally.SLOTS - 2):
+        row.add(tally.UPSTREAM, f"filler{n}", "sent")
+    row.ended_with_worker([f"renamed{n}" for n in range(10)])
+    assert row.began("smarthost") and counts.under_way("smarthost") == 1
