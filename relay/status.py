@@ -43,8 +43,6 @@ def main(path: Path, queue_directory: Path, out: TextIO, read: Read) -> int:
         return EX_UNKNOWN
     orphaned = running is None and statelock.held(state)
     digest, workers, problems = read
-    if running is not None and running.digest and digest != running.digest:
-        workers = None  # the file's, not the running relay's: "2 of 3 … starting again"
     lines = [
         ORPHANED if orphaned else _relay(running, state, workers),
         _policy(path, running, digest, problems),
