@@ -14,12 +14,13 @@ workers not yet), 3 not running, 4 unknown.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 from typing import TextIO
 
-from relay import statelock
+from relay import statefiles, statelock
 from relay.spool import Spool
 from relay.spool.store import SpoolError
 
@@ -43,6 +44,8 @@ def main(path: Path, queue_directory: Path, out: TextIO, read: Read) -> int:
         return EX_UNKNOWN
     orphaned = running is None and statelock.held(state)
     digest, workers, problems = read
+    if running is not None:
+        workers = _running_workers(state) or workers
     lines = [
         ORPHANED if orphaned else _relay(running, state, workers),
         _policy(path, running, digest, problems),
@@ -63,6 +66,20 @@ ORPHANED = (
     "relay: its supervisor is gone; its worker processes still hold the state"
     " directory until the end of their stop's grace; relay serve refuses to start until then"
 )
+
+
+def _running_workers(state: Path) -> int | None:
+    """The worker processes the running relay started with, as it recorded them:
+    the file's number is another while a change of it waits for its reload and
+    a restart, and read as processes missing ("2 of 3 … starting again")."""
+    try:
+        with statefiles.open_read(state / statelock.CHECKED_FILES) as record:
+            workers = json.loads(record.read())["workers"]
+    except FileNotFoundError:
+        return 1  # a relay in one process keeps no record
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable here, or made before the record had this field
+    return workers if isinstance(workers, int) and workers > 0 else None
 
 
 def _relay(running: statelock.Holder | None, state: Path, configured: int | None) -> str:

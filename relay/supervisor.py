@@ -190,6 +190,7 @@ class Supervisor:
         # every upstream name a policy in use has had: a worker may have begun
         # attempts under one a reload has renamed since
         self.upstreams_named = set(policy.upstreams)
+        self.running_workers = policy.workers  # a reload's change waits for a restart
         self.sockets = sockets
         self.shared = shared  # made before the first fork: shared by every worker
         self.workers: dict[int, _Worker] = {}  # by pid
@@ -388,7 +389,7 @@ class Supervisor:
         try:
             try:
                 _write_private(self.handover, _handing_over(self.reloads, new.sources, read))
-                _write_checked(self.checked, new)
+                _write_checked(self.checked, new, self.running_workers)
             except OSError as exc:
                 log.error("reload failed: cannot hand the policy to the workers: %s", exc)
                 metrics_status.reload_failed()
@@ -573,7 +574,7 @@ def keep_policy_text(state: Path, policy: Policy | None) -> None:
     try:
         _remove_handover(state / HANDOVER)  # a crash in a reload left it
         if policy is not None:
-            _write_checked(state / statelock.CHECKED_NAME, policy)
+            _write_checked(state / statelock.CHECKED_NAME, policy, policy.workers)
         else:
             (state / statelock.CHECKED_NAME).unlink(missing_ok=True)
             (state / statelock.CHECKED_FILES).unlink(missing_ok=True)
@@ -581,15 +582,18 @@ def keep_policy_text(state: Path, policy: Policy | None) -> None:
         log.warning("cannot keep the running policy's text for the tools: %s", exc)
 
 
-def _write_checked(checked: Path, policy: Policy) -> None:
+def _write_checked(checked: Path, policy: Policy, workers: int) -> None:
     """The text, and the version with the names of the files it read: a tool
     finding the policy file and those files as they were then needs none of
-    what it did not use built again (seconds for thousands of tenants)."""
+    what it did not use built again (seconds for thousands of tenants). And
+    the worker processes the relay runs, for ``relay status`` to count them
+    against while the file asks for another number (a change not in use)."""
     assert policy.sources is not None  # the supervisor's policies keep theirs
     record = {
         "policy": os.path.realpath(policy.source),  # a copy (``cp -a``) is another file
         "digest": policy.digest,
         "files": sorted(policy.sources.files),
+        "workers": workers,
     }
     _write_private(checked.with_name(statelock.CHECKED_FILES), json.dumps(record).encode())
     _write_private(checked, policy.sources.text)

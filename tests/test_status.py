@@ -80,6 +80,8 @@ def test_status_follows_the_relay_its_policy_and_its_queue(
         # what a reload leaves for a restart is said as long as it waits, not only logged
         text = policy.read_text().replace("nmae: Acme ASA", "name: Acme ASA")
         policy.write_text(text.replace(f"workers: {workers}\n", f"workers: {workers + 1}\n"))
+        lines = _status(policy)[1]  # not reloaded yet: the relay's workers, not the file's
+        assert re.fullmatch(rf"relay: running, PID {pid} since \S+, {how}", lines[0]), lines[0]
         relay.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: relay.log().count("policy reloaded") >= 2)
         lines = _status(policy)[1]

@@ -372,6 +372,10 @@ def test_status_counts_the_workers_running_against_those_asked_for(
         done = relay_cli("status", "-c", str(policy))
         line = done.stdout.splitlines()[0]
         assert line.endswith(", 1 of 2 worker processes (the others starting again: see its log)")
+        policy.write_text(policy.read_text().replace("workers: 2\n", "workers: 3\n"))
+        done = relay_cli("status", "-c", str(policy))  # an edit not in use: still 1 of the 2
+        line = done.stdout.splitlines()[0]
+        assert line.endswith(", 1 of 2 worker processes (the others starting again: see its log)")
     finally:
         relay.stop()
 
