@@ -68,6 +68,10 @@ ORPHANED = (
 )
 
 
+def _processes(count: int) -> str:
+    return "process" if count == 1 else "processes"
+
+
 def _running_workers(state: Path) -> int | None:
     """The worker processes the running relay started with, as it recorded them:
     the file's number is another while a change of it waits for its reload and
@@ -92,7 +96,7 @@ def _relay(running: statelock.Holder | None, state: Path, configured: int | None
     started = _started(pid)
     since = "" if started is None else f" since {time.strftime('%Y-%m-%dT%H:%M:%S%z', started)}"
     if statelock.STOPPING in running.pending:
-        finishing = f", {workers} worker process{'es' if workers != 1 else ''} finishing"
+        finishing = f", {workers} worker {_processes(workers)} finishing"
         return f"relay: stopping, PID {pid}{since}{finishing if workers else ''}"
     for note in running.pending:
         if note.startswith(f"{statelock.WAITS}workers "):
@@ -101,7 +105,7 @@ def _relay(running: statelock.Holder | None, state: Path, configured: int | None
         # a supervisor between workers read as a relay "in one process"
         how = f"{workers} of {configured} worker processes (the others starting again: see its log)"
     else:
-        how = "in one process" if not workers else f"{workers} worker processes"
+        how = "in one process" if not workers else f"{workers} worker {_processes(workers)}"
     return f"relay: running, PID {pid}{since}, {how}"
 
 

@@ -595,7 +595,9 @@ def _write_checked(checked: Path, policy: Policy, workers: int) -> None:
         "files": sorted(policy.sources.files),
         "workers": workers,
     }
-    _write_private(checked.with_name(statelock.CHECKED_FILES), json.dumps(record).encode())
+    # no secret in it: whoever may look into the state directory (a monitoring
+    # group) reads it, or status counted the workers against the file's number
+    _write_private(checked.with_name(statelock.CHECKED_FILES), json.dumps(record).encode(), 0o644)
     _write_private(checked, policy.sources.text)
 
 
@@ -609,13 +611,14 @@ def _tmp_of(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically with a file only the relay's user can read: a
-    new file, never one found in its place (nor where a link found there points)."""
+def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` atomically with a file only the relay's user can read (or
+    ``mode``): a new file, never one found in its place (nor where a link found
+    there points)."""
     tmp = _tmp_of(path)
     tmp.unlink(missing_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o600)
+    fd = os.open(tmp, flags, mode)
     try:
         try:
             view = memoryview(data)

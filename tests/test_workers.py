@@ -565,8 +565,11 @@ def test_a_new_dkim_key_is_a_new_policy_version(relay: Relay) -> None:
     assert was == loaded.group(1) and new != was, relay.log()
     log = relay.log()  # said as it begins: seconds of silence, for a large policy
     assert -1 < log.find("INFO reloading: reading ") < log.find("INFO policy reloaded"), log
-    record = json.loads((relay.policy.parent / "state" / "policy.checked.files").read_text())
+    recorded = relay.policy.parent / "state" / "policy.checked.files"
+    record = json.loads(recorded.read_text())
     assert record["digest"].startswith(new)  # what the tools go by
+    assert record["workers"] == 2  # what status counts the processes against
+    assert recorded.stat().st_mode & 0o777 == 0o644  # by a monitoring group too: no secret
     assert relay.stop() == 0
     records = audit_records(relay)
     versions = [r["policy_sha256"][:12] for r in records if r["event"] == "policy_loaded"]
