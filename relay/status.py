@@ -87,8 +87,9 @@ def _running_workers(state: Path) -> int | None:
 
 
 def _relay(running: statelock.Holder | None, state: Path, configured: int | None) -> str:
-    """``configured``: the workers the policy file asks for, unless a reload left a
-    change of them for the restart (the running number is in that note)."""
+    """``configured``: the worker processes the relay runs, as it recorded them
+    (``_running_workers``; the policy file's number when that cannot be read),
+    or as a reload's note of a change left for the restart says."""
     if running is None:
         return f"relay: not running (state directory {state})"
     pid = running.pid
