@@ -24,7 +24,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from relay.deliver import attempt, deliver
 from relay.errors import UpstreamError
 from relay.policy.model import SmtpUpstream, TlsMode
-from relay.upstream import DeliveryResult, smtp
+from relay.upstream import Crowded, DeliveryResult, Unreachable, smtp
 from relay.upstream.pool import Pool, PoolKey, close_default_pool, default_pool
 from tests.certs import make_certs, server_context
 from tests.sink import RefusingRecipients, free_port
@@ -529,3 +529,94 @@ async def test_default_pool_belongs_to_the_running_loop() -> None:
     await close_default_pool()
     assert default_pool() is not pool
     await close_default_pool()
+
+
+# --- a connection limit -----------------------------------------------------------
+
+
+class LimitedSMTP(RecordingSMTP):
+    """A smarthost that greets ``limit`` connections at once and answers the
+    others 421; each connection's answer comes ``delays[n]`` seconds after it
+    was taken, in the order they came (a reverse lookup, say)."""
+
+    limit = 0
+    delays: tuple[float, ...] = ()
+    active = 0
+    taken = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        LimitedSMTP.active += 1
+        self._over = LimitedSMTP.active > self.limit
+        self._delay = self.delays[self.taken] if self.taken < len(self.delays) else 0.0
+        LimitedSMTP.taken += 1
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        LimitedSMTP.active -= 1
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        await asyncio.sleep(self._delay)
+        if self._over:
+            await self.push("421 4.7.0 Too many connections")
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+
+class LimitedController(RecordingController):
+    def factory(self) -> SMTP:
+        return LimitedSMTP(self.handler, **self.SMTP_kwargs)
+
+
+@pytest.fixture
+def limited(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    port = free_port()
+    controller = LimitedController(Recorder(), hostname="127.0.0.1", port=port, ready_timeout=10)
+    controller.start()
+    deadline = time.monotonic() + 5
+    while LimitedSMTP.active and time.monotonic() < deadline:  # the controller's readiness probe
+        time.sleep(0.01)
+    assert not LimitedSMTP.active
+    monkeypatch.setattr(LimitedSMTP, "taken", 0)
+    try:
+        yield port
+    finally:
+        controller.stop()
+
+
+async def burst(pool: Pool, port: int, count: int) -> list[object]:
+    """Each send's result or error, in the order they were started, one every 50 ms."""
+
+    async def one(n: int) -> object:
+        await asyncio.sleep(n * 0.05)
+        try:
+            return await send(pool, upstream(port), f"s{n}@p.example")
+        except UpstreamError as exc:
+            return exc
+
+    return await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(count))), 10)
+
+
+async def test_a_421_while_another_connection_is_greeted_is_the_connection_limit(
+    limited: int, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 421s of a cold burst came while its accepted connection was still being
+    greeted: with none of this pool's connections open yet, the smarthost's
+    connection limit read as the smarthost down, and it was suspended."""
+    monkeypatch.setattr(LimitedSMTP, "limit", 1)
+    monkeypatch.setattr(LimitedSMTP, "delays", (0.5,))
+    first, *others = await burst(pool, limited, 3)
+    assert isinstance(first, DeliveryResult), first
+    assert [type(r) for r in others] == [Crowded, Crowded], others
+
+
+async def test_421s_to_connections_opened_side_by_side_are_the_upstream_down(
+    limited: int, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for the others being opened must not make an upstream that refuses
+    every connection look crowded: their 421s say it is down too."""
+    monkeypatch.setattr(LimitedSMTP, "delays", (0.5, 0.3, 0.0))
+    results = await burst(pool, limited, 3)
+    assert [type(r) for r in results] == [Unreachable] * 3, results

@@ -117,6 +117,7 @@ class Pool:
         self.opened = 0  # connections opened over the pool's life
         self._idle: dict[PoolKey, list[_Connection]] = {}
         self._leased: collections.Counter[PoolKey] = collections.Counter()
+        self._opening: dict[PoolKey, set[asyncio.Future[bool]]] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -124,6 +125,14 @@ class Pool:
         """Connections to ``key`` open now: idle, in a transaction, or between the
         two (tried with RSET, being put back). One of them, the upstream is there."""
         return self._leased[key] + self.idle_count(key)
+
+    async def opens_alongside(self, key: PoolKey, timeout: float) -> bool:
+        """Whether one of the connections to ``key`` being opened now opens,
+        waiting up to ``timeout`` for them to say."""
+        opening = list(self._opening.get(key, ()))
+        if opening:
+            await asyncio.wait(opening, timeout=timeout)
+        return any(f.done() and f.result() for f in opening)
 
     def idle_count(self, key: PoolKey | None = None) -> int:
         if key is not None:
@@ -189,10 +198,26 @@ class Pool:
             finally:
                 if not kept:
                     self._let_go(key)
-        conn = _Connection(key, await opener())
+        conn = _Connection(key, await self._open(key, opener))
         self._leased[key] += 1
         self.opened += 1
         return conn, False
+
+    async def _open(self, key: PoolKey, opener: Opener) -> aiosmtplib.SMTP:
+        """``opener``'s connection, which ``opens_alongside`` can wait for meanwhile."""
+        opened: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._opening.setdefault(key, set()).add(opened)
+        made = False
+        try:
+            client = await opener()
+            made = True
+        finally:
+            opened.set_result(made)
+            waiting = self._opening[key]
+            waiting.discard(opened)
+            if not waiting:
+                del self._opening[key]
+        return client
 
     def _let_go(self, key: PoolKey) -> None:
         self._leased[key] -= 1

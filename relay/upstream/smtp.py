@@ -95,9 +95,7 @@ async def send(
         else:
             raise aiosmtplib.SMTPServerDisconnected("every idle connection was stale")
     except Unreachable as exc:
-        # one over its connection limit (421), not an upstream down: this worker has
-        # other connections to it open
-        if pool.open_count(key):
+        if await _crowded(pool, key, upstream, exc):
             raise Crowded(exc.code, exc.status, exc.text) from exc
         raise
     except Unfinished as exc:
@@ -108,6 +106,20 @@ async def send(
         replies.line(250, reply),
         {rcpt: _refused(r.code, r.message) for rcpt, r in refused.items()},
     )
+
+
+async def _crowded(pool: Pool, key: PoolKey, upstream: SmtpUpstream, exc: Unreachable) -> bool:
+    """One over its connection limit, not an upstream down: this worker has other
+    connections to it open, or, refused with a 421, one being opened alongside
+    opens. The 421s of a cold burst came while the connection the smarthost
+    took was still being greeted, and it was suspended; a host that never
+    answers is not waited for, which held its verdict while mail kept coming."""
+    if pool.open_count(key):
+        return True
+    said = exc.__cause__
+    if isinstance(said, aiosmtplib.SMTPResponseException) and said.code == 421:
+        return await pool.opens_alongside(key, upstream.timeout)
+    return False
 
 
 async def connect(upstream: SmtpUpstream, secret: str | None) -> aiosmtplib.SMTP:
