@@ -541,6 +541,7 @@ class LimitedSMTP(RecordingSMTP):
 
     limit = 0
     delays: tuple[float, ...] = ()
+    ehlo_delay = 0.0
     active = 0
     taken = 0
 
@@ -564,6 +565,10 @@ class LimitedSMTP(RecordingSMTP):
             return
         await super()._handle_client()
 
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await asyncio.sleep(self.ehlo_delay)
+        await super().smtp_EHLO(hostname)
+
 
 class LimitedController(RecordingController):
     def factory(self) -> SMTP:
@@ -586,13 +591,13 @@ def limited(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
         controller.stop()
 
 
-async def burst(pool: Pool, port: int, count: int) -> list[object]:
+async def burst(pool: Pool, port: int, count: int, **settings: Any) -> list[object]:
     """Each send's result or error, in the order they were started, one every 50 ms."""
 
     async def one(n: int) -> object:
         await asyncio.sleep(n * 0.05)
         try:
-            return await send(pool, upstream(port), f"s{n}@p.example")
+            return await send(pool, upstream(port, **settings), f"s{n}@p.example")
         except UpstreamError as exc:
             return exc
 
@@ -620,3 +625,39 @@ async def test_421s_to_connections_opened_side_by_side_are_the_upstream_down(
     monkeypatch.setattr(LimitedSMTP, "delays", (0.5, 0.3, 0.0))
     results = await burst(pool, limited, 3)
     assert [type(r) for r in results] == [Unreachable] * 3, results
+
+
+async def test_the_verdict_waits_for_a_greeting_and_ehlo_slower_than_one_timeout(
+    limited: int, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each step of opening has its own timeout: a wait of one timeout for the
+    connection the smarthost took ended before its slow EHLO was answered."""
+    monkeypatch.setattr(LimitedSMTP, "limit", 1)
+    monkeypatch.setattr(LimitedSMTP, "delays", (0.7,))
+    monkeypatch.setattr(LimitedSMTP, "ehlo_delay", 0.7)
+    first, *others = await burst(pool, limited, 2, timeout=1.0)
+    assert isinstance(first, DeliveryResult), first
+    assert [type(r) for r in others] == [Crowded], others
+
+
+async def test_the_verdict_comes_with_the_first_connection_that_opens(
+    limited: int, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refused one kept its delivery slot until the slowest of those being
+    opened had opened too, where the first to open had said it."""
+    monkeypatch.setattr(LimitedSMTP, "limit", 2)
+    monkeypatch.setattr(LimitedSMTP, "delays", (0.3, 5.0))
+    ended: dict[int, float] = {}
+
+    async def timed(n: int) -> object:
+        await asyncio.sleep(n * 0.05)
+        try:
+            return await send(pool, upstream(limited, timeout=10.0), f"s{n}@p.example")
+        except UpstreamError as exc:
+            return exc
+        finally:
+            ended[n] = time.monotonic()
+
+    results = await asyncio.wait_for(asyncio.gather(*(timed(n) for n in range(3))), 20)
+    assert [type(r) for r in results] == [DeliveryResult, DeliveryResult, Crowded], results
+    assert ended[2] < ended[1] - 3, ended  # the refused one ended long before the slow one

@@ -126,13 +126,18 @@ class Pool:
         two (tried with RSET, being put back). One of them, the upstream is there."""
         return self._leased[key] + self.idle_count(key)
 
-    async def opens_alongside(self, key: PoolKey, timeout: float) -> bool:
-        """Whether one of the connections to ``key`` being opened now opens,
-        waiting up to ``timeout`` for them to say."""
-        opening = list(self._opening.get(key, ()))
-        if opening:
-            await asyncio.wait(opening, timeout=timeout)
-        return any(f.done() and f.result() for f in opening)
+    async def opens_alongside(self, key: PoolKey) -> bool:
+        """Whether one of the connections to ``key`` being opened now opens: as soon
+        as one does, or when all have failed. Each is bounded by the upstream's
+        timeouts, one per step (connect, greeting, EHLO, STARTTLS, login): a
+        wait of one ``timeout`` ended before a slow greeting and login had, and
+        the connection limit read as the upstream down."""
+        opening = set(self._opening.get(key, ()))
+        while opening:
+            done, opening = await asyncio.wait(opening, return_when=asyncio.FIRST_COMPLETED)
+            if any(f.result() for f in done):
+                return True
+        return False
 
     def idle_count(self, key: PoolKey | None = None) -> int:
         if key is not None:

@@ -95,7 +95,7 @@ async def send(
         else:
             raise aiosmtplib.SMTPServerDisconnected("every idle connection was stale")
     except Unreachable as exc:
-        if await _crowded(pool, key, upstream, exc):
+        if await _crowded(pool, key, exc):
             raise Crowded(exc.code, exc.status, exc.text) from exc
         raise
     except Unfinished as exc:
@@ -108,7 +108,7 @@ async def send(
     )
 
 
-async def _crowded(pool: Pool, key: PoolKey, upstream: SmtpUpstream, exc: Unreachable) -> bool:
+async def _crowded(pool: Pool, key: PoolKey, exc: Unreachable) -> bool:
     """One over its connection limit, not an upstream down: this worker has other
     connections to it open, or, refused with a 421, one being opened alongside
     opens. The 421s of a cold burst came while the connection the smarthost
@@ -118,7 +118,7 @@ async def _crowded(pool: Pool, key: PoolKey, upstream: SmtpUpstream, exc: Unreac
         return True
     said = exc.__cause__
     if isinstance(said, aiosmtplib.SMTPResponseException) and said.code == 421:
-        return await pool.opens_alongside(key, upstream.timeout)
+        return await pool.opens_alongside(key)
     return False
 
 
