@@ -51,6 +51,7 @@ from relay.suppression import (
     SuppressionFile,
     now,
 )
+from relay.tally import TallyRow
 from relay.unreachable import Suspensions
 
 log = logging.getLogger("relay")
@@ -344,12 +345,13 @@ class Engine:
         rng: Callable[[], float] = random.random,
         alone: Callable[[], bool] | None = None,
         suppressions: SuppressionFile | None = None,
-        suspended: Callable[[str, bool], None] | None = None,
+        tally: TallyRow | None = None,
     ) -> None:
         """``suppressions``: the worker's list, so that no notice goes to a sender on
-        it and an address is not listed twice. ``suspended``: told each upstream's
-        name as an attempt finds it unusable (True) and as it is lifted (False),
-        for the metrics."""
+        it and an address is not listed twice. ``tally``: the worker's row of the
+        shared table, told each upstream's name as an attempt finds it unusable
+        and as it is lifted, for the metrics, and asked whether another worker
+        has reached an upstream this one holds mail for."""
         self.spool = spool
         self._suppressions = suppressions
         self.policy = policy
@@ -411,8 +413,8 @@ class Engine:
         self._warm_bytes = 0
         self._warm_files = 0  # like the bytes, until each one's attempt ends
         self._files = file_budget()
-        self._suspensions = Suspensions()
-        self._tell_suspended = suspended
+        self._suspensions: Suspensions[Upstream] = Suspensions()
+        self._tally = tally
         self._shown_suspended: set[str] = set()  # upstream names told as suspended
 
     def submit(self, queue_id: str, when: float | None = None, warm: Warm | None = None) -> None:
@@ -452,9 +454,9 @@ class Engine:
         read at start, when ``relay queue retry``/``release`` kick, and every
         ``RESCAN`` seconds in case a record changed behind the engine's back.
         """
-        if self._tell_suspended is not None:
+        if self._tally is not None:
             for name in self.policy().upstreams:  # what a worker before this one left
-                self._tell_suspended(name, False)
+                self._tally.suspended(name, False)
         seen_kick = self._last_kick()
         scan_wanted = not await self._rescan()
         # the looks' own pace is kept by the monotonic clock: set back an hour,
@@ -473,6 +475,7 @@ class Engine:
                 continue  # woken per accepted message: a stat each time added up
             last_look = time.monotonic()
             self._settle_finished()
+            self._reached_elsewhere()
             kicked = self._last_kick()  # a file's time: any change is a kick, earlier too
             if kicked != seen_kick or last_look - last_scan > RESCAN or scan_wanted:
                 if kicked != seen_kick:  # ``relay queue retry``, ``release``: now
@@ -1072,12 +1075,24 @@ class Engine:
                 unreachable,
                 wait,
             )
-        if waiting is None:
+        if waiting is not None:
+            self._release(upstream.name, waiting, now, "reached again")
+
+    def _reached_elsewhere(self) -> None:
+        """Another worker's attempt, begun since this one's last failure, reached an
+        upstream this worker holds mail for: it goes now."""
+        if self._tally is None:
             return
+        now = self.clock()
+        for upstream in self._suspensions.upstreams():
+            if self._tally.reached_since_held(upstream.name):
+                waiting = self._suspensions.reached(upstream, now)
+                self._show_suspension(upstream.name, False)
+                self._release(upstream.name, waiting or set(), now, "reached by another worker")
+
+    def _release(self, name: str, waiting: set[str], now: float, how: str) -> None:
         going = [waiter for waiter in waiting if waiter in self._schedule]
-        log.info(
-            "upstream %s reached again: %d waiting message(s) go now", upstream.name, len(going)
-        )
+        log.info("upstream %s %s: %d waiting message(s) go now", name, how, len(going))
         for waiter in going:
             self._plan(waiter, now)
         self._wake.set()
@@ -1086,7 +1101,7 @@ class Engine:
         """For the metrics: the upstream found unusable just now (told at each such
         failure, so that another worker's earlier delivery does not hide it), or
         no longer held back."""
-        if self._tell_suspended is None:
+        if self._tally is None:
             return
         if held:
             self._shown_suspended.add(name)
@@ -1094,7 +1109,7 @@ class Engine:
             self._shown_suspended.discard(name)
         else:
             return
-        self._tell_suspended(name, held)
+        self._tally.suspended(name, held)
 
     async def _store(self, entry: QueueEntry) -> None:
         """A deferral the spool refuses is kept in memory instead, and the trouble

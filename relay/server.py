@@ -444,7 +444,7 @@ async def serve(
         recorder,
         alone=alone,
         suppressions=suppressions,
-        suspended=None if tally is None else tally.suspended,
+        tally=tally,
     )
     rates = None if shared is None else shared.rates.row(index)
     clients = None if shared is None else shared.clients.row(index)

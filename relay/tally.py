@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from relay.sharedtable import SharedTable, key_of
+from relay.sharedtable import Row, SharedTable, key_of
 
 # counts per worker: eleven per listener, seven per upstream (2,000 tenants'
 # own accounts and the platform's take 14,000)
@@ -68,9 +68,7 @@ class Tally:
         since: one worker's suspension is its own, and a worker with no mail for
         the upstream learns nothing of another's deliveries to it."""
         words = self._reader.words
-        reached = max(
-            (words[base] for base in self._reader.found(_key((REACHED, upstream)))), default=0
-        )
+        reached = _latest_reach(self._reader, upstream)
         found = self._reader.found(_key((SUSPENDED, upstream)))
         return sum(1 for base in found if words[base] and words[base] >= reached)
 
@@ -117,6 +115,16 @@ class TallyRow:
         clock set back would have dated a later failure before an older reach."""
         self._put(_ms(began), REACHED, upstream)
 
+    def reached_since_held(self, upstream: str) -> bool:
+        """Whether an attempt begun after this worker's last failure at ``upstream``
+        reached it, in any worker: the upstream is there. With several workers
+        a connection limit filled by the others' connections read as the
+        upstream down, and this worker held its mail a ``first_retry`` while
+        the others delivered (the metrics already said it held nothing)."""
+        base = self._row.mine(_key((SUSPENDED, upstream)))
+        held = 0 if base is None else self._row.words[base]
+        return bool(held) and _latest_reach(self._row, upstream) > held
+
     def _put(self, value: int, *key: str) -> None:
         base = self._base(key)
         if base is not None:
@@ -130,6 +138,12 @@ class TallyRow:
             if base is not None:
                 self._bases[key] = base
         return base
+
+
+def _latest_reach(row: Row, upstream: str) -> int:
+    """When the last attempt that reached ``upstream`` began, in any worker; 0: none."""
+    words = row.words
+    return max((words[base] for base in row.found(_key((REACHED, upstream)))), default=0)
 
 
 def _ms(when: float) -> int:

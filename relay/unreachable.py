@@ -8,14 +8,17 @@ was restarted, and a host that drops packets held every delivery slot for a
 whole timeout per message. Once an attempt finds the upstream unusable (not
 reached, TLS failed, no greeting or EHLO, the relay's login refused), the worker
 tries one message a ``first_retry`` and plans the others for the end of the
-wait; the first attempt that reaches the upstream lets them all go.
+wait; the first attempt that reaches the upstream lets them all go, also
+another worker's begun since (the engine asks the workers' shared table):
+with several workers, one found a smarthost's connection limit, filled by
+the others' connections, and held its mail while they delivered.
 
 One try at a time: while it runs, the others wait, however long the
 upstream's ``timeout`` (a host that drops packets, a 20 s timeout and a 4 s
 ``first_retry`` had five tries holding slots at once). A failure suspends
 nothing when another attempt reached the upstream after the failing one
-began; and a connection refused while the worker has others to it open is
-the smarthost's connection limit (``relay.upstream.Crowded``), no verdict
+began; and a connection refused while the worker has others to it open (or
+one opening) is the smarthost's connection limit (``relay.upstream.Crowded``), no verdict
 either way. An upstream is known by its settings, not its name: a reload
 that points the name elsewhere starts afresh.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 
 @dataclass
@@ -45,11 +49,14 @@ class _Suspended:
         return self.chosen == queue_id and self.trying is None
 
 
-class Suspensions:
+K = TypeVar("K", bound=Hashable)  # what an upstream is known by
+
+
+class Suspensions(Generic[K]):
     def __init__(self) -> None:
-        self._suspended: dict[Hashable, _Suspended] = {}
-        self._reached: dict[Hashable, float] = {}  # when an attempt last reached it
-        self._waiting_for: dict[str, Hashable] = {}  # queue ID -> the upstream it waits for
+        self._suspended: dict[K, _Suspended] = {}
+        self._reached: dict[K, float] = {}  # when an attempt last reached it
+        self._waiting_for: dict[str, K] = {}  # queue ID -> the upstream it waits for
         self._last_now = float("-inf")
 
     def _with_clock(self, now: float) -> None:
@@ -65,7 +72,7 @@ class Suspensions:
             suspended.until += step
         self._reached = {upstream: at + step for upstream, at in self._reached.items()}
 
-    def admits(self, upstream: Hashable, queue_id: str, now: float, wait: float) -> float | None:
+    def admits(self, upstream: K, queue_id: str, now: float, wait: float) -> float | None:
         """None when ``queue_id`` may be tried now: nothing suspends ``upstream``,
         or its wait is over, no try is under way, and this message is the one that
         tries; otherwise when to look again."""
@@ -114,7 +121,7 @@ class Suspensions:
 
     def ended(
         self,
-        upstream: Hashable,
+        upstream: K,
         queue_id: str,
         began: float,
         unusable: bool | None,
@@ -135,13 +142,10 @@ class Suspensions:
         if unusable is None:
             return None
         if not unusable:
-            self._reached[upstream] = now
-            if suspended is None or began < suspended.since:
+            if suspended is not None and began < suspended.since:
+                self._reached[upstream] = now
                 return None
-            del self._suspended[upstream]
-            for waiter in suspended.waiting:
-                self._waiting_for.pop(waiter, None)
-            return suspended.waiting
+            return self.reached(upstream, now)
         if self._reached.get(upstream, began - 1.0) >= began:
             return None
         if suspended is None:
@@ -150,10 +154,26 @@ class Suspensions:
         suspended.tried.add(queue_id)
         return None
 
-    def suspended(self, upstream: Hashable) -> bool:
+    def reached(self, upstream: K, now: float) -> set[str] | None:
+        """An attempt begun since the failure reached ``upstream`` (this worker's,
+        or another's): the messages that waited for it, None if none did."""
+        self._with_clock(now)
+        self._reached[upstream] = now
+        suspended = self._suspended.pop(upstream, None)
+        if suspended is None:
+            return None
+        for waiter in suspended.waiting:
+            self._waiting_for.pop(waiter, None)
+        return suspended.waiting
+
+    def suspended(self, upstream: K) -> bool:
         return upstream in self._suspended
 
-    def keep(self, queued: Collection[str], upstreams: Collection[Hashable]) -> None:
+    def upstreams(self) -> list[K]:
+        """The upstreams suspended now."""
+        return list(self._suspended)
+
+    def keep(self, queued: Collection[str], upstreams: Collection[K]) -> None:
         """Forget messages no longer queued (delivered by another worker, deleted,
         expired) and upstreams the policy no longer has (a reload changed their
         settings): a suspension may last weeks (a revoked account password).

@@ -582,7 +582,7 @@ async def test_the_metrics_say_which_upstream_a_worker_holds_mail_for(
         return counts.holding("default")
 
     assert held() == 1
-    engine = Engine(spool, lambda: down, sender, Recorder(None), suspended=row.suspended)
+    engine = Engine(spool, lambda: down, sender, Recorder(None), tally=row)
     async with running(engine):
         await until(lambda: held() == 0, "the row taken up afresh")
         entry = make_entry()
@@ -629,6 +629,63 @@ def test_relay_upstream_suspended_is_served_until_the_upstream_is_back(
             wait_for(lambda: held() == 0)
 
 
+def test_a_reach_by_another_worker_since_the_failure_is_seen_from_this_one() -> None:
+    counts = Tally(2)
+    row, other = counts.row(0), counts.row(1)
+    assert not row.reached_since_held("default")  # nothing held
+    other.reached("default", time.monotonic())
+    time.sleep(0.002)  # counted in milliseconds
+    row.suspended("default", True)
+    assert not row.reached_since_held("default")  # that attempt began before the failure
+    time.sleep(0.002)
+    other.reached("default", time.monotonic())
+    assert row.reached_since_held("default")
+    assert not row.reached_since_held("other")
+    row.suspended("default", False)
+    assert not row.reached_since_held("default")
+
+
+def test_a_reach_lets_the_waiting_messages_go_however_it_is_learnt() -> None:
+    suspensions = Suspensions()
+    assert suspensions.reached("other", 0.0) is None  # nothing suspended
+    _failed_alone(suspensions, "up", 0.0)
+    assert suspensions.admits("up", "Q1", 1.0, 60.0) == 60.0
+    assert suspensions.upstreams() == ["up"]
+    assert suspensions.reached("up", 2.0) == {"Q1"}
+    assert suspensions.upstreams() == []
+    assert suspensions.waits("Q1", 3.0) is None
+    suspensions.ended("up", "Q2", 1.5, True, 3.0, 60.0)  # began before that reach
+    assert not suspensions.suspended("up")
+
+
+async def test_a_worker_lets_its_mail_go_when_another_worker_reaches_the_upstream(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With several workers a smarthost's connection limit, filled by the other
+    workers' connections, read as the upstream down: this worker held its mail
+    a first_retry while the others delivered."""
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    queue = dataclasses.replace(policy.queue, first_retry=3600.0, max_retry=3600.0)
+    down = dataclasses.replace(policy, queue=queue)
+    sender = SwitchedSender()
+    counts = Tally(2)
+    row, other = counts.row(0), counts.row(1)
+    engine = Engine(spool, lambda: down, sender, Recorder(None), tally=row)
+    async with running(engine):
+        first, waiting = make_entry(), make_entry()
+        spool.put(first, message(1))
+        engine.submit(first.queue_id)
+        await until(lambda: sender.tries, "a try")
+        spool.put(waiting, message(2))
+        engine.submit(waiting.queue_id)
+        await asyncio.sleep(0.3)
+        assert len(sender.tries) == 1  # held for the suspension
+        sender.up = True
+        other.reached("default", time.monotonic())
+        await until(lambda: waiting.queue_id not in spool.ids(), "delivered")
+        assert counts.holding("default") == 0
+
+
 @contextlib.asynccontextmanager
 async def suspended_by_one_try(
     spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
@@ -641,7 +698,7 @@ async def suspended_by_one_try(
     down = dataclasses.replace(policy, queue=queue)
     sender = DownSender()
     counts = Tally(1)
-    engine = Engine(spool, lambda: down, sender, Recorder(None), suspended=counts.row(0).suspended)
+    engine = Engine(spool, lambda: down, sender, Recorder(None), tally=counts.row(0))
     async with running(engine):
         entry = make_entry()
         spool.put(entry, message(1))
