@@ -318,7 +318,7 @@ class Acceptor:
         try:
             sender = identified(policy, submission)
         except SmtpReply as reply:
-            await self._rejected(submission, reply)
+            await self._rejected(submission, reply, policy=policy)
             raise
         try:
             prepared = complete(policy, submission, sender, suppressions=self._suppressions())
@@ -552,20 +552,38 @@ class Acceptor:
         return queued
 
     async def _rejected(
-        self, submission: Submission, reply: SmtpReply, identity: Identity | None = None
+        self,
+        submission: Submission,
+        reply: SmtpReply,
+        identity: Identity | None = None,
+        policy: Policy | None = None,
     ) -> None:
         log_refused(submission, reply.line)
-        await self.refused(submission, reply, identity)
+        await self.refused(submission, reply, identity, policy)
 
     async def refused(
-        self, submission: Submission, reply: SmtpReply, identity: Identity | None = None
+        self,
+        submission: Submission,
+        reply: SmtpReply,
+        identity: Identity | None = None,
+        policy: Policy | None = None,
     ) -> None:
         """A refused message on record (the pipeline's refusals, and the SMTP
         side's of content no upstream should see: bare line ends, NUL, long lines).
         ``identity``: whose it was, once identified, so that a search by tenant
-        finds what a stolen login tried past the limit."""
+        finds what a stolen login tried past the limit; before that, the tenant
+        of the session's login in ``policy``: a login's tries to send as another
+        tenant's user were on record with no tenant, and its tenant's search
+        missed them."""
         message_id = _given_message_id(submission.data)
-        record = events.rejected_for(submission, reply, message_id=message_id, identity=identity)
+        login = policy.logins.get(submission.auth_login or "") if policy is not None else None
+        record = events.rejected_for(
+            submission,
+            reply,
+            message_id=message_id,
+            identity=identity,
+            login_tenant=login.tenant if login is not None else None,
+        )
         self.recorder.add(record)
         try:
             await self.recorder.flush(None)

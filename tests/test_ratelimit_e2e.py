@@ -106,3 +106,26 @@ def test_recipients_on_the_suppression_list_do_not_count(limited: Relay) -> None
     code, text = deliver(limited.port, ["late@example.org"])
     assert (code, text[: len(FULL)]) == (450, FULL)
     assert deliver(limited.port, [gone[0]])[0] == 450  # its notice would go past the limit
+
+
+def test_a_logins_try_to_send_as_another_tenants_user_is_its_tenants(limited: Relay) -> None:
+    """A stolen login's first move is another tenant's sender: its refusal was on
+    record with the login and no tenant, and the login's tenant's search, which
+    the docs point to for what a stolen login tried, missed it."""
+    with smtplib.SMTP("127.0.0.1", limited.port, timeout=20) as client:
+        client.ehlo()
+        client.login("erp-acme", "demo-password")
+        client.mail("hank@globex.example")
+        client.rcpt("one@example.org")
+        data = MESSAGE.replace(b"jan@acme.example", b"hank@globex.example")
+        named = b"Subject: x\r\nMessage-ID: <x-1@erp>\r\n"
+        code, _ = client.data(data.replace(b"Subject: x\r\n", named))
+    assert code == 550
+    every = rejected_of(limited)
+    assert [(r["auth_login"], r.get("tenant"), r.get("user")) for r in every] == [
+        ("erp-acme", "acme", None)
+    ]
+    assert rejected_of(limited, "--tenant", "acme") == every
+    assert rejected_of(limited, "--tenant", "globex") == []
+    shown = audit(limited, "show", "<x-1@erp>")
+    assert "\n    login erp-acme of tenant acme, no user found\n" in shown, shown

@@ -295,10 +295,14 @@ def _received(r: dict[str, Any]) -> list[str]:
 def _rejected(r: dict[str, Any]) -> list[str]:
     when, reply = r.get("time"), _safe(r.get("reply"))
     lines = [f"{when}  rejected from {_safe(r.get('client_address'))}: {reply}"]
-    if "tenant" in r:  # identified before the refusal
+    if "user" in r:  # identified before the refusal
         lines.append(
-            f"    tenant {_safe(r['tenant'])}, user {_safe(r.get('user'))}"
+            f"    tenant {_safe(r.get('tenant'))}, user {_safe(r['user'])}"
             + (f" (found by {_safe(r['found_by'])})" if "found_by" in r else "")
+        )
+    elif "tenant" in r:  # refused before, its session's login's
+        lines.append(
+            f"    login {_safe(r.get('auth_login'))} of tenant {_safe(r['tenant'])}, no user found"
         )
     return lines
 
