@@ -19,6 +19,7 @@ from relay.policy.model import (
     Login,
     Policy,
     Tenant,
+    TenantAuth,
     UnknownSender,
     User,
     UserRef,
@@ -60,13 +61,20 @@ def identify(policy: Policy, submission: Submission, view: MessageView) -> Ident
         reasons.append(f"AUTH login {login.login!r} belongs to tenant {login.tenant!r}")
     for source in policy.identify.order:
         found = _lookup(policy, source, submission, view, login)
-        if found is None:
+        if found is None or not _may_be_without_login(policy, login, found[0]):
             continue
         ref, why = found
         _authorise(login, ref)
         reasons.append(why)
         return _identity(policy, ref, login, source.value, reasons)
     return _fallback(policy, submission, view, login, reasons)
+
+
+def _may_be_without_login(policy: Policy, login: Login | None, ref: UserRef) -> bool:
+    """A session without a login is no user of a tenant with ``auth: required``:
+    its sender is unknown, as one of no tenant's (a different reply would
+    tell any client which addresses are that tenant's users)."""
+    return login is not None or policy.tenants[ref.tenant].auth is not TenantAuth.REQUIRED
 
 
 def _lookup(
@@ -177,12 +185,16 @@ def _fallback(
     if policy.identify.unknown_sender is UnknownSender.DEFAULT:
         tenant_id = login.tenant if login is not None else policy.identify.default_tenant
         tenant = policy.tenants.get(tenant_id) if tenant_id else None
-        if tenant is not None and tenant.default_user is not None:
-            ref = UserRef(tenant.id, tenant.default_user)
+        ref = (
+            None
+            if tenant is None or tenant.default_user is None
+            else UserRef(tenant.id, tenant.default_user)
+        )
+        if ref is not None and _may_be_without_login(policy, login, ref):
             _authorise(login, ref)
             reasons.append(
                 f"no user matched ({tried}); using default user {ref.user!r}"
-                f" of tenant {tenant.id!r}"
+                f" of tenant {ref.tenant!r}"
             )
             return _identity(policy, ref, login, "default", reasons)
     raise Rejected(550, "5.7.1", f"Sender not known to this relay ({tried})")

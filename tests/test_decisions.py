@@ -10,7 +10,7 @@ import pytest
 
 from relay import headers, message
 from relay.classify import classify
-from relay.errors import Rejected
+from relay.errors import PolicyError, Rejected
 from relay.pipeline import MAX_HEADER, Prepared, prepare
 from relay.policy.load import load
 from relay.submission import Submission
@@ -112,6 +112,64 @@ def test_an_unknown_erp_header_value_is_named_in_the_refusal(policy_file: Path) 
 def test_login_bound_to_one_user_wins(policy_file: Path) -> None:
     p = run(policy_file, msg(*BASE), login="erp-acme-jan", mail_from="x@erp.example")
     assert (p.decision.identity.user.id, p.decision.identity.source) == ("jan", "auth_login")
+
+
+def _globex_needs_a_login(policy_file: Path, unknown_sender: str = "reject") -> None:
+    text = policy_file.read_text().replace(
+        "    name: Globex GmbH\n", "    name: Globex GmbH\n    auth: required\n"
+    )
+    if unknown_sender != "reject":
+        text = text.replace("  unknown_sender: reject\n", unknown_sender)
+    policy_file.write_text(text)
+
+
+def test_a_session_without_a_login_is_no_user_of_a_tenant_that_requires_one(
+    policy_file: Path,
+) -> None:
+    """Any client a listener let in without a login sent as any tenant's users,
+    with their DKIM keys and upstream accounts: a hosting platform could not
+    bind a tenant to its logins. The refusal is an unknown sender's, naming
+    no tenant."""
+    _globex_needs_a_login(policy_file)
+    data = msg("From: Hank <hank@globex.example>", *BASE[1:])
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, data, mail_from="hank@globex.example")
+    assert caught.value.line == (
+        "550 5.7.1 Sender not known to this relay (envelope sender hank@globex.example,"
+        " From hank@globex.example)"
+    )
+    p = run(policy_file, data, login="erp-globex", mail_from="hank@globex.example")
+    assert (p.decision.identity.tenant.id, p.decision.identity.user.id) == ("globex", "hank")
+    acme = run(policy_file, msg(*BASE), mail_from="jan@acme.example")  # the other tenant's
+    assert acme.decision.identity.user.id == "jan"
+
+
+def test_nor_its_default_user(policy_file: Path) -> None:
+    default = "  unknown_sender: default\n  default_tenant: globex\n"
+    _globex_needs_a_login(policy_file, default)
+    policy_file.write_text(
+        policy_file.read_text().replace(
+            "    bcc_sender: []\n    users:\n      hank:",
+            "    bcc_sender: []\n    default_user: hank\n    users:\n      hank:",
+        )
+    )
+    data = msg("From: Someone <someone@elsewhere.example>", *BASE[1:])
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, data, mail_from="someone@elsewhere.example")
+    assert caught.value.line.startswith("550 5.7.1 Sender not known to this relay")
+    p = run(policy_file, data, login="erp-globex", mail_from="someone@elsewhere.example")
+    assert (p.decision.identity.user.id, p.decision.identity.source) == ("hank", "default")
+
+
+def test_a_tenants_auth_is_required_or_optional(policy_file: Path) -> None:
+    policy_file.write_text(
+        policy_file.read_text().replace(
+            "    name: Globex GmbH\n", "    name: Globex GmbH\n    auth: yes\n"
+        )
+    )
+    with pytest.raises(PolicyError) as caught:
+        load(policy_file)
+    assert "tenants.globex.auth: expected one of: required, optional" in str(caught.value)
 
 
 def test_login_of_one_tenant_cannot_send_as_another(policy_file: Path) -> None:

@@ -29,6 +29,7 @@ from relay.policy.model import (
     ReplyToSource,
     SmtpUpstream,
     Tenant,
+    TenantAuth,
     TlsMode,
     Upstream,
     User,
@@ -45,7 +46,7 @@ _SMTP_KEYS = ("type", "host", "port", "tls", "username", "password_file", "passw
 _SMTP_KEYS += ("timeout", "data_timeout", "helo_name", "ca_file")
 _SMTP_KEYS += ("sender", "sender_name")
 _TENANT_KEYS = ("name", "address", "upstream", "verified_domains", "default_user")
-_TENANT_KEYS += ("reply_to", "bcc_sender", "users", "recipients_per_hour")
+_TENANT_KEYS += ("reply_to", "bcc_sender", "users", "recipients_per_hour", "auth")
 _LOGIN_KEYS = ("password_hash", "tenant", "users")
 _DEFAULT_REPLY_TO = (ReplyToSource(ReplyToKind.SENDER), ReplyToSource(ReplyToKind.COMPANY))
 _REPLY_TO = "sender, company, keep, header:NAME or an address"
@@ -379,7 +380,8 @@ def _tenant(
     bcc = [_doc_type(ctx, n, p, doc_types) for n, p in m.items("bcc_sender", "a list of types")]
     reply_to = _reply_to(ctx, m, doc_types)
     per_hour = m.integer("recipients_per_hour", None, 1, 10_000_000, "a number of recipients")
-    if None in (name, address, upstream, users, reply_to, *domains, *bcc):
+    auth = m.choice("auth", TenantAuth, TenantAuth.OPTIONAL)
+    if None in (name, address, upstream, users, reply_to, auth, *domains, *bcc):
         return None
     if per_hour is None and m.has("recipients_per_hour"):
         return None
@@ -396,6 +398,7 @@ def _tenant(
         bcc_sender=frozenset(bcc),
         users=users,
         recipients_per_hour=per_hour,
+        auth=auth,
     )
 
 

@@ -23,6 +23,15 @@ class AuthMode(enum.Enum):
     OFF = "off"
 
 
+class TenantAuth(enum.Enum):
+    """Whether a tenant's users may be found in a session without a login: on a
+    listener that takes such sessions, any client it allows could otherwise
+    send as any tenant's users, signed with their keys."""
+
+    REQUIRED = "required"
+    OPTIONAL = "optional"
+
+
 class IdentitySource(enum.Enum):
     """Where the sending user can be read from, tried in the policy's order."""
 
@@ -136,6 +145,8 @@ class Tenant:
     bcc_sender: frozenset[str]  # document types that get the automatic BCC
     users: Mapping[str, User]
     recipients_per_hour: int | None = None  # None: no limit (``relay.ratelimit``)
+    # ``required``: its mail only from sessions logged in with one of its logins
+    auth: TenantAuth = TenantAuth.OPTIONAL
 
 
 @dataclass(frozen=True)
