@@ -755,3 +755,44 @@ def test_two_keys_whose_selectors_differ_in_case_only_are_one_dns_name(tmp_path:
     assert problems(path) == [
         f"{path}:16:17: dkim.keys[1].selector: S1._domainkey.platform.example is also dkim.keys[0]"
     ]
+
+
+def test_check_warns_of_a_tenant_that_requires_a_login_it_has_not(tmp_path: Path) -> None:
+    """Every message in its name was refused as an unknown sender's, and the
+    policy passed with ok."""
+    path = variant(tmp_path, "    upstream: outbox\n", "    upstream: outbox\n    auth: required\n")
+    said = (
+        f"{path}:{line_of(path, 'auth: required')}:11: warning: tenants.acme.auth: no login is"
+        " of tenant 'acme', which takes mail only with one of its logins: none of its"
+        " users' mail is taken"
+    )
+    assert warnings(path) == [said]
+    login = (
+        "logins:\n  erp:\n    password_hash: 'scrypt$16384$8$1$cmVsYXktZGVtby1zYWx0IQ==$"
+        "x0qG+cibjmfhHeWXcJAwGW27gNPyIus2vhexTU+5xXk='\n    tenant: acme\ntenants:\n"
+    )
+    path.write_text(path.read_text().replace("tenants:\n", login))
+    assert warnings(path) == []
+
+
+def test_check_warns_of_a_default_tenant_that_requires_a_login(tmp_path: Path) -> None:
+    """The default tenant is for sessions without a login, which such a tenant never takes."""
+    identify = "identify:\n  unknown_sender: default\n  default_tenant: acme\ntenants:\n"
+    login = (
+        "logins:\n  erp:\n    password_hash: 'scrypt$16384$8$1$cmVsYXktZGVtby1zYWx0IQ==$"
+        "x0qG+cibjmfhHeWXcJAwGW27gNPyIus2vhexTU+5xXk='\n    tenant: acme\n"
+    )
+    path = variant(tmp_path, "tenants:\n", login + identify)
+    text = path.read_text().replace(
+        "    upstream: outbox\n", "    upstream: outbox\n    auth: required\n"
+    )
+    text = text.replace(
+        "        address: jan@acme.example\n",
+        "        address: jan@acme.example\n    default_user: jan\n",
+    )
+    path.write_text(text)
+    assert [w.split(": warning: ", 1)[1] for w in warnings(path)] == [
+        "identify.default_tenant: tenant 'acme' takes mail only with one of its logins"
+        " (auth: required), and default_tenant is for sessions without a login: none of"
+        " them is ever one of its users"
+    ]

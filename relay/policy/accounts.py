@@ -283,6 +283,8 @@ class Roster:
         self._where: dict[str, str] = {}
         #: each user's own address (not its aliases), with where it is written
         self.user_addresses: list[tuple[Node, str, str]] = []
+        #: the tenants with ``auth: required``, with where it is written
+        self.login_only: dict[str, tuple[Node | None, str]] = {}
 
     def claim(self, ctx: Ctx, node: Node, path: str, address: str, ref: UserRef) -> None:
         key = address.lower()
@@ -304,6 +306,19 @@ def warn_of_bounce_address(ctx: Ctx, roster: Roster, return_path: str) -> None:
                 " its from_address): this user's automatic BCC copies and failure notices"
                 " would go there too, where relay bounce ignores them as no bounce, and"
                 " they are lost; give the user an address of their own"
+            )
+            ctx.problems.warn(node, path, message)
+
+
+def warn_of_tenants_no_login_reaches(ctx: Ctx, roster: Roster, logins: Mapping[str, Login]) -> None:
+    """A tenant that takes mail only with one of its logins, and has none, sends
+    nothing: every message in its name is an unknown sender's."""
+    with_logins = {login.tenant for login in logins.values()}
+    for tenant_id, (node, path) in roster.login_only.items():
+        if tenant_id not in with_logins:
+            message = (
+                f"no login is of tenant {tenant_id!r}, which takes mail only with one of"
+                " its logins: none of its users' mail is taken"
             )
             ctx.problems.warn(node, path, message)
 
@@ -381,6 +396,8 @@ def _tenant(
     reply_to = _reply_to(ctx, m, doc_types)
     per_hour = m.integer("recipients_per_hour", None, 1, 10_000_000, "a number of recipients")
     auth = m.choice("auth", TenantAuth, TenantAuth.OPTIONAL)
+    if auth is TenantAuth.REQUIRED:
+        roster.login_only[tenant_id] = (m.get("auth"), m.sub("auth"))
     if None in (name, address, upstream, users, reply_to, auth, *domains, *bcc):
         return None
     if per_hour is None and m.has("recipients_per_hour"):

@@ -163,12 +163,16 @@ def _build(ctx: Ctx, root: Map, path: Path, sources: Sources) -> Policy | None:
     roster = accounts.Roster()
     tenants = accounts.tenants(ctx, root, upstream_names, doc_types, roster, key_domains)
     logins = accounts.logins(ctx, root, roster.users)
+    if logins is not None:
+        accounts.warn_of_tenants_no_login_reaches(ctx, roster, logins)
     if platform is not None:
         accounts.warn_of_bounce_address(ctx, roster, platform.return_path)
     anonymous = listeners is not None and any(
         listener.auth is not AuthMode.REQUIRED for listener in listeners
     )
-    identify, control_headers = sections.identify(ctx, root, roster.default_user, anonymous)
+    identify, control_headers = sections.identify(
+        ctx, root, roster.default_user, anonymous, roster.login_only.keys()
+    )
     queue, audit, suppression = sections.state(ctx, root)
     workers = sections.workers(ctx, root)
     run_as = sections.run_as(ctx, root)

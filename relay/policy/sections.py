@@ -503,10 +503,15 @@ def _allow(ctx: Ctx, m: Map) -> tuple[IPv4Network | IPv6Network, ...] | None:
 
 
 def identify(
-    ctx: Ctx, root: Map, default_users: Mapping[str, str | None], anonymous: bool = False
+    ctx: Ctx,
+    root: Map,
+    default_users: Mapping[str, str | None],
+    anonymous: bool = False,
+    login_only: Collection[str] = (),
 ) -> tuple[Identify | None, tuple[str, ...] | None]:
     """The Identify section and the control headers, which must include its header.
-    ``anonymous``: a listener takes sessions without a login."""
+    ``anonymous``: a listener takes sessions without a login; ``login_only``:
+    the tenants with ``auth: required``, which such sessions never are."""
     m = root.map("identify", ("order", "header", "unknown_sender", "default_tenant"))
     order = _order(ctx, m)
     header = m.read("header", values.control_header) if m.has("header") else "X-ERP-User"
@@ -522,6 +527,13 @@ def identify(
         message = f"tenant {tenant!r} has no default_user, so unknown senders are still refused"
         ctx.problem(where, path, message)
         ok = False
+    elif tenant is not None and tenant in login_only:
+        message = (
+            f"tenant {tenant!r} takes mail only with one of its logins (auth: required),"
+            " and default_tenant is for sessions without a login: none of them is ever"
+            " one of its users"
+        )
+        ctx.problems.warn(where, path, message)
     elif tenant is None and unknown is UnknownSender.DEFAULT and anonymous:
         message = (
             "default takes the default_user of the login's tenant; sessions without a login"
