@@ -10,6 +10,7 @@ command -v opendkim-genkey >/dev/null || need="$need opendkim-tools"
 command -v jq >/dev/null || need="$need jq"
 command -v curl >/dev/null || need="$need curl"
 command -v openssl >/dev/null || need="$need openssl"
+command -v faketime >/dev/null || need="$need faketime"
 command -v fail2ban-regex >/dev/null || need="$need fail2ban"
 if [ -n "$need" ]; then
     sudo=""

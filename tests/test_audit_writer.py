@@ -415,6 +415,97 @@ def test_retention_deletes_compressed_days_too(tmp_path: Path) -> None:
     assert verify(tmp_path).ok
 
 
+def _started(log: AuditLog) -> None:
+    """What the daemon's start writes before its upkeep: dated by its clock."""
+    log.append(
+        events.policy_loaded(policy_file="/etc/erp-relay/relay.yaml", policy_sha256="0" * 64)
+    )
+
+
+def test_a_clock_far_ahead_deletes_nothing_the_log_vouches_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A VM booting with a bad RTC, before NTP: its records are minutes old."""
+    build(tmp_path)
+    clock = Clock(START + timedelta(days=2, minutes=1) + timedelta(days=365))
+    log = AuditLog(tmp_path, retention_days=2, clock=clock)
+    _started(log)
+    assert log.maintain() == []
+    assert [p.name for p in sorted(tmp_path.glob("audit-*"))] == [
+        "audit-2024-05-06.jsonl", "audit-2024-05-07.jsonl", "audit-2024-05-08.jsonl",
+        "audit-2025-05-08.jsonl",
+    ]  # fmt: skip
+    assert (
+        "the clock (2025-05-08) is more than retention_days (2) past the log's records of"
+        " 2024-05-08 and before: a clock set ahead (check it), or a long idle; until"
+        " 2025-05-10 retention deletes only what was past it on 2024-05-08"
+    ) in caplog.text
+    result = verify(tmp_path)
+    assert result.ok and result.first_seq == 1, result.problem
+
+
+def test_after_a_long_idle_retention_catches_up_once_the_clock_has_run_that_long(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bounded: what is past retention goes retention_days late, not never."""
+    build(tmp_path)
+    clock = Clock(START + timedelta(days=30))
+    log = AuditLog(tmp_path, retention_days=2, clock=clock)
+    _started(log)
+    assert log.maintain() == []
+    clock.advance(days=1)
+    _started(log)
+    assert log.maintain() == []
+    clock.advance(days=1)
+    caplog.clear()
+    assert log.maintain() == [
+        "deleted audit-2024-05-06.jsonl", "deleted audit-2024-05-07.jsonl",
+        "deleted audit-2024-05-08.jsonl",
+    ]  # fmt: skip
+    assert "retention_days" not in caplog.text
+    result = verify(tmp_path)
+    assert result.ok, result.problem
+    assert any("starts after retention at seq" in n for n in result.notes)
+
+
+def test_retention_within_its_period_of_the_newest_records_is_as_before(tmp_path: Path) -> None:
+    """A stop of up to retention_days is no sign of a wrong clock."""
+    build(tmp_path)
+    log = AuditLog(tmp_path, retention_days=2, clock=Clock(START + timedelta(days=4)))
+    _started(log)
+    assert log.maintain() == [
+        "deleted audit-2024-05-06.jsonl", "deleted audit-2024-05-07.jsonl"
+    ]  # fmt: skip
+
+
+D = datetime(2026, 12, 6, tzinfo=UTC).date()
+
+
+@pytest.mark.parametrize(
+    ("days", "today", "expected"),
+    [
+        ([D - timedelta(days=2), D], D, (D, D)),  # the clock right: as before
+        ([D, D + timedelta(days=365)], D + timedelta(days=365), (D, D + timedelta(days=367))),
+        # ahead by a year for a start, then by two: the first jump vouches for nothing
+        (
+            [D, D + timedelta(days=365), D + timedelta(days=730)],
+            D + timedelta(days=730),
+            (D, D + timedelta(days=732)),
+        ),
+        # ahead long enough: its records are old enough, now
+        ([D, D + timedelta(days=365)], D + timedelta(days=367), (D + timedelta(days=367),) * 2),
+        # set right after a start far ahead: today's file named a year on
+        (
+            [D, D + timedelta(days=365)],
+            D + timedelta(days=1),
+            (D + timedelta(days=1),) * 2,
+        ),
+    ],
+)
+def test_retention_day(days: list, today: Any, expected: tuple) -> None:
+    assert writer.retention_day(days, today, 2) == expected
+
+
 def test_a_disk_full_mid_write_leaves_no_half_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -186,14 +186,16 @@ class AuditLog:
 
         Before deleting, a ``pruned`` record names the files and the seq and
         hash of their last record, so verify can tell retention from
-        someone removing the log's beginning. The newest day is never touched.
+        someone removing the log's beginning. The newest day is never touched,
+        and a clock far ahead of the log's records deletes nothing they vouch for.
         """
         today = (now or self._clock()).astimezone(UTC).date()
         done: list[str] = []
         try:
             files = reader.day_files(self.directory)
             if self.retention_days is not None and files:
-                cutoff = today - timedelta(days=self.retention_days)
+                aged_from = self._aged_from(files, today, self.retention_days)
+                cutoff = aged_from - timedelta(days=self.retention_days)
                 doomed = [f for f in files[:-1] if f.day < cutoff]
                 done += self._prune(doomed)
             if self.compress_after_days is not None:
@@ -510,6 +512,24 @@ class AuditLog:
                 os.close(self._fd)
         self._fd = self._fd_day = None
 
+    def _aged_from(self, files: list[reader.DayFile], today: date, retention_days: int) -> date:
+        """The day retention measures age from: today, unless the clock is far past
+        the log's newest days (see ``retention_day``), which is said."""
+        day, resumes = retention_day([f.day for f in files], today, retention_days)
+        if day != today:
+            log.warning(
+                "audit log %s: the clock (%s) is more than retention_days (%d) past the"
+                " log's records of %s and before: a clock set ahead (check it), or a long"
+                " idle; until %s retention deletes only what was past it on %s",
+                self.directory,
+                today,
+                retention_days,
+                day,
+                resumes,
+                day,
+            )
+        return day
+
     def _prune(self, doomed: list[reader.DayFile]) -> list[str]:
         last = None
         for file in reversed(doomed):
@@ -579,6 +599,37 @@ class AuditLog:
                 os.unlink(temporary)
         _fsync_directory(self.directory)
         return f"compressed {path.name}"
+
+
+def retention_day(days: list[date], today: date, retention_days: int) -> tuple[date, date]:
+    """The day retention measures age from, and from when it measures from today again.
+
+    A clock far ahead (a VM booting with a bad RTC, before NTP) must not delete
+    a history minutes old, though the relay's first records are already dated
+    by it. The log's days split into runs wherever more than ``retention_days``
+    pass without a file; a run is trusted once it has gone on that long (or is
+    the log's first), and age is measured from the end of the newest trusted
+    one. A clock that was right throughout is always trusted: today. Days
+    after today (a clock set back since) count as today: deleting less is safe.
+    """
+    span = timedelta(days=retention_days)
+    points = sorted({min(day, today) for day in days} | {today})
+    end = len(points) - 1
+    start = current = _run_start(points, end, span)
+    while start > 0 and points[end] - points[start] < span:
+        end = start - 1
+        start = _run_start(points, end, span)
+    if end == len(points) - 1:
+        return today, today
+    return points[end], points[current] + span
+
+
+def _run_start(points: list[date], end: int, span: timedelta) -> int:
+    """Where the run of days ending at ``end`` begins: after a gap longer than ``span``."""
+    start = end
+    while start > 0 and points[start] - points[start - 1] <= span:
+        start -= 1
+    return start
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
