@@ -112,8 +112,12 @@ class TallyRow:
         """An attempt that began then (``time.monotonic``) reached ``upstream``:
         whichever worker made it, no suspension from before it holds for the
         metrics. The monotonic clock is the same in every process, and a wall
-        clock set back would have dated a later failure before an older reach."""
-        self._put(_ms(began), REACHED, upstream)
+        clock set back would have dated a later failure before an older reach.
+        The latest begin stays: a long attempt ending after a later short one put
+        its older begin back, and a reach since a failure went unseen."""
+        base = self._base((REACHED, upstream))
+        if base is not None:
+            self._row.words[base] = max(self._row.words[base], _ms(began))
 
     def reached_since_held(self, upstream: str) -> bool:
         """Whether an attempt begun after this worker's last failure at ``upstream``

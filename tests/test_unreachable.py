@@ -641,6 +641,8 @@ def test_a_reach_by_another_worker_since_the_failure_is_seen_from_this_one() -> 
     other.reached("default", time.monotonic())
     assert row.reached_since_held("default")
     assert not row.reached_since_held("other")
+    other.reached("default", time.monotonic() - 60)  # a long attempt ending last
+    assert row.reached_since_held("default")
     row.suspended("default", False)
     assert not row.reached_since_held("default")
 
