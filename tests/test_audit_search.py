@@ -10,12 +10,12 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from relay.audit import AuditLog, commands, events, known, render, verify
+from relay.audit import AuditLog, commands, events, known, reader, render, verify
 from relay.audit.commands import report_main, search_main, show_main
 from relay.audit.render import CSV_COLUMNS, TABLE_COLUMNS, csv_row, timeline, write_csv
 from relay.audit.search import LOOKBACK_DAYS, Owners, parse_when, report, search, show
@@ -116,6 +116,111 @@ def test_records_in_a_later_days_file_are_in_the_window_of_their_time(log_dir: P
     assert seqs(log_dir, until="2024-05-07") == list(range(1, 16))
     assert seqs(log_dir, until="2024-05-06") == list(range(1, 12))  # not looked into for it
     assert report(log_dir, since="2024-05-07", until="2024-05-07") == reported
+
+
+def _message(log: AuditLog, ids: tuple[str, str], tenant: str, user: str) -> None:
+    """A message received, queued and delivered: three records."""
+    q, m = ids
+    log.append_many(
+        [
+            received(ids, tenant, user, "invoice", ["buyer@customer.example"]),
+            events.queued(
+                queue_id=q, message_id=m, size=1000, recipients=["buyer@customer.example"]
+            ),
+        ]
+    )
+    log.append(
+        events.delivered(
+            queue_id=q,
+            message_id=m,
+            recipient="buyer@customer.example",
+            upstream="smarthost",
+            reply="250 ok",
+            attempts=1,
+        )
+    )
+
+
+def stepped_back(directory: Path) -> None:
+    """The relay started at 00:09; its clock stepped back to 23:45 of the day
+    before for one message (seq 2-4), then on to 00:21 for another (5-7): all in
+    the file begun at 00:09, whose first and last records are after midnight."""
+    clock = Clock(datetime(2026, 12, 7, 0, 9, tzinfo=UTC))
+    with AuditLog(directory, clock=clock) as log:
+        log.append(events.policy_loaded(policy_file="relay.yaml", policy_sha256="9f2c" * 16))
+        clock.now = datetime(2026, 12, 6, 23, 45, 23, tzinfo=UTC)
+        _message(log, ACME_INVOICE, "acme", "jan")
+        clock.now = datetime(2026, 12, 7, 0, 21, tzinfo=UTC)
+        _message(log, GLOBEX, "globex", "hank")
+    assert [p.name for p in directory.glob("audit-*")] == ["audit-2026-12-07.jsonl"]
+
+
+def test_records_the_clock_stepped_back_for_are_in_the_window_of_their_time(
+    tmp_path: Path,
+) -> None:
+    """A file named after a window was read only when its first or last record
+    was earlier than the window's end: the records between them the clock
+    stepped back for were in no window before midnight, in search or report."""
+    stepped_back(tmp_path)
+    assert seqs(tmp_path, since="2026-12-06", until="2026-12-06") == [2, 3, 4]
+    assert seqs(tmp_path, since="2026-12-06T23:00Z", until="2026-12-07T00:00Z") == [2, 3, 4]
+    assert seqs(tmp_path, until="2026-12-07T00:10Z") == [1, 2, 3, 4]
+    assert seqs(tmp_path, since="2026-12-07", tenant="globex") == [5, 6, 7]
+    (row,) = report(tmp_path, since="2026-12-06", until="2026-12-06")
+    assert (row["tenant"], row["sent"], row["delivered"]) == ("acme", 1, 1)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "gzip"])
+def test_a_year_ahead_clock_set_right_leaves_no_window_without_its_records(
+    tmp_path: Path, packed: bool
+) -> None:
+    """A relay whose clock started a year ahead goes on writing that day's file
+    for a year after it is set right: every window that closed before that
+    file's last record missed the year's records, compressed or not."""
+    clock = Clock(datetime(2027, 12, 6, 10, 0, tzinfo=UTC))
+    with AuditLog(tmp_path, clock=clock) as log:
+        log.append(events.policy_loaded(policy_file="relay.yaml", policy_sha256="9f2c" * 16))
+        clock.now = datetime(2026, 12, 6, 10, 0, tzinfo=UTC)
+        _message(log, ACME_INVOICE, "acme", "jan")
+        clock.now = datetime(2027, 3, 1, 10, 0, tzinfo=UTC)
+        _message(log, GLOBEX, "globex", "hank")
+        clock.now = datetime(2027, 12, 7, 10, 0, tzinfo=UTC)
+        log.append(events.policy_loaded(policy_file="relay.yaml", policy_sha256="9f2c" * 16))
+    if packed:
+        AuditLog(tmp_path, compress_after_days=1, clock=Clock(clock.now)).maintain()
+        assert (tmp_path / "audit-2027-12-06.jsonl.gz").exists()
+    assert seqs(tmp_path, since="2026-12-06", until="2026-12-06") == [2, 3, 4]
+    assert seqs(tmp_path, until="2027-02-28") == [2, 3, 4]
+    assert seqs(tmp_path, since="2027-03-01", until="2027-03-01") == [5, 6, 7]
+    assert seqs(tmp_path, since="2027-12-07") == [8]
+
+
+def test_ordinary_files_after_a_window_are_skipped(log_dir: Path) -> None:
+    """Finding the records the clock stepped back for must not read every later
+    file in the ordinary log, whose records are all of their file's day."""
+    files = reader.day_files(log_dir, None, date(2024, 5, 6), "2024-05-07T00:00:00.000Z")
+    assert [f.day for f in files] == [date(2024, 5, 6)]
+    files = reader.day_files(
+        log_dir, date(2024, 5, 7), date(2024, 5, 7), "2024-05-08T00:00:00.000Z"
+    )
+    assert [f.day for f in files] == [date(2024, 5, 7)]
+
+
+def test_the_commands_find_what_the_clock_stepped_back_for(policy_file: Path) -> None:
+    """``relay audit search`` printed the header alone and exit 1, and ``report``
+    counted nothing, for the day before the clock stepped back across midnight."""
+    stepped_back(policy_file.parent / "state" / "audit")
+    window = ("--since", "2026-12-06T23:00Z", "--until", "2026-12-07T00:00Z")
+    found = _search_cli(policy_file, *window, "--format", "json")
+    assert found.returncode == 0, found.stderr
+    assert [json.loads(line)["seq"] for line in found.stdout.splitlines()] == [2, 3, 4]
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "audit", "report", "-c", str(policy_file),
+         "--since", "2026-12-06", "--until", "2026-12-06"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].split()[:4] == ["TOTAL", "1", "1", "0"]
 
 
 @pytest.mark.parametrize("day", ["20240507", "2024-05-07", " 2024-05-07 "])
@@ -920,9 +1025,6 @@ def test_search_reads_back_for_copies_only_as_far_as_a_restart_writes_them(
     REWRITE_REACH bytes: search --since reads no further back for their
     originals (it read the 30 days before it whatever their size), counting
     a compressed day at ten times its size."""
-    from datetime import date
-
-    from relay.audit import reader
     from relay.audit.search import _rewritten_days
 
     sizes = {1: 400, 2: 30, 3: 500, 4: 60, 5: 70}
