@@ -58,6 +58,9 @@ log = logging.getLogger("relay")
 
 POLL = 1.0  # longest sleep between looks at the schedule and for kicks
 RESCAN = 60.0  # the spool directory is read again this often, as a safety net
+# a message refused a connection over its upstream's limit goes again this soon,
+# in line for one of the slots that limit left (``relay.slots``)
+CROWDED_WAIT = 2.0
 WARM_MESSAGE = 1 << 20  # larger messages are read back from the spool when their turn comes
 WARM_TOTAL = 16 << 20  # what handed-over messages may hold in memory, all together
 CUT_WAIT = 5.0  # for attempts cut off at the end of the stop grace to put themselves on record
@@ -951,6 +954,7 @@ class Engine:
         cut: set[str] = set()  # recipients the stop cut off before the upstream answered
         shared: Mapping[str, str] = {}  # see ``Attempt``
         sender_refused = None
+        crowded = False
         if not pending:
             # each settled at its arrival (suppressed): no upstream to ask, nor to
             # wait for when suspended, nor to count an attempt of or call reached
@@ -1000,6 +1004,7 @@ class Engine:
             finally:
                 self._sending.discard(entry.queue_id)
             replies, shared, sender_refused = sent.replies, sent.shared, sent.sender_refused
+            crowded = sent.crowded
         entry.attempts += 1
         for rcpt in entry.pending():
             rcpt.attempts += 1
@@ -1036,6 +1041,8 @@ class Engine:
             # for: its own backoff, doubled at each try, had it come 88 s after the
             # upstream was back, where the waiting ones went at once
             wait = min(wait, policy.queue.first_retry)
+        if crowded:  # no verdict on the upstream: nor the backoff of one
+            wait = min(wait, CROWDED_WAIT)
         entry.next_attempt = min(ended + wait, deadline)
         for rcpt in entry.pending():
             self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
@@ -1062,6 +1069,7 @@ class Engine:
         was = self._suspensions.suspended(upstream)
         now, wait, unreachable = self.clock(), settings.first_retry, sent.unreachable
         unusable = None if sent.crowded else unreachable is not None
+        self._slots_learn(upstream.name, sent.crowded, unusable is False)
         waiting = self._suspensions.ended(upstream, queue_id, began, unusable, now, wait)
         if self._suspensions.suspended(upstream):
             if unusable:
@@ -1077,6 +1085,26 @@ class Engine:
             )
         if waiting is not None:
             self._release(upstream.name, waiting, now, "reached again")
+
+    def _slots_learn(self, name: str, crowded: bool, reached: bool) -> None:
+        """An upstream's connection limit, as its refusals of one connection more
+        show it, narrows its slots; deliveries widen them again (``relay.slots``)."""
+        limit = self._limits.get(name)
+        if limit is None:
+            return
+        if crowded:
+            before = limit.size
+            limit.crowded()
+            if limit.size < before:
+                log.info(
+                    "upstream %s refused a connection over its limit: %d delivery slot(s)"
+                    " of %d in this worker until deliveries show room for more",
+                    name,
+                    limit.size,
+                    self.policy().queue.concurrency,
+                )
+        elif reached:
+            limit.reached()
 
     def _reached_elsewhere(self) -> None:
         """Another worker's attempt, begun since this one's last failure, reached an

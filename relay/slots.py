@@ -16,6 +16,15 @@ An attempt that would wait may be parked in line instead (``park``): a
 queue ID with no task, no open file and no message bytes, started when its
 turn comes. A stalled upstream's backlog of thousands of messages holds
 nothing else while it waits.
+
+A smarthost with a connection limit below ``queue.concurrency`` (Microsoft
+365 takes three per mailbox) refused every connection over it with a 421,
+and each refused message waited its backoff: a burst of twenty took a
+``first_retry`` for all but three. As Postfix lowers a destination's
+concurrency on such failures, a refusal over the limit (``crowded``) lowers
+the slots to the attempts still under way, and each round of as many
+deliveries as there are slots gives one back (``reached``), up to the
+configured number.
 """
 
 from __future__ import annotations
@@ -70,11 +79,47 @@ class Slots:
         counted with those of the engine's other upstreams when it is shared:
         the engine asks at every start, and a sum over thousands of upstreams
         each time cost more than the start."""
+        self._size = size
         self._free = size
+        self._retired = 0  # slots taken out of use by ``crowded``
+        self._owed = 0  # slots to take out of use as they come back
+        self._reached = 0  # deliveries since the slots last changed, while some are out
         self._fresh = _Line()
         self._waiting = _Line()
         self._fresh_next = True  # whose turn it is when both wait
         self._tasks = tasks if tasks is not None else {True: 0, False: 0}
+
+    @property
+    def size(self) -> int:
+        """The slots in use now: ``queue.concurrency``, less what a limit took out."""
+        return self._size - self._retired - self._owed
+
+    def crowded(self) -> None:
+        """An attempt holding a slot was refused a connection over the upstream's
+        limit: as many slots as the other attempts under way hold, at least one."""
+        held = self._size - self._retired - self._free
+        excess = self.size - max(1, held - 1)
+        if excess <= 0:
+            return
+        taken = min(self._free, excess)
+        self._free -= taken
+        self._retired += taken
+        self._owed += excess - taken
+        self._reached = 0
+
+    def reached(self) -> None:
+        """An attempt got through: after as many as there are slots, one more slot."""
+        if self.size >= self._size:
+            return
+        self._reached += 1
+        if self._reached < self.size:
+            return
+        self._reached = 0
+        if self._owed:
+            self._owed -= 1
+        else:
+            self._retired -= 1
+            self.give_back()
 
     def locked(self) -> bool:
         """No slot is free now: an attempt would wait."""
@@ -132,7 +177,12 @@ class Slots:
             self._tasks[fresh] -= 1
 
     def give_back(self) -> None:
-        """The slot to the next in line, whose turn it is; else it is free."""
+        """The slot to the next in line, whose turn it is; else it is free; or,
+        after ``crowded``, out of use."""
+        if self._owed:
+            self._owed -= 1
+            self._retired += 1
+            return
         lines = (self._fresh, self._waiting) if self._fresh_next else (self._waiting, self._fresh)
         for line in lines:
             while line:

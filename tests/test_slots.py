@@ -127,3 +127,62 @@ async def test_upstreams_sharing_a_count_count_their_waiting_tasks_together() ->
         assert (one.waiting(True), two.waiting(False)) == (1, 1)
     await asyncio.wait_for(asyncio.gather(*waiting), 5)
     assert shared == {True: 0, False: 0}
+
+
+async def test_a_refusal_over_the_limit_leaves_the_slots_the_others_hold() -> None:
+    """Ten slots against a smarthost that takes three connections: the refused
+    ones waited their backoff while the slots let seven more try and fail."""
+    slots = Slots(10)
+    held = [slots.slot(False) for _ in range(4)]
+    for slot in held:
+        await slot.__aenter__()
+    slots.crowded()  # the fourth refused: three others under way
+    assert slots.size == 3
+    for slot in held[:2]:  # two end: one slot of theirs goes out of use
+        await slot.__aexit__(None, None, None)
+    assert slots.size == 3
+    async with slots.slot(False):
+        assert slots.locked()  # two under way and this one: three
+    for slot in held[2:]:
+        await slot.__aexit__(None, None, None)
+    assert not slots.locked() and slots.size == 3
+
+
+async def test_deliveries_widen_the_slots_again_up_to_their_number() -> None:
+    slots = Slots(4)
+    async with slots.slot(False):
+        slots.crowded()  # none other under way: one slot stays
+    assert slots.size == 1
+    slots.reached()  # a round at one slot: two
+    assert slots.size == 2
+    slots.reached()
+    assert slots.size == 2
+    slots.reached()  # a round at two: three
+    assert slots.size == 3
+    for _ in range(10):
+        slots.reached()
+    assert slots.size == 4
+    order: list[str] = []
+    tasks = [asyncio.ensure_future(_holding(slots, False, order, str(i))) for i in range(4)]
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert sorted(order) == ["0", "1", "2", "3"] and not slots.locked()
+
+
+async def test_a_slot_given_back_while_one_is_owed_comes_back_to_a_waiter() -> None:
+    """Widened before the owed slot came back: the waiting attempt is not left
+    without a slot the counts say is there."""
+    slots, order = Slots(2), []
+    first, second = slots.slot(False), slots.slot(False)
+    await first.__aenter__()
+    await second.__aenter__()
+    slots.crowded()  # one other under way: one slot, one owed
+    assert slots.size == 1
+    waiter = asyncio.ensure_future(_holding(slots, False, order, "w"))
+    await asyncio.sleep(0)
+    slots.reached()  # a round at one slot: the owed one stays in use
+    assert slots.size == 2
+    await first.__aexit__(None, None, None)  # handed to the waiter
+    await asyncio.wait_for(waiter, 5)
+    assert order == ["w"]
+    await second.__aexit__(None, None, None)
+    assert not slots.locked()

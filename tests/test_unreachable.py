@@ -530,6 +530,36 @@ def test_a_connection_over_the_smarthosts_limit_suspends_nothing(
     assert "suspended" not in relay.log()
 
 
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_burst_over_the_smarthosts_limit_goes_within_seconds(
+    policy_file: Path, tmp_path: Path, workers: int
+) -> None:
+    """Each message refused over the limit waited its backoff, a first_retry (60 s):
+    18 of a burst of 20 to a smarthost that takes two connections at once."""
+    port, upstream = free_port(), free_port()
+    policy = configure(policy_file, port, upstream, f"workers: {workers}\n")
+    policy.write_text(
+        policy.read_text().replace(
+            "first_retry: 0.5, max_retry: 1", "first_retry: 60, max_retry: 60"
+        )
+    )
+    sink = Sink(delay=0.2)
+    controller = _LimitedController(sink, hostname="127.0.0.1", port=upstream, ready_timeout=10)
+    controller.start()
+    try:
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            with ThreadPoolExecutor(10) as senders:
+                list(senders.map(lambda _: send(port), range(20)))
+            got = sink.wait(20, timeout=40)
+            log = relay.log()
+    finally:
+        controller.stop()
+    assert len(got) == 20
+    assert "421 4.7.0 Too many connections" in log  # it was over the limit
+    assert "refused a connection over its limit" in log
+
+
 async def test_the_message_that_tries_waits_no_longer_than_the_others(
     spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
