@@ -318,7 +318,7 @@ class Acceptor:
         try:
             sender = identified(policy, submission)
         except SmtpReply as reply:
-            await self._rejected(submission, reply, policy=policy)
+            await self._rejected(submission, reply)
             raise
         try:
             prepared = complete(policy, submission, sender, suppressions=self._suppressions())
@@ -552,38 +552,21 @@ class Acceptor:
         return queued
 
     async def _rejected(
-        self,
-        submission: Submission,
-        reply: SmtpReply,
-        identity: Identity | None = None,
-        policy: Policy | None = None,
+        self, submission: Submission, reply: SmtpReply, identity: Identity | None = None
     ) -> None:
         log_refused(submission, reply.line)
-        await self.refused(submission, reply, identity, policy)
+        await self.refused(submission, reply, identity)
 
     async def refused(
-        self,
-        submission: Submission,
-        reply: SmtpReply,
-        identity: Identity | None = None,
-        policy: Policy | None = None,
+        self, submission: Submission, reply: SmtpReply, identity: Identity | None = None
     ) -> None:
         """A refused message on record (the pipeline's refusals, and the SMTP
         side's of content no upstream should see: bare line ends, NUL, long lines).
         ``identity``: whose it was, once identified, so that a search by tenant
         finds what a stolen login tried past the limit; before that, the tenant
-        of the session's login in ``policy``: a login's tries to send as another
-        tenant's user were on record with no tenant, and its tenant's search
-        missed them."""
+        of the session's login (``events.rejected_for``)."""
         message_id = _given_message_id(submission.data)
-        login = policy.logins.get(submission.auth_login or "") if policy is not None else None
-        record = events.rejected_for(
-            submission,
-            reply,
-            message_id=message_id,
-            identity=identity,
-            login_tenant=login.tenant if login is not None else None,
-        )
+        record = events.rejected_for(submission, reply, message_id=message_id, identity=identity)
         self.recorder.add(record)
         try:
             await self.recorder.flush(None)

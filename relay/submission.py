@@ -24,6 +24,9 @@ class Submission:
     # the hash the session's password verified against: a reload that changes
     # it ends what the old password allowed (None where no session logged in)
     auth_hash: str | None = field(default=None, repr=False)
+    # the login's tenant when the session logged in: a refusal's records name it
+    # though a reload removed the login since (the first answer to a theft)
+    auth_tenant: str | None = field(default=None, repr=False)
     # set once the client has closed its side or dropped the connection: a
     # reply may reach no one, so a refusal must not be passed back only by it
     hung_up: asyncio.Event | None = field(default=None, compare=False, repr=False)

@@ -81,7 +81,7 @@ class Relay:
     def current_policy(self) -> Policy:
         return self.policy
 
-    async def _refused(self, submission: Submission, reply: SmtpReply, *, policy: Policy) -> None:
+    async def _refused(self, submission: Submission, reply: SmtpReply) -> None:
         self.refused.append((submission, reply))
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = TIMEOUT) -> T:

@@ -166,6 +166,7 @@ def test_received_for_takes_the_pipelines_objects() -> None:
         listener="submission",
         client_address="192.0.2.1",
         auth_login="erp",
+        auth_tenant="acme",
         mail_from="jan@acme.example",
         rcpt_tos=("buyer@customer.example",),
     )
@@ -202,3 +203,4 @@ def test_received_for_takes_the_pipelines_objects() -> None:
     reply = SimpleNamespace(line="550 5.7.1 Unknown sender")
     rejected = events.rejected_for(submission, reply)  # type: ignore[arg-type]
     assert rejected["reply"] == "550 5.7.1 Unknown sender" and rejected["queue_id"] is None
+    assert rejected["tenant"] == "acme" and "user" not in rejected  # the login's tenant

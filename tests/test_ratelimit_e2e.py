@@ -12,7 +12,14 @@ import pytest
 
 from tests.sink import free_port
 from tests.test_ratelimit import deliver
-from tests.test_workers import MESSAGE, Relay, configure, relay_cli, serving
+from tests.test_workers import (
+    MESSAGE,
+    Relay,
+    configure,
+    relay_cli,
+    reload_in_every_worker,
+    serving,
+)
 
 LIMIT = 3
 FULL = f"4.7.1 Tenant acme has sent to {LIMIT} recipients in the last hour".encode()
@@ -128,4 +135,23 @@ def test_a_logins_try_to_send_as_another_tenants_user_is_its_tenants(limited: Re
     assert rejected_of(limited, "--tenant", "acme") == every
     assert rejected_of(limited, "--tenant", "globex") == []
     shown = audit(limited, "show", "<x-1@erp>")
-    assert "\n    login erp-acme of tenant acme, no user found\n" in shown, shown
+    said = "\n    login erp-acme of tenant acme, refused before its sender was known\n"
+    assert said in shown, shown
+
+
+def test_a_removed_logins_tries_are_its_tenants_still(limited: Relay) -> None:
+    """Removing a stolen login is the first answer to the theft: the session's
+    tries after the reload were on record with no tenant."""
+    with smtplib.SMTP("127.0.0.1", limited.port, timeout=20) as client:
+        client.ehlo()
+        client.login("erp-acme", "demo-password")
+        text = limited.policy.read_text()
+        start = text.index("  erp-acme:\n")
+        end = text.index("  erp-acme-jan:\n")
+        reload_in_every_worker(limited, text[:start] + text[end:])
+        client.mail("jan@acme.example")
+        client.rcpt("one@example.org")
+        code, reply = client.data(MESSAGE)
+    assert (code, reply[:5]) == (535, b"5.7.8"), reply
+    every = rejected_of(limited)
+    assert [(r["auth_login"], r.get("tenant")) for r in every] == [("erp-acme", "acme")]

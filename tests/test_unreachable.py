@@ -530,7 +530,6 @@ def test_a_connection_over_the_smarthosts_limit_suspends_nothing(
     assert "suspended" not in relay.log()
 
 
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_burst_over_the_smarthosts_limit_goes_within_seconds(
     policy_file: Path, tmp_path: Path, workers: int

@@ -312,10 +312,11 @@ def rejected_for(
     queue_id: str | None = None,
     message_id: str | None = None,
     identity: Identity | None = None,
-    login_tenant: str | None = None,
 ) -> dict:
     """``identity``: None for a message refused before its sender was known;
-    its tenant is then the session login's (``login_tenant``), if it has one."""
+    its tenant is then the session login's, if it logged in: a login's tries
+    to send as another tenant's user were on record with no tenant, and the
+    search by tenant for what a stolen login tried missed them."""
     return rejected(
         queue_id=queue_id,
         message_id=message_id,
@@ -324,7 +325,7 @@ def rejected_for(
         mail_from=submission.mail_from,
         rcpt_tos=submission.rcpt_tos,
         reply=reply.line,
-        tenant=identity.tenant.id if identity else login_tenant,
+        tenant=identity.tenant.id if identity else submission.auth_tenant,
         user=identity.user.id if identity else None,
         found_by=identity.source if identity else None,
     )

@@ -302,7 +302,8 @@ def _rejected(r: dict[str, Any]) -> list[str]:
         )
     elif "tenant" in r:  # refused before, its session's login's
         lines.append(
-            f"    login {_safe(r.get('auth_login'))} of tenant {_safe(r['tenant'])}, no user found"
+            f"    login {_safe(r.get('auth_login'))} of tenant {_safe(r['tenant'])},"
+            " refused before its sender was known"
         )
     return lines
 

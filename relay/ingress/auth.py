@@ -43,6 +43,7 @@ PASSWORD_CHALLENGE = "Password:"
 class Authenticated:
     login: str  # becomes Submission.auth_login
     password_hash: str = field(repr=False)  # the one the password verified against
+    tenant: str | None = None  # the login's then: Submission.auth_tenant
 
 
 class Mechanisms:
@@ -145,7 +146,9 @@ class Mechanisms:
                 log.debug("AUTH ok client=%s login=%s", peer, name)
                 self._failures.succeeded(peer, name)
                 self._count("ok")
-                return AuthResult(success=True, auth_data=Authenticated(name, entry.password_hash))
+                return AuthResult(
+                    success=True, auth_data=Authenticated(name, entry.password_hash, entry.tenant)
+                )
             log.warning("AUTH failed client=%s login=%r", peer, name)
             self._count_failure(peer, name)
         finally:

@@ -14,7 +14,6 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -36,16 +35,8 @@ from relay.tally import TallyRow
 log = logging.getLogger("relay")
 
 Process = Callable[[Policy, Submission], Awaitable[str]]
-
-
-class Refused(Protocol):
-    """Puts on record a message the SMTP side refused for its content; its
-    tenant is the session login's in ``policy``."""
-
-    async def __call__(
-        self, submission: Submission, reply: SmtpReply, *, policy: Policy
-    ) -> None: ...
-
+#: Puts on record a message the SMTP side refused for its content.
+Refused = Callable[[Submission, SmtpReply], Awaitable[None]]
 
 LOCAL_ERROR = "451 4.3.0 Local error, try again later"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
@@ -134,7 +125,7 @@ class RelayHandler(Mechanisms):
         if refusal is not None:
             log_refused(submission, refusal.line)
             if self._refused is not None:
-                await self._refused(submission, refusal, policy=policy)
+                await self._refused(submission, refusal)
             return refusal.line
         self._disk.charge(_state(policy), len(data))
         task = asyncio.ensure_future(self._reply_for(policy, submission))

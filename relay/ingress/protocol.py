@@ -1078,6 +1078,7 @@ def submission_of(
         client_address=client_text(session.peer),
         auth_login=auth.login if isinstance(auth, Authenticated) else None,
         auth_hash=auth.password_hash if isinstance(auth, Authenticated) else None,
+        auth_tenant=auth.tenant if isinstance(auth, Authenticated) else None,
         mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
         rcpt_tos=tuple(envelope.rcpt_tos),
         data=raw,
