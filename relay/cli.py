@@ -510,6 +510,8 @@ def _preview(args: argparse.Namespace) -> int:
         text = render(policy, submission, as_json=args.json, listener=args.listener)
     except SmtpReply as reply:
         print(f"relay preview: the relay would refuse this message: {reply.line}", file=sys.stderr)
+        if reply.note is not None:
+            print(f"relay preview: why: {reply.note}", file=sys.stderr)
         return EX_DATAERR
     print(text)
     return 0

@@ -19,7 +19,9 @@ class OutputError(OSError):
 class SmtpReply(RelayError):
     """An SMTP reply to give the client instead of accepting the message."""
 
-    def __init__(self, code: int, status: str, text: str) -> None:
+    def __init__(self, code: int, status: str, text: str, note: str | None = None) -> None:
+        """``note``: why, for the sysadmin (the log, ``relay preview``), where the
+        client must not be told (which addresses are which tenant's users)."""
         # Texts quote addresses and upstream replies; a CR or LF in them
         # would let a client's input forge further reply lines.
         text = _UNSAFE.sub(" ", text)
@@ -27,6 +29,7 @@ class SmtpReply(RelayError):
         self.code = code
         self.status = status
         self.text = text
+        self.note = note
 
     @property
     def line(self) -> str:

@@ -59,15 +59,19 @@ def identify(policy: Policy, submission: Submission, view: MessageView) -> Ident
     reasons: list[str] = []
     if login is not None:
         reasons.append(f"AUTH login {login.login!r} belongs to tenant {login.tenant!r}")
+    passed: list[tuple[str, str]] = []  # (tenant, why): they need a login; the sysadmin's
     for source in policy.identify.order:
         found = _lookup(policy, source, submission, view, login)
-        if found is None or not _may_be_without_login(policy, login, found[0]):
+        if found is None:
             continue
         ref, why = found
+        if not _may_be_without_login(policy, login, ref):
+            passed.append((ref.tenant, why))
+            continue
         _authorise(login, ref)
         reasons.append(why)
         return _identity(policy, ref, login, source.value, reasons)
-    return _fallback(policy, submission, view, login, reasons)
+    return _fallback(policy, submission, view, login, reasons, passed)
 
 
 def _may_be_without_login(policy: Policy, login: Login | None, ref: UserRef) -> bool:
@@ -180,7 +184,11 @@ def _fallback(
     view: MessageView,
     login: Login | None,
     reasons: list[str],
+    passed: list[tuple[str, str]],
 ) -> Identity:
+    """``passed``: why users found were not this session's, which only the
+    refusal's note says: another tenant's message's reasons, in the audit log,
+    would have named them."""
     tried = _describe_tried(policy, submission, view)
     if policy.identify.unknown_sender is UnknownSender.DEFAULT:
         tenant_id = login.tenant if login is not None else policy.identify.default_tenant
@@ -197,7 +205,22 @@ def _fallback(
                 f" of tenant {ref.tenant!r}"
             )
             return _identity(policy, ref, login, "default", reasons)
-    raise Rejected(550, "5.7.1", f"Sender not known to this relay ({tried})")
+        if ref is not None:
+            passed.append((ref.tenant, f"the default user is {ref.user!r}"))
+    raise Rejected(550, "5.7.1", f"Sender not known to this relay ({tried})", _note(passed))
+
+
+def _note(passed: list[tuple[str, str]]) -> str | None:
+    tenants = dict.fromkeys(tenant for tenant, _ in passed)
+    return (
+        "; ".join(
+            " and ".join(why for t, why in passed if t == tenant)
+            + f", of tenant {tenant!r}, which takes mail only with one of its logins,"
+            " and this session has none"
+            for tenant in tenants
+        )
+        or None
+    )
 
 
 def _describe_tried(policy: Policy, submission: Submission, view: MessageView) -> str:

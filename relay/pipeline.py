@@ -554,7 +554,8 @@ class Acceptor:
     async def _rejected(
         self, submission: Submission, reply: SmtpReply, identity: Identity | None = None
     ) -> None:
-        log_refused(submission, reply.line)
+        said = reply.line if reply.note is None else f"{reply.line} ({reply.note})"
+        log_refused(submission, said)
         await self.refused(submission, reply, identity)
 
     async def refused(

@@ -173,6 +173,30 @@ def test_preview_of_a_refused_message(policy_file: Path, tmp_path: Path) -> None
     done = relay("preview", "-c", str(policy_file), str(eml))
     assert done.returncode == 65
     assert "would refuse this message: 550 5.7.1 Sender not known" in done.stderr
+    assert "why:" not in done.stderr  # an address of no tenant's: nothing more to say
+
+
+def test_preview_says_why_a_tenant_that_needs_a_login_does_not_take_the_message(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The client is told only that the sender is not known; the sysadmin
+    previewing it learnt nothing more."""
+    text = policy_file.read_text()
+    required = text.replace("    name: Acme AS\n", "    name: Acme AS\n    auth: required\n")
+    policy_file.write_text(required)
+    eml = tmp_path / "x.eml"
+    eml.write_text("From: jan@acme.example\nTo: a@example.org\n\nx\n")
+    done = relay("preview", "-c", str(policy_file), str(eml))
+    assert done.returncode == 65
+    assert "would refuse this message: 550 5.7.1 Sender not known" in done.stderr
+    said = (
+        "relay preview: why: envelope sender <jan@acme.example> is user 'jan' and From"
+        " address <jan@acme.example> is user 'jan', of tenant 'acme', which takes mail only"
+        " with one of its logins, and this session has none\n"
+    )
+    assert said in done.stderr, done.stderr
+    with_login = relay("preview", "-c", str(policy_file), str(eml), "--auth-login", "erp-acme")
+    assert with_login.returncode == 0, with_login.stderr
 
 
 @pytest.mark.parametrize(

@@ -157,6 +157,10 @@ def test_nor_its_default_user(policy_file: Path) -> None:
     with pytest.raises(Rejected) as caught:
         run(policy_file, data, mail_from="someone@elsewhere.example")
     assert caught.value.line.startswith("550 5.7.1 Sender not known to this relay")
+    assert caught.value.note == (  # the sysadmin's, in the log and relay preview
+        "the default user is 'hank', of tenant 'globex', which takes mail only with one of"
+        " its logins, and this session has none"
+    )
     p = run(policy_file, data, login="erp-globex", mail_from="someone@elsewhere.example")
     assert (p.decision.identity.user.id, p.decision.identity.source) == ("hank", "default")
 

@@ -796,3 +796,47 @@ def test_check_warns_of_a_default_tenant_that_requires_a_login(tmp_path: Path) -
         " (auth: required), and default_tenant is for sessions without a login: none of"
         " them is ever one of its users"
     ]
+
+
+_ACME_LOGIN = (
+    "logins:\n  erp:\n    password_hash: 'scrypt$16384$8$1$cmVsYXktZGVtby1zYWx0IQ==$"
+    "x0qG+cibjmfhHeWXcJAwGW27gNPyIus2vhexTU+5xXk='\n    tenant: acme\ntenants:\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("settings", "warned"),
+    [
+        ("auth: off", True),
+        ("address: 0.0.0.0\n    port: 2525\n    allow: [10.0.0.0/8]", True),  # no tls
+        (f"address: 0.0.0.0\n    port: 2525\n    {_TLS}\n    allow: [10.0.0.0/8]", False),
+        ("auth: optional", False),  # loopback
+    ],
+    ids=["off", "no-tls", "tls", "loopback"],
+)
+def test_check_warns_of_a_tenant_that_requires_a_login_no_listener_takes(
+    tmp_path: Path, settings: str, warned: bool
+) -> None:
+    listener = _LISTENER if settings.startswith("auth") else ""
+    path = variant(tmp_path, "    upstream: outbox\n", "    upstream: outbox\n    auth: required\n")
+    text = path.read_text().replace("tenants:\n", _ACME_LOGIN)
+    if listener:
+        text = text.replace(_LISTENER, _LISTENER + f"    {settings}\n")
+    else:
+        text = text.replace(_LISTENER, f"    {settings}\n")
+    path.write_text(text)
+    found = [w for w in warnings(path) if "no listener offers AUTH" in w]
+    assert len(found) == (1 if warned else 0), warnings(path)
+
+
+def test_a_listener_open_to_everyone_lets_no_one_send_as_tenants_that_require_a_login(
+    tmp_path: Path,
+) -> None:
+    listener = f"    address: 0.0.0.0\n    port: 2525\n    {_TLS}\n    allow: [0.0.0.0/0]\n"
+    path = variant(tmp_path, _LISTENER, listener)
+    text = path.read_text().replace("tenants:\n", _ACME_LOGIN)
+    path.write_text(text)
+    assert [w for w in warnings(path) if "lets every address" in w]  # acme takes any session
+    text = text.replace("    upstream: outbox\n", "    upstream: outbox\n    auth: required\n")
+    path.write_text(text)
+    assert warnings(path) == []

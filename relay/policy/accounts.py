@@ -311,14 +311,22 @@ def warn_of_bounce_address(ctx: Ctx, roster: Roster, return_path: str) -> None:
 
 
 def warn_of_tenants_no_login_reaches(ctx: Ctx, roster: Roster, logins: Mapping[str, Login]) -> None:
-    """A tenant that takes mail only with one of its logins, and has none, sends
-    nothing: every message in its name is an unknown sender's."""
+    """A tenant that takes mail only with one of its logins, and has none, or no
+    listener where one is given, sends nothing: every message in its name is an
+    unknown sender's."""
     with_logins = {login.tenant for login in logins.values()}
     for tenant_id, (node, path) in roster.login_only.items():
         if tenant_id not in with_logins:
             message = (
                 f"no login is of tenant {tenant_id!r}, which takes mail only with one of"
                 " its logins: none of its users' mail is taken"
+            )
+            ctx.problems.warn(node, path, message)
+        elif not ctx.logins_taken:
+            message = (
+                f"tenant {tenant_id!r} takes mail only with one of its logins, and no"
+                " listener offers AUTH (each has auth: off, or is off loopback without"
+                " tls): none of its users' mail is taken"
             )
             ctx.problems.warn(node, path, message)
 

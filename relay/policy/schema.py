@@ -57,6 +57,9 @@ class Ctx:
         #: what each listener binds, (address, port, path, IPs): the metrics
         #: endpoint, read later, must not take one of their ports
         self.sockets: list[tuple[str, int, str, frozenset[IPv4Address | IPv6Address]]] = []
+        #: whether a listener offers AUTH (not ``auth: off``; with tls, or on loopback):
+        #: a tenant that takes mail only with a login takes none without one
+        self.logins_taken = False
 
     def problem(self, where: Node | None, path: str, message: str) -> None:
         self.problems.add(where, path, message)

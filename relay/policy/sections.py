@@ -179,6 +179,8 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
             ctx.problems.warn(m.get("auth") or m.node, m.sub("auth"), _no_auth_offered(address))
         if auth is not None and auth is not AuthMode.REQUIRED and _off_loopback(ips) and allow:
             _note_open(ctx, m, allow, address, port, {ip.version for ip in ips})
+        if auth not in (None, AuthMode.OFF) and (m.has("tls") or not _off_loopback(ips)):
+            ctx.logins_taken = True
         fields = (
             name,
             address,
@@ -511,7 +513,9 @@ def identify(
 ) -> tuple[Identify | None, tuple[str, ...] | None]:
     """The Identify section and the control headers, which must include its header.
     ``anonymous``: a listener takes sessions without a login; ``login_only``:
-    the tenants with ``auth: required``, which such sessions never are."""
+    the tenants with ``auth: required``, which such sessions never are (when
+    every tenant is, a listener open to every address lets no one send as them)."""
+    every_tenant_needs_a_login = bool(login_only) and set(login_only) >= set(default_users)
     m = root.map("identify", ("order", "header", "unknown_sender", "default_tenant"))
     order = _order(ctx, m)
     header = m.read("header", values.control_header) if m.has("header") else "X-ERP-User"
@@ -540,7 +544,7 @@ def identify(
             " have none unless default_tenant is set, and their unknown senders are refused"
         )
         ctx.problems.warn(m.get("unknown_sender"), m.sub("unknown_sender"), message)
-    if order is not None and unknown is not None:
+    if order is not None and unknown is not None and not every_tenant_needs_a_login:
         by_default = unknown is UnknownSender.DEFAULT and tenant is not None
         _warn_open(ctx, order, by_default)
     controls = _control_headers(ctx, root, header)
