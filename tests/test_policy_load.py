@@ -344,7 +344,7 @@ def test_every_key_set() -> None:
     assert upstreams["smarthost"] == SmtpUpstream(
         "smarthost", "smtp.platform.example", 2587, TlsMode.STARTTLS, "relay",
         here / "secrets" / "smarthost.password", None, 30, "relay.platform.example",
-        here / "tls" / "ca.crt", data_timeout=900,
+        here / "tls" / "ca.crt", data_timeout=900, ca_pem=(here / "tls" / "ca.crt").read_text(),
     )  # fmt: skip
     assert upstreams["tunnel"] == SmtpUpstream(
         "tunnel", "smtp.example", 465, TlsMode.IMPLICIT, "relay", None, "RELAY_SMTP_PASSWORD", 60

@@ -115,7 +115,7 @@ class _SmtpValues(NamedTuple):
     timeout: float | None
     data_timeout: float | None
     helo_name: str | None
-    ca_file: Path | None
+    ca_file: tuple[Path, str] | None
 
 
 def _smtp_values(m: Map) -> _SmtpValues:
@@ -161,7 +161,9 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
         _warn_if_unset(ctx, m, v.password_env)
     _warn_of_tls_unlike_port(ctx, m, v.port, v.tls)
     _warn_of_a_loop(ctx, m, v.host, v.port)
-    return SmtpUpstream(name, **v._asdict())
+    ca = v.ca_file
+    settings = {**v._asdict(), "ca_file": None if ca is None else ca[0]}
+    return SmtpUpstream(name, **settings, ca_pem=None if ca is None else ca[1])
 
 
 def _with_sender(ctx: Ctx, m: Map, upstream: SmtpUpstream | None) -> SmtpUpstream | None:

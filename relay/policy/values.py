@@ -533,19 +533,26 @@ def existing_file(ctx: Ctx, node: Node, path: str) -> Path | None:
     return resolved
 
 
-def ca_file(ctx: Ctx, node: Node, path: str) -> Path | None:
-    """A PEM file of CA certificates, loaded once here so that a wrong file is
-    found by ``relay check``, not by the first delivery."""
+def ca_file(ctx: Ctx, node: Node, path: str) -> tuple[Path, str] | None:
+    """A PEM file of CA certificates and its text, read here and kept with the
+    policy: a wrong file is found by ``relay check``, not by the first
+    delivery, and an edit is used from the reload that checks it on. Read per
+    connection, a CA file emptied or replaced by mistake stopped the
+    upstream's mail at once, while ``relay status`` said a reload would put
+    it in use."""
     resolved = existing_file(ctx, node, path)
-    if resolved is None or _read(ctx, node, path, resolved, "a CA file") is None:
+    found = None if resolved is None else _read(ctx, node, path, resolved, "a CA file")
+    if resolved is None or found is None:
         return None
     try:
-        ssl.create_default_context(cafile=os.fspath(resolved))
-    except (OSError, ssl.SSLError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
+        pem = found[1].decode("ascii")
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem)
+    except (UnicodeDecodeError, ssl.SSLError, ValueError) as exc:
+        # not create_default_context: given an empty file, it trusts the system's CAs
+        reason = "not PEM text" if isinstance(exc, UnicodeDecodeError) else str(exc)
         ctx.problem(node, path, f"cannot load CA certificates (PEM) from {resolved}: {reason}")
         return None
-    return resolved
+    return resolved, pem
 
 
 def certificate_file(ctx: Ctx, node: Node, path: str) -> tuple[Path, bytes] | None:

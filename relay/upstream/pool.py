@@ -30,7 +30,6 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiosmtplib
 
@@ -61,7 +60,7 @@ class PoolKey:
     username: str | None
     secret: bytes = field(repr=False)
     helo_name: str | None = None
-    ca_file: Path | None = None
+    ca_pem: str | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, upstream: SmtpUpstream, password: str | None) -> PoolKey:
@@ -76,7 +75,7 @@ class PoolKey:
             upstream.username,
             secret,
             upstream.helo_name,
-            upstream.ca_file,
+            upstream.ca_pem,
         )
 
 

@@ -21,7 +21,6 @@ import os
 import socket
 import ssl
 from collections.abc import Collection, Sequence
-from pathlib import Path
 
 import aiosmtplib
 
@@ -127,8 +126,8 @@ async def connect(upstream: SmtpUpstream, secret: str | None) -> aiosmtplib.SMTP
     stage is known. EHLO is part of connecting whatever the TLS mode: with ``tls:
     none`` it went with the first MAIL, so an upstream that hung up or stalled at
     EHLO failed each message "sending", as reached, and was never suspended."""
-    ca_file = upstream.ca_file
-    pinned = None if ca_file is None else await asyncio.to_thread(_pinned, upstream, ca_file)
+    ca_pem = upstream.ca_pem
+    pinned = None if ca_pem is None else await asyncio.to_thread(_pinned, ca_pem)
     stage = "connecting"
     local = upstream.helo_name or await asyncio.to_thread(helo.local_hostname)
     try:
@@ -339,16 +338,10 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _pinned(upstream: SmtpUpstream, ca_file: Path) -> ssl.SSLContext:
+def _pinned(ca_pem: str) -> ssl.SSLContext:
     """Only the ``ca_file``'s CAs, not the system's as well (aiosmtplib's
     ``cert_bundle`` adds them): a private smarthost's certificate is checked
-    against its own CA, as Postfix does with ``smtp_tls_CAfile``. Read per
-    connection, so a renewed file is used without a reload; connections are
-    pooled. A file gone or damaged since the policy was loaded is the relay's
-    setting, not the upstream's fault: 4.3.5, naming the file."""
-    try:
-        return ssl.create_default_context(cafile=os.fspath(ca_file))
-    except OSError as exc:  # ssl.SSLError too
-        reason = exc.strerror or str(exc)
-        text = f"Upstream {upstream.name}: cannot load CA certificates from {ca_file}"
-        raise UpstreamError(451, "4.3.5", f"{text}: {reason}") from exc
+    against its own CA, as Postfix does with ``smtp_tls_CAfile``. From the
+    text the policy loaded, checked there: the file as it reads now is the
+    next reload's."""
+    return ssl.create_default_context(cadata=ca_pem)
