@@ -723,7 +723,9 @@ def test_the_benchmark_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
     assert bench.main(["3000", str(tmp_path)]) == 0
     assert verify(tmp_path).records >= 3000
-    assert "search tenant=tenant07 status=failed (join)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "search tenant=tenant07 status=failed (join)" in out
+    assert "search until=2024-04-02 status=failed (the first two days)" in out
 
 
 @pytest.mark.parametrize(

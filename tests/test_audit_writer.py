@@ -709,7 +709,8 @@ def test_root_hands_the_files_it_creates_to_the_logs_owner() -> None:
     with _nobodys("audit") as directory:
         AuditLog(directory).append(_failed(1))
         for left in directory.iterdir():  # as a root tool before the fix left them
-            os.chown(left, 0, 0)
+            if left.name != ".stepped":  # newer than that fix
+                os.chown(left, 0, 0)
         AuditLog(directory).append(_failed(2))
         owners = {(p.stat().st_uid, p.stat().st_gid) for p in directory.iterdir()}
         assert owners == {(65534, 65534)}

@@ -150,6 +150,12 @@ def main(argv: list[str]) -> int:
         f"search since={week} tenant=tenant07 (last week)",
         lambda: list(search(directory, since=week, tenant="tenant07")),
     )
+    first = start.date().isoformat()
+    second = (start + timedelta(days=1)).date().isoformat()
+    timed(
+        f"search until={second} status=failed (the first two days)",
+        lambda: list(search(directory, since=first, until=second, status="failed")),
+    )
     timed("report (all days)", lambda: report(directory))
     return 0
 

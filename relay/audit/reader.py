@@ -82,10 +82,13 @@ def day_files(
         found = DayFile(day, Path(directory) / name)
         if day not in by_day or by_day[day].compressed:
             by_day[day] = found
+    stepped = read_stepped(directory) if before is not None and until is not None else None
     return [
         by_day[d]
         for d in sorted(by_day)
-        if until is None or d <= until or (before is not None and _holds_before(by_day[d], before))
+        if until is None
+        or d <= until
+        or (before is not None and _may_hold_before(by_day[d], before, stepped))
     ]
 
 
@@ -116,6 +119,14 @@ def _is_day(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _may_hold_before(file: DayFile, time: str, stepped: Stepped | None) -> bool:
+    """A file ``.stepped`` vouches holds only records of its own day is skipped
+    unread; any other is scanned."""
+    if stepped is not None and not stepped.may_hold_earlier(file.day):
+        return False
+    return _holds_before(file, time)
 
 
 #: Blocks that stay in the processor's cache: a scan of 8 MiB ones took twice as long.
@@ -204,6 +215,73 @@ def read_head(directory: Path) -> tuple[int, str] | None:
 def _head_check(seq: int, value: str) -> bytes:
     """What tells a whole ``.head`` from one torn by a crash mid-write."""
     return hashlib.sha256(b"%d %s" % (seq, value.encode())).hexdigest()[:16].encode()
+
+
+#: Which day files hold a record dated before their day (relay.audit.writer).
+STEPPED_FILE = ".stepped"
+#: The most of it read: a mark is 19 bytes, one per such file of the days covered.
+STEPPED_SIZE = 1 << 18
+
+
+@dataclass(frozen=True)
+class Stepped:
+    """What ``.stepped`` vouches for: each day file from ``since`` through
+    ``through`` was begun by a writer that names in ``days``, before writing
+    it, every one it puts a record dated before its day into. Files outside
+    that run were written before any such writer (or by an older version
+    since, or lost their coverage in a crash), so nothing is known of them."""
+
+    since: date
+    through: date
+    days: frozenset[date] = frozenset()
+
+    def covers(self, day: date) -> bool:
+        return self.since <= day <= self.through
+
+    def may_hold_earlier(self, day: date) -> bool:
+        """Whether ``day``'s file may hold a record dated before its day."""
+        return not self.covers(day) or day in self.days
+
+
+def stepped_text(stepped: Stepped) -> bytes:
+    body = b"covers %s %s\n" % (
+        stepped.since.isoformat().encode(),
+        stepped.through.isoformat().encode(),
+    )
+    body += b"".join(b"stepped %s\n" % d.isoformat().encode() for d in sorted(stepped.days))
+    return body + b"check %s\n" % _stepped_check(body)
+
+
+def parse_stepped(data: bytes) -> Stepped | None:
+    """``.stepped``'s content; None when it is not whole (then every file is scanned)."""
+    body, _, last = data.rstrip(b"\n").rpartition(b"\n")
+    body += b"\n"
+    if last != b"check " + _stepped_check(body) or not data.endswith(b"\n"):
+        return None
+    try:
+        lines = [line.decode("ascii").split(" ") for line in body.splitlines()]
+        (head, since, through), *marks = lines
+        days = frozenset(date.fromisoformat(day) for word, day in marks if word == "stepped")
+        if head != "covers" or len(days) != len(marks):
+            return None
+        return Stepped(date.fromisoformat(since), date.fromisoformat(through), days)
+    except ValueError:
+        return None
+
+
+def read_stepped(directory: Path) -> Stepped | None:
+    """``.stepped`` of a log directory, if it has a whole one: a log an older
+    version wrote, or a copy without it, has none."""
+    try:
+        with statefiles.open_read(Path(directory) / STEPPED_FILE) as stream:
+            data = stream.read(STEPPED_SIZE + 1)
+    except OSError:
+        return None
+    return parse_stepped(data) if len(data) <= STEPPED_SIZE else None
+
+
+def _stepped_check(body: bytes) -> bytes:
+    return hashlib.sha256(body).hexdigest()[:16].encode()
 
 
 def lines(file: DayFile | Path) -> Iterator[bytes]:

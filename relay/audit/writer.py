@@ -17,6 +17,13 @@ It is written under the same lock, after the fsync that made that record
 durable and never before, so after a crash it can only lag the log, never
 lead it; it gets no fsync of its own. A torn ``.head`` fails its check
 and is ignored: the writers then know as much as they did without it.
+
+``.stepped`` names the day files holding a record dated before their day
+(the clock stepped back), so that a search of a window in the past skips
+the others unread. Each name is made durable before its record is written,
+so a crash leaves a file named that needs not be, never the other way
+round; a file begun before it existed (or by an older version) is outside
+its coverage and always scanned.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import stat
 import threading
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +55,7 @@ log = logging.getLogger("relay.audit")
 #: Day files, plain and compressed: records name addresses, tenants and users.
 FILE_MODE = 0o640
 HEAD_FILE = reader.HEAD_FILE
+STEPPED_FILE = reader.STEPPED_FILE
 _GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip header and trailer around the stream
 
 
@@ -90,6 +99,7 @@ class AuditLog:
         self._unsynced: tuple[int, str] | None = None  # written, not yet fsynced: not shared
         self._due: tuple[int, str] | None = None  # fsynced, to be written to .head
         self._shared_seen: tuple[bytes, tuple[int, str] | None] = (b"", None)  # read, parsed
+        self._marked: tuple[tuple[int, int, int] | None, date] | None = None  # .stepped, day
         try:
             st = self._made() if create else self._there()
             statefiles.check_directory(self.directory)
@@ -130,6 +140,8 @@ class AuditLog:
                 day = max(now.astimezone(UTC).date(), self._day or date.min)
                 if self._fd is None or self._fd_day != day:
                     self._open(day)
+                if now.astimezone(UTC).date() < day:
+                    self._mark(day)
                 time = events.timestamp(now)
                 seq, prev, lines = self._seq, self._prev, []
                 for record in records:
@@ -315,6 +327,7 @@ class AuditLog:
         self._lock_fd, self._head_fd = lock_fd, head_fd
         self._where = (info.st_dev, info.st_ino)
         self._shared_seen = (b"", None)
+        self._marked = None
         log.warning(
             "audit log %s: the directory was replaced; writing to the new one", self.directory
         )
@@ -429,6 +442,7 @@ class AuditLog:
             self._fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
             self._adopt(self._fd)
             _fsync_directory(self.directory)  # the new file's name must survive a crash too
+            self._cover(day)
         except FileExistsError:
             self._fd = os.open(path, flags)
             self._adopt(self._fd)  # mends a day file an earlier root tool left as root's
@@ -439,6 +453,61 @@ class AuditLog:
         self._fd_day = self._day = day
         self._size = os.fstat(self._fd).st_size
         self._stamp = os.stat(self.directory).st_mtime_ns
+
+    def _cover(self, day: date) -> None:
+        """Take the file just begun for ``day`` into ``.stepped``'s coverage:
+        every record it gets from now on goes through ``_mark``. Only a run of
+        such files is covered: after one begun without (by an older version,
+        or a crash before this), the run starts again at ``day``. A failure
+        leaves the file outside, scanned: logged, not raised."""
+        try:
+            stepped = reader.read_stepped(self.directory)
+            older = [f.day for f in reader.day_files(self.directory) if f.day < day]
+            if stepped is not None and older and stepped.covers(older[-1]):
+                self._write_stepped(replace(stepped, through=day))
+            else:
+                self._write_stepped(reader.Stepped(day, day))
+        except OSError as exc:
+            log.warning("audit log %s: %s not updated: %s", self.directory, STEPPED_FILE, exc)
+
+    def _mark(self, day: date) -> None:
+        """Name ``day``'s file in ``.stepped`` before a record dated before its
+        day is written to it, or, failing that, remove ``.stepped`` (every file
+        is scanned then): a search must never skip the record unread."""
+        path = self.directory / STEPPED_FILE
+        known = _identity(path)
+        if self._marked == (known, day):
+            return  # mostly: a clock set back a year goes on into one file for a year
+        stepped = reader.read_stepped(self.directory)
+        if stepped is not None and not stepped.may_hold_earlier(day):
+            try:
+                self._write_stepped(replace(stepped, days=stepped.days | {day}))
+            except OSError as exc:
+                log.warning(
+                    "audit log %s: %s not updated (%s): removed, so that search reads"
+                    " every file after a window",
+                    self.directory,
+                    STEPPED_FILE,
+                    exc,
+                )
+                os.unlink(path)
+                _fsync_directory(self.directory)
+        self._marked = (_identity(path), day)
+
+    def _write_stepped(self, stepped: reader.Stepped) -> None:
+        """Replace ``.stepped`` whole and durably (under the lock): a reader sees
+        the old or the new, and a crash keeps the new once this returns."""
+        temporary = self.directory / f"{STEPPED_FILE}.tmp"
+        try:
+            with open(self._create(temporary), "wb") as stream:
+                stream.write(reader.stepped_text(stepped))
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, self.directory / STEPPED_FILE)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        _fsync_directory(self.directory)
 
     def _sync_older(self, day: date) -> None:
         """The day before's file made durable before a record goes to a new one.
@@ -552,7 +621,21 @@ class AuditLog:
                     os.unlink(self.directory / name)
         if doomed:
             _fsync_directory(self.directory)
+            self._forget(doomed[-1].day)
         return [f"deleted {f.name}" for f in doomed]
+
+    def _forget(self, through: date) -> None:
+        """Drop the marks of the days retention deleted, which keeps ``.stepped``
+        as small as the log. One left behind costs nothing but its line."""
+        with self._locked():
+            stepped = reader.read_stepped(self.directory)
+            if stepped is None or not any(day <= through for day in stepped.days):
+                return
+            kept = frozenset(day for day in stepped.days if day > through)
+            try:
+                self._write_stepped(replace(stepped, days=kept))
+            except OSError as exc:
+                log.warning("audit log %s: %s not updated: %s", self.directory, STEPPED_FILE, exc)
 
     def _compress(self, path: Path) -> str:
         """Write the .gz beside it, check it decompresses to the same bytes, then swap;
