@@ -115,6 +115,33 @@ def test_a_client_idle_after_its_handshake_is_logged_after_starttls(
     assert line.startswith("client=127.0.0.1 disconnected after STARTTLS: 421 4.4.2 "), line
 
 
+@pytest.mark.parametrize(
+    "sent", [b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b""], ids=["half-a-hello", "nothing"]
+)
+def test_a_handshake_stalled_after_starttls_is_a_failed_handshake_as_on_implicit_tls(
+    tls_files: TlsFiles, caplog: pytest.LogCaptureFixture, sent: bytes
+) -> None:
+    """It was logged as told ``421 4.4.2``, which no client mid-handshake can
+    read (nor was it sent), and counted as a dropped session, not as a failed
+    handshake as the same stall on a listener of implicit TLS is."""
+    caplog.set_level(logging.INFO, logger="relay")
+    counts = Tally(1)
+    with Relay([listener(tls=tls_files, idle_timeout=0.5)], tally=counts.row(0)) as relay:
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            assert raw.cmd(b"STARTTLS").startswith("220")
+            raw.send(sent)
+            started = time.monotonic()
+            assert raw.sock.recv(4096) == b""
+            assert time.monotonic() - started < 5
+        line = handshake_failure(caplog, "TLS handshake in")
+    assert line == "client=127.0.0.1 did not finish the TLS handshake in 0.5s"
+    assert "disconnected after" not in caplog.text
+    assert "handshake failed" not in caplog.text  # one line, one failure
+    assert counts.total(tally.TLS_FAILED, "test") == 1
+    assert counts.total(tally.DROPPED, "test", "timeout") == 0
+
+
 def test_a_client_that_does_not_trust_the_certificate_is_named_not_counted_as_failed(
     tmp_path: Path, tls_files: TlsFiles, caplog: pytest.LogCaptureFixture
 ) -> None:

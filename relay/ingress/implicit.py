@@ -18,7 +18,12 @@ import ssl
 from typing import cast
 
 from relay import tally
-from relay.ingress.protocol import CLOSED_AFTER_HANDSHAKE, RelaySMTP, client_address
+from relay.ingress.protocol import (
+    CLOSED_AFTER_HANDSHAKE,
+    HANDSHAKE_TIMED_OUT,
+    RelaySMTP,
+    client_address,
+)
 from relay.tally import TallyRow
 
 log = logging.getLogger("relay")
@@ -187,7 +192,7 @@ class ImplicitTLS(asyncio.Protocol):
         if isinstance(error, ssl.SSLError) and error.reason in _PLAIN_TEXT:
             log.warning(PLAIN_CLIENT, peer, "sent plain text")
         elif isinstance(error, ConnectionAbortedError):  # asyncio's handshake timeout
-            log.warning("client=%s did not finish the TLS handshake in %gs", peer, self._timeout)
+            log.warning(HANDSHAKE_TIMED_OUT, peer, self._timeout)
         else:
             log.warning("TLS handshake failed client=%s: %s", peer, str(error) or repr(error))
         self._count_failed()

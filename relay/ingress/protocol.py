@@ -4,7 +4,9 @@
 - an idle timeout that means idle: aiosmtpd only re-arms its timer on a
   command, so a long DATA upload or a slow upstream behind ``handle_DATA``
   would be cut off mid-transaction; and the client is told ``421`` before
-  the connection is closed, where aiosmtpd closes it without a word;
+  the connection is closed, where aiosmtpd closes it without a word (but
+  for one in its handshake after STARTTLS: a failed handshake, as on
+  implicit TLS);
 - enhanced status codes on the replies aiosmtpd words itself (an ERP log
   with ``552 5.3.4`` is easier to act on than ``552 Error: Too much mail data``),
   every one of them, so that EHLO offers ENHANCEDSTATUSCODES (RFC 2034);
@@ -115,6 +117,8 @@ CLOSED_AFTER_HANDSHAKE = (
     " command: a check of the certificate, or a client that does not trust it (its CA,"
     " the host name it connects to)"
 )
+# The handshake is given the idle timeout, after STARTTLS as on implicit TLS.
+HANDSHAKE_TIMED_OUT = "client=%s did not finish the TLS handshake in %gs"
 IMPLICIT_TLS_CLIENT = (
     "client=%s sent a TLS handshake where an SMTP command was expected:"
     " is it set for implicit TLS (port 465)? this listener offers %s"
@@ -415,12 +419,30 @@ class RelaySMTP(SMTP):
 
     def _timeout_cb(self) -> None:
         """An ERP's log then says why the connection ended (RFC 5321 3.8, as Postfix does)."""
-        reply = f"421 4.4.2 {self.hostname} Error: timeout exceeded"
-        self._timed_out = True
-        self._log_disconnect(reply)
-        self._say(reply.encode() + b"\r\n")
+        if self._in_starttls_handshake():
+            self._handshake_timed_out()
+        else:
+            reply = f"421 4.4.2 {self.hostname} Error: timeout exceeded"
+            self._timed_out = True
+            self._log_disconnect(reply)
+            self._say(reply.encode() + b"\r\n")
         super()._timeout_cb()
         self._abort_unless_closed()
+
+    def _in_starttls_handshake(self) -> bool:
+        """Between the 220 to STARTTLS and the handshake's end, the session
+        being made anew (with its TLS) only once the handshake is done."""
+        return self._tls_protocol is not None and bool(self.session and self.session.ssl is None)
+
+    def _handshake_timed_out(self) -> None:
+        """As a stall on a listener of implicit TLS: a failed handshake, not a
+        session ended with a 421, which a client mid-handshake could not read
+        and which was never sent, the TLS layer holding it until the end of a
+        handshake that never came."""
+        assert self.session is not None
+        peer = client_address(self.session.peer)
+        log.warning(HANDSHAKE_TIMED_OUT, peer, self._timeout_duration)
+        self._count(tally.TLS_FAILED)
 
     def _abort_unless_closed(self) -> None:
         """A closing transport first writes out what it holds, which a client that
