@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -466,6 +467,37 @@ def test_after_a_long_idle_retention_catches_up_once_the_clock_has_run_that_long
     result = verify(tmp_path)
     assert result.ok, result.problem
     assert any("starts after retention at seq" in n for n in result.notes)
+
+
+def test_a_clock_set_right_after_a_start_far_ahead_holds_retention_no_longer_than_its_period(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Set right, the clock writes on into the file named a year on: no new day
+    file ever made a run of the days since, and once the log's last day was
+    more than retention_days back, retention was held for the year, its
+    warning's end moving on a day each day."""
+    build(tmp_path)
+    clock = Clock(START + timedelta(days=2, minutes=1) + timedelta(days=365))
+    log = AuditLog(tmp_path, retention_days=2, clock=clock)
+    _started(log)
+    assert log.maintain() == []
+    clock.advance(days=-364)  # NTP: the day after the log's last one, 2024-05-09
+    deleted, ends = {}, set()
+    for _ in range(6):
+        caplog.clear()
+        _started(log)
+        for done in log.maintain():
+            deleted[done] = clock.now.date().isoformat()
+        ends |= set(re.findall(r"until (\S+) retention deletes", caplog.text))
+        clock.advance(days=1)
+    assert deleted == {
+        "deleted audit-2024-05-06.jsonl": "2024-05-09",
+        "deleted audit-2024-05-07.jsonl": "2024-05-10",
+        "deleted audit-2024-05-08.jsonl": "2024-05-13",  # held from 2024-05-11, 2 days
+    }
+    assert ends == {"2024-05-13"}  # one end said, not a day on each day
+    result = verify(tmp_path)
+    assert result.ok, result.problem
 
 
 def test_retention_within_its_period_of_the_newest_records_is_as_before(tmp_path: Path) -> None:

@@ -56,6 +56,8 @@ log = logging.getLogger("relay.audit")
 FILE_MODE = 0o640
 HEAD_FILE = reader.HEAD_FILE
 STEPPED_FILE = reader.STEPPED_FILE
+#: the first day retention was held back for a clock far past the log's records
+RETENTION_HELD_FILE = ".retention-held"
 _GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip header and trailer around the stream
 
 
@@ -495,15 +497,18 @@ class AuditLog:
         self._marked = (_identity(path), day)
 
     def _write_stepped(self, stepped: reader.Stepped) -> None:
-        """Replace ``.stepped`` whole and durably (under the lock): a reader sees
-        the old or the new, and a crash keeps the new once this returns."""
-        temporary = self.directory / f"{STEPPED_FILE}.tmp"
+        self._write_whole(self.directory / STEPPED_FILE, reader.stepped_text(stepped))
+
+    def _write_whole(self, path: Path, data: bytes) -> None:
+        """Replace a file beside the log whole and durably (under the lock): a
+        reader sees the old or the new, and a crash keeps the new once this returns."""
+        temporary = path.with_name(f"{path.name}.tmp")
         try:
             with open(self._create(temporary), "wb") as stream:
-                stream.write(reader.stepped_text(stepped))
+                stream.write(data)
                 stream.flush()
                 os.fsync(stream.fileno())
-            os.replace(temporary, self.directory / STEPPED_FILE)
+            os.replace(temporary, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
@@ -583,20 +588,34 @@ class AuditLog:
 
     def _aged_from(self, files: list[reader.DayFile], today: date, retention_days: int) -> date:
         """The day retention measures age from: today, unless the clock is far past
-        the log's newest days (see ``retention_day``), which is said."""
+        the log's newest days (see ``retention_day``), which is said, for at most
+        ``retention_days`` from the first day it was (``.retention-held``): a
+        clock set right after a start a year ahead goes on writing into the file
+        named a year on, no new day file ever made a run of the days since, and
+        retention held for the year."""
         day, resumes = retention_day([f.day for f in files], today, retention_days)
-        if day != today:
-            log.warning(
-                "audit log %s: the clock (%s) is more than retention_days (%d) past the"
-                " log's records of %s and before: a clock set ahead (check it), or a long"
-                " idle; until %s retention deletes only what was past it on %s",
-                self.directory,
-                today,
-                retention_days,
-                day,
-                resumes,
-                day,
-            )
+        held = self.directory / RETENTION_HELD_FILE
+        if day == today:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(held)
+            return today
+        since = _held_since(held)
+        if since is None or since > today:  # first held, or the clock set back since
+            since = today
+            self._write_whole(held, b"%s\n" % today.isoformat().encode())
+        if today - since >= timedelta(days=retention_days):
+            return today
+        log.warning(
+            "audit log %s: the clock (%s) is more than retention_days (%d) past the"
+            " log's records of %s and before: a clock set ahead (check it), or a long"
+            " idle; until %s retention deletes only what was past it on %s",
+            self.directory,
+            today,
+            retention_days,
+            day,
+            min(resumes, since + timedelta(days=retention_days)),
+            day,
+        )
         return day
 
     def _prune(self, doomed: list[reader.DayFile]) -> list[str]:
@@ -682,6 +701,15 @@ class AuditLog:
                 os.unlink(temporary)
         _fsync_directory(self.directory)
         return f"compressed {path.name}"
+
+
+def _held_since(path: Path) -> date | None:
+    """The day retention was first held back, if ``.retention-held`` says one."""
+    try:
+        with statefiles.open_read(path) as stream:
+            return date.fromisoformat(stream.read(64).decode("ascii").strip())
+    except (OSError, ValueError):
+        return None
 
 
 def retention_day(days: list[date], today: date, retention_days: int) -> tuple[date, date]:
