@@ -342,7 +342,25 @@ def address_list(value: str) -> list[tuple[str, str]]:
     One pass without recursion: a header of nested comments or groups costs
     what any other of its size does.
     """
-    return [_mailbox(element) for element in _elements(_lexemes(value)) if element]
+    return [_mailbox(element) for element in _rejoined(_elements(_lexemes(value))) if element]
+
+
+def _rejoined(elements: list[list[_Lexeme]]) -> list[list[_Lexeme]]:
+    """A phrase alone before a mailbox with ``<>`` is the first part of its name,
+    cut off at an unquoted comma: ERPs write ``Gross, Juergen <j@x>``, and
+    the name kept only ``Juergen``, on a From the relay wrote again."""
+    joined: list[list[_Lexeme]] = []
+    for element in elements:
+        kinds = {kind for kind, _, _ in element}
+        if joined and _phrase_alone(joined[-1]) and "<" in kinds:
+            joined[-1] = [*joined[-1], (",", ",", False), *element]
+        else:
+            joined.append(element)
+    return joined
+
+
+def _phrase_alone(element: list[_Lexeme]) -> bool:
+    return bool(element) and all(kind in _PHRASE for kind, _, _ in element)
 
 
 def _lexemes(value: str) -> list[_Lexeme]:
@@ -418,13 +436,23 @@ def _mailbox(element: list[_Lexeme]) -> tuple[str, str]:
 
 
 def _display_name(phrase: list[_Lexeme]) -> str:
-    """The phrase decoded, or empty when it is no phrase (``a@b <a@b>``)."""
-    if any(kind not in _PHRASE for kind, _, _ in phrase):
+    """The phrase decoded, or empty when it is no phrase (``a@b <a@b>``); a comma
+    in it is one ``_rejoined`` put back."""
+    if any(kind not in _PHRASE and kind != "," for kind, _, _ in phrase):
         return ""
-    written = "".join(
+    parts: list[list[_Lexeme]] = [[]]
+    for lexeme in phrase:
+        if lexeme[0] == ",":
+            parts.append([])
+        else:
+            parts[-1].append(lexeme)
+    return ", ".join(decode(_written(part)) for part in parts if part)
+
+
+def _written(phrase: list[_Lexeme]) -> str:
+    return "".join(
         (" " if i and spaced else "") + text for i, (_, text, spaced) in enumerate(phrase)
     )
-    return decode(written)
 
 
 def _addr_spec(lexemes: list[_Lexeme]) -> str:

@@ -81,6 +81,26 @@ def test_address_lists_as_mail_clients_read_them(
     assert view.addresses("To") == expected
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("Gross, Juergen <j@x.example>", (("Gross, Juergen", "j@x.example"),)),
+        ("=?utf-8?q?Gro=C3=9F?=, =?utf-8?q?J=C3=BCrgen?= <j@x.example>",
+         (("Groß, Jürgen", "j@x.example"),)),
+        ("Oberg, Bjorn <b@x.example>, Ann <a@x.example>",
+         (("Oberg, Bjorn", "b@x.example"), ("Ann", "a@x.example"))),
+        ("a@x.example, Juergen <j@x.example>", (("", "a@x.example"), ("Juergen", "j@x.example"))),
+    ],
+)  # fmt: skip
+def test_a_name_written_with_an_unquoted_comma_is_read_whole(
+    value: str, expected: tuple[tuple[str, str], ...]
+) -> None:
+    """``Lastname, Firstname`` as ERPs write it: the name kept only what came
+    after the comma, on a From or Reply-To the relay wrote again."""
+    view = message.read(f"To: {value}\r\n\r\nx\r\n".encode())
+    assert view.addresses("To") == expected
+
+
 # Well-formed address lists, and what the email package's modern parser reads in them.
 
 _ATOM = st.text("abcXYZ019!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=6)

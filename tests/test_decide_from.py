@@ -59,6 +59,15 @@ def test_a_brand_address_of_the_user_stays_the_from(policy_file: Path) -> None:
     ) in p.decision.reasons
 
 
+def test_a_brand_name_written_with_an_unquoted_comma_is_kept_whole(policy_file: Path) -> None:
+    """``Lastname, Firstname`` as ERPs write it: the From went out with the name
+    after the comma alone, and the Reply-To taken from it too."""
+    data = msg("From: Sales, Brand B <sales@brandb.example>", *BASE[1:])
+    p = run(brands(policy_file), data, mail_from="sales@brandb.example")
+    assert header(p, "From") == '"Sales, Brand B" <sales@brandb.example>'
+    assert header(p, "Reply-To") == '"Sales, Brand B" <sales@brandb.example>'
+
+
 def test_a_brand_address_without_a_name_gets_the_users(policy_file: Path) -> None:
     data = msg("From: SALES@brandb.example", *BASE[1:])
     p = run(brands(policy_file), data, mail_from="anna@planfix.example")
