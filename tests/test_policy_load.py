@@ -1142,6 +1142,12 @@ def test_retry_ceiling_below_first_retry_is_located(tmp_path: Path) -> None:
             "address: jan@acme.example",
             "address: jan@ødegård.example",
             "tenants.acme.users.jan.address: 'jan@ødegård.example' is not ASCII:"
+            " write it with its domain's A-labels: jan@xn--degrd-ora3k.example",
+        ),
+        (
+            "address: jan@acme.example",
+            "address: jørn@acme.example",
+            "tenants.acme.users.jan.address: 'jørn@acme.example' is not ASCII:"
             " the relay sends no SMTPUTF8",
         ),
         (
