@@ -346,17 +346,24 @@ def address_list(value: str) -> list[tuple[str, str]]:
 
 
 def _rejoined(elements: list[list[_Lexeme]]) -> list[list[_Lexeme]]:
-    """A phrase alone before a mailbox with ``<>`` is the first part of its name,
-    cut off at an unquoted comma: ERPs write ``Gross, Juergen <j@x>``, and
-    the name kept only ``Juergen``, on a From the relay wrote again."""
+    """Phrases alone before a mailbox with ``<>`` are the first parts of its
+    name, cut off at unquoted commas: ERPs write ``Gross, Juergen <j@x>`` and
+    ``Smith, John, Jr. <j@x>``, and a From the relay wrote again kept only
+    the name after the last comma. Phrases followed by no such mailbox stay
+    as they were: mailboxes without an address."""
     joined: list[list[_Lexeme]] = []
+    phrases: list[list[_Lexeme]] = []
     for element in elements:
-        kinds = {kind for kind, _, _ in element}
-        if joined and _phrase_alone(joined[-1]) and "<" in kinds:
-            joined[-1] = [*joined[-1], (",", ",", False), *element]
+        if _phrase_alone(element):
+            phrases.append(element)
+            continue
+        if any(kind == "<" for kind, _, _ in element) and phrases:
+            name = [lexeme for phrase in phrases for lexeme in (*phrase, (",", ",", False))]
+            joined.append([*name, *element])
         else:
-            joined.append(element)
-    return joined
+            joined += [*phrases, element]
+        phrases = []
+    return joined + phrases
 
 
 def _phrase_alone(element: list[_Lexeme]) -> bool:

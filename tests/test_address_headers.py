@@ -90,6 +90,8 @@ def test_address_lists_as_mail_clients_read_them(
         ("Oberg, Bjorn <b@x.example>, Ann <a@x.example>",
          (("Oberg, Bjorn", "b@x.example"), ("Ann", "a@x.example"))),
         ("a@x.example, Juergen <j@x.example>", (("", "a@x.example"), ("Juergen", "j@x.example"))),
+        ("Smith, John, Jr. <j@x.example>", (("Smith, John, Jr.", "j@x.example"),)),
+        ("a, b, c@x.example", (("", "c@x.example"),)),  # no name-addr: no name to join
     ],
 )  # fmt: skip
 def test_a_name_written_with_an_unquoted_comma_is_read_whole(

@@ -500,6 +500,34 @@ def test_a_clock_set_right_after_a_start_far_ahead_holds_retention_no_longer_tha
     assert result.ok, result.problem
 
 
+@pytest.mark.parametrize(
+    ("ahead", "stopped"),
+    [
+        (timedelta(days=365), 3),  # the VM boots a year ahead again, three days on
+        (timedelta(days=30), 30),  # a start after a long idle, a stop, another idle
+    ],
+    ids=["ahead-again", "idle-again"],
+)
+def test_a_hold_left_from_an_earlier_start_does_not_count_for_this_one(
+    tmp_path: Path, ahead: timedelta, stopped: int
+) -> None:
+    """The count of days held, left by a start that stopped within a day, made
+    the next start take its clock for right and delete the history."""
+    build(tmp_path)
+    clock = Clock(START + timedelta(days=2, minutes=1) + ahead)
+    log = AuditLog(tmp_path, retention_days=2, clock=clock)
+    _started(log)
+    assert log.maintain() == []
+    log.close()
+    clock.advance(days=stopped)
+    again = AuditLog(tmp_path, retention_days=2, clock=clock)
+    _started(again)
+    assert again.maintain() == []
+    assert {p.name for p in tmp_path.glob("audit-2024-05-0*")} == {
+        "audit-2024-05-06.jsonl", "audit-2024-05-07.jsonl", "audit-2024-05-08.jsonl",
+    }  # fmt: skip
+
+
 def test_retention_within_its_period_of_the_newest_records_is_as_before(tmp_path: Path) -> None:
     """A stop of up to retention_days is no sign of a wrong clock."""
     build(tmp_path)

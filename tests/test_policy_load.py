@@ -1150,6 +1150,12 @@ def test_retry_ceiling_below_first_retry_is_located(tmp_path: Path) -> None:
             "tenants.acme.users.jan.address: 'jørn@acme.example' is not ASCII:"
             " the relay sends no SMTPUTF8",
         ),
+        (  # no address even with its domain's A-labels: nothing to suggest
+            "address: jan@acme.example",
+            "address: 'j n@ødegård.example'",
+            "tenants.acme.users.jan.address: 'j n@ødegård.example' is not ASCII:"
+            " the relay sends no SMTPUTF8",
+        ),
         (
             "address: post@acme.example",
             "address: post@acme.example\n    verified_domains: [ødegård.example]",

@@ -588,21 +588,27 @@ class AuditLog:
 
     def _aged_from(self, files: list[reader.DayFile], today: date, retention_days: int) -> date:
         """The day retention measures age from: today, unless the clock is far past
-        the log's newest days (see ``retention_day``), which is said, for at most
-        ``retention_days`` from the first day it was (``.retention-held``): a
-        clock set right after a start a year ahead goes on writing into the file
-        named a year on, no new day file ever made a run of the days since, and
-        retention held for the year."""
+        the log's newest days (see ``retention_day``), which is said; but not
+        once this has been so at each upkeep for ``retention_days`` on end
+        (``.retention-held``): a clock set right after a start a year ahead
+        goes on writing into the file named a year on, no new day file made a
+        run of the days since, and retention held for the year. The days must
+        follow one another: a start days after the last upkeep (a stop, a VM
+        booting ahead again, a restored copy) begins the count again, or the
+        count left from before deleted the history the hold was for."""
         day, resumes = retention_day([f.day for f in files], today, retention_days)
-        held = self.directory / RETENTION_HELD_FILE
-        if day == today:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(held)
-            return today
-        since = _held_since(held)
-        if since is None or since > today:  # first held, or the clock set back since
-            since = today
-            self._write_whole(held, b"%s\n" % today.isoformat().encode())
+        path = self.directory / RETENTION_HELD_FILE
+        with self._locked():
+            if day == today:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                return today
+            since, last = _held(path) or (today, today)
+            if not timedelta(0) <= today - last <= _UPKEEP_DAYS:
+                since = today
+            self._write_whole(
+                path, b"%s %s\n" % (since.isoformat().encode(), today.isoformat().encode())
+            )
         if today - since >= timedelta(days=retention_days):
             return today
         log.warning(
@@ -703,11 +709,18 @@ class AuditLog:
         return f"compressed {path.name}"
 
 
-def _held_since(path: Path) -> date | None:
-    """The day retention was first held back, if ``.retention-held`` says one."""
+#: the most days between two upkeeps of a relay that runs on: one a day, a
+#: little late across midnight
+_UPKEEP_DAYS = timedelta(days=2)
+
+
+def _held(path: Path) -> tuple[date, date] | None:
+    """The first and the last day of upkeep retention was held back on, if
+    ``.retention-held`` says them."""
     try:
         with statefiles.open_read(path) as stream:
-            return date.fromisoformat(stream.read(64).decode("ascii").strip())
+            first, last = stream.read(64).decode("ascii").split()
+        return date.fromisoformat(first), date.fromisoformat(last)
     except (OSError, ValueError):
         return None
 

@@ -58,9 +58,10 @@ def is_address(value: str) -> bool:
 
 
 def _not_address(value: str) -> str:
-    local, _, domain = value.rpartition("@")
-    if local.isascii() and not domain.isascii() and _is_domain(domain):
-        return f"is not ASCII: write it with its domain's A-labels: {local}@{_a_labels(domain)}"
+    local, at, domain = value.rpartition("@")
+    written = f"{local}@{_a_labels(domain)}"
+    if at and local.isascii() and not domain.isascii() and is_address(written):
+        return f"is not ASCII: write it with its domain's A-labels: {written}"
     if not value.isascii():
         return "is not ASCII: the relay sends no SMTPUTF8"
     if not fits_smtp(value):
