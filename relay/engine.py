@@ -369,6 +369,7 @@ class Engine:
         self._answering: dict[str, asyncio.Event | None] = {}
         self._refusing: set[str] = set()  # immediate attempts passing a refusal back
         self._limits: dict[str, Slots] = {}
+        self._limited: dict[str, Upstream] = {}  # what each name was when its slots narrowed
         self._stopping = False
         self._starting = True  # attempts may start: until the signal to stop on
         self.winding_down = asyncio.Event()  # set with the signal to stop on
@@ -548,6 +549,7 @@ class Engine:
         upstreams = self.policy().upstreams.values()
         # a held message keeps its suspension: released, all of them tried at once
         self._suspensions.keep(self._schedule.keys() | held, upstreams)
+        self._forget_limits(self.policy().upstreams)
         suspended = {u.name for u in upstreams if self._suspensions.suspended(u)}
         for name in self._shown_suspended - suspended:  # gone from the queue, or a reload
             self._show_suspension(name, False)
@@ -1005,9 +1007,10 @@ class Engine:
                 self._sending.discard(entry.queue_id)
             replies, shared, sender_refused = sent.replies, sent.shared, sent.sender_refused
             crowded = sent.crowded
-        entry.attempts += 1
-        for rcpt in entry.pending():
-            rcpt.attempts += 1
+        if not crowded:  # no verdict: nor a count towards the next backoff
+            entry.attempts += 1
+            for rcpt in entry.pending():
+                rcpt.attempts += 1
         if sender_refused is not None and upstream is not None:
             _warn_of_refused_sender(entry, policy, upstream, sender_refused)
         if immediate and _refused(pending, own, replies) and self._client_waits(entry.queue_id):
@@ -1069,7 +1072,7 @@ class Engine:
         was = self._suspensions.suspended(upstream)
         now, wait, unreachable = self.clock(), settings.first_retry, sent.unreachable
         unusable = None if sent.crowded else unreachable is not None
-        self._slots_learn(upstream.name, sent.crowded, unusable is False)
+        self._slots_learn(upstream, sent.crowded, unusable is False)
         waiting = self._suspensions.ended(upstream, queue_id, began, unusable, now, wait)
         if self._suspensions.suspended(upstream):
             if unusable:
@@ -1086,25 +1089,37 @@ class Engine:
         if waiting is not None:
             self._release(upstream.name, waiting, now, "reached again")
 
-    def _slots_learn(self, name: str, crowded: bool, reached: bool) -> None:
+    def _slots_learn(self, upstream: Upstream, crowded: bool, reached: bool) -> None:
         """An upstream's connection limit, as its refusals of one connection more
         show it, narrows its slots; deliveries widen them again (``relay.slots``)."""
+        name = upstream.name
         limit = self._limits.get(name)
         if limit is None:
             return
         if crowded:
             before = limit.size
             limit.crowded()
+            self._limited[name] = upstream
             if limit.size < before:
                 log.info(
                     "upstream %s refused a connection over its limit: %d delivery slot(s)"
                     " of %d in this worker until deliveries show room for more",
                     name,
                     limit.size,
-                    self.policy().queue.concurrency,
+                    limit.full,
                 )
         elif reached:
             limit.reached()
+
+    def _forget_limits(self, upstreams: Mapping[str, Upstream]) -> None:
+        """An upstream a reload pointed elsewhere, or renamed, starts with all its
+        slots, as it starts afresh for the suspensions: the narrowing was
+        another smarthost's limit."""
+        for name, was in list(self._limited.items()):
+            if upstreams.get(name) != was:
+                del self._limited[name]
+                if name in self._limits:
+                    self._limits[name].widen_fully()
 
     def _reached_elsewhere(self) -> None:
         """Another worker's attempt, begun since this one's last failure, reached an

@@ -24,7 +24,9 @@ and each refused message waited its backoff: a burst of twenty took a
 concurrency on such failures, a refusal over the limit (``crowded``) lowers
 the slots to the attempts still under way, and each round of as many
 deliveries as there are slots gives one back (``reached``), up to the
-configured number.
+configured number, one at a time a minute apart at most (``WIDEN_AFTER``):
+widened each round, the smarthost refused one connection more at every
+round, each a deferral on record.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
+
+WIDEN_AFTER = 60.0  # seconds from the last change of the slots to the next widening
 
 Turn = asyncio.Future[None]
 # a parked attempt: called with the slot handed to it, which it gives back
@@ -74,7 +79,12 @@ class _Line:
 
 
 class Slots:
-    def __init__(self, size: int, tasks: dict[bool, int] | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        tasks: dict[bool, int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """``tasks``: attempts waiting in line as tasks, by kind (fresh or not),
         counted with those of the engine's other upstreams when it is shared:
         the engine asks at every start, and a sum over thousands of upstreams
@@ -84,6 +94,8 @@ class Slots:
         self._retired = 0  # slots taken out of use by ``crowded``
         self._owed = 0  # slots to take out of use as they come back
         self._reached = 0  # deliveries since the slots last changed, while some are out
+        self._clock = clock
+        self._changed = 0.0  # when ``crowded`` or ``reached`` last changed them
         self._fresh = _Line()
         self._waiting = _Line()
         self._fresh_next = True  # whose turn it is when both wait
@@ -93,6 +105,11 @@ class Slots:
     def size(self) -> int:
         """The slots in use now: ``queue.concurrency``, less what a limit took out."""
         return self._size - self._retired - self._owed
+
+    @property
+    def full(self) -> int:
+        """``queue.concurrency`` as these slots were made with it."""
+        return self._size
 
     def crowded(self) -> None:
         """An attempt holding a slot was refused a connection over the upstream's
@@ -106,20 +123,33 @@ class Slots:
         self._retired += taken
         self._owed += excess - taken
         self._reached = 0
+        self._changed = self._clock()
 
     def reached(self) -> None:
-        """An attempt got through: after as many as there are slots, one more slot."""
+        """An attempt got through: after as many as there are slots, and
+        ``WIDEN_AFTER`` since the last change, one more slot."""
         if self.size >= self._size:
             return
         self._reached += 1
-        if self._reached < self.size:
+        if self._reached < self.size or self._clock() - self._changed < WIDEN_AFTER:
             return
         self._reached = 0
-        if self._owed:
-            self._owed -= 1
-        else:
-            self._retired -= 1
-            self.give_back()
+        self._changed = self._clock()
+        self._widen(1)
+
+    def widen_fully(self) -> None:
+        """All of ``queue.concurrency`` again: the upstream is another now (a reload
+        pointed its name elsewhere), whose limit nothing has shown."""
+        self._widen(self._retired + self._owed)
+        self._reached = 0
+
+    def _widen(self, count: int) -> None:
+        for _ in range(count):
+            if self._owed:
+                self._owed -= 1
+            else:
+                self._retired -= 1
+                self.give_back()
 
     def locked(self) -> bool:
         """No slot is free now: an attempt would wait."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from relay.slots import Slots
+from relay.slots import WIDEN_AFTER, Slots
 
 
 async def _holding(
@@ -148,24 +148,55 @@ async def test_a_refusal_over_the_limit_leaves_the_slots_the_others_hold() -> No
     assert not slots.locked() and slots.size == 3
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_deliveries_widen_the_slots_again_up_to_their_number() -> None:
-    slots = Slots(4)
+    """A round of deliveries and a minute since the last change: one slot more.
+    Widened at every round, the smarthost refused a connection at every round."""
+    clock = Clock()
+    slots = Slots(4, clock=clock)
     async with slots.slot(False):
         slots.crowded()  # none other under way: one slot stays
     assert slots.size == 1
-    slots.reached()  # a round at one slot: two
-    assert slots.size == 2
+    slots.reached()  # a round at one slot, but not a minute on
+    assert slots.size == 1
+    clock.now += WIDEN_AFTER
     slots.reached()
     assert slots.size == 2
-    slots.reached()  # a round at two: three
+    clock.now += WIDEN_AFTER
+    slots.reached()
+    assert slots.size == 2  # a round at two is two deliveries
+    slots.reached()
     assert slots.size == 3
     for _ in range(10):
+        clock.now += WIDEN_AFTER
         slots.reached()
-    assert slots.size == 4
+    assert slots.size == 4 == slots.full
     order: list[str] = []
     tasks = [asyncio.ensure_future(_holding(slots, False, order, str(i))) for i in range(4)]
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
     assert sorted(order) == ["0", "1", "2", "3"] and not slots.locked()
+
+
+async def test_another_upstream_behind_the_name_has_every_slot_at_once() -> None:
+    slots, order = Slots(3), []
+    first = slots.slot(False)
+    await first.__aenter__()
+    slots.crowded()  # alone: one slot, held by it
+    waiting = [asyncio.ensure_future(_holding(slots, False, order, str(i))) for i in range(2)]
+    await asyncio.sleep(0)
+    assert order == []
+    slots.widen_fully()  # a reload pointed the name at another smarthost
+    await asyncio.wait_for(asyncio.gather(*waiting), 5)
+    assert sorted(order) == ["0", "1"] and slots.size == 3
+    await first.__aexit__(None, None, None)
+    assert not slots.locked()
 
 
 async def test_a_slot_given_back_while_one_is_owed_comes_back_to_a_waiter() -> None:
@@ -179,7 +210,7 @@ async def test_a_slot_given_back_while_one_is_owed_comes_back_to_a_waiter() -> N
     assert slots.size == 1
     waiter = asyncio.ensure_future(_holding(slots, False, order, "w"))
     await asyncio.sleep(0)
-    slots.reached()  # a round at one slot: the owed one stays in use
+    slots.widen_fully()  # the owed one stays in use
     assert slots.size == 2
     await first.__aexit__(None, None, None)  # handed to the waiter
     await asyncio.wait_for(waiter, 5)
