@@ -50,7 +50,12 @@ def audit_log(settings: AuditSettings, create: bool = False) -> AuditLog:
         compress_after_days=settings.compress_after_days,
         retention_days=settings.retention_days,
         create=create,
+        witness=settings.directory.parent / AUDIT_WITNESS,
     )
+
+
+#: beside the audit directory, in the state directory: ``AuditLog``'s witness
+AUDIT_WITNESS = "audit.head"
 
 
 def operator() -> str:

@@ -380,6 +380,14 @@ def settle_orphans(policy: Policy, audit: AuditLog, why: str) -> None:
 
 
 def _log_settled(settled: Settled, why: str) -> None:
+    if settled.behind is not None:
+        log.error(
+            "audit log: it ends at seq %d, but records up to seq %d were written"
+            " (audit.head): restored from an older copy, or made anew; the messages"
+            " queued that it does not name are kept and delivered, not taken for"
+            " never acknowledged",
+            *settled.behind,
+        )
     for queue_id in settled.finished:
         log.info("%s: finished before %s, per the audit log; removed", queue_id, why)
     for queue_id in settled.unrecorded:

@@ -251,6 +251,9 @@ class Settled:
 
     finished: list[str] = field(default_factory=list)  # every outcome on record
     unrecorded: list[str] = field(default_factory=list)  # stored, never acknowledged
+    # the log's last seq and its witness's, when the log lost records it had (a
+    # restore from an older copy): what it does not name is kept, not removed
+    behind: tuple[int, int] | None = None
 
 
 @dataclass
@@ -319,20 +322,25 @@ def settle_recorded(spool: Spool, audit: AuditLog, budget: int = RECENT) -> Sett
     recipient twice, once with no audit trail; it is removed instead, when
     no record names it though the part of the log read began well before
     its queue ID was made. An entry already attempted (with its changed
-    record beside it), or a failure notice, is left to the engine.
+    record beside it), or a failure notice, is left to the engine; so is
+    every entry the log does not name when it is behind its witness
+    (``AuditLog.behind``): its audit directory restored from an older copy,
+    as the relay's refusal to start without one advises, the mail accepted
+    since was removed as never acknowledged, every 250 of it lost.
     """
     queued = set(spool.ids())
     if not queued:
         return Settled()
+    behind = audit.behind()
     tail = _Tail.read(audit.directory, queued, budget)
-    fresh = {q for q in queued if q not in tail.named and not spool.changed(q)}
+    fresh = set() if behind else {q for q in queued if q not in tail.named and not spool.changed(q)}
     if any(tail.unrecorded(q) is None for q in fresh):
         tail = _Tail.read(audit.directory, queued, budget * WIDER)
     outcomes: dict[str, dict[str, dict[str, Any]]] = {}
     for (queue_id, recipient), record in tail.latest.items():
         if record.get("event") in FINAL_EVENTS:
             outcomes.setdefault(queue_id, {})[recipient] = record
-    settled = Settled()
+    settled = Settled(behind=behind)
     held: list[tuple[str, int]] = []
     again: list[dict[str, Any]] = []
     try:

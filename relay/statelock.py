@@ -129,7 +129,13 @@ def _write(fd: int, digest: str, pending: Sequence[str] = ()) -> None:
     a later process given the same PID), then what a reload left pending."""
     pid = os.getpid()
     start = " ".join(_start(pid) or ("-", "-"))
-    lines = [str(pid), digest, f"start {start}", *(" ".join(note.split()) for note in pending)]
+    inode = os.fstat(fd).st_ino
+    lines = [
+        str(pid),
+        digest,
+        f"start {start} {inode}",
+        *(" ".join(note.split()) for note in pending),
+    ]
     os.ftruncate(fd, 0)
     os.pwrite(fd, "".join(f"{line}\n" for line in lines).encode(), 0)
 
@@ -153,13 +159,17 @@ def holder(directory: Path) -> Holder | None:
         raise StateUnreadable(path, exc) from exc
     try:
         lines = os.pread(fd, 1 << 16, 0).decode("utf-8", "replace").split("\n")
+        inode = os.fstat(fd).st_ino
     except OSError as exc:
         raise StateUnreadable(path, exc) from exc
     finally:
         os.close(fd)
     recorded = None
     if len(lines) > 2 and lines[2].startswith("start "):
-        recorded = tuple(lines[2].split()[1:3])
+        words = lines[2].split()
+        recorded = tuple(words[1:3])
+        if words[3:4] not in ([], [str(inode)]):
+            return None  # a copy (cp -a of a live state directory): no relay holds it
         del lines[2]
     pid = int(lines[0]) if lines[0].isdigit() else None
     if pid is None or not _serving(pid, recorded):

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -583,6 +584,38 @@ def test_a_restart_removes_what_was_stored_but_never_recorded(spool: Spool, tmp_
     assert sorted(spool.ids()) == sorted(e.queue_id for e in entries if e is not lost)
     assert len(list(reader.recent(audit.directory, 1 << 20))) == before  # nothing to record
     assert settle_recorded(spool, audit) == Settled(unrecorded=[busy.queue_id])
+
+
+def test_a_log_restored_from_an_older_copy_removes_no_message_it_does_not_name(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """The relay refuses to start without its audit directory and advises a
+    restore from a backup: done, the mail accepted since the backup (250
+    given) was removed as never acknowledged, with no record of it."""
+    now = time.time()
+    clock = {"now": now - 60}
+    witness = tmp_path / "audit.head"
+    audit = AuditLog(
+        tmp_path / "audit",
+        clock=lambda: datetime.fromtimestamp(clock["now"], UTC),
+        witness=witness,
+    )
+    audit.append(events.policy_loaded(policy_file="relay.yaml", policy_sha256="0" * 64))
+    shutil.copytree(tmp_path / "audit", tmp_path / "backup")
+    clock["now"] = now
+    accepted = made_at(now - 30)
+    assert spool.put_many([(accepted, (message(1),))]) == [None]
+    audit.append(queued(accepted))
+    audit.close()
+    shutil.rmtree(tmp_path / "audit")
+    shutil.copytree(tmp_path / "backup", tmp_path / "audit")  # as the relay advised
+    restored = AuditLog(tmp_path / "audit", witness=witness)
+    assert restored.behind() == (1, 2)
+    assert settle_recorded(spool, restored) == Settled(behind=(1, 2))
+    assert spool.ids() == [accepted.queue_id]
+    restored.close()
+    unwitnessed = AuditLog(tmp_path / "audit")  # as before: the witness is what tells
+    assert settle_recorded(spool, unwitnessed) == Settled(unrecorded=[accepted.queue_id])
 
 
 def test_a_log_read_too_short_to_tell_is_read_further_back(spool: Spool, tmp_path: Path) -> None:

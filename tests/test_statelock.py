@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -86,3 +87,23 @@ def test_a_symbolic_link_in_its_place_is_not_followed(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         statelock.hold(tmp_path / "state", DIGEST)
     assert victim.read_text() == "not the relay's\n"
+
+
+def test_a_copy_of_a_live_state_directory_names_no_relay(tmp_path: Path) -> None:
+    """``cp -a`` of a running relay's state directory (a backup, a move): status
+    on the copy said the relay ran there and advised signalling it, and a relay
+    started on the copy blamed it for a port another relay held."""
+    live, copy = tmp_path / "live", tmp_path / "copy"
+    live.mkdir()
+    fd = statelock.hold(live, DIGEST)
+    try:
+        shutil.copytree(live, copy)
+        assert statelock.holder(live) == statelock.Holder(os.getpid(), DIGEST)
+        assert statelock.holder(copy) is None
+    finally:
+        os.close(fd)
+    fd = statelock.hold(copy, DIGEST)  # the copy's own relay writes it anew
+    try:
+        assert statelock.holder(copy) == statelock.Holder(os.getpid(), DIGEST)
+    finally:
+        os.close(fd)

@@ -78,9 +78,12 @@ class AuditLog:
         retention_days: int | None = None,
         clock: Callable[[], datetime] = _utcnow,
         create: bool = True,
+        witness: Path | None = None,
     ) -> None:
         """``create``: make the directory if it is not there; the daemon does only
-        at the start of a new state directory (``relay.server``)."""
+        at the start of a new state directory (``relay.server``). ``witness``: a
+        copy of ``.head`` outside the directory, which a restore of the
+        directory from an older copy does not take back (``behind``)."""
         self.directory = Path(directory)
         self.compress_after_days = compress_after_days
         self.retention_days = retention_days
@@ -102,6 +105,9 @@ class AuditLog:
         self._due: tuple[int, str] | None = None  # fsynced, to be written to .head
         self._shared_seen: tuple[bytes, tuple[int, str] | None] = (b"", None)  # read, parsed
         self._marked: tuple[tuple[int, int, int] | None, date] | None = None  # .stepped, day
+        self._witness = witness
+        self._witnessed: tuple[int, str] | None = None  # read at the start, raised by us
+        self._witness_fd: int | None = None
         try:
             st = self._made() if create else self._there()
             statefiles.check_directory(self.directory)
@@ -113,6 +119,34 @@ class AuditLog:
                 self._load()
         except OSError as exc:
             raise AuditError(f"audit log {self.directory}: {exc.strerror or exc}") from exc
+        self._open_witness()
+
+    def behind(self) -> tuple[int, int] | None:
+        """(the log's last seq, the witness's) when the witness names records the
+        log no longer has: the directory was restored from an older copy, or made
+        anew, and the log's silence about a queued message says nothing."""
+        if self._witnessed is None or self._witnessed[0] <= self._high[0]:
+            return None
+        return self._high[0], self._witnessed[0]
+
+    def _open_witness(self) -> None:
+        """Failing is logged, not raised: without it, a restore goes unseen, as before."""
+        if self._witness is None:
+            return
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | statefiles.NOFOLLOW
+        try:
+            fd = os.open(self._witness, flags, FILE_MODE)
+        except OSError as exc:
+            log.warning("audit log %s: %s not opened: %s", self.directory, self._witness, exc)
+            return
+        try:
+            self._adopt(fd)
+            self._witnessed = reader.parse_head(os.pread(fd, reader.HEAD_SIZE + 1, 0))
+        except OSError as exc:
+            os.close(fd)
+            log.warning("audit log %s: %s not read: %s", self.directory, self._witness, exc)
+            return
+        self._witness_fd = fd
 
     @property
     def head(self) -> tuple[int, str]:
@@ -225,6 +259,9 @@ class AuditLog:
     def close(self) -> None:
         with self._lock:
             self._close()
+            if self._witness_fd is not None:
+                os.close(self._witness_fd)
+                self._witness_fd = None
             for fd in (self._lock_fd, self._head_fd):
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -362,6 +399,22 @@ class AuditLog:
             self._due = None
         except OSError as exc:
             log.warning("audit log %s: %s not updated: %s", self.directory, HEAD_FILE, exc)
+        self._witness_head(head)
+
+    def _witness_head(self, head: tuple[int, str]) -> None:
+        """Only ever raised (under the lock, as ``.head``: another writer may have
+        raised it past this one's head since): a log restored from an older copy
+        must not take the witness back with it."""
+        if self._witness_fd is None or (self._witnessed and self._witnessed[0] >= head[0]):
+            return
+        try:
+            now = reader.parse_head(os.pread(self._witness_fd, reader.HEAD_SIZE + 1, 0))
+            if now is None or now[0] < head[0]:
+                os.pwrite(self._witness_fd, reader.head_line(*head), 0)
+                now = head
+            self._witnessed = now
+        except OSError as exc:
+            log.warning("audit log %s: %s not updated: %s", self.directory, self._witness, exc)
 
     def _follow(self, size: int) -> None:
         """Another process appended to our day's file (now ``size`` bytes): continue
