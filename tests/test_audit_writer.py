@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -1046,3 +1048,41 @@ def test_a_cut_off_gz_of_the_plain_files_start_is_replaced_and_other_records_kep
     assert other.with_name(other.name + ".gz").read_bytes() == kept
     assert "audit-2024-05-07.jsonl.gz holds records" not in caplog.text
     assert [r["seq"] for r in read_all(tmp_path)] == list(range(1, 19))
+
+
+def _append_until(directory: Path, witness: Path, stop: Any) -> None:
+    log = AuditLog(directory, witness=witness)
+    while not stop.is_set():
+        log.append(events.policy_loaded(policy_file="relay.yaml", policy_sha256="0" * 64))
+    log.close()
+
+
+def test_a_log_opened_while_others_write_is_never_behind_its_witness(tmp_path: Path) -> None:
+    """The witness was read after the tail, out of the lock: a worker's record in
+    between made a log opened to settle a dead worker's entries look restored
+    from an older copy, and a message its client never had acknowledged was
+    delivered, and again when the client sent it again."""
+    directory, witness = tmp_path / "audit", tmp_path / "audit.head"
+    AuditLog(directory, witness=witness).close()
+    context = multiprocessing.get_context("fork")
+    stop = context.Event()
+    appenders = [
+        context.Process(target=_append_until, args=(directory, witness, stop)) for _ in "ab"
+    ]
+    for appender in appenders:
+        appender.start()
+    behind, opened, deadline = [], 0, time.monotonic() + 3
+    try:
+        while time.monotonic() < deadline:
+            log = AuditLog(directory, create=False, witness=witness)
+            opened += 1
+            if (found := log.behind()) is not None:
+                behind.append(found)
+            log.close()
+    finally:
+        stop.set()
+        for appender in appenders:
+            appender.join(10)
+            if appender.is_alive():
+                appender.kill()
+    assert opened > 10 and behind == [], behind[:3]

@@ -117,9 +117,9 @@ class AuditLog:
             self._lock_fd, self._head_fd = self._open_shared()
             with self._locked():
                 self._load()
+                self._open_witness()  # with the tail: a writer raises it after its records
         except OSError as exc:
             raise AuditError(f"audit log {self.directory}: {exc.strerror or exc}") from exc
-        self._open_witness()
 
     def behind(self) -> tuple[int, int] | None:
         """(the log's last seq, the witness's) when the witness names records the
@@ -293,7 +293,8 @@ class AuditLog:
         except FileNotFoundError:
             raise AuditError(
                 f"audit log {self.directory}: the directory is gone; restore it from a"
-                " backup (its chain goes on), or make it empty (mkdir) for a new chain"
+                " backup (its chain goes on), or make it empty (mkdir) for a new chain;"
+                " either way, the mail queued since is kept (docs/queue.md, backing up)"
             ) from None
 
     def _made(self) -> os.stat_result:
