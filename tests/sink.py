@@ -169,3 +169,43 @@ class DsnSinkServer(SinkServer):
         self.controller = _DsnController(
             self.sink, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=False, ready_timeout=10
         )
+
+
+class ConnectionLimit(SMTP):
+    """A smarthost that greets ``limit`` connections at once and answers the
+    others ``421 4.7.0 Too many connections``, as one with a connection limit
+    per client does; each connection's answer comes ``delays[n]`` seconds
+    after it was taken, in the order they came (a reverse lookup, say), and
+    its EHLO's ``ehlo_delay`` after it. The counts are the class's: each
+    server a subclass of its own."""
+
+    limit = 2
+    delays: tuple[float, ...] = ()
+    ehlo_delay = 0.0
+    active = 0
+    taken = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cls = type(self)
+        cls.active += 1
+        self._over = cls.active > self.limit
+        self._delay = self.delays[cls.taken] if cls.taken < len(self.delays) else 0.0
+        cls.taken += 1
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        type(self).active -= 1
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        await asyncio.sleep(self._delay)
+        if self._over:
+            await self.push("421 4.7.0 Too many connections")
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await asyncio.sleep(self.ehlo_delay)
+        await super().smtp_EHLO(hostname)

@@ -27,7 +27,7 @@ from relay.policy.model import SmtpUpstream, TlsMode
 from relay.upstream import Crowded, DeliveryResult, Unreachable, smtp
 from relay.upstream.pool import Pool, PoolKey, close_default_pool, default_pool
 from tests.certs import make_certs, server_context
-from tests.sink import RefusingRecipients, free_port
+from tests.sink import ConnectionLimit, RefusingRecipients, free_port
 
 MESSAGE = b"From: a@platform.example\r\nTo: one@example.org\r\nSubject: pool\r\n\r\nbody\r\n"
 PASSWORDS = {"acme": {"acme-pw", "acme-pw-2"}, "globex": {"globex-pw"}}
@@ -534,40 +534,8 @@ async def test_default_pool_belongs_to_the_running_loop() -> None:
 # --- a connection limit -----------------------------------------------------------
 
 
-class LimitedSMTP(RecordingSMTP):
-    """A smarthost that greets ``limit`` connections at once and answers the
-    others 421; each connection's answer comes ``delays[n]`` seconds after it
-    was taken, in the order they came (a reverse lookup, say)."""
-
+class LimitedSMTP(ConnectionLimit, RecordingSMTP):
     limit = 0
-    delays: tuple[float, ...] = ()
-    ehlo_delay = 0.0
-    active = 0
-    taken = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        LimitedSMTP.active += 1
-        self._over = LimitedSMTP.active > self.limit
-        self._delay = self.delays[self.taken] if self.taken < len(self.delays) else 0.0
-        LimitedSMTP.taken += 1
-        super().connection_made(transport)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        LimitedSMTP.active -= 1
-        super().connection_lost(error)
-
-    async def _handle_client(self) -> None:
-        await asyncio.sleep(self._delay)
-        if self._over:
-            await self.push("421 4.7.0 Too many connections")
-            assert self.transport is not None
-            self.transport.close()
-            return
-        await super()._handle_client()
-
-    async def smtp_EHLO(self, hostname: str) -> None:
-        await asyncio.sleep(self.ehlo_delay)
-        await super().smtp_EHLO(hostname)
 
 
 class LimitedController(RecordingController):
