@@ -831,8 +831,9 @@ def _self_signed(key_file: Path, start: datetime.datetime, end: datetime.datetim
         (-30, -1, "expired on {end}: clients refuse it; renew it"),
         (2, 30, "is not valid before {start}: clients refuse it until then"),
         (-1, 30, None),
+        (-30, 3, "ends on {end}, within 14 days: renew it, then reload"),
     ],
-    ids=["expired", "not-yet-valid", "valid"],
+    ids=["expired", "not-yet-valid", "valid", "ending"],
 )
 def test_check_warns_about_a_listener_certificate_out_of_its_validity(
     tmp_path: Path, start: int, end: int, warning: str | None

@@ -372,7 +372,8 @@ def _tls(ctx: Ctx, listener: Map, m: Map) -> TlsFiles | None:
         message = f"cannot use {cert[0]} with {key[0]}: {reason}"
         ctx.problem(m.node, listener.sub("tls"), message)
         return None
-    invalid = tlspair.validity_problem(pair, datetime.now(UTC))
+    now = datetime.now(UTC)
+    invalid = tlspair.validity_problem(pair, now) or tlspair.ends_soon(pair, now)
     if invalid is not None:  # a warning: serve starts, and a renewal then needs only a reload
         ctx.problems.warn(m.get("cert"), m.sub("cert"), invalid)
     return pair

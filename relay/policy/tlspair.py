@@ -166,6 +166,23 @@ def not_after(pair: TlsFiles) -> datetime.datetime | None:
         return None
 
 
+#: a certificate ending this soon is warned of, here and in ``relay upstream test``
+EXPIRY_WARNING = datetime.timedelta(days=14)
+
+
+def ends_soon(pair: TlsFiles, now: datetime.datetime) -> str | None:
+    """A warning for a certificate valid now that ends within ``EXPIRY_WARNING``:
+    the metrics said so, but ``relay check``, which the sysadmin runs before a
+    reload, did not, and clients refused it the day after."""
+    ends = not_after(pair)
+    if ends is None or not now <= ends < now + EXPIRY_WARNING:
+        return None
+    return (
+        f"{pair.cert} ends on {ends:%Y-%m-%d %H:%M} UTC, within {EXPIRY_WARNING.days}"
+        " days: renew it, then reload"
+    )
+
+
 def validity_problem(pair: TlsFiles, now: datetime.datetime) -> str | None:
     """Why clients would refuse the certificate at ``now`` (expired, or not yet
     valid), which OpenSSL loads without a word; None when it is valid, or when

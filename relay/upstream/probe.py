@@ -16,17 +16,17 @@ import contextlib
 import os
 import ssl
 from collections.abc import Awaitable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import aiosmtplib
 
 from relay.errors import UpstreamError
 from relay.findings import Checked, Finding, Level
 from relay.policy.model import DirectoryUpstream, Policy, SmtpUpstream, Upstream
+from relay.policy.tlspair import EXPIRY_WARNING
 from relay.upstream import smtp
 
 #: A certificate this close to its end is warned of: renewals fail quietly.
-EXPIRY_WARNING = timedelta(days=14)
 
 
 async def probe(policy: Policy, upstream: Upstream, rcpt: str | None) -> Checked:
