@@ -286,6 +286,42 @@ def test_prometheus_loads_the_suggested_rules(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_a_worker_missing_for_minutes_fires_its_alert(tmp_path: Path) -> None:
+    """The two sides of the comparison differ in ``state``: matched one to one on
+    every label, they paired nothing, and the rule never fired, however long a
+    worker stayed down (``promtool check rules`` took it)."""
+    assert RULES is not None
+    (tmp_path / "rules.yml").write_text(RULES.group(1))
+    series = 'relay_workers{{instance="r:1", job="erp-relay", state="{}"}}'
+    test = {
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": series.format("running"), "values": "1x10"},
+                    {"series": series.format("configured"), "values": "2x10"},
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "5m",
+                        "alertname": "RelayWorkersMissing",
+                        "exp_alerts": [{"exp_labels": {"instance": "r:1", "job": "erp-relay"}}],
+                    }
+                ],
+            }
+        ],
+    }
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(test))
+    done = subprocess.run(
+        ["promtool", "test", "rules", "test.yml"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_a_write_that_finds_the_disk_full_counts_as_refused_for_want_of_space() -> None:
     """Past the reserve's check, the spool or the audit log may still run out as
     the message is written: that 452 4.3.1 was counted nowhere."""
