@@ -892,9 +892,12 @@ def _say_if_refused(listener: Listener) -> None:
     and said nothing of one clients refuse, where a reload says it and keeps the
     one it served: a restart after a bad renewal went unnoticed in the log."""
     if listener.tls is not None:
-        refused = tlspair.validity_problem(listener.tls, datetime.now(UTC))
+        now = datetime.now(UTC)
+        refused = tlspair.validity_problem(listener.tls, now)
         if refused is not None:
             log.error("listener %s: serving it all the same: %s", listener.name, refused)
+        elif (soon := tlspair.ends_soon(listener.tls, now)) is not None:
+            log.warning("listener %s: %s", listener.name, soon)
 
 
 def _tls_as_bound(listener: Listener, read: TlsFiles | None, quiet: bool) -> TlsFiles:
@@ -931,6 +934,8 @@ def _tls_as_bound(listener: Listener, read: TlsFiles | None, quiet: bool) -> Tls
     now = datetime.now(UTC)
     refused = tlspair.validity_problem(again, now)
     if refused is None:
+        if not quiet and (soon := tlspair.ends_soon(again, now)) is not None:
+            log.warning("listener %s: %s", listener.name, soon)
         return again
     if again.cert_pem != served.cert_pem and tlspair.validity_problem(served, now) is None:
         if not quiet:

@@ -1057,11 +1057,21 @@ def _append_until(directory: Path, witness: Path, stop: Any) -> None:
     log.close()
 
 
-def test_a_log_opened_while_others_write_is_never_behind_its_witness(tmp_path: Path) -> None:
+def test_a_log_opened_while_others_write_is_never_behind_its_witness(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The witness was read after the tail, out of the lock: a worker's record in
     between made a log opened to settle a dead worker's entries look restored
     from an older copy, and a message its client never had acknowledged was
-    delivered, and again when the client sent it again."""
+    delivered, and again when the client sent it again. The witness's read
+    here waits a moment, in which the others write if they can."""
+    opening = AuditLog._open_witness
+
+    def slowly(log: AuditLog) -> None:
+        time.sleep(0.005)
+        opening(log)
+
+    monkeypatch.setattr(AuditLog, "_open_witness", slowly)
     directory, witness = tmp_path / "audit", tmp_path / "audit.head"
     AuditLog(directory, witness=witness).close()
     context = multiprocessing.get_context("fork")

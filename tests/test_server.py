@@ -428,6 +428,25 @@ def _expired(directory: Path, ended: datetime) -> Certs:
     return pair
 
 
+def test_a_reload_says_the_certificate_served_ends_soon(
+    policy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """relay check said so, but a reload by SIGHUP alone, or a start without the
+    unit's ExecStartPre, said nothing, and clients refused it the day after."""
+    first = make_certs(tmp_path / "first")
+    ending = make_certs(tmp_path / "ending")  # ends tomorrow
+    cert, _, _, started = _started_then_renewed(policy, tmp_path, first, ending)
+    with caplog.at_level(logging.INFO, logger="relay"):
+        new = reloaded(policy, started)
+    assert new is not None
+    (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.getMessage().startswith(f"listener local: {cert} ends on ")
+    assert warning.getMessage().endswith(", within 14 days: renew it, then reload")
+    caplog.clear()
+    assert reloaded(policy, started, quiet=True) is not None  # as each worker builds it
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 def test_a_reload_does_not_swap_a_valid_certificate_for_one_clients_refuse(
     policy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -166,7 +166,8 @@ def not_after(pair: TlsFiles) -> datetime.datetime | None:
         return None
 
 
-#: a certificate ending this soon is warned of, here and in ``relay upstream test``
+#: a certificate ending this soon is warned of, here and in ``relay upstream test``:
+#: renewals fail quietly
 EXPIRY_WARNING = datetime.timedelta(days=14)
 
 

@@ -26,8 +26,6 @@ from relay.policy.model import DirectoryUpstream, Policy, SmtpUpstream, Upstream
 from relay.policy.tlspair import EXPIRY_WARNING
 from relay.upstream import smtp
 
-#: A certificate this close to its end is warned of: renewals fail quietly.
-
 
 async def probe(policy: Policy, upstream: Upstream, rcpt: str | None) -> Checked:
     used = sorted(t.id for t in policy.tenants.values() if t.upstream == upstream.name)
