@@ -183,6 +183,7 @@ def test_a_client_that_resets_in_its_handshake_is_logged_as_after_starttls(
         sock.close()  # a reset
         (line,) = logged(caplog, "TLS handshake failed")
     assert line.getMessage().startswith("TLS handshake failed client=127.0.0.1: ")
+    assert line.getMessage().endswith(" (listener test)")
 
 
 @pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])

@@ -74,6 +74,7 @@ def test_a_failed_handshake_is_logged_with_the_client(
         client(relay.port)
         line = handshake_failure(caplog, reason)
         assert line.startswith("TLS handshake failed client=127.0.0.1: "), line
+        assert line.endswith(" (listener test)"), line  # which of a relay's listeners
         with Raw(relay.port) as raw:  # the listener serves on
             assert raw.cmd(b"NOOP").startswith("250")
 

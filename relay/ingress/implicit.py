@@ -20,6 +20,7 @@ from typing import cast
 from relay import tally
 from relay.ingress.protocol import (
     CLOSED_AFTER_HANDSHAKE,
+    HANDSHAKE_FAILED,
     HANDSHAKE_TIMED_OUT,
     RelaySMTP,
     client_address,
@@ -194,7 +195,7 @@ class ImplicitTLS(asyncio.Protocol):
         elif isinstance(error, ConnectionAbortedError):  # asyncio's handshake timeout
             log.warning(HANDSHAKE_TIMED_OUT, peer, self._timeout)
         else:
-            log.warning("TLS handshake failed client=%s: %s", peer, str(error) or repr(error))
+            log.warning(HANDSHAKE_FAILED, peer, str(error) or repr(error), self._listener_name)
         self._count_failed()
 
     def _closed_after_handshake(self) -> None:

@@ -117,6 +117,8 @@ CLOSED_AFTER_HANDSHAKE = (
     " command: a check of the certificate, or a client that does not trust it (its CA,"
     " the host name it connects to)"
 )
+# the listener named: an old client refused on one of two, 587 and 465, said not which
+HANDSHAKE_FAILED = "TLS handshake failed client=%s: %s (listener %s)"
 # The handshake is given the idle timeout, after STARTTLS as on implicit TLS.
 HANDSHAKE_TIMED_OUT = "client=%s did not finish the TLS handshake in %gs"
 IMPLICIT_TLS_CLIENT = (
@@ -382,7 +384,7 @@ class RelaySMTP(SMTP):
             assert self.session is not None
             peer = client_address(self.session.peer)
             cause = error.__cause__ or error  # a reset mid-handshake has no text of its own
-            log.warning("TLS handshake failed client=%s: %s", peer, str(cause) or repr(cause))
+            log.warning(HANDSHAKE_FAILED, peer, str(cause) or repr(cause), self._listener_name)
             self._count(tally.TLS_FAILED)
             return ""  # aiosmtpd closes the connection without a reply
         return await super().handle_exception(error)
