@@ -211,13 +211,14 @@ def _fallback(
 
 
 def _note(passed: list[tuple[str, str]]) -> str | None:
-    tenants = dict.fromkeys(tenant for tenant, _ in passed)
+    whys: dict[str, list[str]] = {}
+    for tenant, why in passed:
+        whys.setdefault(tenant, []).append(why)
     return (
         "; ".join(
-            " and ".join(why for t, why in passed if t == tenant)
-            + f", of tenant {tenant!r}, which takes mail only with one of its logins,"
-            " and this session has none"
-            for tenant in tenants
+            f"{' and '.join(said)}, of tenant {tenant!r}, which takes mail only with one of"
+            " its logins, and this session has none"
+            for tenant, said in whys.items()
         )
         or None
     )

@@ -67,5 +67,6 @@ class Unreachable(UpstreamError):
 class Crowded(UpstreamError):
     """One connection more refused while others of this worker's connections to
     the upstream are open, or open alongside it: its connection limit, not an
-    upstream down. The message waits its own backoff; the upstream is neither
-    suspended nor taken as reached (``relay.unreachable``)."""
+    upstream down. The message goes again soon, in line for the slots the
+    limit leaves (``relay.slots``); the upstream is neither suspended nor
+    taken as reached (``relay.unreachable``)."""
