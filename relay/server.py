@@ -50,6 +50,7 @@ from relay.spool import Spool
 from relay.statelock import StateBusy
 from relay.suppression import SuppressionFile
 from relay.tally import Tally
+from relay.upstream import pool
 from relay.upstream.pool import close_default_pool
 
 if TYPE_CHECKING:
@@ -456,6 +457,8 @@ async def serve(
     )
     rates = None if shared is None else shared.rates.row(index)
     clients = None if shared is None else shared.clients.row(index)
+    if clients is not None:
+        pool.count_in(clients)
     failures = (
         AuthFailures()
         if shared is None

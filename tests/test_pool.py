@@ -23,6 +23,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay.deliver import attempt, deliver
 from relay.errors import UpstreamError
+from relay.ingress.clientlimit import ClientCounts
 from relay.policy.model import SmtpUpstream, TlsMode
 from relay.upstream import Crowded, DeliveryResult, Unreachable, smtp
 from relay.upstream.pool import Pool, PoolKey, close_default_pool, default_pool
@@ -629,3 +630,75 @@ async def test_the_verdict_comes_with_the_first_connection_that_opens(
     results = await asyncio.wait_for(asyncio.gather(*(timed(n) for n in range(3))), 20)
     assert [type(r) for r in results] == [DeliveryResult, DeliveryResult, Crowded], results
     assert ended[2] < ended[1] - 3, ended  # the refused one ended long before the slow one
+
+
+# --- the other workers' connections -------------------------------------------
+
+
+@pytest.fixture
+async def workers() -> AsyncIterator[tuple[Pool, Pool]]:
+    """Two workers' pools, counting their connections in one shared table."""
+    table = ClientCounts(2)
+    made = Pool(shared=table.row(0)), Pool(shared=table.row(1))
+    yield made
+    for each in made:
+        await each.close()
+
+
+async def test_a_421_while_another_workers_connection_fills_the_limit_is_the_limit(
+    limited: int, workers: tuple[Pool, Pool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each worker counted only its own connections: one refused over a limit the
+    other worker's idle connection filled took the smarthost for down."""
+    monkeypatch.setattr(LimitedSMTP, "limit", 1)
+    first, second = workers
+    assert isinstance(await send(first, upstream(limited), "a@p.example"), DeliveryResult)
+    assert first.idle_count() == 1
+    with pytest.raises(Crowded):
+        await send(second, upstream(limited), "b@p.example")
+    await first.close()  # its connection no longer counts: a 421 now is the host down
+    monkeypatch.setattr(LimitedSMTP, "limit", 0)
+    with pytest.raises(Unreachable) as down:
+        await send(second, upstream(limited), "c@p.example")
+    assert not isinstance(down.value, Crowded)
+
+
+async def test_a_421_while_another_worker_greets_its_connection_waits_for_it(
+    limited: int, workers: tuple[Pool, Pool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold burst over two workers: one worker's 421 came while the connection
+    the smarthost took, the other worker's, was still being greeted."""
+    monkeypatch.setattr(LimitedSMTP, "limit", 1)
+    monkeypatch.setattr(LimitedSMTP, "delays", (0.5,))
+    first, second = workers
+
+    async def later() -> object:
+        await asyncio.sleep(0.1)
+        try:
+            return await send(second, upstream(limited), "b@p.example")
+        except UpstreamError as exc:
+            return exc
+
+    took, refused = await asyncio.wait_for(
+        asyncio.gather(send(first, upstream(limited), "a@p.example"), later()), 10
+    )
+    assert isinstance(took, DeliveryResult), took
+    assert isinstance(refused, Crowded), refused
+
+
+async def test_421s_to_both_workers_side_by_side_are_the_upstream_down(
+    limited: int, workers: tuple[Pool, Pool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for the other worker's opening must not make an upstream that
+    refuses every connection look crowded."""
+    monkeypatch.setattr(LimitedSMTP, "delays", (0.5, 0.1))
+
+    async def one(pool: Pool, wait: float) -> object:
+        await asyncio.sleep(wait)
+        try:
+            return await send(pool, upstream(limited), "a@p.example")
+        except UpstreamError as exc:
+            return exc
+
+    results = await asyncio.wait_for(asyncio.gather(one(workers[0], 0.0), one(workers[1], 0.1)), 10)
+    assert [type(r) for r in results] == [Unreachable, Unreachable], results

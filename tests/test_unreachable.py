@@ -521,15 +521,17 @@ def _burst_at_a_limit(
         controller.stop()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_burst_over_the_smarthosts_limit_goes_within_seconds(
-    policy_file: Path, tmp_path: Path
+    policy_file: Path, tmp_path: Path, workers: int
 ) -> None:
     """Each message refused over the limit waited its backoff, a first_retry (60 s):
-    18 of a burst of 20 to a smarthost that takes two connections at once. (With
-    several workers, one whose connections all meet a limit the others' fill
-    cannot tell it from an upstream down: see docs/queue.md.)"""
+    18 of a burst of 20 to a smarthost that takes two connections at once. With
+    two workers, each counted only its own connections, and one whose
+    connections all met the limit the other's filled took the smarthost for
+    down."""
     port, upstream = free_port(), free_port()
-    policy = configure(policy_file, port, upstream, "workers: 1\n")
+    policy = configure(policy_file, port, upstream, f"workers: {workers}\n")
     policy.write_text(
         policy.read_text().replace(
             "first_retry: 0.5, max_retry: 1", "first_retry: 60, max_retry: 60"

@@ -10,7 +10,9 @@ all the memory either. The kernel hands connections to
 any worker, so a count per worker would allow that many times the limit:
 the counts are in a ``sharedtable``, a worker's row holding what it has open.
 A worker that ends loses its connections with it: the supervisor clears its
-row as it reaps it, before a replacement could take the place.
+row as it reaps it, before a replacement could take the place. The same
+table counts each worker's connections to its upstreams
+(``relay.upstream.pool``), for their connection limits.
 An IPv6 client is counted by its /64 (``counted_as``), as the lock-out of
 failed logins counts it.
 """
@@ -55,6 +57,11 @@ class ClientRow:
         """Connections from ``client`` open on ``listener`` now, every worker's."""
         words = self._row.words
         return sum(words[base] for base in self._row.found(_key(listener, client)))
+
+    def here(self, listener: str, client: str) -> int:
+        """This worker's part of ``open``."""
+        base = self._row.mine(_key(listener, client))
+        return 0 if base is None else self._row.words[base]
 
     def enter(self, listener: str, client: str) -> bool:
         """Count one more; False when this worker's row has no room (not counted)."""

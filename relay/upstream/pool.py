@@ -17,6 +17,12 @@ PIPELINING, as the first command of the transaction's group (``Lease.reset``;
 the caller then takes a new lease when ``pipelining.Stale`` says it failed).
 Idle connections get ``QUIT`` after ``idle_timeout`` from a single reaper
 task, which exits whenever nothing is idle.
+
+With several workers each has a pool of its own, and a smarthost's
+connection limit counts them all: the connections open and being opened are
+counted in the workers' shared table (``relay.ingress.clientlimit``), so that
+a worker refused over a limit the others fill does not take the smarthost
+for down.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiosmtplib
 
@@ -37,10 +44,19 @@ from relay.hostport import host_port
 from relay.policy.model import SmtpUpstream, TlsMode
 from relay.upstream.pipelining import Unfinished
 
+if TYPE_CHECKING:
+    from relay.ingress.clientlimit import ClientRow
+
 IDLE_TIMEOUT = 30.0  # seconds; Postfix uses 2, but ERPs send in bursts a few seconds apart
 REUSE_LIMIT = 100  # messages per connection, as Postfix's smtp_connection_reuse_count_limit
 MAX_IDLE_PER_KEY = 10  # the engine's default concurrency per upstream
 QUIT_TIMEOUT = 5.0  # a goodbye is not worth waiting longer for
+OPENING_STEPS = 6  # look-up, connect, greeting, EHLO, STARTTLS's EHLO, login: a timeout each
+SHARED_LOOK = 0.05  # seconds between looks at the other workers' openings
+
+# the shared table's "listeners" these counts go under (no listener's name is empty)
+OPEN = "\0upstream connections"
+OPENING = "\0upstream connections being opened"
 
 Opener = Callable[[], Awaitable[aiosmtplib.SMTP]]
 
@@ -92,15 +108,23 @@ class Lease:
 class _Connection:
     key: PoolKey
     client: aiosmtplib.SMTP
+    shared: ClientRow | None = None  # where it is counted as open, until closed
     uses: int = 0
     idle_since: float = 0.0
+
+    def close(self) -> None:
+        self.client.close()
+        if self.shared is not None:
+            self.shared.leave(OPEN, _label(self.key))
+            self.shared = None
 
 
 class Pool:
     """Idle connections by key; each lease has its connection to itself until it ends.
 
     After ``close()`` the pool keeps nothing: leases still work, but every
-    connection is closed with ``QUIT`` when its transaction ends.
+    connection is closed with ``QUIT`` when its transaction ends. ``shared``:
+    this worker's row of the table the workers count their connections in.
     """
 
     def __init__(
@@ -109,7 +133,9 @@ class Pool:
         idle_timeout: float = IDLE_TIMEOUT,
         reuse_limit: int = REUSE_LIMIT,
         max_idle_per_key: int = MAX_IDLE_PER_KEY,
+        shared: ClientRow | None = None,
     ) -> None:
+        self.shared = shared
         self.idle_timeout = idle_timeout
         self.reuse_limit = reuse_limit
         self.max_idle_per_key = max_idle_per_key
@@ -125,18 +151,34 @@ class Pool:
         two (tried with RSET, being put back). One of them, the upstream is there."""
         return self._leased[key] + self.idle_count(key)
 
-    async def opens_alongside(self, key: PoolKey) -> bool:
+    def open_anywhere(self, key: PoolKey) -> int:
+        """``open_count`` of every worker's pool (its login's, whatever the password)."""
+        if self.shared is None:
+            return self.open_count(key)
+        return self.shared.open(OPEN, _label(key))
+
+    async def opens_alongside(self, key: PoolKey, timeout: float) -> bool:
         """Whether one of the connections to ``key`` being opened now opens: as soon
         as one does, or when all have failed. Each is bounded by the upstream's
         timeouts, one per step (connect, greeting, EHLO, STARTTLS, login): a
         wait of one ``timeout`` ended before a slow greeting and login had, and
-        the connection limit read as the upstream down."""
+        the connection limit read as the upstream down. The other workers'
+        openings are looked at until none is left, at most as long as one
+        opening may take."""
         opening = set(self._opening.get(key, ()))
         while opening:
             done, opening = await asyncio.wait(opening, return_when=asyncio.FIRST_COMPLETED)
             if any(f.result() for f in done):
                 return True
-        return False
+        if self.shared is None:
+            return False
+        label = _label(key)
+        deadline = time.monotonic() + OPENING_STEPS * timeout
+        while self.shared.open(OPENING, label) > self.shared.here(OPENING, label):
+            if self.shared.open(OPEN, label) or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(SHARED_LOOK)
+        return self.shared.open(OPEN, label) > 0
 
     def idle_count(self, key: PoolKey | None = None) -> int:
         if key is not None:
@@ -166,7 +208,7 @@ class Pool:
                 if in_step:
                     await self._check_in(conn)
                 else:
-                    conn.client.close()
+                    conn.close()
             finally:
                 self._let_go(key)
 
@@ -202,26 +244,32 @@ class Pool:
             finally:
                 if not kept:
                     self._let_go(key)
-        conn = _Connection(key, await self._open(key, opener))
+        conn = _Connection(key, *await self._open(key, opener))
         self._leased[key] += 1
         self.opened += 1
         return conn, False
 
-    async def _open(self, key: PoolKey, opener: Opener) -> aiosmtplib.SMTP:
-        """``opener``'s connection, which ``opens_alongside`` can wait for meanwhile."""
+    async def _open(self, key: PoolKey, opener: Opener) -> tuple[aiosmtplib.SMTP, ClientRow | None]:
+        """``opener``'s connection, which ``opens_alongside`` can wait for meanwhile,
+        and the table it is counted in as open, if any."""
         opened: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._opening.setdefault(key, set()).add(opened)
-        made = False
+        label, shared = _label(key), self.shared
+        opening = shared is not None and shared.enter(OPENING, label)
+        made = counted = False
         try:
             client = await opener()
             made = True
+            counted = shared is not None and shared.enter(OPEN, label)  # False: no room
         finally:
             opened.set_result(made)
             waiting = self._opening[key]
             waiting.discard(opened)
             if not waiting:
                 del self._opening[key]
-        return client
+            if opening and shared is not None:
+                shared.leave(OPENING, label)
+        return client, shared if counted else None
 
     def _let_go(self, key: PoolKey) -> None:
         self._leased[key] -= 1
@@ -241,7 +289,7 @@ class Pool:
     async def _check_in(self, conn: _Connection) -> None:
         conn.uses += 1
         if not conn.client.is_connected:
-            conn.client.close()
+            conn.close()
             return
         if (
             self._closed
@@ -287,7 +335,7 @@ async def _usable(conn: _Connection) -> bool:
             log.debug("upstream %s: idle connection stale: %s", _hostport(conn), exc)
         else:
             return True
-    conn.client.close()
+    conn.close()
     return False
 
 
@@ -298,14 +346,29 @@ async def _quit(conn: _Connection) -> None:
     except (aiosmtplib.SMTPException, OSError) as exc:
         log.debug("upstream %s: QUIT failed: %s", _hostport(conn), exc)
     finally:
-        conn.client.close()
+        conn.close()
 
 
 def _hostport(conn: _Connection) -> str:
     return host_port(conn.key.host, conn.key.port)
 
 
+def _label(key: PoolKey) -> str:
+    """What a smarthost's limit counts: connections to one host and port, with one
+    login (Microsoft 365 counts them per mailbox)."""
+    return f"{host_port(key.host, key.port)}\0{key.username or ''}"
+
+
 _default: tuple[asyncio.AbstractEventLoop, Pool] | None = None
+_shared: ClientRow | None = None
+
+
+def count_in(row: ClientRow) -> None:
+    """The default pool counts its connections in this worker's row of the shared table."""
+    global _shared
+    _shared = row
+    if _default is not None:
+        _default[1].shared = row
 
 
 def default_pool() -> Pool:
@@ -314,7 +377,7 @@ def default_pool() -> Pool:
     global _default
     loop = asyncio.get_running_loop()
     if _default is None or _default[0] is not loop:
-        _default = (loop, Pool())
+        _default = (loop, Pool(shared=_shared))
     return _default[1]
 
 

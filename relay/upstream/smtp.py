@@ -94,7 +94,7 @@ async def send(
         else:
             raise aiosmtplib.SMTPServerDisconnected("every idle connection was stale")
     except Unreachable as exc:
-        if await _crowded(pool, key, exc):
+        if await _crowded(pool, key, exc, upstream.timeout):
             raise Crowded(exc.code, exc.status, exc.text) from exc
         raise
     except Unfinished as exc:
@@ -107,17 +107,19 @@ async def send(
     )
 
 
-async def _crowded(pool: Pool, key: PoolKey, exc: Unreachable) -> bool:
-    """One over its connection limit, not an upstream down: this worker has other
+async def _crowded(pool: Pool, key: PoolKey, exc: Unreachable, timeout: float) -> bool:
+    """One over its connection limit, not an upstream down: a worker has other
     connections to it open, or, refused with a 421, one being opened alongside
     opens. The 421s of a cold burst came while the connection the smarthost
     took was still being greeted, and it was suspended; a host that never
-    answers is not waited for, which held its verdict while mail kept coming."""
-    if pool.open_count(key):
+    answers is not waited for, which held its verdict while mail kept coming.
+    Every worker's connections count: one refused over a limit the others'
+    filled held its mail a ``first_retry`` while they delivered."""
+    if pool.open_count(key) or pool.open_anywhere(key):
         return True
     said = exc.__cause__
     if isinstance(said, aiosmtplib.SMTPResponseException) and said.code == 421:
-        return await pool.opens_alongside(key)
+        return await pool.opens_alongside(key, timeout)
     return False
 
 
