@@ -26,7 +26,11 @@ the slots to the attempts still under way, and each round of as many
 deliveries as there are slots gives one back (``reached``), up to the
 configured number, one at a time a minute apart at most (``WIDEN_AFTER``):
 widened each round, the smarthost refused one connection more at every
-round, each a deferral on record.
+round, each a deferral on record. Refused with no other attempt under way,
+the limit is the other workers' to fill: the one slot left rests
+``REST`` before it is given back, or each waiting message took it in turn
+and was refused at once, tens of refusals a second while another worker
+held the connections idle.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 WIDEN_AFTER = 60.0  # seconds from the last change of the slots to the next widening
+REST = 2.0  # seconds a slot refused alone waits before its next attempt (the engine's retry)
 
 Turn = asyncio.Future[None]
 # a parked attempt: called with the slot handed to it, which it gives back
@@ -96,6 +101,8 @@ class Slots:
         self._reached = 0  # deliveries since the slots last changed, while some are out
         self._clock = clock
         self._changed = 0.0  # when ``crowded`` or ``reached`` last changed them
+        self._rest = False  # the next slot given back rests first (``crowded``)
+        self._resting: asyncio.TimerHandle | None = None
         self._fresh = _Line()
         self._waiting = _Line()
         self._fresh_next = True  # whose turn it is when both wait
@@ -115,6 +122,7 @@ class Slots:
         """An attempt holding a slot was refused a connection over the upstream's
         limit: as many slots as the other attempts under way hold, at least one."""
         held = self._size - self._retired - self._free
+        self._rest = held <= 1
         excess = self.size - max(1, held - 1)
         if excess <= 0:
             return
@@ -140,6 +148,11 @@ class Slots:
     def widen_fully(self) -> None:
         """All of ``queue.concurrency`` again: the upstream is another now (a reload
         pointed its name elsewhere), whose limit nothing has shown."""
+        self._rest = False
+        if self._resting is not None:
+            self._resting.cancel()
+            self._resting = None
+            self.give_back()
         self._widen(self._retired + self._owed)
         self._reached = 0
 
@@ -208,7 +221,11 @@ class Slots:
 
     def give_back(self) -> None:
         """The slot to the next in line, whose turn it is; else it is free; or,
-        after ``crowded``, out of use."""
+        after ``crowded``, out of use, or back after its rest."""
+        if self._rest:
+            self._rest = False
+            self._resting = asyncio.get_running_loop().call_later(REST, self._rested)
+            return
         if self._owed:
             self._owed -= 1
             self._retired += 1
@@ -226,3 +243,7 @@ class Slots:
                     turn()
                 return
         self._free += 1
+
+    def _rested(self) -> None:
+        self._resting = None
+        self.give_back()

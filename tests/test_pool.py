@@ -26,6 +26,7 @@ from relay.errors import UpstreamError
 from relay.ingress.clientlimit import ClientCounts
 from relay.policy.model import SmtpUpstream, TlsMode
 from relay.upstream import Crowded, DeliveryResult, Unreachable, smtp
+from relay.upstream import pool as pool_module
 from relay.upstream.pool import Pool, PoolKey, close_default_pool, default_pool
 from tests.certs import make_certs, server_context
 from tests.sink import ConnectionLimit, RefusingRecipients, free_port
@@ -702,3 +703,20 @@ async def test_421s_to_both_workers_side_by_side_are_the_upstream_down(
 
     results = await asyncio.wait_for(asyncio.gather(one(workers[0], 0.0), one(workers[1], 0.1)), 10)
     assert [type(r) for r in results] == [Unreachable, Unreachable], results
+
+
+async def test_a_worker_refused_over_the_others_idle_connections_gets_one_of_them(
+    limited: int, workers: tuple[Pool, Pool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each worker's idle connections are its own: the last worker of a burst held
+    the whole limit idle for ``idle_timeout``, and the other's mail was refused
+    all that time."""
+    monkeypatch.setattr(LimitedSMTP, "limit", 1)
+    monkeypatch.setattr(pool_module, "WANTED_LOOK", 0.1)
+    first, second = workers
+    assert isinstance(await send(first, upstream(limited), "a@p.example"), DeliveryResult)
+    with pytest.raises(Crowded):
+        await send(second, upstream(limited), "b@p.example")
+    await eventually(lambda: first.idle_count() == 0, timeout=3)
+    await eventually(lambda: not LimitedSMTP.active, timeout=3)
+    assert isinstance(await send(second, upstream(limited), "b@p.example"), DeliveryResult)

@@ -4,8 +4,12 @@ waiting take a free slot in turns, and a cancelled waiter gives its turn on."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
+import pytest
+
+from relay import slots as slots_module
 from relay.slots import WIDEN_AFTER, Slots
 
 
@@ -217,3 +221,32 @@ async def test_a_slot_given_back_while_one_is_owed_comes_back_to_a_waiter() -> N
     assert order == ["w"]
     await second.__aexit__(None, None, None)
     assert not slots.locked()
+
+
+async def test_a_slot_refused_alone_rests_before_the_next_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refused alone, over a limit another worker's idle connections filled, each
+    waiting message took the slot in turn and was refused at once: tens of
+    refusals a second until those connections were closed."""
+    monkeypatch.setattr(slots_module, "REST", 0.3)
+    slots, order = Slots(3), []
+    async with slots.slot(False):
+        slots.crowded()
+    began = time.monotonic()
+    await asyncio.wait_for(_holding(slots, False, order, "next"), 5)
+    assert time.monotonic() - began >= 0.3
+    assert order == ["next"] and slots.size == 1
+
+
+async def test_a_slot_refused_beside_others_does_not_rest() -> None:
+    """With attempts of its own under way the limit is this worker's: the slot goes on."""
+    slots, order = Slots(3), []
+    other = slots.slot(False)
+    await other.__aenter__()
+    async with slots.slot(False):
+        slots.crowded()
+    waiter = asyncio.ensure_future(_holding(slots, False, order, "next"))
+    await other.__aexit__(None, None, None)
+    await asyncio.wait_for(waiter, 0.2)
+    assert order == ["next"]

@@ -503,19 +503,23 @@ def test_a_connection_over_the_smarthosts_limit_suspends_nothing(
 
 
 def _burst_at_a_limit(
-    policy: Path, port: int, upstream: int, log: Path
+    policy: Path, port: int, upstream: int, log: Path, bursts: int = 1
 ) -> tuple[list[Received], str]:
     """Twenty messages from ten clients at once, to a smarthost taking two
-    connections at once: what it received within 40 s, and the relay's log."""
+    connections at once, ``bursts`` times 2 s apart: what it received within
+    40 s of each, and the relay's log."""
     sink = Sink(delay=0.2)
     controller = _LimitedController(sink, hostname="127.0.0.1", port=upstream, ready_timeout=10)
     controller.start()
     try:
         with RelayProcess(policy, port, log) as relay:
-            with ThreadPoolExecutor(10) as senders:
-                list(senders.map(lambda _: send(port), range(20)))
-            with contextlib.suppress(AssertionError):
-                sink.wait(20, timeout=40)
+            for burst in range(bursts):
+                if burst:
+                    time.sleep(2)  # the connections idle, within idle_timeout
+                with ThreadPoolExecutor(10) as senders:
+                    list(senders.map(lambda _: send(port), range(20)))
+                with contextlib.suppress(AssertionError):
+                    sink.wait(20 * (burst + 1), timeout=40)
             return list(sink.messages), relay.log()
     finally:
         controller.stop()
@@ -529,7 +533,9 @@ def test_a_burst_over_the_smarthosts_limit_goes_within_seconds(
     18 of a burst of 20 to a smarthost that takes two connections at once. With
     two workers, each counted only its own connections, and one whose
     connections all met the limit the other's filled took the smarthost for
-    down."""
+    down; once it no longer did, a burst after one worker had kept both
+    connections idle was refused for ``idle_timeout``, each waiting message in
+    turn, hundreds of times."""
     port, upstream = free_port(), free_port()
     policy = configure(policy_file, port, upstream, f"workers: {workers}\n")
     policy.write_text(
@@ -537,10 +543,12 @@ def test_a_burst_over_the_smarthosts_limit_goes_within_seconds(
             "first_retry: 0.5, max_retry: 1", "first_retry: 60, max_retry: 60"
         )
     )
-    got, log = _burst_at_a_limit(policy, port, upstream, tmp_path / "relay.log")
-    assert len(got) == 20
+    got, log = _burst_at_a_limit(policy, port, upstream, tmp_path / "relay.log", bursts=3)
+    assert len(got) == 60
     assert "421 4.7.0 Too many connections" in log  # it was over the limit
     assert "refused a connection over its limit" in log
+    # refused alone, a worker's slot rests: not each waiting message at once
+    assert log.count("status=deferred") < 60, log.count("status=deferred")
 
 
 class CrowdedSender:

@@ -63,6 +63,18 @@ class ClientRow:
         base = self._row.mine(_key(listener, client))
         return 0 if base is None else self._row.words[base]
 
+    def mark(self, listener: str, client: str, value: int) -> None:
+        """A value of this worker's for the others to read (``latest_elsewhere``)."""
+        base = self._row.own(_key(listener, client), self._unused)
+        if base is not None:
+            self._row.words[base] = value
+
+    def latest_elsewhere(self, listener: str, client: str) -> int:
+        """The highest value the other workers marked; 0: none."""
+        words, mine = self._row.words, self._row.mine(_key(listener, client))
+        found = self._row.found(_key(listener, client))
+        return max((words[base] for base in found if base != mine), default=0)
+
     def enter(self, listener: str, client: str) -> bool:
         """Count one more; False when this worker's row has no room (not counted)."""
         base = self._row.own(_key(listener, client), self._unused)

@@ -22,7 +22,10 @@ With several workers each has a pool of its own, and a smarthost's
 connection limit counts them all: the connections open and being opened are
 counted in the workers' shared table (``relay.ingress.clientlimit``), so that
 a worker refused over a limit the others fill does not take the smarthost
-for down.
+for down. Such a worker also says it wants one (``want``), and another
+worker QUITs one idle connection to the smarthost for it: each worker's
+idle connections are its own, and a burst's last worker held the whole
+limit idle for ``idle_timeout`` while the other's mail was refused.
 """
 
 from __future__ import annotations
@@ -53,10 +56,13 @@ MAX_IDLE_PER_KEY = 10  # the engine's default concurrency per upstream
 QUIT_TIMEOUT = 5.0  # a goodbye is not worth waiting longer for
 OPENING_STEPS = 6  # look-up, connect, greeting, EHLO, STARTTLS's EHLO, login: a timeout each
 SHARED_LOOK = 0.05  # seconds between looks at the other workers' openings
+WANTED_LOOK = 1.0  # seconds between looks, while connections are idle, at what others want
+WANTED_FOR = 10.0  # seconds a worker's want of a connection is served after it said it
 
 # the shared table's "listeners" these counts go under (no listener's name is empty)
 OPEN = "\0upstream connections"
 OPENING = "\0upstream connections being opened"
+WANTED = "\0upstream connection wanted"  # when, in ms on the monotonic clock
 
 Opener = Callable[[], Awaitable[aiosmtplib.SMTP]]
 
@@ -143,6 +149,7 @@ class Pool:
         self._idle: dict[PoolKey, list[_Connection]] = {}
         self._leased: collections.Counter[PoolKey] = collections.Counter()
         self._opening: dict[PoolKey, set[asyncio.Future[bool]]] = {}
+        self._served: dict[str, int] = {}  # by label: the latest want a connection was QUIT for
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -156,6 +163,26 @@ class Pool:
         if self.shared is None:
             return self.open_count(key)
         return self.shared.open(OPEN, _label(key))
+
+    def want(self, key: PoolKey) -> None:
+        """Refused over a limit only the other workers' connections fill: one of
+        theirs, idle, is to be closed for this worker."""
+        if self.shared is not None:
+            self.shared.mark(WANTED, _label(key), _ms(time.monotonic()))
+
+    def _spare(self, conn: _Connection) -> bool:
+        """Whether another worker wants a connection like ``conn`` that none has
+        been closed for yet; if so, it is ``conn``'s to go."""
+        if self.shared is None:
+            return False
+        label = _label(conn.key)
+        wanted = self.shared.latest_elsewhere(WANTED, label)
+        if wanted <= self._served.get(label, 0):
+            return False
+        if _ms(time.monotonic()) - wanted > WANTED_FOR * 1000:
+            return False
+        self._served[label] = wanted
+        return True
 
     async def opens_alongside(self, key: PoolKey, timeout: float) -> bool:
         """Whether one of the connections to ``key`` being opened now opens: as soon
@@ -295,6 +322,7 @@ class Pool:
             self._closed
             or conn.uses >= self.reuse_limit
             or self.idle_count(conn.key) >= self.max_idle_per_key
+            or self._spare(conn)
         ):
             await _quit(conn)
             return
@@ -310,14 +338,19 @@ class Pool:
                 conn
                 for conns in self._idle.values()
                 for conn in conns
-                if now >= conn.idle_since + self.idle_timeout or not conn.client.is_connected
+                if now >= conn.idle_since + self.idle_timeout
+                or not conn.client.is_connected
+                or self._spare(conn)
             ]
             for conn in ending:
                 self._forget(conn)
             await asyncio.gather(*(_quit(conn) for conn in ending))
             if self._idle:
                 first = min(c.idle_since for conns in self._idle.values() for c in conns)
-                await asyncio.sleep(max(first + self.idle_timeout - time.monotonic(), 0.0))
+                wait = first + self.idle_timeout - time.monotonic()
+                if self.shared is not None:
+                    wait = min(wait, WANTED_LOOK)
+                await asyncio.sleep(max(wait, 0.0))
 
     def _forget(self, conn: _Connection) -> None:
         conns = self._idle[conn.key]
@@ -351,6 +384,10 @@ async def _quit(conn: _Connection) -> None:
 
 def _hostport(conn: _Connection) -> str:
     return host_port(conn.key.host, conn.key.port)
+
+
+def _ms(when: float) -> int:
+    return max(1, round(when * 1000))
 
 
 def _label(key: PoolKey) -> str:

@@ -114,13 +114,17 @@ async def _crowded(pool: Pool, key: PoolKey, exc: Unreachable, timeout: float) -
     took was still being greeted, and it was suspended; a host that never
     answers is not waited for, which held its verdict while mail kept coming.
     Every worker's connections count: one refused over a limit the others'
-    filled held its mail a ``first_retry`` while they delivered."""
-    if pool.open_count(key) or pool.open_anywhere(key):
+    filled held its mail a ``first_retry`` while they delivered; it asks them
+    for one of theirs (``Pool.want``)."""
+    if pool.open_count(key):
         return True
     said = exc.__cause__
-    if isinstance(said, aiosmtplib.SMTPResponseException) and said.code == 421:
-        return await pool.opens_alongside(key, timeout)
-    return False
+    refused = isinstance(said, aiosmtplib.SMTPResponseException) and said.code == 421
+    if not pool.open_anywhere(key) and not (refused and await pool.opens_alongside(key, timeout)):
+        return False
+    if not pool.open_count(key):
+        pool.want(key)
+    return True
 
 
 async def connect(upstream: SmtpUpstream, secret: str | None) -> aiosmtplib.SMTP:
