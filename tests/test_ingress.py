@@ -230,6 +230,91 @@ def test_malformed_sender_refused(
     assert "\r" not in line
 
 
+def test_a_display_name_before_the_path_is_dropped(relay: Relay) -> None:
+    """As Postfix takes it (``strict_rfc821_envelopes = no``): an ERP that writes
+    one was refused ``501`` at MAIL and could not send at all."""
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b'MAIL FROM:"Jan" <jan@acme.example>').startswith("250")
+        assert raw.cmd(b"RSET").startswith("250")
+        assert raw.cmd(b"MAIL FROM:Jan Janssens <jan@acme.example> SIZE=100").startswith("250")
+        assert raw.cmd(b'RCPT TO: "Customer" <q4@example.org>').startswith("250")
+        assert raw.cmd(b"RCPT TO:Jan J. Janssens (copy)<jan@acme.example>").startswith("250")
+        assert raw.cmd(b"DATA").startswith("354")
+        assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
+    (submission,) = relay.process.submissions
+    assert submission.mail_from == "jan@acme.example"
+    assert submission.rcpt_tos == ("q4@example.org", "jan@acme.example")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"<a<b@example.org>>",
+        b"<a>b@example.org>",
+        b"<q\r@example.org>",
+        b'<"a b"@example.org>',
+        b"<q@example.org> NOTIFY=NEVER",
+        b"<q@example.org> <r@example.org>",
+    ],
+)
+def test_a_display_name_changes_no_refusal_of_the_path_after_it(relay: Relay, path: bytes) -> None:
+    """The path is parsed and checked as if it stood alone: a name is no way
+    around those checks."""
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        alone = raw.cmd(b"RCPT TO:" + path)
+        named = raw.cmd(b'RCPT TO:"Customer" ' + path)
+    assert alone.startswith(("501", "553", "555")), alone
+    assert named == alone
+
+
+SYNTAX = "501 5.5.4 Syntax: RCPT TO:<address> [SP <mail-parameters>]"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (b'"a<b"', SYNTAX),
+        (b'"a>b"', SYNTAX),
+        (b"Cus\rtomer", SYNTAX),
+        (b'"Cus\x00tomer"', SYNTAX),
+        (b"a@b.example", SYNTAX),
+        (b'"Jan', "553 5.1.3 Quoted local parts are not supported: '\"Jan <q4@example.org>\"'"),
+    ],
+)
+def test_a_name_that_is_no_display_name_is_refused_as_before(
+    relay: Relay, name: bytes, expected: str
+) -> None:
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        assert raw.cmd(b"RCPT TO:" + name + b" <q4@example.org>") == expected
+
+
+def test_a_refusal_with_no_path_found_logs_what_the_client_sent(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It logged ``from=<?>`` alone, and the sysadmin had to guess."""
+    caplog.set_level(logging.INFO, logger="relay")
+    long_name = b"x" * 300
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        sender = raw.cmd(b'MAIL FROM:"Jan\x01" <jan@acme.example>')
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        recipient = raw.cmd(b"RCPT TO:" + long_name + b"@ <q4@example.org>")
+    sent = b"RCPT TO:" + long_name + b"@ <q4@example.org>"
+    shown = sent[: protocol.SENT_LOGGED].decode()
+    assert refused_lines(caplog) == [
+        f"refused client=127.0.0.1 from=<?>: {sender}"
+        r' (the client sent: MAIL FROM:"Jan\x01" <jan@acme.example>)',
+        f"refused client=127.0.0.1 from=<erp@acme.example> to=<?>: {recipient}"
+        f" (the client sent: {shown} [{len(sent) - protocol.SENT_LOGGED} more characters"
+        " not logged])",
+    ]
+
+
 @pytest.mark.parametrize(
     ("path", "expected"),
     [

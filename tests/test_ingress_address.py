@@ -1,15 +1,23 @@
-"""The fast path for MAIL/RCPT paths gives exactly what aiosmtpd's parser gives."""
+"""The fast path for MAIL/RCPT paths gives exactly what aiosmtpd's parser gives,
+once a display name before the path is dropped."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from aiosmtpd.smtp import SMTP
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal, plain_path
+from relay.ingress.address import (
+    RECIPIENT,
+    SENDER,
+    mailbox_refusal,
+    plain_path,
+    without_display_name,
+)
 from relay.ingress.protocol import RelaySMTP
 
 PIECES = st.sampled_from(
@@ -21,9 +29,8 @@ PART = st.one_of(
     st.text(alphabet="abz09.-+_'\" \\()[]é", min_size=0, max_size=12),
 )
 SUFFIX = st.sampled_from(["", " ", " SIZE=100", "SIZE=1", " (c) SIZE=1", "\tBODY=7BIT", "(c)", ">"])
-PATHS = st.builds(
-    lambda a, b, c, d: f"{a}<{b}@{c}>{d}", st.sampled_from(["", " "]), PART, PART, SUFFIX
-)
+NAME = st.sampled_from(["", " ", '"Jan" ', "Jan Janssens ", "(c)", '"a<b" ', "J\ran ", "é "])
+PATHS = st.builds(lambda a, b, c, d: f"{a}<{b}@{c}>{d}", NAME, PART, PART, SUFFIX)
 
 
 def _protocols(limit: int) -> tuple[SMTP, RelaySMTP]:
@@ -60,9 +67,15 @@ THEIRS_LIMITED, OURS_LIMITED = _protocols(8)
 @example("<a@b> \t SIZE=1")
 @example("<a@b>SIZE=1")
 @example("<@relay.example:a@b.example>")
+@example('"Jan" <a@b.example> SIZE=1')
+@example('"Jan" <"a b"@c.example>')
+@example("Jan <a<b@c.example>>")
 def test_same_result_as_aiosmtpd(arg: str) -> None:
-    assert _outcome(OURS, arg) == _outcome(THEIRS, arg)
-    assert _outcome(OURS_LIMITED, arg) == _outcome(THEIRS_LIMITED, arg)
+    """aiosmtpd's result for the path without its display name: it read the
+    name as the address, and the path after it as parameters (a ``501``)."""
+    path = without_display_name(arg)
+    assert _outcome(OURS, arg) == _outcome(THEIRS, path)
+    assert _outcome(OURS_LIMITED, arg) == _outcome(THEIRS_LIMITED, path)
 
 
 def _outcome(protocol: SMTP, arg: str) -> object:
@@ -88,6 +101,37 @@ def _outcome(protocol: SMTP, arg: str) -> object:
 )
 def test_plain_path(arg: str, expected: tuple[str, str] | None) -> None:
     assert plain_path(arg) == expected
+
+
+@pytest.mark.parametrize(
+    ("arg", "expected"),
+    [
+        ('"Jan" <jan@acme.example>', "<jan@acme.example>"),
+        ("Jan Janssens <jan@acme.example> SIZE=9", "<jan@acme.example> SIZE=9"),
+        ('"Customer"<q4@example.org>', "<q4@example.org>"),
+        ("Jan J. Janssens (sales) <j@acme.example>", "<j@acme.example>"),
+        ('"Janssens, Jan \\"JJ\\"" <j@acme.example>', "<j@acme.example>"),
+        ('"Jan" <>', "<>"),
+        ("<jan@acme.example>", "<jan@acme.example>"),
+        # no display name: parsed whole, as before
+        ("jan@acme.example <jan@acme.example>", "jan@acme.example <jan@acme.example>"),
+        ('"a<b" <jan@acme.example>', '"a<b" <jan@acme.example>'),
+        ('"a>b" <jan@acme.example>', '"a>b" <jan@acme.example>'),
+        ("Jan\r <jan@acme.example>", "Jan\r <jan@acme.example>"),
+        ('"Jan\x00" <jan@acme.example>', '"Jan\x00" <jan@acme.example>'),
+        ('"Jan <jan@acme.example>', '"Jan <jan@acme.example>'),
+        ("Jan Janssens", "Jan Janssens"),
+    ],
+)
+def test_without_display_name(arg: str, expected: str) -> None:
+    assert without_display_name(arg) == expected
+
+
+def test_a_long_name_with_no_path_is_read_in_linear_time() -> None:
+    """A run of letters splits into words in exponentially many ways."""
+    start = time.monotonic()
+    assert without_display_name("a" * 5000 + " b" * 200) == "a" * 5000 + " b" * 200
+    assert time.monotonic() - start < 0.5
 
 
 def test_local_part_limit_applies_on_the_fast_path() -> None:

@@ -12,6 +12,12 @@ dot-atom local part and a host name: that is sent upstream and recorded
 exactly as received. A quoted local part (``"a@b"@x``) would not be: the
 upstream client unquotes it, so ``"postmaster@x"`` would go out as
 ``postmaster@x``. ERPs never need quoted local parts or address literals.
+
+Some ERPs write a display name before the path (``MAIL FROM:"Jan"
+<jan@acme.example>``), which Postfix takes by default
+(``strict_rfc821_envelopes = no``): the name is dropped and the path parsed
+as if it stood alone. A name holding ``<``, ``>``, a control or a backslash
+outside a quoted string is no name: the whole is parsed as before.
 """
 
 from __future__ import annotations
@@ -24,6 +30,15 @@ from relay.headers import DOT_ATOM, fits_smtp
 _PATH = re.compile(rf"<({DOT_ATOM}@{DOT_ATOM})>")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _MAILBOX = re.compile(rf"{DOT_ATOM}@{_LABEL}(?:\.{_LABEL})*")
+
+# RFC 5322's phrase (with obs-phrase's dots) and comments, in ASCII without <, >
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+"
+_QUOTED = r'"(?:[\x20\x21\x23-\x3b\x3d\x3f-\x5b\x5d-\x7e]|\\[\x20-\x3b\x3d\x3f-\x7e])*"'
+_COMMENT = r"\([\x20-\x27\x2a-\x3b\x3d\x3f-\x5b\x5d-\x7e]*\)"
+#: A display name before a path's ``<``, with the white space after it;
+#: possessive, or a long run of letters with no ``<`` took exponential time.
+DISPLAY_NAME = rf"(?:(?:{_ATOM}|{_QUOTED}|{_COMMENT})[ \t]*)++(?=<)"
+_DISPLAY_NAME = re.compile(DISPLAY_NAME)
 
 TOO_LONG = "Address longer than SMTP allows (64 octets before the @, 254 in all)"
 SENDER = "5.1.7"  # RFC 3463: bad sender's mailbox address syntax
@@ -39,6 +54,13 @@ def plain_path(arg: str) -> tuple[str, str] | None:
     if rest[:1].isspace() or rest.startswith("("):
         return None  # folding or a comment: the parser's rules for CFWS apply
     return match.group(1), rest
+
+
+def without_display_name(arg: str) -> str:
+    """``arg`` from its path's ``<`` on when a display name comes first, else as
+    it is: an ERP that writes one could not send at all, refused ``501``."""
+    match = _DISPLAY_NAME.match(arg)
+    return arg if match is None else arg[match.end() :]
 
 
 def mailbox_refusal(address: str, status: str, given: str | None = None) -> Rejected | None:

@@ -26,7 +26,8 @@
   unknown commands or AUTHs), saying how far the session had come.
 
 - DATA read in large pieces rather than line by line (``data``), and the
-  usual ``<local@domain>`` path parsed without the header parser (``address``).
+  usual ``<local@domain>`` path parsed without the header parser, a display
+  name before it dropped (``address``).
 
 It leans on aiosmtpd 1.4's internals (``_handle_client``, ``_reset_timeout``,
 ``_timeout_handle``, ``_timeout_cb``, ``_reader``, ``_set_post_data_state``,
@@ -54,7 +55,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, _
 
 from relay import tally
 from relay.ingress import content, data
-from relay.ingress.address import plain_path
+from relay.ingress.address import DISPLAY_NAME, plain_path, without_display_name
 from relay.ingress.auth import AUTH_ABORTED, BAD_BASE64, Authenticated, Mechanisms
 from relay.ingress.clientlimit import ALL_BUSY, EVERYONE, TOO_MANY, ClientRow, counted_as
 from relay.submission import Submission
@@ -75,6 +76,9 @@ AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"
 # smtpd_soft_error_limit: enough for an ERP's list of bad addresses, while a
 # client sending RCPTs in a loop adds one line more, not one per command.
 RCPT_REFUSALS_LOGGED = 10
+# Characters of a MAIL or RCPT command quoted in its refusal's log line, when
+# no path could be found in it: enough for a display name and an address.
+SENT_LOGGED = 200
 # Postfix's smtpd_hard_error_limit: error replies (4xx, 5xx) a connection may
 # get before a message is accepted; then it is told 421 and closed. Without
 # it a client looping on a refused command was answered, and logged, forever.
@@ -85,6 +89,9 @@ JUNK_COMMAND_LIMIT = 100
 # Refused MAILs logged one by one while a connection has had fewer errors
 # than this; the rest are counted in one line at its end.
 REFUSALS_LOGGED = 10
+# Characters of a MAIL or RCPT command quoted in its refusal's log line, when
+# no path could be found in it: enough for a display name and an address.
+SENT_LOGGED = 200
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing the connection"
 READ_FAILED = "421 4.3.0 Local error reading the message, try again later"
 # As Postfix answers a command it does not offer: aiosmtpd's 454 is a temporary
@@ -103,8 +110,8 @@ _TOO_MANY_RECIPIENTS = "452 4.5.3 "
 
 NON_ASCII = "501 5.6.7 Non-ASCII characters are not allowed: SMTPUTF8 is not offered"
 _NON_ASCII_PATH = re.compile(rb"(MAIL FROM|RCPT TO):\s*<([^>]*)>", re.IGNORECASE)
-_GIVEN_SENDER = re.compile(r"FROM:\s*<([^>]*)>", re.IGNORECASE)
-_GIVEN_RECIPIENT = re.compile(r"TO:\s*<([^>]*)>", re.IGNORECASE)
+_GIVEN_SENDER = re.compile(rf"FROM:\s*(?:{DISPLAY_NAME})?<([^>]*)>", re.IGNORECASE)
+_GIVEN_RECIPIENT = re.compile(rf"TO:\s*(?:{DISPLAY_NAME})?<([^>]*)>", re.IGNORECASE)
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _AUTH_PARAMETER = re.compile(r"[ \t]+AUTH=\S*", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -550,6 +557,7 @@ class RelaySMTP(SMTP):
         self._counted.clear()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        arg = without_display_name(arg)
         plain = plain_path(arg)
         if plain is None:
             return super()._getaddr(arg)
@@ -835,9 +843,11 @@ class RelaySMTP(SMTP):
         the transaction under way to be delivered."""
         assert self.session is not None
         if self._mail_arg is not None and status.startswith("5") and status[1:3] != "03":
-            self._log_refused_sender(given_sender(self._mail_arg), status)
+            sender = given_sender(self._mail_arg)
+            self._log_refused_sender(sender, _with_sent(status, sender, "MAIL", self._mail_arg))
         elif self._rcpt_arg is not None and status.startswith(("4", "5")):
-            self._log_refused_recipient(given_path(_GIVEN_RECIPIENT, self._rcpt_arg), status)
+            to = given_path(_GIVEN_RECIPIENT, self._rcpt_arg)
+            self._log_refused_recipient(to, _with_sent(status, to, "RCPT", self._rcpt_arg))
 
     def path_as_given(self) -> str | None:
         """The path of the MAIL or RCPT being handled as the client wrote it (controls
@@ -1074,6 +1084,18 @@ class RefusedRecipients:
             )
         self._count = 0
         self._last = None
+
+
+def _with_sent(status: str, path: str, verb: str, arg: str) -> str:
+    """``status`` for the log line of a refused MAIL or RCPT whose path was not
+    found (``?``), with the command as sent: ``from=<?>`` alone left the
+    sysadmin to guess what the client wrote."""
+    if path != "?":
+        return status
+    sent = _CONTROL.sub(escaped_match, f"{verb} {arg}".rstrip())
+    if len(sent) > SENT_LOGGED:
+        sent = f"{sent[:SENT_LOGGED]} [{len(sent) - SENT_LOGGED} more characters not logged]"
+    return f"{status} (the client sent: {sent})"
 
 
 def given_sender(arg: str | None) -> str:
