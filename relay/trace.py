@@ -27,7 +27,7 @@ def received(
 ) -> bytes:
     """``eol``: the message's own line ending, as the other edits take it."""
     helo = _NOT_DOMAIN.sub("-", submission.helo)[:255] or "unknown"
-    protocol = "SMTP"  # HELO: neither TLS nor a login is an extension it can use
+    protocol = "SMTP"  # HELO: RFC 3848's S and A qualify ESMTP alone
     if submission.esmtp:
         tls = "S" if submission.tls else ""
         protocol = f"ESMTP{tls}{'A' if submission.auth_login else ''}"

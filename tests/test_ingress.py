@@ -957,6 +957,30 @@ def test_auth_required_refuses_mail_before_auth(caplog: pytest.LogCaptureFixture
     assert relay.process.submissions[0].auth_login == "erp-acme"
 
 
+def test_auth_after_helo_logs_in() -> None:
+    """As Postfix takes it: a scanner that only says HELO, on an ``auth: required``
+    listener, was refused MAIL for want of a login and AUTH for want of EHLO."""
+    login = b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()
+    with Relay([listener(auth=AuthMode.REQUIRED)]) as relay, Raw(relay.port) as raw:
+        assert raw.cmd(b"HELO scanner").startswith("250")
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>") == "530 5.7.0 Authentication required"
+        assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "wrong").encode()).startswith("535 ")
+        assert raw.cmd(login).startswith("235 ")
+        # still a HELO session: no ESMTP parameters
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example> SIZE=10").startswith("501 ")
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        assert raw.cmd(b"RCPT TO:<one@example.org>").startswith("250")
+        assert raw.cmd(b"DATA").startswith("354")
+        assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
+    (submission,) = relay.process.submissions
+    assert (submission.auth_login, submission.esmtp) == ("erp-acme", False)
+
+
+def test_auth_before_any_greeting_asks_for_ehlo(relay: Relay) -> None:
+    with Raw(relay.port) as raw:
+        assert raw.cmd(b"AUTH PLAIN") == "503 5.5.1 Error: send EHLO first"
+
+
 def test_auth_off_is_not_offered() -> None:
     with Relay([listener(auth=AuthMode.OFF)]) as relay, Raw(relay.port) as raw:
         assert not any("AUTH" in line for line in raw.ehlo())
@@ -996,6 +1020,21 @@ def test_auth_refused_before_starttls_off_loopback(tls_files: TlsFiles) -> None:
         assert not any("AUTH" in line for line in lines)
         reply = raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode())
         assert reply.startswith("538 5.7.11 ")
+
+
+@pytest.mark.usefixtures("not_loopback")
+def test_auth_after_helo_needs_tls_as_after_ehlo(tls_files: TlsFiles) -> None:
+    login = b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with Relay([listener(tls=tls_files, auth=AuthMode.REQUIRED)]) as relay, Raw(relay.port) as raw:
+        assert raw.cmd(b"HELO scanner").startswith("250")
+        assert raw.cmd(login).startswith("538 5.7.11 ")
+        assert raw.cmd(b"STARTTLS").startswith("220")
+        raw.sock = context.wrap_socket(raw.sock)
+        assert raw.cmd(b"HELO scanner").startswith("250")
+        assert raw.cmd(login).startswith("235 ")
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
 
 
 @pytest.mark.usefixtures("not_loopback")

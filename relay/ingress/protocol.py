@@ -150,7 +150,6 @@ _BEFORE_DISPATCH = frozenset(
 # aiosmtpd's replies without an RFC 3463 code, with one (RFC 2034: every reply
 # but the greeting, HELO's and EHLO's once ENHANCEDSTATUSCODES is offered).
 # Those aiosmtpd words with a variable part get one from ``_with_code``.
-_SEND_EHLO = "503 5.5.1 Error: send EHLO first"
 _CODED_REPLIES = {
     "250 OK": "250 2.0.0 OK",
     "221 Bye": "221 2.0.0 Bye",
@@ -160,8 +159,7 @@ _CODED_REPLIES = {
     ),
     "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
     "503 Error: send HELO first": "503 5.5.1 Error: send HELO first",
-    "503 Error: send EHLO first": _SEND_EHLO,
-    "500 Error: command 'AUTH' not recognized": _SEND_EHLO,  # after HELO
+    "503 Error: send EHLO first": "503 5.5.1 Error: send EHLO first",
     "503 Error: need MAIL command": "503 5.5.1 Error: need MAIL command",
     "503 Error: nested MAIL command": "503 5.5.1 Error: nested MAIL command",
     "503 Already authenticated": "503 5.5.1 Already authenticated",
@@ -679,16 +677,25 @@ class RelaySMTP(SMTP):
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
+        """aiosmtpd's AUTH, after HELO too, as Postfix takes it: a scanner that
+        only says HELO, on an ``auth: required`` listener, was refused MAIL for
+        want of a login and AUTH for want of EHLO, and could never send."""
         if self.in_transaction:  # RFC 4954 4
             await self.push("503 5.5.1 Error: AUTH not permitted during a mail transaction")
             return
         handler, session = self.event_handler, self.session
-        if isinstance(handler, Mechanisms) and session and handler.login_outdated(session):
+        assert session is not None
+        if isinstance(handler, Mechanisms) and handler.login_outdated(session):
             # told "log in again", it was answered "503 Already authenticated"
             session.authenticated = False
             session.auth_data = None
         mechanism, space, rest = (arg or "").partition(" ")
-        await super().smtp_AUTH(mechanism.upper() + space + rest)  # names are case-blind
+        greeted_with_ehlo = session.extended_smtp
+        session.extended_smtp = True  # aiosmtpd's own check of it refuses AUTH after HELO
+        try:
+            await super().smtp_AUTH(mechanism.upper() + space + rest)  # names are case-blind
+        finally:
+            session.extended_smtp = greeted_with_ehlo
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
