@@ -1369,6 +1369,30 @@ def test_a_client_that_resets_after_its_greeting_is_logged(
     assert "lost connection after" not in caplog.text
 
 
+def test_a_client_that_resets_after_its_dot_is_not_said_to_have_lost_its_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It was logged "lost connection after DATA", which in Postfix means the
+    message was not taken, above the line saying it was queued."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Relay([listener()], Recorder(delay=0.5)) as relay:
+        with Raw(relay.port) as raw:
+            raw.envelope()
+            assert raw.cmd(b"DATA").startswith("354")
+            raw.send(MESSAGE + b".\r\n")
+            time.sleep(0.1)  # the dot read, the message being handled
+            raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        assert relay.process.finished.wait(5)
+        _wait_for(lambda: "left before the reply" in caplog.text)
+    assert (
+        "client=127.0.0.1 lost connection after END-OF-MESSAGE, before its reply:"
+        " Connection reset by peer (the message was received whole and is handled all the same)"
+    ) in caplog.text
+    assert "lost connection after DATA" not in caplog.text
+    assert "left before the reply; it would have been: 250 2.0.0 Ok: queued as TEST" in caplog.text
+    assert len(relay.process.submissions) == 1
+
+
 def test_data_before_mail_asks_for_mail(relay: Relay) -> None:
     """It asked for RCPT, sending whoever debugs an ERP's command order astray."""
     with Raw(relay.port) as raw:

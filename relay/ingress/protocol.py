@@ -128,6 +128,12 @@ CLOSED_AFTER_HANDSHAKE = (
 HANDSHAKE_FAILED = "TLS handshake failed client=%s: %s (listener %s)"
 # The handshake is given the idle timeout, after STARTTLS as on implicit TLS.
 HANDSHAKE_TIMED_OUT = "client=%s did not finish the TLS handshake in %gs"
+# Postfix's name for the moment after the dot; the handler's line saying what
+# the reply would have been follows.
+LOST_BEFORE_THE_REPLY = (
+    "client=%s lost connection after END-OF-MESSAGE, before its reply: %s"
+    " (the message was received whole and is handled all the same)"
+)
 IMPLICIT_TLS_CLIENT = (
     "client=%s sent a TLS handshake where an SMTP command was expected:"
     " is it set for implicit TLS (port 465)? this listener offers %s"
@@ -271,6 +277,7 @@ class RelaySMTP(SMTP):
         self._overshoot = 0  # RCPTs of this transaction past the recipient limit
         self._junk = 0  # NOOP, RSET and VRFY commands, counted like the errors
         self._in_data = False  # reading a DATA section
+        self._answering = False  # a message read whole, its reply being made
         # the client's last command, for ``_stage``, as Postfix names it: refused
         # or not, UNKNOWN for one not recognized, END-OF-MESSAGE once a message
         # is answered; None before the first
@@ -349,7 +356,10 @@ class RelaySMTP(SMTP):
         """A client that greeted and then reset the connection, as Postfix's ``lost
         connection after MAIL from ...``: a client that sent a whole transaction
         and closed at once, before the replies, lost its message with no line in
-        the log. Not before the greeting: TCP health checks reset there."""
+        the log. Not before the greeting: TCP health checks reset there. Once
+        its message is read whole, its handling goes on (``handle_DATA``): "lost
+        connection after DATA", which in Postfix means a message not taken, was
+        logged before the line saying it was queued."""
         session = self.session
         if not isinstance(error, OSError) or session is None or session.host_name is None:
             return
@@ -357,12 +367,11 @@ class RelaySMTP(SMTP):
             return  # a client may reset the connection once it has read the 221
         if self._in_data:
             return  # said by the DATA reader: "connection lost during DATA"
-        log.info(
-            "client=%s lost connection after %s: %s",
-            client_address(session.peer),
-            self._stage(),
-            error.strerror or error,
-        )
+        peer, reason = client_address(session.peer), error.strerror or error
+        if self._answering:
+            log.info(LOST_BEFORE_THE_REPLY, peer, reason)
+            return
+        log.info("client=%s lost connection after %s: %s", peer, self._stage(), reason)
 
     def eof_received(self) -> bool | None:
         """A client may close its side once it has sent everything, QUIT
@@ -765,7 +774,11 @@ class RelaySMTP(SMTP):
             # sent behind the data, unasked: such a client is on its way out and
             # may close before the reply (over TLS its close comes ~40 ms later)
             self.hung_up.set()
-        status = await self._call_handler_hook("DATA")
+        self._answering = True
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            self._answering = False
         self._set_post_data_state()
         self._after = "END-OF-MESSAGE"  # Postfix's word: "timeout after END-OF-MESSAGE"
         status = "250 OK" if status is MISSING else status
