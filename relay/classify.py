@@ -53,14 +53,16 @@ def _match(condition: Condition, view: MessageView) -> str | None:
     A field's value is matched without the white space around it, as the
     identify header is read: an ERP that pads a fixed-width field
     (``invoice  ``) or folds right after the colon means the same value,
-    and an anchored pattern (``^invoice$``) must not miss it.
+    and an anchored pattern (``^invoice$``) must not miss it. An attachment
+    is named with its file: among several PDFs, the pattern alone did not
+    say which one made the type.
     """
     if condition.kind is ConditionKind.SUBJECT:
         candidates = [("Subject", view.subject.strip())]
     elif condition.kind is ConditionKind.HEADER:
         candidates = [(condition.header, v.strip()) for v in view.get_all(condition.header)]
     else:
-        candidates = [("attachment", name) for name in view.attachments]
+        candidates = [(f"attachment {name!r}", name) for name in view.attachments]
     for label, value in candidates:
         found = condition.pattern.search(value)
         if found:

@@ -267,7 +267,25 @@ def test_classify_conditions_combine_with_and(policy_file: Path) -> None:
     base = [f for f in BASE if not f.startswith("Subject")]
     p = run(policy_file, msg(*base, "Subject: Order 77", *mixed, body=body))
     assert p.decision.classification.doc_type == "order_confirmation"
-    assert "attachment matches '.PDF'" in p.decision.classification.reason
+    assert "attachment 'ORD-77.PDF' matches '.PDF'" in p.decision.classification.reason
+
+
+def test_classify_names_the_attachment_that_matched(policy_file: Path) -> None:
+    """With several attachments, the pattern alone (``'.pdf'``) did not say
+    which file made the type."""
+    mixed = (
+        "MIME-Version: 1.0",
+        'Content-Type: multipart/mixed; boundary="b1"',
+    )
+    parts = b"".join(
+        b"--b1\r\nContent-Type: application/octet-stream\r\n"
+        b'Content-Disposition: attachment; filename="' + name + b'"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQK\r\n"
+        for name in (b"terms.txt", b"o18.pdf", b"o19.pdf")
+    )
+    base = [f for f in BASE if not f.startswith("Subject")]
+    p = run(policy_file, msg(*base, "Subject: Order 18", *mixed, body=parts + b"--b1--\r\n"))
+    assert "attachment 'o18.pdf' matches '.pdf'" in p.decision.classification.reason
 
 
 # decide and rewrite
