@@ -97,12 +97,14 @@ def decide(
     sender = own or _Mailbox(identity.user.name, identity.user.address, "")
     reply_to_after, why = _reply_to(identity, sender, classification.doc_type, view)
     reasons.append(why)
-    bcc, why = _bcc(identity, classification.doc_type, submission.rcpt_tos)
     sent, suppressed = _suppressed(suppressions, identity, submission.rcpt_tos)
+    bcc, why = _bcc(identity, classification.doc_type, submission.rcpt_tos, suppressed)
     if bcc and suppressed and not sent:  # the sender's record of what went out: nothing did
         bcc, why = (), "no automatic BCC: every recipient is on the suppression list"
-    reasons.append(why)
     copy, listed = _suppressed(suppressions, identity, bcc)
+    if listed:  # kept in bcc_added: the copy is the relay's, and no notice tells of it
+        why += ", added, then suppressed: the sender is on the suppression list"
+    reasons.append(why)
     recipients, suppressed = (*sent, *copy), (*suppressed, *listed)
     reasons += (f"not sent to {address}: {entry.describe()}" for address, entry in suppressed)
     signing = policy.keys_for(signing_domain)
@@ -516,11 +518,22 @@ def _chain_why(why: str, skipped: list[str]) -> str:
 
 
 def _bcc(
-    identity: Identity, doc_type: str, rcpt_tos: tuple[str, ...]
+    identity: Identity,
+    doc_type: str,
+    rcpt_tos: tuple[str, ...],
+    suppressed: tuple[tuple[str, Suppression], ...],
 ) -> tuple[tuple[str, ...], str]:
+    """The automatic copy, and why. A sender among the recipients on the
+    suppression list gets no copy by either route: "already a recipient"
+    alone read as one sent that way."""
     address = identity.user.address
     if doc_type not in identity.tenant.bcc_sender:
         return (), f"no automatic BCC: {doc_type!r} is not a BCC document type"
+    if listed(address, (a for a, _ in suppressed)):
+        return (), (
+            f"no automatic BCC: {address} is already a recipient, and on the"
+            " suppression list: the sender gets no copy"
+        )
     if listed(address, rcpt_tos):
         return (), f"no automatic BCC: {address} is already a recipient"
     return (address,), f"automatic BCC to the sender {address} ({doc_type!r})"

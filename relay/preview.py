@@ -366,6 +366,14 @@ def _shown(header: str | None) -> str:
     return "-" if header is None else header
 
 
+def _bcc_added(r: dict) -> str:
+    """A copy the suppression list then kept back is marked: named alone, it
+    read as sent, with the sender among the suppressed further down."""
+    kept_back = {s["recipient"] for s in r["suppressed"]}
+    added = [f"{a} (suppressed)" if a in kept_back else a for a in r["bcc_added"]]
+    return ", ".join(added) or "none"
+
+
 def _text(r: dict) -> str:
     user, tenant = r["user"], r["tenant"]
     dkim = ", ".join(f"d={k['domain']} s={k['selector']} ({k['algorithm']})" for k in r["dkim"])
@@ -382,7 +390,7 @@ def _text(r: dict) -> str:
         f"Document:    {doc['type']}" + (f" (rule {doc['rule']})" if doc["rule"] else ""),
         f"From:        {_shown(r['from']['before'])}  ->  {_shown(r['from']['after'])}",
         f"Reply-To:    {_shown(before)}  ->  {_shown(before if after is None else after or None)}",
-        f"BCC added:   {', '.join(r['bcc_added']) or 'none'}",
+        f"BCC added:   {_bcc_added(r)}",
         f"Removed:     {', '.join(r['headers_removed']) or 'none'}",
         f"Envelope:    MAIL FROM <{r['envelope']['mail_from']}>",
         f"Recipients:  {', '.join(r['envelope']['recipients']) or 'none'}",

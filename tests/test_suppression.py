@@ -332,6 +332,31 @@ def test_no_automatic_copy_goes_out_of_a_document_no_recipient_gets(policy_file:
     assert "no automatic BCC: every recipient is on the suppression list" in text
 
 
+def test_a_sender_on_the_list_is_not_said_to_get_a_copy(policy_file: Path) -> None:
+    """The invoice's copy to a sender on the list was shown as added, with
+    the sender among the suppressed further down; and a sender who named
+    themselves was "already a recipient", though no copy went either way.
+    The envelope is as before: the copy stays in ``bcc_added``."""
+    policy = load(policy_file)
+    assert policy.suppression is not None
+    policy.suppression.file.parent.mkdir(parents=True)
+    SuppressionFile(policy.suppression.file).add([_entry("jan@acme.example")])
+    text = render(policy, submission_from_file(MESSAGE, None, None, []), as_json=False)
+    assert "BCC added:   jan@acme.example (suppressed)\n" in text
+    assert "Recipients:  buyer@example.org, gone@example.org\n" in text
+    assert (
+        "automatic BCC to the sender jan@acme.example ('invoice'), added, then suppressed:"
+        " the sender is on the suppression list"
+    ) in text
+    own = submission_from_file(MESSAGE, None, None, ["buyer@example.org", "jan@acme.example"])
+    text = render(policy, own, as_json=False)
+    assert "Recipients:  buyer@example.org\n" in text
+    assert (
+        "no automatic BCC: jan@acme.example is already a recipient, and on the"
+        " suppression list: the sender gets no copy"
+    ) in text
+
+
 def test_a_document_without_recipients_is_not_previewed_as_all_suppressed(
     policy_file: Path,
 ) -> None:
