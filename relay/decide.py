@@ -70,6 +70,11 @@ class Decision:
     mail_from: str
     reasons: tuple[str, ...]
 
+    def sender_told(self, address: str) -> bool:
+        """Whether a failure of ``address`` is the sender's to hear of: the
+        automatic copy is the relay's own, and the sender never named it."""
+        return address not in self.bcc_added
+
 
 def decide(
     policy: Policy,

@@ -26,7 +26,7 @@ from typing import Any
 
 from relay.audit import AuditError
 from relay.groupcommit import GroupCommit
-from relay.notice import build_notice, signed_anew
+from relay.notice import build_notice, signed_anew, telling
 from relay.policy.model import Policy, QueueSettings, Upstream, sends_as
 from relay.record import Recorder, dsn
 from relay.settle import WAITING_MAX, EntryLock, Finished, Settle, Settler
@@ -1381,15 +1381,20 @@ class Engine:
             for r in entry.recipients
             if r.status in (FAILED, EXPIRED, SUPPRESSED) and r.notify and r.address not in told
         ]
-        if not failures or not entry.mail_from:  # a notice, or <> from the client
+        due = telling(
+            entry.mail_from,
+            entry.notify_address,
+            [r.address for r in failures],
+            lambda address: self._listed(address, entry.tenant),
+        )
+        if due is None:
             return True
-        listed = self._listed(entry.notify_address, entry.tenant)
-        if listed is not None:  # it bounced or complained: no notice adds to that
+        if due.withheld is not None:
             log.info(
                 "%s: no failure notice: <%s> is on the suppression list since %s",
                 entry.queue_id,
                 entry.notify_address,
-                listed.since,
+                due.withheld.since,
             )
             for rcpt in failures:
                 rcpt.notify = False

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import quopri
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import formatdate
 
@@ -25,10 +26,38 @@ from relay.policy.model import DkimKey, Policy, sends_as
 from relay.queueid import new_queue_id
 from relay.sign import sign
 from relay.spool import DELIVERED, PENDING, SUPPRESSED, QueueEntry, RecipientState
+from relay.suppression import Suppression
 
 log = logging.getLogger("relay")
 
 _MSG_ID = re.compile(r"<[^<>\s]+>")
+
+
+@dataclass(frozen=True)
+class Telling:
+    """A failure notice to ``to`` about ``failures``, unless ``withheld``: the
+    sender's own entry on the suppression list (it bounced or complained, and
+    each notice would add to that)."""
+
+    to: str
+    failures: tuple[str, ...]
+    withheld: Suppression | None
+
+
+def telling(
+    mail_from: str,
+    to: str,
+    failures: Sequence[str],
+    find: Callable[[str], Suppression | None],
+) -> Telling | None:
+    """Whether the sender hears of ``failures``; None when there is nothing to
+    tell or the envelope sender is empty (RFC 5321 4.5.5: a notice, or ``<>``
+    from the client). One decision for the engine and ``relay preview``, which
+    said nothing of the notice; ``find`` looks the sender up, and is called
+    only when a notice is due, as a lookup may read the list's file."""
+    if not failures or not mail_from:
+        return None
+    return Telling(to, tuple(failures), find(to))
 
 
 def build_notice(

@@ -613,11 +613,11 @@ def _warm(lock: int | None, entry: QueueEntry, prepared: Prepared) -> Warm | Non
 
 def _entry(prepared: Prepared, submission: Submission) -> QueueEntry:
     decision = prepared.decision
-    bcc = set(decision.bcc_added)
+    told = decision.sender_told
     now = time.time()
     suppressed = [
         RecipientState(
-            address, SUPPRESSED, notify=address not in bcc, reply=f"not sent: {entry.describe()}"
+            address, SUPPRESSED, notify=told(address), reply=f"not sent: {entry.describe()}"
         )
         for address, entry in decision.suppressed
     ]
@@ -627,7 +627,7 @@ def _entry(prepared: Prepared, submission: Submission) -> QueueEntry:
         mail_from=decision.mail_from,
         recipients=[
             *(
-                RecipientState(address, PENDING, notify=address not in bcc)
+                RecipientState(address, PENDING, notify=told(address))
                 for address in decision.recipients
             ),
             *suppressed,

@@ -22,6 +22,7 @@ from relay.identify import a_label_address
 from relay.ingress import content
 from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
 from relay.ingress.protocol import non_ascii_reply
+from relay.notice import Telling, telling
 from relay.pipeline import Prepared, prepare
 from relay.policy.model import (
     AuthMode,
@@ -151,7 +152,7 @@ def render(
     alone = ratelimit.refusal(decision.identity.tenant, wanted, 0)
     if alone is not None:  # the hour's count is the running relay's: only this is sure
         raise alone
-    report = _report(policy, limits, submission, prepared)
+    report = _report(policy, limits, submission, prepared, suppressions)
     if beyond:
         taker = "a listener" if limits.name is None else f"listener {limits.name}"
         report["reasons"].append(
@@ -231,9 +232,16 @@ def _non_ascii_refusal(command: str, address: str) -> Rejected | None:
     return Rejected(int(code), status, text)
 
 
-def _report(policy: Policy, limits: Limits, submission: Submission, prepared: Prepared) -> dict:
+def _report(
+    policy: Policy,
+    limits: Limits,
+    submission: Submission,
+    prepared: Prepared,
+    suppressions: SuppressionList,
+) -> dict:
     d: Decision = prepared.decision
     fields, _ = headers.split(prepared.message)
+    due = _notice(d, suppressions)
     return {
         "policy": {
             "file": os.path.abspath(policy.source),
@@ -262,6 +270,7 @@ def _report(policy: Policy, limits: Limits, submission: Submission, prepared: Pr
             for address, entry in d.suppressed
         ],
         "bcc_added": list(d.bcc_added),
+        "failure_notice": _notice_json(due),
         "headers_removed": [
             f.name for f in headers.split(submission.data)[0] if _removed(f.name, d)
         ],
@@ -270,9 +279,43 @@ def _report(policy: Policy, limits: Limits, submission: Submission, prepared: Pr
             for k in d.signing
         ],
         "upstream": _describe(d.upstream),
-        "reasons": list(d.reasons) + [_not_utf8(f) for f in fields if not _utf8(f.raw)],
+        "reasons": [
+            *d.reasons,
+            *([] if due is None else [_notice_why(due)]),
+            *(_not_utf8(f) for f in fields if not _utf8(f.raw)),
+        ],
         "headers": "".join(map(_wire_text, fields)),
     }
+
+
+def _notice(d: Decision, suppressions: SuppressionList) -> Telling | None:
+    """The engine's own decision on the notice for the suppressed recipients,
+    which it queues after the message's first attempt."""
+    failures = [address for address, _ in d.suppressed if d.sender_told(address)]
+    tenant = d.identity.tenant.id
+    return telling(
+        d.mail_from,
+        d.identity.user.address,
+        failures,
+        lambda address: suppressions.find(address, tenant),
+    )
+
+
+def _notice_json(due: Telling | None) -> dict | None:
+    if due is None:
+        return None
+    entry = due.withheld
+    withheld = None if entry is None else {"reason": entry.reason, "since": entry.since}
+    return {"to": due.to, "recipients": list(due.failures), "withheld": withheld}
+
+
+def _notice_why(due: Telling) -> str:
+    if due.withheld is not None:
+        return (
+            f"no failure notice: the sender <{due.to}> is on the suppression list since"
+            f" {due.withheld.since}"
+        )
+    return f"failure notice to <{due.to}>: {len(due.failures)} recipient(s) suppressed"
 
 
 def _listener(limits: Limits) -> dict:
