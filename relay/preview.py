@@ -347,10 +347,11 @@ def _in_use(policy: Policy) -> dict:
     if other is not None:
         note = (
             f"the running relay uses version {other}; this preview is of the file:"
-            f" {put_in_use(running)}"
+            f" {put_in_use(running, policy.source)}"
         )
     version = running.digest[:12] or None
-    return {"running": {"pid": running.pid, "version": version}, "note": note}
+    file = running.source or None  # None: a relay that did not record it
+    return {"running": {"pid": running.pid, "version": version, "file": file}, "note": note}
 
 
 def _utf8(raw: bytes) -> bool:

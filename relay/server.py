@@ -132,7 +132,7 @@ def run(policy_path: Path) -> int:
         _close(sockets, metrics)
         return EX_CONFIG
     try:
-        lock = statelock.hold(policy.queue.directory.parent, policy.digest)
+        lock = statelock.hold(policy.queue.directory.parent, policy.digest, policy_path)
     except StateBusy as exc:
         log.error("%s", exc)
         _close(sockets, metrics)
@@ -596,7 +596,7 @@ def _note(policy: Policy) -> None:
     under way at the signal writes its note after the stop's."""
     stopping = [statelock.STOPPING] if metrics_status.STATUS.stopping else []
     statelock.note_policy(
-        policy.queue.directory.parent, policy.digest, [*policy.pending, *stopping]
+        policy.queue.directory.parent, policy.digest, [*policy.pending, *stopping], policy.source
     )
 
 

@@ -6,9 +6,9 @@ the service, or a copy of the policy with other ports, must not start. The
 lock is an ``flock`` on ``relay.pid``, which names the holder for the message.
 Forked workers inherit the descriptor, so the lock lasts while any process of
 the relay is alive, and the kernel drops it with the last one, however it
-ends. For ``relay status`` the file goes on with the policy in use and the
-holder's start, and then what a reload left for a restart, a line each;
-it is rewritten at each reload.
+ends. For ``relay status`` the file goes on with the policy in use, the
+holder's start and the policy file it reads, and then what a reload left
+for a restart, a line each; it is rewritten at each reload.
 """
 
 from __future__ import annotations
@@ -74,10 +74,11 @@ def _stat(pid: int) -> list[str]:
         return []
 
 
-def hold(directory: Path, digest: str) -> int:
+def hold(directory: Path, digest: str, source: Path | None = None) -> int:
     """The locked descriptor of ``directory``'s lock file, made if need be, naming
-    this process and ``digest``, the policy it serves; the caller keeps it open
-    for as long as it serves. Raises StateBusy or OSError."""
+    this process, ``digest``, the policy it serves, and ``source``, the file a
+    reload reads; the caller keeps it open for as long as it serves. Raises
+    StateBusy or OSError."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     # not through a symbolic link: whoever may write the directory would choose the file
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -87,7 +88,7 @@ def hold(directory: Path, digest: str) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise StateBusy(directory, _named(directory, fd)) from None
-        _write(fd, digest)
+        _write(fd, digest, (), source)
     except BaseException:
         os.close(fd)
         raise
@@ -108,42 +109,57 @@ def _named(directory: Path, fd: int) -> str:
     return written if written.isdigit() else ""
 
 
-def note_policy(directory: Path, digest: str, pending: Sequence[str] = ()) -> None:
-    """A reload put ``digest`` in use, and left ``pending`` (a line each) not taken
-    up; said in the log if the file cannot take it."""
+def note_policy(
+    directory: Path, digest: str, pending: Sequence[str] = (), source: Path | None = None
+) -> None:
+    """A reload of ``source`` put ``digest`` in use, and left ``pending`` (a line
+    each) not taken up; said in the log if the file cannot take it."""
     try:
         fd = os.open(directory / LOCK_NAME, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as exc:
         log.warning("cannot note the policy in use in %s: %s", directory / LOCK_NAME, exc)
         return
     try:
-        _write(fd, digest, pending)
+        _write(fd, digest, pending, source)
     except OSError as exc:
         log.warning("cannot note the policy in use in %s: %s", directory / LOCK_NAME, exc)
     finally:
         os.close(fd)
 
 
-def _write(fd: int, digest: str, pending: Sequence[str] = ()) -> None:
+def _write(fd: int, digest: str, pending: Sequence[str] = (), source: Path | None = None) -> None:
     """PID, policy digest, the process's start (for ``holder`` to tell it from
-    a later process given the same PID), then what a reload left pending."""
+    a later process given the same PID) and the policy file at its end, then
+    what a reload left pending. The file goes last on the start line, where an
+    older ``holder`` reads nothing after the inode: on a line of its own, it
+    read it as a note left for a restart."""
     pid = os.getpid()
     start = " ".join(_start(pid) or ("-", "-"))
     inode = os.fstat(fd).st_ino
     lines = [
         str(pid),
         digest,
-        f"start {start} {inode}",
+        f"start {start} {inode}{_source_text(source)}",
         *(" ".join(note.split()) for note in pending),
     ]
     os.ftruncate(fd, 0)
     os.pwrite(fd, "".join(f"{line}\n" for line in lines).encode(), 0)
 
 
+def _source_text(source: Path | None) -> str:
+    """`` PATH``, absolute, as a reload opens it (a relay changes no directory);
+    nothing for a name the line cannot hold whole, as an older relay wrote."""
+    if source is None:
+        return ""
+    path = os.path.abspath(source)
+    return f" {path}" if path.isprintable() and path == path.strip() else ""
+
+
 class Holder(NamedTuple):
     pid: int
     digest: str  # the policy in use
     pending: tuple[str, ...] = ()  # what its file says that a reload did not take up
+    source: str = ""  # the policy file it reads, absolute; "" where an older relay wrote none
 
 
 def holder(directory: Path) -> Holder | None:
@@ -165,11 +181,13 @@ def holder(directory: Path) -> Holder | None:
     finally:
         os.close(fd)
     recorded = None
+    source = ""
     if len(lines) > 2 and lines[2].startswith("start "):
-        words = lines[2].split()
+        words = lines[2].split(maxsplit=4)
         recorded = tuple(words[1:3])
         if words[3:4] not in ([], [str(inode)]):
             return None  # a copy (cp -a of a live state directory): no relay holds it
+        source = words[4] if len(words) > 4 else ""
         del lines[2]
     pid = int(lines[0]) if lines[0].isdigit() else None
     if pid is None or not _serving(pid, recorded):
@@ -177,7 +195,7 @@ def holder(directory: Path) -> Holder | None:
     if pid is None:
         return None
     digest = lines[1] if len(lines) > 1 else ""
-    return Holder(pid, digest, tuple(line for line in lines[2:] if line))
+    return Holder(pid, digest, tuple(line for line in lines[2:] if line), source)
 
 
 def _seen_from_here(directory: Path, recorded: tuple[str, ...] | None) -> int | None:

@@ -125,7 +125,7 @@ def _policy(
     other = version_in_use(running, digest)
     if other is None:
         return f"policy: {digest[:12]} in use, as {path} reads now"
-    return f"policy: {other} in use; {path} now reads {digest[:12]}: {put_in_use(running)}"
+    return f"policy: {other} in use; {path} now reads {digest[:12]}: {put_in_use(running, path)}"
 
 
 def version_in_use(running: statelock.Holder, digest: str) -> str | None:
@@ -137,11 +137,24 @@ def version_in_use(running: statelock.Holder, digest: str) -> str | None:
     return running.digest[:12]
 
 
-def put_in_use(running: statelock.Holder) -> str:
-    """How the file's version comes into use: a relay stopping takes up no reload."""
+def put_in_use(running: statelock.Holder, path: Path) -> str:
+    """How the version of the file ``path`` comes into use: a relay stopping
+    takes up no reload, and one reading another file (``path`` a copy edited
+    beside the running one) never reads this one."""
+    if reads_another(running, path):
+        return f"the running relay reads {running.source}, not this file"
     if statelock.STOPPING in running.pending:
         return "the next start puts it in use"
     return f"a reload puts it in use (systemctl reload erp-relay, or kill -HUP {running.pid})"
+
+
+def reads_another(running: statelock.Holder, path: Path) -> bool:
+    """Whether ``running`` reads another policy file than ``path``, both
+    resolved: a relative name, or one through a symbolic link, may be the file
+    a reload opens. A relay that did not record its file is taken to read this one."""
+    if not running.source:
+        return False
+    return os.path.realpath(running.source) != os.path.realpath(path)
 
 
 def _queue(directory: Path) -> str:

@@ -397,7 +397,9 @@ class Supervisor:
             old, self.policy = self.policy, new  # a worker started from now on runs it
             self.upstreams_named |= set(new.upstreams)
             metrics_status.loaded()
-            statelock.note_policy(new.queue.directory.parent, new.digest, new.pending)
+            statelock.note_policy(
+                new.queue.directory.parent, new.digest, new.pending, self.policy_path
+            )
             self._with_audit(lambda audit: record_policy(audit, self.policy_path, new))
             asked = {pid: worker.index for pid, worker in self.workers.items()}
             self._read_answers()  # late ones, to reloads before: none is about this one

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
 import smtplib
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import free_port
 from tests.test_cli import relay
-from tests.test_queue_e2e import relay_cli
+from tests.test_queue_e2e import ROOT, relay_cli
 
 STRICT = (
     "  - name: strict\n    address: 127.0.0.1\n    port: {port}\n    auth: required\n"
@@ -147,7 +148,11 @@ def test_preview_says_the_running_relay_uses_another_version(
         assert running.proc is not None
         pid = running.proc.pid
         first = json.loads(preview(policy_file, eml, "--json")[1])["policy"]
-        assert first["running"] == {"pid": pid, "version": first["version"]}
+        assert first["running"] == {
+            "pid": pid,
+            "version": first["version"],
+            "file": str(policy_file),
+        }
         assert first["note"] is None
         assert first["file"] == str(policy_file)
 
@@ -160,7 +165,7 @@ def test_preview_says_the_running_relay_uses_another_version(
             f" a reload puts it in use (systemctl reload erp-relay, or kill -HUP {pid})"
         )
         assert second["note"] == note
-        assert second["running"] == {"pid": pid, "version": first["version"]}
+        assert second["running"] == first["running"]
         assert out.startswith(
             f"Policy:      {policy_file} (version {second['version']})\n             {note}\n"
         )
@@ -168,6 +173,39 @@ def test_preview_says_the_running_relay_uses_another_version(
         running.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "policy reloaded" in running.log())
         assert json.loads(preview(policy_file, eml, "--json")[1])["policy"]["note"] is None
+
+
+def test_a_copy_of_the_policy_is_not_said_to_come_into_use_at_a_reload(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A copy edited beside the running file, on its state directory, was said
+    to come into use at a reload, which never reads it. The file itself, named
+    relative or through a symbolic link, still is."""
+    port = free_port()
+    policy_file.write_text(policy_file.read_text().replace("port: 2525", f"port: {port}"))
+    edit = tmp_path / "policy-edit.yaml"
+    edit.write_text(policy_file.read_text().replace("name: Acme AS", "name: Acme ASA"))
+    eml = tmp_path / "hello.eml"
+    eml.write_bytes(message())
+    with RelayProcess(policy_file, port, tmp_path / "relay.log") as running:
+        assert running.proc is not None
+        pid = running.proc.pid
+        copy = json.loads(preview(edit, eml, "--json")[1])["policy"]
+        status = relay_cli(edit, "status").stdout.splitlines()
+        policy_file.write_text(edit.read_text())
+        link = tmp_path / "link.yaml"
+        link.symlink_to(policy_file)
+        through = {
+            str(link): json.loads(preview(link, eml, "--json")[1])["policy"]["note"],
+            "relative": relay("preview", "-c", os.path.relpath(policy_file, ROOT), str(eml)).stdout,
+        }
+    elsewhere = f"the running relay reads {policy_file}, not this file"
+    assert copy["note"].endswith(f"this preview is of the file: {elsewhere}"), copy["note"]
+    assert copy["running"]["file"] == str(policy_file)
+    assert status[1].endswith(f"now reads {copy['version']}: {elsewhere}"), status
+    reload = f"a reload puts it in use (systemctl reload erp-relay, or kill -HUP {pid})"
+    assert through[str(link)].endswith(reload), through
+    assert reload in through["relative"], through["relative"]
 
 
 def test_preview_json_of_a_kept_reply_to_reads_as_the_audit_record(

@@ -107,3 +107,30 @@ def test_a_copy_of_a_live_state_directory_names_no_relay(tmp_path: Path) -> None
         assert statelock.holder(copy) == statelock.Holder(os.getpid(), DIGEST)
     finally:
         os.close(fd)
+
+
+def test_the_policy_file_is_read_back_whole_and_an_older_file_names_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file a reload reads, absolute and with its spaces, through a reload's
+    note too; an older relay's start line ends at the inode, and names none."""
+    monkeypatch.chdir(tmp_path)
+    state = tmp_path / "state"
+    fd = statelock.hold(state, DIGEST, Path("my policy.yaml"))
+    try:
+        expected = str(tmp_path / "my policy.yaml")
+        assert statelock.holder(state) == statelock.Holder(os.getpid(), DIGEST, (), expected)
+        statelock.note_policy(state, DIGEST, ["waits for a restart: x"], Path("my policy.yaml"))
+        held = statelock.holder(state)
+        assert held is not None and (held.source, held.pending) == (
+            expected,
+            ("waits for a restart: x",),
+        )
+        lines = (state / statelock.LOCK_NAME).read_text().split("\n")
+        lines[2] = " ".join(lines[2].split()[:4])  # as an older relay wrote it
+        (state / statelock.LOCK_NAME).write_text("\n".join(lines))
+        assert statelock.holder(state) == statelock.Holder(
+            os.getpid(), DIGEST, ("waits for a restart: x",)
+        )
+    finally:
+        os.close(fd)

@@ -104,7 +104,7 @@ def test_a_relay_killed_with_its_lock_file_left_is_not_running(tmp_path: Path) -
     other = subprocess.Popen(["sleep", "30"])
     try:
         (tmp_path / statelock.LOCK_NAME).write_text(f"{relay.pid}\nabc\n")
-        assert statelock.holder(tmp_path) == (relay.pid, "abc", ())
+        assert statelock.holder(tmp_path) == statelock.Holder(relay.pid, "abc")
         # after a reboot its PID may be any program's: that is not a relay running
         (tmp_path / statelock.LOCK_NAME).write_text(f"{other.pid}\nabc\n")
         assert statelock.holder(tmp_path) is None
@@ -118,7 +118,7 @@ def test_a_relay_killed_with_its_lock_file_left_is_not_running(tmp_path: Path) -
         lock_file.write_text(f"{relay.pid}\nabc\nstart {ticks} {boot}\nx y\n")
         an_hour_ago = time.time() - 3600  # a clock set forward since: the start still tells
         os.utime(lock_file, (an_hour_ago, an_hour_ago))
-        assert statelock.holder(tmp_path) == (relay.pid, "abc", ("x y",))
+        assert statelock.holder(tmp_path) == statelock.Holder(relay.pid, "abc", ("x y",))
     finally:
         for proc in (relay, other):
             proc.kill()
