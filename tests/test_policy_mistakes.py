@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime
 import io
+import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -55,6 +57,8 @@ def line_of(path: Path, text: str) -> int:
     (number,) = [n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line]
     return number
 
+
+NOBODY = 65534
 
 _LISTENER = "    address: 127.0.0.1\n    port: 2525\n"
 _TLS = "tls: {cert: tls/relay.crt, key: tls/relay.key}"
@@ -223,6 +227,76 @@ def test_check_says_a_directory_keeps_others_from_a_key_its_mode_lets_them_read(
         f"{path}:14:17: warning: dkim.keys[0].key_file: {key}'s mode lets every user of this"
         f" host read it (mode 0644), though {keys} (mode 0750) keeps them out as long as it"
         f" stays there; chmod o-rwx {key}"
+    ]
+
+
+_ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="root gives a file to another user")
+
+
+@_ROOT_ONLY
+def test_check_warns_of_a_dkim_key_another_user_owns(open_dir: Path) -> None:
+    """A 0600 key of nobody's passed, though nobody may read or replace it:
+    OpenDKIM refuses it."""
+    path = _smtp(open_dir, "host: localhost\ntls: starttls")
+    key = open_dir / "keys" / "platform.example.s1.private"
+    os.chown(key, NOBODY, NOBODY)
+    assert warnings(path) == [
+        f"{path}:14:17: warning: dkim.keys[0].key_file: {key} is owned by nobody, not root"
+        f" (the user the relay runs as), who may read or replace the secret it holds"
+        f" whatever its mode; chown root {key}"
+    ]
+
+
+def test_check_judges_a_key_s_owner_by_the_run_as_user(open_dir: Path) -> None:
+    """The relay reads its keys as ``run_as``: one of this user's that is neither
+    root's nor the service user's is another user's to the relay."""
+    path = _smtp(open_dir, "host: localhost\ntls: starttls")
+    path.write_text(path.read_text() + "run_as: nobody\n")
+    key = open_dir / "keys" / "platform.example.s1.private"
+    if os.getuid() == 0:
+        assert warnings(path) == []
+        os.chown(key, 1, 1)
+    owner = pwd.getpwuid(key.stat().st_uid).pw_name
+    assert warnings(path) == [
+        f"{path}:14:17: warning: dkim.keys[0].key_file: {key} is owned by {owner}, not root or"
+        f" nobody (the user the relay runs as), who may read or replace the secret it holds"
+        f" whatever its mode; chown nobody {key}"
+    ]
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o770], ids=["0777", "0775", "0770"])
+def test_check_warns_of_a_dkim_key_in_a_directory_others_can_write(
+    open_dir: Path, mode: int
+) -> None:
+    """A 0600 key in a 0777 directory passed: whoever may write there may put
+    their own key in its place, or take this one and leave a copy."""
+    path = _smtp(open_dir, "host: localhost\ntls: starttls")
+    keys = open_dir / "keys"
+    key = keys / "platform.example.s1.private"
+    keys.chmod(mode)
+    assert warnings(path) == [
+        f"{path}:14:17: warning: dkim.keys[0].key_file: {key} is in {keys}, which users other"
+        f" than its owner may write (mode {mode:04o}): they may replace it and the secret it"
+        f" holds; chmod go-w {keys}"
+    ]
+
+
+def test_check_leaves_a_sticky_directory_alone_while_the_entry_in_it_is_trusted(
+    open_dir: Path,
+) -> None:
+    """Others may not rename nor remove what they do not own in a sticky directory
+    (/tmp, 1777): only an entry another user owns there exposes the key."""
+    path = _smtp(open_dir, "host: localhost\ntls: starttls")
+    keys = open_dir / "keys"
+    open_dir.chmod(0o1777)
+    assert warnings(path) == []
+    if os.getuid() != 0:
+        return
+    os.chown(keys, NOBODY, NOBODY)
+    assert warnings(path) == [
+        f"{path}:14:17: warning: dkim.keys[0].key_file: {keys / 'platform.example.s1.private'}"
+        f" is in {keys}, owned by nobody in {open_dir} (mode 1777), who may replace it and the"
+        f" secret it holds; chown root {keys}"
     ]
 
 

@@ -155,6 +155,7 @@ def _build(ctx: Ctx, root: Map, path: Path, sources: Sources) -> Policy | None:
     if version is not None and version != VERSION:
         message = f"unsupported policy version {version}: this relay reads version {VERSION}"
         ctx.problem(root.get("version"), "version", message)
+    run_as = sections.run_as(ctx, root)  # before the files whose owner it judges
     rules, doc_types = sections.classify(ctx, root)
     keys, key_domains = sections.dkim(ctx, root)
     platform = sections.platform(ctx, root, key_domains)
@@ -175,7 +176,6 @@ def _build(ctx: Ctx, root: Map, path: Path, sources: Sources) -> Policy | None:
     )
     queue, audit, suppression = sections.state(ctx, root)
     workers = sections.workers(ctx, root)
-    run_as = sections.run_as(ctx, root)
     metrics = sections.metrics(ctx, root)
     parts = (platform, listeners, identify, rules, control_headers, keys, upstreams, logins)
     if len(ctx.problems) or None in parts or None in (tenants, queue, audit, workers, suppression):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import re
 from collections.abc import Callable, Collection, Mapping
 from difflib import get_close_matches
@@ -60,6 +61,10 @@ class Ctx:
         #: whether a listener offers AUTH (not ``auth: off``; with tls, or on loopback):
         #: a tenant that takes mail only with a login takes none without one
         self.logins_taken = False
+        #: the uid the relay runs as (``run_as``'s, else this process's), read before
+        #: the files it names: a secret another user owns, that user may read or
+        #: replace; None when ``run_as`` names no user of this host
+        self.service_uid: int | None = os.getuid()
 
     def problem(self, where: Node | None, path: str, message: str) -> None:
         self.problems.add(where, path, message)

@@ -897,10 +897,12 @@ def run_as(ctx: Ctx, root: Map) -> str | None:
         uid = pwd.getpwnam(name).pw_uid
     except KeyError:
         ctx.problems.warn(node, path, f"no user {name!r} on this host: relay serve would not start")
+        ctx.service_uid = None
         return name
     if uid == 0:
         ctx.problem(node, path, "expected the service user, not one with root's uid 0")
         return None
+    ctx.service_uid = uid
     return name
 
 

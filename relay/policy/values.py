@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pwd
 import re
 import re._constants as re_constants
 import re._parser as re_parser
@@ -624,30 +625,91 @@ def warn_if_exposed(ctx: Ctx, node: Node, path: str, resolved: Path) -> None:
     not secure". Group read is left alone: a group of the service's user is
     how a key is commonly shared with it."""
     try:
-        mode = os.stat(resolved).st_mode
+        info = os.stat(resolved)
     except OSError:
         return
+    said = (
+        _mode_exposes(resolved, info.st_mode),
+        _owner_exposes(resolved, info.st_uid, ctx.service_uid),
+        _directory_exposes(resolved, ctx.service_uid),
+    )
+    for message in filter(None, said):
+        ctx.problems.warn(node, path, message)
+
+
+def _mode_exposes(resolved: Path, mode: int) -> str | None:
     shown = f"{stat.S_IMODE(mode):04o}"
     closed = _closed_to_others(resolved) if mode & stat.S_IROTH else None
     if closed is not None:
-        message = (
+        return (
             f"{resolved}'s mode lets every user of this host read it (mode {shown}), though"
             f" {closed[0]} (mode {closed[1]:04o}) keeps them out as long as it stays there;"
             f" chmod o-rwx {resolved}"
         )
-    elif mode & stat.S_IROTH:
-        message = (
+    if mode & stat.S_IROTH:
+        return (
             f"{resolved} is readable by every user of this host (mode {shown}): the secret it"
             f" holds is not safe; chmod o-rwx {resolved}"
         )
-    elif mode & (stat.S_IWGRP | stat.S_IWOTH):
-        message = (
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (
             f"{resolved} is writable by users other than its owner (mode {shown}): the secret"
             f" it holds is not safe; chmod go-w {resolved}"
         )
-    else:
-        return
-    ctx.problems.warn(node, path, message)
+    return None
+
+
+def _owner_exposes(resolved: Path, owner: int, service: int | None) -> str | None:
+    """Its owner may read it and chmod it whatever its mode: a 0600 key of
+    nobody's passed, as OpenDKIM's check refuses it."""
+    if service is None or owner in (0, service):
+        return None
+    trusted = "root" if service == 0 else f"root or {_user_name(service)}"
+    return (
+        f"{resolved} is owned by {_user_name(owner)}, not {trusted} (the user the relay runs"
+        f" as), who may read or replace the secret it holds whatever its mode; chown"
+        f" {_user_name(service)} {resolved}"
+    )
+
+
+def _directory_exposes(resolved: Path, service: int | None) -> str | None:
+    """The first directory on the file's real path in which users other than
+    its owner may rename or replace what leads to the key, whatever the key's
+    mode. A sticky directory (/tmp, 1777) lets none of them remove or rename
+    what they do not own, so there only an entry neither root's nor the
+    service user's is said (the key's own owner is said already)."""
+    real = Path(os.path.realpath(resolved))
+    entry = real
+    for directory in real.parents:
+        try:
+            mode, owner = os.stat(directory).st_mode, os.stat(entry).st_uid
+        except OSError:
+            return None
+        if not mode & (stat.S_IWGRP | stat.S_IWOTH):
+            entry = directory
+            continue
+        shown = f"{stat.S_IMODE(mode):04o}"
+        if not mode & stat.S_ISVTX:
+            return (
+                f"{resolved} is in {directory}, which users other than its owner may write"
+                f" (mode {shown}): they may replace it and the secret it holds; chmod go-w"
+                f" {directory}"
+            )
+        if entry != real and service is not None and owner not in (0, service):
+            return (
+                f"{resolved} is in {entry}, owned by {_user_name(owner)} in {directory} (mode"
+                f" {shown}), who may replace it and the secret it holds; chown"
+                f" {_user_name(service)} {entry}"
+            )
+        entry = directory
+    return None
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _closed_to_others(resolved: Path) -> tuple[Path, int] | None:
