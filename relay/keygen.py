@@ -12,6 +12,7 @@ import base64
 import binascii
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -131,6 +132,28 @@ def public_record_value(key: DkimKey) -> str:
     return f"v=DKIM1; k={key.algorithm.value}; p={base64.b64encode(public).decode('ascii')}"
 
 
+def replaced(old: Sequence[DkimKey], new: Sequence[DkimKey]) -> list[DkimKey]:
+    """The keys of ``new`` that are another key than ``old``'s of the same domain and
+    selector. Mail queued signed with the old key fails DKIM once the one record
+    the selector names publishes the new key: a key file removed and made again
+    under its selector, as keygen's refusal once advised, broke the queue's mail."""
+    before = {(key.domain, key.selector.lower()): key for key in old}
+    found = []
+    for key in new:
+        was = before.get((key.domain, key.selector.lower()))
+        if was is not None and was.private_key != key.private_key and _public(was) != _public(key):
+            found.append(key)
+    return found
+
+
+def _public(key: DkimKey) -> str | None:
+    """Its record's value; a file saved again (CR LF, another PEM form) is the same key."""
+    try:
+        return public_record_value(key)
+    except ValueError:
+        return None
+
+
 def zone_record(domain: str, selector: str, value: str) -> str:
     """``value`` as a one-line zone-file TXT record, split into legal strings."""
     head, sep, key = value.partition("p=")
@@ -147,8 +170,9 @@ def _write_new(path: Path, data: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise FileExistsError(
-            f"{path} already exists; not overwriting a DKIM key "
-            "(choose a new selector, or remove the file first)"
+            f"{path} already exists; not overwriting a DKIM key: choose a new selector"
+            " (mail signed with this key may still wait in the queue, and its record must"
+            " stay published until it has gone)"
         ) from None
     try:
         with os.fdopen(fd, "wb") as file:

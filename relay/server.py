@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 # What a worker runs is imported here, before the supervisor forks: imported in the
 # worker, a replacement for one that died read a newer version installed over the
 # running relay, and failed against the older modules its supervisor had loaded.
-from relay import oplog, statelock
+from relay import keygen, oplog, statelock
 from relay.audit import AuditError
 from relay.deliver import attempt, counted
 from relay.engine import Engine
@@ -725,6 +725,7 @@ def reloaded(
         return new
     new = dataclasses.replace(new, pending=_not_taken_up(old, read, bound, changed))
     _warn_state_changed(old, read)
+    _warn_of_replaced_keys(old, read)
     if read.workers != old.workers:
         log.warning(
             "workers changed (%d to %d): takes effect after a restart", old.workers, read.workers
@@ -758,6 +759,20 @@ def reloaded(
             ", ".join(gone),
         )
     return new
+
+
+def _warn_of_replaced_keys(old: Policy, read: Policy) -> None:
+    """A new key under a selector in use: the relay signs with it from now on,
+    and nothing else would tell that the mail it queued fails DKIM."""
+    for key in keygen.replaced(old.dkim_keys, read.dkim_keys):
+        log.warning(
+            "DKIM key %s._domainkey.%s replaced under the same selector (%s): mail queued"
+            " signed with the old key fails DKIM once that record publishes the new one;"
+            " put the old key back, and give a new key a new selector (docs/queue.md)",
+            key.selector,
+            key.domain,
+            key.key_file,
+        )
 
 
 def _run_as(policy: Policy) -> str:

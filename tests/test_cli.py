@@ -316,6 +316,21 @@ def test_keygen_refuses_a_size_for_an_ed25519_key(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [] and done.stdout == ""
 
 
+def test_keygen_again_says_to_choose_a_new_selector_not_to_remove_the_key(tmp_path: Path) -> None:
+    """It advised removing the file: the key made then under the same selector
+    replaced the record, and the mail queued signed with the old one failed DKIM."""
+    args = ("dkim", "keygen", "--domain", "example.com", "--selector", "s1",
+            "--algorithm", "ed25519", "--directory", str(tmp_path))  # fmt: skip
+    relay(*args)
+    again = relay(*args)
+    assert again.returncode == 73, again.stderr
+    assert "remove" not in again.stderr
+    assert (
+        "not overwriting a DKIM key: choose a new selector (mail signed with this key may"
+        " still wait in the queue, and its record must stay published until it has gone)"
+    ) in again.stderr
+
+
 @pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
 def test_keygen_again_prints_the_existing_keys_record(tmp_path: Path, algorithm: str) -> None:
     """The README's recipe sends the record to a file; run again, the shell emptied

@@ -29,10 +29,11 @@ from relay import lowports, message
 from relay import server as server_module
 from relay.audit import AuditLog, events, reader, verify
 from relay.ingress.listen import Ingress
+from relay.keygen import generate
 from relay.passwd import hash_password
 from relay.policy import tlspair
 from relay.policy.load import load
-from relay.policy.model import Policy
+from relay.policy.model import DkimAlgorithm, Policy
 from relay.server import _listener_changes, _open_state, reloaded
 from tests.certs import Certs, der, make_certs, served_certificate
 from tests.ingress_harness import swaks
@@ -898,6 +899,31 @@ def test_a_reload_keeps_the_policy_when_a_dkim_key_cannot_sign(
     assert daemon.sent_from(1) == "Jan Janssens via Acme AS"
     signed = next(daemon.outbox.glob("*.eml")).read_bytes()
     assert signed.count(b"DKIM-Signature:") == 2 and b"s=e1" in signed
+
+
+def test_a_reload_warns_of_a_new_key_under_a_selector_in_use(
+    daemon: Daemon, policy: Path, port: int
+) -> None:
+    """A key file removed and made again under its selector, as keygen's refusal
+    advised, was taken up in silence: the mail queued signed with the old key
+    failed DKIM once the record changed. A key saved again (CR LF) is the same key."""
+    daemon.wait_log(" serving")
+    key = policy.parent / "keys" / "platform.example.s1.private"
+    key.write_bytes(key.read_bytes().replace(b"\n", b"\r\n"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_reloaded(1)
+    assert "replaced under the same selector" not in daemon.log()
+    key.unlink()
+    generate("platform.example", "s1", DkimAlgorithm.RSA, key.parent)
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_reloaded(2)
+    assert (
+        f"WARNING DKIM key s1._domainkey.platform.example replaced under the same selector"
+        f" ({key}): mail queued signed with the old key fails DKIM once that record publishes"
+        " the new one; put the old key back, and give a new key a new selector (docs/queue.md)"
+    ) in daemon.log()
+    assert "e1._domainkey" not in daemon.log()
+    assert send(port)[0] == 250
 
 
 def test_what_waits_for_a_restart_is_still_said_after_the_next_reload(tmp_path: Path) -> None:
