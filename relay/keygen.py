@@ -21,8 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from relay.alabels import a_labels
 from relay.policy.model import DkimAlgorithm, DkimKey
 
-# RFC 8301: signers use at least 1024 bits, verifiers must handle up to 4096.
+# RFC 8301: signers use at least 1024 bits (2048 or more: SHOULD), verifiers must
+# handle up to 4096.
 MIN_RSA_BITS = 1024
+STRONG_RSA_BITS = 2048
 MAX_RSA_BITS = 4096
 DEFAULT_RSA_BITS = 2048
 _TXT_STRING_MAX = 255  # one character-string in a TXT record (RFC 1035 3.3)

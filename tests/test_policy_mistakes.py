@@ -818,6 +818,27 @@ def test_a_dkim_key_receivers_refuse_is_a_problem(tmp_path: Path, bits: int) -> 
     ]
 
 
+@pytest.mark.parametrize(("bits", "warned"), [(1024, True), (1536, True), (2048, False)])
+def test_check_warns_of_an_rsa_key_under_2048_bits(tmp_path: Path, bits: int, warned: bool) -> None:
+    """RFC 8301 has signers use 2048 bits or more; a 1024-bit key passed unsaid.
+    Receivers still verify it, so not a problem."""
+    path = variant(tmp_path, "version: 1\n", "version: 1\n")
+    file = tmp_path / "keys" / "platform.example.s1.private"
+    file.write_bytes(
+        rsa.generate_private_key(public_exponent=65537, key_size=bits).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    said = (
+        f"{path}:14:17: warning: dkim.keys[0].key_file: {file} is an RSA key of {bits} bits:"
+        " RFC 8301 has signers use 2048 bits or more; make one with relay dkim keygen under a"
+        ' new selector (README, "Rotating a DKIM key")'
+    )
+    assert warnings(path) == ([said] if warned else [])
+
+
 def test_two_keys_whose_selectors_differ_in_case_only_are_one_dns_name(tmp_path: Path) -> None:
     """NEW._domainkey is new._domainkey: one record, so one of the two signatures
     fails everywhere whatever is published; the check compared the case too."""

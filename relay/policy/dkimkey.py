@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.crypto import UnparsableKeyError, parse_pem_private_key
 
 from relay.errors import SigningError
-from relay.keygen import MAX_RSA_BITS, MIN_RSA_BITS
+from relay.keygen import MAX_RSA_BITS, MIN_RSA_BITS, STRONG_RSA_BITS
 from relay.policy.model import DkimAlgorithm, DkimKey
 from relay.sign import sign
 
@@ -55,18 +55,36 @@ def _size(key: DkimKey) -> str | None:
     verify only what they must over 4096, which also took every worker 3.5 s
     to load at a reload (8192 bits), mail waiting meanwhile. Looked at before
     the test signature, which is that load."""
-    if key.algorithm is not DkimAlgorithm.RSA:
-        return None
-    try:  # read as the signer reads it: dkimpy takes labels and forms cryptography does not
-        bits = int(parse_pem_private_key(key.private_key)["modulus"]).bit_length()
-    except (UnparsableKeyError, ValueError, KeyError, TypeError):
-        return None  # the test signature says what it is instead
-    if MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
+    bits = _rsa_bits(key)
+    if bits is None or MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
         return None
     return (
         f"an RSA key of {bits} bits, which receivers refuse (RFC 8301: verifiers take"
         f" {MIN_RSA_BITS} to {MAX_RSA_BITS}); make a new one with relay dkim keygen"
     )
+
+
+def weak(key: DkimKey) -> str | None:
+    """Why a key the relay signs with is shorter than it should be, else None.
+    Receivers still take 1024 bits, so a warning, not a refusal: RFC 8301
+    has signers use 2048 bits or more, and a 1024-bit key passed unsaid."""
+    bits = _rsa_bits(key)
+    if bits is None or bits >= STRONG_RSA_BITS:
+        return None
+    return (
+        f"{key.key_file} is an RSA key of {bits} bits: RFC 8301 has signers use"
+        f" {STRONG_RSA_BITS} bits or more; make one with relay dkim keygen under a new"
+        ' selector (README, "Rotating a DKIM key")'
+    )
+
+
+def _rsa_bits(key: DkimKey) -> int | None:
+    if key.algorithm is not DkimAlgorithm.RSA:
+        return None
+    try:  # read as the signer reads it: dkimpy takes labels and forms cryptography does not
+        return int(parse_pem_private_key(key.private_key)["modulus"]).bit_length()
+    except (UnparsableKeyError, ValueError, KeyError, TypeError):
+        return None  # the test signature says what it is instead
 
 
 def _explain(key: DkimKey, reason: str) -> str:

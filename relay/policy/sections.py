@@ -686,6 +686,9 @@ def _signing_key(ctx: Ctx, m: Map, key: DkimKey) -> DkimKey | None:
     wrong = dkimkey.problem(key)
     if wrong is None:
         values.warn_if_exposed(ctx, m.get("key_file"), m.sub("key_file"), key.key_file)
+        short = dkimkey.weak(key)
+        if short is not None:
+            ctx.problems.warn(m.get("key_file"), m.sub("key_file"), short)
         return key
     ctx.problem(m.get("key_file"), m.sub("key_file"), f"cannot sign with {key.key_file}: {wrong}")
     return None
