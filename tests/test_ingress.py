@@ -204,6 +204,47 @@ def test_non_ascii_in_a_parameter_is_not_blamed_on_the_address(relay: Relay) -> 
     assert (sender, recipient) == (generic, generic)
 
 
+def test_a_non_ascii_display_name_is_named_in_the_reply_and_logged(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused before MAIL or RCPT is handled, with a name before the path: the
+    reply blamed nothing in particular, and the log had no line at all."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        sender = raw.cmd('MAIL FROM:"Jørgen" <jan@acme.example>'.encode())
+        unnamed = raw.cmd("MAIL FROM:<jan@acme.example> ENVID=jø".encode())
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        recipient = raw.cmd("RCPT TO:Kunde <kø@example.org>".encode())
+    assert sender == (
+        "501 5.6.7 Non-ASCII name before <jan@acme.example>: SMTPUTF8 is not offered;"
+        " leave the name out of the envelope"
+    )
+    assert (
+        recipient == r"501 5.6.7 Non-ASCII address <k\xc3\xb8@example.org>: SMTPUTF8 is not offered"
+    )
+    assert refused_lines(caplog) == [
+        f"refused client=127.0.0.1 from=<jan@acme.example>: {sender}",
+        f"refused client=127.0.0.1 from=<jan@acme.example>: {unnamed}",
+        rf"refused client=127.0.0.1 from=<erp@acme.example> to=<k\xc3\xb8@example.org>:"
+        f" {recipient}",
+    ]
+
+
+def test_an_auth_parameter_inside_a_display_name_is_part_of_the_name(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``AUTH=`` was taken out before the name: ``x AUTH=<ceo@…> <jan@…>`` was
+    taken as sent by jan, and ``<ceo@…>`` named in the refusal of another."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        reply = raw.cmd(b"MAIL FROM:x AUTH=<ceo@acme.example> <jan@acme.example>")
+        assert raw.cmd(b"MAIL FROM:<jan@acme.example> AUTH=<>").startswith("250")
+    assert reply.startswith(("501", "555")), reply
+    assert not relay.process.submissions
+
+
 @pytest.mark.parametrize(
     ("command", "expected"),
     [

@@ -76,9 +76,6 @@ AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"
 # smtpd_soft_error_limit: enough for an ERP's list of bad addresses, while a
 # client sending RCPTs in a loop adds one line more, not one per command.
 RCPT_REFUSALS_LOGGED = 10
-# Characters of a MAIL or RCPT command quoted in its refusal's log line, when
-# no path could be found in it: enough for a display name and an address.
-SENT_LOGGED = 200
 # Postfix's smtpd_hard_error_limit: error replies (4xx, 5xx) a connection may
 # get before a message is accepted; then it is told 421 and closed. Without
 # it a client looping on a refused command was answered, and logged, forever.
@@ -109,7 +106,7 @@ RCPT_OVERSHOOT = 1000
 _TOO_MANY_RECIPIENTS = "452 4.5.3 "
 
 NON_ASCII = "501 5.6.7 Non-ASCII characters are not allowed: SMTPUTF8 is not offered"
-_NON_ASCII_PATH = re.compile(rb"(MAIL FROM|RCPT TO):\s*<([^>]*)>", re.IGNORECASE)
+_NON_ASCII_PATH = re.compile(rb"(MAIL FROM|RCPT TO):\s*([^<]*)<([^>]*)>", re.IGNORECASE)
 _GIVEN_SENDER = re.compile(rf"FROM:\s*(?:{DISPLAY_NAME})?<([^>]*)>", re.IGNORECASE)
 _GIVEN_RECIPIENT = re.compile(rf"TO:\s*(?:{DISPLAY_NAME})?<([^>]*)>", re.IGNORECASE)
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
@@ -205,9 +202,16 @@ def non_ascii_reply(line: bytes) -> str:
     """The refusal of a command line with non-ASCII in it, naming the address
     when that is where it is; ``relay preview`` gives the same."""
     match = _NON_ASCII_PATH.match(line)
-    if match is None or match[2].isascii():
-        return NON_ASCII  # or in a parameter (ENVID=, ORCPT=), not in the address
-    return f"501 5.6.7 Non-ASCII address <{_escaped(match[2])}>: SMTPUTF8 is not offered"
+    if match is None:
+        return NON_ASCII  # in a parameter (ENVID=, ORCPT=), not in the address
+    if not match[3].isascii():
+        return f"501 5.6.7 Non-ASCII address <{_escaped(match[3])}>: SMTPUTF8 is not offered"
+    if not match[2].isascii():  # a display name ("Jørgen" <…>), which the relay drops
+        return (
+            f"501 5.6.7 Non-ASCII name before <{_escaped(match[3])}>: SMTPUTF8 is not"
+            " offered; leave the name out of the envelope"
+        )
+    return NON_ASCII
 
 
 def _escaped(path: bytes) -> str:
@@ -608,7 +612,7 @@ class RelaySMTP(SMTP):
         and ignored, as ``AUTH=<>``: the relay trusts no one's word for the sender."""
         self._mail_arg = arg or ""
         if arg:
-            arg = _AUTH_PARAMETER.sub("", arg)
+            arg = _without_auth_parameter(arg)
         try:
             await super().smtp_MAIL(arg)
         finally:
@@ -907,11 +911,15 @@ class RelaySMTP(SMTP):
         reply = non_ascii_reply(line)
         match = _NON_ASCII_PATH.match(line)
         if match is not None:
-            path = _escaped(match[2])
-            if match[1][:1] in b"Mm":
-                self._log_refused_sender(path, reply)
-            else:
-                self._log_refused_recipient(path, reply)
+            path, logged = _escaped(match[3]), reply
+        else:  # none found: the command as sent, escaped
+            path = "?"
+            verb, _, arg = line.decode("ascii", "backslashreplace").rstrip("\r\n").partition(" ")
+            logged = _with_sent(reply, path, verb, arg)
+        if line[:4].upper() == b"MAIL":
+            self._log_refused_sender(path, logged)
+        elif line[:4].upper() == b"RCPT":
+            self._log_refused_recipient(path, logged)
         return reply
 
     def _note_refused_command(self, status: str) -> None:
@@ -1104,6 +1112,16 @@ class RefusedRecipients:
             )
         self._count = 0
         self._last = None
+
+
+def _without_auth_parameter(arg: str) -> str:
+    """MAIL's ``FROM:…`` without its ``AUTH=`` parameter, the display name taken out
+    first: ``x AUTH=<ceo@…>`` before a path is a name, and taking the parameter
+    out first left ``x <jan@…>``, sent as jan."""
+    keyword, colon, rest = arg.partition(":")
+    if not colon:
+        return arg
+    return keyword + colon + _AUTH_PARAMETER.sub("", without_display_name(rest.lstrip(" \t")))
 
 
 def _with_sent(status: str, path: str, verb: str, arg: str) -> str:
