@@ -45,7 +45,7 @@ def main(path: Path, queue_directory: Path, out: TextIO, read: Read) -> int:
     orphaned = running is None and statelock.held(state)
     digest, workers, problems = read
     if running is not None:
-        workers = _running_workers(state) or workers
+        workers = _running_workers(state, running.digest) or workers
     lines = [
         ORPHANED if orphaned else _relay(running, state, workers),
         _policy(path, running, digest, problems),
@@ -72,17 +72,22 @@ def _processes(count: int) -> str:
     return "process" if count == 1 else "processes"
 
 
-def _running_workers(state: Path) -> int | None:
+def _running_workers(state: Path, digest: str) -> int | None:
     """The worker processes the running relay started with, as it recorded them:
     the file's number is another while a change of it waits for its reload and
-    a restart, and read as processes missing ("2 of 3 … starting again")."""
+    a restart, and read as processes missing ("2 of 3 … starting again"). A
+    record of another version than the one running is a relay's before it
+    (one rolled back to, which keeps none, left it): not this relay's."""
     try:
-        with statefiles.open_read(state / statelock.CHECKED_FILES) as record:
-            workers = json.loads(record.read())["workers"]
+        with statefiles.open_read(state / statelock.CHECKED_FILES) as file:
+            record = json.loads(file.read())
+        workers = record["workers"]
     except FileNotFoundError:
         return 1  # a relay in one process keeps no record
     except (OSError, ValueError, KeyError, TypeError):
         return None  # unreadable here, or made before the record had this field
+    if record.get("digest") != digest:
+        return None
     return workers if isinstance(workers, int) and workers > 0 else None
 
 

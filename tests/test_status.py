@@ -3,6 +3,7 @@ it runs against the file as it reads now, and the mail waiting."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -233,6 +234,22 @@ def test_a_relay_in_one_process_removes_the_copy_a_relay_with_workers_left(
         assert not (state / "policy.handover.json").exists()
     assert code == 0
     assert lines[0].startswith("relay: running, PID ")
+
+
+def test_a_record_of_workers_another_version_left_is_not_counted_against(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Rolled back to a version that keeps no record of its workers, the relay
+    in one process was said to run "0 of 2 worker processes", from the record
+    the newer one had left."""
+    port = free_port()
+    policy = configure(policy_file, port, free_port(), "workers: 1\n")
+    with RelayProcess(policy, port, tmp_path / "relay.log"):
+        left = {"policy": str(policy), "digest": "0" * 64, "files": [], "workers": 2}
+        (tmp_path / "state" / statelock.CHECKED_FILES).write_text(json.dumps(left))
+        code, lines = _status(policy)
+    assert code == 0
+    assert re.fullmatch(r"relay: running, PID \d+ since \S+, in one process", lines[0]), lines[0]
 
 
 def test_the_tools_pass_over_a_copy_that_names_another_state_directory(
