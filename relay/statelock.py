@@ -17,6 +17,7 @@ import errno
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -24,6 +25,8 @@ from typing import NamedTuple
 from relay.errors import RelayError
 
 LOCK_NAME = "relay.pid"
+REREADS = 20  # reads of a lock file found without its last line end, REREAD_WAIT apart
+REREAD_WAIT = 0.005
 # the running policy's text, kept by a relay with workers for the queue and audit tools
 CHECKED_NAME = "policy.checked.yaml"
 # its version and the files it read, for a tool to know the file unchanged since
@@ -147,11 +150,12 @@ def _write(fd: int, digest: str, pending: Sequence[str] = (), source: Path | Non
 
 
 def _source_text(source: Path | None) -> str:
-    """`` PATH``, absolute, as a reload opens it (a relay changes no directory);
+    """`` PATH``, absolute and its links followed, as a reload opens it (a relay
+    changes no directory; ``link/..`` is the link's parent, not the text's);
     nothing for a name the line cannot hold whole, as an older relay wrote."""
     if source is None:
         return ""
-    path = os.path.abspath(source)
+    path = os.path.realpath(source)
     return f" {path}" if path.isprintable() and path == path.strip() else ""
 
 
@@ -174,7 +178,7 @@ def holder(directory: Path) -> Holder | None:
     except OSError as exc:
         raise StateUnreadable(path, exc) from exc
     try:
-        lines = os.pread(fd, 1 << 16, 0).decode("utf-8", "replace").split("\n")
+        lines = _read_whole(fd).decode("utf-8", "replace").split("\n")
         inode = os.fstat(fd).st_ino
     except OSError as exc:
         raise StateUnreadable(path, exc) from exc
@@ -196,6 +200,19 @@ def holder(directory: Path) -> Holder | None:
         return None
     digest = lines[1] if len(lines) > 1 else ""
     return Holder(pid, digest, tuple(line for line in lines[2:] if line), source)
+
+
+def _read_whole(fd: int) -> bytes:
+    """The file as ``_write`` left it: a reload rewrites it (emptied, then written),
+    and a status read in between found it empty, said the supervisor was gone
+    and exited 1, 359 times in 360 right."""
+    data = os.pread(fd, 1 << 16, 0)
+    for _ in range(REREADS):
+        if data.endswith(b"\n"):
+            break
+        time.sleep(REREAD_WAIT)
+        data = os.pread(fd, 1 << 16, 0)
+    return data
 
 
 def _seen_from_here(directory: Path, recorded: tuple[str, ...] | None) -> int | None:

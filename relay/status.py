@@ -154,12 +154,16 @@ def put_in_use(running: statelock.Holder, path: Path) -> str:
 
 
 def reads_another(running: statelock.Holder, path: Path) -> bool:
-    """Whether ``running`` reads another policy file than ``path``, both
-    resolved: a relative name, or one through a symbolic link, may be the file
-    a reload opens. A relay that did not record its file is taken to read this one."""
+    """Whether ``running`` reads another policy file than ``path``: the same file
+    (device and inode) by another name is not, as through a symbolic link, a
+    hard link or a bind mount (the host's view of a relay in a container). A
+    relay that did not record its file is taken to read this one."""
     if not running.source:
         return False
-    return os.path.realpath(running.source) != os.path.realpath(path)
+    try:
+        return not os.path.samefile(running.source, path)
+    except OSError:  # one is not there, or not to be looked at from here
+        return os.path.realpath(running.source) != os.path.realpath(path)
 
 
 def _queue(directory: Path) -> str:

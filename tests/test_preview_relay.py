@@ -180,7 +180,8 @@ def test_a_copy_of_the_policy_is_not_said_to_come_into_use_at_a_reload(
 ) -> None:
     """A copy edited beside the running file, on its state directory, was said
     to come into use at a reload, which never reads it. The file itself, named
-    relative or through a symbolic link, still is."""
+    relative, through a symbolic link or by another name of the same file,
+    still is."""
     port = free_port()
     policy_file.write_text(policy_file.read_text().replace("port: 2525", f"port: {port}"))
     edit = tmp_path / "policy-edit.yaml"
@@ -195,8 +196,11 @@ def test_a_copy_of_the_policy_is_not_said_to_come_into_use_at_a_reload(
         policy_file.write_text(edit.read_text())
         link = tmp_path / "link.yaml"
         link.symlink_to(policy_file)
+        hard = policy_file.with_name("same-file.yaml")  # as a bind mount shows it elsewhere
+        os.link(policy_file, hard)
         through = {
             str(link): json.loads(preview(link, eml, "--json")[1])["policy"]["note"],
+            str(hard): json.loads(preview(hard, eml, "--json")[1])["policy"]["note"],
             "relative": relay("preview", "-c", os.path.relpath(policy_file, ROOT), str(eml)).stdout,
         }
     elsewhere = f"the running relay reads {policy_file}, not this file"
@@ -205,6 +209,7 @@ def test_a_copy_of_the_policy_is_not_said_to_come_into_use_at_a_reload(
     assert status[1].endswith(f"now reads {copy['version']}: {elsewhere}"), status
     reload = f"a reload puts it in use (systemctl reload erp-relay, or kill -HUP {pid})"
     assert through[str(link)].endswith(reload), through
+    assert through[str(hard)].endswith(reload), through
     assert reload in through["relative"], through["relative"]
 
 

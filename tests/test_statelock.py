@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -132,5 +133,22 @@ def test_the_policy_file_is_read_back_whole_and_an_older_file_names_none(
         assert statelock.holder(state) == statelock.Holder(
             os.getpid(), DIGEST, ("waits for a restart: x",)
         )
+    finally:
+        os.close(fd)
+
+
+def test_a_lock_file_read_while_a_reload_writes_it_names_the_relay(tmp_path: Path) -> None:
+    """A reload empties the file, then writes it: a status read in between
+    found no relay, said its supervisor was gone and exited 1."""
+    fd = statelock.hold(tmp_path, DIGEST)
+    try:
+        text = (tmp_path / statelock.LOCK_NAME).read_bytes()
+        os.ftruncate(fd, 0)  # as a reload leaves it for a moment
+        later = threading.Timer(0.03, lambda: os.pwrite(fd, text, 0))
+        later.start()
+        try:
+            assert statelock.holder(tmp_path) == statelock.Holder(os.getpid(), DIGEST)
+        finally:
+            later.join()
     finally:
         os.close(fd)
