@@ -772,9 +772,10 @@ def _warn_of_replaced_keys(old: Policy, read: Policy) -> None:
     and nothing else would tell that the mail it queued fails DKIM."""
     for key in keygen.replaced(old.dkim_keys, read.dkim_keys):
         log.warning(
-            "DKIM key %s._domainkey.%s replaced under the same selector (%s): mail queued"
-            " signed with the old key fails DKIM once that record publishes the new one;"
-            " put the old key back, and give a new key a new selector (docs/queue.md)",
+            "DKIM key %s._domainkey.%s is another key under the same selector (%s): mail"
+            " queued signed with the key before fails DKIM while the record publishes this"
+            " one, and one record cannot publish both; give each key a selector of its own"
+            " (docs/queue.md)",
             key.selector,
             key.domain,
             key.key_file,

@@ -720,3 +720,7 @@ async def test_a_worker_refused_over_the_others_idle_connections_gets_one_of_the
     await eventually(lambda: first.idle_count() == 0, timeout=3)
     await eventually(lambda: not LimitedSMTP.active, timeout=3)
     assert isinstance(await send(second, upstream(limited), "b@p.example"), DeliveryResult)
+    # its want ends with the connection it opened, and frees its place in the table
+    assert first.shared is not None
+    label = pool_module._label(PoolKey.of(upstream(limited), None))
+    assert first.shared.latest_elsewhere(pool_module.WANTED, label) == 0

@@ -912,15 +912,16 @@ def test_a_reload_warns_of_a_new_key_under_a_selector_in_use(
     key.write_bytes(key.read_bytes().replace(b"\n", b"\r\n"))
     daemon.proc.send_signal(signal.SIGHUP)
     daemon.wait_reloaded(1)
-    assert "replaced under the same selector" not in daemon.log()
+    assert "is another key under the same selector" not in daemon.log()
     key.unlink()
     generate("platform.example", "s1", DkimAlgorithm.RSA, key.parent)
     daemon.proc.send_signal(signal.SIGHUP)
     daemon.wait_reloaded(2)
     assert (
-        f"WARNING DKIM key s1._domainkey.platform.example replaced under the same selector"
-        f" ({key}): mail queued signed with the old key fails DKIM once that record publishes"
-        " the new one; put the old key back, and give a new key a new selector (docs/queue.md)"
+        f"WARNING DKIM key s1._domainkey.platform.example is another key under the same"
+        f" selector ({key}): mail queued signed with the key before fails DKIM while the record"
+        " publishes this one, and one record cannot publish both; give each key a selector of"
+        " its own (docs/queue.md)"
     ) in daemon.log()
     assert "e1._domainkey" not in daemon.log()
     assert send(port)[0] == 250

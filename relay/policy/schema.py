@@ -63,8 +63,10 @@ class Ctx:
         self.logins_taken = False
         #: the uid the relay runs as (``run_as``'s, else this process's), read before
         #: the files it names: a secret another user owns, that user may read or
-        #: replace; None when ``run_as`` names no user of this host
-        self.service_uid: int | None = os.getuid()
+        #: replace; None when ``run_as`` names no user of this host, or when root
+        #: checks a policy without it: the unit's ``User=`` runs the relay, whom a
+        #: warning to chown the keys to root had locked out of them
+        self.service_uid: int | None = os.getuid() or None
 
     def problem(self, where: Node | None, path: str, message: str) -> None:
         self.problems.add(where, path, message)

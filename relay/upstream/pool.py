@@ -150,6 +150,7 @@ class Pool:
         self._leased: collections.Counter[PoolKey] = collections.Counter()
         self._opening: dict[PoolKey, set[asyncio.Future[bool]]] = {}
         self._served: dict[str, int] = {}  # by label: the latest want a connection was QUIT for
+        self._wanting: set[str] = set()  # labels this pool said it wants, until it opens one
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -169,6 +170,7 @@ class Pool:
         theirs, idle, is to be closed for this worker."""
         if self.shared is not None:
             self.shared.mark(WANTED, _label(key), _ms(time.monotonic()))
+            self._wanting.add(_label(key))
 
     def _spare(self, conn: _Connection) -> bool:
         """Whether another worker wants a connection like ``conn`` that none has
@@ -288,6 +290,9 @@ class Pool:
             client = await opener()
             made = True
             counted = shared is not None and shared.enter(OPEN, label)  # False: no room
+            if shared is not None and label in self._wanting:  # its slot free for another key
+                self._wanting.discard(label)
+                shared.mark(WANTED, label, 0)
         finally:
             opened.set_result(made)
             waiting = self._opening[key]
