@@ -339,7 +339,7 @@ def _open_state(policy: Policy, policy_path: Path) -> tuple[int, int]:
         # queue with none (a new state directory, or a first start that failed)
         with audit_log(policy.audit, create=not spool.ids()) as audit:
             first = audit.head[0]
-            settled = _settle_recorded(spool, audit, starting=True)
+            settled = _settle_recorded(spool, audit)
             record_policy(audit, policy_path, policy)  # a full disk: serve, answering 451
             audit_upkeep(audit)
             written = audit.head[0] - first
@@ -381,19 +381,15 @@ def settle_orphans(policy: Policy, audit: AuditLog, why: str) -> None:
 
 
 def _log_settled(settled: Settled, why: str) -> None:
-    if settled.witnessed_anew is not None:
-        log.info(
-            "audit log: audit.head follows this log again (it named records up to seq %d"
-            " of an earlier chain; this one ends at seq %d, and names every message queued)",
-            *settled.witnessed_anew,
-        )
     if settled.behind is not None:
         log.error(
             "audit log: it ends at seq %d, but records up to seq %d were written"
             " (audit.head): restored from an older copy, or made anew; the messages"
             " queued that it does not name are kept and delivered, not taken for"
-            " never acknowledged",
+            " never acknowledged (said at each start until the log passes seq %d:"
+            " docs/queue.md)",
             *settled.behind,
+            settled.behind[1],
         )
     for queue_id in settled.finished:
         log.info("%s: finished before %s, per the audit log; removed", queue_id, why)
@@ -407,14 +403,14 @@ def _log_settled(settled: Settled, why: str) -> None:
         )
 
 
-def _settle_recorded(spool: Spool, audit: AuditLog, starting: bool = False) -> Settled:
+def _settle_recorded(spool: Spool, audit: AuditLog) -> Settled:
     """Only saves deliveries: when it cannot, the engine delivers those entries again."""
     from relay.audit import AuditError
     from relay.settle import Settled, settle_recorded
     from relay.spool import SpoolError
 
     try:
-        return settle_recorded(spool, audit, starting=starting)
+        return settle_recorded(spool, audit)
     except (AuditError, SpoolError, OSError, ValueError) as exc:
         log.warning("cannot look up in the audit log what finished before the restart: %s", exc)
         return Settled()

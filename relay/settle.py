@@ -254,8 +254,6 @@ class Settled:
     # the log's last seq and its witness's, when the log lost records it had (a
     # restore from an older copy): what it does not name is kept, not removed
     behind: tuple[int, int] | None = None
-    # (the witness's seq, the log's) when it was lowered to the log's head
-    witnessed_anew: tuple[int, int] | None = None
 
 
 @dataclass
@@ -304,9 +302,7 @@ class _Tail:
         return True
 
 
-def settle_recorded(
-    spool: Spool, audit: AuditLog, budget: int = RECENT, *, starting: bool = False
-) -> Settled:
+def settle_recorded(spool: Spool, audit: AuditLog, budget: int = RECENT) -> Settled:
     """Remove the entries whose every pending recipient's last record in the
     audit log is an outcome, and those the log has never heard of.
 
@@ -330,17 +326,13 @@ def settle_recorded(
     every entry the log does not name when it is behind its witness
     (``AuditLog.behind``): its audit directory restored from an older copy,
     as the relay's refusal to start without one advises, the mail accepted
-    since was removed as never acknowledged, every 250 of it lost. At a start
-    (``starting``) that finds the log naming every entry queued, the witness
-    is lowered to the log's head: nothing is left for it to keep.
+    since was removed as never acknowledged, every 250 of it lost.
     """
     queued = set(spool.ids())
     if not queued:
-        return Settled(witnessed_anew=audit.witness_anew() if starting else None)
+        return Settled()
     behind = audit.behind()
     tail = _Tail.read(audit.directory, queued, budget)
-    if behind and starting and queued <= tail.named:
-        return Settled(witnessed_anew=audit.witness_anew())
     fresh = set() if behind else {q for q in queued if q not in tail.named and not spool.changed(q)}
     if any(tail.unrecorded(q) is None for q in fresh):
         tail = _Tail.read(audit.directory, queued, budget * WIDER)

@@ -150,12 +150,13 @@ def _write(fd: int, digest: str, pending: Sequence[str] = (), source: Path | Non
 
 
 def _source_text(source: Path | None) -> str:
-    """`` PATH``, absolute and its links followed, as a reload opens it (a relay
-    changes no directory; ``link/..`` is the link's parent, not the text's);
-    nothing for a name the line cannot hold whole, as an older relay wrote."""
+    """`` PATH``, absolute, its links kept: a reload opens the name, and a link
+    switched to another release is the file it reads then (status compares
+    the files the names lead to); nothing for a name the line cannot hold
+    whole, as an older relay wrote."""
     if source is None:
         return ""
-    path = os.path.realpath(source)
+    path = os.path.abspath(source)
     return f" {path}" if path.isprintable() and path == path.strip() else ""
 
 

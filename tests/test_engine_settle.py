@@ -618,45 +618,6 @@ def test_a_log_restored_from_an_older_copy_removes_no_message_it_does_not_name(
     assert settle_recorded(spool, unwitnessed) == Settled(unrecorded=[accepted.queue_id])
 
 
-def test_a_new_chain_is_witnessed_anew_at_the_start_that_finds_it_names_the_queue(
-    spool: Spool, tmp_path: Path
-) -> None:
-    """The witness only rose: after a new chain was begun (docs/audit-log.md),
-    every start said the log had been restored, until the new chain passed
-    the old one's seq, and kept what the log did not name all that time."""
-    witness = tmp_path / "audit.head"
-    old = AuditLog(tmp_path / "audit", witness=witness)
-    old.append_many([events.policy_loaded(policy_file="relay.yaml", policy_sha256="0" * 64)] * 5)
-    old.close()
-    shutil.rmtree(tmp_path / "audit")
-    (tmp_path / "audit").mkdir()  # a new chain, as the docs say to begin one
-    now = time.time()
-    named, unnamed = made_at(now - 30), made_at(now - 30)
-    assert spool.put_many([(named, (message(1),)), (unnamed, (message(2),))]) == [None, None]
-    audit = AuditLog(tmp_path / "audit", witness=witness)
-    audit.append(events.policy_loaded(policy_file="relay.yaml", policy_sha256="0" * 64))
-    audit.append(queued(named))
-    # the one the log does not name keeps the witness where it is, start or not
-    assert settle_recorded(spool, audit, starting=True) == Settled(behind=(2, 5))
-    with spool.lock(unnamed.queue_id):
-        unnamed.attempts = 1
-        spool.update(unnamed)
-    audit.append(
-        events.deferred(
-            queue_id=unnamed.queue_id,
-            message_id=None,
-            recipient="a@b",
-            reply="451",
-            next_attempt=datetime.now(UTC),
-        )
-    )
-    assert settle_recorded(spool, audit) == Settled(behind=(3, 5))  # no start: as it was
-    assert settle_recorded(spool, audit, starting=True) == Settled(witnessed_anew=(5, 3))
-    audit.close()
-    assert AuditLog(tmp_path / "audit", witness=witness).behind() is None
-    assert sorted(spool.ids()) == sorted([named.queue_id, unnamed.queue_id])
-
-
 def test_a_log_read_too_short_to_tell_is_read_further_back(spool: Spool, tmp_path: Path) -> None:
     now = time.time()
     clock = {"now": now - 60}

@@ -286,3 +286,31 @@ def test_a_reload_that_ends_during_the_stop_keeps_the_stop_in_the_lock_file(
         assert edited.endswith("now reads 0123456789ab: the next start puts it in use"), edited
     finally:
         os.close(lock)
+
+
+def test_a_policy_behind_a_link_switched_to_another_release_is_still_the_relays(
+    tmp_path: Path,
+) -> None:
+    """The lock recorded the file the link led to at the start: with the link
+    switched to the next release, status said no reload reads the file, and a
+    reload did."""
+    for release in ("v1", "v2"):
+        (tmp_path / "releases" / release).mkdir(parents=True)
+        (tmp_path / "releases" / release / "relay.yaml").write_text(release)
+    current = tmp_path / "current"
+    current.symlink_to(tmp_path / "releases" / "v1")
+    live = tmp_path / "relay.yaml"
+    live.symlink_to(current / "relay.yaml")
+    state = tmp_path / "state"
+    state.mkdir()
+    fd = statelock.hold(state, "0" * 64, live)
+    try:
+        switched = tmp_path / "current.new"
+        switched.symlink_to(tmp_path / "releases" / "v2")
+        switched.replace(current)
+        running = statelock.holder(state)
+        assert running is not None
+        assert not status.reads_another(running, live)
+        assert status.reads_another(running, tmp_path / "releases" / "v1" / "relay.yaml")
+    finally:
+        os.close(fd)

@@ -129,25 +129,6 @@ class AuditLog:
             return None
         return self._high[0], self._witnessed[0]
 
-    def witness_anew(self) -> tuple[int, int] | None:
-        """Lower the witness to this log's head, once nothing queued needs it (the
-        caller knows): (the old witness's seq, the log's) when it was ahead.
-        Only ever raised, it stayed at an earlier chain's head after a new chain
-        was begun, and every start until this one passed it said the log had
-        been restored, and kept what it did not name."""
-        if self._witness_fd is None or self.behind() is None:
-            return None
-        assert self._witnessed is not None
-        was = self._witnessed[0]
-        try:
-            with self._locked():
-                os.pwrite(self._witness_fd, reader.head_line(*self._high), 0)
-        except OSError as exc:
-            log.warning("audit log %s: %s not updated: %s", self.directory, self._witness, exc)
-            return None
-        self._witnessed = self._high
-        return was, self._high[0]
-
     def _open_witness(self) -> None:
         """Failing is logged, not raised: without it, a restore goes unseen, as before."""
         if self._witness is None:

@@ -106,7 +106,8 @@ RCPT_OVERSHOOT = 1000
 _TOO_MANY_RECIPIENTS = "452 4.5.3 "
 
 NON_ASCII = "501 5.6.7 Non-ASCII characters are not allowed: SMTPUTF8 is not offered"
-_NON_ASCII_PATH = re.compile(rb"(MAIL FROM|RCPT TO):\s*([^<]*)<([^>]*)>", re.IGNORECASE)
+# a name before the path holds no "=": ``jan@x ENVID=<…>`` has a parameter there
+_NON_ASCII_PATH = re.compile(rb"(MAIL FROM|RCPT TO):\s*([^<=]*)<([^>]*)>", re.IGNORECASE)
 _GIVEN_SENDER = re.compile(rf"FROM:\s*(?:{DISPLAY_NAME})?<([^>]*)>", re.IGNORECASE)
 _GIVEN_RECIPIENT = re.compile(rf"TO:\s*(?:{DISPLAY_NAME})?<([^>]*)>", re.IGNORECASE)
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
@@ -1115,13 +1116,17 @@ class RefusedRecipients:
 
 
 def _without_auth_parameter(arg: str) -> str:
-    """MAIL's ``FROM:…`` without its ``AUTH=`` parameter, the display name taken out
-    first: ``x AUTH=<ceo@…>`` before a path is a name, and taking the parameter
-    out first left ``x <jan@…>``, sent as jan."""
+    """MAIL's ``FROM:…`` without its ``AUTH=`` parameter, taken from the
+    parameters after the path only: ``AUTH=<kari@…>`` is never the path, nor
+    part of a name before it."""
     keyword, colon, rest = arg.partition(":")
     if not colon:
         return arg
-    return keyword + colon + _AUTH_PARAMETER.sub("", without_display_name(rest.lstrip(" \t")))
+    rest = without_display_name(rest.lstrip(" \t"))
+    if rest.startswith("<") and ">" in rest:
+        path, end, parameters = rest.partition(">")
+        return keyword + colon + path + end + _AUTH_PARAMETER.sub("", parameters)
+    return keyword + colon + _AUTH_PARAMETER.sub("", rest)
 
 
 def _with_sent(status: str, path: str, verb: str, arg: str) -> str:
