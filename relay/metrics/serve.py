@@ -159,8 +159,11 @@ class MetricsServer:
     def readiness(self) -> tuple[bool, dict[str, str]]:
         policy = self._current()
         state = status.STATUS
+        # read once: the supervisor's thread changes them, and a 503 said "2 of 2
+        # running", the count read again after a worker's death was noted
+        running, expected = state.workers_running, state.workers_expected
         checks = {
-            "workers": f"{state.workers_running} of {state.workers_expected} running",
+            "workers": f"{running} of {expected} running",
             "queue": _writable(*(policy.queue.directory / name for name in WRITTEN_IN)),
             "audit": _writable(policy.audit.directory),
         }
@@ -172,7 +175,7 @@ class MetricsServer:
                 checks[name] = shortage(directory, reserve) or "writable"
         if policy.suppression is not None:
             checks["suppression"] = _readable(policy.suppression.file)
-        ready = state.workers_running >= state.workers_expected > 0 and all(
+        ready = running >= expected > 0 and all(
             checks[name] == "writable" for name in ("queue", "audit")
         )
         if state.stopping:  # its listeners are closed already
