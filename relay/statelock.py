@@ -150,13 +150,14 @@ def _write(fd: int, digest: str, pending: Sequence[str] = (), source: Path | Non
 
 
 def _source_text(source: Path | None) -> str:
-    """`` PATH``, absolute, its links kept: a reload opens the name, and a link
-    switched to another release is the file it reads then (status compares
-    the files the names lead to); nothing for a name the line cannot hold
-    whole, as an older relay wrote."""
+    """`` PATH``, absolute, as a reload opens it: its links and ``..`` kept (a
+    link switched to another release is the file it reads then, and
+    ``link/..`` is the link's target's parent); status compares the files the
+    names lead to. Nothing for a name the line cannot hold whole, as an older
+    relay wrote."""
     if source is None:
         return ""
-    path = os.path.abspath(source)
+    path = os.path.join(os.getcwd(), source)  # a relay changes no directory
     return f" {path}" if path.isprintable() and path == path.strip() else ""
 
 

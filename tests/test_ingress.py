@@ -294,11 +294,13 @@ def test_a_display_name_before_the_path_is_dropped(relay: Relay) -> None:
         assert raw.cmd(b"MAIL FROM:Jan Janssens <jan@acme.example> SIZE=100").startswith("250")
         assert raw.cmd(b'RCPT TO: "Customer" <q4@example.org>').startswith("250")
         assert raw.cmd(b"RCPT TO:Jan J. Janssens (copy)<jan@acme.example>").startswith("250")
+        # a name's non-ASCII letters as the From field writes them: encoded words
+        assert raw.cmd(b"RCPT TO:=?UTF-8?Q?J=C3=B8rgen?= <q5@example.org>").startswith("250")
         assert raw.cmd(b"DATA").startswith("354")
         assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
     (submission,) = relay.process.submissions
     assert submission.mail_from == "jan@acme.example"
-    assert submission.rcpt_tos == ("q4@example.org", "jan@acme.example")
+    assert submission.rcpt_tos == ("q4@example.org", "jan@acme.example", "q5@example.org")
 
 
 @pytest.mark.parametrize(

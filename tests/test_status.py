@@ -314,3 +314,24 @@ def test_a_policy_behind_a_link_switched_to_another_release_is_still_the_relays(
         assert status.reads_another(running, tmp_path / "releases" / "v1" / "relay.yaml")
     finally:
         os.close(fd)
+
+
+def test_a_policy_named_through_a_link_and_dot_dot_is_the_file_a_reload_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``conf/../relay.yaml`` with ``conf`` a link: the kernel opens the link's
+    target's parent's file, and the path made absolute as text named another,
+    which did not exist; status said no reload read the relay's own file."""
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "real" / "relay.yaml").write_text("x")
+    (tmp_path / "conf").symlink_to(tmp_path / "real" / "sub")
+    monkeypatch.chdir(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir()
+    fd = statelock.hold(state, "0" * 64, Path("conf/../relay.yaml"))
+    try:
+        running = statelock.holder(state)
+        assert running is not None
+        assert not status.reads_another(running, tmp_path / "real" / "relay.yaml")
+    finally:
+        os.close(fd)

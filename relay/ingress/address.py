@@ -32,8 +32,10 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _MAILBOX = re.compile(rf"{DOT_ATOM}@{_LABEL}(?:\.{_LABEL})*")
 
 # RFC 5322's phrase (with obs-phrase's dots) and comments, in ASCII without <, >;
-# an unquoted word with "=" is a parameter (AUTH=<…>), never taken for a name
-_ATOM = r"[A-Za-z0-9!#$%&'*+/?^_`{|}~.-]+"
+# a word that starts as an ESMTP parameter (AUTH=<…>) is never taken for a name,
+# an encoded word (=?UTF-8?Q?J=C3=B8rgen?=) is
+PARAMETER_WORD = r"[A-Za-z0-9][A-Za-z0-9-]*="
+_ATOM = rf"(?!{PARAMETER_WORD})[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~.-]+"
 _QUOTED = r'"(?:[\x20\x21\x23-\x3b\x3d\x3f-\x5b\x5d-\x7e]|\\[\x20-\x3b\x3d\x3f-\x7e])*"'
 _COMMENT = r"\([\x20-\x27\x2a-\x3b\x3d\x3f-\x5b\x5d-\x7e]*\)"
 #: A display name before a path's ``<``, with the white space after it;

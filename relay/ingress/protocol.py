@@ -55,7 +55,12 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, _
 
 from relay import tally
 from relay.ingress import content, data
-from relay.ingress.address import DISPLAY_NAME, plain_path, without_display_name
+from relay.ingress.address import (
+    DISPLAY_NAME,
+    PARAMETER_WORD,
+    plain_path,
+    without_display_name,
+)
 from relay.ingress.auth import AUTH_ABORTED, BAD_BASE64, Authenticated, Mechanisms
 from relay.ingress.clientlimit import ALL_BUSY, EVERYONE, TOO_MANY, ClientRow, counted_as
 from relay.submission import Submission
@@ -106,8 +111,9 @@ RCPT_OVERSHOOT = 1000
 _TOO_MANY_RECIPIENTS = "452 4.5.3 "
 
 NON_ASCII = "501 5.6.7 Non-ASCII characters are not allowed: SMTPUTF8 is not offered"
-# a name before the path holds no "=": ``jan@x ENVID=<…>`` has a parameter there
-_NON_ASCII_PATH = re.compile(rb"(MAIL FROM|RCPT TO):\s*([^<=]*)<([^>]*)>", re.IGNORECASE)
+_NON_ASCII_PATH = re.compile(rb"(MAIL FROM|RCPT TO):\s*([^<]*)<([^>]*)>", re.IGNORECASE)
+# in what comes before the <: a parameter (``jan@x ENVID=<…>``), so no name
+_PARAMETER_BEFORE = re.compile(rf"(?:^|[ \t]){PARAMETER_WORD}".encode())
 _GIVEN_SENDER = re.compile(rf"FROM:\s*(?:{DISPLAY_NAME})?<([^>]*)>", re.IGNORECASE)
 _GIVEN_RECIPIENT = re.compile(rf"TO:\s*(?:{DISPLAY_NAME})?<([^>]*)>", re.IGNORECASE)
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
@@ -202,7 +208,7 @@ _ERROR_CODES = {"500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", 
 def non_ascii_reply(line: bytes) -> str:
     """The refusal of a command line with non-ASCII in it, naming the address
     when that is where it is; ``relay preview`` gives the same."""
-    match = _NON_ASCII_PATH.match(line)
+    match = _non_ascii_path(line)
     if match is None:
         return NON_ASCII  # in a parameter (ENVID=, ORCPT=), not in the address
     if not match[3].isascii():
@@ -213,6 +219,13 @@ def non_ascii_reply(line: bytes) -> str:
             " offered; leave the name out of the envelope"
         )
     return NON_ASCII
+
+
+def _non_ascii_path(line: bytes) -> re.Match[bytes] | None:
+    match = _NON_ASCII_PATH.match(line)
+    if match is None or _PARAMETER_BEFORE.search(match[2]):
+        return None
+    return match
 
 
 def _escaped(path: bytes) -> str:
@@ -910,7 +923,7 @@ class RelaySMTP(SMTP):
         it before ``smtp_MAIL`` or ``smtp_RCPT`` is called, so neither did."""
         line = self._command_line()
         reply = non_ascii_reply(line)
-        match = _NON_ASCII_PATH.match(line)
+        match = _non_ascii_path(line)
         if match is not None:
             path, logged = _escaped(match[3]), reply
         else:  # none found: the command as sent, escaped
@@ -1116,9 +1129,10 @@ class RefusedRecipients:
 
 
 def _without_auth_parameter(arg: str) -> str:
-    """MAIL's ``FROM:…`` without its ``AUTH=`` parameter, taken from the
-    parameters after the path only: ``AUTH=<kari@…>`` is never the path, nor
-    part of a name before it."""
+    """MAIL's ``FROM:…`` without its ``AUTH=`` parameter: after a path in angle
+    brackets, from the parameters after it only; else from anywhere, as
+    always. ``AUTH=<kari@…>`` is never the path, nor part of a name before it
+    (``x AUTH=<kari@…> <jan@…>`` is jan's, the one path given)."""
     keyword, colon, rest = arg.partition(":")
     if not colon:
         return arg
