@@ -326,7 +326,7 @@ def test_every_key_set() -> None:
     assert local.auth is AuthMode.OFF
     assert submission.auth is AuthMode.REQUIRED and submission.address == "::"
     assert submission.tls is not None and submission.tls.cert == here / "tls" / "relay.crt"
-    assert submission.allow[2] == ip_network("192.168.1.0/24")
+    assert submission.allow[2] == ip_network("fd12:3456::/48")
     assert (submission.max_message_size, submission.max_recipients) == (10485760, 20)
     assert submission.idle_timeout == 12.5
     assert (local.max_connections_per_client, submission.max_connections_per_client) == (None, 25)

@@ -787,6 +787,44 @@ def test_an_allow_list_that_lets_in_other_clients_than_meant_is_said(
         assert problems(path) == [f"{path}:{said}"]
 
 
+_NEVER = (
+    "{entry} names IPv{other} clients, and {address} takes IPv{family} clients only:"
+    " it never matches; IPv{other} clients need a listener of their own, on {needs}"
+)
+
+
+@pytest.mark.parametrize(
+    ("listen", "allow", "warned"),
+    [
+        ("'::'", "[127.0.0.0/8, '::1/128']", [(0, "127.0.0.0/8")]),
+        ("'::1'", "['::ffff:127.0.0.0/104', '::1/128']", [(0, "::ffff:127.0.0.0/104")]),
+        ("0.0.0.0", "[10.0.0.0/8, 'fd00::/64', '::1/128']", [(1, "fd00::/64"), (2, "::1/128")]),
+        ("'::'", "['fd00::/64', '::1/128']", []),
+        ("0.0.0.0", "[10.0.0.0/8, '::ffff:192.0.2.0/120']", []),
+        ("localhost", "[127.0.0.0/8, '::1/128']", []),
+    ],
+    ids=["ipv4-on-ipv6", "mapped-on-ipv6", "ipv6-on-ipv4", "ipv6", "ipv4", "host-name"],
+)  # fmt: skip
+def test_check_warns_of_an_allow_entry_the_listener_s_clients_never_match(
+    tmp_path: Path, listen: str, allow: str, warned: list[tuple[int, str]]
+) -> None:
+    """A listener on :: takes no IPv4 client, and its 127.0.0.0/8 passed as if
+    it were dual stack, as Linux's default is: the IPv4 ERPs were refused."""
+    listener = f"    address: {listen}\n    port: 2525\n    allow: {allow}\n"
+    path = variant(tmp_path, _LISTENER, listener)
+    found = [line for line in warnings(path) if "never matches" in line]
+    family = 4 if "." in listen else 6
+    other = 6 if family == 4 else 4
+    address = listen.strip("'")
+    needs = "0.0.0.0 or an IPv4 address" if other == 4 else ":: or an IPv6 address"
+    said = [
+        f"warning: listeners[0].allow[{i}]: "
+        + _NEVER.format(entry=entry, other=other, address=address, family=family, needs=needs)
+        for i, entry in warned
+    ]
+    assert [line.partition(": ")[2] for line in found] == said
+
+
 def test_a_dkim_key_in_a_form_only_the_signer_reads_still_loads(tmp_path: Path) -> None:
     """The size check read keys with cryptography, which refuses labels dkimpy's
     parser, the signer's, takes: a key that signed made check end in a traceback."""

@@ -1193,7 +1193,9 @@ def submission_of(
 
 
 def client_address(peer: Any) -> IPv4Address | IPv6Address | None:
-    """The client's IP; IPv4 clients of a dual-stack socket are shown as IPv4."""
+    """The client's IP; an IPv4-mapped one as the IPv4 address it names, as the
+    allow lists hold it (a guard: the relay's IPv6 sockets are IPv6 only, and
+    take no IPv4 client)."""
     if not isinstance(peer, tuple) or not peer:
         return None
     return _host_address(peer[0])

@@ -486,11 +486,40 @@ def _reachable(
         return allow
     families = {ip.version for ip in ips}
     if any(network.version in families for network in allow):
+        _warn_of_other_family(ctx, m, allow, families, address)
         return allow
     versions = " or ".join(f"IPv{v}" for v in sorted(families))
     message = f"no entry is an {versions} network, and every client of {address} is: all refused"
     ctx.problem(m.get("allow"), m.sub("allow"), message)
     return None
+
+
+def _warn_of_other_family(
+    ctx: Ctx,
+    m: Map,
+    allow: tuple[IPv4Network | IPv6Network, ...],
+    families: set[int],
+    address: str | None,
+) -> None:
+    """``::`` takes IPv6 clients only (its sockets are IPv6 only), so an IPv4
+    entry in its list, mapped or not, passed and never matched: read as dual
+    stack, as Linux's default is, it left the IPv4 ERPs refused. A host name
+    is left alone: it may have the other family's address where serve runs."""
+    node = m.get("allow")
+    if address is None or not values.is_ip(address) or not isinstance(node, SequenceNode):
+        return
+    (family,) = families
+    other = 6 if family == 4 else 4
+    needs = "0.0.0.0 or an IPv4 address" if other == 4 else ":: or an IPv6 address"
+    for i, (item, network) in enumerate(zip(node.value, allow, strict=True)):
+        if network.version == family:
+            continue
+        message = (
+            f"{item.value} names IPv{other} clients, and {address} takes IPv{family}"
+            f" clients only: it never matches; IPv{other} clients need a listener of"
+            f" their own, on {needs}"
+        )
+        ctx.problems.warn(item, join(m.sub("allow"), i), message)
 
 
 def _allow(ctx: Ctx, m: Map) -> tuple[IPv4Network | IPv6Network, ...] | None:

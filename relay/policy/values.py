@@ -381,7 +381,8 @@ def _host_bits(value: str, network: IPv4Network | IPv6Network) -> str:
 
 def _mapped_ipv4(network: IPv4Network | IPv6Network) -> IPv4Network | None:
     """An IPv4-mapped network (``::ffff:127.0.0.0/104``) as the IPv4 one it
-    names: clients of a dual-stack socket are matched by their IPv4 address."""
+    names: clients are matched by their IPv4 address, and only an IPv4 listener
+    takes them (the relay's IPv6 sockets are IPv6 only)."""
     if network.version != 6 or network.prefixlen < 96:
         return None
     start = network.network_address.ipv4_mapped  # type: ignore[union-attr]
