@@ -9,10 +9,12 @@ import io
 import os
 import pwd
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from relay.errors import PolicyError
+from relay.hostport import host_port
+from relay.policy import selfloop
 from relay.policy.load import check_main, load
 from tests.policyfiles import variant
 
@@ -517,6 +521,53 @@ def test_check_warns_of_an_upstream_that_is_a_listener_of_the_relay(
     else:
         said = _LOOP.format(upstream=warned[0], listener=warned[1])
         assert found == [f"{path}:20:11: warning: upstreams.outbox.port: {said}"]
+
+
+def _own_address(family: socket.AddressFamily, somewhere: str) -> str:
+    """This host's address of ``family`` off loopback, the one it would send
+    from; a datagram socket's connect sends nothing."""
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((somewhere, 9))
+        except OSError as exc:
+            pytest.skip(f"no route to {somewhere}: {exc.strerror}")
+        address = probe.getsockname()[0]
+    if ip_address(address).is_loopback:
+        pytest.skip("this host's only address is on loopback")
+    return address
+
+
+@pytest.mark.parametrize(
+    ("family", "somewhere", "listen", "warned"),
+    [
+        (socket.AF_INET, "198.51.100.1", "0.0.0.0", True),
+        (socket.AF_INET6, "2001:db8::1", "'::'", True),
+        (socket.AF_INET, "198.51.100.1", "'::'", False),
+        (socket.AF_INET6, "2001:db8::1", "0.0.0.0", False),
+    ],
+    ids=["ipv4", "ipv6", "ipv4-to-ipv6-only", "ipv6-to-ipv4"],
+)
+def test_check_warns_of_an_upstream_on_another_address_a_wildcard_listener_takes(
+    tmp_path: Path, family: socket.AddressFamily, somewhere: str, listen: str, warned: bool
+) -> None:
+    """0.0.0.0 takes the port on the host's eth0 address too: an upstream there
+    passed check, as only loopback was counted, and the mail went round."""
+    address = _own_address(family, somewhere)
+    path = _smtp(tmp_path, f"host: '{address}'\nport: 2525")
+    listener = f"    address: {listen}\n    port: 2525\n    auth: off\n"
+    path.write_text(path.read_text().replace(_LISTENER, listener))
+    found = [line for line in warnings(path) if "upstreams.outbox.port:" in line]
+    said = _LOOP.format(
+        upstream=host_port(address, 2525), listener=host_port(listen.strip("'"), 2525)
+    )
+    expected = [f"{path}:20:11: warning: upstreams.outbox.port: {said}"]
+    assert found == (expected if warned else [])
+
+
+def test_an_address_is_this_host_s_only_if_it_can_be_bound_here() -> None:
+    assert selfloop.is_this_host(ip_address("127.0.0.1"))
+    assert not selfloop.is_this_host(ip_address("203.0.113.254"))
+    assert not selfloop.is_this_host(ip_address("224.0.0.1"))
 
 
 _BOUNCE = (

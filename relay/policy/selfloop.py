@@ -4,11 +4,13 @@ Mail sent to it is taken in again as new mail and sent to it once more, a
 loop that fills the queue and the audit log until something breaks. Only
 addresses as written (IP addresses, and ``localhost`` and its like) are
 compared: ``relay check`` looks nothing up for this, and a name that
-resolves here may not on the host the relay runs on.
+resolves here may not on the host the relay runs on. An address is this
+host's when a socket can be bound to it here.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
@@ -16,6 +18,7 @@ from relay.upstream import helo
 
 _IP = IPv4Address | IPv6Address
 _LOOPBACK = (ip_address("127.0.0.1"), ip_address("::1"))
+_NUMERIC = socket.AI_NUMERICHOST | socket.AI_PASSIVE
 
 
 def own_listener(
@@ -52,8 +55,28 @@ def unmapped(ip: _IP) -> _IP:
 
 
 def _reaches(target: _IP, bound: _IP) -> bool:
-    """A wildcard socket takes loopback connections of its own family only: the
-    relay's IPv6 sockets are IPv6 only."""
+    """A wildcard socket takes connections to every address of this host of its
+    own family only: the relay's IPv6 sockets are IPv6 only. Loopback alone
+    was counted, and an upstream on the host's eth0 address passed."""
     if target.version != bound.version:
         return False
-    return target == bound or (bound.is_unspecified and target.is_loopback)
+    if target == bound:
+        return True
+    return bound.is_unspecified and (target.is_loopback or is_this_host(target))
+
+
+def is_this_host(ip: _IP) -> bool:
+    """Whether ``ip`` is an address of the host this runs on: only such an
+    address can be bound (EADDRNOTAVAIL otherwise). Port 0 takes a free port,
+    given back at once; nothing listens or is looked up. A multicast address
+    binds, but no connection reaches a listener through it."""
+    if ip.is_multicast:
+        return False
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        where = socket.getaddrinfo(str(ip), 0, family, socket.SOCK_STREAM, 0, _NUMERIC)[0][4]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(where)
+    except OSError:
+        return False
+    return True
