@@ -1644,6 +1644,10 @@ def test_a_verbose_regex_over_several_lines_still_loads(tmp_path: Path) -> None:
             " the port goes in port: 2525",
         ),
         ("'*'", "'*' is not an IP address like 127.0.0.1 or ::1, or a host name"),
+        (
+            "'[::1]:2525'",
+            "expected an IP address without brackets: write ::1; the port goes in port: 2525",
+        ),
     ],
 )
 def test_a_listen_address_serve_could_not_bind_is_refused(

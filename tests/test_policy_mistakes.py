@@ -379,6 +379,23 @@ def test_a_cidr_with_host_bits_set_is_a_problem_naming_what_it_would_mean(
     assert problems(path) == [f"{path}:10:13: listeners[0].allow[0]: {problem}"]
 
 
+@pytest.mark.parametrize(
+    ("cidr", "problem"),
+    [
+        ("'fd00::/129'", "'fd00::/129': the prefix length of an IPv6 network is 0 to 128"),
+        ("10.0.0.0/33", "'10.0.0.0/33': the prefix length of an IPv4 network is 0 to 32"),
+        ("'[fd00::]/64'", "'[fd00::]/64': write it without brackets, fd00::/64"),
+        ("'[::1]'", "'[::1]': write it without brackets, ::1"),
+        ("10.1.2.300/16", "'10.1.2.300/16' does not appear to be an IPv4 or IPv6 network"),
+    ],
+    ids=["ipv6-prefix", "ipv4-prefix", "brackets", "bracketed-address", "no-address"],
+)
+def test_an_invalid_cidr_says_what_to_write(tmp_path: Path, cidr: str, problem: str) -> None:
+    """Each was said only not to be an IPv4 or IPv6 network, which it plainly is."""
+    path = variant(tmp_path, "    port: 2525\n", f"    port: 2525\n    allow: [{cidr}]\n")
+    assert problems(path) == [f"{path}:10:13: listeners[0].allow[0]: invalid CIDR: {problem}"]
+
+
 def test_a_cidr_without_host_bits_or_a_bare_address_loads(tmp_path: Path) -> None:
     allow = "[10.0.0.0/8, 192.0.2.7, '::1/128', '::ffff:10.0.0.0/104']"
     path = variant(tmp_path, "    port: 2525\n", f"    port: 2525\n    allow: {allow}\n")

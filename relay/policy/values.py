@@ -187,20 +187,31 @@ def listen_address(ctx: Ctx, node: Node, path: str) -> str | None:
     value = text(ctx, node, path, "a listen address like 127.0.0.1")
     if value is None:
         return None
-    bare = value[1:-1] if value.startswith("[") and value.endswith("]") else None
-    if bare is not None and is_ip(bare):
+    bare = _bracketed_ip(value)
+    if bare is not None:
         ctx.problem(node, path, f"expected an IP address without brackets: write {bare}")
         return None
     if is_ip(value) or (not _NUMERIC.fullmatch(value) and _is_domain(value)):
         return _resolvable(value)
+    host, _, port = value.rpartition(":")
+    bare = _bracketed_ip(host)
+    if port.isdigit() and bare is not None:
+        message = f"expected an IP address without brackets: write {bare}"
+        ctx.problem(node, path, f"{message}; the port goes in port: {port}")
+        return None
     expected = "an IP address like 127.0.0.1 or ::1, or a host name"
     if _NUMERIC.fullmatch(value):
         expected = "an IP address like 127.0.0.1 or ::1"
-    host, _, port = value.rpartition(":")
     if port.isdigit() and (is_ip(host) or _is_domain(host)):
         expected += f"; the port goes in port: {port}"
     ctx.problem(node, path, f"{value!r} is not {expected}")
     return None
+
+
+def _bracketed_ip(value: str) -> str | None:
+    """The IP address in ``[::1]``, as a URL or Postfix writes it, or None."""
+    bare = value[1:-1] if value.startswith("[") and value.endswith("]") else None
+    return bare if bare is not None and is_ip(bare) else None
 
 
 def upstream_host(ctx: Ctx, node: Node, path: str) -> str | None:
@@ -359,13 +370,30 @@ def cidr(ctx: Ctx, node: Node, path: str) -> IPv4Network | IPv6Network | None:
     try:
         network = ip_network(value, strict=False)
     except ValueError as exc:
-        ctx.problem(node, path, f"invalid CIDR: {exc}")
+        ctx.problem(node, path, f"invalid CIDR: {_not_cidr(value) or exc}")
         return None
     if ip_address(value.partition("/")[0]) != network.network_address:
         ctx.problem(node, path, _host_bits(value, network))
         return None
     mapped = _mapped_ipv4(network)
     return network if mapped is None else mapped
+
+
+def _not_cidr(value: str) -> str | None:
+    """What is wrong with a CIDR whose address is one, which ``ipaddress`` says
+    no more of than of any text: ``fd00::/129`` and ``[fd00::]/64`` were said
+    not to be networks at all."""
+    host, slash, prefix = value.partition("/")
+    bare = _bracketed_ip(host)
+    if bare is not None:
+        return f"{value!r}: write it without brackets, {bare}{slash}{prefix}"
+    if not slash or not is_ip(host):
+        return None
+    version = ip_address(host).version
+    longest = 32 if version == 4 else 128
+    if prefix.isdigit() and int(prefix) <= longest:
+        return None
+    return f"{value!r}: the prefix length of an IPv{version} network is 0 to {longest}"
 
 
 def _host_bits(value: str, network: IPv4Network | IPv6Network) -> str:
