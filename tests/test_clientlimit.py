@@ -4,6 +4,7 @@ relay with two workers refusing the connection past the limit."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -68,6 +69,24 @@ def test_connections_from_another_address_of_the_64_count_for_the_client() -> No
         clients.leave(limited.name, counted_as("::2"))
         with ingress_harness.Raw(relay.port, host="::1") as raw:
             assert raw.greeting[0].startswith("220 ")
+
+
+def test_the_refusal_s_log_line_names_the_64_that_had_the_connections(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It said the connections were open from the address, which had none."""
+    caplog.set_level(logging.WARNING, logger="relay")
+    clients = ClientCounts(1).row(0)
+    limited = replace(listener(address="::1", allow=("::1/128",)), max_connections_per_client=1)
+    with ingress_harness.Relay([limited], clients=clients) as relay:
+        assert clients.enter(limited.name, counted_as("::2"))
+        with ingress_harness.Raw(relay.port, host="::1") as raw:
+            assert raw.greeting[0].startswith("421 ")
+    said = [r.getMessage() for r in caplog.records if "connections open" in r.getMessage()]
+    assert said == [
+        f"refused client=::1 on listener {limited.name}: 1 connections open from ::/64"
+        " already, its max_connections_per_client"
+    ]
 
 
 def _relay(policy_file: Path, tmp_path: Path, limits: str) -> Iterator[Relay]:

@@ -532,12 +532,14 @@ class RelaySMTP(SMTP):
         open already or the listener its ``max_connections``: then the reply
         refusing it. The client's limit first: a client refused for its own is
         never counted on the listener, where it would have the others refused
-        as the listener's limit came near. The log line names the address, the
-        reply what was counted."""
+        as the listener's limit came near. The log line names the address, and
+        the /64 when it was what was counted, as the reply does."""
         if self._clients is None:
             return None
+        own = counted_as(address)
+        from_own = "from it" if own == address else f"from {own}"
         for client, setting, limit, where, reply, reason in (
-            (counted_as(address), "max_connections_per_client", self._per_client, "from it",
+            (own, "max_connections_per_client", self._per_client, from_own,
              TOO_MANY, "too_many_from_client"),
             (EVERYONE, "max_connections", self._most, "on it", ALL_BUSY, "too_many"),
         ):  # fmt: skip
