@@ -46,6 +46,7 @@ def test_check_accepts_the_example_policy(tmp_path: Path) -> None:
     done = relay("check", "-c", str(tmp_path / "config" / "relay.example.yaml"))
     assert done.returncode == 0, done.stderr
     assert "ok" in done.stdout
+    assert "warning" not in done.stderr
 
 
 def test_check_reports_located_problems_and_exits_78(tmp_path: Path) -> None:
