@@ -3,7 +3,8 @@
 Text output replaces control characters: recipients, subjects and upstream
 replies come from outside, and an escape sequence must not reach an
 auditor's terminal. JSON lines are the stored records exactly as written;
-CSV keeps every field, one column each, so spreadsheets get the full record.
+CSV keeps every field, one column each, so spreadsheets get the full record,
+with a text cell that a spreadsheet would run as a formula made text.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ _NESTED = {"dkim": ("domain", "selector"), "suppression": ("reason", "since")}
 # the order they were added, so that a script reading the columns by position
 # reads the same columns as before.
 _ADDED_LATER = ("found_by", "reasons", "for_tenant", "detail")
+# What a spreadsheet takes a cell to be a formula by (OWASP, "CSV Injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _csv_columns() -> tuple[str, ...]:
@@ -57,14 +60,29 @@ def csv_row(record: dict[str, Any]) -> dict[str, str]:
     row = {}
     for key, value in record.items():
         if key == "dkim":
-            row[key] = " ".join(f"{k['domain']}/{k['selector']}" for k in value)
+            row[key] = _cell(" ".join(f"{k['domain']}/{k['selector']}" for k in value))
         elif key == "reasons":  # sentences, not addresses: a line each in the cell
-            row[key] = "\n".join(value)
+            row[key] = _cell("\n".join(value))
         elif isinstance(value, dict):
-            row.update({f"{key}.{part}": _plain(v) for part, v in value.items()})
+            row.update({f"{key}.{part}": _cell(v) for part, v in value.items()})
         else:
-            row[key] = _plain(value)
+            row[key] = _cell(value)
     return row
+
+
+def _cell(value: Any) -> str:
+    """Numbers as they are: none is a formula, and a sign must stay a sign."""
+    if isinstance(value, int):
+        return str(value)
+    return _not_a_formula(_plain(value))
+
+
+def _not_a_formula(text: str) -> str:
+    """Excel and LibreOffice run a cell that starts like a formula: a Subject
+    ``=HYPERLINK(...)`` a client wrote would send the auditor's rows where it
+    points. A leading ``'`` is OWASP's advice; only such cells get it, so every
+    other cell is as stored."""
+    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 def _plain(value: Any) -> str:
@@ -359,7 +377,7 @@ def write_report(rows: list[dict[str, Any]], out: TextIO, output: str) -> None:
     if output == "csv":
         writer = csv.DictWriter(out, REPORT_COLUMNS, lineterminator="\r\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({c: _cell(v) for c, v in row.items()} for row in rows)
         return
     total = {"tenant": "TOTAL", "doc_type": ""}
     total.update({c: sum(r[c] for r in rows) for c in REPORT_COLUMNS[2:]})
