@@ -157,7 +157,10 @@ def _source_text(source: Path | None) -> str:
     relay wrote."""
     if source is None:
         return ""
-    path = os.path.join(os.getcwd(), source)  # a relay changes no directory
+    try:  # a relay changes no directory; one since removed has no name for a relative one
+        path = os.fspath(source) if os.path.isabs(source) else os.path.join(os.getcwd(), source)
+    except OSError:
+        return ""
     return f" {path}" if path.isprintable() and path == path.strip() else ""
 
 

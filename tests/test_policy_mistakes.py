@@ -581,7 +581,7 @@ def test_check_warns_of_an_upstream_on_another_address_a_wildcard_listener_takes
     assert found == (expected if warned else [])
 
 
-def test_an_address_is_this_host_s_only_if_it_can_be_bound_here() -> None:
+def test_an_address_is_this_host_s_only_if_it_is_one_of_its_own() -> None:
     assert selfloop.is_this_host(ip_address("127.0.0.1"))
     assert not selfloop.is_this_host(ip_address("203.0.113.254"))
     assert not selfloop.is_this_host(ip_address("224.0.0.1"))
@@ -891,6 +891,31 @@ def test_check_warns_of_an_allow_entry_the_listener_s_clients_never_match(
         for i, entry in warned
     ]
     assert [line.partition(": ")[2] for line in found] == said
+
+
+def test_a_0000_and_a_colon_colon_listener_on_one_port_may_share_their_list(
+    tmp_path: Path,
+) -> None:
+    """The pair the README suggests for both families, with one list for both:
+    each entry of the other family was said to need a listener of its own,
+    which the next one is."""
+    listener = (
+        "    address: 0.0.0.0\n    port: 2525\n    allow: &erps [10.0.0.0/8, 'fd00::/8']\n"
+        "  - name: local6\n    address: '::'\n    port: 2525\n    allow: *erps\n"
+    )
+    path = variant(tmp_path, _LISTENER, listener)
+    assert [line for line in warnings(path) if "never matches" in line] == []
+    alone = path.read_text().replace(
+        "    port: 2525\n    allow: *erps", "    port: 2526\n    allow: *erps"
+    )
+    path.write_text(alone)
+    assert len([line for line in warnings(path) if "never matches" in line]) == 2
+
+
+def test_an_address_is_this_host_s_only_if_the_kernel_sends_from_it() -> None:
+    """A bind test said yes to a broadcast address, and to any address where
+    ip_nonlocal_bind is on."""
+    assert not selfloop.is_this_host(ip_address("255.255.255.255"))
 
 
 def test_a_dkim_key_in_a_form_only_the_signer_reads_still_loads(tmp_path: Path) -> None:

@@ -152,3 +152,24 @@ def test_a_lock_file_read_while_a_reload_writes_it_names_the_relay(tmp_path: Pat
             later.join()
     finally:
         os.close(fd)
+
+
+def test_a_relay_whose_directory_was_removed_still_notes_its_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started from a release directory an upgrade then removed: every reload's
+    and the stop's note failed (no current directory), and status said a
+    reload would put in use what already ran."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    state = tmp_path / "state"
+    policy = tmp_path / "relay.yaml"
+    fd = statelock.hold(state, DIGEST, policy)
+    try:
+        assert statelock.holder(state) == statelock.Holder(os.getpid(), DIGEST, (), str(policy))
+        statelock.note_policy(state, "1" * 64, [], Path("relative.yaml"))
+        assert statelock.holder(state) == statelock.Holder(os.getpid(), "1" * 64)
+    finally:
+        os.close(fd)

@@ -58,6 +58,9 @@ class Ctx:
         #: what each listener binds, (address, port, path, IPs): the metrics
         #: endpoint, read later, must not take one of their ports
         self.sockets: list[tuple[str, int, str, frozenset[IPv4Address | IPv6Address]]] = []
+        #: allow entries of the family a listener does not take: (its port, that
+        #: family, node, path, message), said unless another listener there takes it
+        self.other_family: list[tuple[int | None, int, Node, str, str]] = []
         #: whether a listener offers AUTH (not ``auth: off``; with tls, or on loopback):
         #: a tenant that takes mail only with a login takes none without one
         self.logins_taken = False

@@ -155,7 +155,7 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
         tls = _tls(ctx, m, tls_map)
         allow = _allow(ctx, m)
         if allow is not None and ips:
-            allow = _reachable(ctx, m, allow, ips, address)
+            allow = _reachable(ctx, m, allow, ips, address, port)
         size = m.integer("max_message_size", 26214400, 1, 2**40, "a positive number of bytes")
         recipients = m.integer("max_recipients", 100, 1, 100000, "a positive integer")
         per_client = m.integer(
@@ -199,9 +199,18 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
             Listener(*fields[:4], tls, *fields[4:], per_client, most, tls_mode) if ok else None
         )
         found.append(listener)
+    _say_other_family(ctx)
     if not found or None in found:
         return None
     return tuple(found)
+
+
+def _say_other_family(ctx: Ctx) -> None:
+    """The entries of the other family that no listener on the same port takes."""
+    for port, other, node, path, message in ctx.other_family:
+        takers = (s for s in ctx.sockets if s.port == port)
+        if not any(ip.version == other for s in takers for ip in s.ips):
+            ctx.problems.warn(node, path, message)
 
 
 _IP = IPv4Address | IPv6Address
@@ -471,6 +480,7 @@ def _reachable(
     allow: tuple[IPv4Network | IPv6Network, ...],
     ips: frozenset[_IP],
     address: str | None,
+    port: int | None,
 ) -> tuple[IPv4Network | IPv6Network, ...] | None:
     """The allow list, or None when no client of the listener can match it: its
     sockets take IPv4 or IPv6 clients only (IPv6 ones are IPv6 only), and a list
@@ -486,7 +496,7 @@ def _reachable(
         return allow
     families = {ip.version for ip in ips}
     if any(network.version in families for network in allow):
-        _warn_of_other_family(ctx, m, allow, families, address)
+        _warn_of_other_family(ctx, m, allow, families, address, port)
         return allow
     versions = " or ".join(f"IPv{v}" for v in sorted(families))
     message = f"no entry is an {versions} network, and every client of {address} is: all refused"
@@ -500,11 +510,14 @@ def _warn_of_other_family(
     allow: tuple[IPv4Network | IPv6Network, ...],
     families: set[int],
     address: str | None,
+    port: int | None,
 ) -> None:
     """``::`` takes IPv6 clients only (its sockets are IPv6 only), so an IPv4
     entry in its list, mapped or not, passed and never matched: read as dual
     stack, as Linux's default is, it left the IPv4 ERPs refused. A host name
-    is left alone: it may have the other family's address where serve runs."""
+    is left alone: it may have the other family's address where serve runs.
+    Said once every listener is read (``listeners``): a ``0.0.0.0`` and ``::``
+    pair on one port sharing one list is what the README suggests."""
     node = m.get("allow")
     if address is None or not values.is_ip(address) or not isinstance(node, SequenceNode):
         return
@@ -519,7 +532,7 @@ def _warn_of_other_family(
             f" clients only: it never matches; IPv{other} clients need a listener of"
             f" their own, on {needs}"
         )
-        ctx.problems.warn(item, join(m.sub("allow"), i), message)
+        ctx.other_family.append((port, other, item, join(m.sub("allow"), i), message))
 
 
 def _allow(ctx: Ctx, m: Map) -> tuple[IPv4Network | IPv6Network, ...] | None:

@@ -66,17 +66,19 @@ def _reaches(target: _IP, bound: _IP) -> bool:
 
 
 def is_this_host(ip: _IP) -> bool:
-    """Whether ``ip`` is an address of the host this runs on: only such an
-    address can be bound (EADDRNOTAVAIL otherwise). Port 0 takes a free port,
-    given back at once; nothing listens or is looked up. A multicast address
-    binds, but no connection reaches a listener through it."""
+    """Whether ``ip`` is an address of the host this runs on: the kernel routes
+    a datagram socket "connected" to one of its own addresses from that same
+    address. Nothing is sent, listened on or looked up. A bind test said yes
+    to any address where ``ip_nonlocal_bind`` is on (hosts that take over a
+    VIP), and to broadcast addresses; a multicast address is no listener's."""
     if ip.is_multicast:
         return False
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     try:
-        where = socket.getaddrinfo(str(ip), 0, family, socket.SOCK_STREAM, 0, _NUMERIC)[0][4]
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind(where)
+        where = socket.getaddrinfo(str(ip), 9, family, socket.SOCK_DGRAM, 0, _NUMERIC)[0][4]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(where)
+            source = probe.getsockname()[0]
     except OSError:
         return False
-    return True
+    return ip_address(source.partition("%")[0]) == ip
