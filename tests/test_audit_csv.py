@@ -8,7 +8,9 @@ import json
 import smtplib
 from pathlib import Path
 
-from relay.audit import AuditLog, events
+import pytest
+
+from relay.audit import AuditLog, events, render
 from relay.audit.render import write_csv
 from tests.relayproc import RelayProcess
 from tests.sink import SinkServer, free_port
@@ -102,3 +104,11 @@ def test_only_a_cell_that_starts_as_a_formula_gets_a_quote(tmp_path: Path) -> No
         "'=1+1", "'+1", "'-1", "'@SUM(1)", "'\t=1+1", "'\r=1+1", "550 =1+1", "'=1+1", ""
     ]  # fmt: skip
     assert [r["seq"] for r in rows] == [str(n) for n in range(1, len(replies) + 1)]
+
+
+@pytest.mark.parametrize("text", ["\u202egnp.exe", "A\u200bB", "\u2066x\u2069", "\ufeffx"])
+def test_what_a_terminal_shows_otherwise_is_not_printed_as_it_is(text: str) -> None:
+    """A Subject's bidi override showed it reversed in ``relay audit show``, and a
+    zero-width space hid itself."""
+    shown = render._safe(text)
+    assert "?" in shown and not any(c in shown for c in "\u202e\u200b\u2066\u2069\ufeff")

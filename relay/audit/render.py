@@ -23,7 +23,9 @@ from relay.audit.search import REPORT_COLUMNS, recipients_of
 #: Rows aligned together before they are printed.
 TABLE_BLOCK = 2000
 TABLE_COLUMNS = ("time", "event", "queue_id", "tenant", "user", "doc_type", "recipient", "reply")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# and what a terminal shows other than as written: bidi overrides turned a
+# subject "\u202egnp.exe" round, and zero-width ones hid themselves
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 _NESTED = {"dkim": ("domain", "selector"), "suppression": ("reason", "since")}
 # Fields added within version 1, after the first CSV: their columns come last, in
 # the order they were added, so that a script reading the columns by position
