@@ -112,3 +112,11 @@ def test_what_a_terminal_shows_otherwise_is_not_printed_as_it_is(text: str) -> N
     zero-width space hid itself."""
     shown = render._safe(text)
     assert "?" in shown and not any(c in shown for c in "\u202e\u200b\u2066\u2069\ufeff")
+
+
+@pytest.mark.parametrize(
+    "text", ["\u062d\u0633\u06cc\u0646\u200c\u0632\u0627\u062f\u0647", "\U0001f468\u200d\U0001f469"]
+)
+def test_joiners_that_names_and_emoji_need_are_printed(text: str) -> None:
+    """A Persian surname's zero-width non-joiner and an emoji's joiner showed as ?."""
+    assert render._safe(text) == text

@@ -4,6 +4,7 @@ itself is not wrong."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import os
@@ -910,6 +911,44 @@ def test_a_0000_and_a_colon_colon_listener_on_one_port_may_share_their_list(
     )
     path.write_text(alone)
     assert len([line for line in warnings(path) if "never matches" in line]) == 2
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        "    address: 127.0.0.1\n    port: 2525\n",
+        "    address: 0.0.0.0\n    port: 2525\n    allow: [10.0.0.0/8]\n",
+    ],
+    ids=["loopback-only", "another-network"],
+)
+def test_a_listener_of_the_other_family_that_does_not_allow_the_entry_pairs_nothing(
+    tmp_path: Path, other: str
+) -> None:
+    """Any IPv4 listener on the port dropped the warning, though its own list
+    (or loopback, without one) never took the entry's clients."""
+    listener = (
+        "    address: '::'\n    port: 2525\n    allow: ['fd00::/64', 192.0.2.0/24]\n"
+        f"  - name: local4\n{other}"
+    )
+    path = variant(tmp_path, _LISTENER, listener)
+    found = [line for line in warnings(path) if "never matches" in line]
+    assert len(found) == 1 and "192.0.2.0/24 names IPv4 clients" in found[0], found
+
+
+def _link_local() -> str:
+    """This host's first link-local IPv6 address, with its interface."""
+    with contextlib.suppress(OSError), open("/proc/net/if_inet6") as table:
+        for line in table:
+            hexed, _, _, scope, _, name = line.split()
+            if scope == "20":
+                return f"{ip_address(int(hexed, 16))}%{name}"
+    pytest.skip("no link-local IPv6 address here")
+
+
+def test_a_link_local_address_of_this_host_with_its_interface_is_this_hosts() -> None:
+    """The kernel names the source without the interface, and the comparison
+    with the address written with one said no."""
+    assert selfloop.is_this_host(ip_address(_link_local()))
 
 
 def test_an_address_is_this_host_s_only_if_the_kernel_sends_from_it() -> None:

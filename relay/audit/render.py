@@ -24,8 +24,9 @@ from relay.audit.search import REPORT_COLUMNS, recipients_of
 TABLE_BLOCK = 2000
 TABLE_COLUMNS = ("time", "event", "queue_id", "tenant", "user", "doc_type", "recipient", "reply")
 # and what a terminal shows other than as written: bidi overrides turned a
-# subject "\u202egnp.exe" round, and zero-width ones hid themselves
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+# subject "\u202egnp.exe" round, and a zero-width space hid itself; the
+# joiners and marks (U+200C-U+200F) stay, which Persian names and emoji need
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b\u2028-\u202e\u2060-\u2069\ufeff]")
 _NESTED = {"dkim": ("domain", "selector"), "suppression": ("reason", "since")}
 # Fields added within version 1, after the first CSV: their columns come last, in
 # the order they were added, so that a script reading the columns by position

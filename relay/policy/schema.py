@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Callable, Collection, Mapping
 from difflib import get_close_matches
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import TypeVar
 
@@ -58,9 +58,12 @@ class Ctx:
         #: what each listener binds, (address, port, path, IPs): the metrics
         #: endpoint, read later, must not take one of their ports
         self.sockets: list[tuple[str, int, str, frozenset[IPv4Address | IPv6Address]]] = []
-        #: allow entries of the family a listener does not take: (its port, that
-        #: family, node, path, message), said unless another listener there takes it
-        self.other_family: list[tuple[int | None, int, Node, str, str]] = []
+        #: allow entries of the family a listener does not take: (its port, the
+        #: entry, node, path, message), said unless a listener on that port takes
+        #: the entry's family and allows its network (``allows``)
+        self.other_family: list[tuple[int | None, IPv4Network | IPv6Network, Node, str, str]] = []
+        #: each listener's port, the IP versions its addresses take, its allow list
+        self.allows: list[tuple[int, frozenset[int], tuple[IPv4Network | IPv6Network, ...]]] = []
         #: whether a listener offers AUTH (not ``auth: off``; with tls, or on loopback):
         #: a tenant that takes mail only with a login takes none without one
         self.logins_taken = False

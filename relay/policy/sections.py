@@ -156,6 +156,8 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
         allow = _allow(ctx, m)
         if allow is not None and ips:
             allow = _reachable(ctx, m, allow, ips, address, port)
+        if allow is not None and port is not None:
+            ctx.allows.append((port, frozenset(ip.version for ip in ips), allow))
         size = m.integer("max_message_size", 26214400, 1, 2**40, "a positive number of bytes")
         recipients = m.integer("max_recipients", 100, 1, 100000, "a positive integer")
         per_client = m.integer(
@@ -206,11 +208,16 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
 
 
 def _say_other_family(ctx: Ctx) -> None:
-    """The entries of the other family that no listener on the same port takes."""
-    for port, other, node, path, message in ctx.other_family:
-        takers = (s for s in ctx.sockets if s.port == port)
-        if not any(ip.version == other for s in takers for ip in s.ips):
+    """The entries of the other family that no listener on the same port takes:
+    one of that family there, whose own list allows the entry's network."""
+    for port, network, node, path, message in ctx.other_family:
+        lists = (a for p, versions, a in ctx.allows if p == port and network.version in versions)
+        if not any(_within(network, net) for allow in lists for net in allow):
             ctx.problems.warn(node, path, message)
+
+
+def _within(network: IPv4Network | IPv6Network, net: IPv4Network | IPv6Network) -> bool:
+    return network.version == net.version and network.subnet_of(net)  # type: ignore[arg-type]
 
 
 _IP = IPv4Address | IPv6Address
@@ -532,7 +539,7 @@ def _warn_of_other_family(
             f" clients only: it never matches; IPv{other} clients need a listener of"
             f" their own, on {needs}"
         )
-        ctx.other_family.append((port, other, item, join(m.sub("allow"), i), message))
+        ctx.other_family.append((port, network, item, join(m.sub("allow"), i), message))
 
 
 def _allow(ctx: Ctx, m: Map) -> tuple[IPv4Network | IPv6Network, ...] | None:

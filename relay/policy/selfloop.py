@@ -81,4 +81,4 @@ def is_this_host(ip: _IP) -> bool:
             source = probe.getsockname()[0]
     except OSError:
         return False
-    return ip_address(source.partition("%")[0]) == ip
+    return ip_address(source.partition("%")[0]) == ip_address(str(ip).partition("%")[0])
