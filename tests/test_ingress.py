@@ -125,8 +125,7 @@ def test_null_sender_is_accepted_and_passed_as_empty(relay: Relay) -> None:
         raw.ehlo()
         assert raw.cmd(b"MAIL FROM:<>").startswith("250")
         assert raw.cmd(b"RCPT TO:<one@example.org>").startswith("250")
-        assert raw.cmd(b"DATA").startswith("354")
-        assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
+        _data(raw)
     assert relay.process.submissions[0].mail_from == ""
 
 
@@ -252,8 +251,7 @@ def test_an_auth_parameter_is_never_the_sender(
         raw.ehlo()
         if raw.cmd(command).startswith("250"):
             assert raw.cmd(b"RCPT TO:<q4@example.org>").startswith("250")
-            assert raw.cmd(b"DATA").startswith("354")
-            assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
+            _data(raw)
     assert [s.mail_from for s in relay.process.submissions] in ([], ["jan@acme.example"])
     assert "from=<kari" not in caplog.text  # the command as sent may be quoted, not taken
 
@@ -296,8 +294,7 @@ def test_a_display_name_before_the_path_is_dropped(relay: Relay) -> None:
         assert raw.cmd(b"RCPT TO:Jan J. Janssens (copy)<jan@acme.example>").startswith("250")
         # a name's non-ASCII letters as the From field writes them: encoded words
         assert raw.cmd(b"RCPT TO:=?UTF-8?Q?J=C3=B8rgen?= <q5@example.org>").startswith("250")
-        assert raw.cmd(b"DATA").startswith("354")
-        assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
+        _data(raw)
     (submission,) = relay.process.submissions
     assert submission.mail_from == "jan@acme.example"
     assert submission.rcpt_tos == ("q4@example.org", "jan@acme.example", "q5@example.org")
@@ -394,8 +391,7 @@ def test_recipient_not_sent_as_given_refused(relay: Relay, path: bytes, expected
         assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
         assert raw.cmd(b"RCPT TO:<" + path + b">").startswith(expected)
         assert raw.cmd(b"RCPT TO:<one@example.org>").startswith("250")
-        assert raw.cmd(b"DATA").startswith("354")
-        assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
+        _data(raw)
     assert relay.process.submissions[0].rcpt_tos == ("one@example.org",)
 
 
@@ -409,8 +405,7 @@ def test_a_recipient_given_twice_is_sent_once(relay: Relay) -> None:
             b"one@example.org",
         ) * 5:  # no more than max_recipients (5) counted
             assert raw.cmd(b"RCPT TO:<" + rcpt + b">").startswith("250 2.1.5")
-        assert raw.cmd(b"DATA").startswith("354")
-        assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
+        _data(raw)
     assert relay.process.submissions[0].rcpt_tos == ("one@example.org", "two@example.org")
 
 
@@ -428,8 +423,7 @@ def test_too_many_recipients(relay: Relay) -> None:
         for n in range(5):
             assert raw.cmd(b"RCPT TO:<r%d@example.org>" % n).startswith("250")
         assert raw.cmd(b"RCPT TO:<r5@example.org>") == "452 4.5.3 Too many recipients"
-        assert raw.cmd(b"DATA").startswith("354")
-        assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
+        _data(raw)
     assert len(relay.process.submissions[0].rcpt_tos) == 5
 
 
@@ -445,8 +439,7 @@ def test_refused_recipients_are_logged(caplog: pytest.LogCaptureFixture) -> None
         for n in range(5):
             assert raw.cmd(b"RCPT TO:<r%d@example.org>" % n).startswith("250")
         assert raw.cmd(b"RCPT TO:<r5@example.org>") == "452 4.5.3 Too many recipients"
-        assert raw.cmd(b"DATA").startswith("354")
-        assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
+        _data(raw)
     assert bad.startswith("553 5.1.3 ")
     assert refused_lines(caplog) == [
         f"refused client=127.0.0.1 from=<erp@acme.example> to=<c@[192.0.2.1]>: {bad}",
@@ -487,6 +480,12 @@ def test_refused_recipients_log_is_bounded(end: bytes, caplog: pytest.LogCapture
         _wait_for(lambda: len(refused_lines(caplog)) >= len(expected))
     assert all(reply.startswith("553 5.1.3 ") for reply in replies)
     assert refused_lines(caplog) == expected
+
+
+def _data(raw: Raw) -> None:
+    """A small message, taken."""
+    assert raw.cmd(b"DATA").startswith("354")
+    assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
 
 
 def _wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:
@@ -1026,8 +1025,7 @@ def test_auth_after_helo_logs_in() -> None:
         assert raw.cmd(b"MAIL FROM:<erp@acme.example> SIZE=10").startswith("501 ")
         assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
         assert raw.cmd(b"RCPT TO:<one@example.org>").startswith("250")
-        assert raw.cmd(b"DATA").startswith("354")
-        assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
+        _data(raw)
     (submission,) = relay.process.submissions
     assert (submission.auth_login, submission.esmtp) == ("erp-acme", False)
 

@@ -5,10 +5,12 @@ another version of the policy than the file the preview read."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
 import smtplib
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.relayproc import RelayProcess, wait_for
@@ -64,6 +66,18 @@ def preview(policy: Path, eml: Path, *options: str) -> tuple[int, str, str]:
     done = relay("preview", "-c", str(policy), str(eml), *options)
     prefix = "relay preview: the relay would refuse this message: "
     return done.returncode, done.stdout, done.stderr.removeprefix(prefix).strip()
+
+
+@contextlib.contextmanager
+def _running(policy_file: Path, tmp_path: Path) -> Iterator[tuple[RelayProcess, Path, int]]:
+    """A relay on the policy, a message to preview, and the relay's PID."""
+    port = free_port()
+    policy_file.write_text(policy_file.read_text().replace("port: 2525", f"port: {port}"))
+    eml = tmp_path / "hello.eml"
+    eml.write_bytes(message())
+    with RelayProcess(policy_file, port, tmp_path / "relay.log") as running:
+        assert running.proc is not None
+        yield running, eml, running.proc.pid
 
 
 def test_preview_of_a_listener_refuses_what_that_listener_refuses(
@@ -140,13 +154,7 @@ def test_preview_says_the_running_relay_uses_another_version(
 ) -> None:
     """It named the file's version alone: of a file edited and not reloaded,
     the preview is not what the relay does."""
-    port = free_port()
-    policy_file.write_text(policy_file.read_text().replace("port: 2525", f"port: {port}"))
-    eml = tmp_path / "hello.eml"
-    eml.write_bytes(message())
-    with RelayProcess(policy_file, port, tmp_path / "relay.log") as running:
-        assert running.proc is not None
-        pid = running.proc.pid
+    with _running(policy_file, tmp_path) as (running, eml, pid):
         first = json.loads(preview(policy_file, eml, "--json")[1])["policy"]
         assert first["running"] == {
             "pid": pid,
@@ -182,15 +190,9 @@ def test_a_copy_of_the_policy_is_not_said_to_come_into_use_at_a_reload(
     to come into use at a reload, which never reads it. The file itself, named
     relative, through a symbolic link or by another name of the same file,
     still is."""
-    port = free_port()
-    policy_file.write_text(policy_file.read_text().replace("port: 2525", f"port: {port}"))
     edit = tmp_path / "policy-edit.yaml"
-    edit.write_text(policy_file.read_text().replace("name: Acme AS", "name: Acme ASA"))
-    eml = tmp_path / "hello.eml"
-    eml.write_bytes(message())
-    with RelayProcess(policy_file, port, tmp_path / "relay.log") as running:
-        assert running.proc is not None
-        pid = running.proc.pid
+    with _running(policy_file, tmp_path) as (_, eml, pid):
+        edit.write_text(policy_file.read_text().replace("name: Acme AS", "name: Acme ASA"))
         copy = json.loads(preview(edit, eml, "--json")[1])["policy"]
         status = relay_cli(edit, "status").stdout.splitlines()
         policy_file.write_text(edit.read_text())
