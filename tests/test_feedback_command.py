@@ -523,3 +523,30 @@ def test_a_notice_is_signed_with_the_keys_of_the_relay_that_sends_it(
     assert dkimpy_verify(invoice.data, dns_records)
     assert b"s=s1;" in notice.data.replace(b" ", b"")
     assert dkimpy_verify(notice.data, dns_records)
+
+
+def _arf_about_the_invoice(feedback_type: bytes) -> bytes:
+    """yahoo-arf.eml about ``_send_invoice``'s document, complained of by
+    nobody@, with ``feedback_type`` as its Feedback-Type line (empty: none)."""
+    return (
+        (FEEDBACK / "yahoo-arf.eml")
+        .read_bytes()
+        .replace(b"Feedback-Type: abuse\n", feedback_type)
+        .replace(b"<Buyer.Desk@yahoo-mail.example>", b"<nobody@buyer.example>")
+        .replace(b"<4716.erp@acme.example>", b"<4711.erp@acme.example>")
+    )
+
+
+@pytest.mark.parametrize("feedback_type", [b"", b"Feedback-Type: not-spam\n"])
+def test_a_feedback_report_without_its_type_is_ignored_as_not_spam_is(
+    policy_file: Path, tmp_path: Path, feedback_type: bytes
+) -> None:
+    """RFC 5965 requires Feedback-Type; a report without it was taken for abuse:
+    the customer suppressed and the sender told of a complaint nobody made."""
+    policy, invoice = _invoice_delivered(policy_file, tmp_path)
+    taken = _bounce(policy, _arf_about_the_invoice(feedback_type))
+    assert (taken.returncode, taken.stdout) == (0, "")
+    assert taken.stderr == "relay bounce: neither a bounce nor a complaint: ignored\n"
+    assert _listed(policy) == {}
+    assert ("complained", "nobody@buyer.example") not in audit_events(policy, invoice)
+    assert relay_cli(policy, "queue", "list", "--json").stdout == ""  # nobody told

@@ -374,14 +374,21 @@ def test_feedback_that_asks_for_no_less_mail_is_not_a_complaint(kind: str) -> No
     assert read(raw) is None
 
 
-def test_a_complaint_without_fields_or_returned_message_is_still_a_complaint() -> None:
+def test_a_feedback_report_without_its_feedback_type_is_not_a_complaint() -> None:
+    """RFC 5965 requires the field: one without it was taken for abuse, and its
+    recipient suppressed on a report that said nothing of what it wanted."""
+    raw = _sample("yahoo-arf.eml").replace(b"Feedback-Type: abuse\n", b"")
+    assert b"Feedback-Type" not in raw and read(raw) is None
+
+
+def test_a_feedback_report_without_its_feedback_report_part_is_not_a_complaint() -> None:
     raw = (
         b"From: fbl@isp.example\nTo: bounces@platform.example\nSubject: report\n"
         b"MIME-Version: 1.0\n"
         b'Content-Type: multipart/report; report-type="Feedback-Report"; boundary="b"\n\n'
         b"--b\nContent-Type: text/plain\n\nA complaint.\n--b--\n"
     )
-    assert read(raw) == Report(COMPLAINT, (), feedback_type="abuse")
+    assert read(raw) is None
 
 
 def test_a_feedback_report_part_in_base64_is_read_as_well() -> None:

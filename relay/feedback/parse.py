@@ -451,8 +451,11 @@ ACTED_ON = ("abuse", "fraud", "opt-out")
 
 
 def _complaint(msg: Message) -> Report | None:
+    """None without a ``Feedback-Type`` (RFC 5965 requires one), or without the
+    feedback-report part that carries it: such a report says nothing of what
+    the recipient wants, and was taken for ``abuse``, its address listed."""
     fields = _feedback_fields(msg)
-    feedback_type = ((_value(fields, "Feedback-Type") if fields else None) or "abuse").lower()
+    feedback_type = ((_value(fields, "Feedback-Type") if fields else None) or "").lower()
     if feedback_type not in ACTED_ON:
         return None
     returned = _returned(msg)
