@@ -319,6 +319,30 @@ def test_a_report_about_an_unknown_message_is_recorded_without_one_and_lists_not
     assert record["queue_id"] is None and record["message_id"] == "<nope@x>"
 
 
+@pytest.mark.parametrize("message_id", ["<nope@x>", None])
+def test_a_report_about_an_unknown_message_taken_again_is_recorded_once(
+    delivered: tuple[Path, str, Sink], message_id: str | None
+) -> None:
+    """Each taking added a record with no queue ID: a complaint run five times
+    was five complaints in the log. A report that names no Message-ID (a DSN
+    cut short before the header it returns) is known by its recipient."""
+    path, _, _ = delivered
+    policy = load(path)
+    report = Report(COMPLAINT, (Failure("victim@example.org"),), message_id, feedback_type="abuse")
+    first = _act(policy, report)
+    assert first[0] == (
+        "victim@example.org: complained, not suppressed (its message is not in the audit log)"
+    )
+    assert _act(policy, report) == ["victim@example.org: already recorded with no queue ID"]
+    other = Report(COMPLAINT, (Failure("victim@example.org"),), "<other@x>", feedback_type="abuse")
+    assert _act(policy, other)[0].startswith("victim@example.org: complained, not suppressed")
+    complained = [r for r in _records(policy) if r["event"] == "complained"]
+    assert [(r["queue_id"], r["message_id"]) for r in complained] == [
+        (None, message_id),
+        (None, "<other@x>"),
+    ]
+
+
 def test_the_platforms_own_addresses_are_never_suppressed(
     delivered: tuple[Path, str, Sink],
 ) -> None:

@@ -550,3 +550,31 @@ def test_a_feedback_report_without_its_type_is_ignored_as_not_spam_is(
     assert _listed(policy) == {}
     assert ("complained", "nobody@buyer.example") not in audit_events(policy, invoice)
     assert relay_cli(policy, "queue", "list", "--json").stdout == ""  # nobody told
+
+
+def test_a_bounce_cut_short_taken_twice_is_recorded_once(policy_file: Path, tmp_path: Path) -> None:
+    """A DSN cut off before the header it returns names no message: each taking
+    added its recipients' records with no queue ID again."""
+    policy, _ = _invoice_delivered(policy_file, tmp_path)
+    whole = (FEEDBACK / "postfix-two-failed.eml").read_bytes()
+    cut = whole.split(b"Content-Description: Undelivered Message", 1)[0]
+    first, again = _bounce(policy, cut), _bounce(policy, cut)
+    head = "bounce about a message the audit log does not have (Message-ID not given)"
+    assert (first.returncode, again.returncode) == (0, 0), first.stderr + again.stderr
+    assert first.stdout.splitlines()[:3] == [
+        head,
+        "Full.Box@Supplier.example: bounced (5.2.2), not suppressed"
+        " (its message is not in the audit log)",
+        "nobody@buyer.example: bounced (5.1.1), not suppressed"
+        " (its message is not in the audit log)",
+    ]
+    assert again.stdout.splitlines() == [
+        head,
+        "Full.Box@Supplier.example: already recorded with no queue ID",
+        "nobody@buyer.example: already recorded with no queue ID",
+    ]
+    bounced = search(load(policy).audit.directory, status="bounced")
+    assert sorted(r["recipient"] for r in bounced) == [
+        "Full.Box@Supplier.example",
+        "nobody@buyer.example",
+    ]

@@ -119,7 +119,7 @@ def find_original(directory: Path, report: Report, today: date | None = None) ->
     Raises Ambiguous when those with the Message-ID are of several tenants:
     two companies' ERPs may number their documents alike, and one's bounce
     or complaint must not be charged to, nor told to, the other."""
-    since = (today or datetime.now(UTC).date()) - timedelta(days=LOOKBACK_DAYS)
+    since = _since(today)
     found: list[Original] = []
     records: list[dict[str, Any]] = []
     for named_id in (report.envelope_id or "", *report.queue_ids):
@@ -130,7 +130,7 @@ def find_original(directory: Path, report: Report, today: date | None = None) ->
         found = [o for o in map(_original, records) if o is not None and o.queue_id == queue_id]
         if found:
             break
-    if not found and report.message_id and report.message_id.strip("<> \t"):
+    if not found and _names_message(report.message_id):
         records = search.show(directory, report.message_id, since=since)
         found = [o for o in map(_original, records) if o is not None]
     if not found:
@@ -147,6 +147,18 @@ def find_original(directory: Path, report: Report, today: date | None = None) ->
     return candidates[-1]
 
 
+def _since(today: date | None = None) -> date:
+    return (today or datetime.now(UTC).date()) - timedelta(days=LOOKBACK_DAYS)
+
+
+def _event(report: Report) -> str:
+    return "bounced" if report.kind == BOUNCE else "complained"
+
+
+def _names_message(message_id: object) -> bool:
+    return bool(str(message_id or "").strip("<> \t"))
+
+
 def _with_outcomes(original: Original, records: list[dict[str, Any]], report: Report) -> Original:
     """What the audit log says already of ``original``'s recipients."""
     mine = [
@@ -154,8 +166,9 @@ def _with_outcomes(original: Original, records: list[dict[str, Any]], report: Re
         for r in records
         if r.get("queue_id") == original.queue_id and isinstance(r.get("recipient"), str)
     ]
-    event = "bounced" if report.kind == BOUNCE else "complained"
-    reported = {r["recipient"].lower(): r.get("seq") or 0 for r in mine if r.get("event") == event}
+    reported = {
+        r["recipient"].lower(): r.get("seq") or 0 for r in mine if r.get("event") == _event(report)
+    }
     told = max((r.get("seq") or 0 for r in mine if r.get("event") == "notified"), default=-1)
     failed = {r["recipient"].lower(): r["event"] for r in mine if r.get("event") in _NOT_DELIVERED}
     return dataclasses.replace(
@@ -251,7 +264,7 @@ def _act(
     if not failures:
         outcome.lines.append(_nobody(named, original))
         return outcome
-    new, untold = _new(report, failures, original, outcome.lines)
+    new, untold = _new(policy.audit.directory, report, failures, original, outcome.lines)
     listed = suppressions.current()
     again = _listed_before(suppressions, listed, report, new, original)
     entries = [_entry(policy, report, failure, original, listed, again) for failure in new]
@@ -344,12 +357,7 @@ def _unattributed(
         "messages of more than one tenant have this Message-ID, and the report names"
         f" none of them by queue ID: {ambiguous}"
     ]
-    event = "bounced" if report.kind == BOUNCE else "complained"
-    before = {
-        r["recipient"].lower()
-        for r in ambiguous.records
-        if r.get("event") == event and not r.get("queue_id") and isinstance(r.get("recipient"), str)
-    }
+    before = _recorded_without_queue_id(ambiguous.records, report)
     for failure in _not_own(policy, tuple(failures)):
         candidates = failures[failure]
         if not any(o.sent_to(failure.recipient) for o in candidates):
@@ -357,7 +365,7 @@ def _unattributed(
         elif not any(_reached(o, failure.recipient) for o in candidates):
             lines.append(f"{failure.recipient}: not recorded: none of its messages reached it")
         elif failure.recipient.lower() in before:
-            lines.append(f"{failure.recipient}: already recorded with no queue ID")
+            lines.append(f"{failure.recipient}: {_RECORDED_WITHOUT_QUEUE_ID}")
         else:
             recorder.add(_record(report, failure, None, report.message_id))
             lines.append(
@@ -368,13 +376,33 @@ def _unattributed(
     return Outcome(None, lines, ambiguous.candidates)
 
 
+_RECORDED_WITHOUT_QUEUE_ID = "already recorded with no queue ID"
+
+
+def _recorded_without_queue_id(records: list[dict[str, Any]], report: Report) -> frozenset[str]:
+    """The recipients among ``records`` (those of the report's Message-ID) with
+    this kind of report on record and no queue ID: a report about a message
+    the log does not have, or that several tenants' messages share, taken
+    before (a mail system's retry, or the same report delivered twice)."""
+    event = _event(report)
+    return frozenset(
+        r["recipient"].lower()
+        for r in records
+        if r.get("event") == event and not r.get("queue_id") and isinstance(r.get("recipient"), str)
+    )
+
+
 def _not_own(policy: Policy, failures: tuple[Failure, ...]) -> tuple[Failure, ...]:
     own = {policy.platform.return_path.lower(), policy.platform.from_address.lower()}
     return tuple(f for f in failures if f.recipient.lower() not in own)
 
 
 def _new(
-    report: Report, failures: tuple[Failure, ...], original: Original | None, lines: list[str]
+    directory: Path,
+    report: Report,
+    failures: tuple[Failure, ...],
+    original: Original | None,
+    lines: list[str],
 ) -> tuple[tuple[Failure, ...], tuple[Failure, ...]]:
     """The failures to record, and those recorded before whose notice is still to
     go. A report about someone its message did not go to (forged, or a forward's
@@ -383,7 +411,7 @@ def _new(
     told its sender a second time, and wrongly); one taken before is not
     recorded, listed or told again. Each is returned as its message spelt it."""
     if original is None:
-        return failures, ()
+        return _not_recorded_yet(directory, report, failures, lines), ()
     new: list[Failure] = []
     untold: list[Failure] = []
     for failure in failures:
@@ -401,6 +429,27 @@ def _new(
         else:
             new.append(dataclasses.replace(failure, recipient=original.spelt(address)))
     return tuple(new), tuple(untold)
+
+
+def _not_recorded_yet(
+    directory: Path, report: Report, failures: tuple[Failure, ...], lines: list[str]
+) -> tuple[Failure, ...]:
+    """The failures of a report about a message the log does not have that are
+    not on record yet: taken again, each run added a record with no queue ID."""
+    before = _recorded_without_queue_id(_unknown_message_records(directory, report), report)
+    for failure in failures:
+        if failure.recipient.lower() in before:
+            lines.append(f"{failure.recipient}: {_RECORDED_WITHOUT_QUEUE_ID}")
+    return tuple(f for f in failures if f.recipient.lower() not in before)
+
+
+def _unknown_message_records(directory: Path, report: Report) -> list[dict[str, Any]]:
+    """The records of the report's Message-ID; of a report that names none (a
+    bounce cut short before the header it returns), this kind's that name none."""
+    if _names_message(report.message_id):
+        return search.show(directory, str(report.message_id), since=_since())
+    found = search.search(directory, since=_since(), status=_event(report))
+    return [r for r in found if not _names_message(r.get("message_id"))]
 
 
 def _nobody(named: tuple[Failure, ...], original: Original | None) -> str:
