@@ -429,6 +429,33 @@ def test_a_complaint_naming_nobody_is_about_the_one_recipient_the_message_reache
     assert _listed(policy)["boss@example.org"] == ("acme", "complaint", queue_id)
 
 
+def test_a_complaint_naming_nobody_about_a_message_none_still_had_says_why(
+    delivered: tuple[Path, str, Sink], tmp_path: Path
+) -> None:
+    """Both recipients bounced since: the line said the message "went to 0",
+    and that which one complained was not known."""
+    path, _, sink = delivered
+    policy = load(path)
+    statement = INVOICE.replace(b"<inv-4711@", b"<inv-4716@").replace(b"Invoice", b"Statement")
+    with _running_again(path, sink, tmp_path / "again.log") as port:
+        send(port, statement, ("buyer@example.org", "boss@example.org"))
+        sink.wait(2)
+    gone = (Failure("buyer@example.org", "5.1.1"), Failure("boss@example.org", "5.1.1"))
+    _act(policy, Report(BOUNCE, gone, "<inv-4716@erp.acme.example>"))
+    redacted = Report(COMPLAINT, (), "<inv-4716@erp.acme.example>")
+    assert _act(policy, redacted) == [
+        "names no recipient, and of its message's 2 recipient(s), 2 bounced since:"
+        " none is left it can be about, none is suppressed"
+    ]
+    # sent again, both on the list now (buyer@ by hand, boss@ by the bounce)
+    policy, _ = _sent_again_with_buyer_listed(delivered, tmp_path, copy=False)
+    redacted = Report(COMPLAINT, (), "<inv-4714@erp.acme.example>")
+    assert _act(policy, redacted) == [
+        "names no recipient, and of its message's 2 recipient(s), 2 never had it"
+        " (refused, expired or suppressed): none is left it can be about, none is suppressed"
+    ]
+
+
 def test_a_notice_about_a_bounce_counts_a_suppressed_recipient_as_not_reached(
     delivered: tuple[Path, str, Sink], tmp_path: Path
 ) -> None:

@@ -458,11 +458,28 @@ def _nobody(named: tuple[Failure, ...], original: Original | None) -> str:
     if original is None:
         return "names no recipient, and its message is not in the audit log"
     reached = original.reached()
+    if not reached:
+        return _none_left(original)
     own = {b.lower() for b in original.bcc}
     copy = " (the sender's own copy among them)" if any(r.lower() in own for r in reached) else ""
     return (
         f"names no recipient, and its message went to {len(reached)}{copy}:"
         " which one complained is not known, none is suppressed"
+    )
+
+
+def _none_left(original: Original) -> str:
+    """A complaint naming nobody about a message the log has every recipient of
+    as not delivered: it was said to have gone to 0, which it had not."""
+    mailboxes = {a.lower() for a in (*original.recipients, *original.bcc)}
+    bounced = len(mailboxes - original.never_reached)
+    never = len(mailboxes) - bounced
+    said = [f"{bounced} bounced since"] if bounced else []
+    if never:
+        said.append(f"{never} never had it (refused, expired or suppressed)")
+    return (
+        f"names no recipient, and of its message's {len(mailboxes)} recipient(s),"
+        f" {' and '.join(said)}: none is left it can be about, none is suppressed"
     )
 
 
