@@ -651,6 +651,65 @@ def test_an_exchange_2000_bounce_in_a_charset_python_cannot_decode_is_read_quiet
     assert caplog.records == []
 
 
+def _exchange_2000_de(subject: bytes, text: bytes) -> bytes:
+    """Exchange 2003's report in German, its text in Latin-1 quoted-printable."""
+    return (
+        b"From: postmaster@cust.example\nTo: bounces@platform.example\n"
+        b"Subject: " + subject + b"\nMIME-Version: 1.0\n"
+        b'Content-Type: multipart/mixed; boundary="X15"\n\n'
+        b"--X15\nContent-Type: text/plain; charset=iso-8859-1\n"
+        b"Content-Transfer-Encoding: quoted-printable\n\n"
+        + quopri.encodestring(text)
+        + b"\n--X15\nContent-Type: message/rfc822\n\n"
+        b"Received: from [127.0.0.1] by relay.platform.example with ESMTP\n"
+        b" id 25YFTWLS8379Q1ND; Sun, 06 Dec 2026 14:59:26 +0000\n"
+        b"Message-ID: <beta7@erp>\nSubject: Quote-7\nTo: onlybeta@cust.example\n\n"
+        b"document\n--X15--\n"
+    )
+
+
+_GERMAN_NDR = (
+    "Die Nachricht hat einige oder alle Empfänger nicht erreicht.\n\n"
+    "      Betreff:  Quote-7\n      Gesendet: 06.12.2026 15:59\n\n"
+    "Folgende(r) Empfänger konnte(n) nicht erreicht werden:\n\n"
+    "      onlybeta@cust.example am 06.12.2026 16:00\n"
+    "            550 5.1.1 RESOLVER.ADR.RecipNotFound; not found\n"
+).encode("latin-1")
+
+
+def test_a_german_exchange_2000_bounce_in_words_is_read() -> None:
+    """Read as neither a bounce nor a complaint, where the English one was read."""
+    report = read(_exchange_2000_de(b"Unzustellbar: Quote-7", _GERMAN_NDR))
+    assert report is not None
+    (failure,) = report.failures
+    assert (failure.recipient, failure.status) == ("onlybeta@cust.example", "5.1.1")
+    assert (report.message_id, report.queue_ids) == ("<beta7@erp>", ("25YFTWLS8379Q1ND",))
+
+
+@pytest.mark.parametrize(
+    ("subject", "text"),
+    [
+        (
+            b"=?iso-8859-1?q?Zustellung_verz=F6gert:_Quote-7?=",
+            "Die Zustellung an diese Empfänger oder Gruppen ist verzögert:\n\n"
+            "      onlybeta@cust.example am 06.12.2026 16:00\n"
+            "            451 4.4.0 Primary target IP address responded with: 421 4.2.1\n\n"
+            "Es wird weiterhin versucht, die Nachricht zuzustellen.\n",
+        ),
+        (
+            b"Abwesenheitsnotiz: Quote-7",
+            "Ich bin bis 10.12.2026 nicht im Büro. In dringenden Fällen:\n\n"
+            "      kollege@cust.example am 07.12.2026 wieder erreichbar\n"
+            "            Telefon 0123 550 5.1.1\n",
+        ),
+    ],
+)
+def test_a_german_delay_notice_or_out_of_office_is_no_bounce(subject: bytes, text: str) -> None:
+    """Only an ``Unzustellbar:`` report under its heading is read as one."""
+    assert read(_exchange_2000_de(subject, text.encode("latin-1"))) is None
+    assert read(_exchange_2000_de(subject, _GERMAN_NDR)) is None
+
+
 def _dsn_naming(count: int) -> bytes:
     blocks = b"".join(
         b"\nFinal-Recipient: rfc822; User%d@Buyer.example\nAction: failed\n"
