@@ -552,29 +552,18 @@ def test_a_feedback_report_without_its_type_is_ignored_as_not_spam_is(
     assert relay_cli(policy, "queue", "list", "--json").stdout == ""  # nobody told
 
 
-def test_a_bounce_cut_short_taken_twice_is_recorded_once(policy_file: Path, tmp_path: Path) -> None:
-    """A DSN cut off before the header it returns names no message: each taking
-    added its recipients' records with no queue ID again."""
+def test_a_bounce_cut_short_is_recorded_each_time_as_a_second_may_be_another(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A DSN cut off before the header it returns names no message: known by its
+    recipient, a second, genuine bounce of the same address about another
+    message was taken for the first and never recorded."""
     policy, _ = _invoice_delivered(policy_file, tmp_path)
     whole = (FEEDBACK / "postfix-two-failed.eml").read_bytes()
     cut = whole.split(b"Content-Description: Undelivered Message", 1)[0]
-    first, again = _bounce(policy, cut), _bounce(policy, cut)
-    head = "bounce about a message the audit log does not have (Message-ID not given)"
-    assert (first.returncode, again.returncode) == (0, 0), first.stderr + again.stderr
-    assert first.stdout.splitlines()[:3] == [
-        head,
-        "Full.Box@Supplier.example: bounced (5.2.2), not suppressed"
-        " (its message is not in the audit log)",
-        "nobody@buyer.example: bounced (5.1.1), not suppressed"
-        " (its message is not in the audit log)",
-    ]
-    assert again.stdout.splitlines() == [
-        head,
-        "Full.Box@Supplier.example: already recorded with no queue ID",
-        "nobody@buyer.example: already recorded with no queue ID",
-    ]
+    other = cut.replace(b"5.1.1", b"5.1.2")  # another failure, a week later say
+    first, second = _bounce(policy, cut), _bounce(policy, other)
+    assert (first.returncode, second.returncode) == (0, 0), first.stderr + second.stderr
+    assert "already recorded" not in second.stdout
     bounced = search(load(policy).audit.directory, status="bounced")
-    assert sorted(r["recipient"] for r in bounced) == [
-        "Full.Box@Supplier.example",
-        "nobody@buyer.example",
-    ]
+    assert sorted(r["recipient"] for r in bounced).count("nobody@buyer.example") == 2

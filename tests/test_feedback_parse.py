@@ -405,6 +405,27 @@ def test_a_feedback_report_part_in_base64_is_read_as_well() -> None:
     assert read(raw) == Report(COMPLAINT, (Failure("Pay@bank.example"),), feedback_type="fraud")
 
 
+@pytest.mark.parametrize("encoding", [b"", b"Content-Transfer-Encoding: 7bit\n"])
+@pytest.mark.parametrize("type_field", [b"Feedback-Type: abuse", b"Feedback-Type: abuse (spam)"])
+def test_a_feedback_report_part_begun_with_a_blank_line_is_read(
+    encoding: bytes, type_field: bytes
+) -> None:
+    """Fields after a blank line are the body of a message without headers; read
+    only for base64, the complaint was ignored for want of its type. A comment
+    after the type is allowed (RFC 5965)."""
+    raw = (
+        b"From: fbl@isp.example\nTo: bounces@platform.example\nMIME-Version: 1.0\n"
+        b'Content-Type: multipart/report; report-type=feedback-report; boundary="b"\n\n'
+        b"--b\nContent-Type: message/feedback-report\n"
+        + encoding
+        + b"\n\n"
+        + type_field
+        + b"\nOriginal-Rcpt-To: Pay@bank.example\n"
+        + b"\n--b--\n"
+    )
+    assert read(raw) == Report(COMPLAINT, (Failure("Pay@bank.example"),), feedback_type="abuse")
+
+
 def test_a_long_diagnostic_is_cut_at_the_limit() -> None:
     long = "x" * (DIAGNOSTIC_LIMIT * 3)
     raw = _sample("exchange-ndr.eml").replace(

@@ -444,12 +444,13 @@ def _not_recorded_yet(
 
 
 def _unknown_message_records(directory: Path, report: Report) -> list[dict[str, Any]]:
-    """The records of the report's Message-ID; of a report that names none (a
-    bounce cut short before the header it returns), this kind's that name none."""
+    """The records of the report's Message-ID. A report that names none (a bounce
+    cut short before the header it returns) is recorded each time it is taken:
+    known by its recipient, a second, genuine report about another message
+    was taken for it, and left no trace."""
     if _names_message(report.message_id):
         return search.show(directory, str(report.message_id), since=_since())
-    found = search.search(directory, since=_since(), status=_event(report))
-    return [r for r in found if not _names_message(r.get("message_id"))]
+    return []
 
 
 def _nobody(named: tuple[Failure, ...], original: Original | None) -> str:

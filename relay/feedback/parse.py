@@ -455,7 +455,8 @@ def _complaint(msg: Message) -> Report | None:
     feedback-report part that carries it: such a report says nothing of what
     the recipient wants, and was taken for ``abuse``, its address listed."""
     fields = _feedback_fields(msg)
-    feedback_type = ((_value(fields, "Feedback-Type") if fields else None) or "").lower()
+    said = (_value(fields, "Feedback-Type") if fields else None) or ""
+    feedback_type = said.partition("(")[0].strip().lower()  # a comment may follow (RFC 5965)
     if feedback_type not in ACTED_ON:
         return None
     returned = _returned(msg)
@@ -472,8 +473,9 @@ def _complaint(msg: Message) -> Report | None:
 
 def _feedback_fields(msg: Message) -> Message | None:
     """The email package parses a message/feedback-report part as one enclosed
-    message whose headers are the fields; a part the sender encoded in base64
-    comes out as a message without headers whose body is the encoded fields."""
+    message whose headers are the fields; a part the sender encoded in base64,
+    or began with a blank line, comes out as a message without headers whose
+    body is the (encoded) fields."""
     for part in msg.walk():
         if part.get_content_type() != "message/feedback-report":
             continue
@@ -481,7 +483,7 @@ def _feedback_fields(msg: Message) -> Message | None:
         encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
         if isinstance(payload, list):
             inner = next((p for p in payload if isinstance(p, Message)), None)
-            if inner is None or len(inner) or encoding != "base64":
+            if inner is None or len(inner):
                 return inner
             payload = inner.get_payload()
         text = _decoded(payload, encoding) if isinstance(payload, str) else ""
