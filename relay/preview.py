@@ -392,7 +392,9 @@ def _describe(upstream: Upstream) -> str:
 
 
 def _limit(per_hour: int | None) -> str:
-    return "" if per_hour is None else f", at most {per_hour} recipients an hour"
+    if per_hour is None:
+        return ""
+    return f", at most {per_hour} recipients an hour (the hour's count is not checked here)"
 
 
 def _limits(listener: dict) -> str:

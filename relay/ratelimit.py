@@ -40,9 +40,10 @@ def refusal(tenant: Tenant, wanted: int, sent: int) -> Rejected | None:
     if wanted > limit:
         text = f"{wanted} recipients, more than tenant {tenant.id} may send to in an hour"
         return Rejected(550, "5.7.1", f"{text} ({limit})")
-    if sent + wanted > limit:
+    if sent + wanted > limit:  # "48 of 50" alone read as room left
         text = f"Tenant {tenant.id} has sent to {sent} recipients in the last hour"
-        return Rejected(450, "4.7.1", f"{text}, of {limit} allowed: try again later")
+        would = f"this message's {wanted} would make {sent + wanted}"
+        return Rejected(450, "4.7.1", f"{text}; {would}, of {limit} allowed: try again later")
     return None
 
 
