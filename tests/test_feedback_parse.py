@@ -406,7 +406,10 @@ def test_a_feedback_report_part_in_base64_is_read_as_well() -> None:
 
 
 @pytest.mark.parametrize("encoding", [b"", b"Content-Transfer-Encoding: 7bit\n"])
-@pytest.mark.parametrize("type_field", [b"Feedback-Type: abuse", b"Feedback-Type: abuse (spam)"])
+@pytest.mark.parametrize(
+    "type_field",
+    [b"Feedback-Type: abuse", b"Feedback-Type: abuse (spam)", b"Feedback-Type: (spam) abuse"],
+)
 def test_a_feedback_report_part_begun_with_a_blank_line_is_read(
     encoding: bytes, type_field: bytes
 ) -> None:
@@ -424,6 +427,22 @@ def test_a_feedback_report_part_begun_with_a_blank_line_is_read(
         + b"\n--b--\n"
     )
     assert read(raw) == Report(COMPLAINT, (Failure("Pay@bank.example"),), feedback_type="abuse")
+
+
+@pytest.mark.parametrize("agent", ["Grüße".encode(), "Grüße".encode("latin-1")])
+def test_an_8bit_feedback_part_begun_with_a_blank_line_is_read_without_a_traceback(
+    agent: bytes,
+) -> None:
+    """Its bytes, read as U+FFFD by the email package, were encoded to ASCII, and
+    relay bounce ended in a traceback."""
+    raw = (
+        b"From: fbl@isp.example\nTo: bounces@platform.example\nMIME-Version: 1.0\n"
+        b'Content-Type: multipart/report; report-type=feedback-report; boundary="b"\n\n'
+        b"--b\nContent-Type: message/feedback-report\nContent-Transfer-Encoding: 8bit\n\n\n"
+        b"Feedback-Type: abuse\nOriginal-Rcpt-To: a@b.example\nUser-Agent: " + agent + b"\n"
+        b"\n--b--\n"
+    )
+    assert read(raw) == Report(COMPLAINT, (Failure("a@b.example"),), feedback_type="abuse")
 
 
 def test_a_long_diagnostic_is_cut_at_the_limit() -> None:

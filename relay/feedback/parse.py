@@ -448,6 +448,7 @@ def _envelope_id(blocks: list[Message]) -> str | None:
 #: unsubscribing. Not "not-spam" (the opposite), "auth-failure" (a DMARC
 #: failure report), "virus" or "other", which say nothing of the recipient's wish.
 ACTED_ON = ("abuse", "fraud", "opt-out")
+_COMMENT = re.compile(r"\([^()]*\)")
 
 
 def _complaint(msg: Message) -> Report | None:
@@ -456,7 +457,7 @@ def _complaint(msg: Message) -> Report | None:
     the recipient wants, and was taken for ``abuse``, its address listed."""
     fields = _feedback_fields(msg)
     said = (_value(fields, "Feedback-Type") if fields else None) or ""
-    feedback_type = said.partition("(")[0].strip().lower()  # a comment may follow (RFC 5965)
+    feedback_type = _COMMENT.sub(" ", said).strip().lower()  # RFC 5965 allows comments
     if feedback_type not in ACTED_ON:
         return None
     returned = _returned(msg)
@@ -492,12 +493,13 @@ def _feedback_fields(msg: Message) -> Message | None:
 
 
 def _decoded(text: str, encoding: str) -> str:
-    data = text.encode("ascii", "surrogateescape")
+    """An 8-bit part's text as it is: encoded to ASCII, a byte the email package
+    had read as U+FFFD raised, and a report ended in a traceback."""
+    if encoding not in ("base64", "quoted-printable"):
+        return text
     try:
-        if encoding == "base64":
-            data = base64.b64decode(data)
-        elif encoding == "quoted-printable":
-            data = quopri.decodestring(data)
+        data = text.encode("ascii", "surrogateescape")
+        data = base64.b64decode(data) if encoding == "base64" else quopri.decodestring(data)
     except (binascii.Error, ValueError):
         return text
     return data.decode("utf-8", "replace")
