@@ -112,5 +112,7 @@ def counted_as(client: str) -> str:
     return str(IPv6Network((int(address) >> host_bits << host_bits, IPV6_PREFIX)))
 
 
+@functools.lru_cache(maxsize=SLOTS)
 def _key(listener: str, client: str) -> int:
+    """Cached: an upstream connection's check-in asks for one, at every message."""
     return key_of(f"{listener}\0{client}")

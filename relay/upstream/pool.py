@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -395,6 +396,7 @@ def _ms(when: float) -> int:
     return max(1, round(when * 1000))
 
 
+@functools.lru_cache(maxsize=1024)
 def _label(key: PoolKey) -> str:
     """What a smarthost's limit counts: connections to one host and port, with one
     login (Microsoft 365 counts them per mailbox)."""
