@@ -724,3 +724,26 @@ async def test_a_worker_refused_over_the_others_idle_connections_gets_one_of_the
     assert first.shared is not None
     label = pool_module._label(PoolKey.of(upstream(limited), None))
     assert first.shared.latest_elsewhere(pool_module.WANTED, label) == 0
+
+
+async def test_one_want_is_given_one_connection_whatever_the_workers(
+    limited: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each worker kept its own mark of the wants it had served: every other
+    worker QUIT a connection for the same one, three for one with four workers."""
+    monkeypatch.setattr(LimitedSMTP, "limit", 2)
+    monkeypatch.setattr(pool_module, "WANTED_LOOK", 0.05)
+    table = ClientCounts(3)
+    first, second, third = (Pool(shared=table.row(i)) for i in range(3))
+    try:
+        for n, holder in enumerate((first, second)):
+            sent = await send(holder, upstream(limited), f"h{n}@p.example")
+            assert isinstance(sent, DeliveryResult)
+        with pytest.raises(Crowded):
+            await send(third, upstream(limited), "c@p.example")
+        await eventually(lambda: first.idle_count() + second.idle_count() < 2, timeout=3)
+        await asyncio.sleep(0.5)  # ten looks more
+        assert first.idle_count() + second.idle_count() == 1
+    finally:
+        for each in (first, second, third):
+            await each.close()

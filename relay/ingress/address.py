@@ -16,8 +16,10 @@ upstream client unquotes it, so ``"postmaster@x"`` would go out as
 Some ERPs write a display name before the path (``MAIL FROM:"Jan"
 <jan@acme.example>``), which Postfix takes by default
 (``strict_rfc821_envelopes = no``): the name is dropped and the path parsed
-as if it stood alone. A name holding ``<``, ``>``, a control or a backslash
-outside a quoted string is no name: the whole is parsed as before.
+as if it stood alone. A name is words, quoted strings and comments (RFC
+5322's phrase); one holding ``<``, ``>``, a control, or outside a quoted
+string a backslash or a special (``@ , : ; [ ]``) is no name: the whole is
+parsed as before, and refused.
 """
 
 from __future__ import annotations

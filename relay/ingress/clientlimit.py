@@ -75,6 +75,11 @@ class ClientRow:
         found = self._row.found(_key(listener, client))
         return max((words[base] for base in found if base != mine), default=0)
 
+    def latest(self, listener: str, client: str) -> int:
+        """The highest value any worker marked, this one's too; 0: none."""
+        words = self._row.words
+        return max((words[base] for base in self._row.found(_key(listener, client))), default=0)
+
     def enter(self, listener: str, client: str) -> bool:
         """Count one more; False when this worker's row has no room (not counted)."""
         base = self._row.own(_key(listener, client), self._unused)

@@ -64,6 +64,7 @@ WANTED_FOR = 10.0  # seconds a worker's want of a connection is served after it 
 OPEN = "\0upstream connections"
 OPENING = "\0upstream connections being opened"
 WANTED = "\0upstream connection wanted"  # when, in ms on the monotonic clock
+SERVED = "\0upstream connection given"  # the want a connection was last QUIT for
 
 Opener = Callable[[], Awaitable[aiosmtplib.SMTP]]
 
@@ -150,7 +151,6 @@ class Pool:
         self._idle: dict[PoolKey, list[_Connection]] = {}
         self._leased: collections.Counter[PoolKey] = collections.Counter()
         self._opening: dict[PoolKey, set[asyncio.Future[bool]]] = {}
-        self._served: dict[str, int] = {}  # by label: the latest want a connection was QUIT for
         self._wanting: set[str] = set()  # labels this pool said it wants, until it opens one
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
@@ -173,19 +173,25 @@ class Pool:
             self.shared.mark(WANTED, _label(key), _ms(time.monotonic()))
             self._wanting.add(_label(key))
 
-    def _spare(self, conn: _Connection) -> bool:
-        """Whether another worker wants a connection like ``conn`` that none has
-        been closed for yet; if so, it is ``conn``'s to go."""
+    def _spared(self, idle: list[_Connection]) -> list[_Connection]:
+        """One of ``idle`` for each smarthost another worker wants a connection to
+        that no worker has closed one for yet (the marks of that are shared: each
+        worker closed one for the same want, three for one). Looked at by the
+        reaper, not at every check-in: a look costs more as the table fills."""
         if self.shared is None:
-            return False
-        label = _label(conn.key)
-        wanted = self.shared.latest_elsewhere(WANTED, label)
-        if wanted <= self._served.get(label, 0):
-            return False
-        if _ms(time.monotonic()) - wanted > WANTED_FOR * 1000:
-            return False
-        self._served[label] = wanted
-        return True
+            return []
+        by_label: dict[str, _Connection] = {}
+        for conn in idle:
+            by_label.setdefault(_label(conn.key), conn)  # the oldest first
+        given = []
+        now = _ms(time.monotonic())
+        for label, conn in by_label.items():
+            wanted = self.shared.latest_elsewhere(WANTED, label)
+            if wanted <= self.shared.latest(SERVED, label) or now - wanted > WANTED_FOR * 1000:
+                continue
+            self.shared.mark(SERVED, label, wanted)
+            given.append(conn)
+        return given
 
     async def opens_alongside(self, key: PoolKey, timeout: float) -> bool:
         """Whether one of the connections to ``key`` being opened now opens: as soon
@@ -328,7 +334,6 @@ class Pool:
             self._closed
             or conn.uses >= self.reuse_limit
             or self.idle_count(conn.key) >= self.max_idle_per_key
-            or self._spare(conn)
         ):
             await _quit(conn)
             return
@@ -340,14 +345,13 @@ class Pool:
     async def _reap(self) -> None:
         while self._idle:
             now = time.monotonic()
+            idle = [conn for conns in self._idle.values() for conn in conns]
             ending = [
                 conn
-                for conns in self._idle.values()
-                for conn in conns
-                if now >= conn.idle_since + self.idle_timeout
-                or not conn.client.is_connected
-                or self._spare(conn)
+                for conn in idle
+                if now >= conn.idle_since + self.idle_timeout or not conn.client.is_connected
             ]
+            ending += self._spared([conn for conn in idle if conn not in ending])
             for conn in ending:
                 self._forget(conn)
             await asyncio.gather(*(_quit(conn) for conn in ending))
