@@ -23,6 +23,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay.deliver import attempt, deliver
 from relay.errors import UpstreamError
+from relay.ingress import clientlimit
 from relay.ingress.clientlimit import ClientCounts
 from relay.policy.model import SmtpUpstream, TlsMode
 from relay.upstream import Crowded, DeliveryResult, Unreachable, smtp
@@ -746,4 +747,32 @@ async def test_one_want_is_given_one_connection_whatever_the_workers(
         assert first.idle_count() + second.idle_count() == 1
     finally:
         for each in (first, second, third):
+            await each.close()
+
+
+async def test_a_want_a_full_row_cannot_mark_served_closes_nothing(
+    limited: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no room for the mark, each look of the reaper closed one more idle
+    connection for the same want, until none was left."""
+    monkeypatch.setattr(LimitedSMTP, "limit", 2)
+    monkeypatch.setattr(pool_module, "WANTED_LOOK", 0.05)
+    monkeypatch.setattr(clientlimit, "SLOTS", 8)
+    table = ClientCounts(2)
+    first, second = Pool(shared=table.row(0)), Pool(shared=table.row(1))
+    try:
+        sent = await asyncio.gather(
+            *(send(first, upstream(limited), f"h{n}@p.example") for n in range(2))
+        )
+        assert all(isinstance(s, DeliveryResult) for s in sent) and first.idle_count() == 2
+        row = table.row(0)
+        n = 0
+        while row.enter("local", f"192.0.2.{n}"):  # the clients fill the worker's row
+            n += 1
+        with pytest.raises(Crowded):
+            await send(second, upstream(limited), "c@p.example")
+        await asyncio.sleep(0.5)  # ten looks
+        assert first.idle_count() == 2
+    finally:
+        for each in (first, second):
             await each.close()

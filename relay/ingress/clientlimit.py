@@ -63,11 +63,14 @@ class ClientRow:
         base = self._row.mine(_key(listener, client))
         return 0 if base is None else self._row.words[base]
 
-    def mark(self, listener: str, client: str, value: int) -> None:
-        """A value of this worker's for the others to read (``latest_elsewhere``)."""
+    def mark(self, listener: str, client: str, value: int) -> bool:
+        """A value of this worker's for the others to read (``latest_elsewhere``);
+        False when the row has no room for it."""
         base = self._row.own(_key(listener, client), self._unused)
-        if base is not None:
-            self._row.words[base] = value
+        if base is None:
+            return False
+        self._row.words[base] = value
+        return True
 
     def latest_elsewhere(self, listener: str, client: str) -> int:
         """The highest value the other workers marked; 0: none."""

@@ -189,8 +189,8 @@ class Pool:
             wanted = self.shared.latest_elsewhere(WANTED, label)
             if wanted <= self.shared.latest(SERVED, label) or now - wanted > WANTED_FOR * 1000:
                 continue
-            self.shared.mark(SERVED, label, wanted)
-            given.append(conn)
+            if self.shared.mark(SERVED, label, wanted):  # unmarked, each look gave one more
+                given.append(conn)
         return given
 
     async def opens_alongside(self, key: PoolKey, timeout: float) -> bool:
