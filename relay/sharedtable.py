@@ -38,6 +38,11 @@ log = logging.getLogger("relay")
 _SECRET = os.urandom(16)
 
 
+def stamp(when: float) -> int:
+    """A time (seconds) as a word, in ms: never 0, which reads as none."""
+    return max(1, round(when * 1000))
+
+
 def key_of(text: str) -> int:
     digest = hashlib.blake2b(text.encode(), digest_size=8, key=_SECRET).digest()
     return int.from_bytes(digest) or 1

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from relay.sharedtable import Row, SharedTable, key_of
+from relay.sharedtable import Row, SharedTable, key_of, stamp
 
 # counts per worker: eleven per listener, seven per upstream (2,000 tenants'
 # own accounts and the platform's take 14,000)
@@ -106,7 +106,7 @@ class TallyRow:
         """The worker's last attempt at ``upstream`` found it unusable just now, and
         the worker holds back its mail (``relay.unreachable``); or it no longer
         holds it (False)."""
-        self._put(_ms(time.monotonic()) if held else 0, SUSPENDED, upstream)
+        self._put(stamp(time.monotonic()) if held else 0, SUSPENDED, upstream)
 
     def reached(self, upstream: str, began: float) -> None:
         """An attempt that began then (``time.monotonic``) reached ``upstream``:
@@ -117,7 +117,7 @@ class TallyRow:
         its older begin back, and a reach since a failure went unseen."""
         base = self._base((REACHED, upstream))
         if base is not None:
-            self._row.words[base] = max(self._row.words[base], _ms(began))
+            self._row.words[base] = max(self._row.words[base], stamp(began))
 
     def reached_since_held(self, upstream: str) -> bool:
         """Whether an attempt begun after this worker's last failure at ``upstream``
@@ -148,10 +148,6 @@ def _latest_reach(row: Row, upstream: str) -> int:
     """When the last attempt that reached ``upstream`` began, in any worker; 0: none."""
     words = row.words
     return max((words[base] for base in row.found(_key((REACHED, upstream)))), default=0)
-
-
-def _ms(when: float) -> int:
-    return max(1, round(when * 1000))
 
 
 def _key(key: tuple[str, ...]) -> int:

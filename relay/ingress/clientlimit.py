@@ -74,14 +74,12 @@ class ClientRow:
 
     def latest_elsewhere(self, listener: str, client: str) -> int:
         """The highest value the other workers marked; 0: none."""
-        words, mine = self._row.words, self._row.mine(_key(listener, client))
-        found = self._row.found(_key(listener, client))
-        return max((words[base] for base in found if base != mine), default=0)
+        return self.latest(listener, client, self._row.mine(_key(listener, client)))
 
-    def latest(self, listener: str, client: str) -> int:
-        """The highest value any worker marked, this one's too; 0: none."""
-        words = self._row.words
-        return max((words[base] for base in self._row.found(_key(listener, client))), default=0)
+    def latest(self, listener: str, client: str, leaving_out: int | None = None) -> int:
+        """The highest value any worker marked (but at ``leaving_out``); 0: none."""
+        words, found = self._row.words, self._row.found(_key(listener, client))
+        return max((words[base] for base in found if base != leaving_out), default=0)
 
     def enter(self, listener: str, client: str) -> bool:
         """Count one more; False when this worker's row has no room (not counted)."""
@@ -122,5 +120,6 @@ def counted_as(client: str) -> str:
 
 @functools.lru_cache(maxsize=SLOTS)
 def _key(listener: str, client: str) -> int:
-    """Cached: an upstream connection's check-in asks for one, at every message."""
+    """Cached: the same few keys are asked for again and again (each connection,
+    each look of an upstream pool's reaper)."""
     return key_of(f"{listener}\0{client}")

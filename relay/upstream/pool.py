@@ -46,6 +46,7 @@ import aiosmtplib
 
 from relay.hostport import host_port
 from relay.policy.model import SmtpUpstream, TlsMode
+from relay.sharedtable import stamp
 from relay.upstream.pipelining import Unfinished
 
 if TYPE_CHECKING:
@@ -170,7 +171,7 @@ class Pool:
         """Refused over a limit only the other workers' connections fill: one of
         theirs, idle, is to be closed for this worker."""
         if self.shared is not None:
-            self.shared.mark(WANTED, _label(key), _ms(time.monotonic()))
+            self.shared.mark(WANTED, _label(key), stamp(time.monotonic()))
             self._wanting.add(_label(key))
 
     def _spared(self, idle: list[_Connection]) -> list[_Connection]:
@@ -184,7 +185,7 @@ class Pool:
         for conn in idle:
             by_label.setdefault(_label(conn.key), conn)  # the oldest first
         given = []
-        now = _ms(time.monotonic())
+        now = stamp(time.monotonic())
         for label, conn in by_label.items():
             wanted = self.shared.latest_elsewhere(WANTED, label)
             if wanted <= self.shared.latest(SERVED, label) or now - wanted > WANTED_FOR * 1000:
@@ -394,10 +395,6 @@ async def _quit(conn: _Connection) -> None:
 
 def _hostport(conn: _Connection) -> str:
     return host_port(conn.key.host, conn.key.port)
-
-
-def _ms(when: float) -> int:
-    return max(1, round(when * 1000))
 
 
 @functools.lru_cache(maxsize=1024)
