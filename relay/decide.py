@@ -438,27 +438,37 @@ def _empty_recipients(
     view: MessageView, changed: set[str]
 ) -> tuple[list[tuple[str, str]], list[str], list[str]]:
     """The edits for an empty To or Cc, which RFC 5322 3.6.3 wants an address
-    in and some receivers score as spam, and why. A Cc goes; a To becomes the
-    empty group, as an ERP sending to Bcc alone means, since a message with
-    no To at all is scored too (SpamAssassin's MISSING_HEADERS). A field a
-    DKIM signature the message came with signs stays, where the relay's
-    other edits (``changed``, lower case) leave that signature whole:
-    changed, it would break it, under any canonicalisation, for a blemish
-    receivers forgive. One the From rewritten breaks anyway is no reason."""
+    in and some receivers score as spam, and for a missing To, and why. A Cc
+    goes; a To, empty or missing, becomes the empty group, as an ERP sending
+    to Bcc alone means, since a message with no To at all is scored too
+    (SpamAssassin's MISSING_HEADERS). A Cc does not spare it: that rule looks
+    at To alone (Sendmail and Postfix add the group only where no To or Cc
+    is, for RFC 822, which wanted a destination field). A field a DKIM
+    signature the message came with signs, present or not, stays as it is,
+    where the relay's other edits (``changed``, lower case) leave that
+    signature whole: changed, it would break it, under any canonicalisation,
+    for a blemish receivers forgive. One the From rewritten breaks anyway is
+    no reason."""
     updates: list[tuple[str, str]] = []
     removed: list[str] = []
     reasons: list[str] = []
     fields: list[Field] | None = None
     for name in ("To", "Cc"):
-        if not _addressless(view, name):
+        missing = name == "To" and view.get(name) is None
+        if not missing and not _addressless(view, name):
             continue
         fields = split_at(view.raw)[0] if fields is None else fields
-        why = f"{name} is empty, which RFC 5322 3.6.3 does not allow"
         signed = [
             domain
             for domain, names, _ in _signatures(fields)
             if name.lower() in names and not names & changed
         ]
+        if missing:
+            added, why = _missing_to(signed)
+            updates += added
+            reasons.append(why)
+            continue
+        why = f"{name} is empty, which RFC 5322 3.6.3 does not allow"
         if signed:
             by = ", ".join(signed)
             reasons.append(f"{why}: kept, as the message's own DKIM signature ({by}) signs it")
@@ -469,6 +479,16 @@ def _empty_recipients(
             removed.append("Cc")
             reasons.append(f"{why}: removed")
     return updates, removed, reasons
+
+
+def _missing_to(signed: list[str]) -> tuple[list[tuple[str, str]], str]:
+    """The edit for a message with no To, and why: ``signed``, the signatures
+    that sign ``to``, sign its absence too (RFC 6376 5.4)."""
+    why = "To was missing, which some receivers score as spam"
+    if signed:
+        by = ", ".join(signed)
+        return [], f"{why}: not added, as the message's own DKIM signature ({by}) signs it"
+    return [("To", _UNDISCLOSED)], f"{why}: added as {_UNDISCLOSED}"
 
 
 def _kept(view: MessageView) -> str:

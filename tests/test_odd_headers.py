@@ -1,6 +1,7 @@
 """Header fields that are there but say nothing: an empty Reply-To the tenant
 keeps, an empty To or Cc, and a line of only white space in a field (RFC
-5322's obsolete folding). Through a real relay to a sink, as an ERP sends them."""
+5322's obsolete folding); and a To not there at all. Through a real relay to
+a sink, as an ERP sends them."""
 
 from __future__ import annotations
 
@@ -250,6 +251,57 @@ def test_an_empty_to_or_cc_an_erps_signature_signs_is_kept(
             f"{name} is empty, which RFC 5322 3.6.3 does not allow: kept, as the message's"
             " own DKIM signature (d=globex.example) signs it"
         ) in p.decision.reasons
+
+
+MISSING_TO = "To was missing, which some receivers score as spam: added as undisclosed-recipients:;"
+
+
+@pytest.mark.parametrize("cc", [(), ("Cc: desk@acme.example",)])
+def test_a_missing_to_is_added_as_the_empty_group(
+    relay: tuple[RelayProcess, SinkServer],
+    dns_records: dict[str, str],
+    tmp_path: Path,
+    cc: tuple[str, ...],
+) -> None:
+    """An ERP sending to Bcc alone wrote no To, and the message went out with
+    none, which SpamAssassin scores (MISSING_HEADERS) whether or not a Cc is
+    there; an empty To was written as the group already."""
+    proc, sink = relay
+    data = msg(*NO_TO, *cc, "Bcc: customer@example.org")
+    queue_id = send(proc.port, data, ("customer@example.org",))
+    (got,) = sink.sink.wait(1)
+    view = message.read(got.data)
+    assert view.get_all("To") == ("undisclosed-recipients:;",)
+    assert view.get_all("Cc") == tuple(c.removeprefix("Cc: ") for c in cc)
+    assert view.get("Bcc") is None
+    assert dkimpy_verify(got.data, dns_records)
+    assert_opendkim_ok(got.data, dns_records, tmp_path)
+    assert MISSING_TO in _queued(proc.policy, queue_id)["reasons"]
+
+
+def test_preview_says_a_missing_to_is_added(policy_file: Path, tmp_path: Path) -> None:
+    eml = tmp_path / "bcc.eml"
+    eml.write_bytes(msg(*NO_TO, "Bcc: customer@example.org"))
+    out = preview(policy_file, eml)
+    assert f"  - {MISSING_TO}\n" in out
+    assert "\nTo: undisclosed-recipients:;\n" in out.split("Headers as sent:")[1]
+
+
+def test_a_missing_to_an_erps_signature_signs_is_not_added(
+    policy_file: Path, key_dir: tuple[Path, dict[str, str]]
+) -> None:
+    """A signature whose h= names to signs its absence: a To added breaks it
+    where the relay keeps the ERP's From, and with no key of the relay's for
+    that domain it is the only one DMARC could pass on."""
+    data = msg("From: Hank Scorpio <hank@globex.example>", *BASE[2:])
+    signed = erp_signed(data, key_dir, "globex.example.g1", [b"from", b"to", b"subject"])
+    p = run(policy_file, signed, login="erp-globex")
+    assert message.read(p.message).get("To") is None
+    assert dkimpy_each(p.message, key_dir[1])[-1]
+    assert (
+        "To was missing, which some receivers score as spam: not added, as the message's"
+        " own DKIM signature (d=globex.example) signs it"
+    ) in p.decision.reasons
 
 
 SIMPLE_BROKEN = (
