@@ -99,12 +99,44 @@ def _lookup(
             return ref, f"envelope sender <{submission.mail_from}> is user {ref.user!r}"
         return None
     if source is IdentitySource.HEADER_FROM:
-        for _, address in view.mailboxes("From"):
-            ref = _user_at(policy, address)
-            if ref is not None:
-                return ref, f"From address <{address}> is user {ref.user!r}"
-        return None
+        found = _users_in_from(policy, view)
+        if not found:
+            return None
+        _refuse_two_users(policy, login, found)
+        address, ref = found[0]
+        return ref, f"From address <{address}> is user {ref.user!r}"
     return _lookup_header(policy, view, login)
+
+
+def _users_in_from(policy: Policy, view: MessageView) -> list[tuple[str, UserRef]]:
+    """The users the From's mailboxes are, in their order, each with the first
+    of its addresses there: a user's address and alias together are one user."""
+    found: dict[UserRef, str] = {}
+    for _, address in view.mailboxes("From"):
+        ref = _user_at(policy, address)
+        if ref is not None:
+            found.setdefault(ref, address)
+    return [(address, ref) for ref, address in found.items()]
+
+
+def _refuse_two_users(
+    policy: Policy, login: Login | None, found: list[tuple[str, UserRef]]
+) -> None:
+    """A From naming two users left the sender to field order: the first got
+    the Reply-To, the automatic copy and the audit record. Only users this
+    session may be count, as the refusals below name no other: another
+    tenant's, or one of a tenant that needs a login this session lacks. An
+    address that is no user's leaves no doubt: the From is written for the
+    user as it would be without it."""
+    users = [
+        (address, ref)
+        for address, ref in found
+        if _may_be_without_login(policy, login, ref)
+        and (login is None or ref.tenant == login.tenant)
+    ]
+    if len(users) > 1:
+        named = ", ".join(f"{address} is user {ref.user}" for address, ref in users)
+        raise Rejected(550, "5.7.1", f"Sender ambiguous: From names more than one user ({named})")
 
 
 def _lookup_header(

@@ -177,6 +177,21 @@ def test_preview_of_a_refused_message(policy_file: Path, tmp_path: Path) -> None
     assert "why:" not in done.stderr  # an address of no tenant's: nothing more to say
 
 
+def test_preview_of_a_message_from_two_users(policy_file: Path, tmp_path: Path) -> None:
+    eml = tmp_path / "x.eml"
+    eml.write_text(
+        "From: Kari <kari@acme.example>\nFrom: jan@acme.example\nTo: a@example.org\n\nx\n"
+    )
+    envelope = ("--mail-from", "erp-bounces@erp.acme.example")  # no user: found by the From
+    done = relay("preview", "-c", str(policy_file), *envelope, str(eml))
+    assert done.returncode == 65
+    said = (
+        "would refuse this message: 550 5.7.1 Sender ambiguous: From names more than one"
+        " user (kari@acme.example is user kari, jan@acme.example is user jan)"
+    )
+    assert said in done.stderr
+
+
 def test_preview_says_why_a_tenant_that_needs_a_login_does_not_take_the_message(
     policy_file: Path, tmp_path: Path
 ) -> None:

@@ -83,6 +83,56 @@ def test_user_from_an_alias_the_policy_takes_though_smtp_would_not(
     assert (p.decision.identity.user.id, p.decision.identity.source) == ("kari", "header_from")
 
 
+TWO_USERS = (
+    "550 5.7.1 Sender ambiguous: From names more than one user"
+    " (kari@acme.example is user kari, jan@acme.example is user jan)"
+)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        ("From: Kari <kari@acme.example>", "From: Jan Janssens <jan@acme.example>"),
+        ("From: kari@acme.example, Jan <jan@acme.example>",),
+        ("From: Kari <kari@acme.example>, Salg <salg@acme.example>", "From: jan@acme.example"),
+    ],
+)
+def test_a_from_naming_two_users_is_refused(policy_file: Path, head: tuple[str, ...]) -> None:
+    """The first was taken: its Reply-To, its copy and its audit record went
+    with a message the other may have sent."""
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, msg(*head, *BASE[1:]), mail_from="erp-bounces@erp.acme.example")
+    assert caught.value.line == TWO_USERS
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        ("From: Kari <kari@acme.example>", "From: Salg <SALG@acme.example>"),
+        ("From: Who <who@nowhere.example>, Kari <kari@acme.example>",),
+        ("From: Kari <kari@acme.example>", "From: Hank <hank@globex.example>"),
+    ],
+)
+def test_a_from_naming_one_user_is_that_users(policy_file: Path, head: tuple[str, ...]) -> None:
+    """An alias is the same user, and an address that is no user's leaves no
+    doubt; a tenant that takes mail only with a login has no user here, as
+    no refusal names one to a session without its login."""
+    _globex_needs_a_login(policy_file)
+    p = run(policy_file, msg(*head, *BASE[1:]), mail_from="erp-bounces@erp.acme.example")
+    assert (p.decision.identity.user.id, p.decision.identity.source) == ("kari", "header_from")
+
+
+def test_a_from_naming_two_users_is_no_doubt_where_a_login_or_the_envelope_names_one(
+    policy_file: Path,
+) -> None:
+    data = msg("From: kari@acme.example, jan@acme.example", *BASE[1:])
+    assert run(policy_file, data, login="erp-acme-jan").decision.identity.user.id == "jan"
+    assert run(policy_file, data, mail_from="kari@acme.example").decision.identity.user.id == "kari"
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, data, login="erp-acme")  # a login of the tenant, bound to no user
+    assert caught.value.line == TWO_USERS
+
+
 def test_user_from_erp_header_by_id(policy_file: Path) -> None:
     data = msg("From: ERP <erp@erp.acme.example>", "X-ERP-User: kari", *BASE[1:])
     p = run(policy_file, data, login="erp-acme")

@@ -165,6 +165,36 @@ def test_unknown_sender_refused_and_nothing_sent(relay: RelayProcess, sink: Sink
     assert f"{said} 5.7.1 Sender not known to this relay" in relay.log()
 
 
+TWO_USERS = (
+    "Sender ambiguous: From names more than one user"
+    " (kari@acme.example is user kari, jan@acme.example is user jan)"
+)
+
+
+def test_a_from_naming_two_users_is_refused_and_on_record(
+    relay: RelayProcess, sink: SinkServer
+) -> None:
+    """Found by the From, the sender was the first user it named: the other's
+    message went out with the first's Reply-To, copy and audit record."""
+    rest = b"To: one@example.org\r\nSubject: Faktura 17\r\n\r\nhi\r\n"
+    two_fields = b"From: Kari <kari@acme.example>\r\nFrom: Jan Janssens <jan@acme.example>\r\n"
+    one_field = b"From: kari@acme.example, Jan <jan@acme.example>\r\n"
+    same_user = b"From: Kari <kari@acme.example>\r\nFrom: Salg <salg@acme.example>\r\n"
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
+        client.ehlo()
+        for head in (two_fields, one_field, same_user):
+            client.mail("erp-bounces@erp.acme.example")
+            client.rcpt("one@example.org")
+            code, reply = client.data(head + rest)
+            refused = (550, f"5.7.1 {TWO_USERS}".encode())
+            assert (code, reply) == ((250, reply) if head is same_user else refused)
+    (got,) = sink.sink.wait(1)
+    assert got.rcpt_tos == ["one@example.org", "kari@acme.example"]  # the copy is kari's
+    assert [r["reply"] for r in _rejected_records(relay)] == [f"550 5.7.1 {TWO_USERS}"] * 2
+    said = "refused client=127.0.0.1 login=- from=<erp-bounces@erp.acme.example>"
+    assert f"{said} to=<one@example.org>: 550 5.7.1 {TWO_USERS}" in relay.log()
+
+
 def test_a_refusal_naming_a_non_ascii_address_is_a_550_on_record(
     relay: RelayProcess, sink: SinkServer
 ) -> None:
