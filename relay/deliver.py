@@ -12,8 +12,9 @@ reached. See ``relay.upstream.smtp`` for how SMTP replies are mapped and
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from relay import tally
 from relay.engine import Attempt, Sender
@@ -35,6 +36,7 @@ from relay.upstream import (
 __all__ = ["DeliveryResult", "attempt", "counted", "deliver"]
 
 _TOO_MANY = 452  # to RCPT: more recipients than the server takes in one transaction
+_LEGACY_TOO_MANY = re.compile(r"552 5\.5\.3(?: |$)")  # the same in RFC 821's code
 # recipients of a further transaction never sent: the relay stopped in between, or
 # the transaction before theirs failed as a whole or answered nobody but with the
 # limit; tried again at the next attempt
@@ -79,7 +81,8 @@ async def attempt(
     """One delivery attempt as the engine sees it: a reply for every recipient.
 
     The recipients answered ``452 4.5.3`` (RFC 5321 4.5.3.1.10: the server's
-    limit of recipients per transaction, as Postfix reads it) go at once in
+    limit of recipients per transaction, as Postfix reads it; ``552 5.5.3``, its
+    RFC 821 code, is taken for it in ``_legacy_limit``) go at once in
     further transactions, each of as many as the server answered otherwise in
     the first: deferred, a 5 recipient invoice to a server taking 2 went out
     over three retry waits, and sending all the rest each time cost a
@@ -163,6 +166,7 @@ async def _transaction(
     unreachable = None
     whole = crowded = False
     shared: dict[str, str] = {}
+    past_rcpt = True  # the upstream answered RCPT: those it did not refuse it took
     try:
         result = await deliver(
             upstream, mail_from, rcpt_tos, data, needed=needed, envelope_id=envelope_id
@@ -172,6 +176,7 @@ async def _transaction(
         refused = exc.refused if isinstance(exc, RecipientsRefused | PartlyRefused) else {}
         shared = _shared(exc, [rcpt for rcpt in rcpt_tos if rcpt not in refused])
         whole = not isinstance(exc, RecipientsRefused)
+        past_rcpt = isinstance(exc, PartlyRefused)
         crowded = isinstance(exc, Crowded)
         if isinstance(exc, Unreachable) and not exc.permanent:
             unreachable = exc.line
@@ -181,7 +186,33 @@ async def _transaction(
     for rcpt, reply in refused.items():
         replies[rcpt] = (_code(reply), reply)
         shared.pop(rcpt, None)
+    if past_rcpt:
+        replies.update(_legacy_limit(rcpt_tos, refused))
     return replies, shared, unreachable, whole, crowded
+
+
+def _legacy_limit(
+    rcpt_tos: Sequence[str], refused: Mapping[str, str]
+) -> dict[str, tuple[int, str]]:
+    """The recipients refused ``552 5.5.3`` after the server took one of this
+    transaction's, with the ``452 4.5.3`` it stands for: RFC 821's code for the
+    server's recipient limit, which RFC 5321 4.5.3.1.10 says to take as
+    temporary. Taken for good, every recipient past the limit failed, the
+    automatic BCC copy too, and their sender was told. A 552 with another code
+    (5.2.2, a full mailbox) is the recipient's own; so is a 5.5.3 to the
+    transaction's first recipient: it is no limit a smaller transaction keeps
+    to, and taken for one, a server answering so to any would be sent the
+    message again at every attempt until it expired."""
+    changed: dict[str, tuple[int, str]] = {}
+    taken = False
+    for rcpt in rcpt_tos:  # answered in order: one before a refusal was answered
+        reply = refused.get(rcpt)
+        if reply is None:
+            taken = True
+        elif taken and _LEGACY_TOO_MANY.match(reply):
+            text = f"{reply[10:]} (upstream replied {reply[:9]})".lstrip()
+            changed[rcpt] = (_TOO_MANY, f"{_TOO_MANY} 4.5.3 {text}")
+    return changed
 
 
 def _shared(error: UpstreamError, taken: Sequence[str]) -> dict[str, str]:

@@ -32,7 +32,8 @@ class RefusingRecipients:
     refuse: dict[str, str] = field(default_factory=dict)
     pipelining: bool = False
     taken: dict[str, str] = field(default_factory=dict)
-    most: int | None = None  # recipients taken per transaction, then 452 as Postfix says it
+    most: int | None = None  # recipients taken per transaction, then ``over_most``
+    over_most: str = "452 4.5.3 Error: too many recipients"  # as Postfix says it
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list
@@ -51,7 +52,7 @@ class RefusingRecipients:
                 asyncio.get_running_loop().call_soon(server.transport.close)
             return self.refuse[address]
         if self.most is not None and len(envelope.rcpt_tos) >= self.most:
-            return "452 4.5.3 Error: too many recipients"
+            return self.over_most
         envelope.rcpt_tos.append(address)
         return self.taken.get(address, "250 OK")
 

@@ -451,6 +451,44 @@ async def test_recipients_over_the_upstreams_limit_go_at_once_in_further_transac
     assert [m.data for m in handler.messages] == [SENT] * 3
 
 
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_a_552_5_5_3_over_the_limit_goes_in_further_transactions_as_a_452(
+    pipelining: bool,
+) -> None:
+    """RFC 821's code for the limit, which RFC 5321 says to take as temporary:
+    every recipient past it failed for good."""
+    over = "552 5.5.3 Too many recipients"
+    handler = SinkHandler(most=2, over_most=over, pipelining=pipelining)
+    rcpts = [f"r{number}@example.org" for number in range(5)]
+    with Sink(handler) as sink:
+        got = await attempt(upstream(sink.port), "b@p.example", rcpts, MESSAGE)
+    assert {code for code, _ in got.replies.values()} == {250}
+    assert [m.rcpt_tos for m in handler.messages] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
+
+
+@pytest.mark.parametrize(
+    "refuse",
+    [
+        {"full@example.org": "552 5.2.2 Mailbox full"},
+        {"one@example.org": "552 5.5.3 Too many recipients"},
+    ],
+    ids=["mailbox-full", "first-rcpt"],
+)
+async def test_a_552_not_after_a_recipient_taken_for_the_limit_is_the_recipients_own(
+    refuse: dict[str, str],
+) -> None:
+    """A full mailbox's 552 is no limit; nor is a 5.5.3 to the first RCPT, which
+    a server would answer each further transaction alike."""
+    handler = SinkHandler(refuse=refuse)
+    rcpts = ["one@example.org", "full@example.org"]
+    with Sink(handler) as sink:
+        async with asyncio.timeout(10):
+            got = await attempt(upstream(sink.port), "b@p.example", rcpts, MESSAGE)
+    refused = next(iter(refuse))
+    assert got.replies[refused] == (552, refuse[refused])
+    assert [m.rcpt_tos for m in handler.messages] == [[r for r in rcpts if r != refused]]
+
+
 async def test_an_attempt_that_took_the_message_for_someone_reached_its_upstream() -> None:
     """The further transaction for the recipients over the limit found the upstream
     gone; the attempt said "unreachable" for the message it had just delivered,
