@@ -416,6 +416,45 @@ async def test_a_refusal_of_the_whole_transaction_is_no_recipients_own(
 
 
 @dataclass
+class MailRefusing(SinkHandler):
+    mail_reply: str = ""
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
+    ) -> str:
+        return self.mail_reply
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+@pytest.mark.parametrize(
+    ("reply", "sender"),
+    [
+        ("552 5.3.4 Message size exceeds fixed limit", False),
+        ("552 Message size exceeds fixed limit", False),  # RFC 1870's code, no enhanced one
+        ("554 5.6.0 Content rejected", False),
+        ("550 5.2.3 Message too long", False),
+        ("550 5.1.1 <b@p.example>: Sender address rejected", True),
+        ("553 5.7.1 Sender not allowed", True),
+        ("501 5.5.2 Bad sender address syntax", True),
+        ("550 Sender refused", True),
+    ],
+)
+async def test_a_refusal_of_mail_from_about_the_message_is_not_the_senders(
+    pipelining: bool, reply: str, sender: bool
+) -> None:
+    """Postfix's ``552 5.3.4`` to a message over its size limit was warned of as
+    the return path refused, every message with it failing, while smaller ones
+    went; nor is it either recipient's own."""
+    handler = MailRefusing(mail_reply=reply, pipelining=pipelining)
+    with Sink(handler) as sink:
+        got = await attempt(upstream(sink.port), "bounces@p.example", RCPTS, MESSAGE)
+    said = replies.line(int(reply[:3]), reply[4:])
+    assert got.replies == dict.fromkeys(RCPTS, (int(reply[:3]), said))
+    assert got.shared == dict.fromkeys(RCPTS, SENDER_REFUSED if sender else WHOLE_REFUSED)
+    assert got.sender_refused == (said if sender else None)
+
+
+@dataclass
 class LoginWanted(SinkHandler):
     """Microsoft 365 to a client that did not log in."""
 

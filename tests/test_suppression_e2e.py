@@ -565,6 +565,31 @@ def test_a_refused_sender_lists_no_recipient(
     assert log.count(warned) == 1, log
 
 
+def test_a_message_too_big_at_mail_from_is_no_refused_sender(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Postfix's ``552 5.3.4`` to a ``SIZE=`` over its ``message_size_limit`` is
+    about the message: it was warned of as the return path refused, every
+    message sent with it failing, while smaller ones went through. The message
+    fails once and its sender is told, as before."""
+    too_big = "552 5.3.4 Message size exceeds fixed limit"
+    sink = RefusingTheMessage(mail_reply=too_big)
+    with SinkServer(sink) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            invoice = SMALL.replace(b"Subject: Hello", b"Subject: Invoice 5")
+            queue_id = send(port, invoice, rcpts=CUSTOMERS)
+            (notice,) = sink.wait(1)
+            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
+            log = relay.log()
+    assert f"{queue_id}: to=<{CUSTOMERS[0]}>" in log and f"status=bounced ({too_big})" in log
+    assert "refused the envelope sender" not in log, log
+    for address in (*CUSTOMERS, "jan@acme.example"):
+        assert ("failed", address) in audit_events(policy, queue_id)
+    assert notice.rcpt_tos == ["jan@acme.example"] and queue_id.encode() in notice.data
+
+
 def test_a_refused_sender_is_warned_of_while_the_client_waits(
     policy_file: Path, tmp_path: Path
 ) -> None:

@@ -46,7 +46,9 @@ class PartlyRefused(UpstreamError):
 class SenderRefused(UpstreamError):
     """The upstream refused MAIL FROM: its reply is about the envelope sender
     (Postfix's ``reject_unverified_sender`` answers a return path that does
-    not exist ``550 5.1.1``), so it lists no recipient however it reads."""
+    not exist ``550 5.1.1``), so it lists no recipient however it reads. One
+    about the message (its size) is a plain ``UpstreamError``, as is a
+    refusal of the transaction (``smtp._about_sender``)."""
 
 
 class MessageRefused(UpstreamError):

@@ -49,6 +49,10 @@ log = logging.getLogger("relay")
 # temporary, so that a copy whose message still goes on (see the engine) is sent later
 NOT_SENT = "451 4.3.0 Not sent: the upstream refused the message's other recipients"
 
+# a refusal of MAIL FROM about the message, not its sender (``_about_sender``)
+_TOO_BIG = 552
+_ABOUT_MESSAGE = frozenset({"2", "3", "4", "6"})
+
 _START_TLS: dict[TlsMode, bool | None] = {
     TlsMode.NONE: False,
     TlsMode.STARTTLS: True,
@@ -256,11 +260,24 @@ def _stage_refusal(exc: aiosmtplib.SMTPResponseException) -> UpstreamError:
     refused = replies.refusal(exc.code, exc.message)
     if isinstance(exc, aiosmtplib.SMTPSenderRefused) and exc.code in replies.OUR_LOGIN:
         return Unreachable.of(refused)  # M365's 530 5.7.57: no login, every message alike
-    if isinstance(exc, aiosmtplib.SMTPSenderRefused):
+    if isinstance(exc, aiosmtplib.SMTPSenderRefused) and _about_sender(refused):
         return SenderRefused(refused.code, refused.status, refused.text)
     if isinstance(exc, aiosmtplib.SMTPDataError):
         return MessageRefused(refused.code, refused.status, refused.text)
     return refused
+
+
+def _about_sender(refused: UpstreamError) -> bool:
+    """Whether a refusal of MAIL FROM is about the address, which fails every
+    message sent with it, rather than about this message: a 552 is its size
+    (RFC 1870: Postfix's ``552 5.3.4 Message size exceeds fixed limit``), as
+    are the RFC 3463 subjects of a mailbox's (x.2: 5.2.3, too long), of the
+    mail system's (x.3), of routing (x.4) and of the content (x.6). That was
+    warned of as the return path refused, while smaller messages went. An
+    address (x.1), the server's rules (x.7), the protocol (x.5, the
+    address's syntax among it) or no enhanced code say the sender, as
+    before."""
+    return refused.code != _TOO_BIG and refused.status.split(".")[1] not in _ABOUT_MESSAGE
 
 
 def password(upstream: SmtpUpstream) -> str:
