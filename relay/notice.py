@@ -283,6 +283,15 @@ NOT_PASSED_ON = (
     "The mail platform could not pass the document on to the receiving server; should"
     " this keep happening, tell your mail administrator."
 )
+TOO_LARGE = (
+    "The document or its attachments are too large for the receiving system: send it"
+    " smaller (fewer or smaller attachments), or reach the recipient another way."
+)
+OWN_SYSTEM = (
+    "A mail system on the way could not take the document for a reason of its own (its"
+    " settings, a shutdown, the mail protocol), not for the address; should this keep"
+    " happening, tell your mail administrator, with the reason above."
+)
 # by the subject of the reply's RFC 3463 code: "check the address" after a spam
 # filter's refusal sent the user to recheck a right address, and nobody to the
 # administrator whose problem it is
@@ -294,9 +303,17 @@ _ADVICE_FOR = {
     "7": "The receiving server refused the mail by its own rules (spam filtering, a"
     " block list, sender checks), not for the address: tell your mail administrator,"
     " with the reason above.",
+    "3": OWN_SYSTEM,  # the mail system's
+    "5": OWN_SYSTEM,  # the protocol's
 }
+# by the code's subject and detail, before its subject alone: 5.3.4 message too
+# big for the system, 5.2.3 for the mailbox
+_ADVICE_FOR_DETAIL = {"3.4": TOO_LARGE, "2.3": TOO_LARGE}
 # in the order said: what happened, then what to do
-_ORDER = (LISTED_NOW, ON_THE_LIST, CHECK_ADDRESS, TAKE_OFF, NOT_PASSED_ON, *_ADVICE_FOR.values())
+_ORDER = (
+    *(LISTED_NOW, ON_THE_LIST, CHECK_ADDRESS, TAKE_OFF, NOT_PASSED_ON, TOO_LARGE),
+    *dict.fromkeys(_ADVICE_FOR.values()),
+)
 # after a reply's basic code ("554 5.7.1") or alone in brackets ("(5.7.1)", a
 # bounce's status; qmail's "(#5.7.1)"): anywhere else "5.2.2.10", an IP
 # address in the text, was read as one
@@ -333,9 +350,11 @@ def _advice_for(rcpt: RecipientState, hard: frozenset[str]) -> tuple[str, ...]:
     code = _CODE.search(rcpt.reply or "")
     if code is None:
         return (CHECK_ADDRESS,)
-    if (code.group(1) or code.group(3)) in hard:
+    status = code.group(1) or code.group(3)
+    if status in hard:
         return LISTED_NOW, CHECK_ADDRESS, TAKE_OFF
-    return (_ADVICE_FOR.get(code.group(2) or code.group(4), CHECK_ADDRESS),)
+    detail = _ADVICE_FOR_DETAIL.get(status.split(".", 1)[1])
+    return (detail or _ADVICE_FOR.get(code.group(2) or code.group(4), CHECK_ADDRESS),)
 
 
 def _opening(entry: QueueEntry) -> str:

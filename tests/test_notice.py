@@ -176,23 +176,37 @@ def test_a_reason_naming_each_address_is_still_one_reason(policy_file: Path) -> 
         ("554 5.7.1(blocked by policy)", "refused the mail by its own rules"),
         ("returned it: Sorry, no mailbox here by that name. (#5.1.1)", "Please check the address"),
         ("returned it: Message rejected as spam (#5.7.1)", "refused the mail by its own rules"),
+        ("552 5.3.4 Message size exceeds fixed limit", "too large for the receiving system"),
+        ("552 5.2.3 Message length exceeds limit", "too large for the receiving system"),
+        (
+            "not delivered within 5 days; last reply: 451 4.3.5 Server configuration error",
+            "A mail system on the way could not take",
+        ),
+        (
+            "not delivered within 5 days; last reply: 451 4.3.0 service shutting down",
+            "A mail system on the way could not take",
+        ),
+        ("554 5.5.0 Transaction failed", "A mail system on the way could not take"),
     ],
     ids=[
         *("address", "mailbox-full", "timed-out", "block-list", "no-code", "ip"),
         *("ip-no-code", "ip-in-brackets", "ip-after-code", "code-and-dot", "code-and-bracket"),
-        *("qmail-address", "qmail-policy"),
+        *("qmail-address", "qmail-policy", "too-big", "too-big-for-mailbox"),
+        *("configuration", "shutting-down", "protocol"),
     ],
 )
 def test_the_advice_fits_the_reason(policy_file: Path, reply: str, advice: str) -> None:
     """A spam filter's refusal of the platform's mail told the user to check a
-    right address, and nobody to tell the administrator whose problem it is."""
+    right address, and nobody to tell the administrator whose problem it is; so
+    did a message too big, and an upstream's own trouble (4.3.x, 5.5.x)."""
     failed = RecipientState("customer@example.net", FAILED, reply=reply, notify=True)
     _, data = build_notice(load(policy_file), make_entry(), [failed], 1_790_000_000.0)
     text = quopri.decodestring(data.split(b"\r\n\r\n", 1)[1]).decode()
     said = [line for line in text.splitlines() if advice in line]
     assert len(said) == 1, text
     others = ("Please check the address", "A mailbox that", "The receiving server could not")
-    others += ("The receiving server refused", "The mail platform")
+    others += ("The receiving server refused", "The mail platform", "The document or")
+    others += ("A mail system on the way",)
     assert sum(line.startswith(others) for line in text.splitlines()) == 1, text
 
 
