@@ -61,6 +61,22 @@ def test_check_is_quiet_about_a_state_directory_it_can_create(policy_file: Path)
     assert done.stdout.startswith(f"{policy_file}: ok (")
 
 
+def test_check_warns_of_a_policy_other_users_may_change(policy_file: Path, tmp_path: Path) -> None:
+    """A policy of mode 0666 in a 0777 directory passed with ok: a user of the host
+    added a login of their own, and sent as a tenant from the next reload."""
+    policy_file.chmod(0o666)
+    tmp_path.chmod(0o777)
+    done = check(policy_file)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines()[:2] == [
+        f"{policy_file}: warning: {policy_file} is writable by users other than its owner"
+        f" (mode 0666): the policy it holds is not safe; chmod go-w {policy_file}",
+        f"{policy_file}: warning: {policy_file} is in {tmp_path}, which users other than its"
+        f" owner may write (mode 0777): they may replace it and the policy it holds; chmod"
+        f" go-w {tmp_path}",
+    ]
+
+
 def test_check_warns_when_the_state_directory_cannot_be_made_there(
     policy_file: Path, tmp_path: Path
 ) -> None:

@@ -262,7 +262,7 @@ def test_check_judges_a_key_s_owner_by_the_run_as_user(open_dir: Path) -> None:
         assert warnings(path) == []
         os.chown(key, 1, 1)
     owner = pwd.getpwuid(key.stat().st_uid).pw_name
-    assert warnings(path) == [
+    assert [w for w in warnings(path) if "key_file" in w] == [  # the policy is this user's too
         f"{path}:14:17: warning: dkim.keys[0].key_file: {key} is owned by {owner}, not root or"
         f" nobody (the user the relay runs as), who may read or replace the secret it holds"
         f" whatever its mode; chown nobody {key}"
@@ -304,6 +304,63 @@ def test_check_leaves_a_sticky_directory_alone_while_the_entry_in_it_is_trusted(
         f"{path}:14:17: warning: dkim.keys[0].key_file: {keys / 'platform.example.s1.private'}"
         f" is in {keys}, owned by {other} in {open_dir} (mode 1777), who may replace it and"
         f" the secret it holds; chown nobody {keys}"
+    ]
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o664, 0o620], ids=["0666", "0664", "0620"])
+def test_check_warns_of_a_policy_others_can_write(open_dir: Path, mode: int) -> None:
+    """It passed with ok: whoever may write it may add a login of their own and
+    send as any tenant from the next reload."""
+    path = variant(open_dir, _LISTENER, _LISTENER)
+    path.chmod(mode)
+    assert warnings(path) == [
+        f"{path}: warning: {path} is writable by users other than its owner (mode"
+        f" {mode:04o}): the policy it holds is not safe; chmod go-w {path}"
+    ]
+
+
+def test_check_warns_of_a_policy_every_user_may_read_only_for_its_logins(open_dir: Path) -> None:
+    """Reading the policy gives away nothing but its logins' password hashes,
+    which may be guessed at offline: without logins, 0644 is the user's choice."""
+    path = variant(open_dir, _LISTENER, _LISTENER)
+    path.chmod(0o644)
+    assert warnings(path) == []
+    path.write_text(path.read_text().replace("tenants:\n", _ACME_LOGIN))
+    assert warnings(path) == [
+        f"{path}: warning: {path} is readable by every user of this host (mode 0644): the"
+        f" policy it holds is not safe; chmod o-rwx {path}"
+    ]
+    open_dir.chmod(0o750)
+    assert warnings(path) == []  # they may not reach it
+
+
+def test_check_warns_of_a_policy_in_a_directory_others_can_write(open_dir: Path) -> None:
+    path = variant(open_dir, _LISTENER, _LISTENER)
+    open_dir.chmod(0o777)
+    key = open_dir / "keys" / "platform.example.s1.private"
+    assert warnings(path) == [
+        f"{path}: warning: {path} is in {open_dir}, which users other than its owner may"
+        f" write (mode 0777): they may replace it and the policy it holds; chmod go-w"
+        f" {open_dir}",
+        f"{path}:14:17: warning: dkim.keys[0].key_file: {key} is in {open_dir}, which users"
+        f" other than its owner may write (mode 0777): they may replace it and the secret it"
+        f" holds; chmod go-w {open_dir}",
+    ]
+
+
+def test_check_judges_the_policy_s_owner_by_the_run_as_user(open_dir: Path) -> None:
+    """Its owner may change it whatever its mode: one neither root's nor the
+    service user's is another user's to the relay."""
+    path = variant(open_dir, _LISTENER, _LISTENER)
+    path.write_text(path.read_text() + "run_as: nobody\n")
+    if os.getuid() == 0:
+        assert warnings(path) == []
+        os.chown(path, 1, 1)
+    owner = pwd.getpwuid(path.stat().st_uid).pw_name
+    assert [w for w in warnings(path) if "key_file" not in w] == [
+        f"{path}: warning: {path} is owned by {owner}, not root or nobody (the user the relay"
+        f" runs as), who may read or replace the policy it holds whatever its mode; chown"
+        f" nobody {path}"
     ]
 
 

@@ -29,7 +29,7 @@ from relay.policy.model import (
     SuppressionSettings,
 )
 from relay.policy.schema import Ctx, Map
-from relay.policy.values import LARGEST_FILE
+from relay.policy.values import LARGEST_FILE, warn_if_policy_exposed
 from relay.policy.yamlsource import Problems, read, read_bytes
 
 EX_CONFIG = 78
@@ -177,6 +177,7 @@ def _build(ctx: Ctx, root: Map, path: Path, sources: Sources) -> Policy | None:
     queue, audit, suppression = sections.state(ctx, root)
     workers = sections.workers(ctx, root)
     metrics = sections.metrics(ctx, root)
+    warn_if_policy_exposed(ctx, path.absolute(), bool(logins))
     parts = (platform, listeners, identify, rules, control_headers, keys, upstreams, logins)
     if len(ctx.problems) or None in parts or None in (tenants, queue, audit, workers, suppression):
         return None

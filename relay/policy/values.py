@@ -653,21 +653,43 @@ def warn_if_exposed(ctx: Ctx, node: Node, path: str, resolved: Path) -> None:
     mistake the relay would fail on, so a warning, as OpenDKIM's "key data is
     not secure". Group read is left alone: a group of the service's user is
     how a key is commonly shared with it."""
-    try:
-        info = os.stat(resolved)
-    except OSError:
-        return
-    said = (
-        _mode_exposes(resolved, info.st_mode),
-        _owner_exposes(resolved, info.st_uid, ctx.service_uid),
-        _directory_exposes(resolved, ctx.service_uid),
-    )
-    for message in filter(None, said):
+    for message in _exposures(resolved, ctx.service_uid, _SECRET):
         ctx.problems.warn(node, path, message)
 
 
-def _mode_exposes(resolved: Path, mode: int) -> str | None:
+def warn_if_policy_exposed(ctx: Ctx, policy: Path, logins: bool) -> None:
+    """Whoever may change the policy may add a login of their own and send as
+    any tenant at the next reload, so its owner and directories are judged as
+    a key's are. Reading it gives away only its logins' password hashes, which
+    may be guessed at offline as /etc/shadow's: a policy every user may read
+    is said only when it holds some, and no directory keeps others out."""
+    readable = logins and _closed_to_others(policy) is None
+    hidden = 0 if readable else stat.S_IROTH
+    for message in _exposures(policy, ctx.service_uid, _POLICY, hidden):
+        ctx.problems.warn(None, "", message)
+
+
+_SECRET = "the secret it holds"
+_POLICY = "the policy it holds"
+
+
+def _exposures(resolved: Path, service: int | None, held: str, hidden: int = 0) -> list[str]:
+    """What exposes the file, ``hidden`` (mode bits) left out of its mode."""
+    try:
+        info = os.stat(resolved)
+    except OSError:
+        return []
+    said = (
+        _mode_exposes(resolved, info.st_mode, held, hidden),
+        _owner_exposes(resolved, info.st_uid, service, held),
+        _directory_exposes(resolved, service, held),
+    )
+    return [message for message in said if message is not None]
+
+
+def _mode_exposes(resolved: Path, mode: int, held: str, hidden: int = 0) -> str | None:
     shown = f"{stat.S_IMODE(mode):04o}"
+    mode &= ~hidden
     closed = _closed_to_others(resolved) if mode & stat.S_IROTH else None
     if closed is not None:
         return (
@@ -677,18 +699,18 @@ def _mode_exposes(resolved: Path, mode: int) -> str | None:
         )
     if mode & stat.S_IROTH:
         return (
-            f"{resolved} is readable by every user of this host (mode {shown}): the secret it"
-            f" holds is not safe; chmod o-rwx {resolved}"
+            f"{resolved} is readable by every user of this host (mode {shown}): {held} is not"
+            f" safe; chmod o-rwx {resolved}"
         )
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
         return (
-            f"{resolved} is writable by users other than its owner (mode {shown}): the secret"
-            f" it holds is not safe; chmod go-w {resolved}"
+            f"{resolved} is writable by users other than its owner (mode {shown}): {held} is"
+            f" not safe; chmod go-w {resolved}"
         )
     return None
 
 
-def _owner_exposes(resolved: Path, owner: int, service: int | None) -> str | None:
+def _owner_exposes(resolved: Path, owner: int, service: int | None, held: str) -> str | None:
     """Its owner may read it and chmod it whatever its mode: a 0600 key of
     nobody's passed, as OpenDKIM's check refuses it."""
     if service is None or owner in (0, service):
@@ -696,12 +718,12 @@ def _owner_exposes(resolved: Path, owner: int, service: int | None) -> str | Non
     trusted = "root" if service == 0 else f"root or {_user_name(service)}"
     return (
         f"{resolved} is owned by {_user_name(owner)}, not {trusted} (the user the relay runs"
-        f" as), who may read or replace the secret it holds whatever its mode; chown"
+        f" as), who may read or replace {held} whatever its mode; chown"
         f" {_user_name(service)} {resolved}"
     )
 
 
-def _directory_exposes(resolved: Path, service: int | None) -> str | None:
+def _directory_exposes(resolved: Path, service: int | None, held: str) -> str | None:
     """The first directory on the file's real path in which users other than
     its owner may rename or replace what leads to the key, whatever the key's
     mode. A sticky directory (/tmp, 1777) lets none of them remove or rename
@@ -721,13 +743,13 @@ def _directory_exposes(resolved: Path, service: int | None) -> str | None:
         if not mode & stat.S_ISVTX:
             return (
                 f"{resolved} is in {directory}, which users other than its owner may write"
-                f" (mode {shown}): they may replace it and the secret it holds; chmod go-w"
+                f" (mode {shown}): they may replace it and {held}; chmod go-w"
                 f" {directory}"
             )
         if entry != real and service is not None and owner not in (0, service):
             return (
                 f"{resolved} is in {entry}, owned by {_user_name(owner)} in {directory} (mode"
-                f" {shown}), who may replace it and the secret it holds; chown"
+                f" {shown}), who may replace it and {held}; chown"
                 f" {_user_name(service)} {entry}"
             )
         entry = directory

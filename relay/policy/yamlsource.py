@@ -62,7 +62,8 @@ class Problems:
     ) -> None:
         """Not a mistake in the file, but the relay would fail on this host: only
         ``relay check`` reports it, and the policy still loads."""
-        warning = self._located(where, f"warning: {path}", message, len(self._warnings))
+        said = f"warning: {path}" if path else "warning"  # the file's own, of no key
+        warning = self._located(where, said, message, len(self._warnings))
         self._warnings.append(warning)
 
     def _located(
