@@ -131,6 +131,30 @@ def test_serves_logs_and_stops_cleanly(daemon: Daemon, port: int) -> None:
     assert ">> b'MAIL" not in log  # aiosmtpd's per-command chatter stays out
 
 
+def test_the_directory_upstream_writes_for_the_relays_user_alone(
+    policy: Path, port: int, tmp_path: Path
+) -> None:
+    """Started from a shell's umask (0022), not the unit's 0077, it wrote each
+    message and its envelope 0644 in a 0755 directory: every user of the host
+    read the invoices, and the BCC recipients the envelope names."""
+    policy.write_text(policy.read_text().replace("path: outbox", "path: outbox/new"))
+    before = os.umask(0o022)
+    try:
+        daemon = Daemon(policy, tmp_path / "relay.log")
+    finally:
+        os.umask(before)
+    try:
+        daemon.wait_log(" serving")
+        assert send(port)[0] == 250
+        outbox = tmp_path / "outbox" / "new"
+        daemon.wait_for(lambda: len(list(outbox.glob("*.envelope.json"))) == 1)
+    finally:
+        daemon.stop()
+    modes = {path.suffix: path.stat().st_mode & 0o777 for path in outbox.iterdir()}
+    assert modes == {".eml": 0o600, ".json": 0o600}
+    assert outbox.stat().st_mode & 0o777 == 0o700
+
+
 def test_reload_keeps_old_policy_on_error_and_swaks_on_good_one(
     daemon: Daemon, policy: Path, port: int
 ) -> None:

@@ -7,7 +7,9 @@ message. NAME is ``<UTC timestamp>-<random>``, so a listing sorts by time.
 
 Each file is written under a dot-prefixed temporary name, fsynced and
 renamed; the envelope comes last, so its presence means the pair is
-complete and a reader never sees half a message.
+complete and a reader never sees half a message. Both are the relay's user's
+alone, as the spool's are: each is a message as it went out, and the
+envelope names the BCC recipients the message hides.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ from relay.errors import UpstreamError
 from relay.policy.model import DirectoryUpstream
 from relay.upstream import DeliveryResult
 
+#: Not left to the umask: a relay started from a root shell with ``run_as``
+#: has the shell's (0022), not the unit's 0077, and wrote every message 0644.
+FILE_MODE = 0o600
+DIRECTORY_MODE = 0o700
+
 
 async def write(
     upstream: DirectoryUpstream, mail_from: str, rcpt_tos: Sequence[str], data: bytes
@@ -40,7 +47,7 @@ async def write(
 
 
 def _write_pair(directory: Path, data: bytes, envelope: dict[str, object]) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
     name = f"{datetime.now(UTC):%Y%m%dT%H%M%S.%fZ}-{secrets.token_hex(4)}"
     message = directory / f"{name}.eml"
     _write_atomic(message, data)
@@ -52,7 +59,7 @@ def _write_pair(directory: Path, data: bytes, envelope: dict[str, object]) -> Pa
 
 def _write_atomic(path: Path, content: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(content)
