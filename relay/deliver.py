@@ -36,7 +36,8 @@ from relay.upstream import (
 __all__ = ["DeliveryResult", "attempt", "counted", "deliver"]
 
 _TOO_MANY = 452  # to RCPT: more recipients than the server takes in one transaction
-_LEGACY_TOO_MANY = re.compile(r"552 5\.5\.3(?: |$)")  # the same in RFC 821's code
+# the same in RFC 821's code, with 5.5.3 or no enhanced code (5.0.0 once ``replies`` gave one)
+_LEGACY_TOO_MANY = re.compile(r"552 5\.(?:5\.3|0\.0)(?: |$)")
 # recipients of a further transaction never sent: the relay stopped in between, or
 # the transaction before theirs failed as a whole or answered nobody but with the
 # limit; tried again at the next attempt
@@ -198,7 +199,10 @@ def _legacy_limit(
     transaction's, with the ``452 4.5.3`` it stands for: RFC 821's code for the
     server's recipient limit, which RFC 5321 4.5.3.1.10 says to take as
     temporary. Taken for good, every recipient past the limit failed, the
-    automatic BCC copy too, and their sender was told. A 552 with another code
+    automatic BCC copy too, and their sender was told. A server old enough
+    to use this code often gives no enhanced one: such a 552 is taken so too,
+    and if it was the recipient's full mailbox after all, the further
+    transaction, where it is the first, fails it. A 552 with another code
     (5.2.2, a full mailbox) is the recipient's own; so is a 5.5.3 to the
     transaction's first recipient: it is no limit a smaller transaction keeps
     to, and taken for one, a server answering so to any would be sent the

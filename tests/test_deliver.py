@@ -435,6 +435,7 @@ class MailRefusing(SinkHandler):
         ("550 5.2.3 Message too long", False),
         ("550 5.1.1 <b@p.example>: Sender address rejected", True),
         ("553 5.7.1 Sender not allowed", True),
+        ("552 5.7.1 Sender address rejected: Access denied", True),  # the code before the 552
         ("501 5.5.2 Bad sender address syntax", True),
         ("550 Sender refused", True),
     ],
@@ -490,13 +491,14 @@ async def test_recipients_over_the_upstreams_limit_go_at_once_in_further_transac
     assert [m.data for m in handler.messages] == [SENT] * 3
 
 
+@pytest.mark.parametrize("over", ["552 5.5.3 Too many recipients", "552 Too many recipients"])
 @pytest.mark.parametrize("pipelining", [False, True])
 async def test_a_552_5_5_3_over_the_limit_goes_in_further_transactions_as_a_452(
-    pipelining: bool,
+    pipelining: bool, over: str
 ) -> None:
     """RFC 821's code for the limit, which RFC 5321 says to take as temporary:
-    every recipient past it failed for good."""
-    over = "552 5.5.3 Too many recipients"
+    every recipient past it failed for good; a server that old often gives
+    no enhanced code."""
     handler = SinkHandler(most=2, over_most=over, pipelining=pipelining)
     rcpts = [f"r{number}@example.org" for number in range(5)]
     with Sink(handler) as sink:
@@ -526,6 +528,19 @@ async def test_a_552_not_after_a_recipient_taken_for_the_limit_is_the_recipients
     refused = next(iter(refuse))
     assert got.replies[refused] == (552, refuse[refused])
     assert [m.rcpt_tos for m in handler.messages] == [[r for r in rcpts if r != refused]]
+
+
+async def test_a_552_without_a_code_after_a_recipient_taken_fails_in_the_next_transaction() -> None:
+    """Taken for the limit, it may have been the recipient's full mailbox after
+    all: the further transaction, where it is the first, fails it for good."""
+    full = "552 Requested mail action aborted: exceeded storage allocation"
+    handler = SinkHandler(refuse={"full@example.org": full})
+    rcpts = ["one@example.org", "full@example.org"]
+    with Sink(handler) as sink:
+        async with asyncio.timeout(10):
+            got = await attempt(upstream(sink.port), "b@p.example", rcpts, MESSAGE)
+    assert got.replies["full@example.org"] == (552, replies.line(552, full[4:]))
+    assert [m.rcpt_tos for m in handler.messages] == [["one@example.org"]]
 
 
 async def test_an_attempt_that_took_the_message_for_someone_reached_its_upstream() -> None:

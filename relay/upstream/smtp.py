@@ -276,8 +276,12 @@ def _about_sender(refused: UpstreamError) -> bool:
     warned of as the return path refused, while smaller messages went. An
     address (x.1), the server's rules (x.7), the protocol (x.5, the
     address's syntax among it) or no enhanced code say the sender, as
-    before."""
-    return refused.code != _TOO_BIG and refused.status.split(".")[1] not in _ABOUT_MESSAGE
+    before; an enhanced code is read before the 552 (``552 5.7.1 Sender
+    address rejected``)."""
+    subject = refused.status.split(".")[1]
+    if subject != "0":
+        return subject not in _ABOUT_MESSAGE
+    return refused.code != _TOO_BIG
 
 
 def password(upstream: SmtpUpstream) -> str:
