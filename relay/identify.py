@@ -102,8 +102,7 @@ def _lookup(
         found = _users_in_from(policy, view)
         if not found:
             return None
-        _refuse_two_users(policy, login, found)
-        address, ref = found[0]
+        address, ref = _the_user(policy, login, found)
         return ref, f"From address <{address}> is user {ref.user!r}"
     return _lookup_header(policy, view, login)
 
@@ -119,15 +118,16 @@ def _users_in_from(policy: Policy, view: MessageView) -> list[tuple[str, UserRef
     return [(address, ref) for ref, address in found.items()]
 
 
-def _refuse_two_users(
+def _the_user(
     policy: Policy, login: Login | None, found: list[tuple[str, UserRef]]
-) -> None:
+) -> tuple[str, UserRef]:
     """A From naming two users left the sender to field order: the first got
     the Reply-To, the automatic copy and the audit record. Only users this
     session may be count, as the refusals below name no other: another
-    tenant's, or one of a tenant that needs a login this session lacks. An
-    address that is no user's leaves no doubt: the From is written for the
-    user as it would be without it."""
+    tenant's, or one of a tenant that needs a login this session lacks; the
+    one counted is the sender wherever it stands (one not counted, first,
+    was refused, and after it sent). An address that is no user's leaves no
+    doubt: the From is written for the user as it would be without it."""
     users = [
         (address, ref)
         for address, ref in found
@@ -137,6 +137,7 @@ def _refuse_two_users(
     if len(users) > 1:
         named = ", ".join(f"{address} is user {ref.user}" for address, ref in users)
         raise Rejected(550, "5.7.1", f"Sender ambiguous: From names more than one user ({named})")
+    return users[0] if users else found[0]
 
 
 def _lookup_header(
