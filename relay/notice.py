@@ -289,7 +289,7 @@ TOO_LARGE = (
 )
 OWN_SYSTEM = (
     "A mail system on the way could not take the document for a reason of its own (its"
-    " settings, a shutdown, the mail protocol), not for the address; should this keep"
+    " settings, a shutdown), not for the address; should this keep"
     " happening, tell your mail administrator, with the reason above."
 )
 # by the subject of the reply's RFC 3463 code: "check the address" after a spam
@@ -303,9 +303,8 @@ _ADVICE_FOR = {
     "7": "The receiving server refused the mail by its own rules (spam filtering, a"
     " block list, sender checks), not for the address: tell your mail administrator,"
     " with the reason above.",
-    "3": OWN_SYSTEM,  # the mail system's
-    "5": OWN_SYSTEM,  # the protocol's
-}
+    "3": OWN_SYSTEM,  # the mail system's; x.5, the protocol's, is also a mailbox's
+}  # "unavailable" (550 5.5.0) at some providers: "check the address" stays
 # by the code's subject and detail, before its subject alone: 5.3.4 message too
 # big for the system, 5.2.3 for the mailbox
 _ADVICE_FOR_DETAIL = {"3.4": TOO_LARGE, "2.3": TOO_LARGE}
@@ -320,9 +319,15 @@ _ORDER = (
 _CODE = re.compile(
     r"\b[245]\d\d[ -]([245]\.(\d{1,3})\.\d{1,3})(?!\.?\d)|\(#?([245]\.(\d{1,3})\.\d{1,3})\)"
 )
-# the relay's own reply when its upstream could not be used (relay.upstream):
-# it names the upstream, its host and port or a file, which are the sysadmin's
-_OWN_UPSTREAM = re.compile(r"(?:^|(?<=last reply: ))(4\d\d 4\.\d{1,3}\.\d{1,3}) Upstream .*", re.S)
+# the relay's own reply when its upstream could not be used (relay.upstream),
+# had left the policy (engine) or was not tried (deliver: the relay stopping, a
+# transaction before failing): it names the upstream, its host and port or a
+# file, which are the sysadmin's
+_OWN_UPSTREAM = re.compile(
+    r"(?:^|(?<=last reply: ))(4\d\d 4\.\d{1,3}\.\d{1,3})"
+    r" (?:Upstream |no upstream |Not sent yet: ).*",
+    re.S,
+)
 
 
 def _shown(reply: str) -> str:

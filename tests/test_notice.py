@@ -186,19 +186,34 @@ def test_a_reason_naming_each_address_is_still_one_reason(policy_file: Path) -> 
             "not delivered within 5 days; last reply: 451 4.3.0 service shutting down",
             "A mail system on the way could not take",
         ),
-        ("554 5.5.0 Transaction failed", "A mail system on the way could not take"),
+        (
+            "550 5.5.0 Requested action not taken: mailbox unavailable",
+            "Please check the address",
+        ),
+        (
+            "not delivered within 5 days; last reply: 451 4.3.5 no upstream 'default':"
+            " the policy no longer has it; put 'default' back",
+            "The mail platform could not pass",
+        ),
+        (
+            "not delivered within 5 days; last reply: 451 4.3.2 Not sent yet: the relay"
+            " was stopping",
+            "The mail platform could not pass",
+        ),
     ],
     ids=[
         *("address", "mailbox-full", "timed-out", "block-list", "no-code", "ip"),
         *("ip-no-code", "ip-in-brackets", "ip-after-code", "code-and-dot", "code-and-bracket"),
         *("qmail-address", "qmail-policy", "too-big", "too-big-for-mailbox"),
-        *("configuration", "shutting-down", "protocol"),
+        *("configuration", "shutting-down", "mailbox-unavailable", "no-upstream"),
+        "relay-stopping",
     ],
 )
 def test_the_advice_fits_the_reason(policy_file: Path, reply: str, advice: str) -> None:
     """A spam filter's refusal of the platform's mail told the user to check a
     right address, and nobody to tell the administrator whose problem it is; so
-    did a message too big, and an upstream's own trouble (4.3.x, 5.5.x)."""
+    did a message too big, an upstream's own trouble (4.3.x), and the relay's
+    own deferrals (no upstream, not sent yet) when the message expired on them."""
     failed = RecipientState("customer@example.net", FAILED, reply=reply, notify=True)
     _, data = build_notice(load(policy_file), make_entry(), [failed], 1_790_000_000.0)
     text = quopri.decodestring(data.split(b"\r\n\r\n", 1)[1]).decode()
