@@ -59,25 +59,25 @@ def identify(policy: Policy, submission: Submission, view: MessageView) -> Ident
     reasons: list[str] = []
     if login is not None:
         reasons.append(f"AUTH login {login.login!r} belongs to tenant {login.tenant!r}")
-    passed: list[tuple[str, str]] = []  # (tenant, why): they need a login; the sysadmin's
     for source in policy.identify.order:
         found = _lookup(policy, source, submission, view, login)
         if found is None:
             continue
         ref, why = found
         if not _may_be_without_login(policy, login, ref):
-            passed.append((ref.tenant, why))
-            continue
+            raise _unknown(policy, submission, view, [(ref.tenant, why)])
         _authorise(login, ref)
         reasons.append(why)
         return _identity(policy, ref, login, source.value, reasons)
-    return _fallback(policy, submission, view, login, reasons, passed)
+    return _fallback(policy, submission, view, login, reasons)
 
 
 def _may_be_without_login(policy: Policy, login: Login | None, ref: UserRef) -> bool:
     """A session without a login is no user of a tenant with ``auth: required``:
-    its sender is unknown, as one of no tenant's (a different reply would
-    tell any client which addresses are that tenant's users)."""
+    its sender is refused as an unknown one's (a different reply would tell
+    any client which addresses are that tenant's users). Not passed on to a
+    later source or the default user: the tenant's invoice then went out as
+    another tenant's user, as a login of that other tenant may not send it."""
     return login is not None or policy.tenants[ref.tenant].auth is not TenantAuth.REQUIRED
 
 
@@ -217,12 +217,9 @@ def _fallback(
     view: MessageView,
     login: Login | None,
     reasons: list[str],
-    passed: list[tuple[str, str]],
 ) -> Identity:
-    """``passed``: why users found were not this session's, which only the
-    refusal's note says: another tenant's message's reasons, in the audit log,
-    would have named them."""
     tried = _describe_tried(policy, submission, view)
+    passed: list[tuple[str, str]] = []
     if policy.identify.unknown_sender is UnknownSender.DEFAULT:
         tenant_id = login.tenant if login is not None else policy.identify.default_tenant
         tenant = policy.tenants.get(tenant_id) if tenant_id else None
@@ -240,7 +237,16 @@ def _fallback(
             return _identity(policy, ref, login, "default", reasons)
         if ref is not None:
             passed.append((ref.tenant, f"the default user is {ref.user!r}"))
-    raise Rejected(550, "5.7.1", f"Sender not known to this relay ({tried})", _note(passed))
+    raise _unknown(policy, submission, view, passed)
+
+
+def _unknown(
+    policy: Policy, submission: Submission, view: MessageView, passed: list[tuple[str, str]]
+) -> Rejected:
+    """``passed``: (tenant, why) of users found that need a login this session
+    has not; only the refusal's note names them, for the sysadmin."""
+    tried = _describe_tried(policy, submission, view)
+    return Rejected(550, "5.7.1", f"Sender not known to this relay ({tried})", _note(passed))
 
 
 def _note(passed: list[tuple[str, str]]) -> str | None:

@@ -216,6 +216,20 @@ def test_nor_its_default_user(policy_file: Path) -> None:
     assert (p.decision.identity.user.id, p.decision.identity.source) == ("hank", "default")
 
 
+def test_nor_a_user_a_later_source_names(policy_file: Path) -> None:
+    """The first source that names a user decides, as with another tenant's
+    login: Globex's envelope sender, passed over, left Acme's From to send
+    Globex's message as Jan."""
+    _globex_needs_a_login(policy_file)
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, msg(*BASE), mail_from="hank@globex.example")
+    assert caught.value.line.startswith("550 5.7.1 Sender not known to this relay")
+    assert caught.value.note == (
+        "envelope sender <hank@globex.example> is user 'hank', of tenant 'globex', which takes"
+        " mail only with one of its logins, and this session has none"
+    )
+
+
 def test_a_tenants_auth_is_required_or_optional(policy_file: Path) -> None:
     policy_file.write_text(
         policy_file.read_text().replace(
