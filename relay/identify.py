@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from relay.alabels import a_labels, idna2003_form
+from relay.controlfields import refuse_differing
 from relay.errors import Rejected
 from relay.message import MessageView
 from relay.policy.model import (
@@ -147,6 +148,7 @@ def _lookup_header(
     or the user's id in the tenant, in any case: ``Kari`` for the id ``kari``
     fell through to the default user, whose name then went on the invoice."""
     name = policy.identify.header
+    refuse_differing(view, name, "to find the sending user")
     value = (view.get(name) or "").strip()
     if not value:
         return None
