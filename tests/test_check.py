@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -276,3 +277,26 @@ def test_run_as_names_a_service_user(tmp_path: Path, value: str, said: str, code
     done = check(policy)
     assert done.returncode == code, done.stderr
     assert f"{policy}:{line_of(policy, 'run_as:')}:9: {said}" in done.stderr
+
+
+def test_check_warns_of_a_message_size_whose_reserve_the_state_disk_cannot_hold(
+    tmp_path: Path,
+) -> None:
+    """Every MAIL on that listener got 452 4.3.1 for ever, while /readyz, judging
+    by the smallest listener's reserve, said ready; check said ok."""
+    st = os.statvfs(tmp_path)
+    if (st.f_blocks - (st.f_bfree - st.f_bavail)) * st.f_frsize >= 2**40 * 3 // 2:
+        pytest.skip("a file system of more than 1.5 TiB holds the largest reserve")
+    big = "  - name: big\n    address: 127.0.0.1\n    port: 2526\n"
+    big += "    max_message_size: 1099511627776\n"
+    policy = variant(tmp_path, "dkim:\n", big + "dkim:\n")
+    done = check(policy)
+    assert done.returncode == 0, done.stderr
+    line = line_of(policy, "max_message_size:")
+    said = (
+        f"{policy}:{line}:23: warning: listeners[1].max_message_size: listener big keeps"
+        f" 1649267441664 bytes free (1.5 times this), and the file system of"
+        f" {tmp_path / 'state' / 'queue'} holds N bytes at most: every MAIL on it would"
+        " be refused (452 4.3.1 Insufficient system storage)\n"
+    )
+    assert re.sub(r"holds [0-9]+ bytes", "holds N bytes", done.stderr) == said

@@ -78,6 +78,16 @@ def free_space(directory: Path) -> tuple[int, int | None]:
     return st.f_bavail * st.f_frsize, (st.f_favail if st.f_files else None)
 
 
+def capacity(directory: Path) -> int:
+    """The most bytes an unprivileged writer could ever have free on the file
+    system that holds, or will hold, ``directory`` (``relay check`` runs before
+    ``relay serve`` makes it): a reserve over this refuses every message
+    however much is deleted. Blocks kept for root are never free to the relay."""
+    existing = next(p for p in (directory, *directory.parents) if os.path.exists(p))
+    st = os.statvfs(existing)
+    return (st.f_blocks - (st.f_bfree - st.f_bavail)) * st.f_frsize
+
+
 def shortage(directory: Path, reserve: int) -> str | None:
     """What keeps every message out of ``directory``'s file system now, as
     ``DiskGuard`` judges it for a reserve of ``reserve`` bytes (the readiness

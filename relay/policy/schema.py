@@ -64,6 +64,9 @@ class Ctx:
         self.other_family: list[tuple[int | None, IPv4Network | IPv6Network, Node, str, str]] = []
         #: each listener's port, the IP versions its addresses take, its allow list
         self.allows: list[tuple[int, frozenset[int], tuple[IPv4Network | IPv6Network, ...]]] = []
+        #: each listener's max_message_size, (node, path, name, bytes): its reserve
+        #: is judged against the state directory's file system, read later
+        self.message_sizes: list[tuple[Node, str, str | None, int]] = []
         #: whether a listener offers AUTH (not ``auth: off``; with tls, or on loopback):
         #: a tenant that takes mail only with a login takes none without one
         self.logins_taken = False

@@ -7,6 +7,7 @@ recorded; the loader only assembles a Policy when no builder found any.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import pwd
@@ -159,6 +160,9 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
         if allow is not None and port is not None:
             ctx.allows.append((port, frozenset(ip.version for ip in ips), allow))
         size = m.integer("max_message_size", 26214400, 1, 2**40, "a positive number of bytes")
+        if size is not None:
+            sized = m.get("max_message_size") or m.node
+            ctx.message_sizes.append((sized, m.sub("max_message_size"), name, size))
         recipients = m.integer("max_recipients", 100, 1, 100000, "a positive integer")
         per_client = m.integer(
             "max_connections_per_client", None, 1, 1_000_000, "a number of connections"
@@ -756,6 +760,7 @@ def state(ctx: Ctx, root: Map) -> State:
     base = base or ctx.base / "state"
     _writable(ctx, root, base)
     _audit_gone(ctx, root, base)
+    _warn_of_sizes_never_taken(ctx, base)
     q = root.map("queue", ("first_retry", "max_retry", "lifetime", "concurrency"))
     first, ceiling = q.number("first_retry", 60), q.number("max_retry", 3600)
     lifetime = q.number("lifetime", 5 * 86400)
@@ -850,6 +855,33 @@ def _writable(ctx: Ctx, root: Map, base: Path) -> None:
         message = f"{user} cannot {what}: relay serve run as {user} would fail"
         ctx.problems.warn(root.get("state_directory"), "state_directory", message)
         return
+
+
+def _warn_of_sizes_never_taken(ctx: Ctx, base: Path) -> None:
+    """A listener keeps 1.5 times its max_message_size free (``reserve_for``):
+    where that is more than the state's file system can hold, every MAIL on it
+    is refused with 452 4.3.1 for ever, while /readyz, judging by the smallest
+    listener's reserve, may say the relay is ready. Its whole size, not what is
+    free now: a filling disk is the metrics' to show, and a warning should not
+    come and go with it."""
+    from relay.ingress.diskspace import capacity, reserve_for  # relay.ingress imports us
+
+    rooms: list[tuple[int, Path]] = []
+    for directory in (base / "queue", base / "audit"):
+        with contextlib.suppress(OSError):  # _writable says why serve would fail there
+            rooms.append((capacity(directory), directory))
+    if not rooms:
+        return
+    room, directory = min(rooms, key=lambda r: r[0])
+    for node, path, name, size in ctx.message_sizes:
+        reserve = reserve_for(size)
+        if reserve > room:
+            message = (
+                f"listener {name} keeps {reserve} bytes free (1.5 times this), and the"
+                f" file system of {directory} holds {room} bytes at most: every MAIL on"
+                " it would be refused (452 4.3.1 Insufficient system storage)"
+            )
+            ctx.problems.warn(node, path, message)
 
 
 def _audit_gone(ctx: Ctx, root: Map, base: Path) -> None:
