@@ -1108,6 +1108,25 @@ def test_state_queue_and_audit_defaults(tmp_path: Path) -> None:
     assert policy.listeners[0].immediate == 0
 
 
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("0", None),
+        ("0.0", None),
+        ("-1", "expected a positive number of seconds, or 0 for off, at most 315360000"
+         " (10 years)"),
+    ],
+)  # fmt: skip
+def test_immediate_0_is_off_as_left_out(tmp_path: Path, value: str, problem: str | None) -> None:
+    """0 was refused ("expected a positive number of seconds"), though it is how
+    a sysadmin writes off."""
+    path = variant(tmp_path, "    port: 2525\n", f"    port: 2525\n    immediate: {value}\n")
+    if problem is None:
+        assert load(path).listeners[0].immediate == 0
+        return
+    assert problems(path) == [f"{path}:10:16: listeners[0].immediate: {problem}"]
+
+
 def test_state_queue_and_audit_set(tmp_path: Path) -> None:
     (tmp_path / "audit.key").write_text("k3y\n")
     settings = (

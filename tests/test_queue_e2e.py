@@ -259,6 +259,23 @@ def test_immediate_mode_passes_a_permanent_refusal_back(policy_file: Path, tmp_p
     ]
 
 
+def test_immediate_0_is_off_and_answers_as_soon_as_queued(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """0 is how a sysadmin writes "off", as the example's "Left out: answer as
+    soon as it is queued" suggests: the policy was refused, the relay not started."""
+    refusing = Sink(refuse={"one@example.org": UNKNOWN})
+    with SinkServer(refusing) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        policy.write_text(
+            policy.read_text().replace("auth: optional", "auth: optional\n    immediate: 0")
+        )
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            qid = send(port)
+            wait_for(lambda: ("failed", "one@example.org") in audit_events(policy, qid), 10)
+
+
 INVOICE = SMALL.replace(b"Subject: Hello", b"Subject: Invoice 4711")
 UNKNOWN = "550 5.1.1 <one@example.org>: mailbox unknown"
 

@@ -186,9 +186,9 @@ class Map:
             return default
         return integer(self.ctx, node, self.sub(key), low, high, what)
 
-    def number(self, key: str, default: float) -> float | None:
+    def number(self, key: str, default: float, off: bool = False) -> float | None:
         node = self.get(key)
-        return default if node is None else number(self.ctx, node, self.sub(key))
+        return default if node is None else number(self.ctx, node, self.sub(key), off)
 
     def items(self, key: str, what: str) -> list[tuple[Node, str]]:
         node = self.get(key)
@@ -274,17 +274,20 @@ def integer(ctx: Ctx, node: Node, path: str, low: int, high: int, what: str) -> 
 MAX_SECONDS = 10 * 365 * 86400  # a retry or a queue lifetime past it is a typo, not a plan
 
 
-def number(ctx: Ctx, node: Node, path: str) -> float | None:
+def number(ctx: Ctx, node: Node, path: str, off: bool = False) -> float | None:
     """Seconds; past ``MAX_SECONDS`` the times computed from it left the calendar
-    and the delivery that computed them failed in the relay itself."""
-    what = f"a positive number of seconds, at most {MAX_SECONDS} (10 years)"
+    and the delivery that computed them failed in the relay itself. ``off``: 0 is
+    how a sysadmin writes that a wait left out is not made, and means that."""
+    zero = ", or 0 for off" if off else ""
+    what = f"a positive number of seconds{zero}, at most {MAX_SECONDS} (10 years)"
     value = _numeric(ctx, node, path, what, (_INT_TAG, _FLOAT_TAG))
     if value is None:
         return None
-    if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+    above = value >= 0 if off else value > 0
+    if not (math.isfinite(value) and above and value <= MAX_SECONDS):
         ctx.problem(node, path, f"expected {what}")
         return None
-    return float(value)
+    return abs(float(value))  # -0.0 is 0 too
 
 
 def _numeric(

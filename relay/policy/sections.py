@@ -196,7 +196,7 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
             size,
             recipients,
             idle,
-            m.number("immediate", 0),
+            m.number("immediate", 0, off=True),
         )
         ok = None not in (*fields, tls_mode) and (tls is not None or not m.has("tls"))
         ok = ok and (per_client is not None or not m.has("max_connections_per_client"))
