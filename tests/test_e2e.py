@@ -84,6 +84,31 @@ def send(relay: RelayProcess, data: bytes, rcpts: list[str], login: bool = True)
     return reply.decode()
 
 
+def test_control_headers_left_out_remove_x_responsible_too(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The example lists it with the others, and a Reply-To chain reads it: a
+    policy that left the list out sent the ERP's responsible person on."""
+    text = policy_file.read_text()
+    policy_file.write_text(
+        text.replace("control_headers: [X-ERP-User, X-Document-Type, X-Responsible]\n", "")
+    )
+    with SinkServer(Sink()) as upstream:
+        port = free_port()
+        policy = _policy(policy_file, port, upstream.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as proc:
+            send(
+                proc,
+                INVOICE.replace(b"X-ERP-User", b"X-Document-Type: invoice\r\nX-ERP-User"),
+                RCPTS[:1],
+            )
+            (got,) = upstream.sink.wait(1)
+    view = message.read(got.data)
+    assert view.get("Reply-To") == "Per Hansen <per@acme.example>"
+    for gone in ("X-ERP-User", "X-Document-Type", "X-Responsible"):
+        assert view.get(gone) is None, gone
+
+
 def test_invoice_rewritten_signed_and_delivered(
     relay: RelayProcess, sink: SinkServer, dns_records: dict[str, str], tmp_path: Path
 ) -> None:

@@ -307,7 +307,7 @@ def test_omitted_keys_take_their_defaults() -> None:
     )
     assert identify.header == "X-ERP-User" and identify.default_tenant is None
     assert identify.unknown_sender is UnknownSender.REJECT
-    assert policy.control_headers == ("X-ERP-User", "X-Document-Type")
+    assert policy.control_headers == ("X-ERP-User", "X-Document-Type", "X-Responsible")
     assert policy.classify == () and dict(policy.logins) == {}
     assert policy.dkim_keys[0].algorithm is DkimAlgorithm.RSA
     acme = policy.tenants["acme"]

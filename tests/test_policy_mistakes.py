@@ -788,8 +788,10 @@ def test_check_warns_of_a_header_a_rule_reads_that_goes_on_to_the_recipients(
 @pytest.mark.parametrize(
     ("source", "controls", "warned"),
     [
-        ("header:X-Responsible", "", True),
-        ("header:X-Responsible", "control_headers: [x-responsible]\n", False),
+        ("header:X-Partner", "", True),
+        ("header:X-Partner", "control_headers: [x-partner]\n", False),
+        ("header:X-Responsible", "", False),  # one of control_headers left out
+        ("header:X-Responsible", "control_headers: [X-Document-Type]\n", True),
         ("header:Reply-To", "", False),
     ],
 )

@@ -63,7 +63,7 @@ _SAMPLE = {
     "tenant": SimpleNamespace(name="Acme AS"),
 }
 _DEFAULT_ALLOW = ("127.0.0.0/8", "::1/128")
-_DEFAULT_CONTROL = ("X-ERP-User", "X-Document-Type")
+_DEFAULT_CONTROL = ("X-ERP-User", "X-Document-Type", "X-Responsible")
 
 
 def platform(ctx: Ctx, root: Map, key_domains: Collection[str]) -> Platform | None:
