@@ -408,8 +408,10 @@ def _limits(listener: dict) -> str:
 
 
 def _shown(header: str | None) -> str:
-    """A header the message has none of reads as ``audit show`` has it."""
-    return "-" if header is None else header
+    """A header the message has none of reads as ``audit show`` has it; a name in
+    encoded words (``=?utf-8?b?...?=``) as a person reads it, as the Why lines
+    give it. The JSON keeps the field as written, as the audit record does."""
+    return "-" if header is None else message.decode(header)
 
 
 def _bcc_added(r: dict) -> str:

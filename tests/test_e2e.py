@@ -109,6 +109,28 @@ def test_control_headers_left_out_remove_x_responsible_too(
         assert view.get(gone) is None, gone
 
 
+def test_audit_show_gives_a_non_ascii_from_as_it_reads(policy_file: Path, tmp_path: Path) -> None:
+    """Its table gave the encoded words sent, where preview and the reasons give
+    the name; the record keeps them as sent."""
+    with SinkServer(Sink()) as upstream:
+        port = free_port()
+        policy = _policy(policy_file, port, upstream.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as proc:
+            queue_id = send(proc, INVOICE, RCPTS[:1]).rsplit(" ", 1)[1]
+            upstream.sink.wait(1)
+    show = [sys.executable, "-m", "relay", "audit", "show", queue_id, "-c", str(policy)]
+    done = subprocess.run(show, capture_output=True, text=True, timeout=60, check=True)
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("    From ")]
+    assert line == (
+        "    From      Kari Nordmann <kari@acme.example> ->"
+        " Kåre Ødegård via Acme AS <noreply@platform.example>"
+    )
+    done = subprocess.run([*show, "--format", "json"], capture_output=True, text=True, check=True)
+    records = [json.loads(x) for x in done.stdout.splitlines()]
+    (received,) = [r for r in records if r["event"] == "received"]
+    assert received["from_after"].startswith("=?utf-8?")
+
+
 def test_invoice_rewritten_signed_and_delivered(
     relay: RelayProcess, sink: SinkServer, dns_records: dict[str, str], tmp_path: Path
 ) -> None:

@@ -106,3 +106,19 @@ def test_what_names_no_mailbox_is_still_left_out(policy_file: Path, tmp_path: Pa
     done = preview(policy_file, tmp_path, header, "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["envelope"]["recipients"][0] == "customer@example.org"
+
+
+def test_the_from_line_shows_a_non_ascii_name_as_it_reads(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Its Why lines gave "Kåre Ødegård via Acme AS"; the From line gave the
+    encoded words the header carries. The JSON keeps the header as sent."""
+    done = preview(policy_file, tmp_path, KARI + CUSTOMER)
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("From:        ")]
+    assert line == (
+        "From:        Kari <kari@acme.example>  ->"
+        "  Kåre Ødegård via Acme AS <noreply@platform.example>"
+    )
+    done = preview(policy_file, tmp_path, KARI + CUSTOMER, "--json")
+    after = json.loads(done.stdout)["from"]["after"]
+    assert after.startswith("=?utf-8?") and after.endswith(" <noreply@platform.example>")

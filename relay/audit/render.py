@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import zip_longest
 from typing import Any, TextIO
 
+from relay import message
 from relay.audit import events
 from relay.audit.chain import canonical
 from relay.audit.search import REPORT_COLUMNS, recipients_of
@@ -302,8 +303,8 @@ def _received(r: dict[str, Any]) -> list[str]:
     if "subject" in r:
         lines.append(f"    subject   {_safe(r['subject'])}")
     lines += [
-        f"    From      {_safe(r.get('from_before'))} -> {_safe(r.get('from_after'))}",
-        f"    Reply-To  {_safe(r.get('reply_to_before'))} -> {_reply_to_after(r)}",
+        f"    From      {_field(r.get('from_before'))} -> {_field(r.get('from_after'))}",
+        f"    Reply-To  {_field(r.get('reply_to_before'))} -> {_reply_to_after(r)}",
         f"    BCC added {_safe(', '.join(r.get('bcc_added') or [])) or '(none)'}",
         f"    DKIM      {_safe(dkim)}",
         f"    upstream  {_safe(r.get('upstream'))}, {r.get('size')} bytes,"
@@ -334,7 +335,14 @@ def _reply_to_after(r: dict[str, Any]) -> str:
     after = r.get("reply_to_after")
     if after == "":
         return "(removed)"
-    return _safe(after) if after else "(kept)"
+    return _field(after) if after else "(kept)"
+
+
+def _field(value: Any) -> str:
+    """A From or Reply-To on record as written, for a person to read: a name in
+    encoded words (``=?utf-8?b?...?=``) decoded, as ``relay preview`` shows it.
+    The record, and ``--format json``, keep what was sent."""
+    return _safe(message.decode(value) if isinstance(value, str) else value)
 
 
 def _outcome(r: dict[str, Any]) -> str:
