@@ -701,8 +701,10 @@ def _queue(args: argparse.Namespace) -> int:
             return tools.show(spool, args.queue_id, sys.stdout, sys.stderr)
         if args.verb in ("delete", "hold", "release"):
             return _recorded(state, spool, args.verb, args.targets)
+        from relay.record import operator
+
         verb = getattr(tools, args.verb)
-        return verb(spool, args.targets, sys.stdout, sys.stderr).code
+        return verb(spool, args.targets, sys.stdout, sys.stderr, by=operator()).code
     except SpoolError as exc:  # no queue, or one this user may not read
         print(f"relay queue: {exc}", file=sys.stderr)
         return EX_NOINPUT
@@ -737,7 +739,7 @@ def _recorded(state: StateSettings, spool: Spool, verb: str, targets: list[str])
         recorder.flush_sync(queue_id)
 
     command = getattr(tools, verb)
-    return command(spool, targets, sys.stdout, sys.stderr, record=record).code
+    return command(spool, targets, sys.stdout, sys.stderr, record=record, by=who).code
 
 
 def _policy_and_state(path: Path) -> tuple[Policy | None, StateSettings | None]:

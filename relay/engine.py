@@ -42,6 +42,7 @@ from relay.spool import (
     Spool,
 )
 from relay.spool.entry import SET_BACK
+from relay.spool.notes import Notes
 from relay.spool.store import NoSuchEntry, SpoolBusy, SpoolError
 from relay.suppression import (
     BOUNCE,
@@ -420,6 +421,8 @@ class Engine:
         self._suspensions: Suspensions[Upstream] = Suspensions()
         self._tally = tally
         self._shown_suspended: set[str] = set()  # upstream names told as suspended
+        self._notes = Notes(spool)
+        self._notes_seen = 0
 
     def submit(self, queue_id: str, when: float | None = None, warm: Warm | None = None) -> None:
         """A new entry in the spool: deliver it at ``when`` (now by default).
@@ -462,6 +465,7 @@ class Engine:
             for name in self.policy().upstreams:  # what a worker before this one left
                 self._tally.suspended(name, False)
         seen_kick = self._last_kick()
+        await self._log_queue_changes(True)
         scan_wanted = not await self._rescan()
         # the looks' own pace is kept by the monotonic clock: set back an hour,
         # the wall clock held up every look (the fsync of delivered mail's
@@ -480,6 +484,7 @@ class Engine:
             last_look = time.monotonic()
             self._settle_finished()
             self._reached_elsewhere()
+            await self._log_queue_changes(last_look - last_scan > RESCAN)
             kicked = self._last_kick()  # a file's time: any change is a kick, earlier too
             if kicked != seen_kick or last_look - last_scan > RESCAN or scan_wanted:
                 if kicked != seen_kick:  # ``relay queue retry``, ``release``: now
@@ -488,6 +493,26 @@ class Engine:
                 scan_wanted = not await self._rescan()  # if it failed, again at the next look
                 last_scan = time.monotonic()
                 await self._list_kept()
+
+    async def _log_queue_changes(self, anyway: bool) -> None:
+        """What the queue tools did, logged by the worker that takes their note
+        (``relay.spool.notes``): the log said ``deferred`` last of a message
+        deleted since. ``anyway``: a note left in the same tick of the
+        directory's clock as the last look changed nothing to see."""
+        try:
+            stamp = self._notes.stamp()
+            if stamp == self._notes_seen and not anyway:
+                return
+            self._notes_seen = stamp
+            notes = await asyncio.to_thread(self._notes.take)
+        except SpoolError as exc:
+            if self._notes_seen != -1:  # once, not at every look
+                log.error("cannot log what the queue tools did: %s", exc)
+            self._notes_seen = -1
+            return
+        now = self.clock()
+        for note in notes:
+            log.info("%s: %s", note.queue_id, note.line(now))
 
     def _last_kick(self) -> float:
         try:

@@ -21,6 +21,7 @@ import pytest
 from relay import message
 from relay.audit import AuditLog, events, reader
 from relay.policy.load import load
+from relay.record import operator
 from relay.spool import Spool
 from tests.relayproc import RelayProcess, piped_into_head, wait_for
 from tests.sink import Sink, SinkServer, free_port
@@ -438,6 +439,42 @@ def test_hold_release_and_delete_while_running(policy_file: Path, tmp_path: Path
     later = {("deferred", "one@example.org"), ("held", None), ("released", None)}
     assert set(kept[2:-1]) <= later
     assert relay_cli(policy, "audit", "verify").returncode == 0
+
+
+def test_the_relays_log_says_what_the_queue_tools_did_once(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Each change is logged under its queue ID by one of three workers, and a
+    deletion made while the relay was stopped at its next start, with its time."""
+    port = free_port()
+    policy = configure(policy_file, port, free_port(), "workers: 3\n")  # no upstream
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        qid, later = send(port), send(port)
+        wait_for(lambda: relay.log().count("status=deferred") >= 2)
+        for verb in ("hold", "release", "retry"):
+            assert relay_cli(policy, "queue", verb, qid).returncode == 0
+        assert relay_cli(policy, "queue", "delete", qid).returncode == 0
+        done = [
+            f"{qid}: {what} (relay queue {verb} by {operator()})"
+            for verb, what in (
+                ("hold", "placed on hold"),
+                ("release", "released from hold"),
+                ("retry", "scheduled for retry"),
+                ("delete", "removed"),
+            )
+        ]
+        wait_for(lambda: done[-1] in relay.log())
+        time.sleep(2.5)  # every worker looked again
+        lines = [line for line in relay.log().splitlines() if " (relay queue " in line]
+        lines = [line for line in lines if f" {qid}: " in line]
+        assert [line.split(" INFO ", 1)[1] for line in lines] == done
+    assert relay_cli(policy, "queue", "delete", later).returncode == 0
+    note = next((tmp_path / "state" / "queue" / "notes").iterdir())
+    stored = json.loads(note.read_text())
+    note.write_text(json.dumps({**stored, "at": stored["at"] - 3600}))
+    with RelayProcess(policy, port, tmp_path / "again.log") as relay:
+        wait_for(lambda: f"{later}: removed (relay queue delete by {operator()} at " in relay.log())
+    assert list((tmp_path / "state" / "queue" / "notes").iterdir()) == []
 
 
 def test_delete_refuses_to_remove_what_the_audit_log_cannot_record(

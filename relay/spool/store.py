@@ -9,6 +9,7 @@ Layout under the spool directory (mode 0700)::
                   takes the place of the first one
     msg/.free.ID  a delivered entry's file, kept to be overwritten by a new one
     kick          touched by ``relay queue retry`` to wake the delivery engine
+    notes/        what the queue tools did, for the relay's log (``relay.spool.notes``)
 
 Every file is written to a temp name in its final directory, fsynced, renamed
 and the directory fsynced, so a new entry costs one file and two fsyncs (the

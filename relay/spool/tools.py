@@ -7,6 +7,7 @@ behind a slow upstream; an error only when named, so that ``hold ALL`` from
 cron does not fail on a queue that is busy. The commands that change entries return the entries
 they changed so the caller can write the audit record of who did what; delete,
 hold and release have it written, under the entry's lock, before the change.
+Given who ran them, they leave a note of each change for the relay's log.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from relay.audit import AuditError
 from relay.headers import signature_tags
 from relay.listinput import read_lines
 from relay.spool.entry import QueueEntry
+from relay.spool.notes import Notes
 from relay.spool.store import NoSuchEntry, Spool, SpoolBusy, SpoolError
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
@@ -265,6 +267,7 @@ def delete(
     stdin: TextIO | None = None,
     *,
     record: Record,
+    by: str | None = None,
 ) -> Outcome:
     """``relay queue delete ID...|-|ALL``: the returned entries are gone for good.
 
@@ -276,12 +279,19 @@ def delete(
     outcome = _each(
         spool, targets, err, stdin, lambda entry: True, remove=record, unreadable=unreadable
     )
+    _tell(spool, err, "delete", by, [e.queue_id for e in outcome.entries] + unreadable)
     _summary(out, "Deleted", outcome, len(unreadable))
     return outcome
 
 
 def retry(
-    spool: Spool, targets: Sequence[str], out: TextIO, err: TextIO, stdin: TextIO | None = None
+    spool: Spool,
+    targets: Sequence[str],
+    out: TextIO,
+    err: TextIO,
+    stdin: TextIO | None = None,
+    *,
+    by: str | None = None,
 ) -> Outcome:
     """``relay queue retry ID|ALL``: due now, and a running daemon is woken to try."""
 
@@ -292,6 +302,7 @@ def retry(
         return True
 
     outcome = _each(spool, targets, err, stdin, change)
+    _tell(spool, err, "retry", by, [e.queue_id for e in outcome.entries])
     return _finish(spool, out, err, "Scheduled for retry", outcome)
 
 
@@ -303,6 +314,7 @@ def hold(
     stdin: TextIO | None = None,
     *,
     record: Record | None = None,
+    by: str | None = None,
 ) -> Outcome:
     """``relay queue hold ID...``: kept, but not delivered until released. Each
     hold is ``record``ed first: a message delivered late with nothing in the
@@ -313,6 +325,7 @@ def hold(
         return not was
 
     outcome = _each(spool, targets, err, stdin, change, record=record, verb="held")
+    _tell(spool, err, "hold", by, [e.queue_id for e in outcome.entries])
     _summary(out, "Placed on hold", outcome)
     return outcome
 
@@ -325,6 +338,7 @@ def release(
     stdin: TextIO | None = None,
     *,
     record: Record | None = None,
+    by: str | None = None,
 ) -> Outcome:
     """``relay queue release ID...``: back in the queue at its scheduled time,
     ``record``ed first, as ``hold`` is."""
@@ -334,7 +348,20 @@ def release(
         return was
 
     outcome = _each(spool, targets, err, stdin, change, record=record, verb="released")
+    _tell(spool, err, "release", by, [e.queue_id for e in outcome.entries])
     return _finish(spool, out, err, "Released from hold", outcome)
+
+
+def _tell(spool: Spool, err: TextIO, verb: str, by: str | None, queue_ids: list[str]) -> None:
+    """Notes for the running relay's log (``relay.spool.notes``), when ``by`` says
+    who acted. Done and on record in the audit log all the same when they
+    cannot be left: said, and the exit status is not changed for it."""
+    if by is None:
+        return
+    try:
+        Notes(spool).leave(queue_ids, verb, by)
+    except SpoolError as exc:
+        err.write(f"relay queue: the relay's log will not say so: {exc}\n")
 
 
 def _finish(spool: Spool, out: TextIO, err: TextIO, verb: str, outcome: Outcome) -> Outcome:
