@@ -368,8 +368,10 @@ class Acceptor:
         if listener is not None and listener.immediate > 0:
             try:
                 return await self._immediate(entry, listener.immediate, submission.hung_up)
-            except SmtpReply:  # the upstream refused it, and the ERP is told: not sent
+            except SmtpReply as refusal:  # the upstream refused it, and the ERP is told: not sent
                 self._give_back(entry.tenant, taken, now)
+                said = f"{refusal.line} (the upstream's refusal, passed back: not sent, not kept)"
+                log_refused(submission, said, entry.queue_id)
                 raise
         return f"250 2.0.0 Ok: queued as {entry.queue_id}"
 

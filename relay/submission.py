@@ -49,12 +49,15 @@ def distinct(addresses: Iterable[str]) -> tuple[str, ...]:
     return tuple(found)
 
 
-def log_refused(submission: Submission, reply: str) -> None:
+def log_refused(submission: Submission, reply: str, queue_id: str | None = None) -> None:
     """The log line of a message refused after its DATA, the same whatever refused
     it (its size, bare line ends, the policy): a grep for a login or a recipient
-    finds every refusal, and for a message too large this line is all there is."""
+    finds every refusal, and for a message too large this line is all there is.
+    ``queue_id``: one queued first, whose upstream's refusal is passed back,
+    which a grep for its queue ID finds too."""
     log.info(
-        "refused client=%s login=%s from=<%s> to=%s: %s",
+        "%srefused client=%s login=%s from=<%s> to=%s: %s",
+        "" if queue_id is None else f"{queue_id}: ",
         submission.client_address,
         submission.auth_login or "-",
         submission.mail_from,

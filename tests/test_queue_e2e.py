@@ -241,7 +241,7 @@ def test_immediate_mode_passes_a_permanent_refusal_back(policy_file: Path, tmp_p
         policy.write_text(
             policy.read_text().replace("auth: optional", "auth: optional\n    immediate: 10")
         )
-        with RelayProcess(policy, port, tmp_path / "relay.log"):
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
             with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
                 client.ehlo()
                 client.mail("jan@acme.example")
@@ -249,6 +249,16 @@ def test_immediate_mode_passes_a_permanent_refusal_back(policy_file: Path, tmp_p
                 code, reply = client.data(SMALL)
             assert (code, reply) == (550, b"5.1.1 <one@example.org>: mailbox unknown")
             assert relay_cli(policy, "queue", "list").stdout.strip() == "Mail queue is empty"
+            refused = re.findall(r" INFO ([0-9A-Z]{16}): refused client=(.*)", relay.log())
+            assert refused == [
+                (
+                    refused[0][0],
+                    "127.0.0.1 login=- from=<jan@acme.example> to=<one@example.org>:"
+                    " 550 5.1.1 <one@example.org>: mailbox unknown"
+                    " (the upstream's refusal, passed back: not sent, not kept)",
+                )
+            ]
+            assert f"{refused[0][0]}: client=127.0.0.1 " in relay.log()  # its queued line
             time.sleep(0.5)
             assert sink.sink.messages == []
             qid = send(port, SMALL, ("two@example.org",))
