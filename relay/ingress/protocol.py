@@ -860,10 +860,12 @@ class RelaySMTP(SMTP):
     def _log_disconnect(self, reason: str) -> None:
         """The one line of a connection the relay ends with a 421, as Postfix's
         ``timeout after RCPT from ...``: aiosmtpd logged none, or only to a logger
-        that is kept quiet."""
+        that is kept quiet. A timeout is INFO, as Postfix logs it: an ERP that
+        keeps idle connections in a pool times out routinely."""
         assert self.session is not None
         peer = client_address(self.session.peer)
-        log.warning("client=%s disconnected after %s: %s", peer, self._stage(), reason)
+        level = logging.INFO if self._timed_out else logging.WARNING
+        log.log(level, "client=%s disconnected after %s: %s", peer, self._stage(), reason)
         self._count(tally.DROPPED, "timeout" if self._timed_out else "errors")
 
     def _count(self, name: str, *labels: str) -> None:
