@@ -665,7 +665,7 @@ class Engine:
             if cut:
                 log.warning(
                     "cutting off %d delivery attempt(s) still waiting for the upstream at the"
-                    " end of the stop grace (%gs left for them): %s; each stays queued,"
+                    " end of the stop grace, having waited %gs for them: %s; each stays queued,"
                     " recorded as deferred, and is tried again at the next start (one already"
                     " sent in full may arrive twice: the audit log says so)",
                     len(cut),

@@ -319,7 +319,8 @@ class Supervisor:
                 )
                 return True
             delay = RESTART_DELAY[min(quick, len(RESTART_DELAY) - 1)]
-            log.error(
+            log.log(
+                logging.WARNING if status == 0 else logging.ERROR,  # a crash stays an error
                 "worker %d (pid %d) %s; starting a new one in %gs",
                 worker.index,
                 pid,
@@ -640,6 +641,10 @@ def _signal(pid: int, signum: int) -> None:
 
 
 def _how(status: int) -> str:
+    """A worker that stops cleanly unasked was told to by a signal sent to it
+    alone: "exited with status 0" in an ERROR read as a crash."""
+    if status == 0:
+        return "stopped, exit status 0, as a SIGTERM sent to it alone makes it"
     if os.WIFSIGNALED(status):
         return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exited with status {os.WEXITSTATUS(status)}"

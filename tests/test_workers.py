@@ -315,6 +315,21 @@ def test_killed_worker_is_replaced_and_sigterm_stops_everything(relay: Relay) ->
     assert "Traceback" not in log
 
 
+def test_a_worker_stopped_by_a_sigterm_of_its_own_is_a_warning_and_replaced(relay: Relay) -> None:
+    """It was ``ERROR worker 1 (pid N) exited with status 0``, read as a crash."""
+    victim = [pid for i, pid in relay.started() if i == 1][-1]
+    before = len(relay.started())
+    os.kill(victim, signal.SIGTERM)
+    relay.wait_for(lambda: len(relay.started()) == before + 1, "a new worker 1")
+    said = re.findall(rf"relay\[{relay.pid}\] (\w+) worker 1 \(pid {victim}\) (.*)", relay.log())
+    assert len(said) == 1 and said[0][0] == "WARNING", relay.log()
+    assert re.fullmatch(
+        r"stopped, exit status 0, as a SIGTERM sent to it alone makes it;"
+        r" starting a new one in [\d.]+s",
+        said[0][1],
+    )
+
+
 def test_a_version_installed_over_a_running_relay_is_not_read_by_new_workers(
     policy_file: Path, port: int, tmp_path: Path
 ) -> None:
