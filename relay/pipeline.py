@@ -278,6 +278,7 @@ def _check_single_fields(fields: list[headers.Field], edits: rewrite.HeaderEdits
 
 REMOVAL_RETRY = 1.0  # seconds before a refused message the spool kept is removed again
 REMOVAL_RETRY_MAX = 300.0
+LIMIT_WARNING_EVERY = 3600.0  # seconds between warnings of one tenant's rate limit
 
 
 class Acceptor:
@@ -312,6 +313,7 @@ class Acceptor:
         # ``alone``: a lone session's message is written on the event loop
         self._store = GroupCommit(self._store_many, "accept", inline=alone)
         self._unremoved: set[str] = set()  # refused, but still in the spool
+        self._limit_warned: dict[str, float] = {}  # tenant -> its limit's last warning
         self._removals: set[asyncio.Task[None]] = set()
 
     async def process(self, policy: Policy, submission: Submission) -> str:
@@ -391,10 +393,28 @@ class Acceptor:
         if tenant.recipients_per_hour is not None:
             reply = ratelimit.refusal(tenant, wanted, self.rates.sent(tenant_id, now))
             if reply is not None:
+                self._warn_of_limit(tenant_id, tenant.recipients_per_hour, now)
                 await self._rejected(submission, reply, decision.identity)
                 raise reply
         self.rates.add(tenant_id, wanted, now)
         return wanted
+
+    def _warn_of_limit(self, tenant_id: str, limit: int, now: float) -> None:
+        """The limit is the brake on a stolen login (README): its first refusal of
+        a tenant is a WARNING, for ``journalctl -p warning``, then not again for
+        an hour in this worker, as an ERP that retries would flood it; each
+        refusal has its own INFO line."""
+        last = self._limit_warned.get(tenant_id)
+        if last is not None and now - last < LIMIT_WARNING_EVERY:
+            return
+        self._limit_warned[tenant_id] = now
+        log.warning(
+            "tenant %s reached its recipients_per_hour limit of %d: its mail is refused"
+            " while the hour is full (a stolen login?); said once an hour, each refusal"
+            " is logged",
+            tenant_id,
+            limit,
+        )
 
     def _give_back(self, tenant_id: str, taken: int, when: float) -> None:
         """To the minute they were counted in (``when``): given to the minute of

@@ -4,6 +4,7 @@ found by its tenant in the audit log, and what the hour counts."""
 from __future__ import annotations
 
 import json
+import re
 import smtplib
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,6 +96,23 @@ def test_a_refusal_after_the_sender_is_known_names_its_tenant_and_user(limited: 
     assert f"\n    tenant acme, user jan (found by {every[2]['found_by']})\n" in shown
     report = [json.loads(row) for row in audit(limited, "report", "--format", "json").splitlines()]
     assert [(r["tenant"], r["sent"]) for r in report] == [("acme", LIMIT)]  # refusals not sent
+
+
+def test_a_tenant_at_its_limit_is_warned_of_once_an_hour_in_each_worker(limited: Relay) -> None:
+    """The stolen login's brake was an INFO line per refusal, out of sight of
+    ``journalctl -p warning``; at a WARNING each, an ERP's retries flood it."""
+    for n in range(LIMIT):
+        assert deliver(limited.port, [f"r{n}@example.org"])[0] == 250
+    for _ in range(6):
+        assert submit(limited.port, MESSAGE)[0] == 450
+    warned = re.findall(r"relay\[(\d+)\] WARNING tenant (.*)", limited.log())
+    assert warned, limited.log()
+    assert len({pid for pid, _ in warned}) == len(warned)  # one for each worker at most
+    assert {text for _, text in warned} == {
+        f"acme reached its recipients_per_hour limit of {LIMIT}: its mail is refused while the"
+        " hour is full (a stolen login?); said once an hour, each refusal is logged"
+    }
+    assert limited.log().count(" INFO refused client=") == 6
 
 
 def test_recipients_on_the_suppression_list_do_not_count(limited: Relay) -> None:
