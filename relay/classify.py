@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from relay.controlfields import refuse_differing
 from relay.message import MessageView
 from relay.policy.model import DEFAULT_DOC_TYPE, Condition, ConditionKind, DocumentRule
+from relay.policy.values import is_message_header
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ def _match(condition: Condition, view: MessageView) -> str | None:
     if condition.kind is ConditionKind.SUBJECT:
         candidates = [("Subject", view.subject.strip())]
     elif condition.kind is ConditionKind.HEADER:
-        refuse_differing(view, condition.header, "for the document type")
+        if not is_message_header(condition.header):  # Keywords, Received: each meant, any matches
+            refuse_differing(view, condition.header, "for the document type")
         candidates = [(condition.header, v.strip()) for v in view.get_all(condition.header)]
     else:
         candidates = [(f"attachment {name!r}", name) for name in view.attachments]

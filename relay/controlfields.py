@@ -5,23 +5,44 @@ whichever the relay read first, and nobody was told."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Hashable
+
 from relay.errors import Rejected
-from relay.message import MessageView
-from relay.policy.values import is_message_header
+from relay.message import MessageView, address_list
+
+_SPACES = re.compile(r"\s+")
 
 
-def refuse_differing(view: MessageView, name: str, read_for: str) -> None:
-    """Refused as a second Subject is (``pipeline``), not read first-wins. A
-    field of the message itself (``Keywords``, ``Received``) may be there
-    many times, each meant: a rule matches any. The same value twice is one
-    value, as an ERP that writes its header twice means."""
-    if is_message_header(name):
-        return
+def refuse_differing(
+    view: MessageView,
+    name: str,
+    read_for: str,
+    meaning: Callable[[str], Hashable | None] = lambda value: None,
+) -> None:
+    """Refused as a second Subject is (``pipeline``), not read first-wins. Two
+    values are one where they mean the same: the same user (``meaning``:
+    ``kari``, ``Kari`` and her alias's address), the same addresses, or the
+    same words in any case and spacing, as an ERP that writes its header
+    twice means."""
     found = view.get_all(name)
-    if len({value.strip() for value in found}) > 1:
+    if len(found) < 2:
+        return
+    if len({meaning(value) or _words(value) for value in found}) > 1:
         raise Rejected(
             550,
             "5.6.0",
             f"Header field {name} appears {len(found)} times with different values;"
             f" the relay reads it {read_for} and cannot tell which one is meant",
         )
+
+
+def addresses(value: str) -> frozenset[str] | None:
+    """What a Reply-To source's value means: its addresses, not how their names
+    are written."""
+    found = frozenset(address.lower() for _, address in address_list(value) if "@" in address)
+    return found or None
+
+
+def _words(value: str) -> str:
+    return _SPACES.sub(" ", value.strip()).casefold()

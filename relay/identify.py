@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from relay.alabels import a_labels, idna2003_form
 from relay.controlfields import refuse_differing
 from relay.errors import Rejected
-from relay.message import MessageView
+from relay.message import MessageView, address_list
 from relay.policy.model import (
     IdentitySource,
     Login,
@@ -123,49 +123,58 @@ def _the_user(
     policy: Policy, login: Login | None, found: list[tuple[str, UserRef]]
 ) -> tuple[str, UserRef]:
     """A From naming two users left the sender to field order: the first got
-    the Reply-To, the automatic copy and the audit record. Only users this
-    session may be count, as the refusals below name no other: another
-    tenant's, or one of a tenant that needs a login this session lacks; the
-    one counted is the sender wherever it stands (one not counted, first,
-    was refused, and after it sent). An address that is no user's leaves no
-    doubt: the From is written for the user as it would be without it."""
-    users = [
+    the Reply-To, the automatic copy and the audit record. A user this
+    session may not be (another tenant's, or one of a tenant that needs a
+    login it lacks) is the one given back, wherever it stands, for the
+    refusals in ``identify``: passed over, the other tenant's invoice went
+    out as this one's user. Two users it may be are refused here. An address
+    that is no user's leaves no doubt: the From is written for the user as
+    it would be without it."""
+    barred = [
         (address, ref)
         for address, ref in found
-        if _may_be_without_login(policy, login, ref)
-        and (login is None or ref.tenant == login.tenant)
+        if not _may_be_without_login(policy, login, ref)
+        or (login is not None and ref.tenant != login.tenant)
     ]
-    if len(users) > 1:
-        named = ", ".join(f"{address} is user {ref.user}" for address, ref in users)
+    if barred:
+        return barred[0]
+    if len(found) > 1:
+        named = ", ".join(f"{address} is user {ref.user}" for address, ref in found)
         raise Rejected(550, "5.7.1", f"Sender ambiguous: From names more than one user ({named})")
-    return users[0] if users else found[0]
+    return found[0]
 
 
 def _lookup_header(
     policy: Policy, view: MessageView, login: Login | None
 ) -> tuple[UserRef, str] | None:
+    name = policy.identify.header
+    refuse_differing(
+        view, name, "to find the sending user", lambda value: _header_user(policy, value, login)
+    )
+    value = (view.get(name) or "").strip()
+    ref = _header_user(policy, value, login) if value else None
+    if ref is None:
+        return None
+    return ref, f"header {name}: {value!r} is user {ref.user!r}"
+
+
+def _header_user(policy: Policy, value: str, login: Login | None) -> UserRef | None:
     """The ERP's own header may carry an address, a mailbox (``Kari <kari@…>``)
     or the user's id in the tenant, in any case: ``Kari`` for the id ``kari``
     fell through to the default user, whose name then went on the invoice."""
-    name = policy.identify.header
-    refuse_differing(view, name, "to find the sending user")
-    value = (view.get(name) or "").strip()
-    if not value:
-        return None
+    value = value.strip()
     ref = _user_at(policy, value)
-    for _, address in view.mailboxes(name) if ref is None else ():
+    for _, address in address_list(value) if ref is None else ():
         ref = _user_at(policy, address)
         if ref is not None:
-            break
+            return ref
     if ref is None:
         tenant_id = login.tenant if login is not None else policy.identify.default_tenant
         tenant = policy.tenants.get(tenant_id) if tenant_id else None
         user = _user_id(tenant, value) if tenant is not None else None
         if tenant is not None and user is not None:
             ref = UserRef(tenant.id, user)
-    if ref is None:
-        return None
-    return ref, f"header {name}: {value!r} is user {ref.user!r}"
+    return ref
 
 
 def _user_at(policy: Policy, address: str) -> UserRef | None:

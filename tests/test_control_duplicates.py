@@ -6,10 +6,14 @@ from __future__ import annotations
 import smtplib
 from pathlib import Path
 
+import pytest
+
 from relay import message
+from relay.errors import Rejected
 from tests.relayproc import RelayProcess
 from tests.sink import SinkServer, free_port
 from tests.test_cli import relay as relay_command
+from tests.test_decisions import msg, run
 from tests.test_queue_e2e import configure
 
 HEAD = "From: ERP <erp@erp.acme.example>\r\nTo: one@example.org\r\n"
@@ -67,3 +71,47 @@ def test_an_erp_header_with_two_values_is_refused_where_it_decides(
     done = relay_command("preview", "-c", str(path), str(eml))
     assert done.returncode == 65, done.stdout
     assert f"would refuse this message: {user}\n" in done.stderr
+
+
+def _head(*fields: str) -> tuple[str, ...]:
+    return ("From: ERP <erp@erp.acme.example>", "To: one@example.org", *fields)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ("kari", "Kari"),
+        ("kari@acme.example", "SALG@acme.example"),
+        ("Kari <kari@acme.example>", "kari"),
+    ],
+    ids=["case", "alias", "mailbox-and-id"],
+)
+def test_an_erp_user_header_twice_naming_one_user_is_that_user(
+    policy_file: Path, values: tuple[str, str]
+) -> None:
+    """Compared as written, an id in two cases, or an address and its alias,
+    were refused as two users, though each names Kari alone."""
+    fields = [f"X-ERP-User: {value}" for value in values]
+    p = run(policy_file, msg(*_head("Subject: Hello", *fields)), login="erp-acme")
+    assert (p.decision.identity.user.id, p.decision.identity.source) == ("kari", "header")
+
+
+def test_a_reply_to_header_twice_with_one_address_is_that_address(policy_file: Path) -> None:
+    fields = ("X-Responsible: Per <per@acme.example>", "X-Responsible: per@ACME.example")
+    data = msg(*_head("Subject: Invoice 7", "X-ERP-User: jan", *fields))
+    p = run(policy_file, data, login="erp-acme")
+    assert p.decision.reply_to_after == "Per <per@acme.example>"
+
+
+def test_the_messages_own_reply_to_as_a_source_twice_is_refused(policy_file: Path) -> None:
+    """A field of the message itself is exempt where a classify rule reads it,
+    as any value may match; a Reply-To source takes one, and took the first."""
+    text = policy_file.read_text()
+    policy_file.write_text(
+        text.replace('"header:X-Responsible", sender', '"header:Reply-To", sender')
+    )
+    fields = ("Reply-To: per@acme.example", "Reply-To: eva@acme.example")
+    data = msg(*_head("Subject: Invoice 7", "X-ERP-User: jan", *fields))
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, data, login="erp-acme")
+    assert caught.value.line == _refusal("Reply-To", "for the Reply-To")

@@ -1166,3 +1166,23 @@ def test_a_listener_open_to_everyone_lets_no_one_send_as_tenants_that_require_a_
     text = text.replace("    upstream: outbox\n", "    upstream: outbox\n    auth: required\n")
     path.write_text(text)
     assert warnings(path) == []
+
+
+def test_check_warns_of_a_policy_reached_through_a_link_others_may_replace(
+    open_dir: Path, tmp_path: Path
+) -> None:
+    """Only the real path's directories were judged: a link in a 0777 directory
+    passed, and whoever pointed it at a policy of their own had it read at the
+    next reload."""
+    path = variant(open_dir, _LISTENER, _LISTENER)
+    links = tmp_path / "links"
+    links.mkdir()
+    links.chmod(0o777)
+    (links / "conf").symlink_to(open_dir)
+    link = links / "conf" / path.name
+    assert [w for w in warnings(link) if "key_file" not in w] == [
+        f"{link}: warning: {link} is in {links}, which users other than its owner may write"
+        f" (mode 0777): they may replace it and the policy it holds; chmod go-w {links}"
+    ]
+    links.chmod(0o1777)  # sticky, and the link root's: others may not replace it
+    assert warnings(link) == []

@@ -724,16 +724,28 @@ def _owner_exposes(resolved: Path, owner: int, service: int | None, held: str) -
 
 
 def _directory_exposes(resolved: Path, service: int | None, held: str) -> str | None:
-    """The first directory on the file's real path in which users other than
-    its owner may rename or replace what leads to the key, whatever the key's
-    mode. A sticky directory (/tmp, 1777) lets none of them remove or rename
-    what they do not own, so there only an entry neither root's nor the
-    service user's is said (the key's own owner is said already)."""
+    """The first directory on the file's path in which users other than its
+    owner may rename or replace what leads to it, whatever its mode: on its
+    real path, then on the path as written, where a link in a directory
+    others may write is theirs to point elsewhere (a policy reached through
+    one passed, and the next reload read theirs)."""
     real = Path(os.path.realpath(resolved))
-    entry = real
-    for directory in real.parents:
+    given = Path(os.path.abspath(resolved))
+    for path in dict.fromkeys((real, given)):
+        found = _path_exposes(resolved, path, service, held)
+        if found is not None:
+            return found
+    return None
+
+
+def _path_exposes(resolved: Path, path: Path, service: int | None, held: str) -> str | None:
+    """A sticky directory (/tmp, 1777) lets none of them remove or rename what
+    they do not own, so there only an entry neither root's nor the service
+    user's is said (the file's own owner is said already)."""
+    entry = path
+    for directory in path.parents:
         try:
-            mode, owner = os.stat(directory).st_mode, os.stat(entry).st_uid
+            mode, owner = os.stat(directory).st_mode, os.lstat(entry).st_uid
         except OSError:
             return None
         if not mode & (stat.S_IWGRP | stat.S_IWOTH):
@@ -746,7 +758,8 @@ def _directory_exposes(resolved: Path, service: int | None, held: str) -> str | 
                 f" (mode {shown}): they may replace it and {held}; chmod go-w"
                 f" {directory}"
             )
-        if entry != real and service is not None and owner not in (0, service):
+        said = entry == path and not entry.is_symlink()  # the file's own owner: said already
+        if not said and service is not None and owner not in (0, service):
             return (
                 f"{resolved} is in {entry}, owned by {_user_name(owner)} in {directory} (mode"
                 f" {shown}), who may replace it and {held}; chown"
