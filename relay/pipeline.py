@@ -393,7 +393,8 @@ class Acceptor:
         if tenant.recipients_per_hour is not None:
             reply = ratelimit.refusal(tenant, wanted, self.rates.sent(tenant_id, now))
             if reply is not None:
-                self._warn_of_limit(tenant_id, tenant.recipients_per_hour, now)
+                if reply.code < 500:  # the hour full; a 550 is one message over any hour's limit
+                    self._warn_of_limit(tenant_id, tenant.recipients_per_hour, now)
                 await self._rejected(submission, reply, decision.identity)
                 raise reply
         self.rates.add(tenant_id, wanted, now)
