@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ class Note:
 
 
 LATE = 10.0  # seconds: past the engine's looks, a note was left while no relay ran
+LAST = 253402300799  # 9999-12-31T23:59:59Z, a note's latest time
 
 
 class Notes:
@@ -94,14 +96,16 @@ class Notes:
         return sorted((note for note in taken if note is not None), key=lambda n: n.at)
 
     def _take(self, path: Path) -> Note | None:
+        """An entry that cannot be read or removed (a directory, a link) is
+        passed over: raised, it kept every later note out of the log."""
         try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):  # a FIFO's open would wait for ever
+                return None
             with statefiles.open_read(path) as file:
                 text = file.read(4096)
             os.unlink(path)
-        except FileNotFoundError:  # another worker's
+        except OSError:  # FileNotFoundError: another worker's
             return None
-        except OSError as exc:
-            raise SpoolError.from_os(exc, path) from exc
         return _parsed(text)
 
     def _make_directory(self) -> None:
@@ -138,6 +142,6 @@ def _parsed(text: bytes) -> Note | None:
         return None
     if not _ID.fullmatch(note.queue_id) or note.verb not in DONE:
         return None
-    if not isinstance(note.at, int | float):
-        return None
+    if not isinstance(note.at, int | float) or not 0 <= note.at <= LAST:
+        return None  # -Infinity, or a time localtime cannot show, ended the engine
     return Note(note.queue_id, note.verb, _UNPRINTABLE.sub("?", note.by), float(note.at))
