@@ -122,3 +122,18 @@ def test_the_from_line_shows_a_non_ascii_name_as_it_reads(
     done = preview(policy_file, tmp_path, KARI + CUSTOMER, "--json")
     after = json.loads(done.stdout)["from"]["after"]
     assert after.startswith("=?utf-8?") and after.endswith(" <noreply@platform.example>")
+
+
+def test_a_name_holding_a_line_end_or_a_bidi_override_stays_on_its_line(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Decoded, ``=0A`` in a name began a line of its own in the preview (a
+    made-up ``Upstream:`` line), and U+202E turned the line round."""
+    name = "=?utf-8?q?Kari=0AUpstream:_fake=E2=80=AE?="
+    done = preview(policy_file, tmp_path, f"From: {name} <kari@acme.example>\n" + CUSTOMER)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    (line,) = [x for x in lines if x.startswith("From:        ")]
+    assert line.startswith(r"From:        Kari\x0aUpstream: fake\u202e <kari@acme.example>  ->")
+    (upstream,) = [x for x in lines if x.startswith("Upstream:")]
+    assert upstream.startswith("Upstream:    default (directory ")
