@@ -16,7 +16,7 @@ from email.utils import format_datetime
 from typing import NamedTuple
 
 from relay.classify import Classification
-from relay.controlfields import addresses, refuse_differing
+from relay.controlfields import first_address, refuse_differing
 from relay.errors import HeaderInjection
 from relay.headers import Field, format_address, has_blank_line, signature_tags, split_at
 from relay.headers import value as unfolded
@@ -521,7 +521,7 @@ def _reply_to_value(
         return format_address(identity.tenant.name, identity.tenant.address)
     if source.kind is ReplyToKind.ADDRESS:
         return format_address(source.name, source.value) if source.name else source.value
-    refuse_differing(view, source.value, "for the Reply-To", addresses)
+    refuse_differing(view, source.value, "for the Reply-To", first_address)
     for name, address in view.addresses(source.value):
         try:
             return format_address(name, address)

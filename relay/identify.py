@@ -9,12 +9,13 @@ than silently sent under another identity.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from relay.alabels import a_labels, idna2003_form
 from relay.controlfields import refuse_differing
 from relay.errors import Rejected
-from relay.message import MessageView, address_list
+from relay.message import MessageView, address_list, decode
 from relay.policy.model import (
     IdentitySource,
     Login,
@@ -148,23 +149,27 @@ def _lookup_header(
     policy: Policy, view: MessageView, login: Login | None
 ) -> tuple[UserRef, str] | None:
     name = policy.identify.header
-    refuse_differing(
-        view, name, "to find the sending user", lambda value: _header_user(policy, value, login)
-    )
+
+    def meaning(written: str) -> UserRef | None:
+        return _header_user(policy, login, decode(written).strip(), address_list(written))
+
+    refuse_differing(view, name, "to find the sending user", meaning)
     value = (view.get(name) or "").strip()
-    ref = _header_user(policy, value, login) if value else None
+    ref = _header_user(policy, login, value, view.mailboxes(name)) if value else None
     if ref is None:
         return None
     return ref, f"header {name}: {value!r} is user {ref.user!r}"
 
 
-def _header_user(policy: Policy, value: str, login: Login | None) -> UserRef | None:
-    """The ERP's own header may carry an address, a mailbox (``Kari <kari@…>``)
-    or the user's id in the tenant, in any case: ``Kari`` for the id ``kari``
-    fell through to the default user, whose name then went on the invoice."""
-    value = value.strip()
+def _header_user(
+    policy: Policy, login: Login | None, value: str, mailboxes: Sequence[tuple[str, str]]
+) -> UserRef | None:
+    """The ERP's own header may carry an address, a mailbox (``Kari <kari@…>``,
+    split as written: an encoded word of its name is never an address) or the
+    user's id in the tenant, in any case: ``Kari`` for the id ``kari`` fell
+    through to the default user, whose name then went on the invoice."""
     ref = _user_at(policy, value)
-    for _, address in address_list(value) if ref is None else ():
+    for _, address in mailboxes if ref is None else ():
         ref = _user_at(policy, address)
         if ref is not None:
             return ref

@@ -115,3 +115,42 @@ def test_the_messages_own_reply_to_as_a_source_twice_is_refused(policy_file: Pat
     with pytest.raises(Rejected) as caught:
         run(policy_file, data, login="erp-acme")
     assert caught.value.line == _refusal("Reply-To", "for the Reply-To")
+
+
+def test_an_encoded_word_in_the_erp_users_name_is_never_the_user(policy_file: Path) -> None:
+    """Read decoded, the comma and ``@`` in the name's encoded word made
+    ``jan@acme.example`` a mailbox, and the message went out as Jan's."""
+    field = "X-ERP-User: =?utf-8?q?jan@acme.example,?= <kari@acme.example>"
+    p = run(policy_file, msg(*_head("Subject: Hello", field)), login="erp-acme")
+    assert (p.decision.identity.user.id, p.decision.identity.source) == ("kari", "header")
+    p = run(policy_file, msg(*_head("Subject: Hello", field, "X-ERP-User: kari")), login="erp-acme")
+    assert p.decision.identity.user.id == "kari"
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "refused"),
+    [
+        (
+            "=?utf-8?q?eva@acme.example,?= <per@acme.example>",
+            "=?utf-8?q?per@acme.example,?= <eva@acme.example>",
+            True,
+        ),
+        ("=?utf-8?q?x@y.example,?= <per@acme.example>", "per@acme.example", False),
+        ("per@acme.example, eva@acme.example", "eva@acme.example, per@acme.example", True),
+    ],
+    ids=["encoded-names-crossed", "encoded-name-same-address", "same-addresses-other-order"],
+)
+def test_a_reply_to_source_twice_is_judged_by_the_address_it_gives(
+    policy_file: Path, first: str, second: str, refused: bool
+) -> None:
+    """Decoded, the names' encoded words were read as addresses: per's and
+    eva's fields passed as one; and two fields with the same addresses in
+    another order passed, though the first address of the first is taken."""
+    fields = (f"X-Responsible: {first}", f"X-Responsible: {second}")
+    data = msg(*_head("Subject: Invoice 7", "X-ERP-User: jan", *fields))
+    if not refused:
+        assert run(policy_file, data, login="erp-acme").decision.reply_to_after is not None
+        return
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, data, login="erp-acme")
+    assert caught.value.line == _refusal("X-Responsible", "for the Reply-To")
