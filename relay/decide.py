@@ -15,6 +15,7 @@ from datetime import datetime
 from email.utils import format_datetime
 from typing import NamedTuple
 
+from relay import dates
 from relay.classify import Classification
 from relay.controlfields import first_address, refuse_differing
 from relay.errors import HeaderInjection
@@ -131,9 +132,13 @@ def decide(
     if message_id is not None:
         updates.append(("Message-ID", message_id))
         reasons.append(why)
-    if not (view.get("Date") or "").strip():
-        updates.append(("Date", format_datetime(now)))
-        reasons.append("Date was missing: added")
+    gone = (*_REMOVED, *policy.control_headers, *(("Reply-To",) if reply_to_after == "" else ()))
+    changed = {name.lower() for name, _ in updates}
+    changed |= {name.lower() for name in gone if view.get(name) is not None}
+    date, why = _date(view, changed, now)
+    updates += date
+    changed |= {name.lower() for name, _ in date}
+    reasons += why
     for name, replaced in (("From", True), ("Reply-To", bool(reply_to_after))):
         if replaced and len(view.get_all(name)) > 1:
             reasons.append(f"{name} appeared {len(view.get_all(name))} times: one is written")
@@ -148,9 +153,6 @@ def decide(
     elif account is not None:
         mail_from = account.sender
         reasons.append(f"envelope sender is {mail_from}, the address {account.name!r} sends as")
-    gone = (*_REMOVED, *policy.control_headers, *(("Reply-To",) if reply_to_after == "" else ()))
-    changed = {name.lower() for name, _ in updates}
-    changed |= {name.lower() for name in gone if view.get(name) is not None}
     recipient_updates, removed, why_empty = _empty_recipients(view, changed)
     updates += recipient_updates
     reasons += why_empty
@@ -227,6 +229,40 @@ def _signatures(fields: list[Field]) -> Iterator[tuple[str, set[str], bool]]:
         signed = {name.lower() for name in tags.get("h", "").split(":")}
         simple = tags.get("c", "simple").partition("/")[0].lower() == "simple"
         yield f"d={tags.get('d', '')}", signed, simple
+
+
+def _date(
+    view: MessageView, changed: set[str], now: datetime
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """The edit for a Date that is missing, empty or no date-time receivers
+    read, and why. A Date the relay writes keeps the mail from being scored
+    as spam (SpamAssassin's ``INVALID_DATE``) for a field under its own
+    signature that no later hop may repair. A DKIM signature the message
+    came with keeps its Date as ``_empty_recipients`` keeps a To."""
+    given = (view.get("Date") or "").strip()
+    fault = dates.fault(_without_comments(given)) if given else None
+    if given and fault is None:
+        return [], []
+    why, kept, done = f"Date {given!r} {fault}", "kept", "replaced"
+    if not given:
+        why, kept, done = "Date was missing", "not added", "added"
+    signed = _signed_whole(split_at(view.raw)[0], "Date", changed)
+    if signed:
+        by = ", ".join(signed)
+        return [], [f"{why}: {kept}, as the message's own DKIM signature ({by}) signs it"]
+    return [("Date", format_datetime(now))], [f"{why}: {done}"]
+
+
+def _signed_whole(fields: list[Field], name: str, changed: set[str]) -> list[str]:
+    """``d=`` of each DKIM signature the message came with that signs the
+    field ``name``, present or not, and that the relay's other edits
+    (``changed``, lower case) leave whole: one the From rewritten breaks
+    anyway is no reason to keep a blemish."""
+    return [
+        domain
+        for domain, names, _ in _signatures(fields)
+        if name.lower() in names and not names & changed
+    ]
 
 
 def _message_id(given: str, made: str) -> tuple[str | None, str]:
@@ -459,11 +495,7 @@ def _empty_recipients(
         if not missing and not _addressless(view, name):
             continue
         fields = split_at(view.raw)[0] if fields is None else fields
-        signed = [
-            domain
-            for domain, names, _ in _signatures(fields)
-            if name.lower() in names and not names & changed
-        ]
+        signed = _signed_whole(fields, name, changed)
         if missing:
             added, why = _missing_to(signed)
             updates += added

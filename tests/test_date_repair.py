@@ -1,0 +1,155 @@
+"""A Date that is no RFC 5322 date-time, as an ERP in another locale writes
+it: replaced by the relay's own and said, as an unusable Message-ID is;
+the obsolete forms receivers read are kept. Through a real relay to a sink."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay import dates, message
+from tests.dkimtools import assert_opendkim_ok, dkimpy_each, dkimpy_verify
+from tests.relayproc import RelayProcess
+from tests.sink import SinkServer, free_port
+from tests.test_decide_reply_to import preview
+from tests.test_decisions import BASE, msg, run
+from tests.test_odd_headers import erp_signed
+from tests.test_queue_e2e import configure, relay_cli, send
+
+NO_DATE = [f for f in BASE if not f.startswith("Date")]
+NOT_A_DATE = (
+    "Date '06.12.2026 18:00:00' is not a date and time as RFC 5322 3.3 writes one: replaced"
+)
+NO_ZONE = "Date 'Sun, 6 Dec 2026 18:00:00' has no time zone, which RFC 5322 3.3 requires: replaced"
+
+
+@pytest.fixture
+def relay(policy_file: Path, tmp_path: Path) -> Iterator[tuple[RelayProcess, SinkServer]]:
+    with SinkServer() as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as proc:
+            yield proc, sink
+
+
+def _received(policy: Path, queue_id: str) -> dict:
+    done = relay_cli(policy, "audit", "search", "--queue-id", queue_id, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    (record,) = [r for r in map(json.loads, done.stdout.splitlines()) if r["event"] == "received"]
+    return record
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "Sun, 6 Dec 2026 18:00:00 +0100",
+        "6 Dec 2026 18:00 +0100",  # no day of the week, no seconds
+        "Sun, 06 Dec 26 17:15:33 GMT",  # a two-digit year
+        "Sun , 6 dec 2026 18 : 00 : 00 EST",
+        "Sun, 6 Dec 2026 18:00:00 UT",
+        "Sun, 6 Dec 2026 18:00:00 Z",  # military
+        "Wed, 31 Dec 2025 23:59:60 +0000",  # a leap second
+    ],
+)
+def test_a_date_time_receivers_read_passes(given: str) -> None:
+    assert dates.fault(given) is None
+
+
+@pytest.mark.parametrize(
+    ("given", "why"),
+    [
+        ("06.12.2026 18:00:00", "is not a date and time"),
+        ("2026-12-06T18:00:00+01:00", "is not a date and time"),
+        ("Sun, 6 Dec 2026 18:00:00 J", "is not a date and time"),
+        ("Sun, 6 Dec 2026 18:00:00", "has no time zone"),
+        ("6 Dec 2026 18:00", "has no time zone"),
+        ("31 Feb 2026 10:00 +0000", "names a day or a time that does not exist"),
+        ("6 Dec 2026 24:00 +0000", "names a day or a time that does not exist"),
+        ("6 Dec 2026 18:00 +0160", "names a day or a time that does not exist"),
+        ("6 Dec 2026 \u0661\u0668:00 +0000", "is not a date and time"),  # Arabic-Indic digits
+    ],
+)
+def test_what_is_no_date_time_is_said(given: str, why: str) -> None:
+    assert (dates.fault(given) or "").startswith(why)
+
+
+@pytest.mark.parametrize(
+    ("given", "why"), [("06.12.2026 18:00:00", NOT_A_DATE), ("Sun, 6 Dec 2026 18:00:00", NO_ZONE)]
+)
+def test_a_date_that_is_not_one_is_replaced_and_said(
+    relay: tuple[RelayProcess, SinkServer],
+    dns_records: dict[str, str],
+    tmp_path: Path,
+    given: str,
+    why: str,
+) -> None:
+    """It went upstream as it came, under the relay's signature that oversigns
+    it, and SpamAssassin scored it (INVALID_DATE); nothing said so."""
+    proc, sink = relay
+    queue_id = send(proc.port, msg(*NO_DATE, f"Date: {given}"), ("one@example.org",))
+    (got,) = sink.sink.wait(1)
+    (written,) = message.read(got.data).get_all("Date")
+    assert dates.fault(written) is None and written.endswith(" +0000")
+    assert email.utils.parsedate_to_datetime(written).tzinfo is not None
+    assert dkimpy_verify(got.data, dns_records)
+    assert_opendkim_ok(got.data, dns_records, tmp_path)
+    record = _received(proc.policy, queue_id)
+    assert why in record["reasons"]
+
+
+def test_a_date_with_a_comment_is_read_without_it(policy_file: Path) -> None:
+    given = "Sun, 6 Dec 2026 18:00:00 +0100 (CET)"
+    p = run(policy_file, msg(*NO_DATE, f"Date: {given}"))
+    assert message.read(p.message).get_all("Date") == (given,)
+    assert not [r for r in p.decision.reasons if r.startswith("Date")]
+
+
+def test_preview_says_a_date_that_is_not_one_is_replaced(policy_file: Path, tmp_path: Path) -> None:
+    eml = tmp_path / "invoice.eml"
+    eml.write_bytes(msg(*NO_DATE, "Date: 06.12.2026 18:00:00"))
+    out = preview(policy_file, eml)
+    assert f"  - {NOT_A_DATE}\n" in out
+    assert "06.12.2026" not in out.split("Headers as sent:")[1]
+
+
+@pytest.mark.parametrize(
+    ("date", "why"),
+    [
+        (
+            ("Date: 06.12.2026 18:00:00",),
+            "Date '06.12.2026 18:00:00' is not a date and time as RFC 5322 3.3 writes one:"
+            " kept, as the message's own DKIM signature (d=globex.example) signs it",
+        ),
+        (
+            (),
+            "Date was missing: not added, as the message's own DKIM signature"
+            " (d=globex.example) signs it",
+        ),
+    ],
+)
+def test_a_date_an_erps_signature_signs_is_kept(
+    policy_file: Path, key_dir: tuple[Path, dict[str, str]], date: tuple[str, ...], why: str
+) -> None:
+    """Written anew, it broke the ERP's own signature where the relay keeps
+    its From: with no key of the relay's for that domain, the only one DMARC
+    could pass on."""
+    data = msg("From: Hank Scorpio <hank@globex.example>", *NO_DATE[1:], *date)
+    signed = erp_signed(data, key_dir, "globex.example.g1", [b"from", b"to", b"date", b"subject"])
+    p = run(policy_file, signed, login="erp-globex")
+    assert message.read(p.message).get_all("Date") == tuple(d[6:] for d in date)
+    assert dkimpy_each(p.message, key_dir[1])[-1]
+    assert why in p.decision.reasons
+
+
+def test_a_date_is_replaced_where_the_erps_signature_is_broken_anyway(
+    policy_file: Path, key_dir: tuple[Path, dict[str, str]]
+) -> None:
+    """The relay writes the From anew for a user outside a verified domain."""
+    data = msg(*NO_DATE, "Date: 06.12.2026 18:00:00")
+    p = run(policy_file, erp_signed(data, key_dir, "globex.example.g1", [b"from", b"date"]))
+    assert message.read(p.message).get_all("Date") == ("Mon, 23 Nov 2026 09:30:00 +0000",)
+    assert NOT_A_DATE in p.decision.reasons
