@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import formatdate
+from email.utils import format_datetime
 
 from relay.audit import events
 from relay.errors import SigningError
@@ -86,7 +86,7 @@ def build_notice(
     )
     what = "Complaint about" if complaint else "Undelivered"
     subject = _subject(what, entry, failures, subject_known)
-    date = formatdate(now, localtime=False, usegmt=True)
+    date = _date(now)
     message_id = f"<{queue_id}@{policy.platform.hostname}>"
     about = _MSG_ID.search(entry.message_id or "")
     # threaded under the document, whose copy the sender has when it was BCC'd
@@ -172,6 +172,13 @@ def _signatures_only(head: bytes, rest: bytes) -> bool:
     return whole and head[:15].lower() == b"dkim-signature:"
 
 
+def _date(seconds: float) -> str:
+    """In UTC as ``+0000``, as the relay's Date on a document and its Received
+    field write it: ``GMT`` is an obsolete zone (RFC 5322 4.3), which a
+    reader takes but a writer must not make."""
+    return format_datetime(datetime.fromtimestamp(int(seconds), UTC))
+
+
 def _account(policy: Policy, entry: QueueEntry) -> str | None:
     """The address the notice's upstream sends as, when it is a company's own
     account: it may refuse any other From or envelope sender, the empty one
@@ -216,7 +223,7 @@ def _document(entry: QueueEntry, subject_known: bool) -> list[str]:
         "",
         f"Document:   {subject if subject_known else UNRECORDED}",
         *sent,
-        f"Received:   {formatdate(entry.arrival, usegmt=True)}, by the mail relay",
+        f"Received:   {_date(entry.arrival)}, by the mail relay",
         f"Message-ID: {_printable(entry.message_id or '') or '(none)'}",
         f"Queue ID:   {entry.queue_id}",
         "",

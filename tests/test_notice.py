@@ -266,7 +266,7 @@ def test_sent_is_the_documents_date_and_the_relays_time_is_said_as_such(
     lines = _body(data)
     assert ("Sent:       Mon, 23 Nov 2026 09:30:00 +0100" in lines) is sent
     assert sum(line.startswith("Sent:") for line in lines) == int(sent)
-    assert "Received:   Mon, 21 Sep 2026 14:13:20 GMT, by the mail relay" in lines
+    assert "Received:   Mon, 21 Sep 2026 14:13:20 +0000, by the mail relay" in lines
 
 
 def test_a_refusal_and_a_suppressed_recipient_say_each_advice_once(policy_file: Path) -> None:

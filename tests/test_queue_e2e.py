@@ -147,6 +147,24 @@ def test_a_deferral_names_an_ipv6_upstream_in_brackets(policy_file: Path, tmp_pa
     assert deferred["reply"] == f"451 4.4.1 {said}"
 
 
+def test_a_notice_writes_its_date_in_utc_as_plus_0000(policy_file: Path, tmp_path: Path) -> None:
+    """It wrote ``GMT``, an obsolete zone a writer must not make (RFC 5322
+    4.3), where the Date and Received the relay adds to a document say ``+0000``."""
+    refusing = Sink(refuse={"two@example.org": "550 5.1.1 <two@example.org>: no such user"})
+    with SinkServer(refusing) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log"):
+            send(port, SMALL, ("one@example.org", "two@example.org"))
+            original, notice = sink.sink.wait(2)
+    documents = message.read(original.data)
+    received = documents.get("Received") or ""
+    for date in (documents.get("Date") or "", received, message.read(notice.data).get("Date")):
+        assert date.endswith(" +0000") and "GMT" not in date, date
+    body = notice.data.split(b"\r\n\r\n", 1)[1].decode()
+    assert re.search(r"\nReceived: +\w{3}, \d{2} \w{3} \d{4} [\d:]{8} \+0000, by the", body)
+
+
 def test_one_recipient_refused_others_delivered_and_sender_told(
     policy_file: Path, tmp_path: Path
 ) -> None:
