@@ -19,7 +19,14 @@ from relay import dates
 from relay.classify import Classification
 from relay.controlfields import first_address, refuse_differing
 from relay.errors import HeaderInjection
-from relay.headers import Field, format_address, has_blank_line, signature_tags, split_at
+from relay.headers import (
+    Field,
+    encode_text,
+    format_address,
+    has_blank_line,
+    signature_tags,
+    split_at,
+)
 from relay.headers import value as unfolded
 from relay.identify import Identity, a_label_address
 from relay.message import MessageView, decode
@@ -139,6 +146,10 @@ def decide(
     updates += date
     changed |= {name.lower() for name, _ in date}
     reasons += why
+    subject, why = _subject(view, changed)
+    updates += subject
+    changed |= {name.lower() for name, _ in subject}
+    reasons += why
     for name, replaced in (("From", True), ("Reply-To", bool(reply_to_after))):
         if replaced and len(view.get_all(name)) > 1:
             reasons.append(f"{name} appeared {len(view.get_all(name))} times: one is written")
@@ -251,6 +262,42 @@ def _date(
         by = ", ".join(signed)
         return [], [f"{why}: {kept}, as the message's own DKIM signature ({by}) signs it"]
     return [("Date", format_datetime(now))], [f"{why}: {done}"]
+
+
+def _subject(view: MessageView, changed: set[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The edit for a Subject in 8-bit bytes that are not UTF-8 (a legacy
+    ERP's Latin-1), and why: receivers read raw header bytes as UTF-8
+    (RFC 6532) and showed ``f\ufffdr``, where the policy, the audit log and
+    ``relay preview`` read Windows-1252. Written in encoded words as the
+    policy reads it, every reader shows the same text. A DKIM signature the
+    message came with keeps it as ``_empty_recipients`` keeps a To. Only
+    the Subject: other unstructured fields may repeat (``Comments``), or a
+    program may read them raw (``X-`` fields)."""
+    fields = split_at(view.raw)[0]
+    found = [field.raw for field in fields if field.name.lower() == "subject"]
+    if len(found) != 1 or _is_utf8(found[0]):
+        return [], []  # a second Subject is refused (pipeline)
+    text = view.subject
+    why = "Subject is not UTF-8 on the wire"
+    signed = _signed_whole(fields, "Subject", changed)
+    if signed:
+        by = ", ".join(signed)
+        why += f": kept, as the message's own DKIM signature ({by}) signs it"
+        return [], [f"{why}; receivers may show it garbled"]
+    try:
+        encoded = encode_text(text)
+    except HeaderInjection:
+        return [], []
+    why += f": written in RFC 2047 encoded words as the policy reads it, as Windows-1252 ({text})"
+    return [("Subject", encoded)], [why]
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _signed_whole(fields: list[Field], name: str, changed: set[str]) -> list[str]:

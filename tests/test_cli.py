@@ -137,19 +137,24 @@ def test_preview_shows_utf8_header_text_as_the_relay_reads_it(
 
 def test_preview_shows_a_field_in_latin1_bytes_escaped(policy_file: Path, tmp_path: Path) -> None:
     """It showed ``Rechnung für März`` as clean text, the policy's reading, where
-    the bytes sent are not UTF-8 and receivers may show them garbled."""
+    the bytes sent are not UTF-8 and receivers may show them garbled. The
+    Subject is sent in encoded words (decide), a field kept as it came is not."""
     eml = tmp_path / "invoice.eml"
-    eml.write_bytes(INVOICE.replace("Faktura 4711", "Rechnung für März").encode("latin-1"))
+    text = INVOICE.replace("Faktura 4711", "Rechnung für März")
+    eml.write_bytes(
+        text.replace("X-ERP-User:", "X-Project: Ausbau Süd\nX-ERP-User:").encode("latin-1")
+    )
     reason = (
-        "Subject is not UTF-8 on the wire (its 8-bit bytes shown escaped below): the policy"
-        " reads it as Windows-1252 (Rechnung für März); receivers may show it garbled"
+        "X-Project is not UTF-8 on the wire (its 8-bit bytes shown escaped below): the policy"
+        " reads it as Windows-1252 (Ausbau Süd); receivers may show it garbled"
     )
     done = relay("preview", "-c", str(policy_file), str(eml))
     assert done.returncode == 0, done.stderr
-    assert "\nSubject: Rechnung f\\xfcr M\\xe4rz\n" in done.stdout
+    assert "\nX-Project: Ausbau S\\xfcd\n" in done.stdout
     assert f"\n  - {reason}\n" in done.stdout
+    assert "\nSubject: =?utf-8?" in done.stdout
     report = json.loads(relay("preview", "-c", str(policy_file), str(eml), "--json").stdout)
-    assert "\r\nSubject: Rechnung f\\xfcr M\\xe4rz\r\n" in report["headers"]
+    assert "\r\nX-Project: Ausbau S\\xfcd\r\n" in report["headers"]
     assert reason in report["reasons"]
     assert report["document"]["rule"] == "invoice-subject"  # read as the policy reads it
 
