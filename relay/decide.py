@@ -142,11 +142,12 @@ def decide(
     gone = (*_REMOVED, *policy.control_headers, *(("Reply-To",) if reply_to_after == "" else ()))
     changed = {name.lower() for name, _ in updates}
     changed |= {name.lower() for name in gone if view.get(name) is not None}
-    date, why = _date(view, changed, now)
+    theirs = not _aligned(signing, from_address)  # else the ERP's signature is no DMARC's need
+    date, why = _date(view, changed, now, theirs)
     updates += date
     changed |= {name.lower() for name, _ in date}
     reasons += why
-    subject, why = _subject(view, changed)
+    subject, why = _subject(view, changed, theirs)
     updates += subject
     changed |= {name.lower() for name, _ in subject}
     reasons += why
@@ -164,7 +165,7 @@ def decide(
     elif account is not None:
         mail_from = account.sender
         reasons.append(f"envelope sender is {mail_from}, the address {account.name!r} sends as")
-    recipient_updates, removed, why_empty = _empty_recipients(view, changed)
+    recipient_updates, removed, why_empty = _empty_recipients(view, changed, theirs)
     updates += recipient_updates
     reasons += why_empty
     reasons += _blank_lines(view)
@@ -243,28 +244,33 @@ def _signatures(fields: list[Field]) -> Iterator[tuple[str, set[str], bool]]:
 
 
 def _date(
-    view: MessageView, changed: set[str], now: datetime
+    view: MessageView, changed: set[str], now: datetime, theirs: bool
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """The edit for a Date that is missing, empty or no date-time receivers
     read, and why. A Date the relay writes keeps the mail from being scored
     as spam (SpamAssassin's ``INVALID_DATE``) for a field under its own
     signature that no later hop may repair. A DKIM signature the message
-    came with keeps its Date as ``_empty_recipients`` keeps a To."""
+    came with keeps a Date it has as ``_empty_recipients`` keeps a To; a
+    missing or empty one is added all the same, as RFC 5322 3.6 wants one,
+    and the relay's own signature signs its absence (``sign.OVERSIGNED``):
+    a later hop adding one broke every signature."""
     given = (view.get("Date") or "").strip()
-    fault = dates.fault(_without_comments(given)) if given else None
-    if given and fault is None:
-        return [], []
-    why, kept, done = f"Date {given!r} {fault}", "kept", "replaced"
     if not given:
-        why, kept, done = "Date was missing", "not added", "added"
-    signed = _signed_whole(split_at(view.raw)[0], "Date", changed)
+        return [("Date", format_datetime(now))], ["Date was missing: added"]
+    fault = dates.fault(_without_comments(given))
+    if fault is None:
+        return [], []
+    why = f"Date {given!r} {fault}"
+    signed = _signed_whole(split_at(view.raw)[0], "Date", changed, theirs)
     if signed:
         by = ", ".join(signed)
-        return [], [f"{why}: {kept}, as the message's own DKIM signature ({by}) signs it"]
-    return [("Date", format_datetime(now))], [f"{why}: {done}"]
+        return [], [f"{why}: kept, as the message's own DKIM signature ({by}) signs it"]
+    return [("Date", format_datetime(now))], [f"{why}: replaced"]
 
 
-def _subject(view: MessageView, changed: set[str]) -> tuple[list[tuple[str, str]], list[str]]:
+def _subject(
+    view: MessageView, changed: set[str], theirs: bool
+) -> tuple[list[tuple[str, str]], list[str]]:
     """The edit for a Subject in 8-bit bytes that are not UTF-8 (a legacy
     ERP's Latin-1), and why: receivers read raw header bytes as UTF-8
     (RFC 6532) and showed ``f\ufffdr``, where the policy, the audit log and
@@ -279,7 +285,7 @@ def _subject(view: MessageView, changed: set[str]) -> tuple[list[tuple[str, str]
         return [], []  # a second Subject is refused (pipeline)
     text = view.subject
     why = "Subject is not UTF-8 on the wire"
-    signed = _signed_whole(fields, "Subject", changed)
+    signed = _signed_whole(fields, "Subject", changed, theirs)
     if signed:
         by = ", ".join(signed)
         why += f": kept, as the message's own DKIM signature ({by}) signs it"
@@ -300,16 +306,33 @@ def _is_utf8(raw: bytes) -> bool:
     return True
 
 
-def _signed_whole(fields: list[Field], name: str, changed: set[str]) -> list[str]:
+def _signed_whole(fields: list[Field], name: str, changed: set[str], theirs: bool) -> list[str]:
     """``d=`` of each DKIM signature the message came with that signs the
     field ``name``, present or not, and that the relay's other edits
     (``changed``, lower case) leave whole: one the From rewritten breaks
-    anyway is no reason to keep a blemish."""
+    anyway is no reason to keep a blemish. Only where the relay's own
+    signature does not align with the From (``theirs``): where it does,
+    DMARC passes on it, and the ERP's kept a Date receivers score as spam
+    for nothing."""
+    if not theirs:
+        return []
     return [
         domain
         for domain, names, _ in _signatures(fields)
         if name.lower() in names and not names & changed
     ]
+
+
+def _aligned(signing: tuple[DkimKey, ...], from_address: str) -> bool:
+    """Whether a key the relay signs with passes DMARC's relaxed alignment for
+    the From it writes: the same domain, or one of them under the other (the
+    organizational domain, without the public suffix list)."""
+    domain = from_address.rpartition("@")[2].lower()
+    return any(_under(domain, key.domain) or _under(key.domain, domain) for key in signing)
+
+
+def _under(domain: str, parent: str) -> bool:
+    return domain == parent or domain.endswith(f".{parent}")
 
 
 def _message_id(given: str, made: str) -> tuple[str | None, str]:
@@ -519,7 +542,7 @@ _UNDISCLOSED = "undisclosed-recipients:;"  # RFC 5322 3.4's empty group, as Send
 
 
 def _empty_recipients(
-    view: MessageView, changed: set[str]
+    view: MessageView, changed: set[str], theirs: bool
 ) -> tuple[list[tuple[str, str]], list[str], list[str]]:
     """The edits for an empty To or Cc, which RFC 5322 3.6.3 wants an address
     in and some receivers score as spam, and for a missing To, and why. A Cc
@@ -542,7 +565,7 @@ def _empty_recipients(
         if not missing and not _addressless(view, name):
             continue
         fields = split_at(view.raw)[0] if fields is None else fields
-        signed = _signed_whole(fields, name, changed)
+        signed = _signed_whole(fields, name, changed, theirs)
         if missing:
             added, why = _missing_to(signed)
             updates += added

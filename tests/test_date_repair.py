@@ -17,7 +17,7 @@ from tests.relayproc import RelayProcess
 from tests.sink import SinkServer, free_port
 from tests.test_decide_reply_to import preview
 from tests.test_decisions import BASE, msg, run
-from tests.test_odd_headers import erp_signed
+from tests.test_odd_headers import erp_signed, without_the_relays_key
 from tests.test_queue_e2e import configure, relay_cli, send
 
 NO_DATE = [f for f in BASE if not f.startswith("Date")]
@@ -124,11 +124,6 @@ def test_preview_says_a_date_that_is_not_one_is_replaced(policy_file: Path, tmp_
             "Date '06.12.2026 18:00:00' is not a date and time as RFC 5322 3.3 writes one:"
             " kept, as the message's own DKIM signature (d=globex.example) signs it",
         ),
-        (
-            (),
-            "Date was missing: not added, as the message's own DKIM signature"
-            " (d=globex.example) signs it",
-        ),
     ],
 )
 def test_a_date_an_erps_signature_signs_is_kept(
@@ -137,6 +132,7 @@ def test_a_date_an_erps_signature_signs_is_kept(
     """Written anew, it broke the ERP's own signature where the relay keeps
     its From: with no key of the relay's for that domain, the only one DMARC
     could pass on."""
+    without_the_relays_key(policy_file)
     data = msg("From: Hank Scorpio <hank@globex.example>", *NO_DATE[1:], *date)
     signed = erp_signed(data, key_dir, "globex.example.g1", [b"from", b"to", b"date", b"subject"])
     p = run(policy_file, signed, login="erp-globex")
@@ -153,3 +149,29 @@ def test_a_date_is_replaced_where_the_erps_signature_is_broken_anyway(
     p = run(policy_file, erp_signed(data, key_dir, "globex.example.g1", [b"from", b"date"]))
     assert message.read(p.message).get_all("Date") == ("Mon, 23 Nov 2026 09:30:00 +0000",)
     assert NOT_A_DATE in p.decision.reasons
+
+
+def test_a_missing_date_is_added_though_an_erps_signature_signs_its_absence(
+    policy_file: Path, key_dir: tuple[Path, dict[str, str]]
+) -> None:
+    """RFC 5322 3.6 wants one, and the relay's own signature signs its absence:
+    kept missing, a later hop adding one broke every signature."""
+    without_the_relays_key(policy_file)
+    data = msg("From: Hank Scorpio <hank@globex.example>", *NO_DATE[1:])
+    signed = erp_signed(data, key_dir, "globex.example.g1", [b"from", b"to", b"date", b"subject"])
+    p = run(policy_file, signed, login="erp-globex")
+    assert message.read(p.message).get_all("Date") == ("Mon, 23 Nov 2026 09:30:00 +0000",)
+    assert "Date was missing: added" in p.decision.reasons
+
+
+def test_a_bad_date_is_replaced_where_the_relays_own_signature_aligns(
+    policy_file: Path, key_dir: tuple[Path, dict[str, str]]
+) -> None:
+    """With a key of the relay's for the From's domain, DMARC passes on the
+    relay's signature: the ERP's kept a Date receivers score as spam for
+    nothing."""
+    data = msg("From: Hank Scorpio <hank@globex.example>", *NO_DATE[1:], "Date: 06.12.2026 18:00")
+    signed = erp_signed(data, key_dir, "globex.example.g1", [b"from", b"to", b"date", b"subject"])
+    p = run(policy_file, signed, login="erp-globex")
+    assert message.read(p.message).get_all("Date") == ("Mon, 23 Nov 2026 09:30:00 +0000",)
+    assert [k.domain for k in p.decision.signing] == ["globex.example"]
