@@ -423,6 +423,7 @@ class Engine:
         self._shown_suspended: set[str] = set()  # upstream names told as suspended
         self._notes = Notes(spool)
         self._notes_seen = 0
+        self._notes_failing = False
 
     def submit(self, queue_id: str, when: float | None = None, warm: Warm | None = None) -> None:
         """A new entry in the spool: deliver it at ``when`` (now by default).
@@ -503,13 +504,13 @@ class Engine:
             stamp = self._notes.stamp()
             if stamp == self._notes_seen and not anyway:
                 return
-            self._notes_seen = stamp
             notes = await asyncio.to_thread(self._notes.take)
         except SpoolError as exc:
-            if self._notes_seen != -1:  # once, not at every look
+            if not self._notes_failing:  # once, not at every look (out of files: each second)
                 log.error("cannot log what the queue tools did: %s", exc)
-            self._notes_seen = -1
+            self._notes_failing = True
             return
+        self._notes_seen, self._notes_failing = stamp, False
         now = self.clock()
         for note in notes:
             log.info("%s: %s", note.queue_id, note.line(now))

@@ -3,12 +3,16 @@ and what it passes over without stopping."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
 
 import pytest
 
+from relay.engine import Attempt, Engine
+from relay.policy.load import load
+from relay.record import Recorder
 from relay.spool import Spool
 from relay.spool.notes import Notes
 
@@ -64,3 +68,29 @@ def test_an_entry_that_is_no_note_is_passed_over(notes: Notes, kind: str, tmp_pa
         odd.symlink_to(tmp_path / "elsewhere")
     assert _taken(notes) == [(QID, "release", "carol")]
     assert _taken(notes) == []
+
+
+async def test_an_engine_that_cannot_read_the_notes_says_so_once(
+    policy_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of file descriptors, the look at the notes failed each second and
+    said so each time, though no queue tool had been used: the mark that it
+    was said was overwritten before the failing read."""
+    spool = Spool(tmp_path / "spool")
+    policy = load(policy_file)
+    engine = Engine(spool, lambda: policy, _never, Recorder(None))
+    in_the_way = spool.directory / "notes"
+    in_the_way.write_text("not a directory\n")  # stat passes, reading it fails
+    with caplog.at_level(logging.INFO, logger="relay"):
+        for _ in range(3):
+            await engine._log_queue_changes(True)
+        in_the_way.unlink()
+        Notes(spool).leave([QID], "delete", "alice")
+        await engine._log_queue_changes(True)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("relay")]
+    assert len([m for m in said if m.startswith("cannot log what the queue tools did")]) == 1
+    assert said[-1] == f"{QID}: removed (relay queue delete by alice)"
+
+
+async def _never(*_: object, **__: object) -> Attempt:
+    raise AssertionError("no delivery here")
