@@ -279,6 +279,8 @@ def _subject(
     message came with keeps it as ``_empty_recipients`` keeps a To. Only
     the Subject: other unstructured fields may repeat (``Comments``), or a
     program may read them raw (``X-`` fields)."""
+    if all(value.isascii() for name, value in view.written if name.lower() == "subject"):
+        return [], []  # as nearly every Subject: the header is not split again for it
     fields = split_at(view.raw)[0]
     found = [field.raw for field in fields if field.name.lower() == "subject"]
     if len(found) != 1 or _is_utf8(found[0]):
