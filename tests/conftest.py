@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -17,6 +17,10 @@ from relay.policy.model import DkimAlgorithm, Policy
 from relay.spool import Spool
 from relay.upstream import pipelining as pipelined_transaction
 from tests import minimal_policy
+
+if TYPE_CHECKING:
+    from tests.relayproc import RelayProcess
+    from tests.sink import SinkServer
 
 DATA = Path(__file__).parent / "data"
 KEYS = (
@@ -85,3 +89,17 @@ def policy(outbox: Path) -> Policy:
 @pytest.fixture
 def spool(tmp_path: Path) -> Spool:
     return Spool(tmp_path / "spool")
+
+
+@pytest.fixture
+def relay_to_sink(policy_file: Path, tmp_path: Path) -> Iterator[tuple[RelayProcess, SinkServer]]:
+    """A relay on the test policy whose upstream is a sink, both running."""
+    from tests.relayproc import RelayProcess
+    from tests.sink import SinkServer, free_port
+    from tests.test_queue_e2e import configure
+
+    with SinkServer() as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as proc:
+            yield proc, sink

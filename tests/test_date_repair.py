@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import email.utils
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,26 +13,17 @@ import pytest
 from relay import dates, message
 from tests.dkimtools import assert_opendkim_ok, dkimpy_each, dkimpy_verify
 from tests.relayproc import RelayProcess
-from tests.sink import SinkServer, free_port
+from tests.sink import SinkServer
 from tests.test_decide_reply_to import preview
 from tests.test_decisions import BASE, msg, run
 from tests.test_odd_headers import erp_signed, without_the_relays_key
-from tests.test_queue_e2e import configure, relay_cli, send
+from tests.test_queue_e2e import relay_cli, send
 
 NO_DATE = [f for f in BASE if not f.startswith("Date")]
 NOT_A_DATE = (
     "Date '06.12.2026 18:00:00' is not a date and time as RFC 5322 3.3 writes one: replaced"
 )
 NO_ZONE = "Date 'Sun, 6 Dec 2026 18:00:00' has no time zone, which RFC 5322 3.3 requires: replaced"
-
-
-@pytest.fixture
-def relay(policy_file: Path, tmp_path: Path) -> Iterator[tuple[RelayProcess, SinkServer]]:
-    with SinkServer() as sink:
-        port = free_port()
-        policy = configure(policy_file, port, sink.port)
-        with RelayProcess(policy, port, tmp_path / "relay.log") as proc:
-            yield proc, sink
 
 
 def _received(policy: Path, queue_id: str) -> dict:
@@ -81,7 +71,7 @@ def test_what_is_no_date_time_is_said(given: str, why: str) -> None:
     ("given", "why"), [("06.12.2026 18:00:00", NOT_A_DATE), ("Sun, 6 Dec 2026 18:00:00", NO_ZONE)]
 )
 def test_a_date_that_is_not_one_is_replaced_and_said(
-    relay: tuple[RelayProcess, SinkServer],
+    relay_to_sink: tuple[RelayProcess, SinkServer],
     dns_records: dict[str, str],
     tmp_path: Path,
     given: str,
@@ -89,7 +79,7 @@ def test_a_date_that_is_not_one_is_replaced_and_said(
 ) -> None:
     """It went upstream as it came, under the relay's signature that oversigns
     it, and SpamAssassin scored it (INVALID_DATE); nothing said so."""
-    proc, sink = relay
+    proc, sink = relay_to_sink
     queue_id = send(proc.port, msg(*NO_DATE, f"Date: {given}"), ("one@example.org",))
     (got,) = sink.sink.wait(1)
     (written,) = message.read(got.data).get_all("Date")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import dkim
@@ -17,10 +16,10 @@ from relay import headers, message
 from relay.rewrite import HeaderEdits, apply
 from tests.dkimtools import assert_opendkim_ok, dkimpy_each, dkimpy_verify
 from tests.relayproc import RelayProcess
-from tests.sink import SinkServer, free_port
+from tests.sink import SinkServer
 from tests.test_decide_reply_to import NO_SUBJECT, preview
 from tests.test_decisions import BASE, BODY, msg, run
-from tests.test_queue_e2e import configure, relay_cli, send
+from tests.test_queue_e2e import relay_cli, send
 
 QUOTE = (*NO_SUBJECT, "Subject: Quote 5")  # the tenant keeps a quote's Reply-To
 REMOVED = "Reply-To not kept: the message's is empty, which RFC 5322 3.6.2 does not allow: removed"
@@ -37,15 +36,6 @@ LEFT_OUT = (
     "a line of only white space in Subject, X-Note left out: obsolete folding"
     " (RFC 5322 4.2) that some readers take for the end of the header"
 )
-
-
-@pytest.fixture
-def relay(policy_file: Path, tmp_path: Path) -> Iterator[tuple[RelayProcess, SinkServer]]:
-    with SinkServer() as sink:
-        port = free_port()
-        policy = configure(policy_file, port, sink.port)
-        with RelayProcess(policy, port, tmp_path / "relay.log") as proc:
-            yield proc, sink
 
 
 def without_the_relays_key(policy_file: Path, domain: str = "globex.example") -> None:
@@ -94,14 +84,14 @@ def _head(data: bytes) -> bytes:
     "empty", ["Reply-To:", "Reply-To: \t", "Reply-To:\r\n ", "Reply-To:\r\nReply-To: "]
 )
 def test_an_empty_reply_to_the_tenant_keeps_is_removed(
-    relay: tuple[RelayProcess, SinkServer],
+    relay_to_sink: tuple[RelayProcess, SinkServer],
     dns_records: dict[str, str],
     tmp_path: Path,
     empty: str,
 ) -> None:
     """It went upstream as it came, under the relay's signature, though RFC
     5322 wants an address in it: a client may answer it to nobody."""
-    proc, sink = relay
+    proc, sink = relay_to_sink
     queue_id = send(proc.port, msg(*QUOTE, empty), ("one@example.org",))
     (got,) = sink.sink.wait(1)
     assert message.read(got.data).get_all("Reply-To") == ()
@@ -145,12 +135,12 @@ def test_an_empty_reply_to_no_source_replaces_is_removed(policy_file: Path) -> N
 
 
 def test_a_line_of_only_white_space_in_the_header_is_left_out(
-    relay: tuple[RelayProcess, SinkServer], dns_records: dict[str, str], tmp_path: Path
+    relay_to_sink: tuple[RelayProcess, SinkServer], dns_records: dict[str, str], tmp_path: Path
 ) -> None:
     """It went upstream as it came: a reader that takes it for the end of the
     header (obsolete syntax) read the relay's Date, Message-ID and Reply-To,
     and the From, as body text."""
-    proc, sink = relay
+    proc, sink = relay_to_sink
     queue_id = send(proc.port, OBSOLETE_FOLD, ("one@example.org", "hidden@example.org"))
     (got,) = sink.sink.wait(1)
     head = _head(got.data)
@@ -202,7 +192,7 @@ EMPTY_TO = "To is empty, which RFC 5322 3.6.3 does not allow: set to undisclosed
     [("To:", "Cc:"), ("To: \t", "Cc:\r\n "), ("To:\r\nTo: ", "Cc: \r\nCc:")],
 )
 def test_an_empty_to_or_cc_is_replaced_or_removed(
-    relay: tuple[RelayProcess, SinkServer],
+    relay_to_sink: tuple[RelayProcess, SinkServer],
     dns_records: dict[str, str],
     tmp_path: Path,
     to: str,
@@ -210,7 +200,7 @@ def test_an_empty_to_or_cc_is_replaced_or_removed(
 ) -> None:
     """They went upstream as they came, under the relay's signature, though
     RFC 5322 wants an address in each: an ERP sending to Bcc alone writes them."""
-    proc, sink = relay
+    proc, sink = relay_to_sink
     queue_id = send(proc.port, msg(*NO_TO, to, cc), ("hidden@example.org",))
     (got,) = sink.sink.wait(1)
     names = [f.name.lower() for f in headers.split(got.data)[0]]
@@ -268,7 +258,7 @@ MISSING_TO = "To was missing, which some receivers score as spam: added as undis
 
 @pytest.mark.parametrize("cc", [(), ("Cc: desk@acme.example",)])
 def test_a_missing_to_is_added_as_the_empty_group(
-    relay: tuple[RelayProcess, SinkServer],
+    relay_to_sink: tuple[RelayProcess, SinkServer],
     dns_records: dict[str, str],
     tmp_path: Path,
     cc: tuple[str, ...],
@@ -276,7 +266,7 @@ def test_a_missing_to_is_added_as_the_empty_group(
     """An ERP sending to Bcc alone wrote no To, and the message went out with
     none, which SpamAssassin scores (MISSING_HEADERS) whether or not a Cc is
     there; an empty To was written as the group already."""
-    proc, sink = relay
+    proc, sink = relay_to_sink
     data = msg(*NO_TO, *cc, "Bcc: customer@example.org")
     queue_id = send(proc.port, data, ("customer@example.org",))
     (got,) = sink.sink.wait(1)
@@ -323,13 +313,13 @@ SIMPLE_BROKEN = (
 
 @pytest.mark.parametrize(("canon", "said"), [(b"simple", True), (b"relaxed", False)])
 def test_the_reasons_say_an_erps_simple_signature_the_line_left_out_breaks(
-    relay: tuple[RelayProcess, SinkServer],
+    relay_to_sink: tuple[RelayProcess, SinkServer],
     key_dir: tuple[Path, dict[str, str]],
     canon: bytes,
     said: bool,
 ) -> None:
     """The ERP's signature failed at every receiver, and nothing said why."""
-    proc, sink = relay
+    proc, sink = relay_to_sink
     signed = erp_signed(OBSOLETE_FOLD, key_dir, "platform.example.s1", [b"from", b"subject"], canon)
     queue_id = send(proc.port, signed, ("one@example.org",))
     sink.sink.wait(1)

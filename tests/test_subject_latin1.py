@@ -6,7 +6,6 @@ Through a real relay to a sink."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,11 @@ import pytest
 from relay import headers, message
 from tests.dkimtools import assert_opendkim_ok, dkimpy_each, dkimpy_verify
 from tests.relayproc import RelayProcess
-from tests.sink import SinkServer, free_port
+from tests.sink import SinkServer
 from tests.test_decide_reply_to import preview
 from tests.test_decisions import BASE, BODY, run
 from tests.test_odd_headers import erp_signed, without_the_relays_key
-from tests.test_queue_e2e import configure, relay_cli, send
+from tests.test_queue_e2e import relay_cli, send
 
 NO_SUBJECT = [f.encode() for f in BASE if not f.startswith("Subject")]
 LATIN1 = b"Subject: Faktura nr 12 f\xf8r ordre"
@@ -34,24 +33,15 @@ def _msg(*fields: bytes, body: bytes = BODY_LATIN1) -> bytes:
     return b"".join(f + b"\r\n" for f in head) + b"\r\n" + body
 
 
-@pytest.fixture
-def relay(policy_file: Path, tmp_path: Path) -> Iterator[tuple[RelayProcess, SinkServer]]:
-    with SinkServer() as sink:
-        port = free_port()
-        policy = configure(policy_file, port, sink.port)
-        with RelayProcess(policy, port, tmp_path / "relay.log") as proc:
-            yield proc, sink
-
-
 def _subject_field(data: bytes) -> bytes:
     (found,) = [f.raw for f in headers.split(data)[0] if f.name.lower() == "subject"]
     return found
 
 
 def test_a_latin1_subject_is_written_in_encoded_words(
-    relay: tuple[RelayProcess, SinkServer], dns_records: dict[str, str], tmp_path: Path
+    relay_to_sink: tuple[RelayProcess, SinkServer], dns_records: dict[str, str], tmp_path: Path
 ) -> None:
-    proc, sink = relay
+    proc, sink = relay_to_sink
     queue_id = send(proc.port, _msg(*NO_SUBJECT, LATIN1), ("one@example.org",))
     (got,) = sink.sink.wait(1)
     written = _subject_field(got.data)

@@ -528,6 +528,22 @@ NOT_FOUND = "550 5.1.1 RESOLVER.ADR.RecipNotFound; not found"
 CUSTOMERS = ("c1@cust.example", "c2@cust.example")
 
 
+def _refused_at_mail_from(
+    policy_file: Path, tmp_path: Path, sink: RefusingTheMessage
+) -> tuple[Path, str, Received, str]:
+    """An invoice to CUSTOMERS through an upstream refusing its MAIL FROM: the
+    policy, its queue ID, the sender's notice and the log once it is done."""
+    with SinkServer(sink) as server:
+        port = free_port()
+        policy = configure(policy_file, port, server.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            invoice = SMALL.replace(b"Subject: Hello", b"Subject: Invoice 3")
+            queue_id = send(port, invoice, rcpts=CUSTOMERS)
+            (notice,) = sink.wait(1)
+            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
+            return policy, queue_id, notice, relay.log()
+
+
 @pytest.mark.parametrize("pipelining", [False, True], ids=["one-at-a-time", "pipelining"])
 def test_a_refused_sender_lists_no_recipient(
     policy_file: Path, tmp_path: Path, pipelining: bool
@@ -538,15 +554,7 @@ def test_a_refused_sender_lists_no_recipient(
     address the policy had wrong. The message fails and its sender is told, as
     before; the log says why nobody was listed."""
     sink = RefusingTheMessage(mail_reply=SENDER_UNKNOWN, pipelining=pipelining)
-    with SinkServer(sink) as server:
-        port = free_port()
-        policy = configure(policy_file, port, server.port)
-        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
-            invoice = SMALL.replace(b"Subject: Hello", b"Subject: Invoice 3")
-            queue_id = send(port, invoice, rcpts=CUSTOMERS)
-            (notice,) = sink.wait(1)
-            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
-            log = relay.log()
+    policy, queue_id, notice, log = _refused_at_mail_from(policy_file, tmp_path, sink)
     assert _listed(policy) == {}
     why = "the upstream refused the sender, not the recipient"
     for address in (*CUSTOMERS, "jan@acme.example"):  # the sender's copy too
@@ -574,15 +582,7 @@ def test_a_message_too_big_at_mail_from_is_no_refused_sender(
     fails once and its sender is told, as before."""
     too_big = "552 5.3.4 Message size exceeds fixed limit"
     sink = RefusingTheMessage(mail_reply=too_big)
-    with SinkServer(sink) as server:
-        port = free_port()
-        policy = configure(policy_file, port, server.port)
-        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
-            invoice = SMALL.replace(b"Subject: Hello", b"Subject: Invoice 5")
-            queue_id = send(port, invoice, rcpts=CUSTOMERS)
-            (notice,) = sink.wait(1)
-            wait_for(lambda: relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n")
-            log = relay.log()
+    policy, queue_id, notice, log = _refused_at_mail_from(policy_file, tmp_path, sink)
     assert f"{queue_id}: to=<{CUSTOMERS[0]}>" in log and f"status=bounced ({too_big})" in log
     assert "refused the envelope sender" not in log, log
     for address in (*CUSTOMERS, "jan@acme.example"):
