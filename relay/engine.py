@@ -1226,7 +1226,7 @@ class Engine:
         refused = [(a, replies[a][1]) for a in pending if a in replies]
         await self._suppress(entry, self.policy(), refused, shared)
         try:
-            await self.recorder.flush(entry.queue_id)
+            await self.recorder.flush(entry.queue_id, keep=True)
         except AuditError as exc:
             return await self._keep_unrecorded(entry, pending, refusal, exc)
         try:
@@ -1243,7 +1243,13 @@ class Engine:
         """A refusal whose records the audit log refused: removed now, the message
         would end with no final record. It stays queued, pending, with its next
         attempt planned and stored; its client hears 250, and the next refusal
-        reaches the sender as a notice."""
+        reaches the sender as a notice. Its ``failed`` records go with the
+        failures; the rest stay for its next records: an address it put on the
+        suppression list stays listed, and its ``listed`` record, dropped, was
+        never made, as the next refusal finds the address listed already."""
+        for record in self.recorder.take(entry.queue_id):
+            if record["event"] != "failed":
+                self.recorder.add(record)
         entry.next_attempt = self.clock() + backoff(self.policy().queue, entry.attempts, self.rng)
         for rcpt in entry.recipients:
             if rcpt.address in pending:

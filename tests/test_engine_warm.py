@@ -21,9 +21,10 @@ from relay import engine as engine_module
 from relay.audit import AuditLog
 from relay.deliver import attempt
 from relay.engine import Attempt, Engine, Warm
-from relay.policy.model import Policy
+from relay.policy.model import Policy, SuppressionSettings
 from relay.record import Recorder
 from relay.spool import QueueEntry, Spool, SpoolError
+from relay.suppression import SuppressionFile
 from relay.upstream.smtp import NOT_SENT
 from tests.spoolkit import make_entry, run_script
 from tests.test_audit_fixture import read_all
@@ -493,6 +494,46 @@ async def test_an_immediate_refusal_the_audit_log_cannot_record_stays_queued(
     failed = [r for r in read_all(audit_dir) if r["event"] == "failed"]
     mine = [r["recipient"] for r in failed if r["queue_id"] == entry.queue_id]
     assert mine == [r.address for r in entry.recipients]
+
+
+async def test_a_listing_made_while_the_audit_log_refused_is_recorded_when_it_takes_them(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    """The refusal's records were dropped with its ``listed`` one while the list
+    file kept the address; the next refusal found it listed already, and no
+    record ever said why mail to it stopped."""
+
+    async def refusing(upstream: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
+        return Attempt({r: (550, "550 5.1.1 no such user") for r in rcpts})
+
+    listing = tmp_path / "suppression.jsonl"
+    settings = SuppressionSettings(listing, frozenset({"5.1.1"}))
+    policy = dataclasses.replace(policy, suppression=settings)
+    audit_dir = tmp_path / "audit"
+    recorder = Recorder(AuditLog(audit_dir))
+    listed = SuppressionFile(listing)
+    engine = Engine(spool, lambda: policy, refusing, recorder, suppressions=listed)
+    async with running(engine):
+        entry = make_entry(size=len(message(1)))
+        engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)), when=time.time() + 60)
+        shutil.rmtree(audit_dir)
+        audit_dir.write_text("not a directory")  # every append fails, as on a full disk
+        assert (await engine.attempt_now(entry.queue_id, immediate=True)).status == "deferred"
+        assert listed.current().find("customer@example.net", entry.tenant) is not None
+        audit_dir.unlink()
+        recorder.audit = AuditLog(audit_dir)
+        with spool.lock(entry.queue_id):  # as `relay queue retry` does
+            stored = spool.load(entry.queue_id)
+            stored.next_attempt = 0.0
+            spool.update(stored)
+        assert (await engine.attempt_now(entry.queue_id)).status == "failed"
+        await gone(spool)
+    mine = [r for r in read_all(audit_dir) if r["queue_id"] == entry.queue_id]
+    on_the_list = sorted(e.address for e in SuppressionFile(listing).entries().entries)
+    assert "customer@example.net" in on_the_list
+    assert sorted(r["recipient"] for r in mine if r["event"] == "listed") == on_the_list
+    failed = [r["recipient"] for r in mine if r["event"] == "failed"]
+    assert failed == [r.address for r in entry.recipients]  # the first refusal's are not
 
 
 async def test_a_failure_is_told_once_even_when_its_deferral_cannot_be_stored(
