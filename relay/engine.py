@@ -62,6 +62,8 @@ RESCAN = 60.0  # the spool directory is read again this often, as a safety net
 # a message refused a connection over its upstream's limit goes again this soon,
 # in line for one of the slots that limit left (``relay.slots``)
 CROWDED_WAIT = 2.0
+# how long past its lifetime such refusals may put a message's last try off
+CROWDED_GRACE = 300.0
 WARM_MESSAGE = 1 << 20  # larger messages are read back from the spool when their turn comes
 WARM_TOTAL = 16 << 20  # what handed-over messages may hold in memory, all together
 CUT_WAIT = 5.0  # for attempts cut off at the end of the stop grace to put themselves on record
@@ -172,6 +174,17 @@ def _refused(pending: list[str], own: list[str], replies: dict[str, tuple[int, s
     codes = {address: replies.get(address, (451, ""))[0] for address in pending}
     none_delivered = not any(200 <= code < 300 for code in codes.values())
     return bool(own) and none_delivered and all(codes[address] >= 500 for address in own)
+
+
+def _expires(now: float, deadline: float, crowded: bool) -> bool:
+    """Whether a temporary failure now is the message's last: at or past its
+    lifetime, but not a refusal over the upstream's connection limit, which
+    is no try and goes again shortly (``CROWDED_WAIT``): at the lifetime it
+    expired the message untried. Refused so for ``CROWDED_GRACE`` past it, a
+    limit other workers keep full ends it all the same."""
+    if crowded:
+        return now >= deadline + CROWDED_GRACE
+    return now >= deadline
 
 
 def backoff(settings: QueueSettings, attempts: int, rng: Callable[[], float]) -> float:
@@ -1045,6 +1058,7 @@ class Engine:
             return await self._refuse(entry, pending, replies[own[0]][1], replies, shared)
         deferred = False
         bounced: list[tuple[str, str]] = []
+        expires = _expires(now, deadline, crowded)
         for address in pending:
             code, reply = replies.get(address, (451, "451 4.3.0 no reply for this recipient"))
             if 200 <= code < 300:
@@ -1052,7 +1066,7 @@ class Engine:
             elif code >= 500:
                 self._settle(entry, address, FAILED, reply)
                 bounced.append((address, reply))
-            elif now >= deadline and address not in cut:  # the last try, as in Postfix
+            elif expires and address not in cut:  # the last try, as in Postfix
                 lifetime = duration(policy.queue.lifetime)
                 reply = f"not delivered within {lifetime}; last reply: {reply}"
                 self._settle(entry, address, EXPIRED, reply)
@@ -1072,7 +1086,8 @@ class Engine:
             wait = min(wait, policy.queue.first_retry)
         if crowded:  # no verdict on the upstream: nor the backoff of one
             wait = min(wait, CROWDED_WAIT)
-        entry.next_attempt = min(ended + wait, deadline)
+        # past the lifetime only a try crowded out or cut off is deferred: it waits its wait
+        entry.next_attempt = ended + wait if now >= deadline else min(ended + wait, deadline)
         for rcpt in entry.pending():
             self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
         await self._notify(entry, policy)

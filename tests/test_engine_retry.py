@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from relay import engine as engine_module
+from relay import slots
 from relay.audit import AuditLog, reader
 from relay.deliver import attempt
 from relay.engine import Attempt, Engine, duration
@@ -150,6 +151,45 @@ async def test_an_entry_expired_on_its_own_upstream_down_names_neither_it_nor_th
     assert "127.0.0.1" not in text and "Upstream" not in text and "default" not in text
     assert "The mail platform could not pass the document on" in text
     assert "The receiving server could not be reached" not in text
+
+
+class Crowded(Upstream):
+    """Refuses every connection as one over its limit (``crowded``)."""
+
+    async def __call__(
+        self, target: Any, sender: str, rcpts: Any, data: bytes, **_: Any
+    ) -> Attempt:
+        self.attempts += 1
+        too_many = (451, "451 4.4.1 421 4.7.0 Too many connections")
+        return Attempt(dict.fromkeys(rcpts, too_many), crowded=True)
+
+
+async def test_a_refusal_over_the_limit_at_the_lifetime_goes_again_soon_not_expired(
+    spool: Spool, policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusal counts as no attempt, yet at the lifetime it expired the message
+    untried; one refused so for long past it expires all the same."""
+    monkeypatch.setattr(slots, "REST", 0.01)
+    now = [time.time()]
+    audit = AuditLog(tmp_path / "audit")
+    upstream = Crowded()
+    queue = with_queue(policy, lifetime=40)
+    engine = Engine(spool, lambda: queue, upstream, Recorder(audit), clock=lambda: now[0])
+    entry = make_entry(arrival=now[0] - 41, size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+    assert spool.load(entry.queue_id).next_attempt == now[0] + engine_module.CROWDED_WAIT
+    now[0] = entry.arrival + 40 + engine_module.CROWDED_GRACE
+    await asyncio.sleep(0.1)  # the slot refused alone rests
+    assert (await engine.attempt_now(entry.queue_id)).status == "failed"
+    await engine.stop(5)
+    assert upstream.attempts == 2
+    reason = "not delivered within 40 seconds; last reply: 451 4.4.1 421 4.7.0 Too many connections"
+    assert [event for event, _ in records(audit.directory, entry.queue_id)] == [
+        "deferred",
+        "expired",
+    ]
+    assert records(audit.directory, entry.queue_id)[-1][1] == reason
 
 
 async def test_a_deferral_the_spool_cannot_store_still_waits_its_backoff(
