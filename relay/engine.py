@@ -1002,10 +1002,12 @@ class Engine:
             replies: dict[str, tuple[int, str]] = {}
         elif upstream is None:
             replies = dict.fromkeys(pending, (451, held or _no_upstream(entry, policy)))
+        elif (unusable := self._tried_for_it(entry, upstream, now, deadline)) is not None:
+            replies = dict.fromkeys(pending, (451, unusable))
         else:
             if now < deadline:  # past it, its last try is a real one
                 wait = policy.queue.first_retry
-                later = self._suspensions.admits(upstream, entry.queue_id, now, wait)
+                later = self._suspensions.admits(upstream, entry.queue_id, now, wait, deadline)
                 if later is not None:
                     self._plan(entry.queue_id, later)
                     return Outcome("later")
@@ -1096,6 +1098,24 @@ class Engine:
         self._plan(entry.queue_id, entry.next_attempt)
         return Outcome("deferred")
 
+    def _tried_for_it(
+        self, entry: QueueEntry, upstream: Upstream, now: float, deadline: float
+    ) -> str | None:
+        """For a message past its lifetime that waits for a suspended upstream, the
+        reply of the last try that found the upstream unusable: that try was its
+        last one too, and it expires with that reply. Waiting for its turn,
+        each such message came one ``first_retry`` behind the one before (a
+        thousand behind a dead smarthost, hours late, their senders' notices
+        too); tried each, those expiring together would be a burst of
+        connections at a host known to be down. None when it is tried: before its
+        lifetime, or as the suspension's one try."""
+        if now < deadline:
+            return None
+        wait = self.policy().queue.first_retry
+        if self._suspensions.admits(upstream, entry.queue_id, now, wait, deadline) is None:
+            return None
+        return self._suspensions.reply(upstream)
+
     def _going_on(self) -> bool:
         """Whether an attempt may start a further transaction (``relay.deliver``)."""
         return self._starting
@@ -1114,7 +1134,9 @@ class Engine:
         now, wait, unreachable = self.clock(), settings.first_retry, sent.unreachable
         unusable = None if sent.crowded else unreachable is not None
         self._slots_learn(upstream, sent.crowded, unusable is False)
-        waiting = self._suspensions.ended(upstream, queue_id, began, unusable, now, wait)
+        waiting = self._suspensions.ended(
+            upstream, queue_id, began, unusable, now, wait, unreachable or ""
+        )
         if self._suspensions.suspended(upstream):
             if unusable:
                 self._show_suspension(upstream.name, True)

@@ -23,12 +23,14 @@ either way. An upstream is known by its settings, not its name: a reload
 that points the name elsewhere starts afresh.
 
 Nothing is recorded for a message that waits: it was not tried, so it keeps
-its attempts, its backoff and its lifetime (a message past its lifetime is
-tried all the same, as its last try).
+its attempts, its backoff and its lifetime. It waits no longer than its
+lifetime: past it, the engine ends it with the reply of the try that found
+the upstream unusable, its last try too (``Engine._tried_for_it``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -39,6 +41,7 @@ class _Suspended:
     since: float  # when the failure that suspended it ended
     until: float  # the next message is tried then
     wait: float  # first_retry when it was suspended
+    reply: str = ""  # what the last try that found it unusable was told
     trying: str | None = None  # the queue ID of the try under way
     chosen: str | None = None  # the waiting message let through to try, until ``until``
     waiting: set[str] = field(default_factory=set)  # queue IDs planned for later
@@ -57,6 +60,7 @@ class Suspensions(Generic[K]):
         self._suspended: dict[K, _Suspended] = {}
         self._reached: dict[K, float] = {}  # when an attempt last reached it
         self._waiting_for: dict[str, K] = {}  # queue ID -> the upstream it waits for
+        self._expires: dict[str, float] = {}  # queue ID -> the end of its lifetime
         self._last_now = float("-inf")
 
     def _with_clock(self, now: float) -> None:
@@ -72,23 +76,37 @@ class Suspensions(Generic[K]):
             suspended.until += step
         self._reached = {upstream: at + step for upstream, at in self._reached.items()}
 
-    def admits(self, upstream: K, queue_id: str, now: float, wait: float) -> float | None:
+    def admits(
+        self, upstream: K, queue_id: str, now: float, wait: float, expires: float = math.inf
+    ) -> float | None:
         """None when ``queue_id`` may be tried now: nothing suspends ``upstream``,
         or its wait is over, no try is under way, and this message is the one that
-        tries; otherwise when to look again."""
+        tries; otherwise when to look again, at the end of its lifetime
+        (``expires``) at the latest: planned for the end of the wait, each
+        message past it came one wait behind the one before. Past it, the
+        message no longer waits: not tried, it ends."""
         self._with_clock(now)
         suspended = self._suspended.get(upstream)
         if suspended is None:
             return None
         later = None if suspended.lets(queue_id) else self._later(suspended, now)
+        if later is not None and now >= expires:
+            self._unwait(queue_id)
+            return later
         if later is not None:
             suspended.waiting.add(queue_id)
             self._waiting_for[queue_id] = upstream
-            return later
+            self._expires[queue_id] = expires
+            return min(later, expires)
         suspended.trying, suspended.until, suspended.chosen = queue_id, now + wait, None
-        suspended.waiting.discard(queue_id)
-        self._waiting_for.pop(queue_id, None)
+        self._unwait(queue_id)
         return None
+
+    def _unwait(self, queue_id: str) -> None:
+        upstream = self._waiting_for.pop(queue_id, None)
+        self._expires.pop(queue_id, None)
+        if upstream in self._suspended:
+            self._suspended[upstream].waiting.discard(queue_id)
 
     def waits(self, queue_id: str, now: float) -> float | None:
         """When to look again at a message known to wait for a suspension that
@@ -106,12 +124,14 @@ class Suspensions(Generic[K]):
         suspended = None if upstream is None else self._suspended.get(upstream)
         if suspended is None:
             return None
-        if suspended.lets(queue_id):
+        expires = self._expires.get(queue_id, math.inf)
+        if suspended.lets(queue_id) or now >= expires:
             return None
         later = self._later(suspended, now)
         if later is None:
             suspended.chosen, suspended.until = queue_id, now + suspended.wait
-        return later
+            return None
+        return min(later, expires)
 
     @staticmethod
     def _later(suspended: _Suspended, now: float) -> float | None:
@@ -127,6 +147,7 @@ class Suspensions(Generic[K]):
         unusable: bool | None,
         now: float,
         wait: float,
+        reply: str = "",
     ) -> set[str] | None:
         """``queue_id``'s attempt, which ``began`` then, ended. Unusable: the upstream
         is suspended unless an attempt reached it since (None is returned).
@@ -134,7 +155,7 @@ class Suspensions(Generic[K]):
         suspended or when the attempt began before the failure that suspended it
         (a long transaction on a connection made before the upstream went down
         released every waiting message onto it). None: the attempt found out
-        nothing (it raised)."""
+        nothing (it raised). ``reply``: what an unusable one was told."""
         self._with_clock(now)
         suspended = self._suspended.get(upstream)
         if suspended is not None and suspended.trying == queue_id:
@@ -150,7 +171,7 @@ class Suspensions(Generic[K]):
             return None
         if suspended is None:
             suspended = self._suspended[upstream] = _Suspended(now, now + wait, wait)
-        suspended.until, suspended.wait = now + wait, wait
+        suspended.until, suspended.wait, suspended.reply = now + wait, wait, reply
         suspended.tried.add(queue_id)
         return None
 
@@ -164,10 +185,16 @@ class Suspensions(Generic[K]):
             return None
         for waiter in suspended.waiting:
             self._waiting_for.pop(waiter, None)
+            self._expires.pop(waiter, None)
         return suspended.waiting
 
     def suspended(self, upstream: K) -> bool:
         return upstream in self._suspended
+
+    def reply(self, upstream: K) -> str:
+        """What the last try that found ``upstream`` unusable was told."""
+        suspended = self._suspended.get(upstream)
+        return "" if suspended is None else suspended.reply
 
     def upstreams(self) -> list[K]:
         """The upstreams suspended now."""
@@ -190,6 +217,7 @@ class Suspensions(Generic[K]):
             for waiter in self._suspended.pop(upstream, _Suspended(0.0, 0.0, 0.0)).waiting:
                 self._waiting_for.pop(waiter, None)
             self._reached.pop(upstream, None)
+        self._expires = {q: at for q, at in self._expires.items() if q in self._waiting_for}
         for upstream, suspended in list(self._suspended.items()):
             suspended.tried &= queued
             if not (suspended.tried or suspended.waiting or suspended.trying):

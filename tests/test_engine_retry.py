@@ -192,6 +192,48 @@ async def test_a_refusal_over_the_limit_at_the_lifetime_goes_again_soon_not_expi
     assert records(audit.directory, entry.queue_id)[-1][1] == reason
 
 
+class Down(Upstream):
+    """Cannot be used at all (``unreachable``): which message each try was for."""
+
+    def __init__(self) -> None:
+        super().__init__((451, "451 4.4.1 down"))
+        self.tried: list[str] = []
+
+    async def __call__(
+        self, target: Any, sender: str, rcpts: Any, data: bytes, **kw: Any
+    ) -> Attempt:
+        self.tried.append(kw["envelope_id"])
+        return Attempt(dict.fromkeys(rcpts, self.answer), self.answer[1])
+
+
+async def test_mail_waiting_for_a_suspended_upstream_expires_at_its_lifetime(
+    spool: Spool, policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each waiting message was planned for the end of the wait and one of them
+    tried then, so those past their lifetime left one first_retry after
+    another: ten of them, the last 4.5 s late; a thousand at a first_retry of
+    60 s, hours late. Each now expires at its lifetime with the reply of the
+    try that found the upstream unusable, not tried again itself."""
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    audit = AuditLog(tmp_path / "audit")
+    queue = with_queue(policy, first_retry=0.5, max_retry=0.5, lifetime=1.0)
+    down = Down()
+    arrival = time.time()
+    ids = []
+    for n in range(10):
+        entry = make_entry(arrival=arrival)
+        spool.put(entry, message(n))
+        ids.append(entry.queue_id)
+    async with running(Engine(spool, lambda: queue, down, Recorder(audit))):
+        await until(lambda: not set(ids) & set(spool.ids()), "every message expired", 10)
+        late = time.time() - (arrival + 1.0)
+    assert late < 0.5, late
+    assert len([queue_id for queue_id in down.tried if queue_id in ids]) <= 4, down.tried
+    reason = "not delivered within 1 second; last reply: 451 4.4.1 down"
+    for queue_id in ids:
+        assert records(audit.directory, queue_id)[-1] == ("expired", reason)
+
+
 async def test_a_deferral_the_spool_cannot_store_still_waits_its_backoff(
     spool: Spool,
     policy: Policy,
