@@ -76,7 +76,7 @@ CUT_OFF = (
 )
 
 
-def file_budget() -> int:
+def file_budget(soft: int | None = None) -> int:
     """How many handed-over entries may wait, and how many attempts may be under
     way: each keeps its entry's file open (its lock). One waiting for a delivery
     slot holds none (it is parked, ``_park``, or waits warm) and does not
@@ -84,7 +84,8 @@ def file_budget() -> int:
     the open-file limit each, the rest being for connections and the spool:
     16 MiB of 2 KB messages would be 8,000 files, and a backlog due at once
     after an outage (or at a restart) one per queued message."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft is None:  # the limit in force; ``soft``: one to come (``relay check``)
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return 1 << 16 if soft == resource.RLIM_INFINITY else max(1, soft // 4)
 
 

@@ -35,10 +35,11 @@ from relay.deliver import attempt, counted
 from relay.engine import Engine
 from relay.errors import PolicyError, RelayError
 from relay.hostport import host_port
-from relay.ingress import authlimit, start
+from relay.ingress import authlimit, filelimit, start
 from relay.ingress.authlimit import AuthFailures
 from relay.ingress.clientlimit import ClientCounts
 from relay.ingress.diskspace import DiskGuard
+from relay.ingress.filelimit import MOST_FILES
 from relay.metrics import status as metrics_status
 from relay.pipeline import Acceptor
 from relay.policy import tlspair
@@ -114,7 +115,7 @@ def run(policy_path: Path) -> int:
         return EX_CONFIG
     if policy.run_as is None:
         _warn_if_root()
-    raise_open_files()
+    raise_open_files(policy)
     try:
         sockets = bind(policy.listeners)
     except OSError as exc:
@@ -280,18 +281,16 @@ def _close(sockets: Sockets, metrics: MetricsServer | None) -> None:
 #: Below this many open files a busy relay runs out: each connection takes one,
 #: and so does each accepted message until its delivery begins.
 FEW_FILES = 4096
-#: The soft limit is raised no further than this, even when the hard one is
-#: unlimited: a file table that size is already more than a relay needs.
-MOST_FILES = 1 << 20
 
 
-def raise_open_files() -> int:
+def raise_open_files(policy: Policy) -> int:
     """The soft limit on open files raised to the hard one (as Go's runtime does);
     the limit in force. The soft default of 1024 is kept for programs that
     ``select`` on high descriptors; the event loops use epoll, and the
     supervisor's ``select`` watches only its few pipes, opened first. At that
     limit libuv accepts and closes connections at once, and neither the client
-    nor the log says why."""
+    nor the log says why; a limit that leaves a listener's connection limits out
+    of reach (``filelimit``) is said too."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = MOST_FILES if hard == resource.RLIM_INFINITY else min(hard, MOST_FILES)
     if soft != resource.RLIM_INFINITY and soft < want:
@@ -307,6 +306,8 @@ def raise_open_files() -> int:
             " its delivery takes one: raise the hard limit (LimitNOFILE in the unit)",
             soft,
         )
+    for said in filelimit.unreachable(soft, policy):
+        log.warning("open files: %s", said)
     return soft
 
 

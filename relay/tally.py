@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 from relay.sharedtable import Row, SharedTable, key_of, stamp
 
-# counts per worker: eleven per listener, seven per upstream (2,000 tenants'
+# counts per worker: twelve per listener, seven per upstream (2,000 tenants'
 # own accounts and the platform's take 14,000)
 SLOTS = 16384
 
@@ -38,7 +38,7 @@ REACHED = "reached"  # (upstream): when the last attempt that reached it began, 
 BEGUN = "attempts begun"  # (upstream)
 ENDED = "attempts ended"  # (upstream): one under way is begun and not ended yet
 
-REFUSED_REASONS = ("not_allowed", "too_many", "too_many_from_client")
+REFUSED_REASONS = ("not_allowed", "too_many", "too_many_from_client", "out_of_files")
 DROPPED_REASONS = ("timeout", "errors")
 AUTH_RESULTS = ("ok", "failed", "locked")
 UPSTREAM_RESULTS = ("sent", "deferred", "refused")

@@ -179,12 +179,15 @@ def test_what_the_sessions_and_the_attempts_came_to_is_counted(
         ("local", "not_allowed"): 0,
         ("local", "too_many"): 0,
         ("local", "too_many_from_client"): 1,
+        ("local", "out_of_files"): 0,
         ("partners", "not_allowed"): 1,
         ("partners", "too_many"): 0,
         ("partners", "too_many_from_client"): 0,
+        ("partners", "out_of_files"): 0,
         ("idle", "not_allowed"): 0,
         ("idle", "too_many"): 1,
         ("idle", "too_many_from_client"): 0,
+        ("idle", "out_of_files"): 0,
     }
     assert value("connections_dropped", listener="local", reason="errors") == 1
     assert value("connections_dropped", listener="local", reason="timeout") == 0

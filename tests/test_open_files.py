@@ -6,23 +6,34 @@ to the hard one at start, and says so when the hard one is low."""
 
 from __future__ import annotations
 
+import resource
+import smtplib
 import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.relayproc import RelayProcess
 from tests.sink import free_port
-from tests.test_queue_e2e import configure, send
+from tests.test_queue_e2e import SMALL, configure, send
 
 CONNECTIONS = 200  # well past the soft limit the relay is started with
 
 
-def greeted(port: int, count: int) -> list[bytes]:
-    """The first line each of ``count`` connections, held open together, gets."""
+def greeted(port: int, count: int, then: Callable[[], None] = lambda: None) -> list[bytes]:
+    """The first line each of ``count`` connections, held open together, gets;
+    ``then`` is done while they are open."""
     held: list[socket.socket] = []
     try:
         for _ in range(count):
             held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
-        return [connection.recv(512).split(b"\r\n")[0] for connection in held]
+        replies = [connection.recv(512).split(b"\r\n")[0] for connection in held]
+        then()
+        return replies
     finally:
         for connection in held:
             connection.close()
@@ -48,3 +59,80 @@ def test_a_low_hard_limit_is_reported(policy_file: Path, tmp_path: Path) -> None
         assert send(port)
     assert "open files: limited to 512" in relay.log()
     assert "LimitNOFILE" in relay.log()
+
+
+FLOOD = 300  # well past what a limit of 128 leaves two workers room for
+OUT_OF_FILES = b"421 4.3.2 Out of file descriptors for more connections, try again later"
+
+
+def test_past_its_room_a_worker_refuses_with_421_and_open_sessions_still_queue(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """At 128 open files connections past the limit were closed with no reply,
+    and a session already open got 451 for its message (the spool could not
+    open its file); no metric or log line said why."""
+    port, metrics = free_port(), free_port()
+    extra = f"workers: 2\nmetrics: {{address: 127.0.0.1, port: {metrics}}}\n"
+    policy = configure(policy_file, port, free_port(), extra)
+    with RelayProcess(policy, port, tmp_path / "relay.log", open_files=(128, 128)) as relay:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as session:
+            session.ehlo()
+            replies = greeted(port, FLOOD, then=lambda: _transaction(session))
+        refused = _refused(metrics)
+    assert all(r.startswith(b"220 ") or r == OUT_OF_FILES for r in replies), set(replies)
+    assert refused == replies.count(OUT_OF_FILES) > 0
+    said = relay.log().count("out of file descriptors for more connections")
+    assert 1 <= said <= 2  # once in each worker, not a line a connection
+    assert "max_connections" not in relay.log()  # the test policy sets none
+
+
+def test_limits_a_low_open_files_limit_leaves_out_of_reach_are_said(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    listener = "    auth: optional\n"
+    limits = listener + "    max_connections: 1000\n    max_connections_per_client: 50\n"
+    policy_file.write_text(policy_file.read_text().replace(listener, limits, 1))
+    policy = configure(policy_file, port, free_port(), "workers: 2\n")
+    with RelayProcess(policy, port, tmp_path / "relay.log", open_files=(128, 128)) as relay:
+        assert send(port)
+    log = relay.log()
+    assert "listener local: max_connections 1000 cannot be reached" in log
+    assert "max_connections_per_client 50 cannot be reached" in log
+    assert "each of the 2 worker(s) takes at most 6 connections (12 in all)" in log
+    checked = relay_cli_limited(policy, 128)
+    assert checked.returncode == 0, checked.stderr
+    assert "max_connections 1000 cannot be reached under an open-files limit of 128" in (
+        checked.stderr
+    )
+
+
+def relay_cli_limited(policy: Path, files: int) -> subprocess.CompletedProcess[str]:
+    """``relay check`` started under an open-files limit, as in the unit's ExecStartPre."""
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "check", "-c", str(policy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (files, files)),
+    )
+
+
+def _transaction(session: smtplib.SMTP) -> None:
+    session.mail("jan@acme.example")
+    session.rcpt("one@example.org")
+    code, reply = session.data(SMALL)
+    assert code == 250, reply
+
+
+def _refused(metrics: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as answer:
+        body = answer.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name == "relay_smtp_connections_refused_total"
+        and sample.labels.get("reason") == "out_of_files"
+    )

@@ -26,6 +26,7 @@ from relay.ingress.authcache import Verified
 from relay.ingress.authlimit import AuthFailures
 from relay.ingress.clientlimit import ClientRow
 from relay.ingress.diskspace import DiskGuard
+from relay.ingress.filelimit import FileRoom, of_this_process
 from relay.ingress.handler import Process, Refused, RelayHandler
 from relay.ingress.implicit import ImplicitTLS
 from relay.ingress.protocol import RelaySMTP
@@ -57,6 +58,11 @@ class Ingress:
     handshaking: set[ImplicitTLS] = field(default_factory=set)  # implicit TLS not yet done
     served: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # their cert and key
     refused: Refused | None = None  # puts content the SMTP side refused on record
+    files: FileRoom = field(default_factory=lambda: FileRoom(0, None))  # connections' room
+
+    def open_here(self) -> int:
+        """This worker's connections, on every listener, those in a handshake too."""
+        return len(self.connections) + len(self.handshaking)
 
     def reload_tls(self, listeners: Sequence[Listener]) -> None:
         """Take up the listeners' certificates as the reloaded policy read them
@@ -190,7 +196,10 @@ async def start(
     for the metrics."""
     loop = asyncio.get_running_loop()
     ingress = Ingress(
-        failures=failures or AuthFailures(), refused=refused, disk=disk or DiskGuard()
+        failures=failures or AuthFailures(),
+        refused=refused,
+        disk=disk or DiskGuard(),
+        files=of_this_process(current_policy()),
     )
     try:
         for listener in listeners:
@@ -244,6 +253,8 @@ def _factory(
                 listener_name=listener.name,
                 allow=listener.allow,
                 connections=ingress.connections,
+                open_here=ingress.open_here,
+                files=ingress.files,
                 clients=clients,
                 per_client=listener.max_connections_per_client,
                 most=listener.max_connections,

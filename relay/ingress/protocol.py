@@ -63,6 +63,7 @@ from relay.ingress.address import (
 )
 from relay.ingress.auth import AUTH_ABORTED, BAD_BASE64, Authenticated, Mechanisms
 from relay.ingress.clientlimit import ALL_BUSY, EVERYONE, TOO_MANY, ClientRow, counted_as
+from relay.ingress.filelimit import OUT_OF_FILES, FileRoom
 from relay.submission import Submission
 from relay.submission import log_refused as log_message_refused
 from relay.tally import TallyRow
@@ -258,6 +259,8 @@ class RelaySMTP(SMTP):
         listener_name: str,
         allow: tuple[Network, ...],
         connections: set[RelaySMTP],
+        open_here: Callable[[], int] | None = None,
+        files: FileRoom | None = None,
         clients: ClientRow | None = None,
         per_client: int | None = None,
         most: int | None = None,
@@ -275,6 +278,8 @@ class RelaySMTP(SMTP):
         self._listener_name = listener_name
         self._allow = allow
         self._connections = connections
+        self._open_here = open_here or (lambda: len(connections))
+        self._files = files
         self._clients = clients
         self._per_client = per_client
         self._most = most
@@ -517,6 +522,8 @@ class RelaySMTP(SMTP):
             )
             self._count(tally.REFUSED, "not_allowed")
             return NOT_ALLOWED.format(client=address)
+        if self._out_of_files(str(address), before_tls, said):
+            return OUT_OF_FILES
         refusal = self._within_limits(str(address), said)
         self._admitted = refusal is None
         return refusal
@@ -525,6 +532,18 @@ class RelaySMTP(SMTP):
         """Its places in the limits given up: an implicit TLS connection whose
         handshake failed never becomes a session, whose end would do it."""
         self._leave_counted()
+
+    def _out_of_files(self, address: str, before_tls: bool, said: str) -> bool:
+        """Whether this worker has as many connections open as its open-files limit
+        leaves room for (``filelimit``): refused then, before the listener's limits,
+        so that the sessions open can still write the spool and the audit log. A
+        plain connection is among those open already, one before TLS not yet."""
+        others = self._open_here() - (0 if before_tls else 1)
+        if self._files is None or not self._files.full(others):
+            return False
+        self._files.refused(address, self._listener_name, said)
+        self._count(tally.REFUSED, "out_of_files")
+        return True
 
     def _within_limits(self, address: str, said: str) -> str | None:
         """Counted open for the client (an IPv6 one by its /64, ``counted_as``) and

@@ -214,7 +214,7 @@ def check_main(path: Path, out: TextIO, err: TextIO) -> int:
             print(problem, file=err)
         print(f"{path}: {_count(len(exc.problems), 'problem')}", file=err)
         return EX_CONFIG
-    for warning in [*warnings, *_state_warnings(policy)]:
+    for warning in [*warnings, *_state_warnings(policy), *_file_warnings(policy)]:
         print(warning, file=err)
     users = sum(len(tenant.users) for tenant in policy.tenants.values())
     summary = ", ".join(
@@ -239,6 +239,14 @@ def _state_warnings(policy: Policy) -> list[str]:
     except SuppressionError as exc:
         said = str(exc)
     return [] if said is None else [f"{policy.source}: warning: {said}"]
+
+
+def _file_warnings(policy: Policy) -> list[str]:
+    """The connection limits the open-files limit ``relay serve`` would run under
+    here leaves out of reach: in the unit's ExecStartPre, the unit's."""
+    from relay.ingress.filelimit import serve_limit, unreachable
+
+    return [f"{policy.source}: warning: {said}" for said in unreachable(serve_limit(), policy)]
 
 
 def _count(n: int, noun: str) -> str:
