@@ -470,6 +470,7 @@ async def serve(
     acceptor = Acceptor(
         spool, engine, recorder, alone=alone, suppressions=suppressions, rates=rates
     )
+    await _start_threads()
     ingress = await start(
         policy.listeners,
         holder.current,
@@ -548,6 +549,14 @@ async def serve(
             metrics.stop()
     log.info("stopped")
     return 1 if failed else 0
+
+
+async def _start_threads() -> None:
+    """The event loop's thread pool started before any mail is taken: libuv starts
+    it at its first use (a DNS lookup, an upstream's name) and aborts the process
+    when it cannot (a low RLIMIT_NPROC or RLIMIT_AS). Aborting here, a worker
+    fails its start, which the supervisor says, not a transaction later on."""
+    await asyncio.get_running_loop().getaddrinfo("127.0.0.1", 0)
 
 
 async def _reap_adopted() -> None:

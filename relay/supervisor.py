@@ -253,15 +253,21 @@ class Supervisor:
         return 0
 
     def _failed_start(self, index: int) -> int:
-        """A worker that cannot start will not start on a retry either: stop, say why."""
+        """A worker that cannot start will not start on a retry either: stop, say why.
+        Every worker reaped is let go of: one that died with it (all abort under a
+        low LimitNPROC), left counted, was waited for through the stop's whole
+        timeout and then failed the supervisor's own wait."""
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
+            failed = None
             for pid, status in self._reaped():
                 worker = self.workers.pop(pid, None)
                 if worker is not None and worker.index == index:
-                    log.error("worker %d %s while starting", index, _how(status))
-                    code = os.waitstatus_to_exitcode(status)
-                    return code if code > 0 else EX_SOFTWARE
+                    failed = status
+            if failed is not None:
+                log.error("worker %d %s while starting", index, _how(failed))
+                code = os.waitstatus_to_exitcode(failed)
+                return code if code > 0 else EX_SOFTWARE
             time.sleep(0.05)
         return EX_SOFTWARE
 
@@ -635,6 +641,14 @@ def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
         raise OSError(exc.errno, f"{path}: {exc.strerror}") from exc
 
 
+# what a SIGABRT most often means in a worker, which says nothing as it aborts
+ABORTED = (
+    " (most likely a thread or memory it could not get: the limit on processes,"
+    " RLIMIT_NPROC, LimitNPROC or TasksMax in the unit, or on memory, RLIMIT_AS,"
+    " LimitAS or MemoryMax)"
+)
+
+
 def _signal(pid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
@@ -642,9 +656,12 @@ def _signal(pid: int, signum: int) -> None:
 
 def _how(status: int) -> str:
     """A worker that stops cleanly unasked was told to by a signal sent to it
-    alone: "exited with status 0" in an ERROR read as a crash."""
+    alone: "exited with status 0" in an ERROR read as a crash. One that aborts
+    leaves no line of its own: libuv aborts when it cannot start a thread."""
     if status == 0:
         return "stopped, exit status 0, as a SIGTERM sent to it alone makes it"
     if os.WIFSIGNALED(status):
-        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        signum = os.WTERMSIG(status)
+        hint = ABORTED if signum == signal.SIGABRT else ""
+        return f"was killed by {signal.Signals(signum).name}{hint}"
     return f"exited with status {os.WEXITSTATUS(status)}"

@@ -372,6 +372,48 @@ def test_a_worker_that_dies_at_every_start_stops_the_relay(
     assert log.count("INFO stopped") == 2  # the other worker's, then the supervisor's
 
 
+# each worker forked with room for about 6 MiB more address space: less than a
+# thread's stack (libuv gives its pool's threads 8 MiB)
+NO_ROOM_FOR_THREADS = """
+import os, resource
+def _little_memory():
+    with open("/proc/self/status") as status:
+        size = next(int(line.split()[1]) for line in status if line.startswith("VmSize"))
+    resource.setrlimit(resource.RLIMIT_AS, (size * 1024 + (6 << 20), resource.RLIM_INFINITY))
+os.register_at_fork(after_in_child=_little_memory)
+"""
+
+
+def test_a_worker_that_cannot_start_its_threads_fails_its_start_and_the_log_says_why(
+    policy_file: Path, port: int, tmp_path: Path
+) -> None:
+    """libuv aborts when it cannot start its thread pool: at its first use, with a
+    worker taking mail, restarted in a loop with nothing in the log saying why."""
+    relay = Relay(
+        configure(policy_file, port), port, tmp_path / "relay.log", prelude=NO_ROOM_FOR_THREADS
+    )
+    try:
+        relay.wait_for(lambda: relay.proc.poll() is not None, "the relay stopped", 60)
+    finally:
+        relay.stop()
+    log = relay.log()
+    assert relay.proc.returncode == supervisor.EX_SOFTWARE, log
+    assert "was killed by SIGABRT (most likely a thread or memory it could not get" in log
+    assert "RLIMIT_NPROC" in log and "RLIMIT_AS" in log
+    assert " serving" not in log  # no worker took mail
+    assert "Traceback" not in log  # the other worker, dead too, was not waited for
+
+
+def test_a_worker_killed_by_sigabrt_is_said_to_have_lacked_a_thread_or_memory(
+    relay: Relay,
+) -> None:
+    victim = [pid for i, pid in relay.started() if i == 1][-1]
+    os.kill(victim, signal.SIGABRT)
+    said = f"worker 1 (pid {victim}) was killed by SIGABRT (most likely a thread or memory"
+    relay.wait_for(lambda: said in relay.log(), "the worker reported")
+    assert "LimitNPROC or TasksMax" in relay.log()
+
+
 def test_status_counts_the_workers_running_against_those_asked_for(
     policy_file: Path, port: int, tmp_path: Path
 ) -> None:
