@@ -4,8 +4,10 @@ read with Prometheus's own parser."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import selectors
 import signal
 import smtplib
 import socket
@@ -288,6 +290,64 @@ def test_a_scraper_that_hangs_up_is_not_a_fault(policy_file: Path, caplog) -> No
         server.stop()
     faults = [r for r in caplog.records if r.getMessage() == "metrics: a request failed"]
     assert len(faults) == 1 and faults[0].exc_info[0] is ValueError
+
+
+BURST = 1000  # connections opened at once, each asking for /healthz
+
+
+def test_a_burst_of_connections_is_answered_not_dropped(policy_file: Path) -> None:
+    """At a listen backlog of 5 a burst overflowed the kernel's queue: of 1,000
+    health checks at once about 270 were answered within 3 s, a local process
+    opening connections in a loop made ``/readyz`` fail."""
+    from relay.metrics.serve import MetricsServer
+    from relay.policy.load import load
+    from relay.policy.model import MetricsSettings
+    from relay.spool import Spool
+
+    policy = load(configure(policy_file, free_port(), free_port()))
+    Spool(policy.queue.directory)
+    server = MetricsServer(MetricsSettings("127.0.0.1", free_port()), policy)
+    server.start(lambda: policy)
+    try:
+        answered = _burst(server.settings.port, BURST, within=3.0)
+    finally:
+        server.stop()
+    assert answered == BURST
+
+
+def _burst(port: int, count: int, within: float) -> int:
+    """How many of ``count`` connections, opened together, had an HTTP answer in time."""
+    waiting = selectors.DefaultSelector()
+    opened = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.setblocking(False)
+            opened.append(sock)
+            sock.connect_ex(("127.0.0.1", port))
+            waiting.register(sock, selectors.EVENT_WRITE)
+        answered, deadline = 0, time.monotonic() + within
+        while waiting.get_map() and time.monotonic() < deadline:
+            for key, _ in waiting.select(0.1):
+                answered += _step(waiting, key.fileobj)  # type: ignore[arg-type]
+        return answered
+    finally:
+        for sock in opened:
+            sock.close()
+
+
+def _step(waiting: selectors.BaseSelector, sock: socket.socket) -> int:
+    """The request once connected, then its answer's first bytes: 1 for an answer."""
+    if waiting.get_key(sock).events == selectors.EVENT_WRITE:
+        with contextlib.suppress(OSError):
+            sock.send(b"GET /healthz HTTP/1.0\r\n\r\n")
+        waiting.modify(sock, selectors.EVENT_READ)
+        return 0
+    waiting.unregister(sock)
+    try:
+        return int(sock.recv(16).startswith(b"HTTP/1.0 "))
+    except OSError:
+        return 0
 
 
 def test_what_the_workers_do_as_they_start_is_counted(policy_file: Path, tmp_path: Path) -> None:

@@ -46,6 +46,12 @@ log = logging.getLogger("relay")
 TIMEOUT = 5.0  # seconds a client may leave its connection silent
 DEADLINE = 10.0  # seconds a connection may last, however it trickles
 MAX_CLIENTS = 32
+# Connections the kernel holds for accept, capped by net.core.somaxconn. At
+# socketserver's 5 a burst (a local process opening connections in a loop,
+# scrapers at once) overflowed the queue: the kernel dropped the rest, a
+# health check among them unanswered for seconds. Queued, each is accepted
+# in turn and answered, or closed at once past ``MAX_CLIENTS``.
+BACKLOG = 4096
 
 
 class MetricsError(RelayError):
@@ -58,6 +64,7 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    request_queue_size = BACKLOG
 
     def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
         self.address_family = family
