@@ -798,7 +798,7 @@ class Engine:
         if queue_id in self.accepting or (self._scan_error and queue_id not in self._warm):
             self._plan(queue_id, now + POLL)  # accepting, or in a spool that cannot be read
             return False
-        later = self._suspensions.waits(queue_id, now)
+        later = self._suspensions.waits(queue_id, now, self.policy().queue.lifetime)
         if later is not None:  # waits for a suspended upstream: not read, not locked
             self._plan(queue_id, later)
             return False
@@ -1008,7 +1008,10 @@ class Engine:
         else:
             if now < deadline:  # past it, its last try is a real one
                 wait = policy.queue.first_retry
-                later = self._suspensions.admits(upstream, entry.queue_id, now, wait, deadline)
+                lifetime = policy.queue.lifetime
+                later = self._suspensions.admits(
+                    upstream, entry.queue_id, now, wait, entry.arrival, lifetime
+                )
                 if later is not None:
                     self._plan(entry.queue_id, later)
                     return Outcome("later")
@@ -1113,7 +1116,11 @@ class Engine:
         if now < deadline:
             return None
         wait = self.policy().queue.first_retry
-        if self._suspensions.admits(upstream, entry.queue_id, now, wait, deadline) is None:
+        lifetime = self.policy().queue.lifetime
+        if (
+            self._suspensions.admits(upstream, entry.queue_id, now, wait, entry.arrival, lifetime)
+            is None
+        ):
             return None
         return self._suspensions.reply(upstream)
 

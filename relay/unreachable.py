@@ -60,7 +60,7 @@ class Suspensions(Generic[K]):
         self._suspended: dict[K, _Suspended] = {}
         self._reached: dict[K, float] = {}  # when an attempt last reached it
         self._waiting_for: dict[str, K] = {}  # queue ID -> the upstream it waits for
-        self._expires: dict[str, float] = {}  # queue ID -> the end of its lifetime
+        self._arrivals: dict[str, float] = {}  # queue ID -> when it came, for its lifetime
         self._last_now = float("-inf")
 
     def _with_clock(self, now: float) -> None:
@@ -77,15 +77,22 @@ class Suspensions(Generic[K]):
         self._reached = {upstream: at + step for upstream, at in self._reached.items()}
 
     def admits(
-        self, upstream: K, queue_id: str, now: float, wait: float, expires: float = math.inf
+        self,
+        upstream: K,
+        queue_id: str,
+        now: float,
+        wait: float,
+        arrival: float = math.inf,
+        lifetime: float = math.inf,
     ) -> float | None:
         """None when ``queue_id`` may be tried now: nothing suspends ``upstream``,
         or its wait is over, no try is under way, and this message is the one that
         tries; otherwise when to look again, at the end of its lifetime
-        (``expires``) at the latest: planned for the end of the wait, each
-        message past it came one wait behind the one before. Past it, the
-        message no longer waits: not tried, it ends."""
+        (``arrival`` and ``lifetime``) at the latest: planned for the end of the
+        wait, each message past it came one wait behind the one before. Past
+        it, the message no longer waits: not tried, it ends."""
         self._with_clock(now)
+        expires = arrival + lifetime
         suspended = self._suspended.get(upstream)
         if suspended is None:
             return None
@@ -96,7 +103,7 @@ class Suspensions(Generic[K]):
         if later is not None:
             suspended.waiting.add(queue_id)
             self._waiting_for[queue_id] = upstream
-            self._expires[queue_id] = expires
+            self._arrivals[queue_id] = arrival
             return min(later, expires)
         suspended.trying, suspended.until, suspended.chosen = queue_id, now + wait, None
         self._unwait(queue_id)
@@ -104,11 +111,11 @@ class Suspensions(Generic[K]):
 
     def _unwait(self, queue_id: str) -> None:
         upstream = self._waiting_for.pop(queue_id, None)
-        self._expires.pop(queue_id, None)
+        self._arrivals.pop(queue_id, None)
         if upstream in self._suspended:
             self._suspended[upstream].waiting.discard(queue_id)
 
-    def waits(self, queue_id: str, now: float) -> float | None:
+    def waits(self, queue_id: str, now: float, lifetime: float = math.inf) -> float | None:
         """When to look again at a message known to wait for a suspension that
         still holds, without reading its entry: a rescan makes every waiting
         message due (its record says so), and each was read and locked again
@@ -124,7 +131,7 @@ class Suspensions(Generic[K]):
         suspended = None if upstream is None else self._suspended.get(upstream)
         if suspended is None:
             return None
-        expires = self._expires.get(queue_id, math.inf)
+        expires = self._arrivals.get(queue_id, math.inf) + lifetime  # the lifetime now
         if suspended.lets(queue_id) or now >= expires:
             return None
         later = self._later(suspended, now)
@@ -185,7 +192,7 @@ class Suspensions(Generic[K]):
             return None
         for waiter in suspended.waiting:
             self._waiting_for.pop(waiter, None)
-            self._expires.pop(waiter, None)
+            self._arrivals.pop(waiter, None)
         return suspended.waiting
 
     def suspended(self, upstream: K) -> bool:
@@ -217,7 +224,7 @@ class Suspensions(Generic[K]):
             for waiter in self._suspended.pop(upstream, _Suspended(0.0, 0.0, 0.0)).waiting:
                 self._waiting_for.pop(waiter, None)
             self._reached.pop(upstream, None)
-        self._expires = {q: at for q, at in self._expires.items() if q in self._waiting_for}
+        self._arrivals = {q: at for q, at in self._arrivals.items() if q in self._waiting_for}
         for upstream, suspended in list(self._suspended.items()):
             suspended.tried &= queued
             if not (suspended.tried or suspended.waiting or suspended.trying):

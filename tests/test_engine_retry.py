@@ -234,6 +234,32 @@ async def test_mail_waiting_for_a_suspended_upstream_expires_at_its_lifetime(
         assert records(audit.directory, queue_id)[-1] == ("expired", reason)
 
 
+async def test_mail_waiting_for_a_suspended_upstream_expires_at_a_lifetime_a_reload_shortened(
+    spool: Spool, policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of each waiting message's life was kept from the policy when it
+    began to wait: a reload shortening the lifetime in a long outage left them
+    one first_retry after another again."""
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    audit = AuditLog(tmp_path / "audit")
+    long = with_queue(policy, first_retry=0.5, max_retry=0.5, lifetime=60.0)
+    short = with_queue(policy, first_retry=0.5, max_retry=0.5, lifetime=1.0)
+    current = [long]
+    down = Down()
+    arrival = time.time()
+    ids = []
+    for n in range(8):
+        entry = make_entry(arrival=arrival)
+        spool.put(entry, message(n))
+        ids.append(entry.queue_id)
+    async with running(Engine(spool, lambda: current[0], down, Recorder(audit))):
+        await asyncio.sleep(1.2)  # suspended, the others waiting
+        current[0], switched = short, time.time()
+        await until(lambda: not set(ids) & set(spool.ids()), "every message expired", 10)
+        late = time.time() - switched
+    assert late < 0.5, late
+
+
 async def test_a_deferral_the_spool_cannot_store_still_waits_its_backoff(
     spool: Spool,
     policy: Policy,
