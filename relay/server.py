@@ -65,6 +65,7 @@ log = logging.getLogger("relay")
 
 STOP_GRACE = 10.0
 AUDIT_UPKEEP = 86400.0
+LOCK_FILE_CHECK = 2.0  # seconds between looks at the lock file, removed or replaced
 LEFTOVER_AGE = 3600.0  # seconds; see spool_upkeep
 EX_OSERR = 71
 EX_CANTCREAT = 73
@@ -143,9 +144,9 @@ def run(policy_path: Path) -> int:
         _close(sockets, metrics)
         return EX_CANTCREAT
     try:
-        return _serve_locked(policy_path, policy, sockets, metrics)
+        return _serve_locked(policy_path, policy, sockets, metrics, lock)
     finally:
-        os.close(lock)
+        lock.close()
 
 
 def _warn_if_root() -> None:
@@ -232,7 +233,11 @@ def _not_bound(policy: Policy, why: str) -> int:
 
 
 def _serve_locked(
-    policy_path: Path, policy: Policy, sockets: Sockets, metrics: MetricsServer | None
+    policy_path: Path,
+    policy: Policy,
+    sockets: Sockets,
+    metrics: MetricsServer | None,
+    lock: statelock.Lock,
 ) -> int:
     import uvloop
 
@@ -255,8 +260,10 @@ def _serve_locked(
         metrics.begin(shared.rates, shared.tally, written)
     if policy.workers == 1:
         metrics_status.loaded()
-        return uvloop.run(serve(policy_path, policy, sockets, metrics=metrics, shared=shared))
-    return Supervisor(policy_path, policy, sockets, metrics, shared).run()
+        return uvloop.run(
+            serve(policy_path, policy, sockets, metrics=metrics, shared=shared, lock=lock)
+        )
+    return Supervisor(policy_path, policy, sockets, metrics, shared, lock).run()
 
 
 def _open_metrics(policy: Policy) -> MetricsServer | None:
@@ -424,10 +431,12 @@ async def serve(
     worker: WorkerLink | None = None,
     metrics: MetricsServer | None = None,
     shared: SharedCounts | None = None,
+    lock: statelock.Lock | None = None,
 ) -> int:
     """Receive and deliver until SIGTERM. As one of several workers (``worker``
     set) the supervisor keeps the audit log's upkeep and its policy records,
-    and serves the metrics; alone, this process serves ``metrics``."""
+    the lock file, and serves the metrics; alone, this process serves
+    ``metrics`` and keeps ``lock``'s file."""
     holder = PolicyHolder(policy)
     spool = Spool(policy.queue.directory)
     try:
@@ -523,6 +532,8 @@ async def serve(
     else:
         if os.getpid() == 1:
             chores.append(loop.create_task(_reap_adopted()))
+        if lock is not None:
+            chores.append(loop.create_task(_keep_lock_file(lock, holder.current)))
         # held back since the start (relay.cli._serve), handled from here on
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
         log.info("serving in one process")
@@ -574,6 +585,12 @@ async def _reap_adopted() -> None:
         await asyncio.sleep(1.0)
 
 
+async def _keep_lock_file(lock: statelock.Lock, current: Callable[[], Policy]) -> None:
+    while True:
+        await asyncio.sleep(LOCK_FILE_CHECK)
+        keep_lock_file(lock, current())
+
+
 async def _beat() -> None:
     """What ``/healthz`` reads: the event loop still comes round."""
     while True:
@@ -606,10 +623,18 @@ def _note(policy: Policy) -> None:
     """The policy in use and what waits for a restart, in the lock file for
     ``relay status``; and, from the signal on, that the relay stops: a reload
     under way at the signal writes its note after the stop's."""
+    statelock.note_policy(policy.queue.directory.parent, *_noted(policy))
+
+
+def keep_lock_file(lock: statelock.Lock, policy: Policy) -> None:
+    """The lock file written again, as ``_note`` writes it, where it was removed
+    or replaced (``statelock.Lock.keep``)."""
+    lock.keep(*_noted(policy))
+
+
+def _noted(policy: Policy) -> tuple[str, list[str], Path]:
     stopping = [statelock.STOPPING] if metrics_status.STATUS.stopping else []
-    statelock.note_policy(
-        policy.queue.directory.parent, policy.digest, [*policy.pending, *stopping], policy.source
-    )
+    return policy.digest, [*policy.pending, *stopping], policy.source
 
 
 async def _wind_down(ingress: Ingress, engine: Engine, deadline: float) -> None:

@@ -3,16 +3,21 @@
 Two relays on one spool would both recover it, both deliver its mail and
 both extend its audit chain: a second ``relay serve`` started by hand next to
 the service, or a copy of the policy with other ports, must not start. The
-lock is an ``flock`` on ``relay.pid``, which names the holder for the message.
-Forked workers inherit the descriptor, so the lock lasts while any process of
-the relay is alive, and the kernel drops it with the last one, however it
-ends. For ``relay status`` the file goes on with the policy in use, the
-holder's start and the policy file it reads, and then what a reload left
-for a restart, a line each; it is rewritten at each reload.
+lock is an ``flock`` on the state directory and on ``relay.pid``, which names
+the holder for the message. Forked workers inherit the descriptors, so the
+lock lasts while any process of the relay is alive, and the kernel drops it
+with the last one, however it ends. The directory's is what a
+``relay.pid`` removed as a stale PID file, or replaced, leaves: the file
+keeps its lock, but a second relay opening it by its name found another
+file. The running relay writes such a file again within seconds. For
+``relay status`` the file goes on with the policy in use, the holder's
+start and the policy file it reads, and then what a reload left for a
+restart, a line each; it is rewritten at each reload.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -77,28 +82,109 @@ def _stat(pid: int) -> list[str]:
         return []
 
 
-def hold(directory: Path, digest: str, source: Path | None = None) -> int:
-    """The locked descriptor of ``directory``'s lock file, made if need be, naming
-    this process, ``digest``, the policy it serves, and ``source``, the file a
-    reload reads; the caller keeps it open for as long as it serves. Raises
+class Lock:
+    """The locked state directory and lock file, as this relay holds them; forked
+    workers inherit both descriptors, so the locks last while any of them runs."""
+
+    def __init__(self, directory: Path, whole: int, file: int) -> None:
+        self.directory = directory
+        self.whole = whole
+        self.file = file
+        self._said = False  # that the file cannot be written again, once until it can
+
+    def close(self) -> None:
+        os.close(self.file)
+        os.close(self.whole)
+
+    def keep(self, digest: str, pending: Sequence[str] = (), source: Path | None = None) -> None:
+        """Writes the lock file again where it was removed (a "stale PID file"
+        cleanup) or replaced: ``relay status`` reads it by its name, and said
+        "not running" for the rest of the relay's life."""
+        path = self.directory / LOCK_NAME
+        if self._ours(path):
+            return
+        try:
+            fd = _made_again(path, digest, pending, source)
+        except OSError as exc:
+            if not self._said:
+                log.warning(
+                    "%s was removed or replaced, and cannot be written again: %s", path, exc
+                )
+            self._said = True
+            return
+        log.warning("%s was removed or replaced while the relay runs: written again", path)
+        self._said = False
+        os.close(self.file)
+        self.file = fd
+
+    def _ours(self, path: Path) -> bool:
+        """True too where it cannot be told: nothing is written over on a guess."""
+        try:
+            found = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        held = os.fstat(self.file)
+        return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
+
+
+def hold(directory: Path, digest: str, source: Path | None = None) -> Lock:
+    """The locks of ``directory`` and its lock file, made if need be, naming this
+    process, ``digest``, the policy it serves, and ``source``, the file a
+    reload reads; the caller keeps them for as long as it serves. Raises
     StateBusy or OSError."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # not through a symbolic link: whoever may write the directory would choose the file
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-    fd = os.open(directory / LOCK_NAME, flags, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StateBusy(directory, _named(directory, fd)) from None
-        _write(fd, digest, (), source)
+        return _hold(directory, digest, source)
+    except BlockingIOError:
+        raise StateBusy(directory, _named(directory)) from None
+
+
+def _hold(directory: Path, digest: str, source: Path | None) -> Lock:
+    """The directory's first: a relay refused leaves the file as it found it.
+    Raises BlockingIOError where another process holds either."""
+    with contextlib.ExitStack() as undo:
+        whole = _locked(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        undo.callback(os.close, whole)
+        # not through a symbolic link: whoever may write the directory would choose the file
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        file = _locked(directory / LOCK_NAME, flags)  # an earlier version locks only this
+        undo.callback(os.close, file)
+        _write(file, digest, (), source)
+        undo.pop_all()
+    return Lock(directory, whole, file)
+
+
+def _locked(path: Path, flags: int) -> int:
+    """``path`` opened with ``flags`` and locked. Raises BlockingIOError or OSError."""
+    fd = os.open(path, flags, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def _named(directory: Path, fd: int) -> str:
+def _made_again(path: Path, digest: str, pending: Sequence[str], source: Path | None) -> int:
+    """The lock file made anew and locked, put in place whole: a status reading
+    it meanwhile finds the old one or the new, never half of it."""
+    new = path.with_name(f".{LOCK_NAME}.tmp")
+    new.unlink(missing_ok=True)
+    fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _write(fd, digest, pending, source)
+        os.rename(new, path)
+    except BaseException:
+        os.close(fd)
+        new.unlink(missing_ok=True)
+        raise
+    return fd
+
+
+def _named(directory: Path) -> str:
     """The PID to name for the relay holding the lock: as this process sees it,
     where the file's is another PID namespace's (a container's init is 1, the
     host's init here), else as the file has it."""
@@ -108,7 +194,16 @@ def _named(directory: Path, fd: int) -> str:
         running = None
     if running is not None:
         return str(running.pid)
-    written = os.pread(fd, 32, 0).decode("ascii", "replace").split("\n")[0].strip()
+    try:
+        fd = os.open(directory / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return ""
+    try:
+        written = os.pread(fd, 32, 0).decode("ascii", "replace").split("\n")[0].strip()
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
     return written if written.isdigit() else ""
 
 
@@ -174,12 +269,14 @@ class Holder(NamedTuple):
 def holder(directory: Path) -> Holder | None:
     """The relay the lock file names, or None when it names no relay alive (no
     relay, or one that was killed and left its file, its PID since given to
-    another program). Raises StateUnreadable."""
+    another program); with the file removed or replaced, the relay holding
+    the directory's lock, its policy unknown until it writes the file again.
+    Raises StateUnreadable."""
     path = directory / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
-        return None
+        return _holding_directory(directory)
     except OSError as exc:
         raise StateUnreadable(path, exc) from exc
     try:
@@ -195,7 +292,8 @@ def holder(directory: Path) -> Holder | None:
         words = lines[2].split(maxsplit=4)
         recorded = tuple(words[1:3])
         if words[3:4] not in ([], [str(inode)]):
-            return None  # a copy (cp -a of a live state directory): no relay holds it
+            # a copy (cp -a of a live state directory, or of the file into a live one)
+            return _holding_directory(directory)
         source = words[4] if len(words) > 4 else ""
         del lines[2]
     pid = int(lines[0]) if lines[0].isdigit() else None
@@ -233,6 +331,15 @@ def _seen_from_here(directory: Path, recorded: tuple[str, ...] | None) -> int | 
     return None
 
 
+def _holding_directory(directory: Path) -> Holder | None:
+    """The relay holding the directory's lock, where its file names none: one
+    whose ``relay.pid`` was removed writes it again within seconds."""
+    for pid in _lock_holders(directory, file=False):
+        if pid and _serving(pid, None):
+            return Holder(pid, "")
+    return None
+
+
 def held(directory: Path) -> bool:
     """Whether a process holds the lock, as the kernel's /proc/locks lists it:
     workers outlive a supervisor killed with SIGKILL for their stop's grace,
@@ -242,23 +349,36 @@ def held(directory: Path) -> bool:
     return bool(_lock_holders(directory))
 
 
-def _lock_holders(directory: Path) -> list[int]:
+def _lock_holders(directory: Path, file: bool = True) -> list[int]:
     """The PIDs, as this process's namespace numbers them, that /proc/locks says
-    hold a flock on the lock file; none when it cannot be told."""
-    try:
-        info = os.stat(directory / LOCK_NAME, follow_symlinks=False)
-        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
-            table = locks.read()
+    hold a flock on the directory, or on its lock file unless ``file`` is
+    False (an earlier version locked the file alone); none when it cannot be
+    told."""
+    inodes = {_inode(directory, follow=True)}
+    if file:
+        inodes.add(_inode(directory / LOCK_NAME, follow=False))
+    inodes.discard("")
+    try:  # bytes: a relay that gave up root may no longer import the ascii codec
+        table = Path("/proc/locks").read_bytes().decode("ascii", "replace")
     except OSError:
         return []
-    inode = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
     holders = []
     for line in table.splitlines():
         fields = line.split()
-        if "FLOCK" in fields and inode in fields:
+        inode = next((field for field in fields if field in inodes), None)
+        if "FLOCK" in fields and inode is not None:
             pid = fields[fields.index(inode) - 1]
             holders.append(int(pid) if pid.isdigit() else 0)
     return holders
+
+
+def _inode(path: Path, follow: bool) -> str:
+    """``path``'s device and inode as /proc/locks writes them; "" where it has none."""
+    try:
+        info = os.stat(path, follow_symlinks=follow)
+    except OSError:
+        return ""
+    return f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
 
 
 class StateUnreadable(RelayError):

@@ -49,10 +49,12 @@ from relay.policy.files import RefusedFile
 from relay.policy.model import Policy, Sources
 from relay.server import (
     AUDIT_UPKEEP,
+    LOCK_FILE_CHECK,
     STOP_GRACE,
     SharedCounts,
     audit_upkeep,
     in_use,
+    keep_lock_file,
     read_policy,
     record_policy,
     reloaded,
@@ -184,6 +186,7 @@ class Supervisor:
         sockets: Sockets,
         metrics: MetricsServer | None,
         shared: SharedCounts,
+        lock: statelock.Lock,
     ) -> None:
         self.policy_path = policy_path
         self.policy = policy
@@ -206,6 +209,7 @@ class Supervisor:
         self.restarts: dict[int, tuple[float, int]] = {}  # index -> (when, quick deaths)
         self.kill_at: dict[int, float] = {}  # pid -> when, for workers a reload stopped
         self.metrics = metrics  # bound, counting; served once the workers are
+        self.lock = lock  # its file kept by the supervisor, which notes the policy in it
 
     def run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # the metrics thread's too
@@ -279,6 +283,7 @@ class Supervisor:
 
     def _watch(self) -> int:
         next_upkeep = time.monotonic() + AUDIT_UPKEEP
+        next_look = time.monotonic() + LOCK_FILE_CHECK
         while True:
             metrics_status.beat()
             metrics_status.workers(len(self.workers), self.policy.workers)
@@ -293,6 +298,9 @@ class Supervisor:
             if self._reap_and_restart():
                 return EX_SOFTWARE
             self._kill_overdue()
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + LOCK_FILE_CHECK
+                keep_lock_file(self.lock, self.policy)
             if time.monotonic() >= next_upkeep:
                 next_upkeep += AUDIT_UPKEEP
                 self._upkeep()

@@ -18,14 +18,14 @@ DIGEST = "3f9a2b1c4d5e" * 5 + "3f9a"
 
 
 def test_a_second_holder_is_told_the_first_ones_pid(tmp_path: Path) -> None:
-    fd = statelock.hold(tmp_path, DIGEST)
+    lock = statelock.hold(tmp_path, DIGEST)
     try:
         with pytest.raises(StateBusy) as busy:
             statelock.hold(tmp_path, DIGEST)  # another open file description: flock refuses it
         assert f"in use by the relay with PID {os.getpid()}:" in str(busy.value)
     finally:
-        os.close(fd)
-    os.close(statelock.hold(tmp_path, DIGEST))  # closed: free again
+        lock.close()
+    statelock.hold(tmp_path, DIGEST).close()  # closed: free again
 
 
 @pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
@@ -73,7 +73,7 @@ def test_workers_left_by_a_supervisor_that_died_are_named_as_such(
     deadline = time.monotonic() + 10
     while True:  # the orphan is reaped by init, not by the test
         try:
-            os.close(statelock.hold(tmp_path, DIGEST))
+            statelock.hold(tmp_path, DIGEST).close()
             break
         except StateBusy:
             assert time.monotonic() < deadline, "the lock outlived its holders"
@@ -96,18 +96,18 @@ def test_a_copy_of_a_live_state_directory_names_no_relay(tmp_path: Path) -> None
     started on the copy blamed it for a port another relay held."""
     live, copy = tmp_path / "live", tmp_path / "copy"
     live.mkdir()
-    fd = statelock.hold(live, DIGEST)
+    lock = statelock.hold(live, DIGEST)
     try:
         shutil.copytree(live, copy)
         assert statelock.holder(live) == statelock.Holder(os.getpid(), DIGEST)
         assert statelock.holder(copy) is None
     finally:
-        os.close(fd)
-    fd = statelock.hold(copy, DIGEST)  # the copy's own relay writes it anew
+        lock.close()
+    lock = statelock.hold(copy, DIGEST)  # the copy's own relay writes it anew
     try:
         assert statelock.holder(copy) == statelock.Holder(os.getpid(), DIGEST)
     finally:
-        os.close(fd)
+        lock.close()
 
 
 def test_the_policy_file_is_read_back_whole_and_an_older_file_names_none(
@@ -117,7 +117,7 @@ def test_the_policy_file_is_read_back_whole_and_an_older_file_names_none(
     note too; an older relay's start line ends at the inode, and names none."""
     monkeypatch.chdir(tmp_path)
     state = tmp_path / "state"
-    fd = statelock.hold(state, DIGEST, Path("my policy.yaml"))
+    lock = statelock.hold(state, DIGEST, Path("my policy.yaml"))
     try:
         expected = str(tmp_path / "my policy.yaml")
         assert statelock.holder(state) == statelock.Holder(os.getpid(), DIGEST, (), expected)
@@ -134,24 +134,24 @@ def test_the_policy_file_is_read_back_whole_and_an_older_file_names_none(
             os.getpid(), DIGEST, ("waits for a restart: x",)
         )
     finally:
-        os.close(fd)
+        lock.close()
 
 
 def test_a_lock_file_read_while_a_reload_writes_it_names_the_relay(tmp_path: Path) -> None:
     """A reload empties the file, then writes it: a status read in between
     found no relay, said its supervisor was gone and exited 1."""
-    fd = statelock.hold(tmp_path, DIGEST)
+    lock = statelock.hold(tmp_path, DIGEST)
     try:
         text = (tmp_path / statelock.LOCK_NAME).read_bytes()
-        os.ftruncate(fd, 0)  # as a reload leaves it for a moment
-        later = threading.Timer(0.03, lambda: os.pwrite(fd, text, 0))
+        os.ftruncate(lock.file, 0)  # as a reload leaves it for a moment
+        later = threading.Timer(0.03, lambda: os.pwrite(lock.file, text, 0))
         later.start()
         try:
             assert statelock.holder(tmp_path) == statelock.Holder(os.getpid(), DIGEST)
         finally:
             later.join()
     finally:
-        os.close(fd)
+        lock.close()
 
 
 def test_a_relay_whose_directory_was_removed_still_notes_its_policy(
@@ -166,10 +166,42 @@ def test_a_relay_whose_directory_was_removed_still_notes_its_policy(
     gone.rmdir()
     state = tmp_path / "state"
     policy = tmp_path / "relay.yaml"
-    fd = statelock.hold(state, DIGEST, policy)
+    lock = statelock.hold(state, DIGEST, policy)
     try:
         assert statelock.holder(state) == statelock.Holder(os.getpid(), DIGEST, (), str(policy))
         statelock.note_policy(state, "1" * 64, [], Path("relative.yaml"))
         assert statelock.holder(state) == statelock.Holder(os.getpid(), "1" * 64)
     finally:
-        os.close(fd)
+        lock.close()
+
+
+def test_a_removed_or_replaced_lock_file_keeps_its_lock_and_is_written_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Removed as a stale PID file, the locked file was found by its name no more:
+    a second relay made another and locked that. Replaced (a copy put back),
+    status read a file no relay held."""
+    path = tmp_path / statelock.LOCK_NAME
+    lock = statelock.hold(tmp_path, DIGEST)
+    try:
+        lock.keep(DIGEST)
+        assert not caplog.records  # as it was: not written again
+        path.unlink()
+        with pytest.raises(StateBusy):
+            statelock.hold(tmp_path, DIGEST)
+        assert not path.exists()  # the refused one made none
+        lock.keep(DIGEST, ["waits for a restart: x"])
+        assert statelock.holder(tmp_path) == statelock.Holder(
+            os.getpid(), DIGEST, ("waits for a restart: x",)
+        )
+        copy = tmp_path / "copy"
+        shutil.copy(path, copy)
+        copy.replace(path)
+        assert statelock.holder(tmp_path) is None  # this test's process is no relay serve
+        lock.keep(DIGEST)
+        assert statelock.holder(tmp_path) == statelock.Holder(os.getpid(), DIGEST)
+        assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
+        assert f"{path} was removed or replaced while the relay runs" in caplog.text
+    finally:
+        lock.close()
+    statelock.hold(tmp_path, DIGEST).close()  # closed: free again, the file kept

@@ -285,7 +285,7 @@ def test_a_reload_that_ends_during_the_stop_keeps_the_stop_in_the_lock_file(
         edited = status._policy(policy_file, held, "0123456789ab" * 4, [])
         assert edited.endswith("now reads 0123456789ab: the next start puts it in use"), edited
     finally:
-        os.close(lock)
+        lock.close()
 
 
 def test_a_policy_behind_a_link_switched_to_another_release_is_still_the_relays(
@@ -303,7 +303,7 @@ def test_a_policy_behind_a_link_switched_to_another_release_is_still_the_relays(
     live.symlink_to(current / "relay.yaml")
     state = tmp_path / "state"
     state.mkdir()
-    fd = statelock.hold(state, "0" * 64, live)
+    lock = statelock.hold(state, "0" * 64, live)
     try:
         switched = tmp_path / "current.new"
         switched.symlink_to(tmp_path / "releases" / "v2")
@@ -313,7 +313,7 @@ def test_a_policy_behind_a_link_switched_to_another_release_is_still_the_relays(
         assert not status.reads_another(running, live)
         assert status.reads_another(running, tmp_path / "releases" / "v1" / "relay.yaml")
     finally:
-        os.close(fd)
+        lock.close()
 
 
 def test_a_policy_named_through_a_link_and_dot_dot_is_the_file_a_reload_opens(
@@ -328,10 +328,61 @@ def test_a_policy_named_through_a_link_and_dot_dot_is_the_file_a_reload_opens(
     monkeypatch.chdir(tmp_path)
     state = tmp_path / "state"
     state.mkdir()
-    fd = statelock.hold(state, "0" * 64, Path("conf/../relay.yaml"))
+    lock = statelock.hold(state, "0" * 64, Path("conf/../relay.yaml"))
     try:
         running = statelock.holder(state)
         assert running is not None
         assert not status.reads_another(running, tmp_path / "real" / "relay.yaml")
     finally:
-        os.close(fd)
+        lock.close()
+
+
+@pytest.mark.parametrize(("workers", "how"), [(2, "2 worker processes"), (1, "in one process")])
+def test_a_removed_lock_file_keeps_a_second_relay_out_and_is_written_again(
+    policy_file: Path, tmp_path: Path, workers: int, how: str
+) -> None:
+    """``rm relay.pid`` as a stale PID file: status said "not running" (exit 3)
+    for the rest of the relay's life, and a relay on a copy of the policy with
+    other ports started on the same spool, delivering its mail a second time."""
+    port = free_port()
+    policy = configure(policy_file, port, free_port(), f"workers: {workers}\n")
+    state = policy.parent / "state"
+    lock_file = state / statelock.LOCK_NAME
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        assert relay.proc is not None
+        pid = relay.proc.pid
+        lock_file.unlink()
+        code, lines = _status(policy)
+        assert code == 0, lines
+        assert re.fullmatch(rf"relay: running, PID {pid} since \S+, {how}", lines[0]), lines[0]
+        second_port = free_port()
+        second = tmp_path / "second.yaml"
+        second.write_text(policy.read_text().replace(f"port: {port}", f"port: {second_port}"))
+        code, said = _second_relay(second)
+        assert code == 75, said
+        assert f"ERROR state directory {state} is in use by the relay with PID {pid}" in said
+        wait_for(
+            lambda: "was removed or replaced while the relay runs: written again" in relay.log()
+        )
+        assert f"WARNING {lock_file} was removed or replaced" in relay.log()
+        assert lock_file.read_text().split("\n")[0] == str(pid)
+        code, lines = _status(policy)
+        assert code == 0
+        assert lines[1] == f"policy: {_digest(policy)} in use, as {policy} reads now"
+
+
+def _second_relay(policy: Path) -> tuple[int | None, str]:
+    """Its exit status and what it said; None where it served, stopped by its PID."""
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve", "-c", str(policy)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    try:
+        said, _ = relay.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        relay.terminate()
+        said, _ = relay.communicate(timeout=30)
+        return None, said.decode()
+    return relay.returncode, said.decode()
