@@ -506,6 +506,31 @@ def test_the_relays_log_says_what_the_queue_tools_did_once(
     assert list((tmp_path / "state" / "queue" / "notes").iterdir()) == []
 
 
+def test_an_id_not_in_the_queue_names_the_queue_looked_in(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Staging's policy file given for production's said only "no such queue
+    entry", as for a message delivered since: the wrong file went unseen."""
+    port = free_port()
+    policy = configure(policy_file, port, free_port())  # no upstream: the message stays
+    with RelayProcess(policy, port, tmp_path / "relay.log"):
+        queue_id = send(port)
+    staging = tmp_path / "staging.yaml"
+    staging_port = free_port()
+    text = policy.read_text().replace(f"port: {port}", f"port: {staging_port}")
+    staging.write_text(text + f"state_directory: {tmp_path / 'staging'}\n")
+    with RelayProcess(staging, staging_port, tmp_path / "staging.log"):
+        pass  # its own state, its queue empty
+    done = relay_cli(staging, "queue", "delete", queue_id)
+    assert done.returncode == 1
+    assert done.stderr == f"{queue_id}: no such queue entry in {tmp_path / 'staging' / 'queue'}\n"
+    assert done.stdout == "Deleted: 0 messages\n"
+    assert queue_id in relay_cli(policy, "queue", "list").stdout
+    shown = relay_cli(staging, "queue", "show", queue_id)
+    assert shown.returncode == 1
+    assert shown.stderr.endswith(f"no such queue entry in {tmp_path / 'staging' / 'queue'}\n")
+
+
 def test_delete_refuses_to_remove_what_the_audit_log_cannot_record(
     policy_file: Path, tmp_path: Path
 ) -> None:

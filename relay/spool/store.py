@@ -116,6 +116,9 @@ class NoSuchEntry(SpoolError):
     """No complete entry with this ID: never queued, already finished, or deleted."""
 
 
+NO_ENTRY = "no such queue entry"  # a NoSuchEntry's strerror, where the ID is one
+
+
 class UnsyncedRemovals(SpoolError):
     """``remove_many`` removed entries but could not fsync their directory;
     ``failures`` still says, per entry, which were not removed at all."""
@@ -341,7 +344,7 @@ class Spool:
     def update(self, entry: QueueEntry) -> None:
         """Replace the record atomically; call it with the entry's lock held."""
         if not self.message_path(entry.queue_id).exists():
-            raise NoSuchEntry(entry.queue_id, "no such queue entry")
+            raise NoSuchEntry(entry.queue_id, NO_ENTRY)
         self._write_atomic(self._env_path(entry.queue_id), (entry.to_json().encode(),))
         _fsync_dir(self._env)
 
@@ -774,7 +777,7 @@ def _still_named(fd: int, path: Path, queue_id: str) -> None:
     """NoSuchEntry unless ``path`` still names the file open as ``fd``: an entry's
     file outlives its removal when it is recycled, and then holds another entry."""
     if not _names(path, fd):
-        raise NoSuchEntry(queue_id, "no such queue entry")
+        raise NoSuchEntry(queue_id, NO_ENTRY)
 
 
 def _checked(queue_id: str) -> str:
@@ -792,7 +795,7 @@ def _translated(path: Path, queue_id: str | None = None) -> Iterator[None]:
     except FileNotFoundError as exc:
         if queue_id is None:
             raise SpoolError.from_os(exc, path) from exc
-        raise NoSuchEntry(queue_id, "no such queue entry") from exc
+        raise NoSuchEntry(queue_id, NO_ENTRY) from exc
     except OSError as exc:
         raise SpoolError.from_os(exc, path) from exc
 

@@ -27,7 +27,7 @@ from relay.headers import signature_tags
 from relay.listinput import read_lines
 from relay.spool.entry import QueueEntry
 from relay.spool.notes import Notes
-from relay.spool.store import NoSuchEntry, Spool, SpoolBusy, SpoolError
+from relay.spool.store import NO_ENTRY, NoSuchEntry, Spool, SpoolBusy, SpoolError
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -201,7 +201,7 @@ def show(spool: Spool, queue_id: str, out: TextIO, err: TextIO) -> int:
         entry = spool.load(queue_id)
         headers = _read_headers(spool, queue_id)
     except SpoolError as exc:
-        _report(err, queue_id, exc)
+        _report(err, spool, queue_id, exc)
         return 1
     record = _readable(json.loads(entry.to_json()))
     out.write(_json_for(out, json.dumps(record, indent=2, ensure_ascii=False)) + "\n\n")
@@ -429,7 +429,7 @@ def _each(
         except NoSuchEntry as exc:
             # Under ALL an entry finishing meanwhile is not an error.
             if named:
-                _report(err, queue_id, exc)
+                _report(err, spool, queue_id, exc)
                 code = 1
         except SpoolBusy:
             # Under ALL, as postsuper: what was there to do is done; this one is
@@ -443,7 +443,7 @@ def _each(
                     " queued as it was (name it to try again)\n"
                 )
         except SpoolError as exc:
-            _report(err, queue_id, exc)
+            _report(err, spool, queue_id, exc)
             code = 1
         except AuditError as exc:
             err.write(f"{queue_id}: not {verb}, the audit log cannot record it: {exc}\n")
@@ -493,11 +493,18 @@ def _normalise(text: str) -> str:
     return text.strip().rstrip("!*").upper()
 
 
-def _report(err: TextIO, queue_id: str, exc: SpoolError) -> None:
+def _report(err: TextIO, spool: Spool, queue_id: str, exc: SpoolError) -> None:
     if isinstance(exc, NoSuchEntry):
-        err.write(f"{_printable(queue_id)}: {exc.strerror}{_all_hint(queue_id)}\n")
+        said = f"{queue_id}: {exc.strerror}{_looked_in(spool, exc)}{_all_hint(queue_id)}"
+        err.write(f"{_printable(said)}\n")
     else:
         err.write(f"{_printable(queue_id)}: {exc}\n")
+
+
+def _looked_in(spool: Spool, exc: NoSuchEntry) -> str:
+    """Another relay's policy file (staging's, meaning production's) said only
+    "no such queue entry", as for a message delivered since."""
+    return f" in {spool.directory}" if exc.strerror == NO_ENTRY else ""
 
 
 def _all_hint(queue_id: str) -> str:
