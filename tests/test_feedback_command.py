@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -567,3 +568,27 @@ def test_a_bounce_cut_short_is_recorded_each_time_as_a_second_may_be_another(
     assert "already recorded" not in second.stdout
     bounced = search(load(policy).audit.directory, status="bounced")
     assert sorted(r["recipient"] for r in bounced).count("nobody@buyer.example") == 2
+
+
+def test_a_bounce_about_a_message_the_audit_log_does_not_have_names_the_log(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Staging's policy file given for production's: a pipe discards what an exit
+    0 printed, and the system log said only that the audit log did not have
+    it, as for a forged report."""
+    policy, _ = _invoice_delivered(policy_file, tmp_path)
+    staging, staging_port = tmp_path / "staging.yaml", free_port()
+    text = re.sub(r"port: \d+", f"port: {staging_port}", policy.read_text(), count=1)
+    staging.write_text(text + f"state_directory: {tmp_path / 'staging'}\n")
+    with RelayProcess(staging, staging_port, tmp_path / "staging.log"):
+        pass  # its own state, its audit log holding none of production's mail
+    with LogSocket(tmp_path / "log") as syslog:
+        done = _bounce(staging, (FEEDBACK / "postfix-two-failed.eml").read_bytes(), syslog.path)
+        logged = syslog.lines()
+    assert done.returncode == 0, done.stderr
+    head = (
+        f"bounce about a message the audit log in {tmp_path / 'staging' / 'audit'} does not"
+        " have (Message-ID <4711.erp@acme.example>)"
+    )
+    assert done.stdout.splitlines()[0] == head
+    assert logged and all(text.startswith(f"{head}: ") for _, _, text in logged), logged

@@ -130,8 +130,9 @@ def _take(
         head = f"{report.kind} about Message-ID {report.message_id}, which is not one message's"
     else:
         head = (
-            f"{report.kind} about a message the audit log does not have"
-            f" (Message-ID {report.message_id or 'not given'})"
+            # which log: another relay's policy file (staging's) finds none of production's
+            f"{report.kind} about a message the audit log in {policy.audit.directory} does not"
+            f" have (Message-ID {report.message_id or 'not given'})"
         )
     out.write("".join(f"{line}\n" for line in [head, *outcome.lines]))
     for line in outcome.lines or [""]:
