@@ -172,15 +172,18 @@ def test_remove_without_a_tenant_removes_every_scope(
 def test_removing_an_address_not_listed_exits_1_and_removes_the_others(
     policy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The list is named: another relay's policy file (staging's, meaning
+    production's) looks in another, and said only "not on the list"."""
     run(policy, capsys, "add", BUYER)
     code, out, err = run(policy, capsys, "remove", "nobody@customer.example", BUYER)
     assert code == 1
     assert len(out) == 1 and out[0].startswith(f"{BUYER}: removed (")
-    assert err == "relay suppression remove: nobody@customer.example: not on the list\n"
+    listed = policy.parent / "state" / "suppression.jsonl"
+    assert err == f"relay suppression remove: nobody@customer.example: not on the list {listed}\n"
     assert run(policy, capsys, "list")[0] == 1
     code, _, err = run(policy, capsys, "remove", "nobody@customer.example", "--tenant", "acme")
     assert code == 1
-    assert err.endswith(": nobody@customer.example: not on the list for tenant acme\n")
+    assert err.endswith(f": nobody@customer.example: not on the list {listed} for tenant acme\n")
 
 
 def test_list_and_remove_take_an_address_as_add_does(

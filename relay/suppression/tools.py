@@ -147,9 +147,9 @@ def remove_main(
             if tenant is not None and any(e.tenant is None for e in listed.get(address.lower(), ()))
             else ""
         )
-        err.write(
-            _printable(f"relay suppression remove: {address}: not on the list{scope}{also}") + "\n"
-        )
+        # which list: another relay's policy file (staging's) has none of production's
+        said = f"relay suppression remove: {address}: not on the list {file.path}{scope}{also}"
+        err.write(_printable(said) + "\n")
     return 1 if missing else 0
 
 
