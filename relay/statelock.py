@@ -22,6 +22,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -184,6 +185,25 @@ def _made_again(path: Path, digest: str, pending: Sequence[str], source: Path | 
     return fd
 
 
+def _open_file(path: Path, flags: int) -> int:
+    """``path`` opened if it is a regular file; raises NotAFile (an OSError)
+    otherwise. Without O_NONBLOCK, a FIFO put in its place held the open until
+    a writer came: a status, a second start and a reload's note waited for
+    ever, the supervisor deaf to SIGTERM."""
+    fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise NotAFile(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+        raise NotAFile(errno.EINVAL, "not a regular file", os.fspath(path))
+    return fd
+
+
+class NotAFile(OSError):
+    """The lock file's name holds something else: a directory, a FIFO, a device."""
+
+
 def _named(directory: Path) -> str:
     """The PID to name for the relay holding the lock: as this process sees it,
     where the file's is another PID namespace's (a container's init is 1, the
@@ -195,7 +215,7 @@ def _named(directory: Path) -> str:
     if running is not None:
         return str(running.pid)
     try:
-        fd = os.open(directory / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = _open_file(directory / LOCK_NAME, os.O_RDONLY)
     except OSError:
         return ""
     try:
@@ -213,7 +233,7 @@ def note_policy(
     """A reload of ``source`` put ``digest`` in use, and left ``pending`` (a line
     each) not taken up; said in the log if the file cannot take it."""
     try:
-        fd = os.open(directory / LOCK_NAME, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = _open_file(directory / LOCK_NAME, os.O_WRONLY)
     except OSError as exc:
         log.warning("cannot note the policy in use in %s: %s", directory / LOCK_NAME, exc)
         return
@@ -274,10 +294,19 @@ def holder(directory: Path) -> Holder | None:
     Raises StateUnreadable."""
     path = directory / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = _open_file(path, os.O_RDONLY)
     except FileNotFoundError:
         return _holding_directory(directory)
     except OSError as exc:
+        # something else in its place: the relay holding the directory writes
+        # the file again; none may be an older one, holding the file alone
+        found = (
+            _holding_directory(directory)
+            if isinstance(exc, NotAFile) or exc.errno == errno.ELOOP
+            else None
+        )
+        if found is not None:
+            return found
         raise StateUnreadable(path, exc) from exc
     try:
         lines = _read_whole(fd).decode("utf-8", "replace").split("\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from relay import statelock
-from relay.statelock import StateBusy
+from relay.statelock import StateBusy, StateUnreadable
 
 DIGEST = "3f9a2b1c4d5e" * 5 + "3f9a"
 
@@ -205,3 +205,38 @@ def test_a_removed_or_replaced_lock_file_keeps_its_lock_and_is_written_again(
     finally:
         lock.close()
     statelock.hold(tmp_path, DIGEST).close()  # closed: free again, the file kept
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "link"])
+def test_something_else_in_the_lock_files_place_keeps_no_one_waiting(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A FIFO put in its place held every open until a writer came: a status
+    and a second start waited for ever, and so did a reload's note, the
+    supervisor deaf to SIGTERM meanwhile."""
+    path = tmp_path / statelock.LOCK_NAME
+    lock = statelock.hold(tmp_path, DIGEST)
+    try:
+        path.unlink()
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "directory":
+            path.mkdir()
+        else:
+            path.symlink_to(tmp_path / "elsewhere")
+        done: list[object] = []
+
+        def look() -> None:
+            with pytest.raises(StateUnreadable):  # this test's process is no relay serve
+                statelock.holder(tmp_path)
+            statelock.note_policy(tmp_path, DIGEST)
+            done.append("noted")
+
+        worker = threading.Thread(target=look, daemon=True)
+        worker.start()
+        worker.join(10)
+        assert not worker.is_alive(), "waited on what is in the lock file's place"
+        assert done == ["noted"]
+        assert f"cannot note the policy in use in {path}" in caplog.text
+    finally:
+        lock.close()

@@ -371,6 +371,25 @@ def test_a_removed_lock_file_keeps_a_second_relay_out_and_is_written_again(
         assert lines[1] == f"policy: {_digest(policy)} in use, as {policy} reads now"
 
 
+def test_a_directory_in_the_lock_files_place_is_a_relay_running_when_one_holds_the_state(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The relay cannot write its file again over a directory: status said it
+    could not tell (exit 4) for as long as the directory stayed, though the
+    state directory's lock named the relay."""
+    port = free_port()
+    policy = configure(policy_file, port, free_port(), "workers: 1\n")
+    lock_file = policy.parent / "state" / statelock.LOCK_NAME
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        assert relay.proc is not None
+        lock_file.unlink()
+        lock_file.mkdir()
+        code, lines = _status(policy)
+        assert code == 0, lines
+        assert lines[0].startswith(f"relay: running, PID {relay.proc.pid} since "), lines
+    lock_file.rmdir()
+
+
 def _second_relay(policy: Path) -> tuple[int | None, str]:
     """Its exit status and what it said; None where it served, stopped by its PID."""
     relay = subprocess.Popen(
