@@ -31,6 +31,7 @@ from relay.headers import value as unfolded
 from relay.identify import Identity, a_label_address
 from relay.message import MessageView, decode
 from relay.policy.model import (
+    DkimAlgorithm,
     DkimKey,
     Policy,
     ReplyToKind,
@@ -142,7 +143,7 @@ def decide(
     gone = (*_REMOVED, *policy.control_headers, *(("Reply-To",) if reply_to_after == "" else ()))
     changed = {name.lower() for name, _ in updates}
     changed |= {name.lower() for name in gone if view.get(name) is not None}
-    theirs = not _aligned(signing, from_address)  # else the ERP's signature is no DMARC's need
+    theirs = None if _aligned(signing, from_address) else _Theirs(_blanked(view))
     date, why = _date(view, changed, now, theirs)
     updates += date
     changed |= {name.lower() for name, _ in date}
@@ -244,7 +245,7 @@ def _signatures(fields: list[Field]) -> Iterator[tuple[str, set[str], bool]]:
 
 
 def _date(
-    view: MessageView, changed: set[str], now: datetime, theirs: bool
+    view: MessageView, changed: set[str], now: datetime, theirs: _Theirs | None
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """The edit for a Date that is missing, empty or no date-time receivers
     read, and why. A Date the relay writes keeps the mail from being scored
@@ -269,7 +270,7 @@ def _date(
 
 
 def _subject(
-    view: MessageView, changed: set[str], theirs: bool
+    view: MessageView, changed: set[str], theirs: _Theirs | None
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """The edit for a Subject in 8-bit bytes that are not UTF-8 (a legacy
     ERP's Latin-1), and why: receivers read raw header bytes as UTF-8
@@ -308,29 +309,51 @@ def _is_utf8(raw: bytes) -> bool:
     return True
 
 
-def _signed_whole(fields: list[Field], name: str, changed: set[str], theirs: bool) -> list[str]:
+@dataclass(frozen=True)
+class _Theirs:
+    """The ERP's own DKIM signature counts: the relay has no key aligned with
+    the From. ``blanked``: the fields a line of only white space is taken out
+    of, which breaks a signature with simple header canonicalisation."""
+
+    blanked: frozenset[str]
+
+
+def _blanked(view: MessageView) -> frozenset[str]:
+    fields = split_at(view.raw)[0]
+    return frozenset(field.name.lower() for field in fields if has_blank_line(field))
+
+
+def _signed_whole(
+    fields: list[Field], name: str, changed: set[str], theirs: _Theirs | None
+) -> list[str]:
     """``d=`` of each DKIM signature the message came with that signs the
     field ``name``, present or not, and that the relay's other edits
-    (``changed``, lower case) leave whole: one the From rewritten breaks
-    anyway is no reason to keep a blemish. Only where the relay's own
-    signature does not align with the From (``theirs``): where it does,
-    DMARC passes on it, and the ERP's kept a Date receivers score as spam
-    for nothing."""
-    if not theirs:
+    (``changed``, lower case, and the lines of white space left out) leave
+    whole: one the From rewritten breaks anyway is no reason to keep a
+    blemish. Only where the relay's own signature does not align with the
+    From (``theirs``): where it does, DMARC passes on it, and the ERP's kept
+    a Date receivers score as spam for nothing."""
+    if theirs is None:
         return []
     return [
         domain
-        for domain, names, _ in _signatures(fields)
-        if name.lower() in names and not names & changed
+        for domain, names, simple in _signatures(fields)
+        if name.lower() in names and not names & changed and not (simple and names & theirs.blanked)
     ]
 
 
 def _aligned(signing: tuple[DkimKey, ...], from_address: str) -> bool:
-    """Whether a key the relay signs with passes DMARC's relaxed alignment for
-    the From it writes: the same domain, or one of them under the other (the
-    organizational domain, without the public suffix list)."""
+    """Whether an RSA key the relay signs with passes DMARC's relaxed alignment
+    for the From it writes: the same domain, or one of them under the other
+    (the organizational domain, without the public suffix list). An Ed25519
+    one alone is not enough: receivers that do not verify RFC 8463 find no
+    signature of the relay's they can."""
     domain = from_address.rpartition("@")[2].lower()
-    return any(_under(domain, key.domain) or _under(key.domain, domain) for key in signing)
+    return any(
+        key.algorithm is DkimAlgorithm.RSA
+        and (_under(domain, key.domain) or _under(key.domain, domain))
+        for key in signing
+    )
 
 
 def _under(domain: str, parent: str) -> bool:
@@ -544,7 +567,7 @@ _UNDISCLOSED = "undisclosed-recipients:;"  # RFC 5322 3.4's empty group, as Send
 
 
 def _empty_recipients(
-    view: MessageView, changed: set[str], theirs: bool
+    view: MessageView, changed: set[str], theirs: _Theirs | None
 ) -> tuple[list[tuple[str, str]], list[str], list[str]]:
     """The edits for an empty To or Cc, which RFC 5322 3.6.3 wants an address
     in and some receivers score as spam, and for a missing To, and why. A Cc

@@ -165,3 +165,45 @@ def test_a_bad_date_is_replaced_where_the_relays_own_signature_aligns(
     p = run(policy_file, signed, login="erp-globex")
     assert message.read(p.message).get_all("Date") == ("Mon, 23 Nov 2026 09:30:00 +0000",)
     assert [k.domain for k in p.decision.signing] == ["globex.example"]
+
+
+def test_a_simple_signature_a_blank_line_left_out_breaks_keeps_nothing(
+    policy_file: Path, key_dir: tuple[Path, dict[str, str]]
+) -> None:
+    """The line of only white space the relay leaves out of the Subject breaks
+    a signature with simple header canonicalisation: the bad Date and the
+    missing To were kept for that signature all the same, and went out with
+    no valid signature at all."""
+    without_the_relays_key(policy_file)
+    head = ("From: Hank Scorpio <hank@globex.example>", "Subject: Rechnung 1\r\n \r\n more")
+    data = msg(*head, "Message-ID: <m2@erp.globex.example>", "Date: 06.12.2026 18:00")
+    signed = erp_signed(
+        data, key_dir, "globex.example.g1", [b"from", b"to", b"date", b"subject"], b"simple"
+    )
+    p = run(policy_file, signed, login="erp-globex")
+    sent = message.read(p.message)
+    assert sent.get_all("Date") == ("Mon, 23 Nov 2026 09:30:00 +0000",)
+    assert sent.get_all("To") == ("undisclosed-recipients:;",)
+
+
+def test_an_ed25519_key_alone_leaves_the_erps_signature_to_count(
+    policy_file: Path, key_dir: tuple[Path, dict[str, str]]
+) -> None:
+    """Receivers that do not verify RFC 8463 find no signature of the relay's
+    they can: the ERP's RSA one, which a repair would break, is then the
+    only one DMARC could pass on."""
+    text = policy_file.read_text()
+    rsa = (
+        "      selector: g1\n      algorithm: rsa\n      key_file: keys/globex.example.g1.private\n"
+    )
+    ed25519 = (
+        "      selector: e9\n      algorithm: ed25519\n"
+        "      key_file: keys/platform.example.e1.private\n"
+    )
+    assert rsa in text
+    policy_file.write_text(text.replace(rsa, ed25519))
+    data = msg("From: Hank Scorpio <hank@globex.example>", *NO_DATE[1:], "Date: 06.12.2026 18:00")
+    signed = erp_signed(data, key_dir, "globex.example.g1", [b"from", b"to", b"date", b"subject"])
+    p = run(policy_file, signed, login="erp-globex")
+    assert [k.algorithm.value for k in p.decision.signing] == ["ed25519"]
+    assert message.read(p.message).get_all("Date") == ("06.12.2026 18:00",)
