@@ -206,6 +206,16 @@ class Down(Upstream):
         return Attempt(dict.fromkeys(rcpts, self.answer), self.answer[1])
 
 
+def _queued(spool: Spool, count: int, arrival: float) -> list[str]:
+    """``count`` messages that all came at ``arrival``, their queue IDs."""
+    ids = []
+    for n in range(count):
+        entry = make_entry(arrival=arrival)
+        spool.put(entry, message(n))
+        ids.append(entry.queue_id)
+    return ids
+
+
 async def test_mail_waiting_for_a_suspended_upstream_expires_at_its_lifetime(
     spool: Spool, policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -219,11 +229,7 @@ async def test_mail_waiting_for_a_suspended_upstream_expires_at_its_lifetime(
     queue = with_queue(policy, first_retry=0.5, max_retry=0.5, lifetime=1.0)
     down = Down()
     arrival = time.time()
-    ids = []
-    for n in range(10):
-        entry = make_entry(arrival=arrival)
-        spool.put(entry, message(n))
-        ids.append(entry.queue_id)
+    ids = _queued(spool, 10, arrival)
     async with running(Engine(spool, lambda: queue, down, Recorder(audit))):
         await until(lambda: not set(ids) & set(spool.ids()), "every message expired", 10)
         late = time.time() - (arrival + 1.0)
@@ -246,12 +252,7 @@ async def test_mail_waiting_for_a_suspended_upstream_expires_at_a_lifetime_a_rel
     short = with_queue(policy, first_retry=0.5, max_retry=0.5, lifetime=1.0)
     current = [long]
     down = Down()
-    arrival = time.time()
-    ids = []
-    for n in range(8):
-        entry = make_entry(arrival=arrival)
-        spool.put(entry, message(n))
-        ids.append(entry.queue_id)
+    ids = _queued(spool, 8, time.time())
     async with running(Engine(spool, lambda: current[0], down, Recorder(audit))):
         await asyncio.sleep(1.2)  # suspended, the others waiting
         current[0], switched = short, time.time()

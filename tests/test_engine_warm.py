@@ -516,16 +516,11 @@ async def test_a_listing_made_while_the_audit_log_refused_is_recorded_when_it_ta
     async with running(engine):
         entry = make_entry(size=len(message(1)))
         engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)), when=time.time() + 60)
-        shutil.rmtree(audit_dir)
-        audit_dir.write_text("not a directory")  # every append fails, as on a full disk
+        _break(audit_dir)
         assert (await engine.attempt_now(entry.queue_id, immediate=True)).status == "deferred"
         assert listed.current().find("customer@example.net", entry.tenant) is not None
-        audit_dir.unlink()
-        recorder.audit = AuditLog(audit_dir)
-        with spool.lock(entry.queue_id):  # as `relay queue retry` does
-            stored = spool.load(entry.queue_id)
-            stored.next_attempt = 0.0
-            spool.update(stored)
+        _mend(audit_dir, recorder)
+        _due_now(spool, entry.queue_id)
         assert (await engine.attempt_now(entry.queue_id)).status == "failed"
         await gone(spool)
     mine = [r for r in read_all(audit_dir) if r["queue_id"] == entry.queue_id]
@@ -651,15 +646,10 @@ async def test_a_deferral_the_audit_log_refuses_is_recorded_with_the_next_attemp
     entry = make_entry(size=len(message(1)))
     assert spool.put_many([(entry, (message(1),))]) == [None]
     async with running(Engine(spool, lambda: policy, busy, recorder)) as engine:
-        shutil.rmtree(audit_dir)
-        audit_dir.write_text("not a directory")  # every append fails, as on a full disk
+        _break(audit_dir)
         assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
-        audit_dir.unlink()
-        recorder.audit = AuditLog(audit_dir)
-        with spool.lock(entry.queue_id):  # as `relay queue retry` does
-            stored = spool.load(entry.queue_id)
-            stored.next_attempt = 0.0
-            spool.update(stored)
+        _mend(audit_dir, recorder)
+        _due_now(spool, entry.queue_id)
         assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
     deferred = [r["recipient"] for r in read_all(audit_dir) if r["event"] == "deferred"]
     assert sorted(deferred) == sorted(2 * [r.address for r in entry.recipients])
@@ -704,3 +694,20 @@ async def test_the_wait_for_a_retry_runs_from_the_end_of_the_attempt(
         ended = time.time()
     # from the start, the wait would end half a second (the attempt) earlier
     assert spool.load(entry.queue_id).next_attempt >= ended + policy.queue.first_retry - 0.25
+
+
+def _break(audit_dir: Path) -> None:
+    shutil.rmtree(audit_dir)
+    audit_dir.write_text("not a directory")  # every append fails, as on a full disk
+
+
+def _mend(audit_dir: Path, recorder: Recorder) -> None:
+    audit_dir.unlink()
+    recorder.audit = AuditLog(audit_dir)
+
+
+def _due_now(spool: Spool, queue_id: str) -> None:
+    with spool.lock(queue_id):  # as `relay queue retry` does
+        stored = spool.load(queue_id)
+        stored.next_attempt = 0.0
+        spool.update(stored)
