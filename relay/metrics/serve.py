@@ -50,8 +50,10 @@ MAX_CLIENTS = 32
 # socketserver's 5 a burst (a local process opening connections in a loop,
 # scrapers at once) overflowed the queue: the kernel dropped the rest, a
 # health check among them unanswered for seconds. Queued, each is accepted
-# in turn and answered, or closed at once past ``MAX_CLIENTS``.
+# in turn and answered; past ``MAX_CLIENTS`` the next waits for a slot up to
+# ``SLOT_WAIT`` and is closed only then.
 BACKLOG = 4096
+SLOT_WAIT = 1.0  # seconds; the stop waits as long for the accepting loop at most
 
 
 class MetricsError(RelayError):
@@ -73,7 +75,11 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
+        """Closed at once past ``MAX_CLIENTS``, a burst of quick requests (scrapers
+        at once, a local loop) lost all but the first 32, a health check among
+        them; waiting, the next is accepted only as a slot frees, and the rest
+        wait in the kernel's queue."""
+        if not self.slots.acquire(timeout=SLOT_WAIT):
             self.shutdown_request(request)
             return
         self.open_requests.add(request)
