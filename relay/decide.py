@@ -264,8 +264,7 @@ def _date(
     why = f"Date {given!r} {fault}"
     signed = _signed_whole(split_at(view.raw)[0], "Date", changed, theirs)
     if signed:
-        by = ", ".join(signed)
-        return [], [f"{why}: kept, as the message's own DKIM signature ({by}) signs it"]
+        return [], [f"{why}: kept, {_as_signed(signed)}"]
     return [("Date", format_datetime(now))], [f"{why}: replaced"]
 
 
@@ -290,8 +289,7 @@ def _subject(
     why = "Subject is not UTF-8 on the wire"
     signed = _signed_whole(fields, "Subject", changed, theirs)
     if signed:
-        by = ", ".join(signed)
-        why += f": kept, as the message's own DKIM signature ({by}) signs it"
+        why += f": kept, {_as_signed(signed)}"
         return [], [f"{why}; receivers may show it garbled"]
     try:
         encoded = encode_text(text)
@@ -340,6 +338,10 @@ def _signed_whole(
         for domain, names, simple in _signatures(fields)
         if name.lower() in names and not names & changed and not (simple and names & theirs.blanked)
     ]
+
+
+def _as_signed(signed: list[str]) -> str:
+    return f"as the message's own DKIM signature ({', '.join(signed)}) signs it"
 
 
 def _aligned(signing: tuple[DkimKey, ...], from_address: str) -> bool:
@@ -598,8 +600,7 @@ def _empty_recipients(
             continue
         why = f"{name} is empty, which RFC 5322 3.6.3 does not allow"
         if signed:
-            by = ", ".join(signed)
-            reasons.append(f"{why}: kept, as the message's own DKIM signature ({by}) signs it")
+            reasons.append(f"{why}: kept, {_as_signed(signed)}")
         elif name == "To":
             updates.append(("To", _UNDISCLOSED))
             reasons.append(f"{why}: set to {_UNDISCLOSED}")
@@ -614,8 +615,7 @@ def _missing_to(signed: list[str]) -> tuple[list[tuple[str, str]], str]:
     that sign ``to``, sign its absence too (RFC 6376 5.4)."""
     why = "To was missing, which some receivers score as spam"
     if signed:
-        by = ", ".join(signed)
-        return [], f"{why}: not added, as the message's own DKIM signature ({by}) signs it"
+        return [], f"{why}: not added, {_as_signed(signed)}"
     return [("To", _UNDISCLOSED)], f"{why}: added as {_UNDISCLOSED}"
 
 
