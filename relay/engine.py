@@ -1008,9 +1008,8 @@ class Engine:
         else:
             if now < deadline:  # past it, its last try is a real one
                 wait = policy.queue.first_retry
-                lifetime = policy.queue.lifetime
                 later = self._suspensions.admits(
-                    upstream, entry.queue_id, now, wait, entry.arrival, lifetime
+                    upstream, entry.queue_id, now, wait, entry.arrival, policy.queue.lifetime
                 )
                 if later is not None:
                     self._plan(entry.queue_id, later)
@@ -1115,14 +1114,11 @@ class Engine:
         lifetime, or as the suspension's one try."""
         if now < deadline:
             return None
-        wait = self.policy().queue.first_retry
-        lifetime = self.policy().queue.lifetime
-        if (
-            self._suspensions.admits(upstream, entry.queue_id, now, wait, entry.arrival, lifetime)
-            is None
-        ):
-            return None
-        return self._suspensions.reply(upstream)
+        queue = self.policy().queue
+        later = self._suspensions.admits(
+            upstream, entry.queue_id, now, queue.first_retry, entry.arrival, queue.lifetime
+        )
+        return None if later is None else self._suspensions.reply(upstream)
 
     def _going_on(self) -> bool:
         """Whether an attempt may start a further transaction (``relay.deliver``)."""
