@@ -39,7 +39,6 @@ from relay.ingress import authlimit, filelimit, start
 from relay.ingress.authlimit import AuthFailures
 from relay.ingress.clientlimit import ClientCounts
 from relay.ingress.diskspace import DiskGuard
-from relay.ingress.filelimit import MOST_FILES
 from relay.metrics import status as metrics_status
 from relay.pipeline import Acceptor
 from relay.policy import tlspair
@@ -299,7 +298,7 @@ def raise_open_files(policy: Policy) -> int:
     nor the log says why; a limit that leaves a listener's connection limits out
     of reach (``filelimit``) is said too."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = MOST_FILES if hard == resource.RLIM_INFINITY else min(hard, MOST_FILES)
+    want = filelimit.serve_limit()
     if soft != resource.RLIM_INFINITY and soft < want:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
