@@ -85,11 +85,42 @@ def test_list_exits_1_when_nothing_matched(
 ) -> None:
     assert run(policy, capsys, "list")[0] == 1  # no file yet: nothing ever suppressed
     assert run(policy, capsys, "add", BUYER)[0] == 0
-    assert run(policy, capsys, "list", "other@customer.example")[:2] == (
+    unlisted = f"relay suppression list: other@customer.example: not on the list {listed(policy)}"
+    assert run(policy, capsys, "list", "other@customer.example") == (
         1,
         ["address  tenant  reason  since  by  detail"],
+        unlisted + "\n",
     )
-    assert run(policy, capsys, "list", "--json", "other@customer.example")[:2] == (1, [])
+    assert run(policy, capsys, "list", "--json", "other@customer.example") == (
+        1,
+        [],
+        unlisted + "\n",
+    )
+
+
+def test_list_names_the_list_an_address_asked_about_is_not_on(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run with another relay's policy file, "is X listed?" got an empty table
+    and nothing to say which list had been read; a found address says nothing."""
+    assert run(policy, capsys, "add", BUYER, "--tenant", "acme")[0] == 0
+    code, out, err = run(policy, capsys, "list", BUYER, "other@customer.example")
+    assert (code, len(out)) == (0, 2)
+    assert err == (
+        f"relay suppression list: other@customer.example: not on the list {listed(policy)}\n"
+    )
+    many = [f"customer{n}@customer.example" for n in range(11)]
+    code, out, err = run(policy, capsys, "list", BUYER, *many)
+    assert (code, len(out)) == (0, 2)
+    assert err == (
+        "relay suppression list: 11 of the addresses asked about:"
+        f" not on the list {listed(policy)}\n"
+    )
+    code, out, err = run(policy, capsys, "list", "other@customer.example", "--tenant", "acme")
+    assert (code, len(out)) == (1, 1)
+    assert err.endswith(
+        f": other@customer.example: not on the list {listed(policy)} for tenant acme\n"
+    )
 
 
 def test_a_state_directory_that_is_not_there_is_not_an_empty_list(

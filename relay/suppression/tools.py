@@ -26,6 +26,7 @@ EX_NOINPUT = 66  # the list cannot be read, as the queue tools' unreadable spool
 EX_CANTCREAT = 73  # the list cannot be written
 
 COLUMNS = ("address", "tenant", "reason", "since", "by", "detail")
+_NAMED_UNLISTED = 10
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -62,7 +63,29 @@ def list_main(
             out.write(json.dumps(asdict(entry)) + "\n")
     else:
         _write_table([_row(e, tenants) for e in entries], out)
+    _say_unlisted(file, addresses, entries, tenant, err)
     return 0 if entries else 1
+
+
+def _say_unlisted(
+    file: SuppressionFile,
+    addresses: Sequence[str],
+    entries: Sequence[Suppression],
+    tenant: str | None,
+    err: TextIO,
+) -> None:
+    """Each address asked about and not found, naming the list looked in: run
+    with another relay's policy file (staging's), "is X listed?" got an empty
+    table, as for an address truly not on production's list. Past a few, a
+    count: a customer file checked through ``-`` is mostly not listed."""
+    found = {e.key[0] for e in entries}
+    scope = "" if tenant is None else f" for tenant {tenant}"
+    missing = [a for a in _unique(addresses) if a.lower() not in found]
+    if len(missing) > _NAMED_UNLISTED:
+        missing = [f"{len(missing)} of the addresses asked about"]
+    for address in missing:
+        said = f"relay suppression list: {address}: not on the list {file.path}{scope}"
+        err.write(_printable(said) + "\n")
 
 
 def add_main(
