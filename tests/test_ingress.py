@@ -1030,9 +1030,16 @@ def test_auth_after_helo_logs_in() -> None:
     assert (submission.auth_login, submission.esmtp) == ("erp-acme", False)
 
 
-def test_auth_before_any_greeting_asks_for_ehlo(relay: Relay) -> None:
+def test_auth_before_any_greeting_asks_for_helo(relay: Relay) -> None:
+    """HELO is enough for AUTH (above), so that is what is asked for, as MAIL
+    asks: a device that only knows HELO was told to send EHLO."""
     with Raw(relay.port) as raw:
-        assert raw.cmd(b"AUTH PLAIN") == "503 5.5.1 Error: send EHLO first"
+        assert raw.cmd(b"AUTH PLAIN") == "503 5.5.1 Error: send HELO first"
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>") == "503 5.5.1 Error: send HELO first"
+        assert raw.cmd(b"HELO scanner").startswith("250")
+        assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()).startswith(
+            "235 "
+        )
 
 
 def test_auth_off_is_not_offered() -> None:

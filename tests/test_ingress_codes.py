@@ -71,7 +71,7 @@ def test_the_ehlo_reply_offers_enhanced_status_codes() -> None:
 
 def test_replies_that_were_wrong_beside_their_lack_of_code() -> None:
     with Relay([listener()]) as relay, Raw(relay.port) as raw:
-        assert raw.cmd(b"AUTH PLAIN") == "503 5.5.1 Error: send EHLO first"
+        assert raw.cmd(b"AUTH PLAIN") == "503 5.5.1 Error: send HELO first"
         raw.ehlo()
         assert raw.cmd(b"AUTH") == "501 5.5.4 Syntax: AUTH <mechanism> [initial-response]"
         assert raw.cmd(b"BDAT 10") == '500 5.5.2 Error: command "BDAT" not recognized'

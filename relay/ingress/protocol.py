@@ -727,7 +727,11 @@ class RelaySMTP(SMTP):
     async def smtp_AUTH(self, arg: str) -> None:
         """aiosmtpd's AUTH, after HELO too, as Postfix takes it: a scanner that
         only says HELO, on an ``auth: required`` listener, was refused MAIL for
-        want of a login and AUTH for want of EHLO, and could never send."""
+        want of a login and AUTH for want of EHLO, and could never send. Before
+        any greeting it asks for HELO, as MAIL does: "send EHLO first" sent the
+        administrator of such a device after something it cannot say."""
+        if await self.check_helo_needed():
+            return
         if self.in_transaction:  # RFC 4954 4
             await self.push("503 5.5.1 Error: AUTH not permitted during a mail transaction")
             return
