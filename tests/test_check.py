@@ -300,3 +300,16 @@ def test_check_warns_of_a_message_size_whose_reserve_the_state_disk_cannot_hold(
         " be refused (452 4.3.1 Insufficient system storage)\n"
     )
     assert re.sub(r"holds [0-9]+ bytes", "holds N bytes", done.stderr) == said
+
+
+@pytest.mark.parametrize("tagged", ["name: !!bool x", "name: !!timestamp x"])
+def test_check_refuses_a_value_its_tag_does_not_fit_without_a_traceback(
+    policy_file: Path, tagged: str
+) -> None:
+    """As ExecStartPre and ExecReload, it showed PyYAML's traceback and exit 1."""
+    policy_file.write_text(policy_file.read_text().replace("name: Acme AS", tagged))
+    done = check(policy_file)
+    assert done.returncode == 78, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    line = line_of(policy_file, tagged)
+    assert f"{policy_file}:{line}:11: tenants.acme.name: expected a company name," in done.stderr

@@ -406,6 +406,62 @@ def test_a_user_name_yaml_reads_as_a_boolean_must_be_quoted(tmp_path: Path) -> N
     assert load(path).tenants["acme"].users["jan"].name == "no"
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        ("name: Acme AS", "name: !!bool x", "21:11: tenants.acme.name: expected a company name,"
+         ' but the tag !!bool makes x a boolean; write it without the tag, in quotes: "x"'),
+        ("name: Acme AS", "name: !!timestamp x", "21:11: tenants.acme.name: expected a company"
+         " name, but the tag !!timestamp makes x a date; write it without the tag, in quotes:"
+         ' "x"'),
+        ("name: Acme AS", "name: !!float x", "21:11: tenants.acme.name: expected a company name,"
+         ' but the tag !!float makes x a number; write it without the tag, in quotes: "x"'),
+        ("name: Acme AS", 'name: !!bool "yes"', "21:11: tenants.acme.name: expected a company"
+         " name, but the tag !!bool makes yes the boolean true; write it without the tag,"
+         ' in quotes: "yes"'),
+        ("port: 2525", "port: !!int x", "9:11: listeners[0].port: expected a port number"
+         " (1..65535), but the tag !!int cannot read 'x' as a number"),
+        ("port: 2525", 'port: !!int "x"', "9:11: listeners[0].port: expected a port number"
+         " (1..65535), but the tag !!int cannot read 'x' as a number"),
+        ("port: 2525", "port: !!int 0o9", "9:11: listeners[0].port: expected a port number"
+         " (1..65535), but the tag !!int cannot read '0o9' as a number"),
+        ("port: 2525", "port: !!int 09", "9:11: listeners[0].port: YAML 1.1 reads 09 as octal;"
+         " write it without the leading zero: 9"),
+        ("port: 2525", "port: " + "1" * 5000, "9:11: listeners[0].port: expected a port number"
+         " (1..65535)"),
+        ("    port: 2525\n", "    port: 2525\nqueue: {first_retry: !!float x}\n",
+         "10:22: queue.first_retry: expected a positive number of seconds, at most 315360000"
+         " (10 years), but the tag !!float cannot read 'x' as a number"),
+    ],
+)  # fmt: skip
+def test_a_value_its_explicit_tag_does_not_fit_is_a_located_problem(
+    tmp_path: Path, old: str, new: str, problem: str
+) -> None:
+    """PyYAML fails to make such a value as each of its constructors happens to
+    (a KeyError, an AttributeError, a ValueError): check, status and a reload
+    ended in a traceback that named no line of the file."""
+    path = variant(tmp_path, old, new)
+    assert problems(path) == [f"{path}:{problem}"]
+
+
+def test_no_tagged_value_in_the_example_policy_ends_the_load(tmp_path: Path) -> None:
+    """Each value of the example in turn, given a tag its text does not fit."""
+    path, _ = _example(tmp_path)
+    lines = path.read_text().splitlines(keepends=True)
+    value = re.compile(r"(\s*(?:- )?[\w-]+: )[^\s#]")
+    tried = 0
+    for n, line in enumerate(lines):
+        found = value.match(line)
+        if not found:
+            continue
+        for tagged in ("!!bool x", "!!timestamp x", "!!int x", "!!float x", '!!int ""'):
+            path.write_text("".join([*lines[:n], f"{found.group(1)}{tagged}\n", *lines[n + 1 :]]))
+            with pytest.raises(PolicyError):
+                load(path)
+            tried += 1
+    assert tried > 100  # the pattern still finds the values
+
+
 def test_the_state_settings_of_a_loaded_text_name_its_tenants_as_the_build_does(
     tmp_path: Path,
 ) -> None:

@@ -187,6 +187,24 @@ def test_reload_keeps_old_policy_on_error_and_swaks_on_good_one(
     daemon.wait_log("upstreams removed (default): messages already queued for them go through")
 
 
+def test_a_reload_refuses_a_value_its_tag_does_not_fit_in_one_line(
+    daemon: Daemon, policy: Path, port: int
+) -> None:
+    """The old policy was kept, but PyYAML's traceback was logged, with no line
+    of the file: the sysadmin had to guess which value it meant."""
+    daemon.wait_log(" serving")
+    good = policy.read_text()
+    policy.write_text(good.replace("name: Acme AS", "name: !!bool x"))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log("reload failed: keeping policy")
+    log = daemon.log()
+    assert "Traceback" not in log
+    line = good.splitlines().index("    name: Acme AS") + 1
+    assert f"{policy}:{line}:11: tenants.acme.name: expected a company name, but the tag" in log
+    assert send(port)[0] == 250
+    assert daemon.sent_from(1) == "Jan Janssens via Acme AS"
+
+
 def test_sigterm_lets_the_transaction_in_progress_finish(policy: Path, tmp_path: Path) -> None:
     """Immediate mode towards a slow upstream keeps the ERP's transaction open."""
     port = int(policy.read_text().split("port: ", 1)[1].split()[0])

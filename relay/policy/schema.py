@@ -22,6 +22,7 @@ from typing import TypeVar
 import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.resolver import Resolver
 
 from relay.policy.yamlsource import NULL_TAG, STR_TAG, Problems, is_null, is_plain, pairs
 
@@ -40,6 +41,11 @@ _IMPLICIT = {
 _DECIMAL = re.compile(r"0|[1-9][0-9]*")
 _LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
 _INJECTION = re.compile(r"[\r\n\x00]")
+_RESOLVER = Resolver()
+
+
+class _Unfit(Exception):
+    """The text is not of the type its tag names (``!!bool x``, ``!!int 0o9``)."""
 
 
 class Ctx:
@@ -223,6 +229,9 @@ def text(
         is_plain(node) and node.tag in (_INT_TAG, _FLOAT_TAG) and _DECIMAL.fullmatch(node.value)
     ):
         value = node.value
+    elif node.tag in _IMPLICIT and _explicit(node):
+        ctx.problem(node, path, _tagged(node, what))
+        return None
     elif is_plain(node) and node.tag == NULL_TAG and not node.value:
         ctx.problem(node, path, f"expected {what}, found no value")
         return None
@@ -253,11 +262,30 @@ def _meaning(node: ScalarNode) -> str:
         return "null, i.e. no value"
     try:
         value = _construct(node)
-    except (yaml.YAMLError, ValueError, OverflowError):
+    except _Unfit:
         return label.replace("the ", "a ")
     if isinstance(value, bool):
         return f"{label} {str(value).lower()}"
     return f"{label} {value}"
+
+
+def _explicit(node: ScalarNode) -> bool:
+    """Whether the file wrote the tag (``!!float x``): YAML did not guess the
+    type from the text, so quotes alone would not make it a string."""
+    implicit = (is_plain(node), not is_plain(node))
+    return node.tag != _RESOLVER.resolve(ScalarNode, node.value, implicit)
+
+
+def _tagged(node: ScalarNode, what: str) -> str:
+    return (
+        f"expected {what}, but the tag {_tag(node)} makes {node.value} {_meaning(node)};"
+        f' write it without the tag, in quotes: "{node.value}"'
+    )
+
+
+def _tag(node: ScalarNode) -> str:
+    """The tag as a sysadmin writes it: !!bool, not tag:yaml.org,2002:bool."""
+    return "!!" + node.tag.rsplit(":", 1)[-1]
 
 
 def integer(ctx: Ctx, node: Node, path: str, low: int, high: int, what: str) -> int | None:
@@ -296,24 +324,49 @@ def _numeric(
     """A number as YAML 1.1 reads it, except where that differs from what was meant:
     a leading zero makes octal (0465 is 309) or a string (0587), a colon base 60."""
     raw = node.value if isinstance(node, ScalarNode) and is_plain(node) else ""
-    if _LEADING_ZERO.fullmatch(raw):
-        meaning = "a string" if node.tag == STR_TAG else f"octal, i.e. {_construct(node)}"
-        decimal = int(raw.replace("_", ""))
-        message = f"YAML 1.1 reads {raw} as {meaning}; write it without the leading zero: {decimal}"
-        ctx.problem(node, path, message)
+    if _LEADING_ZERO.fullmatch(raw) and node.tag in (STR_TAG, _INT_TAG):
+        ctx.problem(node, path, _leading_zero(node, raw))
         return None
     if not isinstance(node, ScalarNode) or node.tag not in tags:
         ctx.problem(node, path, f"expected {what}")
         return None
-    value = _construct(node)
+    try:
+        value = _construct(node)
+    except _Unfit:
+        ctx.problem(node, path, _not_a_number(node, what))
+        return None
     if ":" in raw:
         ctx.problem(node, path, f"YAML 1.1 reads {raw} as {value} (base 60); write {value}")
         return None
     return value
 
 
+def _leading_zero(node: ScalarNode, raw: str) -> str:
+    if node.tag == STR_TAG:
+        meaning = "a string"
+    else:
+        try:
+            meaning = f"octal, i.e. {_construct(node)}"
+        except _Unfit:  # !!int 09
+            meaning = "octal"
+    decimal = int(raw.replace("_", ""))
+    return f"YAML 1.1 reads {raw} as {meaning}; write it without the leading zero: {decimal}"
+
+
+def _not_a_number(node: ScalarNode, what: str) -> str:
+    if not _explicit(node):  # more digits than Python converts
+        return f"expected {what}"
+    return f"expected {what}, but the tag {_tag(node)} cannot read {node.value!r} as a number"
+
+
 def _construct(node: ScalarNode) -> object:
-    return SafeConstructor().construct_object(node)
+    """Raises _Unfit where the text does not fit the tag: PyYAML's constructors
+    then fail as each happens to (a KeyError for ``!!bool x``, an AttributeError
+    for ``!!timestamp x``), and check, status and a reload ended in a traceback."""
+    try:
+        return SafeConstructor().construct_object(node)
+    except (yaml.YAMLError, ArithmeticError, AttributeError, LookupError, ValueError) as exc:
+        raise _Unfit(node.value) from exc
 
 
 def choice(ctx: Ctx, node: Node, path: str, kind: type[E]) -> E | None:
