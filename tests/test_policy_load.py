@@ -444,6 +444,22 @@ def test_a_value_its_explicit_tag_does_not_fit_is_a_located_problem(
     assert problems(path) == [f"{path}:{problem}"]
 
 
+def test_the_state_settings_refuse_a_value_its_tag_does_not_fit_with_its_place(
+    tmp_path: Path,
+) -> None:
+    """What ``relay status`` and the queue and audit tools read: they ended in
+    PyYAML's ValueError."""
+    from relay.policy.load import load_state
+
+    path = variant(tmp_path, "upstreams:\n", "queue: {lifetime: !!int x}\nupstreams:\n")
+    with pytest.raises(PolicyError) as raised:
+        load_state(path)
+    assert raised.value.problems == [
+        f"{path}:15:19: queue.lifetime: expected a positive number of seconds, at most"
+        " 315360000 (10 years), but the tag !!int cannot read 'x' as a number"
+    ]
+
+
 def test_no_tagged_value_in_the_example_policy_ends_the_load(tmp_path: Path) -> None:
     """Each value of the example in turn, given a tag its text does not fit."""
     path, _ = _example(tmp_path)
