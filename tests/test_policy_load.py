@@ -1426,6 +1426,18 @@ def test_a_password_hash_weaker_than_relay_passwds_is_warned_of(
     )
 
 
+def test_a_user_listed_twice_in_a_login_is_a_located_problem(tmp_path: Path) -> None:
+    """``users: [jan, jan]`` loaded, and the login was no longer Jan for
+    ``auth_login``: a From no user has, sent as Jan with ``[jan]``, was refused
+    550 5.7.1 Sender not known."""
+    hashed = f"scrypt$16384$8$1${DEMO_SALT}${DEMO_KEY}"
+    login = f"logins:\n  erp:\n    password_hash: '{hashed}'\n    tenant: acme\n"
+    path = variant(tmp_path, "tenants:\n", login + "    users: [jan, jan]\ntenants:\n")
+    assert problems(path) == [f"{path}:23:18: logins.erp.users[1]: 'jan' is listed twice"]
+    path.write_text(path.read_text().replace("[jan, jan]", "[jan]"))
+    assert load(path).logins["erp"].users == ("jan",)
+
+
 def test_a_domain_verified_for_two_tenants_is_warned_of(tmp_path: Path) -> None:
     """A tenant block copied for a new company, its verified domain left in:
     the new company's login could send signed, DMARC-aligned mail as the

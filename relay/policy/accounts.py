@@ -545,10 +545,7 @@ def logins(
             message = f"no tenant {tenant!r}" + hint(tenant, declared)
             ctx.problem(m.get("tenant"), m.sub("tenant"), message)
             tenant = None
-        users = [
-            _login_user(ctx, n, p, tenant, declared)
-            for n, p in m.items("users", "a list of user ids")
-        ]
+        users = _login_users(ctx, m, tenant, declared)
         ok = password_hash is not None and tenant is not None and None not in users
         found[name] = Login(name, password_hash, tenant, tuple(users)) if ok else None
     if None in found.values():
@@ -572,6 +569,21 @@ def _password_hash(ctx: Ctx, node: Node, path: str) -> str | None:
     if weak is not None:
         ctx.problems.warn(node, path, f"a weak hash: {weak}; make it again with `relay passwd`")
     return value
+
+
+def _login_users(
+    ctx: Ctx, m: Map, tenant: str | None, declared: Mapping[str, Collection[str]]
+) -> list[str | None]:
+    """A user listed twice is a problem: a login is its user for ``auth_login``
+    only when it lists one, and with ``[jan, jan]`` mail whose From no user has
+    was refused, where ``[jan]`` sends it as Jan."""
+    users: list[str | None] = []
+    for node, path in m.items("users", "a list of user ids"):
+        user = _login_user(ctx, node, path, tenant, declared)
+        if user is not None and user in users:
+            ctx.problem(node, path, f"{user!r} is listed twice")
+        users.append(user)
+    return users
 
 
 def _login_user(
