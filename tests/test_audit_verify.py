@@ -592,3 +592,34 @@ def test_the_log_is_not_cut_short_while_the_relay_writes_to_it(log_dir: Path) ->
         log.close()
     assert [r.problem for r in results] == [None] * 20
     assert results[-1].records > results[0].records  # it did write meanwhile
+
+
+@pytest.mark.parametrize("how", ["removed", "rotated"])
+def test_the_newest_file_gone_with_retention_s_record_names_the_end_not_the_start(
+    log_dir: Path, how: str
+) -> None:
+    """Retention writes ``pruned`` into the newest file: with that file gone, the
+    start looked cut too, and verify sent the auditor after old records deleted
+    ("no retention record explains it") while the newest were missing."""
+    AuditLog(log_dir, retention_days=1, clock=Clock(START + timedelta(days=2))).maintain()
+    pruned = json.loads(_lines(log_dir / DAY3)[-1])
+    assert (pruned["event"], pruned["seq"]) == ("pruned", 19)
+    last_of_day2 = json.loads(_lines(log_dir / DAY2)[-1])["seq"]
+    if how == "removed":
+        (log_dir / DAY3).unlink()
+    else:
+        _logrotated(log_dir, f"{DAY3}.1")
+    out, err = io.StringIO(), io.StringIO()
+    assert verify_main(log_dir, None, out, err) == 1
+    moved = ", or moved to a file not read: see the notes" if how == "rotated" else ""
+    assert err.getvalue().endswith(
+        f"relay audit verify: TAMPERED: {DAY2} line {len(_lines(log_dir / DAY2))}: the log"
+        f" ends at seq {last_of_day2}, but the relay wrote up to seq 19 (.head): records"
+        f" {last_of_day2 + 1}..19 missing from its end (removed{moved})\n"
+        f"  ({last_of_day2 - 11} records verified before the problem was found)\n"
+    )
+    assert (
+        f"note: {DAY2} line 1: the chain starts at seq 12: records 1..11 missing before it"
+        " and no retention record explains it (going by the records read: a retention"
+        " record among those missing from the end may explain it)\n"
+    ) in err.getvalue()

@@ -187,7 +187,12 @@ def verify(
         for file in files:
             result.files += 1
             verifier.file(file)
-        verifier.finish(since)
+        try:
+            verifier.finish(since)
+        except _Tampered as start:
+            # retention writes its record into the newest file: gone, the start looks cut
+            verifier.ended(since, bool(unread), start.problem)
+            raise
         verifier.ended(since, bool(unread))
         if anchor is not None:
             verifier.anchored(anchor, since)
@@ -381,10 +386,15 @@ class _Verifier:
                 f"the anchor (seq {anchor.seq}) is older than the records verified: not checked"
             )
 
-    def ended(self, since: date | None, unread: bool) -> None:
+    def ended(self, since: date | None, unread: bool, start: Problem | None = None) -> None:
         """The log must reach the newest record the relay made durable (its
         ``.head``). Records a running relay adds meanwhile only make it longer.
-        With ``--since`` and nothing read, the end may be in the days before."""
+        With ``--since`` and nothing read, the end may be in the days before.
+
+        A ``start`` found unexplained is named second when the end is missing
+        too: the ``pruned`` record that explains it may be among the records
+        gone from the end, and an auditor sent after old records deleted
+        would look in the wrong place."""
         if self.written is None or (since is not None and self.r.last_seq is None):
             return
         seq = self.written[0]
@@ -393,6 +403,12 @@ class _Verifier:
             return
         ends = "is empty" if self.r.last_seq is None else f"ends at seq {last}"
         how = "removed, or moved to a file not read: see the notes" if unread else "removed"
+        if start is not None:
+            self.r.at_start = False
+            self.r.notes.append(
+                f"{start} (going by the records read: a retention record among those"
+                " missing from the end may explain it)"
+            )
         raise _Tampered(
             Problem(self.last_file or "", self.last_line,
                     f"the log {ends}, but the relay wrote up to seq {seq} ({reader.HEAD_FILE}):"
