@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.audit import AuditLog, events, verify
+from relay.audit import AuditLog, events, reader, verify
 from relay.audit.chain import VerifyResult, seal
 from relay.audit.commands import verify_main
 from tests.test_audit_fixture import START, Clock, build
@@ -258,6 +258,8 @@ def test_hmac_rejects_a_chain_recomputed_with_plain_sha256(tmp_path: Path) -> No
             text, prev = seal(record)
             out.append(text.encode() + b"\n")
         (tmp_path / name).write_bytes(b"".join(out))
+    assert prev is not None
+    (tmp_path / ".head").write_bytes(reader.head_line(18, prev))  # it has no HMAC either
     assert verify(tmp_path).ok  # a plain chain is self-consistent...
     assert _problem(tmp_path, KEY)[:2] == (DAY1, 1)  # ...but not under the key
     key_file = tmp_path / "key"
@@ -362,6 +364,7 @@ def test_an_anchor_whose_record_was_replaced(log_dir: Path) -> None:
     lines = _lines(path)
     lines[-1] = _resealed(lines[-1], recipient="someone@else.example")
     path.write_bytes(b"".join(lines))
+    (log_dir / ".head").unlink()  # whoever can edit the log can rewrite .head too
     assert verify(log_dir).ok  # a plain chain recomputed at its end
     err = io.StringIO()
     assert verify_main(log_dir, None, io.StringIO(), err, anchor=f"18:{head}") == 1
@@ -623,3 +626,19 @@ def test_the_newest_file_gone_with_retention_s_record_names_the_end_not_the_star
         " and no retention record explains it (going by the records read: a retention"
         " record among those missing from the end may explain it)\n"
     ) in err.getvalue()
+
+
+def test_the_newest_record_replaced_by_one_with_a_recomputed_hash(log_dir: Path) -> None:
+    """As long a chain, and as whole: only ``.head`` still names the record written."""
+    path = log_dir / DAY3
+    lines = _lines(path)
+    written = json.loads(lines[-1])["hash"]
+    lines[-1] = _resealed(lines[-1], recipient="someone-else@customer.example")
+    path.write_bytes(b"".join(lines))
+    replaced = json.loads(lines[-1])["hash"]
+    assert _problem(log_dir) == (
+        DAY3,
+        len(lines),
+        f"record seq 18 is not the one the relay wrote: its hash is {replaced},"
+        f" .head names {written}: it was replaced",
+    )

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from relay.audit import AuditError, AuditLog, events, reader, verify, writer
-from relay.audit.chain import GENESIS_HASH
+from relay.audit.chain import GENESIS_HASH, seal
 from relay.audit.search import search
 from tests.test_audit_fixture import START, Clock, build, read_all
 
@@ -1096,3 +1096,36 @@ def test_a_log_opened_while_others_write_is_never_behind_its_witness(
             if appender.is_alive():
                 appender.kill()
     assert opened > 10 and behind == [], behind[:3]
+
+
+def test_a_newest_record_replaced_while_no_writer_ran_is_reported_and_kept_at_the_next_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Edited, its plain hash recomputed: the next start went on from it and wrote
+    over ``.head``, the only evidence, and verify found the log intact."""
+    with AuditLog(tmp_path, clock=Clock()) as log:
+        for n in range(1, 4):
+            log.append(_failed(n))
+        written = log.head
+    day = tmp_path / "audit-2024-05-06.jsonl"
+    lines = day.read_bytes().splitlines(keepends=True)
+    record = json.loads(lines[-1])
+    del record["hash"]
+    record["reply"] = "250 ok"
+    lines[-1] = seal(record)[0].encode() + b"\n"
+    day.write_bytes(b"".join(lines))
+    with AuditLog(tmp_path, clock=Clock()) as log:
+        log.append(_failed(4))
+    assert (
+        "its last record, seq 3, is not the one written (.head names another hash):"
+        " it was replaced; the chain goes on from the one written"
+    ) in caplog.text
+    last = read_all(tmp_path)[-1]
+    assert (last["seq"], last["prev"]) == (4, written[1])
+    result = verify(tmp_path)
+    assert result.problem is not None
+    assert (result.problem.file, result.problem.line) == (day.name, 4)
+    assert result.problem.message == (
+        f"record seq 4 does not chain to the record before it ({day.name} line 3):"
+        " one of them was replaced"
+    )

@@ -224,6 +224,7 @@ class _Verifier:
         self.anchor_seq = anchor_seq
         self.at_anchor: tuple[str, str, int] | None = None  # its hash, file, line
         self.written: tuple[int, str] | None = None  # the relay's .head: its newest durable record
+        self.at_written: tuple[str, str, int] | None = None  # that seq's hash, file, line
 
     def file(self, file: reader.DayFile) -> None:
         lines = _Lines(file)
@@ -252,6 +253,8 @@ class _Verifier:
             self.last, self.last_file, self.last_line = record, file.name, lines.number
             if record["seq"] == self.anchor_seq:
                 self.at_anchor = (record["hash"], file.name, lines.number)
+            if self.written is not None and record["seq"] == self.written[0]:
+                self.at_written = (record["hash"], file.name, lines.number)
             self.r.last_seq, self.r.head = record["seq"], record["hash"]
             if self.r.first_seq is None:
                 self.r.first_seq = record["seq"]
@@ -400,6 +403,7 @@ class _Verifier:
         seq = self.written[0]
         last = self.r.last_seq or 0
         if last >= seq:
+            self._as_written()
             return
         ends = "is empty" if self.r.last_seq is None else f"ends at seq {last}"
         how = "removed, or moved to a file not read: see the notes" if unread else "removed"
@@ -414,6 +418,19 @@ class _Verifier:
                     f"the log {ends}, but the relay wrote up to seq {seq} ({reader.HEAD_FILE}):"
                     f" {_span(last + 1, seq)} missing from its end ({how})")
         )  # fmt: skip
+
+    def _as_written(self) -> None:
+        """The record ``.head`` names must be the one the relay wrote: its newest,
+        edited and its plain hash recomputed, leaves a chain as long and as whole."""
+        if self.written is None or self.at_written is None:
+            return
+        stored, name, line = self.at_written
+        seq, value = self.written
+        if stored != value:
+            raise _Tampered(
+                Problem(name, line, f"record seq {seq} is not the one the relay wrote: its hash"
+                        f" is {stored}, {reader.HEAD_FILE} names {value}: it was replaced")
+            )  # fmt: skip
 
     def finish(self, since: date | None) -> None:
         if self.last is not None and self.start is None:

@@ -461,11 +461,23 @@ class AuditLog:
         means the newest were removed behind their backs (a file moved, replaced
         or cut in place): that is said, and the chain goes on from the known
         head, so that verify shows the gap rather than a new chain that looks
-        intact, and no removed seq is used again."""
+        intact, and no removed seq is used again. A last record that is not the
+        one ``.head`` names was replaced (edited, its plain hash recomputed):
+        going on from it would write over ``.head``, the only evidence, so the
+        chain goes on from the one written, and verify shows the break."""
         known = self._high  # what this process wrote or saw, kept through failed loads
         shared = self._shared()
-        if shared is not None and shared[0] > known[0]:
-            known = shared
+        if shared is not None and shared[0] >= known[0]:
+            known = shared  # durable: one this process wrote may have been lost since
+        if head[0] == known[0] and head[1] != known[1] and known == shared:
+            log.error(
+                "audit log %s: its last record, seq %d, is not the one written (%s names"
+                " another hash): it was replaced; the chain goes on from the one written",
+                self.directory,
+                head[0],
+                HEAD_FILE,
+            )
+            head = known
         if head[0] < known[0]:
             log.error(
                 "audit log %s: records up to seq %d were written, its files now end at"
