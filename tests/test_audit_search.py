@@ -1278,3 +1278,46 @@ def test_files_logrotate_renamed_are_warned_of_not_left_out_silently(
         f"relay audit {verb}: warning: {newest.name}-20240509 is not read:"
         " not a day file's name (rotated by logrotate?)\n"
     )
+
+
+def _audit_cli(policy_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "audit", *args[:1], "-c", str(policy_file), *args[1:]],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_a_window_over_days_retention_deleted_says_so(policy_file: Path) -> None:
+    """It printed the header alone (exit 1) and the report counted what was left,
+    without a word: "nothing sent" could not be told from "records deleted"."""
+    directory = policy_file.parent / "state" / "audit"
+    build(directory)
+    AuditLog(directory, retention_days=1, clock=Clock(START + timedelta(days=2))).maintain()
+    deleted = (
+        "note: the log starts after retention at seq 12 in audit-2024-05-07.jsonl:"
+        " records 1..11 were deleted by retention (older than 1 days) at"
+        " 2024-05-08T09:00:00.000Z, the files through audit-2024-05-06.jsonl; "
+    )
+    found = _audit_cli(policy_file, "search", "--since", "2024-05-01", "--until", "2024-05-06")
+    assert (found.returncode, found.stdout) == (1, "  ".join(TABLE_COLUMNS) + "\n")
+    assert found.stderr == deleted + "they are not in this search\n"
+    counted = _audit_cli(policy_file, "report", "--since", "2024-05-01", "--format", "json")
+    assert counted.returncode == 0
+    assert counted.stdout == _audit_cli(policy_file, "report", "--format", "json").stdout
+    assert counted.stderr == deleted + "this report does not count them\n"
+    after = _audit_cli(policy_file, "search", "--since", "2024-05-07", "--format", "json")
+    assert (after.returncode, after.stderr) == (0, "")
+    assert _audit_cli(policy_file, "report", "--since", "2024-05-07").stderr == ""
+
+
+def test_a_window_before_a_start_no_retention_explains_points_to_verify(log_dir: Path) -> None:
+    for day in sorted(log_dir.glob("audit-2024-05-06.jsonl*")):
+        day.unlink()
+    err = io.StringIO()
+    assert report_main(log_dir, since="2024-05-01", out=io.StringIO(), err=err) == 0
+    assert err.getvalue() == (
+        "note: the log starts at seq 12 in audit-2024-05-07.jsonl"
+        f"{'.gz' if (log_dir / 'audit-2024-05-07.jsonl.gz').exists() else ''}: records 1..11"
+        " are not in it and no retention record explains it (relay audit verify);"
+        " this report does not count them\n"
+    )

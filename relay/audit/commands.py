@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TextIO
 
-from relay.audit import known, reader, render
+from relay.audit import known, reader, render, retained
 from relay.audit.chain import Anchor, verify
 from relay.audit.reader import DamagedFile
 from relay.audit.search import OutOfRange, Owners, parse_when, report, search, show
@@ -55,6 +55,7 @@ def search_main(
             checked = known.check(policy, tenant, user, doc_type)
             tenant, user = checked.tenant, checked.user
             err.write("".join(f"note: {note}\n" for note in checked.notes))
+        _note_deleted(directory, since, "they are not in this search", err)
         found = search(
             directory,
             since,
@@ -110,6 +111,7 @@ def report_main(
     """``relay audit report``: per tenant and document type, what happened."""
     try:
         _check_times(since, until)
+        _note_deleted(directory, since, "this report does not count them", err)
         rows = report(directory, since, until)
         _warn_unread("report", directory, err)
     except ValueError as exc:
@@ -162,6 +164,14 @@ def verify_main(
     if result.head:
         out.write(f"head: seq {result.last_seq} hash {result.head}\n")
     return 0
+
+
+def _note_deleted(directory: Path, since: str | None, outcome: str, err: TextIO) -> None:
+    """A window over days retention deleted finds nothing, as one in which nothing
+    was sent does: which of the two it is must be said."""
+    said = retained.deleted_before(directory, since)
+    if said is not None:
+        err.write(f"note: {said}; {outcome}\n")
 
 
 def _warn_unread(verb: str, directory: Path, err: TextIO) -> None:

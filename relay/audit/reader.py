@@ -113,6 +113,12 @@ def unread(directory: Path) -> list[str]:
     return why
 
 
+def day_of(name: str) -> date | None:
+    """The day a day file's name stands for, or None for any other name."""
+    match = _NAME.fullmatch(name)
+    return date.fromisoformat(match.group(1)) if match and _is_day(match.group(1)) else None
+
+
 def _is_day(text: str) -> bool:
     try:
         date.fromisoformat(text)
