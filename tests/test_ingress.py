@@ -307,7 +307,7 @@ def test_a_display_name_before_the_path_is_dropped(relay: Relay) -> None:
         b"<a>b@example.org>",
         b"<q\r@example.org>",
         b'<"a b"@example.org>',
-        b"<q@example.org> NOTIFY=NEVER",
+        b"<q@example.org> NOTIFY=SOMETIMES",
         b"<q@example.org> <r@example.org>",
     ],
 )

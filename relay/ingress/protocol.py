@@ -22,6 +22,8 @@
   in one line at its end;
 - Postfix's hard error and junk command limits: a client looping on a
   refused command (or on NOOP) is told ``421`` and closed, not answered for ever;
+- RFC 3461's DSN parameters taken and not acted on, though DSN is not offered
+  (``dsn``): an ERP that asked Postfix for delivery receipts sends them anyway;
 - a log line for each connection ended with a ``421`` (idle, too many errors,
   unknown commands or AUTHs), saying how far the session had come.
 
@@ -54,7 +56,7 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, _Missing, syntax
 
 from relay import tally
-from relay.ingress import content, data
+from relay.ingress import content, data, dsn
 from relay.ingress.address import (
     DISPLAY_NAME,
     PARAMETER_WORD,
@@ -295,6 +297,7 @@ class RelaySMTP(SMTP):
         self._deadline = 0.0  # loop time: idle until then is allowed
         self._mail_arg: str | None = None  # while a MAIL command is handled
         self._rcpt_arg: str | None = None  # while a RCPT command is handled
+        self._parameter_refusal: str | None = None  # see _getparams
         self._refused_recipients = RefusedRecipients()
         self._errors = 0  # error replies since the start or the last message accepted
         self._overshoot = 0  # RCPTs of this transaction past the recipient limit
@@ -651,7 +654,7 @@ class RelaySMTP(SMTP):
         try:
             await super().smtp_MAIL(arg)
         finally:
-            self._mail_arg = None
+            self._mail_arg = self._parameter_refusal = None
 
     @syntax("RCPT TO:<address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -660,7 +663,7 @@ class RelaySMTP(SMTP):
         try:
             await super().smtp_RCPT(arg)
         finally:
-            self._rcpt_arg = None
+            self._rcpt_arg = self._parameter_refusal = None
 
     def _set_post_data_state(self) -> None:
         """The end of a transaction however it ends (DATA, RSET, EHLO, STARTTLS)."""
@@ -671,14 +674,33 @@ class RelaySMTP(SMTP):
     def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
         """aiosmtpd's, with RFC 5321's keyword syntax (4.1.2: letters, digits and
         hyphens): it took ``X-FOO=1`` for a syntax error (501), where a
-        parameter the relay does not know is 555 (RFC 5321 4.1.1.11)."""
+        parameter the relay does not know is 555 (RFC 5321 4.1.1.11). The
+        command's DSN parameters are left out of what aiosmtpd checks, so that
+        it takes them; one malformed or given twice has ``push`` answer the
+        501 naming it (``_parameter_refusal``), where aiosmtpd's quotes only
+        the command's syntax."""
         found: dict[str, str | bool] = {}
+        taken: list[dsn.Given] = []
         for param in params:
             name, eq, value = param.partition("=")
             if not _ESMTP_KEYWORD.fullmatch(name) or (eq and not value):
                 return None
-            found[name] = value if eq else True
+            if name.upper() in self._dsn_parameters():
+                taken.append((name.upper(), value if eq else True))
+            else:
+                found[name] = value if eq else True
+        refused = dsn.refusal(taken)
+        if refused is not None:
+            self._parameter_refusal = refused.line
+            return None
         return found
+
+    def _dsn_parameters(self) -> frozenset[str]:
+        """RFC 3461 puts RET and ENVID on MAIL, NOTIFY and ORCPT on RCPT: on the
+        other command they are unknown, 555 as before."""
+        if self._mail_arg is not None:
+            return dsn.MAIL
+        return dsn.RCPT if self._rcpt_arg is not None else frozenset()
 
     @syntax("HELP [command]")
     async def smtp_HELP(self, arg: str) -> None:
@@ -841,6 +863,8 @@ class RelaySMTP(SMTP):
             return  # the connection has ended: nothing to answer
         if isinstance(status, str):
             self._note_refused_command(status)
+            if self._parameter_refusal is not None and status.startswith("501 Syntax: "):
+                status, self._parameter_refusal = self._parameter_refusal, None
             better = self._better.get(status, status)
             if better is NON_ASCII:
                 better = self._refuse_non_ascii()
