@@ -676,14 +676,18 @@ class RelaySMTP(SMTP):
         hyphens): it took ``X-FOO=1`` for a syntax error (501), where a
         parameter the relay does not know is 555 (RFC 5321 4.1.1.11). The
         command's DSN parameters are left out of what aiosmtpd checks, so that
-        it takes them; one malformed or given twice has ``push`` answer the
-        501 naming it (``_parameter_refusal``), where aiosmtpd's quotes only
+        it takes them; one malformed, or any parameter given twice, has ``push``
+        answer the 501 naming it (``_parameter_refusal``), where aiosmtpd's quotes only
         the command's syntax."""
         found: dict[str, str | bool] = {}
         taken: list[dsn.Given] = []
         for param in params:
             name, eq, value = param.partition("=")
             if not _ESMTP_KEYWORD.fullmatch(name) or (eq and not value):
+                return None
+            if name.upper() in (n.upper() for n in (*found, *(n for n, _ in taken))):
+                # the last one counted: "SIZE=99999 SIZE=1" passed the size check
+                self._parameter_refusal = dsn.given_twice(name.upper()).line
                 return None
             if name.upper() in self._dsn_parameters():
                 taken.append((name.upper(), value if eq else True))
