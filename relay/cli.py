@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import os
 import re
@@ -55,8 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_USAGE
     if args.run is _serve:
         return int(args.run(args))
-    stdout = sys.stdout
-    sys.stdout = _Output(stdout, utf8=_for_programs(args))  # type: ignore[assignment]
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout = _Output(stdout or _Closed(), utf8=_for_programs(args))  # type: ignore[assignment]
+    sys.stderr = stderr or _Lost()
     try:
         code = int(args.run(args))
         sys.stdout.flush()  # what is still buffered meets the closed pipe here, not at exit
@@ -74,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report(f"relay: cannot write the output: {exc.strerror or exc}")
         return EX_IOERR
     finally:
-        sys.stdout = stdout
+        sys.stdout, sys.stderr = stdout, stderr
 
 
 def _for_programs(args: argparse.Namespace) -> bool:
@@ -117,8 +119,28 @@ def _as_output_error() -> Iterator[None]:
         raise OutputError(exc.errno, exc.strerror) from exc
 
 
-def _drop_output(stream: TextIO) -> None:
+class _Closed(io.TextIOBase):
+    """A standard stream whose descriptor was closed (``>&-``), where Python has
+    None: writing to None was an AttributeError traceback, exit 1. Written to,
+    it fails as a full disk does, so the command ends with exit 74."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
+class _Lost(io.TextIOBase):
+    """Standard error closed (``2>&-``): print() to None writes to stdout, and an
+    error went into the command's output. Its messages are lost; the exit
+    status says it alone (``relay check``'s, whose output they are, is 74)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+def _drop_output(stream: TextIO | None) -> None:
     """What is still buffered would fail again at exit, with a message of its own."""
+    if stream is None:  # closed: nothing was buffered
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, stream.fileno())
 
@@ -454,7 +476,8 @@ def _check(args: argparse.Namespace) -> int:
     from relay.policy.load import check_main
 
     # its problems and warnings are its output: one it cannot write is exit 74 too
-    err: TextIO = _Output(sys.stderr)  # type: ignore[assignment]
+    closed = isinstance(sys.stderr, _Lost)
+    err: TextIO = _Output(_Closed() if closed else sys.stderr)  # type: ignore[assignment]
     if oplog.to_journal(sys.stderr):
         err = oplog.JournalLines(err)  # type: ignore[assignment]
     return check_main(args.config, sys.stdout, err)

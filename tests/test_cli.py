@@ -792,3 +792,60 @@ def test_a_closed_stdin_reads_as_empty_not_a_traceback(
         check=False, cwd=ROOT, preexec_fn=lambda: os.close(0),
     )  # fmt: skip
     assert (done.returncode, done.stderr) == (code, said)
+
+
+def with_closed(fd: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """``relay ARGS >&-`` (1) or ``2>&-`` (2): Python has None for that stream."""
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args], capture_output=True, text=True, timeout=60,
+        check=False, cwd=ROOT, preexec_fn=lambda: os.close(fd),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["queue", "list", "--json"], ["status"], ["check"], ["suppression", "list"]],
+)
+def test_a_closed_stdout_is_exit_74_not_a_traceback(policy_file: Path, command: list[str]) -> None:
+    """``>&-``: each ended in an AttributeError traceback, exit 1, where ``> /dev/full`` was 74."""
+    from relay.audit import AuditLog
+    from relay.spool import Spool
+    from relay.suppression import BOUNCE, Suppression, SuppressionFile
+    from tests import spoolkit
+
+    state = policy_file.parent / "state"
+    AuditLog(state / "audit").close()
+    Spool(state / "queue").put(spoolkit.make_entry(), b"Subject: x\r\n\r\nx\r\n")
+    gone = Suppression("gone@example.org", None, BOUNCE, "2026-12-01T10:00:00.000Z")
+    SuppressionFile(state / "suppression.jsonl").add([gone])
+    done = with_closed(1, *command, "-c", str(policy_file))
+    assert (done.returncode, done.stderr) == (
+        74,
+        "relay: cannot write the output: Bad file descriptor\n",
+    )
+
+
+def test_a_closed_stdout_with_nothing_to_write_keeps_the_commands_status(
+    policy_file: Path,
+) -> None:
+    done = with_closed(1, "queue", "list", "-c", str(policy_file))
+    assert done.returncode == 66, done.stderr
+    assert done.stderr.endswith("no queue here (has the relay run with this policy?)\n")
+
+
+@pytest.mark.parametrize(
+    ("command", "code"), [(["queue", "list"], 78), (["check"], 74)], ids=["queue", "check"]
+)
+def test_a_closed_stderr_keeps_errors_out_of_stdout(command: list[str], code: int) -> None:
+    """``2>&-``: print() to Python's None wrote the errors into stdout, a file
+    a script reads as the command's output; check, whose problems are its
+    output, exited 1 where ``2> /dev/full`` is 74."""
+    bad = ROOT / "tests" / "policies" / "bad-syntax.yaml"
+    done = with_closed(2, *command, "-c", str(bad))
+    assert (done.returncode, done.stdout) == (code, "")
+
+
+def test_check_with_stderr_closed_still_says_ok(policy_file: Path) -> None:
+    done = with_closed(2, "check", "-c", str(policy_file))
+    assert done.returncode == 0
+    assert done.stdout.startswith(f"{policy_file}: ok (policy ")
