@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from relay.policy.load import StateSettings
     from relay.policy.model import Policy
     from relay.spool import QueueEntry, Spool
+    from relay.spool.tools import Outcome
 
 EX_USAGE = 64
 EX_DATAERR = 65
@@ -726,8 +727,9 @@ def _queue(args: argparse.Namespace) -> int:
             return _recorded(state, spool, args.verb, args.targets)
         from relay.record import operator
 
-        verb = getattr(tools, args.verb)
-        return verb(spool, args.targets, sys.stdout, sys.stderr, by=operator()).code
+        retry = tools.retry(spool, args.targets, sys.stdout, sys.stderr, by=operator())
+        _if_not_running(state, "retry", retry)
+        return retry.code
     except SpoolError as exc:  # no queue, or one this user may not read
         print(f"relay queue: {exc}", file=sys.stderr)
         return EX_NOINPUT
@@ -762,7 +764,22 @@ def _recorded(state: StateSettings, spool: Spool, verb: str, targets: list[str])
         recorder.flush_sync(queue_id)
 
     command = getattr(tools, verb)
-    return command(spool, targets, sys.stdout, sys.stderr, record=record, by=who).code
+    outcome = command(spool, targets, sys.stdout, sys.stderr, record=record, by=who)
+    if verb == "release":
+        _if_not_running(state, verb, outcome)
+    return outcome.code
+
+
+def _if_not_running(state: StateSettings, verb: str, outcome: Outcome) -> None:
+    """ "Scheduled for retry" read as "tried now" where no relay runs to try: said,
+    as ``postqueue -f`` says the mail system is down. The entries stay changed,
+    for the relay's start."""
+    from relay.status import not_running
+
+    directory = state.queue.directory.parent
+    if outcome.entries and not_running(directory):
+        print(f"relay queue {verb}: no relay is running on the state directory {directory}:"
+              " nothing is delivered until it starts", file=sys.stderr)  # fmt: skip
 
 
 def _policy_and_state(path: Path) -> tuple[Policy | None, StateSettings | None]:

@@ -62,6 +62,15 @@ def main(path: Path, queue_directory: Path, out: TextIO, read: Read) -> int:
     return 0 if running is not None else EX_NOT_RUNNING
 
 
+def not_running(state: Path) -> bool:
+    """Whether no relay serves from ``state``, as ``main`` tells it: workers a
+    killed supervisor left serve on. False where it cannot be told."""
+    try:
+        return statelock.holder(state) is None and not statelock.held(state)
+    except statelock.StateUnreadable:
+        return False
+
+
 ORPHANED = (
     "relay: its supervisor is gone; its worker processes still hold the state"
     " directory until the end of their stop's grace; relay serve refuses to start until then"

@@ -1123,3 +1123,47 @@ def test_the_audit_log_says_why_the_policy_decided_as_it_did(
         shown.stdout
     )
     assert "Invoice 77" not in shown.stdout  # the rule's evidence quotes the subject
+
+
+def test_retry_and_release_say_when_no_relay_runs_to_deliver(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """ "Scheduled for retry: 2 messages", exit 0, read as tried now, with no relay
+    running: postqueue -f says the mail system is down. Still scheduled."""
+    state = policy_file.parent / "state"
+    AuditLog(state / "audit").close()
+    spool = Spool(state / "queue")
+    for _ in range(2):
+        spool.put(make_entry(), b"Subject: x\r\n\r\nx\r\n")
+    note = (
+        f"no relay is running on the state directory {state}: nothing is delivered until it"
+        " starts\n"
+    )
+    done = relay_cli(policy_file, "queue", "retry", "ALL")
+    assert (done.returncode, done.stdout) == (0, "Scheduled for retry: 2 messages\n")
+    assert done.stderr == f"relay queue retry: {note}"
+    assert all(entry.next_attempt == 0 for entry in spool.entries())
+    assert relay_cli(policy_file, "queue", "hold", "ALL").stderr == ""
+    done = relay_cli(policy_file, "queue", "release", "ALL")
+    assert (done.returncode, done.stderr) == (0, f"relay queue release: {note}")
+
+
+def test_retry_with_the_relay_running_says_nothing_more(policy_file: Path, tmp_path: Path) -> None:
+    port, sink_port = free_port(), free_port()
+    policy = configure(policy_file, port, sink_port)
+    # its next try far off, so that no try holds it busy as retry comes
+    policy.write_text(
+        policy.read_text().replace(
+            "first_retry: 0.5, max_retry: 1", "first_retry: 600, max_retry: 600"
+        )
+    )
+    spool = Spool(policy.parent / "state" / "queue")
+    with RelayProcess(policy, port, tmp_path / "relay.log"):
+        send(port)  # deferred: the upstream is down
+        wait_for(lambda: [entry.attempts for entry in spool.entries()] == [1])
+        done = relay_cli(policy, "queue", "retry", "ALL")
+    assert (done.returncode, done.stdout, done.stderr) == (
+        0,
+        "Scheduled for retry: 1 message\n",
+        "",
+    )
