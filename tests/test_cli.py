@@ -849,3 +849,11 @@ def test_check_with_stderr_closed_still_says_ok(policy_file: Path) -> None:
     done = with_closed(2, "check", "-c", str(policy_file))
     assert done.returncode == 0
     assert done.stdout.startswith(f"{policy_file}: ok (policy ")
+
+
+def test_version_is_the_installed_packages() -> None:
+    """The upgrade steps ask a new environment its version: it was exit 2, an unknown option."""
+    from importlib.metadata import version
+
+    done = relay("--version")
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"relay {version('erp-relay')}\n", "")
