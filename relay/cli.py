@@ -163,11 +163,21 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_Version, help="print the installed version")
     sub = parser.add_subparsers(metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the relay daemon")
+    text = (
+        "run the relay daemon: take mail on the policy's listeners, queue, sign and deliver"
+        " it; SIGHUP reloads the policy, SIGTERM stops. Its log is on stderr."
+    )
+    serve = sub.add_parser("serve", help="run the relay daemon", description=text,
+                           epilog=_SERVE_STATUS)  # fmt: skip
     _policy_option(serve)
     serve.set_defaults(run=_serve)
 
-    check = sub.add_parser("check", help="validate a policy file")
+    text = (
+        "validate a policy file and the files it names: every problem as FILE:LINE:COL:"
+        " path: message, and warnings, on stderr; an ok line with its version on stdout"
+    )
+    check = sub.add_parser("check", help="validate a policy file", description=text,
+                           epilog=_CHECK_STATUS)  # fmt: skip
     _policy_option(check)
     check.set_defaults(run=_check)
 
@@ -198,9 +208,23 @@ def _parser() -> argparse.ArgumentParser:
     preview.set_defaults(run=_preview)
 
     dkim = _group(sub, "dkim", "DKIM key tools")
-    keygen = dkim.add_parser("keygen", help="create a signing key and print its DNS record")
-    keygen.add_argument("--domain", required=True)
-    keygen.add_argument("--selector", required=True)
+    text = (
+        "create a signing key (mode 0600) and print the DNS TXT record to publish; a key"
+        " is never overwritten"
+    )
+    keygen = dkim.add_parser(
+        "keygen",
+        help="create a signing key and print its DNS record",
+        description=text,
+        epilog=_KEYGEN_STATUS,
+    )
+    keygen.add_argument("--domain", required=True, help="the signing domain (d=)")
+    keygen.add_argument(
+        "--selector",
+        required=True,
+        help="the key's name (s=): its record is SELECTOR._domainkey.DOMAIN, its file"
+        " DOMAIN.SELECTOR.private",
+    )
     keygen.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
     keygen.add_argument("--bits", type=int, help="RSA key size, 1024..4096 (default 2048)")
     keygen.add_argument("--directory", type=Path, default=Path("."), help="where to write it")
@@ -219,7 +243,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     check_dns.set_defaults(run=_dkim_check, pipe_status=EX_PIPE)
 
-    passwd = sub.add_parser("passwd", help="hash an AUTH password for the policy's logins")
+    text = (
+        "hash an AUTH password for the policy's logins: asked for twice on a terminal;"
+        " otherwise the first line of stdin is the password (its line end and a"
+        " byte-order mark left out)"
+    )
+    passwd = sub.add_parser(
+        "passwd",
+        help="hash an AUTH password for the policy's logins",
+        description=text,
+        epilog=_PASSWD_STATUS,
+    )
     passwd.set_defaults(run=_passwd)
     _upstream_parsers(sub)
     _queue_parsers(sub)
@@ -274,6 +308,27 @@ def _version() -> str:
         return version("erp-relay")
     except PackageNotFoundError:  # a checkout run as python -m relay, never installed
         return "(version unknown: not installed)"
+
+
+_SERVE_STATUS = (
+    "Exit status: 0 stopped, 70 a worker process died within 10 s of its start five"
+    " times in a row, 71 a port cannot be listened on, 73 the state directory cannot be"
+    " opened or locked, 75 another relay runs on the state directory, 78 the policy"
+    " does not load (as the run_as user too)."
+)
+_CHECK_STATUS = (
+    "Exit status: 0 the policy loads (warnings aside), 78 it does not, 74 its problems,"
+    " warnings or ok line cannot be written."
+)
+_KEYGEN_STATUS = (
+    "Exit status: 0 written, 1 another failure (--directory a file, a bad name or size),"
+    " 2 an option it cannot read, 73 the key file exists already (its record is printed"
+    " again)."
+)
+_PASSWD_STATUS = (
+    "Exit status: 0 the hash printed, 1 no password (empty, stdin closed, Ctrl-D at the"
+    " prompt), the two differ, or it is not UTF-8 text."
+)
 
 
 def _group(sub: argparse._SubParsersAction, name: str, text: str) -> argparse._SubParsersAction:
@@ -340,16 +395,29 @@ def _nameserver(value: str) -> tuple[str, int]:
 
 def _queue_parsers(sub: argparse._SubParsersAction) -> None:
     verbs = _group(sub, "queue", "list and manage queued messages (like postqueue)")
-    listing = verbs.add_parser("list", help="list queued messages")
+    text = (
+        "list queued messages, as mailq does: ID (! when held), size, arrival, sender, the"
+        " recipients not delivered yet with the last reply, the next attempt; with --json,"
+        " one object a line"
+    )
+    listing = verbs.add_parser(
+        "list", help="list queued messages", description=text, epilog=_QUEUE_STATUS
+    )
     _policy_option(listing)
     listing.add_argument("--json", action="store_true", help="JSON lines, postqueue -j names")
     listing.set_defaults(run=_queue, verb="list")
-    show = verbs.add_parser("show", help="one message's record and headers")
+    text = "one message's record (its times also in local time) and headers, never its body"
+    show = verbs.add_parser(
+        "show",
+        help="one message's record and headers",
+        description=text,
+        epilog=_QUEUE_STATUS.replace("0 listed", "0 shown, 1 no such entry"),
+    )
     _policy_option(show)
-    show.add_argument("queue_id")
+    show.add_argument("queue_id", metavar="ID", help="a queue ID (any case)")
     show.set_defaults(run=_queue, verb="show")
     for verb, text in (
-        ("retry", "deliver now"),
+        ("retry", "deliver now (when no relay runs, at its start)"),
         ("delete", "remove messages, each on record in the audit log first"),
         ("hold", "keep messages from delivery until released"),
         ("release", "let held messages be delivered"),
@@ -360,6 +428,10 @@ def _queue_parsers(sub: argparse._SubParsersAction) -> None:
         command.set_defaults(run=_queue, verb=verb)
 
 
+_QUEUE_STATUS = (
+    "Exit status: 0 listed, 66 no queue there or one this user may not read (the"
+    " message says which), 78 the policy does not load."
+)
 _TARGETS_HELP = (
     "ID is a queue ID (any case), ALL every queued message, - the IDs on stdin, one a"
     " line, as postsuper takes them. A message being delivered at that moment is"
@@ -383,7 +455,8 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
         epilog=_AUDIT_STATUS.format(answers="0 records found, 1 none"),
     )
     _policy_option(search)
-    for option in ("since", "until", "tenant", "user", "recipient", "doc-type", "status"):
+    _time_options(search)
+    for option in ("tenant", "user", "recipient", "doc-type", "status"):
         search.add_argument(f"--{option}")
     search.add_argument("--message-id")
     search.add_argument("--queue-id", type=str.upper)  # as the queue tools take it
@@ -404,8 +477,7 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
         epilog=_AUDIT_STATUS.format(answers="0 counted"),
     )
     _policy_option(report)
-    report.add_argument("--since")
-    report.add_argument("--until")
+    _time_options(report)
     report.add_argument("--format", choices=["text", "json", "csv"], default="text")
     report.set_defaults(run=_audit, verb="report")
     verify = verbs.add_parser(
@@ -414,13 +486,24 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
         epilog=_AUDIT_STATUS.format(answers="0 intact, 1 tampered") + _PIPE_STATUS,
     )
     _policy_option(verify)
-    verify.add_argument("--since")
+    verify.add_argument("--since", metavar="WHEN", help=_SINCE_HELP)
     verify.add_argument(
         "--anchor",
         metavar="HEAD",
         help="a head verify printed before ('seq N hash H'): that record must still be there",
     )
     verify.set_defaults(run=_audit, verb="verify", pipe_status=EX_PIPE)
+
+
+_WHEN = "a day (2024-05-01), a time (2024-05-01T10:00Z) or that long ago (7d, 12h, 30m)"
+_SINCE_HELP = f"from then on: {_WHEN}"
+
+
+def _time_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--since", metavar="WHEN", help=_SINCE_HELP)
+    parser.add_argument(
+        "--until", metavar="WHEN", help=f"up to then, a day given to its end: {_WHEN}"
+    )
 
 
 def _suppression_parsers(sub: argparse._SubParsersAction) -> None:
@@ -476,8 +559,15 @@ _REMOVE_STATUS = (
 
 def _policy_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "-c", "--config", type=Path, required=True, metavar="FILE", help="the policy YAML"
+        "-c", "--config", type=_policy_path, required=True, metavar="FILE", help="the policy YAML"
     )
+
+
+def _policy_path(value: str) -> Path:
+    """``-c ""`` (a variable left unset) read as ``.``, "the policy file is a directory"."""
+    if not value:
+        raise argparse.ArgumentTypeError("an empty path: name the policy file")
+    return Path(value)
 
 
 def _not_ours(signum: int, _frame: object) -> None:

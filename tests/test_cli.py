@@ -857,3 +857,35 @@ def test_version_is_the_installed_packages() -> None:
 
     done = relay("--version")
     assert (done.returncode, done.stdout, done.stderr) == (0, f"relay {version('erp-relay')}\n", "")
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["serve"], "73 the state directory cannot be opened or locked, 75 another relay runs"),
+        (["check"], "Exit status: 0 the policy loads (warnings aside), 78 it does not"),
+        (["passwd"], "otherwise the first line of stdin is the password"),
+        (["dkim", "keygen"], "73 the key file exists already"),
+        (["dkim", "keygen"], "--selector SELECTOR the key's name (s=): its record is"),
+        (["queue", "list"], "66 no queue there or one this user may not read"),
+        (["queue", "show"], "Exit status: 0 shown, 1 no such entry, 66 no queue there"),
+        (["audit", "search"], "--since WHEN from then on: a day (2024-05-01), a time"),
+        (["audit", "report"], "--until WHEN up to then, a day given to its end: a day"),
+    ],
+)
+def test_help_says_what_a_command_does_and_its_exit_statuses(command: list[str], said: str) -> None:
+    """These had a usage line and options only, where their neighbours say what
+    they do and each exit status; the time options' forms were in their error alone."""
+    done = relay(*command, "--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert said in text
+    if command[0] != "audit":  # a description after the usage
+        assert not done.stdout.split("\n\n")[1].startswith(("options:", "positional"))
+
+
+def test_an_empty_policy_path_is_said_to_be_one() -> None:
+    """``-c "$POLICY"`` with the variable unset read as ``.``: "the policy file is a directory"."""
+    done = relay("queue", "list", "-c", "")
+    assert done.returncode == 2
+    assert done.stderr.endswith("argument -c/--config: an empty path: name the policy file\n")
