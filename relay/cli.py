@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     stdout, stderr = sys.stdout, sys.stderr
     sys.stdout = _Output(stdout or _Closed(), utf8=_for_programs(args))  # type: ignore[assignment]
-    sys.stderr = stderr or _Lost()
+    sys.stderr = _Errors(stderr) if stderr is not None else _Lost()  # type: ignore[assignment]
     try:
         code = int(args.run(args))
         sys.stdout.flush()  # what is still buffered meets the closed pipe here, not at exit
@@ -136,6 +136,31 @@ class _Lost(io.TextIOBase):
 
     def write(self, text: str) -> int:
         return len(text)
+
+
+class _Errors:
+    """Standard error, its write errors dropped (``2> /dev/full``): a tool's
+    message then ended in a traceback and exit 1, read as "not found". Its exit
+    status says what happened; ``relay check``, whose report this is, writes to
+    ``wrapped`` and exits 74."""
+
+    def __init__(self, wrapped: TextIO) -> None:
+        self.wrapped = wrapped
+
+    def write(self, text: str) -> int:
+        try:
+            self.wrapped.write(text)
+            self.wrapped.flush()
+        except OSError:
+            _drop_output(self.wrapped)
+        return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):
+            self.wrapped.flush()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.wrapped, name)
 
 
 def _drop_output(stream: TextIO | None) -> None:
@@ -600,9 +625,10 @@ def _check(args: argparse.Namespace) -> int:
     from relay.policy.load import check_main
 
     # its problems and warnings are its output: one it cannot write is exit 74 too
-    closed = isinstance(sys.stderr, _Lost)
-    err: TextIO = _Output(_Closed() if closed else sys.stderr)  # type: ignore[assignment]
-    if oplog.to_journal(sys.stderr):
+    stderr = sys.stderr.wrapped if isinstance(sys.stderr, _Errors) else sys.stderr
+    closed = isinstance(stderr, _Lost)
+    err: TextIO = _Output(_Closed() if closed else stderr)  # type: ignore[assignment]
+    if oplog.to_journal(stderr):
         err = oplog.JournalLines(err)  # type: ignore[assignment]
     return check_main(args.config, sys.stdout, err)
 

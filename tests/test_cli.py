@@ -845,6 +845,26 @@ def test_a_closed_stderr_keeps_errors_out_of_stdout(command: list[str], code: in
     assert (done.returncode, done.stdout) == (code, "")
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [(["queue", "list"], 78), (["suppression", "list"], 78), (["check"], 74)],
+    ids=["queue", "suppression", "check"],
+)
+def test_errors_that_cannot_be_written_leave_the_commands_status(
+    command: list[str], code: int
+) -> None:
+    """``2> /dev/full``: the error message's write ended in a traceback and exit
+    1, read as "nothing found"; only check, whose report it is, says 74."""
+    bad = ROOT / "tests" / "policies" / "bad-syntax.yaml"
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "relay", *command, "-c", str(bad)],
+            stdout=subprocess.PIPE, stderr=full, text=True, timeout=60, check=False, cwd=ROOT,
+        )  # fmt: skip
+    assert (done.returncode, done.stdout) == (code, "")
+
+
 def test_check_with_stderr_closed_still_says_ok(policy_file: Path) -> None:
     done = with_closed(2, "check", "-c", str(policy_file))
     assert done.returncode == 0
