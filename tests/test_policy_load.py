@@ -532,6 +532,10 @@ def test_a_missing_tls_certificate_is_a_problem(tmp_path: Path) -> None:
         ("tls: starttls\nca_file: tls/nope.crt", "ca_file: no such file:"),
         ("tls: none\nca_file: tls/ca.crt", "ca_file: needs tls: starttls or implicit"),
         ("tls: auto\nca_file: tls/ca.crt", "ca_file: needs tls: starttls or implicit"),
+        ("tls: none\ntls_name: mail.example", "tls_name: needs tls: starttls or implicit"),
+        ("tls: auto\ntls_name: mail.example", "tls_name: needs tls: starttls or implicit"),
+        ("tls: starttls\ntls_name: mail.example:587", "tls_name: expected the host name the"
+         " upstream's certificate is issued for, like mail.example.com, not 'mail.example:587'"),
         ("helo_name: relay host", "helo_name: 'relay host' is not a host name"),
         ("helo_name: '[192.0.2.300]'", "helo_name: '[192.0.2.300]' is not a host name"),
         ("helo_name: '[IPv6:192.0.2.1]'", "helo_name: '[IPv6:192.0.2.1]' is not a host name"),

@@ -350,3 +350,69 @@ def test_a_recipient_the_relay_would_not_take_is_refused_before_connecting(
     assert f"relay upstream test: --rcpt {rcpt!r}: {why}" in done.stderr
     assert done.stdout == ""
     assert sink.senders == []
+
+
+@pytest.fixture
+def named_upstream(
+    sink: RecordingSink, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Controller, Certs, list[str | None]]]:
+    """A smarthost reached at 127.0.0.1 whose certificate names only
+    mailhost.internal, as one a Postfix ``relayhost = [10.0.0.5]:587`` used;
+    with the names its clients asked for in SNI."""
+    certs = make_certs(tmp_path_factory.mktemp("named"), ("mailhost.internal",))
+    asked: list[str | None] = []
+    context = server_context(certs)
+    context.sni_callback = lambda _tls, name, _context: asked.append(name)
+    controller = Controller(
+        sink, hostname="127.0.0.1", port=free_port(), server_hostname="mailhost.internal",
+        tls_context=context, authenticator=login, ready_timeout=10,
+    )  # fmt: skip
+    controller.start()
+    try:
+        yield controller, certs, asked
+    finally:
+        controller.stop()
+
+
+def test_a_certificate_for_another_name_than_host_says_what_to_set(
+    tmp_path: Path, named_upstream: tuple[Controller, Certs, list[str | None]]
+) -> None:
+    controller, certs, _ = named_upstream
+    done = relay("-c", str(policy(tmp_path, controller.port, certs.ca)), "smarthost")
+    assert done.returncode == 1
+    assert (
+        "TLS certificate not accepted: IP address mismatch, certificate is not valid for"
+        " '127.0.0.1'.; write the name the certificate is issued for in host:, or in"
+        " tls_name: to keep connecting to this address (connecting)"
+    ) in done.stdout
+
+
+def test_tls_name_checks_the_certificate_for_that_name_at_the_hosts_address(
+    tmp_path: Path,
+    named_upstream: tuple[Controller, Certs, list[str | None]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    controller, certs, asked = named_upstream
+    path = policy(tmp_path, controller.port, certs.ca)
+    text = path.read_text()
+
+    def named(name: str, ca: Path = certs.ca) -> str:
+        given = text.replace("    timeout: 5\n", f"    timeout: 5\n    tls_name: {name}\n")
+        return given.replace(str(certs.ca), str(ca))
+
+    path.write_text(named("mailhost.internal"))
+    done = relay("-c", str(path), "smarthost")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"smarthost (127.0.0.1:{controller.port}): ok" in done.stdout
+    assert f"certificate for mailhost.internal checked against {certs.ca}" in done.stdout
+    assert "  login: accepted for relay" in done.stdout
+    assert asked == ["mailhost.internal"]
+    path.write_text(named("other.internal"))
+    wrong = relay("-c", str(path), "smarthost")
+    assert wrong.returncode == 1
+    assert "Hostname mismatch, certificate is not valid for 'other.internal'" in wrong.stdout
+    other = make_certs(tmp_path_factory.mktemp("other"), ("mailhost.internal",))
+    path.write_text(named("mailhost.internal", other.ca))
+    untrusted = relay("-c", str(path), "smarthost")
+    assert untrusted.returncode == 1
+    assert "TLS certificate not accepted: unable to get local issuer" in untrusted.stdout

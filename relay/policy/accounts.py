@@ -43,7 +43,7 @@ _NO_PASSWORD = "do not put passwords in the policy; "
 _SMTP_FORBIDDEN = {"password": _NO_PASSWORD + "use password_file or password_env"}
 _LOGIN_FORBIDDEN = {"password": _NO_PASSWORD + "put a `relay passwd` hash in password_hash"}
 _SMTP_KEYS = ("type", "host", "port", "tls", "username", "password_file", "password_env")
-_SMTP_KEYS += ("timeout", "data_timeout", "helo_name", "ca_file")
+_SMTP_KEYS += ("timeout", "data_timeout", "helo_name", "ca_file", "tls_name")
 _SMTP_KEYS += ("sender", "sender_name")
 _TENANT_KEYS = ("name", "address", "upstream", "verified_domains", "default_user")
 _TENANT_KEYS += ("reply_to", "bcc_sender", "users", "recipients_per_hour", "auth")
@@ -116,6 +116,7 @@ class _SmtpValues(NamedTuple):
     data_timeout: float | None
     helo_name: str | None
     ca_file: tuple[Path, str] | None
+    tls_name: str | None
 
 
 def _smtp_values(m: Map) -> _SmtpValues:
@@ -132,18 +133,16 @@ def _smtp_values(m: Map) -> _SmtpValues:
         data_timeout=m.number("data_timeout", DATA_TIMEOUT),
         helo_name=m.read("helo_name", values.helo_name),
         ca_file=m.read("ca_file", values.ca_file),
+        tls_name=m.read("tls_name", values.tls_name),
     )
 
 
 def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
     v = _smtp_values(m)
     ok = None not in (v.host, v.tls, v.port, v.timeout, v.data_timeout)
-    for key in ("helo_name", "ca_file", "password_file", "password_env", "username"):
+    for key in ("helo_name", "ca_file", "tls_name", "password_file", "password_env", "username"):
         ok = ok and (getattr(v, key) is not None or not m.has(key))
-    if v.ca_file is not None and v.tls in (TlsMode.NONE, TlsMode.AUTO):
-        message = "needs tls: starttls or implicit (with none or auto mail may go in plain text)"
-        ctx.problem(m.get("ca_file"), m.sub("ca_file"), message)
-        ok = False
+    ok = _checked_only_with_tls(ctx, m, v) and ok
     if m.has("password_file") and m.has("password_env"):
         message = "set password_file or password_env, not both"
         ctx.problem(m.get("password_env"), m.sub("password_env"), message)
@@ -164,6 +163,20 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
     ca = v.ca_file
     settings = {**v._asdict(), "ca_file": None if ca is None else ca[0]}
     return SmtpUpstream(name, **settings, ca_pem=None if ca is None else ca[1])
+
+
+def _checked_only_with_tls(ctx: Ctx, m: Map, v: _SmtpValues) -> bool:
+    """What says how the certificate is checked means nothing where mail may go
+    in plain text: a sysadmin who set it wants TLS, and would not know it is off."""
+    ok = True
+    for key in ("ca_file", "tls_name"):
+        if getattr(v, key) is not None and v.tls in (TlsMode.NONE, TlsMode.AUTO):
+            message = (
+                "needs tls: starttls or implicit (with none or auto mail may go in plain text)"
+            )
+            ctx.problem(m.get(key), m.sub(key), message)
+            ok = False
+    return ok
 
 
 def _with_sender(ctx: Ctx, m: Map, upstream: SmtpUpstream | None) -> SmtpUpstream | None:

@@ -192,6 +192,7 @@ class SmtpUpstream:
     helo_name: str | None = None  # sent in EHLO; None: upstream.helo.local_hostname()
     ca_file: Path | None = None  # CA certificates the upstream's must chain to; None: the system's
     ca_pem: str | None = field(default=None, repr=False)  # its text, as the policy loaded it
+    tls_name: str | None = None  # the name its certificate is checked for; None: ``host``
     data_timeout: float = DATA_TIMEOUT
     # the address the account sends as: From and envelope sender of all its mail
     sender: str | None = None

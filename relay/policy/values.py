@@ -239,6 +239,20 @@ def upstream_host(ctx: Ctx, node: Node, path: str) -> str | None:
     return None
 
 
+def tls_name(ctx: Ctx, node: Node, path: str) -> str | None:
+    """The name an upstream's certificate is issued for, where ``host`` is an
+    address it does not name; in A-labels, as ``host`` is, since TLS compares
+    those. A port or a URL in it matches no certificate."""
+    value = text(ctx, node, path, "a host name")
+    if value is None:
+        return None
+    if _is_host(value):
+        return _resolvable(value)
+    expected = "the host name the upstream's certificate is issued for, like mail.example.com"
+    ctx.problem(node, path, f"expected {expected}, not {value!r}")
+    return None
+
+
 def _resolvable(value: str) -> str:
     """A host name in A-labels, as the resolver and TLS's name check are given
     it: Python's socket and ssl convert a Unicode one as IDNA2003 does, and

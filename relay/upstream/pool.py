@@ -86,6 +86,7 @@ class PoolKey:
     secret: bytes = field(repr=False)
     helo_name: str | None = None
     ca_pem: str | None = field(default=None, repr=False)
+    tls_name: str | None = None
 
     @classmethod
     def of(cls, upstream: SmtpUpstream, password: str | None) -> PoolKey:
@@ -101,6 +102,7 @@ class PoolKey:
             secret,
             upstream.helo_name,
             upstream.ca_pem,
+            upstream.tls_name,
         )
 
 

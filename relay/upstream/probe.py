@@ -99,8 +99,9 @@ def _tls(upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> Finding:
     if not isinstance(until, str):
         return Finding("TLS", f"{tls.version()} {cipher}, certificate checked {checked}")
     ends = datetime.fromtimestamp(ssl.cert_time_to_seconds(until), UTC)
+    name = smtp.checked_name(upstream)
     text = (
-        f"{tls.version()} {cipher}, certificate for {upstream.host} checked {checked},"
+        f"{tls.version()} {cipher}, certificate for {name} checked {checked},"
         f" valid until {ends:%Y-%m-%d}"
     )
     if ends - datetime.now(UTC) < EXPIRY_WARNING:

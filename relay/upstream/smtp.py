@@ -146,7 +146,7 @@ async def connect(upstream: SmtpUpstream, secret: str | None) -> aiosmtplib.SMTP
     except (OSError, ValueError) as exc:
         raise Unreachable.of(_mapped(upstream, stage, exc)) from exc
     client = aiosmtplib.SMTP(
-        hostname=upstream.host,  # the name TLS checks the certificate for
+        hostname=checked_name(upstream),  # with ``sock``, only TLS reads it
         sock=sock,
         timeout=upstream.timeout,
         use_tls=upstream.tls is TlsMode.IMPLICIT,
@@ -337,10 +337,20 @@ def _handshake(exc: Exception) -> str:
     return "TLS handshake after STARTTLS: " if "upgrading transport" in str(exc) else ""
 
 
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH
+_NAME_MISMATCH = frozenset({62, 64})
+
 _HANDSHAKE_CLOSED = (
     "TLS handshake after STARTTLS failed: the upstream closed the connection"
     " (does it take TLS 1.2 or later, with a current cipher?)"
 )
+
+
+def checked_name(upstream: SmtpUpstream) -> str:
+    """The name the certificate must be issued for, and SNI's: ``tls_name`` lets a
+    smarthost be reached at an address its certificate does not name, as with
+    Postfix's ``relayhost = [192.0.2.5]``, whose ``encrypt`` checks no name at all."""
+    return upstream.tls_name or upstream.host
 
 
 def where(upstream: SmtpUpstream) -> str:
@@ -353,7 +363,7 @@ def _reason(exc: BaseException) -> str:
     while exc.__cause__ is not None:
         exc = exc.__cause__
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate not accepted: {exc.verify_message}"
+        return f"TLS certificate not accepted: {exc.verify_message}{_name_hint(exc)}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS failed: {exc.reason or exc}"
     if isinstance(exc, socket.gaierror):
@@ -363,6 +373,17 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def _name_hint(exc: ssl.SSLCertVerificationError) -> str:
+    """A certificate for another name than ``host`` deferred every message until
+    it expired, and nothing said what would let it through."""
+    if exc.verify_code not in _NAME_MISMATCH:
+        return ""
+    return (
+        "; write the name the certificate is issued for in host:, or in tls_name:"
+        " to keep connecting to this address"
+    )
 
 
 def _pinned(ca_pem: str) -> ssl.SSLContext:
