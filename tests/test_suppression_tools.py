@@ -601,3 +601,67 @@ def test_only_the_lines_of_tenants_gone_are_parsed(
     monkeypatch.setattr(strays, "parse", lambda line: parsed.append(line) or parse(line))
     assert stray_tenants(path, {"acme"}) == {}
     assert len(parsed) == 2  # old's entry and its removal
+
+
+POSTFIX_MAP = (
+    "# recipient_access\r\n"
+    "gone@customer.example    REJECT\r\n"
+    "olddomain.example        REJECT\r\n"
+    "baduser@                 550 No such user\r\n"
+    ".sub.example             REJECT\r\n"
+    "@parked.example          REJECT\r\n"
+    "left@customer.example    554 Left the company\r\n"
+    "boss@customer.example    OK\r\n"
+)
+
+
+def _recipe() -> str:
+    """docs/suppression.md's recipe for a Postfix access map, as written there."""
+    text = (ROOT / "docs" / "suppression.md").read_text()
+    start = text.index("    tr -d '\\r' < /etc/postfix/recipient_access")
+    block = text[start : text.index("\n\n", start)]
+    return "\n".join(line.removeprefix("    ") for line in block.splitlines())
+
+
+def test_the_docs_recipe_for_a_postfix_access_map_takes_its_addresses(
+    policy: Path, tmp_path: Path
+) -> None:
+    access = tmp_path / "recipient_access"
+    access.write_text(POSTFIX_MAP, newline="")
+    script = (
+        _recipe()
+        .replace("/etc/postfix/recipient_access", str(access))
+        .replace("sudo -u erp-relay relay", f"{sys.executable} -m relay")
+        .replace("/etc/erp-relay/relay.yaml", str(policy))
+    )
+    done = subprocess.run(
+        ["bash", "-c", "set -o pipefail\n" + script],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "gone@customer.example: added (manual, all tenants)",
+        "left@customer.example: added (manual, all tenants)",
+    ]
+
+
+def test_every_line_refused_is_named_so_a_list_is_cleaned_in_one_run(policy: Path) -> None:
+    """It named the first only: a Postfix map's domain and ``user@`` entries
+    took a run each to find."""
+    lines = "gone@customer.example\nolddomain.example\nbaduser@\n.sub.example\n"
+    lines += "".join(f"domain{i}.example\n" for i in range(12))
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "suppression", "add", "-c", str(policy), "-"],
+        input=lines, capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (2, "")
+    said = done.stderr.splitlines()
+    assert said[:4] == [
+        "relay suppression add: nothing added: 'olddomain.example' is not an address"
+        " like name@example.com",
+        "relay suppression add: 'baduser@' is not an address like name@example.com",
+        "relay suppression add: '.sub.example' is not an address like name@example.com",
+        "relay suppression add: 'domain0.example' is not an address like name@example.com",
+    ]
+    assert said[10:] == ["relay suppression add: and 5 more that are not addresses"]
+    assert not listed(policy).exists() or listed(policy).read_text() == ""

@@ -27,6 +27,7 @@ EX_CANTCREAT = 73  # the list cannot be written
 
 COLUMNS = ("address", "tenant", "reason", "since", "by", "detail")
 _NAMED_UNLISTED = 10
+_NAMED_REFUSED = 10
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -104,9 +105,13 @@ def add_main(
     state settings loaded (then any tenant is taken). Nothing is added when an
     argument is refused, so a typo does not leave half the list changed."""
     addresses = _taken(addresses)
-    refusal = _refusal(addresses, tenant, tenants) or _not_text(note, tenant)
-    if refusal is not None:
-        err.write(f"relay suppression add: nothing added: {refusal}\n")
+    refusals = _refusals(addresses, tenant, tenants)
+    unsaid = _not_text(note, tenant)
+    if unsaid is not None:
+        refusals.append(unsaid)
+    if refusals:
+        err.write(f"relay suppression add: nothing added: {refusals[0]}\n")
+        err.write("".join(f"relay suppression add: {r}\n" for r in refusals[1:]))
         return EX_BADARG
     when = now()
     new = [Suppression(a, tenant, reason, when, note, None, by) for a in _unique(addresses)]
@@ -210,18 +215,21 @@ def _warn(file: SuppressionFile, listing: Listing, err: TextIO) -> None:
         )
 
 
-def _refusal(
+def _refusals(
     addresses: Sequence[str], tenant: str | None, tenants: Collection[str] | None
-) -> str | None:
+) -> list[str]:
+    """Every argument refused, not the first only: a list brought over from a
+    Postfix map took one run per bad line to clean. Past a few, a count."""
     from relay.policy.values import is_address
 
-    for address in addresses:
-        if not is_address(address):
-            return _not_an_address(address)
+    refused = [_not_an_address(a) for a in _unique(addresses) if not is_address(a)]
+    if len(refused) > _NAMED_REFUSED:
+        more = len(refused) - _NAMED_REFUSED
+        refused[_NAMED_REFUSED:] = [f"and {more} more that are not addresses"]
     if tenant is not None and tenants is not None and tenant not in tenants:
         known = ", ".join(sorted(tenants)) or "none"
-        return f"the policy has no tenant {tenant!r} (its tenants: {known})"
-    return None
+        refused.append(f"the policy has no tenant {tenant!r} (its tenants: {known})")
+    return refused
 
 
 def _not_text(note: str, tenant: str | None) -> str | None:
