@@ -41,6 +41,7 @@ from relay.policy.model import (
     UnknownSender,
     UserRef,
 )
+from relay.sign import sign
 from relay.upstream import helo
 from tests.certs import make_certs
 from tests.policyfiles import POLICIES, variant
@@ -973,9 +974,9 @@ ED25519_KEY = POLICIES / "keys" / "acme.example.a1.private"
             "an RSA key, but algorithm says ed25519: set algorithm: rsa, or name the Ed25519 key",
         ),
         ("ed25519", lambda: b"c2hvcnQ=\n", "not an Ed25519 private key: the base64 of its"),
-        ("ed25519", _pkcs8_ed25519, "an Ed25519 key in PEM form; the relay reads the base64"),
+        ("rsa", _pkcs8_ed25519, "an Ed25519 key, but algorithm says rsa: set algorithm: ed25519"),
     ],
-    ids=["garbage", "ed25519-as-rsa", "rsa-as-ed25519", "short-seed", "ed25519-pem"],
+    ids=["garbage", "ed25519-as-rsa", "rsa-as-ed25519", "short-seed", "ed25519-pem-as-rsa"],
 )
 def test_a_dkim_key_the_relay_cannot_sign_with_is_a_located_problem(
     tmp_path: Path, algorithm: str, content: Callable[[], bytes], problem: str
@@ -991,6 +992,27 @@ def test_a_dkim_key_the_relay_cannot_sign_with_is_a_located_problem(
     assert found.startswith(
         f"{path}:15:17: dkim.keys[0].key_file: cannot sign with {key}: {problem}"
     )
+
+
+def test_an_ed25519_key_in_pem_form_signs_as_its_seed_does(tmp_path: Path) -> None:
+    """``openssl genpkey -algorithm ed25519`` (an OpenDKIM key) was refused, with
+    no conversion given. Its seed is its raw private bytes: the same signatures."""
+    private = ed25519.Ed25519PrivateKey.generate()
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    seed = private.private_bytes_raw()
+    path = variant(
+        tmp_path, "      selector: s1\n", "      selector: s1\n      algorithm: ed25519\n"
+    )
+    key_file = tmp_path / "keys" / "platform.example.s1.private"
+    signed = []
+    for data in (pem.replace(b"\n", b"\r\n"), base64.b64encode(seed) + b"\n"):
+        key_file.write_bytes(data)
+        signed.append(
+            sign(b"From: <a@platform.example>\r\n\r\nHi\r\n", load(path).dkim_keys, now=0)
+        )
+    assert b"a=ed25519-sha256" in signed[0] and signed[0] == signed[1]
 
 
 def test_a_dkim_key_of_either_algorithm_loads_when_it_signs(tmp_path: Path) -> None:

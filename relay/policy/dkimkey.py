@@ -28,12 +28,28 @@ _SAMPLE = b"From: <postmaster@example.invalid>\r\nSubject: key check\r\n\r\nkey 
 _NAMES = {DkimAlgorithm.RSA: "RSA", DkimAlgorithm.ED25519: "Ed25519"}
 _EXPECTED = {
     DkimAlgorithm.RSA: "an RSA private key in PEM form",
-    DkimAlgorithm.ED25519: "an Ed25519 private key: the base64 of its 32-byte seed",
+    DkimAlgorithm.ED25519: "an Ed25519 private key: the base64 of its 32-byte seed, or PEM",
 }
-_KEYGEN = "as `relay dkim keygen` writes it"
 _PRIVATE = b"PRIVATE KEY-----"
 _CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 _PUBLIC = b"PUBLIC KEY-----"
+
+
+def as_signed(algorithm: DkimAlgorithm, data: bytes) -> bytes:
+    """An Ed25519 key in PEM (PKCS#8, as ``openssl genpkey -algorithm ed25519``
+    and OpenDKIM make it) as the base64 of its seed, which the signer reads: its
+    raw private bytes are that seed, so it signs as the seed's file would. Such
+    a key was refused, with no way given to convert it. Anything else as read:
+    the test signature says what is wrong with it."""
+    if algorithm is not DkimAlgorithm.ED25519 or _PRIVATE not in data:
+        return data
+    try:
+        private = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return data
+    if not isinstance(private, ed25519.Ed25519PrivateKey):
+        return data
+    return base64.b64encode(private.private_bytes_raw()) + b"\n"
 
 
 def problem(key: DkimKey) -> str | None:
@@ -88,19 +104,16 @@ def _rsa_bits(key: DkimKey) -> int | None:
 
 
 def _explain(key: DkimKey, reason: str) -> str:
-    found = _held(key.private_key)
+    held = _held(key.private_key)
     wanted = key.algorithm
-    if found is None:
+    if held is None:
         other = _other_content(key)
         return f"not {_EXPECTED[wanted]} ({reason})" if other is None else other
-    held, form = found
     if held is not wanted:
         return (
             f"an {_NAMES[held]} key, but algorithm says {wanted.value}:"
             f" set algorithm: {held.value}, or name the {_NAMES[wanted]} key"
         )
-    if form == "pem" and wanted is DkimAlgorithm.ED25519:
-        return f"an Ed25519 key in PEM form; the relay reads the base64 of its seed, {_KEYGEN}"
     return f"an {_NAMES[held]} key the relay cannot sign with ({reason})"
 
 
@@ -134,18 +147,18 @@ def _encrypted(data: bytes) -> bool:
     return False
 
 
-def _held(data: bytes) -> tuple[DkimAlgorithm, str] | None:
-    """Which kind of key the file holds, and in which form ("pem" or "seed"), if any."""
+def _held(data: bytes) -> DkimAlgorithm | None:
+    """Which kind of key the file holds, if any."""
     try:
         private = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         private = None
     if isinstance(private, rsa.RSAPrivateKey):
-        return DkimAlgorithm.RSA, "pem"
+        return DkimAlgorithm.RSA
     if isinstance(private, ed25519.Ed25519PrivateKey):
-        return DkimAlgorithm.ED25519, "pem"
+        return DkimAlgorithm.ED25519
     try:
         seed = base64.b64decode(data.strip(), validate=True)
     except (binascii.Error, ValueError):
         return None
-    return (DkimAlgorithm.ED25519, "seed") if len(seed) == 32 else None
+    return DkimAlgorithm.ED25519 if len(seed) == 32 else None

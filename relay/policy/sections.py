@@ -718,12 +718,11 @@ def dkim(ctx: Ctx, root: Map) -> tuple[tuple[DkimKey, ...] | None, set[str]]:
             seen[name] = path
         algorithm = m.choice("algorithm", DkimAlgorithm, DkimAlgorithm.RSA)
         key = m.read("key_file", values.read_file)
-        ok = domain and selector and algorithm and key
-        keys.append(
-            _signing_key(ctx, m, DkimKey(domain, selector, algorithm, key[0], _lf(key[1])))
-            if ok
-            else None
-        )
+        if domain and selector and algorithm and key:
+            data = dkimkey.as_signed(algorithm, _lf(key[1]))
+            keys.append(_signing_key(ctx, m, DkimKey(domain, selector, algorithm, key[0], data)))
+        else:
+            keys.append(None)
     return (None if None in keys else tuple(keys)), domains
 
 
