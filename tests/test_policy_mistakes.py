@@ -445,9 +445,14 @@ def test_a_cidr_with_host_bits_set_is_a_problem_naming_what_it_would_mean(
         ("'[fd00::]/64'", "'[fd00::]/64': write it without brackets, fd00::/64"),
         ("'[::1]'", "'[::1]': write it without brackets, ::1"),
         ("10.1.2.300/16", "'10.1.2.300/16' does not appear to be an IPv4 or IPv6 network"),
+        ("'127.0.0.1/32 10.0.0.0/8'", "'127.0.0.1/32 10.0.0.0/8': one network per list item,"
+         " not 2: write each as its own item"),
+        ("'10.0.0.0/8, 192.0.2.0/24,::1'", "'10.0.0.0/8, 192.0.2.0/24,::1': one network per"
+         " list item, not 3: write each as its own item"),
     ],
-    ids=["ipv6-prefix", "ipv4-prefix", "brackets", "bracketed-address", "no-address"],
-)
+    ids=["ipv6-prefix", "ipv4-prefix", "brackets", "bracketed-address", "no-address",
+         "mynetworks-line", "comma-separated"],
+)  # fmt: skip
 def test_an_invalid_cidr_says_what_to_write(tmp_path: Path, cidr: str, problem: str) -> None:
     """Each was said only not to be an IPv4 or IPv6 network, which it plainly is."""
     path = variant(tmp_path, "    port: 2525\n", f"    port: 2525\n    allow: [{cidr}]\n")

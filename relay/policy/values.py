@@ -397,6 +397,9 @@ def _not_cidr(value: str) -> str | None:
     """What is wrong with a CIDR whose address is one, which ``ipaddress`` says
     no more of than of any text: ``fd00::/129`` and ``[fd00::]/64`` were said
     not to be networks at all."""
+    several = _several_networks(value)
+    if several is not None:
+        return several
     host, slash, prefix = value.partition("/")
     bare = _bracketed_ip(host)
     if bare is not None:
@@ -408,6 +411,15 @@ def _not_cidr(value: str) -> str | None:
     if prefix.isdigit() and int(prefix) <= longest:
         return None
     return f"{value!r}: the prefix length of an IPv{version} network is 0 to {longest}"
+
+
+def _several_networks(value: str) -> str | None:
+    """A pasted Postfix ``mynetworks`` line, whose networks are separated by
+    spaces or commas: the last one's prefix was said to be out of range."""
+    parts = [part for part in re.split(r"[\s,]+", value) if part]
+    if len(parts) < 2:
+        return None
+    return f"{value!r}: one network per list item, not {len(parts)}: write each as its own item"
 
 
 def _host_bits(value: str, network: IPv4Network | IPv6Network) -> str:
