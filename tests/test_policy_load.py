@@ -411,12 +411,14 @@ def test_a_user_name_yaml_reads_as_a_boolean_must_be_quoted(tmp_path: Path) -> N
     ("old", "new", "problem"),
     [
         ("name: Acme AS", "name: !!bool x", "21:11: tenants.acme.name: expected a company name,"
-         ' but the tag !!bool makes x a boolean; write it without the tag, in quotes: "x"'),
-        ("name: Acme AS", "name: !!timestamp x", "21:11: tenants.acme.name: expected a company"
-         " name, but the tag !!timestamp makes x a date; write it without the tag, in quotes:"
+         " but the tag !!bool cannot read 'x' as a boolean; write it without the tag, in quotes:"
          ' "x"'),
+        ("name: Acme AS", "name: !!timestamp x", "21:11: tenants.acme.name: expected a company"
+         " name, but the tag !!timestamp cannot read 'x' as a date; write it without the tag,"
+         ' in quotes: "x"'),
         ("name: Acme AS", "name: !!float x", "21:11: tenants.acme.name: expected a company name,"
-         ' but the tag !!float makes x a number; write it without the tag, in quotes: "x"'),
+         " but the tag !!float cannot read 'x' as a number; write it without the tag, in quotes:"
+         ' "x"'),
         ("name: Acme AS", 'name: !!bool "yes"', "21:11: tenants.acme.name: expected a company"
          " name, but the tag !!bool makes yes the boolean true; write it without the tag,"
          ' in quotes: "yes"'),

@@ -277,8 +277,17 @@ def _explicit(node: ScalarNode) -> bool:
 
 
 def _tagged(node: ScalarNode, what: str) -> str:
+    """What the tag does to the text: "makes x a boolean" was said of a ``!!bool x``
+    it cannot read at all."""
+    try:
+        _construct(node)
+    except _Unfit:
+        kind = _IMPLICIT[node.tag].replace("the ", "a ")
+        done = f"cannot read {node.value!r} as {kind}"
+    else:
+        done = f"makes {node.value} {_meaning(node)}"
     return (
-        f"expected {what}, but the tag {_tag(node)} makes {node.value} {_meaning(node)};"
+        f"expected {what}, but the tag {_tag(node)} {done};"
         f' write it without the tag, in quotes: "{node.value}"'
     )
 
