@@ -118,6 +118,16 @@ class Recorder:
         if self.audit is not None:
             self.audit.sync()
 
+    @property
+    def refusing(self) -> str | None:
+        """See ``AuditLog.refusing``; a flag read, so that checking it costs mail nothing."""
+        return None if self.audit is None else self.audit.refusing
+
+    def probe(self) -> None:
+        """See ``AuditLog.probe``; raises AuditError."""
+        if self.audit is not None:
+            self.audit.probe()
+
     def _append(self, batches: list[list[dict[str, Any]]]) -> list[None]:
         assert self.audit is not None
         self.audit.append_many([record for records in batches for record in records])

@@ -1129,3 +1129,35 @@ def test_a_newest_record_replaced_while_no_writer_ran_is_reported_and_kept_at_th
         f"record seq 4 does not chain to the record before it ({day.name} line 3):"
         " one of them was replaced"
     )
+
+
+def test_a_refused_write_is_said_until_a_write_or_a_probe_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the engine pauses deliveries on (``refusing``): a full disk shows only
+    on a write, so a probe writes a block, to a file of its own, gone after."""
+    log = AuditLog(tmp_path, clock=Clock())
+    log.append(_failed(1))
+    assert log.refusing is None
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(AuditError, match="No space left on device"):
+        log.append(_failed(2))
+    log.sync()  # nothing to fsync: no word on whether the log takes records
+    with pytest.raises(AuditError, match="No space left on device"):
+        log.probe()
+    assert log.refusing == f"audit log {tmp_path}: No space left on device"
+    monkeypatch.undo()
+    log.probe()
+    assert log.refusing is None
+    assert not (tmp_path / writer.PROBE_FILE).exists()
+    assert [r["seq"] for r in read_all(tmp_path)] == [1]
+    with pytest.raises(AuditError):
+        monkeypatch.setattr(os, "write", full)
+        log.append(_failed(2))
+    monkeypatch.undo()
+    log.append(_failed(2))
+    assert log.refusing is None

@@ -58,6 +58,9 @@ HEAD_FILE = reader.HEAD_FILE
 STEPPED_FILE = reader.STEPPED_FILE
 #: the first day retention was held back for a clock far past the log's records
 RETENTION_HELD_FILE = ".retention-held"
+#: ``probe``'s file, removed at once: a crash's is removed by the next probe
+PROBE_FILE = ".probe"
+PROBE_SIZE = 4096  # a page: a full tmpfs, or a full disk, refuses it
 _GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip header and trailer around the stream
 
 
@@ -108,6 +111,7 @@ class AuditLog:
         self._witness = witness
         self._witnessed: tuple[int, str] | None = None  # read at the start, raised by us
         self._witness_fd: int | None = None
+        self._refusing: str | None = None  # why the last write failed, until one works
         try:
             st = self._made() if create else self._there()
             statefiles.check_directory(self.directory)
@@ -153,6 +157,45 @@ class AuditLog:
         """Seq and hash of the last record this process knows of."""
         return self._seq, self._prev
 
+    @property
+    def refusing(self) -> str | None:
+        """Why the last write (or fsync) failed, until a write works again, a
+        ``probe`` included: the engine starts no delivery meanwhile, as it could
+        not record its outcome (``relay.engine``)."""
+        return self._refusing
+
+    def probe(self) -> None:
+        """Whether the log takes records again, for a writer with none of its own
+        to write: a full disk shows only on a write, never on an fsync of what
+        is written, so a block goes to a file of its own, removed at once;
+        raise AuditError while it is refused."""
+        with self._writing():
+            fd = self._create(self.directory / PROBE_FILE)
+            try:
+                os.write(fd, bytes(PROBE_SIZE))
+            finally:
+                os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.directory / PROBE_FILE)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Under the lock: a failure says why the log refuses records (``refusing``)
+        until a later write works; raised as AuditError."""
+        try:
+            with self._locked():
+                try:
+                    yield
+                except OSError as exc:
+                    self._refusing = self._why(exc)
+                    raise
+                self._refusing = None
+        except OSError as exc:
+            raise AuditError(self._why(exc)) from exc
+
+    def _why(self, error: OSError) -> str:
+        return f"audit log {self.directory}: {error.strerror or error}"
+
     def append(self, record: dict[str, Any]) -> None:
         self.append_many([record])
 
@@ -169,42 +212,42 @@ class AuditLog:
             events.check(record)
         if not records:
             return 0
+        with self._writing():
+            return self._append(records, sync)
+
+    def _append(self, records: list[dict[str, Any]], sync: bool) -> int:
+        self._refresh()
+        now = self._clock()
+        day = max(now.astimezone(UTC).date(), self._day or date.min)
+        if self._fd is None or self._fd_day != day:
+            self._open(day)
+        if now.astimezone(UTC).date() < day:
+            self._mark(day)
+        time = events.timestamp(now)
+        seq, prev, lines = self._seq, self._prev, []
+        for record in records:
+            seq += 1
+            line, prev = seal(
+                {"v": events.VERSION, "seq": seq, "time": time, **record, "prev": prev},
+                self._key,
+            )
+            lines.append(line)
+        data = ("\n".join(lines) + "\n").encode()
         try:
-            with self._locked():
-                self._refresh()
-                now = self._clock()
-                day = max(now.astimezone(UTC).date(), self._day or date.min)
-                if self._fd is None or self._fd_day != day:
-                    self._open(day)
-                if now.astimezone(UTC).date() < day:
-                    self._mark(day)
-                time = events.timestamp(now)
-                seq, prev, lines = self._seq, self._prev, []
-                for record in records:
-                    seq += 1
-                    line, prev = seal(
-                        {"v": events.VERSION, "seq": seq, "time": time, **record, "prev": prev},
-                        self._key,
-                    )
-                    lines.append(line)
-                data = ("\n".join(lines) + "\n").encode()
-                try:
-                    self._write(data, sync)
-                except OSError:
-                    self._undo()
-                    raise
-                self._seq, self._prev = self._high = seq, prev
-                self._size += len(data)
-                if sync:
-                    self._due = self._unsynced = None  # covered by this fsync
-                    self._share((seq, prev))
-                    return 0
-                self._unsynced = (seq, prev)
-                self._share(self._due)
-                self._writes += 1
-                return self._writes
-        except OSError as exc:
-            raise AuditError(f"audit log {self.directory}: {exc.strerror or exc}") from exc
+            self._write(data, sync)
+        except OSError:
+            self._undo()
+            raise
+        self._seq, self._prev = self._high = seq, prev
+        self._size += len(data)
+        if sync:
+            self._due = self._unsynced = None  # covered by this fsync
+            self._share((seq, prev))
+            return 0
+        self._unsynced = (seq, prev)
+        self._share(self._due)
+        self._writes += 1
+        return self._writes
 
     def synced(self, ticket: int) -> bool | None:
         """Whether the records of ``append_many(sync=False)`` are on disk: True,
@@ -227,7 +270,8 @@ class AuditLog:
                     finally:
                         fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         except OSError as exc:
-            raise AuditError(f"audit log {self.directory}: {exc.strerror or exc}") from exc
+            self._refusing = self._why(exc)
+            raise AuditError(self._refusing) from exc
 
     def maintain(self, now: datetime | None = None) -> list[str]:
         """Delete days past retention, then compress closed days; what was done.
