@@ -438,6 +438,7 @@ class Engine:
         self._notes = Notes(spool)
         self._notes_seen = 0
         self._notes_failing = False
+        self._paused: str | None = None  # the audit log's refusal, as last said
 
     def submit(self, queue_id: str, when: float | None = None, warm: Warm | None = None) -> None:
         """A new entry in the spool: deliver it at ``when`` (now by default).
@@ -481,6 +482,7 @@ class Engine:
                 self._tally.suspended(name, False)
         seen_kick = self._last_kick()
         await self._log_queue_changes(True)
+        await self._check_audit(start=True)
         scan_wanted = not await self._rescan()
         # the looks' own pace is kept by the monotonic clock: set back an hour,
         # the wall clock held up every look (the fsync of delivered mail's
@@ -498,6 +500,7 @@ class Engine:
                 continue  # woken per accepted message: a stat each time added up
             last_look = time.monotonic()
             self._settle_finished()
+            await self._check_audit()
             self._reached_elsewhere()
             await self._log_queue_changes(last_look - last_scan > RESCAN)
             kicked = self._last_kick()  # a file's time: any change is a kick, earlier too
@@ -528,6 +531,32 @@ class Engine:
         now = self.clock()
         for note in notes:
             log.info("%s: %s", note.queue_id, note.line(now))
+
+    async def _check_audit(self, start: bool = False) -> None:
+        """Whether the audit log takes records again, while it refuses them
+        (``_backlogged``). Records waiting to be written again tell
+        (``relay.settle``); with none waiting, a probe does, once a look. At the
+        start too: the records refused may have been the start's own, another
+        process's, and the mail they left queued went again at every restart."""
+        refusing = self.recorder.refusing is not None
+        if start or (refusing and not self._settler.rewriting):
+            with contextlib.suppress(AuditError):  # said by _say_paused
+                await asyncio.to_thread(self.recorder.probe)
+        self._say_paused()
+
+    def _say_paused(self) -> None:
+        """Once each way, not at every look or message."""
+        refusing = self.recorder.refusing
+        if refusing is not None and self._paused is None:
+            log.error(
+                "no delivery starts until the audit log takes records again (those under"
+                " way finish; the mail stays queued): %s",
+                refusing,
+            )
+        elif refusing is None and self._paused is not None:
+            log.info("the audit log takes records again: deliveries go on")
+            self._wake.set()
+        self._paused = refusing
 
     def _last_kick(self) -> float:
         try:
@@ -835,10 +864,13 @@ class Engine:
         return self._tasks_in_line[fresh]
 
     def _backlogged(self) -> bool:
-        """Nothing new starts while too many finished entries wait for the audit log:
-        a log that refuses writes would otherwise pile up open files, and mail
-        delivered with no record of it; likewise while too many wait for the
-        spool to take their failure notices."""
+        """Nothing new starts while the audit log refuses records (``_check_audit``):
+        the outcomes could not be recorded, and the mail, left queued, went again
+        at every restart with the log naming none of those sends. Nor while too
+        many finished entries wait for the audit log, or for the spool to take
+        their failure notices."""
+        if self.recorder.refusing is not None:
+            return True
         return self._settler.full or len(self._untold) >= WAITING_MAX
 
     def _limit(self, entry: QueueEntry) -> Slots:

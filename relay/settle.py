@@ -102,6 +102,13 @@ class Settler:
         """How many entries wait; read from other threads, it is a hint."""
         return len(self._waiting)
 
+    @property
+    def rewriting(self) -> bool:
+        """Whether records the audit log refused wait to be written again: tried at
+        every look, they tell when it takes records again. Read from other
+        threads, it is a hint."""
+        return any(self.recorder.synced(item.ticket) is None for item in self._waiting)
+
     def stuck(self, queue_id: str) -> bool:
         """Whether the entry was finished and waits for its removal: not to be planned."""
         return queue_id in self._stuck
