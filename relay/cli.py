@@ -430,7 +430,7 @@ def _queue_parsers(sub: argparse._SubParsersAction) -> None:
     )
     _policy_option(listing)
     listing.add_argument("--json", action="store_true", help="JSON lines, postqueue -j names")
-    listing.set_defaults(run=_queue, verb="list")
+    listing.set_defaults(run=_queue, verb="list", pipe_status=EX_PIPE)
     text = "one message's record (its times also in local time) and headers, never its body"
     show = verbs.add_parser(
         "show",
@@ -440,7 +440,7 @@ def _queue_parsers(sub: argparse._SubParsersAction) -> None:
     )
     _policy_option(show)
     show.add_argument("queue_id", metavar="ID", help="a queue ID (any case)")
-    show.set_defaults(run=_queue, verb="show")
+    show.set_defaults(run=_queue, verb="show", pipe_status=EX_PIPE)
     for verb, text in (
         ("retry", "deliver now (when no relay runs, at its start)"),
         ("delete", "remove messages, each on record in the audit log first"),
@@ -455,7 +455,8 @@ def _queue_parsers(sub: argparse._SubParsersAction) -> None:
 
 _QUEUE_STATUS = (
     "Exit status: 0 listed, 66 no queue there or one this user may not read (the"
-    " message says which), 78 the policy does not load."
+    " message says which), 74 the output cannot be written, 78 the policy does not load."
+    + _PIPE_STATUS
 )
 _TARGETS_HELP = (
     "ID is a queue ID (any case), ALL every queued message, - the IDs on stdin, one a"

@@ -526,6 +526,21 @@ def test_a_reader_gone_is_exit_141_for_a_command_whose_1_is_a_finding(
     assert into_closed_pipe("audit", "search", "-c", str(policy_file)).returncode == 1
 
 
+@pytest.mark.parametrize("command", [["queue", "list"], ["queue", "show", "Q1"]])
+def test_a_reader_gone_from_the_queue_tools_is_exit_141(
+    policy_file: Path, command: list[str]
+) -> None:
+    """``relay queue show ID | head -1`` was exit 1, which is "no such entry"."""
+    from relay.spool import Spool
+    from tests import spoolkit
+
+    entry = spoolkit.make_entry()
+    Spool(policy_file.parent / "state" / "queue").put(entry, b"Subject: x\r\n\r\nx\r\n")
+    command = [entry.queue_id if arg == "Q1" else arg for arg in command]
+    done = into_closed_pipe(*command, "-c", str(policy_file))
+    assert (done.returncode, done.stderr) == (141, "")
+
+
 def test_verify_of_a_tampered_log_with_many_notes_piped_into_head_is_exit_1(
     policy_file: Path, tmp_path: Path
 ) -> None:
