@@ -536,6 +536,26 @@ def test_size_declared_too_big_refused(relay: Relay, caplog: pytest.LogCaptureFi
     ]
 
 
+def test_a_size_given_twice_is_checked_by_the_larger(relay: Relay) -> None:
+    """The last one counted, so ``SIZE=100001 SIZE=1`` passed the check at MAIL.
+    Given twice the parameter is still taken: smtplib adds its own SIZE to one
+    its caller gave, and aiosmtplib its BODY."""
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        too_big = "552 5.3.4 Message size exceeds the maximum of 100000 bytes"
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example> SIZE=100001 SIZE=1") == too_big
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example> SIZE=1 SIZE=100001") == too_big
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example> BODY=7BIT BODY=8BITMIME SIZE=9") == (
+            "250 2.1.0 OK"
+        )
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        refused = client.sendmail(
+            "erp@acme.example", ["one@example.org"], b"Subject: x\r\n\r\nx\r\n",
+            mail_options=["SIZE=200"],
+        )  # fmt: skip
+    assert refused == {}
+
+
 def test_size_enforced_on_data(relay: Relay, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="relay")
     big = b"Subject: big\r\n\r\n" + (b"x" * 900 + b"\r\n") * 120

@@ -9,8 +9,7 @@ the relay. Well-formed ones are taken and dropped: the relay sends no
 success receipts, its own failure notices go to the sender as for any
 message, and nothing of them goes upstream, where the relay sends its own
 (``upstream.transaction``). A malformed one, or one given twice, is refused
-``501`` naming it, as a ``BODY`` the relay does not know is; so is any
-other parameter given twice.
+``501`` naming it, as a ``BODY`` the relay does not know is.
 """
 
 from __future__ import annotations
@@ -44,17 +43,16 @@ Given = tuple[str, str | bool]  # a parameter's name and its value, True for non
 
 def refusal(given: Sequence[Given]) -> Rejected | None:
     """The ``501`` refusing the first of ``given`` (DSN parameters, names in upper
-    case, each once) that is malformed, or None when all are taken."""
+    case) that is malformed or given a second time, or None when all are taken:
+    of two values, which one the ERP meant is not known."""
+    seen: set[str] = set()
     for name, value in given:
+        if name in seen:
+            return _refused(f"{name} can only be given once")
+        seen.add(name)
         if not _well_formed(name, value):
             return _refused(_WANTED[name])
     return None
-
-
-def given_twice(name: str) -> Rejected:
-    """The refusal of any parameter given twice: of two values, which one the
-    ERP meant is not known."""
-    return _refused(f"{name} can only be given once")
 
 
 def _well_formed(name: str, value: str | bool) -> bool:

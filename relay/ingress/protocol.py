@@ -676,23 +676,23 @@ class RelaySMTP(SMTP):
         hyphens): it took ``X-FOO=1`` for a syntax error (501), where a
         parameter the relay does not know is 555 (RFC 5321 4.1.1.11). The
         command's DSN parameters are left out of what aiosmtpd checks, so that
-        it takes them; one malformed, or any parameter given twice, has ``push``
-        answer the 501 naming it (``_parameter_refusal``), where aiosmtpd's quotes only
-        the command's syntax."""
+        it takes them; one malformed or given twice has ``push`` answer the 501
+        naming it (``_parameter_refusal``), where aiosmtpd's quotes only the
+        command's syntax. Another parameter given twice is taken, as before:
+        Python's smtplib and aiosmtplib add SIZE and BODY of their own to those
+        their caller gave; of two SIZEs the larger counts, so that
+        ``SIZE=99999 SIZE=1`` does not pass the check at MAIL."""
         found: dict[str, str | bool] = {}
         taken: list[dsn.Given] = []
         for param in params:
             name, eq, value = param.partition("=")
             if not _ESMTP_KEYWORD.fullmatch(name) or (eq and not value):
                 return None
-            if name.upper() in (n.upper() for n in (*found, *(n for n, _ in taken))):
-                # the last one counted: "SIZE=99999 SIZE=1" passed the size check
-                self._parameter_refusal = dsn.given_twice(name.upper()).line
-                return None
             if name.upper() in self._dsn_parameters():
                 taken.append((name.upper(), value if eq else True))
             else:
-                found[name] = value if eq else True
+                given = value if eq else True
+                found[name] = _larger(found[name], given) if name in found else given
         refused = dsn.refusal(taken)
         if refused is not None:
             self._parameter_refusal = refused.line
@@ -1135,6 +1135,13 @@ def hook_names(obj: object, prefixes: tuple[str, ...]) -> list[str]:
 @functools.cache
 def _class_names(cls: type, prefixes: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(name for name in dir(cls) if name.startswith(prefixes))
+
+
+def _larger(earlier: str | bool, given: str | bool) -> str | bool:
+    """Of a parameter given twice, the later, as aiosmtpd takes it; of two sizes
+    the larger, which the limit is checked against."""
+    numbers = [v for v in (earlier, given) if isinstance(v, str) and v.isdigit()]
+    return max(numbers, key=int) if len(numbers) == 2 else given
 
 
 def log_refused(peer: Any, mail_from: str | None, reply: str, to: str | None = None) -> None:
