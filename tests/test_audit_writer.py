@@ -1131,19 +1131,53 @@ def test_a_newest_record_replaced_while_no_writer_ran_is_reported_and_kept_at_th
     )
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
+def test_a_probe_out_of_inodes_is_no_refusal_while_the_log_takes_records(tmp_path: Path) -> None:
+    """A new probe file per probe needed an inode the day file's appends do not:
+    with none free, every probe failed, and deliveries stayed held although the
+    log took records. The kept file needs none; one that cannot be made tells
+    nothing."""
+    directory = tmp_path / "audit"
+    directory.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=8", "tmpfs", str(directory)], check=True
+    )
+    try:
+        with AuditLog(directory, clock=Clock()) as log:
+            log.append(_failed(1))
+            n = 0
+            with contextlib.suppress(OSError):
+                while n < 100:  # every inode taken
+                    (directory / f"x{n}").touch()
+                    n += 1
+            log.probe()  # no probe file, and none can be made
+            assert log.refusing is None
+            log.append(_failed(2))
+            (directory / "x0").unlink()
+            log.probe()  # made now, and kept: the next needs no inode
+            with pytest.raises(OSError):
+                (directory / "y").touch()  # no inode free again
+            log.probe()
+            assert log.refusing is None
+            assert [r["seq"] for r in read_all(directory)] == [1, 2]
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
 def test_a_refused_write_is_said_until_a_write_or_a_probe_works(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What the engine pauses deliveries on (``refusing``): a full disk shows only
-    on a write, so a probe writes a block, to a file of its own, gone after."""
+    on a write, so a probe writes a block, to a file of its own, emptied after."""
     log = AuditLog(tmp_path, clock=Clock())
     log.append(_failed(1))
     assert log.refusing is None
 
-    def full(fd: int, data: bytes) -> int:
+    def full(fd: int, data: bytes, *offset: int) -> int:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(AuditError, match="No space left on device"):
         log.append(_failed(2))
     log.sync()  # nothing to fsync: no word on whether the log takes records
@@ -1153,7 +1187,7 @@ def test_a_refused_write_is_said_until_a_write_or_a_probe_works(
     monkeypatch.undo()
     log.probe()
     assert log.refusing is None
-    assert not (tmp_path / writer.PROBE_FILE).exists()
+    assert (tmp_path / writer.PROBE_FILE).stat().st_size == 0
     assert [r["seq"] for r in read_all(tmp_path)] == [1]
     with pytest.raises(AuditError):
         monkeypatch.setattr(os, "write", full)
