@@ -157,6 +157,17 @@ def test_an_upstream_host_name_or_address_loads(tmp_path: Path, host: str) -> No
     assert load(path).upstreams["outbox"].host == host.strip("'")
 
 
+def test_a_rule_of_type_notice_is_a_located_problem(tmp_path: Path) -> None:
+    """ "notice" is the audit log's type of the relay's failure notices: a rule's
+    put an ERP's payment notices among them, in the report and in a search."""
+    rule = "classify:\n  - id: payment\n    type: notice\n    subject: 'Zahlungsavis'\n"
+    path = variant(tmp_path, "    port: 2525\n", "    port: 2525\n" + rule)
+    assert problems(path) == [
+        f'{path}:12:11: classify[0].type: "notice" is reserved for the relay\'s failure'
+        " notices in the audit log: name the type another way (payment-notice)"
+    ]
+
+
 def test_an_empty_identify_order_is_a_located_problem(tmp_path: Path) -> None:
     """It was reported as ``FILE: invalid policy``, with no line and no reason."""
     path = variant(tmp_path, "    port: 2525\n", "    port: 2525\nidentify:\n  order: []\n")

@@ -21,6 +21,7 @@ from pathlib import Path
 from yaml.nodes import Node, ScalarNode
 
 from relay.alabels import a_labels
+from relay.audit.events import NOTICE_TYPE
 from relay.headers import fits_smtp
 from relay.passwd import password_text
 from relay.policy.files import RefusedFile, read_limited
@@ -359,7 +360,10 @@ def env_name(ctx: Ctx, node: Node, path: str) -> str | None:
 
 
 def doc_type(ctx: Ctx, node: Node, path: str) -> str | None:
-    """A document type; "default" is taken, it names the fallback Reply-To chain."""
+    """A document type; "default" is taken, it names the fallback Reply-To chain,
+    and so is "notice", the audit log's type of the relay's failure notices: a
+    rule's "notice" put an ERP's documents among them, in the report's notice
+    row and in ``relay audit search --doc-type notice``."""
     value = text(ctx, node, path, "a document type like invoice")
     if value is None:
         return None
@@ -368,6 +372,14 @@ def doc_type(ctx: Ctx, node: Node, path: str) -> str | None:
         return None
     if value == "default":
         ctx.problem(node, path, '"default" is reserved for the default Reply-To chain')
+        return None
+    if value == NOTICE_TYPE:
+        ctx.problem(
+            node,
+            path,
+            f'"{NOTICE_TYPE}" is reserved for the relay\'s failure notices in the audit log:'
+            " name the type another way (payment-notice)",
+        )
         return None
     return value
 
