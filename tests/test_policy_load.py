@@ -209,6 +209,21 @@ def _example(tmp_path: Path) -> tuple[Path, bytes]:
         ("Invoice for order 5001", True, "invoice"),
         ("Order 5001 confirmed", True, "order_confirmation"),
         ("Ordrebekr\u00e6ftelse 5001", True, "order_confirmation"),
+        # compounds, as Dynamics NAV names its documents: a credit note, quote or
+        # order confirmation was "other" (no copy), or an invoice
+        ("Teilgutschrift zu Rechnung 4711", False, "credit_note"),
+        ("Salgskreditnota 104001 til salgsfaktura 103001", False, "credit_note"),
+        ("Salgstilbud 1001", False, "quote"),
+        ("Verkaufsangebot 12", False, "quote"),
+        ("Salgsordrebekr\u00e6ftelse 101005", True, "order_confirmation"),
+        ("Kundenauftrag 77", True, "order_confirmation"),
+        ("Vorabrechnung 4711", False, "invoice"),
+        ("Werberechnung 12", False, "invoice"),
+        ("Nebenkostenabrechnung 2025", False, "other"),
+        # words that end other words stay whole words
+        ("Savoir-faire: our newsletter", False, "other"),
+        ("Lettre recommand\u00e9e", True, "other"),
+        ("Border crossing papers", True, "other"),
     ],
 )
 def test_the_example_policy_tells_documents_apart(
