@@ -35,12 +35,11 @@ from relay.policy.model import (
 from relay.status import put_in_use, version_in_use
 from relay.submission import Submission, distinct
 from relay.suppression import EMPTY, SuppressionError, SuppressionFile, SuppressionList
-from relay.visible import escaped_match
+from relay.visible import escaped_match, one_line
 
 _LINE_END = re.compile(rb"\r?\n")
 # all but the tab of a folded header and the report's own line ends
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
-_IN_A_LINE = re.compile(r"[\n\u200b\u202a-\u202e\u2066-\u2069\ufeff]")
 
 
 class UnknownListener(RelayError):
@@ -412,14 +411,7 @@ def _shown(header: str | None) -> str:
     """A header the message has none of reads as ``audit show`` has it; a name in
     encoded words (``=?utf-8?b?...?=``) as a person reads it, as the Why lines
     give it. The JSON keeps the field as written, as the audit record does."""
-    return "-" if header is None else _one_line(message.decode(header))
-
-
-def _one_line(text: str) -> str:
-    """Decoded, a name may hold a line end (``=0A``) that began a line of its
-    own (``Upstream: ...``), or a bidi override that turned the line round;
-    ``_visible`` leaves line ends to the text's own lines."""
-    return _IN_A_LINE.sub(escaped_match, text)
+    return "-" if header is None else one_line(message.decode(header))
 
 
 def _bcc_added(r: dict) -> str:
@@ -455,7 +447,7 @@ def _text(r: dict) -> str:
         f"Upstream:    {r['upstream']}",
         "",
         "Why:",
-        *(f"  - {_one_line(reason)}" for reason in r["reasons"]),
+        *(f"  - {one_line(reason)}" for reason in r["reasons"]),
         "",
         "Headers as sent:",
         r["headers"].rstrip("\r\n").replace("\r\n", "\n"),

@@ -15,3 +15,13 @@ def escaped(char: str) -> str:
 def escaped_match(found: re.Match[str]) -> str:
     """``escaped`` for ``re.sub``."""
     return escaped(found.group())
+
+
+# a line end, or what turns a line round or hides in it (bidi overrides,
+# zero-width characters): decoded, a name (``=0A``) began a line of its own
+_IN_A_LINE = re.compile(r"[\n\u200b\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
+def one_line(text: str) -> str:
+    """``text`` kept to the line it is shown in."""
+    return _IN_A_LINE.sub(escaped_match, text)

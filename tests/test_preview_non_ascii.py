@@ -124,6 +124,20 @@ def test_the_from_line_shows_a_non_ascii_name_as_it_reads(
     assert after.startswith("=?utf-8?") and after.endswith(" <noreply@platform.example>")
 
 
+def test_the_reply_to_reason_shows_a_non_ascii_name_as_it_reads(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The From's reason named "Kåre Ødegård", the Reply-To's the encoded words
+    the header carries, in the preview and in the audit log's reasons alike."""
+    done = preview(policy_file, tmp_path, KARI + CUSTOMER, "--json")
+    reasons = json.loads(done.stdout)["reasons"]
+    assert (
+        "Reply-To from sender: Kåre Ødegård <kari@acme.example>"
+        " (before it: header X-Responsible is missing)"
+    ) in reasons
+    assert not [r for r in reasons if "=?utf-8?" in r]
+
+
 def test_a_name_holding_a_line_end_or_a_bidi_override_stays_on_its_line(
     policy_file: Path, tmp_path: Path
 ) -> None:
