@@ -165,6 +165,9 @@ _ITEMS = st.lists(
 )
 
 
+# thousands of examples: about 12 s alone, minutes on a machine busy with other
+# work, where the suite's 60 s bound failed it for being slow
+@pytest.mark.timeout(600)
 @given(_ITEMS)
 @settings(max_examples=1500, deadline=None)
 @example(

@@ -47,6 +47,9 @@ THEIRS, OURS = _protocols(0)
 THEIRS_LIMITED, OURS_LIMITED = _protocols(8)
 
 
+# thousands of examples: about 12 s alone, minutes on a machine busy with other
+# work, where the suite's 60 s bound failed it for being slow
+@pytest.mark.timeout(600)
 @given(st.one_of(st.lists(PIECES, max_size=30).map("".join), PATHS))
 @settings(max_examples=3000, deadline=None)
 @example("<a@b.example>")
