@@ -14,6 +14,8 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from relay.policy.model import SmtpUpstream, TlsMode
+from relay.upstream import smtp
 from tests.certs import Certs, make_certs, server_context
 from tests.policyfiles import variant
 from tests.sink import Sink, SinkServer, free_port
@@ -416,3 +418,40 @@ def test_tls_name_checks_the_certificate_for_that_name_at_the_hosts_address(
     untrusted = relay("-c", str(path), "smarthost")
     assert untrusted.returncode == 1
     assert "TLS certificate not accepted: unable to get local issuer" in untrusted.stdout
+
+
+def test_a_tls_name_ending_in_a_dot_is_checked_and_sent_without_it(
+    tmp_path: Path, named_upstream: tuple[Controller, Certs, list[str | None]]
+) -> None:
+    """``mailhost.internal.`` passed relay check, then every delivery failed:
+    no certificate names it so, and SNI carried the dot (RFC 6066 forbids it)."""
+    controller, certs, asked = named_upstream
+    path = policy(tmp_path, controller.port, certs.ca)
+    text = path.read_text().replace(
+        "    timeout: 5\n", "    timeout: 5\n    tls_name: mailhost.internal.\n"
+    )
+    path.write_text(text)
+    done = relay("-c", str(path), "smarthost")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"certificate for mailhost.internal checked against {certs.ca}" in done.stdout
+    assert asked == ["mailhost.internal"]
+
+
+@pytest.mark.parametrize(
+    ("host", "name", "checked"),
+    [
+        ("smtp.example.", None, "smtp.example"),
+        ("192.0.2.5", "mail.example.", "mail.example"),
+        ("smtp.example", None, "smtp.example"),
+        ("2001:db8::5", None, "2001:db8::5"),
+    ],
+)
+def test_the_name_checked_has_no_trailing_dot_whether_host_or_tls_name(
+    host: str, name: str | None, checked: str
+) -> None:
+    """``host: smtp.example.`` resolves as written, a fully qualified name, but
+    its certificate is checked for the name as certificates hold it."""
+    upstream = SmtpUpstream(
+        "smarthost", host, 587, TlsMode.STARTTLS, None, None, None, 5, tls_name=name
+    )
+    assert smtp.checked_name(upstream) == checked

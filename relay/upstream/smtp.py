@@ -349,8 +349,10 @@ _HANDSHAKE_CLOSED = (
 def checked_name(upstream: SmtpUpstream) -> str:
     """The name the certificate must be issued for, and SNI's: ``tls_name`` lets a
     smarthost be reached at an address its certificate does not name, as with
-    Postfix's ``relayhost = [192.0.2.5]``, whose ``encrypt`` checks no name at all."""
-    return upstream.tls_name or upstream.host
+    Postfix's ``relayhost = [192.0.2.5]``, whose ``encrypt`` checks no name at all.
+    Without the dot a fully qualified name may end in: no certificate names
+    ``mail.example.``, so every delivery failed, and SNI may not carry it (RFC 6066 3)."""
+    return (upstream.tls_name or upstream.host).removesuffix(".")
 
 
 def where(upstream: SmtpUpstream) -> str:
