@@ -389,6 +389,26 @@ def test_a_certificate_for_another_name_than_host_says_what_to_set(
     ) in done.stdout
 
 
+def test_a_name_mismatch_with_tls_auto_says_to_set_starttls_with_tls_name(
+    tmp_path: Path,
+    named_upstream: tuple[Controller, Certs, list[str | None]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``auto`` takes no ``tls_name``: told to set it, relay check refused it."""
+    controller, certs, _ = named_upstream
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca))  # auto takes no ca_file either
+    path = policy(tmp_path, controller.port, certs.ca, tls="auto")
+    path.write_text(path.read_text().replace(f"    ca_file: {certs.ca}\n", ""))
+    done = relay("-c", str(path), "smarthost")
+    assert done.returncode == 1
+    assert (
+        "TLS certificate not accepted: IP address mismatch, certificate is not valid for"
+        " '127.0.0.1'.; write the name the certificate is issued for in host:, or set"
+        " tls: starttls and write it in tls_name: to keep connecting to this address"
+        " (connecting)"
+    ) in done.stdout
+
+
 def test_tls_name_checks_the_certificate_for_that_name_at_the_hosts_address(
     tmp_path: Path,
     named_upstream: tuple[Controller, Certs, list[str | None]],

@@ -196,7 +196,7 @@ async def _socket(upstream: SmtpUpstream) -> socket.socket:
             failures.append(f"no answer within {upstream.timeout:g}s")
         except OSError as exc:
             sock.close()
-            failures.append(_reason(exc))
+            failures.append(_reason(exc, upstream))
         except BaseException:
             sock.close()
             raise
@@ -246,7 +246,7 @@ def _mapped(upstream: SmtpUpstream, stage: str, exc: Exception) -> UpstreamError
         status = "4.4.1" if stage == "connecting" else "4.4.2"
         return _failed(upstream, stage, "connection lost", status)
     if isinstance(exc, aiosmtplib.SMTPException | OSError):
-        return _failed(upstream, stage, _reason(exc))
+        return _failed(upstream, stage, _reason(exc, upstream))
     if stage != "sending":  # the relay's own settings (an EHLO name): nothing of the message
         return _failed(upstream, stage, f"the relay's settings refused: {exc}", "4.3.5")
     # ValueError: aiosmtplib refuses an address it cannot send safely
@@ -360,12 +360,12 @@ def where(upstream: SmtpUpstream) -> str:
     return f"{upstream.name} ({host_port(upstream.host, upstream.port)})"
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, upstream: SmtpUpstream) -> str:
     """The innermost cause reads best: "Connection refused", not aiosmtplib's wrapper."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate not accepted: {exc.verify_message}{_name_hint(exc)}"
+        return f"TLS certificate not accepted: {exc.verify_message}{_name_hint(exc, upstream)}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS failed: {exc.reason or exc}"
     if isinstance(exc, socket.gaierror):
@@ -377,11 +377,18 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _name_hint(exc: ssl.SSLCertVerificationError) -> str:
+def _name_hint(exc: ssl.SSLCertVerificationError, upstream: SmtpUpstream) -> str:
     """A certificate for another name than ``host`` deferred every message until
-    it expired, and nothing said what would let it through."""
+    it expired, and nothing said what would let it through. ``auto`` takes no
+    ``tls_name`` (it may go in plain text): told to set it, the sysadmin was
+    refused."""
     if exc.verify_code not in _NAME_MISMATCH:
         return ""
+    if upstream.tls is TlsMode.AUTO:
+        return (
+            "; write the name the certificate is issued for in host:, or set tls: starttls"
+            " and write it in tls_name: to keep connecting to this address"
+        )
     return (
         "; write the name the certificate is issued for in host:, or in tls_name:"
         " to keep connecting to this address"
