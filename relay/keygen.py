@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
@@ -28,6 +29,7 @@ STRONG_RSA_BITS = 2048
 MAX_RSA_BITS = 4096
 DEFAULT_RSA_BITS = 2048
 _TXT_STRING_MAX = 255  # one character-string in a TXT record (RFC 1035 3.3)
+_PRIVATE = b"PRIVATE KEY-----"
 
 # The names become part of a file name: this also keeps out "/" and "..".
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
@@ -98,13 +100,34 @@ def existing_record(domain: str, selector: str, directory: Path) -> str | None:
         data = path.read_bytes()
     except OSError:
         return None
-    rsa_pem = b"-----BEGIN" in data  # after a byte-order mark or a PKCS#12 export's lines
-    algorithm = DkimAlgorithm.RSA if rsa_pem else DkimAlgorithm.ED25519
+    seed = ed25519_seed(data)
+    if seed is not None:
+        algorithm, data = DkimAlgorithm.ED25519, seed
+    elif b"-----BEGIN" in data:  # after a byte-order mark or a PKCS#12 export's lines
+        algorithm = DkimAlgorithm.RSA
+    else:
+        algorithm = DkimAlgorithm.ED25519
     try:
         value = public_record_value(DkimKey(domain.lower(), selector, algorithm, path, data))
     except ValueError:
         return None
     return zone_record(domain.lower(), selector, value)
+
+
+def ed25519_seed(data: bytes) -> bytes | None:
+    """An Ed25519 key in PEM (PKCS#8, as ``openssl genpkey -algorithm ed25519``
+    and OpenDKIM make it) as the base64 of its seed, the form the signer reads:
+    its raw private bytes are that seed, so it signs as the seed's file would.
+    None for anything else."""
+    if _PRIVATE not in data:
+        return None
+    try:
+        private = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    if not isinstance(private, ed25519.Ed25519PrivateKey):
+        return None
+    return base64.b64encode(private.private_bytes_raw()) + b"\n"
 
 
 def public_record_value(key: DkimKey) -> str:

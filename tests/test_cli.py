@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -16,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 ROOT = Path(__file__).parent.parent
 
@@ -387,6 +390,25 @@ def test_keygen_again_prints_the_record_of_a_key_with_text_before_its_pem(
     again = relay(*args)
     assert again.returncode == 73, again.stderr
     assert again.stdout == first.stdout and "k=rsa;" in again.stdout
+
+
+def test_keygen_again_prints_the_record_of_an_ed25519_key_in_pem(tmp_path: Path) -> None:
+    """An Ed25519 key as OpenDKIM or ``openssl genpkey`` writes it, which the
+    policy takes: it was read as RSA, and no record was printed again."""
+    private = ed25519.Ed25519PrivateKey.generate()
+    (tmp_path / "example.com.s1.private").write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    public = base64.b64encode(private.public_key().public_bytes_raw()).decode("ascii")
+    again = relay("dkim", "keygen", "--domain", "example.com", "--selector", "s1",
+                  "--algorithm", "ed25519", "--directory", str(tmp_path))  # fmt: skip
+    assert again.returncode == 73, again.stderr
+    assert "; the existing key's DNS record, printed again:" in again.stderr
+    assert f'"v=DKIM1; k=ed25519; " "p={public}" )' in again.stdout
 
 
 def test_keygen_into_a_file_is_not_the_key_existing(tmp_path: Path) -> None:

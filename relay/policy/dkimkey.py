@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.crypto import UnparsableKeyError, parse_pem_private_key
 
 from relay.errors import SigningError
-from relay.keygen import MAX_RSA_BITS, MIN_RSA_BITS, STRONG_RSA_BITS
+from relay.keygen import MAX_RSA_BITS, MIN_RSA_BITS, STRONG_RSA_BITS, ed25519_seed
 from relay.policy.model import DkimAlgorithm, DkimKey
 from relay.sign import sign
 
@@ -36,20 +36,13 @@ _PUBLIC = b"PUBLIC KEY-----"
 
 
 def as_signed(algorithm: DkimAlgorithm, data: bytes) -> bytes:
-    """An Ed25519 key in PEM (PKCS#8, as ``openssl genpkey -algorithm ed25519``
-    and OpenDKIM make it) as the base64 of its seed, which the signer reads: its
-    raw private bytes are that seed, so it signs as the seed's file would. Such
-    a key was refused, with no way given to convert it. Anything else as read:
-    the test signature says what is wrong with it."""
-    if algorithm is not DkimAlgorithm.ED25519 or _PRIVATE not in data:
+    """An Ed25519 key in PEM as the base64 of its seed, which the signer reads
+    (``keygen.ed25519_seed``): such a key was refused, with no way given to
+    convert it. Anything else as read: the test signature says what is wrong
+    with it."""
+    if algorithm is not DkimAlgorithm.ED25519:
         return data
-    try:
-        private = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        return data
-    if not isinstance(private, ed25519.Ed25519PrivateKey):
-        return data
-    return base64.b64encode(private.private_bytes_raw()) + b"\n"
+    return ed25519_seed(data) or data
 
 
 def problem(key: DkimKey) -> str | None:
