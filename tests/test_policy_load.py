@@ -21,7 +21,7 @@ import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 from cryptography.x509.oid import NameOID
 
 from relay import classify, message
@@ -972,6 +972,18 @@ def _pkcs8_ed25519() -> bytes:
     )
 
 
+def _pkcs8_x25519() -> bytes:
+    return x25519.X25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _pkcs8_ec() -> bytes:
+    return ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
 RSA_KEY = POLICIES / "keys" / "platform.example.s1.private"
 ED25519_KEY = POLICIES / "keys" / "acme.example.a1.private"
 
@@ -992,9 +1004,24 @@ ED25519_KEY = POLICIES / "keys" / "acme.example.a1.private"
         ),
         ("ed25519", lambda: b"c2hvcnQ=\n", "not an Ed25519 private key: the base64 of its"),
         ("rsa", _pkcs8_ed25519, "an Ed25519 key, but algorithm says rsa: set algorithm: ed25519"),
+        (
+            "ed25519",
+            _pkcs8_x25519,
+            "an X25519 key, which DKIM does not sign with (it takes RSA and Ed25519):"
+            " name the Ed25519 key",
+        ),
+        (
+            "rsa",
+            _pkcs8_ec,
+            "an EC key, which DKIM does not sign with (it takes RSA and Ed25519):"
+            " name the RSA key",
+        ),
     ],
-    ids=["garbage", "ed25519-as-rsa", "rsa-as-ed25519", "short-seed", "ed25519-pem-as-rsa"],
-)
+    ids=[
+        "garbage", "ed25519-as-rsa", "rsa-as-ed25519", "short-seed", "ed25519-pem-as-rsa",
+        "x25519-pem", "ec-pem",
+    ],
+)  # fmt: skip
 def test_a_dkim_key_the_relay_cannot_sign_with_is_a_located_problem(
     tmp_path: Path, algorithm: str, content: Callable[[], bytes], problem: str
 ) -> None:

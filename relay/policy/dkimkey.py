@@ -16,7 +16,7 @@ import binascii
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa, x448, x25519
 from dkim.crypto import UnparsableKeyError, parse_pem_private_key
 
 from relay.errors import SigningError
@@ -121,11 +121,36 @@ def _other_content(key: DkimKey) -> str | None:
             f" one (openssl pkey -in {key.key_file} -out NEW_FILE) in a file only the relay's"
             " user can read"
         )
+    kind = _other_kind(data)
+    if kind is not None:
+        return (
+            f"{kind} key, which DKIM does not sign with (it takes RSA and Ed25519):"
+            f" name the {_NAMES[key.algorithm]} key"
+        )
     if _PRIVATE not in data and _CERTIFICATE in data:
         return "holds a certificate, not a private key: name the key file of the DKIM key"
     if _PRIVATE not in data and _PUBLIC in data:
         return "holds a public key, not the private key: name the key file of the DKIM key"
     return None
+
+
+#: An X25519 key, Ed25519's sibling for key exchange, was told it was not a
+#: key in PEM form, which it is.
+_OTHER_KINDS = (
+    (x25519.X25519PrivateKey, "an X25519"),
+    (x448.X448PrivateKey, "an X448"),
+    (ed448.Ed448PrivateKey, "an Ed448"),
+    (ec.EllipticCurvePrivateKey, "an EC"),
+)
+
+
+def _other_kind(data: bytes) -> str | None:
+    """The kind of a private key DKIM does not sign with, with its article."""
+    try:
+        private = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    return next((name for kind, name in _OTHER_KINDS if isinstance(private, kind)), None)
 
 
 def _encrypted(data: bytes) -> bool:
