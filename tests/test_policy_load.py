@@ -89,7 +89,8 @@ BAD = {
         "4:17: platform.from_address: expected an address like name@example.com",
         "9:11: listeners[0].port: expected a port number (1..65535)",
         "10:11: listeners[0].auth: expected one of: required, optional, off",
-        "11:12: listeners[0].allow: expected a list of CIDRs",
+        "11:12: listeners[0].allow: expected a list of CIDRs, one network per list item,"
+        " in CIDR form like 10.0.0.0/8: write [10.0.0.0/8]",
         "12:21: listeners[0].max_recipients: 0 is out of range:"
         " expected a positive integer (1..100000)",
         "13:19: listeners[0].idle_timeout: YAML 1.1 reads 5:00 as 300 (base 60); write 300",

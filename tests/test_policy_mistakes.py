@@ -457,17 +457,44 @@ def test_a_cidr_with_host_bits_set_is_a_problem_naming_what_it_would_mean(
         ("'[::1]'", "'[::1]': write it without brackets, ::1"),
         ("10.1.2.300/16", "'10.1.2.300/16' does not appear to be an IPv4 or IPv6 network"),
         ("'127.0.0.1/32 10.0.0.0/8'", "'127.0.0.1/32 10.0.0.0/8': one network per list item,"
-         " not 2: write each as its own item"),
+         " in CIDR form like 10.0.0.0/8: write each as its own item"),
         ("'10.0.0.0/8, 192.0.2.0/24,::1'", "'10.0.0.0/8, 192.0.2.0/24,::1': one network per"
-         " list item, not 3: write each as its own item"),
+         " list item, in CIDR form like 10.0.0.0/8: write each as its own item"),
+        ("'10.0.0.0 255.0.0.0'", "'10.0.0.0 255.0.0.0': an address and its netmask: write it"
+         " in CIDR form, 10.0.0.0/8"),
+        ("'10.0.0.0/ 8'", "'10.0.0.0/ 8': one network per list item, in CIDR form like"
+         " 10.0.0.0/8"),
+        ("'10.0.0.0/8 # office'", "'10.0.0.0/8 # office': one network per list item, in CIDR"
+         " form like 10.0.0.0/8"),
     ],
     ids=["ipv6-prefix", "ipv4-prefix", "brackets", "bracketed-address", "no-address",
-         "mynetworks-line", "comma-separated"],
+         "mynetworks-line", "comma-separated", "netmask", "space-in-prefix", "comment"],
 )  # fmt: skip
 def test_an_invalid_cidr_says_what_to_write(tmp_path: Path, cidr: str, problem: str) -> None:
     """Each was said only not to be an IPv4 or IPv6 network, which it plainly is."""
     path = variant(tmp_path, "    port: 2525\n", f"    port: 2525\n    allow: [{cidr}]\n")
     assert problems(path) == [f"{path}:10:13: listeners[0].allow[0]: invalid CIDR: {problem}"]
+
+
+@pytest.mark.parametrize(
+    ("allow", "problem"),
+    [
+        ('"10.0.0.0/8, 127.0.0.1"', ": write [10.0.0.0/8, 127.0.0.1]"),
+        ("10.0.0.0/8", ": write [10.0.0.0/8]"),
+        ('"10.0.0.0 255.0.0.0"', ": write [10.0.0.0/8]"),
+        ('"10.0.0.0/8 # office"', ""),
+    ],
+    ids=["networks", "one-network", "netmask", "comment"],
+)
+def test_an_allow_string_says_to_write_a_list_of_one_network_per_item(
+    tmp_path: Path, allow: str, problem: str
+) -> None:
+    """``allow: "10.0.0.0/8, 127.0.0.1"`` was said only to be no list of CIDRs."""
+    path = variant(tmp_path, "    port: 2525\n", f"    port: 2525\n    allow: {allow}\n")
+    assert problems(path) == [
+        f"{path}:10:12: listeners[0].allow: expected a list of CIDRs, one network per list"
+        f" item, in CIDR form like 10.0.0.0/8{problem}"
+    ]
 
 
 def test_a_cidr_without_host_bits_or_a_bare_address_loads(tmp_path: Path) -> None:

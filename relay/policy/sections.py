@@ -55,6 +55,7 @@ from relay.policy.model import (
     UnknownSender,
 )
 from relay.policy.schema import Ctx, Map, choice, hint, items, join, text
+from relay.policy.yamlsource import STR_TAG
 from relay.spool.store import WRITTEN_IN, Spool, SpoolError
 
 _PLACEHOLDERS = ("user.name", "user.address", "tenant.name")
@@ -550,6 +551,10 @@ def _allow(ctx: Ctx, m: Map) -> tuple[IPv4Network | IPv6Network, ...] | None:
     node = m.get("allow")
     if node is None:
         return tuple(ip_network(c) for c in _DEFAULT_ALLOW)
+    if isinstance(node, ScalarNode) and node.tag == STR_TAG and node.value.strip():
+        wanted = values.networks_in_text(node.value)
+        ctx.problem(node, m.sub("allow"), f"expected a list of CIDRs, {wanted}")
+        return None
     entries = items(ctx, node, m.sub("allow"), "a list of CIDRs")
     if isinstance(node, SequenceNode) and not entries:
         ctx.problem(node, m.sub("allow"), "an empty allow list refuses every client")

@@ -425,13 +425,62 @@ def _not_cidr(value: str) -> str | None:
     return f"{value!r}: the prefix length of an IPv{version} network is 0 to {longest}"
 
 
+_NETWORK_SEPARATORS = re.compile(r"[\s,]+")
+ONE_PER_ITEM = "one network per list item, in CIDR form like 10.0.0.0/8"
+
+
 def _several_networks(value: str) -> str | None:
     """A pasted Postfix ``mynetworks`` line, whose networks are separated by
     spaces or commas: the last one's prefix was said to be out of range."""
-    parts = [part for part in re.split(r"[\s,]+", value) if part]
-    if len(parts) < 2:
+    words = _words(value)
+    if len(words) < 2:
         return None
-    return f"{value!r}: one network per list item, not {len(parts)}: write each as its own item"
+    netmask = _netmask_cidr(words)
+    if netmask is not None:
+        return f"{value!r}: an address and its netmask: write it in CIDR form, {netmask}"
+    if all(_is_network(word) for word in words):
+        return f"{value!r}: {ONE_PER_ITEM}: write each as its own item"
+    return f"{value!r}: {ONE_PER_ITEM}"
+
+
+def networks_in_text(value: str) -> str:
+    """What to write for ``allow`` given as one string rather than a list:
+    ``allow: "10.0.0.0/8, 127.0.0.1"`` was said only not to be a list."""
+    words = _words(value)
+    netmask = _netmask_cidr(words)
+    if netmask is not None:
+        return f"{ONE_PER_ITEM}: write [{netmask}]"
+    if all(_is_network(word) for word in words):
+        return f"{ONE_PER_ITEM}: write [{', '.join(words)}]"
+    return ONE_PER_ITEM
+
+
+def _words(value: str) -> list[str]:
+    return [word for word in _NETWORK_SEPARATORS.split(value) if word]
+
+
+def _netmask_cidr(words: list[str]) -> str | None:
+    """``10.0.0.0 255.0.0.0`` in CIDR form: told to write each word as its own
+    item, a sysadmin allowed two hosts instead of the /8."""
+    if len(words) != 2 or not all(_is_ipv4(word) for word in words):
+        return None
+    try:
+        network = IPv4Network(f"{words[0]}/{words[1]}", strict=False)
+    except ValueError:
+        return None
+    return f"{words[0]}/{network.prefixlen}"
+
+
+def _is_ipv4(value: str) -> bool:
+    return is_ip(value) and ip_address(value).version == 4
+
+
+def _is_network(value: str) -> bool:
+    try:
+        ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _host_bits(value: str, network: IPv4Network | IPv6Network) -> str:
