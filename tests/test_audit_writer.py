@@ -1140,7 +1140,9 @@ def test_a_probe_out_of_inodes_is_no_refusal_while_the_log_takes_records(tmp_pat
     directory = tmp_path / "audit"
     directory.mkdir()
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=8", "tmpfs", str(directory)], check=True
+        ["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=8", "tmpfs", str(directory)],
+        check=True,
+        timeout=30,
     )
     try:
         with AuditLog(directory, clock=Clock()) as log:
@@ -1161,7 +1163,7 @@ def test_a_probe_out_of_inodes_is_no_refusal_while_the_log_takes_records(tmp_pat
             assert log.refusing is None
             assert [r["seq"] for r in read_all(directory)] == [1, 2]
     finally:
-        subprocess.run(["umount", str(directory)], check=True)
+        subprocess.run(["umount", str(directory)], check=True, timeout=30)
 
 
 def test_a_refused_write_is_said_until_a_write_or_a_probe_works(
