@@ -25,8 +25,9 @@ from relay.headers import encode_text, fold, format_address
 from relay.policy.model import DkimKey, Policy, sends_as
 from relay.queueid import new_queue_id
 from relay.sign import sign
-from relay.spool import DELIVERED, PENDING, SUPPRESSED, QueueEntry, RecipientState
-from relay.suppression import Suppression
+from relay.spool import DELIVERED, EXPIRED, PENDING, SUPPRESSED, QueueEntry, RecipientState
+from relay.suppression import COMPLAINT, Suppression
+from relay.suppression.entry import described_reason
 
 log = logging.getLogger("relay")
 
@@ -282,6 +283,11 @@ LISTED_NOW = (
     " sends nothing more to it."
 )
 ON_THE_LIST = "The relay sends nothing to an address on its suppression list."
+COMPLAINED = (
+    "The address is right: its recipient reported your company's mail as spam, and so"
+    " does not want it. Should they want it again, ask your mail administrator to take"
+    " the address off the suppression list."
+)
 TAKE_OFF = (
     "Should the recipient get mail again (the address works again, or they ask for it),"
     " ask your mail administrator to take it off the suppression list."
@@ -293,6 +299,11 @@ NOT_PASSED_ON = (
 TOO_LARGE = (
     "The document or its attachments are too large for the receiving system: send it"
     " smaller (fewer or smaller attachments), or reach the recipient another way."
+)
+NOT_IN_TIME = (
+    "The receiving server did not take the document in the time the relay keeps trying"
+    " (the reason above is its last answer): send it again later, or reach the recipient"
+    " another way; should this keep happening, tell your mail administrator."
 )
 OWN_SYSTEM = (
     "A mail system on the way could not take the document for a reason of its own (its"
@@ -315,9 +326,16 @@ _ADVICE_FOR = {
 # by the code's subject and detail, before its subject alone: 5.3.4 message too
 # big for the system, 5.2.3 for the mailbox
 _ADVICE_FOR_DETAIL = {"3.4": TOO_LARGE, "2.3": TOO_LARGE}
+# by the whole of a permanent code, before those: 5.4.1 is Microsoft 365's
+# unknown recipient ("Recipient address rejected: Access denied"), 5.4.4 a domain
+# with no mail server; no server that did not answer, as a 4.4.1 is
+_ADVICE_FOR_STATUS = {"5.4.1": CHECK_ADDRESS, "5.4.4": CHECK_ADDRESS}
+# what an expiry's last reply adds to its not being taken in time
+_BEYOND_TIME = frozenset({TOO_LARGE, OWN_SYSTEM, _ADVICE_FOR["7"]})
 # in the order said: what happened, then what to do
 _ORDER = (
-    *(LISTED_NOW, ON_THE_LIST, CHECK_ADDRESS, TAKE_OFF, NOT_PASSED_ON, TOO_LARGE),
+    *(LISTED_NOW, ON_THE_LIST, COMPLAINED, CHECK_ADDRESS, TAKE_OFF, NOT_PASSED_ON),
+    *(NOT_IN_TIME, TOO_LARGE),
     *dict.fromkeys(_ADVICE_FOR.values()),
 )
 # after a reply's basic code ("554 5.7.1") or alone in brackets ("(5.7.1)", a
@@ -355,18 +373,36 @@ def _advice(failures: Sequence[RecipientState], hard: frozenset[str]) -> list[st
 
 
 def _advice_for(rcpt: RecipientState, hard: frozenset[str]) -> tuple[str, ...]:
+    """An expiry is said as one: its last reply was a temporary one, and a 4.2.0
+    greylisting read as a full mailbox."""
+    reply = rcpt.reply or ""
     if rcpt.status == SUPPRESSED:
-        return ON_THE_LIST, CHECK_ADDRESS, TAKE_OFF
-    if _OWN_UPSTREAM.search(rcpt.reply or ""):
+        return _suppressed_advice(reply)
+    if _OWN_UPSTREAM.search(reply):
         return (NOT_PASSED_ON,)
-    code = _CODE.search(rcpt.reply or "")
-    if code is None:
-        return (CHECK_ADDRESS,)
-    status = code.group(1) or code.group(3)
-    if status in hard:
+    code = _CODE.search(reply)
+    if rcpt.status == EXPIRED:
+        said = _code_advice(code)
+        return (NOT_IN_TIME, said) if said in _BEYOND_TIME else (NOT_IN_TIME,)
+    if code is not None and (code.group(1) or code.group(3)) in hard:
         return LISTED_NOW, CHECK_ADDRESS, TAKE_OFF
-    detail = _ADVICE_FOR_DETAIL.get(status.split(".", 1)[1])
-    return (detail or _ADVICE_FOR.get(code.group(2) or code.group(4), CHECK_ADDRESS),)
+    return (_code_advice(code),)
+
+
+def _suppressed_advice(reply: str) -> tuple[str, ...]:
+    """A complaint's recipient has a right address: "check the address" sent the
+    user looking for a mistake there was not, and to mail them another way."""
+    if described_reason(reply) == COMPLAINT:
+        return ON_THE_LIST, COMPLAINED
+    return ON_THE_LIST, CHECK_ADDRESS, TAKE_OFF
+
+
+def _code_advice(code: re.Match[str] | None) -> str:
+    if code is None:
+        return CHECK_ADDRESS
+    status = code.group(1) or code.group(3)
+    detail = _ADVICE_FOR_STATUS.get(status) or _ADVICE_FOR_DETAIL.get(status.split(".", 1)[1])
+    return detail or _ADVICE_FOR.get(code.group(2) or code.group(4), CHECK_ADDRESS)
 
 
 def _opening(entry: QueueEntry) -> str:

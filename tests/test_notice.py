@@ -13,6 +13,7 @@ from relay import message
 from relay.notice import build_notice, signed_anew
 from relay.policy.load import load
 from relay.spool import DELIVERED, EXPIRED, FAILED, PENDING, SUPPRESSED, RecipientState
+from relay.suppression import BOUNCE, COMPLAINT, Suppression
 from tests.spoolkit import make_entry
 
 
@@ -200,13 +201,15 @@ def test_a_reason_naming_each_address_is_still_one_reason(policy_file: Path) -> 
             " was stopping",
             "The mail platform could not pass",
         ),
+        ("550 5.4.1 Recipient address rejected: Access denied", "Please check the address"),
+        ("550 5.4.4 Unable to route", "Please check the address"),
     ],
     ids=[
         *("address", "mailbox-full", "timed-out", "block-list", "no-code", "ip"),
         *("ip-no-code", "ip-in-brackets", "ip-after-code", "code-and-dot", "code-and-bracket"),
         *("qmail-address", "qmail-policy", "too-big", "too-big-for-mailbox"),
         *("configuration", "shutting-down", "mailbox-unavailable", "no-upstream"),
-        "relay-stopping",
+        *("relay-stopping", "microsoft-unknown-recipient", "no-route"),
     ],
 )
 def test_the_advice_fits_the_reason(policy_file: Path, reply: str, advice: str) -> None:
@@ -221,7 +224,7 @@ def test_the_advice_fits_the_reason(policy_file: Path, reply: str, advice: str) 
     assert len(said) == 1, text
     others = ("Please check the address", "A mailbox that", "The receiving server could not")
     others += ("The receiving server refused", "The mail platform", "The document or")
-    others += ("A mail system on the way",)
+    others += ("A mail system on the way", "The receiving server did not", "The address is")
     assert sum(line.startswith(others) for line in text.splitlines()) == 1, text
 
 
@@ -243,6 +246,50 @@ def test_a_refusal_the_relay_suppresses_on_says_so(policy_file: Path, reply: str
     text = " ".join(quopri.decodestring(data.split(b"\r\n\r\n", 1)[1]).decode().split())
     assert "the relay sends nothing more to it" in text
     assert "try again in a while" not in text
+
+
+@pytest.mark.parametrize(
+    ("last", "also"),
+    [
+        ("450 4.2.0 Greylisted, see https://postgrey.example", None),
+        ("451 4.4.1 Connection timed out", None),
+        ("452 4.3.1 Insufficient system storage", "A mail system on the way"),
+    ],
+    ids=["greylisted", "timed-out", "their-system"],
+)
+def test_an_expiry_says_the_document_was_not_taken_in_time(
+    policy_file: Path, last: str, also: str | None
+) -> None:
+    """An expiry on a greylisting's 4.2.0 read as "a mailbox that is full": its
+    last reply was a temporary one, said as the reason, and it ran out of time."""
+    reply = f"not delivered within 5d; last reply: {last}"
+    expired = RecipientState("customer@example.net", EXPIRED, reply=reply, notify=True)
+    _, data = build_notice(load(policy_file), make_entry(), [expired], 1_790_000_000.0)
+    text = " ".join(_body(data))
+    assert "did not take the document in the time the relay keeps trying" in text
+    assert "A mailbox that is full" not in text and "could not be reached" not in text
+    assert "Please check the address" not in text
+    assert ("A mail system on the way" in text) is (also is not None)
+
+
+def test_a_recipient_suppressed_for_a_complaint_is_not_said_to_be_a_wrong_address(
+    policy_file: Path,
+) -> None:
+    """The address of a recipient who reported the mail as spam is right: "check the
+    address" sent the user looking for a mistake, and to reach them another way."""
+    complained = Suppression("buyer@example.net", "acme", COMPLAINT, "2026-11-01T08:00:00.000Z")
+    bounced = Suppression("gone@example.net", None, BOUNCE, "2026-11-01T08:00:00.000Z")
+    forged = dataclasses.replace(bounced, detail="(its recipient reported mail as spam)")
+    failures = [
+        RecipientState(e.address, SUPPRESSED, notify=True, reply=f"not sent: {e.describe()}")
+        for e in (complained, forged)
+    ]
+    policy = load(policy_file)
+    text = " ".join(_body(build_notice(policy, make_entry(), failures[:1], 1.79e9)[1]))
+    assert "The address is right: its recipient reported your company's mail as spam" in text
+    assert "Please check the address" not in text and "the address works again" not in text
+    text = " ".join(_body(build_notice(policy, make_entry(), failures[1:], 1.79e9)[1]))
+    assert "Please check the address" in text and "The address is right" not in text
 
 
 def _body(data: bytes) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -49,6 +50,19 @@ _WHY = {
     COMPLAINT: "its recipient reported mail as spam",
     MANUAL: "put there by the mail administrator",
 }
+_DESCRIBED = re.compile(r"on the suppression list(?: for \S+)? since \S+ \(")
+
+
+def described_reason(text: str) -> str | None:
+    """The reason of the entry whose ``describe`` begins in ``text``: a queue
+    record keeps a suppressed recipient's words only. Read where ``describe``
+    puts it, as the entry's detail after it may be anyone's (a bounce
+    report's diagnostic)."""
+    found = _DESCRIBED.search(text)
+    if found is None:
+        return None
+    rest = text[found.end() :]
+    return next((reason for reason, why in _WHY.items() if rest.startswith(why)), None)
 
 
 _DECODE = json.JSONDecoder().decode
