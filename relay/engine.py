@@ -352,6 +352,24 @@ def _tenant_user(entry: QueueEntry, policy: Policy, address: str) -> str | None:
     return None
 
 
+def _say_untold(entry: QueueEntry) -> None:
+    """A notice that failed or expired causes no notice in turn: this line is
+    the sysadmin's only word that the sender never heard of their failed
+    document (a notice through the upstream that failed it expires as it did)."""
+    if not entry.is_notice:
+        return
+    for rcpt in entry.recipients:
+        if rcpt.status in (FAILED, EXPIRED):
+            log.error(
+                "%s: the sender was not told: failure notice %s to <%s> %s (%s)",
+                entry.about or entry.queue_id,
+                entry.queue_id,
+                rcpt.address,
+                rcpt.status,
+                rcpt.reply,
+            )
+
+
 class Engine:
     def __init__(
         self,
@@ -1112,6 +1130,7 @@ class Engine:
                 self._note(entry, address, reply)
         await self._suppress(entry, policy, bounced, shared)
         if not deferred:
+            _say_untold(entry)
             return await self._finish(entry, policy, lock)
         ended = self.clock()  # the wait runs from the attempt's end: a timeout may be long
         # one the stop cut off goes at the next start, as one it never began would

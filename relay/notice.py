@@ -138,6 +138,7 @@ def build_notice(
         is_notice=True,
         sign_again=len(signed) if sign_again else None,
         sends_as=account or "",
+        about=entry.queue_id,
     )
     return notice, data
 

@@ -415,6 +415,32 @@ def test_expired_messages_fail_and_tell_the_sender(policy_file: Path, tmp_path: 
     assert "failure notice" in relay.log()
 
 
+def test_a_notice_that_expires_says_the_sender_was_not_told(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The notice of an expiry on the tenant's dead upstream goes that way too,
+    and expired with nothing above INFO: nobody knew the sender never heard."""
+    port, dead = free_port(), free_port()
+    policy = configure(policy_file, port, dead)
+    policy.write_text(policy.read_text().replace("lifetime: 3600", "lifetime: 2"))
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        qid = send(port)
+        wait_for(lambda: "the sender was not told" in relay.log())
+        log = relay.log()
+    notice = re.search(rf"{qid}: failure notice to=<jan@acme.example> queued as (\w+)", log)
+    assert notice is not None, log
+    said = (
+        f"ERROR {qid}: the sender was not told: failure notice {notice[1]} to"
+        " <jan@acme.example> expired (not delivered within 2 seconds; last reply: 451 4.4.1"
+    )
+    assert log.count(said) == 1, log
+    assert audit_events(policy, notice[1])[-1] == ("expired", "jan@acme.example")
+    found = relay_cli(
+        policy, "audit", "search", "--doc-type", "notice", "--status", "expired", "--format", "json"
+    )
+    assert [json.loads(line)["queue_id"] for line in found.stdout.splitlines()] == [notice[1]]
+
+
 def test_spool_write_failure_answers_451_and_relay_keeps_running(
     policy_file: Path, tmp_path: Path
 ) -> None:

@@ -71,6 +71,9 @@ class QueueEntry:
     # the account address its From and envelope sender were decided for, "" the
     # platform's; None in a record of an earlier version (``relay.engine``)
     sends_as: str | None = None
+    # a notice's: the queue ID of the message it is about, whose sender it tells;
+    # None for any other message, and in a notice of an earlier version
+    about: str | None = None
 
     def pending(self) -> list[RecipientState]:
         return [r for r in self.recipients if r.status == PENDING]
