@@ -1133,10 +1133,9 @@ def test_a_newest_record_replaced_while_no_writer_ran_is_reported_and_kept_at_th
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
 def test_a_probe_out_of_inodes_is_no_refusal_while_the_log_takes_records(tmp_path: Path) -> None:
-    """A new probe file per probe needed an inode the day file's appends do not:
-    with none free, every probe failed, and deliveries stayed held although the
-    log took records. The kept file needs none; one that cannot be made tells
-    nothing."""
+    """The probe's file needs an inode the day file's appends do not: with none
+    free, every probe failed while the log took records, and deliveries stayed
+    held. Out of blocks as well, it is the refusal it was."""
     directory = tmp_path / "audit"
     directory.mkdir()
     subprocess.run(
@@ -1147,39 +1146,62 @@ def test_a_probe_out_of_inodes_is_no_refusal_while_the_log_takes_records(tmp_pat
     try:
         with AuditLog(directory, clock=Clock()) as log:
             log.append(_failed(1))
-            n = 0
+            filler = directory / "filler"
+            filler.touch()
             with contextlib.suppress(OSError):
-                while n < 100:  # every inode taken
+                for n in range(100):  # every inode taken
                     (directory / f"x{n}").touch()
-                    n += 1
-            log.probe()  # no probe file, and none can be made
-            assert log.refusing is None
-            log.append(_failed(2))
-            (directory / "x0").unlink()
-            log.probe()  # made now, and kept: the next needs no inode
-            with pytest.raises(OSError):
-                (directory / "y").touch()  # no inode free again
+            fd = os.open(filler, os.O_WRONLY)
+            with contextlib.suppress(OSError):
+                for _ in range(1000):  # every block taken
+                    os.write(fd, bytes(4096))
+            os.close(fd)
+            with pytest.raises(AuditError, match="No space left on device"):
+                for n in range(2, 200):  # the day file's last block filled first
+                    log.append(_failed(n))
+            with pytest.raises(AuditError, match="No space left on device"):
+                log.probe()
+            assert log.refusing is not None
+            filler.write_bytes(b"")  # blocks free again, inodes still not
             log.probe()
             assert log.refusing is None
-            assert [r["seq"] for r in read_all(directory)] == [1, 2]
+            log.append(_failed(n))
+            assert [r["seq"] for r in read_all(directory)] == list(range(1, n + 1))
     finally:
         subprocess.run(["umount", str(directory)], check=True, timeout=30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to write as another user")
+def test_a_probe_file_left_by_another_user_or_linked_is_replaced(tmp_path: Path) -> None:
+    """Left by root (a crash), or a hard link to a day file: the probe writes
+    a file of its own, never into what it finds there."""
+    log = AuditLog(tmp_path, clock=Clock())
+    log.append(_failed(1))
+    day = next(tmp_path.glob("audit-*.jsonl"))
+    size = day.stat().st_size
+    os.link(day, tmp_path / writer.PROBE_FILE)
+    log.probe()
+    assert day.stat().st_size == size and day.stat().st_nlink == 1
+    (tmp_path / writer.PROBE_FILE).write_bytes(b"")
+    os.chown(tmp_path / writer.PROBE_FILE, 0, 0)
+    os.chmod(tmp_path / writer.PROBE_FILE, 0o600)
+    log.probe()
+    assert log.refusing is None and not (tmp_path / writer.PROBE_FILE).exists()
 
 
 def test_a_refused_write_is_said_until_a_write_or_a_probe_works(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What the engine pauses deliveries on (``refusing``): a full disk shows only
-    on a write, so a probe writes a block, to a file of its own, emptied after."""
+    on a write, so a probe writes a block, to a file of its own, removed after."""
     log = AuditLog(tmp_path, clock=Clock())
     log.append(_failed(1))
     assert log.refusing is None
 
-    def full(fd: int, data: bytes, *offset: int) -> int:
+    def full(fd: int, data: bytes) -> int:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "write", full)
-    monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(AuditError, match="No space left on device"):
         log.append(_failed(2))
     log.sync()  # nothing to fsync: no word on whether the log takes records
@@ -1189,7 +1211,7 @@ def test_a_refused_write_is_said_until_a_write_or_a_probe_works(
     monkeypatch.undo()
     log.probe()
     assert log.refusing is None
-    assert (tmp_path / writer.PROBE_FILE).stat().st_size == 0
+    assert not (tmp_path / writer.PROBE_FILE).exists()
     assert [r["seq"] for r in read_all(tmp_path)] == [1]
     with pytest.raises(AuditError):
         monkeypatch.setattr(os, "write", full)

@@ -59,7 +59,7 @@ HEAD_FILE = reader.HEAD_FILE
 STEPPED_FILE = reader.STEPPED_FILE
 #: the first day retention was held back for a clock far past the log's records
 RETENTION_HELD_FILE = ".retention-held"
-#: ``probe``'s file, kept empty for the next probe
+#: ``probe``'s file, removed at once: a crash's is removed by the next probe
 PROBE_FILE = ".probe"
 PROBE_SIZE = 4096  # a page: a full tmpfs, or a full disk, refuses it
 _GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip header and trailer around the stream
@@ -168,44 +168,29 @@ class AuditLog:
     def probe(self) -> None:
         """Whether the log takes records again, for a writer with none of its own
         to write: a full disk shows only on a write, never on an fsync of what
-        is written, so a block goes to a file of its own, emptied at once and
-        kept. Created once, it needs no inode again: out of inodes, the log
-        still took records (appends to the day file) while a new probe file
-        was refused, and deliveries stayed held; a file that cannot be made
-        tells nothing, so that is no refusal. Raises AuditError while the log
-        is refused."""
-        try:
-            with self._locked():
-                fd = self._probe_file()
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                return  # out of inodes: the appends to the day file tell
-            raise AuditError(self._why(exc)) from exc
-        try:
-            with self._writing():
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, bytes(PROBE_SIZE), 0)
-                os.ftruncate(fd, 0)
-        finally:
-            os.close(fd)
-
-    def _probe_file(self) -> int:
-        """The kept file, or a new one where there is none, or something else
-        (a FIFO would hold the open)."""
+        is written, so a block goes to a file of its own, removed at once.
+        Out of inodes alone that file cannot be made while the day file's
+        appends, which need none, still work: with blocks free, that is no
+        refusal (deliveries stayed held). Raises AuditError while the log is
+        refused."""
         path = self.directory / PROBE_FILE
-        flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | statefiles.NOFOLLOW
-        try:
-            fd = os.open(path, flags)
-        except FileNotFoundError:
-            return self._create(path)
-        except OSError as exc:
-            if exc.errno not in (errno.ELOOP, errno.ENXIO):
+        with self._writing():
+            try:
+                fd = self._create(path)  # one left by a crash, or planted, goes first
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC and self._blocks_free():
+                    return
                 raise
-            return self._create(path)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            return self._create(path)
-        return fd
+            try:
+                os.write(fd, bytes(PROBE_SIZE))
+            finally:
+                os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
+    def _blocks_free(self) -> bool:
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize >= PROBE_SIZE
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
