@@ -225,6 +225,15 @@ def _example(tmp_path: Path) -> tuple[Path, bytes]:
         ("Savoir-faire: our newsletter", False, "other"),
         ("Lettre recommand\u00e9e", True, "other"),
         ("Border crossing papers", True, "other"),
+        # nor does any compound: a job offer, a sale, a standing order
+        ("Stellenangebot Buchhalter", False, "other"),
+        ("Sommertilbud i butikken", False, "other"),
+        ("Vi har tilbudt deg", False, "other"),
+        ("Ihr Dauerauftrag wurde ge\u00e4ndert", True, "other"),
+        ("D\u00e9sordre dans l'entrep\u00f4t", True, "other"),
+        ("Spese sofferte per il danno", False, "other"),
+        ("Angebotsnr. 12", False, "quote"),
+        ("Auftragsbest\u00e4tigung 55", True, "order_confirmation"),
     ],
 )
 def test_the_example_policy_tells_documents_apart(
