@@ -548,6 +548,12 @@ def test_a_size_given_twice_is_checked_by_the_larger(relay: Relay) -> None:
         assert raw.cmd(b"MAIL FROM:<erp@acme.example> BODY=7BIT BODY=8BITMIME SIZE=9") == (
             "250 2.1.0 OK"
         )
+        assert raw.cmd(b"RSET").startswith("250")
+        # a size that is no number is refused, as alone, not dropped for the other
+        syntax = raw.cmd(b"MAIL FROM:<erp@acme.example> SIZE=abc")
+        assert syntax.startswith("501 ")
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example> SIZE=abc SIZE=5") == syntax
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example> SIZE=5 SIZE=abc") == syntax
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
         refused = client.sendmail(
             "erp@acme.example", ["one@example.org"], b"Subject: x\r\n\r\nx\r\n",
@@ -1504,3 +1510,12 @@ def test_a_message_refused_for_its_content_is_logged_with_its_login_and_recipien
         "refused client=127.0.0.1 login=erp-acme from=<erp@acme.example>"
         f" to=<one@example.org>,<two@example.org>: {reply}"
     ]
+
+
+def test_the_size_declared_for_the_disk_check_is_the_larger() -> None:
+    """The free-space check at MAIL read the first SIZE, the limit the larger."""
+    from relay.ingress.handler import _declared_size
+
+    assert _declared_size(["SIZE=1", "SIZE=90000"]) == 90000
+    assert _declared_size(["BODY=8BITMIME", "size=70"]) == 70
+    assert _declared_size(["SIZE=abc"]) == 0

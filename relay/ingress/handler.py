@@ -189,12 +189,10 @@ def _state(policy: Policy) -> tuple[Path, Path]:
 
 
 def _declared_size(options: list[str]) -> int:
-    """The client's ``SIZE=`` (RFC 1870), 0 if it gave none."""
-    for option in options:
-        name, _, value = option.partition("=")
-        if name.upper() == "SIZE" and value.isdigit():
-            return int(value)
-    return 0
+    """The client's ``SIZE=`` (RFC 1870), 0 if it gave none; of two, the larger,
+    as the size limit takes it (``RelaySMTP._getparams``)."""
+    sizes = [v for n, _, v in (o.partition("=") for o in options) if n.upper() == "SIZE"]
+    return max((int(v) for v in sizes if v.isdigit()), default=0)
 
 
 def _path_as_given(server: SMTP) -> str | None:

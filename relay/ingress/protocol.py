@@ -692,7 +692,8 @@ class RelaySMTP(SMTP):
                 taken.append((name.upper(), value if eq else True))
             else:
                 given = value if eq else True
-                found[name] = _larger(found[name], given) if name in found else given
+                twice = name == "SIZE" and name in found
+                found[name] = _larger(found[name], given) if twice else given
         refused = dsn.refusal(taken)
         if refused is not None:
             self._parameter_refusal = refused.line
@@ -1138,10 +1139,12 @@ def _class_names(cls: type, prefixes: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _larger(earlier: str | bool, given: str | bool) -> str | bool:
-    """Of a parameter given twice, the later, as aiosmtpd takes it; of two sizes
-    the larger, which the limit is checked against."""
-    numbers = [v for v in (earlier, given) if isinstance(v, str) and v.isdigit()]
-    return max(numbers, key=int) if len(numbers) == 2 else given
+    """Of two sizes the larger, which the limit is checked against; one that is
+    no number, refused as alone it is (it was dropped for the other)."""
+    for value in (earlier, given):
+        if not (isinstance(value, str) and value.isdigit()):
+            return value
+    return max(earlier, given, key=int)  # type: ignore[arg-type]
 
 
 def log_refused(peer: Any, mail_from: str | None, reply: str, to: str | None = None) -> None:
