@@ -462,13 +462,20 @@ def test_a_cidr_with_host_bits_set_is_a_problem_naming_what_it_would_mean(
          " list item, in CIDR form like 10.0.0.0/8: write each as its own item"),
         ("'10.0.0.0 255.0.0.0'", "'10.0.0.0 255.0.0.0': an address and its netmask: write it"
          " in CIDR form, 10.0.0.0/8"),
+        # the network, not the host with its prefix, which is refused for host bits
+        ("'192.168.1.10 255.255.255.0'", "'192.168.1.10 255.255.255.0': an address and its"
+         " netmask: write it in CIDR form, 192.168.1.0/24"),
+        # no hint that opens the listener to everyone
+        ("'127.0.0.1 0.0.0.0'", "'127.0.0.1 0.0.0.0': one network per list item, in CIDR form"
+         " like 10.0.0.0/8: write each as its own item"),
         ("'10.0.0.0/ 8'", "'10.0.0.0/ 8': one network per list item, in CIDR form like"
          " 10.0.0.0/8"),
         ("'10.0.0.0/8 # office'", "'10.0.0.0/8 # office': one network per list item, in CIDR"
          " form like 10.0.0.0/8"),
     ],
     ids=["ipv6-prefix", "ipv4-prefix", "brackets", "bracketed-address", "no-address",
-         "mynetworks-line", "comma-separated", "netmask", "space-in-prefix", "comment"],
+         "mynetworks-line", "comma-separated", "netmask", "netmask-host", "netmask-zero",
+         "space-in-prefix", "comment"],
 )  # fmt: skip
 def test_an_invalid_cidr_says_what_to_write(tmp_path: Path, cidr: str, problem: str) -> None:
     """Each was said only not to be an IPv4 or IPv6 network, which it plainly is."""

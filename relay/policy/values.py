@@ -468,7 +468,9 @@ def _netmask_cidr(words: list[str]) -> str | None:
         network = IPv4Network(f"{words[0]}/{words[1]}", strict=False)
     except ValueError:
         return None
-    return f"{words[0]}/{network.prefixlen}"
+    # the network, not the address with its prefix (host bits are refused); no
+    # hint for a mask of 0.0.0.0, which would open the listener to everyone
+    return str(network) if network.prefixlen else None
 
 
 def _is_ipv4(value: str) -> bool:
