@@ -42,7 +42,7 @@ from relay.policy.model import (
 from relay.rewrite import HeaderEdits
 from relay.submission import Submission, listed
 from relay.suppression import EMPTY, Suppression, SuppressionList
-from relay.visible import one_line
+from relay.visible import quoted
 
 # RFC 5322 3.6.4 msg-id, with the quoted local part of obs-id-left. Gmail
 # refuses mail "missing a valid Message-ID"; such an ID threads nothing anyway.
@@ -545,7 +545,7 @@ def _reply_to(
             return None, _chain_why(_kept(view), skipped)
         value = _reply_to_value(source, identity, sender, view)
         if value is not None:
-            shown = one_line(decode(value))  # as the From's name is said: not in encoded words
+            shown = quoted(decode(value))  # as the From's name is said: not in encoded words
             return value, _chain_why(f"Reply-To from {_label(source)}: {shown}", skipped)
         skipped.append(f"{_label(source)} {_lacks(source, view)}")
     if _addressless(view):

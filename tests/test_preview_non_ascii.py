@@ -138,6 +138,21 @@ def test_the_reply_to_reason_shows_a_non_ascii_name_as_it_reads(
     assert not [r for r in reasons if "=?utf-8?" in r]
 
 
+def test_the_reply_to_reason_escapes_what_a_reader_cannot_see(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Decoded, a name's controls and invisible marks went into the reasons as
+    they were: the preview showed them raw, the audit log stored them so."""
+    name = "=?utf-8?q?Eva=1B[31m=C2=85=E2=80=A8=E2=80=8E=E2=81=A0=09Ek?="
+    header = KARI + CUSTOMER + f"X-Responsible: {name} <eva@acme.example>\n"
+    done = preview(policy_file, tmp_path, header, "--json")
+    (reason,) = [r for r in json.loads(done.stdout)["reasons"] if r.startswith("Reply-To")]
+    assert reason == (
+        r"Reply-To from header X-Responsible: Eva\x1b[31m\x85\u2028\u200e\u2060\x09Ek"
+        " <eva@acme.example>"
+    )
+
+
 def test_a_name_holding_a_line_end_or_a_bidi_override_stays_on_its_line(
     policy_file: Path, tmp_path: Path
 ) -> None:
