@@ -904,13 +904,14 @@ def test_a_refusal_after_the_immediate_wait_reaches_the_sender(
 
 def test_a_listing_piped_into_head_ends_quietly(policy_file: Path) -> None:
     """``relay queue list | head``: the reader goes away, the listing stops, with
-    no traceback on the terminal."""
+    no traceback on the terminal, and exit 141, as ``status`` and ``audit verify``
+    exit (1 is ``show``'s "no such entry")."""
     policy = load(policy_file)
     spool = Spool(policy.queue.directory)
     entries = [make_entry(size=len(SMALL)) for _ in range(3000)]
     assert spool.put_many([(entry, (SMALL,)) for entry in entries]) == [None] * len(entries)
     status, errors = piped_into_head("queue", "list", "-c", str(policy_file))
-    assert status == 1
+    assert status == 141
     assert "Traceback" not in errors
 
 
