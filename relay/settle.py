@@ -280,9 +280,7 @@ class _Tail:
             if isinstance(when, str) and (oldest is None or when < oldest):
                 oldest = when
             queue_id, recipient, seq = (record.get(k) for k in ("queue_id", "recipient", "seq"))
-            tail.named.update(
-                name for name in (queue_id, record.get("notice_queue_id")) if name in queued
-            )
+            tail.named.update(_named(record, queued))
             if not (
                 isinstance(queue_id, str) and isinstance(recipient, str) and isinstance(seq, int)
             ):
@@ -328,7 +326,9 @@ def settle_recorded(spool: Spool, audit: AuditLog, budget: int = RECENT) -> Sett
     its client got no 250 and sends it again. Delivered, it would reach the
     recipient twice, once with no audit trail; it is removed instead, when
     no record names it though the part of the log read began well before
-    its queue ID was made. An entry already attempted (with its changed
+    its queue ID was made, nor any written since that read once its lock is
+    held: a live worker may have acknowledged it meanwhile (the supervisor
+    settles while the other workers accept). An entry already attempted (with its changed
     record beside it), or a failure notice, is left to the engine; so is
     every entry the log does not name when it is behind its witness
     (``AuditLog.behind``): its audit directory restored from an older copy,
@@ -339,6 +339,7 @@ def settle_recorded(spool: Spool, audit: AuditLog, budget: int = RECENT) -> Sett
     if not queued:
         return Settled()
     behind = audit.behind()
+    end = reader.mark(audit.directory)
     tail = _Tail.read(audit.directory, queued, budget)
     fresh = set() if behind else {q for q in queued if q not in tail.named and not spool.changed(q)}
     if any(tail.unrecorded(q) is None for q in fresh):
@@ -369,6 +370,9 @@ def settle_recorded(spool: Spool, audit: AuditLog, budget: int = RECENT) -> Sett
                 settled.unrecorded.append(queue_id)
             else:
                 os.close(held.pop()[1])
+        late = _named_since(audit.directory, end, set(settled.unrecorded))
+        settled.unrecorded = [q for q in settled.unrecorded if q not in late]
+        held = _let_go(held, late)
         if not held:
             return settled
         if again:
@@ -381,6 +385,33 @@ def settle_recorded(spool: Spool, audit: AuditLog, budget: int = RECENT) -> Sett
     settled.finished = [q for q in settled.finished if q not in kept]
     settled.unrecorded = [q for q in settled.unrecorded if q not in kept]
     return settled
+
+
+def _named(record: dict[str, Any], among: set[str]) -> set[str]:
+    """The queue IDs of ``among`` a record names: its message's, or its notice's."""
+    return {
+        name for name in (record.get("queue_id"), record.get("notice_queue_id")) if name in among
+    }
+
+
+def _named_since(directory: Path, end: reader.Mark, candidates: set[str]) -> set[str]:
+    """Those of ``candidates`` a record written since ``end`` names. Read with
+    their locks held: a live worker writes its ``received`` and ``queued``
+    records before its 250, and lets go of the lock only after, so a message
+    it acknowledged while the log was being read is named now."""
+    named: set[str] = set()
+    if candidates:
+        for record in reader.since(directory, end):
+            named |= _named(record, candidates)
+    return named
+
+
+def _let_go(held: list[tuple[str, int]], kept: set[str]) -> list[tuple[str, int]]:
+    """``held`` without the entries of ``kept``, whose locks are closed."""
+    for queue_id, fd in held:
+        if queue_id in kept:
+            os.close(fd)
+    return [(queue_id, fd) for queue_id, fd in held if queue_id not in kept]
 
 
 def _as_built(record: dict[str, Any]) -> dict[str, Any]:

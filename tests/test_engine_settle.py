@@ -589,6 +589,47 @@ def test_a_restart_removes_what_was_stored_but_never_recorded(spool: Spool, tmp_
     assert settle_recorded(spool, audit) == Settled(unrecorded=[busy.queue_id])
 
 
+def test_a_message_acknowledged_while_the_log_is_read_is_left_alone(
+    spool: Spool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor settles a dead worker's entries while the others accept:
+    one of them stored a message before the log was read, wrote its records,
+    answered 250 and let go of the lock before the entry was locked here (at
+    once for a message over 1 MiB). Removed as never acknowledged, it was lost."""
+    now = time.time()
+    clock = {"now": now - 60}
+    audit = AuditLog(tmp_path / "audit", clock=lambda: datetime.fromtimestamp(clock["now"], UTC))
+    audit.append(events.policy_loaded(policy_file="relay.yaml", policy_sha256="0" * 64))
+    clock["now"] = now
+    lost, accepted = made_at(now - 30), made_at(now - 1)
+    assert spool.put_many([(lost, (message(1),))]) == [None]
+    assert spool.put_many([(accepted, (message(2),))], hold=True) == [None]
+    read = settle_module._Tail.read
+
+    def read_meanwhile(directory: Path, queued_ids: set[str], budget: int) -> Any:
+        tail = read(directory, queued_ids, budget)
+        audit.append(queued(accepted))  # the live worker's records, its 250, its lock let go
+        spool.release(accepted.queue_id)
+        return tail
+
+    monkeypatch.setattr(settle_module._Tail, "read", read_meanwhile)
+    assert settle_recorded(spool, audit) == Settled(unrecorded=[lost.queue_id])
+    assert spool.ids() == [accepted.queue_id]
+
+
+def test_the_records_written_since_a_mark_are_read_from_the_line_it_fell_in(
+    tmp_path: Path,
+) -> None:
+    audit = AuditLog(tmp_path / "audit")
+    audit.append(events.policy_loaded(policy_file="relay.yaml", policy_sha256="0" * 64))
+    (day,) = reader.day_files(audit.directory)
+    whole = day.path.read_bytes()
+    audit.append(queued(make_entry(queue_id="0000000000000001")))
+    half = reader.Mark(day.name, len(whole) + 10)  # taken while that record was written
+    assert [r["queue_id"] for r in reader.since(audit.directory, half)] == ["0000000000000001"]
+    assert list(reader.since(audit.directory, reader.mark(audit.directory))) == []
+
+
 def test_a_log_restored_from_an_older_copy_removes_no_message_it_does_not_name(
     spool: Spool, tmp_path: Path
 ) -> None:

@@ -372,6 +372,56 @@ def recent(directory: Path, budget: int) -> Iterator[dict[str, Any]]:
                 yield record
 
 
+@dataclass(frozen=True)
+class Mark:
+    """Where the log ended at a moment: its newest plain day file and that file's
+    size then (None and 0 when it had none)."""
+
+    name: str | None = None
+    size: int = 0
+
+
+def mark(directory: Path) -> Mark:
+    """The log's end now, for ``since``; taken before a read of its end, so that
+    whatever that read missed is after it."""
+    plain = [file for file in day_files(directory) if not file.compressed]
+    if not plain:
+        return Mark()
+    try:
+        return Mark(plain[-1].name, os.stat(plain[-1].path).st_size)
+    except FileNotFoundError:  # compressed meanwhile: its successor is read whole
+        return Mark(plain[-1].name, 0)
+
+
+def since(directory: Path, start: Mark) -> Iterator[dict[str, Any]]:
+    """The records written after ``start``, and the one being written then: what
+    another process appended while this one read the log, without reading again
+    what it read. Only the newest files are read, from the line ``start`` fell in."""
+    for file in day_files(directory):
+        if file.compressed or (start.name is not None and file.name < start.name):
+            continue
+        with statefiles.open_read(file.path, buffering=0) as stream:
+            fd = stream.fileno()
+            begin = _line_start(fd, start.size) if file.name == start.name else 0
+            tail = os.pread(fd, max(0, os.fstat(fd).st_size - begin), begin)
+        for line in tail.split(b"\n")[:-1]:
+            record = parse(line + b"\n")
+            if record is not None:
+                yield record
+
+
+def _line_start(fd: int, position: int) -> int:
+    """Where the line holding the byte at ``position`` begins: a record may have
+    been half written when the mark was taken."""
+    while position > 0:
+        step = min(_CHUNK, position)
+        newline = os.pread(fd, step, position - step).rfind(b"\n")
+        if newline >= 0:
+            return position - step + newline + 1
+        position -= step
+    return 0
+
+
 def last_line(path: Path) -> tuple[bytes | None, bool]:
     """The last complete line of a file, and whether a torn line follows it.
 
