@@ -43,7 +43,7 @@ from relay.spool import (
 )
 from relay.spool.entry import SET_BACK
 from relay.spool.notes import Notes
-from relay.spool.store import NoSuchEntry, SpoolBusy, SpoolError
+from relay.spool.store import DamagedEntry, NoSuchEntry, SpoolBusy, SpoolError
 from relay.suppression import (
     BOUNCE,
     Backlog,
@@ -964,11 +964,27 @@ class Engine:
             return Outcome("gone")
         except SpoolBusy:
             return Outcome("locked")
+        except DamagedEntry as exc:
+            return await self._hold_damaged(queue_id, exc)
         except SpoolError as exc:
             log.error("%s spool error: %s", queue_id, exc)
             return Outcome("busy")
         finally:
             lock.close()  # unless _finish took it over
+
+    async def _hold_damaged(self, queue_id: str, damage: DamagedEntry) -> Outcome:
+        """Held under the lock still in hand, not removed: the sysadmin judges what
+        is left (a file put back whole is released, else deleted). Only held, it
+        is not read again at every scan nor said again at each."""
+        try:
+            entry = self.spool.load(queue_id)
+            entry.held = True
+            await asyncio.to_thread(self.spool.update, entry)
+        except SpoolError as exc:
+            log.error("%s not sent: %s; nor could it be put on hold: %s", queue_id, damage, exc)
+            return Outcome("busy")
+        log.error("%s put on hold, not sent: %s", queue_id, damage)
+        return Outcome("held")
 
     async def _warm_attempt(
         self, warm: Warm, lock: EntryLock, immediate: bool, fresh: bool
@@ -1072,7 +1088,7 @@ class Engine:
             self._sending.add(entry.queue_id)
             try:  # a try that ends without a word must not leave the upstream waiting for it
                 if data is None:
-                    data = self.spool.read_message(entry.queue_id)
+                    data = self.spool.read_message(entry.queue_id, entry.size)
                 if entry.sign_again is not None:
                     data = signed_anew(policy, entry, data)
                 sent = await send(

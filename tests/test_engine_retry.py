@@ -210,7 +210,7 @@ def _queued(spool: Spool, count: int, arrival: float) -> list[str]:
     """``count`` messages that all came at ``arrival``, their queue IDs."""
     ids = []
     for n in range(count):
-        entry = make_entry(arrival=arrival)
+        entry = make_entry(arrival=arrival, size=len(message(n)))
         spool.put(entry, message(n))
         ids.append(entry.queue_id)
     return ids

@@ -495,6 +495,43 @@ def test_hold_release_and_delete_while_running(policy_file: Path, tmp_path: Path
     assert relay_cli(policy, "audit", "verify").returncode == 0
 
 
+def test_a_message_file_cut_short_is_held_not_sent(policy_file: Path, tmp_path: Path) -> None:
+    """A deferred message's file cut short (a full disk, a restore, a hand) went
+    out cut off and was recorded as delivered; one cut inside its record, with
+    the changed record beside it, went out empty."""
+    port, sink_port = free_port(), free_port()
+    policy = configure(policy_file, port, sink_port)
+    msg = tmp_path / "state" / "queue" / "msg"
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        cut, emptied, whole = send(port), send(port), send(port)
+        wait_for(lambda: relay.log().count("status=deferred") >= 3)
+        held = relay_cli(policy, "queue", "hold", cut, emptied)
+        assert held.returncode == 0, held.stderr
+        sizes = {q: (msg / q).stat().st_size for q in (cut, emptied)}
+        with open(msg / cut, "r+b") as file:
+            file.truncate(sizes[cut] - 20)
+        with open(msg / emptied, "r+b") as file:
+            file.truncate(0)
+        assert relay_cli(policy, "queue", "release", cut, emptied).returncode == 0
+        with SinkServer(port=sink_port) as sink:
+            assert relay_cli(policy, "queue", "retry", "ALL").returncode == 0
+            sink.sink.wait(1)
+            wait_for(lambda: relay.log().count("put on hold, not sent") >= 2)
+            time.sleep(1.0)
+            assert len(sink.sink.messages) == 1
+        log = relay.log()
+    assert log.count("put on hold, not sent") == 2
+    assert re.search(rf"ERROR {cut} put on hold, not sent: \S*/msg/{cut}: \d+ bytes", log)
+    assert re.search(rf"ERROR {emptied} put on hold, not sent: \S*/msg/{emptied}: 0 bytes", log)
+    listed = relay_cli(policy, "queue", "list", "--json").stdout.splitlines()
+    assert {(e["queue_id"], e["queue_name"]) for e in map(json.loads, listed)} == {
+        (cut, "hold"),
+        (emptied, "hold"),
+    }
+    assert audit_events(policy, whole)[-1] == ("delivered", "one@example.org")
+    assert ("delivered", "one@example.org") not in audit_events(policy, cut)
+
+
 def test_the_relays_log_says_what_the_queue_tools_did_once(
     policy_file: Path, tmp_path: Path
 ) -> None:

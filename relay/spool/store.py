@@ -116,6 +116,12 @@ class NoSuchEntry(SpoolError):
     """No complete entry with this ID: never queued, already finished, or deleted."""
 
 
+class DamagedEntry(SpoolError):
+    """The entry's file holds a message of another length than its record says:
+    cut short, or written over. Sent, it went out cut off and was recorded as
+    delivered."""
+
+
 NO_ENTRY = "no such queue entry"  # a NoSuchEntry's strerror, where the ID is one
 
 
@@ -307,9 +313,10 @@ class Spool:
             raise SpoolError(path, "unreadable queue record: no record in the entry's file")
         return line[len(RECORD_MARK) :]
 
-    def read_message(self, queue_id: str) -> bytes:
+    def read_message(self, queue_id: str, size: int | None = None) -> bytes:
         """The message in one buffer of its size: a buffered read after the record
-        line would hold a 25 MB message twice."""
+        line would hold a 25 MB message twice. With ``size`` (the record's), one
+        of another length raises DamagedEntry."""
         path = self.message_path(queue_id)
         with _translated(path, queue_id), statefiles.open_read(path, buffering=0) as raw:
             start = _message_start(raw)
@@ -322,7 +329,10 @@ class Spool:
                     break
                 data += more
             _still_named(raw.fileno(), path, queue_id)
-        return data or b""
+        data = data or b""
+        if size is not None and len(data) != size:
+            raise DamagedEntry(path, f"{len(data)} bytes of message stored, its record says {size}")
+        return data
 
     @contextlib.contextmanager
     def open_message(self, queue_id: str) -> Iterator[BinaryIO]:
