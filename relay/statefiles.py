@@ -56,6 +56,44 @@ def check_directory(path: Path) -> None:
         )
 
 
+#: What a state file is, when it is not one: said in place of the file.
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+class NotAFile(OSError):
+    """A state file that is not a plain file: a FIFO's open waits for a writer for
+    ever, and one such file in the queue hung the start, the scan and the tools."""
+
+    def __init__(self, mode: int) -> None:
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a file")
+        super().__init__(errno.EINVAL, f"{kind}, not a regular file")
+
+
+def open_plain(path: Path | str, flags: int = os.O_RDONLY) -> int:
+    """A plain state file opened, not through a link; anything else raises
+    NotAFile without waiting (``O_NONBLOCK`` changes nothing for a plain file)."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | NOFOLLOW)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotAFile(mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_plain(path: Path | str, buffering: int = -1) -> BinaryIO:
+    """``open_read`` for a file that must be a plain one (see ``open_plain``)."""
+    return open(path, "rb", buffering=buffering, opener=open_plain)
+
+
 def open_read(path: Path | str, buffering: int = -1) -> BinaryIO:
     """A state file opened for reading, not through a link."""
     return open(path, "rb", buffering=buffering, opener=_not_through_a_link)

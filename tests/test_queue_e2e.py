@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
+import os
 import random
 import re
 import signal
@@ -530,6 +532,36 @@ def test_a_message_file_cut_short_is_held_not_sent(policy_file: Path, tmp_path: 
     }
     assert audit_events(policy, whole)[-1] == ("delivered", "one@example.org")
     assert ("delivered", "one@example.org") not in audit_events(policy, cut)
+
+
+def test_a_fifo_in_the_queue_is_skipped_by_the_start_and_the_tools(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A FIFO's open waits for a writer: one in msg/ kept the relay from ever
+    serving, and ``relay queue list`` from ever answering."""
+    port, sink_port = free_port(), free_port()
+    policy = configure(policy_file, port, sink_port)
+    with RelayProcess(policy, port, tmp_path / "relay.log"):
+        pass
+    fifo = tmp_path / "state" / "queue" / "msg" / "0123456789ABCDEF"
+    os.mkfifo(fifo)
+    try:
+        with (
+            SinkServer(port=sink_port) as sink,
+            RelayProcess(policy, port, tmp_path / "relay.log") as relay,
+        ):
+            send(port)
+            sink.sink.wait(1)
+            listed = subprocess.run(
+                [sys.executable, "-m", "relay", "queue", "list", "-c", str(policy)],
+                capture_output=True, text=True, timeout=20, check=False, cwd=ROOT,
+            )  # fmt: skip
+        log = relay.log()
+    finally:
+        with contextlib.suppress(OSError):  # whatever still waits on it goes on
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert "0123456789ABCDEF skipped unreadable queue entry" in log
+    assert "a FIFO, not a regular file" in listed.stderr + listed.stdout
 
 
 def test_the_relays_log_says_what_the_queue_tools_did_once(

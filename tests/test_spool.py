@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -11,7 +12,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -402,6 +403,58 @@ def test_unreadable_record_is_skipped_with_a_warning(
     assert bad in caplog.text
     with pytest.raises(SpoolError, match="unreadable"):
         spool.load(bad)
+
+
+def returns(call: Callable[[], object], fifos: list[Path]) -> object:
+    """What ``call`` returns, within seconds; one that waits on a FIFO is freed
+    (a writer opened) and fails the test."""
+    result: list[object] = []
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except Exception as exc:  # raised here, in the test's thread
+            raised.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(5)
+    if worker.is_alive():
+        for fifo in fifos:
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(5)
+        pytest.fail(f"{call} waited on a FIFO")
+    if raised:
+        raise raised[0]
+    return result[0]
+
+
+def test_a_fifo_in_the_spool_is_skipped_not_waited_for(
+    spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    good, changed = make_entry(size=len(MESSAGE)), make_entry(size=len(MESSAGE))
+    spool.put(good, MESSAGE)
+    spool.put(changed, MESSAGE)
+    fifos = [
+        spool.directory / "msg" / "0123456789ABCDEF",
+        spool.directory / "env" / f"{changed.queue_id}.json",
+        spool.directory / "msg" / ".0123456789ABCDEG.tmp",
+    ]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+        age(fifo, 7200)
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        assert returns(lambda: list(spool.entries()), fifos) == [good]
+    assert "0123456789ABCDEF skipped unreadable queue entry" in caplog.text
+    assert "0123456789ABCDEF: a FIFO, not a regular file" in caplog.text
+    assert f"{changed.queue_id}.json: a FIFO, not a regular file" in caplog.text
+    assert returns(lambda: spool.recover(min_age=60), fifos) == 2
+    assert returns(spool.complete, fifos) == sorted([good.queue_id, changed.queue_id])
+    with pytest.raises(SpoolError, match="a FIFO, not a regular file"):
+        returns(lambda: spool.acquire("0123456789ABCDEF"), fifos)
+    assert all(fifo.exists() for fifo in fifos)  # not the relay's to remove
 
 
 def test_kick(spool: Spool) -> None:

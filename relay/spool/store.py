@@ -290,7 +290,7 @@ class Spool:
         """The changed record if there is one, else the first, from the entry's file."""
         path = self._env_path(queue_id)
         try:
-            with statefiles.open_read(path) as record:
+            with statefiles.read_plain(path) as record:
                 raw = record.read()
         except FileNotFoundError:
             raw = self._first_record(queue_id)
@@ -306,7 +306,7 @@ class Spool:
 
     def _first_record(self, queue_id: str) -> bytes:
         path = self.message_path(queue_id)
-        with _translated(path, queue_id), statefiles.open_read(path) as entry_file:
+        with _translated(path, queue_id), statefiles.read_plain(path) as entry_file:
             line = entry_file.readline()
             _still_named(entry_file.fileno(), path, queue_id)
         if not line.startswith(RECORD_MARK):
@@ -318,7 +318,7 @@ class Spool:
         line would hold a 25 MB message twice. With ``size`` (the record's), one
         of another length raises DamagedEntry."""
         path = self.message_path(queue_id)
-        with _translated(path, queue_id), statefiles.open_read(path, buffering=0) as raw:
+        with _translated(path, queue_id), statefiles.read_plain(path, buffering=0) as raw:
             start = _message_start(raw)
             raw.seek(start)
             left = os.fstat(raw.fileno()).st_size - start
@@ -345,7 +345,7 @@ class Spool:
         env/ID.json).
         """
         path = self.message_path(queue_id)
-        with _translated(path, queue_id), statefiles.open_read(path) as message:
+        with _translated(path, queue_id), statefiles.read_plain(path) as message:
             if not message.readline().startswith(RECORD_MARK):
                 message.seek(0)
             yield message
@@ -472,7 +472,7 @@ class Spool:
                 continue
             fd = None
             try:
-                fd = os.open(name, os.O_WRONLY | os.O_CLOEXEC | statefiles.NOFOLLOW)
+                fd = statefiles.open_plain(name, os.O_WRONLY)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 if _names(name, fd):
                     return fd, name
@@ -594,7 +594,7 @@ class Spool:
         if self._env_path(queue_id).exists():
             return True
         try:
-            with statefiles.open_read(self.message_path(queue_id)) as entry_file:
+            with statefiles.read_plain(self.message_path(queue_id)) as entry_file:
                 return entry_file.read(len(RECORD_MARK)) == RECORD_MARK
         except OSError:
             return False
@@ -638,7 +638,7 @@ class Spool:
         the returned descriptor is closed."""
         path = self.message_path(queue_id)
         with _translated(path, queue_id):
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | statefiles.NOFOLLOW)
+            fd = statefiles.open_plain(path)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -816,7 +816,7 @@ def _unlink_unlocked(path: Path) -> int:
     forward (or a file server's behind) makes look old: a live worker reusing it
     then found it gone at its rename, and refused the message."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | statefiles.NOFOLLOW)
+        fd = statefiles.open_plain(path)
     except OSError:
         return 0
     try:
