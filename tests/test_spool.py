@@ -457,6 +457,18 @@ def test_a_fifo_in_the_spool_is_skipped_not_waited_for(
     assert all(fifo.exists() for fifo in fifos)  # not the relay's to remove
 
 
+def test_a_damaged_first_record_names_the_entrys_file(spool: Spool) -> None:
+    """With no changed record beside it, the record read is msg/ID's: the error
+    named env/ID.json, which is not there, at every scan."""
+    entry = make_entry(size=len(MESSAGE))
+    spool.put(entry, MESSAGE)
+    path = spool.message_path(entry.queue_id)
+    path.write_bytes(b'relay-queue-entry 1 {"queue_id"')
+    with pytest.raises(SpoolError, match="unreadable queue record") as raised:
+        spool.load(entry.queue_id)
+    assert raised.value.path == str(path)
+
+
 def test_kick(spool: Spool) -> None:
     assert spool.last_kick() == 0.0
     spool.kick()

@@ -293,6 +293,7 @@ class Spool:
             with statefiles.read_plain(path) as record:
                 raw = record.read()
         except FileNotFoundError:
+            path = self.message_path(queue_id)  # the record read is the first one, in msg/
             raw = self._first_record(queue_id)
         except OSError as exc:
             raise SpoolError.from_os(exc, path) from exc
