@@ -88,7 +88,7 @@ def test_space_held_for_reuse_is_let_go_before_mail_is_refused(tmp_path: Path) -
     it (up to 64 MiB a worker). Here the disk's free space is what the spool's
     files leave of 3 MiB, and the reserve 1 MiB."""
     spool = Spool(tmp_path / "queue")
-    entries = [make_entry() for _ in range(3)]
+    entries = [make_entry(size=700 * 1024) for _ in range(3)]
     for entry in entries:
         spool.put(entry, b"x" * (700 * 1024))
     spool.remove_many([entry.queue_id for entry in entries], recycle=True)

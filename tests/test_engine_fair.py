@@ -37,7 +37,9 @@ class SlowUpstream:
 
 
 def _entry(spool: Spool, recipient: str) -> str:
-    entry = make_entry(recipients=[RecipientState(recipient, PENDING, notify=True)])
+    entry = make_entry(
+        recipients=[RecipientState(recipient, PENDING, notify=True)], size=len(message(0))
+    )
     spool.put(entry, message(0))
     return entry.queue_id
 
@@ -93,7 +95,9 @@ async def test_one_tenants_loop_does_not_hold_the_others_mail_behind_it(
 
     def queued(tenant: str, recipient: str) -> str:
         entry = make_entry(
-            tenant=tenant, recipients=[RecipientState(recipient, PENDING, notify=True)]
+            tenant=tenant,
+            recipients=[RecipientState(recipient, PENDING, notify=True)],
+            size=len(message(0)),
         )
         spool.put(entry, message(0))
         return entry.queue_id

@@ -27,7 +27,7 @@ def state(policy_file: Path, tmp_path: Path) -> tuple[Path, str]:
     """The state directory with one queued message and an audit log, given to
     the service user; the message's queue ID."""
     state = tmp_path / "state"
-    entry, spool = spoolkit.make_entry(), Spool(state / "queue")
+    entry, spool = spoolkit.make_entry(size=20), Spool(state / "queue")
     spool.put(entry, b"Subject: x\r\n\r\nbody\r\n")
     spool.update(entry)  # a record beside it, as a hold or a try leaves
     AuditLog(state / "audit").append(events.policy_loaded(policy_file="p", policy_sha256="0" * 64))

@@ -431,7 +431,7 @@ def _thirty_waiting(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Thirty messages queued, and a count of the locks taken on their entries
     (each a read of the entry from the spool)."""
     for n in range(30):
-        spool.put(make_entry(), message(n))
+        spool.put(make_entry(size=len(message(n))), message(n))
     locks = [0]
     acquire = spool.acquire
 
@@ -581,7 +581,7 @@ async def test_a_refusal_over_the_limit_is_tried_again_soon_and_counts_no_attemp
     queue = dataclasses.replace(policy.queue, first_retry=3600.0, max_retry=36000.0)
     slow = dataclasses.replace(policy, queue=queue)
     sender = CrowdedSender(3, then=(450, "450 4.2.0 Greylisted"))
-    entry = make_entry()
+    entry = make_entry(size=len(message(1)))
     spool.put(entry, message(1))
     async with running(Engine(spool, lambda: slow, sender, Recorder(None))) as engine:
         engine.submit(entry.queue_id)
@@ -599,7 +599,7 @@ async def test_a_reload_pointing_the_name_elsewhere_gives_back_every_slot(
     monkeypatch.setattr(engine_module, "CROWDED_WAIT", 0.1)
     current = [policy]
     engine = Engine(spool, lambda: current[0], CrowdedSender(1), Recorder(None))
-    entry = make_entry()
+    entry = make_entry(size=len(message(1)))
     spool.put(entry, message(1))
     async with running(engine):
         engine.submit(entry.queue_id)
@@ -626,7 +626,7 @@ async def test_the_message_that_tries_waits_no_longer_than_the_others(
     unreachable = DownSender()
     tries = unreachable.tries
 
-    entry = make_entry()
+    entry = make_entry(size=len(message(1)))
     spool.put(entry, message(1))
     async with running(Engine(spool, lambda: down, unreachable, Recorder(None))):
         await until(lambda: len(tries) >= 4, "four tries")
@@ -670,7 +670,7 @@ async def test_the_metrics_say_which_upstream_a_worker_holds_mail_for(
     engine = Engine(spool, lambda: down, sender, Recorder(None), tally=row)
     async with running(engine):
         await until(lambda: held() == 0, "the row taken up afresh")
-        entry = make_entry()
+        entry = make_entry(size=len(message(1)))
         spool.put(entry, message(1))
         engine.submit(entry.queue_id)
         await until(lambda: sender.tries, "a try")
@@ -759,7 +759,7 @@ async def test_a_worker_lets_its_mail_go_when_another_worker_reaches_the_upstrea
     row, other = counts.row(0), counts.row(1)
     engine = Engine(spool, lambda: down, sender, Recorder(None), tally=row)
     async with running(engine):
-        first, waiting = make_entry(), make_entry()
+        first, waiting = (make_entry(size=len(message(n))) for n in (1, 2))
         spool.put(first, message(1))
         engine.submit(first.queue_id)
         await until(lambda: sender.tries, "a try")
@@ -787,7 +787,7 @@ async def suspended_by_one_try(
     counts = Tally(1)
     engine = Engine(spool, lambda: down, sender, Recorder(None), tally=counts.row(0))
     async with running(engine):
-        entry = make_entry()
+        entry = make_entry(size=len(message(1)))
         spool.put(entry, message(1))
         engine.submit(entry.queue_id)
         await until(lambda: sender.tries, "a try")
