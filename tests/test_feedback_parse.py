@@ -8,12 +8,14 @@ import base64
 import logging
 import quopri
 import time
+from email.message import Message
 from pathlib import Path
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from relay.feedback import parse
 from relay.feedback.parse import DIAGNOSTIC_LIMIT, read
 from relay.feedback.report import BOUNCE, COMPLAINT, Failure, Report
 
@@ -783,9 +785,10 @@ def _qmail_naming(count: int) -> bytes:
 
 
 def _read_timed(raw: bytes, count: int) -> tuple[dict[str, Failure], float]:
-    """The report's failures by recipient (there must be ``count``), and the seconds it took."""
+    """The report's failures by recipient (there must be ``count``, a relay's
+    listeners taking as many), and the seconds it took."""
     started = time.process_time()  # CPU, not the wall: a busy machine is no failure
-    report = read(raw)
+    report = read(raw, most=count)
     elapsed = time.process_time() - started
     assert report is not None and len(report.failures) == count
     return {f.recipient.lower(): f for f in report.failures}, elapsed
@@ -821,3 +824,57 @@ def test_a_status_that_is_no_code_is_taken_for_none() -> None:
     report = read(raw)
     assert report is not None
     assert sorted(str(f.status) for f in report.failures) == ["5.2.2", "None"]
+
+
+def _handed(monkeypatch: pytest.MonkeyPatch) -> list[Message]:
+    """The views the detectors are handed, as ``read`` runs."""
+    views: list[Message] = []
+    failed = parse._failed
+
+    def kept(view: Message) -> frozenset[bytes]:
+        views.append(view)
+        return failed(view)
+
+    monkeypatch.setattr(parse, "_failed", kept)
+    return views
+
+
+def test_the_detectors_are_handed_a_bounded_text_however_many_parts_a_report_has(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cut was per text part: 49 MB of 100-byte text parts handed each
+    detector every part, almost two minutes and 584 MB. The parts first in the
+    report are still read, a qmail bounce among them."""
+    part = b"--B\nContent-Type: text/plain\n\n" + b"x" * 100 + b"\n"
+    first = _sample("qmail-failure.eml").split(b"\n\n", 1)[1]
+    raw = (
+        b"From: MAILER-DAEMON@mx.example\nSubject: failure notice\n"
+        b'Content-Type: multipart/mixed; boundary="B"\n\n'
+        b"--B\nContent-Type: text/plain\n\n" + first + part * 20_000 + b"--B--\n"
+    )
+    views = _handed(monkeypatch)
+    report = read(raw)
+    (view,) = views
+    parts = list(view.walk())
+    text = sum(len(p.get_payload()) for p in parts if isinstance(p.get_payload(), str))
+    assert len(parts) <= 1 + (1 << 20) // 1024  # a part counts 1 KiB of the budget
+    assert text <= 1 << 20
+    assert report is not None and report.failures == QMAIL.failures
+
+
+def test_a_dsn_naming_more_recipients_than_the_relay_acts_on_is_read_for_as_many(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every block was read, and each detector walked them all: 600,000 in a
+    41 MB report took a minute and 959 MB, for a report acted on for 101. How
+    many were not read is kept, for the command to say."""
+    views = _handed(monkeypatch)
+    report = read(_dsn_naming(3000), most=101)
+    assert report is not None
+    assert [f.recipient for f in report.failures] == sorted(
+        (f"User{i}@Buyer.example" for i in range(101)), key=str.lower
+    )
+    assert report.unread == 3000 - 101
+    (view,) = views
+    (status,) = (p for p in view.walk() if p.get_content_type() == "message/delivery-status")
+    assert len(status.get_payload()) == 1 + 101  # the per-message block, and the recipients'

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.audit import events, search
-from relay.feedback.report import BOUNCE, Failure, Report
+from relay.feedback.report import BOUNCE, DEFAULT_RECIPIENTS, Failure, Report
 from relay.notice import build_notice
 from relay.policy.model import Policy
 from relay.queueid import queue_id_time
@@ -32,7 +32,6 @@ from relay.suppression.entry import Key
 
 LOOKBACK_DAYS = 30  # a complaint may come weeks later; a bounce within the queues' lifetimes
 PERMANENT_UNKNOWN = "5.0.0"  # RFC 3463: a permanent failure the report gives no code for
-DEFAULT_RECIPIENTS = 100  # the listeners' max_recipients when the policy has none
 _USERS_OWN = (
     "the relay's notices and copies are the user's; a mailbox really gone is taken"
     " out of the policy"
@@ -230,7 +229,7 @@ def act(
     most = most_recipients(policy)
     bounded = dataclasses.replace(report, failures=report.failures[:most])
     outcome = _act(policy, bounded, recorder, suppressions, spool, clock)
-    beyond = len(report.failures) - most
+    beyond = max(len(report.failures) - most, 0) + report.unread
     if beyond > 0:
         outcome.warn(
             f"{beyond} more recipient(s) not acted on: a report is taken for at most"

@@ -22,7 +22,7 @@ from typing import BinaryIO, TextIO
 from relay import statefiles
 from relay.audit import AuditError
 from relay.errors import PolicyError, RelayError
-from relay.feedback.act import act
+from relay.feedback.act import act, most_recipients
 from relay.feedback.parse import read
 from relay.feedback.syslog import DEFAULT, SystemLog
 from relay.policy.load import load
@@ -109,7 +109,7 @@ def _take(
     raw = source.read(MAX_REPORT + 1)
     if len(raw) > MAX_REPORT:
         return _too_large(err, system_log)
-    report = read(raw)
+    report = read(raw, most_recipients(policy))
     if report is None:
         err.write("relay bounce: neither a bounce nor a complaint: ignored\n")
         system_log.say(logging.INFO, "neither a bounce nor a complaint: ignored")

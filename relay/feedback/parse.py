@@ -14,6 +14,7 @@ import email.errors
 import logging
 import quopri
 import re
+from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesParser, HeaderParser
 from email.policy import compat32
@@ -25,13 +26,15 @@ from flufl.bounce._interfaces import BounceDetector, Recipients
 from flufl.bounce._scan import _DETECTORS
 
 from relay.feedback.exchange2000 import Exchange2000
-from relay.feedback.report import BOUNCE, COMPLAINT, Failure, Report
+from relay.feedback.report import BOUNCE, COMPLAINT, MOST_RECIPIENTS, Failure, Report
 from relay.identify import a_label_address
 
 log = logging.getLogger(__name__)
 
 DIAGNOSTIC_LIMIT = 1000
-SCANNED_LIMIT = 256 * 1024
+SCANNED_LIMIT = 256 * 1024  # characters of one text part the detectors are handed
+SCANNED_TOTAL = 1 << 20  # characters of all a report's parts together
+PART_COST = 1024  # what each part handed over counts besides its text: its header, its walk
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _ID = re.compile(r"(?:^|[\s(])id\s+<?([A-Za-z0-9.-]+)", re.IGNORECASE)
 _TYPED = re.compile(r"^[A-Za-z0-9-]+[ \t]*;")
@@ -69,16 +72,19 @@ _INLINE_HEADER = re.compile(
 )
 
 
-def read(raw: bytes) -> Report | None:
+def read(raw: bytes, most: int = MOST_RECIPIENTS) -> Report | None:
     """The report a bounce or complaint makes, or None when it is neither a
     permanent failure nor a complaint. A message nested deeper than the email
-    package can recurse is no server's report, and is read as none."""
+    package can recurse is no server's report, and is read as none. Only
+    ``most`` recipients' status blocks are read, as many as the relay acts on
+    (``act.most_recipients``): anyone can mail the return path, and 600,000
+    blocks in 41 MB took a minute and a GB to read."""
     try:
         msg = email.message_from_bytes(raw, _Read, policy=compat32)
         _as_classic(msg)
         if _is_feedback_report(msg):
             return _complaint(msg)
-        return _bounce(msg)
+        return _bounce(msg, most)
     except RecursionError:
         log.warning("message nested too deep to read; read as no report")
         return None
@@ -158,12 +164,12 @@ def _is_feedback_report(msg: Message) -> bool:
     )
 
 
-def _bounce(msg: Message) -> Report | None:
-    blocks = _status_blocks(msg)
+def _bounce(msg: Message, most: int) -> Report | None:
+    blocks, unread = _status_blocks(msg, most)
     own = _own_text(msg)
     if not blocks and _says_warning(msg, own):
         return None
-    recipients = _permanent_failures(msg, None if blocks else own)
+    recipients = _permanent_failures(msg, None if blocks else own, most)
     recipients = sorted({*recipients, *_not_ascii(blocks)}, key=str.lower)
     if not recipients:
         return None
@@ -175,6 +181,7 @@ def _bounce(msg: Message) -> Report | None:
         _message_id(returned),
         _envelope_id(blocks),
         queue_ids=_received_ids(returned),
+        unread=unread,
     )
 
 
@@ -187,7 +194,7 @@ def _says_warning(msg: Message, own: str) -> bool:
     return bool(_WARNING_SUBJECT.match(subject) or _WARNING_TEXT.search(own))
 
 
-def _permanent_failures(msg: Message, own: str | None) -> list[str]:
+def _permanent_failures(msg: Message, own: str | None, most: int) -> list[str]:
     """flufl.bounce's heuristics were written for bounces, not for whatever
     reaches a return path; one that trips on a message it did not foresee must
     not stop the reader, and so its error is logged and the message is read as
@@ -200,7 +207,7 @@ def _permanent_failures(msg: Message, own: str | None) -> list[str]:
     one reads Exim's "has not yet been delivered" as a failure. Only the
     report's own text is looked at, not the copy it returns: a document whose
     subject says "has not yet been delivered" is no warning."""
-    view = _scanned_view(msg)
+    view = _scanned_view(msg, _Budget(SCANNED_TOTAL, most)) or Message()
     # one detector that raises ends the scan, so the detectors after it never
     # see the bounce: the Yale detector raises on a From without an address,
     # the Sina detector on one with 8-bit bytes (the email package's Header)
@@ -272,24 +279,61 @@ def _transient(own: str) -> list[str]:
     return found
 
 
-def _scanned_view(part: Message) -> Message:
+@dataclass
+class _Budget:
+    """What is left to hand the detectors: characters of text over all parts
+    (``SCANNED_TOTAL``), and recipients' status blocks."""
+
+    text: int
+    blocks: int
+
+    def text_of(self, text: str) -> str:
+        cut = text[: min(SCANNED_LIMIT, max(self.text, 0))]
+        self.text -= len(cut)
+        return cut
+
+    def blocks_of(self, blocks: list[Message]) -> list[Message]:
+        kept = _blocks_read(blocks, self.blocks)
+        self.blocks -= max(len(kept) - 1, 0)
+        return kept
+
+
+def _scanned_view(part: Message, budget: _Budget) -> Message | None:
     """flufl.bounce's heuristics run line by line over every body, each in turn:
     over a returned 10 MB attachment that takes seconds per detector. They only
     look for the server's text near its start, so the view they get has the
-    same parts with non-text bodies emptied and text bodies cut short; the
-    message itself is left as it came."""
+    same parts with non-text bodies emptied and text bodies cut short, up to
+    a budget for the whole report (None: spent): cut per part only, 49 MB of
+    100-byte text parts took almost two minutes. The message itself is left
+    as it came."""
+    if budget.text <= 0:
+        return None
+    budget.text -= PART_COST
     view = copy.copy(part)
     payload = part.get_payload()
-    if isinstance(payload, list):
-        view.set_payload([_scanned_view(p) if isinstance(p, Message) else p for p in payload])
+    if isinstance(payload, list) and part.get_content_type() == "message/delivery-status":
+        view.set_payload(budget.blocks_of(payload))
+    elif isinstance(payload, list):
+        view.set_payload(_parts_view(payload, budget))
     elif part.get_content_maintype() != "text":
         view.set_payload("")
     elif _encoded(part):  # flufl.bounce reads the body as it is: base64 read as no report
         del view["Content-Transfer-Encoding"]
-        view.set_payload(_decoded_text(part))
-    elif isinstance(payload, str) and len(payload) > SCANNED_LIMIT:
-        view.set_payload(payload[:SCANNED_LIMIT])
+        view.set_payload(budget.text_of(_decoded_text(part)))
+    elif isinstance(payload, str):
+        view.set_payload(budget.text_of(payload))
     return view
+
+
+def _parts_view(parts: list[Message], budget: _Budget) -> list[Message]:
+    """The parts' views in order, up to the first the budget has no room for."""
+    kept: list[Message] = []
+    for part in parts:
+        view = _scanned_view(part, budget) if isinstance(part, Message) else part
+        if view is None:
+            break
+        kept.append(view)
+    return kept
 
 
 def _encoded(part: Message) -> bool:
@@ -394,17 +438,26 @@ def _precise(status: str | None, diagnostic: str | None) -> str | None:
     return found.group(1) if found and found.group(1)[0] == status[0] else status
 
 
-def _status_blocks(msg: Message) -> list[Message]:
-    """Every header block of every message/delivery-status part: the first of a
-    part is the per-message block, the others one per recipient."""
+def _status_blocks(msg: Message, most: int) -> tuple[list[Message], int]:
+    """The header blocks of every message/delivery-status part, up to ``most``
+    recipients' (``_blocks_read``), and how many were left unread."""
     blocks: list[Message] = []
+    unread = 0
     for part in msg.walk():
         if part.get_content_type() != "message/delivery-status":
             continue
         payload = part.get_payload()
         if isinstance(payload, list):
-            blocks.extend(b for b in payload if isinstance(b, Message))
-    return blocks
+            read = _blocks_read(payload, most)
+            most -= max(len(read) - 1, 0)
+            unread += len(payload) - len(read)
+            blocks.extend(b for b in read if isinstance(b, Message))
+    return blocks, unread
+
+
+def _blocks_read(blocks: list[Message], most: int) -> list[Message]:
+    """A part's first block, the per-message one, and up to ``most`` recipients' after it."""
+    return blocks[: 1 + max(most, 0)]
 
 
 def _blocks_by_address(blocks: list[Message]) -> dict[str, Message]:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 BOUNCE = "bounce"
 COMPLAINT = "complaint"
+DEFAULT_RECIPIENTS = 100  # the listeners' max_recipients when the policy has none
+MOST_RECIPIENTS = DEFAULT_RECIPIENTS + 1  # a message's most, the sender's copy with them
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,8 @@ class Report:
     are the original message's, as the report returned them,
     to find it in the audit log; ``queue_ids`` the IDs its returned Received
     fields name (``id …``), the relay's own queue ID among them when the
-    header came back whole."""
+    header came back whole. ``unread``: recipients' status blocks past the
+    most the relay acts on, not read."""
 
     kind: str
     failures: tuple[Failure, ...]
@@ -34,3 +37,4 @@ class Report:
     envelope_id: str | None = None
     feedback_type: str | None = None
     queue_ids: tuple[str, ...] = ()
+    unread: int = 0
