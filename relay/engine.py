@@ -52,6 +52,8 @@ from relay.suppression import (
     SuppressionFile,
     now,
 )
+from relay.suppression.entry import millis
+from relay.suppression.store import added
 from relay.tally import TallyRow
 from relay.unreachable import Suspensions
 
@@ -333,6 +335,15 @@ def _refused_for(entry: QueueEntry, policy: Policy) -> str | None:
     name = _route(entry, policy)
     sharing = [tid for tid, tenant in policy.tenants.items() if tenant.upstream == name]
     return None if len(sharing) > 1 else entry.tenant
+
+
+def _later_refusal(listed: Suppression, entry: Suppression) -> bool:
+    """Whether ``entry`` replaces the one listed: the list keeps an address's
+    first refusal, and a kept entry (``Backlog``) may be written after another
+    worker listed a later one; an entry for another reason (a complaint, a
+    sysadmin's ``manual``) stands. The list holds no author, so one a
+    sysadmin added with ``--reason bounce`` is taken for the relay's."""
+    return listed.reason == BOUNCE and millis(listed.since) > millis(entry.since)
 
 
 def _tenant_user(entry: QueueEntry, policy: Policy, address: str) -> str | None:
@@ -1431,21 +1442,26 @@ class Engine:
     ) -> None:
         """With the entries kept from writes the list refused; kept again if it
         refuses this one too (``Backlog``). ``entry``: the message whose
-        refusals ``entries`` are."""
+        refusals ``entries`` are. What is listed already is decided under the
+        file's lock: two workers refused the same address at once, and both
+        listed it. Only what was written is said and recorded as listed."""
         kept = self._unlisted.kept()
-        listed = [k for k in kept if not self._first_refusal(k)]
-        kept = [k for k in kept if k not in listed]
         held = {k.key for k in kept}  # bounced again while kept: the first refusal stands
-        entries = [e for e in entries if e.key not in held]
+        items = [*kept, *(e for e in entries if e.key not in held)]
+        if not items:
+            return
         try:
-            await asyncio.to_thread(SuppressionFile(path).add, [*kept, *entries])
+            read = await asyncio.to_thread(
+                SuppressionFile(path).add_unlisted, items, _later_refusal
+            )
         except SuppressionError as exc:
-            self._unlisted.keep(entries, exc)
-            if entry is not None and entries:
+            self._unlisted.keep(items[len(kept) :], exc)
+            if entry is not None and len(items) > len(kept):
                 self._kept_ids[entry.queue_id] = entry.message_id
             return
-        self._unlisted.written([*listed, *kept])
-        for item in [*kept, *entries]:
+        self._unlisted.written(kept)
+        written = added(items, read, _later_refusal)
+        for item in written:
             log.info(
                 "%s: <%s> is on the suppression list now, for %s (%s)",
                 item.queue_id,
@@ -1453,7 +1469,7 @@ class Engine:
                 "every tenant" if item.tenant is None else f"tenant {item.tenant}",
                 item.detail,
             )
-        await self._record_listed([*kept, *entries], entry)
+        await self._record_listed(written, entry)
 
     async def _record_listed(self, items: list[Suppression], entry: QueueEntry | None) -> None:
         """A ``listed`` record for each entry written, on its message: written
@@ -1482,16 +1498,6 @@ class Engine:
             return self._suppressions.current().find(address, tenant)
         except SuppressionError:
             return None
-
-    def _first_refusal(self, kept: Suppression) -> bool:
-        """Whether a kept entry is still to be written: its address is not listed,
-        or was listed by another worker for a later refusal (the list keeps an
-        address's first refusal, and the last line wins); an entry for another
-        reason (a complaint, a sysadmin's ``manual``) stands. The list holds no
-        author, so one a sysadmin added with ``--reason bounce`` is taken for
-        the relay's."""
-        found = self._listed(kept.address, kept.tenant or "")  # no tenant is "": all of them
-        return found is None or (found.reason == BOUNCE and found.since > kept.since)
 
     def _settle(self, entry: QueueEntry, address: str, status: str, reply: str) -> None:
         rcpt = self._note(entry, address, reply)

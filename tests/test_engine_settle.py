@@ -711,3 +711,38 @@ async def test_two_workers_kept_bounces_list_the_first_refusal(
     await first._list_kept()
     (entry,) = SuppressionFile(listing).entries().entries
     assert entry.queue_id == "Q1"
+
+
+async def test_two_workers_refused_the_same_address_at_once_list_it_once(
+    spool: Spool, policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each looked the address up in the list as it last read it, found it
+    not there, and appended its entry: two lines, two ``listed`` records and
+    two "on the suppression list now". Decided under the file's lock, the
+    second worker finds the first's entry."""
+    listing = tmp_path / "suppression.jsonl"
+    settings = SuppressionSettings(listing, frozenset({"5.1.1"}))
+    policy = dataclasses.replace(policy, suppression=settings)
+    engines, recorded = [], []
+    for _ in range(2):
+        listed = SuppressionFile(listing)
+        engine = Engine(spool, lambda: policy, attempt, Recorder(None), suppressions=listed)
+        engine.recorder.listed = lambda item, _id: recorded.append(item.queue_id)  # type: ignore[method-assign]
+        engines.append(engine)
+    first, second = engines
+    SuppressionFile(listing).create()
+    before = first._suppressions.current()  # type: ignore[union-attr]
+    first._suppressions.current = lambda: before  # type: ignore[method-assign,union-attr]
+    refused = [("gone@example.org", "550 5.1.1 no such user")]
+    caplog.set_level(logging.INFO, logger="relay")
+    for engine, queue_id in ((second, "Q2"), (first, "Q1")):
+        entry = dataclasses.replace(make_entry(), queue_id=queue_id)
+        await engine._suppress(entry, policy, refused, {})
+    assert listing.read_bytes().count(b"\n") == 1
+    (entry,) = SuppressionFile(listing).entries().entries
+    assert entry.queue_id == "Q2"
+    assert recorded == ["Q2"]
+    said = [
+        r.getMessage() for r in caplog.records if "on the suppression list now" in r.getMessage()
+    ]
+    assert [line.split(":")[0] for line in said] == ["Q2"]

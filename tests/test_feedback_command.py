@@ -615,3 +615,39 @@ def test_a_bounce_naming_more_recipients_than_a_message_has_says_how_many_were_l
         " as many as one message goes to"
     )
     assert _listed(policy) == {"nobody@buyer.example": ("acme", "bounce")}
+
+
+def test_a_bounce_keeps_an_entry_a_sysadmin_adds_as_it_is_taken(
+    policy_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bounce read the list, a sysadmin's ``relay suppression add`` came
+    in between, and the bounce's entry replaced the sysadmin's: its reason,
+    note and author gone. The list keeps an address's first entry."""
+    policy, invoice = _invoice_delivered(policy_file, tmp_path)
+    read = SuppressionFile.current
+    added: list[subprocess.CompletedProcess[str]] = []
+
+    def read_then_added(self: SuppressionFile) -> object:
+        found = read(self)
+        if not added:
+            args = ("nobody@buyer.example", "--tenant", "acme", "--reason", "complaint")
+            note = ("--note", "customer asked")
+            added.append(relay_cli(policy, "suppression", "add", *args, *note))
+        return found
+
+    monkeypatch.setattr(SuppressionFile, "current", read_then_added)
+    out, err = io.StringIO(), io.StringIO()
+    report = io.BytesIO((FEEDBACK / "postfix-two-failed.eml").read_bytes())
+    assert command.main(policy, report, out, err, "off") == 0, err.getvalue()
+    assert added[0].stdout == "nobody@buyer.example: added (complaint, tenant acme)\n"
+    lines = out.getvalue().splitlines()
+    assert lines[0] == f"bounce about {invoice} (acme/jan)"
+    (said,) = (line for line in lines if line.startswith("nobody@"))
+    assert said.startswith(
+        "nobody@buyer.example: bounced (5.1.1), not suppressed (on the list already, since "
+    )
+    settings = load(policy).suppression
+    assert settings is not None
+    (entry,) = SuppressionFile(settings.file).entries().entries
+    assert (entry.reason, entry.detail) == ("complaint", "customer asked")
+    assert ("listed", "nobody@buyer.example") not in audit_events(policy, invoice)

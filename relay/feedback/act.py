@@ -267,9 +267,7 @@ def _act(
     listed = suppressions.current()
     again = _listed_before(suppressions, listed, report, new, original)
     entries = [_entry(policy, report, failure, original, listed, again) for failure in new]
-    listing = [e for e in entries if isinstance(e, Suppression) and e.key not in again]
-    if listing:  # a list that cannot be written holds up only the reports that list
-        suppressions.add(listing)
+    entries = _add(suppressions, entries, again)
     queue_id = original.queue_id if original is not None else None
     message_id = original.message_id if original is not None else report.message_id
     for failure, entry in zip(new, entries, strict=True):
@@ -523,6 +521,26 @@ def _listed_before(
         for e in suppressions.entries(on_list).entries
         if (e.tenant, e.queue_id, e.reason) == (original.tenant, original.queue_id, reason)
     }
+
+
+def _add(
+    suppressions: SuppressionFile,
+    entries: list[Suppression | str],
+    again: dict[Key, Suppression],
+) -> list[Suppression | str]:
+    """The entries as listed, deciding under the list's lock: an address listed
+    since the list was read (``relay suppression add`` at the same moment)
+    keeps its entry, whose reason, note and author the report's replaced."""
+    listing = [e for e in entries if isinstance(e, Suppression) and e.key not in again]
+    if not listing:  # a list that cannot be written holds up only the reports that list
+        return entries
+    before = {e.key: e for e in suppressions.add_unlisted(listing).entries}
+    return [
+        f"on the list already, since {before[e.key].since}"
+        if isinstance(e, Suppression) and e.key not in again and e.key in before
+        else e
+        for e in entries
+    ]
 
 
 def _entry(

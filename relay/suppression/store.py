@@ -177,21 +177,23 @@ class SuppressionFile:
     def add(self, entries: Iterable[Suppression]) -> None:
         self._append({"v": VERSION, "op": "add", **asdict(e)} for e in entries)
 
-    def add_unlisted(self, entries: Sequence[Suppression]) -> Listing:
+    def add_unlisted(
+        self, entries: Sequence[Suppression], replaces: Replaces | None = None
+    ) -> Listing:
         """Adds those of ``entries`` whose address is not listed for their scope yet,
         deciding under the file's lock; returns what it read there (the entries'
-        addresses only). Decided before the lock, two adds at once listed an
-        address twice, and an add beside a bounce replaced the bounce's entry,
-        its first date and reason with it."""
+        addresses only), from which ``added`` tells what was added. Decided
+        before the lock, two adds at once listed an address twice, and an add
+        beside a bounce replaced the bounce's entry, its first date and reason
+        with it. ``replaces``: whether an entry replaces the one listed (the
+        relay's first refusal of an address, one written later)."""
         read = Listing()
 
         def unlisted() -> Iterator[dict]:
             nonlocal read
             read = self.entries({e.address for e in entries})
-            listed = {e.key for e in read.entries}
-            for entry in entries:
-                if entry.key not in listed:
-                    yield {"v": VERSION, "op": "add", **asdict(entry)}
+            for entry in added(entries, read, replaces):
+                yield {"v": VERSION, "op": "add", **asdict(entry)}
 
         self._append(unlisted)
         return read
@@ -233,6 +235,21 @@ class SuppressionFile:
                 os.close(fd)
         except OSError as exc:
             raise _failed("write", self.path, exc) from exc
+
+
+Replaces = Callable[[Suppression, Suppression], bool]  # (listed, entry)
+
+
+def added(
+    entries: Sequence[Suppression], read: Listing, replaces: Replaces | None = None
+) -> list[Suppression]:
+    """Those of ``entries`` ``add_unlisted`` adds, given what it read."""
+    listed = {e.key: e for e in read.entries}
+    return [
+        e
+        for e in entries
+        if (found := listed.get(e.key)) is None or (replaces is not None and replaces(found, e))
+    ]
 
 
 FEW = 64  # addresses looked for in the bytes; more, and every line is parsed
