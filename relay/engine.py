@@ -72,6 +72,8 @@ CUT_WAIT = 5.0  # for attempts cut off at the end of the stop grace to put thems
 # the reply recorded for a recipient whose attempt the stop cut off before the
 # upstream answered for it: the relay cannot tell whether the upstream had the
 # whole message, so the audit log says it may
+# the automatic copy's reply once every recipient is suppressed, as ``relay.decide`` says it
+NO_COPY = "not sent: every recipient is on the suppression list"
 CUT_OFF = (
     "451 4.4.2 Cut off: the relay stopped before the upstream's reply;"
     " if it had the whole message, it may arrive twice"
@@ -1062,6 +1064,7 @@ class Engine:
         if not self._starting or self._backlogged():
             return Outcome("busy")
         policy = self.policy()
+        self._drop_listed(entry)
         now = self.clock()
         deadline = entry.arrival + policy.queue.lifetime
         upstream = policy.upstreams.get(entry.upstream) or _rerouted(entry, policy)
@@ -1075,8 +1078,8 @@ class Engine:
         sender_refused = None
         crowded = False
         if not pending:
-            # each settled at its arrival (suppressed): no upstream to ask, nor to
-            # wait for when suspended, nor to count an attempt of or call reached
+            # each settled at its arrival or listed since (suppressed): no upstream to
+            # ask, nor to wait for when suspended, nor to count an attempt of or call reached
             replies: dict[str, tuple[int, str]] = {}
         elif upstream is None:
             replies = dict.fromkeys(pending, (451, held or _no_upstream(entry, policy)))
@@ -1498,6 +1501,42 @@ class Engine:
             return self._suppressions.current().find(address, tenant)
         except SuppressionError:
             return None
+
+    def _drop_listed(self, entry: QueueEntry) -> None:
+        """Recipients listed since their message came (another message's bounce,
+        ``relay bounce``, ``relay suppression add``) are not sent to either: a
+        deferred message reached an address that had bounced or complained
+        meanwhile. Each ends suppressed as at acceptance, its sender told; the
+        automatic copy of a document nobody is left to get goes with them, as
+        it would have at acceptance. The list is the worker's index, one
+        ``stat`` an attempt; one that cannot be read leaves the check to the
+        next attempt (the acceptance side refuses mail for it and says so)."""
+        if self._suppressions is None or not entry.pending():
+            return
+        try:
+            listing = self._suppressions.current()
+        except SuppressionError:
+            return
+        dropped = False
+        for rcpt in entry.pending():
+            found = listing.find(rcpt.address, entry.tenant)
+            if found is not None:
+                rcpt.status, rcpt.reply = SUPPRESSED, f"not sent: {found.describe()}"
+                rcpt.updated = self.clock()
+                self.recorder.suppressed_later(entry, rcpt.address, found)
+                dropped = True
+        if dropped:
+            self._drop_lone_copy(entry)
+
+    def _drop_lone_copy(self, entry: QueueEntry) -> None:
+        """The automatic copy fails, not sent, once every recipient the client
+        named is suppressed: at acceptance such a message got no copy."""
+        copies = [r for r in entry.pending() if not r.notify]  # a notice's are all its own
+        named = [r for r in entry.recipients if r.notify or r.status != PENDING]
+        if not copies or not named or any(r.status != SUPPRESSED for r in named):
+            return
+        for rcpt in copies:
+            self._settle(entry, rcpt.address, FAILED, NO_COPY)
 
     def _settle(self, entry: QueueEntry, address: str, status: str, reply: str) -> None:
         rcpt = self._note(entry, address, reply)

@@ -175,6 +175,20 @@ class Recorder:
         """Only the log line: the ``suppressed`` record goes with the message's ``received``."""
         self._delivery_line(entry, address, "suppressed", reply)
 
+    def suppressed_later(self, entry: QueueEntry, address: str, item: Suppression) -> None:
+        """A recipient listed after its message was accepted: the same line, and
+        its record with the attempt's, its ``since`` after the ``received``."""
+        self._delivery_line(entry, address, "suppressed", f"not sent: {item.describe()}")
+        self.add(
+            ev.suppressed(
+                queue_id=entry.queue_id,
+                message_id=entry.message_id,
+                recipient=address,
+                reason=item.reason,
+                since=item.since,
+            )
+        )
+
     def listed(self, item: Suppression, message_id: str | None) -> None:
         """The audit log's word that the relay listed the address: the list file
         and the operational log were all an auditor had to say why mail to it

@@ -643,3 +643,74 @@ def test_a_refused_message_lists_its_recipient_only_when_it_had_one(
         assert said in log
     assert "listed" not in {event for event, _ in audit_events(policy, several)}
     assert ("listed", "c3@cust.example") in audit_events(policy, one)
+
+
+BUSY = "451 4.2.1 <{}>: mailbox busy, try again later"
+
+
+def _listed_while_waiting(
+    policy_file: Path, tmp_path: Path, rcpts: tuple[str, ...], data: bytes, *listing: str
+) -> tuple[str, str, Sink, Path]:
+    """A message deferred to ``rcpts``; then ``relay suppression add *listing``,
+    the upstream takes mail again, and ``relay queue retry ALL``: (queue ID, log,
+    sink, policy) once the queue is empty."""
+    busy = {address: BUSY.format(address) for address in (*rcpts, "jan@acme.example")}
+    with SinkServer(Sink(refuse=busy)) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            queue_id = send(port, data, rcpts)
+            wait_for(lambda: f"{queue_id}: to=<{rcpts[0]}>" in relay.log())
+            added = relay_cli(policy, "suppression", "add", *listing)
+            assert added.returncode == 0, added.stderr
+            busy.clear()
+            relay_cli(policy, "queue", "retry", "ALL")
+            log = _settled(relay, policy, queue_id)
+    return queue_id, log, sink.sink, policy
+
+
+def test_an_address_listed_while_its_message_waits_is_not_sent_to(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Checked only as the message came, a deferred message went to the address
+    at its next attempt, though it had bounced or complained since."""
+    queue_id, log, sink, policy = _listed_while_waiting(
+        policy_file, tmp_path, ("c4@example.org", "ok@example.org"), SMALL, "c4@example.org"
+    )
+    sent = [m for m in sink.messages if m.mail_from != "<>"]
+    assert [m.rcpt_tos for m in sent] == [["ok@example.org"]]
+    line = f"{queue_id}: to=<c4@example.org>, relay=default, "
+    (said,) = [x for x in log.splitlines() if line in x and "status=suppressed" in x]
+    assert "status=suppressed (not sent: on the suppression list since" in said
+    assert "(put there by the mail administrator)" in said
+    events = audit_events(policy, queue_id)
+    assert ("deferred", "c4@example.org") in events and ("failed", "c4@example.org") not in events
+    assert events.index(("suppressed", "c4@example.org")) > events.index(("queued", None))
+    (record,) = [r for r in _audit_json(policy, "show", queue_id) if r["event"] == "suppressed"]
+    assert record["suppression"]["reason"] == "manual"
+    (notice,) = [m for m in sink.messages if m.mail_from == "<>"]
+    assert notice.rcpt_tos == ["jan@acme.example"]
+    text = _body(notice.data)
+    assert "c4@example.org" in text and "suppression list" in text
+    assert "ok@example.org" not in text
+
+
+def test_a_message_whose_every_recipient_is_listed_while_it_waits_leaves_the_queue(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Listed for the message's tenant only, the address is kept from it too; the
+    sender's automatic copy of a document nobody gets is not sent, as at
+    acceptance, and the message ends with the sender's notice."""
+    invoice = SMALL.replace(b"Subject: Hello", b"Subject: Invoice 1")
+    queue_id, log, sink, policy = _listed_while_waiting(
+        policy_file, tmp_path, ("c4@example.org",), invoice, "c4@example.org", "--tenant", "acme"
+    )
+    assert [m.mail_from for m in sink.messages] == ["<>"]  # the notice only
+    assert f"{queue_id}: to=<c4@example.org>, relay=default, " in log
+    assert "status=suppressed (not sent: on the suppression list for acme since" in log
+    assert f"{queue_id}: to=<jan@acme.example>, relay=default, " in log
+    assert "status=bounced (not sent: every recipient is on the suppression list)" in log
+    events = audit_events(policy, queue_id)
+    assert ("suppressed", "c4@example.org") in events and ("notified", "jan@acme.example") in events
+    assert ("delivered", "jan@acme.example") not in events
+    assert "c4@example.org" in _body(sink.messages[0].data)
