@@ -21,7 +21,7 @@ PENDING = "pending"
 DELIVERED = "delivered"
 FAILED = "failed"
 EXPIRED = "expired"
-SUPPRESSED = "suppressed"  # on the suppression list when the message came: never tried
+SUPPRESSED = "suppressed"  # on the suppression list when the message came, or listed since
 STATUSES = (PENDING, DELIVERED, FAILED, EXPIRED, SUPPRESSED)
 
 
