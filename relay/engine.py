@@ -1510,7 +1510,10 @@ class Engine:
         automatic copy of a document nobody is left to get goes with them, as
         it would have at acceptance. The list is the worker's index, one
         ``stat`` an attempt; one that cannot be read leaves the check to the
-        next attempt (the acceptance side refuses mail for it and says so)."""
+        next attempt (the acceptance side refuses mail for it and says so). A
+        recipient still pending after a refusal for good is one whose records
+        the audit log refused (``_keep_unrecorded``): the address its refusal
+        listed goes again, for the refusal to be on record."""
         if self._suppressions is None or not entry.pending():
             return
         try:
@@ -1519,6 +1522,8 @@ class Engine:
             return
         dropped = False
         for rcpt in entry.pending():
+            if (rcpt.reply or "")[:1] == "5":  # its refusal went unrecorded: it goes again
+                continue
             found = listing.find(rcpt.address, entry.tenant)
             if found is not None:
                 rcpt.status, rcpt.reply = SUPPRESSED, f"not sent: {found.describe()}"
