@@ -234,6 +234,11 @@ def _example(tmp_path: Path) -> tuple[Path, bytes]:
         ("Spese sofferte per il danno", False, "other"),
         ("Angebotsnr. 12", False, "quote"),
         ("Auftragsbest\u00e4tigung 55", True, "order_confirmation"),
+        ("Preisangebot Nr. 4711", False, "quote"),
+        ("Pristilbud nr. 332", False, "quote"),
+        ("Tilbuddet p\u00e5 varer 12", False, "quote"),
+        ("Offertenummer 2231", False, "quote"),
+        ("K\u00f8bsordre 4410", True, "order_confirmation"),
     ],
 )
 def test_the_example_policy_tells_documents_apart(
