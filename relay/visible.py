@@ -9,7 +9,9 @@ import re
 
 def escaped(char: str) -> str:
     code = ord(char)
-    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def escaped_match(found: re.Match[str]) -> str:
@@ -27,11 +29,10 @@ def one_line(text: str) -> str:
     return _IN_A_LINE.sub(escaped_match, text)
 
 
-# also the controls and invisible marks a value may carry, for text that is
-# quoted within a line of its own kind (a reason): a terminal acts on them
-_UNSEEN = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
-
-
 def quoted(text: str) -> str:
-    """``text`` with nothing in it a reader cannot see for what it is."""
-    return _UNSEEN.sub(escaped_match, text)
+    """``text`` with nothing in it a reader cannot see for what it is: what
+    Python's ``repr`` escapes (controls, format characters such as bidi marks,
+    the soft hyphen and tag characters, separators other than the space)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else escaped(c) for c in text)

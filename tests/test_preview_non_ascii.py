@@ -143,12 +143,13 @@ def test_the_reply_to_reason_escapes_what_a_reader_cannot_see(
 ) -> None:
     """Decoded, a name's controls and invisible marks went into the reasons as
     they were: the preview showed them raw, the audit log stored them so."""
-    name = "=?utf-8?q?Eva=1B[31m=C2=85=E2=80=A8=E2=80=8E=E2=81=A0=09Ek?="
+    name = "=?utf-8?q?Eva=1B[31m=C2=85=E2=80=A8=E2=80=8E=E2=81=A0=09=C2=AD=F3=A0=81=81Ek?="
     header = KARI + CUSTOMER + f"X-Responsible: {name} <eva@acme.example>\n"
     done = preview(policy_file, tmp_path, header, "--json")
     (reason,) = [r for r in json.loads(done.stdout)["reasons"] if r.startswith("Reply-To")]
     assert reason == (
-        r"Reply-To from header X-Responsible: Eva\x1b[31m\x85\u2028\u200e\u2060\x09Ek"
+        r"Reply-To from header X-Responsible: Eva\x1b[31m\x85\u2028\u200e\u2060\x09\xad"
+        r"\U000e0041Ek"
         " <eva@acme.example>"
     )
 
