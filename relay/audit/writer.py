@@ -178,8 +178,8 @@ class AuditLog:
             try:
                 fd = self._create(path)  # one left by a crash, or planted, goes first
             except OSError as exc:
-                if exc.errno == errno.ENOSPC and self._blocks_free():
-                    return
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT) and self._blocks_free():
+                    return  # an empty file's create wants an inode only
                 raise
             try:
                 os.write(fd, bytes(PROBE_SIZE))
