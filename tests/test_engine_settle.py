@@ -13,6 +13,7 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -628,6 +629,25 @@ def test_the_records_written_since_a_mark_are_read_from_the_line_it_fell_in(
     half = reader.Mark(day.name, len(whole) + 10)  # taken while that record was written
     assert [r["queue_id"] for r in reader.since(audit.directory, half)] == ["0000000000000001"]
     assert list(reader.since(audit.directory, reader.mark(audit.directory))) == []
+
+
+def test_the_records_written_since_a_mark_are_read_from_its_file_compressed_since(
+    tmp_path: Path,
+) -> None:
+    """A compressor of the sysadmin's (logrotate) gzipped the marked day file
+    before the second read, which passed it over: an entry acknowledged in the
+    meantime was taken for one never acknowledged. A file removed is passed over."""
+    audit = AuditLog(tmp_path / "audit")
+    audit.append(events.policy_loaded(policy_file="relay.yaml", policy_sha256="0" * 64))
+    end = reader.mark(audit.directory)
+    audit.append(queued(make_entry(queue_id="0000000000000001")))
+    audit.close()
+    (day,) = reader.day_files(audit.directory)
+    subprocess.run(["gzip", str(day.path)], check=True, timeout=30)
+    named = [r.get("queue_id") for r in reader.since(audit.directory, end)]
+    assert "0000000000000001" in named, named
+    gone = reader.Mark("audit-2000-01-01.jsonl", 0)
+    assert "0000000000000001" in [r.get("queue_id") for r in reader.since(audit.directory, gone)]
 
 
 def test_a_log_restored_from_an_older_copy_removes_no_message_it_does_not_name(

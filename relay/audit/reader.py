@@ -15,7 +15,7 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -396,15 +396,30 @@ def mark(directory: Path) -> Mark:
 def since(directory: Path, start: Mark) -> Iterator[dict[str, Any]]:
     """The records written after ``start``, and the one being written then: what
     another process appended while this one read the log, without reading again
-    what it read. Only the newest files are read, from the line ``start`` fell in."""
+    what it read. Only the newest files are read, from the line ``start`` fell in;
+    the marked file compressed since (a compressor of the sysadmin's) is read
+    whole, and one removed since is passed over."""
     for file in day_files(directory):
-        if file.compressed or (start.name is not None and file.name < start.name):
+        if start.name is not None and file.name.removesuffix(".gz") < start.name:
             continue
+        if file.compressed and start.name is None:
+            continue  # the log had no plain file: nothing was written since to one
+        try:
+            yield from _records_after(file, start)
+        except FileNotFoundError:
+            continue
+
+
+def _records_after(file: DayFile, start: Mark) -> Iterator[dict[str, Any]]:
+    if file.compressed:
+        blocks: Iterable[bytes] = chunks(file)
+    else:
         with statefiles.open_read(file.path, buffering=0) as stream:
             fd = stream.fileno()
             begin = _line_start(fd, start.size) if file.name == start.name else 0
-            tail = os.pread(fd, max(0, os.fstat(fd).st_size - begin), begin)
-        for line in tail.split(b"\n")[:-1]:
+            blocks = [os.pread(fd, max(0, os.fstat(fd).st_size - begin), begin)]
+    for block in blocks:
+        for line in block.split(b"\n")[:-1]:
             record = parse(line + b"\n")
             if record is not None:
                 yield record
