@@ -878,3 +878,43 @@ def test_a_dsn_naming_more_recipients_than_the_relay_acts_on_is_read_for_as_many
     (view,) = views
     (status,) = (p for p in view.walk() if p.get_content_type() == "message/delivery-status")
     assert len(status.get_payload()) == 1 + 101  # the per-message block, and the recipients'
+
+
+def _with_text_parts_first(count: int, size: int) -> bytes:
+    """The Postfix bounce with ``count`` text parts of ``size`` bytes before its
+    status part, as a server that writes its notice in several languages does."""
+    boundary = b"--4F2A31C0E5.1795511702/mail.platform.example\n"
+    text = boundary + b"Content-Type: text/plain; charset=utf-8\n\n" + b"x" * size + b"\n"
+    status = boundary + b"Content-Description: Delivery report"
+    return _sample("postfix-two-failed.eml").replace(status, text * count + status, 1)
+
+
+def test_a_dsn_whose_status_part_comes_after_the_text_budget_is_read_for_its_recipients() -> None:
+    """The status part was dropped with the text the budget had no room for:
+    after five text parts of 294 KB, only the recipient the words named was
+    found, and the other one's mailbox stayed on the platform's lists."""
+    report = read(_with_text_parts_first(5, 294 * 1024))
+    assert report is not None
+    assert [(f.recipient, f.status) for f in report.failures] == [
+        ("Full.Box@Supplier.example", "5.2.2"),
+        ("nobody@buyer.example", "5.1.1"),
+    ]
+
+
+def test_status_parts_past_the_text_budget_are_kept_for_the_most_recipients_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kept whatever the text budget, empty status parts after it would all be
+    handed to the detectors: each counts as one recipient at least."""
+    empty = b"--B\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.example\n\n"
+    head = (
+        b"From: MAILER-DAEMON@mx.example\nSubject: Undelivered Mail Returned to Sender\n"
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\n\n'
+    )
+    text = (b"--B\nContent-Type: text/plain\n\n" + b"x" * (300 * 1024) + b"\n") * 4
+    raw = head + text + empty * 500 + b"--B--\n"
+    views = _handed(monkeypatch)
+    read(raw, most=101)
+    (view,) = views
+    status = [p for p in view.walk() if p.get_content_type() == "message/delivery-status"]
+    assert len(status) == 101

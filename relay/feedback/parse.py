@@ -39,6 +39,7 @@ _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _ID = re.compile(r"(?:^|[\s(])id\s+<?([A-Za-z0-9.-]+)", re.IGNORECASE)
 _TYPED = re.compile(r"^[A-Za-z0-9-]+[ \t]*;")
 _RETURNED = ("message/rfc822", "text/rfc822-headers")
+_FIELDS = ("message/delivery-status", "message/feedback-report")  # parts the parser reads
 _ENHANCED = re.compile(r"[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})\b")
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 # the status a server wrote in words next to the address: qmail's "(#5.1.1)",
@@ -292,9 +293,9 @@ class _Budget:
         self.text -= len(cut)
         return cut
 
-    def blocks_of(self, blocks: list[Message]) -> list[Message]:
+    def blocks_of(self, blocks: list[Message], least: int = 0) -> list[Message]:
         kept = _blocks_read(blocks, self.blocks)
-        self.blocks -= max(len(kept) - 1, 0)
+        self.blocks -= max(len(kept) - 1, least)
         return kept
 
 
@@ -304,16 +305,17 @@ def _scanned_view(part: Message, budget: _Budget) -> Message | None:
     look for the server's text near its start, so the view they get has the
     same parts with non-text bodies emptied and text bodies cut short, up to
     a budget for the whole report (None: spent): cut per part only, 49 MB of
-    100-byte text parts took almost two minutes. The message itself is left
-    as it came."""
+    100-byte text parts took almost two minutes. The parts of fields the
+    parser reads are kept past it (``_fields_view``). The message itself is
+    left as it came."""
+    if part.get_content_type() in _FIELDS:
+        return _fields_view(part, budget)
     if budget.text <= 0:
-        return None
+        return _past_budget(part, budget)
     budget.text -= PART_COST
     view = copy.copy(part)
     payload = part.get_payload()
-    if isinstance(payload, list) and part.get_content_type() == "message/delivery-status":
-        view.set_payload(budget.blocks_of(payload))
-    elif isinstance(payload, list):
+    if isinstance(payload, list):
         view.set_payload(_parts_view(payload, budget))
     elif part.get_content_maintype() != "text":
         view.set_payload("")
@@ -325,14 +327,55 @@ def _scanned_view(part: Message, budget: _Budget) -> Message | None:
     return view
 
 
+def _past_budget(part: Message, budget: _Budget) -> Message | None:
+    """A part the text budget has no room for: only the parts of fields below
+    it, or None when there are none."""
+    payload = part.get_payload()
+    kept = _parts_view(payload, budget) if isinstance(payload, list) else []
+    if not kept:
+        return None
+    view = copy.copy(part)
+    view.set_payload(kept)
+    return view
+
+
+def _fields_view(part: Message, budget: _Budget) -> Message | None:
+    """A delivery-status or feedback-report part whatever text came before it:
+    cut with the text, a DSN whose status part came after large text parts
+    lost the failed recipients named only there. What it costs is capped
+    apart, by ``most``: its recipients' blocks, and past the text budget
+    each such part counts as one recipient at least, so that many empty ones
+    are not all kept."""
+    past = budget.text <= 0
+    if past and budget.blocks <= 0:
+        return None
+    budget.text -= PART_COST
+    view = copy.copy(part)
+    payload = part.get_payload()
+    if not isinstance(payload, list):
+        view.set_payload("")
+    elif part.get_content_type() == "message/delivery-status":
+        view.set_payload(budget.blocks_of(payload, least=int(past)))
+    else:
+        budget.blocks -= int(past)
+        view.set_payload([_fields_only(p) for p in payload if isinstance(p, Message)])
+    return view
+
+
+def _fields_only(fields: Message) -> Message:
+    """A block of fields without the body a sender may have put after it."""
+    view = copy.copy(fields)
+    view.set_payload("")
+    return view
+
+
 def _parts_view(parts: list[Message], budget: _Budget) -> list[Message]:
-    """The parts' views in order, up to the first the budget has no room for."""
+    """The parts' views in order, but those the budget has no room for."""
     kept: list[Message] = []
     for part in parts:
         view = _scanned_view(part, budget) if isinstance(part, Message) else part
-        if view is None:
-            break
-        kept.append(view)
+        if view is not None:
+            kept.append(view)
     return kept
 
 
