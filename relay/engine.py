@@ -1455,7 +1455,7 @@ class Engine:
             return
         try:
             read = await asyncio.to_thread(
-                SuppressionFile(path).add_unlisted, items, _later_refusal
+                SuppressionFile(path).add_unlisted, items, _later_refusal, every_tenant=True
             )
         except SuppressionError as exc:
             self._unlisted.keep(items[len(kept) :], exc)
@@ -1463,7 +1463,7 @@ class Engine:
                 self._kept_ids[entry.queue_id] = entry.message_id
             return
         self._unlisted.written(kept)
-        written = added(items, read, _later_refusal)
+        written = added(items, read, _later_refusal, every_tenant=True)
         for item in written:
             log.info(
                 "%s: <%s> is on the suppression list now, for %s (%s)",

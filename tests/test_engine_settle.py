@@ -33,7 +33,7 @@ from relay.record import Recorder
 from relay.settle import Settled, settle_recorded
 from relay.spool import QueueEntry, Spool
 from relay.spool import store as store_module
-from relay.suppression import SuppressionFile
+from relay.suppression import MANUAL, Suppression, SuppressionFile, now
 from tests import minimal_policy
 from tests.readonly import read_only
 from tests.spoolkit import make_entry, run_script
@@ -766,3 +766,30 @@ async def test_two_workers_refused_the_same_address_at_once_list_it_once(
         r.getMessage() for r in caplog.records if "on the suppression list now" in r.getMessage()
     ]
     assert [line.split(":")[0] for line in said] == ["Q2"]
+
+
+async def test_a_refusal_adds_no_tenant_entry_beside_one_for_every_tenant(
+    spool: Spool, policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The entry for every tenant, a sysadmin's added after the worker last
+    read the list, keeps the address from the tenant's mail already: the
+    worker wrote the tenant's entry beside it, logged it and recorded it as
+    listed, where only the exact scope was looked for under the lock."""
+    listing = tmp_path / "suppression.jsonl"
+    settings = SuppressionSettings(listing, frozenset({"5.1.1"}))
+    policy = dataclasses.replace(policy, suppression=settings)
+    listed = SuppressionFile(listing)
+    engine = Engine(spool, lambda: policy, attempt, Recorder(None), suppressions=listed)
+    recorded: list[str | None] = []
+    engine.recorder.listed = lambda item, _id: recorded.append(item.queue_id)  # type: ignore[method-assign]
+    listed.create()
+    before = listed.current()
+    listed.current = lambda: before  # type: ignore[method-assign]
+    sysadmin = Suppression("gone@example.org", None, MANUAL, now(), "asked", by="root")
+    SuppressionFile(listing).add([sysadmin])
+    caplog.set_level(logging.INFO, logger="relay")
+    refused = [("gone@example.org", "550 5.1.1 no such user")]
+    await engine._suppress(make_entry(), policy, refused, {})
+    assert SuppressionFile(listing).entries().entries == [sysadmin]
+    assert recorded == []
+    assert not [r for r in caplog.records if "on the suppression list now" in r.getMessage()]

@@ -651,3 +651,36 @@ def test_a_bounce_keeps_an_entry_a_sysadmin_adds_as_it_is_taken(
     (entry,) = SuppressionFile(settings.file).entries().entries
     assert (entry.reason, entry.detail) == ("complaint", "customer asked")
     assert ("listed", "nobody@buyer.example") not in audit_events(policy, invoice)
+
+
+def test_a_bounce_adds_no_tenant_entry_beside_one_for_every_tenant(
+    policy_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sysadmin listed the address for every tenant as the bounce was
+    taken: under the lock only the tenant's own entry was looked for, and the
+    bounce wrote one beside it, recorded as listed, though the entry for
+    every tenant kept the address from the tenant's mail already."""
+    policy, invoice = _invoice_delivered(policy_file, tmp_path)
+    read = SuppressionFile.current
+    added: list[subprocess.CompletedProcess[str]] = []
+
+    def read_then_added(self: SuppressionFile) -> object:
+        found = read(self)
+        if not added:
+            added.append(relay_cli(policy, "suppression", "add", "nobody@buyer.example"))
+        return found
+
+    monkeypatch.setattr(SuppressionFile, "current", read_then_added)
+    out, err = io.StringIO(), io.StringIO()
+    report = io.BytesIO((FEEDBACK / "postfix-two-failed.eml").read_bytes())
+    assert command.main(policy, report, out, err, "off") == 0, err.getvalue()
+    assert added[0].stdout == "nobody@buyer.example: added (manual, all tenants)\n"
+    (said,) = (line for line in out.getvalue().splitlines() if line.startswith("nobody@"))
+    assert said.startswith(
+        "nobody@buyer.example: bounced (5.1.1), not suppressed (on the list already, since "
+    )
+    settings = load(policy).suppression
+    assert settings is not None
+    (entry,) = SuppressionFile(settings.file).entries().entries
+    assert (entry.tenant, entry.reason) == (None, "manual")
+    assert ("listed", "nobody@buyer.example") not in audit_events(policy, invoice)

@@ -29,6 +29,7 @@ from relay.spool import DELIVERED, FAILED, QueueEntry, RecipientState, Spool
 from relay.suppression import BOUNCE as BOUNCED
 from relay.suppression import COMPLAINT, Suppression, SuppressionFile, SuppressionList, now
 from relay.suppression.entry import Key
+from relay.suppression.store import listed_for
 
 LOOKBACK_DAYS = 30  # a complaint may come weeks later; a bounce within the queues' lifetimes
 PERMANENT_UNKNOWN = "5.0.0"  # RFC 3463: a permanent failure the report gives no code for
@@ -534,13 +535,19 @@ def _add(
     listing = [e for e in entries if isinstance(e, Suppression) and e.key not in again]
     if not listing:  # a list that cannot be written holds up only the reports that list
         return entries
-    before = {e.key: e for e in suppressions.add_unlisted(listing).entries}
-    return [
-        f"on the list already, since {before[e.key].since}"
-        if isinstance(e, Suppression) and e.key not in again and e.key in before
-        else e
-        for e in entries
-    ]
+    before = {e.key: e for e in suppressions.add_unlisted(listing, every_tenant=True).entries}
+    return [_as_listed(e, before, again) for e in entries]
+
+
+def _as_listed(
+    entry: Suppression | str, before: dict[Key, Suppression], again: dict[Key, Suppression]
+) -> Suppression | str:
+    """The entry, or why it was not added: the address's entry for the tenant,
+    or for all of them, was there already."""
+    if not isinstance(entry, Suppression) or entry.key in again:
+        return entry
+    found = listed_for(entry, before, every_tenant=True)
+    return entry if found is None else f"on the list already, since {found.since}"
 
 
 def _entry(

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -178,7 +178,11 @@ class SuppressionFile:
         self._append({"v": VERSION, "op": "add", **asdict(e)} for e in entries)
 
     def add_unlisted(
-        self, entries: Sequence[Suppression], replaces: Replaces | None = None
+        self,
+        entries: Sequence[Suppression],
+        replaces: Replaces | None = None,
+        *,
+        every_tenant: bool = False,
     ) -> Listing:
         """Adds those of ``entries`` whose address is not listed for their scope yet,
         deciding under the file's lock; returns what it read there (the entries'
@@ -186,13 +190,14 @@ class SuppressionFile:
         before the lock, two adds at once listed an address twice, and an add
         beside a bounce replaced the bounce's entry, its first date and reason
         with it. ``replaces``: whether an entry replaces the one listed (the
-        relay's first refusal of an address, one written later)."""
+        relay's first refusal of an address, one written later); ``every_tenant``:
+        whether an entry for all tenants is one listed for each (``added``)."""
         read = Listing()
 
         def unlisted() -> Iterator[dict]:
             nonlocal read
             read = self.entries({e.address for e in entries})
-            for entry in added(entries, read, replaces):
+            for entry in added(entries, read, replaces, every_tenant=every_tenant):
                 yield {"v": VERSION, "op": "add", **asdict(entry)}
 
         self._append(unlisted)
@@ -241,15 +246,34 @@ Replaces = Callable[[Suppression, Suppression], bool]  # (listed, entry)
 
 
 def added(
-    entries: Sequence[Suppression], read: Listing, replaces: Replaces | None = None
+    entries: Sequence[Suppression],
+    read: Listing,
+    replaces: Replaces | None = None,
+    *,
+    every_tenant: bool = False,
 ) -> list[Suppression]:
     """Those of ``entries`` ``add_unlisted`` adds, given what it read."""
     listed = {e.key: e for e in read.entries}
     return [
         e
         for e in entries
-        if (found := listed.get(e.key)) is None or (replaces is not None and replaces(found, e))
+        if (found := listed_for(e, listed, every_tenant=every_tenant)) is None
+        or (replaces is not None and replaces(found, e))
     ]
+
+
+def listed_for(
+    entry: Suppression, listed: Mapping[Key, Suppression], *, every_tenant: bool = False
+) -> Suppression | None:
+    """The entry ``listed`` has for ``entry``'s address and scope. With
+    ``every_tenant``, a tenant's is else the one for all tenants, which keeps
+    the address from its mail too (``SuppressionList.find``): the relay's own
+    listings wrote a tenant's entry beside it, logged and recorded as a new
+    listing. ``relay suppression add`` leaves that to the sysadmin."""
+    found = listed.get(entry.key)
+    if found is None and every_tenant and entry.tenant is not None:
+        found = listed.get((entry.key[0], None))
+    return found
 
 
 _ADDRESS = re.compile(rb'"address"[ \t\r]*:[ \t\r]*"([^"\\\n]*)"')  # as JSON writes it
