@@ -46,7 +46,10 @@ log = logging.getLogger("relay")
 WAITING_MAX = 64  # finished entries that may wait, locked, for an fsync of the audit log
 SMALL = RECYCLE_SIZE // 2  # surely kept for reuse, record and all: removed without an fsync
 UNWRITTEN = -1  # the ticket of records the audit log refused: write them again
-FINAL_EVENTS = ("delivered", "failed", "expired")
+#: ``suppressed`` too: a recipient listed while its message waited ends so
+#: (``Engine._drop_listed``); not taken for final, a restart tried it again,
+#: with a second record and a second notice.
+FINAL_EVENTS = ("delivered", "failed", "expired", "suppressed")
 #: The records that say where a recipient's delivery stands; others name a
 #: recipient too (``notified``: the sender told, who may also be a recipient).
 ATTEMPT_EVENTS = (*FINAL_EVENTS, "deferred")

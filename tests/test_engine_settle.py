@@ -485,6 +485,32 @@ def test_outcomes_a_restart_wrote_again_count_once_in_the_audit_tools(
     assert len(list(search(audit.directory, tenant="acme", status="delivered"))) == 2
 
 
+def test_a_restart_settles_an_entry_whose_recipient_was_listed_while_it_waited(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """A recipient listed while its message waited ends ``suppressed``: not taken
+    for an end, a restart tried the message again, with a second record and a
+    second notice. The record written again counts once in the tools."""
+    from relay.audit.search import show
+
+    audit = AuditLog(tmp_path / "audit")
+    entry = make_entry(size=len(message(1)))
+    customer, sender = (r.address for r in entry.recipients)
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    late = events.suppressed(
+        queue_id=entry.queue_id,
+        message_id=None,
+        recipient=customer,
+        reason="complaint",
+        since="2026-12-06T10:00:00.000Z",
+    )
+    audit.append_many([late, delivered_to(entry, sender)])
+    assert settle_recorded(spool, audit).finished == [entry.queue_id]
+    assert spool.ids() == []
+    shown = [r["event"] for r in show(audit.directory, entry.queue_id)]
+    assert shown.count("suppressed") == 1 and shown.count("delivered") == 1
+
+
 def test_a_restart_settles_an_entry_whose_sender_was_told_and_got_the_copy(
     spool: Spool, tmp_path: Path
 ) -> None:

@@ -103,6 +103,33 @@ def test_outcomes_and_late_reports_carry_the_messages_tenant(tmp_path: Path) -> 
     assert counts.records == 15
 
 
+def test_a_recipient_suppressed_while_its_message_waited_ends_it(tmp_path: Path) -> None:
+    """A queued recipient listed while its message waited ends ``suppressed``:
+    not counted as an end, the message was remembered for good; one suppressed
+    at arrival, never queued, ends nothing, or its message was let go early."""
+    follower = AuditFollower(tmp_path, queued=[("OLD", "globex", 1)])
+    _append(
+        tmp_path,
+        DAY1,
+        *_message("A", "acme", "ok@example.org", "Late@example.org"),
+        _line("suppressed", "A", recipient="listed@example.org"),  # at arrival
+        _line("delivered", "A", recipient="ok@example.org"),
+        _line("suppressed", "A", recipient="late@example.org"),  # while it waited
+        _line("suppressed", "OLD", recipient="a@example.org"),
+    )
+    follower.update()
+    assert follower._pending == {}
+    _append(
+        tmp_path,
+        DAY1,
+        *_message("B", "acme", "ok@example.org", "other@example.org"),
+        _line("suppressed", "B", recipient="listed@example.org"),
+        _line("delivered", "B", recipient="ok@example.org"),
+    )
+    follower.update()
+    assert list(follower._pending) == ["B"]  # other@ still to come
+
+
 def test_finished_messages_are_kept_only_so_long(tmp_path: Path) -> None:
     follower = AuditFollower(tmp_path)
     lines = []

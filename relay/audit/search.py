@@ -56,7 +56,7 @@ LISTED = "listed"  # addresses the relay put on the suppression list
 REPORT_COLUMNS = ("tenant", "doc_type", "sent", *COUNTED.values(), DELETED, LISTED)
 #: The records the relay may write twice (docs/audit-log.md: after a crash, or a
 #: failed fsync): the copy is the same record but for its seq, time, prev and hash.
-REPEATABLE = frozenset({b"delivered", b"failed", b"expired", b"notified", b"listed"})
+REPEATABLE = frozenset({b"delivered", b"failed", b"expired", b"suppressed", b"notified", b"listed"})
 #: How many outcomes after an outcome its copy can come: a restart rewrites
 #: outcomes it read in the last 128 MiB of the log (relay.settle), records of
 #: well over a hundred bytes each; a failed fsync's are rewritten within seconds.

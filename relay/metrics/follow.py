@@ -44,7 +44,7 @@ DELIVERY_STATUS = {
     "expired": "expired",
     "suppressed": "suppressed",
 }
-_FINAL = {"delivered", "failed", "expired"}  # a suppressed recipient is never in ``queued``
+_FINAL = {"delivered", "failed", "expired"}
 
 
 @dataclass
@@ -71,7 +71,8 @@ class AuditFollower:
         now, before anything delivers them."""
         self.directory = directory
         self.counts = Counts()
-        self._pending: dict[str, list] = {qid: [tenant, left] for qid, tenant, left in queued}
+        # queue ID -> [tenant, recipients left, the queued ones (None: queued before the start)]
+        self._pending: dict[str, list] = {qid: [tenant, left, None] for qid, tenant, left in queued}
         self._repeats = Repeats(REPEAT_WINDOW)
         self._recent: collections.OrderedDict[str, str] = collections.OrderedDict()
         files = self._files()
@@ -158,20 +159,21 @@ class AuditFollower:
         if event == "received":
             tenant = str(record.get("tenant") or UNKNOWN)
             counts.received[tenant] += 1
-            self._pending[queue_id] = [tenant, 0]
+            self._pending[queue_id] = [tenant, 0, None]
             for key in record.get("dkim") or ():
                 if isinstance(key, dict):
                     counts.signatures[(str(key.get("domain")), str(key.get("selector")))] += 1
         elif event == "queued":
             if queue_id in self._pending:
-                self._pending[queue_id][1] = len(record.get("recipients") or ())
+                recipients = [str(r).lower() for r in record.get("recipients") or ()]
+                self._pending[queue_id][1:] = [len(recipients), set(recipients)]
                 self._finish_if_done(queue_id)
         elif event == "rejected":
             reply = str(record.get("reply") or "")
             counts.rejected["4xx" if reply.startswith("4") else "5xx"] += 1
         elif event in DELIVERY_STATUS:
             counts.deliveries[(self._tenant(queue_id), DELIVERY_STATUS[event])] += 1
-            if event in _FINAL and queue_id in self._pending:
+            if queue_id in self._pending and self._ends_one(event, record):
                 self._pending[queue_id][1] -= 1
                 self._finish_if_done(queue_id)
         elif event == "bounced":
@@ -180,7 +182,7 @@ class AuditFollower:
             counts.complaints[self._tenant(queue_id)] += 1
         elif event == "notified":  # the failure notice, a message of its own, is the tenant's too
             notice = str(record.get("notice_queue_id") or "")
-            self._pending[notice] = [self._tenant(queue_id), 1]
+            self._pending[notice] = [self._tenant(queue_id), 1, None]
         elif event == "deleted" and queue_id in self._pending:
             self._pending[queue_id][1] = 0
             self._finish_if_done(queue_id)
@@ -190,8 +192,21 @@ class AuditFollower:
             return self._pending[queue_id][0]
         return self._recent.get(queue_id, UNKNOWN)
 
+    def _ends_one(self, event: str, record: dict) -> bool:
+        """Whether the record ends one of its message's queued recipients. A
+        ``suppressed`` one does where it names one of them (listed while the
+        message waited); one for a recipient suppressed at arrival, never
+        queued, does not: counted, the message was let go early, and not
+        counted, one listed later kept its message remembered for good."""
+        if event in _FINAL:
+            return True
+        if event != "suppressed":
+            return False
+        waiting = self._pending[str(record.get("queue_id"))][2]
+        return waiting is None or str(record.get("recipient") or "").lower() in waiting
+
     def _finish_if_done(self, queue_id: str) -> None:
-        tenant, left = self._pending[queue_id]
+        tenant, left, _ = self._pending[queue_id]
         if left > 0:
             return
         del self._pending[queue_id]
