@@ -27,7 +27,7 @@ from relay.feedback import command
 from relay.feedback.syslog import SystemLog
 from relay.policy.load import load
 from relay.spool.tools import RESIGNED
-from relay.suppression import SuppressionFile
+from relay.suppression import Suppression, SuppressionFile
 from tests.dkimtools import dkimpy_verify, make_key
 from tests.readonly import read_only
 from tests.relayproc import RelayProcess
@@ -617,6 +617,37 @@ def test_a_bounce_naming_more_recipients_than_a_message_has_says_how_many_were_l
     assert _listed(policy) == {"nobody@buyer.example": ("acme", "bounce")}
 
 
+def _bounce_as_an_admin_adds(
+    policy: Path, monkeypatch: pytest.MonkeyPatch, *add: str
+) -> tuple[str, str, Suppression]:
+    """``relay bounce`` of postfix-two-failed.eml, with ``relay suppression add
+    nobody@buyer.example ADD...`` run just after the bounce read the list: what
+    the add said, what the bounce said of nobody@, and the one entry listed."""
+    read = SuppressionFile.current
+    added: list[subprocess.CompletedProcess[str]] = []
+
+    def read_then_added(self: SuppressionFile) -> object:
+        found = read(self)
+        if not added:
+            added.append(relay_cli(policy, "suppression", "add", "nobody@buyer.example", *add))
+        return found
+
+    monkeypatch.setattr(SuppressionFile, "current", read_then_added)
+    out, err = io.StringIO(), io.StringIO()
+    report = io.BytesIO((FEEDBACK / "postfix-two-failed.eml").read_bytes())
+    assert command.main(policy, report, out, err, "off") == 0, err.getvalue()
+    (said,) = (line for line in out.getvalue().splitlines() if line.startswith("nobody@"))
+    settings = load(policy).suppression
+    assert settings is not None
+    (entry,) = SuppressionFile(settings.file).entries().entries
+    return added[0].stdout, said, entry
+
+
+NOT_SUPPRESSED = (
+    "nobody@buyer.example: bounced (5.1.1), not suppressed (on the list already, since "
+)
+
+
 def test_a_bounce_keeps_an_entry_a_sysadmin_adds_as_it_is_taken(
     policy_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -624,31 +655,10 @@ def test_a_bounce_keeps_an_entry_a_sysadmin_adds_as_it_is_taken(
     in between, and the bounce's entry replaced the sysadmin's: its reason,
     note and author gone. The list keeps an address's first entry."""
     policy, invoice = _invoice_delivered(policy_file, tmp_path)
-    read = SuppressionFile.current
-    added: list[subprocess.CompletedProcess[str]] = []
-
-    def read_then_added(self: SuppressionFile) -> object:
-        found = read(self)
-        if not added:
-            args = ("nobody@buyer.example", "--tenant", "acme", "--reason", "complaint")
-            note = ("--note", "customer asked")
-            added.append(relay_cli(policy, "suppression", "add", *args, *note))
-        return found
-
-    monkeypatch.setattr(SuppressionFile, "current", read_then_added)
-    out, err = io.StringIO(), io.StringIO()
-    report = io.BytesIO((FEEDBACK / "postfix-two-failed.eml").read_bytes())
-    assert command.main(policy, report, out, err, "off") == 0, err.getvalue()
-    assert added[0].stdout == "nobody@buyer.example: added (complaint, tenant acme)\n"
-    lines = out.getvalue().splitlines()
-    assert lines[0] == f"bounce about {invoice} (acme/jan)"
-    (said,) = (line for line in lines if line.startswith("nobody@"))
-    assert said.startswith(
-        "nobody@buyer.example: bounced (5.1.1), not suppressed (on the list already, since "
-    )
-    settings = load(policy).suppression
-    assert settings is not None
-    (entry,) = SuppressionFile(settings.file).entries().entries
+    complaint = ("--tenant", "acme", "--reason", "complaint", "--note", "customer asked")
+    added, said, entry = _bounce_as_an_admin_adds(policy, monkeypatch, *complaint)
+    assert added == "nobody@buyer.example: added (complaint, tenant acme)\n"
+    assert said.startswith(NOT_SUPPRESSED)
     assert (entry.reason, entry.detail) == ("complaint", "customer asked")
     assert ("listed", "nobody@buyer.example") not in audit_events(policy, invoice)
 
@@ -661,26 +671,8 @@ def test_a_bounce_adds_no_tenant_entry_beside_one_for_every_tenant(
     bounce wrote one beside it, recorded as listed, though the entry for
     every tenant kept the address from the tenant's mail already."""
     policy, invoice = _invoice_delivered(policy_file, tmp_path)
-    read = SuppressionFile.current
-    added: list[subprocess.CompletedProcess[str]] = []
-
-    def read_then_added(self: SuppressionFile) -> object:
-        found = read(self)
-        if not added:
-            added.append(relay_cli(policy, "suppression", "add", "nobody@buyer.example"))
-        return found
-
-    monkeypatch.setattr(SuppressionFile, "current", read_then_added)
-    out, err = io.StringIO(), io.StringIO()
-    report = io.BytesIO((FEEDBACK / "postfix-two-failed.eml").read_bytes())
-    assert command.main(policy, report, out, err, "off") == 0, err.getvalue()
-    assert added[0].stdout == "nobody@buyer.example: added (manual, all tenants)\n"
-    (said,) = (line for line in out.getvalue().splitlines() if line.startswith("nobody@"))
-    assert said.startswith(
-        "nobody@buyer.example: bounced (5.1.1), not suppressed (on the list already, since "
-    )
-    settings = load(policy).suppression
-    assert settings is not None
-    (entry,) = SuppressionFile(settings.file).entries().entries
+    added, said, entry = _bounce_as_an_admin_adds(policy, monkeypatch)
+    assert added == "nobody@buyer.example: added (manual, all tenants)\n"
+    assert said.startswith(NOT_SUPPRESSED)
     assert (entry.tenant, entry.reason) == (None, "manual")
     assert ("listed", "nobody@buyer.example") not in audit_events(policy, invoice)
