@@ -416,7 +416,8 @@ def test_expired_messages_fail_and_tell_the_sender(policy_file: Path, tmp_path: 
     policy.write_text(policy.read_text().replace("lifetime: 3600", "lifetime: 2"))
     with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
         qid = send(port)
-        wait_for(lambda: "status=expired" in relay.log())
+        # at 2 s, but a machine busy with other work can take its time
+        wait_for(lambda: "status=expired" in relay.log(), timeout=90)
     events = audit_events(policy, qid)
     retries = len(events) - 4
     assert events == [
@@ -439,7 +440,7 @@ def test_a_notice_that_expires_says_the_sender_was_not_told(
     policy.write_text(policy.read_text().replace("lifetime: 3600", "lifetime: 2"))
     with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
         qid = send(port)
-        wait_for(lambda: "the sender was not told" in relay.log())
+        wait_for(lambda: "the sender was not told" in relay.log(), timeout=90)
         log = relay.log()
     notice = re.search(rf"{qid}: failure notice to=<jan@acme.example> queued as (\w+)", log)
     assert notice is not None, log
