@@ -69,11 +69,11 @@ CROWDED_GRACE = 300.0
 WARM_MESSAGE = 1 << 20  # larger messages are read back from the spool when their turn comes
 WARM_TOTAL = 16 << 20  # what handed-over messages may hold in memory, all together
 CUT_WAIT = 5.0  # for attempts cut off at the end of the stop grace to put themselves on record
+# the automatic copy's reply once every recipient is suppressed, as ``relay.decide`` says it
+NO_COPY = "not sent: every recipient is on the suppression list"
 # the reply recorded for a recipient whose attempt the stop cut off before the
 # upstream answered for it: the relay cannot tell whether the upstream had the
 # whole message, so the audit log says it may
-# the automatic copy's reply once every recipient is suppressed, as ``relay.decide`` says it
-NO_COPY = "not sent: every recipient is on the suppression list"
 CUT_OFF = (
     "451 4.4.2 Cut off: the relay stopped before the upstream's reply;"
     " if it had the whole message, it may arrive twice"
