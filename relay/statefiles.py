@@ -66,13 +66,17 @@ _KINDS = {
 }
 
 
+def kind_of(mode: int) -> str:
+    """What a file of ``mode`` is, where a plain file was wanted."""
+    return _KINDS.get(stat.S_IFMT(mode), "not a file")
+
+
 class NotAFile(OSError):
     """A state file that is not a plain file: a FIFO's open waits for a writer for
     ever, and one such file in the queue hung the start, the scan and the tools."""
 
     def __init__(self, mode: int) -> None:
-        kind = _KINDS.get(stat.S_IFMT(mode), "not a file")
-        super().__init__(errno.EINVAL, f"{kind}, not a regular file")
+        super().__init__(errno.EINVAL, f"{kind_of(mode)}, not a regular file")
 
 
 def open_plain(path: Path | str, flags: int = os.O_RDONLY) -> int:

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
+from relay.statefiles import kind_of
+
 
 class RefusedFile(Exception):
     """A file the loader will not read; ``reason`` says why, without the path."""
@@ -23,15 +25,6 @@ class RefusedFile(Exception):
         super().__init__(f"{path} {reason}{detail}")
         self.path = path
         self.reason = reason
-
-
-_KINDS = {
-    stat.S_IFDIR: "a directory",
-    stat.S_IFIFO: "a FIFO",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-}
 
 
 class Reads:
@@ -102,5 +95,4 @@ def _size(limit: int) -> str:
 
 def _regular(path: Path, mode: int) -> None:
     if not stat.S_ISREG(mode):
-        kind = _KINDS.get(stat.S_IFMT(mode), "not a file")
-        raise RefusedFile(path, f"is {kind}, not a regular file")
+        raise RefusedFile(path, f"is {kind_of(mode)}, not a regular file")
