@@ -90,6 +90,32 @@ def test_recipient_matches_any_recipient_field_without_case(log_dir: Path) -> No
     assert seqs(log_dir, recipient="customer.example") == []
 
 
+def test_recipient_matches_a_non_ascii_address_without_case(tmp_path: Path) -> None:
+    """Such addresses reach the log from bounce and complaint reports; the quick
+    look at each line folded only ASCII, so ``müller`` passed ``MÜLLER`` over."""
+    log = AuditLog(tmp_path, clock=Clock(START))
+    for queue_id, address in (("Q1", "MÜLLER@kunde.example"), ("Q2", "MULLER@kunde.example")):
+        log.append(
+            events.delivered(
+                queue_id=queue_id,
+                message_id=None,
+                recipient=address,
+                upstream="u",
+                reply="250",
+                attempts=1,
+            )
+        )
+    found = {
+        a: [r["queue_id"] for r in search(tmp_path, recipient=a)]
+        for a in ("müller@Kunde.example", "MÜLLER@kunde.example", "muller@kunde.example")
+    }
+    assert found == {
+        "müller@Kunde.example": ["Q1"],
+        "MÜLLER@kunde.example": ["Q1"],
+        "muller@kunde.example": ["Q2"],
+    }
+
+
 def test_recipient_matches_with_or_without_angle_brackets(log_dir: Path) -> None:
     """As ``--message-id`` does: an address copied from an envelope or a header."""
     bare = seqs(log_dir, recipient="sales@prospect.example")

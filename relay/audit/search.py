@@ -188,6 +188,14 @@ def _text(value: str) -> bytes:
     return json.dumps(value, ensure_ascii=False)[1:-1].encode()
 
 
+def _folded_part(needle: bytes) -> bytes:
+    """The longest ASCII run of a lowered needle, to find in a lowered block:
+    ``bytes.lower`` folds only ASCII, so ``MÜLLER`` in the log lowers to
+    ``mÜller`` and a search for ``müller`` would pass its line over. The
+    record found is checked as text, whole (``matches``)."""
+    return max(re.split(rb"[\x80-\xff]+", needle.lower()), key=len)
+
+
 def recipients_of(record: dict[str, Any]) -> list[str]:
     for key in ("recipient", "rcpt_tos", "recipients"):
         value = record.get(key)
@@ -248,7 +256,7 @@ def search(
         needles.append(_text(bare_id))
     address = _address(recipient) if recipient is not None else None
     rcpt = address.lower() if address is not None else None
-    rcpt_needle = _text(address).lower() if address is not None else b""
+    rcpt_needle = _folded_part(_text(address)) if address is not None else b""
 
     def matches(record: dict[str, Any]) -> bool:
         return (
