@@ -887,21 +887,30 @@ def _differs(was: Listener, now: Listener, key: str) -> bool:
 
 
 def _as_opened(old: Policy, new: Policy) -> Policy:
-    """The state directory and the audit key as the daemon opened them. The spool
-    and the audit chain are open there; a new directory would start a second
-    spool and a second chain beside them, and a new key would make the chain
-    fail verification with either key from the record it changed at. So do
-    ``workers``, ``queue.concurrency`` and ``metrics`` (the address bound) stay
-    as they run, so that a reload compares with what runs, not with the file
-    read before."""
+    """The state directory and the audit key as the daemon opened them. The spool,
+    the audit chain and the suppression list are open there; a new directory
+    would start a second spool and a second chain beside them, and hard
+    bounces would be listed in a file no worker reads. A new key would make
+    the chain fail verification with either key from the record it changed
+    at. So do ``workers``, ``queue.concurrency`` and ``metrics`` (the address
+    bound) stay as they run, so that a reload compares with what runs, not
+    with the file read before."""
     queue = dataclasses.replace(
         new.queue, directory=old.queue.directory, concurrency=old.queue.concurrency
     )
     audit = dataclasses.replace(
         new.audit, directory=old.audit.directory, hmac_key=old.audit.hmac_key
     )
+    suppression = new.suppression
+    if suppression is not None and old.suppression is not None:
+        suppression = dataclasses.replace(suppression, file=old.suppression.file)
     return dataclasses.replace(
-        new, queue=queue, audit=audit, workers=old.workers, metrics=old.metrics
+        new,
+        queue=queue,
+        audit=audit,
+        suppression=suppression,
+        workers=old.workers,
+        metrics=old.metrics,
     )
 
 
@@ -909,8 +918,9 @@ def _warn_state_changed(old: Policy, read: Policy) -> None:
     if read.queue.directory.parent != old.queue.directory.parent:
         log.warning(
             "state_directory changed (%s to %s): takes effect after a restart; until then"
-            " the spool and the audit log stay in the old one, while relay queue and"
-            " relay audit, which read the policy file, look in the new one; mail still"
+            " the spool, the audit log and the suppression list stay in the old one, while"
+            " relay queue, audit, suppression and bounce, which read the policy file, look"
+            " in the new one; mail still"
             " queued in the old one at the restart stays there unless it is moved"
             " (docs/queue.md: moving the state directory)",
             old.queue.directory.parent,

@@ -397,6 +397,22 @@ def _started_then_renewed(
     return cert, key, text, started
 
 
+def test_a_reload_keeps_the_state_directory_and_its_suppression_list_as_opened(
+    policy: Path,
+) -> None:
+    """The workers read the list opened at the start: a reload that moved
+    ``state_directory`` had hard bounces listed in the new directory's file,
+    which nothing read, and mail to those addresses went on."""
+    started = load(policy)
+    policy.write_text(policy.read_text() + "state_directory: elsewhere\n")
+    assert load(policy).suppression.file != started.suppression.file  # type: ignore[union-attr]
+    new = reloaded(policy, started, quiet=True)
+    assert new is not None and new.suppression is not None and started.suppression is not None
+    assert new.suppression.file == started.suppression.file
+    assert new.queue.directory == started.queue.directory
+    assert new.audit.directory == started.audit.directory
+
+
 def test_a_reload_takes_a_renewed_pair_and_keeps_the_bound_one_when_moved(
     policy: Path, tmp_path: Path
 ) -> None:

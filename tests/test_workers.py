@@ -961,7 +961,10 @@ def test_a_new_state_directory_waits_for_a_restart(relay: Relay) -> None:
     log = relay.log()
     moved = f"state_directory changed ({old_state} to {relay.policy.parent / 'elsewhere'})"
     assert f"{moved}: takes effect after a restart" in log, log
-    assert "relay queue and relay audit, which read the policy file, look in the new one" in log
+    assert (
+        "the spool, the audit log and the suppression list stay in the old one, while relay"
+        " queue, audit, suppression and bounce, which read the policy file, look in the new one"
+    ) in log
     deliver_by_both_workers(relay)
     assert relay.stop() == 0
 
