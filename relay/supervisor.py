@@ -293,8 +293,8 @@ class Supervisor:
             if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
                 log.info("stopping: telling %d workers", len(self.workers))
                 return 0
-            if info is not None and info.si_signo == signal.SIGHUP:
-                self._reload()
+            if info is not None and info.si_signo == signal.SIGHUP and self._reload():
+                return EX_SOFTWARE
             if self._reap_and_restart():
                 return EX_SOFTWARE
             self._kill_overdue()
@@ -388,18 +388,19 @@ class Supervisor:
         self.workers[pid] = _Worker(index, pid, time.monotonic(), quick_deaths)
         log.info("worker %d started (pid %d)", index, pid)
 
-    def _reload(self) -> None:
+    def _reload(self) -> bool:
+        """True when a worker gave up meanwhile (``_reap_and_restart``): the relay stops."""
         said_reloading(self.policy_path)
         try:
             data = yamlsource.read_bytes(self.policy_path)
         except (OSError, RefusedFile) as exc:
             log.error("reload failed: %s: keeping policy %s", exc, self.policy.digest[:12])
             metrics_status.reload_failed()
-            return
+            return False
         read = read_policy(self.policy_path, self.policy, data=data)
         new = None if read is None else reloaded(self.policy_path, self.policy, built=read)
         if read is None or new is None or new.sources is None:
-            return
+            return False
         self.reloads += 1
         try:
             try:
@@ -408,7 +409,7 @@ class Supervisor:
             except OSError as exc:
                 log.error("reload failed: cannot hand the policy to the workers: %s", exc)
                 metrics_status.reload_failed()
-                return
+                return False
             old, self.policy = self.policy, new  # a worker started from now on runs it
             self.upstreams_named |= set(new.upstreams)
             metrics_status.loaded()
@@ -420,33 +421,36 @@ class Supervisor:
             self._read_answers()  # late ones, to reloads before: none is about this one
             for pid in asked:
                 _signal(pid, signal.SIGHUP)
-            self._confirm(asked, new, old)
+            return self._confirm(asked, new, old)
         finally:
             _remove_handover(self.handover)
 
-    def _confirm(self, asked: dict[int, int], new: Policy, old: Policy) -> None:
+    def _confirm(self, asked: dict[int, int], new: Policy, old: Policy) -> bool:
         """``policy reloaded`` once every worker ``asked`` runs ``new``. One that kept
         another, or did not answer in time, is named and stopped: its replacement is
         started with ``new``, so mail does not go out under two policies until the
-        next reload. One that ended meanwhile is replaced with ``new`` anyway."""
+        next reload. One that ended meanwhile is replaced with ``new`` anyway; True
+        when one gave up meanwhile, which the wait had let pass, the relay serving
+        on a worker short for good."""
         waiting = dict(asked)
         kept: dict[int, str] = {}
         deadline = time.monotonic() + RELOAD_TIMEOUT
         while waiting and time.monotonic() < deadline:
             metrics_status.beat()  # waiting for the workers is not being stuck
             if _stop_pending():
-                return  # the stop comes first; every worker ends with it
+                return False  # the stop comes first; every worker ends with it
             select.select([self._answers], [], [], 0.05)
             for reload, pid, digest in self._read_answers():
                 answered = reload in (self.reloads, UNREAD) and waiting.pop(pid, None) is not None
                 if answered and digest != new.digest:
                     kept[pid] = digest
-            self._reap_and_restart()
+            if self._reap_and_restart():
+                return True
             for pid in [pid for pid in waiting if pid not in self.workers]:
                 del waiting[pid]
         if not kept and not waiting:
             in_use(new, old)
-            return
+            return False
         for pid, index in asked.items():
             if pid in kept or pid in waiting:
                 why = (
@@ -465,6 +469,7 @@ class Supervisor:
                 )
                 _signal(pid, signal.SIGTERM)
                 self.kill_at[pid] = time.monotonic() + STOP_TIMEOUT
+        return False
 
     def _read_answers(self) -> list[tuple[int, int, str]]:
         """The workers' answers to reloads that have come in whole: (reload, pid, digest)."""

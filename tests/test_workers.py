@@ -372,6 +372,34 @@ def test_a_worker_that_dies_at_every_start_stops_the_relay(
     assert log.count("INFO stopped") == 2  # the other worker's, then the supervisor's
 
 
+def test_a_worker_that_dies_at_every_start_during_a_reload_stops_the_relay(
+    policy_file: Path, port: int, tmp_path: Path
+) -> None:
+    """While a reload waited for the other worker's answer, the supervisor logged
+    that it was stopping the relay, then served on a worker short for good."""
+    quick = "from relay import supervisor\nsupervisor.RESTART_DELAY = (0.2,)"
+    relay = Relay(configure(policy_file, port), port, tmp_path / "relay.log", prelude=quick)
+    other = None
+    try:
+        relay.wait_serving()
+        other = [pid for index, pid in relay.started() if index == 1][-1]
+        os.kill(other, signal.SIGSTOP)  # the reload waits for its answer
+        relay.proc.send_signal(signal.SIGHUP)
+        relay.wait_for(lambda: "reloading" in relay.log(), "the reload begun")
+        for _ in range(supervisor.GIVE_UP - 1):
+            kill_worker(relay, 0)
+        os.kill(relay.started()[-1][1], signal.SIGKILL)
+        relay.wait_for(lambda: "th time in a row" in relay.log(), "the worker given up")
+        os.kill(other, signal.SIGCONT)
+        relay.wait_for(lambda: relay.proc.poll() is not None, "the relay stopped", timeout=20)
+    finally:
+        if other is not None and alive(other):
+            os.kill(other, signal.SIGCONT)
+        relay.stop()
+    assert relay.proc.returncode == supervisor.EX_SOFTWARE, relay.log()
+    assert "policy reloaded" not in relay.log()
+
+
 # each worker forked with room for about 6 MiB more address space: less than a
 # thread's stack (libuv gives its pool's threads 8 MiB)
 NO_ROOM_FOR_THREADS = """
