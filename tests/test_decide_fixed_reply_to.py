@@ -37,6 +37,16 @@ def fixed(policy_file: Path, item: str) -> Path:
             ReplyToSource(ReplyToKind.ADDRESS, "desk@acme.example"),
             "desk@acme.example",
         ),
+        (  # read as a header's: the escapes were kept, then escaped again
+            """'"Sales \\"East\\"" <desk@acme.example>'""",
+            ReplyToSource(ReplyToKind.ADDRESS, "desk@acme.example", 'Sales "East"'),
+            '"Sales \\"East\\"" <desk@acme.example>',
+        ),
+        (
+            """'"Sales" Desk <desk@acme.example>'""",
+            ReplyToSource(ReplyToKind.ADDRESS, "desk@acme.example", "Sales Desk"),
+            "Sales Desk <desk@acme.example>",
+        ),
     ],
 )
 def test_a_fixed_reply_to_may_carry_a_name(

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from yaml.nodes import Node, SequenceNode
 
-from relay import passwd
+from relay import message, passwd
 from relay.hostport import host_port
 from relay.policy import selfloop, values
 from relay.policy.model import (
@@ -534,15 +534,15 @@ def _source(ctx: Ctx, node: Node, path: str) -> ReplyToSource | None:
 
 def _fixed_address(ctx: Ctx, node: Node, path: str, value: str) -> ReplyToSource | None:
     """``desk@acme.example`` or ``Office Desk <desk@acme.example>``: replies to a
-    shared desk read better with its name."""
-    name, bracketed, address = value.rpartition("<")
-    if bracketed and address.endswith(">"):
-        name, address = name.strip().removeprefix('"').removesuffix('"'), address[:-1]
-    else:
-        name, address = "", value
-    if not values.is_address(address):
+    shared desk read better with its name. The name is read as in a header, so
+    ``"Sales \\"East\\"" <...>`` is the name ``Sales "East"``, not a name with
+    backslashes that the header then escaped again."""
+    found = message.address_list(value)
+    unclosed = "<" in value and not value.rstrip().endswith(">")  # the header reader forgives it
+    if unclosed or len(found) != 1 or not values.is_address(found[0][1]):
         ctx.problem(node, path, f"{value!r} is not an address like name@example.com")
         return None
+    name, address = found[0]
     return ReplyToSource(ReplyToKind.ADDRESS, address, name)
 
 
