@@ -95,12 +95,17 @@ def file_budget(soft: int | None = None) -> int:
 
 @dataclass
 class Untold:
-    """A finished entry waiting for its failure notice to be queued."""
+    """An entry kept, locked, with its records: a finished one waiting for its
+    failure notice to be queued, or a deferred one (``deferred``) waiting for the
+    audit log to take its records. Such a deferral, stored, put outcomes on the
+    spool that the log never got (a ``delivered`` beside the deferred recipient),
+    and a stop, or another worker finishing the message, lost them for good."""
 
     entry: QueueEntry
     records: list[dict[str, Any]]
     lock: EntryLock
     tries: int = 0
+    deferred: bool = False
 
 
 @dataclass(frozen=True)
@@ -756,9 +761,8 @@ class Engine:
             await asyncio.sleep(0)  # its done callback clears it
         try:
             for queue_id, untold in list(self._untold.items()):
-                log.error("%s: the relay stops before the failure notice could be queued", queue_id)
                 del self._untold[queue_id]
-                await self._done(Finished(queue_id, untold.records, untold.lock, untold.entry.size))
+                await self._let_go(untold)
             await self._done(Settle(final=True))
         except (AuditError, SpoolError) as exc:
             log.error("%s", _unsettled(exc))
@@ -768,6 +772,27 @@ class Engine:
             log.error("cannot remove the files kept for reuse: %s", exc)
         await self._list_kept()
         self._unlisted.abandon()
+
+    async def _let_go(self, untold: Untold) -> None:
+        """At the stop, a finished entry ends without its notice; a deferral is
+        stored if the log takes its records now, else left as last stored, for
+        the next start to try again."""
+        queue_id = untold.entry.queue_id
+        if not untold.deferred:
+            log.error("%s: the relay stops before the failure notice could be queued", queue_id)
+            await self._done(Finished(queue_id, untold.records, untold.lock, untold.entry.size))
+            return
+        try:
+            if not await self._recorded(untold):
+                log.error(
+                    "%s: the relay stops before the audit log took its last attempt's records:"
+                    " its outcome since it was last stored is not on record, and it is tried"
+                    " again at the next start (%s)",
+                    queue_id,
+                    self.recorder.refusing,
+                )
+        finally:
+            untold.lock.close()
 
     async def _list_kept(self) -> None:
         """Entries kept while the list refused them, tried again without waiting
@@ -834,6 +859,7 @@ class Engine:
         accepted goes first (see ``_held_back`` for the places each kind keeps):
         after an outage the backlog, due earlier, took every place in line."""
         now = self.clock()
+        self._start_kept(now)
         while self._granted and not self._held_back(fresh=self._granted[0][1]):
             self._start_granted(*self._granted.popleft(), now)
         while self._fresh and not self._held_back(fresh=True):
@@ -843,6 +869,15 @@ class Engine:
                 self._start((when, queue_id), now, fresh=True)
         while self._due and self._due[0][0] <= now and not self._held_back(fresh=False):
             self._start(heapq.heappop(self._due), now, fresh=False)
+
+    def _start_kept(self, now: float) -> None:
+        """Kept entries (``Untold``) go at their turn while ``_backlogged`` too: they
+        deliver nothing, and as many of them as make it would otherwise wait
+        for one another for good."""
+        for queue_id in list(self._untold):
+            when = self._schedule.get(queue_id)
+            if when is not None and when <= now and queue_id not in self._busy:
+                self.attempt_now(queue_id)
 
     def _start(self, item: tuple[float, str], now: float, fresh: bool) -> None:
         queue_id = item[1]
@@ -898,8 +933,9 @@ class Engine:
         """Nothing new starts while the audit log refuses records (``_check_audit``):
         the outcomes could not be recorded, and the mail, left queued, went again
         at every restart with the log naming none of those sends. Nor while too
-        many finished entries wait for the audit log, or for the spool to take
-        their failure notices."""
+        many finished entries wait for the audit log, or entries kept
+        (``Untold``) for the spool to take their failure notices or for the
+        audit log to take their deferrals."""
         if self.recorder.refusing is not None:
             return True
         return self._settler.full or len(self._untold) >= WAITING_MAX
@@ -950,6 +986,8 @@ class Engine:
         self, queue_id: str, immediate: bool, fresh: bool, granted: Slots | None
     ) -> Outcome:
         untold = self._untold.pop(queue_id, None)
+        if untold is not None and untold.deferred:
+            return await self._record_again(untold)
         if untold is not None:
             return await self._finish(untold.entry, self.policy(), untold.lock, untold)
         warm = self._warm.pop(queue_id, None)
@@ -1177,7 +1215,8 @@ class Engine:
         for rcpt in entry.pending():
             self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
         await self._notify(entry, policy)
-        await self._flush(entry)
+        if not await self._flush(entry):
+            return self._keep(entry, lock, None, deferred=True)
         await self._store(entry)
         self._plan(entry.queue_id, entry.next_attempt)
         return Outcome("deferred")
@@ -1389,13 +1428,40 @@ class Engine:
         self._plan(entry.queue_id, entry.next_attempt)
         return Outcome("deferred", reply)
 
-    async def _flush(self, entry: QueueEntry) -> None:
-        """A deferral's records; those the log refuses are written with the
-        message's next ones (its next attempt's, or its final ones)."""
+    async def _flush(self, entry: QueueEntry) -> bool:
+        """A deferral's records; False when the log refuses them, which leaves
+        them with the recorder for the caller to keep with the entry."""
         try:
             await self.recorder.flush(entry.queue_id, keep=True)
         except AuditError as exc:
-            log.error("%s: AUDIT LOG WRITE FAILED, kept for later: %s", entry.queue_id, exc)
+            log.error(
+                "%s: AUDIT LOG WRITE FAILED, the deferral kept, locked, until the log takes it: %s",
+                entry.queue_id,
+                exc,
+            )
+            return False
+        return True
+
+    async def _recorded(self, untold: Untold) -> bool:
+        """Whether a kept deferral's records are written now; then it is stored, as
+        its attempt would have, and its next attempt planned."""
+        try:
+            await asyncio.to_thread(self.recorder.write, untold.records)
+        except AuditError:
+            return False
+        await self._store(untold.entry)
+        self._plan(untold.entry.queue_id, untold.entry.next_attempt)
+        return True
+
+    async def _record_again(self, untold: Untold) -> Outcome:
+        """A kept deferral's turn: stored once its records are written, else kept
+        again, a little later each time."""
+        try:
+            if await self._recorded(untold):
+                return Outcome("deferred")
+            return self._keep(untold.entry, untold.lock, untold, deferred=True)
+        finally:
+            untold.lock.close()  # unless kept again
 
     async def _suppress(
         self,
@@ -1611,14 +1677,10 @@ class Engine:
         If the spool cannot take the notice (a full disk), the entry stays,
         locked, with its records, and the notice is tried again, each time
         later (up to a RESCAN); at a stop it goes without."""
-        records = [] if untold is None else untold.records
         if not await self._notify(entry, policy):
-            tries = 0 if untold is None else untold.tries + 1
-            records += self.recorder.take(entry.queue_id)
-            self._untold[entry.queue_id] = Untold(entry, records, EntryLock(lock.take()), tries)
-            self._plan(entry.queue_id, self.clock() + min(POLL * 2**tries, RESCAN))
-            return Outcome("deferred")
+            return self._keep(entry, lock, untold)
         self._told.pop(entry.queue_id, None)
+        records = [] if untold is None else untold.records
         records += self.recorder.take(entry.queue_id)
         backlogged = self._backlogged()
         await self._done(Finished(entry.queue_id, records, EntryLock(lock.take()), entry.size))
@@ -1626,3 +1688,17 @@ class Engine:
             self._wake.set()  # what was held back may start now
         statuses = {r.status for r in entry.recipients}
         return Outcome(DELIVERED if statuses == {DELIVERED} else FAILED)
+
+    def _keep(
+        self, entry: QueueEntry, lock: EntryLock, untold: Untold | None, deferred: bool = False
+    ) -> Outcome:
+        """Keep the entry, locked, with its records, until its turn comes (a second
+        later, then later each time, up to a RESCAN): locked, no other worker
+        sends it again, nor can ``relay queue`` change it meanwhile."""
+        tries = 0 if untold is None else untold.tries + 1
+        records = [] if untold is None else untold.records
+        records += self.recorder.take(entry.queue_id)
+        kept = Untold(entry, records, EntryLock(lock.take()), tries, deferred)
+        self._untold[entry.queue_id] = kept
+        self._plan(entry.queue_id, self.clock() + min(POLL * 2**tries, RESCAN))
+        return Outcome("deferred")

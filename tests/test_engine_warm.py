@@ -632,27 +632,110 @@ async def test_an_entry_waiting_for_its_notice_at_the_stop_ends_with_its_records
     assert failed == [r.address for r in entry.recipients]
 
 
-async def test_a_deferral_the_audit_log_refuses_is_recorded_with_the_next_attempt(
+class Split:
+    """The upstream takes the customer's copy and defers the archive's, until
+    ``all_ok``."""
+
+    def __init__(self) -> None:
+        self.all_ok = False
+
+    async def __call__(
+        self, upstream: Any, sender: str, rcpts: Any, data: bytes, **_: Any
+    ) -> Attempt:
+        ok = (250, "250 2.0.0 ok")
+        return Attempt(
+            {
+                r: ok if self.all_ok or r.startswith("customer@") else (451, "451 4.2.0 busy")
+                for r in rcpts
+            }
+        )
+
+
+def _story(audit_dir: Path, queue_id: str) -> list[tuple[str, str]]:
+    return [(r["event"], r["recipient"]) for r in read_all(audit_dir) if r["queue_id"] == queue_id]
+
+
+async def _stored(spool: Spool, queue_id: str, statuses: list[str]) -> None:
+    deadline = time.monotonic() + 20
+    while [r.status for r in spool.load(queue_id).recipients] != statuses:
+        assert time.monotonic() < deadline, "the deferral was never stored"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_deferral_the_audit_log_refuses_waits_locked_until_its_records_are_written(
+    spool: Spool, policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stored as it stood, the deferral put a ``delivered`` on the spool that the
+    log never got: a stop, or another worker finishing the message, lost it.
+    It waits in memory, locked, with its records, and is stored once the log
+    takes them."""
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    monkeypatch.setattr(engine_module, "WAITING_MAX", 1)  # full, it still gets its turn
+    audit_dir = tmp_path / "audit"
+    recorder = Recorder(AuditLog(audit_dir))
+    upstream = Split()
+    entry = make_entry(size=len(message(1)))
+    customer, archive = (r.address for r in entry.recipients)
+    async with queued_and_running(
+        spool, entry, Engine(spool, lambda: policy, upstream, recorder)
+    ) as engine:
+        _break(audit_dir)
+        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+        assert [r.status for r in spool.load(entry.queue_id).recipients] == ["pending"] * 2
+        assert lock_elsewhere(spool, entry.queue_id) == "busy"  # relay queue: being delivered
+        _mend(audit_dir, recorder)
+        await _stored(spool, entry.queue_id, ["delivered", "pending"])
+        assert lock_elsewhere(spool, entry.queue_id) == "locked"
+        assert spool.load(entry.queue_id).next_attempt > time.time()
+        upstream.all_ok = True
+        _due_now(spool, entry.queue_id)
+        assert (await engine.attempt_now(entry.queue_id)).status == "delivered"
+        await gone(spool)
+    story = _story(audit_dir, entry.queue_id)
+    assert story == [("delivered", customer), ("deferred", archive), ("delivered", archive)]
+
+
+async def test_a_deferral_the_audit_log_refuses_until_the_stop_goes_again_at_the_next_start(
+    spool: Spool, policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its outcome is on no record: the entry is left as last stored, and the
+    next start sends it again and records that."""
+    audit_dir = tmp_path / "audit"
+    recorder = Recorder(AuditLog(audit_dir))
+    upstream = Split()
+    entry = make_entry(size=len(message(1)))
+    async with queued_and_running(
+        spool, entry, Engine(spool, lambda: policy, upstream, recorder)
+    ) as engine:
+        _break(audit_dir)
+        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+    assert [r.status for r in spool.load(entry.queue_id).recipients] == ["pending"] * 2
+    assert lock_elsewhere(spool, entry.queue_id) == "locked"
+    _mend(audit_dir, recorder)
+    upstream.all_ok = True
+    async with running(Engine(spool, lambda: policy, upstream, recorder)) as engine:
+        assert (await engine.attempt_now(entry.queue_id)).status == "delivered"
+        await gone(spool)
+    story = _story(audit_dir, entry.queue_id)
+    assert story == [("delivered", r.address) for r in entry.recipients]
+    assert f"{entry.queue_id}: the relay stops before the audit log took its last" in caplog.text
+
+
+async def test_a_deferral_kept_from_the_audit_log_is_stored_at_the_stop_if_it_takes_them(
     spool: Spool, policy: Policy, tmp_path: Path
 ) -> None:
-    """Every attempt's outcome is on record, also one made while the log could
-    not take it (a full disk): it is written with the message's next records."""
-
-    async def busy(upstream: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
-        return Attempt({r: (451, "451 4.2.0 try later") for r in rcpts})
-
     audit_dir = tmp_path / "audit"
     recorder = Recorder(AuditLog(audit_dir))
     entry = make_entry(size=len(message(1)))
-    assert spool.put_many([(entry, (message(1),))]) == [None]
-    async with running(Engine(spool, lambda: policy, busy, recorder)) as engine:
+    customer, archive = (r.address for r in entry.recipients)
+    async with queued_and_running(
+        spool, entry, Engine(spool, lambda: policy, Split(), recorder)
+    ) as engine:
         _break(audit_dir)
         assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
-        _mend(audit_dir, recorder)
-        _due_now(spool, entry.queue_id)
-        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
-    deferred = [r["recipient"] for r in read_all(audit_dir) if r["event"] == "deferred"]
-    assert sorted(deferred) == sorted(2 * [r.address for r in entry.recipients])
+        _mend(audit_dir, recorder)  # its turn, a POLL later, does not come first
+    assert [r.status for r in spool.load(entry.queue_id).recipients] == ["delivered", "pending"]
+    assert _story(audit_dir, entry.queue_id) == [("delivered", customer), ("deferred", archive)]
 
 
 async def test_an_attempt_the_relay_itself_fails_is_tried_later_not_at_every_scan(
