@@ -370,6 +370,13 @@ def _tenant_user(entry: QueueEntry, policy: Policy, address: str) -> str | None:
     return None
 
 
+def _say(said: list[Callable[[], None]]) -> None:
+    """Make the lines and records ``Engine._drop_listed`` left, once."""
+    for say in said:
+        say()
+    said.clear()
+
+
 def _say_untold(entry: QueueEntry) -> None:
     """A notice that failed or expired causes no notice in turn: this line is
     the sysadmin's only word that the sender never heard of their failed
@@ -1102,7 +1109,7 @@ class Engine:
         if not self._starting or self._backlogged():
             return Outcome("busy")
         policy = self.policy()
-        self._drop_listed(entry)
+        dropped = self._drop_listed(entry)
         now = self.clock()
         deadline = entry.arrival + policy.queue.lifetime
         upstream = policy.upstreams.get(entry.upstream) or _rerouted(entry, policy)
@@ -1143,6 +1150,7 @@ class Engine:
                     data = self.spool.read_message(entry.queue_id, entry.size)
                 if entry.sign_again is not None:
                     data = signed_anew(policy, entry, data)
+                _say(dropped)
                 sent = await send(
                     upstream,
                     entry.mail_from,
@@ -1169,6 +1177,7 @@ class Engine:
                 self._sending.discard(entry.queue_id)
             replies, shared, sender_refused = sent.replies, sent.shared, sent.sender_refused
             crowded = sent.crowded
+        _say(dropped)  # without a send, nothing is left to stop the attempt
         if not crowded:  # no verdict: nor a count towards the next backoff
             entry.attempts += 1
             for rcpt in entry.pending():
@@ -1568,7 +1577,7 @@ class Engine:
         except SuppressionError:
             return None
 
-    def _drop_listed(self, entry: QueueEntry) -> None:
+    def _drop_listed(self, entry: QueueEntry) -> list[Callable[[], None]]:
         """Recipients listed since their message came (another message's bounce,
         ``relay bounce``, ``relay suppression add``) are not sent to either: a
         deferred message reached an address that had bounced or complained
@@ -1579,14 +1588,21 @@ class Engine:
         next attempt (the acceptance side refuses mail for it and says so). A
         recipient still pending after a refusal for good is one whose records
         the audit log refused (``_keep_unrecorded``): the address its refusal
-        listed goes again, for the refusal to be on record."""
+        listed goes again, for the refusal to be on record.
+
+        Only the entry in memory changes here: the lines and records are
+        returned, for the attempt to make (``_say``) once nothing can stop it.
+        Made here, an attempt that waited (a suspended upstream) or failed to
+        read its message left them behind, and each later one added its own:
+        three ``suppressed`` records for one recipient, or one followed by a
+        ``delivered`` once the address was taken off the list meanwhile."""
         if self._suppressions is None or not entry.pending():
-            return
+            return []
         try:
             listing = self._suppressions.current()
         except SuppressionError:
-            return
-        dropped = False
+            return []
+        said: list[Callable[[], None]] = []
         for rcpt in entry.pending():
             if (rcpt.reply or "")[:1] == "5":  # its refusal went unrecorded: it goes again
                 continue
@@ -1594,20 +1610,24 @@ class Engine:
             if found is not None:
                 rcpt.status, rcpt.reply = SUPPRESSED, f"not sent: {found.describe()}"
                 rcpt.updated = self.clock()
-                self.recorder.suppressed_later(entry, rcpt.address, found)
-                dropped = True
-        if dropped:
-            self._drop_lone_copy(entry)
+                said.append(
+                    functools.partial(self.recorder.suppressed_later, entry, rcpt.address, found)
+                )
+        if said:
+            said += self._drop_lone_copy(entry)
+        return said
 
-    def _drop_lone_copy(self, entry: QueueEntry) -> None:
+    def _drop_lone_copy(self, entry: QueueEntry) -> list[Callable[[], None]]:
         """The automatic copy fails, not sent, once every recipient the client
-        named is suppressed: at acceptance such a message got no copy."""
+        named is suppressed: at acceptance such a message got no copy. Its
+        ``failed`` line and record are returned, as ``_drop_listed``'s are."""
         copies = [r for r in entry.pending() if not r.notify]  # a notice's are all its own
         named = [r for r in entry.recipients if r.notify or r.status != PENDING]
         if not copies or not named or any(r.status != SUPPRESSED for r in named):
-            return
+            return []
         for rcpt in copies:
-            self._settle(entry, rcpt.address, FAILED, NO_COPY)
+            self._note(entry, rcpt.address, NO_COPY).status = FAILED
+        return [functools.partial(self.recorder.failed, entry, r.address, NO_COPY) for r in copies]
 
     def _settle(self, entry: QueueEntry, address: str, status: str, reply: str) -> None:
         rcpt = self._note(entry, address, reply)

@@ -22,14 +22,16 @@ from relay import slots
 from relay.audit import AuditLog, reader
 from relay.deliver import attempt
 from relay.engine import Attempt, Engine, duration
-from relay.policy.model import Policy, Tenant
+from relay.policy.model import Policy, SuppressionSettings, Tenant
 from relay.record import Recorder
-from relay.spool import Spool, tools
+from relay.spool import PENDING, RecipientState, Spool, SpoolError, tools
+from relay.suppression import MANUAL, Suppression, SuppressionFile
+from relay.suppression import now as suppression_now
 from tests.readonly import read_only
 from tests.sink import free_port
 from tests.spoolkit import make_entry
 from tests.test_deliver import upstream
-from tests.test_engine_settle import until
+from tests.test_engine_settle import outcomes, until
 from tests.test_engine_warm import message, running
 
 BUSY = (451, "451 4.2.0 mailbox busy")
@@ -214,6 +216,119 @@ def _queued(spool: Spool, count: int, arrival: float) -> list[str]:
         spool.put(entry, message(n))
         ids.append(entry.queue_id)
     return ids
+
+
+class Recovers(Down):
+    """Down until ``up``, then takes every recipient."""
+
+    up = False
+
+    async def __call__(
+        self, target: Any, sender: str, rcpts: Any, data: bytes, **kw: Any
+    ) -> Attempt:
+        if self.up:
+            return Attempt(dict.fromkeys(rcpts, (250, "250 2.0.0 ok")))
+        return await super().__call__(target, sender, rcpts, data, **kw)
+
+
+def _listing(policy: Policy, tmp_path: Path) -> tuple[Policy, SuppressionFile]:
+    listing = tmp_path / "suppression.jsonl"
+    settings = SuppressionSettings(listing, frozenset({"5.1.1"}))
+    return dataclasses.replace(policy, suppression=settings), SuppressionFile(listing)
+
+
+def _waiting_behind(spool: Spool, arrival: float) -> tuple[str, str]:
+    """Two messages, their queue IDs: the first one, to another customer, is to
+    find the upstream unusable, and the other, to one more, to wait for it."""
+    first = make_entry(arrival=arrival, size=len(message(1)))
+    first.recipients[0].address = "someone@example.com"
+    waiting = make_entry(arrival=arrival, size=len(message(2)))
+    waiting.recipients.insert(1, RecipientState("other@example.org", PENDING, notify=True))
+    assert spool.put_many([(first, (message(1),)), (waiting, (message(2),))]) == [None, None]
+    return first.queue_id, waiting.queue_id
+
+
+def _list(listed: SuppressionFile) -> None:
+    listed.add([Suppression("customer@example.net", None, MANUAL, suppression_now())])
+
+
+async def test_a_recipient_listed_while_its_upstream_is_suspended_is_recorded_once(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    """Found listed by attempts that then waited for the upstream, the recipient
+    got a ``suppressed`` record from each of them."""
+    now = [time.time()]
+    policy, listed = _listing(policy, tmp_path)
+    audit = AuditLog(tmp_path / "audit")
+    upstream = Recovers()
+    engine = Engine(
+        spool, lambda: policy, upstream, Recorder(audit), clock=lambda: now[0], suppressions=listed
+    )
+    first, waiting = _waiting_behind(spool, now[0])
+    assert (await engine.attempt_now(first)).status == "deferred"
+    _list(listed)
+    for _ in range(2):
+        assert (await engine.attempt_now(waiting)).status == "later"
+    upstream.up, now[0] = True, now[0] + 10 * policy.queue.first_retry
+    assert (await engine.attempt_now(first)).status == "delivered"
+    assert (await engine.attempt_now(waiting)).status == "failed"
+    await engine.stop(5)
+    assert [(e, r) for e, r in outcomes(audit.directory, waiting) if e != "notified"] == [
+        ("suppressed", "customer@example.net"),
+        ("delivered", "other@example.org"),
+        ("delivered", "archive@acme.example"),
+    ]
+
+
+async def test_a_recipient_taken_off_the_list_while_its_message_waits_is_only_delivered(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    """An attempt that found it listed, and then waited, left a ``suppressed``
+    record that the delivery after the sysadmin's ``relay suppression remove``
+    contradicted."""
+    now = [time.time()]
+    policy, listed = _listing(policy, tmp_path)
+    audit = AuditLog(tmp_path / "audit")
+    upstream = Recovers()
+    engine = Engine(
+        spool, lambda: policy, upstream, Recorder(audit), clock=lambda: now[0], suppressions=listed
+    )
+    first, waiting = _waiting_behind(spool, now[0])
+    assert (await engine.attempt_now(first)).status == "deferred"
+    _list(listed)
+    assert (await engine.attempt_now(waiting)).status == "later"
+    listed.remove([("customer@example.net", None)], by="alice")
+    upstream.up, now[0] = True, now[0] + 10 * policy.queue.first_retry
+    assert (await engine.attempt_now(first)).status == "delivered"
+    assert (await engine.attempt_now(waiting)).status == "delivered"
+    await engine.stop(5)
+    story = outcomes(audit.directory, waiting)
+    assert [e for e, r in story if r == "customer@example.net"] == ["delivered"]
+
+
+async def test_a_listed_recipient_is_recorded_by_the_attempt_that_reads_the_message(
+    spool: Spool, policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attempt that could not read its message left its ``suppressed`` record
+    for the next one to write beside its own."""
+    policy, listed = _listing(policy, tmp_path)
+    audit = AuditLog(tmp_path / "audit")
+    upstream = Upstream((250, "250 2.0.0 ok"))
+    engine = Engine(spool, lambda: policy, upstream, Recorder(audit), suppressions=listed)
+    _, waiting = _waiting_behind(spool, time.time())
+    _list(listed)
+    read = spool.read_message
+
+    def unreadable(queue_id: str, size: int) -> bytes:
+        monkeypatch.setattr(spool, "read_message", read)
+        raise SpoolError(spool.directory, "Input/output error")
+
+    monkeypatch.setattr(spool, "read_message", unreadable)
+    assert (await engine.attempt_now(waiting)).status == "busy"
+    assert (await engine.attempt_now(waiting)).status == "failed"
+    await engine.stop(5)
+    story = outcomes(audit.directory, waiting)
+    assert story.count(("suppressed", "customer@example.net")) == 1
 
 
 async def test_mail_waiting_for_a_suspended_upstream_expires_at_its_lifetime(
