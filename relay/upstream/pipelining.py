@@ -11,6 +11,10 @@ aiosmtplib raises for them, so what the relay makes of them does not change.
 
 The message itself goes only after the server said 354 to DATA, so a
 connection lost before any reply never leaves a half-sent message behind.
+A connection given up on (a timeout, the relay's stop) while some of the
+message is still to go is aborted, not closed: closing sent the rest, its
+final dot too, after the relay had given the attempt up, and every retry
+delivered another copy.
 That is also why a reused connection's RSET can go first in the group: if
 it finds the connection dead or refused, nothing of the message went out,
 and ``Stale`` tells the caller to try again on a new connection.
@@ -20,6 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Collection, Iterator, Sequence
 from typing import TypeVar
@@ -37,7 +44,10 @@ def taken(reply: SMTPResponse) -> bool:
 
 
 MAX_REPLY = 32768  # as aiosmtplib: a reply longer than this is no SMTP reply
-_SPARE = 16  # replies beyond those asked for before the server counts as out of step
+_LOOK = 0.05  # seconds between looks at what of the message is still to go
+_SIOCOUTQNSD = 0x894B  # Linux: bytes the kernel holds for a socket, never sent yet
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER: closing drops what is still to go
+_EXTRA = "replies out of step with the commands: one more than they asked for"
 T = TypeVar("T")
 
 
@@ -50,8 +60,15 @@ class DataTimeout(aiosmtplib.SMTPTimeoutError):
 
 
 class DataLost(aiosmtplib.SMTPServerDisconnected):
-    """The connection ended after the end of the message, before its reply: the
-    server may have taken it, as after a ``DataTimeout``."""
+    """The connection ended after the end of the message, before its reply (or
+    the reply was none SMTP has): the server may have taken it, as after a
+    ``DataTimeout``."""
+
+
+class Unsent(aiosmtplib.SMTPTimeoutError):
+    """The server took none of the message for a ``timeout`` while it was being
+    sent: the connection is aborted, so it never gets the final dot, and the
+    message cannot arrive from this attempt."""
 
 
 class Withheld(aiosmtplib.SMTPRecipientsRefused):
@@ -90,6 +107,12 @@ def unfinished(
     return Unfinished(error, refused) if refused else None
 
 
+def accepted(reply: SMTPResponse) -> bool:
+    """Any 2xx to the end of the message is its delivery (RFC 5321 4.2.1), as to
+    RCPT (``taken``): a ``251`` was taken for a failure, and the retry sent it again."""
+    return 200 <= reply.code < 300
+
+
 def withheld(
     rcpt_tos: Sequence[str], answers: Sequence[SMTPResponse], needed: Collection[str]
 ) -> Withheld | None:
@@ -106,7 +129,9 @@ def withheld(
 
 async def final_reply(wait: Awaitable[T], timeout: float) -> T:
     """``wait`` for the reply to the end of the message; its timeout is ``DataTimeout``,
-    a connection lost meanwhile ``DataLost``: either way the retry may deliver it twice."""
+    a connection lost meanwhile or a malformed reply ``DataLost``: either way the
+    retry may deliver it twice. A malformed reply was a plain invalid one, retried
+    without a word of that."""
     try:
         return await wait
     except aiosmtplib.SMTPTimeoutError as exc:
@@ -117,6 +142,12 @@ async def final_reply(wait: Awaitable[T], timeout: float) -> T:
         raise DataLost(
             "connection lost before the reply to the end of the message; it may arrive twice"
         ) from exc
+    except aiosmtplib.SMTPResponseException as exc:
+        if exc.code != SMTPStatus.invalid_response:
+            raise
+        raise DataLost(
+            f"no valid reply to the end of the message ({exc.message}); it may arrive twice"
+        ) from exc
 
 
 class _Replies(asyncio.Protocol):
@@ -124,7 +155,8 @@ class _Replies(asyncio.Protocol):
 
     def __init__(self, owner: asyncio.BaseProtocol, expected: int) -> None:
         self._owner = owner  # aiosmtplib's protocol, which has the transport back afterwards
-        self._most = expected + _SPARE
+        self._most = expected  # a reply for each command: one more is out of step
+        self._count = 0  # replies complete, taken or not
         self._released = False
         self._lost: tuple[Exception | None] | None = None
         self._buffer = bytearray()
@@ -152,8 +184,8 @@ class _Replies(asyncio.Protocol):
             text = line.decode("utf-8", "replace").strip()
             self._fail(_invalid(f"Malformed SMTP response line: {text}"))
             return
-        if len(self._replies) > self._most:  # far more than was asked: not in step
-            self._fail(_invalid("Too many replies"))
+        if self._count >= self._most and not self._lines:
+            self._fail(_invalid(_EXTRA))
             return
         self._lines.append(line)
         if line[3:4] == b"-":
@@ -162,6 +194,7 @@ class _Replies(asyncio.Protocol):
             return
         text = b"\n".join(part[4:].strip(b" \t\r\n") for part in self._lines)
         self._replies.append(SMTPResponse(int(line[:3]), text.decode("utf-8", "surrogateescape")))
+        self._count += 1
         self._lines = []
         self._heard = time.monotonic()
 
@@ -187,6 +220,14 @@ class _Replies(asyncio.Protocol):
     def arrived(self) -> list[SMTPResponse]:
         """The replies in so far, when ``take`` raised before it had all it wanted."""
         return list(self._replies)
+
+    def early(self) -> Exception | None:
+        """What came before the message's end could be answered: a reply no command
+        is waiting for (a stray one, taken for the message's, delivered a message
+        the server refused), or what ended the reading."""
+        if self._replies:
+            return _invalid(_EXTRA)
+        return self._error
 
     def _fail(self, error: Exception) -> None:
         if self._error is None:
@@ -290,7 +331,7 @@ async def _transaction(
     group = (*([b"RSET"] if reset else []), mail_command, *rcpt_commands)
     group += () if held else (b"DATA",)
     protocol, transport = _connection(client)
-    with _reading(protocol, transport, len(group) + 1) as replies:
+    with _reading(protocol, transport, len(group) + (2 if held else 1)) as replies:
         transport.write(b"".join(command + b"\r\n" for command in group))
         if reset:
             await _reset(replies, timeout)
@@ -318,8 +359,8 @@ async def _transaction(
         if start.code != SMTPStatus.start_input:
             raise aiosmtplib.SMTPDataError(start.code, start.message)
         done = timeout if data_timeout is None else data_timeout
-        final = await _end(replies, transport, section, done)
-    if final.code != SMTPStatus.completed:
+        final = await _end(replies, transport, section, timeout, done)
+    if not accepted(final):
         _close_on_421(final, transport)
         raise aiosmtplib.SMTPDataError(final.code, final.message)
     refused = {a: r for a, r in zip(rcpt_tos, rcpts, strict=True) if not taken(r)}
@@ -350,25 +391,52 @@ async def _data(replies: _Replies, transport: asyncio.Transport, timeout: float)
     return start
 
 
-async def end_of_data(client: aiosmtplib.SMTP, section: bytes, done: float) -> SMTPResponse:
+async def end_of_data(
+    client: aiosmtplib.SMTP, section: bytes, timeout: float, done: float
+) -> SMTPResponse:
     """The message and its final dot, after a 354 the one-at-a-time transaction
     read, and the reply read as a pipelined group's is. aiosmtplib refuses a
     reply line over 8,192 bytes: a smarthost's 250 of 9,000 was taken for no
     reply, and the message sent again at every retry."""
     protocol, transport = _connection(client)
     with _reading(protocol, transport, 1) as replies:
-        return await _end(replies, transport, section, done)
+        return await _end(replies, transport, section, timeout, done)
 
 
 async def _end(
-    replies: _Replies, transport: asyncio.Transport, section: bytes, done: float
+    replies: _Replies, transport: asyncio.Transport, section: bytes, timeout: float, done: float
 ) -> SMTPResponse:
+    """``done`` (``data_timeout``) is for the reply alone, from when the final dot
+    has left; the sending is timed by ``_sending``."""
     if transport.is_closing():  # closed on a 421: nothing of the message goes
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    if (early := replies.early()) is not None:
+        raise early  # out of step: nothing of the message goes
     # one system call; uvloop (the daemon's loop) keeps references, no copy
     transport.writelines((section, b".\r\n"))
+    await _sending(replies, transport, timeout)
     (final,) = await final_reply(replies.take(1, done), done)
     return final
+
+
+async def _sending(replies: _Replies, transport: asyncio.Transport, timeout: float) -> None:
+    """Until the transport has handed the whole message on, its final dot too: a
+    slow link may take as long as it needs while the server takes some of it
+    every ``timeout`` (Postfix's ``smtp_data_xfer_timeout``). Timed with the
+    reply, a message that took longer to send than ``data_timeout`` was given
+    up on at every attempt, and delivered each time all the same."""
+    left = _unsent(transport)
+    moved = time.monotonic()
+    while left:
+        if time.monotonic() - moved >= timeout:
+            raise Unsent(f"none of the message taken for {timeout:g}s; it was not sent in full")
+        await asyncio.sleep(min(_LOOK, timeout))
+        now = _unsent(transport)
+        if now and (early := replies.early()) is not None:
+            raise early  # no reply can be to a final dot not sent yet
+        if now < left:
+            moved = time.monotonic()
+        left = now
 
 
 def _connection(client: aiosmtplib.SMTP) -> tuple[asyncio.BaseProtocol, asyncio.Transport]:
@@ -390,17 +458,46 @@ def _reading(
     try:
         yield replies
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, asyncio.CancelledError):
-        transport.close()  # out of step with the server: never reuse it
+        _drop(transport)  # out of step with the server: never reuse it
         raise
     except aiosmtplib.SMTPResponseException as exc:
         if exc.code == SMTPStatus.invalid_response:
-            transport.close()
+            _drop(transport)
         raise
     finally:
         if transport.is_closing():
             replies.release()
         else:
             transport.set_protocol(protocol)
+
+
+def _unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes written and not sent yet: the transport's and the kernel's. A
+    socket buffer takes megabytes, which the transport's count alone took for
+    sent, so the wait for the reply began while they were on their way."""
+    held = transport.get_write_buffer_size()  # type: ignore[attr-defined]
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.fileno() < 0:  # none, or closed already
+        return held
+    try:
+        queued = fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, bytes(4))
+    except OSError:  # not Linux: the transport's count only
+        return held
+    return held + struct.unpack("i", queued)[0]
+
+
+def _drop(transport: asyncio.Transport) -> None:
+    """A connection given up on sends nothing more: what of the message is still
+    to go is dropped with it (``abort``, and a reset for the kernel's part), or
+    its final dot would go after all, after the relay had given it up."""
+    if not _unsent(transport):
+        transport.close()
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.fileno() >= 0:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    transport.abort()
 
 
 async def _end_empty(replies: _Replies, transport: asyncio.BaseTransport, timeout: float) -> None:

@@ -76,8 +76,9 @@ async def send(
     raising what ``aiosmtplib.SMTP.sendmail`` raises for the same replies.
     With ``reset`` an RSET goes first; pipelined, ``pipelining.Stale`` says it failed.
     The reply to the end of the message may take ``data_timeout`` (default:
-    ``timeout``), and ``pipelining.DataTimeout`` says it did not come
-    (``pipelining.DataLost``: the connection ended first). If the
+    ``timeout``) once the message has left, and ``pipelining.DataTimeout`` says
+    it did not come (``pipelining.DataLost``: the connection ended first);
+    ``pipelining.Unsent`` that the server took none of it for ``timeout``. If the
     server takes none of the ``needed`` recipients, ``pipelining.Withheld``
     is raised and no DATA goes: the others do not get the message alone.
     Failed after a recipient was refused, it raises ``pipelining.Unfinished``.
@@ -227,12 +228,12 @@ async def _data(
     if start.code != aiosmtplib.SMTPStatus.start_input:
         raise aiosmtplib.SMTPDataError(start.code, start.message)
     try:
-        reply = await pipelining.end_of_data(client, section, done)
+        reply = await pipelining.end_of_data(client, section, timeout, done)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
-        client.close()  # out of step with the server: never reuse it
+        client.close()  # out of step with the server (aborted if the message was not all sent)
         raise
     if reply.code == aiosmtplib.SMTPStatus.domain_unavailable:
         client.close()  # as aiosmtplib does for a 421 to any command it sends
-    if reply.code != aiosmtplib.SMTPStatus.completed:
+    if not pipelining.accepted(reply):
         raise aiosmtplib.SMTPDataError(reply.code, reply.message)
     return reply
