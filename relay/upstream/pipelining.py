@@ -45,6 +45,7 @@ def taken(reply: SMTPResponse) -> bool:
 
 MAX_REPLY = 32768  # as aiosmtplib: a reply longer than this is no SMTP reply
 _LOOK = 0.05  # seconds between looks at what of the message is still to go
+_FIRST_LOOK = 0.001  # soon at first: most of what a fast link had left is gone by then
 _SIOCOUTQNSD = 0x894B  # Linux: bytes the kernel holds for a socket, never sent yet
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER: closing drops what is still to go
 _EXTRA = "replies out of step with the commands: one more than they asked for"
@@ -427,10 +428,12 @@ async def _sending(replies: _Replies, transport: asyncio.Transport, timeout: flo
     up on at every attempt, and delivered each time all the same."""
     left = _unsent(transport)
     moved = time.monotonic()
+    pause = _FIRST_LOOK
     while left:
         if time.monotonic() - moved >= timeout:
             raise Unsent(f"none of the message taken for {timeout:g}s; it was not sent in full")
-        await asyncio.sleep(min(_LOOK, timeout))
+        await asyncio.sleep(min(pause, timeout))
+        pause = min(pause * 2, _LOOK)
         now = _unsent(transport)
         if now and (early := replies.early()) is not None:
             raise early  # no reply can be to a final dot not sent yet
