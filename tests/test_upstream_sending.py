@@ -41,8 +41,10 @@ class Hostile:
     received: list[bytes] = field(default_factory=list)  # each message, as far as it came
     started: asyncio.Event = field(default_factory=asyncio.Event)
     given_up: asyncio.Event = field(default_factory=asyncio.Event)
+    writer: asyncio.StreamWriter | None = None
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
         writer.write(b"220 hostile ESMTP\r\n")
         try:
             while line := await reader.readline():
@@ -90,6 +92,25 @@ async def only_once_given_up(server: Hostile, reader: asyncio.StreamReader) -> b
     data = b""
     try:
         while chunk := await asyncio.wait_for(reader.read(65536), WAIT):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+async def refusing_midway(server: Hostile, reader: asyncio.StreamReader) -> bytes:
+    """A refusal once 200 KB came (too large), then the rest read to the final dot,
+    as RFC 5321 has a server do."""
+    data = b""
+    while len(data) < 200_000 and (chunk := await reader.read(65536)):
+        data += chunk
+    assert server.writer is not None
+    server.writer.write(b"552 5.3.4 message size exceeds fixed limit\r\n")
+    await server.writer.drain()
+    try:
+        while not data.endswith(END) and (
+            chunk := await asyncio.wait_for(reader.read(65536), WAIT)
+        ):
             data += chunk
     except ConnectionResetError:
         pass
@@ -178,6 +199,23 @@ def test_a_message_given_up_on_while_it_is_sent_never_gets_its_final_dot(
             )
 
     run(loop, given_up())
+
+
+@LOOPS
+@WAYS
+def test_a_refusal_while_the_message_is_sent_is_its_reply(pipelining: bool, loop: str) -> None:
+    """Taken for a reply no command asked for, a 552 for a message too large
+    was deferred and the whole message sent again at every retry; the rest of
+    it does not go, so the refusal stands and nothing is delivered."""
+
+    async def refused() -> None:
+        server = Hostile(refusing_midway, pipelining, final=b"250 2.0.0 queued after all\r\n")
+        sent = await attempt(server, BIG, timeout=5.0, data_timeout=5.0)
+        assert sent is not None
+        assert sent.replies == {RCPT: (552, "552 5.3.4 message size exceeds fixed limit")}
+        assert len(server.received) == 1 and not server.received[0].endswith(END)
+
+    run(loop, refused())
 
 
 async def test_a_reply_more_than_the_group_asked_for_defers_the_message_unsent() -> None:

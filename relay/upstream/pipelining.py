@@ -222,6 +222,10 @@ class _Replies(asyncio.Protocol):
         """The replies in so far, when ``take`` raised before it had all it wanted."""
         return list(self._replies)
 
+    def spoke(self) -> bool:
+        """Whether a reply, or the end of the reading, has come."""
+        return bool(self._replies) or self._error is not None
+
     def early(self) -> Exception | None:
         """What came before the message's end could be answered: a reply no command
         is waiting for (a stray one, taken for the message's, delivered a message
@@ -415,17 +419,23 @@ async def _end(
         raise early  # out of step: nothing of the message goes
     # one system call; uvloop (the daemon's loop) keeps references, no copy
     transport.writelines((section, b".\r\n"))
-    await _sending(replies, transport, timeout)
+    if not await _sending(replies, transport, timeout):
+        _drop(transport)  # the rest does not go: it ends in the final dot
+        (final,) = await replies.take(1, timeout)  # come already, or what ended the reading
+        if accepted(final):
+            raise _invalid(f"{final.code} {final.message} before the end of the message had left")
+        return final  # a refusal of the message as it came: 552, too large
     (final,) = await final_reply(replies.take(1, done), done)
     return final
 
 
-async def _sending(replies: _Replies, transport: asyncio.Transport, timeout: float) -> None:
+async def _sending(replies: _Replies, transport: asyncio.Transport, timeout: float) -> bool:
     """Until the transport has handed the whole message on, its final dot too: a
     slow link may take as long as it needs while the server takes some of it
     every ``timeout`` (Postfix's ``smtp_data_xfer_timeout``). Timed with the
     reply, a message that took longer to send than ``data_timeout`` was given
-    up on at every attempt, and delivered each time all the same."""
+    up on at every attempt, and delivered each time all the same. False when
+    the server answered, or the connection ended, before all of it had left."""
     left = _unsent(transport)
     moved = time.monotonic()
     pause = _FIRST_LOOK
@@ -435,11 +445,12 @@ async def _sending(replies: _Replies, transport: asyncio.Transport, timeout: flo
         await asyncio.sleep(min(pause, timeout))
         pause = min(pause * 2, _LOOK)
         now = _unsent(transport)
-        if now and (early := replies.early()) is not None:
-            raise early  # no reply can be to a final dot not sent yet
+        if now and replies.spoke():
+            return False
         if now < left:
             moved = time.monotonic()
         left = now
+    return True
 
 
 def _connection(client: aiosmtplib.SMTP) -> tuple[asyncio.BaseProtocol, asyncio.Transport]:
