@@ -27,7 +27,7 @@ from relay.engine import Attempt, Engine
 from relay.policy.load import load
 from relay.policy.model import Policy
 from relay.record import Recorder
-from relay.spool import QueueEntry, Spool
+from relay.spool import QueueEntry, Spool, SpoolBusy
 from relay.tally import Tally
 from relay.unreachable import Suspensions
 from tests.relayproc import RelayProcess, wait_for
@@ -805,16 +805,29 @@ async def test_a_worker_whose_queue_lost_the_upstreams_mail_holds_nothing(
         await until(lambda: counts.holding("default") == 0, "the suspension forgotten")
 
 
+async def hold(spool: Spool, queue_id: str) -> None:
+    """On hold, as ``relay queue hold`` puts it, once the engine has let go of it:
+    a blocking lock here stopped the event loop the engine was to let go on,
+    whenever the test came back while the attempt stored its deferral."""
+    for _ in range(1000):
+        try:
+            with spool.lock(queue_id, blocking=False):
+                held = spool.load(queue_id)
+                held.held = True
+                spool.update(held)
+                return
+        except SpoolBusy:
+            await asyncio.sleep(0.02)
+    raise AssertionError(f"{queue_id} stayed locked")
+
+
 async def test_a_suspension_whose_mail_is_on_hold_holds(
     spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Forgotten while every message was held, the suspension let each released
     message connect to the upstream still down, where it lets one try."""
     async with suspended_by_one_try(spool, policy, monkeypatch) as (entry, counts):
-        with spool.lock(entry.queue_id):
-            held = spool.load(entry.queue_id)
-            held.held = True
-            spool.update(held)
+        await hold(spool, entry.queue_id)
         await asyncio.sleep(0.6)  # rescans
         assert counts.holding("default") == 1
 
