@@ -798,8 +798,31 @@ class Engine:
                     queue_id,
                     self.recorder.refusing,
                 )
+                await self._withdraw_notices(untold)
         finally:
             untold.lock.close()
+
+    async def _withdraw_notices(self, untold: Untold) -> None:
+        """The failure notices the lost attempt queued go with it: the next start
+        tries the message as last stored, and tells the sender of the same
+        failures again. Left queued, each went out unrecorded, then its twin.
+        No delivery starts while the log refuses records, so none has gone."""
+        for record in untold.records:
+            notice = record.get("notice_queue_id")
+            if record["event"] != "notified" or notice is None:
+                continue
+            try:
+                with self.spool.lock(notice, blocking=False):
+                    await asyncio.to_thread(self.spool.remove, notice)
+            except NoSuchEntry:
+                continue
+            except SpoolError as exc:
+                log.error(
+                    "%s: its failure notice %s stays queued, so the sender may be told twice: %s",
+                    untold.entry.queue_id,
+                    notice,
+                    exc,
+                )
 
     async def _list_kept(self) -> None:
         """Entries kept while the list refused them, tried again without waiting

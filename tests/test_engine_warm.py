@@ -721,6 +721,57 @@ async def test_a_deferral_the_audit_log_refuses_until_the_stop_goes_again_at_the
     assert f"{entry.queue_id}: the relay stops before the audit log took its last" in caplog.text
 
 
+class Refusing:
+    """The upstream refuses the customer for good and defers the archive, until
+    ``all_ok``; it takes anything else (the sender's failure notices)."""
+
+    def __init__(self) -> None:
+        self.all_ok = False
+        self.notices = 0
+
+    async def __call__(
+        self, upstream: Any, sender: str, rcpts: Any, data: bytes, **_: Any
+    ) -> Attempt:
+        if not sender:
+            self.notices += 1
+        replies = {}
+        for r in rcpts:
+            if r.startswith("customer@"):
+                replies[r] = (550, "550 5.1.1 no such user")
+            elif r.startswith("archive@") and not self.all_ok:
+                replies[r] = (451, "451 4.2.0 busy")
+            else:
+                replies[r] = (250, "250 2.0.0 ok")
+        return Attempt(replies)
+
+
+async def test_a_deferral_lost_at_the_stop_takes_its_failure_notice_with_it(
+    spool: Spool, policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The notice its attempt queued went out with no ``notified`` record, and the
+    next start, refused again, told the sender a second time."""
+    audit_dir = tmp_path / "audit"
+    recorder = Recorder(AuditLog(audit_dir))
+    upstream = Refusing()
+    entry = make_entry(size=len(message(1)))
+    customer, archive = (r.address for r in entry.recipients)
+    async with queued_and_running(
+        spool, entry, Engine(spool, lambda: policy, upstream, recorder)
+    ) as engine:
+        _break(audit_dir)
+        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+        assert len(spool.ids()) == 2  # the message and its notice
+    assert spool.ids() == [entry.queue_id]
+    _mend(audit_dir, recorder)
+    upstream.all_ok = True
+    async with running(Engine(spool, lambda: policy, upstream, recorder)):
+        await gone(spool)
+    assert upstream.notices == 1
+    story = _story(audit_dir, entry.queue_id)
+    assert story == [("failed", customer), ("delivered", archive), ("notified", entry.notify_address)]
+    assert "the relay stops before the audit log took its last" in caplog.text
+
+
 async def test_a_deferral_kept_from_the_audit_log_is_stored_at_the_stop_if_it_takes_them(
     spool: Spool, policy: Policy, tmp_path: Path
 ) -> None:
