@@ -768,7 +768,11 @@ async def test_a_deferral_lost_at_the_stop_takes_its_failure_notice_with_it(
         await gone(spool)
     assert upstream.notices == 1
     story = _story(audit_dir, entry.queue_id)
-    assert story == [("failed", customer), ("delivered", archive), ("notified", entry.notify_address)]
+    assert story == [
+        ("failed", customer),
+        ("delivered", archive),
+        ("notified", entry.notify_address),
+    ]
     assert "the relay stops before the audit log took its last" in caplog.text
 
 

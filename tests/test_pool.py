@@ -54,6 +54,7 @@ class Recorder(RefusingRecipients):
     delay: float = 0.0
     drop: bool = False
     rset_reply: str | None = None
+    mail_reply: str | None = None  # answers the next MAIL instead of 250
     data_reply: str | None = None  # answers the end of the next message instead of 250
     conns: list[Conn] = field(default_factory=list)
 
@@ -65,6 +66,15 @@ class Recorder(RefusingRecipients):
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         reply, self.rset_reply = self.rset_reply, None
         return reply or "250 OK"
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply, self.mail_reply = self.mail_reply, None
+        if reply is not None:
+            return reply
+        envelope.mail_from = address
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.delay:
@@ -422,6 +432,21 @@ async def test_refused_rset_means_stale_not_failed(pool: Pool, pipelining: bool)
     first, second = rec.connections
     assert first.messages == ["m0@p.example"]
     assert transactions(first)[1][0] == "RSET"  # pipelined, the rest of its group came too
+    assert second.messages == ["m1@p.example"]
+
+
+async def test_a_421_to_mail_on_a_reused_connection_means_stale(
+    pool: Pool, pipelining: bool
+) -> None:
+    """A server's limit of messages a connection: the message waited a whole retry
+    interval, where a new connection takes it at once."""
+    with running(Recorder(pipelining=pipelining)) as (rec, port):
+        await send(pool, upstream(port), "m0@p.example")
+        rec.mail_reply = "421 4.7.0 too many messages on this connection"
+        await send(pool, upstream(port), "m1@p.example")
+        await pool.close()
+    first, second = rec.connections
+    assert first.messages == ["m0@p.example"]
     assert second.messages == ["m1@p.example"]
 
 

@@ -278,6 +278,14 @@ async def _reset(replies: _Replies, timeout: float) -> None:
         raise Stale(f"RSET refused: {reply.code} {reply.message}")
 
 
+def stale(mail: SMTPResponse) -> None:
+    """A reused connection whose MAIL is answered 421 (a server's limit of messages
+    a connection) is ``Stale``, as one whose RSET fails: nothing of the message
+    went, and a new connection takes it at once, where it waited for a retry."""
+    if mail.code == SMTPStatus.domain_unavailable:
+        raise Stale(f"MAIL answered {mail.code} {mail.message}")
+
+
 def _invalid(text: str) -> aiosmtplib.SMTPResponseException:
     return aiosmtplib.SMTPResponseException(SMTPStatus.invalid_response, text)
 
@@ -351,6 +359,8 @@ async def _transaction(
             raise refusal from lost
         for reply in got:
             _close_on_421(reply, transport)
+        if reset:
+            stale(got[0])
         if not _in_step(got, len(rcpt_tos) + 1):
             raise _invalid("replies out of step with the commands: a 354 before DATA's")
         rcpts = got[1 : 1 + len(rcpt_tos)]

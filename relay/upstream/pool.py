@@ -109,10 +109,11 @@ class PoolKey:
 @dataclass(frozen=True)
 class Lease:
     """A connection for one transaction; ``reset``: its RSET is still to be sent,
-    first in the transaction's pipelined group."""
+    first in the transaction's pipelined group; ``reused``: it carried one before."""
 
     client: aiosmtplib.SMTP
     reset: bool = False
+    reused: bool = False
 
 
 @dataclass(eq=False)
@@ -234,7 +235,7 @@ class Pool:
         conn, reset = await self._acquire(key, opener, timeout)  # counted in _leased
         in_step = False
         try:
-            yield Lease(conn.client, reset)
+            yield Lease(conn.client, reset, conn.uses > 0)
             in_step = True
         except _IN_STEP:
             in_step = True

@@ -91,6 +91,7 @@ async def send(
                         upstream.data_timeout,
                         needed,
                         envelope_id,
+                        lease.reused,
                     )
                 break
             except Stale as exc:

@@ -71,6 +71,7 @@ async def send(
     data_timeout: float | None = None,
     needed: Collection[str] = (),
     envelope_id: str | None = None,
+    reused: bool = False,
 ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
     """MAIL, RCPT for each recipient, DATA: (refused recipients, the final reply),
     raising what ``aiosmtplib.SMTP.sendmail`` raises for the same replies.
@@ -82,7 +83,8 @@ async def send(
     server takes none of the ``needed`` recipients, ``pipelining.Withheld``
     is raised and no DATA goes: the others do not get the message alone.
     Failed after a recipient was refused, it raises ``pipelining.Unfinished``.
-    ``envelope_id`` goes as ENVID to a server that offers DSN (``_options``)."""
+    ``envelope_id`` goes as ENVID to a server that offers DSN (``_options``).
+    On a ``reused`` connection a 421 to MAIL is ``pipelining.Stale`` too."""
     done = timeout if data_timeout is None else data_timeout
     paths = [path(address) for address in (mail_from, *rcpt_tos)]  # refuse before sending
     section, size = wire(data)
@@ -102,6 +104,9 @@ async def send(
         reply = await client.execute_command(
             b"MAIL", b"FROM:" + paths[0], *options, timeout=timeout
         )
+        if (reset or reused) and reply.code == aiosmtplib.SMTPStatus.domain_unavailable:
+            client.close()
+            pipelining.stale(reply)
         if reply.code != aiosmtplib.SMTPStatus.completed:
             raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, mail_from)
         answers: list[aiosmtplib.SMTPResponse] = []
