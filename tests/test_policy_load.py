@@ -26,6 +26,7 @@ from cryptography.x509.oid import NameOID
 
 from relay import classify, message
 from relay.errors import PolicyError
+from relay.keygen import public_record_value
 from relay.policy import yamlsource
 from relay.policy.load import check_main, load, policy_version
 from relay.policy.model import (
@@ -1425,6 +1426,26 @@ def test_a_dkim_key_saved_with_cr_lf_line_ends_signs(tmp_path: Path) -> None:
     key.write_bytes(RSA_KEY.read_bytes().replace(b"\n", b"\r\n"))
     (loaded,) = load(path).dkim_keys
     assert loaded.private_key == RSA_KEY.read_bytes()
+
+
+@pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
+def test_a_dkim_key_saved_with_a_byte_order_mark_reads_as_without(
+    tmp_path: Path, algorithm: str
+) -> None:
+    """An Ed25519 seed with the mark signed (its decoder passes over it), while
+    ``relay dkim check`` and keygen, which decode strictly, could not read it."""
+    path = variant(
+        tmp_path,
+        "      key_file: keys/platform.example.s1.private\n",
+        f"      key_file: keys/saved.private\n      algorithm: {algorithm}\n",
+    )
+    original = (RSA_KEY if algorithm == "rsa" else ED25519_KEY).read_bytes()
+    saved = tmp_path / "keys" / "saved.private"
+    saved.write_bytes(b"\xef\xbb\xbf" + original.replace(b"\n", b"\r\n"))
+    saved.chmod(0o600)
+    (loaded,) = load(path).dkim_keys
+    assert loaded.private_key.strip() == original.strip()
+    assert public_record_value(loaded).startswith(f"v=DKIM1; k={algorithm}; p=")
 
 
 def test_ipv4_mapped_addresses_are_read_as_the_ipv4_ones_they_name(tmp_path: Path) -> None:

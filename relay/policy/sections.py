@@ -724,17 +724,20 @@ def dkim(ctx: Ctx, root: Map) -> tuple[tuple[DkimKey, ...] | None, set[str]]:
         algorithm = m.choice("algorithm", DkimAlgorithm, DkimAlgorithm.RSA)
         key = m.read("key_file", values.read_file)
         if domain and selector and algorithm and key:
-            data = dkimkey.as_signed(algorithm, _lf(key[1]))
+            data = dkimkey.as_signed(algorithm, _as_saved(key[1]))
             keys.append(_signing_key(ctx, m, DkimKey(domain, selector, algorithm, key[0], data)))
         else:
             keys.append(None)
     return (None if None in keys else tuple(keys)), domains
 
 
-def _lf(pem: bytes) -> bytes:
-    """A key file saved with CR LF line ends (a Windows editor) reads as written
-    with LF: the PEM parser the signer shares with dkimpy takes LF only."""
-    return pem.replace(b"\r\n", b"\n")
+def _as_saved(pem: bytes) -> bytes:
+    """A key file saved by a Windows editor, with CR LF line ends and a UTF-8
+    byte order mark, reads as written with LF and without: the PEM parser the
+    signer shares with dkimpy takes LF only, and an Ed25519 seed with the mark
+    signed (its decoder passes over it) while `relay dkim check` and keygen,
+    which decode strictly, could not read it."""
+    return pem.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n")
 
 
 def _signing_key(ctx: Ctx, m: Map, key: DkimKey) -> DkimKey | None:
