@@ -42,10 +42,10 @@ def fixed(policy_file: Path, item: str) -> Path:
             ReplyToSource(ReplyToKind.ADDRESS, "desk@acme.example", 'Sales "East"'),
             '"Sales \\"East\\"" <desk@acme.example>',
         ),
-        (
-            """'"Sales" Desk <desk@acme.example>'""",
-            ReplyToSource(ReplyToKind.ADDRESS, "desk@acme.example", "Sales Desk"),
-            "Sales Desk <desk@acme.example>",
+        (  # as written: an @ or a comment is no reason to drop the name
+            "'Support @ Acme (Sales) <desk@acme.example>'",
+            ReplyToSource(ReplyToKind.ADDRESS, "desk@acme.example", "Support @ Acme (Sales)"),
+            '"Support @ Acme (Sales)" <desk@acme.example>',
         ),
     ],
 )

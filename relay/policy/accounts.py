@@ -9,6 +9,7 @@ tenant" problems behind it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import replace
 from ipaddress import ip_address
@@ -18,7 +19,7 @@ from typing import NamedTuple
 
 from yaml.nodes import Node, SequenceNode
 
-from relay import message, passwd
+from relay import passwd
 from relay.hostport import host_port
 from relay.policy import selfloop, values
 from relay.policy.model import (
@@ -534,16 +535,25 @@ def _source(ctx: Ctx, node: Node, path: str) -> ReplyToSource | None:
 
 def _fixed_address(ctx: Ctx, node: Node, path: str, value: str) -> ReplyToSource | None:
     """``desk@acme.example`` or ``Office Desk <desk@acme.example>``: replies to a
-    shared desk read better with its name. The name is read as in a header, so
-    ``"Sales \\"East\\"" <...>`` is the name ``Sales "East"``, not a name with
-    backslashes that the header then escaped again."""
-    found = message.address_list(value)
-    unclosed = "<" in value and not value.rstrip().endswith(">")  # the header reader forgives it
-    if unclosed or len(found) != 1 or not values.is_address(found[0][1]):
+    shared desk read better with its name, taken as written (``@``, brackets and
+    parentheses included); a quoted one is unquoted, its escapes undone."""
+    name, bracketed, address = value.rpartition("<")
+    if bracketed and address.endswith(">"):
+        name, address = _unquoted(name.strip()), address[:-1]
+    else:
+        name, address = "", value
+    if not values.is_address(address):
         ctx.problem(node, path, f"{value!r} is not an address like name@example.com")
         return None
-    name, address = found[0]
     return ReplyToSource(ReplyToKind.ADDRESS, address, name)
+
+
+def _unquoted(name: str) -> str:
+    """``"Sales \\"East\\""`` is ``Sales "East"``: its backslashes kept, the header
+    escaped them again, and recipients read ``Sales \\"East\\"``."""
+    if len(name) < 2 or name[0] != '"' or name[-1] != '"':
+        return name
+    return re.sub(r"\\(.)", r"\1", name[1:-1])
 
 
 def logins(
