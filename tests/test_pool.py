@@ -450,6 +450,50 @@ async def test_a_421_to_mail_on_a_reused_connection_means_stale(
     assert second.messages == ["m1@p.example"]
 
 
+async def test_a_421_to_mail_then_a_hang_up_on_a_reused_connection_means_stale(
+    pool: Pool, pipelining: bool
+) -> None:
+    """As RFC 5321 has a server do after its 421: the replies after it never
+    come, and the refusal counted, where a new connection would take it."""
+    transactions: list[list[bytes]] = []
+
+    async def limited(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen: list[bytes] = []
+        transactions.append(seen)
+        writer.write(b"220 limited ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            seen.append(verb)
+            if verb == b"EHLO":
+                offer = b"250-PIPELINING\r\n" if pipelining else b""
+                writer.write(b"250-limited\r\n" + offer + b"250 8BITMIME\r\n")
+            elif verb == b"MAIL" and seen.count(b"MAIL") > 1:
+                writer.write(b"421 4.7.0 one message a connection\r\n")
+                break
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                await writer.drain()
+                while await reader.readline() not in (b".\r\n", b""):
+                    pass
+                writer.write(b"250 2.0.0 queued\r\n")
+            else:
+                writer.write(b"221 bye\r\n" if verb == b"QUIT" else b"250 ok\r\n")
+            await writer.drain()
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(limited, "127.0.0.1", free_port())
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for n in range(2):
+            result = await send(pool, upstream(port), f"m{n}@p.example")
+            assert result.reply.startswith("250"), result
+        await pool.close()
+    finally:
+        server.close()
+    assert [t.count(b"MAIL") for t in transactions] == [2, 1]
+
+
 # --- idle timeout, close, limits --------------------------------------------------
 
 

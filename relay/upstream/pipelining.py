@@ -351,6 +351,8 @@ async def _transaction(
         try:
             got = await replies.take(len(rcpt_commands) + (1 if held else 2), timeout)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as lost:
+            if reset and replies.arrived():  # a 421 closes the connection, as it should
+                stale(replies.arrived()[0])
             refusal = _refusal(replies.arrived(), mail_from, rcpt_tos)
             if refusal is None:
                 answers += _answers(replies.arrived(), rcpt_tos)
