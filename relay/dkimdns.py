@@ -112,6 +112,10 @@ def _txt(answers: dns.resolver.Resolver, name: str) -> list[bytes]:
         try:
             found = answers.resolve(asked, "TXT", search=False)
         except dns.resolver.NXDOMAIN as exc:
+            target = _dangling(exc, asked)
+            if target is not None:  # a resolver that followed the CNAME to nothing
+                chain += f"{asked} is a CNAME to {target}, and "
+                asked = target
             raise _NotPublished(f"{chain}{asked} does not exist in DNS") from exc
         except dns.resolver.NoAnswer as exc:
             response = exc.response()
@@ -126,6 +130,17 @@ def _txt(answers: dns.resolver.Resolver, name: str) -> list[bytes]:
             raise _Unanswered(chain + _dns_trouble(answers, asked, exc)) from exc
         return [b"".join(rdata.strings) for rdata in found]
     raise _Unanswered(f"{name}: more than {MOST_CNAMES} CNAMEs in a row")
+
+
+def _dangling(exc: dns.resolver.NXDOMAIN, name: str) -> str | None:
+    """Where a CNAME at ``name`` points, when the name that does not exist is its
+    target (a provider's record not made yet): the name itself exists, and no
+    TXT record can be published beside its CNAME."""
+    for response in exc.responses().values():
+        target = _cname(response, name)
+        if target is not None:
+            return target
+    return None
 
 
 def _cname(response: dns.message.Message, name: str) -> str | None:

@@ -19,6 +19,8 @@ class DnsServer:
     does not exist (NXDOMAIN). ``cnames``: name -> the name it is an alias of, answered
     without following it, as an authoritative server does for another zone.
     ``referrals``: name -> the servers it is handed to (NS in the authority section).
+    ``recursive``: a CNAME to a name that does not exist is answered as a resolver
+    that followed it answers: the CNAME, and NXDOMAIN.
     ``asked`` lists the names queried, in order."""
 
     def __init__(
@@ -26,7 +28,9 @@ class DnsServer:
         records: dict[str, list[list[bytes]]],
         cnames: dict[str, str] | None = None,
         referrals: dict[str, list[str]] | None = None,
+        recursive: bool = False,
     ) -> None:
+        self.recursive = recursive
         self.records = {dns.name.from_text(n): r for n, r in records.items()}
         self.cnames = {dns.name.from_text(n): t for n, t in (cnames or {}).items()}
         self.referrals = {dns.name.from_text(n): t for n, t in (referrals or {}).items()}
@@ -65,6 +69,8 @@ class DnsServer:
         if question.name in self.cnames:
             target = self.cnames[question.name]
             reply.answer.append(dns.rrset.from_text(question.name, 300, "IN", "CNAME", target))
+            if self.recursive and dns.name.from_text(target) not in self.records:
+                reply.set_rcode(dns.rcode.NXDOMAIN)
         elif question.name in self.referrals:
             servers = self.referrals[question.name]
             reply.authority.append(dns.rrset.from_text(question.name, 300, "IN", "NS", *servers))
