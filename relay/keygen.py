@@ -55,6 +55,9 @@ def generate(
             raise ValueError(
                 f"invalid DKIM {what} {name!r}: expected a DNS name{_in_a_labels(name)}"
             )
+    owner = f"{selector}._domainkey.{domain}"
+    if len(owner) > 253:  # the record's own name: no zone takes a longer one
+        raise ValueError(f"{owner} is {len(owner)} characters: a DNS name has at most 253")
     if algorithm is DkimAlgorithm.RSA:
         bits = DEFAULT_RSA_BITS if bits is None else bits
         if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:

@@ -146,6 +146,14 @@ def test_refuses_names_that_are_not_dns_names(domain: str, selector: str, tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_refuses_a_record_name_longer_than_dns_allows(tmp_path: Path) -> None:
+    """Each name fit alone; the printed record's name did not, and no zone took it."""
+    domain = ".".join(["a" * 56] * 4) + ".com"
+    with pytest.raises(ValueError, match=r"\._domainkey\..* is 257 characters: a DNS name has"):
+        generate(domain, "selector202601", DkimAlgorithm.ED25519, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("domain", "selector", "form"),
     [("exämple.com", "s1", "xn--exmple-cua.com"), ("example.com", "sél", "xn--sl-bja")],
