@@ -294,7 +294,7 @@ async def test_timeout_closes_the_connection_instead_of_reusing_it(
 
 
 async def test_cancelled_transaction_closes_the_connection(pool: Pool, pipelining: bool) -> None:
-    rec = Recorder(delay=5.0, pipelining=pipelining)
+    rec = Recorder(delay=60.0, pipelining=pipelining)  # no reply before the cancel, however slow
     with running(rec) as (_, port):
         task = asyncio.create_task(send(pool, upstream(port), "b@p.example"))
         await eventually(lambda: bool(rec.connections) and "DATA" in rec.connections[0].commands)
