@@ -9,6 +9,7 @@ import dataclasses
 import io
 import logging
 import time
+from dataclasses import dataclass
 from email import message_from_bytes
 from email.policy import default
 from pathlib import Path
@@ -252,11 +253,24 @@ def _list(listed: SuppressionFile) -> None:
     listed.add([Suppression("customer@example.net", None, MANUAL, suppression_now())])
 
 
-async def test_a_recipient_listed_while_its_upstream_is_suspended_is_recorded_once(
-    spool: Spool, policy: Policy, tmp_path: Path
-) -> None:
-    """Found listed by attempts that then waited for the upstream, the recipient
-    got a ``suppressed`` record from each of them."""
+@dataclass
+class Listed:
+    """An engine with a suppression list, whose upstream one message found down,
+    another waiting behind it with a recipient listed since."""
+
+    engine: Engine
+    now: list[float]
+    upstream: Recovers
+    listed: SuppressionFile
+    audit: AuditLog
+    first: str
+    waiting: str
+
+    def recover(self, policy: Policy) -> None:
+        self.upstream.up, self.now[0] = True, self.now[0] + 10 * policy.queue.first_retry
+
+
+async def _listed_behind_a_suspension(spool: Spool, policy: Policy, tmp_path: Path) -> Listed:
     now = [time.time()]
     policy, listed = _listing(policy, tmp_path)
     audit = AuditLog(tmp_path / "audit")
@@ -267,13 +281,22 @@ async def test_a_recipient_listed_while_its_upstream_is_suspended_is_recorded_on
     first, waiting = _waiting_behind(spool, now[0])
     assert (await engine.attempt_now(first)).status == "deferred"
     _list(listed)
+    return Listed(engine, now, upstream, listed, audit, first, waiting)
+
+
+async def test_a_recipient_listed_while_its_upstream_is_suspended_is_recorded_once(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    """Found listed by attempts that then waited for the upstream, the recipient
+    got a ``suppressed`` record from each of them."""
+    it = await _listed_behind_a_suspension(spool, policy, tmp_path)
     for _ in range(2):
-        assert (await engine.attempt_now(waiting)).status == "later"
-    upstream.up, now[0] = True, now[0] + 10 * policy.queue.first_retry
-    assert (await engine.attempt_now(first)).status == "delivered"
-    assert (await engine.attempt_now(waiting)).status == "failed"
-    await engine.stop(5)
-    assert [(e, r) for e, r in outcomes(audit.directory, waiting) if e != "notified"] == [
+        assert (await it.engine.attempt_now(it.waiting)).status == "later"
+    it.recover(policy)
+    assert (await it.engine.attempt_now(it.first)).status == "delivered"
+    assert (await it.engine.attempt_now(it.waiting)).status == "failed"
+    await it.engine.stop(5)
+    assert [(e, r) for e, r in outcomes(it.audit.directory, it.waiting) if e != "notified"] == [
         ("suppressed", "customer@example.net"),
         ("delivered", "other@example.org"),
         ("delivered", "archive@acme.example"),
@@ -286,23 +309,14 @@ async def test_a_recipient_taken_off_the_list_while_its_message_waits_is_only_de
     """An attempt that found it listed, and then waited, left a ``suppressed``
     record that the delivery after the sysadmin's ``relay suppression remove``
     contradicted."""
-    now = [time.time()]
-    policy, listed = _listing(policy, tmp_path)
-    audit = AuditLog(tmp_path / "audit")
-    upstream = Recovers()
-    engine = Engine(
-        spool, lambda: policy, upstream, Recorder(audit), clock=lambda: now[0], suppressions=listed
-    )
-    first, waiting = _waiting_behind(spool, now[0])
-    assert (await engine.attempt_now(first)).status == "deferred"
-    _list(listed)
-    assert (await engine.attempt_now(waiting)).status == "later"
-    listed.remove([("customer@example.net", None)], by="alice")
-    upstream.up, now[0] = True, now[0] + 10 * policy.queue.first_retry
-    assert (await engine.attempt_now(first)).status == "delivered"
-    assert (await engine.attempt_now(waiting)).status == "delivered"
-    await engine.stop(5)
-    story = outcomes(audit.directory, waiting)
+    it = await _listed_behind_a_suspension(spool, policy, tmp_path)
+    assert (await it.engine.attempt_now(it.waiting)).status == "later"
+    it.listed.remove([("customer@example.net", None)], by="alice")
+    it.recover(policy)
+    assert (await it.engine.attempt_now(it.first)).status == "delivered"
+    assert (await it.engine.attempt_now(it.waiting)).status == "delivered"
+    await it.engine.stop(5)
+    story = outcomes(it.audit.directory, it.waiting)
     assert [e for e, r in story if r == "customer@example.net"] == ["delivered"]
 
 
