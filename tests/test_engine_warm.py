@@ -651,6 +651,22 @@ class Split:
         )
 
 
+@contextlib.asynccontextmanager
+async def deferred_unrecorded(
+    spool: Spool, policy: Policy, tmp_path: Path, upstream: Any
+) -> AsyncIterator[tuple[Engine, QueueEntry, Recorder]]:
+    """A message whose attempt ended deferred while the audit log (in ``tmp_path /
+    "audit"``) refused its records, on an engine that stops at the end."""
+    audit_dir = tmp_path / "audit"
+    recorder = Recorder(AuditLog(audit_dir))
+    entry = make_entry(size=len(message(1)))
+    engine = Engine(spool, lambda: policy, upstream, recorder)
+    async with queued_and_running(spool, entry, engine) as running_engine:
+        _break(audit_dir)
+        assert (await running_engine.attempt_now(entry.queue_id)).status == "deferred"
+        yield running_engine, entry, recorder
+
+
 def _story(audit_dir: Path, queue_id: str) -> list[tuple[str, str]]:
     return [(r["event"], r["recipient"]) for r in read_all(audit_dir) if r["queue_id"] == queue_id]
 
@@ -671,19 +687,12 @@ async def test_a_deferral_the_audit_log_refuses_waits_locked_until_its_records_a
     takes them."""
     monkeypatch.setattr(engine_module, "POLL", 0.05)
     monkeypatch.setattr(engine_module, "WAITING_MAX", 1)  # full, it still gets its turn
-    audit_dir = tmp_path / "audit"
-    recorder = Recorder(AuditLog(audit_dir))
     upstream = Split()
-    entry = make_entry(size=len(message(1)))
-    customer, archive = (r.address for r in entry.recipients)
-    async with queued_and_running(
-        spool, entry, Engine(spool, lambda: policy, upstream, recorder)
-    ) as engine:
-        _break(audit_dir)
-        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+    async with deferred_unrecorded(spool, policy, tmp_path, upstream) as (engine, entry, recorder):
+        customer, archive = (r.address for r in entry.recipients)
         assert [r.status for r in spool.load(entry.queue_id).recipients] == ["pending"] * 2
         assert lock_elsewhere(spool, entry.queue_id) == "busy"  # relay queue: being delivered
-        _mend(audit_dir, recorder)
+        _mend(tmp_path / "audit", recorder)
         await _stored(spool, entry.queue_id, ["delivered", "pending"])
         assert lock_elsewhere(spool, entry.queue_id) == "locked"
         assert spool.load(entry.queue_id).next_attempt > time.time()
@@ -691,7 +700,7 @@ async def test_a_deferral_the_audit_log_refuses_waits_locked_until_its_records_a
         _due_now(spool, entry.queue_id)
         assert (await engine.attempt_now(entry.queue_id)).status == "delivered"
         await gone(spool)
-    story = _story(audit_dir, entry.queue_id)
+    story = _story(tmp_path / "audit", entry.queue_id)
     assert story == [("delivered", customer), ("deferred", archive), ("delivered", archive)]
 
 
@@ -700,23 +709,17 @@ async def test_a_deferral_the_audit_log_refuses_until_the_stop_goes_again_at_the
 ) -> None:
     """Its outcome is on no record: the entry is left as last stored, and the
     next start sends it again and records that."""
-    audit_dir = tmp_path / "audit"
-    recorder = Recorder(AuditLog(audit_dir))
     upstream = Split()
-    entry = make_entry(size=len(message(1)))
-    async with queued_and_running(
-        spool, entry, Engine(spool, lambda: policy, upstream, recorder)
-    ) as engine:
-        _break(audit_dir)
-        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+    async with deferred_unrecorded(spool, policy, tmp_path, upstream) as (_, entry, recorder):
+        pass
     assert [r.status for r in spool.load(entry.queue_id).recipients] == ["pending"] * 2
     assert lock_elsewhere(spool, entry.queue_id) == "locked"
-    _mend(audit_dir, recorder)
+    _mend(tmp_path / "audit", recorder)
     upstream.all_ok = True
     async with running(Engine(spool, lambda: policy, upstream, recorder)) as engine:
         assert (await engine.attempt_now(entry.queue_id)).status == "delivered"
         await gone(spool)
-    story = _story(audit_dir, entry.queue_id)
+    story = _story(tmp_path / "audit", entry.queue_id)
     assert story == [("delivered", r.address) for r in entry.recipients]
     assert f"{entry.queue_id}: the relay stops before the audit log took its last" in caplog.text
 
@@ -750,24 +753,17 @@ async def test_a_deferral_lost_at_the_stop_takes_its_failure_notice_with_it(
 ) -> None:
     """The notice its attempt queued went out with no ``notified`` record, and the
     next start, refused again, told the sender a second time."""
-    audit_dir = tmp_path / "audit"
-    recorder = Recorder(AuditLog(audit_dir))
     upstream = Refusing()
-    entry = make_entry(size=len(message(1)))
-    customer, archive = (r.address for r in entry.recipients)
-    async with queued_and_running(
-        spool, entry, Engine(spool, lambda: policy, upstream, recorder)
-    ) as engine:
-        _break(audit_dir)
-        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+    async with deferred_unrecorded(spool, policy, tmp_path, upstream) as (_, entry, recorder):
+        customer, archive = (r.address for r in entry.recipients)
         assert len(spool.ids()) == 2  # the message and its notice
     assert spool.ids() == [entry.queue_id]
-    _mend(audit_dir, recorder)
+    _mend(tmp_path / "audit", recorder)
     upstream.all_ok = True
     async with running(Engine(spool, lambda: policy, upstream, recorder)):
         await gone(spool)
     assert upstream.notices == 1
-    story = _story(audit_dir, entry.queue_id)
+    story = _story(tmp_path / "audit", entry.queue_id)
     assert story == [
         ("failed", customer),
         ("delivered", archive),
@@ -779,18 +775,14 @@ async def test_a_deferral_lost_at_the_stop_takes_its_failure_notice_with_it(
 async def test_a_deferral_kept_from_the_audit_log_is_stored_at_the_stop_if_it_takes_them(
     spool: Spool, policy: Policy, tmp_path: Path
 ) -> None:
-    audit_dir = tmp_path / "audit"
-    recorder = Recorder(AuditLog(audit_dir))
-    entry = make_entry(size=len(message(1)))
-    customer, archive = (r.address for r in entry.recipients)
-    async with queued_and_running(
-        spool, entry, Engine(spool, lambda: policy, Split(), recorder)
-    ) as engine:
-        _break(audit_dir)
-        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
-        _mend(audit_dir, recorder)  # its turn, a POLL later, does not come first
+    async with deferred_unrecorded(spool, policy, tmp_path, Split()) as (_, entry, recorder):
+        customer, archive = (r.address for r in entry.recipients)
+        _mend(tmp_path / "audit", recorder)  # its turn, a POLL later, does not come first
     assert [r.status for r in spool.load(entry.queue_id).recipients] == ["delivered", "pending"]
-    assert _story(audit_dir, entry.queue_id) == [("delivered", customer), ("deferred", archive)]
+    assert _story(tmp_path / "audit", entry.queue_id) == [
+        ("delivered", customer),
+        ("deferred", archive),
+    ]
 
 
 async def test_an_attempt_the_relay_itself_fails_is_tried_later_not_at_every_scan(
