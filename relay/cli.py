@@ -889,9 +889,9 @@ def _queue(args: argparse.Namespace) -> int:
 
 
 def _recorded(state: StateSettings, spool: Spool, verb: str, targets: list[str]) -> int:
-    """Each deletion, hold and release is on record, with who acted, before it is
-    done (``tools.delete``, ``tools.hold``): a message gone or delivered late must
-    have its reason in the audit log."""
+    """Each deletion, hold and release is on record, with who acted, and none
+    that was not done (``tools.delete``, ``tools.hold``): a message gone or
+    delivered late must have its reason in the audit log."""
     from relay.audit import AuditError, events
     from relay.record import Recorder, audit_log, operator
     from relay.spool import tools

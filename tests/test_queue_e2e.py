@@ -25,6 +25,7 @@ from relay.audit import AuditLog, events, reader
 from relay.policy.load import load
 from relay.record import operator
 from relay.spool import Spool
+from tests.readonly import read_only
 from tests.relayproc import RelayProcess, piped_into_head, wait_for
 from tests.sink import Sink, SinkServer, free_port
 from tests.spoolkit import make_entry
@@ -659,6 +660,31 @@ def test_delete_refuses_to_remove_what_the_audit_log_cannot_record(
     assert done.returncode == 0, done.stderr
     assert relay_cli(policy, "queue", "list").stdout == "Mail queue is empty\n"
     assert audit_events(policy, queue_id)[-1] == ("deleted", None)
+    assert relay_cli(policy, "audit", "verify").returncode == 0
+
+
+def test_a_hold_or_release_the_queue_cannot_store_is_not_on_record(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Recorded before it was stored, a hold or release that ``env/`` refused (a
+    full disk, ``chattr +i``) was in the audit log while the message stayed as
+    it was: released on record, and still held."""
+    port = free_port()
+    policy = configure(policy_file, port, free_port())  # no upstream: the message stays
+    with RelayProcess(policy, port, tmp_path / "relay.log"):
+        queue_id = send(port)
+    env = tmp_path / "state" / "queue" / "env"
+    with read_only(env, 0o500):
+        done = relay_cli(policy, "queue", "hold", queue_id)
+    assert done.returncode == 1 and f"{queue_id}: " in done.stderr
+    assert ("held", None) not in audit_events(policy, queue_id)
+    assert f"{queue_id} " in relay_cli(policy, "queue", "list").stdout  # not held: no !
+    assert relay_cli(policy, "queue", "hold", queue_id).returncode == 0
+    with read_only(env, 0o500):
+        done = relay_cli(policy, "queue", "release", queue_id)
+    assert done.returncode == 1 and f"{queue_id}: " in done.stderr
+    assert ("released", None) not in audit_events(policy, queue_id)
+    assert f"{queue_id}!" in relay_cli(policy, "queue", "list").stdout
     assert relay_cli(policy, "audit", "verify").returncode == 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -16,6 +17,7 @@ from relay.queueid import new_queue_id
 from relay.record import Recorder
 from relay.spool import DELIVERED, QueueEntry, Spool, tools
 from tests import spoolkit
+from tests.readonly import read_only
 from tests.spoolkit import locked_elsewhere
 from tests.test_audit_fixture import read_all
 
@@ -379,11 +381,11 @@ def test_a_damaged_record_is_recorded_as_deleted_too(
 
 
 @pytest.mark.parametrize("verb", ["hold", "release"])
-def test_hold_and_release_are_recorded_first_naming_who_acted(
+def test_hold_and_release_are_recorded_once_stored_naming_who_acted(
     spool: Spool, two: list[QueueEntry], tmp_path: Path, verb: str
 ) -> None:
     """A held message delivered after its lifetime had nothing in the audit log to
-    explain the gap; a change the log refuses is not made."""
+    explain the gap; a change the log refuses is put back."""
     from relay.audit import events
 
     second = two[1]
@@ -394,7 +396,7 @@ def test_hold_and_release_are_recorded_first_naming_who_acted(
 
     def record(queue_id: str, entry: QueueEntry | None) -> None:
         assert entry is not None and entry.held == (verb == "hold")
-        assert spool.load(queue_id).held != entry.held  # not yet stored
+        assert spool.load(queue_id).held == entry.held  # stored first
         audit.append(event(queue_id=queue_id, message_id=entry.message_id, by="root"))
 
     outcome, _, err = run(getattr(tools, verb), spool, [second.queue_id], record=record)
@@ -411,7 +413,59 @@ def test_hold_and_release_are_recorded_first_naming_who_acted(
     assert outcome == (1, [])
     undone = "released" if undo == "release" else "held"
     assert f"{second.queue_id}: not {undone}, the audit log cannot record it" in err
+    assert err.endswith("No space left on device (left as it was)\n")
     assert spool.load(second.queue_id).held == (verb == "hold")
+
+
+@pytest.mark.parametrize("verb", ["hold", "release"])
+def test_a_hold_or_release_that_cannot_be_stored_is_not_on_record(
+    spool: Spool, two: list[QueueEntry], tmp_path: Path, verb: str
+) -> None:
+    """Recorded before it was stored, a change ``env/`` refused (a full disk, an
+    immutable directory) was in the audit log while the message stayed held, or
+    was delivered."""
+    first = two[0]
+    if verb == "release":
+        run(tools.hold, spool, [first.queue_id])
+    recorder = Recorder(AuditLog(tmp_path / "audit"))
+
+    def record(queue_id: str, entry: QueueEntry | None) -> None:
+        recorder.deleted(queue_id, entry, "root")  # any record: none may be written
+        recorder.flush_sync(queue_id)
+
+    with read_only(spool.directory / "env", 0o500):
+        outcome, out, err = run(getattr(tools, verb), spool, [first.queue_id], record=record)
+    assert outcome == (1, []) and out.endswith(": 0 messages\n")
+    assert err.startswith(f"{first.queue_id}: ") and "env" in err
+    assert read_all(tmp_path / "audit") == []
+    assert spool.load(first.queue_id).held == (verb == "release")
+
+
+@pytest.mark.parametrize("verb", ["hold", "release", "delete"])
+def test_a_change_neither_recorded_nor_put_back_says_it_stands(
+    spool: Spool, two: list[QueueEntry], verb: str
+) -> None:
+    """The audit log refuses the record, and ``env/`` then refuses the entry as
+    it was: it stays changed (a deletion's hold), and the sysadmin is told so,
+    not "left as it was"."""
+    first = two[0]
+    if verb == "release":
+        run(tools.hold, spool, [first.queue_id])
+    with contextlib.ExitStack() as later:
+
+        def refused(queue_id: str, entry: QueueEntry | None) -> None:
+            later.enter_context(read_only(spool.directory / "env", 0o500))
+            raise AuditError("audit log: No space left on device")
+
+        outcome, _, err = run(getattr(tools, verb), spool, [first.queue_id], record=refused)
+    state = {"hold": "held", "release": "released", "delete": "not deleted but held"}[verb]
+    assert outcome.code == 1
+    assert [e.queue_id for e in outcome.entries] == ([] if verb == "delete" else [first.queue_id])
+    assert err.startswith(
+        f"{first.queue_id}: {state}, with no record of it: the audit log cannot record it"
+        " (audit log: No space left on device), and putting it back failed ("
+    )
+    assert spool.load(first.queue_id).held == (verb != "release")
 
 
 class _FullOutput(io.StringIO):

@@ -6,7 +6,9 @@ delivered right now is reported and skipped rather than stalling the command
 behind a slow upstream; an error only when named, so that ``hold ALL`` from
 cron does not fail on a queue that is busy. The commands that change entries return the entries
 they changed so the caller can write the audit record of who did what; delete,
-hold and release have it written, under the entry's lock, before the change.
+hold and release have it written under the entry's lock: a deletion's before
+the message goes, a hold's or release's once it is stored, and a change the
+audit log refuses is undone.
 Given who ran them, they leave a note of each change for the relay's log.
 """
 
@@ -317,8 +319,8 @@ def hold(
     by: str | None = None,
 ) -> Outcome:
     """``relay queue hold ID...``: kept, but not delivered until released. Each
-    hold is ``record``ed first: a message delivered late with nothing in the
-    audit log to say why is a gap an auditor cannot explain."""
+    hold is ``record``ed once stored: a message delivered late with nothing in
+    the audit log to say why is a gap an auditor cannot explain."""
 
     def change(entry: QueueEntry) -> bool:
         was, entry.held = entry.held, True
@@ -341,7 +343,7 @@ def release(
     by: str | None = None,
 ) -> Outcome:
     """``relay queue release ID...``: back in the queue at its scheduled time,
-    ``record``ed first, as ``hold`` is."""
+    ``record``ed once stored, as ``hold`` is."""
 
     def change(entry: QueueEntry) -> bool:
         was, entry.held = entry.held, False
@@ -393,7 +395,7 @@ def _each(
     """Apply ``change`` to each target under its lock; ``change`` says whether it did anything.
     With ``remove`` each changed entry is recorded by it, then removed, and so is
     one whose record cannot be read (its ID goes into ``unreadable``). With
-    ``record``, each changed entry is recorded by it, then stored."""
+    ``record``, each changed entry is stored, then recorded by it."""
     code = 0
     changed: list[QueueEntry] = []
     # all read first: IDs on stdin that cannot be read stop the command before
@@ -413,13 +415,14 @@ def _each(
                     if unreadable is not None:
                         unreadable.append(queue_id)
                     continue
+                was = dataclasses.replace(entry)
                 if not change(entry):
                     continue
                 if remove is not None:
                     _remove(spool, entry, remove)
+                elif record is not None:
+                    _store(spool, entry, was, record)
                 else:
-                    if record is not None:
-                        record(queue_id, entry)
                     spool.update(entry)
                 changed.append(entry)
         except _Skip as skip:
@@ -446,9 +449,43 @@ def _each(
             _report(err, spool, queue_id, exc)
             code = 1
         except AuditError as exc:
-            err.write(f"{queue_id}: not {verb}, the audit log cannot record it: {exc}\n")
+            err.write(
+                f"{queue_id}: not {verb}, the audit log cannot record it: {exc} (left as it was)\n"
+            )
             code = 1
+        except _Unrecorded as exc:
+            err.write(f"{queue_id}: {exc}\n")
+            code = 1
+            if exc.changed is not None:
+                changed.append(exc.changed)
     return Outcome(code, changed)
+
+
+class _Unrecorded(Exception):
+    """A change the audit log refused to record, which could not be undone
+    either: the message says what state the entry is left in. ``changed`` is
+    the entry when the change stands."""
+
+    def __init__(
+        self, state: str, refused: AuditError, undo: SpoolError, changed: QueueEntry | None
+    ) -> None:
+        super().__init__(
+            f"{state}, with no record of it: the audit log cannot record it ({refused}),"
+            f" and putting it back failed ({undo})"
+        )
+        self.changed = changed
+
+
+def _store(spool: Spool, entry: QueueEntry, was: QueueEntry, record: Record) -> None:
+    """Stored, then recorded: recorded first, a change whose storing then failed
+    (a full disk, an immutable ``env/``) was in the audit log while the message
+    stayed held, or was delivered. One the audit log refuses is put back."""
+    spool.update(entry)
+    try:
+        record(entry.queue_id, entry)
+    except AuditError as refused:
+        _put_back(spool, was, refused, "held" if entry.held else "released", entry)
+        raise
 
 
 def _remove(spool: Spool, entry: QueueEntry, record: Record) -> None:
@@ -461,11 +498,26 @@ def _remove(spool: Spool, entry: QueueEntry, record: Record) -> None:
         spool.update(dataclasses.replace(entry, held=True))
     try:
         record(entry.queue_id, entry)
-    except AuditError:
+    except AuditError as refused:
         if not entry.held:
-            spool.update(entry)
+            _put_back(spool, entry, refused, "not deleted but held")
         raise
     spool.remove(entry.queue_id)
+
+
+def _put_back(
+    spool: Spool,
+    was: QueueEntry,
+    refused: AuditError,
+    state: str,
+    changed: QueueEntry | None = None,
+) -> None:
+    """The entry as it was before a change the audit log refused; where that
+    cannot be stored either, the change stands unrecorded, and is said so."""
+    try:
+        spool.update(was)
+    except SpoolError as undo:
+        raise _Unrecorded(state, refused, undo, changed) from refused
 
 
 def _resolve(
