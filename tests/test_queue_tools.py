@@ -331,6 +331,38 @@ def test_a_damaged_record_can_still_be_deleted(spool: Spool, two: list[QueueEntr
     assert spool.ids() == [] and not spool.message_path(damaged).exists()
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"arrival": float("nan")},
+        {"next_attempt": 1e300},
+        {"arrival": float("inf")},
+        {"next_attempt": -1e300},
+        {"updated": float("-inf")},
+    ],
+)
+def test_a_record_with_a_time_out_of_range_is_damaged_not_the_whole_listing(
+    spool: Spool, two: list[QueueEntry], damage: dict[str, float]
+) -> None:
+    """``NaN`` and ``1e300`` are JSON numbers to Python: the record loaded, and
+    ``relay queue list`` and ``show`` failed on it for the whole queue
+    (``timestamp out of range``)."""
+    damaged, other = two
+    record = json.loads(damaged.to_json())
+    where = record["recipients"][0] if "updated" in damage else record
+    where.update(damage)
+    (spool.directory / "env" / f"{damaged.queue_id}.json").write_text(json.dumps(record))
+    assert damaged.queue_id not in listing(spool) and other.queue_id in listing(spool)
+    assert listing(spool).endswith("in 1 Request.\n")
+    assert [json.loads(line)["queue_id"] for line in listing(spool, True).splitlines()] == [
+        other.queue_id
+    ]
+    out, err = io.StringIO(), io.StringIO()
+    assert tools.show(spool, damaged.queue_id, out, err) == 1
+    assert "unreadable queue record" in err.getvalue() and out.getvalue() == ""
+    assert tools.show(spool, other.queue_id, io.StringIO(), err) == 0
+
+
 def test_each_deletion_is_recorded_before_its_message_goes(
     spool: Spool, two: list[QueueEntry]
 ) -> None:

@@ -110,6 +110,8 @@ def test_record_holds_every_field_in_declaration_order() -> None:
         lambda r: r.pop("queue_id"),
         lambda r: r.pop("version"),
         lambda r: r.update(arrival="yesterday"),
+        lambda r: r.update(arrival=float("nan")),
+        lambda r: r.update(next_attempt=1e300),
         lambda r: r.update(held="no"),
         lambda r: r["recipients"][0].update(status="lost"),
         lambda r: r["recipients"][0].pop("notify"),

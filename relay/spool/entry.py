@@ -17,6 +17,9 @@ VERSION = 1
 
 # an entry written further ahead of the clock was written before a step back
 SET_BACK = 1.0
+# 9999-12-31, the last day ``datetime`` shows in any time zone: the record's
+# floats are all epoch times, and listings show each of them
+LAST_TIME = 253_402_214_400.0
 PENDING = "pending"
 DELIVERED = "delivered"
 FAILED = "failed"
@@ -163,7 +166,7 @@ def _check_types(obj: object) -> None:
             continue
         value = getattr(obj, name)
         if not _accepts(hint, value):
-            raise ValueError(f"{name} has the wrong type: {value!r}")
+            raise ValueError(f"{name} {_wrong(hint, value)}")
 
 
 def _accepts(hint: Any, value: object) -> bool:
@@ -175,7 +178,22 @@ def _accepts(hint: Any, value: object) -> bool:
         if isinstance(value, bool):
             continue
         if option is float and isinstance(value, int | float):
-            return True
+            return _a_time(value)
         if option in (int, str) and isinstance(value, option):
             return True
     return False
+
+
+def _a_time(value: float) -> bool:
+    """``NaN``, ``Infinity`` and ``1e300`` are JSON numbers Python reads; a listing
+    then failed on them (``timestamp out of range``), and with them on the whole
+    queue, where a damaged record is skipped."""
+    return 0 <= value <= LAST_TIME
+
+
+def _wrong(hint: Any, value: object) -> str:
+    """A number where a time goes is of the right type: ``NaN`` said "wrong type"."""
+    times = float in (typing.get_args(hint) or (hint,))
+    if times and isinstance(value, int | float) and not isinstance(value, bool):
+        return f"is not a time: {value!r}"
+    return f"has the wrong type: {value!r}"
