@@ -461,9 +461,10 @@ _QUEUE_STATUS = (
 _TARGETS_HELP = (
     "ID is a queue ID (any case), ALL every queued message, - the IDs on stdin, one a"
     " line, as postsuper takes them. A message being delivered at that moment is"
-    " skipped as busy. Exit status: 0 done (under ALL, busy ones skipped), 1 a"
-    " named ID not handled (unknown, busy or failed), 66 no queue there or one this"
-    " user may not read (the message says which), 78 the policy does not load."
+    " skipped as busy. Exit status: 0 done (under ALL, busy ones and files that are"
+    " not plain ones skipped), 1 a named ID not handled (unknown, busy or failed), 66"
+    " no queue there or one this user may not read (the message says which), 78 the"
+    " policy does not load."
 )
 
 

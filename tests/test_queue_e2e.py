@@ -578,6 +578,29 @@ def test_a_fifo_in_the_queue_is_skipped_by_the_start_and_the_tools(
     assert "a FIFO, not a regular file" in listed.stderr + listed.stdout
 
 
+def test_all_skips_a_fifo_and_leaves_an_entry_whose_record_is_one(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """``hold ALL`` from cron exited 1 for a FIFO in ``msg/``, and ``delete ALL``
+    deleted the message whose ``env/ID.json`` was one, as an unreadable record."""
+    port = free_port()
+    policy = configure(policy_file, port, free_port())  # no upstream: the messages stay
+    with RelayProcess(policy, port, tmp_path / "relay.log"):
+        kept, gone = send(port), send(port)
+    queue = tmp_path / "state" / "queue"
+    os.mkfifo(queue / "msg" / "ZZZZZZZZZZZZZZZZ")
+    (queue / "env" / f"{kept}.json").unlink(missing_ok=True)  # its deferral's
+    os.mkfifo(queue / "env" / f"{kept}.json")
+    for verb in ("hold", "release", "retry", "delete"):
+        done = relay_cli(policy, "queue", verb, "ALL")
+        assert done.returncode == 0, done.stderr
+        assert "ZZZZZZZZZZZZZZZZ skipped unreadable queue entry: " in done.stderr
+        assert f"{kept} skipped unreadable queue entry: " in done.stderr
+    assert ("deleted", None) in audit_events(policy, gone)
+    assert ("deleted", None) not in audit_events(policy, kept)
+    assert (queue / "msg" / kept).is_file()
+
+
 def test_the_relays_log_says_what_the_queue_tools_did_once(
     policy_file: Path, tmp_path: Path
 ) -> None:

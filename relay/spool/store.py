@@ -102,6 +102,8 @@ class SpoolError(RelayError):
 
     @classmethod
     def from_os(cls, exc: OSError, path: Path | str) -> SpoolError:
+        if isinstance(exc, statefiles.NotAFile):
+            return NotAPlainFile(path, exc.strerror or str(exc))
         return cls(path, exc.strerror or str(exc))
 
 
@@ -110,6 +112,11 @@ Failure = SpoolError | None
 
 class SpoolBusy(SpoolError):
     """Another process (usually the delivery engine) holds the entry's lock."""
+
+
+class NotAPlainFile(SpoolError):
+    """An entry's file or record that is not a plain file (a FIFO, a device, a
+    directory): no entry, and left where it is for the sysadmin to look at."""
 
 
 class NoSuchEntry(SpoolError):

@@ -29,7 +29,7 @@ from relay.headers import signature_tags
 from relay.listinput import read_lines
 from relay.spool.entry import QueueEntry
 from relay.spool.notes import Notes
-from relay.spool.store import NO_ENTRY, NoSuchEntry, Spool, SpoolBusy, SpoolError
+from relay.spool.store import NO_ENTRY, NoSuchEntry, NotAPlainFile, Spool, SpoolBusy, SpoolError
 
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -406,7 +406,7 @@ def _each(
                 try:
                     entry = spool.load(queue_id)
                 except SpoolError as exc:
-                    if remove is None or isinstance(exc, NoSuchEntry):
+                    if remove is None or isinstance(exc, NoSuchEntry | NotAPlainFile):
                         raise
                     # A damaged record must still be deletable; there is no entry to return.
                     remove(queue_id, None)
@@ -445,6 +445,13 @@ def _each(
                     f"{queue_id}: being delivered right now, skipped: delivered now, or left"
                     " queued as it was (name it to try again)\n"
                 )
+        except NotAPlainFile as exc:
+            # no entry: left for the sysadmin, also by delete, as the listings leave it
+            if named:
+                _report(err, spool, queue_id, exc)
+                code = 1
+            else:
+                err.write(f"{queue_id} skipped unreadable queue entry: {exc}\n")
         except SpoolError as exc:
             _report(err, spool, queue_id, exc)
             code = 1
