@@ -211,8 +211,15 @@ def _parser() -> argparse.ArgumentParser:
     _policy_option(status)
     status.set_defaults(run=_status, pipe_status=EX_PIPE)
 
+    text = (
+        "show what the policy does to a message, without sending it: the user and document"
+        " found, the headers as sent, the signatures and recipients, and why"
+    )
     preview = sub.add_parser(
-        "preview", help="show what the policy does to a message, without sending it"
+        "preview",
+        help="show what the policy does to a message, without sending it",
+        description=text,
+        epilog=_PREVIEW_STATUS,
     )
     _policy_option(preview)
     preview.add_argument("message", type=Path, help="the message as an .eml file")
@@ -230,7 +237,7 @@ def _parser() -> argparse.ArgumentParser:
         " the most permissive of them)",
     )
     preview.add_argument("--json", action="store_true", help="print one JSON object")
-    preview.set_defaults(run=_preview)
+    preview.set_defaults(run=_preview, pipe_status=EX_PIPE)
 
     dkim = _group(sub, "dkim", "DKIM key tools")
     text = (
@@ -344,6 +351,11 @@ _SERVE_STATUS = (
 _CHECK_STATUS = (
     "Exit status: 0 the policy loads (warnings aside), 78 it does not, 74 its problems,"
     " warnings or ok line cannot be written."
+)
+_PREVIEW_STATUS = (
+    "Exit status: 0 shown, 2 an option it cannot read or a --listener the policy has not,"
+    " 65 the relay would refuse the message (its reply is said), 66 the message file"
+    " cannot be read, 74 the output cannot be written, 78 the policy does not load." + _PIPE_STATUS
 )
 _KEYGEN_STATUS = (
     "Exit status: 0 written, 1 another failure (--directory a file, a bad name or size),"

@@ -563,6 +563,22 @@ def test_a_reader_gone_from_the_queue_tools_is_exit_141(
     assert (done.returncode, done.stderr) == (141, "")
 
 
+def test_a_reader_gone_from_preview_is_exit_141_and_a_missing_message_66(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """``relay preview ... | head -1`` was exit 1, where every other tool says
+    141; a message file that is not there is 66, as the other tools' input."""
+    eml = tmp_path / "invoice.eml"
+    eml.write_text(INVOICE)
+    done = into_closed_pipe("preview", "-c", str(policy_file), str(eml))
+    assert (done.returncode, done.stderr) == (141, "")
+    done = into_closed_pipe("preview", "-c", str(policy_file), str(eml), "--json")
+    assert (done.returncode, done.stderr) == (141, "")
+    done = relay("preview", "-c", str(policy_file), str(tmp_path / "gone.eml"))
+    assert done.returncode == 66
+    assert done.stderr == f"relay preview: {tmp_path / 'gone.eml'}: No such file or directory\n"
+
+
 def test_verify_of_a_tampered_log_with_many_notes_piped_into_head_is_exit_1(
     policy_file: Path, tmp_path: Path
 ) -> None:
@@ -921,6 +937,8 @@ def test_version_is_the_installed_packages() -> None:
     [
         (["serve"], "73 the state directory cannot be opened or locked, 75 another relay runs"),
         (["check"], "Exit status: 0 the policy loads (warnings aside), 78 it does not"),
+        (["preview"], "65 the relay would refuse the message (its reply is said), 66 the"),
+        (["preview"], "141 the reader went away before all was written"),
         (["passwd"], "otherwise the first line of stdin is the password"),
         (["dkim", "keygen"], "73 the key file exists already"),
         (["dkim", "keygen"], "--selector SELECTOR the key's name (s=): its record is"),
