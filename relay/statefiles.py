@@ -63,6 +63,7 @@ _KINDS = {
     stat.S_IFCHR: "a character device",
     stat.S_IFBLK: "a block device",
     stat.S_IFSOCK: "a socket",
+    stat.S_IFLNK: "a symbolic link",
 }
 
 
@@ -82,7 +83,12 @@ class NotAFile(OSError):
 def open_plain(path: Path | str, flags: int = os.O_RDONLY) -> int:
     """A plain state file opened, not through a link; anything else raises
     NotAFile without waiting (``O_NONBLOCK`` changes nothing for a plain file)."""
-    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | NOFOLLOW)
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | NOFOLLOW)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a link, a socket: refused by the open
+            raise _as_found(path, exc) from exc
+        raise
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -91,6 +97,17 @@ def open_plain(path: Path | str, flags: int = os.O_RDONLY) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _as_found(path: Path | str, refused: OSError) -> OSError:
+    """NotAFile for what the open refused without saying what it is: the queue
+    tools skipped a FIFO under ALL, and took a link or a socket, named only
+    "Too many levels of symbolic links", for an entry they had failed."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return refused
+    return refused if stat.S_ISREG(mode) else NotAFile(mode)
 
 
 def read_plain(path: Path | str, buffering: int = -1) -> BinaryIO:
