@@ -253,6 +253,27 @@ def test_two_workers_share_the_load_the_spool_and_one_audit_chain(relay: Relay) 
         assert found == sorted(ids), event  # one record of each per message
 
 
+def stop_unlocked(relay: Relay, pid: int) -> None:
+    """SIGSTOP ``pid`` at a moment it does not hold the audit log's lock: stopped
+    with it (a worker's start probes the log), it held up the supervisor's own
+    record of the reload, and with it everything the test waited for."""
+    lock = os.open(load(relay.policy).audit.directory / ".lock", os.O_RDWR)
+    try:
+        for _ in range(100):
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(0.05)
+                continue
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return
+    finally:
+        os.close(lock)
+    raise AssertionError(f"worker {pid} held the audit log's lock at every try")
+
+
 def kill_worker(relay: Relay, index: int) -> tuple[int, float]:
     """SIGKILL worker ``index``; its replacement's PID and the restart delay the supervisor gave."""
     victim = [pid for i, pid in relay.started() if i == index][-1]
@@ -383,7 +404,7 @@ def test_a_worker_that_dies_at_every_start_during_a_reload_stops_the_relay(
     try:
         relay.wait_serving()
         other = [pid for index, pid in relay.started() if index == 1][-1]
-        os.kill(other, signal.SIGSTOP)  # the reload waits for its answer
+        stop_unlocked(relay, other)  # the reload waits for its answer
         relay.proc.send_signal(signal.SIGHUP)
         relay.wait_for(lambda: "reloading" in relay.log(), "the reload begun")
         for _ in range(supervisor.GIVE_UP - 1):
@@ -670,7 +691,7 @@ def test_workers_take_the_keys_the_supervisor_checked_not_a_later_edit(relay: Re
     text = relay.policy.read_text().replace("name: Acme AS", "name: Acme Norge AS")
     checked = relay.policy.parent / "state" / "policy.checked.yaml"
     for pid in workers:
-        os.kill(pid, signal.SIGSTOP)
+        stop_unlocked(relay, pid)
     try:
         relay.policy.write_text(text)
         relay.proc.send_signal(signal.SIGHUP)
@@ -700,7 +721,7 @@ def test_a_worker_that_does_not_take_the_reload_is_named_and_replaced(relay: Rel
     (_, first), (_, second) = relay.started()
     text = relay.policy.read_text().replace("name: Acme AS", "name: Acme Norge AS")
     handover = relay.policy.parent / "state" / "policy.handover.json"
-    os.kill(first, signal.SIGSTOP)
+    stop_unlocked(relay, first)
     try:
         relay.policy.write_text(text)
         relay.proc.send_signal(signal.SIGHUP)
@@ -1240,7 +1261,7 @@ def test_a_worker_stuck_in_a_reload_is_killed_and_replaced(
         relay.wait_serving()
         relay.wait_for(lambda: len(relay.started()) == 2, "two workers")
         (_, stuck), (_, other) = relay.started()
-        os.kill(stuck, signal.SIGSTOP)
+        stop_unlocked(relay, stuck)
         relay.policy.write_text(relay.policy.read_text().replace("name: Acme AS", "name: Acme NO"))
         relay.proc.send_signal(signal.SIGHUP)
         killed = f"ERROR worker 0 (pid {stuck}) did not stop in 2s: killing it"
