@@ -116,7 +116,8 @@ class SpoolBusy(SpoolError):
 
 class NotAPlainFile(SpoolError):
     """An entry's file or record that is not a plain file (a FIFO, a device, a
-    directory): no entry, and left where it is for the sysadmin to look at."""
+    directory, a socket, a symbolic link): no entry, and left where it is for
+    the sysadmin to look at."""
 
 
 class NoSuchEntry(SpoolError):
