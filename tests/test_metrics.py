@@ -351,6 +351,40 @@ def _step(waiting: selectors.BaseSelector, sock: socket.socket) -> int:
         return 0
 
 
+def test_silent_connections_give_their_slots_up_to_a_health_check(policy_file: Path) -> None:
+    """More connections than the server has slots, none of them sending anything:
+    each held its slot for the whole of its timeout, and a health check behind
+    them waited as long (at 32 of them it was closed unanswered after 1 s, at
+    40 answered after 4.4 s). One silent for half a second gives its slot up
+    to the next, and the server still holds no more connections than slots."""
+    from relay.metrics import status
+    from relay.metrics.serve import MAX_CLIENTS, MetricsServer
+    from relay.policy.load import load
+    from relay.policy.model import MetricsSettings
+    from relay.spool import Spool
+
+    policy = load(configure(policy_file, free_port(), free_port()))
+    Spool(policy.queue.directory)
+    server = MetricsServer(MetricsSettings("127.0.0.1", free_port()), policy)
+    server.start(lambda: policy)
+    status.beat()
+    address = ("127.0.0.1", server.settings.port)
+    silent = [socket.create_connection(address, timeout=5) for _ in range(MAX_CLIENTS + 8)]
+    try:
+        time.sleep(0.7)  # those holding the slots silent for over half a second
+        began = time.monotonic()
+        answer = _get(server.settings.port, "/healthz")[:2]
+        took = time.monotonic() - began
+        held = len(server._http.open_requests)
+    finally:
+        for sock in silent:
+            sock.close()
+        server.stop()
+    assert answer == (200, b"ok\n")
+    assert took < 2.0, f"answered after {took:.1f}s"
+    assert held <= MAX_CLIENTS
+
+
 def test_what_the_workers_do_as_they_start_is_counted(policy_file: Path, tmp_path: Path) -> None:
     """A message left queued by an upstream outage goes out the moment the relay
     starts again and leaves the queue before anyone scrapes: it is counted,

@@ -3,7 +3,10 @@
 The supervisor's main loop waits for signals and the workers' loops carry
 the mail: neither should wait on a scraper. Each request has a thread, so a
 client that stalls (one is cut off after ``TIMEOUT`` of silence) holds up no
-health check; scrapes take turns, as the counting keeps state.
+health check; scrapes take turns, as the counting keeps state. A connection
+that has not sent its request within ``SILENT`` gives its slot up to a new
+one when every slot is taken, so that silent clients cannot starve the
+health checks either.
 
 ``/healthz`` says whether the relay's main loop still comes round (it is for
 restarting a stuck relay, so it checks nothing else); ``/readyz`` whether it
@@ -22,6 +25,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -50,10 +54,15 @@ MAX_CLIENTS = 32
 # socketserver's 5 a burst (a local process opening connections in a loop,
 # scrapers at once) overflowed the queue: the kernel dropped the rest, a
 # health check among them unanswered for seconds. Queued, each is accepted
-# in turn and answered; past ``MAX_CLIENTS`` the next waits for a slot up to
-# ``SLOT_WAIT`` and is closed only then.
+# in turn and answered; past ``MAX_CLIENTS`` the next takes the slot of the
+# connection silent longest, or waits for one up to ``SLOT_WAIT`` and is closed
+# only then.
 BACKLOG = 4096
 SLOT_WAIT = 1.0  # seconds; the stop waits as long for the accepting loop at most
+# Seconds a connection may go without sending its whole request and keep its
+# slot from a new one: a client sends it as it connects, well within this.
+SILENT = 0.5
+SLOT_POLL = 0.05  # seconds between looks for a slot, or a silent connection to cut
 
 
 class MetricsError(RelayError):
@@ -72,23 +81,60 @@ class _Server(ThreadingHTTPServer):
         self.address_family = family
         self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self.open_requests: set[socket.socket] = set()  # for a forked worker to close
+        # connections whose request is not read yet, oldest first: when each was accepted
+        self._unheard: dict[socket.socket, float] = {}
+        self._unheard_lock = threading.Lock()
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Closed at once past ``MAX_CLIENTS``, a burst of quick requests (scrapers
         at once, a local loop) lost all but the first 32, a health check among
-        them; waiting, the next is accepted only as a slot frees, and the rest
-        wait in the kernel's queue."""
-        if not self.slots.acquire(timeout=SLOT_WAIT):
+        them; waiting, the next is accepted only as a slot frees (or is taken
+        from a silent connection), and the rest wait in the kernel's queue."""
+        if not self._slot():
             self.shutdown_request(request)
             return
         self.open_requests.add(request)
+        with self._unheard_lock:
+            self._unheard[request] = time.monotonic()
         super().process_request(request, client_address)
+
+    def _slot(self) -> bool:
+        """A free slot, or one a silent connection is made to give up. Waiting for
+        silent connections to time out, 32 of them that a client left open
+        held every slot for ``TIMEOUT``, and every connection behind them in
+        the kernel's queue waited as long: a health check went unanswered."""
+        if self.slots.acquire(blocking=False):
+            return True
+        deadline = time.monotonic() + SLOT_WAIT
+        while time.monotonic() < deadline:
+            self._cut_silent()
+            if self.slots.acquire(timeout=SLOT_POLL):
+                return True
+        return False
+
+    def _cut_silent(self) -> None:
+        """Ends the connection that has waited longest for its request, if that is
+        over ``SILENT``. Only its reading is shut: a request that came in just
+        now is still read and answered; a client that sent none reads the end."""
+        with self._unheard_lock:
+            oldest = next(iter(self._unheard.items()), None)
+            if oldest is None or time.monotonic() - oldest[1] < SILENT:
+                return
+            del self._unheard[oldest[0]]
+        with contextlib.suppress(OSError):
+            oldest[0].shutdown(socket.SHUT_RD)
+
+    def heard(self, request: socket.socket) -> None:
+        """Its request is read: the connection keeps its slot until it is answered."""
+        with self._unheard_lock:
+            self._unheard.pop(request, None)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.heard(request)
             self.open_requests.discard(request)
             self.slots.release()
 
@@ -239,6 +285,11 @@ class _Handler(BaseHTTPRequestHandler):
     def finish(self) -> None:
         self._cutoff.cancel()
         super().finish()
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        self.server.heard(self.connection)  # type: ignore[attr-defined]
+        return parsed
 
     def version_string(self) -> str:
         return self.server_version
