@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from relay.audit import AuditLog, events
 from relay.audit.reader import TORN_END
 from relay.metrics import status
-from relay.metrics.follow import RECENT, UNKNOWN, AuditFollower
+from relay.metrics.follow import RECENT, UNKNOWN, UNLINKED_WAIT, AuditFollower
+from tests.test_audit_fixture import received
 
 DAY1 = "audit-2026-12-02.jsonl"
 DAY2 = "audit-2026-12-03.jsonl"
@@ -68,8 +70,10 @@ def test_the_next_days_file_is_followed_after_the_rest_of_the_last(tmp_path: Pat
 def test_outcomes_and_late_reports_carry_the_messages_tenant(tmp_path: Path) -> None:
     """Deliveries in Postfix's words; the failure notice is its tenant's too; a
     bounce or complaint after the message ended still finds it; a message never
-    seen is ``unknown``; a message queued before the start is known from the queue."""
-    follower = AuditFollower(tmp_path, queued=[("OLD", "globex", 1)])
+    seen is ``unknown``, once no link to it can come any more; a message queued
+    before the start is known from the queue."""
+    clock = _Clock()
+    follower = AuditFollower(tmp_path, queued=[("OLD", "globex", 1)], clock=clock)
     _append(
         tmp_path,
         DAY1,
@@ -89,6 +93,9 @@ def test_outcomes_and_late_reports_carry_the_messages_tenant(tmp_path: Path) -> 
         _line("rejected", "R2", reply="451 4.3.0 try again later"),
     )
     counts = follower.update()
+    assert (UNKNOWN, "sent") not in counts.deliveries
+    clock.now += UNLINKED_WAIT
+    counts = follower.update()
     assert counts.deliveries == {
         ("acme", "suppressed"): 1,
         ("acme", "sent"): 2,
@@ -101,6 +108,63 @@ def test_outcomes_and_late_reports_carry_the_messages_tenant(tmp_path: Path) -> 
     assert counts.bounces == {"acme": 1} and counts.complaints == {"acme": 1}
     assert counts.rejected == {"5xx": 1, "4xx": 1}
     assert counts.records == 15
+
+
+def test_a_notices_outcome_before_its_link_is_its_tenants(tmp_path: Path) -> None:
+    """An attempt's records the audit log refused are written again at its kept
+    entry's turn, after the failure notice it queued was delivered: the
+    notice's ``delivered`` record comes before the ``notified`` one that says
+    whose it is. It was counted under ``unknown``, and the notice was waited
+    for for good; an outcome no link follows is ``unknown`` in the end."""
+    clock = _Clock()
+    log = AuditLog(tmp_path)
+    follower = AuditFollower(tmp_path, clock=clock)
+    rcpts = ["ok@example.org", "gone@example.org"]
+    log.append_many(
+        [
+            received(("A", "<a@acme.example>"), "acme", "jan", "invoice", rcpts),
+            events.queued(queue_id="A", message_id="<a@acme.example>", recipients=rcpts, size=9),
+        ]
+    )
+    log.append(_delivered("N", "jan@acme.example"))  # the notice, its link not written yet
+    log.append(_delivered("NEVER", "b@example.org"))  # a message no link will name
+    assert follower.update().deliveries == {}
+    clock.now += UNLINKED_WAIT / 2
+    log.append_many(
+        [
+            _delivered("A", "ok@example.org"),
+            events.failed(
+                queue_id="A", message_id="<a@acme.example>", recipient="gone@example.org",
+                reply="550 5.1.1 unknown",
+            ),
+            events.notified(
+                queue_id="A", message_id="<a@acme.example>", recipient="jan@acme.example",
+                notice_queue_id="N",
+            ),
+        ]
+    )  # fmt: skip
+    assert follower.update().deliveries == {("acme", "sent"): 2, ("acme", "bounced"): 1}
+    assert follower._pending == {}
+    clock.now += UNLINKED_WAIT / 2
+    counts = follower.update()
+    assert counts.deliveries[(UNKNOWN, "sent")] == 1 and counts.deliveries[("acme", "sent")] == 2
+
+
+def _delivered(queue_id: str, recipient: str) -> dict:
+    return events.delivered(
+        queue_id=queue_id, message_id=None, recipient=recipient, upstream="default",
+        reply="250 2.0.0 Ok", attempts=1,
+    )  # fmt: skip
+
+
+class _Clock:
+    """The follower's monotonic clock, moved on by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_a_recipient_suppressed_while_its_message_waited_ends_it(tmp_path: Path) -> None:

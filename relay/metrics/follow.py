@@ -12,7 +12,9 @@ taken from the message's ``received`` record (or, for a message received
 before the start, from its queue entry) and kept while the message has
 recipients left, then among the most recent ones, for the bounces and
 complaints that come back later. An outcome whose tenant is no longer
-known is counted under ``UNKNOWN``.
+known is counted under ``UNKNOWN``. A failure notice's tenant comes from
+the ``notified`` record that links it to its message, which may come after
+the notice's own outcomes (see ``UNLINKED_WAIT``).
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from __future__ import annotations
 import collections
 import gzip
 import os
+import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from relay.audit import reader
 from relay.audit.search import Repeats
+from relay.engine import RESCAN
 
 UNKNOWN = "unknown"
 CHUNK = 1 << 20  # bytes of the log read at a time
@@ -35,6 +39,14 @@ RECENT = 20_000  # finished messages whose tenant is kept, for late bounces and 
 #: Outcomes remembered to tell the copies a worker's replacement writes of the
 #: outcomes of its last moments (relay.settle), which ``relay audit`` counts once too.
 REPEAT_WINDOW = 30_000
+#: Seconds the outcomes of a message not known yet wait for a ``notified`` record
+#: to name it, before they count under ``UNKNOWN``. A deferral whose records the
+#: audit log refused has them written again at its kept entry's turn, up to
+#: ``RESCAN`` later, and the failure notice its attempt queued may be delivered,
+#: and recorded, first: counted as read, the notice's delivery was ``UNKNOWN``'s,
+#: and the notice, linked after its end, was remembered for good.
+UNLINKED_WAIT = 2 * RESCAN
+UNLINKED_MAX = 1_000  # messages whose outcomes wait so; past it the oldest count as ``UNKNOWN``
 
 #: audit event -> the ``status`` of ``relay_deliveries_total``, in Postfix's words
 DELIVERY_STATUS = {
@@ -66,15 +78,25 @@ class Counts:
 class AuditFollower:
     """Reads what was appended to the day files since the last call; not thread-safe."""
 
-    def __init__(self, directory: Path, queued: Iterable[tuple[str, str, int]] = ()) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        queued: Iterable[tuple[str, str, int]] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """``queued``: (queue ID, tenant, recipients left) of the messages in the queue
         now, before anything delivers them."""
         self.directory = directory
+        self._clock = clock
         self.counts = Counts()
         # queue ID -> [tenant, recipients left, the queued ones (None: queued before the start)]
         self._pending: dict[str, list] = {qid: [tenant, left, None] for qid, tenant, left in queued}
         self._repeats = Repeats(REPEAT_WINDOW)
         self._recent: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # queue ID not known yet -> (when its first outcome was read, its outcomes)
+        self._unlinked: collections.OrderedDict[str, tuple[float, list[dict]]] = (
+            collections.OrderedDict()
+        )
         files = self._files()
         newest = files[-1] if files else None
         self._day = None if newest is None else newest.day
@@ -92,6 +114,7 @@ class AuditFollower:
                 self._day, self._offset, self._partial = file.day, 0, b""
             if self._offset >= 0:
                 self._read_on(file)
+        self._give_up_on_links(self._clock() - UNLINKED_WAIT)
         return self.counts
 
     def _files(self) -> list[reader.DayFile]:
@@ -172,10 +195,12 @@ class AuditFollower:
             reply = str(record.get("reply") or "")
             counts.rejected["4xx" if reply.startswith("4") else "5xx"] += 1
         elif event in DELIVERY_STATUS:
-            counts.deliveries[(self._tenant(queue_id), DELIVERY_STATUS[event])] += 1
-            if queue_id in self._pending and self._ends_one(event, record):
-                self._pending[queue_id][1] -= 1
-                self._finish_if_done(queue_id)
+            if queue_id in self._pending or queue_id in self._recent:
+                self._outcome(record)
+            else:
+                self._unlinked.setdefault(queue_id, (self._clock(), []))[1].append(record)
+                if len(self._unlinked) > UNLINKED_MAX:
+                    self._outcomes(self._unlinked.popitem(last=False)[1][1])
         elif event == "bounced":
             counts.bounces[self._tenant(queue_id)] += 1
         elif event == "complained":
@@ -183,9 +208,31 @@ class AuditFollower:
         elif event == "notified":  # the failure notice, a message of its own, is the tenant's too
             notice = str(record.get("notice_queue_id") or "")
             self._pending[notice] = [self._tenant(queue_id), 1, None]
+            self._outcomes(self._unlinked.pop(notice, (0.0, []))[1])
         elif event == "deleted" and queue_id in self._pending:
             self._pending[queue_id][1] = 0
             self._finish_if_done(queue_id)
+
+    def _outcome(self, record: dict) -> None:
+        event, queue_id = str(record.get("event")), str(record.get("queue_id") or "")
+        self.counts.deliveries[(self._tenant(queue_id), DELIVERY_STATUS[event])] += 1
+        if queue_id in self._pending and self._ends_one(event, record):
+            self._pending[queue_id][1] -= 1
+            self._finish_if_done(queue_id)
+
+    def _outcomes(self, records: list[dict]) -> None:
+        for record in records:
+            self._outcome(record)
+
+    def _give_up_on_links(self, before: float) -> None:
+        """The outcomes of each message held since ``before`` count under
+        ``UNKNOWN``: a ``notified`` record naming it would have come by now."""
+        while self._unlinked:
+            queue_id, (since, records) = next(iter(self._unlinked.items()))
+            if since > before:
+                return
+            del self._unlinked[queue_id]
+            self._outcomes(records)
 
     def _tenant(self, queue_id: str) -> str:
         if queue_id in self._pending:
