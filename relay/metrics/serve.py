@@ -117,24 +117,29 @@ class _Server(ThreadingHTTPServer):
         """Ends the connection that has waited longest for its request, if that is
         over ``SILENT``. Only its reading is shut: a request that came in just
         now is still read and answered; a client that sent none reads the end."""
-        with self._unheard_lock:
+        with self._unheard_lock:  # held, so that its thread cannot close it meanwhile
             oldest = next(iter(self._unheard.items()), None)
             if oldest is None or time.monotonic() - oldest[1] < SILENT:
                 return
             del self._unheard[oldest[0]]
-        with contextlib.suppress(OSError):
-            oldest[0].shutdown(socket.SHUT_RD)
+            with contextlib.suppress(OSError):
+                oldest[0].shutdown(socket.SHUT_RD)
 
     def heard(self, request: socket.socket) -> None:
         """Its request is read: the connection keeps its slot until it is answered."""
         with self._unheard_lock:
             self._unheard.pop(request, None)
 
+    def shutdown_request(self, request: Any) -> None:
+        """Off the list of those to cut before it is closed: cut after, its file
+        descriptor's number could be another's already."""
+        self.heard(request)
+        super().shutdown_request(request)
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.heard(request)
             self.open_requests.discard(request)
             self.slots.release()
 
