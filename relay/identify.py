@@ -125,17 +125,19 @@ def _the_user(
 ) -> tuple[str, UserRef]:
     """A From naming two users left the sender to field order: the first got
     the Reply-To, the automatic copy and the audit record. A user this
-    session may not be (another tenant's, or one of a tenant that needs a
-    login it lacks) is the one given back, wherever it stands, for the
-    refusals in ``identify``: passed over, the other tenant's invoice went
-    out as this one's user. Two users it may be are refused here. An address
-    that is no user's leaves no doubt: the From is written for the user as
-    it would be without it."""
+    session may not be (another tenant's, one its login does not list, or
+    one of a tenant that needs a login it lacks) is the one given back,
+    wherever it stands, for the refusals in ``identify``: passed over, the
+    other tenant's invoice went out as this one's user; and a login bound to
+    Jan was told a From of Jan and Kari was ambiguous, when Kari was the one
+    it may not be. Two users it may be are refused here. An address that is
+    no user's leaves no doubt: the From is written for the user as it would
+    be without it."""
     barred = [
         (address, ref)
         for address, ref in found
         if not _may_be_without_login(policy, login, ref)
-        or (login is not None and ref.tenant != login.tenant)
+        or (login is not None and not _login_allows(login, ref))
     ]
     if barred:
         return barred[0]
@@ -215,16 +217,19 @@ def _user_id(tenant: Tenant, value: str) -> str | None:
     return alike[0] if len(alike) == 1 else None
 
 
+def _login_allows(login: Login, ref: UserRef) -> bool:
+    return ref.tenant == login.tenant and (not login.users or ref.user in login.users)
+
+
 def _authorise(login: Login | None, ref: UserRef) -> None:
-    if login is None:
+    if login is None or _login_allows(login, ref):
         return
     if ref.tenant != login.tenant:
         # the other tenant's user is not named: its ERP would learn who is whose
         raise Rejected(
             550, "5.7.1", f"Login {login.login} may not send as a user of another tenant"
         )
-    if login.users and ref.user not in login.users:
-        raise Rejected(550, "5.7.1", f"Login {login.login} may not send as user {ref.user}")
+    raise Rejected(550, "5.7.1", f"Login {login.login} may not send as user {ref.user}")
 
 
 def _fallback(
@@ -237,23 +242,30 @@ def _fallback(
     tried = _describe_tried(policy, submission, view)
     passed: list[tuple[str, str]] = []
     if policy.identify.unknown_sender is UnknownSender.DEFAULT:
-        tenant_id = login.tenant if login is not None else policy.identify.default_tenant
-        tenant = policy.tenants.get(tenant_id) if tenant_id else None
-        ref = (
-            None
-            if tenant is None or tenant.default_user is None
-            else UserRef(tenant.id, tenant.default_user)
-        )
-        if ref is not None and _may_be_without_login(policy, login, ref):
-            _authorise(login, ref)
-            reasons.append(
-                f"no user matched ({tried}); using default user {ref.user!r}"
-                f" of tenant {ref.tenant!r}"
-            )
-            return _identity(policy, ref, login, "default", reasons)
-        if ref is not None:
+        found = _default_user(policy, login)
+        if found is not None:
+            ref, which = found
+            if _may_be_without_login(policy, login, ref):
+                _authorise(login, ref)
+                reasons.append(f"no user matched ({tried}); using {which}")
+                return _identity(policy, ref, login, "default", reasons)
             passed.append((ref.tenant, f"the default user is {ref.user!r}"))
     raise _unknown(policy, submission, view, passed)
+
+
+def _default_user(policy: Policy, login: Login | None) -> tuple[UserRef, str] | None:
+    """The user an unknown sender's mail goes out as, and how to say so. A login
+    bound to one user is that user: the tenant's default_user, when another,
+    had all its mail refused (``Login … may not send as user kari``)."""
+    if login is not None and len(login.users) == 1:
+        ref = UserRef(login.tenant, login.users[0])
+        return ref, f"user {ref.user!r}, the one user of login {login.login!r}"
+    tenant_id = login.tenant if login is not None else policy.identify.default_tenant
+    tenant = policy.tenants.get(tenant_id) if tenant_id else None
+    if tenant is None or tenant.default_user is None:
+        return None
+    ref = UserRef(tenant.id, tenant.default_user)
+    return ref, f"default user {ref.user!r} of tenant {ref.tenant!r}"
 
 
 def _unknown(
