@@ -131,6 +131,39 @@ def test_entries_that_are_not_are_skipped_and_named(tmp_path: Path) -> None:
     assert "since 'x' is not a time" in listing.problems[3]
 
 
+def test_a_line_with_a_misspelt_key_is_skipped_and_its_key_named_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A remove line's misspelt ``tenant`` removed the entry for all tenants,
+    and a misspelt ``detail`` was dropped, with nothing logged; a misspelt
+    ``address`` was logged as ``'address'``, which says nothing of the line."""
+    path = tmp_path / "s.jsonl"
+    SuppressionFile(path).add([_entry("kept@example.org")])
+    with path.open("a") as f:
+        f.write('{"v":1,"op":"remove","address":"kept@example.org","tenat":"acme"}\n')
+        f.write(f'{{"op":"add","adress":"x@example.org","tenant":null,"since":"{WHEN}"}}\n')
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        snapshot = SuppressionFile(path).current()
+    assert snapshot.find("kept@example.org", "acme") is not None
+    assert caplog.messages == [
+        f"{path}:2: not a suppression entry, skipped: unknown key 'tenat' (did you mean"
+        " 'tenant'?): a remove line has op and address, and may have v, tenant, time and by",
+        f"{path}:3: not a suppression entry, skipped: unknown key 'adress' (did you mean"
+        " 'address'?): an add line has op, address, tenant, reason and since, and may have"
+        " v, detail, queue_id and by",
+    ]
+
+
+def test_a_line_without_a_key_it_needs_names_it_and_what_is_expected(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"v":1,"op":"add","address":"x@example.org","tenant":null,"since":"x"}\n')
+    (problem,) = SuppressionFile(path).entries().problems
+    assert problem.endswith(
+        "skipped: no key 'reason': an add line has op, address, tenant, reason and since,"
+        " and may have v, detail, queue_id and by"
+    )
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file away")
 def test_a_list_made_by_root_belongs_to_the_state_directorys_owner(tmp_path: Path) -> None:
     """``sudo relay suppression add`` before the relay ever listed anything: a

@@ -691,3 +691,43 @@ def test_every_line_refused_is_named_so_a_list_is_cleaned_in_one_run(policy: Pat
     ]
     assert said[10:] == ["relay suppression add: and 5 more that are not addresses"]
     assert not listed(policy).exists() or listed(policy).read_text() == ""
+
+
+ADD_KEYS = (
+    "an add line has op, address, tenant, reason and since, and may have v, detail, queue_id and by"
+)
+
+
+def test_a_misspelt_key_is_named_to_a_command_that_names_addresses(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A line whose ``address`` key was misspelt by hand was never read by a
+    command naming addresses: "not on the list", with nothing said of the
+    line. A misspelt ``tenant`` in a remove line removed the entry for all
+    tenants, and a misspelt ``detail`` was dropped, without a word either."""
+    run(policy, capsys, "add", BUYER, "kept@customer.example")
+    with listed(policy).open("a") as f:
+        f.write(_line("gone@customer.example").replace('"address"', '"adress"'))
+        f.write(_line("kept@customer.example", op="remove").replace('"tenant"', '"tenat"'))
+        f.write(_line("typo@customer.example", detial="asked us"))
+    warning = f"relay suppression: warning: {listed(policy)}:%d: not a suppression entry, skipped:"
+    adress = f"{warning % 3} unknown key 'adress' (did you mean 'address'?): {ADD_KEYS}"
+    code, out, err = run(policy, capsys, "list", "gone@customer.example")
+    assert (code, out[1:]) == (1, [])
+    assert err.splitlines() == [
+        adress,
+        f"relay suppression list: gone@customer.example: not on the list {listed(policy)}",
+    ]
+    code, out, err = run(policy, capsys, "remove", "kept@customer.example")
+    assert code == 0 and len(out) == 1
+    assert out[0].startswith("kept@customer.example: removed (manual since ")
+    assert err.splitlines() == [
+        adress,
+        f"{warning % 4} unknown key 'tenat' (did you mean 'tenant'?): a remove line has op and"
+        " address, and may have v, tenant, time and by",
+    ]
+    code, out, err = run(policy, capsys, "list", "typo@customer.example")
+    assert code == 1
+    assert err.splitlines()[1] == (
+        f"{warning % 5} unknown key 'detial' (did you mean 'detail'?): {ADD_KEYS}"
+    )

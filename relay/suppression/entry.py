@@ -6,9 +6,10 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from relay.audit.events import timestamp
+from relay.policy.schema import hint
 
 VERSION = 1
 BOUNCE = "bounce"  # a permanent refusal of the address by a receiving server
@@ -68,6 +69,32 @@ def described_reason(text: str) -> str | None:
 _DECODE = json.JSONDecoder().decode
 
 
+class _Keys(NamedTuple):
+    required: tuple[str, ...]
+    known: frozenset[str]
+    said: str  # what a line of its op has, for a sysadmin who wrote it by hand
+
+
+def _keys(line: str, required: tuple[str, ...], optional: tuple[str, ...]) -> _Keys:
+    said = f"{line} has {_and(required)}, and may have {_and(optional)}"
+    return _Keys(required, frozenset(required + optional), said)
+
+
+def _and(words: tuple[str, ...]) -> str:
+    return f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+_KEYS = {
+    "add": _keys(
+        "an add line",
+        ("op", "address", "tenant", "reason", "since"),
+        ("v", "detail", "queue_id", "by"),
+    ),
+    "remove": _keys("a remove line", ("op", "address"), ("v", "tenant", "time", "by")),
+}
+_ANY_KEY = frozenset().union(*(keys.known for keys in _KEYS.values()))
+
+
 def read_line(raw: bytes) -> dict[str, Any]:
     """A line's change, checked: ``op`` add with an entry's fields, or remove
     with an address and tenant; ValueError (saying what is wrong) otherwise.
@@ -75,21 +102,35 @@ def read_line(raw: bytes) -> dict[str, Any]:
     entry's time is checked where it is used (``millis``)."""
     try:
         record = _DECODE(raw.decode())
-        op = record.get("op") if isinstance(record, dict) else None
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        op = record.get("op")
+        _check_keys(record, op)
         if op == "add":
             _check_added(record)
-        elif op == "remove":
-            if type(record["address"]) is not str or not isinstance(
-                record.get("tenant"), str | None
-            ):
-                raise ValueError("address or tenant is not text")
-        elif isinstance(record, dict):
-            raise ValueError(f"op {op!r} is neither add nor remove")
-        else:
-            raise ValueError("not a JSON object")
-    except (KeyError, TypeError, UnicodeDecodeError) as exc:
+        elif type(record["address"]) is not str or not isinstance(record.get("tenant"), str | None):
+            raise ValueError("address or tenant is not text")
+    except (TypeError, UnicodeDecodeError) as exc:
         raise ValueError(str(exc)) from exc
     return record
+
+
+def _check_keys(record: dict[str, Any], op: object) -> None:
+    """A key misspelt by hand (``adress``, ``detial``, ``tenat``) makes the line
+    no entry, and the warning names the key: read as without it, an entry
+    lost its detail without a word, and a remove line's misspelt tenant
+    removed the entry for all tenants instead of the tenant's."""
+    keys = _KEYS.get(op) if isinstance(op, str) else None
+    known = _ANY_KEY if keys is None else keys.known
+    expected = "a line's op is add or remove" if keys is None else keys.said
+    if not record.keys() <= known:
+        key = next(k for k in record if k not in known)
+        raise ValueError(f"unknown key {key!r}{hint(key, known)}: {expected}")
+    if keys is None:
+        raise ValueError(f"op {op!r} is neither add nor remove")
+    missing = [key for key in keys.required if key not in record]
+    if missing:
+        raise ValueError(f"no key {missing[0]!r}: {expected}")
 
 
 def parse(raw: bytes) -> Suppression | Key:

@@ -277,6 +277,8 @@ def listed_for(
 
 
 _ADDRESS = re.compile(rb'"address"[ \t\r]*:[ \t\r]*"([^"\\\n]*)"')  # as JSON writes it
+# the line end before a line that names no address as _ADDRESS reads one
+_KEYLESS = re.compile(rb"\n(?![^\n]*?%s)" % _ADDRESS.pattern)
 # what may spell an address otherwise: an escape (PHP writes "/" as "\/"), a
 # Kelvin sign (U+212A, the one character beyond ASCII that lower-cases into
 # ASCII, to k)
@@ -289,15 +291,26 @@ def _lines(chunk: bytes, wanted: set[str] | None) -> Iterator[tuple[int, bytes]]
     address is looked up among them, so that many cost what one does: past
     64 every line was parsed, and a message to 65 recipients at a dead domain
     held the list's lock 1.3 s on a 100,000-entry list. An address a JSON
-    string must escape, and every line comes."""
+    string must escape, and every line comes. So does a line that names no
+    address in that form (a key misspelt by hand, ``adress``), which may be
+    one of them: left out, it was not said to be damaged, and the address
+    it meant was "not on the list". Such lines are looked for only when the
+    addresses found do not number the lines, as they do in a list the
+    relay wrote."""
     if wanted is None or not all(_plain(a) for a in wanted):
         yield from enumerate(chunk.split(b"\n")[: -1 if chunk else 0], 1)
         return
     if not wanted:
         return
     names = {a.encode("ascii") for a in wanted}
-    found = (m.start() for m in _ADDRESS.finditer(chunk) if m[1].lower() in names)
+    found, keyed = [], 0
+    for match in _ADDRESS.finditer(chunk):
+        keyed += 1
+        if match[1].lower() in names:
+            found.append(match.start())
     starts = {chunk.rfind(b"\n", 0, at) + 1 for at in (*found, *_spelled(chunk))}
+    if keyed != chunk.count(b"\n"):
+        starts.update(_keyless(chunk))
     number, counted = 1, 0
     for start in sorted(starts):
         end = chunk.find(b"\n", start)
@@ -305,6 +318,14 @@ def _lines(chunk: bytes, wanted: set[str] | None) -> Iterator[tuple[int, bytes]]
             number += chunk.count(b"\n", counted, start)
             counted = start
             yield number, chunk[start:end]
+
+
+def _keyless(chunk: bytes) -> Iterator[int]:
+    """Where the lines that name no address as ``_ADDRESS`` reads one begin."""
+    if _ADDRESS.search(chunk, 0, max(chunk.find(b"\n"), 0)) is None:
+        yield 0
+    for match in _KEYLESS.finditer(chunk):
+        yield match.end()
 
 
 def _spelled(chunk: bytes) -> Iterator[int]:
