@@ -4,6 +4,7 @@ itself is not wrong."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import io
@@ -14,6 +15,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from ipaddress import ip_address
 from pathlib import Path
@@ -28,6 +30,8 @@ from relay.errors import PolicyError
 from relay.hostport import host_port
 from relay.policy import selfloop
 from relay.policy.load import check_main, load
+from relay.sign import sign
+from tests.dkimtools import dkimpy_each
 from tests.policyfiles import variant
 
 
@@ -561,6 +565,67 @@ def test_a_dkim_key_file_that_holds_something_else_says_what(
 ) -> None:
     """Each was "not an RSA private key in PEM form (Unparsable private key (are your
     sure it is encoded in PKCS#1 ...", where check says what an Ed25519 PEM is."""
+    path = variant(tmp_path, "version: 1\n", "version: 1\n")
+    file = tmp_path / "keys" / "platform.example.s1.private"
+    file.write_bytes(content(_rsa_key()))
+    assert problems(path) == [
+        f"{path}:14:17: dkim.keys[0].key_file: cannot sign with {file}: "
+        + problem.format(file=file)
+    ]
+
+
+def _plain(key: rsa.RSAPrivateKey, form: serialization.PrivateFormat) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, form, serialization.NoEncryption())
+
+
+@pytest.mark.parametrize(
+    "form", [serialization.PrivateFormat.TraditionalOpenSSL, serialization.PrivateFormat.PKCS8]
+)
+def test_a_dkim_key_saved_after_its_certificate_signs_as_the_key_alone(
+    tmp_path: Path, form: serialization.PrivateFormat
+) -> None:
+    """The signer's parser read the certificate as the key: check refused the
+    file with its words, "are your sure it is encoded in PKCS#1 or PKCS#8"."""
+    path = variant(tmp_path, "version: 1\n", "version: 1\n")
+    file = tmp_path / "keys" / "platform.example.s1.private"
+    key = _rsa_key()
+    file.write_bytes(_certificate(key) + _plain(key, form))
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0, err.getvalue()
+    message = b"From: <jan@platform.example>\r\nSubject: hi\r\n\r\nhi\r\n"
+    signed = sign(message, load(path).dkim_keys, now=int(time.time())) + message
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    record = f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode()}"
+    assert dkimpy_each(signed, {"s1._domainkey.platform.example": record}) == [True]
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (lambda k: b"".join(b"    " + line for line in _plain(
+            k, serialization.PrivateFormat.TraditionalOpenSSL).splitlines(keepends=True)),
+         "its PEM lines are indented (white space before -----BEGIN), which the signer does"
+         " not read: write the key plain, each line at its start, as openssl and relay dkim"
+         " keygen write it"),
+        (lambda k: _certificate(k) + _plain(k, serialization.PrivateFormat.PKCS8)
+         + _plain(_rsa_key(), serialization.PrivateFormat.PKCS8),
+         "holds 2 private keys, and the signer reads the first only: put the DKIM key alone"
+         " in the file"),
+        (lambda k: _certificate(k).replace(b"CERTIFICATE", b"X509 CRL")
+         + _plain(k, serialization.PrivateFormat.PKCS8),
+         "holds a X509 CRL block before the private key, which the signer reads as the key:"
+         " put the key alone in the file"),
+        (lambda k: _certificate(k) + _pem(k, serialization.PrivateFormat.PKCS8), _PASSPHRASE),
+    ],
+    ids=["indented", "two-keys", "other-block-first", "certificate-then-passphrase"],
+)  # fmt: skip
+def test_a_dkim_key_file_laid_out_as_the_signer_cannot_read_says_how(
+    tmp_path: Path, content: Callable[[rsa.RSAPrivateKey], bytes], problem: str
+) -> None:
+    """Each was refused in the parser's words, "Private key not found" or "are
+    your sure it is encoded in PKCS#1", for a key that was sound."""
     path = variant(tmp_path, "version: 1\n", "version: 1\n")
     file = tmp_path / "keys" / "platform.example.s1.private"
     file.write_bytes(content(_rsa_key()))

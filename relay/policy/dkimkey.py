@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -33,16 +34,42 @@ _EXPECTED = {
 _PRIVATE = b"PRIVATE KEY-----"
 _CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 _PUBLIC = b"PUBLIC KEY-----"
+_BLOCK = re.compile(rb"^-----BEGIN ([A-Z0-9 ]+)-----\n.*?^-----END \1-----$", re.M | re.S)
+_INDENTED = re.compile(rb"^[ \t]+-----BEGIN ", re.M)
 
 
 def as_signed(algorithm: DkimAlgorithm, data: bytes) -> bytes:
     """An Ed25519 key in PEM as the base64 of its seed, which the signer reads
     (``keygen.ed25519_seed``): such a key was refused, with no way given to
-    convert it. Anything else as read: the test signature says what is wrong
-    with it."""
+    convert it. An RSA key saved after its certificate as the key alone
+    (``_key_alone``). Anything else as read: the test signature says what is
+    wrong with it."""
     if algorithm is not DkimAlgorithm.ED25519:
-        return data
+        return _key_alone(data)
     return ed25519_seed(data) or data
+
+
+def _key_alone(data: bytes) -> bytes:
+    """The private key of a file that holds it with certificates (a TLS bundle,
+    ``cat cert.pem key.pem``), else ``data``: the signer's parser reads the
+    first PEM block as the key, and with the certificate first refused the
+    file as a key not "encoded in PKCS#1". One key only: of two, which is
+    the DKIM key is not known."""
+    blocks = _blocks(data)
+    keys = [block for label, block in blocks if _private(label)]
+    others = {label for label, _ in blocks if not _private(label)}
+    if len(keys) != 1 or not others <= {b"CERTIFICATE", b"TRUSTED CERTIFICATE"}:
+        return data
+    return keys[0] + b"\n"
+
+
+def _blocks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Each PEM block whose lines begin at their start, with its label."""
+    return [(found[1], found[0]) for found in _BLOCK.finditer(data)]
+
+
+def _private(label: bytes) -> bool:
+    return label.endswith(b"PRIVATE KEY")
 
 
 def problem(key: DkimKey) -> str | None:
@@ -97,6 +124,9 @@ def _rsa_bits(key: DkimKey) -> int | None:
 
 
 def _explain(key: DkimKey, reason: str) -> str:
+    layout = _layout(key.private_key)
+    if layout is not None:
+        return layout
     held = _held(key.private_key)
     wanted = key.algorithm
     if held is None:
@@ -108,6 +138,32 @@ def _explain(key: DkimKey, reason: str) -> str:
             f" set algorithm: {held.value}, or name the {_NAMES[wanted]} key"
         )
     return f"an {_NAMES[held]} key the relay cannot sign with ({reason})"
+
+
+def _layout(data: bytes) -> str | None:
+    """What keeps the signer's parser from the key in a PEM file, which it
+    looks for as the first block whose lines begin at their start: its own
+    words (``Private key not found``, ``are you sure it is encoded in
+    PKCS#1``) sent the sysadmin looking at a key that was sound."""
+    if _INDENTED.search(data):
+        return (
+            "its PEM lines are indented (white space before -----BEGIN), which the signer"
+            " does not read: write the key plain, each line at its start, as openssl and"
+            " relay dkim keygen write it"
+        )
+    labels = [label for label, _ in _blocks(data)]
+    keys = [label for label in labels if _private(label)]
+    if len(keys) > 1:
+        return (
+            f"holds {len(keys)} private keys, and the signer reads the first only:"
+            " put the DKIM key alone in the file"
+        )
+    if keys and not _private(labels[0]):
+        return (
+            f"holds a {labels[0].decode()} block before the private key, which the signer"
+            " reads as the key: put the key alone in the file"
+        )
+    return None
 
 
 def _other_content(key: DkimKey) -> str | None:
