@@ -136,20 +136,31 @@ def test_a_line_with_a_misspelt_key_is_skipped_and_its_key_named_in_the_log(
 ) -> None:
     """A remove line's misspelt ``tenant`` removed the entry for all tenants,
     and a misspelt ``detail`` was dropped, with nothing logged; a misspelt
-    ``address`` was logged as ``'address'``, which says nothing of the line."""
+    ``address`` was logged as ``'address'``, which says nothing of the line.
+    An add line with every key it needs is taken with the odd one: skipped,
+    its address was sent to again."""
     path = tmp_path / "s.jsonl"
     SuppressionFile(path).add([_entry("kept@example.org")])
     with path.open("a") as f:
         f.write('{"v":1,"op":"remove","address":"kept@example.org","tenat":"acme"}\n')
         f.write(f'{{"op":"add","adress":"x@example.org","tenant":null,"since":"{WHEN}"}}\n')
+        f.write(
+            f'{{"op":"add","address":"y@example.org","tenant":null,"reason":"complaint",'
+            f'"since":"{WHEN}","detial":"asked us"}}\n'
+        )
     with caplog.at_level(logging.WARNING, logger="relay"):
         snapshot = SuppressionFile(path).current()
     assert snapshot.find("kept@example.org", "acme") is not None
+    assert snapshot.find("x@example.org", "acme") is None
+    assert snapshot.find("y@example.org", "acme") is not None
     assert caplog.messages == [
         f"{path}:2: not a suppression entry, skipped: unknown key 'tenat' (did you mean"
         " 'tenant'?): a remove line has op and address, and may have v, tenant, time and by",
         f"{path}:3: not a suppression entry, skipped: unknown key 'adress' (did you mean"
         " 'address'?): an add line has op, address, tenant, reason and since, and may have"
+        " v, detail, queue_id and by",
+        f"{path}:4: an entry, taken without its unknown key 'detial' (did you mean"
+        " 'detail'?): an add line has op, address, tenant, reason and since, and may have"
         " v, detail, queue_id and by",
     ]
 

@@ -116,26 +116,44 @@ def read_line(raw: bytes) -> dict[str, Any]:
 
 
 def _check_keys(record: dict[str, Any], op: object) -> None:
-    """A key misspelt by hand (``adress``, ``detial``, ``tenat``) makes the line
-    no entry, and the warning names the key: read as without it, an entry
-    lost its detail without a word, and a remove line's misspelt tenant
-    removed the entry for all tenants instead of the tenant's."""
+    """A key misspelt by hand (``adress``, ``tenat``) makes a line no entry when
+    what it meant is not known, and the warning names the key: read as
+    without it, a remove line's misspelt tenant removed the entry for all
+    tenants instead of the tenant's. An add line with every key it needs
+    is still taken (``unknown_key`` says what it has beside them): skipped
+    for a misspelt ``detail``, its address was sent to again."""
     keys = _KEYS.get(op) if isinstance(op, str) else None
-    known = _ANY_KEY if keys is None else keys.known
-    expected = "a line's op is add or remove" if keys is None else keys.said
-    if not record.keys() <= known:
-        key = next(k for k in record if k not in known)
-        raise ValueError(f"unknown key {key!r}{hint(key, known)}: {expected}")
     if keys is None:
-        raise ValueError(f"op {op!r} is neither add nor remove")
+        raise ValueError(
+            _unknown(record, _ANY_KEY, "a line's op is add or remove")
+            or f"op {op!r} is neither add nor remove"
+        )
+    unknown = _unknown(record, keys.known, keys.said)
     missing = [key for key in keys.required if key not in record]
+    if unknown and (missing or op == "remove"):
+        raise ValueError(unknown)
     if missing:
-        raise ValueError(f"no key {missing[0]!r}: {expected}")
+        raise ValueError(f"no key {missing[0]!r}: {keys.said}")
+
+
+def unknown_key(record: dict[str, Any]) -> str | None:
+    """What a line ``read_line`` took has beside its op's keys, for a warning."""
+    keys = _KEYS[record["op"]]
+    return _unknown(record, keys.known, keys.said)
+
+
+def _unknown(record: dict[str, Any], known: frozenset[str], said: str) -> str | None:
+    key = next((k for k in record if k not in known), None)
+    return None if key is None else f"unknown key {key!r}{hint(key, known)}: {said}"
 
 
 def parse(raw: bytes) -> Suppression | Key:
     """A line as the tools read it: the entry added, or the key of the one removed."""
-    record = read_line(raw)
+    return change(read_line(raw))
+
+
+def change(record: dict[str, Any]) -> Suppression | Key:
+    """A line ``read_line`` took, as ``parse`` gives it."""
     if record["op"] == "remove":
         return (record["address"], record.get("tenant"))
     return checked(

@@ -29,7 +29,15 @@ from pathlib import Path
 
 from relay import statefiles
 from relay.errors import RelayError
-from relay.suppression.entry import VERSION, Key, Suppression, now, parse, read_line
+from relay.suppression.entry import (
+    VERSION,
+    Key,
+    Suppression,
+    change,
+    now,
+    read_line,
+    unknown_key,
+)
 from relay.suppression.index import EMPTY, Builder, SuppressionList
 
 log = logging.getLogger("relay")
@@ -46,7 +54,7 @@ class Listing:
     """The whole list with every detail, for the tools: sorted by address."""
 
     entries: list[Suppression] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # "FILE:LINE: why", lines skipped
+    problems: list[str] = field(default_factory=list)  # "FILE:LINE: why", lines skipped or odd
     unfinished: bool = False  # the last line has no line end: cut short, or being written
 
 
@@ -137,15 +145,18 @@ class SuppressionFile:
             if not line.strip():
                 continue
             try:
-                change = parse(line)
+                record = read_line(line)
+                taken = change(record)
             except ValueError as exc:
                 listing.problems.append(_skipped(self.path, number, exc))
                 continue
-            key = change.key if isinstance(change, Suppression) else (change[0].lower(), change[1])
+            key = taken.key if isinstance(taken, Suppression) else (taken[0].lower(), taken[1])
             if wanted is not None and key[0] not in wanted:
                 continue
-            if isinstance(change, Suppression):
-                found[key] = change
+            if isinstance(taken, Suppression):
+                found[key] = taken
+                if odd := unknown_key(record):
+                    listing.problems.append(_taken_without(self.path, number, odd))
             else:
                 found.pop(key, None)
         listing.entries = sorted(found.values(), key=lambda e: (e.key[0], e.tenant or ""))
@@ -167,6 +178,8 @@ class SuppressionFile:
                 self._builder.add(
                     record["address"], record["tenant"], record["reason"], record["since"]
                 )
+                if odd := unknown_key(record):
+                    log.warning("%s", _taken_without(self.path, number, odd))
             else:
                 self._builder.remove(record["address"], record.get("tenant"))
         except ValueError as exc:
@@ -385,3 +398,7 @@ def _open_for_append(path: Path) -> int:
 
 def _skipped(path: Path, number: int, exc: ValueError) -> str:
     return f"{path}:{number}: not a suppression entry, skipped: {exc}"
+
+
+def _taken_without(path: Path, number: int, odd: str) -> str:
+    return f"{path}:{number}: an entry, taken without its {odd}"
