@@ -1056,7 +1056,11 @@ class Engine:
     async def _hold_damaged(self, queue_id: str, damage: DamagedEntry) -> Outcome:
         """Held under the lock still in hand, not removed: the sysadmin judges what
         is left (a file put back whole is released, else deleted). Only held, it
-        is not read again at every scan nor said again at each."""
+        is not read again at every scan nor said again at each. The hold is
+        stored, then recorded, as ``relay queue hold``'s is: a message released
+        and delivered late, or deleted, had nothing in the audit log to say why
+        it waited. One the audit log refuses is put back: no delivery starts
+        until the log takes records again, and the next attempt holds it then."""
         try:
             entry = self.spool.load(queue_id)
             entry.held = True
@@ -1064,8 +1068,41 @@ class Engine:
         except SpoolError as exc:
             log.error("%s not sent: %s; nor could it be put on hold: %s", queue_id, damage, exc)
             return Outcome("busy")
+        self.recorder.held(entry, damage.strerror)
+        try:
+            await self.recorder.flush(queue_id, keep=True)
+        except AuditError as refused:
+            self.recorder.set_aside(queue_id, "held")
+            return await self._unhold(entry, damage, refused)
         log.error("%s put on hold, not sent: %s", queue_id, damage)
         return Outcome("held")
+
+    async def _unhold(
+        self, entry: QueueEntry, damage: DamagedEntry, refused: AuditError
+    ) -> Outcome:
+        """A hold the audit log would not record, put back; where that fails too
+        it stands, unrecorded, and is said so."""
+        entry.held = False
+        try:
+            await asyncio.to_thread(self.spool.update, entry)
+        except SpoolError as undo:
+            log.error(
+                "%s put on hold, not sent: %s; with no record of it: the audit log cannot"
+                " record it (%s), and putting it back failed (%s)",
+                entry.queue_id,
+                damage,
+                refused,
+                undo,
+            )
+            return Outcome("held")
+        log.error(
+            "%s not sent: %s; not put on hold, the audit log cannot record it: %s"
+            " (held once it takes records again)",
+            entry.queue_id,
+            damage,
+            refused,
+        )
+        return Outcome("busy")
 
     async def _warm_attempt(
         self, warm: Warm, lock: EntryLock, immediate: bool, fresh: bool
@@ -1440,9 +1477,7 @@ class Engine:
         failures; the rest stay for its next records: an address it put on the
         suppression list stays listed, and its ``listed`` record, dropped, was
         never made, as the next refusal finds the address listed already."""
-        for record in self.recorder.take(entry.queue_id):
-            if record["event"] != "failed":
-                self.recorder.add(record)
+        self.recorder.set_aside(entry.queue_id, "failed")
         entry.next_attempt = self.clock() + backoff(self.policy().queue, entry.attempts, self.rng)
         for rcpt in entry.recipients:
             if rcpt.address in pending:

@@ -99,6 +99,16 @@ class Recorder:
         """What was collected for one message, for the caller to ``write``."""
         return self._pending.pop(queue_id, [])
 
+    def set_aside(self, queue_id: str | None, event: str) -> list[dict[str, Any]]:
+        """The ``event`` records collected for one message, taken out of its
+        buffer, the others left in it in their order: for records the audit
+        log refused that must not wait for the message's next ones."""
+        records = self._pending.pop(queue_id, [])
+        left = [record for record in records if record["event"] != event]
+        if left:
+            self._pending[queue_id] = left
+        return [record for record in records if record["event"] == event]
+
     def write(self, records: list[dict[str, Any]], sync: bool = True) -> int:
         """Append and fsync now, in the caller's thread; raises AuditError.
 
@@ -239,6 +249,11 @@ class Recorder:
                 notice_queue_id=notice.queue_id,
             )
         )
+
+    def held(self, entry: QueueEntry, why: str) -> None:
+        """A hold the relay made itself: ``by`` is ``relay:`` and why, as the
+        record has no field of its own for a reason."""
+        self.add(ev.held(queue_id=entry.queue_id, message_id=entry.message_id, by=f"relay: {why}"))
 
     def deleted(self, queue_id: str, entry: QueueEntry | None, by: str) -> None:
         """``entry`` is None when its record could not be read: its message ID and

@@ -841,3 +841,35 @@ def _due_now(spool: Spool, queue_id: str) -> None:
         stored = spool.load(queue_id)
         stored.next_attempt = 0.0
         spool.update(stored)
+
+
+async def test_a_message_file_cut_short_is_held_on_record_once_the_log_takes_it(
+    spool: Spool, policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The engine held a damaged entry with an ERROR line and nothing in the
+    audit log: a message delivered late after its release, or deleted, had
+    no record of why it waited. While the log refuses the ``held`` record
+    the entry is not held, and is held once the log takes it."""
+    caplog.set_level(logging.INFO, logger="relay")
+
+    async def unreached(*_: Any, **__: Any) -> Attempt:
+        raise AssertionError("a damaged message must not be sent")
+
+    audit_dir = tmp_path / "audit"
+    recorder = Recorder(AuditLog(audit_dir))
+    entry = make_entry(size=len(message(1)) + 20)  # its file holds 20 bytes fewer
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    engine = Engine(spool, lambda: policy, unreached, recorder)
+    _break(audit_dir)
+    assert (await engine.attempt_now(entry.queue_id)).status == "busy"
+    assert not spool.load(entry.queue_id).held  # put back: no hold off the record
+    refused = [m for m in caplog.messages if "not put on hold" in m]
+    assert len(refused) == 1 and "the audit log cannot record it" in refused[0], caplog.messages
+    _mend(audit_dir, recorder)
+    assert (await engine.attempt_now(entry.queue_id)).status == "held"
+    await engine.stop(5)
+    assert spool.load(entry.queue_id).held
+    (held,) = [r for r in read_all(audit_dir) if r["queue_id"] == entry.queue_id]
+    assert held["event"] == "held" and held["message_id"] == entry.message_id
+    stored = len(message(1))
+    assert held["by"] == f"relay: {stored} bytes of message stored, its record says {stored + 20}"

@@ -79,15 +79,18 @@ def relay_cli_again(policy: Path, *args: str, stdin: str | None = None) -> int:
     return done.returncode
 
 
-def audit_events(policy: Path, queue_id: str) -> list[str]:
+def audit_records(policy: Path, queue_id: str) -> list[dict]:
     done = relay_cli(policy, "audit", "show", queue_id, "--format", "json")
     assert done.returncode == 0, done.stderr
-    records = (
+    return (
         json.loads(done.stdout)
         if done.stdout.lstrip().startswith("[")
         else [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     )
-    return [(r["event"], r.get("recipient")) for r in records]
+
+
+def audit_events(policy: Path, queue_id: str) -> list[str]:
+    return [(r["event"], r.get("recipient")) for r in audit_records(policy, queue_id)]
 
 
 def test_upstream_down_then_back_delivers_everything(policy_file: Path, tmp_path: Path) -> None:
@@ -546,6 +549,12 @@ def test_a_message_file_cut_short_is_held_not_sent(policy_file: Path, tmp_path: 
     }
     assert audit_events(policy, whole)[-1] == ("delivered", "one@example.org")
     assert ("delivered", "one@example.org") not in audit_events(policy, cut)
+    for queue_id, stored in ((cut, r"\d+"), (emptied, "0")):  # on record, as a hold by hand is
+        holds = [r["by"] for r in audit_records(policy, queue_id) if r["event"] == "held"]
+        assert holds[0] == operator(), holds
+        said = rf"relay: {stored} bytes of message stored, its record says \d+"
+        assert re.fullmatch(said, holds[-1]), holds
+    assert relay_cli(policy, "audit", "verify").returncode == 0
 
 
 def test_a_fifo_in_the_queue_is_skipped_by_the_start_and_the_tools(
