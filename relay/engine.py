@@ -472,6 +472,7 @@ class Engine:
         self._untold: dict[str, Untold] = {}
         self._unlisted = Backlog()
         self._kept_ids: dict[str, str | None] = {}  # the kept entries' Message-IDs
+        self._listings: list[dict[str, Any]] = []  # ``listed`` records the audit log refused
         self._warm_bytes = 0
         self._warm_files = 0  # like the bytes, until each one's attempt ends
         self._files = file_budget()
@@ -586,6 +587,8 @@ class Engine:
             with contextlib.suppress(AuditError):  # said by _say_paused
                 await asyncio.to_thread(self.recorder.probe)
         self._say_paused()
+        if self.recorder.refusing is None:
+            await self._write_listings()
 
     def _say_paused(self) -> None:
         """Once each way, not at every look or message."""
@@ -778,6 +781,7 @@ class Engine:
         except SpoolError as exc:
             log.error("cannot remove the files kept for reuse: %s", exc)
         await self._list_kept()
+        await self._write_listings(stopping=True)
         self._unlisted.abandon()
 
     async def _let_go(self, untold: Untold) -> None:
@@ -1474,9 +1478,10 @@ class Engine:
         would end with no final record. It stays queued, pending, with its next
         attempt planned and stored; its client hears 250, and the next refusal
         reaches the sender as a notice. Its ``failed`` records go with the
-        failures; the rest stay for its next records: an address it put on the
-        suppression list stays listed, and its ``listed`` record, dropped, was
-        never made, as the next refusal finds the address listed already."""
+        failures; the rest stay for its next records. An address it put on the
+        suppression list stays listed, and its ``listed`` record waits for the
+        log apart from the message (``_record_listed``), as the next refusal
+        finds the address listed already."""
         self.recorder.set_aside(entry.queue_id, "failed")
         entry.next_attempt = self.clock() + backoff(self.policy().queue, entry.attempts, self.rng)
         for rcpt in entry.recipients:
@@ -1608,21 +1613,45 @@ class Engine:
         await self._record_listed(written, entry)
 
     async def _record_listed(self, items: list[Suppression], entry: QueueEntry | None) -> None:
-        """A ``listed`` record for each entry written, on its message: written
-        with ``entry``'s own records, those kept from other messages now, as
-        those messages may have ended meanwhile."""
+        """A ``listed`` record for each entry written, on its message, written at
+        once: with ``entry``'s records so far (its refusal first), those kept
+        from other messages alone, as those messages may have ended meanwhile.
+        One the audit log refuses waits for it apart from its message
+        (``_write_listings``): kept for the message's next records, it was
+        lost with a message deleted or finished meanwhile, or with the worker."""
         ids = {**self._kept_ids, **({entry.queue_id: entry.message_id} if entry else {})}
         for item in items:
             self.recorder.listed(item, ids.get(item.queue_id or ""))
         still = {k.queue_id for k in self._unlisted.kept()}
         self._kept_ids = {q: m for q, m in self._kept_ids.items() if q in still}
-        own = entry.queue_id if entry is not None else None
-        for queue_id in {item.queue_id for item in items} - {own}:
+        for queue_id in {item.queue_id for item in items}:
             try:
                 await self.recorder.flush(queue_id, keep=True)
             except AuditError as exc:
+                self._listings += self.recorder.set_aside(queue_id, "listed")
                 log.error(
-                    "%s: AUDIT LOG WRITE FAILED, its listing kept for later: %s", queue_id, exc
+                    "%s: AUDIT LOG WRITE FAILED, its listing kept until the log takes it: %s",
+                    queue_id,
+                    exc,
+                )
+
+    async def _write_listings(self, stopping: bool = False) -> None:
+        """The ``listed`` records the audit log refused, once it takes records
+        again; at the stop a last try, and those it refuses still are named."""
+        listings, self._listings = self._listings, []
+        if not listings:
+            return
+        try:
+            await asyncio.to_thread(self.recorder.write, listings)
+        except AuditError as exc:
+            self._listings = listings + self._listings
+            if stopping:
+                log.error(
+                    "stopping before the audit log took the record of %d listing(s), which"
+                    " stay on the suppression list: %s (%s)",
+                    len(listings),
+                    " ".join(f"{r['queue_id']}:<{r['recipient']}>" for r in listings),
+                    exc,
                 )
 
     def _listed(self, address: str, tenant: str) -> Suppression | None:

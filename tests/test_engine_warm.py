@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import logging
 import shutil
 import threading
@@ -18,12 +19,12 @@ from typing import Any
 import pytest
 
 from relay import engine as engine_module
-from relay.audit import AuditLog
+from relay.audit import AuditLog, verify
 from relay.deliver import attempt
 from relay.engine import Attempt, Engine, Warm
 from relay.policy.model import Policy, SuppressionSettings
 from relay.record import Recorder
-from relay.spool import QueueEntry, Spool, SpoolError
+from relay.spool import QueueEntry, Spool, SpoolError, tools
 from relay.suppression import SuppressionFile
 from relay.upstream.smtp import NOT_SENT
 from tests.spoolkit import make_entry, run_script
@@ -529,6 +530,91 @@ async def test_a_listing_made_while_the_audit_log_refused_is_recorded_when_it_ta
     assert sorted(r["recipient"] for r in mine if r["event"] == "listed") == on_the_list
     failed = [r["recipient"] for r in mine if r["event"] == "failed"]
     assert failed == [r.address for r in entry.recipients]  # the first refusal's are not
+
+
+async def _refused_and_listed(engine: Engine, spool: Spool, audit_dir: Path) -> QueueEntry:
+    """An immediate refusal, both recipients listed, while the audit log refuses."""
+    entry = make_entry(size=len(message(1)))
+    engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)), when=time.time() + 60)
+    _break(audit_dir)
+    assert (await engine.attempt_now(entry.queue_id, immediate=True)).status == "deferred"
+    return entry
+
+
+async def _bouncing(upstream: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
+    return Attempt({r: (550, "550 5.1.1 no such user") for r in rcpts})
+
+
+def _listing(policy: Policy, tmp_path: Path) -> Policy:
+    listing = tmp_path / "suppression.jsonl"
+    return dataclasses.replace(
+        policy, suppression=SuppressionSettings(listing, frozenset({"5.1.1"}))
+    )
+
+
+@pytest.mark.parametrize("then", ["deleted", "restarted"])
+async def test_a_listing_the_audit_log_refused_is_recorded_whatever_becomes_of_its_message(
+    spool: Spool, policy: Policy, tmp_path: Path, then: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its ``listed`` record waited for the message's next records: deleted by
+    ``relay queue delete`` meanwhile, or its worker restarted, the message had
+    none from that worker, and the list kept an address no record said why."""
+    monkeypatch.setattr(engine_module, "POLL", 0.1)
+    policy = _listing(policy, tmp_path)
+    listing = tmp_path / "suppression.jsonl"
+    audit_dir = tmp_path / "audit"
+    recorder = Recorder(AuditLog(audit_dir))
+    engine = Engine(
+        spool, lambda: policy, _bouncing, recorder, suppressions=SuppressionFile(listing)
+    )
+    async with running(engine):
+        entry = await _refused_and_listed(engine, spool, audit_dir)
+        _mend(audit_dir, recorder)
+        if then == "deleted":  # as `relay queue delete` does, in a process of its own
+            by = Recorder(AuditLog(audit_dir))
+
+            def record(queue_id: str, gone: QueueEntry | None) -> None:
+                by.deleted(queue_id, gone, "root")
+                by.flush_sync(queue_id)
+
+            out, err = io.StringIO(), io.StringIO()
+            assert tools.delete(spool, [entry.queue_id], out, err, record=record).code == 0
+            await asyncio.sleep(0.5)  # a few of the engine's looks
+    if then == "restarted":
+        recorder = Recorder(AuditLog(audit_dir))
+        again = Engine(
+            spool, lambda: policy, _bouncing, recorder, suppressions=SuppressionFile(listing)
+        )
+        async with running(again):
+            _due_now(spool, entry.queue_id)
+            assert (await again.attempt_now(entry.queue_id)).status == "failed"
+            await gone(spool)
+    mine = [r for r in read_all(audit_dir) if r["queue_id"] == entry.queue_id]
+    on_the_list = sorted(e.address for e in SuppressionFile(listing).entries().entries)
+    assert "customer@example.net" in on_the_list
+    assert sorted(r["recipient"] for r in mine if r["event"] == "listed") == on_the_list, mine
+    assert verify(audit_dir).ok
+
+
+async def test_a_listing_the_audit_log_refuses_until_the_stop_is_named_there(
+    spool: Spool, policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lost with the worker, it went unsaid: the list kept the address, and
+    nothing told the sysadmin that the audit log does not say why."""
+    caplog.set_level(logging.INFO, logger="relay")
+    policy = _listing(policy, tmp_path)
+    listing = SuppressionFile(tmp_path / "suppression.jsonl")
+    engine = Engine(
+        spool,
+        lambda: policy,
+        _bouncing,
+        Recorder(AuditLog(tmp_path / "audit")),
+        suppressions=listing,
+    )
+    async with running(engine):
+        entry = await _refused_and_listed(engine, spool, tmp_path / "audit")
+    (said,) = [m for m in caplog.messages if m.startswith("stopping before the audit log took")]
+    assert "2 listing(s)" in said and f"{entry.queue_id}:<customer@example.net>" in said, said
 
 
 async def test_a_failure_is_told_once_even_when_its_deferral_cannot_be_stored(
