@@ -354,15 +354,61 @@ def test_a_record_with_a_time_out_of_range_is_damaged_not_the_whole_listing(
     where = record["recipients"][0] if "updated" in damage else record
     where.update(damage)
     (spool.directory / "env" / f"{damaged.queue_id}.json").write_text(json.dumps(record))
-    assert damaged.queue_id not in listing(spool) and other.queue_id in listing(spool)
-    assert listing(spool).endswith("in 1 Request.\n")
-    assert [json.loads(line)["queue_id"] for line in listing(spool, True).splitlines()] == [
-        other.queue_id
+    said = listing(spool)
+    assert f"{damaged.queue_id}  " in said and "(unreadable queue entry)" in said
+    assert other.queue_id in said and said.endswith("in 2 Requests.\n")
+    records = [json.loads(line) for line in listing(spool, True).splitlines()]
+    assert [(r["queue_id"], "unreadable" in r) for r in records] == [
+        (damaged.queue_id, True),
+        (other.queue_id, False),
     ]
     out, err = io.StringIO(), io.StringIO()
     assert tools.show(spool, damaged.queue_id, out, err) == 1
     assert "unreadable queue record" in err.getvalue() and out.getvalue() == ""
     assert tools.show(spool, other.queue_id, io.StringIO(), err) == 0
+
+
+def test_an_entry_whose_first_record_is_damaged_is_listed_as_unreadable_and_counted(
+    spool: Spool, two: list[QueueEntry]
+) -> None:
+    """``relay status`` and the metrics counted it, and the listing left it out:
+    two messages queued, one listed, and nothing on stdout said why."""
+    damaged, other = two
+    (spool.directory / "env" / f"{damaged.queue_id}.json").unlink(missing_ok=True)
+    path = spool.message_path(damaged.queue_id)
+    path.write_bytes(b"#" + path.read_bytes()[1:])  # its first record's mark
+    counted = sum(state.count for state in spool.waiting(time.time()).values())
+    lines = listing(spool).splitlines()
+    when = time.strftime("%a %b %d %H:%M:%S", time.localtime(ARRIVAL))
+    size = str(path.stat().st_size)
+    said = [damaged.queue_id, size, *when.split(), "(unreadable", "queue", "entry)"]
+    assert lines[1].split() == said
+    assert lines[2].strip() == f"({path}: unreadable queue record: no record in the entry's file)"
+    assert other.queue_id in lines[4]
+    assert (
+        lines[-1]
+        == f"-- {(path.stat().st_size + other.size) // 1024} Kbytes in {counted} Requests."
+    )
+    records = [json.loads(line) for line in listing(spool, as_json=True).splitlines()]
+    assert len(records) == counted == 2
+    assert records[0] == {
+        "queue_name": "active",
+        "queue_id": damaged.queue_id,
+        "arrival_time": int(ARRIVAL),
+        "next_attempt_time": None,
+        "message_size": path.stat().st_size,
+        "sender": None,
+        "recipients": [],
+        "tenant": None,
+        "user": None,
+        "doc_type": None,
+        "upstream": None,
+        "dkim": [],
+        "unreadable": f"{path}: unreadable queue record: no record in the entry's file",
+    }
+    assert records[1]["queue_id"] == other.queue_id and set(records[0]) - set(records[1]) == {
+        "unreadable"
+    }
 
 
 def odd_file(path: Path, kind: str) -> str:

@@ -562,13 +562,23 @@ class Spool:
 
     def entries(self) -> Iterator[QueueEntry]:
         """A damaged record is logged and skipped so one bad file cannot stop the queue."""
+        for queue_id, entry in self.loaded():
+            if isinstance(entry, SpoolError):
+                log.warning("%s skipped unreadable queue entry: %s", queue_id, entry)
+            else:
+                yield entry
+
+    def loaded(self) -> Iterator[tuple[str, QueueEntry | SpoolError]]:
+        """Each entry, oldest first, with its record or what keeps it from being read
+        (a damaged record, a FIFO named like an entry): ``census`` counts those too,
+        and a listing that left them out disagreed with ``relay status``."""
         for queue_id in self.ids():
             try:
-                yield self.load(queue_id)
+                yield queue_id, self.load(queue_id)
             except NoSuchEntry:
                 continue
             except SpoolError as exc:
-                log.warning("%s skipped unreadable queue entry: %s", queue_id, exc)
+                yield queue_id, exc
 
     def recover(self, min_age: float = 60.0) -> int:
         """Clean up what a crash left behind; returns the number of complete entries.

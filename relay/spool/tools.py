@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -27,6 +28,7 @@ from typing import BinaryIO, NamedTuple, TextIO
 from relay.audit import AuditError
 from relay.headers import signature_tags
 from relay.listinput import read_lines
+from relay.queueid import queue_id_time
 from relay.spool.entry import QueueEntry
 from relay.spool.notes import Notes
 from relay.spool.store import NO_ENTRY, NoSuchEntry, NotAPlainFile, Spool, SpoolBusy, SpoolError
@@ -58,24 +60,85 @@ class _Skip(Exception):
 
 
 def list_queue(spool: Spool, out: TextIO, *, as_json: bool = False) -> int:
-    """``relay queue list [--json]``: like ``mailq`` / ``postqueue -j``."""
-    entries = list(spool.entries())
+    """``relay queue list [--json]``: like ``mailq`` / ``postqueue -j``. An entry
+    whose record cannot be read is listed as unreadable, with why, and counted:
+    ``relay status`` and the metrics count it, and the listing left it out."""
+    items = [
+        entry if isinstance(entry, QueueEntry) else _Unreadable.of(spool, queue_id, entry)
+        for queue_id, entry in spool.loaded()
+    ]
     if as_json:
-        for entry in entries:
-            record = _json_record(entry)
-            record["dkim"] = _signed_with(spool, entry)
-            out.write(json.dumps(record) + "\n")
+        for item in items:
+            out.write(json.dumps(_json_line(spool, item)) + "\n")
         return 0
-    if not entries:
+    if not items:
         out.write("Mail queue is empty\n")
         return 0
     out.write(_HEADER + "\n")
-    for entry in entries:
-        _write_entry(entry, out)
-    total = sum(e.size for e in entries)
-    plural = "" if len(entries) == 1 else "s"
-    out.write(f"-- {total // 1024} Kbytes in {len(entries)} Request{plural}.\n")
+    for item in items:
+        if isinstance(item, _Unreadable):
+            item.write(out)
+        else:
+            _write_entry(item, out)
+    total = sum(item.size for item in items)
+    plural = "" if len(items) == 1 else "s"
+    out.write(f"-- {total // 1024} Kbytes in {len(items)} Request{plural}.\n")
     return 0
+
+
+def _json_line(spool: Spool, item: QueueEntry | _Unreadable) -> dict[str, object]:
+    if isinstance(item, _Unreadable):
+        return item.json_record()
+    record = _json_record(item)
+    record["dkim"] = _signed_with(spool, item)
+    return record
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unreadable:
+    """An entry in the queue whose record cannot be read, as far as the spool
+    tells without it: its file's size and whether its record changed, as
+    ``Spool.census`` counts it, and its arrival from its queue ID."""
+
+    queue_id: str
+    error: SpoolError
+    size: int
+    changed: bool
+
+    @classmethod
+    def of(cls, spool: Spool, queue_id: str, error: SpoolError) -> _Unreadable:
+        try:
+            size = os.stat(spool.message_path(queue_id)).st_size
+        except OSError:
+            size = 0
+        return cls(queue_id, error, size, spool.changed(queue_id))
+
+    def json_record(self) -> dict[str, object]:
+        """``_json_record``'s keys, those the record would give null, and why."""
+        arrival = queue_id_time(self.queue_id)
+        return {
+            "queue_name": "deferred" if self.changed else "active",
+            "queue_id": self.queue_id,
+            "arrival_time": None if arrival is None else int(arrival),
+            "next_attempt_time": None,
+            "message_size": self.size,
+            "sender": None,
+            "recipients": [],
+            "tenant": None,
+            "user": None,
+            "doc_type": None,
+            "upstream": None,
+            "dkim": [],
+            "unreadable": str(self.error),
+        }
+
+    def write(self, out: TextIO) -> None:
+        arrival = queue_id_time(self.queue_id)
+        when = "" if arrival is None else _when(arrival)
+        out.write(
+            f"{self.queue_id:<{_ID_WIDTH}}{self.size:>8} {when:<20} (unreadable queue entry)\n"
+            f"{' ' * _ID_WIDTH}({_printable(str(self.error))})\n\n"
+        )
 
 
 def _json_record(entry: QueueEntry) -> dict[str, object]:
