@@ -473,6 +473,7 @@ class Engine:
         self._unlisted = Backlog()
         self._kept_ids: dict[str, str | None] = {}  # the kept entries' Message-IDs
         self._listings: list[dict[str, Any]] = []  # ``listed`` records the audit log refused
+        self._unreadable: dict[str, str] = {}  # queue ID -> why the last scan could not read it
         self._warm_bytes = 0
         self._warm_files = 0  # like the bytes, until each one's attempt ends
         self._files = file_budget()
@@ -643,7 +644,7 @@ class Engine:
         self._planned_in_scan = {}
         found: dict[str, tuple[float, float] | float]
         try:
-            read, held = await asyncio.to_thread(self._read_schedule)
+            read, held, unreadable = await asyncio.to_thread(self._read_schedule)
             found = dict(read)
             found.update(self._planned_in_scan)
         except (SpoolError, OSError) as exc:
@@ -656,6 +657,7 @@ class Engine:
         if self._scan_error is not None:
             log.info("spool readable again")
             self._scan_error = None
+        self._say_unreadable(unreadable)
         self._schedule = {
             q: self._next_attempt(q, *when) if isinstance(when, tuple) else when
             for q, when in found.items()
@@ -674,19 +676,33 @@ class Engine:
         self._reindex()
         return True
 
-    def _read_schedule(self) -> tuple[dict[str, tuple[float, float]], set[str]]:
+    def _read_schedule(
+        self,
+    ) -> tuple[dict[str, tuple[float, float]], set[str], dict[str, SpoolError]]:
         """Every entry's next attempt and when it was last written, from the spool,
-        and the IDs of those on hold; on the way, free files kept too long go
-        (``Spool.trim_recycled``)."""
+        the IDs of those on hold, and why each unreadable one cannot be read; on
+        the way, free files kept too long go (``Spool.trim_recycled``)."""
         self.spool.trim_recycled()
         schedule: dict[str, tuple[float, float]] = {}
         held: set[str] = set()
-        for e in self.spool.entries():
-            if e.held:
-                held.add(e.queue_id)
+        unreadable: dict[str, SpoolError] = {}
+        for queue_id, e in self.spool.loaded():
+            if isinstance(e, SpoolError):
+                unreadable[queue_id] = e
+            elif e.held:
+                held.add(queue_id)
             else:
-                schedule[e.queue_id] = (e.next_attempt, e.last_written)
-        return schedule, held
+                schedule[queue_id] = (e.next_attempt, e.last_written)
+        return schedule, held, unreadable
+
+    def _say_unreadable(self, found: dict[str, SpoolError]) -> None:
+        """Each file the scans skip, said once, not at every scan (a FIFO left in
+        the queue was warned of every minute and at every kick, by every
+        worker); again if it comes back after it went, or for another reason."""
+        for queue_id, error in found.items():
+            if self._unreadable.get(queue_id) != str(error):
+                log.warning("%s skipped unreadable queue entry: %s", queue_id, error)
+        self._unreadable = {queue_id: str(error) for queue_id, error in found.items()}
 
     def _next_attempt(self, queue_id: str, next_attempt: float, written: float) -> float:
         """The entry's next attempt on the clock as it reads now. An entry written

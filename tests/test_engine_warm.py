@@ -9,10 +9,11 @@ import contextlib
 import dataclasses
 import io
 import logging
+import os
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,15 +167,15 @@ async def test_a_message_accepted_while_the_engine_reads_the_spool_is_not_forgot
     """The scan's result used to replace the schedule, dropping what was submitted
     during it until the next scan a minute later (holding its lock all the while)."""
     scanning, go_on = threading.Event(), threading.Event()
-    read = spool.entries
+    read = spool.loaded
 
-    def slow_entries() -> Iterator[QueueEntry]:
+    def slow_entries() -> Iterator[tuple[str, QueueEntry | SpoolError]]:
         found = list(read())  # the directory as it was before the new message
         scanning.set()
         go_on.wait(10)
         yield from found
 
-    monkeypatch.setattr(spool, "entries", slow_entries)
+    monkeypatch.setattr(spool, "loaded", slow_entries)
     async with running(Engine(spool, lambda: policy, attempt, Recorder(None))) as engine:
         assert await asyncio.to_thread(scanning.wait, 10)
         entry = make_entry(size=len(message(1)))
@@ -372,6 +373,46 @@ async def test_a_spool_that_cannot_be_read_for_a_while_does_not_end_delivery(
         assert await delivered(outbox, 1) == [message(1)]
         await gone(spool)
     assert "spool readable again" in caplog.messages
+
+
+async def test_a_fifo_in_the_queue_is_warned_of_once_not_at_every_scan(
+    engine: Engine,
+    spool: Spool,
+    outbox: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each scan warned of it again: every minute and at every kick, by every
+    worker. Gone and put back, it is said again; the mail beside it goes."""
+    caplog.set_level(logging.INFO, logger="relay")
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    monkeypatch.setattr(engine_module, "RESCAN", 0.1)
+    fifo = spool.directory / "msg" / "0123456789ABCDEF"
+    os.mkfifo(fifo)
+
+    def warned() -> int:
+        return sum("0123456789ABCDEF skipped unreadable queue entry" in m for m in caplog.messages)
+
+    async def scanned(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not done():
+            assert time.monotonic() < deadline, "no scan saw it"
+            await asyncio.sleep(0.02)
+
+    async with running(engine):
+        await asyncio.sleep(1.0)  # several scans
+        assert warned() == 1
+        fifo.unlink()
+        await scanned(lambda: fifo.name not in engine._unreadable)
+        os.mkfifo(fifo)
+        entry = make_entry(size=len(message(1)))
+        engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)))
+        assert await delivered(outbox, 1) == [message(1)]
+        await scanned(lambda: warned() == 2)
+        await asyncio.sleep(0.5)  # more scans
+        assert warned() == 2
+    said = next(m for m in caplog.messages if "skipped unreadable" in m)
+    assert said.endswith(f"{fifo}: a FIFO, not a regular file")
 
 
 async def test_an_immediate_refusal_already_passed_back_is_not_turned_into_a_250(
