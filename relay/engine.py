@@ -1495,9 +1495,9 @@ class Engine:
         attempt planned and stored; its client hears 250, and the next refusal
         reaches the sender as a notice. Its ``failed`` records go with the
         failures; the rest stay for its next records. An address it put on the
-        suppression list stays listed, and its ``listed`` record waits for the
-        log apart from the message (``_record_listed``), as the next refusal
-        finds the address listed already."""
+        suppression list stays listed, its ``listed`` record written apart from
+        the message (``_record_listed``), as the next refusal finds the address
+        listed already."""
         self.recorder.set_aside(entry.queue_id, "failed")
         entry.next_attempt = self.clock() + backoff(self.policy().queue, entry.attempts, self.rng)
         for rcpt in entry.recipients:
