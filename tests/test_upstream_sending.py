@@ -117,6 +117,17 @@ async def refusing_midway(server: Hostile, reader: asyncio.StreamReader) -> byte
     return data
 
 
+async def hanging_up_midway(server: Hostile, reader: asyncio.StreamReader) -> bytes:
+    """200 KB of the message, then the connection closed: the rest, its final
+    dot with it, never reaches the upstream."""
+    data = b""
+    while len(data) < 200_000 and (chunk := await reader.read(65536)):
+        data += chunk
+    assert server.writer is not None
+    server.writer.close()
+    return data
+
+
 async def attempt(
     server: Hostile, data: bytes, cut_off: bool = False, **settings: float
 ) -> Attempt | None:
@@ -216,6 +227,28 @@ def test_a_refusal_while_the_message_is_sent_is_its_reply(pipelining: bool, loop
         assert len(server.received) == 1 and not server.received[0].endswith(END)
 
     run(loop, refused())
+
+
+@LOOPS
+@WAYS
+def test_a_connection_lost_while_the_message_is_sent_is_a_plain_deferral(
+    pipelining: bool, loop: str
+) -> None:
+    """A hang-up before the final dot had left was reported as one after it,
+    "it may arrive twice", though the upstream cannot have the message."""
+
+    async def lost() -> None:
+        server = Hostile(hanging_up_midway, pipelining)
+        sent = await attempt(server, BIG, timeout=5.0, data_timeout=5.0)
+        assert sent is not None
+        code, reply = sent.replies[RCPT]
+        assert (code, reply.split(" ")[1]) == (451, "4.4.2")
+        assert reply.endswith(
+            "connection lost while the message was sent; it was not sent in full (sending)"
+        )
+        assert len(server.received) == 1 and not server.received[0].endswith(END)
+
+    run(loop, lost())
 
 
 async def test_a_reply_more_than_the_group_asked_for_defers_the_message_unsent() -> None:

@@ -72,6 +72,12 @@ class Unsent(aiosmtplib.SMTPTimeoutError):
     message cannot arrive from this attempt."""
 
 
+class LostMidway(aiosmtplib.SMTPServerDisconnected):
+    """The connection ended while some of the message was still to go, its final
+    dot with it: the message cannot arrive from this attempt, which is a plain
+    deferral. Taken for a ``DataLost``, it was said to be one that may arrive twice."""
+
+
 class Withheld(aiosmtplib.SMTPRecipientsRefused):
     """The server refused every recipient the message was ``needed`` for: no DATA
     went, so those it took (``taken``) do not get it either."""
@@ -154,8 +160,13 @@ async def final_reply(wait: Awaitable[T], timeout: float) -> T:
 class _Replies(asyncio.Protocol):
     """Collects complete replies as they arrive; ``take`` waits for as many as it needs."""
 
-    def __init__(self, owner: asyncio.BaseProtocol, expected: int) -> None:
+    def __init__(
+        self, owner: asyncio.BaseProtocol, transport: asyncio.BaseTransport, expected: int
+    ) -> None:
         self._owner = owner  # aiosmtplib's protocol, which has the transport back afterwards
+        self._transport = transport
+        self._socket = transport.get_extra_info("socket")
+        self._stranded: int | None = None  # what was still to go when the connection ended
         self._most = expected  # a reply for each command: one more is out of step
         self._count = 0  # replies complete, taken or not
         self._released = False
@@ -204,6 +215,8 @@ class _Replies(asyncio.Protocol):
         return False  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # the transport's buffer is gone with it, its socket closed only after this
+        self._stranded = _in_kernel(self._socket)
         self._fail(aiosmtplib.SMTPServerDisconnected("Connection lost"))
         if self._released:
             self._owner.connection_lost(exc)
@@ -221,6 +234,12 @@ class _Replies(asyncio.Protocol):
     def arrived(self) -> list[SMTPResponse]:
         """The replies in so far, when ``take`` raised before it had all it wanted."""
         return list(self._replies)
+
+    def unsent(self) -> int:
+        """Bytes written and not sent yet; once the connection has ended, those it
+        had not sent then, which never will be: its closed socket counts none,
+        and a message cut short by a hang-up was taken for sent in full."""
+        return _unsent(self._transport) if self._stranded is None else self._stranded
 
     def spoke(self) -> bool:
         """Whether a reply, or the end of the reading, has come."""
@@ -431,9 +450,14 @@ async def _end(
         raise early  # out of step: nothing of the message goes
     # one system call; uvloop (the daemon's loop) keeps references, no copy
     transport.writelines((section, b".\r\n"))
-    if not await _sending(replies, transport, timeout):
+    if not await _sending(replies, timeout):
         _drop(transport)  # the rest does not go: it ends in the final dot
-        (final,) = await replies.take(1, timeout)  # come already, or what ended the reading
+        try:
+            (final,) = await replies.take(1, timeout)  # come already, or what ended the reading
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            raise LostMidway(
+                "connection lost while the message was sent; it was not sent in full"
+            ) from exc
         if accepted(final):
             raise _invalid(f"{final.code} {final.message} before the end of the message had left")
         return final  # a refusal of the message as it came: 552, too large
@@ -441,14 +465,14 @@ async def _end(
     return final
 
 
-async def _sending(replies: _Replies, transport: asyncio.Transport, timeout: float) -> bool:
+async def _sending(replies: _Replies, timeout: float) -> bool:
     """Until the transport has handed the whole message on, its final dot too: a
     slow link may take as long as it needs while the server takes some of it
     every ``timeout`` (Postfix's ``smtp_data_xfer_timeout``). Timed with the
     reply, a message that took longer to send than ``data_timeout`` was given
     up on at every attempt, and delivered each time all the same. False when
     the server answered, or the connection ended, before all of it had left."""
-    left = _unsent(transport)
+    left = replies.unsent()
     moved = time.monotonic()
     pause = _FIRST_LOOK
     while left:
@@ -456,7 +480,7 @@ async def _sending(replies: _Replies, transport: asyncio.Transport, timeout: flo
             raise Unsent(f"none of the message taken for {timeout:g}s; it was not sent in full")
         await asyncio.sleep(min(pause, timeout))
         pause = min(pause * 2, _LOOK)
-        now = _unsent(transport)
+        now = replies.unsent()
         if now and replies.spoke():
             return False
         if now < left:
@@ -479,7 +503,7 @@ def _reading(
 ) -> Iterator[_Replies]:
     """Replies read by ``_Replies`` in place of aiosmtplib's protocol, which gets
     the connection back afterwards unless it is out of step (then closed)."""
-    replies = _Replies(protocol, expected)
+    replies = _Replies(protocol, transport, expected)
     transport.set_protocol(replies)
     try:
         yield replies
@@ -502,14 +526,18 @@ def _unsent(transport: asyncio.BaseTransport) -> int:
     socket buffer takes megabytes, which the transport's count alone took for
     sent, so the wait for the reply began while they were on their way."""
     held = transport.get_write_buffer_size()  # type: ignore[attr-defined]
-    sock = transport.get_extra_info("socket")
+    return held + _in_kernel(transport.get_extra_info("socket"))
+
+
+def _in_kernel(sock: socket.socket | None) -> int:
+    """Bytes the kernel holds for ``sock`` and has not sent yet."""
     if sock is None or sock.fileno() < 0:  # none, or closed already
-        return held
+        return 0
     try:
         queued = fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, bytes(4))
     except OSError:  # not Linux: the transport's count only
-        return held
-    return held + struct.unpack("i", queued)[0]
+        return 0
+    return struct.unpack("i", queued)[0]
 
 
 def _drop(transport: asyncio.Transport) -> None:

@@ -40,7 +40,15 @@ from relay.upstream import (
     replies,
     transaction,
 )
-from relay.upstream.pipelining import DataLost, DataTimeout, Stale, Unfinished, Unsent, Withheld
+from relay.upstream.pipelining import (
+    DataLost,
+    DataTimeout,
+    LostMidway,
+    Stale,
+    Unfinished,
+    Unsent,
+    Withheld,
+)
 from relay.upstream.pool import Pool, PoolKey, default_pool
 
 log = logging.getLogger("relay")
@@ -237,7 +245,7 @@ def _mapped(upstream: SmtpUpstream, stage: str, exc: Exception) -> UpstreamError
         if stage == "connecting":  # greeting or STARTTLS refused: nothing about this message
             return _failed(upstream, stage, replies.line(exc.code, exc.message))
         return _stage_refusal(exc)
-    if isinstance(exc, DataTimeout | DataLost | Unsent):
+    if isinstance(exc, DataTimeout | DataLost | Unsent | LostMidway):
         return _failed(upstream, stage, str(exc), "4.4.2")
     if isinstance(exc, aiosmtplib.SMTPTimeoutError):
         return _failed(upstream, stage, f"{_handshake(exc)}no answer within {upstream.timeout:g}s")

@@ -79,7 +79,8 @@ async def send(
     The reply to the end of the message may take ``data_timeout`` (default:
     ``timeout``) once the message has left, and ``pipelining.DataTimeout`` says
     it did not come (``pipelining.DataLost``: the connection ended first);
-    ``pipelining.Unsent`` that the server took none of it for ``timeout``. If the
+    ``pipelining.Unsent`` that the server took none of it for ``timeout``,
+    ``pipelining.LostMidway`` that the connection ended before all of it had left. If the
     server takes none of the ``needed`` recipients, ``pipelining.Withheld``
     is raised and no DATA goes: the others do not get the message alone.
     Failed after a recipient was refused, it raises ``pipelining.Unfinished``.
