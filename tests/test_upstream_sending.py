@@ -263,6 +263,31 @@ async def test_a_reply_more_than_the_group_asked_for_defers_the_message_unsent()
     assert not any(part.endswith(END) for part in server.received)
 
 
+@dataclass
+class Twice(Hostile):
+    """Answers MAIL twice: every reply after it is one command behind."""
+
+    def _reply(self, line: bytes) -> bytes:
+        again = b"250 2.1.0 sender ok again\r\n" if line[:4].upper() == b"MAIL" else b""
+        return super()._reply(line) + again
+
+
+@WAYS
+async def test_a_reply_more_than_asked_for_before_the_354_is_out_of_step(pipelining: bool) -> None:
+    """DATA answered with the recipient's 250, the 354 still to come, was taken
+    for a refusal of the message: the RSET that followed went into the message,
+    and its reply was waited for a whole ``timeout``."""
+    server = Twice(at_once, pipelining)
+    began = asyncio.get_running_loop().time()
+    sent = await attempt(server, SMALL, timeout=10.0, data_timeout=10.0)
+    assert asyncio.get_running_loop().time() - began < 5.0
+    assert sent is not None
+    code, reply = sent.replies[RCPT]
+    assert (code, reply.split(" ")[1]) == (451, "4.4.0")
+    assert "replies out of step with the commands: DATA answered 250" in reply
+    assert server.received == [b""]  # the connection closed, nothing of the message sent
+
+
 @WAYS
 @pytest.mark.parametrize(
     ("final", "said"),

@@ -48,7 +48,7 @@ _LOOK = 0.05  # seconds between looks at what of the message is still to go
 _FIRST_LOOK = 0.001  # soon at first: most of what a fast link had left is gone by then
 _SIOCOUTQNSD = 0x894B  # Linux: bytes the kernel holds for a socket, never sent yet
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER: closing drops what is still to go
-_EXTRA = "replies out of step with the commands: one more than they asked for"
+_EXTRA = "one more than they asked for"
 T = TypeVar("T")
 
 
@@ -76,6 +76,16 @@ class LostMidway(aiosmtplib.SMTPServerDisconnected):
     """The connection ended while some of the message was still to go, its final
     dot with it: the message cannot arrive from this attempt, which is a plain
     deferral. Taken for a ``DataLost``, it was said to be one that may arrive twice."""
+
+
+class OutOfStep(aiosmtplib.SMTPResponseException):
+    """A reply no command in step with the server gets: the connection is closed,
+    never reused, and the message deferred unsent."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(
+            SMTPStatus.invalid_response, f"replies out of step with the commands: {text}"
+        )
 
 
 class Withheld(aiosmtplib.SMTPRecipientsRefused):
@@ -197,7 +207,7 @@ class _Replies(asyncio.Protocol):
             self._fail(_invalid(f"Malformed SMTP response line: {text}"))
             return
         if self._count >= self._most and not self._lines:
-            self._fail(_invalid(_EXTRA))
+            self._fail(OutOfStep(_EXTRA))
             return
         self._lines.append(line)
         if line[3:4] == b"-":
@@ -250,7 +260,7 @@ class _Replies(asyncio.Protocol):
         is waiting for (a stray one, taken for the message's, delivered a message
         the server refused), or what ended the reading."""
         if self._replies:
-            return _invalid(_EXTRA)
+            return OutOfStep(_EXTRA)
         return self._error
 
     def _fail(self, error: Exception) -> None:
@@ -295,6 +305,19 @@ async def _reset(replies: _Replies, timeout: float) -> None:
         raise Stale(f"no reply to RSET: {exc}") from exc
     if reply.code != SMTPStatus.completed:
         raise Stale(f"RSET refused: {reply.code} {reply.message}")
+
+
+def opened(start: SMTPResponse) -> None:
+    """Raises for a reply to DATA other than its 354: ``SMTPDataError`` for a
+    refusal, ``OutOfStep`` for any other, which DATA never gets: it is one left
+    over from an earlier command (a server that answered MAIL twice), the 354
+    still to come. Taken for a refusal of the message, it had an RSET go into
+    the message, and the relay wait a whole ``timeout`` for its reply."""
+    if start.code == SMTPStatus.start_input:
+        return
+    if start.code < 400:
+        raise OutOfStep(f"DATA answered {start.code} {start.message}")
+    raise aiosmtplib.SMTPDataError(start.code, start.message)
 
 
 def stale(mail: SMTPResponse) -> None:
@@ -383,7 +406,7 @@ async def _transaction(
         if reset:
             stale(got[0])
         if not _in_step(got, len(rcpt_tos) + 1):
-            raise _invalid("replies out of step with the commands: a 354 before DATA's")
+            raise OutOfStep("a 354 before DATA's")
         rcpts = got[1 : 1 + len(rcpt_tos)]
         refusal = _refusal(got, mail_from, rcpt_tos) or withheld(rcpt_tos, rcpts, needed)
         if refusal is not None:
@@ -391,9 +414,7 @@ async def _transaction(
                 await _after_refusal(got[-1], refusal, replies, transport, timeout)
             raise refusal
         answers += rcpts
-        start = await _data(replies, transport, timeout) if held else got[-1]
-        if start.code != SMTPStatus.start_input:
-            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        opened(await _data(replies, transport, timeout) if held else got[-1])
         done = timeout if data_timeout is None else data_timeout
         final = await _end(replies, transport, section, timeout, done)
     if not accepted(final):

@@ -231,8 +231,11 @@ async def _data(
     client: aiosmtplib.SMTP, section: bytes, timeout: float, done: float
 ) -> aiosmtplib.SMTPResponse:
     start = await client.execute_command(b"DATA", timeout=timeout)
-    if start.code != aiosmtplib.SMTPStatus.start_input:
-        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    try:
+        pipelining.opened(start)
+    except pipelining.OutOfStep:
+        client.close()
+        raise
     try:
         reply = await pipelining.end_of_data(client, section, timeout, done)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
