@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.audit import AuditError
+from relay.errors import Interrupted
 from relay.groupcommit import GroupCommit
 from relay.notice import build_notice, signed_anew, telling
 from relay.policy.model import Policy, QueueSettings, Upstream, sends_as
@@ -72,11 +73,16 @@ CUT_WAIT = 5.0  # for attempts cut off at the end of the stop grace to put thems
 # the automatic copy's reply once every recipient is suppressed, as ``relay.decide`` says it
 NO_COPY = "not sent: every recipient is on the suppression list"
 # the reply recorded for a recipient whose attempt the stop cut off before the
-# upstream answered for it: the relay cannot tell whether the upstream had the
-# whole message, so the audit log says it may
+# upstream answered for it: the upstream may have had the whole message (or
+# its client cannot tell, ``Interrupted``), so the audit log says it may
 CUT_OFF = (
     "451 4.4.2 Cut off: the relay stopped before the upstream's reply;"
     " if it had the whole message, it may arrive twice"
+)
+# the same for one whose client says its message was not sent in full
+CUT_SHORT = (
+    "451 4.4.2 Cut off: the relay stopped before the message was sent in full;"
+    " the upstream cannot have it"
 )
 
 
@@ -1249,7 +1255,8 @@ class Engine:
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
-                sent = Attempt({**dict.fromkeys(pending, (451, CUT_OFF)), **answered})
+                said = CUT_SHORT if isinstance(exc, Interrupted) and not exc.sent else CUT_OFF
+                sent = Attempt({**dict.fromkeys(pending, (451, said)), **answered})
                 cut = set(pending) - answered.keys()
             else:
                 self._reached(upstream, entry.queue_id, began, sent, policy.queue)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
@@ -9,6 +10,17 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
 
 class RelayError(Exception):
     """Base of every error the relay raises on purpose."""
+
+
+class Interrupted(asyncio.CancelledError):
+    """A delivery attempt cancelled (the relay's stop cut it off) by a client that
+    knows how far its message got: ``sent`` when its end, the final dot, may have
+    reached the upstream. Only then may the upstream have it, and the message
+    arrive twice when it goes again; a plain cancellation tells neither."""
+
+    def __init__(self, sent: bool) -> None:
+        super().__init__("the message was sent in full" if sent else "not sent in full")
+        self.sent = sent
 
 
 class OutputError(OSError):

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import io
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from email import message_from_bytes
@@ -28,12 +29,15 @@ from relay.record import Recorder
 from relay.spool import PENDING, RecipientState, Spool, SpoolError, tools
 from relay.suppression import MANUAL, Suppression, SuppressionFile
 from relay.suppression import now as suppression_now
+from relay.upstream import smtp
+from relay.upstream.pool import Pool
 from tests.readonly import read_only
 from tests.sink import free_port
 from tests.spoolkit import make_entry
 from tests.test_deliver import upstream
 from tests.test_engine_settle import outcomes, until
 from tests.test_engine_warm import message, running
+from tests.test_upstream_sending import BIG, END, WAIT, Hostile, at_once, only_once_given_up
 
 BUSY = (451, "451 4.2.0 mailbox busy")
 
@@ -468,6 +472,58 @@ async def test_a_stop_that_cuts_attempts_off_names_what_stays_queued(
     assert {(r.status, r.attempts, r.reply) for r in stored.recipients} == {
         ("pending", 1, engine_module.CUT_OFF)
     }
+
+
+@pytest.mark.parametrize(
+    ("where", "said", "ended"),
+    [
+        ("connecting", engine_module.CUT_SHORT, []),
+        ("sending", engine_module.CUT_SHORT, [False]),
+        ("answering", engine_module.CUT_OFF, [True]),
+    ],
+)
+async def test_a_stop_says_it_may_arrive_twice_only_of_a_message_sent_in_full(
+    spool: Spool,
+    policy: Policy,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+    said: str,
+    ended: list[bool],
+) -> None:
+    """An upstream that never greets, one that takes none of the message, and
+    one that took it all and does not answer: each attempt was recorded "if it
+    had the whole message, it may arrive twice", the first two of a message
+    the upstream cannot have."""
+    monkeypatch.setattr(smtp, "default_pool", lambda: Pool(max_idle_per_key=0))
+    server = Hostile(only_once_given_up if where == "sending" else at_once, final=b"")
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # before listen: a slow link
+    listener.bind(("127.0.0.1", free_port()))
+    listener.listen()
+    hostile = (
+        None if where == "connecting" else await asyncio.start_server(server.serve, sock=listener)
+    )
+    target = upstream(listener.getsockname()[1], name="default", timeout=WAIT, data_timeout=WAIT)
+    queue = dataclasses.replace(policy, upstreams=MappingProxyType({"default": target}))
+    engine = Engine(spool, lambda: queue, attempt, Recorder(None))
+    entry = make_entry(size=len(BIG))
+    assert spool.put_many([(entry, (BIG,))]) == [None]
+    try:
+        task = engine.attempt_now(entry.queue_id)
+        if hostile is not None:
+            await asyncio.wait_for(server.started.wait(), WAIT)
+        await asyncio.sleep(0.5)
+        await engine.stop(0.1)
+        assert task.result().status == "deferred"
+    finally:
+        server.given_up.set()
+        await asyncio.sleep(0.5)  # for what the upstream still gets
+        if hostile is not None:
+            hostile.close()
+        listener.close()
+    stored = spool.load(entry.queue_id)
+    assert {(r.status, r.reply) for r in stored.recipients} == {("pending", said)}
+    assert [part.endswith(END) for part in server.received] == ended  # its final dot came
 
 
 async def test_a_last_try_the_stop_cuts_off_does_not_expire_the_message(

@@ -34,6 +34,8 @@ from typing import TypeVar
 import aiosmtplib
 from aiosmtplib import SMTPResponse, SMTPStatus
 
+from relay.errors import Interrupted
+
 
 def taken(reply: SMTPResponse) -> bool:
     """Any 2xx to RCPT is positive completion (RFC 5321 4.2.1): the server has
@@ -464,13 +466,26 @@ async def _end(
     replies: _Replies, transport: asyncio.Transport, section: bytes, timeout: float, done: float
 ) -> SMTPResponse:
     """``done`` (``data_timeout``) is for the reply alone, from when the final dot
-    has left; the sending is timed by ``_sending``."""
+    has left; the sending is timed by ``_sending``. Cut off by the relay's stop,
+    it is ``Interrupted``, ``sent`` only if none of the message was still to go:
+    the record says it may arrive twice only of a message the upstream may have."""
     if transport.is_closing():  # closed on a 421: nothing of the message goes
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     if (early := replies.early()) is not None:
         raise early  # out of step: nothing of the message goes
     # one system call; uvloop (the daemon's loop) keeps references, no copy
     transport.writelines((section, b".\r\n"))
+    try:
+        return await _answer(replies, transport, timeout, done)
+    except asyncio.CancelledError as exc:
+        raise Interrupted(sent=not replies.unsent()) from exc
+
+
+async def _answer(
+    replies: _Replies, transport: asyncio.Transport, timeout: float, done: float
+) -> SMTPResponse:
+    """The reply to the message on its way: a refusal that came while it was
+    sent (the rest dropped), else the reply to its end."""
     if not await _sending(replies, timeout):
         _drop(transport)  # the rest does not go: it ends in the final dot
         try:
