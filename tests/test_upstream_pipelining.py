@@ -303,6 +303,37 @@ async def test_a_354_before_datas_reply_is_out_of_step_not_a_refusal(
     assert server.sections == []
 
 
+AGAIN = b"250 2.1.0 sender ok again\r\n"
+NO_TWO = b"550 5.1.1 two unknown\r\n"
+
+
+@pytest.mark.parametrize(
+    ("replies", "pipelined", "pause"),
+    [
+        ([OK[0] + AGAIN, OK[1], NO_TWO, OK[3]], False, 0.0),
+        ([OK[0] + AGAIN + OK[1] + NO_TWO + OK[3]], True, 0.0),  # in one write
+        ([OK[0], AGAIN, *OK[1:]], True, 0.1),  # DATA's 354 comes after the rest
+    ],
+    ids=["one-at-a-time", "pipelined", "pipelined-354-later"],
+)
+async def test_a_reply_more_than_the_commands_before_the_354_is_out_of_step(
+    replies: list[bytes], pipelined: bool, pause: float
+) -> None:
+    """MAIL answered twice put every later reply one command behind: DATA got
+    two@'s 550, which failed the message for one@ and two@ for good, or
+    one@'s 250, taken for a refusal; either way its 354 was still to come, and
+    the RSET that followed went into the message and waited a whole timeout."""
+    server = Script(replies, final=None, pipelining=pipelined, after="silence", pause=pause)
+    async with connected(server) as client:
+        began = asyncio.get_running_loop().time()
+        with pytest.raises(pipelining.OutOfStep):
+            await send(client, timeout=5.0)
+        assert asyncio.get_running_loop().time() - began < 2.5
+        await asyncio.sleep(0.05)
+        assert not client.is_connected
+    assert server.sections == []
+
+
 @pytest.mark.parametrize("pipelined", [False, True], ids=["one-at-a-time", "pipelined"])
 async def test_a_final_reply_longer_than_aiosmtplib_reads_is_still_a_delivery(
     pipelined: bool,

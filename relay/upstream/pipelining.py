@@ -8,6 +8,9 @@ picked up), so for the length of a transaction a small reader of our own
 stands in for its protocol on the same transport: connecting, STARTTLS,
 login, RSET and QUIT stay aiosmtplib's. The replies are mapped to the errors
 aiosmtplib raises for them, so what the relay makes of them does not change.
+To a server without PIPELINING, MAIL, RCPT and DATA go one at a time
+through the same reader (``command``): it counts a reply for each command
+written, and one more says the server is out of step with them.
 
 The message itself goes only after the server said 354 to DATA, so a
 connection lost before any reply never leaves a half-sent message behind.
@@ -179,7 +182,7 @@ class _Replies(asyncio.Protocol):
         self._transport = transport
         self._socket = transport.get_extra_info("socket")
         self._stranded: int | None = None  # what was still to go when the connection ended
-        self._most = expected  # a reply for each command: one more is out of step
+        self._most = expected  # a reply for each command written: one more is out of step
         self._count = 0  # replies complete, taken or not
         self._released = False
         self._lost: tuple[Exception | None] | None = None
@@ -243,6 +246,12 @@ class _Replies(asyncio.Protocol):
         if self._lost is not None:
             self._owner.connection_lost(self._lost[0])
 
+    def asked(self) -> None:
+        """One command more was written (DATA alone, the message, a lone dot): one
+        reply more is in step. Counted in advance, the reply to the end of the
+        message let an extra reply before the 354 pass for one in step."""
+        self._most += 1
+
     def arrived(self) -> list[SMTPResponse]:
         """The replies in so far, when ``take`` raised before it had all it wanted."""
         return list(self._replies)
@@ -260,9 +269,8 @@ class _Replies(asyncio.Protocol):
     def early(self) -> Exception | None:
         """What came before the message's end could be answered: a reply no command
         is waiting for (a stray one, taken for the message's, delivered a message
-        the server refused), or what ended the reading."""
-        if self._replies:
-            return OutOfStep(_EXTRA)
+        the server refused), or what ended the reading. Each reply a command asked
+        for is taken before the message goes: one more is ``OutOfStep``."""
         return self._error
 
     def _fail(self, error: Exception) -> None:
@@ -293,9 +301,9 @@ class _Replies(asyncio.Protocol):
                         await asyncio.wait_for(asyncio.shield(self._waiter), left)
             finally:
                 self._waiter = None
-        if len(self._replies) < count:
+        if len(self._replies) < count or isinstance(self._error, OutOfStep):
             assert self._error is not None
-            raise self._error
+            raise self._error  # out of step: which reply answers which command is not known
         taken, self._replies = self._replies[:count], self._replies[count:]
         return taken
 
@@ -388,7 +396,7 @@ async def _transaction(
     group = (*([b"RSET"] if reset else []), mail_command, *rcpt_commands)
     group += () if held else (b"DATA",)
     protocol, transport = _connection(client)
-    with _reading(protocol, transport, len(group) + (2 if held else 1)) as replies:
+    with _reading(protocol, transport, len(group)) as replies:
         transport.write(b"".join(command + b"\r\n" for command in group))
         if reset:
             await _reset(replies, timeout)
@@ -439,15 +447,31 @@ async def _after_refusal(
             transport.close()  # DATA without a sender: out of step
         else:  # every recipient refused, yet 354: end it, empty
             transport.write(b".\r\n")
+            replies.asked()
             await _end_empty(replies, transport, timeout)
 
 
 async def _data(replies: _Replies, transport: asyncio.Transport, timeout: float) -> SMTPResponse:
     """DATA on its own, once the RCPT replies said the message may go."""
     transport.write(b"DATA\r\n")
+    replies.asked()
     (start,) = await replies.take(1, timeout)
     _close_on_421(start, transport)
     return start
+
+
+async def command(client: aiosmtplib.SMTP, line: bytes, timeout: float) -> SMTPResponse:
+    """``line`` and its reply, read as a group's are, to a server without
+    PIPELINING. aiosmtplib keeps a reply that came with the one it read for the
+    next command: after a MAIL answered twice, each reply went to the command
+    before, and DATA got a refused recipient's 550, which failed the message
+    for every recipient, while its 354 was still to come."""
+    protocol, transport = _connection(client)
+    with _reading(protocol, transport, 1) as replies:
+        transport.write(line + b"\r\n")
+        (reply,) = await replies.take(1, timeout)
+        _close_on_421(reply, transport)
+    return reply
 
 
 async def end_of_data(
@@ -458,7 +482,7 @@ async def end_of_data(
     reply line over 8,192 bytes: a smarthost's 250 of 9,000 was taken for no
     reply, and the message sent again at every retry."""
     protocol, transport = _connection(client)
-    with _reading(protocol, transport, 1) as replies:
+    with _reading(protocol, transport, 0) as replies:
         return await _end(replies, transport, section, timeout, done)
 
 
@@ -475,6 +499,7 @@ async def _end(
         raise early  # out of step: nothing of the message goes
     # one system call; uvloop (the daemon's loop) keeps references, no copy
     transport.writelines((section, b".\r\n"))
+    replies.asked()
     try:
         return await _answer(replies, transport, timeout, done)
     except asyncio.CancelledError as exc:

@@ -12,7 +12,8 @@ out as ``mail`` and ``rcpt`` would send it, with the errors they raise, so
 the reply mapping in ``smtp`` does not change; a plain ``local@domain`` is
 quoted as it is, without the ``email`` package's address parser those run
 twice per address. To a server that offers PIPELINING the commands go as
-one group (``pipelining``), with the same errors for the same replies.
+one group (``pipelining``), with the same errors for the same replies; to
+one that does not, one at a time (``pipelining.command``).
 """
 
 from __future__ import annotations
@@ -91,20 +92,17 @@ async def send(
     section, size = wire(data)
     if client.is_ehlo_or_helo_needed:
         await greet(client, timeout)
-    options = _options(client, data, size, envelope_id)
+    mail = b" ".join((b"MAIL FROM:" + paths[0], *_options(client, data, size, envelope_id)))
+    rcpts = [b"RCPT TO:" + rcpt_path for rcpt_path in paths[1:]]
     try:
         if client.supports_extension("pipelining"):
-            mail = b" ".join((b"MAIL FROM:" + paths[0], *options))
-            rcpts = [b"RCPT TO:" + rcpt_path for rcpt_path in paths[1:]]
             refused, final = await pipelining.send(
                 client, mail_from, mail, rcpt_tos, rcpts, section, timeout, reset, done, needed
             )
             return refused, final.message
         if reset:
             await _reset(client, timeout)
-        reply = await client.execute_command(
-            b"MAIL", b"FROM:" + paths[0], *options, timeout=timeout
-        )
+        reply = await pipelining.command(client, mail, timeout)
         if (reset or reused) and reply.code == aiosmtplib.SMTPStatus.domain_unavailable:
             client.close()
             pipelining.stale(reply)
@@ -113,7 +111,7 @@ async def send(
         answers: list[aiosmtplib.SMTPResponse] = []
         try:
             reply = await _one_by_one(
-                client, rcpt_tos, paths[1:], section, timeout, done, needed, answers
+                client, rcpt_tos, rcpts, section, timeout, done, needed, answers
             )
         except (
             aiosmtplib.SMTPResponseException,
@@ -152,7 +150,7 @@ def _refused(exc: aiosmtplib.SMTPException) -> bool:
 async def _one_by_one(
     client: aiosmtplib.SMTP,
     rcpt_tos: Sequence[str],
-    rcpt_paths: Sequence[bytes],
+    rcpts: Sequence[bytes],
     section: bytes,
     timeout: float,
     done: float,
@@ -161,8 +159,8 @@ async def _one_by_one(
 ) -> aiosmtplib.SMTPResponse:
     """RCPT for each recipient, its reply added to ``answers`` as it comes, then
     DATA and the message, once a recipient was taken; the final reply."""
-    for rcpt_path in rcpt_paths:
-        answers.append(await client.execute_command(b"RCPT", b"TO:" + rcpt_path, timeout=timeout))
+    for rcpt in rcpts:
+        answers.append(await pipelining.command(client, rcpt, timeout))
     if not any(map(pipelining.taken, answers)):
         pairs = zip(rcpt_tos, answers, strict=True)
         raise aiosmtplib.SMTPRecipientsRefused(
@@ -230,7 +228,7 @@ async def _reset(client: aiosmtplib.SMTP, timeout: float) -> None:
 async def _data(
     client: aiosmtplib.SMTP, section: bytes, timeout: float, done: float
 ) -> aiosmtplib.SMTPResponse:
-    start = await client.execute_command(b"DATA", timeout=timeout)
+    start = await pipelining.command(client, b"DATA", timeout)
     try:
         pipelining.opened(start)
     except pipelining.OutOfStep:
