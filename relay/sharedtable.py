@@ -10,7 +10,11 @@ owner may give a slot to another key when ``reclaimable`` says its words
 count for nothing any more, and a reader then finds the old key nowhere,
 which is what those words said. A full row may give one away that still
 counts, when the owner says (``rank``) which of a few count least; its
-readers lose what it said, as the owner chose.
+readers lose what it said, as the owner chose. A table made with a
+``reach`` keeps each key in one of the first ``reach`` slots from its place,
+so that looking a key up, or for room, in a row that has filled costs a
+few slots' worth: unbounded, each new key in a full row read the whole
+row, milliseconds a message, and each lookup of a key it lacked as much.
 
 Used for the tenants' hourly recipients (``ratelimit``), the clients'
 open connections (``ingress.clientlimit``) and failed logins
@@ -49,10 +53,13 @@ def key_of(text: str) -> int:
 
 
 class SharedTable:
-    def __init__(self, name: str, rows: int, slots: int, width: int) -> None:
+    def __init__(
+        self, name: str, rows: int, slots: int, width: int, reach: int | None = None
+    ) -> None:
         self.name = name  # for the log, if a row fills
         self.rows = rows
         self.slots = slots
+        self.reach = slots if reach is None else min(reach, slots)
         self.stride = 1 + width
         self._map = mmap.mmap(-1, rows * slots * self.stride * 8)
         self.words = memoryview(self._map).cast("Q")
@@ -138,7 +145,7 @@ class Row:
         """Where the headers of this row's slots are, in ``key``'s probe order."""
         table = self.table
         start = key % table.slots
-        for probe in range(table.slots):
+        for probe in range(table.reach):
             yield (self.index * table.slots + (start + probe) % table.slots) * table.stride
 
     def _give(self, at: int, key: int) -> int:
@@ -147,7 +154,7 @@ class Row:
         read as nothing meanwhile)."""
         table = self.table
         if self.words[at] != 0:
-            self._own = {k: b for k, b in self._own.items() if b != at + 1}
+            self._own.pop(self.words[at], None)
             self.words[at + 1 : at + table.stride] = _zeros(table.stride - 1)
         self.words[at] = key
         return at + 1
@@ -155,7 +162,7 @@ class Row:
     def _find(self, index: int, key: int) -> int | None:
         table = self.table
         start = key % table.slots
-        for probe in range(table.slots):
+        for probe in range(table.reach):
             at = (index * table.slots + (start + probe) % table.slots) * table.stride
             header = self.words[at]
             if header == key:

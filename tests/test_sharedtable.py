@@ -103,3 +103,17 @@ def test_a_keys_place_is_the_same_in_every_worker_and_unknown_to_anyone_else() -
         capture_output=True, text=True, timeout=60, check=True, cwd=ROOT,
     )  # fmt: skip
     assert int(other.stdout) != key_of("2001:db8:1:2::/64")
+
+
+def test_a_table_with_a_reach_keeps_each_key_near_its_place() -> None:
+    """Unbounded, a key missing from a full row was looked for in every slot of
+    it, and room for a new one too: milliseconds a message in a table of 4,096."""
+    table = SharedTable("test", rows=1, slots=64, width=1, reach=4)
+    row = table.row(0)
+    placed = [key for key in map(key_of, map(str, range(200))) if row.own(key) is not None]
+    reader = table.row(-1)
+    assert all(len(list(reader.found(key))) == 1 for key in placed)
+    for key in placed:
+        start = key % 64
+        base = next(reader.found(key))
+        assert (base - 1) // table.stride in {(start + probe) % 64 for probe in range(4)}
