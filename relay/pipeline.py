@@ -279,6 +279,7 @@ def _check_single_fields(fields: list[headers.Field], edits: rewrite.HeaderEdits
 REMOVAL_RETRY = 1.0  # seconds before a refused message the spool kept is removed again
 REMOVAL_RETRY_MAX = 300.0
 LIMIT_WARNING_EVERY = 3600.0  # seconds between warnings of one tenant's rate limit
+UNCOUNTED_ERROR_EVERY = 60.0  # seconds between errors of one tenant's count not kept
 
 
 class Acceptor:
@@ -314,6 +315,7 @@ class Acceptor:
         self._store = GroupCommit(self._store_many, "accept", inline=alone)
         self._unremoved: set[str] = set()  # refused, but still in the spool
         self._limit_warned: dict[str, float] = {}  # tenant -> its limit's last warning
+        self._uncounted_said: dict[str, float] = {}  # tenant -> its last uncounted error
         self._removals: set[asyncio.Task[None]] = set()
 
     async def process(self, policy: Policy, submission: Submission) -> str:
@@ -384,37 +386,58 @@ class Acceptor:
         (``ratelimit.refusal``): counted here, where the suppression list has
         been read (``ratelimit.counted``). Every tenant's are counted, limited
         or not: a limit a reload brings in, when a login is found stolen, then
-        holds the hour already sent against it."""
+        holds the hour already sent against it. A limited tenant this worker
+        has no room to count is refused (``ratelimit.uncounted``): let through,
+        it sent past its limit unseen."""
         tenant_id = decision.identity.tenant.id
         tenant = policy.tenants.get(tenant_id)
         if tenant is None or self.rates is None:
             return 0
         wanted = ratelimit.counted(submission.rcpt_tos, (a for a, _ in decision.suppressed))
-        if tenant.recipients_per_hour is not None:
+        limited = tenant.recipients_per_hour is not None
+        if limited:
             reply = ratelimit.refusal(tenant, wanted, self.rates.sent(tenant_id, now))
             if reply is not None:
                 if reply.code < 500:  # the hour full; a 550 is one message over any hour's limit
                     self._warn_of_limit(tenant_id, tenant.recipients_per_hour, now)
                 await self._rejected(submission, reply, decision.identity)
                 raise reply
-        self.rates.add(tenant_id, wanted, now)
-        return wanted
+        if self.rates.add(tenant_id, wanted, now, limited):
+            return wanted
+        if limited:
+            self._say_uncounted(tenant_id, self.rates.slots, now)
+            reply = ratelimit.uncounted(tenant)
+            await self._rejected(submission, reply, decision.identity)
+            raise reply
+        return 0
 
     def _warn_of_limit(self, tenant_id: str, limit: int, now: float) -> None:
         """The limit is the brake on a stolen login (README): its first refusal of
         a tenant is a WARNING, for ``journalctl -p warning``, then not again for
         an hour in this worker, as an ERP that retries would flood it; each
         refusal has its own INFO line."""
-        last = self._limit_warned.get(tenant_id)
-        if last is not None and now - last < LIMIT_WARNING_EVERY:
+        if not _due(self._limit_warned, tenant_id, LIMIT_WARNING_EVERY, now):
             return
-        self._limit_warned[tenant_id] = now
         log.warning(
             "tenant %s reached its recipients_per_hour limit of %d: its mail is refused"
             " while the hour is full (a stolen login?); said once an hour, each refusal"
             " is logged",
             tenant_id,
             limit,
+        )
+
+    def _say_uncounted(self, tenant_id: str, slots: int, now: float) -> None:
+        """A limit the relay cannot keep is the sysadmin's to fix while it lasts: said
+        again each minute, not once a process as a full table was."""
+        if not _due(self._uncounted_said, tenant_id, UNCOUNTED_ERROR_EVERY, now):
+            return
+        log.error(
+            "tenant %s: no room to count its recipients in this worker's rate-limit table"
+            " of %d tenants, sized at the start from the policy's: its mail is refused"
+            " (451) while its limit cannot be kept; restart the relay to make room for the"
+            " tenants a reload added; said once a minute, each refusal is logged",
+            tenant_id,
+            slots,
         )
 
     def _give_back(self, tenant_id: str, taken: int, when: float) -> None:
@@ -596,6 +619,15 @@ class Acceptor:
             await self.recorder.flush(None)
         except AuditError as exc:
             log.error("cannot write the audit log: %s", exc)
+
+
+def _due(said: dict[str, float], tenant_id: str, every: float, now: float) -> bool:
+    """Whether a line about the tenant is due: none in the last ``every`` seconds."""
+    last = said.get(tenant_id)
+    if last is not None and now - last < every:
+        return False
+    said[tenant_id] = now
+    return True
 
 
 def _given_message_id(data: bytes) -> str | None:

@@ -15,6 +15,15 @@ whole too: mail sent in a minute's last second stopped counting 59 minutes
 and a second later, so a tenant could send twice its limit in an hour that
 straddled it. Now nothing sent in the last 60 minutes is forgotten, and a
 recipient counts for 60 to 61 minutes.
+
+A worker's row is sized at the start, before the fork, for ``ROOM`` times
+the policy's tenants (at least ``SLOTS``): each tenant that sends in an hour
+takes a slot. A tenant with a limit keeps its slot while it counts
+anything; one without gives its slot to a newcomer when the few near the
+newcomer's place are all taken, the least counted first. A full row of 4,096
+tenants used to count nothing more, and every tenant after them sent past
+its limit; now a limited tenant that finds no slot is not counted, and
+its mail is refused (``uncounted``) rather than let through uncounted.
 """
 
 from __future__ import annotations
@@ -25,9 +34,12 @@ from relay.errors import Rejected
 from relay.policy.model import Tenant
 from relay.sharedtable import Row, SharedTable, key_of
 
-SLOTS = 4096
+SLOTS = 4096  # the fewest a worker's row holds: room for the tenants a reload adds
+ROOM = 2  # slots a row has for each tenant of the policy the relay starts with
+REACH = 64  # slots from a tenant's place that may hold its own (``sharedtable``)
 MINUTES = 60
 BUCKETS = MINUTES + 1  # the minutes counted: this one and the 60 before it
+KEPT = BUCKETS  # the word after the buckets: 1 while the tenant's slot may not go to another
 
 
 def refusal(tenant: Tenant, wanted: int, sent: int) -> Rejected | None:
@@ -47,6 +59,18 @@ def refusal(tenant: Tenant, wanted: int, sent: int) -> Rejected | None:
     return None
 
 
+def uncounted(tenant: Tenant) -> Rejected:
+    """The reply to a limited tenant's message that this worker has no room to
+    count: let through, it would pass the limit unseen."""
+    return Rejected(
+        451,
+        "4.3.0",
+        f"Tenant {tenant.id}'s recipients cannot be counted against its limit of"
+        f" {tenant.recipients_per_hour} an hour: the relay has no room for the count;"
+        " try again later",
+    )
+
+
 def counted(rcpt_tos: Sequence[str], suppressed: Iterable[str]) -> int:
     """The recipients a message counts for: those it is sent to. One on the
     suppression list is never tried (its state in the queue is final), so an
@@ -62,8 +86,10 @@ def counted(rcpt_tos: Sequence[str], suppressed: Iterable[str]) -> int:
 class RateCounts:
     """The shared table; ``row(i)`` is worker i's view of it."""
 
-    def __init__(self, workers: int) -> None:
-        self._table = SharedTable("rate limits", workers, SLOTS, BUCKETS)
+    def __init__(self, workers: int, tenants: int = 0) -> None:
+        """``tenants``: the policy's at the start; a reload cannot grow the table."""
+        slots = max(SLOTS, ROOM * tenants)
+        self._table = SharedTable("rate limits", workers, slots, BUCKETS + 1, REACH)
 
     def row(self, index: int) -> RateRow:
         return RateRow(self._table.row(index))
@@ -77,33 +103,55 @@ class RateRow:
     def __init__(self, row: Row) -> None:
         self._row = row
 
+    @property
+    def slots(self) -> int:
+        """The tenants the row has room for."""
+        return self._row.table.slots
+
     def sent(self, tenant: str, now: float) -> int:
         """Recipients of the tenant's mail in the 60 minutes up to ``now``, all
         workers', and in the rest of the minute 60 minutes back (see above)."""
         minute = int(now // 60)
-        oldest = minute - MINUTES
-        words = self._row.words
-        total = 0
-        for base in self._row.found(key_of(tenant)):
-            for word in words[base : base + BUCKETS]:
-                if oldest <= word >> 32 <= minute:
-                    total += word & 0xFFFFFFFF
-        return total
+        return sum(self._hour(base, minute) for base in self._row.found(key_of(tenant)))
 
-    def add(self, tenant: str, count: int, now: float) -> None:
+    def add(self, tenant: str, count: int, now: float, limited: bool = False) -> bool:
         """``count`` more (or fewer, given back) in this worker's row for the minute of
         ``now``; a give-back for a minute whose slot has gone to a later one finds
-        nothing to take from (it is out of the hour)."""
+        nothing to take from (it is out of the hour). False when the row has no
+        room for the tenant (see above): a ``limited`` tenant's slot is kept."""
         minute = int(now // 60)
-        base = self._row.own(key_of(tenant), lambda at: self._idle(at, minute))
+        key = key_of(tenant)
+        if count < 0:
+            base = self._row.mine(key)
+        else:
+            base = self._row.own(
+                key, lambda at: self._idle(at, minute), lambda at: self._rank(at, minute)
+            )
         if base is None:
-            return
+            return False
+        words = self._row.words
+        if count >= 0:
+            words[base + KEPT] = int(limited)
         at = base + minute % BUCKETS
-        word = self._row.words[at]
+        word = words[at]
         if count < 0 and word >> 32 != minute:
-            return
+            return True
         current = word & 0xFFFFFFFF if word >> 32 == minute else 0
-        self._row.words[at] = (minute << 32) | max(0, min(current + count, 0xFFFFFFFF))
+        words[at] = (minute << 32) | max(0, min(current + count, 0xFFFFFFFF))
+        return True
+
+    def _hour(self, base: int, minute: int) -> int:
+        """What the slot at ``base`` counts in the hour up to ``minute``."""
+        oldest = minute - MINUTES
+        return sum(
+            word & 0xFFFFFFFF
+            for word in self._row.words[base : base + BUCKETS]
+            if oldest <= word >> 32 <= minute
+        )
+
+    def _rank(self, base: int, minute: int) -> tuple[int] | None:
+        """A limited tenant's slot is never given away; the others, least counted first."""
+        return None if self._row.words[base + KEPT] else (self._hour(base, minute),)
 
     def _idle(self, base: int, minute: int) -> bool:
         """A tenant whose slot counts nothing in the last hour gives it up."""

@@ -82,9 +82,14 @@ class SharedCounts:
     tally: Tally  # for the metrics
 
     @classmethod
-    def made(cls, workers: int) -> SharedCounts:
+    def made(cls, policy: Policy) -> SharedCounts:
+        """Sized for ``policy``'s tenants: a reload cannot grow the tables."""
+        workers = policy.workers
         return cls(
-            RateCounts(workers), ClientCounts(workers), authlimit.table(workers), Tally(workers)
+            RateCounts(workers, len(policy.tenants)),
+            ClientCounts(workers),
+            authlimit.table(workers),
+            Tally(workers),
         )
 
 
@@ -254,7 +259,7 @@ def _serve_locked(
             log.info("listening on %s (listener %s)", host_port(host, port), listener.name)
         _say_if_refused(listener)
     log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
-    shared = SharedCounts.made(policy.workers)  # by the workers forked from here
+    shared = SharedCounts.made(policy)  # by the workers forked from here
     if metrics is not None:  # counting from here, before anything is delivered
         metrics.begin(shared.rates, shared.tally, written)
     if policy.workers == 1:

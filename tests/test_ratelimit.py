@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import re
 import smtplib
@@ -15,12 +16,22 @@ from pathlib import Path
 
 import pytest
 
+from relay import ratelimit
 from relay.cli import main
+from relay.deliver import attempt
+from relay.engine import Engine
+from relay.errors import SmtpReply
 from relay.pipeline import Acceptor
+from relay.policy.load import load
+from relay.policy.model import Policy
 from relay.ratelimit import SLOTS, RateCounts
+from relay.record import Recorder
 from relay.sharedtable import key_of
+from relay.spool import Spool
+from relay.submission import Submission
 from tests.relayproc import RelayProcess
 from tests.sink import Sink, SinkServer
+from tests.test_engine_warm import running
 from tests.test_queue_e2e import UNKNOWN, immediate, submit
 from tests.test_workers import (
     MESSAGE,
@@ -278,3 +289,108 @@ def test_mail_the_upstream_refused_while_the_erp_waited_does_not_count(
             assert submit(port, ("one@example.org",), MESSAGE)[0] == 250
             assert submit(port, ("two@example.org",), MESSAGE)[0] == 250
             assert submit(port, ("three@example.org",), MESSAGE)[0] == 450
+
+
+def test_tenants_without_a_limit_make_room_for_one_with_a_limit() -> None:
+    """A worker's row held 4,096 tenants: each tenant after them, limited or not,
+    went uncounted, and a stolen login's tenant sent past its limit."""
+    counts = RateCounts(2)
+    row = counts.row(0)
+    for n in range(SLOTS):
+        row.add(f"tenant{n}", 1, NOON)
+    assert row.add("acme", 5, NOON, limited=True)
+    for n in range(
+        SLOTS, 2 * SLOTS
+    ):  # each counts more than acme: acme keeps its slot all the same
+        assert row.add(f"tenant{n}", 9, NOON)
+    assert counts.row(1).sent("acme", NOON + 60) == 5
+
+
+def test_a_limited_tenant_with_no_room_left_is_said_to_be_uncounted() -> None:
+    """Limited tenants keep their slots: one that finds every slot near its place
+    kept is told so, never counted nowhere as if it had sent nothing."""
+    counts = RateCounts(1)
+    row = counts.row(0)
+    for n in range(2 * SLOTS):
+        if not row.add(f"tenant{n}", 1, NOON, limited=True):
+            break
+    else:
+        pytest.fail("every limited tenant found room")
+    assert counts.sent(f"tenant{n}", NOON) == 0
+    assert sum(counts.sent(f"tenant{k}", NOON) for k in range(n)) == n  # none gave its slot up
+
+
+def _limited(policy_file: Path, **limits: int) -> Policy:
+    text = policy_file.read_text()
+    for tenant, limit in limits.items():
+        at = text.index(f"  {tenant}:\n") + len(f"  {tenant}:\n")
+        text = f"{text[:at]}    recipients_per_hour: {limit}\n{text[at:]}"
+    policy_file.write_text(text)
+    return load(policy_file)
+
+
+async def _replies(
+    policy: Policy, acceptor: Acceptor, engine: Engine, senders: list[str]
+) -> list[str]:
+    """The reply to one message to one recipient from each sender, in turn."""
+    said = []
+    async with running(engine):
+        for n, sender in enumerate(senders):
+            data = MESSAGE.replace(b"jan@acme.example", sender.encode())
+            submission = Submission(
+                "local", "127.0.0.1", None, sender, (f"r{n}@example.org",), data
+            )
+            try:
+                said.append((await acceptor.process(policy, submission))[:3])
+            except SmtpReply as refused:
+                said.append(refused.line)
+    return said
+
+
+async def test_a_full_row_still_holds_a_limited_tenant_to_its_limit(
+    policy_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row of one slot, taken by a tenant with no limit: acme's mail was let
+    through uncounted, past its limit."""
+    monkeypatch.setattr(ratelimit, "SLOTS", 1)
+    policy = _limited(policy_file, acme=2)
+    spool = Spool(tmp_path / "spool")
+    engine = Engine(spool, lambda: policy, attempt, Recorder(None))
+    acceptor = Acceptor(spool, engine, Recorder(None), rates=RateCounts(1).row(0))
+    senders = ["hank@globex.example", *["jan@acme.example"] * 3]
+    said = await _replies(policy, acceptor, engine, senders)
+    assert said[:3] == ["250"] * 3
+    assert said[3].startswith("450 4.7.1 Tenant acme has sent to 2 recipients in the last hour")
+
+
+async def test_a_limited_tenant_that_cannot_be_counted_is_refused_and_said_each_minute(
+    policy_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The one slot is globex's, limited too: acme's mail is refused for now, as
+    sending it uncounted would let it past its limit unseen; the log says so
+    again a minute on, not once a process."""
+    monkeypatch.setattr(ratelimit, "SLOTS", 1)
+    policy = _limited(policy_file, acme=20, globex=20)
+    now = [NOON]
+    spool = Spool(tmp_path / "spool")
+    engine = Engine(spool, lambda: policy, attempt, Recorder(None))
+    rates = RateCounts(1).row(0)
+    acceptor = Acceptor(spool, engine, Recorder(None), rates=rates, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="relay"):
+        said = await _replies(policy, acceptor, engine, ["hank@globex.example", "jan@acme.example"])
+        assert said == [
+            "250",
+            "451 4.3.0 Tenant acme's recipients cannot be counted against its limit of 20 an"
+            " hour: the relay has no room for the count; try again later",
+        ]
+        await _replies(policy, acceptor, engine, ["jan@acme.example"])
+        now[0] += 61
+        await _replies(policy, acceptor, engine, ["jan@acme.example"])
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2, errors
+    assert errors[0].startswith("tenant acme: no room to count its recipients in this worker's")
+    refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused ")]
+    assert len(refused) == 3 and all("451 4.3.0 Tenant acme's" in line for line in refused)
