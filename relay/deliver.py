@@ -246,7 +246,7 @@ def counted(send: Sender, row: TallyRow) -> Sender:
             sent = await send(upstream, *args, **kwargs)
         finally:
             if counting:
-                row.add(tally.ENDED, upstream.name)
+                row.ended(upstream.name)
         row.add(tally.UPSTREAM, upstream.name, result(sent))
         if sent.unreachable is None and not sent.crowded:
             row.reached(upstream.name, began)

@@ -49,7 +49,7 @@ from relay.sharedtable import SharedTable
 from relay.spool import Spool
 from relay.statelock import StateBusy
 from relay.suppression import SuppressionFile
-from relay.tally import Tally
+from relay.tally import Tally, counts_named
 from relay.upstream import pool
 from relay.upstream.pool import close_default_pool
 
@@ -83,13 +83,13 @@ class SharedCounts:
 
     @classmethod
     def made(cls, policy: Policy) -> SharedCounts:
-        """Sized for ``policy``'s tenants: a reload cannot grow the tables."""
+        """Sized for ``policy``'s tenants and names: a reload cannot grow the tables."""
         workers = policy.workers
         return cls(
             RateCounts(workers, len(policy.tenants)),
             ClientCounts(workers),
             authlimit.table(workers),
-            Tally(workers),
+            Tally(workers, len(counts_named(policy))),
         )
 
 
@@ -457,7 +457,7 @@ async def serve(
         return ingress is not None and len(ingress.connections) <= 1
 
     index = 0 if worker is None else worker.index
-    tally = None if shared is None else shared.tally.row(index)
+    tally = None if shared is None else shared.tally.row(index, holder.current)
     send = attempt if tally is None else counted(attempt, tally)
     suppressions = None if policy.suppression is None else SuppressionFile(policy.suppression.file)
     if suppressions is not None:

@@ -12,18 +12,29 @@ Prometheus's ``rate()`` takes in its stride.
 A count's key is its name and label values; the reader asks for the ones
 the policy and the names below allow, so the labels stay bounded by the
 policy (listeners and upstreams), never a client's address.
+
+A worker's row is sized at the start, before the fork, for ``ROOM`` times the
+counts the policy names (``counts_named``), and a worker gives the slot of a count
+its policy no longer names to a new one: a row of a fixed size took a slot
+for each name any policy had had, and once it was full, after some 2,300
+upstreams (tenants' own accounts), the attempts at new ones went uncounted
+and a worker holding mail for one never saw another worker reach it.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+from relay.policy.model import Policy
 from relay.sharedtable import Row, SharedTable, key_of, stamp
 
-# counts per worker: twelve per listener, seven per upstream (2,000 tenants'
-# own accounts and the platform's take 14,000)
-SLOTS = 16384
+log = logging.getLogger("relay")
+
+SLOTS = 16384  # the fewest a worker's row holds: room for the names a reload adds
+ROOM = 2  # slots a row has for each count the policy the relay starts with names
+HALF = 0xFFFFFFFF
 
 CONNECTION = "connection"  # (listener)
 REFUSED = "refused"  # (listener, reason)
@@ -35,8 +46,11 @@ UPSTREAM = "upstream"  # (upstream, result)
 SUSPENDED = "suspended"  # (upstream): the failure it holds its mail for ended then, ms; 0: none
 REACHED = "reached"  # (upstream): when the last attempt that reached it began, ms
 # both on the monotonic clock
-BEGUN = "attempts begun"  # (upstream)
-ENDED = "attempts ended"  # (upstream): one under way is begun and not ended yet
+# (upstream): attempts begun (the upper half, modulo 2**32) and ended (the lower), one
+# word, so that a slot given to another count takes both: apart, a name the
+# policy dropped and took back could keep its begun and lose its ended, and
+# every attempt it had made showed as under way for good
+ATTEMPTS = "attempts"
 
 REFUSED_REASONS = ("not_allowed", "too_many", "too_many_from_client", "out_of_files")
 DROPPED_REASONS = ("timeout", "errors")
@@ -44,15 +58,35 @@ AUTH_RESULTS = ("ok", "failed", "locked")
 UPSTREAM_RESULTS = ("sent", "deferred", "refused")
 
 
+def counts_named(policy: Policy) -> list[tuple[str, ...]]:
+    """The counts ``policy`` may have: twelve a listener, six an upstream."""
+    keys: list[tuple[str, ...]] = []
+    for listener in policy.listeners:
+        name = listener.name
+        keys += [(CONNECTION, name), (TLS_FAILED, name), (NO_ROOM, name)]
+        keys += [(REFUSED, name, reason) for reason in REFUSED_REASONS]
+        keys += [(DROPPED, name, reason) for reason in DROPPED_REASONS]
+        keys += [(AUTH, name, result) for result in AUTH_RESULTS]
+    for upstream in policy.upstreams:
+        keys += [(UPSTREAM, upstream, result) for result in UPSTREAM_RESULTS]
+        keys += [(SUSPENDED, upstream), (REACHED, upstream), (ATTEMPTS, upstream)]
+    return keys
+
+
 class Tally:
     """The shared table; ``row(i)`` is worker i's part of it."""
 
-    def __init__(self, workers: int) -> None:
-        self._table = SharedTable("metrics counts", workers, SLOTS, 1)
+    def __init__(self, workers: int, counts: int = 0) -> None:
+        """``counts``: as many as the policy the relay starts with names; a reload
+        cannot grow the table."""
+        slots = max(SLOTS, ROOM * counts)
+        self._table = SharedTable("metrics counts", workers, slots, 1)
         self._reader = self._table.row(-1)
 
-    def row(self, index: int) -> TallyRow:
-        return TallyRow(self._table, index)
+    def row(self, index: int, policy: Callable[[], Policy] | None = None) -> TallyRow:
+        """``policy``: the worker's, as it is now; the slots of counts it does not
+        name go to new ones."""
+        return TallyRow(self._table, index, policy)
 
     def total(self, *key: str) -> int:
         """Every worker's count of ``key``, for the metrics."""
@@ -61,7 +95,8 @@ class Tally:
 
     def under_way(self, upstream: str) -> int:
         """Attempts at ``upstream`` begun and not ended, in all workers."""
-        return max(0, self.total(BEGUN, upstream) - self.total(ENDED, upstream))
+        words = self._reader.words
+        return sum(_open(words[base]) for base in self._reader.found(_key((ATTEMPTS, upstream))))
 
     def holding(self, upstream: str) -> int:
         """The workers holding back ``upstream``'s mail that no attempt has reached it
@@ -74,9 +109,13 @@ class Tally:
 
 
 class TallyRow:
-    def __init__(self, table: SharedTable, index: int) -> None:
+    def __init__(
+        self, table: SharedTable, index: int, policy: Callable[[], Policy] | None = None
+    ) -> None:
         self._row = table.row(index)
-        self._bases: dict[tuple[str, ...], int] = {}
+        self._bases: dict[tuple[str, ...], tuple[int, int]] = {}  # key -> its hash, its base
+        self._policy = policy
+        self._named: tuple[Policy, frozenset[int]] | None = None  # the policy, its keys' hashes
 
     def add(self, *key: str) -> None:
         """One more of ``key`` (a name above and its label values)."""
@@ -86,21 +125,31 @@ class TallyRow:
 
     def began(self, upstream: str) -> bool:
         """One more attempt at ``upstream`` under way; False, and not counted, when
-        the row has no room for its end too: it would count as under way for good."""
-        begun, ended = self._base((BEGUN, upstream)), self._base((ENDED, upstream))
-        if begun is None or ended is None:
+        the row has no room for it: its ``ended`` is then not to be said."""
+        base = self._base((ATTEMPTS, upstream))
+        if base is None:
             return False
-        self._row.words[begun] += 1
+        word = self._row.words[base]
+        self._row.words[base] = (((word >> 32) + 1) & HALF) << 32 | (word & HALF)
         return True
+
+    def ended(self, upstream: str) -> None:
+        """An attempt ``began`` counted has ended. Its slot given to another count
+        meanwhile (the policy no longer names ``upstream``), it finds none under
+        way, and takes none off."""
+        base = self._base((ATTEMPTS, upstream))
+        if base is not None and _open(self._row.words[base]):
+            word = self._row.words[base]
+            self._row.words[base] = (word & ~HALF) | ((word + 1) & HALF)
 
     def ended_with_worker(self, upstreams: Iterable[str]) -> None:
         """The worker of this row is gone (killed): the attempts it had under way
         ended with it, or they would count as under way for good."""
         for upstream in upstreams:  # looked up, not claimed: names it never tried take none
-            begun = self._row.mine(_key((BEGUN, upstream)))
-            ended = self._row.mine(_key((ENDED, upstream)))
-            if begun is not None and ended is not None:
-                self._row.words[ended] = self._row.words[begun]
+            base = self._row.mine(_key((ATTEMPTS, upstream)))
+            if base is not None:
+                begun = self._row.words[base] >> 32
+                self._row.words[base] = begun << 32 | begun
 
     def suspended(self, upstream: str, held: bool) -> None:
         """The worker's last attempt at ``upstream`` found it unusable just now, and
@@ -135,13 +184,42 @@ class TallyRow:
             self._row.words[base] = value
 
     def _base(self, key: tuple[str, ...]) -> int | None:
-        """None when the row is full: said in the log once."""
-        base = self._bases.get(key)
-        if base is None:
-            base = self._row.own(_key(key))
-            if base is not None:
-                self._bases[key] = base
+        """None when the row is full: said in the log once. A slot kept from before
+        is checked to be the key's still, as it goes to another once the policy
+        no longer names the key."""
+        kept = self._bases.get(key)
+        if kept is not None and self._row.words[kept[1] - 1] == kept[0]:
+            return kept[1]
+        hashed = _key(key)
+        words, named = self._row.words, None if self._policy is None else self._in(self._policy())
+        unnamed = None if named is None else lambda b: words[b - 1] not in named
+        base = self._row.own(hashed, unnamed)
+        if base is not None:
+            self._bases[key] = (hashed, base)
         return base
+
+    def _in(self, policy: Policy) -> frozenset[int]:
+        """The hashes of the counts ``policy`` names, the only ones the metrics ask
+        for; worked out once a policy, and a reload that names more than the row
+        was made for is said."""
+        if self._named is None or self._named[0] is not policy:
+            hashes = frozenset(_key(key) for key in counts_named(policy))
+            self._named = (policy, hashes)
+            room = self._row.table.slots // ROOM
+            if len(hashes) > room:
+                log.warning(
+                    "metrics counts: the policy names %d counts (twelve a listener, six an"
+                    " upstream), more than the %d a worker's table was made for at the start:"
+                    " some may not be counted; restart the relay to make room",
+                    len(hashes),
+                    room,
+                )
+        return self._named[1]
+
+
+def _open(word: int) -> int:
+    """The attempts under way in an ``ATTEMPTS`` word: begun less ended."""
+    return ((word >> 32) - (word & HALF)) & HALF
 
 
 def _latest_reach(row: Row, upstream: str) -> int:
