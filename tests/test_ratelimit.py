@@ -308,7 +308,7 @@ def test_tenants_without_a_limit_make_room_for_one_with_a_limit() -> None:
 
 def test_a_limited_tenant_with_no_room_left_is_said_to_be_uncounted() -> None:
     """Limited tenants keep their slots: one that finds every slot near its place
-    kept is told so, never counted nowhere as if it had sent nothing."""
+    kept is told so (False), for its mail to be refused, not let through uncounted."""
     counts = RateCounts(1)
     row = counts.row(0)
     for n in range(2 * SLOTS):
