@@ -703,6 +703,89 @@ async def test_the_verdict_comes_with_the_first_connection_that_opens(
     assert ended[2] < ended[1] - 3, ended  # the refused one ended long before the slow one
 
 
+class Freezing:
+    """A smarthost that takes the first connection's message and then freezes: it
+    never answers the end of it, and says nothing to the connections after it
+    (``later``: or answers them "421", hangs up on them before a greeting,
+    "hang-up", or takes none, "refused")."""
+
+    def __init__(self, later: str = "silent") -> None:
+        self.later = later
+        self.frozen = asyncio.Event()
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.held: list[asyncio.StreamWriter] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.held.append(writer)
+        if self.connections > 1:
+            if self.later == "421":
+                writer.write(b"421 4.7.0 Too many connections\r\n")
+            if self.later in ("421", "hang-up"):
+                writer.close()
+            return
+        if self.later == "refused":
+            assert self.server is not None
+            self.server.close()  # the connections after this one are refused
+        writer.write(b"220 freezing ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                while await reader.readline() not in (b".\r\n", b""):
+                    pass
+                self.frozen.set()
+                return
+            writer.write(b"250 freezing\r\n" if verb == b"EHLO" else b"250 ok\r\n")
+
+
+@contextlib.asynccontextmanager
+async def hung(pool: Pool, later: str, timeout: float) -> AsyncIterator[int]:
+    """The port of a ``Freezing`` smarthost whose first connection, this pool's,
+    is hung waiting for the reply to its message."""
+    host, port = Freezing(later), free_port()
+    host.server = await asyncio.start_server(host.serve, "127.0.0.1", port)
+    target = upstream(port, timeout=timeout, data_timeout=30.0)
+    first = asyncio.create_task(send(pool, target, "a@p.example"))
+    try:
+        await asyncio.wait_for(host.frozen.wait(), 5)
+        yield port
+    finally:
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        for writer in host.held:
+            writer.close()
+        host.server.close()
+
+
+async def test_a_host_frozen_mid_transaction_times_out_as_down_not_crowded(pool: Pool) -> None:
+    """Its hung transaction kept a connection open: every new connection that timed
+    out was taken for one over the connection limit, and the upstream was never
+    suspended until the transaction's ``data_timeout`` ended."""
+    async with hung(pool, "silent", timeout=0.5) as port:
+        assert pool.open_count(PoolKey.of(upstream(port), None)) == 1
+        with pytest.raises(Unreachable) as down:
+            await asyncio.wait_for(send(pool, upstream(port, timeout=0.5), "b@p.example"), 5)
+    assert not isinstance(down.value, Crowded)
+    assert "no answer within 0.5s (connecting)" in down.value.text
+
+
+@pytest.mark.parametrize("later", ["421", "hang-up", "refused"])
+@pytest.mark.parametrize(("silent_for", "verdict"), [(0.0, Crowded), (1.5, Unreachable)])
+async def test_a_refusal_is_the_limit_only_while_a_connection_is_heard_from(
+    pool: Pool, later: str, silent_for: float, verdict: type[UpstreamError]
+) -> None:
+    """A connection that has heard nothing for longer than ``timeout`` shows no
+    host alive: a 421 or a refusal then is the host down, also with it open."""
+    async with hung(pool, later, timeout=1.0) as port:
+        await asyncio.sleep(silent_for)
+        with pytest.raises(UpstreamError) as refused:
+            await asyncio.wait_for(send(pool, upstream(port, timeout=1.0), "b@p.example"), 5)
+    assert type(refused.value) is verdict, refused.value
+
+
 # --- the other workers' connections -------------------------------------------
 
 

@@ -127,23 +127,38 @@ async def send(
 
 
 async def _crowded(pool: Pool, key: PoolKey, exc: Unreachable, timeout: float) -> bool:
-    """One over its connection limit, not an upstream down: a worker has other
-    connections to it open, or, refused with a 421, one being opened alongside
-    opens. The 421s of a cold burst came while the connection the smarthost
-    took was still being greeted, and it was suspended; a host that never
-    answers is not waited for, which held its verdict while mail kept coming.
-    Every worker's connections count: one refused over a limit the others'
-    filled held its mail a ``first_retry`` while they delivered; it asks them
-    for one of theirs (``Pool.want``)."""
-    if pool.open_count(key):
+    """One over its connection limit, not an upstream down: refused as a limit
+    refuses (``_like_a_limit``) while the upstream is shown to be there, by a
+    connection of this worker's that heard from it within ``timeout``, one of
+    another worker's open, or one being opened alongside that opens. Any
+    failure with a connection open was taken for the limit: a host that froze
+    mid-transaction timed every new connection out unsuspended, each message
+    trying on its own. The 421s of a cold burst came while the connection the
+    smarthost took was still being greeted; a host that never answers is not
+    waited for, which held its verdict while mail kept coming. Refused over a
+    limit the other workers' connections fill, a worker asks them for one of
+    theirs (``Pool.want``): it held its mail while they delivered."""
+    if not _like_a_limit(exc.__cause__):
+        return False
+    if pool.heard_within(key, timeout):
         return True
-    said = exc.__cause__
-    refused = isinstance(said, aiosmtplib.SMTPResponseException) and said.code == 421
-    if not pool.open_anywhere(key) and not (refused and await pool.opens_alongside(key, timeout)):
+    if not pool.open_elsewhere(key) and not await pool.opens_alongside(key, timeout):
         return False
     if not pool.open_count(key):
         pool.want(key)
     return True
+
+
+def _like_a_limit(said: BaseException | None) -> bool:
+    """A 421, a connection refused, or one hung up on before its greeting: what a
+    smarthost or its firewall answers one connection too many. A timeout, TLS
+    failing or a login refused say nothing of a limit: a host that froze times
+    out, whatever connections to it are still open."""
+    if isinstance(said, aiosmtplib.SMTPResponseException):
+        return said.code == 421
+    if isinstance(said, aiosmtplib.SMTPConnectError):
+        return isinstance(said.__cause__, aiosmtplib.SMTPServerDisconnected)
+    return isinstance(said, ConnectionRefusedError)
 
 
 async def connect(upstream: SmtpUpstream, secret: str | None) -> aiosmtplib.SMTP:
@@ -201,6 +216,7 @@ async def _socket(upstream: SmtpUpstream) -> socket.socket:
     except TimeoutError:
         raise OSError(f"host not found: no answer within {upstream.timeout:g}s") from None
     failures: list[str] = []
+    refused = 0
     for family, kind, proto, _, address in found:
         sock = socket.socket(family, kind, proto)
         try:
@@ -211,6 +227,7 @@ async def _socket(upstream: SmtpUpstream) -> socket.socket:
             failures.append(f"no answer within {upstream.timeout:g}s")
         except OSError as exc:
             sock.close()
+            refused += isinstance(exc, ConnectionRefusedError)
             failures.append(_reason(exc, upstream))
         except BaseException:
             sock.close()
@@ -219,7 +236,9 @@ async def _socket(upstream: SmtpUpstream) -> socket.socket:
             return sock
         if len(found) > 1:
             failures[-1] = f"{address[0]}: {failures[-1]}"
-    raise OSError("; ".join(failures) or "no address")
+    # refused by every address, it may be one connection over a limit (``_crowded``)
+    error = ConnectionRefusedError if failures and refused == len(failures) else OSError
+    raise error("; ".join(failures) or "no address")
 
 
 def _refuse_plain_login(upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> None:
