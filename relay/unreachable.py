@@ -17,10 +17,11 @@ One try at a time: while it runs, the others wait, however long the
 upstream's ``timeout`` (a host that drops packets, a 20 s timeout and a 4 s
 ``first_retry`` had five tries holding slots at once). A failure suspends
 nothing when another attempt reached the upstream after the failing one
-began; and a connection refused while the worker has others to it open (or
-one opening) is the smarthost's connection limit (``relay.upstream.Crowded``), no verdict
-either way. An upstream is known by its settings, not its name: a reload
-that points the name elsewhere starts afresh.
+began; and a connection refused as a limit refuses while another to the
+upstream is heard from (or one opening opens) is the smarthost's connection
+limit (``relay.upstream.Crowded``), no verdict either way. An upstream is
+known by its settings, not its name: a reload that points the name elsewhere
+starts afresh.
 
 Nothing is recorded for a message that waits: it was not tried, so it keeps
 its attempts, its backoff and its lifetime. It waits no longer than its
