@@ -613,19 +613,36 @@ def test_a_dkim_key_saved_after_its_certificate_signs_as_the_key_alone(
          + _plain(_rsa_key(), serialization.PrivateFormat.PKCS8),
          "holds 2 private keys, and the signer reads the first only: put the DKIM key alone"
          " in the file"),
+        (lambda k: _plain(k, serialization.PrivateFormat.TraditionalOpenSSL)
+         + _plain(_rsa_key(), serialization.PrivateFormat.TraditionalOpenSSL),
+         "holds 2 private keys, and the signer reads the first only: put the DKIM key alone"
+         " in the file"),
+        (lambda k: _plain(k, serialization.PrivateFormat.PKCS8)
+         + _plain(_rsa_key(), serialization.PrivateFormat.PKCS8),
+         "holds 2 private keys, and the signer reads the first only: put the DKIM key alone"
+         " in the file"),
         (lambda k: _certificate(k).replace(b"CERTIFICATE", b"X509 CRL")
          + _plain(k, serialization.PrivateFormat.PKCS8),
          "holds a X509 CRL block before the private key, which the signer reads as the key:"
          " put the key alone in the file"),
         (lambda k: _certificate(k) + _pem(k, serialization.PrivateFormat.PKCS8), _PASSPHRASE),
     ],
-    ids=["indented", "two-keys", "other-block-first", "certificate-then-passphrase"],
+    ids=[
+        "indented",
+        "two-keys",
+        "two-keys-pkcs1",
+        "two-keys-pkcs8",
+        "other-block-first",
+        "certificate-then-passphrase",
+    ],
 )  # fmt: skip
 def test_a_dkim_key_file_laid_out_as_the_signer_cannot_read_says_how(
     tmp_path: Path, content: Callable[[rsa.RSAPrivateKey], bytes], problem: str
 ) -> None:
     """Each was refused in the parser's words, "Private key not found" or "are
-    your sure it is encoded in PKCS#1", for a key that was sound."""
+    your sure it is encoded in PKCS#1", for a key that was sound; two keys
+    alone (a rotation's ``cat new.pem old.pem``) passed, and signed with the
+    first, whichever DNS publishes."""
     path = variant(tmp_path, "version: 1\n", "version: 1\n")
     file = tmp_path / "keys" / "platform.example.s1.private"
     file.write_bytes(content(_rsa_key()))

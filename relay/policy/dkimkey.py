@@ -74,9 +74,9 @@ def _private(label: bytes) -> bool:
 
 def problem(key: DkimKey) -> str | None:
     """None when the relay can sign with ``key``, else what is wrong, for the sysadmin."""
-    size = _size(key)
-    if size is not None:
-        return size
+    refused = _size(key) or _several_keys(key.private_key)
+    if refused is not None:
+        return refused
     try:
         sign(_SAMPLE, [key], now=0)
     except SigningError as exc:
@@ -152,18 +152,25 @@ def _layout(data: bytes) -> str | None:
             " relay dkim keygen write it"
         )
     labels = [label for label, _ in _blocks(data)]
-    keys = [label for label in labels if _private(label)]
-    if len(keys) > 1:
-        return (
-            f"holds {len(keys)} private keys, and the signer reads the first only:"
-            " put the DKIM key alone in the file"
-        )
-    if keys and not _private(labels[0]):
+    if any(_private(label) for label in labels) and not _private(labels[0]):
         return (
             f"holds a {labels[0].decode()} block before the private key, which the signer"
             " reads as the key: put the key alone in the file"
         )
     return None
+
+
+def _several_keys(data: bytes) -> str | None:
+    """Looked at before the test signature, which passes with the first key: a
+    rotation's ``cat new.pem old.pem`` signed with the one first, whichever
+    DNS publishes, and all mail failed DKIM."""
+    keys = sum(1 for label, _ in _blocks(data) if _private(label))
+    if keys < 2:
+        return None
+    return (
+        f"holds {keys} private keys, and the signer reads the first only:"
+        " put the DKIM key alone in the file"
+    )
 
 
 def _other_content(key: DkimKey) -> str | None:
