@@ -165,6 +165,31 @@ def test_a_line_with_a_misspelt_key_is_skipped_and_its_key_named_in_the_log(
     ]
 
 
+def test_entries_with_a_key_of_another_system_are_said_once_a_reading(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A list brought over from another system, a key of its own on every line,
+    put a warning a line in the log, from every worker, and held their start."""
+    path = tmp_path / "s.jsonl"
+    path.write_text(
+        "".join(
+            f'{{"op":"add","address":"a{i}@example.org","tenant":null,"reason":"bounce",'
+            f'"since":"{WHEN}","source":"old-mta"}}\n'
+            for i in range(500)
+        )
+    )
+    file = SuppressionFile(path)
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        snapshot = file.current()
+    assert snapshot.find("a499@example.org", "acme") is not None
+    assert caplog.messages == [
+        f"{path}:1: an entry, taken without its unknown key 'source': an add line has op,"
+        " address, tenant, reason and since, and may have v, detail, queue_id and by; and"
+        " 499 more entries with keys the relay does not know"
+    ]
+    assert file.entries().problems == caplog.messages
+
+
 def test_a_line_without_a_key_it_needs_names_it_and_what_is_expected(tmp_path: Path) -> None:
     path = tmp_path / "s.jsonl"
     path.write_text('{"v":1,"op":"add","address":"x@example.org","tenant":null,"since":"x"}\n')

@@ -733,3 +733,18 @@ def test_a_misspelt_key_is_named_to_a_command_that_names_addresses(
         f"relay suppression: warning: {listed(policy)}:5: an entry, taken without its"
         f" unknown key 'detial' (did you mean 'detail'?): {ADD_KEYS}"
     )
+
+
+def test_a_line_without_an_address_key_is_named_when_the_last_line_is_unended(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The address on a last line with no line end was counted among the lines':
+    the counts agreed, the line naming none was not looked for, and the
+    address it meant was "not on the list" with nothing said of it."""
+    run(policy, capsys, "add", BUYER)
+    with listed(policy).open("a") as f:
+        f.write(_line("gone@customer.example").replace('"address"', '"adress"'))
+        f.write(_line("late@customer.example").rstrip("\n"))
+    code, _out, err = run(policy, capsys, "list", "gone@customer.example")
+    assert code == 1
+    assert f"{listed(policy)}:2: not a suppression entry, skipped: unknown key 'adress'" in err

@@ -124,14 +124,14 @@ def _check_keys(record: dict[str, Any], op: object) -> None:
     for a misspelt ``detail``, its address was sent to again."""
     keys = _KEYS.get(op) if isinstance(op, str) else None
     if keys is None:
-        raise ValueError(
-            _unknown(record, _ANY_KEY, "a line's op is add or remove")
-            or f"op {op!r} is neither add nor remove"
-        )
-    unknown = _unknown(record, keys.known, keys.said)
+        odd = _odd_key(record, _ANY_KEY)
+        if odd is None:
+            raise ValueError(f"op {op!r} is neither add nor remove")
+        raise ValueError(_unknown(odd, _ANY_KEY, "a line's op is add or remove"))
+    odd = _odd_key(record, keys.known)
     missing = [key for key in keys.required if key not in record]
-    if unknown and (missing or op == "remove"):
-        raise ValueError(unknown)
+    if odd is not None and (missing or op == "remove"):
+        raise ValueError(_unknown(odd, keys.known, keys.said))
     if missing:
         raise ValueError(f"no key {missing[0]!r}: {keys.said}")
 
@@ -139,12 +139,24 @@ def _check_keys(record: dict[str, Any], op: object) -> None:
 def unknown_key(record: dict[str, Any]) -> str | None:
     """What a line ``read_line`` took has beside its op's keys, for a warning."""
     keys = _KEYS[record["op"]]
-    return _unknown(record, keys.known, keys.said)
+    odd = _odd_key(record, keys.known)
+    return None if odd is None else _unknown(odd, keys.known, keys.said)
 
 
-def _unknown(record: dict[str, Any], known: frozenset[str], said: str) -> str | None:
-    key = next((k for k in record if k not in known), None)
-    return None if key is None else f"unknown key {key!r}{hint(key, known)}: {said}"
+def has_unknown_key(record: dict[str, Any]) -> bool:
+    """Whether ``unknown_key`` has something to say: a look, not a sentence (its
+    hint compares the key with each known one), for each line of a long list."""
+    return _odd_key(record, _KEYS[record["op"]].known) is not None
+
+
+def _odd_key(record: dict[str, Any], known: frozenset[str]) -> str | None:
+    if record.keys() <= known:
+        return None
+    return next(k for k in record if k not in known)
+
+
+def _unknown(key: str, known: frozenset[str], said: str) -> str:
+    return f"unknown key {key!r}{hint(key, known)}: {said}"
 
 
 def parse(raw: bytes) -> Suppression | Key:
