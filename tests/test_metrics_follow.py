@@ -150,6 +150,39 @@ def test_a_notices_outcome_before_its_link_is_its_tenants(tmp_path: Path) -> Non
     assert counts.deliveries[(UNKNOWN, "sent")] == 1 and counts.deliveries[("acme", "sent")] == 2
 
 
+def test_a_link_after_the_wait_leaves_nothing_waiting(tmp_path: Path) -> None:
+    """A ``notified`` record after its notice's outcome was given up on took the
+    notice for one yet to end: it was waited for for good."""
+    clock = _Clock()
+    log = AuditLog(tmp_path)
+    follower = AuditFollower(tmp_path, clock=clock)
+    rcpts = ["gone@example.org"]
+    log.append_many(
+        [
+            received(("A", "<a@acme.example>"), "acme", "jan", "invoice", rcpts),
+            events.queued(queue_id="A", message_id="<a@acme.example>", recipients=rcpts, size=9),
+        ]
+    )
+    log.append(_delivered("N", "jan@acme.example"))
+    follower.update()
+    clock.now += UNLINKED_WAIT + 1
+    assert follower.update().deliveries == {(UNKNOWN, "sent"): 1}
+    log.append_many(
+        [
+            events.failed(
+                queue_id="A", message_id="<a@acme.example>", recipient="gone@example.org",
+                reply="550 5.1.1 unknown",
+            ),
+            events.notified(
+                queue_id="A", message_id="<a@acme.example>", recipient="jan@acme.example",
+                notice_queue_id="N",
+            ),
+        ]
+    )  # fmt: skip
+    assert follower.update().deliveries == {(UNKNOWN, "sent"): 1, ("acme", "bounced"): 1}
+    assert follower._pending == {}
+
+
 def _delivered(queue_id: str, recipient: str) -> dict:
     return events.delivered(
         queue_id=queue_id, message_id=None, recipient=recipient, upstream="default",

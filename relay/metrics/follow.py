@@ -207,7 +207,8 @@ class AuditFollower:
             counts.complaints[self._tenant(queue_id)] += 1
         elif event == "notified":  # the failure notice, a message of its own, is the tenant's too
             notice = str(record.get("notice_queue_id") or "")
-            self._pending[notice] = [self._tenant(queue_id), 1, None]
+            if notice not in self._recent:  # its outcome was given up on: counted already
+                self._pending[notice] = [self._tenant(queue_id), 1, None]
             self._outcomes(self._unlinked.pop(notice, (0.0, []))[1])
         elif event == "deleted" and queue_id in self._pending:
             self._pending[queue_id][1] = 0
@@ -226,13 +227,16 @@ class AuditFollower:
 
     def _give_up_on_links(self, before: float) -> None:
         """The outcomes of each message held since ``before`` count under
-        ``UNKNOWN``: a ``notified`` record naming it would have come by now."""
+        ``UNKNOWN``: a ``notified`` record naming it would have come by now.
+        One that comes later still finds it remembered: taken for a notice
+        yet to end, it was kept waiting for good."""
         while self._unlinked:
             queue_id, (since, records) = next(iter(self._unlinked.items()))
             if since > before:
                 return
             del self._unlinked[queue_id]
             self._outcomes(records)
+            self._remember(queue_id, UNKNOWN)
 
     def _tenant(self, queue_id: str) -> str:
         if queue_id in self._pending:
@@ -257,6 +261,9 @@ class AuditFollower:
         if left > 0:
             return
         del self._pending[queue_id]
+        self._remember(queue_id, tenant)
+
+    def _remember(self, queue_id: str, tenant: str) -> None:
         self._recent[queue_id] = tenant
         if len(self._recent) > RECENT:
             self._recent.popitem(last=False)
