@@ -402,7 +402,7 @@ class Acceptor:
                     self._warn_of_limit(tenant_id, tenant.recipients_per_hour, now)
                 await self._rejected(submission, reply, decision.identity)
                 raise reply
-        if self.rates.add(tenant_id, wanted, now, limited):
+        if self.rates.add(tenant_id, wanted, now):
             return wanted
         if limited:
             self._say_uncounted(tenant_id, self.rates.slots, now)

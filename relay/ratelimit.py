@@ -18,9 +18,10 @@ recipient counts for 60 to 61 minutes.
 
 A worker's row is sized at the start, before the fork, for ``ROOM`` times
 the policy's tenants (at least ``SLOTS``): each tenant that sends in an hour
-takes a slot. A tenant with a limit keeps its slot while it counts
-anything; one without gives its slot to a newcomer when the few near the
-newcomer's place are all taken, the least counted first. A full row of 4,096
+takes a slot. A tenant with a limit in the worker's policy as it is now
+keeps its slot while it counts anything, also one a reload limited before
+its next message; one without gives its slot to a newcomer when the few
+near the newcomer's place are all taken, the least counted first. A full row of 4,096
 tenants used to count nothing more, and every tenant after them sent past
 its limit; now a limited tenant that finds no slot is not counted, and
 its mail is refused (``uncounted``) rather than let through uncounted.
@@ -28,10 +29,10 @@ its mail is refused (``uncounted``) rather than let through uncounted.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from relay.errors import Rejected
-from relay.policy.model import Tenant
+from relay.policy.model import Policy, Tenant
 from relay.sharedtable import Row, SharedTable, key_of
 
 SLOTS = 4096  # the fewest a worker's row holds: room for the tenants a reload adds
@@ -39,7 +40,6 @@ ROOM = 2  # slots a row has for each tenant of the policy the relay starts with
 REACH = 64  # slots from a tenant's place that may hold its own (``sharedtable``)
 MINUTES = 60
 BUCKETS = MINUTES + 1  # the minutes counted: this one and the 60 before it
-KEPT = BUCKETS  # the word after the buckets: 1 while the tenant's slot may not go to another
 
 
 def refusal(tenant: Tenant, wanted: int, sent: int) -> Rejected | None:
@@ -89,10 +89,12 @@ class RateCounts:
     def __init__(self, workers: int, tenants: int = 0) -> None:
         """``tenants``: the policy's at the start; a reload cannot grow the table."""
         slots = max(SLOTS, ROOM * tenants)
-        self._table = SharedTable("rate limits", workers, slots, BUCKETS + 1, REACH)
+        self._table = SharedTable("rate limits", workers, slots, BUCKETS, REACH)
 
-    def row(self, index: int) -> RateRow:
-        return RateRow(self._table.row(index))
+    def row(self, index: int, policy: Callable[[], Policy] | None = None) -> RateRow:
+        """``policy``: the worker's, as it is now; its limited tenants keep their
+        slots. None: a row that keeps none."""
+        return RateRow(self._table.row(index), policy)
 
     def sent(self, tenant: str, now: float) -> int:
         """For a reader that is no worker (the metrics)."""
@@ -100,8 +102,10 @@ class RateCounts:
 
 
 class RateRow:
-    def __init__(self, row: Row) -> None:
+    def __init__(self, row: Row, policy: Callable[[], Policy] | None = None) -> None:
         self._row = row
+        self._policy = policy
+        self._limited: tuple[Policy, frozenset[int]] | None = None  # the policy, its hashes
 
     @property
     def slots(self) -> int:
@@ -114,11 +118,11 @@ class RateRow:
         minute = int(now // 60)
         return sum(self._hour(base, minute) for base in self._row.found(key_of(tenant)))
 
-    def add(self, tenant: str, count: int, now: float, limited: bool = False) -> bool:
+    def add(self, tenant: str, count: int, now: float) -> bool:
         """``count`` more (or fewer, given back) in this worker's row for the minute of
         ``now``; a give-back for a minute whose slot has gone to a later one finds
         nothing to take from (it is out of the hour). False when the row has no
-        room for the tenant (see above): a ``limited`` tenant's slot is kept."""
+        room for the tenant (see above)."""
         minute = int(now // 60)
         key = key_of(tenant)
         if count < 0:
@@ -130,8 +134,6 @@ class RateRow:
         if base is None:
             return False
         words = self._row.words
-        if count >= 0:
-            words[base + KEPT] = int(limited)
         at = base + minute % BUCKETS
         word = words[at]
         if count < 0 and word >> 32 != minute:
@@ -150,8 +152,24 @@ class RateRow:
         )
 
     def _rank(self, base: int, minute: int) -> tuple[int] | None:
-        """A limited tenant's slot is never given away; the others, least counted first."""
-        return None if self._row.words[base + KEPT] else (self._hour(base, minute),)
+        """A tenant limited in the worker's policy now never gives its slot away: a
+        mark written with its counts stayed "no limit" after a reload limited it,
+        until its next message, and its hour went to a newcomer meanwhile. The
+        others go least counted first."""
+        if self._row.words[base - 1] in self._kept():
+            return None
+        return (self._hour(base, minute),)
+
+    def _kept(self) -> frozenset[int]:
+        """The hashes of the tenants the worker's policy limits, worked out once a
+        policy (only a crowded row asks)."""
+        if self._policy is None:
+            return frozenset()
+        policy = self._policy()
+        if self._limited is None or self._limited[0] is not policy:
+            limited = (t.id for t in policy.tenants.values() if t.recipients_per_hour is not None)
+            self._limited = (policy, frozenset(key_of(tenant) for tenant in limited))
+        return self._limited[1]
 
     def _idle(self, base: int, minute: int) -> bool:
         """A tenant whose slot counts nothing in the last hour gives it up."""

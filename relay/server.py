@@ -471,7 +471,7 @@ async def serve(
         suppressions=suppressions,
         tally=tally,
     )
-    rates = None if shared is None else shared.rates.row(index)
+    rates = None if shared is None else shared.rates.row(index, holder.current)
     clients = None if shared is None else shared.clients.row(index)
     if clients is not None:
         pool.count_in(clients)

@@ -3,6 +3,7 @@ with two workers refusing what passes the limit."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -13,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
@@ -23,12 +25,13 @@ from relay.engine import Engine
 from relay.errors import SmtpReply
 from relay.pipeline import Acceptor
 from relay.policy.load import load
-from relay.policy.model import Policy
+from relay.policy.model import Policy, Tenant
 from relay.ratelimit import SLOTS, RateCounts
 from relay.record import Recorder
 from relay.sharedtable import key_of
 from relay.spool import Spool
 from relay.submission import Submission
+from tests.minimal_policy import policy as minimal_policy
 from tests.relayproc import RelayProcess
 from tests.sink import Sink, SinkServer
 from tests.test_engine_warm import running
@@ -291,14 +294,26 @@ def test_mail_the_upstream_refused_while_the_erp_waited_does_not_count(
             assert submit(port, ("three@example.org",), MESSAGE)[0] == 450
 
 
+def _limits(**limits: int | None) -> Policy:
+    """A policy of these tenants, with these ``recipients_per_hour`` (None: no limit)."""
+    tenants = {
+        name: Tenant(
+            name, name, f"post@{name}.example", (), "default", None, {}, frozenset(), {}, limit
+        )
+        for name, limit in limits.items()
+    }
+    return dataclasses.replace(minimal_policy(), tenants=MappingProxyType(tenants))
+
+
 def test_tenants_without_a_limit_make_room_for_one_with_a_limit() -> None:
     """A worker's row held 4,096 tenants: each tenant after them, limited or not,
     went uncounted, and a stolen login's tenant sent past its limit."""
     counts = RateCounts(2)
-    row = counts.row(0)
+    policy = _limits(acme=50)
+    row = counts.row(0, lambda: policy)
     for n in range(SLOTS):
         row.add(f"tenant{n}", 1, NOON)
-    assert row.add("acme", 5, NOON, limited=True)
+    assert row.add("acme", 5, NOON)
     for n in range(
         SLOTS, 2 * SLOTS
     ):  # each counts more than acme: acme keeps its slot all the same
@@ -306,13 +321,28 @@ def test_tenants_without_a_limit_make_room_for_one_with_a_limit() -> None:
     assert counts.row(1).sent("acme", NOON + 60) == 5
 
 
+def test_a_limit_a_reload_brings_in_keeps_the_slot_before_the_tenants_next_message() -> None:
+    """Whether a slot was kept was written with the tenant's counts: after a reload
+    limited it, its slot in a worker it had not sent through since still said
+    "no limit", a crowded row gave it away, and the hour it had sent was forgotten."""
+    policies = [_limits(acme=None)]
+    counts = RateCounts(2)
+    row = counts.row(0, lambda: policies[-1])
+    row.add("acme", 45, NOON)
+    policies.append(_limits(acme=50))  # the reload: a stolen login found
+    for n in range(2 * SLOTS):  # each counts more than acme
+        row.add(f"tenant{n}", 100, NOON + 60)
+    assert counts.row(1).sent("acme", NOON + 120) == 45
+
+
 def test_a_limited_tenant_with_no_room_left_is_said_to_be_uncounted() -> None:
     """Limited tenants keep their slots: one that finds every slot near its place
     kept is told so (False), for its mail to be refused, not let through uncounted."""
     counts = RateCounts(1)
-    row = counts.row(0)
+    policy = _limits(**{f"tenant{n}": 1 for n in range(2 * SLOTS)})
+    row = counts.row(0, lambda: policy)
     for n in range(2 * SLOTS):
-        if not row.add(f"tenant{n}", 1, NOON, limited=True):
+        if not row.add(f"tenant{n}", 1, NOON):
             break
     else:
         pytest.fail("every limited tenant found room")
@@ -356,7 +386,8 @@ async def test_a_full_row_still_holds_a_limited_tenant_to_its_limit(
     policy = _limited(policy_file, acme=2)
     spool = Spool(tmp_path / "spool")
     engine = Engine(spool, lambda: policy, attempt, Recorder(None))
-    acceptor = Acceptor(spool, engine, Recorder(None), rates=RateCounts(1).row(0))
+    rates = RateCounts(1).row(0, lambda: policy)
+    acceptor = Acceptor(spool, engine, Recorder(None), rates=rates)
     senders = ["hank@globex.example", *["jan@acme.example"] * 3]
     said = await _replies(policy, acceptor, engine, senders)
     assert said[:3] == ["250"] * 3
@@ -377,7 +408,7 @@ async def test_a_limited_tenant_that_cannot_be_counted_is_refused_and_said_each_
     now = [NOON]
     spool = Spool(tmp_path / "spool")
     engine = Engine(spool, lambda: policy, attempt, Recorder(None))
-    rates = RateCounts(1).row(0)
+    rates = RateCounts(1).row(0, lambda: policy)
     acceptor = Acceptor(spool, engine, Recorder(None), rates=rates, clock=lambda: now[0])
     with caplog.at_level(logging.INFO, logger="relay"):
         said = await _replies(policy, acceptor, engine, ["hank@globex.example", "jan@acme.example"])
