@@ -381,8 +381,9 @@ class Acceptor:
 
     async def _take(
         self, policy: Policy, submission: Submission, decision: Decision, now: float
-    ) -> int:
-        """The message's recipients counted for its tenant, or it refused
+    ) -> tuple[int, int] | None:
+        """The message's recipients counted for its tenant and where (to give them
+        back: ``RateRow.give_back``), None when not counted; or it refused
         (``ratelimit.refusal``): counted here, where the suppression list has
         been read (``ratelimit.counted``). Every tenant's are counted, limited
         or not: a limit a reload brings in, when a login is found stolen, then
@@ -392,7 +393,7 @@ class Acceptor:
         tenant_id = decision.identity.tenant.id
         tenant = policy.tenants.get(tenant_id)
         if tenant is None or self.rates is None:
-            return 0
+            return None
         wanted = ratelimit.counted(submission.rcpt_tos, (a for a, _ in decision.suppressed))
         limited = tenant.recipients_per_hour is not None
         if limited:
@@ -402,14 +403,15 @@ class Acceptor:
                     self._warn_of_limit(tenant_id, tenant.recipients_per_hour, now)
                 await self._rejected(submission, reply, decision.identity)
                 raise reply
-        if self.rates.add(tenant_id, wanted, now):
-            return wanted
+        where = self.rates.add(tenant_id, wanted, now)
+        if where is not None:
+            return wanted, where
         if limited:
             self._say_uncounted(tenant_id, self.rates.slots, now)
             reply = ratelimit.uncounted(tenant)
             await self._rejected(submission, reply, decision.identity)
             raise reply
-        return 0
+        return None
 
     def _warn_of_limit(self, tenant_id: str, limit: int, now: float) -> None:
         """The limit is the brake on a stolen login (README): its first refusal of
@@ -440,12 +442,13 @@ class Acceptor:
             slots,
         )
 
-    def _give_back(self, tenant_id: str, taken: int, when: float) -> None:
+    def _give_back(self, tenant_id: str, taken: tuple[int, int] | None, when: float) -> None:
         """To the minute they were counted in (``when``): given to the minute of
         now, a give-back past a minute's end found nothing there to take from,
         and the tenant was held to a message the upstream had refused."""
-        if taken and self.rates is not None:
-            self.rates.add(tenant_id, -taken, when)
+        if taken is not None and self.rates is not None:
+            count, where = taken
+            self.rates.give_back(tenant_id, count, when, where)
 
     def _suppressions(self) -> SuppressionList:
         """The list as it is now; one that cannot be read refuses the message for

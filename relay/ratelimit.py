@@ -118,29 +118,35 @@ class RateRow:
         minute = int(now // 60)
         return sum(self._hour(base, minute) for base in self._row.found(key_of(tenant)))
 
-    def add(self, tenant: str, count: int, now: float) -> bool:
-        """``count`` more (or fewer, given back) in this worker's row for the minute of
-        ``now``; a give-back for a minute whose slot has gone to a later one finds
-        nothing to take from (it is out of the hour). False when the row has no
-        room for the tenant (see above)."""
+    def add(self, tenant: str, count: int, now: float) -> int | None:
+        """``count`` more in this worker's row for the minute of ``now``: where they
+        were counted, for ``give_back``; None when the row has no room for the
+        tenant (see above)."""
         minute = int(now // 60)
-        key = key_of(tenant)
-        if count < 0:
-            base = self._row.mine(key)
-        else:
-            base = self._row.own(
-                key, lambda at: self._idle(at, minute), lambda at: self._rank(at, minute)
-            )
-        if base is None:
-            return False
+        base = self._row.own(
+            key_of(tenant), lambda at: self._idle(at, minute), lambda at: self._rank(at, minute)
+        )
+        if base is not None:
+            at = base + minute % BUCKETS
+            word = self._row.words[at]
+            current = word & 0xFFFFFFFF if word >> 32 == minute else 0
+            self._row.words[at] = (minute << 32) | min(current + count, 0xFFFFFFFF)
+        return base
+
+    def give_back(self, tenant: str, count: int, now: float, where: int) -> None:
+        """``count`` that ``add`` counted at ``where`` for the minute of ``now`` taken
+        off again, never below nothing: looked up by the tenant, a slot given away
+        since and taken again elsewhere lost the newer message's count instead.
+        Nothing is taken unless the slot holds the tenant still; one it took back
+        at the same place meanwhile (the row crowded and the tenant the least
+        counted, twice within one message) is rare enough to take from. A minute
+        whose bucket has gone to a later one finds nothing to take from (it is
+        out of the hour)."""
+        minute = int(now // 60)
         words = self._row.words
-        at = base + minute % BUCKETS
-        word = words[at]
-        if count < 0 and word >> 32 != minute:
-            return True
-        current = word & 0xFFFFFFFF if word >> 32 == minute else 0
-        words[at] = (minute << 32) | max(0, min(current + count, 0xFFFFFFFF))
-        return True
+        at = where + minute % BUCKETS
+        if words[where - 1] == key_of(tenant) and words[at] >> 32 == minute:
+            words[at] = (minute << 32) | max(0, (words[at] & 0xFFFFFFFF) - count)
 
     def _hour(self, base: int, minute: int) -> int:
         """What the slot at ``base`` counts in the hour up to ``minute``."""

@@ -92,10 +92,11 @@ def test_the_hour_is_counted_on_a_clock_nobody_sets() -> None:
 
 def test_a_count_given_back_is_taken_off_and_never_below_nothing() -> None:
     row = RateCounts(1).row(0)
-    row.add("acme", 3, NOON)
-    row.add("acme", -3, NOON)
+    where = row.add("acme", 3, NOON)
+    assert where is not None
+    row.give_back("acme", 3, NOON, where)
     assert row.sent("acme", NOON) == 0
-    row.add("acme", -5, NOON)
+    row.give_back("acme", 5, NOON, where)
     assert row.sent("acme", NOON) == 0
 
 
@@ -104,12 +105,33 @@ def test_a_count_given_back_goes_to_its_own_minute_or_nowhere() -> None:
     minute whose slot a later one took is out of the hour: nothing to take from,
     and the later minute's count stays."""
     row = RateCounts(1).row(0)
-    row.add("acme", 3, NOON + 59)
-    row.add("acme", -3, NOON + 59)  # the refusal came in the next minute
+    where = row.add("acme", 3, NOON + 59)
+    assert where is not None
+    row.give_back("acme", 3, NOON + 59, where)  # the refusal came in the next minute
     assert row.sent("acme", NOON + 61) == 0
     row.add("acme", 2, NOON + 60 * 61)  # the same slot, an hour and a minute on
-    row.add("acme", -1, NOON)
+    row.give_back("acme", 1, NOON, where)
     assert row.sent("acme", NOON + 60 * 61) == 2
+
+
+def test_a_count_given_back_after_its_slot_went_to_another_takes_from_no_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Looked up by the tenant, a give-back whose slot had been given away and the
+    tenant counted again in another took the newer message's count: 5 given back
+    from 3 left none counted."""
+    monkeypatch.setattr(ratelimit, "SLOTS", 2)
+    counts = RateCounts(1)
+    row = counts.row(0)
+    first = row.add("acme", 5, NOON)  # a message waiting for the upstream
+    row.add("globex", 9, NOON)
+    row.add("initech", 10, NOON)  # a crowded row: acme's slot is the least counted
+    assert counts.sent("acme", NOON) == 0
+    second = row.add("acme", 3, NOON)  # the next message: globex's slot
+    assert first is not None and second not in (None, first)
+    row.give_back("acme", 5, NOON, first)  # the upstream refused the first
+    assert counts.sent("acme", NOON) == 3
+    assert counts.sent("initech", NOON) == 10
 
 
 def test_tenants_whose_hashes_meet_in_one_slot_are_counted_apart() -> None:
