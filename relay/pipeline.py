@@ -435,9 +435,10 @@ class Acceptor:
             return
         log.error(
             "tenant %s: no room to count its recipients in this worker's rate-limit table"
-            " of %d tenants, sized at the start from the policy's: its mail is refused"
-            " (451) while its limit cannot be kept; restart the relay to make room for the"
-            " tenants a reload added; said once a minute, each refusal is logged",
+            " of %d tenants, sized at the start from the policy's limited tenants: its mail"
+            " is refused (451) while its limit cannot be kept; restart the relay to make room"
+            " for the limited tenants a reload added; said once a minute, each refusal is"
+            " logged",
             tenant_id,
             slots,
         )

@@ -43,7 +43,7 @@ from relay.metrics import status as metrics_status
 from relay.pipeline import Acceptor
 from relay.policy import tlspair
 from relay.policy.model import Listener, Policy, TlsFiles
-from relay.ratelimit import RateCounts
+from relay.ratelimit import RateCounts, limited_tenants
 from relay.record import Recorder, audit_log
 from relay.sharedtable import SharedTable
 from relay.spool import Spool
@@ -83,10 +83,11 @@ class SharedCounts:
 
     @classmethod
     def made(cls, policy: Policy) -> SharedCounts:
-        """Sized for ``policy``'s tenants and names: a reload cannot grow the tables."""
+        """Sized for ``policy``'s limited tenants and names: a reload cannot grow the
+        tables."""
         workers = policy.workers
         return cls(
-            RateCounts(workers, len(policy.tenants)),
+            RateCounts(workers, len(limited_tenants(policy))),
             ClientCounts(workers),
             authlimit.table(workers),
             Tally(workers, len(counts_named(policy))),

@@ -28,6 +28,7 @@ from relay.policy.load import load
 from relay.policy.model import Policy, Tenant
 from relay.ratelimit import SLOTS, RateCounts
 from relay.record import Recorder
+from relay.server import SharedCounts
 from relay.sharedtable import key_of
 from relay.spool import Spool
 from relay.submission import Submission
@@ -355,6 +356,15 @@ def test_a_limit_a_reload_brings_in_keeps_the_slot_before_the_tenants_next_messa
     for n in range(2 * SLOTS):  # each counts more than acme
         row.add(f"tenant{n}", 100, NOON + 60)
     assert counts.row(1).sent("acme", NOON + 120) == 45
+
+
+def test_the_table_is_sized_for_the_limited_tenants_not_every_one() -> None:
+    """Sized for every tenant, a row took about 1 KB of shared memory a tenant
+    and a worker: 155 MB for 20,000 tenants and 8 workers."""
+    unlimited = {f"tenant{n}": None for n in range(20_000)}
+    assert SharedCounts.made(_limits(**unlimited)).rates.row(0).slots == SLOTS
+    limited = {f"limited{n}": 10 for n in range(3000)}
+    assert SharedCounts.made(_limits(**unlimited, **limited)).rates.row(0).slots == 6000
 
 
 def test_a_limited_tenant_with_no_room_left_is_said_to_be_uncounted() -> None:
