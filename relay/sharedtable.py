@@ -60,6 +60,8 @@ class SharedTable:
         self.rows = rows
         self.slots = slots
         self.reach = slots if reach is None else min(reach, slots)
+        # the slots a full row may give a key: with no reach, the first few only
+        self.among = EVICT_AMONG if reach is None else self.reach
         self.stride = 1 + width
         self._map = mmap.mmap(-1, rows * slots * self.stride * 8)
         self.words = memoryview(self._map).cast("Q")
@@ -106,8 +108,10 @@ class Row:
         caller says it). A worker started in the place of one that ended finds
         the slots it left. ``rank``: how much a slot in use still counts, None
         for one never to give away; with it a full row gives ``key`` the slot
-        that counts least of the first ``EVICT_AMONG`` from ``key``'s place, so that
-        its probes stay short and the ranking costs a few slots' worth."""
+        that counts least of the first ``EVICT_AMONG`` from ``key``'s place, so
+        that its probes stay short and the ranking costs a few slots' worth;
+        when none of those may be given, the first of the rest of its reach
+        that may."""
         base = self.mine(key)
         if base is None:
             base = self._claim(key, reclaimable)
@@ -131,11 +135,17 @@ class Row:
         return None
 
     def _evict(self, key: int, rank: Callable[[int], tuple[int, ...] | None]) -> int | None:
-        """The first ``EVICT_AMONG`` slots from ``key``'s place only: looking on past
-        slots never to give away ranked a whole row for each new key, seconds of
-        CPU when most were. None when none of them may be given."""
-        ranked = []
-        for at in itertools.islice(self._probes(key), EVICT_AMONG):
+        """The least counted of the first ``EVICT_AMONG`` slots from ``key``'s place,
+        and only when none of them may be given the rest of the table's reach
+        (``among``): a key whose first few slots were all kept was refused though
+        one further on in its reach was not, and ranking the whole reach each
+        time doubled the cost of a new key in a full row. Without a reach,
+        looking on past slots never to give away ranked a whole row for each
+        new key, seconds of CPU when most were. None when none may be given."""
+        ranked: list[tuple[tuple[int, ...], int]] = []
+        for n, at in enumerate(itertools.islice(self._probes(key), self.table.among)):
+            if n >= EVICT_AMONG and ranked:
+                break
             order = rank(at + 1)
             if order is not None:
                 ranked.append((order, at))

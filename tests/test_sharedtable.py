@@ -117,3 +117,20 @@ def test_a_table_with_a_reach_keeps_each_key_near_its_place() -> None:
         start = key % 64
         base = next(reader.found(key))
         assert (base - 1) // table.stride in {(start + probe) % 64 for probe in range(4)}
+
+
+def test_a_full_row_with_a_reach_gives_a_slot_past_the_first_few_when_they_are_kept() -> None:
+    """Ranked among the first 16 of a reach of 32 only, a key whose first 16 were
+    all kept found no room though the next 16 were not: a limited tenant was
+    refused (451) with tenants without a limit in its reach."""
+    table = SharedTable("test", rows=1, slots=32, width=1, reach=32)
+    row = table.row(0)
+    for place in range(32):  # a key at each place, the first 16 from place 0 kept
+        table.words[row.own(32 + place)] = 1  # type: ignore[index]
+
+    def rank(base: int) -> tuple[int, ...] | None:
+        return None if table.words[base - 1] % 32 < 16 else (table.words[base],)
+
+    taken = row.own(32 * 5, None, rank)  # its place: 0
+    assert taken is not None and (taken - 1) // table.stride == 16
+    assert list(table.row(-1).found(32 + 16)) == []
