@@ -29,7 +29,7 @@ from relay.identify import Identity, identify
 from relay.message import MessageView
 from relay.policy.model import Policy, sends_as
 from relay.queueid import new_queue_id
-from relay.ratelimit import RateRow
+from relay.ratelimit import Counted, RateRow
 from relay.record import Recorder
 from relay.sign import sign
 from relay.spool import PENDING, SUPPRESSED, QueueEntry, RecipientState, Spool, SpoolError
@@ -337,7 +337,7 @@ class Acceptor:
             try:
                 await self._keep(policy, submission, prepared, entry)
             except BaseException:
-                self._give_back(entry.tenant, taken, now)
+                self._give_back(taken, now)
                 raise
             lock = self.spool.detach(entry.queue_id)
         finally:
@@ -373,7 +373,7 @@ class Acceptor:
             try:
                 return await self._immediate(entry, listener.immediate, submission.hung_up)
             except SmtpReply as refusal:  # the upstream refused it, and the ERP is told: not sent
-                self._give_back(entry.tenant, taken, now)
+                self._give_back(taken, now)
                 said = f"{refusal.line} (the upstream's refusal, passed back: not sent, not kept)"
                 log_refused(submission, said, entry.queue_id)
                 raise
@@ -381,7 +381,7 @@ class Acceptor:
 
     async def _take(
         self, policy: Policy, submission: Submission, decision: Decision, now: float
-    ) -> tuple[int, int] | None:
+    ) -> tuple[int, Counted] | None:
         """The message's recipients counted for its tenant and where (to give them
         back: ``RateRow.give_back``), None when not counted; or it refused
         (``ratelimit.refusal``): counted here, where the suppression list has
@@ -443,13 +443,13 @@ class Acceptor:
             slots,
         )
 
-    def _give_back(self, tenant_id: str, taken: tuple[int, int] | None, when: float) -> None:
+    def _give_back(self, taken: tuple[int, Counted] | None, when: float) -> None:
         """To the minute they were counted in (``when``): given to the minute of
         now, a give-back past a minute's end found nothing there to take from,
         and the tenant was held to a message the upstream had refused."""
         if taken is not None and self.rates is not None:
             count, where = taken
-            self.rates.give_back(tenant_id, count, when, where)
+            self.rates.give_back(count, when, where)
 
     def _suppressions(self) -> SuppressionList:
         """The list as it is now; one that cannot be read refuses the message for

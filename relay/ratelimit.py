@@ -41,11 +41,12 @@ from relay.errors import Rejected
 from relay.policy.model import Policy, Tenant
 from relay.sharedtable import Row, SharedTable, key_of
 
-SLOTS = 4096  # the fewest a worker's row holds: room for the tenants a reload adds
-ROOM = 2  # slots a row has for each tenant of the policy the relay starts with
+SLOTS = 4096  # the fewest a worker's row holds: room for tenants without a limit
+ROOM = 2  # slots a row has for each limited tenant of the policy the relay starts with
 REACH = 64  # slots from a tenant's place that may hold its own (``sharedtable``)
 MINUTES = 60
 BUCKETS = MINUTES + 1  # the minutes counted: this one and the 60 before it
+Counted = tuple[int, int]  # where ``add`` counted: the slot's base, and ``Row.given`` of it
 
 
 def refusal(tenant: Tenant, wanted: int, sent: int) -> Rejected | None:
@@ -131,7 +132,7 @@ class RateRow:
         minute = int(now // 60)
         return sum(self._hour(base, minute) for base in self._row.found(key_of(tenant)))
 
-    def add(self, tenant: str, count: int, now: float) -> int | None:
+    def add(self, tenant: str, count: int, now: float) -> Counted | None:
         """``count`` more in this worker's row for the minute of ``now``: where they
         were counted, for ``give_back``; None when the row has no room for the
         tenant (see above)."""
@@ -139,26 +140,27 @@ class RateRow:
         base = self._row.own(
             key_of(tenant), lambda at: self._idle(at, minute), lambda at: self._rank(at, minute)
         )
-        if base is not None:
-            at = base + minute % BUCKETS
-            word = self._row.words[at]
-            current = word & 0xFFFFFFFF if word >> 32 == minute else 0
-            self._row.words[at] = (minute << 32) | min(current + count, 0xFFFFFFFF)
-        return base
+        if base is None:
+            return None
+        at = base + minute % BUCKETS
+        word = self._row.words[at]
+        current = word & 0xFFFFFFFF if word >> 32 == minute else 0
+        self._row.words[at] = (minute << 32) | min(current + count, 0xFFFFFFFF)
+        return base, self._row.given(base)
 
-    def give_back(self, tenant: str, count: int, now: float, where: int) -> None:
-        """``count`` that ``add`` counted at ``where`` for the minute of ``now`` taken
-        off again, never below nothing: looked up by the tenant, a slot given away
-        since and taken again elsewhere lost the newer message's count instead.
-        Nothing is taken unless the slot holds the tenant still; one it took back
-        at the same place meanwhile (the row crowded and the tenant the least
-        counted, twice within one message) is rare enough to take from. A minute
-        whose bucket has gone to a later one finds nothing to take from (it is
-        out of the hour)."""
+    def give_back(self, count: int, now: float, where: Counted) -> None:
+        """``count`` that ``add`` counted ``where`` for the minute of ``now`` taken off
+        again, never below nothing, unless the slot has gone to a tenant since.
+        Looked up by the tenant, a slot given away since and taken again lost
+        the newer messages' count instead; so did one the tenant took back at
+        the same place, which a newcomer's count, small as it is when the tenant
+        comes back, makes likely. A minute whose bucket has gone to a later one
+        finds nothing to take from (it is out of the hour)."""
+        base, given = where
         minute = int(now // 60)
         words = self._row.words
-        at = where + minute % BUCKETS
-        if words[where - 1] == key_of(tenant) and words[at] >> 32 == minute:
+        at = base + minute % BUCKETS
+        if self._row.given(base) == given and words[at] >> 32 == minute:
             words[at] = (minute << 32) | max(0, (words[at] & 0xFFFFFFFF) - count)
 
     def _hour(self, base: int, minute: int) -> int:

@@ -77,6 +77,7 @@ class Row:
         self.words = table.words
         self.index = index
         self._own: dict[int, int] = {}  # key -> base of its slot in this row
+        self._given: dict[int, int] = {}  # base -> the times this process gave its slot
         self._full_said = False
 
     def found(self, key: int) -> Iterator[int]:
@@ -96,6 +97,12 @@ class Row:
             if base is not None:
                 self._own[key] = base
         return base
+
+    def given(self, base: int) -> int:
+        """How many times this process has given the slot at ``base`` to a key: with
+        the base, a caller that kept where it wrote tells that slot from one
+        given away and taken again since, by the same key at the same place."""
+        return self._given.get(base, 0)
 
     def own(
         self,
@@ -167,6 +174,7 @@ class Row:
             self._own.pop(self.words[at], None)
             self.words[at + 1 : at + table.stride] = _zeros(table.stride - 1)
         self.words[at] = key
+        self._given[at + 1] = self._given.get(at + 1, 0) + 1
         return at + 1
 
     def _find(self, index: int, key: int) -> int | None:

@@ -95,9 +95,9 @@ def test_a_count_given_back_is_taken_off_and_never_below_nothing() -> None:
     row = RateCounts(1).row(0)
     where = row.add("acme", 3, NOON)
     assert where is not None
-    row.give_back("acme", 3, NOON, where)
+    row.give_back(3, NOON, where)
     assert row.sent("acme", NOON) == 0
-    row.give_back("acme", 5, NOON, where)
+    row.give_back(5, NOON, where)
     assert row.sent("acme", NOON) == 0
 
 
@@ -108,10 +108,10 @@ def test_a_count_given_back_goes_to_its_own_minute_or_nowhere() -> None:
     row = RateCounts(1).row(0)
     where = row.add("acme", 3, NOON + 59)
     assert where is not None
-    row.give_back("acme", 3, NOON + 59, where)  # the refusal came in the next minute
+    row.give_back(3, NOON + 59, where)  # the refusal came in the next minute
     assert row.sent("acme", NOON + 61) == 0
     row.add("acme", 2, NOON + 60 * 61)  # the same slot, an hour and a minute on
-    row.give_back("acme", 1, NOON, where)
+    row.give_back(1, NOON, where)
     assert row.sent("acme", NOON + 60 * 61) == 2
 
 
@@ -129,10 +129,26 @@ def test_a_count_given_back_after_its_slot_went_to_another_takes_from_no_other(
     row.add("initech", 10, NOON)  # a crowded row: acme's slot is the least counted
     assert counts.sent("acme", NOON) == 0
     second = row.add("acme", 3, NOON)  # the next message: globex's slot
-    assert first is not None and second not in (None, first)
-    row.give_back("acme", 5, NOON, first)  # the upstream refused the first
+    assert first is not None and second is not None and second[0] != first[0]
+    row.give_back(5, NOON, first)  # the upstream refused the first
     assert counts.sent("acme", NOON) == 3
     assert counts.sent("initech", NOON) == 10
+
+
+def test_a_count_given_back_after_its_slot_was_taken_back_at_its_place_takes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tenant coming back most often takes back its own place, held by a newcomer
+    counted little: the give-back found its key there and took the newer count."""
+    monkeypatch.setattr(ratelimit, "SLOTS", 1)
+    counts = RateCounts(1)
+    row = counts.row(0)
+    first = row.add("acme", 5, NOON)
+    row.add("globex", 1, NOON)  # acme's slot, given away
+    second = row.add("acme", 3, NOON)  # taken back: the same slot
+    assert first is not None and second is not None and second[0] == first[0]
+    row.give_back(5, NOON, first)
+    assert counts.sent("acme", NOON) == 3
 
 
 def test_tenants_whose_hashes_meet_in_one_slot_are_counted_apart() -> None:
