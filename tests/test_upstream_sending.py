@@ -263,6 +263,28 @@ async def test_a_reply_more_than_the_group_asked_for_defers_the_message_unsent()
     assert not any(part.endswith(END) for part in server.received)
 
 
+@WAYS
+async def test_a_reply_after_the_final_one_leaves_the_message_delivered(
+    pipelining: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A smarthost that says it closes the connection in the same write as its
+    250 to the message had it deferred "it may arrive twice", and sent again at
+    every retry. What follows the final reply only keeps the connection from
+    being used again."""
+    pool = Pool()
+    monkeypatch.setattr(smtp, "default_pool", lambda: pool)
+    final = b"250 2.0.0 queued as ABC\r\n421 4.3.2 closing connection\r\n"
+    server = Hostile(at_once, pipelining, final=final)
+    try:
+        sent = await attempt(server, SMALL, timeout=5.0, data_timeout=5.0)
+        assert pool.idle_count() == 0  # closed, not kept for the next message
+    finally:
+        await pool.close()
+    assert sent is not None
+    assert sent.replies == {RCPT: (250, "250 2.0.0 queued as ABC")}
+    assert [part.endswith(END) for part in server.received] == [True]
+
+
 @dataclass
 class Twice(Hostile):
     """Answers MAIL twice: every reply after it is one command behind."""

@@ -184,6 +184,7 @@ class _Replies(asyncio.Protocol):
         self._stranded: int | None = None  # what was still to go when the connection ended
         self._most = expected  # a reply for each command written: one more is out of step
         self._count = 0  # replies complete, taken or not
+        self._unmatched = 0  # replies in hand when one more came (``take``)
         self._released = False
         self._lost: tuple[Exception | None] | None = None
         self._buffer = bytearray()
@@ -212,6 +213,7 @@ class _Replies(asyncio.Protocol):
             self._fail(_invalid(f"Malformed SMTP response line: {text}"))
             return
         if self._count >= self._most and not self._lines:
+            self._unmatched = len(self._replies)
             self._fail(OutOfStep(_EXTRA))
             return
         self._lines.append(line)
@@ -267,10 +269,11 @@ class _Replies(asyncio.Protocol):
         return bool(self._replies) or self._error is not None
 
     def early(self) -> Exception | None:
-        """What came before the message's end could be answered: a reply no command
-        is waiting for (a stray one, taken for the message's, delivered a message
-        the server refused), or what ended the reading. Each reply a command asked
-        for is taken before the message goes: one more is ``OutOfStep``."""
+        """What ended the reading, if anything did: a reply no command is waiting
+        for, or the connection's end. Before the message's end can be answered,
+        a stray reply would be taken for the message's (and delivered a message
+        the server refused): each reply a command asked for is taken before the
+        message goes, so one more is ``OutOfStep``."""
         return self._error
 
     def _fail(self, error: Exception) -> None:
@@ -286,7 +289,15 @@ class _Replies(asyncio.Protocol):
     async def take(self, count: int, timeout: float) -> list[SMTPResponse]:
         """``timeout`` is for each reply, as for a command sent alone: a smarthost
         that takes 5 s over each of 16 RCPTs (recipient verification, a policy
-        service) was given 60 s for all of them, and never got the message."""
+        service) was given 60 s for all of them, and never got the message.
+
+        A reply more than the commands written is ``OutOfStep``, raised when
+        the replies it came after were in hand together: any of them may be
+        the extra one. One alone answers the one command still waiting, as
+        the final reply does, which is the message's outcome whatever follows
+        it: a ``250`` and a ``421`` in one write had a delivered message sent
+        again at every retry. The reading ends at the extra reply, so any
+        ``take`` after it lacks replies and raises."""
         if len(self._replies) < count and self._error is None:
             self._wanted = count
             self._waiter = asyncio.get_running_loop().create_future()
@@ -301,9 +312,9 @@ class _Replies(asyncio.Protocol):
                         await asyncio.wait_for(asyncio.shield(self._waiter), left)
             finally:
                 self._waiter = None
-        if len(self._replies) < count or isinstance(self._error, OutOfStep):
+        if len(self._replies) < count or self._unmatched > 1:
             assert self._error is not None
-            raise self._error  # out of step: which reply answers which command is not known
+            raise self._error
         taken, self._replies = self._replies[:count], self._replies[count:]
         return taken
 
@@ -471,6 +482,8 @@ async def command(client: aiosmtplib.SMTP, line: bytes, timeout: float) -> SMTPR
         transport.write(line + b"\r\n")
         (reply,) = await replies.take(1, timeout)
         _close_on_421(reply, transport)
+        if isinstance(extra := replies.early(), OutOfStep):
+            raise extra  # two replies to one command: which answers it is not known
     return reply
 
 
@@ -563,7 +576,9 @@ def _reading(
     protocol: asyncio.BaseProtocol, transport: asyncio.Transport, expected: int
 ) -> Iterator[_Replies]:
     """Replies read by ``_Replies`` in place of aiosmtplib's protocol, which gets
-    the connection back afterwards unless it is out of step (then closed)."""
+    the connection back afterwards unless it is out of step (then closed): a
+    reader that heard more than it was asked for, or what is no reply, does
+    not hand it back, even once it has all it wanted."""
     replies = _Replies(protocol, transport, expected)
     transport.set_protocol(replies)
     try:
@@ -576,6 +591,8 @@ def _reading(
             _drop(transport)
         raise
     finally:
+        if replies.early() is not None and not transport.is_closing():
+            _drop(transport)
         if transport.is_closing():
             replies.release()
         else:
