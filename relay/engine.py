@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.audit import AuditError
-from relay.errors import Interrupted
+from relay.errors import sent_in_full
 from relay.groupcommit import GroupCommit
 from relay.notice import build_notice, signed_anew, telling
 from relay.policy.model import Policy, QueueSettings, Upstream, sends_as
@@ -74,7 +74,7 @@ CUT_WAIT = 5.0  # for attempts cut off at the end of the stop grace to put thems
 NO_COPY = "not sent: every recipient is on the suppression list"
 # the reply recorded for a recipient whose attempt the stop cut off before the
 # upstream answered for it: the upstream may have had the whole message (or
-# its client cannot tell, ``Interrupted``), so the audit log says it may
+# its client cannot tell, ``errors.interrupted``), so the audit log says it may
 CUT_OFF = (
     "451 4.4.2 Cut off: the relay stopped before the upstream's reply;"
     " if it had the whole message, it may arrive twice"
@@ -1255,7 +1255,7 @@ class Engine:
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
-                said = CUT_SHORT if isinstance(exc, Interrupted) and not exc.sent else CUT_OFF
+                said = CUT_OFF if sent_in_full(exc) else CUT_SHORT
                 sent = Attempt({**dict.fromkeys(pending, (451, said)), **answered})
                 cut = set(pending) - answered.keys()
             else:

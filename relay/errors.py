@@ -12,15 +12,23 @@ class RelayError(Exception):
     """Base of every error the relay raises on purpose."""
 
 
-class Interrupted(asyncio.CancelledError):
-    """A delivery attempt cancelled (the relay's stop cut it off) by a client that
-    knows how far its message got: ``sent`` when its end, the final dot, may have
+def interrupted(cancel: asyncio.CancelledError, sent: bool) -> None:
+    """Marks ``cancel``, a delivery attempt's (the relay's stop cut it off), with
+    how far its message got: ``sent`` when its end, the final dot, may have
     reached the upstream. Only then may the upstream have it, and the message
-    arrive twice when it goes again; a plain cancellation tells neither."""
+    arrive twice when it goes again. A mark already there stays: it was made
+    nearer the message. The cancellation itself goes on as it came: a subclass
+    raised in its place was no ``CancelledError`` to ``asyncio.timeout`` (Python
+    3.11), whose caller got it instead of ``TimeoutError``."""
+    if not hasattr(cancel, "sent"):
+        cancel.sent = sent  # type: ignore[attr-defined]
 
-    def __init__(self, sent: bool) -> None:
-        super().__init__("the message was sent in full" if sent else "not sent in full")
-        self.sent = sent
+
+def sent_in_full(cancel: BaseException) -> bool:
+    """Whether a cut-off attempt's message may have reached the upstream whole:
+    so unless its client marked it otherwise (``interrupted``), since a plain
+    cancellation tells nothing."""
+    return bool(getattr(cancel, "sent", True))
 
 
 class OutputError(OSError):

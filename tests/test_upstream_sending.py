@@ -286,6 +286,38 @@ async def test_a_reply_after_the_final_one_leaves_the_message_delivered(
 
 
 @dataclass
+class Mute(Hostile):
+    """Greets and answers EHLO, then nothing."""
+
+    def _reply(self, line: bytes) -> bytes:
+        return super()._reply(line) if line[:4].upper() == b"EHLO" else b""
+
+
+@pytest.mark.parametrize(
+    "server", [Mute(at_once), Hostile(at_once, final=b"")], ids=["envelope", "final-reply"]
+)
+async def test_a_timeout_around_a_send_gives_its_caller_a_timeout(server: Hostile) -> None:
+    """``asyncio.timeout`` (Python 3.11) turns only a ``CancelledError`` itself into
+    ``TimeoutError``: a subclass of it, which a send cut off raised to say how far
+    its message got, reached the caller as a cancellation nobody had asked for."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", free_port()))
+    silent = await asyncio.start_server(server.serve, sock=listener)
+    target = SmtpUpstream(
+        name="smarthost", host="127.0.0.1", port=listener.getsockname()[1], tls=TlsMode.NONE,
+        username=None, password_file=None, password_env=None, timeout=WAIT, data_timeout=WAIT,
+    )  # fmt: skip
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await smtp.send(target, "b@p.example", [RCPT], SMALL)
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0
+    finally:
+        silent.close()
+
+
+@dataclass
 class Twice(Hostile):
     """Answers MAIL twice: every reply after it is one command behind."""
 

@@ -37,7 +37,7 @@ from typing import TypeVar
 import aiosmtplib
 from aiosmtplib import SMTPResponse, SMTPStatus
 
-from relay.errors import Interrupted
+from relay.errors import interrupted
 
 
 def taken(reply: SMTPResponse) -> bool:
@@ -504,7 +504,7 @@ async def _end(
 ) -> SMTPResponse:
     """``done`` (``data_timeout``) is for the reply alone, from when the final dot
     has left; the sending is timed by ``_sending``. Cut off by the relay's stop,
-    it is ``Interrupted``, ``sent`` only if none of the message was still to go:
+    it is ``interrupted``, ``sent`` only if none of the message was still to go:
     the record says it may arrive twice only of a message the upstream may have."""
     if transport.is_closing():  # closed on a 421: nothing of the message goes
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
@@ -515,8 +515,9 @@ async def _end(
     replies.asked()
     try:
         return await _answer(replies, transport, timeout, done)
-    except asyncio.CancelledError as exc:
-        raise Interrupted(sent=not replies.unsent()) from exc
+    except asyncio.CancelledError as cancel:
+        interrupted(cancel, sent=not replies.unsent())
+        raise
 
 
 async def _answer(

@@ -24,7 +24,7 @@ from collections.abc import Collection, Sequence
 
 import aiosmtplib
 
-from relay.errors import Interrupted, UpstreamError
+from relay.errors import UpstreamError, interrupted
 from relay.hostport import host_port
 from relay.passwd import password_text
 from relay.policy.model import SmtpUpstream, TlsMode
@@ -81,8 +81,8 @@ async def send(
 ) -> DeliveryResult:
     """With ``needed`` the message goes only if the upstream takes one of those
     recipients; if it takes none, the others it took are refused ``NOT_SENT``.
-    Cancelled (the relay's stop), it raises ``Interrupted``, which says whether
-    the upstream may have had the whole message."""
+    Cancelled (the relay's stop), its cancellation says whether the upstream
+    may have had the whole message (``errors.interrupted``)."""
     secret = password(upstream) if upstream.username else None
     pool = default_pool() if pool is None else pool
     opener = functools.partial(connect, upstream, secret)
@@ -114,10 +114,9 @@ async def send(
         raise
     except Unfinished as exc:
         raise _unfinished(upstream, exc) from exc.error
-    except Interrupted:
+    except asyncio.CancelledError as cancel:  # before the message went: once it goes, ``_end`` says
+        interrupted(cancel, sent=False)
         raise
-    except asyncio.CancelledError as exc:  # before the message went: once it goes, ``_end`` says
-        raise Interrupted(sent=False) from exc
     except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
         raise _mapped(upstream, "sending", exc) from exc
     return DeliveryResult(
