@@ -10,7 +10,7 @@ import io
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.policy import default
 from pathlib import Path
@@ -524,6 +524,49 @@ async def test_a_stop_says_it_may_arrive_twice_only_of_a_message_sent_in_full(
     stored = spool.load(entry.queue_id)
     assert {(r.status, r.reply) for r in stored.recipients} == {("pending", said)}
     assert [part.endswith(END) for part in server.received] == ended  # its final dot came
+
+
+@dataclass
+class SilentAtQuit(Hostile):
+    """Takes the message, then never answers QUIT."""
+
+    quit: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def _reply(self, line: bytes) -> bytes:
+        if line[:4].upper() == b"QUIT":
+            self.quit.set()
+            return b""
+        return super()._reply(line)
+
+
+async def test_a_stop_that_cuts_off_the_quit_after_the_upstream_took_the_message_records_it(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The upstream had answered 250 to the message; cut off in the QUIT that
+    followed, the attempt was recorded "the relay stopped before the message was
+    sent in full; the upstream cannot have it", and the next start sent it again."""
+    audit = AuditLog(tmp_path / "audit")
+    monkeypatch.setattr(smtp, "default_pool", lambda: Pool(max_idle_per_key=0))
+    server = SilentAtQuit(at_once)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", free_port()))
+    listener.listen()
+    silent = await asyncio.start_server(server.serve, sock=listener)
+    target = upstream(listener.getsockname()[1], name="default", timeout=WAIT, data_timeout=WAIT)
+    queue = dataclasses.replace(policy, upstreams=MappingProxyType({"default": target}))
+    engine = Engine(spool, lambda: queue, attempt, Recorder(audit))
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    try:
+        task = engine.attempt_now(entry.queue_id)
+        await asyncio.wait_for(server.quit.wait(), WAIT)
+        await engine.stop(0.1)
+    finally:
+        silent.close()
+        listener.close()
+    assert task.result().status == "delivered"
+    assert records(audit.directory, entry.queue_id) == [("delivered", "250 2.0.0 queued")]
+    assert spool.ids() == []
 
 
 async def test_a_last_try_the_stop_cuts_off_does_not_expire_the_message(

@@ -82,16 +82,20 @@ async def send(
     """With ``needed`` the message goes only if the upstream takes one of those
     recipients; if it takes none, the others it took are refused ``NOT_SENT``.
     Cancelled (the relay's stop), its cancellation says whether the upstream
-    may have had the whole message (``errors.interrupted``)."""
+    may have had the whole message (``errors.interrupted``). Cancelled once the
+    upstream has taken the message, while the connection is let go (its QUIT),
+    it returns the delivery: the message was recorded as cut off before it was
+    sent in full, and the next start sent it again."""
     secret = password(upstream) if upstream.username else None
     pool = default_pool() if pool is None else pool
     opener = functools.partial(connect, upstream, secret)
     key = PoolKey.of(upstream, secret)
+    answer = None  # the transaction's (refused recipients, final reply), once in
     try:
         for _ in range(pool.max_idle_per_key + 1):  # each stale one is closed: a new one comes
             try:
                 async with pool.lease(key, opener, upstream.timeout) as lease:
-                    refused, reply = await transaction.send(
+                    answer = await transaction.send(
                         lease.client,
                         mail_from,
                         rcpt_tos,
@@ -114,11 +118,16 @@ async def send(
         raise
     except Unfinished as exc:
         raise _unfinished(upstream, exc) from exc.error
-    except asyncio.CancelledError as cancel:  # before the message went: once it goes, ``_end`` says
-        interrupted(cancel, sent=False)
-        raise
+    except asyncio.CancelledError as cancel:
+        if answer is None:  # before the message went: once it goes, ``_end`` says
+            interrupted(cancel, sent=False)
+            raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # the answer stands: the cancellation ends here
     except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
         raise _mapped(upstream, "sending", exc) from exc
+    refused, reply = answer
     return DeliveryResult(
         replies.line(250, reply),
         {rcpt: _refused(r.code, r.message) for rcpt, r in refused.items()},
