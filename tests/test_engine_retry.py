@@ -464,8 +464,9 @@ async def test_a_stop_that_cuts_attempts_off_names_what_stays_queued(
     assert said == [
         "cutting off 1 delivery attempt(s) still waiting for the upstream at the end of the"
         f" stop grace, having waited 0.1s for them: {entry.queue_id}; each stays queued,"
-        " recorded as deferred, and is tried again at the next start (one already sent in"
-        " full may arrive twice: the audit log says so)"
+        " recorded as deferred, and is tried again at the next start, unless the upstream"
+        " had taken its message already (one already sent in full may arrive twice: the"
+        " audit log says so)"
     ]
     stored = spool.load(entry.queue_id)
     assert stored.attempts == 1
