@@ -779,7 +779,7 @@ class Engine:
                     "cutting off %d delivery attempt(s) still waiting for the upstream at the"
                     " end of the stop grace, having waited %gs for them: %s; each stays queued,"
                     " recorded as deferred, and is tried again at the next start, unless the"
-                    " upstream had taken its message already (one already sent in full may"
+                    " upstream had answered its message already (one already sent in full may"
                     " arrive twice: the audit log says so)",
                     len(cut),
                     timeout,

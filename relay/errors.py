@@ -24,6 +24,18 @@ def interrupted(cancel: asyncio.CancelledError, sent: bool) -> None:
         cancel.sent = sent  # type: ignore[attr-defined]
 
 
+def answered() -> None:
+    """Ends the cancellation (the relay's stop) of a delivery attempt whose
+    upstream had answered already, cut off in what only lets the connection go
+    (the RSET after a refusal, the QUIT): the answer is the attempt's outcome,
+    and the stop records it. A message the upstream had taken was recorded as
+    not sent in full and sent again at the next start, one it had refused at
+    its end as not sent in full."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
 def sent_in_full(cancel: BaseException) -> bool:
     """Whether a cut-off attempt's message may have reached the upstream whole:
     so unless its client marked it otherwise (``interrupted``), since a plain

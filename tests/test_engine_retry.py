@@ -465,7 +465,7 @@ async def test_a_stop_that_cuts_attempts_off_names_what_stays_queued(
         "cutting off 1 delivery attempt(s) still waiting for the upstream at the end of the"
         f" stop grace, having waited 0.1s for them: {entry.queue_id}; each stays queued,"
         " recorded as deferred, and is tried again at the next start, unless the upstream"
-        " had taken its message already (one already sent in full may arrive twice: the"
+        " had answered its message already (one already sent in full may arrive twice: the"
         " audit log says so)"
     ]
     stored = spool.load(entry.queue_id)
@@ -528,13 +528,14 @@ async def test_a_stop_says_it_may_arrive_twice_only_of_a_message_sent_in_full(
 
 
 @dataclass
-class SilentAtQuit(Hostile):
-    """Takes the message, then never answers QUIT."""
+class SilentAfter(Hostile):
+    """Answers the message, then never answers ``last`` (QUIT, or the RSET after a refusal)."""
 
+    last: bytes = b"QUIT"
     quit: asyncio.Event = field(default_factory=asyncio.Event)
 
     def _reply(self, line: bytes) -> bytes:
-        if line[:4].upper() == b"QUIT":
+        if line[:4].upper() == self.last:
             self.quit.set()
             return b""
         return super()._reply(line)
@@ -548,7 +549,7 @@ async def test_a_stop_that_cuts_off_the_quit_after_the_upstream_took_the_message
     sent in full; the upstream cannot have it", and the next start sent it again."""
     audit = AuditLog(tmp_path / "audit")
     monkeypatch.setattr(smtp, "default_pool", lambda: Pool(max_idle_per_key=0))
-    server = SilentAtQuit(at_once)
+    server = SilentAfter(at_once)
     listener = socket.socket()
     listener.bind(("127.0.0.1", free_port()))
     listener.listen()
@@ -568,6 +569,36 @@ async def test_a_stop_that_cuts_off_the_quit_after_the_upstream_took_the_message
     assert task.result().status == "delivered"
     assert records(audit.directory, entry.queue_id) == [("delivered", "250 2.0.0 queued")]
     assert spool.ids() == []
+
+
+@pytest.mark.parametrize("last", [b"RSET", b"QUIT"])
+async def test_a_stop_that_cuts_off_what_follows_a_refusal_of_the_message_records_it(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, last: bytes
+) -> None:
+    """The upstream had refused the message at its end; cut off in the RSET or
+    QUIT that followed, the attempt was recorded "the relay stopped before the
+    message was sent in full", which it had been."""
+    audit = AuditLog(tmp_path / "audit")
+    monkeypatch.setattr(smtp, "default_pool", lambda: Pool(max_idle_per_key=0))
+    server = SilentAfter(at_once, final=b"554 5.7.1 spam\r\n", last=last)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", free_port()))
+    listener.listen()
+    silent = await asyncio.start_server(server.serve, sock=listener)
+    target = upstream(listener.getsockname()[1], name="default", timeout=WAIT, data_timeout=WAIT)
+    queue = dataclasses.replace(policy, upstreams=MappingProxyType({"default": target}))
+    engine = Engine(spool, lambda: queue, attempt, Recorder(audit))
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    try:
+        task = engine.attempt_now(entry.queue_id)
+        await asyncio.wait_for(server.quit.wait(), WAIT)
+        await engine.stop(0.1)
+    finally:
+        silent.close()
+        listener.close()
+    assert task.result().status == "failed"
+    assert records(audit.directory, entry.queue_id)[-1][1].startswith("554 5.7.1 spam")
 
 
 async def test_a_last_try_the_stop_cuts_off_does_not_expire_the_message(

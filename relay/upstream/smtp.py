@@ -24,7 +24,7 @@ from collections.abc import Collection, Sequence
 
 import aiosmtplib
 
-from relay.errors import UpstreamError, interrupted
+from relay.errors import UpstreamError, answered, interrupted
 from relay.hostport import host_port
 from relay.passwd import password_text
 from relay.policy.model import SmtpUpstream, TlsMode
@@ -61,6 +61,9 @@ NOT_SENT = "451 4.3.0 Not sent: the upstream refused the message's other recipie
 _TOO_BIG = 552
 _ABOUT_MESSAGE = frozenset({"2", "3", "4", "6"})
 
+# what the upstream answers a transaction with, other than taking its message
+_REFUSALS = (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused, Unfinished)
+
 _START_TLS: dict[TlsMode, bool | None] = {
     TlsMode.NONE: False,
     TlsMode.STARTTLS: True,
@@ -83,30 +86,33 @@ async def send(
     recipients; if it takes none, the others it took are refused ``NOT_SENT``.
     Cancelled (the relay's stop), its cancellation says whether the upstream
     may have had the whole message (``errors.interrupted``). Cancelled once the
-    upstream has taken the message, while the connection is let go (its QUIT),
-    it returns the delivery: the message was recorded as cut off before it was
-    sent in full, and the next start sent it again."""
+    upstream has answered the message, while the connection is let go (its
+    QUIT), it returns or raises that answer (``errors.answered``)."""
     secret = password(upstream) if upstream.username else None
     pool = default_pool() if pool is None else pool
     opener = functools.partial(connect, upstream, secret)
     key = PoolKey.of(upstream, secret)
-    answer = None  # the transaction's (refused recipients, final reply), once in
+    answer = None  # the transaction's (refused recipients, final reply), or its refusal
     try:
         for _ in range(pool.max_idle_per_key + 1):  # each stale one is closed: a new one comes
             try:
                 async with pool.lease(key, opener, upstream.timeout) as lease:
-                    answer = await transaction.send(
-                        lease.client,
-                        mail_from,
-                        rcpt_tos,
-                        data,
-                        upstream.timeout,
-                        lease.reset,
-                        upstream.data_timeout,
-                        needed,
-                        envelope_id,
-                        lease.reused,
-                    )
+                    try:
+                        answer = await transaction.send(
+                            lease.client,
+                            mail_from,
+                            rcpt_tos,
+                            data,
+                            upstream.timeout,
+                            lease.reset,
+                            upstream.data_timeout,
+                            needed,
+                            envelope_id,
+                            lease.reused,
+                        )
+                    except _REFUSALS as refusal:
+                        answer = refusal
+                        raise
                 break
             except Stale as exc:
                 log.debug("upstream %s: idle connection stale: %s", where(upstream), exc)
@@ -122,9 +128,9 @@ async def send(
         if answer is None:  # before the message went: once it goes, ``_end`` says
             interrupted(cancel, sent=False)
             raise
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()  # the answer stands: the cancellation ends here
+        answered()
+        if isinstance(answer, Exception):
+            raise _refusal(upstream, answer) from answer
     except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
         raise _mapped(upstream, "sending", exc) from exc
     refused, reply = answer
@@ -353,6 +359,12 @@ def _all_refused(exc: aiosmtplib.SMTPRecipientsRefused) -> RecipientsRefused:
     if isinstance(exc, Withheld):
         each.update(dict.fromkeys(exc.taken, NOT_SENT))
     return RecipientsRefused(replies.refusal(first.code, first.message, more), each)
+
+
+def _refusal(upstream: SmtpUpstream, exc: Exception) -> UpstreamError:
+    if isinstance(exc, Unfinished):
+        return _unfinished(upstream, exc)
+    return _mapped(upstream, "sending", exc)
 
 
 def _unfinished(upstream: SmtpUpstream, exc: Unfinished) -> PartlyRefused:

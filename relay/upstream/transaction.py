@@ -18,6 +18,7 @@ one that does not, one at a time (``pipelining.command``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import Collection, Sequence
@@ -26,6 +27,7 @@ import aiosmtplib
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX
 
+from relay.errors import answered
 from relay.headers import DOT_ATOM
 from relay.upstream import pipelining
 
@@ -127,13 +129,18 @@ async def send(
         aiosmtplib.SMTPRecipientsRefused,
         pipelining.Unfinished,
     ) as exc:
-        # the refusal stands whatever happens to the RSET; aiosmtplib closes a
-        # connection whose RSET is lost or unanswered, so it is not reused
+        # the refusal stands whatever happens to the RSET, cut off by the stop
+        # too; aiosmtplib closes a connection whose RSET is lost or unanswered,
+        # so it is not reused
         if _refused(exc):
-            with contextlib.suppress(
-                ConnectionError, aiosmtplib.SMTPResponseException, aiosmtplib.SMTPTimeoutError
-            ):
-                await client.rset(timeout=timeout)
+            try:
+                with contextlib.suppress(
+                    ConnectionError, aiosmtplib.SMTPResponseException, aiosmtplib.SMTPTimeoutError
+                ):
+                    await client.rset(timeout=timeout)
+            except asyncio.CancelledError:
+                client.close()  # not reset: not reused
+                answered()
         raise
     refused = {a: r for a, r in zip(rcpt_tos, answers, strict=True) if not pipelining.taken(r)}
     return refused, reply.message
