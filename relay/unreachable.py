@@ -18,7 +18,7 @@ upstream's ``timeout`` (a host that drops packets, a 20 s timeout and a 4 s
 ``first_retry`` had five tries holding slots at once). A failure suspends
 nothing when another attempt reached the upstream after the failing one
 began; and a connection refused as a limit refuses while another to the
-upstream is heard from (or one opening opens) is the smarthost's connection
+upstream is open (or one opening opens) is the smarthost's connection
 limit (``relay.upstream.Crowded``), no verdict either way. An upstream is
 known by its settings, not its name: a reload that points the name elsewhere
 starts afresh.

@@ -68,8 +68,8 @@ class Unreachable(UpstreamError):
 
 class Crowded(UpstreamError):
     """One connection more refused (a 421, refused, hung up on before its
-    greeting) while another connection to the upstream is heard from, or
-    opens alongside it: its connection limit, not an upstream down. The
+    greeting) while another connection to the upstream is open, or opens
+    alongside it: its connection limit, not an upstream down. The
     message goes again soon, in line for the slots the limit leaves
     (``relay.slots``); the upstream is neither suspended nor taken as
     reached (``relay.unreachable``)."""

@@ -31,14 +31,12 @@ limit idle for ``idle_timeout`` while the other's mail was refused.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import hashlib
 import logging
-import math
 import os
-import socket
-import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -72,11 +70,6 @@ SERVED = "\0upstream connection given"  # the want a connection was last QUIT fo
 Opener = Callable[[], Awaitable[aiosmtplib.SMTP]]
 
 log = logging.getLogger("relay")
-
-# struct tcp_info (linux/tcp.h): tcpi_last_data_recv, tcpi_last_ack_recv, in ms
-_TCP_INFO_HEARD = struct.Struct("=II")
-_TCP_INFO_HEARD_AT = 52
-_TCP_INFO_SIZE = _TCP_INFO_HEARD_AT + _TCP_INFO_HEARD.size
 
 _SALT = os.urandom(16)  # the digest identifies a password within this process only
 _IN_STEP = (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused, ValueError)
@@ -160,7 +153,7 @@ class Pool:
         self.max_idle_per_key = max_idle_per_key
         self.opened = 0  # connections opened over the pool's life
         self._idle: dict[PoolKey, list[_Connection]] = {}
-        self._leased: dict[PoolKey, set[_Connection]] = {}
+        self._leased: collections.Counter[PoolKey] = collections.Counter()
         self._opening: dict[PoolKey, set[asyncio.Future[bool]]] = {}
         self._wanting: set[str] = set()  # labels this pool said it wants, until it opens one
         self._reaper: asyncio.Task[None] | None = None
@@ -169,23 +162,13 @@ class Pool:
     def open_count(self, key: PoolKey) -> int:
         """Connections to ``key`` open now: idle, in a transaction, or between the
         two (tried with RSET, being put back). One of them, the upstream is there."""
-        return len(self._leased.get(key, ())) + self.idle_count(key)
+        return self._leased[key] + self.idle_count(key)
 
-    def heard_within(self, key: PoolKey, seconds: float) -> bool:
-        """Whether one of the connections to ``key`` open now has heard from the
-        upstream within ``seconds``: a transaction that goes on, or an idle
-        connection that last spoke lately, shows it is there; one hung waiting
-        for a reply does not, and while it was counted, a host that froze was
-        taken for one over its connection limit and never suspended."""
-        conns = (*self._leased.get(key, ()), *self._idle.get(key, ()))
-        return any(_silent(conn.client) < seconds for conn in conns)
-
-    def open_elsewhere(self, key: PoolKey) -> int:
-        """``open_count`` of the other workers' pools (its login's, whatever the password)."""
+    def open_anywhere(self, key: PoolKey) -> int:
+        """``open_count`` of every worker's pool (its login's, whatever the password)."""
         if self.shared is None:
-            return 0
-        label = _label(key)
-        return self.shared.open(OPEN, label) - self.shared.here(OPEN, label)
+            return self.open_count(key)
+        return self.shared.open(OPEN, _label(key))
 
     def want(self, key: PoolKey) -> None:
         """Refused over a limit only the other workers' connections fill: one of
@@ -267,7 +250,7 @@ class Pool:
                 else:
                     conn.close()
             finally:
-                self._let_go(conn)
+                self._let_go(key)
 
     async def close(self) -> None:
         """QUIT every idle connection; the daemon awaits this at shutdown."""
@@ -286,7 +269,7 @@ class Pool:
         """An idle connection that still works, or a new one; counted in ``_leased``
         from the moment it is taken or made until ``lease`` lets it go."""
         while (conn := self._take(key)) is not None:
-            self._leased.setdefault(key, set()).add(conn)
+            self._leased[key] += 1
             kept = False
             try:
                 conn.client.timeout = timeout
@@ -300,9 +283,9 @@ class Pool:
                     return conn, False
             finally:
                 if not kept:
-                    self._let_go(conn)
+                    self._let_go(key)
         conn = _Connection(key, *await self._open(key, opener))
-        self._leased.setdefault(key, set()).add(conn)
+        self._leased[key] += 1
         self.opened += 1
         return conn, False
 
@@ -331,11 +314,10 @@ class Pool:
                 shared.leave(OPENING, label)
         return client, shared if counted else None
 
-    def _let_go(self, conn: _Connection) -> None:
-        leased = self._leased[conn.key]
-        leased.discard(conn)
-        if not leased:
-            del self._leased[conn.key]
+    def _let_go(self, key: PoolKey) -> None:
+        self._leased[key] -= 1
+        if not self._leased[key]:
+            del self._leased[key]
 
     def _take(self, key: PoolKey) -> _Connection | None:
         """The most recently used idle connection, so the surplus ones age out."""
@@ -412,22 +394,6 @@ async def _quit(conn: _Connection) -> None:
         log.debug("upstream %s: QUIT failed: %s", _hostport(conn), exc)
     finally:
         conn.close()
-
-
-def _silent(client: aiosmtplib.SMTP) -> float:
-    """Seconds since the upstream last sent anything on ``client``'s connection:
-    a reply, or the acknowledgement of what the relay sent (a message on its
-    way). The kernel knows it of every connection, whichever code reads its
-    replies; where it does not say (not Linux), an open connection counts as
-    heard just now, and one closed as never heard."""
-    if not client.is_connected:
-        return math.inf
-    sock = client.get_transport_info("socket")
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
-    except (AttributeError, OSError):  # no TCP_INFO
-        return 0.0
-    return min(_TCP_INFO_HEARD.unpack_from(info, _TCP_INFO_HEARD_AT)) / 1000
 
 
 def _hostport(conn: _Connection) -> str:

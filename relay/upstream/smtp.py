@@ -142,24 +142,23 @@ async def send(
 
 async def _crowded(pool: Pool, key: PoolKey, exc: Unreachable, timeout: float) -> bool:
     """One over its connection limit, not an upstream down: refused as a limit
-    refuses (``_like_a_limit``) while the upstream is shown to be there, by a
-    connection of this worker's that heard from it within ``timeout``, one of
-    another worker's open, or one being opened alongside that opens. Any
-    failure with a connection open was taken for the limit: a host that froze
-    mid-transaction timed every new connection out unsuspended, each message
-    trying on its own. The 421s of a cold burst came while the connection the
-    smarthost took was still being greeted; a host that never answers is not
-    waited for, which held its verdict while mail kept coming. Refused over a
-    limit the other workers' connections fill, a worker asks them for one of
-    theirs (``Pool.want``): it held its mail while they delivered."""
+    refuses (``_like_a_limit``), which only a host that is there does, while
+    a worker has other connections to it open, or one being opened alongside
+    opens. Any failure with a connection open was taken for the limit: a host
+    that froze mid-transaction timed every new connection out unsuspended,
+    each message trying on its own. The 421s of a cold burst came while the
+    connection the smarthost took was still being greeted; a host that never
+    answers is not waited for, which held its verdict while mail kept coming.
+    Refused over a limit the other workers' connections fill, a worker asks
+    them for one of theirs (``Pool.want``): it held its mail while they
+    delivered."""
     if not _like_a_limit(exc.__cause__):
         return False
-    if pool.heard_within(key, timeout):
+    if pool.open_count(key):
         return True
-    if not pool.open_elsewhere(key) and not await pool.opens_alongside(key, timeout):
+    if not pool.open_anywhere(key) and not await pool.opens_alongside(key, timeout):
         return False
-    if not pool.open_count(key):
-        pool.want(key)
+    pool.want(key)
     return True
 
 
