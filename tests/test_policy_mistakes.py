@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from relay.errors import PolicyError
@@ -649,6 +649,41 @@ def test_a_dkim_key_file_laid_out_as_the_signer_cannot_read_says_how(
     assert problems(path) == [
         f"{path}:14:17: dkim.keys[0].key_file: cannot sign with {file}: "
         + problem.format(file=file)
+    ]
+
+
+def _ed25519_pem() -> bytes:
+    return ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _ed25519_seed() -> bytes:
+    seed = ed25519.Ed25519PrivateKey.generate().private_bytes_raw()
+    return base64.b64encode(seed) + b"\n"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        lambda: _ed25519_pem() + _ed25519_pem(),
+        lambda: _ed25519_seed() + _ed25519_seed(),
+        lambda: _ed25519_seed() + _ed25519_pem(),
+    ],
+    ids=["two-pem", "two-seeds", "seed-then-pem"],
+)
+def test_an_ed25519_key_file_of_two_keys_is_refused(
+    tmp_path: Path, content: Callable[[], bytes]
+) -> None:
+    """Read as the first key's seed, the file passed, and signed with that one
+    whichever DNS publishes (a rotation's ``cat new.pem old.pem``)."""
+    ed = "      selector: s1\n      algorithm: ed25519\n"
+    path = variant(tmp_path, "      selector: s1\n", ed)
+    file = tmp_path / "keys" / "platform.example.s1.private"
+    file.write_bytes(content())
+    assert problems(path) == [
+        f"{path}:15:17: dkim.keys[0].key_file: cannot sign with {file}: holds 2 private keys,"
+        " and the signer reads the first only: put the DKIM key alone in the file"
     ]
 
 

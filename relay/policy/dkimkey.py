@@ -36,6 +36,7 @@ _CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 _PUBLIC = b"PUBLIC KEY-----"
 _BLOCK = re.compile(rb"^-----BEGIN ([A-Z0-9 ]+)-----\n.*?^-----END \1-----$", re.M | re.S)
 _INDENTED = re.compile(rb"^[ \t]+-----BEGIN ", re.M)
+_SEED_LINE = re.compile(rb"^[A-Za-z0-9+/]{43}=[ \t\r]*$", re.M)  # 32 bytes in base64
 
 
 def as_signed(algorithm: DkimAlgorithm, data: bytes) -> bytes:
@@ -46,6 +47,8 @@ def as_signed(algorithm: DkimAlgorithm, data: bytes) -> bytes:
     wrong with it."""
     if algorithm is not DkimAlgorithm.ED25519:
         return _key_alone(data)
+    if _key_count(data, algorithm) > 1:
+        return data  # for ``problem`` to refuse: as a seed, the first key's passed
     return ed25519_seed(data) or data
 
 
@@ -74,7 +77,7 @@ def _private(label: bytes) -> bool:
 
 def problem(key: DkimKey) -> str | None:
     """None when the relay can sign with ``key``, else what is wrong, for the sysadmin."""
-    refused = _size(key) or _several_keys(key.private_key)
+    refused = _size(key) or _several_keys(key)
     if refused is not None:
         return refused
     try:
@@ -160,17 +163,24 @@ def _layout(data: bytes) -> str | None:
     return None
 
 
-def _several_keys(data: bytes) -> str | None:
+def _several_keys(key: DkimKey) -> str | None:
     """Looked at before the test signature, which passes with the first key: a
     rotation's ``cat new.pem old.pem`` signed with the one first, whichever
-    DNS publishes, and all mail failed DKIM."""
-    keys = sum(1 for label, _ in _blocks(data) if _private(label))
+    DNS publishes, and all mail failed DKIM. Ed25519 seeds are a line each."""
+    keys = _key_count(key.private_key, key.algorithm)
     if keys < 2:
         return None
     return (
         f"holds {keys} private keys, and the signer reads the first only:"
         " put the DKIM key alone in the file"
     )
+
+
+def _key_count(data: bytes, algorithm: DkimAlgorithm) -> int:
+    keys = sum(1 for label, _ in _blocks(data) if _private(label))
+    if algorithm is DkimAlgorithm.ED25519:
+        keys += len(_SEED_LINE.findall(_BLOCK.sub(b"", data)))
+    return keys
 
 
 def _other_content(key: DkimKey) -> str | None:
