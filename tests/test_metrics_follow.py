@@ -11,7 +11,7 @@ import pytest
 
 from relay.audit import AuditLog, events
 from relay.audit.reader import TORN_END
-from relay.metrics import status
+from relay.metrics import follow, status
 from relay.metrics.follow import RECENT, UNKNOWN, UNLINKED_WAIT, AuditFollower
 from tests.test_audit_fixture import received
 
@@ -181,6 +181,58 @@ def test_a_link_after_the_wait_leaves_nothing_waiting(tmp_path: Path) -> None:
     )  # fmt: skip
     assert follower.update().deliveries == {(UNKNOWN, "sent"): 1, ("acme", "bounced"): 1}
     assert follower._pending == {}
+
+
+def test_a_notice_linked_after_the_wait_has_its_tenant_from_then_on(tmp_path: Path) -> None:
+    """A late link found the notice given up on and left it ``unknown``: its
+    delivery after the link was counted so too."""
+    clock = _Clock()
+    log = AuditLog(tmp_path)
+    follower = AuditFollower(tmp_path, clock=clock)
+    rcpts = ["gone@example.org"]
+    log.append_many(
+        [
+            received(("A", "<a@acme.example>"), "acme", "jan", "invoice", rcpts),
+            events.queued(queue_id="A", message_id="<a@acme.example>", recipients=rcpts, size=9),
+            events.deferred(
+                queue_id="N", message_id=None, recipient="jan@acme.example",
+                reply="451 4.4.1 later", next_attempt="2026-12-07T03:00:00Z",
+            ),
+        ]
+    )  # fmt: skip
+    follower.update()
+    clock.now += UNLINKED_WAIT + 1
+    follower.update()
+    log.append(
+        events.notified(
+            queue_id="A", message_id="<a@acme.example>", recipient="jan@acme.example",
+            notice_queue_id="N",
+        )
+    )  # fmt: skip
+    follower.update()
+    log.append(_delivered("N", "jan@acme.example"))
+    assert follower.update().deliveries == {(UNKNOWN, "deferred"): 1, ("acme", "sent"): 1}
+    assert follower._pending == {"A": ["acme", 1, {"gone@example.org"}]}
+
+
+def test_outcomes_past_the_most_held_are_given_up_on_and_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted to make room, the oldest was forgotten: its late link made it a
+    notice waited for for good."""
+    monkeypatch.setattr(follow, "UNLINKED_MAX", 1)
+    log = AuditLog(tmp_path)
+    follower = AuditFollower(tmp_path, clock=_Clock())
+    log.append(_delivered("N", "jan@acme.example"))
+    log.append(_delivered("M", "kari@acme.example"))
+    assert follower.update().deliveries == {(UNKNOWN, "sent"): 1}
+    log.append(
+        events.notified(
+            queue_id="A", message_id=None, recipient="jan@acme.example", notice_queue_id="N"
+        )
+    )
+    follower.update()
+    assert "N" not in follower._pending
 
 
 def _delivered(queue_id: str, recipient: str) -> dict:

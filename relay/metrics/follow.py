@@ -200,14 +200,16 @@ class AuditFollower:
             else:
                 self._unlinked.setdefault(queue_id, (self._clock(), []))[1].append(record)
                 if len(self._unlinked) > UNLINKED_MAX:
-                    self._outcomes(self._unlinked.popitem(last=False)[1][1])
+                    self._give_up(*self._unlinked.popitem(last=False))
         elif event == "bounced":
             counts.bounces[self._tenant(queue_id)] += 1
         elif event == "complained":
             counts.complaints[self._tenant(queue_id)] += 1
         elif event == "notified":  # the failure notice, a message of its own, is the tenant's too
             notice = str(record.get("notice_queue_id") or "")
-            if notice not in self._recent:  # its outcome was given up on: counted already
+            if notice in self._recent:  # given up on: what is counted stays, what comes is its
+                self._recent[notice] = self._tenant(queue_id)
+            else:
                 self._pending[notice] = [self._tenant(queue_id), 1, None]
             self._outcomes(self._unlinked.pop(notice, (0.0, []))[1])
         elif event == "deleted" and queue_id in self._pending:
@@ -231,12 +233,14 @@ class AuditFollower:
         One that comes later still finds it remembered: taken for a notice
         yet to end, it was kept waiting for good."""
         while self._unlinked:
-            queue_id, (since, records) = next(iter(self._unlinked.items()))
+            queue_id, (since, _) = next(iter(self._unlinked.items()))
             if since > before:
                 return
-            del self._unlinked[queue_id]
-            self._outcomes(records)
-            self._remember(queue_id, UNKNOWN)
+            self._give_up(queue_id, self._unlinked.pop(queue_id))
+
+    def _give_up(self, queue_id: str, held: tuple[float, list[dict]]) -> None:
+        self._outcomes(held[1])
+        self._remember(queue_id, UNKNOWN)
 
     def _tenant(self, queue_id: str) -> str:
         if queue_id in self._pending:
