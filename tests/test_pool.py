@@ -22,7 +22,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay.deliver import attempt, deliver
-from relay.errors import UpstreamError
+from relay.errors import UpstreamError, sent_in_full
 from relay.ingress import clientlimit
 from relay.ingress.clientlimit import ClientCounts
 from relay.policy.model import SmtpUpstream, TlsMode
@@ -785,6 +785,101 @@ async def test_a_refusal_like_a_limit_is_the_limit_while_a_connection_is_open(
         with pytest.raises(UpstreamError) as refused:
             await asyncio.wait_for(send(pool, upstream(port, timeout=1.0), "b@p.example"), 5)
     assert type(refused.value) is Crowded, refused.value
+
+
+async def test_a_stop_while_a_refusal_waits_for_its_verdict_says_nothing_left(
+    pool: Pool,
+) -> None:
+    """Cut off while ``_crowded`` waited for a connection opening alongside, the
+    cancellation came out of the handler unmarked, and the engine recorded
+    that the message may arrive twice: none of it had left."""
+    greeted = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if greeted.is_set():
+            writer.write(b"421 4.7.0 Too many connections\r\n")
+            writer.close()
+            return
+        greeted.set()
+        await asyncio.sleep(5)  # the first is greeted slowly
+        writer.close()
+
+    port = free_port()
+    server = await asyncio.start_server(serve, "127.0.0.1", port)
+    target = upstream(port, timeout=10.0)
+    first = asyncio.create_task(send(pool, target, "a@p.example"))
+    second = None
+    try:
+        await asyncio.wait_for(greeted.wait(), 5)
+        second = asyncio.create_task(send(pool, target, "b@p.example"))
+        await asyncio.sleep(0.5)  # its 421 in, it waits for the first's verdict
+        assert not second.done()
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError) as cut:
+            await second
+        assert not sent_in_full(cut.value)
+    finally:
+        for task in (first, second):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        server.close()
+
+
+class ShiftedByOne:
+    """Takes a first message; answers the second's group with one reply more,
+    each reply in a write of its own (the 354 comes last, after DATA was
+    taken as refused), and reads the RSET after it as the message's text."""
+
+    def __init__(self) -> None:
+        self.messages = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 s ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-s\r\n250 PIPELINING\r\n")
+            elif verb == b"RSET" and self.messages == 1:
+                self.messages += 1
+                for _ in range(4):  # MAIL, RCPT, RCPT, DATA
+                    await reader.readline()
+                replies = (b"250 rset", b"250 EXTRA", b"250 mail", b"250 one", b"550 two", b"354")
+                for reply in replies:
+                    writer.write(reply + b"\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                await reader.read(65536)
+            elif verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                while await reader.readline() not in (b".\r\n", b""):
+                    pass
+                self.messages += 1
+                writer.write(b"250 queued\r\n")
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+
+async def test_an_rset_answered_out_of_step_after_a_refusal_is_not_reused() -> None:
+    """The RSET after a refusal went into the message the server was still
+    reading, and its late 354 passed for the RSET's answer: the connection
+    went back to the pool, and the next message waited a whole timeout."""
+    host, port = ShiftedByOne(), free_port()
+    server = await asyncio.start_server(host.serve, "127.0.0.1", port)
+    pool = Pool(max_idle_per_key=1)
+    target = upstream(port, timeout=5.0)
+    rcpts = ["one@p.example", "two@p.example"]
+    try:
+        await smtp.send(target, "s@p.example", rcpts, MESSAGE, pool=pool)
+        with pytest.raises(UpstreamError):
+            await smtp.send(target, "s@p.example", rcpts, MESSAGE, pool=pool)
+        assert pool.idle_count() == 0
+    finally:
+        server.close()
+        await pool.close()
 
 
 # --- the other workers' connections -------------------------------------------

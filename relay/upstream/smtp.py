@@ -119,7 +119,12 @@ async def send(
         else:
             raise aiosmtplib.SMTPServerDisconnected("every idle connection was stale")
     except Unreachable as exc:
-        if await _crowded(pool, key, exc, upstream.timeout):
+        try:
+            crowded = await _crowded(pool, key, exc, upstream.timeout)
+        except asyncio.CancelledError as cancel:  # the handler below does not see it
+            interrupted(cancel, sent=False)
+            raise
+        if crowded:
             raise Crowded(exc.code, exc.status, exc.text) from exc
         raise
     except Unfinished as exc:

@@ -134,10 +134,10 @@ async def send(
         # so it is not reused
         if _refused(exc):
             try:
-                with contextlib.suppress(
-                    ConnectionError, aiosmtplib.SMTPResponseException, aiosmtplib.SMTPTimeoutError
-                ):
+                with contextlib.suppress(ConnectionError, aiosmtplib.SMTPTimeoutError):
                     await client.rset(timeout=timeout)
+            except aiosmtplib.SMTPResponseException:
+                client.close()  # an RSET answered otherwise (a late 354) is out of step
             except asyncio.CancelledError:
                 client.close()  # not reset: not reused
                 answered()
