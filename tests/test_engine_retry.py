@@ -601,6 +601,50 @@ async def test_a_stop_that_cuts_off_what_follows_a_refusal_of_the_message_record
     assert records(audit.directory, entry.queue_id)[-1][1].startswith("554 5.7.1 spam")
 
 
+@dataclass
+class RefusingEveryone(Hostile):
+    """Refuses every recipient, answers the DATA sent with them 354 all the same,
+    and never answers the lone dot that ends it."""
+
+    def _reply(self, line: bytes) -> bytes:
+        return b"550 5.1.1 unknown\r\n" if line[:4].upper() == b"RCPT" else super()._reply(line)
+
+
+async def lone_dot_unanswered(server: Hostile, reader: asyncio.StreamReader) -> bytes:
+    line = await reader.readline()
+    server.given_up.set()
+    await asyncio.sleep(WAIT)
+    return line
+
+
+async def test_a_stop_that_cuts_off_the_lone_dot_after_every_recipient_was_refused_records_it(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    """The upstream had refused every recipient; cut off waiting for the reply to
+    the lone dot that ended its 354, the attempt was recorded as not sent in
+    full, and the next start tried the refused recipients again."""
+    audit = AuditLog(tmp_path / "audit")
+    server = RefusingEveryone(lone_dot_unanswered)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", free_port()))
+    listener.listen()
+    silent = await asyncio.start_server(server.serve, sock=listener)
+    target = upstream(listener.getsockname()[1], name="default", timeout=WAIT, data_timeout=WAIT)
+    queue = dataclasses.replace(policy, upstreams=MappingProxyType({"default": target}))
+    engine = Engine(spool, lambda: queue, attempt, Recorder(audit))
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    try:
+        task = engine.attempt_now(entry.queue_id)
+        await asyncio.wait_for(server.given_up.wait(), WAIT)
+        await engine.stop(0.1)
+    finally:
+        silent.close()
+        listener.close()
+    assert task.result().status == "failed"
+    assert records(audit.directory, entry.queue_id)[-1][1].startswith("550 5.1.1 unknown")
+
+
 async def test_a_last_try_the_stop_cuts_off_does_not_expire_the_message(
     spool: Spool, policy: Policy, tmp_path: Path
 ) -> None:

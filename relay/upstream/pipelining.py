@@ -37,7 +37,7 @@ from typing import TypeVar
 import aiosmtplib
 from aiosmtplib import SMTPResponse, SMTPStatus
 
-from relay.errors import interrupted
+from relay.errors import answered, interrupted
 
 
 def taken(reply: SMTPResponse) -> bool:
@@ -459,7 +459,11 @@ async def _after_refusal(
         else:  # every recipient refused, yet 354: end it, empty
             transport.write(b".\r\n")
             replies.asked()
-            await _end_empty(replies, transport, timeout)
+            try:
+                await _end_empty(replies, transport, timeout)
+            except asyncio.CancelledError:  # the refusal stands: the stop records it
+                transport.close()
+                answered()
 
 
 async def _data(replies: _Replies, transport: asyncio.Transport, timeout: float) -> SMTPResponse:
