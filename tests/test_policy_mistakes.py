@@ -669,8 +669,10 @@ def _ed25519_seed() -> bytes:
         lambda: _ed25519_pem() + _ed25519_pem(),
         lambda: _ed25519_seed() + _ed25519_seed(),
         lambda: _ed25519_seed() + _ed25519_pem(),
+        lambda: b"  " + _ed25519_seed() + b"  " + _ed25519_seed(),
+        lambda: _ed25519_seed().strip() + b" " + _ed25519_seed(),
     ],
-    ids=["two-pem", "two-seeds", "seed-then-pem"],
+    ids=["two-pem", "two-seeds", "seed-then-pem", "two-seeds-indented", "two-seeds-one-line"],
 )
 def test_an_ed25519_key_file_of_two_keys_is_refused(
     tmp_path: Path, content: Callable[[], bytes]

@@ -36,7 +36,7 @@ _CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 _PUBLIC = b"PUBLIC KEY-----"
 _BLOCK = re.compile(rb"^-----BEGIN ([A-Z0-9 ]+)-----\n.*?^-----END \1-----$", re.M | re.S)
 _INDENTED = re.compile(rb"^[ \t]+-----BEGIN ", re.M)
-_SEED_LINE = re.compile(rb"^[A-Za-z0-9+/]{43}=[ \t\r]*$", re.M)  # 32 bytes in base64
+_SEED = re.compile(rb"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{43}=(?![A-Za-z0-9+/=])")  # 32 bytes
 
 
 def as_signed(algorithm: DkimAlgorithm, data: bytes) -> bytes:
@@ -166,7 +166,7 @@ def _layout(data: bytes) -> str | None:
 def _several_keys(key: DkimKey) -> str | None:
     """Looked at before the test signature, which passes with the first key: a
     rotation's ``cat new.pem old.pem`` signed with the one first, whichever
-    DNS publishes, and all mail failed DKIM. Ed25519 seeds are a line each."""
+    DNS publishes, and all mail failed DKIM. An Ed25519 seed is a word of base64."""
     keys = _key_count(key.private_key, key.algorithm)
     if keys < 2:
         return None
@@ -179,7 +179,7 @@ def _several_keys(key: DkimKey) -> str | None:
 def _key_count(data: bytes, algorithm: DkimAlgorithm) -> int:
     keys = sum(1 for label, _ in _blocks(data) if _private(label))
     if algorithm is DkimAlgorithm.ED25519:
-        keys += len(_SEED_LINE.findall(_BLOCK.sub(b"", data)))
+        keys += len(_SEED.findall(_BLOCK.sub(b"", data)))
     return keys
 
 
