@@ -17,7 +17,7 @@ straddled it. Now nothing sent in the last 60 minutes is forgotten, and a
 recipient counts for 60 to 61 minutes.
 
 A worker's row is sized at the start, before the fork, for ``ROOM`` times
-the policy's limited tenants (at least ``SLOTS``), a slot being 496 bytes
+the policy's limited tenants (at least ``SLOTS``), a slot being 504 bytes
 (2 MB a worker at the least): sized for every tenant, 20,000 tenants and 8
 workers took 155 MB of shared memory, made resident by the first metrics
 scrape. Each tenant that sends in an hour takes a slot. A tenant with a
@@ -46,6 +46,7 @@ ROOM = 2  # slots a row has for each limited tenant of the policy the relay star
 REACH = 64  # slots from a tenant's place that may hold its own (``sharedtable``)
 MINUTES = 60
 BUCKETS = MINUTES + 1  # the minutes counted: this one and the 60 before it
+LATEST = BUCKETS  # the word after the buckets: the last minute the slot counted in
 Counted = tuple[int, int]  # where ``add`` counted: the slot's base, and ``Row.given`` of it
 
 
@@ -103,7 +104,7 @@ class RateCounts:
         """``limited``: the policy's limited tenants at the start (``limited_tenants``);
         a reload cannot grow the table."""
         slots = max(SLOTS, ROOM * limited)
-        self._table = SharedTable("rate limits", workers, slots, BUCKETS, REACH)
+        self._table = SharedTable("rate limits", workers, slots, BUCKETS + 1, REACH)
 
     def row(self, index: int, policy: Callable[[], Policy] | None = None) -> RateRow:
         """``policy``: the worker's, as it is now; its limited tenants keep their
@@ -146,6 +147,7 @@ class RateRow:
         word = self._row.words[at]
         current = word & 0xFFFFFFFF if word >> 32 == minute else 0
         self._row.words[at] = (minute << 32) | min(current + count, 0xFFFFFFFF)
+        self._row.words[base + LATEST] = minute
         return base, self._row.given(base)
 
     def give_back(self, count: int, now: float, where: Counted) -> None:
@@ -192,6 +194,8 @@ class RateRow:
         return self._limited[1]
 
     def _idle(self, base: int, minute: int) -> bool:
-        """A tenant whose slot counts nothing in the last hour gives it up."""
-        oldest = minute - MINUTES
-        return all(w >> 32 < oldest for w in self._row.words[base : base + BUCKETS])
+        """A tenant whose slot counts nothing in the last hour gives it up. One word
+        says so: read from its buckets, a row crowded by thousands of tenants
+        without a limit read 61 words a slot for each newcomer, 0.1 ms a
+        message."""
+        return self._row.words[base + LATEST] < minute - MINUTES

@@ -14,7 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from types import MappingProxyType
+from types import MappingProxyType, SimpleNamespace
 
 import pytest
 
@@ -29,7 +29,7 @@ from relay.policy.model import Policy, Tenant
 from relay.ratelimit import SLOTS, RateCounts
 from relay.record import Recorder
 from relay.server import SharedCounts
-from relay.sharedtable import key_of
+from relay.sharedtable import SharedTable, key_of
 from relay.spool import Spool
 from relay.submission import Submission
 from tests.minimal_policy import policy as minimal_policy
@@ -473,3 +473,17 @@ async def test_a_limited_tenant_that_cannot_be_counted_is_refused_and_said_each_
     assert errors[0].startswith("tenant acme: no room to count its recipients in this worker's")
     refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused ")]
     assert len(refused) == 3 and all("451 4.3.0 Tenant acme's" in line for line in refused)
+
+
+def test_a_slot_that_counted_nothing_for_an_hour_goes_to_a_newcomer() -> None:
+    """Even a limited tenant's: its hour is over. Two kept tenants fill a row of
+    two; an hour and more later a third is counted in an idle one's place."""
+    tenants = {t: SimpleNamespace(id=t, recipients_per_hour=10) for t in ("a", "b", "c")}
+    policy = SimpleNamespace(tenants=tenants)
+    table = SharedTable("t", 1, 2, ratelimit.BUCKETS + 1, ratelimit.REACH)
+    row = ratelimit.RateRow(table.row(0), lambda: policy)  # type: ignore[arg-type, return-value]
+    start = 1_000_000 * 60.0
+    assert row.add("a", 5, start) is not None and row.add("b", 9, start) is not None
+    assert row.add("c", 1, start + 60) is None  # both kept, both counting
+    assert row.add("c", 1, start + 62 * 60) is not None
+    assert row.sent("c", start + 62 * 60) == 1
