@@ -23,7 +23,7 @@ from relay import engine as engine_module
 from relay import slots
 from relay.audit import AuditLog, reader
 from relay.deliver import attempt
-from relay.engine import Attempt, Engine, duration
+from relay.engine import Attempt, Engine, Outcome, duration
 from relay.policy.model import Policy, SuppressionSettings, Tenant
 from relay.record import Recorder
 from relay.spool import PENDING, RecipientState, Spool, SpoolError, tools
@@ -547,13 +547,24 @@ async def test_a_stop_that_cuts_off_the_quit_after_the_upstream_took_the_message
     """The upstream had answered 250 to the message; cut off in the QUIT that
     followed, the attempt was recorded "the relay stopped before the message was
     sent in full; the upstream cannot have it", and the next start sent it again."""
-    audit = AuditLog(tmp_path / "audit")
     monkeypatch.setattr(smtp, "default_pool", lambda: Pool(max_idle_per_key=0))
     server = SilentAfter(at_once)
+    outcome, said = await _stopped_at(server, server.quit, spool, policy, tmp_path)
+    assert outcome.status == "delivered"
+    assert said == [("delivered", "250 2.0.0 queued")]
+    assert spool.ids() == []
+
+
+async def _stopped_at(
+    server: Hostile, at: asyncio.Event, spool: Spool, policy: Policy, tmp_path: Path
+) -> tuple[Outcome, list[tuple[str, str]]]:
+    """An attempt at ``server`` that the stop cuts off once ``at`` is set: its
+    outcome, and its message's records."""
+    audit = AuditLog(tmp_path / "audit")
     listener = socket.socket()
     listener.bind(("127.0.0.1", free_port()))
     listener.listen()
-    silent = await asyncio.start_server(server.serve, sock=listener)
+    serving = await asyncio.start_server(server.serve, sock=listener)
     target = upstream(listener.getsockname()[1], name="default", timeout=WAIT, data_timeout=WAIT)
     queue = dataclasses.replace(policy, upstreams=MappingProxyType({"default": target}))
     engine = Engine(spool, lambda: queue, attempt, Recorder(audit))
@@ -561,14 +572,12 @@ async def test_a_stop_that_cuts_off_the_quit_after_the_upstream_took_the_message
     assert spool.put_many([(entry, (message(1),))]) == [None]
     try:
         task = engine.attempt_now(entry.queue_id)
-        await asyncio.wait_for(server.quit.wait(), WAIT)
+        await asyncio.wait_for(at.wait(), WAIT)
         await engine.stop(0.1)
     finally:
-        silent.close()
+        serving.close()
         listener.close()
-    assert task.result().status == "delivered"
-    assert records(audit.directory, entry.queue_id) == [("delivered", "250 2.0.0 queued")]
-    assert spool.ids() == []
+    return task.result(), records(audit.directory, entry.queue_id)
 
 
 @pytest.mark.parametrize("last", [b"RSET", b"QUIT"])
@@ -578,27 +587,11 @@ async def test_a_stop_that_cuts_off_what_follows_a_refusal_of_the_message_record
     """The upstream had refused the message at its end; cut off in the RSET or
     QUIT that followed, the attempt was recorded "the relay stopped before the
     message was sent in full", which it had been."""
-    audit = AuditLog(tmp_path / "audit")
     monkeypatch.setattr(smtp, "default_pool", lambda: Pool(max_idle_per_key=0))
     server = SilentAfter(at_once, final=b"554 5.7.1 spam\r\n", last=last)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", free_port()))
-    listener.listen()
-    silent = await asyncio.start_server(server.serve, sock=listener)
-    target = upstream(listener.getsockname()[1], name="default", timeout=WAIT, data_timeout=WAIT)
-    queue = dataclasses.replace(policy, upstreams=MappingProxyType({"default": target}))
-    engine = Engine(spool, lambda: queue, attempt, Recorder(audit))
-    entry = make_entry(size=len(message(1)))
-    assert spool.put_many([(entry, (message(1),))]) == [None]
-    try:
-        task = engine.attempt_now(entry.queue_id)
-        await asyncio.wait_for(server.quit.wait(), WAIT)
-        await engine.stop(0.1)
-    finally:
-        silent.close()
-        listener.close()
-    assert task.result().status == "failed"
-    assert records(audit.directory, entry.queue_id)[-1][1].startswith("554 5.7.1 spam")
+    outcome, said = await _stopped_at(server, server.quit, spool, policy, tmp_path)
+    assert outcome.status == "failed"
+    assert said[-1][1].startswith("554 5.7.1 spam")
 
 
 @dataclass
@@ -623,26 +616,10 @@ async def test_a_stop_that_cuts_off_the_lone_dot_after_every_recipient_was_refus
     """The upstream had refused every recipient; cut off waiting for the reply to
     the lone dot that ended its 354, the attempt was recorded as not sent in
     full, and the next start tried the refused recipients again."""
-    audit = AuditLog(tmp_path / "audit")
     server = RefusingEveryone(lone_dot_unanswered)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", free_port()))
-    listener.listen()
-    silent = await asyncio.start_server(server.serve, sock=listener)
-    target = upstream(listener.getsockname()[1], name="default", timeout=WAIT, data_timeout=WAIT)
-    queue = dataclasses.replace(policy, upstreams=MappingProxyType({"default": target}))
-    engine = Engine(spool, lambda: queue, attempt, Recorder(audit))
-    entry = make_entry(size=len(message(1)))
-    assert spool.put_many([(entry, (message(1),))]) == [None]
-    try:
-        task = engine.attempt_now(entry.queue_id)
-        await asyncio.wait_for(server.given_up.wait(), WAIT)
-        await engine.stop(0.1)
-    finally:
-        silent.close()
-        listener.close()
-    assert task.result().status == "failed"
-    assert records(audit.directory, entry.queue_id)[-1][1].startswith("550 5.1.1 unknown")
+    outcome, said = await _stopped_at(server, server.given_up, spool, policy, tmp_path)
+    assert outcome.status == "failed"
+    assert said[-1][1].startswith("550 5.1.1 unknown")
 
 
 async def test_a_last_try_the_stop_cuts_off_does_not_expire_the_message(

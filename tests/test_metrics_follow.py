@@ -120,29 +120,12 @@ def test_a_notices_outcome_before_its_link_is_its_tenants(tmp_path: Path) -> Non
     log = AuditLog(tmp_path)
     follower = AuditFollower(tmp_path, clock=clock)
     rcpts = ["ok@example.org", "gone@example.org"]
-    log.append_many(
-        [
-            received(("A", "<a@acme.example>"), "acme", "jan", "invoice", rcpts),
-            events.queued(queue_id="A", message_id="<a@acme.example>", recipients=rcpts, size=9),
-        ]
-    )
+    log.append_many(_arrived_a(rcpts))
     log.append(_delivered("N", "jan@acme.example"))  # the notice, its link not written yet
     log.append(_delivered("NEVER", "b@example.org"))  # a message no link will name
     assert follower.update().deliveries == {}
     clock.now += UNLINKED_WAIT / 2
-    log.append_many(
-        [
-            _delivered("A", "ok@example.org"),
-            events.failed(
-                queue_id="A", message_id="<a@acme.example>", recipient="gone@example.org",
-                reply="550 5.1.1 unknown",
-            ),
-            events.notified(
-                queue_id="A", message_id="<a@acme.example>", recipient="jan@acme.example",
-                notice_queue_id="N",
-            ),
-        ]
-    )  # fmt: skip
+    log.append_many([_delivered("A", "ok@example.org"), *_bounced_a_noticed_as_n()])
     assert follower.update().deliveries == {("acme", "sent"): 2, ("acme", "bounced"): 1}
     assert follower._pending == {}
     clock.now += UNLINKED_WAIT / 2
@@ -157,28 +140,12 @@ def test_a_link_after_the_wait_leaves_nothing_waiting(tmp_path: Path) -> None:
     log = AuditLog(tmp_path)
     follower = AuditFollower(tmp_path, clock=clock)
     rcpts = ["gone@example.org"]
-    log.append_many(
-        [
-            received(("A", "<a@acme.example>"), "acme", "jan", "invoice", rcpts),
-            events.queued(queue_id="A", message_id="<a@acme.example>", recipients=rcpts, size=9),
-        ]
-    )
+    log.append_many(_arrived_a(rcpts))
     log.append(_delivered("N", "jan@acme.example"))
     follower.update()
     clock.now += UNLINKED_WAIT + 1
     assert follower.update().deliveries == {(UNKNOWN, "sent"): 1}
-    log.append_many(
-        [
-            events.failed(
-                queue_id="A", message_id="<a@acme.example>", recipient="gone@example.org",
-                reply="550 5.1.1 unknown",
-            ),
-            events.notified(
-                queue_id="A", message_id="<a@acme.example>", recipient="jan@acme.example",
-                notice_queue_id="N",
-            ),
-        ]
-    )  # fmt: skip
+    log.append_many(_bounced_a_noticed_as_n())
     assert follower.update().deliveries == {(UNKNOWN, "sent"): 1, ("acme", "bounced"): 1}
     assert follower._pending == {}
 
@@ -192,8 +159,7 @@ def test_a_notice_linked_after_the_wait_has_its_tenant_from_then_on(tmp_path: Pa
     rcpts = ["gone@example.org"]
     log.append_many(
         [
-            received(("A", "<a@acme.example>"), "acme", "jan", "invoice", rcpts),
-            events.queued(queue_id="A", message_id="<a@acme.example>", recipients=rcpts, size=9),
+            *_arrived_a(rcpts),
             events.deferred(
                 queue_id="N", message_id=None, recipient="jan@acme.example",
                 reply="451 4.4.1 later", next_attempt="2026-12-07T03:00:00Z",
@@ -233,6 +199,27 @@ def test_outcomes_past_the_most_held_are_given_up_on_and_remembered(
     )
     follower.update()
     assert "N" not in follower._pending
+
+
+def _arrived_a(rcpts: list[str]) -> list[dict]:
+    return [
+        received(("A", "<a@acme.example>"), "acme", "jan", "invoice", rcpts),
+        events.queued(queue_id="A", message_id="<a@acme.example>", recipients=rcpts, size=9),
+    ]
+
+
+def _bounced_a_noticed_as_n() -> list[dict]:
+    """gone@ refused for good, and its sender's notice queued as N."""
+    return [
+        events.failed(
+            queue_id="A", message_id="<a@acme.example>", recipient="gone@example.org",
+            reply="550 5.1.1 unknown",
+        ),
+        events.notified(
+            queue_id="A", message_id="<a@acme.example>", recipient="jan@acme.example",
+            notice_queue_id="N",
+        ),
+    ]  # fmt: skip
 
 
 def _delivered(queue_id: str, recipient: str) -> dict:
