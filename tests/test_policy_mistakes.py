@@ -663,6 +663,27 @@ def _ed25519_seed() -> bytes:
     return base64.b64encode(seed) + b"\n"
 
 
+def test_an_ed25519_key_with_its_public_half_written_beside_it_is_one_key(
+    tmp_path: Path,
+) -> None:
+    """A note of its DNS record, or of the public key, beside the key was taken
+    for a second seed."""
+    private = ed25519.Ed25519PrivateKey.generate()
+    public = base64.b64encode(private.public_key().public_bytes_raw())
+    ed = "      selector: s1\n      algorithm: ed25519\n"
+    path = variant(tmp_path, "      selector: s1\n", ed)
+    file = tmp_path / "keys" / "platform.example.s1.private"
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    notes = b'# DNS: "v=DKIM1; k=ed25519; p=' + public + b'"\npublic key: ' + public + b"\n"
+    file.write_bytes(notes + pem)
+    message = b"From: <jan@platform.example>\r\nSubject: hi\r\n\r\nhi\r\n"
+    signed = sign(message, load(path).dkim_keys, now=int(time.time())) + message
+    record = f"v=DKIM1; k=ed25519; p={public.decode()}"
+    assert dkimpy_each(signed, {"s1._domainkey.platform.example": record}) == [True]
+
+
 @pytest.mark.parametrize(
     "content",
     [

@@ -36,7 +36,8 @@ _CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 _PUBLIC = b"PUBLIC KEY-----"
 _BLOCK = re.compile(rb"^-----BEGIN ([A-Z0-9 ]+)-----\n.*?^-----END \1-----$", re.M | re.S)
 _INDENTED = re.compile(rb"^[ \t]+-----BEGIN ", re.M)
-_SEED = re.compile(rb"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{43}=(?![A-Za-z0-9+/=])")  # 32 bytes
+_SEED = re.compile(rb"[A-Za-z0-9+/]{43}=")  # 32 bytes in base64
+_SEEDS_LINE = re.compile(rb"^[ \t]*(?:[A-Za-z0-9+/]{43}=[ \t]*)+\r?$", re.M)  # seeds alone
 
 
 def as_signed(algorithm: DkimAlgorithm, data: bytes) -> bytes:
@@ -166,7 +167,8 @@ def _layout(data: bytes) -> str | None:
 def _several_keys(key: DkimKey) -> str | None:
     """Looked at before the test signature, which passes with the first key: a
     rotation's ``cat new.pem old.pem`` signed with the one first, whichever
-    DNS publishes, and all mail failed DKIM. An Ed25519 seed is a word of base64."""
+    DNS publishes, and all mail failed DKIM. Ed25519 seeds are words of base64
+    on lines of their own: text beside a key (its DNS record's ``p=``) is none."""
     keys = _key_count(key.private_key, key.algorithm)
     if keys < 2:
         return None
@@ -179,7 +181,8 @@ def _several_keys(key: DkimKey) -> str | None:
 def _key_count(data: bytes, algorithm: DkimAlgorithm) -> int:
     keys = sum(1 for label, _ in _blocks(data) if _private(label))
     if algorithm is DkimAlgorithm.ED25519:
-        keys += len(_SEED.findall(_BLOCK.sub(b"", data)))
+        lines = _SEEDS_LINE.finditer(_BLOCK.sub(b"", data))
+        keys += sum(len(_SEED.findall(line[0])) for line in lines)
     return keys
 
 
