@@ -25,7 +25,6 @@ from relay.headers import (
     format_address,
     has_blank_line,
     signature_tags,
-    split_at,
 )
 from relay.headers import value as unfolded
 from relay.identify import Identity, a_label_address
@@ -203,7 +202,7 @@ def _blank_lines(view: MessageView) -> list[str]:
     such line out): refused, a legacy ERP's mail would not go at all, and kept,
     a reader that ends the header there shows the fields after it, the
     relay's Date, Message-ID and Reply-To among them, as body text."""
-    fields, _ = split_at(view.raw)
+    fields = view.fields
     names = dict.fromkeys(field.name for field in fields if has_blank_line(field))
     if not names:
         return []
@@ -263,7 +262,7 @@ def _date(
     if fault is None:
         return [], []
     why = f"Date {given!r} {fault}"
-    signed = _signed_whole(split_at(view.raw)[0], "Date", changed, theirs)
+    signed = _signed_whole(view.fields, "Date", changed, theirs)
     if signed:
         return [], [f"{why}: kept, {_as_signed(signed)}"]
     return [("Date", format_datetime(now))], [f"{why}: replaced"]
@@ -282,7 +281,7 @@ def _subject(
     program may read them raw (``X-`` fields)."""
     if all(value.isascii() for name, value in view.written if name.lower() == "subject"):
         return [], []  # as nearly every Subject: the header is not split again for it
-    fields = split_at(view.raw)[0]
+    fields = view.fields
     found = [field.raw for field in fields if field.name.lower() == "subject"]
     if len(found) != 1 or _is_utf8(found[0]):
         return [], []  # a second Subject is refused (pipeline)
@@ -318,8 +317,7 @@ class _Theirs:
 
 
 def _blanked(view: MessageView) -> frozenset[str]:
-    fields = split_at(view.raw)[0]
-    return frozenset(field.name.lower() for field in fields if has_blank_line(field))
+    return frozenset(field.name.lower() for field in view.fields if has_blank_line(field))
 
 
 def _signed_whole(
@@ -465,18 +463,17 @@ def _written_as(view: MessageView, name: str, address: str) -> bool:
     found = _PLAIN_MAILBOX.fullmatch(plain)
     if found is None or found["address"].lower() != address.lower():
         return False
-    if not plain.isascii() and not _utf8_from(view.raw):
+    if not plain.isascii() and not _utf8_from(view.fields):
         return False
     shown = found["name"]
     return (shown[1:-1] if shown.startswith('"') else decode(shown)) == name
 
 
-def _utf8_from(raw: bytes) -> bool:
+def _utf8_from(fields: list[Field]) -> bool:
     """Whether the From's bytes are UTF-8, as receivers read 8-bit header bytes
     (RFC 6532). A name in Latin-1 bytes is read here as Windows-1252 and said
     the user's name, but kept byte for byte it showed as mojibake, and a
     parser noted undecodable bytes; written again, it is encoded."""
-    fields, _ = split_at(raw)
     found = [one.raw for one in fields if one.name.lower() == "from"]
     try:
         for value in found:
@@ -588,13 +585,11 @@ def _empty_recipients(
     updates: list[tuple[str, str]] = []
     removed: list[str] = []
     reasons: list[str] = []
-    fields: list[Field] | None = None
     for name in ("To", "Cc"):
         missing = name == "To" and view.get(name) is None
         if not missing and not _addressless(view, name):
             continue
-        fields = split_at(view.raw)[0] if fields is None else fields
-        signed = _signed_whole(fields, name, changed, theirs)
+        signed = _signed_whole(view.fields, name, changed, theirs)
         if missing:
             added, why = _missing_to(signed)
             updates += added

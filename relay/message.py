@@ -174,13 +174,27 @@ class MessageView:
         except RecursionError:
             return ()
 
+    @functools.cached_property
+    def fields(self) -> list[headers.Field]:
+        """The header's fields as ``headers.split_at`` reads them, for the checks
+        that look at a field's bytes."""
+        return headers.split_at(self.raw)[0]
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, tuple[str, ...]]:
+        """Each name's decoded values, in order: a decision asks for about twenty
+        names, and each scan of every field was a call to ``lower`` per field."""
+        found: dict[str, list[str]] = {}
+        for name, value in self.headers:
+            found.setdefault(name.lower(), []).append(value)
+        return {name: tuple(values) for name, values in found.items()}
+
     def get(self, name: str) -> str | None:
-        name = name.lower()
-        return next((v for n, v in self.headers if n.lower() == name), None)
+        values = self._by_name.get(name.lower())
+        return values[0] if values else None
 
     def get_all(self, name: str) -> tuple[str, ...]:
-        name = name.lower()
-        return tuple(v for n, v in self.headers if n.lower() == name)
+        return self._by_name.get(name.lower(), ())
 
     def addresses(self, name: str) -> tuple[tuple[str, str], ...]:
         """(decoded display name, address) pairs of every ``name`` header that names
@@ -214,7 +228,7 @@ class MessageView:
 def decode(value: str) -> str:
     """Decode RFC 2047 words; a malformed word is kept as it was written, and so
     is a value the email package's decoder would take too long over."""
-    unfolded = _FOLD.sub("", value)
+    unfolded = _unfolded(value)
     if "=?" not in unfolded:
         return unfolded  # no encoded word: what the decoder would give back, at no cost
     if unfolded.count("=?") > _MOST_WORDS or _decoder_work(unfolded) > _DECODER_BUDGET:
@@ -506,9 +520,15 @@ def read(raw: bytes, split: tuple[list[headers.Field], int] | None = None) -> Me
         fields = [
             (name, str(value)) for name, value in _HEADERS.parsestr(header_text(head)).items()
         ]
-    return MessageView(
-        written=tuple((name, _FOLD.sub("", value)) for name, value in fields), raw=raw
-    )
+    view = MessageView(written=tuple((name, _unfolded(value)) for name, value in fields), raw=raw)
+    if split is not None:
+        view.__dict__["fields"] = split[0]  # the cached property, read already
+    return view
+
+
+def _unfolded(value: str) -> str:
+    """A field's value on one line; nearly every value is on one already."""
+    return _FOLD.sub("", value) if "\n" in value else value
 
 
 def header_text(head: bytes) -> str:

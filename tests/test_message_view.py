@@ -650,3 +650,28 @@ def test_many_long_boundaries_declared_in_text_cost_no_pattern_of_them() -> None
     started = time.process_time()  # CPU, not the wall: a busy machine is no failure
     assert message.read(raw).attachments == ()
     assert time.process_time() - started < 5
+
+
+def test_fields_are_found_by_name_in_any_case_first_one_first() -> None:
+    raw = (
+        b"Received: from a\r\n\tby b\r\nFrom: Jan <jan@acme.example>\r\n"
+        b"received: from c\r\nSUBJECT: =?utf-8?q?Faktura_f=C3=B8r?=\r\n"
+        b"RECEIVED: from d\r\n\r\nbody\r\n"
+    )
+    view = message.read(raw, headers.split_at(raw))
+    parsed = email.parser.BytesParser(policy=compat32).parsebytes(raw)
+    assert view.get_all("Received") == ("from a\tby b", "from c", "from d")
+    assert view.get_all("received") == tuple(
+        re.sub(r"\r?\n(?=[ \t])", "", value) for value in parsed.get_all("Received")
+    )
+    assert view.get("rEcEiVeD") == "from a\tby b"
+    assert view.get("Subject") == view.subject == "Faktura før"
+    assert view.get("To") is None and view.get_all("To") == ()
+    assert [field.name for field in view.fields] == [
+        "Received",
+        "From",
+        "received",
+        "SUBJECT",
+        "RECEIVED",
+    ]
+    assert view.fields == headers.split_at(raw)[0] == message.read(raw).fields
