@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -155,6 +156,9 @@ def test_times_are_utc_with_milliseconds() -> None:
 
     when = datetime(2024, 5, 6, 11, 0, 0, 123999, tzinfo=timezone(timedelta(hours=2)))
     assert events.timestamp(when) == "2024-05-06T09:00:00.123Z"
+    assert events.timestamp(datetime(999, 1, 2, 3, 4, 5, 999, tzinfo=UTC)) == (
+        "999-01-02T03:04:05.000Z"  # as strftime writes such a year
+    )
     record = events.deferred(
         queue_id="Q", message_id=None, recipient="a@b", reply="451", next_attempt=when
     )

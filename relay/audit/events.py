@@ -200,6 +200,8 @@ def _build(event: str, queue_id: str | None, message_id: str | None, **values: A
 def _clean(value: Any) -> Any:
     """Lone surrogates (undecodable header bytes) cannot be written as UTF-8."""
     if isinstance(value, str):
+        if value.isascii():
+            return value
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
@@ -215,7 +217,9 @@ def _clean(value: Any) -> Any:
 def timestamp(when: datetime) -> str:
     """UTC ISO 8601 with milliseconds: fixed width, so text order is time order."""
     when = when.astimezone(UTC)
-    return f"{when:%Y-%m-%dT%H:%M:%S}.{when.microsecond // 1000:03d}Z"
+    if when.year < 1000:  # isoformat pads the year, strftime did not
+        return f"{when:%Y-%m-%dT%H:%M:%S}.{when.microsecond // 1000:03d}Z"
+    return f"{when.isoformat(timespec='milliseconds')[:-6]}Z"
 
 
 def _time(value: datetime | str) -> str:
