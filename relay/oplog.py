@@ -48,14 +48,18 @@ class _Bounded(logging.Formatter):
 
 
 class _LocalTime(_Bounded):
-    """ISO 8601 with milliseconds and the UTC offset: ``2026-12-03T08:12:57.123+0100``."""
+    """ISO 8601 with milliseconds and the UTC offset: ``2026-12-03T08:12:57.123+0100``.
+    The second's text is made once: a busy relay writes a few thousand lines in it."""
+
+    _second: tuple[int, str, str] = (-1, "", "")
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        local = self.converter(record.created)
-        return (
-            f"{time.strftime('%Y-%m-%dT%H:%M:%S', local)}.{int(record.msecs):03d}"
-            f"{time.strftime('%z', local)}"
-        )
+        second, date, offset = self._second  # one read: other threads log too
+        if second != int(record.created):
+            local = self.converter(record.created)
+            date, offset = time.strftime("%Y-%m-%dT%H:%M:%S", local), time.strftime("%z", local)
+            self._second = (int(record.created), date, offset)
+        return f"{date}.{int(record.msecs):03d}{offset}"
 
 
 class _Journal(_Bounded):

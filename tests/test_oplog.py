@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,3 +120,24 @@ def test_a_long_message_is_cut_so_that_it_stays_one_line(
     assert line.endswith(
         f" [{250_020 + len('refused: ') - oplog.MESSAGE_LIMIT} more characters not logged]"
     )
+
+
+def test_each_line_carries_its_own_second_and_milliseconds() -> None:
+    """The formatter keeps the text of the second it last wrote: a line in the
+    next second, or back in an earlier one after the clock was set back, has its own."""
+    formatter = oplog._LocalTime(oplog.FORMAT)
+
+    def stamp(created: float) -> str:
+        record = logging.LogRecord("relay", logging.INFO, "", 0, "queued", None, None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        return formatter.formatTime(record)
+
+    def expected(created: float) -> str:
+        local = time.localtime(created)
+        return (
+            f"{time.strftime('%Y-%m-%dT%H:%M:%S', local)}.{int((created % 1) * 1000):03d}"
+            f"{time.strftime('%z', local)}"
+        )
+
+    moments = [1_765_000_000.125, 1_765_000_000.5, 1_765_000_001.25, 1_765_000_000.75, 0.0]
+    assert [stamp(when) for when in moments] == [expected(when) for when in moments]
