@@ -169,6 +169,12 @@ def check(record: Mapping[str, Any]) -> None:
     if keys != fields(event, present)[3:-2]:
         full = fields(event)[3:-2]
         raise ValueError(f"audit event {event!r}: fields {keys} are not the schema's {full}")
+    _check_values(event, record)
+
+
+def _check_values(event: str, record: Mapping[str, Any]) -> None:
+    """``check`` of a record whose fields are the schema's, in its order, as
+    ``_build`` makes them: the order is then not looked at again."""
     if not (_opt_str(record["queue_id"]) and _opt_str(record["message_id"])):
         raise ValueError(f"audit event {event!r}: queue_id and message_id must be text or None")
     for name, ok in SCHEMA[event]:
@@ -193,7 +199,7 @@ def _build(event: str, queue_id: str | None, message_id: str | None, **values: A
         record[name] = _clean(value)
     if values:
         raise TypeError(f"audit event {event!r} has no field(s) {sorted(values)}")
-    check(record)
+    _check_values(event, record)
     return record
 
 
