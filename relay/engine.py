@@ -1146,7 +1146,9 @@ class Engine:
                 return await self._attempt(warm.entry, lock, immediate, warm.data)
         lock.close()
         async with limit.slot(fresh, warm.entry.tenant):
-            return await self._locked_again(warm.entry.queue_id, lock, immediate, warm.data)
+            return await self._locked_again(
+                warm.entry.queue_id, lock, immediate, warm.data, warm.entry
+            )
 
     def _park(self, limit: Slots, entry: QueueEntry, immediate: bool, fresh: bool) -> bool:
         """An attempt that would wait for a slot leaves the line its queue ID, and
@@ -1168,12 +1170,18 @@ class Engine:
         self._wake.set()
 
     async def _locked_again(
-        self, queue_id: str, lock: EntryLock, immediate: bool, data: bytes | None = None
+        self,
+        queue_id: str,
+        lock: EntryLock,
+        immediate: bool,
+        data: bytes | None = None,
+        first: QueueEntry | None = None,
     ) -> Outcome:
         """The attempt, with a delivery slot in hand, under the entry's lock taken
-        now and its record as it is now: held, deleted or tried meanwhile."""
+        now and its record as it is now: held, deleted or tried meanwhile. ``first``
+        is the record as accepted, where the receiving side handed it over."""
         lock.fd = self.spool.acquire(queue_id, blocking=False)
-        entry = self._remembered(self.spool.load(queue_id))
+        entry = self._remembered(self.spool.load(queue_id, first))
         not_now = self._not_now(entry, immediate)
         if not_now is not None:
             return not_now

@@ -72,6 +72,19 @@ def test_put_load_round_trip(spool: Spool) -> None:
     assert spool.recover() == 1
 
 
+def test_the_first_record_its_writer_holds_is_not_read_again(spool: Spool) -> None:
+    """Only a changed record is read; the first is written once, never replaced."""
+    entry, other = make_entry(size=len(MESSAGE)), make_entry(size=len(MESSAGE))
+    spool.put(entry, MESSAGE)
+    spool.put(other, MESSAGE)
+    assert spool.load(entry.queue_id, entry) is entry
+    wrong = spool.load(entry.queue_id, other)  # another entry's record is no first one
+    assert wrong == entry and wrong is not entry
+    changed = dataclasses.replace(entry, held=True)
+    spool.update(changed)
+    assert spool.load(entry.queue_id, entry) == changed
+
+
 def test_put_stream_and_ids_sorted_by_arrival(spool: Spool) -> None:
     ids = [new_queue_id(now_ns=t * 10**9) for t in (1_700_000_300, 1_700_000_100, 1_700_000_200)]
     for queue_id in ids:

@@ -294,13 +294,17 @@ class Spool:
         if fd is not None:
             os.close(fd)
 
-    def load(self, queue_id: str) -> QueueEntry:
-        """The changed record if there is one, else the first, from the entry's file."""
+    def load(self, queue_id: str, first: QueueEntry | None = None) -> QueueEntry:
+        """The changed record if there is one, else the first, from the entry's file.
+        ``first`` is the first record as its writer holds it, returned instead of
+        read again: it is written once and never replaced."""
         path = self._env_path(queue_id)
         try:
             with statefiles.read_plain(path) as record:
                 raw = record.read()
         except FileNotFoundError:
+            if first is not None and first.queue_id == queue_id:
+                return first
             path = self.message_path(queue_id)  # the record read is the first one, in msg/
             raw = self._first_record(queue_id)
         except OSError as exc:
