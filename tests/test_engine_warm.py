@@ -805,6 +805,16 @@ async def _stored(spool: Spool, queue_id: str, statuses: list[str]) -> None:
         await asyncio.sleep(0.02)
 
 
+async def _let_go(spool: Spool, queue_id: str) -> None:
+    """Until another process may lock the entry. Its stored record can be read
+    before the engine's task, back on the loop, closes the lock: asked from the
+    loop itself, blocking it, the lock was still held now and then."""
+    deadline = time.monotonic() + 10
+    while (state := await asyncio.to_thread(lock_elsewhere, spool, queue_id)) != "locked":
+        assert state == "busy" and time.monotonic() < deadline, f"the entry is {state}"
+        await asyncio.sleep(0.05)
+
+
 async def test_a_deferral_the_audit_log_refuses_waits_locked_until_its_records_are_written(
     spool: Spool, policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -821,7 +831,7 @@ async def test_a_deferral_the_audit_log_refuses_waits_locked_until_its_records_a
         assert lock_elsewhere(spool, entry.queue_id) == "busy"  # relay queue: being delivered
         _mend(tmp_path / "audit", recorder)
         await _stored(spool, entry.queue_id, ["delivered", "pending"])
-        assert lock_elsewhere(spool, entry.queue_id) == "locked"
+        await _let_go(spool, entry.queue_id)
         assert spool.load(entry.queue_id).next_attempt > time.time()
         upstream.all_ok = True
         _due_now(spool, entry.queue_id)
