@@ -30,7 +30,7 @@ from relay.groupcommit import GroupCommit
 from relay.notice import build_notice, signed_anew, telling
 from relay.policy.model import Policy, QueueSettings, Upstream, sends_as
 from relay.record import Recorder, dsn
-from relay.settle import WAITING_MAX, EntryLock, Finished, Settle, Settler
+from relay.settle import FINAL_EVENTS, WAITING_MAX, EntryLock, Finished, Settle, Settler
 from relay.slots import Slots
 from relay.spool import (
     DELIVERED,
@@ -1321,7 +1321,9 @@ class Engine:
             self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
         await self._notify(entry, policy)
         if not await self._flush(entry):
-            return self._keep(entry, lock, None, deferred=True)
+            kept = self._keep(entry, lock, None, deferred=True)
+            await self._store_written(self._untold[entry.queue_id])
+            return kept
         await self._store(entry)
         self._plan(entry.queue_id, entry.next_attempt)
         return Outcome("deferred")
@@ -1556,6 +1558,30 @@ class Engine:
         await self._store(untold.entry)
         self._plan(untold.entry.queue_id, untold.entry.next_attempt)
         return True
+
+    async def _store_written(self, untold: Untold) -> None:
+        """A kept deferral's outcomes the log took before it refused the rest (a
+        refusal written with its listing, ``_record_listed``), stored now. Left
+        pending on the spool, a stop or a crash before the log took the rest had
+        the next start record the refused address again, ``suppressed`` once
+        listed, failing the automatic copy with it, or send to it again."""
+        unwritten = {r["recipient"] for r in untold.records if r["event"] in FINAL_EVENTS}
+        done = {
+            r.address: r
+            for r in untold.entry.recipients
+            if r.status != PENDING and r.address not in unwritten
+        }
+        queue_id = untold.entry.queue_id
+        try:
+            stored = self.spool.load(queue_id)
+            written = [r for r in stored.recipients if r.status == PENDING and r.address in done]
+            for rcpt in written:
+                rcpt.status, rcpt.reply = done[rcpt.address].status, done[rcpt.address].reply
+                rcpt.updated = done[rcpt.address].updated
+            if written:
+                await asyncio.to_thread(self.spool.update, stored)
+        except SpoolError as exc:
+            log.error("%s: cannot store the outcomes on record: %s", queue_id, exc)
 
     async def _record_again(self, untold: Untold) -> Outcome:
         """A kept deferral's turn: stored once its records are written, else kept

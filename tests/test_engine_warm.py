@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from relay import engine as engine_module
-from relay.audit import AuditLog, verify
+from relay.audit import AuditError, AuditLog, verify
 from relay.deliver import attempt
 from relay.engine import Attempt, Engine, Warm
 from relay.policy.model import Policy, SuppressionSettings
@@ -868,12 +868,15 @@ class Refusing:
     def __init__(self) -> None:
         self.all_ok = False
         self.notices = 0
+        self.sent: list[list[str]] = []  # the recipients of each try of the message
 
     async def __call__(
         self, upstream: Any, sender: str, rcpts: Any, data: bytes, **_: Any
     ) -> Attempt:
         if not sender:
             self.notices += 1
+        else:
+            self.sent.append(list(rcpts))
         replies = {}
         for r in rcpts:
             if r.startswith("customer@"):
@@ -920,6 +923,107 @@ async def test_a_deferral_kept_from_the_audit_log_is_stored_at_the_stop_if_it_ta
         ("delivered", customer),
         ("deferred", archive),
     ]
+
+
+class ListingThenRefusing(AuditLog):
+    """Takes the records written with a listing, then refuses every write: its
+    directory is moved aside, as ``_put_back`` finds it. The refusal shows at
+    once, so that no other delivery (the failure notice) starts meanwhile."""
+
+    def append_many(self, records: list[dict[str, Any]], sync: bool = True) -> int:
+        written = super().append_many(records, sync)
+        if any(record["event"] == "listed" for record in records):
+            self.directory.rename(self.directory.with_name("audit.aside"))
+            self.directory.write_text("not a directory")
+            with contextlib.suppress(AuditError):
+                self.probe()
+        return written
+
+
+def _put_back(audit_dir: Path, recorder: Recorder) -> None:
+    audit_dir.unlink()
+    audit_dir.with_name("audit.aside").rename(audit_dir)
+    recorder.audit = AuditLog(audit_dir)
+
+
+@contextlib.asynccontextmanager
+async def listed_then_unrecorded(
+    spool: Spool, policy: Policy, tmp_path: Path, upstream: Refusing
+) -> AsyncIterator[tuple[Engine, QueueEntry, Recorder]]:
+    """A message whose customer the upstream refused for good and listed, its
+    archive deferred, the audit log refusing the records after the listing's:
+    on an engine that stops at the end. ``policy`` lists 5.1.1 refusals."""
+    recorder = Recorder(ListingThenRefusing(tmp_path / "audit"))
+    listing = SuppressionFile(tmp_path / "suppression.jsonl")
+    entry = make_entry(size=len(message(1)))
+    engine = Engine(spool, lambda: policy, upstream, recorder, suppressions=listing)
+    async with queued_and_running(spool, entry, engine) as running_engine:
+        assert (await running_engine.attempt_now(entry.queue_id)).status == "deferred"
+        assert listing.current().find("customer@example.net", entry.tenant) is not None
+        yield running_engine, entry, recorder
+
+
+async def test_a_refusal_written_with_its_listing_stays_failed_when_the_log_refuses_the_rest(
+    spool: Spool, policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing's write took the refusal before the log refused the
+    deferral's records: put back as stored, the refused recipient would be
+    pending again, and the next attempt would go to an address the log says
+    failed. Kept as the attempt left it, only the deferred one goes again."""
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    policy = _listing(policy, tmp_path)
+    upstream = Refusing()
+    async with listed_then_unrecorded(spool, policy, tmp_path, upstream) as (
+        engine,
+        entry,
+        recorder,
+    ):
+        customer, archive = (r.address for r in entry.recipients)
+        _put_back(tmp_path / "audit", recorder)
+        await _stored(spool, entry.queue_id, ["failed", "pending"])
+        await _let_go(spool, entry.queue_id)
+        upstream.all_ok = True
+        _due_now(spool, entry.queue_id)
+        assert (await engine.attempt_now(entry.queue_id)).status == "failed"
+        await gone(spool)
+    story = _story(tmp_path / "audit", entry.queue_id)
+    assert upstream.sent == [[customer, archive], [archive]]
+    assert story == [
+        ("failed", customer),
+        ("listed", customer),
+        ("deferred", archive),
+        ("notified", entry.notify_address),
+        ("delivered", archive),
+    ]
+    assert upstream.notices == 1
+
+
+async def test_a_refusal_written_with_its_listing_is_stored_though_the_log_refuses_the_rest(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    """Left as last stored at the stop, the refused recipient was pending: the
+    next start found it listed and recorded it ``suppressed`` after the log
+    had said it failed, and failed the automatic copy with it, unsent."""
+    policy = _listing(policy, tmp_path)
+    upstream = Refusing()
+    async with listed_then_unrecorded(spool, policy, tmp_path, upstream) as (_, entry, recorder):
+        customer, archive = (r.address for r in entry.recipients)
+    assert [r.status for r in spool.load(entry.queue_id).recipients] == ["failed", "pending"]
+    _put_back(tmp_path / "audit", recorder)
+    upstream.all_ok = True
+    listing = SuppressionFile(tmp_path / "suppression.jsonl")
+    async with running(Engine(spool, lambda: policy, upstream, recorder, suppressions=listing)):
+        await gone(spool)
+    story = _story(tmp_path / "audit", entry.queue_id)
+    assert upstream.sent == [[customer, archive], [archive]]
+    assert story == [
+        ("failed", customer),
+        ("listed", customer),
+        ("delivered", archive),
+        ("notified", entry.notify_address),
+    ]
+    assert upstream.notices == 1
+    assert verify(tmp_path / "audit").ok
 
 
 async def test_an_attempt_the_relay_itself_fails_is_tried_later_not_at_every_scan(
