@@ -1322,7 +1322,7 @@ class Engine:
         await self._notify(entry, policy)
         if not await self._flush(entry):
             kept = self._keep(entry, lock, None, deferred=True)
-            await self._store_written(self._untold[entry.queue_id])
+            self._store_written(self._untold[entry.queue_id])
             return kept
         await self._store(entry)
         self._plan(entry.queue_id, entry.next_attempt)
@@ -1559,12 +1559,14 @@ class Engine:
         self._plan(untold.entry.queue_id, untold.entry.next_attempt)
         return True
 
-    async def _store_written(self, untold: Untold) -> None:
+    def _store_written(self, untold: Untold) -> None:
         """A kept deferral's outcomes the log took before it refused the rest (a
         refusal written with its listing, ``_record_listed``), stored now. Left
         pending on the spool, a stop or a crash before the log took the rest had
         the next start record the refused address again, ``suppressed`` once
-        listed, failing the automatic copy with it, or send to it again."""
+        listed, failing the automatic copy with it, or send to it again. Stored
+        on the event loop: awaited in a thread, the stop could let the kept entry
+        go meanwhile, storing it whole, and this older part landed over it."""
         unwritten = {r["recipient"] for r in untold.records if r["event"] in FINAL_EVENTS}
         done = {
             r.address: r
@@ -1579,7 +1581,7 @@ class Engine:
                 rcpt.status, rcpt.reply = done[rcpt.address].status, done[rcpt.address].reply
                 rcpt.updated = done[rcpt.address].updated
             if written:
-                await asyncio.to_thread(self.spool.update, stored)
+                self.spool.update(stored)
         except SpoolError as exc:
             log.error("%s: cannot store the outcomes on record: %s", queue_id, exc)
 

@@ -1114,3 +1114,46 @@ async def test_a_message_file_cut_short_is_held_on_record_once_the_log_takes_it(
     assert held["event"] == "held" and held["message_id"] == entry.message_id
     stored = len(message(1))
     assert held["by"] == f"relay: {stored} bytes of message stored, its record says {stored + 20}"
+
+
+async def test_a_stop_while_the_outcomes_on_record_are_stored_leaves_the_whole_deferral(
+    spool: Spool, policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stored in a thread on a slow disk, the part the log had landed after the
+    stop had let the kept entry go and stored it whole: its attempt and its
+    sender's notice were lost from the spool, and the sender was told twice."""
+    policy = _listing(policy, tmp_path)
+    upstream = Refusing()
+    recorder = Recorder(ListingThenRefusing(tmp_path / "audit"))
+    listing = SuppressionFile(tmp_path / "suppression.jsonl")
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    started = threading.Event()
+    update = spool.update
+
+    def slow_first_update(stored: QueueEntry) -> None:
+        if not started.is_set():
+            started.set()
+            time.sleep(1.0)
+        update(stored)
+
+    monkeypatch.setattr(spool, "update", slow_first_update)
+    engine = Engine(spool, lambda: policy, upstream, recorder, suppressions=listing)
+    run = asyncio.create_task(engine.run())
+    try:
+        tried = engine.attempt_now(entry.queue_id)
+        assert await asyncio.to_thread(started.wait, 10)
+        _put_back(tmp_path / "audit", recorder)
+        await engine.stop(0.1)
+        assert (await asyncio.wait_for(tried, 10)).status == "deferred"
+    finally:
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+    stored = spool.load(entry.queue_id)
+    assert [r.status for r in stored.recipients] == ["failed", "pending"]
+    assert stored.attempts == 1 and not stored.recipients[0].notify
+    upstream.all_ok = True
+    _due_now(spool, entry.queue_id)
+    async with running(Engine(spool, lambda: policy, upstream, recorder, suppressions=listing)):
+        await gone(spool)
+    assert upstream.notices == 1
