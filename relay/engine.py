@@ -103,15 +103,19 @@ def file_budget(soft: int | None = None) -> int:
 class Untold:
     """An entry kept, locked, with its records: a finished one waiting for its
     failure notice to be queued, or a deferred one (``deferred``) waiting for the
-    audit log to take its records. Such a deferral, stored, put outcomes on the
-    spool that the log never got (a ``delivered`` beside the deferred recipient),
-    and a stop, or another worker finishing the message, lost them for good."""
+    audit log to take its records, then for the spool to store them. Such a
+    deferral, stored, put outcomes on the spool that the log never got (a
+    ``delivered`` beside the deferred recipient), and a stop, or another worker
+    finishing the message, lost them for good. Let go unstored, its recipients
+    on record (``unstored``) were pending on the spool, unlocked and due: sent
+    to again, by this worker or another, and recorded twice."""
 
     entry: QueueEntry
     records: list[dict[str, Any]]
     lock: EntryLock
     tries: int = 0
     deferred: bool = False
+    unstored: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -664,11 +668,15 @@ class Engine:
             log.info("spool readable again")
             self._scan_error = None
         self._say_unreadable(unreadable)
-        self._schedule = {
+        schedule = {
             q: self._next_attempt(q, *when) if isinstance(when, tuple) else when
             for q, when in found.items()
             if not self._settler.stuck(q)
         }
+        # a kept entry's turn is the engine's: dropped for a record the scan could
+        # not read, it waited, locked, for the stop
+        schedule.update((q, self._schedule[q]) for q in self._untold if q in self._schedule)
+        self._schedule = schedule
         upstreams = self.policy().upstreams.values()
         # a held message keeps its suspension: released, all of them tried at once
         self._suspensions.keep(self._schedule.keys() | held, upstreams)
@@ -809,23 +817,35 @@ class Engine:
 
     async def _let_go(self, untold: Untold) -> None:
         """At the stop, a finished entry ends without its notice; a deferral is
-        stored if the log takes its records now, else left as last stored, for
-        the next start to try again."""
+        stored if the log takes its records and the spool its outcomes now, else
+        left as last stored, for the next start to try again: where the log has
+        outcomes the spool does not, the sysadmin is told whose."""
         queue_id = untold.entry.queue_id
         if not untold.deferred:
             log.error("%s: the relay stops before the failure notice could be queued", queue_id)
             await self._done(Finished(queue_id, untold.records, untold.lock, untold.entry.size))
             return
         try:
-            if not await self._recorded(untold):
+            if await self._recorded(untold):
+                return
+            if not untold.records:  # on record, not stored
                 log.error(
-                    "%s: the relay stops before the audit log took its last attempt's records:"
-                    " its outcome since it was last stored is not on record, and it is tried"
-                    " again at the next start (%s)",
+                    "%s: the relay stops before the spool stored what the audit log says of"
+                    " %s: left as last stored, the next start may send to them, or tell the"
+                    " sender, again (%s)",
                     queue_id,
-                    self.recorder.refusing,
+                    ", ".join(f"<{address}>" for address in untold.unstored),
+                    self._store_error,
                 )
-                await self._withdraw_notices(untold)
+                return
+            log.error(
+                "%s: the relay stops before the audit log took its last attempt's records:"
+                " its outcome since it was last stored is not on record, and it is tried"
+                " again at the next start (%s)",
+                queue_id,
+                self.recorder.refusing,
+            )
+            await self._withdraw_notices(untold)
         finally:
             untold.lock.close()
 
@@ -991,8 +1011,8 @@ class Engine:
         the outcomes could not be recorded, and the mail, left queued, went again
         at every restart with the log naming none of those sends. Nor while too
         many finished entries wait for the audit log, or entries kept
-        (``Untold``) for the spool to take their failure notices or for the
-        audit log to take their deferrals."""
+        (``Untold``) for the spool to take their failure notices, or for the
+        audit log to take their deferrals and the spool to store them."""
         if self.recorder.refusing is not None:
             return True
         return self._settler.full or len(self._untold) >= WAITING_MAX
@@ -1203,6 +1223,7 @@ class Engine:
         # gets it after the stop began would start a transaction the grace cuts off
         if not self._starting or self._backlogged():
             return Outcome("busy")
+        stored = {r.address: (r.status, r.notify) for r in entry.recipients}
         policy = self.policy()
         dropped = self._drop_listed(entry)
         now = self.clock()
@@ -1320,11 +1341,13 @@ class Engine:
         for rcpt in entry.pending():
             self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
         await self._notify(entry, policy)
+        changed = [r.address for r in entry.recipients if (r.status, r.notify) != stored[r.address]]
         if not await self._flush(entry):
-            kept = self._keep(entry, lock, None, deferred=True)
+            kept = self._keep(entry, lock, None, deferred=True, unstored=changed)
             self._store_written(self._untold[entry.queue_id])
             return kept
-        await self._store(entry)
+        if not await self._store(entry) and changed:
+            return self._keep(entry, lock, None, deferred=True, unstored=changed)
         self._plan(entry.queue_id, entry.next_attempt)
         return Outcome("deferred")
 
@@ -1448,9 +1471,11 @@ class Engine:
             return
         self._tally.suspended(name, held)
 
-    async def _store(self, entry: QueueEntry) -> None:
-        """A deferral the spool refuses is kept in memory instead, and the trouble
-        logged once, not at every attempt; a restart forgets it (retried sooner)."""
+    async def _store(self, entry: QueueEntry) -> bool:
+        """Whether the spool took the deferral. One it refuses is kept in memory
+        instead, and the trouble logged once, not at every attempt; a restart
+        forgets it (retried sooner). The caller keeps an entry whose recipients'
+        outcomes changed (``Untold``)."""
         try:
             await asyncio.to_thread(self.spool.update, entry)
         except NoSuchEntry:
@@ -1458,13 +1483,19 @@ class Engine:
         except SpoolError as exc:
             self._unstored[entry.queue_id] = (entry.next_attempt, entry.attempts)
             if self._store_error is None:
-                log.error("cannot store deferrals; their next attempts are kept in memory: %s", exc)
+                log.error(
+                    "cannot store deferrals; their next attempts are kept in memory, and a"
+                    " message some of whose recipients were delivered, failed or suppressed"
+                    " stays locked until its outcomes are stored: %s",
+                    exc,
+                )
             self._store_error = exc
-            return
+            return False
         self._unstored.pop(entry.queue_id, None)
         if self._store_error is not None:
             log.info("deferrals stored again")
             self._store_error = None
+        return True
 
     def _remembered(self, entry: QueueEntry) -> QueueEntry:
         """The entry as stored, with the deferral the spool could not store; a
@@ -1549,13 +1580,16 @@ class Engine:
         return True
 
     async def _recorded(self, untold: Untold) -> bool:
-        """Whether a kept deferral's records are written now; then it is stored, as
-        its attempt would have, and its next attempt planned."""
+        """Whether a kept deferral's records are written and it is stored now, as
+        its attempt would have; then its next attempt is planned. Records once
+        written are not written again while the spool refuses the outcomes."""
         try:
             await asyncio.to_thread(self.recorder.write, untold.records)
         except AuditError:
             return False
-        await self._store(untold.entry)
+        untold.records = []
+        if not await self._store(untold.entry) and untold.unstored:
+            return False
         self._plan(untold.entry.queue_id, untold.entry.next_attempt)
         return True
 
@@ -1586,8 +1620,9 @@ class Engine:
             log.error("%s: cannot store the outcomes on record: %s", queue_id, exc)
 
     async def _record_again(self, untold: Untold) -> Outcome:
-        """A kept deferral's turn: stored once its records are written, else kept
-        again, a little later each time."""
+        """A kept deferral's turn: stored once its records are written and the
+        spool takes it, else kept again, a little later each time. Taken out of
+        the kept ones first, so that a stop meanwhile does not store it too."""
         try:
             if await self._recorded(untold):
                 return Outcome("deferred")
@@ -1857,7 +1892,12 @@ class Engine:
         return Outcome(DELIVERED if statuses == {DELIVERED} else FAILED)
 
     def _keep(
-        self, entry: QueueEntry, lock: EntryLock, untold: Untold | None, deferred: bool = False
+        self,
+        entry: QueueEntry,
+        lock: EntryLock,
+        untold: Untold | None,
+        deferred: bool = False,
+        unstored: list[str] | None = None,
     ) -> Outcome:
         """Keep the entry, locked, with its records, until its turn comes (a second
         later, then later each time, up to a RESCAN): locked, no other worker
@@ -1865,7 +1905,9 @@ class Engine:
         tries = 0 if untold is None else untold.tries + 1
         records = [] if untold is None else untold.records
         records += self.recorder.take(entry.queue_id)
-        kept = Untold(entry, records, EntryLock(lock.take()), tries, deferred)
+        if untold is not None:
+            unstored = untold.unstored
+        kept = Untold(entry, records, EntryLock(lock.take()), tries, deferred, unstored or [])
         self._untold[entry.queue_id] = kept
         self._plan(entry.queue_id, self.clock() + min(POLL * 2**tries, RESCAN))
         return Outcome("deferred")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import io
 import logging
 import os
@@ -1156,3 +1157,127 @@ async def test_a_stop_while_the_outcomes_on_record_are_stored_leaves_the_whole_d
     async with running(Engine(spool, lambda: policy, upstream, recorder, suppressions=listing)):
         await gone(spool)
     assert upstream.notices == 1
+
+
+class FillingUp(Split):
+    """``Split``, the spool's records refused from its first try on: the
+    ``env`` directory gives out while the message is out, until ``_mend_spool``."""
+
+    def __init__(self, spool: Spool) -> None:
+        super().__init__()
+        self.spool = spool
+        self.sent: list[list[str]] = []
+
+    async def __call__(
+        self, upstream: Any, sender: str, rcpts: Any, data: bytes, **kwargs: Any
+    ) -> Attempt:
+        self.sent.append(list(rcpts))
+        if len(self.sent) == 1:
+            env = self.spool.directory / "env"
+            env.rename(env.with_name("env.aside"))
+            env.write_text("not a directory")  # every record stored fails, as on a full disk
+        return await super().__call__(upstream, sender, rcpts, data, **kwargs)
+
+
+def _mend_spool(spool: Spool) -> None:
+    env = spool.directory / "env"
+    env.unlink()
+    env.with_name("env.aside").rename(env)
+
+
+def _locked_here(spool: Spool, queue_id: str) -> bool:
+    """Whether another worker finds the entry locked; asked of its file directly,
+    the spool being no queue to open while its ``env`` is gone."""
+    fd = os.open(spool.message_path(queue_id), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+async def test_outcomes_on_record_the_spool_refuses_keep_the_entry_locked_until_it_takes_them(
+    spool: Spool, policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The customer's ``delivered`` on record, the spool said it was pending,
+    and the entry, let go, was due as last stored: another worker, a restart,
+    or this one a backoff later sent the customer a second copy, recorded a
+    second time. Kept locked, it is stored once the spool takes it."""
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    audit_dir = tmp_path / "audit"
+    upstream = FillingUp(spool)
+    entry = make_entry(size=len(message(1)))
+    customer, archive = (r.address for r in entry.recipients)
+    engine = Engine(spool, lambda: policy, upstream, Recorder(AuditLog(audit_dir)))
+    async with queued_and_running(spool, entry, engine):
+        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+        assert _locked_here(spool, entry.queue_id)
+        await asyncio.sleep(0.4)  # its turns come, and find the spool refusing
+        assert _locked_here(spool, entry.queue_id)
+        _mend_spool(spool)
+        await _stored(spool, entry.queue_id, ["delivered", "pending"])
+        await _let_go(spool, entry.queue_id)
+        assert spool.load(entry.queue_id).next_attempt > time.time()
+        upstream.all_ok = True
+        _due_now(spool, entry.queue_id)
+        assert (await engine.attempt_now(entry.queue_id)).status == "delivered"
+        await gone(spool)
+    assert upstream.sent == [[customer, archive], [archive]]
+    story = _story(audit_dir, entry.queue_id)
+    assert story == [("delivered", customer), ("deferred", archive), ("delivered", archive)]
+
+
+async def test_outcomes_on_record_the_spool_refuses_until_the_stop_are_named(
+    spool: Spool, policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing stores them now: the sysadmin learns which message, and whose
+    outcomes, the next start may repeat."""
+    upstream = FillingUp(spool)
+    entry = make_entry(size=len(message(1)))
+    customer, archive = (r.address for r in entry.recipients)
+    engine = Engine(spool, lambda: policy, upstream, Recorder(AuditLog(tmp_path / "audit")))
+    async with queued_and_running(spool, entry, engine):
+        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+    assert not _locked_here(spool, entry.queue_id)
+    _mend_spool(spool)
+    (said,) = [m for m in caplog.messages if m.startswith(f"{entry.queue_id}: the relay stops")]
+    assert f"<{customer}>" in said and archive not in said, said
+    assert "the spool stored" in said
+
+
+async def test_outcomes_on_record_are_stored_at_the_stop_if_the_spool_takes_them(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    upstream = FillingUp(spool)
+    entry = make_entry(size=len(message(1)))
+    engine = Engine(spool, lambda: policy, upstream, Recorder(AuditLog(tmp_path / "audit")))
+    async with queued_and_running(spool, entry, engine):
+        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+        _mend_spool(spool)  # its turn, a POLL later, does not come first
+    assert [r.status for r in spool.load(entry.queue_id).recipients] == ["delivered", "pending"]
+    assert spool.load(entry.queue_id).next_attempt > time.time()
+
+
+async def test_a_deferral_the_audit_log_takes_late_stays_locked_while_the_spool_refuses_it(
+    spool: Spool, policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its records written at last, it was let go unstored all the same: the
+    customer on record as delivered, pending on the spool."""
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    upstream = FillingUp(spool)
+    audit_dir = tmp_path / "audit"
+    async with deferred_unrecorded(spool, policy, tmp_path, upstream) as (_, entry, recorder):
+        customer, archive = (r.address for r in entry.recipients)
+        _mend(audit_dir, recorder)
+        deadline = time.monotonic() + 10
+        while len(_story(audit_dir, entry.queue_id)) < 2:
+            assert time.monotonic() < deadline, "the records were never written"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # its turns come again, and find the spool refusing
+        assert _locked_here(spool, entry.queue_id)
+        _mend_spool(spool)
+        await _stored(spool, entry.queue_id, ["delivered", "pending"])
+    assert upstream.sent == [[customer, archive]]
+    assert _story(audit_dir, entry.queue_id) == [("delivered", customer), ("deferred", archive)]
