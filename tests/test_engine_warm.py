@@ -816,6 +816,20 @@ async def _let_go(spool: Spool, queue_id: str) -> None:
         await asyncio.sleep(0.05)
 
 
+async def _stored_then_sent_again(
+    spool: Spool, engine: Engine, upstream: Any, queue_id: str
+) -> None:
+    """The kept deferral stored as its attempt left it, let go with its next
+    attempt ahead, then, made due, sent to the deferred recipient alone."""
+    await _stored(spool, queue_id, ["delivered", "pending"])
+    await _let_go(spool, queue_id)
+    assert spool.load(queue_id).next_attempt > time.time()
+    upstream.all_ok = True
+    _due_now(spool, queue_id)
+    assert (await engine.attempt_now(queue_id)).status == "delivered"
+    await gone(spool)
+
+
 async def test_a_deferral_the_audit_log_refuses_waits_locked_until_its_records_are_written(
     spool: Spool, policy: Policy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -831,13 +845,7 @@ async def test_a_deferral_the_audit_log_refuses_waits_locked_until_its_records_a
         assert [r.status for r in spool.load(entry.queue_id).recipients] == ["pending"] * 2
         assert lock_elsewhere(spool, entry.queue_id) == "busy"  # relay queue: being delivered
         _mend(tmp_path / "audit", recorder)
-        await _stored(spool, entry.queue_id, ["delivered", "pending"])
-        await _let_go(spool, entry.queue_id)
-        assert spool.load(entry.queue_id).next_attempt > time.time()
-        upstream.all_ok = True
-        _due_now(spool, entry.queue_id)
-        assert (await engine.attempt_now(entry.queue_id)).status == "delivered"
-        await gone(spool)
+        await _stored_then_sent_again(spool, engine, upstream, entry.queue_id)
     story = _story(tmp_path / "audit", entry.queue_id)
     assert story == [("delivered", customer), ("deferred", archive), ("delivered", archive)]
 
@@ -1217,13 +1225,7 @@ async def test_outcomes_on_record_the_spool_refuses_keep_the_entry_locked_until_
         await asyncio.sleep(0.4)  # its turns come, and find the spool refusing
         assert _locked_here(spool, entry.queue_id)
         _mend_spool(spool)
-        await _stored(spool, entry.queue_id, ["delivered", "pending"])
-        await _let_go(spool, entry.queue_id)
-        assert spool.load(entry.queue_id).next_attempt > time.time()
-        upstream.all_ok = True
-        _due_now(spool, entry.queue_id)
-        assert (await engine.attempt_now(entry.queue_id)).status == "delivered"
-        await gone(spool)
+        await _stored_then_sent_again(spool, engine, upstream, entry.queue_id)
     assert upstream.sent == [[customer, archive], [archive]]
     story = _story(audit_dir, entry.queue_id)
     assert story == [("delivered", customer), ("deferred", archive), ("delivered", archive)]
