@@ -86,6 +86,13 @@ CUT_SHORT = (
 )
 
 
+def _again_in(tries: int) -> float:
+    """A second later, then twice as long each time, up to a RESCAN: counted past
+    a thousand tries (a day of a failing disk), the power was too large for a
+    float, and every turn after it failed in the relay itself."""
+    return min(POLL * 2 ** min(tries, 16), RESCAN)
+
+
 def file_budget(soft: int | None = None) -> int:
     """How many handed-over entries may wait, and how many attempts may be under
     way: each keeps its entry's file open (its lock). One waiting for a delivery
@@ -494,6 +501,7 @@ class Engine:
         self._notes_seen = 0
         self._notes_failing = False
         self._paused: str | None = None  # the audit log's refusal, as last said
+        self._held_up = False  # as many entries kept as may be, as last said
 
     def submit(self, queue_id: str, when: float | None = None, warm: Warm | None = None) -> None:
         """A new entry in the spool: deliver it at ``when`` (now by default).
@@ -598,8 +606,27 @@ class Engine:
             with contextlib.suppress(AuditError):  # said by _say_paused
                 await asyncio.to_thread(self.recorder.probe)
         self._say_paused()
+        self._say_held_up()
         if self.recorder.refusing is None:
             await self._write_listings()
+
+    def _say_held_up(self) -> None:
+        """Once each way: with as many entries kept as may be, nothing new starts
+        (``_backlogged``), and a full spool disk stopped all delivery unsaid."""
+        held_up = len(self._untold) >= WAITING_MAX
+        if held_up and not self._held_up:
+            log.error(
+                "no delivery starts while %d messages wait, locked, for the audit log or the"
+                " spool to take what their attempts did (the mail stays queued)",
+                len(self._untold),
+            )
+        elif not held_up and self._held_up:
+            log.info(
+                "messages kept for the audit log or the spool are down to %d: deliveries go on",
+                len(self._untold),
+            )
+            self._wake.set()
+        self._held_up = held_up
 
     def _say_paused(self) -> None:
         """Once each way, not at every look or message."""
@@ -797,6 +824,11 @@ class Engine:
                 for task in tasks:
                     task.cancel()
                 await asyncio.wait(tasks, timeout=CUT_WAIT)
+            # the others settle what their upstream answered, and may keep their
+            # entries: kept after the kept ones are let go, nothing let them go
+            settling = [task for task in self._busy.values() if not task.done()]
+            if settling:
+                await asyncio.wait(settling, timeout=CUT_WAIT)
         while self._settling is not None:
             await asyncio.wait((self._settling,))
             await asyncio.sleep(0)  # its done callback clears it
@@ -804,6 +836,15 @@ class Engine:
             for queue_id, untold in list(self._untold.items()):
                 del self._untold[queue_id]
                 await self._let_go(untold)
+            unsettled = sorted(q for q, task in self._busy.items() if not task.done())
+            if unsettled:
+                log.error(
+                    "stopping while %d delivery attempt(s) have not ended: %s; each is left"
+                    " as last stored, and one whose upstream had answered may go again at the"
+                    " next start to a recipient the audit log has an outcome for",
+                    len(unsettled),
+                    " ".join(unsettled),
+                )
             await self._done(Settle(final=True))
         except (AuditError, SpoolError) as exc:
             log.error("%s", _unsettled(exc))
@@ -1039,7 +1080,7 @@ class Engine:
         tries = self._locked.pop(queue_id, 0)
         if outcome.status == "locked":  # being delivered, or held there until it can go
             self._locked[queue_id] = tries + 1
-            self._plan(queue_id, self.clock() + min(POLL * 2**tries, RESCAN))
+            self._plan(queue_id, self.clock() + _again_in(tries))
         elif outcome.status == "busy":
             self._plan(queue_id, self.clock() + POLL)
         elif outcome.status not in ("deferred", "later"):
@@ -1909,5 +1950,5 @@ class Engine:
             unstored = untold.unstored
         kept = Untold(entry, records, EntryLock(lock.take()), tries, deferred, unstored or [])
         self._untold[entry.queue_id] = kept
-        self._plan(entry.queue_id, self.clock() + min(POLL * 2**tries, RESCAN))
+        self._plan(entry.queue_id, self.clock() + _again_in(tries))
         return Outcome("deferred")

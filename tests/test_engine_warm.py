@@ -1283,3 +1283,86 @@ async def test_a_deferral_the_audit_log_takes_late_stays_locked_while_the_spool_
         await _stored(spool, entry.queue_id, ["delivered", "pending"])
     assert upstream.sent == [[customer, archive]]
     assert _story(audit_dir, entry.queue_id) == [("delivered", customer), ("deferred", archive)]
+
+
+def test_the_wait_between_a_kept_entrys_turns_stays_bounded_however_many_tries() -> None:
+    """A day of a failing disk is over a thousand turns: the doubling overflowed
+    a float there, and every turn after failed in the relay itself."""
+    again_in = engine_module._again_in
+    assert again_in(0) == engine_module.POLL
+    assert again_in(3) == min(8 * engine_module.POLL, engine_module.RESCAN)
+    assert again_in(1024) == again_in(100_000) == engine_module.RESCAN
+
+
+async def test_kept_entries_that_hold_delivery_back_are_said_once_each_way(
+    spool: Spool,
+    policy: Policy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As many kept as may be, nothing new starts: on a full spool disk all
+    delivery stopped, and nothing in the log said so."""
+    caplog.set_level(logging.INFO, logger="relay")
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    monkeypatch.setattr(engine_module, "WAITING_MAX", 1)
+    upstream = FillingUp(spool)
+    entry = make_entry(size=len(message(1)))
+    engine = Engine(spool, lambda: policy, upstream, Recorder(AuditLog(tmp_path / "audit")))
+    async with queued_and_running(spool, entry, engine):
+        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+        await asyncio.sleep(0.3)  # a few looks
+        held = [m for m in caplog.messages if m.startswith("no delivery starts while 1 messages")]
+        assert len(held) == 1, caplog.messages
+        _mend_spool(spool)
+        await _stored(spool, entry.queue_id, ["delivered", "pending"])
+        await asyncio.sleep(0.3)
+    back = [m for m in caplog.messages if m.startswith("messages kept for the audit log")]
+    assert len(back) == 1 and "down to 0" in back[0], caplog.messages
+
+
+@pytest.mark.parametrize("hung", [False, True])
+async def test_a_kept_entry_still_being_stored_when_the_grace_ends_is_let_go_and_named(
+    spool: Spool,
+    policy: Policy,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    hung: bool,
+) -> None:
+    """Its turn took it out of the kept ones, the stop let the rest go, and the
+    failed store kept it again: nothing let it go, and nothing said whose
+    outcomes the next start may repeat. Still storing once the stop has waited
+    for it too (``hung``), it is named as an attempt that has not ended."""
+    monkeypatch.setattr(engine_module, "POLL", 0.05)
+    if hung:
+        monkeypatch.setattr(engine_module, "CUT_WAIT", 0.1)
+    upstream = FillingUp(spool)
+    entry = make_entry(size=len(message(1)))
+    customer = entry.recipients[0].address
+    update = spool.update
+    slow = threading.Event()
+
+    def slow_update(stored: QueueEntry) -> None:
+        if slow.is_set():
+            time.sleep(1.0)
+        update(stored)
+
+    monkeypatch.setattr(spool, "update", slow_update)
+    engine = Engine(spool, lambda: policy, upstream, Recorder(AuditLog(tmp_path / "audit")))
+    async with queued_and_running(spool, entry, engine):
+        assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+        slow.set()
+        await asyncio.sleep(0.3)  # its next turn is storing it
+        assert entry.queue_id not in engine._untold
+        await engine.stop(0.2)
+        if hung:
+            (named,) = [m for m in caplog.messages if m.startswith("stopping while 1 delivery")]
+            assert entry.queue_id in named and "have not ended" in named
+            await asyncio.sleep(1.5)  # its store ends and keeps it: the stop is over
+            assert entry.queue_id in engine._untold and _locked_here(spool, entry.queue_id)
+            return  # the daemon's process ends now; here the harness stops it again
+        assert not _locked_here(spool, entry.queue_id)
+    _mend_spool(spool)
+    (said,) = [m for m in caplog.messages if m.startswith(f"{entry.queue_id}: the relay stops")]
+    assert f"<{customer}>" in said
