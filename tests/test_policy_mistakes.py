@@ -565,13 +565,7 @@ def test_a_dkim_key_file_that_holds_something_else_says_what(
 ) -> None:
     """Each was "not an RSA private key in PEM form (Unparsable private key (are your
     sure it is encoded in PKCS#1 ...", where check says what an Ed25519 PEM is."""
-    path = variant(tmp_path, "version: 1\n", "version: 1\n")
-    file = tmp_path / "keys" / "platform.example.s1.private"
-    file.write_bytes(content(_rsa_key()))
-    assert problems(path) == [
-        f"{path}:14:17: dkim.keys[0].key_file: cannot sign with {file}: "
-        + problem.format(file=file)
-    ]
+    _key_file_refused(tmp_path, content(_rsa_key()), problem)
 
 
 def _plain(key: rsa.RSAPrivateKey, form: serialization.PrivateFormat) -> bytes:
@@ -643,9 +637,14 @@ def test_a_dkim_key_file_laid_out_as_the_signer_cannot_read_says_how(
     your sure it is encoded in PKCS#1", for a key that was sound; two keys
     alone (a rotation's ``cat new.pem old.pem``) passed, and signed with the
     first, whichever DNS publishes."""
+    _key_file_refused(tmp_path, content(_rsa_key()), problem)
+
+
+def _key_file_refused(tmp_path: Path, key_file: bytes, problem: str) -> None:
+    """``relay check`` of the example policy with ``key_file`` as its key says ``problem``."""
     path = variant(tmp_path, "version: 1\n", "version: 1\n")
     file = tmp_path / "keys" / "platform.example.s1.private"
-    file.write_bytes(content(_rsa_key()))
+    file.write_bytes(key_file)
     assert problems(path) == [
         f"{path}:14:17: dkim.keys[0].key_file: cannot sign with {file}: "
         + problem.format(file=file)
