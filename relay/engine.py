@@ -835,7 +835,7 @@ class Engine:
         try:
             for queue_id, untold in list(self._untold.items()):
                 del self._untold[queue_id]
-                await self._let_go(untold)
+                await self._let_go_one(untold)
             unsettled = sorted(q for q, task in self._busy.items() if not task.done())
             if unsettled:
                 log.error(
@@ -855,6 +855,22 @@ class Engine:
         await self._list_kept()
         await self._write_listings(stopping=True)
         self._unlisted.abandon()
+
+    async def _let_go_one(self, untold: Untold) -> None:
+        """``_let_go``, its trouble said of this entry alone: raised out of the
+        stop's loop, it left the kept entries after it unstored and unnamed,
+        and what waited for the final fsync unsettled."""
+        queue_id = untold.entry.queue_id
+        try:
+            await self._let_go(untold)
+        except NoSuchEntry:
+            log.error(
+                "%s: gone from the queue before the stop could store what its last"
+                " attempt did; the audit log has what was recorded of it",
+                queue_id,
+            )
+        except (AuditError, SpoolError) as exc:
+            log.error("%s: left as last stored at the stop: %s", queue_id, exc)
 
     async def _let_go(self, untold: Untold) -> None:
         """At the stop, a finished entry ends without its notice; a deferral is
@@ -1648,6 +1664,8 @@ class Engine:
             for r in untold.entry.recipients
             if r.status != PENDING and r.address not in unwritten
         }
+        if not done:  # nothing on record to store; a broken spool said otherwise
+            return
         queue_id = untold.entry.queue_id
         try:
             stored = self.spool.load(queue_id)

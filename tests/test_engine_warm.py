@@ -1169,21 +1169,26 @@ async def test_a_stop_while_the_outcomes_on_record_are_stored_leaves_the_whole_d
 
 class FillingUp(Split):
     """``Split``, the spool's records refused from its first try on: the
-    ``env`` directory gives out while the message is out, until ``_mend_spool``."""
+    ``env`` directory gives out while the first ``out`` messages are out,
+    until ``_mend_spool``."""
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, out: int = 1) -> None:
         super().__init__()
         self.spool = spool
+        self.out = out
         self.sent: list[list[str]] = []
+        self.all_out = asyncio.Event()
 
     async def __call__(
         self, upstream: Any, sender: str, rcpts: Any, data: bytes, **kwargs: Any
     ) -> Attempt:
         self.sent.append(list(rcpts))
-        if len(self.sent) == 1:
+        if len(self.sent) == self.out:
             env = self.spool.directory / "env"
             env.rename(env.with_name("env.aside"))
             env.write_text("not a directory")  # every record stored fails, as on a full disk
+            self.all_out.set()
+        await asyncio.wait_for(self.all_out.wait(), 10)
         return await super().__call__(upstream, sender, rcpts, data, **kwargs)
 
 
@@ -1260,6 +1265,46 @@ async def test_outcomes_on_record_are_stored_at_the_stop_if_the_spool_takes_them
         _mend_spool(spool)  # its turn, a POLL later, does not come first
     assert [r.status for r in spool.load(entry.queue_id).recipients] == ["delivered", "pending"]
     assert spool.load(entry.queue_id).next_attempt > time.time()
+
+
+async def test_a_kept_entry_gone_at_the_stop_leaves_the_others_stored(
+    spool: Spool, policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its trouble ended the stop's loop over the kept entries: the one after
+    it was left unstored and unnamed, its customer on record as delivered and
+    pending on the spool."""
+    upstream = FillingUp(spool, out=2)
+    first, second = make_entry(size=len(message(1))), make_entry(size=len(message(1)))
+    assert spool.put_many([(second, (message(1),))]) == [None]
+    engine = Engine(spool, lambda: policy, upstream, Recorder(AuditLog(tmp_path / "audit")))
+    async with queued_and_running(spool, first, engine):
+        tried = [engine.attempt_now(entry.queue_id) for entry in (first, second)]
+        assert [o.status for o in await asyncio.gather(*tried)] == ["deferred", "deferred"]
+        _mend_spool(spool)
+        spool.message_path(first.queue_id).unlink()  # a sysadmin's rm, say
+    assert [r.status for r in spool.load(second.queue_id).recipients] == ["delivered", "pending"]
+    assert any(
+        m.startswith(f"{first.queue_id}: gone from the queue before the stop")
+        for m in caplog.messages
+    ), caplog.messages
+
+
+async def test_a_deferral_with_no_outcome_on_record_stores_none_when_the_log_refuses_it(
+    spool: Spool, policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every recipient deferred, the log and the spool refusing: nothing on record
+    to store, yet the spool was read for it and its refusal logged as outcomes
+    on record that could not be stored."""
+
+    class AllDeferred(FillingUp):
+        async def __call__(self, *args: Any, **kwargs: Any) -> Attempt:
+            sent = await super().__call__(*args, **kwargs)
+            return Attempt({r: (451, "451 4.2.0 busy") for r in sent.replies})
+
+    async with deferred_unrecorded(spool, policy, tmp_path, AllDeferred(spool)):
+        pass
+    assert any("AUDIT LOG WRITE FAILED, the deferral kept" in m for m in caplog.messages)
+    assert not [m for m in caplog.messages if "outcomes on record" in m]
 
 
 async def test_a_deferral_the_audit_log_takes_late_stays_locked_while_the_spool_refuses_it(
