@@ -275,16 +275,16 @@ def test_busy_entry_is_skipped(spool: Spool, two: list[QueueEntry]) -> None:
         outcome, out, err = run(tools.hold, spool, ["ALL"])
         assert outcome.code == 0 and out == "Placed on hold: 1 message\n"
         assert err == (
-            f"{first.queue_id}: being delivered right now, skipped: delivered now, or left"
-            " queued as it was (name it to try again)\n"
+            f"{first.queue_id}: {tools.LOCKED}; skipped: delivered now, or left queued as it"
+            " was (name it to try again)\n"
         )
         for targets, stdin in (([first.queue_id], ""), (["-"], first.queue_id)):
             outcome, _, err = run(tools.hold, spool, targets, stdin=stdin)
             assert outcome == (1, [])
-            assert err == f"{first.queue_id}: being delivered right now, skipped; try again\n"
+            assert err == f"{first.queue_id}: {tools.LOCKED}; skipped, try again\n"
         outcome, _, err = run(unaudited_delete, spool, ["ALL"])
         assert outcome.code == 0 and [e.queue_id for e in outcome.entries] == [second.queue_id]
-        assert f"{first.queue_id}: being delivered" in err
+        assert f"{first.queue_id}: {tools.LOCKED}; skipped:" in err
     assert spool.ids() == [first.queue_id]
     assert not spool.load(first.queue_id).held
 

@@ -45,6 +45,13 @@ _HEADER = (
     "-Sender/Recipient-------"
 )
 _MAX_HEADER_BYTES = 1 << 20
+#: A worker holds the lock while it delivers, and, for as long as the disk
+#: refuses, while it keeps an entry whose last attempt the audit log or the
+#: spool did not take: "being delivered right now" said so for hours then.
+LOCKED = (
+    "locked by the relay: being delivered right now, or kept until the audit log"
+    " or the spool takes what its last attempt did (the relay's log says which)"
+)
 _MAX_SIGNATURE_LINE = 8192
 
 
@@ -501,12 +508,12 @@ def _each(
             # Under ALL, as postsuper: what was there to do is done; this one is
             # either delivered now or left queued as it was, and said so.
             if named:
-                err.write(f"{queue_id}: being delivered right now, skipped; try again\n")
+                err.write(f"{queue_id}: {LOCKED}; skipped, try again\n")
                 code = 1
             else:
                 err.write(
-                    f"{queue_id}: being delivered right now, skipped: delivered now, or left"
-                    " queued as it was (name it to try again)\n"
+                    f"{queue_id}: {LOCKED}; skipped: delivered now, or left queued as it was"
+                    " (name it to try again)\n"
                 )
         except NotAPlainFile as exc:
             # no entry: left for the sysadmin, also by delete, as the listings leave it
