@@ -191,7 +191,9 @@ async def test_directory_path_that_is_a_file_is_temporary(tmp_path: Path) -> Non
     with pytest.raises(UpstreamError) as failed:
         await deliver(DirectoryUpstream("outbox", tmp_path / "file"), "b@p.example", RCPTS, MESSAGE)
     assert (failed.value.code, failed.value.status) == (451, "4.3.0")
-    assert "outbox" in failed.value.text
+    assert (
+        failed.value.text == f"Upstream outbox cannot write to {tmp_path / 'file'}: Not a directory"
+    )
 
 
 # --- SMTP: accepted ---------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -47,7 +48,10 @@ async def write(
 
 
 def _write_pair(directory: Path, data: bytes, envelope: dict[str, object]) -> Path:
-    directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+    try:
+        directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+    except FileExistsError:  # said "File exists" of a file where the directory should be
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
     name = f"{datetime.now(UTC):%Y%m%dT%H%M%S.%fZ}-{secrets.token_hex(4)}"
     message = directory / f"{name}.eml"
     _write_atomic(message, data)
