@@ -187,8 +187,14 @@ def test_hold_and_release(spool: Spool, two: list[QueueEntry]) -> None:
     queues = [json.loads(line)["queue_name"] for line in listing(spool, as_json=True).splitlines()]
     assert queues == ["deferred", "hold"]
 
-    again, out, _ = run(tools.hold, spool, [second.queue_id])
+    again, out, err = run(tools.hold, spool, [second.queue_id])
     assert again == (0, []) and out == "Placed on hold: 0 messages\n"
+    assert err == f"{second.queue_id}: already on hold, left as it was\n"
+    _, _, err = run(tools.release, spool, [first.queue_id])
+    assert err == f"{first.queue_id}: not on hold, left as it was\n"
+    _, _, err = run(tools.hold, spool, ["ALL"])
+    assert err == ""  # only what was named is said
+    run(tools.release, spool, [first.queue_id])
 
     outcome, out, _ = run(tools.release, spool, [second.queue_id.lower() + "!"])
     assert outcome.code == 0 and len(outcome.entries) == 1

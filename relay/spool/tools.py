@@ -396,7 +396,9 @@ def hold(
         was, entry.held = entry.held, True
         return not was
 
-    outcome = _each(spool, targets, err, stdin, change, record=record, verb="held")
+    outcome = _each(
+        spool, targets, err, stdin, change, record=record, verb="held", unchanged="already on hold"
+    )
     _tell(spool, err, "hold", by, [e.queue_id for e in outcome.entries])
     _summary(out, "Placed on hold", outcome)
     return outcome
@@ -419,7 +421,9 @@ def release(
         was, entry.held = entry.held, False
         return was
 
-    outcome = _each(spool, targets, err, stdin, change, record=record, verb="released")
+    outcome = _each(
+        spool, targets, err, stdin, change, record=record, verb="released", unchanged="not on hold"
+    )
     _tell(spool, err, "release", by, [e.queue_id for e in outcome.entries])
     return _finish(spool, out, err, "Released from hold", outcome)
 
@@ -461,11 +465,14 @@ def _each(
     unreadable: list[str] | None = None,
     record: Record | None = None,
     verb: str = "deleted",
+    unchanged: str | None = None,
 ) -> Outcome:
     """Apply ``change`` to each target under its lock; ``change`` says whether it did anything.
     With ``remove`` each changed entry is recorded by it, then removed, and so is
     one whose record cannot be read (its ID goes into ``unreadable``). With
-    ``record``, each changed entry is stored, then recorded by it."""
+    ``record``, each changed entry is stored, then recorded by it. ``unchanged``
+    is said of a named entry ``change`` left as it was: a summary of 0 messages
+    alone did not say why. Not an error: a hold asked twice is done."""
     code = 0
     changed: list[QueueEntry] = []
     # all read first: IDs on stdin that cannot be read stop the command before
@@ -487,6 +494,8 @@ def _each(
                     continue
                 was = dataclasses.replace(entry)
                 if not change(entry):
+                    if named and unchanged is not None:
+                        err.write(f"{queue_id}: {unchanged}, left as it was\n")
                     continue
                 if remove is not None:
                     _remove(spool, entry, remove)
