@@ -10,4 +10,7 @@ if [ ! -f dkim/platform.example.dev.private ]; then
         > dkim/platform.example.dev.txt
     echo "development DKIM key created; its DNS record is in dkim/platform.example.dev.txt" >&2
 fi
+# The example holds logins: a checkout leaves it readable by every user,
+# which the relay warns of at every start.
+chmod o-rwx config/relay.example.yaml
 exec .venv/bin/relay serve -c "${RELAY_CONFIG:-config/relay.example.yaml}"
