@@ -19,8 +19,10 @@ BARE_NEWLINE = Rejected(
     550, "5.6.11", "Bare <CR> or <LF> received: lines must end with <CR><LF> (RFC 5321 2.3.8)"
 )
 NUL = Rejected(554, "5.6.0", "NUL characters are not allowed in a message")
+#: A reply to the message, not to a command: 500 5.5.2 said a command was
+#: misspelt, and RFC 5321 4.3.2 has no 500 among the replies after DATA.
 LINE_TOO_LONG = Rejected(
-    500, "5.5.2", f"Line too long: at most {MAX_LINE} characters per line (RFC 5321 4.5.3.1.6)"
+    554, "5.6.0", f"Line too long: at most {MAX_LINE} characters per line (RFC 5321 4.5.3.1.6)"
 )
 
 
