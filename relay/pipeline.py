@@ -159,13 +159,16 @@ def _check_header_block(data: bytes, body: int) -> None:
     every reader: a Bcc hidden that way could reach the recipients. So does an
     empty line before the first field (a client's stray CR LF after DATA): the
     whole header, Bcc included, would go out as the body of a message that has
-    only the relay's fields.
+    only the relay's fields. An empty message is refused too: sent, the
+    customer got a blank message with only the relay's fields.
     """
     if body < len(data) and not data.startswith((b"\r\n", b"\n"), body):
         line = data[body : body + _QUOTED + 2].split(b"\n", 1)[0].removesuffix(b"\r")
         quoted = repr(line[:_QUOTED])[1:] + ("..." if len(line) > _QUOTED else "")
         raise Rejected(550, "5.6.0", f"Malformed header line: {quoted} ({_why_malformed(line)})")
-    if body == 0 and data.rstrip(b"\r\n"):
+    if not data.rstrip(b"\r\n"):
+        raise Rejected(550, "5.6.0", "Message is empty: no header field and no body")
+    if body == 0:
         raise Rejected(
             550, "5.6.0", "Message begins with an empty line: its header would be sent as body text"
         )

@@ -598,10 +598,16 @@ def test_a_message_beginning_with_an_empty_line_is_refused(policy_file: Path) ->
 
 
 @pytest.mark.parametrize("data", [b"", b"\r\n", b"\r\n\r\n"])
-def test_a_message_with_nothing_after_its_empty_header_passes(
-    policy_file: Path, data: bytes
-) -> None:
-    assert run(policy_file, data, mail_from="jan@acme.example").message.endswith(data)
+def test_an_empty_message_is_refused(policy_file: Path, data: bytes) -> None:
+    """Taken, the customer got a blank message bearing only the relay's fields."""
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, data, mail_from="jan@acme.example")
+    assert caught.value.line == "550 5.6.0 Message is empty: no header field and no body"
+
+
+def test_a_message_of_header_fields_alone_passes(policy_file: Path) -> None:
+    data = msg(*BASE).split(b"\r\n\r\n")[0] + b"\r\n"
+    assert b"\r\nSubject: Hello\r\n" in run(policy_file, data, mail_from="jan@acme.example").message
 
 
 def _header_of(size: int) -> tuple[str, ...]:
