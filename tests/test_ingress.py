@@ -327,6 +327,21 @@ SYNTAX = "501 5.5.4 Syntax: RCPT TO:<address> [SP <mail-parameters>]"
 
 
 @pytest.mark.parametrize(
+    "path", [b"<q4@example.org", b"<q4@example.org NOTIFY=NEVER", b'"Customer" <q4@example.org']
+)
+def test_a_path_not_closed_is_refused(relay: Relay, path: bytes) -> None:
+    """aiosmtpd's parser took ``<q4@example.org`` for the address, and the message
+    went to it: a path is ``<`` mailbox ``>`` (RFC 5321 4.1.2)."""
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        sender = path.replace(b"q4@example.org", b"erp@acme.example")
+        assert raw.cmd(b"MAIL FROM:" + sender) == "553 5.1.3 Error: malformed address"
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        assert raw.cmd(b"RCPT TO:" + path) == "553 5.1.3 Error: malformed address"
+        assert raw.cmd(b"RCPT TO:q4@example.org").startswith("250")  # no brackets: as before
+
+
+@pytest.mark.parametrize(
     ("name", "expected"),
     [
         (b'"a<b"', SYNTAX),

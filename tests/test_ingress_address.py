@@ -73,10 +73,17 @@ THEIRS_LIMITED, OURS_LIMITED = _protocols(8)
 @example('"Jan" <a@b.example> SIZE=1')
 @example('"Jan" <"a b"@c.example>')
 @example("Jan <a<b@c.example>>")
+@example("<a@b.example")
+@example("<")
 def test_same_result_as_aiosmtpd(arg: str) -> None:
     """aiosmtpd's result for the path without its display name: it read the
-    name as the address, and the path after it as parameters (a ``501``)."""
+    name as the address, and the path after it as parameters (a ``501``).
+    A path opened and never closed has no address: aiosmtpd's parser took
+    what followed the ``<`` (or raised, on ``<`` alone)."""
     path = without_display_name(arg)
+    if path.startswith("<") and ">" not in path:
+        assert _outcome(OURS, arg) == _outcome(OURS_LIMITED, arg) == (None, None)
+        return
     assert _outcome(OURS, arg) == _outcome(THEIRS, path)
     assert _outcome(OURS_LIMITED, arg) == _outcome(THEIRS_LIMITED, path)
 

@@ -606,9 +606,13 @@ class RelaySMTP(SMTP):
         self._counted.clear()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's, but a path opened with ``<`` must be closed: its parser
+        took ``<one@example.org`` as the address, and the message went there."""
         arg = without_display_name(arg)
         plain = plain_path(arg)
         if plain is None:
+            if arg.startswith("<") and ">" not in arg:
+                return None, None
             return super()._getaddr(arg)
         localpart = plain[0].rpartition("@")[0]
         if self.local_part_limit and len(localpart) > self.local_part_limit:
