@@ -133,6 +133,8 @@ def _policy(
         if running is None or not running.digest:
             return f"policy: {broken}"
         kept = running.digest[:12]
+        if reads_another(running, path):  # a reload never reads this file
+            return f"policy: {kept} in use; {broken}: {_elsewhere(running)}"
         return f"policy: {kept} in use; {broken}: a reload keeps {kept}"
     if running is None or not running.digest:
         return f"policy: {path} reads {digest[:12]}"
@@ -156,10 +158,14 @@ def put_in_use(running: statelock.Holder, path: Path) -> str:
     takes up no reload, and one reading another file (``path`` a copy edited
     beside the running one) never reads this one."""
     if reads_another(running, path):
-        return f"the running relay reads {running.source}, not this file"
+        return _elsewhere(running)
     if statelock.STOPPING in running.pending:
         return "the next start puts it in use"
     return f"a reload puts it in use (systemctl reload erp-relay, or kill -HUP {running.pid})"
+
+
+def _elsewhere(running: statelock.Holder) -> str:
+    return f"the running relay reads {running.source}, not this file"
 
 
 def reads_another(running: statelock.Holder, path: Path) -> bool:

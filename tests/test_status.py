@@ -191,6 +191,23 @@ def test_a_policy_that_is_no_yaml_still_finds_a_running_relay(
     assert f" in use; {policy} does not load (" in lines[1]
 
 
+def test_a_broken_copy_beside_the_running_policy_is_not_what_a_reload_reads(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A copy edited beside the relay's file that does not load was said to be
+    kept out by a reload ("a reload keeps ..."), which never reads it."""
+    port = free_port()
+    policy = configure(policy_file, port, free_port(), "workers: 1\n")
+    copy = policy.with_name("bad-copy.yaml")
+    copy.write_text(policy.read_text().replace("name: Acme AS", "nmae: Acme AS"))
+    with RelayProcess(policy, port, tmp_path / "relay.log"):
+        running = _digest(policy)
+        code, lines = _status(copy)
+    assert code == 0, lines
+    assert lines[1].startswith(f"policy: {running} in use; {copy} does not load ("), lines
+    assert lines[1].endswith(f": the running relay reads {policy}, not this file"), lines
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root's setpriv")
 def test_a_user_who_may_not_look_into_the_state_directory_is_told_so(
     policy_file: Path, tmp_path: Path
