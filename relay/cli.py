@@ -181,10 +181,23 @@ def _report(text: str) -> None:
         _drop_output(sys.stderr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An unknown option is told with the usage of the command it was given to
+    (``usage: relay check [-h] -c FILE``), as a missing one is: argparse hands
+    it up to the whole program's parser, whose usage names no option of it.
+    Its subcommands' parsers are of this class too (``add_subparsers``)."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="relay", description="SMTP relay for legacy business systems."
-    )
+    parser = _Parser(prog="relay", description="SMTP relay for legacy business systems.")
     parser.add_argument("--version", action=_Version, help="print the installed version")
     sub = parser.add_subparsers(metavar="COMMAND")
 

@@ -812,6 +812,23 @@ def test_a_command_without_its_verb_shows_its_own_usage(group: str, verbs: str) 
     assert " ".join(re.findall(r"^ {4}(\w+)", done.stdout, re.MULTILINE)) == verbs
 
 
+@pytest.mark.parametrize(
+    ("command", "usage"),
+    [(["check"], "relay check [-h] -c FILE"),
+     (["queue", "list"], "relay queue list [-h] -c FILE [--json]"),
+     (["audit", "verify"], "relay audit verify [-h] -c FILE [--since WHEN] [--anchor HEAD]")],
+)  # fmt: skip
+def test_an_unknown_option_is_told_with_the_usage_of_its_command(
+    command: list[str], usage: str
+) -> None:
+    """``relay check -c FILE --verbose`` printed the whole program's usage, which
+    names no option of ``check``, where a missing option had the command's own."""
+    done = relay(*command, "-c", "config/relay.example.yaml", "--verbose")
+    assert done.returncode == 2
+    name = usage.split(" [")[0]
+    assert done.stderr == f"usage: {usage}\n{name}: error: unrecognized arguments: --verbose\n"
+
+
 def test_audit_verify_with_its_key_gone_exits_78_as_its_help_says(policy_file: Path) -> None:
     """Its help named no exit status but 'exit 1 if tampered': an auditor's cron
     job checking for 1 and 2 took 78 for neither."""
