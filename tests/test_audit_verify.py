@@ -642,3 +642,29 @@ def test_the_newest_record_replaced_by_one_with_a_recomputed_hash(log_dir: Path)
         f"record seq 18 is not the one the relay wrote: its hash is {replaced},"
         f" .head names {written}: it was replaced",
     )
+
+
+def test_one_record_and_one_file_are_said_in_the_singular(tmp_path: Path) -> None:
+    """``audit log intact: 1 records in 1 files`` and ``(1 records verified ...)``."""
+    clock = Clock()
+    log = AuditLog(tmp_path, clock=clock)
+    log.append(events.expired(queue_id="Q1", message_id=None, recipient="a@b"))
+    out = io.StringIO()
+    assert verify_main(tmp_path, None, out, io.StringIO()) == 0
+    assert out.getvalue().startswith("audit log intact: 1 record in 1 file (seq 1..1)\n")
+
+    log.append(events.expired(queue_id="Q2", message_id=None, recipient="a@b"))
+    path = tmp_path / DAY1
+    lines = _lines(path)
+    path.write_bytes(lines[0] + lines[1].replace(b'"Q2"', b'"Q3"'))
+    err = io.StringIO()
+    assert verify_main(tmp_path, None, io.StringIO(), err) == 1
+    assert err.getvalue().endswith("  (1 record verified before the problem was found)\n")
+
+    path.write_bytes(b"".join(lines))
+    clock.advance(days=1)
+    log.append(events.expired(queue_id="Q4", message_id=None, recipient="a@b"))
+    path.unlink()  # the first day, where the chain starts
+    err = io.StringIO()
+    assert verify_main(tmp_path, None, io.StringIO(), err) == 1
+    assert err.getvalue().endswith("  (the 1 record from there on is whole)\n"), err.getvalue()

@@ -154,16 +154,23 @@ def verify_main(
     err.write("".join(f"note: {note}\n" for note in result.notes))
     if result.problem is not None:
         err.write(f"relay audit verify: TAMPERED: {result.problem}\n")
+        records = _count(result.records, "record")
         if result.at_start:
-            err.write(f"  (the {result.records} records from there on are whole)\n")
+            whole = "is" if result.records == 1 else "are"
+            err.write(f"  (the {records} from there on {whole} whole)\n")
         else:
-            err.write(f"  ({result.records} records verified before the problem was found)\n")
+            err.write(f"  ({records} verified before the problem was found)\n")
         return 1
     span = f" (seq {result.first_seq}..{result.last_seq})" if result.records else ""
-    out.write(f"audit log intact: {result.records} records in {result.files} files{span}\n")
+    files = _count(result.files, "file")
+    out.write(f"audit log intact: {_count(result.records, 'record')} in {files}{span}\n")
     if result.head:
         out.write(f"head: seq {result.last_seq} hash {result.head}\n")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _note_deleted(directory: Path, since: str | None, outcome: str, err: TextIO) -> None:
