@@ -394,13 +394,18 @@ def _describe(upstream: Upstream) -> str:
 def _limit(per_hour: int | None) -> str:
     if per_hour is None:
         return ""
-    return f", at most {per_hour} recipients an hour (the hour's count is not checked here)"
+    most = _recipients(per_hour)
+    return f", at most {most} an hour (the hour's count is not checked here)"
+
+
+def _recipients(count: int) -> str:
+    return f"{count} recipient{'' if count == 1 else 's'}"
 
 
 def _limits(listener: dict) -> str:
     """The limits assumed, and what a preview cannot check: the client's address."""
     size, most = listener["max_message_size"], listener["max_recipients"]
-    limits = f"up to {size} bytes, {most} recipients, auth {listener['auth']}"
+    limits = f"up to {size} bytes, {_recipients(most)}, auth {listener['auth']}"
     if listener["name"] is None:
         return f"{listener['assumed']} ({limits}); --listener NAME takes one's"
     allow = ", ".join(listener["allow"]) or "nowhere"

@@ -81,6 +81,27 @@ def test_preview_explains_and_sends_nothing(policy_file: Path, tmp_path: Path) -
     assert not (tmp_path / "outbox").exists()
 
 
+def test_preview_says_a_limit_of_one_recipient_in_the_singular(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """``1 recipients`` and ``at most 1 recipients an hour``."""
+    text = policy_file.read_text().replace(
+        "    auth: optional\n", "    auth: optional\n    max_recipients: 1\n", 1
+    )
+    policy_file.write_text(text.replace(
+        "    default_user: jan\n", "    default_user: jan\n    recipients_per_hour: 1\n", 1
+    ))  # fmt: skip
+    eml = tmp_path / "invoice.eml"
+    eml.write_text(INVOICE.replace("Bcc: archive@example.org\n", ""))
+    done = relay("preview", "-c", str(policy_file), str(eml), "--rcpt", "customer@example.org")
+    assert done.returncode == 0, done.stderr
+    assert "\nListener:    local (up to 26214400 bytes, 1 recipient, auth optional;" in done.stdout
+    assert (
+        "\nTenant:      Acme AS (acme), at most 1 recipient an hour (the hour's count is not"
+        " checked here)\n"
+    ) in done.stdout, done.stdout + done.stderr
+
+
 def test_preview_takes_recipients_as_written_not_from_encoded_names(
     policy_file: Path, tmp_path: Path
 ) -> None:
