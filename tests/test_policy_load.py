@@ -1181,6 +1181,99 @@ def test_a_line_indented_with_a_tab_is_said_to_be(tmp_path: Path) -> None:
     assert problem.endswith(": a tab indents this line; YAML takes only spaces")
 
 
+def checked(path: Path) -> list[str]:
+    """What ``relay check`` says of a policy it refuses, line by line."""
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 78
+    return err.getvalue().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        # a key dedented one space in a list item
+        (b"version: 1\nlisteners:\n  - name: local\n    address: 127.0.0.1\n   port: 2525\n",
+         "5:4: YAML syntax error: the indentation of this line (3 spaces) does not match any"
+         " block it could belong to: the keys of listeners[0], from line 3, are indented"
+         " 4 spaces, the items ('-') of listeners, from line 3, are indented 2 spaces;"
+         " indent it as the ones it belongs with (did not find expected '-' indicator at 5:4)"),
+        # indented two spaces more than its block, after a plain value it is read as more of
+        (b"version: 1\nlisteners:\n  - name: local\n    port: 2525\n      auth: optional\n",
+         "5:7: YAML syntax error: the indentation of this line (6 spaces) does not match the"
+         " block it is in: the keys of listeners[0], from line 3, are indented 4 spaces;"
+         " indent it as they are, or check the indentation of the lines above it"
+         " (mapping values are not allowed in this context at 5:11)"),
+        # dedented one space in a nested mapping, after a quoted value
+        (b'version: 1\nlogins:\n  erp-acme:\n    password_hash: "x"\n   tenant: acme\n',
+         "5:4: YAML syntax error: the indentation of this line (3 spaces) does not match any"
+         " block it could belong to: the keys of logins.erp-acme, from line 4, are indented"
+         " 4 spaces, the keys of logins, from line 3, are indented 2 spaces; indent it as the"
+         " ones it belongs with (did not find expected key at 5:4)"),
+        # a block's first key out of line: the line named is the one to fix
+        (b"version: 1\nplatform:\n   from_address: x@y\n  hostname: relay\n",
+         "4:3: YAML syntax error: the indentation of this line (2 spaces) does not match any"
+         " block it could belong to: the keys of platform, from line 3, are indented 3 spaces,"
+         " the top-level keys, from line 1, are not indented; indent it as the ones it belongs"
+         " with (did not find expected key at 4:3)"),
+        (b"version: 1\nlisteners:\n  - name: local\n  port: 2525\n",
+         "4:3: YAML syntax error: the indentation of this line (2 spaces) is that of the items"
+         " ('-') of listeners, from line 3, but it is no item: indent it as the keys of"
+         " listeners[0], from line 3 (4 spaces), or start a new item with '- '"
+         " (did not find expected '-' indicator at 4:3)"),
+        (b"version: 1\nallow:\n  - 127.0.0.0/8\n  port: 25\n",
+         "4:3: YAML syntax error: the indentation of this line (2 spaces) is that of the items"
+         " ('-') of allow, from line 3, but it is no item: start it with '- ', or indent it"
+         " as the block it belongs to (did not find expected '-' indicator at 4:3)"),
+        (b"version: 1\nclassify:\n  - id: a\n    type: invoice\n- id: b\n",
+         "5:1: YAML syntax error: the indentation of this line (none) is that of the top-level"
+         " keys, from line 1, but it is an item ('-'): indent it as the items ('-') of"
+         " classify, from line 3 (2 spaces) (did not find expected key at 5:1)"),
+    ],
+)  # fmt: skip
+def test_an_indentation_slip_is_said_to_be_one(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    """PyYAML named the place, but not indentation, nor the block the line was out of."""
+    path = tmp_path / "relay.yaml"
+    path.write_bytes(content)
+    assert checked(path) == [f"{path}:{problem}", f"{path}: 1 problem"]
+
+
+def _line_starting(lines: list[str], start: str) -> int:
+    (number,) = [n for n, line in enumerate(lines, 1) if line.startswith(start)]
+    return number
+
+
+@pytest.mark.parametrize(
+    ("key", "indent", "block"),
+    [
+        ("port: ", 3, "the keys of listeners[0], from line {item}, are indented 4 spaces"),
+        ("auth: ", 6, "the keys of listeners[0], from line {item}, are indented 4 spaces"),
+        ("tenant: ", 3, "the keys of logins.erp-acme, from line {hash}, are indented 4 spaces"),
+    ],
+)
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_indentation_slips_in_the_example_policy_are_said_to_be_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str, indent: int, block: str, loader: type
+) -> None:
+    """A key of the example moved a space or two, as a hand edit does; PyYAML's
+    own parser words the error otherwise, but the lines are the same."""
+    monkeypatch.setattr(yamlsource, "_Loader", loader)
+    lines = (ROOT / "config" / "relay.example.yaml").read_text().split("\n")
+    number = _line_starting(lines, f"    {key}")
+    lines[number - 1] = " " * indent + lines[number - 1].lstrip()
+    path = tmp_path / "relay.yaml"
+    path.write_text("\n".join(lines))
+    problem, count = checked(path)
+    assert problem.startswith(
+        f"{path}:{number}:{indent + 1}: YAML syntax error: the indentation of this line"
+        f" ({indent} spaces) does not match "
+    )
+    item, hash_line = _line_starting(lines, "  - name: "), _line_starting(lines, "    password_")
+    assert block.format(item=item, hash=hash_line) in problem
+    assert count == f"{path}: 1 problem"
+
+
 def test_the_policy_version_covers_the_files_it_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

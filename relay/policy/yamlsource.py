@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from relay.policy import indentation
 from relay.policy.files import RefusedFile, read_limited
 
 try:
@@ -241,7 +242,9 @@ def _children(node: Node, merged: set[int] | None) -> Iterator[tuple[Node, set[i
 
 
 # Slips the parser notices only further down: the context names the line to fix.
-def _syntax_problem(text: str, exc: yaml.MarkedYAMLError) -> tuple[yaml.Mark | None, str, str]:
+def _syntax_problem(
+    text: str, exc: yaml.MarkedYAMLError
+) -> tuple[yaml.Mark | tuple[int, int] | None, str, str]:
     """Where a syntax error sends the sysadmin, and what it says there.
 
     PyYAML names the place where it gave up. For the two commonest slips
@@ -266,6 +269,10 @@ def _syntax_problem(text: str, exc: yaml.MarkedYAMLError) -> tuple[yaml.Mark | N
         return keyless, "", f"YAML syntax error: a key without ':' after it ({exc.problem} at {at})"
     if stop is not None and _in_indentation(text, stop, "\t"):
         return stop, "", f"{_syntax_message(exc)}: a tab indents this line; YAML takes only spaces"
+    misindented = indentation.explain(text, exc.problem, stop, _Loader)
+    if misindented is not None:
+        line, said = misindented
+        return line, "", f"YAML syntax error: {said} ({exc.problem} at {at})"
     return stop, "", _syntax_message(exc)
 
 

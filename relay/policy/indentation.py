@@ -1,0 +1,164 @@
+"""Indentation slips in the policy YAML, in a sysadmin's words.
+
+A key one space out of line makes PyYAML say ``did not find expected key``
+or ``mapping values are not allowed in this context``, with the place right
+but no word of indentation, naming (if anything) a block that the line
+does not belong to. The blocks still open above the line, as the scanner
+saw them, say which indentations the line could have had.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import yaml
+
+# what the parser says at a line indented to no open block's keys (libyaml,
+# then PyYAML's own parser), and at one indented more than its block's keys
+# after a plain value, which it reads as more of that value
+_MATCHES_NO_BLOCK = (
+    "did not find expected key",
+    "did not find expected '-' indicator",
+    "expected <block end>, but found",
+)
+_MORE_OF_A_VALUE = (
+    "mapping values are not allowed in this context",
+    "mapping values are not allowed here",
+)
+
+
+@dataclass
+class _Block:
+    """A block mapping or list still open: where its first key or '-' is."""
+
+    line: int  # 1-based
+    indent: int  # spaces before its keys or its '-'
+    path: str  # as the policy's problems name keys: listeners[0].port
+    is_list: bool
+    key: str = ""  # a mapping's latest key
+    items: int = 0  # a list's items so far
+
+    def named(self) -> str:
+        if self.is_list:
+            return f"the items ('-') of {self.path}" if self.path else "the top-level items"
+        return f"the keys of {self.path}" if self.path else "the top-level keys"
+
+    def said(self) -> str:
+        return f"{self.named()}, from line {self.line}, are {_indented(self.indent)}"
+
+
+def explain(
+    text: str, problem: str | None, stop: yaml.Mark | None, loader: type
+) -> tuple[tuple[int, int], str] | None:
+    """(line, column), 1-based, of the line a syntax error stopped on, and what
+    is wrong with its indentation; None when the error is not about that."""
+    if stop is None or problem is None:
+        return None
+    lines = text.split("\n")
+    if stop.line >= len(lines):
+        return None
+    line = lines[stop.line]
+    indent = len(line) - len(line.lstrip(" "))
+    before = line[indent : stop.column]
+    if problem.startswith(_MATCHES_NO_BLOCK) and not before:
+        deeper_only = False
+    elif problem in _MORE_OF_A_VALUE and _plain_key(before):
+        deeper_only = True
+    else:
+        return None
+    blocks = _open_blocks(text, stop.line, loader)
+    if not blocks:
+        return None
+    said = _said(blocks, indent, deeper_only)
+    return None if said is None else ((stop.line + 1, indent + 1), said)
+
+
+def _plain_key(before: str) -> bool:
+    """Whether the text before the parser's stop, past the indentation, is a
+    key as the line's first thing (an item's, after '- ')."""
+    key = before[2:] if before.startswith("- ") else before
+    return bool(key.strip()) and ":" not in key and key[0] not in "\"'[{|>&*!%@`#-"
+
+
+def _said(blocks: list[_Block], indent: int, deeper_only: bool) -> str | None:
+    innermost = blocks[-1]
+    if indent > innermost.indent:
+        return (
+            f"the indentation of this line ({_spaces(indent)}) does not match the block it"
+            f" is in: {innermost.said()}; indent it as they are, or check the"
+            " indentation of the lines above it"
+        )
+    if deeper_only:
+        return None
+    outer = next((b for b in reversed(blocks) if b.indent <= indent), None)
+    if outer is innermost and outer.is_list and outer.indent == indent:
+        return (
+            f"the indentation of this line ({_spaces(indent)}) is that of {outer.named()},"
+            f" from line {outer.line}, but it is no item: start it with '- ', or indent it"
+            " as the block it belongs to"
+        )
+    if outer is innermost:  # the line's own block: the slip is not its indentation
+        return None
+    inner = next(b for b in blocks if b.indent > indent)
+    if outer is not None and outer.indent == indent:
+        if outer.is_list:
+            what, otherwise = "no item", ", or start a new item with '- '"
+        elif inner.is_list:
+            what, otherwise = "an item ('-')", ""
+        else:
+            return None
+        return (
+            f"the indentation of this line ({_spaces(indent)}) is that of {outer.named()},"
+            f" from line {outer.line}, but it is {what}: indent it as {inner.named()},"
+            f" from line {inner.line} ({_spaces(inner.indent)}){otherwise}"
+        )
+    them = inner.said() if outer is None else f"{inner.said()}, {outer.said()}"
+    return (
+        f"the indentation of this line ({_spaces(indent)}) does not match any block it"
+        f" could belong to: {them}; indent it as the ones it belongs with"
+    )
+
+
+def _open_blocks(text: str, line: int, loader: type) -> list[_Block]:
+    """The block mappings and lists open at the end of the line before ``line``
+    (0-based), outermost first, each named by its key path."""
+    blocks: list[_Block] = []
+    path = ""  # of the value the next block would be
+    flow = 0  # within [...] or {...}: keys there are no block's
+    after_key = False
+    try:
+        for token in yaml.scan(text, Loader=loader):
+            if token.start_mark.line >= line:
+                break
+            top = blocks[-1] if blocks else None
+            if isinstance(token, yaml.BlockMappingStartToken | yaml.BlockSequenceStartToken):
+                mark = token.start_mark
+                is_list = isinstance(token, yaml.BlockSequenceStartToken)
+                blocks.append(_Block(mark.line + 1, mark.column, path, is_list))
+            elif isinstance(token, yaml.BlockEndToken) and blocks:
+                blocks.pop()
+            elif isinstance(token, yaml.FlowMappingStartToken | yaml.FlowSequenceStartToken):
+                flow += 1
+            elif isinstance(token, yaml.FlowMappingEndToken | yaml.FlowSequenceEndToken):
+                flow -= 1
+            elif flow or top is None:
+                pass
+            elif isinstance(token, yaml.BlockEntryToken) and top.is_list:
+                path = f"{top.path}[{top.items}]"
+                top.items += 1
+            elif isinstance(token, yaml.ScalarToken) and after_key and not top.is_list:
+                top.key = token.value
+            elif isinstance(token, yaml.ValueToken) and not top.is_list:
+                path = f"{top.path}.{top.key}" if top.path else top.key
+            after_key = isinstance(token, yaml.KeyToken)
+    except yaml.YAMLError:
+        pass  # the error being explained, or one after it: the blocks before it are read
+    return blocks
+
+
+def _spaces(n: int) -> str:
+    return "none" if n == 0 else "1 space" if n == 1 else f"{n} spaces"
+
+
+def _indented(n: int) -> str:
+    return f"indented {_spaces(n)}" if n else "not indented"
