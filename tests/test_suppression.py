@@ -200,6 +200,30 @@ def test_a_line_without_a_key_it_needs_names_it_and_what_is_expected(tmp_path: P
     )
 
 
+EITHER_LINE = (
+    "an add line has op, address, tenant, reason and since, and may have v, detail, queue_id"
+    " and by; a remove line has op and address, and may have v, tenant, time and by"
+)
+
+
+def test_a_hand_added_line_without_an_op_says_what_it_lacks(tmp_path: Path) -> None:
+    """Its misspelt key was said with ``a line's op is add or remove``, of a line
+    that had no op at all."""
+    path = tmp_path / "s.jsonl"
+    path.write_text(
+        '{"adress": "x@example.org"}\n'
+        '{"address": "y@example.org"}\n'
+        '{"op": "ad", "adress": "z@example.org"}\n'
+    )
+    assert SuppressionFile(path).entries().problems == [
+        f"{path}:1: not a suppression entry, skipped: unknown key 'adress' (did you mean"
+        f" 'address'?), and no key 'op': {EITHER_LINE}",
+        f"{path}:2: not a suppression entry, skipped: no key 'op': {EITHER_LINE}",
+        f"{path}:3: not a suppression entry, skipped: unknown key 'adress' (did you mean"
+        f" 'address'?), and op 'ad' is neither add nor remove: {EITHER_LINE}",
+    ]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file away")
 def test_a_list_made_by_root_belongs_to_the_state_directorys_owner(tmp_path: Path) -> None:
     """``sudo relay suppression add`` before the relay ever listed anything: a

@@ -93,6 +93,7 @@ _KEYS = {
     "remove": _keys("a remove line", ("op", "address"), ("v", "tenant", "time", "by")),
 }
 _ANY_KEY = frozenset().union(*(keys.known for keys in _KEYS.values()))
+_EITHER = "; ".join(keys.said for keys in _KEYS.values())
 
 
 def read_line(raw: bytes) -> dict[str, Any]:
@@ -124,10 +125,11 @@ def _check_keys(record: dict[str, Any], op: object) -> None:
     for a misspelt ``detail``, its address was sent to again."""
     keys = _KEYS.get(op) if isinstance(op, str) else None
     if keys is None:
+        wrong = f"op {op!r} is neither add nor remove" if "op" in record else "no key 'op'"
         odd = _odd_key(record, _ANY_KEY)
-        if odd is None:
-            raise ValueError(f"op {op!r} is neither add nor remove")
-        raise ValueError(_unknown(odd, _ANY_KEY, "a line's op is add or remove"))
+        if odd is not None:
+            wrong = f"{_unknown_key(odd, _ANY_KEY)}, and {wrong}"
+        raise ValueError(f"{wrong}: {_EITHER}")
     odd = _odd_key(record, keys.known)
     missing = [key for key in keys.required if key not in record]
     if odd is not None and (missing or op == "remove"):
@@ -156,7 +158,11 @@ def _odd_key(record: dict[str, Any], known: frozenset[str]) -> str | None:
 
 
 def _unknown(key: str, known: frozenset[str], said: str) -> str:
-    return f"unknown key {key!r}{hint(key, known)}: {said}"
+    return f"{_unknown_key(key, known)}: {said}"
+
+
+def _unknown_key(key: str, known: frozenset[str]) -> str:
+    return f"unknown key {key!r}{hint(key, known)}"
 
 
 def parse(raw: bytes) -> Suppression | Key:
