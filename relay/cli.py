@@ -366,9 +366,10 @@ _CHECK_STATUS = (
     " warnings or ok line cannot be written."
 )
 _PREVIEW_STATUS = (
-    "Exit status: 0 shown, 2 an option it cannot read or a --listener the policy has not,"
-    " 65 the relay would refuse the message (its reply is said), 66 the message file"
-    " cannot be read, 74 the output cannot be written, 78 the policy does not load." + _PIPE_STATUS
+    "Exit status: 0 shown, 2 an option it cannot read, a --listener the policy has not, or"
+    " no recipient (no --rcpt, and no To, Cc or Bcc address in the message), 65 the relay"
+    " would refuse the message (its reply is said), 66 the message file cannot be read,"
+    " 74 the output cannot be written, 78 the policy does not load." + _PIPE_STATUS
 )
 _KEYGEN_STATUS = (
     "Exit status: 0 written, 1 another failure (--directory a file, a bad name or size),"
@@ -690,7 +691,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _preview(args: argparse.Namespace) -> int:
     from relay.errors import SmtpReply
-    from relay.preview import UnknownListener, limits_of, render, submission_from_file
+    from relay.preview import NoRecipient, UnknownListener, limits_of, render, submission_from_file
 
     policy = _load_or_report(args.config)
     if policy is None:
@@ -705,7 +706,11 @@ def _preview(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"relay preview: {args.message}: {exc.strerror}", file=sys.stderr)
         return EX_NOINPUT
-    submission = submission_from_file(raw, args.auth_login, args.mail_from, args.rcpt)
+    try:
+        submission = submission_from_file(raw, args.auth_login, args.mail_from, args.rcpt)
+    except NoRecipient as exc:
+        print(f"relay preview: {exc}", file=sys.stderr)
+        return 2
     try:
         text = render(policy, submission, as_json=args.json, listener=args.listener)
     except SmtpReply as reply:

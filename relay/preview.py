@@ -49,6 +49,17 @@ class UnknownListener(RelayError):
         super().__init__(f"no listener {name!r} (the policy has {', '.join(known) or 'none'})")
 
 
+class NoRecipient(RelayError):
+    """Neither ``--rcpt`` nor the message names anyone: the SMTP side's answer,
+    ``503 5.5.1 Error: need RCPT command``, spoke of a command no one typed."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "no recipient to preview (give one with --rcpt ADDRESS, or a To, Cc or Bcc"
+            " address in the message)"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """What the SMTP side checks of a transaction, by the listener it comes in
@@ -107,7 +118,7 @@ def submission_from_file(
     """Build the SMTP transaction an ERP would have made for this .eml file.
 
     Files on disk usually have LF line ends; SMTP delivers CRLF, so the
-    preview converts them as an SMTP client would.
+    preview converts them as an SMTP client would. Raises NoRecipient.
     """
     data = _LINE_END.sub(b"\r\n", raw)
     view = message.read(data)
@@ -118,6 +129,8 @@ def submission_from_file(
         mail_from = senders[0] if senders else ""
     if not rcpts:
         rcpts = [a for name in ("To", "Cc", "Bcc") for a in _envelope_addresses(view, name)]
+    if not rcpts:
+        raise NoRecipient
     return Submission(
         listener="preview",
         client_address="preview",

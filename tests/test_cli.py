@@ -284,17 +284,40 @@ def test_preview_of_more_recipients_than_a_listener_takes_shows_those_it_takes(
     ), report["reasons"]
 
 
-def test_preview_refuses_a_message_no_recipient_or_no_login_would_get_through(
+NO_RECIPIENT = (
+    "relay preview: no recipient to preview (give one with --rcpt ADDRESS, or a To, Cc or Bcc"
+    " address in the message)\n"
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", INVOICE.replace("To: customer@example.org\nBcc: archive@example.org\n", "")],
+    ids=["empty", "no-to-cc-bcc"],
+)
+@pytest.mark.parametrize("json_option", [[], ["--json"]], ids=["text", "json"])
+def test_preview_of_a_message_with_no_recipient_says_how_to_give_one(
+    policy_file: Path, tmp_path: Path, text: str, json_option: list[str]
+) -> None:
+    """It said the relay would refuse it with ``503 5.5.1 Error: need RCPT
+    command`` (exit 65): the SMTP side's answer to a DATA no one sent, where
+    the preview had nothing to show. It was the automatic BCC copy as the one
+    delivery before that."""
+    eml = tmp_path / "x.eml"
+    eml.write_text(text)
+    done = relay("preview", "-c", str(policy_file), str(eml), *json_option)
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", NO_RECIPIENT)
+    done = relay("preview", "-c", str(policy_file), str(eml), "--rcpt", "a@example.org")
+    assert done.returncode != 2, done.stderr
+    assert "no recipient" not in done.stderr
+
+
+def test_preview_refuses_a_message_no_login_would_get_through(
     policy_file: Path, tmp_path: Path
 ) -> None:
-    """With no recipient it showed the automatic BCC copy as the one delivery
-    (the SMTP side answers DATA 503); with every listener asking for a login,
-    a message without one as sent by the default user (MAIL gets 530)."""
+    """With every listener asking for a login, a message without one was shown
+    as sent by the default user (MAIL gets 530)."""
     eml = tmp_path / "invoice.eml"
-    eml.write_text(INVOICE.replace("To: customer@example.org\nBcc: archive@example.org\n", ""))
-    done = relay("preview", "-c", str(policy_file), str(eml))
-    assert done.returncode == 65, done.stdout
-    assert "would refuse this message: 503 5.5.1 Error: need RCPT command" in done.stderr
     eml.write_text(INVOICE)
     policy_file.write_text(policy_file.read_text().replace("auth: optional", "auth: required"))
     done = relay("preview", "-c", str(policy_file), str(eml))
