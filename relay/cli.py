@@ -368,8 +368,9 @@ _CHECK_STATUS = (
 _PREVIEW_STATUS = (
     "Exit status: 0 shown, 2 an option it cannot read, a --listener the policy has not, or"
     " no recipient (no --rcpt, and no To, Cc or Bcc address in the message), 65 the relay"
-    " would refuse the message (its reply is said), 66 the message file cannot be read,"
-    " 74 the output cannot be written, 78 the policy does not load." + _PIPE_STATUS
+    " would refuse the message (its reply is said; with --json also as an object on"
+    " stdout), 66 the message file cannot be read, 74 the output cannot be written, 78 the"
+    " policy does not load." + _PIPE_STATUS
 )
 _KEYGEN_STATUS = (
     "Exit status: 0 written, 1 another failure (--directory a file, a bad name or size),"
@@ -690,8 +691,15 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from relay.errors import SmtpReply
-    from relay.preview import NoRecipient, UnknownListener, limits_of, render, submission_from_file
+    from relay.preview import (
+        NoRecipient,
+        Refused,
+        UnknownListener,
+        limits_of,
+        refusal_json,
+        render,
+        submission_from_file,
+    )
 
     policy = _load_or_report(args.config)
     if policy is None:
@@ -713,10 +721,13 @@ def _preview(args: argparse.Namespace) -> int:
         return 2
     try:
         text = render(policy, submission, as_json=args.json, listener=args.listener)
-    except SmtpReply as reply:
+    except Refused as refused:
+        reply = refused.reply
         print(f"relay preview: the relay would refuse this message: {reply.line}", file=sys.stderr)
         if reply.note is not None:
             print(f"relay preview: why: {reply.note}", file=sys.stderr)
+        if args.json:  # a script reads why, not only that, as with a message taken
+            print(refusal_json(refused))
         return EX_DATAERR
     print(text)
     return 0

@@ -16,7 +16,7 @@ import re
 
 from relay import headers, message, ratelimit, statelock
 from relay.decide import Decision
-from relay.errors import Rejected, RelayError
+from relay.errors import Rejected, RelayError, SmtpReply
 from relay.hostport import host_port
 from relay.identify import a_label_address
 from relay.ingress import content
@@ -36,6 +36,9 @@ from relay.status import put_in_use, version_in_use
 from relay.submission import Submission, distinct
 from relay.suppression import EMPTY, SuppressionError, SuppressionFile, SuppressionList
 from relay.visible import escaped_match, one_line
+
+# the SMTP command whose reply refuses the transaction, as ``Refused.stage``
+AUTH, MAIL, RCPT, DATA, END_OF_DATA = "AUTH", "MAIL FROM", "RCPT TO", "DATA", "end of data"
 
 _LINE_END = re.compile(rb"\r?\n")
 # all but the tab of a folded header and the report's own line ends
@@ -58,6 +61,35 @@ class NoRecipient(RelayError):
             "no recipient to preview (give one with --rcpt ADDRESS, or a To, Cc or Bcc"
             " address in the message)"
         )
+
+
+class Refused(RelayError):
+    """The relay's refusal of the previewed transaction, and the command it
+    answers (``stage``): a script reading ``--json`` learns why and where an
+    ERP sending the message would be stopped, not only that it would be."""
+
+    def __init__(self, reply: SmtpReply, stage: str) -> None:
+        super().__init__(reply.line)
+        self.reply = reply
+        self.stage = stage
+
+
+def refusal_json(refused: Refused) -> str:
+    """``--json``'s object for a refusal, in place of the report."""
+    reply = refused.reply
+    return json.dumps(
+        {
+            "refused": {
+                "stage": refused.stage,
+                "code": reply.code,
+                "status": reply.status,
+                "text": reply.text,
+                "why": reply.note,  # None: nothing more to say than the reply
+            }
+        },
+        indent=2,
+        ensure_ascii=False,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,18 +185,21 @@ def _envelope_addresses(view: message.MessageView, name: str) -> list[str]:
 def render(
     policy: Policy, submission: Submission, *, as_json: bool, listener: str | None = None
 ) -> str:
-    """The report; raises SmtpReply for a message the relay would refuse, and
+    """The report; raises Refused for a message the relay would refuse, and
     UnknownListener for a ``listener`` the policy has not."""
     limits = limits_of(policy, listener)
     _check_envelope(limits, submission)
     submission, beyond = _within_recipient_limit(limits, submission)
     suppressions, unread = _suppressions(policy)
-    prepared = prepare(policy, submission, suppressions=suppressions)
+    try:
+        prepared = prepare(policy, submission, suppressions=suppressions)
+    except SmtpReply as reply:
+        raise Refused(reply, _decided_at(policy, submission)) from reply
     decision = prepared.decision
     wanted = ratelimit.counted(submission.rcpt_tos, (a for a, _ in decision.suppressed))
     alone = ratelimit.refusal(decision.identity.tenant, wanted, 0)
     if alone is not None:  # the hour's count is the running relay's: only this is sure
-        raise alone
+        raise Refused(alone, END_OF_DATA)
     report = _report(policy, limits, submission, prepared, suppressions)
     if beyond:
         taker = "a listener" if limits.name is None else f"listener {limits.name}"
@@ -198,27 +233,36 @@ def _check_envelope(limits: Limits, submission: Submission) -> None:
     them helps. A login the policy does not have is refused by ``prepare``,
     as in the daemon, where a reload may have removed it mid-session."""
     if submission.auth_login is not None and not limits.login_offered:
-        raise Rejected(504, "5.5.4", "Unrecognized authentication type")  # AUTH not offered
+        raise Refused(Rejected(504, "5.5.4", "Unrecognized authentication type"), AUTH)
     if submission.auth_login is None and limits.login_required:
-        raise Rejected(530, "5.7.0", "Authentication required")
-    paths = [("MAIL FROM", submission.mail_from, SENDER)] if submission.mail_from else []
-    paths += [("RCPT TO", rcpt, RECIPIENT) for rcpt in submission.rcpt_tos]
+        raise Refused(Rejected(530, "5.7.0", "Authentication required"), MAIL)
+    paths = [(MAIL, submission.mail_from, SENDER)] if submission.mail_from else []
+    paths += [(RCPT, rcpt, RECIPIENT) for rcpt in submission.rcpt_tos]
     for command, address, status in paths:
         refused = _non_ascii_refusal(command, address) or mailbox_refusal(address, status)
         if refused is not None:
-            raise refused
+            raise Refused(refused, command)
     if not submission.rcpt_tos:
-        raise Rejected(503, "5.5.1", "Error: need RCPT command")
+        raise Refused(Rejected(503, "5.5.1", "Error: need RCPT command"), DATA)
     largest = limits.max_message_size
     if largest is not None and len(submission.data) > largest:
         if limits.name is None:
             text = f"Message size exceeds the maximum of any listener ({largest} bytes)"
         else:  # the SMTP side's own words
             text = f"Message size exceeds the maximum of {largest} bytes"
-        raise Rejected(552, "5.3.4", text)
+        raise Refused(Rejected(552, "5.3.4", text), END_OF_DATA)
     refused = content.refusal(submission.data)  # after DATA: bare CR, NUL, long lines
     if refused is not None:
-        raise refused
+        raise Refused(refused, END_OF_DATA)
+
+
+def _decided_at(policy: Policy, submission: Submission) -> str:
+    """Where ``prepare``'s refusal stops a client. It refuses a login the
+    policy has not, as the daemon does one a reload removed mid-session; a
+    client logging in with it is refused at AUTH itself."""
+    if submission.auth_login is not None and submission.auth_login not in policy.logins:
+        return AUTH
+    return END_OF_DATA
 
 
 def _within_recipient_limit(

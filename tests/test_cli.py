@@ -264,6 +264,65 @@ def test_preview_refuses_what_the_smtp_side_refuses(
     assert done.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("option", "stage", "code", "status", "text"),
+    [
+        (
+            ["--auth-login", "nobody"],
+            "AUTH",
+            535,
+            "5.7.8",
+            "Authentication credentials invalid: no login 'nobody' in the policy",
+        ),
+        (["--mail-from", "kari@"], "MAIL FROM", 553, "5.1.7", "Bad address syntax: 'kari@'"),
+        (["--rcpt", "bad address"], "RCPT TO", 553, "5.1.3", "Bad address syntax: 'bad address'"),
+    ],
+    ids=["login", "sender", "rcpt"],
+)
+def test_preview_json_of_a_refused_message_says_why_and_where(
+    policy_file: Path, tmp_path: Path, option: list[str], stage: str, code: int, status: str,
+    text: str,
+) -> None:  # fmt: skip
+    """``--json`` printed nothing when the relay would refuse the message: a
+    script had the exit status and a line on stderr meant for a person."""
+    eml = tmp_path / "invoice.eml"
+    eml.write_text(INVOICE)
+    done = relay("preview", "-c", str(policy_file), str(eml), "--json", *option)
+    assert done.returncode == 65, done.stdout
+    refused = {"stage": stage, "code": code, "status": status, "text": text, "why": None}
+    assert json.loads(done.stdout) == {"refused": refused}
+    said = f"relay preview: the relay would refuse this message: {code} {status} {text}\n"
+    assert done.stderr == said
+
+
+def test_preview_json_of_a_refused_message_has_what_the_sysadmin_is_told(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The why the client is not told, and a refusal by the listener at MAIL."""
+    text = policy_file.read_text()
+    policy_file.write_text(
+        text.replace("    name: Acme AS\n", "    name: Acme AS\n    auth: required\n")
+    )
+    eml = tmp_path / "x.eml"
+    eml.write_text("From: jan@acme.example\nTo: a@example.org\n\nx\n")
+    done = relay("preview", "-c", str(policy_file), str(eml), "--json")
+    assert done.returncode == 65, done.stdout
+    refused = json.loads(done.stdout)["refused"]
+    assert (refused["stage"], refused["code"], refused["status"]) == ("end of data", 550, "5.7.1")
+    why = (
+        "envelope sender <jan@acme.example> is user 'jan', of tenant 'acme', which takes mail"
+        " only with one of its logins, and this session has none"
+    )
+    assert refused["why"] == why
+    assert f"relay preview: why: {why}\n" in done.stderr
+    policy_file.write_text(policy_file.read_text().replace("auth: optional", "auth: required"))
+    done = relay("preview", "-c", str(policy_file), str(eml), "--json")
+    assert done.returncode == 65, done.stdout
+    refused = {"stage": "MAIL FROM", "code": 530, "status": "5.7.0",
+               "text": "Authentication required", "why": None}  # fmt: skip
+    assert json.loads(done.stdout) == {"refused": refused}
+
+
 def test_preview_of_more_recipients_than_a_listener_takes_shows_those_it_takes(
     policy_file: Path, tmp_path: Path
 ) -> None:
@@ -998,7 +1057,11 @@ def test_version_is_the_installed_packages() -> None:
     [
         (["serve"], "73 the state directory cannot be opened or locked, 75 another relay runs"),
         (["check"], "Exit status: 0 the policy loads (warnings aside), 78 it does not"),
-        (["preview"], "65 the relay would refuse the message (its reply is said), 66 the"),
+        (["preview"], "65 the relay would refuse the message (its reply is said; with --json"),
+        (
+            ["preview"],
+            "2 an option it cannot read, a --listener the policy has not, or no recipient",
+        ),
         (["preview"], "141 the reader went away before all was written"),
         (["passwd"], "otherwise the first line of stdin is the password"),
         (["dkim", "keygen"], "73 the key file exists already"),
