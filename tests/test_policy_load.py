@@ -285,11 +285,9 @@ def test_the_example_policy_loads_as_written(tmp_path: Path) -> None:
         ConditionKind.ATTACHMENT,
     ]
     (dkim,) = policy.keys_for("Platform.Example")
-    assert dkim.key_file == tmp_path / "config" / ".." / "dkim" / "platform.example.dev.private"
+    assert dkim.key_file == tmp_path / "dkim" / "platform.example.dev.private"
     assert dkim.private_key == key and dkim.algorithm is DkimAlgorithm.RSA
-    assert policy.upstreams["default"] == DirectoryUpstream(
-        "default", tmp_path / "config" / ".." / "outbox"
-    )
+    assert policy.upstreams["default"] == DirectoryUpstream("default", tmp_path / "outbox")
     assert policy.logins["erp-acme"].tenant == "acme" and policy.logins["erp-acme"].users == ()
     acme = policy.tenants["acme"]
     assert acme.reply_to["default"] == (SENDER, COMPANY)
@@ -309,7 +307,7 @@ def test_the_example_policy_loads_as_written(tmp_path: Path) -> None:
 def test_the_example_policy_without_its_key_has_only_that_problem(tmp_path: Path) -> None:
     path = tmp_path / "relay.example.yaml"
     shutil.copy(ROOT / "config" / "relay.example.yaml", path)
-    missing = tmp_path / ".." / "dkim" / "platform.example.dev.private"
+    missing = tmp_path.parent / "dkim" / "platform.example.dev.private"
     (line,) = [
         n
         for n, text in enumerate(path.read_text().splitlines(), 1)
@@ -2373,6 +2371,23 @@ def test_a_linked_directory_then_dot_dot_reads_the_files_where_the_system_finds_
     shutil.copytree(policy_file.parent / "keys", tmp_path / "releases" / "keys")
     policy = load(tmp_path / "current" / ".." / "relay.yaml")
     assert policy.digest == load(tmp_path / "releases" / "relay.yaml").digest
+
+
+def test_a_dot_dot_is_taken_out_of_the_paths_unless_a_link_comes_before_it(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """``../outbox`` beside ``config/`` named ``config/../outbox`` in every log line
+    and notice; through a linked directory the text names another directory."""
+    site = tmp_path / "site"
+    shutil.copytree(policy_file.parent / "keys", site / "real" / "config" / "keys")
+    config = site / "real" / "config" / "relay.yaml"
+    config.write_text(policy_file.read_text().replace("path: outbox", "path: ../outbox"))
+    assert load(config).upstreams["default"].path == site / "real" / "outbox"
+    (site / "linked").mkdir()
+    (site / "linked" / "config").symlink_to(site / "real" / "config")
+    linked = load(site / "linked" / "config" / "relay.yaml").upstreams["default"].path
+    assert linked == site / "linked" / "config" / ".." / "outbox"
+    assert os.path.realpath(linked) == str(site / "real" / "outbox")
 
 
 @pytest.mark.parametrize("helo_name", ["localhost", "erp01", "relay.example"])

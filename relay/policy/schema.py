@@ -88,7 +88,18 @@ class Ctx:
 
     def path(self, text: str) -> Path:
         path = Path(text)
-        return path if path.is_absolute() else self.base / path
+        return path if path.is_absolute() else tidy(self.base / path)
+
+
+def tidy(path: Path) -> Path:
+    """``path`` without its ``..`` where that names the same file: the example's
+    ``../state`` put ``/srv/relay/config/../state`` in every log line, audit
+    record and notice. Kept as it is where a link comes before a ``..``: the
+    system takes ``..`` after the link, and the text would name another file."""
+    if ".." not in path.parts:
+        return path
+    short = Path(os.path.normpath(path))
+    return short if os.path.realpath(short) == os.path.realpath(path) else path
 
 
 def join(path: str, key: str | int) -> str:
