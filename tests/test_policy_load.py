@@ -1272,6 +1272,38 @@ def test_indentation_slips_in_the_example_policy_are_said_to_be_ones(
     assert count == f"{path}: 1 problem"
 
 
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"version: 1\nlisteners:\n  - name: submission\n    allow:\n      - 127.0.0.0/8\n"
+         b"        port: 25\n",
+         "6:9: YAML syntax error: the indentation of this line (8 spaces) is deeper than the"
+         " items ('-') of listeners[0].allow, from line 5 (6 spaces), so it reads as more of"
+         " the item above it, but it is a key: the keys of listeners[0], from line 3, are"
+         " indented 4 spaces; indent it as they are, or check the indentation of the lines"
+         " above it (mapping values are not allowed {here} at 6:13)"),
+        (b"version: 1\nlisteners:\n  - name: submission\n    allow:\n      - 127.0.0.1\n"
+         b"       port: 25\n",
+         "6:8: YAML syntax error: the indentation of this line (7 spaces) is deeper than the"
+         " items ('-') of listeners[0].allow, from line 5 (6 spaces), so it reads as more of"
+         " the item above it, but it is a key: the keys of listeners[0], from line 3, are"
+         " indented 4 spaces; indent it as they are, or check the indentation of the lines"
+         " above it (mapping values are not allowed {here} at 6:12)"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_a_key_indented_too_far_under_a_list_item_is_said_to_be(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes, problem: str, loader: type
+) -> None:
+    """A one-word item with a key under it was said to be a key without ':', and
+    the key's own line, the one to fix, was not named."""
+    monkeypatch.setattr(yamlsource, "_Loader", loader)
+    here = "here" if loader is yaml.SafeLoader else "in this context"  # libyaml's words
+    path = tmp_path / "relay.yaml"
+    path.write_bytes(content)
+    assert checked(path) == [f"{path}:{problem.format(here=here)}", f"{path}: 1 problem"]
+
+
 def test_the_policy_version_covers_the_files_it_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

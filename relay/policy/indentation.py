@@ -69,7 +69,8 @@ def explain(
     blocks = _open_blocks(text, stop.line, loader)
     if not blocks:
         return None
-    said = _said(blocks, indent, deeper_only)
+    keyed = deeper_only and not before.startswith("- ")
+    said = _said(blocks, indent, deeper_only) if not keyed else _said_of_key(blocks, indent)
     return None if said is None else ((stop.line + 1, indent + 1), said)
 
 
@@ -78,6 +79,21 @@ def _plain_key(before: str) -> bool:
     key as the line's first thing (an item's, after '- ')."""
     key = before[2:] if before.startswith("- ") else before
     return bool(key.strip()) and ":" not in key and key[0] not in "\"'[{|>&*!%@`#-"
+
+
+def _said_of_key(blocks: list[_Block], indent: int) -> str | None:
+    """For a key read as more of the value above it: under a list's item, the
+    block it could belong to is a mapping the list is in, not the list."""
+    innermost = blocks[-1]
+    mapping = next((b for b in reversed(blocks) if not b.is_list and b.indent < indent), None)
+    if not innermost.is_list or indent <= innermost.indent or mapping is None:
+        return _said(blocks, indent, True)
+    return (
+        f"the indentation of this line ({_spaces(indent)}) is deeper than {innermost.named()},"
+        f" from line {innermost.line} ({_spaces(innermost.indent)}), so it reads as more of"
+        f" the item above it, but it is a key: {mapping.said()}; indent it as they are,"
+        " or check the indentation of the lines above it"
+    )
 
 
 def _said(blocks: list[_Block], indent: int, deeper_only: bool) -> str | None:

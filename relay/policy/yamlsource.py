@@ -307,7 +307,9 @@ def _keyless(text: str, stop: yaml.Mark) -> tuple[int, int] | None:
     """(line, column), 1-based, of the nearest line above the parser's stop
     with text, when it is a word or two with no ':' after them, as a key
     whose ':' was left out is: the parser only notices on a later line. Not
-    when the stop's own line has a ':' before the stop: the slip is there."""
+    when the stop's own line has a ':' before the stop: the slip is there;
+    nor when it is a list item of one word (``- 127.0.0.0/8``), a value whole
+    as it is, with a key indented too far under it."""
     lines = text.split("\n")
     if stop.line >= len(lines) or ":" in lines[stop.line][: stop.column]:
         return None
@@ -316,8 +318,11 @@ def _keyless(text: str, stop: yaml.Mark) -> tuple[int, int] | None:
         if not content.strip():
             continue
         stripped = content.lstrip()
-        item = stripped[2:].lstrip() if stripped.startswith("- ") else stripped
+        is_item = stripped.startswith("- ")
+        item = stripped[2:].lstrip() if is_item else stripped
         plain = item and item[0] not in "\"'[{|>&*!%@`" and ":" not in item
+        if is_item and len(item.split()) == 1:
+            return None
         return (number + 1, len(content) - len(item) + 1) if plain else None
     return None
 
