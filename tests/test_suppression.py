@@ -224,6 +224,28 @@ def test_a_hand_added_line_without_an_op_says_what_it_lacks(tmp_path: Path) -> N
     ]
 
 
+def test_a_hand_written_value_is_said_as_json_writes_it(tmp_path: Path) -> None:
+    """``{"op": null}`` was said to have ``op None``, and a list ``['add']``:
+    Python's spelling, not the line's."""
+    add = f'"op": "add", "address": "x@example.org", "tenant": null, "since": "{WHEN}"'
+    path = tmp_path / "s.jsonl"
+    path.write_text(
+        '{"op": null, "address": "x@example.org"}\n'
+        '{"op": true, "address": "x@example.org"}\n'
+        '{"op": ["add"], "address": "x@example.org"}\n'
+        f'{{{add}, "reason": null}}\n'
+        f'{{{add}, "reason": {{"why": "bounce"}}}}\n'
+    )
+    skipped = f"{path}:%d: not a suppression entry, skipped:"
+    assert SuppressionFile(path).entries().problems == [
+        f"{skipped % 1} op null is neither add nor remove: {EITHER_LINE}",
+        f"{skipped % 2} op true is neither add nor remove: {EITHER_LINE}",
+        f'{skipped % 3} op ["add"] is neither add nor remove: {EITHER_LINE}',
+        f"{skipped % 4} reason null is not one of bounce, complaint, manual",
+        f'{skipped % 5} reason {{"why": "bounce"}} is not one of bounce, complaint, manual',
+    ]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file away")
 def test_a_list_made_by_root_belongs_to_the_state_directorys_owner(tmp_path: Path) -> None:
     """``sudo relay suppression add`` before the relay ever listed anything: a

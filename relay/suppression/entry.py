@@ -125,7 +125,7 @@ def _check_keys(record: dict[str, Any], op: object) -> None:
     for a misspelt ``detail``, its address was sent to again."""
     keys = _KEYS.get(op) if isinstance(op, str) else None
     if keys is None:
-        wrong = f"op {op!r} is neither add nor remove" if "op" in record else "no key 'op'"
+        wrong = f"op {_shown(op)} is neither add nor remove" if "op" in record else "no key 'op'"
         odd = _odd_key(record, _ANY_KEY)
         if odd is not None:
             wrong = f"{_unknown_key(odd, _ANY_KEY)}, and {wrong}"
@@ -198,7 +198,13 @@ def _check_added(record: dict[str, Any]) -> None:
     ):
         raise ValueError("tenant and queue_id must be text or null")
     if record["reason"] not in REASONS:
-        raise ValueError(f"reason {record['reason']!r} is not one of {', '.join(REASONS)}")
+        raise ValueError(f"reason {_shown(record['reason'])} is not one of {', '.join(REASONS)}")
+
+
+def _shown(value: object) -> str:
+    """A value of the line as the sysadmin wrote it, not as Python spells it (None,
+    True, ['add']): text quoted as the messages quote keys, anything else as JSON."""
+    return repr(value) if isinstance(value, str) else json.dumps(value)
 
 
 def millis(since: str) -> int:
