@@ -869,7 +869,9 @@ class Engine:
                 " attempt did; the audit log has what was recorded of it",
                 queue_id,
             )
-        except (AuditError, SpoolError) as exc:
+        except AuditError as exc:
+            log.error("%s: %s", queue_id, _unsettled(exc))
+        except SpoolError as exc:
             log.error("%s: left as last stored at the stop: %s", queue_id, exc)
 
     async def _let_go(self, untold: Untold) -> None:
