@@ -29,6 +29,7 @@ from relay.errors import sent_in_full
 from relay.groupcommit import GroupCommit
 from relay.notice import build_notice, signed_anew, telling
 from relay.policy.model import Policy, QueueSettings, Upstream, sends_as
+from relay.quantity import quantity
 from relay.record import Recorder, dsn
 from relay.settle import FINAL_EVENTS, WAITING_MAX, EntryLock, Finished, Settle, Settler
 from relay.slots import Slots
@@ -183,8 +184,11 @@ def duration(seconds: float) -> str:
     """For people: an expiry notice said "0.000462963 days" for a 40-second lifetime."""
     whole = max(round(seconds), 0)
     name, size = next((u for u in UNITS if whole >= u[1] and whole % u[1] == 0), UNITS[-1])
-    count = whole // size
-    return f"{count} {name}{'' if count == 1 else 's'}"
+    return quantity(whole // size, name)
+
+
+def _waiting(count: int) -> str:
+    return f"{quantity(count, 'message')} {'waits' if count == 1 else 'wait'}"
 
 
 def _own(entry: QueueEntry, pending: list[str]) -> list[str]:
@@ -616,9 +620,9 @@ class Engine:
         held_up = len(self._untold) >= WAITING_MAX
         if held_up and not self._held_up:
             log.error(
-                "no delivery starts while %d messages wait, locked, for the audit log or the"
+                "no delivery starts while %s, locked, for the audit log or the"
                 " spool to take what their attempts did (the mail stays queued)",
-                len(self._untold),
+                _waiting(len(self._untold)),
             )
         elif not held_up and self._held_up:
             log.info(

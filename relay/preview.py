@@ -32,6 +32,7 @@ from relay.policy.model import (
     SmtpUpstream,
     Upstream,
 )
+from relay.quantity import quantity
 from relay.status import put_in_use, version_in_use
 from relay.submission import Submission, distinct
 from relay.suppression import EMPTY, SuppressionError, SuppressionFile, SuppressionList
@@ -451,18 +452,14 @@ def _describe(upstream: Upstream) -> str:
 def _limit(per_hour: int | None) -> str:
     if per_hour is None:
         return ""
-    most = _recipients(per_hour)
+    most = quantity(per_hour, "recipient")
     return f", at most {most} an hour (the hour's count is not checked here)"
-
-
-def _recipients(count: int) -> str:
-    return f"{count} recipient{'' if count == 1 else 's'}"
 
 
 def _limits(listener: dict) -> str:
     """The limits assumed, and what a preview cannot check: the client's address."""
     size, most = listener["max_message_size"], listener["max_recipients"]
-    limits = f"up to {size} bytes, {_recipients(most)}, auth {listener['auth']}"
+    limits = f"up to {size} bytes, {quantity(most, 'recipient')}, auth {listener['auth']}"
     if listener["name"] is None:
         return f"{listener['assumed']} ({limits}); --listener NAME takes one's"
     allow = ", ".join(listener["allow"]) or "nowhere"

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from relay.errors import Rejected
 from relay.policy.model import Policy, Tenant
+from relay.quantity import quantity
 from relay.sharedtable import Row, SharedTable, key_of
 
 SLOTS = 4096  # the fewest a worker's row holds: room for tenants without a limit
@@ -58,10 +59,11 @@ def refusal(tenant: Tenant, wanted: int, sent: int) -> Rejected | None:
     if limit is None:
         return None
     if wanted > limit:
-        text = f"{wanted} recipients, more than tenant {tenant.id} may send to in an hour"
+        many = quantity(wanted, "recipient")
+        text = f"{many}, more than tenant {tenant.id} may send to in an hour"
         return Rejected(550, "5.7.1", f"{text} ({limit})")
     if sent + wanted > limit:  # "48 of 50" alone read as room left
-        text = f"Tenant {tenant.id} has sent to {sent} recipients in the last hour"
+        text = f"Tenant {tenant.id} has sent to {quantity(sent, 'recipient')} in the last hour"
         would = f"this message's {wanted} would make {sent + wanted}"
         return Rejected(450, "4.7.1", f"{text}; {would}, of {limit} allowed: try again later")
     return None

@@ -43,6 +43,7 @@ from relay.metrics import status as metrics_status
 from relay.pipeline import Acceptor
 from relay.policy import tlspair
 from relay.policy.model import Listener, Policy, TlsFiles
+from relay.quantity import quantity
 from relay.ratelimit import RateCounts, limited_tenants
 from relay.record import Recorder, audit_log
 from relay.sharedtable import SharedTable
@@ -371,9 +372,9 @@ def _open_state(policy: Policy, policy_path: Path) -> tuple[int, int]:
             policy.queue.directory.parent,
         )
     log.info(
-        "spool %s: %d messages queued, any on hold included (relay queue list)",
+        "spool %s: %s queued, any on hold included (relay queue list)",
         policy.queue.directory,
-        recovered - len(settled.finished) - len(settled.unrecorded),
+        quantity(recovered - len(settled.finished) - len(settled.unrecorded), "message"),
     )
     return 0, written
 
@@ -614,7 +615,7 @@ def _load_suppressions(suppressions: SuppressionFile) -> None:
     except SuppressionError as exc:
         log.error("%s", exc)
         return
-    log.info("suppression list %s: %d entries", suppressions.path, listed)
+    log.info("suppression list %s: %s", suppressions.path, quantity(listed, "entry", "entries"))
 
 
 def stopping_now(policy: Policy) -> None:

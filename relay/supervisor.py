@@ -47,6 +47,7 @@ from relay.metrics import status as metrics_status
 from relay.policy import pickled, yamlsource
 from relay.policy.files import RefusedFile
 from relay.policy.model import Policy, Sources
+from relay.quantity import quantity
 from relay.server import (
     AUDIT_UPKEEP,
     LOCK_FILE_CHECK,
@@ -253,7 +254,7 @@ class Supervisor:
         finally:
             for fd in pipes:
                 os.close(fd)
-        log.info("%d workers serving", len(self.workers))
+        log.info("%s serving", quantity(len(self.workers), "worker"))
         return 0
 
     def _failed_start(self, index: int) -> int:
@@ -291,7 +292,7 @@ class Supervisor:
             timeout = max(0.0, min([1.0, *(when - time.monotonic() for when in due)]))
             info = signal.sigtimedwait(SIGNALS, timeout)
             if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
-                log.info("stopping: telling %d workers", len(self.workers))
+                log.info("stopping: telling %s", quantity(len(self.workers), "worker"))
                 return 0
             if info is not None and info.si_signo == signal.SIGHUP and self._reload():
                 return EX_SOFTWARE

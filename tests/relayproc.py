@@ -125,7 +125,7 @@ def reloaded_everywhere(log: str, times: int) -> bool:
     """Whether the policy was reloaded ``times`` times and every worker took each
     up: each worker logs its own line, and the supervisor its reload once they have;
     each reload says as it begins, in one process too."""
-    found = re.search(r"(\d+) workers serving", log)
+    found = re.search(r"(\d+) workers? serving", log)
     workers = int(found.group(1)) if found else 0
     begun = log.count("INFO reloading: reading ") >= times
     taken = log.count(": policy ") >= workers * times

@@ -344,6 +344,17 @@ def _limits(**limits: int | None) -> Policy:
     return dataclasses.replace(minimal_policy(), tenants=MappingProxyType(tenants))
 
 
+def test_one_recipient_sent_to_in_the_hour_is_said_in_the_singular() -> None:
+    """``has sent to 1 recipients`` where the limit is one, which the policy allows."""
+    acme = _limits(acme=1).tenants["acme"]
+    refused = ratelimit.refusal(acme, 1, 1)
+    assert refused is not None
+    assert refused.line == (
+        "450 4.7.1 Tenant acme has sent to 1 recipient in the last hour; this message's"
+        " 1 would make 2, of 1 allowed: try again later"
+    )
+
+
 def test_tenants_without_a_limit_make_room_for_one_with_a_limit() -> None:
     """A worker's row held 4,096 tenants: each tenant after them, limited or not,
     went uncounted, and a stolen login's tenant sent past its limit."""

@@ -999,3 +999,26 @@ def test_what_waits_for_a_restart_is_still_said_after_the_next_reload(tmp_path: 
     assert second is not None
     waiting = ("waits for a restart: metrics 127.0.0.1:9325 to 127.0.0.1:9400",)
     assert first.pending == second.pending == waiting
+
+
+def test_the_start_says_one_queued_message_and_one_listed_address_in_the_singular(
+    policy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``1 messages queued`` and ``suppression list ...: 1 entries``."""
+    from relay.spool import Spool
+    from relay.suppression import BOUNCE, Suppression, SuppressionFile
+    from tests import spoolkit
+
+    state = tmp_path / "state"
+    AuditLog(state / "audit").close()
+    Spool(state / "queue").put(spoolkit.make_entry(), b"Subject: x\r\n\r\nx\r\n")
+    listing = SuppressionFile(state / "suppression.jsonl")
+    listing.add([Suppression("gone@example.org", None, BOUNCE, "2026-12-01T10:00:00.000Z")])
+    with caplog.at_level(logging.INFO, logger="relay"):
+        assert _open_state(load(policy), policy)[0] == 0
+        server_module._load_suppressions(listing)
+    said = [m for m in caplog.messages if m.startswith(("spool ", "suppression list "))]
+    assert said == [
+        f"spool {state / 'queue'}: 1 message queued, any on hold included (relay queue list)",
+        f"suppression list {listing.path}: 1 entry",
+    ]

@@ -19,6 +19,7 @@ from relay.audit.reader import DamagedFile
 from relay.audit.search import OutOfRange, Owners, parse_when, report, search, show
 from relay.errors import OutputError
 from relay.policy.model import Policy
+from relay.quantity import quantity
 
 OUTPUTS = ("table", "json", "csv")
 SHOW_OUTPUTS = ("text", "json")
@@ -154,7 +155,7 @@ def verify_main(
     err.write("".join(f"note: {note}\n" for note in result.notes))
     if result.problem is not None:
         err.write(f"relay audit verify: TAMPERED: {result.problem}\n")
-        records = _count(result.records, "record")
+        records = quantity(result.records, "record")
         if result.at_start:
             whole = "is" if result.records == 1 else "are"
             err.write(f"  (the {records} from there on {whole} whole)\n")
@@ -162,15 +163,11 @@ def verify_main(
             err.write(f"  ({records} verified before the problem was found)\n")
         return 1
     span = f" (seq {result.first_seq}..{result.last_seq})" if result.records else ""
-    files = _count(result.files, "file")
-    out.write(f"audit log intact: {_count(result.records, 'record')} in {files}{span}\n")
+    files = quantity(result.files, "file")
+    out.write(f"audit log intact: {quantity(result.records, 'record')} in {files}{span}\n")
     if result.head:
         out.write(f"head: seq {result.last_seq} hash {result.head}\n")
     return 0
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _note_deleted(directory: Path, since: str | None, outcome: str, err: TextIO) -> None:

@@ -17,6 +17,7 @@ import time
 
 from relay.engine import file_budget
 from relay.policy.model import Policy
+from relay.quantity import quantity
 
 log = logging.getLogger("relay")
 
@@ -79,7 +80,7 @@ def unreachable(soft: int, policy: Policy) -> list[str]:
                 said.append(
                     f"listener {listener.name}: {setting} {limit} cannot be reached under an"
                     f" open-files limit of {soft}: each of the {policy.workers} worker(s) takes"
-                    f" at most {each} connections ({most} in all) and refuses the rest"
+                    f" at most {quantity(each, 'connection')} ({most} in all) and refuses the rest"
                     " (421 4.3.2); raise LimitNOFILE in the unit, or lower the setting"
                 )
     return said

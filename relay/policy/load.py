@@ -31,6 +31,7 @@ from relay.policy.model import (
 from relay.policy.schema import Ctx, Map
 from relay.policy.values import LARGEST_FILE, warn_if_policy_exposed
 from relay.policy.yamlsource import Problems, read, read_bytes
+from relay.quantity import quantity
 
 EX_CONFIG = 78
 VERSION = 1
@@ -212,7 +213,7 @@ def check_main(path: Path, out: TextIO, err: TextIO) -> int:
     except PolicyError as exc:
         for problem in exc.problems:
             print(problem, file=err)
-        print(f"{path}: {_count(len(exc.problems), 'problem')}", file=err)
+        print(f"{path}: {quantity(len(exc.problems), 'problem')}", file=err)
         return EX_CONFIG
     for warning in [*warnings, *_state_warnings(policy), *_file_warnings(policy)]:
         print(warning, file=err)
@@ -220,9 +221,9 @@ def check_main(path: Path, out: TextIO, err: TextIO) -> int:
     summary = ", ".join(
         (
             f"policy {policy.digest[:12]}",
-            _count(len(policy.tenants), "tenant"),
-            _count(users, "user"),
-            _count(len(policy.classify), "document rule"),
+            quantity(len(policy.tenants), "tenant"),
+            quantity(users, "user"),
+            quantity(len(policy.classify), "document rule"),
         )
     )
     print(f"{path}: ok ({summary})", file=out)
@@ -247,7 +248,3 @@ def _file_warnings(policy: Policy) -> list[str]:
     from relay.ingress.filelimit import serve_limit, unreachable
 
     return [f"{policy.source}: warning: {said}" for said in unreachable(serve_limit(), policy)]
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
