@@ -38,6 +38,13 @@ class Identity:
     reasons: tuple[str, ...]
 
 
+def unknown_login(name: str) -> Rejected:
+    """Also ``relay preview``'s answer at AUTH, where a client is refused it."""
+    return Rejected(
+        535, "5.7.8", f"Authentication credentials invalid: no login {name!r} in the policy"
+    )
+
+
 def identify(policy: Policy, submission: Submission, view: MessageView) -> Identity:
     """A session whose login a reload removed sends no more: read as no login at
     all, it would no longer be bound to its tenant, and could send as any. Nor
@@ -46,11 +53,7 @@ def identify(policy: Policy, submission: Submission, view: MessageView) -> Ident
     that an ERP whose own password was changed first keeps its document)."""
     login = policy.logins.get(submission.auth_login) if submission.auth_login else None
     if submission.auth_login and login is None:
-        raise Rejected(
-            535,
-            "5.7.8",
-            f"Authentication credentials invalid: no login {submission.auth_login!r} in the policy",
-        )
+        raise unknown_login(submission.auth_login)
     if login is not None and submission.auth_hash not in (None, login.password_hash):
         raise Rejected(
             454,

@@ -18,7 +18,7 @@ from relay import headers, message, ratelimit, statelock
 from relay.decide import Decision
 from relay.errors import Rejected, RelayError, SmtpReply
 from relay.hostport import host_port
-from relay.identify import a_label_address
+from relay.identify import a_label_address, unknown_login
 from relay.ingress import content
 from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
 from relay.ingress.protocol import non_ascii_reply
@@ -189,13 +189,13 @@ def render(
     """The report; raises Refused for a message the relay would refuse, and
     UnknownListener for a ``listener`` the policy has not."""
     limits = limits_of(policy, listener)
-    _check_envelope(limits, submission)
+    _check_envelope(policy, limits, submission)
     submission, beyond = _within_recipient_limit(limits, submission)
     suppressions, unread = _suppressions(policy)
     try:
         prepared = prepare(policy, submission, suppressions=suppressions)
     except SmtpReply as reply:
-        raise Refused(reply, _decided_at(policy, submission)) from reply
+        raise Refused(reply, END_OF_DATA) from reply
     decision = prepared.decision
     wanted = ratelimit.counted(submission.rcpt_tos, (a for a, _ in decision.suppressed))
     alone = ratelimit.refusal(decision.identity.tenant, wanted, 0)
@@ -228,13 +228,15 @@ def _suppressions(policy: Policy) -> tuple[SuppressionList, str]:
         return EMPTY, f"recipients not checked against the suppression list: {exc}"
 
 
-def _check_envelope(limits: Limits, submission: Submission) -> None:
+def _check_envelope(policy: Policy, limits: Limits, submission: Submission) -> None:
     """Raise the SMTP side's refusal of this transaction, if it has one: an
     ERP could not name these addresses or send this content, so no preview of
-    them helps. A login the policy does not have is refused by ``prepare``,
-    as in the daemon, where a reload may have removed it mid-session."""
+    them helps. The first refusal a session would meet is the one raised, in
+    the order of its commands: a client refused at AUTH never gives RCPT TO."""
     if submission.auth_login is not None and not limits.login_offered:
         raise Refused(Rejected(504, "5.5.4", "Unrecognized authentication type"), AUTH)
+    if submission.auth_login is not None and submission.auth_login not in policy.logins:
+        raise Refused(unknown_login(submission.auth_login), AUTH)
     if submission.auth_login is None and limits.login_required:
         raise Refused(Rejected(530, "5.7.0", "Authentication required"), MAIL)
     paths = [(MAIL, submission.mail_from, SENDER)] if submission.mail_from else []
@@ -255,15 +257,6 @@ def _check_envelope(limits: Limits, submission: Submission) -> None:
     refused = content.refusal(submission.data)  # after DATA: bare CR, NUL, long lines
     if refused is not None:
         raise Refused(refused, END_OF_DATA)
-
-
-def _decided_at(policy: Policy, submission: Submission) -> str:
-    """Where ``prepare``'s refusal stops a client. It refuses a login the
-    policy has not, as the daemon does one a reload removed mid-session; a
-    client logging in with it is refused at AUTH itself."""
-    if submission.auth_login is not None and submission.auth_login not in policy.logins:
-        return AUTH
-    return END_OF_DATA
 
 
 def _within_recipient_limit(

@@ -295,6 +295,24 @@ def test_preview_json_of_a_refused_message_says_why_and_where(
     assert done.stderr == said
 
 
+def test_preview_refuses_an_unknown_login_before_a_bad_recipient(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A client whose login is refused at AUTH never gets to RCPT TO: the
+    preview answered the recipient's 553, which no ERP would see."""
+    eml = tmp_path / "invoice.eml"
+    eml.write_text(INVOICE)
+    faults = ["--auth-login", "nobody", "--rcpt", "bad address", "--mail-from", "kari@"]
+    done = relay("preview", "-c", str(policy_file), str(eml), *faults)
+    assert done.returncode == 65, done.stdout
+    said = "535 5.7.8 Authentication credentials invalid: no login 'nobody' in the policy"
+    assert done.stderr == f"relay preview: the relay would refuse this message: {said}\n"
+    done = relay("preview", "-c", str(policy_file), str(eml), "--json", *faults)
+    assert done.returncode == 65, done.stdout
+    refused = json.loads(done.stdout)["refused"]
+    assert (refused["stage"], refused["code"], refused["status"]) == ("AUTH", 535, "5.7.8")
+
+
 def test_preview_json_of_a_refused_message_has_what_the_sysadmin_is_told(
     policy_file: Path, tmp_path: Path
 ) -> None:
