@@ -672,6 +672,7 @@ _STATUS_STATUS = (
 def _status(args: argparse.Namespace) -> int:
     from relay.errors import PolicyError
     from relay.policy.load import load
+    from relay.policy.running import state_directory
     from relay.status import main
 
     try:  # built whole, once: what the relay runs may have become unusable here since
@@ -684,7 +685,7 @@ def _status(args: argparse.Namespace) -> int:
     state = _state_while_broken(args.config, problems)
     if state is not None:
         return main(args.config, state.queue.directory, sys.stdout, (None, None, problems))
-    directory = _state_directory(args.config)  # a relay runs whatever the file says now
+    directory = state_directory(args.config)  # a relay runs whatever the file says now
     if directory is None or not os.path.isdir(directory):
         return EX_CONFIG
     return main(args.config, directory / "queue", sys.stdout, (None, None, problems))
@@ -754,8 +755,9 @@ def _tool_state(path: Path) -> StateSettings | None:
     keeps no such copy: then the file's own state settings, if they load."""
     from relay.errors import PolicyError
     from relay.policy.load import StateSettings, load
+    from relay.policy.running import as_running
 
-    same = _as_running(path)
+    same = as_running(path)
     if same is not None:
         return same
     try:
@@ -767,23 +769,16 @@ def _tool_state(path: Path) -> StateSettings | None:
 
 def _state_while_broken(path: Path, problems: list[str]) -> StateSettings | None:
     """``_tool_state``'s, for a file that does not load (``problems``)."""
-    from relay import statefiles
     from relay.errors import PolicyError
     from relay.policy.load import load_state
+    from relay.policy.running import running_state
 
-    running = _running_policy_file(path)
+    running = running_state(path)
     if running is not None:
-        try:
-            with statefiles.open_read(running) as text:  # a link there is the service user's
-                state = load_state(path, text.read())
-        except (PolicyError, OSError):
-            pass
-        else:
-            # a copy brought along from another state directory (``cp -a``) runs nowhere here
-            if state.queue.directory.parent.resolve() == running.parent.resolve():
-                print(f"{problems[0]}\nrelay: {path} does not load, so this goes by the policy"
-                      f" the relay runs ({running})", file=sys.stderr)  # fmt: skip
-                return state
+        state, kept = running
+        print(f"{problems[0]}\nrelay: {path} does not load, so this goes by the policy"
+              f" the relay runs ({kept})", file=sys.stderr)  # fmt: skip
+        return state
     try:
         state = load_state(path)
     except PolicyError:
@@ -792,72 +787,6 @@ def _state_while_broken(path: Path, problems: list[str]) -> StateSettings | None
     print(f"{problems[0]}\nrelay: {path} does not load, but its state settings do,"
           " so this goes by them", file=sys.stderr)  # fmt: skip
     return state
-
-
-_STATE_LINE = re.compile(  # a plain or quoted scalar, perhaps with a comment after it
-    r"^state_directory:[ \t]*([\"']?)([^\s\"'#][^\"'#]*?)\1[ \t]*(?:#.*)?$", re.MULTILINE
-)
-
-
-def _as_running(path: Path) -> StateSettings | None:
-    """The state settings alone, when the file and the files it reads are those
-    of the policy a relay with workers last put in use (its version, as it
-    recorded it): it loaded whole then, and building its keys, logins and
-    certificates again, which these tools do not use, took seconds for
-    thousands of tenants. None otherwise: an edit not in use yet is loaded
-    whole, to say what is wrong with it."""
-    import json
-
-    from relay import statefiles, statelock
-    from relay.errors import PolicyError
-    from relay.policy.load import load_state, text_if_unchanged
-
-    state = _state_directory(path)
-    if state is None:
-        return None
-    try:
-        with statefiles.open_read(state / statelock.CHECKED_FILES) as record:
-            checked = json.loads(record.read())
-        if checked["policy"] != os.path.realpath(path):
-            return None  # brought along from elsewhere (``cp -a``): no relay's here
-        text = text_if_unchanged(path, checked["files"], checked["digest"])
-        if text is None:
-            return None
-        settings = load_state(path, text, loaded=True)
-    except (OSError, PolicyError, ValueError, KeyError, TypeError):
-        return None
-    # the directory the YAML names, not another its line-by-line reading found
-    same = settings.queue.directory.parent.resolve() == state.resolve()
-    return settings if same else None
-
-
-def _running_policy_file(path: Path) -> Path | None:
-    """The running policy's text, found from the file's ``state_directory`` line."""
-    from relay import statelock
-
-    state = _state_directory(path)
-    if state is None:
-        return None
-    checked = state / statelock.CHECKED_NAME
-    try:
-        return checked if checked.is_file() else None
-    except OSError:  # a state directory this user may not look into
-        return None
-
-
-def _state_directory(path: Path) -> Path | None:
-    """The file's ``state_directory`` line (or the default beside the file), read
-    as text: the YAML may be what broke."""
-    from relay.policy.files import RefusedFile
-    from relay.policy.yamlsource import read_bytes
-
-    try:
-        text = read_bytes(path).decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
-    except (OSError, RefusedFile, UnicodeDecodeError):
-        return None
-    found = _STATE_LINE.search(text)
-    state = Path(found.group(2) if found else "state")
-    return state if state.is_absolute() else path.absolute().parent / state
 
 
 def _upstream_test(args: argparse.Namespace) -> int:

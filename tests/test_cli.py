@@ -594,7 +594,7 @@ def test_the_tools_find_the_running_policy_from_the_state_directory_line(
     tmp_path: Path, line: str
 ) -> None:
     """Read as text: the YAML around it may be what broke."""
-    from relay.cli import _running_policy_file
+    from relay.policy.running import running_policy_file
 
     checked = tmp_path / "run" / "policy.checked.yaml"
     checked.parent.mkdir()
@@ -602,7 +602,7 @@ def test_the_tools_find_the_running_policy_from_the_state_directory_line(
     policy = tmp_path / "etc" / "relay.yaml"
     policy.parent.mkdir()
     policy.write_text("version: [\n" + line)
-    assert _running_policy_file(policy) == policy.absolute().parent / "../run/policy.checked.yaml"
+    assert running_policy_file(policy) == policy.absolute().parent / "../run/policy.checked.yaml"
 
 
 def into_dev_full(*args: str) -> subprocess.CompletedProcess[str]:
