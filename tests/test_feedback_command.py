@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -82,12 +83,12 @@ def _send_invoice(port: int) -> str:
     )
 
 
-def _invoice_delivered(policy_file: Path, tmp_path: Path) -> tuple[Path, str]:
+def _invoice_delivered(policy_file: Path, tmp_path: Path, extra: str = "") -> tuple[Path, str]:
     """The policy of a relay that delivered ``_send_invoice``'s document, and its
     queue ID; the relay is stopped again: relay bounce needs none running."""
     with SinkServer(Sink()) as server:
         port = free_port()
-        policy = configure(policy_file, port, server.port)
+        policy = configure(policy_file, port, server.port, extra)
         with RelayProcess(policy, port, tmp_path / "relay.log"):
             invoice = _send_invoice(port)
             server.sink.wait(1)
@@ -194,6 +195,70 @@ def test_a_report_not_taken_is_a_warning_in_the_system_log(tmp_path: Path) -> No
     assert pri == MAIL_WARNING and tag == f"erp-relay/bounce[{tag[17:-1]}]", tag
     assert text.startswith(f"not taken, the mail system keeps it: {policy}:"), text
     assert "\n" not in text
+
+
+def test_a_bounce_goes_by_the_policy_the_relay_runs_while_the_file_does_not_load(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """An edit the running relay refused at its reload: every report waited in
+    the mail system's queue (exit 75) until the file was fixed, and the relay
+    went on sending to the addresses that had bounced."""
+    policy, invoice = _invoice_delivered(policy_file, tmp_path, "workers: 2\n")
+    good = policy.read_text()
+    policy.write_text(good + "tenants: [\n")
+    with LogSocket(tmp_path / "log") as syslog:
+        done = _bounce(policy, (FEEDBACK / "postfix-two-failed.eml").read_bytes(), syslog.path)
+        logged = [(pri, text) for pri, _, text in syslog.lines()]
+    kept = tmp_path / "state" / "policy.checked.yaml"
+    said = f"{policy} does not load, so this goes by the policy the relay runs ({kept})"
+    problem = done.stderr.splitlines()[0]
+    assert done.returncode == 0, done.stderr
+    assert problem.startswith(f"{policy}:")
+    assert done.stderr == f"{problem}\nrelay bounce: {said}\n"
+    assert done.stdout.splitlines()[:3] == [
+        f"bounce about {invoice} (acme/jan)",
+        "Full.Box@Supplier.example: bounced (5.2.2), not suppressed (not a hard bounce code)",
+        "nobody@buyer.example: bounced (5.1.1), suppressed",
+    ]
+    assert logged[0] == (MAIL_WARNING, f"{said}: {problem}")
+    assert ("bounced", "nobody@buyer.example") in audit_events(policy, invoice)
+    policy.write_text(good)
+    assert _listed(policy) == {"nobody@buyer.example": ("acme", "bounce")}
+
+
+def test_a_bounce_waits_where_the_policy_the_relay_runs_is_not_there_to_go_by(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The running relay's text stands in for a file that does not load only
+    where it is that relay's, and only while it loads whole: a copy brought
+    along from another state directory (``cp -a``) runs nowhere here, a DKIM
+    key it names may have been replaced since, and a relay in one process
+    keeps none. Each report waits in the mail system's queue (exit 75)."""
+    policy, invoice = _invoice_delivered(policy_file, tmp_path, "workers: 2\n")
+    good, report = policy.read_text(), (FEEDBACK / "postfix-two-failed.eml").read_bytes()
+    key = tmp_path / "keys" / "platform.example.s1.private"
+    kept = tmp_path / "state" / "policy.checked.yaml"
+    shutil.copytree(tmp_path / "state", tmp_path / "state2", symlinks=True)
+    policy.write_text("state_directory: state2\n" + good + "tenants: [\n")
+    waited = [_bounce(policy, report)]
+    policy.write_text(good + "tenants: [\n")
+    key_text = key.read_bytes()
+    key.write_bytes(b"-----BEGIN PRIVATE KEY-----\ncut short\n")
+    waited.append(_bounce(policy, report))
+    key.write_bytes(key_text)
+    kept_text = kept.read_bytes()
+    kept.unlink()
+    waited.append(_bounce(policy, report))
+    for done in waited:
+        assert done.returncode == 75, done.stderr
+        assert done.stderr.startswith(f"{policy}:")
+        assert done.stderr.endswith("\nrelay bounce: not taken, try again later\n")
+        assert "goes by" not in done.stderr
+    kept.write_bytes(kept_text)
+    assert ("bounced", "nobody@buyer.example") not in audit_events(policy, invoice)
+    taken = _bounce(policy, report)
+    assert taken.returncode == 0, taken.stderr
+    assert audit_events(policy, invoice).count(("bounced", "nobody@buyer.example")) == 1
 
 
 def test_without_a_system_log_a_report_is_still_taken(tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ system's pipe to a program hands it over (a Postfix alias
 The exit status is the mail system's: 0 taken (acted on, or nothing to act
 on: a bounce address also gets auto-replies and spam, which must not bounce
 back), 75 (EX_TEMPFAIL) when the relay's state or policy cannot take it
-now, so the mail system keeps the report and tries again later.
+now, so the mail system keeps the report and tries again later. While the
+policy file does not load, the policy the relay runs stands in for it,
+where the relay keeps its text.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from relay.feedback.act import act, most_recipients
 from relay.feedback.parse import read
 from relay.feedback.syslog import DEFAULT, SystemLog
 from relay.policy.load import load
+from relay.policy.model import Policy
+from relay.policy.running import running_policy
 from relay.record import Recorder, audit_log
 from relay.spool import Spool, SpoolError
 from relay.suppression import SuppressionError, SuppressionFile
@@ -103,9 +107,12 @@ def _take(
     try:
         policy = load(policy_path)
     except PolicyError as exc:
-        problems = "\n".join(exc.problems)
-        said = f"{problems}\nrelay bounce: not taken, try again later\n"
-        return not_taken(said, "; ".join(exc.problems))
+        running = _running_instead(policy_path, exc.problems, err, system_log)
+        if running is None:
+            problems = "\n".join(exc.problems)
+            said = f"{problems}\nrelay bounce: not taken, try again later\n"
+            return not_taken(said, "; ".join(exc.problems))
+        policy = running
     raw = source.read(MAX_REPORT + 1)
     if len(raw) > MAX_REPORT:
         return _too_large(err, system_log)
@@ -139,6 +146,26 @@ def _take(
         level = logging.WARNING if line in outcome.warnings else logging.INFO
         system_log.say(level, f"{head}: {line}" if line else head)
     return 0
+
+
+def _running_instead(
+    path: Path, problems: list[str], err: TextIO, system_log: SystemLog
+) -> Policy | None:
+    """While the file does not load (an edit the relay refused at its reload),
+    the policy the relay runs, as the queue and audit tools go by it: every
+    report deferred until the file was fixed left the relay sending to the
+    addresses that bounced. Said in the system log too, where the mail
+    system throws away what a command that succeeded printed. None when the
+    relay keeps no text of it (one process) or that no longer loads whole
+    (a DKIM key it names, changed since)."""
+    running = running_policy(path)
+    if running is None:
+        return None
+    policy, kept = running
+    said = f"{path} does not load, so this goes by the policy the relay runs ({kept})"
+    err.write(f"{problems[0]}\nrelay bounce: {said}\n")
+    system_log.say(logging.WARNING, f"{said}: {problems[0]}")
+    return policy
 
 
 def _too_large(err: TextIO, system_log: SystemLog) -> int:
