@@ -393,8 +393,9 @@ def _group(sub: argparse._SubParsersAction, name: str, text: str) -> argparse._S
 
 _BOUNCE_STATUS = (
     "Exit status: 0 taken (acted on, or neither a bounce nor a complaint: ignored),"
-    " 75 the policy does not load or the state cannot take it now: the mail system"
-    " keeps the report and tries again later."
+    " 75 the state cannot take it now, or the policy does not load and the relay"
+    " keeps no text of the policy it runs to go by (or that does not load either):"
+    " the mail system keeps the report and tries again later."
 )
 
 
