@@ -166,9 +166,9 @@ def _check_header_block(data: bytes, body: int) -> None:
         line = data[body : body + _QUOTED + 2].split(b"\n", 1)[0].removesuffix(b"\r")
         quoted = repr(line[:_QUOTED])[1:] + ("..." if len(line) > _QUOTED else "")
         raise Rejected(550, "5.6.0", f"Malformed header line: {quoted} ({_why_malformed(line)})")
-    if not data.rstrip(b"\r\n"):
-        raise Rejected(550, "5.6.0", "Message is empty: no header field and no body")
-    if body == 0:
+    if body == 0:  # only then: rstrip copies the message, 25 MB of it at most
+        if not data.rstrip(b"\r\n"):
+            raise Rejected(550, "5.6.0", "Message is empty: no header field and no body")
         raise Rejected(
             550, "5.6.0", "Message begins with an empty line: its header would be sent as body text"
         )
