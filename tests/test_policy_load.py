@@ -1304,6 +1304,53 @@ def test_a_key_indented_too_far_under_a_list_item_is_said_to_be(
     assert checked(path) == [f"{path}:{problem.format(here=here)}", f"{path}: 1 problem"]
 
 
+#: what each parser says where a line matches no block, or a key is read as
+#: more of the value above it: libyaml, then PyYAML's own
+_PARSER_WORDS = {
+    "c": {
+        "key": "did not find expected key",
+        "values": "mapping values are not allowed in this context",
+    },
+    "python": {
+        "key": "expected <block end>, but found '<block mapping start>'",
+        "values": "mapping values are not allowed here",
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"version: 1\nlisteners:\n- name: local\n  address: 127.0.0.1\n- name: b\n   port: 2525\n",
+         "6:4: YAML syntax error: the indentation of this line (3 spaces) does not match the"
+         " block it is in: the keys of listeners[1], from line 5, are indented 2 spaces;"
+         " indent it as they are, or check the indentation of the lines above it"
+         " ({values} at 6:8)"),
+        (b"version: 1\nlisteners:\n- name: local\n  address: 127.0.0.1\n   port: 2525\n",
+         "5:4: YAML syntax error: the indentation of this line (3 spaces) does not match the"
+         " block it is in: the keys of listeners[0], from line 3, are indented 2 spaces;"
+         " indent it as they are, or check the indentation of the lines above it"
+         " ({values} at 5:8)"),
+        (b"listeners:\n- name: a\n  port: 25\n oops: 1\n",
+         "4:2: YAML syntax error: the indentation of this line (1 space) does not match any"
+         " block it could belong to: the keys of listeners[0], from line 2, are indented"
+         " 2 spaces, the items ('-') of listeners, from line 2, are not indented; indent it"
+         " as the ones it belongs with ({key} at 4:2)"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_a_slip_in_a_list_not_indented_under_its_key_names_the_item(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes, problem: str, loader: type
+) -> None:
+    """Items ('-') at their key's indentation have no list start in the parser's
+    tokens: the item's keys were named as the key above's, or the list's."""
+    monkeypatch.setattr(yamlsource, "_Loader", loader)
+    words = _PARSER_WORDS["python" if loader is yaml.SafeLoader else "c"]
+    path = tmp_path / "relay.yaml"
+    path.write_bytes(content)
+    assert checked(path) == [f"{path}:{problem.format(**words)}", f"{path}: 1 problem"]
+
+
 def test_the_policy_version_covers_the_files_it_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

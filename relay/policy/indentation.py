@@ -37,6 +37,7 @@ class _Block:
     is_list: bool
     key: str = ""  # a mapping's latest key
     items: int = 0  # a list's items so far
+    indentless: bool = False  # a list whose '-' are at its key's indentation
 
     def named(self) -> str:
         if self.is_list:
@@ -137,7 +138,11 @@ def _said(blocks: list[_Block], indent: int, deeper_only: bool) -> str | None:
 
 def _open_blocks(text: str, line: int, loader: type) -> list[_Block]:
     """The block mappings and lists open at the end of the line before ``line``
-    (0-based), outermost first, each named by its key path."""
+    (0-based), outermost first, each named by its key path.
+
+    A list whose '-' are not indented under its key has no start or end of its
+    own in the scanner's tokens: it starts at its first '-' and ends at the
+    next key of the mapping it is in, or with that mapping."""
     blocks: list[_Block] = []
     path = ""  # of the value the next block would be
     flow = 0  # within [...] or {...}: keys there are no block's
@@ -146,6 +151,9 @@ def _open_blocks(text: str, line: int, loader: type) -> list[_Block]:
         for token in yaml.scan(text, Loader=loader):
             if token.start_mark.line >= line:
                 break
+            if isinstance(token, yaml.BlockEndToken | yaml.KeyToken) and not flow:
+                while blocks and blocks[-1].indentless:
+                    blocks.pop()
             top = blocks[-1] if blocks else None
             if isinstance(token, yaml.BlockMappingStartToken | yaml.BlockSequenceStartToken):
                 mark = token.start_mark
@@ -159,7 +167,11 @@ def _open_blocks(text: str, line: int, loader: type) -> list[_Block]:
                 flow -= 1
             elif flow or top is None:
                 pass
-            elif isinstance(token, yaml.BlockEntryToken) and top.is_list:
+            elif isinstance(token, yaml.BlockEntryToken):
+                if not top.is_list:
+                    mark = token.start_mark
+                    top = _Block(mark.line + 1, mark.column, path, True, indentless=True)
+                    blocks.append(top)
                 path = f"{top.path}[{top.items}]"
                 top.items += 1
             elif isinstance(token, yaml.ScalarToken) and after_key and not top.is_list:
