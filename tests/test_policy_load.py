@@ -1351,6 +1351,25 @@ def test_a_slip_in_a_list_not_indented_under_its_key_names_the_item(
     assert checked(path) == [f"{path}:{problem.format(**words)}", f"{path}: 1 problem"]
 
 
+@pytest.mark.parametrize("prop", ["&k ", "!!str "])
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_a_slip_under_a_key_with_an_anchor_or_tag_names_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prop: str, loader: type
+) -> None:
+    """The anchor or tag between the key and its text left the key unnamed: ``top.``."""
+    monkeypatch.setattr(yamlsource, "_Loader", loader)
+    words = _PARSER_WORDS["python" if loader is yaml.SafeLoader else "c"]
+    path = tmp_path / "relay.yaml"
+    path.write_text(f"top:\n  {prop}key:\n    sub: 1\n   odd: 2\n")
+    assert checked(path) == [
+        f"{path}:4:4: YAML syntax error: the indentation of this line (3 spaces) does not"
+        " match any block it could belong to: the keys of top.key, from line 3, are indented"
+        " 4 spaces, the keys of top, from line 2, are indented 2 spaces; indent it as the"
+        f" ones it belongs with ({words['key']} at 4:4)",
+        f"{path}: 1 problem",
+    ]
+
+
 def test_the_policy_version_covers_the_files_it_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

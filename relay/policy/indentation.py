@@ -178,7 +178,9 @@ def _open_blocks(text: str, line: int, loader: type) -> list[_Block]:
                 top.key = token.value
             elif isinstance(token, yaml.ValueToken) and not top.is_list:
                 path = f"{top.path}.{top.key}" if top.path else top.key
-            after_key = isinstance(token, yaml.KeyToken)
+            # a key's anchor (&name) or tag (!!str) comes between it and its text
+            props = yaml.AnchorToken | yaml.TagToken
+            after_key = isinstance(token, yaml.KeyToken) or (after_key and isinstance(token, props))
     except yaml.YAMLError:
         pass  # the error being explained, or one after it: the blocks before it are read
     return blocks
