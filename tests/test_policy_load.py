@@ -1370,6 +1370,31 @@ def test_a_slip_under_a_key_with_an_anchor_or_tag_names_the_key(
     ]
 
 
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_a_key_moved_left_out_of_its_block_is_said_not_the_line_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: type
+) -> None:
+    """Not indented, the listener's port became a top-level key, and the parser
+    stopped at the next key, which is right: the line after it was told to
+    leave its block."""
+    monkeypatch.setattr(yamlsource, "_Loader", loader)
+    words = _PARSER_WORDS["python" if loader is yaml.SafeLoader else "c"]
+    lines = (ROOT / "config" / "relay.example.yaml").read_text().split("\n")
+    number = _line_starting(lines, "    port: ")
+    assert lines[number].startswith("    auth: ")
+    lines[number - 1] = lines[number - 1].lstrip()
+    path = tmp_path / "relay.yaml"
+    path.write_text("\n".join(lines))
+    item = _line_starting(lines, "  - name: ")
+    assert checked(path) == [
+        f"{path}:{number}:1: YAML syntax error: the indentation of this line (none) ends the"
+        f" keys of listeners[0], from line {item} (4 spaces), but line {number + 1} below it"
+        f" is indented as they are: indent this line as they are, or line {number + 1} as the"
+        f" block it belongs to ({words['values']} at {number + 1}:9)",
+        f"{path}: 1 problem",
+    ]
+
+
 def test_the_policy_version_covers_the_files_it_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

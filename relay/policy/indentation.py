@@ -70,9 +70,49 @@ def explain(
     blocks = _open_blocks(text, stop.line, loader)
     if not blocks:
         return None
+    if indent > blocks[-1].indent:
+        early = _ended_early(text, lines, stop.line, indent, blocks, loader)
+        if early is not None:
+            return early
     keyed = deeper_only and not before.startswith("- ")
     said = _said(blocks, indent, deeper_only) if not keyed else _said_of_key(blocks, indent)
     return None if said is None else ((stop.line + 1, indent + 1), said)
+
+
+def _ended_early(
+    text: str, lines: list[str], line: int, indent: int, blocks: list[_Block], loader: type
+) -> tuple[tuple[int, int], str] | None:
+    """The line above, when it is the slip: indented less than the block it
+    was in, it ended that block, and the parser stops at the next line, right
+    where it is, as deeper than the block the line above went back to."""
+    above = next(
+        (
+            n
+            for n in range(line - 1, -1, -1)
+            if lines[n].strip() and not lines[n].lstrip().startswith("#")
+        ),
+        None,
+    )
+    if above is None:
+        return None
+    its = len(lines[above]) - len(lines[above].lstrip(" "))
+    before = _open_blocks(text, above, loader)
+    kept = 0
+    while kept < min(len(before), len(blocks)) and _same(before[kept], blocks[kept]):
+        kept += 1
+    ended = next((b for b in before[kept:] if b.indent == indent and its < indent), None)
+    if ended is None:
+        return None
+    return (above + 1, its + 1), (
+        f"the indentation of this line ({_spaces(its)}) ends {ended.named()}, from line"
+        f" {ended.line} ({_spaces(ended.indent)}), but line {line + 1} below it is indented"
+        f" as they are: indent this line as they are, or line {line + 1} as the block it"
+        " belongs to"
+    )
+
+
+def _same(one: _Block, other: _Block) -> bool:
+    return (one.line, one.indent, one.is_list) == (other.line, other.indent, other.is_list)
 
 
 def _plain_key(before: str) -> bool:
