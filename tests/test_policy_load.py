@@ -1207,12 +1207,13 @@ def checked(path: Path) -> list[str]:
          " block it could belong to: the keys of logins.erp-acme, from line 4, are indented"
          " 4 spaces, the keys of logins, from line 3, are indented 2 spaces; indent it as the"
          " ones it belongs with (did not find expected key at 5:4)"),
-        # a block's first key out of line: the line named is the one to fix
+        # a block's first key out of line, or the line after it: both are named
         (b"version: 1\nplatform:\n   from_address: x@y\n  hostname: relay\n",
          "4:3: YAML syntax error: the indentation of this line (2 spaces) does not match any"
          " block it could belong to: the keys of platform, from line 3, are indented 3 spaces,"
          " the top-level keys, from line 1, are not indented; indent it as the ones it belongs"
-         " with (did not find expected key at 4:3)"),
+         " with, or the first key of platform, on line 3, is indented wrongly"
+         " (did not find expected key at 4:3)"),
         (b"version: 1\nlisteners:\n  - name: local\n  port: 2525\n",
          "4:3: YAML syntax error: the indentation of this line (2 spaces) is that of the items"
          " ('-') of listeners, from line 3, but it is no item: indent it as the keys of"
@@ -1391,6 +1392,42 @@ def test_a_key_moved_left_out_of_its_block_is_said_not_the_line_after_it(
         f" keys of listeners[0], from line {item} (4 spaces), but line {number + 1} below it"
         f" is indented as they are: indent this line as they are, or line {number + 1} as the"
         f" block it belongs to ({words['values']} at {number + 1}:9)",
+        f"{path}: 1 problem",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("first", "said"),
+    [
+        (3, "does not match any block it could belong to: the keys of platform, from line 3,"
+            " are indented 3 spaces, the top-level keys, from line 1, are not indented; indent"
+            " it as the ones it belongs with, or the first key of platform, on line 3, is"
+            " indented wrongly ({key} at 4:3)"),
+        (1, "does not match the block it is in: the keys of platform, from line 3, are"
+            " indented 1 space; indent it as they are, or the block's first key, on line 3, is"
+            " indented wrongly ({values} at 4:11)"),
+        (4, "does not match any block it could belong to: the keys of platform, from line 3,"
+            " are indented 4 spaces, the top-level keys, from line 1, are not indented; indent"
+            " it as the ones it belongs with, or the first key of platform, on line 3, is"
+            " indented wrongly ({key} at 4:3)"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_a_block_s_first_key_out_of_line_is_named_with_the_line_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: int, said: str, loader: type
+) -> None:
+    """The block's indentation is its first key's: when that key is the slip, the
+    parser stops at the next key, which is right, and it alone was named."""
+    monkeypatch.setattr(yamlsource, "_Loader", loader)
+    words = _PARSER_WORDS["python" if loader is yaml.SafeLoader else "c"]
+    path = tmp_path / "relay.yaml"
+    path.write_text(
+        f"version: 1\nplatform:\n{' ' * first}from_address: noreply@platform.example\n"
+        "  hostname: relay.platform.example\n  return_path: bounces@platform.example\n"
+    )
+    assert checked(path) == [
+        f"{path}:4:3: YAML syntax error: the indentation of this line (2 spaces)"
+        f" {said.format(**words)}",
         f"{path}: 1 problem",
     ]
 

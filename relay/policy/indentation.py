@@ -38,6 +38,8 @@ class _Block:
     key: str = ""  # a mapping's latest key
     items: int = 0  # a list's items so far
     indentless: bool = False  # a list whose '-' are at its key's indentation
+    keys: int = 0  # a mapping's keys so far
+    step: int | None = None  # how much deeper than the mapping it is a value in
 
     def named(self) -> str:
         if self.is_list:
@@ -67,7 +69,8 @@ def explain(
         deeper_only = True
     else:
         return None
-    blocks = _open_blocks(text, stop.line, loader)
+    seen: list[_Block] = []
+    blocks = _open_blocks(text, stop.line, loader, seen)
     if not blocks:
         return None
     if indent > blocks[-1].indent:
@@ -75,7 +78,7 @@ def explain(
         if early is not None:
             return early
     keyed = deeper_only and not before.startswith("- ")
-    said = _said(blocks, indent, deeper_only) if not keyed else _said_of_key(blocks, indent)
+    said = _said_of_key(blocks, indent, seen) if keyed else _said(blocks, indent, deeper_only, seen)
     return None if said is None else ((stop.line + 1, indent + 1), said)
 
 
@@ -122,13 +125,13 @@ def _plain_key(before: str) -> bool:
     return bool(key.strip()) and ":" not in key and key[0] not in "\"'[{|>&*!%@`#-"
 
 
-def _said_of_key(blocks: list[_Block], indent: int) -> str | None:
+def _said_of_key(blocks: list[_Block], indent: int, seen: list[_Block]) -> str | None:
     """For a key read as more of the value above it: under a list's item, the
     block it could belong to is a mapping the list is in, not the list."""
     innermost = blocks[-1]
     mapping = next((b for b in reversed(blocks) if not b.is_list and b.indent < indent), None)
     if not innermost.is_list or indent <= innermost.indent or mapping is None:
-        return _said(blocks, indent, True)
+        return _said(blocks, indent, True, seen)
     return (
         f"the indentation of this line ({_spaces(indent)}) is deeper than {innermost.named()},"
         f" from line {innermost.line} ({_spaces(innermost.indent)}), so it reads as more of"
@@ -137,13 +140,18 @@ def _said_of_key(blocks: list[_Block], indent: int) -> str | None:
     )
 
 
-def _said(blocks: list[_Block], indent: int, deeper_only: bool) -> str | None:
+def _said(blocks: list[_Block], indent: int, deeper_only: bool, seen: list[_Block]) -> str | None:
     innermost = blocks[-1]
     if indent > innermost.indent:
+        astray = _first_key_astray(blocks, len(blocks) - 1, indent, seen)
+        otherwise = (
+            "check the indentation of the lines above it"
+            if astray is None
+            else f"the block's first key, on line {astray.line}, is indented wrongly"
+        )
         return (
             f"the indentation of this line ({_spaces(indent)}) does not match the block it"
-            f" is in: {innermost.said()}; indent it as they are, or check the"
-            " indentation of the lines above it"
+            f" is in: {innermost.said()}; indent it as they are, or {otherwise}"
         )
     if deeper_only:
         return None
@@ -170,15 +178,39 @@ def _said(blocks: list[_Block], indent: int, deeper_only: bool) -> str | None:
             f" from line {inner.line} ({_spaces(inner.indent)}){otherwise}"
         )
     them = inner.said() if outer is None else f"{inner.said()}, {outer.said()}"
+    astray = _first_key_astray(blocks, blocks.index(inner), indent, seen)
+    otherwise = (
+        ""
+        if astray is None
+        else f", or the first key of {astray.path}, on line {astray.line}, is indented wrongly"
+    )
     return (
         f"the indentation of this line ({_spaces(indent)}) does not match any block it"
-        f" could belong to: {them}; indent it as the ones it belongs with"
+        f" could belong to: {them}; indent it as the ones it belongs with{otherwise}"
     )
 
 
-def _open_blocks(text: str, line: int, loader: type) -> list[_Block]:
+def _first_key_astray(
+    blocks: list[_Block], at: int, indent: int, seen: list[_Block]
+) -> _Block | None:
+    """blocks[at], when its indentation is its first key's alone and that key,
+    not the line, may be the slip: the line is as much deeper than the mapping
+    around as the file's other blocks are (2 or 4 spaces in a file with no
+    other), and the first key is not."""
+    block = blocks[at]
+    if at == 0 or block.is_list or block.keys != 1 or block.step is None:
+        return None
+    steps = {b.step for b in seen if b.step is not None and b is not block}
+    step = indent - blocks[at - 1].indent
+    return block if step in (steps or {2, 4}) and block.step not in steps else None
+
+
+def _open_blocks(
+    text: str, line: int, loader: type, seen: list[_Block] | None = None
+) -> list[_Block]:
     """The block mappings and lists open at the end of the line before ``line``
-    (0-based), outermost first, each named by its key path.
+    (0-based), outermost first, each named by its key path; ``seen`` gets every
+    block opened before it, ended or not.
 
     A list whose '-' are not indented under its key has no start or end of its
     own in the scanner's tokens: it starts at its first '-' and ends at the
@@ -198,7 +230,10 @@ def _open_blocks(text: str, line: int, loader: type) -> list[_Block]:
             if isinstance(token, yaml.BlockMappingStartToken | yaml.BlockSequenceStartToken):
                 mark = token.start_mark
                 is_list = isinstance(token, yaml.BlockSequenceStartToken)
-                blocks.append(_Block(mark.line + 1, mark.column, path, is_list))
+                step = None if top is None or top.is_list else mark.column - top.indent
+                blocks.append(_Block(mark.line + 1, mark.column, path, is_list, step=step))
+                if seen is not None:
+                    seen.append(blocks[-1])
             elif isinstance(token, yaml.BlockEndToken) and blocks:
                 blocks.pop()
             elif isinstance(token, yaml.FlowMappingStartToken | yaml.FlowSequenceStartToken):
@@ -214,6 +249,8 @@ def _open_blocks(text: str, line: int, loader: type) -> list[_Block]:
                     blocks.append(top)
                 path = f"{top.path}[{top.items}]"
                 top.items += 1
+            elif isinstance(token, yaml.KeyToken) and not top.is_list:
+                top.keys += 1
             elif isinstance(token, yaml.ScalarToken) and after_key and not top.is_list:
                 top.key = token.value
             elif isinstance(token, yaml.ValueToken) and not top.is_list:
