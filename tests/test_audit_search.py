@@ -264,8 +264,10 @@ def test_the_join_looks_back_before_since(log_dir: Path) -> None:
 
 
 def test_unknown_status_is_refused(log_dir: Path) -> None:
-    with pytest.raises(ValueError, match="unknown status 'sent'"):
+    with pytest.raises(ValueError, match=r"unknown status 'sent' \(the log's status=sent is"):
         list(search(log_dir, status="sent"))
+    with pytest.raises(ValueError, match="unknown status 'sendt': one of received, "):
+        list(search(log_dir, status="sendt"))
 
 
 def test_json_output_is_the_stored_lines(log_dir: Path) -> None:
