@@ -18,6 +18,10 @@ if [ ! -x .venv/bin/python ]; then
     fi
 fi
 stamp=.venv/.installed${extras:+-$extras}
+# the test install holds the plain one: make run after make test needs no pip
+if [ -z "$extras" ] && [ -f .venv/.installed-test ] && [ ! pyproject.toml -nt .venv/.installed-test ]; then
+    stamp=.venv/.installed-test
+fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
