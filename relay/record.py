@@ -143,20 +143,25 @@ class Recorder:
         self.audit.append_many([record for records in batches for record in records])
         return [None] * len(batches)
 
-    def _delivery_line(self, entry: QueueEntry, address: str, status: str, reply: str) -> None:
+    def _delivery_line(
+        self, entry: QueueEntry, address: str, status: str, reply: str, sent: bool = False
+    ) -> None:
+        """``sent``: a reply with no enhanced status (a directory upstream's ``written
+        to``) says ``dsn=2.0.0``, as Postfix's lines of a delivery always do."""
+        code = dsn(reply)
         log.info(
             "%s: to=<%s>, relay=%s, delay=%.1f, dsn=%s, status=%s (%s)",
             entry.queue_id,
             address,
             entry.upstream,
             max(0.0, self.clock() - entry.arrival),  # not below 0 after a clock set back
-            dsn(reply),
+            "2.0.0" if sent and code == "-" else code,
             status,
             reply,
         )
 
     def delivered(self, entry: QueueEntry, address: str, reply: str) -> None:
-        self._delivery_line(entry, address, "sent", reply)
+        self._delivery_line(entry, address, "sent", reply, sent=True)
         attempts = next((r.attempts for r in entry.recipients if r.address == address), 0)
         self.add(
             ev.delivered(

@@ -148,3 +148,13 @@ def test_a_delivery_line_after_the_clock_was_set_back_has_no_negative_delay(
     entry = make_entry(arrival=now + 86400)
     Recorder(None, clock=lambda: now).delivered(entry, "customer@example.net", "250 2.0.0 ok")
     assert ", delay=0.0, dsn=2.0.0, status=sent" in caplog.text
+
+
+def test_a_delivery_with_no_enhanced_status_logs_dsn_2_0_0(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A directory upstream answers ``written to PATH``: its line said ``dsn=-``,
+    where Postfix's line of a delivery, and log tools reading it, have a code."""
+    caplog.set_level(logging.INFO, logger="relay")
+    Recorder(None).delivered(make_entry(), "customer@example.net", "written to /srv/outbox/x.eml")
+    assert ", dsn=2.0.0, status=sent (written to /srv/outbox/x.eml)" in caplog.text
