@@ -235,6 +235,7 @@ def test_a_hand_written_value_is_said_as_json_writes_it(tmp_path: Path) -> None:
         '{"op": ["add"], "address": "x@example.org"}\n'
         f'{{{add}, "reason": null}}\n'
         f'{{{add}, "reason": {{"why": "bounce"}}}}\n'
+        f'{{{add}, "reason": ["bøunce"]}}\n'
     )
     skipped = f"{path}:%d: not a suppression entry, skipped:"
     assert SuppressionFile(path).entries().problems == [
@@ -243,6 +244,7 @@ def test_a_hand_written_value_is_said_as_json_writes_it(tmp_path: Path) -> None:
         f'{skipped % 3} op ["add"] is neither add nor remove: {EITHER_LINE}',
         f"{skipped % 4} reason null is not one of bounce, complaint, manual",
         f'{skipped % 5} reason {{"why": "bounce"}} is not one of bounce, complaint, manual',
+        f'{skipped % 6} reason ["bøunce"] is not one of bounce, complaint, manual',
     ]
 
 

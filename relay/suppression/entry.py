@@ -204,7 +204,7 @@ def _check_added(record: dict[str, Any]) -> None:
 def _shown(value: object) -> str:
     """A value of the line as the sysadmin wrote it, not as Python spells it (None,
     True, ['add']): text quoted as the messages quote keys, anything else as JSON."""
-    return repr(value) if isinstance(value, str) else json.dumps(value)
+    return repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 def millis(since: str) -> int:
