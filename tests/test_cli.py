@@ -593,7 +593,8 @@ def test_preview_refuses_a_message_bigger_than_its_listener_takes(
 def test_the_tools_find_the_running_policy_from_the_state_directory_line(
     tmp_path: Path, line: str
 ) -> None:
-    """Read as text: the YAML around it may be what broke."""
+    """Read as text: the YAML around it may be what broke; named without the
+    ``..`` of the line, as the policy's own paths are."""
     from relay.policy.running import running_policy_file
 
     checked = tmp_path / "run" / "policy.checked.yaml"
@@ -602,7 +603,7 @@ def test_the_tools_find_the_running_policy_from_the_state_directory_line(
     policy = tmp_path / "etc" / "relay.yaml"
     policy.parent.mkdir()
     policy.write_text("version: [\n" + line)
-    assert running_policy_file(policy) == policy.absolute().parent / "../run/policy.checked.yaml"
+    assert running_policy_file(policy) == tmp_path / "run" / "policy.checked.yaml"
 
 
 def into_dev_full(*args: str) -> subprocess.CompletedProcess[str]:

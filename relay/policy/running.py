@@ -20,6 +20,7 @@ from relay.errors import PolicyError
 from relay.policy.files import RefusedFile
 from relay.policy.load import StateSettings, load, load_state, text_if_unchanged
 from relay.policy.model import Policy
+from relay.policy.schema import tidy
 from relay.policy.yamlsource import read_bytes
 
 _STATE_LINE = re.compile(  # a plain or quoted scalar, perhaps with a comment after it
@@ -35,7 +36,7 @@ def state_directory(path: Path) -> Path | None:
         return None
     found = _STATE_LINE.search(text)
     state = Path(found.group(2) if found else "state")
-    return state if state.is_absolute() else path.absolute().parent / state
+    return state if state.is_absolute() else tidy(path.absolute().parent / state)
 
 
 def running_policy_file(path: Path) -> Path | None:
