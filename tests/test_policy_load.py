@@ -1396,6 +1396,55 @@ def test_a_key_moved_left_out_of_its_block_is_said_not_the_line_after_it(
     ]
 
 
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_a_key_too_deep_after_a_block_is_said_to_be_not_the_line_above(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: type
+) -> None:
+    """The tenant's limit 6 spaces deep, as deep as the reply_to block two keys
+    above it: the key above was told it ended that block early, and moving it
+    in broke the file. The lines after go back to the tenant's keys, so the
+    too deep line is the slip."""
+    monkeypatch.setattr(yamlsource, "_Loader", loader)
+    words = _PARSER_WORDS["python" if loader is yaml.SafeLoader else "c"]
+    lines = (ROOT / "config" / "relay.example.yaml").read_text().split("\n")
+    number = _line_starting(lines, "    recipients_per_hour: ")
+    lines[number - 1] = "  " + lines[number - 1]
+    path = tmp_path / "relay.yaml"
+    path.write_text("\n".join(lines))
+    acme = _line_starting(lines, "    name: Acme")
+    assert checked(path) == [
+        f"{path}:{number}:7: YAML syntax error: the indentation of this line (6 spaces) does"
+        f" not match the block it is in: the keys of tenants.acme, from line {acme}, are"
+        " indented 4 spaces; indent it as they are, or check the indentation of the lines"
+        f" above it ({words['key']} at {number}:7)",
+        f"{path}: 1 problem",
+    ]
+
+
+@pytest.mark.parametrize("after", ["    upstream: default\n", ""])
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_a_key_too_deep_after_a_nested_block_is_said_to_be(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after: str, loader: type
+) -> None:
+    """The tenant's name, rightly placed after its users, was said to end the
+    user's block early, for the line under it being as deep as the user's keys."""
+    monkeypatch.setattr(yamlsource, "_Loader", loader)
+    words = _PARSER_WORDS["python" if loader is yaml.SafeLoader else "c"]
+    path = tmp_path / "relay.yaml"
+    path.write_text(
+        "version: 1\ntenants:\n  acme:\n    users:\n      jan:\n"
+        "        address: jan@acme.example\n    name: A\n        address: post@acme.example\n"
+        + after
+    )
+    assert checked(path) == [
+        f"{path}:8:9: YAML syntax error: the indentation of this line (8 spaces) does not"
+        " match the block it is in: the keys of tenants.acme, from line 4, are indented"
+        " 4 spaces; indent it as they are, or check the indentation of the lines above it"
+        f" ({words['values']} at 8:16)",
+        f"{path}: 1 problem",
+    ]
+
+
 @pytest.mark.parametrize(
     ("first", "said"),
     [

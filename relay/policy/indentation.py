@@ -61,7 +61,7 @@ def explain(
     if stop.line >= len(lines):
         return None
     line = lines[stop.line]
-    indent = len(line) - len(line.lstrip(" "))
+    indent = _indentation(line)
     before = line[indent : stop.column]
     if problem.startswith(_MATCHES_NO_BLOCK) and not before:
         deeper_only = False
@@ -87,18 +87,14 @@ def _ended_early(
 ) -> tuple[tuple[int, int], str] | None:
     """The line above, when it is the slip: indented less than the block it
     was in, it ended that block, and the parser stops at the next line, right
-    where it is, as deeper than the block the line above went back to."""
-    above = next(
-        (
-            n
-            for n in range(line - 1, -1, -1)
-            if lines[n].strip() and not lines[n].lstrip().startswith("#")
-        ),
-        None,
-    )
-    if above is None:
+    where it is, as deeper than the block the line above went back to. Only
+    when the lines after go on as the stopped line is indented, as the rest
+    of the block left behind does: when they go back, the stopped line alone
+    is out of line, too deep."""
+    above = next((n for n in range(line - 1, -1, -1) if _has_text(lines[n])), None)
+    if above is None or _indent_after(lines, line) != indent:
         return None
-    its = len(lines[above]) - len(lines[above].lstrip(" "))
+    its = _indentation(lines[above])
     before = _open_blocks(text, above, loader)
     kept = 0
     while kept < min(len(before), len(blocks)) and _same(before[kept], blocks[kept]):
@@ -112,6 +108,24 @@ def _ended_early(
         f" as they are: indent this line as they are, or line {line + 1} as the block it"
         " belongs to"
     )
+
+
+def _indent_after(lines: list[str], line: int) -> int | None:
+    """The indentation the file goes on at after ``line`` (0-based): the lines
+    deeper than it are its own value's, and say nothing of where it belongs."""
+    own = _indentation(lines[line])
+    for text in lines[line + 1 :]:
+        if _has_text(text) and _indentation(text) <= own:
+            return _indentation(text)
+    return None
+
+
+def _has_text(line: str) -> bool:
+    return bool(line.strip()) and not line.lstrip().startswith("#")
+
+
+def _indentation(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
 
 
 def _same(one: _Block, other: _Block) -> bool:
