@@ -1276,8 +1276,24 @@ def test_indentation_slips_in_the_example_policy_are_said_to_be_ones(
 @pytest.mark.parametrize(
     ("content", "problem"),
     [
+        # an item alone may as well be a key that lost its ':', this line its next key
         (b"version: 1\nlisteners:\n  - name: submission\n    allow:\n      - 127.0.0.0/8\n"
          b"        port: 25\n",
+         "6:9: YAML syntax error: the indentation of this line (8 spaces) is deeper than the"
+         " items ('-') of listeners[0].allow, from line 5 (6 spaces), so it reads as more of"
+         " the item above it, but it is a key: the keys of listeners[0], from line 3, are"
+         " indented 4 spaces; indent it as they are, or the item on line 5 is a key that lost"
+         " its ':' (mapping values are not allowed {here} at 6:13)"),
+        # ... but not among other items of one value, above it or below
+        (b"version: 1\nlisteners:\n  - name: submission\n    allow:\n      - 10.0.0.0/8\n"
+         b"      - 127.0.0.0/8\n        port: 25\n",
+         "7:9: YAML syntax error: the indentation of this line (8 spaces) is deeper than the"
+         " items ('-') of listeners[0].allow, from line 5 (6 spaces), so it reads as more of"
+         " the item above it, but it is a key: the keys of listeners[0], from line 3, are"
+         " indented 4 spaces; indent it as they are, or check the indentation of the lines"
+         " above it (mapping values are not allowed {here} at 7:13)"),
+        (b"version: 1\nlisteners:\n  - name: submission\n    allow:\n      - 127.0.0.0/8\n"
+         b"        port: 25\n      # more\n\n      - 10.0.0.0/8\n",
          "6:9: YAML syntax error: the indentation of this line (8 spaces) is deeper than the"
          " items ('-') of listeners[0].allow, from line 5 (6 spaces), so it reads as more of"
          " the item above it, but it is a key: the keys of listeners[0], from line 3, are"
@@ -1303,6 +1319,75 @@ def test_a_key_indented_too_far_under_a_list_item_is_said_to_be(
     path = tmp_path / "relay.yaml"
     path.write_bytes(content)
     assert checked(path) == [f"{path}:{problem.format(here=here)}", f"{path}: 1 problem"]
+
+
+@pytest.mark.parametrize(
+    ("item", "lost", "said"),
+    [
+        # the only listener: a value on its own, or a key that lost its ':'
+        ("  - name: local", "  - local",
+         "{next}:5: YAML syntax error: the indentation of this line (4 spaces) is deeper than"
+         " the items ('-') of listeners, from line {number} (2 spaces), so it reads as more"
+         " of the item above it, but it is a key: the top-level keys, from line {top}, are not"
+         " indented; indent it as they are, or the item on line {number} is a key that lost"
+         " its ':' ({values} at {next}:12)"),
+        # the first of classify's rules, the others mappings: a key that lost its ':'
+        ("  - id: invoice-header", "  - invoice-header",
+         "{number}:5: YAML syntax error: a key without ':' after it ({values} at {next}:9)"),
+        ("    - domain: platform.example", "    - platform.example",
+         "{next}:7: YAML syntax error: the indentation of this line (6 spaces) is deeper than"
+         " the items ('-') of dkim.keys, from line {number} (4 spaces), so it reads as more"
+         " of the item above it, but it is a key: the keys of dkim, from line {dkim}, are"
+         " indented 2 spaces; indent it as they are, or the item on line {number} is a key"
+         " that lost its ':' ({values} at {next}:15)"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_a_list_item_that_lost_its_key_s_colon_is_said_to_be(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, item: str, lost: str, said: str, loader: type
+) -> None:
+    """An item of one word with a key under it was said to be a whole value
+    with the key indented too far: the key told to move to the top level, or
+    to dkim's. The list's other items tell which it is; an item alone may be
+    either, and both are said."""
+    monkeypatch.setattr(yamlsource, "_Loader", loader)
+    here = "here" if loader is yaml.SafeLoader else "in this context"  # libyaml's words
+    lines = (ROOT / "config" / "relay.example.yaml").read_text().split("\n")
+    number = _line_starting(lines, item)
+    lines[number - 1] = lost
+    path = tmp_path / "relay.yaml"
+    path.write_text("\n".join(lines))
+    where = {
+        "number": number,
+        "next": number + 1,
+        "top": _line_starting(lines, "version: "),
+        "dkim": _line_starting(lines, "  keys:"),
+        "values": f"mapping values are not allowed {here}",
+    }
+    assert checked(path) == [f"{path}:{said.format(**where)}", f"{path}: 1 problem"]
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"version: 1\nlisteners:\n  - name: a\n    port: 25\n  - b\n    port: 26\n",
+         "5:5: YAML syntax error: a key without ':' after it ({values} at 6:9)"),
+        (b"version: 1\nlisteners:\n  -\n    name: a\n  - b\n    port: 26\n",
+         "5:5: YAML syntax error: a key without ':' after it ({values} at 6:9)"),
+        (b"version: 1\nclassify:\n- invoice\n  type: invoice\n- {id: b, type: quote}\n",
+         "3:3: YAML syntax error: a key without ':' after it ({values} at 4:7)"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_an_item_among_mappings_with_a_key_under_it_lost_its_colon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes, problem: str, loader: type
+) -> None:
+    """The item's siblings, above or below, in block or flow style, are mappings."""
+    monkeypatch.setattr(yamlsource, "_Loader", loader)
+    words = _PARSER_WORDS["python" if loader is yaml.SafeLoader else "c"]
+    path = tmp_path / "relay.yaml"
+    path.write_bytes(content)
+    assert checked(path) == [f"{path}:{problem.format(**words)}", f"{path}: 1 problem"]
 
 
 #: what each parser says where a line matches no block, or a key is read as

@@ -25,6 +25,7 @@ _MORE_OF_A_VALUE = (
     "mapping values are not allowed in this context",
     "mapping values are not allowed here",
 )
+_CHECK_ABOVE = "check the indentation of the lines above it"
 
 
 @dataclass
@@ -51,10 +52,16 @@ class _Block:
 
 
 def explain(
-    text: str, problem: str | None, stop: yaml.Mark | None, loader: type
+    text: str,
+    problem: str | None,
+    stop: yaml.Mark | None,
+    loader: type,
+    lost_colon: int | None = None,
 ) -> tuple[tuple[int, int], str] | None:
     """(line, column), 1-based, of the line a syntax error stopped on, and what
-    is wrong with its indentation; None when the error is not about that."""
+    is wrong with its indentation; None when the error is not about that.
+    ``lost_colon``: the line of a list item of one word that may as well be
+    the slip, a key whose ':' was left out, which is then said too."""
     if stop is None or problem is None:
         return None
     lines = text.split("\n")
@@ -73,12 +80,20 @@ def explain(
     blocks = _open_blocks(text, stop.line, loader, seen)
     if not blocks:
         return None
+    lost = (
+        None if lost_colon is None else f"the item on line {lost_colon} is a key that lost its ':'"
+    )
     if indent > blocks[-1].indent:
         early = _ended_early(text, lines, stop.line, indent, blocks, loader)
         if early is not None:
-            return early
+            return early if lost is None else (early[0], f"{early[1]}, or {lost}")
+    above = lost or _CHECK_ABOVE
     keyed = deeper_only and not before.startswith("- ")
-    said = _said_of_key(blocks, indent, seen) if keyed else _said(blocks, indent, deeper_only, seen)
+    said = (
+        _said_of_key(blocks, indent, seen, above)
+        if keyed
+        else _said(blocks, indent, deeper_only, seen, above)
+    )
     return None if said is None else ((stop.line + 1, indent + 1), said)
 
 
@@ -139,27 +154,35 @@ def _plain_key(before: str) -> bool:
     return bool(key.strip()) and ":" not in key and key[0] not in "\"'[{|>&*!%@`#-"
 
 
-def _said_of_key(blocks: list[_Block], indent: int, seen: list[_Block]) -> str | None:
+def _said_of_key(
+    blocks: list[_Block], indent: int, seen: list[_Block], above: str = _CHECK_ABOVE
+) -> str | None:
     """For a key read as more of the value above it: under a list's item, the
     block it could belong to is a mapping the list is in, not the list."""
     innermost = blocks[-1]
     mapping = next((b for b in reversed(blocks) if not b.is_list and b.indent < indent), None)
     if not innermost.is_list or indent <= innermost.indent or mapping is None:
-        return _said(blocks, indent, True, seen)
+        return _said(blocks, indent, True, seen, above)
     return (
         f"the indentation of this line ({_spaces(indent)}) is deeper than {innermost.named()},"
         f" from line {innermost.line} ({_spaces(innermost.indent)}), so it reads as more of"
         f" the item above it, but it is a key: {mapping.said()}; indent it as they are,"
-        " or check the indentation of the lines above it"
+        f" or {above}"
     )
 
 
-def _said(blocks: list[_Block], indent: int, deeper_only: bool, seen: list[_Block]) -> str | None:
+def _said(
+    blocks: list[_Block],
+    indent: int,
+    deeper_only: bool,
+    seen: list[_Block],
+    above: str = _CHECK_ABOVE,
+) -> str | None:
     innermost = blocks[-1]
     if indent > innermost.indent:
         astray = _first_key_astray(blocks, len(blocks) - 1, indent, seen)
         otherwise = (
-            "check the indentation of the lines above it"
+            above
             if astray is None
             else f"the block's first key, on line {astray.line}, is indented wrongly"
         )

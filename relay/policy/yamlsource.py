@@ -265,14 +265,18 @@ def _syntax_problem(
     if token is not None:
         return token.start_mark, "", _runaway(token.style, at, exc.problem)
     keyless = None if stop is None or exc.problem not in _KEYLESS else _keyless(text, stop)
-    if keyless is not None:
-        return keyless, "", f"YAML syntax error: a key without ':' after it ({exc.problem} at {at})"
+    keyless_said = f"YAML syntax error: a key without ':' after it ({exc.problem} at {at})"
+    if keyless is not None and keyless.sure:
+        return keyless.at, "", keyless_said
     if stop is not None and _in_indentation(text, stop, "\t"):
         return stop, "", f"{_syntax_message(exc)}: a tab indents this line; YAML takes only spaces"
-    misindented = indentation.explain(text, exc.problem, stop, _Loader)
+    lost_colon = None if keyless is None else keyless.at[0]
+    misindented = indentation.explain(text, exc.problem, stop, _Loader, lost_colon)
     if misindented is not None:
         line, said = misindented
         return line, "", f"YAML syntax error: {said} ({exc.problem} at {at})"
+    if keyless is not None:
+        return keyless.at, "", keyless_said
     return stop, "", _syntax_message(exc)
 
 
@@ -303,13 +307,25 @@ _KEYLESS = (
 _COMMENT = re.compile(r"\s+#.*$|^#.*$")
 
 
-def _keyless(text: str, stop: yaml.Mark) -> tuple[int, int] | None:
-    """(line, column), 1-based, of the nearest line above the parser's stop
-    with text, when it is a word or two with no ':' after them, as a key
-    whose ':' was left out is: the parser only notices on a later line. Not
-    when the stop's own line has a ':' before the stop: the slip is there;
-    nor when it is a list item of one word (``- 127.0.0.0/8``), a value whole
-    as it is, with a key indented too far under it."""
+@dataclass(frozen=True)
+class _Keyless:
+    """A line that may be a key whose ':' was left out; not ``sure`` when the
+    line under it may as well be a key indented too far."""
+
+    at: tuple[int, int]  # 1-based
+    sure: bool = True
+
+
+def _keyless(text: str, stop: yaml.Mark) -> _Keyless | None:
+    """The nearest line above the parser's stop with text, when it is a word
+    or two with no ':' after them, as a key whose ':' was left out is: the
+    parser only notices on a later line. Not when the stop's own line has a
+    ':' before the stop: the slip is there.
+
+    A list item of one word is a whole value (``- 127.0.0.0/8``) with a key
+    indented too far under it, or an item's key that lost its ':' (``- id``
+    of ``- id: invoice-header``), the line under it being the item's next
+    key: the list's other items tell which, and an item alone is either."""
     lines = text.split("\n")
     if stop.line >= len(lines) or ":" in lines[stop.line][: stop.column]:
         return None
@@ -321,10 +337,53 @@ def _keyless(text: str, stop: yaml.Mark) -> tuple[int, int] | None:
         is_item = stripped.startswith("- ")
         item = stripped[2:].lstrip() if is_item else stripped
         plain = item and item[0] not in "\"'[{|>&*!%@`" and ":" not in item
-        if is_item and len(item.split()) == 1:
+        if not plain:
             return None
-        return (number + 1, len(content) - len(item) + 1) if plain else None
+        at = (number + 1, len(content) - len(item) + 1)
+        if not is_item or len(item.split()) > 1:
+            return _Keyless(at)
+        kinds = _other_items(lines, number)
+        if MappingNode in kinds:
+            return _Keyless(at)
+        under_it = _indentation(lines[stop.line]) >= at[1] - 1  # where its keys would be
+        return _Keyless(at, sure=False) if not kinds and under_it else None
     return None
+
+
+def _other_items(lines: list[str], number: int) -> set[type[Node]]:
+    """The node types (a mapping, a scalar) of the items nearest above and
+    below the list item on line ``number`` (0-based) in its list; of the
+    ones YAML reads on their own."""
+    dash = _indentation(lines[number])
+    kinds: set[type[Node]] = set()
+    for step in (-1, 1):
+        n = number + step
+        while 0 <= n < len(lines) and (not _has_text(lines[n]) or _indentation(lines[n]) > dash):
+            n += step
+        if not 0 <= n < len(lines) or _indentation(lines[n]) < dash:
+            continue  # the list's end
+        if not re.match(r"-( |$)", _COMMENT.sub("", lines[n]).strip()):
+            continue  # the mapping's next key, after a list at its indentation
+        own = [lines[n].replace("-", " ", 1)]
+        for line in lines[n + 1 :]:
+            if _has_text(line) and _indentation(line) <= dash:
+                break
+            own.append(line)
+        try:
+            node = yaml.compose("\n".join(own), Loader=_Loader)
+        except yaml.YAMLError:
+            continue  # a slip of its own: it tells nothing
+        if isinstance(node, MappingNode | ScalarNode):
+            kinds.add(type(node))
+    return kinds
+
+
+def _has_text(line: str) -> bool:
+    return bool(_COMMENT.sub("", line).strip())
+
+
+def _indentation(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
 
 
 def _runaway(quote: str, at: str, problem: str | None) -> str:
