@@ -1314,11 +1314,7 @@ def test_a_key_indented_too_far_under_a_list_item_is_said_to_be(
 ) -> None:
     """A one-word item with a key under it was said to be a key without ':', and
     the key's own line, the one to fix, was not named."""
-    monkeypatch.setattr(yamlsource, "_Loader", loader)
-    here = "here" if loader is yaml.SafeLoader else "in this context"  # libyaml's words
-    path = tmp_path / "relay.yaml"
-    path.write_bytes(content)
-    assert checked(path) == [f"{path}:{problem.format(here=here)}", f"{path}: 1 problem"]
+    _one_problem(tmp_path, monkeypatch, loader, content, problem)
 
 
 @pytest.mark.parametrize(
@@ -1383,25 +1379,35 @@ def test_an_item_among_mappings_with_a_key_under_it_lost_its_colon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes, problem: str, loader: type
 ) -> None:
     """The item's siblings, above or below, in block or flow style, are mappings."""
-    monkeypatch.setattr(yamlsource, "_Loader", loader)
-    words = _PARSER_WORDS["python" if loader is yaml.SafeLoader else "c"]
-    path = tmp_path / "relay.yaml"
-    path.write_bytes(content)
-    assert checked(path) == [f"{path}:{problem.format(**words)}", f"{path}: 1 problem"]
+    _one_problem(tmp_path, monkeypatch, loader, content, problem)
 
 
 #: what each parser says where a line matches no block, or a key is read as
 #: more of the value above it: libyaml, then PyYAML's own
 _PARSER_WORDS = {
     "c": {
+        "here": "in this context",
         "key": "did not find expected key",
         "values": "mapping values are not allowed in this context",
     },
     "python": {
+        "here": "here",
         "key": "expected <block end>, but found '<block mapping start>'",
         "values": "mapping values are not allowed here",
     },
 }
+
+
+def _one_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: type, content: bytes, problem: str
+) -> None:
+    """``content`` read with ``loader`` is said to have ``problem`` alone, in that
+    parser's words (``{here}``, ``{key}``, ``{values}`` in it)."""
+    monkeypatch.setattr(yamlsource, "_Loader", loader)
+    path = tmp_path / "relay.yaml"
+    path.write_bytes(content)
+    words = _PARSER_WORDS["python" if loader is yaml.SafeLoader else "c"]
+    assert checked(path) == [f"{path}:{problem.format(**words)}", f"{path}: 1 problem"]
 
 
 @pytest.mark.parametrize(
@@ -1430,11 +1436,7 @@ def test_a_slip_in_a_list_not_indented_under_its_key_names_the_item(
 ) -> None:
     """Items ('-') at their key's indentation have no list start in the parser's
     tokens: the item's keys were named as the key above's, or the list's."""
-    monkeypatch.setattr(yamlsource, "_Loader", loader)
-    words = _PARSER_WORDS["python" if loader is yaml.SafeLoader else "c"]
-    path = tmp_path / "relay.yaml"
-    path.write_bytes(content)
-    assert checked(path) == [f"{path}:{problem.format(**words)}", f"{path}: 1 problem"]
+    _one_problem(tmp_path, monkeypatch, loader, content, problem)
 
 
 @pytest.mark.parametrize("prop", ["&k ", "!!str "])
