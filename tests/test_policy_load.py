@@ -1489,8 +1489,8 @@ def test_a_key_too_deep_after_a_block_is_said_to_be_not_the_line_above(
 ) -> None:
     """The tenant's limit 6 spaces deep, as deep as the reply_to block two keys
     above it: the key above was told it ended that block early, and moving it
-    in broke the file. The lines after go back to the tenant's keys, so the
-    too deep line is the slip."""
+    in broke the file. The lines after go back to the tenant's keys, where the
+    key above is: either may be the slip, the too deep line named first."""
     monkeypatch.setattr(yamlsource, "_Loader", loader)
     words = _PARSER_WORDS["python" if loader is yaml.SafeLoader else "c"]
     lines = (ROOT / "config" / "relay.example.yaml").read_text().split("\n")
@@ -1499,13 +1499,52 @@ def test_a_key_too_deep_after_a_block_is_said_to_be_not_the_line_above(
     path = tmp_path / "relay.yaml"
     path.write_text("\n".join(lines))
     acme = _line_starting(lines, "    name: Acme")
+    bcc, reply_to = (
+        _line_starting(lines, "    bcc_sender:"),
+        _line_starting(lines, "      default:"),
+    )
     assert checked(path) == [
         f"{path}:{number}:7: YAML syntax error: the indentation of this line (6 spaces) does"
         f" not match the block it is in: the keys of tenants.acme, from line {acme}, are"
-        " indented 4 spaces; indent it as they are, or check the indentation of the lines"
-        f" above it ({words['key']} at {number}:7)",
+        f" indented 4 spaces; indent it as they are, or line {bcc} above it, which ends the"
+        f" keys of tenants.acme.reply_to, from line {reply_to} (6 spaces), belongs in that"
+        f" block ({words['key']} at {number}:7)",
         f"{path}: 1 problem",
     ]
+
+
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_a_block_s_last_keys_after_a_key_moved_left_still_name_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: type
+) -> None:
+    """The listener's last key but one moved left: the line after the stopped one
+    goes back out, and only the stopped line, which is right, was named, told to
+    move to the top level. The rest of the list after it names the moved line;
+    a top-level key after it leaves both ways open, and says both."""
+    content = (
+        b"version: 1\nlisteners:\n  - name: a\n    address: 127.0.0.1\nport: 25\n"
+        b"    auth: optional\n  - name: b\n    port: 26\n"
+    )
+    _one_problem(
+        tmp_path, monkeypatch, loader, content,
+        "5:1: YAML syntax error: the indentation of this line (none) ends the keys of"
+        " listeners[0], from line 3 (4 spaces), but line 6 below it is indented as they are:"
+        " indent this line as they are, or line 6 as the block it belongs to ({values} at"
+        " 6:9)",
+    )  # fmt: skip
+    lines = (ROOT / "config" / "relay.example.yaml").read_text().split("\n")
+    number = _line_starting(lines, "    max_connections_per_client: ")
+    lines[number - 1] = lines[number - 1].lstrip()
+    stopped = _line_starting(lines, "    max_connections: ")
+    top, listener = _line_starting(lines, "version: "), _line_starting(lines, "  - name: local")
+    _one_problem(
+        tmp_path, monkeypatch, loader, "\n".join(lines).encode(),
+        f"{stopped}:5: YAML syntax error: the indentation of this line (4 spaces) does not"
+        f" match the block it is in: the top-level keys, from line {top}, are not indented;"
+        f" indent it as they are, or line {number} above it, which ends the keys of"
+        f" listeners[0], from line {listener} (4 spaces), belongs in that block ({{key}} at"
+        f" {stopped}:5)",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("after", ["    upstream: default\n", ""])
@@ -1514,7 +1553,8 @@ def test_a_key_too_deep_after_a_nested_block_is_said_to_be(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after: str, loader: type
 ) -> None:
     """The tenant's name, rightly placed after its users, was said to end the
-    user's block early, for the line under it being as deep as the user's keys."""
+    user's block early, for the line under it being as deep as the user's keys:
+    the too deep line is named first, the name as the other way."""
     monkeypatch.setattr(yamlsource, "_Loader", loader)
     words = _PARSER_WORDS["python" if loader is yaml.SafeLoader else "c"]
     path = tmp_path / "relay.yaml"
@@ -1526,7 +1566,8 @@ def test_a_key_too_deep_after_a_nested_block_is_said_to_be(
     assert checked(path) == [
         f"{path}:8:9: YAML syntax error: the indentation of this line (8 spaces) does not"
         " match the block it is in: the keys of tenants.acme, from line 4, are indented"
-        " 4 spaces; indent it as they are, or check the indentation of the lines above it"
+        " 4 spaces; indent it as they are, or line 7 above it, which ends the keys of"
+        " tenants.acme.users.jan, from line 6 (8 spaces), belongs in that block"
         f" ({words['values']} at 8:16)",
         f"{path}: 1 problem",
     ]

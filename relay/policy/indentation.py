@@ -83,11 +83,12 @@ def explain(
     lost = (
         None if lost_colon is None else f"the item on line {lost_colon} is a key that lost its ':'"
     )
+    either = None
     if indent > blocks[-1].indent:
-        early = _ended_early(text, lines, stop.line, indent, blocks, loader)
+        early, either = _ended_early(text, lines, stop.line, indent, blocks, loader)
         if early is not None:
             return early if lost is None else (early[0], f"{early[1]}, or {lost}")
-    above = lost or _CHECK_ABOVE
+    above = lost or either or _CHECK_ABOVE
     keyed = deeper_only and not before.startswith("- ")
     said = (
         _said_of_key(blocks, indent, seen, above)
@@ -99,16 +100,19 @@ def explain(
 
 def _ended_early(
     text: str, lines: list[str], line: int, indent: int, blocks: list[_Block], loader: type
-) -> tuple[tuple[int, int], str] | None:
-    """The line above, when it is the slip: indented less than the block it
+) -> tuple[tuple[tuple[int, int], str] | None, str | None]:
+    """The line above, when it may be the slip: indented less than the block it
     was in, it ended that block, and the parser stops at the next line, right
-    where it is, as deeper than the block the line above went back to. Only
-    when the lines after go on as the stopped line is indented, as the rest
-    of the block left behind does: when they go back, the stopped line alone
-    is out of line, too deep."""
+    where it is, as deeper than the block the line above went back to.
+
+    The lines after tell: going on as the stopped line is indented, or as a
+    block the line above ended (the rest of the block it left), the line above
+    is named (first of the pair); going back to where the line above is, it may
+    as well be right and the stopped line too deep, so the stopped line is
+    named with the line above as the other way (second of the pair)."""
     above = next((n for n in range(line - 1, -1, -1) if _has_text(lines[n])), None)
-    if above is None or _indent_after(lines, line) != indent:
-        return None
+    if above is None:
+        return None, None
     its = _indentation(lines[above])
     before = _open_blocks(text, above, loader)
     kept = 0
@@ -116,12 +120,19 @@ def _ended_early(
         kept += 1
     ended = next((b for b in before[kept:] if b.indent == indent and its < indent), None)
     if ended is None:
-        return None
-    return (above + 1, its + 1), (
-        f"the indentation of this line ({_spaces(its)}) ends {ended.named()}, from line"
-        f" {ended.line} ({_spaces(ended.indent)}), but line {line + 1} below it is indented"
-        f" as they are: indent this line as they are, or line {line + 1} as the block it"
-        " belongs to"
+        return None, None
+    after = _indent_after(lines, line)
+    if after is not None and (after == indent or after in {b.indent for b in before[kept:]}):
+        said = (
+            f"the indentation of this line ({_spaces(its)}) ends {ended.named()}, from line"
+            f" {ended.line} ({_spaces(ended.indent)}), but line {line + 1} below it is"
+            f" indented as they are: indent this line as they are, or line {line + 1} as the"
+            " block it belongs to"
+        )
+        return ((above + 1, its + 1), said), None
+    return None, (
+        f"line {above + 1} above it, which ends {ended.named()}, from line {ended.line}"
+        f" ({_spaces(ended.indent)}), belongs in that block"
     )
 
 
