@@ -12,6 +12,7 @@ import re
 import shutil
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from ipaddress import ip_network
 from pathlib import Path
@@ -1380,6 +1381,56 @@ def test_an_item_among_mappings_with_a_key_under_it_lost_its_colon(
 ) -> None:
     """The item's siblings, above or below, in block or flow style, are mappings."""
     _one_problem(tmp_path, monkeypatch, loader, content, problem)
+
+
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_an_item_among_mappings_with_a_line_not_under_it_is_not_said_to_have_lost_its_colon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: type
+) -> None:
+    """The line under the item is shallower than the item's keys would be: given
+    the ':' it was said to lack, the file failed on that line all the same."""
+    _one_problem(
+        tmp_path, monkeypatch, loader,
+        b"version: 1\nlisteners:\n  - name: a\n    port: 25\n  - b\n   port: 26\n",
+        "6:4: YAML syntax error: the indentation of this line (3 spaces) is deeper than the"
+        " items ('-') of listeners, from line 3 (2 spaces), so it reads as more of the item"
+        " above it, but it is a key: the top-level keys, from line 1, are not indented;"
+        " indent it as they are, or check the indentation of the lines above it ({values}"
+        " at 6:8)",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_an_item_next_to_one_too_deep_to_read_is_still_explained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: type
+) -> None:
+    """PyYAML's own parser recurses once a level: reading the next item, 5,000
+    brackets deep, raised RecursionError out of ``relay check``."""
+    deep = b"[" * 5000 + b"]" * 5000
+    _one_problem(
+        tmp_path, monkeypatch, loader,
+        b"version: 1\nlisteners:\n  - b\n    port: 26\n  - " + deep + b"\n",
+        "4:5: YAML syntax error: the indentation of this line (4 spaces) is deeper than the"
+        " items ('-') of listeners, from line 3 (2 spaces), so it reads as more of the item"
+        " above it, but it is a key: the top-level keys, from line 1, are not indented;"
+        " indent it as they are, or the item on line 3 is a key that lost its ':' ({values}"
+        " at 4:9)",
+    )  # fmt: skip
+
+
+def test_long_blank_lines_after_a_slip_are_read_in_linear_time(tmp_path: Path) -> None:
+    """The comment pattern took time in the square of a run of spaces: a line of
+    300,000 in the next item held ``relay check`` for about a minute."""
+    path = tmp_path / "relay.yaml"
+    blank = b" " * 300_000
+    path.write_bytes(
+        b"version: 1\nlisteners:\n  - b\n    port: 26\n  - name: x\n" + blank + b"\n    port: 27\n"
+    )
+    start = time.monotonic()
+    said = checked(path)
+    assert time.monotonic() - start < 5, "read in quadratic time"
+    assert said[0].endswith(":3:5: YAML syntax error: a key without ':' after it (mapping"
+                            " values are not allowed in this context at 4:9)")  # fmt: skip
 
 
 #: what each parser says where a line matches no block, or a key is read as
