@@ -135,6 +135,8 @@ def _policy(
         kept = running.digest[:12]
         if reads_another(running, path):  # a reload never reads this file
             return f"policy: {kept} in use; {broken}: {_elsewhere(running)}"
+        if statelock.STOPPING in running.pending:  # no reload: the next start reads it
+            return f"policy: {kept} in use; {broken}: the next start refuses it as it reads now"
         return f"policy: {kept} in use; {broken}: a reload keeps {kept}"
     if running is None or not running.digest:
         return f"policy: {path} reads {digest[:12]}"

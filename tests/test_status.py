@@ -301,6 +301,9 @@ def test_a_reload_that_ends_during_the_stop_keeps_the_stop_in_the_lock_file(
         # an edit the stop keeps from a reload: no advice to reload
         edited = status._policy(policy_file, held, "0123456789ab" * 4, [])
         assert edited.endswith("now reads 0123456789ab: the next start puts it in use"), edited
+        # nor to a file that does not load: a reload keeps nothing now
+        broken = status._policy(policy_file, held, None, ["relay.yaml:1:1: x"])
+        assert broken.endswith(": the next start refuses it as it reads now"), broken
     finally:
         lock.close()
 
