@@ -1516,22 +1516,18 @@ def test_a_key_moved_left_out_of_its_block_is_said_not_the_line_after_it(
     """Not indented, the listener's port became a top-level key, and the parser
     stopped at the next key, which is right: the line after it was told to
     leave its block."""
-    monkeypatch.setattr(yamlsource, "_Loader", loader)
-    words = _PARSER_WORDS["python" if loader is yaml.SafeLoader else "c"]
     lines = (ROOT / "config" / "relay.example.yaml").read_text().split("\n")
     number = _line_starting(lines, "    port: ")
     assert lines[number].startswith("    auth: ")
     lines[number - 1] = lines[number - 1].lstrip()
-    path = tmp_path / "relay.yaml"
-    path.write_text("\n".join(lines))
     item = _line_starting(lines, "  - name: ")
-    assert checked(path) == [
-        f"{path}:{number}:1: YAML syntax error: the indentation of this line (none) ends the"
-        f" keys of listeners[0], from line {item} (4 spaces), but line {number + 1} below it"
-        f" is indented as they are: indent this line as they are, or line {number + 1} as the"
-        f" block it belongs to ({words['values']} at {number + 1}:9)",
-        f"{path}: 1 problem",
-    ]
+    _one_problem(
+        tmp_path, monkeypatch, loader, "\n".join(lines).encode(),
+        f"{number}:1: YAML syntax error: the indentation of this line (none) ends the keys of"
+        f" listeners[0], from line {item} (4 spaces), but line {number + 1} below it is"
+        f" indented as they are: indent this line as they are, or line {number + 1} as the"
+        f" block it belongs to ({{values}} at {number + 1}:9)",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
@@ -1542,26 +1538,20 @@ def test_a_key_too_deep_after_a_block_is_said_to_be_not_the_line_above(
     above it: the key above was told it ended that block early, and moving it
     in broke the file. The lines after go back to the tenant's keys, where the
     key above is: either may be the slip, the too deep line named first."""
-    monkeypatch.setattr(yamlsource, "_Loader", loader)
-    words = _PARSER_WORDS["python" if loader is yaml.SafeLoader else "c"]
     lines = (ROOT / "config" / "relay.example.yaml").read_text().split("\n")
     number = _line_starting(lines, "    recipients_per_hour: ")
     lines[number - 1] = "  " + lines[number - 1]
-    path = tmp_path / "relay.yaml"
-    path.write_text("\n".join(lines))
     acme = _line_starting(lines, "    name: Acme")
-    bcc, reply_to = (
-        _line_starting(lines, "    bcc_sender:"),
-        _line_starting(lines, "      default:"),
-    )
-    assert checked(path) == [
-        f"{path}:{number}:7: YAML syntax error: the indentation of this line (6 spaces) does"
-        f" not match the block it is in: the keys of tenants.acme, from line {acme}, are"
-        f" indented 4 spaces; indent it as they are, or line {bcc} above it, which ends the"
-        f" keys of tenants.acme.reply_to, from line {reply_to} (6 spaces), belongs in that"
-        f" block ({words['key']} at {number}:7)",
-        f"{path}: 1 problem",
-    ]
+    bcc = _line_starting(lines, "    bcc_sender:")
+    reply_to = _line_starting(lines, "      default:")
+    _one_problem(
+        tmp_path, monkeypatch, loader, "\n".join(lines).encode(),
+        f"{number}:7: YAML syntax error: the indentation of this line (6 spaces) does not"
+        f" match the block it is in: the keys of tenants.acme, from line {acme}, are indented"
+        f" 4 spaces; indent it as they are, or line {bcc} above it, which ends the keys of"
+        f" tenants.acme.reply_to, from line {reply_to} (6 spaces), belongs in that block"
+        f" ({{key}} at {number}:7)",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
