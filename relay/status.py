@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from relay import statefiles, statelock
+from relay.quantity import quantity
 from relay.spool import Spool
 from relay.spool.store import SpoolError
 
@@ -128,7 +129,7 @@ def _policy(
     path: Path, running: statelock.Holder | None, digest: str | None, problems: list[str]
 ) -> str:
     if digest is None:
-        count = f"{len(problems)} problem{'' if len(problems) == 1 else 's'}"
+        count = quantity(len(problems), "problem")
         broken = f"{path} does not load ({count}: relay check -c {path} names them)"
         if running is None or not running.digest:
             return f"policy: {broken}"

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import yaml
 
+from relay.quantity import quantity
+
 # what the parser says at a line indented to no open block's keys (libyaml,
 # then PyYAML's own parser), and at one indented more than its block's keys
 # after a plain value, which it reads as more of that value
@@ -312,7 +314,7 @@ def _open_blocks(
 
 
 def _spaces(n: int) -> str:
-    return "none" if n == 0 else "1 space" if n == 1 else f"{n} spaces"
+    return "none" if n == 0 else quantity(n, "space")
 
 
 def _indented(n: int) -> str:

@@ -28,6 +28,7 @@ from typing import BinaryIO, NamedTuple, TextIO
 from relay.audit import AuditError
 from relay.headers import signature_tags
 from relay.listinput import read_lines
+from relay.quantity import quantity
 from relay.queueid import queue_id_time
 from relay.spool.entry import QueueEntry
 from relay.spool.notes import Notes
@@ -88,8 +89,7 @@ def list_queue(spool: Spool, out: TextIO, *, as_json: bool = False) -> int:
         else:
             _write_entry(item, out)
     total = sum(item.size for item in items)
-    plural = "" if len(items) == 1 else "s"
-    out.write(f"-- {total // 1024} Kbytes in {len(items)} Request{plural}.\n")
+    out.write(f"-- {total // 1024} Kbytes in {quantity(len(items), 'Request')}.\n")
     return 0
 
 
@@ -655,4 +655,4 @@ def _all_hint(queue_id: str) -> str:
 
 def _summary(out: TextIO, verb: str, outcome: Outcome, more: int = 0) -> None:
     count = len(outcome.entries) + more
-    out.write(f"{verb}: {count} message{'' if count == 1 else 's'}\n")
+    out.write(f"{verb}: {quantity(count, 'message')}\n")
