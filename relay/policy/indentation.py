@@ -70,7 +70,7 @@ def explain(
     if stop.line >= len(lines):
         return None
     line = lines[stop.line]
-    indent = _indentation(line)
+    indent = indent_of(line)
     before = line[indent : stop.column]
     if problem.startswith(_MATCHES_NO_BLOCK) and not before:
         deeper_only = False
@@ -112,10 +112,10 @@ def _ended_early(
     is named (first of the pair); going back to where the line above is, it may
     as well be right and the stopped line too deep, so the stopped line is
     named with the line above as the other way (second of the pair)."""
-    above = next((n for n in range(line - 1, -1, -1) if _has_text(lines[n])), None)
+    above = next((n for n in range(line - 1, -1, -1) if has_text(lines[n])), None)
     if above is None:
         return None, None
-    its = _indentation(lines[above])
+    its = indent_of(lines[above])
     before = _open_blocks(text, above, loader)
     kept = 0
     while kept < min(len(before), len(blocks)) and _same(before[kept], blocks[kept]):
@@ -141,18 +141,20 @@ def _ended_early(
 def _indent_after(lines: list[str], line: int) -> int | None:
     """The indentation the file goes on at after ``line`` (0-based): the lines
     deeper than it are its own value's, and say nothing of where it belongs."""
-    own = _indentation(lines[line])
+    own = indent_of(lines[line])
     for text in lines[line + 1 :]:
-        if _has_text(text) and _indentation(text) <= own:
-            return _indentation(text)
+        if has_text(text) and indent_of(text) <= own:
+            return indent_of(text)
     return None
 
 
-def _has_text(line: str) -> bool:
-    return bool(line.strip()) and not line.lstrip().startswith("#")
+def has_text(line: str) -> bool:
+    """Whether the line holds more than blanks or a comment."""
+    text = line.strip()
+    return bool(text) and not text.startswith("#")
 
 
-def _indentation(line: str) -> int:
+def indent_of(line: str) -> int:
     return len(line) - len(line.lstrip(" "))
 
 

@@ -19,6 +19,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from relay.policy import indentation
 from relay.policy.files import RefusedFile, read_limited
+from relay.policy.indentation import has_text, indent_of
 
 try:
     _Loader: type = yaml.CSafeLoader
@@ -345,7 +346,7 @@ def _keyless(text: str, stop: yaml.Mark) -> _Keyless | None:
         at = (number + 1, len(content) - len(item) + 1)
         if not is_item or len(item.split()) > 1:
             return _Keyless(at)
-        under_it = _indentation(lines[stop.line]) >= at[1] - 1  # where its keys would be
+        under_it = indent_of(lines[stop.line]) >= at[1] - 1  # where its keys would be
         if not under_it:
             return None  # not the item's next key: out of line whatever the item is
         kinds = _other_items(lines, number)
@@ -359,19 +360,19 @@ def _other_items(lines: list[str], number: int) -> set[type[Node]]:
     """The node types (a mapping, a scalar) of the items nearest above and
     below the list item on line ``number`` (0-based) in its list; of the
     ones YAML reads on their own."""
-    dash = _indentation(lines[number])
+    dash = indent_of(lines[number])
     kinds: set[type[Node]] = set()
     for step in (-1, 1):
         n = number + step
-        while 0 <= n < len(lines) and (not _has_text(lines[n]) or _indentation(lines[n]) > dash):
+        while 0 <= n < len(lines) and (not has_text(lines[n]) or indent_of(lines[n]) > dash):
             n += step
-        if not 0 <= n < len(lines) or _indentation(lines[n]) < dash:
+        if not 0 <= n < len(lines) or indent_of(lines[n]) < dash:
             continue  # the list's end
         if not re.match(r"-( |$)", _COMMENT.sub("", lines[n]).strip()):
             continue  # the mapping's next key, after a list at its indentation
         own = [lines[n].replace("-", " ", 1)]
         for line in lines[n + 1 :]:
-            if _has_text(line) and _indentation(line) <= dash:
+            if has_text(line) and indent_of(line) <= dash:
                 break
             own.append(line)
         try:
@@ -381,15 +382,6 @@ def _other_items(lines: list[str], number: int) -> set[type[Node]]:
         if isinstance(node, MappingNode | ScalarNode):
             kinds.add(type(node))
     return kinds
-
-
-def _has_text(line: str) -> bool:
-    text = line.strip()
-    return bool(text) and not text.startswith("#")
-
-
-def _indentation(line: str) -> int:
-    return len(line) - len(line.lstrip(" "))
 
 
 def _runaway(quote: str, at: str, problem: str | None) -> str:
