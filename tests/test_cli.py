@@ -246,7 +246,7 @@ def test_preview_says_why_a_tenant_that_needs_a_login_does_not_take_the_message(
 @pytest.mark.parametrize(
     ("option", "reply"),
     [
-        (["--auth-login", "nobody"], "535 5.7.8 Authentication credentials invalid: no login"),
+        (["--auth-login", "nobody"], "535 5.7.8 Authentication credentials invalid\n"),
         (["--rcpt", "bad address"], "553 5.1.3 Bad address syntax: 'bad address'"),
         (["--rcpt", '"root@"'], "553 5.1.3 Quoted local parts are not supported"),
         (["--mail-from", "kari@"], "553 5.1.7 Bad address syntax: 'kari@'"),
@@ -267,17 +267,10 @@ def test_preview_refuses_what_the_smtp_side_refuses(
 @pytest.mark.parametrize(
     ("option", "stage", "code", "status", "text"),
     [
-        (
-            ["--auth-login", "nobody"],
-            "AUTH",
-            535,
-            "5.7.8",
-            "Authentication credentials invalid: no login 'nobody' in the policy",
-        ),
         (["--mail-from", "kari@"], "MAIL FROM", 553, "5.1.7", "Bad address syntax: 'kari@'"),
         (["--rcpt", "bad address"], "RCPT TO", 553, "5.1.3", "Bad address syntax: 'bad address'"),
     ],
-    ids=["login", "sender", "rcpt"],
+    ids=["sender", "rcpt"],
 )
 def test_preview_json_of_a_refused_message_says_why_and_where(
     policy_file: Path, tmp_path: Path, option: list[str], stage: str, code: int, status: str,
@@ -305,12 +298,17 @@ def test_preview_refuses_an_unknown_login_before_a_bad_recipient(
     faults = ["--auth-login", "nobody", "--rcpt", "bad address", "--mail-from", "kari@"]
     done = relay("preview", "-c", str(policy_file), str(eml), *faults)
     assert done.returncode == 65, done.stdout
-    said = "535 5.7.8 Authentication credentials invalid: no login 'nobody' in the policy"
-    assert done.stderr == f"relay preview: the relay would refuse this message: {said}\n"
+    said = "535 5.7.8 Authentication credentials invalid"
+    why = "no login 'nobody' in the policy"
+    assert done.stderr == (
+        f"relay preview: the relay would refuse this message: {said}\n"
+        f"relay preview: why: {why}\n"
+    )
     done = relay("preview", "-c", str(policy_file), str(eml), "--json", *faults)
     assert done.returncode == 65, done.stdout
     refused = json.loads(done.stdout)["refused"]
     assert (refused["stage"], refused["code"], refused["status"]) == ("AUTH", 535, "5.7.8")
+    assert (refused["text"], refused["why"]) == ("Authentication credentials invalid", why)
 
 
 def test_preview_json_of_a_refused_message_has_what_the_sysadmin_is_told(
