@@ -17,6 +17,7 @@ import pytest
 
 from relay.errors import Rejected
 from relay.ingress import content, listen, protocol
+from relay.ingress.authlimit import AuthFailures
 from relay.ingress.protocol import RelaySMTP
 from relay.passwd import hash_password
 from relay.policy.model import AuthMode, TlsFiles
@@ -1010,14 +1011,27 @@ def test_a_client_gone_during_auth_is_no_failed_login(
     assert "AUTH failed" not in caplog.text
 
 
-def test_auth_plain_empty_initial_response_fails_authentication(relay: Relay) -> None:
-    """``=`` is an empty initial response (RFC 4954 4): no credentials, not bad base64."""
-    with Raw(relay.port) as raw:
+@pytest.mark.parametrize(
+    "sent", [[b"AUTH PLAIN ="], [b"AUTH PLAIN", b""]], ids=["initial-response", "answer"]
+)
+def test_an_empty_plain_response_is_malformed_as_one_without_nuls(
+    sent: list[bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``=`` is an empty initial response (RFC 4954 4), an empty line an empty
+    answer to the challenge, not a cancel: neither holds a login and password.
+    They were a failed login, answered 535 after the delay and counted
+    towards the lock-out, where other malformed PLAIN data gets 501 at once."""
+    caplog.set_level(logging.INFO, logger="relay")
+    failures = AuthFailures(per_client=1, delay=5.0)
+    with Relay([listener()], failures=failures) as relay, Raw(relay.port) as raw:
         raw.ehlo()
-        assert raw.cmd(b"AUTH PLAIN =") == "535 5.7.8 Authentication credentials invalid"
-        assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()).startswith(
-            "235 "
-        )
+        started = time.monotonic()
+        replies = [raw.cmd(line) for line in sent]
+        assert replies[-1] == "501 5.5.2 Cannot split the PLAIN credentials"
+        assert time.monotonic() - started < 2.0
+        login = b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()
+        assert raw.cmd(login).startswith("235 ")  # one failure counted would lock it
+    assert "AUTH failed" not in caplog.text
 
 
 def test_auth_attempts_per_connection_are_limited(relay: Relay) -> None:

@@ -77,11 +77,8 @@ class Mechanisms:
             if blob is None:
                 return AuthResult(success=False, handled=True)
         assert isinstance(blob, bytes)
-        if not blob:
-            log.warning("AUTH failed client=%s: no credentials", _peer(server))
-            return await self._failed(_peer(server))
         parts = blob.split(b"\0")
-        if len(parts) != 3:
+        if len(parts) != 3:  # an empty response too: it is no login, not a wrong one
             await server.push(BAD_PLAIN)
             return AuthResult(success=False, handled=True)
         authzid, login, password = parts
