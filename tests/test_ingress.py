@@ -328,7 +328,14 @@ SYNTAX = "501 5.5.4 Syntax: RCPT TO:<address> [SP <mail-parameters>]"
 
 
 @pytest.mark.parametrize(
-    "path", [b"<q4@example.org", b"<q4@example.org NOTIFY=NEVER", b'"Customer" <q4@example.org']
+    "path",
+    [
+        b"<q4@example.org",
+        b"<q4@example.org NOTIFY=NEVER",
+        b'"Customer" <q4@example.org',
+        b'<"q4>x"@example.org',  # the > is the quoted local part's
+        b'<"q4>x@example.org',  # as its quote is never closed
+    ],
 )
 def test_a_path_not_closed_is_refused(relay: Relay, path: bytes) -> None:
     """aiosmtpd's parser took ``<q4@example.org`` for the address, and the message
@@ -409,6 +416,30 @@ def test_recipient_not_sent_as_given_refused(relay: Relay, path: bytes, expected
         assert raw.cmd(b"RCPT TO:<one@example.org>").startswith("250")
         _data(raw)
     assert relay.process.submissions[0].rcpt_tos == ("one@example.org",)
+
+
+QUOTED_GT = "Quoted local parts are not supported: "
+
+
+def test_a_quoted_local_part_holding_a_gt_is_named_whole(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``"a>b"`` is a quoted local part (RFC 5321 4.1.2): the path ends at the
+    ``>`` after it. The refusal and the log quoted ``"a``, cut at the first."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        sender = raw.cmd(b'MAIL FROM:<"a>b"@acme.example> AUTH=<>')
+        assert sender == f"553 5.1.7 {QUOTED_GT}'\"a>b\"@acme.example'"
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        recipient = raw.cmd(b'RCPT TO:"Customer" <"a>b"@example.org>')
+        assert recipient == f"553 5.1.3 {QUOTED_GT}'\"a>b\"@example.org'"
+        assert raw.cmd(b"RCPT TO:<one@example.org>").startswith("250")
+        _data(raw)
+    assert relay.process.submissions[0].rcpt_tos == ("one@example.org",)
+    logged = "\n".join(refused_lines(caplog))
+    assert f'from=<"a>b"@acme.example>: {sender}' in logged
+    assert f'to=<"a>b"@example.org>: {recipient}' in logged
 
 
 def test_a_recipient_given_twice_is_sent_once(relay: Relay) -> None:

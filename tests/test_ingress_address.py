@@ -15,6 +15,7 @@ from relay.ingress.address import (
     RECIPIENT,
     SENDER,
     mailbox_refusal,
+    path_end,
     plain_path,
     without_display_name,
 )
@@ -75,13 +76,16 @@ THEIRS_LIMITED, OURS_LIMITED = _protocols(8)
 @example("Jan <a<b@c.example>>")
 @example("<a@b.example")
 @example("<")
+@example('<"a>b"@c.example>')
+@example('<"a>b"@c.example')
+@example('<"a>b@c.example')
 def test_same_result_as_aiosmtpd(arg: str) -> None:
     """aiosmtpd's result for the path without its display name: it read the
     name as the address, and the path after it as parameters (a ``501``).
     A path opened and never closed has no address: aiosmtpd's parser took
     what followed the ``<`` (or raised, on ``<`` alone)."""
     path = without_display_name(arg)
-    if path.startswith("<") and ">" not in path:
+    if path.startswith("<") and path_end(path) is None:
         assert _outcome(OURS, arg) == _outcome(OURS_LIMITED, arg) == (None, None)
         return
     assert _outcome(OURS, arg) == _outcome(THEIRS, path)

@@ -44,6 +44,11 @@ _COMMENT = r"\([\x20-\x27\x2a-\x3b\x3d\x3f-\x5b\x5d-\x7e]*\)"
 #: possessive, or a long run of letters with no ``<`` took exponential time.
 DISPLAY_NAME = rf"(?:(?:{_ATOM}|{_QUOTED}|{_COMMENT})[ \t]*)++(?=<)"
 _DISPLAY_NAME = re.compile(DISPLAY_NAME)
+#: What comes between a path's ``<`` and its ``>``: a quoted local part may
+#: hold a ``>`` (``<"a>b"@example.org>``), so a path whose quote is never
+#: closed is never closed either
+PATH_TEXT = r'(?:"(?:[^"\\]|\\.)*"|[^>"])*+'
+_CLOSED_PATH = re.compile(rf"<{PATH_TEXT}>")
 
 TOO_LONG = "Address longer than SMTP allows (64 octets before the @, 254 in all)"
 SENDER = "5.1.7"  # RFC 3463: bad sender's mailbox address syntax
@@ -59,6 +64,13 @@ def plain_path(arg: str) -> tuple[str, str] | None:
     if rest[:1].isspace() or rest.startswith("("):
         return None  # folding or a comment: the parser's rules for CFWS apply
     return match.group(1), rest
+
+
+def path_end(arg: str) -> int | None:
+    """Where the path ``arg`` starts with ends, after its ``>``; None when it
+    opens with no ``<`` or never closes it."""
+    match = _CLOSED_PATH.match(arg)
+    return None if match is None else match.end()
 
 
 def without_display_name(arg: str) -> str:

@@ -60,6 +60,8 @@ from relay.ingress import content, data, dsn
 from relay.ingress.address import (
     DISPLAY_NAME,
     PARAMETER_WORD,
+    PATH_TEXT,
+    path_end,
     plain_path,
     without_display_name,
 )
@@ -114,11 +116,13 @@ RCPT_OVERSHOOT = 1000
 _TOO_MANY_RECIPIENTS = "452 4.5.3 "
 
 NON_ASCII = "501 5.6.7 Non-ASCII characters are not allowed: SMTPUTF8 is not offered"
-_NON_ASCII_PATH = re.compile(rb"(MAIL FROM|RCPT TO):\s*([^<]*)<([^>]*)>", re.IGNORECASE)
+_NON_ASCII_PATH = re.compile(
+    rb"(MAIL FROM|RCPT TO):\s*([^<]*)<(" + PATH_TEXT.encode() + rb")>", re.IGNORECASE
+)
 # in what comes before the <: a parameter (``jan@x ENVID=<…>``), so no name
 _PARAMETER_BEFORE = re.compile(rf"(?:^|[ \t]){PARAMETER_WORD}".encode())
-_GIVEN_SENDER = re.compile(rf"FROM:\s*(?:{DISPLAY_NAME})?<([^>]*)>", re.IGNORECASE)
-_GIVEN_RECIPIENT = re.compile(rf"TO:\s*(?:{DISPLAY_NAME})?<([^>]*)>", re.IGNORECASE)
+_GIVEN_SENDER = re.compile(rf"FROM:\s*(?:{DISPLAY_NAME})?<({PATH_TEXT})>", re.IGNORECASE)
+_GIVEN_RECIPIENT = re.compile(rf"TO:\s*(?:{DISPLAY_NAME})?<({PATH_TEXT})>", re.IGNORECASE)
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _AUTH_PARAMETER = re.compile(r"[ \t]+AUTH=\S*", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -607,11 +611,12 @@ class RelaySMTP(SMTP):
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's, but a path opened with ``<`` must be closed: its parser
-        took ``<one@example.org`` as the address, and the message went there."""
+        took ``<one@example.org`` as the address, and the message went there.
+        A ``>`` in a quoted local part closes nothing."""
         arg = without_display_name(arg)
         plain = plain_path(arg)
         if plain is None:
-            if arg.startswith("<") and ">" not in arg:
+            if arg.startswith("<") and path_end(arg) is None:
                 return None, None
             return super()._getaddr(arg)
         localpart = plain[0].rpartition("@")[0]
@@ -1206,9 +1211,9 @@ def _without_auth_parameter(arg: str) -> str:
     if not colon:
         return arg
     rest = without_display_name(rest.lstrip(" \t"))
-    if rest.startswith("<") and ">" in rest:
-        path, end, parameters = rest.partition(">")
-        return keyword + colon + path + end + _AUTH_PARAMETER.sub("", parameters)
+    end = path_end(rest)
+    if end is not None:
+        return keyword + colon + rest[:end] + _AUTH_PARAMETER.sub("", rest[end:])
     return keyword + colon + _AUTH_PARAMETER.sub("", rest)
 
 
