@@ -1650,6 +1650,52 @@ def test_a_block_s_first_key_out_of_line_is_named_with_the_line_after_it(
     ]
 
 
+_OLD_MAC = (
+    "; the file's lines end in a carriage return alone (U+000D), as an old Mac saved"
+    " them: YAML and the line number here count them as lines, grep and most editors"
+    " see one long line; save the file with line feeds"
+)
+
+
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_a_slip_is_said_alike_whatever_the_line_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: type
+) -> None:
+    """YAML reads a carriage return alone as a line end: a file saved with an old
+    Mac's got the parser's bare words, the explainer seeing one long line, and
+    no word of why grep -n finds no such line."""
+    monkeypatch.setattr(yamlsource, "_Loader", loader)
+    python = loader is yaml.SafeLoader
+    stop = _PARSER_WORDS["python"]["key"] if python else "did not find expected '-' indicator"
+    content = "version: 1\nlisteners:\n  - name: local\n    address: 127.0.0.1\n   port: 2525\n"
+    said = (
+        "5:4: YAML syntax error: the indentation of this line (3 spaces) does not match any"
+        " block it could belong to: the keys of listeners[0], from line 3, are indented"
+        " 4 spaces, the items ('-') of listeners, from line 3, are indented 2 spaces;"
+        f" indent it as the ones it belongs with ({stop} at 5:4)"
+    )
+    path = tmp_path / "relay.yaml"
+    for end, note in (("\n", ""), ("\r\n", ""), ("\r", _OLD_MAC)):
+        path.write_bytes(content.replace("\n", end).encode())
+        assert checked(path) == [f"{path}:{said}{note}", f"{path}: 1 problem"], repr(end)
+
+
+def test_a_line_fed_line_in_an_old_mac_file_is_said_where_yaml_counts_it(
+    tmp_path: Path,
+) -> None:
+    """A line added with ``echo >>`` to a file of carriage returns alone was said
+    to be a carriage return to delete at 1:11, the first line's end: deleted,
+    the first two lines were one."""
+    path = tmp_path / "relay.yaml"
+    path.write_bytes(b"version: 1\rplatform:\r  hostname: relay\rcontrol_headers: [X-A]\n")
+    assert problems(path) == [
+        f"{path}:4:23: a line feed (U+000A) where the file's other lines end in a carriage"
+        " return alone (U+000D), as an old Mac saved them: YAML reads both as line breaks,"
+        " grep and most editors only the line feed, so their line numbers are not the ones"
+        " here; save the file with line feeds alone"
+    ]
+
+
 def test_the_policy_version_covers_the_files_it_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

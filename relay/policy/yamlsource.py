@@ -113,14 +113,19 @@ def read(
     except UnicodeDecodeError as exc:
         problems.add(_position(data, exc.start), "", f"the file is not UTF-8 text ({exc.reason})")
         return data, None
-    separator = _LINE_SEPARATOR.search(text) or ("\n" in text and _LONE_CR.search(text))
+    separator = _LINE_SEPARATOR.search(text)
     if separator:
         problems.add(_position(text, separator.start()), "", _line_separator(separator.group()))
+        return data, None
+    odd = _odd_line_end(text)
+    if odd is not None:
+        problems.add(*odd)
         return data, None
     try:
         node = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
-        problems.add(*_syntax_problem(text, exc))
+        where, path, said = _syntax_problem(_line_feeds(text), exc)
+        problems.add(where, path, said + (_CR_ONLY if "\r" in text and "\n" not in text else ""))
         return data, None
     except yaml.reader.ReaderError as exc:
         where = _position(text, exc.position)
@@ -426,9 +431,46 @@ def _syntax_message(exc: yaml.MarkedYAMLError) -> str:
 # YAML reads these as line breaks, editors and grep -n do not; pasted from a
 # web page or a word processor, they are invisible
 _LINE_SEPARATOR = re.compile("[\u0085\u2028\u2029]")
-# a carriage return not before a line feed, in a file of line feeds (one of
-# carriage returns alone reads as lines to editors too)
+# a carriage return not before a line feed, in a file of line feeds (a file of
+# carriage returns alone is an old Mac's: it loads, its syntax errors say so)
 _LONE_CR = re.compile("\r(?!\n)")
+
+
+_CR_ONLY = (
+    "; the file's lines end in a carriage return alone (U+000D), as an old Mac saved"
+    " them: YAML and the line number here count them as lines, grep and most editors"
+    " see one long line; save the file with line feeds"
+)
+
+
+def _odd_line_end(text: str) -> tuple[tuple[int, int], str, str] | None:
+    """A line end that YAML and an editor read apart: a carriage return alone in
+    a file of line feeds, said where an editor shows it; or a line feed in a
+    file of carriage returns alone, as ``echo >>`` adds to an old Mac's file,
+    said at the line YAML counts, where deleting it is no fix."""
+    if "\n" not in text:
+        return None  # no line feed, or none but these: YAML reads the lines
+    lone = _LONE_CR.search(text)
+    if lone is None:
+        return None
+    if text.count("\r") - text.count("\r\n") <= text.count("\n"):
+        return _position(text, lone.start()), "", _line_separator("\r")
+    feed = text.index("\n")
+    before = _line_feeds(text[:feed])
+    line = before.count("\n") + 1
+    said = (
+        "a line feed (U+000A) where the file's other lines end in a carriage return alone"
+        " (U+000D), as an old Mac saved them: YAML reads both as line breaks, grep and most"
+        " editors only the line feed, so their line numbers are not the ones here; save the"
+        " file with line feeds alone"
+    )
+    return (line, len(before) - before.rfind("\n")), "", said
+
+
+def _line_feeds(text: str) -> str:
+    """The text with each line end as YAML counts one (CR LF, CR alone) a line
+    feed, so that its lines are the parser's marks' lines."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _line_separator(char: str) -> str:
