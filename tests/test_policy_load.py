@@ -1650,6 +1650,32 @@ def test_a_block_s_first_key_out_of_line_is_named_with_the_line_after_it(
     ]
 
 
+@pytest.mark.parametrize("style", ["|", ">-"])
+def test_a_line_too_deep_after_a_block_value_is_named_not_the_value_s_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, style: str
+) -> None:
+    """libyaml stops where PyYAML's own parser does, but the text of the literal
+    or folded value above was said to be a key that lost its ':'."""
+    lines = (ROOT / "config" / "relay.example.yaml").read_text().split("\n")
+    number = _line_starting(lines, "  display_name: ")
+    lines[number - 1 : number] = [f"  display_name: {style}", "    Acme billing"]
+    stopped = _line_starting(lines, "  return_path: ")
+    lines[stopped - 1] = " " + lines[stopped - 1]
+    keys = _line_starting(lines, "  from_address: ")
+    path = tmp_path / "relay.yaml"
+    path.write_text("\n".join(lines))
+    for loader in (yamlsource._Loader, yaml.SafeLoader):
+        monkeypatch.setattr(yamlsource, "_Loader", loader)
+        words = _PARSER_WORDS["python" if loader is yaml.SafeLoader else "c"]
+        assert checked(path) == [
+            f"{path}:{stopped}:4: YAML syntax error: the indentation of this line (3 spaces)"
+            f" does not match the block it is in: the keys of platform, from line {keys}, are"
+            " indented 2 spaces; indent it as they are, or check the indentation of the lines"
+            f" above it ({words['key']} at {stopped}:4)",
+            f"{path}: 1 problem",
+        ], loader
+
+
 _OLD_MAC = (
     "; the file's lines end in a carriage return alone (U+000D), as an old Mac saved"
     " them: YAML and the line number here count them as lines, grep and most editors"

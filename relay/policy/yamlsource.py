@@ -346,7 +346,7 @@ def _keyless(text: str, stop: yaml.Mark) -> _Keyless | None:
         is_item = stripped.startswith("- ")
         item = stripped[2:].lstrip() if is_item else stripped
         plain = item and item[0] not in "\"'[{|>&*!%@`" and ":" not in item
-        if not plain:
+        if not plain or _in_block_scalar(text, number):
             return None
         at = (number + 1, len(content) - len(item) + 1)
         if not is_item or len(item.split()) > 1:
@@ -359,6 +359,21 @@ def _keyless(text: str, stop: yaml.Mark) -> _Keyless | None:
             return _Keyless(at)
         return _Keyless(at, sure=False) if not kinds else None
     return None
+
+
+def _in_block_scalar(text: str, line: int) -> bool:
+    """Whether ``line`` (0-based) is text of a literal or folded value (``|``,
+    ``>``): its words are the value's, whatever they look like."""
+    try:
+        for token in yaml.scan(text, Loader=_Loader):
+            if token.start_mark.line >= line:
+                return False
+            end = token.end_mark
+            if getattr(token, "style", None) in ("|", ">") and (line, 0) < (end.line, end.column):
+                return True
+    except yaml.YAMLError:
+        pass  # the error being explained: the value, if any, is before it
+    return False
 
 
 def _other_items(lines: list[str], number: int) -> set[type[Node]]:
