@@ -1650,6 +1650,36 @@ def test_a_block_s_first_key_out_of_line_is_named_with_the_line_after_it(
     ]
 
 
+@pytest.mark.parametrize(
+    ("shift", "c", "python"),
+    [
+        (-2, _PARSER_WORDS["c"]["values"], _PARSER_WORDS["python"]["values"]),
+        (-1, _PARSER_WORDS["c"]["values"], _PARSER_WORDS["python"]["values"]),
+        (1, "did not find expected '-' indicator", _PARSER_WORDS["python"]["key"]),
+        (2, "did not find expected '-' indicator", "expected <block end>, but found '?'"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_a_list_s_first_item_moved_is_named_not_the_line_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shift: int, c: str, python: str, loader: type
+) -> None:
+    """The list's indentation is its first item's alone: moved, the parser stopped
+    at the item's next key, which is right, and that key was named, told to
+    check the lines above it or to be an item of its own."""
+    lines = (ROOT / "config" / "relay.example.yaml").read_text().split("\n")
+    number = _line_starting(lines, "    - domain: ")
+    lines[number - 1] = " " * (4 + shift) + lines[number - 1].lstrip()
+    stop = python if loader is yaml.SafeLoader else c
+    _one_problem(
+        tmp_path, monkeypatch, loader, "\n".join(lines).encode(),
+        f"{number}:{5 + shift}: YAML syntax error: the indentation of this line"
+        f" ({4 + shift} spaces), the first item of dkim.keys, puts its key {6 + shift} spaces"
+        f" in, but the item's other keys, from line {number + 1}, are indented 6 spaces:"
+        " indent this line 4 spaces, so that its key is where they are, or indent them as its"
+        f" key ({stop} at {number + 1}:{7 if shift > 0 else 15})",
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("style", ["|", ">-"])
 def test_a_line_too_deep_after_a_block_value_is_named_not_the_value_s_text(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, style: str

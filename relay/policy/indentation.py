@@ -82,6 +82,9 @@ def explain(
     blocks = _open_blocks(text, stop.line, loader, seen)
     if not blocks:
         return None
+    moved = _first_item_moved(lines, stop.line, indent, blocks)
+    if moved is not None:
+        return moved
     lost = (
         None if lost_colon is None else f"the item on line {lost_colon} is a key that lost its ':'"
     )
@@ -136,6 +139,38 @@ def _ended_early(
         f"line {above + 1} above it, which ends {ended.named()}, from line {ended.line}"
         f" ({_spaces(ended.indent)}), belongs in that block"
     )
+
+
+def _first_item_moved(
+    lines: list[str], line: int, indent: int, blocks: list[_Block]
+) -> tuple[tuple[int, int], str] | None:
+    """A list's first item, when it is the slip: its key is out of line with the
+    item's keys under it, from the stopped line on, which agree with each other.
+    The parser stops at the first of those, which is right, and the list's
+    indentation is that item's alone, so nothing else tells where it belongs."""
+    if len(blocks) < 2 or blocks[-1].is_list or not blocks[-2].is_list:
+        return None
+    keys, items = blocks[-1], blocks[-2]
+    if items.items != 1 or keys.keys != 1 or keys.line != items.line:
+        return None
+    item = keys.line - 1
+    under = next((n for n in range(item + 1, line + 1) if has_text(lines[n])), None)
+    if under != line or indent == keys.indent or _indent_after(lines, line) != indent:
+        return None
+    dash = indent - (keys.indent - items.indent)
+    outer = blocks[-3] if len(blocks) > 2 else None
+    if dash < 0 or (outer is not None and dash <= outer.indent):
+        return None  # or at its key's indentation, which the lines may as well be wrong for
+    its = indent_of(lines[item])
+    which = f"the first item of {items.path}" if items.path else "the first item"
+    move = f"indent this line {_spaces(dash)}" if dash else "do not indent this line"
+    said = (
+        f"the indentation of this line ({_spaces(its)}), {which}, puts its key"
+        f" {_spaces(keys.indent)} in, but the item's other keys, from line {line + 1}, are"
+        f" indented {_spaces(indent)}: {move}, so that its key is where they are, or indent"
+        " them as its key"
+    )
+    return (item + 1, its + 1), said
 
 
 def _indent_after(lines: list[str], line: int) -> int | None:
