@@ -248,6 +248,44 @@ def test_a_hand_written_value_is_said_as_json_writes_it(tmp_path: Path) -> None:
     ]
 
 
+def test_a_line_that_is_no_json_object_says_where_and_what_in_words(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hand-edited line in Latin-1, or one that is no JSON, was said in
+    Python's words: ``'utf-8' codec can't decode byte 0xf8 in position 24``,
+    ``Expecting value: line 1 column 1 (char 0)``, which name neither the
+    file's encoding nor a line cut short."""
+    add = f'"op": "add", "tenant": null, "reason": "manual", "since": "{WHEN}"'
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(
+        b'{"op": "add", "address": "j\xf8rn@example.org"}\n'
+        b"gone@example.org\n"
+        + f'{{{add}, "address": "cut@exa\n'.encode()
+        + f"{{{add}, 'address': 'x@example.org'}}\n".encode()
+        + f'{{{add}, "address": "a@example.org"}}{{"op": "add"}}\n'.encode()
+        + b'["add", "b@example.org"]\n'
+        + f'{{{add}, "address": "kept@example.org"}}\n'.encode()
+    )
+    one = "each line is one whole JSON object, in UTF-8"
+    skipped = f"{path}:%d: not a suppression entry, skipped:"
+    said = [
+        f"{skipped % 1} not UTF-8 at byte 28 of the line (0xf8; saved as Latin-1?): {one}",
+        f"{skipped % 2} not a JSON object: 'gone@example.org' at column 1: {one}",
+        f"{skipped % 3} not a JSON object: cut off after column 106, before the object ends"
+        f" (a write that stopped, or an edit?): {one}",
+        f"{skipped % 4} not a JSON object: at column 88, expected a key in double quotes,"
+        f" found \"'address': 'x@example.org'}}\": {one}",
+        f'{skipped % 5} more after the JSON object, at column 115: \'{{"op": "add"}}\': {one}',
+        f'{skipped % 6} not a JSON object but a list ["add", "b@example.org"]: {one}',
+    ]
+    assert SuppressionFile(path).entries().problems == said
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        snapshot = SuppressionFile(path).current()
+    assert caplog.messages == said
+    assert snapshot.find("kept@example.org", "acme") is not None
+    assert len(snapshot) == 1
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file away")
 def test_a_list_made_by_root_belongs_to_the_state_directorys_owner(tmp_path: Path) -> None:
     """``sudo relay suppression add`` before the relay ever listed anything: a

@@ -735,6 +735,23 @@ def test_a_misspelt_key_is_named_to_a_command_that_names_addresses(
     )
 
 
+def test_a_line_saved_in_latin_1_is_named_in_words_by_the_tools(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its warning was Python's: ``'utf-8' codec can't decode byte 0xf8 in
+    position 26: invalid start byte``."""
+    run(policy, capsys, "add", BUYER)
+    with listed(policy).open("ab") as f:
+        f.write(_line("jorn@customer.example").replace("jorn", "j\u00f8rn").encode("latin-1"))
+    code, out, err = run(policy, capsys, "list")
+    assert (code, [line.split()[0] for line in out[1:]]) == (0, [BUYER])
+    assert err == (
+        f"relay suppression: warning: {listed(policy)}:2: not a suppression entry, skipped:"
+        " not UTF-8 at byte 36 of the line (0xf8; saved as Latin-1?): each line is one whole"
+        " JSON object, in UTF-8\n"
+    )
+
+
 def test_a_line_without_an_address_key_is_named_when_the_last_line_is_unended(
     policy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -102,18 +102,83 @@ def read_line(raw: bytes) -> dict[str, Any]:
     No object is made of it: a worker reads 100,000 lines at its start. An
     entry's time is checked where it is used (``millis``)."""
     try:
-        record = _DECODE(raw.decode())
-        if not isinstance(record, dict):
-            raise ValueError("not a JSON object")
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise ValueError(_not_utf8(raw, exc)) from None
+    try:
+        record = _DECODE(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(_not_json(text, exc)) from None
+    if not isinstance(record, dict):
+        raise ValueError(f"not a JSON object but {_kind(record)} {_cut(_shown(record))}: {_ONE}")
+    try:
         op = record.get("op")
         _check_keys(record, op)
         if op == "add":
             _check_added(record)
         elif type(record["address"]) is not str or not isinstance(record.get("tenant"), str | None):
             raise ValueError("address or tenant is not text")
-    except (TypeError, UnicodeDecodeError) as exc:
+    except TypeError as exc:
         raise ValueError(str(exc)) from exc
     return record
+
+
+_ONE = "each line is one whole JSON object, in UTF-8"
+_EXPECTED = {  # the JSON decoder's words, as a sysadmin who edited the line reads them
+    "Expecting value": "expected a value",
+    "Expecting property name enclosed in double quotes": "expected a key in double quotes",
+    "Expecting ':' delimiter": "expected ':' after the key",
+    "Expecting ',' delimiter": "expected ',' or the object's end",
+    "Invalid control character at": "a control character (a tab?) inside text",
+    "Invalid \\uXXXX escape": "a \\u escape without four hex digits",
+    "Invalid \\escape": "a backslash escape JSON does not have",
+}
+
+
+def _not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
+    """Python's words (``'utf-8' codec can't decode byte 0xf8 in position 12``)
+    named neither the file's encoding nor where to look in the line."""
+    byte = raw[exc.start]
+    return (
+        f"not UTF-8 at byte {exc.start + 1} of the line (0x{byte:02x}; saved as Latin-1?): {_ONE}"
+    )
+
+
+def _not_json(text: str, exc: json.JSONDecodeError) -> str:
+    """Python's words (``Expecting value: line 1 column 1 (char 0)``) said
+    nothing of a line cut short, and nothing of what stood where."""
+    found = text[exc.pos :].rstrip()
+    unended = exc.msg.startswith("Unterminated string")
+    if unended and found.endswith("}"):
+        return (
+            f"not a JSON object: the text in quotes from column {exc.pos + 1} has no end"
+            f" quote: {_ONE}"
+        )
+    if not found or unended:
+        return (
+            f"not a JSON object: cut off after column {len(text.rstrip())}, before the"
+            f" object ends (a write that stopped, or an edit?): {_ONE}"
+        )
+    if exc.msg.startswith("Extra data"):
+        return f"more after the JSON object, at column {exc.pos + 1}: {_cut(found)!r}: {_ONE}"
+    if exc.pos == 0 or not text[: exc.pos].strip():
+        return f"not a JSON object: {_cut(found)!r} at column {exc.pos + 1}: {_ONE}"
+    wrong = next((w for m, w in _EXPECTED.items() if exc.msg.startswith(m)), exc.msg)
+    return f"not a JSON object: at column {exc.pos + 1}, {wrong}, found {_cut(found)!r}: {_ONE}"
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= 30 else f"{text[:30]}..."
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool) or value is None:
+        return "the value"
+    return "the number"
 
 
 def _check_keys(record: dict[str, Any], op: object) -> None:
