@@ -2,6 +2,9 @@
 log line reads as a slip, and makes the reader doubt the number too."""
 
 
-def quantity(n: int, noun: str, nouns: str | None = None) -> str:
-    """``nouns`` is the plural where it is not the noun with an s ("entries")."""
-    return f"{n} {noun}" if n == 1 else f"{n} {nouns or noun + 's'}"
+def quantity(n: float, noun: str, nouns: str | None = None) -> str:
+    """``nouns`` is the plural where it is not the noun with an s ("entries"). A
+    float (seconds the policy gives) is said as the policy's numbers are: 1.0
+    is 1 second, not 1.0 seconds."""
+    said = f"{n:g}" if isinstance(n, float) else f"{n}"
+    return f"{said} {noun}" if n == 1 else f"{said} {nouns or noun + 's'}"

@@ -933,6 +933,8 @@ def test_check_refuses_a_tls_mode_it_cannot_serve(
          " is less than first_retry (600)"),
         ("{first_retry: 500000, max_retry: 500000}", "19:22: warning: queue.lifetime: 432000"
          " seconds is less than first_retry (500000)"),
+        ("{first_retry: 60, lifetime: 1}", "19:36: warning: queue.lifetime: 1 second"
+         " is less than first_retry (60)"),
         ("{first_retry: 300, lifetime: 300}", None),
         ("{lifetime: 3600}", None),
     ],

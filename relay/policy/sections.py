@@ -56,6 +56,7 @@ from relay.policy.model import (
 )
 from relay.policy.schema import Ctx, Map, choice, hint, items, join, text
 from relay.policy.yamlsource import STR_TAG
+from relay.quantity import quantity
 from relay.spool.store import WRITTEN_IN, Spool, SpoolError
 
 _PLACEHOLDERS = ("user.name", "user.address", "tenant.name")
@@ -837,7 +838,7 @@ def _warn_no_retry(ctx: Ctx, q: Map, first: float, lifetime: float) -> None:
     """A message deferred at its first attempt expires before its first retry:
     it is tried once only. Not refused, as that may be meant, but seldom is."""
     message = (
-        f"{lifetime:g} seconds is less than first_retry ({first:g}): a message deferred"
+        f"{quantity(lifetime, 'second')} is less than first_retry ({first:g}): a message deferred"
         " at its first attempt expires before it is tried again"
     )
     ctx.problems.warn(q.get("lifetime") or q.get("first_retry"), q.sub("lifetime"), message)
@@ -904,8 +905,8 @@ def _audit_gone(ctx: Ctx, root: Map, base: Path) -> None:
         return
     if queued:
         message = (
-            f"the queue holds {queued} message(s) but the audit log {audit} is gone: relay"
-            " serve will not start (exit 73); restore it from a backup (its chain goes on),"
+            f"the queue holds {quantity(queued, 'message')} but the audit log {audit} is gone:"
+            " relay serve will not start (exit 73); restore it from a backup (its chain goes on),"
             " or make it empty (mkdir) for a new chain"
         )
         ctx.problems.warn(root.get("state_directory"), "state_directory", message)
