@@ -130,7 +130,8 @@ def _policy(
 ) -> str:
     if digest is None:
         count = quantity(len(problems), "problem")
-        broken = f"{path} does not load ({count}: relay check -c {path} names them)"
+        them = "it" if len(problems) == 1 else "them"
+        broken = f"{path} does not load ({count}: relay check -c {path} names {them})"
         if running is None or not running.digest:
             return f"policy: {broken}"
         kept = running.digest[:12]

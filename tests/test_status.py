@@ -188,7 +188,10 @@ def test_a_policy_that_is_no_yaml_still_finds_a_running_relay(
         code, lines = _status(policy)
     assert code == 0
     assert lines[0].startswith("relay: running, PID ")
-    assert f" in use; {policy} does not load (" in lines[1]
+    assert (
+        f" in use; {policy} does not load (1 problem: relay check -c {policy} names it):"
+        in (lines[1])
+    )
 
 
 def test_a_broken_copy_beside_the_running_policy_is_not_what_a_reload_reads(
