@@ -815,12 +815,12 @@ class Engine:
             )
             if cut:
                 log.warning(
-                    "cutting off %d delivery attempt(s) still waiting for the upstream at the"
+                    "cutting off %s still waiting for the upstream at the"
                     " end of the stop grace, having waited %gs for them: %s; each stays queued,"
                     " recorded as deferred, and is tried again at the next start, unless the"
                     " upstream had answered its message already (one already sent in full may"
                     " arrive twice: the audit log says so)",
-                    len(cut),
+                    quantity(len(cut), "delivery attempt"),
                     timeout,
                     " ".join(cut),
                 )
@@ -843,10 +843,11 @@ class Engine:
             unsettled = sorted(q for q, task in self._busy.items() if not task.done())
             if unsettled:
                 log.error(
-                    "stopping while %d delivery attempt(s) have not ended: %s; each is left"
+                    "stopping while %s %s not ended: %s; each is left"
                     " as last stored, and one whose upstream had answered may go again at the"
                     " next start to a recipient the audit log has an outcome for",
-                    len(unsettled),
+                    quantity(len(unsettled), "delivery attempt"),
+                    "has" if len(unsettled) == 1 else "have",
                     " ".join(unsettled),
                 )
             await self._done(Settle(final=True))
@@ -1482,10 +1483,10 @@ class Engine:
             self._limited[name] = upstream
             if limit.size < before:
                 log.info(
-                    "upstream %s refused a connection over its limit: %d delivery slot(s)"
+                    "upstream %s refused a connection over its limit: %s"
                     " of %d in this worker until deliveries show room for more",
                     name,
-                    limit.size,
+                    quantity(limit.size, "delivery slot"),
                     limit.full,
                 )
         elif reached:
@@ -1515,7 +1516,9 @@ class Engine:
 
     def _release(self, name: str, waiting: set[str], now: float, how: str) -> None:
         going = [waiter for waiter in waiting if waiter in self._schedule]
-        log.info("upstream %s %s: %d waiting message(s) go now", name, how, len(going))
+        said = quantity(len(going), "waiting message")
+        go = "goes" if len(going) == 1 else "go"
+        log.info("upstream %s %s: %s %s now", name, how, said, go)
         for waiter in going:
             self._plan(waiter, now)
         self._wake.set()
@@ -1807,9 +1810,10 @@ class Engine:
             self._listings = listings + self._listings
             if stopping:
                 log.error(
-                    "stopping before the audit log took the record of %d listing(s), which"
-                    " stay on the suppression list: %s (%s)",
-                    len(listings),
+                    "stopping before the audit log took the record of %s, which %s on the"
+                    " suppression list: %s (%s)",
+                    quantity(len(listings), "listing"),
+                    "stays" if len(listings) == 1 else "stay",
                     " ".join(f"{r['queue_id']}:<{r['recipient']}>" for r in listings),
                     exc,
                 )

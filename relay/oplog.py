@@ -16,6 +16,8 @@ import sys
 import time
 from typing import TextIO
 
+from relay.quantity import quantity
+
 FORMAT = "%(asctime)s relay[%(process)d] %(levelname)s %(message)s"
 JOURNAL_FORMAT = "<%(priority)d>relay[%(process)d] %(levelname)s %(message)s"
 
@@ -43,7 +45,9 @@ class _Bounded(logging.Formatter):
         message = record.message
         if len(message) > MESSAGE_LIMIT:
             cut = len(message) - MESSAGE_LIMIT
-            record.message = f"{message[:MESSAGE_LIMIT]} [{cut} more characters not logged]"
+            record.message = (
+                f"{message[:MESSAGE_LIMIT]} [{quantity(cut, 'more character')} not logged]"
+            )
         return super().formatMessage(record)
 
 

@@ -14,6 +14,8 @@ import hashlib
 import hmac
 import os
 
+from relay.quantity import quantity
+
 _N, _R, _P = 16384, 8, 1
 _SALT_BYTES = 16
 _KEY_BYTES = 32
@@ -76,7 +78,7 @@ def parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
     if not salt:
         raise MalformedHash("the salt is empty")
     if not 16 <= len(expected) <= 64:
-        raise MalformedHash(f"the hash is {len(expected)} bytes; expected 16 to 64")
+        raise MalformedHash(f"the hash is {quantity(len(expected), 'byte')}; expected 16 to 64")
     return n, r, p, salt, expected
 
 
@@ -88,7 +90,7 @@ def weaker(encoded: str) -> str | None:
     if n * r < _N * _R:
         return f"N={n}, r={r} costs {_N * _R // (n * r):,} times less to guess than N={_N}, r={_R}"
     if len(salt) < _SALT_BYTES:
-        return f"its salt is {len(salt)} bytes, under {_SALT_BYTES}"
+        return f"its salt is {quantity(len(salt), 'byte')}, under {_SALT_BYTES}"
     return None
 
 

@@ -205,9 +205,9 @@ def render(
     if beyond:
         taker = "a listener" if limits.name is None else f"listener {limits.name}"
         report["reasons"].append(
-            f"{len(beyond)} recipient(s) past the {len(submission.rcpt_tos)} {taker} takes"
-            " would be answered 452 4.5.3 Too many recipients at RCPT TO, and the message goes"
-            " without them (a client may send it to them in a further transaction): "
+            f"{quantity(len(beyond), 'recipient')} past the {len(submission.rcpt_tos)} {taker}"
+            " takes would be answered 452 4.5.3 Too many recipients at RCPT TO, and the message"
+            " goes without them (a client may send it to them in a further transaction): "
             + ", ".join(beyond)
         )
     if unread:
@@ -366,7 +366,7 @@ def _notice_why(due: Telling) -> str:
             f"no failure notice: the sender <{due.to}> is on the suppression list since"
             f" {due.withheld.since}"
         )
-    return f"failure notice to <{due.to}>: {len(due.failures)} recipient(s) suppressed"
+    return f"failure notice to <{due.to}>: {quantity(len(due.failures), 'recipient')} suppressed"
 
 
 def _listener(limits: Limits) -> dict:

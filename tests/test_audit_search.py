@@ -390,7 +390,7 @@ def test_show_is_the_whole_timeline_in_order(log_dir: Path) -> None:
         "    BCC added jan@acme.example",
         "    DKIM      platform.example/s1, platform.example/e1",
         "    upstream  smarthost, 48213 bytes, policy 9f2c9f2c9f2c",
-        "2024-05-06T09:05:00.000Z  queued for 3 recipient(s), 49001 bytes (queue ID Q0000000000000A1)",  # noqa: E501
+        "2024-05-06T09:05:00.000Z  queued for 3 recipients, 49001 bytes (queue ID Q0000000000000A1)",  # noqa: E501
         "Recipients:",
         "  buyer@customer.example",
         "    2024-05-06T09:05:02.000Z  delivered  250 2.0.0 Ok: queued as 4Vx1 (via smarthost, attempt 1)",  # noqa: E501
@@ -1323,7 +1323,7 @@ def test_a_window_over_days_retention_deleted_says_so(policy_file: Path) -> None
     AuditLog(directory, retention_days=1, clock=Clock(START + timedelta(days=2))).maintain()
     deleted = (
         "note: the log starts after retention at seq 12 in audit-2024-05-07.jsonl:"
-        " records 1..11 were deleted by retention (older than 1 days) at"
+        " records 1..11 were deleted by retention (older than 1 day) at"
         " 2024-05-08T09:00:00.000Z, the files through audit-2024-05-06.jsonl; "
     )
     found = _audit_cli(policy_file, "search", "--since", "2024-05-01", "--until", "2024-05-06")

@@ -211,7 +211,7 @@ def test_retention_is_told_apart_from_removal(log_dir: Path) -> None:
     assert result.ok
     assert result.notes[0].startswith(
         f"starts after retention at seq 12 in {DAY2}: records 1..11 were deleted by retention"
-        " (older than 1 days) at 2024-05-08T09:00:00.000Z"
+        " (older than 1 day) at 2024-05-08T09:00:00.000Z"
     )
     (log_dir / DAY2).unlink()  # removing more than retention did is still caught
     assert _problem(log_dir)[:2] == (DAY3, 1)

@@ -348,6 +348,19 @@ def test_a_locked_client_gets_454_without_a_check_also_on_a_new_connection(
     assert caplog.text.count("AUTH failed client=127.0.0.1") == 3
 
 
+def test_a_lock_with_a_second_left_says_one_second() -> None:
+    """Its last second was said as ``try again in 1 seconds``."""
+    clock = Clock()
+    failures = AuthFailures(per_client=3, window=600.0, delay=0.0, clock=clock)
+    with Relay([listener()], failures=failures) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        for _ in range(3):
+            assert raw.cmd(plain("erp-acme", "guess")).startswith("535 5.7.8 ")
+        clock.now += 599.2
+        reply = raw.cmd(plain("erp-acme", "demo-password"))
+    assert reply == "454 4.7.0 Too many failed logins from 127.0.0.1, try again in 1 second"
+
+
 def test_an_ipv6_client_is_locked_with_its_64_and_logged_by_its_address(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

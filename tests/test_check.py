@@ -231,7 +231,7 @@ def test_check_warns_of_queued_mail_whose_audit_log_is_gone(
     done = check(policy_file)
     assert done.returncode == 0, done.stderr
     assert (
-        f"warning: state_directory: the queue holds 1 message(s) but the audit log"
+        f"warning: state_directory: the queue holds 1 message but the audit log"
         f" {state / 'audit'} is gone: relay serve will not start (exit 73)"
     ) in done.stderr
     (state / "audit").mkdir()
@@ -254,7 +254,7 @@ def test_check_reads_an_audit_link_to_nowhere_as_gone_and_a_crash_leftover_as_no
     spool.put(make_entry(), b"Subject: queued\r\n\r\nbody\r\n")
     shutil.rmtree(state / "audit", ignore_errors=True)
     (state / "audit").symlink_to(tmp_path / "not-mounted")
-    assert "queue holds 1 message(s) but the audit log" in check(policy_file).stderr
+    assert "queue holds 1 message but the audit log" in check(policy_file).stderr
 
 
 @pytest.mark.parametrize(

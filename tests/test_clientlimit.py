@@ -82,9 +82,9 @@ def test_the_refusal_s_log_line_names_the_64_that_had_the_connections(
         assert clients.enter(limited.name, counted_as("::2"))
         with ingress_harness.Raw(relay.port, host="::1") as raw:
             assert raw.greeting[0].startswith("421 ")
-    said = [r.getMessage() for r in caplog.records if "connections open" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if " open from " in r.getMessage()]
     assert said == [
-        f"refused client=::1 on listener {limited.name}: 1 connections open from ::/64"
+        f"refused client=::1 on listener {limited.name}: 1 connection open from ::/64"
         " already, its max_connections_per_client"
     ]
 

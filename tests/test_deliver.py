@@ -279,7 +279,7 @@ async def test_all_refused_mixed_is_temporary_so_a_retry_can_help() -> None:
     }
     with Sink(SinkHandler(refuse=refuse)) as sink, pytest.raises(RecipientsRefused) as failed:
         await deliver(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
-    assert failed.value.line == "452 4.2.2 mailbox full (and 1 more recipients refused)"
+    assert failed.value.line == "452 4.2.2 mailbox full (and 1 more recipient refused)"
     assert failed.value.refused == refuse
 
 

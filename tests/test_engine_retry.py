@@ -462,7 +462,7 @@ async def test_a_stop_that_cuts_attempts_off_names_what_stays_queued(
     assert task.result().status == "deferred"
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert said == [
-        "cutting off 1 delivery attempt(s) still waiting for the upstream at the end of the"
+        "cutting off 1 delivery attempt still waiting for the upstream at the end of the"
         f" stop grace, having waited 0.1s for them: {entry.queue_id}; each stays queued,"
         " recorded as deferred, and is tried again at the next start, unless the upstream"
         " had answered its message already (one already sent in full may arrive twice: the"

@@ -656,7 +656,7 @@ async def test_a_listing_the_audit_log_refuses_until_the_stop_is_named_there(
     async with running(engine):
         entry = await _refused_and_listed(engine, spool, tmp_path / "audit")
     (said,) = [m for m in caplog.messages if m.startswith("stopping before the audit log took")]
-    assert "2 listing(s)" in said and f"{entry.queue_id}:<customer@example.net>" in said, said
+    assert "2 listings" in said and f"{entry.queue_id}:<customer@example.net>" in said, said
 
 
 async def test_a_failure_is_told_once_even_when_its_deferral_cannot_be_stored(
@@ -1404,7 +1404,7 @@ async def test_a_kept_entry_still_being_stored_when_the_grace_ends_is_let_go_and
         await engine.stop(0.2)
         if hung:
             (named,) = [m for m in caplog.messages if m.startswith("stopping while 1 delivery")]
-            assert entry.queue_id in named and "have not ended" in named
+            assert entry.queue_id in named and "1 delivery attempt has not ended" in named
             await asyncio.sleep(1.5)  # its store ends and keeps it: the stop is over
             assert entry.queue_id in engine._untold and _locked_here(spool, entry.queue_id)
             return  # the daemon's process ends now; here the harness stops it again

@@ -443,14 +443,14 @@ def test_a_complaint_naming_nobody_about_a_message_none_still_had_says_why(
     _act(policy, Report(BOUNCE, gone, "<inv-4716@erp.acme.example>"))
     redacted = Report(COMPLAINT, (), "<inv-4716@erp.acme.example>")
     assert _act(policy, redacted) == [
-        "names no recipient, and of its message's 2 recipient(s), 2 bounced since:"
+        "names no recipient, and of its message's 2 recipients, 2 bounced since:"
         " none is left it can be about, none is suppressed"
     ]
     # sent again, both on the list now (buyer@ by hand, boss@ by the bounce)
     policy, _ = _sent_again_with_buyer_listed(delivered, tmp_path, copy=False)
     redacted = Report(COMPLAINT, (), "<inv-4714@erp.acme.example>")
     assert _act(policy, redacted) == [
-        "names no recipient, and of its message's 2 recipient(s), 2 never had it"
+        "names no recipient, and of its message's 2 recipients, 2 never had it"
         " (refused, expired or suppressed): none is left it can be about, none is suppressed"
     ]
 
@@ -845,7 +845,7 @@ def test_a_report_naming_more_recipients_than_a_message_has_is_acted_on_for_as_m
     lines = _act(policy, Report(BOUNCE, failures, message_id="<nope@x>"))
     assert len(lines) == most + 2
     assert lines[-1] == (
-        f"500 more recipient(s) not acted on: a report is taken for at most {most},"
+        f"500 more recipients not acted on: a report is taken for at most {most},"
         " as many as one message goes to"
     )
     bounced = [r for r in _records(policy) if r["event"] == "bounced"]

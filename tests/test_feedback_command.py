@@ -676,7 +676,7 @@ def test_a_bounce_naming_more_recipients_than_a_message_has_says_how_many_were_l
     lines = done.stdout.splitlines()
     assert lines[0] == f"bounce about {invoice} (acme/jan)"
     assert lines[-1] == (
-        "201 more recipient(s) not acted on: a report is taken for at most 101,"
+        "201 more recipients not acted on: a report is taken for at most 101,"
         " as many as one message goes to"
     )
     assert _listed(policy) == {"nobody@buyer.example": ("acme", "bounce")}

@@ -535,6 +535,26 @@ def _data(raw: Raw) -> None:
     assert raw.cmd(b"Subject: x\r\n\r\nx\r\n.").startswith("250")
 
 
+def test_one_refused_recipient_past_those_logged_is_said_in_the_singular(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It was ``1 more recipients refused``."""
+    caplog.set_level(logging.INFO, logger="relay")
+    count = protocol.RCPT_REFUSALS_LOGGED + 1
+    with Relay([listener()]) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        raw.send(b"".join(b"RCPT TO:<bad%d@[192.0.2.1]>\r\n" % n for n in range(count)))
+        last = [raw.reply()[-1] for _ in range(count)][-1]
+        assert raw.cmd(b"QUIT").startswith("221")
+        assert raw.closed()
+        _wait_for(lambda: len(refused_lines(caplog)) > protocol.RCPT_REFUSALS_LOGGED)
+    assert refused_lines(caplog)[-1] == (
+        "refused client=127.0.0.1 from=<erp@acme.example>: 1 more recipient refused, not logged"
+        f" one by one; the last to=<bad{count - 1}@[192.0.2.1]>: {last}"
+    )
+
+
 def _wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> None:
     """The server's log of a connection's end follows the client's seeing it closed."""
     deadline = time.monotonic() + seconds
@@ -1291,7 +1311,7 @@ def test_data_cut_short_by_a_stop_is_logged_as_such(caplog: pytest.LogCaptureFix
         time.sleep(0.05)
     assert "client=127.0.0.1: DATA cut short by the stop, told 421" in caplog.text
     assert "connection lost during DATA" not in caplog.text
-    assert "stop grace of 0.3s over: 1 connection(s) told 421" in caplog.text
+    assert "stop grace of 0.3s over: 1 connection told 421" in caplog.text
 
 
 def _stuffed_and_not_reading(port: int) -> socket.socket:

@@ -99,7 +99,9 @@ def test_limits_a_low_open_files_limit_leaves_out_of_reach_are_said(
     log = relay.log()
     assert "listener local: max_connections 1000 cannot be reached" in log
     assert "max_connections_per_client 50 cannot be reached" in log
-    assert "each of the 2 worker(s) takes at most 6 connections (12 in all)" in log
+    assert (
+        "at most 6 connections a worker, 12 in all with 2 workers, and the rest are refused" in log
+    )
     checked = relay_cli_limited(policy, 128)
     assert checked.returncode == 0, checked.stderr
     assert "max_connections 1000 cannot be reached under an open-files limit of 128" in (

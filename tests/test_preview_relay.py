@@ -114,7 +114,7 @@ def test_preview_of_a_listener_refuses_what_that_listener_refuses(
     assert report["envelope"]["recipients"] == list(RCPTS[:3])
     assert any(
         reason.startswith(
-            f"1 recipient(s) past the 3 listener strict takes would be answered {fourth[0]} "
+            f"1 recipient past the 3 listener strict takes would be answered {fourth[0]} "
         )
         and reason.endswith(": four@example.org")
         for reason in report["reasons"]

@@ -68,7 +68,7 @@ def test_preview_says_of_the_failure_notice_and_the_copy_what_the_relay_does(
             told = _sent(port, rcpts, relay, policy)
             text, report = _preview(policy, eml, rcpts)
             assert "failure notice to=<jan@acme.example> queued as" in told
-            assert "\n  - failure notice to <jan@acme.example>: 1 recipient(s) suppressed\n" in text
+            assert "\n  - failure notice to <jan@acme.example>: 1 recipient suppressed\n" in text
             assert report["failure_notice"] == {
                 "to": "jan@acme.example",
                 "recipients": ["gone@example.org"],

@@ -108,6 +108,9 @@ def test_list_says_when_a_waiting_entry_is_tried_next(spool: Spool) -> None:
     said = [line.strip() for line in blocks.pop(waiting.queue_id).splitlines()]
     assert said[-1] == f"(next attempt {tools._when(later)})"
     assert not any("next attempt" in block for block in blocks.values())
+    one = Spool(spool.directory.parent / "one")
+    one.put(due, MESSAGE)
+    assert listing(one).endswith(f"\n-- {due.size // 1024} Kbytes in 1 Request.\n")
 
 
 def test_list_after_the_clock_was_set_back_says_when_the_engine_tries_next(spool: Spool) -> None:

@@ -190,6 +190,22 @@ def test_entries_with_a_key_of_another_system_are_said_once_a_reading(
     assert file.entries().problems == caplog.messages
 
 
+def test_one_more_entry_with_a_key_of_another_system_is_said_in_the_singular(
+    tmp_path: Path,
+) -> None:
+    """It was ``and 1 more entries``."""
+    path = tmp_path / "s.jsonl"
+    path.write_text(
+        "".join(
+            f'{{"op":"add","address":"a{i}@example.org","tenant":null,"reason":"bounce",'
+            f'"since":"{WHEN}","source":"old-mta"}}\n'
+            for i in range(2)
+        )
+    )
+    (said,) = SuppressionFile(path).entries().problems
+    assert said.endswith("; and 1 more entry with keys the relay does not know")
+
+
 def test_a_line_without_a_key_it_needs_names_it_and_what_is_expected(tmp_path: Path) -> None:
     path = tmp_path / "s.jsonl"
     path.write_text('{"v":1,"op":"add","address":"x@example.org","tenant":null,"since":"x"}\n')
@@ -466,7 +482,7 @@ def test_the_backlog_keeps_an_address_first_refusal_and_names_what_it_loses(
     backlog.written(more[:1])
     assert backlog.kept() == more[1:] and "written again" not in caplog.text
     backlog.abandon()
-    assert "stopping with 1 address(es)" in caplog.text
+    assert "stopping with 1 address" in caplog.text
     assert (
         "and 1 more not named; add them with `relay suppression add`: c@example.org" in caplog.text
     )

@@ -276,7 +276,7 @@ def test_a_relay_stopping_with_hard_bounces_the_list_refused_names_them(
         assert relay.stop() == 0
         log = relay.log()
     assert (
-        "stopping with 1 address(es) refused as not existing that the suppression list"
+        "stopping with 1 address refused as not existing that the suppression list"
         " could not take; add them with `relay suppression add`: gone@example.org"
     ) in log
     assert _listed(policy) == {}

@@ -20,6 +20,7 @@ from relay import message
 from relay.audit import events
 from relay.audit.chain import canonical
 from relay.audit.search import REPORT_COLUMNS, recipients_of
+from relay.quantity import quantity
 
 #: Rows aligned together before they are printed.
 TABLE_BLOCK = 2000
@@ -245,7 +246,7 @@ def _story(records: Sequence[dict[str, Any]], link: dict[str, Any] | None = None
             )
         elif event == "queued":
             lines.append(
-                f"{when}  queued for {len(r.get('recipients') or [])} recipient(s),"
+                f"{when}  queued for {quantity(len(r.get('recipients') or []), 'recipient')},"
                 f" {r.get('size')} bytes (queue ID {_safe(r.get('queue_id'))})"
             )
         elif event == "notified":

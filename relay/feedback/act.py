@@ -23,6 +23,7 @@ from relay.audit import events, search
 from relay.feedback.report import BOUNCE, DEFAULT_RECIPIENTS, Failure, Report
 from relay.notice import build_notice
 from relay.policy.model import Policy
+from relay.quantity import quantity
 from relay.queueid import queue_id_time
 from relay.record import Recorder
 from relay.spool import DELIVERED, FAILED, QueueEntry, RecipientState, Spool
@@ -233,7 +234,7 @@ def act(
     beyond = max(len(report.failures) - most, 0) + report.unread
     if beyond > 0:
         outcome.warn(
-            f"{beyond} more recipient(s) not acted on: a report is taken for at most"
+            f"{quantity(beyond, 'more recipient')} not acted on: a report is taken for at most"
             f" {most}, as many as one message goes to"
         )
     return outcome
@@ -477,7 +478,7 @@ def _none_left(original: Original) -> str:
     if never:
         said.append(f"{never} never had it (refused, expired or suppressed)")
     return (
-        f"names no recipient, and of its message's {len(mailboxes)} recipient(s),"
+        f"names no recipient, and of its message's {quantity(len(mailboxes), 'recipient')},"
         f" {' and '.join(said)}: none is left it can be about, none is suppressed"
     )
 

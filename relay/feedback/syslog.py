@@ -19,6 +19,7 @@ import re
 import socket
 from typing import TextIO
 
+from relay.quantity import quantity
 from relay.visible import escaped_match
 
 DEFAULT = "/dev/log"  # where syslog and journald listen on Linux
@@ -58,7 +59,7 @@ class SystemLog:
         data = _CONTROL.sub(escaped_match, text).encode("utf-8", "replace")  # one line, as it came
         if len(data) > LONGEST:
             kept = data[:LONGEST].decode("utf-8", "ignore").encode()  # whole characters
-            data = kept + f"... ({len(data) - len(kept)} more bytes)".encode()
+            data = kept + f"... ({quantity(len(data) - len(kept), 'more byte')})".encode()
         head = f"<{_MAIL * 8 + _SEVERITY[level]}>{self._tag}: ".encode()
         try:
             self._sock.sendall(head + data + self._end)

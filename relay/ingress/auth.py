@@ -28,6 +28,7 @@ from relay.ingress.authlimit import TOO_MANY_AS, TOO_MANY_FROM, AuthFailures
 from relay.ingress.clientlimit import counted_as
 from relay.passwd import hash_password, verify_password
 from relay.policy.model import Listener, Policy
+from relay.quantity import quantity
 from relay.tally import TallyRow
 
 log = logging.getLogger("relay")
@@ -118,7 +119,7 @@ class Mechanisms:
         log.debug("AUTH refused client=%s: too many failed logins", peer)
         self._count("locked")
         text = TOO_MANY_FROM if self._failures.address_locked(peer) else TOO_MANY_AS
-        reply = text.format(client=counted_as(peer), wait=max(round(wait), 1))
+        reply = text.format(client=counted_as(peer), wait=quantity(max(round(wait), 1), "second"))
         return AuthResult(success=False, handled=False, message=reply)
 
     async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:

@@ -57,10 +57,9 @@ CHECKING = "\0auth checks"
 NO_LOGIN = 0  # a failure without a login name to it (not UTF-8, none given): no success clears it
 SUCCESSES, FAILURES = 0, 1  # the two parts of a slot
 
-TOO_MANY_FROM = "454 4.7.0 Too many failed logins from {client}, try again in {wait} seconds"
+TOO_MANY_FROM = "454 4.7.0 Too many failed logins from {client}, try again in {wait}"
 TOO_MANY_AS = (
-    "454 4.7.0 Too many failed logins with this login name from {client},"
-    " try again in {wait} seconds"
+    "454 4.7.0 Too many failed logins with this login name from {client}, try again in {wait}"
 )
 
 

@@ -79,9 +79,9 @@ def unreachable(soft: int, policy: Policy) -> list[str]:
             if limit is not None and limit > most:
                 said.append(
                     f"listener {listener.name}: {setting} {limit} cannot be reached under an"
-                    f" open-files limit of {soft}: each of the {policy.workers} worker(s) takes"
-                    f" at most {quantity(each, 'connection')} ({most} in all) and refuses the rest"
-                    " (421 4.3.2); raise LimitNOFILE in the unit, or lower the setting"
+                    f" open-files limit of {soft}: at most {quantity(each, 'connection')} a worker,"
+                    f" {most} in all with {quantity(policy.workers, 'worker')}, and the rest are"
+                    " refused (421 4.3.2); raise LimitNOFILE in the unit, or lower the setting"
                 )
     return said
 

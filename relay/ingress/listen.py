@@ -33,6 +33,7 @@ from relay.ingress.protocol import RelaySMTP
 from relay.policy.model import AuthMode, Listener, ListenerTls, Policy
 from relay.policy.sections import no_login_without_tls
 from relay.policy.tlspair import server_context
+from relay.quantity import quantity
 from relay.tally import TallyRow
 
 log = logging.getLogger("relay")
@@ -119,11 +120,10 @@ class Ingress:
             await asyncio.sleep(0.05)
         if self.connections or self.in_flight:
             log.warning(
-                "stop grace of %gs over: %d connection(s) told 421, %d message(s) still being"
-                " taken in",
+                "stop grace of %gs over: %s told 421, %s still being taken in",
                 round(grace, 1),  # what the stop had left of its grace: 9.999 is 10
-                len(self.connections),
-                len(self.in_flight),
+                quantity(len(self.connections), "connection"),
+                quantity(len(self.in_flight), "message"),
             )
         for connection in list(self.connections):
             connection.shut_down()

@@ -68,6 +68,7 @@ from relay.ingress.address import (
 from relay.ingress.auth import AUTH_ABORTED, BAD_BASE64, Authenticated, Mechanisms
 from relay.ingress.clientlimit import ALL_BUSY, EVERYONE, TOO_MANY, ClientRow, counted_as
 from relay.ingress.filelimit import OUT_OF_FILES, FileRoom
+from relay.quantity import quantity
 from relay.submission import Submission
 from relay.submission import log_refused as log_message_refused
 from relay.tally import TallyRow
@@ -572,10 +573,10 @@ class RelaySMTP(SMTP):
             if limit is None or self._enter(client, limit):
                 continue
             log.warning(
-                "refused client=%s on listener %s: %s connections open %s already, its %s%s",
+                "refused client=%s on listener %s: %s open %s already, its %s%s",
                 address,
                 self._listener_name,
-                limit,
+                quantity(limit, "connection"),
                 where,
                 setting,
                 said,
@@ -1068,7 +1069,8 @@ class RelaySMTP(SMTP):
             log_refused(
                 self.session.peer,
                 sender,
-                f"{count} more messages refused, not logged one by one; the last: {status}",
+                f"{quantity(count, 'more message')} refused, not logged one by one;"
+                f" the last: {status}",
             )
             self._unlogged = None
 
@@ -1195,7 +1197,7 @@ class RefusedRecipients:
             log_refused(
                 peer,
                 mail_from,
-                f"{more} more recipients refused, not logged one by one;"
+                f"{quantity(more, 'more recipient')} refused, not logged one by one;"
                 f" the last to=<{to}>: {reply}",
             )
         self._count = 0

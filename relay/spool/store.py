@@ -57,6 +57,7 @@ from typing import BinaryIO
 
 from relay import statefiles
 from relay.errors import RelayError
+from relay.quantity import quantity
 from relay.queueid import queue_id_time
 from relay.spool.entry import QueueEntry
 
@@ -344,7 +345,9 @@ class Spool:
             _still_named(raw.fileno(), path, queue_id)
         data = data or b""
         if size is not None and len(data) != size:
-            raise DamagedEntry(path, f"{len(data)} bytes of message stored, its record says {size}")
+            raise DamagedEntry(
+                path, f"{quantity(len(data), 'byte')} of message stored, its record says {size}"
+            )
         return data
 
     @contextlib.contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from relay.quantity import quantity
 from relay.suppression.entry import Key, Suppression
 
 log = logging.getLogger("relay.engine")
@@ -65,9 +66,9 @@ class Backlog:
         addresses = " ".join(sorted(item.address for item in self._kept.values()))
         dropped = f" and {self._dropped} more not named" if self._dropped else ""
         log.error(
-            "stopping with %d address(es) refused as not existing that the suppression list"
+            "stopping with %s refused as not existing that the suppression list"
             " could not take%s; add them with `relay suppression add`: %s",
-            len(self._kept),
+            quantity(len(self._kept), "address", "addresses"),
             dropped,
             addresses,
         )

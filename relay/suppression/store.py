@@ -30,6 +30,7 @@ from typing import Any
 
 from relay import statefiles
 from relay.errors import RelayError
+from relay.quantity import quantity
 from relay.suppression.entry import (
     VERSION,
     Key,
@@ -427,4 +428,5 @@ class _Odd:
     def said(self) -> str | None:
         if self.count <= 1:
             return self.first
-        return f"{self.first}; and {self.count - 1} more entries with keys the relay does not know"
+        more = quantity(self.count - 1, "more entry", "more entries")
+        return f"{self.first}; and {more} with keys the relay does not know"

@@ -28,6 +28,7 @@ from relay.errors import UpstreamError, answered, interrupted
 from relay.hostport import host_port
 from relay.passwd import password_text
 from relay.policy.model import SmtpUpstream, TlsMode
+from relay.quantity import quantity
 from relay.upstream import (
     Crowded,
     DeliveryResult,
@@ -358,7 +359,11 @@ def _all_refused(exc: aiosmtplib.SMTPRecipientsRefused) -> RecipientsRefused:
     any refusal is, so a retry can help."""
     refusals = exc.recipients
     first = next((r for r in refusals if r.code < 500), refusals[0])
-    more = f" (and {len(refusals) - 1} more recipients refused)" if len(refusals) > 1 else ""
+    more = (
+        f" (and {quantity(len(refusals) - 1, 'more recipient')} refused)"
+        if len(refusals) > 1
+        else ""
+    )
     each = {r.recipient: _refused(r.code, r.message) for r in refusals}
     if isinstance(exc, Withheld):
         each.update(dict.fromkeys(exc.taken, NOT_SENT))
