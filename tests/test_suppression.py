@@ -482,7 +482,7 @@ def test_the_backlog_keeps_an_address_first_refusal_and_names_what_it_loses(
     backlog.written(more[:1])
     assert backlog.kept() == more[1:] and "written again" not in caplog.text
     backlog.abandon()
-    assert "stopping with 1 address" in caplog.text
+    assert "stopping with 1 address refused" in caplog.text
     assert (
         "and 1 more not named; add them with `relay suppression add`: c@example.org" in caplog.text
     )
