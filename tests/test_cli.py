@@ -301,8 +301,7 @@ def test_preview_refuses_an_unknown_login_before_a_bad_recipient(
     said = "535 5.7.8 Authentication credentials invalid"
     why = "no login 'nobody' in the policy"
     assert done.stderr == (
-        f"relay preview: the relay would refuse this message: {said}\n"
-        f"relay preview: why: {why}\n"
+        f"relay preview: the relay would refuse this message: {said}\nrelay preview: why: {why}\n"
     )
     done = relay("preview", "-c", str(policy_file), str(eml), "--json", *faults)
     assert done.returncode == 65, done.stdout

@@ -171,13 +171,7 @@ def test_entries_with_a_key_of_another_system_are_said_once_a_reading(
     """A list brought over from another system, a key of its own on every line,
     put a warning a line in the log, from every worker, and held their start."""
     path = tmp_path / "s.jsonl"
-    path.write_text(
-        "".join(
-            f'{{"op":"add","address":"a{i}@example.org","tenant":null,"reason":"bounce",'
-            f'"since":"{WHEN}","source":"old-mta"}}\n'
-            for i in range(500)
-        )
-    )
+    _write_entries_of_another_system(path, 500)
     file = SuppressionFile(path)
     with caplog.at_level(logging.WARNING, logger="relay"):
         snapshot = file.current()
@@ -190,18 +184,23 @@ def test_entries_with_a_key_of_another_system_are_said_once_a_reading(
     assert file.entries().problems == caplog.messages
 
 
+def _write_entries_of_another_system(path: Path, count: int) -> None:
+    """Add lines each with a key the relay does not know, as another MTA's export has."""
+    path.write_text(
+        "".join(
+            f'{{"op":"add","address":"a{i}@example.org","tenant":null,"reason":"bounce",'
+            f'"since":"{WHEN}","source":"old-mta"}}\n'
+            for i in range(count)
+        )
+    )
+
+
 def test_one_more_entry_with_a_key_of_another_system_is_said_in_the_singular(
     tmp_path: Path,
 ) -> None:
     """It was ``and 1 more entries``."""
     path = tmp_path / "s.jsonl"
-    path.write_text(
-        "".join(
-            f'{{"op":"add","address":"a{i}@example.org","tenant":null,"reason":"bounce",'
-            f'"since":"{WHEN}","source":"old-mta"}}\n'
-            for i in range(2)
-        )
-    )
+    _write_entries_of_another_system(path, 2)
     (said,) = SuppressionFile(path).entries().problems
     assert said.endswith("; and 1 more entry with keys the relay does not know")
 
