@@ -277,7 +277,7 @@ def test_a_relay_stopping_with_hard_bounces_the_list_refused_names_them(
         log = relay.log()
     assert (
         "stopping with 1 address refused as not existing that the suppression list"
-        " could not take; add them with `relay suppression add`: gone@example.org"
+        " could not take; add it with `relay suppression add`: gone@example.org"
     ) in log
     assert _listed(policy) == {}
 

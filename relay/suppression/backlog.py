@@ -65,11 +65,13 @@ class Backlog:
             return
         addresses = " ".join(sorted(item.address for item in self._kept.values()))
         dropped = f" and {self._dropped} more not named" if self._dropped else ""
+        many = len(self._kept) + self._dropped != 1
         log.error(
             "stopping with %s refused as not existing that the suppression list"
-            " could not take%s; add them with `relay suppression add`: %s",
+            " could not take%s; add %s with `relay suppression add`: %s",
             quantity(len(self._kept), "address", "addresses"),
             dropped,
+            "them" if many else "it",
             addresses,
         )
         self._kept.clear()
