@@ -39,11 +39,10 @@ class Identity:
 
 
 def unknown_login(name: str) -> Rejected:
-    """Also ``relay preview``'s answer at AUTH, where a client is refused it.
-    The client is told what AUTH tells a wrong login; which name the policy
-    lacks is for the sysadmin (the log line, the preview's ``why``)."""
+    """A session whose login a reload removed: it logged in, so its client (and
+    the audit record of the refusal) may be told which name is gone."""
     return Rejected(
-        535, "5.7.8", "Authentication credentials invalid", note=f"no login {name!r} in the policy"
+        535, "5.7.8", f"Authentication credentials invalid: no login {name!r} in the policy"
     )
 
 

@@ -18,7 +18,7 @@ from relay import headers, message, ratelimit, statelock
 from relay.decide import Decision
 from relay.errors import Rejected, RelayError, SmtpReply
 from relay.hostport import host_port
-from relay.identify import a_label_address, unknown_login
+from relay.identify import a_label_address
 from relay.ingress import content
 from relay.ingress.address import RECIPIENT, SENDER, mailbox_refusal
 from relay.ingress.protocol import non_ascii_reply
@@ -90,6 +90,15 @@ def refusal_json(refused: Refused) -> str:
         },
         indent=2,
         ensure_ascii=False,
+    )
+
+
+def _unknown_at_auth(login: str) -> Rejected:
+    """What AUTH answers a login the policy does not know (aiosmtpd's reply to a
+    failed login), with the name for the sysadmin only: the client is not told
+    which names there are."""
+    return Rejected(
+        535, "5.7.8", "Authentication credentials invalid", note=f"no login {login!r} in the policy"
     )
 
 
@@ -236,7 +245,7 @@ def _check_envelope(policy: Policy, limits: Limits, submission: Submission) -> N
     if submission.auth_login is not None and not limits.login_offered:
         raise Refused(Rejected(504, "5.5.4", "Unrecognized authentication type"), AUTH)
     if submission.auth_login is not None and submission.auth_login not in policy.logins:
-        raise Refused(unknown_login(submission.auth_login), AUTH)
+        raise Refused(_unknown_at_auth(submission.auth_login), AUTH)
     if submission.auth_login is None and limits.login_required:
         raise Refused(Rejected(530, "5.7.0", "Authentication required"), MAIL)
     paths = [(MAIL, submission.mail_from, SENDER)] if submission.mail_from else []

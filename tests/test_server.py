@@ -289,7 +289,7 @@ def test_sigterm_gives_transactions_and_deliveries_one_grace_in_all(
         finally:
             running.stop()
     log = running.log()
-    assert "stop grace of 10s over" in log and "cutting off 1 delivery attempt" in log, log
+    assert "stop grace of 10s over" in log and "cutting off 1 delivery attempt(s)" in log, log
     assert took < server_module.STOP_GRACE + 3, (took, log)
 
 
@@ -699,11 +699,13 @@ def test_a_login_a_reload_removed_sends_nothing_more_in_its_open_session(
         policy.write_text(text.replace(login, ""))
         daemon.proc.send_signal(signal.SIGHUP)
         daemon.wait_reloaded(1)
-        refused = (535, b"5.7.8 Authentication credentials invalid")
+        refused = (
+            535,
+            b"5.7.8 Authentication credentials invalid: no login 'erp-globex' in the policy",
+        )
         assert send_as("jan@acme.example") == refused
         assert send_as("hank@globex.example") == refused
     assert len(list(daemon.outbox.glob("*.eml"))) == 1
-    daemon.wait_log("Authentication credentials invalid (no login 'erp-globex' in the policy)")
 
 
 def test_a_password_a_reload_changed_sends_nothing_more_in_its_open_session(
