@@ -298,6 +298,46 @@ def test_a_line_that_is_no_json_object_says_where_and_what_in_words(
         snapshot = SuppressionFile(path).current()
     assert caplog.messages == said
     assert snapshot.find("kept@example.org", "acme") is not None
+
+
+def test_a_line_the_json_reader_gives_up_on_is_skipped_in_words_not_a_crash(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line of a thousand ``[`` raised RecursionError out of the reading, and
+    the relay did not start; a 5,000-digit number said Python's limit. A quote
+    left open before the line's end was said to be a line cut short by the
+    worker's reading (which reads the line feed too) and rightly by the tools'.
+    A byte order mark, or a character cut off at the end, were said as
+    something else."""
+    add = f'"op": "add", "tenant": null, "reason": "manual", "since": "{WHEN}"'
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(
+        b"[" * 5000
+        + b"\n"
+        + f'{{{add}, "address": "n@example.org", "detail": {"9" * 5000}}}\n'.encode()
+        + f'{{{add}, "address": "open@example.org}}\r\n'.encode()
+        + "\ufeff".encode()
+        + f'{{{add}, "address": "bom@example.org"}}\n'.encode()
+        + b'{"op": "add", "address": "j\xc3\n'
+        + f'{{{add}, "address": "kept@example.org"}}\n'.encode()
+    )
+    one = "each line is one whole JSON object, in UTF-8"
+    skipped = f"{path}:%d: not a suppression entry, skipped:"
+    said = [
+        f"{skipped % 1} not a JSON object: nested deeper than the relay reads: {one}",
+        f"{skipped % 2} not a JSON object: a number too long to read: {one}",
+        f"{skipped % 3} not a JSON object: the text in quotes from column 99 has no end"
+        f" quote: {one}",
+        f"{skipped % 4} a byte order mark (U+FEFF) before the JSON object, as some editors"
+        f" save UTF-8: {one}, without it",
+        f"{skipped % 5} not UTF-8 at byte 28 of the line (0xc3; a character cut off at the"
+        f" line's end): {one}",
+    ]
+    assert SuppressionFile(path).entries().problems == said
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        snapshot = SuppressionFile(path).current()
+    assert caplog.messages == said
+    assert snapshot.find("kept@example.org", "acme") is not None
     assert len(snapshot) == 1
 
 

@@ -109,8 +109,13 @@ def read_line(raw: bytes) -> dict[str, Any]:
         record = _DECODE(text)
     except json.JSONDecodeError as exc:
         raise ValueError(_not_json(text, exc)) from None
+    except RecursionError:  # a line of a thousand '[' stopped the relay's start
+        raise ValueError(f"not a JSON object: nested deeper than the relay reads: {_ONE}") from None
+    except ValueError:  # Python's limit on an integer's digits
+        raise ValueError(f"not a JSON object: a number too long to read: {_ONE}") from None
     if not isinstance(record, dict):
-        raise ValueError(f"not a JSON object but {_kind(record)} {_cut(_shown(record))}: {_ONE}")
+        shown = repr(_cut(record)) if isinstance(record, str) else _cut(_shown(record))
+        raise ValueError(f"not a JSON object but {_kind(record)} {shown}: {_ONE}")
     try:
         op = record.get("op")
         _check_keys(record, op)
@@ -139,14 +144,31 @@ def _not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
     """Python's words (``'utf-8' codec can't decode byte 0xf8 in position 12``)
     named neither the file's encoding nor where to look in the line."""
     byte = raw[exc.start]
-    return (
-        f"not UTF-8 at byte {exc.start + 1} of the line (0x{byte:02x}; saved as Latin-1?): {_ONE}"
-    )
+    try:
+        raw.rstrip(b"\r\n").decode()
+        cut = False
+    except UnicodeDecodeError as within:
+        cut = within.reason == "unexpected end of data"
+    why = "a character cut off at the line's end" if cut else "saved as Latin-1?"
+    return f"not UTF-8 at byte {exc.start + 1} of the line (0x{byte:02x}; {why}): {_ONE}"
 
 
 def _not_json(text: str, exc: json.JSONDecodeError) -> str:
     """Python's words (``Expecting value: line 1 column 1 (char 0)``) said
-    nothing of a line cut short, and nothing of what stood where."""
+    nothing of a line cut short, and nothing of what stood where. The line
+    is read again without its end: the decoder took a line feed for text, and
+    an unended quote for a line cut short."""
+    if text.startswith("\ufeff"):
+        return (
+            "a byte order mark (U+FEFF) before the JSON object, as some editors save"
+            f" UTF-8: {_ONE}, without it"
+        )
+    line = text.rstrip("\r\n")
+    if line != text:
+        try:
+            _DECODE(line)
+        except json.JSONDecodeError as within:
+            text, exc = line, within
     found = text[exc.pos :].rstrip()
     unended = exc.msg.startswith("Unterminated string")
     if unended and found.endswith("}"):
