@@ -334,7 +334,6 @@ SYNTAX = "501 5.5.4 Syntax: RCPT TO:<address> [SP <mail-parameters>]"
         b"<q4@example.org NOTIFY=NEVER",
         b'"Customer" <q4@example.org',
         b'<"q4>x"@example.org',  # the > is the quoted local part's
-        b'<"q4>x@example.org',  # as its quote is never closed
     ],
 )
 def test_a_path_not_closed_is_refused(relay: Relay, path: bytes) -> None:
@@ -440,6 +439,28 @@ def test_a_quoted_local_part_holding_a_gt_is_named_whole(
     logged = "\n".join(refused_lines(caplog))
     assert f'from=<"a>b"@acme.example>: {sender}' in logged
     assert f'to=<"a>b"@example.org>: {recipient}' in logged
+
+
+def test_a_quote_that_opens_no_local_part_does_not_hide_the_path_s_end(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a whole local part is quoted: a ``"`` inside one (``o"brien``), or one
+    never closed, is a character like any other, and the path still ends at its
+    first ``>``. Read as quotes, such paths were refused as never closed,
+    ``553 5.1.3 Error: malformed address``, a sender's with a recipient's status
+    and the log with ``from=<?>``."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        sender = raw.cmd(b'MAIL FROM:<a"b@acme.example>')
+        assert sender == "553 5.1.7 Bad address syntax: 'a\"b@acme.example'"
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        recipient = raw.cmd(b'RCPT TO:<"a@example.org>')
+        assert recipient == "553 5.1.3 Quoted local parts are not supported: '\"a@example.org'"
+        assert raw.cmd(b'RCPT TO:<"a>b"@example.org').startswith("553 5.1.3 Error: malformed")
+    logged = "\n".join(refused_lines(caplog))
+    assert f'from=<a"b@acme.example>: {sender}' in logged
+    assert f'to=<"a@example.org>: {recipient}' in logged
 
 
 def test_a_recipient_given_twice_is_sent_once(relay: Relay) -> None:

@@ -79,6 +79,8 @@ THEIRS_LIMITED, OURS_LIMITED = _protocols(8)
 @example('<"a>b"@c.example>')
 @example('<"a>b"@c.example')
 @example('<"a>b@c.example')
+@example('<a"b@c.example>')
+@example('<"a@c.example> SIZE=1')
 def test_same_result_as_aiosmtpd(arg: str) -> None:
     """aiosmtpd's result for the path without its display name: it read the
     name as the address, and the path after it as parameters (a ``501``).

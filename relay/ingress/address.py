@@ -44,10 +44,12 @@ _COMMENT = r"\([\x20-\x27\x2a-\x3b\x3d\x3f-\x5b\x5d-\x7e]*\)"
 #: possessive, or a long run of letters with no ``<`` took exponential time.
 DISPLAY_NAME = rf"(?:(?:{_ATOM}|{_QUOTED}|{_COMMENT})[ \t]*)++(?=<)"
 _DISPLAY_NAME = re.compile(DISPLAY_NAME)
-#: What comes between a path's ``<`` and its ``>``: a quoted local part may
-#: hold a ``>`` (``<"a>b"@example.org>``), so a path whose quote is never
-#: closed is never closed either
-PATH_TEXT = r'(?:"(?:[^"\\]|\\.)*"|[^>"])*+'
+#: What comes between a path's ``<`` and its ``>``: a quoted local part (the
+#: whole of it, after any source route) may hold a ``>``
+#: (``<"a>b"@example.org>``), so such a path that is not closed after it is
+#: never closed; a ``"`` anywhere else, or one never closed, is read as any
+#: other character, and the path ends at the first ``>``
+PATH_TEXT = r'(?>(?:@[^:>"]*:)?"(?:[^"\\]|\\.)*+"[^>]*+|[^>]*+)'
 _CLOSED_PATH = re.compile(rf"<{PATH_TEXT}>")
 
 TOO_LONG = "Address longer than SMTP allows (64 octets before the @, 254 in all)"
