@@ -1680,6 +1680,29 @@ def test_a_list_s_first_item_moved_is_named_not_the_line_after_it(
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_a_first_item_whose_next_item_agrees_is_not_said_to_be_moved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: type
+) -> None:
+    """classify's first item keeps its place, its other keys one space too deep:
+    its '-' is where the next item's is, so they are the slip. The first item
+    was named, and moved as told, the next item's line was then said wrong."""
+    lines = (ROOT / "config" / "relay.example.yaml").read_text().split("\n")
+    item = _line_starting(lines, "  - id: invoice-header")
+    for number in (item + 1, item + 2):
+        lines[number - 1] = " " + lines[number - 1]
+    monkeypatch.setattr(yamlsource, "_Loader", loader)
+    path = tmp_path / "relay.yaml"
+    path.write_text("\n".join(lines))
+    (said, count) = checked(path)
+    assert said.startswith(
+        f"{path}:{item + 1}:6: YAML syntax error: the indentation of this line (5 spaces)"
+        f" does not match the block it is in: the keys of classify[0], from line {item}, are"
+        " indented 4 spaces"
+    ), said
+    assert count == f"{path}: 1 problem"
+
+
 @pytest.mark.parametrize("style", ["|", ">-"])
 def test_a_line_too_deep_after_a_block_value_is_named_not_the_value_s_text(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, style: str

@@ -157,6 +157,8 @@ def _first_item_moved(
     under = next((n for n in range(item + 1, line + 1) if has_text(lines[n])), None)
     if under != line or indent == keys.indent or _indent_after(lines, line) != indent:
         return None
+    if _another_item(lines, line, indent, items.indent):
+        return None  # its '-' is where the list's next one is: the keys moved, not it
     dash = indent - (keys.indent - items.indent)
     outer = blocks[-3] if len(blocks) > 2 else None
     if dash < 0 or (outer is not None and dash <= outer.indent):
@@ -171,6 +173,15 @@ def _first_item_moved(
         " them as its key"
     )
     return (item + 1, its + 1), said
+
+
+def _another_item(lines: list[str], line: int, indent: int, dash: int) -> bool:
+    """Whether the first line after ``line`` (0-based) less indented than
+    ``indent`` is another item of a list whose '-' are ``dash`` spaces in."""
+    for text in lines[line + 1 :]:
+        if has_text(text) and indent_of(text) < indent:
+            return indent_of(text) == dash and text.lstrip(" ").startswith("-")
+    return False
 
 
 def _indent_after(lines: list[str], line: int) -> int | None:
