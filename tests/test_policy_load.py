@@ -1775,6 +1775,35 @@ def test_a_line_fed_line_in_an_old_mac_file_is_said_where_yaml_counts_it(
     ]
 
 
+def test_a_line_fed_cr_in_an_old_mac_file_is_said_at_the_line_it_ends(tmp_path: Path) -> None:
+    """``echo >>`` after a file whose last line ends in a carriage return: the CR
+    LF is one line end, YAML's third, and was said to be a fourth line's."""
+    path = tmp_path / "relay.yaml"
+    path.write_bytes(b"version: 1\rplatform:\r  hostname: relay\r\n")
+    (said,) = problems(path)
+    assert said.startswith(f"{path}:3:18: a line feed (U+000A) where the file's other lines")
+
+
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+@pytest.mark.parametrize("end", ["\n", "\r"], ids=["lf", "cr"])
+def test_an_unacceptable_character_is_placed_by_yaml_s_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: type, end: str
+) -> None:
+    """libyaml's position counts bytes: after the example's non-ASCII letters a
+    BEL was said a line or more off. In a file of carriage returns alone, it was
+    said at line 1, column thousands."""
+    monkeypatch.setattr(yamlsource, "_Loader", loader)
+    lines = (ROOT / "config" / "relay.example.yaml").read_text().split("\n")
+    number = 1 + next(n for n, line in enumerate(lines, 1) if not line.isascii())
+    column = len(lines[number - 1]) + 1
+    lines[number - 1] += "\x07"
+    path = tmp_path / "relay.yaml"
+    path.write_bytes(end.join(lines).encode())
+    (said,) = problems(path)
+    assert said.startswith(f"{path}:{number}:{column}: YAML syntax error: unacceptable character")
+    assert ("old Mac" in said) == (end == "\r")
+
+
 def test_the_policy_version_covers_the_files_it_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

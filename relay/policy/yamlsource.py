@@ -128,8 +128,7 @@ def read(
         problems.add(where, path, said + (_CR_ONLY if "\r" in text and "\n" not in text else ""))
         return data, None
     except yaml.reader.ReaderError as exc:
-        where = _position(text, exc.position)
-        problems.add(where, "", f"YAML syntax error: unacceptable character #x{exc.character:04x}")
+        problems.add(*_unacceptable(text, exc))
         return data, None
     except yaml.YAMLError as exc:
         problems.add((1, 1), "", f"YAML syntax error: {exc}")
@@ -471,6 +470,8 @@ def _odd_line_end(text: str) -> tuple[tuple[int, int], str, str] | None:
     if text.count("\r") - text.count("\r\n") <= text.count("\n"):
         return _position(text, lone.start()), "", _line_separator("\r")
     feed = text.index("\n")
+    if text[feed - 1 : feed] == "\r":
+        feed -= 1  # CR LF: one line end, the CR's
     before = _line_feeds(text[:feed])
     line = before.count("\n") + 1
     said = (
@@ -480,6 +481,21 @@ def _odd_line_end(text: str) -> tuple[tuple[int, int], str, str] | None:
         " file with line feeds alone"
     )
     return (line, len(before) - before.rfind("\n")), "", said
+
+
+def _unacceptable(text: str, exc: yaml.reader.ReaderError) -> tuple[tuple[int, int], str, str]:
+    """Where the reader stopped, found by the character itself: libyaml's
+    position counts bytes, so a non-ASCII letter before it put the place lines
+    off; and in a file of carriage returns alone, by YAML's lines."""
+    cr_only = "\r" in text and "\n" not in text
+    lines = _line_feeds(text) if cr_only else text
+    at = lines.find(chr(exc.character))
+    said = f"YAML syntax error: unacceptable character #x{exc.character:04x}"
+    return (
+        _position(lines, exc.position if at < 0 else at),
+        "",
+        said + (_CR_ONLY if cr_only else ""),
+    )
 
 
 def _line_feeds(text: str) -> str:
