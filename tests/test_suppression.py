@@ -263,6 +263,20 @@ def test_a_hand_written_value_is_said_as_json_writes_it(tmp_path: Path) -> None:
     ]
 
 
+ONE = "each line is one whole JSON object, in UTF-8"
+
+
+def _skipped_alike(path: Path, caplog: pytest.LogCaptureFixture, why: list[str]) -> None:
+    """The tools' reading and the worker's say why each of the first lines is
+    skipped, in order, and take the last, ``kept@example.org``, alone."""
+    said = [f"{path}:{n}: not a suppression entry, skipped: {w}" for n, w in enumerate(why, 1)]
+    assert SuppressionFile(path).entries().problems == said
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        snapshot = SuppressionFile(path).current()
+    assert caplog.messages == said
+    assert len(snapshot) == 1 and snapshot.find("kept@example.org", "acme") is not None
+
+
 def test_a_line_that_is_no_json_object_says_where_and_what_in_words(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -281,23 +295,20 @@ def test_a_line_that_is_no_json_object_says_where_and_what_in_words(
         + b'["add", "b@example.org"]\n'
         + f'{{{add}, "address": "kept@example.org"}}\n'.encode()
     )
-    one = "each line is one whole JSON object, in UTF-8"
-    skipped = f"{path}:%d: not a suppression entry, skipped:"
-    said = [
-        f"{skipped % 1} not UTF-8 at byte 28 of the line (0xf8; saved as Latin-1?): {one}",
-        f"{skipped % 2} not a JSON object: 'gone@example.org' at column 1: {one}",
-        f"{skipped % 3} not a JSON object: cut off after column 106, before the object ends"
-        f" (a write that stopped, or an edit?): {one}",
-        f"{skipped % 4} not a JSON object: at column 88, expected a key in double quotes,"
-        f" found \"'address': 'x@example.org'}}\": {one}",
-        f'{skipped % 5} more after the JSON object, at column 115: \'{{"op": "add"}}\': {one}',
-        f'{skipped % 6} not a JSON object but a list ["add", "b@example.org"]: {one}',
-    ]
-    assert SuppressionFile(path).entries().problems == said
-    with caplog.at_level(logging.WARNING, logger="relay"):
-        snapshot = SuppressionFile(path).current()
-    assert caplog.messages == said
-    assert snapshot.find("kept@example.org", "acme") is not None
+    _skipped_alike(
+        path,
+        caplog,
+        [
+            f"not UTF-8 at byte 28 of the line (0xf8; saved as Latin-1?): {ONE}",
+            f"not a JSON object: 'gone@example.org' at column 1: {ONE}",
+            f"not a JSON object: cut off after column 106, before the object ends"
+            f" (a write that stopped, or an edit?): {ONE}",
+            f"not a JSON object: at column 88, expected a key in double quotes,"
+            f" found \"'address': 'x@example.org'}}\": {ONE}",
+            f'more after the JSON object, at column 115: \'{{"op": "add"}}\': {ONE}',
+            f'not a JSON object but a list ["add", "b@example.org"]: {ONE}',
+        ],
+    )
 
 
 def test_a_line_the_json_reader_gives_up_on_is_skipped_in_words_not_a_crash(
@@ -321,24 +332,19 @@ def test_a_line_the_json_reader_gives_up_on_is_skipped_in_words_not_a_crash(
         + b'{"op": "add", "address": "j\xc3\n'
         + f'{{{add}, "address": "kept@example.org"}}\n'.encode()
     )
-    one = "each line is one whole JSON object, in UTF-8"
-    skipped = f"{path}:%d: not a suppression entry, skipped:"
-    said = [
-        f"{skipped % 1} not a JSON object: nested deeper than the relay reads: {one}",
-        f"{skipped % 2} not a JSON object: a number too long to read: {one}",
-        f"{skipped % 3} not a JSON object: the text in quotes from column 99 has no end"
-        f" quote: {one}",
-        f"{skipped % 4} a byte order mark (U+FEFF) before the JSON object, as some editors"
-        f" save UTF-8: {one}, without it",
-        f"{skipped % 5} not UTF-8 at byte 28 of the line (0xc3; a character cut off at the"
-        f" line's end): {one}",
-    ]
-    assert SuppressionFile(path).entries().problems == said
-    with caplog.at_level(logging.WARNING, logger="relay"):
-        snapshot = SuppressionFile(path).current()
-    assert caplog.messages == said
-    assert snapshot.find("kept@example.org", "acme") is not None
-    assert len(snapshot) == 1
+    _skipped_alike(
+        path,
+        caplog,
+        [
+            f"not a JSON object: nested deeper than the relay reads: {ONE}",
+            f"not a JSON object: a number too long to read: {ONE}",
+            f"not a JSON object: the text in quotes from column 99 has no end quote: {ONE}",
+            f"a byte order mark (U+FEFF) before the JSON object, as some editors"
+            f" save UTF-8: {ONE}, without it",
+            f"not UTF-8 at byte 28 of the line (0xc3; a character cut off at the"
+            f" line's end): {ONE}",
+        ],
+    )
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file away")
