@@ -935,6 +935,8 @@ def test_check_refuses_a_tls_mode_it_cannot_serve(
          " seconds is less than first_retry (500000)"),
         ("{first_retry: 60, lifetime: 1}", "19:36: warning: queue.lifetime: 1 second"
          " is less than first_retry (60)"),
+        ("{first_retry: 60, lifetime: 59.9999999}", "19:36: warning: queue.lifetime:"
+         " 59.9999999 seconds is less than first_retry (60)"),
         ("{first_retry: 300, lifetime: 300}", None),
         ("{lifetime: 3600}", None),
     ],

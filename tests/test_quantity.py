@@ -1,4 +1,4 @@
-"""Counts in words: the singular is chosen by the number as it is printed."""
+"""Counts in words: a number said as it is, in the singular at one."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from relay.quantity import quantity
         (0.5, "0.5 seconds"),
         (1.0, "1 second"),
         (1.5, "1.5 seconds"),
-        (0.9999999, "1 second"),  # printed as 1: "1 seconds" read as a slip
-        (1.0000001, "1 second"),
+        (0.9999999, "0.9999999 seconds"),  # not rounded to a 1 with a plural
+        (1.0000001, "1.0000001 seconds"),
+        (59.9999999, "59.9999999 seconds"),
     ],
 )
-def test_a_count_is_said_in_the_singular_when_it_prints_as_one(n: float, said: str) -> None:
+def test_a_count_is_said_whole_and_in_the_singular_at_one(n: float, said: str) -> None:
     assert quantity(n, "second") == said
 
 

@@ -56,7 +56,7 @@ from relay.policy.model import (
 )
 from relay.policy.schema import Ctx, Map, choice, hint, items, join, text
 from relay.policy.yamlsource import STR_TAG
-from relay.quantity import quantity
+from relay.quantity import number, quantity
 from relay.spool.store import WRITTEN_IN, Spool, SpoolError
 
 _PLACEHOLDERS = ("user.name", "user.address", "tenant.name")
@@ -838,8 +838,8 @@ def _warn_no_retry(ctx: Ctx, q: Map, first: float, lifetime: float) -> None:
     """A message deferred at its first attempt expires before its first retry:
     it is tried once only. Not refused, as that may be meant, but seldom is."""
     message = (
-        f"{quantity(lifetime, 'second')} is less than first_retry ({first:g}): a message deferred"
-        " at its first attempt expires before it is tried again"
+        f"{quantity(lifetime, 'second')} is less than first_retry ({number(first)}): a message"
+        " deferred at its first attempt expires before it is tried again"
     )
     ctx.problems.warn(q.get("lifetime") or q.get("first_retry"), q.sub("lifetime"), message)
 
