@@ -24,7 +24,6 @@ from typing import Any
 
 from relay import statefiles
 from relay.audit import reader
-from relay.quantity import quantity
 
 GENESIS = "erp-relay audit log v1"
 GENESIS_HASH = hashlib.sha256(GENESIS.encode()).hexdigest()
@@ -449,7 +448,7 @@ class _Verifier:
         if pruned is not None:
             self.r.notes.append(
                 f"starts after retention at seq {seq} in {name}: {_span(1, seq - 1)} were"
-                f" deleted by retention (older than {_days(pruned)})"
+                f" deleted by retention (older than {reader.retention_age(pruned)})"
                 f" at {pruned['time']}"
             )
             return
@@ -482,8 +481,3 @@ def _line_of(file: reader.DayFile, seq: int, after: int) -> int | None:
     except (OSError, EOFError, zlib.error):
         return None
     return None
-
-
-def _days(pruned: dict[str, Any]) -> str:
-    days = pruned.get("retention_days")
-    return quantity(days, "day") if isinstance(days, int) else f"{days} days"

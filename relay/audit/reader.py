@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from relay import statefiles
+from relay.quantity import quantity
 
 _NAME = re.compile(r"audit-(\d{4}-\d{2}-\d{2})\.jsonl(\.gz)?")
 _CHUNK = 1 << 16
@@ -481,3 +482,10 @@ def _last_complete(tail: bytes, whole: bool) -> bytes | None:
             return tail[start:end]
         end = start
     return None
+
+
+def retention_age(pruned: dict[str, Any]) -> str:
+    """How old the records a ``pruned`` record names were, as its
+    ``retention_days`` says: ``1 day``, ``90 days``."""
+    days = pruned.get("retention_days")
+    return quantity(days, "day") if isinstance(days, int) else f"{days} days"

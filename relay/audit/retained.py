@@ -14,7 +14,6 @@ from typing import Any
 
 from relay.audit import reader
 from relay.audit.search import parse_when
-from relay.quantity import quantity
 
 _PRUNED = b'"event":"pruned"'
 
@@ -44,7 +43,7 @@ def deleted_before(directory: Path, since: str | date | None) -> str | None:
         return None  # the window begins after the days retention deleted
     said = (
         f"the log starts after retention at seq {seq} in {name}: {_span(1, through)} were"
-        f" deleted by retention (older than {_days(pruned)}) at"
+        f" deleted by retention (older than {reader.retention_age(pruned)}) at"
         f" {pruned.get('time')}" + (f", the files through {deleted[-1]}" if deleted else "")
     )
     if through < seq - 1:
@@ -80,8 +79,3 @@ def _newest_pruned(files: list[reader.DayFile]) -> dict[str, Any] | None:
 
 def _span(first: int, last: int) -> str:
     return f"record {first}" if first == last else f"records {first}..{last}"
-
-
-def _days(pruned: dict[str, Any]) -> str:
-    days = pruned.get("retention_days")
-    return quantity(days, "day") if isinstance(days, int) else f"{days} days"
