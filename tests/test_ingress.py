@@ -186,8 +186,8 @@ def test_a_non_ascii_address_is_named_in_the_reply_and_logged(
     )
     assert other == "501 5.6.7 Non-ASCII characters are not allowed: SMTPUTF8 is not offered"
     assert refused_lines(caplog) == [
-        rf"refused client=127.0.0.1 from=<j\xc3\xb8rn@acme.example>: {sender}",
-        rf"refused client=127.0.0.1 from=<erp@acme.example> to=<k\xc3\xa5re@example.org>:"
+        rf"refused client=127.0.0.1 login=- from=<j\xc3\xb8rn@acme.example>: {sender}",
+        rf"refused client=127.0.0.1 login=- from=<erp@acme.example> to=<k\xc3\xa5re@example.org>:"
         f" {recipient}",
     ]
 
@@ -225,9 +225,9 @@ def test_a_non_ascii_display_name_is_named_in_the_reply_and_logged(
         recipient == r"501 5.6.7 Non-ASCII address <k\xc3\xb8@example.org>: SMTPUTF8 is not offered"
     )
     assert refused_lines(caplog) == [
-        f"refused client=127.0.0.1 from=<jan@acme.example>: {sender}",
-        f"refused client=127.0.0.1 from=<jan@acme.example>: {unnamed}",
-        rf"refused client=127.0.0.1 from=<erp@acme.example> to=<k\xc3\xb8@example.org>:"
+        f"refused client=127.0.0.1 login=- from=<jan@acme.example>: {sender}",
+        f"refused client=127.0.0.1 login=- from=<jan@acme.example>: {unnamed}",
+        rf"refused client=127.0.0.1 login=- from=<erp@acme.example> to=<k\xc3\xb8@example.org>:"
         f" {recipient}",
     ]
 
@@ -279,7 +279,7 @@ def test_malformed_sender_refused(
         assert reply.startswith(expected)
         assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
     (line,) = refused_lines(caplog)
-    assert line.startswith("refused client=127.0.0.1 from=<") and line.endswith(reply)
+    assert line.startswith("refused client=127.0.0.1 login=- from=<") and line.endswith(reply)
     assert "\r" not in line
 
 
@@ -382,9 +382,9 @@ def test_a_refusal_with_no_path_found_logs_what_the_client_sent(
     sent = b"RCPT TO:" + long_name + b"@ <q4@example.org>"
     shown = sent[: protocol.SENT_LOGGED].decode()
     assert refused_lines(caplog) == [
-        f"refused client=127.0.0.1 from=<?>: {sender}"
+        f"refused client=127.0.0.1 login=- from=<?>: {sender}"
         r' (the client sent: MAIL FROM:"Jan\x01" <jan@acme.example>)',
-        f"refused client=127.0.0.1 from=<erp@acme.example> to=<?>: {recipient}"
+        f"refused client=127.0.0.1 login=- from=<erp@acme.example> to=<?>: {recipient}"
         f" (the client sent: {shown} [{len(sent) - protocol.SENT_LOGGED} more characters"
         " not logged])",
     ]
@@ -510,8 +510,8 @@ def test_refused_recipients_are_logged(caplog: pytest.LogCaptureFixture) -> None
         _data(raw)
     assert bad.startswith("553 5.1.3 ")
     assert refused_lines(caplog) == [
-        f"refused client=127.0.0.1 from=<erp@acme.example> to=<c@[192.0.2.1]>: {bad}",
-        "refused client=127.0.0.1 from=<erp@acme.example> to=<r5@example.org>:"
+        f"refused client=127.0.0.1 login=- from=<erp@acme.example> to=<c@[192.0.2.1]>: {bad}",
+        "refused client=127.0.0.1 login=- from=<erp@acme.example> to=<r5@example.org>:"
         " 452 4.5.3 Too many recipients",
     ]
 
@@ -523,7 +523,7 @@ def test_refused_recipients_log_is_bounded(end: bytes, caplog: pytest.LogCapture
     transaction starts afresh. (A loop of them meets the hard error limit.)"""
     caplog.set_level(logging.INFO, logger="relay")
     count = protocol.RCPT_REFUSALS_LOGGED + 5
-    prefix = "refused client=127.0.0.1 from=<erp@acme.example>"
+    prefix = "refused client=127.0.0.1 login=- from=<erp@acme.example>"
     with Relay([listener()]) as relay, Raw(relay.port) as raw:
         raw.ehlo()
         assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
@@ -571,8 +571,8 @@ def test_one_refused_recipient_past_those_logged_is_said_in_the_singular(
         assert raw.closed()
         _wait_for(lambda: len(refused_lines(caplog)) > protocol.RCPT_REFUSALS_LOGGED)
     assert refused_lines(caplog)[-1] == (
-        "refused client=127.0.0.1 from=<erp@acme.example>: 1 more recipient refused, not logged"
-        f" one by one; the last to=<bad{count - 1}@[192.0.2.1]>: {last}"
+        "refused client=127.0.0.1 login=- from=<erp@acme.example>: 1 more recipient refused,"
+        f" not logged one by one; the last to=<bad{count - 1}@[192.0.2.1]>: {last}"
     )
 
 
@@ -619,8 +619,8 @@ def test_size_declared_too_big_refused(relay: Relay, caplog: pytest.LogCaptureFi
         assert raw.cmd(b"MAIL FROM:<> SIZE=100001") == reply
     assert reply == "552 5.3.4 Message size exceeds the maximum of 100000 bytes"
     assert refused_lines(caplog) == [
-        f"refused client=127.0.0.1 from=<erp@acme.example>: {reply}",
-        f"refused client=127.0.0.1 from=<>: {reply}",
+        f"refused client=127.0.0.1 login=- from=<erp@acme.example>: {reply}",
+        f"refused client=127.0.0.1 login=- from=<>: {reply}",
     ]
 
 
@@ -1063,6 +1063,26 @@ def test_auth_response_longer_than_rfc_4954_allows_is_500_5_5_6(
     assert "Traceback" not in caplog.text
 
 
+def test_a_logged_in_session_s_refusals_name_its_login(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refusal at MAIL or RCPT was logged without the login, where one after
+    DATA names it: a grep for a login that sent bad addresses found nothing."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()).startswith(
+            "235 "
+        )
+        sender = raw.cmd(b"MAIL FROM:<kari@>")
+        assert raw.cmd(b"MAIL FROM:<jan@acme.example>").startswith("250")
+        recipient = raw.cmd(b"RCPT TO:<one@>")
+    assert refused_lines(caplog) == [
+        f"refused client=127.0.0.1 login=erp-acme from=<kari@>: {sender}",
+        f"refused client=127.0.0.1 login=erp-acme from=<jan@acme.example> to=<one@>: {recipient}",
+    ]
+
+
 def test_auth_cancelled_with_star(relay: Relay) -> None:
     with Raw(relay.port) as raw:
         raw.ehlo()
@@ -1123,7 +1143,7 @@ def test_auth_required_refuses_mail_before_auth(caplog: pytest.LogCaptureFixture
             assert raw.cmd(b"RCPT TO:<one@example.org>") == "530 5.7.0 Authentication required"
             assert raw.cmd(b"DATA") == "530 5.7.0 Authentication required"
             assert refused_lines(caplog) == [  # one line for the message, not per command
-                "refused client=127.0.0.1 from=<erp@acme.example>:"
+                "refused client=127.0.0.1 login=- from=<erp@acme.example>:"
                 " 530 5.7.0 Authentication required"
             ]
             assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()).startswith(

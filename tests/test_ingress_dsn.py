@@ -104,7 +104,7 @@ def test_a_malformed_mail_dsn_parameter_is_refused_by_name(
         assert raw.cmd(b"MAIL FROM:<jan@acme.example> " + parameters) == expected
         assert raw.cmd(b"MAIL FROM:<jan@acme.example>") == "250 2.1.0 OK"
     refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused ")]
-    assert refused == [f"refused client=127.0.0.1 from=<jan@acme.example>: {expected}"]
+    assert refused == [f"refused client=127.0.0.1 login=- from=<jan@acme.example>: {expected}"]
 
 
 @pytest.mark.parametrize(
@@ -135,7 +135,7 @@ def test_a_malformed_rcpt_dsn_parameter_is_refused_by_name(
         assert _data(raw).startswith("250")
     refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused ")]
     assert refused == [
-        f"refused client=127.0.0.1 from=<jan@acme.example> to=<one@example.org>: {expected}"
+        f"refused client=127.0.0.1 login=- from=<jan@acme.example> to=<one@example.org>: {expected}"
     ]
 
 

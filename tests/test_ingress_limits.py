@@ -103,7 +103,7 @@ def test_refused_senders_past_the_first_ones_share_one_log_line(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="relay")
-    prefix = "refused client=127.0.0.1 from=<x>: "
+    prefix = "refused client=127.0.0.1 login=- from=<x>: "
     with Relay([listener()]) as relay, Raw(relay.port) as raw:
         raw.ehlo()
         raw.send(b"MAIL FROM:<x>\r\n" * 2000)

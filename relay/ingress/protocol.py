@@ -972,7 +972,7 @@ class RelaySMTP(SMTP):
     def _log_refused_sender(self, sender: str, status: str) -> None:
         assert self.session is not None
         if self._errors < REFUSALS_LOGGED:
-            log_refused(self.session.peer, sender, status)
+            log_refused(self.session, sender, status)
         else:
             count = self._unlogged[0] if self._unlogged else 0
             self._unlogged = (count + 1, sender, status)
@@ -981,7 +981,7 @@ class RelaySMTP(SMTP):
         assert self.session is not None
         if self.in_transaction:
             assert self.envelope is not None
-            self._refused_recipients.add(self.session.peer, self.envelope.mail_from, to, status)
+            self._refused_recipients.add(self.session, self.envelope.mail_from, to, status)
 
     def _refuse_non_ascii(self) -> str:
         """aiosmtpd's refusal of a command with non-ASCII in it, made to name the
@@ -1067,7 +1067,7 @@ class RelaySMTP(SMTP):
         if self._unlogged is not None and self.session is not None:
             count, sender, status = self._unlogged
             log_refused(
-                self.session.peer,
+                self.session,
                 sender,
                 f"{quantity(count, 'more message')} refused, not logged one by one;"
                 f" the last: {status}",
@@ -1158,14 +1158,19 @@ def _larger(earlier: str | bool, given: str | bool) -> str | bool:
     return max(earlier, given, key=int)  # type: ignore[arg-type]
 
 
-def log_refused(peer: Any, mail_from: str | None, reply: str, to: str | None = None) -> None:
+def log_refused(session: Session, mail_from: str | None, reply: str, to: str | None = None) -> None:
     """The log line of a message refused on the SMTP side, one per message;
-    with ``to``, of one recipient refused."""
+    with ``to``, of one recipient refused. It names the login as the line of a
+    message refused after its DATA does: a grep for a login finds them all."""
     sender = "" if mail_from in (None, "<>") else mail_from
+    client = client_address(session.peer)
+    login = _login(session) or "-"
     if to is None:
-        log.info("refused client=%s from=<%s>: %s", client_address(peer), sender, reply)
+        log.info("refused client=%s login=%s from=<%s>: %s", client, login, sender, reply)
     else:
-        log.info("refused client=%s from=<%s> to=<%s>: %s", client_address(peer), sender, to, reply)
+        log.info(
+            "refused client=%s login=%s from=<%s> to=<%s>: %s", client, login, sender, to, reply
+        )
 
 
 class RefusedRecipients:
@@ -1175,14 +1180,14 @@ class RefusedRecipients:
 
     def __init__(self) -> None:
         self._count = 0
-        self._last: tuple[Any, str | None, str, str] | None = None
+        self._last: tuple[Session, str | None, str, str] | None = None
 
-    def add(self, peer: Any, mail_from: str | None, to: str, reply: str) -> None:
+    def add(self, session: Session, mail_from: str | None, to: str, reply: str) -> None:
         self._count += 1
         if self._count <= RCPT_REFUSALS_LOGGED:
-            log_refused(peer, mail_from, reply, to)
+            log_refused(session, mail_from, reply, to)
         else:
-            self._last = (peer, mail_from, to, reply)
+            self._last = (session, mail_from, to, reply)
 
     @property
     def any(self) -> bool:
@@ -1192,10 +1197,10 @@ class RefusedRecipients:
     def end(self) -> None:
         """Log what was not logged one by one; the next transaction starts afresh."""
         if self._last is not None:
-            peer, mail_from, to, reply = self._last
+            session, mail_from, to, reply = self._last
             more = self._count - RCPT_REFUSALS_LOGGED
             log_refused(
-                peer,
+                session,
                 mail_from,
                 f"{quantity(more, 'more recipient')} refused, not logged one by one;"
                 f" the last to=<{to}>: {reply}",
@@ -1251,13 +1256,13 @@ def submission_of(
     hung_up: asyncio.Event | None = None,
 ) -> Submission:
     """The transaction as the pipeline takes it, and as a refusal's log line names it."""
-    auth = session.auth_data if session.authenticated else None
+    auth = _authenticated(session)
     return Submission(
         listener=listener,
         client_address=client_text(session.peer),
-        auth_login=auth.login if isinstance(auth, Authenticated) else None,
-        auth_hash=auth.password_hash if isinstance(auth, Authenticated) else None,
-        auth_tenant=auth.tenant if isinstance(auth, Authenticated) else None,
+        auth_login=None if auth is None else auth.login,
+        auth_hash=None if auth is None else auth.password_hash,
+        auth_tenant=None if auth is None else auth.tenant,
         mail_from="" if envelope.mail_from == "<>" else envelope.mail_from or "",
         rcpt_tos=tuple(envelope.rcpt_tos),
         data=raw,
@@ -1266,6 +1271,16 @@ def submission_of(
         esmtp=session.extended_smtp,
         hung_up=hung_up,
     )
+
+
+def _authenticated(session: Session) -> Authenticated | None:
+    auth = session.auth_data if session.authenticated else None
+    return auth if isinstance(auth, Authenticated) else None
+
+
+def _login(session: Session) -> str | None:
+    auth = _authenticated(session)
+    return None if auth is None else auth.login
 
 
 def client_address(peer: Any) -> IPv4Address | IPv6Address | None:
