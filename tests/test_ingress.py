@@ -1083,6 +1083,32 @@ def test_a_logged_in_session_s_refusals_name_its_login(
     ]
 
 
+def test_refused_mails_counted_apart_are_said_under_the_login_they_had(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past the ones logged one by one, refused MAILs are counted on one line at
+    the end; it named the login the session had then, so refusals before a
+    login were put on it."""
+    caplog.set_level(logging.INFO, logger="relay")
+    before = protocol.REFUSALS_LOGGED + 1
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        for n in range(before):
+            raw.cmd(f"MAIL FROM:<pre{n}@>".encode())
+        assert raw.cmd(b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()).startswith(
+            "235 "
+        )
+        raw.cmd(b"MAIL FROM:<post@>")
+        raw.cmd(b"QUIT")
+    _wait_for(lambda: len(refused_lines(caplog)) >= before + 1)
+    counted = refused_lines(caplog)[before - 1 :]
+    assert [line.split(": ")[0] for line in counted] == [
+        f"refused client=127.0.0.1 login=- from=<pre{before - 1}@>",
+        "refused client=127.0.0.1 login=erp-acme from=<post@>",
+    ]
+    assert all("1 more message refused, not logged one by one" in line for line in counted)
+
+
 def test_auth_cancelled_with_star(relay: Relay) -> None:
     with Raw(relay.port) as raw:
         raw.ehlo()

@@ -317,7 +317,8 @@ class RelaySMTP(SMTP):
         self._handshake_logged = False  # see _log_if_handshake
         self._quiet_in_tls = False  # TLS is on, and the client has sent nothing since
         self._said_bye = False  # the 221 for QUIT was sent
-        self._unlogged: tuple[int, str, str] | None = None  # refused MAILs: count, last
+        # refused MAILs not logged one by one: the login, how many, the last
+        self._unlogged: tuple[str | None, int, str, str] | None = None
         self._better = {
             "552 Error: Too much mail data": self._too_big(),
             "552 Error: message size exceeds fixed maximum message size": self._too_big(),
@@ -971,17 +972,22 @@ class RelaySMTP(SMTP):
 
     def _log_refused_sender(self, sender: str, status: str) -> None:
         assert self.session is not None
+        login = _login(self.session)
         if self._errors < REFUSALS_LOGGED:
-            log_refused(self.session, sender, status)
-        else:
-            count = self._unlogged[0] if self._unlogged else 0
-            self._unlogged = (count + 1, sender, status)
+            log_refused(self.session.peer, login, sender, status)
+            return
+        if self._unlogged is not None and self._unlogged[0] != login:
+            self._log_unlogged()  # counted under another login, or none: said apart
+        count = self._unlogged[1] if self._unlogged else 0
+        self._unlogged = (login, count + 1, sender, status)
 
     def _log_refused_recipient(self, to: str, status: str) -> None:
         assert self.session is not None
         if self.in_transaction:
             assert self.envelope is not None
-            self._refused_recipients.add(self.session, self.envelope.mail_from, to, status)
+            self._refused_recipients.add(
+                self.session.peer, _login(self.session), self.envelope.mail_from, to, status
+            )
 
     def _refuse_non_ascii(self) -> str:
         """aiosmtpd's refusal of a command with non-ASCII in it, made to name the
@@ -1063,11 +1069,14 @@ class RelaySMTP(SMTP):
             self._add_error()
 
     def _log_unlogged(self) -> None:
-        """One line for the refused MAILs not logged one by one, at the connection's end."""
+        """One line for the refused MAILs not logged one by one, at the connection's
+        end, or before such a MAIL of another login (the session's login is
+        what it was when they were refused)."""
         if self._unlogged is not None and self.session is not None:
-            count, sender, status = self._unlogged
+            login, count, sender, status = self._unlogged
             log_refused(
-                self.session,
+                self.session.peer,
+                login,
                 sender,
                 f"{quantity(count, 'more message')} refused, not logged one by one;"
                 f" the last: {status}",
@@ -1158,19 +1167,22 @@ def _larger(earlier: str | bool, given: str | bool) -> str | bool:
     return max(earlier, given, key=int)  # type: ignore[arg-type]
 
 
-def log_refused(session: Session, mail_from: str | None, reply: str, to: str | None = None) -> None:
+def log_refused(
+    peer: Any, login: str | None, mail_from: str | None, reply: str, to: str | None = None
+) -> None:
     """The log line of a message refused on the SMTP side, one per message;
-    with ``to``, of one recipient refused. It names the login as the line of a
-    message refused after its DATA does: a grep for a login finds them all."""
+    with ``to``, of one recipient refused. It names the login the session had
+    then, as the line of a message refused after its DATA does: a grep for a
+    login finds them all."""
     sender = "" if mail_from in (None, "<>") else mail_from
-    client = client_address(session.peer)
-    login = _login(session) or "-"
+    client = client_address(peer)
     if to is None:
-        log.info("refused client=%s login=%s from=<%s>: %s", client, login, sender, reply)
+        log.info("refused client=%s login=%s from=<%s>: %s", client, login or "-", sender, reply)
     else:
         log.info(
-            "refused client=%s login=%s from=<%s> to=<%s>: %s", client, login, sender, to, reply
-        )
+            "refused client=%s login=%s from=<%s> to=<%s>: %s",
+            client, login or "-", sender, to, reply,
+        )  # fmt: skip
 
 
 class RefusedRecipients:
@@ -1180,14 +1192,15 @@ class RefusedRecipients:
 
     def __init__(self) -> None:
         self._count = 0
-        self._last: tuple[Session, str | None, str, str] | None = None
+        self._last: tuple[Any, str | None, str | None, str, str] | None = None
 
-    def add(self, session: Session, mail_from: str | None, to: str, reply: str) -> None:
+    def add(self, peer: Any, login: str | None, mail_from: str | None, to: str, reply: str) -> None:
+        """``login``: no AUTH is taken in a transaction, so it is one for all."""
         self._count += 1
         if self._count <= RCPT_REFUSALS_LOGGED:
-            log_refused(session, mail_from, reply, to)
+            log_refused(peer, login, mail_from, reply, to)
         else:
-            self._last = (session, mail_from, to, reply)
+            self._last = (peer, login, mail_from, to, reply)
 
     @property
     def any(self) -> bool:
@@ -1197,10 +1210,11 @@ class RefusedRecipients:
     def end(self) -> None:
         """Log what was not logged one by one; the next transaction starts afresh."""
         if self._last is not None:
-            session, mail_from, to, reply = self._last
+            peer, login, mail_from, to, reply = self._last
             more = self._count - RCPT_REFUSALS_LOGGED
             log_refused(
-                session,
+                peer,
+                login,
                 mail_from,
                 f"{quantity(more, 'more recipient')} refused, not logged one by one;"
                 f" the last to=<{to}>: {reply}",
