@@ -125,7 +125,7 @@ def read(
         node = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         where, path, said = _syntax_problem(_line_feeds(text), exc)
-        problems.add(where, path, said + (_CR_ONLY if "\r" in text and "\n" not in text else ""))
+        problems.add(where, path, said + (_CR_ONLY if _cr_only(text) else ""))
         return data, None
     except yaml.reader.ReaderError as exc:
         problems.add(*_unacceptable(text, exc))
@@ -487,7 +487,7 @@ def _unacceptable(text: str, exc: yaml.reader.ReaderError) -> tuple[tuple[int, i
     """Where the reader stopped, found by the character itself: libyaml's
     position counts bytes, so a non-ASCII letter before it put the place lines
     off; and in a file of carriage returns alone, by YAML's lines."""
-    cr_only = "\r" in text and "\n" not in text
+    cr_only = _cr_only(text)
     lines = _line_feeds(text) if cr_only else text
     at = lines.find(chr(exc.character))
     said = f"YAML syntax error: unacceptable character #x{exc.character:04x}"
@@ -496,6 +496,11 @@ def _unacceptable(text: str, exc: yaml.reader.ReaderError) -> tuple[tuple[int, i
         "",
         said + (_CR_ONLY if cr_only else ""),
     )
+
+
+def _cr_only(text: str) -> bool:
+    """Whether the file's lines end in carriage returns alone, as an old Mac's."""
+    return "\r" in text and "\n" not in text
 
 
 def _line_feeds(text: str) -> str:
