@@ -974,14 +974,25 @@ def test_swaks_auth_failure(relay: Relay, mechanism: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("login", "password"),
-    [("erp-acme", "wrong"), ("nobody", "demo-password"), ("erp-acme", "")],
+    ("login", "password"), [("erp-acme", "wrong"), ("nobody", "demo-password")]
 )
 def test_auth_failure_smtplib(relay: Relay, login: str, password: str) -> None:
     with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
         with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
             client.login(login, password)
         assert failed.value.smtp_code == 535
+
+
+def test_an_empty_password_from_smtplib_is_named(relay: Relay) -> None:
+    """An ERP set up without a password is told so, not that it is wrong
+    (smtplib tries PLAIN, then LOGIN, and raises LOGIN's reply)."""
+    with (
+        smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client,
+        pytest.raises(smtplib.SMTPAuthenticationError) as failed,
+    ):
+        client.login("erp-acme", "")
+    assert failed.value.smtp_code == 501
+    assert failed.value.smtp_error == b"5.5.2 Empty password in the credentials"
 
 
 def test_auth_plain_with_foreign_authzid_refused(relay: Relay) -> None:
@@ -1146,6 +1157,59 @@ def test_an_empty_plain_response_is_malformed_as_one_without_nuls(
         started = time.monotonic()
         replies = [raw.cmd(line) for line in sent]
         assert replies[-1] == "501 5.5.2 Cannot split the PLAIN credentials"
+        assert time.monotonic() - started < 2.0
+        login = b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()
+        assert raw.cmd(login).startswith("235 ")  # one failure counted would lock it
+    assert "AUTH failed" not in caplog.text
+
+
+EMPTY_LOGIN = "501 5.5.2 Empty login name in the credentials"
+EMPTY_PASSWORD = "501 5.5.2 Empty password in the credentials"
+
+
+def _b64(text: bytes) -> bytes:
+    return base64.b64encode(text)
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        ([b"AUTH PLAIN AAA="], EMPTY_LOGIN),
+        ([b"AUTH PLAIN " + _b64(b"\0\0demo-password")], EMPTY_LOGIN),
+        ([b"AUTH PLAIN " + _b64(b"erp-acme\0\0demo-password")], EMPTY_LOGIN),
+        ([b"AUTH PLAIN " + _b64(b"\0erp-acme\0")], EMPTY_PASSWORD),
+        ([b"AUTH PLAIN", _b64(b"\0erp-acme\0")], EMPTY_PASSWORD),
+        ([b"AUTH LOGIN", b""], EMPTY_LOGIN),
+        ([b"AUTH LOGIN ="], EMPTY_LOGIN),
+        ([b"AUTH LOGIN", _b64(b"erp-acme"), b""], EMPTY_PASSWORD),
+        ([b"AUTH LOGIN " + _b64(b"erp-acme"), b""], EMPTY_PASSWORD),
+    ],
+    ids=[
+        "plain-both",
+        "plain-login",
+        "plain-login-authzid",
+        "plain-password",
+        "plain-answer",
+        "login-answer",
+        "login-initial",
+        "login-password",
+        "login-initial-password",
+    ],
+)
+def test_an_empty_login_or_password_is_malformed_not_a_failed_login(
+    sent: list[bytes], expected: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 4616 requires both in PLAIN, and no login has an empty one: such
+    credentials were a failed login, 535 after the delay, logged for fail2ban
+    and counted towards the lock-out, where PLAIN data without its NULs gets
+    501 at once. LOGIN's empty answers are the same empty name or password."""
+    caplog.set_level(logging.INFO, logger="relay")
+    failures = AuthFailures(per_client=1, delay=5.0)
+    with Relay([listener()], failures=failures) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        started = time.monotonic()
+        replies = [raw.cmd(line) for line in sent]
+        assert replies[-1] == expected
         assert time.monotonic() - started < 2.0
         login = b"AUTH PLAIN " + plain("erp-acme", "demo-password").encode()
         assert raw.cmd(login).startswith("235 ")  # one failure counted would lock it

@@ -36,6 +36,8 @@ log = logging.getLogger("relay")
 BAD_BASE64 = "501 5.5.2 Cannot decode base64"
 AUTH_ABORTED = "501 5.7.0 Auth aborted"
 BAD_PLAIN = "501 5.5.2 Cannot split the PLAIN credentials"
+EMPTY_LOGIN = "501 5.5.2 Empty login name in the credentials"
+EMPTY_PASSWORD = "501 5.5.2 Empty password in the credentials"
 USERNAME_CHALLENGE = "Username:"
 PASSWORD_CHALLENGE = "Password:"
 
@@ -83,6 +85,9 @@ class Mechanisms:
             await server.push(BAD_PLAIN)
             return AuthResult(success=False, handled=True)
         authzid, login, password = parts
+        if not login or not password:  # RFC 4616 wants both: malformed, not a wrong guess
+            await server.push(EMPTY_LOGIN if not login else EMPTY_PASSWORD)
+            return AuthResult(success=False, handled=True)
         if authzid and authzid != login:  # acting for someone else is not offered
             name = login.decode("utf-8", "replace")
             log.warning("AUTH failed client=%s login=%r: for another login", _peer(server), name)
@@ -101,10 +106,17 @@ class Mechanisms:
             login = await _decode(server, args[1])
             if login is None:
                 return AuthResult(success=False, handled=True)
+        assert isinstance(login, bytes)
+        if not login:  # no password is asked for a login that cannot be
+            await server.push(EMPTY_LOGIN)
+            return AuthResult(success=False, handled=True)
         password = await server.challenge_auth(PASSWORD_CHALLENGE)
         if password is MISSING:
             return AuthResult(success=False, handled=True)
-        assert isinstance(login, bytes) and isinstance(password, bytes)
+        assert isinstance(password, bytes)
+        if not password:
+            await server.push(EMPTY_PASSWORD)
+            return AuthResult(success=False, handled=True)
         return await self._check(server, login, password)
 
     def _locked(self, server: SMTP) -> AuthResult | None:
