@@ -338,14 +338,33 @@ SYNTAX = "501 5.5.4 Syntax: RCPT TO:<address> [SP <mail-parameters>]"
 )
 def test_a_path_not_closed_is_refused(relay: Relay, path: bytes) -> None:
     """aiosmtpd's parser took ``<q4@example.org`` for the address, and the message
-    went to it: a path is ``<`` mailbox ``>`` (RFC 5321 4.1.2)."""
+    went to it: a path is ``<`` mailbox ``>`` (RFC 5321 4.1.2). At MAIL it is a
+    bad sender's address (5.1.7), as other malformed senders are told."""
     with Raw(relay.port) as raw:
         raw.ehlo()
         sender = path.replace(b"q4@example.org", b"erp@acme.example")
-        assert raw.cmd(b"MAIL FROM:" + sender) == "553 5.1.3 Error: malformed address"
+        assert raw.cmd(b"MAIL FROM:" + sender) == "553 5.1.7 Error: malformed address"
         assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
         assert raw.cmd(b"RCPT TO:" + path) == "553 5.1.3 Error: malformed address"
         assert raw.cmd(b"RCPT TO:q4@example.org").startswith("250")  # no brackets: as before
+
+
+@pytest.mark.parametrize(
+    "path", [b"<jan@acme.example", b"<jan@b@acme.example>", b"<jan@>", b"<@>", b"<(x)>"]
+)
+def test_a_sender_the_parser_cannot_read_has_a_sender_s_status(
+    relay: Relay, path: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiosmtpd refuses such a path with a recipient's status (5.1.3), also at
+    MAIL, where ``<jan smith@acme.example>`` is told a sender's (5.1.7)."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        sender = raw.cmd(b"MAIL FROM:" + path)
+        assert sender == "553 5.1.7 Error: malformed address"
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        assert raw.cmd(b"RCPT TO:" + path) == "553 5.1.3 Error: malformed address"
+    assert f": {sender}" in refused_lines(caplog)[0]  # the log says what the client was told
 
 
 @pytest.mark.parametrize(

@@ -61,6 +61,7 @@ from relay.ingress.address import (
     DISPLAY_NAME,
     PARAMETER_WORD,
     PATH_TEXT,
+    SENDER,
     path_end,
     plain_path,
     without_display_name,
@@ -115,6 +116,10 @@ _TOO_MANY_UNKNOWN = "502 5.5.1 Too many unrecognized commands, goodbye."
 # has the client send them again in another transaction).
 RCPT_OVERSHOOT = 1000
 _TOO_MANY_RECIPIENTS = "452 4.5.3 "
+# aiosmtpd's refusal of a path its parser cannot read (or ``_getaddr`` one never
+# closed), with a recipient's status also at MAIL: there it is a sender's
+_MALFORMED = "553 5.1.3 Error: malformed address"
+_MALFORMED_SENDER = f"553 {SENDER} Error: malformed address"
 
 NON_ASCII = "501 5.6.7 Non-ASCII characters are not allowed: SMTPUTF8 is not offered"
 _NON_ASCII_PATH = re.compile(
@@ -882,6 +887,8 @@ class RelaySMTP(SMTP):
             if self._parameter_refusal is not None and status.startswith("501 Syntax: "):
                 status, self._parameter_refusal = self._parameter_refusal, None
             better = self._better.get(status, status)
+            if better == _MALFORMED and self._mail_arg is not None:
+                better = _MALFORMED_SENDER
             if better is NON_ASCII:
                 better = self._refuse_non_ascii()
             status = _fit(better)
