@@ -348,6 +348,19 @@ def test_a_locked_client_gets_454_without_a_check_also_on_a_new_connection(
     assert caplog.text.count("AUTH failed client=127.0.0.1") == 3
 
 
+def test_a_lock_after_one_failure_is_logged_in_the_singular(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="relay")
+    failures = AuthFailures(per_client=2, per_login=1, window=600.0, delay=0.0, clock=Clock())
+    with Relay([listener()], failures=failures) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(plain("erp-acme", "guess")).startswith("535 5.7.8 ")
+    assert "AUTH locked client=127.0.0.1 login='erp-acme': 1 failed login at it in 600 s" in (
+        caplog.text
+    )
+
+
 def test_a_lock_with_a_second_left_says_one_second() -> None:
     """Its last second was said as ``try again in 1 seconds``."""
     clock = Clock()

@@ -28,7 +28,7 @@ from relay.ingress.authlimit import TOO_MANY_AS, TOO_MANY_FROM, AuthFailures
 from relay.ingress.clientlimit import counted_as
 from relay.passwd import hash_password, verify_password
 from relay.policy.model import Listener, Policy
-from relay.quantity import quantity
+from relay.quantity import number, quantity
 from relay.tally import TallyRow
 
 log = logging.getLogger("relay")
@@ -190,19 +190,18 @@ class Mechanisms:
             return
         if self._failures.address_locked(peer):
             log.warning(
-                "AUTH locked client=%s: %d failed logins in %d s, AUTH refused for now",
+                "AUTH locked client=%s: %s in %s s, AUTH refused for now",
                 peer,
-                self._failures.per_client,
-                self._failures.window,
+                quantity(self._failures.per_client, "failed login"),
+                number(self._failures.window),
             )
         else:
             log.warning(
-                "AUTH locked client=%s login=%r: %d failed logins at it in %d s,"
-                " refused for this login for now",
+                "AUTH locked client=%s login=%r: %s at it in %s s, refused for this login for now",
                 peer,
                 login,
-                self._failures.per_login,
-                self._failures.window,
+                quantity(self._failures.per_login, "failed login"),
+                number(self._failures.window),
             )
 
 
