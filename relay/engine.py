@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relay import clocksteps
 from relay.audit import AuditError
 from relay.errors import sent_in_full
 from relay.groupcommit import GroupCommit
@@ -428,9 +429,11 @@ class Engine:
         alone: Callable[[], bool] | None = None,
         suppressions: SuppressionFile | None = None,
         tally: TallyRow | None = None,
+        since_boot: Callable[[], float] = clocksteps.since_boot,
     ) -> None:
         """``suppressions``: the worker's list, so that no notice goes to a sender on
-        it and an address is not listed twice. ``tally``: the worker's row of the
+        it and an address is not listed twice. ``since_boot``: time passed, to
+        tell a step of ``clock`` by (``relay.clocksteps``). ``tally``: the worker's row of the
         shared table, told each upstream's name as an attempt finds it unusable
         and as it is lifted, for the metrics, and asked whether another worker
         has reached an upstream this one holds mail for."""
@@ -440,6 +443,7 @@ class Engine:
         self.send = send
         self.recorder = recorder
         self.clock = clock
+        self._steps = clocksteps.ClockSteps(clock, since_boot)
         self.rng = rng
         self._wake = asyncio.Event()
         self._busy: dict[str, asyncio.Task[Outcome]] = {}
@@ -566,6 +570,7 @@ class Engine:
             if time.monotonic() - last_look < POLL:
                 continue  # woken per accepted message: a stat each time added up
             last_look = time.monotonic()
+            self._look_at_clock()
             self._settle_finished()
             await self._check_audit()
             self._reached_elsewhere()
@@ -766,6 +771,21 @@ class Engine:
             return next_attempt
         self._ahead[queue_id] = (written, ahead)
         return next_attempt - ahead
+
+    def _look_at_clock(self) -> None:
+        gained = self._steps.look()
+        if gained > 0:
+            log.warning(
+                "the clock was set forward by %s: messages queued before the step keep"
+                " the lifetime they had left (until the relay restarts)",
+                duration(gained),
+            )
+        elif gained < 0:
+            log.warning(
+                "the clock was set back by %s: messages expire by it as it reads now,"
+                " later by as much (a step forward before it is taken back)",
+                duration(-gained),
+            )
 
     def _reindex(self) -> None:
         self._due = [(when, queue_id) for queue_id, when in self._schedule.items()]
@@ -1290,8 +1310,10 @@ class Engine:
         stored = {r.address: (r.status, r.notify) for r in entry.recipients}
         policy = self.policy()
         dropped = self._drop_listed(entry)
+        self._look_at_clock()
         now = self.clock()
-        deadline = entry.arrival + policy.queue.lifetime
+        arrival = self._steps.arrival(entry.arrival)
+        deadline = arrival + policy.queue.lifetime
         upstream = policy.upstreams.get(entry.upstream) or _rerouted(entry, policy)
         held = _sender_changed(entry, upstream)
         if held is not None:
@@ -1308,13 +1330,13 @@ class Engine:
             replies: dict[str, tuple[int, str]] = {}
         elif upstream is None:
             replies = dict.fromkeys(pending, (451, held or _no_upstream(entry, policy)))
-        elif (unusable := self._tried_for_it(entry, upstream, now, deadline)) is not None:
+        elif (unusable := self._tried_for_it(entry, upstream, now, arrival)) is not None:
             replies = dict.fromkeys(pending, (451, unusable))
         else:
             if now < deadline:  # past it, its last try is a real one
                 wait = policy.queue.first_retry
                 later = self._suspensions.admits(
-                    upstream, entry.queue_id, now, wait, entry.arrival, policy.queue.lifetime
+                    upstream, entry.queue_id, now, wait, arrival, policy.queue.lifetime
                 )
                 if later is not None:
                     self._plan(entry.queue_id, later)
@@ -1416,7 +1438,7 @@ class Engine:
         return Outcome("deferred")
 
     def _tried_for_it(
-        self, entry: QueueEntry, upstream: Upstream, now: float, deadline: float
+        self, entry: QueueEntry, upstream: Upstream, now: float, arrival: float
     ) -> str | None:
         """For a message past its lifetime that waits for a suspended upstream, the
         reply of the last try that found the upstream unusable: that try was its
@@ -1426,11 +1448,11 @@ class Engine:
         too); tried each, those expiring together would be a burst of
         connections at a host known to be down. None when it is tried: before its
         lifetime, or as the suspension's one try."""
-        if now < deadline:
-            return None
         queue = self.policy().queue
+        if now < arrival + queue.lifetime:
+            return None
         later = self._suspensions.admits(
-            upstream, entry.queue_id, now, queue.first_retry, entry.arrival, queue.lifetime
+            upstream, entry.queue_id, now, queue.first_retry, arrival, queue.lifetime
         )
         return None if later is None else self._suspensions.reply(upstream)
 

@@ -131,6 +131,47 @@ async def test_an_entry_expires_when_its_last_attempt_fails_and_says_so_plainly(
     assert reason in text
 
 
+async def test_a_clock_set_forward_past_the_lifetime_expires_nothing_queued_before_it(
+    spool: Spool, policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Set six days ahead (``date -s`` with a slip), the clock expired a message
+    deferred seconds before at its next try, and its sender was told it had
+    not been delivered within 5 days. Time that passed still expires it, and
+    a step set right counts for nothing."""
+    now, boot = [time.time()], [1000.0]
+    audit = AuditLog(tmp_path / "audit")
+    upstream = Upstream()
+    engine = Engine(
+        spool,
+        lambda: policy,
+        upstream,
+        Recorder(audit),
+        clock=lambda: now[0],
+        since_boot=lambda: boot[0],
+    )
+    lifetime = policy.queue.lifetime
+    entry = make_entry(arrival=now[0] - 5, size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+    now[0] += 6 * 86400
+    assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+    assert "the clock was set forward by 6 days" in caplog.text
+    later = make_entry(arrival=now[0] - lifetime - 1, size=len(message(2)))  # came after it
+    assert spool.put_many([(later, (message(2),))]) == [None]
+    assert (await engine.attempt_now(later.queue_id)).status == "failed"
+    now[0] -= 6 * 86400  # set right; then the lifetime passes, and its retries' waits
+    now[0] += lifetime + 2 * 86400
+    boot[0] += lifetime + 2 * 86400
+    assert (await engine.attempt_now(entry.queue_id)).status == "failed"
+    assert "the clock was set back by 6 days" in caplog.text
+    await engine.stop(5)
+    assert [event for event, _ in records(audit.directory, entry.queue_id)] == [
+        "deferred",
+        "deferred",
+        "expired",
+    ]
+
+
 async def test_an_entry_expired_on_its_own_upstream_down_names_neither_it_nor_the_receiver(
     spool: Spool, policy: Policy, tmp_path: Path
 ) -> None:
@@ -181,7 +222,14 @@ async def test_a_refusal_over_the_limit_at_the_lifetime_goes_again_soon_not_expi
     audit = AuditLog(tmp_path / "audit")
     upstream = Crowded()
     queue = with_queue(policy, lifetime=40)
-    engine = Engine(spool, lambda: queue, upstream, Recorder(audit), clock=lambda: now[0])
+    engine = Engine(
+        spool,
+        lambda: queue,
+        upstream,
+        Recorder(audit),
+        clock=lambda: now[0],
+        since_boot=lambda: now[0],  # time passes: no step of the clock
+    )
     entry = make_entry(arrival=now[0] - 41, size=len(message(1)))
     assert spool.put_many([(entry, (message(1),))]) == [None]
     assert (await engine.attempt_now(entry.queue_id)).status == "deferred"

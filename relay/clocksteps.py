@@ -1,0 +1,70 @@
+"""Steps of the wall clock forward, so that a queued message's lifetime is time
+that passed, not a clock that jumped. Set six days ahead (a slip in ``date
+-s``, a VM's clock put right the wrong way), every message waiting for a
+retry expired at its next try, seconds after it came, and its sender was
+told it had not been delivered within 5 days.
+
+A step is told from time passing by the clock of time since boot, which
+counts a suspended host's sleep (``CLOCK_BOOTTIME``): a host suspended for a
+day did let a day pass. Steps are known only to the process that saw them:
+a relay started after one reads its messages' ages off the clock as it is,
+as Postfix does. A step back is not undone for the messages (they live that
+much longer, and none is failed early), except where it sets right a step
+forward seen before.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+STEP = 60.0  # seconds the wall clock may gain on time passed between two looks
+MOST = 64  # steps remembered; the oldest are let go
+
+
+def since_boot() -> float:
+    """Seconds since boot, time suspended included where the system counts it."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+
+
+class ClockSteps:
+    """The steps forward seen between looks: cheap enough to look at every
+    attempt, and a look needs no regular pace, as two readings of each clock
+    measure any step between them."""
+
+    def __init__(self, wall: Callable[[], float], boot: Callable[[], float] = since_boot) -> None:
+        self._wall = wall
+        self._boot = boot
+        self._last = (wall(), boot())
+        self._steps: list[list[float]] = []  # [the wall clock before the step, seconds gained]
+
+    def look(self) -> float:
+        """The seconds the wall clock gained (or lost, below 0) since the last
+        look, where they are a step: 0.0 for time that passed."""
+        wall, boot = self._wall(), self._boot()
+        last_wall, last_boot = self._last
+        self._last = (wall, boot)
+        gained = (wall - last_wall) - (boot - last_boot)
+        if gained >= STEP:
+            self._steps.append([last_wall, gained])
+            del self._steps[:-MOST]
+            return gained
+        if gained <= -STEP:
+            self._take_back(-gained)
+            return gained
+        return 0.0
+
+    def _take_back(self, lost: float) -> None:
+        """A step back sets right the steps forward before it, the last first."""
+        while lost > 0 and self._steps:
+            step = self._steps[-1]
+            taken = min(step[1], lost)
+            step[1] -= taken
+            lost -= taken
+            if step[1] <= 0:
+                self._steps.pop()
+
+    def arrival(self, arrival: float) -> float:
+        """When a message that came at ``arrival`` came, on the clock as it reads
+        now: later by each step forward since."""
+        return arrival + sum(gained for before, gained in self._steps if arrival <= before)

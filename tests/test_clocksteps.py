@@ -1,0 +1,65 @@
+"""Steps of the wall clock told from time passing (``relay.clocksteps``)."""
+
+from __future__ import annotations
+
+from relay.clocksteps import MOST, STEP, ClockSteps
+
+
+class Clocks:
+    def __init__(self) -> None:
+        self.wall, self.boot = 1_800_000_000.0, 500.0
+
+    def passes(self, seconds: float) -> None:
+        self.wall += seconds
+        self.boot += seconds
+
+
+def steps() -> tuple[Clocks, ClockSteps]:
+    clocks = Clocks()
+    return clocks, ClockSteps(lambda: clocks.wall, lambda: clocks.boot)
+
+
+def test_time_passing_is_no_step_however_long_between_looks() -> None:
+    clocks, seen = steps()
+    clocks.passes(30 * 86400)
+    clocks.wall += STEP - 1  # a slew, or a look late
+    assert seen.look() == 0.0
+    assert seen.arrival(clocks.wall - 10) == clocks.wall - 10
+
+
+def test_a_step_forward_moves_only_what_came_before_it() -> None:
+    clocks, seen = steps()
+    before = clocks.wall - 1
+    clocks.passes(5)
+    clocks.wall += 86400
+    after = clocks.wall
+    clocks.passes(5)
+    assert seen.look() == 86400
+    assert seen.arrival(before) == before + 86400
+    assert seen.arrival(after) == after
+
+
+def test_a_step_back_takes_back_the_steps_forward_before_it_the_last_first() -> None:
+    clocks, seen = steps()
+    first = clocks.wall - 1
+    clocks.wall += 3600
+    assert seen.look() == 3600
+    second = clocks.wall - 1
+    clocks.wall += 7200
+    assert seen.look() == 7200
+    clocks.wall -= 9000
+    assert seen.look() == -9000
+    assert seen.arrival(first) == first + 1800
+    assert seen.arrival(second) == second
+    clocks.wall -= 86400  # more than was gained: nothing is owed the other way
+    assert seen.look() == -86400
+    assert seen.arrival(first) == first
+
+
+def test_only_the_latest_steps_are_kept() -> None:
+    clocks, seen = steps()
+    start = clocks.wall - 1
+    for _ in range(MOST + 5):
+        clocks.wall += 100
+        seen.look()
+    assert seen.arrival(start) == start + 100 * MOST
