@@ -29,6 +29,7 @@ from relay import classify, message
 from relay.errors import PolicyError
 from relay.keygen import public_record_value
 from relay.policy import yamlsource
+from relay.policy.indentation import indent_of
 from relay.policy.load import check_main, load, policy_version
 from relay.policy.model import (
     AuthMode,
@@ -1701,6 +1702,48 @@ def test_a_first_item_whose_next_item_agrees_is_not_said_to_be_moved(
         " indented 4 spaces"
     ), said
     assert count == f"{path}: 1 problem"
+
+
+@pytest.mark.parametrize(
+    ("start", "item"),
+    [
+        ("    - domain: ", "the first item of dkim.keys"),
+        ("  - name: local", "the first item of listeners"),
+        ("  - id: invoice-header", "the first item of classify"),
+        ("  - id: quote-subject", "item classify[3]"),
+    ],
+)
+@pytest.mark.parametrize("loader", [yamlsource._Loader, yaml.SafeLoader], ids=["c", "python"])
+def test_an_item_s_key_two_spaces_after_its_dash_is_told_to_lose_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start: str, item: str, loader: type
+) -> None:
+    """``-  id: x``, the item's other keys under where ``- id`` puts its key: told
+    to move the '-' or the item's other keys, when deleting the space is the fix.
+    Either way the words say, followed, makes a policy check takes."""
+    monkeypatch.setattr(yamlsource, "_Loader", loader)
+    path, _ = _example(tmp_path)
+    lines = path.read_text().split("\n")
+    number = _line_starting(lines, start)
+    right = lines[number - 1]
+    dash = indent_of(right)
+    lines[number - 1] = right.replace("- ", "-  ", 1)
+    path.write_text("\n".join(lines))
+    (said, count) = checked(path)
+    assert said.startswith(
+        f"{path}:{number}:{dash + 2}: YAML syntax error: the key of this line, {item}, is"
+        f" 2 spaces after its '-' ({dash + 3} spaces in), but the item's other keys, from line"
+        f" {number + 1}, are indented {dash + 2} spaces: delete 1 space after the '-', so that"
+        " its key is where they are, or indent them as its key ("
+    ), said
+    assert count == f"{path}: 1 problem"
+    path.write_text("\n".join([*lines[: number - 1], right, *lines[number:]]))
+    load(path)
+    after = number
+    while indent_of(lines[after]) > dash:
+        lines[after] = " " + lines[after]
+        after += 1
+    path.write_text("\n".join(lines))
+    load(path)
 
 
 @pytest.mark.parametrize("style", ["|", ">-"])

@@ -82,7 +82,9 @@ def explain(
     blocks = _open_blocks(text, stop.line, loader, seen)
     if not blocks:
         return None
-    moved = _first_item_moved(lines, stop.line, indent, blocks)
+    moved = _key_far_from_dash(lines, stop.line, indent, blocks) or _first_item_moved(
+        lines, stop.line, indent, blocks
+    )
     if moved is not None:
         return moved
     lost = (
@@ -173,6 +175,40 @@ def _first_item_moved(
         " them as its key"
     )
     return (item + 1, its + 1), said
+
+
+def _key_far_from_dash(
+    lines: list[str], line: int, indent: int, blocks: list[_Block]
+) -> tuple[tuple[int, int], str] | None:
+    """An item's key written more than one space after its '-' (``-  id: x``),
+    when that is the slip: the item's next key, on the stopped line, is where the
+    first key would be with fewer spaces. Moving the '-', or every other key,
+    as told for an item moved whole, left the list unlike the rest of the file."""
+    if len(blocks) < 2 or blocks[-1].is_list or not blocks[-2].is_list:
+        return None
+    keys, items = blocks[-1], blocks[-2]
+    item = keys.line - 1
+    text = lines[item]
+    its = indent_of(text)
+    if keys.keys != 1 or its != items.indent or not text[its:].startswith("-"):
+        return None
+    if text[its + 1 : keys.indent].strip() or not its + 1 < indent < keys.indent:
+        return None
+    under = next((n for n in range(item + 1, line + 1) if has_text(lines[n])), None)
+    after = _indent_after(lines, line)
+    if under != line or not (after is None or after == indent or after <= items.indent):
+        return None
+    named = f"the first item of {items.path}" if items.path else "the first item"
+    if items.items > 1:
+        named = f"item {items.path}[{items.items - 1}]"
+    them = ", or indent them as its key" if after == indent else ""
+    said = (
+        f"the key of this line, {named}, is {_spaces(keys.indent - its - 1)} after its '-'"
+        f" ({_spaces(keys.indent)} in), but the item's other keys, from line {line + 1}, are"
+        f" indented {_spaces(indent)}: delete {_spaces(keys.indent - indent)} after the '-',"
+        f" so that its key is where they are{them}"
+    )
+    return (item + 1, its + 2), said
 
 
 def _another_item(lines: list[str], line: int, indent: int, dash: int) -> bool:
