@@ -362,7 +362,11 @@ def _keyless(text: str, stop: yaml.Mark) -> _Keyless | None:
 
 def _in_block_scalar(text: str, line: int) -> bool:
     """Whether ``line`` (0-based) is text of a literal or folded value (``|``,
-    ``>``): its words are the value's, whatever they look like."""
+    ``>``): its words are the value's, whatever they look like. The file's
+    tokens are read only when a line that may start such a value is near:
+    reading them all took a second for a slip at the end of a 2 MB policy."""
+    if not _block_scalar_may_hold(text.split("\n"), line):
+        return False
     try:
         for token in yaml.scan(text, Loader=_Loader):
             if token.start_mark.line >= line:
@@ -372,6 +376,20 @@ def _in_block_scalar(text: str, line: int) -> bool:
                 return True
     except yaml.YAMLError:
         pass  # the error being explained: the value, if any, is before it
+    return False
+
+
+def _block_scalar_may_hold(lines: list[str], line: int) -> bool:
+    """Whether a literal or folded value may run on to ``line`` (0-based): its
+    text is indented at least a space, so it cannot have begun above the last
+    line before that starts at its first column, and the line it begins on
+    has its '|' or '>', outside a comment. False is sure; True is a maybe."""
+    for number in range(line - 1, -1, -1):
+        text = lines[number]
+        if not text.lstrip(" ").startswith("#") and ("|" in text or ">" in text):
+            return True
+        if text and text[0] != " ":
+            return False
     return False
 
 
