@@ -347,6 +347,55 @@ def test_a_line_the_json_reader_gives_up_on_is_skipped_in_words_not_a_crash(
     )
 
 
+def test_a_line_in_utf_16_or_with_a_character_cut_in_two_is_said_so_not_latin_1(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line saved as UTF-16 had no hint (its ASCII is valid UTF-8, a NUL beside
+    each character), or was said to be Latin-1 at its byte order mark or at
+    a letter's own byte; a UTF-8 character cut in two within the line was
+    said to be Latin-1 too. A Latin-1 letter before ASCII begins a UTF-8
+    character as much, and is said as both."""
+    add = f'"op": "add", "tenant": null, "reason": "manual", "since": "{WHEN}"'
+    line = f'{{{add}, "address": "j\u00f8rn@example.org"}}'
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(
+        ("\ufeff" + line).encode("utf-16-le")
+        + b"\n"
+        + ("\ufeff" + line).encode("utf-16-be")
+        + b"\n"
+        + b"\x00"  # a UTF-16 line's line feed is two bytes: the next line begins with its NUL
+        + line.encode("utf-16-le")
+        + b"\n"
+        + line.replace("\u00f8", "o").encode("utf-16-be")
+        + b"\n"
+        + f'{{{add}, "address": "a@example.org", "detail": "1 \u20ac"}}\n'.encode()[:-4]
+        + b'"}\n'
+        + f'{{{add}, "address": "b@example.org", "detail": "\u00f8 \u00e6"}}\n'.encode()[:-4]
+        + b'"}\n'
+        + f'{{{add}, "address": "c@example.org", "detail": "caf\u00e9"}}\n'.encode("latin-1")
+        + f'{{{add}, "address": "kept@example.org"}}\n'.encode()
+    )
+    _skipped_alike(
+        path,
+        caplog,
+        [
+            f'saved as UTF-16 (Notepad\'s "Unicode"; the line begins with a byte order mark,'
+            f" 0xff 0xfe), not UTF-8: {ONE}",
+            f'saved as UTF-16 (Notepad\'s "Unicode"; the line begins with a byte order mark,'
+            f" 0xfe 0xff), not UTF-8: {ONE}",
+            f'saved as UTF-16 (Notepad\'s "Unicode"; a NUL every other byte), not UTF-8: {ONE}',
+            f'saved as UTF-16 (Notepad\'s "Unicode"; a NUL every other byte), not UTF-8: {ONE}',
+            "not UTF-8 at byte 129 of the line (0xe2 0x82, the first 2 bytes of a 3-byte UTF-8"
+            f" character, then 0x22, which is no part of it: a character cut short): {ONE}",
+            "not UTF-8 at byte 130 of the line (0xc3, the first byte of a 2-byte UTF-8"
+            f" character, then 0x22, which is no part of it: a character cut short): {ONE}",
+            "not UTF-8 at byte 130 of the line (0xe9, the first byte of a 3-byte UTF-8"
+            " character, then 0x22, which is no part of it: a character cut short, or saved as"
+            f" Latin-1?): {ONE}",
+        ],
+    )
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file away")
 def test_a_list_made_by_root_belongs_to_the_state_directorys_owner(tmp_path: Path) -> None:
     """``sudo relay suppression add`` before the relay ever listed anything: a

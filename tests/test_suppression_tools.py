@@ -752,6 +752,32 @@ def test_a_line_saved_in_latin_1_is_named_in_words_by_the_tools(
     )
 
 
+def test_a_list_saved_as_utf_16_is_named_so_by_the_tools(
+    policy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The list opened in Notepad and saved as its "Unicode": the first line was
+    said to be Latin-1 at the byte order mark, the others to be no JSON object
+    at a NUL, which named neither UTF-16 nor how to mend it."""
+    run(policy, capsys, "add", BUYER)
+    run(policy, capsys, "add", "jorn@customer.example")
+    listed(policy).write_bytes(listed(policy).read_text().encode("utf-16-le"))
+    hint = (
+        ' not a suppression entry, skipped: saved as UTF-16 (Notepad\'s "Unicode"; {}),'
+        " not UTF-8: each line is one whole JSON object, in UTF-8"
+    )
+    _, out, err = run(policy, capsys, "list")
+    assert out[1:] == []
+    assert err.splitlines()[:2] == [
+        f"relay suppression: warning: {listed(policy)}:1:" + hint.format("a NUL every other byte"),
+        f"relay suppression: warning: {listed(policy)}:2:" + hint.format("a NUL every other byte"),
+    ]
+    listed(policy).write_bytes(b"\xff\xfe" + listed(policy).read_bytes())
+    _, _, err = run(policy, capsys, "list")
+    assert err.splitlines()[0] == f"relay suppression: warning: {listed(policy)}:1:" + hint.format(
+        "the line begins with a byte order mark, 0xff 0xfe"
+    )
+
+
 def test_a_line_without_an_address_key_is_named_when_the_last_line_is_unended(
     policy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

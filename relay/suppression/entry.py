@@ -104,11 +104,11 @@ def read_line(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode()
     except UnicodeDecodeError as exc:
-        raise ValueError(_not_utf8(raw, exc)) from None
+        raise ValueError(_utf16(raw) or _not_utf8(raw, exc)) from None
     try:
         record = _DECODE(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(_not_json(text, exc)) from None
+        raise ValueError(_utf16(raw) or _not_json(text, exc)) from None
     except RecursionError:  # a line of a thousand '[' stopped the relay's start
         raise ValueError(f"not a JSON object: nested deeper than the relay reads: {_ONE}") from None
     except ValueError:  # Python's limit on an integer's digits
@@ -140,6 +140,23 @@ _EXPECTED = {  # the JSON decoder's words, as a sysadmin who edited the line rea
 }
 
 
+def _utf16(raw: bytes) -> str | None:
+    """A line saved as UTF-16 (Notepad's "Unicode"): ASCII in it is valid UTF-8
+    with a NUL beside each character, and was said to be no JSON at its first
+    NUL, or a byte of its own that UTF-8 lacks, to be Latin-1."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        seen = f"the line begins with a byte order mark, 0x{raw[0]:02x} 0x{raw[1]:02x}"
+    else:
+        line = raw.rstrip(b"\r\n")
+        even, odd = line[::2], line[1::2]
+        if not odd or min(even.count(0) * 4 / len(even), odd.count(0) * 4 / len(odd)) > 1:
+            return None  # NULs all through, as a file cut by a crash has: no UTF-16
+        if max(even.count(0) * 2 / len(even), odd.count(0) * 2 / len(odd)) < 1:
+            return None
+        seen = "a NUL every other byte"
+    return f'saved as UTF-16 (Notepad\'s "Unicode"; {seen}), not UTF-8: {_ONE}'
+
+
 def _not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
     """Python's words (``'utf-8' codec can't decode byte 0xf8 in position 12``)
     named neither the file's encoding nor where to look in the line."""
@@ -149,8 +166,38 @@ def _not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
         cut = False
     except UnicodeDecodeError as within:
         cut = within.reason == "unexpected end of data"
-    why = "a character cut off at the line's end" if cut else "saved as Latin-1?"
-    return f"not UTF-8 at byte {exc.start + 1} of the line (0x{byte:02x}; {why}): {_ONE}"
+    why = "a character cut off at the line's end" if cut else None
+    said = f"0x{byte:02x}; {why or 'saved as Latin-1?'}"
+    if why is None and exc.reason == "invalid continuation byte":
+        said = _cut_short(raw, exc) or said
+    return f"not UTF-8 at byte {exc.start + 1} of the line ({said}): {_ONE}"
+
+
+def _cut_short(raw: bytes, exc: UnicodeDecodeError) -> str | None:
+    """The bytes at ``exc``, when they begin a character the byte after them does
+    not go on with: said to be Latin-1, where a character cut in two, after a
+    byte of its own or with UTF-8 elsewhere in the line, is none. A Latin-1
+    letter (å, é) before ASCII is also such a start: it is said as both."""
+    after = raw[exc.end]
+    if after & 0xC0 == 0x80:
+        return None  # a byte that goes on with some character, not with this one
+    rest = raw[: exc.start] + raw[exc.end :]
+    try:
+        rest.decode()
+    except UnicodeDecodeError:
+        return None  # more bytes UTF-8 lacks: the line is in another encoding
+    utf8_elsewhere = not rest.isascii()
+    begun = raw[exc.start : exc.end]
+    lead = begun[0]
+    size = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    first = "the first byte" if len(begun) == 1 else f"the first {len(begun)} bytes"
+    why = "a character cut short"
+    if len(begun) == 1 and not utf8_elsewhere:
+        why += ", or saved as Latin-1?"
+    return (
+        f"{' '.join(f'0x{b:02x}' for b in begun)}, {first} of a {size}-byte UTF-8 character,"
+        f" then 0x{after:02x}, which is no part of it: {why}"
+    )
 
 
 def _not_json(text: str, exc: json.JSONDecodeError) -> str:
