@@ -367,6 +367,19 @@ def test_compressed_days_are_as_private_as_plain_ones(tmp_path: Path) -> None:
     }
 
 
+def test_the_directory_is_the_relay_s_to_write_whatever_the_umask(tmp_path: Path) -> None:
+    """Made under a umask of 0 it was anyone's to write: a local user renamed the
+    day file and removed ``.head``, and verify found an intact log of 0 records."""
+    umask = os.umask(0)
+    try:
+        AuditLog(tmp_path / "made" / "audit")  # its parent too
+        AuditLog(tmp_path / "audit")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "made" / "audit").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "audit").stat().st_mode & 0o777 == 0o750
+
+
 def test_retention_deletes_old_days_after_recording_it(tmp_path: Path) -> None:
     build(tmp_path)
     kept_first = json.loads((tmp_path / "audit-2024-05-08.jsonl").read_text().splitlines()[0])

@@ -55,6 +55,7 @@ log = logging.getLogger("relay.audit")
 
 #: Day files, plain and compressed: records name addresses, tenants and users.
 FILE_MODE = 0o640
+DIRECTORY_MODE = 0o750
 HEAD_FILE = reader.HEAD_FILE
 STEPPED_FILE = reader.STEPPED_FILE
 #: the first day retention was held back for a clock far past the log's records
@@ -358,13 +359,16 @@ class AuditLog:
     def _made(self) -> os.stat_result:
         """The directory, made if need be. Made by root (``relay bounce`` or a queue
         tool before the relay first ran), it goes to the state directory's owner:
-        left root's, the relay's start failed on it, and every restart after."""
+        left root's, the relay's start failed on it, and every restart after.
+        Writable by the relay alone whatever the umask (its day files' group may
+        read them): under a umask of 0 anyone could rename a day file and remove
+        ``.head``, and ``relay audit verify`` found an intact log of 0 records."""
         try:
-            self.directory.mkdir()
+            self.directory.mkdir(mode=DIRECTORY_MODE)
         except FileExistsError:
             return os.stat(self.directory)
         except FileNotFoundError:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
             return os.stat(self.directory)
         parent = os.stat(self.directory.parent)
         if os.geteuid() == 0 and parent.st_uid:
