@@ -177,7 +177,9 @@ def _cut_short(raw: bytes, exc: UnicodeDecodeError) -> str | None:
     """The bytes at ``exc``, when they begin a character the byte after them does
     not go on with: said to be Latin-1, where a character cut in two, after a
     byte of its own or with UTF-8 elsewhere in the line, is none. A Latin-1
-    letter (å, é) before ASCII is also such a start: it is said as both."""
+    letter (å, é) before ASCII, or before a no-break space (0xa0) or
+    Windows-1252's typographic quote (0x92), is also such a start: without
+    UTF-8 elsewhere in the line, it is said as both."""
     after = raw[exc.end]
     if after & 0xC0 == 0x80:
         return None  # a byte that goes on with some character, not with this one
@@ -192,7 +194,7 @@ def _cut_short(raw: bytes, exc: UnicodeDecodeError) -> str | None:
     size = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
     first = "the first byte" if len(begun) == 1 else f"the first {len(begun)} bytes"
     why = "a character cut short"
-    if len(begun) == 1 and not utf8_elsewhere:
+    if not utf8_elsewhere:
         why += ", or saved as Latin-1?"
     return (
         f"{' '.join(f'0x{b:02x}' for b in begun)}, {first} of a {size}-byte UTF-8 character,"
