@@ -6,11 +6,12 @@ told it had not been delivered within 5 days.
 
 A step is told from time passing by the clock of time since boot, which
 counts a suspended host's sleep (``CLOCK_BOOTTIME``): a host suspended for a
-day did let a day pass. Steps are known only to the process that saw them:
-a relay started after one reads its messages' ages off the clock as it is,
-as Postfix does. A step back is not undone for the messages (they live that
-much longer, and none is failed early), except where it sets right a step
-forward seen before.
+day did let a day pass. The supervisor looks too, and a worker it starts
+anew begins with what it saw (``os.fork`` copies it); a relay started after
+a step reads its messages' ages off the clock as it is, as Postfix does. A
+step back is not undone for the messages (they live that much longer, and
+none is failed early), except where it sets right a step forward seen
+before.
 """
 
 from __future__ import annotations
@@ -32,37 +33,47 @@ class ClockSteps:
     attempt, and a look needs no regular pace, as two readings of each clock
     measure any step between them."""
 
-    def __init__(self, wall: Callable[[], float], boot: Callable[[], float] = since_boot) -> None:
+    def __init__(
+        self, wall: Callable[[], float] = time.time, boot: Callable[[], float] = since_boot
+    ) -> None:
         self._wall = wall
         self._boot = boot
         self._last = (wall(), boot())
         self._steps: list[list[float]] = []  # [the wall clock before the step, seconds gained]
+        self.taken_back = 0.0
 
     def look(self) -> float:
         """The seconds the wall clock gained (or lost, below 0) since the last
-        look, where they are a step: 0.0 for time that passed."""
+        look, where they are a step: 0.0 for time that passed. ``taken_back``
+        then says how much of a step back set right steps forward."""
+        self.taken_back = 0.0
         wall, boot = self._wall(), self._boot()
         last_wall, last_boot = self._last
         self._last = (wall, boot)
         gained = (wall - last_wall) - (boot - last_boot)
         if gained >= STEP:
-            self._steps.append([last_wall, gained])
+            # the clock as it would read without the step: a message that came
+            # between the last look and the step came before it
+            self._steps.append([wall - gained, gained])
             del self._steps[:-MOST]
             return gained
         if gained <= -STEP:
-            self._take_back(-gained)
+            self.taken_back = self._take_back(-gained)
             return gained
         return 0.0
 
-    def _take_back(self, lost: float) -> None:
-        """A step back sets right the steps forward before it, the last first."""
-        while lost > 0 and self._steps:
+    def _take_back(self, lost: float) -> float:
+        """A step back sets right the steps forward before it, the last first;
+        how much of it did."""
+        left = lost
+        while left > 0 and self._steps:
             step = self._steps[-1]
-            taken = min(step[1], lost)
+            taken = min(step[1], left)
             step[1] -= taken
-            lost -= taken
+            left -= taken
             if step[1] <= 0:
                 self._steps.pop()
+        return lost - left
 
     def arrival(self, arrival: float) -> float:
         """When a message that came at ``arrival`` came, on the clock as it reads

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relay import clocksteps
 from relay.audit import AuditError
+from relay.clocksteps import ClockSteps
 from relay.errors import sent_in_full
 from relay.groupcommit import GroupCommit
 from relay.notice import build_notice, signed_anew, telling
@@ -429,21 +429,22 @@ class Engine:
         alone: Callable[[], bool] | None = None,
         suppressions: SuppressionFile | None = None,
         tally: TallyRow | None = None,
-        since_boot: Callable[[], float] = clocksteps.since_boot,
+        steps: ClockSteps | None = None,
     ) -> None:
         """``suppressions``: the worker's list, so that no notice goes to a sender on
-        it and an address is not listed twice. ``since_boot``: time passed, to
-        tell a step of ``clock`` by (``relay.clocksteps``). ``tally``: the worker's row of the
-        shared table, told each upstream's name as an attempt finds it unusable
-        and as it is lifted, for the metrics, and asked whether another worker
-        has reached an upstream this one holds mail for."""
+        it and an address is not listed twice. ``steps``: the steps of ``clock``
+        this process knows of, for the messages' lifetimes (``relay.clocksteps``).
+        ``tally``: the worker's row of the shared table, told each upstream's
+        name as an attempt finds it unusable and as it is lifted, for the
+        metrics, and asked whether another worker has reached an upstream this
+        one holds mail for."""
         self.spool = spool
         self._suppressions = suppressions
         self.policy = policy
         self.send = send
         self.recorder = recorder
         self.clock = clock
-        self._steps = clocksteps.ClockSteps(clock, since_boot)
+        self._steps = steps or ClockSteps(clock)
         self.rng = rng
         self._wake = asyncio.Event()
         self._busy: dict[str, asyncio.Task[Outcome]] = {}
@@ -780,11 +781,12 @@ class Engine:
                 " the lifetime they had left (until the relay restarts)",
                 duration(gained),
             )
-        elif gained < 0:
+        elif gained < 0 and self._steps.taken_back:
             log.warning(
-                "the clock was set back by %s: messages expire by it as it reads now,"
-                " later by as much (a step forward before it is taken back)",
+                "the clock was set back by %s, setting right %s of a step forward: the"
+                " messages queued before that step count their lifetime by the clock again",
                 duration(-gained),
+                duration(self._steps.taken_back),
             )
 
     def _reindex(self) -> None:

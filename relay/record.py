@@ -28,6 +28,7 @@ from typing import Any
 
 from relay.audit import AuditError, AuditLog
 from relay.audit import events as ev
+from relay.clocksteps import ClockSteps
 from relay.groupcommit import GroupCommit
 from relay.policy.model import AuditSettings
 from relay.spool import QueueEntry
@@ -68,9 +69,17 @@ class Recorder:
     flushed in one pass of the event loop shares one write and one fsync. A
     failed write writes none of them, so each caller can refuse its message."""
 
-    def __init__(self, audit: AuditLog | None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        audit: AuditLog | None,
+        clock: Callable[[], float] = time.time,
+        steps: ClockSteps | None = None,
+    ) -> None:
+        """``steps``: the clock's steps the process knows of, so that a delivery's
+        ``delay=`` is the time that passed (``relay.clocksteps``)."""
         self.audit = audit
         self.clock = clock
+        self._steps = steps
         self._pending: dict[str | None, list[dict[str, Any]]] = {}
         self._write = GroupCommit(self._append, "audit")
 
@@ -154,11 +163,14 @@ class Recorder:
             entry.queue_id,
             address,
             entry.upstream,
-            max(0.0, self.clock() - entry.arrival),  # not below 0 after a clock set back
+            max(0.0, self.clock() - self._arrival(entry)),  # not below 0 after a clock set back
             "2.0.0" if sent and code == "-" else code,
             status,
             reply,
         )
+
+    def _arrival(self, entry: QueueEntry) -> float:
+        return entry.arrival if self._steps is None else self._steps.arrival(entry.arrival)
 
     def delivered(self, entry: QueueEntry, address: str, reply: str) -> None:
         self._delivery_line(entry, address, "sent", reply, sent=True)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 # running relay, and failed against the older modules its supervisor had loaded.
 from relay import keygen, oplog, statelock
 from relay.audit import AuditError
+from relay.clocksteps import ClockSteps
 from relay.deliver import attempt, counted
 from relay.engine import Engine
 from relay.errors import PolicyError, RelayError
@@ -450,7 +451,9 @@ async def serve(
     except AuditError as exc:  # gone since the start: see AuditLog
         log.error("cannot serve: %s", exc)
         return EX_CANTCREAT
-    recorder = Recorder(audit)  # one, so receiving and delivering share each fsync
+    # the supervisor's, copied at the fork: the steps it saw before this worker began
+    steps = (worker.clock_steps if worker is not None else None) or ClockSteps()
+    recorder = Recorder(audit, steps=steps)  # one, so receiving and delivering share each fsync
     ingress: Ingress | None = None
 
     def alone() -> bool:
@@ -472,6 +475,7 @@ async def serve(
         alone=alone,
         suppressions=suppressions,
         tally=tally,
+        steps=steps,
     )
     rates = None if shared is None else shared.rates.row(index, holder.current)
     clients = None if shared is None else shared.clients.row(index)

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 import uvloop
 
 from relay import statelock
+from relay.clocksteps import ClockSteps
 from relay.ingress import Sockets
 from relay.metrics import status as metrics_status
 from relay.policy import pickled, yamlsource
@@ -98,9 +99,18 @@ class WorkerLink:
     answer to it, and noticing the supervisor is gone."""
 
     def __init__(
-        self, index: int, supervisor: int, ready_fd: int | None, handover: Path, answers: int
+        self,
+        index: int,
+        supervisor: int,
+        ready_fd: int | None,
+        handover: Path,
+        answers: int,
+        clock_steps: ClockSteps | None = None,
     ) -> None:
+        """``clock_steps``: the steps of the clock the supervisor saw, so that a worker
+        started anew does not expire the mail queued before one."""
         self.index = index
+        self.clock_steps = clock_steps
         self.supervisor = supervisor
         self._ready_fd = ready_fd
         self._handover = handover
@@ -202,6 +212,7 @@ class Supervisor:
         self.checked = policy.queue.directory.parent / statelock.CHECKED_NAME
         # what the workers load at a reload, there until each has answered: it holds keys
         self.handover = policy.queue.directory.parent / HANDOVER
+        self.clock_steps = ClockSteps()  # handed to each worker as it starts
         self.reloads = 0
         self._answers, self._answering = os.pipe()  # each worker's "RELOAD PID DIGEST\n"
         os.set_blocking(self._answers, False)
@@ -286,6 +297,7 @@ class Supervisor:
         next_upkeep = time.monotonic() + AUDIT_UPKEEP
         next_look = time.monotonic() + LOCK_FILE_CHECK
         while True:
+            self.clock_steps.look()
             metrics_status.beat()
             metrics_status.workers(len(self.workers), self.policy.workers)
             due = [when for when, _ in self.restarts.values()] + list(self.kill_at.values())
@@ -379,7 +391,9 @@ class Supervisor:
                 os.close(self._answers)
                 if self.metrics is not None:
                     self.metrics.close_in_child()
-                link = WorkerLink(index, supervisor, ready_fd, self.handover, self._answering)
+                link = WorkerLink(
+                    index, supervisor, ready_fd, self.handover, self._answering, self.clock_steps
+                )
                 code = _worker(self.policy_path, self.policy, self.sockets, link, self.shared)
             except BaseException:
                 log.exception("worker %d failed", index)

@@ -30,12 +30,15 @@ def test_time_passing_is_no_step_however_long_between_looks() -> None:
 def test_a_step_forward_moves_only_what_came_before_it() -> None:
     clocks, seen = steps()
     before = clocks.wall - 1
-    clocks.passes(5)
+    clocks.passes(3)
+    between = clocks.wall  # after the last look, before the step
+    clocks.passes(2)
     clocks.wall += 86400
     after = clocks.wall
     clocks.passes(5)
     assert seen.look() == 86400
     assert seen.arrival(before) == before + 86400
+    assert seen.arrival(between) == between + 86400
     assert seen.arrival(after) == after
 
 
@@ -49,11 +52,16 @@ def test_a_step_back_takes_back_the_steps_forward_before_it_the_last_first() -> 
     assert seen.look() == 7200
     clocks.wall -= 9000
     assert seen.look() == -9000
+    assert seen.taken_back == 9000
     assert seen.arrival(first) == first + 1800
     assert seen.arrival(second) == second
     clocks.wall -= 86400  # more than was gained: nothing is owed the other way
     assert seen.look() == -86400
+    assert seen.taken_back == 1800
     assert seen.arrival(first) == first
+    clocks.wall -= 3600
+    assert seen.look() == -3600
+    assert seen.taken_back == 0
 
 
 def test_only_the_latest_steps_are_kept() -> None:

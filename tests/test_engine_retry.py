@@ -22,6 +22,7 @@ import pytest
 from relay import engine as engine_module
 from relay import slots
 from relay.audit import AuditLog, reader
+from relay.clocksteps import ClockSteps
 from relay.deliver import attempt
 from relay.engine import Attempt, Engine, Outcome, duration
 from relay.policy.model import Policy, SuppressionSettings, Tenant
@@ -147,7 +148,7 @@ async def test_a_clock_set_forward_past_the_lifetime_expires_nothing_queued_befo
         upstream,
         Recorder(audit),
         clock=lambda: now[0],
-        since_boot=lambda: boot[0],
+        steps=ClockSteps(lambda: now[0], lambda: boot[0]),
     )
     lifetime = policy.queue.lifetime
     entry = make_entry(arrival=now[0] - 5, size=len(message(1)))
@@ -163,7 +164,7 @@ async def test_a_clock_set_forward_past_the_lifetime_expires_nothing_queued_befo
     now[0] += lifetime + 2 * 86400
     boot[0] += lifetime + 2 * 86400
     assert (await engine.attempt_now(entry.queue_id)).status == "failed"
-    assert "the clock was set back by 6 days" in caplog.text
+    assert "the clock was set back by 6 days, setting right 6 days of a step" in caplog.text
     await engine.stop(5)
     assert [event for event, _ in records(audit.directory, entry.queue_id)] == [
         "deferred",
@@ -228,7 +229,7 @@ async def test_a_refusal_over_the_limit_at_the_lifetime_goes_again_soon_not_expi
         upstream,
         Recorder(audit),
         clock=lambda: now[0],
-        since_boot=lambda: now[0],  # time passes: no step of the clock
+        steps=ClockSteps(lambda: now[0], lambda: now[0]),  # time passes: no step of the clock
     )
     entry = make_entry(arrival=now[0] - 41, size=len(message(1)))
     assert spool.put_many([(entry, (message(1),))]) == [None]
