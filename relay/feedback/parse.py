@@ -27,6 +27,7 @@ from flufl.bounce._scan import _DETECTORS
 
 from relay.feedback.exchange2000 import Exchange2000
 from relay.feedback.report import BOUNCE, COMPLAINT, MOST_RECIPIENTS, Failure, Report
+from relay.feedback.trim import trimmed
 from relay.identify import a_label_address
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,10 @@ def read(raw: bytes, most: int = MOST_RECIPIENTS) -> Report | None:
     package can recurse is no server's report, and is read as none. Only
     ``most`` recipients' status blocks are read, as many as the relay acts on
     (``act.most_recipients``): anyone can mail the return path, and 600,000
-    blocks in 41 MB took a minute and a GB to read."""
+    blocks in 41 MB took a minute and a GB to read. The email package parses
+    only the lines the report is read from (``trim``)."""
     try:
-        msg = email.message_from_bytes(raw, _Read, policy=compat32)
+        msg = email.message_from_bytes(trimmed(raw, _Read), _Read, policy=compat32)
         _as_classic(msg)
         if _is_feedback_report(msg):
             return _complaint(msg)
