@@ -372,7 +372,7 @@ def test_the_directory_is_the_relay_s_to_write_whatever_the_umask(tmp_path: Path
     day file and removed ``.head``, and verify found an intact log of 0 records."""
     umask = os.umask(0)
     try:
-        AuditLog(tmp_path / "made" / "audit")  # its parent too
+        AuditLog(tmp_path / "made" / "audit")  # its parent made on the way
         AuditLog(tmp_path / "audit")
     finally:
         os.umask(umask)
