@@ -385,6 +385,101 @@ def test_silent_connections_give_their_slots_up_to_a_health_check(policy_file: P
     assert held <= MAX_CLIENTS
 
 
+MANY_SILENT = 1000  # about 16 s of delay before a health check once
+
+
+def _timed_health(port: int) -> tuple[tuple[int, bytes], float]:
+    """``/healthz``'s answer and the seconds it took, waited for long enough to
+    measure a delay rather than give up on it."""
+    began = time.monotonic()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=60) as answer:
+        said = answer.status, answer.read()
+    return said, time.monotonic() - began
+
+
+def test_many_silent_connections_hold_up_no_health_check(policy_file: Path) -> None:
+    """1,000 connections opened at once, none sending anything: a health check
+    behind them was answered after 16 s, half a second for every 32, as each
+    took a request thread until it was found silent. Waiting for their first
+    bytes costs them no thread, and the check is answered at once."""
+    from relay.metrics import status
+    from relay.metrics.serve import MetricsServer
+    from relay.policy.load import load
+    from relay.policy.model import MetricsSettings
+    from relay.spool import Spool
+
+    policy = load(configure(policy_file, free_port(), free_port()))
+    Spool(policy.queue.directory)
+    server = MetricsServer(MetricsSettings("127.0.0.1", free_port()), policy)
+    server.start(lambda: policy)
+    status.beat()
+    address = ("127.0.0.1", server.settings.port)
+    silent: list[socket.socket] = []
+    try:
+        silent.extend(socket.create_connection(address, timeout=5) for _ in range(MANY_SILENT))
+        time.sleep(0.2)  # accepted, or in the kernel's queue
+        answer, took = _timed_health(server.settings.port)
+    finally:
+        for sock in silent:
+            sock.close()
+        server.stop()
+    assert answer == (200, b"ok\n")
+    assert took < 2.0, f"answered after {took:.1f}s"
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the server closed it: its end read, nothing to read yet otherwise."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_the_connections_waiting_longest_are_closed_past_the_bound(policy_file: Path) -> None:
+    """Connections waiting for their first bytes are files of the relay's: past the
+    bound its open-files limit sets (a sixteenth of it), the one waiting longest
+    is closed once it has waited half a second, as the next is accepted, and
+    the rest wait on (they were cut one every 50 ms from then on, whatever
+    their number, the first 36 of 100 in 2.3 s)."""
+    import resource
+
+    from relay.ingress.filelimit import metrics_waiting
+    from relay.metrics import status
+    from relay.metrics.serve import MetricsServer
+    from relay.policy.load import load
+    from relay.policy.model import MetricsSettings
+    from relay.spool import Spool
+
+    policy = load(configure(policy_file, free_port(), free_port()))
+    Spool(policy.queue.directory)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        server = MetricsServer(MetricsSettings("127.0.0.1", free_port()), policy)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    most = metrics_waiting(1024)
+    server.start(lambda: policy)
+    status.beat()
+    address = ("127.0.0.1", server.settings.port)
+    silent: list[socket.socket] = []
+    try:
+        silent.extend(socket.create_connection(address, timeout=5) for _ in range(most + 36))
+        oldest, newest = silent[:36], silent[36:]
+        wait_for(lambda: all(_closed(sock) for sock in oldest), timeout=1.5)
+        still = sum(not _closed(sock) for sock in newest)
+        answer, took = _timed_health(server.settings.port)
+    finally:
+        for sock in silent:
+            sock.close()
+        server.stop()
+    assert still == most
+    assert answer == (200, b"ok\n") and took < 2.0, took
+
+
 def test_what_the_workers_do_as_they_start_is_counted(policy_file: Path, tmp_path: Path) -> None:
     """A message left queued by an upstream outage goes out the moment the relay
     starts again and leaves the queue before anyone scrapes: it is counted,

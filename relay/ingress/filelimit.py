@@ -33,6 +33,9 @@ OWN_FILES = 64
 #: Files a connection may hold: its socket, and its message's spool file while
 #: it is written.
 PER_CONNECTION = 2
+#: Connections the metrics server keeps waiting for their first bytes, at the
+#: most: each is a file, so no more than a sixteenth of the limit.
+METRICS_WAITING = 4096
 OUT_OF_FILES = "421 4.3.2 Out of file descriptors for more connections, try again later"
 SAID_EVERY = 3600.0  # seconds between warnings while connections are refused for it
 
@@ -47,6 +50,16 @@ def serve_limit() -> int:
     return max(soft, MOST_FILES if hard == resource.RLIM_INFINITY else min(hard, MOST_FILES))
 
 
+def metrics_waiting(soft: int) -> int:
+    """Connections the metrics server may keep waiting for their first bytes
+    under a soft limit of ``soft``: a few thousand silent ones cost no request
+    thread, but each a file, and in one process the worker's connections need
+    the rest."""
+    if soft == resource.RLIM_INFINITY:
+        return METRICS_WAITING
+    return max(1, min(METRICS_WAITING, soft // 16))
+
+
 def room(soft: int, policy: Policy) -> int | None:
     """Connections one worker may have open under a soft limit of ``soft``;
     None: no limit. Its own files are kept out (``OWN_FILES``), and so is what
@@ -54,14 +67,18 @@ def room(soft: int, policy: Policy) -> int | None:
     accepted messages waiting for their delivery (``file_budget``), and for
     each attempt under way its entry's file and its upstream connection, up
     to ``queue.concurrency`` an upstream (idle pooled connections among them)
-    and no more than the engine's other quarter. Each connection counts as
-    two files (``PER_CONNECTION``): what is left then still lets every open
-    session write its message and the audit log its record."""
+    and no more than the engine's other quarter; in one process, the metrics
+    server's connections waiting for their requests (``metrics_waiting``).
+    Each connection counts as two files (``PER_CONNECTION``): what is left
+    then still lets every open session write its message and the audit log
+    its record."""
     if soft == resource.RLIM_INFINITY:
         return None
     budget = file_budget(soft)
     attempts = min(policy.queue.concurrency * max(1, len(policy.upstreams)), budget)
     reserve = OWN_FILES + budget + 2 * attempts
+    if policy.metrics is not None and policy.workers == 1:
+        reserve += metrics_waiting(soft)
     return max(1, (soft - reserve) // PER_CONNECTION)
 
 
