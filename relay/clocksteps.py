@@ -71,7 +71,7 @@ class ClockSteps:
             taken = min(step[1], left)
             step[1] -= taken
             left -= taken
-            if step[1] <= 0:
+            if step[1] < STEP:  # the clocks' readings leave a sliver: no step
                 self._steps.pop()
         return lost - left
 

@@ -64,6 +64,19 @@ def test_a_step_back_takes_back_the_steps_forward_before_it_the_last_first() -> 
     assert seen.taken_back == 0
 
 
+def test_a_step_set_right_leaves_no_sliver_for_a_later_step_back() -> None:
+    """The clocks' readings gave +518400.002 and -518400.001: a thousandth of a
+    second stayed a step, and the next step back was said to set it right."""
+    clocks, seen = steps()
+    clocks.wall += 518400.002
+    seen.look()
+    clocks.wall -= 518400.001
+    assert seen.look() < 0
+    clocks.wall -= 86400
+    assert seen.look() == -86400
+    assert seen.taken_back == 0
+
+
 def test_only_the_latest_steps_are_kept() -> None:
     clocks, seen = steps()
     start = clocks.wall - 1
