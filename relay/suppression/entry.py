@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -179,7 +180,8 @@ def _cut_short(raw: bytes, exc: UnicodeDecodeError) -> str | None:
     byte of its own or with UTF-8 elsewhere in the line, is none. A Latin-1
     letter (å, é) before ASCII, or before a no-break space (0xa0) or
     Windows-1252's typographic quote (0x92), is also such a start: without
-    UTF-8 elsewhere in the line, it is said as both."""
+    UTF-8 elsewhere in the line, and where its bytes read as Windows-1252
+    text, it is said as both."""
     after = raw[exc.end]
     if after & 0xC0 == 0x80:
         return None  # a byte that goes on with some character, not with this one
@@ -194,12 +196,22 @@ def _cut_short(raw: bytes, exc: UnicodeDecodeError) -> str | None:
     size = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
     first = "the first byte" if len(begun) == 1 else f"the first {len(begun)} bytes"
     why = "a character cut short"
-    if not utf8_elsewhere:
+    if not utf8_elsewhere and _text_in_windows_1252(begun):
         why += ", or saved as Latin-1?"
     return (
         f"{' '.join(f'0x{b:02x}' for b in begun)}, {first} of a {size}-byte UTF-8 character,"
         f" then 0x{after:02x}, which is no part of it: {why}"
     )
+
+
+def _text_in_windows_1252(raw: bytes) -> bool:
+    """Whether ``raw`` reads as letters and signs in Windows-1252 (Latin-1 with
+    its typographic signs): 0x81, cut from a Japanese character, is none."""
+    try:
+        text = raw.decode("cp1252")
+    except UnicodeDecodeError:
+        return False
+    return not any(unicodedata.category(c) == "Cc" for c in text)
 
 
 def _not_json(text: str, exc: json.JSONDecodeError) -> str:
