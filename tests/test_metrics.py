@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -397,6 +398,22 @@ def _timed_health(port: int) -> tuple[tuple[int, bytes], float]:
     return said, time.monotonic() - began
 
 
+@pytest.fixture
+def files() -> Iterator[None]:
+    """Room for both ends of a few thousand connections in this process: 1,024,
+    a common soft limit, is too few for them."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.usefixtures("files")
 def test_many_silent_connections_hold_up_no_health_check(policy_file: Path) -> None:
     """1,000 connections opened at once, none sending anything: a health check
     behind them was answered after 16 s, half a second for every 32, as each
@@ -438,6 +455,7 @@ def _closed(sock: socket.socket) -> bool:
         return True
 
 
+@pytest.mark.usefixtures("files")
 def test_the_connections_waiting_longest_are_closed_past_the_bound(policy_file: Path) -> None:
     """Connections waiting for their first bytes are files of the relay's: past the
     bound its open-files limit sets (a sixteenth of it), the one waiting longest
@@ -478,6 +496,49 @@ def test_the_connections_waiting_longest_are_closed_past_the_bound(policy_file: 
         server.stop()
     assert still == most
     assert answer == (200, b"ok\n") and took < 2.0, took
+
+
+@pytest.mark.usefixtures("files")
+def test_a_burst_of_requests_past_the_bound_is_answered_whole(policy_file: Path) -> None:
+    """The one waiting longest is closed past the bound only once it has waited
+    half a second: closed at once, the requests of a burst were closed before
+    they were read, 1,750 of 3,000 answered with nothing."""
+    import resource
+
+    from relay.ingress.filelimit import metrics_waiting
+    from relay.metrics import status
+    from relay.metrics.serve import MetricsServer
+    from relay.policy.load import load
+    from relay.policy.model import MetricsSettings
+    from relay.spool import Spool
+
+    policy = load(configure(policy_file, free_port(), free_port()))
+    Spool(policy.queue.directory)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        server = MetricsServer(MetricsSettings("127.0.0.1", free_port()), policy)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    burst = 4 * metrics_waiting(1024)
+    status.beat()
+    address = ("127.0.0.1", server.settings.port)
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(burst):  # in the kernel's queue, each with its request
+            client = socket.create_connection(address, timeout=20)
+            client.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            clients.append(client)
+        server.start(lambda: policy)
+        answers = []
+        for client in clients:
+            with client.makefile("rb") as reply:
+                answers.append(reply.readline())
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+    assert answers.count(b"HTTP/1.0 200 OK\r\n") == burst, {a: answers.count(a) for a in answers}
 
 
 def test_what_the_workers_do_as_they_start_is_counted(policy_file: Path, tmp_path: Path) -> None:
