@@ -109,6 +109,18 @@ def test_what_is_read_from_a_report_is_the_same_wherever_a_large_body_comes(name
     assert cut > len(places) // 2
 
 
+def test_a_large_text_kept_whole_beside_a_small_cut_is_not_copied() -> None:
+    """A 34 MB XML invoice in base64 is read whole; a small image beside it is
+    cut, and the copy of what was left cost 47 MB more than the report alone."""
+    xml = _base64(4 << 20)
+    raw = _returning(b"iVBORw0KGgo=\n").replace(
+        b"Content-Type: text/plain\n\nSee the attachment.\n",
+        b"Content-Type: text/xml\nContent-Transfer-Encoding: base64\n\n" + xml,
+    )
+    assert len(raw) > len(xml) > 4 << 20
+    assert trimmed(raw, _Read) is raw
+
+
 def test_a_report_with_carriage_returns_alone_is_not_cut() -> None:
     """The email package ends a line there too, and so sees other boundaries."""
     raw = _returning(_base64(1 << 20)).replace(b"\n", b"\r")
