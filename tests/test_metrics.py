@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.metrics.serve import MetricsServer
 from relay.policy.load import load
+from relay.policy.model import Policy
 from tests.relayproc import RelayProcess, in_data, wait_for
 from tests.sink import Sink, SinkServer, free_port
 from tests.test_queue_e2e import configure, relay_cli, send
@@ -413,23 +415,35 @@ def files() -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def _metrics_server(policy_file: Path, limit: int | None = None) -> tuple[MetricsServer, Policy]:
+    """A metrics server of its own, not started, and its policy; built under an
+    open-files limit of ``limit``, which bounds the connections it keeps waiting."""
+    import resource
+
+    from relay.metrics import status
+    from relay.policy.model import MetricsSettings
+    from relay.spool import Spool
+
+    policy = load(configure(policy_file, free_port(), free_port()))
+    Spool(policy.queue.directory)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit or soft, hard))
+    try:
+        server = MetricsServer(MetricsSettings("127.0.0.1", free_port()), policy)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    status.beat()
+    return server, policy
+
+
 @pytest.mark.usefixtures("files")
 def test_many_silent_connections_hold_up_no_health_check(policy_file: Path) -> None:
     """1,000 connections opened at once, none sending anything: a health check
     behind them was answered after 16 s, half a second for every 32, as each
     took a request thread until it was found silent. Waiting for their first
     bytes costs them no thread, and the check is answered at once."""
-    from relay.metrics import status
-    from relay.metrics.serve import MetricsServer
-    from relay.policy.load import load
-    from relay.policy.model import MetricsSettings
-    from relay.spool import Spool
-
-    policy = load(configure(policy_file, free_port(), free_port()))
-    Spool(policy.queue.directory)
-    server = MetricsServer(MetricsSettings("127.0.0.1", free_port()), policy)
+    server, policy = _metrics_server(policy_file)
     server.start(lambda: policy)
-    status.beat()
     address = ("127.0.0.1", server.settings.port)
     silent: list[socket.socket] = []
     try:
@@ -462,26 +476,11 @@ def test_the_connections_waiting_longest_are_closed_past_the_bound(policy_file: 
     is closed once it has waited half a second, as the next is accepted, and
     the rest wait on (they were cut one every 50 ms from then on, whatever
     their number, the first 36 of 100 in 2.3 s)."""
-    import resource
-
     from relay.ingress.filelimit import metrics_waiting
-    from relay.metrics import status
-    from relay.metrics.serve import MetricsServer
-    from relay.policy.load import load
-    from relay.policy.model import MetricsSettings
-    from relay.spool import Spool
 
-    policy = load(configure(policy_file, free_port(), free_port()))
-    Spool(policy.queue.directory)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
-    try:
-        server = MetricsServer(MetricsSettings("127.0.0.1", free_port()), policy)
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    server, policy = _metrics_server(policy_file, 1024)
     most = metrics_waiting(1024)
     server.start(lambda: policy)
-    status.beat()
     address = ("127.0.0.1", server.settings.port)
     silent: list[socket.socket] = []
     try:
@@ -503,25 +502,10 @@ def test_a_burst_of_requests_past_the_bound_is_answered_whole(policy_file: Path)
     """The one waiting longest is closed past the bound only once it has waited
     half a second: closed at once, the requests of a burst were closed before
     they were read, 1,750 of 3,000 answered with nothing."""
-    import resource
-
     from relay.ingress.filelimit import metrics_waiting
-    from relay.metrics import status
-    from relay.metrics.serve import MetricsServer
-    from relay.policy.load import load
-    from relay.policy.model import MetricsSettings
-    from relay.spool import Spool
 
-    policy = load(configure(policy_file, free_port(), free_port()))
-    Spool(policy.queue.directory)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
-    try:
-        server = MetricsServer(MetricsSettings("127.0.0.1", free_port()), policy)
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    server, policy = _metrics_server(policy_file, 1024)
     burst = 4 * metrics_waiting(1024)
-    status.beat()
     address = ("127.0.0.1", server.settings.port)
     clients: list[socket.socket] = []
     try:
