@@ -389,8 +389,7 @@ def test_a_line_in_utf_16_or_with_a_character_cut_in_two_is_said_so_not_latin_1(
             f'saved as UTF-16 (Notepad\'s "Unicode"; a NUL every other byte), not UTF-8: {ONE}',
             f'saved as UTF-16 (Notepad\'s "Unicode"; a NUL every other byte), not UTF-8: {ONE}',
             "not UTF-8 at byte 129 of the line (0xe2 0x82, the first 2 bytes of a 3-byte UTF-8"
-            " character, then 0x22, which is no part of it: a character cut short, or saved as"
-            f" Latin-1?): {ONE}",
+            f" character, then 0x22, which is no part of it: a character cut short): {ONE}",
             "not UTF-8 at byte 130 of the line (0xc3, the first byte of a 2-byte UTF-8"
             f" character, then 0x22, which is no part of it: a character cut short): {ONE}",
             "not UTF-8 at byte 130 of the line (0xe9, the first byte of a 3-byte UTF-8"

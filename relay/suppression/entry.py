@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -204,14 +203,16 @@ def _cut_short(raw: bytes, exc: UnicodeDecodeError) -> str | None:
     )
 
 
+# bytes that follow a letter in Latin-1 or Windows-1252 text: a no-break space,
+# Latin-1's signs (° « ½), Windows-1252's typographic quotes and dashes (0x91-0x97)
+_AFTER_A_LETTER = frozenset(range(0xA0, 0xC0)) | frozenset(range(0x91, 0x98))
+
+
 def _text_in_windows_1252(raw: bytes) -> bool:
-    """Whether ``raw`` reads as letters and signs in Windows-1252 (Latin-1 with
-    its typographic signs): 0x81, cut from a Japanese character, is none."""
-    try:
-        text = raw.decode("cp1252")
-    except UnicodeDecodeError:
-        return False
-    return not any(unicodedata.category(c) == "Cc" for c in text)
+    """Whether ``raw``, which begins a UTF-8 character (its first byte a Latin-1
+    letter, é), reads as text in Windows-1252 too: a letter and the signs
+    that follow one. 0x81 and 0x82, cut from a Japanese character, are none."""
+    return all(byte in _AFTER_A_LETTER for byte in raw[1:])
 
 
 def _not_json(text: str, exc: json.JSONDecodeError) -> str:
