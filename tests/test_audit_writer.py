@@ -367,6 +367,26 @@ def test_compressed_days_are_as_private_as_plain_ones(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.parametrize("before", [0o640, 0o600])
+def test_a_new_day_takes_the_mode_of_the_day_before(tmp_path: Path, before: int) -> None:
+    """``relay bounce``, run by Postfix with a umask of 077, began a day 0600
+    where the group was given read of the others: a log shipper lost the day."""
+    clock = Clock(START)
+    AuditLog(tmp_path, clock=clock).append(events.policy_loaded(policy_file="p", policy_sha256="0"))
+    (first,) = tmp_path.glob("audit-*.jsonl")
+    first.chmod(before)
+    clock.advance(days=1)
+    umask = os.umask(0o077)
+    try:
+        AuditLog(tmp_path, clock=clock).append(
+            events.policy_loaded(policy_file="p", policy_sha256="1")
+        )
+    finally:
+        os.umask(umask)
+    modes = sorted(p.stat().st_mode & 0o777 for p in tmp_path.glob("audit-*.jsonl"))
+    assert modes == [before, before]
+
+
 def test_the_directory_is_the_relay_s_to_write_whatever_the_umask(tmp_path: Path) -> None:
     """Made under a umask of 0 it was anyone's to write: a local user renamed the
     day file and removed ``.head``, and verify found an intact log of 0 records."""

@@ -571,6 +571,7 @@ class AuditLog:
         try:
             self._fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
             self._adopt(self._fd)
+            self._like_the_day_before(self._fd, day)
             _fsync_directory(self.directory)  # the new file's name must survive a crash too
             self._cover(day)
         except FileExistsError:
@@ -583,6 +584,20 @@ class AuditLog:
         self._fd_day = self._day = day
         self._size = os.fstat(self._fd).st_size
         self._stamp = os.stat(self.directory).st_mtime_ns
+
+    def _like_the_day_before(self, fd: int, day: date) -> None:
+        """A new day's file takes the mode of the newest before it (0640 at most):
+        ``relay bounce``, run by Postfix with a umask of 077, began a day 0600
+        where the sysadmin had the service's group read the others, and a log
+        shipper in it lost that day."""
+        older = [f for f in reader.day_files(self.directory) if f.day < day]
+        if not older:
+            return
+        try:
+            mode = stat.S_IMODE(os.stat(older[-1].path, follow_symlinks=False).st_mode)
+            os.fchmod(fd, mode & FILE_MODE)
+        except OSError as exc:
+            log.warning("audit log %s: cannot give it the mode of the day before: %s", day, exc)
 
     def _cover(self, day: date) -> None:
         """Take the file just begun for ``day`` into ``.stepped``'s coverage:
