@@ -1389,7 +1389,10 @@ class Engine:
                 rcpt.attempts += 1
         if sender_refused is not None and upstream is not None:
             _warn_of_refused_sender(entry, policy, upstream, sender_refused)
-        if immediate and _refused(pending, own, replies) and self._client_waits(entry.queue_id):
+        # a refusal of MAIL FROM is of the sender the policy chose, not of the
+        # ERP's message: passed back, the ERP would drop the document for good
+        passed_back = sender_refused is None and _refused(pending, own, replies)
+        if immediate and passed_back and self._client_waits(entry.queue_id):
             self._answering.pop(entry.queue_id)
             self._refusing.add(entry.queue_id)  # the client hears it: no 250 any more
             return await self._refuse(entry, pending, replies[own[0]][1], replies, shared)

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -304,6 +305,37 @@ def test_immediate_mode_passes_a_permanent_refusal_back(policy_file: Path, tmp_p
         ("queued", None),
         ("delivered", "two@example.org"),
     ]
+
+
+class RefusingSender(Sink):
+    async def handle_MAIL(self, *_: Any) -> str:
+        return "550 5.7.60 Client does not have permissions to send as this sender"
+
+
+def test_immediate_mode_does_not_pass_back_a_refusal_of_the_relay_s_sender(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The upstream refusing the envelope sender the policy chose (an account
+    that sends only as itself, its ``sender`` not set) refuses no recipient the
+    ERP named: passed back, the ERP dropped the document for good over a
+    setting of the relay's, with a text about a sender that is not its own."""
+    with SinkServer(RefusingSender()) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        policy.write_text(
+            policy.read_text().replace("auth: optional", "auth: optional\n    immediate: 10")
+        )
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.ehlo()
+                client.mail("jan@acme.example")
+                client.rcpt("one@example.org")
+                code, reply = client.data(SMALL)
+            assert code == 250, reply
+            qid = reply.decode().rsplit(" ", 1)[1]
+            wait_for(lambda: ("failed", "one@example.org") in audit_events(policy, qid), 10)
+            assert "refused the envelope sender" in relay.log()
+            assert "passed back" not in relay.log()
 
 
 def test_immediate_0_is_off_and_answers_as_soon_as_queued(
