@@ -52,6 +52,24 @@ def test_a_low_soft_limit_is_raised_and_every_connection_is_served(
     assert "open files: limit raised from 64 to 2048" in relay.log()
 
 
+def test_a_hard_limit_too_low_to_serve_stops_the_start(policy_file: Path) -> None:
+    """Under 28 files the relay started, took connections and answered every
+    message 451 (``Queue write failed``), its warning promising a connection a
+    worker; under 20 it failed at the audit log or with a traceback."""
+    policy = configure(policy_file, free_port(), free_port())
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "-c", str(policy)],
+        capture_output=True, text=True, timeout=60, preexec_fn=limited, check=False,
+    )  # fmt: skip
+    assert done.returncode == 71, done.stderr
+    assert "open files: a limit of 40 is too few to serve" in done.stderr
+    assert not (policy.parent / "state").exists()  # nothing of the state touched
+
+
 def test_a_low_hard_limit_is_reported(policy_file: Path, tmp_path: Path) -> None:
     port = free_port()
     policy = configure(policy_file, port, free_port())
