@@ -40,9 +40,15 @@ class Identity:
 
 def unknown_login(name: str) -> Rejected:
     """A session whose login a reload removed: it logged in, so its client (and
-    the audit record of the refusal) may be told which name is gone."""
+    the audit record of the refusal) may be told which name is gone. A 4xx, as
+    for a password changed: 535 is AUTH's reply, and an ERP took the 5xx at
+    the end of its data for its document's fault and dropped it; logging in
+    again, it hears AUTH's own 535, and keeps the document."""
     return Rejected(
-        535, "5.7.8", f"Authentication credentials invalid: no login {name!r} in the policy"
+        454,
+        "4.7.0",
+        f"Temporary authentication failure: no login {name!r} in the policy since this"
+        " session logged in; log in again",
     )
 
 

@@ -700,8 +700,9 @@ def test_a_login_a_reload_removed_sends_nothing_more_in_its_open_session(
         daemon.proc.send_signal(signal.SIGHUP)
         daemon.wait_reloaded(1)
         refused = (
-            535,
-            b"5.7.8 Authentication credentials invalid: no login 'erp-globex' in the policy",
+            454,
+            b"4.7.0 Temporary authentication failure: no login 'erp-globex' in the policy"
+            b" since this session logged in; log in again",
         )
         assert send_as("jan@acme.example") == refused
         assert send_as("hank@globex.example") == refused
