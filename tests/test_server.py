@@ -706,6 +706,9 @@ def test_a_login_a_reload_removed_sends_nothing_more_in_its_open_session(
         )
         assert send_as("jan@acme.example") == refused
         assert send_as("hank@globex.example") == refused
+        with pytest.raises(smtplib.SMTPAuthenticationError) as again:  # as it is told to
+            client.login("erp-globex", "demo-password")
+        assert again.value.smtp_code == 535
     assert len(list(daemon.outbox.glob("*.eml"))) == 1
 
 

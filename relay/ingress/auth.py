@@ -60,12 +60,13 @@ class Mechanisms:
 
     def login_outdated(self, session: Session) -> bool:
         """Whether the session logged in with a password a reload has changed
-        since: its messages are refused (``identify``), and it may log in again."""
+        since, or at a login a reload took out: its messages are refused
+        (``identify``), and it may log in again (and hear 535 for a login gone)."""
         auth = session.auth_data if session.authenticated else None
         if not isinstance(auth, Authenticated):
             return False
         login = self._current_policy().logins.get(auth.login)
-        return login is not None and login.password_hash != auth.password_hash
+        return login is None or login.password_hash != auth.password_hash
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         locked = self._locked(server)
