@@ -344,6 +344,18 @@ def _warn_of_refused_sender(
     )
 
 
+def _refused_sender_reply(entry: QueueEntry, upstream: Upstream, reply: str) -> str:
+    """What an ``immediate`` client hears of a refusal for good of the envelope
+    sender the policy chose (the platform's return_path, an account's own
+    address): a 4xx, as the fault is a setting of the relay's, not the
+    document's. Passed back as it came, 550 5.7.60, the ERP dropped the
+    document for good, told a sender was refused that was not its own."""
+    return (
+        f"451 4.7.0 Upstream {upstream.name} refused the relay's envelope sender"
+        f" <{entry.mail_from}> ({reply}): a setting of the relay's, try again later"
+    )
+
+
 def _route(entry: QueueEntry, policy: Policy) -> str:
     """The name of the upstream the entry goes to, without a word: the attempt
     (``_rerouted``) says it, once."""
@@ -1389,13 +1401,13 @@ class Engine:
                 rcpt.attempts += 1
         if sender_refused is not None and upstream is not None:
             _warn_of_refused_sender(entry, policy, upstream, sender_refused)
-        # a refusal of MAIL FROM is of the sender the policy chose, not of the
-        # ERP's message: passed back, the ERP would drop the document for good
-        passed_back = sender_refused is None and _refused(pending, own, replies)
-        if immediate and passed_back and self._client_waits(entry.queue_id):
+        if immediate and _refused(pending, own, replies) and self._client_waits(entry.queue_id):
             self._answering.pop(entry.queue_id)
             self._refusing.add(entry.queue_id)  # the client hears it: no 250 any more
-            return await self._refuse(entry, pending, replies[own[0]][1], replies, shared)
+            refusal = replies[own[0]][1]
+            if sender_refused is not None and entry.mail_from and upstream is not None:
+                refusal = _refused_sender_reply(entry, upstream, sender_refused)
+            return await self._refuse(entry, pending, refusal, replies, shared)
         deferred = False
         bounced: list[tuple[str, str]] = []
         expires = _expires(now, deadline, crowded)
