@@ -123,15 +123,9 @@ def run(policy_path: Path) -> int:
         return EX_CONFIG
     if policy.run_as is None:
         _warn_if_root()
-    soft = raise_open_files(policy)
-    if soft != resource.RLIM_INFINITY and soft < filelimit.OWN_FILES:
-        log.error(
-            "open files: a limit of %d is too few to serve: the relay holds about 25 files"
-            " before its first connection, and %d are kept for its own; not starting:"
-            " raise the hard limit (LimitNOFILE in the unit, ulimit -Hn)",
-            soft,
-            filelimit.OWN_FILES,
-        )
+    too_few = filelimit.too_few(raise_open_files(policy))
+    if too_few is not None:
+        log.error("%s; not starting", too_few)
         return EX_OSERR
     try:
         sockets = bind(policy.listeners)

@@ -82,6 +82,18 @@ def room(soft: int, policy: Policy) -> int | None:
     return max(1, (soft - reserve) // PER_CONNECTION)
 
 
+def too_few(soft: int) -> str | None:
+    """Why ``relay serve`` does not start under ``soft`` open files; None where it
+    may. Under 28 it took connections and answered every message 451."""
+    if soft == resource.RLIM_INFINITY or soft >= OWN_FILES:
+        return None
+    return (
+        f"open files: a limit of {soft} is too few to serve: the relay holds about 25 files"
+        f" before its first connection, and keeps {OWN_FILES} for its own; raise the hard"
+        " limit (LimitNOFILE in the unit, ulimit -Hn)"
+    )
+
+
 def unreachable(soft: int, policy: Policy) -> list[str]:
     """What of the listeners' connection limits the workers cannot reach under
     ``soft``, said with the numbers: each would refuse past its room first."""

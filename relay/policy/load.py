@@ -244,7 +244,10 @@ def _state_warnings(policy: Policy) -> list[str]:
 
 def _file_warnings(policy: Policy) -> list[str]:
     """The connection limits the open-files limit ``relay serve`` would run under
-    here leaves out of reach: in the unit's ExecStartPre, the unit's."""
-    from relay.ingress.filelimit import serve_limit, unreachable
+    here leaves out of reach, or a limit it would not start under: in the
+    unit's ExecStartPre, the unit's."""
+    from relay.ingress.filelimit import serve_limit, too_few, unreachable
 
-    return [f"{policy.source}: warning: {said}" for said in unreachable(serve_limit(), policy)]
+    limit = serve_limit()
+    said = [too_few(limit)] if too_few(limit) is not None else unreachable(limit, policy)
+    return [f"{policy.source}: warning: {words}" for words in said]
