@@ -586,16 +586,18 @@ class AuditLog:
         self._stamp = os.stat(self.directory).st_mtime_ns
 
     def _like_the_day_before(self, fd: int, day: date) -> None:
-        """A new day's file takes the mode of the newest before it (0640 at most):
-        ``relay bounce``, run by Postfix with a umask of 077, began a day 0600
-        where the sysadmin had the service's group read the others, and a log
+        """A new day's file takes the group's read of the newest before it (0640
+        at most, the relay's own read and write always: a day before made
+        read-only left the next unwritable to a second writer): ``relay
+        bounce``, run by Postfix with a umask of 077, began a day 0600 where
+        the sysadmin had the service's group read the others, and a log
         shipper in it lost that day."""
         older = [f for f in reader.day_files(self.directory) if f.day < day]
         if not older:
             return
         try:
             mode = stat.S_IMODE(os.stat(older[-1].path, follow_symlinks=False).st_mode)
-            os.fchmod(fd, mode & FILE_MODE)
+            os.fchmod(fd, (mode & FILE_MODE) | stat.S_IRUSR | stat.S_IWUSR)
         except OSError as exc:
             log.warning("audit log %s: cannot give it the mode of the day before: %s", day, exc)
 
