@@ -374,6 +374,7 @@ def test_a_line_in_utf_16_or_with_a_character_cut_in_two_is_said_so_not_latin_1(
         + b'"}\n'
         + f'{{{add}, "address": "c@example.org", "detail": "caf\u00e9"}}\n'.encode("latin-1")
         + f'{{{add}, "address": "d@example.org", "detail": "pr\u00e9\u2019s"}}\n'.encode("cp1252")
+        + f'{{{add}, "address": "f@example.org", "detail": "caf\u00e9\u2026"}}\n'.encode("cp1252")
         + f'{{{add}, "address": "e@example.org", "detail": "\u3042"}}\n'.encode()[:-4]
         + b'"}\n'
         + f'{{{add}, "address": "kept@example.org"}}\n'.encode()
@@ -397,6 +398,9 @@ def test_a_line_in_utf_16_or_with_a_character_cut_in_two_is_said_so_not_latin_1(
             f" Latin-1?): {ONE}",
             "not UTF-8 at byte 129 of the line (0xe9 0x92, the first 2 bytes of a 3-byte UTF-8"
             " character, then 0x73, which is no part of it: a character cut short, or saved as"
+            f" Latin-1?): {ONE}",
+            "not UTF-8 at byte 130 of the line (0xe9 0x85, the first 2 bytes of a 3-byte UTF-8"
+            " character, then 0x22, which is no part of it: a character cut short, or saved as"
             f" Latin-1?): {ONE}",
             "not UTF-8 at byte 127 of the line (0xe3 0x81, the first 2 bytes of a 3-byte UTF-8"
             f" character, then 0x22, which is no part of it: a character cut short): {ONE}",

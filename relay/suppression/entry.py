@@ -204,8 +204,9 @@ def _cut_short(raw: bytes, exc: UnicodeDecodeError) -> str | None:
 
 
 # bytes that follow a letter in Latin-1 or Windows-1252 text: a no-break space,
-# Latin-1's signs (° « ½), Windows-1252's typographic quotes and dashes (0x91-0x97)
-_AFTER_A_LETTER = frozenset(range(0xA0, 0xC0)) | frozenset(range(0x91, 0x98))
+# Latin-1's signs (° « ½), Windows-1252's typographic quotes and dashes (0x91-0x97),
+# its euro sign, ellipsis and trade mark sign (0x80, 0x85, 0x99)
+_AFTER_A_LETTER = frozenset(range(0xA0, 0xC0)) | frozenset(range(0x91, 0x98)) | {0x80, 0x85, 0x99}
 
 
 def _text_in_windows_1252(raw: bytes) -> bool:
