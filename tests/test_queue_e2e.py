@@ -321,17 +321,9 @@ def test_immediate_mode_passes_a_refusal_of_the_relay_s_sender_back_as_temporary
     over a setting of the relay's, with a text about a sender not its own."""
     with SinkServer(RefusingSender()) as sink:
         port = free_port()
-        policy = configure(policy_file, port, sink.port)
-        policy.write_text(
-            policy.read_text().replace("auth: optional", "auth: optional\n    immediate: 10")
-        )
+        policy = immediate(policy_file, port, sink.port)
         with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
-            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-                client.ehlo()
-                client.mail("jan@acme.example")
-                client.rcpt("one@example.org")
-                code, reply = client.data(SMALL)
-            assert (code, reply) == (
+            assert submit(port, ("one@example.org",), SMALL) == (
                 451,
                 b"4.7.0 Upstream default refused the relay's envelope sender"
                 b" <bounces@platform.example> (550 5.7.60 Client does not have permissions"
