@@ -362,8 +362,9 @@ _SERVE_STATUS = (
     " does not load (as the run_as user too)."
 )
 _CHECK_STATUS = (
-    "Exit status: 0 the policy loads (warnings aside), 78 it does not, 74 its problems,"
-    " warnings or ok line cannot be written."
+    "Exit status: 0 the policy loads (warnings aside), 78 it does not, 71 the open-files"
+    " limit is too few for relay serve to start, 74 its problems, warnings or ok line"
+    " cannot be written."
 )
 _PREVIEW_STATUS = (
     "Exit status: 0 shown, 2 an option it cannot read, a --listener the policy has not, or"

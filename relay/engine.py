@@ -327,7 +327,7 @@ def _warn_of_refused_sender(
     address, not this one's recipients: the fix is in the policy or at the
     upstream, and the per-recipient lines said only that nobody was listed."""
     if not entry.mail_from:
-        what = "<>, the null sender of the relay's notices"
+        what = "<>, the null sender (the relay's notices', or one the ERP gave)"
     elif entry.mail_from.lower() == policy.platform.return_path.lower():
         what = f"<{entry.mail_from}>, the platform's return_path"
     elif entry.mail_from.lower() == sends_as(upstream).lower():

@@ -68,9 +68,10 @@ def test_a_hard_limit_too_low_to_serve_stops_the_start(policy_file: Path) -> Non
     assert done.returncode == 71, done.stderr
     assert "open files: a limit of 40 is too few to serve" in done.stderr
     assert not (policy.parent / "state").exists()  # nothing of the state touched
-    checked = relay_cli_limited(policy, 40)  # the unit's ExecStartPre says so first
-    assert checked.returncode == 0, checked.stderr
-    assert "warning: open files: a limit of 40 is too few to serve" in checked.stderr
+    checked = relay_cli_limited(policy, 40)  # the unit's ExecStartPre stops there first
+    assert checked.returncode == 71, checked.stderr
+    assert ": open files: a limit of 40 is too few to serve" in checked.stderr
+    assert checked.stderr.rstrip().endswith("; relay serve would not start")
 
 
 def test_a_low_hard_limit_is_reported(policy_file: Path, tmp_path: Path) -> None:

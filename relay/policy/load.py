@@ -34,6 +34,7 @@ from relay.policy.yamlsource import Problems, read, read_bytes
 from relay.quantity import quantity
 
 EX_CONFIG = 78
+EX_OSERR = 71  # relay serve's exit where the open-files limit is too few to serve
 VERSION = 1
 _SECTIONS = ("version", "platform", "listeners", "identify", "control_headers", "classify")
 _SECTIONS += ("dkim", "upstreams", "logins", "tenants", "state_directory", "queue", "audit")
@@ -215,6 +216,12 @@ def check_main(path: Path, out: TextIO, err: TextIO) -> int:
             print(problem, file=err)
         print(f"{path}: {quantity(len(exc.problems), 'problem')}", file=err)
         return EX_CONFIG
+    from relay.ingress.filelimit import serve_limit, too_few
+
+    said = too_few(serve_limit())
+    if said is not None:  # in the unit's ExecStartPre: the start stops here, and says why
+        print(f"{path}: {said}; relay serve would not start", file=err)
+        return EX_OSERR
     for warning in [*warnings, *_state_warnings(policy), *_file_warnings(policy)]:
         print(warning, file=err)
     users = sum(len(tenant.users) for tenant in policy.tenants.values())
@@ -244,10 +251,7 @@ def _state_warnings(policy: Policy) -> list[str]:
 
 def _file_warnings(policy: Policy) -> list[str]:
     """The connection limits the open-files limit ``relay serve`` would run under
-    here leaves out of reach, or a limit it would not start under: in the
-    unit's ExecStartPre, the unit's."""
-    from relay.ingress.filelimit import serve_limit, too_few, unreachable
+    here leaves out of reach: in the unit's ExecStartPre, the unit's."""
+    from relay.ingress.filelimit import serve_limit, unreachable
 
-    limit = serve_limit()
-    said = [too_few(limit)] if too_few(limit) is not None else unreachable(limit, policy)
-    return [f"{policy.source}: warning: {words}" for words in said]
+    return [f"{policy.source}: warning: {said}" for said in unreachable(serve_limit(), policy)]
