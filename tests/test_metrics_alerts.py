@@ -286,29 +286,28 @@ def test_prometheus_loads_the_suggested_rules(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
-def test_a_worker_missing_for_minutes_fires_its_alert(tmp_path: Path) -> None:
-    """The two sides of the comparison differ in ``state``: matched one to one on
-    every label, they paired nothing, and the rule never fired, however long a
-    worker stayed down (``promtool check rules`` took it)."""
+def _fires(
+    tmp_path: Path, alert: str, series: dict[str, str], annotations: dict[str, str] | None = None
+) -> None:
+    """``promtool test rules``: the suggested ``alert`` fires at 5 minutes, for
+    ``instance="r:1"``, on ``series`` (each its values, one a minute)."""
+    fired: dict[str, object] = {"exp_labels": {"instance": "r:1", "job": "erp-relay"}}
+    if annotations:
+        fired["exp_annotations"] = annotations
     assert RULES is not None
     (tmp_path / "rules.yml").write_text(RULES.group(1))
-    series = 'relay_workers{{instance="r:1", job="erp-relay", state="{}"}}'
     test = {
         "rule_files": ["rules.yml"],
         "evaluation_interval": "1m",
         "tests": [
             {
                 "interval": "1m",
-                "input_series": [
-                    {"series": series.format("running"), "values": "1x10"},
-                    {"series": series.format("configured"), "values": "2x10"},
-                ],
+                "input_series": [{"series": s, "values": v} for s, v in series.items()],
                 "alert_rule_test": [
                     {
                         "eval_time": "5m",
-                        "alertname": "RelayWorkersMissing",
-                        "exp_alerts": [{"exp_labels": {"instance": "r:1", "job": "erp-relay"}}],
+                        "alertname": alert,
+                        "exp_alerts": [fired],
                     }
                 ],
             }
@@ -320,6 +319,32 @@ def test_a_worker_missing_for_minutes_fires_its_alert(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_a_worker_missing_for_minutes_fires_its_alert(tmp_path: Path) -> None:
+    """The two sides of the comparison differ in ``state``: matched one to one on
+    every label, they paired nothing, and the rule never fired, however long a
+    worker stayed down (``promtool check rules`` took it)."""
+    series = 'relay_workers{{instance="r:1", job="erp-relay", state="{}"}}'
+    _fires(
+        tmp_path,
+        "RelayWorkersMissing",
+        {series.format("running"): "1x10", series.format("configured"): "2x10"},
+    )
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_mail_an_hour_old_and_not_tried_yet_fires_the_old_queue_alert(tmp_path: Path) -> None:
+    """It read the deferred queue only: the backlog of an upstream that answers,
+    slowly, is never deferred, and 5,000 messages waited two hours unseen."""
+    series = 'relay_queue_oldest_message_age_seconds{{instance="r:1", job="erp-relay", queue="{}"}}'
+    _fires(
+        tmp_path,
+        "RelayQueueOld",
+        {series.format("active"): "4000+60x10", series.format("deferred"): "0x10"},
+        {"summary": "mail has waited over an hour: relay queue list"},
+    )
 
 
 def test_a_write_that_finds_the_disk_full_counts_as_refused_for_want_of_space() -> None:
