@@ -175,6 +175,6 @@ def test_a_removed_logins_tries_are_its_tenants_still(limited: Relay) -> None:
         client.mail("jan@acme.example")
         client.rcpt("one@example.org")
         code, reply = client.data(MESSAGE)
-    assert (code, reply[:5]) == (535, b"5.7.8"), reply
+    assert (code, reply[:5]) == (454, b"4.7.0"), reply
     every = rejected_of(limited)
     assert [(r["auth_login"], r.get("tenant")) for r in every] == [("erp-acme", "acme")]

@@ -595,8 +595,9 @@ def test_a_message_too_big_at_mail_from_is_no_refused_sender(
 def test_a_refused_sender_is_warned_of_while_the_client_waits(
     policy_file: Path, tmp_path: Path
 ) -> None:
-    """With ``immediate``, the client heard the 550 and the relay returned before
-    its warning naming the envelope sender: the log said only whom it did not list."""
+    """With ``immediate``, the client heard the refusal and the relay returned
+    before its warning naming the envelope sender: the log said only whom it did
+    not list. The refusal is of the relay's sender: the client hears a 4xx."""
     sink = RefusingTheMessage(mail_reply=SENDER_UNKNOWN)
     with SinkServer(sink) as server:
         port = free_port()
@@ -611,7 +612,7 @@ def test_a_refused_sender_is_warned_of_while_the_client_waits(
                 code, reply = client.data(SMALL)
             wait_for(lambda: "refused the envelope sender" in relay.log())
             log = relay.log()
-    assert (code, reply.split(b" ", 1)[0]) == (550, b"5.1.1"), reply
+    assert (code, reply.split(b" ", 1)[0]) == (451, b"4.7.0"), reply
     warned = (
         "upstream 'default' refused the envelope sender <bounces@platform.example>, the"
         f" platform's return_path ({SENDER_UNKNOWN}): every message sent with it fails"
