@@ -1282,8 +1282,15 @@ class Engine:
         return True
 
     def _slot_granted(self, queue_id: str, fresh: bool, limit: Slots) -> None:
-        """A parked attempt's turn: started at the next look, before anything else."""
+        """A parked attempt's turn: started at the next look, before anything else.
+        From the stop on no look starts it, and the slot goes on to the next in
+        line: kept, the attempts waiting for one as tasks (handed over at
+        acceptance) waited out the stop's last 5 s, and were logged as
+        attempts that had not ended, never tried."""
         self._parked.discard(queue_id)
+        if self._stopping:
+            asyncio.get_running_loop().call_soon(limit.give_back)  # not within give_back
+            return
         self._granted.append((queue_id, fresh, limit))
         self._wake.set()
 

@@ -240,6 +240,43 @@ async def test_entries_waiting_for_a_delivery_slot_still_count_against_the_bound
         await gone(spool)
 
 
+async def test_a_stop_leaves_no_attempt_waiting_for_a_slot_behind(
+    spool: Spool,
+    policy: Policy,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A slot the stop's cut attempt gave back went to a parked entry, which no
+    look started any more: the attempts handed over at acceptance, waiting for
+    a slot as tasks, waited out the stop's last 5 s and were logged at ERROR as
+    delivery attempts that had not ended, though never tried."""
+    monkeypatch.setattr(engine_module, "CUT_WAIT", 1.0)
+    hung = asyncio.Event()
+
+    async def hanging_upstream(*_: Any, **__: Any) -> Any:
+        await hung.wait()
+
+    one_slot = dataclasses.replace(policy, queue=dataclasses.replace(policy.queue, concurrency=1))
+    queued = [make_entry(size=len(message(n))) for n in range(4)]
+    assert spool.put_many([(entry, (message(n),)) for n, entry in enumerate(queued)]) == [None] * 4
+    engine = Engine(spool, lambda: one_slot, hanging_upstream, Recorder(None))
+    task = asyncio.create_task(engine.run())
+    try:
+        await asyncio.sleep(0.3)  # one sending, three parked
+        handed = [make_entry(size=len(message(n))) for n in range(4, 8)]
+        for n, entry in enumerate(handed, 4):
+            engine.submit(entry.queue_id, warm=accept(spool, entry, message(n)))
+        await asyncio.sleep(0.2)  # each waiting for the slot as a task
+        assert engine._tasks_in_line[True] == 4
+        await asyncio.wait_for(engine.stop(0.2), timeout=10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert "have not ended" not in caplog.text
+    assert "has not ended" not in caplog.text
+    assert sorted(spool.ids()) == sorted(e.queue_id for e in queued + handed)
+
+
 async def test_a_backlog_due_at_once_holds_no_more_files_than_its_budget(
     spool: Spool, policy: Policy, outbox: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
