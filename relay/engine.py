@@ -825,9 +825,14 @@ class Engine:
         """From the signal to stop on, no attempt starts, also while the stop's
         grace waits for the clients' transactions: one started then, or one that
         gets its delivery slot then, would be cut off by the grace, after its
-        upstream may have had the message, and go again at the next start."""
+        upstream may have had the message, and go again at the next start.
+        The slots of parked entries whose turn came and that wait to be started
+        go on to the next in line (``_slot_granted``)."""
         self._starting = False
         self.winding_down.set()
+        while self._granted:
+            _, _, limit = self._granted.popleft()
+            asyncio.get_running_loop().call_soon(limit.give_back)
 
     async def stop(self, timeout: float) -> None:
         """Start nothing new; let deliveries in progress finish within ``timeout``."""
@@ -839,7 +844,6 @@ class Engine:
             self._warm_bytes -= len(warm.data)
             self._warm_files -= 1
         self._warm.clear()
-        self._granted.clear()  # their slots go with the engine
         if self._busy:
             _, running = await asyncio.wait(list(self._busy.values()), timeout=timeout)
             # only those waiting for their upstream: one settling its outcome would
@@ -1283,12 +1287,12 @@ class Engine:
 
     def _slot_granted(self, queue_id: str, fresh: bool, limit: Slots) -> None:
         """A parked attempt's turn: started at the next look, before anything else.
-        From the stop on no look starts it, and the slot goes on to the next in
-        line: kept, the attempts waiting for one as tasks (handed over at
-        acceptance) waited out the stop's last 5 s, and were logged as
+        From the signal to stop on no look starts it, and the slot goes on to
+        the next in line: kept, the attempts waiting for one as tasks (handed
+        over at acceptance) waited out the stop's last 5 s, and were logged as
         attempts that had not ended, never tried."""
         self._parked.discard(queue_id)
-        if self._stopping:
+        if not self._starting:
             asyncio.get_running_loop().call_soon(limit.give_back)  # not within give_back
             return
         self._granted.append((queue_id, fresh, limit))

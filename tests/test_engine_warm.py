@@ -240,21 +240,25 @@ async def test_entries_waiting_for_a_delivery_slot_still_count_against_the_bound
         await gone(spool)
 
 
+@pytest.mark.parametrize("ended", [False, True], ids=["cut-by-the-stop", "ended-in-the-grace"])
 async def test_a_stop_leaves_no_attempt_waiting_for_a_slot_behind(
     spool: Spool,
     policy: Policy,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    ended: bool,
 ) -> None:
     """A slot the stop's cut attempt gave back went to a parked entry, which no
     look started any more: the attempts handed over at acceptance, waiting for
     a slot as tasks, waited out the stop's last 5 s and were logged at ERROR as
-    delivery attempts that had not ended, though never tried."""
+    delivery attempts that had not ended, though never tried. So did a slot
+    given back by an attempt that ended while the transactions finished."""
     monkeypatch.setattr(engine_module, "CUT_WAIT", 1.0)
     hung = asyncio.Event()
 
-    async def hanging_upstream(*_: Any, **__: Any) -> Any:
+    async def hanging_upstream(_: Any, __: str, rcpts: list[str], *___: Any, **____: Any) -> Any:
         await hung.wait()
+        return Attempt(dict.fromkeys(rcpts, (451, "451 4.3.0 not now")))
 
     one_slot = dataclasses.replace(policy, queue=dataclasses.replace(policy.queue, concurrency=1))
     queued = [make_entry(size=len(message(n))) for n in range(4)]
@@ -268,6 +272,10 @@ async def test_a_stop_leaves_no_attempt_waiting_for_a_slot_behind(
             engine.submit(entry.queue_id, warm=accept(spool, entry, message(n)))
         await asyncio.sleep(0.2)  # each waiting for the slot as a task
         assert engine._tasks_in_line[True] == 4
+        if ended:  # the signal to stop, then the attempt under way ends
+            engine.wind_down()
+            hung.set()
+            await asyncio.sleep(0.3)
         await asyncio.wait_for(engine.stop(0.2), timeout=10)
     finally:
         task.cancel()
