@@ -42,6 +42,16 @@ def test_the_unit_keeps_the_modes_the_install_gives_its_directories(
     assert _setting(setting) == _installed_mode(directory)
 
 
+def test_the_unit_raises_the_journal_rate_limit_the_readme_quotes() -> None:
+    """journald's default, 10,000 lines in 30 s, drops lines at a few hundred
+    messages a second, three lines each."""
+    quoted = re.search(r"`LogRateLimitBurst=(\d+)` in (\d+) s", (ROOT / "README.md").read_text())
+    assert quoted is not None
+    assert _setting("LogRateLimitBurst") == quoted.group(1)
+    assert _setting("LogRateLimitIntervalSec") == f"{quoted.group(2)}s"
+    assert int(quoted.group(1)) // int(quoted.group(2)) >= 3 * 1000
+
+
 def test_systemd_reads_every_setting_of_the_unit(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
