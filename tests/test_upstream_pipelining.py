@@ -48,6 +48,14 @@ class Script:
     pause: float = 0.0  # seconds before each reply of the group
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Closes its side whatever the script did: Python 3.12's streams keep the
+        writer, so a connection left open held ``Server.wait_closed`` for good."""
+        try:
+            await self._serve(reader, writer)
+        finally:
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 scripted ESMTP\r\n")
         self.greetings.append(await reader.readline())
         if self.ehlo is not None:
