@@ -2883,18 +2883,29 @@ def test_a_pattern_that_can_backtrack_for_ever_is_a_warning(
     assert err.getvalue() == (expected if warned else "")
 
 
-@pytest.mark.parametrize("depth", [350, 2000])
+@pytest.mark.parametrize("depth", [101, 350, 2000])
 def test_a_pattern_nested_too_deeply_is_a_problem_not_a_traceback(
     tmp_path: Path, depth: int
 ) -> None:
     """350 groups: re compiled it and the backtracking check recursed out of the
-    stack; 2,000: re's own parser did (RecursionError is no re.error)."""
+    stack; 2,000: re's own parser did (RecursionError is no re.error). Where the
+    stack ran out moved with the Python version and the caller, so ``relay
+    check`` passed patterns ``relay serve`` refused: the limit is a number now."""
     pattern = "(" * depth + "a" + ")" * depth + "+"
     rule = f"classify:\n  - id: r\n    type: invoice\n    subject: '{pattern}'\nupstreams:"
     path = variant(tmp_path, "upstreams:", rule)
     assert problems(path) == [
-        f"{path}:18:14: classify[0].subject: the regular expression nests its groups too deeply"
+        f"{path}:18:14: classify[0].subject: the regular expression nests its groups"
+        f" {depth} deep; the relay reads 100 at most"
     ]
+
+
+def test_a_pattern_nested_as_deep_as_the_limit_loads(tmp_path: Path) -> None:
+    pattern = r"[(\]](" * 100 + "a" + ")" * 100
+    rule = f"classify:\n  - id: r\n    type: invoice\n    subject: '{pattern}'\nupstreams:"
+    path = variant(tmp_path, "upstreams:", rule)
+    (condition,) = load(path).classify[0].conditions
+    assert condition.pattern.groups == 100
 
 
 def test_the_state_settings_load_without_the_files_they_do_not_name(tmp_path: Path) -> None:

@@ -516,6 +516,14 @@ def regex(ctx: Ctx, node: Node, path: str) -> re.Pattern[str] | None:
     if control is not None:
         ctx.problem(node, path, _control_character(node, value, control.group()))
         return None
+    depth = _group_depth(value)
+    if depth > MAX_GROUP_DEPTH:
+        message = (
+            f"the regular expression nests its groups {depth} deep; the relay reads"
+            f" {MAX_GROUP_DEPTH} at most"
+        )
+        ctx.problem(node, path, message)
+        return None
     try:
         compiled = re.compile(value)
         backtracks = _repeats_a_repeat(re_parser.parse(value))
@@ -539,6 +547,36 @@ def regex(ctx: Ctx, node: Node, path: str) -> re.Pattern[str] | None:
 
 
 _REPEATS = (re_constants.MAX_REPEAT, re_constants.MIN_REPEAT)
+
+#: ``re``'s parser recurses per group, and so does the backtracking check: left
+#: to the stack, the deepest pattern taken moved with the Python version (328
+#: groups on 3.11, 489 on 3.13) and with the caller's depth, so ``relay check``
+#: passed patterns that ``relay serve`` refused.
+MAX_GROUP_DEPTH = 100
+
+
+def _group_depth(pattern: str) -> int:
+    """How deep the pattern's groups nest, read from its text: an escaped
+    parenthesis and one in a character class open nothing."""
+    depth = deepest = 0
+    escaped = False
+    class_from = -1  # where the character class's members begin, -1 outside one
+    for i, char in enumerate(pattern):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif class_from >= 0:
+            if char == "]" and i > class_from:  # a first "]" is a member
+                class_from = -1
+        elif char == "[":
+            class_from = i + 2 if pattern[i + 1 : i + 2] == "^" else i + 1
+        elif char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")":
+            depth = max(depth - 1, 0)
+    return deepest
 
 
 def _repeats_a_repeat(items: re_parser.SubPattern) -> bool:
