@@ -169,6 +169,21 @@ def test_user_from_erp_header_in_any_case_or_as_a_mailbox(policy_file: Path, val
     assert (p.decision.identity.user.id, p.decision.identity.source) == ("kari", "header")
 
 
+def test_an_erp_header_value_two_user_ids_differ_from_in_case_only_is_neither(
+    policy_file: Path,
+) -> None:
+    """``PER`` with users ``per`` and ``Per``: the first in the policy sent the
+    invoice, one of two people the ERP may have meant. The default user
+    sends, as for a value that is no user's; one written exactly is that one."""
+    text = policy_file.read_text().replace("unknown_sender: reject", "unknown_sender: default")
+    policy_file.write_text(text)
+    _with_users(policy_file, "per", "Per")
+    for value, user, source in (("PER", "jan", "default"), ("Per", "Per", "header")):
+        data = msg("From: ERP <erp@erp.acme.example>", f"X-ERP-User: {value}", *BASE[1:])
+        p = run(policy_file, data, login="erp-acme")
+        assert (p.decision.identity.user.id, p.decision.identity.source) == (user, source)
+
+
 def test_an_unknown_erp_header_value_is_named_in_the_refusal(policy_file: Path) -> None:
     data = msg("From: ERP <erp@erp.acme.example>", "X-ERP-User: karin", *BASE[1:])
     with pytest.raises(Rejected) as caught:
@@ -182,6 +197,36 @@ def test_an_unknown_erp_header_value_is_named_in_the_refusal(policy_file: Path) 
 def test_login_bound_to_one_user_wins(policy_file: Path) -> None:
     p = run(policy_file, msg(*BASE), login="erp-acme-jan", mail_from="x@erp.example")
     assert (p.decision.identity.user.id, p.decision.identity.source) == ("jan", "auth_login")
+
+
+def _with_users(policy_file: Path, *ids: str) -> None:
+    """Acme with more users after Kari, ``per`` at per@acme.example; a second
+    id alike in all but case (``Per``) at per2@acme.example."""
+    added = "".join(
+        f"      {user}:\n        name: {user} Persen\n"
+        f"        address: {user.lower()}{n + 1 if n else ''}@acme.example\n"
+        for n, user in enumerate(ids)
+    )
+    kari = "        aliases: [salg@acme.example]\n"
+    policy_file.write_text(policy_file.read_text().replace(kari, kari + added))
+
+
+def _with_login(policy_file: Path, login: str, users: str) -> None:
+    """A login of Acme's, as erp-acme-jan is, bound to ``users`` (``[jan, kari]``)."""
+    text = policy_file.read_text()
+    jan = text[text.index("  erp-acme-jan:\n") : text.index("  erp-globex:\n")]
+    bound = jan.replace("erp-acme-jan", login).replace("users: [jan]", f"users: {users}")
+    policy_file.write_text(text.replace(jan, jan + bound))
+
+
+def test_a_login_of_two_users_is_the_one_a_later_source_names(policy_file: Path) -> None:
+    """A login bound to more than one user names none of them: taken for the
+    first it lists, Kari's invoice went out under Jan's name, with his
+    Reply-To."""
+    _with_login(policy_file, "erp-acme-two", "[jan, kari]")
+    p = run(policy_file, msg("From: Kari <kari@acme.example>", *BASE[1:]), login="erp-acme-two")
+    assert (p.decision.identity.user.id, p.decision.identity.source) == ("kari", "header_from")
+    assert header(p, "Reply-To") == "Kåre Ødegård <kari@acme.example>"
 
 
 def _globex_needs_a_login(policy_file: Path, unknown_sender: str = "reject") -> None:
@@ -294,6 +339,21 @@ def test_unknown_sender_default_user(policy_file: Path) -> None:
     data = msg("From: Who <who@nowhere.example>", *BASE[1:])
     p = run(policy_file, data, login="erp-acme", mail_from="who@nowhere.example")
     assert (p.decision.identity.user.id, p.decision.identity.source) == ("jan", "default")
+
+
+def test_an_unknown_sender_of_a_login_the_default_user_is_not_on_is_refused(
+    policy_file: Path,
+) -> None:
+    """The tenant's default user is one this login may not be: the mail of a
+    login bound to Kari and Per went out as Jan."""
+    text = policy_file.read_text().replace("unknown_sender: reject", "unknown_sender: default")
+    policy_file.write_text(text)
+    _with_users(policy_file, "per")
+    _with_login(policy_file, "erp-acme-kp", "[kari, per]")
+    data = msg("From: Who <who@nowhere.example>", *BASE[1:])
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, data, login="erp-acme-kp", mail_from="who@nowhere.example")
+    assert caught.value.line == "550 5.7.1 Login erp-acme-kp may not send as user jan"
 
 
 # classify
