@@ -626,6 +626,9 @@ def test_a_field_allowed_once_given_twice_is_refused(
         (("Message-ID: INV-1@erp.acme.example", "Message-ID: <INV-2@erp.acme.example>"),
          "Message-ID (2 times)"),
         (("Date:", "Date: Mon, 23 Nov 2026 09:00:00 +0000"), "Date (2 times)"),
+        # one empty among others with an address: no empty field to repair
+        (("To:",), "To (2 times)"),
+        (("Cc:", "Cc: a@example.org"), "Cc (2 times)"),
     ],
 )  # fmt: skip
 def test_a_repaired_first_field_does_not_hide_a_second(
