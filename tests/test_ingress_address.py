@@ -108,6 +108,7 @@ def _outcome(protocol: SMTP, arg: str) -> object:
         ("<jan@acme.example>", ("jan@acme.example", "")),
         ("<j.o'k+x@a-b.example> SIZE=9", ("j.o'k+x@a-b.example", "SIZE=9")),
         ("<jan@acme.example> (comment) SIZE=9", None),
+        ("<jan@acme.example>\x0bBODY=8BITMIME", None),  # other white space: the parser decides
         ("<a..b@acme.example>", None),
         ('<"a b"@acme.example>', None),
         ("<>", None),
@@ -163,6 +164,8 @@ def test_local_part_limit_applies_on_the_fast_path() -> None:
         "A.B@EXAMPLE.ORG",
         "root@localhost",
         "l" * 64 + "@" + "d" * 60 + ".example",  # at the lengths, not past them
+        "root@" + "d" * 63 + ".example",
+        "l" * 64 + "@" + ("d" * 63 + ".") * 2 + "d" * 61,  # 254 octets
     ],
 )
 def test_mailbox_taken(address: str) -> None:
@@ -179,8 +182,10 @@ def test_mailbox_taken(address: str) -> None:
         ("root@acme..example", "Bad address syntax: "),
         ("root@acme_x.example", "Bad address syntax: "),
         ("root@acme.example.", "Bad address syntax: "),
+        ("root@" + "d" * 64 + ".example", "Bad address syntax: "),  # a label over 63 octets
         ("l" * 65 + "@example.org", "Address longer than SMTP allows (64 octets before the @"),
         ("a@" + ("d" * 60 + ".") * 5 + "org", "Address longer than SMTP allows ("),
+        ("l" * 64 + "@" + ("d" * 63 + ".") * 2 + "d" * 62, "Address longer than SMTP allows ("),
     ],
 )
 def test_mailbox_refused(address: str, text: str) -> None:
