@@ -480,6 +480,24 @@ def test_preview_and_decide_leave_a_listed_recipient_out_and_say_why(
     ) in text
 
 
+def test_a_tenants_own_entry_keeps_the_address_out_of_that_tenants_mail_alone(
+    policy_file: Path,
+) -> None:
+    """An entry is scoped by the tenant's id (``acme``), not its name (``Acme
+    AS``): looked up by the name, Acme's invoice went to the address that had
+    bounced for Acme. Another tenant's mail still goes to it."""
+    policy = load(policy_file)
+    assert policy.suppression is not None
+    policy.suppression.file.parent.mkdir(parents=True)
+    SuppressionFile(policy.suppression.file).add([_entry("gone@example.org", "acme")])
+    text = render(policy, submission_from_file(MESSAGE, None, None, []), as_json=False)
+    assert "Recipients:  buyer@example.org, jan@acme.example\n" in text
+    assert "Suppressed:  gone@example.org\n" in text
+    globex = MESSAGE.replace(b"From: jan@acme.example", b"From: hank@globex.example")
+    text = render(policy, submission_from_file(globex, None, None, []), as_json=False)
+    assert "Recipients:  buyer@example.org, gone@example.org\n" in text
+
+
 def test_a_file_rewritten_in_place_is_read_again_from_its_start(tmp_path: Path) -> None:
     """``cat kept.jsonl > suppression.jsonl`` keeps the inode and may leave the
     file larger than what was read: read on from the old offset, a worker kept
