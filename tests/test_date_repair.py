@@ -14,6 +14,7 @@ from relay import dates, message
 from tests.dkimtools import assert_opendkim_ok, dkimpy_each, dkimpy_verify
 from tests.relayproc import RelayProcess
 from tests.sink import SinkServer
+from tests.test_decide_account import with_account
 from tests.test_decide_reply_to import preview
 from tests.test_decisions import BASE, msg, run
 from tests.test_odd_headers import erp_signed, without_the_relays_key
@@ -154,6 +155,27 @@ def test_a_missing_date_is_added_though_an_erps_signature_signs_its_absence(
     assert "Date was missing: added" in p.decision.reasons
 
 
+@pytest.mark.parametrize(
+    ("head", "signs"),
+    [
+        (("From: Hank Scorpio <hank@globex.example>", "X-ERP-User: hank"), b"x-erp-user"),
+        (("From: Hank <hank@globex.example>",), b"subject"),  # the From written with his name
+    ],
+    ids=["control-header-removed", "from-written-anew"],
+)
+def test_a_bad_date_is_replaced_where_the_relays_edits_break_the_erps_signature(
+    policy_file: Path, key_dir: tuple[Path, dict[str, str]], head: tuple[str, ...], signs: bytes
+) -> None:
+    """A signature over a field the relay removes (a control header) or writes
+    anew fails anyway: no reason to keep a Date receivers score as spam."""
+    without_the_relays_key(policy_file)
+    data = msg(*head, *NO_DATE[1:], "Date: 06.12.2026 18:00")
+    signed = erp_signed(data, key_dir, "globex.example.g1", [b"from", b"date", signs])
+    p = run(policy_file, signed, login="erp-globex")
+    assert message.read(p.message).get_all("Date") == ("Mon, 23 Nov 2026 09:30:00 +0000",)
+    assert "Date '06.12.2026 18:00' is not a date and time" in "; ".join(p.decision.reasons)
+
+
 def test_a_bad_date_is_replaced_where_the_relays_own_signature_aligns(
     policy_file: Path, key_dir: tuple[Path, dict[str, str]]
 ) -> None:
@@ -167,19 +189,24 @@ def test_a_bad_date_is_replaced_where_the_relays_own_signature_aligns(
     assert [k.domain for k in p.decision.signing] == ["globex.example"]
 
 
+@pytest.mark.parametrize("c_tag", [True, False], ids=["c=simple", "no-c="])
 def test_a_simple_signature_a_blank_line_left_out_breaks_keeps_nothing(
-    policy_file: Path, key_dir: tuple[Path, dict[str, str]]
+    policy_file: Path, key_dir: tuple[Path, dict[str, str]], c_tag: bool
 ) -> None:
     """The line of only white space the relay leaves out of the Subject breaks
     a signature with simple header canonicalisation: the bad Date and the
     missing To were kept for that signature all the same, and went out with
-    no valid signature at all."""
+    no valid signature at all. A signature without ``c=`` is simple too
+    (RFC 6376 3.5)."""
     without_the_relays_key(policy_file)
     head = ("From: Hank Scorpio <hank@globex.example>", "Subject: Rechnung 1\r\n \r\n more")
     data = msg(*head, "Message-ID: <m2@erp.globex.example>", "Date: 06.12.2026 18:00")
     signed = erp_signed(
         data, key_dir, "globex.example.g1", [b"from", b"to", b"date", b"subject"], b"simple"
     )
+    if not c_tag:
+        assert signed.count(b" c=simple/relaxed;") == 1
+        signed = signed.replace(b" c=simple/relaxed;", b"")
     p = run(policy_file, signed, login="erp-globex")
     sent = message.read(p.message)
     assert sent.get_all("Date") == ("Mon, 23 Nov 2026 09:30:00 +0000",)
@@ -206,4 +233,24 @@ def test_an_ed25519_key_alone_leaves_the_erps_signature_to_count(
     signed = erp_signed(data, key_dir, "globex.example.g1", [b"from", b"to", b"date", b"subject"])
     p = run(policy_file, signed, login="erp-globex")
     assert [k.algorithm.value for k in p.decision.signing] == ["ed25519"]
+    assert message.read(p.message).get_all("Date") == ("06.12.2026 18:00",)
+
+
+def test_a_key_for_a_domain_that_only_ends_alike_leaves_the_erps_signature_to_count(
+    policy_file: Path,
+) -> None:
+    """myplatform.example is not under platform.example: the relay's signature
+    passes no DMARC for a From there (an account that sends as
+    post@myplatform.example), and the ERP's, which a Date written anew
+    would break, is kept whole. The relay reads its tags alone: this one
+    leaves the From, which the account's address replaces, unsigned."""
+    path = with_account(policy_file)
+    path.write_text(path.read_text().replace("sender: post@sevenoff", "sender: post@myplatform"))
+    theirs = (
+        "DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=sevenoff.example; s=erp;\r\n"
+        " h=date:subject; bh=AAAA; b=BBBB"
+    )
+    data = msg(theirs, "From: Per <per@sevenoff.example>", *NO_DATE[1:], "Date: 06.12.2026 18:00")
+    p = run(path, data, mail_from="per@sevenoff.example")
+    assert {k.domain for k in p.decision.signing} == {"platform.example"}
     assert message.read(p.message).get_all("Date") == ("06.12.2026 18:00",)
