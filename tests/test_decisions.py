@@ -199,6 +199,41 @@ def test_login_bound_to_one_user_wins(policy_file: Path) -> None:
     assert (p.decision.identity.user.id, p.decision.identity.source) == ("jan", "auth_login")
 
 
+def test_a_login_a_reload_removed_or_gave_a_new_password_sends_no_more(
+    policy_file: Path,
+) -> None:
+    """Its session outlives the reload: read as no login at all, it could send
+    as any tenant's user, and a new password is the first thing done about a
+    leaked one. The client is told to log in again."""
+    policy = load(policy_file)
+
+    def sent(login: str, auth_hash: str | None) -> Prepared:
+        sub = Submission(
+            "local",
+            "127.0.0.1",
+            login,
+            "erp@erp.acme.example",
+            ("customer@example.org",),
+            msg(*BASE),
+            auth_hash=auth_hash,
+        )
+        return prepare(policy, sub, NOW)
+
+    with pytest.raises(Rejected) as caught:
+        sent("erp-removed", None)
+    assert caught.value.line == (
+        "454 4.7.0 Temporary authentication failure: no login 'erp-removed' in the policy"
+        " since this session logged in; log in again"
+    )
+    with pytest.raises(Rejected) as caught:
+        sent("erp-acme", "scrypt$16384$8$1$b2xk$b2xk")
+    assert caught.value.line.startswith(
+        "454 4.7.0 Temporary authentication failure: the password of login 'erp-acme' changed"
+    )
+    current = policy.logins["erp-acme"].password_hash
+    assert sent("erp-acme", current).decision.identity.login == "erp-acme"
+
+
 def _with_users(policy_file: Path, *ids: str) -> None:
     """Acme with more users after Kari, ``per`` at per@acme.example; a second
     id alike in all but case (``Per``) at per2@acme.example."""
