@@ -5,6 +5,16 @@ set -eu
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 extras=${1:-}
+version='import sys; print("%d.%d" % sys.version_info[:2])'
+wanted=$("$PYTHON" -c "$version")
+# one made by another Python (PYTHON=python3.12, or a Debian upgrade's new
+# python3) would be kept, and its interpreter used, without a word
+had=$(.venv/bin/python -c "$version" 2>/dev/null || true)
+if [ -e .venv ] && [ "$had" != "$wanted" ]; then
+    if [ -n "$had" ]; then had="runs Python $had"; else had="has a Python that no longer starts"; fi
+    echo "./.venv $had, not $PYTHON's $wanted: making it again" >&2
+    rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
     if ! "$PYTHON" -m venv .venv 2>/dev/null; then
         rm -rf .venv
