@@ -21,6 +21,7 @@ import os
 import resource
 import signal
 import ssl
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +34,8 @@ from relay import keygen, oplog, statelock
 from relay.audit import AuditError
 from relay.clocksteps import ClockSteps
 from relay.deliver import attempt, counted
+from relay.diskwait import DiskWaits
+from relay.diskwatch import DiskWatch
 from relay.engine import Engine
 from relay.errors import PolicyError, RelayError
 from relay.hostport import host_port
@@ -82,6 +85,7 @@ class SharedCounts:
     clients: ClientCounts
     logins: SharedTable  # failed logins (``relay.ingress.authlimit``)
     tally: Tally  # for the metrics
+    disk: DiskWaits  # the fsyncs in progress (``relay.diskwait``)
 
     @classmethod
     def made(cls, policy: Policy) -> SharedCounts:
@@ -93,6 +97,7 @@ class SharedCounts:
             ClientCounts(workers),
             authlimit.table(workers),
             Tally(workers, len(counts_named(policy))),
+            DiskWaits(workers),
         )
 
 
@@ -267,7 +272,7 @@ def _serve_locked(
     log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
     shared = SharedCounts.made(policy)  # by the workers forked from here
     if metrics is not None:  # counting from here, before anything is delivered
-        metrics.begin(shared.rates, shared.tally, written)
+        metrics.begin(shared.rates, shared.tally, written, shared.disk)
     if policy.workers == 1:
         metrics_status.loaded()
         return uvloop.run(
@@ -448,6 +453,9 @@ async def serve(
     the lock file, and serves the metrics; alone, this process serves
     ``metrics`` and keeps ``lock``'s file."""
     holder = PolicyHolder(policy)
+    index = 0 if worker is None else worker.index
+    if shared is not None:
+        shared.disk.use(index)
     spool = Spool(policy.queue.directory)
     try:
         audit = audit_log(policy.audit)
@@ -464,7 +472,6 @@ async def serve(
         than its writes (see ``relay.groupcommit``)."""
         return ingress is not None and len(ingress.connections) <= 1
 
-    index = 0 if worker is None else worker.index
     tally = None if shared is None else shared.tally.row(index, holder.current)
     send = attempt if tally is None else counted(attempt, tally)
     suppressions = None if policy.suppression is None else SuppressionFile(policy.suppression.file)
@@ -550,6 +557,8 @@ async def serve(
         # held back since the start (relay.cli._serve), handled from here on
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
         log.info("serving in one process")
+        if shared is not None:
+            chores.append(_watch_disk(shared.disk, holder.current))
         if metrics is not None:
             metrics_status.workers(1, 1)
             chores.append(loop.create_task(_beat()))
@@ -573,6 +582,24 @@ async def serve(
             metrics.stop()
     log.info("stopped")
     return 1 if failed else 0
+
+
+def _watch_disk(waits: DiskWaits, current: Callable[[], Policy]) -> asyncio.Task[None]:
+    """The log's lines about a disk that hangs, from a thread: the event loop may
+    be the one waiting for it. Cancelling the task ends the thread."""
+    watch = DiskWatch(waits, lambda: current().queue.directory.parent)
+    ended = threading.Event()
+    thread = threading.Thread(target=watch.every_second, args=(ended,), name="disk-watch")
+    thread.daemon = True
+    thread.start()
+
+    async def watching() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            ended.set()
+
+    return asyncio.get_running_loop().create_task(watching())
 
 
 async def _start_threads() -> None:

@@ -43,6 +43,7 @@ import uvloop
 
 from relay import statelock
 from relay.clocksteps import ClockSteps
+from relay.diskwatch import DiskWatch
 from relay.ingress import Sockets
 from relay.metrics import status as metrics_status
 from relay.policy import pickled, yamlsource
@@ -222,9 +223,11 @@ class Supervisor:
         self.kill_at: dict[int, float] = {}  # pid -> when, for workers a reload stopped
         self.metrics = metrics  # bound, counting; served once the workers are
         self.lock = lock  # its file kept by the supervisor, which notes the policy in it
+        self.disk = DiskWatch(shared.disk, lambda: self.policy.queue.directory.parent)
 
     def run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # the metrics thread's too
+        self.shared.disk.use(self.shared.disk.supervisor, keep_ended=True)
         try:
             code = self._start()
             if code == 0:
@@ -300,6 +303,7 @@ class Supervisor:
             self.clock_steps.look()
             metrics_status.beat()
             metrics_status.workers(len(self.workers), self.policy.workers)
+            self.disk.look()
             due = [when for when, _ in self.restarts.values()] + list(self.kill_at.values())
             timeout = max(0.0, min([1.0, *(when - time.monotonic() for when in due)]))
             info = signal.sigtimedwait(SIGNALS, timeout)
@@ -331,6 +335,7 @@ class Supervisor:
                 continue
             self.shared.clients.row(worker.index).clear()  # its connections ended with it
             self.shared.tally.row(worker.index).ended_with_worker(self.upstreams_named)
+            self.shared.disk.clear(worker.index)
             metrics_status.worker_ended()
             quick = worker.quick_deaths + 1 if time.monotonic() - worker.started < QUICK else 0
             if quick >= GIVE_UP:

@@ -46,7 +46,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
-from relay import statefiles
+from relay import diskwait, statefiles
 from relay.audit import events, reader
 from relay.audit.chain import GENESIS_HASH, seal
 from relay.errors import RelayError
@@ -558,7 +558,7 @@ class AuditLog:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | statefiles.NOFOLLOW)
         try:
             os.write(fd, reader.TORN_END)
-            os.fsync(fd)
+            diskwait.fsync(fd)
         finally:
             os.close(fd)
 
@@ -652,7 +652,7 @@ class AuditLog:
             with open(self._create(temporary), "wb") as stream:
                 stream.write(data)
                 stream.flush()
-                os.fsync(stream.fileno())
+                diskwait.fsync(stream.fileno())
             os.replace(temporary, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -669,7 +669,7 @@ class AuditLog:
         if older:
             fd = os.open(older[-1].path, os.O_RDONLY | os.O_CLOEXEC | statefiles.NOFOLLOW)
             try:
-                os.fsync(fd)
+                diskwait.fsync(fd)
             finally:
                 os.close(fd)
 
@@ -704,7 +704,7 @@ class AuditLog:
         assert self._fd is not None
         upto, unsynced = self._writes, self._unsynced
         try:
-            os.fsync(self._fd)
+            diskwait.fsync(self._fd)
         except OSError:
             low, high = self._doubtful
             self._doubtful = (min(low, self._durable) if high else self._durable, upto)
@@ -831,7 +831,7 @@ class AuditLog:
                 with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as packed:
                     shutil.copyfileobj(source, packed, 1 << 20)
                 raw.flush()
-                os.fsync(raw.fileno())
+                diskwait.fsync(raw.fileno())
             if _changed(path, before):
                 return f"left {path.name} as it is: written to meanwhile"
             with statefiles.open_read(path) as original, gzip.open(temporary, "rb") as copy:
@@ -961,6 +961,6 @@ def _sha256(stream: Any) -> str:
 def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        diskwait.fsync(fd)
     finally:
         os.close(fd)

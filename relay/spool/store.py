@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from relay import statefiles
+from relay import diskwait, statefiles
 from relay.errors import RelayError
 from relay.quantity import quantity
 from relay.queueid import queue_id_time
@@ -861,13 +861,13 @@ def _unlink_quietly(path: Path) -> None:
 
 
 def _fsync_file(fd: int) -> None:
-    os.fsync(fd)
+    diskwait.fsync(fd)
 
 
 def _fsync_dir(directory: Path) -> None:
     with _translated(directory):
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.fsync(fd)
+            diskwait.fsync(fd)
         finally:
             os.close(fd)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from relay import statefiles
+from relay import diskwait, statefiles
 from relay.errors import RelayError
 from relay.quantity import quantity
 from relay.suppression.entry import (
@@ -258,7 +258,7 @@ class SuppressionFile:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                diskwait.fsync(fd)
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -397,7 +397,7 @@ def _open_for_append(path: Path) -> int:
         statefiles.adopt(fd, statefiles.owner_for(os.stat(path.parent)))
         directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.fsync(directory)
+            diskwait.fsync(directory)
         finally:
             os.close(directory)
     except OSError:

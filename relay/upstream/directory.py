@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from relay import diskwait
 from relay.errors import UpstreamError
 from relay.policy.model import DirectoryUpstream
 from relay.upstream import DeliveryResult
@@ -68,7 +69,7 @@ def _write_atomic(path: Path, content: bytes) -> None:
         with os.fdopen(fd, "wb") as out:
             out.write(content)
             out.flush()
-            os.fsync(out.fileno())
+            diskwait.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -79,6 +80,6 @@ def _write_atomic(path: Path, content: bytes) -> None:
 def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        diskwait.fsync(fd)
     finally:
         os.close(fd)

@@ -1,0 +1,91 @@
+"""The log's lines about writes to the disk that do not finish.
+
+Looked at once a second by the supervisor's loop (or, in a relay of one
+process, by a thread of its own): a worker whose fsync has waited ``SLOW``
+gets a WARNING, at most one every ``EVERY`` (the next counts those not
+logged), and an INFO line once that write has ended. The supervisor's own
+fsyncs block the loop that would say so: they are said when it comes round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from relay import diskwait
+from relay.diskwait import EVERY, SLOW, DiskWaits
+
+log = logging.getLogger("relay")
+
+
+@dataclass
+class _Said:
+    """What the log has said of one process's writes."""
+
+    began: int = 0  # the write warned of and not yet ended; 0: none
+    at: float = -EVERY  # monotonic time of the last warning
+    unsaid: int = 0  # slow writes not warned of since
+    counted: int = 0  # the last of them counted, so that it counts once
+
+
+class DiskWatch:
+    def __init__(self, waits: DiskWaits, state: Callable[[], Path]) -> None:
+        """``state``: the state directory, whose disk the lines name."""
+        self.waits = waits
+        self.state = state
+        self._said: dict[int, _Said] = {}
+
+    def look(self, now: int | None = None) -> None:
+        """``now``: ``time.monotonic_ns()``, unless given."""
+        now = time.monotonic_ns() if now is None else now
+        for index in range(self.waits.workers):  # the supervisor's own: below
+            self._look_at(index, now)
+        for began, ended in diskwait.ended():
+            name = self.waits.name(self.waits.supervisor, os.getpid())
+            log.warning(
+                "%s: a write to the disk took %ds to finish, its main loop waiting meanwhile"
+                " (reloads, workers to start again); the disk under %s is slow or not answering",
+                name,
+                round((ended - began) / 1e9),
+                self.state(),
+            )
+
+    def _look_at(self, index: int, now: int) -> None:
+        said = self._said.setdefault(index, _Said())
+        waiting = self.waits.oldest(index)
+        if said.began and (waiting is None or waiting.began != said.began):
+            name = self.waits.name(index, self.waits.words[index * self.waits.width])
+            log.info(
+                "%s: the write to the disk that waited ended after about %ds",
+                name,
+                round((now - said.began) / 1e9),
+            )
+            said.began = 0
+        if waiting is None or said.began or waiting.seconds(now) < SLOW:
+            return
+        if now / 1e9 - said.at < EVERY:
+            if said.counted != waiting.began:
+                said.unsaid += 1
+                said.counted = waiting.began
+            return
+        unsaid = said.unsaid - (said.counted == waiting.began)
+        more = f" ({unsaid} more since the last such line, not logged)" if unsaid > 0 else ""
+        log.warning(
+            "%s: a write to the disk has not finished for %ds: its clients wait for their 250"
+            " meanwhile; the disk under %s is slow or not answering%s",
+            self.waits.name(index, waiting.pid),
+            waiting.seconds(now),
+            self.state(),
+            more,
+        )
+        said.began, said.at, said.unsaid, said.counted = waiting.began, now / 1e9, 0, 0
+
+    def every_second(self, stop: threading.Event) -> None:
+        """For a relay of one process: its event loop may be the thread waiting."""
+        while not stop.wait(1.0):
+            self.look()
