@@ -161,7 +161,7 @@ def test_health_and_readiness(policy_file: Path, tmp_path: Path) -> None:
             assert answer["ready"] is True
             assert answer["checks"] == {
                 "workers": "2 of 2 running", "queue": "writable", "audit": "writable",
-                "suppression": "readable",
+                "suppression": "readable", "disk": "answering",
             }  # fmt: skip
             assert _get(metrics, "/nothing")[0] == 404
 

@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from relay import tally
+from relay.diskwait import DiskWaits
 from relay.errors import RelayError
 from relay.ingress.diskspace import INODE_RESERVE, free_space, reserve_for
 from relay.metrics import follow, status
@@ -54,11 +55,17 @@ class RelayCollector(Collector):
     state."""
 
     def __init__(
-        self, policy: Callable[[], Policy], rates: RateCounts, counts: Tally, records: int = 0
+        self,
+        policy: Callable[[], Policy],
+        rates: RateCounts,
+        counts: Tally,
+        records: int = 0,
+        disk: DiskWaits | None = None,
     ) -> None:
         self._policy = policy
         self._rates = rates
         self._counts = counts
+        self._disk = disk
         now = policy()
         self._spool = Spool(now.queue.directory, create=False)
         queued = [(e.queue_id, e.tenant, len(e.pending())) for e in self._spool.entries()]
@@ -77,6 +84,7 @@ class RelayCollector(Collector):
             "relay_policy", "The policy in use (relay check prints it).", version=policy.digest[:12]
         )
         yield from self._config()
+        yield from self._disk_writes()
         yield from self._part("audit log", lambda: self._messages(policy))
         yield from self._part("queue", self._queue)
         yield from self._part("suppression list", self._suppression)
@@ -130,6 +138,14 @@ class RelayCollector(Collector):
             "relay_worker_restarts",
             "Worker processes that ended while the relay ran, each started again.",
             value=state.worker_restarts,
+        )
+
+    def _disk_writes(self) -> Iterator[Metric]:
+        waiting = None if self._disk is None else self._disk.longest()
+        yield GaugeMetricFamily(
+            "relay_disk_write_waiting_seconds",
+            "How long the oldest write to the disk (fsync) in progress has waited; 0: none.",
+            value=0.0 if waiting is None else waiting.seconds(time.monotonic_ns()),
         )
 
     def _messages(self, policy: Policy) -> Iterator[Metric]:

@@ -11,7 +11,8 @@ starve the health checks. One that has not sent its whole request within
 
 ``/healthz`` says whether the relay's main loop still comes round (it is for
 restarting a stuck relay, so it checks nothing else); ``/readyz`` whether it
-can take mail: every worker running, the queue and the audit log writable.
+can take mail: every worker running, the queue and the audit log writable,
+no write to the disk (an fsync) waiting for ``SLOW`` seconds or more.
 An unreachable upstream is in neither: mail is queued meanwhile, and a
 restart would not bring the upstream back.
 """
@@ -40,6 +41,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from relay import lowports
+from relay.diskwait import SLOW, DiskWaits
 from relay.errors import RelayError
 from relay.hostport import host_port
 from relay.ingress.diskspace import reserve_for, shortage
@@ -306,12 +308,17 @@ class MetricsServer:
         self._counting = concurrent.futures.ThreadPoolExecutor(1, "metrics-count")
         self._quiet = threading.Lock()  # held while counting, and while the supervisor forks
         self._registry = CollectorRegistry(auto_describe=False)
+        self._disk: DiskWaits | None = None
 
-    def begin(self, rates: RateCounts, tally: Tally, records: int = 0) -> None:
+    def begin(
+        self, rates: RateCounts, tally: Tally, records: int = 0, disk: DiskWaits | None = None
+    ) -> None:
         """Count from here: once the state is open, before the workers start, so
         that nothing they do is missed; ``records``, the audit records the start
-        wrote (its ``policy_loaded``, what recovery wrote again) are counted too."""
-        self._registry.register(RelayCollector(self._current, rates, tally, records))
+        wrote (its ``policy_loaded``, what recovery wrote again) are counted too;
+        ``disk``, the writes in progress, for the gauge and ``/readyz``."""
+        self._disk = disk
+        self._registry.register(RelayCollector(self._current, rates, tally, records, disk))
 
     def start(self, current: Callable[[], Policy]) -> None:
         """Serve, reading the policy in use from ``current`` at each request."""
@@ -380,12 +387,27 @@ class MetricsServer:
                 checks[name] = shortage(directory, reserve) or "writable"
         if policy.suppression is not None:
             checks["suppression"] = _readable(policy.suppression.file)
+        checks["disk"] = _answering(self._disk, policy.queue.directory.parent)
         ready = running >= expected > 0 and all(
             checks[name] == "writable" for name in ("queue", "audit")
         )
+        ready = ready and checks["disk"] == "answering"
         if state.stopping:  # its listeners are closed already
             return False, {"relay": "stopping", **checks}
         return ready and checks.get("suppression", "readable") == "readable", checks
+
+
+def _answering(disk: DiskWaits | None, state: Path) -> str:
+    """Read here, in the server's thread: the supervisor's loop may be the one
+    waiting for the disk, and the clients of a worker that waits get no reply."""
+    waiting = None if disk is None else disk.longest()
+    if disk is None or waiting is None:
+        return "answering"
+    seconds = waiting.seconds(time.monotonic_ns())
+    if seconds < SLOW:
+        return "answering"
+    name = disk.name(waiting.index, waiting.pid)
+    return f"{name}: a write to the disk under {state} has not finished for {seconds:.0f}s"
 
 
 def _readable(file: Path) -> str:

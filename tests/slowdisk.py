@@ -1,0 +1,81 @@
+"""A disk that is slow or hangs, for the relay's fsyncs: a library preloaded into
+the process (``LD_PRELOAD``) that waits before each fsync and fdatasync for as
+long as a file says (ms; -1: until the file says something else)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SOURCE = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+static long delay_ms(void) {
+    const char *path = getenv("SLOWDISK_FILE");
+    if (!path) return 0;
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return 0;
+    char buf[32];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    return atol(buf);
+}
+
+static void wait_for_disk(void) {
+    int saved = errno;
+    long ms = delay_ms();
+    while (ms < 0) {
+        struct timespec tick = {0, 50000000L};
+        nanosleep(&tick, NULL);
+        ms = delay_ms();
+        if (ms >= 0) ms = 0;
+    }
+    struct timespec left = {ms / 1000, (ms % 1000) * 1000000L};
+    while (ms > 0 && nanosleep(&left, &left) == -1 && errno == EINTR) {
+    }
+    errno = saved;
+}
+
+int fsync(int fd) {
+    static int (*real)(int);
+    if (!real) real = dlsym(RTLD_NEXT, "fsync");
+    wait_for_disk();
+    return real(fd);
+}
+
+int fdatasync(int fd) {
+    static int (*real)(int);
+    if (!real) real = dlsym(RTLD_NEXT, "fdatasync");
+    wait_for_disk();
+    return real(fd);
+}
+"""
+
+
+def slow_disk(directory: Path, delay_ms: int = 0) -> tuple[dict[str, str], Path]:
+    """The environment that runs a process on the slow disk, and the file that
+    says its delay; the test is skipped without a C compiler."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    source, library = directory / "slowdisk.c", directory / "slowdisk.so"
+    source.write_text(SOURCE)
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-O2", "-o", str(library), str(source), "-ldl"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    delay = directory / "delay_ms"
+    delay.write_text(str(delay_ms))
+    env = {**os.environ, "LD_PRELOAD": str(library), "SLOWDISK_FILE": str(delay)}
+    return env, delay

@@ -1,0 +1,182 @@
+"""A disk that hangs under the relay's fsyncs (``tests.slowdisk``): the log, ``/readyz``
+and the metrics say so while the clients wait, and say when it answers again."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from relay.diskwait import DiskWaits
+from relay.diskwatch import DiskWatch
+from relay.policy.load import load
+from tests.relayproc import RelayProcess, wait_for
+from tests.sink import Sink, SinkServer, free_port
+from tests.slowdisk import slow_disk
+from tests.test_metrics import _get, _metrics_policy, _samples, _value
+
+ROOT = Path(__file__).resolve().parent.parent
+WARNED = "a write to the disk has not finished for"
+ENDED = "the write to the disk that waited ended after about"
+
+OVERLAPPING = """
+import os, sys, threading, time
+from relay import diskwait
+
+waits = diskwait.DiskWaits(1)
+waits.use(0)
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+until = time.monotonic() + 2.0
+
+def fsyncs(offset):
+    time.sleep(offset)
+    while time.monotonic() < until:
+        diskwait.fsync(fd)
+
+threads = [threading.Thread(target=fsyncs, args=(offset,)) for offset in (0.0, 0.1)]
+for thread in threads:
+    thread.start()
+seen = 0.0
+while any(thread.is_alive() for thread in threads):
+    waiting = waits.longest()
+    if waiting is not None:
+        seen = max(seen, waiting.seconds(time.monotonic_ns()))
+    time.sleep(0.005)
+print(seen)
+"""
+
+
+def test_overlapping_fsyncs_show_the_oldest_one_not_the_busy_spell(tmp_path: Path) -> None:
+    """Two threads, each fsyncing for 200 ms in turn, the one 100 ms behind the
+    other, for 2 s: some fsync is in progress all the while, but none waits
+    longer than 200 ms, and neither may the age read from the table."""
+    env, _ = slow_disk(tmp_path, delay_ms=200)
+    done = subprocess.run(
+        [sys.executable, "-c", OVERLAPPING, str(tmp_path / "file")],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    seen = float(done.stdout)
+    assert 0.15 < seen < 0.4, seen
+
+
+def _offer(port: int, replies: list[int]) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        client.ehlo()
+        client.mail("jan@acme.example")
+        client.rcpt("one@example.org")
+        replies.append(client.data(b"Subject: hello\r\n\r\nhello\r\n")[0])
+
+
+@pytest.mark.parametrize("workers", [2, 1])
+def test_a_hung_disk_is_said_while_the_client_waits_and_when_it_answers(
+    policy_file: Path, tmp_path: Path, workers: int
+) -> None:
+    """Every fsync hung: the client waits for its 250, and the log had no line,
+    ``/readyz`` said 200 and no metric moved. Now a WARNING names the process
+    and the state directory, ``/readyz`` is 503 saying how long, the gauge is
+    past 5 s; once the disk answers, an INFO line, 200, the 250 and the delivery."""
+    env, delay = slow_disk(tmp_path)
+    with SinkServer(Sink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=workers)
+        state = load(policy).queue.directory.parent
+        with RelayProcess(policy, port, tmp_path / "relay.log", env=env) as relay:
+            wait_for(lambda: f"metrics on http://127.0.0.1:{metrics}/metrics" in relay.log())
+            assert _get(metrics, "/readyz")[0] == 200
+            assert _value(_samples(metrics), "relay_disk_write_waiting_seconds") == 0
+            delay.write_text("-1")
+            replies: list[int] = []
+            client = threading.Thread(target=_offer, args=(port, replies))
+            client.start()
+            wait_for(lambda: WARNED in relay.log())
+            warning = next(line for line in relay.log().splitlines() if WARNED in line)
+            assert "WARNING" in warning or "<4>" in warning or "warning" in warning.lower()
+            assert f"the disk under {state} is slow or not answering" in warning, warning
+            assert ("worker " if workers > 1 else "the relay (pid ") in warning, warning
+            code, body, _ = _get(metrics, "/readyz")
+            assert code == 503, body
+            said = json.loads(body)["checks"]["disk"]
+            assert f"a write to the disk under {state} has not finished for" in said, said
+            assert _value(_samples(metrics), "relay_disk_write_waiting_seconds") > 5
+            assert replies == []  # still waiting for its 250
+            delay.write_text("0")
+            client.join(60)
+            assert replies == [250]
+            wait_for(lambda: ENDED in relay.log())
+            wait_for(lambda: _get(metrics, "/readyz")[0] == 200)
+            assert json.loads(_get(metrics, "/readyz")[1])["checks"]["disk"] == "answering"
+            assert _value(_samples(metrics), "relay_disk_write_waiting_seconds") < 5
+            sink.sink.wait(1)
+
+
+def test_a_minute_between_warnings_the_next_counting_those_not_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A disk that hangs again and again warned of each time floods the journal:
+    one WARNING a minute per process, its INFO when that write ends, and the
+    next WARNING counts the slow writes in between. Driven through the shared
+    table, as a worker's fsync writes it."""
+    waits = DiskWaits(2)
+    watch = DiskWatch(waits, lambda: Path("/srv/state"))
+    slot = waits.width + 1  # worker 1's first thread
+    waits.words[waits.width] = 4242  # its pid
+    second = 1_000_000_000
+    start = 100 * second
+
+    def hang(began: int, looked: int) -> list[str]:
+        caplog.clear()
+        waits.words[slot] = began
+        watch.look(looked)
+        waits.words[slot] = 0
+        watch.look(looked + second)
+        return [f"{r.levelname} {r.getMessage()}" for r in caplog.records]
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        assert hang(start, start + 4 * second) == []  # under 5 s: not slow yet
+        said = hang(start, start + 6 * second)
+        assert said == [
+            "WARNING worker 1 (pid 4242): a write to the disk has not finished for 6s: its"
+            " clients wait for their 250 meanwhile; the disk under /srv/state is slow or not"
+            " answering",
+            "INFO worker 1 (pid 4242): the write to the disk that waited ended after about 7s",
+        ], said
+        assert hang(start + 20 * second, start + 30 * second) == []
+        assert hang(start + 40 * second, start + 50 * second) == []
+        said = hang(start + 60 * second, start + 70 * second)
+        assert len(said) == 2 and said[0].endswith(
+            "(2 more since the last such line, not logged)"
+        ), said
+
+
+def test_the_supervisor_says_its_own_slow_write_when_its_loop_comes_round(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A SIGHUP while the disk hangs blocks the supervisor in its reload's audit
+    record: ``/readyz`` said 200 all the while. It names the supervisor's write
+    now, and the log says how long it took once the loop comes round again."""
+    env, delay = slow_disk(tmp_path)
+    with SinkServer(Sink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=2)
+        with RelayProcess(policy, port, tmp_path / "relay.log", env=env) as relay:
+            wait_for(lambda: f"metrics on http://127.0.0.1:{metrics}/metrics" in relay.log())
+            delay.write_text("-1")
+            relay.signal(signal.SIGHUP)
+            wait_for(lambda: _get(metrics, "/readyz")[0] == 503)
+            said = json.loads(_get(metrics, "/readyz")[1])["checks"]["disk"]
+            assert said.startswith("the supervisor (pid "), said
+            wait_for(lambda: _value(_samples(metrics), "relay_disk_write_waiting_seconds") > 5)
+            delay.write_text("0")
+            relay.wait_reloaded(1)
+            wait_for(lambda: "a write to the disk took " in relay.log())
+            line = next(x for x in relay.log().splitlines() if "a write to the disk took " in x)
+            assert "the supervisor (pid " in line and "WARNING" in line, line
+            wait_for(lambda: _get(metrics, "/readyz")[0] == 200)
