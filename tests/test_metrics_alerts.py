@@ -358,3 +358,18 @@ def test_a_write_that_finds_the_disk_full_counts_as_refused_for_want_of_space() 
             assert _out_of_space(refused)
     upstreams = SmtpReply(452, "4.3.1", "Upstream's own disk is full")  # passed back, not ours
     assert not _out_of_space(upstreams)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_a_write_to_the_disk_waiting_fires_the_disk_alert(tmp_path: Path) -> None:
+    """A hung disk held every client's 250 back and nothing alerted."""
+    series = 'relay_disk_write_waiting_seconds{instance="r:1", job="erp-relay"}'
+    _fires(
+        tmp_path,
+        "RelayDiskNotAnswering",
+        {series: "0 0 0 40 100 160 220 280"},
+        {
+            "summary": "a write to the relay's disk has not finished for 30s: the ERPs wait"
+            " for their replies; journalctl -u erp-relay names the process and the directory"
+        },
+    )
