@@ -457,6 +457,7 @@ class Supervisor:
         deadline = time.monotonic() + RELOAD_TIMEOUT
         while waiting and time.monotonic() < deadline:
             metrics_status.beat()  # waiting for the workers is not being stuck
+            self.disk.look()  # a worker that does not answer may be waiting for the disk
             if _stop_pending():
                 return False  # the stop comes first; every worker ends with it
             select.select([self._answers], [], [], 0.05)
@@ -535,6 +536,7 @@ class Supervisor:
         deadline = time.monotonic() + STOP_TIMEOUT
         while self.workers and time.monotonic() < deadline:
             metrics_status.beat()
+            self.disk.look()  # a worker that does not stop may be waiting for the disk
             metrics_status.workers(len(self.workers), self.policy.workers)
             info = signal.sigtimedwait({signal.SIGCHLD, signal.SIGHUP}, 0.2)
             if info is not None and info.si_signo == signal.SIGHUP:

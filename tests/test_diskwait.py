@@ -3,6 +3,7 @@ and the metrics say so while the clients wait, and say when it answers again."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -68,11 +69,14 @@ def test_overlapping_fsyncs_show_the_oldest_one_not_the_busy_spell(tmp_path: Pat
 
 
 def _offer(port: int, replies: list[int]) -> None:
-    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
-        client.ehlo()
-        client.mail("jan@acme.example")
-        client.rcpt("one@example.org")
-        replies.append(client.data(b"Subject: hello\r\n\r\nhello\r\n")[0])
+    client = smtplib.SMTP("127.0.0.1", port, timeout=60)
+    client.ehlo()
+    client.mail("jan@acme.example")
+    client.rcpt("one@example.org")
+    replies.append(client.data(b"Subject: hello\r\n\r\nhello\r\n")[0])
+    with contextlib.suppress(smtplib.SMTPServerDisconnected):  # a relay that stops
+        client.quit()
+    client.close()
 
 
 @pytest.mark.parametrize("workers", [2, 1])
@@ -180,3 +184,27 @@ def test_the_supervisor_says_its_own_slow_write_when_its_loop_comes_round(
             line = next(x for x in relay.log().splitlines() if "a write to the disk took " in x)
             assert "the supervisor (pid " in line and "WARNING" in line, line
             wait_for(lambda: _get(metrics, "/readyz")[0] == 200)
+
+
+def test_a_worker_waiting_for_the_disk_through_the_stop_is_said(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """SIGTERM while a worker's write hangs: the stop waits for it, up to its
+    timeout, and the log said nothing of why meanwhile."""
+    env, delay = slow_disk(tmp_path)
+    with SinkServer(Sink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=2)
+        with RelayProcess(policy, port, tmp_path / "relay.log", env=env) as relay:
+            wait_for(lambda: f"metrics on http://127.0.0.1:{metrics}/metrics" in relay.log())
+            delay.write_text("-1")
+            replies: list[int] = []
+            client = threading.Thread(target=_offer, args=(port, replies))
+            client.start()
+            wait_for(lambda: _value(_samples(metrics), "relay_disk_write_waiting_seconds") > 0)
+            relay.signal(signal.SIGTERM)
+            wait_for(lambda: WARNED in relay.log())
+            delay.write_text("0")
+            client.join(60)
+            assert replies == [250]
+            assert relay.stop() == 0
