@@ -11,6 +11,8 @@ import smtplib
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,27 @@ def _offer(port: int, replies: list[int]) -> None:
     client.close()
 
 
+@dataclass
+class _Slow:
+    relay: RelayProcess
+    port: int
+    metrics: int
+    delay: Path  # what the fsyncs wait for: "0", or "-1" to hang
+    sink: SinkServer
+
+
+@contextlib.contextmanager
+def _relay_on_slow_disk(policy_file: Path, tmp_path: Path, workers: int = 2) -> Iterator[_Slow]:
+    """A relay whose fsyncs wait as its delay file says (``slow_disk``), serving."""
+    env, delay = slow_disk(tmp_path)
+    with SinkServer(Sink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=workers)
+        with RelayProcess(policy, port, tmp_path / "relay.log", env=env) as relay:
+            wait_for(lambda: f"metrics on http://127.0.0.1:{metrics}/metrics" in relay.log())
+            yield _Slow(relay, port, metrics, delay, sink)
+
+
 @pytest.mark.parametrize("workers", [2, 1])
 def test_a_hung_disk_is_said_while_the_client_waits_and_when_it_answers(
     policy_file: Path, tmp_path: Path, workers: int
@@ -87,38 +110,34 @@ def test_a_hung_disk_is_said_while_the_client_waits_and_when_it_answers(
     ``/readyz`` said 200 and no metric moved. Now a WARNING names the process
     and the state directory, ``/readyz`` is 503 saying how long, the gauge is
     past 5 s; once the disk answers, an INFO line, 200, the 250 and the delivery."""
-    env, delay = slow_disk(tmp_path)
-    with SinkServer(Sink()) as sink:
-        port, metrics = free_port(), free_port()
-        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=workers)
-        state = load(policy).queue.directory.parent
-        with RelayProcess(policy, port, tmp_path / "relay.log", env=env) as relay:
-            wait_for(lambda: f"metrics on http://127.0.0.1:{metrics}/metrics" in relay.log())
-            assert _get(metrics, "/readyz")[0] == 200
-            assert _value(_samples(metrics), "relay_disk_write_waiting_seconds") == 0
-            delay.write_text("-1")
-            replies: list[int] = []
-            client = threading.Thread(target=_offer, args=(port, replies))
-            client.start()
-            wait_for(lambda: WARNED in relay.log())
-            warning = next(line for line in relay.log().splitlines() if WARNED in line)
-            assert "WARNING" in warning or "<4>" in warning or "warning" in warning.lower()
-            assert f"the disk under {state} is slow or not answering" in warning, warning
-            assert ("worker " if workers > 1 else "the relay (pid ") in warning, warning
-            code, body, _ = _get(metrics, "/readyz")
-            assert code == 503, body
-            said = json.loads(body)["checks"]["disk"]
-            assert f"a write to the disk under {state} has not finished for" in said, said
-            assert _value(_samples(metrics), "relay_disk_write_waiting_seconds") > 5
-            assert replies == []  # still waiting for its 250
-            delay.write_text("0")
-            client.join(60)
-            assert replies == [250]
-            wait_for(lambda: ENDED in relay.log())
-            wait_for(lambda: _get(metrics, "/readyz")[0] == 200)
-            assert json.loads(_get(metrics, "/readyz")[1])["checks"]["disk"] == "answering"
-            assert _value(_samples(metrics), "relay_disk_write_waiting_seconds") < 5
-            sink.sink.wait(1)
+    with _relay_on_slow_disk(policy_file, tmp_path, workers) as slow:
+        relay, port, metrics, delay = slow.relay, slow.port, slow.metrics, slow.delay
+        state = load(relay.policy).queue.directory.parent
+        assert _get(metrics, "/readyz")[0] == 200
+        assert _value(_samples(metrics), "relay_disk_write_waiting_seconds") == 0
+        delay.write_text("-1")
+        replies: list[int] = []
+        client = threading.Thread(target=_offer, args=(port, replies))
+        client.start()
+        wait_for(lambda: WARNED in relay.log())
+        warning = next(line for line in relay.log().splitlines() if WARNED in line)
+        assert "WARNING" in warning or "<4>" in warning or "warning" in warning.lower()
+        assert f"the disk under {state} is slow or not answering" in warning, warning
+        assert ("worker " if workers > 1 else "the relay (pid ") in warning, warning
+        code, body, _ = _get(metrics, "/readyz")
+        assert code == 503, body
+        said = json.loads(body)["checks"]["disk"]
+        assert f"a write to the disk under {state} has not finished for" in said, said
+        assert _value(_samples(metrics), "relay_disk_write_waiting_seconds") > 5
+        assert replies == []  # still waiting for its 250
+        delay.write_text("0")
+        client.join(60)
+        assert replies == [250]
+        wait_for(lambda: ENDED in relay.log())
+        wait_for(lambda: _get(metrics, "/readyz")[0] == 200)
+        assert json.loads(_get(metrics, "/readyz")[1])["checks"]["disk"] == "answering"
+        assert _value(_samples(metrics), "relay_disk_write_waiting_seconds") < 5
+        slow.sink.sink.wait(1)
 
 
 def test_a_minute_between_warnings_the_next_counting_those_not_logged(
@@ -166,24 +185,20 @@ def test_the_supervisor_says_its_own_slow_write_when_its_loop_comes_round(
     """A SIGHUP while the disk hangs blocks the supervisor in its reload's audit
     record: ``/readyz`` said 200 all the while. It names the supervisor's write
     now, and the log says how long it took once the loop comes round again."""
-    env, delay = slow_disk(tmp_path)
-    with SinkServer(Sink()) as sink:
-        port, metrics = free_port(), free_port()
-        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=2)
-        with RelayProcess(policy, port, tmp_path / "relay.log", env=env) as relay:
-            wait_for(lambda: f"metrics on http://127.0.0.1:{metrics}/metrics" in relay.log())
-            delay.write_text("-1")
-            relay.signal(signal.SIGHUP)
-            wait_for(lambda: _get(metrics, "/readyz")[0] == 503)
-            said = json.loads(_get(metrics, "/readyz")[1])["checks"]["disk"]
-            assert said.startswith("the supervisor (pid "), said
-            wait_for(lambda: _value(_samples(metrics), "relay_disk_write_waiting_seconds") > 5)
-            delay.write_text("0")
-            relay.wait_reloaded(1)
-            wait_for(lambda: "a write to the disk took " in relay.log())
-            line = next(x for x in relay.log().splitlines() if "a write to the disk took " in x)
-            assert "the supervisor (pid " in line and "WARNING" in line, line
-            wait_for(lambda: _get(metrics, "/readyz")[0] == 200)
+    with _relay_on_slow_disk(policy_file, tmp_path) as slow:
+        relay, metrics, delay = slow.relay, slow.metrics, slow.delay
+        delay.write_text("-1")
+        relay.signal(signal.SIGHUP)
+        wait_for(lambda: _get(metrics, "/readyz")[0] == 503)
+        said = json.loads(_get(metrics, "/readyz")[1])["checks"]["disk"]
+        assert said.startswith("the supervisor (pid "), said
+        wait_for(lambda: _value(_samples(metrics), "relay_disk_write_waiting_seconds") > 5)
+        delay.write_text("0")
+        relay.wait_reloaded(1)
+        wait_for(lambda: "a write to the disk took " in relay.log())
+        line = next(x for x in relay.log().splitlines() if "a write to the disk took " in x)
+        assert "the supervisor (pid " in line and "WARNING" in line, line
+        wait_for(lambda: _get(metrics, "/readyz")[0] == 200)
 
 
 def test_a_worker_waiting_for_the_disk_through_the_stop_is_said(
@@ -191,20 +206,16 @@ def test_a_worker_waiting_for_the_disk_through_the_stop_is_said(
 ) -> None:
     """SIGTERM while a worker's write hangs: the stop waits for it, up to its
     timeout, and the log said nothing of why meanwhile."""
-    env, delay = slow_disk(tmp_path)
-    with SinkServer(Sink()) as sink:
-        port, metrics = free_port(), free_port()
-        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=2)
-        with RelayProcess(policy, port, tmp_path / "relay.log", env=env) as relay:
-            wait_for(lambda: f"metrics on http://127.0.0.1:{metrics}/metrics" in relay.log())
-            delay.write_text("-1")
-            replies: list[int] = []
-            client = threading.Thread(target=_offer, args=(port, replies))
-            client.start()
-            wait_for(lambda: _value(_samples(metrics), "relay_disk_write_waiting_seconds") > 0)
-            relay.signal(signal.SIGTERM)
-            wait_for(lambda: WARNED in relay.log())
-            delay.write_text("0")
-            client.join(60)
-            assert replies == [250]
-            assert relay.stop() == 0
+    with _relay_on_slow_disk(policy_file, tmp_path) as slow:
+        relay, port, metrics, delay = slow.relay, slow.port, slow.metrics, slow.delay
+        delay.write_text("-1")
+        replies: list[int] = []
+        client = threading.Thread(target=_offer, args=(port, replies))
+        client.start()
+        wait_for(lambda: _value(_samples(metrics), "relay_disk_write_waiting_seconds") > 0)
+        relay.signal(signal.SIGTERM)
+        wait_for(lambda: WARNED in relay.log())
+        delay.write_text("0")
+        client.join(60)
+        assert replies == [250]
+        assert relay.stop() == 0
