@@ -145,9 +145,10 @@ class DiskWaits:
             _words = self.words
 
     def clear(self, index: int) -> None:
-        """Worker ``index`` ended: its fsyncs ended with it."""
+        """Worker ``index`` ended: its fsyncs ended with it, and the row is no
+        process's until its replacement takes it."""
         base = index * self.width
-        self.words[base + 1 : base + self.width] = _zeros(self.width - 1)
+        self.words[base : base + self.width] = _zeros(self.width)
 
     def name(self, index: int, pid: int) -> str:
         """How the log and ``/readyz`` name row ``index``'s process."""

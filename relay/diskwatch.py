@@ -28,6 +28,7 @@ class _Said:
     """What the log has said of one process's writes."""
 
     began: int = 0  # the write warned of and not yet ended; 0: none
+    pid: int = 0  # the process whose write that is
     at: float = -EVERY  # monotonic time of the last warning
     unsaid: int = 0  # slow writes not warned of since
     counted: int = 0  # the last of them counted, so that it counts once
@@ -45,26 +46,35 @@ class DiskWatch:
         now = time.monotonic_ns() if now is None else now
         for index in range(self.waits.workers):  # the supervisor's own: below
             self._look_at(index, now)
+        said = self._said.setdefault(self.waits.supervisor, _Said())
         for began, ended in diskwait.ended():
-            name = self.waits.name(self.waits.supervisor, os.getpid())
+            if now / 1e9 - said.at < EVERY:
+                said.unsaid += 1
+                continue
+            more = f" ({said.unsaid} more since the last such line, not logged)"
             log.warning(
                 "%s: a write to the disk took %ds to finish, its main loop waiting meanwhile"
-                " (reloads, workers to start again); the disk under %s is slow or not answering",
-                name,
+                " (reloads, workers to start again); the disk under %s is slow or not"
+                " answering%s",
+                self.waits.name(self.waits.supervisor, os.getpid()),
                 round((ended - began) / 1e9),
                 self.state(),
+                more if said.unsaid else "",
             )
+            said.at, said.unsaid = now / 1e9, 0
 
     def _look_at(self, index: int, now: int) -> None:
         said = self._said.setdefault(index, _Said())
         waiting = self.waits.oldest(index)
         if said.began and (waiting is None or waiting.began != said.began):
-            name = self.waits.name(index, self.waits.words[index * self.waits.width])
-            log.info(
-                "%s: the write to the disk that waited ended after about %ds",
-                name,
-                round((now - said.began) / 1e9),
-            )
+            name = self.waits.name(index, said.pid)
+            seconds = round((now - said.began) / 1e9)
+            if self.waits.words[index * self.waits.width] == said.pid:
+                log.info(
+                    "%s: the write to the disk that waited ended after about %ds", name, seconds
+                )
+            else:  # killed, its write never ended: the log said how it ended
+                log.info("%s ended while its write to the disk waited, about %ds", name, seconds)
             said.began = 0
         if waiting is None or said.began or waiting.seconds(now) < SLOW:
             return
@@ -83,7 +93,8 @@ class DiskWatch:
             self.state(),
             more,
         )
-        said.began, said.at, said.unsaid, said.counted = waiting.began, now / 1e9, 0, 0
+        said.began, said.pid, said.at = waiting.began, waiting.pid, now / 1e9
+        said.unsaid = said.counted = 0
 
     def every_second(self, stop: threading.Event) -> None:
         """For a relay of one process: its event loop may be the thread waiting."""

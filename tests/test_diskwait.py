@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from relay import diskwait
 from relay.diskwait import DiskWaits
 from relay.diskwatch import DiskWatch
 from relay.policy.load import load
@@ -177,6 +178,46 @@ def test_a_minute_between_warnings_the_next_counting_those_not_logged(
         assert len(said) == 2 and said[0].endswith(
             "(2 more since the last such line, not logged)"
         ), said
+
+
+def test_a_worker_killed_in_its_write_is_not_said_to_have_ended_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Killed while its write hung, a worker got "the write ... ended after about
+    12s", named by its replacement's pid."""
+    waits = DiskWaits(2)
+    watch = DiskWatch(waits, lambda: Path("/srv/state"))
+    second = 1_000_000_000
+    waits.words[waits.width] = 4242
+    waits.words[waits.width + 1] = 100 * second
+    with caplog.at_level(logging.INFO, logger="relay"):
+        watch.look(106 * second)
+        waits.clear(1)
+        watch.look(107 * second)
+        waits.words[waits.width] = 4343  # its replacement
+        watch.look(108 * second)
+    assert [r.getMessage() for r in caplog.records][1:] == [
+        "worker 1 (pid 4242) ended while its write to the disk waited, about 7s"
+    ]
+
+
+def test_the_supervisors_own_slow_writes_are_said_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    waits = DiskWaits(2)
+    watch = DiskWatch(waits, lambda: Path("/srv/state"))
+    second = 1_000_000_000
+    waits.use(waits.supervisor, keep_ended=True)
+    try:
+        with caplog.at_level(logging.INFO, logger="relay"):
+            for at in (100, 113, 126, 170):
+                diskwait._ended.append(((at - 6) * second, at * second))  # as _note_end keeps it
+                watch.look(at * second)
+    finally:
+        diskwait._forgotten()
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2, said
+    assert said[1].endswith("(2 more since the last such line, not logged)"), said
 
 
 def test_the_supervisor_says_its_own_slow_write_when_its_loop_comes_round(
