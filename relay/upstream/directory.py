@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from relay import diskwait
 from relay.errors import UpstreamError
 from relay.policy.model import DirectoryUpstream
 from relay.upstream import DeliveryResult
@@ -69,7 +68,7 @@ def _write_atomic(path: Path, content: bytes) -> None:
         with os.fdopen(fd, "wb") as out:
             out.write(content)
             out.flush()
-            diskwait.fsync(out.fileno())
+            os.fsync(out.fileno())  # an upstream's disk, not the state's: not watched
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -80,6 +79,6 @@ def _write_atomic(path: Path, content: bytes) -> None:
 def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        diskwait.fsync(fd)
+        os.fsync(fd)
     finally:
         os.close(fd)
