@@ -557,12 +557,16 @@ MAX_GROUP_DEPTH = 100
 
 def _group_depth(pattern: str) -> int:
     """How deep the pattern's groups nest, read from its text: an escaped
-    parenthesis and one in a character class open nothing."""
+    parenthesis, one in a character class and one in a ``(?#...)`` comment open
+    nothing."""
     depth = deepest = 0
     escaped = False
     class_from = -1  # where the character class's members begin, -1 outside one
+    comment = False
     for i, char in enumerate(pattern):
-        if escaped:
+        if comment:
+            comment = char != ")"
+        elif escaped:
             escaped = False
         elif char == "\\":
             escaped = True
@@ -571,6 +575,8 @@ def _group_depth(pattern: str) -> int:
                 class_from = -1
         elif char == "[":
             class_from = i + 2 if pattern[i + 1 : i + 2] == "^" else i + 1
+        elif pattern.startswith("(?#", i):
+            comment = True
         elif char == "(":
             depth += 1
             deepest = max(deepest, depth)
