@@ -10,9 +10,12 @@ wanted=$("$PYTHON" -c "$version")
 # one made by another Python (PYTHON=python3.12, or a Debian upgrade's new
 # python3) would be kept, and its interpreter used, without a word
 had=$(.venv/bin/python -c "$version" 2>/dev/null || true)
-if [ -e .venv ] && [ "$had" != "$wanted" ]; then
-    if [ -n "$had" ]; then had="runs Python $had"; else had="has a Python that no longer starts"; fi
-    echo "./.venv $had, not $PYTHON's $wanted: making it again" >&2
+if { [ -e .venv ] || [ -L .venv ]; } && [ "$had" != "$wanted" ]; then
+    if [ -n "$had" ]; then
+        echo "./.venv runs Python $had, not $PYTHON's $wanted: making it again" >&2
+    else
+        echo "./.venv is not a virtualenv whose Python starts: making it again with $PYTHON" >&2
+    fi
     rm -rf .venv
 fi
 if [ ! -x .venv/bin/python ]; then
