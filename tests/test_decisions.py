@@ -470,13 +470,13 @@ def test_classify_names_the_attachment_that_matched(policy_file: Path) -> None:
 def test_a_header_rule_matches_any_of_the_fields_values(policy_file: Path) -> None:
     """``Keywords`` may come more than once, each meant (RFC 5322 3.6.5): read
     as its first alone, an invoice tagged ``urgent`` first went out as
-    "other", with no copy to the sender."""
+    "other", with no copy to the sender; the value in the middle is read too."""
     rule = (
         "  - id: invoice-keyword\n    type: invoice\n"
         "    header: {name: Keywords, pattern: '^invoice$'}\n"
     )
     policy_file.write_text(policy_file.read_text().replace("classify:\n", f"classify:\n{rule}"))
-    p = run(policy_file, msg(*BASE, "Keywords: urgent", "Keywords: invoice"))
+    p = run(policy_file, msg(*BASE, "Keywords: urgent", "Keywords: invoice", "Keywords: q4"))
     assert (p.decision.classification.doc_type, p.decision.classification.rule) == (
         "invoice",
         "invoice-keyword",
