@@ -46,6 +46,7 @@ from relay.spool import (
 )
 from relay.spool.entry import SET_BACK
 from relay.spool.notes import Notes
+from relay.spool.reread import Reread
 from relay.spool.store import DamagedEntry, NoSuchEntry, SpoolBusy, SpoolError
 from relay.suppression import (
     BOUNCE,
@@ -429,6 +430,11 @@ def _say_untold(entry: QueueEntry) -> None:
             )
 
 
+def _when(entry: QueueEntry) -> tuple[bool, float, float]:
+    """What a scan keeps of a record: whether it is held, its next attempt, when written."""
+    return entry.held, entry.next_attempt, entry.last_written
+
+
 class Engine:
     def __init__(
         self,
@@ -451,6 +457,7 @@ class Engine:
         metrics, and asked whether another worker has reached an upstream this
         one holds mail for."""
         self.spool = spool
+        self._records = Reread(spool, _when, clock)  # a scan reads only the changed records
         self._suppressions = suppressions
         self.policy = policy
         self.send = send
@@ -749,13 +756,13 @@ class Engine:
         schedule: dict[str, tuple[float, float]] = {}
         held: set[str] = set()
         unreadable: dict[str, SpoolError] = {}
-        for queue_id, e in self.spool.loaded():
+        for queue_id, e in self._records.loaded():
             if isinstance(e, SpoolError):
                 unreadable[queue_id] = e
-            elif e.held:
+            elif e[0]:
                 held.add(queue_id)
             else:
-                schedule[queue_id] = (e.next_attempt, e.last_written)
+                schedule[queue_id] = e[1:]
         return schedule, held, unreadable
 
     def _say_unreadable(self, found: dict[str, SpoolError]) -> None:

@@ -14,7 +14,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from relay.engine import Attempt, Engine, Warm
 from relay.policy.model import Policy, SuppressionSettings
 from relay.record import Recorder
 from relay.spool import QueueEntry, Spool, SpoolError, tools
+from relay.spool.store import Stamp
 from relay.suppression import SuppressionFile
 from relay.upstream.smtp import NOT_SENT
 from tests.spoolkit import make_entry, run_script
@@ -168,15 +169,15 @@ async def test_a_message_accepted_while_the_engine_reads_the_spool_is_not_forgot
     """The scan's result used to replace the schedule, dropping what was submitted
     during it until the next scan a minute later (holding its lock all the while)."""
     scanning, go_on = threading.Event(), threading.Event()
-    read = spool.loaded
+    read = spool.stamps
 
-    def slow_entries() -> Iterator[tuple[str, QueueEntry | SpoolError]]:
-        found = list(read())  # the directory as it was before the new message
+    def slow_stamps() -> list[tuple[str, Stamp, Stamp | None]]:
+        found = read()  # the directory as it was before the new message
         scanning.set()
         go_on.wait(10)
-        yield from found
+        return found
 
-    monkeypatch.setattr(spool, "loaded", slow_entries)
+    monkeypatch.setattr(spool, "stamps", slow_stamps)
     async with running(Engine(spool, lambda: policy, attempt, Recorder(None))) as engine:
         assert await asyncio.to_thread(scanning.wait, 10)
         entry = make_entry(size=len(message(1)))

@@ -1,0 +1,121 @@
+"""The engine's rescans read again only the records whose files changed."""
+
+from __future__ import annotations
+
+import collections
+import io
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from relay.deliver import attempt
+from relay.engine import Engine
+from relay.policy.model import Policy
+from relay.record import Recorder
+from relay.spool import QueueEntry, Spool, tools
+from tests.spoolkit import make_entry
+
+if TYPE_CHECKING:
+    from relay.spool.store import Stamp
+
+MESSAGE = b"Subject: Invoice 7\r\n\r\nThe invoice.\r\n"
+
+
+def _queued(spool: Spool, n: int) -> list[QueueEntry]:
+    entries = [make_entry(size=len(MESSAGE), next_attempt=time.time() + 3600) for _ in range(n)]
+    for entry in entries:
+        spool.put(entry, MESSAGE)
+    return entries
+
+
+def _counted(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
+    """How many times each entry's record is read from here on."""
+    reads: collections.Counter[str] = collections.Counter()
+    read = spool.load
+
+    def counting(queue_id: str, first: QueueEntry | None = None) -> QueueEntry:
+        reads[queue_id] += 1
+        return read(queue_id, first)
+
+    monkeypatch.setattr(spool, "load", counting)
+    return reads
+
+
+def test_a_rescan_reads_only_the_records_held_or_deferred_since(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every record was parsed once a minute: with 50,000 queued that held the
+    GIL for seconds, and mail was neither taken nor delivered meanwhile."""
+    unchanged, held, deferred = _queued(spool, 3)
+    clock = [time.time() + 60]  # the files were written a minute before the scans
+    engine = Engine(spool, lambda: policy, attempt, Recorder(None), clock=lambda: clock[0])
+    reads = _counted(spool, monkeypatch)
+    engine._read_schedule()
+    assert set(reads) == {unchanged.queue_id, held.queue_id, deferred.queue_id}
+
+    tools.hold(spool, [held.queue_id], io.StringIO(), io.StringIO())
+    deferred.next_attempt += 600
+    deferred.recipients[0].attempts = 1
+    spool.update(deferred)
+    clock[0] += 60
+    reads.clear()
+    schedule, on_hold, _ = engine._read_schedule()
+    assert reads == {held.queue_id: 1, deferred.queue_id: 1}
+    assert on_hold == {held.queue_id}
+    assert schedule[deferred.queue_id][0] == deferred.next_attempt
+    assert unchanged.queue_id in schedule
+
+    reads.clear()
+    clock[0] += 60
+    assert engine._read_schedule()[0] == schedule
+    assert not reads
+
+
+def test_a_record_changed_in_the_tick_it_was_read_in_is_read_again(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a file system whose clock ticks coarsely (a second, two on FAT) a
+    record rewritten in the tick of its read, in place or in a file that got
+    the old one's inode, keeps the stamp it was read with: read at the next
+    scan anyway, once, its change is not missed for as long as it stays."""
+    (entry,) = _queued(spool, 1)
+    entry.next_attempt = 1_800_000_000.25
+    spool.update(entry)
+    tick = time.time_ns()  # every file's time, while the file system's clock stands
+
+    def coarse() -> list[tuple[str, Stamp, Stamp | None]]:
+        found = Spool.stamps(spool)
+        return [
+            (q, (e[0], e[1], tick, tick), None if r is None else (r[0], r[1], tick, tick))
+            for q, e, r in found
+        ]
+
+    monkeypatch.setattr(spool, "stamps", coarse, raising=False)
+    clock = [tick / 1e9]
+    engine = Engine(spool, lambda: policy, attempt, Recorder(None), clock=lambda: clock[0])
+    reads = _counted(spool, monkeypatch)
+    engine._read_schedule()
+    assert reads == {entry.queue_id: 1}
+
+    record = spool.directory / "env" / f"{entry.queue_id}.json"
+    _rewrite_in_place(record, b"1800000000.25", b"1800000900.25")
+    clock[0] += 60
+    reads.clear()
+    schedule = engine._read_schedule()[0]
+    assert reads == {entry.queue_id: 1}
+    assert schedule[entry.queue_id][0] == 1_800_000_900.25
+
+    clock[0] += 60
+    reads.clear()
+    assert engine._read_schedule()[0] == schedule
+    assert not reads
+
+
+def _rewrite_in_place(path: Path, old: bytes, new: bytes) -> None:
+    """The same inode and size, as a write in the same tick of the clock leaves it."""
+    data = path.read_bytes()
+    assert data.count(old) == 1 and len(old) == len(new)
+    with path.open("r+b") as record:
+        record.write(data.replace(old, new))
