@@ -65,6 +65,10 @@ log = logging.getLogger("relay")
 
 POLL = 1.0  # longest sleep between looks at the schedule and for kicks
 RESCAN = 60.0  # the spool directory is read again this often, as a safety net
+#: Attempts of waiting mail started at one turn of the event loop: each reads
+#: its record there, and a backlog of 50,000 released at once, started
+#: together, held up accepting and delivering for seconds.
+START_SLICE = 100
 # a message refused a connection over its upstream's limit goes again this soon,
 # in line for one of the slots that limit left (``relay.slots``)
 CROWDED_WAIT = 2.0
@@ -1043,7 +1047,8 @@ class Engine:
         the size of the queue (a wake-up per accepted message, with thousands
         of deferred messages waiting, used to walk all of them). What was just
         accepted goes first (see ``_held_back`` for the places each kind keeps):
-        after an outage the backlog, due earlier, took every place in line."""
+        after an outage the backlog, due earlier, took every place in line. Of
+        the backlog, ``START_SLICE`` at a time: ``_sleep`` is 0 while more is due."""
         now = self.clock()
         self._start_kept(now)
         while self._granted and not self._held_back(fresh=self._granted[0][1]):
@@ -1053,7 +1058,9 @@ class Engine:
             when = self._schedule.get(queue_id)  # a rescan may have planned it anew
             if when is not None and when <= now:
                 self._start((when, queue_id), now, fresh=True)
-        while self._due and self._due[0][0] <= now and not self._held_back(fresh=False):
+        for _ in range(START_SLICE):
+            if not self._due or self._due[0][0] > now or self._held_back(fresh=False):
+                break
             self._start(heapq.heappop(self._due), now, fresh=False)
 
     def _start_kept(self, now: float) -> None:
