@@ -586,13 +586,17 @@ class Spool:
         """``census`` by state, ``active`` (not tried yet) and ``deferred`` (tried,
         or held), for the metrics and ``relay status``."""
         found = {"active": Waiting(), "deferred": Waiting()}
+        first: dict[str, list[str]] = {"active": [], "deferred": []}
         for queue_id, on_disk, changed in self.census():
-            state = found["deferred" if changed else "active"]
-            state.count += 1
-            state.size += on_disk
-            arrival = queue_id_time(queue_id)
+            state = "deferred" if changed else "active"
+            found[state].count += 1
+            found[state].size += on_disk
+            first[state].append(queue_id)
+        for state, ids in first.items():  # decoding every ID took a third of a scrape
+            times = (queue_id_time(queue_id) for queue_id in sorted(ids))
+            arrival = next((t for t in times if t is not None), None)
             if arrival is not None:
-                state.oldest = max(state.oldest, now - arrival)
+                found[state].oldest = max(0.0, now - arrival)
         return found
 
     def entries(self) -> Iterator[QueueEntry]:
