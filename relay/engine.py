@@ -544,6 +544,8 @@ class Engine:
         otherwise lets go of the lock and reads the entry back when it is due.
         """
         if warm is not None:
+            with contextlib.suppress(OSError):  # else read at the next scan
+                self._records.seed(queue_id, os.fstat(warm.lock), warm.entry)
             size = len(warm.data)
             full = self._warm_bytes + size > WARM_TOTAL or self._warm_files >= self._files
             if self._stopping or size > WARM_MESSAGE or full:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from relay.deliver import attempt
-from relay.engine import Engine
+from relay.engine import Engine, Warm
 from relay.policy.model import Policy
 from relay.record import Recorder
 from relay.spool import QueueEntry, Spool, tools
@@ -134,4 +134,23 @@ async def test_a_backlog_due_at_once_starts_in_slices(spool: Spool, policy: Poli
     started = len(engine._busy)
     assert 0 < started <= 20
     assert engine._sleep() == 0.0  # the rest at the next turn
+    await engine.stop(10)
+
+
+async def test_a_message_handed_over_at_acceptance_is_not_read_at_the_next_rescan(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its record is what the receiving side stored: read again, each worker read
+    every message accepted since its last rescan, 20,000 of them after a burst."""
+    later = time.time() + 3600
+    entry = make_entry(size=len(MESSAGE), next_attempt=later)
+    assert spool.put_many([(entry, (MESSAGE,))], hold=True) == [None]
+    lock = spool.detach(entry.queue_id)
+    assert lock is not None
+    engine = Engine(spool, lambda: policy, attempt, Recorder(None))
+    engine.submit(entry.queue_id, when=later, warm=Warm(lock, entry, MESSAGE))
+    reads = _counted(spool, monkeypatch)
+    schedule = engine._read_schedule()[0]
+    assert not reads
+    assert schedule[entry.queue_id][0] == later
     await engine.stop(10)

@@ -7,18 +7,23 @@ says what changed: a record whose files have the inode, size, mtime and
 ctime they had at the last read is what was read then. Git's index trusts a
 stat the same way, with the same exception: a file changed again within the
 timestamps' resolution of its read keeps its stamp ("racily clean"), so a
-record read less than ``RACY`` seconds after its file's ctime is read again
-at the next scan too. Only what the caller keeps of a record is held.
+changed record read less than ``RACY`` seconds after its file's ctime is
+read again at the next scan too. An entry's file is never written once it
+has its name, so its first record needs no such care, and the engine hands
+over those of the entries it was given as they were accepted (``seed``):
+each worker read every new message once. Only what the caller keeps of a
+record is held.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from relay.spool.entry import QueueEntry
-from relay.spool.store import NoSuchEntry, Spool, SpoolError, Stamp
+from relay.spool.store import NoSuchEntry, Spool, SpoolError, Stamp, stamp
 
 T = TypeVar("T")
 
@@ -45,6 +50,11 @@ class Reread(Generic[T]):
         self._known: dict[str, tuple[Stamp | None, Stamp | None, T]] = {}
         self.reads = 0  # records read since the start, for the tests and the profile
 
+    def seed(self, queue_id: str, entry_file: os.stat_result, first: QueueEntry) -> None:
+        """The entry just stored, its file's stat taken after: its first record is
+        ``first``, and stays so while the file is the same."""
+        self._known[queue_id] = (stamp(entry_file), None, self._keep(first))
+
     def loaded(self) -> Iterator[tuple[str, T | SpoolError]]:
         """Each entry, oldest first, with what is kept of its record or why it
         cannot be read; entries gone since the last call are forgotten."""
@@ -64,6 +74,6 @@ class Reread(Generic[T]):
             except SpoolError as exc:
                 yield queue_id, exc
                 continue
-            racy = entry[3] >= recent or (record is not None and record[3] >= recent)
+            racy = record is not None and record[3] >= recent
             self._known[queue_id] = (None if racy else entry, record, found)
             yield queue_id, found

@@ -571,13 +571,13 @@ class Spool:
                 if not _ID.fullmatch(item.name):
                     continue
                 try:
-                    entry = _stamp(item.stat(follow_symlinks=False))
+                    entry = stamp(item.stat(follow_symlinks=False))
                 except FileNotFoundError:  # delivered and removed meanwhile
                     continue
                 record = None
                 if item.name in changed:
                     with contextlib.suppress(FileNotFoundError):  # released, or finished
-                        record = _stamp(os.lstat(self._env / f"{item.name}.json"))
+                        record = stamp(os.lstat(self._env / f"{item.name}.json"))
                 found.append((item.name, entry, record))
         found.sort()
         return found
@@ -855,7 +855,8 @@ def _checked(queue_id: str) -> str:
     return queue_id
 
 
-def _stamp(info: os.stat_result) -> Stamp:
+def stamp(info: os.stat_result) -> Stamp:
+    """What ``Stamp`` says of a file, from its stat."""
     return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
