@@ -2883,7 +2883,10 @@ def test_a_pattern_that_can_backtrack_for_ever_is_a_warning(
     assert err.getvalue() == (expected if warned else "")
 
 
-@pytest.mark.parametrize(("before", "depth"), [("", 101), ("", 350), ("", 2000), ("(?#[)", 350)])
+@pytest.mark.parametrize(
+    ("before", "depth"),
+    [("", 101), ("", 350), ("", 2000), ("(?#[)", 350), ("(?#\\)[)", 200)],
+)
 def test_a_pattern_nested_too_deeply_is_a_problem_not_a_traceback(
     tmp_path: Path, before: str, depth: int
 ) -> None:
@@ -2899,6 +2902,15 @@ def test_a_pattern_nested_too_deeply_is_a_problem_not_a_traceback(
         f"{path}:18:14: classify[0].subject: the regular expression nests its groups"
         f" {depth} deep; the relay reads 100 at most"
     ]
+
+
+def test_a_verbose_patterns_comment_hides_no_group_from_the_count() -> None:
+    """A ``[`` in a ``#`` comment of a verbose pattern began a character class
+    for the count, which then saw none of the groups on the lines after it."""
+    from relay.policy.values import _group_depth
+
+    assert _group_depth("(?x) # [ note\n" + "(" * 200 + "a" + ")" * 200) == 200
+    assert _group_depth("a#((b))") == 2  # not verbose: "#" is a character
 
 
 def test_a_pattern_nested_as_deep_as_the_limit_loads(tmp_path: Path) -> None:

@@ -555,28 +555,35 @@ _REPEATS = (re_constants.MAX_REPEAT, re_constants.MIN_REPEAT)
 MAX_GROUP_DEPTH = 100
 
 
+_VERBOSE = re.compile(r"\(\?[a-zA-Z]*x")  # (?x), (?ix), (?x:...): "#" may begin a comment
+
+
 def _group_depth(pattern: str) -> int:
     """How deep the pattern's groups nest, read from its text: an escaped
-    parenthesis, one in a character class and one in a ``(?#...)`` comment open
+    parenthesis, one in a character class and one in a comment (``(?#...)``,
+    or ``#`` to the line's end where a flag makes the pattern verbose) open
     nothing."""
+    verbose = _VERBOSE.search(pattern) is not None
     depth = deepest = 0
     escaped = False
     class_from = -1  # where the character class's members begin, -1 outside one
-    comment = False
+    comment_ends = ""  # ")" or "\n" in a comment, "" outside one
     for i, char in enumerate(pattern):
-        if comment:
-            comment = char != ")"
-        elif escaped:
+        if escaped:  # in a comment too: re's own reading skips "\)" there
             escaped = False
         elif char == "\\":
             escaped = True
+        elif comment_ends:
+            comment_ends = "" if char == comment_ends else comment_ends
         elif class_from >= 0:
             if char == "]" and i > class_from:  # a first "]" is a member
                 class_from = -1
         elif char == "[":
             class_from = i + 2 if pattern[i + 1 : i + 2] == "^" else i + 1
         elif pattern.startswith("(?#", i):
-            comment = True
+            comment_ends = ")"
+        elif char == "#" and verbose:
+            comment_ends = "\n"
         elif char == "(":
             depth += 1
             deepest = max(deepest, depth)
