@@ -29,6 +29,7 @@ class _Said:
 
     began: int = 0  # the write warned of and not yet ended; 0: none
     pid: int = 0  # the process whose write that is
+    seen: int = 0  # when that write was last seen waiting
     at: float = -EVERY  # monotonic time of the last warning
     unsaid: int = 0  # slow writes not warned of since
     counted: int = 0  # the last of them counted, so that it counts once
@@ -73,9 +74,16 @@ class DiskWatch:
                 log.info(
                     "%s: the write to the disk that waited ended after about %ds", name, seconds
                 )
-            else:  # killed, its write never ended: the log said how it ended
-                log.info("%s ended while its write to the disk waited, about %ds", name, seconds)
+            else:  # the process ended, its write finished first or not: the log says how
+                log.info(
+                    "%s has ended; its write to the disk was still waiting when last looked at,"
+                    " after %ds",
+                    name,
+                    round((said.seen - said.began) / 1e9),
+                )
             said.began = 0
+        if waiting is not None and said.began == waiting.began:
+            said.seen = now
         if waiting is None or said.began or waiting.seconds(now) < SLOW:
             return
         if now / 1e9 - said.at < EVERY:
@@ -93,7 +101,7 @@ class DiskWatch:
             self.state(),
             more,
         )
-        said.began, said.pid, said.at = waiting.began, waiting.pid, now / 1e9
+        said.began, said.pid, said.at, said.seen = waiting.began, waiting.pid, now / 1e9, now
         said.unsaid = said.counted = 0
 
     def every_second(self, stop: threading.Event) -> None:

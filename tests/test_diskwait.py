@@ -184,7 +184,8 @@ def test_a_worker_killed_in_its_write_is_not_said_to_have_ended_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Killed while its write hung, a worker got "the write ... ended after about
-    12s", named by its replacement's pid."""
+    12s", named by its replacement's pid. Whether the write finished before the
+    process ended cannot be seen: what was seen is said."""
     waits = DiskWaits(2)
     watch = DiskWatch(waits, lambda: Path("/srv/state"))
     second = 1_000_000_000
@@ -197,7 +198,8 @@ def test_a_worker_killed_in_its_write_is_not_said_to_have_ended_it(
         waits.words[waits.width] = 4343  # its replacement
         watch.look(108 * second)
     assert [r.getMessage() for r in caplog.records][1:] == [
-        "worker 1 (pid 4242) ended while its write to the disk waited, about 7s"
+        "worker 1 (pid 4242) has ended; its write to the disk was still waiting when last"
+        " looked at, after 6s"
     ]
 
 
