@@ -113,6 +113,29 @@ def test_a_record_changed_in_the_tick_it_was_read_in_is_read_again(
     assert not reads
 
 
+def test_a_record_rewritten_with_its_inode_and_size_is_read_again_by_its_times(
+    spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ext4 gives every second rewrite of a record the inode it had, and a
+    deferral leaves the size as it was: only the file's times tell the change."""
+    (entry,) = _queued(spool, 1)
+    entry.next_attempt = 1_800_000_000.25
+    spool.update(entry)
+    clock = [time.time() + 60]
+    engine = Engine(spool, lambda: policy, attempt, Recorder(None), clock=lambda: clock[0])
+    reads = _counted(spool, monkeypatch)
+    engine._read_schedule()
+    assert reads == {entry.queue_id: 1}
+
+    record = spool.directory / "env" / f"{entry.queue_id}.json"
+    time.sleep(0.01)  # a tick of the file system's clock, fine-grained here
+    _rewrite_in_place(record, b"1800000000.25", b"1800000500.25")
+    clock[0] += 60
+    reads.clear()
+    assert engine._read_schedule()[0][entry.queue_id][0] == 1_800_000_500.25
+    assert reads == {entry.queue_id: 1}
+
+
 def _rewrite_in_place(path: Path, old: bytes, new: bytes) -> None:
     """The same inode and size, as a write in the same tick of the clock leaves it."""
     data = path.read_bytes()
