@@ -2906,11 +2906,18 @@ def test_a_pattern_nested_too_deeply_is_a_problem_not_a_traceback(
 
 def test_a_verbose_patterns_comment_hides_no_group_from_the_count() -> None:
     """A ``[`` in a ``#`` comment of a verbose pattern began a character class
-    for the count, which then saw none of the groups on the lines after it."""
+    for the count, which then saw none of the groups on the lines after it; a
+    ``#`` where the x flag is not on is a character, and hides nothing."""
     from relay.policy.values import _group_depth
 
-    assert _group_depth("(?x) # [ note\n" + "(" * 200 + "a" + ")" * 200) == 200
+    deep = "(" * 200 + "a" + ")" * 200
+    assert _group_depth("(?x) # [ note\n" + deep) == 200
     assert _group_depth("a#((b))") == 2  # not verbose: "#" is a character
+    # the x flag of a group ends with it, (?-x: turns it off, \(?x is no flag
+    assert _group_depth("(?x:a)\n" + "(a#)\n" * 150) == 1
+    assert _group_depth("(?x)\n" + "(?-x:a#)\n" * 150) == 1
+    assert _group_depth("\\(?x#" + deep) == 200
+    assert _group_depth("(?x:a)#" + deep) == 200
 
 
 def test_a_pattern_nested_as_deep_as_the_limit_loads(tmp_path: Path) -> None:

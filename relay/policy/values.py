@@ -555,19 +555,19 @@ _REPEATS = (re_constants.MAX_REPEAT, re_constants.MIN_REPEAT)
 MAX_GROUP_DEPTH = 100
 
 
-_VERBOSE = re.compile(r"\(\?[a-zA-Z]*x")  # (?x), (?ix), (?x:...): "#" may begin a comment
+#: a group's inline flags: what it turns on, what off (``(?x)``, ``(?ix:``, ``(?-x:``)
+_FLAGS = re.compile(r"\(\?([aiLmsux]*)(?:-([imsx]*))?[:)]")
 
 
 def _group_depth(pattern: str) -> int:
     """How deep the pattern's groups nest, read from its text: an escaped
     parenthesis, one in a character class and one in a comment (``(?#...)``,
-    or ``#`` to the line's end where a flag makes the pattern verbose) open
-    nothing."""
-    verbose = _VERBOSE.search(pattern) is not None
+    or ``#`` to the line's end where the x flag is on) open nothing."""
     depth = deepest = 0
     escaped = False
     class_from = -1  # where the character class's members begin, -1 outside one
     comment_ends = ""  # ")" or "\n" in a comment, "" outside one
+    verbose = [False]  # the x flag in each group open, the pattern's own first
     for i, char in enumerate(pattern):
         if escaped:  # in a comment too: re's own reading skips "\)" there
             escaped = False
@@ -582,13 +582,23 @@ def _group_depth(pattern: str) -> int:
             class_from = i + 2 if pattern[i + 1 : i + 2] == "^" else i + 1
         elif pattern.startswith("(?#", i):
             comment_ends = ")"
-        elif char == "#" and verbose:
+        elif char == "#" and verbose[-1]:
             comment_ends = "\n"
         elif char == "(":
+            flags = _FLAGS.match(pattern, i)
+            on = verbose[-1]
+            if flags is not None:
+                on = ("x" in flags[1] or on) and "x" not in (flags[2] or "")
+            if flags is not None and flags[0].endswith(")"):  # (?x): the rest of the pattern
+                verbose[0] = on if i == 0 else verbose[0]
+                continue
+            verbose.append(on)
             depth += 1
             deepest = max(deepest, depth)
         elif char == ")":
             depth = max(depth - 1, 0)
+            if len(verbose) > 1:
+                verbose.pop()
     return deepest
 
 
