@@ -30,6 +30,14 @@ class _Said:
     began: int = 0  # the write warned of and not yet ended; 0: none
     pid: int = 0  # the process whose write that is
     seen: int = 0  # when that write was last seen waiting
+
+    def took(self, now: int) -> str:
+        """How long the write warned of took, as far as the looks can tell: a
+        look that came round late (the supervisor's own write held its loop)
+        said 40 s of a write of 7."""
+        least, most = round((self.seen - self.began) / 1e9), round((now - self.began) / 1e9)
+        return f"about {most}s" if most - least <= 1 else f"{least}s to {most}s"
+
     at: float = -EVERY  # monotonic time of the last warning
     unsaid: int = 0  # slow writes not warned of since
     counted: int = 0  # the last of them counted, so that it counts once
@@ -69,10 +77,9 @@ class DiskWatch:
         waiting = self.waits.oldest(index)
         if said.began and (waiting is None or waiting.began != said.began):
             name = self.waits.name(index, said.pid)
-            seconds = round((now - said.began) / 1e9)
             if self.waits.words[index * self.waits.width] == said.pid:
                 log.info(
-                    "%s: the write to the disk that waited ended after about %ds", name, seconds
+                    "%s: the write to the disk that waited ended after %s", name, said.took(now)
                 )
             else:  # the process ended, its write finished first or not: the log says how
                 log.info(

@@ -203,6 +203,25 @@ def test_a_worker_killed_in_its_write_is_not_said_to_have_ended_it(
     ]
 
 
+def test_a_look_that_comes_late_says_how_long_the_write_took_as_a_range(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The supervisor's loop, held by its own write, came round 33 s after a
+    worker's write of 7 s had ended: "ended after about 40s"."""
+    waits = DiskWaits(2)
+    watch = DiskWatch(waits, lambda: Path("/srv/state"))
+    second = 1_000_000_000
+    waits.words[waits.width] = 4242
+    waits.words[waits.width + 1] = 100 * second
+    with caplog.at_level(logging.INFO, logger="relay"):
+        watch.look(106 * second)
+        waits.words[waits.width + 1] = 0
+        watch.look(140 * second)
+    assert caplog.records[-1].getMessage() == (
+        "worker 1 (pid 4242): the write to the disk that waited ended after 6s to 40s"
+    )
+
+
 def test_the_supervisors_own_slow_writes_are_said_once_a_minute(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
