@@ -2918,6 +2918,8 @@ def test_a_verbose_patterns_comment_hides_no_group_from_the_count() -> None:
     assert _group_depth("(?x)\n" + "(?-x:a#)\n" * 150) == 1
     assert _group_depth("\\(?x#" + deep) == 200
     assert _group_depth("(?x:a)#" + deep) == 200
+    assert _group_depth("(?i)(?x)#[\n" + deep) == 200  # global flags after others
+    assert _group_depth("(?#n)(?x)# (((\na") == 0
 
 
 def test_a_pattern_nested_as_deep_as_the_limit_loads(tmp_path: Path) -> None:

@@ -590,7 +590,7 @@ def _group_depth(pattern: str) -> int:
             if flags is not None:
                 on = ("x" in flags[1] or on) and "x" not in (flags[2] or "")
             if flags is not None and flags[0].endswith(")"):  # (?x): the rest of the pattern
-                verbose[0] = on if i == 0 else verbose[0]
+                verbose[0] = on if depth == 0 else verbose[0]  # after (?i) or (?#...) too
                 continue
             verbose.append(on)
             depth += 1
