@@ -31,16 +31,16 @@ class _Said:
     pid: int = 0  # the process whose write that is
     seen: int = 0  # when that write was last seen waiting
 
+    at: float = -EVERY  # monotonic time of the last warning
+    unsaid: int = 0  # slow writes not warned of since
+    counted: int = 0  # the last of them counted, so that it counts once
+
     def took(self, now: int) -> str:
         """How long the write warned of took, as far as the looks can tell: a
         look that came round late (the supervisor's own write held its loop)
         said 40 s of a write of 7."""
         least, most = round((self.seen - self.began) / 1e9), round((now - self.began) / 1e9)
         return f"about {most}s" if most - least <= 1 else f"{least}s to {most}s"
-
-    at: float = -EVERY  # monotonic time of the last warning
-    unsaid: int = 0  # slow writes not warned of since
-    counted: int = 0  # the last of them counted, so that it counts once
 
 
 class DiskWatch:
