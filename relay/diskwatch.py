@@ -30,7 +30,6 @@ class _Said:
     began: int = 0  # the write warned of and not yet ended; 0: none
     pid: int = 0  # the process whose write that is
     seen: int = 0  # when that write was last seen waiting
-
     at: float = -EVERY  # monotonic time of the last warning
     unsaid: int = 0  # slow writes not warned of since
     counted: int = 0  # the last of them counted, so that it counts once
