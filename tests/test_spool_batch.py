@@ -188,6 +188,38 @@ def test_a_batch_where_every_entry_fails_stores_nothing(spool: Spool) -> None:
     assert all_files(spool.directory) == []
 
 
+def test_a_batch_whose_directory_fsync_fails_stores_nothing(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The names of the batch's files may not survive a crash: each client gets
+    an error and sends the message again, so an entry left behind would be
+    delivered twice."""
+
+    def failing(directory: Path) -> None:
+        raise SpoolError(directory, "Input/output error")
+
+    monkeypatch.setattr(store_module, "_fsync_dir", failing)
+    entries = [make_entry(size=len(message(n))) for n in range(3)]
+    failures = spool.put_many([(e, [message(n)]) for n, e in enumerate(entries)])
+    assert [f.strerror if f else None for f in failures] == ["Input/output error"] * 3
+    assert all_files(spool.directory) == []
+
+
+def test_a_changed_record_a_crash_left_behind_keeps_its_queue_id_taken(spool: Spool) -> None:
+    """``remove`` unlinks the entry's file before its changed record, and a crash
+    between them leaves the record until ``recover``: a new entry stored under
+    that ID would be loaded with the old one's recipients and attempts."""
+    old = make_entry(size=len(message(1)))
+    spool.put(old, message(1))
+    old.attempts = 1
+    spool.update(old)
+    spool.message_path(old.queue_id).unlink()
+    clash = make_entry(old.queue_id, size=len(message(2)), tenant="globex")
+    (failure,) = spool.put_many([(clash, [message(2)])])
+    assert isinstance(failure, SpoolError) and "already" in failure.strerror
+    assert all_files(spool.directory) == [f"env/{old.queue_id}.json"]
+
+
 def test_remove_many_with_one_missing_id(spool: Spool, dir_syncs: list[str]) -> None:
     kept = make_entry()
     first, second = make_entry(), make_entry()
