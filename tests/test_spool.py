@@ -122,6 +122,7 @@ def test_record_holds_every_field_in_declaration_order() -> None:
     [
         lambda r: r.pop("queue_id"),
         lambda r: r.pop("version"),
+        lambda r: r.update(version=0),
         lambda r: r.update(arrival="yesterday"),
         lambda r: r.update(arrival=float("nan")),
         lambda r: r.update(next_attempt=1e300),
@@ -341,6 +342,20 @@ def test_crash_during_remove_leaves_only_an_orphan_record(
     age(record, 120)
     assert spool.recover() == 0
     assert all_files(spool.directory) == []
+
+
+def test_a_record_copied_from_another_entry_is_not_loaded_as_this_one(spool: Spool) -> None:
+    """A record copied over another's (a restore, a slip with ``cp``) would send
+    this entry's message with the other's envelope and recipients."""
+    first, second = make_entry(size=len(MESSAGE)), make_entry(size=len(MESSAGE))
+    spool.put(first, MESSAGE)
+    spool.put(second, MESSAGE)
+    second.attempts = 1
+    spool.update(second)
+    env = spool.directory / "env"
+    (env / f"{first.queue_id}.json").write_bytes((env / f"{second.queue_id}.json").read_bytes())
+    with pytest.raises(SpoolError, match=f"record is for queue ID {second.queue_id}"):
+        spool.load(first.queue_id)
 
 
 def test_lock_held_by_another_process_is_busy(spool: Spool) -> None:
