@@ -975,6 +975,24 @@ def test_the_shared_head_never_names_a_record_before_its_fsync(tmp_path: Path) -
     assert (tmp_path / writer.HEAD_FILE).read_bytes().split()[0] == b"%020d" % 3
 
 
+def test_the_shared_head_never_goes_back_to_an_older_record_of_another_writer(
+    tmp_path: Path,
+) -> None:
+    """One worker's fsync of an older record, made after another worker shared a
+    newer one, must leave ``.head`` at the newer: taken back, the newest record
+    could be cut from the log's end and verify would not notice."""
+    clock = Clock()
+    slow, fast = AuditLog(tmp_path, clock=clock), AuditLog(tmp_path, clock=clock)
+    slow.append(_failed(1))
+    slow.append_many([_failed(2)], sync=False)
+    fast.append(_failed(3))
+    newest = fast.head
+    slow.sync()
+    assert reader.read_head(tmp_path) == newest
+    _drop_last_lines(reader.day_files(tmp_path)[-1].path, 1)
+    assert verify(tmp_path).problem is not None
+
+
 def test_a_torn_shared_head_is_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with AuditLog(tmp_path, clock=Clock()) as log:
         log.append(_failed(1))
