@@ -87,6 +87,26 @@ def test_a_changed_record_with_a_recomputed_hash(log_dir: Path) -> None:
     assert f"does not chain to the record before it ({DAY1} line 4)" in message
 
 
+def test_a_key_written_twice_so_its_first_value_differs_from_what_was_sealed(
+    log_dir: Path,
+) -> None:
+    """JSON readers differ on a key written twice: Python keeps the last value (the
+    one the hash covers), ``grep`` and many tools show the first. A record shown
+    with a recipient it was never delivered to must not verify."""
+    path = log_dir / DAY1
+    lines = _lines(path)
+    real = b'"recipient":"buyer@customer.example",'
+    forged = b'"recipient":"someone@else.example",' + real
+    assert real in lines[3]
+    lines[3] = lines[3].replace(real, forged)
+    path.write_bytes(b"".join(lines))
+    assert _problem(log_dir) == (
+        DAY1,
+        4,
+        "record seq 4 was changed: its hash does not match its content",
+    )
+
+
 def test_a_deleted_line(log_dir: Path) -> None:
     path = log_dir / DAY1
     lines = _lines(path)
@@ -215,6 +235,25 @@ def test_retention_is_told_apart_from_removal(log_dir: Path) -> None:
     )
     (log_dir / DAY2).unlink()  # removing more than retention did is still caught
     assert _problem(log_dir)[:2] == (DAY3, 1)
+
+
+def test_a_start_after_retention_must_chain_to_the_record_retention_names(
+    log_dir: Path,
+) -> None:
+    """The ``pruned`` record names the hash of the last record it deleted: the
+    first one kept must chain to it, as seq 1 must to the genesis, or any chain
+    recomputed from there on, in a copy without ``.head``, passes for the log."""
+    AuditLog(log_dir, retention_days=1, clock=Clock(START + timedelta(days=2))).maintain()
+    (log_dir / reader.HEAD_FILE).unlink()
+    prev = "0" * 64
+    for name in (DAY2, DAY3):
+        path = log_dir / name
+        lines = []
+        for line in _lines(path):
+            lines.append(_resealed(line, prev=prev))
+            prev = json.loads(lines[-1])["hash"]
+        path.write_bytes(b"".join(lines))
+    assert _problem(log_dir)[:2] == (DAY2, 1)
 
 
 def test_a_replaced_start_of_the_log(log_dir: Path) -> None:
