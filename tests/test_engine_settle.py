@@ -257,6 +257,26 @@ async def test_an_entry_not_removed_stays_when_the_directory_fsync_fails_too(
     assert outcomes(audit.directory, small.queue_id) == DELIVERED
 
 
+def test_an_entry_whose_file_went_meanwhile_is_let_go_not_kept_as_stuck(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """Its outcome is on disk and nothing is left to remove: kept waiting, its
+    lock was held for good, it was reported as an entry the queue refuses to
+    remove, and it took a place among those that may wait."""
+    audit = AuditLog(tmp_path / "audit")
+    settler = settle_module.Settler(spool, Recorder(audit))
+    entry = make_entry(size=len(message(1)))
+    spool.put(entry, message(1))
+    lock = settle_module.EntryLock(spool.acquire(entry.queue_id))
+    records = [delivered_to(entry, r.address) for r in entry.recipients]
+    finished = settle_module.Finished(entry.queue_id, records, lock, entry.size)
+    spool.message_path(entry.queue_id).unlink()
+    assert settler.finish_many([finished, settle_module.Settle()]) == [None, None]
+    assert settler.waiting == 0 and not settler.stuck(entry.queue_id)
+    assert lock.fd is None
+    assert outcomes(audit.directory, entry.queue_id) == DELIVERED
+
+
 async def test_another_worker_tries_an_entry_held_for_long_less_and_less_often(
     spool: Spool, policy: Policy, outbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

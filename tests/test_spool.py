@@ -127,6 +127,7 @@ def test_record_holds_every_field_in_declaration_order() -> None:
         lambda r: r.update(arrival=float("nan")),
         lambda r: r.update(next_attempt=1e300),
         lambda r: r.update(held="no"),
+        lambda r: r.update(attempts=True),
         lambda r: r["recipients"][0].update(status="lost"),
         lambda r: r["recipients"][0].pop("notify"),
         lambda r: r.update(recipients={"a": 1}),
