@@ -100,6 +100,27 @@ def test_a_line_cut_short_by_a_crash_spoils_no_other(tmp_path: Path) -> None:
     assert not listing.unfinished
 
 
+def test_a_line_read_while_it_was_being_written_is_taken_once_it_is_whole(
+    tmp_path: Path,
+) -> None:
+    """A reader takes no lock, so it may read another writer's line half written:
+    the half is kept for the rest, or the worker that read it would never list
+    the address, and would go on sending to it."""
+    path = tmp_path / "s.jsonl"
+    SuppressionFile(path).add([_entry("a@example.org")])
+    line = (
+        b'{"v":1,"op":"add","address":"gone@example.org","tenant":null,'
+        b'"reason":"manual","since":"2026-01-02T03:04:05.000Z"}\n'
+    )
+    reader = SuppressionFile(path)
+    with path.open("ab") as f:
+        f.write(line[:30])
+        f.flush()
+        assert reader.current().find("gone@example.org", "acme") is None
+        f.write(line[30:])
+    assert reader.current().find("gone@example.org", "acme") is not None
+
+
 def test_a_replaced_file_is_read_again_from_its_start(tmp_path: Path) -> None:
     path = tmp_path / "s.jsonl"
     reader = SuppressionFile(path)
