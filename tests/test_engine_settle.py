@@ -277,6 +277,28 @@ def test_an_entry_whose_file_went_meanwhile_is_let_go_not_kept_as_stuck(
     assert outcomes(audit.directory, entry.queue_id) == DELIVERED
 
 
+def test_the_entry_that_fills_the_settler_makes_the_records_durable_itself(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """The engine starts no delivery while ``WAITING_MAX`` entries wait: unless
+    the batch that fills it fsyncs the audit log, deliveries stand still until
+    the next quiet-relay poll, and the entries stay locked until then."""
+    audit = AuditLog(tmp_path / "audit")
+    settler = settle_module.Settler(spool, Recorder(audit))
+    items = []
+    for n in range(settle_module.WAITING_MAX):
+        entry = make_entry(size=len(message(n)))
+        spool.put(entry, message(n))
+        lock = settle_module.EntryLock(spool.acquire(entry.queue_id))
+        records = [delivered_to(entry, r.address) for r in entry.recipients]
+        items.append(settle_module.Finished(entry.queue_id, records, lock, entry.size))
+    assert settler.finish_many(items[:-1]) == [None] * (len(items) - 1)
+    assert settler.waiting == len(items) - 1 and len(spool.ids()) == len(items)
+    assert settler.finish_many(items[-1:]) == [None]
+    assert settler.waiting == 0 and spool.ids() == []
+    assert all(item.lock.fd is None for item in items)
+
+
 async def test_another_worker_tries_an_entry_held_for_long_less_and_less_often(
     spool: Spool, policy: Policy, outbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
