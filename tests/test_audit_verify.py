@@ -242,7 +242,8 @@ def test_a_start_after_retention_must_chain_to_the_record_retention_names(
 ) -> None:
     """The ``pruned`` record names the hash of the last record it deleted: the
     first one kept must chain to it, as seq 1 must to the genesis, or any chain
-    recomputed from there on, in a copy without ``.head``, passes for the log."""
+    recomputed from there on, in a copy without ``.head``, passes for the log.
+    Said as such: it was "records 12..11 missing before it"."""
     AuditLog(log_dir, retention_days=1, clock=Clock(START + timedelta(days=2))).maintain()
     (log_dir / reader.HEAD_FILE).unlink()
     prev = "0" * 64
@@ -253,7 +254,10 @@ def test_a_start_after_retention_must_chain_to_the_record_retention_names(
             lines.append(_resealed(line, prev=prev))
             prev = json.loads(lines[-1])["hash"]
         path.write_bytes(b"".join(lines))
-    assert _problem(log_dir)[:2] == (DAY2, 1)
+    file, line, message = _problem(log_dir)
+    assert (file, line) == (DAY2, 1)
+    assert "the records before it are not the ones retention deleted" in message, message
+    assert "missing" not in message, message  # "records 12..11 missing before it"
 
 
 def test_a_replaced_start_of_the_log(log_dir: Path) -> None:

@@ -456,10 +456,18 @@ class _Verifier:
         if earlier:
             pruned = max(earlier, key=lambda r: r["through_seq"])
             through = pruned["through_seq"]
-            message = (
-                f"the chain starts at seq {seq}: {_span(through + 1, seq - 1)} missing before"
-                f" it; retention deleted only {_span(1, through)} (at {pruned['time']})"
-            )
+            if through == seq - 1:  # none missing: its link is not to what retention deleted
+                message = (
+                    f"the chain starts at seq {seq}, whose link to record {through} is not"
+                    f" the hash retention recorded for it (at {pruned['time']}): the records"
+                    " before it are not the ones retention deleted"
+                )
+            else:
+                message = (
+                    f"the chain starts at seq {seq}: {_span(through + 1, seq - 1)} missing"
+                    f" before it; retention deleted only {_span(1, through)} (at"
+                    f" {pruned['time']})"
+                )
         else:
             message = (
                 f"the chain starts at seq {seq}: {_span(1, seq - 1)} missing before it"
