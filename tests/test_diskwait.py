@@ -180,23 +180,31 @@ def test_a_minute_between_warnings_the_next_counting_those_not_logged(
         ), said
 
 
+SECOND = 1_000_000_000
+
+
+def _a_write_since_100s() -> tuple[DiskWaits, DiskWatch]:
+    """Worker 1, pid 4242, in a write begun at 100 s of the monotonic clock."""
+    waits = DiskWaits(2)
+    watch = DiskWatch(waits, lambda: Path("/srv/state"))
+    waits.words[waits.width] = 4242
+    waits.words[waits.width + 1] = 100 * SECOND
+    return waits, watch
+
+
 def test_a_worker_killed_in_its_write_is_not_said_to_have_ended_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Killed while its write hung, a worker got "the write ... ended after about
     12s", named by its replacement's pid. Whether the write finished before the
     process ended cannot be seen: what was seen is said."""
-    waits = DiskWaits(2)
-    watch = DiskWatch(waits, lambda: Path("/srv/state"))
-    second = 1_000_000_000
-    waits.words[waits.width] = 4242
-    waits.words[waits.width + 1] = 100 * second
+    waits, watch = _a_write_since_100s()
     with caplog.at_level(logging.INFO, logger="relay"):
-        watch.look(106 * second)
+        watch.look(106 * SECOND)
         waits.clear(1)
-        watch.look(107 * second)
+        watch.look(107 * SECOND)
         waits.words[waits.width] = 4343  # its replacement
-        watch.look(108 * second)
+        watch.look(108 * SECOND)
     assert [r.getMessage() for r in caplog.records][1:] == [
         "worker 1 (pid 4242) has ended; its write to the disk was still waiting when last"
         " looked at, after 6s"
@@ -208,15 +216,11 @@ def test_a_look_that_comes_late_says_how_long_the_write_took_as_a_range(
 ) -> None:
     """The supervisor's loop, held by its own write, came round 33 s after a
     worker's write of 7 s had ended: "ended after about 40s"."""
-    waits = DiskWaits(2)
-    watch = DiskWatch(waits, lambda: Path("/srv/state"))
-    second = 1_000_000_000
-    waits.words[waits.width] = 4242
-    waits.words[waits.width + 1] = 100 * second
+    waits, watch = _a_write_since_100s()
     with caplog.at_level(logging.INFO, logger="relay"):
-        watch.look(106 * second)
+        watch.look(106 * SECOND)
         waits.words[waits.width + 1] = 0
-        watch.look(140 * second)
+        watch.look(140 * SECOND)
     assert caplog.records[-1].getMessage() == (
         "worker 1 (pid 4242): the write to the disk that waited ended after 6s to 40s"
     )
