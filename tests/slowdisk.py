@@ -1,6 +1,7 @@
 """A disk that is slow or hangs, for the relay's fsyncs: a library preloaded into
 the process (``LD_PRELOAD``) that waits before each fsync and fdatasync for as
-long as a file says (ms; -1: until the file says something else)."""
+long as a file says (ms; -1: until the file says something else), of every
+file or only of those whose path holds a given part."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ SOURCE = r"""
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -33,8 +36,23 @@ static long delay_ms(void) {
     return atol(buf);
 }
 
-static void wait_for_disk(void) {
+static int on_slow_disk(int fd) {
+    const char *only = getenv("SLOWDISK_ONLY");
+    if (!only) return 1;
+    char link[64], target[4096];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, target, sizeof target - 1);
+    if (n < 0) return 0;
+    target[n] = 0;
+    return strstr(target, only) != NULL;
+}
+
+static void wait_for_disk(int fd) {
     int saved = errno;
+    if (!on_slow_disk(fd)) {
+        errno = saved;
+        return;
+    }
     long ms = delay_ms();
     while (ms < 0) {
         struct timespec tick = {0, 50000000L};
@@ -51,22 +69,25 @@ static void wait_for_disk(void) {
 int fsync(int fd) {
     static int (*real)(int);
     if (!real) real = dlsym(RTLD_NEXT, "fsync");
-    wait_for_disk();
+    wait_for_disk(fd);
     return real(fd);
 }
 
 int fdatasync(int fd) {
     static int (*real)(int);
     if (!real) real = dlsym(RTLD_NEXT, "fdatasync");
-    wait_for_disk();
+    wait_for_disk(fd);
     return real(fd);
 }
 """
 
 
-def slow_disk(directory: Path, delay_ms: int = 0) -> tuple[dict[str, str], Path]:
+def slow_disk(
+    directory: Path, delay_ms: int = 0, only: str | None = None
+) -> tuple[dict[str, str], Path]:
     """The environment that runs a process on the slow disk, and the file that
-    says its delay; the test is skipped without a C compiler."""
+    says its delay; ``only``: a part of the path of the files it delays, else
+    every file's. The test is skipped without a C compiler."""
     if shutil.which("gcc") is None:
         pytest.skip("gcc is not installed")
     source, library = directory / "slowdisk.c", directory / "slowdisk.so"
@@ -78,4 +99,6 @@ def slow_disk(directory: Path, delay_ms: int = 0) -> tuple[dict[str, str], Path]
     delay = directory / "delay_ms"
     delay.write_text(str(delay_ms))
     env = {**os.environ, "LD_PRELOAD": str(library), "SLOWDISK_FILE": str(delay)}
+    if only is not None:
+        env["SLOWDISK_ONLY"] = only
     return env, delay

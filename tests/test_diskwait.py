@@ -11,6 +11,7 @@ import smtplib
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from relay import diskwait
-from relay.diskwait import DiskWaits
+from relay.diskwait import SLOW, DiskWaits
 from relay.diskwatch import DiskWatch
 from relay.policy.load import load
 from tests.relayproc import RelayProcess, wait_for
@@ -139,6 +140,34 @@ def test_a_hung_disk_is_said_while_the_client_waits_and_when_it_answers(
         assert json.loads(_get(metrics, "/readyz")[1])["checks"]["disk"] == "answering"
         assert _value(_samples(metrics), "relay_disk_write_waiting_seconds") < 5
         slow.sink.sink.wait(1)
+
+
+def test_a_directory_upstreams_hung_disk_is_not_the_state_disk(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """An outbox on a disk that hangs holds its deliveries, not the 250: the
+    watch warned that clients waited on the state directory's disk, and
+    ``/readyz`` said 503, while mail was taken at full speed."""
+    env, delay = slow_disk(tmp_path, only="/outbox/")
+    port, metrics = free_port(), free_port()
+    text = policy_file.read_text().replace("port: 2525", f"port: {port}")
+    extra = f"workers: 2\nmetrics: {{address: 127.0.0.1, port: {metrics}}}\n"
+    policy_file.write_text(text + extra)
+    outbox = load(policy_file).upstreams["default"].path
+    with RelayProcess(policy_file, port, tmp_path / "relay.log", env=env) as relay:
+        wait_for(lambda: f"metrics on http://127.0.0.1:{metrics}/metrics" in relay.log())
+        delay.write_text("-1")
+        replies: list[int] = []
+        _offer(port, replies)
+        assert replies == [250]
+        wait_for(lambda: outbox.is_dir() and any(outbox.iterdir()))  # its file, waiting
+        time.sleep(SLOW + 1.5)
+        assert not list(outbox.glob("*.eml"))  # still waiting
+        assert WARNED not in relay.log()
+        assert _get(metrics, "/readyz")[0] == 200
+        assert _value(_samples(metrics), "relay_disk_write_waiting_seconds") == 0
+        delay.write_text("0")
+        wait_for(lambda: len(list(outbox.glob("*.eml"))) == 1)
 
 
 def test_a_minute_between_warnings_the_next_counting_those_not_logged(
