@@ -360,29 +360,11 @@ def test_silent_connections_give_their_slots_up_to_a_health_check(policy_file: P
     them waited as long (at 32 of them it was closed unanswered after 1 s, at
     40 answered after 4.4 s). One silent for half a second gives its slot up
     to the next, and the server still holds no more connections than slots."""
-    from relay.metrics import status
-    from relay.metrics.serve import MAX_CLIENTS, MetricsServer
-    from relay.policy.load import load
-    from relay.policy.model import MetricsSettings
-    from relay.spool import Spool
+    from relay.metrics.serve import MAX_CLIENTS
 
-    policy = load(configure(policy_file, free_port(), free_port()))
-    Spool(policy.queue.directory)
-    server = MetricsServer(MetricsSettings("127.0.0.1", free_port()), policy)
-    server.start(lambda: policy)
-    status.beat()
-    address = ("127.0.0.1", server.settings.port)
-    silent = [socket.create_connection(address, timeout=5) for _ in range(MAX_CLIENTS + 8)]
-    try:
-        time.sleep(0.7)  # those holding the slots silent for over half a second
-        began = time.monotonic()
-        answer = _get(server.settings.port, "/healthz")[:2]
-        took = time.monotonic() - began
-        held = len(server._http.open_requests)
-    finally:
-        for sock in silent:
-            sock.close()
-        server.stop()
+    server, policy = _metrics_server(policy_file)
+    # those holding the slots silent for over half a second
+    answer, took, held = _health_behind_silent(server, policy, MAX_CLIENTS + 8, settle=0.7)
     assert answer == (200, b"ok\n")
     assert took < 2.0, f"answered after {took:.1f}s"
     assert held <= MAX_CLIENTS
@@ -436,6 +418,27 @@ def _metrics_server(policy_file: Path, limit: int | None = None) -> tuple[Metric
     return server, policy
 
 
+def _health_behind_silent(
+    server: MetricsServer, policy: Policy, count: int, settle: float
+) -> tuple[tuple[int, bytes], float, int]:
+    """``/healthz``'s answer, its seconds and the requests the server held, asked
+    ``settle`` seconds after ``count`` connections that send nothing; the
+    server is stopped after."""
+    server.start(lambda: policy)
+    address = ("127.0.0.1", server.settings.port)
+    silent: list[socket.socket] = []
+    try:
+        silent.extend(socket.create_connection(address, timeout=5) for _ in range(count))
+        time.sleep(settle)  # accepted, or in the kernel's queue
+        answer, took = _timed_health(server.settings.port)
+        held = len(server._http.open_requests)
+    finally:
+        for sock in silent:
+            sock.close()
+        server.stop()
+    return answer, took, held
+
+
 @pytest.mark.usefixtures("files")
 def test_many_silent_connections_hold_up_no_health_check(policy_file: Path) -> None:
     """1,000 connections opened at once, none sending anything: a health check
@@ -443,17 +446,7 @@ def test_many_silent_connections_hold_up_no_health_check(policy_file: Path) -> N
     took a request thread until it was found silent. Waiting for their first
     bytes costs them no thread, and the check is answered at once."""
     server, policy = _metrics_server(policy_file)
-    server.start(lambda: policy)
-    address = ("127.0.0.1", server.settings.port)
-    silent: list[socket.socket] = []
-    try:
-        silent.extend(socket.create_connection(address, timeout=5) for _ in range(MANY_SILENT))
-        time.sleep(0.2)  # accepted, or in the kernel's queue
-        answer, took = _timed_health(server.settings.port)
-    finally:
-        for sock in silent:
-            sock.close()
-        server.stop()
+    answer, took, _ = _health_behind_silent(server, policy, MANY_SILENT, settle=0.2)
     assert answer == (200, b"ok\n")
     assert took < 2.0, f"answered after {took:.1f}s"
 
