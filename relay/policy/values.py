@@ -562,7 +562,8 @@ _FLAGS = re.compile(r"\(\?([aiLmsux]*)(?:-([imsx]*))?[:)]")
 def _group_depth(pattern: str) -> int:
     """How deep the pattern's groups nest, read from its text: an escaped
     parenthesis, one in a character class and one in a comment (``(?#...)``,
-    or ``#`` to the line's end where the x flag is on) open nothing."""
+    or ``#`` to the line's end where the x flag is on) open nothing, nor does
+    the condition of a conditional group (``(?(1)``)."""
     depth = deepest = 0
     escaped = False
     class_from = -1  # where the character class's members begin, -1 outside one
@@ -595,6 +596,8 @@ def _group_depth(pattern: str) -> int:
             verbose.append(on)
             depth += 1
             deepest = max(deepest, depth)
+            if pattern.startswith("(?(", i):  # (?(1)yes|no): the condition is no group
+                comment_ends = ")"
         elif char == ")":
             depth = max(depth - 1, 0)
             if len(verbose) > 1:
