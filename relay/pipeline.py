@@ -163,7 +163,8 @@ def _check_header_block(data: bytes, body: int) -> None:
     customer got a blank message with only the relay's fields.
     """
     if body < len(data) and not data.startswith((b"\r\n", b"\n"), body):
-        line = data[body : body + _QUOTED + 2].split(b"\n", 1)[0].removesuffix(b"\r")
+        end = data.find(b"\n", body)
+        line = data[body : len(data) if end < 0 else end].removesuffix(b"\r")
         quoted = repr(line[:_QUOTED])[1:] + ("..." if len(line) > _QUOTED else "")
         raise Rejected(550, "5.6.0", f"Malformed header line: {quoted} ({_why_malformed(line)})")
     if body == 0:  # only then: rstrip copies the message, 25 MB of it at most
@@ -179,7 +180,8 @@ _QUOTED = 78  # bytes of a malformed header line quoted in the refusal
 
 def _why_malformed(line: bytes) -> str:
     """What makes ``line`` neither a field nor a continuation, for the ERP's
-    developer: the quote alone did not say, least of all of a leading space."""
+    developer: the quote alone did not say, least of all of a leading space.
+    The whole line is judged, not the quote: a long name's colon lies past it."""
     if line[:1] in (b" ", b"\t"):
         return "a continued line before the first header field"
     name, colon, _ = line.partition(b":")

@@ -45,9 +45,18 @@ def _refusal(data: bytes) -> str:
             b"Subject: y\r\n" + b"x" * 100 + b"\r\n",
             "'" + "x" * 78 + "'... (no colon: not a header field)",
         ),
+        (
+            b"Subject: y\r\nX-" + b"N" * 100 + b" : v\r\n\r\nbody\r\n",
+            "'X-" + "N" * 76 + "'... (white space before the colon)",
+        ),
+        (
+            b"Subject: y\r\nX-" + b"N" * 100 + b"\xc3\xa4: v\n",
+            "'X-" + "N" * 76 + "'... (a field name holds printable ASCII only, no spaces)",
+        ),
     ],
 )
 def test_the_line_is_quoted_as_received_with_the_reason(data: bytes, expected: str) -> None:
     """It was stripped (the leading space that made it bad was gone), gave no
-    reason, and showed non-ASCII bytes as U+FFFD."""
+    reason, and showed non-ASCII bytes as U+FFFD. A name longer than the quote
+    was said to have no colon: the reason was read from the quote alone."""
     assert _refusal(data) == f"550 5.6.0 Malformed header line: {expected}"
