@@ -688,6 +688,22 @@ def test_size_enforced_on_data(relay: Relay, caplog: pytest.LogCaptureFixture) -
     ]
 
 
+def test_a_message_refused_as_too_big_ends_its_transaction(relay: Relay) -> None:
+    """The ERP's next message, a smaller one, is taken on the same connection, and
+    goes only to its own recipients, none of the refused one's."""
+    big = b"Subject: big\r\n\r\n" + (b"x" * 900 + b"\r\n") * 120
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+        client.ehlo()
+        client.mail("erp@acme.example")
+        client.rcpt("one@example.org")
+        assert client.data(big)[0] == 552
+        refused = client.sendmail(
+            "erp@acme.example", ["two@example.org"], b"Subject: x\r\n\r\nx\r\n"
+        )
+    assert refused == {}
+    assert [s.rcpt_tos for s in relay.process.submissions] == [("two@example.org",)]
+
+
 @pytest.mark.parametrize("length", [998])
 def test_longest_allowed_line_passes(relay: Relay, length: int) -> None:
     body = b"x" * length + b"\r\n" + b"." + b"y" * (length - 1) + b"\r\n"
