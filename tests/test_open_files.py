@@ -17,6 +17,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.ingress.filelimit import FileRoom
+from tests.ingress_harness import Raw, Relay
+from tests.minimal_policy import listener
 from tests.relayproc import RelayProcess
 from tests.sink import free_port
 from tests.test_queue_e2e import SMALL, configure, send
@@ -160,3 +163,16 @@ def _refused(metrics: int) -> float:
         if sample.name == "relay_smtp_connections_refused_total"
         and sample.labels.get("reason") == "out_of_files"
     )
+
+
+def test_a_worker_takes_connections_up_to_its_room_and_refuses_the_next() -> None:
+    """Its room is the connections it may have open: the last place taken, not
+    refused one early (a plain connection is among those open as it is judged)."""
+    with Relay([listener()]) as relay:
+        assert relay.ingress is not None
+        relay.ingress.files = FileRoom(1024, 2)
+        with Raw(relay.port) as first, Raw(relay.port) as second:
+            assert first.greeting[0].startswith("220 ")
+            assert second.greeting[0].startswith("220 ")
+            with Raw(relay.port) as third:
+                assert third.greeting == [OUT_OF_FILES.decode()]
