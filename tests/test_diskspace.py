@@ -120,6 +120,8 @@ def test_space_held_for_reuse_is_let_go_before_mail_is_refused(tmp_path: Path) -
 
 def test_too_few_inodes_refuse_mail_where_the_file_system_counts_them() -> None:
     assert guard(FakeDisk(free=40 * MiB, inodes=99)).refusal(STATE, MiB) == INSUFFICIENT_STORAGE
+    kept = diskspace.INODE_RESERVE  # as many as are kept free: not yet short of them
+    assert guard(FakeDisk(free=40 * MiB, inodes=kept)).refusal(STATE, MiB) is None
     no_count = FakeDisk(free=40 * MiB, inodes=0, files=0)  # btrfs, for one
     assert guard(no_count).refusal(STATE, MiB) is None
 
@@ -385,3 +387,26 @@ def _send(port: int, data: bytes) -> tuple[int, bytes]:
             return code, reply
         client.rcpt("one@example.org")
         return client.data(data)
+
+
+def test_messages_taken_within_a_second_are_taken_off_the_reading_kept() -> None:
+    """While there is plenty of room a worker reads the free space once a second:
+    what it takes in that second counts against the reading, or a burst of
+    messages filled the disk past the reserve before the next one."""
+    nowhere = make_policy(()).queue.directory.parent
+    disk = FakeDisk(free=0)
+    disk.free = dict.fromkeys((str(nowhere / "queue"), str(nowhere / "audit")), 2 * MiB + 100_000)
+    body = b"Subject: x\r\n\r\n" + (b"x" * 78 + b"\r\n") * 1100  # 88 KB, within the limit
+    guard = DiskGuard(statvfs=disk, clock=Clock())  # the clock stands still: all in one second
+    with Relay([listener()], disk=guard) as relay, smtplib.SMTP("127.0.0.1", relay.port) as client:
+        client.ehlo()
+        replies = []
+        while len(replies) < 30 and 452 not in replies:
+            replies.append(client.mail("jan@acme.example")[0])
+            if replies[-1] == 250:
+                client.rcpt("one@example.org")
+                replies[-1] = client.data(body)[0]
+            if replies[-1] == 250:  # written to the spool and the audit log
+                disk.free = {path: free - len(body) for path, free in disk.free.items()}
+    assert replies[-1] == 452, replies
+    assert min(disk.free.values()) >= reserve_for(listener().max_message_size)
