@@ -266,3 +266,16 @@ def test_workers_killed_with_their_connections_leave_no_count_behind(limited: Re
     finally:
         for sock, _ in opened:
             sock.close()
+
+
+def test_a_leave_with_nothing_counted_counts_nothing() -> None:
+    """A count never goes below none: a leave too many was a ValueError from the
+    shared table's unsigned words, and the next connection not counted right."""
+    row = ClientCounts(1).row(0)
+    row.leave("local", "192.0.2.1")
+    assert row.enter("local", "192.0.2.1")
+    row.leave("local", "192.0.2.1")
+    row.leave("local", "192.0.2.1")
+    assert row.open("local", "192.0.2.1") == 0
+    assert row.enter("local", "192.0.2.1")
+    assert row.open("local", "192.0.2.1") == 1
