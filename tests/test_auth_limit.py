@@ -361,15 +361,17 @@ def test_a_lock_after_one_failure_is_logged_in_the_singular(
     )
 
 
-def test_a_lock_with_a_second_left_says_one_second() -> None:
-    """Its last second was said as ``try again in 1 seconds``."""
+@pytest.mark.parametrize("left", [0.8, 0.3])
+def test_a_lock_with_a_second_left_says_one_second(left: float) -> None:
+    """Its last second was said as ``try again in 1 seconds``; under half of
+    it left is no "0 seconds", which a client could take for no wait."""
     clock = Clock()
     failures = AuthFailures(per_client=3, window=600.0, delay=0.0, clock=clock)
     with Relay([listener()], failures=failures) as relay, Raw(relay.port) as raw:
         raw.ehlo()
         for _ in range(3):
             assert raw.cmd(plain("erp-acme", "guess")).startswith("535 5.7.8 ")
-        clock.now += 599.2
+        clock.now += 600.0 - left
         reply = raw.cmd(plain("erp-acme", "demo-password"))
     assert reply == "454 4.7.0 Too many failed logins from 127.0.0.1, try again in 1 second"
 
