@@ -653,3 +653,18 @@ def test_a_deletion_cut_off_after_its_record_leaves_the_message_held(
     with pytest.raises(KeyboardInterrupt):
         run(tools.delete, spool, [first.queue_id], record=record)
     assert spool.load(first.queue_id).held
+
+
+@pytest.mark.parametrize("verb", ["release", "retry"])
+def test_a_daemon_that_cannot_be_woken_makes_the_exit_status_1(spool: Spool, verb: str) -> None:
+    """The change stands, but the daemon takes it up only at its next scan: a
+    script that checks the exit status must learn the message does not go now."""
+    entry = make_entry(held=verb == "release")
+    spool.put(entry, MESSAGE)
+    (spool.directory / "kick").mkdir()  # the daemon's signal cannot be written
+    outcome, out, err = run(getattr(tools, verb), spool, [entry.queue_id])
+    assert outcome.code == 1
+    assert [e.queue_id for e in outcome.entries] == [entry.queue_id]
+    assert "could not wake the daemon" in err
+    assert out.endswith(": 1 message\n")
+    assert not spool.load(entry.queue_id).held
