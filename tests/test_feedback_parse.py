@@ -187,6 +187,23 @@ def test_an_exim_failure_in_words_gives_the_remote_servers_code() -> None:
     )
 
 
+def test_a_dsn_that_also_fails_a_recipient_is_a_bounce_whatever_its_subject_says() -> None:
+    """Its status blocks decide, not its words: a report titled "Delayed Mail"
+    that fails one recipient beside the one still tried lists the failed one,
+    or its sender is never told and the dead address is mailed again."""
+    raw = _sample("postfix-delayed.eml").replace(
+        b"Will-Retry-Until: Sun, 29 Nov 2026 10:14:58 +0100 (CET)\n",
+        b"Will-Retry-Until: Sun, 29 Nov 2026 10:14:58 +0100 (CET)\n\n"
+        b"Final-Recipient: rfc822; gone@buyer.example\n"
+        b"Action: failed\n"
+        b"Status: 5.1.1\n"
+        b"Diagnostic-Code: smtp; 550 5.1.1 No such user\n",
+    )
+    report = read(raw)
+    assert report is not None and report.kind == BOUNCE
+    assert report.failures == (Failure("gone@buyer.example", "5.1.1", "550 5.1.1 No such user"),)
+
+
 @pytest.mark.parametrize(
     "name", ["exim-delayed.eml", "postfix-delayed-text.eml", "sendmail-warning.eml"]
 )
