@@ -187,6 +187,18 @@ def test_an_exim_failure_in_words_gives_the_remote_servers_code() -> None:
     )
 
 
+def test_an_exim_delay_warning_under_a_subject_of_its_own_is_no_bounce() -> None:
+    """Exim's warning is the sysadmin's to word (``warn_message_file``): under a
+    subject the reader does not know, the warning detector's verdict still
+    keeps the address still being tried from being taken for a failure."""
+    raw = _sample("exim-delayed.eml").replace(
+        b"Subject: Warning: message 1tQ4Wb-0001Zx-1C delayed 24 hours",
+        b"Subject: Nachricht 1tQ4Wb-0001Zx-1C seit 24 Stunden nicht zugestellt",
+    )
+    assert b"Subject: Nachricht" in raw
+    assert read(raw) is None
+
+
 def test_a_dsn_that_also_fails_a_recipient_is_a_bounce_whatever_its_subject_says() -> None:
     """Its status blocks decide, not its words: a report titled "Delayed Mail"
     that fails one recipient beside the one still tried lists the failed one,
@@ -316,6 +328,19 @@ def test_a_bounce_without_a_from_address_is_still_read(
     assert read(without) == QMAIL
     assert read(b"Subject: hello\r\n\r\nhello\r\n") is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_a_report_type_in_capitals_is_still_a_complaint() -> None:
+    """RFC 2045 parameter values such as ``report-type`` are compared without
+    case: ``Feedback-Report`` read as a bounce found no failure in it, and the
+    recipient who complained was mailed again."""
+    raw = _sample("yahoo-arf.eml").replace(
+        b"report-type=feedback-report", b"report-type=Feedback-Report"
+    )
+    assert b"report-type=Feedback-Report" in raw
+    report = read(raw)
+    assert report is not None and report.kind == COMPLAINT
+    assert report.failures == (Failure("Buyer.Desk@yahoo-mail.example"),)
 
 
 def test_a_yahoo_complaint_names_the_recipient_in_its_report_fields() -> None:
@@ -688,6 +713,38 @@ def test_an_exchange_2000_bounce_with_its_subject_encoded_is_read() -> None:
     )
     report = read(raw)
     assert report is not None and [f.recipient for f in report.failures] == ["legacy@buyer.example"]
+
+
+def test_an_exchange_2000_bounce_whose_subject_is_folded_is_read() -> None:
+    """A subject folded before its first word begins with the fold's space."""
+    raw = _exchange_2000(b"The following recipient(s) cannot be reached:").replace(
+        b"Subject: Undeliverable: Letter 7", b"Subject:\n Undeliverable: Letter 7"
+    )
+    report = read(raw)
+    assert report is not None and [f.recipient for f in report.failures] == ["legacy@buyer.example"]
+
+
+def test_an_exchange_2000_bounce_takes_no_address_after_its_list_ends() -> None:
+    """The list ends at the first line that is not indented: an address in the
+    text below it (a reply quoted, an earlier failure) failed in no such list."""
+    raw = _exchange_2000(b"The following recipient(s) cannot be reached:").replace(
+        b"            <EXCH01.buyer.example #5.1.1>\n\n",
+        b"            <EXCH01.buyer.example #5.1.1>\n\n"
+        b"Forwarded earlier:\n      'kari@buyer.example' on 05.12.2026 09:00\n\n",
+    )
+    report = read(raw)
+    assert report is not None and [f.recipient for f in report.failures] == ["legacy@buyer.example"]
+
+
+def test_an_exchange_2000_report_without_a_text_of_its_own_reads_none_from_its_copy() -> None:
+    """Only the report's own text part is read: one whose notice came in HTML
+    alone returns a copy whose text may quote such a list (a person who
+    forwarded an earlier bounce), and that address did not fail."""
+    heading = b"The following recipient(s) cannot be reached:"
+    raw = _exchange_2000(
+        heading, heading + b"\n\n      'kari@buyer.example' on 06.12.2026 10:00\n"
+    ).replace(b'Content-Type: text/plain; charset="windows-1252"', b"Content-Type: text/html")
+    assert read(raw) is None
 
 
 def test_a_reply_quoting_an_exchange_2000_bounce_is_no_bounce() -> None:
