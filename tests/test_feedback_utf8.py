@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from relay.feedback.parse import read
+from relay.feedback.report import BOUNCE
 from tests.relayproc import RelayProcess
 from tests.sink import Sink, SinkServer, free_port
 from tests.test_feedback_command import _bounce, _listed, _send
@@ -126,3 +128,13 @@ def test_a_local_part_in_unicode_names_nobody_the_message_went_to(
     ]
     assert "neither" not in taken.stderr
     assert _listed(policy) == {}
+
+
+def test_a_report_whose_action_says_error_names_a_local_part_in_unicode() -> None:
+    """``Action: error``, as older servers write a failure, counts as ``failed``
+    does: read as no report, the recipient in Unicode it names was said to
+    be neither a bounce nor a complaint."""
+    raw = _global_dsn("künde@bücher.example").replace(b"Action: failed", b"Action: error")
+    report = read(raw)
+    assert report is not None and report.kind == BOUNCE
+    assert [f.recipient for f in report.failures] == ["künde@xn--bcher-kva.example"]
