@@ -676,3 +676,53 @@ def test_a_worker_started_during_a_request_holds_none_of_its_sockets(
                 supervisors_own = _sockets_of(relay.proc.pid) - _sockets_of(old)
                 assert len(supervisors_own) >= 2  # the metrics port and the connection
                 assert not _sockets_of(new) & supervisors_own
+
+
+@pytest.fixture
+def metrics_here(
+    policy_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[int, Policy]]:
+    """The metrics server of a relay whose supervisor is this test: its port, and
+    the policy it reads; the state it reports is the test's to set."""
+    from relay.metrics import status
+    from relay.policy.model import MetricsSettings
+    from relay.spool import Spool
+
+    policy = load(configure(policy_file, free_port(), free_port()))
+    Spool(policy.queue.directory)  # the state a started relay has
+    policy.audit.directory.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(status, "STATUS", status.Status(beat=time.monotonic()))
+    status.workers(1, 1)
+    port = free_port()
+    server = MetricsServer(MetricsSettings("127.0.0.1", port), policy)
+    server.start(lambda: policy)
+    try:
+        yield port, policy
+    finally:
+        server.stop()
+
+
+def test_a_relay_that_has_started_no_worker_yet_is_not_ready(
+    metrics_here: tuple[int, Policy],
+) -> None:
+    """Between the metrics server's start and the first worker's, no listener
+    takes mail: "0 of 0 running" must not read as every worker running."""
+    from relay.metrics import status
+
+    port, _ = metrics_here
+    assert _get(port, "/readyz")[0] == 200
+    status.workers(0, 0)
+    code, body, _ = _get(port, "/readyz")
+    assert code == 503, body
+    assert json.loads(body)["checks"]["workers"] == "0 of 0 running"
+
+
+def test_a_main_loop_that_has_not_come_round_is_not_healthy(
+    metrics_here: tuple[int, Policy],
+) -> None:
+    from relay.metrics import status
+
+    port, _ = metrics_here
+    assert _get(port, "/healthz")[:2] == (200, b"ok\n")
+    status.STATUS.beat = time.monotonic() - status.ALIVE_WITHIN - 1
+    assert _get(port, "/healthz")[:2] == (503, b"the main loop is stuck\n")
