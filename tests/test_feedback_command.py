@@ -367,6 +367,21 @@ def test_a_report_waits_for_another_and_is_kept_when_it_waits_too_long(tmp_path:
         os.close(held)
 
 
+def test_a_report_whose_lock_cannot_be_had_is_kept_for_later(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Exit 75, not a traceback: any other status, and the mail system returns
+    the report to its null sender, that is to nobody, and the dead address is
+    never listed."""
+    policy = configure(policy_file, free_port(), free_port())
+    state = load(policy).queue.directory.parent
+    (state / command.LOCK_NAME).mkdir(parents=True)  # no lock can be taken on it
+    done = _bounce(policy, (FEEDBACK / "postfix-two-failed.eml").read_bytes())
+    assert done.returncode == command.EX_TEMPFAIL, done.stderr
+    assert done.stderr.startswith("relay bounce: not taken, try again later: cannot open ")
+    assert "Traceback" not in done.stderr
+
+
 def test_a_report_that_lists_nobody_is_taken_while_the_list_cannot_be_written(
     policy_file: Path, tmp_path: Path
 ) -> None:
