@@ -668,3 +668,18 @@ def test_a_daemon_that_cannot_be_woken_makes_the_exit_status_1(spool: Spool, ver
     assert "could not wake the daemon" in err
     assert out.endswith(": 1 message\n")
     assert not spool.load(entry.queue_id).held
+
+
+def test_an_unreadable_entry_whose_record_was_changed_is_listed_as_deferred(
+    spool: Spool, two: list[QueueEntry]
+) -> None:
+    """As ``relay status`` and the metrics count it: a record a try or a queue
+    tool rewrote is the deferred queue's, whether or not it can be read."""
+    damaged, _ = two
+    run(tools.hold, spool, [damaged.queue_id])
+    (spool.directory / "env" / f"{damaged.queue_id}.json").write_text("{not json")
+    waiting = spool.waiting(time.time())
+    assert (waiting["active"].count, waiting["deferred"].count) == (1, 1)
+    records = {r["queue_id"]: r for r in map(json.loads, listing(spool, True).splitlines())}
+    assert "unreadable" in records[damaged.queue_id]
+    assert records[damaged.queue_id]["queue_name"] == "deferred"
