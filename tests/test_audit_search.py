@@ -73,6 +73,17 @@ def test_a_message_id_with_a_comment_after_it_is_found_by_the_id(tmp_path: Path)
         assert [r["queue_id"] for r in show(tmp_path, asked)] == ["Q9"], asked
 
 
+def test_a_message_id_missing_a_bracket_is_found_by_the_id(tmp_path: Path) -> None:
+    """An ERP that writes ``<id`` without its closing bracket: the record keeps
+    it so, and the ID as the ERP's own records give it finds the message."""
+    build(tmp_path)
+    log = AuditLog(tmp_path, clock=Clock(START + timedelta(days=2, hours=1)))
+    written = "<a3@b.example"
+    log.append(events.failed(queue_id="Q8", message_id=written, recipient="a@b", reply="550 no"))
+    for asked in ("<a3@b.example>", "a3@b.example", written):
+        assert [r["queue_id"] for r in search(tmp_path, message_id=asked)] == ["Q8"], asked
+
+
 def test_tenant_user_and_type_follow_the_message_through_its_queue_id(log_dir: Path) -> None:
     assert seqs(log_dir, tenant="acme") == ACME
     assert seqs(log_dir, tenant="globex") == [13, 14, 15, 16]
