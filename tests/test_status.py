@@ -3,6 +3,7 @@ it runs against the file as it reads now, and the mail waiting."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -428,3 +429,35 @@ def _second_relay(policy: Path) -> tuple[int | None, str]:
         said, _ = relay.communicate(timeout=30)
         return None, said.decode()
     return relay.returncode, said.decode()
+
+
+@pytest.mark.parametrize(
+    ("waited", "said"),
+    [
+        (59, "under a minute"),
+        (60 * 59 + 30, "59 min"),
+        (3600 * 2 + 60 * 5, "2 h 5 min"),
+        (86400 + 60 * 5, "1 d 0 h"),
+        (86400 * 3 + 3600 * 4, "3 d 4 h"),
+    ],
+)
+def test_the_oldest_messages_age_is_said_in_the_largest_units(
+    tmp_path: Path, waited: int, said: str
+) -> None:
+    """Whether mail waits for minutes or for days is the first thing a sysadmin
+    reads here; a relay not running is exit 3, its queue still counted."""
+    from relay.queueid import new_queue_id
+    from relay.spool import Spool
+    from tests.spoolkit import make_entry
+
+    queue = tmp_path / "state" / "queue"
+    spool = Spool(queue)
+    arrival = time.time() - waited
+    spool.put(make_entry(new_queue_id(now_ns=int(arrival * 1e9)), arrival=arrival), b"x\r\n")
+    out = io.StringIO()
+    code = status.main(tmp_path / "relay.yaml", queue, out, ("0" * 64, 1, []))
+    assert code == status.EX_NOT_RUNNING
+    assert out.getvalue().splitlines()[-1] == (
+        "queue: 1 not tried yet, 0 deferred, held or rescheduled by hand;"
+        f" the oldest came {said} ago"
+    )
