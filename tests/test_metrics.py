@@ -682,22 +682,21 @@ def test_a_worker_started_during_a_request_holds_none_of_its_sockets(
 def metrics_here(
     policy_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[int, Policy]]:
-    """The metrics server of a relay whose supervisor is this test: its port, and
-    the policy it reads; the state it reports is the test's to set."""
+    """``_metrics_server`` serving, counting from the audit log's end, with one
+    worker running: its port and its policy; the state it reports is the
+    test's to set."""
     from relay.metrics import status
-    from relay.policy.model import MetricsSettings
-    from relay.spool import Spool
+    from relay.ratelimit import RateCounts
+    from relay.tally import Tally
 
-    policy = load(configure(policy_file, free_port(), free_port()))
-    Spool(policy.queue.directory)  # the state a started relay has
+    monkeypatch.setattr(status, "STATUS", status.Status())
+    server, policy = _metrics_server(policy_file)
     policy.audit.directory.mkdir(parents=True, exist_ok=True)
-    monkeypatch.setattr(status, "STATUS", status.Status(beat=time.monotonic()))
     status.workers(1, 1)
-    port = free_port()
-    server = MetricsServer(MetricsSettings("127.0.0.1", port), policy)
+    server.begin(RateCounts(1), Tally(1))
     server.start(lambda: policy)
     try:
-        yield port, policy
+        yield server.settings.port, policy
     finally:
         server.stop()
 
@@ -726,3 +725,41 @@ def test_a_main_loop_that_has_not_come_round_is_not_healthy(
     assert _get(port, "/healthz")[:2] == (200, b"ok\n")
     status.STATUS.beat = time.monotonic() - status.ALIVE_WITHIN - 1
     assert _get(port, "/healthz")[:2] == (503, b"the main loop is stuck\n")
+
+
+def test_a_tenant_no_longer_in_the_policy_keeps_its_received_count(
+    metrics_here: tuple[int, Policy],
+) -> None:
+    """A reload that takes a tenant out leaves what it sent before on record: its
+    series gone read as a reset to Prometheus, and its messages uncounted."""
+    from relay.audit import AuditLog
+    from tests.test_audit_fixture import received
+
+    port, policy = metrics_here
+    assert "initech" not in policy.tenants
+    log = AuditLog(policy.audit.directory)
+    log.append(received(("Q1", "<1@initech.example>"), "initech", "ann", "invoice", ["x@y"]))
+    log.close()
+    samples = _samples(port)
+    assert _value(samples, "relay_messages_received_total", tenant="initech") == 1
+    assert ("relay_messages_received_total", (("tenant", "acme"),)) in samples
+
+
+def test_the_queue_gauges_give_the_count_size_and_age_of_each_queue(
+    metrics_here: tuple[int, Policy],
+) -> None:
+    from relay.queueid import new_queue_id
+    from relay.spool import Spool
+    from tests.spoolkit import make_entry
+
+    port, policy = metrics_here
+    spool = Spool(policy.queue.directory)
+    arrival = time.time() - 3600
+    entry = make_entry(new_queue_id(now_ns=int(arrival * 1e9)), arrival=arrival)
+    spool.put(entry, b"x" * 5000)
+    samples = _samples(port)
+    size = spool.message_path(entry.queue_id).stat().st_size
+    assert _value(samples, "relay_queue_messages", queue="active") == 1
+    assert _value(samples, "relay_queue_bytes", queue="active") == size > 5000
+    assert 3600 <= _value(samples, "relay_queue_oldest_message_age_seconds", queue="active") < 3660
+    assert _value(samples, "relay_queue_messages", queue="deferred") == 0
