@@ -633,6 +633,24 @@ def test_a_feedback_report_without_its_type_is_ignored_as_not_spam_is(
     assert relay_cli(policy, "queue", "list", "--json").stdout == ""  # nobody told
 
 
+def test_a_complaint_naming_no_recipient_is_taken_about_its_message(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Microsoft's feedback loop names nobody: the report is still a complaint,
+    found by its Message-ID and said so, not ignored as neither a bounce nor
+    a complaint. The invoice went to two, so nobody is listed."""
+    policy, invoice = _invoice_delivered(policy_file, tmp_path)
+    report = (FEEDBACK / "microsoft-jmrp.eml").read_bytes()
+    taken = _bounce(policy, report.replace(b"<4717.erp@acme.example>", b"<4711.erp@acme.example>"))
+    assert taken.returncode == 0, taken.stderr
+    assert taken.stdout.splitlines() == [
+        f"complaint about {invoice} (acme/jan)",
+        "names no recipient, and its message went to 3 (the sender's own copy among them):"
+        " which one complained is not known, none is suppressed",
+    ]
+    assert _listed(policy) == {}
+
+
 def test_a_bounce_cut_short_is_recorded_each_time_as_a_second_may_be_another(
     policy_file: Path, tmp_path: Path
 ) -> None:
