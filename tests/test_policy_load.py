@@ -3054,3 +3054,42 @@ def test_check_warns_of_a_helo_name_smarthosts_refuse(tmp_path: Path, helo_name:
         if "." not in helo_name
         else ""
     )
+
+
+@pytest.mark.parametrize(
+    ("old", "key", "low", "high", "read"),
+    [
+        ("    port: 2525\n", "    port: {}\n", 1, 65535, lambda p: p.listeners[0].port),
+        ("    port: 2525\n", "    port: 2525\n    max_recipients: {}\n", 1, 100000,
+         lambda p: p.listeners[0].max_recipients),
+        ("    port: 2525\n", "    port: 2525\nqueue:\n  concurrency: {}\n", 1, 1000,
+         lambda p: p.queue.concurrency),
+        ("    port: 2525\n", "    port: 2525\naudit:\n  retention_days: {}\n", 1, 36500,
+         lambda p: p.audit.retention_days),
+        ("    upstream: outbox\n", "    upstream: outbox\n    recipients_per_hour: {}\n", 1,
+         10_000_000, lambda p: p.tenants["acme"].recipients_per_hour),
+    ],
+    ids=["port", "max_recipients", "concurrency", "retention_days", "recipients_per_hour"],
+)  # fmt: skip
+def test_each_limit_takes_its_bounds_and_refuses_one_past_them(
+    tmp_path: Path, old: str, key: str, low: int, high: int, read: Callable[[Any], int]
+) -> None:
+    """The bounds a problem names are the values that load: one past either is
+    refused, and the bound itself is not."""
+    for value in (low, high):
+        assert read(load(variant(tmp_path / str(value), old, key.format(value)))) == value
+    for value in (low - 1, high + 1):
+        (found,) = problems(variant(tmp_path / str(value), old, key.format(value)))
+        assert f": {value} is out of range: expected " in found
+
+
+@pytest.mark.parametrize("key", ["idle_timeout", "immediate"])
+def test_a_time_of_ten_years_loads_and_a_second_more_is_refused(tmp_path: Path, key: str) -> None:
+    at_most = 10 * 365 * 86400
+    setting = "    port: 2525\n    {}: {}\n"
+    loaded = load(variant(tmp_path / "most", "    port: 2525\n", setting.format(key, at_most)))
+    assert getattr(loaded.listeners[0], key) == at_most
+    path = variant(tmp_path / "past", "    port: 2525\n", setting.format(key, at_most + 1))
+    (found,) = problems(path)
+    assert found.startswith(f"{path}:10:") and f"listeners[0].{key}: expected a" in found
+    assert f"at most {at_most} (10 years)" in found
