@@ -3093,3 +3093,19 @@ def test_a_time_of_ten_years_loads_and_a_second_more_is_refused(tmp_path: Path, 
     (found,) = problems(path)
     assert found.startswith(f"{path}:10:") and f"listeners[0].{key}: expected a" in found
     assert f"at most {at_most} (10 years)" in found
+
+
+def test_a_required_key_left_empty_is_a_located_problem(tmp_path: Path) -> None:
+    """An empty value counts as absent: ``name:`` with nothing after it is no name."""
+    path = variant(tmp_path, "    name: Acme AS\n", "    name:\n")
+    assert problems(path) == [f"{path}:21:5: tenants.acme.name: required key has no value"]
+
+
+@pytest.mark.parametrize("section", ["version", "platform", "listeners", "upstreams", "tenants"])
+def test_each_required_section_left_out_is_said_to_be_missing(tmp_path: Path, section: str) -> None:
+    """Without ``tenants`` a policy loaded that sent no one's mail."""
+    text = (POLICIES / "minimal.yaml").read_text()
+    block = re.search(rf"^{section}:.*\n(?:[ #].*\n)*", text, re.MULTILINE)
+    assert block is not None
+    path = variant(tmp_path, block.group(), "")
+    assert f"{path}:2:1: {section}: required key is missing" in problems(path)
