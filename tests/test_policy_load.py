@@ -3109,3 +3109,13 @@ def test_each_required_section_left_out_is_said_to_be_missing(tmp_path: Path, se
     assert block is not None
     path = variant(tmp_path, block.group(), "")
     assert f"{path}:2:1: {section}: required key is missing" in problems(path)
+
+
+def test_a_key_of_the_other_upstream_type_is_a_located_problem(tmp_path: Path) -> None:
+    """``host`` under a directory upstream does nothing: the mail is written to
+    ``path`` whatever it says, so it is refused rather than left to mislead."""
+    path = variant(tmp_path, "    path: outbox\n", "    path: outbox\n    host: smtp.example\n")
+    assert problems(path) == [
+        f"{path}:19:5: upstreams.outbox.host: unknown key for a directory upstream"
+        " (expected one of: type, path)"
+    ]
