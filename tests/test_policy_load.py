@@ -3119,3 +3119,20 @@ def test_a_key_of_the_other_upstream_type_is_a_located_problem(tmp_path: Path) -
         f"{path}:19:5: upstreams.outbox.host: unknown key for a directory upstream"
         " (expected one of: type, path)"
     ]
+
+
+def test_a_string_of_spaces_alone_is_no_value(tmp_path: Path) -> None:
+    path = variant(tmp_path, "    name: Acme AS\n", '    name: "   "\n')
+    assert problems(path) == [
+        f"{path}:21:11: tenants.acme.name: expected a company name, not an empty string"
+    ]
+
+
+@pytest.mark.parametrize("version", [0, 2])
+def test_a_version_other_than_the_one_this_relay_reads_is_refused(
+    tmp_path: Path, version: int
+) -> None:
+    path = variant(tmp_path, "version: 1\n", f"version: {version}\n")
+    assert problems(path) == [
+        f"{path}:2:10: version: unsupported policy version {version}: this relay reads version 1"
+    ]
