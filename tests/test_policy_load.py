@@ -3136,3 +3136,17 @@ def test_a_version_other_than_the_one_this_relay_reads_is_refused(
     assert problems(path) == [
         f"{path}:2:10: version: unsupported policy version {version}: this relay reads version 1"
     ]
+
+
+def test_a_domain_of_253_characters_loads_and_one_of_254_is_refused(tmp_path: Path) -> None:
+    """DNS holds no longer name: every delivery to one bounced as if the address were wrong."""
+    labels = f"{'a' * 63}.{'b' * 63}.{'c' * 63}."
+    old = "address: post@acme.example"
+    longest = labels + "d" * 61
+    path = variant(tmp_path / "253", old, f"{old}\n    verified_domains: [{longest}]")
+    assert load(path).tenants["acme"].verified_domains == (longest,)
+    too_long = labels + "d" * 62
+    path = variant(tmp_path / "254", old, f"{old}\n    verified_domains: [{too_long}]")
+    assert [p.split(": ", 1)[1] for p in problems(path)] == [
+        f"tenants.acme.verified_domains[0]: '{too_long}' is not a domain name like example.com"
+    ]
