@@ -2285,9 +2285,10 @@ def _smtp_upstream_with(tmp_path: Path, settings: str) -> Path:
         (None, "cannot read {file}: No such file or directory"),
         (b"", "{file} is empty"),
         (b"\xef\xbb\xbf\r\n", "{file} is empty"),
+        (b"\xef\xbb\xbf  \r\n", "{file} is empty"),
         (b"caf\xe9\n", "{file} is not UTF-8 text (invalid continuation byte)"),
     ],
-    ids=["missing", "empty", "byte-order-mark-only", "not-utf-8"],
+    ids=["missing", "empty", "byte-order-mark-only", "byte-order-mark-and-spaces", "not-utf-8"],
 )
 def test_an_upstream_password_file_the_relay_could_not_read_is_a_problem(
     tmp_path: Path, content: bytes | None, problem: str
@@ -3150,3 +3151,12 @@ def test_a_domain_of_253_characters_loads_and_one_of_254_is_refused(tmp_path: Pa
     assert [p.split(": ", 1)[1] for p in problems(path)] == [
         f"tenants.acme.verified_domains[0]: '{too_long}' is not a domain name like example.com"
     ]
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"  \r\n"])
+def test_an_audit_key_file_of_no_key_is_refused(tmp_path: Path, content: bytes) -> None:
+    """A line end alone loaded as the key b"", and the audit chain was keyed with nothing."""
+    key = tmp_path / "audit.key"
+    key.write_bytes(content)
+    path = variant(tmp_path, "version: 1\n", "version: 1\naudit: {hmac_key_file: audit.key}\n")
+    assert problems(path) == [f"{path}:3:24: audit.hmac_key_file: {key} is empty"]
