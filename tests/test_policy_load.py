@@ -3160,3 +3160,20 @@ def test_an_audit_key_file_of_no_key_is_refused(tmp_path: Path, content: bytes) 
     key.write_bytes(content)
     path = variant(tmp_path, "version: 1\n", "version: 1\naudit: {hmac_key_file: audit.key}\n")
     assert problems(path) == [f"{path}:3:24: audit.hmac_key_file: {key} is empty"]
+
+
+def test_a_file_named_twice_is_held_to_the_smaller_limit_the_second_time(tmp_path: Path) -> None:
+    """Read once per load, a file is judged again where another setting names it:
+    a CA bundle taken as the audit key passed, the first read having been within
+    a CA file's 4 MiB."""
+    path = _every_file_setting(tmp_path)
+    bundle = tmp_path / "tls" / "ca.crt"
+    bundle.write_bytes(b"# padding\n" * 7000 + bundle.read_bytes())
+    assert load(path).upstreams["outbox"].ca_file == bundle
+    path.write_text(
+        path.read_text().replace("hmac_key_file: audit.key", f"hmac_key_file: {bundle}")
+    )
+    (found,) = problems(path)
+    assert found.endswith(
+        f": audit.hmac_key_file: {bundle} is larger than 64 KiB, too large for a key file"
+    )
