@@ -3177,3 +3177,22 @@ def test_a_file_named_twice_is_held_to_the_smaller_limit_the_second_time(tmp_pat
     assert found.endswith(
         f": audit.hmac_key_file: {bundle} is larger than 64 KiB, too large for a key file"
     )
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ("username: relay\npassword_file: smarthost.password\npassword_env: RELAY_PASSWORD",
+         "22:19: upstreams.outbox.password_env: set password_file or password_env, not both"),
+        ("password_env: RELAY_PASSWORD",
+         "17:5: upstreams.outbox.username: a password needs a username"),
+    ],
+    ids=["both", "no-username"],
+)  # fmt: skip
+def test_an_upstream_password_is_given_one_way_with_a_username(
+    tmp_path: Path, settings: str, problem: str
+) -> None:
+    """Which of two passwords the relay would log in with is not for it to guess."""
+    (tmp_path / "smarthost.password").write_text("s3cret\n")
+    path = _smtp_upstream_with(tmp_path, settings)
+    assert problems(path) == [f"{path}:{problem}"]
