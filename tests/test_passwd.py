@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import pytest
 
-from relay.passwd import hash_password, verify_password
+from relay.passwd import MalformedHash, hash_password, parse_hash, verify_password
 
 SALT = "cmVsYXktZGVtby1zYWx0IQ=="
 KEY = "x0qG+cibjmfhHeWXcJAwGW27gNPyIus2vhexTU+5xXk="
@@ -72,3 +73,45 @@ def test_odd_passwords_are_false(password: str) -> None:
 def test_non_strings_are_false() -> None:
     assert verify_password(b"demo-password", DEMO_HASH) is False  # type: ignore[arg-type]
     assert verify_password("demo-password", None) is False  # type: ignore[arg-type]
+
+
+def _made(n: int, r: int, p: int, length: int) -> str:
+    salt = b"relay-test-salt!"
+    key = hashlib.scrypt(b"demo-password", salt=salt, n=n, r=r, p=p, maxmem=2**29, dklen=length)
+    return "$".join(("scrypt", str(n), str(r), str(p), _b64(salt), _b64(key)))
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+@pytest.mark.parametrize("length", [16, 64])
+def test_a_hash_of_16_to_64_bytes_verifies(length: int) -> None:
+    assert verify_password("demo-password", _made(2, 1, 1, length))
+
+
+@pytest.mark.parametrize("length", [15, 65])
+def test_a_hash_one_byte_past_its_limits_is_refused(length: int) -> None:
+    with pytest.raises(MalformedHash, match=f"the hash is {length} bytes; expected 16 to 64"):
+        parse_hash(_made(2, 1, 1, length))
+
+
+@pytest.mark.parametrize(
+    ("n", "r", "p", "refused"),
+    [
+        (2, 1, 1, None),
+        (1, 1, 1, "N=1 is not a power of two above 1"),
+        (2, 1, 16, None),
+        (2, 1, 17, r"r must be at least 1 and p 1 to 16 \(r=1, p=17\)"),
+        (2**20, 2, 1, None),  # 256 MiB: the most the relay allows
+        (2**20, 3, 1, "N=1048576, r=3 needs 384 MiB of memory; the relay allows 256 MiB"),
+    ],
+)
+def test_a_hash_s_cost_is_taken_up_to_its_limits(n: int, r: int, p: int, refused: str) -> None:
+    """Read only, not derived: a hash at the memory limit takes 256 MiB to verify."""
+    encoded = f"scrypt${n}${r}${p}${SALT}${KEY}"
+    if refused is None:
+        assert parse_hash(encoded)[:3] == (n, r, p)
+        return
+    with pytest.raises(MalformedHash, match=refused):
+        parse_hash(encoded)
