@@ -763,3 +763,28 @@ def test_the_queue_gauges_give_the_count_size_and_age_of_each_queue(
     assert _value(samples, "relay_queue_bytes", queue="active") == size > 5000
     assert 3600 <= _value(samples, "relay_queue_oldest_message_age_seconds", queue="active") < 3660
     assert _value(samples, "relay_queue_messages", queue="deferred") == 0
+
+
+def test_a_policy_file_that_cannot_be_read_at_a_reload_shows_as_a_failed_reload(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A policy file replaced by something the supervisor will not read (a FIFO)
+    was logged as a failed reload while the metric went on saying the last one
+    succeeded."""
+    port, metrics = free_port(), free_port()
+    policy = _metrics_policy(policy_file, port, free_port(), metrics, workers=2)
+    good = policy.read_text()
+    with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+        wait_for(lambda: f"metrics on http://127.0.0.1:{metrics}/metrics" in relay.log())
+        assert _value(_samples(metrics), "relay_config_last_reload_successful") == 1
+        policy.unlink()
+        os.mkfifo(policy)
+        relay.signal(signal.SIGHUP)
+        wait_for(lambda: "reload failed" in relay.log())
+        assert f"reload failed: {policy} is a FIFO, not a regular file" in relay.log()
+        assert _value(_samples(metrics), "relay_config_last_reload_successful") == 0
+        policy.unlink()
+        policy.write_text(good)
+        relay.signal(signal.SIGHUP)
+        wait_for(lambda: "policy reloaded" in relay.log())
+        assert _value(_samples(metrics), "relay_config_last_reload_successful") == 1
