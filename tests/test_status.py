@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from relay import server, statelock, status
+from relay import server, statelock, status, supervisor
 from relay.metrics import status as metrics_status
 from relay.policy.load import load
+from tests.policyfiles import variant
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import free_port
 from tests.test_queue_e2e import ROOT, configure, relay_cli, send
@@ -461,3 +462,23 @@ def test_the_oldest_messages_age_is_said_in_the_largest_units(
         "queue: 1 not tried yet, 0 deferred, held or rescheduled by hand;"
         f" the oldest came {said} ago"
     )
+
+
+def test_a_copy_of_a_site_with_a_broken_key_is_not_taken_for_the_running_policy(
+    tmp_path: Path,
+) -> None:
+    """``cp -a`` of a relay's directory brought its record of the policy in use:
+    the copy's text and the files the record names (the original's) were as
+    recorded, so the tools took the copy as loaded, and said nothing of the
+    key the copy itself holds, which no longer loads."""
+    site = tmp_path / "site"
+    policy = variant(site, "    port: 2525\n", "    port: 2525\n")
+    (site / "state").mkdir()
+    supervisor.keep_policy_text(site / "state", load(policy))
+    copy = tmp_path / "copy"
+    shutil.copytree(site, copy, symlinks=True)
+    (copy / "keys" / "platform.example.s1.private").write_text("no key\n")
+    listed = relay_cli(copy / "relay.yaml", "queue", "list")
+    assert f"{copy / 'relay.yaml'}:14:17: dkim.keys[0].key_file: " in listed.stderr
+    assert "does not load, so this goes by the policy the relay runs" in listed.stderr
+    assert "does not load" not in relay_cli(policy, "queue", "list").stderr
