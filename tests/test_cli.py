@@ -60,6 +60,18 @@ def test_check_reports_located_problems_and_exits_78(tmp_path: Path) -> None:
     assert f"{bad}:3:3: platform.from_adress: unknown key" in done.stderr
 
 
+def test_preview_of_a_policy_that_does_not_load_says_where_and_exits_78(tmp_path: Path) -> None:
+    """As its help says, and as check does: a script tells a broken policy from
+    a refused message or a message file it could not read by the status."""
+    bad = tmp_path / "relay.yaml"
+    bad.write_text("version: 1\nplatform:\n  from_adress: x@y.example\n")
+    eml = tmp_path / "invoice.eml"
+    eml.write_text(INVOICE)
+    done = relay("preview", "-c", str(bad), str(eml), "--auth-login", "erp-acme")
+    assert (done.returncode, done.stdout) == (78, "")
+    assert f"{bad}:3:3: platform.from_adress: unknown key" in done.stderr
+
+
 def test_preview_explains_and_sends_nothing(policy_file: Path, tmp_path: Path) -> None:
     eml = tmp_path / "invoice.eml"
     eml.write_text(INVOICE)
