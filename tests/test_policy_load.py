@@ -1173,6 +1173,15 @@ def test_unparsable_files_are_one_located_problem(
     assert problems(path) == [f"{path}:{problem}"]
 
 
+def test_a_file_cut_short_without_a_line_end_is_one_located_problem(tmp_path: Path) -> None:
+    """The parser stops past the last line of a file that ends without a line end:
+    the indentation check looked that line up, and check ended in a traceback."""
+    path = tmp_path / "relay.yaml"
+    path.write_bytes(b"version: 1\nlisteners: [")
+    (found,) = problems(path)
+    assert found.startswith(f"{path}:") and ": YAML syntax error: " in found
+
+
 def test_a_line_indented_with_a_tab_is_said_to_be(tmp_path: Path) -> None:
     """The parser named it only as a character that cannot start any token."""
     path = tmp_path / "relay.yaml"
