@@ -2964,6 +2964,16 @@ def test_the_state_settings_load_without_the_files_they_do_not_name(tmp_path: Pa
     ]
 
 
+def test_two_listeners_of_one_name_are_a_located_problem(tmp_path: Path) -> None:
+    """The name is how the log, the metrics and ``relay preview --listener`` tell
+    them apart."""
+    second = "  - name: local\n    address: 127.0.0.1\n    port: 2526\n"
+    path = variant(tmp_path, "    port: 2525\n", "    port: 2525\n" + second)
+    assert problems(path) == [
+        f"{path}:10:11: listeners[1].name: listener name already used by listeners[0]"
+    ]
+
+
 @pytest.mark.parametrize(
     ("old", "new", "problem"),
     [
