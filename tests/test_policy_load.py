@@ -1173,13 +1173,29 @@ def test_unparsable_files_are_one_located_problem(
     assert problems(path) == [f"{path}:{problem}"]
 
 
-def test_a_file_cut_short_without_a_line_end_is_one_located_problem(tmp_path: Path) -> None:
-    """The parser stops past the last line of a file that ends without a line end:
-    the indentation check looked that line up, and check ended in a traceback."""
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (b"version: 1\nlisteners: [", "2:13: YAML syntax error: the file ends here, unfinished"),
+        (
+            b"version: 1\nlisteners: [\n\n",
+            "2:13: YAML syntax error: the file ends here, unfinished",
+        ),
+        (
+            b"version: 1\nlisteners: {a: 1",
+            "2:17: YAML syntax error: the file ends here, unfinished (did not find expected"
+            " ',' or '}', while parsing a flow mapping at 2:12)",
+        ),
+    ],
+)
+def test_a_file_cut_short_is_one_problem_at_its_end(tmp_path: Path, text: bytes, said: str) -> None:
+    """The parser stops past the last line of a file cut short: the indentation
+    check looked that line up, and check ended in a traceback. The place was
+    said as 3:1 of a file of two lines, a line no editor shows."""
     path = tmp_path / "relay.yaml"
-    path.write_bytes(b"version: 1\nlisteners: [")
+    path.write_bytes(text)
     (found,) = problems(path)
-    assert found.startswith(f"{path}:") and ": YAML syntax error: " in found
+    assert found.startswith(f"{path}:{said}")
 
 
 def test_a_line_indented_with_a_tab_is_said_to_be(tmp_path: Path) -> None:

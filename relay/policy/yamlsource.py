@@ -282,7 +282,23 @@ def _syntax_problem(
         return line, "", f"YAML syntax error: {said} ({exc.problem} at {at})"
     if keyless is not None:
         return keyless.at, "", keyless_said
+    end = _past_the_end(text, stop)
+    if end is not None:
+        context = ""
+        if opened is not None and _past_the_end(text, opened) is None:
+            context = f", {exc.context} at {opened.line + 1}:{opened.column + 1}"
+        said = f"YAML syntax error: the file ends here, unfinished ({exc.problem}{context})"
+        return end, "", said
     return stop, "", _syntax_message(exc)
+
+
+def _past_the_end(text: str, stop: yaml.Mark | None) -> tuple[int, int] | None:
+    """The end of the file's last line, where the parser stopped on the line after
+    it: one an editor does not show (3:1 of a file of two lines)."""
+    shown = text.rstrip("\n").split("\n")
+    if stop is None or stop.line < len(shown):
+        return None
+    return len(shown), len(shown[-1]) + 1
 
 
 def _utf16(data: bytes) -> bool:
