@@ -382,6 +382,7 @@ WHOLE_REFUSED = "the upstream refused the message for all its recipients, not th
     ("handler", "rcpts", "shared"),
     [
         (SenderRefusing, RCPTS, dict.fromkeys(RCPTS, SENDER_REFUSED)),
+        (SenderRefusing, RCPTS[:1], dict.fromkeys(RCPTS[:1], SENDER_REFUSED)),
         (
             functools.partial(SinkHandler, data_reply=UNKNOWN),
             RCPTS,
@@ -400,7 +401,15 @@ WHOLE_REFUSED = "the upstream refused the message for all its recipients, not th
         ),
         (functools.partial(SinkHandler, refuse=dict(PERM)), PARTLY, {}),
     ],
-    ids=["mail-from", "data-of-two", "data-of-one", "data-after-rcpt", "data-of-one-taken", "rcpt"],
+    ids=[
+        "mail-from",
+        "mail-from-of-one",
+        "data-of-two",
+        "data-of-one",
+        "data-after-rcpt",
+        "data-of-one-taken",
+        "rcpt",
+    ],
 )
 async def test_a_refusal_of_the_whole_transaction_is_no_recipients_own(
     pipelining: bool,
@@ -491,6 +500,19 @@ async def test_recipients_over_the_upstreams_limit_go_at_once_in_further_transac
     assert {code for code, _ in got.replies.values()} == {250}
     assert [m.rcpt_tos for m in handler.messages] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
     assert [m.data for m in handler.messages] == [SENT] * 3
+
+
+async def test_a_452_without_an_enhanced_code_over_the_limit_goes_in_further_transactions() -> None:
+    """A server that gives no enhanced code answers its limit ``452 Too many
+    recipients``: read as a full mailbox's, the recipients past it waited a
+    retry wait each, a transaction at a time."""
+    handler = SinkHandler(most=2, over_most="452 Too many recipients")
+    rcpts = [f"r{number}@example.org" for number in range(5)]
+    with Sink(handler) as sink:
+        async with asyncio.timeout(10):
+            got = await attempt(upstream(sink.port), "b@p.example", rcpts, MESSAGE)
+    assert {code for code, _ in got.replies.values()} == {250}
+    assert [m.rcpt_tos for m in handler.messages] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
 
 
 @pytest.mark.parametrize("over", ["552 5.5.3 Too many recipients", "552 Too many recipients"])
@@ -654,6 +676,20 @@ async def test_the_copy_never_goes_alone_in_a_further_transaction() -> None:
     assert handler.messages == []
     assert got.replies["a@example.org"][0] == 550
     assert got.replies["copy@example.org"][0] == 451
+
+
+async def test_a_message_deferred_at_its_end_leaves_the_rest_to_the_next_attempt() -> None:
+    """A 451 to the end of the message is the whole transaction's, not its
+    recipients': the next transaction would be answered alike, so the ones over
+    the server's limit wait for the next attempt with the others."""
+    handler = SinkHandler(most=2, data_reply="451 4.3.0 Try again later")
+    rcpts = [f"r{number}@example.org" for number in range(5)]
+    with Sink(handler) as sink:
+        async with asyncio.timeout(10):
+            got = await attempt(upstream(sink.port), "b@p.example", rcpts, MESSAGE)
+    assert [m.rcpt_tos for m in handler.messages] == [rcpts[:2]]
+    assert [got.replies[r] for r in rcpts[:2]] == [(451, "451 4.3.0 Try again later")] * 2
+    assert [got.replies[r][1][:9] for r in rcpts[2:]] == ["452 4.5.3"] * 3  # not tried
 
 
 async def test_a_relay_stopping_ends_the_attempt_between_transactions() -> None:
@@ -1192,14 +1228,16 @@ async def test_a_tls_handshake_the_upstream_closes_says_so(certs: Certs) -> None
     assert sink.handler.messages == []
 
 
-async def test_a_message_refused_at_its_end_is_offered_for_the_rest_at_once() -> None:
+@pytest.mark.parametrize("refusal", ["554 5.6.0 Content rejected", "500 5.5.2 Line too long"])
+async def test_a_message_refused_at_its_end_is_offered_for_the_rest_at_once(refusal: str) -> None:
     """A 554 to the end of the first transaction left the recipients over the
     server's limit to the next attempt: refused a transaction a retry wait,
-    a notice each time, and the last expired as "Too many recipients"."""
-    handler = SinkHandler(most=2, data_reply="554 5.6.0 Content rejected")
+    a notice each time, and the last expired as "Too many recipients". A 500
+    is as permanent as a 554."""
+    handler = SinkHandler(most=2, data_reply=refusal)
     rcpts = [f"r{number}@example.org" for number in range(5)]
     with Sink(handler) as sink:
         async with asyncio.timeout(10):
             got = await attempt(upstream(sink.port), "b@p.example", rcpts, MESSAGE)
-    assert got.replies == dict.fromkeys(rcpts, (554, "554 5.6.0 Content rejected"))
+    assert got.replies == dict.fromkeys(rcpts, (int(refusal[:3]), refusal))
     assert [m.rcpt_tos for m in handler.messages] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
