@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cryptography import x509
 
 from relay import tally
-from relay.deliver import result
+from relay.deliver import counted, result
 from relay.engine import Attempt
 from relay.ingress.authlimit import PER_LOGIN
+from relay.policy.model import DirectoryUpstream
 from relay.tally import Tally
 from tests.certs import make_certs
 from tests.ingress_harness import Raw
@@ -48,6 +50,26 @@ def test_an_attempt_is_sent_when_someone_took_it_refused_when_everyone_refused_i
     assert result(Attempt({"a@x": (550, "550 no"), "b@x": (553, "553 no")})) == "refused"
     assert result(Attempt({"a@x": (550, "550 no"), "b@x": (451, "451 later")})) == "deferred"
     assert result(Attempt({"a@x": (451, "451 4.4.1 Upstream unreachable")})) == "deferred"
+
+
+async def test_only_an_attempt_that_reached_its_upstream_lets_another_workers_mail_go() -> None:
+    """A worker holding an upstream's mail lets it go when another worker's attempt
+    reaches the upstream; one that found it unusable too is no such news."""
+    counts = Tally(2)
+    holding, other = counts.row(0), counts.row(1)
+    down = "451 4.4.1 Upstream smarthost: connection refused (connecting)"
+    answers = [Attempt({"a@x": (451, down)}, unreachable=down), Attempt({"a@x": (250, "250 ok")})]
+
+    async def send(*args: object, **kwargs: object) -> Attempt:
+        return answers.pop(0)
+
+    smarthost = DirectoryUpstream(name="smarthost", path=Path("unused"))
+    holding.suspended("smarthost", True)
+    time.sleep(0.002)  # the attempts begin after the hold, on a clock counted in ms
+    await counted(send, other)(smarthost)
+    assert not holding.reached_since_held("smarthost")
+    await counted(send, other)(smarthost)
+    assert holding.reached_since_held("smarthost")
 
 
 def _policy(policy_file: Path, tmp_path: Path, ports: dict[str, int], sink: int) -> Path:
