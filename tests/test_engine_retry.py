@@ -24,7 +24,7 @@ from relay import slots
 from relay.audit import AuditLog, reader
 from relay.clocksteps import ClockSteps
 from relay.deliver import attempt
-from relay.engine import Attempt, Engine, Outcome, duration
+from relay.engine import Attempt, Engine, Outcome, backoff, duration
 from relay.policy.model import Policy, SuppressionSettings, Tenant
 from relay.record import Recorder
 from relay.spool import PENDING, RecipientState, Spool, SpoolError, tools
@@ -85,6 +85,18 @@ def test_a_lifetime_reads_as_people_say_it(seconds: float, said: str) -> None:
     assert duration(seconds) == said
 
 
+def test_the_wait_doubles_from_first_retry_up_to_max_retry_give_or_take_a_tenth(
+    policy: Policy,
+) -> None:
+    """As docs/queue.md says it: the n-th failed attempt waits ``first_retry``
+    times 2 to the n-1, at most ``max_retry``, and 10% more or less."""
+    queue = with_queue(policy, first_retry=60, max_retry=1000).queue
+    waits = [backoff(queue, attempts, lambda: 0.5) for attempts in range(1, 7)]
+    assert waits == pytest.approx([60, 120, 240, 480, 960, 1000])
+    assert backoff(queue, 2, lambda: 0.0) == pytest.approx(108)
+    assert backoff(queue, 2, lambda: 1.0) == pytest.approx(132)
+
+
 async def test_the_last_attempt_comes_at_the_lifetime_and_may_still_deliver(
     spool: Spool, policy: Policy, tmp_path: Path
 ) -> None:
@@ -110,6 +122,28 @@ async def test_the_last_attempt_comes_at_the_lifetime_and_may_still_deliver(
     ]
 
 
+async def test_a_delivery_says_in_the_audit_log_how_many_attempts_it_took(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    audit = AuditLog(tmp_path / "audit")
+    now = [time.time()]
+    upstream = Upstream()
+    queue = with_queue(policy, first_retry=30, max_retry=60)
+    engine = Engine(spool, lambda: queue, upstream, Recorder(audit), clock=lambda: now[0])
+    entry = make_entry(arrival=now[0], size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+    now[0] += 60
+    upstream.answer = (250, "250 2.0.0 ok")
+    assert (await engine.attempt_now(entry.queue_id)).status == "delivered"
+    await engine.stop(5)
+    delivered = [r for r in reader.records(audit.directory) if r["event"] == "delivered"]
+    assert {r["recipient"]: r["attempts"] for r in delivered} == {
+        "customer@example.net": 2,
+        "archive@acme.example": 2,
+    }
+
+
 async def test_an_entry_expires_when_its_last_attempt_fails_and_says_so_plainly(
     spool: Spool, policy: Policy, tmp_path: Path
 ) -> None:
@@ -130,6 +164,23 @@ async def test_an_entry_expires_when_its_last_attempt_fails_and_says_so_plainly(
     (notice,) = spool.ids()
     text = message_from_bytes(spool.read_message(notice), policy=default).get_content()
     assert reason in text
+
+
+async def test_a_last_attempt_that_fails_right_at_the_lifetime_expires_the_entry(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    """The last attempt is planned for the lifetime itself: failing then, it is the
+    last, not deferred for one more try past the lifetime."""
+    audit = AuditLog(tmp_path / "audit")
+    upstream = Upstream()
+    queue = with_queue(policy, lifetime=40)
+    entry = make_entry(arrival=time.time() - 40, size=len(message(1)))
+    clock = entry.arrival + 40
+    engine = Engine(spool, lambda: queue, upstream, Recorder(audit), clock=lambda: clock)
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    assert (await engine.attempt_now(entry.queue_id)).status == "failed"
+    await engine.stop(5)
+    assert [event for event, _ in records(audit.directory, entry.queue_id)] == ["expired"]
 
 
 async def test_a_clock_set_forward_past_the_lifetime_expires_nothing_queued_before_it(
