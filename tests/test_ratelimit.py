@@ -498,3 +498,26 @@ def test_a_slot_that_counted_nothing_for_an_hour_goes_to_a_newcomer() -> None:
     assert row.add("c", 1, start + 60) is None  # both kept, both counting
     assert row.add("c", 1, start + 62 * 60) is not None
     assert row.sent("c", start + 62 * 60) == 1
+
+
+def test_a_slot_still_counting_its_minute_sixty_back_is_not_given_away() -> None:
+    """That minute counts whole (the hour is never short): its slot goes to a
+    newcomer only a minute later, or the tenant's count went a minute early."""
+    tenants = {t: SimpleNamespace(id=t, recipients_per_hour=10) for t in ("a", "b", "c")}
+    policy = SimpleNamespace(tenants=tenants)
+    table = SharedTable("t", 1, 2, ratelimit.BUCKETS + 1, ratelimit.REACH)
+    row = ratelimit.RateRow(table.row(0), lambda: policy)  # type: ignore[arg-type, return-value]
+    start = 1_000_000 * 60.0
+    assert row.add("a", 5, start) is not None and row.add("b", 9, start) is not None
+    assert row.add("c", 1, start + 60 * 60) is None
+    assert row.sent("a", start + 60 * 60) == 5
+    assert row.add("c", 1, start + 61 * 60) is not None
+
+
+def test_a_message_to_suppressed_recipients_only_counts_as_one() -> None:
+    """Its failure notice goes out signed all the same: counted as none, a stolen
+    login sent such notices past every limit."""
+    rcpts = ["a@example.org", "b@example.org"]
+    assert ratelimit.counted(rcpts, rcpts) == 1
+    assert ratelimit.counted(rcpts, rcpts[:1]) == 1
+    assert ratelimit.counted(rcpts, []) == 2
