@@ -84,3 +84,22 @@ def test_only_the_latest_steps_are_kept() -> None:
         clocks.wall += 100
         seen.look()
     assert seen.arrival(start) == start + 100 * MOST
+
+
+def test_a_gain_of_exactly_step_seconds_is_a_step() -> None:
+    clocks, seen = steps()
+    before = clocks.wall - 1
+    clocks.wall += STEP
+    assert seen.look() == STEP
+    assert seen.arrival(before) == before + STEP
+
+
+def test_a_message_that_came_as_the_clock_stepped_came_before_the_step() -> None:
+    """It came at the time the clock read without the step: its lifetime is
+    counted from there, not cut short by the step."""
+    clocks, seen = steps()
+    clocks.passes(5)
+    came = clocks.wall
+    clocks.wall += 3600
+    assert seen.look() == 3600
+    assert seen.arrival(came) == came + 3600
