@@ -144,6 +144,20 @@ async def test_a_delivery_says_in_the_audit_log_how_many_attempts_it_took(
     }
 
 
+@pytest.mark.parametrize("reply", ["500 5.5.2 Syntax error", "550 5.1.1 No such user"])
+async def test_any_5xx_fails_the_recipient_at_once(
+    spool: Spool, policy: Policy, tmp_path: Path, reply: str
+) -> None:
+    audit = AuditLog(tmp_path / "audit")
+    upstream = Upstream((int(reply[:3]), reply))
+    engine = Engine(spool, lambda: policy, upstream, Recorder(audit))
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    assert (await engine.attempt_now(entry.queue_id)).status == "failed"
+    await engine.stop(5)
+    assert records(audit.directory, entry.queue_id) == [("failed", reply)]
+
+
 async def test_an_entry_expires_when_its_last_attempt_fails_and_says_so_plainly(
     spool: Spool, policy: Policy, tmp_path: Path
 ) -> None:
