@@ -594,6 +594,29 @@ async def test_a_refusal_over_the_limit_is_tried_again_soon_and_counts_no_attemp
     assert stored.next_attempt - sender.tries[-1] < 3600 * 1.1 + 5
 
 
+async def test_a_refusal_over_the_limit_lifts_no_suspension(spool: Spool, policy: Policy) -> None:
+    """A connection refused as one too many is no verdict on the upstream: taken
+    for a reach, it let every message waiting for a host found down go at once."""
+    now = [time.time()]
+    down, crowded = DownSender(), CrowdedSender(1)
+    senders = [down, crowded]
+
+    async def send(*args: object, **kwargs: object) -> Attempt:
+        return await senders.pop(0)(*args, **kwargs)
+
+    engine = Engine(spool, lambda: policy, send, Recorder(None), clock=lambda: now[0])
+    tried, waiting = make_entry(size=len(message(1))), make_entry(size=len(message(2)))
+    spool.put(tried, message(1))
+    spool.put(waiting, message(2))
+    assert (await engine.attempt_now(tried.queue_id)).status == "deferred"
+    assert (await engine.attempt_now(waiting.queue_id)).status == "later"
+    now[0] += 2 * policy.queue.first_retry
+    assert (await engine.attempt_now(tried.queue_id)).status == "deferred"
+    assert crowded.tries and not senders
+    assert engine._suspensions.suspended(policy.upstreams[tried.upstream])
+    await engine.stop(5)
+
+
 async def test_a_reload_pointing_the_name_elsewhere_gives_back_every_slot(
     spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
