@@ -1206,6 +1206,7 @@ async def test_upstream_demanding_auth_we_do_not_do_is_temporary() -> None:
         (550, "unknown user", "5.0.0", "unknown user"),
         (550, "4.1.1 class mismatch", "5.0.0", "class mismatch"),
         (554, "5.7.1 first line\n5.7.1 second line", "5.7.1", "first line second line"),
+        (550, "5.1.1 no such user\n5.7.1 see our policy", "5.1.1", "no such user see our policy"),
         (451, "", "4.0.0", ""),
     ],
 )
