@@ -706,8 +706,8 @@ async def test_the_verdict_comes_with_the_first_connection_that_opens(
 class Freezing:
     """A smarthost that takes the first connection's message and then freezes: it
     never answers the end of it, and says nothing to the connections after it
-    (``later``: or answers them "421", hangs up on them before a greeting,
-    "hang-up", or takes none, "refused")."""
+    (``later``: or answers them "421" or "554", hangs up on them before a
+    greeting, "hang-up", or takes none, "refused")."""
 
     def __init__(self, later: str = "silent") -> None:
         self.later = later
@@ -722,7 +722,9 @@ class Freezing:
         if self.connections > 1:
             if self.later == "421":
                 writer.write(b"421 4.7.0 Too many connections\r\n")
-            if self.later in ("421", "hang-up"):
+            if self.later == "554":
+                writer.write(b"554 5.7.1 No SMTP service here\r\n")
+            if self.later in ("421", "554", "hang-up"):
                 writer.close()
             return
         if self.later == "refused":
@@ -785,6 +787,19 @@ async def test_a_refusal_like_a_limit_is_the_limit_while_a_connection_is_open(
         with pytest.raises(UpstreamError) as refused:
             await asyncio.wait_for(send(pool, upstream(port, timeout=1.0), "b@p.example"), 5)
     assert type(refused.value) is Crowded, refused.value
+
+
+async def test_a_greeting_refused_for_good_is_no_limit_while_a_connection_is_open(
+    pool: Pool,
+) -> None:
+    """Only a 421 is the refusal a connection limit gives: a 554 at the greeting
+    refuses every connection alike, and taken for the limit, the upstream was
+    tried again every few seconds and never suspended."""
+    async with hung(pool, "554", timeout=1.0) as port:
+        with pytest.raises(Unreachable) as refused:
+            await asyncio.wait_for(send(pool, upstream(port, timeout=1.0), "b@p.example"), 5)
+    assert not isinstance(refused.value, Crowded)
+    assert "554 5.7.1 No SMTP service here (connecting)" in refused.value.text
 
 
 async def test_a_stop_while_a_refusal_waits_for_its_verdict_says_nothing_left(
