@@ -392,6 +392,17 @@ def test_a_suspension_none_of_whose_messages_is_queued_is_forgotten() -> None:
     assert suspensions.admits("up", "Q2", 2.0, 60.0) is None  # tries at once, as after a start
 
 
+def test_a_waiting_message_waits_no_longer_than_its_lifetime() -> None:
+    """Planned for the end of the wait, a message whose lifetime ends first
+    expired a whole first_retry late; past it, it no longer waits."""
+    suspensions = Suspensions()
+    _failed_alone(suspensions, "up", 0.0)  # until 60
+    assert suspensions.admits("up", "Q1", 1.0, 60.0, arrival=-100.0, lifetime=130.0) == 30.0
+    assert suspensions.waits("Q1", 20.0, lifetime=130.0) == 30.0
+    assert suspensions.admits("up", "Q1", 30.0, 60.0, arrival=-100.0, lifetime=130.0) == 60.0
+    assert suspensions.waits("Q1", 30.0, lifetime=130.0) is None
+
+
 def test_a_retry_lets_one_message_try_for_each_suspended_upstream() -> None:
     """Any kick ended every suspension: concurrency connections at once to an
     upstream still down, for a release of one unrelated message."""
