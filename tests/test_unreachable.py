@@ -399,8 +399,8 @@ def test_a_waiting_message_waits_no_longer_than_its_lifetime() -> None:
     _failed_alone(suspensions, "up", 0.0)  # until 60
     assert suspensions.admits("up", "Q1", 1.0, 60.0, arrival=-100.0, lifetime=130.0) == 30.0
     assert suspensions.waits("Q1", 20.0, lifetime=130.0) == 30.0
-    assert suspensions.admits("up", "Q1", 30.0, 60.0, arrival=-100.0, lifetime=130.0) == 60.0
     assert suspensions.waits("Q1", 30.0, lifetime=130.0) is None
+    assert suspensions.admits("up", "Q1", 30.0, 60.0, arrival=-100.0, lifetime=130.0) == 60.0
 
 
 def test_a_retry_lets_one_message_try_for_each_suspended_upstream() -> None:
