@@ -505,7 +505,7 @@ async def test_mail_waiting_for_a_suspended_upstream_expires_at_a_lifetime_a_rel
         current[0], switched = short, time.time()
         await until(lambda: not set(ids) & set(spool.ids()), "every message expired", 10)
         late = time.time() - switched
-    assert late < 0.5, late
+    assert late < 2.0, late  # at the suspension's end, not one message at each of its ends
 
 
 async def test_a_deferral_the_spool_cannot_store_still_waits_its_backoff(
