@@ -2948,15 +2948,19 @@ def test_a_verbose_patterns_comment_hides_no_group_from_the_count() -> None:
     assert _group_depth("(?#n)(?x)# (((\na") == 0
 
 
-@pytest.mark.parametrize("innermost", ["(a)", "(?(1)a|b)", "(?(name)a)"])
+@pytest.mark.parametrize("innermost", ["(a)", "(?(1)a|b)", "(?(name)a)", "(?P=name)"])
 def test_a_pattern_nested_as_deep_as_the_limit_loads(tmp_path: Path, innermost: str) -> None:
-    """A conditional group's condition, ``(1)`` in ``(?(1)a|b)``, was counted as
-    one group deeper, which refused such a pattern nested 100 deep."""
+    """A conditional group's condition, ``(1)`` in ``(?(1)a|b)``, and a
+    backreference by name were counted as one group deeper, which refused
+    such a pattern nested 100 deep."""
+    from relay.policy.values import _group_depth
+
     pattern = "(?P<name>x)?" + r"[(\]](" * 99 + innermost + ")" * 99
     rule = f"classify:\n  - id: r\n    type: invoice\n    subject: '{pattern}'\nupstreams:"
     path = variant(tmp_path, "upstreams:", rule)
     (condition,) = load(path).classify[0].conditions
     assert condition.pattern.groups == 1 + 99 + (innermost == "(a)")
+    assert _group_depth(pattern) == 99 + (innermost != "(?P=name)")
 
 
 def test_the_state_settings_load_without_the_files_they_do_not_name(tmp_path: Path) -> None:

@@ -562,8 +562,9 @@ _FLAGS = re.compile(r"\(\?([aiLmsux]*)(?:-([imsx]*))?[:)]")
 def _group_depth(pattern: str) -> int:
     """How deep the pattern's groups nest, read from its text: an escaped
     parenthesis, one in a character class and one in a comment (``(?#...)``,
-    or ``#`` to the line's end where the x flag is on) open nothing, nor does
-    the condition of a conditional group (``(?(1)``)."""
+    or ``#`` to the line's end where the x flag is on) open nothing, nor do a
+    backreference by name (``(?P=n)``) and a conditional group's condition
+    (``(?(1)``)."""
     depth = deepest = 0
     escaped = False
     class_from = -1  # where the character class's members begin, -1 outside one
@@ -581,7 +582,7 @@ def _group_depth(pattern: str) -> int:
                 class_from = -1
         elif char == "[":
             class_from = i + 2 if pattern[i + 1 : i + 2] == "^" else i + 1
-        elif pattern.startswith("(?#", i):
+        elif pattern.startswith(("(?#", "(?P="), i):  # a comment, a backreference
             comment_ends = ")"
         elif char == "#" and verbose[-1]:
             comment_ends = "\n"
