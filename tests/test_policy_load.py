@@ -1125,7 +1125,8 @@ def test_anchors_and_merge_keys_work(tmp_path: Path) -> None:
          "2:14: the file is not UTF-8 text (invalid continuation byte)"),
         (b'version: 1\nplatform: "x\n',
          '2:11: YAML syntax error: the value quoted with " here is not closed on its line:'
-         " it runs on to 3:1, where the parser stopped (found unexpected end of stream)"),
+         " it runs on to the end of the file, where the parser stopped (found unexpected end"
+         " of stream)"),
         # run on into a pattern, whose backslash is no escape in double quotes
         (b'version: 1\nplatform:\n  display_name: "{user.name}\nclassify:\n'
          b"  - subject: '(?i)\\.pdf$'\n",
@@ -1179,6 +1180,10 @@ def test_unparsable_files_are_one_located_problem(
         (b"version: 1\nlisteners: [", "2:13: YAML syntax error: the file ends here, unfinished"),
         (
             b"version: 1\nlisteners: [\n\n",
+            "2:13: YAML syntax error: the file ends here, unfinished",
+        ),
+        (
+            b"version: 1\nlisteners: [ \n  \n",
             "2:13: YAML syntax error: the file ends here, unfinished",
         ),
         (

@@ -260,7 +260,9 @@ def _syntax_problem(
     backslash, not an escape in double quotes).
     """
     stop, opened = exc.problem_mark, exc.context_mark
-    at = f"{stop.line + 1}:{stop.column + 1}" if stop is not None else "the end"
+    at = "the end of the file"
+    if stop is not None and _past_the_end(text, stop) is None:
+        at = f"{stop.line + 1}:{stop.column + 1}"
     if exc.problem == "could not find expected ':'" and opened is not None:
         return opened, "", f"YAML syntax error: a key without ':' after it ({exc.problem} at {at})"
     quoted = "quoted scalar" in (exc.context or "") and opened is not None
@@ -293,9 +295,9 @@ def _syntax_problem(
 
 
 def _past_the_end(text: str, stop: yaml.Mark | None) -> tuple[int, int] | None:
-    """The end of the file's last line, where the parser stopped on the line after
-    it: one an editor does not show (3:1 of a file of two lines)."""
-    shown = text.rstrip("\n").split("\n")
+    """The end of the file's last line, where the parser stopped after it: on a
+    line an editor does not show (3:1 of a file of two lines), or one of blanks."""
+    shown = text.rstrip(" \t\n").split("\n")
     if stop is None or stop.line < len(shown):
         return None
     return len(shown), len(shown[-1]) + 1
