@@ -728,3 +728,21 @@ def test_the_index_merges_each_reading_as_the_last_line_wins(batches: list) -> N
                 found = snapshot.find(address, tenant)
                 got = None if found is None else (found.reason, found.since)
                 assert got == own, (address, tenant)
+
+
+def test_the_index_refuses_the_tenant_past_its_scopes_and_keeps_working() -> None:
+    """A scope is kept in 16 bits: one tenant more would not fit, and a snapshot
+    that stopped on it left every lookup of the worker failing. Its line is
+    refused instead, as a line the list cannot take, and the others stay found."""
+    from relay.suppression.index import MAX_SCOPES
+
+    builder = Builder()
+    for n in range(MAX_SCOPES):
+        builder.add("a@example.org", f"t{n}", BOUNCE, WHEN)
+    with pytest.raises(ValueError, match=f"more than {MAX_SCOPES} tenants"):
+        builder.add("a@example.org", "one-more", BOUNCE, WHEN)
+    snapshot = builder.snapshot()
+    assert len(snapshot) == MAX_SCOPES
+    last = snapshot.find("a@example.org", f"t{MAX_SCOPES - 1}")
+    assert last is not None and last.tenant == f"t{MAX_SCOPES - 1}"
+    assert snapshot.find("a@example.org", "one-more") is None
