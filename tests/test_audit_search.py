@@ -1360,3 +1360,19 @@ def test_a_window_before_a_start_no_retention_explains_points_to_verify(log_dir:
         " are not in it and no retention record explains it (relay audit verify);"
         " this report does not count them\n"
     )
+
+
+def test_a_window_from_the_first_kept_day_needs_no_note_of_a_start_unexplained(
+    log_dir: Path,
+) -> None:
+    """A day file holds its day whole: a window from the day the log starts reaches
+    before no record, and a note of records missing sends an auditor to verify
+    a log that has nothing missing for that window."""
+    for day in sorted(log_dir.glob("audit-2024-05-06.jsonl*")):
+        day.unlink()
+    err = io.StringIO()
+    assert report_main(log_dir, since="2024-05-07", out=io.StringIO(), err=err) == 0
+    assert err.getvalue() == ""
+    err = io.StringIO()
+    assert search_main(log_dir, since="2024-05-07", out=io.StringIO(), err=err) == 0
+    assert err.getvalue() == ""
