@@ -607,6 +607,18 @@ def test_entries_for_tenants_gone_are_counted_as_the_list_has_them_now(tmp_path:
     assert stray_tenants(tmp_path / "none.jsonl", set()) == {}
 
 
+def test_an_entry_removed_in_another_case_is_no_stray(tmp_path: Path) -> None:
+    """The relay takes an address in any case, and so a removal of it: a
+    removal written by hand in another case still had its entry counted as
+    one left for a tenant gone, at every check and reload."""
+    path = tmp_path / "suppression.jsonl"
+    file = SuppressionFile(path)
+    file.add([Suppression("Buyer@Customer.example", "acme", BOUNCE, "2024-01-01T00:00:00Z")])
+    file.remove([("BUYER@customer.EXAMPLE", "acme")], by="test")
+    assert file.current().find(BUYER, "acme") is None
+    assert stray_tenants(path, {"kept"}) == {}
+
+
 def test_only_the_lines_of_tenants_gone_are_parsed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
