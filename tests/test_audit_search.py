@@ -1349,6 +1349,22 @@ def test_a_window_over_days_retention_deleted_says_so(policy_file: Path) -> None
     assert _audit_cli(policy_file, "report", "--since", "2024-05-07").stderr == ""
 
 
+def test_a_window_from_the_last_day_retention_deleted_says_so(tmp_path: Path) -> None:
+    """A window that begins on a day retention deleted reaches over all of it:
+    that day's search found nothing, with no word of why."""
+    build(tmp_path)
+    AuditLog(tmp_path, retention_days=1, clock=Clock(START + timedelta(days=2))).maintain()
+    err = io.StringIO()
+    assert search_main(tmp_path, since="2024-05-06", out=io.StringIO(), err=err) == 0
+    assert err.getvalue().startswith("note: the log starts after retention at seq 12")
+    assert "the files through audit-2024-05-06.jsonl; they are not in this search" in (
+        err.getvalue()
+    )
+    err = io.StringIO()
+    assert search_main(tmp_path, since="2024-05-07", out=io.StringIO(), err=err) == 0
+    assert err.getvalue() == ""
+
+
 def test_a_window_before_a_start_no_retention_explains_points_to_verify(log_dir: Path) -> None:
     for day in sorted(log_dir.glob("audit-2024-05-06.jsonl*")):
         day.unlink()
