@@ -535,6 +535,21 @@ def test_addresses_on_stdin_go_in_as_one_call_all_or_nothing(
     assert run_with("customer7@example.net\n", "list", "-")[0] == 1
 
 
+def test_an_address_named_twice_in_two_cases_is_one_entry(
+    policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A list brought over from two systems names an address as each wrote it:
+    the relay takes it in any case, so it is one entry, added and removed once."""
+    monkeypatch.setattr(sys, "stdin", _stdin("Gone@Example.org\ngone@example.org\n"))
+    code, out, err = run(policy, capsys, "add", "-", "GONE@example.org")
+    assert (code, out, err) == (0, ["Gone@Example.org: added (manual, all tenants)"], "")
+    assert len(listed(policy).read_text().splitlines()) == 1
+    code, out, err = run(policy, capsys, "remove", "gone@example.org", "Gone@Example.ORG")
+    assert (code, err, len(out)) == (0, "", 1)
+    assert out[0].startswith("Gone@Example.org: removed (manual since ")
+    assert len(listed(policy).read_text().splitlines()) == 2
+
+
 def test_a_list_on_stdin_with_a_byte_order_mark_goes_in(
     policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
