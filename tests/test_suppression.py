@@ -152,6 +152,25 @@ def test_entries_that_are_not_are_skipped_and_named(tmp_path: Path) -> None:
     assert "since 'x' is not a time" in listing.problems[3]
 
 
+def test_a_hand_written_domain_alone_is_a_line_skipped_at_its_number(tmp_path: Path) -> None:
+    """A Postfix map lists a whole domain; the list holds addresses. Taken, the
+    line matched no recipient ever, and ``list`` showed it as if the domain were
+    kept from mail."""
+    path = tmp_path / "s.jsonl"
+    path.write_text(
+        f'{{"v":1,"op":"add","address":"ok@example.org","tenant":null,"reason":"bounce","since":"{WHEN}"}}\n'
+        f'{{"v":1,"op":"add","address":"olddomain.example","tenant":null,"reason":"manual","since":"{WHEN}"}}\n'
+    )
+    reader = SuppressionFile(path)
+    assert len(reader.current()) == 1
+    listing = reader.entries()
+    assert [e.address for e in listing.entries] == ["ok@example.org"]
+    assert listing.problems == [
+        f"{path}:2: not a suppression entry, skipped:"
+        " address and since must be text, with an address"
+    ]
+
+
 def test_a_line_with_a_misspelt_key_is_skipped_and_its_key_named_in_the_log(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
