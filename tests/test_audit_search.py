@@ -1365,6 +1365,23 @@ def test_a_window_from_the_last_day_retention_deleted_says_so(tmp_path: Path) ->
     assert err.getvalue() == ""
 
 
+def test_after_two_retention_runs_the_note_goes_by_the_last(tmp_path: Path) -> None:
+    """Retention runs daily and each run's record names what it deleted so far:
+    read by the first run's, the records the second deleted were said to be
+    missing, and the auditor sent to verify a log that was whole."""
+    build(tmp_path)
+    AuditLog(tmp_path, retention_days=1, clock=Clock(START + timedelta(days=2))).maintain()
+    AuditLog(tmp_path, retention_days=1, clock=Clock(START + timedelta(days=3))).maintain()
+    err = io.StringIO()
+    assert search_main(tmp_path, since="2024-05-01", out=io.StringIO(), err=err) == 0
+    assert err.getvalue() == (
+        "note: the log starts after retention at seq 16 in audit-2024-05-08.jsonl:"
+        " records 1..15 were deleted by retention (older than 1 day) at"
+        " 2024-05-09T09:00:00.000Z, the files through audit-2024-05-07.jsonl;"
+        " they are not in this search\n"
+    )
+
+
 def test_a_window_before_a_start_no_retention_explains_points_to_verify(log_dir: Path) -> None:
     for day in sorted(log_dir.glob("audit-2024-05-06.jsonl*")):
         day.unlink()
