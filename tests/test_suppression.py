@@ -613,6 +613,41 @@ def test_a_time_out_of_range_is_a_skipped_line_not_a_failed_lookup(tmp_path: Pat
     assert "since '0001-01-01T00:00:00+01:00' is not a time" in problem
 
 
+def test_a_time_past_the_year_9999_by_its_offset_is_a_skipped_line(tmp_path: Path) -> None:
+    """The end of the range holds too: a time in 9999 with an offset is in the
+    year 10000 in UTC, and every message to the address failed with a 451."""
+    path = tmp_path / "s.jsonl"
+    path.write_text(
+        '{"v":1,"op":"add","address":"late@example.org","tenant":null,"reason":"manual",'
+        '"since":"9999-12-31T23:30:00-05:00"}\n'
+    )
+    reader = SuppressionFile(path)
+    assert reader.current().find("late@example.org", "acme") is None
+    assert reader.entries().problems == [
+        f"{path}:1: not a suppression entry, skipped:"
+        " since '9999-12-31T23:30:00-05:00' is not a time"
+    ]
+
+
+def test_a_remove_line_whose_tenant_is_not_text_is_skipped_at_its_number(
+    tmp_path: Path,
+) -> None:
+    """A tenant written by hand as a list (``["acme"]``) stopped every reading of
+    the list; the entry it meant to remove stays, the line named."""
+    path = tmp_path / "s.jsonl"
+    path.write_text(
+        f'{{"v":1,"op":"add","address":"a@example.org","tenant":"acme","reason":"bounce","since":"{WHEN}"}}\n'
+        '{"v":1,"op":"remove","address":"a@example.org","tenant":["acme"]}\n'
+    )
+    reader = SuppressionFile(path)
+    assert reader.current().find("a@example.org", "acme") is not None
+    listing = reader.entries()
+    assert [e.address for e in listing.entries] == ["a@example.org"]
+    assert listing.problems == [
+        f"{path}:2: not a suppression entry, skipped: address or tenant is not text"
+    ]
+
+
 def test_check_warns_of_a_hard_bounce_code_about_the_platform_not_the_address(
     tmp_path: Path,
 ) -> None:
