@@ -613,6 +613,28 @@ def test_a_time_out_of_range_is_a_skipped_line_not_a_failed_lookup(tmp_path: Pat
     assert "since '0001-01-01T00:00:00+01:00' is not a time" in problem
 
 
+def test_a_time_without_an_offset_is_utc_whatever_the_local_zone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The list's times are UTC, as the relay writes them: a hand-written one
+    without an offset, read in the server's zone, moved by its offset."""
+    import time
+
+    path = tmp_path / "s.jsonl"
+    path.write_text(
+        '{"v":1,"op":"add","address":"a@example.org","tenant":null,"reason":"manual",'
+        '"since":"2026-03-04T05:06:07"}\n'
+    )
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        found = SuppressionFile(path).current().find("a@example.org", "acme")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert found is not None and found.since == "2026-03-04T05:06:07.000Z"
+
+
 def test_a_time_past_the_year_9999_by_its_offset_is_a_skipped_line(tmp_path: Path) -> None:
     """The end of the range holds too: a time in 9999 with an offset is in the
     year 10000 in UTC, and every message to the address failed with a 451."""
