@@ -1297,6 +1297,20 @@ def test_a_user_id_several_tenants_have_is_noted(policy_file: Path) -> None:
     assert known.check(both, "beta", "jan", None).notes == []
 
 
+def test_a_users_address_searches_that_user_in_its_own_tenant_only(policy_file: Path) -> None:
+    """``--user jan@acme.example`` means acme's jan: searched as the ID alone it
+    found beta's jan too, and with ``--tenant acme`` given as well it was
+    searched as given and found nothing."""
+    policy = load(policy_file)
+    beta = dataclasses.replace(policy.tenants["acme"], id="beta")
+    both = dataclasses.replace(policy, tenants={**policy.tenants, "beta": beta})
+    said = "'jan@acme.example' is an address of user 'jan' of tenant 'acme'"
+    for tenant in (None, "acme"):
+        found = known.check(both, tenant, "jan@acme.example", None)
+        assert (found.tenant, found.user) == ("acme", "jan"), tenant
+        assert found.notes == [f"{said}; --user takes the ID: searching for that user"]
+
+
 @pytest.mark.parametrize("verb", ["search", "report"])
 def test_files_logrotate_renamed_are_warned_of_not_left_out_silently(
     policy_file: Path, verb: str
