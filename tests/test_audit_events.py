@@ -108,6 +108,18 @@ def test_builders_reject_wrong_types() -> None:
         events.queued(queue_id="Q", message_id=None, recipients=["a@b"], size=True)
 
 
+def test_a_message_id_that_is_not_text_is_refused_not_written(tmp_path: Path) -> None:
+    """A search by Message-ID compares text: a record whose message_id is a
+    number or a list is one no search finds, in a log that cannot be rewritten."""
+    with pytest.raises(ValueError, match="queue_id and message_id must be text or None"):
+        events.failed(queue_id="Q", message_id=4711, recipient="a@b", reply="550")  # type: ignore[arg-type]
+    log = AuditLog(tmp_path, clock=Clock())
+    record = events.failed(queue_id="Q", message_id="<m@x>", recipient="a@b", reply="550")
+    with pytest.raises(ValueError, match="queue_id and message_id must be text or None"):
+        log.append({**record, "message_id": ["<m@x>"]})
+    assert not list(tmp_path.glob("audit-*"))
+
+
 def test_writer_refuses_records_not_made_by_a_builder(tmp_path: Path) -> None:
     log = AuditLog(tmp_path, clock=Clock())
     record = events.failed(queue_id="Q", message_id=None, recipient="a@b", reply="550")
