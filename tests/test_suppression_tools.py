@@ -564,6 +564,16 @@ def test_a_list_on_stdin_with_a_byte_order_mark_goes_in(
     ]
 
 
+def test_a_byte_order_mark_is_no_part_of_a_list_given_as_text_alone(
+    policy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Standard input replaced by a text stream without bytes below it (an
+    embedding program's) goes by the same rule as a shell's."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\ufeffkunde7@example.org\n"))
+    code, out, err = run(policy, capsys, "add", "-")
+    assert (code, out, err) == (0, ["kunde7@example.org: added (manual, all tenants)"], "")
+
+
 def test_a_note_in_latin1_bytes_is_refused_and_nothing_written(policy: Path) -> None:
     """``--note "$(printf 'M\\xfcller')"`` (Latin-1 bytes, the locale UTF-8) was a traceback."""
     done = subprocess.run(
