@@ -400,6 +400,19 @@ def test_records_cut_from_the_end_are_found_with_the_head_written_down(log_dir: 
     )
 
 
+def test_an_anchor_written_down_in_capitals_is_the_same_head(log_dir: Path) -> None:
+    """A head copied into a ticket or a spreadsheet comes back in capitals: the
+    same hash, and an intact log was said to be TAMPERED (exit 1)."""
+    out = io.StringIO()
+    assert verify_main(log_dir, None, out, io.StringIO()) == 0
+    written_down = next(line for line in out.getvalue().splitlines() if line.startswith("head:"))
+    seq, head = written_down.removeprefix("head: seq ").split(" hash ")
+    err = io.StringIO()
+    assert verify_main(log_dir, None, io.StringIO(), err, anchor=f"{seq}:{head.upper()}") == 0
+    assert "TAMPERED" not in err.getvalue()
+    assert f"the anchor (seq {seq}) is in the log as written down" in err.getvalue()
+
+
 def test_an_anchor_whose_record_was_replaced(log_dir: Path) -> None:
     head = verify(log_dir).head
     assert head is not None
