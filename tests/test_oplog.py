@@ -60,6 +60,15 @@ def test_journal_lines_carry_the_syslog_priority(journal: Path) -> None:
     assert [JOURNAL.match(line)[1] for line in lines] == ["6", "4", "3"]  # type: ignore[index]
 
 
+def test_a_critical_line_carries_its_own_priority(journal: Path) -> None:
+    """``journalctl -p crit`` shows the relay stopping for a worker that keeps dying."""
+    with journal.open("a", encoding="utf-8") as stream:
+        oplog.configure(stream)
+        logging.getLogger("relay").critical("stopping the relay")
+    (line,) = journal.read_text().splitlines()
+    assert JOURNAL.match(line).groups() == ("2", "CRITICAL"), line  # type: ignore[union-attr]
+
+
 def test_every_line_of_a_traceback_carries_the_priority(journal: Path) -> None:
     with journal.open("a", encoding="utf-8") as stream:
         oplog.configure(stream)
@@ -120,6 +129,31 @@ def test_a_long_message_is_cut_so_that_it_stays_one_line(
     assert line.endswith(
         f" [{250_020 + len('refused: ') - oplog.MESSAGE_LIMIT} more characters not logged]"
     )
+
+
+def test_the_relays_info_and_up_are_logged_and_aiosmtpds_errors_only(
+    restored: None, tmp_path: Path
+) -> None:
+    """At DEBUG every login was a line; aiosmtpd logs every command at INFO."""
+    path = tmp_path / "stderr"
+    with path.open("a", encoding="utf-8") as stream:
+        oplog.configure(stream)
+        logging.getLogger("relay").debug("AUTH ok client=192.0.2.1 login=erp-acme")
+        logging.getLogger("relay").info("queued")
+        logging.getLogger("mail.log").info("192.0.2.1 >> b'RCPT TO:<a@example.org>'")
+        logging.getLogger("mail.log").warning("192.0.2.1 EOF received")
+        logging.getLogger("mail.log").error("SMTP session exception")
+    said = [line.split(" ", 2)[2] for line in path.read_text().splitlines()]
+    assert said == ["INFO queued", "ERROR SMTP session exception"], said
+
+
+def test_a_message_of_the_limit_is_logged_whole(restored: None, tmp_path: Path) -> None:
+    path = tmp_path / "stderr"
+    with path.open("a", encoding="utf-8") as stream:
+        oplog.configure(stream)
+        logging.getLogger("relay").info("%s", "x" * oplog.MESSAGE_LIMIT)
+    (line,) = path.read_text().splitlines()
+    assert line.endswith(" INFO " + "x" * oplog.MESSAGE_LIMIT), line[-80:]
 
 
 def test_each_line_carries_its_own_second_and_milliseconds() -> None:
