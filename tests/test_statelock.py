@@ -28,6 +28,21 @@ def test_a_second_holder_is_told_the_first_ones_pid(tmp_path: Path) -> None:
     statelock.hold(tmp_path, DIGEST).close()  # closed: free again
 
 
+def test_a_state_directory_it_makes_is_its_users_alone_and_the_pid_file_readable(
+    tmp_path: Path,
+) -> None:
+    """The queue and the keys' copies are in it; ``relay status`` by a monitoring
+    user reads the PID file."""
+    state = tmp_path / "state"
+    old = os.umask(0o022)
+    try:
+        statelock.hold(state, DIGEST).close()
+    finally:
+        os.umask(old)
+    assert state.stat().st_mode & 0o777 == 0o700
+    assert (state / statelock.LOCK_NAME).stat().st_mode & 0o777 == 0o644
+
+
 @pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
 def test_workers_left_by_a_supervisor_that_died_are_named_as_such(
     tmp_path: Path, reaped: bool
