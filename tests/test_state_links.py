@@ -81,6 +81,22 @@ def test_a_tool_run_by_root_leaves_a_file_behind_a_link_alone(
     assert done.returncode != 0 or name == "queue/kick"
 
 
+@pytest.mark.parametrize("name", ["audit/.head", "audit/.lock"])
+def test_a_hard_link_in_a_files_place_is_not_given_away(
+    policy_file: Path, state: tuple[Path, str], tmp_path: Path, name: str
+) -> None:
+    """Where the kernel does not protect hard links, the service user can link
+    root's file into its directory: two names, so not handed over."""
+    directory, queue_id = state
+    seen = _root_only(tmp_path / "root-only")
+    before = seen()
+    (directory / name).unlink()
+    os.link(tmp_path / "root-only", directory / name)
+    done = relay_cli(policy_file, "queue", "hold", queue_id)
+    assert seen() == before, done.stdout + done.stderr
+    assert done.returncode != 0
+
+
 def test_a_day_file_behind_a_link_is_neither_taken_nor_written(
     policy_file: Path, state: tuple[Path, str], tmp_path: Path
 ) -> None:
