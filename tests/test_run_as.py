@@ -21,6 +21,7 @@ import pytest
 from tests.policybuilds import BUILDS_SAID
 from tests.policyfiles import POLICIES
 from tests.relayproc import RelayProcess, terminate, wait_for
+from tests.sink import free_port
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("setpriv"), reason="root starts the relay here"
@@ -110,7 +111,10 @@ def test_started_as_root_it_binds_then_serves_as_the_service_user(public: Path) 
     python, env = _python_for_nobody()
     port = _privileged_port()
     policy = _policy(public, port, "nobody")
-    with RelayProcess(policy, port, public / "relay.log", python=python, env=env) as relay:
+    groups = "import os; os.setgroups([0])"  # root's own, as a login or sudo gives it
+    with RelayProcess(
+        policy, port, public / "relay.log", python=python, env=env, prelude=groups
+    ) as relay:
         assert relay.proc is not None
         workers = _children(relay.proc.pid)
         assert len(workers) == 2
@@ -203,6 +207,20 @@ def test_not_root_it_must_already_be_the_service_user(public: Path) -> None:
         " start it as root or as daemon"
     ) in done.stderr
     assert list((public / "state").iterdir()) == []
+
+
+def test_started_as_the_service_user_it_serves_as_that_user(public: Path) -> None:
+    python, env = _python_for_nobody()
+    port = free_port()
+    policy = _policy(public, port, "nobody", workers=1)
+    drop = f"import os; os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})"
+    with RelayProcess(
+        policy, port, public / "relay.log", python=python, env=env, prelude=drop
+    ) as relay:
+        assert relay.proc is not None
+        assert _ids(relay.proc.pid)[0] == [str(NOBODY)] * 4
+        assert relay.stop() == 0
+    assert "running as root" not in relay.log()
 
 
 def test_a_changed_run_as_waits_for_a_restart(public: Path) -> None:
