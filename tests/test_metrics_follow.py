@@ -91,6 +91,7 @@ def test_outcomes_and_late_reports_carry_the_messages_tenant(tmp_path: Path) -> 
         _line("delivered", "NEVER", recipient="b@example.org"),
         _line("rejected", "R1", reply="550 5.7.1 unknown sender"),
         _line("rejected", "R2", reply="451 4.3.0 try again later"),
+        _line("rejected", "R3", reply="554 5.7.1 relay access denied"),
     )
     counts = follower.update()
     assert (UNKNOWN, "sent") not in counts.deliveries
@@ -106,8 +107,8 @@ def test_outcomes_and_late_reports_carry_the_messages_tenant(tmp_path: Path) -> 
         (UNKNOWN, "sent"): 1,
     }
     assert counts.bounces == {"acme": 1} and counts.complaints == {"acme": 1}
-    assert counts.rejected == {"5xx": 1, "4xx": 1}
-    assert counts.records == 15
+    assert counts.rejected == {"5xx": 2, "4xx": 1}
+    assert counts.records == 16
 
 
 def test_a_notices_outcome_before_its_link_is_its_tenants(tmp_path: Path) -> None:
