@@ -221,6 +221,80 @@ def _a_write_since_100s() -> tuple[DiskWaits, DiskWatch]:
     return waits, watch
 
 
+def test_a_write_is_warned_of_at_5s_not_before(caplog: pytest.LogCaptureFixture) -> None:
+    _, watch = _a_write_since_100s()
+    with caplog.at_level(logging.INFO, logger="relay"):
+        watch.look(105 * SECOND - 1)
+        assert caplog.records == []
+        watch.look(105 * SECOND)
+    assert [r.getMessage() for r in caplog.records] == [
+        "worker 1 (pid 4242): a write to the disk has not finished for 5s: its clients wait"
+        " for their 250 meanwhile; the disk under /srv/state is slow or not answering"
+    ]
+
+
+def test_the_supervisors_writes_are_kept_for_the_log_from_5s() -> None:
+    """Its own fsyncs, said when its loop comes round: those under 5 s are not slow."""
+    waits = DiskWaits(1)
+    waits.use(waits.supervisor, keep_ended=True)
+    try:
+        diskwait._note_end(time.monotonic_ns() - 4 * SECOND)
+        assert diskwait.ended() == []
+        diskwait._note_end(time.monotonic_ns() - 6 * SECOND)
+        assert len(diskwait.ended()) == 1
+    finally:
+        diskwait._forgotten()
+
+
+def test_the_oldest_of_a_workers_writes_is_the_one_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its second thread's write, begun 3 s later, is not what its clients wait for longest."""
+    waits, watch = _a_write_since_100s()
+    waits.words[waits.width + 2] = 103 * SECOND
+    with caplog.at_level(logging.INFO, logger="relay"):
+        watch.look(106 * SECOND)
+    assert waits.longest() == diskwait.Waiting(1, 4242, 100 * SECOND)
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith("worker 1 (pid 4242): a write to the disk has not finished for 6s:")
+
+
+def test_a_write_counted_while_quiet_and_then_warned_of_is_not_counted_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Slow within the minute after a warning, it is counted; still slow once
+    the minute is over, it is the one warned of, not one more besides."""
+    waits, watch = _a_write_since_100s()
+    slot = waits.width + 1
+    with caplog.at_level(logging.INFO, logger="relay"):
+        watch.look(106 * SECOND)
+        waits.words[slot] = 0
+        watch.look(107 * SECOND)
+        waits.words[slot] = 130 * SECOND
+        watch.look(136 * SECOND)  # slow, 30 s after the warning: counted
+        watch.look(170 * SECOND)  # still waiting, the minute over: warned of
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert warnings[1].endswith(
+        "has not finished for 40s: its clients wait for their 250 meanwhile;"
+        " the disk under /srv/state is slow or not answering"
+    ), warnings
+
+
+def test_a_write_seen_waiting_at_each_look_ends_after_about_its_length(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    waits, watch = _a_write_since_100s()
+    with caplog.at_level(logging.INFO, logger="relay"):
+        for second in range(106, 111):
+            watch.look(second * SECOND)
+        waits.words[waits.width + 1] = 0
+        watch.look(111 * SECOND)
+    assert caplog.records[-1].getMessage() == (
+        "worker 1 (pid 4242): the write to the disk that waited ended after about 11s"
+    )
+
+
 def test_a_worker_killed_in_its_write_is_not_said_to_have_ended_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
