@@ -814,6 +814,13 @@ def test_a_sighup_while_a_worker_restarts_does_not_kill_it(relay: Relay) -> None
     assert "killed by SIGHUP" not in relay.log()
 
 
+def test_sigint_stops_the_relay_as_sigterm_does(relay: Relay) -> None:
+    """Ctrl-C on a relay started by hand."""
+    relay.proc.send_signal(signal.SIGINT)
+    assert relay.proc.wait(20) == 0, relay.log()
+    assert "stopping: telling 2 workers" in relay.log()
+
+
 def test_a_sighup_while_stopping_still_ends_cleanly(relay: Relay) -> None:
     waiting = []
     for _ in range(4):  # transactions under way: the workers wait for them
