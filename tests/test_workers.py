@@ -821,6 +821,20 @@ def test_sigint_stops_the_relay_as_sigterm_does(relay: Relay) -> None:
     assert "stopping: telling 2 workers" in relay.log()
 
 
+def test_a_worker_killed_while_stopping_is_said(relay: Relay) -> None:
+    with smtplib.SMTP("127.0.0.1", relay.port, timeout=20) as client:
+        client.ehlo()
+        client.mail("jan@acme.example")  # its worker waits for the transaction
+        relay.proc.send_signal(signal.SIGTERM)
+        relay.wait_for(lambda: "stopping: telling 2 workers" in relay.log(), "stopping")
+        for _, pid in relay.started():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert relay.proc.wait(20) == 0, relay.log()
+    said = re.search(r"WARNING worker \d was killed by SIGKILL while stopping", relay.log())
+    assert said is not None, relay.log()
+
+
 def test_a_sighup_while_stopping_still_ends_cleanly(relay: Relay) -> None:
     waiting = []
     for _ in range(4):  # transactions under way: the workers wait for them
