@@ -44,6 +44,8 @@ def _received(policy: Path, queue_id: str) -> dict:
         "Sun, 6 Dec 2026 18:00:00 UT",
         "Sun, 6 Dec 2026 18:00:00 Z",  # military
         "Wed, 31 Dec 2025 23:59:60 +0000",  # a leap second
+        "Tue, 29 Feb 00 12:00:00 +0000",  # 2000, a leap year (RFC 5322 4.3), not 1900
+        "Tue, 29 Feb 100 12:00:00 +0000",  # three digits: 1900 added, 2000 again
     ],
 )
 def test_a_date_time_receivers_read_passes(given: str) -> None:
@@ -59,6 +61,7 @@ def test_a_date_time_receivers_read_passes(given: str) -> None:
         ("Sun, 6 Dec 2026 18:00:00", "has no time zone"),
         ("6 Dec 2026 18:00", "has no time zone"),
         ("31 Feb 2026 10:00 +0000", "names a day or a time that does not exist"),
+        ("29 Feb 50 10:00 +0000", "names a day or a time that does not exist"),  # 1950
         ("6 Dec 2026 24:00 +0000", "names a day or a time that does not exist"),
         ("6 Dec 2026 18:00 +0160", "names a day or a time that does not exist"),
         ("6 Dec 2026 \u0661\u0668:00 +0000", "is not a date and time"),  # Arabic-Indic digits
