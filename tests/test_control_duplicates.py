@@ -154,3 +154,13 @@ def test_a_reply_to_source_twice_is_judged_by_the_address_it_gives(
     with pytest.raises(Rejected) as caught:
         run(policy_file, data, login="erp-acme")
     assert caught.value.line == _refusal("X-Responsible", "for the Reply-To")
+
+
+def test_a_document_type_twice_in_two_cases_is_one_type(policy_file: Path) -> None:
+    """An ERP that writes its header twice, once as typed and once in capitals,
+    means one type: refused, its invoices were not sent at all."""
+    fields = ("X-Document-Type: invoice", "X-Document-Type:  INVOICE ")
+    p = run(
+        policy_file, msg(*_head("Subject: Hello", "X-ERP-User: jan", *fields)), login="erp-acme"
+    )
+    assert p.decision.classification.doc_type == "invoice"
