@@ -137,8 +137,15 @@ def test_an_encoded_word_in_the_erp_users_name_is_never_the_user(policy_file: Pa
         ),
         ("=?utf-8?q?x@y.example,?= <per@acme.example>", "per@acme.example", False),
         ("per@acme.example, eva@acme.example", "eva@acme.example, per@acme.example", True),
+        # the first address SMTP can deliver to is the one taken, and the same in both
+        ("Per <per@-acme.example>, per@acme.example", "Per <per@acme.example>", False),
     ],
-    ids=["encoded-names-crossed", "encoded-name-same-address", "same-addresses-other-order"],
+    ids=[
+        "encoded-names-crossed",
+        "encoded-name-same-address",
+        "same-addresses-other-order",
+        "undeliverable-first",
+    ],
 )
 def test_a_reply_to_source_twice_is_judged_by_the_address_it_gives(
     policy_file: Path, first: str, second: str, refused: bool
