@@ -5,9 +5,13 @@ from __future__ import annotations
 import smtplib
 from pathlib import Path
 
+import pytest
+
+from relay.errors import Rejected
 from relay.pipeline import HOP_LIMIT
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import SinkServer, free_port
+from tests.test_decisions import BASE, msg, run
 from tests.test_queue_e2e import SMALL, configure, relay_cli
 
 REFUSED = ": 554 5.4.6 Too many hops"  # the receiving side's log line, not the sender's
@@ -75,3 +79,25 @@ def test_a_relay_that_is_its_own_smarthost_stops_the_loop(
     assert report.returncode == 0, report.stderr
     received = len(report.stdout.splitlines())
     assert received <= 2 * HOP_LIMIT, received
+
+
+def test_received_fields_are_counted_in_any_case_and_the_refusal_says_the_limit(
+    policy_file: Path,
+) -> None:
+    """A header name is the same in any case (RFC 5322 1.2.2): an MTA that
+    writes ``received:`` adds a hop all the same. The refusal names the most
+    a message may carry, which the README's table of refusals quotes."""
+    names = ("Received", "received", "RECEIVED")
+    loop = "".join(
+        f"{names[n % 3]}: from hop{n}.example by hop{n + 1}.example;"
+        " Sat, 5 Dec 2026 10:00:00 +0000\r\n"
+        for n in range(HOP_LIMIT)
+    ).encode()
+    below = loop.split(b"\r\n", 1)[1]
+    assert run(policy_file, below + msg(*BASE)).queue_id
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, loop + msg(*BASE))
+    assert caught.value.line == (
+        f"554 5.4.6 Too many hops: the message carries {HOP_LIMIT} Received header fields,"
+        f" at most {HOP_LIMIT - 1}; a mail loop? (RFC 5321 6.3)"
+    )
