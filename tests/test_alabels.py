@@ -22,6 +22,11 @@ from relay.identify import a_label_address
         # nor where it drops one inside a label still not ASCII: bücher's, another's
         ("jan@bü\u200dcher.example", None),
         ("snow@SNOW☃.example", "snow@xn--snow-8g3b.example"),
+        # a label is 63 octets at most (RFC 1035 2.3.4), the ASCII ones beside it too
+        (f"kunde@bücher.{'a' * 63}.example", f"kunde@xn--bcher-kva.{'a' * 63}.example"),
+        (f"kunde@bücher.{'a' * 64}.example", None),
+        # fully qualified: the root's empty label after the last dot is no label to refuse
+        ("kunde@faß.example.", "kunde@xn--fa-hia.example."),  # IDNA2003: fass.example.
     ],
 )
 def test_a_domain_takes_the_form_the_relay_sends_to(address: str, converted: str | None) -> None:
