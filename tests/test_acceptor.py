@@ -176,3 +176,12 @@ async def _refusal(policy_file: Path, tmp_path: Path, audit: Recorder) -> str:
             await Acceptor(spool, engine, audit).process(policy, submission)
     assert list(spool.entries()) == []
     return refused.value.line
+
+
+def test_a_refused_messages_own_id_is_recorded_on_one_line() -> None:
+    """Read from the raw field, a folded ID kept its line break and tab: the
+    refusal's audit record is found by the ERP's ID, written on one line."""
+    data = (
+        b"From: x@nowhere.example\r\nMessage-ID: <rej-2@erp.example>\r\n (ERP\r\n\t7)\r\n\r\nhi\r\n"
+    )
+    assert pipeline._given_message_id(data) == "<rej-2@erp.example> (ERP 7)"
