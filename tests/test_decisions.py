@@ -703,10 +703,13 @@ def test_header_lines_readers_disagree_on_are_refused(policy_file: Path, first: 
     assert caught.value.line.startswith("550 5.6.0 Malformed header line:")
 
 
-def test_a_message_beginning_with_an_empty_line_is_refused(policy_file: Path) -> None:
-    """Otherwise its whole header, Bcc included, reaches the recipients as body text."""
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"], ids=["crlf", "lf"])
+def test_a_message_beginning_with_an_empty_line_is_refused(policy_file: Path, eol: bytes) -> None:
+    """Otherwise its whole header, Bcc included, reaches the recipients as body
+    text. An empty line of LF alone is one too, and said so,
+    not a malformed header line."""
     with pytest.raises(Rejected) as caught:
-        run(policy_file, b"\r\n" + msg(*BASE, "Bcc: hidden@example.org"))
+        run(policy_file, eol + msg(*BASE, "Bcc: hidden@example.org").replace(b"\r\n", eol))
     assert caught.value.line == (
         "550 5.6.0 Message begins with an empty line: its header would be sent as body text"
     )
