@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from relay import message
+from relay import message, pipeline
+from relay.submission import Submission
 from tests.relayproc import RelayProcess
 from tests.sink import SinkServer, free_port
 from tests.test_decisions import msg, run
@@ -78,3 +79,20 @@ def test_a_long_message_id_of_unclosed_comments_is_replaced_in_time(policy_file:
     ids = message.read(run(policy_file, data).message).get_all("Message-ID")
     assert time.process_time() - started < 2
     assert ids is not None and len(ids) == 1 and ids[0].endswith(">") and "\\(" not in ids[0]
+
+
+def test_the_queue_entry_holds_the_id_and_date_as_sent(policy_file: Path) -> None:
+    """The entry's Message-ID is what a bounce and the audit log's ``queued``
+    record are matched by: a folded field's " <id>" found no bounce. Its Date is
+    the one sent, the relay's where the message's was no date."""
+    data = msg(
+        "From: Jan <jan@acme.example>",
+        "To: c@example.org",
+        "Message-ID:\r\n <INV-557@senger-erp.example>",
+        "Date: 06.12.2026 18:00:00",
+    )
+    p = run(policy_file, data)
+    sub = Submission("local", "127.0.0.1", None, "erp@erp.acme.example", ("c@example.org",), data)
+    entry = pipeline._entry(p, sub)
+    assert entry.message_id == "<INV-557@senger-erp.example>"
+    assert entry.date == message.read(p.message).get("Date") == "Mon, 23 Nov 2026 09:30:00 +0000"
