@@ -21,6 +21,8 @@ from relay.identify import a_label_address
         ("kunde@a\u200cb.example", None),
         # nor where it drops one inside a label still not ASCII: bücher's, another's
         ("jan@bü\u200dcher.example", None),
+        # nor where it maps a label to ASCII no domain has: the Greek question mark to ";"
+        ("kunde@a\u037e.example", None),
         ("snow@SNOW☃.example", "snow@xn--snow-8g3b.example"),
         # a label is 63 octets at most (RFC 1035 2.3.4), the ASCII ones beside it too
         (f"kunde@bücher.{'a' * 63}.example", f"kunde@xn--bcher-kva.{'a' * 63}.example"),
