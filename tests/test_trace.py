@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from relay import message, trace
+from relay import headers, message, trace
 from relay.submission import Submission
 from tests.test_decisions import BASE, NOW, msg, run
 
@@ -55,3 +55,13 @@ def test_the_field_takes_the_messages_own_line_ending(policy_file: Path) -> None
     assert b"\r" not in p.trace + p.rewritten
     assert p.trace.endswith(b"; Mon, 23 Nov 2026 09:30:00 +0000\n")
     assert message.read(p.message).get("Subject") == "Hello"
+
+
+def test_the_field_goes_after_the_signature_in_the_queued_copy_too(policy_file: Path) -> None:
+    """The spool is written from ``chunks``, a delivery held warm from
+    ``message``: with the two apart, one sent after a retry or a restart has
+    the Received field above the DKIM-Signature, unlike one sent at once."""
+    p = run(policy_file, msg(*BASE))
+    assert b"".join(p.chunks) == p.message
+    names = [f.name for f in headers.split(p.chunks[0])[0]]
+    assert names[-1] == "Received" and set(names[:-1]) == {"DKIM-Signature"}
