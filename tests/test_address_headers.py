@@ -72,6 +72,10 @@ def test_an_address_not_on_a_host_name_is_left_out(value: str) -> None:
         ("<@r.example,@s.example:j@x.example>", (("", "j@x.example"),)),
         ("jan@acme.example <jan@acme.example>", (("", "jan@acme.example"),)),
         ("(a\\) <x@y.example>) b@c.example", (("", "b@c.example"),)),
+        # comments nest (RFC 5322 3.2.2): what the inner one closes is still comment
+        ("j@x.example (ERP (Paris) office)", (("", "j@x.example"),)),
+        ("Jan (ERP (Paris)) <j@x.example>", (("Jan", "j@x.example"),)),
+        ("(x (y) , evil@attacker.example, ) j@x.example", (("", "j@x.example"),)),
     ],
 )  # fmt: skip
 def test_address_lists_as_mail_clients_read_them(
