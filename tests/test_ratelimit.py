@@ -486,15 +486,21 @@ async def test_a_limited_tenant_that_cannot_be_counted_is_refused_and_said_each_
     assert len(refused) == 3 and all("451 4.3.0 Tenant acme's" in line for line in refused)
 
 
-def test_a_slot_that_counted_nothing_for_an_hour_goes_to_a_newcomer() -> None:
-    """Even a limited tenant's: its hour is over. Two kept tenants fill a row of
-    two; an hour and more later a third is counted in an idle one's place."""
+def _a_row_of_two_kept() -> tuple[ratelimit.RateRow, float]:
+    """A row with room for two tenants, both kept at one start: 5 and 9 counted."""
     tenants = {t: SimpleNamespace(id=t, recipients_per_hour=10) for t in ("a", "b", "c")}
     policy = SimpleNamespace(tenants=tenants)
     table = SharedTable("t", 1, 2, ratelimit.BUCKETS + 1, ratelimit.REACH)
     row = ratelimit.RateRow(table.row(0), lambda: policy)  # type: ignore[arg-type, return-value]
     start = 1_000_000 * 60.0
     assert row.add("a", 5, start) is not None and row.add("b", 9, start) is not None
+    return row, start
+
+
+def test_a_slot_that_counted_nothing_for_an_hour_goes_to_a_newcomer() -> None:
+    """Even a limited tenant's: its hour is over. Two kept tenants fill a row of
+    two; an hour and more later a third is counted in an idle one's place."""
+    row, start = _a_row_of_two_kept()
     assert row.add("c", 1, start + 60) is None  # both kept, both counting
     assert row.add("c", 1, start + 62 * 60) is not None
     assert row.sent("c", start + 62 * 60) == 1
@@ -503,12 +509,7 @@ def test_a_slot_that_counted_nothing_for_an_hour_goes_to_a_newcomer() -> None:
 def test_a_slot_still_counting_its_minute_sixty_back_is_not_given_away() -> None:
     """That minute counts whole (the hour is never short): its slot goes to a
     newcomer only a minute later, or the tenant's count went a minute early."""
-    tenants = {t: SimpleNamespace(id=t, recipients_per_hour=10) for t in ("a", "b", "c")}
-    policy = SimpleNamespace(tenants=tenants)
-    table = SharedTable("t", 1, 2, ratelimit.BUCKETS + 1, ratelimit.REACH)
-    row = ratelimit.RateRow(table.row(0), lambda: policy)  # type: ignore[arg-type, return-value]
-    start = 1_000_000 * 60.0
-    assert row.add("a", 5, start) is not None and row.add("b", 9, start) is not None
+    row, start = _a_row_of_two_kept()
     assert row.add("c", 1, start + 60 * 60) is None
     assert row.sent("a", start + 60 * 60) == 5
     assert row.add("c", 1, start + 61 * 60) is not None
