@@ -1127,6 +1127,10 @@ def test_anchors_and_merge_keys_work(tmp_path: Path) -> None:
          '2:11: YAML syntax error: the value quoted with " here is not closed on its line:'
          " it runs on to the end of the file, where the parser stopped (found unexpected end"
          " of stream)"),
+        (b'version: 1\nplatform: "x',
+         '2:11: YAML syntax error: the value quoted with " here is not closed on its line:'
+         " it runs on to the end of the file, where the parser stopped (found unexpected end"
+         " of stream)"),
         # run on into a pattern, whose backslash is no escape in double quotes
         (b'version: 1\nplatform:\n  display_name: "{user.name}\nclassify:\n'
          b"  - subject: '(?i)\\.pdf$'\n",

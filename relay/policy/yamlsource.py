@@ -266,7 +266,7 @@ def _syntax_problem(
     if exc.problem == "could not find expected ':'" and opened is not None:
         return opened, "", f"YAML syntax error: a key without ':' after it ({exc.problem} at {at})"
     quoted = "quoted scalar" in (exc.context or "") and opened is not None
-    if quoted and (stop is None or opened.line < stop.line):
+    if quoted and (stop is None or opened.line < stop.line or at == "the end of the file"):
         return opened, "", _runaway(_char_at(text, opened), at, exc.problem)
     token = None if stop is None else _runaway_quote(text, stop.line)
     if token is not None:
@@ -295,10 +295,11 @@ def _syntax_problem(
 
 
 def _past_the_end(text: str, stop: yaml.Mark | None) -> tuple[int, int] | None:
-    """The end of the file's last line, where the parser stopped after it: on a
-    line an editor does not show (3:1 of a file of two lines), or one of blanks."""
+    """The end of the file's last line, where the parser stopped at it or after
+    it: on a line an editor does not show (3:1 of a file of two lines), or one
+    of blanks."""
     shown = text.rstrip(" \t\n").split("\n")
-    if stop is None or stop.line < len(shown):
+    if stop is None or (stop.line, stop.column) < (len(shown) - 1, len(shown[-1])):
         return None
     return len(shown), len(shown[-1]) + 1
 
