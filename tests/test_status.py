@@ -98,8 +98,8 @@ def test_status_follows_the_relay_its_policy_and_its_queue(
 
 
 def _execd(pid: int, last: bytes) -> bool:
-    """Forked is not yet exec'd: on a busy machine the child was still a copy of
-    the test's own process when the test looked at what it runs."""
+    """Started is not yet exec'd: on a busy machine the child's command line was
+    still empty when the test looked at what it runs."""
     return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2:-1] == [last]
 
 
