@@ -260,13 +260,16 @@ def _syntax_problem(
     backslash, not an escape in double quotes).
     """
     stop, opened = exc.problem_mark, exc.context_mark
-    at = "the end of the file"
-    if stop is not None and _past_the_end(text, stop) is None:
-        at = f"{stop.line + 1}:{stop.column + 1}"
+    end = None if stop is None else _past_the_end(text, stop)
+    at = (
+        "the end of the file"
+        if stop is None or end is not None
+        else f"{stop.line + 1}:{stop.column + 1}"
+    )
     if exc.problem == "could not find expected ':'" and opened is not None:
         return opened, "", f"YAML syntax error: a key without ':' after it ({exc.problem} at {at})"
     quoted = "quoted scalar" in (exc.context or "") and opened is not None
-    if quoted and (stop is None or opened.line < stop.line or at == "the end of the file"):
+    if quoted and (stop is None or end is not None or opened.line < stop.line):
         return opened, "", _runaway(_char_at(text, opened), at, exc.problem)
     token = None if stop is None else _runaway_quote(text, stop.line)
     if token is not None:
@@ -284,7 +287,6 @@ def _syntax_problem(
         return line, "", f"YAML syntax error: {said} ({exc.problem} at {at})"
     if keyless is not None:
         return keyless.at, "", keyless_said
-    end = _past_the_end(text, stop)
     if end is not None:
         context = ""
         if opened is not None and _past_the_end(text, opened) is None:
@@ -294,12 +296,12 @@ def _syntax_problem(
     return stop, "", _syntax_message(exc)
 
 
-def _past_the_end(text: str, stop: yaml.Mark | None) -> tuple[int, int] | None:
+def _past_the_end(text: str, stop: yaml.Mark) -> tuple[int, int] | None:
     """The end of the file's last line, where the parser stopped at it or after
     it: on a line an editor does not show (3:1 of a file of two lines), or one
     of blanks."""
     shown = text.rstrip(" \t\n").split("\n")
-    if stop is None or (stop.line, stop.column) < (len(shown) - 1, len(shown[-1])):
+    if (stop.line, stop.column) < (len(shown) - 1, len(shown[-1])):
         return None
     return len(shown), len(shown[-1]) + 1
 
