@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from relay import message
-from relay.notice import build_notice, signed_anew
+from relay.notice import Telling, build_notice, signed_anew, telling
 from relay.policy.load import load
 from relay.spool import DELIVERED, EXPIRED, FAILED, PENDING, SUPPRESSED, RecipientState
 from relay.suppression import BOUNCE, COMPLAINT, Suppression
+from tests.dkimtools import dkimpy_verify
 from tests.spoolkit import make_entry
 
 
@@ -371,3 +372,49 @@ def test_a_notice_whose_record_misplaces_its_signatures_is_sent_as_it_was_signed
         return
     assert sent.endswith(data[notice.sign_again :])
     assert sent.count(b"DKIM-Signature:") == data.count(b"DKIM-Signature:")
+
+
+def test_mail_with_the_null_sender_gets_no_notice() -> None:
+    """RFC 5321 4.5.5: a bounce or a notice passed through the relay (``MAIL
+    FROM:<>``) is never answered with a notice, which could answer another's in
+    turn; nor is a message none of whose recipients failed. The suppression list
+    is not read for either."""
+    looked: list[str] = []
+
+    def find(address: str) -> Suppression | None:
+        looked.append(address)
+        return None
+
+    assert telling("", "jan@acme.example", ["customer@example.net"], find) is None
+    assert telling("erp@acme.example", "jan@acme.example", [], find) is None
+    assert looked == []
+    due = telling("erp@acme.example", "jan@acme.example", ["customer@example.net"], find)
+    assert due == Telling("jan@acme.example", ("customer@example.net",), None)
+    assert looked == ["jan@acme.example"]
+
+
+def test_a_notice_says_it_is_automatic_and_is_signed(
+    policy_file: Path, dns_records: dict[str, str]
+) -> None:
+    """Without ``Auto-Submitted`` an out-of-office reply answers the notice, and a
+    mailbox that answers the relay's notice-sender is a loop (RFC 3834 5); a
+    notice not signed fails DMARC for the platform's From."""
+    entry = make_entry()
+    failed = RecipientState("customer@example.net", FAILED, notify=True)
+    notice, data = build_notice(load(policy_file), entry, [failed], 1_790_000_000.0)
+    view = message.read(data)
+    assert view.get("Auto-Submitted") == "auto-generated"
+    assert notice.mail_from == "" and notice.is_notice
+    assert [(r.address, r.notify) for r in notice.recipients] == [(entry.notify_address, False)]
+    assert dkimpy_verify(data, dns_records)
+
+
+def test_a_notice_is_addressed_to_the_person_not_the_envelope_sender(policy_file: Path) -> None:
+    """The ERP's envelope sender is a shared technical address nobody reads: the
+    notice's To names the user who sent the document, as its envelope does."""
+    entry = make_entry()
+    failed = RecipientState("customer@example.net", FAILED, notify=True)
+    notice, data = build_notice(load(policy_file), entry, [failed], 1_790_000_000.0)
+    assert entry.mail_from != entry.notify_address
+    assert message.read(data).get("To") == "alice@acme.example"
+    assert [r.address for r in notice.recipients] == ["alice@acme.example"]
