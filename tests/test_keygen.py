@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from relay.keygen import generate, public_record_value, zone_record
+from relay.keygen import generate, public_record_value, replaced, zone_record
 from relay.policy.model import DkimAlgorithm, DkimKey
 from relay.sign import sign
 from tests.dkimtools import assert_opendkim_ok, dkimpy_verify, txt_value
@@ -174,6 +174,17 @@ def test_refuses_rsa_sizes_verifiers_do_not_accept(bits: int, tmp_path: Path) ->
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_smallest_rsa_size_verifiers_accept_is_made(tmp_path: Path) -> None:
+    """1024 bits is the least a verifier must take (RFC 8301) and the lower bound
+    ``--bits`` is documented with; the record publishes that key."""
+    path, record = generate("example.com", "s1", DkimAlgorithm.RSA, tmp_path, 1024)
+    private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    assert isinstance(private, rsa.RSAPrivateKey) and private.key_size == 1024
+    public = serialization.load_der_public_key(base64.b64decode(tags(txt_value(record))["p"]))
+    assert isinstance(public, rsa.RSAPublicKey)
+    assert public.public_numbers() == private.public_key().public_numbers()
+
+
 def test_zone_record_splits_long_values_into_255_character_strings() -> None:
     value = "v=DKIM1; k=rsa; p=" + "A" * 700
     record = zone_record("example.com", "s1", value)
@@ -217,3 +228,17 @@ def test_public_record_value_of_a_bad_key_names_it(
     key = DkimKey("example.com", "bad", algorithm, Path("/k/bad.private"), private)
     with pytest.raises(ValueError, match=r"d=example\.com s=bad from /k/bad\.private"):
         public_record_value(key)
+
+
+def test_a_key_file_saved_again_is_not_another_key(tmp_path: Path) -> None:
+    """A reload warns of a new key under a selector in use (its queued mail fails
+    DKIM); the same key saved with CR LF line ends, as an editor on Windows does,
+    is no new key, and a warning for it would cry wolf."""
+    path, _ = generate("example.com", "s1", DkimAlgorithm.RSA, tmp_path / "a")
+    data = path.read_bytes()
+    before = DkimKey("example.com", "s1", DkimAlgorithm.RSA, path, data)
+    again = DkimKey("example.com", "s1", DkimAlgorithm.RSA, path, data.replace(b"\n", b"\r\n"))
+    other_path, _ = generate("example.com", "s1", DkimAlgorithm.RSA, tmp_path / "b")
+    other = DkimKey("example.com", "s1", DkimAlgorithm.RSA, other_path, other_path.read_bytes())
+    assert replaced([before], [again]) == []
+    assert replaced([before], [other]) == [other]
