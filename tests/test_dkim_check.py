@@ -113,10 +113,11 @@ def test_testing_mode_is_a_warning_and_still_verifies(policy: Path) -> None:
         lambda v: v.replace("k=rsa", 'k=rsa; n=rotated "dev" "prod"'),
         lambda v: v.replace("k=rsa", 'k=rsa; n=""'),
         lambda v: v.replace("k=rsa", 'k=rsa; n = "hi"'),  # white space around = (3.2)
+        lambda v: v + "; s=email",  # the key is for email only (3.6.1)
     ],
     ids=[
         *("hash-in-capitals", "notes-with-quotes", "notes-quoting-twice"),
-        *("empty-quoted-notes", "notes-spaced"),
+        *("empty-quoted-notes", "notes-spaced", "service-email"),
     ],
 )
 def test_a_record_verifiers_take_passes(policy: Path, change: object) -> None:
