@@ -588,6 +588,12 @@ def test_preview_refuses_a_message_bigger_than_its_listener_takes(
     assert f"would refuse this message: {reply}" in done.stderr
     eml.write_text(INVOICE)
     assert relay("preview", "-c", str(policy_file), str(eml)).returncode == 0
+    exact = INVOICE.replace("\n", "\r\n").encode()
+    exact += b"x" * (198 - len(exact)) + b"\r\n"  # the limit itself is taken
+    eml.write_bytes(exact)
+    assert len(exact) == 200
+    done = relay("preview", "-c", str(policy_file), str(eml))
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize(
