@@ -93,6 +93,16 @@ def test_preview_explains_and_sends_nothing(policy_file: Path, tmp_path: Path) -
     assert not (tmp_path / "outbox").exists()
 
 
+def test_preview_names_a_field_removed_whatever_its_case(policy_file: Path, tmp_path: Path) -> None:
+    """Field names match in any case (RFC 5322 1.2.2): a ``BCC:`` the relay removes
+    is removed all the same, and the report says so."""
+    eml = tmp_path / "invoice.eml"
+    eml.write_text(INVOICE.replace("Bcc:", "BCC:").replace("X-ERP-User:", "x-erp-user:"))
+    done = relay("preview", "-c", str(policy_file), str(eml), "--auth-login", "erp-acme")
+    assert done.returncode == 0, done.stderr
+    assert "Removed:     BCC, x-erp-user\n" in done.stdout
+
+
 def test_preview_says_a_limit_of_one_recipient_in_the_singular(
     policy_file: Path, tmp_path: Path
 ) -> None:
