@@ -281,17 +281,26 @@ def test_a_write_counted_while_quiet_and_then_warned_of_is_not_counted_again(
     ), warnings
 
 
-def test_a_write_seen_waiting_at_each_look_ends_after_about_its_length(
-    caplog: pytest.LogCaptureFixture,
+@pytest.mark.parametrize(
+    ("looks", "ended", "said"),
+    [(range(106, 111), 111, "about 11s"), (range(106, 107), 140, "6s to 40s")],
+    ids=["at-each-second", "a-look-late"],
+)
+def test_the_end_of_a_write_says_how_long_it_took_as_far_as_the_looks_tell(
+    caplog: pytest.LogCaptureFixture, looks: range, ended: int, said: str
 ) -> None:
+    """The supervisor's loop, held by its own write, came round 33 s after a
+    worker's write of 7 s had ended: "ended after about 40s". A write seen
+    waiting at each look ends after about its length; one whose end a look
+    came late to, after a range from the last look that saw it."""
     waits, watch = _a_write_since_100s()
     with caplog.at_level(logging.INFO, logger="relay"):
-        for second in range(106, 111):
+        for second in looks:
             watch.look(second * SECOND)
         waits.words[waits.width + 1] = 0
-        watch.look(111 * SECOND)
+        watch.look(ended * SECOND)
     assert caplog.records[-1].getMessage() == (
-        "worker 1 (pid 4242): the write to the disk that waited ended after about 11s"
+        f"worker 1 (pid 4242): the write to the disk that waited ended after {said}"
     )
 
 
@@ -312,21 +321,6 @@ def test_a_worker_killed_in_its_write_is_not_said_to_have_ended_it(
         "worker 1 (pid 4242) has ended; its write to the disk was still waiting when last"
         " looked at, after 6s"
     ]
-
-
-def test_a_look_that_comes_late_says_how_long_the_write_took_as_a_range(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The supervisor's loop, held by its own write, came round 33 s after a
-    worker's write of 7 s had ended: "ended after about 40s"."""
-    waits, watch = _a_write_since_100s()
-    with caplog.at_level(logging.INFO, logger="relay"):
-        watch.look(106 * SECOND)
-        waits.words[waits.width + 1] = 0
-        watch.look(140 * SECOND)
-    assert caplog.records[-1].getMessage() == (
-        "worker 1 (pid 4242): the write to the disk that waited ended after 6s to 40s"
-    )
 
 
 def test_the_supervisors_own_slow_writes_are_said_once_a_minute(
