@@ -109,3 +109,27 @@ def test_preview_says_of_the_failure_notice_and_the_copy_what_the_relay_does(
         "no automatic BCC: jan@acme.example is already a recipient, and on the"
         " suppression list: the sender gets no copy"
     ) in own_text
+
+
+def test_preview_goes_on_without_a_suppression_list_it_cannot_read(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A list the preview cannot read (here a directory where its file should
+    be, which root cannot read either) is said among the reasons; the rest of
+    the report is still given."""
+    settings = load(policy_file).suppression
+    assert settings is not None
+    settings.file.mkdir(parents=True)
+    eml = tmp_path / "invoice.eml"
+    eml.write_bytes(INVOICE)
+    text, report = _preview(policy_file, eml, ("buyer@example.org",))
+    said = (
+        "recipients not checked against the suppression list: cannot read the suppression"
+        f" list {settings.file}: Is a directory"
+    )
+    assert f"\n  - {said}\n" in text
+    assert said in report["reasons"]
+    assert "\nRecipients:  buyer@example.org, jan@acme.example\n" in text
+    assert "\n  - automatic BCC to the sender jan@acme.example ('invoice')\n" in text
+    assert "\nFrom: Jan Janssens via Acme AS <noreply@platform.example>\n" in text
+    assert report["envelope"]["recipients"] == ["buyer@example.org", "jan@acme.example"]
