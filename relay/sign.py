@@ -34,7 +34,9 @@ OVERSIGNED: tuple[str, ...] = ("From", "Reply-To", "To", "Cc", "Subject", "Date"
 # These are signed (and oversigned) only when present: some hops add a missing
 # MIME-Version, and the rest are absent from most plain messages. RFC 8058 4
 # wants the one-click unsubscribe fields under a valid signature; with the From
-# rewritten, the relay's is the only one that aligns.
+# rewritten, the relay's is the only one that aligns. Auto-Submitted (RFC 3834,
+# on every failure notice and many ERP documents) is what keeps auto-responders
+# from answering: a hop could otherwise remove or change it unnoticed.
 WHEN_PRESENT: tuple[str, ...] = (
     "MIME-Version",
     "Content-Type",
@@ -43,6 +45,7 @@ WHEN_PRESENT: tuple[str, ...] = (
     "References",
     "List-Unsubscribe",
     "List-Unsubscribe-Post",
+    "Auto-Submitted",
 )
 
 _ALGORITHMS = {

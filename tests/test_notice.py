@@ -7,14 +7,16 @@ import dataclasses
 import quopri
 from pathlib import Path
 
+import dkim
 import pytest
+from dkim.util import parse_tag_value
 
 from relay import message
 from relay.notice import Telling, build_notice, signed_anew, telling
 from relay.policy.load import load
 from relay.spool import DELIVERED, EXPIRED, FAILED, PENDING, SUPPRESSED, RecipientState
 from relay.suppression import BOUNCE, COMPLAINT, Suppression
-from tests.dkimtools import dkimpy_verify
+from tests.dkimtools import dkimpy_each, dkimpy_verify
 from tests.spoolkit import make_entry
 
 
@@ -407,6 +409,29 @@ def test_a_notice_says_it_is_automatic_and_is_signed(
     assert notice.mail_from == "" and notice.is_notice
     assert [(r.address, r.notify) for r in notice.recipients] == [(entry.notify_address, False)]
     assert dkimpy_verify(data, dns_records)
+
+
+def test_a_notices_auto_submitted_is_signed(policy_file: Path, dns_records: dict[str, str]) -> None:
+    """Unsigned, a hop could remove or change ``Auto-Submitted`` and the notice
+    still verified, and an auto-responder would answer it."""
+    failed = RecipientState("customer@example.net", FAILED, notify=True)
+    _, data = build_notice(load(policy_file), make_entry(), [failed], 1_790_000_000.0)
+    signatures = [
+        parse_tag_value(value)
+        for name, value in dkim.DKIM(data).headers
+        if name.lower() == b"dkim-signature"
+    ]
+    assert signatures
+    for tags in signatures:
+        names = [n.strip() for n in tags[b"h"].split(b":")]
+        assert names.count(b"auto-submitted") == 2  # once, and once more to oversign
+    assert dkimpy_verify(data, dns_records)
+    field = b"\r\nAuto-Submitted: auto-generated\r\n"
+    assert data.count(field) == 1
+    changed = data.replace(field, b"\r\nAuto-Submitted: no\r\n")
+    assert dkimpy_each(changed, dns_records) == [False] * len(signatures)
+    removed = data.replace(field, b"\r\n")
+    assert dkimpy_each(removed, dns_records) == [False] * len(signatures)
 
 
 def test_a_notice_is_addressed_to_the_person_not_the_envelope_sender(policy_file: Path) -> None:

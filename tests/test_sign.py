@@ -183,6 +183,32 @@ def test_one_click_unsubscribe_fields_are_signed(
     assert opendkim_failures(changed, records, tmp_path) == ["signature verification failed"]
 
 
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda m: m.replace(b"Auto-Submitted: auto-generated", b"Auto-Submitted: no"),
+        lambda m: m.replace(b"Auto-Submitted: auto-generated\r\n", b""),
+    ],
+    ids=["changed", "removed"],
+)
+def test_auto_submitted_is_signed_where_the_message_has_it(
+    keys: dict, tamper: Callable[[bytes], bytes], tmp_path: Path
+) -> None:
+    """RFC 3834's field keeps auto-responders from answering a document; unsigned,
+    a hop could remove or change it and the signature still verified."""
+    message = b"Auto-Submitted: auto-generated\r\n" + INVOICE
+    key, records = keys["rsa"]
+    signed_message = sign(message, [key]) + message
+    (tags,) = signatures(signed_message)
+    assert h_list(tags).count("auto-submitted") == 2
+    assert dkimpy_verify(signed_message, records)
+    changed = tamper(signed_message)
+    assert dkimpy_each(changed, records) == [False]
+    assert opendkim_failures(changed, records, tmp_path) == ["signature verification failed"]
+    (without,) = signatures(signed(keys, "rsa")[0])
+    assert "auto-submitted" not in h_list(without)
+
+
 def test_header_is_crlf_folded_and_ready_to_prepend(keys: dict) -> None:
     header = sign(INVOICE, [keys["rsa"][0], keys["ed25519"][0]])
     assert header.startswith(b"DKIM-Signature: ")
