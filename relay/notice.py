@@ -32,6 +32,7 @@ from relay.suppression.entry import described_reason
 log = logging.getLogger("relay")
 
 _MSG_ID = re.compile(r"<[^<>\s]+>")
+_FIELD_END = re.compile(rb"\r\n(?![ \t])")  # a line end not followed by a folded line
 
 
 @dataclass(frozen=True)
@@ -170,8 +171,10 @@ def _signatures_only(head: bytes, rest: bytes) -> bool:
     message they were made for."""
     if not head:
         return True
-    whole = head.endswith(b"\r\n") and rest[:1] not in (b" ", b"\t")
-    return whole and head[:15].lower() == b"dkim-signature:"
+    if not head.endswith(b"\r\n") or rest[:1] in (b" ", b"\t"):
+        return False
+    fields = _FIELD_END.split(head[:-2])
+    return all(field[:15].lower() == b"dkim-signature:" for field in fields)
 
 
 def _date(seconds: float) -> str:

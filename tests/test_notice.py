@@ -376,6 +376,23 @@ def test_a_notice_whose_record_misplaces_its_signatures_is_sent_as_it_was_signed
     assert sent.count(b"DKIM-Signature:") == data.count(b"DKIM-Signature:")
 
 
+def test_a_notice_whose_signatures_are_followed_by_another_field_is_sent_as_it_was(
+    policy_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the first field before ``sign_again`` was checked to be a signature:
+    a field after it (a queue file edited by hand) was dropped with the old
+    signatures and the notice sent without it."""
+    policy = load(policy_file)
+    failed = RecipientState("customer@example.net", FAILED, notify=True)
+    notice, data = build_notice(policy, make_entry(), [failed], 1_790_000_000.0, sign_again=True)
+    assert notice.sign_again
+    other = b"X-Other: 1\r\n"
+    edited = data[: notice.sign_again] + other + data[notice.sign_again :]
+    entry = dataclasses.replace(notice, sign_again=notice.sign_again + len(other))
+    assert signed_anew(policy, entry, edited) == edited
+    assert "sent as relay bounce signed it" in caplog.text
+
+
 def test_mail_with_the_null_sender_gets_no_notice() -> None:
     """RFC 5321 4.5.5: a bounce or a notice passed through the relay (``MAIL
     FROM:<>``) is never answered with a notice, which could answer another's in
