@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from relay import message, pipeline
+from relay.errors import Rejected
 from relay.submission import Submission
 from tests.relayproc import RelayProcess
 from tests.sink import SinkServer, free_port
@@ -58,6 +59,29 @@ def test_the_erps_message_id_without_brackets_finds_it_in_the_audit_log(
     assert done.returncode == 0, done.stderr
     assert reply.decode().rsplit(" ", 1)[1] in done.stdout
     assert message.read(sent.data).get("Message-ID") == "<INV-555.20261203@senger-erp>"
+
+
+@pytest.mark.parametrize("length", [997, 998])
+def test_a_message_id_the_brackets_would_take_past_998_is_refused(
+    policy_file: Path, length: int
+) -> None:
+    """The README quotes this reply: the line fits without the brackets, and with
+    them no fold can bring it within the 998 characters a line may have."""
+    given = "INV-555." + "1" * (length - len("Message-ID: INV-555.@erp.example")) + "@erp.example"
+    data = msg("From: Jan <jan@acme.example>", "To: c@example.org", f"Message-ID: {given}")
+    assert len(f"Message-ID: {given}") == length
+    with pytest.raises(Rejected) as refused:
+        run(policy_file, data)
+    shown = repr(f"<{given}>")[:77] + "..."
+    assert refused.value.line == (
+        "550 5.6.0 Header value refused: Message-ID value cannot be folded within 998"
+        f" characters: {shown}"
+    )
+    fits = given.replace("1", "", length - 996)  # a line of 996: room for the brackets
+    p = run(
+        policy_file, msg("From: Jan <jan@acme.example>", "To: c@example.org", f"Message-ID: {fits}")
+    )
+    assert message.read(p.message).get("Message-ID") == f"<{fits}>"
 
 
 @pytest.mark.parametrize(
