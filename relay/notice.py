@@ -32,7 +32,7 @@ from relay.suppression.entry import described_reason
 log = logging.getLogger("relay")
 
 _MSG_ID = re.compile(r"<[^<>\s]+>")
-_FIELD_END = re.compile(rb"\r\n(?![ \t])")  # a line end not followed by a folded line
+_FIELD_END = re.compile(rb"\r?\n(?![ \t])")  # a line end not followed by a folded line
 
 
 @dataclass(frozen=True)

@@ -374,21 +374,25 @@ def test_a_notice_whose_record_misplaces_its_signatures_is_sent_as_it_was_signed
         return
     assert sent.endswith(data[notice.sign_again :])
     assert sent.count(b"DKIM-Signature:") == data.count(b"DKIM-Signature:")
+    assert "sent as relay bounce signed it" not in caplog.text
 
 
+@pytest.mark.parametrize("line_end", [b"\r\n", b"\n"])
 def test_a_notice_whose_signatures_are_followed_by_another_field_is_sent_as_it_was(
-    policy_file: Path, caplog: pytest.LogCaptureFixture
+    policy_file: Path, line_end: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Only the first field before ``sign_again`` was checked to be a signature:
     a field after it (a queue file edited by hand) was dropped with the old
-    signatures and the notice sent without it."""
+    signatures and the notice sent without it. A bare LF ends a field as CR LF
+    does: the relay reads messages written with either."""
     policy = load(policy_file)
     failed = RecipientState("customer@example.net", FAILED, notify=True)
     notice, data = build_notice(policy, make_entry(), [failed], 1_790_000_000.0, sign_again=True)
     assert notice.sign_again
+    signatures = data[: notice.sign_again - 2] + line_end
     other = b"X-Other: 1\r\n"
-    edited = data[: notice.sign_again] + other + data[notice.sign_again :]
-    entry = dataclasses.replace(notice, sign_again=notice.sign_again + len(other))
+    edited = signatures + other + data[notice.sign_again :]
+    entry = dataclasses.replace(notice, sign_again=len(signatures) + len(other))
     assert signed_anew(policy, entry, edited) == edited
     assert "sent as relay bounce signed it" in caplog.text
 
