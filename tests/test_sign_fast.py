@@ -68,6 +68,9 @@ def _multipart(attachment: bytes) -> bytes:
 
 CORPUS: dict[str, bytes] = {
     "simple": HEAD + b"\r\nHello,\r\n\r\nthe invoice is attached.\r\n",
+    "auto-submitted-twice": HEAD
+    + b"Auto-Submitted: auto-generated\r\nauto-submitted:  auto-replied \r\n"
+    + b"\r\nOut of office.\r\n",
     "multipart-attachment": _multipart(PDF),
     "folded-headers": (
         b"from: Kari <noreply@example.com>\r\n"
