@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def test_list_like_mailq(spool: Spool, two: list[QueueEntry]) -> None:
     first, second = two
     lines = listing(spool).splitlines()
     assert lines[0].startswith("-Queue ID-") and lines[0].endswith("-Sender/Recipient-------")
-    when = time.strftime("%a %b %d %H:%M:%S", time.localtime(ARRIVAL))
+    when = time.strftime("%a %b %d %H:%M:%S %z", time.localtime(ARRIVAL))
     assert lines[1].split() == [first.queue_id, "3000", *when.split(), "bounces@platform.example"]
     assert lines[2].strip() == "(451 4.7.1 Greylisted, ?[31mtry later)"
     assert lines[3].strip() == "customer@example.net"
@@ -92,6 +93,37 @@ def test_list_like_mailq(spool: Spool, two: list[QueueEntry]) -> None:
     ]
     assert lines[-1] == "-- 4 Kbytes in 2 Requests."
     assert "archive@acme.example" not in "\n".join(lines[:5])  # delivered: not listed
+
+
+#: 2026-10-25 00:30 UTC: 02:30 in Berlin's summer time, an hour before 02:30 in its winter time
+FALL_BACK = 1_792_888_200.0
+
+
+@pytest.fixture
+def berlin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Central European time, written out so that no zone database is needed."""
+    monkeypatch.setenv("TZ", "CET-1CEST,M3.5.0,M10.5.0/3")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_list_tells_apart_the_hour_that_repeats_when_summer_time_ends(
+    spool: Spool, berlin: None
+) -> None:
+    """Both listed as ``Sun Oct 25 02:30:00``: which came first, and which
+    lines of the relay's log (which give the offset) are whose, could not be told."""
+    for arrival in (FALL_BACK, FALL_BACK + 3600):
+        entry = spoolkit.make_entry(
+            new_queue_id(now_ns=int(arrival * 1e9)), arrival=arrival, next_attempt=arrival
+        )
+        spool.put(entry, MESSAGE)
+    lines = listing(spool).splitlines()
+    first, second = lines[1], lines[5]
+    assert " ".join(first.split()[2:7]) == "Sun Oct 25 02:30:00 +0200"
+    assert " ".join(second.split()[2:7]) == "Sun Oct 25 02:30:00 +0100"
+    assert lines[0].index("-Sender") == first.index("bounces@") == lines[2].index("customer@")
 
 
 def test_list_says_when_a_waiting_entry_is_tried_next(spool: Spool) -> None:
@@ -388,7 +420,7 @@ def test_an_entry_whose_first_record_is_damaged_is_listed_as_unreadable_and_coun
     path.write_bytes(b"#" + path.read_bytes()[1:])  # its first record's mark
     counted = sum(state.count for state in spool.waiting(time.time()).values())
     lines = listing(spool).splitlines()
-    when = time.strftime("%a %b %d %H:%M:%S", time.localtime(ARRIVAL))
+    when = time.strftime("%a %b %d %H:%M:%S %z", time.localtime(ARRIVAL))
     size = str(path.stat().st_size)
     said = [damaged.queue_id, size, *when.split(), "(unreadable", "queue", "entry)"]
     assert lines[1].split() == said

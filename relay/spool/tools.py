@@ -40,10 +40,11 @@ _CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _C1 = re.compile(r"[\x7f-\x9f\u2028\u2029]")
 _NOT_ASCII = re.compile(r"[^\x00-\x7e]")
 _ID_WIDTH = 17  # 16-character ID and the hold mark
-_RCPT_INDENT = " " * (_ID_WIDTH + 8 + 1 + 20 + 1)
+_WHEN_WIDTH = 26  # mailq's 20, and the UTC offset
+_RCPT_INDENT = " " * (_ID_WIDTH + 8 + 1 + _WHEN_WIDTH + 1)
 _HEADER = (
-    f"{'-Queue ID-':<{_ID_WIDTH}}{'--Size--':>8} {'----Arrival Time----':>20} "
-    "-Sender/Recipient-------"
+    f"{'-Queue ID-':<{_ID_WIDTH}}{'--Size--':>8} {'-------Arrival Time-------':<{_WHEN_WIDTH}}"
+    " -Sender/Recipient-------"
 )
 _MAX_HEADER_BYTES = 1 << 20
 #: A worker holds the lock while it delivers, and, for as long as the disk
@@ -143,7 +144,8 @@ class _Unreadable:
         arrival = queue_id_time(self.queue_id)
         when = "" if arrival is None else _when(arrival)
         out.write(
-            f"{self.queue_id:<{_ID_WIDTH}}{self.size:>8} {when:<20} (unreadable queue entry)\n"
+            f"{self.queue_id:<{_ID_WIDTH}}{self.size:>8} {when:<{_WHEN_WIDTH}}"
+            " (unreadable queue entry)\n"
             f"{' ' * _ID_WIDTH}({_printable(str(self.error))})\n\n"
         )
 
@@ -228,7 +230,8 @@ def _write_entry(entry: QueueEntry, out: TextIO) -> None:
     mark = "!" if entry.held else " "
     sender = _printable(entry.mail_from) or "MAILER-DAEMON"
     out.write(
-        f"{entry.queue_id + mark:<{_ID_WIDTH}}{entry.size:>8} {_when(entry.arrival):<20} {sender}\n"
+        f"{entry.queue_id + mark:<{_ID_WIDTH}}{entry.size:>8}"
+        f" {_when(entry.arrival):<{_WHEN_WIDTH}} {sender}\n"
     )
     last_reason = None
     for rcpt in entry.pending():
@@ -249,9 +252,11 @@ def _write_entry(entry: QueueEntry, out: TextIO) -> None:
 
 
 def _when(epoch: float) -> str:
-    """asctime's layout, as mailq prints it: ``Mon Nov  3 09:30:00``."""
+    """asctime's layout, as mailq prints it, and the UTC offset, as the relay's
+    log has it: ``Sun Oct 25 02:30:00 +0200``. In the hour a fall back to
+    winter time repeats, mailq's time named two moments, an hour apart."""
     t = time.localtime(epoch)
-    return f"{time.strftime('%a %b', t)} {t.tm_mday:2d} {time.strftime('%H:%M:%S', t)}"
+    return f"{time.strftime('%a %b', t)} {t.tm_mday:2d} {time.strftime('%H:%M:%S %z', t)}"
 
 
 def _printable(text: str) -> str:
