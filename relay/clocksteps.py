@@ -77,5 +77,7 @@ class ClockSteps:
 
     def arrival(self, arrival: float) -> float:
         """When a message that came at ``arrival`` came, on the clock as it reads
-        now: later by each step forward since."""
-        return arrival + sum(gained for before, gained in self._steps if arrival <= before)
+        now: later by each step forward since. Read from the metrics' thread
+        too, while another looks: over a copy, which ``look`` may shorten."""
+        steps = list(self._steps)
+        return arrival + sum(gained for before, gained in steps if arrival <= before)

@@ -271,14 +271,18 @@ def _serve_locked(
         _say_if_refused(listener)
     log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
     shared = SharedCounts.made(policy)  # by the workers forked from here
+    # looked at by the engine alone, or by the supervisor, and read by the metrics
+    steps = ClockSteps()
     if metrics is not None:  # counting from here, before anything is delivered
-        metrics.begin(shared.rates, shared.tally, written, shared.disk)
+        metrics.begin(shared.rates, shared.tally, written, shared.disk, steps)
     if policy.workers == 1:
         metrics_status.loaded()
         return uvloop.run(
-            serve(policy_path, policy, sockets, metrics=metrics, shared=shared, lock=lock)
+            serve(
+                policy_path, policy, sockets, metrics=metrics, shared=shared, lock=lock, steps=steps
+            )
         )
-    return Supervisor(policy_path, policy, sockets, metrics, shared, lock).run()
+    return Supervisor(policy_path, policy, sockets, metrics, shared, lock, steps).run()
 
 
 def _open_metrics(policy: Policy) -> MetricsServer | None:
@@ -447,11 +451,13 @@ async def serve(
     metrics: MetricsServer | None = None,
     shared: SharedCounts | None = None,
     lock: statelock.Lock | None = None,
+    steps: ClockSteps | None = None,
 ) -> int:
     """Receive and deliver until SIGTERM. As one of several workers (``worker``
     set) the supervisor keeps the audit log's upkeep and its policy records,
     the lock file, and serves the metrics; alone, this process serves
-    ``metrics`` and keeps ``lock``'s file."""
+    ``metrics`` and keeps ``lock``'s file, and its engine looks at the clock's
+    ``steps`` that the metrics read."""
     holder = PolicyHolder(policy)
     index = 0 if worker is None else worker.index
     if shared is not None:
@@ -463,7 +469,7 @@ async def serve(
         log.error("cannot serve: %s", exc)
         return EX_CANTCREAT
     # the supervisor's, copied at the fork: the steps it saw before this worker began
-    steps = (worker.clock_steps if worker is not None else None) or ClockSteps()
+    steps = (worker.clock_steps if worker is not None else steps) or ClockSteps()
     recorder = Recorder(audit, steps=steps)  # one, so receiving and delivering share each fsync
     ingress: Ingress | None = None
 

@@ -199,7 +199,9 @@ class Supervisor:
         metrics: MetricsServer | None,
         shared: SharedCounts,
         lock: statelock.Lock,
+        clock_steps: ClockSteps | None = None,
     ) -> None:
+        """``clock_steps``: those the metrics read, looked at here each second."""
         self.policy_path = policy_path
         self.policy = policy
         # every upstream name a policy in use has had: a worker may have begun
@@ -213,7 +215,7 @@ class Supervisor:
         self.checked = policy.queue.directory.parent / statelock.CHECKED_NAME
         # what the workers load at a reload, there until each has answered: it holds keys
         self.handover = policy.queue.directory.parent / HANDOVER
-        self.clock_steps = ClockSteps()  # handed to each worker as it starts
+        self.clock_steps = clock_steps or ClockSteps()  # handed to each worker as it starts
         self.reloads = 0
         self._answers, self._answering = os.pipe()  # each worker's "RELOAD PID DIGEST\n"
         os.set_blocking(self._answers, False)

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.request
 from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests import test_queue_e2e as queue_e2e
 from tests.sink import Sink, SinkServer, free_port
@@ -58,3 +62,45 @@ def test_a_worker_started_after_a_step_forward_does_not_expire_the_mail_before_i
             assert relay.log().count(seen) == 2  # the new workers knew it already
         finally:
             relay.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one process", "two workers"])
+def test_the_oldest_messages_age_in_the_metrics_is_time_that_passed(
+    policy_file: Path, tmp_path: Path, workers: int
+) -> None:
+    """The gauge read the age off the clock: six days old the moment the clock
+    was set forward, while the relay gave the message the lifetime it had left,
+    so ``RelayQueueOld`` fired for mail minutes old."""
+    shift = tmp_path / "shift"
+    shift.write_text("0")
+    port, metrics = free_port(), free_port()
+    sink = Sink(refuse={"one@example.org": "451 4.2.0 try later"})
+    with SinkServer(sink) as upstream:
+        extra = f"workers: {workers}\nmetrics: {{address: 127.0.0.1, port: {metrics}}}\n"
+        queue_e2e.configure(policy_file, port, upstream.port, extra)
+        relay = Relay(policy_file, port, tmp_path / "relay.log", SHIFTED.format(path=str(shift)))
+        try:
+            relay.wait_serving()
+            queue_id = queue_e2e.send(port)
+            relay.wait_for(lambda: f"{queue_id}: to=<one@example.org>" in relay.log(), "deferred")
+            shift.write_text(str(6 * 86400))
+            seen = "the clock was set forward by 6 days"
+            relay.wait_for(lambda: relay.log().count(seen) == workers, "the step seen")
+            time.sleep(2)  # the supervisor looks at the clock each second
+            age = _oldest(metrics)
+            assert 0 <= age < 600, f"{age} s"
+        finally:
+            relay.stop()
+
+
+def _oldest(port: int) -> float:
+    """The deferred queue's oldest message's age, as Prometheus reads it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return next(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "relay_queue_oldest_message_age_seconds"
+        and sample.labels == {"queue": "deferred"}
+    )

@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from relay import tally
+from relay.clocksteps import ClockSteps
 from relay.diskwait import DiskWaits
 from relay.errors import RelayError
 from relay.ingress.diskspace import INODE_RESERVE, free_space, reserve_for
@@ -61,11 +62,15 @@ class RelayCollector(Collector):
         counts: Tally,
         records: int = 0,
         disk: DiskWaits | None = None,
+        steps: ClockSteps | None = None,
     ) -> None:
+        """``steps``: the steps of the clock this process sees, so that the oldest
+        message's age is the time that passed, as the engine counts its lifetime."""
         self._policy = policy
         self._rates = rates
         self._counts = counts
         self._disk = disk
+        self._steps = steps
         now = policy()
         self._spool = Spool(now.queue.directory, create=False)
         queued = [(e.queue_id, e.tenant, len(e.pending())) for e in self._spool.entries()]
@@ -214,7 +219,8 @@ class RelayCollector(Collector):
         )
 
     def _queue(self) -> Iterator[Metric]:
-        waiting = self._spool.waiting(time.time())
+        came = None if self._steps is None else self._steps.arrival
+        waiting = self._spool.waiting(time.time(), came)
         for name, doc, field in (
             ("relay_queue_messages", "Messages in the queue.", "count"),
             ("relay_queue_bytes", "Size of the queue's files.", "size"),

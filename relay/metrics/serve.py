@@ -41,6 +41,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from relay import lowports
+from relay.clocksteps import ClockSteps
 from relay.diskwait import SLOW, DiskWaits
 from relay.errors import RelayError
 from relay.hostport import host_port
@@ -311,14 +312,20 @@ class MetricsServer:
         self._disk: DiskWaits | None = None
 
     def begin(
-        self, rates: RateCounts, tally: Tally, records: int = 0, disk: DiskWaits | None = None
+        self,
+        rates: RateCounts,
+        tally: Tally,
+        records: int = 0,
+        disk: DiskWaits | None = None,
+        steps: ClockSteps | None = None,
     ) -> None:
         """Count from here: once the state is open, before the workers start, so
         that nothing they do is missed; ``records``, the audit records the start
         wrote (its ``policy_loaded``, what recovery wrote again) are counted too;
-        ``disk``, the writes in progress, for the gauge and ``/readyz``."""
+        ``disk``, the writes in progress, for the gauge and ``/readyz``;
+        ``steps``, the clock's steps the process that looks at them sees."""
         self._disk = disk
-        self._registry.register(RelayCollector(self._current, rates, tally, records, disk))
+        self._registry.register(RelayCollector(self._current, rates, tally, records, disk, steps))
 
     def start(self, current: Callable[[], Policy]) -> None:
         """Serve, reading the policy in use from ``current`` at each request."""

@@ -576,9 +576,15 @@ class Spool:
                         found.append((item.name, item.stat(follow_symlinks=False)))
         return found
 
-    def waiting(self, now: float) -> dict[str, Waiting]:
+    def waiting(
+        self, now: float, came: Callable[[float], float] | None = None
+    ) -> dict[str, Waiting]:
         """``census`` by state, ``active`` (not tried yet) and ``deferred`` (tried,
-        or held), for the metrics and ``relay status``."""
+        or held), for the metrics and ``relay status``. ``came``: when a message
+        that arrived at a time came, on the clock as it reads now
+        (``ClockSteps.arrival``), so that the ages are those the engine counts
+        lifetimes by. A step forward moves every message before it alike, so
+        the first queue ID is still the oldest message."""
         found = {"active": Waiting(), "deferred": Waiting()}
         first: dict[str, list[str]] = {"active": [], "deferred": []}
         for queue_id, on_disk, changed in self.census():
@@ -590,7 +596,7 @@ class Spool:
             times = (queue_id_time(queue_id) for queue_id in sorted(ids))
             arrival = next((t for t in times if t is not None), None)
             if arrival is not None:
-                found[state].oldest = max(0.0, now - arrival)
+                found[state].oldest = max(0.0, now - (arrival if came is None else came(arrival)))
         return found
 
     def entries(self) -> Iterator[QueueEntry]:
