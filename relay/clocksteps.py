@@ -39,7 +39,9 @@ class ClockSteps:
         self._wall = wall
         self._boot = boot
         self._last = (wall(), boot())
-        self._steps: list[list[float]] = []  # [the wall clock before the step, seconds gained]
+        # (the wall clock before the step, seconds gained); replaced whole, never
+        # changed in place: the metrics' thread reads it while a look changes it
+        self._steps: list[tuple[float, float]] = []
         self.taken_back = 0.0
 
     def look(self) -> float:
@@ -54,8 +56,7 @@ class ClockSteps:
         if gained >= STEP:
             # the clock as it would read without the step: a message that came
             # between the last look and the step came before it
-            self._steps.append([wall - gained, gained])
-            del self._steps[:-MOST]
+            self._steps = [*self._steps, (wall - gained, gained)][-MOST:]
             return gained
         if gained <= -STEP:
             self.taken_back = self._take_back(-gained)
@@ -66,18 +67,19 @@ class ClockSteps:
         """A step back sets right the steps forward before it, the last first;
         how much of it did."""
         left = lost
-        while left > 0 and self._steps:
-            step = self._steps[-1]
-            taken = min(step[1], left)
-            step[1] -= taken
+        steps = list(self._steps)
+        while left > 0 and steps:
+            before, gained = steps.pop()
+            taken = min(gained, left)
             left -= taken
-            if step[1] < STEP:  # the clocks' readings leave a sliver: no step
-                self._steps.pop()
+            if gained - taken >= STEP:  # the clocks' readings leave a sliver: no step
+                steps.append((before, gained - taken))
+        self._steps = steps
         return lost - left
 
     def arrival(self, arrival: float) -> float:
         """When a message that came at ``arrival`` came, on the clock as it reads
         now: later by each step forward since. Read from the metrics' thread
-        too, while another looks: over a copy, which ``look`` may shorten."""
-        steps = list(self._steps)
+        too: the steps as one look left them, never half-way through the next."""
+        steps = self._steps
         return arrival + sum(gained for before, gained in steps if arrival <= before)

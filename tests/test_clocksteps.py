@@ -103,3 +103,19 @@ def test_a_message_that_came_as_the_clock_stepped_came_before_the_step() -> None
     clocks.wall += 3600
     assert seen.look() == 3600
     assert seen.arrival(came) == came + 3600
+
+
+def test_a_look_replaces_the_steps_a_reader_holds_rather_than_changing_them() -> None:
+    """The metrics' thread reads the steps while the supervisor's loop looks: a
+    step back changed a step in place and then dropped it, so a scrape in
+    between read an age neither before nor after the look."""
+    clocks, seen = steps()
+    for gained in (6 * 86400, 86400):
+        clocks.wall += gained
+        assert seen.look() == gained
+    held = seen._steps  # what a reader in the other thread is summing
+    as_held = list(held)
+    clocks.wall -= 7 * 86400
+    assert seen.look() == -7 * 86400
+    assert held == as_held
+    assert seen.arrival(clocks.wall - 10) == clocks.wall - 10

@@ -424,6 +424,7 @@ def test_an_entry_whose_first_record_is_damaged_is_listed_as_unreadable_and_coun
     size = str(path.stat().st_size)
     said = [damaged.queue_id, size, *when.split(), "(unreadable", "queue", "entry)"]
     assert lines[1].split() == said
+    assert lines[1].index("(unreadable") == lines[0].index("-Sender")  # in the sender's column
     assert lines[2].strip() == f"({path}: unreadable queue record: no record in the entry's file)"
     assert other.queue_id in lines[4]
     assert (
