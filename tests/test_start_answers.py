@@ -1,0 +1,106 @@
+"""A relay in its start, the spool read first (6 to 11 s for 50,000 messages;
+here every fsync hangs under it, ``tests.slowdisk``, until the test lets it go
+on): the health checks answer at once, saying it starts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.relayproc import terminate, wait_for
+from tests.sink import Sink, SinkServer, free_port
+from tests.slowdisk import slow_disk
+from tests.test_metrics import _metrics_policy
+
+READING = "starting: reading the spool"
+
+
+@dataclass
+class _Start:
+    proc: subprocess.Popen[bytes]
+    log: Path
+    metrics: int
+    delay: Path  # "-1" holds the start in its first fsync; "0" lets it go on
+
+    def serving(self) -> bool:
+        return " serving" in self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def _held_start(policy: Path, metrics: int, tmp_path: Path) -> Iterator[_Start]:
+    """``relay serve`` with its disk hung from the first fsync, which the start's
+    reading of the spool and its audit record make; yielded once its metrics
+    port takes connections."""
+    env, delay = slow_disk(tmp_path, delay_ms=-1)
+    log = tmp_path / "held.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "-c", str(policy)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: _connects(metrics) or proc.poll() is not None)
+        assert proc.poll() is None, log.read_text()
+        yield _Start(proc, log, metrics, delay)
+    finally:
+        delay.write_text("0")
+        terminate(proc, 15)
+
+
+def _connects(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
+
+
+def _get(port: int, path: str) -> tuple[int, str, float]:
+    """Code, body and seconds taken; a check given 2 s, as probes give little more."""
+    began = time.monotonic()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as answer:
+            code, body = answer.status, answer.read()
+    except urllib.error.HTTPError as exc:
+        code, body = exc.code, exc.read()
+    return code, body.decode(), time.monotonic() - began
+
+
+@pytest.mark.parametrize("workers", [2, 1])
+def test_the_health_checks_answer_while_the_start_reads_the_spool(
+    policy_file: Path, tmp_path: Path, workers: int
+) -> None:
+    """The metrics port, bound with the listeners, took connections and
+    answered none until the workers served: a ``/healthz`` sent 0.5 s into a
+    start on 50,000 queued messages was answered at 11.6 s, past the probes'
+    timeouts. Now the start is alive (200) and not ready (503, saying why),
+    and a scrape fails (503) rather than read an empty queue."""
+    with SinkServer(Sink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=workers)
+        with _held_start(policy, metrics, tmp_path) as start:
+            code, body, took = _get(metrics, "/healthz")
+            assert (code, body) == (200, f"{READING}\n") and took < 1.5, (code, body, took)
+            code, body, took = _get(metrics, "/readyz")
+            assert code == 503 and took < 1.5, (code, body, took)
+            assert json.loads(body) == {"ready": False, "checks": {"relay": READING}}
+            code, body, _ = _get(metrics, "/metrics")
+            assert (code, body) == (503, f"{READING}\n")
+            assert not start.serving()
+            start.delay.write_text("0")
+            wait_for(start.serving)
+            wait_for(lambda: _get(metrics, "/readyz")[0] == 200)
+            assert _get(metrics, "/healthz")[:2] == (200, "ok\n")
+            code, body, _ = _get(metrics, "/metrics")
+            assert code == 200 and "relay_workers" in body, body
