@@ -559,6 +559,7 @@ async def serve(
         if os.getpid() == 1:
             chores.append(loop.create_task(_reap_adopted()))
         if lock is not None:
+            _note(holder.current())  # serving: the start's note in the lock file is gone
             chores.append(loop.create_task(_keep_lock_file(lock, holder.current)))
         # held back since the start (relay.cli._serve), handled from here on
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT})

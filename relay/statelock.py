@@ -39,6 +39,8 @@ CHECKED_NAME = "policy.checked.yaml"
 CHECKED_FILES = "policy.checked.files"
 # the last of the lock file's notes from the signal to stop on: ``relay status`` says so
 STOPPING = "stopping"
+# the lock file's note from the lock taken until the relay serves: ``relay status`` says so
+STARTING = "starting"
 # what a reload left for the restart, as its note in the lock file begins
 WAITS = "waits for a restart: "
 
@@ -133,7 +135,8 @@ class Lock:
 def hold(directory: Path, digest: str, source: Path | None = None) -> Lock:
     """The locks of ``directory`` and its lock file, made if need be, naming this
     process, ``digest``, the policy it serves, and ``source``, the file a
-    reload reads; the caller keeps them for as long as it serves. Raises
+    reload reads, noted as ``STARTING`` until the relay serves (``note_policy``
+    then); the caller keeps them for as long as it serves. Raises
     StateBusy or OSError."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
@@ -152,7 +155,7 @@ def _hold(directory: Path, digest: str, source: Path | None) -> Lock:
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         file = _locked(directory / LOCK_NAME, flags)  # an earlier version locks only this
         undo.callback(os.close, file)
-        _write(file, digest, (), source)
+        _write(file, digest, (STARTING,), source)
         undo.pop_all()
     return Lock(directory, whole, file)
 

@@ -235,6 +235,7 @@ class Supervisor:
             if code == 0:
                 metrics_status.loaded()
                 self._started_metrics()
+                self._serving()
                 code = self._watch()
             self._stop()
             log.info("stopped")
@@ -297,6 +298,14 @@ class Supervisor:
             metrics_status.workers(len(self.workers), self.policy.workers)
             metrics_status.beat()
             self.metrics.start(lambda: self.policy)
+
+    def _serving(self) -> None:
+        """The lock file's note that the relay starts is gone: ``relay status``
+        counts its workers from here, one missing as one started again."""
+        policy = self.policy
+        statelock.note_policy(
+            policy.queue.directory.parent, policy.digest, policy.pending, self.policy_path
+        )
 
     def _watch(self) -> int:
         next_upkeep = time.monotonic() + AUDIT_UPKEEP

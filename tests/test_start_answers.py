@@ -1,11 +1,13 @@
 """A relay in its start, the spool read first (6 to 11 s for 50,000 messages;
 here every fsync hangs under it, ``tests.slowdisk``, until the test lets it go
-on): the health checks answer at once, saying it starts."""
+on): the health checks answer at once, saying it starts, and ``relay status``
+says it starts, not that its workers are starting again."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -18,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.relayproc import terminate, wait_for
+from tests.relayproc import RelayProcess, terminate, wait_for
 from tests.sink import Sink, SinkServer, free_port
 from tests.slowdisk import slow_disk
 from tests.test_metrics import _metrics_policy
+from tests.test_queue_e2e import relay_cli
 
 READING = "starting: reading the spool"
 
@@ -104,3 +107,28 @@ def test_the_health_checks_answer_while_the_start_reads_the_spool(
             assert _get(metrics, "/healthz")[:2] == (200, "ok\n")
             code, body, _ = _get(metrics, "/metrics")
             assert code == 200 and "relay_workers" in body, body
+
+
+def test_status_says_the_relay_starts_not_that_its_workers_start_again(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Started again on a queue of 50,000, a relay of two workers read as
+    ``0 of 2 worker processes (the others starting again: see its log)``
+    while it read the spool: as if its workers were crashing. Now it starts,
+    reading the spool, until it serves."""
+    port, metrics = free_port(), free_port()
+    policy = _metrics_policy(policy_file, port, free_port(), metrics, workers=2)
+    with RelayProcess(policy, port, tmp_path / "relay.log"):
+        pass  # the record of its workers left behind, as any relay that ran leaves it
+    with _held_start(policy, metrics, tmp_path) as start:
+        done = relay_cli(policy, "status")
+        assert done.returncode == 0, done.stdout + done.stderr
+        first = done.stdout.splitlines()[0]
+        pid = start.proc.pid
+        assert re.fullmatch(rf"relay: starting, PID {pid} since \S+, reading the spool", first)
+        assert "policy: starting" not in done.stdout, done.stdout
+        start.delay.write_text("0")
+        wait_for(start.serving)
+        wait_for(lambda: "2 worker processes" in relay_cli(policy, "status").stdout)
+        first = relay_cli(policy, "status").stdout.splitlines()[0]
+        assert re.fullmatch(rf"relay: running, PID {pid} since \S+, 2 worker processes", first)

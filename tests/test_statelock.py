@@ -15,6 +15,7 @@ from relay import statelock
 from relay.statelock import StateBusy, StateUnreadable
 
 DIGEST = "3f9a2b1c4d5e" * 5 + "3f9a"
+STARTING = (statelock.STARTING,)  # its note from the lock taken until it serves
 
 
 def test_a_second_holder_is_told_the_first_ones_pid(tmp_path: Path) -> None:
@@ -114,13 +115,13 @@ def test_a_copy_of_a_live_state_directory_names_no_relay(tmp_path: Path) -> None
     lock = statelock.hold(live, DIGEST)
     try:
         shutil.copytree(live, copy)
-        assert statelock.holder(live) == statelock.Holder(os.getpid(), DIGEST)
+        assert statelock.holder(live) == statelock.Holder(os.getpid(), DIGEST, STARTING)
         assert statelock.holder(copy) is None
     finally:
         lock.close()
     lock = statelock.hold(copy, DIGEST)  # the copy's own relay writes it anew
     try:
-        assert statelock.holder(copy) == statelock.Holder(os.getpid(), DIGEST)
+        assert statelock.holder(copy) == statelock.Holder(os.getpid(), DIGEST, STARTING)
     finally:
         lock.close()
 
@@ -135,7 +136,7 @@ def test_the_policy_file_is_read_back_whole_and_an_older_file_names_none(
     lock = statelock.hold(state, DIGEST, Path("my policy.yaml"))
     try:
         expected = str(tmp_path / "my policy.yaml")
-        assert statelock.holder(state) == statelock.Holder(os.getpid(), DIGEST, (), expected)
+        assert statelock.holder(state) == statelock.Holder(os.getpid(), DIGEST, STARTING, expected)
         statelock.note_policy(state, DIGEST, ["waits for a restart: x"], Path("my policy.yaml"))
         held = statelock.holder(state)
         assert held is not None and (held.source, held.pending) == (
@@ -162,7 +163,7 @@ def test_a_lock_file_read_while_a_reload_writes_it_names_the_relay(tmp_path: Pat
         later = threading.Timer(0.03, lambda: os.pwrite(lock.file, text, 0))
         later.start()
         try:
-            assert statelock.holder(tmp_path) == statelock.Holder(os.getpid(), DIGEST)
+            assert statelock.holder(tmp_path) == statelock.Holder(os.getpid(), DIGEST, STARTING)
         finally:
             later.join()
     finally:
@@ -183,7 +184,8 @@ def test_a_relay_whose_directory_was_removed_still_notes_its_policy(
     policy = tmp_path / "relay.yaml"
     lock = statelock.hold(state, DIGEST, policy)
     try:
-        assert statelock.holder(state) == statelock.Holder(os.getpid(), DIGEST, (), str(policy))
+        held = statelock.Holder(os.getpid(), DIGEST, STARTING, str(policy))
+        assert statelock.holder(state) == held
         statelock.note_policy(state, "1" * 64, [], Path("relative.yaml"))
         assert statelock.holder(state) == statelock.Holder(os.getpid(), "1" * 64)
     finally:
