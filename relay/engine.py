@@ -48,6 +48,7 @@ from relay.spool.entry import SET_BACK
 from relay.spool.notes import Notes
 from relay.spool.reread import Reread
 from relay.spool.store import DamagedEntry, NoSuchEntry, SpoolBusy, SpoolError
+from relay.startwatch import LARGE_QUEUE
 from relay.suppression import (
     BOUNCE,
     Backlog,
@@ -453,10 +454,13 @@ class Engine:
         suppressions: SuppressionFile | None = None,
         tally: TallyRow | None = None,
         steps: ClockSteps | None = None,
+        say_first_scan: bool = False,
     ) -> None:
-        """``suppressions``: the worker's list, so that no notice goes to a sender on
-        it and an address is not listed twice. ``steps``: the steps of ``clock``
-        this process knows of, for the messages' lifetimes (``relay.clocksteps``).
+        """``say_first_scan``: this engine says its first scan of a large queue
+        (``_first_scan``), one of the relay's at a start. ``suppressions``: the
+        worker's list, so that no notice goes to a sender on it and an address
+        is not listed twice. ``steps``: the steps of ``clock`` this process
+        knows of, for the messages' lifetimes (``relay.clocksteps``).
         ``tally``: the worker's row of the shared table, told each upstream's
         name as an attempt finds it unusable and as it is lifted, for the
         metrics, and asked whether another worker has reached an upstream this
@@ -535,6 +539,7 @@ class Engine:
         self._notes_failing = False
         self._paused: str | None = None  # the audit log's refusal, as last said
         self._held_up = False  # as many entries kept as may be, as last said
+        self._say_first_scan = say_first_scan
 
     def submit(self, queue_id: str, when: float | None = None, warm: Warm | None = None) -> None:
         """A new entry in the spool: deliver it at ``when`` (now by default).
@@ -581,7 +586,7 @@ class Engine:
         seen_kick = self._last_kick()
         await self._log_queue_changes(True)
         await self._check_audit(start=True)
-        scan_wanted = not await self._rescan()
+        scan_wanted = not await self._first_scan()
         # the looks' own pace is kept by the monotonic clock: set back an hour,
         # the wall clock held up every look (the fsync of delivered mail's
         # records, its removal, relay queue retry) for that hour
@@ -610,6 +615,28 @@ class Engine:
                 scan_wanted = not await self._rescan()  # if it failed, again at the next look
                 last_scan = time.monotonic()
                 await self._list_kept()
+
+    async def _first_scan(self) -> bool:
+        """``_rescan``, said as it begins and ends for a large queue: it reads every
+        record (about 9 s for 50,000 on a cold disk, each worker its own), and the
+        log was silent from the start's last line to the first delivery."""
+        if not self._say_first_scan:
+            return await self._rescan()
+        try:
+            entries = len(await asyncio.to_thread(self.spool.ids))
+        except SpoolError:
+            entries = 0  # the scan says it
+        if entries < LARGE_QUEUE:
+            return await self._rescan()
+        log.info(
+            "queue: reading the records of %s before the first delivery",
+            quantity(entries, "message"),
+        )
+        began = time.monotonic()
+        read = await self._rescan()
+        if read:
+            log.info("queue: records read in %.1fs; delivering those due", time.monotonic() - began)
+        return read
 
     async def _log_queue_changes(self, anyway: bool) -> None:
         """What the queue tools did, logged by the worker that takes their note

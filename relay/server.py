@@ -52,6 +52,7 @@ from relay.ratelimit import RateCounts, limited_tenants
 from relay.record import Recorder, audit_log
 from relay.sharedtable import SharedTable
 from relay.spool import Spool
+from relay.startwatch import LARGE_QUEUE, StartWatch
 from relay.statelock import StateBusy
 from relay.suppression import SuppressionFile
 from relay.tally import Tally, counts_named
@@ -118,10 +119,14 @@ def run(policy_path: Path) -> int:
     must not touch the state, nor record in its audit log a policy that never
     served; nor must one whose state directory another relay holds
     (``relay.statelock``)."""
+    oplog.configure()
+    with StartWatch() as watch:
+        return _run(Path(policy_path), watch)
+
+
+def _run(policy_path: Path, watch: StartWatch) -> int:
     from relay.ingress import bind
 
-    oplog.configure()
-    policy_path = Path(policy_path)
     policy = _load(policy_path)
     if policy is None:
         log.error("%s: invalid policy, not starting", policy_path)
@@ -159,7 +164,7 @@ def run(policy_path: Path) -> int:
         _close(sockets, metrics)
         return EX_CANTCREAT
     try:
-        return _serve_locked(policy_path, policy, sockets, metrics, lock)
+        return _serve_locked(policy_path, policy, sockets, metrics, lock, watch)
     finally:
         lock.close()
 
@@ -253,12 +258,13 @@ def _serve_locked(
     sockets: Sockets,
     metrics: MetricsServer | None,
     lock: statelock.Lock,
+    watch: StartWatch,
 ) -> int:
     import uvloop
 
     from relay.supervisor import Supervisor, keep_policy_text
 
-    code, written = _open_state(policy, policy_path)
+    code, written = _open_state(policy, policy_path, watch)
     if code:
         _close(sockets, metrics)
         return code
@@ -270,6 +276,7 @@ def _serve_locked(
             log.info("listening on %s (listener %s)", host_port(host, port), listener.name)
         _say_if_refused(listener)
     log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
+    watch.end()
     shared = SharedCounts.made(policy)  # by the workers forked from here
     # looked at by the engine alone, or by the supervisor, and read by the metrics
     steps = ClockSteps()
@@ -348,12 +355,15 @@ def _load(path: Path) -> Policy | None:
         return None
 
 
-def _open_state(policy: Policy, policy_path: Path) -> tuple[int, int]:
+def _open_state(
+    policy: Policy, policy_path: Path, watch: StartWatch | None = None
+) -> tuple[int, int]:
     """Recover the spool and open the audit log once, before any worker starts;
     an exit status, and the audit records written (the metrics count them too).
     The audit upkeep comes after the policy record: today's file then exists, so
     yesterday's is no longer the newest, which upkeep never touches, and is
-    compressed now rather than a day later."""
+    compressed now rather than a day later. ``watch`` says a long read of the
+    spool as it goes on."""
     from relay.audit import AuditError
     from relay.record import audit_log
     from relay.spool import Spool, SpoolError
@@ -361,6 +371,7 @@ def _open_state(policy: Policy, policy_path: Path) -> tuple[int, int]:
 
     try:
         spool = Spool(policy.queue.directory)
+        _say_reading(spool, watch)
         recovered = spool.recover()
         # a queue with mail in it keeps its audit log: a new one is made only for a
         # queue with none (a new state directory, or a first start that failed)
@@ -370,6 +381,8 @@ def _open_state(policy: Policy, policy_path: Path) -> tuple[int, int]:
             record_policy(audit, policy_path, policy)  # a full disk: serve, answering 451
             audit_upkeep(audit)
             written = audit.head[0] - first
+        if watch is not None:
+            watch.reading(None)
         if policy.suppression is not None:
             SuppressionFile(policy.suppression.file).create()
     except (SpoolError, AuditError, SuppressionError, OSError) as exc:
@@ -390,6 +403,22 @@ def _open_state(policy: Policy, policy_path: Path) -> tuple[int, int]:
         quantity(recovered - len(settled.finished) - len(settled.unrecorded), "message"),
     )
     return 0, written
+
+
+def _say_reading(spool: Spool, watch: StartWatch | None) -> None:
+    """A large spool's read said as it begins, and while it goes on: the log
+    was silent for the seconds it took, with the listeners bound and no
+    client greeted. Counted from one listing of the directory."""
+    entries = len(spool.ids())
+    if entries < LARGE_QUEUE:
+        return
+    log.info(
+        "spool %s: reading %s before serving; clients are greeted once it is read",
+        spool.directory,
+        quantity(entries, "entry", "entries"),
+    )
+    if watch is not None:
+        watch.reading(f"spool {spool.directory}")
 
 
 def settle_orphans(policy: Policy, audit: AuditLog, why: str) -> None:
@@ -492,6 +521,7 @@ async def serve(
         suppressions=suppressions,
         tally=tally,
         steps=steps,
+        say_first_scan=worker is None or (worker.index == 0 and worker.first_start),
     )
     rates = None if shared is None else shared.rates.row(index, holder.current)
     clients = None if shared is None else shared.clients.row(index)

@@ -116,6 +116,9 @@ class WorkerLink:
         self._ready_fd = ready_fd
         self._handover = handover
         self._answers = answers
+        # one of the workers the relay started with, not a replacement: the first
+        # scan of a large queue is said by worker 0 of these alone, once a start
+        self.first_start = ready_fd is not None
         self._reload: int | None = None  # the number of the supervisor's reload taken up
         self._said_orphaned = False
 

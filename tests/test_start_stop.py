@@ -1,0 +1,113 @@
+"""A relay that starts on a large queue: what its log says while it reads the spool."""
+
+from __future__ import annotations
+
+import contextlib
+import smtplib
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from relay.policy.load import load
+from relay.startwatch import LARGE_QUEUE, PROGRESS
+from tests.relayproc import RelayProcess, terminate, wait_for
+from tests.sink import SinkServer, free_port
+from tests.slowdisk import slow_disk
+
+QUEUED = LARGE_QUEUE  # the smallest queue whose reading is said
+CLIENTS = 8
+
+
+def configure(policy_file: Path, port: int, upstream: int, workers: int) -> Path:
+    text = policy_file.read_text().replace("port: 2525", f"port: {port}")
+    smtp = (
+        f"  default:\n    type: smtp\n    host: 127.0.0.1\n    port: {upstream}\n"
+        "    tls: none\n    timeout: 5\n"
+    )
+    text = text.replace("  default:\n    type: directory\n    path: outbox\n", smtp)
+    text += "queue: {first_retry: 0.5, max_retry: 1, lifetime: 3600}\n"
+    policy_file.write_text(text + f"workers: {workers}\n")
+    return policy_file
+
+
+def _send_share(port: int, share: range) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        for n in share:
+            body = f"From: jan@acme.example\r\nSubject: backlog {n}\r\n\r\nbody {n}\r\n"
+            client.sendmail("jan@acme.example", ["one@example.org"], body)
+
+
+def _queue_up(policy: Path, port: int, log: Path) -> None:
+    """``QUEUED`` messages taken in while their upstream does not answer; the relay
+    stopped, they wait in its spool, each on record in the audit log."""
+    with RelayProcess(policy, port, log), ThreadPoolExecutor(CLIENTS) as pool:
+        shares = [range(i, QUEUED, CLIENTS) for i in range(CLIENTS)]
+        list(pool.map(lambda share: _send_share(port, share), shares))
+
+
+@contextlib.contextmanager
+def _held_start(policy: Path, tmp_path: Path, log: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """``relay serve`` whose start hangs at its first write to the audit log, after
+    it began reading the spool, until the file yielded says ``0``; killed if it
+    is still there at the end."""
+    state = load(policy).queue.directory.parent
+    env, delay = slow_disk(tmp_path, -1, only=str(state / "audit"))
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "-c", str(policy)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: f"reading {QUEUED} entries before serving" in log.read_text())
+        yield proc, delay
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def _each_once(sink: SinkServer) -> None:
+    sink.sink.wait(QUEUED, timeout=120)
+    subjects = [m.data.split(b"Subject: backlog ")[1].split(b"\r\n")[0] for m in sink.sink.messages]
+    assert sorted(subjects) == sorted(str(n).encode() for n in range(QUEUED))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_large_spool_is_said_as_it_is_read_and_its_records_before_delivery(
+    policy_file: Path, tmp_path: Path, workers: int
+) -> None:
+    """Started on a large queue, the log was silent while the spool was read
+    (7 s for 50,000 messages on a cold disk) and then again while each worker
+    read every record before its first delivery (9 s more): a hang to whoever
+    watched it. Now each is said as it begins, once a start (not once a worker),
+    a long read every few seconds, and the first scan as it ends."""
+    port, upstream = free_port(), free_port()
+    policy = configure(policy_file, port, upstream, workers)
+    state = load(policy).queue.directory.parent
+    _queue_up(policy, port, tmp_path / "first.log")
+    first = (tmp_path / "first.log").read_text()
+    assert "entries before serving" not in first and "queue: reading" not in first  # a small one
+
+    log = tmp_path / "held.log"
+    with SinkServer() as sink:
+        policy.write_text(policy.read_text().replace(f"port: {upstream}", f"port: {sink.port}"))
+        with _held_start(policy, tmp_path, log) as (proc, delay):
+            wait_for(lambda: "still reading, for" in log.read_text(), PROGRESS + 10)
+            delay.write_text("0")
+            _each_once(sink)
+            wait_for(lambda: "queue: records read in " in log.read_text())
+            assert terminate(proc, 20) == 0
+    said = log.read_text()
+    spool = state / "queue"
+    began = f"spool {spool}: reading {QUEUED} entries before serving; clients are greeted once"
+    assert said.count(f"{began} it is read") == 1
+    assert said.count(f"spool {spool}: still reading, for 5 seconds so far") == 1
+    reading = f"queue: reading the records of {QUEUED} messages before the first delivery"
+    assert said.count(reading) == 1
+    assert said.count("queue: records read in ") == 1
+    assert said.index(reading) < said.index("queue: records read in ")
+    assert "; delivering those due" in said
