@@ -642,8 +642,9 @@ def _serve(args: argparse.Namespace) -> int:
     # A reload asked for while the relay starts (``kill -HUP`` right after
     # ``systemctl start``) waits until it serves: SIGHUP's default action
     # would end it, and systemd does not restart a service that SIGHUP ended.
-    # As a container's init a stop waits too (``main``).
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    # A stop waits too, said at once and honoured once the spool is read
+    # (``relay.startwatch``): its default action ended the relay unlogged.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, *_STOPS})
     for signum in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, _not_ours)
     from relay.server import run

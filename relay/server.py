@@ -118,7 +118,8 @@ def run(policy_path: Path) -> int:
     Binding comes first: a relay that cannot listen (another one has the port)
     must not touch the state, nor record in its audit log a policy that never
     served; nor must one whose state directory another relay holds
-    (``relay.statelock``)."""
+    (``relay.statelock``). A SIGTERM or SIGINT before it serves is said at once
+    and stops it once the spool is read (``relay.startwatch``)."""
     oplog.configure()
     with StartWatch() as watch:
         return _run(Path(policy_path), watch)
@@ -264,10 +265,14 @@ def _serve_locked(
 
     from relay.supervisor import Supervisor, keep_policy_text
 
+    if watch.asked is not None:  # before the spool is read: nothing to finish
+        return _stopped_starting(policy, sockets, metrics)
     code, written = _open_state(policy, policy_path, watch)
     if code:
         _close(sockets, metrics)
         return code
+    if watch.asked is not None:
+        return _stopped_starting(policy, sockets, metrics)
     if policy.workers == 1:
         keep_policy_text(policy.queue.directory.parent, None)
     for listener in policy.listeners:
@@ -276,7 +281,8 @@ def _serve_locked(
             log.info("listening on %s (listener %s)", host_port(host, port), listener.name)
         _say_if_refused(listener)
     log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
-    watch.end()
+    if watch.end() is not None:  # a signal from here on is the serving process's to take
+        return _stopped_starting(policy, sockets, metrics)
     shared = SharedCounts.made(policy)  # by the workers forked from here
     # looked at by the engine alone, or by the supervisor, and read by the metrics
     steps = ClockSteps()
@@ -290,6 +296,16 @@ def _serve_locked(
             )
         )
     return Supervisor(policy_path, policy, sockets, metrics, shared, lock, steps).run()
+
+
+def _stopped_starting(policy: Policy, sockets: Sockets, metrics: MetricsServer | None) -> int:
+    """A stop asked for before the relay served: as a stop once serving, with
+    no transaction or delivery to wait for, as none began."""
+    stopping_now(policy)
+    log.info("stopping: no new connections; no worker started, no mail taken")
+    _close(sockets, metrics)
+    log.info("stopped")
+    return 0
 
 
 def _open_metrics(policy: Policy) -> MetricsServer | None:

@@ -259,12 +259,20 @@ class Supervisor:
             os.close(write_fd)
             pipes[read_fd] = index
         deadline = time.monotonic() + READY_TIMEOUT
+        said_stop = False
         try:
             while pipes:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     log.error("workers %s did not start in time", sorted(pipes.values()))
                     return EX_SOFTWARE
+                stops = signal.sigpending() & {signal.SIGTERM, signal.SIGINT}
+                if stops and not said_stop:  # taken by ``_watch`` once they serve
+                    said_stop = True
+                    log.info(
+                        "%s while the workers start: stopping once they serve",
+                        min(stops).name,
+                    )
                 readable, _, _ = select.select(list(pipes), [], [], min(left, 0.2))
                 for fd in readable:
                     if os.read(fd, 1) != b"r":

@@ -1,18 +1,23 @@
-"""A relay that starts on a large queue: what its log says while it reads the spool."""
+"""A relay that starts on a large queue: what its log says while it reads the
+spool, and a stop asked for before it serves."""
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import smtplib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from relay import statelock
 from relay.policy.load import load
+from relay.spool import Spool
 from relay.startwatch import LARGE_QUEUE, PROGRESS
 from tests.relayproc import RelayProcess, terminate, wait_for
 from tests.sink import SinkServer, free_port
@@ -111,3 +116,46 @@ def test_a_large_spool_is_said_as_it_is_read_and_its_records_before_delivery(
     assert said.count("queue: records read in ") == 1
     assert said.index(reading) < said.index("queue: records read in ")
     assert "; delivering those due" in said
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stop_while_the_spool_is_read_is_said_and_honoured_once_it_is_read(
+    policy_file: Path, tmp_path: Path, workers: int
+) -> None:
+    """A SIGTERM between binding the listeners and serving (``systemctl stop``
+    during a slow start) killed the relay by its default action: exit -15, no
+    line in the log, the pid file naming a dead process. Now it is said at
+    once, while the start still waits on the disk, and once the spool is read
+    the relay stops as from serving, exit 0, having started no worker; the
+    queue it read is whole, and delivered at the next start."""
+    port, upstream = free_port(), free_port()
+    policy = configure(policy_file, port, upstream, workers)
+    state = load(policy).queue.directory.parent
+    _queue_up(policy, port, tmp_path / "first.log")
+    queued = Spool(state / "queue").ids()
+    assert len(queued) == QUEUED
+
+    log = tmp_path / "stopped.log"
+    with _held_start(policy, tmp_path, log) as (proc, delay):
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "SIGTERM while starting" in log.read_text() or proc.poll() is not None)
+        time.sleep(0.5)
+        assert proc.poll() is None, (proc.returncode, log.read_text())  # the disk holds it up
+        delay.write_text("0")
+        assert proc.wait(30) == 0, log.read_text()
+    said = log.read_text()
+    assert (
+        "INFO SIGTERM while starting: stopping before serving; a spool being read is read to"
+        " the end first (its recovery is not cut off half-way)"
+    ) in said
+    assert f"spool {state / 'queue'}: {QUEUED} messages queued" in said  # read to its end
+    assert "INFO stopping: no new connections; no worker started, no mail taken" in said
+    assert said.rstrip().endswith("INFO stopped"), said
+    assert "serving in one process" not in said and "worker 0 started" not in said
+    assert "Traceback" not in said
+    assert statelock.holder(state) is None
+    assert Spool(state / "queue").ids() == queued
+    with SinkServer() as sink:
+        policy.write_text(policy.read_text().replace(f"port: {upstream}", f"port: {sink.port}"))
+        with RelayProcess(policy, port, tmp_path / "last.log"):
+            _each_once(sink)
