@@ -309,7 +309,7 @@ def _stopped_starting(policy: Policy, sockets: Sockets, metrics: MetricsServer |
 
 
 def _open_metrics(policy: Policy) -> MetricsServer | None:
-    """The metrics port bound (not yet served) next to the listeners, if the policy
+    """The metrics port bound next to the listeners, if the policy
     has one. Imported only then: forked workers would carry the client library's
     pages in their memory for nothing."""
     if policy.metrics is None:

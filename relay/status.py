@@ -130,9 +130,10 @@ def _relay(running: statelock.Holder | None, state: Path, configured: int | None
 
 def _starting(workers: int, configured: int | None) -> str:
     """What a relay not serving yet is doing: reading the whole spool comes
-    first (6 to 11 s for 50,000 messages), then its workers are started."""
+    first (6 to 11 s for 50,000 messages), then its workers are started. The
+    note does not say which of the two, so before any worker: neither."""
     if not workers:
-        return "reading the spool"
+        return "not serving yet"
     of = "" if configured is None else f" of {configured}"
     return f"{workers}{of} worker {_processes(configured or workers)} started"
 

@@ -226,12 +226,12 @@ class Supervisor:
         self._partial = b""
         self.restarts: dict[int, tuple[float, int]] = {}  # index -> (when, quick deaths)
         self.kill_at: dict[int, float] = {}  # pid -> when, for workers a reload stopped
-        self.metrics = metrics  # bound, counting; served once the workers are
+        self.metrics = metrics  # bound, counting; saying "starting" until the workers serve
         self.lock = lock  # its file kept by the supervisor, which notes the policy in it
         self.disk = DiskWatch(shared.disk, lambda: self.policy.queue.directory.parent)
 
     def run(self) -> int:
-        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # the metrics thread's too
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # the metrics thread held them already
         self.shared.disk.use(self.shared.disk.supervisor, keep_ended=True)
         try:
             code = self._start()

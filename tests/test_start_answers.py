@@ -125,10 +125,47 @@ def test_status_says_the_relay_starts_not_that_its_workers_start_again(
         assert done.returncode == 0, done.stdout + done.stderr
         first = done.stdout.splitlines()[0]
         pid = start.proc.pid
-        assert re.fullmatch(rf"relay: starting, PID {pid} since \S+, reading the spool", first)
+        assert re.fullmatch(rf"relay: starting, PID {pid} since \S+, not serving yet", first)
         assert "policy: starting" not in done.stdout, done.stdout
         start.delay.write_text("0")
         wait_for(start.serving)
         wait_for(lambda: "2 worker processes" in relay_cli(policy, "status").stdout)
         first = relay_cli(policy, "status").stdout.splitlines()[0]
         assert re.fullmatch(rf"relay: running, PID {pid} since \S+, 2 worker processes", first)
+
+
+def _blocked(tid: int) -> set[int]:
+    """The signals thread ``tid`` of this process holds back, from /proc."""
+    for line in Path(f"/proc/self/task/{tid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            mask = int(line.split()[1], 16)
+            return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+    raise AssertionError(f"no SigBlk for thread {tid}")
+
+
+def test_the_metrics_thread_takes_none_of_the_signals_the_supervisor_waits_for(
+    policy_file: Path,
+) -> None:
+    """The thread now runs from the start, before the supervisor holds its signals
+    back for ``sigtimedwait``: one it did not hold back itself took a SIGTERM sent
+    while the workers started, and the supervisor died by it, with no ``stopped``."""
+    import signal
+    import threading
+
+    from relay.metrics.serve import MetricsServer
+    from relay.policy.load import load
+    from relay.policy.model import MetricsSettings
+    from tests.test_queue_e2e import configure
+
+    policy = load(configure(policy_file, free_port(), free_port()))
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    server = MetricsServer(MetricsSettings("127.0.0.1", free_port()), policy)
+    try:
+        thread = next(t for t in threading.enumerate() if t.name == "metrics")
+        assert thread.native_id is not None
+        held = _blocked(thread.native_id)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            assert signum in held, signal.Signals(signum).name
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before  # the caller's own
+    finally:
+        server.stop()
