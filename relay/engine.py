@@ -634,7 +634,7 @@ class Engine:
         )
         began = time.monotonic()
         read = await self._rescan()
-        if read:
+        if read and not self.winding_down.is_set():  # a stop under way delivers none
             log.info("queue: records read in %.1fs; delivering those due", time.monotonic() - began)
         return read
 

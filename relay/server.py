@@ -265,6 +265,7 @@ def _serve_locked(
 
     from relay.supervisor import Supervisor, keep_policy_text
 
+    watch.on_stop(lambda: stopping_now(policy))
     if watch.asked is not None:  # before the spool is read: nothing to finish
         return _stopped_starting(policy, sockets, metrics)
     code, written = _open_state(policy, policy_path, watch)

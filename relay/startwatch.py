@@ -18,6 +18,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 from relay.quantity import quantity
@@ -38,6 +39,7 @@ class StartWatch:
 
     def __init__(self) -> None:
         self.asked: str | None = None  # the stop signal taken, by name
+        self._on_stop: Callable[[], None] | None = None
         self._step: tuple[str, float] | None = None  # what is read, since when (monotonic)
         self._said = 0.0
         self._ended = threading.Event()
@@ -55,6 +57,14 @@ class StartWatch:
         trace: TracebackType | None,
     ) -> None:
         self.end()
+
+    def on_stop(self, said: Callable[[], None]) -> None:
+        """``said`` is called once a stop is taken, from this thread, or now
+        if one was: ``/readyz`` and ``relay status`` say the relay stops from
+        the signal on, not from the end of the spool's reading."""
+        self._on_stop = said
+        if self.asked is not None:
+            said()
 
     def reading(self, what: str | None) -> None:
         """``what`` (``spool /var/lib/erp-relay/queue``) is being read: said
@@ -92,6 +102,9 @@ class StartWatch:
             " end first (its recovery is not cut off half-way)",
             name,
         )
+        said = self._on_stop
+        if said is not None:
+            said()
 
 
 def _seconds(seconds: float) -> str:

@@ -169,3 +169,28 @@ def test_the_metrics_thread_takes_none_of_the_signals_the_supervisor_waits_for(
         assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before  # the caller's own
     finally:
         server.stop()
+
+
+def test_a_stop_asked_for_while_starting_is_what_the_checks_say(policy_file: Path) -> None:
+    """A SIGTERM while the spool is read is honoured once it is read (seconds
+    later on a large queue); meanwhile ``/readyz`` said ``starting``, as if mail
+    would soon be taken, where a serving relay says ``stopping`` from the signal."""
+    from relay.metrics import status
+    from relay.metrics.serve import MetricsServer
+    from relay.policy.load import load
+    from relay.policy.model import MetricsSettings
+    from tests.test_queue_e2e import configure
+
+    policy = load(configure(policy_file, free_port(), free_port()))
+    port = free_port()
+    server = MetricsServer(MetricsSettings("127.0.0.1", port), policy)
+    try:
+        code, body, _ = _get(port, "/readyz")
+        assert (code, json.loads(body)["checks"]["relay"]) == (503, READING)
+        status.stopping()
+        code, body, _ = _get(port, "/readyz")
+        assert (code, json.loads(body)["checks"]["relay"]) == (503, "stopping")
+        assert _get(port, "/healthz")[:2] == (200, "stopping\n")
+    finally:
+        status.STATUS.stopping = False
+        server.stop()

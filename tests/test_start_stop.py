@@ -22,6 +22,7 @@ from relay.startwatch import LARGE_QUEUE, PROGRESS
 from tests.relayproc import RelayProcess, terminate, wait_for
 from tests.sink import SinkServer, free_port
 from tests.slowdisk import slow_disk
+from tests.test_queue_e2e import relay_cli
 
 QUEUED = LARGE_QUEUE  # the smallest queue whose reading is said
 CLIENTS = 8
@@ -141,6 +142,8 @@ def test_a_stop_while_the_spool_is_read_is_said_and_honoured_once_it_is_read(
         wait_for(lambda: "SIGTERM while starting" in log.read_text() or proc.poll() is not None)
         time.sleep(0.5)
         assert proc.poll() is None, (proc.returncode, log.read_text())  # the disk holds it up
+        status = relay_cli(policy, "status").stdout.splitlines()[0]
+        assert status.startswith(f"relay: stopping, PID {proc.pid} "), status  # not "starting"
         delay.write_text("0")
         assert proc.wait(30) == 0, log.read_text()
     said = log.read_text()

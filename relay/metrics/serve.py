@@ -366,7 +366,10 @@ class MetricsServer:
         log.info("metrics on http://%s/metrics", _where(self.settings))
 
     def starting(self) -> str | None:
-        """What the start is doing, until the relay serves; None from then on."""
+        """What the start is doing, until the relay serves; None from then on.
+        A stop asked for meanwhile is said as a serving relay's is."""
+        if self._starting is not None and status.STATUS.stopping:
+            return "stopping"
         return self._starting
 
     def stop(self) -> None:
