@@ -47,10 +47,12 @@ class _Held:
         self.at = at
         self.generation = generation
 
-    def __del__(self) -> None:
+    def __del__(self, lock: threading.Lock = _lock, free: list[int] = _free) -> None:
+        # bound here: at the interpreter's end the module's names are None before
+        # the last thread's word is given back ("Exception ignored" after "stopped")
         if self.generation == _generation:
-            with _lock:
-                _free.append(self.at)
+            with lock:
+                free.append(self.at)
 
 
 def fsync(fd: int) -> None:
