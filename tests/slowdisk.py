@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,13 @@ def slow_disk(
     if only is not None:
         env["SLOWDISK_ONLY"] = only
     return env, delay
+
+
+def serving(policy: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``relay serve`` on the slow disk ``env`` gives, in a session of its own,
+    all it writes in ``log``: the caller stops it by its PID."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "-c", str(policy)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip

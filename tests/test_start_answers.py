@@ -10,7 +10,6 @@ import json
 import re
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +21,7 @@ import pytest
 
 from tests.relayproc import RelayProcess, terminate, wait_for
 from tests.sink import Sink, SinkServer, free_port
-from tests.slowdisk import slow_disk
+from tests.slowdisk import serving, slow_disk
 from tests.test_metrics import _metrics_policy
 from tests.test_queue_e2e import relay_cli
 
@@ -47,11 +46,7 @@ def _held_start(policy: Path, metrics: int, tmp_path: Path) -> Iterator[_Start]:
     port takes connections."""
     env, delay = slow_disk(tmp_path, delay_ms=-1)
     log = tmp_path / "held.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "-c", str(policy)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    proc = serving(policy, env, log)
     try:
         wait_for(lambda: _connects(metrics) or proc.poll() is not None)
         assert proc.poll() is None, log.read_text()

@@ -7,7 +7,6 @@ import contextlib
 import signal
 import smtplib
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from relay.spool import Spool
 from relay.startwatch import LARGE_QUEUE, PROGRESS
 from tests.relayproc import RelayProcess, terminate, wait_for
 from tests.sink import SinkServer, free_port
-from tests.slowdisk import slow_disk
+from tests.slowdisk import serving, slow_disk
 from tests.test_queue_e2e import relay_cli
 
 QUEUED = LARGE_QUEUE  # the smallest queue whose reading is said
@@ -62,11 +61,7 @@ def _held_start(policy: Path, tmp_path: Path, log: Path) -> Iterator[tuple[subpr
     is still there at the end."""
     state = load(policy).queue.directory.parent
     env, delay = slow_disk(tmp_path, -1, only=str(state / "audit"))
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "-c", str(policy)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    proc = serving(policy, env, log)
     try:
         wait_for(lambda: f"reading {QUEUED} entries before serving" in log.read_text())
         yield proc, delay
