@@ -282,7 +282,8 @@ def _serve_locked(
             log.info("listening on %s (listener %s)", host_port(host, port), listener.name)
         _say_if_refused(listener)
     log.info("policy %s loaded from %s", policy.digest[:12], policy_path)
-    if watch.end() is not None:  # a signal from here on is the serving process's to take
+    # the workers' supervisor takes the signals from here on; one process, as it serves
+    if (watch.end() if policy.workers > 1 else watch.asked) is not None:
         return _stopped_starting(policy, sockets, metrics)
     shared = SharedCounts.made(policy)  # by the workers forked from here
     # looked at by the engine alone, or by the supervisor, and read by the metrics
@@ -293,7 +294,14 @@ def _serve_locked(
         metrics_status.loaded()
         return uvloop.run(
             serve(
-                policy_path, policy, sockets, metrics=metrics, shared=shared, lock=lock, steps=steps
+                policy_path,
+                policy,
+                sockets,
+                metrics=metrics,
+                shared=shared,
+                lock=lock,
+                steps=steps,
+                watch=watch,
             )
         )
     return Supervisor(policy_path, policy, sockets, metrics, shared, lock, steps).run()
@@ -498,12 +506,14 @@ async def serve(
     shared: SharedCounts | None = None,
     lock: statelock.Lock | None = None,
     steps: ClockSteps | None = None,
+    watch: StartWatch | None = None,
 ) -> int:
     """Receive and deliver until SIGTERM. As one of several workers (``worker``
     set) the supervisor keeps the audit log's upkeep and its policy records,
     the lock file, and serves the metrics; alone, this process serves
-    ``metrics`` and keeps ``lock``'s file, and its engine looks at the clock's
-    ``steps`` that the metrics read."""
+    ``metrics`` and keeps ``lock``'s file, its engine looks at the clock's
+    ``steps`` that the metrics read, and the start's ``watch`` takes a stop
+    until it serves (loading a large suppression list takes seconds)."""
     holder = PolicyHolder(policy)
     index = 0 if worker is None else worker.index
     if shared is not None:
@@ -608,9 +618,13 @@ async def serve(
         if lock is not None:
             _note(holder.current())  # serving: the start's note in the lock file is gone
             chores.append(loop.create_task(_keep_lock_file(lock, holder.current)))
+        asked = None if watch is None else watch.end()
         # held back since the start (relay.cli._serve), handled from here on
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
-        log.info("serving in one process")
+        if asked is not None:  # taken by the watch, said then: stopped as from serving
+            stop()
+        else:
+            log.info("serving in one process")
         if shared is not None:
             chores.append(_watch_disk(shared.disk, holder.current))
         if metrics is not None:

@@ -273,6 +273,7 @@ class Supervisor:
                         "%s while the workers start: stopping once they serve",
                         min(stops).name,
                     )
+                    stopping_now(self.policy)  # for /readyz and relay status meanwhile
                 readable, _, _ = select.select(list(pipes), [], [], min(left, 0.2))
                 for fd in readable:
                     if os.read(fd, 1) != b"r":

@@ -4,6 +4,8 @@ spool, and a stop asked for before it serves."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import signal
 import smtplib
 import subprocess
@@ -157,3 +159,45 @@ def test_a_stop_while_the_spool_is_read_is_said_and_honoured_once_it_is_read(
         policy.write_text(policy.read_text().replace(f"port: {upstream}", f"port: {sink.port}"))
         with RelayProcess(policy, port, tmp_path / "last.log"):
             _each_once(sink)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stop_while_the_suppression_list_loads_is_said_and_is_stopping_at_once(
+    policy_file: Path, tmp_path: Path, workers: int
+) -> None:
+    """After the spool is read, a large suppression list still takes seconds to
+    load (in the one process, or in each worker). A SIGTERM then was held
+    without a word until the relay served (one process), and ``/readyz`` and
+    ``relay status`` said ``starting`` all that time. Now the stop is said at
+    once, ``/readyz`` says ``stopping``, and no ``serving`` comes before it."""
+    from bench.relayside import write_suppressions
+    from tests.test_start_answers import _get
+
+    port, metrics = free_port(), free_port()
+    policy = configure(policy_file, port, free_port(), workers)
+    with policy.open("a") as out:
+        out.write(
+            "suppression: {hard_bounce: [5.1.1]}\n"
+            f"metrics: {{address: 127.0.0.1, port: {metrics}}}\n"
+        )
+    state = load(policy).queue.directory.parent
+    write_suppressions(state, 200_000)  # about 2 s to load, more on a busy machine
+    log = tmp_path / "relay.log"
+    proc = serving(policy, dict(os.environ), log)
+    try:
+        begun = "worker 1 started" if workers > 1 else "loaded from"  # the spool read
+        wait_for(lambda: begun in log.read_text() or proc.poll() is not None)
+        proc.send_signal(signal.SIGTERM)
+        said = "SIGTERM while the workers start" if workers > 1 else "SIGTERM while starting"
+        wait_for(lambda: said in log.read_text() or proc.poll() is not None)
+        code, body, _ = _get(metrics, "/readyz")
+        assert (code, json.loads(body)["checks"]["relay"]) == (503, "stopping"), body
+        early = log.read_text()  # the load was still going on:
+        assert "serving in one process" not in early and "workers serving" not in early
+        assert proc.wait(60) == 0, log.read_text()
+    finally:
+        terminate(proc, 15)
+    text = log.read_text()
+    assert text.index(said) < text.index("INFO stopping: no new connections")
+    assert "serving in one process" not in text and "Traceback" not in text
+    assert text.rstrip().endswith("INFO stopped"), text
