@@ -274,6 +274,9 @@ class Supervisor:
                         min(stops).name,
                     )
                     stopping_now(self.policy)  # for /readyz and relay status meanwhile
+                    for pid in self.workers:  # each held it back: it stops as it serves
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGTERM)
                 readable, _, _ = select.select(list(pipes), [], [], min(left, 0.2))
                 for fd in readable:
                     if os.read(fd, 1) != b"r":
@@ -333,8 +336,12 @@ class Supervisor:
             if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
                 log.info("stopping: telling %s", quantity(len(self.workers), "worker"))
                 return 0
-            if info is not None and info.si_signo == signal.SIGHUP and self._reload():
-                return EX_SOFTWARE
+            if info is not None and info.si_signo == signal.SIGHUP:
+                if signal.sigpending() & {signal.SIGTERM, signal.SIGINT}:  # taken first: lower
+                    log.info("SIGHUP while stopping: not reloaded")
+                    continue  # the stop, next: its workers may be ending, not to start again
+                if self._reload():
+                    return EX_SOFTWARE
             if self._reap_and_restart():
                 return EX_SOFTWARE
             self._kill_overdue()

@@ -161,15 +161,18 @@ def test_a_stop_while_the_spool_is_read_is_said_and_honoured_once_it_is_read(
             _each_once(sink)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("workers", "reload_too"), [(1, False), (2, False), (1, True), (2, True)])
 def test_a_stop_while_the_suppression_list_loads_is_said_and_is_stopping_at_once(
-    policy_file: Path, tmp_path: Path, workers: int
+    policy_file: Path, tmp_path: Path, workers: int, reload_too: bool
 ) -> None:
     """After the spool is read, a large suppression list still takes seconds to
     load (in the one process, or in each worker). A SIGTERM then was held
     without a word until the relay served (one process), and ``/readyz`` and
-    ``relay status`` said ``starting`` all that time. Now the stop is said at
-    once, ``/readyz`` says ``stopping``, and no ``serving`` comes before it."""
+    ``relay status`` said ``starting`` all that time; with workers, the first
+    one loaded took mail until the last was. Now the stop is said at once,
+    ``/readyz`` says ``stopping``, no ``serving`` comes before it and no mail
+    is taken. A SIGHUP sent just before it is not a reload: the supervisor
+    took it first, reloaded, and its workers warned of a policy not handed over."""
     from bench.relayside import write_suppressions
     from tests.test_start_answers import _get
 
@@ -187,6 +190,8 @@ def test_a_stop_while_the_suppression_list_loads_is_said_and_is_stopping_at_once
     try:
         begun = "worker 1 started" if workers > 1 else "loaded from"  # the spool read
         wait_for(lambda: begun in log.read_text() or proc.poll() is not None)
+        if reload_too:
+            proc.send_signal(signal.SIGHUP)
         proc.send_signal(signal.SIGTERM)
         said = "SIGTERM while the workers start" if workers > 1 else "SIGTERM while starting"
         wait_for(lambda: said in log.read_text() or proc.poll() is not None)
@@ -194,10 +199,17 @@ def test_a_stop_while_the_suppression_list_loads_is_said_and_is_stopping_at_once
         assert (code, json.loads(body)["checks"]["relay"]) == (503, "stopping"), body
         early = log.read_text()  # the load was still going on:
         assert "serving in one process" not in early and "workers serving" not in early
+        message = "Subject: x\r\n\r\nx\r\n"
+        refused = (smtplib.SMTPException, OSError)  # 421 or reset, once loaded
+        with pytest.raises(refused), smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail("jan@acme.example", ["one@example.org"], message)
         assert proc.wait(60) == 0, log.read_text()
     finally:
         terminate(proc, 15)
     text = log.read_text()
     assert text.index(said) < text.index("INFO stopping: no new connections")
     assert "serving in one process" not in text and "Traceback" not in text
+    assert Spool(state / "queue").ids() == [] and "status=" not in text  # none taken or sent
+    assert ("SIGHUP while stopping: not reloaded" in text) == reload_too
+    assert "reloading" not in text and "WARNING" not in text.split("\n", 1)[1], text
     assert text.rstrip().endswith("INFO stopped"), text
