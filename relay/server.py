@@ -52,7 +52,7 @@ from relay.ratelimit import RateCounts, limited_tenants
 from relay.record import Recorder, audit_log
 from relay.sharedtable import SharedTable
 from relay.spool import Spool
-from relay.startwatch import LARGE_QUEUE, StartWatch
+from relay.startwatch import LARGE_QUEUE, STOPS, StartWatch
 from relay.statelock import StateBusy
 from relay.suppression import SuppressionFile
 from relay.tally import Tally, counts_named
@@ -563,11 +563,16 @@ async def serve(
         spool, engine, recorder, alone=alone, suppressions=suppressions, rates=rates
     )
     await _start_threads()
+    # a stop asked for while this process started (the supervisor passes it on to
+    # each worker, held back until it serves): no client is taken in meanwhile
+    stop_first = (worker is not None and bool(signal.sigpending() & STOPS)) or (
+        watch is not None and watch.asked is not None
+    )
     ingress = await start(
         policy.listeners,
         holder.current,
         acceptor.process,
-        sockets,
+        {name: [] for name in sockets} if stop_first else sockets,
         refused=acceptor.refused,
         disk=DiskGuard(reclaim=lambda: spool.trim_recycled(keep=0.0, orphans=False)),
         clients=clients,

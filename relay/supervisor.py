@@ -286,7 +286,9 @@ class Supervisor:
         finally:
             for fd in pipes:
                 os.close(fd)
-        log.info("%s serving", quantity(len(self.workers), "worker"))
+        # told to stop as they started, they took no mail: not "serving"
+        doing = "stopping" if said_stop else "serving"
+        log.info("%s %s", quantity(len(self.workers), "worker"), doing)
         return 0
 
     def _failed_start(self, index: int) -> int:

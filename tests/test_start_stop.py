@@ -161,6 +161,19 @@ def test_a_stop_while_the_spool_is_read_is_said_and_honoured_once_it_is_read(
             _each_once(sink)
 
 
+WAITING = 6  # clients that connect while the stop waits for the load: one a worker got in
+
+
+def _taken(port: int) -> bool:
+    """Whether a message sent now is taken (250)."""
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail("jan@acme.example", ["one@example.org"], "Subject: x\r\n\r\nx\r\n")
+    except (smtplib.SMTPException, OSError):
+        return False
+    return True
+
+
 @pytest.mark.parametrize(("workers", "reload_too"), [(1, False), (2, False), (1, True), (2, True)])
 def test_a_stop_while_the_suppression_list_loads_is_said_and_is_stopping_at_once(
     policy_file: Path, tmp_path: Path, workers: int, reload_too: bool
@@ -199,16 +212,15 @@ def test_a_stop_while_the_suppression_list_loads_is_said_and_is_stopping_at_once
         assert (code, json.loads(body)["checks"]["relay"]) == (503, "stopping"), body
         early = log.read_text()  # the load was still going on:
         assert "serving in one process" not in early and "workers serving" not in early
-        message = "Subject: x\r\n\r\nx\r\n"
-        refused = (smtplib.SMTPException, OSError)  # 421 or reset, once loaded
-        with pytest.raises(refused), smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-            client.sendmail("jan@acme.example", ["one@example.org"], message)
+        with ThreadPoolExecutor(WAITING) as pool:  # in the listeners' backlog meanwhile
+            sent = list(pool.map(lambda _: _taken(port), range(WAITING)))
+        assert sent == [False] * WAITING  # each reset, or 421
         assert proc.wait(60) == 0, log.read_text()
     finally:
         terminate(proc, 15)
     text = log.read_text()
     assert text.index(said) < text.index("INFO stopping: no new connections")
-    assert "serving in one process" not in text and "Traceback" not in text
+    assert " serving" not in text.replace("before serving", "") and "Traceback" not in text
     assert Spool(state / "queue").ids() == [] and "status=" not in text  # none taken or sent
     assert ("SIGHUP while stopping: not reloaded" in text) == reload_too
     assert "reloading" not in text and "WARNING" not in text.split("\n", 1)[1], text
