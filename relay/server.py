@@ -621,7 +621,7 @@ async def serve(
         if os.getpid() == 1:
             chores.append(loop.create_task(_reap_adopted()))
         if lock is not None:
-            _note(holder.current())  # serving: the start's note in the lock file is gone
+            note_in_use(holder.current())  # serving: the start's note in the lock file is gone
             chores.append(loop.create_task(_keep_lock_file(lock, holder.current)))
         asked = None if watch is None else watch.end()
         # held back since the start (relay.cli._serve), handled from here on
@@ -729,10 +729,10 @@ def stopping_now(policy: Policy) -> None:
     """From the signal on, ``/readyz`` and ``relay status`` say the relay stops:
     its listeners are closed, and a monitor must not send ERPs to it."""
     metrics_status.stopping()
-    _note(policy)
+    note_in_use(policy)
 
 
-def _note(policy: Policy) -> None:
+def note_in_use(policy: Policy) -> None:
     """The policy in use and what waits for a restart, in the lock file for
     ``relay status``; and, from the signal on, that the relay stops: a reload
     under way at the signal writes its note after the stop's."""
@@ -740,7 +740,7 @@ def _note(policy: Policy) -> None:
 
 
 def keep_lock_file(lock: statelock.Lock, policy: Policy) -> None:
-    """The lock file written again, as ``_note`` writes it, where it was removed
+    """The lock file written again, as ``note_in_use`` writes it, where it was removed
     or replaced (``statelock.Lock.keep``)."""
     lock.keep(*_noted(policy))
 
@@ -802,7 +802,7 @@ async def _reload(
         return
     _take_up(holder, new, ingress)
     metrics_status.loaded()
-    _note(new)
+    note_in_use(new)
     in_use(new, old)
     await asyncio.to_thread(record_policy, audit, path, new)
 

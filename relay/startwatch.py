@@ -3,8 +3,8 @@
 Reading the spool there (its recovery, the audit log's settling) takes
 seconds with a large queue: about 7 s for 50,000 messages on a cold disk. A
 SIGTERM then (``systemctl stop`` or ``restart`` during a slow start) had its
-default action: the relay died without a line, reset the clients the kernel
-had queued for it and left its pid file naming a dead process. The stop
+default action: the relay died without a line and reset the clients the
+kernel had queued for it. The stop
 signals are held from ``relay serve``'s start (``relay.cli``) and taken here,
 by a thread, so that one is said at once even while the main thread waits on
 the disk; the start honours it once the spool is read, as recovery renames

@@ -58,6 +58,7 @@ from relay.server import (
     audit_upkeep,
     in_use,
     keep_lock_file,
+    note_in_use,
     read_policy,
     record_policy,
     reloaded,
@@ -67,6 +68,7 @@ from relay.server import (
     spool_upkeep,
     stopping_now,
 )
+from relay.startwatch import STOPS
 
 if TYPE_CHECKING:
     from relay.metrics.serve import MetricsServer
@@ -266,7 +268,7 @@ class Supervisor:
                 if left <= 0:
                     log.error("workers %s did not start in time", sorted(pipes.values()))
                     return EX_SOFTWARE
-                stops = signal.sigpending() & {signal.SIGTERM, signal.SIGINT}
+                stops = signal.sigpending() & STOPS
                 if stops and not said_stop:  # taken by ``_watch`` once they serve
                     said_stop = True
                     log.info(
@@ -318,11 +320,9 @@ class Supervisor:
 
     def _serving(self) -> None:
         """The lock file's note that the relay starts is gone: ``relay status``
-        counts its workers from here, one missing as one started again."""
-        policy = self.policy
-        statelock.note_policy(
-            policy.queue.directory.parent, policy.digest, policy.pending, self.policy_path
-        )
+        counts its workers from here, one missing as one started again; a stop
+        said while they started stays said."""
+        note_in_use(self.policy)
 
     def _watch(self) -> int:
         next_upkeep = time.monotonic() + AUDIT_UPKEEP
@@ -339,7 +339,7 @@ class Supervisor:
                 log.info("stopping: telling %s", quantity(len(self.workers), "worker"))
                 return 0
             if info is not None and info.si_signo == signal.SIGHUP:
-                if signal.sigpending() & {signal.SIGTERM, signal.SIGINT}:  # taken first: lower
+                if signal.sigpending() & STOPS:  # taken first, the lower number
                     log.info("SIGHUP while stopping: not reloaded")
                     continue  # the stop, next: its workers may be ending, not to start again
                 if self._reload():

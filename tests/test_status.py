@@ -306,7 +306,7 @@ def test_a_reload_that_ends_during_the_stop_keeps_the_stop_in_the_lock_file(
     try:
         monkeypatch.setattr(metrics_status, "STATUS", metrics_status.Status())
         server.stopping_now(policy)
-        server._note(policy)  # the reload's, as it ends
+        server.note_in_use(policy)  # the reload's, as it ends
         held = statelock.holder(state)
         assert held is not None and statelock.STOPPING in held.pending
         assert status._relay(held, state, 1).startswith("relay: stopping, PID ")
