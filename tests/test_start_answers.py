@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import socket
 import subprocess
 import time
 import urllib.error
@@ -24,6 +23,7 @@ from tests.sink import Sink, SinkServer, free_port
 from tests.slowdisk import serving, slow_disk
 from tests.test_metrics import _metrics_policy
 from tests.test_queue_e2e import relay_cli
+from tests.test_server import _accepts
 
 READING = "starting: reading the spool"
 
@@ -48,20 +48,12 @@ def _held_start(policy: Path, metrics: int, tmp_path: Path) -> Iterator[_Start]:
     log = tmp_path / "held.log"
     proc = serving(policy, env, log)
     try:
-        wait_for(lambda: _connects(metrics) or proc.poll() is not None)
+        wait_for(lambda: _accepts(metrics) or proc.poll() is not None)
         assert proc.poll() is None, log.read_text()
         yield _Start(proc, log, metrics, delay)
     finally:
         delay.write_text("0")
         terminate(proc, 15)
-
-
-def _connects(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
 
 
 def _get(port: int, path: str) -> tuple[int, str, float]:
