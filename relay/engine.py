@@ -29,6 +29,7 @@ from relay.clocksteps import ClockSteps
 from relay.errors import sent_in_full
 from relay.groupcommit import GroupCommit
 from relay.notice import build_notice, signed_anew, telling
+from relay.oplog import local_time
 from relay.policy.model import Policy, QueueSettings, Upstream, sends_as
 from relay.quantity import quantity
 from relay.record import Recorder, dsn
@@ -1715,7 +1716,7 @@ class Engine:
         log.error(
             "%s: AUDIT LOG WRITE FAILED, so not bounced: kept in the queue until %s: %s",
             entry.queue_id,
-            time.strftime("%H:%M:%S", time.localtime(entry.next_attempt)),
+            local_time(entry.next_attempt),
             error,
         )
         try:

@@ -31,6 +31,13 @@ _PRIORITY = {
 }
 
 
+def local_time(epoch: float) -> str:
+    """A time a line names besides its own, as the line's is written: with its
+    date and UTC offset, so a next attempt past midnight or across the end of
+    summer time reads right."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(epoch))
+
+
 MESSAGE_LIMIT = 8000  # characters of a message: under syslog's 8 KiB, journald's 48 KiB lines
 
 

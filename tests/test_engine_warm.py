@@ -640,6 +640,22 @@ def _listing(policy: Policy, tmp_path: Path) -> Policy:
     )
 
 
+async def test_a_refusal_kept_for_the_audit_log_names_its_next_attempt_with_date_and_offset(
+    spool: Spool, policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The line gave a bare time of day: a next attempt after midnight, or in
+    the hour that repeats when summer time ends, read as another."""
+    caplog.set_level(logging.INFO, logger="relay")
+    audit_dir = tmp_path / "audit"
+    engine = Engine(spool, lambda: policy, _bouncing, Recorder(AuditLog(audit_dir)))
+    async with running(engine):
+        entry = await _refused_and_listed(engine, spool, audit_dir)
+        planned = spool.load(entry.queue_id).next_attempt
+    (line,) = [m for m in caplog.messages if "so not bounced: kept in the queue until" in m]
+    until = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(planned))
+    assert f"kept in the queue until {until}: " in line, line
+
+
 @pytest.mark.parametrize("then", ["deleted", "restarted"])
 async def test_a_listing_the_audit_log_refused_is_recorded_whatever_becomes_of_its_message(
     spool: Spool, policy: Policy, tmp_path: Path, then: str, monkeypatch: pytest.MonkeyPatch

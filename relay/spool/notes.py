@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relay import statefiles
+from relay.oplog import local_time
 from relay.spool.store import Spool, SpoolError
 
 #: The tool's verb, and how the log says what it did (postsuper's words where it has them).
@@ -44,7 +45,7 @@ class Note:
         says when the tool ran, as the line's own time does not."""
         late = ""
         if now - self.at > LATE:
-            late = f" at {time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(self.at))}"
+            late = f" at {local_time(self.at)}"
         return f"{DONE[self.verb]} (relay queue {self.verb} by {self.by}{late})"
 
 
