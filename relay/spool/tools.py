@@ -71,26 +71,30 @@ class _Skip(Exception):
 def list_queue(spool: Spool, out: TextIO, *, as_json: bool = False) -> int:
     """``relay queue list [--json]``: like ``mailq`` / ``postqueue -j``. An entry
     whose record cannot be read is listed as unreadable, with why, and counted:
-    ``relay status`` and the metrics count it, and the listing left it out."""
-    items = [
+    ``relay status`` and the metrics count it, and the listing left it out.
+    Each entry is written as it is read: with 50,000 queued, ``| head`` waited
+    for all of them (3 to 6 s), and the listing held them all (150 MB)."""
+    items = (
         entry if isinstance(entry, QueueEntry) else _Unreadable.of(spool, queue_id, entry)
         for queue_id, entry in spool.loaded()
-    ]
+    )
     if as_json:
         for item in items:
             out.write(json.dumps(_json_line(spool, item)) + "\n")
         return 0
-    if not items:
-        out.write("Mail queue is empty\n")
-        return 0
-    out.write(_HEADER + "\n")
+    count = total = 0
     for item in items:
+        if not count:
+            out.write(_HEADER + "\n")
+        count, total = count + 1, total + item.size
         if isinstance(item, _Unreadable):
             item.write(out)
         else:
             _write_entry(item, out)
-    total = sum(item.size for item in items)
-    out.write(f"-- {total // 1024} Kbytes in {quantity(len(items), 'Request')}.\n")
+    if not count:
+        out.write("Mail queue is empty\n")
+        return 0
+    out.write(f"-- {total // 1024} Kbytes in {quantity(count, 'Request')}.\n")
     return 0
 
 
