@@ -221,6 +221,7 @@ def test_a_stop_while_the_suppression_list_loads_is_said_and_is_stopping_at_once
     text = log.read_text()
     assert text.index(said) < text.index("INFO stopping: no new connections")
     assert " serving" not in text.replace("before serving", "") and "Traceback" not in text
+    assert "metrics on" not in text  # said as the relay serves, which it never did
     assert Spool(state / "queue").ids() == [] and "status=" not in text  # none taken or sent
     assert ("SIGHUP while stopping: not reloaded" in text) == reload_too
     assert "reloading" not in text and "WARNING" not in text.split("\n", 1)[1], text

@@ -363,7 +363,8 @@ class MetricsServer:
         here, reading the policy in use from ``current`` at each request."""
         self._policy = current
         self._starting = None
-        log.info("metrics on http://%s/metrics", _where(self.settings))
+        if not status.STATUS.stopping:  # a stop taken during the start: it never served
+            log.info("metrics on http://%s/metrics", _where(self.settings))
 
     def starting(self) -> str | None:
         """What the start is doing, until the relay serves; None from then on.
