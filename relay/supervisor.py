@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 import uvloop
 
 from relay import statelock
+from relay.auditwrite import AuditWrite
 from relay.clocksteps import ClockSteps
 from relay.diskwatch import DiskWatch
 from relay.ingress import Sockets
@@ -81,6 +82,7 @@ SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 READY_TIMEOUT = 30.0  # for every worker to be serving
 STOP_TIMEOUT = STOP_GRACE + 10  # a worker's grace, then its last records and closing
 RELOAD_TIMEOUT = 30.0  # for every worker to answer a reload
+AUDIT_TICK = 0.1  # seconds between looks for a stop signal while an audit write waits
 UNREAD = 0  # a worker's answer to a reload whose number it could not read: reloads count from 1
 RESTART_DELAY = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)  # by quick deaths in a row
 QUICK = 10.0  # a worker dying sooner than this after its start counts as a crash loop
@@ -231,6 +233,8 @@ class Supervisor:
         self.metrics = metrics  # bound, counting; saying "starting" until the workers serve
         self.lock = lock  # its file kept by the supervisor, which notes the policy in it
         self.disk = DiskWatch(shared.disk, lambda: self.policy.queue.directory.parent)
+        self.told: float | None = None  # when the workers were told to stop (monotonic)
+        self._writing: AuditWrite | None = None  # the audit write a stop was taken in
 
     def run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # the metrics thread held them already
@@ -243,6 +247,7 @@ class Supervisor:
                 self._serving()
                 code = self._watch()
             self._stop()
+            self._audit_written()
             log.info("stopped")
             return code
         finally:
@@ -336,7 +341,7 @@ class Supervisor:
             timeout = max(0.0, min([1.0, *(when - time.monotonic() for when in due)]))
             info = signal.sigtimedwait(SIGNALS, timeout)
             if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
-                log.info("stopping: telling %s", quantity(len(self.workers), "worker"))
+                self._take_stop()
                 return 0
             if info is not None and info.si_signo == signal.SIGHUP:
                 if signal.sigpending() & STOPS:  # taken first, the lower number
@@ -344,8 +349,12 @@ class Supervisor:
                     continue  # the stop, next: its workers may be ending, not to start again
                 if self._reload():
                     return EX_SOFTWARE
+            if self.told is not None:  # taken while the reload's record was written
+                return 0
             if self._reap_and_restart():
                 return EX_SOFTWARE
+            if self.told is not None:  # taken while a dead worker's mail was settled
+                return 0
             self._kill_overdue()
             if time.monotonic() >= next_look:
                 next_look = time.monotonic() + LOCK_FILE_CHECK
@@ -369,6 +378,9 @@ class Supervisor:
             self.shared.tally.row(worker.index).ended_with_worker(self.upstreams_named)
             self.shared.disk.clear(worker.index)
             metrics_status.worker_ended()
+            if self.told is not None:  # taken in an audit write below: told, not crashed
+                self._ended_while_stopping(worker, status)
+                continue
             quick = worker.quick_deaths + 1 if time.monotonic() - worker.started < QUICK else 0
             if quick >= GIVE_UP:
                 log.critical(
@@ -394,6 +406,8 @@ class Supervisor:
             self.restarts[worker.index] = (time.monotonic() + delay, quick)
             why = f"worker {worker.index} (pid {pid}) ended"
             self._with_audit(lambda audit, why=why: settle_orphans(self.policy, audit, why))
+        if self.told is not None:
+            return False  # none started again: the relay stops
         for index, (when, quick) in list(self.restarts.items()):
             if when <= time.monotonic():
                 del self.restarts[index]
@@ -469,6 +483,14 @@ class Supervisor:
                 new.queue.directory.parent, new.digest, new.pending, self.policy_path
             )
             self._with_audit(lambda audit: record_policy(audit, self.policy_path, new))
+            if self.told is not None:
+                log.info(
+                    "reload to policy %s not passed on to the workers: stopping; they stop"
+                    " running policy %s",
+                    new.digest[:12],
+                    old.digest[:12],
+                )
+                return False
             asked = {pid: worker.index for pid, worker in self.workers.items()}
             self._read_answers()  # late ones, to reloads before: none is about this one
             for pid in asked:
@@ -499,6 +521,8 @@ class Supervisor:
                     kept[pid] = digest
             if self._reap_and_restart():
                 return True
+            if self.told is not None:  # taken while a dead worker's mail was settled
+                return False
             for pid in [pid for pid in waiting if pid not in self.workers]:
                 del waiting[pid]
         if not kept and not waiting:
@@ -546,9 +570,23 @@ class Supervisor:
 
     def _upkeep(self) -> None:
         self._with_audit(audit_upkeep)
-        spool_upkeep(self.policy)
+        if self.told is None:
+            spool_upkeep(self.policy)
 
     def _with_audit(self, work: Callable[..., None]) -> None:
+        """``work`` on the audit log, in a thread of its own (``relay.auditwrite``):
+        a stop signal taken while it waits for the disk is said and passed on to
+        the workers at once, the write left to end meanwhile (``_audit_written``)."""
+        if self.told is not None:
+            return  # the write the stop was taken in may still hold the log
+        writing = AuditWrite(lambda: self._audit(work))
+        while not writing.ended(AUDIT_TICK):
+            if signal.sigtimedwait(STOPS, 0) is not None:
+                self._writing = writing
+                self._take_stop()
+                return
+
+    def _audit(self, work: Callable[..., None]) -> None:
         from relay.audit import AuditError
         from relay.record import audit_log
 
@@ -558,14 +596,42 @@ class Supervisor:
         except AuditError as exc:
             log.error("cannot open the audit log: %s", exc)
 
-    def _stop(self) -> None:
-        """SIGTERM to every worker; whoever is still there after ``STOP_TIMEOUT`` is killed."""
+    def _audit_written(self) -> None:
+        """The write a stop was taken in, waited for until the workers' own
+        timeout: its record is not cut off by the exit when the disk answers."""
+        writing, self._writing = self._writing, None
+        if writing is None or writing.ended(0):
+            return
+        log.info("stopping: waiting for the supervisor's write to the audit log")
+        told = self.told if self.told is not None else time.monotonic()
+        if not writing.ended(max(0.0, told + STOP_TIMEOUT - time.monotonic())):
+            log.error(
+                "the supervisor's write to the audit log did not end within %gs of the"
+                " stop: exiting without it; the disk under %s is slow or not answering",
+                STOP_TIMEOUT,
+                self.policy.queue.directory.parent,
+            )
+
+    def _take_stop(self) -> None:
+        """A SIGTERM or SIGINT: said, and passed on to every worker, as it is taken."""
+        log.info("stopping: telling %s", quantity(len(self.workers), "worker"))
+        self._tell_workers()
+
+    def _tell_workers(self) -> float:
+        """SIGTERM to every worker, once; when they were told."""
+        if self.told is not None:
+            return self.told
+        self.told = time.monotonic()
         stopping_now(self.policy)
         for sock in (s for group in self.sockets.values() for s in group):
             sock.close()  # the workers close theirs: no new connection is accepted
         for pid in self.workers:
             _signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
+        return self.told
+
+    def _stop(self) -> None:
+        """SIGTERM to every worker; whoever is still there ``STOP_TIMEOUT`` after it is killed."""
+        deadline = self._tell_workers() + STOP_TIMEOUT
         while self.workers and time.monotonic() < deadline:
             metrics_status.beat()
             self.disk.look()  # a worker that does not stop may be waiting for the disk
@@ -575,13 +641,18 @@ class Supervisor:
                 log.info("SIGHUP while stopping: not reloaded")
             for pid, status in self._reaped():
                 worker = self.workers.pop(pid, None)
-                if worker is not None and os.waitstatus_to_exitcode(status) != 0:
-                    log.warning("worker %d %s while stopping", worker.index, _how(status))
+                if worker is not None:
+                    self._ended_while_stopping(worker, status)
         for pid in list(self.workers):
             log.error("worker (pid %d) did not stop in %gs: killing it", pid, STOP_TIMEOUT)
             _signal(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         self.workers.clear()
+
+    @staticmethod
+    def _ended_while_stopping(worker: _Worker, status: int) -> None:
+        if os.waitstatus_to_exitcode(status) != 0:
+            log.warning("worker %d %s while stopping", worker.index, _how(status))
 
     @staticmethod
     def _reaped() -> list[tuple[int, int]]:

@@ -22,10 +22,12 @@ from relay import diskwait
 from relay.diskwait import SLOW, DiskWaits
 from relay.diskwatch import DiskWatch
 from relay.policy.load import load
-from tests.relayproc import RelayProcess, wait_for
+from relay.spool import Spool
+from tests.relayproc import RelayProcess, in_data, wait_for
 from tests.sink import Sink, SinkServer, free_port
 from tests.slowdisk import slow_disk
 from tests.test_metrics import _get, _metrics_policy, _samples, _value
+from tests.test_server import _accepts
 
 ROOT = Path(__file__).resolve().parent.parent
 WARNED = "a write to the disk has not finished for"
@@ -382,3 +384,49 @@ def test_a_worker_waiting_for_the_disk_through_the_stop_is_said(
         client.join(60)
         assert replies == [250]
         assert relay.stop() == 0
+
+
+def test_a_stop_while_the_supervisors_reload_record_hangs_is_said_and_passed_on_at_once(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """SIGHUP, then SIGTERM, while the disk hangs: the supervisor, held in its
+    reload's audit record, neither logged the stop nor passed it on until the
+    disk answered, and its workers kept taking clients that waited for a 250.
+    Now both happen at once; the message in DATA then is taken, and once the
+    disk answers it gets its 250 and stays queued, the record is written and
+    the chain is whole."""
+    with _relay_on_slow_disk(policy_file, tmp_path) as slow:
+        relay, port, metrics, delay = slow.relay, slow.port, slow.metrics, slow.delay
+        state = load(relay.policy).queue.directory.parent
+        delay.write_text("-1")
+        relay.signal(signal.SIGHUP)
+        wait_for(lambda: _get(metrics, "/readyz")[0] == 503)
+        assert json.loads(_get(metrics, "/readyz")[1])["checks"]["disk"].startswith(
+            "the supervisor (pid "
+        )
+        with in_data(port) as client:
+            relay.signal(signal.SIGTERM)
+            wait_for(lambda: "INFO stopping: telling 2 workers" in relay.log(), timeout=5)
+            wait_for(lambda: relay.log().count("INFO stopping: no new connections") == 2, 5)
+            wait_for(lambda: not _accepts(port), timeout=5)
+            client.sendall(b"hello\r\n.\r\n")  # its write waits for the disk too
+            time.sleep(0.5)
+            delay.write_text("0")
+            assert client.recv(512).startswith(b"250 ")
+        assert relay.proc is not None and relay.proc.wait(30) == 0
+    text = relay.log()
+    assert "policy reloaded" not in text and "Traceback" not in text, text
+    assert "reload to policy " in text and text.rstrip().endswith("INFO stopped"), text
+    assert len(Spool(state / "queue").ids()) == 1
+    verified = subprocess.run(
+        [sys.executable, "-m", "relay", "audit", "verify", "-c", str(relay.policy)],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    found = subprocess.run(
+        [sys.executable, "-m", "relay", "audit", "search", "-c", str(relay.policy),
+         "--format", "json"],
+        capture_output=True, text=True, timeout=60, check=True, cwd=ROOT,
+    )  # fmt: skip
+    events = [json.loads(line)["event"] for line in found.stdout.splitlines() if line.strip()]
+    assert events.count("policy_loaded") == 2, events
