@@ -332,6 +332,13 @@ def test_the_numbers_of_a_key_are_checked_without_openssls_primality_tests() -> 
         good.q, good.p, good.d, good.dmq1, good.dmp1, good.iqmp, good.public_numbers
     )
     assert not dkimfast._numbers_agree(swapped)  # iqmp is q's inverse mod p
+    public = good.public_numbers
+    # the private numbers agree among themselves, the public ones are another key's
+    for e, n in ((public.e + 2, public.n), (public.e, public.n + 2)):
+        other = rsa.RSAPrivateNumbers(
+            good.p, good.q, good.d, good.dmp1, good.dmq1, good.iqmp, rsa.RSAPublicNumbers(e, n)
+        )
+        assert not dkimfast._numbers_agree(other), (e, n)
 
 
 # --- properties -------------------------------------------------------------
