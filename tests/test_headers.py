@@ -12,7 +12,16 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from relay.errors import HeaderInjection
-from relay.headers import Field, encode_text, fold, format_address, line_ending, split, value
+from relay.headers import (
+    Field,
+    deliverable,
+    encode_text,
+    fold,
+    format_address,
+    line_ending,
+    split,
+    value,
+)
 
 # split
 
@@ -117,6 +126,17 @@ def test_line_ending_comes_from_the_first_line() -> None:
     assert line_ending(b"From: a\nTo: b\r\n") == b"\n"
     assert line_ending(b"From: a") == b"\r\n"
     assert line_ending(b"\nbody") == b"\n"
+
+
+def test_an_address_is_deliverable_to_smtps_lengths_and_not_past_them() -> None:
+    """RFC 5321 4.5.3.1: 64 octets before the @, 254 in all. One octet more and
+    no server takes it: a Reply-To source naming it would give the customer an
+    address their replies bounce from."""
+    domain = ("d" * 63 + ".") * 2 + "d" * 61
+    longest = "l" * 64 + "@" + domain
+    assert len(longest) == 254 and deliverable(longest)
+    assert not deliverable(longest + "d")  # 255 in all, its labels within 63
+    assert not deliverable("l" + longest[:-1])  # 65 before the @, 254 in all
 
 
 # format_address

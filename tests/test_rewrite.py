@@ -273,3 +273,12 @@ def test_lines_of_only_white_space_go_and_nothing_else(raw: bytes, edits: Header
     shown = [f for f in got_fields if f.name.lower() not in {n.lower() for n, _ in edits.set}]
     removed = {name.lower() for name in edits.remove}
     assert [f.name for f in shown] == [f.name for f in kept if f.name.lower() not in removed]
+
+
+def test_a_last_line_of_only_white_space_goes_without_a_line_ending_too() -> None:
+    """A message saved without its last line ending (an .eml file given to
+    ``relay preview``) ends in the header: its last line of white space is one
+    like any other, and was kept."""
+    raw = b"From: a@x\r\nX-Note: one\r\n  "
+    assert has_blank_line(split(raw)[0][-1])
+    assert apply(raw, HeaderEdits(drop_blank_lines=True)) == b"From: a@x\r\nX-Note: one\r\n"
