@@ -18,6 +18,7 @@ from relay.spool import DELIVERED, EXPIRED, FAILED, PENDING, SUPPRESSED, Recipie
 from relay.suppression import BOUNCE, COMPLAINT, Suppression
 from tests.dkimtools import dkimpy_each, dkimpy_verify
 from tests.spoolkit import make_entry
+from tests.test_decide_account import with_account
 
 
 @pytest.mark.parametrize(
@@ -353,6 +354,9 @@ def test_a_notice_from_the_audit_log_alone_names_the_document_by_its_recipients(
     assert "Document:   (its subject was not recorded; the date and recipients name it)" in _body(
         data
     )
+    _, data = build_notice(load(policy_file), entry, failures[:1], 1.8e9, subject_known=False)
+    subject = message.read(data).get("Subject")
+    assert subject == "Undelivered: your document to u0@example.net, sent 21 Sep 2026 14:13 UTC"
 
 
 @pytest.mark.parametrize("cut", [-40, 10**9, 5, None])
@@ -378,22 +382,41 @@ def test_a_notice_whose_record_misplaces_its_signatures_is_sent_as_it_was_signed
 
 
 @pytest.mark.parametrize("line_end", [b"\r\n", b"\n"])
+@pytest.mark.parametrize(
+    "other", [b"X-Other: 1\r\n", b"DKIM-Filter: OpenDKIM Filter v2.11.0 mx.example 4C2\r\n"]
+)
 def test_a_notice_whose_signatures_are_followed_by_another_field_is_sent_as_it_was(
-    policy_file: Path, line_end: bytes, caplog: pytest.LogCaptureFixture
+    policy_file: Path, line_end: bytes, other: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Only the first field before ``sign_again`` was checked to be a signature:
     a field after it (a queue file edited by hand) was dropped with the old
     signatures and the notice sent without it. A bare LF ends a field as CR LF
-    does: the relay reads messages written with either."""
+    does: the relay reads messages written with either. A field whose name
+    merely starts like a signature's (OpenDKIM's ``DKIM-Filter``) is another."""
     policy = load(policy_file)
     failed = RecipientState("customer@example.net", FAILED, notify=True)
     notice, data = build_notice(policy, make_entry(), [failed], 1_790_000_000.0, sign_again=True)
     assert notice.sign_again
     signatures = data[: notice.sign_again - 2] + line_end
-    other = b"X-Other: 1\r\n"
     edited = signatures + other + data[notice.sign_again :]
     entry = dataclasses.replace(notice, sign_again=len(signatures) + len(other))
     assert signed_anew(policy, entry, edited) == edited
+    assert "sent as relay bounce signed it" in caplog.text
+
+
+def test_a_notice_whose_record_cuts_a_signature_in_two_is_sent_as_it_was_signed(
+    policy_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``sign_again`` that ends a folded signature's first line leaves its
+    continuation lines to begin the message: signed anew, that message has no
+    field for them to continue, and the notice could not be sent at all."""
+    policy = load(policy_file)
+    failed = RecipientState("customer@example.net", FAILED, notify=True)
+    notice, data = build_notice(policy, make_entry(), [failed], 1_790_000_000.0, sign_again=True)
+    first_line = data.index(b"\r\n") + 2
+    assert first_line < (notice.sign_again or 0) and data[first_line : first_line + 1] == b" "
+    entry = dataclasses.replace(notice, sign_again=first_line)
+    assert signed_anew(policy, entry, data) == data
     assert "sent as relay bounce signed it" in caplog.text
 
 
@@ -464,3 +487,19 @@ def test_a_notice_is_addressed_to_the_person_not_the_envelope_sender(policy_file
     assert entry.mail_from != entry.notify_address
     assert message.read(data).get("To") == "alice@acme.example"
     assert [r.address for r in notice.recipients] == ["alice@acme.example"]
+
+
+def test_a_notice_goes_the_way_its_document_went(policy_file: Path) -> None:
+    """A document queued before its tenant moved to the company's own account
+    went through the platform's upstream, and its notice is written for that
+    one (the platform's From, the null sender): sent the tenant's new way, the
+    account refuses both and the user never hears of the failure."""
+    policy = load(with_account(policy_file))
+    entry = make_entry(tenant="sevenoff", user="per", upstream="default")
+    entry.notify_address = "per@sevenoff.example"
+    failed = RecipientState("customer@example.net", FAILED, notify=True)
+    notice, data = build_notice(policy, entry, [failed], 1_790_000_000.0)
+    assert policy.tenants["sevenoff"].upstream == "company24"
+    assert notice.upstream == "default"
+    assert notice.mail_from == ""
+    assert "noreply@platform.example" in (message.read(data).get("From") or "")
