@@ -96,6 +96,15 @@ def test_an_erp_user_header_twice_naming_one_user_is_that_user(
     assert (p.decision.identity.user.id, p.decision.identity.source) == ("kari", "header")
 
 
+def test_an_erp_header_twice_in_two_cases_of_its_name_is_refused(policy_file: Path) -> None:
+    """A field name is the same in any case (RFC 5322 1.2.2): ``x-erp-user``
+    is a second X-ERP-User, and its value decides as much as the first's."""
+    fields = ("X-ERP-User: kari", "x-erp-user: jan")
+    with pytest.raises(Rejected) as caught:
+        run(policy_file, msg(*_head("Subject: Hello", *fields)), login="erp-acme")
+    assert caught.value.line == _refusal("X-ERP-User", "to find the sending user")
+
+
 def test_a_reply_to_header_twice_with_one_address_is_that_address(policy_file: Path) -> None:
     fields = ("X-Responsible: Per <per@acme.example>", "X-Responsible: per@ACME.example")
     data = msg(*_head("Subject: Invoice 7", "X-ERP-User: jan", *fields))
