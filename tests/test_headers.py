@@ -331,6 +331,8 @@ def test_fold_never_inside_quotes_or_angle_brackets() -> None:
     assert got == f"From: {name}\r\n <noreply@platform.example>\r\n".encode()
     long_quote = '"' + " ".join(["quoted"] * 20) + '" <a@b.example>'
     assert fold("To", long_quote) == f"To: {long_quote[:-14]}\r\n <a@b.example>\r\n".encode()
+    bracketed = "<" + " ".join(["word"] * 16) + ">"  # white space inside: no fold there
+    assert fold("Subject", f"Re: {bracketed}") == f"Subject: Re:\r\n {bracketed}\r\n".encode()
 
 
 def test_fold_keeps_encoded_word_lines_within_76() -> None:
