@@ -332,7 +332,7 @@ class Supervisor:
     def _watch(self) -> int:
         next_upkeep = time.monotonic() + AUDIT_UPKEEP
         next_look = time.monotonic() + LOCK_FILE_CHECK
-        while True:
+        while self.told is None:  # else taken in an audit write: the workers are told
             self.clock_steps.look()
             metrics_status.beat()
             metrics_status.workers(len(self.workers), self.policy.workers)
@@ -349,12 +349,8 @@ class Supervisor:
                     continue  # the stop, next: its workers may be ending, not to start again
                 if self._reload():
                     return EX_SOFTWARE
-            if self.told is not None:  # taken while the reload's record was written
-                return 0
             if self._reap_and_restart():
                 return EX_SOFTWARE
-            if self.told is not None:  # taken while a dead worker's mail was settled
-                return 0
             self._kill_overdue()
             if time.monotonic() >= next_look:
                 next_look = time.monotonic() + LOCK_FILE_CHECK
@@ -362,6 +358,7 @@ class Supervisor:
             if time.monotonic() >= next_upkeep:
                 next_upkeep += AUDIT_UPKEEP
                 self._upkeep()
+        return 0
 
     def _reap_and_restart(self) -> bool:
         """Workers that ended are started again; True when one keeps dying at its start
