@@ -1242,3 +1242,47 @@ async def test_a_message_refused_at_its_end_is_offered_for_the_rest_at_once(refu
             got = await attempt(upstream(sink.port), "b@p.example", rcpts, MESSAGE)
     assert got.replies == dict.fromkeys(rcpts, (int(refusal[:3]), refusal))
     assert [m.rcpt_tos for m in handler.messages] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
+
+
+async def test_the_copy_goes_in_a_further_transaction_once_its_recipients_took_it() -> None:
+    """Once the upstream took the message for a recipient it was needed for, the
+    automatic copy over the server's limit goes on its own at once: held back,
+    it waited a retry wait, deferred with a word of refused recipients none of
+    whom was refused."""
+    handler = SinkHandler(most=2)
+    rcpts = ["a@example.org", "b@example.org", "copy@example.org"]
+    with Sink(handler) as sink:
+        async with asyncio.timeout(10):
+            got = await attempt(
+                upstream(sink.port), "b@p.example", rcpts, MESSAGE, needed=rcpts[:2]
+            )
+    assert {code for code, _ in got.replies.values()} == {250}
+    assert [m.rcpt_tos for m in handler.messages] == [rcpts[:2], rcpts[2:]]
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_a_temporary_refusal_of_mail_from_is_no_refused_sender(pipelining: bool) -> None:
+    """A 4xx to MAIL FROM (a sender domain not resolving for now) lists no
+    recipient, yet is no refusal for good of the return path: the sysadmin is
+    warned of those only, and the ERP's sender told of them only."""
+    reply = "450 4.1.8 <b@p.example>: Sender address rejected: Domain not found"
+    handler = MailRefusing(mail_reply=reply, pipelining=pipelining)
+    with Sink(handler) as sink:
+        got = await attempt(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
+    assert got.replies == dict.fromkeys(RCPTS, (450, reply))
+    assert got.shared == dict.fromkeys(RCPTS, SENDER_REFUSED)
+    assert got.sender_refused is None
+
+
+async def test_recipients_refused_for_now_do_not_end_the_attempt() -> None:
+    """A greylisted first recipient, every other over the server's limit: the
+    transaction took no one, but the server's limit is known, and the others go
+    at once. Ended there, they waited a retry wait the upstream did not ask for."""
+    handler = LimitFirst(limit=1, refuse={"grey@example.org": "450 4.2.0 Greylisted"})
+    rcpts = ["grey@example.org", "r1@example.org", "r2@example.org"]
+    with Sink(handler) as sink:
+        async with asyncio.timeout(10):
+            got = await attempt(upstream(sink.port), "b@p.example", rcpts, MESSAGE)
+    assert got.replies["grey@example.org"] == (450, "450 4.2.0 Greylisted")
+    assert [got.replies[r][0] for r in rcpts[1:]] == [250, 250]
+    assert [m.rcpt_tos for m in handler.messages] == [rcpts[1:2], rcpts[2:]]
