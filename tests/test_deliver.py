@@ -18,7 +18,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from relay.deliver import DeliveryResult, attempt, deliver
+from relay.deliver import DeliveryResult, attempt, deliver, result
 from relay.errors import UpstreamError
 from relay.policy.model import DirectoryUpstream, SmtpUpstream, TlsMode
 from relay.upstream import RecipientsRefused, helo, replies, smtp
@@ -1286,3 +1286,39 @@ async def test_recipients_refused_for_now_do_not_end_the_attempt() -> None:
     assert got.replies["grey@example.org"] == (450, "450 4.2.0 Greylisted")
     assert [got.replies[r][0] for r in rcpts[1:]] == [250, 250]
     assert [m.rcpt_tos for m in handler.messages] == [rcpts[1:2], rcpts[2:]]
+
+
+async def test_a_552_5_5_3_to_the_first_recipient_costs_no_further_transaction() -> None:
+    """Before any recipient was taken a 5.5.3 is no limit: the recipient's own
+    refusal, not a RCPT more in a transaction of its own."""
+    handler = CountingRcpts(refuse={"one@example.org": "552 5.5.3 Too many recipients"})
+    with Sink(handler) as sink:
+        got = await attempt(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
+    assert got.replies["one@example.org"] == (552, "552 5.5.3 Too many recipients")
+    assert handler.rcpts == 2
+    assert [m.rcpt_tos for m in handler.messages] == [RCPTS[1:]]
+
+
+@pytest.mark.parametrize(
+    ("refuse", "counted"),
+    [
+        (
+            {"one@example.org": "550 5.1.1 No such user", "two@example.org": "450 4.2.1 Later"},
+            "deferred",
+        ),
+        (
+            {"one@example.org": "550 5.1.1 No such user", "two@example.org": "553 5.7.1 No"},
+            "refused",
+        ),
+        ({"one@example.org": "550 5.1.1 No such user"}, "sent"),
+    ],
+    ids=["mixed", "permanent", "partly"],
+)
+async def test_an_attempt_is_counted_refused_only_when_every_reply_is_for_good(
+    refuse: dict[str, str], counted: str
+) -> None:
+    """The upstream attempts in the metrics: one that a retry may yet get through
+    counted as refused reads as mail lost to the upstream."""
+    with Sink(SinkHandler(refuse=refuse)) as sink:
+        got = await attempt(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
+    assert result(got) == counted
