@@ -21,11 +21,12 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from relay.deliver import attempt, deliver
+from relay.deliver import attempt, counted, deliver
 from relay.errors import UpstreamError, sent_in_full
 from relay.ingress import clientlimit
 from relay.ingress.clientlimit import ClientCounts
 from relay.policy.model import SmtpUpstream, TlsMode
+from relay.tally import Tally
 from relay.upstream import Crowded, DeliveryResult, Unreachable, smtp
 from relay.upstream import pool as pool_module
 from relay.upstream.pool import Pool, PoolKey, close_default_pool, default_pool
@@ -655,6 +656,31 @@ async def test_a_421_while_another_connection_is_greeted_is_the_connection_limit
     first, *others = await burst(pool, limited, 3)
     assert isinstance(first, DeliveryResult), first
     assert [type(r) for r in others] == [Crowded, Crowded], others
+
+
+async def test_a_crowded_attempt_is_no_reach_of_its_upstream(
+    limited: int, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One connection too many says nothing of whether the upstream is there:
+    taken for a reach, it showed a suspended upstream as no longer held in the
+    metrics, its mail still held."""
+    monkeypatch.setattr(LimitedSMTP, "limit", 1)
+    monkeypatch.setattr(LimitedSMTP, "delays", (0.5,))
+    monkeypatch.setattr(smtp, "default_pool", lambda: pool)
+    counts = Tally(1)
+    row = counts.row(0)
+    send = counted(attempt, row)
+    target = upstream(limited)
+    first = asyncio.ensure_future(send(target, "a@p.example", ["one@example.org"], MESSAGE))
+    await asyncio.sleep(0.03)
+    row.suspended(target.name, True)  # after the first began, before the second
+    await asyncio.sleep(0.03)
+    async with asyncio.timeout(10):
+        second = await send(target, "b@p.example", ["two@example.org"], MESSAGE)
+        taken = await first
+    assert second.crowded
+    assert taken.replies["one@example.org"][0] == 250
+    assert counts.holding(target.name) == 1
 
 
 async def test_421s_to_connections_opened_side_by_side_are_the_upstream_down(
