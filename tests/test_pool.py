@@ -451,6 +451,23 @@ async def test_a_421_to_mail_on_a_reused_connection_means_stale(
     assert second.messages == ["m1@p.example"]
 
 
+async def test_a_451_to_mail_on_a_reused_connection_is_the_messages_deferral(
+    pool: Pool, pipelining: bool
+) -> None:
+    """Only a 421 says the connection is done: a 451 (a sender's rate) is the
+    server's answer to the message, which a new connection at once would only
+    ask again."""
+    with running(Recorder(pipelining=pipelining)) as (rec, port):
+        await send(pool, upstream(port), "m0@p.example")
+        rec.mail_reply = "451 4.7.1 Sender rate exceeded, try again later"
+        with pytest.raises(UpstreamError) as failed:
+            await send(pool, upstream(port), "m1@p.example")
+        await pool.close()
+    assert failed.value.line == "451 4.7.1 Sender rate exceeded, try again later"
+    (only,) = rec.connections
+    assert only.messages == ["m0@p.example"]
+
+
 async def test_a_421_to_mail_then_a_hang_up_on_a_reused_connection_means_stale(
     pool: Pool, pipelining: bool
 ) -> None:

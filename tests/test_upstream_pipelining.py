@@ -224,6 +224,19 @@ async def test_a_refused_data_command_raises_its_reply() -> None:
     assert (refused.value.code, refused.value.message) == (451, "4.3.0 not now")
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one-at-a-time", "pipelined"])
+async def test_a_3xx_to_data_other_than_354_is_out_of_step(pipelined: bool) -> None:
+    """Only a 4xx or 5xx to DATA refuses the message: another 3xx is no answer
+    DATA gets, and taken for a refusal the connection was kept, out of step."""
+    script = Script([*OK[:3], b"334 what\r\n"], final=None, pipelining=pipelined)
+    async with connected(script) as client:
+        with pytest.raises(pipelining.OutOfStep):
+            await send(client)
+        await asyncio.sleep(0.05)
+        assert not client.is_connected
+    assert script.sections == []
+
+
 async def test_a_refused_message_raises_the_final_reply() -> None:
     script = Script(OK, final=b"554 5.6.0 content refused\r\n")
     async with connected(script) as client:
