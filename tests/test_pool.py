@@ -424,8 +424,13 @@ async def test_restarted_server_is_reconnected_without_a_failure(pool: Pool) -> 
     assert [c.messages for c in second.connections] == [["b@p.example"]]
 
 
-async def test_refused_rset_means_stale_not_failed(pool: Pool, pipelining: bool) -> None:
-    recorder = Recorder(rset_reply="502 5.5.1 not now", pipelining=pipelining)
+@pytest.mark.parametrize("refusal", ["502 5.5.1 not now", "451 4.3.0 not now"])
+async def test_refused_rset_means_stale_not_failed(
+    pool: Pool, pipelining: bool, refusal: str
+) -> None:
+    """Any reply to RSET but its 250, a temporary one too: the message goes at
+    once on a new connection, not after it on the one that refused it."""
+    recorder = Recorder(rset_reply=refusal, pipelining=pipelining)
     with running(recorder) as (rec, port):
         for n in range(2):
             await send(pool, upstream(port), f"m{n}@p.example")

@@ -21,7 +21,7 @@ import uvloop
 from aiosmtpd.controller import Controller
 
 from relay.policy.model import SmtpUpstream, TlsMode
-from relay.upstream import pipelining, smtp, transaction
+from relay.upstream import pipelining, replies, smtp, transaction
 from relay.upstream.pool import Pool
 from tests.certs import make_certs, server_context
 from tests.sink import Sink, free_port
@@ -234,6 +234,30 @@ async def test_a_3xx_to_data_other_than_354_is_out_of_step(pipelined: bool) -> N
             await send(client)
         await asyncio.sleep(0.05)
         assert not client.is_connected
+    assert script.sections == []
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one-at-a-time", "pipelined"])
+async def test_a_multiline_reply_keeps_its_lines(pipelined: bool) -> None:
+    """As aiosmtplib gives them, one line each: the reply's enhanced code is then
+    read once, not kept in the middle of the text the audit log records."""
+    final = b"250-2.0.0 Ok\r\n250 2.0.0 queued as X\r\n"
+    script = Script(list(OK), final=final, pipelining=pipelined)
+    async with connected(script) as client:
+        refused, reply = await send(client)
+    assert (refused, reply) == ({}, "2.0.0 Ok\n2.0.0 queued as X")
+    assert replies.line(250, reply) == "250 2.0.0 Ok queued as X"
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one-at-a-time", "pipelined"])
+async def test_a_multiline_reply_longer_than_smtp_allows_is_no_reply(pipelined: bool) -> None:
+    """Each line short, the reply without end: read on, it was held in memory whole."""
+    endless = b"".join(b"250-" + b"x" * 100 + b"\r\n" for _ in range(400)) + b"250 ok\r\n"
+    script = Script([endless, *OK[1:]], pipelining=pipelined)
+    async with connected(script) as client:
+        with pytest.raises(aiosmtplib.SMTPResponseException) as bad:
+            await send(client)
+    assert (bad.value.code, bad.value.message) == (-1, "Response too long")
     assert script.sections == []
 
 
