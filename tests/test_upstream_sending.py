@@ -102,11 +102,20 @@ async def refusing_midway(server: Hostile, reader: asyncio.StreamReader) -> byte
     """A refusal once 200 KB came (too large), then the rest read to the final dot,
     as RFC 5321 has a server do: read on at once, the rest could all come in
     before the relay, on the same busy loop, had read the refusal."""
+    return await _answering_midway(server, reader, b"552 5.3.4 message size exceeds fixed limit")
+
+
+async def accepting_midway(server: Hostile, reader: asyncio.StreamReader) -> bytes:
+    """A 250 once 200 KB came, as a server out of step with the message would say it."""
+    return await _answering_midway(server, reader, b"250 2.0.0 queued")
+
+
+async def _answering_midway(server: Hostile, reader: asyncio.StreamReader, reply: bytes) -> bytes:
     data = b""
     while len(data) < 200_000 and (chunk := await reader.read(65536)):
         data += chunk
     assert server.writer is not None
-    server.writer.write(b"552 5.3.4 message size exceeds fixed limit\r\n")
+    server.writer.write(reply + b"\r\n")
     await server.writer.drain()
     await asyncio.sleep(0.2)  # a slow server's pause: the relay has the refusal by then
     try:
@@ -229,6 +238,23 @@ def test_a_refusal_while_the_message_is_sent_is_its_reply(pipelining: bool, loop
         assert len(server.received) == 1 and not server.received[0].endswith(END)
 
     run(loop, refused())
+
+
+@WAYS
+def test_a_250_while_the_message_is_sent_is_no_delivery(pipelining: bool) -> None:
+    """The upstream has only part of the message, which then does not go on: taken
+    for its delivery, the rest of it was lost and the ERP told it was sent."""
+
+    async def accepted_early() -> None:
+        server = Hostile(accepting_midway, pipelining)
+        sent = await attempt(server, BIG, timeout=5.0, data_timeout=5.0)
+        assert sent is not None
+        ((code, reply),) = sent.replies.values()
+        assert code == 451
+        assert "250 2.0.0 queued before the end of the message had left" in reply
+        assert len(server.received) == 1 and not server.received[0].endswith(END)
+
+    run("uvloop", accepted_early())
 
 
 @LOOPS
