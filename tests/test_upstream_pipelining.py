@@ -395,6 +395,25 @@ async def test_a_final_reply_longer_than_aiosmtplib_reads_is_still_a_delivery(
     assert len(server.sections) == 1
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one-at-a-time", "pipelined"])
+async def test_a_421_to_a_recipient_ends_the_transaction_before_the_message(
+    pipelined: bool,
+) -> None:
+    """The server is closing: the replies after its 421 are not waited on to send
+    the message (pipelined, they came in the group all the same), and the others
+    are retried with the connection lost, the 421'd one with its own reply."""
+    closing = b"421 4.7.0 closing\r\n"
+    server = Script([OK[0], closing, OK[2], OK[3]], pipelining=pipelined)
+    async with connected(server) as client:
+        with pytest.raises(pipelining.Unfinished) as failed:
+            await send(client)
+        await asyncio.sleep(0.05)
+        assert not client.is_connected
+    assert isinstance(failed.value.error, aiosmtplib.SMTPServerDisconnected)
+    assert {a: r.code for a, r in failed.value.refused.items()} == {"one@example.org": 421}
+    assert server.sections == []
+
+
 GOES_ON = {
     "sender-421": Script([b"421 4.7.0 closing\r\n", *[b"503 5.5.1 no\r\n"] * 3]),
     "final-421": Script(list(OK), final=b"421 4.7.0 closing\r\n"),
