@@ -1322,3 +1322,30 @@ async def test_an_attempt_is_counted_refused_only_when_every_reply_is_for_good(
     with Sink(SinkHandler(refuse=refuse)) as sink:
         got = await attempt(upstream(sink.port), "b@p.example", RCPTS, MESSAGE)
     assert result(got) == counted
+
+
+async def test_an_address_that_cannot_go_on_a_command_line_is_a_bad_address(sink: Sink) -> None:
+    """5.1.3, a bad address syntax, not 5.1.1: an unknown mailbox's code puts the
+    address on the suppression list, which a retry with the address corrected
+    at the ERP would then find."""
+    with pytest.raises(UpstreamError) as failed:
+        await deliver(upstream(sink.port), "b@p.example", ['"x\x00y"@example.org'], MESSAGE)
+    assert (failed.value.code, failed.value.status) == (550, "5.1.3")
+    assert sink.handler.messages == []
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+async def test_encryption_wanted_for_the_login_defers_and_makes_the_upstream_unusable(
+    pipelining: bool,
+) -> None:
+    """RFC 4954's 538 is about the relay's own login, as 530 is: passed on, it
+    bounced every message as though the recipients had refused it."""
+    reply = "538 5.7.11 Encryption required for requested authentication mechanism"
+    with Sink(MailRefusing(mail_reply=reply, pipelining=pipelining)) as sink:
+        got = await attempt(upstream(sink.port), "bounces@p.example", RCPTS, MESSAGE)
+    said = (
+        "451 4.7.11 Encryption required for requested authentication mechanism"
+        " (upstream replied 538 5.7.11)"
+    )
+    assert got.replies == dict.fromkeys(RCPTS, (451, said))
+    assert got.unreachable == said
