@@ -1349,3 +1349,15 @@ async def test_encryption_wanted_for_the_login_defers_and_makes_the_upstream_unu
     )
     assert got.replies == dict.fromkeys(RCPTS, (451, said))
     assert got.unreachable == said
+
+
+@pytest.mark.usefixtures("trust_test_ca")
+async def test_a_fully_qualified_name_with_its_root_dot_is_checked_without_it(
+    certs: Certs,
+) -> None:
+    """No certificate names ``localhost.``: checked with the dot, every delivery
+    to a smarthost written so failed."""
+    with Sink(tls_context=server_context(certs)) as sink:
+        target = upstream(sink.port, TlsMode.STARTTLS, tls_name="localhost.")
+        await deliver(target, "b@p.example", RCPTS, MESSAGE)
+    assert sink.handler.messages[0].tls
