@@ -1361,3 +1361,11 @@ async def test_a_fully_qualified_name_with_its_root_dot_is_checked_without_it(
         target = upstream(sink.port, TlsMode.STARTTLS, tls_name="localhost.")
         await deliver(target, "b@p.example", RCPTS, MESSAGE)
     assert sink.handler.messages[0].tls
+
+
+async def test_a_reply_code_smtp_does_not_have_is_retried() -> None:
+    """RFC 5321 codes end at 5xx: a 6xx passed on was taken for a refusal for good."""
+    handler = SinkHandler(refuse={"one@example.org": "650 what"})
+    with Sink(handler) as sink:
+        got = await attempt(upstream(sink.port), "b@p.example", ["one@example.org"], MESSAGE)
+    assert got.replies == {"one@example.org": (451, "451 4.4.0 what (upstream replied 650 6.0.0)")}
