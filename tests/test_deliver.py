@@ -1208,6 +1208,7 @@ async def test_upstream_demanding_auth_we_do_not_do_is_temporary() -> None:
         (554, "5.7.1 first line\n5.7.1 second line", "5.7.1", "first line second line"),
         (550, "5.1.1 no such user\n5.7.1 see our policy", "5.1.1", "no such user see our policy"),
         (451, "", "4.0.0", ""),
+        (550, "5.1.1 no\tsuch\x07user", "5.1.1", "no such user"),  # the logs take text only
     ],
 )
 def test_reply_split(code: int, message: str, status: str, text: str) -> None:
