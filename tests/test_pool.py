@@ -574,6 +574,35 @@ async def test_idle_connections_per_key_are_capped(sink: tuple[Recorder, int]) -
         await pool.close()
 
 
+async def test_the_most_recently_used_idle_connection_goes_first(
+    sink: tuple[Recorder, int], pool: Pool
+) -> None:
+    """So that the surplus ones of a burst age out: taken oldest first, each
+    connection was used in turn, none ever idle long enough to be let go, and
+    the upstream kept the whole burst's connections open."""
+    rec, port = sink
+    rec.delay = 0.3
+    first = asyncio.ensure_future(send(pool, upstream(port), "m0@p.example"))
+    await eventually(lambda: any("DATA" in c.commands for c in rec.connections))
+    async with asyncio.timeout(10):
+        await send(pool, upstream(port), "m1@p.example")  # on a second one, back last
+        await first
+        await send(pool, upstream(port), "m2@p.example")
+    older, newer = rec.connections
+    assert (older.messages, newer.messages) == (["m0@p.example"], ["m1@p.example", "m2@p.example"])
+
+
+async def test_a_connection_greeted_with_another_ehlo_name_is_not_shared(
+    sink: tuple[Recorder, int], pool: Pool
+) -> None:
+    """Two upstreams alike but for ``helo_name``: the second's mail went on a
+    connection that had given the first's name, which its smarthost may not accept."""
+    rec, port = sink
+    for name in ("a.relay.example", "b.relay.example"):
+        await send(pool, upstream(port, helo_name=name), f"m@{name}")
+    assert [c.messages for c in rec.connections] == [["m@a.relay.example"], ["m@b.relay.example"]]
+
+
 # --- concurrency ------------------------------------------------------------------
 
 
