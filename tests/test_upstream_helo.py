@@ -27,6 +27,7 @@ def never() -> Iterator[str]:
         ("erp01", ["localhost.localdomain", "localhost"], "erp01"),
         ("erp01", ["erp01", "ip6-localhost"], "erp01"),
         ("localhost", ["erp01"], "erp01"),
+        ("LOCALHOST", ["erp01"], "erp01"),  # a loopback name in capitals is one still
         ("localhost", ["localhost.localdomain"], "localhost"),
         ("", [], "localhost"),
     ],
