@@ -696,6 +696,38 @@ async def burst(pool: Pool, port: int, count: int, **settings: Any) -> list[obje
     return await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(count))), 10)
 
 
+async def test_a_login_refused_for_now_while_another_connection_is_open_is_no_limit(
+    tmp_path: Path, pool: Pool
+) -> None:
+    """Only a 421 is what a smarthost answers one connection too many: a 454 to
+    the login is about the login, and taken for the limit the upstream was
+    neither suspended nor its login failure said as one."""
+    logins: list[bool] = []
+
+    def first_only(
+        server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        logins.append(not logins)
+        if logins[-1]:
+            return AuthResult(success=True, handled=False, auth_data=data)
+        return AuthResult(
+            success=False, handled=False, message="454 4.7.0 Temporary authentication failure"
+        )
+
+    with running(authenticator=first_only, auth_require_tls=False) as (rec, port):
+        rec.delay = 0.5
+        target = tenant(tmp_path, port, "acme", "acme-pw")
+        first = asyncio.ensure_future(send(pool, target, "m0@p.example"))
+        await eventually(lambda: any("DATA" in c.commands for c in rec.connections))
+        async with asyncio.timeout(10):
+            with pytest.raises(UpstreamError) as failed:
+                await send(pool, target, "m1@p.example")
+            await first
+        await pool.close()
+    assert type(failed.value) is Unreachable
+    assert "454 4.7.0 Temporary authentication failure" in failed.value.text
+
+
 async def test_a_421_while_another_connection_is_greeted_is_the_connection_limit(
     limited: int, pool: Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
