@@ -653,3 +653,49 @@ def test_a_full_table_of_locked_clients_ranks_a_few_slots_for_a_new_one(
     monkeypatch.setattr(AuthFailures, "_rank", counted)
     one.failed("192.0.2.9")
     assert 0 < len(ranked) <= EVICT_AMONG
+
+
+def test_the_default_limits_are_ten_failures_at_a_login_and_twenty_at_any() -> None:
+    """The numbers README gives the sysadmin, who tells an ERP's users how many
+    tries a stale password leaves them: a limit moved by one went unnoticed."""
+    failures = AuthFailures(delay=0.0, clock=Clock())
+    with Relay([listener()], failures=failures) as relay:
+
+        def guesses(login: str, count: int) -> list[str]:
+            replies = []
+            for _ in range(0, count, 5):  # a connection is closed after ten AUTHs
+                with Raw(relay.port) as raw:
+                    raw.ehlo()
+                    for _ in range(5):
+                        replies.append(raw.cmd(plain(login, "guess"))[:10])
+            return replies
+
+        assert guesses("erp-acme", 10) == ["535 5.7.8 "] * 10
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            reply = raw.cmd(plain("erp-acme", "demo-password"))
+        assert reply == (
+            "454 4.7.0 Too many failed logins with this login name from 127.0.0.1,"
+            " try again in 600 seconds"
+        )
+        assert guesses("erp-globex", 10) == ["535 5.7.8 "] * 10
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            reply = raw.cmd(plain("erp-initech", "guess"))
+        assert reply == "454 4.7.0 Too many failed logins from 127.0.0.1, try again in 600 seconds"
+
+
+def test_failures_without_a_login_name_leave_a_slot_free_for_a_guesser() -> None:
+    """Credentials that are not UTF-8 name no login, so lock none: a full table
+    of clients that sent a few of them was taken for one of locked clients,
+    whose slots are never given up, and a guesser at a real login was not
+    counted at all."""
+    clock = Clock()
+    failures = AuthFailures(per_client=6, per_login=3, window=600.0, clients=3, clock=clock)
+    for n in range(3):
+        for _ in range(3):
+            clock.now += 1.0
+            failures.failed(f"192.0.2.{n}")
+    clock.now += 1.0
+    assert [failures.failed("198.51.100.1", "erp-acme") for _ in range(3)] == [False, False, True]
+    assert failures.locked("198.51.100.1", "erp-acme") == 600.0
