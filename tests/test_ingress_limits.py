@@ -132,6 +132,23 @@ def test_an_accepted_message_starts_the_error_count_afresh() -> None:
     assert len(relay.process.calls) == 3
 
 
+def test_an_accepted_message_starts_the_junk_command_count_afresh() -> None:
+    """An ERP that keeps its connection open with a NOOP now and then, between
+    messages, is not cut off after its hundredth: Postfix counts them, as the
+    errors, on a session without mail delivered."""
+    keepalives = protocol.JUNK_COMMAND_LIMIT + LIMIT - 1
+    with Relay([listener()]) as relay, Raw(relay.port) as raw:
+        raw.ehlo()
+        for _ in range(2):
+            raw.send(b"NOOP\r\n" * keepalives)
+            assert [raw.reply()[-1] for _ in range(keepalives)] == ["250 2.0.0 OK"] * keepalives
+            raw.envelope()
+            assert raw.cmd(b"DATA").startswith("354")
+            assert raw.cmd(MESSAGE).startswith("250")
+        assert raw.cmd(b"NOOP") == "250 2.0.0 OK"
+    assert len(relay.process.calls) == 2
+
+
 def test_recipients_past_the_limit_are_no_errors() -> None:
     """RFC 5321 4.5.3.1.10: the client sends them again in another transaction."""
     with Relay([listener(max_recipients=5)]) as relay, Raw(relay.port) as raw:
@@ -140,6 +157,17 @@ def test_recipients_past_the_limit_are_no_errors() -> None:
             assert raw.cmd(b"RCPT TO:<r%d@example.org>" % n) == "452 4.5.3 Too many recipients"
         assert raw.cmd(b"DATA").startswith("354")
         assert raw.cmd(MESSAGE).startswith("250")
+
+
+def test_past_the_recipients_overshoot_limit_each_refused_recipient_is_an_error() -> None:
+    """Postfix's smtpd_recipient_overshoot_limit: a client sending RCPTs past the
+    limit in a loop is ended after that many and then the hard error limit."""
+    with Relay([listener(max_recipients=1)]) as relay, Raw(relay.port) as raw:
+        raw.envelope()
+        raw.send(b"RCPT TO:<r@example.org>\r\n" * (protocol.RCPT_OVERSHOOT + LIMIT * 2))
+        replies = _replies_until_closed(raw)
+    assert replies[:-1] == ["452 4.5.3 Too many recipients"] * (protocol.RCPT_OVERSHOOT + LIMIT)
+    assert replies[-1] == "421 4.7.0 Too many errors, closing the connection"
 
 
 def _disconnect_lines(
