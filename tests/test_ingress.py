@@ -409,6 +409,40 @@ def test_a_refusal_with_no_path_found_logs_what_the_client_sent(
     ]
 
 
+def test_a_recipient_refused_after_the_null_sender_is_logged_with_an_empty_from(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``from=<>`` as for every other line of a bounce's transaction, which a grep
+    for the null sender finds; ``from=<<>>`` it did not."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"MAIL FROM:<>").startswith("250")
+        recipient = raw.cmd(b"RCPT TO:<customer>")
+    assert recipient.startswith("553 ")
+    assert refused_lines(caplog) == [
+        f"refused client=127.0.0.1 login=- from=<> to=<customer>: {recipient}"
+    ]
+
+
+def test_a_command_just_within_what_is_logged_is_logged_whole(
+    relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line saying that 0 more characters were not logged has a sysadmin look
+    for what was cut off."""
+    caplog.set_level(logging.INFO, logger="relay")
+    sent = b"RCPT TO:" + b"x" * (protocol.SENT_LOGGED - 26) + b"@ <q4@example.org>"
+    assert len(sent) == protocol.SENT_LOGGED
+    with Raw(relay.port) as raw:
+        raw.ehlo()
+        assert raw.cmd(b"MAIL FROM:<erp@acme.example>").startswith("250")
+        recipient = raw.cmd(sent)
+    assert refused_lines(caplog) == [
+        f"refused client=127.0.0.1 login=- from=<erp@acme.example> to=<?>: {recipient}"
+        f" (the client sent: {sent.decode()})",
+    ]
+
+
 @pytest.mark.parametrize(
     ("path", "expected"),
     [
