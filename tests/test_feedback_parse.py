@@ -299,6 +299,14 @@ def test_exims_generic_status_gives_way_to_the_code_in_its_diagnostic() -> None:
     assert [f.status for f in read(raw).failures] == ["5.2.2", "5.0.0"]  # type: ignore[union-attr]
 
 
+def test_exims_generic_status_gives_way_to_a_multiline_replys_code() -> None:
+    """Gmail's refusal is a multiline reply (``550-5.1.1 ...``), which Exim
+    quotes in Diagnostic-Code under its Status 5.0.0: read as 5.0.0, a dead
+    Gmail mailbox was no hard bounce by the usual codes, and was mailed again."""
+    raw = _sample("gmail-dsn.eml").replace(b"Status: 5.1.1", b"Status: 5.0.0")
+    assert [f.status for f in read(raw).failures] == ["5.1.1"]  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -620,6 +628,39 @@ def test_a_sendmail_report_with_transient_errors_too_names_the_failures_only() -
     report = read(_sample("sendmail-failure-mixed.eml"))
     assert report is not None
     assert [(f.recipient, f.status) for f in report.failures] == [("nobody@buyer.example", "5.1.1")]
+
+
+def test_a_sendmail_report_listing_transient_errors_first_still_names_the_failure() -> None:
+    """The transient section ends at the next heading, not only at an empty line:
+    a permanent section right below it was read as still being tried, and the
+    dead address was never listed."""
+    raw = _sample("sendmail-failure-mixed.eml")
+    permanent, transient = raw.split(b"\n\n   ----- The following addresses had transient")
+    head, permanent = permanent.split(b"   ----- The following addresses had permanent")
+    transient, rest = transient.split(b"\n\n", 1)
+    raw = (
+        head
+        + b"   ----- The following addresses had transient"
+        + transient
+        + b"\n   ----- The following addresses had permanent"
+        + permanent
+        + b"\n\n"
+        + rest
+    )
+    assert raw.index(b"slow@other.example") < raw.index(b"<nobody@buyer.example>")
+    report = read(raw)
+    assert report is not None
+    assert [(f.recipient, f.status) for f in report.failures] == [("nobody@buyer.example", "5.1.1")]
+
+
+def test_a_complaint_gives_the_envelope_id_the_relay_sent() -> None:
+    """RFC 5965's Original-Envelope-Id names the relay's queue ID, which finds the
+    very message where two tenants' ERPs used one Message-ID."""
+    raw = _sample("yahoo-arf.eml").replace(
+        b"Version: 1\n", b"Version: 1\nOriginal-Envelope-Id: Q7F3K2M9WX\n"
+    )
+    report = read(raw)
+    assert report is not None and report.envelope_id == "Q7F3K2M9WX"
 
 
 @pytest.mark.parametrize("charset", ["undefined", "idna", '"utf-8\\0"'])
