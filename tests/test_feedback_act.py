@@ -9,6 +9,7 @@ import shutil
 import smtplib
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -299,6 +300,24 @@ def test_a_document_sent_twice_is_found_by_the_recipient_the_report_names(
     about = Report(BOUNCE, (Failure("third@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>")
     original = find_original(policy.audit.directory, about)
     assert original is not None and original.queue_id == second
+
+
+def test_a_complaint_weeks_later_still_finds_its_message(
+    delivered: tuple[Path, str, Sink],
+) -> None:
+    """A recipient presses "spam" when reading the document, which can be weeks
+    after it was sent: the complaint must still find it in the audit log, or
+    the address is never listed and the company keeps mailing a complainer."""
+    path, queue_id, _ = delivered
+    policy = load(path)
+    about = Report(
+        COMPLAINT, (Failure("buyer@example.org"),), "<inv-4711@erp.acme.example>", None, "abuse"
+    )
+    weeks_later = datetime.now(UTC).date() + timedelta(days=25)
+    original = find_original(policy.audit.directory, about, today=weeks_later)
+    assert original is not None and original.queue_id == queue_id
+    months_later = weeks_later + timedelta(days=35)
+    assert find_original(policy.audit.directory, about, today=months_later) is None
 
 
 def test_a_report_about_an_unknown_message_is_recorded_without_one_and_lists_nothing(
