@@ -172,6 +172,19 @@ def test_an_inline_copy_without_a_message_id_identifies_nothing() -> None:
     assert read(raw) == Report(BOUNCE, (QMAIL_FAILURE,))
 
 
+def test_an_inline_copy_below_a_summary_of_fields_gives_its_message_id() -> None:
+    """A server that sums up the message's From and Subject above the copy it
+    returns: that first block of fields names no message, and taken for the
+    copy's header, the bounce found none in the audit log."""
+    raw = _sample("qmail-failure.eml").replace(
+        b"--- Below this line is a copy of the message.\n",
+        b"The message was:\n\nFrom: Acme Accounts <accounts@platform.example>\n"
+        b"Subject: Statement of account November\n\n"
+        b"--- Below this line is a copy of the message.\n",
+    )
+    assert read(raw) == QMAIL
+
+
 def test_an_exim_failure_in_words_gives_the_remote_servers_code() -> None:
     assert read(_sample("exim-failure.eml")) == Report(
         BOUNCE,
@@ -973,6 +986,27 @@ def test_the_detectors_are_handed_a_bounded_text_however_many_parts_a_report_has
     parts = list(view.walk())
     text = sum(len(p.get_payload()) for p in parts if isinstance(p.get_payload(), str))
     assert len(parts) <= 1 + (1 << 20) // 1024  # a part counts 1 KiB of the budget
+    assert text <= 1 << 20
+    assert report is not None and report.failures == QMAIL.failures
+
+
+def test_the_detectors_are_handed_a_bounded_text_however_large_its_parts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each text part is cut at 256 KiB, and all of them together at 1 MiB: a
+    report of many large text parts, which anyone can send to the return path,
+    kept each detector reading for as long as its parts were many."""
+    part = b"--B\nContent-Type: text/plain\n\n" + (b"x" * 99 + b"\n") * 3000
+    first = _sample("qmail-failure.eml").split(b"\n\n", 1)[1]
+    raw = (
+        b"From: MAILER-DAEMON@mx.example\nSubject: failure notice\n"
+        b'Content-Type: multipart/mixed; boundary="B"\n\n'
+        b"--B\nContent-Type: text/plain\n\n" + first + part * 8 + b"--B--\n"
+    )
+    views = _handed(monkeypatch)
+    report = read(raw)
+    (view,) = views
+    text = sum(len(p.get_payload()) for p in view.walk() if isinstance(p.get_payload(), str))
     assert text <= 1 << 20
     assert report is not None and report.failures == QMAIL.failures
 
