@@ -227,6 +227,24 @@ def test_a_soft_coded_bounce_is_recorded_but_not_suppressed(
     assert ("bounced", "buyer@example.org") in audit_events(path, queue_id)
 
 
+def test_a_bounce_without_a_code_is_on_record_as_a_permanent_failure(
+    delivered: tuple[Path, str, Sink],
+) -> None:
+    """A bounce in words that gives no status code is still a permanent failure:
+    the audit log says 5.0.0 (RFC 3463's "other or undefined"), which an
+    auditor's search by status finds, and the address is not listed."""
+    path, queue_id, _ = delivered
+    policy = load(path)
+    report = Report(BOUNCE, (Failure("boss@example.org"),), "<inv-4711@erp.acme.example>")
+    lines = _act(policy, report)
+    assert (
+        lines[0] == "boss@example.org: bounced (no status), not suppressed (not a hard bounce code)"
+    )
+    (bounced,) = [r for r in _records(policy) if r["event"] == "bounced"]
+    assert (bounced["queue_id"], bounced["dsn_status"]) == (queue_id, "5.0.0")
+    assert _listed(policy) == {}
+
+
 def test_a_complaint_suppresses_for_the_tenant_only_and_names_a_lone_recipient(
     delivered: tuple[Path, str, Sink], tmp_path: Path
 ) -> None:
