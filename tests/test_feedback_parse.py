@@ -752,6 +752,20 @@ def test_an_exchange_2000_bounce_in_words_is_read(heading: bytes) -> None:
     assert report.message_id == "<let7@erp.acme>"
 
 
+def test_an_exchange_2000_bounce_naming_a_unicode_mailbox_too_names_the_others() -> None:
+    """A mailbox whose name is not ASCII, on the list beside the others: taken,
+    its address failed the detectors, and the whole bounce was read as none."""
+    heading = b"The following recipient(s) cannot be reached:"
+    raw = _exchange_2000(heading).replace(
+        heading + b"\n\n",
+        heading + b"\n\n      'j=FCrgen@buyer.example' on 06.12.2026 10:40\n"
+        b"            <EXCH01.buyer.example #5.1.1>\n\n",
+    )
+    report = read(raw)
+    assert report is not None
+    assert [(f.recipient, f.status) for f in report.failures] == [("legacy@buyer.example", "5.1.1")]
+
+
 def test_an_exchange_2000_bounce_takes_no_address_from_the_copy_it_returns() -> None:
     body = b"Minutes:\n      'kari@buyer.example' on 06.12.2026 10:00 said yes\n"
     report = read(_exchange_2000(b"The following recipient(s) cannot be reached:", body))
