@@ -245,6 +245,29 @@ def test_a_bounce_without_a_code_is_on_record_as_a_permanent_failure(
     assert _listed(policy) == {}
 
 
+def test_a_bounce_of_a_message_with_an_empty_envelope_sender_tells_nobody(
+    delivered: tuple[Path, str, Sink], tmp_path: Path
+) -> None:
+    """A message sent with MAIL FROM:<> is itself a notification (RFC 5321
+    4.5.5): its bounce lists the address, but no notice answers it."""
+    path, _, sink = delivered
+    policy = load(path)
+    with _running_again(path, sink, tmp_path / "again.log") as port:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo()
+            client.mail("")
+            client.rcpt("buyer@example.org")
+            code, reply = client.data(_lone(4716))
+        assert code == 250, reply
+        sink.wait(2)
+    report = Report(BOUNCE, (Failure("buyer@example.org", "5.1.1"),), "<inv-4716@erp.acme.example>")
+    assert _act(policy, report) == [
+        "buyer@example.org: bounced (5.1.1), suppressed",
+        "no notice: the message had an empty envelope sender (RFC 5321 4.5.5)",
+    ]
+    assert Spool(policy.queue.directory, create=False).ids() == []
+
+
 def test_a_complaint_suppresses_for_the_tenant_only_and_names_a_lone_recipient(
     delivered: tuple[Path, str, Sink], tmp_path: Path
 ) -> None:
