@@ -648,6 +648,19 @@ def test_a_bounce_is_found_by_the_queue_id_the_relay_sent_as_envid(
     assert ("bounced", "buyer@example.org") not in audit_events(policy, second)
 
 
+def test_a_bounce_returning_the_envelope_id_in_lower_case_finds_its_message(
+    delivered: tuple[Path, str, Sink],
+) -> None:
+    """Queue IDs are taken in any case, as the queue and audit tools take them: a
+    server that folds the ENVID it returns still names the message, and one
+    named by its queue ID alone is not lost."""
+    path, queue_id, _ = delivered
+    policy = load(path)
+    report = Report(BOUNCE, (Failure("boss@example.org", "5.1.1"),), envelope_id=queue_id.lower())
+    assert _act(policy, report)[0] == "boss@example.org: bounced (5.1.1), suppressed"
+    assert ("bounced", "boss@example.org") in audit_events(path, queue_id)
+
+
 def _dsn(returned_header: bytes, recipient: str) -> bytes:
     """A bounce as a DSN-less upstream writes it (no Original-Envelope-Id), the
     message's header returned whole."""
