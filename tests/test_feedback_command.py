@@ -399,6 +399,28 @@ def test_a_report_that_lists_nobody_is_taken_while_the_list_cannot_be_written(
     assert _listed(policy) == {}
 
 
+def test_a_report_while_the_queue_is_not_there_is_kept_for_later(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The notice goes into the queue: with the queue's directory not there (a
+    state disk not mounted yet), the report must wait in the mail system's
+    queue (75), not end in a traceback, which it returns to its null sender,
+    that is to nobody, the dead address never listed."""
+    policy, _ = _invoice_delivered(policy_file, tmp_path)
+    queue = load(policy).queue.directory
+    away = queue.with_name("queue.away")
+    queue.rename(away)
+    report = (FEEDBACK / "postfix-two-failed.eml").read_bytes()
+    kept = _bounce(policy, report)
+    assert kept.returncode == 75, kept.stderr
+    assert "not taken, try again later" in kept.stderr and "no queue here" in kept.stderr
+    assert _listed(policy) == {}
+    away.rename(queue)
+    taken = _bounce(policy, report)
+    assert taken.returncode == 0, taken.stderr
+    assert _listed(policy) == {"nobody@buyer.example": ("acme", "bounce")}
+
+
 def test_a_bounce_finds_a_message_whose_message_id_was_folded(
     policy_file: Path, tmp_path: Path
 ) -> None:
