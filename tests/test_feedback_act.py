@@ -157,6 +157,48 @@ def test_a_bounce_spelling_the_address_in_another_case_is_on_the_recipients_reco
     assert b"boss@example.org" in text and b"buyer@example.org" not in text
 
 
+def test_a_listed_bounce_keeps_the_receiving_servers_words(
+    delivered: tuple[Path, str, Sink],
+) -> None:
+    """The suppression list says why an address is on it: the server's own words
+    (``relay suppression list`` shows them), the bare code only where it gave none."""
+    path, _, _ = delivered
+    policy = load(path)
+    said = "550 5.1.1 <boss@example.org>: User unknown"
+    report = Report(
+        BOUNCE, (Failure("boss@example.org", "5.1.1", said),), "<inv-4711@erp.acme.example>"
+    )
+    _act(policy, report)
+    report = Report(BOUNCE, (Failure("buyer@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>")
+    _act(policy, report)
+    assert policy.suppression is not None
+    details = {
+        e.address: e.detail for e in SuppressionFile(policy.suppression.file).entries().entries
+    }
+    assert details == {"boss@example.org": said, "buyer@example.org": "5.1.1"}
+
+
+def test_a_complaint_about_an_address_its_bounce_listed_lists_it_no_second_time(
+    delivered: tuple[Path, str, Sink],
+) -> None:
+    """The entry a bounce of the same message added is no entry of the complaint's
+    own taking before: taken for one, the complaint said it listed the
+    address and put a second "listed" record on the message."""
+    path, queue_id, _ = delivered
+    policy = load(path)
+    bounce = Report(BOUNCE, (Failure("boss@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>")
+    _act(policy, bounce)
+    assert policy.suppression is not None
+    (entry,) = SuppressionFile(policy.suppression.file).entries().entries
+    complaint = Report(
+        COMPLAINT, (Failure("boss@example.org"),), "<inv-4711@erp.acme.example>", None, "abuse"
+    )
+    assert _act(policy, complaint)[0] == (
+        f"boss@example.org: complained, not suppressed (on the list already, since {entry.since})"
+    )
+    assert audit_events(path, queue_id).count(("listed", "boss@example.org")) == 1
+
+
 def test_an_address_listed_before_keeps_its_date_and_a_listed_sender_gets_no_notice(
     delivered: tuple[Path, str, Sink],
 ) -> None:
