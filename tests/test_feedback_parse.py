@@ -699,6 +699,30 @@ def test_a_report_in_words_encoded_as_base64_is_read() -> None:
     assert read(raw) == QMAIL
 
 
+def test_a_report_in_words_in_base64_with_crlf_line_ends_gives_its_codes() -> None:
+    """Decoded, a base64 body keeps the CRLF its writer encoded: read so, no
+    address line matched, and qmail's 5.1.1 was lost, the dead mailbox not a
+    hard bounce."""
+    head, body = _sample("qmail-failure.eml").split(b"\n\n", 1)
+    raw = (
+        head + b"\nMIME-Version: 1.0\nContent-Type: text/plain; charset=us-ascii\n"
+        b"Content-Transfer-Encoding: base64\n\n" + base64.encodebytes(body.replace(b"\n", b"\r\n"))
+    )
+    assert read(raw) == QMAIL
+
+
+def test_a_complaint_gives_the_queue_id_of_the_relays_received_field() -> None:
+    """A complaint returning the message whole names it by the relay's queue ID in
+    its Received field, where two tenants' ERPs used one Message-ID."""
+    raw = _sample("yahoo-arf.eml").replace(
+        b"Content-Disposition: inline\n\n",
+        b"Content-Disposition: inline\n\nReceived: from erp.acme.example by relay.platform.example"
+        b"\n  with ESMTPSA id Q7F3K2M9WX; Thu, 26 Nov 2026 07:58:01 +0000\n",
+    )
+    report = read(raw)
+    assert report is not None and report.queue_ids == ("Q7F3K2M9WX",)
+
+
 def test_exchange_2003_quoting_the_address_gives_it_without_the_quotes() -> None:
     raw = (
         b"From: System Administrator <postmaster@buyer.example>\n"
