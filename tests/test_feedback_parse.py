@@ -520,6 +520,18 @@ def test_a_long_diagnostic_is_cut_at_the_limit() -> None:
     assert report.failures[0].diagnostic == f"550 5.1.10 {long}"[:DIAGNOSTIC_LIMIT]
 
 
+def test_a_long_reason_in_words_is_cut_at_the_limit() -> None:
+    """A text bounce's reason, as a DSN's diagnostic: a server that writes its
+    whole transcript under the address would fill the audit record."""
+    long = "x" * (DIAGNOSTIC_LIMIT * 3)
+    raw = _sample("qmail-failure.eml").replace(
+        b"No mailbox by that name", f"No mailbox {long} by that name".encode()
+    )
+    report = read(raw)
+    assert report is not None
+    assert report.failures[0].diagnostic == f"No mailbox {long}"[:DIAGNOSTIC_LIMIT]
+
+
 def test_unencoded_utf8_in_a_bounce_reads_as_utf8() -> None:
     raw = (
         _sample("exchange-ndr.eml")
