@@ -737,6 +737,33 @@ def test_a_bounce_naming_more_recipients_than_a_message_has_says_how_many_were_l
     assert _listed(policy) == {"nobody@buyer.example": ("acme", "bounce")}
 
 
+def test_a_bounce_is_read_for_as_many_recipients_as_the_policys_listeners_take(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A listener that takes 200 recipients a message: a report is read for as
+    many (and the sender's copy), not for the 100 a policy without any has."""
+    policy_file.write_text(
+        policy_file.read_text().replace(
+            "    auth: optional\n", "    auth: optional\n    max_recipients: 200\n", 1
+        )
+    )
+    policy, invoice = _invoice_delivered(policy_file, tmp_path)
+    report = (FEEDBACK / "postfix-two-failed.eml").read_bytes()
+    more = b"".join(
+        b"Final-Recipient: rfc822; x%d@example.org\nAction: failed\nStatus: 5.1.1\n\n" % n
+        for n in range(300)
+    )
+    end = b"\n--4F2A31C0E5.1795511702/mail.platform.example\nContent-Description: Undelivered"
+    done = _bounce(policy, report.replace(end, b"\n" + more + end[1:], 1))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"bounce about {invoice} (acme/jan)"
+    assert lines[-1] == (
+        "101 more recipients not acted on: a report is taken for at most 201,"
+        " as many as one message goes to"
+    )
+
+
 def _bounce_as_an_admin_adds(
     policy: Path, monkeypatch: pytest.MonkeyPatch, *add: str
 ) -> tuple[str, str, Suppression]:
