@@ -385,6 +385,23 @@ def test_a_document_sent_twice_is_found_by_the_recipient_the_report_names(
     assert original is not None and original.queue_id == second
 
 
+def test_a_document_sent_again_to_the_same_recipient_has_its_bounce_on_the_newest(
+    delivered: tuple[Path, str, Sink], tmp_path: Path
+) -> None:
+    """An ERP sends an invoice again, to the same people, under its Message-ID: a
+    bounce naming only that ID goes on the newest copy's timeline, the one
+    most likely just returned; the first copy's stays as it ended."""
+    path, first, sink = delivered
+    policy = load(path)
+    with _running_again(path, sink, tmp_path / "again.log") as port:
+        second = send(port, INVOICE, ("buyer@example.org", "boss@example.org"))
+        sink.wait(2)
+    about = Report(BOUNCE, (Failure("boss@example.org", "5.1.1"),), "<inv-4711@erp.acme.example>")
+    assert _act(policy, about)[0] == "boss@example.org: bounced (5.1.1), suppressed"
+    assert ("bounced", "boss@example.org") in audit_events(path, second)
+    assert ("bounced", "boss@example.org") not in audit_events(path, first)
+
+
 def test_a_complaint_weeks_later_still_finds_its_message(
     delivered: tuple[Path, str, Sink],
 ) -> None:
