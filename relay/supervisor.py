@@ -566,9 +566,11 @@ class Supervisor:
         return found
 
     def _upkeep(self) -> None:
-        self._with_audit(audit_upkeep)
-        if self.told is None:
-            spool_upkeep(self.policy)
+        """Not in ``_with_audit``'s thread: compressing a large closed day takes
+        seconds of a healthy disk, and a stop taken meanwhile cut it off at its
+        exit, leaving its temporary file and an error that blamed the disk."""
+        self._audit(audit_upkeep)
+        spool_upkeep(self.policy)
 
     def _with_audit(self, work: Callable[..., None]) -> None:
         """``work`` on the audit log, in a thread of its own (``relay.auditwrite``):

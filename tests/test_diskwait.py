@@ -430,3 +430,37 @@ def test_a_stop_while_the_supervisors_reload_record_hangs_is_said_and_passed_on_
     )  # fmt: skip
     events = [json.loads(line)["event"] for line in found.stdout.splitlines() if line.strip()]
     assert events.count("policy_loaded") == 2, events
+
+
+UPKEEP_SOON = "import relay.supervisor as supervisor\nsupervisor.AUDIT_UPKEEP = 2.0"
+
+
+def test_a_stop_during_the_audit_logs_compression_waits_for_it(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The daily upkeep, which compresses closed days, ran in the thread a stop
+    is taken in: a stop meanwhile ended the relay 20 s later with a large day's
+    compression cut off, its temporary file left in the audit log's directory
+    for good, and an ERROR that blamed a healthy disk. A stop waits for it, as
+    it did before."""
+    env, delay = slow_disk(tmp_path, only=".tmp")
+    with SinkServer(Sink()) as sink:
+        port, metrics = free_port(), free_port()
+        policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=2)
+        with policy.open("a") as out:
+            out.write("audit: {compress_after_days: 1}\n")
+        audit = load(policy).audit.directory
+        log = tmp_path / "relay.log"
+        with RelayProcess(policy, port, log, env=env, prelude=UPKEEP_SOON) as relay:
+            wait_for(lambda: "metrics on" in relay.log())
+            delay.write_text("3000")  # the compression's fsync: a large day, on a healthy disk
+            day = tmp_path / "day"
+            day.write_bytes(b'{"seq": 1}\n' * 1000)
+            day.replace(audit / "audit-2026-11-01.jsonl")
+            wait_for(lambda: any(p.name.endswith(".tmp") for p in audit.iterdir()), timeout=30)
+            relay.signal(signal.SIGTERM)
+            assert relay.proc is not None and relay.proc.wait(60) == 0
+            text = relay.log()
+    assert text.index("compressed audit-2026-11-01.jsonl") < text.index("stopping: telling")
+    assert not [p.name for p in audit.iterdir() if p.name.endswith(".tmp")]
+    assert "ERROR" not in text, text
