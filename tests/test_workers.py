@@ -618,7 +618,10 @@ def test_sighup_checks_the_policy_once_and_every_worker_takes_a_good_one(
 
     relay.policy.write_text(good.replace("name: Acme AS", "name: Acme Norge AS"))
     relay.proc.send_signal(signal.SIGHUP)
-    relay.wait_for(lambda: len(WORKER_POLICY.findall(relay.log())) >= 2, "both workers reload")
+    relay.wait_for(  # the supervisor says it once their answers are read
+        lambda: len(WORKER_POLICY.findall(relay.log())) >= 2 and RELOADED.search(relay.log()),
+        "both workers reload",
+    )
     log = relay.log()
     reloads = RELOADED.findall(log)
     assert len(reloads) == 1, log  # reported once, by the supervisor
