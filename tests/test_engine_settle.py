@@ -299,6 +299,34 @@ def test_the_entry_that_fills_the_settler_makes_the_records_durable_itself(
     assert all(item.lock.fd is None for item in items)
 
 
+def test_a_batch_that_fills_the_settler_says_when_it_cannot_make_its_records_durable(
+    spool: Spool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing else says it: no look asked for that fsync, and with the settler
+    full no delivery starts, so the sysadmin's only word of the stand-still is
+    this line; the entries stay queued, locked, for the next try."""
+    audit = AuditLog(tmp_path / "audit")
+    settler = settle_module.Settler(spool, Recorder(audit))
+    items = []
+    for n in range(settle_module.WAITING_MAX):
+        entry = make_entry(size=len(message(n)))
+        spool.put(entry, message(n))
+        lock = settle_module.EntryLock(spool.acquire(entry.queue_id))
+        records = [delivered_to(entry, r.address) for r in entry.recipients]
+        items.append(settle_module.Finished(entry.queue_id, records, lock, entry.size))
+    assert settler.finish_many(items[:-1]) == [None] * (len(items) - 1)
+    fsyncs_of(monkeypatch, lambda name: name.startswith(str(audit.directory)))
+    assert settler.finish_many(items[-1:]) == [None]
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert [line.split(": ")[0] for line in said] == [
+        "delivered messages stay in the queue for now"
+    ]
+    assert "Input/output error" in said[0]
+    assert settler.waiting == len(items) and len(spool.ids()) == len(items)
+    assert all(item.lock.fd is not None for item in items)
+    settler.finish_many([settle_module.Settle(final=True)])
+
+
 async def test_another_worker_tries_an_entry_held_for_long_less_and_less_often(
     spool: Spool, policy: Policy, outbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
