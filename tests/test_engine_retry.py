@@ -197,6 +197,34 @@ async def test_a_last_attempt_that_fails_right_at_the_lifetime_expires_the_entry
     assert [event for event, _ in records(audit.directory, entry.queue_id)] == ["expired"]
 
 
+async def test_a_failure_notice_that_expires_says_the_sender_was_never_told(
+    spool: Spool, policy: Policy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A notice gets no notice in turn: this error line is the sysadmin's only
+    word that the sender of the failed document never heard of it."""
+    upstream = Upstream()
+    queue = with_queue(policy, lifetime=40)
+    engine = Engine(spool, lambda: queue, upstream, Recorder(None))
+    notice = make_entry(
+        arrival=time.time() - 41,
+        size=len(message(1)),
+        mail_from="",
+        recipients=[RecipientState("alice@acme.example", PENDING, notify=False)],
+        is_notice=True,
+        about="25YKSORIGINAL001",
+    )
+    assert spool.put_many([(notice, (message(1),))]) == [None]
+    assert (await engine.attempt_now(notice.queue_id)).status == "failed"
+    await engine.stop(5)
+    assert upstream.attempts == 1 and spool.ids() == []
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert said == [
+        f"25YKSORIGINAL001: the sender was not told: failure notice {notice.queue_id} to"
+        " <alice@acme.example> expired (not delivered within 40 seconds; last reply:"
+        " 451 4.2.0 mailbox busy)"
+    ]
+
+
 async def test_a_clock_set_forward_past_the_lifetime_expires_nothing_queued_before_it(
     spool: Spool, policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -757,6 +785,28 @@ async def test_a_last_try_the_stop_cuts_off_does_not_expire_the_message(
     assert task.result().status == "deferred"
     assert spool.ids() == [entry.queue_id]  # and no failure notice beside it
     assert records(audit.directory, entry.queue_id) == [("deferred", engine_module.CUT_OFF)]
+
+
+async def test_an_attempt_the_stop_cut_off_is_due_at_once_at_the_next_start(
+    spool: Spool, policy: Policy
+) -> None:
+    """It was no verdict of the upstream's, only the relay stopping: planned a
+    backoff later, a document the sysadmin's restart cut off waited minutes
+    after the start, as one its upstream had turned away."""
+
+    async def stalled(*args: Any, **_: Any) -> Attempt:
+        await asyncio.Event().wait()
+        raise AssertionError("never answered")
+
+    engine = Engine(spool, lambda: with_queue(policy, first_retry=600), stalled, Recorder(None))
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    task = engine.attempt_now(entry.queue_id)
+    await asyncio.sleep(0.1)
+    await engine.stop(0.1)
+    assert task.result().status == "deferred"
+    stored = spool.load(entry.queue_id)
+    assert stored.attempts == 1 and stored.next_attempt <= time.time()
 
 
 async def test_mail_of_a_removed_upstream_counts_against_the_one_it_goes_to(
