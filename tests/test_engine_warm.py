@@ -22,7 +22,7 @@ import pytest
 
 from relay import engine as engine_module
 from relay.audit import AuditError, AuditLog, verify
-from relay.deliver import attempt
+from relay.deliver import SENDER_REFUSED, attempt
 from relay.engine import Attempt, Engine, Warm
 from relay.policy.model import Policy, SuppressionSettings
 from relay.record import Recorder
@@ -484,6 +484,60 @@ async def test_an_immediate_refusal_already_passed_back_is_not_turned_into_a_250
         task = engine.attempt_now(entry.queue_id, immediate=True)
         assert (await task).status == "delivered"
         assert engine.answered(entry.queue_id, task)
+
+
+async def test_an_immediate_client_hears_a_500_refusal_as_it_would_any_5xx(
+    spool: Spool, policy: Policy
+) -> None:
+    """500 is a refusal for good like 550: its client, still waiting, is told it
+    and the message is not kept; taken for anything else, the client heard 250
+    for a document that was never delivered, and the sender a notice later."""
+    syntax = "500 5.5.2 Syntax error"
+
+    async def refusing(upstream: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
+        return Attempt({r: (500, syntax) for r in rcpts})
+
+    async with running(Engine(spool, lambda: policy, refusing, Recorder(None))) as engine:
+        entry = make_entry(size=len(message(1)))
+        engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)), when=time.time() + 60)
+        task = engine.attempt_now(entry.queue_id, immediate=True)
+        assert await task == engine_module.Outcome("refused", syntax)
+        assert not engine.answered(entry.queue_id, task)
+        assert spool.ids() == []
+
+
+@pytest.mark.parametrize(
+    ("mail_from", "heard"),
+    [
+        ("", "550 5.7.1 null sender not accepted"),
+        (
+            "bounces@platform.example",
+            "451 4.7.0 Upstream default refused the relay's envelope sender"
+            " <bounces@platform.example> (550 5.7.1 null sender not accepted): a setting"
+            " of the relay's, try again later",
+        ),
+    ],
+    ids=["null-sender", "relays-sender"],
+)
+async def test_an_immediate_refusal_of_the_sender_is_temporary_only_for_the_relays_own(
+    spool: Spool, policy: Policy, mail_from: str, heard: str
+) -> None:
+    """The relay's envelope sender refused is a setting of the relay's to mend, so
+    its client hears a 4xx and sends again; the null sender is the client's own
+    (a bounce the ERP passes on), and turned into a 4xx it was sent again and
+    again, the ERP told of a sender of the relay's that was not in its message."""
+    refused = "550 5.7.1 null sender not accepted"
+
+    async def refusing(upstream: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
+        shared = dict.fromkeys(rcpts, SENDER_REFUSED)
+        return Attempt({r: (550, refused) for r in rcpts}, shared=shared, sender_refused=refused)
+
+    async with running(Engine(spool, lambda: policy, refusing, Recorder(None))) as engine:
+        entry = make_entry(size=len(message(1)), mail_from=mail_from)
+        engine.submit(entry.queue_id, warm=accept(spool, entry, message(1)), when=time.time() + 60)
+        task = engine.attempt_now(entry.queue_id, immediate=True)
+        assert await task == engine_module.Outcome("refused", heard)
+        assert spool.ids() == []
 
 
 async def test_a_client_that_hangs_up_during_the_attempt_is_not_the_one_told(
