@@ -844,6 +844,89 @@ async def test_mail_of_a_removed_upstream_counts_against_the_one_it_goes_to(
     assert most[0] == 1 and names == ["default", "default"]
 
 
+async def test_mail_of_a_removed_upstream_is_on_record_as_sent_through_the_one_it_went_to(
+    spool: Spool, policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The audit log's ``upstream`` and the log's ``relay=`` are where the
+    message went: naming the old name, gone from the policy, they sent the
+    auditor to a smarthost that never had it, and the reroute was said anew
+    at every attempt."""
+    acme = Tenant("acme", "Acme AS", "post@acme.example", (), "default", None, {}, frozenset(), {})
+    rerouting = dataclasses.replace(policy, tenants=MappingProxyType({"acme": acme}))
+    audit = AuditLog(tmp_path / "audit")
+    upstream, now = Upstream(), [time.time()]
+    engine = Engine(spool, lambda: rerouting, upstream, Recorder(audit), clock=lambda: now[0])
+    entry = make_entry(upstream="renamed", arrival=now[0], size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    caplog.set_level(logging.INFO, logger="relay")
+    assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+    assert spool.load(entry.queue_id).upstream == "default"
+    upstream.answer = (250, "250 2.0.0 ok")
+    now[0] += 3600
+    assert (await engine.attempt_now(entry.queue_id)).status == "delivered"
+    await engine.stop(5)
+    went = [r["upstream"] for r in reader.records(audit.directory) if r["event"] == "delivered"]
+    assert went == ["default", "default"]
+    said = [r.getMessage() for r in caplog.records if "no longer in the policy" in r.getMessage()]
+    assert len(said) == 1
+    assert f"{entry.queue_id}: to=<customer@example.net>, relay=default," in caplog.text
+
+
+async def test_a_recipient_the_upstream_gave_no_reply_for_is_deferred_not_delivered(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    """Only a reply says delivered: one missing (an attempt that ended early, a
+    fault) is a temporary failure, tried again, never a delivery on record of
+    a message nobody took."""
+    audit = AuditLog(tmp_path / "audit")
+
+    async def partial(target: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
+        return Attempt({"archive@acme.example": (250, "250 2.0.0 ok")})
+
+    engine = Engine(spool, lambda: policy, partial, Recorder(audit))
+    entry = make_entry(size=len(message(1)))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+    await engine.stop(5)
+    assert records(audit.directory, entry.queue_id) == [
+        ("deferred", "451 4.3.0 no reply for this recipient")
+    ]
+    assert [r.status for r in spool.load(entry.queue_id).recipients] == [PENDING, "delivered"]
+
+
+async def test_a_failure_withheld_from_a_listed_sender_is_not_weighed_again_at_each_retry(
+    spool: Spool, policy: Policy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sender's address is on the suppression list, so no notice goes: the
+    failure counts as dealt with. Left to tell, each retry of the message's
+    other recipients said "no failure notice" again, and a sender taken off
+    the list later got a notice of failures long past."""
+    policy, listed = _listing(policy, tmp_path)
+    listed.add([Suppression("alice@acme.example", None, MANUAL, suppression_now())])
+    now = [time.time()]
+    answers = {"customer@example.net": (550, "550 5.1.1 no such user")}
+
+    async def half(target: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
+        return Attempt({r: answers.get(r, BUSY) for r in rcpts})
+
+    engine = Engine(
+        spool, lambda: policy, half, Recorder(None), clock=lambda: now[0], suppressions=listed
+    )
+    entry = make_entry(size=len(message(1)))
+    entry.recipients.insert(1, RecipientState("other@example.org", PENDING, notify=True))
+    assert spool.put_many([(entry, (message(1),))]) == [None]
+    caplog.set_level(logging.INFO, logger="relay")
+    assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+    assert not spool.load(entry.queue_id).recipients[0].notify
+    listed.remove([("alice@acme.example", None)], by="root")
+    now[0] += 3600
+    assert (await engine.attempt_now(entry.queue_id)).status == "deferred"
+    await engine.stop(5)
+    said = [r.getMessage() for r in caplog.records if "no failure notice" in r.getMessage()]
+    assert len(said) == 1, said
+    assert spool.ids() == [entry.queue_id]  # no notice queued
+
+
 async def test_mail_deferred_before_the_clock_was_set_back_waits_its_wait_not_the_step(
     spool: Spool, policy: Policy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
