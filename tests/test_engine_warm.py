@@ -1201,6 +1201,45 @@ def _mend(audit_dir: Path, recorder: Recorder) -> None:
     recorder.audit = AuditLog(audit_dir)
 
 
+async def test_an_attempt_given_its_slot_once_the_audit_log_refuses_sends_nothing(
+    spool: Spool, policy: Policy, tmp_path: Path
+) -> None:
+    """No delivery starts while the log refuses records, also one that waited
+    for its delivery slot since before: sent then, its outcome could not be
+    recorded, and the message, left queued, went again at every restart with
+    the log naming none of those sends."""
+    audit_dir = tmp_path / "audit"
+    recorder = Recorder(AuditLog(audit_dir))
+    release, sent = asyncio.Event(), []
+
+    async def gate(upstream: Any, sender: str, rcpts: Any, data: bytes, **_: Any) -> Attempt:
+        sent.append(list(rcpts))
+        await release.wait()
+        return Attempt(dict.fromkeys(rcpts, (250, "250 2.0.0 ok")))
+
+    queue = dataclasses.replace(policy, queue=dataclasses.replace(policy.queue, concurrency=1))
+    engine = Engine(spool, lambda: queue, gate, recorder)
+    first, second = make_entry(size=len(message(1))), make_entry(size=len(message(2)))
+    assert spool.put_many([(first, (message(1),)), (second, (message(2),))]) == [None, None]
+    under_way = engine.attempt_now(first.queue_id)
+    deadline = time.monotonic() + 10
+    while not sent:
+        assert time.monotonic() < deadline, "the first attempt never reached its upstream"
+        await asyncio.sleep(0.01)
+    waiting = engine.attempt_now(second.queue_id, immediate=True)  # in line for the slot
+    await asyncio.sleep(0.05)
+    _break(audit_dir)
+    with contextlib.suppress(AuditError):
+        recorder.probe()
+    assert recorder.refusing is not None
+    release.set()
+    await under_way
+    assert (await waiting).status == "busy"
+    assert len(sent) == 1
+    assert spool.load(second.queue_id).attempts == 0
+    await engine.stop(1)
+
+
 def _due_now(spool: Spool, queue_id: str) -> None:
     with spool.lock(queue_id):  # as `relay queue retry` does
         stored = spool.load(queue_id)
