@@ -11,6 +11,7 @@ import pytest
 
 from relay.audit import AuditLog, events
 from relay.audit.reader import TORN_END
+from relay.engine import RESCAN
 from relay.metrics import follow, status
 from relay.metrics.follow import RECENT, UNKNOWN, UNLINKED_WAIT, AuditFollower
 from tests.test_audit_fixture import received
@@ -65,6 +66,22 @@ def test_the_next_days_file_is_followed_after_the_rest_of_the_last(tmp_path: Pat
     counts = follower.update()
     assert counts.received == {"acme": 1, "globex": 1}
     assert counts.deliveries == {("acme", "sent"): 1}
+
+
+def test_the_days_before_the_one_followed_are_not_read_again(tmp_path: Path) -> None:
+    """Once the next day's file is followed, every scrape after the first of the
+    new day read the earlier ones again from their start, each message of
+    them counted once more."""
+    _append(tmp_path, DAY1, b"")
+    follower = AuditFollower(tmp_path)
+    _append(tmp_path, DAY1, *_message("A", "acme", "x@example.org"))
+    _append(tmp_path, DAY2, *_message("B", "globex", "y@example.org"))
+    assert follower.update().received == {"acme": 1, "globex": 1}
+    records = follower.counts.records
+    _append(tmp_path, DAY2, *_message("C", "globex", "z@example.org"))
+    counts = follower.update()
+    assert counts.received == {"acme": 1, "globex": 2}
+    assert counts.records == records + 2
 
 
 def test_outcomes_and_late_reports_carry_the_messages_tenant(tmp_path: Path) -> None:
@@ -132,6 +149,23 @@ def test_a_notices_outcome_before_its_link_is_its_tenants(tmp_path: Path) -> Non
     clock.now += UNLINKED_WAIT / 2
     counts = follower.update()
     assert counts.deliveries[(UNKNOWN, "sent")] == 1 and counts.deliveries[("acme", "sent")] == 2
+
+
+def test_a_link_written_again_at_the_next_rescan_still_names_the_notice(
+    tmp_path: Path,
+) -> None:
+    """The records of a deferral the audit log refused are written again up to a
+    ``RESCAN`` later; the notice delivered meanwhile is its tenant's still."""
+    clock = _Clock()
+    log = AuditLog(tmp_path)
+    follower = AuditFollower(tmp_path, clock=clock)
+    log.append_many(_arrived_a(["gone@example.org"]))
+    log.append(_delivered("N", "jan@acme.example"))
+    follower.update()
+    clock.now += RESCAN + 1
+    assert follower.update().deliveries == {}
+    log.append_many(_bounced_a_noticed_as_n())
+    assert follower.update().deliveries == {("acme", "sent"): 1, ("acme", "bounced"): 1}
 
 
 def test_a_link_after_the_wait_leaves_nothing_waiting(tmp_path: Path) -> None:
@@ -268,10 +302,12 @@ def test_a_recipient_suppressed_while_its_message_waited_ends_it(tmp_path: Path)
 
 
 def test_finished_messages_are_kept_only_so_long(tmp_path: Path) -> None:
+    """The oldest is forgotten, not the newest: a late bounce is mostly the
+    latest messages'."""
     follower = AuditFollower(tmp_path)
     lines = []
     for n in range(RECENT + 1):
-        lines += [*_message(f"Q{n}", "acme", "x@example.org")]
+        lines += [*_message(f"Q{n}", "globex" if n == 0 else "acme", "x@example.org")]
         lines.append(_line("delivered", f"Q{n}", recipient="x@example.org"))
     _append(tmp_path, DAY1, *lines)
     follower.update()
