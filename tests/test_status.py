@@ -3,6 +3,7 @@ it runs against the file as it reads now, and the mail waiting."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -12,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -443,6 +444,7 @@ def _second_relay(policy: Path) -> tuple[int | None, str]:
     ("waited", "said"),
     [
         (59, "under a minute"),
+        (90, "1 min"),
         (60 * 59 + 30, "59 min"),
         (3600 * 2 + 60 * 5, "2 h 5 min"),
         (86400 + 60 * 5, "1 d 0 h"),
@@ -489,3 +491,46 @@ def test_a_copy_of_a_site_with_a_broken_key_is_not_taken_for_the_running_policy(
     assert f"{copy / 'relay.yaml'}:14:17: dkim.keys[0].key_file: " in listed.stderr
     assert "does not load, so this goes by the policy the relay runs" in listed.stderr
     assert "does not load" not in relay_cli(policy, "queue", "list").stderr
+
+
+@contextlib.contextmanager
+def _held_here(tmp_path: Path, digest: str) -> Iterator[Path]:
+    """The state directory held by this process, as a relay that recorded no
+    policy file (an older version) holds it: its queue directory."""
+    from relay.spool import Spool
+
+    queue = tmp_path / "state" / "queue"
+    Spool(queue)
+    lock = statelock.hold(queue.parent, digest)
+    try:
+        statelock.note_policy(queue.parent, digest)  # served: no longer starting
+        yield queue
+    finally:
+        lock.close()
+
+
+def test_a_relay_that_recorded_no_policy_file_is_taken_to_read_this_one(tmp_path: Path) -> None:
+    """Its lock file names no file: it reads the one asked about, and a reload
+    puts the edit in use, not "the running relay reads , not this file"."""
+    policy = tmp_path / "relay.yaml"
+    with _held_here(tmp_path, "a" * 64) as queue:
+        out = io.StringIO()
+        code = status.main(policy, queue, out, ("b" * 64, 1, []))
+    assert code == 0, out.getvalue()
+    assert out.getvalue().splitlines()[1] == (
+        f"policy: {'a' * 12} in use; {policy} now reads {'b' * 12}: a reload puts it in use"
+        f" (systemctl reload erp-relay, or kill -HUP {os.getpid()})"
+    )
+
+
+def test_a_child_of_the_relay_that_runs_another_program_is_no_worker(tmp_path: Path) -> None:
+    """As a container's init the relay is the parent of every orphan in it: a
+    ``docker exec``'s child left behind was counted as a worker."""
+    with _held_here(tmp_path, "a" * 64) as queue, subprocess.Popen(["sleep", "30"]) as other:
+        try:
+            out = io.StringIO()
+            status.main(tmp_path / "relay.yaml", queue, out, ("a" * 64, 1, []))
+        finally:
+            other.kill()
+    first = out.getvalue().splitlines()[0]
+    assert re.fullmatch(rf"relay: running, PID {os.getpid()} since \S+, in one process", first)
