@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Iterable
@@ -12,7 +13,8 @@ from types import MappingProxyType
 import pytest
 
 from relay import tally
-from relay.policy.model import DirectoryUpstream, Policy
+from relay.policy.model import AuthMode, DirectoryUpstream, Listener, Policy
+from relay.sharedtable import key_of
 from relay.tally import Tally, TallyRow, counts_named
 from tests.minimal_policy import policy as minimal_policy
 
@@ -136,3 +138,30 @@ def test_a_reload_naming_more_than_the_row_was_made_for_is_said(
     assert [r.getMessage()[:58] for r in caplog.records] == [
         "metrics counts: the policy names 8400 counts (twelve a lis"
     ]
+
+
+def test_a_listeners_counts_keep_their_slots_from_new_names() -> None:
+    """Each count of a listener the policy names keeps its slot: one left out of
+    the names would go to the next new name placed there (a reload adding
+    upstreams) and be counted from 0 again."""
+    local = Listener("local", "127.0.0.1", 2525, AuthMode.OPTIONAL, None, (), 10**7, 100, 300.0)
+    policy = dataclasses.replace(minimal_policy(), listeners=(local,))
+    counts = Tally(1)
+    row = counts.row(0, lambda: policy)
+    keys = [(tally.CONNECTION, "local"), (tally.TLS_FAILED, "local"), (tally.NO_ROOM, "local")]
+    keys += [(tally.REFUSED, "local", reason) for reason in tally.REFUSED_REASONS]
+    keys += [(tally.DROPPED, "local", reason) for reason in tally.DROPPED_REASONS]
+    keys += [(tally.AUTH, "local", result) for result in tally.AUTH_RESULTS]
+    for key in keys:
+        row.add(*key)
+    places = {key_of("\0".join(key)) % tally.SLOTS for key in keys}
+    for n in itertools.count():  # a new name placed where each of them is
+        name = (tally.UPSTREAM, f"account{n}", "sent")
+        place = key_of("\0".join(name)) % tally.SLOTS
+        if place in places:
+            places.discard(place)
+            row.add(*name)
+        if not places or n > 10**6:
+            break
+    assert not places
+    assert {key: counts.total(*key) for key in keys} == dict.fromkeys(keys, 1)
