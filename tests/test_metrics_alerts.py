@@ -230,6 +230,9 @@ def test_a_worker_that_died_is_counted(policy_file: Path, tmp_path: Path) -> Non
             wait_for(lambda: _value(_samples(metrics), "relay_worker_restarts_total") == 1)
             wait_for(lambda: _get(metrics, "/readyz")[0] == 200)
             assert _value(_samples(metrics), "relay_worker_restarts_total") == 1
+            # a counter: each death adds one, for increase() over the alert's window
+            os.kill(_workers(relay)[-1], signal.SIGKILL)
+            wait_for(lambda: _value(_samples(metrics), "relay_worker_restarts_total") == 2)
 
 
 def _selectors(expr: str) -> list[tuple[str, dict[str, list[str]]]]:
