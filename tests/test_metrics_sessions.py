@@ -83,6 +83,7 @@ def _policy(policy_file: Path, tmp_path: Path, ports: dict[str, int], sink: int)
         f"    tls: {{cert: {certs.cert}, key: {certs.key}}}\n"
         f"  - name: partners\n    address: 127.0.0.1\n    port: {ports['partners']}\n"
         "    allow: [192.0.2.0/24]\n"
+        f"    tls: {{cert: {certs.cert}, key: {certs.key}}}\n"
         f"  - name: idle\n    address: 127.0.0.1\n    port: {ports['idle']}\n"
         "    idle_timeout: 1\n    max_connections: 1\n"
     )
@@ -220,7 +221,8 @@ def test_what_the_sessions_and_the_attempts_came_to_is_counted(
     assert value("tls_handshake_failures", listener="local") == 1
     cert = x509.load_pem_x509_certificate((tmp_path / "tls" / "server.pem").read_bytes())
     expiry = "relay_tls_certificate_expiry_timestamp_seconds"
-    assert _value(now, expiry, listener="local") == cert.not_valid_after_utc.timestamp()
+    for listener in ("local", "partners"):  # each listener's, not the first one's only
+        assert _value(now, expiry, listener=listener) == cert.not_valid_after_utc.timestamp()
     assert (expiry, (("listener", "idle"),)) not in now  # no TLS there: no sample
     assert _value(now, "relay_upstream_attempts_total", upstream="default", result="sent") == 2
     assert _value(now, "relay_upstream_attempts_total", upstream="default", result="refused") == 1
