@@ -788,3 +788,53 @@ def test_a_policy_file_that_cannot_be_read_at_a_reload_shows_as_a_failed_reload(
         relay.signal(signal.SIGHUP)
         wait_for(lambda: "policy reloaded" in relay.log())
         assert _value(_samples(metrics), "relay_config_last_reload_successful") == 1
+
+
+def test_bounces_and_complaints_are_counted_apart_under_the_messages_tenant(
+    metrics_here: tuple[int, Policy],
+) -> None:
+    """A rise in complaints is what gets a platform address blocklisted; read
+    as bounces it raised the wrong alert, if any."""
+    from relay.audit import AuditLog, events
+    from tests.test_audit_fixture import received
+
+    port, policy = metrics_here
+    log = AuditLog(policy.audit.directory)
+    log.append(received(("Q1", "<1@acme.example>"), "acme", "jan", "invoice", ["x@y.example"]))
+    for dsn in ("5.1.1", "5.2.2"):
+        log.append(
+            events.bounced(
+                queue_id="Q1", message_id="<1@acme.example>", recipient="x@y.example",
+                dsn_status=dsn, diagnostic=None,
+            )
+        )  # fmt: skip
+    log.append(
+        events.complained(
+            queue_id="Q1", message_id="<1@acme.example>", recipient="x@y.example",
+            feedback_type="abuse",
+        )
+    )  # fmt: skip
+    log.close()
+    samples = _samples(port)
+    assert _value(samples, "relay_bounces_total", tenant="acme") == 2
+    assert _value(samples, "relay_complaints_total", tenant="acme") == 1
+
+
+def test_an_audit_log_that_cannot_be_read_leaves_out_its_counts_not_the_scrape(
+    metrics_here: tuple[int, Policy],
+) -> None:
+    """Its directory replaced by a file, the scrape failed whole (500): the
+    queue, the workers and the free space went unseen with it."""
+    port, policy = metrics_here
+    audit = policy.audit.directory
+    audit.rename(audit.with_name("audit.away"))
+    audit.write_text("not a directory\n")
+    try:
+        samples = _samples(port)
+    finally:
+        audit.unlink()
+        audit.with_name("audit.away").rename(audit)
+    assert not any(name == "relay_messages_received_total" for name, _ in samples)
+    assert _value(samples, "relay_workers", state="running") == 1
+    assert ("relay_queue_messages", (("queue", "active"),)) in samples
+    assert ("relay_messages_received_total", (("tenant", "acme"),)) in _samples(port)
