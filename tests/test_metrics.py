@@ -790,6 +790,60 @@ def test_a_policy_file_that_cannot_be_read_at_a_reload_shows_as_a_failed_reload(
         assert _value(_samples(metrics), "relay_config_last_reload_successful") == 1
 
 
+def test_a_listener_the_free_space_is_too_small_for_leaves_the_others_ready(
+    policy_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/readyz weighs the free space against the smallest listener's reserve:
+    one taking messages of up to 1 TiB refuses every MAIL (503 alone), but
+    beside it one that takes mail makes the relay ready for mail (200)."""
+    from relay.metrics import status
+    from relay.ratelimit import RateCounts
+    from relay.tally import Tally
+
+    huge = f"    auth: optional\n    max_message_size: {2**40}\n"
+    small = (
+        f"  - name: small\n    address: 127.0.0.1\n    port: {free_port()}\n    auth: optional\n"
+    )
+    for listeners, ready in (("", False), (small, True)):
+        text = policy_file.read_text()
+        policy_file.write_text(text.replace("    auth: optional\n", huge + listeners, 1))
+        monkeypatch.setattr(status, "STATUS", status.Status())
+        server, policy = _metrics_server(policy_file)
+        policy.audit.directory.mkdir(parents=True, exist_ok=True)
+        status.workers(1, 1)
+        server.begin(RateCounts(1), Tally(1))
+        server.start(lambda policy=policy: policy)
+        try:
+            code, body, _ = _get(server.settings.port, "/readyz")
+        finally:
+            server.stop()
+        policy_file.write_text(text)
+        checks = json.loads(body)["checks"]
+        assert (code == 200, checks["queue"] == "writable") == (ready, ready), body
+        if not ready:
+            assert checks["queue"].endswith("mail is refused (452 4.3.1)"), body
+
+
+def test_a_head_request_has_no_body_and_a_query_is_no_other_path(
+    metrics_here: tuple[int, Policy],
+) -> None:
+    """HEAD gets the headers alone: a body after them is read by the client as
+    the start of its next answer. A scrape configuration with ``params``
+    asks for ``/metrics?...``, which is ``/metrics`` still."""
+    port, _ = metrics_here
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"HEAD /healthz HTTP/1.0\r\n\r\n")
+        answer = b""
+        while data := client.recv(4096):
+            answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 ") and b"\r\nContent-Length: 3" in head, answer
+    assert body == b"", answer
+    code, body, kind = _get(port, "/metrics?module=relay")
+    assert code == 200 and kind.startswith("text/plain"), body
+    assert b"relay_build_info" in body
+
+
 def test_bounces_and_complaints_are_counted_apart_under_the_messages_tenant(
     metrics_here: tuple[int, Policy],
 ) -> None:
@@ -818,6 +872,33 @@ def test_bounces_and_complaints_are_counted_apart_under_the_messages_tenant(
     samples = _samples(port)
     assert _value(samples, "relay_bounces_total", tenant="acme") == 2
     assert _value(samples, "relay_complaints_total", tenant="acme") == 1
+
+
+def test_a_part_left_out_is_said_again_when_its_error_changes(
+    metrics_here: tuple[int, Policy], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Said once while it stays the same, not for every scrape; a new cause is
+    news, or the log names one that has been put right."""
+    import logging
+
+    port, policy = metrics_here
+    assert policy.suppression is not None
+    listed = policy.suppression.file
+    listed.unlink(missing_ok=True)
+    listed.mkdir()
+    with caplog.at_level(logging.INFO, logger="relay"):
+        _samples(port)
+        _samples(port)
+        listed.rmdir()
+        listed.symlink_to(listed.name)  # a link to itself
+        _samples(port)
+        listed.unlink()
+        assert ("relay_suppression_list_entries", ()) in _samples(port)
+    said = [r.getMessage() for r in caplog.records if "suppression list" in r.getMessage()]
+    assert len(said) == 3, said
+    assert said[0].endswith("Is a directory"), said
+    assert said[1].endswith("Too many levels of symbolic links"), said
+    assert said[2] == "metrics: the suppression list is read again"
 
 
 def test_an_audit_log_that_cannot_be_read_leaves_out_its_counts_not_the_scrape(
