@@ -165,3 +165,16 @@ def test_a_listeners_counts_keep_their_slots_from_new_names() -> None:
             break
     assert not places
     assert {key: counts.total(*key) for key in keys} == dict.fromkeys(keys, 1)
+
+
+def test_a_long_attempt_ending_after_a_later_one_keeps_the_later_reach() -> None:
+    """Each worker's latest reach stays: a long attempt that began before a
+    failure and ended after a later attempt's reach put its older begin back,
+    and the worker holding the mail never saw the upstream was there."""
+    counts = Tally(2)
+    held, other = counts.row(0), counts.row(1)
+    held.suspended("smarthost", True)
+    other.reached("smarthost", time.monotonic() + 1)  # begun after the failure
+    other.reached("smarthost", time.monotonic() - 10)  # begun before it, ended just now
+    assert held.reached_since_held("smarthost")
+    assert counts.holding("smarthost") == 0
