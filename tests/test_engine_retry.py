@@ -27,7 +27,7 @@ from relay.deliver import attempt
 from relay.engine import Attempt, Engine, Outcome, backoff, duration
 from relay.policy.model import Policy, SuppressionSettings, Tenant
 from relay.record import Recorder
-from relay.spool import PENDING, RecipientState, Spool, SpoolError, tools
+from relay.spool import PENDING, QueueEntry, RecipientState, Spool, SpoolError, tools
 from relay.suppression import MANUAL, Suppression, SuppressionFile
 from relay.suppression import now as suppression_now
 from relay.upstream import smtp
@@ -585,11 +585,8 @@ async def test_a_retry_asked_for_wins_over_a_deferral_kept_in_memory(
         await until(lambda: other.queue_id not in engine._unstored, "forgotten", timeout=5)
 
 
-async def test_a_stop_that_cuts_attempts_off_names_what_stays_queued(
-    spool: Spool, policy: Policy, caplog: pytest.LogCaptureFixture
-) -> None:
-    """And puts each on record as an attempt, deferred: the upstream may have had
-    the message, so the next start's delivery may be its second."""
+async def _cut_off_by_the_stop(spool: Spool, policy: Policy) -> QueueEntry:
+    """An entry whose attempt the upstream never answers, cut off by a stop of 0.1 s."""
 
     async def stalled(*args: Any, **_: Any) -> Attempt:
         await asyncio.Event().wait()
@@ -602,6 +599,15 @@ async def test_a_stop_that_cuts_attempts_off_names_what_stays_queued(
     await asyncio.sleep(0.1)
     await engine.stop(0.1)
     assert task.result().status == "deferred"
+    return entry
+
+
+async def test_a_stop_that_cuts_attempts_off_names_what_stays_queued(
+    spool: Spool, policy: Policy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """And puts each on record as an attempt, deferred: the upstream may have had
+    the message, so the next start's delivery may be its second."""
+    entry = await _cut_off_by_the_stop(spool, policy)
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert said == [
         "cutting off 1 delivery attempt still waiting for the upstream at the end of the"
@@ -794,17 +800,7 @@ async def test_an_attempt_the_stop_cut_off_is_due_at_once_at_the_next_start(
     backoff later, a document the sysadmin's restart cut off waited minutes
     after the start, as one its upstream had turned away."""
 
-    async def stalled(*args: Any, **_: Any) -> Attempt:
-        await asyncio.Event().wait()
-        raise AssertionError("never answered")
-
-    engine = Engine(spool, lambda: with_queue(policy, first_retry=600), stalled, Recorder(None))
-    entry = make_entry(size=len(message(1)))
-    assert spool.put_many([(entry, (message(1),))]) == [None]
-    task = engine.attempt_now(entry.queue_id)
-    await asyncio.sleep(0.1)
-    await engine.stop(0.1)
-    assert task.result().status == "deferred"
+    entry = await _cut_off_by_the_stop(spool, with_queue(policy, first_retry=600))
     stored = spool.load(entry.queue_id)
     assert stored.attempts == 1 and stored.next_attempt <= time.time()
 

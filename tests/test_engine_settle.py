@@ -277,13 +277,10 @@ def test_an_entry_whose_file_went_meanwhile_is_let_go_not_kept_as_stuck(
     assert outcomes(audit.directory, entry.queue_id) == DELIVERED
 
 
-def test_the_entry_that_fills_the_settler_makes_the_records_durable_itself(
-    spool: Spool, tmp_path: Path
-) -> None:
-    """The engine starts no delivery while ``WAITING_MAX`` entries wait: unless
-    the batch that fills it fsyncs the audit log, deliveries stand still until
-    the next quiet-relay poll, and the entries stay locked until then."""
-    audit = AuditLog(tmp_path / "audit")
+def _settler_one_short_of_full(
+    spool: Spool, audit: AuditLog
+) -> tuple[settle_module.Settler, list[settle_module.Finished]]:
+    """A settler holding ``WAITING_MAX`` - 1 finished entries, and the one that fills it."""
     settler = settle_module.Settler(spool, Recorder(audit))
     items = []
     for n in range(settle_module.WAITING_MAX):
@@ -293,6 +290,17 @@ def test_the_entry_that_fills_the_settler_makes_the_records_durable_itself(
         records = [delivered_to(entry, r.address) for r in entry.recipients]
         items.append(settle_module.Finished(entry.queue_id, records, lock, entry.size))
     assert settler.finish_many(items[:-1]) == [None] * (len(items) - 1)
+    return settler, items
+
+
+def test_the_entry_that_fills_the_settler_makes_the_records_durable_itself(
+    spool: Spool, tmp_path: Path
+) -> None:
+    """The engine starts no delivery while ``WAITING_MAX`` entries wait: unless
+    the batch that fills it fsyncs the audit log, deliveries stand still until
+    the next quiet-relay poll, and the entries stay locked until then."""
+    audit = AuditLog(tmp_path / "audit")
+    settler, items = _settler_one_short_of_full(spool, audit)
     assert settler.waiting == len(items) - 1 and len(spool.ids()) == len(items)
     assert settler.finish_many(items[-1:]) == [None]
     assert settler.waiting == 0 and spool.ids() == []
@@ -306,15 +314,7 @@ def test_a_batch_that_fills_the_settler_says_when_it_cannot_make_its_records_dur
     full no delivery starts, so the sysadmin's only word of the stand-still is
     this line; the entries stay queued, locked, for the next try."""
     audit = AuditLog(tmp_path / "audit")
-    settler = settle_module.Settler(spool, Recorder(audit))
-    items = []
-    for n in range(settle_module.WAITING_MAX):
-        entry = make_entry(size=len(message(n)))
-        spool.put(entry, message(n))
-        lock = settle_module.EntryLock(spool.acquire(entry.queue_id))
-        records = [delivered_to(entry, r.address) for r in entry.recipients]
-        items.append(settle_module.Finished(entry.queue_id, records, lock, entry.size))
-    assert settler.finish_many(items[:-1]) == [None] * (len(items) - 1)
+    settler, items = _settler_one_short_of_full(spool, audit)
     fsyncs_of(monkeypatch, lambda name: name.startswith(str(audit.directory)))
     assert settler.finish_many(items[-1:]) == [None]
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
