@@ -351,6 +351,8 @@ class Supervisor:
                     return EX_SOFTWARE
             if self._reap_and_restart():
                 return EX_SOFTWARE
+            if self.told is not None:  # taken in the reload's or the dead worker's audit write
+                continue
             self._kill_overdue()
             if time.monotonic() >= next_look:
                 next_look = time.monotonic() + LOCK_FILE_CHECK
@@ -599,11 +601,10 @@ class Supervisor:
         """The write a stop was taken in, waited for until the workers' own
         timeout: its record is not cut off by the exit when the disk answers."""
         writing, self._writing = self._writing, None
-        if writing is None or writing.ended(0):
+        if writing is None or self.told is None or writing.ended(0):
             return
         log.info("stopping: waiting for the supervisor's write to the audit log")
-        told = self.told if self.told is not None else time.monotonic()
-        if not writing.ended(max(0.0, told + STOP_TIMEOUT - time.monotonic())):
+        if not writing.ended(max(0.0, self.told + STOP_TIMEOUT - time.monotonic())):
             log.error(
                 "the supervisor's write to the audit log did not end within %gs of the"
                 " stop: exiting without it; the disk under %s is slow or not answering",
