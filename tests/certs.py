@@ -26,8 +26,9 @@ class Certs:
 
 
 def make_certs(
-    directory: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    directory: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"), days: int = 1
 ) -> Certs:
+    """A CA and a server certificate for ``names``, valid for ``days``."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay test CA")])
@@ -60,7 +61,7 @@ def make_certs(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

@@ -74,6 +74,7 @@ async def test_only_an_attempt_that_reached_its_upstream_lets_another_workers_ma
 
 def _policy(policy_file: Path, tmp_path: Path, ports: dict[str, int], sink: int) -> Path:
     certs = make_certs(tmp_path / "tls")
+    theirs = make_certs(tmp_path / "tls-partners", days=2)  # an expiry of its own
     path = _metrics_policy(policy_file, ports["local"], sink, ports["metrics"], workers=2)
     text = path.read_text()
     local = f"    port: {ports['local']}\n    auth: optional\n"
@@ -83,7 +84,7 @@ def _policy(policy_file: Path, tmp_path: Path, ports: dict[str, int], sink: int)
         f"    tls: {{cert: {certs.cert}, key: {certs.key}}}\n"
         f"  - name: partners\n    address: 127.0.0.1\n    port: {ports['partners']}\n"
         "    allow: [192.0.2.0/24]\n"
-        f"    tls: {{cert: {certs.cert}, key: {certs.key}}}\n"
+        f"    tls: {{cert: {theirs.cert}, key: {theirs.key}}}\n"
         f"  - name: idle\n    address: 127.0.0.1\n    port: {ports['idle']}\n"
         "    idle_timeout: 1\n    max_connections: 1\n"
     )
@@ -219,9 +220,9 @@ def test_what_the_sessions_and_the_attempts_came_to_is_counted(
     assert value("auth", listener="local", result="failed") == PER_LOGIN
     assert value("auth", listener="local", result="locked") == 1
     assert value("tls_handshake_failures", listener="local") == 1
-    cert = x509.load_pem_x509_certificate((tmp_path / "tls" / "server.pem").read_bytes())
     expiry = "relay_tls_certificate_expiry_timestamp_seconds"
-    for listener in ("local", "partners"):  # each listener's, not the first one's only
+    for listener, tls in (("local", "tls"), ("partners", "tls-partners")):  # each its own
+        cert = x509.load_pem_x509_certificate((tmp_path / tls / "server.pem").read_bytes())
         assert _value(now, expiry, listener=listener) == cert.not_valid_after_utc.timestamp()
     assert (expiry, (("listener", "idle"),)) not in now  # no TLS there: no sample
     assert _value(now, "relay_upstream_attempts_total", upstream="default", result="sent") == 2
