@@ -1152,6 +1152,29 @@ async def test_missing_password_is_a_local_configuration_error(
         assert (failed.value.code, failed.value.status) == (451, "4.3.5")
 
 
+async def test_an_empty_password_is_none_and_no_login_is_tried(
+    auth_sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty variable (``Environment=RELAY_TEST_EMPTY=`` in a unit) or a file
+    emptied since the policy was loaded went to the smarthost as the password:
+    each delivery a failed login, which locks the account at smarthosts that
+    count them, and a log that blamed the smarthost's refusal."""
+    monkeypatch.setenv("RELAY_TEST_EMPTY", " ")
+    secret = tmp_path / "password"
+    secret.write_text("\n")
+    for target, said in (
+        (upstream(auth_sink.port, username="relay", password_file=secret), f"{secret} is empty"),
+        (
+            upstream(auth_sink.port, username="relay", password_env="RELAY_TEST_EMPTY"),
+            "environment variable RELAY_TEST_EMPTY empty",
+        ),
+    ):
+        with pytest.raises(UpstreamError) as failed:
+            await deliver(target, "b@p.example", RCPTS, MESSAGE)
+        assert (failed.value.code, failed.value.status) == (451, "4.3.5")
+        assert said in failed.value.text, failed.value.text
+
+
 async def test_auto_does_not_log_in_without_tls(tmp_path: Path) -> None:
     """A man in the middle strips STARTTLS from EHLO: the password stays unsent."""
     attempts: list[str] = []

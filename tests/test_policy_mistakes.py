@@ -193,7 +193,13 @@ def test_check_warns_of_a_password_variable_unset_in_its_environment(
         " this environment: relay serve run in it would defer every message to this upstream"
         " (environment variable RELAY_TEST_PW unset)"
     ]
-    monkeypatch.setenv("RELAY_TEST_PW", "")
+    monkeypatch.setenv("RELAY_TEST_PW", "")  # Environment=RELAY_TEST_PW= in a unit
+    assert warnings(path) == [
+        f"{path}:21:19: warning: upstreams.outbox.password_env: RELAY_TEST_PW is empty in"
+        " this environment: relay serve run in it would defer every message to this upstream"
+        " (environment variable RELAY_TEST_PW empty)"
+    ]
+    monkeypatch.setenv("RELAY_TEST_PW", "s3cret")
     assert warnings(path) == []
 
 

@@ -158,7 +158,7 @@ def _smtp(ctx: Ctx, m: Map, name: str) -> SmtpUpstream | None:
     if v.tls is TlsMode.NONE and v.username is not None and not _loopback(v.host):
         _warn_about_plain_login(ctx, m)
     if v.password_env is not None:
-        _warn_if_unset(ctx, m, v.password_env)
+        _warn_if_unset_or_empty(ctx, m, v.password_env)
     _warn_of_tls_unlike_port(ctx, m, v.port, v.tls)
     _warn_of_a_loop(ctx, m, v.host, v.port)
     ca = v.ca_file
@@ -276,16 +276,24 @@ def _warn_of_a_loop(ctx: Ctx, m: Map, host: str, port: int) -> None:
     ctx.problems.warn(m.get(key), m.sub(key), message)
 
 
-def _warn_if_unset(ctx: Ctx, m: Map, name: str) -> None:
+def _warn_if_unset_or_empty(ctx: Ctx, m: Map, name: str) -> None:
     """The relay reads the variable at each delivery, so an unset one is no
     mistake in the file; but the unit runs ``relay check`` with the service's
-    environment, where it will be unset for serve too."""
-    if name not in os.environ:
-        message = (
-            f"{name} is not set in this environment: relay serve run in it would defer"
-            f" every message to this upstream (environment variable {name} unset)"
-        )
-        ctx.problems.warn(m.get("password_env"), m.sub("password_env"), message)
+    environment, where it will be unset for serve too. An empty one
+    (``Environment=SMARTHOST_PASSWORD=``) is no password either."""
+    value = os.environ.get(name)
+    if value is None:
+        said = f"{name} is not set in this environment"
+    elif not value.strip():
+        said = f"{name} is empty in this environment"
+    else:
+        return
+    state = "unset" if value is None else "empty"
+    message = (
+        f"{said}: relay serve run in it would defer every message to this upstream"
+        f" (environment variable {name} {state})"
+    )
+    ctx.problems.warn(m.get("password_env"), m.sub("password_env"), message)
 
 
 class Roster:

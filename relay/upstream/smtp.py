@@ -338,17 +338,25 @@ def _about_sender(refused: UpstreamError) -> bool:
 
 
 def password(upstream: SmtpUpstream) -> str:
+    """Read at each delivery, so a changed password needs no reload. An empty one
+    is none: a login with it only fails, and counts against the account at a
+    smarthost that locks one out after failed logins."""
     if upstream.password_file is not None:
         try:
-            return password_text(upstream.password_file.read_bytes())
+            value = password_text(upstream.password_file.read_bytes())
         except (OSError, UnicodeDecodeError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             text = f"Upstream {upstream.name}: cannot read {upstream.password_file}: {reason}"
             raise Unreachable(451, "4.3.5", text) from exc
+        if not value.strip():
+            text = f"Upstream {upstream.name}: {upstream.password_file} is empty"
+            raise Unreachable(451, "4.3.5", text)
+        return value
     if upstream.password_env is not None:
         value = os.environ.get(upstream.password_env)
-        if value is None:
-            text = f"Upstream {upstream.name}: environment variable {upstream.password_env} unset"
+        if value is None or not value.strip():
+            state = "unset" if value is None else "empty"
+            text = f"Upstream {upstream.name}: environment variable {upstream.password_env} {state}"
             raise Unreachable(451, "4.3.5", text)
         return value
     raise Unreachable(451, "4.3.5", f"Upstream {upstream.name}: username but no password")
