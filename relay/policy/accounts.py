@@ -282,16 +282,12 @@ def _warn_if_unset_or_empty(ctx: Ctx, m: Map, name: str) -> None:
     environment, where it will be unset for serve too. An empty one
     (``Environment=SMARTHOST_PASSWORD=``) is no password either."""
     value = os.environ.get(name)
-    if value is None:
-        said = f"{name} is not set in this environment"
-    elif not value.strip():
-        said = f"{name} is empty in this environment"
-    else:
+    if value is not None and value.strip():
         return
-    state = "unset" if value is None else "empty"
+    said, state = ("is not set", "unset") if value is None else ("is empty", "empty")
     message = (
-        f"{said}: relay serve run in it would defer every message to this upstream"
-        f" (environment variable {name} {state})"
+        f"{name} {said} in this environment: relay serve run in it would defer every"
+        f" message to this upstream (environment variable {name} {state})"
     )
     ctx.problems.warn(m.get("password_env"), m.sub("password_env"), message)
 
