@@ -1007,7 +1007,8 @@ def test_a_restart_does_not_deliver_again_what_the_audit_log_says_was_delivered(
 def _hang_up_after_data(port: int, rcpt: str, how: str) -> bytes:
     """A client that writes its data, the dot and QUIT at once, then closes
     (``how``: "closed"), closes its sending side only ("half-closed"), or
-    waits ("quit": as a TLS client does, whose close comes ~40 ms later),
+    waits ("quit": as a TLS client does, whose close comes ~40 ms later; "quit
+    in lower case": a command's case is the client's choice, RFC 5321 2.4),
     reading what comes back."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         reader = sock.makefile("rb")
@@ -1023,7 +1024,8 @@ def _hang_up_after_data(port: int, rcpt: str, how: str) -> bytes:
             while (line := reader.readline())[3:4] == b"-":
                 pass
             assert line[:1] in (b"2", b"3"), line
-        sock.sendall(INVOICE + b".\r\nQUIT\r\n")
+        quit = b"quit\r\n" if how == "quit in lower case" else b"QUIT\r\n"
+        sock.sendall(INVOICE + b".\r\n" + quit)
         if how == "closed":
             return b""
         if how == "half-closed":
@@ -1031,7 +1033,7 @@ def _hang_up_after_data(port: int, rcpt: str, how: str) -> bytes:
         return reader.read()
 
 
-@pytest.mark.parametrize("how", ["closed", "half-closed", "quit"])
+@pytest.mark.parametrize("how", ["closed", "half-closed", "quit", "quit in lower case"])
 def test_an_immediate_client_that_hangs_up_leaves_its_refusal_to_a_notice(
     policy_file: Path, tmp_path: Path, how: str
 ) -> None:
