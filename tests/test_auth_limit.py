@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import re
 import threading
@@ -18,6 +19,7 @@ from relay.ingress.clientlimit import ClientCounts
 from relay.sharedtable import EVICT_AMONG
 from tests.ingress_harness import Raw, Relay
 from tests.minimal_policy import listener
+from tests.minimal_policy import policy as make_policy
 from tests.test_workers import configure, free_port, serving
 
 
@@ -602,7 +604,8 @@ def test_a_burst_on_a_real_relay_gets_ten_checks_in_all_its_workers(
     policy_file: Path, tmp_path: Path
 ) -> None:
     """The checks under way were counted per worker: each of two let ten run,
-    twenty guesses in all (one per CPU with ``workers: auto``)."""
+    twenty guesses in all (one per CPU with ``workers: auto``). The lock-out
+    is logged once, by the worker whose failure made it, not by both."""
     port = free_port()
     burst = 3 * PER_LOGIN
     with serving(configure(policy_file, port), port, tmp_path / "relay.log") as relay:
@@ -610,6 +613,7 @@ def test_a_burst_on_a_real_relay_gets_ten_checks_in_all_its_workers(
         log = relay.log()
     assert sorted(r[:3] for r in replies) == ["454"] * (burst - PER_LOGIN) + ["535"] * PER_LOGIN
     assert log.count("AUTH failed client=127.0.0.1") == PER_LOGIN
+    assert log.count("AUTH locked client=127.0.0.1") == 1, log
 
 
 async def test_a_failure_recorded_while_a_check_took_its_place_is_counted() -> None:
@@ -699,3 +703,41 @@ def test_failures_without_a_login_name_leave_a_slot_free_for_a_guesser() -> None
     clock.now += 1.0
     assert [failures.failed("198.51.100.1", "erp-acme") for _ in range(3)] == [False, False, True]
     assert failures.locked("198.51.100.1", "erp-acme") == 600.0
+
+
+def _slow_hash(password: str) -> str:
+    """A hash whose check takes a good part of a second (p=16): long enough
+    for another AUTH to be answered while it runs."""
+    salt = b"0123456789abcdef"
+    key = hashlib.scrypt(password.encode(), salt=salt, n=16384, r=8, p=16, dklen=32)
+    return "$".join(("scrypt", "16384", "8", "16", _b64(salt), _b64(key)))
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def test_a_lock_made_while_a_check_ran_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A guess whose scrypt was under way when another answer (credentials for
+    another login, counted without a check) made the lock: its own failure,
+    counted after, logged the lock a second time, and fail2ban or whoever
+    reads the log saw two lock-outs for one."""
+    caplog.set_level(logging.INFO, logger="relay")
+    failures = AuthFailures(per_client=3, window=600.0, delay=0.0, clock=Clock())
+    policy = make_policy((listener(),), logins={"erp-acme": _slow_hash("demo-password")})
+    other = b"AUTH PLAIN " + base64.b64encode(b"someone\0erp-acme\0demo-password")
+    with Relay([listener()], failures=failures, policy=policy) as relay:
+        with Raw(relay.port) as raw:
+            raw.ehlo()
+            for _ in range(2):
+                assert raw.cmd(other).startswith("535 5.7.8 ")
+        with Raw(relay.port) as checked, Raw(relay.port) as fast, ThreadPoolExecutor(1) as pool:
+            checked.ehlo()
+            fast.ehlo()
+            guess = pool.submit(checked.cmd, plain("erp-acme", "guess"))
+            time.sleep(0.2)  # its scrypt under way
+            assert not guess.done()
+            assert fast.cmd(other).startswith("535 5.7.8 ")
+            assert guess.result().startswith("535 5.7.8 ")
+    assert caplog.text.count("AUTH failed client=127.0.0.1") == 4
+    assert caplog.text.count("AUTH locked client=127.0.0.1") == 1, caplog.text
