@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -1148,3 +1149,47 @@ async def test_a_want_a_full_row_cannot_mark_served_closes_nothing(
     finally:
         for each in (first, second):
             await each.close()
+
+
+async def test_refused_at_one_address_and_unanswered_at_the_other_is_no_limit(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a host that refuses at every address it has may be one at its limit:
+    a smarthost whose second address drops packets is down there, and taken
+    for crowded, its mail waited for a connection rather than the upstream
+    being suspended. The system resolver here has no name with two addresses,
+    so the loop's lookup gives them; the connections are real."""
+    host, port = Freezing("refused"), free_port()
+    host.server = await asyncio.start_server(host.serve, "127.0.0.1", port)
+    hole = socket.socket()
+    hole.bind(("127.0.0.3", 0))
+    hole.listen(0)
+    filling = socket.create_connection(hole.getsockname(), timeout=5)  # the next one hangs
+    stream = (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "")
+
+    async def lookup(name: str, _port: int, **_: object) -> list:
+        assert name == "smarthost.example"
+        return [(*stream, ("127.0.0.1", port)), (*stream, hole.getsockname())]
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", lookup)
+    target = upstream(port, host="smarthost.example", timeout=1.0, data_timeout=30.0)
+    first = asyncio.create_task(send(pool, target, "a@p.example"))
+    try:
+        await asyncio.wait_for(host.frozen.wait(), 5)
+        assert pool.open_count(PoolKey.of(target, None)) == 1
+        with pytest.raises(Unreachable) as down:
+            await asyncio.wait_for(send(pool, target, "b@p.example"), 5)
+    finally:
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        for writer in host.held:
+            writer.close()
+        host.server.close()
+        filling.close()
+        hole.close()
+    assert not isinstance(down.value, Crowded)
+    assert down.value.text == (
+        f"Upstream smarthost (smarthost.example:{port}): 127.0.0.1: Connection refused;"
+        " 127.0.0.3: no answer within 1s (connecting)"
+    )
