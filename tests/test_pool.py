@@ -1193,3 +1193,39 @@ async def test_refused_at_one_address_and_unanswered_at_the_other_is_no_limit(
         f"Upstream smarthost (smarthost.example:{port}): 127.0.0.1: Connection refused;"
         " 127.0.0.3: no answer within 1s (connecting)"
     )
+
+
+async def test_another_logins_connections_leave_a_logins_limit_alone(
+    tmp_path: Path, workers: tuple[Pool, Pool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A smarthost's limit is counted per login (Microsoft 365 counts it per
+    mailbox): one tenant's idle connection in one worker does not make a 421
+    to another tenant's login, in the other worker, the limit. Counted
+    together, that tenant's upstream was never suspended, its mail waiting
+    on a connection that could never be its own."""
+    monkeypatch.setattr(LimitedSMTP, "limit", 1)
+    port = free_port()
+    controller = LimitedController(
+        Recorder(),
+        hostname="127.0.0.1",
+        port=port,
+        ready_timeout=10,
+        authenticator=authenticator,
+        auth_require_tls=False,
+    )
+    controller.start()
+    try:
+        await eventually(lambda: not LimitedSMTP.active)  # the controller's readiness probe
+        first, second = workers
+        acme = tenant(tmp_path, port, "acme", "acme-pw")
+        globex = tenant(tmp_path, port, "globex", "globex-pw")
+        assert isinstance(await send(first, acme, "a@p.example"), DeliveryResult)
+        assert first.idle_count() == 1
+        assert second.open_anywhere(PoolKey.of(acme, "acme-pw")) == 1
+        assert second.open_anywhere(PoolKey.of(globex, "globex-pw")) == 0
+        with pytest.raises(Unreachable) as refused:
+            await send(second, globex, "b@p.example")
+    finally:
+        controller.stop()
+    assert not isinstance(refused.value, Crowded)
+    assert "421 4.7.0 Too many connections" in refused.value.text
