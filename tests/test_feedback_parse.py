@@ -1117,3 +1117,51 @@ def test_status_parts_past_the_text_budget_are_kept_for_the_most_recipients_only
     (view,) = views
     status = [p for p in view.walk() if p.get_content_type() == "message/delivery-status"]
     assert len(status) == 101
+
+
+def _dsn_of(*blocks: tuple[bytes, bytes, bytes]) -> bytes:
+    """A DSN with a block for one@buyer.example per (action, status, reply)."""
+    written = b"".join(
+        b"\nFinal-Recipient: rfc822; one@buyer.example\nAction: %s\nStatus: %s\n"
+        b"Diagnostic-Code: smtp; %s\n" % block
+        for block in blocks
+    )
+    return (
+        b"From: MAILER-DAEMON@mx.example\nSubject: Undelivered Mail Returned to Sender\n"
+        b"MIME-Version: 1.0\nContent-Type: multipart/report; report-type=delivery-status;"
+        b' boundary="B"\n'
+        b"\n--B\nContent-Type: text/plain\n\nYour message could not be delivered.\n"
+        b"\n--B\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.example\n"
+        + written
+        + b"\n--B\nContent-Type: text/rfc822-headers\n\n"
+        + b"Message-ID: <m1@platform.example>\n\n--B--\n"
+    )
+
+
+DELAYED = (b"delayed", b"4.4.7", b"451 4.4.7 try again later")
+NO_USER = (b"failed", b"5.1.1", b"550 5.1.1 no such user")
+POLICY = (b"failed", b"5.7.1", b"550 5.7.1 refused by policy")
+
+
+@pytest.mark.parametrize("order", ["delay first", "failure first"])
+def test_an_address_delayed_then_failed_in_one_report_has_the_failures_status(
+    order: str,
+) -> None:
+    """RFC 3464 gives a recipient a block per action a report is about: the
+    delay's block, written first, stood for the failure, whose 4.4.7 is no hard
+    bounce code, and the mailbox that is gone was never listed."""
+    blocks = (DELAYED, NO_USER) if order == "delay first" else (NO_USER, DELAYED)
+    report = read(_dsn_of(*blocks))
+    assert report is not None
+    assert report.failures == (Failure("one@buyer.example", "5.1.1", "550 5.1.1 no such user"),)
+
+
+def test_an_address_failed_twice_in_one_report_has_its_first_failures_status() -> None:
+    """Two failures for one address (two hosts tried, each refusing): the first,
+    as the reporting server wrote them; both are permanent, and neither is
+    more the address's than the other."""
+    report = read(_dsn_of(POLICY, NO_USER))
+    assert report is not None
+    assert report.failures == (
+        Failure("one@buyer.example", "5.7.1", "550 5.7.1 refused by policy"),
+    )

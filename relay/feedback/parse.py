@@ -255,7 +255,7 @@ def _not_ascii(blocks: list[Message]) -> list[str]:
     nobody the message went to, not "neither a bounce nor a complaint"."""
     found: list[str] = []
     for block in blocks:
-        if not (_value(block, "Action") or "").lower().startswith(("fail", "error")):
+        if not _says_failed(block):
             continue
         written = [*_values(block, "Original-Recipient"), *_values(block, "Final-Recipient")]
         typed = [v for v in written if v.lower().startswith("rfc822")]
@@ -506,13 +506,26 @@ def _blocks_read(blocks: list[Message], most: int) -> list[Message]:
 
 
 def _blocks_by_address(blocks: list[Message]) -> dict[str, Message]:
-    """Each recipient's first block, by its Final- or Original-Recipient in lower case."""
+    """Each recipient's first block that says it failed, else its first, by its
+    Final- or Original-Recipient in lower case. A report may give an address a
+    block per action (a delay, then the failure): the delay's, written first,
+    stood for the failure, and its 4.4.7 listed no mailbox that was gone."""
     found: dict[str, Message] = {}
+    failed: set[str] = set()
     for block in blocks:
+        fails = _says_failed(block)
         for name in ("Final-Recipient", "Original-Recipient"):
             for value in _values(block, name):
-                found.setdefault(_address(_untyped(value)).lower(), block)
+                address = _address(_untyped(value)).lower()
+                if address not in found or (fails and address not in failed):
+                    found[address] = block
+                if fails:
+                    failed.add(address)
     return found
+
+
+def _says_failed(block: Message) -> bool:
+    return (_value(block, "Action") or "").lower().startswith(("fail", "error"))
 
 
 def _status(block: Message) -> str | None:
