@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -484,6 +485,69 @@ def test_a_lock_root_makes_is_the_state_directorys_owners(tmp_path: Path) -> Non
     info = os.stat(state / command.LOCK_NAME)
     assert (info.st_uid, info.st_gid) == (65534, 65534)
     assert info.st_mode & 0o777 == 0o600  # its owner opens it read-only
+
+
+# imported as root, then another user: the interpreter may be where no other user may look
+_TAKE = """import os, sys
+from pathlib import Path
+from relay.feedback import command
+os.setgroups([])
+os.setgid(int(sys.argv[3]))
+os.setuid(int(sys.argv[2]))
+try:
+    with command.one_at_a_time(Path(sys.argv[1]), wait=0.5):
+        print("taken")
+except command.TakeBusy as exc:
+    print(exc)
+"""
+
+
+@contextlib.contextmanager
+def _lock_made_by_root(umask: int, mode: int) -> Iterator[Path]:
+    """A state directory of nobody's (``mode``), where root took the lock under
+    ``umask``; in a directory other users may reach (pytest's is root's alone)."""
+    with tempfile.TemporaryDirectory() as top:
+        os.chmod(top, 0o755)
+        state = Path(top) / "state"
+        state.mkdir()
+        os.chown(state, 65534, 65534)
+        os.chmod(state, mode)
+        before = os.umask(umask)
+        try:
+            with command.one_at_a_time(state, wait=0.2):
+                pass
+        finally:
+            os.umask(before)
+        yield state
+
+
+def _take_as(state: Path, uid: int, gid: int) -> str:
+    taken = subprocess.run(
+        [sys.executable, "-c", _TAKE, str(state), str(uid), str(gid)],
+        capture_output=True, text=True, timeout=60, check=True, cwd=ROOT,
+    )  # fmt: skip
+    return taken.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can run a command as another user")
+def test_the_service_user_takes_the_lock_a_run_as_root_made() -> None:
+    """The mail system's pipe runs as the service user (here ``nobody``, the state
+    directory's owner): the lock ``sudo relay bounce`` left under root's umask,
+    0600, is one that user opens and takes, not only one its owner is said to be."""
+    with _lock_made_by_root(0o077, 0o700) as state:
+        assert _take_as(state, 65534, 65534) == "taken\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can run a command as another user")
+def test_a_member_of_the_state_directorys_group_cannot_hold_the_lock() -> None:
+    """A log shipper in the service's group (a state directory made 0750 for it)
+    opened the lock ``sudo relay bounce`` made under a umask of 022, 0644, and
+    could hold it: every report after it waited its minute and went back to the
+    mail system's queue. Only the service user and root take it."""
+    with _lock_made_by_root(0o022, 0o750) as state:
+        assert os.stat(state / command.LOCK_NAME).st_mode & 0o777 == 0o600
+        said = _take_as(state, 65533, 65534)
+        assert said == f"cannot open {state / command.LOCK_NAME}: Permission denied\n"
 
 
 def test_a_report_over_the_limit_is_not_acted_on_in_part(policy_file: Path, tmp_path: Path) -> None:

@@ -72,9 +72,10 @@ def _open_lock(path: Path) -> int:
     share it. One root makes is the state directory's owner's, as the state's
     other files are: left root's under root's umask (027, 077), it kept every
     later run of the service user's pipe out, each report back in the mail
-    system's queue."""
+    system's queue. 0600 whatever the umask: made 0644, anyone who may read
+    the state directory (its group, for a log shipper) could hold it."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | statefiles.NOFOLLOW, 0o644)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | statefiles.NOFOLLOW, 0o600)
     except OSError as exc:
         raise TakeBusy(f"cannot open {path}: {exc.strerror}") from exc
     try:
