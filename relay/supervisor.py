@@ -475,21 +475,16 @@ class Supervisor:
                 log.error("reload failed: cannot hand the policy to the workers: %s", exc)
                 metrics_status.reload_failed()
                 return False
+            self._with_audit(lambda audit: record_policy(audit, self.policy_path, new))
+            if self.told is not None:
+                self._not_passed_on(new)
+                return False
             old, self.policy = self.policy, new  # a worker started from now on runs it
             self.upstreams_named |= set(new.upstreams)
             metrics_status.loaded()
             statelock.note_policy(
                 new.queue.directory.parent, new.digest, new.pending, self.policy_path
             )
-            self._with_audit(lambda audit: record_policy(audit, self.policy_path, new))
-            if self.told is not None:
-                log.info(
-                    "reload to policy %s not passed on to the workers: stopping; they stop"
-                    " running policy %s",
-                    new.digest[:12],
-                    old.digest[:12],
-                )
-                return False
             asked = {pid: worker.index for pid, worker in self.workers.items()}
             self._read_answers()  # late ones, to reloads before: none is about this one
             for pid in asked:
@@ -497,6 +492,21 @@ class Supervisor:
             return self._confirm(asked, new, old)
         finally:
             _remove_handover(self.handover)
+
+    def _not_passed_on(self, new: Policy) -> None:
+        """A stop taken in the reload's record: the workers stop on the policy they
+        run, which ``relay status``, the metrics and the tools go on naming (the
+        tools' copy of the text was the reload's already)."""
+        log.info(
+            "reload to policy %s not passed on to the workers: stopping; they stop"
+            " running policy %s",
+            new.digest[:12],
+            self.policy.digest[:12],
+        )
+        try:
+            _write_checked(self.checked, self.policy, self.running_workers)
+        except OSError as exc:
+            log.warning("cannot keep the running policy's text for the tools: %s", exc)
 
     def _confirm(self, asked: dict[int, int], new: Policy, old: Policy) -> bool:
         """``policy reloaded`` once every worker ``asked`` runs ``new``. One that kept

@@ -464,3 +464,48 @@ def test_a_stop_during_the_audit_logs_compression_waits_for_it(
     assert text.index("compressed audit-2026-11-01.jsonl") < text.index("stopping: telling")
     assert not [p.name for p in audit.iterdir() if p.name.endswith(".tmp")]
     assert "ERROR" not in text, text
+
+
+def _stop_in_the_supervisors_hung_write(slow: _Slow, sighup: bool = True) -> None:
+    """The supervisor held in its own write to the audit log (a reload's record,
+    with ``sighup``), then SIGTERM: the workers stop, the supervisor waits for it."""
+    if sighup:
+        slow.delay.write_text("-1")
+        slow.relay.signal(signal.SIGHUP)
+    wait_for(lambda: _get(slow.metrics, "/readyz")[0] == 503)
+    assert json.loads(_get(slow.metrics, "/readyz")[1])["checks"]["disk"].startswith(
+        "the supervisor (pid "
+    )
+    slow.relay.signal(signal.SIGTERM)
+    waiting = "stopping: waiting for the supervisor's write to the audit log"
+    wait_for(lambda: waiting in slow.relay.log(), timeout=20)
+
+
+def test_status_names_the_policy_the_workers_stop_on_after_a_reload_not_passed_on(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """A reload whose record hung when the stop came is not passed on to the
+    workers, which stop on the policy they ran: ``relay status`` named the
+    reload's, and the running relay's text for the tools was the reload's."""
+    with _relay_on_slow_disk(policy_file, tmp_path) as slow:
+        policy = slow.relay.policy
+        old = load(policy).digest
+        policy.write_text(policy.read_text() + "# edited\n")
+        new = load(policy).digest
+        assert new != old
+        state = load(policy).queue.directory.parent
+        _stop_in_the_supervisors_hung_write(slow)
+        assert f"reload to policy {new[:12]} not passed on to the workers" in slow.relay.log()
+        done = subprocess.run(
+            [sys.executable, "-m", "relay", "status", "-c", str(policy)],
+            capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+        )  # fmt: skip
+        checked = json.loads((state / "policy.checked.files").read_text())
+        slow.delay.write_text("0")
+        assert slow.relay.proc is not None and slow.relay.proc.wait(30) == 0
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and lines[0].startswith("relay: stopping, PID "), done
+    assert lines[1] == (
+        f"policy: {old[:12]} in use; {policy} now reads {new[:12]}: the next start puts it in use"
+    ), lines
+    assert checked["digest"] == old, checked
