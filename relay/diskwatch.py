@@ -4,7 +4,8 @@ Looked at once a second by the supervisor's loop (or, in a relay of one
 process, by a thread of its own): a worker whose fsync has waited ``SLOW``
 gets a WARNING, at most one every ``EVERY`` (the next counts those not
 logged), and an INFO line once that write has ended. The supervisor's own
-fsyncs block the loop that would say so: they are said when it comes round.
+fsyncs block the loop that would say so: they are said when it comes round,
+or as it exits, for one that ended while a stop waited for it.
 """
 
 from __future__ import annotations
@@ -49,14 +50,16 @@ class DiskWatch:
         self.state = state
         self._said: dict[int, _Said] = {}
 
-    def look(self, now: int | None = None) -> None:
-        """``now``: ``time.monotonic_ns()``, unless given."""
+    def look(self, now: int | None = None, last: bool = False) -> None:
+        """``now``: ``time.monotonic_ns()``, unless given. ``last``: the supervisor's
+        look as it exits: its own slow writes that ended during the stop are said
+        even within the minute, as no look comes after it to say them."""
         now = time.monotonic_ns() if now is None else now
         for index in range(self.waits.workers):  # the supervisor's own: below
             self._look_at(index, now)
         said = self._said.setdefault(self.waits.supervisor, _Said())
         for began, ended in diskwait.ended():
-            if now / 1e9 - said.at < EVERY:
+            if not last and now / 1e9 - said.at < EVERY:
                 said.unsaid += 1
                 continue
             more = f" ({said.unsaid} more since the last such line, not logged)"

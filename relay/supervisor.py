@@ -248,6 +248,7 @@ class Supervisor:
                 code = self._watch()
             self._stop()
             self._audit_written()
+            self.disk.look(last=True)  # a write that ended in the stop, after the loop's looks
             log.info("stopped")
             return code
         finally:

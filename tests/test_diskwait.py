@@ -344,6 +344,25 @@ def test_the_supervisors_own_slow_writes_are_said_once_a_minute(
     assert said[1].endswith("(2 more since the last such line, not logged)"), said
 
 
+def test_the_supervisors_last_look_says_a_slow_write_within_the_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its look as it exits comes after the stop's: a slow write counted there
+    for a line a minute later was never said."""
+    waits = DiskWaits(1)
+    watch = DiskWatch(waits, lambda: Path("/srv/state"))
+    waits.use(waits.supervisor, keep_ended=True)
+    try:
+        with caplog.at_level(logging.INFO, logger="relay"):
+            for at, last in ((100, False), (120, True)):
+                diskwait._ended.append(((at - 9) * SECOND, at * SECOND))  # as _note_end keeps it
+                watch.look(at * SECOND, last=last)
+    finally:
+        diskwait._forgotten()
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and "a write to the disk took 9s to finish" in said[1], said
+
+
 def test_the_supervisor_says_its_own_slow_write_when_its_loop_comes_round(
     policy_file: Path, tmp_path: Path
 ) -> None:
@@ -479,6 +498,24 @@ def _stop_in_the_supervisors_hung_write(slow: _Slow, sighup: bool = True) -> Non
     slow.relay.signal(signal.SIGTERM)
     waiting = "stopping: waiting for the supervisor's write to the audit log"
     wait_for(lambda: waiting in slow.relay.log(), timeout=20)
+
+
+def test_the_supervisors_slow_write_that_ends_during_the_stop_is_said(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Its write, hung past 5 s, ended as the stop waited for it: the relay said
+    "stopped" and nothing of the slow disk, which its loop would have said."""
+    with _relay_on_slow_disk(policy_file, tmp_path) as slow:
+        began = time.monotonic()
+        _stop_in_the_supervisors_hung_write(slow)
+        time.sleep(max(0.0, began + SLOW + 1 - time.monotonic()))
+        slow.delay.write_text("0")
+        assert slow.relay.proc is not None and slow.relay.proc.wait(30) == 0
+    text = slow.relay.log()
+    took = [line for line in text.splitlines() if "a write to the disk took " in line]
+    assert len(took) == 1 and "WARNING the supervisor (pid " in took[0], text
+    assert text.index(took[0]) < text.rindex("INFO stopped"), text
+    assert text.rstrip().endswith("INFO stopped"), text
 
 
 def test_status_names_the_policy_the_workers_stop_on_after_a_reload_not_passed_on(
