@@ -228,7 +228,8 @@ class Supervisor:
         os.set_blocking(self._answers, False)
         os.set_blocking(self._answering, False)  # a worker never waits on the supervisor
         self._partial = b""
-        self.restarts: dict[int, tuple[float, int]] = {}  # index -> (when, quick deaths)
+        # index -> (when, quick deaths, the pid of the worker it replaces)
+        self.restarts: dict[int, tuple[float, int, int]] = {}
         self.kill_at: dict[int, float] = {}  # pid -> when, for workers a reload stopped
         self.metrics = metrics  # bound, counting; saying "starting" until the workers serve
         self.lock = lock  # its file kept by the supervisor, which notes the policy in it
@@ -338,7 +339,7 @@ class Supervisor:
             metrics_status.beat()
             metrics_status.workers(len(self.workers), self.policy.workers)
             self.disk.look()
-            due = [when for when, _ in self.restarts.values()] + list(self.kill_at.values())
+            due = [when for when, _, _ in self.restarts.values()] + list(self.kill_at.values())
             timeout = max(0.0, min([1.0, *(when - time.monotonic() for when in due)]))
             info = signal.sigtimedwait(SIGNALS, timeout)
             if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
@@ -403,12 +404,12 @@ class Supervisor:
                 _how(status),
                 delay,
             )
-            self.restarts[worker.index] = (time.monotonic() + delay, quick)
+            self.restarts[worker.index] = (time.monotonic() + delay, quick, pid)
             why = f"worker {worker.index} (pid {pid}) ended"
             self._with_audit(lambda audit, why=why: settle_orphans(self.policy, audit, why))
         if self.told is not None:
             return False  # none started again: the relay stops
-        for index, (when, quick) in list(self.restarts.items()):
+        for index, (when, quick, _) in list(self.restarts.items()):
             if when <= time.monotonic():
                 del self.restarts[index]
                 self._spawn(index, None, quick)
@@ -629,7 +630,10 @@ class Supervisor:
         self._tell_workers()
 
     def _tell_workers(self) -> float:
-        """SIGTERM to every worker, once; when they were told."""
+        """SIGTERM to every worker, once; when they were told. A new worker the log
+        said would start, not started yet (its delay, or the dead one's mail
+        settled on a disk that did not answer), is said not to be: none starts
+        from here on."""
         if self.told is not None:
             return self.told
         self.told = time.monotonic()
@@ -638,6 +642,13 @@ class Supervisor:
             sock.close()  # the workers close theirs: no new connection is accepted
         for pid in self.workers:
             _signal(pid, signal.SIGTERM)
+        for index, (_, _, pid) in sorted(self.restarts.items()):
+            log.info(
+                "worker %d (pid %d): no new one is started after all: the relay is stopping",
+                index,
+                pid,
+            )
+        self.restarts.clear()
         return self.told
 
     def _stop(self) -> None:

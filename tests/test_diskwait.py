@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import re
 import signal
 import smtplib
 import subprocess
@@ -546,3 +548,28 @@ def test_status_names_the_policy_the_workers_stop_on_after_a_reload_not_passed_o
         f"policy: {old[:12]} in use; {policy} now reads {new[:12]}: the next start puts it in use"
     ), lines
     assert checked["digest"] == old, checked
+
+
+def test_a_worker_dead_while_the_disk_hangs_is_not_said_to_start_again_after_a_stop(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Killed while the disk hung, a worker was logged "starting a new one in 1s";
+    the supervisor, settling its mail, took a stop meanwhile, and none was
+    started: the log said so of none. Nor may one be started after the stop."""
+    with _relay_on_slow_disk(policy_file, tmp_path) as slow:
+        started = re.compile(r"INFO worker 1 started \(pid (\d+)\)$", re.M)
+        (victim,) = map(int, started.findall(slow.relay.log()))
+        slow.delay.write_text("-1")
+        os.kill(victim, signal.SIGKILL)
+        died = f"worker 1 (pid {victim}) was killed by SIGKILL; starting a new one in 1s"
+        wait_for(lambda: died in slow.relay.log())
+        _stop_in_the_supervisors_hung_write(slow, sighup=False)
+        slow.delay.write_text("0")
+        assert slow.relay.proc is not None and slow.relay.proc.wait(30) == 0
+    text = slow.relay.log()
+    assert started.findall(text) == [str(victim)], text
+    said = [line.split(" INFO ")[-1] for line in text.splitlines() if f"(pid {victim})" in line]
+    assert said[-1] == (
+        f"worker 1 (pid {victim}): no new one is started after all: the relay is stopping"
+    ), text
+    assert text.index(said[-1]) > text.index("INFO stopping: telling 1 worker"), text

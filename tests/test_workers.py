@@ -486,6 +486,28 @@ def test_status_counts_the_workers_running_against_those_asked_for(
         relay.stop()
 
 
+def test_a_worker_waiting_to_be_started_again_at_a_stop_is_said_not_to_be(
+    policy_file: Path, port: int, tmp_path: Path
+) -> None:
+    """A stop within a dead worker's restart delay left the log's "starting a
+    new one in 30s" standing: none was started, and nothing said so."""
+    slow = "from relay import supervisor\nsupervisor.RESTART_DELAY = (30.0,)"
+    policy = configure(policy_file, port)
+    relay = Relay(policy, port, tmp_path / "relay.log", prelude=slow)
+    try:
+        relay.wait_serving()
+        victim = relay.started()[0][1]
+        os.kill(victim, signal.SIGKILL)
+        relay.wait_for(lambda: "starting a new one in 30s" in relay.log(), "worker 0 gone")
+        assert relay.stop() == 0, relay.log()
+    finally:
+        relay.kill_leftovers()
+    log = relay.log()
+    assert [index for index, _ in relay.started()] == [0, 1], log
+    said = f"INFO worker 0 (pid {victim}): no new one is started after all: the relay is stopping"
+    assert log.index("INFO stopping: telling 1 worker") < log.index(said), log
+
+
 def test_an_audit_directory_deleted_stays_gone_until_restored(
     policy_file: Path, port: int, tmp_path: Path
 ) -> None:
