@@ -97,13 +97,16 @@ class _Slow:
 
 
 @contextlib.contextmanager
-def _relay_on_slow_disk(policy_file: Path, tmp_path: Path, workers: int = 2) -> Iterator[_Slow]:
+def _relay_on_slow_disk(
+    policy_file: Path, tmp_path: Path, workers: int = 2, prelude: str = ""
+) -> Iterator[_Slow]:
     """A relay whose fsyncs wait as its delay file says (``slow_disk``), serving."""
     env, delay = slow_disk(tmp_path)
     with SinkServer(Sink()) as sink:
         port, metrics = free_port(), free_port()
         policy = _metrics_policy(policy_file, port, sink.port, metrics, workers=workers)
-        with RelayProcess(policy, port, tmp_path / "relay.log", env=env) as relay:
+        log = tmp_path / "relay.log"
+        with RelayProcess(policy, port, log, env=env, prelude=prelude) as relay:
             wait_for(lambda: f"metrics on http://127.0.0.1:{metrics}/metrics" in relay.log())
             yield _Slow(relay, port, metrics, delay, sink)
 
@@ -518,6 +521,23 @@ def test_the_supervisors_slow_write_that_ends_during_the_stop_is_said(
     assert len(took) == 1 and "WARNING the supervisor (pid " in took[0], text
     assert text.index(took[0]) < text.rindex("INFO stopped"), text
     assert text.rstrip().endswith("INFO stopped"), text
+
+
+def test_the_supervisors_write_that_never_ends_is_said_as_it_exits(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The stop gives up waiting for it: the log says so, naming the disk."""
+    prelude = "import relay.supervisor as supervisor\nsupervisor.STOP_TIMEOUT = 3.0"
+    with _relay_on_slow_disk(policy_file, tmp_path, prelude=prelude) as slow:
+        _stop_in_the_supervisors_hung_write(slow)
+        assert slow.relay.proc is not None and slow.relay.proc.wait(30) == 0
+        state = load(slow.relay.policy).queue.directory.parent
+    text = slow.relay.log()
+    assert (
+        "ERROR the supervisor's write to the audit log did not end within 3s of the stop:"
+        f" exiting without it; the disk under {state} is slow or not answering"
+    ) in text, text
+    assert "a write to the disk took " not in text and text.rstrip().endswith("INFO stopped")
 
 
 def test_status_names_the_policy_the_workers_stop_on_after_a_reload_not_passed_on(
