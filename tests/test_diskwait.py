@@ -560,6 +560,7 @@ def test_status_names_the_policy_the_workers_stop_on_after_a_reload_not_passed_o
             capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
         )  # fmt: skip
         checked = json.loads((state / "policy.checked.files").read_text())
+        samples = _samples(slow.metrics)
         slow.delay.write_text("0")
         assert slow.relay.proc is not None and slow.relay.proc.wait(30) == 0
     lines = done.stdout.splitlines()
@@ -568,6 +569,7 @@ def test_status_names_the_policy_the_workers_stop_on_after_a_reload_not_passed_o
         f"policy: {old[:12]} in use; {policy} now reads {new[:12]}: the next start puts it in use"
     ), lines
     assert checked["digest"] == old, checked
+    assert _value(samples, "relay_policy_info", version=old[:12]) == 1, samples
 
 
 def test_a_worker_dead_while_the_disk_hangs_is_not_said_to_start_again_after_a_stop(
