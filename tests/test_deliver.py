@@ -247,7 +247,7 @@ async def test_a_3xx_to_rcpt_is_retried_and_never_delivered(pipelining: bool) ->
     assert got.replies["two@example.org"][0] == 451
     assert all("two@example.org" not in m.rcpt_tos for m in handler.messages)
     if not pipelining:
-        assert got.replies["two@example.org"][1] == "451 4.4.0 what (upstream replied 354 3.0.0)"
+        assert got.replies["two@example.org"][1] == "451 4.4.0 what (upstream replied 354)"
         assert [m.rcpt_tos for m in handler.messages] == [["one@example.org"]]
 
 
@@ -1392,4 +1392,4 @@ async def test_a_reply_code_smtp_does_not_have_is_retried() -> None:
     handler = SinkHandler(refuse={"one@example.org": "650 what"})
     with Sink(handler) as sink:
         got = await attempt(upstream(sink.port), "b@p.example", ["one@example.org"], MESSAGE)
-    assert got.replies == {"one@example.org": (451, "451 4.4.0 what (upstream replied 650 6.0.0)")}
+    assert got.replies == {"one@example.org": (451, "451 4.4.0 what (upstream replied 650)")}

@@ -7,9 +7,11 @@ import re
 import smtplib
 from pathlib import Path
 
+import pytest
+
 from tests.relayproc import RelayProcess, wait_for
 from tests.sink import Sink, SinkServer, free_port
-from tests.test_queue_e2e import SMALL, audit_events, configure, relay_cli, send
+from tests.test_queue_e2e import SMALL, audit_events, audit_records, configure, relay_cli, send
 
 REFUSE = {
     "bad@example.org": "550 5.1.1 No such user",
@@ -116,3 +118,33 @@ def test_mail_with_an_empty_envelope_sender_keeps_it_and_gets_no_notice(
     assert ("failed", "bad@example.org") in audit_events(policy, qid)
     assert "notified" not in {event for event, _ in audit_events(policy, qid)}
     assert len(sink.sink.messages) == 1  # no notice
+
+
+@pytest.mark.parametrize("at", ["RCPT", "DATA"])
+def test_a_reply_code_smtp_does_not_have_is_quoted_with_no_status_made_up(
+    policy_file: Path, tmp_path: Path, at: str
+) -> None:
+    """RFC 3463 has classes 2, 4 and 5 only: a ``650 what`` was quoted as
+    ``(upstream replied 650 6.0.0)`` in the log, the audit log and the queue's
+    listing, a status the upstream never sent and none has. The message is
+    deferred with the relay's own ``451 4.4.0`` all the same."""
+    odd = "650 what"
+    upstream = Sink(refuse={"one@example.org": odd}) if at == "RCPT" else Sink(data_reply=odd)
+    said = "451 4.4.0 what (upstream replied 650)"
+    with SinkServer(upstream) as sink:
+        port = free_port()
+        policy = configure(policy_file, port, sink.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as relay:
+            qid = send(port)
+            wait_for(lambda: f"{qid}: to=<one@example.org>" in relay.log())
+            listed = relay_cli(policy, "queue", "list")
+            listed_json = relay_cli(policy, "queue", "list", "--json")
+            lines = relay.log()
+    assert re.search(
+        rf"{qid}: to=<one@example.org>.*dsn=4\.4\.0, status=deferred \({re.escape(said)}\)", lines
+    )
+    deferred = [r for r in audit_records(policy, qid) if r["event"] == "deferred"]
+    assert deferred and {r["reply"] for r in deferred} == {said}
+    assert "upstream replied 650)" in listed.stdout, listed.stdout
+    for text in (lines, listed.stdout, listed_json.stdout, json.dumps(deferred)):
+        assert "6.0.0" not in text

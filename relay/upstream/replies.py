@@ -16,11 +16,13 @@ from relay.errors import UpstreamError
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 OUR_LOGIN = frozenset({530, 534, 535, 538})
+_CLASSES = (2, 4, 5)  # RFC 3463 has no other: a 650 or a 354 gets no enhanced status
 _CONTROL = re.compile(r"[\x00-\x09\x0b\x0c\x0e-\x1f\x7f]")  # all but CR and LF
 
 
 def split(code: int, message: str) -> tuple[str, str]:
-    """The enhanced status code and the text, with multi-line replies on one line.
+    """The enhanced status code and the text, with multi-line replies on one line;
+    no status (``""``) for a code RFC 3463 has no class for, none being made up.
 
     The text goes into the audit log, the spool, the log and the sender's
     notice, which all take only text: bytes of a reply that are not UTF-8
@@ -38,13 +40,13 @@ def split(code: int, message: str) -> tuple[str, str]:
         if line.strip():
             texts.append(line.strip())
     if not status or status[0] != str(code)[0]:
-        status = f"{code // 100}.0.0"
+        status = f"{code // 100}.0.0" if code // 100 in _CLASSES else ""
     return status, " ".join(texts)
 
 
 def line(code: int, message: str) -> str:
     status, text = split(code, message)
-    return f"{code} {status} {text}".rstrip()
+    return " ".join(part for part in (str(code), status, text) if part)
 
 
 def refusal(code: int, message: str, suffix: str = "") -> UpstreamError:
@@ -52,7 +54,7 @@ def refusal(code: int, message: str, suffix: str = "") -> UpstreamError:
     the sender's notice quote this reply, and should not put a 451 in the
     upstream's mouth where it said 421."""
     status, text = split(code, message)
-    said = f"{code} {status}"
+    said = f"{code} {status}".rstrip()
     if code == 421 or code in OUR_LOGIN:
         code, status = 451, "4" + status[1:]
     elif not 400 <= code < 600:
