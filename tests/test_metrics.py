@@ -640,7 +640,7 @@ def test_an_unreadable_list_leaves_out_its_gauge_not_the_scrape(
             code, body, _ = _get(metrics, "/readyz")  # it takes no mail: not ready for any
             assert code == 503
             said = json.loads(body)["checks"]["suppression"]
-            assert said == f"{listed.file} not readable: Is a directory"
+            assert said == f"{listed.file} not readable: a directory, not a regular file"
             listed.file.rmdir()
             wait_for(lambda: ("relay_suppression_list_entries", ()) in _samples(metrics))
             assert _get(metrics, "/readyz")[0] == 200
@@ -896,7 +896,7 @@ def test_a_part_left_out_is_said_again_when_its_error_changes(
         assert ("relay_suppression_list_entries", ()) in _samples(port)
     said = [r.getMessage() for r in caplog.records if "suppression list" in r.getMessage()]
     assert len(said) == 3, said
-    assert said[0].endswith("Is a directory"), said
+    assert said[0].endswith("a directory, not a regular file"), said
     assert said[1].endswith("Too many levels of symbolic links"), said
     assert said[2] == "metrics: the suppression list is read again"
 

@@ -125,7 +125,7 @@ def test_preview_goes_on_without_a_suppression_list_it_cannot_read(
     text, report = _preview(policy_file, eml, ("buyer@example.org",))
     said = (
         "recipients not checked against the suppression list: cannot read the suppression"
-        f" list {settings.file}: Is a directory"
+        f" list {settings.file}: a directory, not a regular file"
     )
     assert f"\n  - {said}\n" in text
     assert said in report["reasons"]

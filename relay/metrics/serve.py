@@ -45,7 +45,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from relay import lowports
+from relay import lowports, statefiles
 from relay.clocksteps import ClockSteps
 from relay.diskwait import SLOW, DiskWaits
 from relay.errors import RelayError
@@ -454,9 +454,11 @@ def _answering(disk: DiskWaits | None, state: Path) -> str:
 
 def _readable(file: Path) -> str:
     """Every message is refused with 451 while the list cannot be read: a relay
-    that takes no mail is not ready for it. A list not made yet is empty."""
+    that takes no mail is not ready for it. A list not made yet is empty. A FIFO
+    there is refused unopened: its open waited for a writer, and held the
+    health check's thread for ever."""
     try:
-        with open(file, "rb") as listing:
+        with statefiles.read_plain(file) as listing:
             listing.read(1)
     except FileNotFoundError:
         return "readable"

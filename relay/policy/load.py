@@ -222,6 +222,12 @@ def check_main(path: Path, out: TextIO, err: TextIO) -> int:
     if said is not None:  # in the unit's ExecStartPre: the start stops here, and says why
         print(f"{path}: {said}; relay serve would not start", file=err)
         return EX_OSERR
+    problems = _state_problems(policy)
+    if problems:
+        for problem in problems:
+            print(problem, file=err)
+        print(f"{path}: {quantity(len(problems), 'problem')}", file=err)
+        return EX_CONFIG
     for warning in [*warnings, *_state_warnings(policy), *_file_warnings(policy)]:
         print(warning, file=err)
     users = sum(len(tenant.users) for tenant in policy.tenants.values())
@@ -235,6 +241,28 @@ def check_main(path: Path, out: TextIO, err: TextIO) -> int:
     )
     print(f"{path}: ok ({summary})", file=out)
     return 0
+
+
+def _state_problems(policy: Policy) -> list[str]:
+    """What the state directory holds that keeps ``relay serve`` from starting
+    whoever runs it: a suppression list that is not a plain file (a FIFO, whose
+    open waited for ever). One this user cannot read is a warning
+    (``_state_warnings``): the relay's user may."""
+    from relay import statefiles
+
+    if policy.suppression is None:
+        return []
+    file = policy.suppression.file
+    try:
+        os.close(statefiles.open_plain(file))
+    except statefiles.NotAFile as exc:
+        return [
+            f"{policy.source}: state_directory: the suppression list {file} is {exc.strerror}:"
+            " relay serve would not start (exit 73)"
+        ]
+    except OSError:
+        return []  # none yet is an empty list; one not readable is warned of
+    return []
 
 
 def _state_warnings(policy: Policy) -> list[str]:

@@ -95,7 +95,7 @@ class SuppressionFile:
         changed = False
         self._odd = _Odd()
         try:
-            with statefiles.open_read(self.path) as f:
+            with statefiles.read_plain(self.path) as f:
                 st = os.fstat(f.fileno())
                 if not self._continues(f.fileno(), st.st_ino, st.st_size):
                     self._reset()
@@ -139,7 +139,7 @@ class SuppressionFile:
         lines naming them are parsed: parsing every line of a 500,000-entry
         list took ``relay suppression add`` 4 s and 600 MB for one address."""
         try:
-            with statefiles.open_read(self.path) as whole:
+            with statefiles.read_plain(self.path) as whole:
                 chunk = whole.read()
         except FileNotFoundError:
             chunk = b""
@@ -385,14 +385,14 @@ def _failed(verb: str, path: Path, exc: OSError) -> SuppressionError:
 def _open_for_append(path: Path) -> int:
     """Open, creating the file (and fsyncing its directory) if it is new, owned
     like the directory it is in."""
-    flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW  # read: its last byte
+    flags = os.O_RDWR | os.O_APPEND  # read: its last byte
     with contextlib.suppress(FileNotFoundError):
-        return os.open(path, flags)
+        return statefiles.open_plain(path, flags)
     if not path.parent.is_dir():
         raise FileNotFoundError(
             errno.ENOENT, f"no state directory {path.parent} yet (relay serve creates it)"
         )
-    fd = os.open(path, flags | os.O_CREAT, 0o640)
+    fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
     try:
         statefiles.adopt(fd, statefiles.owner_for(os.stat(path.parent)))
         directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)

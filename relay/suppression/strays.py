@@ -32,7 +32,7 @@ def stray_tenants(path: Path, tenants: Collection[str]) -> Counter[str]:
     policy = {name.encode() for name in tenants}
     found: dict[Key, str | None] = {}
     try:
-        with statefiles.open_read(path) as f:
+        with statefiles.read_plain(path) as f:
             for line in f:
                 named = _TENANT.search(line)
                 if named is None and not _TENANT_ESCAPED.search(line):
@@ -43,7 +43,8 @@ def stray_tenants(path: Path, tenants: Collection[str]) -> Counter[str]:
     except (FileNotFoundError, NotADirectoryError):  # no list there (yet)
         return Counter()
     except OSError as exc:
-        raise SuppressionError(f"cannot read the suppression list {path}: {exc}") from exc
+        why = exc.strerror if isinstance(exc, statefiles.NotAFile) else exc
+        raise SuppressionError(f"cannot read the suppression list {path}: {why}") from exc
     return Counter(t for t in found.values() if t is not None and t not in tenants)
 
 
