@@ -1,0 +1,14 @@
+"""The ``relay`` command's entry point, apart from ``relay.cli``: Ctrl-C while
+Python still imports the command line (its first 0.15 s or so) printed a
+KeyboardInterrupt traceback, where one a moment later ends the command
+quietly with 130. It imports nothing itself, so next to nothing of a start
+is left before the handler below."""
+
+
+def main() -> int:
+    try:
+        from relay.cli import main as run
+
+        return run()
+    except KeyboardInterrupt:  # 128 + SIGINT, as the commands end on it later
+        return 130
