@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -80,6 +81,23 @@ def test_a_fifo_made_while_it_runs_refuses_mail_and_readyz_answers(
     assert offered == 451
     assert f"cannot read the suppression list {listed}: {SAID}" in log
     assert not sink.sink.messages
+
+
+def test_a_reload_with_a_fifo_for_a_list_is_taken_and_says_what_it_is(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """The reload's look for entries of tenants the policy no longer has waited
+    for ever: ``systemctl reload`` hung, and the stop after it too."""
+    port = free_port()
+    policy = configure(policy_file, port, free_port())
+    with (
+        RelayProcess(policy, port, tmp_path / "relay.log") as relay,
+        fifo_listed(policy) as listed,
+    ):
+        relay.signal(signal.SIGHUP)
+        relay.wait_reloaded(1)
+        log = relay.log()
+    assert f"ERROR cannot read the suppression list {listed}: {SAID}" in log
 
 
 def test_check_refuses_a_fifo_and_the_tools_say_what_it_is(policy_file: Path) -> None:
