@@ -109,11 +109,10 @@ def test_a_large_spool_is_said_as_it_is_read_and_its_records_before_delivery(
     began = f"spool {spool}: reading {QUEUED} entries before serving; clients are greeted once"
     assert said.count(f"{began} it is read") == 1
     assert said.count(f"spool {spool}: still reading, for 5 seconds so far") == 1
-    reading = f"queue: reading the records of {QUEUED} messages before the first delivery"
+    reading = f"queue: reading the records of {QUEUED} messages; delivering those due as"
     assert said.count(reading) == 1
     assert said.count("queue: records read in ") == 1
     assert said.index(reading) < said.index("queue: records read in ")
-    assert "; delivering those due" in said
 
 
 @pytest.mark.parametrize("workers", [1, 2])
