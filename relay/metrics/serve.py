@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -348,14 +348,18 @@ class MetricsServer:
         records: int = 0,
         disk: DiskWaits | None = None,
         steps: ClockSteps | None = None,
+        queued: Iterable[tuple[str, str, int]] | None = None,
     ) -> None:
         """Count from here: once the state is open, before the workers start, so
         that nothing they do is missed; ``records``, the audit records the start
         wrote (its ``policy_loaded``, what recovery wrote again) are counted too;
         ``disk``, the writes in progress, for the gauge and ``/readyz``;
-        ``steps``, the clock's steps the process that looks at them sees."""
+        ``steps``, the clock's steps the process that looks at them sees;
+        ``queued``, the queued messages as the start read them (``RelayCollector``)."""
         self._disk = disk
-        self._registry.register(RelayCollector(self._current, rates, tally, records, disk, steps))
+        self._registry.register(
+            RelayCollector(self._current, rates, tally, records, disk, steps, queued)
+        )
         self._starting = ABOUT_TO_SERVE
 
     def start(self, current: Callable[[], Policy]) -> None:

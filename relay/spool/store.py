@@ -619,14 +619,19 @@ class Spool:
             except SpoolError as exc:
                 yield queue_id, exc
 
-    def recover(self, min_age: float = 60.0) -> int:
+    def recover(
+        self, min_age: float = 60.0, read: Callable[[QueueEntry], object] | None = None
+    ) -> int:
         """Clean up what a crash left behind; returns the number of complete entries.
 
         Files younger than ``min_age`` seconds may belong to a put in progress in
         another process and are left alone; pass 0 only when no daemon runs.
+        ``read`` gets the record of each complete entry that can be read: the
+        check opens every entry's file anyway, and the start's metrics count
+        the queue from them rather than open 50,000 files again.
         """
         cutoff = time.time() - min_age
-        complete = set(self.complete())
+        complete = set(self.complete(read))
         for path in self._leftovers(complete):
             with contextlib.suppress(FileNotFoundError):
                 info = path.stat()
@@ -641,21 +646,32 @@ class Spool:
             (self.directory / "lock").rmdir()  # lock files of an earlier layout, emptied above
         return len(complete)
 
-    def complete(self) -> list[str]:
+    def complete(self, read: Callable[[QueueEntry], object] | None = None) -> list[str]:
         """The IDs of entries with their record: a message file without one is what
-        a crash mid-put left, which ``recover`` removes."""
-        return [q for q in self.ids() if self._has_record(q)]
+        a crash mid-put left, which ``recover`` removes. ``read``: see ``recover``."""
+        return [q for q in self.ids() if self._has_record(q, read)]
 
-    def _has_record(self, queue_id: str) -> bool:
+    def _has_record(self, queue_id: str, read: Callable[[QueueEntry], object] | None) -> bool:
         """A message queued before records moved into the entry's file has its
         record beside it; without one it is what a crash mid-put left then."""
         if self._env_path(queue_id).exists():
+            if read is not None:
+                with contextlib.suppress(SpoolError):  # the engine says why, and skips it
+                    read(self.load(queue_id))
             return True
         try:
             with statefiles.read_plain(self.message_path(queue_id)) as entry_file:
-                return entry_file.read(len(RECORD_MARK)) == RECORD_MARK
+                if entry_file.read(len(RECORD_MARK)) != RECORD_MARK:
+                    return False
+                line = entry_file.readline() if read is not None else b""
         except OSError:
             return False
+        if read is not None:
+            with contextlib.suppress(ValueError):
+                entry = QueueEntry.from_json(line)
+                if entry.queue_id == queue_id:
+                    read(entry)
+        return True
 
     def _complete_now(self, path: Path) -> bool:
         """Whether ``path`` is an entry's message or record, and the entry complete
@@ -664,7 +680,7 @@ class Spool:
         keep it from being removed after its 250."""
         entry = path.name.removesuffix(".json") if path.parent == self._env else path.name
         return bool(_ID.fullmatch(entry)) and (
-            self.message_path(entry).exists() and self._has_record(entry)
+            self.message_path(entry).exists() and self._has_record(entry, None)
         )
 
     def _leftovers(self, complete: set[str]) -> Iterator[Path]:
