@@ -247,7 +247,7 @@ async def test_a_3xx_to_rcpt_is_retried_and_never_delivered(pipelining: bool) ->
     assert got.replies["two@example.org"][0] == 451
     assert all("two@example.org" not in m.rcpt_tos for m in handler.messages)
     if not pipelining:
-        assert got.replies["two@example.org"][1] == "451 4.4.0 what (upstream replied 354)"
+        assert got.replies["two@example.org"][1] == "451 4.4.0 what (upstream replied 354 2.1.5)"
         assert [m.rcpt_tos for m in handler.messages] == [["one@example.org"]]
 
 
@@ -736,11 +736,22 @@ async def test_refusal_without_enhanced_code_gets_one() -> None:
     assert failed.value.line == "550 5.0.0 no such user here"
 
 
-async def test_421_becomes_451_with_the_upstream_text() -> None:
-    handler = SinkHandler(refuse={"one@example.org": "421 4.7.0 Too many connections"})
+@pytest.mark.parametrize(
+    ("reply", "line"),
+    [
+        (
+            "421 4.7.0 Too many connections",
+            "451 4.7.0 Too many connections (upstream replied 421 4.7.0)",
+        ),
+        # the quote is the upstream's own: no 4.0.0 it did not send
+        ("421 Too many connections", "451 4.0.0 Too many connections (upstream replied 421)"),
+    ],
+)
+async def test_421_becomes_451_with_the_upstream_text(reply: str, line: str) -> None:
+    handler = SinkHandler(refuse={"one@example.org": reply})
     with Sink(handler) as sink, pytest.raises(UpstreamError) as failed:
         await deliver(upstream(sink.port), "b@p.example", ["one@example.org"], MESSAGE)
-    assert failed.value.line == "451 4.7.0 Too many connections (upstream replied 421 4.7.0)"
+    assert failed.value.line == line
 
 
 # --- SMTP: unreachable ------------------------------------------------------------
@@ -1387,9 +1398,14 @@ async def test_a_fully_qualified_name_with_its_root_dot_is_checked_without_it(
     assert sink.handler.messages[0].tls
 
 
-async def test_a_reply_code_smtp_does_not_have_is_retried() -> None:
+@pytest.mark.parametrize(
+    ("reply", "quoted"),
+    [("650 what", "650"), ("650 5.1.1 what", "650 5.1.1")],  # its own status kept in the quote
+)
+async def test_a_reply_code_smtp_does_not_have_is_retried(reply: str, quoted: str) -> None:
     """RFC 5321 codes end at 5xx: a 6xx passed on was taken for a refusal for good."""
-    handler = SinkHandler(refuse={"one@example.org": "650 what"})
+    handler = SinkHandler(refuse={"one@example.org": reply})
     with Sink(handler) as sink:
         got = await attempt(upstream(sink.port), "b@p.example", ["one@example.org"], MESSAGE)
-    assert got.replies == {"one@example.org": (451, "451 4.4.0 what (upstream replied 650)")}
+    said = f"451 4.4.0 what (upstream replied {quoted})"
+    assert got.replies == {"one@example.org": (451, said)}

@@ -22,7 +22,19 @@ _CONTROL = re.compile(r"[\x00-\x09\x0b\x0c\x0e-\x1f\x7f]")  # all but CR and LF
 
 def split(code: int, message: str) -> tuple[str, str]:
     """The enhanced status code and the text, with multi-line replies on one line;
-    no status (``""``) for a code RFC 3463 has no class for, none being made up.
+    no status (``""``) for a code RFC 3463 has no class for, none being made up."""
+    given, text = _split(message)
+    return _status(code, given), text
+
+
+def _status(code: int, given: str) -> str:
+    if not given or given[0] != str(code)[0]:
+        return f"{code // 100}.0.0" if code // 100 in _CLASSES else ""
+    return given
+
+
+def _split(message: str) -> tuple[str, str]:
+    """The enhanced status the reply gave (``""`` for none) and its text.
 
     The text goes into the audit log, the spool, the log and the sender's
     notice, which all take only text: bytes of a reply that are not UTF-8
@@ -30,18 +42,16 @@ def split(code: int, message: str) -> tuple[str, str]:
     a space."""
     message = message.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     message = _CONTROL.sub(" ", message)
-    status = ""
+    given = ""
     texts: list[str] = []
     for line in message.splitlines() or [""]:
         head, _, rest = line.strip().partition(" ")
         if _ENHANCED.fullmatch(head):
-            status = status or head
+            given = given or head
             line = rest
         if line.strip():
             texts.append(line.strip())
-    if not status or status[0] != str(code)[0]:
-        status = f"{code // 100}.0.0" if code // 100 in _CLASSES else ""
-    return status, " ".join(texts)
+    return given, " ".join(texts)
 
 
 def line(code: int, message: str) -> str:
@@ -52,13 +62,19 @@ def line(code: int, message: str) -> str:
 def refusal(code: int, message: str, suffix: str = "") -> UpstreamError:
     """A changed code says what it was, in the text: the audit log, the log and
     the sender's notice quote this reply, and should not put a 451 in the
-    upstream's mouth where it said 421."""
-    status, text = split(code, message)
-    said = f"{code} {status}".rstrip()
+    upstream's mouth where it said 421. The quote is the upstream's own: its
+    code, and its enhanced status if it gave one (``421 Too busy`` was quoted
+    ``421 4.0.0``, a status it did not send)."""
+    given, text = _split(message)
+    status = _status(code, given)
+    said = f"{code} {given}".rstrip()
     if code == 421 or code in OUR_LOGIN:
-        code, status = 451, "4" + status[1:]
-    elif not 400 <= code < 600:
-        code, status = 451, "4.4.0"  # not a refusal a client can act on; try again later
-    if f"{code} {status}" != said:
+        status = "4" + status[1:]
+        replied, code = code, 451
+    elif not 400 <= code < 600:  # not a refusal a client can act on; try again later
+        replied, code, status = code, 451, "4.4.0"
+    else:
+        replied = code
+    if replied != code or (given and given != status):
         text = f"{text} (upstream replied {said})".lstrip()
     return UpstreamError(code, status, text + suffix)
