@@ -477,16 +477,16 @@ class Supervisor:
                 log.error("reload failed: cannot hand the policy to the workers: %s", exc)
                 metrics_status.reload_failed()
                 return False
-            self._with_audit(lambda audit: record_policy(audit, self.policy_path, new))
-            if self.told is not None:
-                self._not_passed_on(new)
-                return False
             old, self.policy = self.policy, new  # a worker started from now on runs it
             self.upstreams_named |= set(new.upstreams)
-            metrics_status.loaded()
             statelock.note_policy(
                 new.queue.directory.parent, new.digest, new.pending, self.policy_path
             )
+            self._with_audit(lambda audit: record_policy(audit, self.policy_path, new))
+            if self.told is not None:
+                self._not_passed_on(new, old)
+                return False
+            metrics_status.loaded()
             asked = {pid: worker.index for pid, worker in self.workers.items()}
             self._read_answers()  # late ones, to reloads before: none is about this one
             for pid in asked:
@@ -495,18 +495,22 @@ class Supervisor:
         finally:
             _remove_handover(self.handover)
 
-    def _not_passed_on(self, new: Policy) -> None:
+    def _not_passed_on(self, new: Policy, old: Policy) -> None:
         """A stop taken in the reload's record: the workers stop on the policy they
-        run, which ``relay status``, the metrics and the tools go on naming (the
-        tools' copy of the text was the reload's already)."""
+        run, which ``relay status``, the metrics and the tools name again. Until
+        then they named the reload's, as in any reload before the workers answer:
+        switched only after the record, they disagreed while it waited (status
+        named the old, the tools' copy the new, and took the workers for dying)."""
         log.info(
             "reload to policy %s not passed on to the workers: stopping; they stop"
             " running policy %s",
             new.digest[:12],
-            self.policy.digest[:12],
+            old.digest[:12],
         )
+        self.policy = old
+        note_in_use(old)  # with the stop's note
         try:
-            _write_checked(self.checked, self.policy, self.running_workers)
+            _write_checked(self.checked, old, self.running_workers)
         except OSError as exc:
             log.warning("cannot keep the running policy's text for the tools: %s", exc)
 

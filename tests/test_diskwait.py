@@ -572,6 +572,35 @@ def test_status_names_the_policy_the_workers_stop_on_after_a_reload_not_passed_o
     assert _value(samples, "relay_policy_info", version=old[:12]) == 1, samples
 
 
+def test_status_while_a_reload_record_hangs_agrees_with_the_tools(
+    policy_file: Path, tmp_path: Path
+) -> None:
+    """Switched to the new policy only once its record was written, the supervisor
+    left ``relay status`` naming the old one while the tools' copy was the new:
+    status took the new ``workers: 3`` for workers dying."""
+    with _relay_on_slow_disk(policy_file, tmp_path) as slow:
+        policy = slow.relay.policy
+        text = policy.read_text()
+        assert "workers: 2\n" in text
+        policy.write_text(text.replace("workers: 2\n", "workers: 3\n"))
+        new = load(policy).digest
+        state = load(policy).queue.directory.parent
+        slow.delay.write_text("-1")
+        slow.relay.signal(signal.SIGHUP)
+        wait_for(lambda: _get(slow.metrics, "/readyz")[0] == 503)
+        done = subprocess.run(
+            [sys.executable, "-m", "relay", "status", "-c", str(policy)],
+            capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+        )  # fmt: skip
+        checked = json.loads((state / "policy.checked.files").read_text())
+        slow.delay.write_text("0")
+        slow.relay.wait_reloaded(1)
+    assert checked["digest"] == new, checked
+    assert done.returncode == 0, done
+    assert "starting again" not in done.stdout, done.stdout
+    assert f"policy: {new[:12]} in use" in done.stdout, done.stdout
+
+
 def test_a_worker_dead_while_the_disk_hangs_is_not_said_to_start_again_after_a_stop(
     policy_file: Path, tmp_path: Path
 ) -> None:
