@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,78 @@ def test_a_refused_login_is_told_as_the_queue_would_tell_it(
         f"smarthost (127.0.0.1:{upstream.port}): FAILED (used by acme)",
         f"  delivery: failed: 451 4.7.0 Upstream smarthost (127.0.0.1:{upstream.port}) refused the"
         " relay's login: 535 5.7.8 Authentication credentials invalid",
+    ]
+
+
+class Counted(RecordingSink):
+    """Notes each AUTH, as a smarthost that counts failed logins does; also offers
+    XOAUTH2, and ``old_style`` adds an ``AUTH=`` line after aiosmtpd's ``AUTH``."""
+
+    def __init__(self, old_style: str = "") -> None:
+        super().__init__()
+        self.attempts: list[str] = []
+        self.old_style = old_style
+
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        self.attempts.append(mechanism)
+        return login(server, session, envelope, mechanism, data)
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        self.attempts.append("XOAUTH2")
+        return AuthResult(success=False, handled=False)
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list
+    ) -> list:
+        responses = await super().handle_EHLO(server, session, envelope, hostname, responses)
+        if not self.old_style:
+            return responses
+        return [*responses[:-1], f"250-AUTH={self.old_style}", responses[-1]]
+
+
+@contextmanager
+def counted(certs: Certs, exclude: list[str], old_style: str = "") -> Iterator[Controller]:
+    handler = Counted(old_style)
+    controller = Controller(
+        handler, hostname="127.0.0.1", port=free_port(), server_hostname="smtp.test",
+        tls_context=server_context(certs), authenticator=handler.authenticate,
+        auth_exclude_mechanism=exclude, ready_timeout=10,
+    )  # fmt: skip
+    controller.start()
+    try:
+        yield controller
+    finally:
+        controller.stop()
+
+
+def test_a_wrong_password_is_one_failed_login_at_the_upstream(tmp_path: Path, certs: Certs) -> None:
+    """aiosmtplib tried LOGIN after PLAIN was refused: two failed logins against
+    the account for one test."""
+    with counted(certs, ["XOAUTH2"]) as upstream:
+        done = relay("-c", str(policy(tmp_path, upstream.port, certs.ca, "wrong")), "smarthost")
+    assert done.returncode == 1
+    assert upstream.handler.attempts == ["PLAIN"]
+    assert done.stdout.splitlines()[1] == (
+        f"  delivery: failed: 451 4.7.0 Upstream smarthost (127.0.0.1:{upstream.port}) refused"
+        " the relay's login: 535 5.7.8 Authentication credentials invalid"
+    )
+
+
+def test_an_upstream_offering_xoauth2_only_says_what_the_relay_logs_in_with(
+    tmp_path: Path, certs: Certs
+) -> None:
+    with counted(certs, ["LOGIN", "PLAIN"]) as upstream:
+        done = relay("-c", str(policy(tmp_path, upstream.port, certs.ca)), "smarthost")
+    assert done.returncode == 1
+    assert upstream.handler.attempts == []
+    where = f"smarthost (127.0.0.1:{upstream.port})"
+    assert done.stdout.splitlines() == [
+        f"{where}: FAILED (used by acme)",
+        f"  delivery: failed: 451 4.7.0 Upstream {where}: offers AUTH XOAUTH2 only; the relay"
+        " logs in with PLAIN, LOGIN or CRAM-MD5: use an account or app password the server"
+        " takes with one of them (or a smarthost that does) (logging in)",
     ]
 
 

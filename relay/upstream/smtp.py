@@ -38,6 +38,7 @@ from relay.upstream import (
     SenderRefused,
     Unreachable,
     helo,
+    login,
     replies,
     transaction,
 )
@@ -211,7 +212,7 @@ async def connect(upstream: SmtpUpstream, secret: str | None) -> aiosmtplib.SMTP
         if secret is not None:
             stage = "logging in"
             _refuse_plain_login(upstream, client)
-            await client.login(upstream.username, secret)
+            await login.log_in(client, upstream.username, secret, where(upstream))
         opened = True
     except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
         raise Unreachable.of(_mapped(upstream, stage, exc)) from exc

@@ -1,0 +1,159 @@
+"""The relay's login to an upstream: real aiosmtpd smarthosts on loopback that
+count each AUTH they are sent, as a smarthost that locks accounts does."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from relay.deliver import deliver
+from relay.errors import UpstreamError
+from relay.policy.model import SmtpUpstream, TlsMode
+from tests.certs import Certs, make_certs, server_context
+from tests.sink import Sink, free_port
+
+PASSWORD = b"s3cret"
+CHALLENGE = b"<4711.1@smarthost.test>"
+MESSAGE = b"From: a@p.example\r\nTo: b@example.org\r\nSubject: Faktura\r\n\r\nbody\r\n"
+
+
+@dataclass
+class Counting(Sink):
+    """Takes PLAIN and LOGIN (aiosmtpd's own), CRAM-MD5 and XOAUTH2, each
+    attempt noted; ``exclude`` leaves some out of what EHLO offers."""
+
+    attempts: list[str] = field(default_factory=list)
+
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        self.attempts.append(mechanism)
+        ok = isinstance(data, LoginPassword) and (data.login, data.password) == (b"relay", PASSWORD)
+        return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
+
+    async def auth_CRAM__MD5(self, server: SMTP, args: list[str]) -> AuthResult:
+        self.attempts.append("CRAM-MD5")
+        answer = await server.challenge_auth(CHALLENGE)
+        if answer is MISSING:
+            return AuthResult(success=False, handled=True)
+        login, _, digest = answer.rpartition(b" ")
+        expected = hmac.new(PASSWORD, CHALLENGE, hashlib.md5).hexdigest().encode()
+        ok = login == b"relay" and hmac.compare_digest(digest, expected)
+        return AuthResult(success=ok, handled=False, auth_data=LoginPassword(login, b""))
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        self.attempts.append("XOAUTH2")
+        return AuthResult(success=False, handled=False)
+
+
+@contextmanager
+def smarthost(exclude: tuple[str, ...] = (), **kwargs: Any) -> Iterator[tuple[Counting, int]]:
+    handler = Counting()
+    kwargs.setdefault("auth_require_tls", False)
+    controller = Controller(
+        handler, hostname="127.0.0.1", port=free_port(), server_hostname="smarthost.test",
+        authenticator=handler.authenticate, auth_exclude_mechanism=list(exclude),
+        ready_timeout=10, **kwargs,
+    )  # fmt: skip
+    controller.start()
+    try:
+        yield handler, controller.port
+    finally:
+        controller.stop()
+
+
+def upstream(port: int, secret: Path, tls: TlsMode = TlsMode.NONE, **kwargs: Any) -> SmtpUpstream:
+    return SmtpUpstream(
+        name="smarthost", host="127.0.0.1", port=port, tls=tls, username="relay",
+        password_file=secret, password_env=None, timeout=5.0, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def right(tmp_path: Path) -> Path:
+    path = tmp_path / "right"
+    path.write_bytes(PASSWORD + b"\n")
+    return path
+
+
+@pytest.fixture
+def wrong(tmp_path: Path) -> Path:
+    path = tmp_path / "wrong"
+    path.write_text("not-the-password\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.mark.parametrize(
+    ("exclude", "tried"),
+    [((), ["CRAM-MD5"]), (("CRAM-MD5",), ["PLAIN"])],
+)
+async def test_a_wrong_password_is_one_failed_login_a_try(
+    wrong: Path, exclude: tuple[str, ...], tried: list[str]
+) -> None:
+    """aiosmtplib tried the next mechanism after each refusal: with CRAM-MD5,
+    PLAIN and LOGIN offered, three failed logins a try against the account.
+    In clear, CRAM-MD5 is tried first: it keeps the password off the wire."""
+    with smarthost(("XOAUTH2", *exclude)) as (handler, port):
+        with pytest.raises(UpstreamError) as failed:
+            await deliver(upstream(port, wrong), "a@p.example", ["b@example.org"], MESSAGE)
+        assert handler.attempts == tried
+    assert failed.value.line == (
+        f"451 4.7.0 Upstream smarthost (127.0.0.1:{port}) refused the relay's login:"
+        " 535 5.7.8 Authentication credentials invalid"
+    )
+    assert handler.messages == []
+
+
+async def test_over_tls_the_login_is_plain_where_cram_md5_is_offered_too(
+    certs: Certs, right: Path
+) -> None:
+    """A server that keeps passwords hashed offers CRAM-MD5 yet cannot check it:
+    over TLS the password is safe with PLAIN, which every smarthost takes."""
+    with smarthost(("XOAUTH2",), tls_context=server_context(certs)) as (handler, port):
+        target = upstream(port, right, TlsMode.STARTTLS, ca_pem=certs.ca.read_text())
+        await deliver(target, "a@p.example", ["b@example.org"], MESSAGE)
+        assert handler.attempts == ["PLAIN"]
+        assert len(handler.messages) == 1
+
+
+async def test_an_upstream_offering_no_mechanism_the_relay_has_says_what_it_offers(
+    right: Path,
+) -> None:
+    """aiosmtplib's "No suitable authentication method found." named neither
+    side's mechanisms, and came as a connection problem (4.4.1)."""
+    with smarthost(("PLAIN", "LOGIN", "CRAM-MD5")) as (handler, port):
+        with pytest.raises(UpstreamError) as failed:
+            await deliver(upstream(port, right), "a@p.example", ["b@example.org"], MESSAGE)
+        assert handler.attempts == []
+    assert failed.value.line == (
+        f"451 4.7.0 Upstream smarthost (127.0.0.1:{port}): offers AUTH XOAUTH2 only;"
+        " the relay logs in with PLAIN, LOGIN or CRAM-MD5: use an account or app password"
+        " the server takes with one of them (or a smarthost that does) (logging in)"
+    )
+
+
+async def test_an_upstream_offering_no_auth_in_clear_says_what_to_set(right: Path) -> None:
+    """Offered after STARTTLS only, as servers do that keep passwords off plain text."""
+    with smarthost(auth_require_tls=True) as (handler, port):
+        with pytest.raises(UpstreamError) as failed:
+            await deliver(upstream(port, right), "a@p.example", ["b@example.org"], MESSAGE)
+        assert handler.attempts == []
+    assert failed.value.line == (
+        f"451 4.7.0 Upstream smarthost (127.0.0.1:{port}): offers no AUTH without TLS:"
+        " set tls: starttls or implicit if it offers it over TLS, or take out username"
+        " and the password if it takes mail without a login (logging in)"
+    )
