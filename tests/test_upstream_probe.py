@@ -115,7 +115,7 @@ def test_a_working_account_is_tried_through_tls_and_login_and_nothing_is_sent(
         rf" checked against {certs.ca}",
         done.stdout,
     )
-    assert "  login: accepted for relay" in lines
+    assert "  login: accepted for relay (AUTH PLAIN)" in lines
     assert any(line.startswith("  offers: ") and "SIZE 10000000" in line for line in lines)
     assert "  MAIL FROM:<NoReply@Platform.example>: 250 2.1.0 Sender ok" in lines
     assert "  RCPT TO:<buyer@customer.example>: 250 OK" in lines
@@ -243,6 +243,19 @@ def test_a_wrong_password_is_one_failed_login_at_the_upstream(tmp_path: Path, ce
         f"  delivery: failed: 451 4.7.0 Upstream smarthost (127.0.0.1:{upstream.port}) refused"
         " the relay's login: 535 5.7.8 Authentication credentials invalid"
     )
+
+
+def test_offers_names_the_mechanisms_of_every_auth_line_and_login_the_one_used(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """An old-style ``AUTH=LOGIN`` after ``AUTH PLAIN`` took its place in what the
+    test showed offered, while the login used PLAIN."""
+    with counted(certs, ["LOGIN", "XOAUTH2"], old_style="LOGIN") as upstream:
+        done = relay("-c", str(policy(tmp_path, upstream.port, certs.ca)), "smarthost")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert upstream.handler.attempts == ["PLAIN"]
+    assert re.search(r"^  offers: .*\bAUTH PLAIN LOGIN(,|$)", done.stdout, re.MULTILINE)
+    assert "  login: accepted for relay (AUTH PLAIN)\n" in done.stdout
 
 
 def test_an_upstream_offering_xoauth2_only_says_what_the_relay_logs_in_with(

@@ -24,7 +24,7 @@ from relay.errors import UpstreamError
 from relay.findings import Checked, Finding, Level
 from relay.policy.model import DirectoryUpstream, Policy, SmtpUpstream, Upstream
 from relay.policy.tlspair import EXPIRY_WARNING
-from relay.upstream import smtp
+from relay.upstream import login, smtp
 
 
 async def probe(policy: Policy, upstream: Upstream, rcpt: str | None) -> Checked:
@@ -74,7 +74,9 @@ def _greeted(client: aiosmtplib.SMTP) -> Finding:
 def _session(policy: Policy, upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> list[Finding]:
     steps = [_tls(upstream, client)]
     if upstream.username:
-        steps.append(Finding("login", f"accepted for {upstream.username}"))
+        used = login.mechanism(client)
+        assert used is not None  # logged in with it by smtp.connect
+        steps.append(Finding("login", f"accepted for {upstream.username} (AUTH {used.upper()})"))
     else:
         steps.append(Finding("login", "none (the policy gives no username)"))
     steps.append(Finding("offers", _offers(client) or "no extensions"))
@@ -112,6 +114,8 @@ def _tls(upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> Finding:
 def _offers(client: aiosmtplib.SMTP) -> str:
     names = []
     for name, value in client.esmtp_extensions.items():
+        if name == "auth":  # its value is the last AUTH line's alone
+            value = " ".join(login.offered(client))
         names.append(f"{name.upper()} {value}".strip())
     return ", ".join(names)
 
