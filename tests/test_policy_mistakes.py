@@ -1385,3 +1385,29 @@ def test_check_warns_of_a_policy_reached_through_a_link_others_may_replace(
     ]
     links.chmod(0o1777)  # sticky, and the link root's: others may not replace it
     assert warnings(link) == []
+
+
+_TWO = "Økonomi <okonomi@acme.example>, Ops <ops@acme.example>"
+_TWO_ASCII = "Office <okonomi@acme.example>; ops@acme.example"
+_MORE_THAN_ONE = (
+    " holds 2 addresses: expected one, with a name if wanted ('Office Desk <desk@acme.example>');"
+    " for replies to reach several, give one address that forwards to them"
+)
+
+
+@pytest.mark.parametrize(
+    ("reply_to", "problem"),
+    [
+        (f"'{_TWO}'", f"{_TWO!r}{_MORE_THAN_ONE}"),
+        (f"'{_TWO_ASCII}'", f"{_TWO_ASCII!r}{_MORE_THAN_ONE}"),
+    ],
+    ids=["two-mailboxes", "two-ascii"],
+)
+def test_a_fixed_reply_to_of_two_mailboxes_is_a_located_problem(
+    tmp_path: Path, reply_to: str, problem: str
+) -> None:
+    """Each passed: two mailboxes went out as one, the first folded into the
+    second's name, while preview and the audit log said two."""
+    chain = f"    reply_to:\n      default: [{reply_to}]\n"
+    path = variant(tmp_path, "    upstream: outbox\n", "    upstream: outbox\n" + chain)
+    assert problems(path) == [f"{path}:25:17: tenants.acme.reply_to.default[0]: {problem}"]

@@ -205,6 +205,39 @@ def test_a_reload_refuses_a_value_its_tag_does_not_fit_in_one_line(
     assert daemon.sent_from(1) == "Jan Janssens via Acme AS"
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        (
+            "default: [sender, company]",
+            "default: ['Økonomi <okonomi@acme.example>, Ops <ops@acme.example>']",
+            "tenants.acme.reply_to.default[0]: 'Økonomi <okonomi@acme.example>, Ops"
+            " <ops@acme.example>' holds 2 addresses: expected one, with a name if wanted",
+        ),
+    ],
+    ids=["two-mailboxes"],
+)
+def test_a_reload_keeps_the_policy_when_a_name_would_not_go_out_as_written(
+    daemon: Daemon, policy: Path, port: int, old: str, new: str, problem: str
+) -> None:
+    """It was taken at a reload: the Reply-To went out as one mailbox named
+    after the other."""
+    daemon.wait_log(" serving")
+    good = policy.read_text()
+    policy.write_text(good.replace(old, new))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log("reload failed: keeping policy")
+    ((line, text),) = [(n, t) for n, t in enumerate(policy.read_text().splitlines(), 1) if new in t]
+    column = text.index("'") + 1  # where the value starts
+    assert f"{policy}:{line}:{column}: {problem}" in daemon.log()
+    assert send(port)[0] == 250
+    daemon.wait_for(lambda: len(list(daemon.outbox.glob("*.eml"))) == 1)
+    (sent,) = daemon.outbox.glob("*.eml")
+    view = message.read(sent.read_bytes())
+    assert parseaddr(view.get("From") or "")[0] == "Jan Janssens via Acme AS"
+    assert view.get("Reply-To") == "Jan Janssens <jan@acme.example>"
+
+
 def test_sigterm_lets_the_transaction_in_progress_finish(policy: Path, tmp_path: Path) -> None:
     """Immediate mode towards a slow upstream keeps the ERP's transaction open."""
     port = int(policy.read_text().split("port: ", 1)[1].split()[0])

@@ -21,7 +21,7 @@ from yaml.nodes import Node, SequenceNode
 
 from relay import passwd
 from relay.hostport import host_port
-from relay.policy import selfloop, values
+from relay.policy import names, selfloop, values
 from relay.policy.model import (
     DATA_TIMEOUT,
     DirectoryUpstream,
@@ -540,7 +540,13 @@ def _source(ctx: Ctx, node: Node, path: str) -> ReplyToSource | None:
 def _fixed_address(ctx: Ctx, node: Node, path: str, value: str) -> ReplyToSource | None:
     """``desk@acme.example`` or ``Office Desk <desk@acme.example>``: replies to a
     shared desk read better with its name, taken as written (``@``, brackets and
-    parentheses included); a quoted one is unquoted, its escapes undone."""
+    parentheses included); a quoted one is unquoted, its escapes undone. One
+    mailbox only: the header holds the name and address as one, and a second
+    became part of the first's name."""
+    count = names.mailboxes(value)
+    if count > 1:
+        ctx.problem(node, path, names.more_than_one(value, count))
+        return None
     name, bracketed, address = value.rpartition("<")
     if bracketed and address.endswith(">"):
         name, address = _unquoted(name.strip()), address[:-1]
