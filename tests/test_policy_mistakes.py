@@ -1393,6 +1393,7 @@ _MORE_THAN_ONE = (
     " holds 2 addresses: expected one, with a name if wanted ('Office Desk <desk@acme.example>');"
     " for replies to reach several, give one address that forwards to them"
 )
+_ADDRESS_IN_NAME = "holds an address, which recipients would take for the sender's:"
 
 
 @pytest.mark.parametrize(
@@ -1400,14 +1401,60 @@ _MORE_THAN_ONE = (
     [
         (f"'{_TWO}'", f"{_TWO!r}{_MORE_THAN_ONE}"),
         (f"'{_TWO_ASCII}'", f"{_TWO_ASCII!r}{_MORE_THAN_ONE}"),
+        (
+            "'=?utf-8?q?=C3=98konomi?= <okonomi@acme.example>'",
+            "'=?utf-8?q?=C3=98konomi?= <okonomi@acme.example>': its name is an encoded word;"
+            " write the name as it reads: 'Økonomi'",
+        ),
     ],
-    ids=["two-mailboxes", "two-ascii"],
+    ids=["two-mailboxes", "two-ascii", "encoded-word"],
 )
-def test_a_fixed_reply_to_of_two_mailboxes_is_a_located_problem(
+def test_a_fixed_reply_to_that_is_not_one_mailbox_as_it_reads_is_a_located_problem(
     tmp_path: Path, reply_to: str, problem: str
 ) -> None:
     """Each passed: two mailboxes went out as one, the first folded into the
-    second's name, while preview and the audit log said two."""
+    second's name, while preview and the audit log said two; an encoded word
+    was encoded again, and recipients read ``=?utf-8?q?...?=``."""
     chain = f"    reply_to:\n      default: [{reply_to}]\n"
     path = variant(tmp_path, "    upstream: outbox\n", "    upstream: outbox\n" + chain)
     assert problems(path) == [f"{path}:25:17: tenants.acme.reply_to.default[0]: {problem}"]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        ("name: Jan Janssens", "name: '=?utf-8?q?J=C3=A5n?='",
+         "26:15: tenants.acme.users.jan.name: '=?utf-8?q?J=C3=A5n?=' is an encoded word;"
+         " write the name as it reads: 'Jån'"),
+        ("name: Acme AS", "name: Acme =?utf-8?b?w5hzdA==?=",
+         "21:11: tenants.acme.name: 'Acme =?utf-8?b?w5hzdA==?=' holds an encoded word;"
+         " write the name as it reads: 'Acme Øst'"),
+        ('"{user.name} via {tenant.name}"', '"{user.name} =?utf-8?q?f=C3=BCr?= {tenant.name}"',
+         "5:17: platform.display_name: '{user.name} =?utf-8?q?f=C3=BCr?= {tenant.name}'"
+         " holds an encoded word; write the template as it reads:"
+         " '{user.name} für {tenant.name}'"),
+        ('"{user.name} via {tenant.name}"', '"{user.name} <help@acme.example>"',
+         f"5:17: platform.display_name: '{{user.name}} <help@acme.example>' {_ADDRESS_IN_NAME}"
+         " the name is just the name ('{user.name}'); the address is the From's own"),
+        ("name: Jan Janssens", "name: Help Desk <help@acme.example>",
+         f"26:15: tenants.acme.users.jan.name: 'Help Desk <help@acme.example>' {_ADDRESS_IN_NAME}"
+         " the name is just the name ('Help Desk'); the address goes in the user's address"
+         " or aliases"),
+        ("name: Jan Janssens", "name: jan@acme.example",
+         f"26:15: tenants.acme.users.jan.name: 'jan@acme.example' {_ADDRESS_IN_NAME}"
+         " the name is just the name; the address goes in the user's address or aliases"),
+        ("name: Acme AS", "name: Acme AS (post@acme.example)",
+         f"21:11: tenants.acme.name: 'Acme AS (post@acme.example)' {_ADDRESS_IN_NAME}"
+         " the name is just the name ('Acme AS'); the address goes in the tenant's address"),
+    ],
+    ids=["user-encoded", "tenant-encoded", "template-encoded", "template-address",
+         "user-address", "user-bare-address", "tenant-address"],
+)  # fmt: skip
+def test_a_name_that_would_not_read_as_written_is_a_located_problem(
+    tmp_path: Path, old: str, new: str, problem: str
+) -> None:
+    """Each passed: the name went into the From as text, so an encoded word
+    was encoded again and read as ``=?utf-8?q?...?=``, and an address read as
+    ``Help Desk <help@acme.example> via Acme AS``, the sender's to a recipient."""
+    path = variant(tmp_path, old, new)
+    assert problems(path) == [f"{path}:{problem}"]

@@ -214,14 +214,20 @@ def test_a_reload_refuses_a_value_its_tag_does_not_fit_in_one_line(
             "tenants.acme.reply_to.default[0]: 'Økonomi <okonomi@acme.example>, Ops"
             " <ops@acme.example>' holds 2 addresses: expected one, with a name if wanted",
         ),
+        (
+            "name: Jan Janssens",
+            "name: '=?utf-8?q?J=C3=A5n?='",
+            "tenants.acme.users.jan.name: '=?utf-8?q?J=C3=A5n?=' is an encoded word;"
+            " write the name as it reads: 'Jån'",
+        ),
     ],
-    ids=["two-mailboxes"],
+    ids=["two-mailboxes", "encoded-word"],
 )
 def test_a_reload_keeps_the_policy_when_a_name_would_not_go_out_as_written(
     daemon: Daemon, policy: Path, port: int, old: str, new: str, problem: str
 ) -> None:
-    """It was taken at a reload: the Reply-To went out as one mailbox named
-    after the other."""
+    """Both were taken at a reload: the Reply-To went out as one mailbox named
+    after the other, the name encoded again."""
     daemon.wait_log(" serving")
     good = policy.read_text()
     policy.write_text(good.replace(old, new))

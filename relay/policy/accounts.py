@@ -388,7 +388,7 @@ def _tenant(
     """``verified``: each domain verified so far, with its tenant; a domain
     verified for two lets either's users send from it, signed and DMARC-aligned,
     the slip of a copied tenant block."""
-    name = m.text("name", "a company name")
+    name = m.read("name", names.company)
     address = m.read("address", values.address)
     users = _users(ctx, m, tenant_id, roster)
     default_user = m.text("default_user", "a user id of this tenant")
@@ -457,7 +457,7 @@ def _users(ctx: Ctx, tenant: Map, tenant_id: str, roster: Roster) -> Mapping[str
     for user_id, key, node, path in entries:
         m = Map(ctx, node, path, ("name", "address", "aliases"), ("name", "address"), at=key)
         ref = UserRef(tenant_id, user_id)
-        name = m.text("name", "a person's name")
+        name = m.read("name", names.person)
         address = m.read("address", values.address)
         if address is not None:
             roster.claim(ctx, m.get("address"), m.sub("address"), address, ref)
@@ -554,6 +554,10 @@ def _fixed_address(ctx: Ctx, node: Node, path: str, value: str) -> ReplyToSource
         name, address = "", value
     if not values.is_address(address):
         ctx.problem(node, path, f"{value!r} is not an address like name@example.com")
+        return None
+    encoded = names.encoded_word(name)
+    if encoded:
+        ctx.problem(node, path, f"{value!r}: its name {encoded}")
         return None
     return ReplyToSource(ReplyToKind.ADDRESS, address, name)
 

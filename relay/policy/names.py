@@ -1,17 +1,94 @@
 """Names the policy writes into From and Reply-To: a user's, a company's, a desk's.
 
 A name goes into the header as it is written, encoded where it must be, so
-what it holds beyond a name reaches recipients too: a second mailbox in a
-fixed Reply-To became part of the first's name.
+what it holds beyond a name reaches recipients too: an encoded word is
+encoded again and read as ``=?utf-8?q?...?=``, an address in it reads as the
+sender's, and a second mailbox in a fixed Reply-To became part of the
+first's name.
 """
 
 from __future__ import annotations
 
 import re
 
+from yaml.nodes import Node
+
+from relay import message
+from relay.policy import values
+from relay.policy.schema import Ctx, text
+
+_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
 # a run of characters an address may hold, either side of its @
 _ADDRESS_LIKE = re.compile(r"[^\s<>()\[\],;:\"@]+@[^\s<>()\[\],;:\"@]+")
 _EXAMPLE = "'Office Desk <desk@acme.example>'"
+
+
+def person(ctx: Ctx, node: Node, path: str) -> str | None:
+    """A user's name, which the display name template puts before the From."""
+    value = text(ctx, node, path, "a person's name")
+    if value is None:
+        return None
+    where = "the address goes in the user's address or aliases"
+    problem = encoded_word(value) or _address_in(value, where)
+    if problem:
+        ctx.problem(node, path, f"{value!r} {problem}")
+        return None
+    return value
+
+
+def company(ctx: Ctx, node: Node, path: str) -> str | None:
+    """A tenant's name, which the display name template puts before the From."""
+    value = text(ctx, node, path, "a company name")
+    if value is None:
+        return None
+    problem = encoded_word(value) or _address_in(value, "the address goes in the tenant's address")
+    if problem:
+        ctx.problem(node, path, f"{value!r} {problem}")
+        return None
+    return value
+
+
+def template(value: str, literal: str) -> str | None:
+    """Why a display name template, whose text around its placeholders is
+    ``literal``, could not stand in a From's name, or None."""
+    where = "the address is the From's own"
+    if _address_in(literal, where):  # not one a placeholder stands for
+        return _address_in(value, where)
+    return encoded_word(value, "the template")
+
+
+def encoded_word(name: str, what: str = "the name") -> str | None:
+    """An RFC 2047 word written in the policy is text to the relay: it encodes
+    it again, and recipients read the ``=?...?=`` as written."""
+    if not _WORD.search(name):
+        return None
+    decoded = message.decode(name)
+    word = "is an encoded word" if _WORD.fullmatch(name) else "holds an encoded word"
+    if decoded == name:
+        return f"{word}; write {what} as it reads"
+    return f"{word}; write {what} as it reads: {decoded!r}"
+
+
+def _address_in(name: str, where: str) -> str | None:
+    if not any(_is_address(found) for found in _ADDRESS_LIKE.findall(name)):
+        return None
+    bare = " ".join(_without_addresses(name).split())
+    alone = f" ({bare!r})" if bare else ""
+    return (
+        "holds an address, which recipients would take for the sender's:"
+        f" the name is just the name{alone}; {where}"
+    )
+
+
+def _without_addresses(name: str) -> str:
+    kept = re.sub(r"<[^<>]*>", lambda m: "" if _ADDRESS_LIKE.search(m[0]) else m[0], name)
+    kept = _ADDRESS_LIKE.sub(lambda m: "" if _is_address(m[0]) else m[0], kept)
+    return re.sub(r"\(\s*\)|\[\s*\]", "", kept)
+
+
+def _is_address(found: str) -> bool:
+    """An address with a dot in its domain: ``Team@Home`` is a name."""
+    return values.is_address(found) and "." in found.rpartition("@")[2]
 
 
 def mailboxes(value: str) -> int:

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 from yaml.nodes import Node, ScalarNode, SequenceNode
 
 from relay.hostport import host_port
-from relay.policy import dkimkey, tlspair, values
+from relay.policy import dkimkey, names, tlspair, values
 from relay.policy.model import (
     DEFAULT_DOC_TYPE,
     AuditSettings,
@@ -108,8 +108,13 @@ def display_name_template(ctx: Ctx, node: Node, path: str) -> str | None:
                 ctx.problem(node, path, _plain_only(field, spec, conversion))
                 return None
         value.format_map(_SAMPLE)
+        literal = "".join(part[0] for part in string.Formatter().parse(value))
     except (ValueError, KeyError, AttributeError, IndexError, TypeError) as exc:
         ctx.problem(node, path, f"invalid template: {exc}")
+        return None
+    problem = names.template(value, literal)
+    if problem:
+        ctx.problem(node, path, f"{value!r} {problem}")
         return None
     return value
 
