@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from relay import headers
 from relay.audit import AuditLog, commands, events, known, reader, render, verify
 from relay.audit.commands import report_main, search_main, show_main
 from relay.audit.render import CSV_COLUMNS, TABLE_COLUMNS, csv_row, timeline, write_csv
@@ -422,6 +423,26 @@ def test_show_says_how_the_user_was_found_when_the_record_does(log_dir: Path) ->
     found = [{**r, "found_by": "auth_login"} if r["event"] == "received" else r for r in by_queue]
     said = "    tenant acme, user jan (found by auth_login), document invoice (rule invoice-header)"
     assert said in timeline(found).splitlines()
+
+
+def test_show_quotes_a_decoded_name_that_holds_a_special(log_dir: Path) -> None:
+    """``Reply-To - -> Gross, Jürgen <juergen@...>`` read as two mailboxes where
+    the header holds one: the encoded word's comma is part of the name."""
+    name, address = "Gross, Jürgen", "juergen@acme.example"
+    by_queue = show(log_dir, ACME_INVOICE[0])
+    sent = headers.format_address(name, address)
+    assert sent.startswith("=?utf-8?")
+    shown = [{**r, "reply_to_after": sent} if r["event"] == "received" else r for r in by_queue]
+    assert (
+        '    Reply-To  - -> "Gross, Jürgen" <juergen@acme.example>' in timeline(shown).splitlines()
+    )
+    plain = [
+        {**r, "reply_to_after": headers.format_address("Jürgen Gross", address)}
+        if r["event"] == "received"
+        else r
+        for r in by_queue
+    ]
+    assert "    Reply-To  - -> Jürgen Gross <juergen@acme.example>" in timeline(plain).splitlines()
 
 
 def test_a_listing_is_in_the_story_the_table_and_the_report(tmp_path: Path) -> None:

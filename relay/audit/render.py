@@ -341,9 +341,29 @@ def _reply_to_after(r: dict[str, Any]) -> str:
 
 def _field(value: Any) -> str:
     """A From or Reply-To on record as written, for a person to read: a name in
-    encoded words (``=?utf-8?b?...?=``) decoded, as ``relay preview`` shows it.
-    The record, and ``--format json``, keep what was sent."""
-    return _safe(message.decode(value) if isinstance(value, str) else value)
+    encoded words (``=?utf-8?b?...?=``) decoded, as ``relay preview`` shows it,
+    and quoted where it holds a special: ``Gross, Jürgen <j@x>`` read as two
+    mailboxes. The record, and ``--format json``, keep what was sent."""
+    if not isinstance(value, str):
+        return _safe(value)
+    if "=?" not in value:
+        return _safe(message.decode(value))
+    return _safe("".join(_readable(piece) for piece in _WORD_RUN_OR_QUOTED.split(value)))
+
+
+# a quoted string, or encoded words with only white space between them: the
+# split keeps each as a piece of its own
+_WORD = r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?="
+_WORD_RUN_OR_QUOTED = re.compile(rf'("(?:[^"\\]|\\.)*"|{_WORD}(?:\s+{_WORD})*)', re.DOTALL)
+_WORD_RUN = re.compile(rf"{_WORD}(?:\s+{_WORD})*")
+_SPECIALS = re.compile(r'[()<>\[\]:;@\\,"]')
+
+
+def _readable(piece: str) -> str:
+    decoded = message.decode(piece)
+    if decoded != piece and _WORD_RUN.fullmatch(piece) and _SPECIALS.search(decoded):
+        return '"' + decoded.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return decoded
 
 
 def _outcome(r: dict[str, Any]) -> str:
