@@ -242,7 +242,8 @@ def decode(value: str) -> str:
 
 
 # an RFC 2047 encoded word: =?charset?encoding?text?=
-_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
+ENCODED_WORD = r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?="
+_WORD = re.compile(ENCODED_WORD)
 
 
 def _words_decoded(value: str) -> str:

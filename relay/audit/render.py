@@ -353,7 +353,7 @@ def _field(value: Any) -> str:
 
 # a quoted string, or encoded words with only white space between them: the
 # split keeps each as a piece of its own
-_WORD = r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?="
+_WORD = message.ENCODED_WORD
 _WORD_RUN_OR_QUOTED = re.compile(rf'("(?:[^"\\]|\\.)*"|{_WORD}(?:\s+{_WORD})*)', re.DOTALL)
 _WORD_RUN = re.compile(rf"{_WORD}(?:\s+{_WORD})*")
 _SPECIALS = re.compile(r'[()<>\[\]:;@\\,"]')

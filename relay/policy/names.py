@@ -17,7 +17,7 @@ from relay import message
 from relay.policy import values
 from relay.policy.schema import Ctx, text
 
-_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
+_WORD = re.compile(message.ENCODED_WORD)
 # a run of characters an address may hold, either side of its @
 _ADDRESS_LIKE = re.compile(r"[^\s<>()\[\],;:\"@]+@[^\s<>()\[\],;:\"@]+")
 _EXAMPLE = "'Office Desk <desk@acme.example>'"
