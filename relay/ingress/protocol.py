@@ -151,6 +151,10 @@ LOST_BEFORE_THE_REPLY = (
     "client=%s lost connection after END-OF-MESSAGE, before its reply: %s"
     " (the message was received whole and is handled all the same)"
 )
+AUTH_BEFORE_STARTTLS = (
+    "refused client=%s login=%s: AUTH before STARTTLS:"
+    " 538 5.7.11 Encryption required for requested authentication mechanism"
+)
 IMPLICIT_TLS_CLIENT = (
     "client=%s sent a TLS handshake where an SMTP command was expected:"
     " is it set for implicit TLS (port 465)? this listener offers %s"
@@ -321,6 +325,7 @@ class RelaySMTP(SMTP):
         self._timed_out = False  # told 421 for being idle
         self._handshake_logged = False  # see _log_if_handshake
         self._quiet_in_tls = False  # TLS is on, and the client has sent nothing since
+        self._auth_before_starttls_logged = False  # see _log_auth_before_starttls
         self._said_bye = False  # the 221 for QUIT was sent
         # refused MAILs not logged one by one: the login, how many, the last
         self._unlogged: tuple[str | None, int, str, str] | None = None
@@ -780,6 +785,8 @@ class RelaySMTP(SMTP):
             return
         handler, session = self.event_handler, self.session
         assert session is not None
+        if self._auth_require_tls and not self._tls_protocol:
+            self._log_auth_before_starttls()
         if isinstance(handler, Mechanisms) and handler.login_outdated(session):
             # told "log in again", it was answered "503 Already authenticated"
             session.authenticated = False
@@ -791,6 +798,29 @@ class RelaySMTP(SMTP):
             await super().smtp_AUTH(mechanism.upper() + space + rest)  # names are case-blind
         finally:
             session.extended_smtp = greeted_with_ehlo
+
+    def _log_auth_before_starttls(self) -> None:
+        """An ERP that skips STARTTLS is refused its AUTH (``538``), then MAIL: the
+        log said only that it had not logged in, where it had tried. Once a
+        session: an ERP retrying AUTH would fill the log."""
+        if self._auth_before_starttls_logged:
+            return
+        self._auth_before_starttls_logged = True
+        assert self.session is not None
+        peer, login = client_address(self.session.peer), _login(self.session) or "-"
+        log.info(AUTH_BEFORE_STARTTLS, peer, login)
+
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        """aiosmtpd's, with Postfix's reply where the login is refused for want of
+        TLS: ``Authentication required`` sent the sysadmin after a password the
+        ERP had sent, where it is STARTTLS that it skips. aiosmtpd says this only
+        with ``require_starttls``, which refuses mail without a login too."""
+        assert self.session is not None
+        no_tls = self._auth_require_tls and self.tls_context and not self._tls_protocol
+        if self._auth_required and not self.session.authenticated and no_tls:
+            await self.push("530 Must issue a STARTTLS command first")
+            return True
+        return await super().check_auth_needed(caller_method)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
