@@ -1077,11 +1077,20 @@ def _as_bound(
     old files changed nothing."""
     read = {listener.name: listener.tls for listener in new}
     return tuple(
-        dataclasses.replace(listener, tls=_tls_as_bound(listener, read.get(listener.name), quiet))
+        dataclasses.replace(listener, tls=_tls_taken_up(listener, read.get(listener.name), quiet))
         if listener.tls is not None
         else listener
         for listener in old
     )
+
+
+def _tls_taken_up(listener: Listener, read: TlsFiles | None, quiet: bool) -> TlsFiles:
+    """The pair to serve (``_tls_as_bound``), with the ``min_version`` the file
+    now says: a legacy client let in takes a reload, as a renewal does."""
+    pair = _tls_as_bound(listener, read, quiet)
+    if read is None or read.min_version is pair.min_version:
+        return pair
+    return dataclasses.replace(pair, min_version=read.min_version)
 
 
 def _say_if_refused(listener: Listener) -> None:

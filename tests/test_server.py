@@ -503,7 +503,7 @@ def test_the_log_of_a_reload_says_whether_the_certificate_changed(
     first, renewed = make_certs(tmp_path / "first"), make_certs(tmp_path / "renewed")
     served = tlspair.read_pair(first.cert, first.key)
     ingress = Ingress(tls={"test": tlspair.server_context(served)})
-    ingress.served["test"] = (served.cert_pem, served.key_pem)
+    ingress.served["test"] = served
     again = tlspair.read_pair(first.cert, first.key)
     shutil.copy(renewed.cert, first.cert)
     shutil.copy(renewed.key, first.key)

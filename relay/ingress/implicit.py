@@ -24,6 +24,7 @@ from relay.ingress.protocol import (
     HANDSHAKE_TIMED_OUT,
     RelaySMTP,
     client_address,
+    handshake_failure,
 )
 from relay.tally import TallyRow
 
@@ -195,7 +196,8 @@ class ImplicitTLS(asyncio.Protocol):
         elif isinstance(error, ConnectionAbortedError):  # asyncio's handshake timeout
             log.warning(HANDSHAKE_TIMED_OUT, peer, self._timeout)
         else:
-            log.warning(HANDSHAKE_FAILED, peer, str(error) or repr(error), self._listener_name)
+            said = handshake_failure(error, self._context, self._listener_name)
+            log.warning(HANDSHAKE_FAILED, peer, said)
         self._count_failed()
 
     def _closed_after_handshake(self) -> None:

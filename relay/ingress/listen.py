@@ -30,7 +30,7 @@ from relay.ingress.filelimit import FileRoom, of_this_process
 from relay.ingress.handler import Process, Refused, RelayHandler
 from relay.ingress.implicit import ImplicitTLS
 from relay.ingress.protocol import RelaySMTP
-from relay.policy.model import AuthMode, Listener, ListenerTls, Policy
+from relay.policy.model import AuthMode, Listener, ListenerTls, Policy, TlsFiles
 from relay.policy.sections import no_login_without_tls
 from relay.policy.tlspair import server_context
 from relay.quantity import quantity
@@ -57,7 +57,7 @@ class Ingress:
     disk: DiskGuard = field(default_factory=DiskGuard)  # free space of the state, likewise
     tls: dict[str, ssl.SSLContext] = field(default_factory=dict)  # per listener, for its TLS
     handshaking: set[ImplicitTLS] = field(default_factory=set)  # implicit TLS not yet done
-    served: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # their cert and key
+    served: dict[str, TlsFiles] = field(default_factory=dict)  # their cert, key, min_version
     refused: Refused | None = None  # puts content the SMTP side refused on record
     files: FileRoom = field(default_factory=lambda: FileRoom(0, None))  # connections' room
 
@@ -73,13 +73,14 @@ class Ingress:
         for listener in listeners:
             if listener.tls is None or listener.name not in self.tls:
                 continue
-            name, cert = listener.name, listener.tls.cert
-            pem = (listener.tls.cert_pem, listener.tls.key_pem)
-            if self.served.get(name) == pem:
+            name, cert, pair = listener.name, listener.tls.cert, listener.tls
+            was = self.served.get(name)
+            same_pem = was is not None and _pem(was) == _pem(pair)
+            if same_pem and was is not None and was.min_version is pair.min_version:
                 log.info("listener %s: TLS certificate %s unchanged", name, cert)
                 continue
             try:
-                self.tls[listener.name] = server_context(listener.tls)
+                self.tls[listener.name] = server_context(pair)
             except (ssl.SSLError, OSError) as exc:
                 log.error(
                     "listener %s: keeping the TLS certificate loaded before: %s: %s",
@@ -87,9 +88,13 @@ class Ingress:
                     cert,
                     exc.strerror or exc,
                 )
-            else:
-                self.served[listener.name] = pem
+                continue
+            self.served[listener.name] = pair
+            if not same_pem:
                 log.info("listener %s: TLS certificate %s read again: a new one served", name, cert)
+            if was is None or was.min_version is not pair.min_version:
+                version = pair.min_version.value
+                log.info("listener %s: TLS min_version %s from now on", name, version)
 
     def bound(self) -> list[tuple[Listener, str, int]]:
         """Each listening socket's real address: a port 0 or a host name resolves here."""
@@ -238,7 +243,7 @@ def _factory(
     tls = server_context(listener.tls) if listener.tls is not None else None
     if tls is not None and listener.tls is not None:
         ingress.tls[listener.name] = tls
-        ingress.served[listener.name] = (listener.tls.cert_pem, listener.tls.key_pem)
+        ingress.served[listener.name] = listener.tls
     implicit = tls is not None and listener.tls_mode is ListenerTls.IMPLICIT
     auth_needs_tls = not implicit and not loopback_only(listener.address)
     _warn_about_auth(listener, tls is not None, auth_needs_tls)
@@ -284,6 +289,10 @@ def _factory(
         )
 
     return handshake_first if implicit else session
+
+
+def _pem(pair: TlsFiles) -> tuple[bytes, bytes]:
+    return pair.cert_pem, pair.key_pem
 
 
 def loopback_only(address: str) -> bool:

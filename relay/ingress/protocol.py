@@ -47,6 +47,7 @@ import contextlib
 import functools
 import logging
 import re
+import ssl
 import sys
 from base64 import b64decode, b64encode
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -142,7 +143,13 @@ CLOSED_AFTER_HANDSHAKE = (
     " the host name it connects to)"
 )
 # the listener named: an old client refused on one of two, 587 and 465, said not which
-HANDSHAKE_FAILED = "TLS handshake failed client=%s: %s (listener %s)"
+HANDSHAKE_FAILED = "TLS handshake failed client=%s: %s"
+_VERSION_NAMES = {
+    ssl.TLSVersion.TLSv1: "1.0",
+    ssl.TLSVersion.TLSv1_1: "1.1",
+    ssl.TLSVersion.TLSv1_2: "1.2",
+    ssl.TLSVersion.TLSv1_3: "1.3",
+}
 # The handshake is given the idle timeout, after STARTTLS as on implicit TLS.
 HANDSHAKE_TIMED_OUT = "client=%s did not finish the TLS handshake in %gs"
 # Postfix's name for the moment after the dot; the handler's line saying what
@@ -260,6 +267,20 @@ def _noted(
         await method(arg)
 
     return noted
+
+
+def handshake_failure(error: BaseException, context: ssl.SSLContext | None, listener: str) -> str:
+    """Why a handshake failed, for ``HANDSHAKE_FAILED``. A client too old for the
+    listener's ``min_version`` is told apart, with what lets it in: OpenSSL's
+    ``unsupported protocol`` said neither, and a legacy ERP looked broken."""
+    version = None if context is None else _VERSION_NAMES.get(context.minimum_version)
+    too_old = isinstance(error, ssl.SSLError) and error.reason == "UNSUPPORTED_PROTOCOL"
+    if not too_old or version is None:
+        return f"{str(error) or repr(error)} (listener {listener})"
+    said = f"the client offered an older TLS version than this listener's min_version {version}"
+    if version == "1.0":
+        return f"{said} (SSL 3.0 or older, which the relay does not take; listener {listener})"
+    return f'{said} (set tls: min_version: "1.0" on listener {listener} for a legacy client)'
 
 
 class RelaySMTP(SMTP):
@@ -440,7 +461,8 @@ class RelaySMTP(SMTP):
             assert self.session is not None
             peer = client_address(self.session.peer)
             cause = error.__cause__ or error  # a reset mid-handshake has no text of its own
-            log.warning(HANDSHAKE_FAILED, peer, str(cause) or repr(cause), self._listener_name)
+            said = handshake_failure(cause, self.tls_context, self._listener_name)
+            log.warning(HANDSHAKE_FAILED, peer, said)
             self._count(tally.TLS_FAILED)
             return ""  # aiosmtpd closes the connection without a reply
         return await super().handle_exception(error)

@@ -69,6 +69,17 @@ class ListenerTls(enum.Enum):
     IMPLICIT = "implicit"
 
 
+class TlsVersion(enum.Enum):
+    """The oldest TLS version a listener takes (``tls.min_version``), as Postfix's
+    ``smtpd_tls_protocols`` lets a sysadmin choose: a legacy ERP (old .NET or
+    Windows) speaks only TLS 1.0 or 1.1, which the relay refused without a say."""
+
+    V1_0 = "1.0"
+    V1_1 = "1.1"
+    V1_2 = "1.2"
+    V1_3 = "1.3"
+
+
 class DkimAlgorithm(enum.Enum):
     RSA = "rsa"
     ED25519 = "ed25519"
@@ -82,12 +93,15 @@ class ConditionKind(enum.Enum):
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """The files as named, and their bytes as read and checked (see ``tlspair``)."""
+    """The files as named, and their bytes as read and checked (see ``tlspair``),
+    and the oldest TLS version served with them: a reload takes it up as it
+    takes up a renewed pair, so it is not compared as a listener's settings are."""
 
     cert: Path
     key: Path
     cert_pem: bytes = field(repr=False, compare=False)
     key_pem: bytes = field(repr=False, compare=False)
+    min_version: TlsVersion = field(default=TlsVersion.V1_2, compare=False)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from relay.policy.model import (
     QueueSettings,
     SuppressionSettings,
     TlsFiles,
+    TlsVersion,
     UnknownSender,
 )
 from relay.policy.schema import Ctx, Map, choice, hint, items, join, text
@@ -157,10 +158,13 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
             if clash is not None:
                 ctx.problem(m.get("port"), m.sub("port"), clash)
             ctx.sockets.append(mine)
-        tls_map = m.map("tls", ("cert", "key", "mode"), required=("cert", "key"))
+        tls_keys = ("cert", "key", "mode", "min_version")
+        tls_map = m.map("tls", tls_keys, required=("cert", "key"))
         tls_mode = tls_map.choice("mode", ListenerTls, ListenerTls.STARTTLS)
         _warn_of_tls_unlike_port(ctx, m, tls_map, port, tls_mode)
-        tls = _tls(ctx, m, tls_map)
+        min_version = tls_map.choice("min_version", TlsVersion, TlsVersion.V1_2)
+        _warn_of_legacy_tls(ctx, tls_map, min_version)
+        tls = _tls(ctx, m, tls_map, min_version)
         allow = _allow(ctx, m)
         if allow is not None and ips:
             allow = _reachable(ctx, m, allow, ips, address, port)
@@ -205,7 +209,8 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
             idle,
             m.number("immediate", 0, off=True),
         )
-        ok = None not in (*fields, tls_mode) and (tls is not None or not m.has("tls"))
+        ok = None not in (*fields, tls_mode, min_version)
+        ok = ok and (tls is not None or not m.has("tls"))
         ok = ok and (per_client is not None or not m.has("max_connections_per_client"))
         ok = ok and (most is not None or not m.has("max_connections"))
         listener = (
@@ -381,7 +386,20 @@ def _clash(mine: _Socket, other: _Socket) -> str | None:
     return None
 
 
-def _tls(ctx: Ctx, listener: Map, m: Map) -> TlsFiles | None:
+def _warn_of_legacy_tls(ctx: Ctx, tls: Map, version: TlsVersion | None) -> None:
+    """TLS 1.0 and 1.1 are for an ERP that cannot do better (RFC 8996 deprecates
+    them): the sysadmin should know the listener now takes them from anyone."""
+    if version in (TlsVersion.V1_0, TlsVersion.V1_1):
+        assert version is not None
+        message = (
+            f"TLS {version.value} is a weak protocol (RFC 8996), for a legacy client only"
+            " (one that cannot do TLS 1.2); better on a listener bound to loopback or"
+            " a private network, with an allow list of those clients"
+        )
+        ctx.problems.warn(tls.get("min_version"), tls.sub("min_version"), message)
+
+
+def _tls(ctx: Ctx, listener: Map, m: Map, min_version: TlsVersion | None) -> TlsFiles | None:
     """Loaded once here, so that ``relay check`` (and so a reload) finds a key that
     is not the certificate's, or a file half-written by a renewal, before a
     worker does. ``m``: the listener's ``tls``."""
@@ -389,8 +407,9 @@ def _tls(ctx: Ctx, listener: Map, m: Map) -> TlsFiles | None:
     key = m.read("key", values.key_file)
     if cert is None or key is None:
         return None
+    version = min_version or TlsVersion.V1_2  # one not understood is said: the files are checked
     try:
-        pair = tlspair.checked_pair(cert[0], key[0], cert[1], key[1])
+        pair = tlspair.checked_pair(cert[0], key[0], cert[1], key[1], version)
     except tlspair.UnusablePair as exc:
         ctx.problem(m.get(exc.which), m.sub(exc.which), str(exc))
         return None

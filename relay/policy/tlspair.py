@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import os
 import ssl
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from relay.policy.model import TlsFiles
+from relay.policy.model import TlsFiles, TlsVersion
 
 _CERT = b"-----BEGIN CERTIFICATE-----"
 _KEY = b"PRIVATE KEY-----"  # PKCS#8, or BEGIN RSA / EC PRIVATE KEY
@@ -41,23 +42,46 @@ class _Passphrase(Exception):
     """OpenSSL asked for the key's passphrase."""
 
 
-def read_pair(cert: Path, key: Path) -> TlsFiles:
+def read_pair(cert: Path, key: Path, min_version: TlsVersion = TlsVersion.V1_2) -> TlsFiles:
     """Both files' bytes, loaded once as a server would: raises OSError or
     ssl.SSLError (a key that is not the certificate's, a half-written file)."""
-    return checked_pair(cert, key, cert.read_bytes(), key.read_bytes())
+    return checked_pair(cert, key, cert.read_bytes(), key.read_bytes(), min_version)
 
 
-def checked_pair(cert: Path, key: Path, cert_pem: bytes, key_pem: bytes) -> TlsFiles:
+def checked_pair(
+    cert: Path,
+    key: Path,
+    cert_pem: bytes,
+    key_pem: bytes,
+    min_version: TlsVersion = TlsVersion.V1_2,
+) -> TlsFiles:
     """The pair as read (by the policy loader, which bounds what it reads), loaded
     once as a server would: raises ssl.SSLError or OSError."""
-    pair = TlsFiles(cert, key, cert_pem, key_pem)
+    pair = TlsFiles(cert, key, cert_pem, key_pem, min_version)
     server_context(pair)
     return pair
 
 
+_VERSIONS = {
+    TlsVersion.V1_0: ssl.TLSVersion.TLSv1,
+    TlsVersion.V1_1: ssl.TLSVersion.TLSv1_1,
+    TlsVersion.V1_2: ssl.TLSVersion.TLSv1_2,
+    TlsVersion.V1_3: ssl.TLSVersion.TLSv1_3,
+}
+#: Python's own cipher list at security level 0: OpenSSL 3 refuses TLS 1.0 and
+#: 1.1 from level 1 up (their handshake signs with SHA-1), whatever the minimum
+_LEGACY_CIPHERS = (
+    "DEFAULT:!aNULL:!eNULL:!MD5:!3DES:!DES:!RC4:!IDEA:!SEED:!aDSS:!SRP:!PSK:@SECLEVEL=0"
+)
+
+
 def server_context(pair: TlsFiles) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if pair.min_version in (TlsVersion.V1_0, TlsVersion.V1_1):
+        context.set_ciphers(_LEGACY_CIPHERS)
+    with warnings.catch_warnings():  # Python deprecates the names of TLS 1.0 and 1.1
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = _VERSIONS[pair.min_version]
     with _in_memory(pair.cert_pem) as cert, _in_memory(pair.key_pem) as key:
         try:
             context.load_cert_chain(cert, key, password=_no_passphrase)
