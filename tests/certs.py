@@ -26,10 +26,15 @@ class Certs:
 
 
 def make_certs(
-    directory: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"), days: int = 1
+    directory: Path,
+    names: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"),
+    days: int = 1,
+    expired: bool = False,
 ) -> Certs:
-    """A CA and a server certificate for ``names``, valid for ``days``."""
+    """A CA and a server certificate for ``names``, valid for ``days``; with
+    ``expired``, a server certificate whose ``days`` ended a minute ago."""
     now = datetime.datetime.now(datetime.UTC)
+    start = now - datetime.timedelta(days=days, minutes=1) if expired else now
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay test CA")])
     ca = (
@@ -60,8 +65,8 @@ def make_certs(
         .issuer_name(ca_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
+        .not_valid_before(start - datetime.timedelta(minutes=5))
+        .not_valid_after(start + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -73,6 +78,37 @@ def make_certs(
     directory.mkdir(parents=True, exist_ok=True)
     paths = Certs(directory / "ca.pem", directory / "server.pem", directory / "server.key")
     paths.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+def self_signed(
+    directory: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+) -> Certs:
+    """A server certificate signed by its own key, no CA: ``ca`` is the certificate."""
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([_alt_name(n) for n in names]), False)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = Certs(directory / "self.pem", directory / "self.pem", directory / "self.key")
     paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     paths.key.write_bytes(
         key.private_bytes(

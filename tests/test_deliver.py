@@ -23,7 +23,7 @@ from relay.errors import UpstreamError
 from relay.policy.model import DirectoryUpstream, SmtpUpstream, TlsMode
 from relay.upstream import RecipientsRefused, helo, replies, smtp
 from relay.upstream.pool import Pool
-from tests.certs import Certs, make_certs, server_context
+from tests.certs import Certs, make_certs, self_signed, server_context
 from tests.sink import RefusingRecipients, free_port
 
 MESSAGE = (
@@ -1086,6 +1086,73 @@ async def test_untrusted_certificate_is_451(certs: Certs, mode: TlsMode) -> None
         await deliver(upstream(sink.port, mode), "b@p.example", RCPTS, MESSAGE)
     assert (failed.value.code, failed.value.status) == (451, "4.4.1")
     assert "TLS certificate not accepted" in failed.value.text
+    assert sink.handler.messages == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "hint"),
+    [
+        (TlsMode.STARTTLS, "set ca_file: to the CA certificate that signed it"),
+        (TlsMode.IMPLICIT, "set ca_file: to the CA certificate that signed it"),
+        (TlsMode.AUTO, "set tls: starttls and ca_file: to the CA certificate that signed it"),
+    ],
+)
+async def test_a_private_ca_without_ca_file_says_to_set_it(
+    certs: Certs, mode: TlsMode, hint: str
+) -> None:
+    kwargs = {"ssl_context" if mode is TlsMode.IMPLICIT else "tls_context": server_context(certs)}
+    with Sink(**kwargs) as sink, pytest.raises(UpstreamError) as failed:
+        await deliver(upstream(sink.port, mode), "b@p.example", RCPTS, MESSAGE)
+    assert (failed.value.code, failed.value.status) == (451, "4.4.1")
+    assert failed.value.text == (
+        f"Upstream smarthost (127.0.0.1:{sink.port}): TLS certificate not accepted:"
+        f" unable to get local issuer certificate; {hint} (connecting)"
+    )
+
+
+async def test_a_ca_file_without_the_ca_that_signed_it_says_to_add_it(
+    certs: Certs, tmp_path: Path
+) -> None:
+    other = make_certs(tmp_path)
+    with Sink(tls_context=server_context(certs)) as sink, pytest.raises(UpstreamError) as failed:
+        await deliver(
+            upstream(sink.port, TlsMode.STARTTLS, ca_file=other.ca), "b@p.example", RCPTS, MESSAGE
+        )
+    assert failed.value.text.endswith(
+        f"unable to get local issuer certificate; ca_file: ({other.ca}) holds no CA that"
+        " signed it: add the CA certificate that signed it there (connecting)"
+    )
+
+
+async def test_a_self_signed_certificate_says_to_trust_it_in_ca_file(tmp_path: Path) -> None:
+    """What the text says to set is what lets the message through."""
+    own = self_signed(tmp_path)
+    with Sink(tls_context=server_context(own)) as sink:
+        with pytest.raises(UpstreamError) as failed:
+            await deliver(upstream(sink.port, TlsMode.STARTTLS), "b@p.example", RCPTS, MESSAGE)
+        assert failed.value.text.endswith(
+            ": TLS certificate not accepted: self-signed certificate; set ca_file: to a copy"
+            " of it (connecting)"
+        )
+        trusted = upstream(sink.port, TlsMode.STARTTLS, ca_file=own.cert)
+        await deliver(trusted, "b@p.example", RCPTS, MESSAGE)
+    assert len(sink.handler.messages) == 1
+
+
+async def test_an_expired_certificate_says_the_upstream_must_renew_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The certificate's end date is not given: Python's ssl keeps no certificate
+    whose check failed."""
+    old = make_certs(tmp_path, expired=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(old.ca))
+    with Sink(tls_context=server_context(old)) as sink, pytest.raises(UpstreamError) as failed:
+        await deliver(upstream(sink.port, TlsMode.STARTTLS), "b@p.example", RCPTS, MESSAGE)
+    assert (failed.value.code, failed.value.status) == (451, "4.4.1")
+    assert failed.value.text == (
+        f"Upstream smarthost (127.0.0.1:{sink.port}): TLS certificate not accepted: certificate"
+        " has expired; the upstream must renew it (or this host's clock is wrong) (connecting)"
+    )
     assert sink.handler.messages == []
 
 

@@ -293,8 +293,27 @@ def test_a_certificate_from_another_ca_is_not_accepted(
     path = policy(tmp_path, upstream.port, other.ca)
     done = relay("-c", str(path))
     assert done.returncode == 1
-    assert "TLS certificate not accepted: " in done.stdout
+    assert (
+        f"TLS certificate not accepted: unable to get local issuer certificate; ca_file:"
+        f" ({other.ca}) holds no CA that signed it: add the CA certificate that signed it there"
+        " (connecting)"
+    ) in done.stdout
     assert "login: accepted" not in done.stdout
+
+
+def test_a_private_ca_without_ca_file_says_to_set_it(
+    tmp_path: Path, upstream: Controller, certs: Certs
+) -> None:
+    path = policy(tmp_path, upstream.port, certs.ca)
+    path.write_text(path.read_text().replace(f"    ca_file: {certs.ca}\n", ""))
+    done = relay("-c", str(path), "smarthost")
+    assert done.returncode == 1
+    where = f"smarthost (127.0.0.1:{upstream.port})"
+    assert done.stdout.splitlines()[1] == (
+        f"  delivery: failed: 451 4.4.1 Upstream {where}: TLS certificate not accepted:"
+        " unable to get local issuer certificate; set ca_file: to the CA certificate that"
+        " signed it (connecting)"
+    )
 
 
 def test_an_upstream_not_listening_and_the_directory_beside_it(

@@ -411,6 +411,11 @@ def _handshake(exc: Exception) -> str:
 
 # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH
 _NAME_MISMATCH = frozenset({62, 64})
+# X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT, SELF_SIGNED_CERT_IN_CHAIN,
+# UNABLE_TO_GET_ISSUER_CERT_LOCALLY, UNABLE_TO_VERIFY_LEAF_SIGNATURE: no CA trusted here
+_ISSUER_UNKNOWN = frozenset({2, 19, 20, 21})
+_SELF_SIGNED = 18  # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
+_EXPIRED = 10  # X509_V_ERR_CERT_HAS_EXPIRED
 
 _HANDSHAKE_CLOSED = (
     "TLS handshake after STARTTLS failed: the upstream closed the connection"
@@ -437,7 +442,7 @@ def _reason(exc: BaseException, upstream: SmtpUpstream) -> str:
     while exc.__cause__ is not None:
         exc = exc.__cause__
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate not accepted: {exc.verify_message}{_name_hint(exc, upstream)}"
+        return f"TLS certificate not accepted: {exc.verify_message}{_trust_hint(exc, upstream)}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS failed: {exc.reason or exc}"
     if isinstance(exc, socket.gaierror):
@@ -449,13 +454,35 @@ def _reason(exc: BaseException, upstream: SmtpUpstream) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _name_hint(exc: ssl.SSLCertVerificationError, upstream: SmtpUpstream) -> str:
+def _trust_hint(exc: ssl.SSLCertVerificationError, upstream: SmtpUpstream) -> str:
+    """What would let the certificate through: OpenSSL's words say only what
+    failed, and every message waited until it expired."""
+    if exc.verify_code in _NAME_MISMATCH:
+        return _name_hint(upstream)
+    if exc.verify_code in _ISSUER_UNKNOWN:
+        return _ca_hint(upstream, "the CA certificate that signed it", "holds no CA that signed it")
+    if exc.verify_code == _SELF_SIGNED:
+        return _ca_hint(upstream, "a copy of it", "does not hold it")
+    if exc.verify_code == _EXPIRED:
+        # the peer's certificate, and so its date, is not kept after a failed check
+        return "; the upstream must renew it (or this host's clock is wrong)"
+    return ""
+
+
+def _ca_hint(upstream: SmtpUpstream, what: str, lacking: str) -> str:
+    """``ca_file`` is the setting; ``auto`` takes none (it may go in plain text)."""
+    if upstream.ca_file is not None:
+        return f"; ca_file: ({upstream.ca_file}) {lacking}: add {what} there"
+    if upstream.tls is TlsMode.AUTO:
+        return f"; set tls: starttls and ca_file: to {what}"
+    return f"; set ca_file: to {what}"
+
+
+def _name_hint(upstream: SmtpUpstream) -> str:
     """A certificate for another name than ``host`` deferred every message until
     it expired, and nothing said what would let it through. ``auto`` takes no
     ``tls_name`` (it may go in plain text): told to set it, the sysadmin was
     refused."""
-    if exc.verify_code not in _NAME_MISMATCH:
-        return ""
     if upstream.tls is TlsMode.AUTO:
         return (
             "; write the name the certificate is issued for in host:, or set tls: starttls"
