@@ -1009,12 +1009,50 @@ async def test_auto_goes_plain_when_not_offered(sink: Sink) -> None:
     assert not sink.handler.messages[0].tls
 
 
-async def test_starttls_required_but_not_offered_is_451(sink: Sink) -> None:
+async def test_starttls_required_but_not_offered_says_what_to_set(sink: Sink) -> None:
+    """aiosmtplib's "SMTP STARTTLS extension not supported by server." said
+    neither that the policy asks for it nor what else would do."""
     with pytest.raises(UpstreamError) as failed:
         await deliver(upstream(sink.port, TlsMode.STARTTLS), "b@p.example", RCPTS, MESSAGE)
-    assert (failed.value.code, failed.value.status) == (451, "4.4.1")
-    assert "STARTTLS" in failed.value.text
+    assert (failed.value.code, failed.value.status) == (451, "4.7.10")
+    assert failed.value.text == (
+        f"Upstream smarthost (127.0.0.1:{sink.port}) offers no STARTTLS, which tls: starttls"
+        " needs: nothing is sent in plain text; set tls: implicit with the upstream's"
+        " implicit-TLS port (465), or tls: none to allow it (connecting)"
+    )
     assert sink.handler.messages == []
+
+
+async def test_implicit_tls_at_a_plain_smtp_port_says_to_use_starttls_or_465(sink: Sink) -> None:
+    with pytest.raises(UpstreamError) as failed:
+        await deliver(upstream(sink.port, TlsMode.IMPLICIT), "b@p.example", RCPTS, MESSAGE)
+    assert (failed.value.code, failed.value.status) == (451, "4.4.1")
+    assert failed.value.text == (
+        f"Upstream smarthost (127.0.0.1:{sink.port}): TLS failed: WRONG_VERSION_NUMBER; the"
+        " port speaks plain SMTP (or STARTTLS), not implicit TLS: set tls: starttls, or use"
+        " the upstream's implicit-TLS port (465) (connecting)"
+    )
+    assert sink.handler.messages == []
+
+
+async def test_implicit_tls_at_a_silent_port_names_the_handshake() -> None:
+    """The connection was made before: what was not answered was the handshake,
+    as after STARTTLS (``TLS handshake after STARTTLS: no answer``)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        with pytest.raises(UpstreamError) as failed:
+            await asyncio.wait_for(
+                deliver(
+                    upstream(port, TlsMode.IMPLICIT, timeout=0.5), "b@p.example", RCPTS, MESSAGE
+                ),
+                10,
+            )
+    assert (failed.value.code, failed.value.status) == (451, "4.4.1")
+    assert failed.value.text == (
+        f"Upstream smarthost (127.0.0.1:{port}): TLS handshake: no answer within 0.5s (connecting)"
+    )
 
 
 @pytest.mark.parametrize("mode", [TlsMode.STARTTLS, TlsMode.IMPLICIT])

@@ -316,6 +316,39 @@ def test_a_private_ca_without_ca_file_says_to_set_it(
     )
 
 
+@pytest.mark.parametrize(
+    ("tls", "reply"),
+    [
+        (
+            "starttls",
+            "451 4.7.10 Upstream {where} offers no STARTTLS, which tls: starttls needs: nothing"
+            " is sent in plain text; set tls: implicit with the upstream's implicit-TLS port"
+            " (465), or tls: none to allow it (connecting)",
+        ),
+        (
+            "implicit",
+            "451 4.4.1 Upstream {where}: TLS failed: WRONG_VERSION_NUMBER; the port speaks"
+            " plain SMTP (or STARTTLS), not implicit TLS: set tls: starttls, or use the"
+            " upstream's implicit-TLS port (465) (connecting)",
+        ),
+    ],
+)
+def test_a_tls_mode_the_port_does_not_speak_says_what_to_set(
+    tmp_path: Path, tls: str, reply: str
+) -> None:
+    with SinkServer() as plain:
+        path = policy(tmp_path, plain.port, tmp_path / "unused", tls=tls)
+        path.write_text(re.sub(r"    (username|password_file|ca_file):.*\n", "", path.read_text()))
+        done = relay("-c", str(path), "smarthost")
+    assert done.returncode == 1
+    where = f"smarthost (127.0.0.1:{plain.port})"
+    assert done.stdout.splitlines() == [
+        f"{where}: FAILED (used by acme)",
+        f"  delivery: failed: {reply.format(where=where)}",
+    ]
+    assert plain.sink.messages == []
+
+
 def test_an_upstream_not_listening_and_the_directory_beside_it(
     tmp_path: Path, certs: Certs
 ) -> None:

@@ -66,11 +66,13 @@ _ABOUT_MESSAGE = frozenset({"2", "3", "4", "6"})
 # what the upstream answers a transaction with, other than taking its message
 _REFUSALS = (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused, Unfinished)
 
+# aiosmtplib's None: STARTTLS when the server offers it; ``starttls`` is refused
+# without it in ``_refuse_without_tls``, whose words say what to set
 _START_TLS: dict[TlsMode, bool | None] = {
     TlsMode.NONE: False,
-    TlsMode.STARTTLS: True,
+    TlsMode.STARTTLS: None,
     TlsMode.IMPLICIT: False,
-    TlsMode.AUTO: None,  # aiosmtplib: STARTTLS when the server offers it
+    TlsMode.AUTO: None,
 }
 
 
@@ -207,6 +209,7 @@ async def connect(upstream: SmtpUpstream, secret: str | None) -> aiosmtplib.SMTP
     opened = False
     try:
         await client.connect()
+        _refuse_without_tls(upstream, client)
         if client.is_ehlo_or_helo_needed:  # no STARTTLS, or its EHLO is to be said again
             await transaction.greet(client, upstream.timeout)
         if secret is not None:
@@ -261,6 +264,20 @@ async def _socket(upstream: SmtpUpstream) -> socket.socket:
     raise error("; ".join(failures) or "no address")
 
 
+def _refuse_without_tls(upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> None:
+    """``starttls`` sends nothing where EHLO offers no STARTTLS. aiosmtplib's
+    own refusal ("SMTP STARTTLS extension not supported by server.") said
+    neither that the setting asks for it nor what else to set."""
+    if upstream.tls is not TlsMode.STARTTLS or client.get_transport_info("sslcontext") is not None:
+        return
+    text = (
+        f"Upstream {where(upstream)} offers no STARTTLS, which tls: starttls needs:"
+        " nothing is sent in plain text; set tls: implicit with the upstream's"
+        " implicit-TLS port (465), or tls: none to allow it (connecting)"
+    )
+    raise Unreachable(451, "4.7.10", text)
+
+
 def _refuse_plain_login(upstream: SmtpUpstream, client: aiosmtplib.SMTP) -> None:
     """``auto`` goes plain when EHLO offers no STARTTLS, which a man in the middle
     can strip: the password is then not sent (Postfix's default
@@ -293,9 +310,11 @@ def _mapped(upstream: SmtpUpstream, stage: str, exc: Exception) -> UpstreamError
     if isinstance(exc, DataTimeout | DataLost | Unsent | LostMidway):
         return _failed(upstream, stage, str(exc), "4.4.2")
     if isinstance(exc, aiosmtplib.SMTPTimeoutError):
-        return _failed(upstream, stage, f"{_handshake(exc)}no answer within {upstream.timeout:g}s")
+        return _failed(
+            upstream, stage, f"{_handshake(exc, upstream)}no answer within {upstream.timeout:g}s"
+        )
     if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
-        if _handshake(exc):
+        if _handshake(exc, upstream):
             return _failed(upstream, stage, _HANDSHAKE_CLOSED)
         status = "4.4.1" if stage == "connecting" else "4.4.2"
         return _failed(upstream, stage, "connection lost", status)
@@ -402,11 +421,21 @@ def _failed(
     return UpstreamError(451, status, f"Upstream {where(upstream)}: {reason} ({stage})")
 
 
-def _handshake(exc: Exception) -> str:
+def _handshake(exc: Exception, upstream: SmtpUpstream) -> str:
     """aiosmtplib's words for the TLS handshake after STARTTLS, which without them
     read as a dropped connection: a server that takes no TLS version or cipher the
-    relay offers closes it there."""
-    return "TLS handshake after STARTTLS: " if "upgrading transport" in str(exc) else ""
+    relay offers closes it there. With ``implicit`` the connection is made
+    (``_socket``) before aiosmtplib's connect, whose timeout is then the
+    handshake's, unless it came waiting for the greeting (an SMTP error)."""
+    if "upgrading transport" in str(exc):
+        return "TLS handshake after STARTTLS: "
+    if (
+        upstream.tls is TlsMode.IMPLICIT
+        and isinstance(exc, aiosmtplib.SMTPConnectTimeoutError)
+        and not isinstance(exc.__cause__, aiosmtplib.SMTPException)
+    ):
+        return "TLS handshake: "
+    return ""
 
 
 # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH
@@ -444,7 +473,7 @@ def _reason(exc: BaseException, upstream: SmtpUpstream) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate not accepted: {exc.verify_message}{_trust_hint(exc, upstream)}"
     if isinstance(exc, ssl.SSLError):
-        return f"TLS failed: {exc.reason or exc}"
+        return f"TLS failed: {exc.reason or exc}{_plain_port_hint(exc, upstream)}"
     if isinstance(exc, socket.gaierror):
         return f"host not found: {exc.strerror}"
     if isinstance(exc, OSError) and exc.errno:
@@ -476,6 +505,17 @@ def _ca_hint(upstream: SmtpUpstream, what: str, lacking: str) -> str:
     if upstream.tls is TlsMode.AUTO:
         return f"; set tls: starttls and ca_file: to {what}"
     return f"; set ca_file: to {what}"
+
+
+def _plain_port_hint(exc: ssl.SSLError, upstream: SmtpUpstream) -> str:
+    """Plain text where the first TLS record was due: a port that greets in SMTP
+    (25, 587) under ``implicit``, which begins with the handshake."""
+    if upstream.tls is not TlsMode.IMPLICIT or exc.reason != "WRONG_VERSION_NUMBER":
+        return ""
+    return (
+        "; the port speaks plain SMTP (or STARTTLS), not implicit TLS: set tls: starttls,"
+        " or use the upstream's implicit-TLS port (465)"
+    )
 
 
 def _name_hint(upstream: SmtpUpstream) -> str:
