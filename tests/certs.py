@@ -78,15 +78,7 @@ def make_certs(
     directory.mkdir(parents=True, exist_ok=True)
     paths = Certs(directory / "ca.pem", directory / "server.pem", directory / "server.key")
     paths.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return paths
+    return _written(paths, cert, key)
 
 
 def self_signed(
@@ -108,7 +100,12 @@ def self_signed(
         .sign(key, hashes.SHA256())
     )
     directory.mkdir(parents=True, exist_ok=True)
-    paths = Certs(directory / "self.pem", directory / "self.pem", directory / "self.key")
+    return _written(
+        Certs(directory / "self.pem", directory / "self.pem", directory / "self.key"), cert, key
+    )
+
+
+def _written(paths: Certs, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Certs:
     paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     paths.key.write_bytes(
         key.private_bytes(

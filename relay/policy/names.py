@@ -25,23 +25,19 @@ _EXAMPLE = "'Office Desk <desk@acme.example>'"
 
 def person(ctx: Ctx, node: Node, path: str) -> str | None:
     """A user's name, which the display name template puts before the From."""
-    value = text(ctx, node, path, "a person's name")
-    if value is None:
-        return None
-    where = "the address goes in the user's address or aliases"
-    problem = encoded_word(value) or _address_in(value, where)
-    if problem:
-        ctx.problem(node, path, f"{value!r} {problem}")
-        return None
-    return value
+    return _name(ctx, node, path, "a person's name", "the user's address or aliases")
 
 
 def company(ctx: Ctx, node: Node, path: str) -> str | None:
     """A tenant's name, which the display name template puts before the From."""
-    value = text(ctx, node, path, "a company name")
+    return _name(ctx, node, path, "a company name", "the tenant's address")
+
+
+def _name(ctx: Ctx, node: Node, path: str, expected: str, home: str) -> str | None:
+    value = text(ctx, node, path, expected)
     if value is None:
         return None
-    problem = encoded_word(value) or _address_in(value, "the address goes in the tenant's address")
+    problem = encoded_word(value) or _address_in(value, f"the address goes in {home}")
     if problem:
         ctx.problem(node, path, f"{value!r} {problem}")
         return None
