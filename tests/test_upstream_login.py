@@ -32,6 +32,8 @@ class Counting(Sink):
     attempt noted; ``exclude`` leaves some out of what EHLO offers."""
 
     attempts: list[str] = field(default_factory=list)
+    # a reply to every login by a mechanism, as a server that cannot check it gives
+    refuse: dict[str, str] = field(default_factory=dict)
 
     def authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
@@ -42,6 +44,9 @@ class Counting(Sink):
 
     async def auth_CRAM__MD5(self, server: SMTP, args: list[str]) -> AuthResult:
         self.attempts.append("CRAM-MD5")
+        if "CRAM-MD5" in self.refuse:
+            await server.push(self.refuse["CRAM-MD5"])
+            return AuthResult(success=False, handled=True)
         answer = await server.challenge_auth(CHALLENGE)
         if answer is MISSING:
             return AuthResult(success=False, handled=True)
@@ -50,14 +55,23 @@ class Counting(Sink):
         ok = login == b"relay" and hmac.compare_digest(digest, expected)
         return AuthResult(success=ok, handled=False, auth_data=LoginPassword(login, b""))
 
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if "LOGIN" not in self.refuse:
+            return await server.auth_LOGIN(server, args)
+        self.attempts.append("LOGIN")
+        await server.push(self.refuse["LOGIN"])
+        return AuthResult(success=False, handled=True)
+
     async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
         self.attempts.append("XOAUTH2")
         return AuthResult(success=False, handled=False)
 
 
 @contextmanager
-def smarthost(exclude: tuple[str, ...] = (), **kwargs: Any) -> Iterator[tuple[Counting, int]]:
-    handler = Counting()
+def smarthost(
+    exclude: tuple[str, ...] = (), refuse: dict[str, str] | None = None, **kwargs: Any
+) -> Iterator[tuple[Counting, int]]:
+    handler = Counting(refuse=refuse or {})
     kwargs.setdefault("auth_require_tls", False)
     controller = Controller(
         handler, hostname="127.0.0.1", port=free_port(), server_hostname="smarthost.test",
@@ -99,14 +113,18 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 
 @pytest.mark.parametrize(
     ("exclude", "tried"),
-    [((), ["CRAM-MD5"]), (("CRAM-MD5",), ["PLAIN"])],
+    [
+        (("CRAM-MD5",), ["PLAIN"]),
+        # CRAM-MD5 first in clear, as it keeps the password off the wire; refused,
+        # PLAIN after it: the server may keep passwords hashed and cannot check it
+        ((), ["CRAM-MD5", "PLAIN"]),
+    ],
 )
 async def test_a_wrong_password_is_one_failed_login_a_try(
     wrong: Path, exclude: tuple[str, ...], tried: list[str]
 ) -> None:
     """aiosmtplib tried the next mechanism after each refusal: with CRAM-MD5,
-    PLAIN and LOGIN offered, three failed logins a try against the account.
-    In clear, CRAM-MD5 is tried first: it keeps the password off the wire."""
+    PLAIN and LOGIN offered, three failed logins a try against the account."""
     with smarthost(("XOAUTH2", *exclude)) as (handler, port):
         with pytest.raises(UpstreamError) as failed:
             await deliver(upstream(port, wrong), "a@p.example", ["b@example.org"], MESSAGE)
@@ -116,6 +134,48 @@ async def test_a_wrong_password_is_one_failed_login_a_try(
         " 535 5.7.8 Authentication credentials invalid"
     )
     assert handler.messages == []
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    ["535 5.7.8 Authentication credentials invalid", "504 5.5.4 Unrecognized authentication type"],
+)
+async def test_in_clear_a_cram_md5_the_server_cannot_check_gives_way_to_plain(
+    right: Path, refusal: str
+) -> None:
+    """With ``tls: none`` aiosmtplib went on to PLAIN after a CRAM-MD5 the server
+    refused, and a smarthost that keeps its passwords hashed took mail so."""
+    with smarthost(("XOAUTH2",), {"CRAM-MD5": refusal}) as (handler, port):
+        await deliver(upstream(port, right), "a@p.example", ["b@example.org"], MESSAGE)
+        assert handler.attempts == ["CRAM-MD5", "PLAIN"]
+        assert len(handler.messages) == 1
+
+
+@pytest.mark.parametrize(
+    ("refusal", "tried"),
+    [
+        ("535 5.7.8 Authentication credentials invalid", ["LOGIN"]),
+        ("504 5.5.4 Unrecognized authentication type", ["LOGIN", "CRAM-MD5"]),
+    ],
+)
+async def test_over_tls_only_a_refusal_of_the_mechanism_lets_the_next_be_tried(
+    certs: Certs, right: Path, refusal: str, tried: list[str]
+) -> None:
+    """Over TLS a 535 is the password's: one failed login a try. A 504 (534,
+    538) is the mechanism's: the next one the server offers is tried."""
+    refuse = {"LOGIN": refusal}
+    with smarthost(("XOAUTH2", "PLAIN"), refuse, tls_context=server_context(certs)) as (
+        handler,
+        port,
+    ):
+        target = upstream(port, right, TlsMode.STARTTLS, ca_pem=certs.ca.read_text())
+        try:
+            await deliver(target, "a@p.example", ["b@example.org"], MESSAGE)
+        except UpstreamError:
+            assert tried == ["LOGIN"]
+        else:
+            assert len(handler.messages) == 1
+        assert handler.attempts == tried
 
 
 async def test_over_tls_the_login_is_plain_where_cram_md5_is_offered_too(

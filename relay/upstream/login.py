@@ -4,10 +4,16 @@ aiosmtplib's ``login`` tries each mechanism the server offers in turn when one
 is refused: a wrong password cost two or three failed logins a try (PLAIN,
 LOGIN, CRAM-MD5), in every worker and in ``relay upstream test``, and
 smarthosts lock an account after a number of them. A refused login fails with
-the server's reply, as before; the next try is the next connection's.
+the server's reply, as before; the next try is the next connection's. The
+next mechanism is tried only where the refusal is of the mechanism, not the
+password: a 504, 534 or 538, or CRAM-MD5 refused in plain text, which a
+server that keeps its passwords hashed offers and cannot check (with ``tls:
+none`` such a server took PLAIN after it, and must go on doing so).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import aiosmtplib
 
@@ -25,11 +31,26 @@ DONE = "PLAIN, LOGIN or CRAM-MD5"
 
 
 def mechanism(client: aiosmtplib.SMTP) -> str | None:
-    """The mechanism the login uses on this connection, from its last EHLO:
-    none when the server offers none the relay can do."""
+    """The mechanism the login used on this connection, else the one it would
+    try first, from its last EHLO: none when the server offers none the relay
+    can do."""
+    return _used.get(client) or next(iter(_candidates(client)), None)
+
+
+def _candidates(client: aiosmtplib.SMTP) -> list[str]:
     offered = client.server_auth_methods
-    order = _IN_CLEAR if client.get_transport_info("sslcontext") is None else _OVER_TLS
-    return next((name for name in order if name in offered), None)
+    order = _IN_CLEAR if _in_clear(client) else _OVER_TLS
+    return [name for name in order if name in offered]
+
+
+def _in_clear(client: aiosmtplib.SMTP) -> bool:
+    return client.get_transport_info("sslcontext") is None
+
+
+# the mechanism each connection logged in with, for ``relay upstream test``
+_used: weakref.WeakKeyDictionary[aiosmtplib.SMTP, str] = weakref.WeakKeyDictionary()
+# a refusal of the mechanism, not of the password: RFC 4954's 504, 534 and 538
+_OF_THE_MECHANISM = frozenset({504, 534, 538})
 
 
 def offered(client: aiosmtplib.SMTP) -> list[str]:
@@ -42,11 +63,20 @@ def offered(client: aiosmtplib.SMTP) -> list[str]:
 async def log_in(client: aiosmtplib.SMTP, username: str, secret: str, who: str) -> None:
     """``who`` names the upstream in a refusal (``smtp.where``). A login the
     server refuses raises aiosmtplib's ``SMTPAuthenticationError``."""
-    chosen = mechanism(client)
-    if chosen is None:
+    candidates = _candidates(client)
+    if not candidates:
         raise Unreachable(451, "4.7.0", f"Upstream {who}: {_unsuitable(client)} (logging in)")
-    method = getattr(client, f"auth_{chosen.replace('-', '')}")
-    await method(username, secret)
+    for chosen in candidates:
+        method = getattr(client, f"auth_{chosen.replace('-', '')}")
+        try:
+            await method(username, secret)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            hashed = chosen == "cram-md5" and _in_clear(client)
+            if chosen == candidates[-1] or not (exc.code in _OF_THE_MECHANISM or hashed):
+                raise
+            continue
+        _used[client] = chosen
+        return
 
 
 def _unsuitable(client: aiosmtplib.SMTP) -> str:
@@ -59,7 +89,7 @@ def _unsuitable(client: aiosmtplib.SMTP) -> str:
             " use an account or app password the server takes with one of them"
             " (or a smarthost that does)"
         )
-    if client.get_transport_info("sslcontext") is None:
+    if _in_clear(client):
         return (
             "offers no AUTH without TLS: set tls: starttls or implicit if it offers it"
             " over TLS, or take out username and the password if it takes mail without a login"
