@@ -1406,8 +1406,14 @@ _ADDRESS_IN_NAME = "holds an address, which recipients would take for the sender
             "'=?utf-8?q?=C3=98konomi?= <okonomi@acme.example>': its name is an encoded word;"
             " write the name as it reads: 'Økonomi'",
         ),
+        (
+            """'"help@evil.example" <desk@acme.example>'""",
+            """'"help@evil.example" <desk@acme.example>': its name holds an address, which"""
+            " recipients would take for the address replies go to: the name is just the name;"
+            " that address is the one in <>",
+        ),
     ],
-    ids=["two-mailboxes", "two-ascii", "encoded-word"],
+    ids=["two-mailboxes", "two-ascii", "encoded-word", "address-in-name"],
 )
 def test_a_fixed_reply_to_that_is_not_one_mailbox_as_it_reads_is_a_located_problem(
     tmp_path: Path, reply_to: str, problem: str

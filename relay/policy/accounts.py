@@ -555,9 +555,10 @@ def _fixed_address(ctx: Ctx, node: Node, path: str, value: str) -> ReplyToSource
     if not values.is_address(address):
         ctx.problem(node, path, f"{value!r} is not an address like name@example.com")
         return None
-    encoded = names.encoded_word(name)
-    if encoded:
-        ctx.problem(node, path, f"{value!r}: its name {encoded}")
+    whose, where = "the address replies go to", "that address is the one in <>"
+    problem = names.encoded_word(name) or names.address_in(name, where, whose)
+    if problem:
+        ctx.problem(node, path, f"{value!r}: its name {problem}")
         return None
     return ReplyToSource(ReplyToKind.ADDRESS, address, name)
 

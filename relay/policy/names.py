@@ -37,7 +37,7 @@ def _name(ctx: Ctx, node: Node, path: str, expected: str, home: str) -> str | No
     value = text(ctx, node, path, expected)
     if value is None:
         return None
-    problem = encoded_word(value) or _address_in(value, f"the address goes in {home}")
+    problem = encoded_word(value) or address_in(value, f"the address goes in {home}")
     if problem:
         ctx.problem(node, path, f"{value!r} {problem}")
         return None
@@ -48,8 +48,8 @@ def template(value: str, literal: str) -> str | None:
     """Why a display name template, whose text around its placeholders is
     ``literal``, could not stand in a From's name, or None."""
     where = "the address is the From's own"
-    if _address_in(literal, where):  # not one a placeholder stands for
-        return _address_in(value, where)
+    if address_in(literal, where):  # not one a placeholder stands for
+        return address_in(value, where)
     return encoded_word(value, "the template")
 
 
@@ -65,13 +65,15 @@ def encoded_word(name: str, what: str = "the name") -> str | None:
     return f"{word}; write {what} as it reads: {decoded!r}"
 
 
-def _address_in(name: str, where: str) -> str | None:
+def address_in(name: str, where: str, whose: str = "the sender's") -> str | None:
+    """Why ``name`` may not stand before an address: one of its own, which
+    recipients would take for ``whose``."""
     if not any(_is_address(found) for found in _ADDRESS_LIKE.findall(name)):
         return None
     bare = " ".join(_without_addresses(name).split())
     alone = f" ({bare!r})" if bare else ""
     return (
-        "holds an address, which recipients would take for the sender's:"
+        f"holds an address, which recipients would take for {whose}:"
         f" the name is just the name{alone}; {where}"
     )
 
