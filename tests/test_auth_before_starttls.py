@@ -79,3 +79,25 @@ def test_smtplib_without_starttls_reads_what_to_do(tls_files: TlsFiles) -> None:
         530,
         b"5.7.0 Must issue a STARTTLS command first",
     )
+
+
+@pytest.mark.parametrize("auth", [AuthMode.OPTIONAL, AuthMode.REQUIRED])
+def test_auth_on_a_listener_without_tls_names_the_listener(
+    auth: AuthMode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No STARTTLS is offered there: "AUTH before STARTTLS" sent the sysadmin to
+    set the ERP to use what the listener does not have."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with Relay([listener(address="0.0.0.0", tls=None, auth=auth)]) as relay, Raw(relay.port) as raw:
+        assert not any("STARTTLS" in line for line in raw.ehlo())
+        assert raw.cmd(LOGIN) == ENCRYPTION_REQUIRED
+        mail = raw.cmd(b"MAIL FROM:<jan@acme.example>")
+    assert mail == (
+        "250 2.1.0 OK" if auth is AuthMode.OPTIONAL else "530 5.7.0 Authentication required"
+    )
+    refused = [line for line in relay_lines(caplog) if line.startswith("refused ")]
+    assert refused[0] == (
+        "refused client=127.0.0.1 login=-: AUTH on listener test, which has no tls:"
+        f" a login needs TLS off loopback: {ENCRYPTION_REQUIRED}"
+    )
+    assert not any("STARTTLS" in line for line in refused)

@@ -158,9 +158,12 @@ LOST_BEFORE_THE_REPLY = (
     "client=%s lost connection after END-OF-MESSAGE, before its reply: %s"
     " (the message was received whole and is handled all the same)"
 )
-AUTH_BEFORE_STARTTLS = (
-    "refused client=%s login=%s: AUTH before STARTTLS:"
-    " 538 5.7.11 Encryption required for requested authentication mechanism"
+_ENCRYPTION_REQUIRED = "538 5.7.11 Encryption required for requested authentication mechanism"
+AUTH_BEFORE_STARTTLS = "refused client=%s login=%s: AUTH before STARTTLS: " + _ENCRYPTION_REQUIRED
+# no STARTTLS to tell the ERP to use: it is the listener that must change
+AUTH_WITHOUT_TLS = (
+    "refused client=%s login=%s: AUTH on listener %s, which has no tls:"
+    " a login needs TLS off loopback: " + _ENCRYPTION_REQUIRED
 )
 IMPLICIT_TLS_CLIENT = (
     "client=%s sent a TLS handshake where an SMTP command was expected:"
@@ -824,13 +827,17 @@ class RelaySMTP(SMTP):
     def _log_auth_before_starttls(self) -> None:
         """An ERP that skips STARTTLS is refused its AUTH (``538``), then MAIL: the
         log said only that it had not logged in, where it had tried. Once a
-        session: an ERP retrying AUTH would fill the log."""
+        session: an ERP retrying AUTH would fill the log. A listener with no
+        ``tls`` offers no STARTTLS to use: the line names the listener to change."""
         if self._auth_before_starttls_logged:
             return
         self._auth_before_starttls_logged = True
         assert self.session is not None
         peer, login = client_address(self.session.peer), _login(self.session) or "-"
-        log.info(AUTH_BEFORE_STARTTLS, peer, login)
+        if self.tls_context is None:
+            log.info(AUTH_WITHOUT_TLS, peer, login, self._listener_name)
+        else:
+            log.info(AUTH_BEFORE_STARTTLS, peer, login)
 
     async def check_auth_needed(self, caller_method: str) -> bool:
         """aiosmtpd's, with Postfix's reply where the login is refused for want of
