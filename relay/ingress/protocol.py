@@ -274,8 +274,9 @@ def _noted(
 
 def handshake_failure(error: BaseException, context: ssl.SSLContext | None, listener: str) -> str:
     """Why a handshake failed, for ``HANDSHAKE_FAILED``. A client too old for the
-    listener's ``min_version`` is told apart, with what lets it in: OpenSSL's
-    ``unsupported protocol`` said neither, and a legacy ERP looked broken."""
+    listener's ``min_version`` is told apart, with the next version down that lets
+    it in: OpenSSL's ``unsupported protocol`` said neither, and a legacy ERP
+    looked broken."""
     version = None if context is None else _VERSION_NAMES.get(context.minimum_version)
     too_old = isinstance(error, ssl.SSLError) and error.reason == "UNSUPPORTED_PROTOCOL"
     if not too_old or version is None:
@@ -283,7 +284,11 @@ def handshake_failure(error: BaseException, context: ssl.SSLContext | None, list
     said = f"the client offered an older TLS version than this listener's min_version {version}"
     if version == "1.0":
         return f"{said} (SSL 3.0 or older, which the relay does not take; listener {listener})"
-    return f'{said} (set tls: min_version: "1.0" on listener {listener} for a legacy client)'
+    if version == "1.3":  # "1.0" would also drop the listener to OpenSSL's security level 0
+        hint = f'set tls: min_version: "1.2" on listener {listener} for a client without TLS 1.3'
+    else:
+        hint = f'set tls: min_version: "1.0" on listener {listener} for a legacy client'
+    return f"{said} ({hint})"
 
 
 class RelaySMTP(SMTP):
