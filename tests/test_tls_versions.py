@@ -49,9 +49,11 @@ def _client(version: ssl.TLSVersion) -> ssl.SSLContext:
     return context
 
 
-def _policy(tmp_path: Path, setting: str = "", port: int = 2525) -> Path:
+def _policy(
+    tmp_path: Path, setting: str = "", port: int = 2525, address: str = "127.0.0.1"
+) -> Path:
     tls = _TLS % (f", {setting}" if setting else "")
-    return variant(tmp_path, _LISTENER, f"    address: 127.0.0.1\n    port: {port}\n{tls}")
+    return variant(tmp_path, _LISTENER, f"    address: {address}\n    port: {port}\n{tls}")
 
 
 def _where(path: Path, text: str) -> tuple[int, int]:
@@ -103,11 +105,11 @@ def _relay_line(caplog: pytest.LogCaptureFixture, start: str) -> str:
 
 
 def test_min_version_is_read_and_a_legacy_one_warned_of(tmp_path: Path) -> None:
-    path = _policy(tmp_path, 'min_version: "1.0"')
+    path = _policy(tmp_path, 'min_version: "1.0"', address="0.0.0.0")
     assert _load(path) is TlsVersion.V1_0
     out, err = io.StringIO(), io.StringIO()
     assert check_main(path, out, err) == 0, err.getvalue()
-    (warned,) = [line for line in err.getvalue().splitlines() if "min_version" in line]
+    (warned,) = [line for line in err.getvalue().splitlines() if ".tls.min_version:" in line]
     line, column = _where(path, '"1.0"')
     assert warned == (
         f"{path}:{line}:{column}: warning: listeners[0].tls.min_version: TLS 1.0 is a weak"
@@ -115,6 +117,17 @@ def test_min_version_is_read_and_a_legacy_one_warned_of(tmp_path: Path) -> None:
         " a listener bound to loopback or a private network, with an allow list of those"
         " clients"
     )
+
+
+@pytest.mark.parametrize("value", ["1.0", "1.1"])
+def test_a_legacy_min_version_on_loopback_is_not_warned_of(tmp_path: Path, value: str) -> None:
+    """The warning said "better on a listener bound to loopback" of one that is: no
+    session there leaves the host, as with no tls on loopback, not warned of either."""
+    path = _policy(tmp_path, f'min_version: "{value}"')
+    out, err = io.StringIO(), io.StringIO()
+    assert check_main(path, out, err) == 0, err.getvalue()
+    assert ".tls.min_version:" not in err.getvalue()
+    assert _load(path).value == value
 
 
 @pytest.mark.parametrize("value", ["1.1", "1.2", "1.3", "1.0"])

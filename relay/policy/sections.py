@@ -163,7 +163,7 @@ def listeners(ctx: Ctx, root: Map) -> tuple[Listener, ...] | None:
         tls_mode = tls_map.choice("mode", ListenerTls, ListenerTls.STARTTLS)
         _warn_of_tls_unlike_port(ctx, m, tls_map, port, tls_mode)
         min_version = tls_map.choice("min_version", TlsVersion, TlsVersion.V1_2)
-        _warn_of_legacy_tls(ctx, tls_map, min_version)
+        _warn_of_legacy_tls(ctx, tls_map, min_version, ips)
         tls = _tls(ctx, m, tls_map, min_version)
         allow = _allow(ctx, m)
         if allow is not None and ips:
@@ -386,10 +386,15 @@ def _clash(mine: _Socket, other: _Socket) -> str | None:
     return None
 
 
-def _warn_of_legacy_tls(ctx: Ctx, tls: Map, version: TlsVersion | None) -> None:
+def _warn_of_legacy_tls(
+    ctx: Ctx, tls: Map, version: TlsVersion | None, ips: Collection[_IP]
+) -> None:
     """TLS 1.0 and 1.1 are for an ERP that cannot do better (RFC 8996 deprecates
-    them): the sysadmin should know the listener now takes them from anyone."""
-    if version in (TlsVersion.V1_0, TlsVersion.V1_1):
+    them): the sysadmin should know the listener now takes them from anyone. On
+    loopback no session leaves the host, as with no ``tls`` there, which is not
+    warned of either."""
+    on_loopback = bool(ips) and not _off_loopback(ips)
+    if version in (TlsVersion.V1_0, TlsVersion.V1_1) and not on_loopback:
         assert version is not None
         message = (
             f"TLS {version.value} is a weak protocol (RFC 8996), for a legacy client only"
