@@ -1086,9 +1086,21 @@ def _as_bound(
 
 def _tls_taken_up(listener: Listener, read: TlsFiles | None, quiet: bool) -> TlsFiles:
     """The pair to serve (``_tls_as_bound``), with the ``min_version`` the file
-    now says: a legacy client let in takes a reload, as a renewal does."""
+    now says: a legacy client let in takes a reload, as a renewal does. Where
+    the pair served before is kept (the new one refused, or not read), so is
+    its ``min_version``: a ``tls`` refused is not taken up in part."""
     pair = _tls_as_bound(listener, read, quiet)
     if read is None or read.min_version is pair.min_version:
+        return pair
+    if pair is listener.tls:
+        if not quiet:
+            log.error(
+                "listener %s: keeping TLS min_version %s with the certificate served before,"
+                " not %s: a reload with a certificate clients take takes it up",
+                listener.name,
+                pair.min_version.value,
+                read.min_version.value,
+            )
         return pair
     return dataclasses.replace(pair, min_version=read.min_version)
 

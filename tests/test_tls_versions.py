@@ -21,6 +21,7 @@ from relay.errors import PolicyError
 from relay.policy.load import check_main, load
 from relay.policy.model import ListenerTls, TlsVersion
 from relay.policy.tlspair import server_context
+from tests.certs import der, make_certs, served_certificate
 from tests.ingress_harness import TIMEOUT, Relay
 from tests.minimal_policy import listener
 from tests.policyfiles import variant
@@ -236,3 +237,29 @@ def test_a_reload_takes_up_a_changed_min_version(tmp_path: Path) -> None:
     assert "listener local: TLS min_version 1.0 from now on" in log
     assert "listener local: TLS min_version 1.2 from now on" in log
     assert "after a restart" not in log
+
+
+def test_a_reload_that_keeps_the_certificate_keeps_its_min_version(tmp_path: Path) -> None:
+    """An expired certificate copied in by a renewal hook is refused, the one served
+    kept: the min_version changed with it is not taken up apart from the pair it
+    came with, and the log says which is kept."""
+    port = free_port()
+    path = _policy(tmp_path, port=port)
+    legacy = _client(ssl.TLSVersion.TLSv1)
+    served = der(tmp_path / "tls" / "relay.crt")
+    with RelayProcess(path, port, tmp_path / "relay.log") as relay:
+        expired = make_certs(tmp_path / "expired", expired=True)
+        (tmp_path / "tls" / "relay.crt").write_bytes(expired.cert.read_bytes())
+        (tmp_path / "tls" / "relay.key").write_bytes(expired.key.read_bytes())
+        path.write_text(path.read_text().replace("relay.key}", "relay.key, min_version: '1.0'}"))
+        relay.signal(signal.SIGHUP)
+        relay.wait_reloaded(1)
+        _refused(port, legacy)
+        assert served_certificate(port) == served
+        log = relay.log()
+    assert "listener local: keeping the TLS certificate served before: " in log
+    assert (
+        "listener local: keeping TLS min_version 1.2 with the certificate served before,"
+        " not 1.0: a reload with a certificate clients take takes it up"
+    ) in log
+    assert "min_version 1.0 from now on" not in log
