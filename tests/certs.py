@@ -30,11 +30,14 @@ def make_certs(
     names: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"),
     days: int = 1,
     expired: bool = False,
+    ca_expired: bool = False,
 ) -> Certs:
     """A CA and a server certificate for ``names``, valid for ``days``; with
-    ``expired``, a server certificate whose ``days`` ended a minute ago."""
+    ``expired``, a server certificate whose ``days`` ended a minute ago; with
+    ``ca_expired``, a CA whose day ended a minute ago (a private CA not renewed)."""
     now = datetime.datetime.now(datetime.UTC)
     start = now - datetime.timedelta(days=days, minutes=1) if expired else now
+    ca_start = now - datetime.timedelta(days=1, minutes=1) if ca_expired else now
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay test CA")])
     ca = (
@@ -43,8 +46,8 @@ def make_certs(
         .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(ca_start - datetime.timedelta(minutes=5))
+        .not_valid_after(ca_start + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(

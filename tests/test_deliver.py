@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from cryptography import x509
 
 from relay.deliver import DeliveryResult, attempt, deliver, result
 from relay.errors import UpstreamError
@@ -1192,6 +1193,35 @@ async def test_an_expired_certificate_says_the_upstream_must_renew_it(
         " has expired; the upstream must renew it (or this host's clock is wrong) (connecting)"
     )
     assert sink.handler.messages == []
+
+
+async def test_an_expired_ca_in_ca_file_is_named_not_laid_on_the_upstream(
+    tmp_path: Path,
+) -> None:
+    """A private CA not renewed in the relay's own ``ca_file``, the upstream's
+    certificate in date: "the upstream must renew it" sent the sysadmin to ask
+    the upstream for what was in their own file."""
+    old_ca = make_certs(tmp_path / "old_ca", ca_expired=True)
+    with Sink(tls_context=server_context(old_ca)) as sink, pytest.raises(UpstreamError) as failed:
+        pinned = upstream(sink.port, TlsMode.STARTTLS, ca_file=old_ca.ca)
+        await deliver(pinned, "b@p.example", RCPTS, MESSAGE)
+    assert (failed.value.code, failed.value.status) == (451, "4.4.1")
+    ended = x509.load_pem_x509_certificate(old_ca.ca.read_bytes()).not_valid_after_utc
+    assert failed.value.text == (
+        f"Upstream smarthost (127.0.0.1:{sink.port}): TLS certificate not accepted: certificate"
+        f" has expired; ca_file: ({old_ca.ca}) holds the CA certificate 'relay test CA', which"
+        f" expired on {ended:%Y-%m-%d %H:%M} UTC: put the CA's renewed one there, unless it is"
+        " the upstream's own that has expired (or this host's clock is wrong) (connecting)"
+    )
+
+    old_leaf = make_certs(tmp_path / "old_leaf", expired=True)  # its CA in date
+    with Sink(tls_context=server_context(old_leaf)) as sink, pytest.raises(UpstreamError) as failed:
+        pinned = upstream(sink.port, TlsMode.STARTTLS, ca_file=old_leaf.ca)
+        await deliver(pinned, "b@p.example", RCPTS, MESSAGE)
+    assert failed.value.text == (
+        f"Upstream smarthost (127.0.0.1:{sink.port}): TLS certificate not accepted: certificate"
+        " has expired; the upstream must renew it (or this host's clock is wrong) (connecting)"
+    )
 
 
 async def test_certificate_for_another_name_is_451(

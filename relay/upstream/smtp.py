@@ -15,6 +15,7 @@ mapping is the same whether a message travelled on a new or a reused one.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import logging
 import os
@@ -493,9 +494,43 @@ def _trust_hint(exc: ssl.SSLCertVerificationError, upstream: SmtpUpstream) -> st
     if exc.verify_code == _SELF_SIGNED:
         return _ca_hint(upstream, "a copy of it", "does not hold it")
     if exc.verify_code == _EXPIRED:
-        # the peer's certificate, and so its date, is not kept after a failed check
-        return "; the upstream must renew it (or this host's clock is wrong)"
+        return _expired_hint(upstream)
     return ""
+
+
+def _expired_hint(upstream: SmtpUpstream) -> str:
+    """Whose certificate has expired: OpenSSL names no depth in the chain, and
+    Python's ssl keeps no peer certificate after a failed check. A CA of the
+    relay's own ``ca_file`` is looked at here: one expired there was laid on
+    the upstream, whose sysadmin had nothing to renew."""
+    clock = " (or this host's clock is wrong)"
+    expired = _expired_cas(upstream.ca_pem) if upstream.ca_pem is not None else []
+    if not expired:  # the CAs trusted are in date: the upstream sent the one expired
+        return f"; the upstream must renew it{clock}"
+    name, ended = expired[0]
+    return (
+        f"; ca_file: ({upstream.ca_file}) holds the CA certificate {name!r}, which expired"
+        f" on {ended:%Y-%m-%d %H:%M} UTC: put the CA's renewed one there, unless it is the"
+        f" upstream's own that has expired{clock}"
+    )
+
+
+def _expired_cas(ca_pem: str) -> list[tuple[str, datetime.datetime]]:
+    """The CAs of ``ca_pem`` whose end has passed: each one's name and end."""
+    try:
+        found = ssl.create_default_context(cadata=ca_pem).get_ca_certs()
+    except (ssl.SSLError, ValueError):  # it was checked at load: no CA to name then
+        return []
+    now = datetime.datetime.now(datetime.UTC)
+    expired = []
+    for cert in found:
+        ended = datetime.datetime.fromtimestamp(
+            ssl.cert_time_to_seconds(str(cert["notAfter"])), datetime.UTC
+        )
+        if ended < now:
+            names = [value for rdn in cert["subject"] for key, value in rdn if key == "commonName"]
+            expired.append((names[0] if names else "(no common name)", ended))
+    return expired
 
 
 def _ca_hint(upstream: SmtpUpstream, what: str, lacking: str) -> str:
