@@ -1056,6 +1056,32 @@ async def test_implicit_tls_at_a_silent_port_names_the_handshake() -> None:
     )
 
 
+async def test_implicit_tls_done_but_no_greeting_is_not_the_handshake(certs: Certs) -> None:
+    """The handshake went through, the greeting never came: "TLS handshake: no
+    answer" sent the sysadmin after TLS versions and ciphers, where the server
+    is what does not answer, as on a port without TLS."""
+    done = asyncio.Event()
+
+    async def mute(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await done.wait()  # the handshake is asyncio's, before this runs
+        writer.close()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0, ssl=server_context(certs))
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(UpstreamError) as failed:
+            pinned = upstream(port, TlsMode.IMPLICIT, ca_file=certs.ca, timeout=0.5)
+            await asyncio.wait_for(deliver(pinned, "b@p.example", RCPTS, MESSAGE), 10)
+    finally:
+        done.set()
+        server.close()
+        await server.wait_closed()
+    assert (failed.value.code, failed.value.status) == (451, "4.4.1")
+    assert failed.value.text == (
+        f"Upstream smarthost (127.0.0.1:{port}): no answer within 0.5s (connecting)"
+    )
+
+
 @pytest.mark.parametrize("mode", [TlsMode.STARTTLS, TlsMode.IMPLICIT])
 async def test_ca_file_trusts_a_private_ca_and_helo_name_is_what_ehlo_says(
     certs: Certs, mode: TlsMode
