@@ -1241,13 +1241,21 @@ async def test_an_expired_ca_in_ca_file_is_named_not_laid_on_the_upstream(
     )
 
     old_leaf = make_certs(tmp_path / "old_leaf", expired=True)  # its CA in date
-    with Sink(tls_context=server_context(old_leaf)) as sink, pytest.raises(UpstreamError) as failed:
-        pinned = upstream(sink.port, TlsMode.STARTTLS, ca_file=old_leaf.ca)
-        await deliver(pinned, "b@p.example", RCPTS, MESSAGE)
-    assert failed.value.text == (
-        f"Upstream smarthost (127.0.0.1:{sink.port}): TLS certificate not accepted: certificate"
-        " has expired; the upstream must renew it (or this host's clock is wrong) (connecting)"
-    )
+    # a bundle, as the system's CAs copied, holds roots that ended long ago: which
+    # one signed the certificate is not known, and an unrelated one was named
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(old_leaf.ca.read_bytes() + old_ca.ca.read_bytes())
+    for ca_file in (old_leaf.ca, bundle):
+        with (
+            Sink(tls_context=server_context(old_leaf)) as sink,
+            pytest.raises(UpstreamError) as failed,
+        ):
+            pinned = upstream(sink.port, TlsMode.STARTTLS, ca_file=ca_file)
+            await deliver(pinned, "b@p.example", RCPTS, MESSAGE)
+        assert failed.value.text == (
+            f"Upstream smarthost (127.0.0.1:{sink.port}): TLS certificate not accepted: certificate"
+            " has expired; the upstream must renew it (or this host's clock is wrong) (connecting)"
+        )
 
 
 async def test_certificate_for_another_name_is_451(

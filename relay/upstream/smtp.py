@@ -504,10 +504,13 @@ def _expired_hint(upstream: SmtpUpstream) -> str:
     relay's own ``ca_file`` is looked at here: one expired there was laid on
     the upstream, whose sysadmin had nothing to renew."""
     clock = " (or this host's clock is wrong)"
-    expired = _expired_cas(upstream.ca_pem) if upstream.ca_pem is not None else []
-    if not expired:  # the CAs trusted are in date: the upstream sent the one expired
+    expired, held = _expired_cas(upstream.ca_pem) if upstream.ca_pem is not None else ([], 0)
+    if not expired or held > 1:
+        # in date, the upstream sent the one expired; of a bundle (the system's
+        # CAs copied, some of which have always ended), which one signed it is
+        # not known here, and an unrelated root was named
         return f"; the upstream must renew it{clock}"
-    name, ended = expired[0]
+    ((name, ended),) = expired
     return (
         f"; ca_file: ({upstream.ca_file}) holds the CA certificate {name!r}, which expired"
         f" on {ended:%Y-%m-%d %H:%M} UTC: put the CA's renewed one there, unless it is the"
@@ -515,12 +518,13 @@ def _expired_hint(upstream: SmtpUpstream) -> str:
     )
 
 
-def _expired_cas(ca_pem: str) -> list[tuple[str, datetime.datetime]]:
-    """The CAs of ``ca_pem`` whose end has passed: each one's name and end."""
+def _expired_cas(ca_pem: str) -> tuple[list[tuple[str, datetime.datetime]], int]:
+    """The CAs of ``ca_pem`` whose end has passed, each one's name and end, and
+    how many CAs it holds."""
     try:
         found = ssl.create_default_context(cadata=ca_pem).get_ca_certs()
     except (ssl.SSLError, ValueError):  # it was checked at load: no CA to name then
-        return []
+        return [], 0
     now = datetime.datetime.now(datetime.UTC)
     expired = []
     for cert in found:
@@ -530,7 +534,7 @@ def _expired_cas(ca_pem: str) -> list[tuple[str, datetime.datetime]]:
         if ended < now:
             names = [value for rdn in cert["subject"] for key, value in rdn if key == "commonName"]
             expired.append((names[0] if names else "(no common name)", ended))
-    return expired
+    return expired, len(found)
 
 
 def _ca_hint(upstream: SmtpUpstream, what: str, lacking: str) -> str:
