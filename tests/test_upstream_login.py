@@ -34,6 +34,7 @@ class Counting(Sink):
     attempts: list[str] = field(default_factory=list)
     # a reply to every login by a mechanism, as a server that cannot check it gives
     refuse: dict[str, str] = field(default_factory=dict)
+    hang_up: bool = False  # after a refusal of its own
 
     def authenticate(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
@@ -46,6 +47,9 @@ class Counting(Sink):
         self.attempts.append("CRAM-MD5")
         if "CRAM-MD5" in self.refuse:
             await server.push(self.refuse["CRAM-MD5"])
+            if self.hang_up:
+                assert server.transport is not None
+                server.transport.close()
             return AuthResult(success=False, handled=True)
         answer = await server.challenge_auth(CHALLENGE)
         if answer is MISSING:
@@ -69,9 +73,12 @@ class Counting(Sink):
 
 @contextmanager
 def smarthost(
-    exclude: tuple[str, ...] = (), refuse: dict[str, str] | None = None, **kwargs: Any
+    exclude: tuple[str, ...] = (),
+    refuse: dict[str, str] | None = None,
+    hang_up: bool = False,
+    **kwargs: Any,
 ) -> Iterator[tuple[Counting, int]]:
-    handler = Counting(refuse=refuse or {})
+    handler = Counting(refuse=refuse or {}, hang_up=hang_up)
     kwargs.setdefault("auth_require_tls", False)
     controller = Controller(
         handler, hostname="127.0.0.1", port=free_port(), server_hostname="smarthost.test",
@@ -149,6 +156,29 @@ async def test_in_clear_a_cram_md5_the_server_cannot_check_gives_way_to_plain(
         await deliver(upstream(port, right), "a@p.example", ["b@example.org"], MESSAGE)
         assert handler.attempts == ["CRAM-MD5", "PLAIN"]
         assert len(handler.messages) == 1
+
+
+async def test_in_clear_a_temporary_refusal_of_cram_md5_is_not_tried_again(right: Path) -> None:
+    """A 454 is the server's trouble, not a mechanism it cannot check: the next
+    try is the next connection's."""
+    temporary = "454 4.7.0 Temporary authentication failure"
+    with smarthost(("XOAUTH2",), {"CRAM-MD5": temporary}) as (handler, port):
+        with pytest.raises(UpstreamError) as failed:
+            await deliver(upstream(port, right), "a@p.example", ["b@example.org"], MESSAGE)
+        assert handler.attempts == ["CRAM-MD5"]
+    assert failed.value.line.endswith(f"refused the relay's login: {temporary}")
+
+
+async def test_a_server_that_hangs_up_after_refusing_a_login_is_quoted(wrong: Path) -> None:
+    """Going on to PLAIN found the connection closed: "connection lost" sent the
+    sysadmin to the network, where the server had said why."""
+    with smarthost(("XOAUTH2",), {"CRAM-MD5": "535 5.7.8 No"}, hang_up=True) as (handler, port):
+        with pytest.raises(UpstreamError) as failed:
+            await deliver(upstream(port, wrong), "a@p.example", ["b@example.org"], MESSAGE)
+        assert handler.attempts == ["CRAM-MD5"]
+    assert failed.value.line == (
+        f"451 4.7.0 Upstream smarthost (127.0.0.1:{port}) refused the relay's login: 535 5.7.8 No"
+    )
 
 
 @pytest.mark.parametrize(

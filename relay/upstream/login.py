@@ -6,8 +6,8 @@ LOGIN, CRAM-MD5), in every worker and in ``relay upstream test``, and
 smarthosts lock an account after a number of them. A refused login fails with
 the server's reply, as before; the next try is the next connection's. The
 next mechanism is tried only where the refusal is of the mechanism, not the
-password: a 504, 534 or 538, or CRAM-MD5 refused in plain text, which a
-server that keeps its passwords hashed offers and cannot check (with ``tls:
+password: a 504, 534 or 538, or CRAM-MD5 refused (535) in plain text, which
+a server that keeps its passwords hashed offers and cannot check (with ``tls:
 none`` such a server took PLAIN after it, and must go on doing so).
 """
 
@@ -66,15 +66,22 @@ async def log_in(client: aiosmtplib.SMTP, username: str, secret: str, who: str) 
     candidates = _candidates(client)
     if not candidates:
         raise Unreachable(451, "4.7.0", f"Upstream {who}: {_unsuitable(client)} (logging in)")
+    in_clear = _in_clear(client)  # not asked once the server may have hung up
+    refused: aiosmtplib.SMTPAuthenticationError | None = None
     for chosen in candidates:
         method = getattr(client, f"auth_{chosen.replace('-', '')}")
         try:
             await method(username, secret)
         except aiosmtplib.SMTPAuthenticationError as exc:
-            hashed = chosen == "cram-md5" and _in_clear(client)
+            hashed = chosen == "cram-md5" and exc.code == 535 and in_clear
             if chosen == candidates[-1] or not (exc.code in _OF_THE_MECHANISM or hashed):
                 raise
+            refused = exc
             continue
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            if refused is None:
+                raise
+            raise refused from exc  # hung up after it: its refusal says why, not "lost"
         _used[client] = chosen
         return
 
