@@ -1426,6 +1426,15 @@ def test_a_fixed_reply_to_that_is_not_one_mailbox_as_it_reads_is_a_located_probl
     assert problems(path) == [f"{path}:25:17: tenants.acme.reply_to.default[0]: {problem}"]
 
 
+def test_a_fixed_reply_to_named_by_its_own_address_loads(tmp_path: Path) -> None:
+    """The address in its name is the one replies go to: nobody is misled."""
+    own = """'"desk@acme.example" <Desk@Acme.example>'"""
+    chain = f"    reply_to:\n      default: [{own}]\n"
+    path = variant(tmp_path, "    upstream: outbox\n", "    upstream: outbox\n" + chain)
+    (source,) = load(path).tenants["acme"].reply_to["default"]
+    assert (source.name, source.value) == ("desk@acme.example", "Desk@Acme.example")
+
+
 @pytest.mark.parametrize(
     ("old", "new", "problem"),
     [

@@ -274,9 +274,9 @@ def _noted(
 
 def handshake_failure(error: BaseException, context: ssl.SSLContext | None, listener: str) -> str:
     """Why a handshake failed, for ``HANDSHAKE_FAILED``. A client too old for the
-    listener's ``min_version`` is told apart, with the next version down that lets
-    it in: OpenSSL's ``unsupported protocol`` said neither, and a legacy ERP
-    looked broken."""
+    listener's ``min_version`` is told apart, with a lower one to set (OpenSSL
+    does not say which version the client offered: "1.2" below 1.3, else "1.0"):
+    its ``unsupported protocol`` said neither, and a legacy ERP looked broken."""
     version = None if context is None else _VERSION_NAMES.get(context.minimum_version)
     too_old = isinstance(error, ssl.SSLError) and error.reason == "UNSUPPORTED_PROTOCOL"
     if not too_old or version is None:

@@ -556,7 +556,7 @@ def _fixed_address(ctx: Ctx, node: Node, path: str, value: str) -> ReplyToSource
         ctx.problem(node, path, f"{value!r} is not an address like name@example.com")
         return None
     whose, where = "the address replies go to", "that address is the one in <>"
-    problem = names.encoded_word(name) or names.address_in(name, where, whose)
+    problem = names.encoded_word(name) or names.address_in(name, where, whose, address)
     if problem:
         ctx.problem(node, path, f"{value!r}: its name {problem}")
         return None

@@ -65,10 +65,12 @@ def encoded_word(name: str, what: str = "the name") -> str | None:
     return f"{word}; write {what} as it reads: {decoded!r}"
 
 
-def address_in(name: str, where: str, whose: str = "the sender's") -> str | None:
+def address_in(name: str, where: str, whose: str = "the sender's", own: str = "") -> str | None:
     """Why ``name`` may not stand before an address: one of its own, which
-    recipients would take for ``whose``."""
-    if not any(_is_address(found) for found in _ADDRESS_LIKE.findall(name)):
+    recipients would take for ``whose``; ``own``, the address it stands before,
+    is no other's (``"desk@acme.example" <desk@acme.example>``)."""
+    found = _ADDRESS_LIKE.findall(name)
+    if not any(_is_address(f) and f.lower() != own.lower() for f in found):
         return None
     bare = " ".join(_without_addresses(name).split())
     alone = f" ({bare!r})" if bare else ""
