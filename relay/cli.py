@@ -780,7 +780,7 @@ def _state_while_broken(path: Path, problems: list[str]) -> StateSettings | None
     if running is not None:
         state, kept = running
         print(f"{problems[0]}\nrelay: {path} does not load, so this goes by the policy"
-              f" the relay runs ({kept})", file=sys.stderr)  # fmt: skip
+              f" the relay runs or last ran ({kept})", file=sys.stderr)  # fmt: skip
         return state
     try:
         state = load_state(path)

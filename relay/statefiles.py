@@ -86,7 +86,8 @@ def open_plain(path: Path | str, flags: int = os.O_RDONLY) -> int:
     try:
         fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | NOFOLLOW)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a link, a socket: refused by the open
+        # a link, a socket, a directory opened to write: refused by the open
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
             raise _as_found(path, exc) from exc
         raise
     try:

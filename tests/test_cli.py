@@ -929,7 +929,7 @@ def test_the_tools_work_while_a_file_the_relay_refused_does_not_load(
         assert done.returncode == 0, done.stderr
         assert str(target) in done.stderr.splitlines()[0]
         assert (
-            "does not load, so this goes by the policy the relay runs"
+            "does not load, so this goes by the policy the relay runs or last ran"
             if copy
             else "does not load, but its state settings do, so this goes by them"
         ) in done.stderr

@@ -113,3 +113,21 @@ def test_check_refuses_a_fifo_and_the_tools_say_what_it_is(policy_file: Path) ->
     assert (shown.returncode, added.returncode) == (66, 73), shown.stderr + added.stderr
     assert f"cannot read the suppression list {listed}: {SAID}" in shown.stderr
     assert f"cannot write the suppression list {listed}: {SAID}" in added.stderr
+
+
+def test_a_directory_for_a_list_is_said_so_by_serve_and_add(policy_file: Path) -> None:
+    """``relay check`` and ``/readyz`` said "a directory, not a regular file"; the
+    start and ``relay suppression add``, which open it to write, said "Is a
+    directory": one fault in two words."""
+    policy = configure(policy_file, free_port(), free_port())
+    suppression = load(policy).suppression
+    assert suppression is not None
+    listed = suppression.file
+    listed.parent.mkdir(parents=True, exist_ok=True)
+    listed.unlink(missing_ok=True)
+    listed.mkdir()
+    served = relay_cli(policy, "serve")
+    added = relay_cli(policy, "suppression", "add", "one@example.org")
+    said = f"cannot write the suppression list {listed}: a directory, not a regular file"
+    assert served.returncode == 73 and said in served.stderr, served.stderr
+    assert added.returncode == 73 and said in added.stderr, added.stderr

@@ -163,7 +163,7 @@ def _running_instead(
     if running is None:
         return None
     policy, kept = running
-    said = f"{path} does not load, so this goes by the policy the relay runs ({kept})"
+    said = f"{path} does not load, so this goes by the policy the relay runs or last ran ({kept})"
     err.write(f"{problems[0]}\nrelay bounce: {said}\n")
     system_log.say(logging.WARNING, f"{said}: {problems[0]}")
     return policy
