@@ -1154,7 +1154,8 @@ def test_the_tools_go_by_the_running_policy_while_the_file_is_broken(relay: Rela
             done = relay_cli(*args, "-c", str(relay.policy))
             assert done.returncode == 0, done.stderr
             assert "frist_retry: unknown key" in done.stderr
-            assert "does not load, so this goes by the policy the relay runs or last ran" in done.stderr
+            said = "does not load, so this goes by the policy the relay runs or last ran"
+            assert said in done.stderr
         assert "audit log intact" in relay_cli("audit", "verify", "-c", str(relay.policy)).stdout
         relay.policy.write_text("version: [")  # not even YAML: its state directory is the default
         assert relay_cli("queue", "list", "-c", str(relay.policy)).returncode == 0
