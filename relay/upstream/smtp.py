@@ -505,11 +505,13 @@ def _expired_hint(upstream: SmtpUpstream) -> str:
     the upstream, whose sysadmin had nothing to renew."""
     clock = " (or this host's clock is wrong)"
     expired, held = _expired_cas(upstream.ca_pem) if upstream.ca_pem is not None else ([], 0)
-    if not expired or held > 1:
-        # in date, the upstream sent the one expired; of a bundle (the system's
-        # CAs copied, some of which have always ended), which one signed it is
-        # not known here, and an unrelated root was named
+    if not expired:  # in date: the upstream sent the one expired
         return f"; the upstream must renew it{clock}"
+    if held > 1:  # which one signed it is not known: a bundle's old roots were named
+        return (
+            f"; the upstream must renew it, unless it is one of the expired CAs in ca_file:"
+            f" ({upstream.ca_file}): {len(expired)} of {held}{clock}"
+        )
     ((name, ended),) = expired
     return (
         f"; ca_file: ({upstream.ca_file}) holds the CA certificate {name!r}, which expired"
