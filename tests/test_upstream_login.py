@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from relay.errors import UpstreamError
 from relay.policy.model import SmtpUpstream, TlsMode
 from tests.certs import Certs, make_certs, server_context
 from tests.sink import Sink, free_port
+from tests.test_upstream_probe import policy as probe_policy
+from tests.test_upstream_probe import relay as upstream_test
 
 PASSWORD = b"s3cret"
 CHALLENGE = b"<4711.1@smarthost.test>"
@@ -247,3 +250,15 @@ async def test_an_upstream_offering_no_auth_in_clear_says_what_to_set(right: Pat
         " set tls: starttls or implicit if it offers it over TLS, or take out username"
         " and the password if it takes mail without a login (logging in)"
     )
+
+
+def test_upstream_test_names_the_mechanism_that_logged_in(tmp_path: Path) -> None:
+    """After CRAM-MD5 refused in plain text, PLAIN logged in: the first one
+    offered was shown as the one that did."""
+    with smarthost(("XOAUTH2",), {"CRAM-MD5": "535 5.7.8 Cannot check"}) as (handler, port):
+        path = probe_policy(tmp_path, port, tmp_path / "unused", tls="none")
+        path.write_text(re.sub(r"    ca_file:.*\n", "", path.read_text()))
+        done = upstream_test("-c", str(path), "smarthost")
+        assert handler.attempts == ["CRAM-MD5", "PLAIN"]
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "  login: accepted for relay (AUTH PLAIN)" in done.stdout.splitlines()
