@@ -12,3 +12,8 @@ def main() -> int:
         return run()
     except KeyboardInterrupt:  # 128 + SIGINT, as the commands end on it later
         return 130
+    except RuntimeError as exc:
+        # one in a class body's ``__set_name__`` (a dataclass's fields) comes wrapped
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            return 130
+        raise
