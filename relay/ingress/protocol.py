@@ -70,6 +70,7 @@ from relay.ingress.address import (
 from relay.ingress.auth import AUTH_ABORTED, BAD_BASE64, Authenticated, Mechanisms
 from relay.ingress.clientlimit import ALL_BUSY, EVERYONE, TOO_MANY, ClientRow, counted_as
 from relay.ingress.filelimit import OUT_OF_FILES, FileRoom
+from relay.policy.tlspair import VERSIONS
 from relay.quantity import quantity
 from relay.submission import Submission
 from relay.submission import log_refused as log_message_refused
@@ -144,12 +145,7 @@ CLOSED_AFTER_HANDSHAKE = (
 )
 # the listener named: an old client refused on one of two, 587 and 465, said not which
 HANDSHAKE_FAILED = "TLS handshake failed client=%s: %s"
-_VERSION_NAMES = {
-    ssl.TLSVersion.TLSv1: "1.0",
-    ssl.TLSVersion.TLSv1_1: "1.1",
-    ssl.TLSVersion.TLSv1_2: "1.2",
-    ssl.TLSVersion.TLSv1_3: "1.3",
-}
+_VERSION_NAMES = {ssl_version: version.value for version, ssl_version in VERSIONS.items()}
 # The handshake is given the idle timeout, after STARTTLS as on implicit TLS.
 HANDSHAKE_TIMED_OUT = "client=%s did not finish the TLS handshake in %gs"
 # Postfix's name for the moment after the dot; the handler's line saying what

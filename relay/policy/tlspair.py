@@ -62,7 +62,7 @@ def checked_pair(
     return pair
 
 
-_VERSIONS = {
+VERSIONS = {
     TlsVersion.V1_0: ssl.TLSVersion.TLSv1,
     TlsVersion.V1_1: ssl.TLSVersion.TLSv1_1,
     TlsVersion.V1_2: ssl.TLSVersion.TLSv1_2,
@@ -81,7 +81,7 @@ def server_context(pair: TlsFiles) -> ssl.SSLContext:
         context.set_ciphers(_LEGACY_CIPHERS)
     with warnings.catch_warnings():  # Python deprecates the names of TLS 1.0 and 1.1
         warnings.simplefilter("ignore", DeprecationWarning)
-        context.minimum_version = _VERSIONS[pair.min_version]
+        context.minimum_version = VERSIONS[pair.min_version]
     with _in_memory(pair.cert_pem) as cert, _in_memory(pair.key_pem) as key:
         try:
             context.load_cert_chain(cert, key, password=_no_passphrase)
