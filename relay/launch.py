@@ -6,6 +6,17 @@ is left before the handler below."""
 
 
 def main() -> int:
+    code = _run()
+    if code == 130:
+        # An interrupt inside code that Python ran from a string (``exec`` of
+        # the methods a dataclass or namedtuple makes) marks it unhandled,
+        # caught or not; ``python -m relay`` then ended by SIGINT at its
+        # exit, not with 130. Running a string again clears the mark.
+        exec("")
+    return code
+
+
+def _run() -> int:
     try:
         from relay.cli import main as run
 

@@ -65,6 +65,13 @@ def test_ctrl_c_while_the_command_line_is_imported_exits_130_quietly(
     a Ctrl-C a moment later ends it with 130 and nothing said."""
     status, errors = interrupted(start, delay)
     assert "Traceback" not in errors, errors
-    # or ended by SIGINT itself with nothing said, as ``python -m relay`` does at
-    # some instants of its start: a shell reads that as 130 too
-    assert status in (130, -signal.SIGINT), errors
+    assert status == 130, errors
+
+
+def test_python_m_relay_interrupted_while_a_dataclass_is_made_exits_130() -> None:
+    """``python -m relay`` ended by SIGINT itself, silently, about one time in
+    five at these instants: the interrupt came inside a dataclass's methods,
+    which Python runs from a string, and marked itself unhandled though it
+    was caught. Twenty tries, so that the old way shows."""
+    statuses = [interrupted(["-m", "relay"], 0.008 + 0.0004 * i) for i in range(20)]
+    assert [status for status, _ in statuses] == [130] * 20, statuses
