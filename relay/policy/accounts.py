@@ -192,6 +192,9 @@ def _with_sender(ctx: Ctx, m: Map, upstream: SmtpUpstream | None) -> SmtpUpstrea
         return None
     if upstream is None or None in _given(m, sender=sender, sender_name=sender_name):
         return None
+    if sender is not None and sender_name is not None:
+        node, path = m.get("sender_name"), m.sub("sender_name")
+        names.warn_of_address_placeholder(ctx, node, path, sender_name, sender)
     return replace(upstream, sender=sender, sender_name=sender_name)
 
 

@@ -10,6 +10,8 @@ first's name.
 from __future__ import annotations
 
 import re
+import string
+from types import SimpleNamespace
 
 from yaml.nodes import Node
 
@@ -21,6 +23,11 @@ _WORD = re.compile(message.ENCODED_WORD)
 # a run of characters an address may hold, either side of its @
 _ADDRESS_LIKE = re.compile(r"[^\s<>()\[\],;:\"@]+@[^\s<>()\[\],;:\"@]+")
 _EXAMPLE = "'Office Desk <desk@acme.example>'"
+# whom the warning about {user.address} shows the From of
+_SAMPLE = {
+    "user": SimpleNamespace(name="Jan Janssens", address="jan@acme.example"),
+    "tenant": SimpleNamespace(name="Acme"),
+}
 
 
 def person(ctx: Ctx, node: Node, path: str) -> str | None:
@@ -51,6 +58,26 @@ def template(value: str, literal: str) -> str | None:
     if address_in(literal, where):  # not one a placeholder stands for
         return address_in(value, where)
     return encoded_word(value, "the template")
+
+
+def warn_of_address_placeholder(
+    ctx: Ctx, node: Node | None, path: str, template: str, sender: str
+) -> None:
+    """``{user.address}`` is a documented placeholder, so a template with it
+    loads; but it puts an address in the From's name, as a name the policy
+    may not hold, and receivers take the message for one from that address."""
+    fields = [part[1] for part in string.Formatter().parse(template)]
+    if "user.address" not in fields:
+        return
+    name = template.format_map(_SAMPLE).replace("\\", "\\\\").replace('"', '\\"')
+    ctx.problems.warn(
+        node,
+        path,
+        "{user.address} puts the user's address in the From's name:"
+        f' mail goes out as "{name}" <{sender}>, and receivers and mail clients'
+        " flag a name that holds an address as a forged sender; {user.name} is"
+        " the usual choice",
+    )
 
 
 def encoded_word(name: str, what: str = "the name") -> str | None:

@@ -77,6 +77,9 @@ def platform(ctx: Ctx, root: Map, key_domains: Collection[str]) -> Platform | No
     )
     from_address = m.read("from_address", values.address)
     display_name = m.read("display_name", display_name_template)
+    if display_name is not None and from_address is not None:
+        node, path = m.get("display_name"), m.sub("display_name")
+        names.warn_of_address_placeholder(ctx, node, path, display_name, from_address)
     return_path = m.read("return_path", values.address) if m.has("return_path") else from_address
     own_domain = from_address.rpartition("@")[2].lower() if from_address else None
     hostname = m.read("hostname", values.domain) if m.has("hostname") else own_domain
