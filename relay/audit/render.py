@@ -340,15 +340,18 @@ def _reply_to_after(r: dict[str, Any]) -> str:
 
 
 def _field(value: Any) -> str:
-    """A From or Reply-To on record as written, for a person to read: a name in
-    encoded words (``=?utf-8?b?...?=``) decoded, as ``relay preview`` shows it,
-    and quoted where it holds a special: ``Gross, Jürgen <j@x>`` read as two
-    mailboxes. The record, and ``--format json``, keep what was sent."""
-    if not isinstance(value, str):
-        return _safe(value)
+    """A From or Reply-To on record as written, for a person to read. The
+    record, and ``--format json``, keep what was sent."""
+    return _safe(decoded_field(value) if isinstance(value, str) else value)
+
+
+def decoded_field(value: str) -> str:
+    """A From or Reply-To as written, for a person to read, here and in ``relay
+    preview``: a name in encoded words (``=?utf-8?b?...?=``) decoded, and quoted
+    where it holds a special: ``Gross, Jürgen <j@x>`` read as two mailboxes."""
     if "=?" not in value:
-        return _safe(message.decode(value))
-    return _safe("".join(_readable(piece) for piece in _WORD_RUN_OR_QUOTED.split(value)))
+        return message.decode(value)
+    return "".join(_readable(piece) for piece in _WORD_RUN_OR_QUOTED.split(value))
 
 
 # a quoted string, or encoded words with only white space between them: the
