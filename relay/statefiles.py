@@ -80,11 +80,12 @@ class NotAFile(OSError):
         super().__init__(errno.EINVAL, f"{kind_of(mode)}, not a regular file")
 
 
-def open_plain(path: Path | str, flags: int = os.O_RDONLY) -> int:
+def open_plain(path: Path | str, flags: int = os.O_RDONLY, mode: int = 0o777) -> int:
     """A plain state file opened, not through a link; anything else raises
-    NotAFile without waiting (``O_NONBLOCK`` changes nothing for a plain file)."""
+    NotAFile without waiting (``O_NONBLOCK`` changes nothing for a plain file).
+    ``mode``: as ``os.open`` takes it, for a file ``O_CREAT`` makes."""
     try:
-        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | NOFOLLOW)
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | NOFOLLOW, mode)
     except OSError as exc:
         # a link, a socket, a directory opened to write: refused by the open
         if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):

@@ -18,16 +18,15 @@ restart, a line each; it is rewritten at each reload.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
-import stat
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from relay import statefiles
 from relay.errors import RelayError
 
 LOCK_NAME = "relay.pid"
@@ -137,32 +136,45 @@ def hold(directory: Path, digest: str, source: Path | None = None) -> Lock:
     process, ``digest``, the policy it serves, and ``source``, the file a
     reload reads, noted as ``STARTING`` until the relay serves (``note_policy``
     then); the caller keeps them for as long as it serves. Raises
-    StateBusy or OSError."""
+    StateBusy, NotALockFile or another OSError."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         return _hold(directory, digest, source)
     except BlockingIOError:
         raise StateBusy(directory, _named(directory)) from None
+    except statefiles.NotAFile as exc:
+        raise NotALockFile(directory / LOCK_NAME, exc) from exc
+
+
+class NotALockFile(OSError):
+    """Something else in the lock file's place, said as for every other state
+    file (``PATH: a directory, not a regular file``), where ``relay serve``
+    said Python's ``Is a directory``."""
+
+    def __init__(self, path: Path, found: statefiles.NotAFile) -> None:
+        super().__init__(found.errno, found.strerror, os.fspath(path))
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
 
 
 def _hold(directory: Path, digest: str, source: Path | None) -> Lock:
     """The directory's first: a relay refused leaves the file as it found it.
     Raises BlockingIOError where another process holds either."""
     with contextlib.ExitStack() as undo:
-        whole = _locked(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        whole = _locked(os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         undo.callback(os.close, whole)
         # not through a symbolic link: whoever may write the directory would choose the file
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        file = _locked(directory / LOCK_NAME, flags)  # an earlier version locks only this
+        opened = statefiles.open_plain(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        file = _locked(opened)  # an earlier version locks only this
         undo.callback(os.close, file)
         _write(file, digest, (STARTING,), source)
         undo.pop_all()
     return Lock(directory, whole, file)
 
 
-def _locked(path: Path, flags: int) -> int:
-    """``path`` opened with ``flags`` and locked. Raises BlockingIOError or OSError."""
-    fd = os.open(path, flags, 0o644)
+def _locked(fd: int) -> int:
+    """``fd`` locked, or closed. Raises BlockingIOError or OSError."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BaseException:
@@ -188,25 +200,6 @@ def _made_again(path: Path, digest: str, pending: Sequence[str], source: Path | 
     return fd
 
 
-def _open_file(path: Path, flags: int) -> int:
-    """``path`` opened if it is a regular file; raises NotAFile (an OSError)
-    otherwise. Without O_NONBLOCK, a FIFO put in its place held the open until
-    a writer came: a status, a second start and a reload's note waited for
-    ever, the supervisor deaf to SIGTERM."""
-    fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        if stat.S_ISDIR(mode):
-            raise NotAFile(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
-        raise NotAFile(errno.EINVAL, "not a regular file", os.fspath(path))
-    return fd
-
-
-class NotAFile(OSError):
-    """The lock file's name holds something else: a directory, a FIFO, a device."""
-
-
 def _named(directory: Path) -> str:
     """The PID to name for the relay holding the lock: as this process sees it,
     where the file's is another PID namespace's (a container's init is 1, the
@@ -218,7 +211,7 @@ def _named(directory: Path) -> str:
     if running is not None:
         return str(running.pid)
     try:
-        fd = _open_file(directory / LOCK_NAME, os.O_RDONLY)
+        fd = statefiles.open_plain(directory / LOCK_NAME, os.O_RDONLY)
     except OSError:
         return ""
     try:
@@ -236,14 +229,18 @@ def note_policy(
     """A reload of ``source`` put ``digest`` in use, and left ``pending`` (a line
     each) not taken up; said in the log if the file cannot take it."""
     try:
-        fd = _open_file(directory / LOCK_NAME, os.O_WRONLY)
+        fd = statefiles.open_plain(directory / LOCK_NAME, os.O_WRONLY)
     except OSError as exc:
-        log.warning("cannot note the policy in use in %s: %s", directory / LOCK_NAME, exc)
+        log.warning(
+            "cannot note the policy in use in %s: %s", directory / LOCK_NAME, exc.strerror or exc
+        )
         return
     try:
         _write(fd, digest, pending, source)
     except OSError as exc:
-        log.warning("cannot note the policy in use in %s: %s", directory / LOCK_NAME, exc)
+        log.warning(
+            "cannot note the policy in use in %s: %s", directory / LOCK_NAME, exc.strerror or exc
+        )
     finally:
         os.close(fd)
 
@@ -297,17 +294,13 @@ def holder(directory: Path) -> Holder | None:
     Raises StateUnreadable."""
     path = directory / LOCK_NAME
     try:
-        fd = _open_file(path, os.O_RDONLY)
+        fd = statefiles.open_plain(path, os.O_RDONLY)
     except FileNotFoundError:
         return _holding_directory(directory)
     except OSError as exc:
         # something else in its place: the relay holding the directory writes
         # the file again; none may be an older one, holding the file alone
-        found = (
-            _holding_directory(directory)
-            if isinstance(exc, NotAFile) or exc.errno == errno.ELOOP
-            else None
-        )
+        found = _holding_directory(directory) if isinstance(exc, statefiles.NotAFile) else None
         if found is not None:
             return found
         raise StateUnreadable(path, exc) from exc
@@ -415,8 +408,7 @@ def _inode(path: Path, follow: bool) -> str:
 
 class StateUnreadable(RelayError):
     def __init__(self, path: Path, error: OSError) -> None:
-        why = "a symbolic link" if error.errno == errno.ELOOP else error.strerror
-        super().__init__(f"cannot read {path}: {why}")
+        super().__init__(f"cannot read {path}: {error.strerror or error}")
 
 
 def _serving(pid: int, recorded: tuple[str, ...] | None) -> bool:

@@ -139,8 +139,11 @@ def test_a_relay_killed_with_its_lock_file_left_is_not_running(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("make", "why"),
     [
-        (lambda path: path.mkdir(), "Is a directory"),
-        (lambda path: path.symlink_to(path.with_name("elsewhere")), "a symbolic link"),
+        (lambda path: path.mkdir(), "a directory, not a regular file"),
+        (
+            lambda path: path.symlink_to(path.with_name("elsewhere")),
+            "a symbolic link, not a regular file",
+        ),
     ],
 )
 def test_a_lock_file_that_cannot_be_read_is_an_unknown_status(
