@@ -31,13 +31,19 @@ def make_certs(
     days: int = 1,
     expired: bool = False,
     ca_expired: bool = False,
+    early: bool = False,
+    ca_early: bool = False,
 ) -> Certs:
     """A CA and a server certificate for ``names``, valid for ``days``; with
     ``expired``, a server certificate whose ``days`` ended a minute ago; with
-    ``ca_expired``, a CA whose day ended a minute ago (a private CA not renewed)."""
+    ``ca_expired``, a CA whose day ended a minute ago (a private CA not renewed);
+    with ``early`` or ``ca_early``, the one valid from an hour on."""
     now = datetime.datetime.now(datetime.UTC)
+    ahead = datetime.timedelta(hours=1, minutes=5)
     start = now - datetime.timedelta(days=days, minutes=1) if expired else now
+    start += ahead if early else datetime.timedelta()
     ca_start = now - datetime.timedelta(days=1, minutes=1) if ca_expired else now
+    ca_start += ahead if ca_early else datetime.timedelta()
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay test CA")])
     ca = (

@@ -446,6 +446,7 @@ _NAME_MISMATCH = frozenset({62, 64})
 _ISSUER_UNKNOWN = frozenset({2, 19, 20, 21})
 _SELF_SIGNED = 18  # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
 _EXPIRED = 10  # X509_V_ERR_CERT_HAS_EXPIRED
+_NOT_YET_VALID = 9  # X509_V_ERR_CERT_NOT_YET_VALID
 
 _HANDSHAKE_CLOSED = (
     "TLS handshake after STARTTLS failed: the upstream closed the connection"
@@ -495,6 +496,8 @@ def _trust_hint(exc: ssl.SSLCertVerificationError, upstream: SmtpUpstream) -> st
         return _ca_hint(upstream, "a copy of it", "does not hold it")
     if exc.verify_code == _EXPIRED:
         return _expired_hint(upstream)
+    if exc.verify_code == _NOT_YET_VALID:
+        return _not_yet_valid_hint(upstream)
     return ""
 
 
@@ -504,7 +507,7 @@ def _expired_hint(upstream: SmtpUpstream) -> str:
     relay's own ``ca_file`` is looked at here: one expired there was laid on
     the upstream, whose sysadmin had nothing to renew."""
     clock = " (or this host's clock is wrong)"
-    expired, held = _expired_cas(upstream.ca_pem) if upstream.ca_pem is not None else ([], 0)
+    expired, held = _cas_out_of_date(upstream, _EXPIRED)
     if not expired:  # in date: the upstream sent the one expired
         return f"; the upstream must renew it{clock}"
     if held > 1:  # which one signed it is not known: a bundle's old roots were named
@@ -520,23 +523,53 @@ def _expired_hint(upstream: SmtpUpstream) -> str:
     )
 
 
-def _expired_cas(ca_pem: str) -> tuple[list[tuple[str, datetime.datetime]], int]:
-    """The CAs of ``ca_pem`` whose end has passed, each one's name and end, and
+def _not_yet_valid_hint(upstream: SmtpUpstream) -> str:
+    """A certificate dated ahead: an upstream that installed it as soon as it
+    was issued, or this host's clock set back. Its start is not known (Python's
+    ssl keeps no certificate it refused) unless it is a CA of ``ca_file``."""
+    why = "this host's clock is wrong, or the upstream installed it too early"
+    early, held = _cas_out_of_date(upstream, _NOT_YET_VALID)
+    if not early:
+        return f"; {why}"
+    if held > 1:  # which one signed it is not known
+        return (
+            f"; {why}, unless it is one of the CAs in ca_file: ({upstream.ca_file}) not valid"
+            f" yet: {len(early)} of {held}"
+        )
+    ((name, begins),) = early
+    return (
+        f"; ca_file: ({upstream.ca_file}) holds the CA certificate {name!r}, valid from"
+        f" {begins:%Y-%m-%d %H:%M} UTC: this host's clock is wrong, or it was put there too"
+        " early, unless it is the upstream's own that is not valid yet"
+    )
+
+
+# the date of a certificate that a verify code finds outside it: its end, or its start
+_DATES = {_EXPIRED: "notAfter", _NOT_YET_VALID: "notBefore"}
+
+
+def _cas_out_of_date(
+    upstream: SmtpUpstream, code: int
+) -> tuple[list[tuple[str, datetime.datetime]], int]:
+    """The CAs of the upstream's ``ca_file`` out of date as ``code`` says (expired,
+    or not valid yet), each one's name and the date it passed or waits for, and
     how many CAs it holds."""
+    if upstream.ca_pem is None:
+        return [], 0
     try:
-        found = ssl.create_default_context(cadata=ca_pem).get_ca_certs()
+        found = ssl.create_default_context(cadata=upstream.ca_pem).get_ca_certs()
     except (ssl.SSLError, ValueError):  # it was checked at load: no CA to name then
         return [], 0
     now = datetime.datetime.now(datetime.UTC)
-    expired = []
+    out = []
     for cert in found:
-        ended = datetime.datetime.fromtimestamp(
-            ssl.cert_time_to_seconds(str(cert["notAfter"])), datetime.UTC
+        date = datetime.datetime.fromtimestamp(
+            ssl.cert_time_to_seconds(str(cert[_DATES[code]])), datetime.UTC
         )
-        if ended < now:
+        if (date > now) if code == _NOT_YET_VALID else (date < now):
             names = [value for rdn in cert["subject"] for key, value in rdn if key == "commonName"]
-            expired.append((names[0] if names else "(no common name)", ended))
-    return expired, len(found)
+            out.append((names[0] if names else "(no common name)", date))
+    return out, len(found)
 
 
 def _ca_hint(upstream: SmtpUpstream, what: str, lacking: str) -> str:
