@@ -43,6 +43,7 @@ from relay.ingress import authlimit, filelimit, start
 from relay.ingress.authlimit import AuthFailures
 from relay.ingress.clientlimit import ClientCounts
 from relay.ingress.diskspace import DiskGuard
+from relay.ingress.listen import kept_min_version
 from relay.metrics import status as metrics_status
 from relay.pipeline import Acceptor
 from relay.policy import tlspair
@@ -986,9 +987,10 @@ def _not_taken_up(
         named = files.get(listener.name)
         served = listener.tls
         if served and named and named.cert == served.cert and named.cert_pem != served.cert_pem:
+            version = kept_min_version(served, named, "a certificate clients take")
             notes.append(
                 f"listener {listener.name} serves the certificate from before, not the one"
-                f" now in {named.cert} (the log says why)"
+                f" now in {named.cert} (the log says why){version}"
             )
     return tuple(notes)
 

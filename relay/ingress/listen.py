@@ -83,10 +83,11 @@ class Ingress:
                 self.tls[listener.name] = server_context(pair)
             except (ssl.SSLError, OSError) as exc:
                 log.error(
-                    "listener %s: keeping the TLS certificate loaded before: %s: %s",
+                    "listener %s: keeping the TLS certificate loaded before: %s: %s%s",
                     name,
                     cert,
                     exc.strerror or exc,
+                    kept_min_version(was, pair, "a certificate that loads"),
                 )
                 continue
             self.served[listener.name] = pair
@@ -135,6 +136,19 @@ class Ingress:
         for _, server in self.servers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
+
+
+def kept_min_version(kept: TlsFiles | None, wanted: TlsFiles, taken: str) -> str:
+    """``, and its min_version …`` where a listener keeping its old pair keeps that
+    pair's ``min_version`` too, another than the policy's: a legacy client the
+    policy lets in is still refused, which the certificate's words alone did not
+    say. ``taken``: the certificate with which a reload takes it up."""
+    if kept is None or kept.min_version is wanted.min_version:
+        return ""
+    return (
+        f", and its min_version {kept.min_version.value} (the policy's"
+        f" {wanted.min_version.value} is taken with {taken})"
+    )
 
 
 Sockets = Mapping[str, Sequence[socket.socket]]  # listener name -> its listening sockets
