@@ -181,9 +181,9 @@ def decide(
     return Decision(
         identity=identity,
         classification=classification,
-        from_before=view.get("From"),
+        from_before=view.written_value("From"),
         from_after=from_after,
-        reply_to_before=view.get("Reply-To"),
+        reply_to_before=view.written_value("Reply-To"),
         reply_to_after=reply_to_after,
         bcc_added=bcc,
         recipients=recipients,

@@ -196,6 +196,12 @@ class MessageView:
     def get_all(self, name: str) -> tuple[str, ...]:
         return self._by_name.get(name.lower(), ())
 
+    def written_value(self, name: str) -> str | None:
+        """The first ``name`` field as the message wrote it, encoded words and all:
+        decoded, ``=?utf-8?q?Gross=2C_J=C3=BCrgen?= <j@x>`` reads as two mailboxes."""
+        name = name.lower()
+        return next((value for field, value in self.written if field.lower() == name), None)
+
     def addresses(self, name: str) -> tuple[tuple[str, str], ...]:
         """(decoded display name, address) pairs of every ``name`` header that names
         a mailbox SMTP can deliver to (``headers.deliverable``).

@@ -323,11 +323,8 @@ def _report(
         },
         "auth_login": submission.auth_login,
         "document": {"type": d.classification.doc_type, "rule": d.classification.rule},
-        "from": {"before": _before(prepared.view, "From"), "after": d.from_after},
-        "reply_to": {
-            "before": _before(prepared.view, "Reply-To"),
-            "after": d.reply_to_after,  # None: kept
-        },
+        "from": {"before": d.from_before, "after": d.from_after},
+        "reply_to": {"before": d.reply_to_before, "after": d.reply_to_after},  # None: kept
         "envelope": {"mail_from": d.mail_from, "recipients": list(d.recipients)},
         "suppressed": [
             {"recipient": address, "reason": entry.reason, "since": entry.since}
@@ -472,23 +469,11 @@ def _limits(listener: dict) -> str:
     return f"{listener['name']} ({limits}; clients from {allow} only, not checked here)"
 
 
-def _before(view: message.MessageView, name: str) -> str | None:
-    """The message's own field as a person reads it, in the JSON as in the text:
-    a name in encoded words decoded, as the Why lines give it, and quoted where
-    it holds a special, or ``Gross, Jürgen <j@x>`` read as two mailboxes.
-    ``after`` is the field as the relay writes it."""
-    written = next((value for field, value in view.written if field.lower() == name.lower()), None)
-    return None if written is None else decoded_field(written)
-
-
 def _shown(header: str | None) -> str:
-    """A field the relay writes, read as ``_before`` reads the message's own."""
-    return _kept(None if header is None else decoded_field(header))
-
-
-def _kept(header: str | None) -> str:
-    """A header the message has none of reads as ``audit show`` has it."""
-    return "-" if header is None else one_line(header)
+    """A field as ``audit show`` reads it: a name in encoded words decoded, and
+    quoted where it holds a special (``Gross, Jürgen <j@x>`` read as two
+    mailboxes). The JSON keeps the field as written, as the audit record does."""
+    return "-" if header is None else one_line(decoded_field(header))
 
 
 def _bcc_added(r: dict) -> str:
@@ -504,7 +489,6 @@ def _text(r: dict) -> str:
     dkim = ", ".join(f"d={k['domain']} s={k['selector']} ({k['algorithm']})" for k in r["dkim"])
     doc = r["document"]
     before, after = r["reply_to"]["before"], r["reply_to"]["after"]
-    reply_to = _kept(before) if after is None else _shown(after or None)
     policy, listener = r["policy"], r["listener"]
     lines = [
         f"Policy:      {policy['file']} (version {policy['version']})",
@@ -514,8 +498,8 @@ def _text(r: dict) -> str:
         f" ({user['id']}, found by {user['found_by']})",
         f"Tenant:      {tenant['name']} ({tenant['id']})" + _limit(tenant["recipients_per_hour"]),
         f"Document:    {doc['type']}" + (f" (rule {doc['rule']})" if doc["rule"] else ""),
-        f"From:        {_kept(r['from']['before'])}  ->  {_shown(r['from']['after'])}",
-        f"Reply-To:    {_kept(before)}  ->  {reply_to}",
+        f"From:        {_shown(r['from']['before'])}  ->  {_shown(r['from']['after'])}",
+        f"Reply-To:    {_shown(before)}  ->  {_shown(before if after is None else after or None)}",
         f"BCC added:   {_bcc_added(r)}",
         f"Removed:     {', '.join(r['headers_removed']) or 'none'}",
         f"Envelope:    MAIL FROM <{r['envelope']['mail_from']}>",

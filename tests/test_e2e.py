@@ -131,6 +131,28 @@ def test_audit_show_gives_a_non_ascii_from_as_it_reads(policy_file: Path, tmp_pa
     assert received["from_after"].startswith("=?utf-8?")
 
 
+def test_audit_show_quotes_a_decoded_name_as_received(policy_file: Path, tmp_path: Path) -> None:
+    """The received record held the From decoded, ``Gross, Jürgen <kari@...>``,
+    which reads as two mailboxes and which audit show could not quote: it now
+    holds the field as received, as ``from_after`` holds it as sent."""
+    encoded = b"From: =?utf-8?q?Gross=2C_J=C3=BCrgen?= <kari@acme.example>"
+    with SinkServer(Sink()) as upstream:
+        port = free_port()
+        policy = _policy(policy_file, port, upstream.port)
+        with RelayProcess(policy, port, tmp_path / "relay.log") as proc:
+            data = INVOICE.replace(b"From: =?utf-8?q?Kari_Nordmann?= <kari@acme.example>", encoded)
+            queue_id = send(proc, data, RCPTS[:1]).rsplit(" ", 1)[1]
+            upstream.sink.wait(1)
+    show = [sys.executable, "-m", "relay", "audit", "show", queue_id, "-c", str(policy)]
+    done = subprocess.run(show, capture_output=True, text=True, timeout=60, check=True)
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("    From ")]
+    assert line.startswith('    From      "Gross, Jürgen" <kari@acme.example> ->'), line
+    done = subprocess.run([*show, "--format", "json"], capture_output=True, text=True, check=True)
+    records = [json.loads(x) for x in done.stdout.splitlines()]
+    (received,) = [r for r in records if r["event"] == "received"]
+    assert received["from_before"] == encoded.decode()[len("From: ") :]
+
+
 def test_invoice_rewritten_signed_and_delivered(
     relay: RelayProcess, sink: SinkServer, dns_records: dict[str, str], tmp_path: Path
 ) -> None:
