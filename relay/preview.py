@@ -340,6 +340,7 @@ def _report(
             for k in d.signing
         ],
         "upstream": _describe(d.upstream),
+        "fallback": [_describe(u) for u in _fallbacks(policy, d.upstream)],
         "reasons": [
             *d.reasons,
             *([] if due is None else [_notice_why(due)]),
@@ -444,6 +445,12 @@ def _removed(name: str, d: Decision) -> bool:
     return name.lower() in {n.lower() for n in d.edits.remove}
 
 
+def _fallbacks(policy: Policy, upstream: Upstream) -> list[Upstream]:
+    """The upstreams the message goes through, in order, when its own is unusable."""
+    names = upstream.fallback if isinstance(upstream, SmtpUpstream) else ()
+    return [policy.upstreams[name] for name in names if name in policy.upstreams]
+
+
 def _describe(upstream: Upstream) -> str:
     if isinstance(upstream, DirectoryUpstream):
         return f"{upstream.name} (directory {upstream.path})"
@@ -507,6 +514,7 @@ def _text(r: dict) -> str:
         f"Suppressed:  {', '.join(s['recipient'] for s in r['suppressed']) or 'none'}",
         f"DKIM:        {dkim or 'not signed'}",
         f"Upstream:    {r['upstream']}",
+        *(f"  fallback:  {fallback}" for fallback in r["fallback"]),
         "",
         "Why:",
         *(f"  - {one_line(reason)}" for reason in r["reasons"]),

@@ -35,6 +35,7 @@ from relay.policy.model import (
     Upstream,
     User,
     UserRef,
+    sends_as,
 )
 from relay.policy.schema import Ctx, Map, hint, items, text
 from relay.policy.sections import display_name_template
@@ -45,7 +46,7 @@ _SMTP_FORBIDDEN = {"password": _NO_PASSWORD + "use password_file or password_env
 _LOGIN_FORBIDDEN = {"password": _NO_PASSWORD + "put a `relay passwd` hash in password_hash"}
 _SMTP_KEYS = ("type", "host", "port", "tls", "username", "password_file", "password_env")
 _SMTP_KEYS += ("timeout", "data_timeout", "helo_name", "ca_file", "tls_name")
-_SMTP_KEYS += ("sender", "sender_name")
+_SMTP_KEYS += ("sender", "sender_name", "fallback")
 _TENANT_KEYS = ("name", "address", "upstream", "verified_domains", "default_user")
 _TENANT_KEYS += ("reply_to", "bcc_sender", "users", "recipients_per_hour", "auth")
 _LOGIN_KEYS = ("password_hash", "tenant", "users")
@@ -56,6 +57,7 @@ _REPLY_TO = "sender, company, keep, header:NAME or an address"
 def upstreams(ctx: Ctx, root: Map) -> tuple[Mapping[str, Upstream] | None, set[str]]:
     """The upstreams, and the names declared (for the tenants' references)."""
     found: dict[str, Upstream | None] = {}
+    with_fallback: dict[str, Map] = {}
     entries = root.entries("upstreams", "a mapping of upstream names to upstreams")
     if root.has("upstreams") and not entries:
         ctx.problem(root.get("upstreams"), "upstreams", "at least one upstream is needed")
@@ -63,7 +65,8 @@ def upstreams(ctx: Ctx, root: Map) -> tuple[Mapping[str, Upstream] | None, set[s
         m = Map(ctx, node, path, (*_SMTP_KEYS, "path"), ("type",), _SMTP_FORBIDDEN, at=key)
         kind = m.text("type", "one of: smtp, directory")
         if kind == "directory":
-            m.only(("type", "path"), "a directory upstream")
+            _no_fallback_for_a_directory(ctx, m)
+            m.only(("type", "path"), "a directory upstream", told=("fallback",))
             m.require("path")
             directory = m.read("path", values.file_path)
             if directory is not None and not _can_be_directory(ctx, m, directory):
@@ -73,13 +76,84 @@ def upstreams(ctx: Ctx, root: Map) -> tuple[Mapping[str, Upstream] | None, set[s
             m.only(_SMTP_KEYS, "an smtp upstream")
             m.require("host")
             found[name] = _with_sender(ctx, m, _smtp(ctx, m, name))
+            if m.has("fallback"):
+                with_fallback[name] = m
         else:
             _no_known_type(ctx, m, kind)
             found[name] = None
+    for name, m in with_fallback.items():  # once every upstream is known
+        found[name] = _with_fallback(ctx, m, name, found)
     names = set(found)
     if not found or None in found.values():
         return None, names
     return MappingProxyType(found), names
+
+
+def _no_fallback_for_a_directory(ctx: Ctx, m: Map) -> None:
+    if m.has("fallback"):
+        message = (
+            "a directory upstream takes no fallback: writing a file never finds it"
+            " unreachable, so no mail would ever go to one"
+        )
+        ctx.problem(m.get("fallback"), m.sub("fallback"), message)
+
+
+def _with_fallback(
+    ctx: Ctx, m: Map, name: str, found: Mapping[str, Upstream | None]
+) -> Upstream | None:
+    """The upstream with the names of those its mail goes through when it cannot
+    be used (Postfix's ``smtp_fallback_relay``), each checked against what the
+    file declares: a name that failed to load is not judged again."""
+    chosen: list[str] = []
+    ok = True
+    for node, path in m.items("fallback", "a list of upstream names"):
+        other = text(ctx, node, path, "an upstream name")
+        problem = None if other is None else _unfit_fallback(name, other, chosen, found)
+        if other is None or problem is not None:
+            if problem is not None:
+                ctx.problem(node, path, problem)
+            ok = False
+            continue
+        chosen.append(other)
+    upstream = found[name]
+    if upstream is None or not ok:
+        return None
+    return replace(upstream, fallback=tuple(chosen))
+
+
+def _unfit_fallback(
+    name: str, other: str, chosen: list[str], found: Mapping[str, Upstream | None]
+) -> str | None:
+    """Why ``other`` cannot stand in for upstream ``name``, or None. Its sender
+    must be the same: the message was rewritten and DKIM-signed for the From
+    and envelope sender of ``name`` before it was queued, and an account
+    refuses any other sender (``550 5.7.60``)."""
+    if other == name:
+        return f"{other!r} is this upstream itself: a fallback is another upstream"
+    if other in chosen:
+        return f"{other!r} is already in this list"
+    if other not in found:
+        return f"no upstream {other!r}" + hint(other, [n for n in found if n != name])
+    upstream, stand_in = found[name], found[other]
+    if isinstance(stand_in, DirectoryUpstream):
+        return (
+            f"{other!r} is a directory upstream: mail failed over to it would be written to"
+            " files and counted as delivered, never sent; a fallback must be an smtp upstream"
+        )
+    if upstream is None or stand_in is None:
+        return None  # said where it is written
+    theirs, ours = sends_as(stand_in), sends_as(upstream)
+    if theirs.lower() != ours.lower():
+        return (
+            f"{other!r} sends as {_as(theirs)}, this upstream as {_as(ours)}: its mail is"
+            " rewritten and DKIM-signed for this upstream's sender before it is queued,"
+            " and an account refuses any other sender; give both the same sender"
+        )
+    return None
+
+
+def _as(address: str) -> str:
+    return address or "the platform's addresses (no sender)"
 
 
 def _can_be_directory(ctx: Ctx, m: Map, directory: Path) -> bool:

@@ -211,6 +211,10 @@ class SmtpUpstream:
     # the address the account sends as: From and envelope sender of all its mail
     sender: str | None = None
     sender_name: str | None = None  # display-name template with it; None: the platform's
+    # other upstreams' names, tried in order in the same attempt when this one is
+    # unusable or suspended (``Engine._attempt``); not compared: the same host with
+    # another list keeps its suspension and its delivery slots over a reload
+    fallback: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)

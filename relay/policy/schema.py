@@ -162,10 +162,11 @@ class Map:
                 where = self._items[key][0]
                 self.ctx.problem(where, join(self.path, key), "required key has no value")
 
-    def only(self, keys: Collection[str], what: str) -> None:
-        """Refuse keys that exist, but not for this variant (e.g. ``host`` of a directory)."""
+    def only(self, keys: Collection[str], what: str, told: Collection[str] = ()) -> None:
+        """Refuse keys that exist, but not for this variant (e.g. ``host`` of a directory);
+        ``told``: keys the caller refused with a reason of its own."""
         for key, (key_node, _) in self._items.items():
-            if key not in keys:
+            if key not in keys and key not in told:
                 message = f"unknown key for {what}" + _key_hint(key, keys)
                 self.ctx.problem(key_node, join(self.path, key), message)
 
