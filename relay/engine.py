@@ -30,7 +30,7 @@ from relay.errors import sent_in_full
 from relay.groupcommit import GroupCommit
 from relay.notice import build_notice, signed_anew, telling
 from relay.oplog import local_time
-from relay.policy.model import Policy, QueueSettings, Upstream, sends_as
+from relay.policy.model import Policy, QueueSettings, SmtpUpstream, Upstream, sends_as
 from relay.quantity import quantity
 from relay.record import Recorder, dsn
 from relay.settle import FINAL_EVENTS, WAITING_MAX, EntryLock, Finished, Settle, Settler
@@ -367,6 +367,37 @@ def _refused_sender_reply(entry: QueueEntry, upstream: Upstream, reply: str) -> 
         f"451 4.7.0 Upstream {upstream.name} refused the relay's envelope sender"
         f" <{entry.mail_from}> ({reply}): a setting of the relay's, try again later"
     )
+
+
+def _chain(entry: QueueEntry, upstream: Upstream, policy: Policy) -> list[Upstream]:
+    """The upstream, then its fallbacks in their order: a fallback's own are not
+    followed. One that sends as another address than the message was written for
+    is left out, as ``_sender_changed`` holds mail for its own upstream (the
+    policy refuses such a fallback; a record of an earlier version may be one)."""
+    names = upstream.fallback if isinstance(upstream, SmtpUpstream) else ()
+    found = [policy.upstreams.get(name) for name in names]
+    usable = [u for u in found if u is not None and _written_otherwise(entry, u) is None]
+    return [upstream, *usable]
+
+
+def _unusable_text(tried: list[tuple[Upstream, str]]) -> str:
+    """The deferral of an attempt no upstream could be used for: the entry's own
+    upstream's reply, then each fallback's, the last one each was told where a
+    suspension passed it over."""
+    (upstream, reply), *fallbacks = tried
+    text = reply or f"451 4.4.1 Upstream {upstream.name} suspended"
+    for fallback, said in fallbacks:
+        text += f"; fallback {fallback.name}: {said or 'suspended'}"
+    return text
+
+
+def _unusable(pending: list[str], tried: list[tuple[Upstream, str]]) -> Attempt:
+    text = _unusable_text(tried)
+    return Attempt(dict.fromkeys(pending, (451, text)), unreachable=text)
+
+
+def _fallback_names(names: tuple[str, ...]) -> str:
+    return ("fallback " if len(names) == 1 else "fallbacks ") + ", then ".join(names)
 
 
 def _route(entry: QueueEntry, policy: Policy) -> str:
@@ -1435,35 +1466,169 @@ class Engine:
         shared: Mapping[str, str] = {}  # see ``Attempt``
         sender_refused = None
         crowded = False
+        via = upstream  # the one whose replies are final: a fallback, or none when all failed
         if not pending:
             # each settled at its arrival or listed since (suppressed): no upstream to
             # ask, nor to wait for when suspended, nor to count an attempt of or call reached
             replies: dict[str, tuple[int, str]] = {}
         elif upstream is None:
             replies = dict.fromkeys(pending, (451, held or _no_upstream(entry, policy)))
-        elif (unusable := self._tried_for_it(entry, upstream, now, arrival)) is not None:
-            replies = dict.fromkeys(pending, (451, unusable))
         else:
-            if now < deadline:  # past it, its last try is a real one
-                wait = policy.queue.first_retry
-                later = self._suspensions.admits(
-                    upstream, entry.queue_id, now, wait, arrival, policy.queue.lifetime
-                )
-                if later is not None:
-                    self._plan(entry.queue_id, later)
-                    return Outcome("later")
-            send = self.send
-            if immediate and self._client_waits(entry.queue_id) and own != pending:
-                send = functools.partial(send, needed=own)  # the copy goes with them or not at all
+            chain = _chain(entry, upstream, policy)
+            first, passed, later = self._admitted(entry, chain, now, arrival)
+            if first is None and now < deadline:
+                self._plan(entry.queue_id, later)
+                return Outcome("later")
+            if first is None:  # past its lifetime: it ends with what the last tries found
+                replies = dict.fromkeys(pending, (451, _unusable_text(passed)))
+            else:
+                send = self.send
+                if immediate and self._client_waits(entry.queue_id) and own != pending:
+                    send = functools.partial(send, needed=own)  # the copy goes with them or not
+                self._sending.add(entry.queue_id)
+                try:
+                    try:  # a try that ends without a word must not leave the upstream waiting
+                        if data is None:
+                            data = self.spool.read_message(entry.queue_id, entry.size)
+                        if entry.sign_again is not None:
+                            data = signed_anew(policy, entry, data)
+                    except BaseException:
+                        began = self.clock()
+                        self._suspensions.ended(first, entry.queue_id, began, None, began, 0.0)
+                        raise
+                    _say(dropped)
+                    sent, via, cut = await self._through(
+                        entry, chain, first, passed, send, pending, data
+                    )
+                finally:
+                    self._sending.discard(entry.queue_id)
+                replies, shared, sender_refused = sent.replies, sent.shared, sent.sender_refused
+                crowded = sent.crowded
+        _say(dropped)  # without a send, nothing is left to stop the attempt
+        if not crowded:  # no verdict: nor a count towards the next backoff
+            entry.attempts += 1
+            for rcpt in entry.pending():
+                rcpt.attempts += 1
+        answered_by = via or upstream
+        via_name = None if answered_by is None else answered_by.name
+        if sender_refused is not None and answered_by is not None:
+            _warn_of_refused_sender(entry, policy, answered_by, sender_refused)
+        if immediate and _refused(pending, own, replies) and self._client_waits(entry.queue_id):
+            self._answering.pop(entry.queue_id)
+            self._refusing.add(entry.queue_id)  # the client hears it: no 250 any more
+            refusal = replies[own[0]][1]
+            if sender_refused is not None and entry.mail_from and answered_by is not None:
+                refusal = _refused_sender_reply(entry, answered_by, sender_refused)
+            return await self._refuse(entry, pending, refusal, replies, shared, via_name)
+        deferred = False
+        bounced: list[tuple[str, str]] = []
+        expires = _expires(now, deadline, crowded)
+        for address in pending:
+            code, reply = replies.get(address, (451, "451 4.3.0 no reply for this recipient"))
+            if 200 <= code < 300:
+                self._settle(entry, address, DELIVERED, reply, via_name)
+            elif code >= 500:
+                self._settle(entry, address, FAILED, reply, via_name)
+                bounced.append((address, reply))
+            elif expires and address not in cut:  # the last try, as in Postfix
+                lifetime = duration(policy.queue.lifetime)
+                reply = f"not delivered within {lifetime}; last reply: {reply}"
+                self._settle(entry, address, EXPIRED, reply, via_name)
+            else:
+                deferred = True
+                self._note(entry, address, reply)
+        await self._suppress(entry, policy, bounced, shared)
+        if not deferred:
+            _say_untold(entry)
+            return await self._finish(entry, policy, lock)
+        ended = self.clock()  # the wait runs from the attempt's end: a timeout may be long
+        # one the stop cut off goes at the next start, as one it never began would
+        wait = 0.0 if cut else backoff(policy.queue, entry.attempts, self.rng)
+        suspended = upstream is not None and self._suspensions.suspended(upstream)
+        if via in (None, upstream) and suspended:
+            # the one try of a suspended upstream waits no longer than those it tried
+            # for: its own backoff, doubled at each try, had it come 88 s after the
+            # upstream was back, where the waiting ones went at once
+            wait = min(wait, policy.queue.first_retry)
+        if crowded:  # no verdict on the upstream: nor the backoff of one
+            wait = min(wait, CROWDED_WAIT)
+        # past the lifetime only a try crowded out or cut off is deferred: it waits its wait
+        entry.next_attempt = ended + wait if now >= deadline else min(ended + wait, deadline)
+        for rcpt in entry.pending():
+            reply = rcpt.reply or ""
+            self.recorder.deferred(entry, rcpt.address, reply, entry.next_attempt, via_name)
+        await self._notify(entry, policy)
+        changed = [r.address for r in entry.recipients if (r.status, r.notify) != stored[r.address]]
+        if not await self._flush(entry):
+            kept = self._keep(entry, lock, None, deferred=True, unstored=changed)
+            self._store_written(self._untold[entry.queue_id])
+            return kept
+        if not await self._store(entry) and changed:
+            return self._keep(entry, lock, None, deferred=True, unstored=changed)
+        self._plan(entry.queue_id, entry.next_attempt)
+        return Outcome("deferred")
+
+    def _admitted(
+        self, entry: QueueEntry, chain: list[Upstream], now: float, arrival: float
+    ) -> tuple[Upstream | None, list[tuple[Upstream, str]], float]:
+        """The first of ``chain`` (the entry's upstream, then its fallbacks) the
+        message may try now, or None; those passed over for a suspension, each
+        with what its last try found; and, with none to try, when to look again.
+
+        While its own upstream is suspended a message goes through a fallback
+        instead of waiting, except the one the suspension lets try. With every
+        one suspended it waits for its own upstream (and a fallback reached
+        again lets it go, ``_stood_in``). A message past its lifetime is not
+        tried on an upstream known to be down: each such message came one
+        ``first_retry`` behind the one before (a thousand behind a dead
+        smarthost, hours late, their senders' notices too); tried each, those
+        expiring together would be a burst of connections at a host known to
+        be down. It ends with what the last tries found."""
+        queue = self.policy().queue
+        passed: list[tuple[Upstream, str]] = []
+        later = now
+        for index, upstream in enumerate(chain):
+            when = self._suspensions.admits(
+                upstream,
+                entry.queue_id,
+                now,
+                queue.first_retry,
+                arrival,
+                queue.lifetime,
+                wait_here=index == 0,
+            )
+            if when is None:
+                if index:
+                    self._suspensions.unwait(entry.queue_id)  # it goes another way
+                return upstream, passed, now
+            later = when if index == 0 else later
+            passed.append((upstream, self._suspensions.reply(upstream)))
+        return None, passed, later
+
+    async def _through(
+        self,
+        entry: QueueEntry,
+        chain: list[Upstream],
+        upstream: Upstream,
+        passed: list[tuple[Upstream, str]],
+        send: Sender,
+        pending: list[str],
+        data: bytes,
+    ) -> tuple[Attempt, Upstream | None, set[str]]:
+        """The attempt through ``upstream``, admitted, and on through the fallbacks
+        after it in ``chain`` while each is unusable (Postfix's
+        ``smtp_fallback_relay``), with the same recipients and bytes: the first
+        reached answers for the attempt, a recipient's refusal included, which is
+        about the message, not the host. Each tried is told to the suspensions
+        and the slots with its own result. Returned: the attempt, the upstream
+        whose replies are final (None when none could be used), and the
+        recipients the stop cut off before it answered them."""
+        settings = self.policy().queue
+        tried = list(passed)
+        while True:
             began = self.clock()
-            answered: dict[str, tuple[int, str]] = {}  # as the upstream answers
-            self._sending.add(entry.queue_id)
-            try:  # a try that ends without a word must not leave the upstream waiting for it
-                if data is None:
-                    data = self.spool.read_message(entry.queue_id, entry.size)
-                if entry.sign_again is not None:
-                    data = signed_anew(policy, entry, data)
-                _say(dropped)
+            answered: dict[str, tuple[int, str]] = {}  # as this upstream answers
+            try:
                 sent = await send(
                     upstream,
                     entry.mail_from,
@@ -1483,92 +1648,52 @@ class Engine:
                 if task is not None:
                     task.uncancel()
                 said = CUT_OFF if sent_in_full(exc) else CUT_SHORT
-                sent = Attempt({**dict.fromkeys(pending, (451, said)), **answered})
                 cut = set(pending) - answered.keys()
-            else:
-                self._reached(upstream, entry.queue_id, began, sent, policy.queue)
-            finally:
-                self._sending.discard(entry.queue_id)
-            replies, shared, sender_refused = sent.replies, sent.shared, sent.sender_refused
-            crowded = sent.crowded
-        _say(dropped)  # without a send, nothing is left to stop the attempt
-        if not crowded:  # no verdict: nor a count towards the next backoff
-            entry.attempts += 1
-            for rcpt in entry.pending():
-                rcpt.attempts += 1
-        if sender_refused is not None and upstream is not None:
-            _warn_of_refused_sender(entry, policy, upstream, sender_refused)
-        if immediate and _refused(pending, own, replies) and self._client_waits(entry.queue_id):
-            self._answering.pop(entry.queue_id)
-            self._refusing.add(entry.queue_id)  # the client hears it: no 250 any more
-            refusal = replies[own[0]][1]
-            if sender_refused is not None and entry.mail_from and upstream is not None:
-                refusal = _refused_sender_reply(entry, upstream, sender_refused)
-            return await self._refuse(entry, pending, refusal, replies, shared)
-        deferred = False
-        bounced: list[tuple[str, str]] = []
-        expires = _expires(now, deadline, crowded)
-        for address in pending:
-            code, reply = replies.get(address, (451, "451 4.3.0 no reply for this recipient"))
-            if 200 <= code < 300:
-                self._settle(entry, address, DELIVERED, reply)
-            elif code >= 500:
-                self._settle(entry, address, FAILED, reply)
-                bounced.append((address, reply))
-            elif expires and address not in cut:  # the last try, as in Postfix
-                lifetime = duration(policy.queue.lifetime)
-                reply = f"not delivered within {lifetime}; last reply: {reply}"
-                self._settle(entry, address, EXPIRED, reply)
-            else:
-                deferred = True
-                self._note(entry, address, reply)
-        await self._suppress(entry, policy, bounced, shared)
-        if not deferred:
-            _say_untold(entry)
-            return await self._finish(entry, policy, lock)
-        ended = self.clock()  # the wait runs from the attempt's end: a timeout may be long
-        # one the stop cut off goes at the next start, as one it never began would
-        wait = 0.0 if cut else backoff(policy.queue, entry.attempts, self.rng)
-        if upstream is not None and self._suspensions.suspended(upstream):
-            # the one try of a suspended upstream waits no longer than those it tried
-            # for: its own backoff, doubled at each try, had it come 88 s after the
-            # upstream was back, where the waiting ones went at once
-            wait = min(wait, policy.queue.first_retry)
-        if crowded:  # no verdict on the upstream: nor the backoff of one
-            wait = min(wait, CROWDED_WAIT)
-        # past the lifetime only a try crowded out or cut off is deferred: it waits its wait
-        entry.next_attempt = ended + wait if now >= deadline else min(ended + wait, deadline)
-        for rcpt in entry.pending():
-            self.recorder.deferred(entry, rcpt.address, rcpt.reply or "", entry.next_attempt)
-        await self._notify(entry, policy)
-        changed = [r.address for r in entry.recipients if (r.status, r.notify) != stored[r.address]]
-        if not await self._flush(entry):
-            kept = self._keep(entry, lock, None, deferred=True, unstored=changed)
-            self._store_written(self._untold[entry.queue_id])
-            return kept
-        if not await self._store(entry) and changed:
-            return self._keep(entry, lock, None, deferred=True, unstored=changed)
-        self._plan(entry.queue_id, entry.next_attempt)
-        return Outcome("deferred")
+                return Attempt({**dict.fromkeys(pending, (451, said)), **answered}), upstream, cut
+            self._reached(upstream, entry.queue_id, began, sent, settings)
+            if sent.crowded or sent.unreachable is None:
+                return sent, upstream, set()
+            tried.append((upstream, sent.unreachable))
+            failed = upstream
+            upstream = self._next_fallback(entry, chain, upstream, tried)
+            if upstream is None:
+                if len(tried) == 1:
+                    return sent, None, set()
+                return _unusable(pending, tried), None, set()
+            log.info(
+                "%s: upstream %s unusable (%s): trying fallback %s",
+                entry.queue_id,
+                failed.name,
+                sent.unreachable,
+                upstream.name,
+            )
 
-    def _tried_for_it(
-        self, entry: QueueEntry, upstream: Upstream, now: float, arrival: float
-    ) -> str | None:
-        """For a message past its lifetime that waits for a suspended upstream, the
-        reply of the last try that found the upstream unusable: that try was its
-        last one too, and it expires with that reply. Waiting for its turn,
-        each such message came one ``first_retry`` behind the one before (a
-        thousand behind a dead smarthost, hours late, their senders' notices
-        too); tried each, those expiring together would be a burst of
-        connections at a host known to be down. None when it is tried: before its
-        lifetime, or as the suspension's one try."""
+    def _next_fallback(
+        self,
+        entry: QueueEntry,
+        chain: list[Upstream],
+        after: Upstream,
+        tried: list[tuple[Upstream, str]],
+    ) -> Upstream | None:
+        """The fallback after ``after`` the message may try now; those passed over
+        for a suspension are added to ``tried`` with what their last try found."""
         queue = self.policy().queue
-        if now < arrival + queue.lifetime:
-            return None
-        later = self._suspensions.admits(
-            upstream, entry.queue_id, now, queue.first_retry, arrival, queue.lifetime
-        )
-        return None if later is None else self._suspensions.reply(upstream)
+        for upstream in chain[chain.index(after) + 1 :]:
+            now = self.clock()
+            arrival = self._steps.arrival(entry.arrival)
+            later = self._suspensions.admits(
+                upstream,
+                entry.queue_id,
+                now,
+                queue.first_retry,
+                arrival,
+                queue.lifetime,
+                wait_here=False,
+            )
+            if later is None:
+                return upstream
+            tried.append((upstream, self._suspensions.reply(upstream)))
+        return None
 
     def _going_on(self) -> bool:
         """Whether an attempt may start a further transaction (``relay.deliver``)."""
@@ -1597,14 +1722,29 @@ class Engine:
         elif was:
             self._show_suspension(upstream.name, False)
         if unreachable is not None and not was and self._suspensions.suspended(upstream):
+            fallbacks = upstream.fallback if isinstance(upstream, SmtpUpstream) else ()
+            others = f"go through {_fallback_names(fallbacks)}" if fallbacks else "wait for it"
             log.warning(
-                "upstream %s suspended: %s; one message is tried every %gs, the others wait for it",
+                "upstream %s suspended: %s; one message is tried every %gs, the others %s",
                 upstream.name,
                 unreachable,
                 wait,
+                others,
             )
         if waiting is not None:
             self._release(upstream.name, waiting, now, "reached again")
+        if unusable is False:
+            self._stood_in(upstream, now)
+
+    def _stood_in(self, fallback: Upstream, now: float) -> None:
+        """``fallback`` was reached: the mail that waited for a suspended upstream
+        it stands in for, while it was suspended too, goes through it now."""
+        for upstream in self._suspensions.upstreams():
+            names = upstream.fallback if isinstance(upstream, SmtpUpstream) else ()
+            waiting = self._suspensions.let_go(upstream) if fallback.name in names else set()
+            if waiting:
+                how = f"suspended, its fallback {fallback.name} reached"
+                self._release(upstream.name, waiting, now, how)
 
     def _slots_learn(self, upstream: Upstream, crowded: bool, reached: bool) -> None:
         """An upstream's connection limit, as its refusals of one connection more
@@ -1649,6 +1789,7 @@ class Engine:
                 waiting = self._suspensions.reached(upstream, now)
                 self._show_suspension(upstream.name, False)
                 self._release(upstream.name, waiting or set(), now, "reached by another worker")
+                self._stood_in(upstream, now)
 
     def _release(self, name: str, waiting: set[str], now: float, how: str) -> None:
         going = [waiter for waiter in waiting if waiter in self._schedule]
@@ -1716,6 +1857,7 @@ class Engine:
         refusal: str,
         replies: dict[str, tuple[int, str]],
         shared: Mapping[str, str],
+        via: str | None = None,
     ) -> Outcome:
         """The message refused as its client hears it (``refusal``); the automatic
         BCC copy, which the upstream may have taken, fails with it, not sent."""
@@ -1723,7 +1865,7 @@ class Engine:
             code, reply = replies.get(address, (451, ""))
             if code < 500:
                 reply = f"not sent: the message was refused ({refusal})"
-            self._settle(entry, address, FAILED, reply)
+            self._settle(entry, address, FAILED, reply, via)
         refused = [(a, replies[a][1]) for a in pending if a in replies]
         await self._suppress(entry, self.policy(), refused, shared)
         try:
@@ -2016,15 +2158,18 @@ class Engine:
             self._note(entry, rcpt.address, NO_COPY).status = FAILED
         return [functools.partial(self.recorder.failed, entry, r.address, NO_COPY) for r in copies]
 
-    def _settle(self, entry: QueueEntry, address: str, status: str, reply: str) -> None:
+    def _settle(
+        self, entry: QueueEntry, address: str, status: str, reply: str, via: str | None = None
+    ) -> None:
+        """``via``: the upstream that answered, when not the entry's own (a fallback)."""
         rcpt = self._note(entry, address, reply)
         rcpt.status = status
         if status == DELIVERED:
-            self.recorder.delivered(entry, address, reply)
+            self.recorder.delivered(entry, address, reply, via)
         elif status == FAILED:
-            self.recorder.failed(entry, address, reply)
+            self.recorder.failed(entry, address, reply, via)
         else:
-            self.recorder.expired(entry, address, reply)
+            self.recorder.expired(entry, address, reply, via)
 
     def _note(self, entry: QueueEntry, address: str, reply: str) -> RecipientState:
         rcpt = next(r for r in entry.recipients if r.address == address)

@@ -153,16 +153,23 @@ class Recorder:
         return [None] * len(batches)
 
     def _delivery_line(
-        self, entry: QueueEntry, address: str, status: str, reply: str, sent: bool = False
+        self,
+        entry: QueueEntry,
+        address: str,
+        status: str,
+        reply: str,
+        sent: bool = False,
+        via: str | None = None,
     ) -> None:
         """``sent``: a reply with no enhanced status (a directory upstream's ``written
-        to``) says ``dsn=2.0.0``, as Postfix's lines of a delivery always do."""
+        to``) says ``dsn=2.0.0``, as Postfix's lines of a delivery always do. ``via``:
+        the upstream that answered, when not the entry's own (a fallback)."""
         code = dsn(reply)
         log.info(
             "%s: to=<%s>, relay=%s, delay=%.1f, dsn=%s, status=%s (%s)",
             entry.queue_id,
             address,
-            entry.upstream,
+            via or entry.upstream,
             max(0.0, self.clock() - self._arrival(entry)),  # not below 0 after a clock set back
             "2.0.0" if sent and code == "-" else code,
             status,
@@ -172,22 +179,32 @@ class Recorder:
     def _arrival(self, entry: QueueEntry) -> float:
         return entry.arrival if self._steps is None else self._steps.arrival(entry.arrival)
 
-    def delivered(self, entry: QueueEntry, address: str, reply: str) -> None:
-        self._delivery_line(entry, address, "sent", reply, sent=True)
+    def delivered(
+        self, entry: QueueEntry, address: str, reply: str, via: str | None = None
+    ) -> None:
+        """``via``: the upstream that took it, when not the entry's own (a fallback)."""
+        self._delivery_line(entry, address, "sent", reply, sent=True, via=via)
         attempts = next((r.attempts for r in entry.recipients if r.address == address), 0)
         self.add(
             ev.delivered(
                 queue_id=entry.queue_id,
                 message_id=entry.message_id,
                 recipient=address,
-                upstream=entry.upstream,
+                upstream=via or entry.upstream,
                 reply=reply,
                 attempts=attempts,
             )
         )
 
-    def deferred(self, entry: QueueEntry, address: str, reply: str, next_attempt: float) -> None:
-        self._delivery_line(entry, address, "deferred", reply)
+    def deferred(
+        self,
+        entry: QueueEntry,
+        address: str,
+        reply: str,
+        next_attempt: float,
+        via: str | None = None,
+    ) -> None:
+        self._delivery_line(entry, address, "deferred", reply, via=via)
         self.add(
             ev.deferred(
                 queue_id=entry.queue_id,
@@ -232,16 +249,16 @@ class Recorder:
             )
         )
 
-    def failed(self, entry: QueueEntry, address: str, reply: str) -> None:
-        self._delivery_line(entry, address, "bounced", reply)
+    def failed(self, entry: QueueEntry, address: str, reply: str, via: str | None = None) -> None:
+        self._delivery_line(entry, address, "bounced", reply, via=via)
         self.add(
             ev.failed(
                 queue_id=entry.queue_id, message_id=entry.message_id, recipient=address, reply=reply
             )
         )
 
-    def expired(self, entry: QueueEntry, address: str, reply: str) -> None:
-        self._delivery_line(entry, address, "expired", reply)
+    def expired(self, entry: QueueEntry, address: str, reply: str, via: str | None = None) -> None:
+        self._delivery_line(entry, address, "expired", reply, via=via)
         self.add(
             ev.expired(
                 queue_id=entry.queue_id,

@@ -85,21 +85,26 @@ class Suspensions(Generic[K]):
         wait: float,
         arrival: float = math.inf,
         lifetime: float = math.inf,
+        wait_here: bool = True,
     ) -> float | None:
         """None when ``queue_id`` may be tried now: nothing suspends ``upstream``,
         or its wait is over, no try is under way, and this message is the one that
         tries; otherwise when to look again, at the end of its lifetime
         (``arrival`` and ``lifetime``) at the latest: planned for the end of the
         wait, each message past it came one wait behind the one before. Past
-        it, the message no longer waits: not tried, it ends."""
+        it, the message no longer waits: not tried, it ends. Without
+        ``wait_here`` a message not let through is not counted among those
+        waiting for ``upstream``: it may go through another (a fallback)."""
         self._with_clock(now)
         expires = arrival + lifetime
         suspended = self._suspended.get(upstream)
         if suspended is None:
             return None
         later = None if suspended.lets(queue_id) else self._later(suspended, now)
+        if later is not None and not wait_here:
+            return min(later, expires)
         if later is not None and now >= expires:
-            self._unwait(queue_id)
+            self.unwait(queue_id)
             return later
         if later is not None:
             suspended.waiting.add(queue_id)
@@ -107,10 +112,11 @@ class Suspensions(Generic[K]):
             self._arrivals[queue_id] = arrival
             return min(later, expires)
         suspended.trying, suspended.until, suspended.chosen = queue_id, now + wait, None
-        self._unwait(queue_id)
+        self.unwait(queue_id)
         return None
 
-    def _unwait(self, queue_id: str) -> None:
+    def unwait(self, queue_id: str) -> None:
+        """``queue_id`` waits for no upstream any more: it goes another way."""
         upstream = self._waiting_for.pop(queue_id, None)
         self._arrivals.pop(queue_id, None)
         if upstream in self._suspended:
@@ -195,6 +201,18 @@ class Suspensions(Generic[K]):
             self._waiting_for.pop(waiter, None)
             self._arrivals.pop(waiter, None)
         return suspended.waiting
+
+    def let_go(self, upstream: K) -> set[str]:
+        """The messages waiting for ``upstream``, no longer waiting for it though it
+        stays suspended: a fallback of theirs was reached, and they go through it."""
+        suspended = self._suspended.get(upstream)
+        if suspended is None:
+            return set()
+        waiting, suspended.waiting = suspended.waiting, set()
+        for waiter in waiting:
+            self._waiting_for.pop(waiter, None)
+            self._arrivals.pop(waiter, None)
+        return waiting
 
     def suspended(self, upstream: K) -> bool:
         return upstream in self._suspended
