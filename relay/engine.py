@@ -1584,19 +1584,10 @@ class Engine:
         smarthost, hours late, their senders' notices too); tried each, those
         expiring together would be a burst of connections at a host known to
         be down. It ends with what the last tries found."""
-        queue = self.policy().queue
         passed: list[tuple[Upstream, str]] = []
         later = now
         for index, upstream in enumerate(chain):
-            when = self._suspensions.admits(
-                upstream,
-                entry.queue_id,
-                now,
-                queue.first_retry,
-                arrival,
-                queue.lifetime,
-                wait_here=index == 0,
-            )
+            when = self._admits(entry, upstream, now, arrival, wait_here=index == 0)
             if when is None:
                 if index:
                     self._suspensions.unwait(entry.queue_id)  # it goes another way
@@ -1668,6 +1659,17 @@ class Engine:
                 upstream.name,
             )
 
+    def _admits(
+        self, entry: QueueEntry, upstream: Upstream, now: float, arrival: float, wait_here: bool
+    ) -> float | None:
+        """``Suspensions.admits`` with the queue's settings: None when ``entry`` may
+        try ``upstream`` now."""
+        queue = self.policy().queue
+        wait, lifetime = queue.first_retry, queue.lifetime
+        return self._suspensions.admits(
+            upstream, entry.queue_id, now, wait, arrival, lifetime, wait_here=wait_here
+        )
+
     def _next_fallback(
         self,
         entry: QueueEntry,
@@ -1677,20 +1679,9 @@ class Engine:
     ) -> Upstream | None:
         """The fallback after ``after`` the message may try now; those passed over
         for a suspension are added to ``tried`` with what their last try found."""
-        queue = self.policy().queue
         for upstream in chain[chain.index(after) + 1 :]:
-            now = self.clock()
             arrival = self._steps.arrival(entry.arrival)
-            later = self._suspensions.admits(
-                upstream,
-                entry.queue_id,
-                now,
-                queue.first_retry,
-                arrival,
-                queue.lifetime,
-                wait_here=False,
-            )
-            if later is None:
+            if self._admits(entry, upstream, self.clock(), arrival, wait_here=False) is None:
                 return upstream
             tried.append((upstream, self._suspensions.reply(upstream)))
         return None
